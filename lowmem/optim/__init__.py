@@ -1,0 +1,36 @@
+"""lowmem optimizers: one engine (:mod:`.engine`), many recipes (:mod:`.recipes`), one registry.
+
+Layout, following the engine's seams:
+
+* :mod:`.functional` - pure update math, one module per paper, citing equations.
+* :mod:`.moments` - moment rules (Adam, factored, ...) and learning-rate rules.
+* :mod:`.subspace` - projections and residual rules; :mod:`.stabilizers` - gradient stabilizers.
+* :mod:`.engine` - ``Recipe`` and ``LowMemOptimizer`` (state, validation, the loop).
+* :mod:`.recipes` - the named optimizers; :mod:`.registry` - names, grouping, ``create_optimizer``.
+"""
+
+from .engine import LowMemOptimizer, Recipe
+from .recipes import ADAFACTOR, ADAMW, Adafactor, AdamW
+from .registry import (
+    OptimizerEntry,
+    build_param_groups,
+    bytes_per_param,
+    create_optimizer,
+    get_entry,
+    list_optimizers,
+    register,
+)
+
+__all__ = [
+    "Adafactor",
+    "AdamW",
+    "LowMemOptimizer",
+    "OptimizerEntry",
+    "Recipe",
+    "build_param_groups",
+    "bytes_per_param",
+    "create_optimizer",
+    "get_entry",
+    "list_optimizers",
+    "register",
+]

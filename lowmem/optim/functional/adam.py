@@ -1,0 +1,66 @@
+"""Adam (Kingma & Ba, 2015, Algorithm 1) and AdamW (Loshchilov & Hutter, 2019, Algorithm 2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def adam_moments_(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float) -> None:
+    """Update Adam's moments in place.
+
+    Algorithm 1, lines 7-8: ``m_t = beta1 m_{t-1} + (1 - beta1) g``;
+    ``v_t = beta2 v_{t-1} + (1 - beta2) g^2``.
+    """
+    m.lerp_(g.to(m.dtype), 1.0 - beta1)
+    g = g.to(v.dtype)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def adam_direction(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float, eps: float) -> Tensor:
+    """Bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` (Algorithm 1, lines 9-11).
+
+    ``eps`` is added after the bias correction of ``v``, as in ``torch.optim.AdamW``. Returns a new
+    float32 tensor (unitless: multiply by ``lr`` for a parameter step).
+    """
+    bias_correction1 = 1.0 - beta1**t
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
+    denom = (v.float().sqrt() / bias_correction2_sqrt).add_(eps)
+    return m.float().div(denom).div_(bias_correction1)
+
+
+def adam_direction_hf(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float, eps: float) -> Tensor:
+    """Adam direction with ``eps`` added to the *uncorrected* ``sqrt(v)``.
+
+    This is the "efficient" form of Algorithm 1 noted at the end of Section 2 of Kingma & Ba
+    (``alpha_t = alpha sqrt(1 - beta2^t) / (1 - beta1^t)``, ``eps`` on ``sqrt(v_t)``), used by
+    transformers' legacy ``AdamW`` and by galore-torch / fira. It differs from
+    :func:`adam_direction` only in where ``eps`` enters.
+    """
+    step_scale = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    denom = v.float().sqrt().add_(eps)
+    return m.float().div(denom).mul_(step_scale)
+
+
+
+# ---- decoupled weight decay and the parameter step (Algorithm 2, line 12) ---------------------
+
+
+def decoupled_weight_decay_(p: Tensor, lr: float | Tensor, weight_decay: float) -> None:
+    """``theta <- theta - lr * lambda * theta``, in place, before (or after) the gradient step."""
+    if weight_decay == 0:
+        return
+    if isinstance(lr, Tensor):
+        p.sub_(p * (lr * weight_decay))
+    else:
+        p.mul_(1.0 - lr * weight_decay)
+
+
+def apply_update_(p: Tensor, direction: Tensor, lr: float | Tensor) -> None:
+    """``theta <- theta - lr * direction`` in place (``lr`` may be a 0-d tensor)."""
+    if isinstance(lr, Tensor):
+        p.sub_(direction * lr)
+    else:
+        p.add_(direction, alpha=-lr)

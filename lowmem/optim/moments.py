@@ -1,0 +1,169 @@
+"""Moment rules and learning-rate rules: the "how is the direction computed" seam of the engine.
+
+A :class:`MomentRule` turns a (possibly projected) float32 gradient into an update direction and
+owns the state tensors it needs. It holds configuration only; per-parameter tensors live in the
+optimizer's ``state[p]`` dict under the names in ``state_keys``, so checkpoints stay plain tensors.
+
+A learning-rate rule maps ``(group, state, param)`` to the step size: a constant (``group["lr"]``)
+or Adafactor's relative, parameter-scaled step size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def state_dtype(group: dict[str, Any], param: Tensor) -> torch.dtype:
+    """Storage dtype of float states for ``param`` under the group's ``state_dtype`` setting."""
+    choice = group.get("state_dtype", "float32")
+    if choice == "param":
+        return param.dtype if param.is_floating_point() else torch.float32
+    return _DTYPES[choice]
+
+
+class MomentRule:
+    """Base class: computes a direction from a gradient and keeps the moments it needs.
+
+    Attributes:
+        state_keys: Names of the state tensors this rule owns (reset or rotated when a subspace
+            changes).
+        applies_lr: ``True`` if :meth:`direction` already returns an ``lr``-scaled step (Adafactor,
+            whose first moment averages lr-scaled updates); the engine then does not scale again.
+    """
+
+    state_keys: tuple[str, ...] = ()
+    applies_lr: bool = False
+
+    def init_state(self, state: dict[str, Tensor], shape: torch.Size, group: dict[str, Any], param: Tensor) -> None:
+        """Allocate this rule's tensors for a (possibly projected) gradient of ``shape``."""
+        raise NotImplementedError
+
+    def direction(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: float, lr: Any) -> Tensor:
+        raise NotImplementedError
+
+    def reset(self, state: dict[str, Tensor]) -> None:
+        """Zero every moment (used by moment resets on a subspace change and by SPAM)."""
+        for k in self.state_keys:
+            if k in state:
+                state[k].zero_()
+
+
+class AdamMoments(MomentRule):
+    """Adam's first and second moments (Kingma & Ba 2015, Algorithm 1).
+
+    Args:
+        eps_placement: ``"torch"`` adds ``eps`` after the bias correction of ``v``
+            (``torch.optim.AdamW``); ``"hf"`` adds it to the raw ``sqrt(v)`` and folds the
+            correction into the step size (transformers' legacy AdamW, galore-torch, fira).
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, eps_placement: str = "torch"):
+        if eps_placement not in ("torch", "hf"):
+            raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
+        self.eps_placement = eps_placement
+        self._direction = F.adam_direction if eps_placement == "torch" else F.adam_direction_hf
+
+    def init_state(self, state, shape, group, param):
+        dtype = state_dtype(group, param)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+
+    def direction(self, g, state, group, t, lr):
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if m.dtype == torch.float32:
+            F.adam_moments_(m, v, g, beta1, beta2)
+        else:  # low-precision storage: do the EMA in float32, store rounded
+            m32, v32 = m.float(), v.float()
+            F.adam_moments_(m32, v32, g, beta1, beta2)
+            m.copy_(m32)
+            v.copy_(v32)
+            m, v = m32, v32
+        return self._direction(m, v, t, beta1, beta2, group["eps"])
+
+
+class FactoredMoments(MomentRule):
+    """Adafactor's factored second moment with optional first moment (Shazeer & Stern 2018).
+
+    Matrices (``ndim >= 2``) keep a row and a column statistic of the last two dimensions
+    (Algorithm 4); vectors keep a full second moment (Algorithm 3). The update is clipped by its
+    RMS (Section 6) and scaled by the step size; the optional first moment (``beta1``) then
+    averages these *lr-scaled* updates, exactly as transformers' ``Adafactor`` does, so this rule
+    sets ``applies_lr``.
+
+    Group keys used: ``eps`` ``(eps1, eps2)``, ``clip_threshold``, ``decay_rate``, ``beta1``.
+    """
+
+    applies_lr = True
+    state_keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+
+    def init_state(self, state, shape, group, param):
+        dtype, device = state_dtype(group, param), param.device
+        if group.get("beta1") is not None:
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
+        if len(shape) >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=dtype, device=device)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=dtype, device=device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def direction(self, g, state, group, t, lr):
+        eps1 = group["eps"][0]
+        beta2t = F.adafactor_beta2(t, group["decay_rate"])
+        g2 = (g * g).add_(eps1)
+        if "exp_avg_sq_row" in state:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row32, col32 = row.float(), col.float()
+            F.factored_second_moment_(row32, col32, g2, beta2t)
+            if row32 is not row:
+                row.copy_(row32)
+                col.copy_(col32)
+            u = F.factored_rsqrt(row32, col32).mul_(g)
+        else:
+            v = state["exp_avg_sq"]
+            v32 = v.float()
+            v32.mul_(beta2t).add_(g2, alpha=1.0 - beta2t)
+            if v32 is not v:
+                v.copy_(v32)
+            u = v32.rsqrt().mul_(g)
+        F.clip_by_rms_(u, group["clip_threshold"])
+        u = u.mul_(lr)
+        beta1 = group.get("beta1")
+        if beta1 is not None:
+            m = state["exp_avg"]
+            m32 = m.float()
+            m32.mul_(beta1).add_(u, alpha=1.0 - beta1)
+            if m32 is not m:
+                m.copy_(m32)
+            u = m32.clone()
+        return u
+
+
+# ---- learning-rate rules --------------------------------------------------------------------
+
+
+def constant_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t: float) -> float:
+    """The group's learning rate, as set by the user or a scheduler."""
+    return group["lr"]
+
+
+def adafactor_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t: float) -> float | Tensor:
+    """Adafactor's step size ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` (Section 8).
+
+    ``rho_t`` is the relative step size when ``relative_step`` is set, else ``group["lr"]``; the
+    parameter scale applies when ``scale_parameter`` is set. Returns a 0-d tensor in that case, so
+    no host synchronisation is needed.
+    """
+    rho = F.adafactor_relative_lr(t, group["warmup_init"]) if group["relative_step"] else group["lr"]
+    if group["scale_parameter"]:
+        return F.adafactor_param_scale(p32, group["eps"][1]) * rho
+    return rho

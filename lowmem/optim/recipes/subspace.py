@@ -1,0 +1,1 @@
+"""Subspace recipes: GaLore, Fira, FRUGAL, Online Subspace Descent (see the subspace issue)."""

@@ -1,0 +1,247 @@
+"""The optimizer registry: names to optimizers, and parameter groups built from a model.
+
+``create_optimizer(model, "galore_adamw", rank=64)`` looks the name up, splits the model's
+parameters into groups (no weight decay on biases and norm weights, exactly as
+``transformers.Trainer`` does; subspace targets are the 2-D weights of the selected linear layers)
+and builds the optimizer. Adding an optimizer is one recipe plus one :func:`register` call; the
+generic test suite then covers it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .engine import LowMemOptimizer, Recipe
+
+GROUPING_ARGS = ("target_modules",)
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """A registered optimizer.
+
+    Attributes:
+        name: Registry name.
+        summary: One line for ``lowmem list``.
+        reference: Paper or source.
+        factory: ``factory(params, **hparams) -> torch.optim.Optimizer``.
+        recipe: The engine recipe, or ``None`` for optimizers from other libraries (bitsandbytes).
+        hparams: Valid hyperparameter names (taken from the recipe when there is one).
+        subspace: Whether the optimizer projects 2-D targets (``target_modules`` applies).
+        generic_tests: Whether the generic suite covers it (CPU-capable, engine-based).
+    """
+
+    name: str
+    summary: str
+    reference: str
+    factory: Callable[..., torch.optim.Optimizer] = field(repr=False)
+    recipe: Recipe | None = None
+    hparams: tuple[str, ...] = ()
+    subspace: bool = False
+    generic_tests: bool = True
+    example_hparams: dict[str, Any] = field(default_factory=dict)
+
+    def valid_hparams(self) -> list[str]:
+        names = list(self.recipe.all_hparams()) if self.recipe is not None else list(self.hparams)
+        if self.subspace:
+            names += list(GROUPING_ARGS)
+        return sorted(names)
+
+
+_REGISTRY: dict[str, OptimizerEntry] = {}
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register(
+    recipe_or_name: Recipe | str,
+    cls: Callable[..., torch.optim.Optimizer] | None = None,
+    *,
+    summary: str | None = None,
+    reference: str | None = None,
+    hparams: Iterable[str] = (),
+    generic_tests: bool = True,
+    example_hparams: dict[str, Any] | None = None,
+) -> OptimizerEntry:
+    """Register an engine recipe (optionally with its named class) or an external optimizer."""
+    if isinstance(recipe_or_name, Recipe):
+        recipe = recipe_or_name
+        factory = cls if cls is not None else (lambda params, **kw: LowMemOptimizer(params, recipe, **kw))
+        entry = OptimizerEntry(
+            name=_canonical(recipe.name), summary=summary or recipe.summary, reference=reference or recipe.reference,
+            factory=factory, recipe=recipe, subspace=recipe.projection is not None, generic_tests=generic_tests,
+            example_hparams=dict(example_hparams or {}),
+        )
+    else:
+        if cls is None:
+            raise TypeError("register(name, cls) needs the optimizer class or factory")
+        entry = OptimizerEntry(
+            name=_canonical(recipe_or_name), summary=summary or "", reference=reference or "", factory=cls,
+            hparams=tuple(hparams), generic_tests=generic_tests, example_hparams=dict(example_hparams or {}),
+        )
+    if entry.name in _REGISTRY:
+        raise ValueError(f"optimizer {entry.name!r} is already registered")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_entry(name: str) -> OptimizerEntry:
+    key = _canonical(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"Unknown optimizer {name!r}; valid: {sorted(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+def list_optimizers() -> list[OptimizerEntry]:
+    """All registered optimizers, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+# ---- parameter groups from a model ----------------------------------------------------------
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that get weight decay: everything but biases and norm weights.
+
+    Delegates to ``transformers.Trainer.get_decay_parameter_names`` so that lowmem and the Trainer
+    always agree.
+    """
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))  # the method does not use self
+
+
+def _matches(module_name: str, targets: str | Iterable[str]) -> bool:
+    """peft's convention: a string is a regex matched against the full name; a list matches by
+    exact name or by suffix after a dot."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def subspace_target_names(model: nn.Module, target_modules: str | Iterable[str] | None = None) -> list[str]:
+    """Names of the 2-D weights to project.
+
+    Default: the weights of every ``nn.Linear`` except the output head (and embeddings, which are
+    not linear layers). ``target_modules`` selects modules by peft's rules instead.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or mod is head or mod.weight is None or not mod.weight.requires_grad:
+            continue
+        if target_modules is not None and not _matches(mod_name, target_modules):
+            continue
+        names.append(f"{mod_name}.weight" if mod_name else "weight")
+    return names
+
+
+def build_param_groups(
+    model: nn.Module,
+    weight_decay: float | None = None,
+    subspace: bool = False,
+    target_modules: str | Iterable[str] | None = None,
+    subspace_hparams: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Split a model's trainable parameters into optimizer groups.
+
+    Returns up to three groups: projected 2-D targets (carrying ``subspace_hparams``, e.g. ``rank``),
+    other parameters with weight decay, parameters without (biases, norm weights). Tied
+    parameters appear once. Empty groups are omitted.
+    """
+    decay = decay_parameter_names(model)
+    targets = set(subspace_target_names(model, target_modules)) if subspace else set()
+    if subspace and target_modules is not None and not targets:
+        raise ValueError(f"target_modules={target_modules!r} matched no linear layer of the model")
+    projected, decayed, plain, seen = [], [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name in targets:
+            projected.append(p)
+        elif name in decay:
+            decayed.append(p)
+        else:
+            plain.append(p)
+    wd = {} if weight_decay is None else {"weight_decay": weight_decay}
+    groups = []
+    if projected:
+        groups.append({"params": projected, **wd, **(subspace_hparams or {})})
+    if decayed:
+        groups.append({"params": decayed, **wd})
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return groups
+
+
+def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hparams: Any) -> torch.optim.Optimizer:
+    """Build a registered optimizer by name.
+
+    Args:
+        model_or_params: A module (groups are built from it, see :func:`build_param_groups`) or
+            parameters / parameter groups (used as given).
+        name: A name from :func:`list_optimizers` (case-insensitive, ``-`` and ``_`` alike).
+        **hparams: The optimizer's hyperparameters, plus ``target_modules`` for subspace recipes.
+            Per-group hyperparameters (``rank``, ``update_proj_gap``, ...) go to projected groups.
+
+    Raises:
+        ValueError: Unknown name or hyperparameter (the message lists the valid ones), or an
+            invalid value.
+    """
+    entry = get_entry(name)
+    valid = entry.valid_hparams()
+    unknown = sorted(set(hparams) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'; valid: {valid}")
+    hparams = dict(hparams)
+    target_modules = hparams.pop("target_modules", None)
+    group_only: dict[str, Any] = {}
+    if entry.recipe is not None:
+        group_names = {h.name: h for h in entry.recipe.group_hparams}
+        group_only = {h.name: hparams.pop(h.name, h.default) for h in group_names.values()}
+        for k, v in group_only.items():
+            if v is not None:
+                group_names[k].validate(v, where=f"optimizer '{entry.name}'")
+    if isinstance(model_or_params, nn.Module):
+        # weight_decay=None: decayed groups inherit the optimizer's default; biases/norms get 0
+        params = build_param_groups(
+            model_or_params, weight_decay=hparams.get("weight_decay"), subspace=entry.subspace, target_modules=target_modules,
+            subspace_hparams=group_only,
+        )
+    else:
+        if target_modules is not None:
+            raise ValueError("target_modules needs a model (nn.Module), not a parameter list")
+        params = list(model_or_params)
+        if entry.subspace and group_only.get("rank") is not None:
+            params = _apply_group_defaults(params, group_only)
+    return entry.factory(params, **hparams)
+
+
+def _apply_group_defaults(params: list[Any], group_only: dict[str, Any]) -> list[dict[str, Any]]:
+    """Parameters given as a flat list to a subspace recipe: one projected group of them all."""
+    if params and isinstance(params[0], dict):
+        return [{**group_only, **g} for g in params]
+    return [{"params": params, **group_only}]
+
+
+def bytes_per_param(name: str, shape: tuple[int, ...] = (4096, 4096), **hparams: Any) -> float:
+    """Optimizer-state bytes per parameter for one weight of ``shape``, computed by the optimizer
+    itself on the meta device (nothing is allocated): ``state_bytes() / numel``."""
+    entry = get_entry(name)
+    if entry.recipe is None:
+        raise ValueError(f"{name!r} is not an engine optimizer; its state cannot be sized on the meta device")
+    p = nn.Parameter(torch.empty(shape, device="meta"))
+    opt = create_optimizer([p], name, **hparams)
+    opt.materialize_state()
+    # the step counter is bookkeeping shared by every optimizer; count the tensors that scale
+    return (opt.state_bytes() - 4) / p.numel()
