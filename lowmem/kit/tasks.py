@@ -1,0 +1,122 @@
+"""Synthetic tasks generated in code: deterministic by seed, no downloads.
+
+All three build on addition of two small numbers, ``"12+7=19"``:
+
+* :func:`sft_dataset` / :func:`tokenize_sft` - supervised text (``"text"``) and its tokenized form
+  with ``labels`` for a plain ``transformers.Trainer``.
+* :func:`preference_dataset` - DPO pairs: ``prompt``, ``chosen`` (the sum), ``rejected`` (a wrong sum).
+* :func:`reward_dataset` + :func:`reward_fn` - GRPO prompts with an ``answer`` column and a
+  verifiable reward with partial credit.
+
+A fixed ~10% of all ``(a, b)`` pairs is held out (split ``"eval"``) and never appears in split
+``"train"``, whatever the seed: evaluation loss measures generalisation, not memorisation.
+"""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+SPLITS = ("train", "eval")
+
+
+def _is_eval(a: int, b: int) -> bool:
+    return (7 * a + 13 * b) % 10 == 3
+
+
+def addition_problems(n: int, seed: int = 0, split: str = "train", max_operand: int = 49) -> list[tuple[int, int]]:
+    """``n`` pairs ``(a, b)`` with ``0 <= a, b <= max_operand``, drawn with replacement from the split's pool.
+
+    Args:
+        n (`int`): Number of problems.
+        seed (`int`, defaults to `0`): Same seed, same problems.
+        split (`str`, defaults to `"train"`): ``"train"`` or ``"eval"`` (disjoint pools).
+        max_operand (`int`, defaults to `49`): Largest operand; sums have at most 2-3 digits.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; valid: {list(SPLITS)}")
+    pool = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1) if _is_eval(a, b) == (split == "eval")]
+    rng = random.Random(f"{split}:{seed}")
+    return [rng.choice(pool) for _ in range(n)]
+
+
+def sft_dataset(n: int = 2000, seed: int = 0, split: str = "train", max_operand: int = 49) -> Dataset:
+    """Supervised text task: one ``"text"`` column of lines ``"a+b=c"``."""
+    return Dataset.from_dict({"text": [f"{a}+{b}={a + b}" for a, b in addition_problems(n, seed, split, max_operand)]})
+
+
+def tokenize_sft(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> Dataset:
+    """Tokenize ``"text"`` for causal-LM training: ``input_ids``, ``attention_mask``, ``labels``.
+
+    Each sequence gets the tokenizer's own special tokens plus ``eos``, and is right-padded to the
+    longest sequence of the dataset (or ``max_length``, which also truncates), so the default data
+    collator batches it. ``labels`` equal ``input_ids`` with padding set to ``-100`` (ignored by the loss).
+    """
+    ids = [tokenizer(t).input_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) for t in dataset["text"]]
+    length = max_length or max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for seq in ids:
+        seq = seq[:length]
+        fill = length - len(seq)
+        rows["input_ids"].append(seq + [pad] * fill)
+        rows["attention_mask"].append([1] * len(seq) + [0] * fill)
+        rows["labels"].append(seq + [-100] * fill)
+    return Dataset.from_dict(rows)
+
+
+def preference_dataset(n: int = 512, seed: int = 0, split: str = "train", max_operand: int = 49) -> Dataset:
+    """DPO pairs in TRL's standard format: ``prompt`` ``"a+b="``, ``chosen`` the sum, ``rejected`` a wrong sum
+    (the sum shifted by 1..10 either way, never negative)."""
+    rng = random.Random(f"dpo:{split}:{seed}")
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for a, b in addition_problems(n, seed, split, max_operand):
+        s = a + b
+        wrong = s + rng.choice([d for d in range(-10, 11) if d != 0 and s + d >= 0])
+        rows["prompt"].append(f"{a}+{b}=")
+        rows["chosen"].append(str(s))
+        rows["rejected"].append(str(wrong))
+    return Dataset.from_dict(rows)
+
+
+def reward_dataset(n: int = 256, seed: int = 0, split: str = "train", max_operand: int = 49) -> Dataset:
+    """GRPO prompts: ``prompt`` ``"a+b="`` and ``answer`` (the sum as a string), passed to :func:`reward_fn`."""
+    pairs = addition_problems(n, seed, split, max_operand)
+    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
+
+
+def score(completion: str, answer: str) -> float:
+    """Reward of one completion, in ``[0, 1]``, with partial credit:
+
+    * 0.5 x the fraction of the first ``len(answer)`` characters that are digits (format), and
+    * 0.5 x the length of the common prefix with ``answer``, over ``len(answer)`` (correctness).
+
+    The exact answer scores 1.0 whatever follows it; a random model already earns a little.
+    """
+    head = completion[: len(answer)]
+    digits = sum(c.isdigit() for c in head) / len(answer)
+    prefix = next((i for i, (c, t) in enumerate(zip(head, answer)) if c != t), len(head))
+    return 0.5 * digits + 0.5 * prefix / len(answer)
+
+
+def reward_fn(prompts: list, completions: list, answer: list[str] | None = None, **kwargs) -> list[float]:
+    """TRL reward function (``GRPOTrainer(reward_funcs=reward_fn)``): :func:`score` of each completion.
+
+    ``answer`` comes from the dataset column of that name (TRL forwards extra columns as keyword
+    arguments); without it the answer is recomputed from the prompt ``"a+b="``. Conversational
+    completions (lists of messages) are scored on the last message's content.
+    """
+    out = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        if isinstance(completion, list):
+            completion = completion[-1]["content"]
+        if answer is not None:
+            target = answer[i]
+        else:
+            text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+            a, b = text.rstrip("=").split("+")
+            target = str(int(a) + int(b))
+        out.append(score(completion, target))
+    return out
