@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .hparams import STATE_DTYPE, HParam
-from .moments import MomentRule, constant_lr
+from .hparams import ENGINE_HPARAMS, HParam
+from .moments import MomentRule, constant_lr, state_dtype
 from .stabilizers import Stabilizer
 from .subspace import DropResidual, Projection, ResidualRule
 
@@ -83,7 +83,7 @@ class Recipe:
         return f"Recipe({self.name!r})"
 
     def all_hparams(self) -> dict[str, HParam]:
-        return {h.name: h for h in (*self.hparams, STATE_DTYPE, *self.group_hparams)}
+        return {h.name: h for h in (*self.hparams, *ENGINE_HPARAMS, *self.group_hparams)}
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -119,7 +119,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             )
         for name, value in hparams.items():
             known[name].validate(value, where=f"optimizer '{recipe.name}'")
-        defaults = {h.name: h.default for h in (*recipe.hparams, STATE_DTYPE)}
+        defaults = {h.name: h.default for h in (*recipe.hparams, *ENGINE_HPARAMS)}
         defaults.update(hparams)
         self.skipped_steps = 0
         super().__init__(params, defaults)
@@ -131,7 +131,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         where = f"parameter group {len(self.param_groups) - 1} of optimizer '{self.recipe.name}'"
         try:
-            for h in (*self.recipe.hparams, STATE_DTYPE):
+            for h in (*self.recipe.hparams, *ENGINE_HPARAMS):
                 h.validate(group[h.name], where=where)
             for h in self.recipe.group_hparams:
                 if group.get(h.name) is not None:
@@ -226,9 +226,35 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
             return loss
+        buckets: dict[tuple, tuple[dict[str, Any], list[Tensor]]] = {}
         for p, group in work:
-            self._update(p, p.grad, group)
+            if self._foreach_ok(p, group):
+                state = self.state[p]
+                if "step" not in state:
+                    self._init_state(p, group, state)
+                state["step"] += 1
+                buckets.setdefault((id(group), state["step"].item(), p.device), (group, []))[1].append(p)
+            else:
+                self._update(p, p.grad, group)
+        for (_, t, _), (group, ps) in buckets.items():
+            self.recipe.moment.foreach_step_(ps, [p.grad for p in ps], [self.state[p] for p in ps], group, t, group["lr"])
         return loss
+
+    def _foreach_ok(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step."""
+        r = self.recipe
+        return (
+            group.get("foreach") is not False
+            and r.moment.supports_foreach
+            and not r.stabilizers
+            and r.lr_rule is constant_lr
+            and not r.decay_after_update
+            and p.dtype == torch.float32
+            and p.grad.dtype == torch.float32
+            and not p.grad.is_sparse
+            and state_dtype(group, p) == torch.float32
+            and not self._is_projected(p, group)
+        )
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any] | None = None) -> None:

@@ -110,3 +110,11 @@ STATE_DTYPE = HParam(
     "one of 'float32', 'bfloat16', 'param'",
     "storage dtype of float optimizer states ('param' = same dtype as the parameter)",
 )
+
+FOREACH = HParam(
+    "foreach", None, optional(is_bool), "None, True or False",
+    "use the multi-tensor path where the recipe has one (None = automatically); False forces the"
+    " single-tensor reference path",
+)
+
+ENGINE_HPARAMS = (STATE_DTYPE, FOREACH)  # accepted by every engine optimizer

@@ -40,6 +40,7 @@ class MomentRule:
 
     state_keys: tuple[str, ...] = ()
     applies_lr: bool = False
+    supports_foreach: bool = False  # True if foreach_step_ implements the whole step for plain groups
 
     def init_state(self, state: dict[str, Tensor], shape: torch.Size, group: dict[str, Any], param: Tensor) -> None:
         """Allocate this rule's tensors for a (possibly projected) gradient of ``shape``."""
@@ -67,6 +68,8 @@ class AdamMoments(MomentRule):
     state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, eps_placement: str = "torch"):
+        # the multi-tensor path implements torch's eps placement on float32 storage
+        self.supports_foreach = eps_placement == "torch"
         if eps_placement not in ("torch", "hf"):
             raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
         self.eps_placement = eps_placement
@@ -89,6 +92,14 @@ class AdamMoments(MomentRule):
             v.copy_(v32)
             m, v = m32, v32
         return self._direction(m, v, t, beta1, beta2, group["eps"])
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """Whole AdamW step (moments, decoupled decay, update) for float32 tensors sharing ``t``."""
+        beta1, beta2 = group["betas"]
+        F.adamw_foreach_(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            t, beta1, beta2, lr, group["weight_decay"], group["eps"],
+        )
 
 
 class FactoredMoments(MomentRule):

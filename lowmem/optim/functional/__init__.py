@@ -18,10 +18,17 @@ from .adafactor import (
     factored_second_moment_,
     rms,
 )
-from .adam import adam_direction, adam_direction_hf, adam_moments_, apply_update_, decoupled_weight_decay_
+from .adam import (
+    adam_direction,
+    adam_direction_hf,
+    adam_moments_,
+    adamw_foreach_,
+    apply_update_,
+    decoupled_weight_decay_,
+)
 
 __all__ = [
     "adafactor_beta2", "adafactor_param_scale", "adafactor_relative_lr", "adam_direction", "adam_direction_hf",
-    "adam_moments_", "apply_update_", "clip_by_rms_", "decoupled_weight_decay_", "factored_rsqrt",
+    "adam_moments_", "adamw_foreach_", "apply_update_", "clip_by_rms_", "decoupled_weight_decay_", "factored_rsqrt",
     "factored_second_moment_", "rms",
 ]

@@ -64,3 +64,33 @@ def apply_update_(p: Tensor, direction: Tensor, lr: float | Tensor) -> None:
         p.sub_(direction * lr)
     else:
         p.add_(direction, alpha=-lr)
+
+
+def adamw_foreach_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    t: float,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
+    """Multi-tensor AdamW step for float32 tensors that share the step count ``t``.
+
+    The same math as :func:`adam_moments_`, :func:`adam_direction`, :func:`decoupled_weight_decay_`
+    and :func:`apply_update_` applied one tensor at a time (that path is the reference; they are
+    tested equal), with one kernel launch per operation for the whole list.
+    """
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1**t
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+    torch._foreach_add_(denom, eps)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias_correction1)

@@ -37,6 +37,8 @@ class AdamW(LowMemOptimizer):
             ``p *= 1 - lr * weight_decay`` before the step.
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments: ``"float32"``,
             ``"bfloat16"`` or ``"param"``.
+        foreach (`bool` or `None`, defaults to `None`): Multi-tensor path for float32 parameters with
+            float32 state (``None``: automatically); ``False`` forces the single-tensor reference.
     """
 
     recipe = ADAMW
@@ -50,8 +52,11 @@ class AdamW(LowMemOptimizer):
         weight_decay: float = 1e-2,
         *,
         state_dtype: str = "float32",
+        foreach: bool | None = None,
     ):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach
+        )
 
 
 def _eps_pair(x: Any) -> bool:
@@ -115,6 +120,8 @@ class Adafactor(LowMemOptimizer):
         relative_step (`bool`, defaults to `True`): Step size ``min(1e-2, 1/sqrt(t))``.
         warmup_init (`bool`, defaults to `False`): Step size ``min(1e-6 t, 1/sqrt(t))``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the statistics.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; Adafactor has no
+            multi-tensor path yet.
     """
 
     recipe = ADAFACTOR
@@ -133,9 +140,10 @@ class Adafactor(LowMemOptimizer):
         warmup_init: bool = False,
         *,
         state_dtype: str = "float32",
+        foreach: bool | None = None,
     ):
         super().__init__(
-            params, lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            params, foreach=foreach, lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
             warmup_init=warmup_init, state_dtype=state_dtype,
         )
