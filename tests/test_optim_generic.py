@@ -214,3 +214,13 @@ def test_groups_from_model_follow_trainer_decay_rules():
     assert len(model_names) == 6
     groups = {g["weight_decay"]: len(g["params"]) for g in opt.param_groups}
     assert groups == {0.1: 2, 0.0: 4}  # two weights decayed; 2 biases + LayerNorm weight/bias not
+
+
+def test_huge_but_finite_gradients_are_not_skipped():
+    """The fast non-finite check uses norms, which overflow for values near float32's max."""
+    p = nn.Parameter(torch.zeros(4, 4))
+    opt = create_optimizer([p], "adamw", lr=1e-3)
+    p.grad = torch.full((4, 4), 1e19)  # g^2 fits in float32, the sum of 16 squares does not
+    assert not torch.isfinite(torch._foreach_norm([p.grad])[0])  # so the fast path must fall back
+    opt.step()
+    assert opt.skipped_steps == 0 and torch.isfinite(p).all() and (p != 0).all()
