@@ -1,0 +1,267 @@
+"""``transformers.Trainer`` integration: lowmem optimizers with lowmem's parameter groups.
+
+Two ways in:
+
+* A plain ``Trainer``: ``Trainer(..., optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, "adafactor", args=args))``.
+* :class:`LowMemTrainer` with :class:`LowMemTrainingArguments` (``lowmem_optim="adafactor"``), or
+  any trainer class combined with :class:`LowMemOptimizerMixin`, e.g.
+  ``class LowMemDPOTrainer(LowMemOptimizerMixin, DPOTrainer)`` with a config that adds
+  :class:`LowMemArguments` (``@dataclass class LowMemDPOConfig(LowMemArguments, DPOConfig)``).
+
+Both map the ``TrainingArguments`` optimizer fields onto the optimizer (:func:`trainer_hparams`)
+and use :func:`lowmem.optim.build_param_groups` (no weight decay on biases and norm weights,
+subspace targets for projected optimizers). Engine optimizers keep tensors-only state, so the
+Trainer's checkpoints (``optimizer.pt``) save and resume them unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from lowmem.optim import LowMemOptimizer, create_optimizer, get_entry
+
+logger = logging.getLogger(__name__)
+
+# TrainingArguments field(s) -> optimizer hyperparameter. Applied where the optimizer has that
+# hyperparameter *and* accepts the value (Adafactor's ``eps`` is a pair, so adam_epsilon cannot apply).
+TRAINING_ARGS_MAP: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("learning_rate",), "lr"),
+    (("weight_decay",), "weight_decay"),
+    (("adam_beta1", "adam_beta2"), "betas"),
+    (("adam_epsilon",), "eps"),
+)
+# transformers' Trainer does the same for optim="adafactor": the Trainer's learning rate and
+# scheduler drive the step size.
+TRAINER_OVERRIDES = {"relative_step": False, "scale_parameter": False}
+
+_TA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+
+
+def _parse_value(text: str) -> Any:
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def parse_optim_args(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    """Optimizer hyperparameters from a dict, a JSON object, or ``"k=v,k=v"``.
+
+    In the ``k=v`` form each value is read as JSON when it parses (``0.01``, ``true``, ``null``,
+    ``[0.9, 0.99]``), as Python's ``True``/``False``/``None``, else as a string. Lists become
+    tuples (``betas``, Adafactor's ``eps``).
+
+    Raises:
+        ValueError: A malformed string.
+    """
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"optimizer arguments {value!r} are not valid JSON: {e}") from None
+        else:
+            value = {}
+            for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
+                key, sep, raw = item.partition("=")
+                if not sep or not key.strip().isidentifier():
+                    raise ValueError(f"optimizer arguments must look like 'k=v,k=v' or a JSON object; got {text!r}")
+                value[key.strip()] = _parse_value(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"optimizer arguments must be a dict, a JSON object or 'k=v,k=v'; got {type(value).__name__}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+
+
+def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args: dict | str | None = None) -> dict[str, Any]:
+    """The hyperparameters optimizer ``name`` gets under a Trainer.
+
+    1. ``TrainingArguments`` fields map onto the optimizer (:data:`TRAINING_ARGS_MAP`):
+       ``learning_rate -> lr``, ``weight_decay``, ``(adam_beta1, adam_beta2) -> betas``,
+       ``adam_epsilon -> eps``, where the optimizer has that hyperparameter and its value is valid
+       for it. A field that cannot apply is logged: a warning when its value differs from the
+       ``TrainingArguments`` default (the user asked for it), an info line otherwise.
+    2. Optimizers with ``relative_step`` / ``scale_parameter`` (Adafactor) get ``False`` for
+       both, as ``transformers.Trainer`` does for ``optim="adafactor"``.
+    3. ``optim_args`` (dict, JSON or ``"k=v,k=v"``) win over both.
+
+    Raises:
+        ValueError: Unknown optimizer or hyperparameter (messages list the valid ones).
+    """
+    entry = get_entry(name)
+    explicit = parse_optim_args(optim_args)
+    valid = entry.valid_hparams()
+    unknown = sorted(set(explicit) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'; valid: {valid}")
+    specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
+    hp: dict[str, Any] = {}
+    if args is not None:
+        for fields, target in TRAINING_ARGS_MAP:
+            if target in explicit:
+                continue
+            values = tuple(getattr(args, f) for f in fields)
+            value = values if len(values) > 1 else values[0]
+            if target in valid and (target not in specs or _accepts(specs[target], value)):
+                hp[target] = value
+                continue
+            user_set = any(getattr(args, f) != _TA_DEFAULTS.get(f) for f in fields)
+            shown = ", ".join(f"{f}={getattr(args, f)!r}" for f in fields)
+            reason = "has no hyperparameter" if target not in valid else "does not accept the value of"
+            (logger.warning if user_set else logger.info)(
+                "lowmem optimizer '%s' %s '%s', so TrainingArguments %s is ignored (valid hyperparameters: %s)",
+                entry.name, reason, target, shown, valid,
+            )
+        hp.update({k: v for k, v in TRAINER_OVERRIDES.items() if k in valid})
+    hp.update(explicit)
+    return hp
+
+
+def _accepts(spec: Any, value: Any) -> bool:
+    try:
+        spec.validate(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _require_numeric_lr(optimizer: torch.optim.Optimizer, name: str) -> None:
+    if any(g.get("lr") is None for g in optimizer.param_groups):
+        raise ValueError(
+            f"optimizer '{name}' would run with lr=None (a self-computed step size, e.g. Adafactor's relative_step=True); "
+            "the Trainer's learning-rate scheduler needs a number: keep relative_step=False (the default under the "
+            "Trainer) and set learning_rate"
+        )
+
+
+def optimizer_cls_and_kwargs(
+    model: nn.Module, name: str, *, args: TrainingArguments | None = None, **hparams: Any
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """``(cls, kwargs)`` for ``transformers.Trainer(optimizer_cls_and_kwargs=...)``.
+
+    ``kwargs["params"]`` holds lowmem's parameter groups for ``model``; the Trainer pops it and
+    uses it instead of its own two groups. The Trainer consumes (mutates) ``kwargs``: build one
+    pair per Trainer.
+
+    Args:
+        model (`nn.Module`): The model the Trainer trains (the same object).
+        name (`str`): A registered optimizer (``lowmem list``).
+        args (`TrainingArguments` or `None`, defaults to `None`): When given, its learning rate,
+            weight decay, betas and epsilon apply as in :func:`trainer_hparams`; ``hparams`` win.
+            Without it only ``hparams`` (and the optimizer's defaults) apply, and the Trainer's
+            ``learning_rate`` is *not* used: pass ``lr`` yourself.
+        **hparams: The optimizer's hyperparameters (``target_modules`` for subspace optimizers).
+
+    Raises:
+        ValueError: Unknown name or hyperparameter, or a configuration without a numeric ``lr``.
+    """
+    entry = get_entry(name)
+    resolved = trainer_hparams(name, args, hparams) if args is not None else dict(hparams)
+    opt = create_optimizer(model, name, **resolved)
+    _require_numeric_lr(opt, entry.name)
+    cls = type(opt)
+    if entry.recipe is not None:
+        kwargs = dict(opt.defaults)
+        if cls is LowMemOptimizer:  # registered without a class of its own
+            kwargs["recipe"] = entry.recipe
+    else:
+        kwargs = {k: v for k, v in resolved.items() if k != "target_modules"}
+    kwargs["params"] = opt.param_groups
+    return cls, kwargs
+
+
+@dataclass
+class LowMemArguments:
+    """Fields that select a lowmem optimizer; combine with any ``TrainingArguments`` subclass
+    (``@dataclass class LowMemDPOConfig(LowMemArguments, DPOConfig)``).
+
+    Parameters:
+        lowmem_optim (`str` or `None`, *optional*, defaults to `None`):
+            Name of a registered lowmem optimizer (``lowmem list``), e.g. ``"adafactor"``. When set,
+            it replaces ``optim`` (a non-default ``optim`` is warned about) and the Trainer builds it
+            with lowmem's parameter groups. ``learning_rate``, ``weight_decay``,
+            ``adam_beta1``/``adam_beta2`` (as ``betas``) and ``adam_epsilon`` (as ``eps``) apply where
+            the optimizer has them; a field that cannot apply is logged (a warning if it was changed
+            from its default). Adafactor-style optimizers run with ``relative_step=False`` and
+            ``scale_parameter=False``, as with ``optim="adafactor"``. `None` keeps the Trainer's own
+            optimizer.
+        lowmem_optim_args (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Extra hyperparameters for ``lowmem_optim``: a dict, a JSON object, or ``"k=v,k=v"``
+            (e.g. ``"rank=64,update_proj_gap=200"``). They win over values mapped from the fields
+            above. Unknown names raise ``ValueError`` listing the valid ones. Parsed into a dict
+            in ``__post_init__``. Requires ``lowmem_optim``.
+    """
+
+    lowmem_optim: str | None = field(
+        default=None, metadata={"help": "Registered lowmem optimizer (see `lowmem list`); replaces `optim` when set."}
+    )
+    lowmem_optim_args: dict | str | None = field(
+        default=None,
+        metadata={"help": "Hyperparameters for `lowmem_optim`: JSON object or 'k=v,k=v'; they win over mapped fields."},
+    )
+
+    def __post_init__(self) -> None:
+        self.lowmem_optim_args = parse_optim_args(self.lowmem_optim_args)
+        if self.lowmem_optim is None:
+            if self.lowmem_optim_args:
+                raise ValueError("lowmem_optim_args is set but lowmem_optim is not")
+        else:
+            trainer_hparams(self.lowmem_optim, None, self.lowmem_optim_args)  # validates name and keys now
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        optim = getattr(self, "optim", None)
+        default = _TA_DEFAULTS.get("optim")
+        if self.lowmem_optim is not None and optim is not None and getattr(optim, "value", optim) != default:
+            logger.warning("lowmem_optim=%r replaces optim=%r, which is ignored", self.lowmem_optim, getattr(optim, "value", optim))
+
+
+@dataclass
+class LowMemTrainingArguments(LowMemArguments, TrainingArguments):
+    """``TrainingArguments`` plus :class:`LowMemArguments` (``lowmem_optim``, ``lowmem_optim_args``).
+
+    Use with :class:`LowMemTrainer` (or any trainer with :class:`LowMemOptimizerMixin`); see
+    :class:`LowMemArguments` for the two fields and how the ``TrainingArguments`` optimizer fields
+    map onto the lowmem optimizer.
+    """
+
+
+class LowMemOptimizerMixin:
+    """Builds the optimizer from ``args.lowmem_optim`` / ``args.lowmem_optim_args``.
+
+    Put it first in the bases of any ``transformers.Trainer`` subclass (TRL's included). With
+    ``lowmem_optim`` unset (or args without the field) the trainer behaves exactly as before.
+    """
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        name = getattr(self.args, "lowmem_optim", None)
+        if name is None:
+            return super().create_optimizer(model)
+        if self.optimizer is not None:
+            if not getattr(self, "_lowmem_built_optimizer", False):
+                raise ValueError("lowmem_optim is set but an optimizer was also passed via `optimizers=`; choose one")
+            return self.optimizer
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            raise ValueError("lowmem_optim and optimizer_cls_and_kwargs are both set; choose one")
+        opt_model = self.model if model is None else model
+        hp = trainer_hparams(name, self.args, getattr(self.args, "lowmem_optim_args", None))
+        self.optimizer = create_optimizer(opt_model, name, **hp)
+        _require_numeric_lr(self.optimizer, name)
+        self._lowmem_built_optimizer = True
+        logger.info("lowmem optimizer %s with %s", name, hp)
+        return self.optimizer
+
+
+class LowMemTrainer(LowMemOptimizerMixin, Trainer):
+    """``transformers.Trainer`` that builds a lowmem optimizer from :class:`LowMemTrainingArguments`."""
