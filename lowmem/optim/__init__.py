@@ -11,6 +11,7 @@ Layout, following the engine's seams:
 
 from .engine import LowMemOptimizer, Recipe
 from .recipes import ADAFACTOR, ADAMW, Adafactor, AdamW
+from .recipes.compressed import SPAM, AdamW4bit, AdamW8bit, MicroAdam, StableSPAM
 from .registry import (
     OptimizerEntry,
     build_param_groups,
@@ -22,6 +23,7 @@ from .registry import (
 )
 
 __all__ = [
+    "SPAM", "AdamW4bit", "AdamW8bit", "MicroAdam", "StableSPAM",
     "Adafactor",
     "AdamW",
     "LowMemOptimizer",

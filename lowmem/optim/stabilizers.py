@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from .functional import spam as S
+from .hparams import HParam, in_unit_interval, nonneg
 from .moments import MomentRule
 
 
@@ -28,3 +31,121 @@ class Stabilizer:
 
     def lr_scale(self, state: dict[str, Tensor], group: dict[str, Any], t: int) -> float:
         return 1.0
+
+
+# ---- SPAM and Stable-SPAM (Huang et al. 2025) -------------------------------------------------
+
+
+def _nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def RESET_INTERVAL(default: int) -> HParam:  # noqa: N802 - reads like the other HParam constants
+    return HParam(
+        "reset_interval", default, _nonneg_int, "an int >= 0", "momentum reset every this many steps (Delta T; 0 = never)"
+    )
+
+SPAM_HPARAMS = (
+    HParam("threshold", 5000.0, lambda x: nonneg(x), "a finite float >= 0",
+           "spike threshold theta: entries with g^2 > theta * v are clipped (0 = no clipping)"),
+    RESET_INTERVAL(500),
+    HParam("warmup_steps", 150, _nonneg_int, "an int >= 0", "cosine lr warm-up length after each momentum reset"),
+    HParam("grad_accu_steps", 20, _nonneg_int, "an int >= 0",
+           "steps of second-moment history (since start and since a reset) before clipping starts"),
+)
+
+STABLE_SPAM_HPARAMS = (
+    HParam("gamma1", 0.7, in_unit_interval, "a float in [0, 1)", "EMA decay of the gradient norm (AdaGN)"),
+    HParam("gamma2", 0.9, in_unit_interval, "a float in [0, 1)", "EMA decay of the squared gradient norm (AdaGN)"),
+    HParam("theta", 0.999, in_unit_interval, "a float in [0, 1)", "EMA decay of the max |g| clipping bound (AdaClip)"),
+    RESET_INTERVAL(1000),
+)
+
+
+def _second_moment(moment: MomentRule, state: dict[str, Tensor], g: Tensor, group: dict[str, Any]) -> Tensor:
+    getter = getattr(moment, "second_moment", None)
+    v = getter(state, g.shape, group) if getter is not None else state.get("exp_avg_sq")
+    if v is None:
+        raise ValueError(f"SPAM clipping needs a second moment 'exp_avg_sq'; {type(moment).__name__} keeps none")
+    if v.shape != g.shape:
+        raise ValueError(
+            f"SPAM clipping needs the second moment in the gradient's shape {tuple(g.shape)}, got {tuple(v.shape)}"
+            " (a projected recipe keeps it in the subspace)"
+        )
+    return v.float()
+
+
+class SPAMStabilizer(Stabilizer):
+    """SPAM's stabilizers (Huang et al. 2025, Algorithm 1): momentum reset, spike-aware clipping, warm-up.
+
+    Every ``reset_interval`` steps the moment rule's moments are zeroed before the update; once the
+    second moment has ``grad_accu_steps`` steps of history, entries with ``g^2 > threshold * v``
+    are clipped to ``sign(g) sqrt(threshold * v)``; after each reset the step size is warmed up
+    over ``warmup_steps`` steps (cosine, from 1% to 100%). Bias corrections keep counting from
+    the first step, as in the reference implementation.
+
+    Group keys: ``threshold``, ``reset_interval``, ``warmup_steps``, ``grad_accu_steps``
+    (:data:`SPAM_HPARAMS`).
+    """
+
+    def transform(self, g, state, group, t, moment):
+        interval = group["reset_interval"]
+        if S.is_reset_step(t, interval):
+            moment.reset(state)
+        if group["threshold"] > 0 and S.spam_clip_active(t, interval, group["grad_accu_steps"]):
+            g = S.spike_clip(g, _second_moment(moment, state, g, group), group["threshold"])
+        return g
+
+    def lr_scale(self, state, group, t):
+        return S.spam_warmup_scale(t, group["reset_interval"], group["warmup_steps"])
+
+
+class StableSPAMStabilizer(Stabilizer):
+    """Stable-SPAM's stabilizers (Huang et al. 2025, Algorithm 1): AdaClip, AdaGN, MoRet.
+
+    Per parameter: clip entries above the bias-corrected running max of ``|g|`` (``theta``),
+    rescale ``g`` to the running norm statistics (``gamma1``, ``gamma2``, ``group["eps"]``), and
+    zero the moments every ``reset_interval`` steps. Pair it with :class:`RestartBiasCorrection` so
+    that the moments' bias correction restarts at each reset, as the reference does.
+
+    State: ``spam_clip_max``, ``spam_norm_m``, ``spam_norm_v`` (0-d float32 each).
+    """
+
+    state_keys = ("spam_clip_max", "spam_norm_m", "spam_norm_v")
+
+    def init_state(self, state, param, group):
+        for k in self.state_keys:
+            state[k] = torch.zeros((), dtype=torch.float32, device=param.device)
+
+    def transform(self, g, state, group, t, moment):
+        if S.is_reset_step(t, group["reset_interval"]):
+            moment.reset(state)
+        g = S.ada_clip(g, state["spam_clip_max"], group["theta"], t)
+        return S.ada_gn(g, state["spam_norm_m"], state["spam_norm_v"], group["gamma1"], group["gamma2"], t, group["eps"])
+
+
+class RestartBiasCorrection(MomentRule):
+    """Wrap a moment rule so its bias correction counts steps since the last momentum reset.
+
+    With resets every ``group["reset_interval"]`` steps (Stable-SPAM's MoRet) the wrapped rule
+    sees ``t' = t mod Delta T + 1`` after the first reset, so freshly zeroed moments are
+    corrected as at the start of training.
+    """
+
+    def __init__(self, inner: MomentRule):
+        self.inner = inner
+        self.state_keys = inner.state_keys
+        self.applies_lr = inner.applies_lr
+
+    def init_state(self, state, shape, group, param):
+        self.inner.init_state(state, shape, group, param)
+
+    def direction(self, g, state, group, t, lr):
+        return self.inner.direction(g, state, group, S.steps_since_reset(int(t), group["reset_interval"]), lr)
+
+    def reset(self, state):
+        self.inner.reset(state)
+
+    def second_moment(self, state, shape, group):
+        getter = getattr(self.inner, "second_moment", None)
+        return getter(state, shape, group) if getter is not None else state.get("exp_avg_sq")

@@ -1,0 +1,120 @@
+"""MicroAdam (Modoranu et al. 2024, "MicroAdam: Accurate Adaptive Optimization with Low Space
+Overhead and Provable Convergence", NeurIPS 2024), Algorithm 1.
+
+Per step, for a flat gradient ``g`` of ``d`` entries::
+
+    a   = g + Q^{-1}(e)                      # line 4: add the decompressed error feedback
+    I,V = TopK_per_block(|a|)                # line 5: k entries per block of the flat tensor
+    a[I] = 0                                 # line 6
+    e   = Q(a)  (4-bit, min/max per block)   # lines 7-8: what was not kept is the new error
+    G[(t - 1) mod m] = (I, V)                # line 9: ring buffer of the last m sparse gradients
+    m_hat = (1 - b1)/(1 - b1^t) sum_i b1^{r_i} G_i        # line 10, r_i = age of row i
+    v_hat = (1 - b2)/(1 - b2^t) sum_i b2^{r_i} G_i^2      # line 11
+    u   = m_hat / (eps + sqrt(v_hat))        # line 12 (the caller applies lr and weight decay)
+
+Indices are stored relative to their top-k block as ``int16`` and values as ``bfloat16``, as in
+the reference implementation (IST-DASLab/ISTA-DASLab-Optimizers); rows that select the same
+index add up. These functions are pure (no state, no host synchronisation) and shape-static, so
+:func:`torch.compile` can fuse them on the GPU; the plain calls are the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import quant as Q
+
+
+@dataclass(frozen=True)
+class TopKLayout:
+    """How a flat tensor of ``d`` entries is split for the blockwise top-k.
+
+    ``full_blocks`` blocks of ``block`` entries keep ``k_block`` entries each; a last partial block
+    of ``d - full_blocks * block`` entries keeps ``k_last = ceil(rest * density)``.
+    """
+
+    d: int
+    block: int
+    full_blocks: int
+    k_block: int
+    k_last: int
+
+    @property
+    def k(self) -> int:
+        return self.full_blocks * self.k_block + self.k_last
+
+    @property
+    def rest(self) -> int:
+        return self.d - self.full_blocks * self.block
+
+
+def topk_layout(d: int, block_size: int, density: float) -> TopKLayout:
+    """Top-k blocks as in the reference: ``block = min(d, block_size)``, ``k = ceil(block * density)``."""
+    block = min(d, block_size)
+    full = d // block
+    rest = d - full * block
+    return TopKLayout(d, block, full, math.ceil(block * density), math.ceil(rest * density) if rest else 0)
+
+
+def global_indices(local: Tensor, layout: TopKLayout) -> Tensor:
+    """Flat positions of block-relative indices ``local`` (``[..., k]``) as int64."""
+    offsets = torch.arange(layout.full_blocks, device=local.device).repeat_interleave(layout.k_block) * layout.block
+    if layout.k_last:
+        offsets = torch.cat([offsets, offsets.new_full((layout.k_last,), layout.full_blocks * layout.block)])
+    return local.long() + offsets
+
+
+def blockwise_topk(a: Tensor, layout: TopKLayout) -> Tensor:
+    """Block-relative indices (``int16 [k]``) of the ``k_block`` largest ``|a|`` of every block (line 5)."""
+    full_end = layout.full_blocks * layout.block
+    idx = torch.topk(a[:full_end].abs().view(layout.full_blocks, layout.block), layout.k_block, dim=1, sorted=False).indices
+    parts = [idx.reshape(-1)]
+    if layout.k_last:
+        parts.append(torch.topk(a[full_end:].abs(), layout.k_last, sorted=False).indices)
+    return torch.cat(parts).to(torch.int16)
+
+
+def compress_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: TopKLayout, quant_block_size: int):
+    """Lines 4-8: returns ``(indices int16 [k], values bf16 [k], new error codes, new min, new max)``.
+
+    ``g`` is the flat float32 gradient; ``error``/``err_lo``/``err_hi`` the current 4-bit error
+    feedback (packed codes and per-block min/max).
+    """
+    a = g + Q.dequantize_minmax_4bit(error, err_lo, err_hi, quant_block_size, layout.d)
+    local = blockwise_topk(a, layout)
+    flat = global_indices(local, layout)
+    values = a[flat].to(torch.bfloat16)
+    a = a.index_fill(0, flat, 0.0)
+    codes, lo, hi = Q.quantize_minmax_4bit(a, quant_block_size)
+    return local, values, codes, lo, hi
+
+
+def age_weights(t: int, m: int, beta: float, device) -> Tensor:
+    """``(1 - beta)/(1 - beta^t) * beta^{r_i}`` for ring rows ``i < m`` (zero for rows not yet written).
+
+    Row ``i`` was written at the last step ``s <= t`` with ``(s - 1) mod m = i``; its age is
+    ``r_i = (t - 1 - i) mod m`` (the reference kernel's exponent). Lines 10-11's coefficients.
+    """
+    rows = torch.arange(m, device=device, dtype=torch.float64)
+    age = torch.remainder(t - 1 - rows, m)
+    w = torch.pow(torch.tensor(beta, dtype=torch.float64, device=device), age) * ((1 - beta) / (1 - beta**t))
+    return torch.where(rows < min(t, m), w, torch.zeros_like(w)).float()
+
+
+def window_direction(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, eps: float, layout: TopKLayout) -> Tensor:
+    """Lines 10-12 from the ring buffer: ``m_hat / (eps + sqrt(v_hat))`` as a flat float32 tensor.
+
+    ``w1``/``w2`` come from :func:`age_weights` (bias corrections folded in). Entries no row
+    selected get 0.
+    """
+    flat = global_indices(indices, layout).reshape(-1)
+    vals = values.float()
+    m_acc = torch.zeros(layout.d, dtype=torch.float32, device=values.device)
+    v_acc = torch.zeros_like(m_acc)
+    m_acc.index_add_(0, flat, (vals * w1.unsqueeze(1)).reshape(-1))
+    v_acc.index_add_(0, flat, (vals.square() * w2.unsqueeze(1)).reshape(-1))
+    return m_acc / (v_acc.sqrt() + eps)

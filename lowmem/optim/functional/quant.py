@@ -1,0 +1,169 @@
+"""Blockwise quantization of optimizer states: 8-bit (Dettmers et al. 2022) and 4-bit (Li et al. 2023).
+
+* 8-bit: "8-bit Optimizers via Block-wise Quantization" (Dettmers et al., ICLR 2022), Section 2:
+  the tensor is split into blocks of ``B`` values, each block is normalized by its absolute maximum
+  ``N_b = max |x_b|`` and every normalized value is mapped to the nearest entry of a 256-value
+  *dynamic* (dynamic tree) code; signed code for the first moment, unsigned for the second.
+  bitsandbytes' ``quantize_blockwise`` / ``dequantize_blockwise`` implement this on CPU and CUDA
+  and are used here.
+* 4-bit: "Memory Efficient Optimizers with 4-bit States" (Li et al., NeurIPS 2023): smaller
+  blocks (``B = 128``, Section 3), a signed dynamic-exponent map for the first moment and, for the
+  second moment, a *linear map without zero* (Section 4.1, the "zero-point problem": a second
+  moment quantized to 0 blows the update ``m / sqrt(v)`` up). bitsandbytes has no 4-bit
+  optimizer codec, so codes are computed here (nearest entry, two codes per byte).
+* 4-bit asymmetric min/max quantization, used by MicroAdam's error feedback
+  (:mod:`.microadam`).
+
+Codes are ``uint8`` tensors and scales ``float32`` tensors: plain tensors that checkpoint with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+VALID_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' CUDA kernels accept these
+
+
+# ---- code maps ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _code_map_cpu(name: str) -> Tensor:
+    import bitsandbytes.functional as bnbF
+
+    if name == "dynamic8_signed":  # Dettmers et al. 2022, Section 2 (dynamic tree quantization)
+        return bnbF.create_dynamic_map(signed=True)
+    if name == "dynamic8_unsigned":
+        return bnbF.create_dynamic_map(signed=False)
+    if name == "dynamic4_signed":  # Li et al. 2023, "DE" map for the first moment, 16 values
+        return bnbF.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4).unique()
+    if name == "linear4_nozero":  # Li et al. 2023, Section 4.1: linear map (i + 1) / 16, zero excluded
+        return torch.linspace(0.0, 1.0, 17)[1:]
+    raise ValueError(f"unknown code map {name!r}; valid: dynamic8_signed, dynamic8_unsigned, dynamic4_signed, linear4_nozero")
+
+
+def code_map(name: str, device: torch.device | str = "cpu") -> Tensor:
+    """The sorted float32 code values of map ``name`` (256 for 8-bit maps, 16 for 4-bit maps)."""
+    return _code_map_cpu(name).to(device)
+
+
+def num_blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+def packed_numel(n: int, bits: int) -> int:
+    """Bytes of codes for ``n`` values: ``n`` at 8 bits, ``ceil(n / 2)`` at 4 bits."""
+    return n if bits == 8 else -(-n // 2)
+
+
+# ---- absmax blockwise codecs ----------------------------------------------------------------
+
+
+def quantize_blockwise_8bit(x: Tensor, code: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """8-bit blockwise quantization (Dettmers et al. 2022, Section 2) via bitsandbytes.
+
+    Returns ``(codes uint8 [n], absmax float32 [ceil(n / block_size)])`` for the flattened ``x``.
+    """
+    import bitsandbytes.functional as bnbF
+
+    codes, qstate = bnbF.quantize_blockwise(x.reshape(-1).float().contiguous(), code=code, blocksize=block_size)
+    return codes, qstate.absmax.float()
+
+
+def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, code: Tensor, block_size: int) -> Tensor:
+    """Inverse of :func:`quantize_blockwise_8bit`: ``x = code[q] * N_b`` (flat float32)."""
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=block_size)
+
+
+def _blocks(x: Tensor, block_size: int) -> Tensor:
+    """Flatten and zero-pad ``x`` to whole blocks: ``[num_blocks, block_size]``."""
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % block_size
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, block_size)
+
+
+def nearest_code(normalized: Tensor, code: Tensor) -> Tensor:
+    """Index of the nearest entry of the sorted ``code`` for every value (ties go to the lower one)."""
+    midpoints = (code[1:] + code[:-1]) / 2
+    return torch.searchsorted(midpoints, normalized.contiguous(), right=False)
+
+
+def pack_4bit(idx: Tensor) -> Tensor:
+    """Two 4-bit codes per byte: element ``2i`` in the high nibble, ``2i + 1`` in the low nibble."""
+    idx = idx.reshape(-1).to(torch.uint8)
+    if idx.numel() % 2:
+        idx = torch.cat([idx, idx.new_zeros(1)])
+    return (idx[0::2] << 4) | idx[1::2]
+
+
+def unpack_4bit(packed: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_4bit`: ``n`` codes as int64."""
+    both = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1)
+    return both[:n].long()
+
+
+def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """4-bit blockwise quantization (Li et al. 2023, Section 3: block-wise normalization ``B128``).
+
+    Each block is divided by its absolute maximum and mapped to the nearest of the 16 ``code``
+    values. Returns ``(packed uint8 [ceil(n / 2)], absmax float32 [num_blocks])``.
+    """
+    n = x.numel()
+    blocks = _blocks(x, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    idx = nearest_code(normalized.reshape(-1)[:n], code)
+    return pack_4bit(idx), absmax
+
+
+def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, block_size: int, n: int) -> Tensor:
+    """Inverse of :func:`quantize_blockwise_4bit`: ``x = code[q] * N_b`` (flat float32 of ``n`` values)."""
+    values = code[unpack_4bit(packed, n)]
+    pad = (-n) % block_size
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    return (values.view(-1, block_size) * absmax.unsqueeze(1)).reshape(-1)[:n]
+
+
+# ---- asymmetric min/max 4-bit (MicroAdam's error feedback) ----------------------------------
+
+
+def quantize_minmax_4bit(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit quantization per block (MicroAdam, Modoranu et al. 2024, Algorithm 1 lines 7-8).
+
+    ``delta = min(x_b)``, ``Delta = max(x_b)``, ``u = (Delta - delta) / 15``,
+    ``q = round((x - delta) / u)`` clamped to ``[0, 15]`` (``q = 0`` where ``u = 0``).
+    Returns ``(packed uint8 [ceil(n / 2)], delta float32 [num_blocks], Delta float32 [num_blocks])``.
+    The padding of a partial last block does not enter its min/max.
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    pad = (-n) % block_size
+    lo_src = torch.nn.functional.pad(flat, (0, pad), value=math.inf).view(-1, block_size)
+    hi_src = torch.nn.functional.pad(flat, (0, pad), value=-math.inf).view(-1, block_size)
+    lo, hi = lo_src.amin(dim=1), hi_src.amax(dim=1)
+    unit = (hi - lo) / 15.0
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)
+    scaled = (blocks - lo.unsqueeze(1)) / unit.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    q = torch.floor(scaled + 0.5).clamp_(0, 15)
+    q = torch.where(unit.unsqueeze(1) > 0, q, torch.zeros_like(q))
+    return pack_4bit(q.reshape(-1)[:n]), lo, hi
+
+
+def dequantize_minmax_4bit(packed: Tensor, lo: Tensor, hi: Tensor, block_size: int, n: int) -> Tensor:
+    """Inverse of :func:`quantize_minmax_4bit`: ``x = delta + q u`` (Algorithm 1, line 4's ``Q^{-1}``)."""
+    q = unpack_4bit(packed, n).float()
+    pad = (-n) % block_size
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad))
+    unit = (hi - lo) / 15.0
+    return (lo.unsqueeze(1) + q.view(-1, block_size) * unit.unsqueeze(1)).reshape(-1)[:n]

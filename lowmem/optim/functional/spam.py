@@ -1,0 +1,94 @@
+"""SPAM (Huang et al. 2025) and Stable-SPAM (Huang et al. 2025): spike-aware gradient stabilizers.
+
+* SPAM: "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training" (ICLR 2025),
+  Algorithm 1: spike-aware clipping of ``g_i`` against ``theta * v_i``, a momentum reset every
+  ``Delta T`` steps and a cosine learning-rate warm-up after each reset.
+* Stable-SPAM: "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam" (2025),
+  Algorithm 1: AdaClip (clip to a bias-corrected running max of ``|g|``), AdaGN (rescale ``g`` by
+  running statistics of its norm) and MoRet (momentum reset).
+
+All functions are out of place (the input may be ``p.grad``) and free of host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def spike_clip(g: Tensor, v: Tensor, threshold: float) -> Tensor:
+    """SPAM's spike-aware clipping (Algorithm 1, lines 6-8).
+
+    Entries with ``g_i^2 > theta v_i`` are spikes and become ``sign(g_i) sqrt(theta v_i)``; ``v`` is
+    the optimizer's (uncorrected) second moment before this step.
+    """
+    bound = (v * threshold).sqrt()
+    return torch.where(g.square() > threshold * v, g.sign() * bound, g)
+
+
+def spam_clip_active(t: int, reset_interval: int, accumulation_steps: int) -> bool:
+    """Whether SPAM clips at 1-based step ``t``: only once ``v`` has ``accumulation_steps`` steps of
+    history since the start and since the last reset (the reference implementation's
+    ``grad_accu_steps``, default 20)."""
+    if t < accumulation_steps:
+        return False
+    return reset_interval == 0 or t % reset_interval >= accumulation_steps
+
+
+def is_reset_step(t: int, reset_interval: int) -> bool:
+    """Momentum reset (SPAM Algorithm 1, line 4; Stable-SPAM's MoRet): moments are zeroed before the
+    update at every step ``t`` that is a multiple of ``Delta T``."""
+    return reset_interval > 0 and t % reset_interval == 0
+
+
+def spam_warmup_scale(t: int, reset_interval: int, warmup_steps: int) -> float:
+    """SPAM's learning-rate multiplier after a momentum reset (Section 3, "cosine warm-up").
+
+    ``c = t mod Delta T`` steps after the last reset (none before the first), the multiplier is
+    ``1 - 0.99 (1 + cos(pi c / (W + 1))) / 2`` for ``c < W`` and 1 afterwards: 0.01 at the reset
+    step, rising to 1 over ``W = warmup_steps`` steps, as in the reference implementation.
+    """
+    if reset_interval == 0 or t < reset_interval or warmup_steps == 0:
+        return 1.0
+    c = t % reset_interval
+    if c >= warmup_steps:
+        return 1.0
+    return 1.0 - 0.99 * (1.0 + math.cos(math.pi * c / (warmup_steps + 1))) / 2.0
+
+
+def steps_since_reset(t: int, reset_interval: int) -> int:
+    """Bias-correction step count after Stable-SPAM's momentum reset: it restarts at 1 on the reset step."""
+    if reset_interval == 0 or t < reset_interval:
+        return t
+    return t % reset_interval + 1
+
+
+def ada_clip(g: Tensor, max_ema: Tensor, theta: float, t: int) -> Tensor:
+    """Stable-SPAM's AdaClip (Algorithm 1, lines 5-8); updates ``max_ema`` in place.
+
+    ``m_max = theta m_max + (1 - theta) max|g|``; ``m_hat = m_max / (1 - theta^t)``; entries with
+    ``|g_i| > m_hat`` are scaled by ``m_hat / max|g|``.
+    """
+    g_max = g.abs().amax()
+    max_ema.lerp_(g_max, 1.0 - theta)
+    bound = max_ema / (1.0 - theta**t)
+    return torch.where(g.abs() > bound, g / g_max * bound, g)
+
+
+def ada_gn(g: Tensor, norm_m: Tensor, norm_v: Tensor, gamma1: float, gamma2: float, t: int, eps: float) -> Tensor:
+    """Stable-SPAM's AdaGN (Algorithm 1, lines 9-12); updates the norm statistics in place.
+
+    ``m_n = gamma1 m_n + (1 - gamma1) ||g||``, ``v_n = gamma2 v_n + (1 - gamma2) ||g||^2``;
+    ``g <- g / ||g|| * m_hat_n / (sqrt(v_hat_n) + eps)`` with bias-corrected statistics. A zero
+    gradient stays zero (the reference skips the parameter; here its statistics do not move).
+    """
+    norm = torch.linalg.vector_norm(g)
+    nonzero = norm > 0
+    norm_m.copy_(torch.where(nonzero, torch.lerp(norm_m, norm, 1.0 - gamma1), norm_m))
+    norm_v.copy_(torch.where(nonzero, torch.lerp(norm_v, norm.square(), 1.0 - gamma2), norm_v))
+    m_hat = norm_m / (1.0 - gamma1**t)
+    v_hat = norm_v / (1.0 - gamma2**t)
+    scale = torch.where(nonzero, m_hat / (v_hat.sqrt() + eps) / norm.clamp(min=torch.finfo(g.dtype).tiny), 0.0)
+    return g * scale

@@ -1,0 +1,94 @@
+"""MicroAdam's moment rule: Adam's statistics rebuilt from a ring buffer of sparse gradients.
+
+The math is in :mod:`lowmem.optim.functional.microadam` (Modoranu et al. 2024, Algorithm 1);
+this class allocates the state and calls it. State per parameter of ``d`` entries (``k`` about
+``density * d``, ``m`` ring rows):
+
+* ``microadam_indices``: ``int16 [m, k]``, block-relative top-k indices (2 m k bytes);
+* ``microadam_values``: ``bfloat16 [m, k]``, the kept values (2 m k bytes);
+* ``microadam_error``: ``uint8 [ceil(d / 2)]``, the 4-bit error feedback (d / 2 bytes);
+* ``microadam_error_min`` / ``microadam_error_max``: ``float32 [ceil(d / quant_block_size)]``.
+
+At the defaults (``m = 10``, ``k_init = 0.01``) that is ``0.4 + 0.5 + 8 / quant_block_size``
+bytes per parameter. The ring position is ``(t - 1) mod m``, derived from the step count, so
+resuming from a checkpoint is exact.
+
+Group keys: ``m``, ``k_init``, ``quant_block_size``, ``topk_block_size``, ``betas``, ``eps``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .functional import microadam as MA
+from .functional import quant as Q
+from .moments import MomentRule
+
+
+@lru_cache(maxsize=None)
+def _compiled():
+    """The fused GPU path: the same pure functions under :func:`torch.compile`."""
+    return torch.compile(MA.compress_, dynamic=None), torch.compile(MA.window_direction, dynamic=None)
+
+
+def use_compiled(device: torch.device, mode: str) -> bool:
+    if mode == "never":
+        return False
+    if mode == "always":
+        return True
+    return device.type == "cuda" and os.environ.get("LOWMEM_MICROADAM_COMPILE", "1") != "0"
+
+
+class MicroAdamMoments(MomentRule):
+    """Moment rule of MicroAdam (Algorithm 1); returns ``m_hat / (eps + sqrt(v_hat))``.
+
+    Args:
+        compile: ``"auto"`` (``torch.compile``'d functions on CUDA, plain ones elsewhere;
+            ``LOWMEM_MICROADAM_COMPILE=0`` turns it off), ``"never"`` or ``"always"``.
+    """
+
+    state_keys = ("microadam_indices", "microadam_values", "microadam_error", "microadam_error_min", "microadam_error_max")
+
+    def __init__(self, compile: str = "auto"):
+        if compile not in ("auto", "never", "always"):
+            raise ValueError(f"compile must be 'auto', 'never' or 'always', got {compile!r}")
+        self.compile = compile
+
+    @staticmethod
+    def layout(numel: int, group) -> MA.TopKLayout:
+        return MA.topk_layout(numel, group["topk_block_size"], group["k_init"])
+
+    def init_state(self, state, shape, group, param):
+        d, dev = shape.numel(), param.device
+        lay = self.layout(d, group)
+        m = group["m"]
+        state["microadam_indices"] = torch.zeros((m, lay.k), dtype=torch.int16, device=dev)
+        state["microadam_values"] = torch.zeros((m, lay.k), dtype=torch.bfloat16, device=dev)
+        state["microadam_error"] = torch.zeros(Q.packed_numel(d, 4), dtype=torch.uint8, device=dev)
+        nq = Q.num_blocks(d, group["quant_block_size"])
+        state["microadam_error_min"] = torch.zeros(nq, dtype=torch.float32, device=dev)
+        state["microadam_error_max"] = torch.zeros(nq, dtype=torch.float32, device=dev)
+
+    def direction(self, g, state, group, t, lr):
+        t = int(t)
+        m, qbs = group["m"], group["quant_block_size"]
+        beta1, beta2 = group["betas"]
+        lay = self.layout(g.numel(), group)
+        compress, window = _compiled() if use_compiled(g.device, self.compile) else (MA.compress_, MA.window_direction)
+        idx, vals, codes, lo, hi = compress(
+            g.reshape(-1), state["microadam_error"], state["microadam_error_min"], state["microadam_error_max"], lay, qbs
+        )
+        row = (t - 1) % m
+        state["microadam_indices"][row].copy_(idx)
+        state["microadam_values"][row].copy_(vals)
+        state["microadam_error"].copy_(codes)
+        state["microadam_error_min"].copy_(lo)
+        state["microadam_error_max"].copy_(hi)
+        w1 = MA.age_weights(t, m, beta1, g.device)
+        w2 = MA.age_weights(t, m, beta2, g.device)
+        u = window(state["microadam_indices"], state["microadam_values"], w1, w2, group["eps"], lay)
+        return u.view(g.shape)

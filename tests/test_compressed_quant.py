@@ -1,0 +1,159 @@
+"""8-bit and 4-bit optimizer states: codec error bounds, the quantized AdamW against a plain loop,
+exact state bytes, and tiny-task quality against AdamW."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem.optim import AdamW, AdamW4bit, AdamW8bit, bytes_per_param, create_optimizer
+from lowmem.optim.functional import quant as Q
+
+
+def _max_gap(code: torch.Tensor) -> float:
+    return (code[1:] - code[:-1]).max().item()
+
+
+@pytest.mark.parametrize("name", ["dynamic8_signed", "dynamic8_unsigned"])
+@pytest.mark.parametrize("n", [4096, 1000, 70])
+def test_8bit_codec_error_bound(name, n):
+    code = Q.code_map(name)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)
+    if name.endswith("unsigned"):
+        x = x.abs()
+    codes, absmax = Q.quantize_blockwise_8bit(x, code, 256)
+    assert codes.dtype == torch.uint8 and codes.numel() == n and absmax.dtype == torch.float32
+    assert absmax.numel() == math.ceil(n / 256)
+    torch.testing.assert_close(absmax, torch.nn.functional.pad(x.abs(), (0, (-n) % 256)).view(-1, 256).amax(1))
+    y = Q.dequantize_blockwise_8bit(codes, absmax, code, 256)
+    bound = absmax.repeat_interleave(256)[:n] * _max_gap(code)  # one code step of the block's scale
+    assert ((y - x).abs() <= bound + 1e-7).all()
+    # bitsandbytes picks the nearest code or its neighbour (its CPU kernel's search is approximate)
+    nearest = Q.nearest_code(x / absmax.repeat_interleave(256)[:n], code)
+    assert (nearest - codes.long()).abs().max() <= 1
+    assert (nearest == codes.long()).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", ["dynamic4_signed", "linear4_nozero"])
+@pytest.mark.parametrize("n", [512, 301])
+def test_4bit_codec_is_nearest_and_packed(name, n):
+    code = Q.code_map(name)
+    assert code.numel() == 16 and torch.all(code[1:] > code[:-1])
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g)
+    if name == "linear4_nozero":
+        x = x.abs()
+    packed, absmax = Q.quantize_blockwise_4bit(x, code, 128)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 2)
+    y = Q.dequantize_blockwise_4bit(packed, absmax, code, 128, n)
+    scale = absmax.repeat_interleave(128)[:n]
+    # nearest code: the error is at most half a gap (plus, below the smallest code, the distance to it)
+    expected = code[((x / scale).unsqueeze(1) - code).abs().argmin(1)] * scale
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+    assert ((y - x).abs() <= scale * max(_max_gap(code) / 2, code.abs().min().item()) + 1e-6).all()
+
+
+def test_4bit_pack_roundtrip_and_zero_free_second_moment():
+    idx = torch.randint(0, 16, (37,))
+    assert torch.equal(Q.unpack_4bit(Q.pack_4bit(idx), 37), idx)
+    # Li et al. 2023 Section 4.1: a positive second moment never decodes to zero
+    v = torch.tensor([1e-12, 1e-6, 1.0] + [0.5] * 125)
+    packed, absmax = Q.quantize_blockwise_4bit(v, Q.code_map("linear4_nozero"), 128)
+    assert (Q.dequantize_blockwise_4bit(packed, absmax, Q.code_map("linear4_nozero"), 128, 128) >= 1.0 / 16).all()
+
+
+def test_minmax_4bit_error_bound():
+    x = torch.randn(1000) * 3
+    packed, lo, hi = Q.quantize_minmax_4bit(x, 64)
+    y = Q.dequantize_minmax_4bit(packed, lo, hi, 64, 1000)
+    unit = ((hi - lo) / 15).repeat_interleave(64)[:1000]
+    assert ((y - x).abs() <= unit / 2 + 1e-6).all()
+    const = torch.full((100,), 2.5)
+    torch.testing.assert_close(Q.dequantize_minmax_4bit(*Q.quantize_minmax_4bit(const, 64), 64, 100), const)
+
+
+def _plain_quantized_adamw(p, grads, bits, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, wd=0.1, block=64):
+    """AdamW (torch's formula) whose m and v are rounded through the codec after every step."""
+    m1, m2 = ("dynamic8_signed", "dynamic8_unsigned") if bits == 8 else ("dynamic4_signed", "linear4_nozero")
+    c1, c2 = Q.code_map(m1), Q.code_map(m2)
+    if bits == 8:
+        roundtrip = lambda x, c: Q.dequantize_blockwise_8bit(*Q.quantize_blockwise_8bit(x, c, block), c, block).view(x.shape)  # noqa: E731
+    else:
+        roundtrip = lambda x, c: Q.dequantize_blockwise_4bit(*Q.quantize_blockwise_4bit(x, c, block), c, block, x.numel()).view(x.shape)  # noqa: E731
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate(grads, 1):
+        p = p * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        denom = (v / (1 - betas[1] ** t)).sqrt() + eps
+        p = p - lr * (m / (1 - betas[0] ** t)) / denom
+        m, v = roundtrip(m, c1), roundtrip(v, c2)
+    return p
+
+
+@pytest.mark.parametrize("bits,cls", [(8, AdamW8bit), (4, AdamW4bit)])
+def test_quantized_adamw_matches_plain_loop(bits, cls):
+    g = torch.Generator().manual_seed(bits)
+    p0 = torch.randn(24, 40, generator=g)
+    grads = [torch.randn(24, 40, generator=g) * (1 + t % 3) for t in range(6)]
+    p = nn.Parameter(p0.clone())
+    opt = cls([p], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, block_size=64, min_quant_size=64)
+    for gr in grads:
+        p.grad = gr.clone()
+        opt.step()
+    st = opt.state[p]
+    assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
+    torch.testing.assert_close(p.detach(), _plain_quantized_adamw(p0, grads, bits), rtol=1e-5, atol=1e-6)
+
+
+def test_small_tensors_stay_float32_and_state_bytes_are_exact():
+    big, small = nn.Parameter(torch.zeros(64, 80)), nn.Parameter(torch.zeros(100))
+    opt = AdamW4bit([big, small], block_size=128)
+    opt.materialize_state()
+    n = big.numel()
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    expected = 2 * (n // 2 + math.ceil(n / 128) * 4) + 2 * 100 * 4 + 2 * 4  # codes+absmax, fp32 small, steps
+    assert opt.state_bytes() == expected
+    assert bytes_per_param("adamw8bit") == 2 + 2 * 4 / 256
+    assert bytes_per_param("adamw4bit") == 1 + 2 * 4 / 128
+
+
+def test_quantized_state_survives_bf16_checkpoint_bit_for_bit():
+    p = nn.Parameter(torch.randn(64, 80).bfloat16())
+    opt = AdamW8bit([p], block_size=64)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = AdamW8bit([nn.Parameter(p.detach().clone())], block_size=64)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for k, v in opt.state[p].items():
+        w = next(iter(opt2.state.values()))[k]
+        assert w.dtype == v.dtype and torch.equal(w, v), k
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_results():
+    """The kit's tiny Llama on its SFT addition task (lowmem bench, 60 steps, CPU), from the same
+    initial weights and batches; ``torch.optim.AdamW`` is the baseline row."""
+    from lowmem.bench import run_bench
+
+    results = run_bench(["adamw", "adamw8bit", "adamw4bit"], steps=60, batch_size=8, device="cpu", progress=False)
+    return {r.optimizer: r for r in results}
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
+def test_tiny_task_loss_within_5_percent_of_adamw(name, tiny_llama_results):
+    base, ours = tiny_llama_results["adamw"], tiny_llama_results[name]
+    assert math.isfinite(ours.eval_loss)
+    assert ours.eval_loss <= 1.05 * base.eval_loss, f"{name}: eval {ours.eval_loss:.4f} vs adamw {base.eval_loss:.4f}"
+    assert ours.final_train_loss <= 1.05 * base.final_train_loss
+    # the tiny model's 4096+-entry weights are quantized: fewer bytes than AdamW's 8 per parameter
+    assert ours.bytes_per_param < (3.0 if name == "adamw8bit" else 2.0) < base.bytes_per_param
