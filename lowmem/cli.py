@@ -1,0 +1,122 @@
+"""The ``lowmem`` command.
+
+Each subcommand is one ``add_*(subparsers)`` function that creates its parser and sets
+``handler`` (``handler(args) -> exit code``); :data:`SUBCOMMANDS` lists them. Adding ``bench``
+or ``budget`` means writing such a function (in its own module if large) and appending it there.
+Heavy imports (torch, transformers) happen inside handlers, so ``lowmem --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+LIST_SHAPE = (4096, 4096)
+
+
+# ---- lowmem train ---------------------------------------------------------------------------
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune from a YAML recipe (default: the tiny model on synthetic addition)",
+        description="Fine-tune a model with a low-memory optimizer. Without RECIPE, configs/default.yaml "
+        "(the embedded tiny Llama on synthetic addition). Flags override recipe keys.",
+    )
+    p.add_argument("recipe", nargs="?", help="YAML recipe (keys: see docs/training.md)")
+    p.add_argument("--optim", help="registered optimizer (see `lowmem list`)")
+    p.add_argument("--optim-args", help="optimizer hyperparameters: 'k=v,k=v' or a JSON object")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--output-dir", help="where metrics.json and the model go")
+    p.add_argument("--model", help="local directory of an HF causal LM (never downloaded)")
+    p.add_argument("--seed", type=int, help="seed of data, init and trainer")
+    p.add_argument("--batch-size", type=int, help="per-device train batch size")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import load_recipe, run
+
+    recipe = load_recipe(
+        args.recipe, optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
+        output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size,
+    )
+    run(recipe)
+    return 0
+
+
+# ---- lowmem list ----------------------------------------------------------------------------
+
+
+def add_list(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("list", help="registered optimizers with their state memory per parameter")
+    p.set_defaults(handler=run_list)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .optim import bytes_per_param, list_optimizers
+
+    shape = "x".join(map(str, LIST_SHAPE))
+    table = Table(
+        title="lowmem optimizers",
+        caption=f"state bytes/param for one {shape} weight with each optimizer's example hyperparameters "
+        "(sized on the meta device; AdamW float32 = 8)",
+    )
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column(f"state B/param ({shape})", justify="right", no_wrap=True)
+    table.add_column("vs AdamW", justify="right", no_wrap=True)
+    table.add_column("description")
+    adamw = bytes_per_param("adamw", LIST_SHAPE)
+    for e in list_optimizers():
+        try:
+            size = bytes_per_param(e.name, LIST_SHAPE, **e.example_hparams)
+            cells = (f"{size:.3g}", f"{100 * size / adamw:.3g}%")
+        except ValueError:  # not an engine optimizer: its state cannot be sized on the meta device
+            cells = ("n/a", "")
+        table.add_row(e.name, *cells, e.summary)
+    Console().print(table)
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_list]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="lowmem", description="Memory-efficient LLM fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"lowmem {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lowmem``; returns the exit code (2 for configuration errors).
+
+    Configuration errors (``ValueError``, missing files) print one line; ``LOWMEM_DEBUG=1`` shows
+    the traceback instead.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("LOWMEM_DEBUG"):
+            raise
+        print(f"lowmem: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""``lowmem train``: fine-tune a model from a YAML recipe with a low-memory optimizer.
+
+A recipe is a flat YAML mapping whose keys are the fields of :class:`TrainRecipe`; anything not
+given keeps its default, unknown keys are an error listing the valid ones. ``trainer`` selects the
+training method (only ``"sft"`` now; DPO/GRPO-family trainers and a ``quantization`` field are
+planned and slot in as new fields and entries of :data:`TRAINERS`)::
+
+    from lowmem.train import load_recipe, run
+    metrics = run(load_recipe("configs/adafactor.yaml", steps=50))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from torch import nn
+
+from .optim import create_optimizer, get_entry
+
+AVAILABLE_TRAINERS = ("sft",)
+PLANNED_TRAINERS = ("dpo", "grpo", "gvpo", "bnpo")
+TASKS = ("addition",)
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+@dataclass
+class TrainRecipe:
+    """A training run. Every field is a YAML key and most have a ``lowmem train`` flag.
+
+    Parameters:
+        > What to train
+
+        trainer (`str`, defaults to `"sft"`):
+            Training method. ``"sft"``: plain causal-LM fine-tuning (loss on every token) with
+            :class:`~lowmem.trainers.LowMemTrainer`. ``"dpo"``, ``"grpo"``, ``"gvpo"``, ``"bnpo"``
+            are planned and raise "not yet available".
+        model (`str` or `None`, defaults to `None`):
+            Local directory of an HF causal LM and its tokenizer (``--model``). `None`: the embedded
+            tiny Llama (~83k parameters, character tokenizer). Nothing is downloaded.
+        dtype (`str`, defaults to `"float32"`):
+            Parameter dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        task (`str`, defaults to `"addition"`):
+            Synthetic dataset from :mod:`lowmem.kit.tasks`; ``"addition"`` is ``"12+7=19"`` text.
+        train_size (`int`, defaults to `2000`):
+            Training examples (drawn by ``seed`` from the training pool).
+        eval_size (`int`, defaults to `128`):
+            Held-out examples (a fixed pool disjoint from training) for ``initial_loss`` and
+            ``final_loss``.
+
+        > Optimizer
+
+        optim (`str`, defaults to `"adafactor"`):
+            Registered lowmem optimizer (``lowmem list``; ``--optim``).
+        optim_args (`dict` or `str`, defaults to `{}`):
+            Extra hyperparameters of ``optim``: mapping, JSON object or ``"k=v,k=v"``
+            (``--optim-args``). They win over ``lr`` and ``weight_decay``.
+        lr (`float`, defaults to `1e-2`):
+            Learning rate (``--lr``); the Trainer's scheduler drives it.
+        weight_decay (`float`, defaults to `0.0`):
+            Decoupled weight decay; never applied to biases and norm weights.
+        lr_scheduler (`str`, defaults to `"constant"`):
+            ``TrainingArguments.lr_scheduler_type`` (``"linear"``, ``"cosine"``, ...).
+        warmup_steps (`int`, defaults to `0`):
+            Linear warm-up steps.
+
+        > Run
+
+        steps (`int`, defaults to `200`):
+            Optimizer steps (``--steps``).
+        batch_size (`int`, defaults to `16`):
+            Per-device train batch size (``--batch-size``); evaluation uses 64.
+        seed (`int`, defaults to `0`):
+            Seed of data sampling, the embedded model's initialisation and the Trainer (``--seed``).
+        logging_steps (`int`, defaults to `20`):
+            Log the training loss every this many steps.
+        output_dir (`str`, defaults to `"outputs/lowmem-train"`):
+            Where ``metrics.json``, the final model and checkpoints go (``--output-dir``).
+        save_model (`bool`, defaults to `True`):
+            Save the trained model and tokenizer to ``output_dir``.
+        save_steps (`int` or `None`, defaults to `None`):
+            Write a resumable checkpoint (weights, optimizer and scheduler state) every this many
+            steps; `None` writes none.
+        training_args (`dict`, defaults to `{}`):
+            Any other ``TrainingArguments`` fields, passed through (e.g. ``{gradient_accumulation_steps: 2}``);
+            they win over the values derived from the fields above.
+    """
+
+    trainer: str = "sft"
+    model: str | None = None
+    dtype: str = "float32"
+    task: str = "addition"
+    train_size: int = 2000
+    eval_size: int = 128
+    optim: str = "adafactor"
+    optim_args: dict[str, Any] | str = field(default_factory=dict)
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    steps: int = 200
+    batch_size: int = 16
+    seed: int = 0
+    logging_steps: int = 20
+    output_dir: str = "outputs/lowmem-train"
+    save_model: bool = True
+    save_steps: int | None = None
+    training_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from lowmem.trainers.hf import parse_optim_args
+
+        if self.trainer in PLANNED_TRAINERS:
+            raise ValueError(f"trainer {self.trainer!r} is not yet available; available: {list(AVAILABLE_TRAINERS)}")
+        if self.trainer not in AVAILABLE_TRAINERS:
+            raise ValueError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
+        if self.task not in TASKS:
+            raise ValueError(f"Unknown task {self.task!r}; valid: {list(TASKS)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"Invalid dtype {self.dtype!r}; valid: ['float32', 'bfloat16', 'float16']")
+        for name in ("train_size", "eval_size", "steps", "batch_size", "logging_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Invalid {name}={value!r}: expected an integer > 0")
+        if not isinstance(self.training_args, dict):
+            raise ValueError(f"training_args must be a mapping of TrainingArguments fields; got {self.training_args!r}")
+        get_entry(self.optim)  # unknown name -> error listing the registered ones
+        self.optim_args = parse_optim_args(self.optim_args)
+
+
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+
+def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe:
+    """Read a YAML recipe (``yaml.safe_load``) and apply ``overrides`` (``None`` values are skipped).
+
+    ``path=None`` reads ``configs/default.yaml`` of the lowmem checkout when present, else uses
+    the :class:`TrainRecipe` defaults.
+
+    Raises:
+        ValueError: Unknown keys (the message lists the valid ones), or invalid values.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    data: dict[str, Any] = {}
+    if path is None and DEFAULT_RECIPE.is_file():
+        path = DEFAULT_RECIPE
+    if path is not None:
+        text = Path(path).read_text()  # FileNotFoundError names the path
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}unknown recipe key(s) {unknown}; valid keys: {list(RECIPE_KEYS)}")
+    return TrainRecipe(**data)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters, each once (tied weights are shared)."""
+    seen: dict[int, nn.Parameter] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def adamw_state_bytes(model: nn.Module) -> int:
+    """Exact AdamW state bytes for ``model``'s trainable parameters (float32 moments + step
+    counters), computed by lowmem's AdamW over meta-device copies: nothing is allocated."""
+    metas = [nn.Parameter(torch.empty_like(p, device="meta")) for p in trainable_parameters(model)]
+    opt = create_optimizer(metas, "adamw")
+    opt.materialize_state()
+    return opt.state_bytes()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of an optimizer's state (``state_bytes()`` for lowmem optimizers, else every tensor).
+    Unwraps accelerate's ``AcceleratedOptimizer``."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if hasattr(optimizer, "state_bytes"):
+        return int(optimizer.state_bytes())
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
+    from transformers import default_data_collator, set_seed
+
+    from lowmem.kit import load_model_and_tokenizer, sft_dataset, tokenize_sft
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+
+    set_seed(recipe.seed)
+    model, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
+    train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok)
+    evals = tokenize_sft(sft_dataset(recipe.eval_size, 0, "eval"), tok)  # fixed held-out set
+    args = LowMemTrainingArguments(**{
+        "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
+        "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
+        "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
+        "per_device_eval_batch_size": 64, "logging_steps": recipe.logging_steps, "seed": recipe.seed,
+        "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
+        "report_to": "none", "disable_tqdm": False, "dataloader_pin_memory": False,
+        **recipe.training_args,
+    })
+    trainer = LowMemTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=default_data_collator,
+        processing_class=tok,
+    )
+    initial = trainer.evaluate()["eval_loss"]
+    out = trainer.train()
+    final = trainer.evaluate()["eval_loss"]
+    if recipe.save_model:
+        trainer.save_model()
+    return {
+        "initial_loss": initial, "final_loss": final, "steps": trainer.state.global_step,
+        "train_runtime_s": out.metrics.get("train_runtime"),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(model),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+    }
+
+
+TRAINERS: dict[str, Callable[[TrainRecipe], dict[str, Any]]] = {"sft": _run_sft}
+
+
+def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
+    """Run a recipe; print the losses and optimizer-state memory; write ``output_dir/metrics.json``.
+
+    Returns the metrics: ``optimizer``, ``optim_args``, ``trainer``, ``model``, ``seed``,
+    ``initial_loss`` and ``final_loss`` (held-out eval loss before and after training), ``steps``,
+    ``optimizer_state_bytes`` (measured after training), ``adamw_state_bytes`` (exact, for the
+    same parameters), ``trainable_params``, ``train_runtime_s``, ``wall_time_s``.
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    start = time.perf_counter()
+    console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
+                  f"model={recipe.model or 'embedded tiny Llama'} steps={recipe.steps}")
+    result = TRAINERS[recipe.trainer](recipe)
+    metrics = {
+        "optimizer": get_entry(recipe.optim).name, "optim_args": recipe.optim_args, "trainer": recipe.trainer,
+        "model": recipe.model, "seed": recipe.seed, **result, "wall_time_s": round(time.perf_counter() - start, 3),
+    }
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    ours, adamw = metrics["optimizer_state_bytes"], metrics["adamw_state_bytes"]
+    console.print(f"eval loss: initial {metrics['initial_loss']:.4f} -> final {metrics['final_loss']:.4f} "
+                  f"after {metrics['steps']} steps")
+    console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
+                  f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
+    console.print(f"metrics: {out / 'metrics.json'}  ({metrics['wall_time_s']:.1f} s)")
+    return metrics
