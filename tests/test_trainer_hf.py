@@ -1,0 +1,176 @@
+import logging
+import shutil
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from lowmem import create_optimizer
+from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
+from lowmem.optim import Adafactor, AdamW, LowMemOptimizer, get_entry, list_optimizers
+from lowmem.optim.registry import decay_parameter_names
+from lowmem.trainers import (
+    LowMemTrainer,
+    LowMemTrainingArguments,
+    optimizer_cls_and_kwargs,
+    parse_optim_args,
+    trainer_hparams,
+)
+
+COMMON = dict(report_to="none", use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, save_strategy="no")
+
+
+@pytest.fixture(scope="module")
+def train_data(tokenizer):
+    return tokenize_sft(sft_dataset(96, seed=0), tokenizer)
+
+
+def hyper(group):
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def test_plain_trainer_uses_lowmem_groups_and_training_args(tmp_path, train_data):
+    model, _ = build_tiny_model(0)
+    args = TrainingArguments(tmp_path, learning_rate=3e-3, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95,
+                             adam_epsilon=1e-6, max_steps=1, **COMMON)
+    trainer = Trainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator,
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, "adamw", args=args))
+    # the Trainer's own grouping would decay everything: only lowmem's groups keep norms decay-free
+    trainer.get_decay_parameter_names = lambda m: [n for n, _ in m.named_parameters()]
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, AdamW)
+    decay = decay_parameter_names(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for g in opt.param_groups:
+        assert (g["lr"], g["betas"], g["eps"]) == (3e-3, (0.8, 0.95), 1e-6)
+        for p in g["params"]:
+            seen.add(names[id(p)])
+            assert g["weight_decay"] == (0.05 if names[id(p)] in decay else 0.0), names[id(p)]
+    assert seen == set(names.values())
+    assert any("norm" in n for n in set(names.values()) - decay)  # there are decay-free norm weights
+    trainer.train()  # and it runs
+
+
+@pytest.mark.parametrize("entry", [e for e in list_optimizers() if e.recipe is not None], ids=lambda e: e.name)
+def test_cls_and_kwargs_rebuilds_create_optimizer(entry):
+    """For every registered engine optimizer, cls(**kwargs) builds what create_optimizer builds."""
+    model, _ = build_tiny_model(0)
+    cls, kwargs = optimizer_cls_and_kwargs(model, entry.name, **entry.example_hparams)
+    params = kwargs.pop("params")
+    rebuilt = cls(params, **kwargs)
+    reference = create_optimizer(model, entry.name, **entry.example_hparams)
+    assert isinstance(rebuilt, LowMemOptimizer) and rebuilt.recipe is entry.recipe
+    assert [hyper(g) for g in rebuilt.param_groups] == [hyper(g) for g in reference.param_groups]
+    assert [[id(p) for p in g["params"]] for g in rebuilt.param_groups] == [[id(p) for p in g["params"]] for g in reference.param_groups]
+
+
+def test_lowmem_trainer_honours_training_args(tmp_path, train_data):
+    model, _ = build_tiny_model(0)
+    args = LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", learning_rate=2e-3, weight_decay=0.1, adam_beta1=0.85,
+                                   adam_beta2=0.98, adam_epsilon=1e-7, max_steps=2, **COMMON)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    trainer.train()
+    opt = trainer.optimizer.optimizer  # accelerate's wrapper
+    assert isinstance(opt, AdamW)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.1]
+    for g in opt.param_groups:
+        assert (g["initial_lr"], g["betas"], g["eps"]) == (2e-3, (0.85, 0.98), 1e-7)
+    assert opt.state_bytes() > 0
+
+
+def test_explicit_optim_args_win_and_adafactor_defaults(tmp_path, train_data, caplog):
+    model, _ = build_tiny_model(0)
+    args = LowMemTrainingArguments(tmp_path, lowmem_optim="adafactor", lowmem_optim_args="lr=0.02,clip_threshold=2.0",
+                                   learning_rate=1e-3, adam_beta1=0.5, max_steps=1, **COMMON)
+    assert args.lowmem_optim_args == {"lr": 0.02, "clip_threshold": 2.0}
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    with caplog.at_level(logging.INFO, logger="lowmem.trainers.hf"):
+        opt = trainer.create_optimizer()
+    assert isinstance(opt, Adafactor)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["clip_threshold"], g["relative_step"], g["scale_parameter"], g["beta1"]) == (0.02, 2.0, False, False, None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "adam_beta1=0.5" in warnings[0] and "betas" in warnings[0]  # user-set, cannot apply
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("adam_epsilon=1e-08" in m for m in infos)  # default value, cannot apply: logged quietly
+
+
+def test_trainer_hparams_mapping():
+    args = TrainingArguments("unused", learning_rate=0.1, weight_decay=0.2, **COMMON)
+    assert trainer_hparams("adamw", args) == {"lr": 0.1, "weight_decay": 0.2, "betas": (0.9, 0.999), "eps": 1e-8}
+    assert trainer_hparams("adamw", args, {"eps": 1e-5, "lr": 1.0})["eps"] == 1e-5
+    hp = trainer_hparams("adafactor", args)
+    assert hp == {"lr": 0.1, "weight_decay": 0.2, "relative_step": False, "scale_parameter": False}
+    with pytest.raises(ValueError, match="valid"):
+        trainer_hparams("adamw", args, {"rank": 4})
+
+
+def test_parse_optim_args_and_validation(tmp_path):
+    assert parse_optim_args("betas=[0.9,0.99],eps=1e-6,foo=bar,ok=True") == {"betas": (0.9, 0.99), "eps": 1e-6, "foo": "bar", "ok": True}
+    assert parse_optim_args('{"lr": 0.5, "beta1": null}') == {"lr": 0.5, "beta1": None}
+    assert parse_optim_args(None) == {} and parse_optim_args({"a": 1}) == {"a": 1}
+    with pytest.raises(ValueError, match="k=v"):
+        parse_optim_args("lr 0.1")
+    with pytest.raises(ValueError, match="valid"):
+        LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", lowmem_optim_args="rank=4", **COMMON)
+    with pytest.raises(ValueError, match="adafactor"):
+        LowMemTrainingArguments(tmp_path, lowmem_optim="no-such-optimizer", **COMMON)
+
+
+def test_relative_step_rejected_under_trainer(tmp_path, train_data):
+    model, _ = build_tiny_model(0)
+    args = LowMemTrainingArguments(tmp_path, lowmem_optim="adafactor", lowmem_optim_args={"relative_step": True, "lr": None},
+                                   max_steps=1, **COMMON)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    with pytest.raises(ValueError, match="relative_step=False"):
+        trainer.create_optimizer()
+
+
+def _train(out_dir, name, train_data, resume=None, steps=6):
+    torch.manual_seed(0)
+    model, _ = build_tiny_model(0)
+    example = {k: v for k, v in get_entry(name).example_hparams.items() if k != "lr"}
+    args = LowMemTrainingArguments(
+        out_dir, lowmem_optim=name, lowmem_optim_args=example, learning_rate=1e-2, max_steps=steps, per_device_train_batch_size=8,
+        **{**COMMON, "save_strategy": "steps"}, save_steps=3, seed=0,
+    )
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer.optimizer.optimizer
+
+
+ENGINE_OPTIMIZERS = [e.name for e in list_optimizers() if e.recipe is not None and e.generic_tests]
+
+
+@pytest.mark.parametrize("name", ENGINE_OPTIMIZERS)
+def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, train_data, name):
+    full, full_opt = _train(tmp_path / "full", name, train_data)
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    assert (ckpt / "optimizer.pt").is_file()
+    resumed, resumed_opt = _train(tmp_path / "resumed", name, train_data, resume=str(ckpt))
+    start = dict(build_tiny_model(0)[0].named_parameters())
+    ref = dict(full.named_parameters())
+    assert any(not torch.equal(p, start[k]) for k, p in ref.items())  # it did train
+    for k, p in resumed.named_parameters():
+        torch.testing.assert_close(p, ref[k], rtol=1e-6, atol=1e-7, msg=k)
+    a, b = full_opt.state_dict()["state"], resumed_opt.state_dict()["state"]
+    assert a.keys() == b.keys()
+    for i in a:
+        for key in a[i]:
+            torch.testing.assert_close(a[i][key], b[i][key], rtol=1e-6, atol=1e-7)
+
+    if name == "adamw":  # control: without the optimizer state the resumed run must differ
+        bare = tmp_path / "bare-ckpt"
+        shutil.copytree(ckpt, bare)
+        (bare / "optimizer.pt").unlink()
+        drifted, _ = _train(tmp_path / "bare", name, train_data, resume=str(bare))
+        assert any(not torch.allclose(p, ref[k], rtol=1e-6, atol=1e-7) for k, p in drifted.named_parameters())
+
+
+def test_mixin_is_inert_without_lowmem_optim(tmp_path, train_data):
+    model, _ = build_tiny_model(0)
+    args = TrainingArguments(tmp_path, optim="adamw_torch", max_steps=1, **COMMON)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    assert type(trainer.create_optimizer()) is torch.optim.AdamW
+    assert get_entry("adamw").name == "adamw"
