@@ -1,0 +1,92 @@
+import json
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from lowmem.cli import main
+from lowmem.train import RECIPE_KEYS, TrainRecipe, load_recipe
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REQUIRED = {"optimizer", "initial_loss", "final_loss", "optimizer_state_bytes", "adamw_state_bytes", "steps"}
+
+
+def test_train_default_end_to_end(tmp_path, capsys):
+    assert main(["train", "--steps", "40", "--output-dir", str(tmp_path), "--batch-size", "16"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert REQUIRED <= m.keys()
+    assert m["optimizer"] == "adafactor" and m["steps"] == 40
+    assert m["initial_loss"] > 4.0 and m["final_loss"] < 0.7 * m["initial_loss"]
+    # AdamW: two float32 moments per parameter + a 4-byte step per tensor (the tiny Llama has 21)
+    assert m["adamw_state_bytes"] == 8 * m["trainable_params"] + 4 * 21
+    assert 0 < m["optimizer_state_bytes"] < m["adamw_state_bytes"] / 10
+    out = capsys.readouterr().out
+    assert "initial" in out and "final" in out and "AdamW" in out
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_train_yaml_recipe_with_overrides(tmp_path, tiny_model_path):
+    rc = main(["train", str(CONFIGS / "adamw.yaml"), "--steps", "5", "--lr", "0.002", "--model", tiny_model_path,
+               "--output-dir", str(tmp_path), "--optim-args", "betas=[0.8,0.9]"])
+    assert rc == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["optimizer"] == "adamw" and m["steps"] == 5 and m["model"] == tiny_model_path
+    assert m["optim_args"] == {"betas": [0.8, 0.9]}
+    assert m["optimizer_state_bytes"] == m["adamw_state_bytes"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.trainer == "sft" and recipe.steps > 0
+
+
+def test_default_yaml_is_what_train_uses():
+    assert load_recipe(None) == load_recipe(CONFIGS / "default.yaml")
+    assert load_recipe(None, optim="adamw", steps=3).optim == "adamw"
+
+
+def test_bad_recipe_key_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: adamw\nlearning_rate: 0.1\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "valid keys" in err and "'lr'" in err
+    with pytest.raises(ValueError, match="valid keys"):
+        load_recipe(bad)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("trainer: dpo\n", "not yet available"),
+        ("trainer: ppo\n", "available: \\['sft'\\]"),
+        ("optim: nope\n", "adafactor"),
+        ("steps: 0\n", "steps"),
+        ("- a\n- b\n", "mapping"),
+    ],
+)
+def test_invalid_recipes(tmp_path, text, match):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(capsys):
+    assert main(["train", "/nonexistent/recipe.yaml"]) == 2
+    assert "recipe.yaml" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw" in out and "adafactor" in out and "4096x4096" in out
+    assert "8 " in out  # AdamW's 8 bytes per parameter
+
+
+def test_entry_point_and_recipe_keys():
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "lowmem"]
+    assert ep.value == "lowmem.cli:main"
+    assert {"trainer", "optim", "optim_args", "steps", "lr", "output_dir", "model", "seed", "batch_size"} <= set(RECIPE_KEYS)
+    assert TrainRecipe().optim == "adafactor"
