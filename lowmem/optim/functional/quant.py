@@ -82,6 +82,11 @@ def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, code: Tensor, block
     return bnbF.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=block_size)
 
 
+def block_ids(n: int, block_size: int, device) -> Tensor:
+    """Block index of each of ``n`` flat positions."""
+    return torch.arange(n, device=device) // block_size
+
+
 def _blocks(x: Tensor, block_size: int) -> Tensor:
     """Flatten and zero-pad ``x`` to whole blocks: ``[num_blocks, block_size]``."""
     flat = x.reshape(-1).float()
@@ -128,10 +133,7 @@ def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int) -> tuple[T
 def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, block_size: int, n: int) -> Tensor:
     """Inverse of :func:`quantize_blockwise_4bit`: ``x = code[q] * N_b`` (flat float32 of ``n`` values)."""
     values = code[unpack_4bit(packed, n)]
-    pad = (-n) % block_size
-    if pad:
-        values = torch.nn.functional.pad(values, (0, pad))
-    return (values.view(-1, block_size) * absmax.unsqueeze(1)).reshape(-1)[:n]
+    return values * absmax[block_ids(n, block_size, packed.device)]
 
 
 # ---- asymmetric min/max 4-bit (MicroAdam's error feedback) ----------------------------------
@@ -162,8 +164,6 @@ def quantize_minmax_4bit(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Te
 def dequantize_minmax_4bit(packed: Tensor, lo: Tensor, hi: Tensor, block_size: int, n: int) -> Tensor:
     """Inverse of :func:`quantize_minmax_4bit`: ``x = delta + q u`` (Algorithm 1, line 4's ``Q^{-1}``)."""
     q = unpack_4bit(packed, n).float()
-    pad = (-n) % block_size
-    if pad:
-        q = torch.nn.functional.pad(q, (0, pad))
+    block = block_ids(n, block_size, packed.device)
     unit = (hi - lo) / 15.0
-    return (lo.unsqueeze(1) + q.view(-1, block_size) * unit.unsqueeze(1)).reshape(-1)[:n]
+    return lo[block] + q * unit[block]
