@@ -222,22 +222,6 @@ def _parse_optim_args(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="measure optimizers side by side (state bytes, step time, loss)")
-    p.add_argument("optimizers", nargs="*", default=None,
-                   help="registered optimizer names (default: every engine optimizer)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--model", default=None, help="local causal-LM directory (default: embedded tiny Llama)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--rank", type=int, default=None, help="subspace rank (default: hidden size / 4)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p.add_argument("--optim-args", action="append", default=[], metavar="NAME:k=v,...")
-    p.add_argument("--output-dir", default="runs/bench")
-    p.set_defaults(func=main)
-
-
 def main(args) -> int:
     from lowmem.optim import get_entry, list_optimizers
 

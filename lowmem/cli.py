@@ -84,7 +84,37 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_list]
+# ---- lowmem bench ---------------------------------------------------------------------------
+
+
+def add_bench(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure optimizers side by side (state bytes, step time vs torch AdamW, loss)",
+        description="Train the same model from the same weights on the same batches with each optimizer, "
+        "and report state bytes per parameter, steady-state step time relative to torch.optim.AdamW "
+        "(measured in the same run) and loss. Writes bench.json and bench.md.",
+    )
+    p.add_argument("optimizers", nargs="*", help="registered optimizer names (default: every engine optimizer)")
+    p.add_argument("--steps", type=int, default=100, help="training steps per optimizer (default 100)")
+    p.add_argument("--model", default=None, help="local causal-LM directory (default: embedded tiny Llama)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate for every optimizer (default 3e-3)")
+    p.add_argument("--rank", type=int, default=None, help="rank of subspace recipes (default: hidden size / 4)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--optim-args", action="append", default=[], metavar="NAME:k=v,...",
+                   help="per-optimizer overrides, repeatable, e.g. galore_adamw:rank=8,update_proj_gap=50")
+    p.add_argument("--output-dir", default="runs/bench", help="where bench.json and bench.md go")
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_list, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

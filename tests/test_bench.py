@@ -1,0 +1,34 @@
+"""`lowmem bench`: side-by-side measurement in one run (a benchmark; here only its correctness)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from lowmem.bench import BASELINE, run_bench
+from lowmem.cli import main
+
+
+def test_bench_rows_are_comparable():
+    results = run_bench(["adamw", "adafactor"], steps=8, batch_size=4, progress=False)
+    assert [r.optimizer for r in results] == [BASELINE, "adamw", "adafactor"]
+    base, ours, ada = results
+    # same weights, same batches, same math: lowmem's AdamW reproduces torch's losses
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(ours.losses, base.losses))
+    assert base.step_time_ratio == 1.0 and ours.step_time_ratio > 0
+    assert 8.0 <= base.bytes_per_param < 8.01  # two float32 moments (+ 4-byte step counters)
+    assert ada.bytes_per_param < 1.0  # factored second moment
+    assert ada.hparams["relative_step"] is False  # one external lr for every optimizer
+
+
+def test_bench_cli_writes_json_and_markdown(tmp_path):
+    rc = main(["bench", "adamw", "--steps", "6", "--batch-size", "4", "--output-dir", str(tmp_path)])
+    assert rc == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["optimizer"] for r in payload["results"]] == [BASELINE, "adamw"]
+    assert "| adamw |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_unknown_optimizer_is_a_clear_error(capsys):
+    assert main(["bench", "no_such_optim", "--steps", "2"]) == 2
+    assert "valid:" in capsys.readouterr().err
