@@ -41,9 +41,15 @@ def test_configs_are_valid(path):
     assert recipe.trainer == "sft" and recipe.steps > 0
 
 
-def test_default_yaml_is_what_train_uses():
-    assert load_recipe(None) == load_recipe(CONFIGS / "default.yaml")
-    assert load_recipe(None, optim="adamw", steps=3).optim == "adamw"
+def test_default_yaml_is_what_train_uses(tmp_path, monkeypatch):
+    import lowmem.train
+
+    assert lowmem.train.DEFAULT_RECIPE == CONFIGS / "default.yaml" and lowmem.train.DEFAULT_RECIPE.is_file()
+    custom = tmp_path / "default.yaml"
+    custom.write_text("optim: adamw\nsteps: 7\n")
+    monkeypatch.setattr(lowmem.train, "DEFAULT_RECIPE", custom)
+    assert (load_recipe(None).optim, load_recipe(None).steps) == ("adamw", 7)
+    assert load_recipe(None, steps=3, lr=None).steps == 3  # overrides win, None means "not given"
 
 
 def test_bad_recipe_key_is_a_clear_error(tmp_path, capsys):
