@@ -160,6 +160,8 @@ class MicroAdam(LowMemOptimizer):
         eps (`float`, defaults to `1e-8`): Added to ``sqrt(v_hat)``.
         topk_block_size (`int`, defaults to `4096`): Entries per top-k block (the reference derives
             it from the GPU's shared memory); at most 32768.
+        state_dtype (`str`, defaults to `"float32"`), foreach (`bool` or `None`, defaults to `None`):
+            Accepted for uniformity; MicroAdam's buffers have fixed dtypes and no multi-tensor path.
     """
 
     recipe = MICROADAM
@@ -207,6 +209,8 @@ class SPAM(LowMemOptimizer):
         reset_interval (`int`, defaults to `500`): Momentum reset period ``Delta T`` (0 = never).
         warmup_steps (`int`, defaults to `150`): Cosine lr warm-up after each reset.
         grad_accu_steps (`int`, defaults to `20`): Steps of history before clipping applies.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
     """
 
     recipe = SPAM_RECIPE
@@ -233,6 +237,8 @@ class StableSPAM(LowMemOptimizer):
         gamma1 (`float`, defaults to `0.7`), gamma2 (`float`, defaults to `0.9`): AdaGN's norm EMAs.
         theta (`float`, defaults to `0.999`): AdaClip's max EMA.
         reset_interval (`int`, defaults to `1000`): Momentum reset period (0 = never).
+        state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
     """
 
     recipe = STABLE_SPAM_RECIPE
