@@ -9,6 +9,7 @@ Heavy imports (torch, transformers) happen inside handlers, so ``lowmem --help``
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable, Sequence
@@ -136,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("LOWMEM_DEBUG"):
+        # bitsandbytes warns on CPU that an optional hub-downloaded kernel is missing; lowmem never
+        # downloads, and its CPU fallback is what we test
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
