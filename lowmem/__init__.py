@@ -7,6 +7,7 @@ Public entry points::
 """
 
 from .optim import create_optimizer, list_optimizers
+from .memory import estimate_memory
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "create_optimizer", "list_optimizers"]

@@ -7,7 +7,7 @@
 Importing this package registers every recipe.
 """
 
-from . import compressed, full_rank, subspace  # noqa: F401  (registration happens on import)
+from . import bnb, compressed, full_rank, subspace  # noqa: F401  (registration happens on import)
 from .full_rank import ADAFACTOR, ADAMW, Adafactor, AdamW
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

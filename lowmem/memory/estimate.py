@@ -1,0 +1,361 @@
+"""Estimate the memory of a training step without allocating anything.
+
+The model is built on the meta device from its config, so shapes, dtypes, which parameters train
+(LoRA, frozen k-bit bases) and the optimizer's state are the real ones; no tensor memory is used,
+so a 70B estimate runs on a laptop. Components:
+
+* ``weights`` - every parameter in its dtype; 4-bit weights at half a byte per element.
+* ``quant_constants`` - bitsandbytes' block absmax (and, with double quantization, the second-level
+  absmax, code books and offset) of each 4-bit weight.
+* ``gradients`` - trainable parameters only, in their dtype; with ``layerwise=True`` (each gradient
+  is consumed by ``step_param`` and freed at once) only the largest one.
+* ``optimizer_states`` - ``create_optimizer(meta_model, ...)``, ``materialize_state()``,
+  ``state_bytes()``: the optimizer's own exact accounting. bitsandbytes optimizers (no meta
+  support) use :func:`~lowmem.optim.recipes.bnb.state_bytes_closed_form`, and say so.
+* ``activations`` - :func:`~lowmem.memory.activations.llama_activation_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .activations import LINEARS, LoraShape, llama_activation_bytes
+from .shapes import shape_config
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+COMPONENTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations")
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bitsandbytes 4-bit settings (``BitsAndBytesConfig(load_in_4bit=True, ...)``).
+
+    Attributes:
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        double_quant: Quantize the block absmax too (``bnb_4bit_use_double_quant``).
+        compute_dtype: Dtype of the de-quantized matmuls (``bnb_4bit_compute_dtype``); ``None``
+            follows the model dtype.
+        blocksize: Elements per absmax block (bitsandbytes: 64).
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+    blocksize: int = 64
+
+    @classmethod
+    def parse(cls, quantization: Any) -> "QuantSpec | None":
+        """``None``, ``"nf4"``/``"fp4"``, a dict of these fields, a ``QuantSpec`` or a ``BitsAndBytesConfig``."""
+        if quantization is None or isinstance(quantization, QuantSpec):
+            return quantization
+        if isinstance(quantization, str):
+            spec = cls(quant_type=quantization.lower())
+        elif isinstance(quantization, dict):
+            q = dict(quantization)
+            if "compute_dtype" in q and q["compute_dtype"] is not None:
+                q["compute_dtype"] = parse_dtype(q["compute_dtype"])
+            unknown = sorted(set(q) - {"quant_type", "double_quant", "compute_dtype", "blocksize"})
+            if unknown:
+                raise ValueError(f"Unknown quantization field(s) {unknown}; valid: quant_type, double_quant, compute_dtype, blocksize")
+            spec = cls(**{**q, "quant_type": str(q.get("quant_type", "nf4")).lower()})
+        elif hasattr(quantization, "bnb_4bit_quant_type"):
+            if not getattr(quantization, "load_in_4bit", False):
+                raise ValueError("only 4-bit BitsAndBytesConfig (load_in_4bit=True) is supported")
+            spec = cls(quantization.bnb_4bit_quant_type, quantization.bnb_4bit_use_double_quant, quantization.bnb_4bit_compute_dtype)
+        else:
+            raise ValueError(f"quantization={quantization!r}: expected None, one of {list(QUANT_TYPES)}, a dict or a BitsAndBytesConfig")
+        if spec.quant_type not in QUANT_TYPES:
+            raise ValueError(f"Unknown quant_type {spec.quant_type!r}; valid: {list(QUANT_TYPES)}")
+        return spec
+
+    def weight_bytes(self, numel: int) -> tuple[int, int]:
+        """``(packed, constants)`` bytes of one 4-bit weight of ``numel`` elements, as bitsandbytes
+        stores it: two codes per byte; per block a float32 absmax, or with double quantization a
+        uint8 absmax plus a float32 absmax per 256 blocks, a 256-entry float32 code book and an
+        offset; and the 16-entry float32 code of the 4-bit type."""
+        packed = math.ceil(numel / 2)
+        blocks = math.ceil(numel / self.blocksize)
+        if self.double_quant:
+            constants = blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 4
+        else:
+            constants = 4 * blocks
+        return packed, constants + 16 * 4
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes by component; ``total`` is their sum. ``details`` holds counts and sub-parts,
+    ``notes`` what the numbers assume, ``settings`` the inputs."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    quant_constants: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.components().values())
+
+    def components(self) -> dict[str, int]:
+        return {c: int(getattr(self, c)) for c in COMPONENTS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.components(), "total": self.total, "details": self.details, "notes": self.notes, "settings": self.settings}
+
+    def table(self) -> str:
+        from .report import estimate_table
+
+        return estimate_table(self)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def resolve_config(model: Any):
+    """A transformers config from a named shape, a local model directory, a config or a model."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if isinstance(model, nn.Module):
+        if getattr(model, "config", None) is None:
+            raise ValueError("an nn.Module given as model needs a transformers .config")
+        return model.config
+    if isinstance(model, (str, os.PathLike)):
+        if os.path.isdir(model):
+            return AutoConfig.from_pretrained(model, local_files_only=True)
+        return shape_config(str(model))
+    raise ValueError(f"model={model!r}: expected a named shape, a local directory, a transformers config or model")
+
+
+def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config`` with every tensor on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def quantized_weight_ids(model: nn.Module) -> dict[int, str]:
+    """The linear weights bitsandbytes would quantize, by ``id``: every ``nn.Linear`` except the
+    modules ``transformers`` keeps in full precision (``get_keys_to_not_convert``: the output
+    head, tied weights, the last module)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep = set(get_keys_to_not_convert(model))
+    return {
+        id(mod.weight): name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep)
+    }
+
+
+def lora_config(lora: Any):
+    """A ``peft.LoraConfig`` from a config, a dict of its fields, or ``None``."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        return lora
+    if isinstance(lora, dict):
+        return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+    raise ValueError(f"lora={lora!r}: expected None, a peft.LoraConfig or a dict of its fields")
+
+
+def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    seen, out = set(), []
+    for n, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((n, p))
+    return out
+
+
+def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None) -> tuple[int, str]:
+    """State bytes of ``optimizer`` for the trainable parameters of a (meta) ``model``, and how
+    they were obtained (``"exact"`` or ``"closed form"``)."""
+    if optimizer is None:
+        return 0, "none"
+    from ..optim import create_optimizer, get_entry
+
+    entry = get_entry(optimizer)
+    if entry.recipe is None:
+        from ..optim.recipes.bnb import state_bytes_closed_form
+
+        trainable = [p for _, p in _unique_params(model) if p.requires_grad]
+        return state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), "closed form"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer(model, entry.name, **(optim_args or {}))
+    opt.materialize_state()
+    return opt.state_bytes(), "exact"
+
+
+def estimate_memory(
+    model: Any,
+    optimizer: str | None = "adamw",
+    optim_args: dict[str, Any] | None = None,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    dtype: str | torch.dtype = "bf16",
+    quantization: Any = None,
+    lora: Any = None,
+    gradient_checkpointing: bool = False,
+    layerwise: bool = False,
+    native_gqa: bool = True,
+) -> MemoryEstimate:
+    """Estimate the memory of one training step, by component, allocating nothing.
+
+    Args:
+        model (`str`, `PretrainedConfig` or `nn.Module`): A named shape (see
+            :func:`~lowmem.memory.shapes.list_shapes`, e.g. ``"llama-2-7b"``), a local model
+            directory (only ``config.json`` is read), a config, or a model (its ``.config``).
+        optimizer (`str` or `None`, defaults to `"adamw"`): A registered optimizer name
+            (``lowmem.list_optimizers()``); ``None`` counts no optimizer state.
+        optim_args (`dict` or `None`, defaults to `None`): Its hyperparameters, e.g. ``{"rank": 128}``;
+            they change the state size exactly as in training.
+        batch_size (`int`, defaults to `1`): Sequences per step per device.
+        seq_len (`int`, defaults to `512`): Tokens per sequence.
+        dtype (`str` or `torch.dtype`, defaults to `"bf16"`): Parameter dtype (``"bf16"``,
+            ``"fp16"``, ``"fp32"``); also the activations' dtype, except for quantized models.
+        quantization (`str`, `dict`, `QuantSpec`, `BitsAndBytesConfig` or `None`, defaults to `None`):
+            4-bit loading (``"nf4"``/``"fp4"``, see :class:`QuantSpec`). Implies peft's
+            ``prepare_model_for_kbit_training``: non-quantized float16/bfloat16 parameters become
+            float32 (hence float32 hidden states too). Needs ``lora``.
+        lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): LoRA adapters (peft's
+            ``get_peft_model`` runs on the meta model; adapters are float32, as peft makes them).
+        gradient_checkpointing (`bool`, defaults to `False`): Per-layer activation checkpointing.
+        layerwise (`bool`, defaults to `False`): Per-parameter stepping in the backward pass; only
+            the largest gradient is live.
+        native_gqa (`bool`, defaults to `True`): See :func:`~lowmem.memory.activations.llama_activation_bytes`.
+
+    Returns:
+        `MemoryEstimate`: bytes by component, with ``.total``, ``.table()`` and ``.to_dict()``.
+
+    Raises:
+        ValueError: Bad argument values (the message lists the valid ones), or quantization
+            without LoRA (4-bit weights cannot be trained directly).
+    """
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    config = resolve_config(model)
+    param_dtype = parse_dtype(dtype)
+    spec = QuantSpec.parse(quantization)
+    lcfg = lora_config(lora)
+    if spec is not None and lcfg is None:
+        raise ValueError("quantization needs lora: 4-bit weights are frozen; pass lora={'r': 16, 'target_modules': 'all-linear'}")
+    notes: list[str] = []
+
+    meta = build_meta_model(config, param_dtype)
+    quantized = quantized_weight_ids(meta) if spec is not None else {}
+    if spec is not None:  # prepare_model_for_kbit_training: the rest is upcast to float32
+        for p in meta.parameters():
+            if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        notes.append("k-bit preparation (peft): non-quantized fp16/bf16 parameters upcast to float32")
+    if lcfg is not None:
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = get_peft_model(meta, lcfg)
+
+    params = _unique_params(meta)
+    weights = constants = 0
+    n_params = n_quantized = 0
+    for _, p in params:
+        n_params += p.numel()
+        if id(p) in quantized:
+            packed, const = spec.weight_bytes(p.numel())
+            weights += packed
+            constants += const
+            n_quantized += p.numel()
+        else:
+            weights += p.numel() * p.element_size()
+    trainable = [(n, p) for n, p in params if p.requires_grad]
+    grad_sizes = [p.numel() * p.element_size() for _, p in trainable]
+    gradients = (max(grad_sizes) if grad_sizes else 0) if layerwise else sum(grad_sizes)
+    if layerwise:
+        notes.append("layerwise: each gradient is stepped and freed in the backward pass; the largest one is counted")
+
+    opt_bytes, how = optimizer_state_bytes(meta, optimizer, optim_args)
+    if how == "closed form":
+        notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support)")
+
+    # activations: the hidden states' dtype is the embedding's (float32 after k-bit preparation)
+    emb = meta.get_input_embeddings().weight
+    head = meta.get_output_embeddings()
+    act_bytes = emb.element_size()
+    lora_layers = []
+    if lcfg is not None:
+        for name, mod in meta.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                a = mod.lora_A["default"]
+                lora_layers.append(LoraShape(a.in_features, a.out_features, a.weight.element_size(), float(lcfg.lora_dropout or 0.0)))
+    saved_inputs, norms_train = set(), False
+    for name, mod in meta.named_modules():  # layer 0 stands for all layers
+        leaf = name.rsplit(".", 1)[-1]
+        if ".layers.0." not in f"{name}.":
+            continue
+        if leaf in LINEARS and (hasattr(mod, "lora_A") or getattr(getattr(mod, "weight", None), "requires_grad", False)):
+            saved_inputs.add(leaf)
+        if leaf.endswith("layernorm") and mod.weight.requires_grad:
+            norms_train = True
+    parts = llama_activation_bytes(
+        config, batch_size, seq_len, act_bytes, gradient_checkpointing,
+        head_bytes=head.weight.element_size() if head is not None else None, lora_layers=lora_layers, native_gqa=native_gqa,
+        saved_inputs=saved_inputs, trainable_norms=norms_train,
+        trainable_head=head is not None and (head.weight.requires_grad or hasattr(head, "lora_A")),
+    )
+    if spec is not None:
+        # the 4-bit backward de-quantizes a weight in the compute dtype, then casts it to the
+        # gradient's dtype (bitsandbytes MatMul4Bit.backward); the largest such weight is transient
+        compute_bytes = (spec.compute_dtype or param_dtype).itemsize
+        largest = max((p.numel() for _, p in params if id(p) in quantized), default=0)
+        parts["dequantized_weight"] = largest * (compute_bytes + (act_bytes if act_bytes != compute_bytes else 0))
+        parts["total"] += parts["dequantized_weight"]
+    if getattr(config, "model_type", "llama") not in ("llama", "mistral", "qwen2", "qwen3"):
+        notes.append(f"activations: Llama-block formula applied to model_type={config.model_type!r}")
+
+    n_trainable = sum(p.numel() for _, p in trainable)
+    return MemoryEstimate(
+        weights=weights, gradients=gradients, optimizer_states=opt_bytes, activations=parts["total"], quant_constants=constants,
+        details={
+            "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
+            "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},
+            "activation_bytes_per_element": act_bytes,
+        },
+        notes=notes,
+        settings=dict(
+            model=str(getattr(config, "name_or_path", "") or model) if not isinstance(model, nn.Module) else type(model).__name__,
+            optimizer=optimizer, optim_args=dict(optim_args or {}), batch_size=batch_size, seq_len=seq_len, dtype=str(param_dtype).removeprefix("torch."),
+            quantization=None if spec is None else {"quant_type": spec.quant_type, "double_quant": spec.double_quant},
+            lora=None if lcfg is None else {"r": lcfg.r, "target_modules": sorted(lcfg.target_modules) if isinstance(lcfg.target_modules, (set, list)) else lcfg.target_modules},
+            gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
+        ),
+    )

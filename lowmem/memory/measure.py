@@ -1,0 +1,331 @@
+"""Measure what is live at the peak of real training steps, by component, beside the estimate.
+
+Live tensors are tracked with ``torch.distributed._tools.mem_tracker.MemTracker`` (a
+``TorchDispatchMode`` that follows every storage with a weak reference and labels it parameter,
+buffer, gradient, optimizer state, activation or temporary): on CPU this is the measurement; on
+CUDA it gives the split by component, and the caching allocator's ``max_memory_allocated`` gives
+the ground-truth peak. bitsandbytes' 4-bit constants (``quant_state`` tensors) are registered as
+external tensors and reported as ``quant_constants``.
+
+Mapping to :data:`~lowmem.memory.estimate.COMPONENTS`: parameters and buffers -> ``weights``;
+gradients -> ``gradients``; optimizer states -> ``optimizer_states``; activations and temporaries
+(gradients of activations, scratch) -> ``activations``; other registered tensors ->
+``quant_constants``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .estimate import COMPONENTS, MemoryEstimate, estimate_memory, parse_dtype, resolve_config
+
+_CATEGORY = {
+    "Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Optstate": "optimizer_states",
+    "Activation": "activations", "Temp": "activations", "Other": "quant_constants",
+}
+
+
+def snapshot_components(snap: dict[str, int]) -> dict[str, int]:
+    """A ``MemTracker`` per-device snapshot (reference-type name -> bytes) as our components."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    for key, value in snap.items():
+        name = getattr(key, "value", key)
+        if name in _CATEGORY:
+            out[_CATEGORY[name]] += int(value)
+    out["total"] = sum(out[c] for c in COMPONENTS)
+    return out
+
+
+def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors of every bitsandbytes ``quant_state`` in ``model`` (absmax, code books, offsets)."""
+    out, seen = [], set()
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:
+            for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+            qs = getattr(qs, "state2", None)
+    return out
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def _tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        """``MemTracker`` that also keeps each category's own maximum, and skips gradient hooks on
+        frozen parameters (torch's tracker tries to hook them and fails, e.g. under LoRA)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.max_by_type: dict[torch.device, dict[str, int]] = {}
+
+        def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+            for p in module.parameters():
+                if not p.requires_grad and self._param_to_grad_hook_handles.get(p, None) is None:
+                    self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            super()._update_peak_stats(peak_state)
+            for dev, snap in self._curr_mem_snap.items():
+                best = self.max_by_type.setdefault(dev, {})
+                for key, value in snap.items():
+                    name = getattr(key, "value", key)
+                    best[name] = max(best.get(name, 0), int(value))
+                act = int(snap.get(_ref("Activation"), 0)) + int(snap.get(_ref("Temp"), 0))
+                best["activations"] = max(best.get("activations", 0), act)
+
+    return Tracker
+
+
+def _ref(name: str) -> Any:
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    return _MemRefType(name)
+
+
+def live_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+    return total
+
+
+class PeakTracker:
+    """Track live tensors by component across a region of training steps.
+
+    After the region, ``peak`` is the breakdown at the moment of the highest total, and
+    ``maxima`` each component's own maximum (what an estimate of that component predicts).
+    Optimizer-state tensors are those the optimizer holds after the region (temporaries of the
+    step are in ``maxima["optimizer_step"]``, the tracker's optimizer category, which includes them).
+
+    Usage::
+
+        tracker = PeakTracker(model, optimizer)
+        with tracker:
+            for batch in batches:
+                ...  # forward, backward, step, zero_grad
+                tracker.next_step()
+        tracker.peak, tracker.maxima
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: str | torch.device | None = None):
+        self.tracker = _tracker_class()()
+        self.model, self.optimizer = model, optimizer
+        self.tracker.track_external(model, *([optimizer] if optimizer is not None else []), *quant_state_tensors(model))
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.peak: dict[str, int] = {}
+        self.maxima: dict[str, int] = {}
+
+    def __enter__(self) -> "PeakTracker":
+        self.tracker.__enter__()
+        return self
+
+    def next_step(self) -> None:
+        """Call between training steps (MemTracker keeps per-module statistics for one iteration)."""
+        self.tracker.reset_mod_stats()
+
+    def _for_device(self, snaps: dict) -> dict:
+        for dev, snap in snaps.items():
+            if torch.device(dev).type == self.device.type:
+                return snap
+        return {}
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracker.__exit__(*exc)
+        self.peak = snapshot_components(self._for_device(self.tracker.get_tracker_snapshot("peak")))
+        best = self._for_device(self.tracker.max_by_type)
+        state = [v for st in (self.optimizer.state.values() if self.optimizer is not None else []) for v in st.values()]
+        state = [v for v in state if isinstance(v, torch.Tensor) and v.device.type == self.device.type]
+        self.maxima = {
+            "weights": best.get("Parameter", 0) + best.get("Buffer", 0),
+            "quant_constants": best.get("Other", 0),
+            "gradients": best.get("Gradient", 0),
+            "optimizer_states": live_bytes(state),
+            "activations": best.get("activations", 0),
+            "optimizer_step": best.get("Optstate", 0),
+        }
+
+
+@dataclass
+class MemoryMeasurement:
+    """What was measured beside the estimate for the same settings.
+
+    Attributes:
+        measured: Each component's own maximum (``PeakTracker.maxima``), and ``total``: the
+            highest total of live tensors.
+        at_peak: The breakdown by component at the moment of that highest total.
+        estimate: :func:`~lowmem.memory.estimate_memory` for the same settings.
+        device: ``"cpu"`` or ``"cuda"``.
+        peak_allocated: CUDA only: ``torch.cuda.max_memory_allocated()`` over the steps.
+        losses: The training losses of the steps.
+    """
+
+    measured: dict[str, int]
+    at_peak: dict[str, int]
+    estimate: MemoryEstimate
+    device: str
+    peak_allocated: int | None = None
+    losses: list[float] = field(default_factory=list)
+
+    def ratios(self) -> dict[str, float]:
+        """estimate / measured per component (``nan`` where nothing was measured)."""
+        est = {**self.estimate.components(), "total": self.estimate.total}
+        out = {k: (est[k] / self.measured[k] if self.measured.get(k) else float("nan")) for k in est}
+        if self.peak_allocated:
+            out["total_vs_peak_allocated"] = self.estimate.total / self.peak_allocated
+        return out
+
+    def table(self) -> str:
+        from .report import estimate_table, fmt_bytes
+
+        text = estimate_table(self.estimate, measured=self.measured)
+        if self.peak_allocated is not None:
+            text += f"CUDA max_memory_allocated: {fmt_bytes(self.peak_allocated)} (estimate/peak {self.estimate.total / self.peak_allocated:.3f})\n"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "measured": self.measured, "at_peak": self.at_peak, "estimate": self.estimate.to_dict(), "peak_allocated": self.peak_allocated,
+                "ratios": self.ratios(), "losses": self.losses}
+
+
+def _build_model(model: Any, dtype: torch.dtype, quantization: Any, lora: Any, gradient_checkpointing: bool, device: str, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    config = resolve_config(model)
+    if quantization is not None:
+        from ..quant import load_quantized_model
+
+        path = model if isinstance(model, (str, os.PathLike)) and os.path.isdir(model) else None
+        tmp = None
+        if path is None:  # a shape or config: write random weights to load them the way users do
+            tmp = tempfile.TemporaryDirectory()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp.name)
+            path = tmp.name
+        m = load_quantized_model(path, quantization=quantization, lora=lora, dtype=dtype, device=device,
+                                 gradient_checkpointing=gradient_checkpointing)
+        if tmp is not None:
+            tmp.cleanup()
+        return m, config
+    if isinstance(model, nn.Module):
+        m = model
+    elif isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            m = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    m = m.to(device)
+    if lora is not None:
+        from peft import get_peft_model
+
+        from .estimate import lora_config
+
+        m = get_peft_model(m, lora_config(lora))
+    if gradient_checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return m, config
+
+
+def measure_memory(
+    model: Any,
+    optimizer: str = "adamw",
+    optim_args: dict[str, Any] | None = None,
+    batch_size: int = 1,
+    seq_len: int = 64,
+    dtype: str | torch.dtype = "fp32",
+    quantization: Any = None,
+    lora: Any = None,
+    gradient_checkpointing: bool = False,
+    layerwise: bool = False,
+    steps: int = 2,
+    device: str | None = None,
+    seed: int = 0,
+) -> MemoryMeasurement:
+    """Run ``steps`` real training steps and report the live memory at the peak, by component,
+    beside :func:`~lowmem.memory.estimate_memory` for the same settings.
+
+    Arguments are those of :func:`~lowmem.memory.estimate_memory` (``model`` may also be an
+    ``nn.Module``, used as is), plus:
+
+    Args:
+        steps (`int`, defaults to `2`): Training steps (the peak usually comes in the second, when
+            the optimizer state exists).
+        device (`str` or `None`, defaults to `None`): ``"cuda"`` when available, else ``"cpu"``.
+        seed (`int`, defaults to `0`): Seeds the random weights (shapes and configs) and the tokens.
+
+    Steps use random token ids as inputs and labels (``labels = input_ids``), no padding mask;
+    ``layerwise=True`` steps each parameter in its post-accumulate-grad hook and frees its gradient.
+    """
+    from ..optim import create_optimizer, get_entry
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pdtype = parse_dtype(dtype)
+    m, config = _build_model(model, pdtype, quantization, lora, gradient_checkpointing, device, seed)
+    m.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer(m, optimizer, **(optim_args or {}))
+    hooks = []
+    if layerwise:
+        if get_entry(optimizer).recipe is None:
+            raise ValueError(f"layerwise needs an engine optimizer (step_param); {optimizer!r} is not one")
+
+        def hook(p: torch.Tensor) -> None:
+            opt.step_param(p)
+            p.grad = None
+
+        hooks = [p.register_post_accumulate_grad_hook(hook) for p in m.parameters() if p.requires_grad]
+
+    if hasattr(opt, "materialize_state"):  # state exists before tracking: labelled optimizer state, not temporaries
+        opt.materialize_state()
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    tracker = PeakTracker(m, opt, device=device)
+    with tracker:
+        for _ in range(steps):
+            ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(float(loss.detach()))
+            del loss
+            if not layerwise:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            tracker.next_step()
+    peak_allocated = None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak_allocated = int(torch.cuda.max_memory_allocated())
+    for h in hooks:
+        h.remove()
+    est = estimate_memory(
+        config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
+        quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
+    )
+    measured = {**tracker.maxima, "total": tracker.peak["total"]}
+    return MemoryMeasurement(measured=measured, at_peak=tracker.peak, estimate=est, device=device, peak_allocated=peak_allocated, losses=losses)

@@ -1,0 +1,101 @@
+"""4-bit training (QLoRA): load a local causal LM in NF4/FP4 with bitsandbytes, prepare it, add LoRA.
+
+Works on CPU as well as CUDA: bitsandbytes 0.50 runs 4-bit linear layers (and its 8-bit
+optimizers) on CPU, and ``transformers``' bitsandbytes quantizer accepts ``device_map="cpu"``.
+Dettmers et al. 2023, *QLoRA: Efficient Finetuning of Quantized LLMs* (NF4, double quantization).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .memory.estimate import QuantSpec, lora_config, parse_dtype
+
+
+def bnb_config(quantization: Any = "nf4", double_quant: bool = True, compute_dtype: str | torch.dtype | None = "bf16"):
+    """A ``transformers.BitsAndBytesConfig`` for 4-bit loading.
+
+    Args:
+        quantization (`str`, `dict` or `QuantSpec`, defaults to `"nf4"`): ``"nf4"`` or ``"fp4"``, or a
+            dict with ``quant_type``, ``double_quant``, ``compute_dtype`` (overriding the arguments below).
+        double_quant (`bool`, defaults to `True`): Quantize the block absmax too (~0.37 bits/param saved).
+        compute_dtype (`str` or `torch.dtype`, defaults to `"bf16"`): Dtype of the de-quantized matmuls.
+    """
+    from transformers import BitsAndBytesConfig
+
+    spec = QuantSpec.parse(quantization)
+    if spec is None:
+        raise ValueError("quantization must be 'nf4' or 'fp4' (or a dict), not None")
+    if isinstance(quantization, str):
+        spec = QuantSpec(spec.quant_type, double_quant)
+    compute = spec.compute_dtype or (parse_dtype(compute_dtype) if compute_dtype is not None else torch.float32)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type, bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_quantized_model(
+    path: str | os.PathLike,
+    quantization: Any = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
+    lora: Any = None,
+    dtype: str | torch.dtype = "bf16",
+    device: str | None = None,
+    gradient_checkpointing: bool = True,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a local causal LM in 4 bits and make it trainable with LoRA.
+
+    Steps: ``from_pretrained(path, quantization_config=BitsAndBytesConfig(...))`` (every linear
+    layer but the output head becomes ``bnb.nn.Linear4bit``), then
+    ``peft.prepare_model_for_kbit_training`` (freezes everything, upcasts the remaining fp16/bf16
+    parameters to float32, enables input gradients and optionally gradient checkpointing), then
+    ``peft.get_peft_model`` with the LoRA config. Train the result with any lowmem optimizer:
+    only the adapters require gradients.
+
+    Args:
+        path (`str`): A local model directory (nothing is downloaded).
+        quantization (`str` or `dict`, defaults to `"nf4"`): ``"nf4"`` or ``"fp4"``; see :func:`bnb_config`.
+        double_quant (`bool`, defaults to `True`): Double quantization of the absmax.
+        compute_dtype (`str` or `torch.dtype` or `None`, defaults to `None`): Matmul dtype of the 4-bit
+            layers; ``None``: ``dtype`` (what :func:`~lowmem.memory.estimate_memory` assumes too).
+        lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): Adapters; ``None`` uses
+            ``r=16, lora_alpha=32, target_modules="all-linear"``.
+        dtype (`str` or `torch.dtype`, defaults to `"bf16"`): Dtype of the non-quantized weights at
+            loading (peft then upcasts them to float32).
+        device (`str` or `None`, defaults to `None`): ``"cuda"`` when available, else ``"cpu"``.
+        gradient_checkpointing (`bool`, defaults to `True`): As ``prepare_model_for_kbit_training``;
+            uses ``use_reentrant=False``.
+        trust_remote_code (`bool`, defaults to `False`): Forwarded to ``from_pretrained``.
+
+    Returns:
+        `peft.PeftModel`: the quantized model with trainable LoRA adapters.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path {str(path)!r} is not a local directory (lowmem never downloads models)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb_config(quantization, double_quant, compute_dtype or dtype), dtype=parse_dtype(dtype),
+        device_map={"": device}, local_files_only=True, trust_remote_code=trust_remote_code,
+    )
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    cfg = lora_config(lora if lora is not None else {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
+    return get_peft_model(model, cfg)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The bitsandbytes 4-bit linear layers of ``model``, by name."""
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
