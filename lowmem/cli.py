@@ -115,7 +115,9 @@ def run_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_list, add_bench]
+from .cli_budget import add_parser as add_budget  # noqa: E402  (lowmem budget)
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_train, add_list, add_bench, add_budget]
 
 
 def build_parser() -> argparse.ArgumentParser:

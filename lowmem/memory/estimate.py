@@ -115,6 +115,9 @@ class MemoryEstimate:
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: ``(batch_size, seq_len, gradient_checkpointing) -> activation parts``, for the same model and
+    #: adapters (the budget search re-uses it instead of rebuilding the meta model)
+    activation_model: Any = field(default=None, repr=False, compare=False)
 
     @property
     def total(self) -> int:
@@ -150,6 +153,14 @@ def resolve_config(model: Any):
             return AutoConfig.from_pretrained(model, local_files_only=True)
         return shape_config(str(model))
     raise ValueError(f"model={model!r}: expected a named shape, a local directory, a transformers config or model")
+
+
+def model_label(model: Any) -> str:
+    """A short name for tables: the shape or path as given, else the config's path or model type."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    config = getattr(model, "config", model)
+    return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", type(model).__name__))
 
 
 def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -326,19 +337,27 @@ def estimate_memory(
             saved_inputs.add(leaf)
         if leaf.endswith("layernorm") and mod.weight.requires_grad:
             norms_train = True
-    parts = llama_activation_bytes(
-        config, batch_size, seq_len, act_bytes, gradient_checkpointing,
+    act_kwargs = dict(
         head_bytes=head.weight.element_size() if head is not None else None, lora_layers=lora_layers, native_gqa=native_gqa,
         saved_inputs=saved_inputs, trainable_norms=norms_train,
         trainable_head=head is not None and (head.weight.requires_grad or hasattr(head, "lora_A")),
     )
+    dequantized = 0
     if spec is not None:
         # the 4-bit backward de-quantizes a weight in the compute dtype, then casts it to the
         # gradient's dtype (bitsandbytes MatMul4Bit.backward); the largest such weight is transient
         compute_bytes = (spec.compute_dtype or param_dtype).itemsize
         largest = max((p.numel() for _, p in params if id(p) in quantized), default=0)
-        parts["dequantized_weight"] = largest * (compute_bytes + (act_bytes if act_bytes != compute_bytes else 0))
-        parts["total"] += parts["dequantized_weight"]
+        dequantized = largest * (compute_bytes + (act_bytes if act_bytes != compute_bytes else 0))
+
+    def activation_model(b: int, s: int, ckpt: bool) -> dict[str, int]:
+        parts = llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs)
+        if dequantized:
+            parts["dequantized_weight"] = dequantized
+            parts["total"] += dequantized
+        return parts
+
+    parts = activation_model(batch_size, seq_len, gradient_checkpointing)
     if getattr(config, "model_type", "llama") not in ("llama", "mistral", "qwen2", "qwen3"):
         notes.append(f"activations: Llama-block formula applied to model_type={config.model_type!r}")
 
@@ -352,10 +371,11 @@ def estimate_memory(
         },
         notes=notes,
         settings=dict(
-            model=str(getattr(config, "name_or_path", "") or model) if not isinstance(model, nn.Module) else type(model).__name__,
+            model=model_label(model),
             optimizer=optimizer, optim_args=dict(optim_args or {}), batch_size=batch_size, seq_len=seq_len, dtype=str(param_dtype).removeprefix("torch."),
             quantization=None if spec is None else {"quant_type": spec.quant_type, "double_quant": spec.double_quant},
             lora=None if lcfg is None else {"r": lcfg.r, "target_modules": sorted(lcfg.target_modules) if isinstance(lcfg.target_modules, (set, list)) else lcfg.target_modules},
             gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
         ),
+        activation_model=activation_model,
     )

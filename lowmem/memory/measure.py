@@ -327,5 +327,8 @@ def measure_memory(
         config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
     )
+    from .estimate import model_label
+
+    est.settings["model"] = model_label(model)
     measured = {**tracker.maxima, "total": tracker.peak["total"]}
     return MemoryMeasurement(measured=measured, at_peak=tracker.peak, estimate=est, device=device, peak_allocated=peak_allocated, losses=losses)

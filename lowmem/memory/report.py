@@ -38,7 +38,7 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
         title += " ckpt"
     if s.get("layerwise"):
         title += " layerwise"
-    table = Table(title=title)
+    table = Table()
     table.add_column("component")
     table.add_column("estimate", justify="right")
     if measured is not None:
@@ -57,7 +57,7 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
     footer = f"parameters {d.get('parameters', 0):,}, trainable {d.get('trainable_parameters', 0):,}"
     if d.get("quantized_parameters"):
         footer += f", 4-bit {d['quantized_parameters']:,}"
-    text = _render(table) + footer + "\n"
+    text = title + "\n" + _render(table) + footer + "\n"
     return text + "".join(f"note: {n}\n" for n in est.notes)
 
 
@@ -95,6 +95,10 @@ def bar_chart(estimates: dict[str, Any], path: str, budget: int | None = None, m
             ax.bar([i + offset for i in range(len(labels))], vals, width, bottom=bottoms, color=colors[ci % 10], hatch=hatch,
                    label=comp if source == "estimate" else None, edgecolor="white")
             bottoms = [b + v for b, v in zip(bottoms, vals)]
+    top = max(sum(e.components().values()) for e in estimates.values()) / GIB
+    if measured:
+        top = max(top, max(sum(v for k, v in m.items() if k in COMPONENTS) for m in measured.values()) / GIB)
+    ax.set_ylim(0, 1.1 * max(top, (budget or 0) / GIB))
     if budget:
         ax.axhline(budget / GIB, color="black", linestyle="--", linewidth=1, label=f"budget {fmt_bytes(budget)}")
     ax.set_xticks([i + (width / 2 if measured else 0) for i in range(len(labels))], labels, rotation=15, ha="right")

@@ -1,0 +1,58 @@
+"""lowmem budget (estimate table, JSON, PNG, measured mode) and the budget search."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from lowmem.cli import main
+from lowmem.memory import estimate_memory
+from lowmem.memory.search import parse_bytes, search_budget
+
+
+def test_budget_table_json_png(tmp_path, capsys):
+    png = tmp_path / "b.png"
+    assert main(["budget", "llama-2-7b", "--optimizer", "adamw", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer_states" in out and "GiB" in out
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["budget", "llama-3-8b", "--quantization", "nf4", "--lora-r", "16", "--gradient-checkpointing", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    est = estimate_memory("llama-3-8b", quantization={"quant_type": "nf4", "double_quant": True},
+                          lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}, gradient_checkpointing=True)
+    assert data["total"] == est.total and data["quant_constants"] > 0
+
+
+def test_budget_measure_cpu(capsys, tmp_path):
+    assert main(["budget", "tiny", "--measure", "--dtype", "fp32", "--seq-len", "32", "--json", "--png", str(tmp_path / "m.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "cpu" and data["ratios"]["optimizer_states"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_search_fits_and_ranks():
+    limit = parse_bytes("24GiB")
+    assert limit == 24 * 1024**3 and parse_bytes("80GB") == 80 * 10**9
+    with pytest.raises(ValueError, match="GiB"):
+        parse_bytes("lots")
+    found = search_budget("llama-2-7b", limit, seq_len=512, batch_size=4, optimizers=["adamw", "adafactor"], lora_ranks=(16,))
+    assert found, "something must fit a 7B model in 24 GiB"
+    assert all(c.total <= limit for c in found)
+    assert [c.cost for c in found] == sorted(c.cost for c in found)
+    # full AdamW fine-tuning of 7B needs > 24 GiB for weights, grads and states alone: never offered
+    assert not any(c.settings["optimizer"] == "adamw" and not c.settings.get("lora") for c in found)
+    # each candidate's total is what estimate_memory says for its settings
+    c = found[0]
+    s = dict(c.settings)
+    assert estimate_memory("llama-2-7b", **s).total == c.total
+    # a generous budget: plain AdamW with the full batch, nothing given up, comes first
+    best = search_budget("llama-60m", "80GiB", seq_len=256, batch_size=4, optimizers=["adamw"], lora_ranks=(16,))[0]
+    assert best.settings["optimizer"] == "adamw" and best.cost == 0 and best.settings["batch_size"] == 4
+
+
+def test_budget_search_cli(capsys):
+    assert main(["budget", "llama-2-7b", "--budget", "24GiB", "--top", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert 0 < len(data["candidates"]) <= 3
+    assert main(["budget", "llama-60m", "--budget", "1MiB"]) == 1  # nothing fits
