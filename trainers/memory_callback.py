@@ -1,0 +1,104 @@
+"""``MemoryCallback``: peak memory by component during any Trainer run (HF ``Trainer``, TRL's SFT,
+DPO, GRPO, and lowmem's GVPO / BNPO trainers, which are all ``transformers.Trainer`` subclasses).
+
+Per optimizer step it records
+
+* ``weights`` - live bytes of parameters, buffers and bitsandbytes 4-bit constants;
+* ``gradients`` - live gradient bytes just before the optimizer step (when all exist);
+* ``optimizer_states`` - live bytes of the optimizer's state after the step;
+* ``activations`` - on CUDA the allocator's peak of the step (``max_memory_allocated``) minus the
+  three above; on CPU, for the first ``track_steps`` steps, the maximum of live activation and
+  temporary tensors tracked by :class:`lowmem.memory.measure.PeakTracker` (a dispatch mode: slow,
+  hence only a few steps);
+* ``peak`` - CUDA: ``max_memory_allocated`` of the step; CPU: the tracked peak of live tensors.
+
+``callback.peak`` keeps each component's maximum over the run; every log line gets
+``memory/<component>_mib`` entries (also added to ``trainer.state.log_history``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from lowmem.memory.measure import PeakTracker, live_bytes, quant_state_tensors
+
+MIB = 1024**2
+COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "peak")
+
+
+class MemoryCallback(TrainerCallback):
+    """Log peak memory by component during training.
+
+    Args:
+        track_steps (`int`, defaults to `2`): On CPU, how many optimizer steps to run under the
+            live-tensor tracker (activations and the peak come from it; later steps log weights,
+            gradients and optimizer state only). ``0`` disables tracking. Ignored on CUDA, where the
+            allocator's statistics are used at every step.
+    """
+
+    def __init__(self, track_steps: int = 2):
+        self.track_steps = track_steps
+        self.peak: dict[str, int] = {}
+        self.history: list[dict[str, Any]] = []
+        self._tracker: PeakTracker | None = None
+        self._step: dict[str, int] = {}
+        self._steps_seen = 0
+
+    def _update(self, key: str, value: int) -> None:
+        self._step[key] = max(self._step.get(key, 0), int(value))
+        self.peak[key] = max(self.peak.get(key, 0), int(value))
+
+    @staticmethod
+    def _cuda(model: torch.nn.Module) -> bool:
+        p = next(model.parameters(), None)
+        return p is not None and p.device.type == "cuda"
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            return
+        self._step = {}
+        self._update("weights", live_bytes([*model.parameters(), *model.buffers(), *quant_state_tensors(model)]))
+        if self._cuda(model):
+            torch.cuda.reset_peak_memory_stats()
+        elif self._steps_seen < self.track_steps:
+            self._tracker = PeakTracker(model, optimizer)
+            self._tracker.__enter__()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._update("gradients", live_bytes(p.grad for p in model.parameters() if p.grad is not None))
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            return
+        self._steps_seen += 1
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        if opt is not None:
+            self._update("optimizer_states", live_bytes(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)))
+        if self._cuda(model):
+            peak = torch.cuda.max_memory_allocated()
+            self._update("peak", peak)
+            fixed = sum(self._step.get(k, 0) for k in ("weights", "gradients", "optimizer_states"))
+            self._update("activations", max(0, peak - fixed))
+        elif self._tracker is not None:
+            self._tracker.__exit__(None, None, None)
+            self._update("activations", self._tracker.maxima["activations"])
+            self._update("peak", self._tracker.peak["total"])
+            self._tracker = None
+        self.history.append({"step": state.global_step, **self._step})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not self.peak:
+            return
+        entries = {f"memory/{k}_mib": round(v / MIB, 3) for k, v in self.peak.items()}
+        logs.update(entries)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(entries)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._tracker is not None:  # training stopped inside a tracked step
+            self._tracker.__exit__(None, None, None)
+            self._tracker = None
