@@ -35,6 +35,7 @@ def test_qlora_trains_only_adapters_and_stays_quantized(tiny_path, optimizer):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_path)
+    torch.manual_seed(0)  # LoRA's A matrices are initialised from the global RNG
     model = load_quantized_model(tiny_path, "nf4", lora=LORA, dtype="bf16", device="cpu")
     q_before = {n: m.weight.data.clone() for n, m in quantized_modules(model).items()}
     assert len(q_before) == 14  # 7 linears x 2 layers; the output head stays unquantized
