@@ -1,0 +1,243 @@
+"""GVPO: Group Variance Policy Optimization (Zhang et al., 2025, arXiv:2504.19599).
+
+For the ``G`` completions ``y_i`` of one prompt with rewards ``R_i``, GVPO regresses the centred
+implicit reward onto the centred reward:
+
+* implicit reward ``r_i = beta * (log pi_theta(y_i) - log pi_ref(y_i))``, log-probabilities summed
+  over the completion's tokens;
+* group loss ``sum_i 0.5 * ((r_i - mean_j r_j) - (R_i - mean_j R_j))^2 / (G - 1)``, with
+  ``mean_j r_j`` treated as a constant;
+* batch loss: the mean of the group losses. (The authors' code sums them; the mean keeps the
+  learning rate independent of the number of prompts per batch.)
+
+There is no importance ratio and no extra KL term: ``beta`` and ``pi_ref`` are the
+regularization. ``pi_ref`` is the sampling policy by default (the detached current policy when
+training is on-policy), or a fixed reference model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .trl import LowMemGRPOConfig, LowMemGRPOTrainer
+
+REFERENCE_POLICIES = ("sampling", "model")
+
+
+def gvpo_loss(
+    logps: torch.Tensor, ref_logps: torch.Tensor, rewards: torch.Tensor, group_size: int, beta: float
+) -> torch.Tensor:
+    """GVPO loss (GVPO, Eq. 9: the weighted-MSE form of the group objective) of a batch of groups.
+
+    Args:
+        logps (`torch.Tensor`):
+            ``(N,)`` log-probabilities of each completion under the policy being trained, summed
+            over its tokens (carries the gradient).
+        ref_logps (`torch.Tensor`):
+            ``(N,)`` the same under the reference policy ``pi_ref`` (no gradient is taken through it).
+        rewards (`torch.Tensor`):
+            ``(N,)`` scalar rewards ``R_i``.
+        group_size (`int`):
+            ``G``, completions per prompt, ``>= 2``; ``N`` is a multiple of it and each group is
+            contiguous.
+        beta (`float`):
+            Scale of the implicit reward, ``> 0``; larger ``beta`` keeps the policy closer to ``pi_ref``.
+
+    Returns:
+        `torch.Tensor`: Scalar, the mean over groups of
+        ``sum_i 0.5 * ((r_i - mean r) - (R_i - mean R))^2 / (G - 1)`` with
+        ``r_i = beta * (logps_i - ref_logps_i)`` and ``mean r`` detached.
+
+    Raises:
+        ValueError: Shapes differ or are not 1-D, ``N`` not a positive multiple of ``group_size``,
+            ``group_size < 2``, or ``beta <= 0``.
+    """
+    if not (logps.dim() == 1 and logps.shape == ref_logps.shape == rewards.shape):
+        raise ValueError(
+            f"logps, ref_logps and rewards must be 1-D of equal length; got {tuple(logps.shape)}, "
+            f"{tuple(ref_logps.shape)}, {tuple(rewards.shape)}"
+        )
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2 (the loss divides by G - 1); got {group_size!r}")
+    if logps.numel() == 0 or logps.numel() % group_size:
+        raise ValueError(f"the number of completions ({logps.numel()}) must be a positive multiple of group_size ({group_size})")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0; got {beta!r}")
+    implicit = (beta * (logps - ref_logps.detach())).view(-1, group_size)
+    rewards = rewards.detach().to(implicit.dtype).view(-1, group_size)
+    centred_implicit = implicit - implicit.mean(dim=1, keepdim=True).detach()
+    centred_rewards = rewards - rewards.mean(dim=1, keepdim=True)
+    group_losses = 0.5 * (centred_implicit - centred_rewards).pow(2).sum(dim=1) / (group_size - 1)
+    return group_losses.mean()
+
+
+@dataclass
+class GVPOConfig(LowMemGRPOConfig):
+    """Configuration of :class:`GVPOTrainer`: TRL's ``GRPOConfig`` with lowmem's optimizer fields
+    (``lowmem_optim``, ``lowmem_optim_args``, see :class:`~lowmem.trainers.LowMemGRPOConfig`) and:
+
+    Parameters:
+        beta (`float`, *optional*, defaults to `0.1`):
+            GVPO's ``beta``, the scale of the implicit reward ``r_i = beta * (log pi_theta(y_i) -
+            log pi_ref(y_i))``, ``> 0``. Not a KL coefficient here: GVPO adds no KL term. With
+            ``reference_policy="sampling"`` no reference model is loaded whatever its value.
+        reference_policy (`str`, *optional*, defaults to `"sampling"`):
+            ``pi_ref``. ``"sampling"``: the policy that generated the completions (the detached
+            current policy when on-policy; TRL's stored generation-time log-probabilities when
+            ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps``); no
+            reference model is loaded. ``"model"``: a fixed reference, the initial model (reloaded
+            by path, or the base model with the adapter disabled under ``peft_config``).
+
+    Batching: each micro-batch must hold whole groups, so ``per_device_train_batch_size`` (and
+    ``per_device_eval_batch_size`` when evaluating) must be a multiple of ``num_generations``
+    (``num_generations_eval``); the trainer shuffles whole groups instead of single completions.
+    GRPO's ``loss_type``, ``epsilon``, ``delta``, ``importance_sampling_level``,
+    ``scale_rewards``, ``top_entropy_quantile`` and entropy-bonus fields do not apply.
+    """
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "GVPO's implicit-reward scale beta (> 0); no KL term is added."},
+    )
+    reference_policy: str = field(
+        default="sampling",
+        metadata={"help": "pi_ref: 'sampling' (the generating policy, no reference model) or 'model' (the initial model)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reference_policy not in REFERENCE_POLICIES:
+            raise ValueError(f"Unknown reference_policy {self.reference_policy!r}; valid: {list(REFERENCE_POLICIES)}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"GVPO needs beta > 0 (the implicit-reward scale); got beta={self.beta!r}")
+        if self.per_device_train_batch_size % self.num_generations:
+            raise ValueError(
+                f"GVPO needs whole groups in every micro-batch: per_device_train_batch_size "
+                f"({self.per_device_train_batch_size}) must be a multiple of num_generations ({self.num_generations})"
+            )
+
+
+def _shuffle_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
+    """Shuffle a generation batch by whole groups of ``group_size`` contiguous rows."""
+    rows = len(next(v for v in batch.values() if v is not None and not (torch.is_tensor(v) and v.dim() == 0)))
+    group_order = torch.randperm(rows // group_size)
+    order = (group_order[:, None] * group_size + torch.arange(group_size)).flatten()
+
+    def permute(value: Any) -> Any:
+        if value is None or (torch.is_tensor(value) and value.dim() == 0):
+            return value
+        if torch.is_tensor(value):
+            return value[order.to(value.device)]
+        return [value[i] for i in order.tolist()]
+
+    return {key: permute(value) for key, value in batch.items()}
+
+
+class GVPOTrainer(LowMemGRPOTrainer):
+    """GVPO (:func:`gvpo_loss`) on TRL's ``GRPOTrainer``.
+
+    TRL generates and scores the completions (reward functions, ``reward_weights``: ``R_i`` is the
+    weighted sum, as in GRPO); this trainer keeps every group whole inside a micro-batch
+    (group-wise shuffle of the buffered generation batch; each micro-batch is checked) and
+    replaces the loss. Works with lowmem optimizers, ``peft_config``, gradient accumulation,
+    evaluation and checkpoints like :class:`~lowmem.trainers.LowMemGRPOTrainer`. Logs
+    ``gvpo/implicit_reward_std`` (spread of ``r_i`` within groups).
+    """
+
+    _name = "GVPO"
+
+    def __init__(self, model: Any, reward_funcs: Any, args: GVPOConfig | None = None, **kwargs: Any) -> None:
+        if not isinstance(args, GVPOConfig):
+            raise TypeError(f"GVPOTrainer needs args=GVPOConfig(...); got {type(args).__name__}")
+        beta = args.beta
+        if args.reference_policy == "sampling":
+            args.beta = 0.0  # TRL then loads no reference model and computes no reference log-probs
+        try:
+            super().__init__(model, reward_funcs, args=args, **kwargs)
+        finally:
+            args.beta = beta
+        self.gvpo_beta = beta
+        if args.eval_strategy != "no" and args.per_device_eval_batch_size % self.num_generations_eval:
+            raise ValueError(
+                f"GVPO needs whole groups in every evaluation batch: per_device_eval_batch_size "
+                f"({args.per_device_eval_batch_size}) must be a multiple of num_generations_eval ({self.num_generations_eval})"
+            )
+        self._gvpo_rewards_per_func: torch.Tensor | None = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._gvpo_rewards_per_func = rewards_per_func  # gathered over processes
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        per_func = self._gvpo_rewards_per_func
+        self._gvpo_rewards_per_func = None
+        rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
+        unscorable = torch.isnan(per_func).all(dim=1)
+        if unscorable.any():  # no reward at all: give it its group's mean reward (a zero centred reward)
+            masked = torch.where(unscorable, torch.nan, rewards).view(-1, group_size)
+            group_mean = torch.nan_to_num(torch.nanmean(masked, dim=1)).repeat_interleave(group_size)
+            rewards = torch.where(unscorable, group_mean, rewards)
+        start = self.accelerator.process_index * len(inputs)
+        if start % group_size or len(inputs) % group_size:
+            raise ValueError(
+                f"GVPO needs whole groups on every process: the per-process generation batch ({len(inputs)}) must be a "
+                f"multiple of num_generations ({group_size})"
+            )
+        device = output["advantages"].device
+        output["gvpo_rewards"] = rewards[start : start + len(inputs)].to(device)
+        output["gvpo_group_ids"] = torch.arange(start, start + len(inputs), device=device) // group_size
+        return output
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+
+        steps = self.args.steps_per_generation
+        if self._step % (steps * self.num_iterations) == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            batch = _shuffle_groups(split_pixel_values_by_grid(batch), self.num_generations)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in split_tensor_dict(batch, steps)]
+        return self._buffered_inputs[self._step % steps]
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        group_ids = inputs["gvpo_group_ids"]
+        if group_ids.numel() % group_size or not (group_ids.view(-1, group_size) == group_ids.view(-1, group_size)[:, :1]).all():
+            raise RuntimeError(
+                f"GVPO micro-batch does not hold whole groups of {group_size} completions (group ids {group_ids.tolist()}); "
+                "per_device_train_batch_size must be a multiple of num_generations"
+            )
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        multimodal = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                      "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+        per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), **{k: inputs.get(k) for k in multimodal}
+        )
+        if self.args.reference_policy == "model":
+            ref_per_token_logps = inputs["ref_per_token_logps"]
+        else:
+            ref_per_token_logps = inputs.get("old_per_token_logps")
+            if ref_per_token_logps is None:  # on-policy: the sampling policy is the current one
+                ref_per_token_logps = per_token_logps.detach()
+        logps = (per_token_logps * mask).sum(dim=1)
+        ref_logps = (ref_per_token_logps * mask).sum(dim=1)
+        loss = gvpo_loss(logps, ref_logps, inputs["gvpo_rewards"], group_size, self.gvpo_beta)
+        implicit = (self.gvpo_beta * (logps - ref_logps)).detach().view(-1, group_size)
+        self._metrics[mode]["gvpo/implicit_reward_std"].append(
+            self.accelerator.gather(implicit.std(dim=1).mean()).mean().item()
+        )
+        self._metrics[mode]["gvpo/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return loss / normalizer

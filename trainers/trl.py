@@ -1,0 +1,67 @@
+"""TRL trainers that build a lowmem optimizer from their config.
+
+Each config is TRL's own config plus :class:`~lowmem.trainers.hf.LowMemArguments`
+(``lowmem_optim``, ``lowmem_optim_args``), so a YAML recipe or the command line selects the
+optimizer by name; each trainer is TRL's trainer with
+:class:`~lowmem.trainers.hf.LowMemOptimizerMixin` first in its bases::
+
+    from lowmem.trainers import LowMemDPOConfig, LowMemDPOTrainer
+    args = LowMemDPOConfig(output_dir="out", lowmem_optim="adafactor", learning_rate=1e-3)
+    trainer = LowMemDPOTrainer(model=model_dir, args=args, train_dataset=pairs, peft_config=lora)
+
+The optimizer is built in ``create_optimizer``, which the Trainer calls when training starts,
+after TRL has wrapped the model with ``peft_config``: it holds only the adapter's trainable
+parameters. Everything else is TRL's: gradient accumulation, evaluation, checkpoints and
+``resume_from_checkpoint`` (lowmem optimizer state is tensors-only, so ``optimizer.pt`` reloads
+unchanged). Leave ``lowmem_optim`` unset and each trainer behaves exactly like TRL's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+from .hf import LowMemArguments, LowMemOptimizerMixin
+
+_FIELDS_DOC = """
+    Parameters:
+        lowmem_optim (`str` or `None`, *optional*, defaults to `None`):
+            Name of a registered lowmem optimizer (``lowmem list``), e.g. ``"adafactor"``. It replaces
+            ``optim`` and is built with lowmem's parameter groups when training starts (after any
+            ``peft_config`` adapter is created, so only trainable parameters are optimized).
+            ``learning_rate``, ``weight_decay``, ``adam_beta1``/``adam_beta2`` (as ``betas``) and
+            ``adam_epsilon`` (as ``eps``) apply where the optimizer has them. `None` keeps TRL's
+            optimizer.
+        lowmem_optim_args (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Extra hyperparameters of ``lowmem_optim``: a dict, a JSON object or ``"k=v,k=v"``
+            (e.g. ``"rank=8,update_proj_gap=50"``); they win over the mapped fields above. Unknown
+            names raise ``ValueError`` listing the valid ones. Requires ``lowmem_optim``.
+"""
+
+
+@dataclass
+class LowMemSFTConfig(LowMemArguments, SFTConfig):
+    __doc__ = "TRL's ``SFTConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
+
+
+@dataclass
+class LowMemDPOConfig(LowMemArguments, DPOConfig):
+    __doc__ = "TRL's ``DPOConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
+
+
+@dataclass
+class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
+    __doc__ = "TRL's ``GRPOConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
+
+
+class LowMemSFTTrainer(LowMemOptimizerMixin, SFTTrainer):
+    """TRL's ``SFTTrainer`` building its optimizer from :class:`LowMemSFTConfig`."""
+
+
+class LowMemDPOTrainer(LowMemOptimizerMixin, DPOTrainer):
+    """TRL's ``DPOTrainer`` building its optimizer from :class:`LowMemDPOConfig`."""
+
+
+class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` building its optimizer from :class:`LowMemGRPOConfig`."""
