@@ -23,3 +23,20 @@ __all__ = [
     "parse_optim_args",
     "trainer_hparams",
 ]
+
+# TRL trainers with lowmem optimizers (:mod:`.trl`), GVPO (:mod:`.gvpo`) and BNPO (:mod:`.bnpo`).
+from .bnpo import BNPOConfig, BNPOTrainer, bnpo_advantages  # noqa: E402
+from .gvpo import GVPOConfig, GVPOTrainer, gvpo_loss  # noqa: E402
+from .trl import (  # noqa: E402
+    LowMemDPOConfig,
+    LowMemDPOTrainer,
+    LowMemGRPOConfig,
+    LowMemGRPOTrainer,
+    LowMemSFTConfig,
+    LowMemSFTTrainer,
+)
+
+__all__ += [
+    "BNPOConfig", "BNPOTrainer", "bnpo_advantages", "GVPOConfig", "GVPOTrainer", "gvpo_loss",
+    "LowMemDPOConfig", "LowMemDPOTrainer", "LowMemGRPOConfig", "LowMemGRPOTrainer", "LowMemSFTConfig", "LowMemSFTTrainer",
+]
