@@ -36,3 +36,6 @@ __all__ = [
     "list_optimizers",
     "register",
 ]
+from .recipes.subspace import FiraAdamW, Frugal, GaLoreAdafactor, GaLoreAdamW, OnlineSubspaceDescent  # noqa: E402
+
+__all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent"]

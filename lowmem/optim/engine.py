@@ -38,7 +38,7 @@ from . import functional as F
 from .hparams import ENGINE_HPARAMS, HParam
 from .moments import MomentRule, constant_lr, state_dtype
 from .stabilizers import Stabilizer
-from .subspace import DropResidual, Projection, ResidualRule
+from .subspace import DropResidual, Projection, ResidualRule, rotate_moments
 
 LRRule = Callable[[dict, dict, Tensor, float], "float | Tensor"]
 
@@ -142,6 +142,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         try:
             for h in (*self.recipe.hparams, *ENGINE_HPARAMS):
                 h.validate(group[h.name], where=where)
+            if group.get("rank") is not None:  # a projected group: its other settings get defaults
+                for h in self.recipe.group_hparams:
+                    if h.default is not None:
+                        group.setdefault(h.name, h.default)
             for h in self.recipe.group_hparams:
                 if group.get(h.name) is not None:
                     h.validate(group[h.name], where=where)
@@ -208,12 +212,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
+        cpu_keys = {"step", *(self.recipe.projection.cpu_state_keys if self.recipe.projection is not None else ())}
         for pid, saved in state_dict["state"].items():
             p = id_map.get(pid)
             if p is None:
                 continue
             self.state[p] = {
-                k: v.detach().to(device="cpu" if k == "step" else p.device, copy=True) if isinstance(v, Tensor) else v
+                k: v.detach().to(device="cpu" if k in cpu_keys else p.device, copy=True) if isinstance(v, Tensor) else v
                 for k, v in saved.items()
             }
 
@@ -274,7 +279,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         self._update(p, p.grad, group)
 
-    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any]) -> None:
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], projected_grad: Tensor | None = None) -> None:
+        """One step of ``p``. ``projected_grad``: the gradient already projected (layerwise
+        accumulation in the subspace, after :meth:`refresh_projection`); ``grad`` is then only used
+        by :meth:`Projection.post_update` and stabilizers are not supported."""
         if grad.is_sparse:
             raise RuntimeError(f"{self.recipe.name} does not support sparse gradients")
         r = self.recipe
@@ -291,11 +299,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         projected = self._is_projected(p, group)
         if projected:
             P = r.projection
-            if P.refresh_due(state, group, int(t)):
-                changed = P.refresh(g, state, group)
-                if changed and t > 1:
-                    self._on_subspace_change(state, group)
-            low = P.down(g, state, group)
+            if projected_grad is None:
+                self._refresh(p, g, state, group, int(t))
+                low = P.down(g, state, group)
+            else:
+                low = projected_grad.float()
         else:
             low = g
 
@@ -311,6 +319,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             res = r.residual.update(g, low, d_low, state, group, P)
             if res is not None:
                 d.add_(res)
+            P.post_update(g, state, group)
 
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         wd = group.get("weight_decay", 0.0)
@@ -325,11 +334,41 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if p32 is not p:
             p.copy_(p32)
 
-    def _on_subspace_change(self, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-        """What the moments do when the projection's basis changes: ``keep`` or ``reset``."""
+    def _refresh(self, p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int) -> None:
+        """Refresh ``p``'s projection from ``g`` if due at step ``t``, then apply the moment policy."""
+        P = self.recipe.projection
+        if not P.refresh_due(state, group, t):
+            return
+        rotate = group.get("moment_policy", "keep") == "rotate" and t > 1
+        old = P.snapshot(state, group) if rotate else None
+        if P.refresh(g, state, group) and t > 1:
+            self._on_subspace_change(state, group, old)
+
+    @torch.no_grad()
+    def refresh_projection(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> bool:
+        """Refresh ``p``'s projection for its *next* step from gradient ``g`` (if due), and return
+        whether ``p`` is projected. Layerwise accumulation calls this on a window's first
+        micro-batch, then accumulates ``project(p, g)`` and steps with ``projected_grad``."""
+        if not self._is_projected(p, group):
+            return False
+        state = self.state[p]
+        if "step" not in state:
+            self._init_state(p, group, state)
+        self._refresh(p, g if g.dtype == torch.float32 else g.float(), state, group, int(state["step"].item()) + 1)
+        return True
+
+    def project(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
+        """``g`` in ``p``'s current subspace (float32)."""
+        return self.recipe.projection.down(g if g.dtype == torch.float32 else g.float(), self.state[p], group)
+
+    def _on_subspace_change(self, state: dict[str, Tensor], group: dict[str, Any], old: dict[str, Tensor] | None = None) -> None:
+        """What the moments do when the projection's basis changes: ``keep``, ``reset`` or ``rotate``
+        (into the new basis, :func:`~lowmem.optim.subspace.rotate_moments`)."""
         policy = group.get("moment_policy", "keep")
         if policy == "reset":
             self.recipe.moment.reset(state)
+        elif policy == "rotate" and old is not None:
+            rotate_moments(self.recipe.moment.state_keys, self.recipe.projection, state, group, old)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(recipe={self.recipe.name!r}, groups={len(self.param_groups)})"

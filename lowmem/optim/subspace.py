@@ -1,4 +1,4 @@
-"""Subspace seams: projections and residual rules.
+"""Subspace seams: projections and residual rules, and the concrete ones the subspace recipes use.
 
 A :class:`Projection` maps a 2-D gradient ``G`` (m x n) into a small subspace where the moment rule
 keeps its state, and maps the resulting direction back. A :class:`ResidualRule` decides what to do
@@ -6,24 +6,56 @@ with the part of the gradient the subspace misses, ``G - up(down(G))``.
 
 Both hold configuration only; their tensors live in the optimizer's per-parameter state under the
 names in ``state_keys``, so checkpoints stay plain tensors (``torch.load(weights_only=True)``).
+
+Concrete parts (the math is in :mod:`lowmem.optim.functional` ``galore``, ``fira``, ``frugal``,
+``osd``):
+
+* :class:`SubspaceProjection` - one projection whose method is chosen per parameter group
+  (``group["projection"]``): ``svd`` (GaLore), ``rsvd`` (randomized range finder, then
+  warm-started subspace iteration), ``random`` / ``gaussian`` (random orthonormal or Gaussian
+  bases), ``online_pca`` (Online Subspace Descent), ``columns`` / ``rows`` / ``randk`` /
+  ``blocks`` (FRUGAL's coordinate and block subspaces).
+* :class:`DropResidual` (GaLore), :class:`FiraResidual` (norm-based scaling and norm-growth
+  limiter), :class:`StateFreeResidual` (FRUGAL's signSGD / SGD on the rest).
+* :func:`rotate_moments` - the ``moment_policy="rotate"`` rule.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from .functional import frugal as FR
+from .functional import galore as GL
+from .functional import fira as FI
+from .functional import osd as OSD
+from .functional.adam import adam_direction, adam_moments_
+
+BASIS_METHODS = ("svd", "rsvd", "random", "gaussian", "online_pca")
+COORDINATE_METHODS = ("columns", "rows", "randk", "blocks")
+DATA_DEPENDENT = ("svd", "rsvd", "online_pca")
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+MOMENT_POLICIES = ("keep", "reset", "rotate")
 
 
 class Projection:
     """Base class for subspace projections of 2-D parameters.
 
     The engine calls, per step of a projected parameter: :meth:`refresh_due`, then
-    :meth:`refresh` when due, then :meth:`down`; after the moment rule, :meth:`up`.
+    :meth:`refresh` when due, then :meth:`down`; after the moment rule, :meth:`up`; after the
+    update, :meth:`post_update`. With ``moment_policy="rotate"`` it also calls :meth:`snapshot`
+    before a refresh and :meth:`rotate_moment` after it.
+
+    Attributes:
+        state_keys: Names of the state tensors this projection may own.
+        cpu_state_keys: Those kept on the CPU (small bookkeeping read by the host every step).
     """
 
     state_keys: tuple[str, ...] = ()
+    cpu_state_keys: tuple[str, ...] = ()
 
     def low_shape(self, shape: torch.Size, group: dict[str, Any]) -> torch.Size:
         """Shape of the projected gradient for a parameter of ``shape``."""
@@ -47,6 +79,223 @@ class Projection:
 
     def up(self, r: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
         raise NotImplementedError
+
+    def post_update(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        """Called after the parameter update with the (stabilized) full gradient; default: nothing."""
+
+    def snapshot(self, state: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
+        """Copies of the tensors that define the current subspace (for :meth:`rotate_moment`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rotate moments")
+
+    def rotate_moment(
+        self, x: Tensor, old: dict[str, Tensor], state: dict[str, Tensor], group: dict[str, Any], squared: bool
+    ) -> Tensor:
+        """Carry a low-rank moment ``x`` from the ``old`` subspace into the current one."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rotate moments")
+
+
+# ---- the concrete projection ------------------------------------------------------------------
+
+
+def _meta(state: dict[str, Tensor]) -> list[int]:
+    """``[seed, phase, refreshes, pca_steps, m, n]`` (CPU int64: no device synchronisation)."""
+    return state["proj_meta"].tolist()
+
+
+class SubspaceProjection(Projection):
+    """Every projection of the subspace recipes; the method is ``group["projection"]``.
+
+    Group keys used (see :data:`SUBSPACE_GROUP_HPARAMS` in the recipes): ``rank``,
+    ``update_proj_gap``, ``proj_type`` (which side a basis projects, galore-torch's names),
+    ``projection``, ``refresh_phase``, ``seed``, ``power_iters`` (``rsvd``), ``proj_lr`` and
+    ``proj_optimizer`` (``online_pca``).
+
+    State (only what the method needs): ``proj_meta`` (CPU int64 ``[seed, phase, refreshes,
+    pca_steps, m, n]``), ``proj_left`` (``m x r``) and/or ``proj_right`` (``r x n``) float32 bases, or
+    ``proj_index`` (int64 coordinates); ``pca_exp_avg`` / ``pca_exp_avg_sq`` for ``online_pca``
+    with Adam.
+
+    Refreshes never crash: a zero or non-finite gradient, or a failing SVD, skips the refresh
+    (with a warning) and keeps the old subspace; until a first refresh succeeds one is attempted
+    every step. ``refresh_phase="staggered"`` offsets each parameter's refresh schedule by
+    ``index * update_proj_gap // len(group)``, so that a step pays for few refreshes.
+    """
+
+    state_keys = ("proj_meta", "proj_left", "proj_right", "proj_index", "pca_exp_avg", "pca_exp_avg_sq")
+    cpu_state_keys = ("proj_meta",)
+
+    # -- geometry --
+
+    @staticmethod
+    def method(group: dict[str, Any]) -> str:
+        return group.get("projection", "svd")
+
+    def _side(self, shape, group) -> str:
+        return GL.galore_side(tuple(shape), group.get("proj_type", "std"))
+
+    def _coordinates(self, shape, group) -> tuple[int | None, int]:
+        """``(dim, k)``: the dimension indices select along (``None``: flattened) and how many."""
+        m, n, r = shape[0], shape[1], group["rank"]
+        method = self.method(group)
+        if method == "randk":
+            return None, min(r * max(m, n), m * n)
+        if method == "columns" or (method == "blocks" and self._side(shape, group) == "right"):
+            return 1, r
+        return 0, r
+
+    def low_shape(self, shape, group):
+        if self.method(group) in BASIS_METHODS:
+            return torch.Size(GL.low_rank_shape(tuple(shape), self._side(shape, group), group["rank"]))
+        dim, k = self._coordinates(shape, group)
+        if dim is None:
+            return torch.Size((k,))
+        return torch.Size((shape[0], k) if dim == 1 else (k, shape[1]))
+
+    # -- state --
+
+    def init_state(self, state, param, group):
+        params = group["params"]
+        index = next(i for i, q in enumerate(params) if q is param)
+        gap = group.get("update_proj_gap", 200)
+        phase = index * gap // len(params) if group.get("refresh_phase", "aligned") == "staggered" else 0
+        seed = group.get("seed", 0) * 1_000_003 + index
+        m, n = param.shape
+        state["proj_meta"] = torch.tensor([seed, phase, 0, 0, m, n], dtype=torch.int64)
+        r, dev = group["rank"], param.device
+        method = self.method(group)
+        if method in BASIS_METHODS:
+            side = self._side(param.shape, group)
+            if side in ("left", "full"):
+                state["proj_left"] = torch.zeros(m, r, dtype=torch.float32, device=dev)
+            if side in ("right", "full"):
+                state["proj_right"] = torch.zeros(r, n, dtype=torch.float32, device=dev)
+            if method == "online_pca" and group.get("proj_optimizer", "adam") == "adam":
+                basis = state.get("proj_left", state.get("proj_right"))
+                state["pca_exp_avg"] = torch.zeros_like(basis)
+                state["pca_exp_avg_sq"] = torch.zeros_like(basis)
+        else:
+            state["proj_index"] = torch.zeros(self._coordinates(param.shape, group)[1], dtype=torch.int64, device=dev)
+
+    def _basis(self, state) -> tuple[Tensor | None, Tensor | None]:
+        return state.get("proj_left"), state.get("proj_right")
+
+    # -- schedule and refresh --
+
+    def refresh_due(self, state, group, t):
+        _, phase, refreshes = _meta(state)[:3]
+        if refreshes == 0:
+            return True
+        if self.method(group) == "online_pca":
+            return False  # learned online after the first SVD
+        return (t - 1 - phase) % group.get("update_proj_gap", 200) == 0
+
+    def refresh(self, g, state, group):
+        method = self.method(group)
+        if method in DATA_DEPENDENT and not _usable(g):
+            warnings.warn(
+                f"projection refresh skipped: the gradient of a {tuple(g.shape)} parameter is zero or not finite;"
+                " keeping the previous subspace",
+                stacklevel=4,
+            )
+            return False
+        seed, _, refreshes = _meta(state)[:3]
+        gen = torch.Generator().manual_seed(seed * 7919 + refreshes)
+        try:
+            if method in BASIS_METHODS:
+                new = self._new_basis(g, state, group, method, refreshes, gen)
+                for key, basis in zip(("proj_left", "proj_right"), new):
+                    if basis is not None:
+                        state[key].copy_(basis)
+            else:
+                dim, k = self._coordinates(g.shape, group)
+                size = g.numel() if dim is None else g.shape[dim]
+                idx = FR.block_indices(size, k, refreshes) if method == "blocks" else FR.random_indices(size, k, gen)
+                state["proj_index"].copy_(idx)
+        except RuntimeError as err:  # torch.linalg.LinAlgError (SVD did not converge) and friends
+            warnings.warn(f"projection refresh failed ({err}); keeping the previous subspace", stacklevel=4)
+            return False
+        state["proj_meta"][2] += 1
+        return True
+
+    def _new_basis(self, g, state, group, method, refreshes, gen):
+        side, r = self._side(g.shape, group), group["rank"]
+        g = g.float()
+        if method in ("svd", "online_pca"):
+            return GL.svd_basis(g, r, side)
+        if method in ("random", "gaussian"):
+            orth = method == "random"
+            left = GL.random_basis(g.shape[0], r, gen, orth).to(g.device) if side in ("left", "full") else None
+            right = GL.random_basis(g.shape[1], r, gen, orth).t().to(g.device) if side in ("right", "full") else None
+            return left, right
+        # rsvd: a randomized range finder the first time, then subspace iteration from the old basis
+        iters = group.get("power_iters", 2)
+        old_left, old_right = self._basis(state)
+        left = right = None
+        if side in ("left", "full"):
+            left = GL.range_finder(g, r, gen, iters) if refreshes == 0 else GL.subspace_iteration(g, old_left, iters)
+        if side in ("right", "full"):
+            gt = g.t()
+            q = GL.range_finder(gt, r, gen, iters) if refreshes == 0 else GL.subspace_iteration(gt, old_right.t(), iters)
+            right = q.t()
+        return left, right
+
+    # -- projecting --
+
+    def down(self, g, state, group):
+        if "proj_index" in state:
+            return FR.select(g, self._coordinates(g.shape, group)[0], state["proj_index"])
+        return GL.project_down(g, *self._basis(state))
+
+    def up(self, r, state, group):
+        if "proj_index" in state:
+            shape = _param_shape(state)
+            return FR.scatter(r, self._coordinates(shape, group)[0], state["proj_index"], shape)
+        return GL.project_up(r, *self._basis(state))
+
+    # -- Online Subspace Descent: learn the basis after each step --
+
+    def post_update(self, g, state, group):
+        if self.method(group) != "online_pca" or not _usable(g):
+            return
+        key = "proj_left" if "proj_left" in state else "proj_right"
+        basis = state[key]
+        grad = OSD.pca_loss_grad(basis, g.float(), "left" if key == "proj_left" else "right")
+        lr = group.get("proj_lr", 5e-3)
+        if group.get("proj_optimizer", "adam") == "sgd":
+            basis.add_(grad, alpha=-lr)
+        else:
+            state["proj_meta"][3] += 1
+            t = int(state["proj_meta"][3])
+            adam_moments_(state["pca_exp_avg"], state["pca_exp_avg_sq"], grad, 0.9, 0.999)
+            basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
+
+    # -- rotation of moments --
+
+    def snapshot(self, state, group):
+        return {k: state[k].clone() for k in ("proj_left", "proj_right", "proj_index") if k in state}
+
+    def rotate_moment(self, x, old, state, group, squared):
+        if "proj_index" in state:
+            # selection is exact for both moments: kept coordinates keep their statistics, new ones start at 0
+            shape = _param_shape(state)
+            dim, _ = self._coordinates(shape, group)
+            full = FR.scatter(x.float(), dim, old["proj_index"], shape)
+            return FR.select(full, dim, state["proj_index"])
+        transition = GL.basis_transition((old.get("proj_left"), old.get("proj_right")), self._basis(state))
+        return GL.rotate_low_rank(x.float(), transition, squared)
+
+
+def _param_shape(state: dict[str, Tensor]) -> torch.Size:
+    return torch.Size(state["proj_meta"][4:6].tolist())
+
+
+def _usable(g: Tensor) -> bool:
+    """A gradient a data-dependent refresh can use: finite and not all zero (one host sync)."""
+    norm = g.float().norm()
+    return bool(torch.isfinite(norm) & (norm > 0))
+
+
+# ---- residual rules -----------------------------------------------------------------------------
 
 
 class ResidualRule:
@@ -75,3 +324,59 @@ class DropResidual(ResidualRule):
 
     def update(self, g, low, d_low, state, group, projection):
         return None
+
+
+class FiraResidual(ResidualRule):
+    """Fira (Chen et al. 2024, Algorithm 1): the residual ``G - alpha P P^T G``, scaled column-wise
+    by how much the optimizer rescales the low-rank gradient (eq. 7-8), then limited so that its
+    norm grows at most by ``gamma`` per step (eq. 9).
+
+    Args:
+        unit_scale: ``(state, group) -> float``, the factor the moment rule folds into its
+            direction (Adam's ``sqrt(1 - beta2^t) / (1 - beta1^t)`` with ``eps_placement="hf"``).
+            The scaling factor and the limiter are computed on the direction divided by it, as
+            fira 1.0.2 does, and the result is multiplied back.
+
+    Group keys: ``gamma`` (limiter, default 1.01), ``scale``. State: ``fira_prev_norm`` (0-d).
+    """
+
+    state_keys = ("fira_prev_norm",)
+
+    def __init__(self, unit_scale: Callable[[dict, dict], float] | None = None):
+        self.unit_scale = unit_scale
+
+    def init_state(self, state, param, group):
+        state["fira_prev_norm"] = torch.full((), -1.0, dtype=torch.float32, device=param.device)
+
+    def update(self, g, low, d_low, state, group, projection):
+        c = self.unit_scale(state, group) if self.unit_scale is not None else 1.0
+        residual = g - projection.up(low, state, group) * group.get("scale", 1.0)
+        scaled = FI.norm_based_scaling(residual, d_low / c, low)
+        return FI.norm_growth_limit(scaled, state["fira_prev_norm"], group.get("gamma", 1.01)).mul_(c)
+
+
+class StateFreeResidual(ResidualRule):
+    """FRUGAL (Zmushko et al. 2024, Algorithm 1): the residual ``G - P P^T G`` takes a state-free
+    step, ``signSGD`` (``sign(residual)``) or ``SGD``, at ``free_lr_scale`` times the learning rate.
+
+    Group keys: ``free_rule`` (``"signsgd"`` or ``"sgd"``), ``free_lr_scale``. No state.
+    """
+
+    def update(self, g, low, d_low, state, group, projection):
+        residual = g - projection.up(low, state, group)
+        return FR.state_free_direction(residual, group.get("free_rule", "signsgd")).mul_(group.get("free_lr_scale", 1.0))
+
+
+# ---- moments when the subspace changes ----------------------------------------------------------
+
+LINEAR_MOMENTS = ("exp_avg",)
+SQUARED_MOMENTS = ("exp_avg_sq",)
+
+
+def rotate_moments(moment_keys, projection: Projection, state, group, old) -> None:
+    """``moment_policy="rotate"``: carry first moments linearly and second moments through the
+    squared transition into the new subspace (:func:`~lowmem.optim.functional.galore.rotate_low_rank`).
+    Other statistics (Adafactor's row/column factors) are kept. In-place: dtypes are preserved."""
+    for key in moment_keys:
+        if key in state and (key in LINEAR_MOMENTS or key in SQUARED_MOMENTS):
+            state[key].copy_(projection.rotate_moment(state[key], old, state, group, squared=key in SQUARED_MOMENTS))

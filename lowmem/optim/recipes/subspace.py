@@ -1,1 +1,278 @@
-"""Subspace recipes: GaLore, Fira, FRUGAL, Online Subspace Descent (see the subspace issue)."""
+"""Subspace recipes: GaLore, Fira, FRUGAL and Online Subspace Descent on the engine.
+
+All four keep the optimizer state of a 2-D weight in a small subspace (rank ``r``); they differ in
+how the subspace is chosen (``projection``), what happens to the gradient outside it (the residual
+rule) and what the moments do when the subspace changes (``moment_policy``). The parts live in
+:mod:`lowmem.optim.subspace`; each recipe below is a few lines plus its registry entry.
+
+Parameter groups: a group with ``rank`` is projected (its 2-D parameters; others in it are trained
+full-rank), a group without is trained full-rank with the same moment rule, as in galore-torch.
+``create_optimizer(model, "galore_adamw", rank=64, target_modules=[...])`` builds them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from ..engine import LowMemOptimizer, Recipe
+from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, nonneg, one_of, optional, positive, positive_int
+from ..moments import AdamMoments, FactoredMoments, adafactor_lr
+from ..registry import register
+from ..subspace import (
+    BASIS_METHODS,
+    COORDINATE_METHODS,
+    MOMENT_POLICIES,
+    PROJ_TYPES,
+    DropResidual,
+    FiraResidual,
+    StateFreeResidual,
+    SubspaceProjection,
+)
+from .full_rank import ADAFACTOR_HPARAMS, _check_adafactor_group
+
+
+def _nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _choice(name: str, default: str, choices: Iterable[str], doc: str) -> HParam:
+    choices = tuple(choices)
+    return HParam(name, default, one_of(*choices), f"one of {list(choices)}", doc)
+
+
+def subspace_hparams(
+    projection: str, methods: Iterable[str], scale: float, moment_policy: str, rank: int = 128
+) -> tuple[HParam, ...]:
+    """The per-group settings every subspace recipe shares (defaults differ per recipe)."""
+    return (
+        HParam("rank", rank, optional(positive_int), "None or an int > 0",
+               "subspace rank r (a parameter whose smaller side is <= r is trained full-rank, with a warning)"),
+        HParam("update_proj_gap", 200, positive_int, "an int > 0", "steps between projection refreshes (T)"),
+        HParam("scale", scale, positive, "a finite float > 0", "alpha: multiplies the projected-back update"),
+        _choice("proj_type", "std", PROJ_TYPES, "which side a basis projects (galore-torch's proj_type)"),
+        _choice("projection", projection, methods, "how the subspace is chosen (see docs/subspace.md)"),
+        _choice("moment_policy", moment_policy, MOMENT_POLICIES, "moments when the subspace changes"),
+        _choice("refresh_phase", "aligned", ("aligned", "staggered"),
+                "'staggered' spreads the parameters' refreshes over the update_proj_gap steps"),
+        HParam("seed", 0, _nonneg_int, "an int >= 0", "seed of random projections and coordinate choices"),
+        HParam("power_iters", 2, _nonneg_int, "an int >= 0", "subspace iterations per 'rsvd' refresh"),
+    )
+
+
+def _check_subspace_group(group: dict[str, Any]) -> None:
+    if group.get("rank") is None:
+        return
+    if group.get("proj_type") == "full" and group.get("projection") not in ("svd", "rsvd", "random", "gaussian"):
+        raise ValueError(
+            f"proj_type='full' (two-sided) needs projection in ['svd', 'rsvd', 'random', 'gaussian'],"
+            f" got projection={group.get('projection')!r}"
+        )
+
+
+def adam_hf_unit_scale(state: dict, group: dict) -> float:
+    """``sqrt(1 - beta2^t) / (1 - beta1^t)``: the bias correction folded into ``eps_placement="hf"``."""
+    beta1, beta2 = group["betas"]
+    t = state["step"].item()
+    return math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+SVD_LIKE = ("svd", "rsvd", "random", "gaussian")
+GALORE_ADAM_HPARAMS = (LR(1e-3), BETAS(), EPS(1e-6), WEIGHT_DECAY(0.0))
+
+GALORE_ADAMW = Recipe(
+    name="galore_adamw",
+    summary="GaLore: AdamW state in a rank-r SVD subspace of each 2-D gradient, refreshed every T steps",
+    reference="Zhao et al. 2024, GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection, Algorithm 2",
+    moment=AdamMoments(eps_placement="hf"),
+    hparams=GALORE_ADAM_HPARAMS,
+    group_hparams=subspace_hparams("svd", SVD_LIKE, scale=0.25, moment_policy="keep"),
+    projection=SubspaceProjection(),
+    residual=DropResidual(),
+    decay_after_update=True,
+    validate_group=_check_subspace_group,
+)
+
+
+def _check_galore_adafactor_group(group: dict[str, Any]) -> None:
+    _check_adafactor_group(group)
+    _check_subspace_group(group)
+
+
+GALORE_ADAFACTOR = Recipe(
+    name="galore_adafactor",
+    summary="GaLore with Adafactor: factored second moment of the rank-r projected gradient",
+    reference="Zhao et al. 2024 (GaLore, Section 4.3) with Shazeer & Stern 2018 (Adafactor)",
+    moment=FactoredMoments(),
+    hparams=ADAFACTOR_HPARAMS,
+    group_hparams=subspace_hparams("svd", SVD_LIKE, scale=0.25, moment_policy="keep"),
+    projection=SubspaceProjection(),
+    lr_rule=adafactor_lr,
+    validate_group=_check_galore_adafactor_group,
+)
+
+FIRA_ADAMW = Recipe(
+    name="fira_adamw",
+    summary="Fira: GaLore's AdamW plus the residual gradient, norm-scaled and growth-limited",
+    reference="Chen et al. 2024, Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?, Algorithm 1",
+    moment=AdamMoments(eps_placement="hf"),
+    hparams=GALORE_ADAM_HPARAMS,
+    group_hparams=(
+        *subspace_hparams("svd", SVD_LIKE, scale=1.0, moment_policy="keep"),
+        HParam("gamma", 1.01, lambda x: positive(x) and x >= 1, "a finite float >= 1",
+               "norm-growth limiter: the residual's norm grows at most by this factor per step"),
+    ),
+    projection=SubspaceProjection(),
+    residual=FiraResidual(unit_scale=adam_hf_unit_scale),
+    decay_after_update=True,
+    validate_group=_check_subspace_group,
+)
+
+FRUGAL = Recipe(
+    name="frugal",
+    summary="FRUGAL: AdamW in a subspace (SVD, random, columns, rows, RandK, blocks), signSGD on the rest",
+    reference="Zmushko et al. 2024, FRUGAL: Memory-Efficient Optimization by Reducing State Overhead, Algorithm 1",
+    moment=AdamMoments(eps_placement="torch"),
+    hparams=(LR(1e-3), BETAS(), EPS(1e-8), WEIGHT_DECAY(0.0)),
+    group_hparams=(
+        *subspace_hparams("svd", (*SVD_LIKE, *COORDINATE_METHODS), scale=1.0, moment_policy="reset"),
+        _choice("free_rule", "signsgd", ("signsgd", "sgd"), "state-free update of the residual"),
+        HParam("free_lr_scale", 1.0, nonneg, "a finite float >= 0", "learning rate of the state-free part / lr"),
+    ),
+    projection=SubspaceProjection(),
+    residual=StateFreeResidual(),
+    validate_group=_check_subspace_group,
+)
+
+OSD_ADAMW = Recipe(
+    name="osd_adamw",
+    summary="Online Subspace Descent: GaLore's AdamW with the projection learned online (no SVD after the first)",
+    reference="Liang et al. 2024, Memory-Efficient LLM Training with Online Subspace Descent, Algorithm 1",
+    moment=AdamMoments(eps_placement="hf"),
+    hparams=GALORE_ADAM_HPARAMS,
+    group_hparams=(
+        *subspace_hparams("online_pca", ("online_pca",), scale=1.0, moment_policy="keep"),
+        HParam("proj_lr", 5e-3, nonneg, "a finite float >= 0", "step size of the projection's own optimizer"),
+        _choice("proj_optimizer", "adam", ("adam", "sgd"), "optimizer of the projection (on the PCA loss)"),
+    ),
+    projection=SubspaceProjection(),
+    residual=DropResidual(),
+    decay_after_update=True,
+    validate_group=_check_subspace_group,
+)
+
+assert set(BASIS_METHODS) >= set(SVD_LIKE)
+
+
+# ---- classes for people migrating from galore-torch and fira ------------------------------------
+
+
+class GaLoreAdamW(LowMemOptimizer):
+    """Drop-in for ``galore_torch.GaLoreAdamW`` (galore-torch 1.0), on the lowmem engine.
+
+    Parameter groups carry galore-torch's keys: a group with ``rank`` (and ``update_proj_gap``,
+    ``scale``, ``proj_type``) is projected; other groups are plain AdamW. Same trajectory as
+    galore-torch 1.0 on the same inputs (tested to float32 precision across refreshes): ``eps`` on the
+    raw ``sqrt(v)``, step size ``lr sqrt(1 - beta2^t) / (1 - beta1^t)``, weight decay after the
+    update, SVD refreshes at steps 1, T+1, 2T+1, ...; the state is plain tensors, so checkpoints
+    load with ``weights_only=True`` (galore-torch pickles its projector objects).
+
+    Args:
+        params: Parameters or parameter groups (``rank``, ``update_proj_gap``, ``scale``,
+            ``proj_type`` and lowmem's other subspace keys, see ``docs/subspace.md``).
+        lr (`float`, defaults to `1e-3`): Learning rate.
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Moment decay rates.
+        eps (`float`, defaults to `1e-6`): Added to ``sqrt(v)`` (before bias correction).
+        weight_decay (`float`, defaults to `0.0`): Decoupled, applied after the update.
+        correct_bias (`bool`, defaults to `True`): Only ``True`` is supported (galore-torch's default).
+        no_deprecation_warning (`bool`, defaults to `False`): Accepted and ignored.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity.
+    """
+
+    recipe = GALORE_ADAMW
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
+        *,
+        state_dtype: str = "float32",
+        foreach: bool | None = None,
+    ):
+        if not correct_bias:
+            raise ValueError("correct_bias=False is not supported; valid: correct_bias=True")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach)
+
+
+class GaLoreAdafactor(LowMemOptimizer):
+    """Drop-in for ``galore_torch.GaLoreAdafactor``: transformers' Adafactor arguments, galore-torch's
+    group keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``). See
+    :class:`~lowmem.optim.Adafactor` for the arguments."""
+
+    recipe = GALORE_ADAFACTOR
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        state_dtype: str = "float32",
+        foreach: bool | None = None,
+    ):
+        super().__init__(
+            params, foreach=foreach, lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
+            warmup_init=warmup_init, state_dtype=state_dtype,
+        )
+
+
+class FiraAdamW(GaLoreAdamW):
+    """Drop-in for ``fira.FiraAdamW`` (fira 1.0.2): the arguments of :class:`GaLoreAdamW`; projected
+    groups carry fira's keys ``rank``, ``update_proj_gap``, ``alpha`` (lowmem's ``scale``) and
+    ``proj_type``, plus ``gamma`` (the norm-growth limit, 1.01 in fira). Same trajectory as fira 1.0.2
+    on the same inputs (tested to float32 precision across refreshes)."""
+
+    recipe = FIRA_ADAMW
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "alpha" in param_group:
+            param_group = {**param_group, "scale": param_group["alpha"]}
+        super().add_param_group(param_group)
+
+
+class Frugal(LowMemOptimizer):
+    """FRUGAL (Zmushko et al. 2024) on the engine; keyword arguments as in ``lowmem list frugal``."""
+
+    recipe = FRUGAL
+
+
+class OnlineSubspaceDescent(LowMemOptimizer):
+    """Online Subspace Descent (Liang et al. 2024) with AdamW; keyword arguments as in
+    ``lowmem list osd_adamw``."""
+
+    recipe = OSD_ADAMW
+
+
+_EXAMPLE = {"rank": 4, "update_proj_gap": 5}
+register(GALORE_ADAMW, GaLoreAdamW, example_hparams={**_EXAMPLE, "scale": 1.0})
+register(
+    GALORE_ADAFACTOR, GaLoreAdafactor,
+    example_hparams={**_EXAMPLE, "scale": 1.0, "lr": 1e-2, "relative_step": False, "scale_parameter": False},
+)
+register(FIRA_ADAMW, FiraAdamW, example_hparams=_EXAMPLE)
+register(FRUGAL, Frugal, example_hparams={**_EXAMPLE, "projection": "columns"})
+register(OSD_ADAMW, OnlineSubspaceDescent, example_hparams={"rank": 4, "proj_lr": 1e-2})

@@ -1,0 +1,33 @@
+"""Fira (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+Constraint?"): the gradient outside GaLore's subspace is used, scaled like the low-rank update."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def norm_based_scaling(residual: Tensor, low_direction: Tensor, low_grad: Tensor, eps: float = 1e-8) -> Tensor:
+    """Scaled residual ``phi(R) (G - P P^T G)`` (Section 4.2, eq. 7-8, column-wise as in fira 1.0.2).
+
+    ``phi = ||psi(R)||_col / ||R||_col``: how much the optimizer (``psi``, here Adam) rescales each
+    column of the low-rank gradient ``R``; the residual's matching column is scaled by it. The norm is
+    taken along the low-rank dimension: per column of an ``r x n`` tensor, per row of ``m x r``.
+    """
+    dim = 0 if low_direction.shape[0] < low_direction.shape[1] else 1
+    factor = low_direction.norm(dim=dim) / (low_grad.norm(dim=dim) + eps)
+    return residual * (factor.unsqueeze(1) if dim == 1 else factor)
+
+
+def norm_growth_limit(scaled: Tensor, previous_norm: Tensor, gamma: float, eps: float = 1e-8) -> Tensor:
+    """Norm-growth limiter (Section 4.3, eq. 9): if ``||S_t|| / ||S_{t-1}|| > gamma``, rescale
+    ``S_t`` to ``gamma ||S_{t-1}||``. Updates ``previous_norm`` (0-d) in place; returns ``S_t``.
+
+    A negative ``previous_norm`` marks the first call: only the norm is recorded. No host
+    synchronisation.
+    """
+    norm = scaled.norm()
+    first = previous_norm < 0
+    limiter = torch.where(first, torch.ones_like(norm), torch.clamp(norm / (previous_norm + eps), min=gamma) / gamma)
+    previous_norm.copy_(norm / limiter)
+    return scaled / limiter

@@ -1,0 +1,48 @@
+"""FRUGAL (Zmushko et al. 2024, "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead
+for Scalable Training"): a state-full update in a subspace, a state-free one outside it.
+
+Coordinate and block subspaces are index sets; projecting is selecting (Algorithm 1 with the
+RandK and blockwise projections of Section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def state_free_direction(residual: Tensor, rule: str) -> Tensor:
+    """Direction for the state-free part (Algorithm 1, line 9): ``sign(G - P P^T G)`` for signSGD,
+    the residual itself for SGD."""
+    if rule == "signsgd":
+        return torch.sign(residual)
+    if rule == "sgd":
+        return residual.clone()
+    raise ValueError(f"state-free rule must be 'signsgd' or 'sgd', got {rule!r}")
+
+
+def random_indices(size: int, k: int, generator: torch.Generator) -> Tensor:
+    """``k`` distinct indices of ``range(size)`` uniformly at random (RandK), sorted."""
+    return torch.randperm(size, generator=generator)[:k].sort().values
+
+
+def block_indices(size: int, k: int, block: int) -> Tensor:
+    """The ``block``-th contiguous block of ``k`` indices, cycling (BAdam's ordered block switching,
+    Luo et al. 2024); the last block wraps around so every block has ``k`` indices."""
+    n_blocks = -(-size // k)
+    start = (block % n_blocks) * k
+    return torch.arange(start, start + k) % size
+
+
+def select(g: Tensor, dim: int | None, index: Tensor) -> Tensor:
+    """The coordinates in ``index`` along ``dim`` (``None``: of the flattened tensor)."""
+    return g.reshape(-1)[index] if dim is None else g.index_select(dim, index)
+
+
+def scatter(low: Tensor, dim: int | None, index: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`select`: a zero tensor of ``shape`` holding ``low`` at ``index``."""
+    out = torch.zeros(shape, dtype=low.dtype, device=low.device)
+    if dim is None:
+        out.view(-1).index_copy_(0, index, low)
+        return out
+    return out.index_copy_(dim, index, low)

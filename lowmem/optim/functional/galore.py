@@ -1,0 +1,120 @@
+"""Low-rank gradient projections: GaLore (Zhao et al. 2024), randomized SVD (Halko, Martinsson &
+Tropp 2011), random projections (APOLLO, Zhu et al. 2024; GrassWalk / GrassJump, Robert et al. 2024)
+and the basis transition used to carry moments across a refresh.
+
+A basis is a pair ``(left, right)``: ``left`` is ``m x r`` (or ``None``) and ``right`` is ``r x n``
+(or ``None``). A gradient ``G`` (``m x n``) is projected to ``left^T G right^T`` and a low-rank
+direction ``R`` is mapped back to ``left R right`` (GaLore, Algorithm 2, lines 6 and 10).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def galore_side(shape: tuple[int, int], proj_type: str) -> str:
+    """Which side GaLore projects: ``"left"``, ``"right"`` or ``"full"`` (galore-torch's ``proj_type``).
+
+    ``std`` projects the smaller side (``right`` when ``m >= n``) so the projected gradient is
+    ``max(m, n) x r``; ``reverse_std`` the larger; ``left`` / ``right`` / ``full`` are explicit.
+    """
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type
+
+
+def low_rank_shape(shape: tuple[int, int], side: str, rank: int) -> tuple[int, ...]:
+    m, n = shape
+    return {"left": (rank, n), "right": (m, rank), "full": (rank, rank)}[side]
+
+
+def svd_basis(g: Tensor, rank: int, side: str) -> tuple[Tensor | None, Tensor | None]:
+    """Top-``rank`` singular vectors of ``G`` (GaLore, Algorithm 2 line 5: ``U, S, V = SVD(G_t)``).
+
+    ``left`` is ``U[:, :r]`` and ``right`` is ``V^T[:r]``; which are returned depends on ``side``.
+    """
+    u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
+    return (u[:, :rank] if side in ("left", "full") else None, vh[:rank] if side in ("right", "full") else None)
+
+
+def project_down(g: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``R = P^T G`` / ``G Q^T`` / ``P^T G Q^T`` (GaLore, Algorithm 2 line 6)."""
+    out = g if left is None else left.t() @ g
+    return out if right is None else out @ right.t()
+
+
+def project_up(r: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
+    """``G~ = P N`` / ``N Q`` / ``P N Q`` (GaLore, Algorithm 2 line 10, before the scale ``alpha``)."""
+    out = r if left is None else left @ r
+    return out if right is None else out @ right
+
+
+def range_finder(a: Tensor, rank: int, generator: torch.Generator, power_iters: int = 2, oversample: int = 4) -> Tensor:
+    """Orthonormal ``m x rank`` basis of ``A``'s dominant column space, randomized.
+
+    Halko, Martinsson & Tropp (2011), Algorithm 4.4 (randomized subspace iteration) followed by the
+    small SVD of Algorithm 5.1 to order the basis by singular value. Costs ``O(mn(r+p))`` per
+    power iteration instead of the full SVD's ``O(mn min(m, n))``.
+    """
+    k = min(rank + oversample, min(a.shape))
+    omega = torch.randn(a.shape[1], k, generator=generator, device="cpu").to(a)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(a @ (a.t() @ q)).Q
+    return _rotate_to_singular(a, q, rank)
+
+
+def subspace_iteration(a: Tensor, q: Tensor, iters: int = 1) -> Tensor:
+    """Warm-started subspace iteration: ``Q <- orth(A A^T Q)``, ``iters`` times, then ordered by
+    singular value (Halko et al. 2011, Algorithm 4.4 started from the previous basis). One
+    iteration costs two ``m x n x r`` products; a slowly rotating subspace needs one or two."""
+    rank = q.shape[1]
+    for _ in range(iters):
+        q = torch.linalg.qr(a @ (a.t() @ q)).Q
+    return _rotate_to_singular(a, q, rank)
+
+
+def _rotate_to_singular(a: Tensor, q: Tensor, rank: int) -> Tensor:
+    u_small, _, _ = torch.linalg.svd(q.t() @ a, full_matrices=False)
+    return q @ u_small[:, :rank]
+
+
+def random_basis(rows: int, rank: int, generator: torch.Generator, orthogonal: bool) -> Tensor:
+    """A random ``rows x rank`` basis independent of the gradient.
+
+    ``orthogonal``: Haar-distributed orthonormal columns (QR of a Gaussian; GrassWalk-style random
+    subspaces). Otherwise Gaussian entries ``N(0, 1/rank)`` as in APOLLO (Zhu et al. 2024,
+    Section 3), for which ``E[P P^T] = I``.
+    """
+    gauss = torch.randn(rows, rank, generator=generator)
+    if orthogonal:
+        q, r = torch.linalg.qr(gauss)
+        return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # sign fix: uniform (Haar) distribution
+    return gauss / rank**0.5
+
+
+def basis_transition(
+    old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None]
+) -> tuple[Tensor | None, Tensor | None]:
+    """Matrices that carry a low-rank tensor from the old basis to the new: ``M' = T_l M T_r`` with
+    ``T_l = P_new^T P_old`` (``r x r``) and ``T_r = Q_old Q_new^T``. For a first moment this is exact
+    (``M`` is linear in the gradient) when the old subspace lies inside the new one."""
+    t_left = None if new[0] is None else new[0].t() @ old[0]
+    t_right = None if new[1] is None else old[1] @ new[1].t()
+    return t_left, t_right
+
+
+def rotate_low_rank(x: Tensor, transition: tuple[Tensor | None, Tensor | None], squared: bool = False) -> Tensor:
+    """Apply :func:`basis_transition` to a moment. ``squared`` (second moments, which are
+    element-wise squares) uses the element-wise squared transition, which keeps them
+    non-negative and is exact when the transition is a signed permutation."""
+    t_left, t_right = transition
+    if squared:
+        t_left = None if t_left is None else t_left.square()
+        t_right = None if t_right is None else t_right.square()
+    out = x if t_left is None else t_left @ x
+    return out if t_right is None else out @ t_right
