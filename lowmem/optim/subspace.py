@@ -215,6 +215,8 @@ class SubspaceProjection(Projection):
             warnings.warn(f"projection refresh failed ({err}); keeping the previous subspace", stacklevel=4)
             return False
         state["proj_meta"][2] += 1
+        if method == "online_pca":
+            state["proj_meta"][3] = -1  # the SVD step itself takes no PCA step (its gradient is optimal)
         return True
 
     def _new_basis(self, g, state, group, method, refreshes, gen):
@@ -255,7 +257,12 @@ class SubspaceProjection(Projection):
     # -- Online Subspace Descent: learn the basis after each step --
 
     def post_update(self, g, state, group):
-        if self.method(group) != "online_pca" or not _usable(g):
+        if self.method(group) != "online_pca":
+            return
+        if state["proj_meta"][3] < 0:
+            state["proj_meta"][3] = 0
+            return
+        if not _usable(g):
             return
         key = "proj_left" if "proj_left" in state else "proj_right"
         basis = state[key]

@@ -1,0 +1,272 @@
+"""FRUGAL and Online Subspace Descent against plain loops written from their papers' algorithms, and
+the shared subspace parts: refresh robustness, staggering, moment policies, randomized SVD,
+grouping from a model and the Llama-shaped accounting."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem.optim import Frugal, GaLoreAdamW, OnlineSubspaceDescent, create_optimizer
+from lowmem.optim.functional import galore as GL
+from lowmem.optim.functional import osd as OSD
+
+
+def grads(shape, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return [base * 0.5 + torch.randn(shape, generator=g) * (1 + t % 3) for t in range(steps)]
+
+
+# ---- FRUGAL (Zmushko et al. 2024, Algorithm 1) --------------------------------------------------
+
+
+def frugal_reference(w, gs, rank, gap, lr, betas, eps, wd, free_lr_scale, rule, projection):
+    """Algorithm 1: every T steps a new subspace and zeroed moments; Adam on P^T G (state-full),
+    signSGD on G - P P^T G (state-free); decoupled weight decay first (torch's AdamW)."""
+    w = w.clone()
+    b1, b2 = betas
+    m, n = w.shape
+    for t, g in enumerate(gs, start=1):
+        k = (t - 1) // gap
+        if (t - 1) % gap == 0:
+            if projection == "svd":
+                U, S, Vh = torch.linalg.svd(g, full_matrices=False)
+                basis = Vh[:rank] if m >= n else U[:, :rank]
+            else:  # blocks: the k-th contiguous block of `rank` columns (m >= n) or rows, cycling
+                size = n if m >= n else m
+                start = (k % math.ceil(size / rank)) * rank
+                idx = torch.arange(start, start + rank) % size
+            mom, vel, s = None, None, 0
+        if projection == "svd":
+            low = g @ basis.t() if m >= n else basis.t() @ g
+        else:
+            low = g[:, idx] if m >= n else g[idx]
+        if mom is None:
+            mom, vel = torch.zeros_like(low), torch.zeros_like(low)
+        mom = b1 * mom + (1 - b1) * low
+        vel = b2 * vel + (1 - b2) * low * low
+        # bias correction counts from the start of training (the moments are zeroed, the step is not)
+        direction_low = (mom / (1 - b1**t)) / ((vel / (1 - b2**t)).sqrt() + eps)
+        if projection == "svd":
+            full = direction_low @ basis if m >= n else basis @ direction_low
+            back = low @ basis if m >= n else basis @ low
+        else:
+            full, back = torch.zeros_like(g), torch.zeros_like(g)
+            if m >= n:
+                full[:, idx], back[:, idx] = direction_low, low
+            else:
+                full[idx], back[idx] = direction_low, low
+        free = torch.sign(g - back) if rule == "signsgd" else g - back
+        w = w * (1 - lr * wd)
+        w = w - lr * (full + free_lr_scale * free)
+    return w
+
+
+@pytest.mark.parametrize("projection", ["svd", "blocks"])
+@pytest.mark.parametrize("shape", [(24, 16), (10, 30)])
+@pytest.mark.parametrize("rule", ["signsgd", "sgd"])
+def test_frugal_matches_algorithm(projection, shape, rule):
+    torch.manual_seed(0)
+    w0 = torch.randn(shape)
+    gs = grads(shape, 17)
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ref = frugal_reference(w0, gs, rank=4, gap=5, free_lr_scale=0.3, rule=rule, projection=projection,
+                           wd=0.1, lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    p = nn.Parameter(w0.clone())
+    opt = Frugal([{"params": [p], "rank": 4, "update_proj_gap": 5, "projection": projection,
+                   "free_lr_scale": 0.3, "free_rule": rule}], **kw)
+    for g in gs:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_frugal_coordinate_subspaces_are_complementary():
+    """Columns / rows / RandK: the state-full and state-free parts partition the gradient."""
+    for projection, low_numel in [("columns", 24 * 4), ("rows", 4 * 16), ("randk", 4 * 24)]:
+        p = nn.Parameter(torch.zeros(24, 16))
+        opt = Frugal([{"params": [p], "rank": 4, "projection": projection, "free_rule": "sgd"}], lr=1.0, betas=(0.0, 0.0), eps=0.0)
+        p.grad = torch.randn(24, 16)
+        opt.step()
+        assert opt.state[p]["exp_avg"].numel() == low_numel
+        # with beta = 0 Adam's direction is sign(g) on the subspace; SGD elsewhere: -p = sign or g
+        upd = -p.detach()
+        in_sub = (upd == torch.sign(p.grad))
+        assert torch.equal(in_sub | (upd == p.grad), torch.ones_like(in_sub))
+        assert in_sub.sum() >= low_numel and (upd == p.grad).sum() >= p.numel() - low_numel
+
+
+# ---- Online Subspace Descent (Liang et al. 2024, Algorithm 1) -----------------------------------
+
+
+def osd_reference(w, gs, rank, lr, proj_lr, betas, eps, scale):
+    """Algorithm 1: P_0 from an SVD; each step W <- W - lr * scale * Adam(P^T G) mapped back with P_t,
+    then P_{t+1} = P_t - Adam step on || G_n - G_n P^T P ||^2 (autograd; G_n = G / ||G||)."""
+    w = w.clone()
+    b1, b2 = betas
+    basis = torch.linalg.svd(gs[0], full_matrices=False)[2][:rank].clone().requires_grad_(True)  # right (m >= n)
+    popt = torch.optim.Adam([basis], lr=proj_lr, foreach=False)
+    mom = vel = None
+    for t, g in enumerate(gs, start=1):
+        low = g @ basis.detach().t()
+        mom = (1 - b1) * low if mom is None else b1 * mom + (1 - b1) * low
+        vel = (1 - b2) * low * low if vel is None else b2 * vel + (1 - b2) * low * low
+        step = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        w = w - step * scale * ((mom / (vel.sqrt() + eps)) @ basis.detach())
+        if t == 1:
+            continue  # P_0 is optimal for G_0: the first PCA step comes with the next gradient
+        gn = g / g.norm()
+        popt.zero_grad()
+        ((gn @ basis.t() @ basis - gn).norm() ** 2).backward()
+        popt.step()
+    return w, basis.detach()
+
+
+def test_osd_matches_algorithm():
+    torch.manual_seed(0)
+    w0 = torch.randn(24, 16)
+    gs = grads((24, 16), 15)
+    ref_w, ref_basis = osd_reference(w0, gs, rank=4, lr=1e-2, proj_lr=1e-2, betas=(0.9, 0.99), eps=1e-6, scale=0.5)
+    p = nn.Parameter(w0.clone())
+    opt = OnlineSubspaceDescent([{"params": [p], "rank": 4, "proj_lr": 1e-2, "scale": 0.5}], lr=1e-2, betas=(0.9, 0.99))
+    for g in gs:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(opt.state[p]["proj_right"], ref_basis, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(p.detach(), ref_w, rtol=1e-5, atol=1e-6)
+    assert opt.state[p]["proj_meta"][2] == 1  # one SVD, then learned online
+
+
+@pytest.mark.parametrize("side,shape", [("left", (10, 30)), ("right", (24, 16))])
+def test_pca_loss_gradient_is_autograd(side, shape):
+    g = torch.randn(shape, dtype=torch.float64)
+    basis = torch.randn((shape[0], 3) if side == "left" else (3, shape[1]), dtype=torch.float64, requires_grad=True)
+    gn = g / g.norm()
+    rec = basis @ basis.t() @ gn if side == "left" else gn @ basis.t() @ basis
+    ((rec - gn).norm() ** 2).backward()
+    torch.testing.assert_close(OSD.pca_loss_grad(basis.detach(), g, side), basis.grad)
+
+
+# ---- shared parts: refreshes never crash, staggering, moments, rsvd ------------------------------
+
+
+def test_zero_and_nonfinite_gradient_keep_the_old_projection():
+    p = nn.Parameter(torch.randn(24, 16))
+    opt = GaLoreAdamW([{"params": [p], "rank": 4, "update_proj_gap": 2, "scale": 1.0, "proj_type": "std"}], lr=1e-2)
+    p.grad = torch.zeros(24, 16)  # first refresh skipped: retried next step
+    with pytest.warns(UserWarning, match="refresh skipped"):
+        opt.step()
+    assert opt.state[p]["proj_meta"][2] == 0
+    p.grad = torch.randn(24, 16)
+    opt.step()  # t = 2: the first usable gradient sets the basis
+    basis = opt.state[p]["proj_right"].clone()
+    assert opt.state[p]["proj_meta"][2] == 1 and basis.abs().sum() > 0
+    p.grad = torch.zeros(24, 16)
+    with pytest.warns(UserWarning, match="refresh skipped"):
+        opt.step()  # t = 3 is a refresh step: zero gradient -> old basis kept
+    p.grad = torch.randn(24, 16)
+    opt.step()  # t = 4
+    with pytest.warns(UserWarning, match="refresh skipped"):  # t = 5 is due; a NaN gradient keeps the basis
+        assert opt.refresh_projection(p, torch.full((24, 16), float("nan")), opt.param_groups[0])
+    assert torch.equal(opt.state[p]["proj_right"], basis)
+    assert torch.isfinite(p).all()
+
+
+def test_rank_at_or_above_smaller_side_falls_back_to_full_rank():
+    p = nn.Parameter(torch.randn(6, 20))
+    opt = GaLoreAdamW([{"params": [p], "rank": 6, "scale": 1.0}], lr=1e-2)
+    p.grad = torch.randn(6, 20)
+    with pytest.warns(UserWarning, match="full-rank"):
+        opt.step()
+    assert opt.state[p]["exp_avg"].shape == (6, 20) and "proj_meta" not in opt.state[p]
+
+
+def test_staggered_refreshes_spread_over_the_gap():
+    params = [nn.Parameter(torch.randn(12, 8)) for _ in range(4)]
+    opt = GaLoreAdamW([{"params": params, "rank": 2, "update_proj_gap": 4, "scale": 1.0, "refresh_phase": "staggered"}])
+    per_step = []
+    for _ in range(9):
+        before = [int(opt.state[p]["proj_meta"][2]) if opt.state[p] else 0 for p in params]
+        for p in params:
+            p.grad = torch.randn(12, 8)
+        opt.step()
+        per_step.append(sum(int(opt.state[p]["proj_meta"][2]) - b for p, b in zip(params, before)))
+    assert per_step[0] == 4  # every parameter needs a first basis
+    assert per_step[1:] == [1] * 8  # then exactly one refresh per step
+
+
+@pytest.mark.parametrize("projection", ["svd", "columns"])
+def test_rotate_policy_moves_moments_into_the_new_basis(projection):
+    """Refreshing onto the same subspace must leave rotated moments unchanged (they would be zeroed
+    by 'reset'); onto a new one, the first moment is carried: M' = T_l M T_r."""
+    g = torch.randn(24, 16)
+    p = nn.Parameter(torch.zeros(24, 16))
+    opt = Frugal([{"params": [p], "rank": 4, "update_proj_gap": 1, "projection": projection, "moment_policy": "rotate",
+                   "seed": 0}], lr=1e-3)
+    p.grad = g.clone()
+    opt.step()
+    st = opt.state[p]
+    m_before = st["exp_avg"].clone()
+    old = opt.recipe.projection.snapshot(st, opt.param_groups[0])
+    p.grad = g.clone()
+    opt.step()  # refresh (gap 1) then moment update with the same gradient
+    if projection == "svd":  # same gradient -> same subspace: rotation is (up to signs) the identity
+        expected_m = 0.9 * GL.rotate_low_rank(m_before, GL.basis_transition((None, old["proj_right"]), (None, st["proj_right"])))
+        expected_m += 0.1 * (g @ st["proj_right"].t())
+        torch.testing.assert_close(st["exp_avg"], expected_m, rtol=1e-4, atol=1e-5)
+        assert st["exp_avg"].abs().sum() > 0.5 * m_before.abs().sum()
+    else:  # new random columns: kept columns keep their moments, new ones start from zero
+        idx_old, idx_new = old["proj_index"].tolist(), st["proj_index"].tolist()
+        for j, c in enumerate(idx_new):
+            prev = m_before[:, idx_old.index(c)] if c in idx_old else torch.zeros(24)
+            torch.testing.assert_close(st["exp_avg"][:, j], 0.9 * prev + 0.1 * g[:, c])
+
+
+def test_rsvd_finds_the_dominant_subspace():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64))
+    v, _ = torch.linalg.qr(torch.randn(48, 48))
+    s = torch.cat([torch.tensor([10.0, 8, 6, 5]), 0.01 * torch.rand(44)])
+    g = u[:, :48] * s @ v.t()
+    exact, _ = GL.svd_basis(g, 4, "left")
+    gen = torch.Generator().manual_seed(0)
+    approx = GL.range_finder(g, 4, gen, power_iters=2)
+    assert torch.linalg.matrix_norm(exact @ exact.t() - approx @ approx.t(), 2) < 1e-3
+    warm = GL.subspace_iteration(g + 0.001 * torch.randn(64, 48), approx, iters=1)
+    assert torch.linalg.matrix_norm(exact @ exact.t() - warm @ warm.t(), 2) < 1e-2
+
+
+@pytest.mark.parametrize("projection", ["rsvd", "random", "gaussian"])
+def test_cheap_projections_train(projection):
+    torch.manual_seed(0)
+    target = torch.randn(32, 16)
+    p = nn.Parameter(torch.zeros(32, 16))
+    opt = GaLoreAdamW([{"params": [p], "rank": 4, "update_proj_gap": 3, "scale": 1.0, "projection": projection}], lr=0.1)
+    first = None
+    for _ in range(100):
+        loss = (p - target).pow(2).sum()
+        p.grad = torch.autograd.grad(loss, p)[0]
+        opt.step()
+        first = first or loss.item()
+    assert loss.item() < 0.4 * first
+
+
+def test_invalid_combination_raises():
+    with pytest.raises(ValueError, match="proj_type='full'"):
+        Frugal([{"params": [nn.Parameter(torch.zeros(4, 4))], "rank": 2, "proj_type": "full", "projection": "columns"}])
+    with pytest.raises(ValueError, match="projection"):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(4, 4))], "rank": 2, "projection": "online_pca"}])
+
+
+def test_create_optimizer_groups_from_a_model():
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 32), nn.Linear(32, 8))
+    opt = create_optimizer(model, "galore_adamw", rank=4, target_modules=["0", "2"], weight_decay=0.1)
+    projected = [g for g in opt.param_groups if g.get("rank")]
+    assert len(projected) == 1 and {id(p) for p in projected[0]["params"]} == {id(model[0].weight), id(model[2].weight)}
+    assert projected[0]["update_proj_gap"] == 200 and projected[0]["scale"] == 0.25 and projected[0]["projection"] == "svd"
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
