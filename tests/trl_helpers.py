@@ -41,7 +41,7 @@ def make_trainer(kind: str, model_path: str, output_dir: str, steps: int, *, lr:
         kw.update(train_dataset=sft_dataset(256, 0), eval_dataset=sft_dataset(16, 0, "eval") if eval_dataset else None)
     elif kind == "dpo":
         kw.update(train_dataset=preference_dataset(256, 0),
-                  eval_dataset=preference_dataset(16, 0, "eval") if eval_dataset else None)
+                  eval_dataset=(preference_dataset(16, 0, "eval") if eval_dataset != "train" else preference_dataset(64, 0)) if eval_dataset else None)
     else:
         kw.update(reward_funcs=reward_fn, train_dataset=reward_dataset(256, 0),
                   eval_dataset=reward_dataset(8, 0, "eval") if eval_dataset else None)
@@ -70,3 +70,19 @@ def assert_lowmem_optimizer(trainer, name: str = "adafactor") -> None:
 
 def metric_series(trainer, key: str) -> list[float]:
     return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def sft_warm_model(model_path: str, output_dir: str, steps: int = 30, lr: float = 1e-2) -> str:
+    """A base for LoRA runs: the tiny model after a short full SFT on the addition text (saved to
+    ``output_dir``). The freshly initialised tiny model predicts a near-uniform distribution
+    through a near-zero ``lm_head``, which a LoRA adapter on the blocks can barely move; adapters
+    are trained on top of a (briefly) trained model, as in practice."""
+    import contextlib
+    import io
+
+    trainer = make_trainer("sft", model_path, output_dir, steps, lr=lr, per_device_train_batch_size=16, logging_steps=steps)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    trainer.save_model(output_dir)
+    trainer.processing_class.save_pretrained(output_dir)
+    return output_dir
