@@ -1,0 +1,234 @@
+"""Layerwise updates: each parameter is stepped in the backward pass, its gradient freed at once.
+
+A post-accumulate-grad hook (``Tensor.register_post_accumulate_grad_hook``) steps a parameter as
+soon as its gradient is complete and sets ``.grad = None``, so the model never holds all its
+gradients at once (peak: the largest parameter's gradient). Any engine recipe works; unlike the
+Trainer's built-in layerwise GaLore, :class:`LayerwiseOptimizer` supports
+
+* **gradient accumulation** (``accumulation_steps``): full-rank parameters accumulate in ``.grad``
+  as usual; projected parameters of recipes without a residual rule (GaLore, Online Subspace
+  Descent) accumulate *in the subspace* (an ``r x n`` buffer instead of ``m x n``): a refresh due at
+  the window's step is computed from the window's **first micro-batch** gradient, then every
+  micro-batch is projected onto that basis and summed; Online Subspace Descent's basis step uses
+  the **last** micro-batch gradient. Recipes with a residual (Fira, FRUGAL) need the full gradient
+  and accumulate it in ``.grad``.
+* **gradient clipping** (``max_grad_norm``): ``clip_mode="per_param"`` clips each parameter's
+  stepped gradient to that norm; ``clip_mode="global_prev"`` scales every gradient by
+  ``min(1, max_grad_norm / ||g_{k-1}||)`` where ``||g_{k-1}||`` is the global norm of the previous
+  step's gradients (the current one is unknown until the backward pass ends). In the subspace
+  accumulation mode both see the projected gradient.
+* **checkpoints**: ``state_dict()`` / ``load_state_dict()`` hold the whole state (the wrapped
+  optimizer's plus the clipping norm), plain tensors; ``step()`` and ``zero_grad()`` exist so that
+  ``transformers.Trainer`` treats it as an ordinary optimizer.
+* **DDP**: a plain hook would step on the *local* gradient. Pass the
+  ``DistributedDataParallel`` module (or call :meth:`LayerwiseOptimizer.attach_ddp` once it is
+  wrapped): parameters are then stepped from a DDP communication hook, on the all-reduced
+  gradient of each bucket. DDP keeps its full-size gradient buckets, so memory is not saved there.
+  Stepping from plain hooks while a process group of several ranks is active raises an error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .engine import LowMemOptimizer
+from .registry import create_optimizer
+from .subspace import DropResidual
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Step every parameter from its gradient hook with a registered lowmem optimizer.
+
+    Args:
+        model_or_params (`nn.Module`, DDP module, or parameters / groups): What to train. A module
+            lets subspace recipes choose targets (``target_modules``); a
+            ``DistributedDataParallel`` module switches to stepping on the all-reduced gradient.
+        name (`str`, defaults to `"adamw"`): Registered engine optimizer (``lowmem list``).
+        accumulation_steps (`int`, defaults to `1`): Backward passes per optimizer step. Call
+            :meth:`step` once per window, after the last backward (the Trainer does).
+        max_grad_norm (`float` or `None`, defaults to `None`): Gradient clipping threshold.
+        clip_mode (`str`, defaults to `"per_param"`): ``"per_param"`` or ``"global_prev"`` (see the
+            module docstring).
+        **hparams: The optimizer's hyperparameters (``lr``, ``rank``, ...).
+    """
+
+    def __init__(
+        self,
+        model_or_params: Any,
+        name: str = "adamw",
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        clip_mode: str = "per_param",
+        **hparams: Any,
+    ):
+        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if clip_mode not in ("per_param", "global_prev"):
+            raise ValueError(f"clip_mode must be 'per_param' or 'global_prev', got {clip_mode!r}")
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be None or a finite float > 0, got {max_grad_norm!r}")
+        ddp = model_or_params if isinstance(model_or_params, nn.parallel.DistributedDataParallel) else None
+        target = ddp.module if ddp is not None else model_or_params
+        inner = create_optimizer(target, name, **hparams)
+        if not isinstance(inner, LowMemOptimizer):
+            raise ValueError(f"layerwise mode needs an engine optimizer; {name!r} is not one")
+        self.inner = inner
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.clip_mode = clip_mode
+        params = [p for g in inner.param_groups for p in g["params"]]
+        super().__init__(params, {})
+        self.param_groups = inner.param_groups  # one set of groups: schedulers change the inner lr
+        self.state = inner.state
+        self.defaults = inner.defaults
+        self._group_of = {p: g for g in inner.param_groups for p in g["params"]}
+        r = inner.recipe
+        self._subspace_accumulation = isinstance(r.residual, DropResidual) and not r.stabilizers
+        self._micro: dict[Tensor, int] = {}
+        self._low: dict[Tensor, Tensor] = {}
+        self._clip_coef = torch.ones(())
+        self._sq_norm_sum: Tensor | None = None
+        self._handles: list[Any] = []
+        self._ddp = None
+        if ddp is not None:
+            self.attach_ddp(ddp)
+        else:
+            self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def attach_ddp(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
+        """Step from ``ddp_model``'s communication hook (on all-reduced gradients) instead of the
+        per-parameter hooks. Call it once, after wrapping the model and before the first backward."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._ddp = ddp_model
+        ddp_model.register_comm_hook(None, self._comm_hook)
+
+    def _comm_hook(self, process_group, bucket):  # no annotations: DDP checks them (GradBucket)
+        group = process_group if process_group is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        buffer = bucket.buffer().div_(world)
+        fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+
+        def step_bucket(f: torch.futures.Future) -> Tensor:
+            reduced = f.value()[0]
+            offset = 0
+            for p in bucket.parameters():
+                g = reduced[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+                self._on_gradient(p, g, owned=False)
+            return reduced
+
+        return fut.then(step_bucket)
+
+    def _hook(self, p: Tensor) -> None:
+        if self._ddp is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError(
+                "LayerwiseOptimizer: a process group with several ranks is active but no DDP module is attached; the"
+                " hook would step on the local gradient. Pass the DistributedDataParallel module, or call"
+                " attach_ddp(ddp_model) after wrapping."
+            )
+        self._on_gradient(p, p.grad, owned=True)
+
+    @torch.no_grad()
+    def _on_gradient(self, p: Tensor, grad: Tensor, owned: bool) -> None:
+        """A complete gradient of ``p`` for one backward pass. ``owned``: ``grad`` is ``p.grad``
+        (hook mode), which we may free or leave to accumulate."""
+        group = self._group_of[p]
+        k = self._micro.get(p, 0) + 1
+        self._micro[p] = k
+        last = k >= self.accumulation_steps
+        if self.accumulation_steps > 1 and owned and self._subspace_accumulation and self.inner._is_projected(p, group):
+            if k == 1:
+                self.inner.refresh_projection(p, grad, group)
+                self._low[p] = self.inner.project(p, grad, group)
+            else:
+                self._low[p].add_(self.inner.project(p, grad, group))
+            if last:
+                self._step_param(p, grad, group, low=self._low.pop(p))
+            p.grad = None
+            return
+        if last:
+            self._step_param(p, grad, group)
+            if owned:
+                p.grad = None
+        # else: the gradient stays in p.grad and autograd adds the next micro-batch to it
+
+    def _step_param(self, p: Tensor, grad: Tensor, group: dict, low: Tensor | None = None) -> None:
+        self._micro[p] = 0
+        clipped = low if low is not None else grad
+        if not bool(torch.isfinite(clipped).all()):
+            warnings.warn(f"layerwise: non-finite gradient for a {tuple(p.shape)} parameter; its step is skipped", stacklevel=2)
+            return
+        norm_sq = clipped.float().pow(2).sum()
+        self._sq_norm_sum = norm_sq if self._sq_norm_sum is None else self._sq_norm_sum + norm_sq
+        if self.max_grad_norm is not None:
+            if self.clip_mode == "per_param":
+                coef = torch.clamp(self.max_grad_norm / (norm_sq.sqrt() + 1e-6), max=1.0)
+            else:
+                coef = self._clip_coef.to(clipped.device)
+            clipped = clipped * coef.to(clipped.dtype)
+        if low is not None:
+            self.inner._update(p, grad, group, projected_grad=clipped)
+        else:
+            self.inner._update(p, clipped, group)
+
+    # ---- the optimizer interface the Trainer uses ---------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """End of an accumulation window: parameters that missed micro-batches are stepped now with
+        what they accumulated; the global norm for ``clip_mode="global_prev"`` is updated."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p, k in list(self._micro.items()):
+            if k > 0:
+                group = self._group_of[p]
+                low = self._low.pop(p, None)
+                if low is not None or p.grad is not None:
+                    self._step_param(p, p.grad if p.grad is not None else torch.zeros_like(p), group, low=low)
+                    p.grad = None
+                self._micro[p] = 0
+        if self._sq_norm_sum is not None and self.max_grad_norm is not None:
+            total = self._sq_norm_sum.sqrt().cpu()
+            self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        self._sq_norm_sum = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.inner.state_dict()
+        sd["layerwise"] = {"clip_coef": self._clip_coef.clone()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("layerwise", None)
+        self.inner.load_state_dict(state_dict)
+        self.state = self.inner.state
+        if extra is not None:
+            self._clip_coef = extra["clip_coef"].clone()
+
+    def state_bytes(self) -> int:
+        return self.inner.state_bytes()
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters (the optimizer can no longer step)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __repr__(self) -> str:
+        return f"LayerwiseOptimizer({self.inner!r}, accumulation_steps={self.accumulation_steps})"
