@@ -270,3 +270,29 @@ def test_create_optimizer_groups_from_a_model():
     assert len(projected) == 1 and {id(p) for p in projected[0]["params"]} == {id(model[0].weight), id(model[2].weight)}
     assert projected[0]["update_proj_gap"] == 200 and projected[0]["scale"] == 0.25 and projected[0]["projection"] == "svd"
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_llama_7b_shaped_accounting_matches_the_formula():
+    """GaLore at rank r on Llama-2-7B (meta device): projected weights keep 2 moments of
+    max(m, n) x r, a min(m, n) x r basis and 48 bytes of bookkeeping; the rest AdamW's 8 bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem.optim.accounting import LLAMA_SHAPES, llama_shaped_state_bytes
+    from lowmem.optim.registry import subspace_target_names
+
+    r = 128
+    adamw = llama_shaped_state_bytes("adamw")
+    galore = llama_shaped_state_bytes("galore_adamw", rank=r)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES["llama-2-7b"], tie_word_embeddings=False))
+    targets = set(subspace_target_names(model))
+    expected = 0
+    for name, p in model.named_parameters():
+        if name in targets:
+            m, n = p.shape
+            expected += 2 * max(m, n) * r * 4 + min(m, n) * r * 4 + 6 * 8 + 4
+        else:
+            expected += 8 * p.numel() + 4
+    assert galore["state_bytes"] == expected
+    assert galore["trainable_params"] == adamw["trainable_params"] > 6.7e9
+    assert abs(adamw["bytes_per_param"] - 8.0) < 1e-5 and galore["bytes_per_param"] < 0.7
