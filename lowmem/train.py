@@ -24,8 +24,8 @@ from torch import nn
 
 from .optim import create_optimizer, get_entry
 
-AVAILABLE_TRAINERS = ("sft",)
-PLANNED_TRAINERS = ("dpo", "grpo", "gvpo", "bnpo")
+AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
+PLANNED_TRAINERS: tuple[str, ...] = ()
 TASKS = ("addition",)
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -39,8 +39,12 @@ class TrainRecipe:
 
         trainer (`str`, defaults to `"sft"`):
             Training method. ``"sft"``: plain causal-LM fine-tuning (loss on every token) with
-            :class:`~lowmem.trainers.LowMemTrainer`. ``"dpo"``, ``"grpo"``, ``"gvpo"``, ``"bnpo"``
-            are planned and raise "not yet available".
+            :class:`~lowmem.trainers.LowMemTrainer`. ``"dpo"`` (preference pairs), ``"grpo"``,
+            ``"gvpo"``, ``"bnpo"`` (verifiable reward :func:`lowmem.kit.reward_fn`): the TRL trainers of
+            :mod:`lowmem.trainers` (docs/post_training.md); ``train_size`` is then the number of
+            pairs / prompts, ``batch_size`` the per-device number of pairs / completions, and
+            ``training_args`` takes their config fields (``num_generations``, ``max_completion_length``,
+            ``beta``, ``reward_range``, ...).
         model (`str` or `None`, defaults to `None`):
             Local directory of an HF causal LM and its tokenizer (``--model``). `None`: the embedded
             tiny Llama (~83k parameters, character tokenizer). Nothing is downloaded.
@@ -226,7 +230,76 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     }
 
 
-TRAINERS: dict[str, Callable[[TrainRecipe], dict[str, Any]]] = {"sft": _run_sft}
+def _trl_config_and_trainer(kind: str) -> tuple[type, type]:
+    from lowmem import trainers as t
+
+    return {
+        "dpo": (t.LowMemDPOConfig, t.LowMemDPOTrainer), "grpo": (t.LowMemGRPOConfig, t.LowMemGRPOTrainer),
+        "gvpo": (t.GVPOConfig, t.GVPOTrainer), "bnpo": (t.BNPOConfig, t.BNPOTrainer),
+    }[kind]
+
+
+def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
+    """DPO: margin and accuracy on a fixed set of 64 training pairs before and after training.
+    GRPO/GVPO/BNPO: mean reward of the first 5 and the last 10 training steps (and every step's)."""
+    import tempfile
+
+    from transformers import set_seed
+
+    from lowmem.kit import load_model_and_tokenizer, preference_dataset, reward_dataset, reward_fn
+
+    set_seed(recipe.seed)
+    config_cls, trainer_cls = _trl_config_and_trainer(recipe.trainer)
+    model, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
+    model_dir = recipe.model
+    if model_dir is None:  # TRL reloads reference models by path: save the embedded model first
+        model_dir = tempfile.mkdtemp(prefix="lowmem-tiny-")
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    fields = {
+        "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
+        "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
+        "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
+        "logging_steps": recipe.logging_steps, "seed": recipe.seed, "bf16": recipe.dtype == "bfloat16",
+        "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
+        "report_to": "none", "dataloader_pin_memory": False,
+    }
+    if recipe.trainer == "dpo":
+        fields["per_device_eval_batch_size"] = 64
+    args = config_cls(**{**fields, **recipe.training_args})
+    if recipe.trainer == "dpo":
+        trainer = trainer_cls(model=model_dir, args=args, train_dataset=preference_dataset(recipe.train_size, recipe.seed),
+                              eval_dataset=preference_dataset(64, recipe.seed), processing_class=tok)
+        before = trainer.evaluate()
+        out = trainer.train()
+        after = trainer.evaluate()
+        result = {
+            "initial_margin": before["eval_rewards/margins"], "final_margin": after["eval_rewards/margins"],
+            "initial_accuracy": before["eval_rewards/accuracies"], "final_accuracy": after["eval_rewards/accuracies"],
+            "margin_history": [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h],
+        }
+    else:
+        trainer = trainer_cls(model=model_dir, reward_funcs=reward_fn, args=args, processing_class=tok,
+                              train_dataset=reward_dataset(recipe.train_size, recipe.seed))
+        out = trainer.train()
+        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+        result = {
+            "initial_reward": sum(rewards[:5]) / max(len(rewards[:5]), 1),
+            "final_reward": sum(rewards[-10:]) / max(len(rewards[-10:]), 1), "reward_history": rewards,
+        }
+    if recipe.save_model:
+        trainer.save_model()
+    policy = trainer.model
+    return {
+        **result, "steps": trainer.state.global_step, "train_runtime_s": out.metrics.get("train_runtime"),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(policy),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(policy)),
+    }
+
+
+TRAINERS: dict[str, Callable[[TrainRecipe], dict[str, Any]]] = {
+    "sft": _run_sft, "dpo": _run_trl, "grpo": _run_trl, "gvpo": _run_trl, "bnpo": _run_trl,
+}
 
 
 def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
@@ -252,8 +325,15 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     ours, adamw = metrics["optimizer_state_bytes"], metrics["adamw_state_bytes"]
-    console.print(f"eval loss: initial {metrics['initial_loss']:.4f} -> final {metrics['final_loss']:.4f} "
-                  f"after {metrics['steps']} steps")
+    if "initial_reward" in metrics:
+        console.print(f"mean reward: first 5 steps {metrics['initial_reward']:.4f} -> last 10 steps "
+                      f"{metrics['final_reward']:.4f} after {metrics['steps']} steps")
+    elif "initial_margin" in metrics:
+        console.print(f"chosen-minus-rejected margin (64 training pairs): {metrics['initial_margin']:.4f} -> "
+                      f"{metrics['final_margin']:.4f}, accuracy {metrics['final_accuracy']:.3f} after {metrics['steps']} steps")
+    else:
+        console.print(f"eval loss: initial {metrics['initial_loss']:.4f} -> final {metrics['final_loss']:.4f} "
+                      f"after {metrics['steps']} steps")
     console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
                   f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
     console.print(f"metrics: {out / 'metrics.json'}  ({metrics['wall_time_s']:.1f} s)")
