@@ -91,8 +91,9 @@ def test_low_memory_recipes_closed_forms(name):
         for m_, n_ in [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]:
             per += min(m_, n_) * r + 2 * r * max(m_, n_)
         rest = n - n_lin
-        expected = 32 * per + 8 * rest
-        assert est.optimizer_states == pytest.approx(expected, rel=0.01)
+        expected = 4 * 32 * per + 8 * rest  # float32 elements of the projected state; AdamW on the rest
+        # what remains is bookkeeping: 4-byte step counters and a few int64s of projection metadata
+        assert est.optimizer_states == pytest.approx(expected, rel=1e-5)
     else:
         est = estimate_memory("llama-2-7b", name)
         assert est.optimizer_states / n == pytest.approx(2.0, rel=0.05)
