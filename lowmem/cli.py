@@ -66,21 +66,23 @@ def run_list(args: argparse.Namespace) -> int:
     shape = "x".join(map(str, LIST_SHAPE))
     table = Table(
         title="lowmem optimizers",
-        caption=f"state bytes/param for one {shape} weight with each optimizer's example hyperparameters "
-        "(sized on the meta device; AdamW float32 = 8)",
+        caption=f"optimizer-state bytes per parameter of one {shape} weight at each optimizer's default "
+        "hyperparameters (subspace recipes at their default rank), sized by the optimizer itself on the "
+        "meta device; AdamW float32 = 8",
     )
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column(f"state B/param ({shape})", justify="right", no_wrap=True)
     table.add_column("vs AdamW", justify="right", no_wrap=True)
+    table.add_column("at", no_wrap=True)
     table.add_column("description")
     adamw = bytes_per_param("adamw", LIST_SHAPE)
     for e in list_optimizers():
-        try:
-            size = bytes_per_param(e.name, LIST_SHAPE, **e.example_hparams)
-            cells = (f"{size:.3g}", f"{100 * size / adamw:.3g}%")
-        except ValueError:  # not an engine optimizer: its state cannot be sized on the meta device
-            cells = ("n/a", "")
-        table.add_row(e.name, *cells, e.summary)
+        if e.recipe is None:  # not an engine optimizer: its state cannot be sized on the meta device
+            table.add_row(e.name, "n/a", "", "", e.summary)
+            continue
+        size = bytes_per_param(e.name, LIST_SHAPE)
+        rank = {h.name: h.default for h in e.recipe.group_hparams}.get("rank")
+        table.add_row(e.name, f"{size:.3g}", f"{100 * size / adamw:.3g}%", f"rank {rank}" if rank else "", e.summary)
     Console().print(table)
     return 0
 

@@ -96,3 +96,17 @@ def test_entry_point_and_recipe_keys():
     assert ep.value == "lowmem.cli:main"
     assert {"trainer", "optim", "optim_args", "steps", "lr", "output_dir", "model", "seed", "batch_size"} <= set(RECIPE_KEYS)
     assert TrainRecipe().optim == "adafactor"
+
+
+def test_list_reports_default_hyperparameters_not_test_settings(capsys, monkeypatch):
+    """`lowmem list` sizes state at the defaults users get (GaLore rank 128, MicroAdam 1% density),
+    not at the generic suite's example settings."""
+    from lowmem.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["list"]) == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│")}
+    assert rows["adamw"] == "8"
+    assert rows["galore_adamw"] == "0.375"  # (4096*128 + 2*128*4096) * 4 B / 4096^2
+    assert float(rows["microadam"]) < 1.0
