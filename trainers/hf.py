@@ -202,6 +202,15 @@ class LowMemArguments:
             (e.g. ``"rank=64,update_proj_gap=200"``). They win over values mapped from the fields
             above. Unknown names raise ``ValueError`` listing the valid ones. Parsed into a dict
             in ``__post_init__``. Requires ``lowmem_optim``.
+        lowmem_layerwise (`bool`, *optional*, defaults to `False`):
+            Step each parameter from its post-accumulate-grad hook and free its gradient at once
+            (:class:`lowmem.optim.layerwise.LayerwiseOptimizer`), so no full gradient buffer exists.
+            Unlike transformers' layerwise GaLore it works with ``gradient_accumulation_steps``
+            (subspace recipes accumulate in the projected space) and with checkpoints. Gradient
+            clipping becomes the global norm *of the previous step* (``max_grad_norm``; the current
+            norm is unknown while parameters are already being stepped) and the Trainer's own
+            clipping is turned off. Under DDP, layerwise mode raises a clear error (see
+            docs/subspace.md). Requires ``lowmem_optim``.
     """
 
     lowmem_optim: str | None = field(
@@ -212,8 +221,15 @@ class LowMemArguments:
         metadata={"help": "Hyperparameters for `lowmem_optim`: JSON object or 'k=v,k=v'; they win over mapped fields."},
     )
 
+    lowmem_layerwise: bool = field(
+        default=False,
+        metadata={"help": "Step each parameter in its gradient hook and free the gradient at once (lowmem_optim only)."},
+    )
+
     def __post_init__(self) -> None:
         self.lowmem_optim_args = parse_optim_args(self.lowmem_optim_args)
+        if self.lowmem_layerwise and self.lowmem_optim is None:
+            raise ValueError("lowmem_layerwise=True requires lowmem_optim")
         if self.lowmem_optim is None:
             if self.lowmem_optim_args:
                 raise ValueError("lowmem_optim_args is set but lowmem_optim is not")
@@ -256,7 +272,17 @@ class LowMemOptimizerMixin:
             raise ValueError("lowmem_optim and optimizer_cls_and_kwargs are both set; choose one")
         opt_model = self.model if model is None else model
         hp = trainer_hparams(name, self.args, getattr(self.args, "lowmem_optim_args", None))
-        self.optimizer = create_optimizer(opt_model, name, **hp)
+        if getattr(self.args, "lowmem_layerwise", False):
+            from lowmem.optim.layerwise import LayerwiseOptimizer
+
+            self.optimizer = LayerwiseOptimizer(
+                opt_model, name, accumulation_steps=self.args.gradient_accumulation_steps,
+                max_grad_norm=self.args.max_grad_norm or None, clip_mode="global_prev", **hp,
+            )
+            # gradients are freed in their hooks: the Trainer's clipping would see none
+            self.args.max_grad_norm = 0.0
+        else:
+            self.optimizer = create_optimizer(opt_model, name, **hp)
         _require_numeric_lr(self.optimizer, name)
         self._lowmem_built_optimizer = True
         logger.info("lowmem optimizer %s with %s", name, hp)

@@ -217,6 +217,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("layerwise", None)
         self.inner.load_state_dict(state_dict)
+        # torch's load_state_dict gives the inner optimizer new group dicts (with the saved lr):
+        # route parameters and schedulers to those, not to the dicts we held before
+        self.param_groups = self.inner.param_groups
+        self._group_of = {p: g for g in self.inner.param_groups for p in g["params"]}
         self.state = self.inner.state
         if extra is not None:
             self._clip_coef = extra["clip_coef"].clone()
