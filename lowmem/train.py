@@ -91,6 +91,30 @@ class TrainRecipe:
         save_steps (`int` or `None`, defaults to `None`):
             Write a resumable checkpoint (weights, optimizer and scheduler state) every this many
             steps; `None` writes none.
+
+        > Memory
+
+        quantization (`str`, `dict` or `None`, defaults to `None`):
+            Load the model in 4 bits through bitsandbytes (``BitsAndBytesConfig``): ``"nf4"``,
+            ``"fp4"``, or ``{quant_type, double_quant, compute_dtype}`` (double quantization is on
+            by default). The model is prepared with ``peft.prepare_model_for_kbit_training`` and
+            LoRA adapters are attached (``lora``, default ``r=16, lora_alpha=32,
+            target_modules="all-linear"``): only the adapters train (QLoRA). The embedded tiny model
+            is saved to a temporary directory first, since bitsandbytes quantizes while loading.
+            Works for every ``trainer``; DPO then uses the base model with adapters disabled as its
+            reference. See :func:`lowmem.quant.load_quantized_model`.
+        lora (`dict` or `None`, defaults to `None`):
+            ``peft.LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: all-linear}``);
+            ``task_type`` is ``CAUSAL_LM``. Without ``quantization`` the adapters go on the full
+            precision model. Unknown fields raise an error listing the valid ones.
+        gradient_checkpointing (`bool`, defaults to `False`):
+            Recompute activations in the backward pass (``TrainingArguments.gradient_checkpointing``).
+        layerwise (`bool`, defaults to `False`):
+            Step each parameter from its gradient hook and free the gradient at once
+            (``lowmem_layerwise``; works with gradient accumulation and checkpoints).
+
+        > Escape hatch
+
         training_args (`dict`, defaults to `{}`):
             Any other ``TrainingArguments`` fields, passed through (e.g. ``{gradient_accumulation_steps: 2}``);
             they win over the values derived from the fields above.
@@ -115,6 +139,10 @@ class TrainRecipe:
     output_dir: str = "outputs/lowmem-train"
     save_model: bool = True
     save_steps: int | None = None
+    quantization: str | dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+    gradient_checkpointing: bool = False
+    layerwise: bool = False
     training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -136,9 +164,64 @@ class TrainRecipe:
             raise ValueError(f"training_args must be a mapping of TrainingArguments fields; got {self.training_args!r}")
         get_entry(self.optim)  # unknown name -> error listing the registered ones
         self.optim_args = parse_optim_args(self.optim_args)
+        if self.quantization is not None:
+            from lowmem.quant import bnb_config
+
+            bnb_config(self.quantization)  # 'nf4' / 'fp4' / dict, else a ValueError naming the choices
+        if self.lora is not None:
+            lora_config(self.lora)
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+
+def lora_config(fields: dict[str, Any]):
+    """``peft.LoraConfig(task_type="CAUSAL_LM", **fields)``, with an error listing valid fields."""
+    from peft import LoraConfig
+
+    if not isinstance(fields, dict):
+        raise ValueError(f"lora must be a mapping of peft.LoraConfig fields; got {fields!r}")
+    valid = sorted(f.name for f in dataclasses.fields(LoraConfig))
+    unknown = sorted(set(fields) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown lora field(s) {unknown}; valid: {valid}")
+    return LoraConfig(**{"task_type": "CAUSAL_LM", **fields})
+
+
+def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
+    """The model to train, its tokenizer, and a local directory holding the base model.
+
+    Applies ``quantization`` (4-bit base + LoRA, via :func:`lowmem.quant.load_quantized_model`) or
+    ``lora`` (adapters on the full-precision model). The directory is ``recipe.model``, or for the
+    embedded tiny model a temporary copy when something must reload it by path (4-bit loading); else
+    ``None``.
+    """
+    import tempfile
+
+    from lowmem.kit import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
+    model_dir = recipe.model
+    if recipe.quantization is not None:
+        from lowmem.quant import load_quantized_model
+
+        if model_dir is None:
+            model_dir = tempfile.mkdtemp(prefix="lowmem-tiny-")
+            model.save_pretrained(model_dir)
+            tok.save_pretrained(model_dir)
+        model = load_quantized_model(
+            model_dir, quantization=recipe.quantization, lora=lora_config(recipe.lora) if recipe.lora else None,
+            dtype=recipe.dtype, gradient_checkpointing=recipe.gradient_checkpointing,
+        )
+    elif recipe.lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(recipe.lora))
+    return model, tok, model_dir
+
+
+def _memory_args(recipe: TrainRecipe) -> dict[str, Any]:
+    return {"gradient_checkpointing": recipe.gradient_checkpointing, "lowmem_layerwise": recipe.layerwise}
 
 
 def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe:
@@ -197,11 +280,11 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     from transformers import default_data_collator, set_seed
 
-    from lowmem.kit import load_model_and_tokenizer, sft_dataset, tokenize_sft
+    from lowmem.kit import sft_dataset, tokenize_sft
     from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
 
     set_seed(recipe.seed)
-    model, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
+    model, tok, _ = load_policy(recipe)
     train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok)
     evals = tokenize_sft(sft_dataset(recipe.eval_size, 0, "eval"), tok)  # fixed held-out set
     args = LowMemTrainingArguments(**{
@@ -210,7 +293,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
         "per_device_eval_batch_size": 64, "logging_steps": recipe.logging_steps, "seed": recipe.seed,
         "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
-        "report_to": "none", "disable_tqdm": False, "dataloader_pin_memory": False,
+        "report_to": "none", "disable_tqdm": False, "dataloader_pin_memory": False, **_memory_args(recipe),
         **recipe.training_args,
     })
     trainer = LowMemTrainer(
@@ -246,29 +329,32 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
 
     from transformers import set_seed
 
-    from lowmem.kit import load_model_and_tokenizer, preference_dataset, reward_dataset, reward_fn
+    from lowmem.kit import preference_dataset, reward_dataset, reward_fn
 
     set_seed(recipe.seed)
     config_cls, trainer_cls = _trl_config_and_trainer(recipe.trainer)
-    model, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
-    model_dir = recipe.model
-    if model_dir is None:  # TRL reloads reference models by path: save the embedded model first
-        model_dir = tempfile.mkdtemp(prefix="lowmem-tiny-")
-        model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
+    model, tok, model_dir = load_policy(recipe)
+    if recipe.quantization is not None or recipe.lora is not None:
+        policy_arg: Any = model  # adapters attached here; TRL's reference is the base with adapters disabled
+    else:
+        if model_dir is None:  # TRL reloads reference models by path: save the embedded model first
+            model_dir = tempfile.mkdtemp(prefix="lowmem-tiny-")
+            model.save_pretrained(model_dir)
+            tok.save_pretrained(model_dir)
+        policy_arg = model_dir
     fields = {
         "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
         "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
         "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
         "logging_steps": recipe.logging_steps, "seed": recipe.seed, "bf16": recipe.dtype == "bfloat16",
         "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
-        "report_to": "none", "dataloader_pin_memory": False,
+        "report_to": "none", "dataloader_pin_memory": False, **_memory_args(recipe),
     }
     if recipe.trainer == "dpo":
         fields["per_device_eval_batch_size"] = 64
     args = config_cls(**{**fields, **recipe.training_args})
     if recipe.trainer == "dpo":
-        trainer = trainer_cls(model=model_dir, args=args, train_dataset=preference_dataset(recipe.train_size, recipe.seed),
+        trainer = trainer_cls(model=policy_arg, args=args, train_dataset=preference_dataset(recipe.train_size, recipe.seed),
                               eval_dataset=preference_dataset(64, recipe.seed), processing_class=tok)
         before = trainer.evaluate()
         out = trainer.train()
@@ -279,7 +365,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
             "margin_history": [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h],
         }
     else:
-        trainer = trainer_cls(model=model_dir, reward_funcs=reward_fn, args=args, processing_class=tok,
+        trainer = trainer_cls(model=policy_arg, reward_funcs=reward_fn, args=args, processing_class=tok,
                               train_dataset=reward_dataset(recipe.train_size, recipe.seed))
         out = trainer.train()
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
@@ -319,7 +405,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     result = TRAINERS[recipe.trainer](recipe)
     metrics = {
         "optimizer": get_entry(recipe.optim).name, "optim_args": recipe.optim_args, "trainer": recipe.trainer,
-        "model": recipe.model, "seed": recipe.seed, **result, "wall_time_s": round(time.perf_counter() - start, 3),
+        "model": recipe.model, "seed": recipe.seed, "quantization": recipe.quantization, "lora": recipe.lora,
+        "layerwise": recipe.layerwise, **result, "wall_time_s": round(time.perf_counter() - start, 3),
     }
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
