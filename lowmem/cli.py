@@ -54,6 +54,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_list(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("list", help="registered optimizers with their state memory per parameter")
+    p.add_argument("--shape", metavar="MODEL",
+                   help="also size each optimizer's whole state on this model (a named shape such as llama-2-7b, "
+                        "see `lowmem budget --help`, or a local directory), built on the meta device: nothing is allocated")
     p.set_defaults(handler=run_list)
 
 
@@ -75,14 +78,25 @@ def run_list(args: argparse.Namespace) -> int:
     table.add_column("vs AdamW", justify="right", no_wrap=True)
     table.add_column("at", no_wrap=True)
     table.add_column("description")
+    at_scale = {}
+    if args.shape:
+        from .memory import state_bytes_at_scale
+
+        at_scale = {e.name: state_bytes_at_scale(e.name, args.shape) for e in list_optimizers()}
+        table.add_column(f"state on {args.shape}", justify="right", no_wrap=True)
     adamw = bytes_per_param("adamw", LIST_SHAPE)
     for e in list_optimizers():
+        scale = []
+        if at_scale:
+            r = at_scale[e.name]
+            scale = [f"{r['state_bytes'] / 2**30:.2f} GiB" + (" (closed form)" if r["how"] != "exact" else "")]
         if e.recipe is None:  # not an engine optimizer: its state cannot be sized on the meta device
-            table.add_row(e.name, "n/a", "", "", e.summary)
+            table.add_row(e.name, "n/a", "", "", e.summary, *scale)
             continue
         size = bytes_per_param(e.name, LIST_SHAPE)
         rank = {h.name: h.default for h in e.recipe.group_hparams}.get("rank")
-        table.add_row(e.name, f"{size:.3g}", f"{100 * size / adamw:.3g}%", f"rank {rank}" if rank else "", e.summary)
+        table.add_row(e.name, f"{size:.3g}", f"{100 * size / adamw:.3g}%", f"rank {rank}" if rank else "", e.summary,
+                      *scale)
     Console().print(table)
     return 0
 

@@ -109,3 +109,15 @@ def test_list_reports_default_hyperparameters_not_test_settings(capsys, monkeypa
     assert rows["adamw"] == "8"
     assert rows["galore_adamw"] == "0.375"  # (4096*128 + 2*128*4096) * 4 B / 4096^2
     assert float(rows["microadam"]) < 1.0
+
+
+def test_list_at_llama_7b_scale(capsys, monkeypatch):
+    from lowmem.cli import main
+
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["list", "--shape", "llama-2-7b"]) == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("│")}
+    assert rows["adamw"] == "50.21 GiB"  # 8 B x 6.74e9 parameters (+ step counters)
+    assert rows["galore_adamw"] == "3.90 GiB"  # rank 128: projected state + AdamW on embeddings and head
+    assert rows["bnb_adamw8bit"].endswith("(closed form)")

@@ -275,16 +275,14 @@ def test_create_optimizer_groups_from_a_model():
 def test_llama_7b_shaped_accounting_matches_the_formula():
     """GaLore at rank r on Llama-2-7B (meta device): projected weights keep 2 moments of
     max(m, n) x r, a min(m, n) x r basis and 48 bytes of bookkeeping; the rest AdamW's 8 bytes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lowmem.optim.accounting import LLAMA_SHAPES, llama_shaped_state_bytes
+    from lowmem.memory import shape_config, state_bytes_at_scale
+    from lowmem.memory.estimate import build_meta_model
     from lowmem.optim.registry import subspace_target_names
 
     r = 128
-    adamw = llama_shaped_state_bytes("adamw")
-    galore = llama_shaped_state_bytes("galore_adamw", rank=r)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES["llama-2-7b"], tie_word_embeddings=False))
+    adamw = state_bytes_at_scale("adamw")
+    galore = state_bytes_at_scale("galore_adamw", rank=r)
+    model = build_meta_model(shape_config("llama-2-7b"), torch.float32)
     targets = set(subspace_target_names(model))
     expected = 0
     for name, p in model.named_parameters():

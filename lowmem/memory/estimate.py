@@ -227,6 +227,23 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: d
     return opt.state_bytes(), "exact"
 
 
+def state_bytes_at_scale(optimizer: str, model: Any = "llama-2-7b", **optim_args: Any) -> dict[str, Any]:
+    """Exact optimizer-state size of ``optimizer`` on a real-scale model, with nothing allocated.
+
+    The model (a named shape such as ``"llama-2-7b"``, a local directory or a config) is built on the
+    meta device and the optimizer sizes its own state there (:func:`optimizer_state_bytes`).
+
+    Returns:
+        `dict`: ``optimizer``, ``model``, ``trainable_params``, ``state_bytes``, ``bytes_per_param``,
+        ``how`` (``"exact"``, or ``"closed form"`` for bitsandbytes optimizers).
+    """
+    meta = build_meta_model(resolve_config(model), torch.float32)
+    n = sum(p.numel() for _, p in _unique_params(meta) if p.requires_grad)
+    sb, how = optimizer_state_bytes(meta, optimizer, optim_args)
+    return {"optimizer": optimizer, "model": model_label(model), "trainable_params": n, "state_bytes": sb,
+            "bytes_per_param": sb / n, "how": how}
+
+
 def estimate_memory(
     model: Any,
     optimizer: str | None = "adamw",
