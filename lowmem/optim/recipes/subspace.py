@@ -29,7 +29,7 @@ from ..subspace import (
     StateFreeResidual,
     SubspaceProjection,
 )
-from .full_rank import ADAFACTOR_HPARAMS, _check_adafactor_group
+from .full_rank import ADAFACTOR_HPARAMS, Adafactor, _check_adafactor_group
 
 
 def _nonneg_int(x: Any) -> bool:
@@ -210,34 +210,13 @@ class GaLoreAdamW(LowMemOptimizer):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach)
 
 
-class GaLoreAdafactor(LowMemOptimizer):
+class GaLoreAdafactor(Adafactor):
     """Drop-in for ``galore_torch.GaLoreAdafactor``: transformers' Adafactor arguments, galore-torch's
     group keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``). See
-    :class:`~lowmem.optim.Adafactor` for the arguments."""
+    :class:`~lowmem.optim.Adafactor` for the arguments (the signature is Adafactor's; the recipe
+    adds the projection)."""
 
     recipe = GALORE_ADAFACTOR
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | None = None,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        beta1: float | None = None,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = True,
-        relative_step: bool = True,
-        warmup_init: bool = False,
-        *,
-        state_dtype: str = "float32",
-        foreach: bool | None = None,
-    ):
-        super().__init__(
-            params, foreach=foreach, lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
-            warmup_init=warmup_init, state_dtype=state_dtype,
-        )
 
 
 class FiraAdamW(GaLoreAdamW):
