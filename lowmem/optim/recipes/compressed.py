@@ -12,6 +12,7 @@ The quantized moments (:class:`~lowmem.optim.quantized.Quantized`) and the stabi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 from ..engine import LowMemOptimizer, Recipe
@@ -20,6 +21,8 @@ from ..microadam import MicroAdamMoments
 from ..moments import AdamMoments
 from ..quantized import M1_4BIT, M1_8BIT, M2_4BIT, M2_8BIT, Quantized, quant_hparams
 from ..registry import register
+from .subspace import _EXAMPLE as _SUBSPACE_EXAMPLE
+from .subspace import FIRA_ADAMW, FRUGAL, GALORE_ADAMW
 from ..stabilizers import (
     SPAM_HPARAMS,
     STABLE_SPAM_HPARAMS,
@@ -259,3 +262,36 @@ register(ADAMW4BIT, AdamW4bit, example_hparams=_SMALL_QUANT)
 register(MICROADAM, MicroAdam, example_hparams={"k_init": 0.1, "m": 4, "quant_block_size": 64, "topk_block_size": 128})
 register(SPAM_RECIPE, SPAM, example_hparams={"reset_interval": 8, "warmup_steps": 3, "grad_accu_steps": 2, "threshold": 50.0})
 register(STABLE_SPAM_RECIPE, StableSPAM, example_hparams={"reset_interval": 8})
+
+
+# ---- 8-bit subspace variants ------------------------------------------------------------------
+
+
+def _eight_bit(recipe: Recipe) -> Recipe:
+    """``recipe`` with its Adam moments (the projected ones under a projection) stored in 8 bits.
+
+    Rotating moments into a new basis would do arithmetic on the codes, so ``moment_policy="rotate"``
+    is refused; ``keep`` and ``reset`` (codes zeroed, which decodes to zero) are exact.
+    """
+
+    def validate(group: dict[str, Any]) -> None:
+        if group.get("moment_policy") == "rotate":
+            raise ValueError(f"{recipe.name}8bit: moment_policy='rotate' is not supported on 8-bit moments; valid: 'keep', 'reset'")
+        if recipe.validate_group is not None:
+            recipe.validate_group(group)
+
+    return dataclasses.replace(
+        recipe, name=f"{recipe.name}8bit", summary=f"{recipe.summary}; its moments in 8 bits",
+        reference=f"{recipe.reference}; 8-bit states: Dettmers et al. 2022",
+        moment=Quantized(recipe.moment, {"exp_avg": M1_8BIT, "exp_avg_sq": M2_8BIT}),
+        hparams=(*recipe.hparams, *quant_hparams(256)), validate_group=validate,
+    )
+
+
+GALORE_ADAMW8BIT = _eight_bit(GALORE_ADAMW)
+FIRA_ADAMW8BIT = _eight_bit(FIRA_ADAMW)
+FRUGAL8BIT = _eight_bit(FRUGAL)
+
+register(GALORE_ADAMW8BIT, example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "scale": 1.0, "min_quant_size": 16})
+register(FIRA_ADAMW8BIT, example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "min_quant_size": 16})
+register(FRUGAL8BIT, example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "min_quant_size": 16, "projection": "columns"})
