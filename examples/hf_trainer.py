@@ -30,3 +30,4 @@ before = trainer.evaluate()["eval_loss"]
 trainer.train()
 after = trainer.evaluate()["eval_loss"]
 print(f"held-out loss {before:.3f} -> {after:.3f}; optimizer state {trainer.optimizer.optimizer.state_bytes():,} bytes")
+assert after < before, "the held-out loss should fall"

@@ -25,7 +25,8 @@ def eval_loss() -> float:
     return loss.item()
 
 
-print(f"step   0: held-out loss {eval_loss():.3f}")
+initial = eval_loss()
+print(f"step   0: held-out loss {initial:.3f}")
 loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True)
 step = 0
 while step < 150:  # epochs
@@ -40,3 +41,4 @@ while step < 150:  # epochs
         if step == 150:
             break
 print(f"optimizer state: {optimizer.state_bytes():,} bytes")
+assert eval_loss() < initial, "the held-out loss should fall"
