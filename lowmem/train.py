@@ -112,6 +112,12 @@ class TrainRecipe:
         layerwise (`bool`, defaults to `False`):
             Step each parameter from its gradient hook and free the gradient at once
             (``lowmem_layerwise``; works with gradient accumulation and checkpoints).
+        track_memory (`bool`, defaults to `True`):
+            Attach :class:`~lowmem.trainers.memory_callback.MemoryCallback` and write the peak bytes
+            of ``weights``, ``gradients``, ``optimizer_states``, ``activations`` and ``peak`` to
+            ``metrics.json`` (``memory``). On CUDA from the allocator's statistics at every step; on
+            CPU the first 2 steps run under a live-tensor tracker (slower), later steps count
+            weights, gradients and optimizer state only.
 
         > Escape hatch
 
@@ -143,6 +149,7 @@ class TrainRecipe:
     lora: dict[str, Any] | None = None
     gradient_checkpointing: bool = False
     layerwise: bool = False
+    track_memory: bool = True
     training_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -224,6 +231,20 @@ def _memory_args(recipe: TrainRecipe) -> dict[str, Any]:
     return {"gradient_checkpointing": recipe.gradient_checkpointing, "lowmem_layerwise": recipe.layerwise}
 
 
+def _memory_callbacks(recipe: TrainRecipe) -> list[Any]:
+    from lowmem.trainers.memory_callback import MemoryCallback
+
+    return [MemoryCallback(track_steps=2)] if recipe.track_memory else []
+
+
+def _memory_metrics(trainer: Any) -> dict[str, Any]:
+    """``{"memory": {component: peak bytes}}`` from the run's MemoryCallback, if any."""
+    from lowmem.trainers.memory_callback import MemoryCallback
+
+    cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MemoryCallback)), None)
+    return {"memory": dict(cb.peak)} if cb is not None else {}
+
+
 def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe:
     """Read a YAML recipe (``yaml.safe_load``) and apply ``overrides`` (``None`` values are skipped).
 
@@ -298,7 +319,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     })
     trainer = LowMemTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=default_data_collator,
-        processing_class=tok,
+        processing_class=tok, callbacks=_memory_callbacks(recipe),
     )
     initial = trainer.evaluate()["eval_loss"]
     out = trainer.train()
@@ -309,7 +330,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         "initial_loss": initial, "final_loss": final, "steps": trainer.state.global_step,
         "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(model),
-        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model)), **_memory_metrics(trainer),
     }
 
 
@@ -355,7 +376,8 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     args = config_cls(**{**fields, **recipe.training_args})
     if recipe.trainer == "dpo":
         trainer = trainer_cls(model=policy_arg, args=args, train_dataset=preference_dataset(recipe.train_size, recipe.seed),
-                              eval_dataset=preference_dataset(64, recipe.seed), processing_class=tok)
+                              eval_dataset=preference_dataset(64, recipe.seed), processing_class=tok,
+                              callbacks=_memory_callbacks(recipe))
         before = trainer.evaluate()
         out = trainer.train()
         after = trainer.evaluate()
@@ -366,7 +388,8 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         }
     else:
         trainer = trainer_cls(model=policy_arg, reward_funcs=reward_fn, args=args, processing_class=tok,
-                              train_dataset=reward_dataset(recipe.train_size, recipe.seed))
+                              train_dataset=reward_dataset(recipe.train_size, recipe.seed),
+                              callbacks=_memory_callbacks(recipe))
         out = trainer.train()
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         result = {
@@ -379,7 +402,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     return {
         **result, "steps": trainer.state.global_step, "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(policy),
-        "trainable_params": sum(p.numel() for p in trainable_parameters(policy)),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(policy)), **_memory_metrics(trainer),
     }
 
 
@@ -423,5 +446,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
                       f"after {metrics['steps']} steps")
     console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
                   f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
+    if metrics.get("memory"):
+        mem = metrics["memory"]
+        console.print("peak memory (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))
     console.print(f"metrics: {out / 'metrics.json'}  ({metrics['wall_time_s']:.1f} s)")
     return metrics

@@ -49,3 +49,20 @@ def test_callback_with_qlora_trainer(tmp_path):
     lora = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     assert cb.peak["gradients"] == lora
     assert cb.peak["optimizer_states"] == 2 * lora + 4 * sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_tracker_accepts_several_forward_passes_per_step():
+    """RL and DPO steps run the policy several times (generation, reference, policy): torch's
+    MemTracker refuses a second root forward; ours resets per-module statistics and keeps counting."""
+    from lowmem.memory.measure import PeakTracker
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 32)
+    with PeakTracker(model, opt) as tracker:
+        with torch.no_grad():
+            model(x)  # e.g. generation / reference log-probs
+        model(x).sum().backward()  # the policy pass
+        opt.step()
+    assert tracker.maxima["gradients"] == sum(p.numel() * 4 for p in model.parameters())
+    assert tracker.maxima["activations"] > 0

@@ -32,6 +32,8 @@ def test_trl_trainers_run_on_a_4bit_model_with_adapters(tmp_path, trainer):
     m = run(recipe)
     assert m["steps"] == 2 and m["trainable_params"] < 0.25 * 83_392
     assert m["optimizer_state_bytes"] > 0
+    # peak memory by component (MemoryCallback, on by default), through generation and reference passes
+    assert all(m["memory"][k] > 0 for k in ("weights", "gradients", "optimizer_states", "activations", "peak"))
 
 
 def test_lora_without_quantization_and_layerwise_checkpointing(tmp_path):

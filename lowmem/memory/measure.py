@@ -79,6 +79,25 @@ def _tracker_class():
                     self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
             return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            # A root module called again in forward: the next pass of the same step (generation
+            # decoding steps, reference / old-policy log-probs in DPO and GRPO). torch's tracker
+            # refuses it; lowmem keeps only category maxima and the peak, which survive a reset of
+            # the per-module statistics.
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                parents = set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)}
+                if parents == {"Global"}:
+                    self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
+
+        def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+            if module is None or module in self.memory_tracking:  # else: its statistics were reset
+                super()._pre_bw_hook(module, args)
+
+        def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+            if module is None or module in self.memory_tracking:
+                super()._post_bw_hook(module, args)
+
         def _update_peak_stats(self, peak_state: Any) -> None:
             super()._update_peak_stats(peak_state)
             for dev, snap in self._curr_mem_snap.items():
