@@ -31,7 +31,8 @@ from typing import Any, Iterable
 
 from .estimate import MemoryEstimate, estimate_memory, resolve_config
 
-COSTS = {"optimizer_8bit": 1.0, "adafactor": 1.5, "layerwise": 0.5, "checkpointing": 1.0, "quantization": 1.5}
+COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "layerwise": 0.5, "checkpointing": 1.0,
+         "quantization": 1.5}
 
 
 @dataclass
@@ -72,18 +73,23 @@ def default_optimizers() -> list[str]:
     from ..optim import list_optimizers
 
     names = {e.name for e in list_optimizers()}
-    wanted = ["adamw", "adamw8bit", "adafactor", "galore_adamw", "bnb_adamw8bit"]
+    wanted = ["adamw", "adamw8bit", "adamw4bit", "adafactor", "galore_adamw", "galore_adamw8bit", "bnb_adamw8bit"]
     return [n for n in wanted if n in names]
 
 
 def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tuple[float, list[str]]:
     if entry.subspace:
         r = rank or max(1, hidden // 4)
-        return 2 + max(0.0, math.log2(hidden / (4 * r))) / 2, [f"{name}: rank-{r} moments"]
+        cost, gives = 2 + max(0.0, math.log2(hidden / (4 * r))) / 2, [f"{name}: rank-{r} moments"]
+        if name.endswith("8bit"):
+            cost, gives = cost + COSTS["optimizer_8bit"], gives + ["8-bit states"]
+        return cost, gives
     if name == "adamw":
         return 0.0, []
     if "adafactor" in name:
         return COSTS["adafactor"], ["factored second moment"]
+    if "4bit" in name:
+        return COSTS["optimizer_4bit"], [f"{name}: 4-bit states"]
     return COSTS["optimizer_8bit"], [f"{name}: compressed states"]
 
 
