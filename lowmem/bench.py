@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from lowmem.io import write_text_atomic
+
 BASELINE = "torch_adamw"
 
 
@@ -187,8 +189,8 @@ def write_results(results: list[BenchResult], out_dir: str | Path, meta: dict[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "results": [asdict(r) for r in results]}
-    (out / "bench.json").write_text(json.dumps(payload, indent=2, default=str))
-    (out / "bench.md").write_text(to_markdown(results, title=meta.get("title", "lowmem bench")))
+    write_text_atomic(out / "bench.json", json.dumps(payload, indent=2, default=str))
+    write_text_atomic(out / "bench.md", to_markdown(results, title=meta.get("title", "lowmem bench")))
     return out
 
 

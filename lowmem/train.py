@@ -22,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from .io import write_text_atomic
 from .optim import create_optimizer, get_entry
 
 AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
@@ -433,7 +434,7 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     }
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     ours, adamw = metrics["optimizer_state_bytes"], metrics["adamw_state_bytes"]
     if "initial_reward" in metrics:
         console.print(f"mean reward: first 5 steps {metrics['initial_reward']:.4f} -> last 10 steps "

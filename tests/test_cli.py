@@ -121,3 +121,20 @@ def test_list_at_llama_7b_scale(capsys, monkeypatch):
     assert rows["adamw"] == "50.21 GiB"  # 8 B x 6.74e9 parameters (+ step counters)
     assert rows["galore_adamw"] == "3.90 GiB"  # rank 128: projected state + AdamW on embeddings and head
     assert rows["bnb_adamw8bit"].endswith("(closed form)")
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    import os
+
+    from lowmem.io import write_text_atomic
+
+    target = tmp_path / "metrics.json"
+    write_text_atomic(target, "old")
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -207,4 +207,4 @@ def test_ddp_two_processes_step_on_the_reduced_gradient(tmp_path):
     ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
-    assert torch.load(tmp_path / "refused0.pt") and torch.load(tmp_path / "refused1.pt")
+    assert torch.load(tmp_path / "refused0.pt", weights_only=True) and torch.load(tmp_path / "refused1.pt", weights_only=True)
