@@ -30,3 +30,18 @@ def tiny_model():
     from lowmem.kit import build_tiny_model
 
     return build_tiny_model(seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests run with LOWMEM_SLOW=1 or when selected with ``-m slow``; ``cuda`` tests skip
+    cleanly without a GPU."""
+    import torch
+
+    run_slow = os.environ.get("LOWMEM_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
+    skip_slow = pytest.mark.skip(reason="slow: set LOWMEM_SLOW=1 or select with -m slow")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
