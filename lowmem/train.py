@@ -2,8 +2,9 @@
 
 A recipe is a flat YAML mapping whose keys are the fields of :class:`TrainRecipe`; anything not
 given keeps its default, unknown keys are an error listing the valid ones. ``trainer`` selects the
-training method (only ``"sft"`` now; DPO/GRPO-family trainers and a ``quantization`` field are
-planned and slot in as new fields and entries of :data:`TRAINERS`)::
+training method (``sft``, ``dpo``, ``grpo``, ``gvpo``, ``bnpo``: the entries of :data:`TRAINERS`);
+``quantization``, ``lora``, ``gradient_checkpointing``, ``layerwise`` and ``track_memory`` set the
+memory side of the run::
 
     from lowmem.train import load_recipe, run
     metrics = run(load_recipe("configs/adafactor.yaml", steps=50))
@@ -26,7 +27,6 @@ from .io import write_text_atomic
 from .optim import create_optimizer, get_entry
 
 AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
-PLANNED_TRAINERS: tuple[str, ...] = ()
 TASKS = ("addition",)
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -156,8 +156,6 @@ class TrainRecipe:
     def __post_init__(self) -> None:
         from lowmem.trainers.hf import parse_optim_args
 
-        if self.trainer in PLANNED_TRAINERS:
-            raise ValueError(f"trainer {self.trainer!r} is not yet available; available: {list(AVAILABLE_TRAINERS)}")
         if self.trainer not in AVAILABLE_TRAINERS:
             raise ValueError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
         if self.task not in TASKS:
@@ -422,7 +420,7 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     """
     from rich.console import Console
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # whole lines in logs and pipes
     start = time.perf_counter()
     console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
                   f"model={recipe.model or 'embedded tiny Llama'} steps={recipe.steps}")
