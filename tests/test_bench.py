@@ -32,3 +32,11 @@ def test_bench_cli_writes_json_and_markdown(tmp_path):
 def test_bench_unknown_optimizer_is_a_clear_error(capsys):
     assert main(["bench", "no_such_optim", "--steps", "2"]) == 2
     assert "valid:" in capsys.readouterr().err
+
+
+def test_bench_on_a_local_model_directory(tiny_model_path):
+    """`lowmem bench --model DIR`: any local causal-LM directory, loaded offline."""
+    results = run_bench(["galore_adamw"], steps=4, batch_size=4, model_path=tiny_model_path, progress=False, rank=8)
+    assert [r.optimizer for r in results] == [BASELINE, "galore_adamw"]
+    assert results[1].hparams["rank"] == 8 and results[1].bytes_per_param < results[0].bytes_per_param
+    assert all(math.isfinite(r.eval_loss) for r in results)
