@@ -21,6 +21,10 @@ Guarantees every optimizer built on the engine inherits:
   valid range; unknown keyword arguments are rejected with the list of valid ones.
 * A step whose gradients contain NaN or Inf is skipped as a whole (one host sync per step), with
   a warning, so optimizer state is never corrupted; ``skipped_steps`` counts them.
+
+Plain full-rank float32 parameters of a recipe whose moment rule has a multi-tensor form
+(``supports_foreach``: AdamW) are stepped in buckets with one kernel per operation; the
+per-parameter loop above is the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class Recipe:
         moment: How the direction is computed from the (projected) gradient.
         hparams: Hyperparameters with defaults, copied into every parameter group.
         group_hparams: Hyperparameters that only some groups carry (``rank`` and friends for
-            projected groups). They are validated where present and never defaulted, so a group
-            without ``rank`` is trained full-rank (galore-torch's convention).
+            projected groups). A group without ``rank`` gets none of them and trains full-rank
+            (galore-torch's convention); a group with ``rank`` gets the defaults of the others.
+            They are validated where present.
         projection: Subspace projection for 2-D parameters of groups with a ``rank``.
         residual: Rule for the gradient outside the subspace.
         stabilizers: Gradient transforms applied first, in order.
