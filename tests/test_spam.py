@@ -51,9 +51,11 @@ def plain_spam(p, grads, lr, betas, eps, weight_decay, threshold, reset_interval
     return p
 
 
-def plain_stable_spam(p, grads, lr, betas, eps, weight_decay, gamma1, gamma2, theta, reset_interval):
-    """Stable-SPAM, Algorithm 1 (Huang et al. 2025): AdaClip, AdaGN, MoRet with bias-correction restart."""
-    b1, b2 = betas
+def plain_stable_spam(p, grads, lr, betas, eps, weight_decay, gamma1, gamma2, theta, reset_interval, t_max=None):
+    """Stable-SPAM, Algorithm 1 (Huang et al. 2025): AdaClip, AdaGN, MoRet with bias-correction restart;
+    with ``t_max``, the reference's cosine decay of beta1 and gamma1 (both EMAs and their corrections)."""
+    b1_base, b2 = betas
+    gamma1_base = gamma1
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     max_ema = norm_m = norm_v = torch.tensor(0.0)
     k = 0
@@ -63,6 +65,8 @@ def plain_stable_spam(p, grads, lr, betas, eps, weight_decay, gamma1, gamma2, th
             m, v = torch.zeros_like(p), torch.zeros_like(p)
         else:
             k += 1
+        s = 1.0 if t_max is None else 0.5 + 0.5 * (1 + math.cos(math.pi * t / (t_max + 1))) / 2
+        b1, gamma1 = b1_base * s, gamma1_base * s
         p = p * (1 - lr * weight_decay)
         g_max = g.abs().max()
         max_ema = theta * max_ema + (1 - theta) * g_max
@@ -94,6 +98,39 @@ def test_matches_plain_loop(cls, cfg, plain):
         p.grad = g.clone()
         opt.step()
     torch.testing.assert_close(p.detach(), plain(p0, grads, **cfg), rtol=1e-5, atol=1e-6)
+
+
+def test_stable_spam_beta1_cosine_decay_matches_plain_loop():
+    grads = spiky_grads((12, 9), 30)
+    p0 = torch.randn(12, 9, generator=torch.Generator().manual_seed(6))
+    cfg = {**STABLE_CFG, "t_max": 12}  # 30 steps: down to half at t = 13 and up again, as the reference
+    p = nn.Parameter(p0.clone())
+    opt = StableSPAM([p], **cfg)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), plain_stable_spam(p0, grads, **cfg), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(p.detach(), plain_stable_spam(p0, grads, **STABLE_CFG), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="t_max"):
+        StableSPAM([p], t_max=0)
+
+
+def test_beta1_scale_is_the_reference_cosine_annealing():
+    """The reference builds the scale with torch's CosineAnnealingLR(T_max = t_max + 1, eta_min = 0.5)
+    on a dummy SGD with lr 1, stepped with the global step count."""
+    import warnings
+
+    from lowmem.optim.functional import spam as S
+
+    t_max = 10
+    sgd = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, t_max + 1, 0.5)
+    for t in range(1, 3 * t_max):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping with an explicit epoch is deprecated
+            sched.step(t)
+        assert S.cosine_beta1_scale(t, t_max) == pytest.approx(sgd.param_groups[0]["lr"], abs=1e-12)
+    assert S.cosine_beta1_scale(5, None) == 1.0
 
 
 def test_spam_clipping_actually_clips():

@@ -9,11 +9,18 @@ update, quantize"). In ``state[p]`` a quantized moment ``k`` is two plain tensor
 * ``k``: the codes, ``uint8`` (``n`` bytes at 8 bits, ``ceil(n / 2)`` at 4 bits, flat);
 * ``k + "_absmax"``: the per-block absolute maxima, ``float32`` (``ceil(n / block_size)`` values).
 
+With rank-1 normalization (Li et al. 2023, Section 4.2; group key ``v_normalization="rank1"``,
+for the key named by ``rank1_key``, tensors with ``ndim >= 2``) the scales are instead
+
+* ``k + "_rowmax"`` and ``k + "_colmax"``: ``float32`` maxima over the last two dimensions
+  (``shape[:-1]`` and ``shape[:-2] + shape[-1:]``, i.e. ``m + n`` values for a matrix).
+
 So checkpoints stay tensors only, ``load_state_dict`` keeps the dtypes, and ``state_bytes()``
 counts the compressed bytes. Tensors with fewer than ``min_quant_size`` elements stay float32
 (bitsandbytes' ``min_8bit_size`` rule: tiny tensors gain nothing and lose the most precision).
 
-Group keys read: ``block_size``, ``min_quant_size`` (see :data:`QUANT_HPARAMS`).
+Group keys read: ``block_size``, ``min_quant_size`` (see :func:`quant_hparams`) and, when the
+wrapper has a ``rank1_key``, ``v_normalization`` (:data:`V_NORMALIZATION`).
 """
 
 from __future__ import annotations
@@ -67,6 +74,13 @@ MIN_QUANT_SIZE = HParam(
 )
 
 
+V_NORMALIZATION = HParam(
+    "v_normalization", "block", one_of("block", "rank1"), "one of 'block', 'rank1'",
+    "scales of the 4-bit second moment: per-block absmax, or rank-1 (min of row and column max,"
+    " Li et al. 2023 Section 4.2) for tensors with ndim >= 2",
+)
+
+
 def quant_hparams(block_size: int) -> tuple[HParam, ...]:
     """The two hyperparameters every quantized-state recipe carries."""
     return (block_size_hparam(block_size), MIN_QUANT_SIZE)
@@ -76,7 +90,11 @@ def quant_hparams(block_size: int) -> tuple[HParam, ...]:
 
 
 def is_quantized(state: dict[str, Tensor], key: str) -> bool:
-    return key + "_absmax" in state
+    return key + "_absmax" in state or key + "_rowmax" in state
+
+
+def is_rank1(state: dict[str, Tensor], key: str) -> bool:
+    return key + "_rowmax" in state
 
 
 def alloc_quantized(state: dict[str, Tensor], key: str, numel: int, spec: QuantSpec, block_size: int, device) -> None:
@@ -85,10 +103,19 @@ def alloc_quantized(state: dict[str, Tensor], key: str, numel: int, spec: QuantS
     state[key + "_absmax"] = torch.zeros(Q.num_blocks(numel, block_size), dtype=torch.float32, device=device)
 
 
+def alloc_rank1(state: dict[str, Tensor], key: str, shape: torch.Size, device) -> None:
+    """Zero 4-bit codes and zero row / column maxima (decoding gives exact zeros)."""
+    state[key] = torch.zeros(Q.packed_numel(shape.numel(), 4), dtype=torch.uint8, device=device)
+    state[key + "_rowmax"] = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+    state[key + "_colmax"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=device)
+
+
 def decode(state: dict[str, Tensor], key: str, spec: QuantSpec, block_size: int, shape: torch.Size) -> Tensor:
     """The float32 value of quantized moment ``key``, in ``shape``."""
+    code = Q.code_map(spec.code, state[key].device)
+    if is_rank1(state, key):
+        return Q.dequantize_rank1_4bit(state[key], state[key + "_rowmax"], state[key + "_colmax"], code).view(shape)
     codes, absmax = state[key], state[key + "_absmax"]
-    code = Q.code_map(spec.code, codes.device)
     n = shape.numel()
     if spec.bits == 8:
         flat = Q.dequantize_blockwise_8bit(codes, absmax, code, block_size)
@@ -100,6 +127,12 @@ def decode(state: dict[str, Tensor], key: str, spec: QuantSpec, block_size: int,
 def encode_(state: dict[str, Tensor], key: str, value: Tensor, spec: QuantSpec, block_size: int) -> None:
     """Quantize ``value`` into the existing code and scale tensors of ``key`` (in place)."""
     code = Q.code_map(spec.code, value.device)
+    if is_rank1(state, key):
+        codes, row_max, col_max = Q.quantize_rank1_4bit(value, code)
+        state[key].copy_(codes)
+        state[key + "_rowmax"].copy_(row_max)
+        state[key + "_colmax"].copy_(col_max)
+        return
     if spec.bits == 8:
         codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size)
     else:
@@ -118,6 +151,10 @@ class Quantized(MomentRule):
         inner: The moment rule whose tensors are stored compressed (e.g. ``AdamMoments()``).
         specs: State key -> :class:`QuantSpec`; keys not listed keep the inner rule's storage.
             Listed tensors must have the (projected) gradient's shape, as Adam's moments do.
+        rank1_key: A key of ``specs`` (4-bit, non-negative: the second moment) whose tensors with
+            ``ndim >= 2`` use rank-1 normalization when the group sets ``v_normalization="rank1"``
+            (Li et al. 2023, Section 4.2); ``None`` (default): block-wise absmax only. The
+            storage, not the group, decides how a tensor is decoded, so a checkpoint keeps its format.
 
     The wrapped rule allocates its tensors first (on the meta device, so nothing is spent);
     listed tensors with at least ``group["min_quant_size"]`` elements are then allocated as codes
@@ -125,14 +162,18 @@ class Quantized(MomentRule):
     exact zeros. :meth:`second_moment` decodes Adam's ``exp_avg_sq`` for SPAM's spike clipping.
     """
 
-    def __init__(self, inner: MomentRule, specs: dict[str, QuantSpec]):
+    def __init__(self, inner: MomentRule, specs: dict[str, QuantSpec], rank1_key: str | None = None):
         unknown = set(specs) - set(inner.state_keys)
         if unknown:
             raise ValueError(f"keys {sorted(unknown)} are not state keys of {type(inner).__name__}: {inner.state_keys}")
+        if rank1_key is not None and (rank1_key not in specs or specs[rank1_key].bits != 4):
+            raise ValueError(f"rank1_key={rank1_key!r} must name a 4-bit entry of specs: {sorted(specs)}")
         self.inner = inner
         self.specs = dict(specs)
+        self.rank1_key = rank1_key
         self.applies_lr = inner.applies_lr
-        self.state_keys = tuple(inner.state_keys) + tuple(k + "_absmax" for k in specs)
+        rank1_keys = (rank1_key + "_rowmax", rank1_key + "_colmax") if rank1_key is not None else ()
+        self.state_keys = tuple(inner.state_keys) + tuple(k + "_absmax" for k in specs) + rank1_keys
 
     def __repr__(self) -> str:
         bits = sorted({s.bits for s in self.specs.values()})
@@ -144,10 +185,12 @@ class Quantized(MomentRule):
         self.inner.init_state(probe, shape, group, meta_param)
         for key, t in probe.items():
             spec = self.specs.get(key)
-            if spec is not None and t.numel() >= group["min_quant_size"]:
-                alloc_quantized(state, key, t.numel(), spec, group["block_size"], param.device)
-            else:
+            if spec is None or t.numel() < group["min_quant_size"]:
                 state[key] = torch.zeros(t.shape, dtype=t.dtype, device=param.device)
+            elif key == self.rank1_key and t.dim() >= 2 and group.get("v_normalization", "block") == "rank1":
+                alloc_rank1(state, key, t.shape, param.device)
+            else:
+                alloc_quantized(state, key, t.numel(), spec, group["block_size"], param.device)
 
     def direction(self, g, state, group, t, lr):
         block = group["block_size"]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .functional import spam as S
-from .hparams import HParam, in_unit_interval, nonneg
+from .hparams import HParam, in_unit_interval, nonneg, optional, positive_int
 from .moments import MomentRule
 
 
@@ -59,6 +59,8 @@ STABLE_SPAM_HPARAMS = (
     HParam("gamma2", 0.9, in_unit_interval, "a float in [0, 1)", "EMA decay of the squared gradient norm (AdaGN)"),
     HParam("theta", 0.999, in_unit_interval, "a float in [0, 1)", "EMA decay of the max |g| clipping bound (AdaClip)"),
     RESET_INTERVAL(1000),
+    HParam("t_max", None, optional(positive_int), "None or an int > 0",
+           "cosine decay of beta1 and gamma1 to half over t_max steps (the reference's option; None = off)"),
 )
 
 
@@ -106,7 +108,10 @@ class StableSPAMStabilizer(Stabilizer):
     Per parameter: clip entries above the bias-corrected running max of ``|g|`` (``theta``),
     rescale ``g`` to the running norm statistics (``gamma1``, ``gamma2``, ``group["eps"]``), and
     zero the moments every ``reset_interval`` steps. Pair it with :class:`RestartBiasCorrection` so
-    that the moments' bias correction restarts at each reset, as the reference does.
+    that the moments' bias correction restarts at each reset, as the reference does. With
+    ``group["t_max"]`` set, AdaGN's ``gamma1`` is scaled by
+    :func:`~lowmem.optim.functional.spam.cosine_beta1_scale` (and ``RestartBiasCorrection``
+    scales ``beta1`` alike), as in the reference implementation.
 
     State: ``spam_clip_max``, ``spam_norm_m``, ``spam_norm_v`` (0-d float32 each).
     """
@@ -121,7 +126,8 @@ class StableSPAMStabilizer(Stabilizer):
         if S.is_reset_step(t, group["reset_interval"]):
             moment.reset(state)
         g = S.ada_clip(g, state["spam_clip_max"], group["theta"], t)
-        return S.ada_gn(g, state["spam_norm_m"], state["spam_norm_v"], group["gamma1"], group["gamma2"], t, group["eps"])
+        gamma1 = group["gamma1"] * S.cosine_beta1_scale(t, group.get("t_max"))
+        return S.ada_gn(g, state["spam_norm_m"], state["spam_norm_v"], gamma1, group["gamma2"], t, group["eps"])
 
 
 class RestartBiasCorrection(MomentRule):
@@ -129,7 +135,9 @@ class RestartBiasCorrection(MomentRule):
 
     With resets every ``group["reset_interval"]`` steps (Stable-SPAM's MoRet) the wrapped rule
     sees ``t' = t mod Delta T + 1`` after the first reset, so freshly zeroed moments are
-    corrected as at the start of training.
+    corrected as at the start of training. With ``group["t_max"]`` set, ``beta1`` is scaled by
+    :func:`~lowmem.optim.functional.spam.cosine_beta1_scale` of the global step (Stable-SPAM's
+    optional decay; the bias correction then uses the scaled ``beta1``, as the reference does).
     """
 
     def __init__(self, inner: MomentRule):
@@ -141,6 +149,9 @@ class RestartBiasCorrection(MomentRule):
         self.inner.init_state(state, shape, group, param)
 
     def direction(self, g, state, group, t, lr):
+        if group.get("t_max") is not None:
+            beta1, beta2 = group["betas"]
+            group = {**group, "betas": (beta1 * S.cosine_beta1_scale(int(t), group["t_max"]), beta2)}
         return self.inner.direction(g, state, group, S.steps_since_reset(int(t), group["reset_interval"]), lr)
 
     def reset(self, state):

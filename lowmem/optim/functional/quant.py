@@ -11,6 +11,9 @@
   second moment, a *linear map without zero* (Section 4.1, the "zero-point problem": a second
   moment quantized to 0 blows the update ``m / sqrt(v)`` up). bitsandbytes has no 4-bit
   optimizer codec, so codes are computed here (nearest entry, two codes per byte).
+* 4-bit *rank-1 normalization* of the second moment (Li et al. 2023, Section 4.2): a matrix is
+  normalized entrywise by the smaller of its row maximum and its column maximum (``m + n``
+  scales instead of one per block), then coded with the linear map without zero.
 * 4-bit asymmetric min/max quantization, used by MicroAdam's error feedback
   (:mod:`.microadam`).
 
@@ -134,6 +137,44 @@ def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, bloc
     """Inverse of :func:`quantize_blockwise_4bit`: ``x = code[q] * N_b`` (flat float32 of ``n`` values)."""
     values = code[unpack_4bit(packed, n)]
     return values * absmax[block_ids(n, block_size, packed.device)]
+
+
+# ---- rank-1 normalization (Li et al. 2023, Section 4.2) --------------------------------------
+
+
+def rank1_maxima(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column maxima of the last two dimensions of a non-negative ``x`` (``ndim >= 2``).
+
+    Returns float32 ``(row_max [..., m], col_max [..., n])`` for ``x`` of shape ``[..., m, n]``
+    (Li et al. 2023, Section 4.2: ``r_i = max_j x_ij``, ``c_j = max_i x_ij``).
+    """
+    x = x.float()
+    return x.amax(dim=-1), x.amax(dim=-2)
+
+
+def rank1_scale(row_max: Tensor, col_max: Tensor) -> Tensor:
+    """Rank-1 normalization scale ``N_ij = min(r_i, c_j)`` (Li et al. 2023, Section 4.2), ``[..., m, n]``."""
+    return torch.minimum(row_max.unsqueeze(-1), col_max.unsqueeze(-2))
+
+
+def quantize_rank1_4bit(x: Tensor, code: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """4-bit quantization of a non-negative ``x`` (``ndim >= 2``) with rank-1 normalization.
+
+    Li et al. 2023, Section 4.2: every entry is divided by ``min(r_i, c_j)`` (its row and column
+    maxima over the last two dimensions; the quotient lies in ``[0, 1]``) and mapped to the nearest
+    of the 16 ``code`` values (for the second moment, the linear map without zero, Section 4.1).
+    Returns ``(packed uint8 [ceil(numel / 2)], row_max float32 [..., m], col_max float32 [..., n])``.
+    """
+    row_max, col_max = rank1_maxima(x)
+    scale = rank1_scale(row_max, col_max).clamp(min=torch.finfo(torch.float32).tiny)
+    idx = nearest_code((x.float() / scale).reshape(-1), code)
+    return pack_4bit(idx), row_max, col_max
+
+
+def dequantize_rank1_4bit(packed: Tensor, row_max: Tensor, col_max: Tensor, code: Tensor) -> Tensor:
+    """Inverse of :func:`quantize_rank1_4bit`: ``x_ij = code[q_ij] min(r_i, c_j)``, shape ``[..., m, n]``."""
+    scale = rank1_scale(row_max, col_max)
+    return code[unpack_4bit(packed, scale.numel())].view(scale.shape) * scale
 
 
 # ---- asymmetric min/max 4-bit (MicroAdam's error feedback) ----------------------------------

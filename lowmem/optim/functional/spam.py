@@ -5,7 +5,8 @@
   ``Delta T`` steps and a cosine learning-rate warm-up after each reset.
 * Stable-SPAM: "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam" (2025),
   Algorithm 1: AdaClip (clip to a bias-corrected running max of ``|g|``), AdaGN (rescale ``g`` by
-  running statistics of its norm) and MoRet (momentum reset).
+  running statistics of its norm) and MoRet (momentum reset). Its reference implementation
+  optionally decays ``beta1`` (and AdaGN's ``gamma1``) on a cosine schedule (``t_max``).
 
 All functions are out of place (the input may be ``p.grad``) and free of host synchronisation.
 """
@@ -63,6 +64,25 @@ def steps_since_reset(t: int, reset_interval: int) -> int:
     if reset_interval == 0 or t < reset_interval:
         return t
     return t % reset_interval + 1
+
+
+def cosine_beta1_scale(t: int, t_max: int | None, floor: float = 0.5) -> float:
+    """Multiplier of ``beta1`` and of AdaGN's ``gamma1`` at 1-based step ``t`` (Stable-SPAM's optional decay).
+
+    Not in the paper's Algorithm 1; the reference implementation (``StableSPAM(total_T=...)``,
+    ``t_max`` in pytorch-optimizer's port) takes a cosine-annealing schedule from 1 to
+    ``eta_min = 0.5`` with period parameter ``t_max + 1`` (torch's ``CosineAnnealingLR`` in closed
+    form) and multiplies both ``beta1`` (Adam's first moment and its bias correction) and ``gamma1``
+    (AdaGN's norm EMA and its bias correction) by it::
+
+        s_t = floor + (1 - floor) (1 + cos(pi t / (t_max + 1))) / 2
+
+    ``s_t`` reaches ``floor`` at ``t = t_max + 1`` and, as in the reference, rises again after it
+    (the cosine is not clamped). ``t_max = None`` disables the decay (``s_t = 1``).
+    """
+    if t_max is None:
+        return 1.0
+    return floor + (1.0 - floor) * (1.0 + math.cos(math.pi * t / (t_max + 1))) / 2.0
 
 
 def ada_clip(g: Tensor, max_ema: Tensor, theta: float, t: int) -> Tensor:

@@ -2,6 +2,7 @@
 
 * ``adamw8bit`` - AdamW with blockwise 8-bit moments (Dettmers et al. 2022), about 2 bytes/param.
 * ``adamw4bit`` - AdamW with 4-bit moments (Li et al. 2023), about 1 byte/param.
+* ``adamw4bit_rank1`` - ``adamw4bit`` with rank-1 normalization of ``v`` (Li et al. 2023, Section 4.2).
 * ``microadam`` - MicroAdam (Modoranu et al. 2024): a window of sparse gradients plus 4-bit error
   feedback, under 1 byte/param.
 * ``spam`` / ``stable_spam`` - AdamW with SPAM's / Stable-SPAM's stabilizers (Huang et al. 2025).
@@ -19,7 +20,7 @@ from ..engine import LowMemOptimizer, Recipe
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, positive_int
 from ..microadam import MicroAdamMoments
 from ..moments import AdamMoments
-from ..quantized import M1_4BIT, M1_8BIT, M2_4BIT, M2_8BIT, Quantized, quant_hparams
+from ..quantized import M1_4BIT, M1_8BIT, M2_4BIT, M2_8BIT, V_NORMALIZATION, Quantized, quant_hparams
 from ..registry import register
 from .subspace import _EXAMPLE as _SUBSPACE_EXAMPLE
 from .subspace import FIRA_ADAMW, FRUGAL, GALORE_ADAMW
@@ -45,8 +46,17 @@ ADAMW4BIT = Recipe(
     name="adamw4bit",
     summary="AdamW with 4-bit moments (signed dynamic map for m, zero-free linear map for v); ~1 byte/param",
     reference="Li et al. 2023, Memory Efficient Optimizers with 4-bit States, Sections 3-4 (B128/DE m, Linear v)",
-    moment=Quantized(AdamMoments("torch"), {"exp_avg": M1_4BIT, "exp_avg_sq": M2_4BIT}),
-    hparams=(LR(1e-3), BETAS(), EPS(1e-8), WEIGHT_DECAY(1e-2), *quant_hparams(128)),
+    moment=Quantized(AdamMoments("torch"), {"exp_avg": M1_4BIT, "exp_avg_sq": M2_4BIT}, rank1_key="exp_avg_sq"),
+    hparams=(LR(1e-3), BETAS(), EPS(1e-8), WEIGHT_DECAY(1e-2), *quant_hparams(128), V_NORMALIZATION),
+)
+
+ADAMW4BIT_RANK1 = dataclasses.replace(
+    ADAMW4BIT,
+    name="adamw4bit_rank1",
+    summary="adamw4bit with rank-1 normalization of v (min of row and column max); ~1 byte/param",
+    reference="Li et al. 2023, Memory Efficient Optimizers with 4-bit States, Sections 4.1-4.2 (Rank-1/Linear v)",
+    hparams=tuple(dataclasses.replace(h, default="rank1") if h.name == "v_normalization" else h
+                  for h in ADAMW4BIT.hparams),
 )
 
 _QUANT_ARGS_DOC = """
@@ -83,26 +93,34 @@ class AdamW8bit(LowMemOptimizer):
 class AdamW4bit(LowMemOptimizer):
     __doc__ = f"""AdamW whose moments are stored in 4 bits per value (Li et al. 2023).
 
-    First moment: blocks of 128, signed dynamic-exponent map; second moment: blocks of 128, linear
-    map without zero (avoids the zero-point blow-up of ``m / sqrt(v)``). The paper's rank-1
-    normalization of ``v`` is not used: both moments use block-wise absmax. bitsandbytes has no
-    4-bit optimizer; the codes are lowmem's (two per byte). State: 1 byte per parameter plus
-    8 bytes per block of 128.
+    First moment: blocks of 128, signed dynamic-exponent map; second moment: linear map without
+    zero (avoids the zero-point blow-up of ``m / sqrt(v)``), normalized per block of 128 or, with
+    ``v_normalization="rank1"``, by ``min(row max, column max)`` (the paper's rank-1
+    normalization, Section 4.2; tensors with ``ndim >= 2``, last two dimensions). bitsandbytes has
+    no 4-bit optimizer; the codes are lowmem's (two per byte). State: 1 byte per parameter plus
+    8 bytes per block of 128 (block ``v``), or plus 4 bytes per block and ``4 (m + n)`` bytes per
+    ``m x n`` matrix (rank-1 ``v``). The registered ``adamw4bit_rank1`` is this optimizer with
+    ``v_normalization="rank1"`` as its default.
 
     Args:
         params: Parameters or parameter groups.
         lr (`float`, defaults to `1e-3`), betas (`tuple`, defaults to `(0.9, 0.999)`), eps (`float`,
             defaults to `1e-8`), weight_decay (`float`, defaults to `1e-2`): as ``torch.optim.AdamW``.
         {_QUANT_ARGS_DOC.strip()} Defaults to 128 for ``block_size``.
+        v_normalization (`str`, defaults to `"block"`): Scales of the quantized second moment:
+            ``"block"`` (absmax per block of ``block_size``) or ``"rank1"`` (``min(r_i, c_j)`` of
+            the last two dimensions, Li et al. 2023 Section 4.2; 1-D tensors stay block-wise).
+            The first moment is always block-wise.
     """
 
     recipe = ADAMW4BIT
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, block_size: int = 128, min_quant_size: int = 4096,
-                 state_dtype: str = "float32", foreach: bool | None = None):
+                 v_normalization: str = "block", state_dtype: str = "float32", foreach: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
-                         min_quant_size=min_quant_size, state_dtype=state_dtype, foreach=foreach)
+                         min_quant_size=min_quant_size, v_normalization=v_normalization, state_dtype=state_dtype,
+                         foreach=foreach)
 
 
 # ---- MicroAdam ------------------------------------------------------------------------------
@@ -229,9 +247,8 @@ class SPAM(LowMemOptimizer):
 class StableSPAM(LowMemOptimizer):
     """Stable-SPAM (Huang et al. 2025): AdamW with AdaClip, AdaGN and momentum reset.
 
-    Bias corrections restart at each momentum reset, as in the reference. The reference's optional
-    cosine decay of ``beta1`` (``t_max``) is not implemented. A zero gradient stays zero (the
-    reference skips such a parameter entirely).
+    Bias corrections restart at each momentum reset, as in the reference. A zero gradient stays
+    zero (the reference skips such a parameter entirely).
 
     Args:
         params: Parameters or parameter groups.
@@ -240,6 +257,10 @@ class StableSPAM(LowMemOptimizer):
         gamma1 (`float`, defaults to `0.7`), gamma2 (`float`, defaults to `0.9`): AdaGN's norm EMAs.
         theta (`float`, defaults to `0.999`): AdaClip's max EMA.
         reset_interval (`int`, defaults to `1000`): Momentum reset period (0 = never).
+        t_max (`int` or `None`, defaults to `None`): The reference implementation's optional cosine
+            decay: ``beta1`` and ``gamma1`` are multiplied by ``0.5 + 0.25 (1 + cos(pi t / (t_max + 1)))``
+            at step ``t`` (1 at the start, 0.5 at ``t_max + 1``; the cosine is not clamped after).
+            Usually the total number of steps. ``None``: constant ``beta1``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
         foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
     """
@@ -248,9 +269,11 @@ class StableSPAM(LowMemOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, gamma1: float = 0.7, gamma2: float = 0.9, theta: float = 0.999,
-                 reset_interval: int = 1000, *, state_dtype: str = "float32", foreach: bool | None = None):
+                 reset_interval: int = 1000, t_max: int | None = None, *, state_dtype: str = "float32",
+                 foreach: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1,
-                         gamma2=gamma2, theta=theta, reset_interval=reset_interval, state_dtype=state_dtype, foreach=foreach)
+                         gamma2=gamma2, theta=theta, reset_interval=reset_interval, t_max=t_max,
+                         state_dtype=state_dtype, foreach=foreach)
 
 
 # ---- registry -------------------------------------------------------------------------------
@@ -259,9 +282,10 @@ _SMALL_QUANT = {"min_quant_size": 64, "block_size": 64}  # the toy's tensors are
 
 register(ADAMW8BIT, AdamW8bit, example_hparams=_SMALL_QUANT)
 register(ADAMW4BIT, AdamW4bit, example_hparams=_SMALL_QUANT)
+register(ADAMW4BIT_RANK1, example_hparams=_SMALL_QUANT)
 register(MICROADAM, MicroAdam, example_hparams={"k_init": 0.1, "m": 4, "quant_block_size": 64, "topk_block_size": 128})
 register(SPAM_RECIPE, SPAM, example_hparams={"reset_interval": 8, "warmup_steps": 3, "grad_accu_steps": 2, "threshold": 50.0})
-register(STABLE_SPAM_RECIPE, StableSPAM, example_hparams={"reset_interval": 8})
+register(STABLE_SPAM_RECIPE, StableSPAM, example_hparams={"reset_interval": 8, "t_max": 40})
 
 
 # ---- 8-bit subspace variants ------------------------------------------------------------------
