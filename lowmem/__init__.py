@@ -2,12 +2,34 @@
 
 Public entry points::
 
-    lowmem.list_optimizers()                       # registered optimizers
-    lowmem.create_optimizer(model, "adamw", lr=1e-3)
+    lowmem.list_optimizers()                                  # registered optimizers
+    lowmem.create_optimizer(model, "adamw", lr=1e-3)          # any of them, groups built from the model
+    lowmem.estimate_memory("llama-2-7b", "galore_adamw")      # memory of a training step, by component
+
+They are imported on first use (PEP 562), so ``import lowmem`` and ``lowmem --help`` do not pay for
+torch and transformers.
 """
 
-from .optim import create_optimizer, list_optimizers
-from .memory import estimate_memory
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "create_optimizer", "list_optimizers"]
+
+_LAZY = {
+    "create_optimizer": "lowmem.optim",
+    "list_optimizers": "lowmem.optim",
+    "estimate_memory": "lowmem.memory",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowmem' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

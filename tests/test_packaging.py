@@ -33,3 +33,10 @@ def test_built_wheel_imports_lowmem_trainers(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"},
                          check=True, capture_output=True, text=True).stdout
     assert Path(out.strip()).is_relative_to(site)  # the wheel's copy, not the checkout
+
+
+def test_import_lowmem_is_light_and_api_resolves_lazily():
+    code = ("import sys, lowmem; assert 'torch' not in sys.modules, 'import lowmem pulled in torch'; "
+            "assert callable(lowmem.create_optimizer) and callable(lowmem.estimate_memory); "
+            "assert {'create_optimizer', 'list_optimizers', 'estimate_memory'} <= set(dir(lowmem))")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
