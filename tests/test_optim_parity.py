@@ -127,3 +127,28 @@ def test_foreach_buckets_respect_per_parameter_step_counts():
             opt.step()
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_a_torch_adamw_checkpoint_with_lowmem_adamw():
+    """Migration: torch.optim.AdamW's state dict (weights_only) loads into lowmem's AdamW and the run
+    continues exactly as torch's would."""
+    import io
+
+    ref = params_zoo()
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    _, torch_opt = run(lambda ps: torch.optim.AdamW(ps, foreach=False, **kw), ref, steps=5)
+    buf = io.BytesIO()
+    torch.save(torch_opt.state_dict(), buf)
+    ours = copy.deepcopy(ref)
+    buf.seek(0)
+    opt = AdamW(ours, **kw)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in ref]
+        for p, q, gr in zip(ref, ours, grads):
+            p.grad, q.grad = gr, gr.clone()
+        torch_opt.step()
+        opt.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
