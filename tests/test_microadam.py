@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 
 import pytest
 import torch
@@ -112,22 +113,34 @@ def test_checkpoint_is_bit_exact_and_resumes_identically():
     assert torch.equal(p, q)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                                 reason="torch.compile on CPU needs a C++ compiler")),
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_cuda_path_equals_plain(dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    p0 = torch.randn(1000, 300, generator=g, device="cuda").to(dtype)
-    grads = [torch.randn(1000, 300, generator=g, device="cuda").to(dtype) for _ in range(12)]
+def test_compiled_path_equals_plain(device, dtype):
+    """The torch.compile'd functions follow the plain ones over 12 steps. 60 000 entries are not a
+    multiple of the 2048-entry quantization block nor of the 4096-entry top-k block: the shapes on
+    which torch 2.13's CPU inductor drops a partial block under static shapes (microadam._compiled)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    p0 = torch.randn(300, 200, generator=g, device=device).to(dtype)
+    grads = [torch.randn(300, 200, generator=g, device=device).to(dtype) for _ in range(12)]
     results = []
     for mode in ("never", "always"):
         p = nn.Parameter(p0.clone())
-        opt = MicroAdam([p], **{**CONFIG, "topk_block_size": 4096, "quant_block_size": 2048})
+        opt = MicroAdam([p], **{**CONFIG, "lr": 1e-3, "topk_block_size": 4096, "quant_block_size": 2048})
         opt.recipe = type(opt.recipe)(**{**opt.recipe.__dict__, "moment": MicroAdamMoments(compile=mode)})
         for gr in grads:
             p.grad = gr.clone()
             opt.step()
         results.append(p.detach().float())
+    moved = (results[0] - p0.float()).abs().max()
+    assert moved > 1e-3  # the steps did move the weights
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
 
 

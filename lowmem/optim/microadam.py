@@ -30,9 +30,15 @@ from .moments import MomentRule
 
 
 @lru_cache(maxsize=None)
-def _compiled():
-    """The fused GPU path: the same pure functions under :func:`torch.compile`."""
-    return torch.compile(MA.compress_, dynamic=None), torch.compile(MA.window_direction, dynamic=None)
+def _compiled(device_type: str):
+    """The fused path: the same pure functions under :func:`torch.compile`.
+
+    On CPU they are compiled with symbolic shapes: with static shapes torch 2.13's C++ inductor
+    splits a loop over ``i // block_size`` without its remainder when a tensor's length is not a
+    multiple of the block (``try_loop_split``), leaving the last partial block unwritten.
+    """
+    dynamic = True if device_type == "cpu" else None
+    return torch.compile(MA.compress_, dynamic=dynamic), torch.compile(MA.window_direction, dynamic=dynamic)
 
 
 def use_compiled(device: torch.device, mode: str) -> bool:
@@ -78,7 +84,7 @@ class MicroAdamMoments(MomentRule):
         m, qbs = group["m"], group["quant_block_size"]
         beta1, beta2 = group["betas"]
         lay = self.layout(g.numel(), group)
-        compress, window = _compiled() if use_compiled(g.device, self.compile) else (MA.compress_, MA.window_direction)
+        compress, window = _compiled(g.device.type) if use_compiled(g.device, self.compile) else (MA.compress_, MA.window_direction)
         idx, vals, codes, lo, hi = compress(
             g.reshape(-1), state["microadam_error"], state["microadam_error_min"], state["microadam_error_max"], lay, qbs
         )

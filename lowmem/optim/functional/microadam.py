@@ -84,7 +84,10 @@ def compress_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: 
     ``g`` is the flat float32 gradient; ``error``/``err_lo``/``err_hi`` the current 4-bit error
     feedback (packed codes and per-block min/max).
     """
-    a = g + Q.dequantize_minmax_4bit(error, err_lo, err_hi, quant_block_size, layout.d)
+    # In [blocks, block_size] space: no flat ``i // block_size`` index for torch.compile to split
+    # (torch 2.13's CPU inductor drops the partial last block when it splits such a loop).
+    blocks = Q.dequantize_minmax_4bit_blocks(error, err_lo, err_hi, quant_block_size, layout.d)
+    a = (Q._blocks(g, quant_block_size) + blocks).reshape(-1)[: layout.d]
     local = blockwise_topk(a, layout)
     flat = global_indices(local, layout)
     values = a[flat].to(torch.bfloat16)

@@ -85,13 +85,12 @@ def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, code: Tensor, block
     return bnbF.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=block_size)
 
 
-def block_ids(n: int, block_size: int, device) -> Tensor:
-    """Block index of each of ``n`` flat positions."""
-    return torch.arange(n, device=device) // block_size
-
-
 def _blocks(x: Tensor, block_size: int) -> Tensor:
-    """Flatten and zero-pad ``x`` to whole blocks: ``[num_blocks, block_size]``."""
+    """Flatten and zero-pad ``x`` to whole blocks: ``[num_blocks, block_size]``.
+
+    Per-block scalars then broadcast along dim 1. (Gathering them by ``arange(n) // block_size``
+    instead is miscompiled by torch 2.13's CPU inductor when ``n`` is not a multiple of a
+    power-of-two ``block_size``: the last partial block reads block 0.)"""
     flat = x.reshape(-1).float()
     pad = (-flat.numel()) % block_size
     if pad:
@@ -135,8 +134,8 @@ def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int) -> tuple[T
 
 def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, block_size: int, n: int) -> Tensor:
     """Inverse of :func:`quantize_blockwise_4bit`: ``x = code[q] * N_b`` (flat float32 of ``n`` values)."""
-    values = code[unpack_4bit(packed, n)]
-    return values * absmax[block_ids(n, block_size, packed.device)]
+    values = _blocks(code[unpack_4bit(packed, n)], block_size)
+    return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
 # ---- rank-1 normalization (Li et al. 2023, Section 4.2) --------------------------------------
@@ -202,9 +201,13 @@ def quantize_minmax_4bit(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Te
     return pack_4bit(q.reshape(-1)[:n]), lo, hi
 
 
+def dequantize_minmax_4bit_blocks(packed: Tensor, lo: Tensor, hi: Tensor, block_size: int, n: int) -> Tensor:
+    """:func:`dequantize_minmax_4bit` as ``[num_blocks, block_size]`` (the padding reads ``delta``)."""
+    q = _blocks(unpack_4bit(packed, n), block_size)
+    unit = (hi - lo) / 15.0
+    return lo.unsqueeze(1) + q * unit.unsqueeze(1)
+
+
 def dequantize_minmax_4bit(packed: Tensor, lo: Tensor, hi: Tensor, block_size: int, n: int) -> Tensor:
     """Inverse of :func:`quantize_minmax_4bit`: ``x = delta + q u`` (Algorithm 1, line 4's ``Q^{-1}``)."""
-    q = unpack_4bit(packed, n).float()
-    block = block_ids(n, block_size, packed.device)
-    unit = (hi - lo) / 15.0
-    return lo[block] + q * unit[block]
+    return dequantize_minmax_4bit_blocks(packed, lo, hi, block_size, n).reshape(-1)[:n]
