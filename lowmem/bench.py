@@ -8,6 +8,10 @@ For each optimizer, from the same initial weights and the same batches:
 * **loss**: mean training loss of the last 10 steps and the held-out loss after training, and its
   ratio to ``torch.optim.AdamW``'s.
 
+An entry ``NAME:key=value,...`` is a variant of a registered optimizer with those
+hyperparameters, measured as its own row (e.g. ``microadam microadam:k_init=0.05,m=2`` compares two
+settings of one optimizer in one run).
+
 It is a benchmark, not a test: numbers depend on the machine. Results go to ``bench.json`` and
 ``bench.md`` in the output directory.
 """
@@ -103,7 +107,8 @@ def run_bench(
     """Run the benchmark; ``torch_adamw`` is always measured first, as the baseline.
 
     Args:
-        optimizers: Registered optimizer names.
+        optimizers: Registered optimizer names, or variants ``NAME:key=value,...`` (each its own row,
+            labelled by the entry as written; its values override ``optim_args[NAME]``).
         steps: Training steps per optimizer.
         model_path: Local causal-LM directory; ``None`` uses the embedded tiny Llama.
         lr: Learning rate for every optimizer (override per optimizer with ``optim_args``).
@@ -132,18 +137,19 @@ def run_bench(
 
     results: list[BenchResult] = []
     names = [BASELINE] + [n for n in optimizers if n != BASELINE]
-    for name in names:
+    for label in names:
+        name, variant = parse_variant(label)
         model.load_state_dict(init_state)
         model.train()
         torch.manual_seed(seed)
         if name == BASELINE:
-            hp = {"lr": lr, "weight_decay": 0.01, **optim_args.get(name, {})}
+            hp = {"lr": lr, "weight_decay": 0.01, **optim_args.get(name, {}), **variant}
             opt = torch.optim.AdamW(build_param_groups(model), **hp)
         else:
-            hp = {**default_hparams(name, lr, rank), **optim_args.get(name, {})}
+            hp = {**default_hparams(name, lr, rank), **optim_args.get(name, {}), **variant}
             opt = create_optimizer(model, name, **hp)
         times, losses = [], []
-        for batch in tqdm(batches, desc=f"bench {name}", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=f"bench {label}", disable=not progress, leave=False):
             loss = model(**move(batch)).loss
             loss.backward()
             if device == "cuda":
@@ -159,7 +165,7 @@ def run_bench(
         sb = _state_bytes(opt)
         steady = times[warmup:] if len(times) > warmup else times
         results.append(BenchResult(
-            optimizer=name, hparams=hp, trainable_params=n_params, state_bytes=sb, bytes_per_param=sb / n_params,
+            optimizer=label, hparams=hp, trainable_params=n_params, state_bytes=sb, bytes_per_param=sb / n_params,
             step_time_s=statistics.median(steady), final_train_loss=statistics.fmean(losses[-10:]),
             eval_loss=_eval_loss(model, eval_batch), losses=losses,
         ))
@@ -207,20 +213,32 @@ def print_table(results: list[BenchResult]) -> None:
     Console().print(table)
 
 
-def _parse_optim_args(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``NAME:key=value,key=value`` (values parsed as YAML scalars)."""
+def parse_variant(entry: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``NAME:key=value[,key=value]`` -> ``(NAME, {key: value})``; values are YAML scalars."""
     import yaml
 
+    name, sep, kvs = entry.partition(":")
+    if not sep:
+        return name, {}
+    if not kvs:
+        raise ValueError(f"expected NAME:key=value[,key=value], got {entry!r}")
+    out: dict[str, Any] = {}
+    for kv in kvs.split(","):
+        k, eq, v = kv.partition("=")
+        if not eq or not k.strip():
+            raise ValueError(f"{entry!r}: {kv!r} is not key=value")
+        out[k.strip()] = yaml.safe_load(v)
+    return name, out
+
+
+def _parse_optim_args(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--optim-args NAME:key=value,key=value`` (repeatable) -> ``{NAME: {key: value}}``."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
-        name, _, kvs = item.partition(":")
-        if not kvs:
+        name, kv = parse_variant(item)
+        if not kv:
             raise ValueError(f"--optim-args expects NAME:key=value[,key=value], got {item!r}")
-        for kv in kvs.split(","):
-            k, sep, v = kv.partition("=")
-            if not sep:
-                raise ValueError(f"--optim-args: {kv!r} is not key=value")
-            out.setdefault(name, {})[k.strip()] = yaml.safe_load(v)
+        out.setdefault(name, {}).update(kv)
     return out
 
 
@@ -228,9 +246,13 @@ def main(args) -> int:
     from lowmem.optim import get_entry, list_optimizers
 
     names = args.optimizers or [e.name for e in list_optimizers() if e.recipe is not None]
-    for n in names:
-        if n != BASELINE:
-            get_entry(n)  # fail early, listing valid names
+    for n in names:  # fail early, listing valid names
+        name, variant = parse_variant(n)
+        if name != BASELINE:
+            valid = get_entry(name).valid_hparams()
+            unknown = sorted(set(variant) - set(valid))
+            if unknown:
+                raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
     results = run_bench(
         names, steps=args.steps, model_path=args.model, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
         seed=args.seed, device=args.device, optim_args=_parse_optim_args(args.optim_args),

@@ -40,3 +40,20 @@ def test_bench_on_a_local_model_directory(tiny_model_path):
     assert [r.optimizer for r in results] == [BASELINE, "galore_adamw"]
     assert results[1].hparams["rank"] == 8 and results[1].bytes_per_param < results[0].bytes_per_param
     assert all(math.isfinite(r.eval_loss) for r in results)
+
+
+def test_bench_variants_are_rows_of_their_own():
+    """`NAME:key=value,...` benches one optimizer at another setting, side by side in the same run."""
+    results = run_bench(["microadam", "microadam:k_init=0.05,m=2"], steps=4, batch_size=4, progress=False)
+    assert [r.optimizer for r in results] == [BASELINE, "microadam", "microadam:k_init=0.05,m=2"]
+    default, variant = results[1].hparams, results[2].hparams
+    assert "k_init" not in default and variant["k_init"] == 0.05 and variant["m"] == 2
+    # same state bytes by construction: m * density is 0.1 in both
+    assert abs(results[1].bytes_per_param - results[2].bytes_per_param) < 0.05
+    assert results[1].losses != results[2].losses
+
+
+def test_bench_variant_with_unknown_hyperparameter_is_a_clear_error(capsys):
+    assert main(["bench", "microadam:densty=0.05", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "densty" in err and "k_init" in err
