@@ -111,7 +111,9 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
         "and report state bytes per parameter, steady-state step time relative to torch.optim.AdamW "
         "(measured in the same run) and loss. Writes bench.json and bench.md.",
     )
-    p.add_argument("optimizers", nargs="*", help="registered optimizer names (default: every engine optimizer)")
+    p.add_argument("optimizers", nargs="*", metavar="NAME[:k=v,...]",
+                   help="registered optimizer names (default: every engine optimizer); NAME:key=value,... "
+                   "benches that setting as a row of its own, e.g. microadam:k_init=0.05,m=2")
     p.add_argument("--steps", type=int, default=100, help="training steps per optimizer (default 100)")
     p.add_argument("--model", default=None, help="local causal-LM directory (default: embedded tiny Llama)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate for every optimizer (default 3e-3)")

@@ -144,15 +144,18 @@ def test_compiled_path_equals_plain(device, dtype):
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
 
 
-def test_tiny_task_loss_within_10_percent_of_adamw():
-    """The kit's tiny Llama on its SFT task (lowmem bench, 60 steps, CPU). The tiny model's weights
-    hold 2k-8k entries, so the default 1% density keeps ~40 entries per tensor per step; at 5%
-    MicroAdam is within 10% of AdamW (measured 1.075x eval loss); at the default 1% it trails by
-    12-15% on this tiny budget (docs/compressed.md)."""
+def test_tiny_task_loss_within_10_percent_of_adamw_at_default_state_bytes():
+    """The kit's tiny Llama on its SFT task (lowmem bench, 200 steps, batch 16, lr 3e-3, CPU).
+
+    The paper's defaults (density 1%, window m = 10) end ~15% above AdamW here (measured 1.146);
+    the same state bytes spent as density 5% over a window of 2 (m * density = 0.1 in both) end
+    within 10% (measured 1.012; 1.007-1.045 over seeds 0-2, docs/compressed.md)."""
     from lowmem.bench import run_bench
 
-    results = run_bench(["microadam"], steps=60, batch_size=8, device="cpu", progress=False,
-                        optim_args={"microadam": {"k_init": 0.05}})
-    base, ours = results
-    assert ours.eval_loss <= 1.10 * base.eval_loss, f"microadam {ours.eval_loss:.4f} vs adamw {base.eval_loss:.4f}"
-    assert ours.bytes_per_param < 3.0 < base.bytes_per_param
+    results = run_bench(["microadam", "microadam:k_init=0.05,m=2"], steps=200, batch_size=16, device="cpu",
+                        progress=False)
+    base, default, short_window = results
+    assert short_window.eval_loss <= 1.10 * base.eval_loss, (
+        f"microadam:k_init=0.05,m=2 {short_window.eval_loss:.4f} vs adamw {base.eval_loss:.4f}")
+    assert abs(short_window.bytes_per_param - default.bytes_per_param) < 0.01
+    assert default.bytes_per_param < 1.0 < 8.0 < base.bytes_per_param
