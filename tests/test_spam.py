@@ -115,6 +115,57 @@ def test_stable_spam_beta1_cosine_decay_matches_plain_loop():
         StableSPAM([p], t_max=0)
 
 
+def authors_stable_spam(p, grads, lr, betas, eps, weight_decay, gamma1, gamma2, theta, reset_interval):
+    """Stable-SPAM as the authors' code runs it: one counter for Adam and the norm statistics,
+    set to 1 on a reset step after the statistics used it; the statistics' EMAs are never reset."""
+    b1, b2 = betas
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    max_ema = norm_m = norm_v = torch.tensor(0.0)
+    step = 0
+    for t, g in enumerate(grads, 1):
+        p = p * (1 - lr * weight_decay)
+        step += 1
+        g_max = g.abs().max()
+        max_ema = theta * max_ema + (1 - theta) * g_max
+        bound = max_ema / (1 - theta**step)
+        g = torch.where(g.abs() > bound, g / g_max * bound, g)
+        n = g.norm()
+        norm_m = gamma1 * norm_m + (1 - gamma1) * n
+        norm_v = gamma2 * norm_v + (1 - gamma2) * n * n
+        g = g / n * ((norm_m / (1 - gamma1**step)) / ((norm_v / (1 - gamma2**step)).sqrt() + eps))
+        if t % reset_interval == 0:
+            m, v, step = torch.zeros_like(p), torch.zeros_like(p), 1
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr / (1 - b1**step) * m / (v.sqrt() / math.sqrt(1 - b2**step) + eps)
+    return p
+
+
+def test_stable_spam_stats_step_since_reset_is_the_authors_counter():
+    grads = spiky_grads((12, 9), 24)
+    p0 = torch.randn(12, 9, generator=torch.Generator().manual_seed(7))
+    out = {}
+    for mode in ("global", "since_reset"):
+        p = nn.Parameter(p0.clone())
+        opt = StableSPAM([p], **STABLE_CFG, stats_step=mode)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        out[mode] = p.detach()
+    torch.testing.assert_close(out["since_reset"], authors_stable_spam(p0, grads, **STABLE_CFG), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["global"], plain_stable_spam(p0, grads, **STABLE_CFG), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out["global"], out["since_reset"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="stats_step"):
+        StableSPAM([nn.Parameter(p0.clone())], stats_step="reset")
+
+
+def test_stats_step_counts():
+    from lowmem.optim.functional import spam as S
+
+    assert [S.stats_step(t, 5) for t in range(1, 17)] == [1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 2, 3, 4, 5, 6, 2]
+    assert [S.stats_step(t, 0) for t in (1, 7, 100)] == [1, 7, 100]
+
+
 def test_beta1_scale_is_the_reference_cosine_annealing():
     """The reference builds the scale with torch's CosineAnnealingLR(T_max = t_max + 1, eta_min = 0.5)
     on a dummy SGD with lr 1, stepped with the global step count."""

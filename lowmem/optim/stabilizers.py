@@ -61,6 +61,9 @@ STABLE_SPAM_HPARAMS = (
     RESET_INTERVAL(1000),
     HParam("t_max", None, optional(positive_int), "None or an int > 0",
            "cosine decay of beta1 and gamma1 to half over t_max steps (the reference's option; None = off)"),
+    HParam("stats_step", "global", lambda x: x in ("global", "since_reset"), "'global' or 'since_reset'",
+           "step count of AdaClip's and AdaGN's bias corrections: the global step, or restarting with the "
+           "moments at each reset as the authors' code does"),
 )
 
 
@@ -107,7 +110,10 @@ class StableSPAMStabilizer(Stabilizer):
 
     Per parameter: clip entries above the bias-corrected running max of ``|g|`` (``theta``),
     rescale ``g`` to the running norm statistics (``gamma1``, ``gamma2``, ``group["eps"]``), and
-    zero the moments every ``reset_interval`` steps. Pair it with :class:`RestartBiasCorrection` so
+    zero the moments every ``reset_interval`` steps. AdaClip's and AdaGN's bias corrections count
+    the global step (``group["stats_step"] = "global"``, as pytorch-optimizer) or, with
+    ``"since_reset"``, the step counter the authors' code shares with Adam's moments, which restarts
+    at each reset (:func:`~lowmem.optim.functional.spam.stats_step`). Pair it with :class:`RestartBiasCorrection` so
     that the moments' bias correction restarts at each reset, as the reference does. With
     ``group["t_max"]`` set, AdaGN's ``gamma1`` is scaled by
     :func:`~lowmem.optim.functional.spam.cosine_beta1_scale` (and ``RestartBiasCorrection``
@@ -125,9 +131,10 @@ class StableSPAMStabilizer(Stabilizer):
     def transform(self, g, state, group, t, moment):
         if S.is_reset_step(t, group["reset_interval"]):
             moment.reset(state)
-        g = S.ada_clip(g, state["spam_clip_max"], group["theta"], t)
+        t_stats = S.stats_step(t, group["reset_interval"]) if group.get("stats_step") == "since_reset" else t
+        g = S.ada_clip(g, state["spam_clip_max"], group["theta"], t_stats)
         gamma1 = group["gamma1"] * S.cosine_beta1_scale(t, group.get("t_max"))
-        return S.ada_gn(g, state["spam_norm_m"], state["spam_norm_v"], gamma1, group["gamma2"], t, group["eps"])
+        return S.ada_gn(g, state["spam_norm_m"], state["spam_norm_v"], gamma1, group["gamma2"], t_stats, group["eps"])
 
 
 class RestartBiasCorrection(MomentRule):

@@ -66,6 +66,19 @@ def steps_since_reset(t: int, reset_interval: int) -> int:
     return t % reset_interval + 1
 
 
+def stats_step(t: int, reset_interval: int) -> int:
+    """AdaClip's / AdaGN's bias-correction count in the authors' Stable-SPAM code.
+
+    There one counter serves Adam and the norm statistics; it is set to 1 on a reset step after
+    the statistics were updated, so the statistics see ``t`` up to the first reset and
+    ``steps_since_reset(t - 1) + 1`` after it (2 on the step after a reset, ``Delta T + 1`` on the next
+    reset step), while their EMAs themselves are not reset.
+    """
+    if reset_interval == 0 or t <= reset_interval:
+        return t
+    return steps_since_reset(t - 1, reset_interval) + 1
+
+
 def cosine_beta1_scale(t: int, t_max: int | None, floor: float = 0.5) -> float:
     """Multiplier of ``beta1`` and of AdaGN's ``gamma1`` at 1-based step ``t`` (Stable-SPAM's optional decay).
 

@@ -261,6 +261,13 @@ class StableSPAM(LowMemOptimizer):
             decay: ``beta1`` and ``gamma1`` are multiplied by ``0.5 + 0.25 (1 + cos(pi t / (t_max + 1)))``
             at step ``t`` (1 at the start, 0.5 at ``t_max + 1``; the cosine is not clamped after).
             Usually the total number of steps. ``None``: constant ``beta1``.
+        stats_step (`str`, defaults to `"global"`): Step count in AdaClip's and AdaGN's bias
+            corrections. ``"global"``: the optimizer step (as pytorch-optimizer's port).
+            ``"since_reset"``: the authors' code, where one counter serves Adam and the statistics
+            and restarts at each momentum reset while the statistics' EMAs do not, so AdaClip's
+            bound is divided by ``1 - theta^2`` on the step after a reset (about 500x at
+            ``theta = 0.999``: clipping is off for a while after each reset). Only matters with
+            ``reset_interval > 0``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
         foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
     """
@@ -269,11 +276,11 @@ class StableSPAM(LowMemOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, gamma1: float = 0.7, gamma2: float = 0.9, theta: float = 0.999,
-                 reset_interval: int = 1000, t_max: int | None = None, *, state_dtype: str = "float32",
-                 foreach: bool | None = None):
+                 reset_interval: int = 1000, t_max: int | None = None, stats_step: str = "global", *,
+                 state_dtype: str = "float32", foreach: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1,
                          gamma2=gamma2, theta=theta, reset_interval=reset_interval, t_max=t_max,
-                         state_dtype=state_dtype, foreach=foreach)
+                         stats_step=stats_step, state_dtype=state_dtype, foreach=foreach)
 
 
 # ---- registry -------------------------------------------------------------------------------
