@@ -51,31 +51,36 @@ def plain_spam(p, grads, lr, betas, eps, weight_decay, threshold, reset_interval
     return p
 
 
-def plain_stable_spam(p, grads, lr, betas, eps, weight_decay, gamma1, gamma2, theta, reset_interval, t_max=None):
+def plain_stable_spam(p, grads, lr, betas, eps, weight_decay, gamma1, gamma2, theta, reset_interval, t_max=None,
+                      stats_step="global"):
     """Stable-SPAM, Algorithm 1 (Huang et al. 2025): AdaClip, AdaGN, MoRet with bias-correction restart;
-    with ``t_max``, the reference's cosine decay of beta1 and gamma1 (both EMAs and their corrections)."""
+    with ``t_max``, the reference's cosine decay of beta1 and gamma1 (both EMAs and their corrections).
+    ``stats_step="since_reset"``: the authors' code, one counter for Adam and the norm statistics,
+    set to 1 on a reset step after the statistics used it (their EMAs are never reset)."""
     b1_base, b2 = betas
     gamma1_base = gamma1
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     max_ema = norm_m = norm_v = torch.tensor(0.0)
     k = 0
     for t, g in enumerate(grads, 1):
+        c = k + 1  # the authors' shared counter before a reset sets it to 1
         if t % reset_interval == 0:
             k = 1
             m, v = torch.zeros_like(p), torch.zeros_like(p)
         else:
             k += 1
+        ts = t if stats_step == "global" else c
         s = 1.0 if t_max is None else 0.5 + 0.5 * (1 + math.cos(math.pi * t / (t_max + 1))) / 2
         b1, gamma1 = b1_base * s, gamma1_base * s
         p = p * (1 - lr * weight_decay)
         g_max = g.abs().max()
         max_ema = theta * max_ema + (1 - theta) * g_max
-        bound = max_ema / (1 - theta**t)
+        bound = max_ema / (1 - theta**ts)
         g = torch.where(g.abs() > bound, g / g_max * bound, g)
         n = g.norm()
         norm_m = gamma1 * norm_m + (1 - gamma1) * n
         norm_v = gamma2 * norm_v + (1 - gamma2) * n * n
-        g = g / n * ((norm_m / (1 - gamma1**t)) / ((norm_v / (1 - gamma2**t)).sqrt() + eps))
+        g = g / n * ((norm_m / (1 - gamma1**ts)) / ((norm_v / (1 - gamma2**ts)).sqrt() + eps))
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         p = p - lr / (1 - b1**k) * m / (v.sqrt() / math.sqrt(1 - b2**k) + eps)
@@ -115,32 +120,6 @@ def test_stable_spam_beta1_cosine_decay_matches_plain_loop():
         StableSPAM([p], t_max=0)
 
 
-def authors_stable_spam(p, grads, lr, betas, eps, weight_decay, gamma1, gamma2, theta, reset_interval):
-    """Stable-SPAM as the authors' code runs it: one counter for Adam and the norm statistics,
-    set to 1 on a reset step after the statistics used it; the statistics' EMAs are never reset."""
-    b1, b2 = betas
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    max_ema = norm_m = norm_v = torch.tensor(0.0)
-    step = 0
-    for t, g in enumerate(grads, 1):
-        p = p * (1 - lr * weight_decay)
-        step += 1
-        g_max = g.abs().max()
-        max_ema = theta * max_ema + (1 - theta) * g_max
-        bound = max_ema / (1 - theta**step)
-        g = torch.where(g.abs() > bound, g / g_max * bound, g)
-        n = g.norm()
-        norm_m = gamma1 * norm_m + (1 - gamma1) * n
-        norm_v = gamma2 * norm_v + (1 - gamma2) * n * n
-        g = g / n * ((norm_m / (1 - gamma1**step)) / ((norm_v / (1 - gamma2**step)).sqrt() + eps))
-        if t % reset_interval == 0:
-            m, v, step = torch.zeros_like(p), torch.zeros_like(p), 1
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        p = p - lr / (1 - b1**step) * m / (v.sqrt() / math.sqrt(1 - b2**step) + eps)
-    return p
-
-
 def test_stable_spam_stats_step_since_reset_is_the_authors_counter():
     grads = spiky_grads((12, 9), 24)
     p0 = torch.randn(12, 9, generator=torch.Generator().manual_seed(7))
@@ -152,8 +131,8 @@ def test_stable_spam_stats_step_since_reset_is_the_authors_counter():
             p.grad = g.clone()
             opt.step()
         out[mode] = p.detach()
-    torch.testing.assert_close(out["since_reset"], authors_stable_spam(p0, grads, **STABLE_CFG), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["global"], plain_stable_spam(p0, grads, **STABLE_CFG), rtol=1e-5, atol=1e-6)
+    for mode, got in out.items():
+        torch.testing.assert_close(got, plain_stable_spam(p0, grads, **STABLE_CFG, stats_step=mode), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out["global"], out["since_reset"], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="stats_step"):
         StableSPAM([nn.Parameter(p0.clone())], stats_step="reset")
