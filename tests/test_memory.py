@@ -178,7 +178,7 @@ def test_estimate_matches_measured_on_cpu(kw):
     for comp in ("weights", "gradients", "optimizer_states"):
         assert ratios[comp] == pytest.approx(1.0, abs=0.05), (comp, r.measured, r.estimate.components())
     assert ratios["activations"] == pytest.approx(1.0, abs=0.25), (r.measured, r.estimate.details)
-    assert r.losses[-1] == r.losses[-1]  # finite
+    assert math.isfinite(r.losses[-1])
     assert "measured" in r.table()
 
 

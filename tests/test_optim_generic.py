@@ -69,9 +69,17 @@ def test_state_is_tensors_and_state_bytes_exact(name):
     train(model, opt, x, y, 3)
     values = state_tensors(opt)
     assert values and all(isinstance(v, torch.Tensor) for v in values), "state must hold tensors only"
-    # count again from what a checkpoint would contain
-    sd_bytes = sum(v.numel() * v.element_size() for st in opt.state_dict()["state"].values() for v in st.values())
-    assert opt.state_bytes() == sd_bytes
+    # counted independently: the distinct storages the state really holds (a view into a larger
+    # buffer, or two keys sharing one, would make numel * element_size lie about memory) ...
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in values}
+    assert opt.state_bytes() == sum(storages.values())
+    # ... and what a weights_only checkpoint gives back to a fresh optimizer
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    reloaded = create_optimizer(model, name, **hparams_for(name))
+    reloaded.load_state_dict(torch.load(buf, weights_only=True))
+    assert reloaded.state_bytes() == opt.state_bytes()
     # the meta-device accounting used by the estimator allocates the same state
     fresh = create_optimizer(make_problem()[0], name, **hparams_for(name))
     fresh.materialize_state()
@@ -99,14 +107,18 @@ def test_nonfinite_gradient_skips_step_and_keeps_state(name):
     opt = create_optimizer(model, name, **hparams_for(name))
     train(model, opt, x, y, 2)
     params = [p.detach().clone() for p in model.parameters()]
-    state = {k: v.clone() for st in opt.state.values() for k, v in st.items()}
+    # every state tensor of every parameter, keyed by (parameter, key)
+    state = {(i, k): v.clone() for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+    assert len(state) == sum(len(opt.state[p]) for p in model.parameters()) > 0
     loss_fn(model, x, y).backward()
     model.fc1.weight.grad[0, 0] = float("nan")
     with pytest.warns(UserWarning, match="non-finite"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
-    after = {k: v for st in opt.state.values() for k, v in st.items()}
-    assert all(torch.equal(state[k], after[k]) for k in state)
+    after = {(i, k): v for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+    assert after.keys() == state.keys()
+    for key in state:
+        assert torch.equal(state[key], after[key]), f"{name}: state {key} changed by a skipped step"
     assert opt.skipped_steps == 1
 
 
@@ -158,8 +170,17 @@ def test_closure_contract(name):
         loss.backward()
         return loss
 
-    loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.requires_grad is False or loss.grad_fn is not None
+    before = [p.detach().clone() for p in model.parameters()]
+    returned = []
+
+    def recording_closure():
+        returned.append(closure())
+        return returned[-1]
+
+    loss = opt.step(recording_closure)
+    assert len(returned) == 1 and loss is returned[0]  # called once, its loss returned as is
+    assert isinstance(loss, torch.Tensor) and loss.grad_fn is not None  # gradients were enabled inside
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # and the step used them
 
 
 @pytest.mark.parametrize("name", ENGINE)
