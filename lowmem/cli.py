@@ -35,6 +35,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="local directory of an HF causal LM (never downloaded)")
     p.add_argument("--seed", type=int, help="seed of data, init and trainer")
     p.add_argument("--batch-size", type=int, help="per-device train batch size")
+    p.add_argument("--dataset", help="local training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder of them, "
+                   "or a save_to_disk folder, in a TRL format (see docs/training.md); replaces the synthetic task")
     p.set_defaults(handler=run_train)
 
 
@@ -43,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(
         args.recipe, optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
-        output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size,
+        output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size, dataset=args.dataset,
     )
     run(recipe)
     return 0

@@ -51,13 +51,47 @@ class TrainRecipe:
             tiny Llama (~83k parameters, character tokenizer). Nothing is downloaded.
         dtype (`str`, defaults to `"float32"`):
             Parameter dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-        task (`str`, defaults to `"addition"`):
+        task (`str` or `None`, defaults to `None`):
             Synthetic dataset from :mod:`lowmem.kit.tasks`; ``"addition"`` is ``"12+7=19"`` text.
+            `None` means ``"addition"`` when no ``dataset`` is given. Exclusive with ``dataset``.
         train_size (`int`, defaults to `2000`):
-            Training examples (drawn by ``seed`` from the training pool).
+            Training examples of ``task`` (drawn by ``seed`` from the training pool).
         eval_size (`int`, defaults to `128`):
-            Held-out examples (a fixed pool disjoint from training) for ``initial_loss`` and
-            ``final_loss``.
+            Held-out examples of ``task`` (a fixed pool disjoint from training) for ``initial_loss``
+            and ``final_loss``.
+
+        > Your own data (docs/training.md, "Training on your own data")
+
+        dataset (`str` or `None`, defaults to `None`):
+            Local training data (``--dataset``), loaded with ``datasets`` and never downloaded: a
+            ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` / ``.txt`` file, a folder of such files,
+            or a folder written by ``save_to_disk`` (its ``train`` split for a ``DatasetDict``).
+            Columns in TRL's formats: SFT ``text``, ``messages``, or ``prompt`` + ``completion``;
+            DPO ``prompt`` + ``chosen`` + ``rejected`` (or ``chosen`` + ``rejected`` with an implicit
+            prompt); GRPO/GVPO/BNPO ``prompt`` plus any columns, passed to the reward functions as
+            keyword arguments. Standard (strings) or conversational (lists of ``{role, content}``
+            messages, rendered with the chat template). SFT then runs TRL's ``SFTTrainer``
+            (:class:`~lowmem.trainers.LowMemSFTTrainer`), so ``max_length``, ``packing``,
+            ``completion_only_loss``, ``assistant_only_loss``, ``dataset_text_field`` are its
+            ``SFTConfig`` fields (in ``training_args``). See :mod:`lowmem.data`.
+        eval_dataset (`str` or `None`, defaults to `None`):
+            Local held-out data in the same format (for a saved ``DatasetDict``: its ``validation``,
+            ``test`` or ``eval`` split). SFT reports its loss before and after training
+            (``initial_loss``, ``final_loss``); DPO its margin and accuracy. Requires ``dataset``.
+        eval_split (`float` or `None`, defaults to `None`):
+            Fraction of ``dataset`` in ``(0, 1)`` held out for evaluation instead, shuffled by ``seed``.
+            Exclusive with ``eval_dataset``.
+        chat_template (`str` or `None`, defaults to `None`):
+            Jinja chat template (the text, or the path of a ``.jinja`` file) set on the tokenizer and
+            saved with the model. Conversational data needs one, here or in the tokenizer.
+        reward_funcs (`list` or `None`, defaults to `None`):
+            GRPO/GVPO/BNPO rewards: built-in names (``exact_match``, ``format``, ``addition``),
+            ``"package.module:function"``, ``"path/to/file.py:function"`` (your code, imported only
+            because the recipe names it), or ``{name: ..., <keyword>: value}`` to bind keyword
+            arguments. See :mod:`lowmem.rewards`. `None`: ``addition`` on the synthetic task;
+            required with ``dataset``.
+        reward_weights (`list[float]` or `None`, defaults to `None`):
+            One weight per reward function (TRL's ``reward_weights``); `None` weighs each 1.0.
 
         > Optimizer
 
@@ -130,9 +164,15 @@ class TrainRecipe:
     trainer: str = "sft"
     model: str | None = None
     dtype: str = "float32"
-    task: str = "addition"
+    task: str | None = None
     train_size: int = 2000
     eval_size: int = 128
+    dataset: str | None = None
+    eval_dataset: str | None = None
+    eval_split: float | None = None
+    chat_template: str | None = None
+    reward_funcs: list[str | dict[str, Any]] | None = None
+    reward_weights: list[float] | None = None
     optim: str = "adafactor"
     optim_args: dict[str, Any] | str = field(default_factory=dict)
     lr: float = 1e-2
@@ -158,7 +198,10 @@ class TrainRecipe:
 
         if self.trainer not in AVAILABLE_TRAINERS:
             raise ValueError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
-        if self.task not in TASKS:
+        from lowmem.data import validate_data_fields
+
+        validate_data_fields(self)  # dataset, eval_*, chat_template, reward_* (lowmem.data, lowmem.rewards)
+        if self.task is not None and self.task not in TASKS:
             raise ValueError(f"Unknown task {self.task!r}; valid: {list(TASKS)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"Invalid dtype {self.dtype!r}; valid: ['float32', 'bfloat16', 'float16']")
@@ -300,29 +343,37 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     from transformers import default_data_collator, set_seed
 
+    from lowmem.data import prepare_tokenizer, recipe_data
     from lowmem.kit import sft_dataset, tokenize_sft
-    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+    from lowmem.trainers import LowMemSFTConfig, LowMemSFTTrainer, LowMemTrainer, LowMemTrainingArguments
 
     set_seed(recipe.seed)
+    data = recipe_data(recipe)  # the user's dataset (checked before the model loads), or None: synthetic task
     model, tok, _ = load_policy(recipe)
-    train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok)
-    evals = tokenize_sft(sft_dataset(recipe.eval_size, 0, "eval"), tok)  # fixed held-out set
-    args = LowMemTrainingArguments(**{
+    prepare_tokenizer(recipe, data, tok)
+    if data is None:
+        train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok)
+        evals = tokenize_sft(sft_dataset(recipe.eval_size, 0, "eval"), tok)  # fixed held-out set
+        args_cls, trainer_cls, args_kw, trainer_kw = LowMemTrainingArguments, LowMemTrainer, {}, {"data_collator": default_data_collator}
+    else:  # TRL's SFTTrainer: formats, chat template, max_length, packing, completion-only loss (SFTConfig)
+        train, evals = data.train, data.eval
+        args_cls, trainer_cls, args_kw, trainer_kw = LowMemSFTConfig, LowMemSFTTrainer, {"bf16": recipe.dtype == "bfloat16"}, {}
+    args = args_cls(**{
         "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
         "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
         "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
         "per_device_eval_batch_size": 64, "logging_steps": recipe.logging_steps, "seed": recipe.seed,
         "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
         "report_to": "none", "disable_tqdm": False, "dataloader_pin_memory": False, **_memory_args(recipe),
-        **recipe.training_args,
+        **args_kw, **recipe.training_args,
     })
-    trainer = LowMemTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evals, data_collator=default_data_collator,
-        processing_class=tok, callbacks=_memory_callbacks(recipe),
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
+        callbacks=_memory_callbacks(recipe), **trainer_kw,
     )
-    initial = trainer.evaluate()["eval_loss"]
+    initial = trainer.evaluate()["eval_loss"] if evals is not None else None
     out = trainer.train()
-    final = trainer.evaluate()["eval_loss"]
+    final = trainer.evaluate()["eval_loss"] if evals is not None else None
     if recipe.save_model:
         trainer.save_model()
     return {
@@ -330,6 +381,8 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(model),
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)), **_memory_metrics(trainer),
+        **({"data": data.summary(), "train_loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+           if data is not None else {}),
     }
 
 
@@ -349,11 +402,16 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
 
     from transformers import set_seed
 
+    from lowmem.data import dpo_eval_rows, prepare_tokenizer, recipe_data
     from lowmem.kit import preference_dataset, reward_dataset, reward_fn
+    from lowmem.rewards import load_reward_funcs
 
     set_seed(recipe.seed)
     config_cls, trainer_cls = _trl_config_and_trainer(recipe.trainer)
+    data = recipe_data(recipe)  # the user's dataset (checked before the model loads), or None: synthetic task
+    reward_funcs = load_reward_funcs(recipe.reward_funcs) if recipe.reward_funcs is not None else reward_fn
     model, tok, model_dir = load_policy(recipe)
+    prepare_tokenizer(recipe, data, tok)
     if recipe.quantization is not None or recipe.lora is not None:
         policy_arg: Any = model  # adapters attached here; TRL's reference is the base with adapters disabled
     else:
@@ -372,10 +430,13 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     }
     if recipe.trainer == "dpo":
         fields["per_device_eval_batch_size"] = 64
+    if recipe.reward_weights is not None:
+        fields["reward_weights"] = recipe.reward_weights
     args = config_cls(**{**fields, **recipe.training_args})
     if recipe.trainer == "dpo":
-        trainer = trainer_cls(model=policy_arg, args=args, train_dataset=preference_dataset(recipe.train_size, recipe.seed),
-                              eval_dataset=preference_dataset(64, recipe.seed), processing_class=tok,
+        train, evals = ((preference_dataset(recipe.train_size, recipe.seed), preference_dataset(64, recipe.seed))
+                        if data is None else (data.train, dpo_eval_rows(data)))
+        trainer = trainer_cls(model=policy_arg, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
                               callbacks=_memory_callbacks(recipe))
         before = trainer.evaluate()
         out = trainer.train()
@@ -386,8 +447,8 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
             "margin_history": [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h],
         }
     else:
-        trainer = trainer_cls(model=policy_arg, reward_funcs=reward_fn, args=args, processing_class=tok,
-                              train_dataset=reward_dataset(recipe.train_size, recipe.seed),
+        trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
+                              train_dataset=reward_dataset(recipe.train_size, recipe.seed) if data is None else data.train,
                               callbacks=_memory_callbacks(recipe))
         out = trainer.train()
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
@@ -402,6 +463,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         **result, "steps": trainer.state.global_step, "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(policy),
         "trainable_params": sum(p.numel() for p in trainable_parameters(policy)), **_memory_metrics(trainer),
+        **({"data": data.summary()} if data is not None else {}),
     }
 
 
@@ -438,8 +500,13 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         console.print(f"mean reward: first 5 steps {metrics['initial_reward']:.4f} -> last 10 steps "
                       f"{metrics['final_reward']:.4f} after {metrics['steps']} steps")
     elif "initial_margin" in metrics:
-        console.print(f"chosen-minus-rejected margin (64 training pairs): {metrics['initial_margin']:.4f} -> "
+        pairs = "64 training pairs" if not metrics.get("data") or not recipe.eval_dataset and not recipe.eval_split else "eval set"
+        console.print(f"chosen-minus-rejected margin ({pairs}): {metrics['initial_margin']:.4f} -> "
                       f"{metrics['final_margin']:.4f}, accuracy {metrics['final_accuracy']:.3f} after {metrics['steps']} steps")
+    elif metrics.get("initial_loss") is None:  # own dataset without an eval set: the logged training loss
+        hist = metrics.get("train_loss_history") or [float("nan")]
+        console.print(f"training loss (no eval set): first logged {hist[0]:.4f} -> last logged {hist[-1]:.4f} "
+                      f"after {metrics['steps']} steps")
     else:
         console.print(f"eval loss: initial {metrics['initial_loss']:.4f} -> final {metrics['final_loss']:.4f} "
                       f"after {metrics['steps']} steps")

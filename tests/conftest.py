@@ -45,3 +45,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+# A chat template over the kit's character alphabet (no newlines): "u:12+7=|a:19<eos>|".
+# Each assistant turn ends with eos, and the generation prompt is exactly the prefix "a:" that
+# an assistant turn starts with (TRL checks prompt-completion prefixes).
+OWN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}|{% endfor %}"
+    "{% if add_generation_prompt %}a:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def own_model_dir(tmp_path_factory):
+    """A user's model directory, written offline: the tiny Llama (seed 0, transformers' LlamaConfig) and
+    the kit's character tokenizer (built with ``tokenizers``) carrying a Jinja chat template."""
+    from lowmem.kit import build_tiny_model
+
+    model, tok = build_tiny_model(seed=0)
+    tok.chat_template = OWN_CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("own-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

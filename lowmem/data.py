@@ -1,0 +1,448 @@
+"""The user's own data for ``lowmem train``: local files loaded with ``datasets``, checked against TRL's formats.
+
+Nothing is downloaded: a ``dataset`` is a local path, read with the ``datasets`` library's packaged
+builders (``json``, ``csv``, ``parquet``, ``text``) or ``datasets.load_from_disk``. The columns
+follow TRL's dataset formats (https://huggingface.co/docs/trl/dataset_formats) for each trainer:
+
+| trainer | format | columns |
+|---|---|---|
+| ``sft`` | language modeling | ``text`` |
+| ``sft`` | conversational language modeling | ``messages`` (a list of ``{role, content}``) |
+| ``sft`` | prompt-completion | ``prompt``, ``completion`` (strings, or lists of messages) |
+| ``dpo`` | preference | ``prompt``, ``chosen``, ``rejected`` (strings, or lists of messages) |
+| ``dpo`` | preference, implicit prompt | ``chosen``, ``rejected`` (TRL extracts the shared prompt) |
+| ``grpo``, ``gvpo``, ``bnpo`` | prompt-only | ``prompt`` (a string, or a list of messages), plus any columns: they reach the reward functions as keyword arguments |
+
+Conversational rows are rendered by the tokenizer's chat template inside TRL's trainers; a
+tokenizer without one needs the recipe's ``chat_template`` (a Jinja string or a ``.jinja`` file).
+Every function here raises ``ValueError`` / ``FileNotFoundError`` naming what it found and what it
+expected; ``lowmem train`` turns them into one line and exit code 2::
+
+    from lowmem.data import load_local_dataset, detect_format
+    ds = load_local_dataset("data/train.jsonl")
+    fmt = detect_format(ds, "sft", source="data/train.jsonl")   # DatasetFormat(name='messages', ...)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# file suffix -> packaged ``datasets`` builder (nothing is fetched from the Hub)
+EXTENSIONS: dict[str, str] = {
+    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet",
+    ".txt": "text", ".text": "text",
+}
+SPLIT_PREFERENCE = {"train": ("train",), "eval": ("validation", "test", "eval")}
+
+# accepted formats per trainer: (format name, required columns, description for messages)
+SFT_FORMATS = (
+    ("text", ("text",), "'text' (language modeling)"),
+    ("messages", ("messages",), "'messages' (conversational: a list of {role, content})"),
+    ("prompt-completion", ("prompt", "completion"), "'prompt' + 'completion' (standard or conversational)"),
+)
+DPO_FORMATS = (
+    ("preference", ("prompt", "chosen", "rejected"), "'prompt' + 'chosen' + 'rejected' (standard or conversational)"),
+    ("implicit-prompt preference", ("chosen", "rejected"),
+     "'chosen' + 'rejected' with the prompt inside both (implicit prompt, standard or conversational)"),
+)
+RL_FORMATS = (
+    ("prompt-only", ("prompt",), "'prompt' (standard or conversational) plus any extra columns for the reward functions"),
+)
+FORMATS: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {
+    "sft": SFT_FORMATS, "dpo": DPO_FORMATS, "grpo": RL_FORMATS, "gvpo": RL_FORMATS, "bnpo": RL_FORMATS,
+}
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """What :func:`detect_format` found.
+
+    Parameters:
+        name (`str`):
+            TRL format: ``"text"``, ``"messages"``, ``"prompt-completion"``, ``"preference"``,
+            ``"implicit-prompt preference"`` or ``"prompt-only"``.
+        columns (`tuple[str, ...]`):
+            The columns that define the format (e.g. ``("prompt", "completion")``).
+        conversational (`bool`):
+            Whether those columns hold lists of ``{role, content}`` messages (rendered with the chat template).
+        extra_columns (`tuple[str, ...]`):
+            The dataset's other columns (for GRPO/GVPO/BNPO: the reward functions' keyword arguments).
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    conversational: bool
+    extra_columns: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        kind = "conversational" if self.conversational else "standard"
+        extra = f", extra columns {list(self.extra_columns)}" if self.extra_columns else ""
+        return f"{self.name} ({kind}; columns {list(self.columns)}{extra})"
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """Data files under ``folder`` (recursively, hidden files and folders skipped), sorted."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        files.append(path)
+    return files
+
+
+def _csv_string_features(file: Path):
+    """``datasets.Features`` reading every column of a CSV file (named by its header row) as a string."""
+    import csv
+
+    import datasets
+
+    with open(file, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header}) if header else None
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+                           or (p / "dataset_dict.json").is_file())
+
+
+def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_name: str = "dataset"):
+    """Load a local dataset with the ``datasets`` library; never downloads.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            A ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` (``.pq``) / ``.txt`` file (a text file
+            gives one ``text`` row per line; CSV cells are read as strings), a folder of such files (all
+            of one kind, read together),
+            or a folder written by ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``: see ``split``).
+        split (`str`, defaults to `"train"`):
+            Which split of a saved ``DatasetDict`` to use: ``"train"`` takes the ``train`` split,
+            ``"eval"`` the first of ``validation``, ``test``, ``eval``.
+        field_name (`str`, defaults to `"dataset"`):
+            The recipe field the path came from, used in error messages.
+
+    Returns:
+        `datasets.Dataset`: At least one row.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: Unknown file extension, a folder with no data files or with files of several
+            kinds, a ``DatasetDict`` without the split, an unreadable file, or an empty dataset.
+    """
+    import datasets
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{field_name}: {str(path)!r} does not exist (expected a local file or folder; "
+                                "lowmem never downloads datasets)")
+    if is_saved_dataset(p):
+        loaded = datasets.load_from_disk(str(p))
+        if isinstance(loaded, datasets.DatasetDict):
+            wanted = SPLIT_PREFERENCE[split]
+            name = next((s for s in wanted if s in loaded), None)
+            if name is None:
+                raise ValueError(f"{field_name}: {str(path)!r} is a DatasetDict with splits {list(loaded)}; "
+                                 f"expected a split named {' or '.join(repr(s) for s in wanted)}")
+            loaded = loaded[name]
+        ds = loaded
+    else:
+        if p.is_dir():
+            files = _data_files(p)
+            if not files:
+                raise ValueError(f"{field_name}: folder {str(path)!r} holds no data files (expected "
+                                 f"{sorted(EXTENSIONS)} files, or a folder written by save_to_disk)")
+        else:
+            files = [p]
+        unknown = sorted({f.suffix or f.name for f in files if f.suffix.lower() not in EXTENSIONS})
+        if unknown:
+            raise ValueError(f"{field_name}: unknown file extension(s) {unknown} in {str(path)!r}; "
+                             f"expected one of {sorted(EXTENSIONS)} or a folder written by save_to_disk")
+        builders = sorted({EXTENSIONS[f.suffix.lower()] for f in files})
+        if len(builders) > 1:
+            raise ValueError(f"{field_name}: folder {str(path)!r} mixes file kinds {builders}; "
+                             "expected files of one kind (json/jsonl, csv, parquet or text)")
+        empty = [str(f) for f in files if f.stat().st_size == 0]
+        if empty:
+            raise ValueError(f"{field_name}: empty file(s) {empty}; expected at least one row")
+        try:
+            # CSV cells stay text (TRL formats are strings; "47" must not become the integer 47, "" not NaN)
+            kw = {"features": _csv_string_features(files[0]), "keep_default_na": False} if builders[0] == "csv" else {}
+            ds = datasets.load_dataset(builders[0], data_files=[str(f) for f in files], split="train", **kw)
+        except Exception as err:  # the builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
+            cause = err.__cause__ or err
+            if "corresponds to no data" in str(cause):  # e.g. a CSV with a header row only
+                raise ValueError(f"{field_name}: {str(path)!r} is empty (no rows); expected at least one row") from err
+            raise ValueError(f"{field_name}: could not read {str(path)!r} as {builders[0]}: "
+                             f"{type(cause).__name__}: {cause}") from err
+    if len(ds) == 0:
+        raise ValueError(f"{field_name}: {str(path)!r} is empty (columns {ds.column_names}); expected at least one row")
+    return ds
+
+
+def split_eval(dataset, fraction: float, seed: int):
+    """Hold out ``fraction`` of ``dataset`` for evaluation, shuffled by ``seed``.
+
+    Args:
+        dataset (`datasets.Dataset`): The training data.
+        fraction (`float`): In ``(0, 1)``; the eval set gets ``ceil(fraction * len)`` rows.
+        seed (`int`): Same seed, same split.
+
+    Returns:
+        `tuple[Dataset, Dataset]`: ``(train, eval)``, disjoint, both non-empty.
+
+    Raises:
+        ValueError: ``fraction`` outside ``(0, 1)`` or a split that leaves either side empty.
+    """
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction < 1):
+        raise ValueError(f"eval_split must be a fraction in (0, 1); got {fraction!r}")
+    n_eval = math.ceil(fraction * len(dataset))
+    if n_eval >= len(dataset):
+        raise ValueError(f"eval_split={fraction} of {len(dataset)} rows leaves no training rows; "
+                         "expected a dataset with at least 2 rows and a smaller fraction")
+    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def is_messages(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list of ``{role, content}`` messages (TRL's conversational rows)."""
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def _check_cell(value: Any, column: str, conversational: bool, source: str, row: int) -> None:
+    if conversational:
+        if not is_messages(value):
+            raise ValueError(f"{source}: column {column!r} of row {row} is {_short(value)}; expected a list of "
+                             "{'role': ..., 'content': ...} messages like the other conversational columns")
+    elif not isinstance(value, str):
+        raise ValueError(f"{source}: column {column!r} of row {row} is {_short(value)}; expected a string "
+                         "(standard format) or a list of {'role', 'content'} messages (conversational)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
+
+
+def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field: str = "text") -> DatasetFormat:
+    """Which TRL dataset format ``dataset`` is in, for ``trainer``; checked on the first rows.
+
+    Args:
+        dataset (`datasets.Dataset`): Loaded data.
+        trainer (`str`): ``"sft"``, ``"dpo"``, ``"grpo"``, ``"gvpo"`` or ``"bnpo"``.
+        source (`str`, defaults to `"dataset"`): Where the data came from (for messages).
+        text_field (`str`, defaults to `"text"`): SFT's text column (TRL's ``dataset_text_field``).
+
+    Returns:
+        :class:`DatasetFormat`: For SFT ``messages`` wins over ``prompt``/``completion``, which win
+        over the text column (TRL's order).
+
+    Raises:
+        ValueError: No accepted format fits the columns (the message lists the columns found and
+            the formats accepted), or a format column holds the wrong kind of value (strings mixed
+            with message lists, numbers, ...).
+    """
+    if trainer not in FORMATS:
+        raise ValueError(f"Unknown trainer {trainer!r}; valid: {list(FORMATS)}")
+    formats = FORMATS[trainer]
+    if trainer == "sft" and text_field != "text":
+        formats = ((text_field, (text_field,), f"{text_field!r} (language modeling, dataset_text_field)"),) + formats[1:]
+    order = formats if trainer != "sft" else (formats[1], formats[2], formats[0])
+    columns = list(dataset.column_names)
+    match = next(((name, cols) for name, cols, _ in order if set(cols) <= set(columns)), None)
+    if match is None:
+        accepted = "; ".join(desc for _, _, desc in formats)
+        raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}")
+    name, cols = match
+    rows = dataset.select(range(min(len(dataset), 8)))
+    first = rows[0]
+    conversational = any(is_messages(first[c]) for c in cols) or (name == "messages")
+    for i, row in enumerate(rows):
+        for c in cols:
+            _check_cell(row[c], c, conversational, source, i)
+    extra = tuple(c for c in columns if c not in cols)
+    return DatasetFormat(name=name, columns=tuple(cols), conversational=conversational, extra_columns=extra)
+
+
+def read_chat_template(chat_template: str) -> str:
+    """The Jinja text of a recipe's ``chat_template``: the contents of a ``.jinja`` / ``.j2`` file, or the string itself.
+
+    Raises:
+        FileNotFoundError: A path ending in ``.jinja`` / ``.j2`` that does not exist.
+        ValueError: Neither an existing file nor text containing Jinja tags (``{{`` or ``{%``).
+    """
+    if chat_template.endswith((".jinja", ".j2")) or (len(chat_template) < 4096 and "\n" not in chat_template
+                                                      and Path(chat_template).is_file()):
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"chat_template: file {chat_template!r} does not exist "
+                                    "(expected a Jinja string or the path of a .jinja file)")
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = chat_template
+    if "{{" not in text and "{%" not in text:
+        raise ValueError(f"chat_template: {chat_template[:80]!r} is neither an existing .jinja file nor a Jinja "
+                         "template (no '{{' or '{%' in it)")
+    return text
+
+
+def ensure_chat_template(tokenizer, fmt: DatasetFormat, chat_template: str | None, *, model: str | None,
+                         source: str = "dataset") -> None:
+    """Give ``tokenizer`` the recipe's chat template, and require one for conversational data.
+
+    Args:
+        tokenizer: The model's tokenizer; ``chat_template`` is set on it (and saved with the model).
+        fmt (:class:`DatasetFormat`): The training data's format.
+        chat_template (`str` or `None`): The recipe's ``chat_template`` (see :func:`read_chat_template`);
+            `None` keeps the tokenizer's own.
+        model (`str` or `None`): The model directory, for the message (`None`: the embedded tiny model).
+        source (`str`, defaults to `"dataset"`): Where the data came from, for the message.
+
+    Raises:
+        ValueError: ``fmt`` is conversational and neither the tokenizer nor the recipe has a chat template.
+    """
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    if fmt.conversational and not getattr(tokenizer, "chat_template", None):
+        where = f"model {model!r}" if model else "the embedded tiny model"
+        raise ValueError(f"{source}: the {fmt.describe()} data is conversational, but the tokenizer of {where} has "
+                         "no chat template; set chat_template in the recipe (a Jinja string or the path of a "
+                         ".jinja file)")
+
+
+@dataclass
+class TrainData:
+    """The datasets of one run, as :func:`load_train_data` returns them.
+
+    Parameters:
+        train (`datasets.Dataset`): Training rows, in a TRL format.
+        eval (`datasets.Dataset` or `None`): Held-out rows (``eval_dataset`` or ``eval_split``), or `None`.
+        format (:class:`DatasetFormat`): The training data's format (the eval data has the same one).
+    """
+
+    train: Any
+    eval: Any
+    format: DatasetFormat
+
+    def summary(self) -> dict[str, Any]:
+        """What ``metrics.json`` records under ``data``."""
+        return {"format": self.format.name, "conversational": self.format.conversational,
+                "columns": list(self.format.columns), "extra_columns": list(self.format.extra_columns),
+                "train_rows": len(self.train), "eval_rows": len(self.eval) if self.eval is not None else 0}
+
+
+def load_train_data(dataset: str, trainer: str, *, eval_dataset: str | None = None, eval_split: float | None = None,
+                    seed: int = 0, text_field: str = "text") -> TrainData:
+    """Load ``dataset`` (and ``eval_dataset`` or an ``eval_split`` of it) and check their format for ``trainer``.
+
+    Args:
+        dataset (`str`): Training data path (:func:`load_local_dataset`).
+        trainer (`str`): Selects the accepted formats (:data:`FORMATS`).
+        eval_dataset (`str` or `None`, defaults to `None`): Held-out data path; for a saved
+            ``DatasetDict`` its ``validation`` / ``test`` / ``eval`` split.
+        eval_split (`float` or `None`, defaults to `None`): Fraction of ``dataset`` held out by ``seed``
+            instead. At most one of ``eval_dataset`` and ``eval_split``.
+        seed (`int`, defaults to `0`): Seed of ``eval_split``.
+        text_field (`str`, defaults to `"text"`): SFT's ``dataset_text_field``.
+
+    Raises:
+        ValueError: As :func:`load_local_dataset` and :func:`detect_format`, both ``eval_dataset``
+            and ``eval_split``, or an eval set in another format than the training set.
+    """
+    if eval_dataset is not None and eval_split is not None:
+        raise ValueError("eval_dataset and eval_split are exclusive: give a held-out file or a fraction, not both")
+    train = load_local_dataset(dataset, field_name="dataset")
+    fmt = detect_format(train, trainer, source=str(dataset), text_field=text_field)
+    evals = None
+    if eval_dataset is not None:
+        evals = load_local_dataset(eval_dataset, split="eval", field_name="eval_dataset")
+        efmt = detect_format(evals, trainer, source=str(eval_dataset), text_field=text_field)
+        if (efmt.name, efmt.conversational) != (fmt.name, fmt.conversational):
+            raise ValueError(f"eval_dataset {str(eval_dataset)!r} is {efmt.describe()}, but dataset {str(dataset)!r} is "
+                             f"{fmt.describe()}; expected the same format")
+    elif eval_split is not None:
+        train, evals = split_eval(train, eval_split, seed)
+    return TrainData(train=train, eval=evals, format=fmt)
+
+
+def validate_data_fields(recipe: Any) -> None:
+    """Check the data fields of a :class:`~lowmem.train.TrainRecipe` (types and ranges); no file is read.
+
+    Fields: ``dataset``, ``eval_dataset``, ``eval_split``, ``chat_template``, ``reward_funcs``,
+    ``reward_weights`` and their interplay with ``task``. Paths given as ``os.PathLike`` become `str`;
+    a ``chat_template`` naming a ``.jinja`` file must exist. Rewards are checked by
+    :func:`lowmem.rewards.validate_reward_fields` (their code is imported only when training starts).
+
+    Raises:
+        ValueError: A wrong type or range, naming the field; ``dataset`` together with ``task``;
+            ``eval_dataset``/``eval_split`` without ``dataset`` or together.
+        FileNotFoundError: A ``chat_template`` ``.jinja`` path that does not exist.
+    """
+    from .rewards import validate_reward_fields
+
+    for name in ("dataset", "eval_dataset", "chat_template"):
+        value = getattr(recipe, name)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(recipe, name, value)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"Invalid {name}={value!r}: expected a non-empty string (a local path) or null")
+    if recipe.dataset is not None and recipe.task is not None:
+        raise ValueError(f"dataset={recipe.dataset!r} and task={recipe.task!r} are exclusive: task selects the embedded "
+                         "synthetic data, dataset your own; remove one of them")
+    if recipe.dataset is not None and recipe.trainer in ("grpo", "gvpo", "bnpo") and recipe.reward_funcs is None:
+        raise ValueError(f"trainer {recipe.trainer!r} on dataset={recipe.dataset!r} needs reward_funcs (built-in names "
+                         "such as exact_match or format, 'module:function' or 'path/to/file.py:function')")
+    if recipe.dataset is None:
+        for name in ("eval_dataset", "eval_split"):
+            if getattr(recipe, name) is not None:
+                raise ValueError(f"{name} needs dataset (it splits or complements your own data; the synthetic task "
+                                 "has its own held-out set, eval_size)")
+    split = recipe.eval_split
+    if split is not None:
+        if isinstance(split, str):
+            try:
+                split = float(split)
+            except ValueError:
+                raise ValueError(f"Invalid eval_split={recipe.eval_split!r}: expected a fraction in (0, 1)") from None
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1:
+            raise ValueError(f"Invalid eval_split={recipe.eval_split!r}: expected a fraction in (0, 1)")
+        recipe.eval_split = float(split)
+    if recipe.eval_dataset is not None and recipe.eval_split is not None:
+        raise ValueError("eval_dataset and eval_split are exclusive: give a held-out file or a fraction, not both")
+    if recipe.chat_template is not None:
+        read_chat_template(recipe.chat_template)
+    validate_reward_fields(recipe)
+
+
+def recipe_data(recipe: Any) -> TrainData | None:
+    """The data of a :class:`~lowmem.train.TrainRecipe`: :func:`load_train_data` of its ``dataset``,
+    or `None` when it trains on the synthetic ``task``. SFT's text column is
+    ``training_args["dataset_text_field"]`` when set."""
+    if recipe.dataset is None:
+        return None
+    text_field = (recipe.training_args or {}).get("dataset_text_field", "text")
+    return load_train_data(recipe.dataset, recipe.trainer, eval_dataset=recipe.eval_dataset,
+                           eval_split=recipe.eval_split, seed=recipe.seed, text_field=text_field)
+
+
+def prepare_tokenizer(recipe: Any, data: TrainData | None, tokenizer) -> None:
+    """Set the recipe's ``chat_template`` on ``tokenizer`` and check that conversational data has one
+    (:func:`ensure_chat_template`); nothing to do for the synthetic task without ``chat_template``."""
+    if data is None:
+        if recipe.chat_template is not None:
+            tokenizer.chat_template = read_chat_template(recipe.chat_template)
+        return
+    ensure_chat_template(tokenizer, data.format, recipe.chat_template, model=recipe.model, source=str(recipe.dataset))
+
+
+def dpo_eval_rows(data: TrainData, n: int = 64):
+    """DPO's evaluation rows for ``metrics.json``: the eval set, else the first ``n`` training pairs."""
+    return data.eval if data.eval is not None else data.train.select(range(min(n, len(data.train))))

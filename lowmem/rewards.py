@@ -1,0 +1,277 @@
+"""Reward functions for ``lowmem train`` with ``trainer: grpo | gvpo | bnpo``.
+
+A recipe's ``reward_funcs`` is a list of entries, each one of
+
+* a built-in name (:data:`BUILTIN_REWARDS`): ``exact_match``, ``format``, ``addition``;
+* ``"package.module:function"``: a function of an importable module (the current directory is
+  searched first);
+* ``"path/to/file.py:function"``: a function defined in a Python file (relative paths are from the
+  current directory);
+* a mapping ``{name: <one of the above>, <keyword>: <value>, ...}``: the same function with those
+  keyword arguments bound, e.g. ``{name: format, pattern: "\\d+"}``.
+
+The user's code is imported only because the recipe names it, when training starts. Every reward
+function follows TRL's contract::
+
+    def my_reward(prompts, completions, **kwargs) -> list[float | None]:
+        # prompts, completions: one entry per completion (strings, or lists of messages for
+        # conversational data); kwargs: every other dataset column (e.g. answer=[...]) plus TRL's
+        # completion_ids, trainer_state, ...
+        ...
+
+Several rewards are summed with ``reward_weights`` (TRL's ``GRPOConfig.reward_weights``; default 1 each).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one completion: a string as is; a conversational completion (a list of messages)
+    as its last message's ``content``."""
+    if isinstance(completion, list):
+        return str(completion[-1]["content"]) if completion else ""
+    return str(completion)
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_final_answer(text: str) -> str:
+    """The final answer in ``text``, by the first rule that applies:
+
+    1. the content of the last ``<answer>...</answer>``;
+    2. the content of the last ``\\boxed{...}``;
+    3. what follows the last ``####`` (GSM8K's convention);
+    4. the last number (``-12``, ``1,234``, ``3.5``);
+    5. the whole text.
+
+    The result is stripped of surrounding whitespace, a trailing period and ``$`` signs.
+    """
+    tags = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    if tags:
+        found = tags[-1]
+    elif (boxed := _last_boxed(text)) is not None:
+        found = boxed
+    elif "####" in text:
+        found = text.rsplit("####", 1)[1]
+    elif numbers := _NUMBER.findall(text):
+        found = numbers[-1]
+    else:
+        found = text
+    return found.strip().strip("$").strip().rstrip(".").strip()
+
+
+def answers_equal(predicted: str, target: str) -> bool:
+    """Whether two final answers are equal: numerically when both are numbers (commas ignored,
+    ``"1,000" == "1000.0"``), else as strings after collapsing whitespace (case-sensitive)."""
+    def number(s: str) -> float | None:
+        try:
+            return float(s.replace(",", ""))
+        except ValueError:
+            return None
+
+    a, b = number(predicted), number(target)
+    if a is not None and b is not None:
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+    return " ".join(predicted.split()) == " ".join(target.split())
+
+
+def exact_match_reward(completions: list, answer: list | None = None, solution: list | None = None,
+                       **kwargs: Any) -> list[float]:
+    """1.0 where the completion's final answer equals the row's ``answer`` (else ``solution``) column, else 0.0.
+
+    Both sides go through :func:`extract_final_answer` (so a GSM8K ``answer`` ending in ``#### 72``
+    matches a completion ending in ``72``) and are compared by :func:`answers_equal`.
+    Conversational completions are scored on their last message.
+
+    Raises:
+        ValueError: The dataset has neither an ``answer`` nor a ``solution`` column.
+    """
+    targets = answer if answer is not None else solution
+    if targets is None:
+        columns = sorted(k for k in kwargs if k not in ("completion_ids", "trainer_state", "log_extra", "log_metric"))
+        raise ValueError(f"reward 'exact_match' needs a dataset column 'answer' or 'solution'; the dataset has {columns}")
+    return [float(answers_equal(extract_final_answer(completion_text(c)), extract_final_answer(str(t))))
+            for c, t in zip(completions, targets)]
+
+
+def format_reward(completions: list, pattern: str = DEFAULT_FORMAT_PATTERN, **kwargs: Any) -> list[float]:
+    """1.0 where the whole completion (stripped) matches ``pattern`` (``re.fullmatch``, ``re.DOTALL``), else 0.0.
+
+    The default pattern asks for ``<think>...</think>`` followed by ``<answer>...</answer>`` and
+    nothing else; bind another one with a mapping entry, e.g. ``{name: format, pattern: "\\d+"}``.
+    """
+    rx = re.compile(pattern, re.DOTALL)
+    return [float(rx.fullmatch(completion_text(c).strip()) is not None) for c in completions]
+
+
+def addition_reward(prompts: list, completions: list, answer: list | None = None, **kwargs: Any) -> list[float]:
+    """The embedded demo's partial-credit reward (:func:`lowmem.kit.reward_fn`): digits and the correct
+    prefix of the sum; ``answer`` from the column, else computed from a prompt ``"a+b="``."""
+    from lowmem.kit import reward_fn
+
+    return reward_fn(prompts, completions, answer=answer)
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
+    "exact_match": exact_match_reward, "format": format_reward, "addition": addition_reward,
+}
+REFERENCE_HELP = ("a built-in name " + str(sorted(BUILTIN_REWARDS)) + ", 'package.module:function', "
+                  "'path/to/file.py:function', or a mapping {name: ..., <keyword>: value}")
+
+
+def _entry_parts(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
+    """``(reference, bound keyword arguments)`` of one ``reward_funcs`` entry; type checks only."""
+    where = f"reward_funcs[{index}]"
+    if isinstance(entry, str):
+        ref, bound = entry, {}
+    elif isinstance(entry, dict):
+        if "name" not in entry:
+            raise ValueError(f"Invalid {where}={entry!r}: a mapping entry needs 'name' (expected {REFERENCE_HELP})")
+        ref, bound = entry["name"], {k: v for k, v in entry.items() if k != "name"}
+    else:
+        raise ValueError(f"Invalid {where}={entry!r}: expected {REFERENCE_HELP}")
+    if not isinstance(ref, str) or not ref.strip():
+        raise ValueError(f"Invalid {where} name {ref!r}: expected {REFERENCE_HELP}")
+    ref = ref.strip()
+    if ref not in BUILTIN_REWARDS and ":" not in ref:
+        raise ValueError(f"Unknown reward {ref!r} in {where}: expected {REFERENCE_HELP}")
+    if ref == "format" and "pattern" in bound:
+        if not isinstance(bound["pattern"], str):
+            raise ValueError(f"Invalid {where} pattern {bound['pattern']!r}: expected a regular expression string")
+        try:
+            re.compile(bound["pattern"])
+        except re.error as err:
+            raise ValueError(f"Invalid {where} pattern {bound['pattern']!r}: {err}") from None
+    return ref, bound
+
+
+def validate_reward_fields(recipe: Any) -> None:
+    """Type- and range-check ``reward_funcs`` and ``reward_weights`` of a recipe (nothing is imported).
+
+    Weights written as strings (``"0.5"``) are converted to numbers.
+
+    Raises:
+        ValueError: Naming the field: a wrong entry, rewards for a trainer that takes none
+            (``sft``, ``dpo``), weights without rewards, a length mismatch, a non-finite weight, or
+            ``reward_weights`` both here and in ``training_args``.
+    """
+    funcs, weights = recipe.reward_funcs, recipe.reward_weights
+    if funcs is not None:
+        if not isinstance(funcs, list) or not funcs:
+            raise ValueError(f"Invalid reward_funcs={recipe.reward_funcs!r}: expected a non-empty list of {REFERENCE_HELP}")
+        for i, entry in enumerate(funcs):
+            _entry_parts(entry, i)
+        if recipe.trainer not in ("grpo", "gvpo", "bnpo"):
+            raise ValueError(f"reward_funcs is for trainer grpo, gvpo or bnpo; trainer is {recipe.trainer!r}")
+        recipe.reward_funcs = funcs
+    if weights is not None:
+        if not isinstance(weights, list) or not weights:
+            raise ValueError(f"Invalid reward_weights={recipe.reward_weights!r}: expected a list of numbers")
+        out = []
+        for i, w in enumerate(weights):
+            try:
+                value = float(w) if not isinstance(w, bool) else None
+            except (TypeError, ValueError):
+                value = None
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"Invalid reward_weights[{i}]={w!r}: expected a finite number")
+            out.append(value)
+        if funcs is None:
+            raise ValueError("reward_weights needs reward_funcs (one weight per reward function)")
+        if len(out) != len(funcs):
+            raise ValueError(f"reward_weights has {len(out)} entries but reward_funcs has {len(funcs)}; "
+                             "expected one weight per reward function")
+        if "reward_weights" in (recipe.training_args or {}):
+            raise ValueError("reward_weights is given both as a recipe field and in training_args; keep one")
+        recipe.reward_weights = out
+
+
+def _import_module(module: str, ref: str) -> Any:
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"reward function {ref!r}: module {module!r} not found ({err}); expected an importable "
+                         "module (installed, or a .py file in the current directory) or 'path/to/file.py:function'") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _import_file(path: str, ref: str) -> Any:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"reward function {ref!r}: file {path!r} does not exist "
+                                f"(relative paths are from the current directory, {Path.cwd()})")
+    name = f"lowmem_user_rewards_{abs(hash(str(file.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses, pickling and relative lookups inside the file need it
+    spec.loader.exec_module(module)
+    return module
+
+
+def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]]:
+    """The reward function of one ``reward_funcs`` entry (see the module docstring), imported now.
+
+    Returns:
+        `Callable`: With ``__name__`` set to the function's name (TRL logs ``rewards/<name>/mean``);
+        bound keyword arguments are applied.
+
+    Raises:
+        ValueError: Unknown built-in, missing module or function, or an attribute that is not callable.
+        FileNotFoundError: A ``.py`` file that does not exist.
+    """
+    ref, bound = _entry_parts(entry, index)
+    if ref in BUILTIN_REWARDS:
+        fn, name = BUILTIN_REWARDS[ref], ref
+    else:
+        target, func = ref.rsplit(":", 1)
+        if not target or not func:
+            raise ValueError(f"Invalid reward_funcs[{index}]={ref!r}: expected {REFERENCE_HELP}")
+        module = _import_file(target, ref) if target.endswith(".py") else _import_module(target, ref)
+        if not hasattr(module, func):
+            public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise ValueError(f"reward function {ref!r}: {target!r} has no attribute {func!r}; its functions: {public}")
+        fn, name = getattr(module, func), func
+        if not callable(fn):
+            raise ValueError(f"reward function {ref!r}: {func!r} is a {type(fn).__name__}, not a function")
+    if not bound:
+        return fn
+
+    @functools.wraps(fn)
+    def with_bound(*args: Any, **kwargs: Any) -> list[float]:
+        return fn(*args, **{**kwargs, **bound})
+
+    with_bound.__name__ = name
+    return with_bound
+
+
+def load_reward_funcs(entries: list[Any]) -> list[Callable[..., list[float]]]:
+    """:func:`resolve_reward` of every entry, in order (what ``GRPOTrainer(reward_funcs=...)`` takes)."""
+    return [resolve_reward(e, i) for i, e in enumerate(entries)]
