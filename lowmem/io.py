@@ -1,25 +1,92 @@
-"""Files lowmem writes itself (metrics, benchmark results) are written atomically."""
+"""Files lowmem writes itself (metrics, benchmark results, plots) are written atomically.
+
+Each file is written to a temporary file in the same directory, flushed to disk, given the
+permissions a plain ``open(path, "w")`` would give (``0o666`` minus the umask, so ``0644`` under
+umask ``022``; an existing file keeps its mode), then moved over the target with ``os.replace``:
+a reader, or a crash, sees the old file or the new one, never half of one, and no temporary file
+is left behind, even when writing fails.
+
+* :func:`write_text_atomic` / :func:`write_bytes_atomic`: one file (``metrics.json``).
+* :func:`write_files_atomic`: several files that belong together (``bench.json`` + ``bench.md``):
+  every new content is written and synced first, then the files are replaced one after the other,
+  so a failure while writing leaves all the old files in place.
+* A plot: ``fig.savefig(buf := io.BytesIO(), format="png")`` then
+  ``write_bytes_atomic(path, buf.getvalue())``.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``:
-    a reader (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _new_file_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: the existing file's, else ``0o666 & ~umask``."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a synced temporary file next to ``path``, with ``path``'s future mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fchmod(f.fileno(), _new_file_mode(path))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def _sync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported everywhere (Windows): the replace itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_files_atomic(files: Mapping[str | os.PathLike, str | bytes]) -> list[Path]:
+    """Write each ``{path: text or bytes}`` atomically; all contents are written before any file
+    is replaced. Text is encoded as UTF-8. Returns the paths."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, content in files.items():
+            path = Path(path)
+            data = content.encode() if isinstance(content, str) else bytes(content)
+            temps.append((_write_temp(path, data), path))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for d in {path.parent for _, path in temps}:
+        _sync_dir(d)
+    return [path for _, path in temps]
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module docstring)."""
+    return write_files_atomic({path: data})[0]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a reader (or a crash) sees the old file or the
+    new one, never half of one."""
+    return write_files_atomic({path: text})[0]

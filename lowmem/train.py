@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from .config import ConfigError, check_dataclass, check_value, field_types
 from .io import write_text_atomic
 from .optim import create_optimizer, get_entry
 
@@ -126,6 +127,26 @@ class TrainRecipe:
         save_steps (`int` or `None`, defaults to `None`):
             Write a resumable checkpoint (weights, optimizer and scheduler state) every this many
             steps; `None` writes none.
+        resume_from_checkpoint (`bool`, `str` or `None`, defaults to `None`):
+            Continue a run from a checkpoint (``--resume [PATH]``): a ``checkpoint-N`` directory, or
+            `True` for the latest *complete* one in ``output_dir`` (a directory a killed run left
+            without its ``trainer_state.json``, weights, ``optimizer.pt`` or ``scheduler.pt`` is
+            skipped with a warning). `True` with no complete checkpoint, or a `PATH` that is
+            missing or incomplete, is an error (as ``Trainer.train(resume_from_checkpoint=True)``
+            does). The resumed run reaches the same weights as an uninterrupted one. Also read from
+            ``training_args``.
+        merge_adapters (`bool`, defaults to `False`):
+            With ``lora`` or ``quantization``: besides the adapter (``output_dir``), write the base
+            model with the adapters merged to ``output_dir/merged`` (loadable with
+            ``AutoModelForCausalLM.from_pretrained``). The base is reloaded in ``dtype`` (not in 4
+            bits) before merging, as PEFT recommends for QLoRA.
+        eval_steps (`int` or `None`, defaults to `None`):
+            Evaluate on the held-out set every this many steps (``eval_strategy="steps"``): the eval
+            loss (DPO: margins) appears in the log and in ``metrics.json`` (``eval_history``).
+            `None`: only before and after training.
+        report_to (`str` or `list[str]`, defaults to `"none"`):
+            ``TrainingArguments.report_to`` (``"tensorboard"``, ``"wandb"``, ...). An integration
+            whose package is not installed is an error naming the package.
 
         > Memory
 
@@ -186,6 +207,10 @@ class TrainRecipe:
     output_dir: str = "outputs/lowmem-train"
     save_model: bool = True
     save_steps: int | None = None
+    resume_from_checkpoint: bool | str | None = None
+    merge_adapters: bool = False
+    eval_steps: int | None = None
+    report_to: str | list[str] = "none"
     quantization: str | dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
     gradient_checkpointing: bool = False
@@ -196,8 +221,9 @@ class TrainRecipe:
     def __post_init__(self) -> None:
         from lowmem.trainers.hf import parse_optim_args
 
+        check_dataclass(self)  # every field: its type (numeric strings converted) and range (lowmem.config)
         if self.trainer not in AVAILABLE_TRAINERS:
-            raise ValueError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
+            raise ConfigError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
         from lowmem.data import validate_data_fields
 
         validate_data_fields(self)  # dataset, eval_*, chat_template, reward_* (lowmem.data, lowmem.rewards)
@@ -205,14 +231,20 @@ class TrainRecipe:
             raise ValueError(f"Unknown task {self.task!r}; valid: {list(TASKS)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"Invalid dtype {self.dtype!r}; valid: ['float32', 'bfloat16', 'float16']")
-        for name in ("train_size", "eval_size", "steps", "batch_size", "logging_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"Invalid {name}={value!r}: expected an integer > 0")
-        if not isinstance(self.training_args, dict):
-            raise ValueError(f"training_args must be a mapping of TrainingArguments fields; got {self.training_args!r}")
-        get_entry(self.optim)  # unknown name -> error listing the registered ones
+        if self.model is not None and not Path(self.model).is_dir():
+            raise ConfigError(f"model={self.model!r}: no such directory (a local model directory; nothing is downloaded)")
+        if self.merge_adapters and self.lora is None and self.quantization is None:
+            raise ConfigError("merge_adapters=true needs lora or quantization (a full fine-tune saves the whole model)")
+        if self.merge_adapters and not self.save_model:
+            raise ConfigError("merge_adapters=true needs save_model=true (the merge reads the saved adapter)")
+        self.optim, hf_layerwise = resolve_optim_name(self.optim)
+        self.layerwise = self.layerwise or hf_layerwise
         self.optim_args = parse_optim_args(self.optim_args)
+        _lift_training_args(self)  # optim*, resume_from_checkpoint given in training_args; types of the rest
+        _check_report_to(self.report_to)
+        if self.eval_steps is not None and self.trainer not in ("sft", "dpo"):
+            raise ConfigError(f"eval_steps={self.eval_steps}: evaluation during training is available for the sft and "
+                              f"dpo trainers; {self.trainer} reports its reward every logging step instead")
         if self.quantization is not None:
             from lowmem.quant import bnb_config
 
@@ -222,6 +254,122 @@ class TrainRecipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+# Hugging Face ``TrainingArguments.optim`` names -> lowmem registry names (``optim: galore_adamw_8bit``
+# in a config written for the HF Trainer runs the equivalent lowmem optimizer). ``<name>_layerwise``
+# also turns on ``layerwise``.
+HF_OPTIM_NAMES: dict[str, str] = {
+    "adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adafactor": "adafactor",
+    "adamw_torch_4bit": "adamw4bit", "adamw_torch_8bit": "adamw8bit",
+    "adamw_bnb_8bit": "bnb_adamw8bit", "adamw_8bit": "bnb_adamw8bit",
+    "paged_adamw_32bit": "bnb_paged_adamw", "paged_adamw_8bit": "bnb_paged_adamw8bit",
+    "galore_adamw": "galore_adamw", "galore_adamw_8bit": "galore_adamw8bit", "galore_adafactor": "galore_adafactor",
+}
+HF_LAYERWISE_SUFFIX = "_layerwise"
+
+# TrainingArguments names of recipe fields: accepted at the top level of a recipe as the recipe field.
+RECIPE_ALIASES: dict[str, str] = {
+    "learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
+    "lr_scheduler_type": "lr_scheduler", "lowmem_optim": "optim", "lowmem_optim_args": "optim_args",
+    "lowmem_layerwise": "layerwise",
+}
+
+
+def resolve_optim_name(name: str) -> tuple[str, bool]:
+    """``(lowmem registry name, layerwise)`` for a lowmem name or a Hugging Face ``optim`` name
+    (:data:`HF_OPTIM_NAMES`, optionally with ``_layerwise``).
+
+    Raises:
+        ConfigError: Neither; the message lists both sets of names.
+    """
+    from lowmem.optim import list_optimizers
+
+    lowmem_names = [e.name for e in list_optimizers()]
+    key = name.strip().lower().replace("-", "_")
+    layerwise = key.endswith(HF_LAYERWISE_SUFFIX)
+    base = key[: -len(HF_LAYERWISE_SUFFIX)] if layerwise else key
+    if base in lowmem_names:
+        return base, layerwise
+    if base in HF_OPTIM_NAMES:
+        return HF_OPTIM_NAMES[base], layerwise
+    raise ConfigError(
+        f"optim={name!r} is neither a lowmem optimizer {lowmem_names} nor a Hugging Face optimizer name lowmem "
+        f"maps {sorted(HF_OPTIM_NAMES)} (each also as <name>_layerwise)"
+    )
+
+
+def config_class(trainer: str, dataset: Any = None) -> type:
+    """The ``TrainingArguments`` subclass a recipe's ``trainer`` builds: ``LowMemTrainingArguments``
+    for ``sft`` on the synthetic task, ``LowMemSFTConfig`` for ``sft`` on a ``dataset`` (TRL's
+    ``SFTTrainer``), the TRL configs for the others."""
+    from lowmem import trainers as t
+
+    if trainer == "sft":
+        return t.LowMemSFTConfig if dataset is not None else t.LowMemTrainingArguments
+    return _trl_config_and_trainer(trainer)[0]
+
+
+def _lift_training_args(recipe: TrainRecipe) -> None:
+    """Move the keys of ``training_args`` that lowmem handles itself onto the recipe
+    (``resume_from_checkpoint``; ``optim``, ``optim_args``, ``optim_target_modules`` in the HF
+    Trainer's meaning), then type- and range-check the rest against the trainer's config class."""
+    from lowmem.trainers.hf import parse_optim_args
+
+    ta = dict(recipe.training_args)
+    if "resume_from_checkpoint" in ta:
+        value = check_value("resume_from_checkpoint", ta.pop("resume_from_checkpoint"), bool | str | None,
+                            where="training_args.")
+        if recipe.resume_from_checkpoint is not None and value != recipe.resume_from_checkpoint:
+            raise ConfigError(f"resume_from_checkpoint is {recipe.resume_from_checkpoint!r} in the recipe and "
+                              f"{value!r} in training_args; give it once")
+        recipe.resume_from_checkpoint = value
+    if "optim" in ta:
+        value = check_value("optim", ta.pop("optim"), str, where="training_args.")
+        recipe.optim, layerwise = resolve_optim_name(value)
+        recipe.layerwise = recipe.layerwise or layerwise
+    if "optim_args" in ta:
+        value = check_value("optim_args", ta.pop("optim_args"), dict[str, Any] | str | None, where="training_args.")
+        recipe.optim_args = {**recipe.optim_args, **parse_optim_args(value)}
+    if "optim_target_modules" in ta:
+        value = check_value("optim_target_modules", ta.pop("optim_target_modules"), str | list[str] | None,
+                            where="training_args.")
+        if value is not None:
+            if not get_entry(recipe.optim).subspace:
+                raise ConfigError(f"optim_target_modules={value!r} selects the layers a subspace optimizer projects; "
+                                  f"optim={recipe.optim!r} projects none")
+            recipe.optim_args = {"target_modules": value, **recipe.optim_args}
+    cls = config_class(recipe.trainer, getattr(recipe, "dataset", None))
+    types_ = field_types(cls)
+    unknown = sorted(set(ta) - set(types_))
+    if unknown:
+        import difflib
+
+        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, list(types_), n=3)})
+        raise ConfigError(f"training_args: unknown field(s) {unknown} of {cls.__name__}"
+                          + (f"; did you mean {close}?" if close else "") + " (the valid fields are those of "
+                          f"{cls.__mro__[1].__name__ if cls.__name__.startswith('LowMem') else cls.__name__} in the "
+                          "transformers / TRL documentation)")
+    recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
+    get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+def _check_report_to(report_to: str | list[str]) -> None:
+    """``report_to`` names known integrations whose packages are installed, or ``"none"`` / ``"all"``."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = [n for n in names if n not in ("none", "all")]
+    if not names:
+        return
+    from transformers.integrations import integration_utils as iu
+
+    known = sorted(iu.INTEGRATION_TO_CALLBACK)
+    available = set(iu.get_available_reporting_integrations())
+    for n in names:
+        if n not in known:
+            raise ConfigError(f"report_to={n!r}: unknown integration; valid: ['none', 'all'] + {known}")
+        if n not in available:
+            package = {"comet_ml": "comet-ml", "neptune": "neptune", "azure_ml": "azureml-core"}.get(n, n)
+            raise ConfigError(f"report_to={n!r}: the {n} integration needs its package, which is not installed: "
+                              f"pip install {package}")
 
 
 def lora_config(fields: dict[str, Any]):
@@ -270,7 +418,8 @@ def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
 
 
 def _memory_args(recipe: TrainRecipe) -> dict[str, Any]:
-    return {"gradient_checkpointing": recipe.gradient_checkpointing, "lowmem_layerwise": recipe.layerwise}
+    # gradient_checkpointing only when on: transformers 5 warns about the field's name when it is given
+    return {"lowmem_layerwise": recipe.layerwise, **({"gradient_checkpointing": True} if recipe.gradient_checkpointing else {})}
 
 
 def _memory_callbacks(recipe: TrainRecipe) -> list[Any]:
@@ -291,26 +440,82 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     """Read a YAML recipe (``yaml.safe_load``) and apply ``overrides`` (``None`` values are skipped).
 
     ``path=None`` reads ``configs/default.yaml`` of the lowmem checkout when present, else uses
-    the :class:`TrainRecipe` defaults.
+    the :class:`TrainRecipe` defaults. Keys are :class:`TrainRecipe` fields, their
+    ``TrainingArguments`` names (:data:`RECIPE_ALIASES`: ``learning_rate`` for ``lr``, ...), or any
+    field of the trainer's config class (:func:`config_class`: ``TrainingArguments``,
+    ``SFTConfig``, ``DPOConfig``, ``GRPOConfig``, ...), which joins ``training_args``.
 
     Raises:
-        ValueError: Unknown keys (the message lists the valid ones), or invalid values.
-        FileNotFoundError: ``path`` does not exist.
+        ConfigError: (a ``ValueError``) The file cannot be read or is not a YAML mapping
+            (malformed YAML, a ``!!python`` tag, binary data), unknown keys (the message lists the
+            valid ones and close matches), a key given twice, or an invalid value (the message
+            names the field).
     """
     data: dict[str, Any] = {}
     if path is None and DEFAULT_RECIPE.is_file():
         path = DEFAULT_RECIPE
+    where = f"{path}: " if path is not None else ""
     if path is not None:
-        text = Path(path).read_text()  # FileNotFoundError names the path
-        data = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"recipe file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{where}cannot read the recipe as YAML text: {err}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:  # malformed YAML, or a tag safe_load refuses (!!python/object)
+            raise ConfigError(f"{where}invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
+            raise ConfigError(f"{where}a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
+    data = _recipe_keys(data, where)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    try:
+        return TrainRecipe(**data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+
+
+def _recipe_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Recipe fields of ``data``; aliases (``learning_rate``) renamed, fields of the trainer's
+    config class moved into ``training_args``, anything else an error."""
+    out: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}recipe keys are names; got {key!r}")
+        if key in RECIPE_KEYS:
+            out[key] = value
+        elif key in RECIPE_ALIASES:
+            if RECIPE_ALIASES[key] in data:
+                raise ConfigError(f"{where}{key!r} and {RECIPE_ALIASES[key]!r} set the same value; give one")
+            out[RECIPE_ALIASES[key]] = value
+        else:
+            extra[key] = value
+    if not extra:
+        return out
+    trainer = out.get("trainer", TrainRecipe.trainer)
+    if trainer not in AVAILABLE_TRAINERS:
+        raise ConfigError(f"{where}Unknown trainer {trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
+    cls = config_class(trainer, out.get("dataset"))
+    valid = set(field_types(cls))
+    unknown = sorted(set(extra) - valid)
     if unknown:
-        where = f"{path}: " if path is not None else ""
-        raise ValueError(f"{where}unknown recipe key(s) {unknown}; valid keys: {list(RECIPE_KEYS)}")
-    return TrainRecipe(**data)
+        import difflib
+
+        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, list(RECIPE_KEYS) + sorted(valid), n=3)})
+        raise ConfigError(
+            f"{where}unknown recipe key(s) {unknown}" + (f"; did you mean {close}?" if close else "")
+            + f" valid keys: {list(RECIPE_KEYS)}, or any field of the {trainer} trainer's {cls.__name__}"
+        )
+    ta = out.get("training_args") or {}
+    if not isinstance(ta, dict):
+        raise ConfigError(f"{where}training_args={ta!r}: expected a mapping")
+    both = sorted(set(ta) & set(extra))
+    if both:
+        raise ConfigError(f"{where}{both} given both at the top level and in training_args; give each once")
+    out["training_args"] = {**ta, **extra}
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -340,12 +545,174 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
 
 
+def build_training_args(recipe: TrainRecipe) -> Any:
+    """The trainer's config object (:func:`config_class`) for ``recipe``: the fields derived from
+    the recipe, then ``training_args`` (which win). Built by :func:`run` before any model loads, so
+    a value the config class rejects fails early."""
+    cls = config_class(recipe.trainer, getattr(recipe, "dataset", None))
+    from lowmem.trainers import LowMemTrainingArguments
+
+    fields: dict[str, Any] = {
+        "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
+        "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
+        "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
+        "logging_steps": recipe.logging_steps, "seed": recipe.seed,
+        "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
+        "eval_strategy": "steps" if recipe.eval_steps else "no", "report_to": recipe.report_to,
+        "disable_tqdm": False, "dataloader_pin_memory": False, **_memory_args(recipe),
+    }
+    if recipe.eval_steps:
+        fields["eval_steps"] = recipe.eval_steps
+    if recipe.trainer in ("sft", "dpo"):
+        fields["per_device_eval_batch_size"] = 64
+    if cls is not LowMemTrainingArguments:
+        fields["bf16"] = recipe.dtype == "bfloat16"
+    if getattr(recipe, "reward_weights", None) is not None:
+        fields["reward_weights"] = recipe.reward_weights
+    try:
+        return cls(**{**fields, **recipe.training_args})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+# What a checkpoint directory must hold to resume exactly (any one name of each entry).
+CHECKPOINT_FILES: tuple[tuple[str, ...], ...] = (
+    ("trainer_state.json",),
+    ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+     "adapter_model.safetensors", "adapter_model.bin"),
+    ("optimizer.pt", "optimizer.bin"),
+    ("scheduler.pt",),
+)
+
+
+def checkpoint_missing(path: str | Path) -> list[str]:
+    """The files of :data:`CHECKPOINT_FILES` that ``path`` lacks (empty: complete)."""
+    p = Path(path)
+    return [names[0] for names in CHECKPOINT_FILES if not any((p / n).is_file() for n in names)]
+
+
+def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None = None) -> str | None:
+    """The checkpoint directory ``recipe.resume_from_checkpoint`` designates, or `None`.
+
+    `True`: the highest-numbered complete ``output_dir/checkpoint-N``; incomplete ones (a run killed
+    while writing) are reported to ``warn`` and skipped. A path must be a complete checkpoint.
+    (``Trainer.train`` itself would resume from an incomplete directory, silently with a fresh
+    optimizer when ``optimizer.pt`` is missing.)
+
+    Raises:
+        ConfigError: No complete checkpoint for `True`; a path that is missing or incomplete.
+    """
+    value = recipe.resume_from_checkpoint
+    if value is None or value is False:
+        return None
+    if value is True:
+        out = Path(recipe.output_dir)
+        found = [d for d in out.glob("checkpoint-*") if d.is_dir() and d.name[len("checkpoint-"):].isdigit()]
+        skipped = []
+        for d in sorted(found, key=lambda d: int(d.name[len("checkpoint-"):]), reverse=True):
+            missing = checkpoint_missing(d)
+            if not missing:
+                return str(d)
+            skipped.append(d.name)
+            if warn is not None:
+                warn(f"skipping incomplete checkpoint {d} (missing {missing}; an interrupted run?)")
+        raise ConfigError(
+            f"resume_from_checkpoint=true: no complete checkpoint-N directory in {out}"
+            + (f" (incomplete: {skipped})" if skipped else "")
+            + "; give a path, or drop resume_from_checkpoint to start from step 0"
+        )
+    p = Path(value)
+    if not p.is_dir():
+        raise ConfigError(f"resume_from_checkpoint={value!r}: no such directory")
+    missing = checkpoint_missing(p)
+    if missing:
+        raise ConfigError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: missing {missing}")
+    return str(p)
+
+
+def is_main_process() -> bool:
+    """Whether this is process 0 of a ``torchrun`` / ``accelerate launch`` group (or the only one)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return True
+    return isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) or v is None for v in value)
+
+
+def effective_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyperparameters the built optimizer really uses, read back from its ``param_groups``:
+    one dict per group with its plain values (``lr`` is the scheduler's base ``initial_lr`` when
+    there is one, ``last_lr`` the value at the end), ``num_tensors`` and ``num_params``."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    groups = []
+    for g in opt.param_groups:
+        hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params" and _plain(v)}
+        if "initial_lr" in hp:
+            hp["last_lr"] = hp["lr"]
+            hp["lr"] = hp.pop("initial_lr")
+        hp["num_tensors"] = len(g["params"])
+        hp["num_params"] = sum(p.numel() for p in g["params"])
+        groups.append(hp)
+    return groups
+
+
+def _run_metrics(trainer: Any) -> dict[str, Any]:
+    """``effective_hparams`` of the trained optimizer and ``eval_history`` (every evaluation's step
+    and eval loss / DPO margin, including those before and after training)."""
+    history = [
+        {"step": h["step"], **{k: h[k] for k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies") if k in h}}
+        for h in trainer.state.log_history if "eval_loss" in h
+    ]
+    return {"effective_hparams": effective_hparams(trainer.optimizer), "eval_history": history}
+
+
+def _train(trainer: Any, recipe: TrainRecipe) -> Any:
+    return trainer.train(resume_from_checkpoint=resolve_checkpoint(recipe))
+
+
+def merge_adapter(recipe: TrainRecipe, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Reload the base model in ``recipe.dtype`` (full precision, also for QLoRA), apply the adapter
+    saved in ``adapter_dir``, merge it (``merge_and_unload``) and save model and tokenizer to
+    ``out_dir``: a plain checkpoint for ``AutoModelForCausalLM.from_pretrained``."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from lowmem.kit import load_model_and_tokenizer
+
+    base, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(adapter_dir))  # as trained (e.g. with a chat template)
+    out = Path(out_dir)
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:
+    """Save the model (the adapter for LoRA / QLoRA) and tokenizer to ``output_dir``, and with
+    ``merge_adapters`` the merged model to ``output_dir/merged``."""
+    if not recipe.save_model:
+        return {}
+    trainer.save_model()  # main process only; PEFT models save adapter_model.safetensors + adapter_config.json
+    saved: dict[str, Any] = {"saved_model": recipe.output_dir}
+    if recipe.merge_adapters:
+        saved["merged_model"] = str(Path(recipe.output_dir) / "merged")
+        if is_main_process():
+            merge_adapter(recipe, recipe.output_dir, saved["merged_model"])
+    return saved
+
+
 def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     from transformers import default_data_collator, set_seed
 
     from lowmem.data import prepare_tokenizer, recipe_data
     from lowmem.kit import sft_dataset, tokenize_sft
-    from lowmem.trainers import LowMemSFTConfig, LowMemSFTTrainer, LowMemTrainer, LowMemTrainingArguments
+    from lowmem.trainers import LowMemSFTTrainer, LowMemTrainer
 
     set_seed(recipe.seed)
     data = recipe_data(recipe)  # the user's dataset (checked before the model loads), or None: synthetic task
@@ -354,33 +721,25 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     if data is None:
         train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok)
         evals = tokenize_sft(sft_dataset(recipe.eval_size, 0, "eval"), tok)  # fixed held-out set
-        args_cls, trainer_cls, args_kw, trainer_kw = LowMemTrainingArguments, LowMemTrainer, {}, {"data_collator": default_data_collator}
+        trainer_cls, trainer_kw = LowMemTrainer, {"data_collator": default_data_collator}
     else:  # TRL's SFTTrainer: formats, chat template, max_length, packing, completion-only loss (SFTConfig)
         train, evals = data.train, data.eval
-        args_cls, trainer_cls, args_kw, trainer_kw = LowMemSFTConfig, LowMemSFTTrainer, {"bf16": recipe.dtype == "bfloat16"}, {}
-    args = args_cls(**{
-        "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
-        "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
-        "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
-        "per_device_eval_batch_size": 64, "logging_steps": recipe.logging_steps, "seed": recipe.seed,
-        "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
-        "report_to": "none", "disable_tqdm": False, "dataloader_pin_memory": False, **_memory_args(recipe),
-        **args_kw, **recipe.training_args,
-    })
+        trainer_cls, trainer_kw = LowMemSFTTrainer, {}  # build_training_args picks LowMemSFTConfig
+    args = build_training_args(recipe)
     trainer = trainer_cls(
         model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
         callbacks=_memory_callbacks(recipe), **trainer_kw,
     )
     initial = trainer.evaluate()["eval_loss"] if evals is not None else None
-    out = trainer.train()
+    out = _train(trainer, recipe)
     final = trainer.evaluate()["eval_loss"] if evals is not None else None
-    if recipe.save_model:
-        trainer.save_model()
+    saved = _save_outputs(trainer, recipe)
     return {
         "initial_loss": initial, "final_loss": final, "steps": trainer.state.global_step,
         "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(model),
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)), **_memory_metrics(trainer),
+        **_run_metrics(trainer), **saved,
         **({"data": data.summary(), "train_loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
            if data is not None else {}),
     }
@@ -420,26 +779,14 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
             model.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
         policy_arg = model_dir
-    fields = {
-        "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
-        "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
-        "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
-        "logging_steps": recipe.logging_steps, "seed": recipe.seed, "bf16": recipe.dtype == "bfloat16",
-        "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
-        "report_to": "none", "dataloader_pin_memory": False, **_memory_args(recipe),
-    }
-    if recipe.trainer == "dpo":
-        fields["per_device_eval_batch_size"] = 64
-    if recipe.reward_weights is not None:
-        fields["reward_weights"] = recipe.reward_weights
-    args = config_cls(**{**fields, **recipe.training_args})
+    args = build_training_args(recipe)
     if recipe.trainer == "dpo":
         train, evals = ((preference_dataset(recipe.train_size, recipe.seed), preference_dataset(64, recipe.seed))
                         if data is None else (data.train, dpo_eval_rows(data)))
         trainer = trainer_cls(model=policy_arg, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
                               callbacks=_memory_callbacks(recipe))
         before = trainer.evaluate()
-        out = trainer.train()
+        out = _train(trainer, recipe)
         after = trainer.evaluate()
         result = {
             "initial_margin": before["eval_rewards/margins"], "final_margin": after["eval_rewards/margins"],
@@ -450,19 +797,19 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
                               train_dataset=reward_dataset(recipe.train_size, recipe.seed) if data is None else data.train,
                               callbacks=_memory_callbacks(recipe))
-        out = trainer.train()
+        out = _train(trainer, recipe)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         result = {
             "initial_reward": sum(rewards[:5]) / max(len(rewards[:5]), 1),
             "final_reward": sum(rewards[-10:]) / max(len(rewards[-10:]), 1), "reward_history": rewards,
         }
-    if recipe.save_model:
-        trainer.save_model()
+    saved = _save_outputs(trainer, recipe)
     policy = trainer.model
     return {
         **result, "steps": trainer.state.global_step, "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(policy),
         "trainable_params": sum(p.numel() for p in trainable_parameters(policy)), **_memory_metrics(trainer),
+        **_run_metrics(trainer), **saved,
         **({"data": data.summary()} if data is not None else {}),
     }
 
@@ -478,20 +825,32 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     Returns the metrics: ``optimizer``, ``optim_args``, ``trainer``, ``model``, ``seed``,
     ``initial_loss`` and ``final_loss`` (held-out eval loss before and after training), ``steps``,
     ``optimizer_state_bytes`` (measured after training), ``adamw_state_bytes`` (exact, for the
-    same parameters), ``trainable_params``, ``train_runtime_s``, ``wall_time_s``.
+    same parameters), ``trainable_params``, ``train_runtime_s``, ``wall_time_s``,
+    ``effective_hparams`` (read back from the optimizer), ``eval_history``, ``resumed_from``.
+
+    The trainer's config and the checkpoint to resume from are checked before any model loads.
+    Under ``torchrun`` / ``accelerate launch`` only process 0 prints and writes ``metrics.json``.
     """
     from rich.console import Console
 
     console = console or Console(soft_wrap=True)  # whole lines in logs and pipes
+    main = is_main_process()
     start = time.perf_counter()
-    console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
-                  f"model={recipe.model or 'embedded tiny Llama'} steps={recipe.steps}")
+    build_training_args(recipe)  # the config class's own checks, before any model loads
+    resumed_from = resolve_checkpoint(recipe, warn=lambda m: main and console.print(f"[yellow]warning[/]: {m}"))
+    if main:
+        console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
+                      f"model={recipe.model or 'embedded tiny Llama'} steps={recipe.steps}"
+                      + (f" resuming from {resumed_from}" if resumed_from else ""))
     result = TRAINERS[recipe.trainer](recipe)
     metrics = {
         "optimizer": get_entry(recipe.optim).name, "optim_args": recipe.optim_args, "trainer": recipe.trainer,
         "model": recipe.model, "seed": recipe.seed, "quantization": recipe.quantization, "lora": recipe.lora,
-        "layerwise": recipe.layerwise, **result, "wall_time_s": round(time.perf_counter() - start, 3),
+        "layerwise": recipe.layerwise, "resumed_from": resumed_from, **result,
+        "wall_time_s": round(time.perf_counter() - start, 3),
     }
+    if not main:
+        return metrics
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
@@ -512,6 +871,11 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
                       f"after {metrics['steps']} steps")
     console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
                   f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
+    if metrics.get("effective_hparams"):
+        g = max(metrics["effective_hparams"], key=lambda g: g["num_params"])  # the largest group
+        shown = {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "eps", "rank", "update_proj_gap")}
+        console.print("optimizer hyperparameters in effect (largest group): "
+                      + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if metrics.get("memory"):
         mem = metrics["memory"]
         console.print("peak memory (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))

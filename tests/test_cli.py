@@ -54,10 +54,10 @@ def test_default_yaml_is_what_train_uses(tmp_path, monkeypatch):
 
 def test_bad_recipe_key_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("optim: adamw\nlearning_rate: 0.1\n")
+    bad.write_text("optim: adamw\nlearnig_rate: 0.1\n")
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "learning_rate" in err and "valid keys" in err and "'lr'" in err
+    assert "learnig_rate" in err and "valid keys" in err and "'lr'" in err and "did you mean ['learning_rate']" in err
     with pytest.raises(ValueError, match="valid keys"):
         load_recipe(bad)
 

@@ -46,6 +46,22 @@ TRAINER_OVERRIDES = {"relative_step": False, "scale_parameter": False}
 _TA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
 
 
+def check_optimizer_fields(args: Any) -> None:
+    """Type- and range-check the ``TrainingArguments`` fields that reach an optimizer
+    (:data:`TRAINING_ARGS_MAP`): ``learning_rate >= 0``, ``weight_decay >= 0``, ``adam_beta1`` and
+    ``adam_beta2`` in ``[0, 1)``, ``adam_epsilon >= 0`` (ranges: :data:`lowmem.config.RANGES`).
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) naming the field, its value and the valid range.
+    """
+    from lowmem.config import check_value
+
+    for fields, _ in TRAINING_ARGS_MAP:
+        for f in fields:
+            if hasattr(args, f):
+                check_value(f, getattr(args, f), float, where=f"{type(args).__name__}.")
+
+
 def _parse_value(text: str) -> Any:
     text = text.strip()
     try:
@@ -90,17 +106,25 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
 
     1. ``TrainingArguments`` fields map onto the optimizer (:data:`TRAINING_ARGS_MAP`):
        ``learning_rate -> lr``, ``weight_decay``, ``(adam_beta1, adam_beta2) -> betas``,
-       ``adam_epsilon -> eps``, where the optimizer has that hyperparameter and its value is valid
-       for it. A field that cannot apply is logged: a warning when its value differs from the
-       ``TrainingArguments`` default (the user asked for it), an info line otherwise.
+       ``adam_epsilon -> eps``, where the optimizer has that hyperparameter. Each field is first
+       range-checked (:func:`check_optimizer_fields`: a negative learning rate is an error, never
+       replaced by a default). A field the optimizer has no hyperparameter for (``adam_beta1``
+       with Adafactor) is logged: a warning when its value differs from the ``TrainingArguments``
+       default (the user asked for it), an info line otherwise. A value the optimizer rejects is
+       an error when the user set it, and logged at info level when it is the untouched default
+       (Adafactor's ``eps`` is a pair, so the default ``adam_epsilon`` does not apply).
     2. Optimizers with ``relative_step`` / ``scale_parameter`` (Adafactor) get ``False`` for
        both, as ``transformers.Trainer`` does for ``optim="adafactor"``.
     3. ``optim_args`` (dict, JSON or ``"k=v,k=v"``) win over both.
 
     Raises:
-        ValueError: Unknown optimizer or hyperparameter (messages list the valid ones).
+        ValueError: Unknown optimizer or hyperparameter (messages list the valid ones), or a
+            ``TrainingArguments`` value out of range or rejected by the optimizer (the message names
+            the field and the valid values).
     """
     entry = get_entry(name)
+    if args is not None:
+        check_optimizer_fields(args)
     explicit = parse_optim_args(optim_args)
     valid = entry.valid_hparams()
     unknown = sorted(set(explicit) - set(valid))
@@ -119,6 +143,12 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
                 continue
             user_set = any(getattr(args, f) != _TA_DEFAULTS.get(f) for f in fields)
             shown = ", ".join(f"{f}={getattr(args, f)!r}" for f in fields)
+            if target in valid and user_set:
+                try:
+                    specs[target].validate(value)
+                except ValueError as err:
+                    raise ValueError(f"{type(args).__name__} {shown} cannot apply to optimizer '{entry.name}': {err} "
+                                     f"remove {', '.join(fields)} or give the optimizer's own '{target}' in lowmem_optim_args") from None
             reason = "has no hyperparameter" if target not in valid else "does not accept the value of"
             (logger.warning if user_set else logger.info)(
                 "lowmem optimizer '%s' %s '%s', so TrainingArguments %s is ignored (valid hyperparameters: %s)",
@@ -227,6 +257,7 @@ class LowMemArguments:
     )
 
     def __post_init__(self) -> None:
+        check_optimizer_fields(self)
         self.lowmem_optim_args = parse_optim_args(self.lowmem_optim_args)
         if self.lowmem_layerwise and self.lowmem_optim is None:
             raise ValueError("lowmem_layerwise=True requires lowmem_optim")
