@@ -35,6 +35,11 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="local directory of an HF causal LM (never downloaded)")
     p.add_argument("--seed", type=int, help="seed of data, init and trainer")
     p.add_argument("--batch-size", type=int, help="per-device train batch size")
+    p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
+    p.add_argument("--eval-steps", type=int, help="evaluate every N steps (eval loss in the log and metrics.json)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue from a checkpoint: the latest complete one in OUTPUT_DIR, or PATH "
+                        "(put --resume after RECIPE, or write --resume=PATH)")
     p.add_argument("--dataset", help="local training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder of them, "
                    "or a save_to_disk folder, in a TRL format (see docs/training.md); replaces the synthetic task")
     p.set_defaults(handler=run_train)
@@ -43,8 +48,12 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .train import load_recipe, run
 
+    recipe_path, resume = args.recipe, args.resume
+    if recipe_path is None and isinstance(resume, str) and resume.endswith((".yaml", ".yml")):
+        recipe_path, resume = resume, True  # `lowmem train --resume recipe.yaml`: the flag took the recipe
     recipe = load_recipe(
-        args.recipe, optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
+        recipe_path, save_steps=args.save_steps, eval_steps=args.eval_steps, resume_from_checkpoint=resume,
+        optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
         output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size, dataset=args.dataset,
     )
     run(recipe)
@@ -151,11 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lowmem``; returns the exit code (2 for configuration errors).
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a user's error, printed as one line with exit code 2: a wrong value or key
+    (``ValueError``, which :class:`lowmem.config.ConfigError` is), a file that is missing or cannot
+    be read (``OSError``), malformed YAML or a tag ``yaml.safe_load`` refuses, a pickle that
+    ``torch.load(weights_only=True)`` refuses. Anything else is a bug and keeps its traceback."""
+    import pickle
 
-    Configuration errors (``ValueError``, missing files) print one line; ``LOWMEM_DEBUG=1`` shows
-    the traceback instead.
+    kinds: tuple[type[BaseException], ...] = (ValueError, OSError, pickle.UnpicklingError)
+    yaml = sys.modules.get("yaml")
+    if yaml is not None:
+        kinds += (yaml.YAMLError,)
+    return isinstance(err, kinds)
+
+
+def error_line(err: BaseException) -> str:
+    """``err`` as one line: its lines joined, or only the first when that would be long (torch's
+    refusal to unpickle is a paragraph; its first line says what and where)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+    text = " ".join(lines)
+    if len(text) > 400:
+        text = lines[0] + " (LOWMEM_DEBUG=1 shows the details)"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lowmem``; returns the exit code (2 for a user's error, see :func:`is_user_error`).
+
+    A user's error prints one line, ``lowmem: error: ...``; ``LOWMEM_DEBUG=1`` shows the traceback
+    instead.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,10 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("LOWMEM_DEBUG"):
+    except Exception as err:
+        if os.environ.get("LOWMEM_DEBUG") or not is_user_error(err):
             raise
-        print(f"lowmem: error: {err}", file=sys.stderr)
+        print(f"lowmem: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,224 @@
+"""Strict configuration: every wrong input is an error naming the field, exit code 2 from the CLI,
+one line, no traceback, and nothing written. Numbers PyYAML reads as strings are converted."""
+
+import datetime
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowmem.cli import main
+from lowmem.config import ConfigError, check_value
+from lowmem.train import HF_OPTIM_NAMES, TrainRecipe, load_recipe, resolve_optim_name
+
+
+def _cli_error(tmp_path, capsys, recipe_text, *flags):
+    """Run `lowmem train` on a recipe; assert exit 2, one error line, nothing in output_dir."""
+    out = tmp_path / "out"
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text)
+    rc = main(["train", str(path), "--output-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lowmem: error: "), err
+    assert "Traceback" not in err
+    assert not out.exists(), sorted(p.name for p in out.iterdir())  # nothing written half-way
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "text, field, expected",
+    [
+        ("lr: abc\n", "lr", "a number >= 0"),
+        ("lr: -1\n", "lr", ">= 0"),
+        ("lr: .nan\n", "lr", ">= 0"),
+        ("layerwise: 'no'\n", "layerwise", "boolean"),
+        ("layerwise: 1\n", "layerwise", "boolean"),
+        ("save_steps: -5\n", "save_steps", "> 0, or null"),
+        ("steps: 2.5\n", "steps", "integer > 0"),
+        ("batch_size: '8'\nsteps: 0\n", "steps", "integer > 0"),
+        ("eval_steps: 0\n", "eval_steps", "> 0"),
+        ("weight_decay: -0.1\n", "weight_decay", ">= 0"),
+        ("seed: true\n", "seed", "integer"),
+        ("model: 7\n", "model", "a string"),
+        ("optim_args: [1, 2]\n", "optim_args", "mapping"),
+        ("training_args: {weight_decay: -0.1}\n", "training_args.weight_decay", ">= 0"),
+        ("training_args: {adam_beta2: 1.0}\n", "training_args.adam_beta2", "in [0, 1)"),
+        ("training_args: {adam_beta1: -0.5}\n", "training_args.adam_beta1", "in [0, 1)"),
+        ("training_args: {adam_epsilon: -1e-8}\n", "training_args.adam_epsilon", ">= 0"),
+        ("training_args: {learning_rate: abc}\n", "training_args.learning_rate", "a number"),
+        ("training_args: {gradient_accumulation_steps: 0}\n", "gradient_accumulation_steps", "> 0"),
+        ("training_args: {bf16: 'yes'}\n", "training_args.bf16", "boolean"),
+        ("training_args: {save_steps: -1}\n", "training_args.save_steps", "> 0"),
+        ("adam_beta2: 1.5\n", "adam_beta2", "in [0, 1)"),  # a TrainingArguments field at the top level
+        ("max_grad_norm: -1\n", "max_grad_norm", ">= 0"),
+    ],
+)
+def test_bad_value_names_the_field(tmp_path, capsys, text, field, expected):
+    line = _cli_error(tmp_path, capsys, text)
+    assert f"{field}=" in line and expected in line, line
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("lr: [1, 2\n", "invalid YAML"),
+        ("!!python/object/apply:os.system ['touch {marker}']\n", "invalid YAML"),
+        ("optim: !!python/name:os.system\n", "invalid YAML"),
+        ("- a\n- b\n", "a recipe is a YAML mapping"),
+        ("learnig_rate: 0.1\n", "did you mean ['learning_rate']"),
+        ("training_args: {learnig_rate: 0.1}\n", "did you mean ['learning_rate']"),
+        ("optim: apollo_adamw\n", "galore_adamw_8bit"),
+        ("report_to: tensorboard\n", "pip install tensorboard"),
+        ("report_to: nonsense\n", "unknown integration"),
+        ("lr: 0.1\nlearning_rate: 0.2\n", "give one"),
+        ("optim_target_modules: [q_proj]\noptim: adamw\n", "projects none"),
+        ("model: /nonexistent/model-dir\n", "no such directory"),
+        ("resume_from_checkpoint: /nonexistent/checkpoint-3\n", "no such directory"),
+        ("resume_from_checkpoint: true\n", "no complete checkpoint"),
+        ("merge_adapters: true\n", "needs lora or quantization"),
+        ("trainer: grpo\neval_steps: 5\n", "eval_steps"),
+        ("training_args: {eval_strategy: sometimes}\n", "eval_strategy"),
+    ],
+)
+def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, text, expected):
+    marker = tmp_path / "pwned"
+    line = _cli_error(tmp_path, capsys, text.replace("{marker}", str(marker)))
+    assert expected in line, line
+    assert not marker.exists()  # a !!python tag never runs anything
+
+
+def test_missing_and_unreadable_recipe_files(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    pkl = tmp_path / "recipe.pkl"
+    pkl.write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08datetime\xff\xfe")
+    assert main(["train", str(pkl)]) == 2
+    assert "cannot read the recipe as YAML text" in capsys.readouterr().err
+
+
+def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
+    path = tmp_path / "r.yaml"
+    path.write_text("layerwise: 'no'\n")
+    monkeypatch.setenv("LOWMEM_DEBUG", "1")
+    with pytest.raises(ConfigError, match="layerwise"):
+        main(["train", str(path)])
+
+
+def test_numbers_written_as_strings_are_converted():
+    # PyYAML (YAML 1.1) reads 3e-4 as the string '3e-4'; it must train at 3e-4, not at a default
+    r = load_recipe(None, lr="3e-4", steps="1e2", training_args={"learning_rate": "2e-4", "adam_epsilon": "1e-6"})
+    assert r.lr == 3e-4 and isinstance(r.lr, float) and r.steps == 100 and isinstance(r.steps, int)
+    assert r.training_args == {"learning_rate": 2e-4, "adam_epsilon": 1e-6}
+    assert check_value("x", True, bool) is True
+    with pytest.raises(ConfigError, match="x='true'"):
+        check_value("x", "true", bool)
+
+
+def test_trl_fields_at_top_level_and_hf_optim_names(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("trainer: dpo\nbeta: 0.2\nlearning_rate: 3e-4\nmax_steps: 7\nper_device_train_batch_size: 4\n"
+                    "optim: galore_adamw_8bit_layerwise\noptim_target_modules: [q_proj, v_proj]\n"
+                    "optim_args: rank=4,update_proj_gap=10,scale=0.5,proj_type=std\ngradient_accumulation_steps: 2\n")
+    r = load_recipe(path)
+    assert (r.lr, r.steps, r.batch_size) == (3e-4, 7, 4)
+    assert r.training_args == {"beta": 0.2, "gradient_accumulation_steps": 2}
+    assert r.optim == "galore_adamw8bit" and r.layerwise is True
+    assert r.optim_args == {"target_modules": ["q_proj", "v_proj"], "rank": 4, "update_proj_gap": 10, "scale": 0.5,
+                            "proj_type": "std"}
+    # `beta` is a DPOConfig field, not an SFT one
+    path.write_text("beta: 0.2\n")
+    with pytest.raises(ConfigError, match="unknown recipe key"):
+        load_recipe(path)
+    # the HF name inside training_args maps too, and training_args.resume_from_checkpoint is honoured
+    r = load_recipe(None, training_args={"optim": "adamw_torch", "resume_from_checkpoint": str(tmp_path)})
+    assert r.optim == "adamw" and r.resume_from_checkpoint == str(tmp_path) and r.training_args == {}
+    for hf, ours in HF_OPTIM_NAMES.items():
+        assert resolve_optim_name(hf) == (ours, False)
+    assert resolve_optim_name("galore_adafactor_layerwise") == ("galore_adafactor", True)
+
+
+def test_training_args_optimizer_fields_are_errors_not_defaults(tmp_path):
+    from transformers import TrainingArguments
+
+    from lowmem.kit import build_tiny_model
+    from lowmem.trainers import LowMemDPOConfig, LowMemTrainingArguments, optimizer_cls_and_kwargs, trainer_hparams
+
+    common = dict(report_to="none", use_cpu=True)
+    for bad, match in [({"learning_rate": -1.0}, r"learning_rate=-1.0: expected a number >= 0"),
+                       ({"weight_decay": -0.1}, r"weight_decay=-0.1: expected a number >= 0"),
+                       ({"adam_beta2": 1.0}, r"adam_beta2=1.0: expected a number in \[0, 1\)"),
+                       ({"adam_epsilon": -1e-8}, r"adam_epsilon=-1e-08: expected a number >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", **common, **bad)
+        with pytest.raises(ValueError, match=match):
+            LowMemDPOConfig(tmp_path, lowmem_optim="adamw", **common, **bad)
+        model, _ = build_tiny_model(0)
+        with pytest.raises(ValueError, match=match):
+            optimizer_cls_and_kwargs(model, "adamw", args=TrainingArguments(tmp_path, **common, **bad))
+    # a value the optimizer rejects: an error when the user set it, quiet when it is the default
+    args = TrainingArguments(tmp_path, adam_epsilon=1e-6, **common)
+    with pytest.raises(ValueError, match="adam_epsilon=1e-06 cannot apply to optimizer 'adafactor'"):
+        trainer_hparams("adafactor", args)
+    assert "eps" not in trainer_hparams("adafactor", TrainingArguments(tmp_path, **common))
+
+
+def test_refused_pickle_in_checkpoint_is_one_line(tmp_path, capsys):
+    """A checkpoint whose optimizer.pt holds arbitrary objects: torch.load(weights_only=True)
+    refuses it, and lowmem says so in one line."""
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "2", "--save-steps", "2", "--output-dir", str(out), "--batch-size", "4"]) == 0
+    ckpt = out / "checkpoint-2"
+    torch.save({"when": datetime.datetime(2020, 1, 1)}, ckpt / "optimizer.pt")
+    capsys.readouterr()
+    # in a fresh process: transformers' log handlers would still hold pytest's closed capture streams
+    proc = subprocess.run([sys.executable, "-m", "lowmem.cli", "train", "--steps", "3", "--output-dir", str(out),
+                           "--batch-size", "4", f"--resume={ckpt}"], capture_output=True, text=True, timeout=120)
+    rc, err = proc.returncode, proc.stderr
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("lowmem: error:")]
+    assert len(lines) == 1 and "Weights only load failed" in lines[0], err
+
+
+def test_atomic_writes_have_normal_permissions_and_leave_no_temp(tmp_path, monkeypatch):
+    from lowmem.io import write_bytes_atomic, write_files_atomic, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        p = write_text_atomic(tmp_path / "metrics.json", json.dumps({"a": 1}))
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644  # mkstemp alone would give 0600
+        os.chmod(p, 0o640)
+        write_text_atomic(p, "{}")
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640  # an existing file keeps its mode
+        png = write_bytes_atomic(tmp_path / "plot.png", b"\x89PNG...")
+        assert stat.S_IMODE(png.stat().st_mode) == 0o644 and png.read_bytes() == b"\x89PNG..."
+    finally:
+        os.umask(old)
+    # a pair: when writing the second fails, neither file changes and no temp file stays
+    write_files_atomic({tmp_path / "bench.json": "old-json", tmp_path / "bench.md": "old-md"})
+    calls = []
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_files_atomic({tmp_path / "bench.json": "new-json", tmp_path / "bench.md": "new-md"})
+    monkeypatch.undo()
+    assert (tmp_path / "bench.json").read_text() == "old-json" and (tmp_path / "bench.md").read_text() == "old-md"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", "metrics.json", "plot.png"]
+
+
+def test_recipe_dataclass_direct_construction_is_checked():
+    with pytest.raises(ConfigError, match="layerwise='no'"):
+        TrainRecipe(layerwise="no")
+    assert TrainRecipe(lr="1e-3").lr == 1e-3
