@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from .threads import set_train_threads
+
 LIST_SHAPE = (4096, 4096)
 
 
@@ -56,6 +58,7 @@ def run_train(args: argparse.Namespace) -> int:
         optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
         output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size, dataset=args.dataset,
     )
+    set_train_threads(recipe.model)  # lowmem/threads.py: OMP_NUM_THREADS, else 1 for the tiny model, else cores/procs
     run(recipe)
     return 0
 
@@ -120,7 +123,8 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="measure optimizers side by side (state bytes, step time vs torch AdamW, loss)",
         description="Train the same model from the same weights on the same batches with each optimizer, "
         "and report state bytes per parameter, steady-state step time relative to torch.optim.AdamW "
-        "(measured in the same run) and loss. Writes bench.json and bench.md.",
+        "(interleaved with it step by step; median and spread over --repeats rounds) and loss. Writes bench.json "
+        "and bench.md.",
     )
     p.add_argument("optimizers", nargs="*", metavar="NAME[:k=v,...]",
                    help="registered optimizer names (default: every engine optimizer); NAME:key=value,... "
@@ -135,6 +139,11 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--optim-args", action="append", default=[], metavar="NAME:k=v,...",
                    help="per-optimizer overrides, repeatable, e.g. galore_adamw:rank=8,update_proj_gap=50")
     p.add_argument("--output-dir", default="runs/bench", help="where bench.json and bench.md go")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="rounds the timed steps (after 5 warm-up steps) are split into; each gives a step-time ratio, "
+                   "the table shows their median and spread (default 5)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads during the run (default: OMP_NUM_THREADS if set, else 1)")
     p.set_defaults(handler=run_bench)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,20 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
                            or (p / "dataset_dict.json").is_file())
 
 
+@contextmanager
+def _quiet_datasets():
+    """No ``datasets`` progress bars while a local file is read (an error then stays one line)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_name: str = "dataset"):
     """Load a local dataset with the ``datasets`` library; never downloads.
 
@@ -174,7 +189,8 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
         try:
             # CSV cells stay text (TRL formats are strings; "47" must not become the integer 47, "" not NaN)
             kw = {"features": _csv_string_features(files[0]), "keep_default_na": False} if builders[0] == "csv" else {}
-            ds = datasets.load_dataset(builders[0], data_files=[str(f) for f in files], split="train", **kw)
+            with _quiet_datasets():
+                ds = datasets.load_dataset(builders[0], data_files=[str(f) for f in files], split="train", **kw)
         except Exception as err:  # the builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
             cause = err.__cause__ or err
             if "corresponds to no data" in str(cause):  # e.g. a CSV with a header row only
@@ -425,12 +441,33 @@ def validate_data_fields(recipe: Any) -> None:
 def recipe_data(recipe: Any) -> TrainData | None:
     """The data of a :class:`~lowmem.train.TrainRecipe`: :func:`load_train_data` of its ``dataset``,
     or `None` when it trains on the synthetic ``task``. SFT's text column is
-    ``training_args["dataset_text_field"]`` when set."""
+    ``training_args["dataset_text_field"]`` when set.
+
+    Conversational data without the recipe's ``chat_template`` has the model's tokenizer (only the
+    tokenizer) loaded here to check it has one, so that the error comes before the model loads.
+    """
     if recipe.dataset is None:
         return None
     text_field = (recipe.training_args or {}).get("dataset_text_field", "text")
-    return load_train_data(recipe.dataset, recipe.trainer, eval_dataset=recipe.eval_dataset,
+    data = load_train_data(recipe.dataset, recipe.trainer, eval_dataset=recipe.eval_dataset,
                            eval_split=recipe.eval_split, seed=recipe.seed, text_field=text_field)
+    if data.format.conversational and recipe.chat_template is None:
+        ensure_chat_template(_tokenizer_of(recipe.model), data.format, None, model=recipe.model,
+                             source=str(recipe.dataset))
+    return data
+
+
+def _tokenizer_of(model: str | None):
+    """The tokenizer of a local model directory (``None``: the embedded tiny model's)."""
+    if model is None:
+        from lowmem.kit import build_tokenizer
+
+        return build_tokenizer()
+    from transformers import AutoTokenizer
+
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"model path {model!r} is not a local directory (lowmem never downloads models)")
+    return AutoTokenizer.from_pretrained(model, local_files_only=True)
 
 
 def prepare_tokenizer(recipe: Any, data: TrainData | None, tokenizer) -> None:

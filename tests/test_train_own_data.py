@@ -1,0 +1,187 @@
+"""`lowmem train` end to end on a user's own model directory and data files, as a person using
+`trl sft` or LLaMA-Factory would run it: each TRL format, each trainer, rewards from a file and
+built-in, and every bad input answered with one line and exit code 2 (nothing written)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from own_data import dpo_rows, rl_rows, sft_rows, write_csv, write_jsonl, write_parquet
+from rich.console import Console
+
+from lowmem.cli import main
+from lowmem.train import TrainRecipe, run
+
+QUIET = dict(save_model=False, track_memory=False)
+
+
+def _run(**fields) -> tuple[dict, str]:
+    out = io.StringIO()
+    metrics = run(TrainRecipe(**fields), console=Console(file=out, width=200))
+    assert json.loads((Path(fields["output_dir"]) / "metrics.json").read_text())["steps"] == metrics["steps"]
+    return metrics, out.getvalue()
+
+
+# ---- SFT -------------------------------------------------------------------------------------
+
+
+def test_sft_text_jsonl_with_eval_file(own_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows("text", 600))
+    evals = write_jsonl(tmp_path / "eval.jsonl", sft_rows("text", 64, split="eval"))
+    m, log = _run(model=own_model_dir, dataset=str(train), eval_dataset=str(evals), steps=40, logging_steps=10,
+                  output_dir=str(tmp_path / "out"), **QUIET)
+    assert m["data"] == {"format": "text", "conversational": False, "columns": ["text"], "extra_columns": [],
+                         "train_rows": 600, "eval_rows": 64}
+    assert m["final_loss"] < m["initial_loss"] - 1.0, (m["initial_loss"], m["final_loss"])
+    assert m["steps"] == 40 and "eval loss: initial" in log
+
+
+def test_sft_messages_parquet_with_eval_split(own_model_dir, tmp_path):
+    train = write_parquet(tmp_path / "chat.parquet", sft_rows("messages", 660))
+    m, _ = _run(model=own_model_dir, dataset=str(train), eval_split=0.1, steps=40, logging_steps=10,
+                output_dir=str(tmp_path / "out"), save_model=True, track_memory=False)
+    assert (m["data"]["format"], m["data"]["conversational"]) == ("messages", True)
+    assert (m["data"]["train_rows"], m["data"]["eval_rows"]) == (594, 66)
+    assert m["final_loss"] < m["initial_loss"] - 1.0, (m["initial_loss"], m["final_loss"])
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.chat_template and "u:1+2=|" in saved.apply_chat_template([{"role": "user", "content": "1+2="}],
+                                                                            tokenize=False)
+
+
+def test_sft_conversational_prompt_completion_saved_dataset_and_template_file(tiny_model_path, tmp_path):
+    """A model without a chat template, given one by the recipe (a .jinja file); a save_to_disk
+    DatasetDict whose 'test' split is the eval set. Loss on the completion only (TRL's default)."""
+    from conftest import OWN_CHAT_TEMPLATE
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(sft_rows("prompt-completion-conv", 600)),
+                 "test": Dataset.from_list(sft_rows("prompt-completion-conv", 64, split="eval"))}
+                ).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "chat.jinja").write_text(OWN_CHAT_TEMPLATE)
+    m, _ = _run(model=tiny_model_path, dataset=str(tmp_path / "saved"), eval_dataset=str(tmp_path / "saved"),
+                chat_template=str(tmp_path / "chat.jinja"), steps=40, logging_steps=10,
+                output_dir=str(tmp_path / "out"), **QUIET)
+    assert (m["data"]["format"], m["data"]["conversational"], m["data"]["eval_rows"]) == ("prompt-completion", True, 64)
+    assert m["final_loss"] < m["initial_loss"] - 1.0, (m["initial_loss"], m["final_loss"])
+
+
+def test_sft_cli_csv_prompt_completion_without_eval_set(own_model_dir, tmp_path, capsys):
+    data = write_csv(tmp_path / "pairs.csv", sft_rows("prompt-completion", 400))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"trainer": "sft", "steps": 30, "logging_steps": 5, "save_model": False,
+                                      "track_memory": False, "training_args": {"max_length": 64}}))
+    rc = main(["train", str(recipe), "--dataset", str(data), "--model", own_model_dir, "--output-dir", str(tmp_path / "o")])
+    assert rc == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["data"]["format"] == "prompt-completion" and m["initial_loss"] is None
+    hist = m["train_loss_history"]
+    assert len(hist) == 6 and hist[-1] < hist[0] - 0.5, hist
+    assert "training loss (no eval set)" in capsys.readouterr().out
+
+
+# ---- DPO -------------------------------------------------------------------------------------
+
+
+def test_dpo_conversational_margin_rises(own_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", dpo_rows(256, conversational=True))
+    m, log = _run(trainer="dpo", model=own_model_dir, dataset=str(data), steps=30, logging_steps=10,
+                  output_dir=str(tmp_path / "out"), training_args={"beta": 0.1}, **QUIET)
+    assert (m["data"]["format"], m["data"]["conversational"]) == ("preference", True)
+    assert m["final_margin"] > m["initial_margin"] + 0.05, (m["initial_margin"], m["final_margin"])
+    assert "margin" in log
+
+
+# ---- GRPO / GVPO / BNPO ----------------------------------------------------------------------
+
+RL_ARGS = {"num_generations": 4, "max_completion_length": 6}
+
+
+def test_grpo_reward_function_from_a_file(own_model_dir, tmp_path):
+    """The user's reward in a .py file; the extra column 'answer' arrives as a keyword argument."""
+    (tmp_path / "my_reward.py").write_text(
+        "from lowmem.kit import score\n\n"
+        "def digits_then_sum(prompts, completions, answer, **kwargs):\n"
+        "    return [score(c, a) for c, a in zip(completions, answer)]\n"
+    )
+    data = write_jsonl(tmp_path / "prompts.jsonl", rl_rows(256))
+    m, log = _run(trainer="grpo", model=own_model_dir, dataset=str(data), steps=30, logging_steps=1,
+                  reward_funcs=[f"{tmp_path / 'my_reward.py'}:digits_then_sum"], output_dir=str(tmp_path / "out"),
+                  training_args=RL_ARGS, **QUIET)
+    assert m["data"]["extra_columns"] == ["answer"]
+    assert m["final_reward"] > m["initial_reward"] + 0.15, m["reward_history"]
+    assert "mean reward" in log
+
+
+def test_grpo_builtin_rewards_with_weights(own_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "prompts.jsonl", rl_rows(256))
+    m, _ = _run(trainer="grpo", model=own_model_dir, dataset=str(data), steps=30, logging_steps=1,
+                reward_funcs=["addition", "exact_match"], reward_weights=[1.0, 0.5], output_dir=str(tmp_path / "out"),
+                training_args=RL_ARGS, **QUIET)
+    assert m["final_reward"] > m["initial_reward"] + 0.15, m["reward_history"]
+
+
+@pytest.mark.parametrize(("trainer", "extra", "conversational"), [
+    ("gvpo", {"beta": 0.1, "reference_policy": "sampling"}, True),
+    ("bnpo", {"reward_range": [0.0, 1.0]}, False),
+])
+def test_gvpo_bnpo_on_own_data(own_model_dir, tmp_path, trainer, extra, conversational):
+    data = write_jsonl(tmp_path / "prompts.jsonl", rl_rows(256, conversational=conversational))
+    m, _ = _run(trainer=trainer, model=own_model_dir, dataset=str(data), steps=30, logging_steps=1,
+                reward_funcs=["addition"], output_dir=str(tmp_path / "out"), training_args={**RL_ARGS, **extra}, **QUIET)
+    assert m["data"]["conversational"] is conversational
+    assert m["final_reward"] > m["initial_reward"] + 0.15, m["reward_history"]
+
+
+# ---- bad inputs: one line, exit code 2, nothing written ----------------------------------------
+
+
+def _bad_inputs(tmp_path: Path, tiny_model_path: str) -> dict[str, tuple[list[str], str]]:
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": "1+1=", "response": "2"}])
+    write_jsonl(tmp_path / "chat.jsonl", sft_rows("messages", 8))
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("text\n")
+    (tmp_path / "data.xlsx").write_text("x")
+    return {
+        "missing file": (["--dataset", str(tmp_path / "nope.jsonl")], r"dataset: '.*nope.jsonl' does not exist"),
+        "no format": (["--dataset", str(tmp_path / "qa.jsonl")],
+                      r"columns \['question', 'response'\] fit no sft dataset format; accepted: 'text'"),
+        "no chat template": (["--dataset", str(tmp_path / "chat.jsonl"), "--model", tiny_model_path],
+                             r"is conversational, but the tokenizer of model .* has no chat template; set chat_template"),
+        "empty file": (["--dataset", str(tmp_path / "empty.jsonl")], r"empty file\(s\)"),
+        "empty dataset": (["--dataset", str(tmp_path / "header.csv")], r"header.csv' is empty"),
+        "unknown extension": (["--dataset", str(tmp_path / "data.xlsx")], r"unknown file extension\(s\) \['.xlsx'\]"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "no format", "no chat template", "empty file", "empty dataset",
+                                  "unknown extension"])
+def test_bad_dataset_exits_2_with_one_line(case, tmp_path, tiny_model_path, capsys):
+    argv, message = _bad_inputs(tmp_path, tiny_model_path)[case]
+    out = tmp_path / "out"
+    rc = main(["train", *argv, "--output-dir", str(out), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("lowmem: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_bad_reward_function_exits_2(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "prompts.jsonl", rl_rows(8))
+    (tmp_path / "r.py").write_text("def other(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    recipe = tmp_path / "grpo.yaml"
+    for funcs, message in [([f"{tmp_path / 'r.py'}:mine"], r"has no attribute 'mine'; its functions: \['other'\]"),
+                           ([f"{tmp_path / 'gone.py'}:f"], r"file '.*gone.py' does not exist"),
+                           (["exact"], r"Unknown reward 'exact'")]:
+        recipe.write_text(yaml.safe_dump({"trainer": "grpo", "dataset": str(data), "reward_funcs": funcs}))
+        rc = main(["train", str(recipe), "--output-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and re.search(message, err), err
+        assert not (tmp_path / "out").exists()
