@@ -35,7 +35,12 @@ BASELINE = "torch_adamw"
 
 @dataclass
 class BenchResult:
-    """One optimizer's row. Times in seconds, memory in bytes, losses in nats per token."""
+    """One optimizer's row. Times in seconds, memory in bytes, losses in nats per token.
+
+    ``step_time_ratio`` is the median over the rounds of (this optimizer's median step time in the round)
+    / (``torch.optim.AdamW``'s in the same round); ``ratio_min`` / ``ratio_max`` are the extreme rounds and
+    ``ratio_spread = (ratio_max - ratio_min) / step_time_ratio``.
+    """
 
     optimizer: str
     hparams: dict[str, Any]
@@ -44,10 +49,20 @@ class BenchResult:
     bytes_per_param: float
     step_time_s: float
     step_time_ratio: float = float("nan")
+    ratio_min: float = float("nan")
+    ratio_max: float = float("nan")
+    ratio_spread: float = float("nan")
+    round_ratios: list[float] = field(default_factory=list)
     final_train_loss: float = float("nan")
     eval_loss: float = float("nan")
     eval_loss_ratio: float = float("nan")
     losses: list[float] = field(default_factory=list)
+    step_times_s: list[float] = field(default_factory=list)
+
+
+#: A row whose step-time ratio varies by more than this over the rounds ((max - min) / median) cannot be
+#: ranked against the others: the machine was too busy (or the step too short) for the measurement.
+SPREAD_LIMIT = 0.10
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -91,6 +106,60 @@ def _eval_loss(model, batch) -> float:
     return loss
 
 
+def round_slices(n_timed: int, repeats: int) -> list[slice]:
+    """Split ``n_timed`` consecutive timed steps into ``repeats`` contiguous rounds of (nearly) equal length."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if n_timed < repeats:
+        raise ValueError(f"{n_timed} timed steps cannot make {repeats} rounds: need steps >= warmup + repeats")
+    bounds = [round(i * n_timed / repeats) for i in range(repeats + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def step_time_ratios(times: list[float], base_times: list[float], rounds: list[slice]) -> list[float]:
+    """Per round: median step time of one optimizer / median step time of the baseline in the same round
+    (the same steps, interleaved, so both saw the same machine load)."""
+    return [statistics.median(times[r]) / statistics.median(base_times[r]) for r in rounds]
+
+
+def summarize_ratios(ratios: list[float]) -> dict[str, float]:
+    """Median, min, max and relative spread ``(max - min) / median`` of per-round ratios."""
+    med = statistics.median(ratios)
+    lo, hi = min(ratios), max(ratios)
+    return {"step_time_ratio": med, "ratio_min": lo, "ratio_max": hi, "ratio_spread": (hi - lo) / med if med > 0 else math.inf}
+
+
+def spread_warning(results: list[BenchResult], limit: float = SPREAD_LIMIT) -> str | None:
+    """A one-line warning naming the rows whose step-time spread exceeds ``limit``, or ``None``."""
+    wide = [r for r in results if not r.ratio_spread <= limit]
+    if not wide:
+        return None
+    rows = ", ".join(f"{r.optimizer} ({100 * r.ratio_spread:.0f}%)" for r in wide)
+    return (f"warning: step-time ratios vary by more than {100 * limit:.0f}% across rounds for {rows}; step times "
+            "cannot be ranked from this run (busy machine or too short steps: rerun idle, or with more --steps/--repeats)")
+
+
+def _rng_state(device: str) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if device == "cuda" else None)
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+@dataclass
+class _Contender:
+    label: str
+    hp: dict[str, Any]
+    model: Any
+    opt: Any
+    rng: tuple
+    times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
 def run_bench(
     optimizers: list[str],
     steps: int = 100,
@@ -103,114 +172,184 @@ def run_bench(
     optim_args: dict[str, dict[str, Any]] | None = None,
     device: str | None = None,
     progress: bool = True,
+    repeats: int = 5,
+    threads: int | None = None,
 ) -> list[BenchResult]:
-    """Run the benchmark; ``torch_adamw`` is always measured first, as the baseline.
+    """Run the benchmark; ``torch_adamw`` is always the first row, the baseline.
+
+    The contenders are interleaved: every optimizer has its own copy of the model (same initial
+    weights) and at each step all of them take that step's batch, in an order that rotates from
+    step to step, so that a change in machine load hits every optimizer alike. Each contender keeps
+    its own random-number stream, so its losses are those of a run on its own. The steps after
+    ``warmup`` are split into ``repeats`` rounds; each round gives a step-time ratio to the baseline,
+    and a row reports their median and spread.
 
     Args:
         optimizers: Registered optimizer names, or variants ``NAME:key=value,...`` (each its own row,
             labelled by the entry as written; its values override ``optim_args[NAME]``).
         steps: Training steps per optimizer.
-        model_path: Local causal-LM directory; ``None`` uses the embedded tiny Llama.
+        model_path: Local causal-LM directory; ``None`` uses the embedded tiny Llama. Each contender
+            holds a copy of the model and its gradients.
         lr: Learning rate for every optimizer (override per optimizer with ``optim_args``).
         rank: Rank for subspace recipes; ``None`` = a quarter of the model's hidden size.
         batch_size: Sequences per step.
         seed: Model initialisation and data seed.
-        warmup: Steps excluded from the step-time median.
+        warmup: Steps excluded from the step times.
         optim_args: Per-optimizer hyperparameter overrides, ``{name: {key: value}}``.
         device: ``"cuda"`` or ``"cpu"``; default CUDA when available.
+        repeats: Rounds the timed steps are split into (at least 1; ``steps >= warmup + repeats``).
+        threads: torch CPU threads during the run (restored after); ``None`` leaves them as they are.
     """
+    import copy
+
     from tqdm.auto import tqdm
 
     from lowmem.kit import load_model_and_tokenizer
     from lowmem.optim import build_param_groups, create_optimizer
 
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    rounds = round_slices(steps - warmup, repeats)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     optim_args = optim_args or {}
-    model, tokenizer = load_model_and_tokenizer(model_path, seed=seed)
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if rank is None:
-        rank = max(1, model.config.hidden_size // 4)
-    batches, eval_batch = _batches(tokenizer, steps, batch_size, seed)
-    move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
-    eval_batch = move(eval_batch)
-    model.to(device)
-
-    results: list[BenchResult] = []
-    names = [BASELINE] + [n for n in optimizers if n != BASELINE]
-    for label in names:
-        name, variant = parse_variant(label)
-        model.load_state_dict(init_state)
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_path, seed=seed)
+        if rank is None:
+            rank = max(1, model.config.hidden_size // 4)
+        batches, eval_batch = _batches(tokenizer, steps, batch_size, seed)
+        move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+        eval_batch = move(eval_batch)
+        model.to(device)
         model.train()
-        torch.manual_seed(seed)
-        if name == BASELINE:
-            hp = {"lr": lr, "weight_decay": 0.01, **optim_args.get(name, {}), **variant}
-            opt = torch.optim.AdamW(build_param_groups(model), **hp)
-        else:
-            hp = {**default_hparams(name, lr, rank), **optim_args.get(name, {}), **variant}
-            opt = create_optimizer(model, name, **hp)
-        times, losses = [], []
-        for batch in tqdm(batches, desc=f"bench {label}", disable=not progress, leave=False):
-            loss = model(**move(batch)).loss
-            loss.backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            opt.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        sb = _state_bytes(opt)
-        steady = times[warmup:] if len(times) > warmup else times
-        results.append(BenchResult(
-            optimizer=label, hparams=hp, trainable_params=n_params, state_bytes=sb, bytes_per_param=sb / n_params,
-            step_time_s=statistics.median(steady), final_train_loss=statistics.fmean(losses[-10:]),
-            eval_loss=_eval_loss(model, eval_batch), losses=losses,
-        ))
-        del opt
+
+        contenders: list[_Contender] = []
+        names = [BASELINE] + [n for n in optimizers if n != BASELINE]
+        for label in names:
+            name, variant = parse_variant(label)
+            m = copy.deepcopy(model)
+            torch.manual_seed(seed)
+            if name == BASELINE:
+                hp = {"lr": lr, "weight_decay": 0.01, **optim_args.get(name, {}), **variant}
+                opt = torch.optim.AdamW(build_param_groups(m), **hp)
+            else:
+                hp = {**default_hparams(name, lr, rank), **optim_args.get(name, {}), **variant}
+                opt = create_optimizer(m, name, **hp)
+            contenders.append(_Contender(label, hp, m, opt, _rng_state(device)))
+        del model
+
+        n = len(contenders)
+        for i, batch in enumerate(tqdm(batches, desc=f"bench {n} optimizers", disable=not progress, leave=False)):
+            batch = move(batch)
+            for j in range(n):  # rotate who goes first
+                c = contenders[(i + j) % n]
+                _set_rng_state(c.rng)
+                loss = c.model(**batch).loss
+                loss.backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                c.opt.step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                c.times.append(time.perf_counter() - t0)
+                c.opt.zero_grad(set_to_none=True)
+                c.losses.append(loss.item())
+                c.rng = _rng_state(device)
+
+        results: list[BenchResult] = []
+        base_times = contenders[0].times[warmup:]
+        for c in contenders:
+            n_params = sum(p.numel() for p in c.model.parameters() if p.requires_grad)
+            sb = _state_bytes(c.opt)
+            steady = c.times[warmup:]
+            ratios = step_time_ratios(steady, base_times, rounds)
+            results.append(BenchResult(
+                optimizer=c.label, hparams=c.hp, trainable_params=n_params, state_bytes=sb, bytes_per_param=sb / n_params,
+                step_time_s=statistics.median(steady), round_ratios=ratios, **summarize_ratios(ratios),
+                final_train_loss=statistics.fmean(c.losses[-10:]), eval_loss=_eval_loss(c.model, eval_batch),
+                losses=c.losses, step_times_s=c.times,
+            ))
+    finally:
+        torch.set_num_threads(prev_threads)
     base = results[0]
     for r in results:
-        r.step_time_ratio = r.step_time_s / base.step_time_s
         r.eval_loss_ratio = r.eval_loss / base.eval_loss
     return results
 
 
-def to_markdown(results: list[BenchResult], title: str = "") -> str:
+def _caption(meta: dict[str, Any]) -> str:
+    return (f"{meta.get('threads', '?')} CPU thread(s), device {meta.get('device', '?')}; contenders interleaved step by step, "
+            f"{meta.get('repeats', '?')} rounds; step time = median over rounds of the ratio to torch.optim.AdamW in the "
+            "same round, spread = (max - min) / median")
+
+
+def _spread_cell(r: BenchResult) -> str:
+    return f"{100 * r.ratio_spread:.0f}% ({r.ratio_min:.2f}-{r.ratio_max:.2f})"
+
+
+def _spread_cell_short(r: BenchResult) -> str:
+    return f"{100 * r.ratio_spread:.0f}%"
+
+
+def to_markdown(results: list[BenchResult], title: str = "", meta: dict[str, Any] | None = None) -> str:
+    meta = meta or {}
     lines = [f"### {title}", ""] if title else []
     lines += [
-        "| optimizer | state bytes / param | step time vs torch AdamW | final train loss | eval loss | eval loss vs AdamW |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| optimizer | state bytes / param | step time vs torch AdamW (median) | spread (min-max) | final train loss "
+        "| eval loss | eval loss vs AdamW |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.optimizer} | {r.bytes_per_param:.3f} | {r.step_time_ratio:.2f}x | {r.final_train_loss:.4f} "
-            f"| {r.eval_loss:.4f} | {r.eval_loss_ratio:.3f} |"
+            f"| {r.optimizer} | {r.bytes_per_param:.3f} | {r.step_time_ratio:.2f}x | {_spread_cell(r)} "
+            f"| {r.final_train_loss:.4f} | {r.eval_loss:.4f} | {r.eval_loss_ratio:.3f} |"
         )
+    lines += ["", _caption(meta) + "."]
+    if meta.get("warning"):
+        lines += ["", f"**{meta['warning']}**"]
     return "\n".join(lines) + "\n"
 
 
 def write_results(results: list[BenchResult], out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``bench.json`` and ``bench.md`` from one payload. Both texts are rendered before either file is
+    touched, and each is replaced atomically; both carry the same ``run_id``, so a pair that belongs
+    together can be told from a mixed one."""
+    import uuid
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta = {"run_id": uuid.uuid4().hex[:12], "spread_limit": SPREAD_LIMIT, "warning": spread_warning(results), **meta}
     payload = {"meta": meta, "results": [asdict(r) for r in results]}
-    write_text_atomic(out / "bench.json", json.dumps(payload, indent=2, default=str))
-    write_text_atomic(out / "bench.md", to_markdown(results, title=meta.get("title", "lowmem bench")))
+    text_json = json.dumps(payload, indent=2, default=str)
+    text_md = to_markdown(results, title=meta.get("title", "lowmem bench"), meta=meta) + f"\n<!-- run_id {meta['run_id']} -->\n"
+    write_text_atomic(out / "bench.json", text_json)
+    write_text_atomic(out / "bench.md", text_md)
     return out
 
 
-def print_table(results: list[BenchResult]) -> None:
+def print_table(results: list[BenchResult], meta: dict[str, Any] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="lowmem bench (baseline: torch.optim.AdamW)")
-    for col in ("optimizer", "bytes/param", "step time", "train loss", "eval loss", "vs AdamW"):
-        table.add_column(col, justify="left" if col == "optimizer" else "right")
+    meta = meta or {}
+    table = Table(title="lowmem bench (baseline: torch.optim.AdamW)", caption=_caption(meta))
+    for col in ("optimizer", "B/param", "step time", "spread", "train loss", "eval loss", "vs AdamW"):
+        table.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
     for r in results:
-        table.add_row(r.optimizer, f"{r.bytes_per_param:.3f}", f"{r.step_time_ratio:.2f}x", f"{r.final_train_loss:.4f}",
-                      f"{r.eval_loss:.4f}", f"{r.eval_loss_ratio:.3f}")
-    Console().print(table)
+        table.add_row(r.optimizer, f"{r.bytes_per_param:.3f}", f"{r.step_time_ratio:.2f}x", _spread_cell_short(r),
+                      f"{r.final_train_loss:.4f}", f"{r.eval_loss:.4f}", f"{r.eval_loss_ratio:.3f}")
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: no terminal to wrap for
+        console = Console(width=120)
+    console.print(table)
+    warning = spread_warning(results)
+    if warning:
+        console.print(warning, style="bold yellow", markup=False)
 
 
 def parse_variant(entry: str) -> tuple[str, dict[str, Any]]:
@@ -242,6 +381,21 @@ def _parse_optim_args(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+WARMUP = 5
+
+
+def bench_threads(requested: int | None) -> int:
+    """torch CPU threads for the timed run: ``--threads``, else ``OMP_NUM_THREADS``, else 1 (one thread
+    measures the optimizer's own work, and does not fight other processes for the cores)."""
+    from lowmem.threads import env_threads
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested
+    return env_threads() or 1
+
+
 def main(args) -> int:
     from lowmem.optim import get_entry, list_optimizers
 
@@ -253,17 +407,22 @@ def main(args) -> int:
             unknown = sorted(set(variant) - set(valid))
             if unknown:
                 raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
+    threads = bench_threads(getattr(args, "threads", None))
+    repeats = getattr(args, "repeats", 5)
+    round_slices(args.steps - WARMUP, repeats)  # too few steps for the rounds: fail before loading anything
     results = run_bench(
         names, steps=args.steps, model_path=args.model, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
-        seed=args.seed, device=args.device, optim_args=_parse_optim_args(args.optim_args),
+        seed=args.seed, device=args.device, optim_args=_parse_optim_args(args.optim_args), warmup=WARMUP,
+        repeats=repeats, threads=threads,
     )
     meta = {
         "title": f"lowmem bench: {args.steps} steps, lr {args.lr}, batch {args.batch_size}",
         "torch": torch.__version__, "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "model": args.model or "embedded tiny Llama", "date": time.strftime("%Y-%m-%d"),
+        "threads": threads, "repeats": repeats, "warmup": WARMUP,
     }
     out = write_results(results, args.output_dir, meta)
-    print_table(results)
+    print_table(results, meta)
     bad = [r.optimizer for r in results if not math.isfinite(r.eval_loss)]
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 1 if bad else 0

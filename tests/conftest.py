@@ -6,6 +6,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+
+def _xdist_threads() -> int | None:
+    """Torch threads per pytest-xdist worker: the cores shared out among the workers, so that
+    ``pytest -n 2`` on 2 cores runs 2 threads, not 2 x 2 (oversubscribed OpenMP threads spin and made one
+    test file 2.5x slower). ``None`` outside a worker or when the user set ``OMP_NUM_THREADS``."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    return max(1, cores // max(1, workers))
+
+
+_THREADS = _xdist_threads()
+if _THREADS is not None:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # before torch loads; subprocesses of tests inherit it
+
 import pytest  # noqa: E402
 
 
@@ -37,6 +53,8 @@ def pytest_collection_modifyitems(config, items):
     cleanly without a GPU."""
     import torch
 
+    if _THREADS is not None:  # in case torch was imported before this file
+        torch.set_num_threads(_THREADS)
     run_slow = os.environ.get("LOWMEM_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
     skip_slow = pytest.mark.skip(reason="slow: set LOWMEM_SLOW=1 or select with -m slow")
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
