@@ -661,13 +661,15 @@ def effective_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 
 def _run_metrics(trainer: Any) -> dict[str, Any]:
-    """``effective_hparams`` of the trained optimizer and ``eval_history`` (every evaluation's step
-    and eval loss / DPO margin, including those before and after training)."""
-    history = [
-        {"step": h["step"], **{k: h[k] for k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies") if k in h}}
+    """``effective_hparams`` of the trained optimizer and ``eval_history`` (step and eval loss, DPO
+    margin and accuracy, of every evaluation during training and the one after it; the one before
+    training is ``initial_loss`` / ``initial_margin``)."""
+    by_step = {  # the evaluation after training repeats the last step's when eval_steps divides steps
+        h["step"]: {"step": h["step"], **{k: h[k] for k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies")
+                                          if k in h}}
         for h in trainer.state.log_history if "eval_loss" in h
-    ]
-    return {"effective_hparams": effective_hparams(trainer.optimizer), "eval_history": history}
+    }
+    return {"effective_hparams": effective_hparams(trainer.optimizer), "eval_history": list(by_step.values())}
 
 
 def _train(trainer: Any, recipe: TrainRecipe) -> Any:
