@@ -257,8 +257,8 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
         text_field (`str`, defaults to `"text"`): SFT's text column (TRL's ``dataset_text_field``).
 
     Returns:
-        :class:`DatasetFormat`: For SFT ``messages`` wins over ``prompt``/``completion``, which win
-        over the text column (TRL's order).
+        :class:`DatasetFormat`: For SFT ``prompt``/``completion`` win over ``messages``, which wins
+        over the text column (the order in which TRL's ``SFTTrainer`` looks).
 
     Raises:
         ValueError: No accepted format fits the columns (the message lists the columns found and
@@ -270,7 +270,7 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     formats = FORMATS[trainer]
     if trainer == "sft" and text_field != "text":
         formats = ((text_field, (text_field,), f"{text_field!r} (language modeling, dataset_text_field)"),) + formats[1:]
-    order = formats if trainer != "sft" else (formats[1], formats[2], formats[0])
+    order = formats if trainer != "sft" else (formats[2], formats[1], formats[0])  # TRL's SFT checks 'prompt' first
     columns = list(dataset.column_names)
     match = next(((name, cols) for name, cols, _ in order if set(cols) <= set(columns)), None)
     if match is None:

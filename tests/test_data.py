@@ -290,3 +290,12 @@ def test_addition_reward_matches_the_kit():
     prompts, completions = ["12+7=", "1+1="], ["19", "3x"]
     assert fn(prompts, completions, answer=["19", "2"]) == reward_fn(prompts, completions, answer=["19", "2"])
     assert fn(prompts, completions) == reward_fn(prompts, completions)
+
+
+def test_sft_format_precedence_follows_trl():
+    """TRL's SFTTrainer looks for 'prompt' first, then 'messages', then the text column."""
+    from datasets import Dataset
+
+    both = [{**m, **pc, "text": "x"} for m, pc in zip(sft_rows("messages", 2), sft_rows("prompt-completion", 2))]
+    assert detect_format(Dataset.from_list(both), "sft").name == "prompt-completion"
+    assert detect_format(Dataset.from_list([{**r, "text": "x"} for r in sft_rows("messages", 2)]), "sft").name == "messages"
