@@ -240,8 +240,8 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]]:
     """The reward function of one ``reward_funcs`` entry (see the module docstring), imported now.
 
     Returns:
-        `Callable`: With ``__name__`` set to the function's name (TRL logs ``rewards/<name>/mean``);
-        bound keyword arguments are applied.
+        `Callable`: With ``__name__`` set to the built-in's name (``exact_match``) or the function's
+        name (TRL logs ``rewards/<name>/mean``); bound keyword arguments are applied.
 
     Raises:
         ValueError: Unknown built-in, missing module or function, or an attribute that is not callable.
@@ -261,7 +261,7 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]]:
         fn, name = getattr(module, func), func
         if not callable(fn):
             raise ValueError(f"reward function {ref!r}: {func!r} is a {type(fn).__name__}, not a function")
-    if not bound:
+    if not bound and fn.__name__ == name:
         return fn
 
     @functools.wraps(fn)
@@ -275,3 +275,14 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]]:
 def load_reward_funcs(entries: list[Any]) -> list[Callable[..., list[float]]]:
     """:func:`resolve_reward` of every entry, in order (what ``GRPOTrainer(reward_funcs=...)`` takes)."""
     return [resolve_reward(e, i) for i, e in enumerate(entries)]
+
+
+def reward_histories(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each reward function's logged mean per step, ``{name: [...]}``, from a trainer's ``log_history``
+    (TRL logs ``rewards/<name>/mean``; the weighted sum is ``reward``)."""
+    out: dict[str, list[float]] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key.startswith("rewards/") and key.endswith("/mean"):
+                out.setdefault(key[len("rewards/"):-len("/mean")], []).append(value)
+    return out

@@ -765,7 +765,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
 
     from lowmem.data import dpo_eval_rows, prepare_tokenizer, recipe_data
     from lowmem.kit import preference_dataset, reward_dataset, reward_fn
-    from lowmem.rewards import load_reward_funcs
+    from lowmem.rewards import load_reward_funcs, reward_histories
 
     set_seed(recipe.seed)
     config_cls, trainer_cls = _trl_config_and_trainer(recipe.trainer)
@@ -804,6 +804,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         result = {
             "initial_reward": sum(rewards[:5]) / max(len(rewards[:5]), 1),
             "final_reward": sum(rewards[-10:]) / max(len(rewards[-10:]), 1), "reward_history": rewards,
+            "reward_func_histories": reward_histories(trainer.state.log_history),  # each function's mean per step
         }
     saved = _save_outputs(trainer, recipe)
     policy = trainer.model

@@ -271,7 +271,7 @@ def test_reward_from_file_and_module(tmp_path, monkeypatch):
     assert resolve_reward("my_rewards:longer")(["p"], ["ab"]) == [2.0]
     assert resolve_reward({"name": "my_rewards:longer", "scale": 0.5})(["p"], ["ab"]) == [1.0]
     fns = load_reward_funcs(["exact_match", "addition", "my_rewards.py:longer"])
-    assert [f.__name__ for f in fns] == ["exact_match_reward", "addition_reward", "longer"]
+    assert [f.__name__ for f in fns] == ["exact_match", "addition", "longer"]
     with pytest.raises(FileNotFoundError, match=r"reward function 'missing.py:f': file 'missing.py' does not exist"):
         resolve_reward("missing.py:f")
     with pytest.raises(ValueError, match=r"'my_rewards.py' has no attribute 'shorter'; its functions: \['longer'\]"):

@@ -125,6 +125,11 @@ def test_grpo_builtin_rewards_with_weights(own_model_dir, tmp_path):
                 reward_funcs=["addition", "exact_match"], reward_weights=[1.0, 0.5], output_dir=str(tmp_path / "out"),
                 training_args=RL_ARGS, **QUIET)
     assert m["final_reward"] > m["initial_reward"] + 0.15, m["reward_history"]
+    per_func = m["reward_func_histories"]
+    assert sorted(per_func) == ["addition", "exact_match"] and len(per_func["exact_match"]) == 30
+    last = -1  # the logged total is the weighted sum of the functions' means
+    assert m["reward_history"][last] == pytest.approx(per_func["addition"][last]
+                                                      + 0.5 * per_func["exact_match"][last], abs=1e-3)
 
 
 @pytest.mark.parametrize(("trainer", "extra", "conversational"), [
