@@ -90,8 +90,38 @@ def load_quantized_model(
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    keep_4bit_trainable_on_cpu(model)
     cfg = lora_config(lora if lora is not None else {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
     return get_peft_model(model, cfg)
+
+
+def keep_4bit_trainable_on_cpu(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns how many layers.
+
+    bitsandbytes 0.50's ``Linear4bit.forward``, on a CPU with AVX512-BF16, in ``eval()`` mode and without
+    gradients, converts the layer's weight in place to a packed layout for ``gemv_4bit`` and sets
+    ``quant_state.packing_format_for_cpu``; nothing converts it back on ``train()``. Every later call,
+    training included, takes ``matmul_4bit``'s packed branch, which calls ``gemv_4bit`` outside the
+    ``MatMul4Bit`` autograd function: the gradient through the frozen 4-bit matmul is lost (LoRA
+    adapters below the first 4-bit layer get wrong gradients; torch warns that ``bitsandbytes::gemv_4bit``
+    has no autograd kernel), and with a bias (Qwen2's q/k/v projections) the branch's in-place
+    ``result += bias`` raises "a view of a leaf Variable that requires grad is being used in an in-place
+    operation". An evaluation before training (``lowmem train``, ``Trainer`` with ``eval_on_start``)
+    triggers it. Turning the layer's ``support_avx512bf16_for_cpu`` off keeps the autograd path in
+    evaluation too (evaluation is then as slow as a training forward; results are the same).
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            if getattr(m.weight.quant_state, "packing_format_for_cpu", False):
+                raise ValueError(
+                    "a 4-bit layer is already packed for bitsandbytes' CPU inference kernel (the model ran in eval "
+                    "mode): call keep_4bit_trainable_on_cpu before the first forward pass")
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

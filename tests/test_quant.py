@@ -98,3 +98,106 @@ def test_measured_qlora_close_to_estimate(tiny_path):
     for comp in ("weights", "quant_constants", "gradients", "optimizer_states"):
         assert ratios[comp] == pytest.approx(1.0, abs=0.05), comp
     assert ratios["activations"] == pytest.approx(1.0, abs=0.25)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_path(tmp_path_factory):
+    """A tiny Qwen2 (biases on q/k/v, unlike Llama) with the kit's tokenizer, written with save_pretrained."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lowmem.kit import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    path = tmp_path_factory.mktemp("tiny-qwen2") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _qlora_grads(path, batch, evaluate_first: bool, dtype: str = "fp32"):
+    torch.manual_seed(0)
+    model = load_quantized_model(path, "nf4", lora=LORA, dtype=dtype, device="cpu", gradient_checkpointing=False)
+    if evaluate_first:  # what `lowmem train` and Trainer(eval_on_start=True) do
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+        model.train()
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_gradients_do_not_depend_on_an_evaluation_before(tiny_path, tiny_qwen2_path, tokenizer):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel in eval mode and then trains through a
+    path without autograd (lost gradients on Llama, a crash with Qwen2's biases); lowmem.quant keeps the
+    autograd path. In float32 the gradients are bitwise those of a model never evaluated."""
+    ids, mask, labels = _batches(tokenizer, n=4, bs=4)[0]
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    for path in (tiny_path, tiny_qwen2_path):
+        fresh = _qlora_grads(path, batch, evaluate_first=False)
+        after_eval = _qlora_grads(path, batch, evaluate_first=True)
+        for n in fresh:
+            assert torch.equal(fresh[n], after_eval[n]), (path, n)
+
+
+def test_qlora_on_qwen2_trains_after_evaluation(tiny_qwen2_path, tokenizer):
+    """QLoRA on a Qwen2-style model (q/k/v biases) with an evaluation before training (issue 16)."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    model = load_quantized_model(tiny_qwen2_path, "nf4", lora=LORA, dtype="bf16", device="cpu")
+    assert len(quantized_modules(model)) == 14
+    biases = [m for n, m in quantized_modules(model).items() if n.endswith(("q_proj.base_layer", "k_proj.base_layer", "v_proj.base_layer"))]
+    assert len(biases) == 6 and all(m.bias is not None for m in biases)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = lowmem.create_optimizer(model, "adamw", lr=1e-2)
+    batches = _batches(tokenizer, n=64, bs=16)
+    ids, mask, labels = batches[0]
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    model.train()
+    losses = []
+    for ids, mask, labels in batches * 2:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < before
+    changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    assert len(changed) == len(trainable)  # every adapter moved, the first layer's too (its gradient is not lost)
+    for m in quantized_modules(model).values():
+        assert isinstance(m.weight, bnb.nn.Params4bit) and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_keep_4bit_trainable_stops_packing_and_refuses_a_packed_model(tiny_qwen2_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.quant import keep_4bit_trainable_on_cpu
+
+    def packed(model):
+        return [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized_modules(model).values()]
+
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 5, 6]]))
+
+    load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        tiny_qwen2_path, quantization_config=bnb_config("nf4"), device_map={"": "cpu"})
+    model = load()
+    assert keep_4bit_trainable_on_cpu(model) == 14
+    evaluate(model)
+    assert not any(packed(model))
+    model = load()
+    evaluate(model)
+    if not any(packed(model)):
+        pytest.skip("bitsandbytes does not pack 4-bit weights on this CPU (no AVX512-BF16)")
+    with pytest.raises(ValueError, match="already packed"):
+        keep_4bit_trainable_on_cpu(model)
