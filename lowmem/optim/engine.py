@@ -25,6 +25,15 @@ Guarantees every optimizer built on the engine inherits:
 Plain full-rank float32 parameters of a recipe whose moment rule has a multi-tensor form
 (``supports_foreach``: AdamW) are stepped in buckets with one kernel per operation; the
 per-parameter loop above is the reference it is tested against.
+
+**Bounded transients.** A full-rank parameter whose chain is element-wise (Adam's moments, quantized
+moments in whole blocks, MicroAdam in whole top-k blocks, SPAM / Stable-SPAM) is stepped in flat
+chunks of at most :attr:`LowMemOptimizer.chunk_numel` elements (rounded to whole blocks): each
+chunk's state is decoded, updated, encoded and applied to the parameter's chunk, so no full-size
+float32 temporary exists; per-tensor statistics (Stable-SPAM's ``max |g|`` and norm) come from
+reductions over the chunks first. ``chunk_numel = None`` steps every parameter whole (the
+reference the chunked path is tested equal to). Foreach buckets hold at most ``chunk_numel``
+elements. :meth:`LowMemOptimizer.step_transient_bytes` reports the largest transient of a step.
 """
 
 from __future__ import annotations
@@ -45,6 +54,10 @@ from .stabilizers import Stabilizer
 from .subspace import DropResidual, Projection, ResidualRule, rotate_moments
 
 LRRule = Callable[[dict, dict, Tensor, float], "float | Tensor"]
+
+# Elements per chunk of the chunked step: about 20 MiB of transients for AdamW8bit-4bit, at the step
+# time of the unchunked step (measured on one 8192 x 8192 weight, docs/memory.md).
+DEFAULT_CHUNK_NUMEL = 2**19
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     recipe: Recipe
     skip_nonfinite: bool = True
+    _chunk_numel: int | None = DEFAULT_CHUNK_NUMEL
+
+    @property
+    def chunk_numel(self) -> int | None:
+        """Largest number of elements of a parameter stepped at once (rounded down to whole
+        quantization / top-k blocks, at least one), and the largest foreach bucket. ``None``: every
+        parameter in one piece (the reference path). Default :data:`DEFAULT_CHUNK_NUMEL`."""
+        return self._chunk_numel
+
+    @chunk_numel.setter
+    def chunk_numel(self, value: int | None) -> None:
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"Invalid chunk_numel={value!r} for optimizer '{self.recipe.name}': expected None or an int > 0.")
+        self._chunk_numel = value
 
     def __init__(self, params: Iterable[Any], recipe: Recipe | None = None, **hparams: Any):
         recipe = recipe if recipe is not None else getattr(type(self), "recipe", None)
@@ -206,6 +233,59 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if isinstance(v, Tensor)
         )
 
+    def step_transient_bytes(self) -> int:
+        """Upper bound of the memory one :meth:`step` allocates beyond parameters, gradients and state.
+
+        Parameters are stepped one after another and each one's temporaries are freed before the
+        next, so this is the largest transient over parameters (and over foreach buckets): for a
+        chunked parameter, that of its largest chunk (the gradient and parameter chunks in float32
+        when stored in lower precision, the stabilizers' and the moment rule's temporaries); for a
+        parameter stepped whole (projected, or a rule that is not element-wise), that of the whole
+        tensor, including the projection's refresh workspace and the full-size combine-back. Each
+        part reports its own term (``transient_bytes`` of the moment rule, stabilizers, projection
+        and residual rule), computed from the same configuration the step uses (``chunk_numel``,
+        block sizes, rank, projection method). Gradients are assumed in the parameter's dtype.
+
+        Works on meta-device parameters after :meth:`materialize_state` (as :meth:`state_bytes`):
+        the memory estimator adds it to the state for the peak of a training step.
+        """
+        worst = 0
+        sizes: dict[tuple, tuple[int, int]] = {}
+        buckets: dict[tuple, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    if p.device.type != "meta":
+                        raise RuntimeError("step_transient_bytes: call materialize_state() first (or step once)")
+                    self._init_state(p, group, state)
+                if self._foreach_ok(p, group):
+                    for start, stop in self._foreach_pieces(p):
+                        key = self._bucket_key(sizes, (id(group), p.device), stop - start)
+                        buckets[key] = buckets.get(key, 0) + stop - start
+                    continue
+                worst = max(worst, self._param_transient_bytes(p, group, state))
+        # the foreach AdamW step allocates sqrt(v) for its whole bucket (torch._foreach_sqrt)
+        return max(worst, 4 * max(buckets.values(), default=0))
+
+    def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> int:
+        r = self.recipe
+        bounds = self._chunk_bounds(p, group, state)
+        n = p.numel() if bounds is None else max((b - a for a, b in bounds), default=0)
+        copies = 4 * n * (p.dtype != torch.float32)  # float32 copy of the gradient (and of the parameter)
+        stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
+        if bounds is not None or not self._is_projected(p, group):
+            return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
+        P = r.projection
+        low_shape = P.low_shape(p.shape, group)
+        moment = r.moment.transient_bytes(low_shape.numel(), low_shape, group, state)
+        step = P.transient_bytes(p.shape, group, state, refresh=False) + moment
+        rows = p.shape[0] if self.chunk_numel is None else max(b - a for a, b in self._row_bounds(p.shape))
+        combine = r.residual.transient_bytes(p.shape, group, state, P, rows) + P.combine_transient_bytes(p.shape, group, rows)
+        refresh = P.transient_bytes(p.shape, group, state, refresh=True)
+        p_copy = 4 * rows * p.shape[1] * (p.dtype != torch.float32)  # a block of rows in float32
+        return copies + p_copy + stab + max(step + combine, refresh)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch does, but keep each state tensor's saved dtype.
 
@@ -245,23 +325,48 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
             return loss
-        buckets: dict[tuple, tuple[dict[str, Any], list[Tensor]]] = {}
+        buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
+        sizes: dict[tuple, tuple[int, int]] = {}
         for p, group in work:
-            if self._foreach_ok(p, group):
+            if self._foreach_ok(p, group, p.grad):
                 state = self.state[p]
                 if "step" not in state:
                     self._init_state(p, group, state)
                 state["step"] += 1
-                buckets.setdefault((id(group), state["step"].item(), p.device), (group, []))[1].append(p)
+                for start, stop in self._foreach_pieces(p):  # a large tensor joins the buckets chunk by chunk
+                    piece = (p, p.grad, state) if stop - start == p.numel() else (
+                        p.view(-1)[start:stop], p.grad.view(-1)[start:stop],
+                        self.recipe.moment.chunk_state(state, start, stop, p.shape, group))
+                    key = self._bucket_key(sizes, (id(group), state["step"].item(), p.device), stop - start)
+                    buckets.setdefault(key, (group, []))[1].append(piece)
             else:
                 self._update(p, p.grad, group)
-        for (_, t, _), (group, ps) in buckets.items():
-            self.recipe.moment.foreach_step_(ps, [p.grad for p in ps], [self.state[p] for p in ps], group, t, group["lr"])
+        for (_, t, _, _), (group, pieces) in buckets.items():
+            ps, gs, ss = zip(*pieces)
+            self.recipe.moment.foreach_step_(list(ps), list(gs), list(ss), group, t, group["lr"])
         return loss
 
-    def _foreach_ok(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step."""
+    def _foreach_pieces(self, p: Tensor) -> list[tuple[int, int]]:
+        n = p.numel()
+        if self.chunk_numel is None or n <= self.chunk_numel:
+            return [(0, n)]
+        return [(a, min(a + self.chunk_numel, n)) for a in range(0, n, self.chunk_numel)]
+
+    def _bucket_key(self, sizes: dict[tuple, int], base: tuple, numel: int) -> tuple:
+        """The foreach bucket of a tensor of ``numel`` elements: buckets of ``base`` fill up to
+        ``chunk_numel`` elements, then a new one starts (the bucket's temporaries are its size)."""
+        index, used = sizes.get(base, (0, 0))
+        if self.chunk_numel is not None and used > 0 and used + numel > self.chunk_numel:
+            index, used = index + 1, 0
+        sizes[base] = (index, used + numel)
+        return (*base, index)
+
+    def _foreach_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None = None) -> bool:
+        """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step
+        (a tensor larger than ``chunk_numel`` must be contiguous: it joins the buckets in chunks).
+        ``grad=None``: the gradient is assumed dense, contiguous and of the parameter's dtype."""
         r = self.recipe
+        large = self.chunk_numel is not None and p.numel() > self.chunk_numel
         return (
             group.get("foreach") is not False
             and r.moment.supports_foreach
@@ -269,11 +374,108 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and r.lr_rule is constant_lr
             and not r.decay_after_update
             and p.dtype == torch.float32
-            and p.grad.dtype == torch.float32
-            and not p.grad.is_sparse
+            and (grad is None or (grad.dtype == torch.float32 and not grad.is_sparse))
             and state_dtype(group, p) == torch.float32
+            and not (large and not (p.is_contiguous() and (grad is None or grad.is_contiguous())))
             and not self._is_projected(p, group)
         )
+
+    # ---- the chunked step -------------------------------------------------------------------
+
+    def _chunk_bounds(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                      grad: Tensor | None = None) -> list[tuple[int, int]] | None:
+        """Flat ``[start, stop)`` ranges the chunked step visits ``p`` in, or ``None`` when ``p`` is
+        stepped whole: ``chunk_numel`` is ``None``, ``p`` is projected, a part of the chain is not
+        element-wise (the moment rule's :meth:`~lowmem.optim.moments.MomentRule.chunk_align` is
+        ``None``, a stabilizer is not ``chunkable``, the learning-rate rule reads the parameter), or
+        a tensor is not contiguous."""
+        r = self.recipe
+        if self.chunk_numel is None or self._is_projected(p, group):
+            return None
+        if r.lr_rule is not constant_lr or not all(s.chunkable for s in r.stabilizers):
+            return None
+        if not p.is_contiguous() or (grad is not None and not grad.is_contiguous()):
+            return None
+        align = r.moment.chunk_align(p.shape, group, state)
+        if align is None:
+            return None
+        n = p.numel()
+        size = max(align, self.chunk_numel // align * align)
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+    def _update_chunked(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                        bounds: list[tuple[int, int]]) -> None:
+        """The step of :meth:`_update` for an element-wise chain, one chunk of ``bounds`` at a time."""
+        r = self.recipe
+        gflat, pflat = grad.view(-1), p.view(-1)
+        ctxs = [s.prepare(gflat, state, group, int(t), r.moment, bounds) for s in r.stabilizers]
+
+        def stabilized(start: int, stop: int, view: dict[str, Tensor]) -> Tensor:
+            g = gflat[start:stop]
+            g = g if g.dtype == torch.float32 else g.float()
+            for s, ctx in zip(r.stabilizers, ctxs):
+                g = s.transform_chunk(g, view, group, int(t), r.moment, ctx)
+            return g
+
+        lr = r.lr_rule(group, state, p, t)
+        mctx = r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized)
+        lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
+        wd = group.get("weight_decay", 0.0)
+        for start, stop in bounds:
+            view = r.moment.chunk_state(state, start, stop, p.shape, group, mctx)
+            d = r.moment.direction(stabilized(start, stop, view), view, group, t, lr)
+            pc = pflat[start:stop]
+            p32 = pc if pc.dtype == torch.float32 else pc.float()
+            self._apply(p32, d, lr, lr_scale, wd)
+            if p32 is not pc:
+                pc.copy_(p32)
+            del d, view
+        r.moment.finish_chunks(state, mctx)
+
+    def _row_bounds(self, shape: torch.Size) -> list[tuple[int, int]]:
+        """Row chunks of a projected parameter's combine-back: ``chunk_numel // n`` rows each (at least 1)."""
+        m, n = shape
+        rows = max(1, self.chunk_numel // max(n, 1))
+        return [(a, min(a + rows, m)) for a in range(0, m, rows)]
+
+    def _combine_rows(self, p: Tensor, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
+                      group: dict[str, Any], lr: Any, t: int) -> None:
+        """``d = scale * P.up(d_low) + residual`` and the update of ``p``, a block of rows at a time
+        (no full-size direction): the residual's whole-tensor statistics come first
+        (:meth:`~lowmem.optim.subspace.ResidualRule.prepare`), the basis is updated last."""
+        r, P = self.recipe, self.recipe.projection
+        bounds = self._row_bounds(p.shape)
+        ctx = r.residual.prepare(g, low, d_low, state, group, P, bounds)
+        scale = group.get("scale", 1.0)
+        lr_scale = math.prod(s.lr_scale(state, group, t) for s in r.stabilizers)
+        wd = group.get("weight_decay", 0.0)
+        for start, stop in bounds:
+            d = P.up_rows(d_low, state, group, start, stop)
+            if scale != 1.0:
+                d.mul_(scale)
+            res = r.residual.update_rows(g[start:stop], low, d_low, state, group, P, start, stop, ctx)
+            if res is not None:
+                d.add_(res)
+                del res
+            pr = p[start:stop]
+            p32 = pr if pr.dtype == torch.float32 else pr.float()
+            self._apply(p32, d, lr, lr_scale, wd)
+            if p32 is not pr:
+                pr.copy_(p32)
+            del d
+        P.post_update(g, state, group)
+
+    def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
+        """Decoupled weight decay and the step along ``d`` (in place on ``p32``)."""
+        r = self.recipe
+        if not r.decay_after_update:
+            F.decoupled_weight_decay_(p32, lr, wd)
+        if r.moment.applies_lr:
+            p32.sub_(d if lr_scale == 1.0 else d.mul_(lr_scale))
+        else:
+            F.apply_update_(p32, d, lr if lr_scale == 1.0 else lr * lr_scale)
+        if r.decay_after_update:
+            F.decoupled_weight_decay_(p32, lr, wd)
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any] | None = None) -> None:
@@ -297,6 +499,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         t = state["step"].item()
 
+        if projected_grad is None:
+            bounds = self._chunk_bounds(p, group, state, grad)
+            if bounds is not None:
+                self._update_chunked(p, grad, group, state, t, bounds)
+                return
+
         g = grad if grad.dtype == torch.float32 else grad.float()
         for s in r.stabilizers:
             g = s.transform(g, state, group, int(t), r.moment)
@@ -312,9 +520,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         else:
             low = g
 
-        p32 = p if p.dtype == torch.float32 else p.float()
+        rows = projected and self.chunk_numel is not None and p.is_contiguous()
+        # the chunked combine-back converts the parameter a block of rows at a time
+        p32 = p if p.dtype == torch.float32 or (rows and r.lr_rule is constant_lr) else p.float()
         lr = r.lr_rule(group, state, p32, t)
         d = r.moment.direction(low, state, group, t, lr)
+        if rows:
+            self._combine_rows(p, g, low, d, state, group, lr, int(t))
+            return
         if projected:
             d_low = d
             d = P.up(d_low, state, group)
@@ -327,15 +540,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             P.post_update(g, state, group)
 
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
-        wd = group.get("weight_decay", 0.0)
-        if not r.decay_after_update:
-            F.decoupled_weight_decay_(p32, lr, wd)
-        if r.moment.applies_lr:
-            p32.sub_(d if lr_scale == 1.0 else d.mul_(lr_scale))
-        else:
-            F.apply_update_(p32, d, lr if lr_scale == 1.0 else lr * lr_scale)
-        if r.decay_after_update:
-            F.decoupled_weight_decay_(p32, lr, wd)
+        self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
         if p32 is not p:
             p.copy_(p32)
 

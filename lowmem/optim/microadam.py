@@ -18,6 +18,7 @@ Group keys: ``m``, ``k_init``, ``quant_block_size``, ``topk_block_size``, ``beta
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .functional import microadam as MA
 from .functional import quant as Q
-from .moments import MomentRule
+from .moments import ChunkState, MomentRule
 
 
 @lru_cache(maxsize=None)
@@ -79,11 +80,40 @@ class MicroAdamMoments(MomentRule):
         state["microadam_error_min"] = torch.zeros(nq, dtype=torch.float32, device=dev)
         state["microadam_error_max"] = torch.zeros(nq, dtype=torch.float32, device=dev)
 
+    # ---- the chunked step: whole top-k blocks and whole error-quantization blocks ----
+
+    def chunk_align(self, shape, group, state):
+        lay = self.layout(shape.numel(), group)
+        return math.lcm(lay.block, group["quant_block_size"], 2)
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        lay = self.layout(shape.numel(), group)
+        qbs = group["quant_block_size"]
+        full = (stop - start) // lay.block
+        last = stop == lay.d and lay.k_last > 0
+        chunk_lay = MA.TopKLayout(stop - start, lay.block, full, lay.k_block, lay.k_last if last else 0)
+        k0 = (start // lay.block) * lay.k_block
+        view = ChunkState(state, start, stop, {"layout": chunk_lay})
+        view["microadam_indices"] = state["microadam_indices"][:, k0 : k0 + chunk_lay.k]
+        view["microadam_values"] = state["microadam_values"][:, k0 : k0 + chunk_lay.k]
+        view["microadam_error"] = state["microadam_error"][start // 2 : -(-stop // 2)]
+        view["microadam_error_min"] = state["microadam_error_min"][start // qbs : -(-stop // qbs)]
+        view["microadam_error_max"] = state["microadam_error_max"][start // qbs : -(-stop // qbs)]
+        return view
+
+    def transient_bytes(self, numel, shape, group, state):
+        """Per element of the chunk, measured: the error feedback decoded and added to the gradient,
+        its top-k scores, the rest re-quantized (padded copies for the min/max), and the window's
+        two float32 accumulators and direction: about 40 bytes. Plus the ring rows' global indices
+        (int64) and float values of the chunk (``m k`` of each)."""
+        lay = self.layout(numel, group)
+        return 40 * numel + 16 * group["m"] * lay.k
+
     def direction(self, g, state, group, t, lr):
         t = int(t)
         m, qbs = group["m"], group["quant_block_size"]
         beta1, beta2 = group["betas"]
-        lay = self.layout(g.numel(), group)
+        lay = state.extra["layout"] if isinstance(state, ChunkState) else self.layout(g.numel(), group)
         compress, window = _compiled(g.device.type) if use_compiled(g.device, self.compile) else (MA.compress_, MA.window_direction)
         idx, vals, codes, lo, hi = compress(
             g.reshape(-1), state["microadam_error"], state["microadam_error_min"], state["microadam_error_max"], lay, qbs

@@ -28,6 +28,22 @@ def state_dtype(group: dict[str, Any], param: Tensor) -> torch.dtype:
     return _DTYPES[choice]
 
 
+class ChunkState(dict):
+    """A parameter's state as seen by one chunk of the chunked step: flat elements ``[start, stop)``.
+
+    Entries that hold one value per element of the parameter are views of that range (written in
+    place by the moment rule); other entries (step counters, per-tensor scalars) are the state's
+    own tensors. ``extra`` carries what a rule computed for the whole tensor before the chunks
+    (:meth:`MomentRule.prepare_chunks`) or needs to interpret the views (a chunk's top-k layout,
+    its rows).
+    """
+
+    def __init__(self, state: dict[str, Tensor], start: int, stop: int, extra: dict[str, Any] | None = None):
+        super().__init__(state)
+        self.start, self.stop = start, stop
+        self.extra: dict[str, Any] = dict(extra or {})
+
+
 class MomentRule:
     """Base class: computes a direction from a gradient and keeps the moments it needs.
 
@@ -55,6 +71,34 @@ class MomentRule:
             if k in state:
                 state[k].zero_()
 
+    # ---- the chunked step (see LowMemOptimizer.chunk_numel) ----
+
+    def chunk_align(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> int | None:
+        """Element-wise rules: the number of elements every chunk boundary must be a multiple of
+        (whole quantization blocks, whole top-k blocks, whole rows). ``None`` (default): the rule
+        needs the whole tensor at once and the engine steps it unchunked."""
+        return None
+
+    def chunk_state(
+        self, state: dict[str, Tensor], start: int, stop: int, shape: torch.Size, group: dict[str, Any], ctx: Any = None
+    ) -> ChunkState:
+        """The state restricted to flat elements ``[start, stop)`` (views: updates land in ``state``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked form")
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized) -> Any:
+        """Whole-tensor quantities needed before the first chunk is updated (a pass over the chunks;
+        ``stabilized(start, stop, chunk_state)`` gives a chunk's stabilized gradient). Returns a
+        context handed to :meth:`chunk_state` and :meth:`finish_chunks`; default: none."""
+        return None
+
+    def finish_chunks(self, state: dict[str, Tensor], ctx: Any) -> None:
+        """Write what could only be written after every chunk was updated; default: nothing."""
+
+    def transient_bytes(self, numel: int, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> int:
+        """Upper bound of the bytes :meth:`direction` allocates for ``numel`` elements of a tensor
+        of ``shape`` (the returned direction included; state excluded). Default: 3 float32 tensors."""
+        return 12 * numel
+
 
 class AdamMoments(MomentRule):
     """Adam's first and second moments (Kingma & Ba 2015, Algorithm 1).
@@ -79,6 +123,22 @@ class AdamMoments(MomentRule):
         dtype = state_dtype(group, param)
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+
+    def chunk_align(self, shape, group, state):
+        return 1  # element-wise
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        view = ChunkState(state, start, stop)
+        for k in self.state_keys:
+            if k in state and state[k].dim() > 0:
+                view[k] = state[k].view(-1)[start:stop]
+        return view
+
+    def transient_bytes(self, numel, shape, group, state):
+        """The direction (float32; ``denom`` is reused for it); with low-precision storage also the
+        float32 copies of both moments."""
+        low_precision = "exp_avg" in state and state["exp_avg"].dtype != torch.float32
+        return (12 if low_precision else 4) * numel
 
     def direction(self, g, state, group, t, lr):
         beta1, beta2 = group["betas"]

@@ -25,6 +25,7 @@ wrapper has a ``rank1_key``, ``v_normalization`` (:data:`V_NORMALIZATION`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .functional import quant as Q
 from .hparams import HParam, one_of, positive_int
-from .moments import MomentRule
+from .moments import ChunkState, MomentRule
 
 
 @dataclass(frozen=True)
@@ -124,14 +125,24 @@ def decode(state: dict[str, Tensor], key: str, spec: QuantSpec, block_size: int,
     return flat.view(shape)
 
 
-def encode_(state: dict[str, Tensor], key: str, value: Tensor, spec: QuantSpec, block_size: int) -> None:
-    """Quantize ``value`` into the existing code and scale tensors of ``key`` (in place)."""
+def encode_(
+    state: dict[str, Tensor], key: str, value: Tensor, spec: QuantSpec, block_size: int,
+    rows: tuple[int, int] | None = None, col_max: Tensor | None = None,
+) -> None:
+    """Quantize ``value`` into the existing code and scale tensors of ``key`` (in place).
+
+    Rank-1 storage in a chunk of whole rows: ``rows`` is the chunk's ``(rows, columns)`` shape
+    and ``col_max`` the whole matrix's new column maxima; the stored column maxima are then left
+    for the caller to write once every chunk is encoded (the other chunks still decode with them).
+    """
     code = Q.code_map(spec.code, value.device)
     if is_rank1(state, key):
-        codes, row_max, col_max = Q.quantize_rank1_4bit(value, code)
+        x = value if rows is None else value.view(rows)
+        codes, row_max, new_col = Q.quantize_rank1_4bit(x, code, col_max)
         state[key].copy_(codes)
-        state[key + "_rowmax"].copy_(row_max)
-        state[key + "_colmax"].copy_(col_max)
+        state[key + "_rowmax"].copy_(row_max.view(state[key + "_rowmax"].shape))
+        if col_max is None:
+            state[key + "_colmax"].copy_(new_col)
         return
     if spec.bits == 8:
         codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size)
@@ -192,16 +203,88 @@ class Quantized(MomentRule):
             else:
                 alloc_quantized(state, key, t.numel(), spec, group["block_size"], param.device)
 
-    def direction(self, g, state, group, t, lr):
-        block = group["block_size"]
+    def _decoded(self, g, state, group) -> tuple[dict[str, Tensor], list[str]]:
         view = dict(state)
         quantized = [k for k in self.specs if is_quantized(state, k)]
         for k in quantized:
-            view[k] = decode(state, k, self.specs[k], block, g.shape)
+            view[k] = decode(state, k, self.specs[k], group["block_size"], g.shape)
+        return view, quantized
+
+    def direction(self, g, state, group, t, lr):
+        view, quantized = self._decoded(g, state, group)
         d = self.inner.direction(g, view, group, t, lr)
+        extra = state.extra if isinstance(state, ChunkState) else {}
         for k in quantized:
-            encode_(state, k, view[k], self.specs[k], block)
+            encode_(state, k, view[k], self.specs[k], group["block_size"], extra.get("rows"), extra.get(("colmax", k)))
         return d
+
+    # ---- the chunked step: whole quantization blocks (or whole rows for rank-1 scales) ----
+
+    def chunk_align(self, shape, group, state):
+        align = self.inner.chunk_align(shape, group, state)
+        if align is None:
+            return None
+        for k in self.specs:
+            if is_rank1(state, k):
+                if len(shape) != 2:
+                    return None  # batched rank-1 scales: the whole tensor at once
+                align = math.lcm(align, shape[-1], 2)  # whole rows, whole 4-bit bytes
+            elif is_quantized(state, k):
+                align = math.lcm(align, group["block_size"], 2)  # whole blocks, whole 4-bit bytes
+        return align
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        view = self.inner.chunk_state(state, start, stop, shape, group)
+        for k, spec in self.specs.items():
+            if is_rank1(state, k):
+                n = shape[-1]
+                view[k] = state[k][start // 2 : -(-stop // 2)]
+                view[k + "_rowmax"] = state[k + "_rowmax"][start // n : stop // n]
+                view[k + "_colmax"] = state[k + "_colmax"]  # the old maxima: every chunk decodes with them
+                view.extra["rows"] = ((stop - start) // n, n)
+                if ctx is not None:
+                    view.extra[("colmax", k)] = ctx[k]
+            elif is_quantized(state, k):
+                b = group["block_size"]
+                view[k] = state[k][start // 2 : -(-stop // 2)] if spec.bits == 4 else state[k][start:stop]
+                view[k + "_absmax"] = state[k + "_absmax"][start // b : -(-stop // b)]
+        return view
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+        """Rank-1 scales: the new column maxima of the whole matrix, from a pass that updates every
+        chunk's moments on decoded copies (the row maxima of a chunk of whole rows are its own)."""
+        keys = [k for k in self.specs if is_rank1(state, k)]
+        if not keys:
+            return None
+        col = {k: torch.zeros(shape[-1], dtype=torch.float32, device=state[k].device) for k in keys}
+        for start, stop in bounds:
+            view = self.chunk_state(state, start, stop, shape, group)
+            g = stabilized(start, stop, view)
+            scratch, quantized = self._decoded(g, view, group)
+            for k in self.inner.state_keys:  # unquantized moments: update copies, not the state
+                if k in scratch and k not in quantized and scratch[k].dim() > 0:
+                    scratch[k] = scratch[k].clone()
+            self.inner.direction(g, scratch, group, t, lr)
+            for k in keys:
+                torch.maximum(col[k], scratch[k].view(-1, shape[-1]).amax(dim=0), out=col[k])
+            del scratch
+        return col
+
+    def finish_chunks(self, state, ctx):
+        if ctx is not None:
+            for k, col in ctx.items():
+                state[k + "_colmax"].copy_(col)
+
+    def transient_bytes(self, numel, shape, group, state):
+        """Per element: every quantized moment decoded to float32 (4 B each), the inner rule's own
+        temporaries, and the largest codec workspace (4-bit: float32 normalized values and int32
+        code indices plus unpacked nibbles, 12 B; 8-bit: bitsandbytes' codes, 1 B), measured."""
+        quantized = [k for k in self.specs if is_quantized(state, k)]
+        if not quantized:
+            return self.inner.transient_bytes(numel, shape, group, state)
+        four = any(self.specs[k].bits == 4 for k in quantized)
+        codec = 12 if four else 2
+        return (4 * len(quantized) + codec) * numel + self.inner.transient_bytes(numel, shape, group, {})
 
     def reset(self, state):
         for k in self.state_keys:

@@ -32,6 +32,27 @@ class Stabilizer:
     def lr_scale(self, state: dict[str, Tensor], group: dict[str, Any], t: int) -> float:
         return 1.0
 
+    # ---- the chunked step (see LowMemOptimizer.chunk_numel) ----
+
+    chunkable: bool = False  # True if prepare/transform_chunk implement transform in chunks
+
+    def prepare(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int, moment: MomentRule,
+                bounds: list[tuple[int, int]]) -> Any:
+        """Per-tensor work before the chunks (moment resets, statistics of the whole gradient
+        ``g``, flat), computed chunk by chunk with no full-size temporary. Returns a context for
+        :meth:`transform_chunk`."""
+        return None
+
+    def transform_chunk(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int,
+                        moment: MomentRule, ctx: Any) -> Tensor:
+        """:meth:`transform` of the flat chunk ``g`` (``state`` is the chunk's view); out of place."""
+        return g
+
+    def transient_bytes(self, numel: int, group: dict[str, Any]) -> int:
+        """Upper bound of the bytes :meth:`transform` (or one :meth:`transform_chunk`) allocates for
+        ``numel`` elements, the transformed gradient included."""
+        return 0
+
 
 # ---- SPAM and Stable-SPAM (Huang et al. 2025) -------------------------------------------------
 
@@ -104,6 +125,24 @@ class SPAMStabilizer(Stabilizer):
     def lr_scale(self, state, group, t):
         return S.spam_warmup_scale(t, group["reset_interval"], group["warmup_steps"])
 
+    chunkable = True
+
+    def prepare(self, g, state, group, t, moment, bounds):
+        interval = group["reset_interval"]
+        if S.is_reset_step(t, interval):
+            moment.reset(state)
+        return group["threshold"] > 0 and S.spam_clip_active(t, interval, group["grad_accu_steps"])
+
+    def transform_chunk(self, g, state, group, t, moment, ctx):
+        if not ctx:
+            return g
+        return S.spike_clip(g, _second_moment(moment, state, g, group), group["threshold"])
+
+    def transient_bytes(self, numel, group):
+        """Spike clipping: ``v`` decoded (float32), the bound, ``g^2``, ``theta v``, ``sign(g)`` and
+        the result alive together at most: 6 float32 tensors (measured)."""
+        return 24 * numel if group["threshold"] > 0 else 0
+
 
 class StableSPAMStabilizer(Stabilizer):
     """Stable-SPAM's stabilizers (Huang et al. 2025, Algorithm 1): AdaClip, AdaGN, MoRet.
@@ -136,6 +175,33 @@ class StableSPAMStabilizer(Stabilizer):
         gamma1 = group["gamma1"] * S.cosine_beta1_scale(t, group.get("t_max"))
         return S.ada_gn(g, state["spam_norm_m"], state["spam_norm_v"], gamma1, group["gamma2"], t_stats, group["eps"])
 
+    chunkable = True
+
+    def prepare(self, g, state, group, t, moment, bounds):
+        """MoRet, then AdaClip's and AdaGN's statistics from reductions over the chunks: ``max |g|``,
+        then the norm of the clipped gradient (sum of the chunks' squared norms)."""
+        if S.is_reset_step(t, group["reset_interval"]):
+            moment.reset(state)
+        t_stats = S.stats_step(t, group["reset_interval"]) if group.get("stats_step") == "since_reset" else t
+        chunks = [g[a:b] for a, b in bounds]
+        g_max = torch.stack([torch.linalg.vector_norm(c, float("inf"), dtype=torch.float32) for c in chunks]).amax()
+        bound = S.ada_clip_bound_(state["spam_clip_max"], g_max, group["theta"], t_stats)
+        norms = [torch.linalg.vector_norm(S.ada_clip_apply(c.float(), g_max, bound)) for c in chunks]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        gamma1 = group["gamma1"] * S.cosine_beta1_scale(t, group.get("t_max"))
+        scale = S.ada_gn_scale_(norm, state["spam_norm_m"], state["spam_norm_v"], gamma1, group["gamma2"], t_stats,
+                                group["eps"], torch.finfo(torch.float32).tiny)
+        return g_max, bound, scale
+
+    def transform_chunk(self, g, state, group, t, moment, ctx):
+        g_max, bound, scale = ctx
+        return S.ada_clip_apply(g, g_max, bound).mul_(scale)
+
+    def transient_bytes(self, numel, group):
+        """AdaClip's ``|g|``, comparison, ``g / max|g| * bound`` and the result, alive together at
+        most: 4 float32 tensors (the AdaGN scaling is in place on the result)."""
+        return 16 * numel
+
 
 class RestartBiasCorrection(MomentRule):
     """Wrap a moment rule so its bias correction counts steps since the last momentum reset.
@@ -167,3 +233,18 @@ class RestartBiasCorrection(MomentRule):
     def second_moment(self, state, shape, group):
         getter = getattr(self.inner, "second_moment", None)
         return getter(state, shape, group) if getter is not None else state.get("exp_avg_sq")
+
+    def chunk_align(self, shape, group, state):
+        return self.inner.chunk_align(shape, group, state)
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        return self.inner.chunk_state(state, start, stop, shape, group, ctx)
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+        return self.inner.prepare_chunks(state, shape, group, t, lr, bounds, stabilized)
+
+    def finish_chunks(self, state, ctx):
+        self.inner.finish_chunks(state, ctx)
+
+    def transient_bytes(self, numel, shape, group, state):
+        return self.inner.transient_bytes(numel, shape, group, state)

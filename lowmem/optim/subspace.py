@@ -83,6 +83,19 @@ class Projection:
     def post_update(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         """Called after the parameter update with the (stabilized) full gradient; default: nothing."""
 
+    def up_rows(self, r: Tensor, state: dict[str, Tensor], group: dict[str, Any], start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of :meth:`up` (the chunked combine-back); default: slices :meth:`up`."""
+        return self.up(r, state, group)[start:stop]
+
+    def transient_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor], refresh: bool) -> int:
+        """Upper bound of the bytes a refresh (``refresh=True``) or a plain step's down projection and
+        basis update allocate for a parameter of ``shape``; default: two full-size float32 tensors."""
+        return 8 * shape.numel()
+
+    def combine_transient_bytes(self, shape: torch.Size, group: dict[str, Any], rows: int) -> int:
+        """Bytes of the combine-back of ``rows`` rows (the full-size direction when ``rows`` is all)."""
+        return 4 * rows * shape[1]
+
     def snapshot(self, state: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
         """Copies of the tensors that define the current subspace (for :meth:`rotate_moment`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot rotate moments")
@@ -254,6 +267,31 @@ class SubspaceProjection(Projection):
             return FR.scatter(r, self._coordinates(shape, group)[0], state["proj_index"], shape)
         return GL.project_up(r, *self._basis(state))
 
+    def up_rows(self, r, state, group, start, stop):
+        if "proj_index" in state:
+            shape = _param_shape(state)
+            return FR.scatter_rows(r, self._coordinates(shape, group)[0], state["proj_index"], shape, start, stop)
+        return GL.project_up_rows(r, *self._basis(state), start, stop)
+
+    def transient_bytes(self, shape, group, state, refresh):
+        """A refresh: ``svd`` (exact, as galore-torch) runs LAPACK's divide-and-conquer SVD of the whole
+        gradient: its copy, ``U``, ``V^T`` and the workspace, about ``4 (m n + 2 k (m + n) + 4 k^2)``
+        bytes (``k = min(m, n)``; measured); ``rsvd`` and random bases need ``(m + n)(r + p)``-sized
+        panels; coordinates need their index. A plain step: the projected gradient, its direction and
+        (``online_pca``) the basis gradient, ``r (m + n)``-sized."""
+        m, n = shape
+        r = group["rank"]
+        k = min(m, n)
+        method = self.method(group)
+        small = 4 * 8 * (r + 4) * (m + n)  # panels of rank (+ oversampling) columns, a few alive at once
+        if not refresh:
+            return small
+        if method in ("svd", "online_pca"):
+            return 4 * (m * n + 2 * k * (m + n) + 4 * k * k)
+        if method in COORDINATE_METHODS:
+            return 8 * 2 * max(m, n) * (r + 1) if method != "randk" else 8 * 2 * m * n  # randperm of the size
+        return small
+
     # -- Online Subspace Descent: learn the basis after each step --
 
     def post_update(self, g, state, group):
@@ -325,6 +363,19 @@ class ResidualRule:
         """Return the residual's direction (same units as the subspace direction) or ``None``."""
         raise NotImplementedError
 
+    # the chunked combine-back: rows start:stop of update(...), after prepare() saw every row
+    def prepare(self, g, low, d_low, state, group, projection, bounds) -> Any:
+        """Whole-tensor statistics of the residual, from passes over the row chunks ``bounds``."""
+        return None
+
+    def update_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx) -> Tensor | None:
+        """Rows ``start:stop`` of :meth:`update` (``g_rows`` are the gradient's rows)."""
+        return None
+
+    def transient_bytes(self, shape, group, state, projection, rows: int) -> int:
+        """Upper bound of the bytes :meth:`update` allocates for ``rows`` rows (all rows: the whole step)."""
+        return 0
+
 
 class DropResidual(ResidualRule):
     """GaLore (Zhao et al. 2024, Algorithm 2): the residual is discarded."""
@@ -361,6 +412,29 @@ class FiraResidual(ResidualRule):
         scaled = FI.norm_based_scaling(residual, d_low / c, low)
         return FI.norm_growth_limit(scaled, state["fira_prev_norm"], group.get("gamma", 1.01)).mul_(c)
 
+    def _scaled_rows(self, g_rows, low, factor, state, group, projection, start, stop):
+        residual = projection.up_rows(low, state, group, start, stop).mul_(-group.get("scale", 1.0)).add_(g_rows)
+        return residual.mul_(factor if factor.dim() == 1 else factor[start:stop])
+
+    def prepare(self, g, low, d_low, state, group, projection, bounds):
+        """The scaling factor (eq. 7-8) and the limiter (eq. 9) from the norm of the whole scaled
+        residual, summed over row chunks."""
+        c = self.unit_scale(state, group) if self.unit_scale is not None else 1.0
+        factor = FI.scaling_factor(d_low / c, low)
+        norms = [torch.linalg.vector_norm(self._scaled_rows(g[a:b], low, factor, state, group, projection, a, b))
+                 for a, b in bounds]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        limiter = FI.growth_limiter_(norm, state["fira_prev_norm"], group.get("gamma", 1.01))
+        return factor, limiter, c
+
+    def update_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        factor, limiter, c = ctx
+        return self._scaled_rows(g_rows, low, factor, state, group, projection, start, stop).div_(limiter).mul_(c)
+
+    def transient_bytes(self, shape, group, state, projection, rows):
+        """The subspace part of the rows, the residual and its scaled form: 3 float32 row blocks."""
+        return 12 * rows * shape[1]
+
 
 class StateFreeResidual(ResidualRule):
     """FRUGAL (Zmushko et al. 2024, Algorithm 1): the residual ``G - P P^T G`` takes a state-free
@@ -372,6 +446,14 @@ class StateFreeResidual(ResidualRule):
     def update(self, g, low, d_low, state, group, projection):
         residual = g - projection.up(low, state, group)
         return FR.state_free_direction(residual, group.get("free_rule", "signsgd")).mul_(group.get("free_lr_scale", 1.0))
+
+    def update_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        residual = projection.up_rows(low, state, group, start, stop).neg_().add_(g_rows)
+        return FR.state_free_direction(residual, group.get("free_rule", "signsgd")).mul_(group.get("free_lr_scale", 1.0))
+
+    def transient_bytes(self, shape, group, state, projection, rows):
+        """The subspace part of the rows, the residual and its sign: 3 float32 row blocks."""
+        return 12 * rows * shape[1]
 
 
 # ---- moments when the subspace changes ----------------------------------------------------------

@@ -27,8 +27,8 @@ def adam_direction(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float, e
     """
     bias_correction1 = 1.0 - beta1**t
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
-    denom = (v.float().sqrt() / bias_correction2_sqrt).add_(eps)
-    return m.float().div(denom).div_(bias_correction1)
+    denom = v.float().sqrt().div_(bias_correction2_sqrt).add_(eps)
+    return torch.div(m.float(), denom, out=denom).div_(bias_correction1)  # one temporary, reused
 
 
 def adam_direction_hf(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float, eps: float) -> Tensor:
@@ -41,7 +41,7 @@ def adam_direction_hf(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float
     """
     step_scale = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
     denom = v.float().sqrt().add_(eps)
-    return m.float().div(denom).mul_(step_scale)
+    return torch.div(m.float(), denom, out=denom).mul_(step_scale)
 
 
 

@@ -14,9 +14,16 @@ def norm_based_scaling(residual: Tensor, low_direction: Tensor, low_grad: Tensor
     column of the low-rank gradient ``R``; the residual's matching column is scaled by it. The norm is
     taken along the low-rank dimension: per column of an ``r x n`` tensor, per row of ``m x r``.
     """
+    return residual * scaling_factor(low_direction, low_grad, eps)
+
+
+def scaling_factor(low_direction: Tensor, low_grad: Tensor, eps: float = 1e-8) -> Tensor:
+    """The factor ``phi`` of :func:`norm_based_scaling`, shaped to broadcast against the residual:
+    ``[n]`` (one per column) for an ``r x n`` low-rank tensor, ``[m, 1]`` (one per row) for ``m x r``.
+    Rows ``a:b`` of the residual take ``factor`` or ``factor[a:b]``."""
     dim = 0 if low_direction.shape[0] < low_direction.shape[1] else 1
     factor = low_direction.norm(dim=dim) / (low_grad.norm(dim=dim) + eps)
-    return residual * (factor.unsqueeze(1) if dim == 1 else factor)
+    return factor.unsqueeze(1) if dim == 1 else factor
 
 
 def norm_growth_limit(scaled: Tensor, previous_norm: Tensor, gamma: float, eps: float = 1e-8) -> Tensor:
@@ -26,8 +33,13 @@ def norm_growth_limit(scaled: Tensor, previous_norm: Tensor, gamma: float, eps: 
     A negative ``previous_norm`` marks the first call: only the norm is recorded. No host
     synchronisation.
     """
-    norm = scaled.norm()
+    return scaled / growth_limiter_(scaled.norm(), previous_norm, gamma, eps)
+
+
+def growth_limiter_(norm: Tensor, previous_norm: Tensor, gamma: float, eps: float = 1e-8) -> Tensor:
+    """The divisor of :func:`norm_growth_limit` from ``||S_t||`` (eq. 9): ``max(||S_t|| / ||S_{t-1}||,
+    gamma) / gamma`` (1 on the first call); records ``||S_t|| / limiter`` in ``previous_norm``."""
     first = previous_norm < 0
     limiter = torch.where(first, torch.ones_like(norm), torch.clamp(norm / (previous_norm + eps), min=gamma) / gamma)
     previous_norm.copy_(norm / limiter)
-    return scaled / limiter
+    return limiter

@@ -46,3 +46,17 @@ def scatter(low: Tensor, dim: int | None, index: Tensor, shape: torch.Size) -> T
         out.view(-1).index_copy_(0, index, low)
         return out
     return out.index_copy_(dim, index, low)
+
+
+def scatter_rows(low: Tensor, dim: int | None, index: Tensor, shape: torch.Size, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of :func:`scatter` ``(low, dim, index, shape)``, without building the rest."""
+    n = shape[1]
+    out = torch.zeros((stop - start, n), dtype=low.dtype, device=low.device)
+    if dim == 1:
+        return out.index_copy_(1, index, low[start:stop])
+    if dim == 0:
+        keep = (index >= start) & (index < stop)
+        return out.index_copy_(0, index[keep] - start, low[keep])
+    keep = (index >= start * n) & (index < stop * n)
+    out.view(-1).index_copy_(0, index[keep] - start * n, low[keep])
+    return out

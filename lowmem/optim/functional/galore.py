@@ -53,6 +53,15 @@ def project_up(r: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
     return out if right is None else out @ right
 
 
+def project_up_rows(r: Tensor, left: Tensor | None, right: Tensor | None, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of :func:`project_up`: ``P[a:b] N`` / ``N[a:b] Q`` / ``P[a:b] N Q``."""
+    if left is not None:
+        out = left[start:stop] @ r
+    else:
+        out = r[start:stop]
+    return out if right is None else out @ right
+
+
 def range_finder(a: Tensor, rank: int, generator: torch.Generator, power_iters: int = 2, oversample: int = 4) -> Tensor:
     """Orthonormal ``m x rank`` basis of ``A``'s dominant column space, randomized.
 

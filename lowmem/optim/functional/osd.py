@@ -4,6 +4,7 @@ Descent"): the projection is learned online, by a small optimizer step on the PC
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -14,10 +15,18 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str) -> Tensor:
     for a right basis ``Q`` (``r x n``), ``L(Q) = || G_n - G_n Q^T Q ||_F^2``. In closed form
     (``E`` the reconstruction error): ``dL/dP = 2 (E G_n^T + G_n E^T) P`` and
     ``dL/dQ = 2 Q (E^T G_n + G_n^T E)``. No SVD is needed after the first.
+
+    Evaluated in factored form so that nothing of ``G``'s size is allocated: with
+    ``A = P^T G_n`` (``r x n``) and ``B = G_n A^T`` (``m x r``), ``dL/dP = 2 (P A A^T + B (P^T P - 2 I))``;
+    with ``C = G_n Q^T`` (``m x r``) and ``D = C^T G_n`` (``r x n``),
+    ``dL/dQ = 2 ((Q Q^T - 2 I) D + C^T C Q)``.
     """
-    gn = g / g.norm()
+    inv_norm = 1.0 / torch.linalg.vector_norm(g)
+    eye = torch.eye(basis.shape[1] if side == "left" else basis.shape[0], dtype=basis.dtype, device=basis.device)
     if side == "left":
-        err = basis @ (basis.t() @ gn) - gn
-        return 2 * (err @ (gn.t() @ basis) + gn @ (err.t() @ basis))
-    err = (gn @ basis.t()) @ basis - gn
-    return 2 * ((basis @ err.t()) @ gn + (basis @ gn.t()) @ err)
+        a = (basis.t() @ g).mul_(inv_norm)
+        b = (g @ a.t()).mul_(inv_norm)
+        return 2 * (basis @ (a @ a.t()) + b @ (basis.t() @ basis - 2 * eye))
+    c = (g @ basis.t()).mul_(inv_norm)
+    d = (c.t() @ g).mul_(inv_norm)
+    return 2 * ((basis @ basis.t() - 2 * eye) @ d + (c.t() @ c) @ basis)

@@ -101,7 +101,7 @@ def _blocks(x: Tensor, block_size: int) -> Tensor:
 def nearest_code(normalized: Tensor, code: Tensor) -> Tensor:
     """Index of the nearest entry of the sorted ``code`` for every value (ties go to the lower one)."""
     midpoints = (code[1:] + code[:-1]) / 2
-    return torch.searchsorted(midpoints, normalized.contiguous(), right=False)
+    return torch.searchsorted(midpoints, normalized.contiguous(), right=False, out_int32=True)
 
 
 def pack_4bit(idx: Tensor) -> Tensor:
@@ -113,9 +113,9 @@ def pack_4bit(idx: Tensor) -> Tensor:
 
 
 def unpack_4bit(packed: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`pack_4bit`: ``n`` codes as int64."""
+    """Inverse of :func:`pack_4bit`: ``n`` codes as int32."""
     both = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1)
-    return both[:n].long()
+    return both[:n].int()
 
 
 def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
@@ -156,17 +156,24 @@ def rank1_scale(row_max: Tensor, col_max: Tensor) -> Tensor:
     return torch.minimum(row_max.unsqueeze(-1), col_max.unsqueeze(-2))
 
 
-def quantize_rank1_4bit(x: Tensor, code: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_rank1_4bit(x: Tensor, code: Tensor, col_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """4-bit quantization of a non-negative ``x`` (``ndim >= 2``) with rank-1 normalization.
 
     Li et al. 2023, Section 4.2: every entry is divided by ``min(r_i, c_j)`` (its row and column
     maxima over the last two dimensions; the quotient lies in ``[0, 1]``) and mapped to the nearest
     of the 16 ``code`` values (for the second moment, the linear map without zero, Section 4.1).
     Returns ``(packed uint8 [ceil(numel / 2)], row_max float32 [..., m], col_max float32 [..., n])``.
+
+    ``col_max``: the column maxima of the whole matrix when ``x`` holds only some of its rows (the
+    chunked step: row maxima are complete in a chunk of whole rows, column maxima come from a pass
+    over all chunks); ``None`` computes them from ``x``.
     """
-    row_max, col_max = rank1_maxima(x)
+    x = x.float()
+    row_max = x.amax(dim=-1)
+    if col_max is None:
+        col_max = x.amax(dim=-2)
     scale = rank1_scale(row_max, col_max).clamp(min=torch.finfo(torch.float32).tiny)
-    idx = nearest_code((x.float() / scale).reshape(-1), code)
+    idx = nearest_code((x / scale).reshape(-1), code)
     return pack_4bit(idx), row_max, col_max
 
 

@@ -105,8 +105,21 @@ def ada_clip(g: Tensor, max_ema: Tensor, theta: float, t: int) -> Tensor:
     ``|g_i| > m_hat`` are scaled by ``m_hat / max|g|``.
     """
     g_max = g.abs().amax()
+    bound = ada_clip_bound_(max_ema, g_max, theta, t)
+    return ada_clip_apply(g, g_max, bound)
+
+
+def ada_clip_bound_(max_ema: Tensor, g_max: Tensor, theta: float, t: int) -> Tensor:
+    """AdaClip's statistics (Algorithm 1, lines 5-6), in place: ``m_max = theta m_max + (1 - theta) max|g|``;
+    returns the bias-corrected bound ``m_hat = m_max / (1 - theta^t)`` (0-d)."""
     max_ema.lerp_(g_max, 1.0 - theta)
-    bound = max_ema / (1.0 - theta**t)
+    return max_ema / (1.0 - theta**t)
+
+
+def ada_clip_apply(g: Tensor, g_max: Tensor, bound: Tensor) -> Tensor:
+    """AdaClip's clipping (Algorithm 1, lines 7-8): entries with ``|g_i| > m_hat`` become
+    ``g_i m_hat / max|g|``. Element-wise, so it applies to any chunk of ``g`` given the whole
+    tensor's ``max|g|``."""
     return torch.where(g.abs() > bound, g / g_max * bound, g)
 
 
@@ -118,10 +131,18 @@ def ada_gn(g: Tensor, norm_m: Tensor, norm_v: Tensor, gamma1: float, gamma2: flo
     gradient stays zero (the reference skips the parameter; here its statistics do not move).
     """
     norm = torch.linalg.vector_norm(g)
+    return g * ada_gn_scale_(norm, norm_m, norm_v, gamma1, gamma2, t, eps, torch.finfo(g.dtype).tiny)
+
+
+def ada_gn_scale_(
+    norm: Tensor, norm_m: Tensor, norm_v: Tensor, gamma1: float, gamma2: float, t: int, eps: float, tiny: float
+) -> Tensor:
+    """AdaGN's factor (Algorithm 1, lines 9-12) from the gradient's norm ``||g||``, updating the norm
+    statistics in place: ``m_hat_n / (sqrt(v_hat_n) + eps) / ||g||`` (0 for a zero gradient), a 0-d
+    tensor that multiplies every chunk of ``g``."""
     nonzero = norm > 0
     norm_m.copy_(torch.where(nonzero, torch.lerp(norm_m, norm, 1.0 - gamma1), norm_m))
     norm_v.copy_(torch.where(nonzero, torch.lerp(norm_v, norm.square(), 1.0 - gamma2), norm_v))
     m_hat = norm_m / (1.0 - gamma1**t)
     v_hat = norm_v / (1.0 - gamma2**t)
-    scale = torch.where(nonzero, m_hat / (v_hat.sqrt() + eps) / norm.clamp(min=torch.finfo(g.dtype).tiny), 0.0)
-    return g * scale
+    return torch.where(nonzero, m_hat / (v_hat.sqrt() + eps) / norm.clamp(min=tiny), 0.0)

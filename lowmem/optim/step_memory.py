@@ -1,0 +1,187 @@
+"""Measure the transient memory of an optimizer step: peak RSS above weights + gradients + state.
+
+:func:`measure_step` runs one registered engine optimizer on a single weight in a fresh Python
+process (so nothing else shares its heap): it allocates the weight, its gradient and the state
+(``materialize_state()``), touches all of them, warms the libraries up on a small tensor, then
+resets the kernel's peak-RSS counter (``/proc/self/clear_refs``, Linux) and runs the measured
+steps. The growth of the peak RSS (``VmHWM``) over the resident size before the steps is the
+step's transient memory, what :meth:`~lowmem.optim.engine.LowMemOptimizer.step_transient_bytes`
+predicts.
+
+``python -m lowmem.optim.step_memory`` prints the table of ``docs/memory.md`` ("The step's transient
+memory"): one 8192 x 8192 float32 weight, every family, plain step and (subspace recipes) a step
+that refreshes the projection; ``--shape 4096 4096`` for a quicker run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+MiB = 2**20
+
+# name, label, hyperparameters, mode ("plain": steps after the first, "refresh": a step that refreshes
+# the projection). The table of docs/memory.md.
+TABLE: tuple[tuple[str, str, dict[str, Any], str], ...] = (
+    ("adamw", "adamw", {}, "plain"),
+    ("adamw8bit", "adamw8bit", {}, "plain"),
+    ("adamw4bit", "adamw4bit", {}, "plain"),
+    ("adamw4bit_rank1", "adamw4bit_rank1", {}, "plain"),
+    ("microadam", "microadam", {}, "plain"),
+    ("spam", "spam", {"grad_accu_steps": 0}, "plain"),
+    ("stable_spam", "stable_spam", {}, "plain"),
+    ("adafactor", "adafactor", {}, "plain"),
+    ("galore_adamw", "galore_adamw", {"rank": 128, "update_proj_gap": 200}, "plain"),
+    ("galore_adamw", "galore_adamw (refresh)", {"rank": 128, "update_proj_gap": 200}, "refresh"),
+    ("galore_adamw", "galore_adamw rsvd (refresh)", {"rank": 128, "update_proj_gap": 200, "projection": "rsvd"}, "refresh"),
+    ("fira_adamw", "fira_adamw", {"rank": 128, "update_proj_gap": 200}, "plain"),
+    ("frugal", "frugal", {"rank": 128, "update_proj_gap": 200}, "plain"),
+    ("osd_adamw", "osd_adamw", {"rank": 128}, "plain"),
+)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _child(name: str, shape: tuple[int, ...], hparams: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
+    import torch
+
+    from lowmem.optim.registry import create_optimizer
+
+    torch.manual_seed(0)
+    # warm-up: load every library and cache (code maps, compiled kernels) on a small tensor
+    small = torch.nn.Parameter(torch.randn(256, 384))
+    small.grad = torch.randn_like(small)
+    warm_hp = {**hparams, **({"rank": 8} if "rank" in hparams else {})}
+    warm_hp.pop("chunk_numel", None)
+    if name in ("adamw8bit", "adamw4bit", "adamw4bit_rank1"):
+        warm_hp["min_quant_size"] = 1
+    warm = create_optimizer([small], name, **warm_hp)
+    for _ in range(3):
+        warm.step()
+    del warm, small
+
+    p = torch.nn.Parameter(torch.randn(shape))
+    p.grad = torch.randn(shape)
+    opt = create_optimizer([p], name, **hparams)
+    opt.materialize_state()
+    state = opt.state[p]
+    for v in state.values():
+        if v.device.type != "meta":
+            v.copy_(v.clone()) if v.dtype == torch.int64 else v.zero_()  # touch every page
+    if mode == "plain" and "proj_meta" in state:
+        # a step that does not refresh: a random orthonormal basis as if refreshed at step 1
+        for key in ("proj_left", "proj_right"):
+            if key in state:
+                b = state[key]
+                q = torch.linalg.qr(torch.randn(max(b.shape), min(b.shape))).Q
+                b.copy_(q if b.shape[0] >= b.shape[1] else q.t())
+        if "proj_index" in state:
+            k = state["proj_index"].numel()
+            state["proj_index"].copy_(torch.arange(k))
+        state["proj_meta"][2] = 1
+        state["step"].fill_(1)
+    transient = opt.step_transient_bytes() if hasattr(opt, "step_transient_bytes") else None
+    state_bytes = opt.state_bytes()
+    times = []
+    _reset_peak()
+    base = _status_kib("VmRSS")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    peak = _status_kib("VmHWM")
+    return {
+        "name": name, "shape": list(shape), "mode": mode, "hparams": hparams, "state_bytes": state_bytes,
+        "growth_bytes": (peak - base) * 1024, "step_s": times, "transient_bytes": transient,
+        "step_after": int(state["step"].item()),
+    }
+
+
+def measure_step(
+    name: str, shape: tuple[int, ...] = (8192, 8192), hparams: dict[str, Any] | None = None, mode: str = "plain",
+    steps: int = 2, env: dict[str, str] | None = None, pythonpath: str | None = None,
+) -> dict[str, Any]:
+    """Run ``steps`` steps of optimizer ``name`` on one float32 weight of ``shape`` in a fresh process.
+
+    Args:
+        name: A registered engine optimizer.
+        shape: The weight's shape.
+        hparams: Its hyperparameters (``rank`` etc. for subspace recipes).
+        mode: ``"plain"``: for subspace recipes the basis is set as if refreshed at step 1, so the
+            measured steps do not refresh (unless ``update_proj_gap`` makes them); ``"refresh"``:
+            the first measured step computes the projection.
+        steps: Number of measured steps.
+        env: Extra environment variables (``OMP_NUM_THREADS`` defaults to 1).
+        pythonpath: Import lowmem from this directory (to measure another checkout).
+
+    Returns:
+        ``state_bytes``, ``growth_bytes`` (peak RSS during the steps minus RSS before them),
+        ``step_s`` (seconds per step), ``transient_bytes`` (``step_transient_bytes()``, if the
+        optimizer has it).
+    """
+    if mode not in ("plain", "refresh"):
+        raise ValueError(f"mode must be 'plain' or 'refresh', got {mode!r}")
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("measure_step needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    payload = json.dumps({"name": name, "shape": list(shape), "hparams": hparams or {}, "mode": mode, "steps": steps})
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if pythonpath is not None:
+        full_env["PYTHONPATH"] = pythonpath + os.pathsep + full_env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-m", "lowmem.optim.step_memory", "--child", payload],
+        capture_output=True, text=True, env=full_env, cwd=pythonpath or None,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"step measurement of {name} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", type=int, nargs="+", default=[8192, 8192])
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--only", nargs="*", help="labels of TABLE rows to run")
+    ap.add_argument("--pythonpath", help="measure the lowmem found in this directory")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(_child(spec["name"], tuple(spec["shape"]), spec["hparams"], spec["mode"], spec["steps"])))
+        return
+    rows = []
+    print("| optimizer | state MiB | peak growth MiB | step_transient_bytes MiB | step s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, label, hp, mode in TABLE:
+        if args.only and label not in args.only and name not in args.only:
+            continue
+        steps = 1 if mode == "refresh" else args.steps
+        r = measure_step(name, tuple(args.shape), hp, mode, steps, pythonpath=args.pythonpath)
+        r["label"] = label
+        rows.append(r)
+        tr = "-" if r["transient_bytes"] is None else f"{r['transient_bytes'] / MiB:.0f}"
+        step_s = min(r["step_s"][1:] or r["step_s"])
+        print(f"| {label} | {r['state_bytes'] / MiB:.0f} | {r['growth_bytes'] / MiB:.0f} | {tr} | {step_s:.2f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
