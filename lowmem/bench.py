@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lowmem.io import write_text_atomic
+from lowmem.io import write_files_atomic
 
 BASELINE = "torch_adamw"
 
@@ -316,9 +316,8 @@ def to_markdown(results: list[BenchResult], title: str = "", meta: dict[str, Any
 
 
 def write_results(results: list[BenchResult], out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Write ``bench.json`` and ``bench.md`` from one payload. Both texts are rendered before either file is
-    touched, and each is replaced atomically; both carry the same ``run_id``, so a pair that belongs
-    together can be told from a mixed one."""
+    """Write ``bench.json`` and ``bench.md`` from one payload with :func:`lowmem.io.write_files_atomic`
+    (both written in full before either replaces its old file); both carry the same ``run_id``."""
     import uuid
 
     out = Path(out_dir)
@@ -327,8 +326,7 @@ def write_results(results: list[BenchResult], out_dir: str | Path, meta: dict[st
     payload = {"meta": meta, "results": [asdict(r) for r in results]}
     text_json = json.dumps(payload, indent=2, default=str)
     text_md = to_markdown(results, title=meta.get("title", "lowmem bench"), meta=meta) + f"\n<!-- run_id {meta['run_id']} -->\n"
-    write_text_atomic(out / "bench.json", text_json)
-    write_text_atomic(out / "bench.md", text_md)
+    write_files_atomic({out / "bench.json": text_json, out / "bench.md": text_md})
     return out
 
 
