@@ -29,7 +29,7 @@ from .optim import create_optimizer, get_entry
 
 AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
 TASKS = ("addition",)
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+from .kit.shipped import DEFAULT_RECIPE  # noqa: E402  (configs/ of the checkout, or lowmem/configs of a wheel)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -18,21 +19,50 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_pyproject_lists_every_package():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "lowmem").rglob("__init__.py")}
-    assert found | {"lowmem.trainers"} == listed
+    assert found | {"lowmem.trainers", "lowmem.configs"} == listed
 
 
-def test_built_wheel_imports_lowmem_trainers(tmp_path):
+@pytest.fixture(scope="module")
+def wheel_site(tmp_path_factory):
+    """A wheel built from the checkout, unpacked: (its file names, the folder to put on PYTHONPATH)."""
+    tmp = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
-    wheel = next((tmp_path / "dist").glob("lowmem-*.whl"))
+                    str(tmp / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp / "dist").glob("lowmem-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "lowmem/trainers/hf.py" in names and "lowmem/trainers/gvpo.py" in names
-    site = tmp_path / "site"
+    site = tmp / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = "import lowmem.trainers, lowmem.optim; print(lowmem.trainers.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"},
-                         check=True, capture_output=True, text=True).stdout
+    return names, site
+
+
+def _run_in(site: Path, cwd: Path, code: str) -> str:
+    env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_built_wheel_imports_lowmem_trainers(wheel_site, tmp_path):
+    names, site = wheel_site
+    assert "lowmem/trainers/hf.py" in names and "lowmem/trainers/gvpo.py" in names
+    out = _run_in(site, tmp_path, "import lowmem.trainers, lowmem.optim; print(lowmem.trainers.__file__)")
     assert Path(out.strip()).is_relative_to(site)  # the wheel's copy, not the checkout
+
+
+def test_built_wheel_ships_the_recipes(wheel_site, tmp_path):
+    """`lowmem train` without a recipe runs configs/default.yaml from a regular (non-editable) install too."""
+    names, site = wheel_site
+    shipped = {f"lowmem/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
+    assert "lowmem/configs/default.yaml" in shipped and shipped <= set(names)
+    code = ("import lowmem.train as t; from lowmem.kit.shipped import shipped_recipe; "
+            "r = t.load_recipe(None); print(t.DEFAULT_RECIPE); print(shipped_recipe('qlora')); print(r.optim, r.steps)")
+    default, qlora, fields = _run_in(site, tmp_path, code).strip().splitlines()
+    assert Path(default) == site / "lowmem" / "configs" / "default.yaml"
+    assert Path(qlora) == site / "lowmem" / "configs" / "qlora.yaml"
+    import yaml
+
+    want = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert fields == f"{want['optim']} {want['steps']}"  # the recipe's values, not TrainRecipe's defaults
+    out = _run_in(site, tmp_path, "from lowmem.cli import build_parser; build_parser().parse_args(['train', '--help'])")
+    assert "default.yaml" in out
 
 
 def test_import_lowmem_is_light_and_api_resolves_lazily():

@@ -7,7 +7,7 @@ Everything here runs on a CPU without network access, so examples and tests need
     train = tokenize_sft(sft_dataset(512), tok)      # "12+7=19" addition, with labels
 """
 
-from .model import build_tiny_model, load_model_and_tokenizer, save_tiny_model, tiny_config
+from .model import build_tiny_model, load_model_and_tokenizer, save_embedded_model, save_tiny_model, tiny_config
 from .tasks import (
     addition_problems,
     preference_dataset,
@@ -28,6 +28,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "preference_dataset",
     "reward_dataset",
+    "save_embedded_model",
     "reward_fn",
     "save_tiny_model",
     "score",

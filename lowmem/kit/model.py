@@ -57,6 +57,44 @@ def save_tiny_model(path: str | os.PathLike, seed: int = 0) -> str:
     return str(path)
 
 
+def save_embedded_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | os.PathLike) -> str:
+    """Save the embedded model (built in memory) as ``OUTPUT_DIR/base_model`` and return that absolute path.
+
+    Trainers that need a model *path* (TRL reloads its reference model by name; 4-bit loading goes
+    through ``from_pretrained``) get one that lives with the run's outputs: LoRA adapters saved by the
+    run record it as ``base_model_name_or_path``, and nothing is left behind in a temporary folder.
+    Only the main process writes (``accelerate``'s ``main_process_first``; the others wait and reuse it).
+    The folder is written beside its final place and swapped in, so a reader never sees half a model,
+    and an earlier run's base model (another seed) is replaced.
+    """
+    import shutil
+    import tempfile
+
+    from accelerate import PartialState
+
+    dest = Path(output_dir).resolve() / "base_model"
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".base_model."))
+            try:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                tmp.chmod(0o755)  # mkdtemp makes it 0700
+                old = None
+                if dest.exists():
+                    old = dest.with_name(f".base_model.old.{os.getpid()}")
+                    os.replace(dest, old)
+                os.replace(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    return str(dest)
+
+
 def load_model_and_tokenizer(
     path: str | os.PathLike | None = None,
     dtype: torch.dtype | str = torch.float32,
