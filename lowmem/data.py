@@ -107,6 +107,40 @@ def _csv_string_features(file: Path):
     return datasets.Features({name: datasets.Value("string") for name in header}) if header else None
 
 
+def _split_files(folder: Path, files: list[Path], split: str, field_name: str) -> list[Path]:
+    """The files of ``folder`` that make up ``split``, by the Hub's file-name conventions
+    (``datasets.data_files.get_data_patterns``, file or subfolder names): ``train`` for ``train``;
+    ``validation`` / ``valid`` / ``dev`` / ``val``, else ``test`` / ``eval``, for ``eval``. A folder without
+    split names is one split: all its files are training data, and none can be an eval set."""
+    import fnmatch
+
+    from datasets.data_files import get_data_patterns
+
+    patterns = {str(k): v for k, v in get_data_patterns(str(folder)).items()}
+    if list(patterns) == ["train"] and patterns["train"] == ["**"]:  # no split names in the folder
+        if split == "eval":
+            raise ValueError(f"{field_name}: folder {str(folder)!r} has no file named for an eval split (validation*, "
+                             "test*, eval*); expected such files, a single file, or eval_split")
+        return files
+    rel = {f: f.relative_to(folder).as_posix() for f in files}
+
+    def matches(f: Path, pats: list[str]) -> bool:
+        return any(fnmatch.fnmatch(rel[f], pat) or fnmatch.fnmatch(rel[f], pat.removeprefix("**/")) for pat in pats)
+
+    by_split = {name: [f for f in files if matches(f, pats)] for name, pats in patterns.items()}
+    unassigned = [rel[f] for f in files if not any(f in fs for fs in by_split.values())]
+    if unassigned:
+        raise ValueError(f"{field_name}: folder {str(folder)!r} holds files named for splits {sorted(patterns)} and "
+                         f"files of no split {unassigned}; expected every file to belong to a split (train*, validation*, "
+                         "test*), or a folder without split names")
+    wanted = ("train",) if split == "train" else ("validation", "test")
+    name = next((n for n in wanted if by_split.get(n)), None)
+    if name is None:
+        raise ValueError(f"{field_name}: folder {str(folder)!r} has splits {sorted(n for n, fs in by_split.items() if fs)}; "
+                         f"expected a {' or '.join(wanted)} split")
+    return by_split[name]
+
+
 def is_saved_dataset(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     p = Path(path)
@@ -135,7 +169,8 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
         path (`str` or `os.PathLike`):
             A ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` (``.pq``) / ``.txt`` file (a text file
             gives one ``text`` row per line; CSV cells are read as strings), a folder of such files (all
-            of one kind, read together),
+            of one kind, read together; files named for splits, ``train.jsonl`` and ``test.jsonl``,
+            give the ``split`` asked for),
             or a folder written by ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``: see ``split``).
         split (`str`, defaults to `"train"`):
             Which split of a saved ``DatasetDict`` to use: ``"train"`` takes the ``train`` split,
@@ -173,6 +208,7 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
             if not files:
                 raise ValueError(f"{field_name}: folder {str(path)!r} holds no data files (expected "
                                  f"{sorted(EXTENSIONS)} files, or a folder written by save_to_disk)")
+            files = _split_files(p, files, split, field_name)
         else:
             files = [p]
         unknown = sorted({f.suffix or f.name for f in files if f.suffix.lower() not in EXTENSIONS})

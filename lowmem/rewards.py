@@ -174,8 +174,8 @@ def validate_reward_fields(recipe: Any) -> None:
 
     Raises:
         ValueError: Naming the field: a wrong entry, rewards for a trainer that takes none
-            (``sft``, ``dpo``), weights without rewards, a length mismatch, a non-finite weight, or
-            ``reward_weights`` both here and in ``training_args``.
+            (``sft``, ``dpo``), weights without rewards, a length mismatch, a non-finite weight,
+            ``reward_weights`` both here and in ``training_args``, or unequal weights for ``bnpo``.
     """
     funcs, weights = recipe.reward_funcs, recipe.reward_weights
     if funcs is not None:
@@ -205,6 +205,9 @@ def validate_reward_fields(recipe: Any) -> None:
                              "expected one weight per reward function")
         if "reward_weights" in (recipe.training_args or {}):
             raise ValueError("reward_weights is given both as a recipe field and in training_args; keep one")
+        if recipe.trainer == "bnpo" and len(set(out)) > 1:
+            raise ValueError(f"reward_weights={out}: BNPO averages one advantage per reward function with equal "
+                             "weight; expected equal weights (or none)")
         recipe.reward_weights = out
 
 

@@ -54,6 +54,24 @@ def test_load_folder_of_files_and_saved_datasets(tmp_path):
     (folder / ".hidden.jsonl").write_text("not json\n")  # hidden files are skipped
     assert len(load_local_dataset(folder)) == 10
 
+    # files named for splits (the Hub's convention): train* is the training set, validation* / test* the eval set
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    write_jsonl(splits / "train.jsonl", sft_rows("text", 9))
+    write_jsonl(splits / "test.jsonl", sft_rows("text", 3, split="eval"))
+    assert (len(load_local_dataset(splits)), len(load_local_dataset(splits, split="eval"))) == (9, 3)
+    data = load_train_data(str(splits), "sft", eval_dataset=str(splits))
+    assert (len(data.train), len(data.eval)) == (9, 3)
+    with pytest.raises(ValueError, match="has no file named for an eval split"):
+        load_local_dataset(folder, split="eval")
+    write_jsonl(splits / "extra.jsonl", sft_rows("text", 2))
+    with pytest.raises(ValueError, match=r"files of no split \['extra.jsonl'\]"):
+        load_local_dataset(splits)
+    (splits / "extra.jsonl").unlink()
+    (splits / "train.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"has splits \['test'\]; expected a train split"):
+        load_local_dataset(splits)
+
     Dataset.from_list(sft_rows("messages", 7)).save_to_disk(str(tmp_path / "saved"))
     ds = load_local_dataset(tmp_path / "saved")
     assert len(ds) == 7 and ds.column_names == ["messages"]
@@ -224,6 +242,8 @@ def test_recipe_data_fields_are_validated(tmp_path):
         (dict(trainer="grpo", reward_funcs=["exact_match"], reward_weights=["x"]), r"reward_weights(\[0\]='x'|=\['x'\])"),
         (dict(trainer="grpo", reward_funcs=["exact_match"], reward_weights=[float("nan")]), r"reward_weights(\[0\]|=\[nan\])"),
         (dict(trainer="grpo", reward_weights=[1.0]), "reward_weights needs reward_funcs"),
+        (dict(trainer="bnpo", reward_funcs=["exact_match", "format"], reward_weights=[1.0, 0.5]),
+         "BNPO averages one advantage per reward function with equal weight"),
         (dict(trainer="grpo", reward_funcs=["exact_match"], reward_weights=[1.0], training_args={"reward_weights": [1.0]}),
          "both as a recipe field and in training_args"),
     ]
