@@ -569,6 +569,10 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         fields["bf16"] = recipe.dtype == "bfloat16"
     if getattr(recipe, "reward_weights", None) is not None:
         fields["reward_weights"] = recipe.reward_weights
+    if launched_processes() > 1 and not torch.cuda.is_available():
+        # several processes (torchrun / accelerate launch) and no GPU: data-parallel on the CPU over gloo.
+        # Without use_cpu, transformers would leave each process training on its own (issue 16).
+        fields["use_cpu"] = True
     try:
         return cls(**{**fields, **recipe.training_args})
     except (TypeError, ValueError) as err:
@@ -630,6 +634,13 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
     return str(p)
 
 
+def launched_processes() -> int:
+    """``WORLD_SIZE`` as ``torchrun`` / ``accelerate launch`` set it (1 when launched plainly)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Whether this is process 0 of a ``torchrun`` / ``accelerate launch`` group (or the only one)."""
     import os
@@ -673,7 +684,15 @@ def _run_metrics(trainer: Any) -> dict[str, Any]:
 
 
 def _train(trainer: Any, recipe: TrainRecipe) -> Any:
+    """``trainer.train`` from the recipe's checkpoint. The evaluation before training runs inside it
+    (``eval_on_start``, set by the caller): a ``trainer.evaluate()`` before ``train()`` makes
+    transformers (5.x) skip the DDP wrapping under several processes, which then train apart."""
     return trainer.train(resume_from_checkpoint=resolve_checkpoint(recipe))
+
+
+def _first_eval(trainer: Any) -> dict[str, Any]:
+    """The first evaluation in the log (step 0; from the checkpoint's log when resumed)."""
+    return next((h for h in trainer.state.log_history if "eval_loss" in h), {})
 
 
 def merge_adapter(recipe: TrainRecipe, adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -732,8 +751,9 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
         callbacks=_memory_callbacks(recipe), **trainer_kw,
     )
-    initial = trainer.evaluate()["eval_loss"] if evals is not None else None
+    trainer.args.eval_on_start = evals is not None  # initial eval loss (see _train)
     out = _train(trainer, recipe)
+    initial = _first_eval(trainer).get("eval_loss")
     final = trainer.evaluate()["eval_loss"] if evals is not None else None
     saved = _save_outputs(trainer, recipe)
     return {
@@ -787,8 +807,9 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
                         if data is None else (data.train, dpo_eval_rows(data)))
         trainer = trainer_cls(model=policy_arg, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
                               callbacks=_memory_callbacks(recipe))
-        before = trainer.evaluate()
+        trainer.args.eval_on_start = True  # margins before training (see _train)
         out = _train(trainer, recipe)
+        before = _first_eval(trainer)
         after = trainer.evaluate()
         result = {
             "initial_margin": before["eval_rewards/margins"], "final_margin": after["eval_rewards/margins"],
@@ -849,7 +870,7 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     metrics = {
         "optimizer": get_entry(recipe.optim).name, "optim_args": recipe.optim_args, "trainer": recipe.trainer,
         "model": recipe.model, "seed": recipe.seed, "quantization": recipe.quantization, "lora": recipe.lora,
-        "layerwise": recipe.layerwise, "resumed_from": resumed_from, **result,
+        "layerwise": recipe.layerwise, "resumed_from": resumed_from, "processes": launched_processes(), **result,
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
     if not main:
