@@ -87,3 +87,46 @@ def own_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+# ChatML, as many chat models use: special tokens and newlines (the BPE tokenizer below has both).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory):
+    """A user's model directory with a subword tokenizer: a byte-level BPE trained with ``tokenizers``
+    on a few KB of generated text (vocabulary 400), ChatML special tokens and template, and a tiny
+    Llama sized to it (transformers' LlamaConfig, seed 0)."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lowmem.kit import tiny_config
+
+    rng = random.Random(0)
+    words = "the model adds two numbers and answers with the sum of them as digits".split()
+    corpus = [f"{a}+{b}={a + b}" for a, b in ((rng.randrange(50), rng.randrange(50)) for _ in range(400))]
+    corpus += [" ".join(rng.choice(words) for _ in range(12)) for _ in range(100)]  # ~5 KB in all
+    special = ["<pad>", "<s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"], model_max_length=128)
+    tok.chat_template = CHATML_TEMPLATE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_config(tok))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    path = tmp_path_factory.mktemp("bpe-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

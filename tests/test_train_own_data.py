@@ -190,3 +190,26 @@ def test_bad_reward_function_exits_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and re.search(message, err), err
         assert not (tmp_path / "out").exists()
+
+
+# ---- a subword tokenizer with ChatML (special tokens, newlines) -----------------------------------
+
+
+def test_sft_and_grpo_with_a_bpe_chatml_model(bpe_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bpe_model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "12+7="}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n"
+    assert len(tok("12+7=19").input_ids) < 7  # subwords, not characters
+
+    train = write_jsonl(tmp_path / "chat.jsonl", sft_rows("messages", 600))
+    evals = write_jsonl(tmp_path / "chat_eval.jsonl", sft_rows("messages", 64, split="eval"))
+    m, _ = _run(model=bpe_model_dir, dataset=str(train), eval_dataset=str(evals), steps=40, logging_steps=10,
+                output_dir=str(tmp_path / "sft"), **QUIET)
+    assert m["final_loss"] < m["initial_loss"] - 1.0, (m["initial_loss"], m["final_loss"])
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rl_rows(256, conversational=True))
+    m, _ = _run(trainer="grpo", model=bpe_model_dir, dataset=str(prompts), steps=30, logging_steps=1,
+                reward_funcs=["addition"], output_dir=str(tmp_path / "grpo"), training_args=RL_ARGS, **QUIET)
+    assert m["final_reward"] > m["initial_reward"] + 0.1, m["reward_history"]
