@@ -241,6 +241,7 @@ class TrainRecipe:
         self.layerwise = self.layerwise or hf_layerwise
         self.optim_args = parse_optim_args(self.optim_args)
         _lift_training_args(self)  # optim*, resume_from_checkpoint given in training_args; types of the rest
+        self.optim_args = check_optim_args(self.optim, self.optim_args)
         _check_report_to(self.report_to)
         if self.eval_steps is not None and self.trainer not in ("sft", "dpo"):
             raise ConfigError(f"eval_steps={self.eval_steps}: evaluation during training is available for the sft and "
@@ -296,6 +297,39 @@ def resolve_optim_name(name: str) -> tuple[str, bool]:
         f"optim={name!r} is neither a lowmem optimizer {lowmem_names} nor a Hugging Face optimizer name lowmem "
         f"maps {sorted(HF_OPTIM_NAMES)} (each also as <name>_layerwise)"
     )
+
+
+def check_optim_args(name: str, optim_args: dict[str, Any]) -> dict[str, Any]:
+    """``optim_args`` checked against optimizer ``name`` before any model loads: unknown names are an
+    error listing the valid ones; each value is validated by the optimizer's own hyperparameter spec
+    (a string that reads as a number, as PyYAML leaves ``3e-4``, is converted first).
+
+    Raises:
+        ConfigError: naming ``optim_args.<key>``, the value and what is valid.
+    """
+    from lowmem.trainers.hf import trainer_hparams
+
+    try:
+        trainer_hparams(name, None, optim_args)  # unknown keys -> error listing the valid ones
+    except ValueError as err:
+        raise ConfigError(f"optim_args: {err}") from None
+    entry = get_entry(name)
+    specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
+    out = dict(optim_args)
+    for key, value in optim_args.items():
+        if key not in specs:
+            continue
+        if isinstance(value, str):
+            try:
+                value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+            except ValueError:
+                pass  # a string hyperparameter (proj_type='std'): the spec decides
+        try:
+            specs[key].validate(value)
+        except ValueError as err:
+            raise ConfigError(f"optim_args.{key}={optim_args[key]!r}: {err}") from None
+        out[key] = value
+    return out
 
 
 def config_class(trainer: str, dataset: Any = None) -> type:

@@ -84,6 +84,10 @@ def test_bad_value_names_the_field(tmp_path, capsys, text, field, expected):
         ("merge_adapters: true\n", "needs lora or quantization"),
         ("trainer: grpo\neval_steps: 5\n", "eval_steps"),
         ("training_args: {eval_strategy: sometimes}\n", "eval_strategy"),
+        ("optim: adamw\noptim_args: {betas: [0.9, 1.5]}\n", "optim_args.betas"),
+        ("optim: adamw\noptim_args: {lr: abc}\n", "optim_args.lr"),
+        ("optim: adamw\noptim_args: {rank: 4}\n", "valid"),
+        ("trainer: grpo\nnum_generations: 3\nbatch_size: 4\n", "num_generations"),
     ],
 )
 def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, text, expected):
@@ -115,6 +119,7 @@ def test_numbers_written_as_strings_are_converted():
     r = load_recipe(None, lr="3e-4", steps="1e2", training_args={"learning_rate": "2e-4", "adam_epsilon": "1e-6"})
     assert r.lr == 3e-4 and isinstance(r.lr, float) and r.steps == 100 and isinstance(r.steps, int)
     assert r.training_args == {"learning_rate": 2e-4, "adam_epsilon": 1e-6}
+    assert load_recipe(None, optim="galore_adamw", optim_args={"lr": "3e-4", "rank": "8"}).optim_args == {"lr": 3e-4, "rank": 8}
     assert check_value("x", True, bool) is True
     with pytest.raises(ConfigError, match="x='true'"):
         check_value("x", "true", bool)
