@@ -89,11 +89,20 @@ def test_sft_cli_csv_prompt_completion_without_eval_set(own_model_dir, tmp_path,
 # ---- DPO -------------------------------------------------------------------------------------
 
 
-def test_dpo_conversational_margin_rises(own_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "prefs.jsonl", dpo_rows(256, conversational=True))
+def _implicit(row: dict) -> dict:
+    """TRL's implicit-prompt form: the prompt written into both chosen and rejected."""
+    return {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]}
+
+
+@pytest.mark.parametrize(("form", "rows", "fmt"), [
+    ("conversational", dpo_rows(256, conversational=True), ("preference", True)),
+    ("implicit prompt", [_implicit(r) for r in dpo_rows(256, conversational=True)], ("implicit-prompt preference", True)),
+])
+def test_dpo_margin_rises(own_model_dir, tmp_path, form, rows, fmt):
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     m, log = _run(trainer="dpo", model=own_model_dir, dataset=str(data), steps=30, logging_steps=10,
                   output_dir=str(tmp_path / "out"), training_args={"beta": 0.1}, **QUIET)
-    assert (m["data"]["format"], m["data"]["conversational"]) == ("preference", True)
+    assert (m["data"]["format"], m["data"]["conversational"]) == fmt
     assert m["final_margin"] > m["initial_margin"] + 0.05, (m["initial_margin"], m["final_margin"])
     assert "margin" in log
 
