@@ -502,7 +502,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
             raise ConfigError(f"{where}invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{where}a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
-    data = _recipe_keys(data, where)
+    data = _recipe_keys(data, where, dataset=overrides.get("dataset"))  # --dataset selects SFTConfig's fields too
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainRecipe(**data)
@@ -510,9 +510,10 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         raise ConfigError(f"{where}{err}") from None
 
 
-def _recipe_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
+def _recipe_keys(data: dict[str, Any], where: str, dataset: str | None = None) -> dict[str, Any]:
     """Recipe fields of ``data``; aliases (``learning_rate``) renamed, fields of the trainer's
-    config class moved into ``training_args``, anything else an error."""
+    config class moved into ``training_args``, anything else an error. ``dataset`` (an override,
+    e.g. ``--dataset``) counts as the recipe's when choosing the config class."""
     out: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in data.items():
@@ -531,7 +532,7 @@ def _recipe_keys(data: dict[str, Any], where: str) -> dict[str, Any]:
     trainer = out.get("trainer", TrainRecipe.trainer)
     if trainer not in AVAILABLE_TRAINERS:
         raise ConfigError(f"{where}Unknown trainer {trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
-    cls = config_class(trainer, out.get("dataset"))
+    cls = config_class(trainer, dataset if dataset is not None else out.get("dataset"))
     valid = set(field_types(cls))
     unknown = sorted(set(extra) - valid)
     if unknown:
@@ -921,9 +922,10 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         console.print(f"chosen-minus-rejected margin ({pairs}): {metrics['initial_margin']:.4f} -> "
                       f"{metrics['final_margin']:.4f}, accuracy {metrics['final_accuracy']:.3f} after {metrics['steps']} steps")
     elif metrics.get("initial_loss") is None:  # own dataset without an eval set: the logged training loss
-        hist = metrics.get("train_loss_history") or [float("nan")]
-        console.print(f"training loss (no eval set): first logged {hist[0]:.4f} -> last logged {hist[-1]:.4f} "
-                      f"after {metrics['steps']} steps")
+        hist = metrics.get("train_loss_history")
+        console.print(f"training loss (no eval set): first logged {hist[0]:.4f} -> last logged {hist[-1]:.4f} after "
+                      f"{metrics['steps']} steps" if hist else
+                      f"no eval set and no training loss logged in {metrics['steps']} steps (logging_steps > steps)")
     else:
         console.print(f"eval loss: initial {metrics['initial_loss']:.4f} -> final {metrics['final_loss']:.4f} "
                       f"after {metrics['steps']} steps")

@@ -75,8 +75,9 @@ def test_sft_conversational_prompt_completion_saved_dataset_and_template_file(ti
 def test_sft_cli_csv_prompt_completion_without_eval_set(own_model_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "pairs.csv", sft_rows("prompt-completion", 400))
     recipe = tmp_path / "recipe.yaml"
+    # max_length: an SFTConfig field at the top level, valid because --dataset makes this TRL's SFTTrainer
     recipe.write_text(yaml.safe_dump({"trainer": "sft", "steps": 30, "logging_steps": 5, "save_model": False,
-                                      "track_memory": False, "training_args": {"max_length": 64}}))
+                                      "track_memory": False, "max_length": 64}))
     rc = main(["train", str(recipe), "--dataset", str(data), "--model", own_model_dir, "--output-dir", str(tmp_path / "o")])
     assert rc == 0
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
