@@ -74,7 +74,7 @@ class TrainRecipe:
             messages, rendered with the chat template). SFT then runs TRL's ``SFTTrainer``
             (:class:`~lowmem.trainers.LowMemSFTTrainer`), so ``max_length``, ``packing``,
             ``completion_only_loss``, ``assistant_only_loss``, ``dataset_text_field`` are its
-            ``SFTConfig`` fields (in ``training_args``). See :mod:`lowmem.data`.
+            ``SFTConfig`` fields (top-level recipe keys or ``training_args``). See :mod:`lowmem.data`.
         eval_dataset (`str` or `None`, defaults to `None`):
             Local held-out data in the same format (for a saved ``DatasetDict``: its ``validation``,
             ``test`` or ``eval`` split). SFT reports its loss before and after training
