@@ -168,7 +168,7 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
     Args:
         path (`str` or `os.PathLike`):
             A ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` (``.pq``) / ``.txt`` file (a text file
-            gives one ``text`` row per line; CSV cells are read as strings), a folder of such files (all
+            gives one ``text`` row per non-blank line; CSV cells are read as strings), a folder of such files (all
             of one kind, read together; files named for splits, ``train.jsonl`` and ``test.jsonl``,
             give the ``split`` asked for),
             or a folder written by ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``: see ``split``).
@@ -227,6 +227,8 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
             kw = {"features": _csv_string_features(files[0]), "keep_default_na": False} if builders[0] == "csv" else {}
             with _quiet_datasets():
                 ds = datasets.load_dataset(builders[0], data_files=[str(f) for f in files], split="train", **kw)
+                if builders[0] == "text":  # one row per line; blank lines are separators, not examples
+                    ds = ds.filter(lambda row: bool(row["text"].strip()))
         except Exception as err:  # the builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
             cause = err.__cause__ or err
             if "corresponds to no data" in str(cause):  # e.g. a CSV with a header row only

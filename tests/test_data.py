@@ -39,7 +39,7 @@ def test_load_each_file_kind(tmp_path):
         assert ds[0] == rows[0]
     (tmp_path / "d.json").write_text(json.dumps(rows))  # a JSON array
     assert load_local_dataset(tmp_path / "d.json")[3] == rows[3]
-    (tmp_path / "t.txt").write_text("1+2=3\n4+5=9\n")
+    (tmp_path / "t.txt").write_text("1+2=3\n\n  \n4+5=9\n")  # blank lines are skipped
     ds = load_local_dataset(tmp_path / "t.txt")
     assert ds.column_names == ["text"] and ds["text"] == ["1+2=3", "4+5=9"]
 
