@@ -8,6 +8,7 @@ Dettmers et al. 2023, *QLoRA: Efficient Finetuning of Quantized LLMs* (NF4, doub
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ def load_quantized_model(
     Returns:
         `peft.PeftModel`: the quantized model with trainable LoRA adapters.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(path):
@@ -87,12 +88,34 @@ def load_quantized_model(
         path, quantization_config=bnb_config(quantization, double_quant, compute_dtype or dtype), dtype=parse_dtype(dtype),
         device_map={"": device}, local_files_only=True, trust_remote_code=trust_remote_code,
     )
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    # checkpointing is enabled here rather than by peft, which calls transformers' deprecated
+    # `gradient_checkpointing_enable` (a FutureWarning on every load); with use_reentrant=False peft adds nothing else
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
     keep_4bit_trainable_on_cpu(model)
     cfg = lora_config(lora if lora is not None else {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
-    return get_peft_model(model, cfg)
+    return attach_lora(model, cfg)
+
+
+def attach_lora(model: nn.Module, config: Any) -> nn.Module:
+    """``peft.get_peft_model(model, lora_config(config))`` without the FutureWarning peft causes by reading
+    transformers' deprecated ``is_gradient_checkpointing`` property (only that warning is silenced)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config(config))
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation (gradient) checkpointing through transformers' current API:
+    ``activation_checkpointing_enable`` (transformers >= 5.x), else ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def keep_4bit_trainable_on_cpu(model: nn.Module) -> int:

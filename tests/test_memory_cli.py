@@ -56,3 +56,19 @@ def test_budget_search_cli(capsys):
     data = json.loads(capsys.readouterr().out)
     assert 0 < len(data["candidates"]) <= 3
     assert main(["budget", "llama-60m", "--budget", "1MiB"]) == 1  # nothing fits
+
+
+def test_list_shape_warns_once_about_ranks_above_the_model(capsys, monkeypatch):
+    """`lowmem list --shape tiny`: rank 128 exceeds the tiny model's sides for every subspace optimizer;
+    one summary line, not one warning per parameter, call site and optimizer (32 before)."""
+    import warnings
+
+    from lowmem.memory import estimate
+
+    monkeypatch.setattr(estimate, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["list", "--shape", "tiny"]) == 0
+    rank = [str(w.message) for w in caught if "rank" in str(w.message)]
+    assert len(rank) == 1 and "rank 128 >= the smaller side of the (64, 64)" in rank[0], rank
+    assert "galore_adamw" in capsys.readouterr().out

@@ -201,3 +201,16 @@ def test_keep_4bit_trainable_stops_packing_and_refuses_a_packed_model(tiny_qwen2
         pytest.skip("bitsandbytes does not pack 4-bit weights on this CPU (no AVX512-BF16)")
     with pytest.raises(ValueError, match="already packed"):
         keep_4bit_trainable_on_cpu(model)
+
+
+def test_loading_causes_no_deprecation_noise(tiny_path):
+    """peft's k-bit preparation called transformers' deprecated `gradient_checkpointing_enable` and read
+    `is_gradient_checkpointing` (two FutureWarnings per load); checkpointing is still on, non-reentrant."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = load_quantized_model(tiny_path, "nf4", lora=LORA, dtype="bf16", device="cpu", gradient_checkpointing=True)
+    base = model.get_base_model()
+    assert base.is_activation_checkpointing
+    assert any(p.requires_grad for p in model.parameters())

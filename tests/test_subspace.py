@@ -294,3 +294,26 @@ def test_llama_7b_shaped_accounting_matches_the_formula():
     assert galore["state_bytes"] == expected
     assert galore["trainable_params"] == adamw["trainable_params"] > 6.7e9
     assert abs(adamw["bytes_per_param"] - 8.0) < 1e-5 and galore["bytes_per_param"] < 0.7
+
+
+def test_gpt2_conv1d_layers_are_projected():
+    # GPT-2-family models use transformers' Conv1D (weight stored [in, out]) instead of nn.Linear
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32))
+    opt = create_optimizer(model, "galore_adamw", rank=8)
+    projected = [g for g in opt.param_groups if g.get("rank") is not None]
+    assert len(projected) == 1 and len(projected[0]["params"]) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    ids = torch.randint(0, 100, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    adamw = create_optimizer(model, "adamw")
+    adamw.materialize_state()
+    opt.materialize_state()
+    assert opt.state_bytes() < 0.75 * adamw.state_bytes()  # the 2-D block weights keep rank-8 moments
+
+
+def test_no_projection_layer_warns():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
+    with pytest.warns(UserWarning, match="no trainable projection layer"):
+        create_optimizer(model, "galore_adamw", rank=2)

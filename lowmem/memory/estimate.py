@@ -223,8 +223,38 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = create_optimizer(model, entry.name, **(optim_args or {}))
-    opt.materialize_state()
-    return opt.state_bytes(), "exact"
+    with warnings.catch_warnings(record=True) as caught:  # the engine warns per parameter and per call site
+        warnings.simplefilter("always")
+        opt.materialize_state()
+        size = opt.state_bytes()
+    for message in _summarize_warnings(caught):
+        if message not in _WARNED:  # once per process: catch_warnings resets Python's own once-registry
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=3)
+    return size, "exact"
+
+
+_WARNED: set[str] = set()
+
+
+def _summarize_warnings(caught: list) -> list[str]:
+    """Distinct warning messages, the engine's per-parameter "rank >= smaller side" ones folded into one line."""
+    import re
+
+    shapes, ranks, others = [], set(), []
+    for w in caught:
+        text = str(w.message)
+        m = re.search(r"rank (\d+) >= smaller side of a (\(.*?\)) parameter", text)
+        if m:
+            ranks.add(m.group(1))
+            if m.group(2) not in shapes:
+                shapes.append(m.group(2))
+        elif text not in others:
+            others.append(text)
+    if shapes:  # no optimizer name: one line for all the subspace optimizers at this rank
+        others.insert(0, f"rank {'/'.join(sorted(ranks))} >= the smaller side of the {', '.join(shapes)} parameters: "
+                         "subspace optimizers keep their state full-rank there (as in training)")
+    return others
 
 
 def state_bytes_at_scale(optimizer: str, model: Any = "llama-2-7b", **optim_args: Any) -> dict[str, Any]:

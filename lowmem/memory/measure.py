@@ -257,13 +257,13 @@ def _build_model(model: Any, dtype: torch.dtype, quantization: Any, lora: Any, g
             m = AutoModelForCausalLM.from_config(config, dtype=dtype)
     m = m.to(device)
     if lora is not None:
-        from peft import get_peft_model
+        from ..quant import attach_lora  # peft.get_peft_model without peft's deprecation noise
 
-        from .estimate import lora_config
-
-        m = get_peft_model(m, lora_config(lora))
+        m = attach_lora(m, lora)
     if gradient_checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from ..quant import enable_activation_checkpointing  # transformers' non-deprecated API
+
+        enable_activation_checkpointing(m)
     return m, config
 
 

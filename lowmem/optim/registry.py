@@ -10,6 +10,7 @@ generic test suite then covers it.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -126,16 +127,28 @@ def _matches(module_name: str, targets: str | Iterable[str]) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
+def is_projection_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a 2-D projection layer whose weight a subspace optimizer can project:
+    ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2-family models; its weight is stored
+    transposed, ``[in, out]``, which the projection handles like any matrix). Conv1D is recognised
+    by its class, without importing transformers."""
+    if isinstance(module, nn.Linear):
+        return True
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
 def subspace_target_names(model: nn.Module, target_modules: str | Iterable[str] | None = None) -> list[str]:
     """Names of the 2-D weights to project.
 
-    Default: the weights of every ``nn.Linear`` except the output head (and embeddings, which are
-    not linear layers). ``target_modules`` selects modules by peft's rules instead.
+    Default: the weights of every projection layer (:func:`is_projection_layer`: ``nn.Linear`` and
+    transformers' ``Conv1D``) except the output head (and embeddings, which are not projection
+    layers). ``target_modules`` selects modules by peft's rules instead.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for mod_name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or mod is head or mod.weight is None or not mod.weight.requires_grad:
+        if not is_projection_layer(mod) or mod is head or mod.weight is None or not mod.weight.requires_grad:
             continue
         if target_modules is not None and not _matches(mod_name, target_modules):
             continue
@@ -160,6 +173,12 @@ def build_param_groups(
     targets = set(subspace_target_names(model, target_modules)) if subspace else set()
     if subspace and target_modules is not None and not targets:
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer of the model")
+    if subspace and not targets:
+        warnings.warn(
+            f"the subspace optimizer found no trainable projection layer (nn.Linear or transformers' Conv1D, "
+            f"output head excluded) in {type(model).__name__}: every parameter trains full-rank, with "
+            "full-size state; pass target_modules to choose the layers", stacklevel=3,
+        )
     projected, decayed, plain, seen = [], [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
