@@ -8,6 +8,13 @@ memory side of the run::
 
     from lowmem.train import load_recipe, run
     metrics = run(load_recipe("configs/adafactor.yaml", steps=50))
+
+A recipe may also use the trainer's config fields (``TrainingArguments``, ``SFTConfig``,
+``DPOConfig``, ``GRPOConfig``) at the top level and Hugging Face optimizer names
+(:data:`HF_OPTIM_NAMES`). Every value is type- and range-checked before any model loads
+(:mod:`lowmem.config`; errors are :class:`~lowmem.config.ConfigError`), and :func:`run` builds the
+trainer's config and locates the checkpoint to resume (:func:`resolve_checkpoint`) before loading
+the model.
 """
 
 from __future__ import annotations
@@ -63,10 +70,11 @@ class TrainRecipe:
 
         > Your own data (docs/training.md, "Training on your own data")
 
-        dataset (`str` or `None`, defaults to `None`):
+        dataset (`str`, `list[str]` or `None`, defaults to `None`):
             Local training data (``--dataset``), loaded with ``datasets`` and never downloaded: a
             ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` / ``.txt`` file, a folder of such files,
-            or a folder written by ``save_to_disk`` (its ``train`` split for a ``DatasetDict``).
+            or a folder written by ``save_to_disk`` (its ``train`` split for a ``DatasetDict``); a
+            list of such paths is concatenated in order (one format, the same columns).
             Columns in TRL's formats: SFT ``text``, ``messages``, or ``prompt`` + ``completion``;
             DPO ``prompt`` + ``chosen`` + ``rejected`` (or ``chosen`` + ``rejected`` with an implicit
             prompt); GRPO/GVPO/BNPO ``prompt`` plus any columns, passed to the reward functions as
@@ -75,10 +83,11 @@ class TrainRecipe:
             (:class:`~lowmem.trainers.LowMemSFTTrainer`), so ``max_length``, ``packing``,
             ``completion_only_loss``, ``assistant_only_loss``, ``dataset_text_field`` are its
             ``SFTConfig`` fields (top-level recipe keys or ``training_args``). See :mod:`lowmem.data`.
-        eval_dataset (`str` or `None`, defaults to `None`):
-            Local held-out data in the same format (for a saved ``DatasetDict``: its ``validation``,
-            ``test`` or ``eval`` split). SFT reports its loss before and after training
-            (``initial_loss``, ``final_loss``); DPO its margin and accuracy. Requires ``dataset``.
+        eval_dataset (`str`, `list[str]` or `None`, defaults to `None`):
+            Local held-out data (one path or a list) in the same format; for a saved ``DatasetDict``
+            or a folder of split-named files, its ``validation`` or ``test`` split. SFT reports its
+            loss before and after training (``initial_loss``, ``final_loss``); DPO its margin and
+            accuracy. Requires ``dataset``.
         eval_split (`float` or `None`, defaults to `None`):
             Fraction of ``dataset`` in ``(0, 1)`` held out for evaluation instead, shuffled by ``seed``.
             Exclusive with ``eval_dataset``.
@@ -188,8 +197,8 @@ class TrainRecipe:
     task: str | None = None
     train_size: int = 2000
     eval_size: int = 128
-    dataset: str | None = None
-    eval_dataset: str | None = None
+    dataset: str | list[str] | None = None
+    eval_dataset: str | list[str] | None = None
     eval_split: float | None = None
     chat_template: str | None = None
     reward_funcs: list[str | dict[str, Any]] | None = None
