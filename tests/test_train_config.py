@@ -136,6 +136,13 @@ def test_trl_fields_at_top_level_and_hf_optim_names(tmp_path):
     assert r.optim == "galore_adamw8bit" and r.layerwise is True
     assert r.optim_args == {"target_modules": ["q_proj", "v_proj"], "rank": 4, "update_proj_gap": 10, "scale": 0.5,
                             "proj_type": "std"}
+    # SFTConfig's fields apply to sft on a dataset, also when the dataset comes from --dataset
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "12+7=19"}\n{"text": "3+4=7"}\n')
+    path.write_text("max_length: 64\npacking: false\n")
+    assert load_recipe(path, dataset=str(data)).training_args == {"max_length": 64, "packing": False}
+    with pytest.raises(ConfigError, match="max_length"):
+        load_recipe(path)  # the synthetic task runs LowMemTrainer: no max_length there
     # `beta` is a DPOConfig field, not an SFT one
     path.write_text("beta: 0.2\n")
     with pytest.raises(ConfigError, match="unknown recipe key"):
