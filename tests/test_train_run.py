@@ -74,6 +74,7 @@ def test_lora_saves_adapter_and_merged_model_with_same_logits(tmp_path):
     m = _run(tmp_path, optim="adamw", lr=5e-2, steps=4, lora={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
              merge_adapters=True)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
+    assert (tmp_path / "tokenizer_config.json").is_file()
     assert not (tmp_path / "model.safetensors").exists()  # the adapter, not a full copy
     assert m["merged_model"] == str(tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
@@ -147,3 +148,16 @@ def test_cli_resume_flag(tmp_path, capsys):
     assert main(["train", "--steps", "3", "--output-dir", str(tmp_path), "--batch-size", "4", "--resume"]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["resumed_from"] == str(tmp_path / "checkpoint-2") and m["steps"] == 3
+
+
+def test_cli_resume_before_the_recipe_takes_the_recipe(tmp_path, monkeypatch):
+    import lowmem.train
+
+    seen = []
+    monkeypatch.setattr(lowmem.train, "run", lambda recipe: seen.append(recipe))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 3\n")
+    assert main(["train", "--resume", str(recipe)]) == 0  # argparse gives the recipe to --resume
+    assert seen[0].steps == 3 and seen[0].resume_from_checkpoint is True
+    assert main(["train", str(recipe), f"--resume={tmp_path}"]) == 0
+    assert seen[1].resume_from_checkpoint == str(tmp_path)
