@@ -42,8 +42,10 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from a checkpoint: the latest complete one in OUTPUT_DIR, or PATH "
                         "(put --resume after RECIPE, or write --resume=PATH)")
-    p.add_argument("--dataset", help="local training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder of them, "
-                   "or a save_to_disk folder, in a TRL format (see docs/training.md); replaces the synthetic task")
+    p.add_argument("--dataset", action="append", metavar="PATH",
+                   help="local training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder of them, or a "
+                   "save_to_disk folder, in a TRL format (see docs/training.md); repeat to concatenate several; "
+                   "replaces the synthetic task")
     p.set_defaults(handler=run_train)
 
 
@@ -56,7 +58,8 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(
         recipe_path, save_steps=args.save_steps, eval_steps=args.eval_steps, resume_from_checkpoint=resume,
         optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
-        output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size, dataset=args.dataset,
+        output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size,
+        dataset=args.dataset[0] if args.dataset and len(args.dataset) == 1 else args.dataset,
     )
     set_train_threads(recipe.model)  # lowmem/threads.py: OMP_NUM_THREADS, else 1 for the tiny model, else cores/procs
     run(recipe)

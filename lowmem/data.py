@@ -392,34 +392,70 @@ class TrainData:
                 "train_rows": len(self.train), "eval_rows": len(self.eval) if self.eval is not None else 0}
 
 
-def load_train_data(dataset: str, trainer: str, *, eval_dataset: str | None = None, eval_split: float | None = None,
-                    seed: int = 0, text_field: str = "text") -> TrainData:
+def load_sources(paths: str | list[str], trainer: str, *, split: str = "train", field_name: str = "dataset",
+                 text_field: str = "text"):
+    """Load one path or several (concatenated in order) and check they share one format for ``trainer``.
+
+    Args:
+        paths (`str` or `list[str]`): Paths for :func:`load_local_dataset`.
+        trainer (`str`): Selects the accepted formats (:data:`FORMATS`).
+        split (`str`, defaults to `"train"`): ``"train"`` or ``"eval"`` (for saved ``DatasetDict`` and split folders).
+        field_name (`str`, defaults to `"dataset"`): The recipe field, for messages.
+        text_field (`str`, defaults to `"text"`): SFT's ``dataset_text_field``.
+
+    Returns:
+        `tuple[Dataset, DatasetFormat]`: The rows, and the format of the first source.
+
+    Raises:
+        ValueError: As :func:`load_local_dataset` and :func:`detect_format`; sources in different
+            formats, or whose columns or column types differ (both are named).
+    """
+    import datasets
+
+    items = [paths] if isinstance(paths, str) else list(paths)
+    parts, fmt = [], None
+    for i, path in enumerate(items):
+        where = field_name if len(items) == 1 else f"{field_name}[{i}]"
+        ds = load_local_dataset(path, split=split, field_name=where)
+        f = detect_format(ds, trainer, source=str(path), text_field=text_field)
+        if fmt is not None and (f.name, f.conversational) != (fmt.name, fmt.conversational):
+            raise ValueError(f"{where} {str(path)!r} is {f.describe()}, but {field_name}[0] {str(items[0])!r} is "
+                             f"{fmt.describe()}; expected one format for all of {field_name}")
+        if parts and ds.features != parts[0].features:
+            raise ValueError(f"{where} {str(path)!r} has columns {dict(ds.features)}, but {field_name}[0] {str(items[0])!r} "
+                             f"has {dict(parts[0].features)}; expected the same columns and types to concatenate them")
+        fmt = fmt or f
+        parts.append(ds)
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), fmt
+
+
+def load_train_data(dataset: str | list[str], trainer: str, *, eval_dataset: str | list[str] | None = None,
+                    eval_split: float | None = None, seed: int = 0, text_field: str = "text") -> TrainData:
     """Load ``dataset`` (and ``eval_dataset`` or an ``eval_split`` of it) and check their format for ``trainer``.
 
     Args:
-        dataset (`str`): Training data path (:func:`load_local_dataset`).
+        dataset (`str` or `list[str]`): Training data path, or several paths concatenated in order
+            (:func:`load_sources`, :func:`load_local_dataset`).
         trainer (`str`): Selects the accepted formats (:data:`FORMATS`).
-        eval_dataset (`str` or `None`, defaults to `None`): Held-out data path; for a saved
-            ``DatasetDict`` its ``validation`` / ``test`` / ``eval`` split.
+        eval_dataset (`str`, `list[str]` or `None`, defaults to `None`): Held-out data path(s); for a
+            saved ``DatasetDict`` or a split folder its ``validation`` / ``test`` split.
         eval_split (`float` or `None`, defaults to `None`): Fraction of ``dataset`` held out by ``seed``
             instead. At most one of ``eval_dataset`` and ``eval_split``.
         seed (`int`, defaults to `0`): Seed of ``eval_split``.
         text_field (`str`, defaults to `"text"`): SFT's ``dataset_text_field``.
 
     Raises:
-        ValueError: As :func:`load_local_dataset` and :func:`detect_format`, both ``eval_dataset``
-            and ``eval_split``, or an eval set in another format than the training set.
+        ValueError: As :func:`load_sources`, both ``eval_dataset`` and ``eval_split``, or an eval set
+            in another format than the training set.
     """
     if eval_dataset is not None and eval_split is not None:
         raise ValueError("eval_dataset and eval_split are exclusive: give a held-out file or a fraction, not both")
-    train = load_local_dataset(dataset, field_name="dataset")
-    fmt = detect_format(train, trainer, source=str(dataset), text_field=text_field)
+    train, fmt = load_sources(dataset, trainer, field_name="dataset", text_field=text_field)
     evals = None
     if eval_dataset is not None:
-        evals = load_local_dataset(eval_dataset, split="eval", field_name="eval_dataset")
-        efmt = detect_format(evals, trainer, source=str(eval_dataset), text_field=text_field)
+        evals, efmt = load_sources(eval_dataset, trainer, split="eval", field_name="eval_dataset", text_field=text_field)
         if (efmt.name, efmt.conversational) != (fmt.name, fmt.conversational):
-            raise ValueError(f"eval_dataset {str(eval_dataset)!r} is {efmt.describe()}, but dataset {str(dataset)!r} is "
+            raise ValueError(f"eval_dataset {eval_dataset!r} is {efmt.describe()}, but dataset {dataset!r} is "
                              f"{fmt.describe()}; expected the same format")
     elif eval_split is not None:
         train, evals = split_eval(train, eval_split, seed)
@@ -443,11 +479,14 @@ def validate_data_fields(recipe: Any) -> None:
 
     for name in ("dataset", "eval_dataset", "chat_template"):
         value = getattr(recipe, name)
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-            setattr(recipe, name, value)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise ValueError(f"Invalid {name}={value!r}: expected a non-empty string (a local path) or null")
+        several = name != "chat_template" and isinstance(value, (list, tuple))
+        items = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in (value if several else [value])]
+        if value is not None and (not items or any(not isinstance(v, str) or not v.strip() for v in items)):
+            what = "a non-empty string (a local path), a non-empty list of them, or null" if name != "chat_template" \
+                else "a non-empty string (Jinja text or a .jinja path) or null"
+            raise ValueError(f"Invalid {name}={value!r}: expected {what}")
+        if value is not None:
+            setattr(recipe, name, items if several else items[0])
     if recipe.dataset is not None and recipe.task is not None:
         raise ValueError(f"dataset={recipe.dataset!r} and task={recipe.task!r} are exclusive: task selects the embedded "
                          "synthetic data, dataset your own; remove one of them")

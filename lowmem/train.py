@@ -519,7 +519,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         raise ConfigError(f"{where}{err}") from None
 
 
-def _recipe_keys(data: dict[str, Any], where: str, dataset: str | None = None) -> dict[str, Any]:
+def _recipe_keys(data: dict[str, Any], where: str, dataset: str | list[str] | None = None) -> dict[str, Any]:
     """Recipe fields of ``data``; aliases (``learning_rate``) renamed, fields of the trainer's
     config class moved into ``training_args``, anything else an error. ``dataset`` (an override,
     e.g. ``--dataset``) counts as the recipe's when choosing the config class."""

@@ -319,3 +319,22 @@ def test_sft_format_precedence_follows_trl():
     both = [{**m, **pc, "text": "x"} for m, pc in zip(sft_rows("messages", 2), sft_rows("prompt-completion", 2))]
     assert detect_format(Dataset.from_list(both), "sft").name == "prompt-completion"
     assert detect_format(Dataset.from_list([{**r, "text": "x"} for r in sft_rows("messages", 2)]), "sft").name == "messages"
+
+
+def test_several_sources_concatenate(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", sft_rows("messages", 5, seed=1))
+    b = write_parquet(tmp_path / "b.parquet", sft_rows("messages", 3, seed=2))
+    data = load_train_data([str(a), str(b)], "sft", eval_dataset=[str(b)])
+    assert (len(data.train), len(data.eval), data.format.name) == (8, 3, "messages")
+    assert data.train[5] == sft_rows("messages", 3, seed=2)[0]  # in order
+    text = write_jsonl(tmp_path / "t.jsonl", sft_rows("text", 2))
+    with pytest.raises(ValueError, match=r"dataset\[1\] '.*t.jsonl' is text .*but dataset\[0\] .* is messages"):
+        load_train_data([str(a), str(text)], "sft")
+    extra = write_jsonl(tmp_path / "e.jsonl", [{**r, "source": "x"} for r in sft_rows("messages", 2)])
+    with pytest.raises(ValueError, match=r"dataset\[1\] .* has columns .*expected the same columns and types"):
+        load_train_data([str(a), str(extra)], "sft")
+    with pytest.raises(FileNotFoundError, match=r"dataset\[1\]: '.*nope.jsonl' does not exist"):
+        load_train_data([str(a), str(tmp_path / "nope.jsonl")], "sft")
+    assert TrainRecipe(dataset=[str(a), str(b)]).dataset == [str(a), str(b)]
+    with pytest.raises(ValueError, match=r"dataset=\[\]"):
+        TrainRecipe(dataset=[])

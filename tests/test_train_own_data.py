@@ -72,16 +72,18 @@ def test_sft_conversational_prompt_completion_saved_dataset_and_template_file(ti
     assert m["final_loss"] < m["initial_loss"] - 1.0, (m["initial_loss"], m["final_loss"])
 
 
-def test_sft_cli_csv_prompt_completion_without_eval_set(own_model_dir, tmp_path, capsys):
-    data = write_csv(tmp_path / "pairs.csv", sft_rows("prompt-completion", 400))
+def test_sft_cli_two_csv_files_without_eval_set(own_model_dir, tmp_path, capsys):
+    rows = sft_rows("prompt-completion", 400)
+    first, second = write_csv(tmp_path / "a.csv", rows[:300]), write_csv(tmp_path / "b.csv", rows[300:])
     recipe = tmp_path / "recipe.yaml"
     # max_length: an SFTConfig field at the top level, valid because --dataset makes this TRL's SFTTrainer
     recipe.write_text(yaml.safe_dump({"trainer": "sft", "steps": 30, "logging_steps": 5, "save_model": False,
                                       "track_memory": False, "max_length": 64}))
-    rc = main(["train", str(recipe), "--dataset", str(data), "--model", own_model_dir, "--output-dir", str(tmp_path / "o")])
+    rc = main(["train", str(recipe), "--dataset", str(first), "--dataset", str(second), "--model", own_model_dir,
+               "--output-dir", str(tmp_path / "o")])
     assert rc == 0
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert m["data"]["format"] == "prompt-completion" and m["initial_loss"] is None
+    assert m["data"]["format"] == "prompt-completion" and m["data"]["train_rows"] == 400 and m["initial_loss"] is None
     hist = m["train_loss_history"]
     assert len(hist) == 6 and hist[-1] < hist[0] - 0.5, hist
     assert "training loss (no eval set)" in capsys.readouterr().out
