@@ -906,6 +906,10 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     start = time.perf_counter()
     build_training_args(recipe)  # the config class's own checks, before any model loads
     resumed_from = resolve_checkpoint(recipe, warn=lambda m: main and console.print(f"[yellow]warning[/]: {m}"))
+    earlier = sorted(p.name for p in Path(recipe.output_dir).glob("checkpoint-*") if p.is_dir())
+    if main and resumed_from is None and earlier:
+        console.print(f"[yellow]warning[/]: {recipe.output_dir} holds {earlier} from an earlier run; this run starts "
+                      "from step 0 and overwrites them (resume_from_checkpoint: true / --resume continues instead)")
     if main:
         console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
                       f"model={recipe.model or 'embedded tiny Llama'} steps={recipe.steps}"

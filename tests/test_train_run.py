@@ -145,7 +145,11 @@ def test_effective_hyperparameters_are_read_back_from_the_optimizer(tmp_path):
 
 def test_cli_resume_flag(tmp_path, capsys):
     assert main(["train", "--steps", "2", "--save-steps", "2", "--output-dir", str(tmp_path), "--batch-size", "4"]) == 0
+    assert main(["train", "--steps", "2", "--save-steps", "2", "--output-dir", str(tmp_path), "--batch-size", "4"]) == 0
+    assert "holds ['checkpoint-2'] from an earlier run" in capsys.readouterr().out  # a restart is said, not silent
+    capsys.readouterr()
     assert main(["train", "--steps", "3", "--output-dir", str(tmp_path), "--batch-size", "4", "--resume"]) == 0
+    assert "from an earlier run" not in capsys.readouterr().out
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["resumed_from"] == str(tmp_path / "checkpoint-2") and m["steps"] == 3
 
