@@ -8,7 +8,9 @@ A recipe's ``reward_funcs`` is a list of entries, each one of
 * ``"path/to/file.py:function"``: a function defined in a Python file (relative paths are from the
   current directory);
 * a mapping ``{name: <one of the above>, <keyword>: <value>, ...}``: the same function with those
-  keyword arguments bound, e.g. ``{name: format, pattern: "\\d+"}``.
+  keyword arguments bound, e.g. ``{name: format, pattern: "\\d+"}``;
+* a local directory holding a reward model (``AutoModelForSequenceClassification`` with one label,
+  and its tokenizer): TRL loads it and scores each prompt + completion, as for a Hub model id.
 
 The user's code is imported only because the recipe names it, when training starts. Every reward
 function follows TRL's contract::
@@ -138,7 +140,7 @@ BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
     "exact_match": exact_match_reward, "format": format_reward, "addition": addition_reward,
 }
 REFERENCE_HELP = ("a built-in name " + str(sorted(BUILTIN_REWARDS)) + ", 'package.module:function', "
-                  "'path/to/file.py:function', or a mapping {name: ..., <keyword>: value}")
+                  "'path/to/file.py:function', a mapping {name: ..., <keyword>: value}, or a local reward-model directory")
 
 
 def _entry_parts(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
@@ -156,6 +158,16 @@ def _entry_parts(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"Invalid {where} name {ref!r}: expected {REFERENCE_HELP}")
     ref = ref.strip()
     if ref not in BUILTIN_REWARDS and ":" not in ref:
+        if Path(ref).expanduser().is_dir():  # a reward model
+            if bound:
+                raise ValueError(f"Invalid {where}: a reward-model directory takes no keyword arguments; got {sorted(bound)}")
+            if not (Path(ref).expanduser() / "config.json").is_file():
+                raise ValueError(f"Invalid {where}={ref!r}: the directory has no config.json; expected a reward model "
+                                 "saved with save_pretrained (AutoModelForSequenceClassification, num_labels=1)")
+            return ref, bound
+        if "/" in ref or "\\" in ref:
+            raise FileNotFoundError(f"{where}: reward-model directory {ref!r} does not exist (a function is named "
+                                    "'path/to/file.py:function')")
         raise ValueError(f"Unknown reward {ref!r} in {where}: expected {REFERENCE_HELP}")
     if ref == "format" and "pattern" in bound:
         if not isinstance(bound["pattern"], str):
@@ -239,11 +251,12 @@ def _import_file(path: str, ref: str) -> Any:
     return module
 
 
-def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]]:
+def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]] | str:
     """The reward function of one ``reward_funcs`` entry (see the module docstring), imported now.
 
     Returns:
-        `Callable`: With ``__name__`` set to the built-in's name (``exact_match``) or the function's
+        `Callable` or `str`: The path of a reward-model directory as is (TRL's ``GRPOTrainer`` loads
+        it); else a callable with ``__name__`` set to the built-in's name (``exact_match``) or the function's
         name (TRL logs ``rewards/<name>/mean``); bound keyword arguments are applied.
 
     Raises:
@@ -251,6 +264,8 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]]:
         FileNotFoundError: A ``.py`` file that does not exist.
     """
     ref, bound = _entry_parts(entry, index)
+    if ref not in BUILTIN_REWARDS and ":" not in ref:  # a local reward-model directory: TRL loads it
+        return str(Path(ref).expanduser())
     if ref in BUILTIN_REWARDS:
         fn, name = BUILTIN_REWARDS[ref], ref
     else:
@@ -275,7 +290,7 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]]:
     return with_bound
 
 
-def load_reward_funcs(entries: list[Any]) -> list[Callable[..., list[float]]]:
+def load_reward_funcs(entries: list[Any]) -> list[Callable[..., list[float]] | str]:
     """:func:`resolve_reward` of every entry, in order (what ``GRPOTrainer(reward_funcs=...)`` takes)."""
     return [resolve_reward(e, i) for i, e in enumerate(entries)]
 

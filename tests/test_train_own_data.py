@@ -225,3 +225,29 @@ def test_sft_and_grpo_with_a_bpe_chatml_model(bpe_model_dir, tmp_path):
     m, _ = _run(trainer="grpo", model=bpe_model_dir, dataset=str(prompts), steps=30, logging_steps=1,
                 reward_funcs=["addition"], output_dir=str(tmp_path / "grpo"), training_args=RL_ARGS, **QUIET)
     assert m["final_reward"] > m["initial_reward"] + 0.1, m["reward_history"]
+
+
+def test_grpo_with_a_local_reward_model(own_model_dir, tmp_path):
+    """A reward-model directory (sequence classification, one label) beside a built-in reward: TRL loads
+    it by path and scores every completion; both appear in reward_func_histories."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from lowmem.kit import build_tokenizer, tiny_config
+
+    tok = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        rm = LlamaForSequenceClassification(tiny_config(tok, num_labels=1))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    data = write_jsonl(tmp_path / "prompts.jsonl", rl_rows(32))
+    m, _ = _run(trainer="grpo", model=own_model_dir, dataset=str(data), steps=3, logging_steps=1,
+                reward_funcs=[str(tmp_path / "rm"), "addition"], output_dir=str(tmp_path / "out"),
+                training_args=RL_ARGS, **QUIET)
+    assert sorted(m["reward_func_histories"]) == ["addition", "rm"] and len(m["reward_func_histories"]["rm"]) == 3
+    with pytest.raises(FileNotFoundError, match=r"reward-model directory '.*missing' does not exist"):
+        TrainRecipe(trainer="grpo", reward_funcs=[str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        TrainRecipe(trainer="grpo", reward_funcs=[str(tmp_path / "empty")])
