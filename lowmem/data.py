@@ -37,6 +37,7 @@ EXTENSIONS: dict[str, str] = {
     ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet",
     ".txt": "text", ".text": "text",
 }
+CHECKED_ROWS = 1000  # rows whose cells detect_format checks (a bad row later fails inside TRL)
 SPLIT_PREFERENCE = {"train": ("train",), "eval": ("validation", "test", "eval")}
 
 # accepted formats per trainer: (format name, required columns, description for messages)
@@ -286,7 +287,8 @@ def _short(value: Any) -> str:
 
 
 def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field: str = "text") -> DatasetFormat:
-    """Which TRL dataset format ``dataset`` is in, for ``trainer``; checked on the first rows.
+    """Which TRL dataset format ``dataset`` is in, for ``trainer``; the format columns of the first
+    :data:`CHECKED_ROWS` rows are checked (strings, or lists of ``{role, content}`` messages).
 
     Args:
         dataset (`datasets.Dataset`): Loaded data.
@@ -315,7 +317,7 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
         accepted = "; ".join(desc for _, _, desc in formats)
         raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}")
     name, cols = match
-    rows = dataset.select(range(min(len(dataset), 8)))
+    rows = dataset.select(range(min(len(dataset), CHECKED_ROWS)))
     first = rows[0]
     conversational = any(is_messages(first[c]) for c in cols) or (name == "messages")
     for i, row in enumerate(rows):

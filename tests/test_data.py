@@ -171,6 +171,10 @@ def test_detect_format_errors_list_columns_and_accepted_formats():
     # a number where text belongs; a message list missing 'content'
     with pytest.raises(ValueError, match=r"column 'text' of row 0 is int 5; expected a string"):
         detect_format(Dataset.from_list([{"text": 5}]), "sft")
+    rows = sft_rows("prompt-completion", 300)
+    rows[250]["completion"] = None  # a missing value deep in the file
+    with pytest.raises(ValueError, match=r"column 'completion' of row 250 is NoneType None; expected a string"):
+        detect_format(Dataset.from_list(rows), "sft")
     with pytest.raises(ValueError, match=r"column 'messages' of row 0 .*expected a list of \{'role': ..., 'content': ...\}"):
         detect_format(Dataset.from_list([{"messages": [{"role": "user", "text": "hi"}]}]), "sft")
     # dataset_text_field renames the text column (TRL's SFTConfig field)
