@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -904,7 +905,18 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     console = console or Console(soft_wrap=True)  # whole lines in logs and pipes
     main = is_main_process()
     start = time.perf_counter()
-    build_training_args(recipe)  # the config class's own checks, before any model loads
+    from lowmem.trainers.hf import trainer_hparams
+
+    args = build_training_args(recipe)  # the config class's own checks, before any model loads
+    hf_logger = logging.getLogger("lowmem.trainers.hf")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)  # its warnings come once, when the trainer builds the optimizer
+    try:  # TrainingArguments values the optimizer rejects (adam_epsilon with Adafactor's pair), also early
+        trainer_hparams(recipe.optim, args, recipe.optim_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    finally:
+        hf_logger.setLevel(level)
     resumed_from = resolve_checkpoint(recipe, warn=lambda m: main and console.print(f"[yellow]warning[/]: {m}"))
     earlier = sorted(p.name for p in Path(recipe.output_dir).glob("checkpoint-*") if p.is_dir())
     if main and resumed_from is None and earlier:

@@ -88,6 +88,7 @@ def test_bad_value_names_the_field(tmp_path, capsys, text, field, expected):
         ("optim: adamw\noptim_args: {lr: abc}\n", "optim_args.lr"),
         ("optim: adamw\noptim_args: {rank: 4}\n", "valid"),
         ("trainer: grpo\nnum_generations: 3\nbatch_size: 4\n", "num_generations"),
+        ("optim: adafactor\nadam_epsilon: 1e-6\n", "adam_epsilon=1e-06 cannot apply to optimizer 'adafactor'"),
     ],
 )
 def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys, text, expected):
