@@ -165,10 +165,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _step_param(self, p: Tensor, grad: Tensor, group: dict, low: Tensor | None = None) -> None:
         self._micro[p] = 0
         clipped = low if low is not None else grad
-        if not bool(torch.isfinite(clipped).all()):
+        # the norm is a reduction (no full-size temporary); a finite norm proves every entry finite
+        norm_sq = torch.linalg.vector_norm(clipped, dtype=torch.float32).square()
+        if not bool(torch.isfinite(norm_sq)) and not bool(torch.isfinite(clipped).all()):
             warnings.warn(f"layerwise: non-finite gradient for a {tuple(p.shape)} parameter; its step is skipped", stacklevel=2)
             return
-        norm_sq = clipped.float().pow(2).sum()
         self._sq_norm_sum = norm_sq if self._sq_norm_sum is None else self._sq_norm_sum + norm_sq
         if self.max_grad_norm is not None:
             if self.clip_mode == "per_param":
@@ -227,6 +228,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         return self.inner.state_bytes()
+
+    def step_transient_bytes(self) -> int:
+        """The largest transient of stepping one parameter (see
+        :meth:`~lowmem.optim.engine.LowMemOptimizer.step_transient_bytes`), plus, with
+        ``max_grad_norm``, the clipped copy of the largest gradient (gradients assumed in the
+        parameter's dtype). The subspace accumulation buffers (``r x n`` per projected parameter,
+        held across micro-batches) are state-like and not counted here."""
+        extra = 0
+        if self.max_grad_norm is not None:
+            extra = max((p.numel() * p.element_size() for g in self.inner.param_groups for p in g["params"]), default=0)
+        return self.inner.step_transient_bytes() + extra
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (the optimizer can no longer step)."""

@@ -187,6 +187,12 @@ class FactoredMoments(MomentRule):
         else:
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
 
+    def transient_bytes(self, numel, shape, group, state):
+        """``g^2 + eps1`` and the update alive together (float32), plus float32 copies of a
+        low-precision first moment (the row and column statistics are small)."""
+        low_precision = "exp_avg" in state and state["exp_avg"].dtype != torch.float32
+        return (8 + 4 * low_precision) * numel
+
     def direction(self, g, state, group, t, lr):
         eps1 = group["eps"][0]
         beta2t = F.adafactor_beta2(t, group["decay_rate"])

@@ -25,6 +25,11 @@ from typing import Any
 
 MiB = 2**20
 
+# Large allocations straight from mmap and back to the kernel when freed: the peak RSS then counts
+# the bytes live at the peak (glibc's default raises its mmap threshold after the first free of a
+# large block and serves later ones from the heap, where freed chunk-sized blocks fragment).
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 # name, label, hyperparameters, mode ("plain": steps after the first, "refresh": a step that refreshes
 # the projection). The table of docs/memory.md.
 TABLE: tuple[tuple[str, str, dict[str, Any], str], ...] = (
@@ -98,17 +103,21 @@ def _child(name: str, shape: tuple[int, ...], hparams: dict[str, Any], mode: str
         state["step"].fill_(1)
     transient = opt.step_transient_bytes() if hasattr(opt, "step_transient_bytes") else None
     state_bytes = opt.state_bytes()
-    times = []
+    import gc
+
+    gc.collect()
+    times, cpu = [], []
     _reset_peak()
     base = _status_kib("VmRSS")
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = _status_kib("VmHWM")
     return {
         "name": name, "shape": list(shape), "mode": mode, "hparams": hparams, "state_bytes": state_bytes,
-        "growth_bytes": (peak - base) * 1024, "step_s": times, "transient_bytes": transient,
+        "growth_bytes": (peak - base) * 1024, "step_s": times, "step_cpu_s": cpu, "transient_bytes": transient,
         "step_after": int(state["step"].item()),
     }
 
@@ -135,11 +144,21 @@ def measure_step(
         ``step_s`` (seconds per step), ``transient_bytes`` (``step_transient_bytes()``, if the
         optimizer has it).
     """
-    if mode not in ("plain", "refresh"):
-        raise ValueError(f"mode must be 'plain' or 'refresh', got {mode!r}")
+    spec = {"name": name, "shape": list(shape), "hparams": hparams or {}, "mode": mode, "steps": steps}
+    return measure_steps([spec], env=env, pythonpath=pythonpath)[0]
+
+
+def measure_steps(specs: list[dict[str, Any]], env: dict[str, str] | None = None,
+                  pythonpath: str | None = None) -> list[dict[str, Any]]:
+    """:func:`measure_step` for several ``{"name", "shape", "hparams", "mode", "steps"}`` specs, one
+    after another in one fresh process (the peak is reset before each). Use it with
+    :data:`LIVE_ENV`, so that what one spec freed is returned to the kernel before the next."""
+    for spec in specs:
+        if spec["mode"] not in ("plain", "refresh"):
+            raise ValueError(f"mode must be 'plain' or 'refresh', got {spec['mode']!r}")
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("measure_step needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    payload = json.dumps({"name": name, "shape": list(shape), "hparams": hparams or {}, "mode": mode, "steps": steps})
+    payload = json.dumps(specs)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if pythonpath is not None:
         full_env["PYTHONPATH"] = pythonpath + os.pathsep + full_env.get("PYTHONPATH", "")
@@ -148,7 +167,7 @@ def measure_step(
         capture_output=True, text=True, env=full_env, cwd=pythonpath or None,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"step measurement of {name} failed:\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"step measurement of {[s['name'] for s in specs]} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -160,24 +179,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help="labels of TABLE rows to run")
     ap.add_argument("--pythonpath", help="measure the lowmem found in this directory")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--live", action="store_true", help=f"fix glibc's mmap threshold ({LIVE_ENV}): the growth is then"
+                    " the bytes live at the peak, without the heap fragmentation the default allocator adds")
     args = ap.parse_args(argv)
     if args.child:
-        spec = json.loads(args.child)
-        print(json.dumps(_child(spec["name"], tuple(spec["shape"]), spec["hparams"], spec["mode"], spec["steps"])))
+        specs = json.loads(args.child)
+        print(json.dumps([_child(s["name"], tuple(s["shape"]), s["hparams"], s["mode"], s["steps"]) for s in specs]))
         return
     rows = []
-    print("| optimizer | state MiB | peak growth MiB | step_transient_bytes MiB | step s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| optimizer | state MiB | peak growth MiB | step_transient_bytes MiB | step CPU s | step wall s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, label, hp, mode in TABLE:
         if args.only and label not in args.only and name not in args.only:
             continue
         steps = 1 if mode == "refresh" else args.steps
-        r = measure_step(name, tuple(args.shape), hp, mode, steps, pythonpath=args.pythonpath)
+        r = measure_step(name, tuple(args.shape), hp, mode, steps, pythonpath=args.pythonpath,
+                         env=LIVE_ENV if args.live else None)
         r["label"] = label
         rows.append(r)
         tr = "-" if r["transient_bytes"] is None else f"{r['transient_bytes'] / MiB:.0f}"
-        step_s = min(r["step_s"][1:] or r["step_s"])
-        print(f"| {label} | {r['state_bytes'] / MiB:.0f} | {r['growth_bytes'] / MiB:.0f} | {tr} | {step_s:.2f} |", flush=True)
+        step_s, cpu_s = min(r["step_s"]), min(r["step_cpu_s"])
+        print(f"| {label} | {r['state_bytes'] / MiB:.0f} | {r['growth_bytes'] / MiB:.0f} | {tr} | {cpu_s:.2f} | {step_s:.2f} |",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -283,7 +283,7 @@ class SubspaceProjection(Projection):
         r = group["rank"]
         k = min(m, n)
         method = self.method(group)
-        small = 4 * 8 * (r + 4) * (m + n)  # panels of rank (+ oversampling) columns, a few alive at once
+        small = 4 * 5 * (r + 4) * (m + n)  # panels of rank + oversampling columns, a few alive at once (measured)
         if not refresh:
             return small
         if method in ("svd", "online_pca"):
@@ -421,9 +421,13 @@ class FiraResidual(ResidualRule):
         residual, summed over row chunks."""
         c = self.unit_scale(state, group) if self.unit_scale is not None else 1.0
         factor = FI.scaling_factor(d_low / c, low)
-        norms = [torch.linalg.vector_norm(self._scaled_rows(g[a:b], low, factor, state, group, projection, a, b))
-                 for a, b in bounds]
-        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        if len(bounds) == 1:
+            norm = torch.linalg.vector_norm(self._scaled_rows(g, low, factor, state, group, projection, 0, g.shape[0]))
+        else:  # accumulated in place (no small tensors pinned between row-sized temporaries)
+            norm = torch.zeros((), dtype=torch.float32, device=g.device)
+            for a, b in bounds:
+                norm.add_(torch.linalg.vector_norm(self._scaled_rows(g[a:b], low, factor, state, group, projection, a, b)).square_())
+            norm.sqrt_()
         limiter = FI.growth_limiter_(norm, state["fira_prev_norm"], group.get("gamma", 1.01))
         return factor, limiter, c
 
