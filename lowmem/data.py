@@ -469,13 +469,13 @@ def validate_data_fields(recipe: Any) -> None:
 
     Fields: ``dataset``, ``eval_dataset``, ``eval_split``, ``chat_template``, ``reward_funcs``,
     ``reward_weights`` and their interplay with ``task``. Paths given as ``os.PathLike`` become `str`;
-    a ``chat_template`` naming a ``.jinja`` file must exist. Rewards are checked by
+    data and ``.jinja`` paths are read (and must exist) when the run starts (:func:`recipe_data`), since
+    relative ones are from the directory the run starts in. Rewards are checked by
     :func:`lowmem.rewards.validate_reward_fields` (their code is imported only when training starts).
 
     Raises:
         ValueError: A wrong type or range, naming the field; ``dataset`` together with ``task``;
             ``eval_dataset``/``eval_split`` without ``dataset`` or together.
-        FileNotFoundError: A ``chat_template`` ``.jinja`` path that does not exist.
     """
     from .rewards import validate_reward_fields
 
@@ -512,8 +512,9 @@ def validate_data_fields(recipe: Any) -> None:
         recipe.eval_split = float(split)
     if recipe.eval_dataset is not None and recipe.eval_split is not None:
         raise ValueError("eval_dataset and eval_split are exclusive: give a held-out file or a fraction, not both")
-    if recipe.chat_template is not None:
-        read_chat_template(recipe.chat_template)
+    template = recipe.chat_template
+    if template is not None and not (template.endswith((".jinja", ".j2")) or "{{" in template or "{%" in template):
+        read_chat_template(template)  # an existing file without the suffix, else the error naming both forms
     validate_reward_fields(recipe)
 
 
@@ -522,9 +523,12 @@ def recipe_data(recipe: Any) -> TrainData | None:
     or `None` when it trains on the synthetic ``task``. SFT's text column is
     ``training_args["dataset_text_field"]`` when set.
 
-    Conversational data without the recipe's ``chat_template`` has the model's tokenizer (only the
-    tokenizer) loaded here to check it has one, so that the error comes before the model loads.
+    The recipe's ``chat_template`` file is read here (a missing one is an error), and conversational
+    data without it has the model's tokenizer (only the tokenizer) loaded to check it has one, so
+    that these errors come before the model loads.
     """
+    if recipe.chat_template is not None:
+        read_chat_template(recipe.chat_template)
     if recipe.dataset is None:
         return None
     text_field = (recipe.training_args or {}).get("dataset_text_field", "text")

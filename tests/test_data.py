@@ -224,6 +224,7 @@ def test_recipe_data_fields_are_validated(tmp_path):
     data = str(tmp_path / "d.jsonl")  # not read at validation time
     assert TrainRecipe().task is None and TrainRecipe(dataset=data).dataset == data
     assert TrainRecipe(dataset=data, eval_split="0.1").eval_split == 0.1  # YAML 1.1 reads 1e-1 as a string
+    assert TrainRecipe(chat_template="later.jinja").chat_template == "later.jinja"  # read when the run starts
     cases = [
         (dict(dataset=data, task="addition"), r"dataset=.* and task='addition' are exclusive"),
         (dict(dataset=5), r"dataset=5: expected a (non-empty )?string"),
@@ -235,6 +236,7 @@ def test_recipe_data_fields_are_validated(tmp_path):
         (dict(dataset=data, eval_split=True), r"eval_split=True"),
         (dict(dataset=data, eval_split=0.1, eval_dataset=data), "eval_dataset and eval_split are exclusive"),
         (dict(chat_template="plain words"), "neither an existing .jinja file nor a Jinja template"),
+        (dict(chat_template=""), r"chat_template=''"),
         (dict(trainer="grpo", dataset=data), r"trainer 'grpo' on dataset=.* needs reward_funcs"),
         (dict(trainer="sft", reward_funcs=["exact_match"]), "reward_funcs is for trainer grpo, gvpo or bnpo; trainer is 'sft'"),
         (dict(trainer="grpo", reward_funcs=["nope"]), r"Unknown reward 'nope' in reward_funcs\[0\]: expected a built-in name"),

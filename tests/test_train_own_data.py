@@ -165,6 +165,7 @@ def _bad_inputs(tmp_path: Path, tiny_model_path: str) -> dict[str, tuple[list[st
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "header.csv").write_text("text\n")
     (tmp_path / "data.xlsx").write_text("x")
+    (tmp_path / "tmpl.yaml").write_text(yaml.safe_dump({"chat_template": str(tmp_path / "gone.jinja")}))
     return {
         "missing file": (["--dataset", str(tmp_path / "nope.jsonl")], r"dataset: '.*nope.jsonl' does not exist"),
         "no format": (["--dataset", str(tmp_path / "qa.jsonl")],
@@ -174,11 +175,13 @@ def _bad_inputs(tmp_path: Path, tiny_model_path: str) -> dict[str, tuple[list[st
         "empty file": (["--dataset", str(tmp_path / "empty.jsonl")], r"empty file\(s\)"),
         "empty dataset": (["--dataset", str(tmp_path / "header.csv")], r"header.csv' is empty"),
         "unknown extension": (["--dataset", str(tmp_path / "data.xlsx")], r"unknown file extension\(s\) \['.xlsx'\]"),
+        "missing template file": ([str(tmp_path / "tmpl.yaml"), "--dataset", str(tmp_path / "chat.jsonl")],
+                                  r"chat_template: file '.*gone.jinja' does not exist"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "no format", "no chat template", "empty file", "empty dataset",
-                                  "unknown extension"])
+                                  "unknown extension", "missing template file"])
 def test_bad_dataset_exits_2_with_one_line(case, tmp_path, tiny_model_path, capsys):
     argv, message = _bad_inputs(tmp_path, tiny_model_path)[case]
     out = tmp_path / "out"
