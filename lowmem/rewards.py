@@ -158,17 +158,11 @@ def _entry_parts(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"Invalid {where} name {ref!r}: expected {REFERENCE_HELP}")
     ref = ref.strip()
     if ref not in BUILTIN_REWARDS and ":" not in ref:
-        if Path(ref).expanduser().is_dir():  # a reward model
-            if bound:
-                raise ValueError(f"Invalid {where}: a reward-model directory takes no keyword arguments; got {sorted(bound)}")
-            if not (Path(ref).expanduser() / "config.json").is_file():
-                raise ValueError(f"Invalid {where}={ref!r}: the directory has no config.json; expected a reward model "
-                                 "saved with save_pretrained (AutoModelForSequenceClassification, num_labels=1)")
-            return ref, bound
-        if "/" in ref or "\\" in ref:
-            raise FileNotFoundError(f"{where}: reward-model directory {ref!r} does not exist (a function is named "
-                                    "'path/to/file.py:function')")
-        raise ValueError(f"Unknown reward {ref!r} in {where}: expected {REFERENCE_HELP}")
+        # a reward-model directory: a path (checked when the run starts, from its directory) or an existing folder
+        if not ("/" in ref or "\\" in ref or Path(ref).expanduser().is_dir()):
+            raise ValueError(f"Unknown reward {ref!r} in {where}: expected {REFERENCE_HELP}")
+        if bound:
+            raise ValueError(f"Invalid {where}: a reward-model directory takes no keyword arguments; got {sorted(bound)}")
     if ref == "format" and "pattern" in bound:
         if not isinstance(bound["pattern"], str):
             raise ValueError(f"Invalid {where} pattern {bound['pattern']!r}: expected a regular expression string")
@@ -265,7 +259,14 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]] | s
     """
     ref, bound = _entry_parts(entry, index)
     if ref not in BUILTIN_REWARDS and ":" not in ref:  # a local reward-model directory: TRL loads it
-        return str(Path(ref).expanduser())
+        folder = Path(ref).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"reward_funcs[{index}]: reward-model directory {ref!r} does not exist (a function "
+                                    "is named 'path/to/file.py:function')")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"reward_funcs[{index}]={ref!r}: the directory has no config.json; expected a reward model "
+                             "saved with save_pretrained (AutoModelForSequenceClassification, num_labels=1)")
+        return str(folder)
     if ref in BUILTIN_REWARDS:
         fn, name = BUILTIN_REWARDS[ref], ref
     else:

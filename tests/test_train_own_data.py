@@ -249,8 +249,12 @@ def test_grpo_with_a_local_reward_model(own_model_dir, tmp_path):
                 reward_funcs=[str(tmp_path / "rm"), "addition"], output_dir=str(tmp_path / "out"),
                 training_args=RL_ARGS, **QUIET)
     assert sorted(m["reward_func_histories"]) == ["addition", "rm"] and len(m["reward_func_histories"]["rm"]) == 3
+    from lowmem.rewards import resolve_reward
+
     with pytest.raises(FileNotFoundError, match=r"reward-model directory '.*missing' does not exist"):
-        TrainRecipe(trainer="grpo", reward_funcs=[str(tmp_path / "missing")])
+        resolve_reward(str(tmp_path / "missing"))  # when the run starts, before the model loads
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no config.json"):
-        TrainRecipe(trainer="grpo", reward_funcs=[str(tmp_path / "empty")])
+        resolve_reward(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="takes no keyword arguments"):
+        TrainRecipe(trainer="grpo", reward_funcs=[{"name": str(tmp_path / "rm"), "scale": 2}])
