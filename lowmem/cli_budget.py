@@ -54,13 +54,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--measure", action="store_true", help="also run real steps and report what was live (CPU or CUDA)")
     p.add_argument("--steps", type=int, default=2, help="with --measure: training steps")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="with --measure (default: cuda when available)")
-    p.add_argument("--png", default=None, metavar="PATH", help="write a bar chart of the components")
+    p.add_argument("--png", default=None, metavar="PATH",
+                   help='write a bar chart of the components (needs matplotlib: pip install -e ".[plot]")')
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(handler=run)
     return p
 
 
+def require_matplotlib() -> None:
+    """``--png`` needs matplotlib (the ``plot`` extra): a one-line error before any work when it is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError('--png needs matplotlib, which is not installed: pip install -e ".[plot]" '
+                         "(or pip install matplotlib)") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.png:
+        require_matplotlib()
     from .memory import estimate_memory
     from .memory.report import bar_chart, fmt_bytes
 
@@ -82,14 +94,12 @@ def run(args: argparse.Namespace) -> int:
         limit = parse_bytes(args.budget)
         found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top)
         if args.png and found:
-            from .memory.estimate import MemoryEstimate
+            from .memory.estimate import COMPONENTS, MemoryEstimate
 
-            labels = {}
-            for i, c in enumerate(found[:6]):
-                labels[f"#{i + 1} {c.settings['optimizer']}" + (f" lora{c.settings['lora']['r']}" if c.settings.get("lora") else "")
-                       + (f" {c.settings['quantization']}" if c.settings.get("quantization") else "") + (" ckpt" if c.settings["gradient_checkpointing"] else "")] = MemoryEstimate(
-                    **{k: c.components[k] for k in ("weights", "gradients", "optimizer_states", "activations", "quant_constants")})
-            bar_chart(labels, args.png, budget=limit)
+            shown = [MemoryEstimate(**{k: c.components.get(k, 0) for k in COMPONENTS}, settings={"model": args.model, **c.settings})
+                     for c in found[:6]]
+            bar_chart({f"#{i + 1}": e for i, e in enumerate(shown)}, args.png, budget=limit,
+                      title=f"{args.model}: the {len(shown)} configurations that give up least within {fmt_bytes(limit)}")
         if args.json:
             print(json.dumps({"budget": limit, "candidates": [c.to_dict() for c in found]}, indent=2))
             return 0
@@ -116,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         res = measure_memory(args.model, steps=args.steps, device=args.device, **common)
         est = res.estimate
         if args.png:
-            bar_chart({"run": est}, args.png, measured={"run": res.measured})
+            bar_chart([est], args.png, measured=res.measured, at_peak=res.at_peak)
         if args.json:
             print(json.dumps(res.to_dict(), indent=2, default=str))
         else:
@@ -125,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     est = estimate_memory(args.model, **common)
     if args.png:
-        bar_chart({args.model: est}, args.png)
+        bar_chart([est], args.png)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2, default=str))
     else:

@@ -72,3 +72,49 @@ def test_list_shape_warns_once_about_ranks_above_the_model(capsys, monkeypatch):
     rank = [str(w.message) for w in caught if "rank" in str(w.message)]
     assert len(rank) == 1 and "rank 128 >= the smaller side of the (64, 64)" in rank[0], rank
     assert "galore_adamw" in capsys.readouterr().out
+
+
+def test_png_without_matplotlib_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import sys
+
+    import lowmem.memory
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like to `import`
+    monkeypatch.setattr(lowmem.memory, "estimate_memory", lambda *a, **k: pytest.fail("estimated before the check"))
+    png = tmp_path / "b.png"
+    assert main(["budget", "llama-2-7b", "--png", str(png)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "matplotlib" in err and '.[plot]' in err
+    assert not png.exists()
+
+
+def test_chart_labels_units_and_stacks():
+    from lowmem.memory.estimate import peak_total
+    from lowmem.memory.report import byte_unit, chart_labels, describe, measured_stack, peak_stack
+
+    common = dict(batch_size=4, seq_len=256, dtype="bf16")
+    a = estimate_memory("llama-60m", "galore_adamw", optim_args={"rank": 64}, **common)
+    b = estimate_memory("llama-60m", "galore_adamw", optim_args={"rank": 128}, **common)
+    c = estimate_memory("llama-60m", "galore_adamw", optim_args={"rank": 128}, gradient_checkpointing=True, **common)
+    labels, shared = chart_labels([a.settings, b.settings, c.settings])
+    assert len(set(labels)) == 3, labels  # entries that differ get different labels
+    assert "rank=64" in labels[0] and "rank=128" in labels[1] and "checkpointing" in labels[2]
+    assert {"batch_size", "seq_len", "dtype", "model"} <= set(shared)
+    assert describe(a.settings) == "llama-60m: galore_adamw (rank=64), batch 4 x seq 256, bfloat16"
+    assert byte_unit(1.62 * 2**20) == ("MiB", 2**20) and byte_unit(55 * 2**30) == ("GiB", 2**30)
+    assert byte_unit(300 * 2**10) == ("KiB", 1024) and byte_unit(12) == ("B", 1)
+    for est in (a, b, c):  # a bar is as high as the table's total
+        assert sum(peak_stack(est.components()).values()) == est.total == peak_total(est.components())
+    at_peak = {"weights": 10, "gradients": 10, "optimizer_states": 30, "activations": 1, "total": 51}
+    stack = measured_stack(at_peak, {"optimizer_states": 20, "total": 51})
+    assert stack["optimizer_states"] == 20 and stack["optimizer_transient"] == 10 and sum(stack.values()) == 51
+
+
+def test_budget_chart_is_written_atomically_and_readable(tmp_path):
+    """One chart per mode, 0644, no temporary files left; the search chart shows the first six candidates."""
+    import stat
+
+    png = tmp_path / "search.png"
+    assert main(["budget", "llama-2-7b", "--budget", "24GiB", "--top", "3", "--png", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and stat.S_IMODE(png.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.png"]

@@ -6,13 +6,55 @@ import io
 from typing import Any
 
 GIB = 1024**3
+UNITS = (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024), ("B", 1))
 
 
 def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+    for unit, size in UNITS[:-1]:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def byte_unit(n: float) -> tuple[str, int]:
+    """The unit a chart whose largest value is ``n`` bytes is drawn in: the largest of GiB, MiB, KiB, B
+    that ``n`` reaches."""
+    for unit, size in UNITS:
+        if abs(n) >= size:
+            return unit, size
+    return "B", 1
+
+
+def _optim_args(args: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in (args or {}).items())
+
+
+def describe(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """One line naming what an estimate is for: ``model: optimizer (args), LoRA r=.., nf4, batch B x seq S,
+    dtype, checkpointing, layerwise``. ``skip`` leaves out settings said elsewhere (a chart's subtitle)."""
+    s = settings
+    parts = []
+    if "optimizer" not in skip:
+        parts.append(f"{s.get('optimizer')}" + (f" ({_optim_args(s.get('optim_args'))})" if s.get("optim_args") else ""))
+    if s.get("lora") and "lora" not in skip:
+        parts.append(f"LoRA r={s['lora']['r']}")
+    q = s.get("quantization")
+    if q and "quantization" not in skip:
+        parts.append(q["quant_type"] if isinstance(q, dict) else str(q))
+    if "batch_size" not in skip and "seq_len" not in skip:
+        parts.append(f"batch {s.get('batch_size')} x seq {s.get('seq_len')}")
+    elif "batch_size" not in skip:
+        parts.append(f"batch {s.get('batch_size')}")
+    elif "seq_len" not in skip:
+        parts.append(f"seq {s.get('seq_len')}")
+    if "dtype" not in skip and s.get("dtype") is not None:
+        parts.append(str(s["dtype"]).removeprefix("torch."))
+    if s.get("gradient_checkpointing") and "gradient_checkpointing" not in skip:
+        parts.append("checkpointing")
+    if s.get("layerwise") and "layerwise" not in skip:
+        parts.append("layerwise")
+    head = f"{s['model']}: " if "model" not in skip and s.get("model") is not None else ""
+    return head + ", ".join(parts)
 
 
 def _render(table: Any) -> str:
@@ -28,16 +70,7 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
     with a measured column (and the ratio) when ``measured`` is given."""
     from rich.table import Table
 
-    s = est.settings
-    title = f"{s.get('model')}: {s.get('optimizer')} {s.get('optim_args') or ''} batch {s.get('batch_size')} x {s.get('seq_len')} {s.get('dtype')}"
-    if s.get("quantization"):
-        title += f" {s['quantization']['quant_type']}"
-    if s.get("lora"):
-        title += f" lora r={s['lora']['r']}"
-    if s.get("gradient_checkpointing"):
-        title += " ckpt"
-    if s.get("layerwise"):
-        title += " layerwise"
+    title = describe(est.settings)
     table = Table()
     table.add_column("component")
     table.add_column("estimate", justify="right")
@@ -61,51 +94,132 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
     return text + "".join(f"note: {n}\n" for n in est.notes)
 
 
-def bar_chart(estimates: dict[str, Any], path: str, budget: int | None = None, measured: dict[str, dict[str, int]] | None = None) -> str:
-    """Write a stacked bar chart (GiB by component) of one or more estimates to ``path`` (PNG).
+def peak_stack(components: dict[str, int], layerwise: bool = False) -> dict[str, int]:
+    """The components live at the step's peak, as :func:`~lowmem.memory.estimate.peak_total` counts them:
+    without layerwise stepping the optimizer's transient replaces the activations freed by backward, so
+    only the larger of the two is kept. The values sum to ``peak_total(components)`` (the table's total)."""
+    from .estimate import COMPONENTS
+
+    out = {c: int(components.get(c, 0)) for c in COMPONENTS}
+    if not layerwise:
+        smaller = "optimizer_transient" if out["activations"] >= out["optimizer_transient"] else "activations"
+        out[smaller] = 0
+    return out
+
+
+def measured_stack(at_peak: dict[str, int], measured: dict[str, int]) -> dict[str, int]:
+    """The measured components at the moment of the peak (they sum to the table's measured total). The
+    tracker counts tensors made inside ``optimizer.step()`` as optimizer state; what exceeds the state it
+    keeps (``measured["optimizer_states"]``) is shown as the transient."""
+    from .estimate import COMPONENTS
+
+    out = {c: int(at_peak.get(c, 0)) for c in COMPONENTS}
+    kept = min(out["optimizer_states"], int(measured.get("optimizer_states", out["optimizer_states"])))
+    out["optimizer_transient"] += out["optimizer_states"] - kept
+    out["optimizer_states"] = kept
+    return out
+
+
+def chart_labels(settings: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Per-entry labels naming every setting in which the entries differ, and the settings they share
+    (for the subtitle). Entries that differ in any setting get different labels."""
+    keys = ("model", "optimizer", "lora", "quantization", "batch_size", "seq_len", "dtype", "gradient_checkpointing", "layerwise")
+
+    def value(s, k):
+        return repr(s.get("optim_args")) + repr(s.get(k)) if k == "optimizer" else repr(s.get(k))
+
+    shared = tuple(k for k in keys if len({value(s, k) for s in settings}) == 1)
+    if len(settings) == 1:
+        return [describe(settings[0], skip=("model",))], list(shared)
+    labels = [describe(s, skip=shared) or "(same settings)" for s in settings]
+    if len(set(labels)) < len(labels):  # differing in something describe() does not show
+        labels = [f"#{i + 1} {label}" for i, label in enumerate(labels)]
+    return labels, list(shared)
+
+
+def bar_chart(
+    estimates: dict[str, Any] | list[Any],
+    path: str,
+    budget: int | None = None,
+    measured: dict[str, int] | None = None,
+    at_peak: dict[str, int] | None = None,
+    title: str | None = None,
+) -> str:
+    """Write a stacked bar chart of training memory by component to ``path`` (PNG, written atomically, 0644).
 
     Args:
-        estimates (`dict[str, MemoryEstimate]`): Label -> estimate, one bar each.
+        estimates (`list[MemoryEstimate]` or `dict[str, MemoryEstimate]`): One bar each. Labels name the
+            settings in which the estimates differ (a dict's keys are prefixed to them); the settings they
+            share go in the subtitle.
         path (`str`): Output file.
         budget (`int` or `None`, defaults to `None`): Draws a horizontal line at this many bytes.
-        measured (`dict[str, dict[str, int]]` or `None`): Label -> measured components, drawn as a
-            second, hatched bar beside each estimate.
+        measured, at_peak (`dict[str, int]` or `None`): With one estimate: a measurement's per-component maxima
+            and its breakdown at the peak (:class:`~lowmem.memory.measure.MemoryMeasurement`); a second,
+            hatched bar shows the breakdown at the peak, whose height is the table's measured total.
+        title (`str` or `None`): Overrides the title (default: the model and "training memory by component").
+
+    Each bar shows the components live at the step's peak (:func:`peak_stack`), so its height is the total of
+    the table; the total is written above it. The unit (GiB, MiB, KiB) follows the largest bar.
     """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    from .estimate import COMPONENTS
+    from ..io import write_bytes_atomic
+    from .estimate import COMPONENTS, peak_total
 
-    labels = list(estimates)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(labels) + 2), 4.5))
+    items = list(estimates.items()) if isinstance(estimates, dict) else [(None, e) for e in estimates]
+    settings = [e.settings for _, e in items]
+    labels, shared = chart_labels(settings)
+    labels = [f"{k} {lab}" if k else lab for (k, _), lab in zip(items, labels)]
+    bars = [(lab, peak_stack(e.components(), bool(e.settings.get("layerwise"))), peak_total(e.components(), bool(e.settings.get("layerwise"))), None)
+            for lab, (_, e) in zip(labels, items)]
+    if measured is not None or at_peak is not None:
+        if len(items) != 1 or measured is None or at_peak is None:
+            raise ValueError("bar_chart: `measured` and `at_peak` go together, with exactly one estimate")
+        bars = [("estimate", bars[0][1], bars[0][2], None), ("measured (at its peak)", measured_stack(at_peak, measured), int(measured["total"]), "//")]
+    top = max(max(b[2] for b in bars), budget or 0)
+    unit, size = byte_unit(top)
+
+    if len(items) == 1 and len(bars) == 1:
+        bars[0] = ("estimate",) + bars[0][1:]  # the settings are in the subtitle
+    width_in = max(6.5, 1.7 * len(bars) + 2.5)
+    fig, ax = plt.subplots(figsize=(width_in, 5.0))
     colors = plt.get_cmap("tab10").colors
-    width = 0.38 if measured else 0.6
-    for offset, source, hatch in ((0.0, "estimate", None), (width, "measured", "//")):
-        if source == "measured" and not measured:
-            continue
-        bottoms = [0.0] * len(labels)
-        for ci, comp in enumerate(COMPONENTS):
-            vals = [
-                (estimates[l].components()[comp] if source == "estimate" else measured.get(l, {}).get(comp, 0)) / GIB for l in labels
-            ]
-            if not any(vals):
-                continue
-            ax.bar([i + offset for i in range(len(labels))], vals, width, bottom=bottoms, color=colors[ci % 10], hatch=hatch,
-                   label=comp if source == "estimate" else None, edgecolor="white")
-            bottoms = [b + v for b, v in zip(bottoms, vals)]
-    top = max(sum(e.components().values()) for e in estimates.values()) / GIB
-    if measured:
-        top = max(top, max(sum(v for k, v in m.items() if k in COMPONENTS) for m in measured.values()) / GIB)
-    ax.set_ylim(0, 1.1 * max(top, (budget or 0) / GIB))
+    used = [c for c in COMPONENTS if any(b[1].get(c) for b in bars)]
+    bottoms = [0.0] * len(bars)
+    for comp in used:
+        vals = [b[1].get(comp, 0) / size for b in bars]
+        for i, (v, b) in enumerate(zip(vals, bars)):
+            if v:
+                ax.bar(i, v, 0.6, bottom=bottoms[i], color=colors[COMPONENTS.index(comp) % 10], hatch=b[3], edgecolor="white")
+        bottoms = [bt + v for bt, v in zip(bottoms, vals)]
+    for i, b in enumerate(bars):
+        ax.text(i, b[2] / size, fmt_bytes(b[2]), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.15 * top / size)
+    handles = [Patch(facecolor=colors[COMPONENTS.index(c) % 10], label=c.replace("_", " ")) for c in reversed(used)]
+    if any(b[3] for b in bars):
+        handles.append(Patch(facecolor="white", hatch="//", edgecolor="dimgray", label="measured"))
     if budget:
-        ax.axhline(budget / GIB, color="black", linestyle="--", linewidth=1, label=f"budget {fmt_bytes(budget)}")
-    ax.set_xticks([i + (width / 2 if measured else 0) for i in range(len(labels))], labels, rotation=15, ha="right")
-    ax.set_ylabel("GiB")
-    ax.set_title("Training memory by component" + (" (hatched: measured)" if measured else ""))
-    ax.legend(fontsize=8)
+        handles.insert(0, ax.axhline(budget / size, color="black", linestyle="--", linewidth=1, label=f"budget {fmt_bytes(budget)}"))
+    chars = int(width_in * 9)  # characters of 8-point text per inch of figure, with margins
+    ax.set_xticks(range(len(bars)), [textwrap.fill(b[0], max(12, int(chars / len(bars)))) for b in bars], fontsize=8)
+    ax.set_ylabel(unit)
+    model = settings[0].get("model") if "model" in shared else None
+    head = title or (f"{model}: training memory by component" if model else "Training memory by component")
+    keys = ("optimizer", "lora", "quantization", "batch_size", "seq_len", "dtype", "gradient_checkpointing", "layerwise")
+    sub = describe(settings[0], skip=("model",) + tuple(k for k in keys if k not in shared))  # what all bars share
+    note = "bar = the step's peak (the larger of activations and optimizer transient, unless layerwise)"
+    ax.set_title(textwrap.fill(head, chars // 1.2) + ("\n" + textwrap.fill(sub, chars) if sub else "") + "\n" + textwrap.fill(note, chars),
+                 fontsize=9)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
     return path
