@@ -118,3 +118,18 @@ def test_budget_chart_is_written_atomically_and_readable(tmp_path):
     assert main(["budget", "llama-2-7b", "--budget", "24GiB", "--top", "3", "--png", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG" and stat.S_IMODE(png.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["search.png"]
+
+
+def test_parse_bytes_is_accelerates_reader_plus_the_forms_lowmem_accepted():
+    from accelerate.utils import convert_file_size_to_int
+
+    for text in ("24GiB", "24GB", "512MiB", "64KiB", "1.5GiB", "80MB", "3KB"):
+        assert parse_bytes(text) == convert_file_size_to_int(text)
+    # what users wrote before the switch keeps its meaning
+    assert parse_bytes("24 GiB") == parse_bytes("24gib") == 24 * 2**30
+    assert parse_bytes("24gb") == 24 * 10**9  # accelerate alone reads a lower-case b as bits (3e9)
+    assert parse_bytes("80G") == 80 * 2**30 and parse_bytes("1T") == parse_bytes("1TiB") == 2**40
+    assert parse_bytes("2TB") == 2 * 10**12 and parse_bytes("512") == parse_bytes("512B") == parse_bytes(512) == 512
+    for bad in ("lots", "-5GiB", "5XB", "", "GiB", -1, True):
+        with pytest.raises(ValueError, match="24GiB.*80GB"):
+            parse_bytes(bad)

@@ -49,23 +49,44 @@ class Candidate:
         return {"settings": self.settings, "components": self.components, "total": self.total, "cost": round(self.cost, 3), "gives_up": self.gives_up}
 
 
+#: Forms :func:`parse_bytes` accepts (binary GiB/MiB/KiB and decimal GB/MB/KB as accelerate reads them).
+BYTE_FORMS = "'24GiB', '24 GiB', '80GB', '512MiB', '64KiB', '1TiB', '2TB', the short binary forms '24G', '512M', '1T', or bytes"
+
+
 def parse_bytes(text: str | int | float) -> int:
-    """``"24GiB"``, ``"24GB"``, ``"80G"``, ``"512MiB"`` or a number of bytes."""
-    if isinstance(text, (int, float)):
+    """A size in bytes from ``"24GiB"``, ``"24 GiB"``, ``"80GB"``, ``"80G"``, ``"512MiB"``, ``"1TiB"`` or a number.
+
+    The units accelerate knows (GiB/MiB/KiB = powers of 1024, GB/MB/KB = powers of 1000) are read by
+    ``accelerate.utils.convert_file_size_to_int``, after the unit is upper-cased (accelerate reads a lower-case
+    ``b`` as bits: ``"24gb"`` would be 3e9) and spaces removed. lowmem adds what it accepted before: TiB/TB,
+    the short forms G/M/K/T (binary), a ``B`` suffix and a plain number of bytes. Anything else, and negative
+    sizes, are a ValueError naming the accepted forms.
+    """
+    import re
+
+    from accelerate.utils import convert_file_size_to_int
+
+    error = ValueError(f"Cannot read a size from {text!r}; use {BYTE_FORMS}")
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise error
+    if not isinstance(text, str):
+        if text < 0:
+            raise error
         return int(text)
-    t = text.strip().replace(" ", "")
-    units = {"tib": 1024**4, "gib": 1024**3, "mib": 1024**2, "kib": 1024, "tb": 1000**4, "gb": 1000**3, "mb": 1000**2, "kb": 1000,
-             "t": 1024**4, "g": 1024**3, "m": 1024**2, "k": 1024, "b": 1}
-    for unit in sorted(units, key=len, reverse=True):
-        if t.lower().endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * units[unit])
-            except ValueError:
-                break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise ValueError(f"Cannot read a size from {text!r}; use e.g. '24GiB', '80GB', '512MiB' or bytes") from None
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([a-zA-Z]*)", text.strip().replace(" ", ""))
+    if m is None:
+        raise error
+    number, unit = m.group(1), m.group(2).upper()
+    unit = {"G": "GIB", "M": "MIB", "K": "KIB", "T": "TIB"}.get(unit, unit)
+    if unit in ("", "B"):
+        return int(float(number))
+    if unit == "TIB":  # accelerate stops at GiB / GB
+        number, unit = repr(float(number) * 1024), "GIB"
+    elif unit == "TB":
+        number, unit = repr(float(number) * 1000), "GB"
+    if unit not in ("GIB", "MIB", "KIB", "GB", "MB", "KB"):
+        raise error
+    return convert_file_size_to_int(number + unit)
 
 
 def default_optimizers() -> list[str]:
