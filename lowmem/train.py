@@ -833,7 +833,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     from lowmem.rewards import load_reward_funcs, reward_histories
 
     set_seed(recipe.seed)
-    config_cls, trainer_cls = _trl_config_and_trainer(recipe.trainer)
+    _, trainer_cls = _trl_config_and_trainer(recipe.trainer)  # its config: build_training_args
     data = recipe_data(recipe)  # the user's dataset (checked before the model loads), or None: synthetic task
     reward_funcs = load_reward_funcs(recipe.reward_funcs) if recipe.reward_funcs is not None else reward_fn
     model, tok, model_dir = load_policy(recipe)
