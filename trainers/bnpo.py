@@ -58,18 +58,16 @@ def beta_normalization_params(p: torch.Tensor) -> tuple[float, float]:
 
 
 def beta_weight(p: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """``w(p) = min(1 / BetaPDF(p; alpha, beta), 1e6)``, computed in log space (float64).
+    """``w(p) = min(1 / BetaPDF(p; alpha, beta), 1e6)`` (BNPO, Eq. 9), in float64.
 
-    ``BetaPDF(p) = p^(alpha-1) (1-p)^(beta-1) / B(alpha, beta)``. With ``alpha = 1`` the factor
-    ``p^0`` is 1 at ``p = 0`` (``xlogy``); a density of 0 (``p = 0`` with ``alpha > 1``) gives the
-    cap ``1e6``.
+    The density is ``torch.distributions.Beta(alpha, beta).log_prob(p)`` (its Dirichlet form uses
+    ``xlogy``, so with ``alpha = 1`` the factor ``p^0`` is 1 at ``p = 0``); a density of 0 (``p = 0``
+    with ``alpha > 1``) gives the cap ``1e6``.
     """
     p = p.double()
-    log_b = math.lgamma(alpha) + math.lgamma(beta) - math.lgamma(alpha + beta)
-    log_pdf = torch.xlogy(torch.tensor(alpha - 1.0, dtype=p.dtype), p) + torch.special.xlog1py(
-        torch.tensor(beta - 1.0, dtype=p.dtype), -p
-    ) - log_b
-    return torch.exp(-log_pdf).clamp(max=MAX_WEIGHT)
+    dist = torch.distributions.Beta(torch.tensor(float(alpha), dtype=p.dtype, device=p.device),
+                                    torch.tensor(float(beta), dtype=p.dtype, device=p.device))
+    return torch.exp(-dist.log_prob(p)).clamp(max=MAX_WEIGHT)
 
 
 def _ranges(reward_range: Any, num_funcs: int) -> list[tuple[float, float]]:
