@@ -43,6 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="pure", choices=["pure", "mixed"],
+                   help="with --dtype bf16/fp16: 'pure' (default) = weights and gradients in that dtype, no float32 copy; "
+                   "'mixed' = float32 master weights, gradients and optimizer state with autocast activations "
+                   "(the Trainer's bf16=True). The output states which one it assumes and the other's total")
     p.add_argument("--quantization", default=None, choices=["nf4", "fp4"], help="4-bit base weights (needs --lora-r)")
     p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (all linear layers unless --lora-targets)")
@@ -70,9 +74,51 @@ def require_matplotlib() -> None:
                          "(or pip install matplotlib)") from None
 
 
+def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
+    """The estimate for mixed precision: float32 master weights, gradients, optimizer state and its transient
+    (the fp32 estimate), with the activations of a ``dtype`` run plus the ``dtype`` copy of every linear weight
+    that autocast saves for the backward pass (counted with the activations: the backward frees them)."""
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    from .memory import estimate_memory
+    from .memory.estimate import build_meta_model, parse_dtype, resolve_config
+
+    half = parse_dtype(dtype)
+    if half == torch.float32:
+        raise ValueError("--precision mixed needs --dtype bf16 or fp16 (the autocast dtype); fp32 is one precision")
+    master = estimate_memory(model, dtype="fp32", **kwargs)
+    low = estimate_memory(model, dtype=dtype, **kwargs)
+    linear = sum(m.weight.numel() for m in build_meta_model(resolve_config(model), torch.float32).modules()
+                 if isinstance(m, nn.Linear)) if not kwargs.get("quantization") else 0
+    copies = linear * half.itemsize
+    name = str(half).removeprefix("torch.")
+    notes = [n for n in master.notes] + [
+        f"mixed precision: float32 master weights, gradients and optimizer state; activations of a {name} autocast run "
+        f"plus the {name} copy of each linear weight autocast saves for the backward ({copies / 2**30:.2f} GiB)"]
+    return dataclasses.replace(master, activations=low.activations + copies, notes=notes,
+                               settings={**master.settings, "dtype": f"{name} mixed (fp32 master weights)", "precision": "mixed"},
+                               details={**master.details, "autocast_weight_copies": copies})
+
+
+def _precision_note(est, other_total: int, precision: str, dtype: str) -> str:
+    from .memory.report import fmt_bytes
+
+    if precision == "pure":
+        return (f"precision: pure {dtype} (weights and gradients in {dtype}, no float32 master copy); mixed precision "
+                f"with float32 master weights (--precision mixed): total {fmt_bytes(other_total)}")
+    return f"precision: mixed (--precision pure, everything in {dtype}: total {fmt_bytes(other_total)})"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.png:
         require_matplotlib()
+    if args.precision == "mixed" and args.dtype == "fp32":
+        raise ValueError("--precision mixed needs --dtype bf16 or fp16 (the autocast dtype); fp32 is one precision")
+    if args.precision == "mixed" and (args.budget or args.measure):
+        raise ValueError("--precision mixed is estimated only: not with --budget or --measure")
     from .memory import estimate_memory
     from .memory.report import bar_chart, fmt_bytes
 
@@ -134,6 +180,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     est = estimate_memory(args.model, **common)
+    if args.dtype != "fp32":  # say which precision is assumed, and what the other one totals
+        kw = {k: v for k, v in common.items() if k != "dtype"}
+        mixed = mixed_precision_estimate(args.model, args.dtype, **kw)
+        pure, other = (est, mixed) if args.precision == "pure" else (mixed, est)
+        est = pure if args.precision == "pure" else mixed
+        est.notes.append(_precision_note(est, other.total, args.precision, args.dtype))
+        est.details["total_other_precision"] = other.total
     if args.png:
         bar_chart([est], args.png)
     if args.json:

@@ -133,3 +133,24 @@ def test_parse_bytes_is_accelerates_reader_plus_the_forms_lowmem_accepted():
     for bad in ("lots", "-5GiB", "5XB", "", "GiB", -1, True):
         with pytest.raises(ValueError, match="24GiB.*80GB"):
             parse_bytes(bad)
+
+
+def test_budget_says_which_precision_and_offers_both(capsys):
+    from lowmem.cli_budget import mixed_precision_estimate
+
+    assert main(["budget", "llama-60m", "--json"]) == 0
+    pure = json.loads(capsys.readouterr().out)
+    assert any("precision: pure bf16" in n for n in pure["notes"])
+    assert main(["budget", "llama-60m", "--precision", "mixed", "--json"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert any("float32 master weights" in n for n in mixed["notes"])
+    assert pure["details"]["total_other_precision"] == mixed["total"] and mixed["details"]["total_other_precision"] == pure["total"]
+    fp32, bf16 = estimate_memory("llama-60m", dtype="fp32"), estimate_memory("llama-60m", dtype="bf16")
+    assert mixed["weights"] == fp32.weights == 2 * bf16.weights and mixed["gradients"] == fp32.gradients
+    est = mixed_precision_estimate("llama-60m", "bf16")
+    linear = est.details["autocast_weight_copies"] // 2
+    assert 0 < linear < est.details["parameters"] and est.activations == bf16.activations + 2 * linear
+    assert main(["budget", "llama-60m"]) == 0
+    assert "mixed precision with float32 master weights (--precision mixed): total" in capsys.readouterr().out
+    assert main(["budget", "llama-60m", "--precision", "mixed", "--dtype", "fp32"]) == 2
+    assert "bf16 or fp16" in capsys.readouterr().err
