@@ -392,8 +392,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         r = self.recipe
         if self.chunk_numel is None or self._is_projected(p, group):
             return None
-        if r.lr_rule is not constant_lr or not all(s.chunkable for s in r.stabilizers):
+        if not all(s.chunkable for s in r.stabilizers):
             return None
+        if r.lr_rule is not constant_lr and p.dtype != torch.float32:
+            return None  # the rule reads the whole parameter in float32 (Adafactor's RMS scale)
         if not p.is_contiguous() or (grad is not None and not grad.is_contiguous()):
             return None
         align = r.moment.chunk_align(p.shape, group, state)

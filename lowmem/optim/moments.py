@@ -10,6 +10,7 @@ or Adafactor's relative, parameter-scaled step size.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -193,7 +194,66 @@ class FactoredMoments(MomentRule):
         low_precision = "exp_avg" in state and state["exp_avg"].dtype != torch.float32
         return (8 + 4 * low_precision) * numel
 
+    # ---- the chunked step: blocks of whole rows of a matrix ----
+
+    def chunk_align(self, shape, group, state):
+        if len(shape) != 2 or "exp_avg_sq_row" not in state:
+            return None  # vectors (full second moment) and batched matrices: whole tensors
+        return shape[1]
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        view = ChunkState(state, start, stop, {"rows": (start // shape[1], stop // shape[1]), "factors": ctx})
+        if "exp_avg" in state:
+            view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
+        return view
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+        """The factored second moment (Algorithm 4, lines 5-6: row means per block of rows, column
+        means summed over the blocks) and the RMS of the whole update (Section 6), from two passes
+        over the row blocks; returns ``(row factor, column factor, clip divisor)``."""
+        eps1, (m, n) = group["eps"][0], shape
+        beta2t = F.adafactor_beta2(t, group["decay_rate"])
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row32, col32 = row.float(), col.float()
+        col_sum = torch.zeros_like(col32)
+        for start, stop in bounds:
+            g2 = stabilized(start, stop, self.chunk_state(state, start, stop, shape, group)).square().add_(eps1).view(-1, n)
+            row32[start // n : stop // n].mul_(beta2t).add_(g2.mean(dim=-1), alpha=1.0 - beta2t)
+            col_sum.add_(g2.sum(dim=-2))
+            del g2
+        col32.mul_(beta2t).add_(col_sum.div_(m), alpha=1.0 - beta2t)
+        if row32 is not row:
+            row.copy_(row32)
+            col.copy_(col32)
+        r_factor = (row32 / row32.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        c_factor = col32.unsqueeze(-2).rsqrt()
+        sq = torch.zeros((), dtype=torch.float32, device=row.device)
+        for start, stop in bounds:
+            g = stabilized(start, stop, self.chunk_state(state, start, stop, shape, group))
+            u = torch.mul(r_factor[start // n : stop // n], c_factor).mul_(g.view(-1, n))
+            sq.add_(torch.linalg.vector_norm(u).square_())
+            del u
+        rms = sq.sqrt_() / math.sqrt(m * n)
+        return r_factor, c_factor, (rms / group["clip_threshold"]).clamp_(min=1.0)
+
+    def _chunk_direction(self, g, state, group, lr):
+        r_factor, c_factor, clip = state.extra["factors"]
+        r0, r1 = state.extra["rows"]
+        u = torch.mul(r_factor[r0:r1], c_factor).mul_(g.view(r1 - r0, -1)).div_(clip).view(-1)
+        u = u.mul_(lr)
+        beta1 = group.get("beta1")
+        if beta1 is not None:
+            m = state["exp_avg"]
+            m32 = m.float()
+            m32.mul_(beta1).add_(u, alpha=1.0 - beta1)
+            if m32 is not m:
+                m.copy_(m32)
+            u = m32.clone()
+        return u
+
     def direction(self, g, state, group, t, lr):
+        if isinstance(state, ChunkState) and state.extra.get("factors") is not None:
+            return self._chunk_direction(g, state, group, lr)
         eps1 = group["eps"][0]
         beta2t = F.adafactor_beta2(t, group["decay_rate"])
         g2 = (g * g).add_(eps1)
