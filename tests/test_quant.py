@@ -214,3 +214,18 @@ def test_loading_causes_no_deprecation_noise(tiny_path):
     base = model.get_base_model()
     assert base.is_activation_checkpointing
     assert any(p.requires_grad for p in model.parameters())
+
+
+def test_lowmem_train_qlora_on_qwen2(tiny_qwen2_path, tmp_path):
+    """`lowmem train` evaluates before training: the path that crashed at the first step on Qwen2 (issue 16)."""
+    import json
+    import math
+
+    from lowmem.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    assert main(["train", os.path.join(root, "configs", "qlora.yaml"), "--model", str(tiny_qwen2_path), "--steps", "4",
+                 "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quantization"] == "nf4" and math.isfinite(metrics["initial_loss"]) and math.isfinite(metrics["final_loss"])
