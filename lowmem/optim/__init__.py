@@ -7,6 +7,7 @@ Layout, following the engine's seams:
 * :mod:`.subspace` - projections and residual rules; :mod:`.stabilizers` - gradient stabilizers.
 * :mod:`.engine` - ``Recipe`` and ``LowMemOptimizer`` (state, validation, the loop).
 * :mod:`.recipes` - the named optimizers; :mod:`.registry` - names, grouping, ``create_optimizer``.
+* :mod:`.step_memory` - a step's peak memory measured in a fresh process (docs/memory.md's table).
 """
 
 from .engine import LowMemOptimizer, Recipe
