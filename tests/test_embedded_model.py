@@ -27,14 +27,15 @@ def test_saved_next_to_the_outputs_and_replaced_whole(tmp_path):
 
 
 def test_lora_adapter_points_into_the_output_dir(tmp_path):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from lowmem.quant import attach_lora  # peft.get_peft_model without its deprecation warning
 
     out = tmp_path / "run"
     model, tok = build_tiny_model(seed=0)
     base = save_embedded_model(model, tok, out)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, local_files_only=True),
-                                LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model = attach_lora(AutoModelForCausalLM.from_pretrained(base, local_files_only=True),
+                             {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
     peft_model.save_pretrained(out / "adapter")
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == base and base.startswith(str(out.resolve()))
