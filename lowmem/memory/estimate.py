@@ -13,6 +13,14 @@ so a 70B estimate runs on a laptop. Components:
   ``state_bytes()``: the optimizer's own exact accounting. bitsandbytes optimizers (no meta
   support) use :func:`~lowmem.optim.recipes.bnb.state_bytes_closed_form`, and say so.
 * ``activations`` - :func:`~lowmem.memory.activations.llama_activation_bytes`.
+* ``optimizer_transient`` - what one optimizer step allocates beyond its state (decoded moments,
+  update temporaries, a projection refresh's workspace): the optimizer's own
+  ``step_transient_bytes()`` on the same meta model, i.e. the largest per-parameter transient.
+
+The total is the peak of a step, not the sum of the rows: the optimizer steps after the backward
+pass has freed the activations, so ``total = weights + quant_constants + gradients +
+optimizer_states + max(activations, optimizer_transient)``; in layerwise mode parameters step
+inside the backward pass, while activations are live, and both are added (:func:`peak_total`).
 """
 
 from __future__ import annotations
@@ -33,8 +41,20 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
     "fp32": torch.float32, "float32": torch.float32,
 }
-COMPONENTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations")
+COMPONENTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations", "optimizer_transient")
 QUANT_TYPES = ("nf4", "fp4")
+
+
+def peak_total(components: dict[str, int], layerwise: bool = False) -> int:
+    """The peak bytes of a training step from its components (see the module docstring).
+
+    The optimizer's step transient and the activations are live at the same time only in layerwise
+    mode (each parameter steps from its gradient hook, during the backward pass); otherwise the
+    step runs after backward has freed the activations, and the larger of the two sets the peak.
+    """
+    act, transient = components.get("activations", 0), components.get("optimizer_transient", 0)
+    rest = sum(v for k, v in components.items() if k in COMPONENTS and k not in ("activations", "optimizer_transient"))
+    return rest + (act + transient if layerwise else max(act, transient))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -112,6 +132,7 @@ class MemoryEstimate:
     optimizer_states: int
     activations: int
     quant_constants: int = 0
+    optimizer_transient: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +142,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return sum(self.components().values())
+        """The step's peak: :func:`peak_total` of the components (not their plain sum)."""
+        return peak_total(self.components(), layerwise=bool(self.settings.get("layerwise")))
 
     def components(self) -> dict[str, int]:
         return {c: int(getattr(self, c)) for c in COMPONENTS}
@@ -210,8 +232,18 @@ def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None) -> tuple[int, str]:
     """State bytes of ``optimizer`` for the trainable parameters of a (meta) ``model``, and how
     they were obtained (``"exact"`` or ``"closed form"``)."""
+    state, _, how = optimizer_memory(model, optimizer, optim_args)
+    return state, how
+
+
+def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None) -> tuple[int, int, str]:
+    """``(state bytes, step transient bytes, how)`` of ``optimizer`` on the trainable parameters
+    of a (meta) ``model``. Engine optimizers size both themselves (``materialize_state()``,
+    ``state_bytes()``, ``step_transient_bytes()``): ``how="exact"``. bitsandbytes optimizers have
+    no meta-device support: their state comes from a closed form and their transient is not
+    counted (``how="closed form"``; their CUDA kernels update the state in place)."""
     if optimizer is None:
-        return 0, "none"
+        return 0, 0, "none"
     from ..optim import create_optimizer, get_entry
 
     entry = get_entry(optimizer)
@@ -219,19 +251,19 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: d
         from ..optim.recipes.bnb import state_bytes_closed_form
 
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
-        return state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), "closed form"
+        return state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), 0, "closed form"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = create_optimizer(model, entry.name, **(optim_args or {}))
     with warnings.catch_warnings(record=True) as caught:  # the engine warns per parameter and per call site
         warnings.simplefilter("always")
         opt.materialize_state()
-        size = opt.state_bytes()
+        sizes = opt.state_bytes(), opt.step_transient_bytes()
     for message in _summarize_warnings(caught):
         if message not in _WARNED:  # once per process: catch_warnings resets Python's own once-registry
             _WARNED.add(message)
             warnings.warn(message, stacklevel=3)
-    return size, "exact"
+    return (*sizes, "exact")
 
 
 _WARNED: set[str] = set()
@@ -361,9 +393,11 @@ def estimate_memory(
     if layerwise:
         notes.append("layerwise: each gradient is stepped and freed in the backward pass; the largest one is counted")
 
-    opt_bytes, how = optimizer_state_bytes(meta, optimizer, optim_args)
+    opt_bytes, transient, how = optimizer_memory(meta, optimizer, optim_args)
     if how == "closed form":
-        notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support)")
+        notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
+    notes.append("total = the step's peak: the optimizer transient "
+                 + ("and the activations are live together (layerwise)" if layerwise else "replaces the activations freed by backward (the larger counts)"))
 
     # activations: the hidden states' dtype is the embedding's (float32 after k-bit preparation)
     emb = meta.get_input_embeddings().weight
@@ -411,6 +445,7 @@ def estimate_memory(
     n_trainable = sum(p.numel() for _, p in trainable)
     return MemoryEstimate(
         weights=weights, gradients=gradients, optimizer_states=opt_bytes, activations=parts["total"], quant_constants=constants,
+        optimizer_transient=transient,
         details={
             "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
             "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},

@@ -39,7 +39,7 @@ def snapshot_components(snap: dict[str, int]) -> dict[str, int]:
         name = getattr(key, "value", key)
         if name in _CATEGORY:
             out[_CATEGORY[name]] += int(value)
-    out["total"] = sum(out[c] for c in COMPONENTS)
+    out["total"] = sum(out[c] for c in COMPONENTS)  # a snapshot at one moment: every row is live
     return out
 
 
@@ -183,6 +183,9 @@ class PeakTracker:
             "activations": best.get("activations", 0),
             "optimizer_step": best.get("Optstate", 0),
         }
+        # what the step allocated beyond the state it keeps (the tracker labels every tensor
+        # created inside optimizer.step() as optimizer state)
+        self.maxima["optimizer_transient"] = max(0, self.maxima["optimizer_step"] - self.maxima["optimizer_states"])
 
 
 @dataclass

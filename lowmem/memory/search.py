@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .estimate import MemoryEstimate, estimate_memory, resolve_config
+from .estimate import MemoryEstimate, estimate_memory, peak_total, resolve_config
 
 COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "layerwise": 0.5, "checkpointing": 1.0,
          "quantization": 1.5}
@@ -182,12 +182,13 @@ def search_budget(
         for ckpt in checkpointing:
             for b in reversed(batches):  # the largest batch that fits
                 act = est.activation_model(b, seq_len, ckpt)["total"]
-                if fixed + act <= limit:
+                components = {**est.components(), "activations": act}
+                total = peak_total(components, layerwise=static["layerwise"])
+                if total <= limit:
                     extra = (COSTS["checkpointing"] if ckpt else 0) + math.log2(batch_size / b)
                     out.append(Candidate(
                         settings={**static, "batch_size": b, "seq_len": seq_len, "dtype": dtype, "gradient_checkpointing": ckpt},
-                        components={**{k: v for k, v in est.components().items()}, "activations": act},
-                        total=fixed + act, cost=cost + extra,
+                        components=components, total=total, cost=cost + extra,
                         gives_up=gives + (["checkpointing (~30% compute)"] if ckpt else []) + ([f"batch {b} < {batch_size}"] if b < batch_size else []),
                     ))
                     break
