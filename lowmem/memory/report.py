@@ -199,7 +199,8 @@ def bar_chart(
                 ax.bar(i, v, 0.6, bottom=bottoms[i], color=colors[COMPONENTS.index(comp) % 10], hatch=b[3], edgecolor="white")
         bottoms = [bt + v for bt, v in zip(bottoms, vals)]
     for i, b in enumerate(bars):
-        ax.text(i, b[2] / size, fmt_bytes(b[2]), ha="center", va="bottom", fontsize=8)
+        ax.text(i, b[2] / size, fmt_bytes(b[2]), ha="center", va="bottom", fontsize=8,
+                bbox=dict(facecolor="white", edgecolor="none", pad=1.0))  # legible over a budget line
     ax.set_ylim(0, 1.15 * top / size)
     handles = [Patch(facecolor=colors[COMPONENTS.index(c) % 10], label=c.replace("_", " ")) for c in reversed(used)]
     if any(b[3] for b in bars):
