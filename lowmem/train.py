@@ -437,27 +437,23 @@ def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
     embedded tiny model a temporary copy when something must reload it by path (4-bit loading); else
     ``None``.
     """
-    import tempfile
-
-    from lowmem.kit import load_model_and_tokenizer
+    from lowmem.kit import load_model_and_tokenizer, save_embedded_model
 
     model, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
     model_dir = recipe.model
     if recipe.quantization is not None:
         from lowmem.quant import load_quantized_model
 
-        if model_dir is None:
-            model_dir = tempfile.mkdtemp(prefix="lowmem-tiny-")
-            model.save_pretrained(model_dir)
-            tok.save_pretrained(model_dir)
+        if model_dir is None:  # bitsandbytes quantizes while loading: the embedded model needs a path
+            model_dir = save_embedded_model(model, tok, recipe.output_dir)
         model = load_quantized_model(
             model_dir, quantization=recipe.quantization, lora=lora_config(recipe.lora) if recipe.lora else None,
             dtype=recipe.dtype, gradient_checkpointing=recipe.gradient_checkpointing,
         )
     elif recipe.lora is not None:
-        from peft import get_peft_model
+        from lowmem.quant import attach_lora
 
-        model = get_peft_model(model, lora_config(recipe.lora))
+        model = attach_lora(model, lora_config(recipe.lora))
     return model, tok, model_dir
 
 
@@ -824,8 +820,7 @@ def _trl_config_and_trainer(kind: str) -> tuple[type, type]:
 def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     """DPO: margin and accuracy on a fixed set of 64 training pairs before and after training.
     GRPO/GVPO/BNPO: mean reward of the first 5 and the last 10 training steps (and every step's)."""
-    import tempfile
-
+    from lowmem.kit import save_embedded_model
     from transformers import set_seed
 
     from lowmem.data import dpo_eval_rows, prepare_tokenizer, recipe_data
@@ -842,9 +837,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         policy_arg: Any = model  # adapters attached here; TRL's reference is the base with adapters disabled
     else:
         if model_dir is None:  # TRL reloads reference models by path: save the embedded model first
-            model_dir = tempfile.mkdtemp(prefix="lowmem-tiny-")
-            model.save_pretrained(model_dir)
-            tok.save_pretrained(model_dir)
+            model_dir = save_embedded_model(model, tok, recipe.output_dir)
         policy_arg = model_dir
     args = build_training_args(recipe)
     if recipe.trainer == "dpo":

@@ -19,6 +19,11 @@ def test_qlora_recipe_trains_adapters_of_a_4bit_model(tmp_path):
     # LoRA r=8 on the 7 linear layers of 2 blocks (hidden 64): only adapters are trainable
     assert 0 < m["trainable_params"] < 0.25 * 83_392
     assert (tmp_path / "metrics.json").is_file()
+    # the adapter's base model is saved with the run's outputs, not in a temporary folder
+    import json
+
+    base = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base) == tmp_path.resolve() / "base_model" and (Path(base) / "config.json").is_file()
 
 
 @pytest.mark.parametrize("trainer", ["dpo", "grpo", "gvpo", "bnpo"])
