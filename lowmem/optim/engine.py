@@ -281,8 +281,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         moment = r.moment.transient_bytes(low_shape.numel(), low_shape, group, state)
         step = P.transient_bytes(p.shape, group, state, refresh=False) + moment
         rows = p.shape[0] if self.chunk_numel is None else max(b - a for a, b in self._row_bounds(p.shape))
+        if self.chunk_numel is not None and not r.stabilizers:
+            # low-precision gradients go down and come back a block of rows at a time; only a refresh
+            # converts the whole gradient
+            refresh_copy, copies = copies, 4 * rows * p.shape[1] * (p.dtype != torch.float32)
+        else:
+            refresh_copy = 0
         combine = r.residual.transient_bytes(p.shape, group, state, P, rows) + P.combine_transient_bytes(p.shape, group, rows)
-        refresh = P.transient_bytes(p.shape, group, state, refresh=True)
+        refresh = P.transient_bytes(p.shape, group, state, refresh=True) + refresh_copy
         p_copy = 4 * rows * p.shape[1] * (p.dtype != torch.float32)  # a block of rows in float32
         return copies + p_copy + stab + max(step + combine, refresh)
 
@@ -434,6 +440,19 @@ class LowMemOptimizer(torch.optim.Optimizer):
             del d, view
         r.moment.finish_chunks(state, mctx)
 
+    def _update_projected_low_precision(self, p: Tensor, grad: Tensor, group: dict[str, Any],
+                                        state: dict[str, Tensor], t: float) -> None:
+        """The projected step for a low-precision gradient without a full-size float32 copy of it:
+        projected down and combined back a block of rows at a time (a refresh still converts the
+        whole gradient: the exact SVD needs it whole anyway)."""
+        r, P = self.recipe, self.recipe.projection
+        if P.refresh_due(state, group, int(t)):
+            self._refresh(p, grad.float(), state, group, int(t))
+        low = P.down_rows(grad, state, group, self._row_bounds(p.shape))
+        lr = r.lr_rule(group, state, p if r.lr_rule is constant_lr else p.float(), t)
+        d = r.moment.direction(low, state, group, t, lr)
+        self._combine_rows(p, grad, low, d, state, group, lr, int(t))
+
     def _row_bounds(self, shape: torch.Size) -> list[tuple[int, int]]:
         """Row chunks of a projected parameter's combine-back: ``chunk_numel // n`` rows each (at least 1)."""
         m, n = shape
@@ -455,7 +474,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             d = P.up_rows(d_low, state, group, start, stop)
             if scale != 1.0:
                 d.mul_(scale)
-            res = r.residual.update_rows(g[start:stop], low, d_low, state, group, P, start, stop, ctx)
+            res = r.residual.update_rows(g[start:stop].float(), low, d_low, state, group, P, start, stop, ctx)
             if res is not None:
                 d.add_(res)
                 del res
@@ -507,11 +526,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 self._update_chunked(p, grad, group, state, t, bounds)
                 return
 
+        projected = self._is_projected(p, group)
+        if (projected and projected_grad is None and grad.dtype != torch.float32 and not r.stabilizers
+                and self.chunk_numel is not None and p.is_contiguous() and grad.is_contiguous()):
+            self._update_projected_low_precision(p, grad, group, state, t)
+            return
+
         g = grad if grad.dtype == torch.float32 else grad.float()
         for s in r.stabilizers:
             g = s.transform(g, state, group, int(t), r.moment)
 
-        projected = self._is_projected(p, group)
         if projected:
             P = r.projection
             if projected_grad is None:

@@ -267,6 +267,12 @@ class SubspaceProjection(Projection):
             return FR.scatter(r, self._coordinates(shape, group)[0], state["proj_index"], shape)
         return GL.project_up(r, *self._basis(state))
 
+    def down_rows(self, g, state, group, bounds):
+        """:meth:`down` of a low-precision ``g``, converted to float32 a block of rows at a time."""
+        if "proj_index" in state:
+            return FR.select(g, self._coordinates(g.shape, group)[0], state["proj_index"]).float()
+        return GL.project_down_rows(g, *self._basis(state), bounds)
+
     def up_rows(self, r, state, group, start, stop):
         if "proj_index" in state:
             shape = _param_shape(state)
@@ -306,7 +312,7 @@ class SubspaceProjection(Projection):
             return
         key = "proj_left" if "proj_left" in state else "proj_right"
         basis = state[key]
-        grad = OSD.pca_loss_grad(basis, g.float(), "left" if key == "proj_left" else "right")
+        grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right")
         lr = group.get("proj_lr", 5e-3)
         if group.get("proj_optimizer", "adam") == "sgd":
             basis.add_(grad, alpha=-lr)
@@ -338,7 +344,7 @@ def _param_shape(state: dict[str, Tensor]) -> torch.Size:
 
 def _usable(g: Tensor) -> bool:
     """A gradient a data-dependent refresh can use: finite and not all zero (one host sync)."""
-    norm = g.float().norm()
+    norm = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))  # no float32 copy of g
     return bool(torch.isfinite(norm) & (norm > 0))
 
 

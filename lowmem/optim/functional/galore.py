@@ -53,6 +53,22 @@ def project_up(r: Tensor, left: Tensor | None, right: Tensor | None) -> Tensor:
     return out if right is None else out @ right
 
 
+def project_down_rows(g: Tensor, left: Tensor | None, right: Tensor | None, bounds: list[tuple[int, int]]) -> Tensor:
+    """:func:`project_down` of a low-precision ``g`` converted to float32 a block of rows at a time:
+    ``P^T G = sum_b P_b^T G_b``, ``(G Q^T)_b = G_b Q^T`` (no full-size float32 copy of ``G``)."""
+    rows = []
+    total = None
+    for a, b in bounds:
+        block = g[a:b].float()
+        part = block if right is None else block @ right.t()
+        if left is None:
+            rows.append(part)
+        else:
+            contrib = left[a:b].t() @ part
+            total = contrib if total is None else total.add_(contrib)
+    return torch.cat(rows) if left is None else total
+
+
 def project_up_rows(r: Tensor, left: Tensor | None, right: Tensor | None, start: int, stop: int) -> Tensor:
     """Rows ``start:stop`` of :func:`project_up`: ``P[a:b] N`` / ``N[a:b] Q`` / ``P[a:b] N Q``."""
     if left is not None:

@@ -21,8 +21,18 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str) -> Tensor:
     with ``C = G_n Q^T`` (``m x r``) and ``D = C^T G_n`` (``r x n``),
     ``dL/dQ = 2 ((Q Q^T - 2 I) D + C^T C Q)``.
     """
-    inv_norm = 1.0 / torch.linalg.vector_norm(g)
-    eye = torch.eye(basis.shape[1] if side == "left" else basis.shape[0], dtype=basis.dtype, device=basis.device)
+    dtype = basis.dtype
+    inv_norm = 1.0 / torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, dtype))
+    eye = torch.eye(basis.shape[1] if side == "left" else basis.shape[0], dtype=dtype, device=basis.device)
+    if g.dtype != dtype:  # low precision: converted a block of rows at a time (no full-size copy)
+        bounds = [(i, min(i + 512, g.shape[0])) for i in range(0, g.shape[0], 512)]
+        if side == "left":
+            a = sum(basis[i:j].t() @ g[i:j].to(dtype) for i, j in bounds).mul_(inv_norm)
+            b = torch.cat([g[i:j].to(dtype) @ a.t() for i, j in bounds]).mul_(inv_norm)
+            return 2 * (basis @ (a @ a.t()) + b @ (basis.t() @ basis - 2 * eye))
+        c = torch.cat([g[i:j].to(dtype) @ basis.t() for i, j in bounds]).mul_(inv_norm)
+        d = sum(c[i:j].t() @ g[i:j].to(dtype) for i, j in bounds).mul_(inv_norm)
+        return 2 * ((basis @ basis.t() - 2 * eye) @ d + (c.t() @ c) @ basis)
     if side == "left":
         a = (basis.t() @ g).mul_(inv_norm)
         b = (g @ a.t()).mul_(inv_norm)
