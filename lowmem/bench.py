@@ -351,21 +351,19 @@ def print_table(results: list[BenchResult], meta: dict[str, Any] | None = None) 
 
 
 def parse_variant(entry: str) -> tuple[str, dict[str, Any]]:
-    """``NAME`` or ``NAME:key=value[,key=value]`` -> ``(NAME, {key: value})``; values are YAML scalars."""
-    import yaml
+    """``NAME`` or ``NAME:key=value[,key=value]`` -> ``(NAME, {key: value})``; the part after the colon is
+    read by :func:`lowmem.optim.hparams.parse_optim_args` (the reader of ``lowmem train`` and ``budget``)."""
+    from lowmem.optim.hparams import parse_optim_args
 
     name, sep, kvs = entry.partition(":")
     if not sep:
         return name, {}
-    if not kvs:
+    if not kvs.strip():
         raise ValueError(f"expected NAME:key=value[,key=value], got {entry!r}")
-    out: dict[str, Any] = {}
-    for kv in kvs.split(","):
-        k, eq, v = kv.partition("=")
-        if not eq or not k.strip():
-            raise ValueError(f"{entry!r}: {kv!r} is not key=value")
-        out[k.strip()] = yaml.safe_load(v)
-    return name, out
+    try:
+        return name, parse_optim_args(kvs)
+    except ValueError as err:
+        raise ValueError(f"{entry!r}: {err}") from None
 
 
 def _parse_optim_args(items: list[str]) -> dict[str, dict[str, Any]]:

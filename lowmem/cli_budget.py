@@ -17,19 +17,6 @@ import json
 import sys
 
 
-def _kv(text: str) -> dict:
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        if "=" not in item:
-            raise ValueError(f"--optim-args expects k=v pairs separated by commas, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "budget", help="estimate (or measure) training memory by component; --budget searches what fits",
@@ -39,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("model", help="named shape (llama-2-7b, llama-3-8b, tiny, ...) or a local model directory")
     p.add_argument("--optimizer", default="adamw", help="registered optimizer (default adamw)")
-    p.add_argument("--optim-args", default="", metavar="k=v,...", help="optimizer hyperparameters, e.g. rank=128")
+    p.add_argument("--optim-args", default="", metavar="k=v,...",
+                   help="optimizer hyperparameters: 'k=v,k=v' (e.g. rank=128,betas=[0.9,0.95]) or a JSON object")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -129,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_r:
         targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
         lora = {"r": args.lora_r, "lora_alpha": 2 * args.lora_r, "target_modules": targets}
+    from .optim.hparams import parse_optim_args
+
     common = dict(
-        optimizer=args.optimizer, optim_args=_kv(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
+        optimizer=args.optimizer, optim_args=parse_optim_args(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=args.dtype, quantization=quant, lora=lora, gradient_checkpointing=args.gradient_checkpointing, layerwise=args.layerwise,
     )
 

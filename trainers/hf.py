@@ -17,9 +17,7 @@ Trainer's checkpoints (``optimizer.pt``) save and resume them unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +26,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from lowmem.optim import LowMemOptimizer, create_optimizer, get_entry
+from lowmem.optim.hparams import parse_optim_args  # noqa: F401 - the one k=v reader, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -60,45 +59,6 @@ def check_optimizer_fields(args: Any) -> None:
         for f in fields:
             if hasattr(args, f):
                 check_value(f, getattr(args, f), float, where=f"{type(args).__name__}.")
-
-
-def _parse_value(text: str) -> Any:
-    text = text.strip()
-    try:
-        return json.loads(text)
-    except ValueError:
-        return {"True": True, "False": False, "None": None}.get(text, text)
-
-
-def parse_optim_args(value: dict[str, Any] | str | None) -> dict[str, Any]:
-    """Optimizer hyperparameters from a dict, a JSON object, or ``"k=v,k=v"``.
-
-    In the ``k=v`` form each value is read as JSON when it parses (``0.01``, ``true``, ``null``,
-    ``[0.9, 0.99]``), as Python's ``True``/``False``/``None``, else as a string. Lists become
-    tuples (``betas``, Adafactor's ``eps``).
-
-    Raises:
-        ValueError: A malformed string.
-    """
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("{"):
-            try:
-                value = json.loads(text)
-            except ValueError as e:
-                raise ValueError(f"optimizer arguments {value!r} are not valid JSON: {e}") from None
-        else:
-            value = {}
-            for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
-                key, sep, raw = item.partition("=")
-                if not sep or not key.strip().isidentifier():
-                    raise ValueError(f"optimizer arguments must look like 'k=v,k=v' or a JSON object; got {text!r}")
-                value[key.strip()] = _parse_value(raw)
-    if not isinstance(value, dict):
-        raise ValueError(f"optimizer arguments must be a dict, a JSON object or 'k=v,k=v'; got {type(value).__name__}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
 
 
 def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args: dict | str | None = None) -> dict[str, Any]:

@@ -7,7 +7,11 @@ the value and the valid range, instead of producing NaNs a thousand steps later.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -118,3 +122,122 @@ FOREACH = HParam(
 )
 
 ENGINE_HPARAMS = (STATE_DTYPE, FOREACH)  # accepted by every engine optimizer
+
+
+# ---- optimizer arguments from text ----------------------------------------------------------
+
+_FLOAT_NO_DOT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_OPENERS, _CLOSERS = "([{", ")]}"
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.2's core schema does; PyYAML's
+    YAML 1.1 resolver wants a dot, ``1.0e-3``, and would give the string ``'1e-3'``)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_NO_DOT, list("-+0123456789"))
+    return _Loader
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas outside brackets and quotes: ``betas=[0.9,0.95],lr=1e-3`` -> 2 items."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in _OPENERS:
+            depth += 1
+        elif ch in _CLOSERS:
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"optimizer arguments {text!r}: unbalanced {ch!r}")
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise ValueError(f"optimizer arguments {text!r}: unclosed bracket or quote")
+    items.append(text[start:])
+    return items
+
+
+def _tuples(value: Any) -> Any:
+    """Lists become tuples, recursively (``betas``, Adafactor's ``eps`` pair)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """One value of ``k=v``: a YAML scalar or flow sequence, read with ``yaml.safe_load`` (``true``,
+    ``False``, ``0.01``, ``1e-3``, ``[0.9, 0.95]``, ``'quoted'``), plus Python's spellings ``None`` and
+    ``(0.9, 0.95)``. Sequences become tuples; anything else is the string as written.
+
+    Raises:
+        ValueError: An empty value, or one YAML cannot read (``[0.9,``).
+    """
+    import yaml
+
+    text = text.strip()
+    if not text:
+        raise ValueError("empty value")
+    if text == "None":
+        return None
+    if text.startswith("(") and text.endswith(")"):
+        text = "[" + text[1:-1] + "]"
+    try:
+        return _tuples(yaml.load(text, Loader=_yaml_loader()))  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot read {text!r}: {str(err).splitlines()[0]}") from None
+
+
+def parse_optim_args(value: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """Optimizer hyperparameters from a mapping, a JSON object, or ``"k=v,k=v"``.
+
+    The one reader behind ``lowmem train --optim-args`` (and the recipe's / ``TrainingArguments``'
+    ``optim_args``), ``lowmem budget --optim-args`` and ``lowmem bench NAME:k=v``. In the ``k=v``
+    form, pairs are split at the commas outside brackets and quotes
+    (``betas=[0.9,0.95],lr=1e-3``) and each value is read by :func:`parse_value`. Lists become
+    tuples in every form.
+
+    Raises:
+        ValueError: A malformed string (a pair without ``=``, a key that is not an identifier, a key
+            given twice, invalid JSON) or a value that is not a mapping.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError as err:
+                raise ValueError(f"optimizer arguments {text!r} are not a valid JSON object: {err}") from None
+        else:
+            out: dict[str, Any] = {}
+            for item in _split_top_level(text):
+                key, sep, raw = item.partition("=")
+                key = key.strip()
+                if not sep or not key.isidentifier():
+                    raise ValueError(f"optimizer arguments must look like 'k=v,k=v' (lists in brackets: "
+                                     f"betas=[0.9,0.95]) or a JSON object; {item.strip()!r} in {text!r} is not k=v")
+                if key in out:
+                    raise ValueError(f"optimizer arguments {text!r}: {key!r} is given twice")
+                try:
+                    out[key] = parse_value(raw)
+                except ValueError as err:
+                    raise ValueError(f"optimizer argument {key}: {err}") from None
+            return out
+    if not isinstance(value, Mapping):
+        raise ValueError(f"optimizer arguments must be a mapping, a JSON object or 'k=v,k=v'; got {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ValueError(f"optimizer argument names must be strings; got {key!r}")
+    return {k: _tuples(v) for k, v in value.items()}
