@@ -469,8 +469,9 @@ def validate_data_fields(recipe: Any) -> None:
 
     Fields: ``dataset``, ``eval_dataset``, ``eval_split``, ``chat_template``, ``reward_funcs``,
     ``reward_weights`` and their interplay with ``task``. Paths given as ``os.PathLike`` become `str`;
-    data and ``.jinja`` paths are read (and must exist) when the run starts (:func:`recipe_data`), since
-    relative ones are from the directory the run starts in. Rewards are checked by
+    data and ``.jinja`` paths are read (and must exist) when the run starts (:func:`recipe_data`); relative
+    ones from a recipe file were made relative to its folder by :func:`lowmem.train.load_recipe`, others are
+    from the current directory. Rewards are checked by
     :func:`lowmem.rewards.validate_reward_fields` (their code is imported only when training starts).
 
     Raises:

@@ -5,8 +5,8 @@ A recipe's ``reward_funcs`` is a list of entries, each one of
 * a built-in name (:data:`BUILTIN_REWARDS`): ``exact_match``, ``format``, ``addition``;
 * ``"package.module:function"``: a function of an importable module (the current directory is
   searched first);
-* ``"path/to/file.py:function"``: a function defined in a Python file (relative paths are from the
-  current directory);
+* ``"path/to/file.py:function"``: a function defined in a Python file (a relative path in a recipe
+  file is from the recipe's folder, :func:`lowmem.train.resolve_recipe_paths`; else from the current directory);
 * a mapping ``{name: <one of the above>, <keyword>: <value>, ...}``: the same function with those
   keyword arguments bound, e.g. ``{name: format, pattern: "\\d+"}``;
 * a local directory holding a reward model (``AutoModelForSequenceClassification`` with one label,

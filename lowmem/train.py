@@ -69,7 +69,8 @@ class TrainRecipe:
             Held-out examples of ``task`` (a fixed pool disjoint from training) for ``initial_loss``
             and ``final_loss``.
 
-        > Your own data (docs/training.md, "Training on your own data")
+        > Your own data (docs/training.md, "Training on your own data"). Relative paths written in a
+        > recipe file (here and in ``model``) are from the recipe file's folder (:func:`resolve_recipe_paths`).
 
         dataset (`str`, `list[str]` or `None`, defaults to `None`):
             Local training data (``--dataset``), loaded with ``datasets`` and never downloaded: a
@@ -509,11 +510,61 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         if not isinstance(data, dict):
             raise ConfigError(f"{where}a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
     data = _recipe_keys(data, where, dataset=overrides.get("dataset"))  # --dataset selects SFTConfig's fields too
+    if path is not None:  # the recipe's relative input paths are relative to its folder (overrides: to the cwd)
+        data = resolve_recipe_paths(data, Path(path).resolve().parent)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrainRecipe(**data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+
+
+# Recipe fields naming files or folders the run reads. In a recipe file, relative paths in them are
+# relative to the recipe file's folder (resolve_recipe_paths); output_dir, and a checkpoint to resume,
+# are where runs write, relative to the current directory like every command-line flag.
+INPUT_PATH_FIELDS = ("model", "dataset", "eval_dataset", "chat_template", "reward_funcs")
+
+
+def _rebase(value: Any, base: Path) -> Any:
+    """``base / value`` for a relative path string; anything else (absolute, ``~``, not a string) unchanged."""
+    if not isinstance(value, str) or not value.strip():
+        return value  # the field's own check reports it
+    p = Path(value.strip()).expanduser()
+    return value if p.is_absolute() else str(base / p)
+
+
+def _rebase_reward(entry: Any, base: Path) -> Any:
+    """A ``reward_funcs`` entry with its file part rebased: ``path/to/file.py:function`` and a
+    reward-model directory; built-in names and ``package.module:function`` are not paths."""
+    from lowmem.rewards import BUILTIN_REWARDS
+
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        return {**entry, "name": _rebase_reward(entry["name"], base)}
+    if not isinstance(entry, str) or entry.strip() in BUILTIN_REWARDS:
+        return entry
+    ref = entry.strip()
+    if ":" in ref:
+        target, func = ref.rsplit(":", 1)
+        return f"{_rebase(target, base)}:{func}" if target.endswith(".py") else entry
+    return _rebase(ref, base)  # a reward-model directory
+
+
+def resolve_recipe_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` (recipe keys read from a file in folder ``base``) with the relative paths of
+    :data:`INPUT_PATH_FIELDS` made relative to ``base``: ``model``, ``dataset`` and
+    ``eval_dataset`` (a path or a list), ``chat_template`` when it is a path (not Jinja text), the
+    file part of ``reward_funcs`` entries. So a recipe and its data move together, and a recipe
+    shipped in the wheel finds the data shipped beside it. Types are not checked here."""
+    out = dict(data)
+    for name in ("model", "dataset", "eval_dataset"):
+        value = out.get(name)
+        out[name] = [_rebase(v, base) for v in value] if isinstance(value, list) else _rebase(value, base)
+    template = out.get("chat_template")
+    if isinstance(template, str) and "{{" not in template and "{%" not in template:
+        out["chat_template"] = _rebase(template, base)
+    if isinstance(out.get("reward_funcs"), list):
+        out["reward_funcs"] = [_rebase_reward(e, base) for e in out["reward_funcs"]]
+    return {k: v for k, v in out.items() if k in data}
 
 
 def _recipe_keys(data: dict[str, Any], where: str, dataset: str | list[str] | None = None) -> dict[str, Any]:

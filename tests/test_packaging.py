@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +37,9 @@ def wheel_site(tmp_path_factory):
 
 
 def _run_in(site: Path, cwd: Path, code: str) -> str:
-    env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")}
+    env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "HF_HOME": str(cwd / ".hf")}  # datasets' cache of the test, not the user's
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
@@ -63,6 +66,32 @@ def test_built_wheel_ships_the_recipes(wheel_site, tmp_path):
     assert fields == f"{want['optim']} {want['steps']}"  # the recipe's values, not TrainRecipe's defaults
     out = _run_in(site, tmp_path, "from lowmem.cli import build_parser; build_parser().parse_args(['train', '--help'])")
     assert "default.yaml" in out
+
+
+def test_built_wheel_recipes_find_their_data(wheel_site, tmp_path):
+    """The *_jsonl recipes of an installed wheel name data shipped beside them (lowmem/configs/data), found
+    from any directory: relative paths in a recipe are from the recipe's folder."""
+    names, site = wheel_site
+    shipped = {f"lowmem/configs/data/{p.name}" for p in (ROOT / "configs" / "data").iterdir()}
+    assert "lowmem/configs/data/addition_chat.jsonl" in shipped and shipped <= set(names)
+    code = (
+        "import json; from lowmem.train import load_recipe; from lowmem.data import recipe_data; "
+        "from lowmem.kit.shipped import shipped_recipe\n"
+        "for name in ('sft_jsonl', 'dpo_jsonl', 'grpo_jsonl'):\n"
+        "    r = load_recipe(shipped_recipe(name)); d = recipe_data(r)\n"
+        "    print(json.dumps([r.dataset, r.eval_dataset, r.chat_template, r.reward_funcs, len(d.train), d.format.name]))"
+    )
+    rows = [json.loads(line) for line in _run_in(site, tmp_path, code).strip().splitlines()]
+    data = site / "lowmem" / "configs" / "data"
+    (sft, sft_eval, sft_tmpl, _, sft_rows, sft_fmt), dpo, grpo = rows
+    assert (Path(sft), Path(sft_eval), Path(sft_tmpl)) == (data / "addition_chat.jsonl", data / "addition_chat_eval.jsonl",
+                                                           data / "tiny_chat_template.jinja")
+    assert sft_rows > 0 and sft_fmt == "messages" and Path(dpo[0]) == data / "addition_prefs.jsonl" and dpo[4] > 0
+    assert Path(grpo[0]) == data / "addition_prompts.jsonl" and grpo[3][0] == f"{data / 'addition_reward.py'}:digits_and_prefix"
+    assert grpo[3][1] == "exact_match" and grpo[4] > 0
+    from lowmem.rewards import resolve_reward
+
+    assert callable(resolve_reward(grpo[3][0]))  # the wheel's reward file imports
 
 
 def test_import_lowmem_is_light_and_api_resolves_lazily():

@@ -235,3 +235,32 @@ def test_recipe_dataclass_direct_construction_is_checked():
     with pytest.raises(ConfigError, match="layerwise='no'"):
         TrainRecipe(layerwise="no")
     assert TrainRecipe(lr="1e-3").lr == 1e-3
+
+
+def test_relative_paths_in_a_recipe_are_from_its_folder(tmp_path, monkeypatch):
+    """One rule: the input paths a recipe file names (model, dataset, eval_dataset, chat_template, reward
+    files and reward-model folders) are relative to the recipe's folder; overrides (flags, keywords) and
+    output_dir are relative to the current directory."""
+    from lowmem.train import load_recipe
+
+    folder = tmp_path / "recipes"
+    (folder / "data").mkdir(parents=True)
+    recipe = folder / "r.yaml"
+    recipe.write_text(
+        "trainer: grpo\ndataset: [data/a.jsonl, /abs/b.jsonl]\neval_dataset: data/e.jsonl\n"
+        "chat_template: data/t.jinja\noutput_dir: out\n"
+        "reward_funcs: [data/r.py:f, exact_match, trl.rewards:think_format_reward, {name: data/r.py:g, k: 1}, rm_dir/]\n"
+    )
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = load_recipe(recipe)
+    d = folder / "data"
+    assert r.dataset == [str(d / "a.jsonl"), "/abs/b.jsonl"] and r.eval_dataset == str(d / "e.jsonl")
+    assert r.chat_template == str(d / "t.jinja") and r.output_dir == "out"
+    assert r.reward_funcs == [f"{d / 'r.py'}:f", "exact_match", "trl.rewards:think_format_reward",
+                              {"name": f"{d / 'r.py'}:g", "k": 1}, str(folder / "rm_dir")]
+    assert load_recipe(recipe, dataset="mine.jsonl").dataset == "mine.jsonl"  # an override: from the cwd
+    inline = folder / "inline.yaml"
+    inline.write_text("chat_template: \"{% for m in messages %}{{ m.content }}{% endfor %}\"\n")
+    assert load_recipe(inline).chat_template.startswith("{% for")  # Jinja text is not a path

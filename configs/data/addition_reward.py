@@ -1,5 +1,5 @@
 """A reward function in a file of your own, named in a recipe as
-``reward_funcs: [examples/data/addition_reward.py:digits_and_prefix]``.
+``reward_funcs: [data/addition_reward.py:digits_and_prefix]`` (relative to the recipe file's folder).
 
 TRL's contract: one float per completion. ``prompts`` and ``completions`` hold one entry per
 completion (strings here; lists of messages for conversational data); every other dataset column
