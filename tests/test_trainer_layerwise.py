@@ -21,12 +21,12 @@ def train_data(tokenizer):
 
 
 def _train(out_dir, train_data, layerwise, steps=6, resume=None, max_grad_norm=0.0, save_steps=None, name="adamw",
-           optim_args=None):
+           optim_args=None, **extra):
     torch.manual_seed(0)
     model, _ = build_tiny_model(0)
     args = LowMemTrainingArguments(
         out_dir, lowmem_optim=name, lowmem_optim_args=optim_args, lowmem_layerwise=layerwise, max_steps=steps, max_grad_norm=max_grad_norm,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, **COMMON,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, **{**COMMON, **extra},
     )
     trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
     trainer.train(resume_from_checkpoint=resume)
@@ -65,3 +65,16 @@ def test_layerwise_resume_from_checkpoint(tmp_path, train_data):
 def test_layerwise_requires_an_optimizer():
     with pytest.raises(ValueError, match="lowmem_layerwise"):
         LowMemTrainingArguments("unused", lowmem_layerwise=True, report_to="none")
+
+
+def test_layerwise_logs_the_real_grad_norm(tmp_path, train_data):
+    """The logged grad_norm in layerwise mode is the step's global norm (not 0, though no p.grad is left):
+    the same as the ordinary run's pre-clip norm, step for step (AdamW layerwise follows the ordinary run)."""
+    def norms(trainer):
+        return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+
+    _, plain = _train(tmp_path / "plain", train_data, layerwise=False, steps=3, logging_steps=1)
+    _, lw = _train(tmp_path / "layerwise", train_data, layerwise=True, steps=3, logging_steps=1)
+    ref, got = norms(plain), norms(lw)
+    assert len(ref) == len(got) == 3 and all(n > 0 for n in ref)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=0)

@@ -199,7 +199,8 @@ class LowMemArguments:
             (subspace recipes accumulate in the projected space) and with checkpoints. Gradient
             clipping becomes the global norm *of the previous step* (``max_grad_norm``; the current
             norm is unknown while parameters are already being stepped) and the Trainer's own
-            clipping is turned off. Under DDP, layerwise mode raises a clear error (see
+            clipping is turned off; the logged ``grad_norm`` is the step's global norm, summed in the
+            hooks (:func:`layerwise_grad_norm`). Under DDP, layerwise mode raises a clear error (see
             docs/subspace.md). Requires ``lowmem_optim``.
     """
 
@@ -278,6 +279,26 @@ class LowMemOptimizerMixin:
         self._lowmem_built_optimizer = True
         logger.info("lowmem optimizer %s with %s", name, hp)
         return self.optimizer
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The ``grad_norm`` the Trainer logs (transformers >= 5 calls this before ``optimizer.step()``).
+        In layerwise mode the gradients were consumed and freed in their hooks, so the Trainer's own
+        norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
+        norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
+        return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def layerwise_grad_norm(optimizer: Any) -> torch.Tensor | None:
+    """The global gradient norm of the step a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`
+    is in: the square root of the sum of the squared norms of every gradient its hooks stepped since
+    the last ``step()`` (pre-clipping; for parameters accumulated in a subspace, the projected
+    gradient's). `None` for another optimizer, or before any gradient arrived."""
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if not isinstance(opt, LayerwiseOptimizer) or opt._sq_norm_sum is None:
+        return None
+    return opt._sq_norm_sum.sqrt()
 
 
 class LowMemTrainer(LowMemOptimizerMixin, Trainer):
