@@ -2,7 +2,7 @@
 
 Public entry points::
 
-    lowmem.list_optimizers()                                  # registered optimizers
+    lowmem.list_optimizers()                                  # names of the registered optimizers (sorted)
     lowmem.create_optimizer(model, "adamw", lr=1e-3)          # any of them, groups built from the model
     lowmem.estimate_memory("llama-2-7b", "galore_adamw")      # memory of a training step, by component
 

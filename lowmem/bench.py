@@ -393,9 +393,9 @@ def bench_threads(requested: int | None) -> int:
 
 
 def main(args) -> int:
-    from lowmem.optim import get_entry, list_optimizers
+    from lowmem.optim import get_entry, optimizer_entries
 
-    names = args.optimizers or [e.name for e in list_optimizers() if e.recipe is not None]
+    names = args.optimizers or [e.name for e in optimizer_entries() if e.recipe is not None]
     for n in names:  # fail early, listing valid names
         name, variant = parse_variant(n)
         if name != BASELINE:

@@ -81,7 +81,7 @@ def run_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .optim import bytes_per_param, list_optimizers
+    from .optim import bytes_per_param, optimizer_entries
 
     shape = "x".join(map(str, LIST_SHAPE))
     table = Table(
@@ -99,10 +99,10 @@ def run_list(args: argparse.Namespace) -> int:
     if args.shape:
         from .memory import state_bytes_at_scale
 
-        at_scale = {e.name: state_bytes_at_scale(e.name, args.shape) for e in list_optimizers()}
+        at_scale = {e.name: state_bytes_at_scale(e.name, args.shape) for e in optimizer_entries()}
         table.add_column(f"state on {args.shape}", justify="right", no_wrap=True)
     adamw = bytes_per_param("adamw", LIST_SHAPE)
-    for e in list_optimizers():
+    for e in optimizer_entries():
         scale = []
         if at_scale:
             r = at_scale[e.name]

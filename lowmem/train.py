@@ -296,7 +296,7 @@ def resolve_optim_name(name: str) -> tuple[str, bool]:
     """
     from lowmem.optim import list_optimizers
 
-    lowmem_names = [e.name for e in list_optimizers()]
+    lowmem_names = list_optimizers()
     key = name.strip().lower().replace("-", "_")
     layerwise = key.endswith(HF_LAYERWISE_SUFFIX)
     base = key[: -len(HF_LAYERWISE_SUFFIX)] if layerwise else key

@@ -14,11 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lowmem.optim import create_optimizer, list_optimizers
+from lowmem.optim import create_optimizer, optimizer_entries
 from toy_problem import hparams_for, loss_fn, make_problem
 
 pytestmark = pytest.mark.distributed
-NAMES = [e.name for e in list_optimizers() if e.generic_tests and e.recipe is not None]
+NAMES = [e.name for e in optimizer_entries() if e.generic_tests and e.recipe is not None]
 STEPS = 6
 
 

@@ -9,13 +9,13 @@ import warnings
 
 import pytest
 
-from lowmem.optim import list_optimizers
+from lowmem.optim import optimizer_entries
 
 # 20.8M parameters: big enough that optimizer state and its step transient dominate, small enough
 # for CI's 2 cores (float32, batch 1 x 32 tokens, two steps, live-tensor tracking)
 CONFIG = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
-ENGINE = [e.name for e in list_optimizers() if e.recipe is not None]
+ENGINE = [e.name for e in optimizer_entries() if e.recipe is not None]
 ARGS = {"adafactor": {"lr": 1e-3, "relative_step": False}}
 
 

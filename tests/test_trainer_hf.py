@@ -7,7 +7,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from lowmem import create_optimizer
 from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
-from lowmem.optim import Adafactor, AdamW, LowMemOptimizer, get_entry, list_optimizers
+from lowmem.optim import Adafactor, AdamW, LowMemOptimizer, get_entry, optimizer_entries
 from lowmem.optim.registry import decay_parameter_names
 from lowmem.trainers import (
     LowMemTrainer,
@@ -52,7 +52,7 @@ def test_plain_trainer_uses_lowmem_groups_and_training_args(tmp_path, train_data
     trainer.train()  # and it runs
 
 
-@pytest.mark.parametrize("entry", [e for e in list_optimizers() if e.recipe is not None], ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", [e for e in optimizer_entries() if e.recipe is not None], ids=lambda e: e.name)
 def test_cls_and_kwargs_rebuilds_create_optimizer(entry):
     """For every registered engine optimizer, cls(**kwargs) builds what create_optimizer builds."""
     model, _ = build_tiny_model(0)
@@ -140,7 +140,7 @@ def _train(out_dir, name, train_data, resume=None, steps=6):
     return model, trainer.optimizer.optimizer
 
 
-ENGINE_OPTIMIZERS = [e.name for e in list_optimizers() if e.recipe is not None and e.generic_tests]
+ENGINE_OPTIMIZERS = [e.name for e in optimizer_entries() if e.recipe is not None and e.generic_tests]
 
 
 @pytest.mark.parametrize("name", ENGINE_OPTIMIZERS)

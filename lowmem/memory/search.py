@@ -93,7 +93,7 @@ def default_optimizers() -> list[str]:
     """Registered optimizers the search tries by default (those present in this installation)."""
     from ..optim import list_optimizers
 
-    names = {e.name for e in list_optimizers()}
+    names = set(list_optimizers())
     wanted = ["adamw", "adamw8bit", "adamw4bit", "adafactor", "galore_adamw", "galore_adamw8bit", "bnb_adamw8bit"]
     return [n for n in wanted if n in names]
 

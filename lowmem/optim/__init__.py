@@ -20,6 +20,7 @@ from .registry import (
     create_optimizer,
     get_entry,
     list_optimizers,
+    optimizer_entries,
     register,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "create_optimizer",
     "get_entry",
     "list_optimizers",
+    "optimizer_entries",
     "register",
 ]
 from .recipes.subspace import FiraAdamW, Frugal, GaLoreAdafactor, GaLoreAdamW, OnlineSubspaceDescent  # noqa: E402

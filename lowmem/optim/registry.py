@@ -100,8 +100,14 @@ def get_entry(name: str) -> OptimizerEntry:
     return _REGISTRY[key]
 
 
-def list_optimizers() -> list[OptimizerEntry]:
-    """All registered optimizers, sorted by name."""
+def list_optimizers() -> list[str]:
+    """Names of all registered optimizers, sorted (each one a valid ``name`` for
+    :func:`create_optimizer`). Their entries: :func:`optimizer_entries`."""
+    return sorted(_REGISTRY)
+
+
+def optimizer_entries() -> list[OptimizerEntry]:
+    """The :class:`OptimizerEntry` of every registered optimizer, sorted by name."""
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
