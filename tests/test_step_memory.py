@@ -276,3 +276,14 @@ def test_microadam_compiled_chunks_follow_the_plain_whole_tensor_step():
         results.append(p.detach().clone())
     assert (results[0] - p0).abs().max() > 1e-3
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_float_norm_of_low_precision_tensor_in_blocks():
+    from lowmem.optim.functional.norms import float_norm
+
+    x = torch.randn(3000, 7, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ref = torch.linalg.vector_norm(x.float())
+    got = float_norm(x, block_numel=1000)  # 21 blocks, the last partial
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    assert float_norm(x.float()) == ref

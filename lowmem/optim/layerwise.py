@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .engine import LowMemOptimizer
+from .functional.norms import float_norm
 from .registry import create_optimizer
 from .subspace import DropResidual
 
@@ -166,7 +167,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._micro[p] = 0
         clipped = low if low is not None else grad
         # the norm is a reduction (no full-size temporary); a finite norm proves every entry finite
-        norm_sq = torch.linalg.vector_norm(clipped, dtype=torch.float32).square()
+        norm_sq = float_norm(clipped).square()
         if not bool(torch.isfinite(norm_sq)) and not bool(torch.isfinite(clipped).all()):
             warnings.warn(f"layerwise: non-finite gradient for a {tuple(p.shape)} parameter; its step is skipped", stacklevel=2)
             return

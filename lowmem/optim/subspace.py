@@ -33,6 +33,7 @@ from .functional import galore as GL
 from .functional import fira as FI
 from .functional import osd as OSD
 from .functional.adam import adam_direction, adam_moments_
+from .functional.norms import float_norm
 
 BASIS_METHODS = ("svd", "rsvd", "random", "gaussian", "online_pca")
 COORDINATE_METHODS = ("columns", "rows", "randk", "blocks")
@@ -344,7 +345,7 @@ def _param_shape(state: dict[str, Tensor]) -> torch.Size:
 
 def _usable(g: Tensor) -> bool:
     """A gradient a data-dependent refresh can use: finite and not all zero (one host sync)."""
-    norm = torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))  # no float32 copy of g
+    norm = float_norm(g)  # no float32 copy of a low-precision g
     return bool(torch.isfinite(norm) & (norm > 0))
 
 

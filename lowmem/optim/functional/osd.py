@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .norms import float_norm
+
 
 def pca_loss_grad(basis: Tensor, g: Tensor, side: str) -> Tensor:
     """Gradient in ``P`` of the reconstruction loss of the normalized gradient (Section 3, eq. 5):
@@ -22,7 +24,7 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str) -> Tensor:
     ``dL/dQ = 2 ((Q Q^T - 2 I) D + C^T C Q)``.
     """
     dtype = basis.dtype
-    inv_norm = 1.0 / torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, dtype))
+    inv_norm = 1.0 / float_norm(g).to(dtype)
     eye = torch.eye(basis.shape[1] if side == "left" else basis.shape[0], dtype=dtype, device=basis.device)
     if g.dtype != dtype:  # low precision: converted a block of rows at a time (no full-size copy)
         bounds = [(i, min(i + 512, g.shape[0])) for i in range(0, g.shape[0], 512)]
