@@ -153,8 +153,11 @@ class TrainRecipe:
             bits) before merging, as PEFT recommends for QLoRA.
         eval_steps (`int` or `None`, defaults to `None`):
             Evaluate on the held-out set every this many steps (``eval_strategy="steps"``): the eval
-            loss (DPO: margins) appears in the log and in ``metrics.json`` (``eval_history``).
-            `None`: only before and after training.
+            loss (DPO: margins; GRPO/GVPO/BNPO: the mean reward of completions sampled for held-out
+            prompts, and TRL's loss) appears in the log and in ``metrics.json`` (``eval_history``).
+            The held-out set is ``eval_dataset`` / ``eval_split`` with ``dataset`` (one of them is then
+            required, except for DPO), else the synthetic task's ``eval_size`` held-out rows. `None`:
+            only before and after training (GRPO/GVPO/BNPO on the synthetic task: no evaluation).
         report_to (`str` or `list[str]`, defaults to `"none"`):
             ``TrainingArguments.report_to`` (``"tensorboard"``, ``"wandb"``, ...). An integration
             whose package is not installed is an error naming the package.
@@ -254,9 +257,10 @@ class TrainRecipe:
         _lift_training_args(self)  # optim*, resume_from_checkpoint given in training_args; types of the rest
         self.optim_args = check_optim_args(self.optim, self.optim_args)
         _check_report_to(self.report_to)
-        if self.eval_steps is not None and self.trainer not in ("sft", "dpo"):
-            raise ConfigError(f"eval_steps={self.eval_steps}: evaluation during training is available for the sft and "
-                              f"dpo trainers; {self.trainer} reports its reward every logging step instead")
+        if (self.eval_steps is not None and self.dataset is not None and self.trainer != "dpo"
+                and self.eval_dataset is None and self.eval_split is None):
+            raise ConfigError(f"eval_steps={self.eval_steps} needs a held-out set for dataset={self.dataset!r}: "
+                              "set eval_dataset (a file) or eval_split (a fraction)")
         if self.quantization is not None:
             from lowmem.quant import bnb_config
 
@@ -657,6 +661,8 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         fields["eval_steps"] = recipe.eval_steps
     if recipe.trainer in ("sft", "dpo"):
         fields["per_device_eval_batch_size"] = 64
+    else:  # whole groups of num_generations completions per eval batch, as in training (TRL and GVPO check it)
+        fields["per_device_eval_batch_size"] = recipe.batch_size
     if cls is not LowMemTrainingArguments:
         fields["bf16"] = recipe.dtype == "bfloat16"
     if getattr(recipe, "reward_weights", None) is not None:
@@ -765,11 +771,11 @@ def effective_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 def _run_metrics(trainer: Any) -> dict[str, Any]:
     """``effective_hparams`` of the trained optimizer and ``eval_history`` (step and eval loss, DPO
-    margin and accuracy, of every evaluation during training and the one after it; the one before
-    training is ``initial_loss`` / ``initial_margin``)."""
+    margin and accuracy, GRPO/GVPO/BNPO mean reward, of every evaluation: the one before training,
+    during training and the one after it)."""
     by_step = {  # the evaluation after training repeats the last step's when eval_steps divides steps
-        h["step"]: {"step": h["step"], **{k: h[k] for k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies")
-                                          if k in h}}
+        h["step"]: {"step": h["step"], **{k: h[k] for k in ("eval_loss", "eval_reward", "eval_rewards/margins",
+                                                             "eval_rewards/accuracies") if k in h}}
         for h in trainer.state.log_history if "eval_loss" in h
     }
     return {"effective_hparams": effective_hparams(trainer.optimizer), "eval_history": list(by_step.values())}
@@ -906,9 +912,11 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
             "margin_history": [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h],
         }
     else:
+        evals = rl_eval_prompts(recipe, data)
         trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
                               train_dataset=reward_dataset(recipe.train_size, recipe.seed) if data is None else data.train,
-                              callbacks=_memory_callbacks(recipe))
+                              eval_dataset=evals, callbacks=_memory_callbacks(recipe))
+        trainer.args.eval_on_start = evals is not None  # the held-out reward before training (see _train)
         out = _train(trainer, recipe)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         result = {
@@ -916,6 +924,9 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
             "final_reward": sum(rewards[-10:]) / max(len(rewards[-10:]), 1), "reward_history": rewards,
             "reward_func_histories": reward_histories(trainer.state.log_history),  # each function's mean per step
         }
+        if evals is not None:  # mean reward of completions sampled for the held-out prompts, before and after
+            result["initial_eval_reward"] = _first_eval(trainer).get("eval_reward")
+            result["final_eval_reward"] = trainer.evaluate().get("eval_reward")
     saved = _save_outputs(trainer, recipe)
     policy = trainer.model
     return {
@@ -925,6 +936,17 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         **_run_metrics(trainer), **saved,
         **({"data": data.summary()} if data is not None else {}),
     }
+
+
+def rl_eval_prompts(recipe: TrainRecipe, data: Any) -> Any:
+    """GRPO/GVPO/BNPO's held-out prompts: the user's eval set (``eval_dataset`` / ``eval_split``)
+    whenever there is one; on the synthetic task, its ``eval_size`` held-out prompts when
+    ``eval_steps`` asks for evaluation; else `None` (no evaluation: the training reward is reported)."""
+    from lowmem.kit import reward_dataset
+
+    if data is not None:
+        return data.eval
+    return reward_dataset(recipe.eval_size, 0, "eval") if recipe.eval_steps else None
 
 
 TRAINERS: dict[str, Callable[[TrainRecipe], dict[str, Any]]] = {
@@ -986,6 +1008,9 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     if "initial_reward" in metrics:
         console.print(f"mean reward: first 5 steps {metrics['initial_reward']:.4f} -> last 10 steps "
                       f"{metrics['final_reward']:.4f} after {metrics['steps']} steps")
+        if metrics.get("final_eval_reward") is not None:
+            console.print(f"held-out prompts' mean reward: initial {metrics['initial_eval_reward']:.4f} -> final "
+                          f"{metrics['final_eval_reward']:.4f}")
     elif "initial_margin" in metrics:
         pairs = "64 training pairs" if not metrics.get("data") or not recipe.eval_dataset and not recipe.eval_split else "eval set"
         console.print(f"chosen-minus-rejected margin ({pairs}): {metrics['initial_margin']:.4f} -> "

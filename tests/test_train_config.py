@@ -82,7 +82,7 @@ def test_bad_value_names_the_field(tmp_path, capsys, text, field, expected):
         ("resume_from_checkpoint: /nonexistent/checkpoint-3\n", "no such directory"),
         ("resume_from_checkpoint: true\n", "no complete checkpoint"),
         ("merge_adapters: true\n", "needs lora or quantization"),
-        ("trainer: grpo\neval_steps: 5\n", "eval_steps"),
+        ("trainer: sft\ndataset: /dev/null\neval_steps: 5\n", "eval_steps=5 needs a held-out set"),
         ("training_args: {eval_strategy: sometimes}\n", "eval_strategy"),
         ("optim: adamw\noptim_args: {betas: [0.9, 1.5]}\n", "optim_args.betas"),
         ("optim: adamw\noptim_args: {lr: abc}\n", "optim_args.lr"),

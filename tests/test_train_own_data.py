@@ -230,6 +230,20 @@ def test_sft_and_grpo_with_a_bpe_chatml_model(bpe_model_dir, tmp_path):
     assert m["final_reward"] > m["initial_reward"] + 0.1, m["reward_history"]
 
 
+@pytest.mark.parametrize("trainer", ["gvpo", "bnpo"])
+def test_rl_eval_steps_on_an_eval_split(own_model_dir, tmp_path, trainer):
+    """GVPO / BNPO on a user's prompts with eval_split: the held-out prompts are evaluated before training,
+    every eval_steps and after (eval_reward in eval_history); without an eval set, eval_steps is an error."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", rl_rows(24))
+    m, log = _run(trainer=trainer, model=own_model_dir, dataset=str(data), eval_split=0.25, steps=2, eval_steps=1,
+                  logging_steps=1, reward_funcs=["addition"], output_dir=str(tmp_path / "out"),
+                  training_args=RL_ARGS, batch_size=8, **QUIET)
+    assert m["data"]["eval_rows"] == 6 and [h["step"] for h in m["eval_history"]] == [0, 1, 2]
+    assert all(0.0 <= h["eval_reward"] <= 1.0 for h in m["eval_history"]) and "held-out prompts" in log
+    with pytest.raises(ValueError, match="eval_steps=1 needs a held-out set"):
+        TrainRecipe(trainer=trainer, dataset=str(data), reward_funcs=["addition"], eval_steps=1)
+
+
 def test_grpo_with_a_local_reward_model(own_model_dir, tmp_path):
     """A reward-model directory (sequence classification, one label) beside a built-in reward: TRL loads
     it by path and scores every completion; both appear in reward_func_histories."""

@@ -128,6 +128,24 @@ def test_eval_during_training_in_log_and_metrics(tmp_path, capsys):
     assert json.loads((tmp_path / "metrics.json").read_text())["eval_history"] == m["eval_history"]
 
 
+def test_grpo_eval_during_training_on_held_out_prompts(tmp_path, capsys):
+    """GRPO with eval_steps on the synthetic task: completions sampled for the eval_size held-out prompts
+    are scored before training, every eval_steps and after; eval_reward (and TRL's eval_loss) are in the
+    log and in metrics.json's eval_history."""
+    m = _run(tmp_path, trainer="grpo", optim="adafactor", steps=4, eval_steps=2, eval_size=8, logging_steps=1,
+             save_model=False, training_args={"num_generations": 4, "max_completion_length": 4})
+    hist = m["eval_history"]
+    assert [h["step"] for h in hist] == [0, 2, 4]
+    assert all(0.0 <= h["eval_reward"] <= 1.0 and "eval_loss" in h for h in hist)
+    assert m["initial_eval_reward"] == hist[0]["eval_reward"] and m["final_eval_reward"] == hist[-1]["eval_reward"]
+    out = capsys.readouterr().out
+    assert "'eval_reward'" in out and "held-out prompts' mean reward: initial" in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["eval_history"] == hist
+    plain = _run(tmp_path / "plain", trainer="grpo", optim="adafactor", steps=1, logging_steps=1, save_model=False,
+                 training_args={"num_generations": 4, "max_completion_length": 4})
+    assert plain["eval_history"] == [] and "initial_eval_reward" not in plain  # no eval_steps: no evaluation
+
+
 def test_effective_hyperparameters_are_read_back_from_the_optimizer(tmp_path):
     m = _run(tmp_path, optim="adamw", lr="3e-4", weight_decay=0.1, steps=2, training_args={"adam_beta2": "0.95"})
     groups = m["effective_hparams"]
