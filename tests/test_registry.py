@@ -16,3 +16,87 @@ def test_list_optimizers_returns_sorted_names_and_entries_come_separately():
     assert all(get_entry(n) is e for n, e in zip(names, entries))
     for n in names:  # every listed name builds (README: "any name from lowmem.list_optimizers()")
         assert get_entry(n).name == n
+
+
+# ---- the weight-decay rule, written locally and equal to the Trainer's -------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lowmem.optim.registry import decay_parameter_names  # noqa: E402
+
+TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32)
+
+
+def _hf_model(kind: str) -> nn.Module:
+    import transformers as tf
+
+    if kind == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**TINY))
+    if kind == "llama_untied_bias":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**TINY, attention_bias=True, mlp_bias=True, tie_word_embeddings=False))
+    if kind == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**TINY))
+    if kind == "qwen3":  # q_norm / k_norm inside attention
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**TINY, head_dim=8))
+    if kind == "gpt2":  # nn.LayerNorm ln_1 / ln_2 / ln_f, Conv1D with biases
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+    if kind == "llama_lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(tf.LlamaForCausalLM(tf.LlamaConfig(**TINY)),
+                              LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, bias="lora_only"))
+    raise ValueError(kind)
+
+
+class Custom(nn.Module):
+    """Norm layers the name patterns miss (an nn.LayerNorm called ``pre``, an nn.RMSNorm called ``rms``),
+    names the patterns catch (``Final_Norm``, ``bias_table``), a root parameter, a shared child."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.pre = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.Final_Norm = nn.RMSNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.shared = self.proj
+        self.bias_table = nn.Parameter(torch.zeros(4))
+        self.scale = nn.Parameter(torch.ones(8))
+        self.block = nn.Sequential(nn.Linear(8, 8, bias=False), nn.LayerNorm(8, bias=False), nn.Conv1d(8, 8, 1))
+        self.normalizer = nn.Linear(8, 8)  # "norm" only as part of a word: decayed
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_untied_bias", "qwen2", "qwen3", "gpt2", "llama_lora", "custom"])
+def test_decay_rule_equals_the_trainers(kind):
+    from transformers import Trainer
+
+    model = Custom() if kind == "custom" else _hf_model(kind)
+    ours = decay_parameter_names(model)
+    theirs = set(Trainer.get_decay_parameter_names(None, model))
+    assert ours == theirs
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # GPT-2's tied lm_head.weight too
+    assert ours < names and ours  # some decayed, some not
+    assert not any("bias" in n or "norm" in n.lower() for n in ours if kind != "custom")
+    if kind == "custom":  # the Trainer's rule, quirks included: an nn.RMSNorm it cannot name is decayed
+        assert "rms.weight" in ours and "pre.weight" not in ours and "final_norm" not in " ".join(ours).lower()
+        assert {"scale", "normalizer.weight", "proj.weight"} <= ours and "bias_table" not in ours
+
+
+def test_core_optimizers_do_not_import_transformers():
+    code = (
+        "import sys\n"
+        "import torch\n"
+        "import lowmem.optim\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))\n"
+        "for name in ('adamw', 'galore_adamw', 'adafactor'):\n"
+        "    lowmem.optim.create_optimizer(m, name)\n"
+        "assert 'transformers' not in sys.modules, sorted(k for k in sys.modules if k.startswith('transformers'))[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

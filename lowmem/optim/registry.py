@@ -114,15 +114,41 @@ def optimizer_entries() -> list[OptimizerEntry]:
 # ---- parameter groups from a model ----------------------------------------------------------
 
 
+# transformers' Trainer.get_decay_parameter_names (transformers 5.x): parameters inside an nn.LayerNorm
+# (ALL_LAYERNORM_LAYERS), or whose lower-cased dotted name matches one of these, get no weight decay
+NO_DECAY_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+NO_DECAY_NAME_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
+    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+)
+
+
+def _decay_names(module: nn.Module) -> list[str]:
+    """``transformers.trainer_pt_utils.get_parameter_names(module, [nn.LayerNorm], patterns)``: recursive
+    over ``named_children``, each child's names checked (prefixed, lower-cased) against the patterns at
+    every level, a child that is a norm layer contributing nothing; the module's own parameters are
+    checked by name only."""
+    out = []
+    for child_name, child in module.named_children():
+        if isinstance(child, NO_DECAY_LAYER_TYPES):
+            continue
+        for n in _decay_names(child):
+            full = f"{child_name}.{n}"
+            if not any(p.search(full.lower()) for p in NO_DECAY_NAME_PATTERNS):
+                out.append(full)
+    out += [k for k in module._parameters if not any(p.search(k.lower()) for p in NO_DECAY_NAME_PATTERNS)]
+    return out
+
+
 def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of parameters that get weight decay: everything but biases and norm weights.
 
-    Delegates to ``transformers.Trainer.get_decay_parameter_names`` so that lowmem and the Trainer
-    always agree.
+    The rule of ``transformers.Trainer.get_decay_parameter_names``, written here so that the core
+    optimizers do not import transformers (tested equal to the Trainer's on Llama, Qwen2, GPT-2, a
+    LoRA model and plain modules): no decay for parameters of ``nn.LayerNorm`` modules, nor for names
+    that contain ``bias``, ``layernorm`` or ``rmsnorm``, or a ``norm`` / ``*_norm`` component
+    (lower-cased; ``model.norm.weight``, ``q_norm.weight``).
     """
-    from transformers import Trainer
-
-    return set(Trainer.get_decay_parameter_names(None, model))  # the method does not use self
+    return set(_decay_names(model))
 
 
 def _matches(module_name: str, targets: str | Iterable[str]) -> bool:
