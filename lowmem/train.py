@@ -484,6 +484,12 @@ def _memory_metrics(trainer: Any) -> dict[str, Any]:
 def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe:
     """Read a YAML recipe (``yaml.safe_load``) and apply ``overrides`` (``None`` values are skipped).
 
+    ``overrides`` take the same keys as the YAML file, mapped the same way (``learning_rate=1e-3``
+    sets ``lr``; ``max_length=64`` joins ``training_args``), with the same errors (``lr`` and
+    ``learning_rate`` together; an unknown key); they win over the file's values, and their
+    ``training_args`` entries are merged into the file's. Relative paths in the file are from its
+    folder (:func:`resolve_recipe_paths`), those in ``overrides`` from the current directory.
+
     ``path=None`` reads ``configs/default.yaml`` of the lowmem checkout when present, else uses
     the :class:`TrainRecipe` defaults. Keys are :class:`TrainRecipe` fields, their
     ``TrainingArguments`` names (:data:`RECIPE_ALIASES`: ``learning_rate`` for ``lr``, ...), or any
@@ -513,10 +519,22 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
             raise ConfigError(f"{where}invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{where}a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
-    data = _recipe_keys(data, where, dataset=overrides.get("dataset"))  # --dataset selects SFTConfig's fields too
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in given:
+        if not isinstance(key, str):
+            raise ConfigError(f"recipe keys are names; got {key!r}")
+    # the config class (for top-level TRL fields) follows the trainer and dataset in effect: --dataset makes
+    # SFT TRL's SFTTrainer, so SFTConfig's fields are valid in the file too
+    context = {k: given.get(k, data.get(k)) for k in ("trainer", "dataset")}
+    data = _recipe_keys(data, where, **context)
     if path is not None:  # the recipe's relative input paths are relative to its folder (overrides: to the cwd)
         data = resolve_recipe_paths(data, Path(path).resolve().parent)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    # keyword overrides (CLI flags, Python) go through the same mapping as YAML keys and win over them
+    extra = _recipe_keys(given, "", **context)
+    ta = {**(data.get("training_args") or {}), **(extra.pop("training_args", None) or {})}
+    data.update(extra)
+    if ta or "training_args" in data:
+        data["training_args"] = ta
     try:
         return TrainRecipe(**data)
     except ConfigError as err:
@@ -571,10 +589,11 @@ def resolve_recipe_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k in data}
 
 
-def _recipe_keys(data: dict[str, Any], where: str, dataset: str | list[str] | None = None) -> dict[str, Any]:
+def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
+                 dataset: str | list[str] | None = None) -> dict[str, Any]:
     """Recipe fields of ``data``; aliases (``learning_rate``) renamed, fields of the trainer's
-    config class moved into ``training_args``, anything else an error. ``dataset`` (an override,
-    e.g. ``--dataset``) counts as the recipe's when choosing the config class."""
+    config class moved into ``training_args``, anything else an error. ``trainer`` and ``dataset``
+    (those in effect, overrides included) choose the config class; default: ``data``'s own."""
     out: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in data.items():
@@ -590,7 +609,7 @@ def _recipe_keys(data: dict[str, Any], where: str, dataset: str | list[str] | No
             extra[key] = value
     if not extra:
         return out
-    trainer = out.get("trainer", TrainRecipe.trainer)
+    trainer = trainer if trainer is not None else out.get("trainer", TrainRecipe.trainer)
     if trainer not in AVAILABLE_TRAINERS:
         raise ConfigError(f"{where}Unknown trainer {trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
     cls = config_class(trainer, dataset if dataset is not None else out.get("dataset"))

@@ -264,3 +264,33 @@ def test_relative_paths_in_a_recipe_are_from_its_folder(tmp_path, monkeypatch):
     inline = folder / "inline.yaml"
     inline.write_text("chat_template: \"{% for m in messages %}{{ m.content }}{% endfor %}\"\n")
     assert load_recipe(inline).chat_template.startswith("{% for")  # Jinja text is not a path
+
+
+def test_load_recipe_overrides_map_like_yaml_keys(tmp_path):
+    """Keyword overrides of load_recipe take aliases and top-level config fields exactly as YAML keys do."""
+    from lowmem.config import ConfigError
+    from lowmem.train import load_recipe
+
+    r = load_recipe(None, learning_rate=1e-3, max_steps="7", per_device_train_batch_size=4, lowmem_optim="adamw")
+    assert (r.lr, r.steps, r.batch_size, r.optim) == (1e-3, 7, 4, "adamw")
+    assert load_recipe(None, learning_rate="3e-4").lr == 3e-4  # converted as in YAML
+    with pytest.raises(ConfigError, match="'learning_rate' and 'lr' set the same value; give one"):
+        load_recipe(None, lr=1e-2, learning_rate=1e-3)
+    with pytest.raises(ConfigError, match=r"unknown recipe key\(s\) \['learnig_rate'\].*did you mean \['learning_rate'\]"):
+        load_recipe(None, learnig_rate=1e-3)
+    r = load_recipe(None, adam_beta2=0.95, optim="adamw")  # a TrainingArguments field: joins training_args
+    assert r.training_args == {"adam_beta2": 0.95}
+    with pytest.raises(ConfigError, match="adam_beta2"):
+        load_recipe(None, adam_beta2=1.0, optim="adamw")
+    with pytest.raises(ConfigError, match=r"\['adam_beta2'\] given both at the top level and in training_args"):
+        load_recipe(None, adam_beta2=0.9, training_args={"adam_beta2": 0.95})
+    # an override wins over the file, through either name; config fields merge into the file's training_args
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trainer: sft\nlearning_rate: 0.05\ndataset: /data/x.jsonl\nmax_length: 32\npacking: false\n")
+    r = load_recipe(recipe, learning_rate=1e-3, max_length=64)
+    assert r.lr == 1e-3 and r.training_args == {"max_length": 64, "packing": False}
+    assert load_recipe(recipe, lr=2e-3).lr == 2e-3
+    # the trainer in effect chooses the config class: SFTConfig's max_length needs a dataset (TRL's SFTTrainer)
+    assert load_recipe(None, dataset="/data/x.jsonl", max_length=16).training_args == {"max_length": 16}
+    with pytest.raises(ConfigError, match="max_length"):
+        load_recipe(None, max_length=16)
