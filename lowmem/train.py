@@ -846,10 +846,10 @@ def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:
 
 
 def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
-    from transformers import default_data_collator, set_seed
+    from transformers import set_seed
 
     from lowmem.data import prepare_tokenizer, recipe_data
-    from lowmem.kit import sft_dataset, tokenize_sft
+    from lowmem.kit import sft_collator, sft_dataset, tokenize_sft
     from lowmem.trainers import LowMemSFTTrainer, LowMemTrainer
 
     set_seed(recipe.seed)
@@ -857,9 +857,10 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     model, tok, _ = load_policy(recipe)
     prepare_tokenizer(recipe, data, tok)
     if data is None:
-        train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok)
-        evals = tokenize_sft(sft_dataset(recipe.eval_size, 0, "eval"), tok)  # fixed held-out set
-        trainer_cls, trainer_kw = LowMemTrainer, {"data_collator": default_data_collator}
+        # unpadded rows; each batch padded to its own longest row (labels with -100, outside the loss)
+        train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok, padding=False)
+        evals = tokenize_sft(sft_dataset(recipe.eval_size, 0, "eval"), tok, padding=False)  # fixed held-out set
+        trainer_cls, trainer_kw = LowMemTrainer, {"data_collator": sft_collator(tok)}
     else:  # TRL's SFTTrainer: formats, chat template, max_length, packing, completion-only loss (SFTConfig)
         train, evals = data.train, data.eval
         trainer_cls, trainer_kw = LowMemSFTTrainer, {}  # build_training_args picks LowMemSFTConfig

@@ -11,6 +11,7 @@ from lowmem.kit import (
     reward_dataset,
     reward_fn,
     score,
+    sft_collator,
     sft_dataset,
     tokenize_sft,
 )
@@ -97,6 +98,29 @@ def test_reward_partial_credit():
     assert score("9", "47") == 0.25
     assert 0.0 < score("4 ", "47") < score("47<", "47") == 1.0
     assert reward_fn(["1+2="], [[{"role": "assistant", "content": "3"}]]) == [1.0]
+
+
+def test_sft_collator_pads_each_batch_and_the_loss_ignores_padding(tokenizer):
+    """lowmem train's synthetic SFT path: unpadded rows, each batch padded to its own longest row. The loss
+    of a padded batch is the token-weighted mean of the rows' own (unpadded) losses, and equals the loss of
+    the same rows padded to the longest of the whole dataset (the previous scheme): eval losses unchanged."""
+    model, _ = build_tiny_model(0)
+    texts = sft_dataset(32, split="eval")
+    rows = tokenize_sft(texts, tokenizer, padding=False)
+    assert len({len(r) for r in rows["input_ids"]}) > 1 and rows["labels"] == rows["input_ids"]
+    batch = sft_collator(tokenizer)([rows[i] for i in range(8)])
+    longest = max(len(rows[i]["input_ids"]) for i in range(8))
+    assert batch["input_ids"].shape == (8, longest)  # the batch's longest row, not the dataset's
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and (batch["labels"][pad] == -100).all() and (batch["input_ids"][pad] == tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+        own = [(model(**sft_collator(tokenizer)([rows[i]])).loss.item(), len(rows[i]["input_ids"]) - 1) for i in range(8)]
+        weighted = sum(l * n for l, n in own) / sum(n for _, n in own)  # n: predicted tokens (labels shift by one)
+        assert loss == pytest.approx(weighted, rel=1e-5)
+        full = tokenize_sft(texts, tokenizer, max_length=longest + 5).with_format("torch")[:8]  # padded further
+        assert full["input_ids"].shape[1] > longest
+        assert model(**full).loss.item() == pytest.approx(loss, rel=1e-5)
 
 
 def test_sft_loss_falls(tiny_model):

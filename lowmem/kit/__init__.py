@@ -14,6 +14,7 @@ from .tasks import (
     reward_dataset,
     reward_fn,
     score,
+    sft_collator,
     sft_dataset,
     tokenize_sft,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "reward_fn",
     "save_tiny_model",
     "score",
+    "sft_collator",
     "sft_dataset",
     "tiny_config",
     "tokenize_sft",

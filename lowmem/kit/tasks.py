@@ -2,8 +2,8 @@
 
 All three build on addition of two small numbers, ``"12+7=19"``:
 
-* :func:`sft_dataset` / :func:`tokenize_sft` - supervised text (``"text"``) and its tokenized form
-  with ``labels`` for a plain ``transformers.Trainer``.
+* :func:`sft_dataset` / :func:`tokenize_sft` / :func:`sft_collator` - supervised text (``"text"``),
+  its tokenized form with ``labels``, and the collator padding each batch, for a plain ``transformers.Trainer``.
 * :func:`preference_dataset` - DPO pairs: ``prompt``, ``chosen`` (the sum), ``rejected`` (a wrong sum).
 * :func:`reward_dataset` + :func:`reward_fn` - GRPO prompts with an ``answer`` column and a
   verifiable reward with partial credit.
@@ -47,14 +47,24 @@ def sft_dataset(n: int = 2000, seed: int = 0, split: str = "train", max_operand:
     return Dataset.from_dict({"text": [f"{a}+{b}={a + b}" for a, b in addition_problems(n, seed, split, max_operand)]})
 
 
-def tokenize_sft(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None) -> Dataset:
+def tokenize_sft(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+                 padding: bool = True) -> Dataset:
     """Tokenize ``"text"`` for causal-LM training: ``input_ids``, ``attention_mask``, ``labels``.
 
-    Each sequence gets the tokenizer's own special tokens plus ``eos``, and is right-padded to the
-    longest sequence of the dataset (or ``max_length``, which also truncates), so the default data
-    collator batches it. ``labels`` equal ``input_ids`` with padding set to ``-100`` (ignored by the loss).
+    Each sequence gets the tokenizer's own special tokens plus ``eos``; ``max_length`` truncates.
+    ``labels`` equal ``input_ids``.
+
+    Args:
+        padding (`bool`, defaults to `True`): Right-pad every row to the longest sequence of the dataset
+            (or ``max_length``), labels with ``-100`` (ignored by the loss), so ``default_data_collator``
+            batches it and the rows slice into tensors. `False`: unpadded rows for a padding collator
+            (:func:`sft_collator`, what ``lowmem train`` uses), so each batch is only as long as its
+            longest row.
     """
     ids = [tokenizer(t).input_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) for t in dataset["text"]]
+    if not padding:
+        ids = [seq[:max_length] if max_length else seq for seq in ids]
+        return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids], "labels": ids})
     length = max_length or max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -65,6 +75,19 @@ def tokenize_sft(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
         rows["attention_mask"].append([1] * len(seq) + [0] * fill)
         rows["labels"].append(seq + [-100] * fill)
     return Dataset.from_dict(rows)
+
+
+def sft_collator(tokenizer: PreTrainedTokenizerBase):
+    """A data collator padding each batch of :func:`tokenize_sft` rows (``padding=False``) to its own
+    longest row: ``input_ids`` with the pad token (``eos`` when the tokenizer has none), ``attention_mask``
+    with 0, ``labels`` with ``-100``, so padding never enters the loss (transformers'
+    ``DataCollatorForSeq2Seq``, which pads ``labels`` itself; ``DataCollatorForLanguageModeling`` would
+    turn every pad-token id into ``-100``, real ``eos`` tokens included when ``pad == eos``)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token_id is None:
+        raise ValueError("sft_collator: the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
 
 
 def preference_dataset(n: int = 512, seed: int = 0, split: str = "train", max_operand: int = 49) -> Dataset:
