@@ -241,3 +241,50 @@ def parse_optim_args(value: Mapping[str, Any] | str | None) -> dict[str, Any]:
         if not isinstance(key, str):
             raise ValueError(f"optimizer argument names must be strings; got {key!r}")
     return {k: _tuples(v) for k, v in value.items()}
+
+
+# ---- parameter-group keys -------------------------------------------------------------------
+
+#: Keys of a parameter group that are not hyperparameters: torch's own (``params``, and
+#: ``param_names`` when named parameters are given), a free label (``name``), and what torch's LR
+#: schedulers write into groups (``initial_lr``; OneCycleLR's ``max_lr``, ``min_lr``,
+#: ``base_momentum``, ``max_momentum``; SWALR's ``swa_lr``), which a group copied from an existing
+#: one (``{**opt.param_groups[0], "params": new}``) carries along.
+GROUP_BOOKKEEPING_KEYS = (
+    "params", "param_names", "name", "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr",
+)
+
+
+def valid_group_keys(recipe: Any, extra: tuple[str, ...] = ()) -> list[str]:
+    """The keys a parameter group of ``recipe`` may carry, sorted: its hyperparameters (the recipe's,
+    the engine's ``state_dtype`` / ``foreach``, and per-group ones such as ``rank``), the
+    :data:`GROUP_BOOKKEEPING_KEYS`, and ``extra`` (a class's accepted aliases, e.g. fira's ``alpha``)."""
+    return sorted({*recipe.all_hparams(), *GROUP_BOOKKEEPING_KEYS, *extra})
+
+
+def check_group_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "", extra: tuple[str, ...] = ()) -> None:
+    """Reject a parameter group with a key the recipe does not know, the way constructors reject
+    unknown keyword arguments: ``{"params": ps, "rnak": 8}`` would otherwise train full-rank AdamW,
+    and ``update_proj_gaps`` would be ignored, without a word.
+
+    Args:
+        recipe: A :class:`lowmem.optim.engine.Recipe` (anything with ``name`` and ``all_hparams()``).
+        group: The parameter group, as given to ``add_param_group``.
+        where: Where the group is, for the message (e.g. ``"parameter group 1"``).
+        extra: Further accepted keys (aliases a migration class translates itself).
+
+    Raises:
+        ValueError: Naming the unknown key(s), the close matches, and every valid key.
+    """
+    valid = valid_group_keys(recipe, extra)
+    unknown = sorted(set(group) - set(valid), key=str)
+    if not unknown:
+        return
+    import difflib
+
+    hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(str(k), valid, n=1))]
+    loc = f" in {where}" if where else ""
+    raise ValueError(
+        f"Unknown parameter-group key(s) {unknown}{loc} of optimizer '{recipe.name}'"
+        + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; valid: {valid}"
+    )
