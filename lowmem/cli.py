@@ -199,8 +199,8 @@ def error_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowmem``; returns the exit code (2 for a user's error, see :func:`is_user_error`).
 
-    A user's error prints one line, ``lowmem: error: ...``; ``LOWMEM_DEBUG=1`` shows the traceback
-    instead.
+    A user's error prints one line, ``lowmem: error: ...`` (once under several processes:
+    :func:`report_error`); ``LOWMEM_DEBUG=1`` shows the traceback instead.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -216,8 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get("LOWMEM_DEBUG") or not is_user_error(err):
             raise
-        print(f"lowmem: error: {error_line(err)}", file=sys.stderr)
+        report_error(err)
         return 2
+
+
+def report_error(err: BaseException) -> None:
+    """Print a user's error as one line, ``lowmem: error: ...``, on stderr; under ``torchrun`` /
+    ``accelerate launch`` only process 0 (``RANK``) prints it, since every process meets the same
+    error in the same recipe: the others exit with status 2 quietly."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"lowmem: error: {error_line(err)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,19 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path, monkeypat
     with pytest.raises(OSError):
         write_text_atomic(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("rank, printed", [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_config_error_printed_once_under_several_processes(tmp_path, capsys, monkeypatch, rank, printed):
+    """Under torchrun / accelerate launch every process meets the same recipe error: only RANK 0 prints
+    the line, the others exit 2 quietly (tests/test_train_distributed.py launches two processes)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: adamw\nlr: abc\n")
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert main(["train", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("lowmem: error: " + f"{bad}: lr='abc': expected a number >= 0\n" if printed else "")

@@ -48,3 +48,16 @@ def test_accelerate_launch_two_cpu_processes_match_one(tmp_path):
     assert any(not torch.equal(one[k], start[k]) for k in one)
     for k in one:  # DDP averages the two halves' gradients: same update up to float summation order
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=5e-5, msg=k)
+
+
+@pytest.mark.slow  # two more processes (~16 s on a loaded 2-core machine); the RANK logic is unit-tested in test_cli.py
+def test_config_error_printed_once_by_two_processes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: adamw\nlr: abc\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "lowmem.cli", "train", str(bad)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0  # the launcher reports the processes' exit status 2
+    assert proc.stderr.count("lowmem: error: ") == 1 and "lr='abc': expected a number >= 0" in proc.stderr, proc.stderr
