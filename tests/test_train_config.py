@@ -294,3 +294,33 @@ def test_load_recipe_overrides_map_like_yaml_keys(tmp_path):
     assert load_recipe(None, dataset="/data/x.jsonl", max_length=16).training_args == {"max_length": 16}
     with pytest.raises(ConfigError, match="max_length"):
         load_recipe(None, max_length=16)
+
+
+def test_hf_argument_parsers_are_not_strict_enough(tmp_path):
+    """Why lowmem.config keeps its own checker (docs/training.md, "Strict configuration"): transformers'
+    HfArgumentParser.parse_dict passes YAML values through unconverted and unchecked, and trl's TrlParser
+    (YAML as argparse defaults) reads the string "no" as False and accepts out-of-range values; both accept
+    what lowmem rejects, and lowmem converts what parse_dict leaves as strings."""
+    from transformers import HfArgumentParser, TrainingArguments
+    from trl import SFTConfig, TrlParser
+
+    from lowmem.config import ConfigError, check_fields
+
+    (a,) = HfArgumentParser(TrainingArguments).parse_dict(
+        {"output_dir": "o", "remove_unused_columns": "no", "learning_rate": "3e-4", "max_steps": "1e3", "adam_beta2": 1.5})
+    assert a.remove_unused_columns == "no" and bool(a.remove_unused_columns)  # a truthy string, not False
+    assert (a.learning_rate, a.max_steps, a.adam_beta2) == ("3e-4", "1e3", 1.5)  # strings stay strings; no ranges
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("output_dir: o\nuse_cpu: true\nbf16: false\nremove_unused_columns: 'no'\nlearning_rate: -1\n"
+                   "adam_beta2: 1.5\nlogging_first_step: 1\n")
+    (t,) = TrlParser((SFTConfig,)).parse_args_and_config(args=["--config", str(cfg)])
+    assert t.remove_unused_columns is False  # "no" read as false
+    assert (t.learning_rate, t.adam_beta2, t.logging_first_step) == (-1, 1.5, 1)  # no ranges; 1 kept for a bool
+
+    fields = {"remove_unused_columns": "no", "learning_rate": -1, "adam_beta2": 1.5, "logging_first_step": 1}
+    for key, value in fields.items():
+        with pytest.raises(ConfigError, match=key):
+            check_fields(TrainingArguments, {key: value})
+    assert check_fields(TrainingArguments, {"learning_rate": "3e-4", "max_steps": "1e3"}) == {"learning_rate": 3e-4,
+                                                                                            "max_steps": 1000}
