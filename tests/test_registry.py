@@ -100,3 +100,52 @@ def test_core_optimizers_do_not_import_transformers():
         "assert 'transformers' not in sys.modules, sorted(k for k in sys.modules if k.startswith('transformers'))[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---- memory metadata: the budget search prices optimizers from it, not from their names ---------
+
+import dataclasses  # noqa: E402
+
+from lowmem.memory.search import _optimizer_cost  # noqa: E402
+from lowmem.optim.registry import SECOND_MOMENTS, STATE_PRECISIONS, register  # noqa: E402
+
+# (cost at rank None, cost at rank 64) on a 4096-wide model; the subspace rank term is 2 + log2(4096 / (4 r)) / 2
+COSTS_4096 = {
+    "adamw": 0.0, "adafactor": 1.5, "adamw8bit": 1.0, "adamw4bit": 1.25, "adamw4bit_rank1": 1.25, "microadam": 1.0,
+    "bnb_adamw8bit": 1.0, "bnb_paged_adamw8bit": 1.0,
+    "spam": 0.0, "stable_spam": 0.0, "bnb_paged_adamw": 0.0,  # fp32 full state (were 1.0 when names were read)
+    "galore_adamw": (2.0, 4.0), "galore_adafactor": (2.0, 4.0), "fira_adamw": (2.0, 4.0), "frugal": (2.0, 4.0),
+    "osd_adamw": (2.0, 4.0), "galore_adamw8bit": (3.0, 5.0), "fira_adamw8bit": (3.0, 5.0), "frugal8bit": (3.0, 5.0),
+}
+
+
+def test_every_registered_optimizer_has_memory_metadata():
+    for e in optimizer_entries():
+        assert e.state_precision in STATE_PRECISIONS, e.name
+        assert e.second_moment in SECOND_MOMENTS, e.name
+    assert set(COSTS_4096) == set(list_optimizers())  # a new optimizer gets a row here
+
+
+def test_search_costs_come_from_metadata():
+    for e in optimizer_entries():
+        want = COSTS_4096[e.name]
+        if e.subspace:
+            assert _optimizer_cost(e.name, e, None, 4096)[0] == want[0], e.name
+            assert _optimizer_cost(e.name, e, 64, 4096)[0] == want[1], e.name
+        else:
+            assert _optimizer_cost(e.name, e, None, 4096)[0] == want, e.name
+    # the name plays no part: an 'adafactor8bit'-named float32 AdamW costs what AdamW costs
+    adamw = get_entry("adamw")
+    assert _optimizer_cost("adafactor_4bit8bit", dataclasses.replace(adamw, name="adafactor_4bit8bit"), None, 4096)[0] == 0.0
+    assert _optimizer_cost("x", dataclasses.replace(adamw, second_moment="factored", state_precision="4bit"), None, 4096) == (
+        2.75, ["x: 4-bit states", "factored second moment"])
+    with pytest.raises(ValueError, match="state_precision"):
+        _optimizer_cost("x", dataclasses.replace(adamw, state_precision=None), None, 4096)
+
+
+def test_register_rejects_unknown_metadata():
+    with pytest.raises(ValueError, match="state_precision='16bit'"):
+        register("never_registered", torch.optim.SGD, state_precision="16bit")
+    with pytest.raises(ValueError, match="second_moment"):
+        register("never_registered", torch.optim.SGD, second_moment="diagonal")
+    assert "never_registered" not in list_optimizers()

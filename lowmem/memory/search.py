@@ -98,20 +98,38 @@ def default_optimizers() -> list[str]:
     return [n for n in wanted if n in names]
 
 
+#: What a state precision gives up, priced (``OptimizerEntry.state_precision``).
+_PRECISION_COST = {"fp32": (None, ""), "8bit": ("optimizer_8bit", "8-bit states"),
+                   "4bit": ("optimizer_4bit", "4-bit states"), "compressed": ("optimizer_8bit", "compressed states")}
+
+
 def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tuple[float, list[str]]:
+    """What optimizer ``entry`` gives up, priced from its registry metadata (``subspace``,
+    ``state_precision``, ``second_moment``), never from its name.
+
+    A subspace optimizer costs 2 plus half a unit per halving of the rank below ``hidden / 4``, plus
+    its state precision; its second moment's form is not priced again (the rank is what it gives
+    up). A full-rank one costs its state precision (8-bit and compressed 1.0, 4-bit 1.25) plus 1.5
+    for a factored second moment; float32 full-rank state (AdamW, SPAM, Stable-SPAM, bitsandbytes'
+    32-bit paged AdamW) gives up nothing.
+
+    Raises:
+        ValueError: An entry registered without the metadata.
+    """
+    if entry.state_precision not in _PRECISION_COST or entry.second_moment is None:
+        raise ValueError(f"optimizer {name!r} has no memory metadata (state_precision={entry.state_precision!r}, "
+                         f"second_moment={entry.second_moment!r}); register it with state_precision= one of "
+                         f"{list(_PRECISION_COST)} and second_moment=")
+    key, what = _PRECISION_COST[entry.state_precision]
+    precision = (COSTS[key], what) if key else (0.0, "")
     if entry.subspace:
         r = rank or max(1, hidden // 4)
         cost, gives = 2 + max(0.0, math.log2(hidden / (4 * r))) / 2, [f"{name}: rank-{r} moments"]
-        if name.endswith("8bit"):
-            cost, gives = cost + COSTS["optimizer_8bit"], gives + ["8-bit states"]
-        return cost, gives
-    if name == "adamw":
-        return 0.0, []
-    if "adafactor" in name:
-        return COSTS["adafactor"], ["factored second moment"]
-    if "4bit" in name:
-        return COSTS["optimizer_4bit"], [f"{name}: 4-bit states"]
-    return COSTS["optimizer_8bit"], [f"{name}: compressed states"]
+        return cost + precision[0], gives + ([precision[1]] if key else [])
+    cost, gives = precision[0], [f"{name}: {precision[1]}"] if key else []
+    if entry.second_moment == "factored":
+        cost, gives = cost + COSTS["adafactor"], gives + ["factored second moment"]
+    return cost, gives
 
 
 def search_budget(

@@ -20,6 +20,11 @@ from torch import nn
 from .engine import LowMemOptimizer, Recipe
 
 GROUPING_ARGS = ("target_modules",)
+#: ``OptimizerEntry.state_precision``: how the optimizer's moments are stored by default.
+STATE_PRECISIONS = ("fp32", "8bit", "4bit", "compressed")
+#: ``OptimizerEntry.second_moment``: a full second moment per element, a factored one (row and
+#: column statistics, Adafactor), or none.
+SECOND_MOMENTS = ("full", "factored", "none")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,13 @@ class OptimizerEntry:
         hparams: Valid hyperparameter names (taken from the recipe when there is one).
         subspace: Whether the optimizer projects 2-D targets (``target_modules`` applies).
         generic_tests: Whether the generic suite covers it (CPU-capable, engine-based).
+        example_hparams: Settings the generic tests use.
+        state_precision: How the moments are stored by default, one of :data:`STATE_PRECISIONS`:
+            ``"fp32"``, ``"8bit"`` / ``"4bit"`` (blockwise-quantized codes), ``"compressed"``
+            (MicroAdam's sparse window with 4-bit error feedback). The memory search prices what an
+            optimizer gives up from this, never from its name.
+        second_moment: ``"full"``, ``"factored"`` (Adafactor's row and column statistics) or
+            ``"none"`` (:data:`SECOND_MOMENTS`).
     """
 
     name: str
@@ -46,6 +58,8 @@ class OptimizerEntry:
     subspace: bool = False
     generic_tests: bool = True
     example_hparams: dict[str, Any] = field(default_factory=dict)
+    state_precision: str | None = None
+    second_moment: str | None = None
 
     def valid_hparams(self) -> list[str]:
         names = list(self.recipe.all_hparams()) if self.recipe is not None else list(self.hparams)
@@ -70,22 +84,37 @@ def register(
     hparams: Iterable[str] = (),
     generic_tests: bool = True,
     example_hparams: dict[str, Any] | None = None,
+    state_precision: str | None = None,
+    second_moment: str | None = None,
 ) -> OptimizerEntry:
-    """Register an engine recipe (optionally with its named class) or an external optimizer."""
+    """Register an engine recipe (optionally with its named class) or an external optimizer.
+
+    ``state_precision`` (:data:`STATE_PRECISIONS`) and ``second_moment`` (:data:`SECOND_MOMENTS`)
+    describe the state for the memory search; every built-in registration sets them (tested), and
+    the search refuses an optimizer without them.
+
+    Raises:
+        ValueError: A name registered twice, or metadata outside its valid values.
+    """
+    for key, value, valid in (("state_precision", state_precision, STATE_PRECISIONS),
+                              ("second_moment", second_moment, SECOND_MOMENTS)):
+        if value is not None and value not in valid:
+            raise ValueError(f"register: {key}={value!r} is not one of {list(valid)}")
+    meta = {"state_precision": state_precision, "second_moment": second_moment}
     if isinstance(recipe_or_name, Recipe):
         recipe = recipe_or_name
         factory = cls if cls is not None else (lambda params, **kw: LowMemOptimizer(params, recipe, **kw))
         entry = OptimizerEntry(
             name=_canonical(recipe.name), summary=summary or recipe.summary, reference=reference or recipe.reference,
             factory=factory, recipe=recipe, subspace=recipe.projection is not None, generic_tests=generic_tests,
-            example_hparams=dict(example_hparams or {}),
+            example_hparams=dict(example_hparams or {}), **meta,
         )
     else:
         if cls is None:
             raise TypeError("register(name, cls) needs the optimizer class or factory")
         entry = OptimizerEntry(
             name=_canonical(recipe_or_name), summary=summary or "", reference=reference or "", factory=cls,
-            hparams=tuple(hparams), generic_tests=generic_tests, example_hparams=dict(example_hparams or {}),
+            hparams=tuple(hparams), generic_tests=generic_tests, example_hparams=dict(example_hparams or {}), **meta,
         )
     if entry.name in _REGISTRY:
         raise ValueError(f"optimizer {entry.name!r} is already registered")

@@ -68,4 +68,6 @@ for _name, (_cls, _bits, _paged) in BNB_OPTIMIZERS.items():
         reference="Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization (bitsandbytes)",
         hparams=_HPARAMS,
         generic_tests=False,
+        state_precision="8bit" if _bits == 8 else "fp32",
+        second_moment="full",
     )

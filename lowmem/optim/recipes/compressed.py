@@ -287,12 +287,12 @@ class StableSPAM(LowMemOptimizer):
 
 _SMALL_QUANT = {"min_quant_size": 64, "block_size": 64}  # the toy's tensors are small: quantize them anyway
 
-register(ADAMW8BIT, AdamW8bit, example_hparams=_SMALL_QUANT)
-register(ADAMW4BIT, AdamW4bit, example_hparams=_SMALL_QUANT)
-register(ADAMW4BIT_RANK1, example_hparams=_SMALL_QUANT)
-register(MICROADAM, MicroAdam, example_hparams={"k_init": 0.1, "m": 4, "quant_block_size": 64, "topk_block_size": 128})
-register(SPAM_RECIPE, SPAM, example_hparams={"reset_interval": 8, "warmup_steps": 3, "grad_accu_steps": 2, "threshold": 50.0})
-register(STABLE_SPAM_RECIPE, StableSPAM, example_hparams={"reset_interval": 8, "t_max": 40})
+register(ADAMW8BIT, AdamW8bit, state_precision="8bit", second_moment="full", example_hparams=_SMALL_QUANT)
+register(ADAMW4BIT, AdamW4bit, state_precision="4bit", second_moment="full", example_hparams=_SMALL_QUANT)
+register(ADAMW4BIT_RANK1, state_precision="4bit", second_moment="full", example_hparams=_SMALL_QUANT)
+register(MICROADAM, MicroAdam, state_precision="compressed", second_moment="full", example_hparams={"k_init": 0.1, "m": 4, "quant_block_size": 64, "topk_block_size": 128})
+register(SPAM_RECIPE, SPAM, state_precision="fp32", second_moment="full", example_hparams={"reset_interval": 8, "warmup_steps": 3, "grad_accu_steps": 2, "threshold": 50.0})
+register(STABLE_SPAM_RECIPE, StableSPAM, state_precision="fp32", second_moment="full", example_hparams={"reset_interval": 8, "t_max": 40})
 
 
 # ---- 8-bit subspace variants ------------------------------------------------------------------
@@ -323,6 +323,6 @@ GALORE_ADAMW8BIT = _eight_bit(GALORE_ADAMW)
 FIRA_ADAMW8BIT = _eight_bit(FIRA_ADAMW)
 FRUGAL8BIT = _eight_bit(FRUGAL)
 
-register(GALORE_ADAMW8BIT, example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "scale": 1.0, "min_quant_size": 16})
-register(FIRA_ADAMW8BIT, example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "min_quant_size": 16})
-register(FRUGAL8BIT, example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "min_quant_size": 16, "projection": "columns"})
+register(GALORE_ADAMW8BIT, state_precision="8bit", second_moment="full", example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "scale": 1.0, "min_quant_size": 16})
+register(FIRA_ADAMW8BIT, state_precision="8bit", second_moment="full", example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "min_quant_size": 16})
+register(FRUGAL8BIT, state_precision="8bit", second_moment="full", example_hparams={**_SUBSPACE_EXAMPLE, **_SMALL_QUANT, "min_quant_size": 16, "projection": "columns"})

@@ -149,5 +149,5 @@ class Adafactor(LowMemOptimizer):
         )
 
 
-register(ADAMW, AdamW)
-register(ADAFACTOR, Adafactor, example_hparams={"lr": 1e-2, "relative_step": False, "scale_parameter": False})
+register(ADAMW, AdamW, state_precision="fp32", second_moment="full")
+register(ADAFACTOR, Adafactor, state_precision="fp32", second_moment="factored", example_hparams={"lr": 1e-2, "relative_step": False, "scale_parameter": False})

@@ -247,11 +247,11 @@ class OnlineSubspaceDescent(LowMemOptimizer):
 
 
 _EXAMPLE = {"rank": 4, "update_proj_gap": 5}
-register(GALORE_ADAMW, GaLoreAdamW, example_hparams={**_EXAMPLE, "scale": 1.0})
+register(GALORE_ADAMW, GaLoreAdamW, state_precision="fp32", second_moment="full", example_hparams={**_EXAMPLE, "scale": 1.0})
 register(
-    GALORE_ADAFACTOR, GaLoreAdafactor,
+    GALORE_ADAFACTOR, GaLoreAdafactor, state_precision="fp32", second_moment="factored",
     example_hparams={**_EXAMPLE, "scale": 1.0, "lr": 1e-2, "relative_step": False, "scale_parameter": False},
 )
-register(FIRA_ADAMW, FiraAdamW, example_hparams=_EXAMPLE)
-register(FRUGAL, Frugal, example_hparams={**_EXAMPLE, "projection": "columns"})
-register(OSD_ADAMW, OnlineSubspaceDescent, example_hparams={"rank": 4, "proj_lr": 1e-2})
+register(FIRA_ADAMW, FiraAdamW, state_precision="fp32", second_moment="full", example_hparams=_EXAMPLE)
+register(FRUGAL, Frugal, state_precision="fp32", second_moment="full", example_hparams={**_EXAMPLE, "projection": "columns"})
+register(OSD_ADAMW, OnlineSubspaceDescent, state_precision="fp32", second_moment="full", example_hparams={"rank": 4, "proj_lr": 1e-2})
