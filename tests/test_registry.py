@@ -149,3 +149,49 @@ def test_register_rejects_unknown_metadata():
     with pytest.raises(ValueError, match="second_moment"):
         register("never_registered", torch.optim.SGD, second_moment="diagonal")
     assert "never_registered" not in list_optimizers()
+
+
+# ---- Adafactor with an explicit learning rate, as the Trainer builds it ------------------------
+
+
+@pytest.mark.parametrize("name", ["adafactor", "galore_adafactor"])
+def test_adafactor_with_an_lr_turns_the_relative_step_off_like_the_trainer(name):
+    from transformers import Trainer, TrainingArguments
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    opt = lowmem.create_optimizer(model, name, lr=1e-3)
+    _, trainer_kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments("unused", optim="adafactor", learning_rate=1e-3,
+                                                                               report_to=[]))
+    for g in opt.param_groups:
+        assert g["lr"] == trainer_kwargs["lr"] == 1e-3
+        assert g["relative_step"] is trainer_kwargs["relative_step"] is False
+        assert g["scale_parameter"] is trainer_kwargs["scale_parameter"] is False
+    # an explicit relative_step is the user's: lr + relative_step=True is transformers' error, and
+    # relative_step=False leaves scale_parameter at its default
+    with pytest.raises(ValueError, match="relative_step"):
+        lowmem.create_optimizer(model, name, lr=1e-3, relative_step=True)
+    opt = lowmem.create_optimizer(model, name, lr=1e-3, relative_step=False)
+    assert all(g["scale_parameter"] is True for g in opt.param_groups)
+    opt = lowmem.create_optimizer(model, name, lr=1e-3, scale_parameter=True)
+    assert all(g["scale_parameter"] is True and g["relative_step"] is False for g in opt.param_groups)
+    opt = lowmem.create_optimizer(model, name)  # no lr: Adafactor's own relative step, as before
+    assert all(g["relative_step"] is True and g["lr"] is None for g in opt.param_groups)
+
+
+def test_adafactor_with_an_lr_steps_like_the_trainers_adafactor():
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    torch.manual_seed(0)
+    ours_model = nn.Linear(12, 6)
+    theirs_model = nn.Linear(12, 6)
+    theirs_model.load_state_dict(ours_model.state_dict())
+    ours = lowmem.create_optimizer(ours_model, "adafactor", lr=1e-2)
+    theirs = HFAdafactor(theirs_model.parameters(), lr=1e-2, scale_parameter=False, relative_step=False)  # the Trainer's
+    x = torch.randn(8, 12)
+    for _ in range(3):
+        for m, o in ((ours_model, ours), (theirs_model, theirs)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -25,6 +25,9 @@ STATE_PRECISIONS = ("fp32", "8bit", "4bit", "compressed")
 #: ``OptimizerEntry.second_moment``: a full second moment per element, a factored one (row and
 #: column statistics, Adafactor), or none.
 SECOND_MOMENTS = ("full", "factored", "none")
+#: What transformers' Trainer passes Adafactor for ``optim="adafactor"`` with its learning rate;
+#: :func:`create_optimizer` does the same when ``lr`` is given and ``relative_step`` is not.
+EXPLICIT_LR_SETTINGS = {"relative_step": False, "scale_parameter": False}
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,11 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
         name: A name from :func:`list_optimizers` (case-insensitive, ``-`` and ``_`` alike).
         **hparams: The optimizer's hyperparameters, plus ``target_modules`` for subspace recipes.
             Per-group hyperparameters (``rank``, ``update_proj_gap``, ...) go to projected groups.
+            For recipes with a relative step size (Adafactor, GaLore-Adafactor), an explicit ``lr``
+            without ``relative_step`` means what it means to transformers' Trainer
+            (``optim="adafactor"``): ``relative_step=False, scale_parameter=False``
+            (:data:`EXPLICIT_LR_SETTINGS`; each unless given). ``relative_step=True`` with an ``lr``
+            stays an error, as in transformers.
 
     Raises:
         ValueError: Unknown name or hyperparameter (the message lists the valid ones), or an
@@ -284,6 +292,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     if unknown:
         raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'; valid: {valid}")
     hparams = dict(hparams)
+    if hparams.get("lr") is not None and "relative_step" not in hparams:
+        hparams.update({k: v for k, v in EXPLICIT_LR_SETTINGS.items() if k in valid and k not in hparams})
     target_modules = hparams.pop("target_modules", None)
     group_only: dict[str, Any] = {}
     if entry.recipe is not None:
