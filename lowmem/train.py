@@ -568,7 +568,9 @@ def _rebase_reward(entry: Any, base: Path) -> Any:
     if ":" in ref:
         target, func = ref.rsplit(":", 1)
         return f"{_rebase(target, base)}:{func}" if target.endswith(".py") else entry
-    return _rebase(ref, base)  # a reward-model directory
+    if "/" in ref or "\\" in ref or (base / ref).is_dir():  # a reward-model directory (lowmem.rewards' rule)
+        return _rebase(ref, base)
+    return entry  # a bare name: a misspelt built-in stays one ("Unknown reward ...")
 
 
 def resolve_recipe_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

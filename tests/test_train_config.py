@@ -260,6 +260,10 @@ def test_relative_paths_in_a_recipe_are_from_its_folder(tmp_path, monkeypatch):
     assert r.chat_template == str(d / "t.jinja") and r.output_dir == "out"
     assert r.reward_funcs == [f"{d / 'r.py'}:f", "exact_match", "trl.rewards:think_format_reward",
                               {"name": f"{d / 'r.py'}:g", "k": 1}, str(folder / "rm_dir")]
+    from lowmem.train import resolve_recipe_paths
+
+    # a bare name that is no folder there stays a name: a misspelt built-in is reported as such
+    assert resolve_recipe_paths({"reward_funcs": ["exact", "data"]}, folder)["reward_funcs"] == ["exact", str(d)]
     assert load_recipe(recipe, dataset="mine.jsonl").dataset == "mine.jsonl"  # an override: from the cwd
     inline = folder / "inline.yaml"
     inline.write_text("chat_template: \"{% for m in messages %}{{ m.content }}{% endfor %}\"\n")
