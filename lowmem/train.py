@@ -520,9 +520,6 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         if not isinstance(data, dict):
             raise ConfigError(f"{where}a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    for key in given:
-        if not isinstance(key, str):
-            raise ConfigError(f"recipe keys are names; got {key!r}")
     # the config class (for top-level TRL fields) follows the trainer and dataset in effect: --dataset makes
     # SFT TRL's SFTTrainer, so SFTConfig's fields are valid in the file too
     context = {k: given.get(k, data.get(k)) for k in ("trainer", "dataset")}
