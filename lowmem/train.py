@@ -528,10 +528,9 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         data = resolve_recipe_paths(data, Path(path).resolve().parent)
     # keyword overrides (CLI flags, Python) go through the same mapping as YAML keys and win over them
     extra = _recipe_keys(given, "", **context)
-    ta = {**(data.get("training_args") or {}), **(extra.pop("training_args", None) or {})}
+    if isinstance(data.get("training_args"), dict) and isinstance(extra.get("training_args"), dict):
+        extra["training_args"] = {**data["training_args"], **extra["training_args"]}  # merged, overrides win
     data.update(extra)
-    if ta or "training_args" in data:
-        data["training_args"] = ta
     try:
         return TrainRecipe(**data)
     except ConfigError as err:
