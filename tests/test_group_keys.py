@@ -101,8 +101,12 @@ def test_scheduler_keys_pass():
     check_group_keys(AdamW.recipe, {**opt.param_groups[0], "params": _params()})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: LowMemOptimizer.add_param_group does not call check_group_keys yet "
-                   "(engine.py is being edited by another change); remove this marker once it does")
 def test_engine_rejects_a_misspelled_group_key():
     with pytest.raises(ValueError, match="rnak"):
         GaLoreAdamW([{"params": _params(), "rnak": 8}])
+    with pytest.raises(ValueError, match="update_proj_gaps"):
+        GaLoreAdamW([{"params": _params(), "rank": 2, "update_proj_gaps": 5}])
+    opt = GaLoreAdamW([{"params": _params(), "rank": 2}])
+    with pytest.raises(ValueError, match="rnak"):
+        opt.add_param_group({"params": _params(), "rnak": 2})
+    assert len(opt.param_groups) == 1  # the rejected group was not added

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .hparams import ENGINE_HPARAMS, HParam
+from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import MomentRule, constant_lr, state_dtype
 from .stabilizers import Stabilizer
 from .subspace import DropResidual, Projection, ResidualRule, rotate_moments
@@ -168,6 +168,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
     # ---- parameter groups -----------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # a misspelled key ('rnak') would otherwise be ignored and the group train with defaults
+        check_group_keys(self.recipe, param_group, where=f"parameter group {len(self.param_groups)} of optimizer '{self.recipe.name}'")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f"parameter group {len(self.param_groups) - 1} of optimizer '{self.recipe.name}'"

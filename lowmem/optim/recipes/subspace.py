@@ -228,8 +228,8 @@ class FiraAdamW(GaLoreAdamW):
     recipe = FIRA_ADAMW
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "alpha" in param_group:
-            param_group = {**param_group, "scale": param_group["alpha"]}
+        if "alpha" in param_group:  # fira's name for the scale
+            param_group = {**{k: v for k, v in param_group.items() if k != "alpha"}, "scale": param_group["alpha"]}
         super().add_param_group(param_group)
 
 
