@@ -50,6 +50,7 @@ from torch import Tensor
 from . import functional as F
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import MomentRule, constant_lr, state_dtype
+from .sharded import ShardReduce, check_placements, check_supported, is_dtensor, local, shard_reduce
 from .stabilizers import Stabilizer
 from .subspace import DropResidual, Projection, ResidualRule, rotate_moments
 
@@ -185,7 +186,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     h.validate(group[h.name], where=where)
             if self.recipe.validate_group is not None:
                 self.recipe.validate_group(group)
-        except ValueError:
+            for p in group["params"]:
+                if is_dtensor(p):  # FSDP2: refuse recipes that need the whole matrix (lowmem.optim.sharded)
+                    check_supported(self.recipe, group, p, where)
+        except (ValueError, NotImplementedError):
             self.param_groups.pop()
             raise
 
@@ -224,7 +228,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if not self.state[p]:
-                    self._init_state(p, group, self.state[p])
+                    self._init_state(local(p), group, self.state[p])
 
     def state_bytes(self) -> int:
         """Exact bytes held by the optimizer state (every tensor in ``self.state``)."""
@@ -255,8 +259,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         sizes: dict[tuple, tuple[int, int]] = {}
         buckets: dict[tuple, int] = {}
         for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
+            for key in group["params"]:
+                state, p = self.state[key], local(key)  # a sharded parameter: its local shard
                 if not state:
                     if p.device.type != "meta":
                         raise RuntimeError("step_transient_bytes: call materialize_state() first (or step once)")
@@ -324,8 +328,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if self.skip_nonfinite and not _all_finite([p.grad for p, _ in work]):
+        # (key, tensor, gradient, group, reduce): a sharded (FSDP2 DTensor) parameter is stepped on
+        # its local shard, its state keyed by the parameter; ``reduce`` all-reduces per-tensor statistics
+        work = [self._work_item(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.skip_nonfinite and not self._all_finite(work):
             self.skipped_steps += 1
             warnings.warn(
                 f"{self.recipe.name}: non-finite gradient; step skipped, optimizer state unchanged "
@@ -335,24 +341,47 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return loss
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
-        for p, group in work:
-            if self._foreach_ok(p, group, p.grad):
-                state = self.state[p]
+        for key, p, grad, group, reduce in work:
+            if self._foreach_ok(p, group, grad):
+                state = self.state[key]
                 if "step" not in state:
                     self._init_state(p, group, state)
                 state["step"] += 1
                 for start, stop in self._foreach_pieces(p):  # a large tensor joins the buckets chunk by chunk
-                    piece = (p, p.grad, state) if stop - start == p.numel() else (
-                        p.view(-1)[start:stop], p.grad.view(-1)[start:stop],
+                    piece = (p, grad, state) if stop - start == p.numel() else (
+                        p.view(-1)[start:stop], grad.view(-1)[start:stop],
                         self.recipe.moment.chunk_state(state, start, stop, p.shape, group))
                     key = self._bucket_key(sizes, (id(group), state["step"].item(), p.device), stop - start)
                     buckets.setdefault(key, (group, []))[1].append(piece)
             else:
-                self._update(p, p.grad, group)
+                self._update(p, grad, group, key=key, reduce=reduce)
         for (_, t, _, _), (group, pieces) in buckets.items():
             ps, gs, ss = zip(*pieces)
             self.recipe.moment.foreach_step_(list(ps), list(gs), list(ss), group, t, group["lr"])
         return loss
+
+    def _work_item(self, p: Tensor, group: dict[str, Any]) -> tuple:
+        """``(key, tensor, gradient, group, reduce)`` of a parameter with a gradient: a ``DTensor``
+        (FSDP2) is stepped on its local shard with the all-reduces of its mesh; the others as they are."""
+        if not is_dtensor(p):
+            return p, p, p.grad, group, None
+        where = f"optimizer '{self.recipe.name}'"
+        check_supported(self.recipe, group, p, where)  # also here: parameters sharded after construction
+        check_placements(p, p.grad, where)
+        return p, p.to_local(), p.grad.to_local(), group, shard_reduce(p)
+
+    def _all_finite(self, work: list[tuple]) -> bool:
+        """:func:`_all_finite` of the local gradients; with sharded parameters the flag is reduced
+        over their meshes (every rank skips together, or none does)."""
+        finite = _all_finite([grad for _, _, grad, _, _ in work])
+        reduces = {id(r.groups[0]) if r.groups else None: r for *_, r in work if r is not None}
+        if not reduces:
+            return finite
+        device = next(grad.device for _, _, grad, _, r in work if r is not None)
+        flag = torch.tensor(1.0 if finite else 0.0, device=device)
+        for r in reduces.values():
+            r.min_(flag)
+        return bool(flag.item())
 
     def _foreach_pieces(self, p: Tensor) -> list[tuple[int, int]]:
         n = p.numel()
@@ -414,11 +443,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     def _update_chunked(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
-                        bounds: list[tuple[int, int]]) -> None:
-        """The step of :meth:`_update` for an element-wise chain, one chunk of ``bounds`` at a time."""
+                        bounds: list[tuple[int, int]], reduce: ShardReduce | None = None) -> None:
+        """The step of :meth:`_update` for an element-wise chain, one chunk of ``bounds`` at a time.
+        ``reduce``: the all-reduces of a sharded parameter's per-tensor statistics (stabilizers')."""
         r = self.recipe
         gflat, pflat = grad.view(-1), p.view(-1)
-        ctxs = [s.prepare(gflat, state, group, int(t), r.moment, bounds) for s in r.stabilizers]
+        ctxs = [s.prepare(gflat, state, group, int(t), r.moment, bounds, reduce) if reduce is not None
+                else s.prepare(gflat, state, group, int(t), r.moment, bounds) for s in r.stabilizers]
 
         def stabilized(start: int, stop: int, view: dict[str, Tensor]) -> Tensor:
             g = gflat[start:stop]
@@ -509,14 +540,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         self._update(p, p.grad, group)
 
-    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], projected_grad: Tensor | None = None) -> None:
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], projected_grad: Tensor | None = None, *,
+                key: Tensor | None = None, reduce: ShardReduce | None = None) -> None:
         """One step of ``p``. ``projected_grad``: the gradient already projected (layerwise
         accumulation in the subspace, after :meth:`refresh_projection`); ``grad`` is then only used
-        by :meth:`Projection.post_update` and stabilizers are not supported."""
+        by :meth:`Projection.post_update` and stabilizers are not supported. ``key``: the parameter
+        whose state this is when ``p`` is its local shard, with ``reduce`` the all-reduces over its
+        mesh (:meth:`step` on FSDP2 parameters); the shard is always stepped in chunks (the chunked
+        stabilizers reduce their per-tensor statistics)."""
         if grad.is_sparse:
             raise RuntimeError(f"{self.recipe.name} does not support sparse gradients")
+        if is_dtensor(p):
+            raise NotImplementedError(
+                f"{self.recipe.name}: a sharded (FSDP2 / DTensor) parameter reached a per-parameter step"
+                " (layerwise mode or step_param); only LowMemOptimizer.step() steps sharded parameters"
+            )
         r = self.recipe
-        state = self.state[p]
+        state = self.state[p if key is None else key]
         if "step" not in state:
             self._init_state(p, group, state)
         state["step"] += 1
@@ -524,8 +564,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         if projected_grad is None:
             bounds = self._chunk_bounds(p, group, state, grad)
+            if bounds is None and reduce is not None:
+                if not (p.is_contiguous() and grad.is_contiguous()):
+                    raise ValueError(f"{r.name}: the local shard of a sharded parameter or its gradient is not contiguous")
+                bounds = [(0, p.numel())] if p.numel() else []
             if bounds is not None:
-                self._update_chunked(p, grad, group, state, t, bounds)
+                self._update_chunked(p, grad, group, state, t, bounds, reduce)
                 return
 
         projected = self._is_projected(p, group)

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .engine import LowMemOptimizer
 from .functional.norms import float_norm
 from .registry import create_optimizer
+from .sharded import is_dtensor
 from .subspace import DropResidual
 
 
@@ -77,6 +78,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         ddp = model_or_params if isinstance(model_or_params, nn.parallel.DistributedDataParallel) else None
         target = ddp.module if ddp is not None else model_or_params
         inner = create_optimizer(target, name, **hparams)
+        if any(is_dtensor(p) for g in inner.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                "layerwise mode does not support sharded (FSDP2 / DTensor) parameters: it steps each parameter"
+                " from its gradient hook, before FSDP2 reduce-scatters the gradient; use the plain optimizer"
+                " (docs/distributed.md)"
+            )
         if not isinstance(inner, LowMemOptimizer):
             raise ValueError(f"layerwise mode needs an engine optimizer; {name!r} is not one")
         self.inner = inner

@@ -37,10 +37,12 @@ class Stabilizer:
     chunkable: bool = False  # True if prepare/transform_chunk implement transform in chunks
 
     def prepare(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int, moment: MomentRule,
-                bounds: list[tuple[int, int]]) -> Any:
+                bounds: list[tuple[int, int]], reduce: Any = None) -> Any:
         """Per-tensor work before the chunks (moment resets, statistics of the whole gradient
         ``g``, flat), computed chunk by chunk with no full-size temporary. Returns a context for
-        :meth:`transform_chunk`."""
+        :meth:`transform_chunk`. ``reduce``: for the local shard of a sharded (FSDP2) parameter, a
+        :class:`~lowmem.optim.sharded.ShardReduce` whose ``sum_`` / ``max_`` turn a statistic of
+        the shard into that of the whole tensor (``None``: ``g`` is the whole tensor)."""
         return None
 
     def transform_chunk(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int,
@@ -127,7 +129,7 @@ class SPAMStabilizer(Stabilizer):
 
     chunkable = True
 
-    def prepare(self, g, state, group, t, moment, bounds):
+    def prepare(self, g, state, group, t, moment, bounds, reduce=None):  # element-wise: nothing to reduce
         interval = group["reset_interval"]
         if S.is_reset_step(t, interval):
             moment.reset(state)
@@ -177,9 +179,10 @@ class StableSPAMStabilizer(Stabilizer):
 
     chunkable = True
 
-    def prepare(self, g, state, group, t, moment, bounds):
+    def prepare(self, g, state, group, t, moment, bounds, reduce=None):
         """MoRet, then AdaClip's and AdaGN's statistics from reductions over the chunks: ``max |g|``,
-        then the norm of the clipped gradient (sum of the chunks' squared norms)."""
+        then the norm of the clipped gradient (sum of the chunks' squared norms); over the shards
+        too with ``reduce`` (a sharded parameter: one scalar all-reduce each)."""
         if S.is_reset_step(t, group["reset_interval"]):
             moment.reset(state)
         t_stats = S.stats_step(t, group["reset_interval"]) if group.get("stats_step") == "since_reset" else t
@@ -187,14 +190,19 @@ class StableSPAMStabilizer(Stabilizer):
         # glibc's heap and make it grow chunk by chunk (measured: +256 MiB on an 8192 x 8192 weight)
         g_max = torch.zeros((), dtype=torch.float32, device=g.device)
         for a, b in bounds:
-            torch.maximum(g_max, torch.linalg.vector_norm(g[a:b], float("inf"), dtype=torch.float32), out=g_max)
+            # max |g| is exact in g's dtype; float64 gradients cannot take dtype=float32 (narrowing)
+            torch.maximum(g_max, torch.linalg.vector_norm(g[a:b], float("inf")).float(), out=g_max)
+        if reduce is not None:
+            reduce.max_(g_max)
         bound = S.ada_clip_bound_(state["spam_clip_max"], g_max, group["theta"], t_stats)
-        if len(bounds) == 1:
+        if len(bounds) == 1 and reduce is None:
             norm = torch.linalg.vector_norm(S.ada_clip_apply(g.float(), g_max, bound))
         else:
             sq = torch.zeros((), dtype=torch.float32, device=g.device)
             for a, b in bounds:
                 sq.add_(torch.linalg.vector_norm(S.ada_clip_apply(g[a:b].float(), g_max, bound)).square_())
+            if reduce is not None:
+                reduce.sum_(sq)  # the squared norms of the other shards
             norm = sq.sqrt_()
         gamma1 = group["gamma1"] * S.cosine_beta1_scale(t, group.get("t_max"))
         scale = S.ada_gn_scale_(norm, state["spam_norm_m"], state["spam_norm_v"], gamma1, group["gamma2"], t_stats,
