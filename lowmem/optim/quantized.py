@@ -138,7 +138,7 @@ def encode_(
     code = Q.code_map(spec.code, value.device)
     if is_rank1(state, key):
         x = value if rows is None else value.view(rows)
-        codes, row_max, new_col = Q.quantize_rank1_4bit(x, code, col_max)
+        codes, row_max, new_col = Q.quantize_rank1_4bit(x, code, col_max, spec.code)
         state[key].copy_(codes)
         state[key + "_rowmax"].copy_(row_max.view(state[key + "_rowmax"].shape))
         if col_max is None:
@@ -147,7 +147,7 @@ def encode_(
     if spec.bits == 8:
         codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size)
     else:
-        codes, absmax = Q.quantize_blockwise_4bit(value, code, block_size)
+        codes, absmax = Q.quantize_blockwise_4bit(value, code, block_size, spec.code)
     state[key].copy_(codes)
     state[key + "_absmax"].copy_(absmax)
 

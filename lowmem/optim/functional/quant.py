@@ -98,10 +98,82 @@ def _blocks(x: Tensor, block_size: int) -> Tensor:
     return flat.view(-1, block_size)
 
 
-def nearest_code(normalized: Tensor, code: Tensor) -> Tensor:
-    """Index of the nearest entry of the sorted ``code`` for every value (ties go to the lower one)."""
+def nearest_code(normalized: Tensor, code: Tensor, name: str | None = None) -> Tensor:
+    """Index of the nearest entry of the sorted ``code`` for every value (ties go to the lower one).
+
+    The reference is a search among the midpoints of ``code``: the index is the number of
+    midpoints strictly below the value (``searchsorted(..., right=False)``; NaN gives the last
+    index). ``name``, the map's name when ``code`` is :func:`code_map` of it, selects a faster form
+    that returns the same int32 indices for every float32 input: arithmetic for
+    ``"linear4_nozero"`` (:func:`nearest_linear4`), a table lookup for ``"dynamic4_signed"``
+    (:func:`nearest_by_cells`); other maps (or ``None``) search.
+    """
+    if name == "linear4_nozero":
+        return nearest_linear4(normalized)
+    if name == "dynamic4_signed":
+        return nearest_by_cells(normalized, name)
+    return nearest_code_search(normalized, code)
+
+
+def nearest_code_search(normalized: Tensor, code: Tensor) -> Tensor:
+    """:func:`nearest_code` by binary search among the midpoints (the reference form)."""
     midpoints = (code[1:] + code[:-1]) / 2
     return torch.searchsorted(midpoints, normalized.contiguous(), right=False, out_int32=True)
+
+
+def nearest_linear4(normalized: Tensor) -> Tensor:
+    """:func:`nearest_code` for the linear map ``(i + 1) / 16`` (Li et al. 2023, Section 4.1), arithmetically.
+
+    The midpoints are ``(2i + 3) / 32``, ``i = 0..14``, so the number below ``x`` is
+    ``clamp(ceil(16 x - 1.5), 0, 15)`` (a tie, ``x`` on a midpoint, gives ``i``: the lower code).
+    Exact in float32: ``16 x`` is exact, and ``16 x - 1.5`` is exact for ``0.75 <= 16 x < 2**23``
+    (both are multiples of ``16 x``'s last place); below, the rounded difference stays in
+    ``[-1.5, 0]`` and above it stays above 15, which the clamp maps as the exact value would. NaN
+    gives 15 (as the search), infinities 0 and 15. About 5x faster than the search on CPU.
+    """
+    y = normalized.mul(16.0).sub_(1.5).ceil_()
+    return y.nan_to_num_(15.0).clamp_(0.0, 15.0).to(torch.int32)
+
+
+_CELLS_PER_UNIT = 512  # cell width 1/512, below the smallest gap between dynamic4_signed's midpoints (0.0054)
+
+
+@lru_cache(maxsize=None)
+def _cell_table(name: str, device: str) -> tuple[Tensor, Tensor]:
+    """For :func:`nearest_by_cells`: per cell ``c``, the number of midpoints whose cell is below ``c``,
+    and the midpoints followed by ``+inf``; raises if two midpoints share a cell."""
+    code = _code_map_cpu(name)
+    midpoints = (code[1:] + code[:-1]) / 2
+    k = _CELLS_PER_UNIT
+    if midpoints.abs().max() >= 1:
+        raise ValueError(f"code map {name!r}: midpoints outside (-1, 1) do not fit the cell table")
+    cells = _cells(midpoints)
+    if torch.bincount(cells.long()).max() > 1:
+        raise ValueError(f"code map {name!r}: two midpoints share a cell of width 1/{k}")
+    table = (cells.unsqueeze(0) < torch.arange(2 * k, dtype=torch.int32).unsqueeze(1)).sum(1).to(torch.int32)
+    mid_ext = torch.cat([midpoints, midpoints.new_full((1,), math.inf)])
+    return table.to(device), mid_ext.to(device)
+
+
+def _cells(x: Tensor) -> Tensor:
+    """Cell ``floor(512 x) + 512`` of every value, clamped to ``[0, 1023]`` (NaN: the last cell), int32.
+    Multiplying by 512 is exact, so the cell is a non-decreasing function of ``x``."""
+    k = _CELLS_PER_UNIT
+    return x.mul(float(k)).floor_().nan_to_num_(float(k - 1)).clamp_(-k, k - 1).add_(k).to(torch.int32)
+
+
+def nearest_by_cells(normalized: Tensor, name: str) -> Tensor:
+    """:func:`nearest_code` by a table over cells of width 1/512 (values outside ``[-1, 1)`` join the end cells).
+
+    Midpoints in cells below ``x``'s cell are below ``x`` and those in cells above are above it
+    (the cell is monotone in ``x``); at most one midpoint shares ``x``'s cell (checked when the
+    table is built), and it is ``mid[table[c]]``. So the index is ``table[c] + (x > mid[table[c]])``:
+    the search's count of midpoints below ``x``, ties and NaN included (NaN compares false and its
+    cell's count is 15). Used for ``dynamic4_signed``; about 4x faster than the search on a chunk.
+    """
+    table, mid_ext = _cell_table(name, str(normalized.device))
+    lo = table.index_select(0, _cells(normalized).reshape(-1)).view(normalized.shape)
+    return lo.add_(torch.gt(normalized, mid_ext.index_select(0, lo.reshape(-1)).view(normalized.shape)))
 
 
 def pack_4bit(idx: Tensor) -> Tensor:
@@ -118,17 +190,18 @@ def unpack_4bit(packed: Tensor, n: int) -> Tensor:
     return both[:n].int()
 
 
-def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int, name: str | None = None) -> tuple[Tensor, Tensor]:
     """4-bit blockwise quantization (Li et al. 2023, Section 3: block-wise normalization ``B128``).
 
     Each block is divided by its absolute maximum and mapped to the nearest of the 16 ``code``
-    values. Returns ``(packed uint8 [ceil(n / 2)], absmax float32 [num_blocks])``.
+    values (``name``: the map's name, for :func:`nearest_code`'s fast forms).
+    Returns ``(packed uint8 [ceil(n / 2)], absmax float32 [num_blocks])``.
     """
     n = x.numel()
     blocks = _blocks(x, block_size)
     absmax = blocks.abs().amax(dim=1)
     normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    idx = nearest_code(normalized.reshape(-1)[:n], code)
+    idx = nearest_code(normalized.reshape(-1)[:n], code, name)
     return pack_4bit(idx), absmax
 
 
@@ -156,7 +229,9 @@ def rank1_scale(row_max: Tensor, col_max: Tensor) -> Tensor:
     return torch.minimum(row_max.unsqueeze(-1), col_max.unsqueeze(-2))
 
 
-def quantize_rank1_4bit(x: Tensor, code: Tensor, col_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_rank1_4bit(
+    x: Tensor, code: Tensor, col_max: Tensor | None = None, name: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """4-bit quantization of a non-negative ``x`` (``ndim >= 2``) with rank-1 normalization.
 
     Li et al. 2023, Section 4.2: every entry is divided by ``min(r_i, c_j)`` (its row and column
@@ -166,14 +241,15 @@ def quantize_rank1_4bit(x: Tensor, code: Tensor, col_max: Tensor | None = None) 
 
     ``col_max``: the column maxima of the whole matrix when ``x`` holds only some of its rows (the
     chunked step: row maxima are complete in a chunk of whole rows, column maxima come from a pass
-    over all chunks); ``None`` computes them from ``x``.
+    over all chunks); ``None`` computes them from ``x``. ``name``: the map's name, for
+    :func:`nearest_code`'s fast forms.
     """
     x = x.float()
     row_max = x.amax(dim=-1)
     if col_max is None:
         col_max = x.amax(dim=-2)
     scale = rank1_scale(row_max, col_max).clamp(min=torch.finfo(torch.float32).tiny)
-    idx = nearest_code((x / scale).reshape(-1), code)
+    idx = nearest_code((x / scale).reshape(-1), code, name)
     return pack_4bit(idx), row_max, col_max
 
 
