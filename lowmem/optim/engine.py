@@ -503,7 +503,21 @@ class LowMemOptimizer(torch.optim.Optimizer):
         scale = group.get("scale", 1.0)
         lr_scale = math.prod(s.lr_scale(state, group, t) for s in r.stabilizers)
         wd = group.get("weight_decay", 0.0)
+        # GaLore (nothing added to the subspace part) on a float32 parameter: each block of rows steps
+        # as one GEMM, p_rows += alpha * P.up(d_low)_rows (addmm_, no row-block direction; issue 15)
+        alpha = None
+        if isinstance(r.residual, DropResidual) and p.dtype == torch.float32 and not isinstance(lr, Tensor) \
+                and P.can_add_up_rows(state):
+            alpha = -scale * lr_scale * (1.0 if r.moment.applies_lr else lr)
         for start, stop in bounds:
+            if alpha is not None:
+                pr = p[start:stop]
+                if not r.decay_after_update:
+                    F.decoupled_weight_decay_(pr, lr, wd)
+                P.add_up_rows_(pr, d_low, state, group, start, stop, alpha)
+                if r.decay_after_update:
+                    F.decoupled_weight_decay_(pr, lr, wd)
+                continue
             d = P.up_rows(d_low, state, group, start, stop)
             if scale != 1.0:
                 d.mul_(scale)

@@ -88,6 +88,15 @@ class Projection:
         """Rows ``start:stop`` of :meth:`up` (the chunked combine-back); default: slices :meth:`up`."""
         return self.up(r, state, group)[start:stop]
 
+    def can_add_up_rows(self, state: dict[str, Tensor]) -> bool:
+        """Whether :meth:`add_up_rows_` can step this parameter (default: no)."""
+        return False
+
+    def add_up_rows_(self, out: Tensor, r: Tensor, state: dict[str, Tensor], group: dict[str, Any], start: int,
+                     stop: int, alpha: float) -> None:
+        """``out += alpha * up_rows(r, ..., start, stop)`` in place, fused (when :meth:`can_add_up_rows`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused combine-back")
+
     def transient_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor], refresh: bool) -> int:
         """Upper bound of the bytes a refresh (``refresh=True``) or a plain step's down projection and
         basis update allocate for a parameter of ``shape``; default: two full-size float32 tensors."""
@@ -280,6 +289,12 @@ class SubspaceProjection(Projection):
             return FR.scatter_rows(r, self._coordinates(shape, group)[0], state["proj_index"], shape, start, stop)
         return GL.project_up_rows(r, *self._basis(state), start, stop)
 
+    def can_add_up_rows(self, state):
+        return "proj_index" not in state  # a basis (coordinates scatter instead)
+
+    def add_up_rows_(self, out, r, state, group, start, stop, alpha):
+        GL.project_up_rows_add_(out, r, *self._basis(state), start, stop, alpha)
+
     def transient_bytes(self, shape, group, state, refresh):
         """A refresh: ``svd`` (exact, as galore-torch) runs LAPACK's divide-and-conquer SVD of the whole
         gradient: its copy, ``U`` (``m x k``), ``V^T`` (``k x n``) and about ``3.25 k^2`` floats of
@@ -306,20 +321,23 @@ class SubspaceProjection(Projection):
     def post_update(self, g, state, group):
         if self.method(group) != "online_pca":
             return
-        if state["proj_meta"][3] < 0:
-            state["proj_meta"][3] = 0
+        meta = state["proj_meta"]  # CPU int64: one read, then written back
+        pca_steps = _meta(state)[3]
+        if pca_steps < 0:
+            meta[3] = 0
             return
-        if not _usable(g):
+        norm = float_norm(g)  # shared by the usability check and the PCA gradient
+        if not _usable(g, norm):
             return
         key = "proj_left" if "proj_left" in state else "proj_right"
         basis = state[key]
-        grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right")
+        grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right", norm)
         lr = group.get("proj_lr", 5e-3)
         if group.get("proj_optimizer", "adam") == "sgd":
             basis.add_(grad, alpha=-lr)
         else:
-            state["proj_meta"][3] += 1
-            t = int(state["proj_meta"][3])
+            t = pca_steps + 1
+            meta[3] = t
             adam_moments_(state["pca_exp_avg"], state["pca_exp_avg_sq"], grad, 0.9, 0.999)
             basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
 
@@ -343,9 +361,11 @@ def _param_shape(state: dict[str, Tensor]) -> torch.Size:
     return torch.Size(state["proj_meta"][4:6].tolist())
 
 
-def _usable(g: Tensor) -> bool:
-    """A gradient a data-dependent refresh can use: finite and not all zero (one host sync)."""
-    norm = float_norm(g)  # no float32 copy of a low-precision g
+def _usable(g: Tensor, norm: Tensor | None = None) -> bool:
+    """A gradient a data-dependent refresh can use: finite and not all zero (one host sync).
+    ``norm``: ``float_norm(g)`` when the caller has it."""
+    if norm is None:
+        norm = float_norm(g)  # no float32 copy of a low-precision g
     return bool(torch.isfinite(norm) & (norm > 0))
 
 

@@ -78,6 +78,20 @@ def project_up_rows(r: Tensor, left: Tensor | None, right: Tensor | None, start:
     return out if right is None else out @ right
 
 
+def project_up_rows_add_(out: Tensor, r: Tensor, left: Tensor | None, right: Tensor | None, start: int, stop: int,
+                         alpha: float) -> Tensor:
+    """``out += alpha * (rows start:stop of project_up(r))`` as one GEMM (``addmm_``), in place on the
+    float32 ``out`` (GaLore, Algorithm 2 lines 10-11: ``W <- W - lr alpha P N`` with no full-size
+    direction). The products are associated as in :func:`project_up_rows`; the sum rounds once
+    instead of after the product and again after each scaling, so it agrees with
+    ``out - lr * (scale * project_up_rows(...))`` to float32 rounding, not bit for bit."""
+    if left is not None and right is not None:
+        return out.addmm_(left[start:stop] @ r, right, alpha=alpha)
+    if left is not None:
+        return out.addmm_(left[start:stop], r, alpha=alpha)
+    return out.addmm_(r[start:stop], right, alpha=alpha)
+
+
 def range_finder(a: Tensor, rank: int, generator: torch.Generator, power_iters: int = 2, oversample: int = 4) -> Tensor:
     """Orthonormal ``m x rank`` basis of ``A``'s dominant column space, randomized.
 

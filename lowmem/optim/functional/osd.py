@@ -10,7 +10,7 @@ from torch import Tensor
 from .norms import float_norm
 
 
-def pca_loss_grad(basis: Tensor, g: Tensor, side: str) -> Tensor:
+def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = None) -> Tensor:
     """Gradient in ``P`` of the reconstruction loss of the normalized gradient (Section 3, eq. 5):
 
     ``L(P) = || G_n - P P^T G_n ||_F^2`` for a left basis ``P`` (``m x r``), ``G_n = G / ||G||``;
@@ -21,10 +21,11 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str) -> Tensor:
     Evaluated in factored form so that nothing of ``G``'s size is allocated: with
     ``A = P^T G_n`` (``r x n``) and ``B = G_n A^T`` (``m x r``), ``dL/dP = 2 (P A A^T + B (P^T P - 2 I))``;
     with ``C = G_n Q^T`` (``m x r``) and ``D = C^T G_n`` (``r x n``),
-    ``dL/dQ = 2 ((Q Q^T - 2 I) D + C^T C Q)``.
+    ``dL/dQ = 2 ((Q Q^T - 2 I) D + C^T C Q)``. ``g_norm``: ``||G||`` when the caller has it
+    (:func:`~lowmem.optim.functional.norms.float_norm` of ``g``; computed here otherwise).
     """
     dtype = basis.dtype
-    inv_norm = 1.0 / float_norm(g).to(dtype)
+    inv_norm = 1.0 / (float_norm(g) if g_norm is None else g_norm).to(dtype)
     eye = torch.eye(basis.shape[1] if side == "left" else basis.shape[0], dtype=dtype, device=basis.device)
     if g.dtype != dtype:  # low precision: converted a block of rows at a time (no full-size copy)
         bounds = [(i, min(i + 512, g.shape[0])) for i in range(0, g.shape[0], 512)]
