@@ -386,7 +386,7 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
             if not get_entry(recipe.optim).subspace:
                 raise ConfigError(f"optim_target_modules={value!r} selects the layers a subspace optimizer projects; "
                                   f"optim={recipe.optim!r} projects none")
-            recipe.optim_args = {"target_modules": value, **recipe.optim_args}
+            ta["optim_target_modules"] = value  # matched by the Trainer's rules (trainers.hf.OptimTargetModules)
     cls = config_class(recipe.trainer, getattr(recipe, "dataset", None))
     types_ = field_types(cls)
     unknown = sorted(set(ta) - set(types_))

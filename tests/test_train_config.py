@@ -133,10 +133,10 @@ def test_trl_fields_at_top_level_and_hf_optim_names(tmp_path):
                     "optim_args: rank=4,update_proj_gap=10,scale=0.5,proj_type=std\ngradient_accumulation_steps: 2\n")
     r = load_recipe(path)
     assert (r.lr, r.steps, r.batch_size) == (3e-4, 7, 4)
-    assert r.training_args == {"beta": 0.2, "gradient_accumulation_steps": 2}
+    # optim_target_modules stays a TrainingArguments field: the Trainer integration matches it by the Trainer's rules
+    assert r.training_args == {"beta": 0.2, "gradient_accumulation_steps": 2, "optim_target_modules": ["q_proj", "v_proj"]}
     assert r.optim == "galore_adamw8bit" and r.layerwise is True
-    assert r.optim_args == {"target_modules": ["q_proj", "v_proj"], "rank": 4, "update_proj_gap": 10, "scale": 0.5,
-                            "proj_type": "std"}
+    assert r.optim_args == {"rank": 4, "update_proj_gap": 10, "scale": 0.5, "proj_type": "std"}
     # SFTConfig's fields apply to sft on a dataset, also when the dataset comes from --dataset
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "12+7=19"}\n{"text": "3+4=7"}\n')

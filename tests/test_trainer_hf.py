@@ -174,3 +174,21 @@ def test_mixin_is_inert_without_lowmem_optim(tmp_path, train_data):
     trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
     assert type(trainer.create_optimizer()) is torch.optim.AdamW
     assert get_entry("adamw").name == "adamw"
+
+
+def test_optim_target_modules_selects_projected_layers_by_the_trainers_rules(tmp_path, train_data):
+    # a configuration written for the Trainer's own GaLore: regexes in a list (peft's list rule would match none)
+    model, _ = build_tiny_model(0)
+    args = LowMemTrainingArguments(tmp_path, lowmem_optim="galore_adamw", lowmem_optim_args="rank=4",
+                                   optim_target_modules=[r".*self_attn.*", "up_proj"], max_steps=1, **COMMON)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    opt = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    projected = sorted(names[id(p)] for g in opt.param_groups if g.get("rank") for p in g["params"])
+    assert projected and all(("self_attn" in n or "up_proj" in n) and n.endswith("weight") for n in projected)
+    assert len(projected) == 2 * 5  # q, k, v, o (regex) and up_proj (substring) in each of 2 blocks
+    # a non-subspace optimizer cannot honour it: an error, not a silently ignored field
+    args = LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", optim_target_modules=["q_proj"], max_steps=1, **COMMON)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    with pytest.raises(ValueError, match="projects none"):
+        trainer.create_optimizer()

@@ -264,6 +264,14 @@ class LowMemOptimizerMixin:
             raise ValueError("lowmem_optim and optimizer_cls_and_kwargs are both set; choose one")
         opt_model = self.model if model is None else model
         hp = trainer_hparams(name, self.args, getattr(self.args, "lowmem_optim_args", None))
+        targets = getattr(self.args, "optim_target_modules", None)
+        if targets is not None:
+            if not get_entry(name).subspace:
+                raise ValueError(f"optim_target_modules={targets!r} selects the layers a subspace optimizer projects; "
+                                 f"lowmem_optim={name!r} projects none")
+            if "target_modules" in hp:
+                raise ValueError("optim_target_modules and lowmem_optim_args' target_modules are both set; give one")
+            hp["target_modules"] = OptimTargetModules(targets)
         if getattr(self.args, "lowmem_layerwise", False):
             from lowmem.optim.layerwise import LayerwiseOptimizer
 
@@ -286,6 +294,25 @@ class LowMemOptimizerMixin:
         norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
         norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+class OptimTargetModules:
+    """``TrainingArguments.optim_target_modules`` as a predicate on module names, with the
+    Trainer's own matching rules (``transformers.trainer_utils.check_target_module_exists``: a
+    string is a regex matched against the full name; a list item matches by exact name, by
+    substring, or as a regex), so a configuration written for the Trainer's GaLore selects the same
+    layers here (e.g. ``[r".*.attn.*", r".*.mlp.*"]`` or ``["attn", "mlp"]``)."""
+
+    def __init__(self, targets: str | list[str]):
+        self.targets = targets
+
+    def __call__(self, module_name: str) -> bool:
+        from transformers.trainer_utils import check_target_module_exists
+
+        return bool(check_target_module_exists(self.targets, module_name))
+
+    def __repr__(self) -> str:
+        return repr(self.targets)
 
 
 def layerwise_grad_norm(optimizer: Any) -> torch.Tensor | None:

@@ -183,9 +183,12 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     return set(_decay_names(model))
 
 
-def _matches(module_name: str, targets: str | Iterable[str]) -> bool:
+def _matches(module_name: str, targets: str | Iterable[str] | Callable[[str], bool]) -> bool:
     """peft's convention: a string is a regex matched against the full name; a list matches by
-    exact name or by suffix after a dot."""
+    exact name or by suffix after a dot. A callable decides by itself (the Trainer integration
+    passes ``TrainingArguments.optim_target_modules`` with transformers' matching rules)."""
+    if callable(targets):
+        return bool(targets(module_name))
     if isinstance(targets, str):
         return re.fullmatch(targets, module_name) is not None
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
@@ -202,12 +205,13 @@ def is_projection_layer(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
-def subspace_target_names(model: nn.Module, target_modules: str | Iterable[str] | None = None) -> list[str]:
+def subspace_target_names(model: nn.Module, target_modules: str | Iterable[str] | Callable[[str], bool] | None = None) -> list[str]:
     """Names of the 2-D weights to project.
 
     Default: the weights of every projection layer (:func:`is_projection_layer`: ``nn.Linear`` and
     transformers' ``Conv1D``) except the output head (and embeddings, which are not projection
-    layers). ``target_modules`` selects modules by peft's rules instead.
+    layers). ``target_modules`` selects modules by peft's rules instead (or a predicate on the
+    module name).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
@@ -224,7 +228,7 @@ def build_param_groups(
     model: nn.Module,
     weight_decay: float | None = None,
     subspace: bool = False,
-    target_modules: str | Iterable[str] | None = None,
+    target_modules: str | Iterable[str] | Callable[[str], bool] | None = None,
     subspace_hparams: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into optimizer groups.
