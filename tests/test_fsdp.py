@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,9 @@ def _shard(model, mesh):
 
 
 def _worker(rank, world, init_file, out_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
@@ -105,6 +109,38 @@ def _worker(rank, world, init_file, out_dir):
                 torch.save(full, os.path.join(out_dir, f"{tag}.pt"))
                 torch.save(opt.state_dict(), os.path.join(out_dir, f"{tag}_optim.pt"))
 
+        # torch.distributed.checkpoint: save after 2 steps, load into a new model and optimizer, 2 more
+        # steps = 4 steps uninterrupted; the checkpoints are kept for the 2 -> 1 process tests
+        resumed = {}
+        for name in SUPPORTED:
+            model, x, y = make(dtype=torch.float64)
+            _shard(model, mesh)
+            opt = create_optimizer(model, name, **hparams_for(name))
+            for step in range(4):
+                if step == 2:
+                    ckpt = os.path.join(out_dir, f"dcp_{name}")
+                    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                             checkpoint_id=ckpt)
+                opt.zero_grad()
+                loss_fn(model, x[half], y[half]).backward()
+                opt.step()
+            straight = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            model, _, _ = make(seed=1, dtype=torch.float64)  # other weights: the checkpoint must set them
+            _shard(model, mesh)
+            opt = create_optimizer(model, name, **hparams_for(name))
+            sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(sd, checkpoint_id=ckpt)
+            set_model_state_dict(model, sd["model"])
+            set_optimizer_state_dict(model, opt, sd["optim"])
+            for _ in range(2):
+                opt.zero_grad()
+                loss_fn(model, x[half], y[half]).backward()
+                opt.step()
+            again = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            resumed[name] = max((again[k] - straight[k]).abs().max().item() for k in straight)
+            if rank == 0:
+                torch.save(straight, os.path.join(out_dir, f"dcp_{name}_final.pt"))
+
         # a NaN in one rank's shard only: both ranks skip the step together
         model, x, y = make()
         _shard(model, mesh)
@@ -113,7 +149,8 @@ def _worker(rank, world, init_file, out_dir):
         if rank == 1:
             model.fc2.weight.grad.to_local()[0, 0] = float("nan")
         before = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
-        with pytest.warns(UserWarning, match="non-finite"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             opt.step()
         after = {k: v.full_tensor() for k, v in model.state_dict().items()}
         skipped = {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
@@ -151,7 +188,8 @@ def _worker(rank, world, init_file, out_dir):
             layerwise = str(e)
         if rank == 0:
             with open(os.path.join(out_dir, "refusals.json"), "w") as f:
-                json.dump({"refused": refused, "late": late, "layerwise": layerwise, "nan": skipped}, f)
+                json.dump({"refused": refused, "late": late, "layerwise": layerwise, "nan": skipped,
+                           "resumed": resumed}, f)
     finally:
         dist.destroy_process_group()
 
@@ -186,8 +224,11 @@ def test_fsdp2_float32_adamw_as_close_as_torch_adamw(fsdp_run):
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_fsdp2_state_is_plain_local_tensors(fsdp_run, name):
-    """Rank 0's state: plain tensors (weights_only) of its shard's size, not DTensors, not full size."""
+def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
+    """Rank 0's state_dict(): DTensors (loadable with weights_only) whose local piece is the shard's
+    state, half the unsharded size; in the parameter's shape for float32 moments."""
+    from torch.distributed.tensor import DTensor
+
     sd = torch.load(fsdp_run / f"{name}_float64_optim.pt", weights_only=True)
     model, x, y = make(dtype=torch.float64)
     ref = create_optimizer(model, name, **hparams_for(name))
@@ -196,9 +237,13 @@ def test_fsdp2_state_is_plain_local_tensors(fsdp_run, name):
     full = ref.state_dict()["state"]
     for pid, st in sd["state"].items():
         for k, v in st.items():
-            assert type(v) is torch.Tensor, (name, k, type(v))
-            if v.dim() > 0 and full[pid][k].numel() > 1:
-                assert v.numel() * 2 == full[pid][k].numel(), (name, pid, k, v.shape, full[pid][k].shape)
+            if v.dim() == 0:
+                assert type(v) is torch.Tensor, (name, k, type(v))
+                continue
+            assert isinstance(v, DTensor), (name, k, type(v))
+            assert v.to_local().numel() * 2 == full[pid][k].numel(), (name, pid, k, v.shape, full[pid][k].shape)
+            if k in ("exp_avg", "exp_avg_sq") and v.dtype == torch.float32:
+                assert v.shape == full[pid][k].shape, (name, k)
 
 
 def test_fsdp2_nonfinite_on_one_rank_skips_on_all(fsdp_run):
@@ -218,3 +263,49 @@ def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
     got = json.loads((fsdp_run / "refusals.json").read_text())
     assert got["late"] is not None and "'adafactor' does not support sharded" in got["late"]
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_fsdp2_distributed_checkpoint_resume_is_exact(fsdp_run, name):
+    """save -> load into another model and optimizer -> continue equals the uninterrupted run
+    (red when sharded state is saved as plain tensors: DCP keeps one rank's piece for all)."""
+    assert json.loads((fsdp_run / "refusals.json").read_text())["resumed"][name] == 0.0
+
+
+def _load_single(name, ckpt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    model, _, _ = make(seed=1, dtype=torch.float64)  # other weights: the checkpoint must set them
+    _, x, y = make(dtype=torch.float64)
+    opt = create_optimizer(model, name, **hparams_for(name))
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    return model, opt, x, y
+
+
+@pytest.mark.parametrize("name", ["adamw", "spam", "stable_spam"])
+def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
+    """State in the parameter's shape (float32 moments) reshards: the 2-process checkpoint loads into
+    one unsharded process, which continues with the full batch to the 2-process run's weights."""
+    model, opt, x, y = _load_single(name, fsdp_run / f"dcp_{name}")
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    final = torch.load(fsdp_run / f"dcp_{name}_final.pt", weights_only=True)
+    for key, v in model.state_dict().items():
+        torch.testing.assert_close(v, final[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "microadam"])
+def test_fsdp2_per_shard_state_does_not_reshard_silently(fsdp_run, name):
+    """Per-shard state (codes, scales, MicroAdam's window) loads onto the same number of shards only:
+    into one process it is an error, not a wrong state."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    with pytest.raises(CheckpointException, match="Size mismatch"):
+        _load_single(name, fsdp_run / f"dcp_{name}")

@@ -50,7 +50,8 @@ from torch import Tensor
 from . import functional as F
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import MomentRule, constant_lr, state_dtype
-from .sharded import ShardReduce, check_placements, check_supported, is_dtensor, local, shard_reduce
+from .sharded import (ShardReduce, check_placements, check_supported, is_dtensor, local, shard_reduce,
+                      state_from_dtensor, state_to_dtensor)
 from .stabilizers import Stabilizer
 from .subspace import DropResidual, Projection, ResidualRule, rotate_moments
 
@@ -298,24 +299,45 @@ class LowMemOptimizer(torch.optim.Optimizer):
         p_copy = 4 * rows * p.shape[1] * (p.dtype != torch.float32)  # a block of rows in float32
         return copies + p_copy + stab + max(step + combine, refresh)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as
+        plain tensors of its local shard, is returned as ``DTensor`` s
+        (:func:`~lowmem.optim.sharded.state_to_dtensor`) so that ``torch.distributed.checkpoint``
+        saves every rank's piece. Unsharded parameters: plain tensors, as always."""
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not any(is_dtensor(p) for p in params):
+            return sd
+        for pid, p in zip(chain.from_iterable(g["params"] for g in sd["param_groups"]), params):
+            if is_dtensor(p) and pid in sd["state"]:
+                sd["state"][pid] = {k: state_to_dtensor(v, p, k) for k, v in sd["state"][pid].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch does, but keep each state tensor's saved dtype.
 
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter's
         dtype; for a bf16 model that would silently round float32 moments (and break quantized
-        codes). Step counters stay on the CPU.
+        codes). Step counters stay on the CPU. State of a sharded parameter saved as ``DTensor`` s
+        (:meth:`state_dict`) comes back as plain tensors of the local shard.
         """
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
         cpu_keys = {"step", *(self.recipe.projection.cpu_state_keys if self.recipe.projection is not None else ())}
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for pid, saved in state_dict["state"].items():
             p = id_map.get(pid)
             if p is None:
                 continue
+            if is_dtensor(p):  # the shapes the recipe allocates for the local shard (nothing allocated)
+                probe: dict[str, Tensor] = {}
+                self._init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group_of[p], probe)
+                saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
+            device = local(p).device
             self.state[p] = {
-                k: v.detach().to(device="cpu" if k in cpu_keys else p.device, copy=True) if isinstance(v, Tensor) else v
+                k: v.detach().to(device="cpu" if k in cpu_keys else device, copy=True) if isinstance(v, Tensor) else v
                 for k, v in saved.items()
             }
 

@@ -156,3 +156,64 @@ def check_supported(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -
             f"Optimizers that support FSDP2: {fsdp2_recipes()} (docs/distributed.md); under DDP every "
             "optimizer works."
         )
+
+
+# ---- checkpoints: state of a sharded parameter as DTensors (torch.distributed.checkpoint) ----
+
+
+def state_to_dtensor(v: Any, p: Tensor, key: str) -> Any:
+    """A state tensor of sharded parameter ``p`` (a plain tensor of its local shard) as the
+    ``DTensor`` that :meth:`LowMemOptimizer.state_dict` returns, so that
+    ``torch.distributed.checkpoint`` saves every rank's piece (a plain tensor would be taken as
+    replicated: one rank's piece saved for all, silently).
+
+    * 0-d tensors (``step``, Stable-SPAM's statistics, equal on every rank): unchanged.
+    * Tensors of the local shard's shape (float32 moments): the parameter's placements and global
+      shape, so a checkpoint reshards to any number of processes like the parameter does.
+    * Any other shape (quantization codes and scales, MicroAdam's window): one piece per shard,
+      global shape ``(shards, *local_shape)``; loads back onto the same number of shards only (a
+      different count is a shape error at load, not a wrong state). Needs equal shards.
+
+    Raises:
+        NotImplementedError: Such a per-shard tensor when ``p``'s shards are uneven (dimension 0 not
+            divisible by the number of shards) or ``p`` is sharded on more than one mesh dimension.
+    """
+    lp = local(p)
+    if not isinstance(v, Tensor) or v.dim() == 0:
+        return v
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if v.shape == lp.shape:
+        return DTensor.from_local(v, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
+    shard_dims = [(i, pl.dim) for i, pl in enumerate(placements) if pl.is_shard()]
+    if len(shard_dims) != 1 or p.shape[shard_dims[0][1]] % mesh.size(shard_dims[0][0]) != 0:
+        raise NotImplementedError(
+            f"state '{key}' of a sharded parameter of shape {tuple(p.shape)} with placements {placements}: per-shard"
+            " state (quantized codes, MicroAdam) is checkpointed only for even shards on one mesh dimension"
+            " (dimension 0 divisible by the number of shards)"
+        )
+    i = shard_dims[0][0]
+    blob = tuple(Shard(0) if j == i else Replicate() for j in range(len(placements)))
+    piece = v.unsqueeze(0)
+    shape = (mesh.size(i), *v.shape)
+    return DTensor.from_local(piece, mesh, blob, run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
+
+
+def state_from_dtensor(v: Any, p: Tensor, local_shape: torch.Size, key: str) -> Any:
+    """Inverse of :func:`state_to_dtensor`: the plain local tensor of shape ``local_shape`` (what the
+    recipe allocates for ``p``'s shard) from a loaded ``DTensor`` (a plain tensor passes through).
+
+    Raises:
+        ValueError: The loaded piece does not have the shard's shape (e.g. per-shard state saved
+            with another number of processes).
+    """
+    if not is_dtensor(v):
+        return v
+    t = v.to_local()
+    if t.shape != local_shape:
+        t = t[0] if t.dim() == len(local_shape) + 1 and t.shape[0] == 1 else t
+    if t.shape != local_shape:
+        raise ValueError(
+            f"state '{key}' of a sharded parameter of shape {tuple(p.shape)}: loaded piece {tuple(t.shape)},"
+            f" expected {tuple(local_shape)} (per-shard state loads onto the same number of shards only)"
+        )
+    return t
