@@ -525,12 +525,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         scale = group.get("scale", 1.0)
         lr_scale = math.prod(s.lr_scale(state, group, t) for s in r.stabilizers)
         wd = group.get("weight_decay", 0.0)
-        # GaLore (nothing added to the subspace part) on a float32 parameter: each block of rows steps
-        # as one GEMM, p_rows += alpha * P.up(d_low)_rows (addmm_, no row-block direction; issue 15)
+        # GaLore (nothing added to the subspace part) on a float32 parameter: the step is one GEMM,
+        # p += alpha * P.up(d_low) in place (addmm_, no direction of p's size; issue 15)
         alpha = None
         if isinstance(r.residual, DropResidual) and p.dtype == torch.float32 and not isinstance(lr, Tensor) \
                 and P.can_add_up_rows(state):
             alpha = -scale * lr_scale * (1.0 if r.moment.applies_lr else lr)
+            bounds = [(0, p.shape[0])]  # in place, nothing of the direction's size: one GEMM for all rows
         for start, stop in bounds:
             if alpha is not None:
                 pr = p[start:stop]
