@@ -60,6 +60,22 @@ def test_fast_4bit_quantizers_equal_the_search(name):
         assert all(torch.equal(a, b) for a, b in zip(Q.quantize_rank1_4bit(m, code, None, name), Q.quantize_rank1_4bit(m, code)))
 
 
+
+@pytest.mark.parametrize("n", [512, 511, 1])
+def test_4bit_lookup_equals_unpack_and_index(n):
+    """Decoding through the 256 x 2 byte table gives ``values[unpack_4bit(packed, n)]`` element for
+    element (every byte value, odd lengths), for the code maps and MicroAdam's integer levels."""
+    g = torch.Generator().manual_seed(n)
+    packed = torch.cat([torch.arange(256, dtype=torch.uint8), torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)])
+    packed = packed[: -(-n // 2)] if n < 512 else packed
+    m = 2 * packed.numel() - (n % 2)
+    for values in (Q.code_map("dynamic4_signed"), Q.code_map("linear4_nozero"), torch.arange(16, dtype=torch.float32)):
+        ref = values[Q.unpack_4bit(packed, m)]
+        assert torch.equal(Q.lookup_4bit(packed, values, m), ref)
+    lo, hi = torch.randn(-(-m // 64)), torch.randn(-(-m // 64)) + 3
+    q = torch.nn.functional.pad(Q.unpack_4bit(packed, m).float(), (0, (-m) % 64)).view(-1, 64)
+    assert torch.equal(Q.dequantize_minmax_4bit_blocks(packed, lo, hi, 64, m), lo.unsqueeze(1) + q * ((hi - lo) / 15.0).unsqueeze(1))
+
 # ---- GaLore: project-back and update as one addmm_ ----------------------------------------------
 
 GALORE = {
