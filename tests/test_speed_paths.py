@@ -224,3 +224,42 @@ def test_host_reads_cover_every_recipe():
     from lowmem.optim.registry import get_entry, list_optimizers
 
     assert sorted(n for n in list_optimizers() if get_entry(n).recipe is not None) == sorted(HOST_READS)
+
+
+# ---- Online Subspace Descent: the PCA gradient reuses the step's projected gradient --------------
+
+
+@pytest.mark.parametrize("proj_type", ["std", "left"])
+@pytest.mark.parametrize("chunk_numel", [None, 128])
+def test_osd_pca_step_reusing_the_projected_gradient_is_identical(proj_type, chunk_numel, monkeypatch):
+    """``G Q^T`` (or ``P^T G``) in the PCA gradient is the step's projected gradient, the same
+    product: reusing it gives bit-identical weights and state."""
+    from lowmem.optim.functional import osd as OSD
+    from lowmem.optim.registry import create_optimizer
+
+    def run(reuse: bool):
+        calls = []
+        orig = OSD.pca_loss_grad
+
+        def spy(basis, g, side, g_norm=None, g_proj=None):
+            calls.append(g_proj is not None)
+            return orig(basis, g, side, g_norm, g_proj if reuse else None)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(OSD, "pca_loss_grad", spy)
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(37, 29))
+            opt = create_optimizer([p], "osd_adamw", rank=4, proj_lr=1e-2, proj_type=proj_type, weight_decay=0.1)
+            opt.chunk_numel = chunk_numel
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(5):
+                p.grad = torch.randn(37, 29, generator=gen)
+                opt.step()
+        assert calls and all(calls)  # the engine passes the projected gradient on every PCA step
+        return p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+
+    ref_p, ref_s = run(False)
+    fast_p, fast_s = run(True)
+    assert torch.equal(fast_p, ref_p)
+    for k in ref_s:
+        assert torch.equal(fast_s[k], ref_s[k]), k

@@ -515,7 +515,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return [(a, min(a + rows, m)) for a in range(0, m, rows)]
 
     def _combine_rows(self, p: Tensor, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
-                      group: dict[str, Any], lr: Any, t: int) -> None:
+                      group: dict[str, Any], lr: Any, t: int, down_of_g: Tensor | None = None) -> None:
         """``d = scale * P.up(d_low) + residual`` and the update of ``p``, a block of rows at a time
         (no full-size direction): the residual's whole-tensor statistics come first
         (:meth:`~lowmem.optim.subspace.ResidualRule.prepare`), the basis is updated last."""
@@ -554,7 +554,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if p32 is not pr:
                 pr.copy_(p32)
             del d
-        P.post_update(g, state, group)
+        P.post_update(g, state, group, down_of_g)
 
     def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
         """Decoupled weight decay and the step along ``d`` (in place on ``p32``)."""
@@ -635,7 +635,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         lr = r.lr_rule(group, state, p32, t)
         d = r.moment.direction(low, state, group, t, lr)
         if rows:
-            self._combine_rows(p, g, low, d, state, group, lr, int(t))
+            self._combine_rows(p, g, low, d, state, group, lr, int(t), low if projected_grad is None else None)
             return
         if projected:
             d_low = d
@@ -646,7 +646,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             res = r.residual.update(g, low, d_low, state, group, P)
             if res is not None:
                 d.add_(res)
-            P.post_update(g, state, group)
+            P.post_update(g, state, group, low if projected_grad is None else None)
 
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))

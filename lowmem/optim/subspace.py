@@ -81,8 +81,9 @@ class Projection:
     def up(self, r: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
         raise NotImplementedError
 
-    def post_update(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> None:
-        """Called after the parameter update with the (stabilized) full gradient; default: nothing."""
+    def post_update(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], low: Tensor | None = None) -> None:
+        """Called after the parameter update with the (stabilized) full gradient; default: nothing.
+        ``low``: ``down(g)`` when the step computed it from this float32 ``g`` (else ``None``)."""
 
     def up_rows(self, r: Tensor, state: dict[str, Tensor], group: dict[str, Any], start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of :meth:`up` (the chunked combine-back); default: slices :meth:`up`."""
@@ -318,7 +319,7 @@ class SubspaceProjection(Projection):
 
     # -- Online Subspace Descent: learn the basis after each step --
 
-    def post_update(self, g, state, group):
+    def post_update(self, g, state, group, low=None):
         if self.method(group) != "online_pca":
             return
         meta = state["proj_meta"]  # CPU int64: one read, then written back
@@ -331,7 +332,8 @@ class SubspaceProjection(Projection):
             return
         key = "proj_left" if "proj_left" in state else "proj_right"
         basis = state[key]
-        grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right", norm)
+        proj = low if low is not None and g.dtype == basis.dtype else None  # the step's P^T G / G Q^T
+        grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right", norm, proj)
         lr = group.get("proj_lr", 5e-3)
         if group.get("proj_optimizer", "adam") == "sgd":
             basis.add_(grad, alpha=-lr)

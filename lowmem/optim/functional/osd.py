@@ -10,7 +10,8 @@ from torch import Tensor
 from .norms import float_norm
 
 
-def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = None) -> Tensor:
+def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = None,
+                  g_proj: Tensor | None = None) -> Tensor:
     """Gradient in ``P`` of the reconstruction loss of the normalized gradient (Section 3, eq. 5):
 
     ``L(P) = || G_n - P P^T G_n ||_F^2`` for a left basis ``P`` (``m x r``), ``G_n = G / ||G||``;
@@ -23,6 +24,8 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = N
     with ``C = G_n Q^T`` (``m x r``) and ``D = C^T G_n`` (``r x n``),
     ``dL/dQ = 2 ((Q Q^T - 2 I) D + C^T C Q)``. ``g_norm``: ``||G||`` when the caller has it
     (:func:`~lowmem.optim.functional.norms.float_norm` of ``g``; computed here otherwise).
+    ``g_proj``: ``P^T G`` (left) or ``G Q^T`` (right) of a float32 ``g`` when the caller has it (the
+    step's projected gradient: the same product, so the same values); saves one ``m x n x r`` product.
     """
     dtype = basis.dtype
     inv_norm = 1.0 / (float_norm(g) if g_norm is None else g_norm).to(dtype)
@@ -37,9 +40,9 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = N
         d = sum(c[i:j].t() @ g[i:j].to(dtype) for i, j in bounds).mul_(inv_norm)
         return 2 * ((basis @ basis.t() - 2 * eye) @ d + (c.t() @ c) @ basis)
     if side == "left":
-        a = (basis.t() @ g).mul_(inv_norm)
+        a = (basis.t() @ g).mul_(inv_norm) if g_proj is None else g_proj * inv_norm
         b = (g @ a.t()).mul_(inv_norm)
         return 2 * (basis @ (a @ a.t()) + b @ (basis.t() @ basis - 2 * eye))
-    c = (g @ basis.t()).mul_(inv_norm)
+    c = (g @ basis.t()).mul_(inv_norm) if g_proj is None else g_proj * inv_norm
     d = (c.t() @ g).mul_(inv_norm)
     return 2 * ((basis @ basis.t() - 2 * eye) @ d + (c.t() @ c) @ basis)
