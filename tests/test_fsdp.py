@@ -309,3 +309,12 @@ def test_fsdp2_per_shard_state_does_not_reshard_silently(fsdp_run, name):
 
     with pytest.raises(CheckpointException, match="Size mismatch"):
         _load_single(name, fsdp_run / f"dcp_{name}")
+
+
+def test_every_engine_optimizer_is_supported_or_refused():
+    """A newly registered recipe must be put in SUPPORTED (and pass the tests above) or REFUSED."""
+    from lowmem.optim import optimizer_entries
+    from lowmem.optim.sharded import fsdp2_recipes
+
+    assert fsdp2_recipes() == sorted(SUPPORTED)
+    assert {e.name for e in optimizer_entries() if e.recipe is not None} == set(SUPPORTED) | set(REFUSED)
