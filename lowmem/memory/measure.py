@@ -322,6 +322,10 @@ def measure_memory(
 
     if hasattr(opt, "materialize_state"):  # state exists before tracking: labelled optimizer state, not temporaries
         opt.materialize_state()
+    # bitsandbytes' first import (the quantized codecs import it lazily, inside the step) logs a
+    # warning with a traceback on CPU; a handler that keeps records (pytest's, a user's) would keep
+    # that traceback's frames, and with them the step's gradients, alive: import it before tracking
+    import bitsandbytes.functional  # noqa: F401
     gen = torch.Generator().manual_seed(seed)
     losses = []
     if device.startswith("cuda"):
