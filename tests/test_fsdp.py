@@ -28,7 +28,10 @@ pytestmark = pytest.mark.distributed
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam"]
 REFUSED = ["adafactor", "adamw4bit_rank1", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
            "fira_adamw8bit", "frugal", "frugal8bit", "osd_adamw"]
-STEPS = 5
+STEPS = 3
+# checkpointed through torch.distributed.checkpoint: each kind of state (float32 moments, with a
+# stabilizer's scalars, 4-bit codes and scales, MicroAdam's window)
+DCP = ["adamw", "stable_spam", "adamw4bit", "microadam"]
 
 
 class Net(nn.Module):
@@ -112,7 +115,7 @@ def _worker(rank, world, init_file, out_dir):
         # torch.distributed.checkpoint: save after 2 steps, load into a new model and optimizer, 2 more
         # steps = 4 steps uninterrupted; the checkpoints are kept for the 2 -> 1 process tests
         resumed = {}
-        for name in SUPPORTED:
+        for name in DCP:
             model, x, y = make(dtype=torch.float64)
             _shard(model, mesh)
             opt = create_optimizer(model, name, **hparams_for(name))
@@ -212,7 +215,7 @@ def test_fsdp2_two_processes_match_single_process(fsdp_run, name):
 
 def test_fsdp2_float32_adamw_as_close_as_torch_adamw(fsdp_run):
     """float32, foreach path: our AdamW under FSDP2 equals torch's AdamW under FSDP2 (rtol 1e-5), and
-    is as far from the unsharded run as torch's is (measured 9.5e-6 max on fc2.weight for both:
+    is as far from the unsharded run as torch's is (measured 9.0e-6 max on fc2.weight for both, 3 steps:
     Adam's sign-like first steps amplify the gradients' different summation order)."""
     ours = torch.load(fsdp_run / "adamw_float32.pt", weights_only=True)
     theirs = torch.load(fsdp_run / "torch_float32.pt", weights_only=True)
@@ -265,7 +268,7 @@ def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", DCP)
 def test_fsdp2_distributed_checkpoint_resume_is_exact(fsdp_run, name):
     """save -> load into another model and optimizer -> continue equals the uninterrupted run
     (red when sharded state is saved as plain tensors: DCP keeps one rank's piece for all)."""
@@ -287,7 +290,7 @@ def _load_single(name, ckpt):
     return model, opt, x, y
 
 
-@pytest.mark.parametrize("name", ["adamw", "spam", "stable_spam"])
+@pytest.mark.parametrize("name", ["adamw", "stable_spam"])
 def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
     """State in the parameter's shape (float32 moments) reshards: the 2-process checkpoint loads into
     one unsharded process, which continues with the full batch to the 2-process run's weights."""
@@ -301,7 +304,7 @@ def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
         torch.testing.assert_close(v, final[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
 
 
-@pytest.mark.parametrize("name", ["adamw8bit", "microadam"])
+@pytest.mark.parametrize("name", ["adamw4bit", "microadam"])
 def test_fsdp2_per_shard_state_does_not_reshard_silently(fsdp_run, name):
     """Per-shard state (codes, scales, MicroAdam's window) loads onto the same number of shards only:
     into one process it is an error, not a wrong state."""
