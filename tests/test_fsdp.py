@@ -47,9 +47,25 @@ class Net(nn.Module):
         return self.fc2(torch.tanh(self.norm(self.fc1(x))))
 
 
-def make(seed=0, dtype=torch.float32):
+class Uneven(nn.Module):
+    """Uneven shards over 2 ranks: fc1's 255 rows split 128 / 127, head's single row leaves rank 1 an
+    empty shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 255)
+        self.head = nn.Linear(255, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc1(x))).expand(-1, 256)
+
+
+UNEVEN = ["adamw", "stable_spam", "microadam"]
+
+
+def make(seed=0, dtype=torch.float32, net=None):
     torch.manual_seed(seed)
-    model = Net().to(dtype)
+    model = (net or Net)().to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(16, 32, generator=g)
     y = torch.randn(16, 256, generator=g)
@@ -60,8 +76,8 @@ def loss_fn(model, x, y):
     return (model(x) - y).pow(2).mean()
 
 
-def run_single(name, dtype=torch.float64, **hp):
-    model, x, y = make(dtype=dtype)
+def run_single(name, dtype=torch.float64, net=None, **hp):
+    model, x, y = make(dtype=dtype, net=net)
     if name == "torch":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     else:
@@ -76,7 +92,7 @@ def run_single(name, dtype=torch.float64, **hp):
 def _shard(model, mesh):
     from torch.distributed.fsdp import fully_shard
 
-    for layer in (model.fc1, model.norm, model.fc2):
+    for layer in [m for m in model.children() if list(m.parameters())]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
@@ -144,6 +160,25 @@ def _worker(rank, world, init_file, out_dir):
             if rank == 0:
                 torch.save(straight, os.path.join(out_dir, f"dcp_{name}_final.pt"))
 
+        # uneven and empty shards: element-wise recipes still exact; per-shard state refuses DCP
+        uneven = {}
+        for name in UNEVEN:
+            model, x, y = make(dtype=torch.float64, net=Uneven)
+            _shard(model, mesh)
+            opt = create_optimizer(model, name, **hparams_for(name))
+            for _ in range(STEPS):
+                opt.zero_grad()
+                loss_fn(model, x[half], y[half]).backward()
+                opt.step()
+            full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            try:
+                opt.state_dict()
+                uneven[name] = None
+            except NotImplementedError as e:
+                uneven[name] = str(e)
+            if rank == 0:
+                torch.save(full, os.path.join(out_dir, f"uneven_{name}.pt"))
+
         # a NaN in one rank's shard only: both ranks skip the step together
         model, x, y = make()
         _shard(model, mesh)
@@ -192,7 +227,7 @@ def _worker(rank, world, init_file, out_dir):
         if rank == 0:
             with open(os.path.join(out_dir, "refusals.json"), "w") as f:
                 json.dump({"refused": refused, "late": late, "layerwise": layerwise, "nan": skipped,
-                           "resumed": resumed}, f)
+                           "resumed": resumed, "uneven": uneven}, f)
     finally:
         dist.destroy_process_group()
 
@@ -321,3 +356,18 @@ def test_every_engine_optimizer_is_supported_or_refused():
 
     assert fsdp2_recipes() == sorted(SUPPORTED)
     assert {e.name for e in optimizer_entries() if e.recipe is not None} == set(SUPPORTED) | set(REFUSED)
+
+
+@pytest.mark.parametrize("name", UNEVEN)
+def test_fsdp2_uneven_and_empty_shards(fsdp_run, name):
+    """255 rows over 2 ranks and a 1-row weight (rank 1's shard empty): equal to unsharded (the first
+    shard holds whole blocks, the last block is the unsharded one's last); state_dict() refuses
+    per-shard state of uneven shards (MicroAdam's window), not the float32 moments."""
+    sharded = torch.load(fsdp_run / f"uneven_{name}.pt", weights_only=True)
+    for key, ref in run_single(name, net=Uneven).items():
+        torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
+    msg = json.loads((fsdp_run / "refusals.json").read_text())["uneven"][name]
+    if name == "microadam":
+        assert msg is not None and "even shards" in msg
+    else:
+        assert msg is None

@@ -53,8 +53,9 @@ class TopKLayout:
 
 
 def topk_layout(d: int, block_size: int, density: float) -> TopKLayout:
-    """Top-k blocks as in the reference: ``block = min(d, block_size)``, ``k = ceil(block * density)``."""
-    block = min(d, block_size)
+    """Top-k blocks as in the reference: ``block = min(d, block_size)``, ``k = ceil(block * density)``.
+    ``d = 0`` (an empty shard of an FSDP2 parameter): no blocks, ``k = 0``."""
+    block = min(d, block_size) or block_size
     full = d // block
     rest = d - full * block
     return TopKLayout(d, block, full, math.ceil(block * density), math.ceil(rest * density) if rest else 0)
