@@ -160,6 +160,15 @@ def _worker(rank, world, init_file, out_dir):
             if rank == 0:
                 torch.save(straight, os.path.join(out_dir, f"dcp_{name}_final.pt"))
 
+        # materialize_state / state_bytes / step_transient_bytes count this rank's shards
+        sizes = {}
+        for name in ("adamw", "adamw4bit"):
+            model, _, _ = make(dtype=torch.float64)
+            _shard(model, mesh)
+            opt = create_optimizer(model, name, **hparams_for(name))
+            opt.materialize_state()
+            sizes[name] = [opt.state_bytes(), opt.step_transient_bytes()]
+
         # uneven and empty shards: element-wise recipes still exact; per-shard state refuses DCP
         uneven = {}
         for name in UNEVEN:
@@ -227,7 +236,7 @@ def _worker(rank, world, init_file, out_dir):
         if rank == 0:
             with open(os.path.join(out_dir, "refusals.json"), "w") as f:
                 json.dump({"refused": refused, "late": late, "layerwise": layerwise, "nan": skipped,
-                           "resumed": resumed, "uneven": uneven}, f)
+                           "resumed": resumed, "uneven": uneven, "sizes": sizes}, f)
     finally:
         dist.destroy_process_group()
 
@@ -371,3 +380,16 @@ def test_fsdp2_uneven_and_empty_shards(fsdp_run, name):
         assert msg is not None and "even shards" in msg
     else:
         assert msg is None
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw4bit"])
+def test_fsdp2_state_bytes_are_the_shards(fsdp_run, name):
+    """materialize_state() on sharded parameters allocates the shard's state: half the unsharded
+    state_bytes() (minus the per-parameter step counters, 4 bytes each, on every rank)."""
+    state_bytes, transient = json.loads((fsdp_run / "refusals.json").read_text())["sizes"][name]
+    model, _, _ = make(dtype=torch.float64)
+    opt = create_optimizer(model, name, **hparams_for(name))
+    opt.materialize_state()
+    steps = 4 * sum(1 for g in opt.param_groups for _ in g["params"])
+    assert state_bytes - steps == (opt.state_bytes() - steps) // 2
+    assert 0 < transient <= opt.step_transient_bytes()
