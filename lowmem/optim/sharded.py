@@ -4,8 +4,10 @@ FSDP2 turns every parameter into a ``DTensor`` sharded on dimension 0 over a dev
 ``backward()`` its gradient is a ``DTensor`` with the same placements (reduce-scattered, averaged).
 The engine steps such a parameter on its **local shard**: ``p.to_local()`` and
 ``p.grad.to_local()`` are plain tensors (views of the shard's storage), state is allocated to match
-the local shard (plain tensors, so a checkpoint stays tensor-only), and the update is written in
-place into the shard.
+the local shard (plain tensors in ``optimizer.state``), and the update is written in place into the
+shard. ``state_dict()`` returns that state as ``DTensor`` s (:func:`state_to_dtensor`) so that
+``torch.distributed.checkpoint`` saves every rank's piece; they still load with
+``torch.load(weights_only=True)``.
 
 That is exact for element-wise recipes (every output element depends only on the same element of
 the gradient and state). Per-tensor statistics are reduced across the shards where the recipe uses
