@@ -277,14 +277,15 @@ class Quantized(MomentRule):
 
     def transient_bytes(self, numel, shape, group, state):
         """Per element: every quantized moment decoded to float32 (4 B each), the inner rule's own
-        temporaries, and the largest codec workspace (4-bit: float32 normalized values and int32
-        code indices plus unpacked nibbles, 12 B; rank-1 normalization adds the broadcast
+        temporaries, and the largest codec workspace (4-bit: float32 normalized values, then for the
+        dynamic map's table lookup int32 table rows, float32 midpoints and a bool comparison, 13 B;
+        rank-1 normalization adds the broadcast
         ``min(r_i, c_j)`` scale, 16 B; 8-bit: bitsandbytes' codes, 1 B), measured."""
         quantized = [k for k in self.specs if is_quantized(state, k)]
         if not quantized:
             return self.inner.transient_bytes(numel, shape, group, state)
         four = any(self.specs[k].bits == 4 for k in quantized)
-        codec = (16 if any(is_rank1(state, k) for k in quantized) else 12) if four else 2
+        codec = (16 if any(is_rank1(state, k) for k in quantized) else 13) if four else 2
         return (4 * len(quantized) + codec) * numel + self.inner.transient_bytes(numel, shape, group, {})
 
     def reset(self, state):
