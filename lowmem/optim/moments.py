@@ -240,16 +240,7 @@ class FactoredMoments(MomentRule):
         r_factor, c_factor, clip = state.extra["factors"]
         r0, r1 = state.extra["rows"]
         u = torch.mul(r_factor[r0:r1], c_factor).mul_(g.view(r1 - r0, -1)).div_(clip).view(-1)
-        u = u.mul_(lr)
-        beta1 = group.get("beta1")
-        if beta1 is not None:
-            m = state["exp_avg"]
-            m32 = m.float()
-            m32.mul_(beta1).add_(u, alpha=1.0 - beta1)
-            if m32 is not m:
-                m.copy_(m32)
-            u = m32.clone()
-        return u
+        return _adafactor_first_moment(u.mul_(lr), state, group)
 
     def direction(self, g, state, group, t, lr):
         if isinstance(state, ChunkState) and state.extra.get("factors") is not None:
@@ -273,16 +264,21 @@ class FactoredMoments(MomentRule):
                 v.copy_(v32)
             u = v32.rsqrt().mul_(g)
         F.clip_by_rms_(u, group["clip_threshold"])
-        u = u.mul_(lr)
-        beta1 = group.get("beta1")
-        if beta1 is not None:
-            m = state["exp_avg"]
-            m32 = m.float()
-            m32.mul_(beta1).add_(u, alpha=1.0 - beta1)
-            if m32 is not m:
-                m.copy_(m32)
-            u = m32.clone()
+        return _adafactor_first_moment(u.mul_(lr), state, group)
+
+
+def _adafactor_first_moment(u: Tensor, state: Any, group: dict[str, Any]) -> Tensor:
+    """Adafactor's optional first moment of the scaled update (Shazeer & Stern 2018, Alg. 4 with
+    beta1): ``m <- beta1 m + (1 - beta1) u``, returned as a new tensor; ``u`` itself without beta1."""
+    beta1 = group.get("beta1")
+    if beta1 is None:
         return u
+    m = state["exp_avg"]
+    m32 = m.float()
+    m32.mul_(beta1).add_(u, alpha=1.0 - beta1)
+    if m32 is not m:
+        m.copy_(m32)
+    return m32.clone()
 
 
 # ---- learning-rate rules --------------------------------------------------------------------
