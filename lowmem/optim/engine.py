@@ -353,6 +353,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # (key, tensor, gradient, group, reduce): a sharded (FSDP2 DTensor) parameter is stepped on
         # its local shard, its state keyed by the parameter; ``reduce`` all-reduces per-tensor statistics
         work = [self._work_item(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for item in work:  # before any state is touched
+            self._check_dense(item[2])
         if self.skip_nonfinite and not self._all_finite(work):
             self.skipped_steps += 1
             warnings.warn(
@@ -381,6 +383,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
             ps, gs, ss = zip(*pieces)
             self.recipe.moment.foreach_step_(list(ps), list(gs), list(ss), group, t, group["lr"])
         return loss
+
+    def _check_dense(self, grad: Tensor) -> None:
+        """Refuse a sparse gradient with the optimizer's name (torch would fail deep inside aten)."""
+        if grad.layout != torch.strided:
+            raise RuntimeError(
+                f"optimizer '{self.recipe.name}': sparse gradients are not supported (layout {grad.layout}, e.g."
+                " from nn.Embedding(sparse=True)); use dense gradients (sparse=False)"
+            )
 
     def _work_item(self, p: Tensor, group: dict[str, Any]) -> tuple:
         """``(key, tensor, gradient, group, reduce)`` of a parameter with a gradient: a ``DTensor``
@@ -585,8 +595,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         whose state this is when ``p`` is its local shard, with ``reduce`` the all-reduces over its
         mesh (:meth:`step` on FSDP2 parameters); the shard is always stepped in chunks (the chunked
         stabilizers reduce their per-tensor statistics)."""
-        if grad.is_sparse:
-            raise RuntimeError(f"{self.recipe.name} does not support sparse gradients")
+        self._check_dense(grad)
         if is_dtensor(p):
             raise NotImplementedError(
                 f"{self.recipe.name}: a sharded (FSDP2 / DTensor) parameter reached a per-parameter step"

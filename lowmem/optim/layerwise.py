@@ -150,6 +150,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _on_gradient(self, p: Tensor, grad: Tensor, owned: bool) -> None:
         """A complete gradient of ``p`` for one backward pass. ``owned``: ``grad`` is ``p.grad``
         (hook mode), which we may free or leave to accumulate."""
+        self.inner._check_dense(grad)  # before any state is touched
         group = self._group_of[p]
         k = self._micro.get(p, 0) + 1
         self._micro[p] = k
