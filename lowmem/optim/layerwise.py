@@ -20,6 +20,10 @@ Trainer's built-in layerwise GaLore, :class:`LayerwiseOptimizer` supports
 * **checkpoints**: ``state_dict()`` / ``load_state_dict()`` hold the whole state (the wrapped
   optimizer's plus the clipping norm), plain tensors; ``step()`` and ``zero_grad()`` exist so that
   ``transformers.Trainer`` treats it as an ordinary optimizer.
+* **non-finite gradients**: parameters are stepped as their gradients arrive, so a NaN/Inf cannot
+  skip the whole step as :meth:`LowMemOptimizer.step` does: the step ends where it arrives (that
+  parameter and every later one are not stepped until the next step; the ones already stepped
+  keep their update, and the warning says how many they were).
 * **DDP**: a plain hook would step on the *local* gradient. Pass the
   ``DistributedDataParallel`` module (or call :meth:`LayerwiseOptimizer.attach_ddp` once it is
   wrapped): parameters are then stepped from a DDP communication hook, on the all-reduced
@@ -103,6 +107,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._clip_coef = torch.ones(())
         self._sq_norm_sum: Tensor | None = None
         self._handles: list[Any] = []
+        # the current step: parameters already handled (stepped or skipped), and whether a
+        # non-finite gradient was seen (then no further parameter is stepped until the next step)
+        self._handled: set[Tensor] = set()
+        self._nonfinite = False
         self._ddp = None
         if ddp is not None:
             self.attach_ddp(ddp)
@@ -171,13 +179,31 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 p.grad = None
         # else: the gradient stays in p.grad and autograd adds the next micro-batch to it
 
+    def _new_step(self) -> None:
+        self._handled.clear()
+        self._nonfinite = False
+
     def _step_param(self, p: Tensor, grad: Tensor, group: dict, low: Tensor | None = None) -> None:
         self._micro[p] = 0
+        if p in self._handled:  # p's next gradient: a new step began (a loop that never calls step())
+            self._new_step()
+        self._handled.add(p)
+        if self._nonfinite:  # a non-finite gradient arrived earlier in this step: step nothing more
+            return
         clipped = low if low is not None else grad
         # the norm is a reduction (no full-size temporary); a finite norm proves every entry finite
         norm_sq = float_norm(clipped).square()
         if not bool(torch.isfinite(norm_sq)) and not bool(torch.isfinite(clipped).all()):
-            warnings.warn(f"layerwise: non-finite gradient for a {tuple(p.shape)} parameter; its step is skipped", stacklevel=2)
+            self._nonfinite = True
+            self.inner.skipped_steps += 1
+            warnings.warn(
+                f"layerwise: non-finite gradient for a {tuple(p.shape)} parameter; it and every parameter whose"
+                f" gradient comes later in this step are not stepped, but {len(self._handled) - 1} parameter(s)"
+                " already stepped in this step from finite gradients (parameters are stepped as gradients"
+                " arrive; this cannot be undone; the plain optimizer skips whole steps)"
+                f" ({self.inner.skipped_steps} steps cut short so far)",
+                stacklevel=2,
+            )
             return
         self._sq_norm_sum = norm_sq if self._sq_norm_sum is None else self._sq_norm_sum + norm_sq
         if self.max_grad_norm is not None:
@@ -209,6 +235,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     self._step_param(p, p.grad if p.grad is not None else torch.zeros_like(p), group, low=low)
                     p.grad = None
                 self._micro[p] = 0
+        self._new_step()
         if self._sq_norm_sum is not None and self.max_grad_norm is not None:
             total = self._sq_norm_sum.sqrt().cpu()
             self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
