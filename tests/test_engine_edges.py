@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem.optim import create_optimizer, optimizer_entries
+from lowmem.optim import AdamW, create_optimizer, optimizer_entries
 from lowmem.optim.layerwise import LayerwiseOptimizer
 from toy_problem import hparams_for
 
@@ -85,3 +85,42 @@ def test_layerwise_nan_flag_resets_without_step_calls():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(x).sum().backward()
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ENGINE)
+def test_float64_parameter_with_lr_zero_is_unchanged_bit_for_bit(name):
+    """float64 parameters are stepped in float64: never rounded to float32 (lr 0 changes nothing)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-12)  # bits below float32's precision
+    hp = hparams_for(name, lr=0.0) if "lr" in hparams_for(name) else hparams_for(name)
+    if "lr" not in hp:
+        pytest.skip(f"{name} has no lr")
+    opt = create_optimizer(model, name, **hp)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        model(torch.randn(8, 16, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for b, p in zip(before, model.parameters()):
+        assert p.dtype == torch.float64 and torch.equal(p, b), name
+
+
+def test_float64_adamw_matches_torch_adamw_in_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    ref = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    ref.load_state_dict(model.state_dict())
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(model.parameters(), state_dtype="param", **hp)
+    opt_ref = torch.optim.AdamW(ref.parameters(), foreach=False, **hp)
+    for _ in range(5):
+        x = torch.randn(8, 16, dtype=torch.float64)
+        for m, o in ((model, opt), (ref, opt_ref)):
+            m(x).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)

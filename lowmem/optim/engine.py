@@ -282,6 +282,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         copies = 4 * n * (p.dtype != torch.float32)  # float32 copy of the gradient (and of the parameter)
         stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
         if bounds is not None or not self._is_projected(p, group):
+            if p.dtype == torch.float64:  # stepped in float64: no copies
+                copies = 0
             return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
         P = r.projection
         low_shape = P.low_shape(p.shape, group)
@@ -485,7 +487,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         def stabilized(start: int, stop: int, view: dict[str, Tensor]) -> Tensor:
             g = gflat[start:stop]
-            g = g if g.dtype == torch.float32 else g.float()
+            g = F.compute_float(g)
             for s, ctx in zip(r.stabilizers, ctxs):
                 g = s.transform_chunk(g, view, group, int(t), r.moment, ctx)
             return g
@@ -498,7 +500,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             view = r.moment.chunk_state(state, start, stop, p.shape, group, mctx)
             d = r.moment.direction(stabilized(start, stop, view), view, group, t, lr)
             pc = pflat[start:stop]
-            p32 = pc if pc.dtype == torch.float32 else pc.float()
+            p32 = F.compute_float(pc)
             self._apply(p32, d, lr, lr_scale, wd)
             if p32 is not pc:
                 pc.copy_(p32)
@@ -559,7 +561,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 d.add_(res)
                 del res
             pr = p[start:stop]
-            p32 = pr if pr.dtype == torch.float32 else pr.float()
+            p32 = F.compute_float(pr)
             self._apply(p32, d, lr, lr_scale, wd)
             if p32 is not pr:
                 pr.copy_(p32)
@@ -619,17 +621,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 return
 
         projected = self._is_projected(p, group)
-        if (projected and projected_grad is None and grad.dtype != torch.float32 and not r.stabilizers
+        if (projected and projected_grad is None and grad.dtype not in (torch.float32, torch.float64) and not r.stabilizers
                 and self.chunk_numel is not None and p.is_contiguous() and grad.is_contiguous()):
             self._update_projected_low_precision(p, grad, group, state, t)
             return
 
-        g = grad if grad.dtype == torch.float32 else grad.float()
+        g = F.compute_float(grad)
         for s in r.stabilizers:
             g = s.transform(g, state, group, int(t), r.moment)
 
         if projected:
             P = r.projection
+            g = g.float()  # the subspace math is float32 (a float64 parameter stays float64)
             if projected_grad is None:
                 self._refresh(p, g, state, group, int(t))
                 low = P.down(g, state, group)
@@ -640,7 +643,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         rows = projected and self.chunk_numel is not None and p.is_contiguous()
         # the chunked combine-back converts the parameter a block of rows at a time
-        p32 = p if p.dtype == torch.float32 or (rows and r.lr_rule is constant_lr) else p.float()
+        p32 = p if p.dtype in (torch.float32, torch.float64) or (rows and r.lr_rule is constant_lr) else p.float()
         lr = r.lr_rule(group, state, p32, t)
         d = r.moment.direction(low, state, group, t, lr)
         if rows:

@@ -138,13 +138,15 @@ class AdamMoments(MomentRule):
     def transient_bytes(self, numel, shape, group, state):
         """The direction (float32; ``denom`` is reused for it); with low-precision storage also the
         float32 copies of both moments."""
-        low_precision = "exp_avg" in state and state["exp_avg"].dtype != torch.float32
-        return (12 if low_precision else 4) * numel
+        dtype = state["exp_avg"].dtype if "exp_avg" in state else torch.float32
+        if dtype == torch.float64:  # float64 moments (state_dtype="param"): a float64 direction
+            return 8 * numel
+        return (12 if dtype != torch.float32 else 4) * numel
 
     def direction(self, g, state, group, t, lr):
         beta1, beta2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if m.dtype == torch.float32:
+        if m.dtype in (torch.float32, torch.float64):
             F.adam_moments_(m, v, g, beta1, beta2)
         else:  # low-precision storage: do the EMA in float32, store rounded
             m32, v32 = m.float(), v.float()

@@ -24,10 +24,12 @@ from .adam import (
     adam_moments_,
     adamw_foreach_,
     apply_update_,
+    compute_float,
     decoupled_weight_decay_,
 )
 
 __all__ = [
+    "compute_float",
     "adafactor_beta2", "adafactor_param_scale", "adafactor_relative_lr", "adam_direction", "adam_direction_hf",
     "adam_moments_", "adamw_foreach_", "apply_update_", "clip_by_rms_", "decoupled_weight_decay_", "factored_rsqrt",
     "factored_second_moment_", "rms",

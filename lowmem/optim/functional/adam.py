@@ -8,6 +8,12 @@ import torch
 from torch import Tensor
 
 
+def compute_float(x: Tensor) -> Tensor:
+    """``x`` in the precision the step computes in: float32, or float64 for float64 tensors (a
+    float64 parameter is never rounded to float32); lower precisions are converted to float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def adam_moments_(m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float) -> None:
     """Update Adam's moments in place.
 
@@ -27,8 +33,8 @@ def adam_direction(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float, e
     """
     bias_correction1 = 1.0 - beta1**t
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
-    denom = v.float().sqrt().div_(bias_correction2_sqrt).add_(eps)
-    return torch.div(m.float(), denom, out=denom).div_(bias_correction1)  # one temporary, reused
+    denom = compute_float(v).sqrt().div_(bias_correction2_sqrt).add_(eps)
+    return torch.div(compute_float(m), denom, out=denom).div_(bias_correction1)  # one temporary, reused
 
 
 def adam_direction_hf(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float, eps: float) -> Tensor:
@@ -40,8 +46,8 @@ def adam_direction_hf(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float
     :func:`adam_direction` only in where ``eps`` enters.
     """
     step_scale = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-    denom = v.float().sqrt().add_(eps)
-    return torch.div(m.float(), denom, out=denom).mul_(step_scale)
+    denom = compute_float(v).sqrt().add_(eps)
+    return torch.div(compute_float(m), denom, out=denom).mul_(step_scale)
 
 
 
