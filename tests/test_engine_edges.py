@@ -124,3 +124,37 @@ def test_float64_adamw_matches_torch_adamw_in_float64():
             o.zero_grad()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ENGINE)
+def test_huge_finite_gradient_is_skipped_and_training_continues(name):
+    """A finite gradient whose squares overflow float32 (1e20) would make Adafactor's / Stable-SPAM's
+    statistics inf forever: the step is skipped like a non-finite one, and training goes on."""
+    from toy_problem import loss_fn, make_problem, train
+
+    model, x, y = make_problem()
+    opt = create_optimizer(model, name, **hparams_for(name))
+    train(model, opt, x, y, 3)
+    loss_fn(model, x, y).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.mul_(0).add_(1e20)
+    with pytest.warns(UserWarning, match="step skipped"):
+        opt.step()
+    opt.zero_grad()
+    assert opt.skipped_steps == 1
+    losses = train(model, opt, x, y, 40)
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert torch.isfinite(v).all(), name
+    assert losses[-1] < losses[0], f"{name}: {losses[0]} -> {losses[-1]}"
+
+
+def test_huge_finite_gradient_is_skipped_in_layerwise_mode():
+    model = _mlp()
+    opt = LayerwiseOptimizer(model, "adafactor", lr=1e-2)
+    model[0].weight.register_hook(lambda g: torch.full_like(g, 1e20))
+    with pytest.warns(UserWarning, match="non-finite"):
+        model(torch.randn(5, 4)).sum().backward()
+    assert not opt.state[model[0].weight]

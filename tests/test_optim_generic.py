@@ -237,11 +237,24 @@ def test_groups_from_model_follow_trainer_decay_rules():
     assert groups == {0.1: 2, 0.0: 4}  # two weights decayed; 2 biases + LayerNorm weight/bias not
 
 
-def test_huge_but_finite_gradients_are_not_skipped():
-    """The fast non-finite check uses norms, which overflow for values near float32's max."""
+def test_gradient_norm_bound_skips_only_what_would_overflow():
+    """A gradient whose squared norm overflows float32 (norm >= MAX_GRAD_NORM, ~1.8e19) is skipped
+    (its squares would poison second-moment statistics); just below the bound it is stepped. A norm
+    that overflows a low-precision dtype (float16) falls back to the exact float64 norm, not a skip."""
+    from lowmem.optim.engine import MAX_GRAD_NORM
+
     p = nn.Parameter(torch.zeros(4, 4))
     opt = create_optimizer([p], "adamw", lr=1e-3)
-    p.grad = torch.full((4, 4), 1e19)  # g^2 fits in float32, the sum of 16 squares does not
-    assert not torch.isfinite(torch._foreach_norm([p.grad])[0])  # so the fast path must fall back
+    p.grad = torch.full((4, 4), 1e19)  # norm 4e19: the sum of 16 squares overflows float32
+    with pytest.warns(UserWarning, match="step skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1 and (p == 0).all()
+    p.grad = torch.full((4, 4), 0.99 * MAX_GRAD_NORM / 4)  # norm just below the bound
     opt.step()
-    assert opt.skipped_steps == 0 and torch.isfinite(p).all() and (p != 0).all()
+    assert opt.skipped_steps == 1 and torch.isfinite(p).all() and (p != 0).all()
+    q = nn.Parameter(torch.zeros(4, 4, dtype=torch.float16))
+    opt = create_optimizer([q], "adamw", lr=1e-3)
+    q.grad = torch.full((4, 4), 6e4, dtype=torch.float16)
+    assert not torch.isfinite(torch._foreach_norm([q.grad])[0])  # so the fast path must fall back
+    opt.step()
+    assert opt.skipped_steps == 0 and torch.isfinite(q).all() and (q != 0).all()

@@ -19,8 +19,10 @@ Guarantees every optimizer built on the engine inherits:
 * :meth:`LowMemOptimizer.state_bytes` is the exact size of the optimizer state.
 * Hyperparameters and parameter groups are validated, with errors naming the value and the
   valid range; unknown keyword arguments are rejected with the list of valid ones.
-* A step whose gradients contain NaN or Inf is skipped as a whole (one host sync per step), with
-  a warning, so optimizer state is never corrupted; ``skipped_steps`` counts them.
+* A step whose gradients contain NaN or Inf, or a gradient whose squared norm overflows float32
+  (norm >= :data:`MAX_GRAD_NORM`, about 1.8e19: second-moment statistics would become inf for
+  good), is skipped as a whole (one host sync per step), with a warning, so optimizer state is never
+  corrupted; ``skipped_steps`` counts them.
 
 Plain full-rank float32 parameters of a recipe whose moment rule has a multi-tensor form
 (``supports_foreach``: AdamW) are stepped in buckets with one kernel per operation; the
@@ -106,11 +108,18 @@ class Recipe:
         return {h.name: h for h in (*self.hparams, *ENGINE_HPARAMS, *self.group_hparams)}
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite, with one host synchronisation.
+# A gradient whose L2 norm reaches this has a squared norm that overflows float32: second-moment
+# statistics (Adam's v, Adafactor's row / column sums, Stable-SPAM's moments) would become inf for good.
+MAX_GRAD_NORM = math.sqrt(torch.finfo(torch.float32).max)  # about 1.8e19
 
-    A finite norm proves all elements finite, and one multi-tensor norm is cheap; only when a norm
-    is not finite (a NaN/Inf, or an overflow of huge finite values) is the exact check run.
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every gradient is finite and its squared norm fits in float32 (norm below
+    :data:`MAX_GRAD_NORM`), with one host synchronisation.
+
+    One multi-tensor norm is cheap and proves both when every norm is finite and below the bound;
+    only otherwise (a NaN/Inf, a huge gradient, or a norm that overflowed a low-precision dtype such
+    as float16) is each tensor's norm recomputed in float64.
     """
     if not tensors:
         return True
@@ -118,9 +127,9 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
     norms = [n.float().to(tensors[0].device) for ts in by_device.values() for n in torch._foreach_norm(ts)]
-    if bool(torch.stack(norms).isfinite().all()):
+    if bool((torch.stack(norms) < MAX_GRAD_NORM).all()):  # NaN compares False
         return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.linalg.vector_norm(t, dtype=torch.float64) < MAX_GRAD_NORM) for t in tensors)
 
 
 class LowMemOptimizer(torch.optim.Optimizer):
@@ -360,7 +369,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if self.skip_nonfinite and not self._all_finite(work):
             self.skipped_steps += 1
             warnings.warn(
-                f"{self.recipe.name}: non-finite gradient; step skipped, optimizer state unchanged "
+                f"{self.recipe.name}: non-finite gradient (or a gradient norm >= {MAX_GRAD_NORM:.3g}, whose square"
+                " overflows float32); step skipped, optimizer state unchanged "
                 f"({self.skipped_steps} skipped so far)",
                 stacklevel=2,
             )

@@ -191,13 +191,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if self._nonfinite:  # a non-finite gradient arrived earlier in this step: step nothing more
             return
         clipped = low if low is not None else grad
-        # the norm is a reduction (no full-size temporary); a finite norm proves every entry finite
-        norm_sq = float_norm(clipped).square()
-        if not bool(torch.isfinite(norm_sq)) and not bool(torch.isfinite(clipped).all()):
+        # the norm is a reduction (no full-size temporary); a finite squared norm (in float32 at least)
+        # proves every entry finite and the second-moment statistics safe from overflow
+        norm_sq = float_norm(clipped).float().square()
+        if not bool(torch.isfinite(norm_sq)):
             self._nonfinite = True
             self.inner.skipped_steps += 1
             warnings.warn(
-                f"layerwise: non-finite gradient for a {tuple(p.shape)} parameter; it and every parameter whose"
+                f"layerwise: non-finite gradient (or one whose squared norm overflows float32) for a"
+                f" {tuple(p.shape)} parameter; it and every parameter whose"
                 f" gradient comes later in this step are not stepped, but {len(self._handled) - 1} parameter(s)"
                 " already stepped in this step from finite gradients (parameters are stepped as gradients"
                 " arrive; this cannot be undone; the plain optimizer skips whole steps)"
