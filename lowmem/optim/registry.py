@@ -41,7 +41,16 @@ class OptimizerEntry:
         factory: ``factory(params, **hparams) -> torch.optim.Optimizer``.
         recipe: The engine recipe, or ``None`` for optimizers from other libraries (bitsandbytes).
         hparams: Valid hyperparameter names (taken from the recipe when there is one).
-        subspace: Whether the optimizer projects 2-D targets (``target_modules`` applies).
+        subspace: Whether the optimizer projects 2-D targets (a recipe with a projection).
+        target_key: The parameter-group key that marks the targeted group, or ``None``: the 2-D
+            weights :func:`create_optimizer` selects (``target_modules``, default every projection
+            layer but the output head) get the recipe's per-group hyperparameters (``group_hparams``)
+            and this key tells the optimizer they are targeted (``"rank"`` for subspace recipes,
+            ``"use_muon"`` for Muon). ``target_modules`` applies when it is set.
+        embedding_groups: Group settings for the model's input embedding (``"input"``) and output
+            head (``"output"``) weights, each put in a group of its own by :func:`create_optimizer`
+            (SCALE's column normalisation of the embedding, momentum on the head); empty: they
+            join the other parameters.
         generic_tests: Whether the generic suite covers it (CPU-capable, engine-based).
         example_hparams: Settings the generic tests use.
         state_precision: How the moments are stored by default, one of :data:`STATE_PRECISIONS`:
@@ -63,10 +72,12 @@ class OptimizerEntry:
     example_hparams: dict[str, Any] = field(default_factory=dict)
     state_precision: str | None = None
     second_moment: str | None = None
+    target_key: str | None = None
+    embedding_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def valid_hparams(self) -> list[str]:
         names = list(self.recipe.all_hparams()) if self.recipe is not None else list(self.hparams)
-        if self.subspace:
+        if self.target_key is not None:
             names += list(GROUPING_ARGS)
         return sorted(names)
 
@@ -89,12 +100,15 @@ def register(
     example_hparams: dict[str, Any] | None = None,
     state_precision: str | None = None,
     second_moment: str | None = None,
+    target_key: str | None = None,
+    embedding_groups: dict[str, dict[str, Any]] | None = None,
 ) -> OptimizerEntry:
     """Register an engine recipe (optionally with its named class) or an external optimizer.
 
     ``state_precision`` (:data:`STATE_PRECISIONS`) and ``second_moment`` (:data:`SECOND_MOMENTS`)
     describe the state for the memory search; every built-in registration sets them (tested), and
-    the search refuses an optimizer without them.
+    the search refuses an optimizer without them. ``target_key`` (default ``"rank"`` for a recipe
+    with a projection) and ``embedding_groups``: see :class:`OptimizerEntry`.
 
     Raises:
         ValueError: A name registered twice, or metadata outside its valid values.
@@ -104,13 +118,20 @@ def register(
         if value is not None and value not in valid:
             raise ValueError(f"register: {key}={value!r} is not one of {list(valid)}")
     meta = {"state_precision": state_precision, "second_moment": second_moment}
+    if embedding_groups is not None and set(embedding_groups) - {"input", "output"}:
+        raise ValueError(f"register: embedding_groups keys must be 'input' / 'output', got {sorted(embedding_groups)}")
     if isinstance(recipe_or_name, Recipe):
         recipe = recipe_or_name
+        if target_key is None and recipe.projection is not None:
+            target_key = "rank"
+        if target_key is not None and target_key not in {h.name for h in recipe.group_hparams}:
+            raise ValueError(f"register: target_key={target_key!r} is not a group hyperparameter of recipe '{recipe.name}'")
         factory = cls if cls is not None else (lambda params, **kw: LowMemOptimizer(params, recipe, **kw))
         entry = OptimizerEntry(
             name=_canonical(recipe.name), summary=summary or recipe.summary, reference=reference or recipe.reference,
             factory=factory, recipe=recipe, subspace=recipe.projection is not None, generic_tests=generic_tests,
-            example_hparams=dict(example_hparams or {}), **meta,
+            example_hparams=dict(example_hparams or {}), target_key=target_key,
+            embedding_groups={k: dict(v) for k, v in (embedding_groups or {}).items()}, **meta,
         )
     else:
         if cls is None:
@@ -230,12 +251,16 @@ def build_param_groups(
     subspace: bool = False,
     target_modules: str | Iterable[str] | Callable[[str], bool] | None = None,
     subspace_hparams: dict[str, Any] | None = None,
+    embedding_groups: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into optimizer groups.
 
-    Returns up to three groups: projected 2-D targets (carrying ``subspace_hparams``, e.g. ``rank``),
-    other parameters with weight decay, parameters without (biases, norm weights). Tied
-    parameters appear once. Empty groups are omitted.
+    Returns up to three groups: projected (targeted) 2-D weights (carrying ``subspace_hparams``,
+    e.g. ``rank`` or ``use_muon``), other parameters with weight decay, parameters without (biases,
+    norm weights). ``embedding_groups`` (``{"input": settings, "output": settings}``) first puts the
+    weight of ``model.get_input_embeddings()`` / ``get_output_embeddings()`` in a group of its own
+    with those settings (a tied weight goes with the input embedding). Tied parameters appear once.
+    Empty groups are omitted.
     """
     decay = decay_parameter_names(model)
     targets = set(subspace_target_names(model, target_modules)) if subspace else set()
@@ -248,6 +273,17 @@ def build_param_groups(
             "full-size state; pass target_modules to choose the layers", stacklevel=3,
         )
     projected, decayed, plain, seen = [], [], [], set()
+    special: list[dict[str, Any]] = []
+    for side, settings in (embedding_groups or {}).items():
+        getter = getattr(model, "get_input_embeddings" if side == "input" else "get_output_embeddings", None)
+        mod = getter() if getter is not None else None
+        w = getattr(mod, "weight", None) if mod is not None else None
+        if w is None or not w.requires_grad or id(w) in seen:
+            continue
+        seen.add(id(w))
+        name = next(n for n, q in model.named_parameters() if q is w)
+        wd_w = ({} if weight_decay is None else {"weight_decay": weight_decay}) if name in decay else {"weight_decay": 0.0}
+        special.append({"params": [w], **wd_w, **settings})
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -266,6 +302,7 @@ def build_param_groups(
         groups.append({"params": decayed, **wd})
     if plain:
         groups.append({"params": plain, "weight_decay": 0.0})
+    groups += special
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups
@@ -278,8 +315,10 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
         model_or_params: A module (groups are built from it, see :func:`build_param_groups`) or
             parameters / parameter groups (used as given).
         name: A name from :func:`list_optimizers` (case-insensitive, ``-`` and ``_`` alike).
-        **hparams: The optimizer's hyperparameters, plus ``target_modules`` for subspace recipes.
-            Per-group hyperparameters (``rank``, ``update_proj_gap``, ...) go to projected groups.
+        **hparams: The optimizer's hyperparameters, plus ``target_modules`` for recipes with a
+            targeted group (:attr:`OptimizerEntry.target_key`: subspace recipes, Muon, ...).
+            Per-group hyperparameters (``rank``, ``update_proj_gap``, ``use_muon``, ...) go to the
+            targeted group; a flat parameter list becomes one targeted group.
             For recipes with a relative step size (Adafactor, GaLore-Adafactor), an explicit ``lr``
             without ``relative_step`` means what it means to transformers' Trainer
             (``optim="adafactor"``): ``relative_step=False, scale_parameter=False``
@@ -296,6 +335,7 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     if unknown:
         raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'; valid: {valid}")
     hparams = dict(hparams)
+    targeted = entry.target_key is not None
     if hparams.get("lr") is not None and "relative_step" not in hparams:
         hparams.update({k: v for k, v in EXPLICIT_LR_SETTINGS.items() if k in valid and k not in hparams})
     target_modules = hparams.pop("target_modules", None)
@@ -309,20 +349,20 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     if isinstance(model_or_params, nn.Module):
         # weight_decay=None: decayed groups inherit the optimizer's default; biases/norms get 0
         params = build_param_groups(
-            model_or_params, weight_decay=hparams.get("weight_decay"), subspace=entry.subspace, target_modules=target_modules,
-            subspace_hparams=group_only,
+            model_or_params, weight_decay=hparams.get("weight_decay"), subspace=targeted, target_modules=target_modules,
+            subspace_hparams=group_only, embedding_groups=entry.embedding_groups,
         )
     else:
         if target_modules is not None:
             raise ValueError("target_modules needs a model (nn.Module), not a parameter list")
         params = list(model_or_params)
-        if entry.subspace and group_only.get("rank") is not None:
+        if targeted and group_only.get(entry.target_key) is not None:
             params = _apply_group_defaults(params, group_only)
     return entry.factory(params, **hparams)
 
 
 def _apply_group_defaults(params: list[Any], group_only: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parameters given as a flat list to a subspace recipe: one projected group of them all."""
+    """Parameters given as a flat list to a recipe with a targeted group: one targeted group of them all."""
     if params and isinstance(params[0], dict):
         return [{**group_only, **g} for g in params]
     return [{"params": params, **group_only}]
