@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,8 +23,9 @@ GROUPING_ARGS = ("target_modules",)
 #: ``OptimizerEntry.state_precision``: how the optimizer's moments are stored by default.
 STATE_PRECISIONS = ("fp32", "8bit", "4bit", "compressed")
 #: ``OptimizerEntry.second_moment``: a full second moment per element, a factored one (row and
-#: column statistics, Adafactor), or none.
-SECOND_MOMENTS = ("full", "factored", "none")
+#: column statistics, Adafactor), a blockwise one (one value per block of parameters, Adam-mini),
+#: or none.
+SECOND_MOMENTS = ("full", "factored", "blockwise", "none")
 #: What transformers' Trainer passes Adafactor for ``optim="adafactor"`` with its learning rate;
 #: :func:`create_optimizer` does the same when ``lr`` is given and ``relative_step`` is not.
 EXPLICIT_LR_SETTINGS = {"relative_step": False, "scale_parameter": False}
@@ -57,8 +58,12 @@ class OptimizerEntry:
             ``"fp32"``, ``"8bit"`` / ``"4bit"`` (blockwise-quantized codes), ``"compressed"``
             (MicroAdam's sparse window with 4-bit error feedback). The memory search prices what an
             optimizer gives up from this, never from its name.
-        second_moment: ``"full"``, ``"factored"`` (Adafactor's row and column statistics) or
-            ``"none"`` (:data:`SECOND_MOMENTS`).
+        second_moment: ``"full"``, ``"factored"`` (Adafactor's row and column statistics),
+            ``"blockwise"`` (one value per block, Adam-mini) or ``"none"`` (:data:`SECOND_MOMENTS`).
+        group_builder: ``group_builder(model, **hparams) -> parameter groups``, or ``None``: how
+            :func:`create_optimizer` splits a model for an optimizer whose groups need more than
+            the weight-decay rule (Adam-mini's partition into blocks, from parameter names and the
+            model's head size). ``None``: :func:`build_param_groups`.
     """
 
     name: str
@@ -72,6 +77,7 @@ class OptimizerEntry:
     example_hparams: dict[str, Any] = field(default_factory=dict)
     state_precision: str | None = None
     second_moment: str | None = None
+    group_builder: Callable[..., list[dict[str, Any]]] | None = field(default=None, repr=False)
     target_key: str | None = None
     embedding_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -100,6 +106,7 @@ def register(
     example_hparams: dict[str, Any] | None = None,
     state_precision: str | None = None,
     second_moment: str | None = None,
+    group_builder: Callable[..., list[dict[str, Any]]] | None = None,
     target_key: str | None = None,
     embedding_groups: dict[str, dict[str, Any]] | None = None,
 ) -> OptimizerEntry:
@@ -109,6 +116,8 @@ def register(
     describe the state for the memory search; every built-in registration sets them (tested), and
     the search refuses an optimizer without them. ``target_key`` (default ``"rank"`` for a recipe
     with a projection) and ``embedding_groups``: see :class:`OptimizerEntry`.
+
+    ``group_builder``: see :class:`OptimizerEntry`.
 
     Raises:
         ValueError: A name registered twice, or metadata outside its valid values.
@@ -140,6 +149,8 @@ def register(
             name=_canonical(recipe_or_name), summary=summary or "", reference=reference or "", factory=cls,
             hparams=tuple(hparams), generic_tests=generic_tests, example_hparams=dict(example_hparams or {}), **meta,
         )
+    if group_builder is not None:
+        entry = replace(entry, group_builder=group_builder)
     if entry.name in _REGISTRY:
         raise ValueError(f"optimizer {entry.name!r} is already registered")
     _REGISTRY[entry.name] = entry
@@ -312,7 +323,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     """Build a registered optimizer by name.
 
     Args:
-        model_or_params: A module (groups are built from it, see :func:`build_param_groups`) or
+        model_or_params: A module (groups are built from it, see :func:`build_param_groups`, or by
+            the entry's ``group_builder``) or
             parameters / parameter groups (used as given).
         name: A name from :func:`list_optimizers` (case-insensitive, ``-`` and ``_`` alike).
         **hparams: The optimizer's hyperparameters, plus ``target_modules`` for recipes with a
@@ -346,6 +358,9 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
         for k, v in group_only.items():
             if v is not None:
                 group_names[k].validate(v, where=f"optimizer '{entry.name}'")
+    if entry.group_builder is not None and isinstance(model_or_params, nn.Module):
+        # the optimizer partitions the model itself (Adam-mini: blocks from names and the head size)
+        return entry.factory(entry.group_builder(model_or_params, **hparams), **hparams)
     if isinstance(model_or_params, nn.Module):
         # weight_decay=None: decayed groups inherit the optimizer's default; biases/norms get 0
         params = build_param_groups(
