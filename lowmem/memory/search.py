@@ -14,6 +14,7 @@ choice                                   cost  what is given up
 AdamW, full fine-tuning                  0     nothing (the reference)
 8-bit / compressed optimizer states      1     state precision
 Adafactor (factored second moment)       1.5   per-element second moment
+Adam-mini (blockwise second moment)      1.5   per-element second moment
 layerwise stepping                       0.5   gradient accumulation and clipping over the model
 gradient checkpointing                   1     ~30% more compute (one extra forward)
 subspace optimizer (GaLore...), rank r   2 + log2(h/ (4 r))/2   full-rank moments
@@ -110,8 +111,8 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
     A subspace optimizer costs 2 plus half a unit per halving of the rank below ``hidden / 4``, plus
     its state precision; its second moment's form is not priced again (the rank is what it gives
     up). A full-rank one costs its state precision (8-bit and compressed 1.0, 4-bit 1.25) plus 1.5
-    for a factored second moment; float32 full-rank state (AdamW, SPAM, Stable-SPAM, bitsandbytes'
-    32-bit paged AdamW) gives up nothing.
+    for a factored (Adafactor) or blockwise (Adam-mini) second moment; float32 full-rank state
+    (AdamW, SPAM, Stable-SPAM, bitsandbytes' 32-bit paged AdamW) gives up nothing.
 
     Raises:
         ValueError: An entry registered without the metadata.
@@ -127,8 +128,8 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
         cost, gives = 2 + max(0.0, math.log2(hidden / (4 * r))) / 2, [f"{name}: rank-{r} moments"]
         return cost + precision[0], gives + ([precision[1]] if key else [])
     cost, gives = precision[0], [f"{name}: {precision[1]}"] if key else []
-    if entry.second_moment == "factored":
-        cost, gives = cost + COSTS["adafactor"], gives + ["factored second moment"]
+    if entry.second_moment in ("factored", "blockwise"):
+        cost, gives = cost + COSTS["adafactor"], gives + [f"{entry.second_moment} second moment"]
     return cost, gives
 
 
