@@ -1,15 +1,20 @@
 """The optimizer engine: one loop, composed from a recipe's parts.
 
-A :class:`Recipe` names the parts: stabilizers (on the raw gradient), an optional projection (for
-2-D parameters in groups with a ``rank``), a moment rule (the direction), a residual rule (what to
-do with the gradient outside the subspace) and a learning-rate rule. :class:`LowMemOptimizer` only
-allocates state and runs, for each parameter with a gradient::
+A :class:`Recipe` is an ordered chain of small steps, each a part with its state declared as named
+tensors: stabilizers (on the raw gradient), an optional projection (for 2-D parameters in groups
+with a ``rank``), a moment rule (the direction), a combine-back rule (the full-size direction of a
+projected parameter), decoupled weight decay and a learning-rate rule. :class:`LowMemOptimizer`
+only allocates state and runs the chain, for each parameter with a gradient::
 
     g  = stabilizers(grad)                       # clip / normalize / reset moments
     r  = P.down(g)            if projected else g  (P refreshed on its schedule)
     d  = moment.direction(r)                     # e.g. m_hat / (sqrt(v_hat) + eps)
-    d  = scale * P.up(d) + residual(g, r, d)  if projected
+    d  = combine(g, r, d)     if projected       # GaLore: scale * P.up(d) + residual(g, r, d);
+                                                 # APOLLO: scale * g * ||d||_col / ||r||_col, limited
     p <- p - lr * wd * p ;  p <- p - lr * d      # decoupled weight decay (AdamW, Algorithm 2)
+
+A new optimizer is a new part or a new chain of existing parts, never an edit of this loop
+(docs/ARCHITECTURE.md, "Adding an optimizer", walks through APOLLO).
 
 Guarantees every optimizer built on the engine inherits:
 
@@ -55,7 +60,7 @@ from .moments import MomentRule, constant_lr, state_dtype
 from .sharded import (ShardReduce, check_placements, check_supported, is_dtensor, local, shard_reduce,
                       state_from_dtensor, state_to_dtensor)
 from .stabilizers import Stabilizer
-from .subspace import DropResidual, Projection, ResidualRule, rotate_moments
+from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, rotate_moments
 
 LRRule = Callable[[dict, dict, Tensor, float], "float | Tensor"]
 
@@ -79,7 +84,11 @@ class Recipe:
             (galore-torch's convention); a group with ``rank`` gets the defaults of the others.
             They are validated where present.
         projection: Subspace projection for 2-D parameters of groups with a ``rank``.
-        residual: Rule for the gradient outside the subspace.
+        residual: Rule for the gradient outside the subspace, used by the default combine-back
+            (:class:`~lowmem.optim.subspace.ProjectBack`).
+        combine: The combine-back step of projected parameters (default
+            ``ProjectBack(residual)``: ``scale * P.up(d_low) + residual``). Give either ``combine``
+            or ``residual``, not both.
         stabilizers: Gradient transforms applied first, in order.
         lr_rule: ``(group, state, param_fp32, t) -> step size``.
         decay_after_update: Apply decoupled weight decay after the gradient step instead of before
@@ -96,13 +105,33 @@ class Recipe:
     group_hparams: tuple[HParam, ...] = ()
     projection: Projection | None = None
     residual: ResidualRule = field(default_factory=DropResidual)
+    combine: CombineRule | None = None
     stabilizers: tuple[Stabilizer, ...] = ()
     lr_rule: LRRule = constant_lr
     decay_after_update: bool = False
     validate_group: Callable[[dict], None] | None = None
 
+    def __post_init__(self) -> None:
+        # a ProjectBack always carries this recipe's residual rule (also through dataclasses.replace)
+        if self.combine is None or (isinstance(self.combine, ProjectBack) and self.combine.residual is not self.residual):
+            object.__setattr__(self, "combine", ProjectBack(self.residual))
+        elif not isinstance(self.combine, ProjectBack) and not isinstance(self.residual, DropResidual):
+            raise ValueError(f"recipe {self.name!r}: a residual rule applies only with the ProjectBack combine-back;"
+                             f" got combine={type(self.combine).__name__} and residual={type(self.residual).__name__}")
+
     def __repr__(self) -> str:
         return f"Recipe({self.name!r})"
+
+    def chain(self) -> tuple[tuple[str, Any], ...]:
+        """The steps in the order they run: ``(role, part)`` pairs (for ``lowmem list`` and docs)."""
+        steps: list[tuple[str, Any]] = [("stabilize", s) for s in self.stabilizers]
+        if self.projection is not None:
+            steps.append(("project", self.projection))
+        steps.append(("moment", self.moment))
+        if self.projection is not None:
+            steps.append(("combine", self.combine))
+        steps += [("decay", "after update" if self.decay_after_update else "before update"), ("lr", self.lr_rule)]
+        return tuple(steps)
 
     def all_hparams(self) -> dict[str, HParam]:
         return {h.name: h for h in (*self.hparams, *ENGINE_HPARAMS, *self.group_hparams)}
@@ -224,7 +253,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if self._is_projected(p, group):
             r.projection.init_state(state, p, group)
             shape = r.projection.low_shape(p.shape, group)
-            r.residual.init_state(state, p, group)
+            r.combine.init_state(state, p, group)
         r.moment.init_state(state, shape, group, p)
         for s in r.stabilizers:
             s.init_state(state, p, group)
@@ -305,7 +334,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             refresh_copy, copies = copies, 4 * rows * p.shape[1] * (p.dtype != torch.float32)
         else:
             refresh_copy = 0
-        combine = r.residual.transient_bytes(p.shape, group, state, P, rows) + P.combine_transient_bytes(p.shape, group, rows)
+        combine = r.combine.transient_bytes(p.shape, group, state, P, rows)
         refresh = P.transient_bytes(p.shape, group, state, refresh=True) + refresh_copy
         p_copy = 4 * rows * p.shape[1] * (p.dtype != torch.float32)  # a block of rows in float32
         return copies + p_copy + stab + max(step + combine, refresh)
@@ -538,38 +567,28 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _combine_rows(self, p: Tensor, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
                       group: dict[str, Any], lr: Any, t: int, down_of_g: Tensor | None = None) -> None:
-        """``d = scale * P.up(d_low) + residual`` and the update of ``p``, a block of rows at a time
-        (no full-size direction): the residual's whole-tensor statistics come first
-        (:meth:`~lowmem.optim.subspace.ResidualRule.prepare`), the basis is updated last."""
+        """The combine-back step (:class:`~lowmem.optim.subspace.CombineRule`) and the update of
+        ``p``, a block of rows at a time (no full-size direction): the rule's whole-tensor statistics
+        come first (``prepare``), the basis is updated last (``post_update``)."""
         r, P = self.recipe, self.recipe.projection
         bounds = self._row_bounds(p.shape)
-        ctx = r.residual.prepare(g, low, d_low, state, group, P, bounds)
-        scale = group.get("scale", 1.0)
         lr_scale = math.prod(s.lr_scale(state, group, t) for s in r.stabilizers)
         wd = group.get("weight_decay", 0.0)
-        # GaLore (nothing added to the subspace part) on a float32 parameter: the step is one GEMM,
-        # p += alpha * P.up(d_low) in place (addmm_, no direction of p's size; issue 15)
-        alpha = None
-        if isinstance(r.residual, DropResidual) and p.dtype == torch.float32 and not isinstance(lr, Tensor) \
-                and P.can_add_up_rows(state):
-            alpha = -scale * lr_scale * (1.0 if r.moment.applies_lr else lr)
-            bounds = [(0, p.shape[0])]  # in place, nothing of the direction's size: one GEMM for all rows
+        # a direction c * P.up(d_low) on a float32 parameter (GaLore): the step is one GEMM,
+        # p += alpha * P.up(d_low) in place (addmm_, nothing of the direction's size; issue 15)
+        c = r.combine.add_in_place_scale(state, group, P)
+        if c is not None and p.dtype == torch.float32 and not isinstance(lr, Tensor):
+            pr = p
+            if not r.decay_after_update:
+                F.decoupled_weight_decay_(pr, lr, wd)
+            P.add_up_rows_(pr, d_low, state, group, 0, p.shape[0], -c * lr_scale * (1.0 if r.moment.applies_lr else lr))
+            if r.decay_after_update:
+                F.decoupled_weight_decay_(pr, lr, wd)
+            P.post_update(g, state, group, down_of_g)
+            return
+        ctx = r.combine.prepare(g, low, d_low, state, group, P, bounds)
         for start, stop in bounds:
-            if alpha is not None:
-                pr = p[start:stop]
-                if not r.decay_after_update:
-                    F.decoupled_weight_decay_(pr, lr, wd)
-                P.add_up_rows_(pr, d_low, state, group, start, stop, alpha)
-                if r.decay_after_update:
-                    F.decoupled_weight_decay_(pr, lr, wd)
-                continue
-            d = P.up_rows(d_low, state, group, start, stop)
-            if scale != 1.0:
-                d.mul_(scale)
-            res = r.residual.update_rows(g[start:stop].float(), low, d_low, state, group, P, start, stop, ctx)
-            if res is not None:
-                d.add_(res)
-                del res
+            d = r.combine.direction_rows(g[start:stop].float(), low, d_low, state, group, P, start, stop, ctx)
             pr = p[start:stop]
             p32 = F.compute_float(pr)
             self._apply(p32, d, lr, lr_scale, wd)
@@ -660,14 +679,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._combine_rows(p, g, low, d, state, group, lr, int(t), low if projected_grad is None else None)
             return
         if projected:
-            d_low = d
-            d = P.up(d_low, state, group)
-            scale = group.get("scale", 1.0)
-            if scale != 1.0:
-                d.mul_(scale)
-            res = r.residual.update(g, low, d_low, state, group, P)
-            if res is not None:
-                d.add_(res)
+            d = r.combine.direction(g, low, d, state, group, P)
             P.post_update(g, state, group, low if projected_grad is None else None)
 
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)

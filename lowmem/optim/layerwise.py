@@ -45,7 +45,6 @@ from .engine import LowMemOptimizer
 from .functional.norms import float_norm
 from .registry import create_optimizer
 from .sharded import is_dtensor
-from .subspace import DropResidual
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -101,7 +100,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.defaults = inner.defaults
         self._group_of = {p: g for g in inner.param_groups for p in g["params"]}
         r = inner.recipe
-        self._subspace_accumulation = isinstance(r.residual, DropResidual) and not r.stabilizers
+        self._subspace_accumulation = not r.combine.needs_full_gradient and not r.stabilizers
         self._micro: dict[Tensor, int] = {}
         self._low: dict[Tensor, Tensor] = {}
         self._clip_coef = torch.ones(())

@@ -17,6 +17,8 @@ Concrete parts (the math is in :mod:`lowmem.optim.functional` ``galore``, ``fira
   ``blocks`` (FRUGAL's coordinate and block subspaces).
 * :class:`DropResidual` (GaLore), :class:`FiraResidual` (norm-based scaling and norm-growth
   limiter), :class:`StateFreeResidual` (FRUGAL's signSGD / SGD on the rest).
+* :class:`CombineRule` - the combine-back step (full-size direction from ``g``, ``low``, ``d_low``);
+  :class:`ProjectBack` is ``scale * P.up(d_low) + residual``, the rule of every recipe above.
 * :func:`rotate_moments` - the ``moment_policy="rotate"`` rule.
 """
 
@@ -489,6 +491,108 @@ class StateFreeResidual(ResidualRule):
     def transient_bytes(self, shape, group, state, projection, rows):
         """The subspace part of the rows, the residual and its sign: 3 float32 row blocks."""
         return 12 * rows * shape[1]
+
+
+# ---- combine back: the full-size direction of a projected parameter ------------------------------
+
+
+class CombineRule:
+    """The chain's step after the moment rule, for a projected parameter: the full-size direction
+    from the gradient ``g`` (``m x n``), its projection ``low = P.down(g)`` and the moment rule's
+    subspace direction ``d_low``. The engine then applies weight decay and the learning rate.
+
+    :class:`ProjectBack` is GaLore's ``scale * P.up(d_low) + residual`` (with a
+    :class:`ResidualRule`); a rule that does not map ``d_low`` back at all (APOLLO scales the raw
+    gradient by how the moment rule rescaled its projection) is another subclass, written outside
+    the engine. Like every part it holds configuration only; its tensors live in ``state[p]``.
+
+    The combine-back runs a block of rows at a time (no direction of the parameter's full size):
+    :meth:`prepare` sees every row first (whole-tensor norms), then :meth:`direction_rows` gives
+    rows ``start:stop``. :meth:`direction` is the whole-tensor form (``chunk_numel=None``), the
+    reference the row form is tested equal to.
+
+    Attributes:
+        state_keys: Names of the state tensors this rule owns.
+        needs_full_gradient: Whether the rule reads ``g`` (not only ``low`` and ``d_low``); layerwise
+            accumulation can keep a projected parameter's micro-batch sum in the subspace only when
+            it does not.
+    """
+
+    state_keys: tuple[str, ...] = ()
+    needs_full_gradient: bool = True
+
+    def init_state(self, state: dict[str, Tensor], param: Tensor, group: dict[str, Any]) -> None:
+        pass
+
+    def direction(self, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor], group: dict[str, Any],
+                  projection: Projection) -> Tensor:
+        """The full-size direction (float32, a new tensor)."""
+        raise NotImplementedError
+
+    def prepare(self, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor], group: dict[str, Any],
+                projection: Projection, bounds: list[tuple[int, int]]) -> Any:
+        """Whole-tensor statistics from passes over the row blocks ``bounds``; returns a context."""
+        return None
+
+    def direction_rows(self, g_rows: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
+                       group: dict[str, Any], projection: Projection, start: int, stop: int, ctx: Any) -> Tensor:
+        """Rows ``start:stop`` of :meth:`direction` (``g_rows`` are the gradient's rows, float32)."""
+        raise NotImplementedError
+
+    def add_in_place_scale(self, state: dict[str, Tensor], group: dict[str, Any], projection: Projection) -> float | None:
+        """``c`` if the direction is ``c * P.up(d_low)`` and nothing else, so the engine may add it to
+        the parameter in place with one GEMM (``addmm_``); ``None`` otherwise (default)."""
+        return None
+
+    def transient_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
+                        projection: Projection, rows: int) -> int:
+        """Upper bound of the bytes :meth:`direction_rows` allocates for ``rows`` rows (the returned
+        direction included; all rows: :meth:`direction`)."""
+        raise NotImplementedError
+
+
+class ProjectBack(CombineRule):
+    """``d = scale * P.up(d_low) + residual(g, low, d_low)`` (GaLore, Algorithm 2 line 10, with the
+    residual rule of Fira or FRUGAL; :class:`DropResidual` for GaLore itself).
+
+    Group keys: ``scale`` (alpha), and the residual rule's.
+    """
+
+    def __init__(self, residual: ResidualRule | None = None):
+        self.residual = residual if residual is not None else DropResidual()
+        self.state_keys = self.residual.state_keys
+        self.needs_full_gradient = not isinstance(self.residual, DropResidual)
+
+    def init_state(self, state, param, group):
+        self.residual.init_state(state, param, group)
+
+    def direction(self, g, low, d_low, state, group, projection):
+        d = projection.up(d_low, state, group)
+        scale = group.get("scale", 1.0)
+        if scale != 1.0:
+            d.mul_(scale)
+        res = self.residual.update(g, low, d_low, state, group, projection)
+        return d if res is None else d.add_(res)
+
+    def prepare(self, g, low, d_low, state, group, projection, bounds):
+        return self.residual.prepare(g, low, d_low, state, group, projection, bounds)
+
+    def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        d = projection.up_rows(d_low, state, group, start, stop)
+        scale = group.get("scale", 1.0)
+        if scale != 1.0:
+            d.mul_(scale)
+        res = self.residual.update_rows(g_rows, low, d_low, state, group, projection, start, stop, ctx)
+        return d if res is None else d.add_(res)
+
+    def add_in_place_scale(self, state, group, projection):
+        if isinstance(self.residual, DropResidual) and projection.can_add_up_rows(state):
+            return group.get("scale", 1.0)
+        return None
+
+    def transient_bytes(self, shape, group, state, projection, rows):
+        return (self.residual.transient_bytes(shape, group, state, projection, rows)
+                + projection.combine_transient_bytes(shape, group, rows))
 
 
 # ---- moments when the subspace changes ----------------------------------------------------------
