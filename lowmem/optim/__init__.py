@@ -40,5 +40,6 @@ __all__ = [
     "register",
 ]
 from .recipes.subspace import FiraAdamW, Frugal, GaLoreAdafactor, GaLoreAdamW, OnlineSubspaceDescent  # noqa: E402
+from .recipes.apollo import APOLLOAdamW  # noqa: E402
 
 __all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent"]

@@ -1,0 +1,194 @@
+"""APOLLO and APOLLO-Mini (Zhu et al. 2024) as a chain of engine parts: the engine's worked example
+of adding an optimizer without touching the loop (docs/ARCHITECTURE.md, "Adding an optimizer").
+
+The chain: a random Gaussian projection ``R = P^T G`` (the existing
+:class:`~lowmem.optim.subspace.SubspaceProjection`, ``projection="gaussian"``), Adam's moments of
+``R`` (the existing :class:`~lowmem.optim.moments.AdamMoments`), and one new combine-back step,
+:class:`ApolloScaling`: the raw gradient ``G`` scaled channel-wise (or tensor-wise) by how much Adam
+rescaled ``R``, passed through Fira's norm-growth limiter and multiplied by ``sqrt(scale)``. Weight
+decay after the update and the bias correction in the step size, as apollo-torch 1.0.3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..engine import LowMemOptimizer, Recipe
+from ..functional import apollo as AP
+from ..functional import fira as FI
+from ..functional import galore as GL
+from ..hparams import HParam, optional, positive
+from ..moments import AdamMoments
+from ..registry import register
+from ..subspace import CombineRule, SubspaceProjection
+from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, subspace_hparams
+
+#: Projections APOLLO supports: random Gaussian (the paper's and apollo-torch's ``proj="random"``),
+#: Haar-orthonormal, and GaLore's SVD (apollo-torch's ``proj="svd"``) or its randomized form.
+APOLLO_PROJECTIONS = ("gaussian", "random", "svd", "rsvd")
+
+
+class ApolloScaling(CombineRule):
+    """APOLLO's combine-back (Algorithm 1 lines 8-10): ``d = sqrt(scale) * limit(G * s)``.
+
+    ``s`` is :func:`~lowmem.optim.functional.apollo.channel_scaling` (``scale_type="channel"``) or
+    :func:`~lowmem.optim.functional.apollo.tensor_scaling` (``"tensor"``, APOLLO-Mini) of the moment
+    rule's subspace direction divided by ``unit_scale`` (Adam's bias correction, which
+    ``eps_placement="hf"`` folds into the direction and apollo-torch applies in the step size) and
+    of the projected gradient; ``limit`` is Fira's norm-growth limiter (eq. 9 of Chen et al. 2024:
+    the norm of ``G * s`` grows at most by ``gamma`` per step; ``gamma=None`` turns it off, as
+    apollo-torch's ``disable_nl``). The result is multiplied back by ``unit_scale``.
+
+    Group keys: ``scale_type``, ``scale``, ``gamma``. State: ``apollo_prev_norm`` (0-d float32; -1
+    until the first step).
+    """
+
+    state_keys = ("apollo_prev_norm",)
+    needs_full_gradient = True
+
+    def __init__(self, unit_scale: Callable[[dict, dict], float] | None = None):
+        self.unit_scale = unit_scale
+
+    def init_state(self, state, param, group):
+        state["apollo_prev_norm"] = torch.full((), -1.0, dtype=torch.float32, device=param.device)
+
+    def prepare(self, g, low, d_low, state, group, projection, bounds):
+        c = self.unit_scale(state, group) if self.unit_scale is not None else 1.0
+        if group["scale_type"] == "tensor":
+            factor = AP.tensor_scaling(d_low / c, low)
+        else:
+            factor = AP.channel_scaling(d_low / c, low, GL.galore_side(tuple(g.shape), group["proj_type"]))
+        limiter = None
+        if group["gamma"] is not None:
+            sq = torch.zeros((), dtype=torch.float32, device=g.device)
+            for a, b in bounds:  # ||G * s||, a block of rows at a time
+                rows = torch.mul(g[a:b], factor if factor.dim() < 2 else factor[a:b])  # out of place: g may be p.grad
+                sq.add_(torch.linalg.vector_norm(rows).square_())
+                del rows
+            limiter = FI.growth_limiter_(sq.sqrt_(), state["apollo_prev_norm"], group["gamma"])
+        return factor, limiter, c * math.sqrt(group["scale"])
+
+    def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        factor, limiter, out_scale = ctx
+        d = g_rows.mul(factor if factor.dim() < 2 else factor[start:stop])
+        if limiter is not None:
+            d.div_(limiter)
+        return d.mul_(out_scale)
+
+    def direction(self, g, low, d_low, state, group, projection):
+        ctx = self.prepare(g, low, d_low, state, group, projection, [(0, g.shape[0])])
+        return self.direction_rows(g.float(), low, d_low, state, group, projection, 0, g.shape[0], ctx)
+
+    def transient_bytes(self, shape, group, state, projection, rows):
+        """``G * s`` for a block of rows (the norm pass) and the direction: 2 float32 row blocks."""
+        return 8 * rows * shape[1]
+
+
+def _check_apollo_group(group: dict[str, Any]) -> None:
+    if group.get("rank") is not None and group.get("proj_type") == "full":
+        raise ValueError("APOLLO scales channels of a one-sided projection: proj_type must be one of "
+                         "['std', 'reverse_std', 'left', 'right'], got 'full'")
+
+
+def apollo_hparams(rank: int, scale: float, scale_type: str) -> tuple[HParam, ...]:
+    return (
+        *subspace_hparams("gaussian", APOLLO_PROJECTIONS, scale=scale, moment_policy="keep", rank=rank),
+        _choice("scale_type", scale_type, ("channel", "tensor"),
+                "scaling factor per channel (APOLLO) or one per tensor (APOLLO-Mini)"),
+        HParam("gamma", 1.01, optional(lambda x: positive(x) and x >= 1), "None or a finite float >= 1",
+               "norm-growth limiter: ||G * s|| grows at most by this factor per step (None = off)"),
+    )
+
+
+APOLLO_ADAMW = Recipe(
+    name="apollo_adamw",
+    summary="APOLLO: AdamW-like scaling of the raw gradient, estimated from Adam moments of a random rank-r projection",
+    reference="Zhu et al. 2024, APOLLO: SGD-like Memory, AdamW-level Performance, Algorithm 1 (apollo-torch 1.0.3)",
+    moment=AdamMoments(eps_placement="hf"),
+    hparams=GALORE_ADAM_HPARAMS,
+    group_hparams=apollo_hparams(rank=256, scale=1.0, scale_type="channel"),
+    projection=SubspaceProjection(),
+    combine=ApolloScaling(unit_scale=adam_hf_unit_scale),
+    decay_after_update=True,
+    validate_group=_check_apollo_group,
+)
+
+APOLLO_MINI = Recipe(
+    name="apollo_mini",
+    summary="APOLLO-Mini: rank-1 random projection, one scaling factor per tensor, scale 128 (SGD-level memory)",
+    reference="Zhu et al. 2024, APOLLO, Section 4.2 (APOLLO-Mini; apollo-torch 1.0.3 with rank=1, scale_type='tensor', scale=128)",
+    moment=AdamMoments(eps_placement="hf"),
+    hparams=GALORE_ADAM_HPARAMS,
+    group_hparams=apollo_hparams(rank=1, scale=128.0, scale_type="tensor"),
+    projection=SubspaceProjection(),
+    combine=ApolloScaling(unit_scale=adam_hf_unit_scale),
+    decay_after_update=True,
+    validate_group=_check_apollo_group,
+)
+
+
+class APOLLOAdamW(LowMemOptimizer):
+    """Drop-in for ``apollo_torch.APOLLOAdamW`` (apollo-torch 1.0.3), on the lowmem engine.
+
+    Parameter groups carry apollo-torch's keys: a group with ``rank`` is projected, with ``proj``
+    (``"random"``: Gaussian ``N(0, 1/r)``, lowmem's ``projection="gaussian"``; ``"svd"``),
+    ``scale_type`` (``"channel"`` / ``"tensor"``), ``scale``, ``update_proj_gap`` and ``proj_type``;
+    other groups are plain AdamW (eps on the raw ``sqrt(v)``, bias correction in the step size, decay
+    after the update). Same trajectory as apollo-torch on the same projection (tested to float32
+    precision); the projection is drawn from lowmem's own seeds, so random bases differ from
+    apollo-torch's draws (same distribution). State is plain tensors (``weights_only=True``).
+
+    Args:
+        params: Parameters or parameter groups.
+        lr (`float`, defaults to `1e-3`): Learning rate.
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Moment decay rates.
+        eps (`float`, defaults to `1e-6`): Added to ``sqrt(v)`` (before bias correction).
+        weight_decay (`float`, defaults to `0.0`): Decoupled, applied after the update.
+        correct_bias (`bool`, defaults to `True`): Only ``True`` is supported.
+        scale_front (`bool`, defaults to `False`): Accepted; the result is the same either way (the
+            limiter's ratio does not depend on a constant factor).
+        disable_nl (`bool`, defaults to `False`): Turn the norm-growth limiter off (``gamma=None``
+            in every projected group).
+        no_deprecation_warning (`bool`, defaults to `True`): Accepted and ignored.
+    """
+
+    recipe = APOLLO_ADAMW
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        scale_front: bool = False,
+        disable_nl: bool = False,
+        no_deprecation_warning: bool = True,
+        *,
+        state_dtype: str = "float32",
+        foreach: bool | None = None,
+    ):
+        if not correct_bias:
+            raise ValueError("correct_bias=False is not supported; valid: correct_bias=True")
+        self._disable_nl = disable_nl
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        if "proj" in group:  # apollo-torch's key: 'random' is a Gaussian projection
+            proj = group.pop("proj")
+            if proj not in ("random", "svd"):
+                raise ValueError(f"proj={proj!r} is not supported; valid: ['random', 'svd']")
+            group.setdefault("projection", "gaussian" if proj == "random" else "svd")
+        if getattr(self, "_disable_nl", False) and group.get("rank") is not None:
+            group.setdefault("gamma", None)
+        super().add_param_group(group)
+
+
+_EXAMPLE = {"rank": 4, "update_proj_gap": 5}
+register(APOLLO_ADAMW, APOLLOAdamW, state_precision="fp32", second_moment="full", example_hparams=_EXAMPLE)
+register(APOLLO_MINI, state_precision="fp32", second_moment="full", example_hparams={"update_proj_gap": 5, "scale": 8.0})
