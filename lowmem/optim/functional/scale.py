@@ -1,0 +1,32 @@
+"""SCALE (Glentis, Li, Han & Hong 2025, "A Minimalist Optimizer Design for LLM Pretraining",
+arXiv:2506.16659): column-normalised SGD, with first-order momentum only on the output layer.
+
+"Column" is the paper's ``d_in x d_out`` convention: each output unit's weights are normalised.
+For torch's ``[out, in]`` linear weights that is each row; for an embedding ``[vocab, d]`` (the
+input layer, ``d_in = vocab``) each column. The authors' code (OptimAI-Lab/Minimalist_LLM_Pretraining)
+divides by the RMS of the slice, floored at 1e-8 (:data:`RMS_FLOOR`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+RMS_FLOOR = 1e-8
+
+
+def column_normalize(m: Tensor, dim: int) -> Tensor:
+    """``C(M)``: ``M`` divided by the RMS of its slices along ``dim`` (``dim=1``: each row of an
+    ``[out, in]`` weight; ``dim=0``: each column of an embedding), ``max(RMS, 1e-8)``.
+    A matrix with more than 2 dimensions is flattened to ``[size(0), -1]`` first. Returns a new tensor."""
+    shape = m.shape
+    x = m.reshape(m.size(0), -1) if m.dim() > 2 else m
+    rms = torch.linalg.vector_norm(x, dim=dim, keepdim=True).div_(math.sqrt(x.size(dim))).clamp_(min=RMS_FLOOR)
+    return (x / rms).view(shape)
+
+
+def last_layer_momentum_(buf: Tensor, g: Tensor, beta: float) -> Tensor:
+    """``m_t = beta m_{t-1} + (1 - beta) g_t`` in place (the output layer's EMA); returns ``buf``."""
+    return buf.lerp_(g, 1.0 - beta)

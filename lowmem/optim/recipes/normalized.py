@@ -1,0 +1,393 @@
+"""Normalized-update recipes: Muon, SCALE and SinkGD (hybrids with AdamW).
+
+Each normalizes the update of the 2-D hidden weights instead of keeping Adam's second moment, and
+trains every other parameter (embeddings, output head, norms, biases) with AdamW, in the same
+optimizer:
+
+* ``muon`` - Muon (Jordan et al. 2024): Nesterov momentum orthogonalised by a Newton-Schulz
+  iteration in bfloat16, equal to ``torch.optim.Muon`` on the 2-D weights; 4 bytes/param there.
+* ``scale`` - SCALE (Glentis et al. 2025): column-normalised SGD, momentum only on the output
+  layer; no state on the hidden weights.
+* ``sinkgd`` - SinkGD (Scetbon et al. 2025): SR-Sinkhorn row/column multi-normalisation, no state
+  on the hidden weights.
+
+One moment rule per recipe dispatches per parameter on a parameter-group key (``use_muon``,
+``scale_role``, ``use_sinkgd``): :func:`~lowmem.optim.create_optimizer` puts the 2-D weights of
+the projection layers (``target_modules``; default all but the output head) in a group carrying
+it, everything else in groups without it (AdamW moments). A flat parameter list is one targeted
+group: its 2-D parameters are normalized, the others get AdamW.
+
+Every rule returns the lr-scaled step (``applies_lr``): the shape-based learning-rate factors
+(Muon's ``adjust_lr_fn``, SinkGD's ``scale``, ``adamw_lr_ratio``) multiply the step, while
+decoupled weight decay is ``lr * weight_decay`` with the group's ``lr`` for every parameter (as in
+``torch.optim.Muon``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from ..engine import LowMemOptimizer, Recipe
+from ..functional.muon import ADJUST_LR_FNS, NS_COEFFICIENTS, muon_lr_ratio, muon_momentum_, newton_schulz
+from ..functional.scale import column_normalize, last_layer_momentum_
+from ..functional.sinkgd import sr_sinkhorn
+from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
+from ..moments import AdamMoments, ChunkState, MomentRule, state_dtype
+from ..registry import register
+
+
+class HybridMoments(MomentRule):
+    """Base class: a normalized rule for the targeted parameters of a group, AdamW for the rest.
+
+    Subclasses say which parameters they target (:meth:`targets`, from the group and the shape)
+    and implement the ``target_*`` methods; everything else is delegated to :class:`AdamMoments`,
+    whose step is scaled by ``lr * adamw_lr_ratio`` (the group's ``adamw_lr_ratio``, 1 if absent).
+    Which rule a parameter's state belongs to is read back from its state (``exp_avg`` present:
+    AdamW), so a chunk's view and a loaded checkpoint dispatch the same way.
+    """
+
+    applies_lr = True
+    target_keys: tuple[str, ...] = ()
+
+    def __init__(self, eps_placement: str = "torch"):
+        self.adam = AdamMoments(eps_placement=eps_placement)
+        self.state_keys = (*self.target_keys, *self.adam.state_keys)
+
+    def targets(self, shape: torch.Size, group: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    # ---- the target rule (subclasses) ----
+
+    def target_init_state(self, state, shape, group, param) -> None:
+        """Allocate the target rule's state (default: none, a stateless rule)."""
+
+    def target_direction(self, g: Tensor, state, group, t, lr) -> Tensor:
+        raise NotImplementedError
+
+    def target_transient_bytes(self, numel: int, shape: torch.Size, group, state) -> int:
+        raise NotImplementedError
+
+    # ---- dispatch ----
+
+    @staticmethod
+    def _is_adam(state: dict[str, Tensor]) -> bool:
+        return "exp_avg" in state
+
+    def init_state(self, state, shape, group, param):
+        if self.targets(shape, group):
+            self.target_init_state(state, shape, group, param)
+        else:
+            self.adam.init_state(state, shape, group, param)
+
+    def direction(self, g, state, group, t, lr):
+        if self._is_adam(state):
+            return self.adam.direction(g, state, group, t, lr).mul_(lr * group.get("adamw_lr_ratio", 1.0))
+        return self.target_direction(g, state, group, t, lr)
+
+    def chunk_align(self, shape, group, state):
+        return 1 if self._is_adam(state) else None  # AdamW is element-wise; the targets need the whole matrix
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        return self.adam.chunk_state(state, start, stop, shape, group, ctx)
+
+    def transient_bytes(self, numel, shape, group, state):
+        if self._is_adam(state):
+            return self.adam.transient_bytes(numel, shape, group, state)  # the lr scaling is in place
+        return self.target_transient_bytes(numel, shape, group, state)
+
+
+# ---- Muon ------------------------------------------------------------------------------------
+
+
+class MuonMoments(HybridMoments):
+    """Muon on the 2-D parameters of groups with ``use_muon=True``; AdamW (torch's eps placement)
+    on the others. State: ``momentum_buffer`` (one tensor of the weight's shape) for Muon."""
+
+    target_keys = ("momentum_buffer",)
+
+    def targets(self, shape, group):
+        return bool(group.get("use_muon")) and len(shape) == 2
+
+    def target_init_state(self, state, shape, group, param):
+        state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
+
+    def target_direction(self, g, state, group, t, lr):
+        buf = state["momentum_buffer"]
+        buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
+        u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
+        if buf32 is not buf:
+            buf.copy_(buf32)
+        o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+        del u, buf32
+        return o.to(g.dtype).mul_(lr * muon_lr_ratio(g.shape, group["adjust_lr_fn"]))
+
+    def target_transient_bytes(self, numel, shape, group, state):
+        """The Nesterov matrix (float32, alive through the iteration), two bfloat16 iterates of the
+        weight's size and the two ``r x r`` bfloat16 Gram products (``r`` the smaller side); then
+        the float32 step next to the last bfloat16 iterate. A low-precision momentum buffer adds its
+        float32 copy."""
+        r = min(shape) if len(shape) == 2 else 0
+        low_buf = 4 * numel if state["momentum_buffer"].dtype not in (torch.float32, torch.float64) else 0
+        nesterov = 4 * numel if group.get("nesterov", True) else 0
+        during = nesterov + 2 * 2 * numel + 2 * 2 * r * r
+        after = 2 * numel + 4 * numel
+        return low_buf + max(during, after)
+
+
+def _ns_coefficients(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 3 and all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and c == c and abs(c) != float("inf") for c in x)
+
+
+def _ns_steps(x: Any) -> bool:
+    return positive_int(x) and x < 100
+
+
+MUON_HPARAMS = (
+    LR(1e-3),
+    WEIGHT_DECAY(0.1),
+    HParam("momentum", 0.95, in_unit_interval, "a float in [0, 1)", "momentum mu of the buffer B <- mu B + (1 - mu) g"),
+    HParam("nesterov", True, is_bool, "a bool", "orthogonalise g + mu (B - g) (Nesterov) instead of B"),
+    HParam("ns_coefficients", NS_COEFFICIENTS, _ns_coefficients, "a tuple of 3 finite floats (a, b, c)",
+           "coefficients of the quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T"),
+    HParam("ns_steps", 5, _ns_steps, "an int in [1, 99]", "Newton-Schulz iterations"),
+    HParam("ns_eps", 1e-7, positive, "a finite float > 0", "floor of ||U||_F before the iteration (torch.optim.Muon's eps)"),
+    HParam("adjust_lr_fn", "match_rms_adamw", one_of(*ADJUST_LR_FNS), f"one of {list(ADJUST_LR_FNS)}",
+           "shape-based step factor: 0.2 sqrt(max(A, B)) (match_rms_adamw, reuses AdamW's lr) or sqrt(max(1, A/B)) (original)"),
+    BETAS((0.9, 0.95)),
+    EPS(1e-8),
+    HParam("adamw_lr_ratio", 1.0, nonneg, "a finite float >= 0", "AdamW parameters step with lr * adamw_lr_ratio"),
+)
+USE_MUON = HParam("use_muon", True, is_bool, "a bool",
+                  "the group's 2-D parameters take Muon (the others in it, and groups without the key, take AdamW)")
+
+MUON = Recipe(
+    name="muon",
+    summary="Muon: Nesterov momentum orthogonalised by Newton-Schulz (bf16) on 2-D hidden weights, AdamW elsewhere",
+    reference="Jordan et al. 2024, Muon: An optimizer for hidden layers in neural networks (torch.optim.Muon);"
+              " Liu et al. 2025, Muon is Scalable for LLM Training, Section 2 (match_rms_adamw, weight decay)",
+    moment=MuonMoments(eps_placement="torch"),
+    hparams=MUON_HPARAMS,
+    group_hparams=(USE_MUON,),
+)
+
+
+class Muon(LowMemOptimizer):
+    """Muon (Jordan et al. 2024) for 2-D hidden weights with AdamW for everything else, on the engine.
+
+    On a parameter of a group with ``use_muon=True`` and two dimensions the step equals
+    ``torch.optim.Muon`` (tested): ``B <- mu B + (1 - mu) g``, the Nesterov matrix ``g + mu (B - g)``
+    orthogonalised by ``ns_steps`` quintic Newton-Schulz iterations in bfloat16, decoupled weight
+    decay ``lr * weight_decay``, then a step of ``lr * ratio`` with the shape-based ``ratio`` of
+    ``adjust_lr_fn``. Other parameters (and groups without ``use_muon``) are stepped by AdamW
+    (``torch.optim.AdamW``'s update, with ``betas`` / ``eps`` and ``lr * adamw_lr_ratio``).
+    State: 4 bytes/param on Muon weights (the momentum buffer, float32), 8 on AdamW ones.
+
+    Unlike ``torch.optim.Muon``: the default ``adjust_lr_fn`` is ``"match_rms_adamw"`` (an AdamW
+    learning rate and weight decay carry over, Liu et al. 2025), non-2-D parameters are accepted
+    (AdamW), and the Newton-Schulz floor is called ``ns_eps`` (``eps`` is AdamW's).
+
+    Args:
+        params: Parameters or parameter groups (``create_optimizer(model, "muon")`` builds them).
+        lr (`float`, defaults to `1e-3`): Learning rate.
+        weight_decay (`float`, defaults to `0.1`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``.
+        momentum (`float`, defaults to `0.95`): Momentum ``mu``, in [0, 1).
+        nesterov (`bool`, defaults to `True`): Orthogonalise the Nesterov matrix ``g + mu (B - g)``.
+        ns_coefficients (`tuple[float, float, float]`, defaults to `(3.4445, -4.7750, 2.0315)`): The quintic's coefficients.
+        ns_steps (`int`, defaults to `5`): Newton-Schulz iterations, in [1, 99].
+        ns_eps (`float`, defaults to `1e-7`): Floor of the Frobenius norm before the iteration.
+        adjust_lr_fn (`str`, defaults to `"match_rms_adamw"`): ``"match_rms_adamw"`` (``0.2 sqrt(max(A, B))``,
+            for AdamW-tuned learning rates) or ``"original"`` (``sqrt(max(1, A / B))``, Keller Jordan's, with lr ~0.02).
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.95)`): AdamW's moment decay rates.
+        eps (`float`, defaults to `1e-8`): AdamW's ``eps``.
+        adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+    """
+
+    recipe = MUON
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, ns_steps: int = 5,
+                 ns_eps: float = 1e-7, adjust_lr_fn: str = "match_rms_adamw", betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, adamw_lr_ratio: float = 1.0, *, state_dtype: str = "float32",
+                 foreach: bool | None = None):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                         ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_eps=ns_eps,
+                         adjust_lr_fn=adjust_lr_fn, betas=betas, eps=eps, adamw_lr_ratio=adamw_lr_ratio,
+                         state_dtype=state_dtype, foreach=foreach)
+
+
+# ---- SinkGD ----------------------------------------------------------------------------------
+
+
+class SinkGDMoments(HybridMoments):
+    """SinkGD on the 2-D parameters of groups with ``use_sinkgd=True`` (no state); AdamW on the others."""
+
+    def targets(self, shape, group):
+        return bool(group.get("use_sinkgd")) and len(shape) == 2
+
+    def target_direction(self, g, state, group, t, lr):
+        return sr_sinkhorn(g, group["sinkhorn_iters"]).mul_(lr * group["scale"])
+
+    def target_transient_bytes(self, numel, shape, group, state):
+        """The normalised matrix (float32; every later product in place) and the row / column norms."""
+        m, n = shape
+        return 4 * numel + 2 * 4 * (m + n)
+
+
+SINKGD_HPARAMS = (
+    LR(1e-3),
+    WEIGHT_DECAY(0.0),
+    HParam("sinkhorn_iters", 5, positive_int, "an int > 0", "L: alternating row / column normalisations (Algorithm 3)"),
+    HParam("scale", 0.05, positive, "a finite float > 0", "SinkGD weights step with lr * scale (AdamW ones with lr)"),
+    BETAS(),
+    EPS(1e-8),
+)
+USE_SINKGD = HParam("use_sinkgd", True, is_bool, "a bool",
+                    "the group's 2-D parameters take SinkGD (the others in it, and groups without the key, take AdamW)")
+
+SINKGD = Recipe(
+    name="sinkgd",
+    summary="SinkGD: stateless SR-Sinkhorn row/column normalisation of 2-D hidden-weight gradients, AdamW elsewhere",
+    reference="Scetbon, Ma, Gong & Meeds 2025, Gradient Multi-Normalization for Stateless and Scalable LLM Training,"
+              " Algorithms 3-4",
+    moment=SinkGDMoments(eps_placement="torch"),
+    hparams=SINKGD_HPARAMS,
+    group_hparams=(USE_SINKGD,),
+)
+
+
+class SinkGD(LowMemOptimizer):
+    """SinkGD (Scetbon et al. 2025) for 2-D hidden weights with AdamW for everything else.
+
+    A 2-D parameter of a group with ``use_sinkgd=True`` keeps no state: its gradient is normalised
+    by ``sinkhorn_iters`` alternating passes (rows to norm ``sqrt(n)``, then columns to ``sqrt(m)``)
+    and stepped with ``lr * scale``. Other parameters take AdamW with ``lr``, as in the paper's
+    setup (embeddings, output head and norms trained by Adam). Row and column norms are floored at
+    1e-30 so that a zero row stays zero.
+
+    Args:
+        params: Parameters or parameter groups (``create_optimizer(model, "sinkgd")`` builds them).
+        lr (`float`, defaults to `1e-3`): Learning rate (AdamW's; SinkGD steps with ``lr * scale``).
+        weight_decay (`float`, defaults to `0.0`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``.
+        sinkhorn_iters (`int`, defaults to `5`): ``L``, the alternating normalisations.
+        scale (`float`, defaults to `0.05`): Factor of the SinkGD weights' learning rate.
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): AdamW's moment decay rates.
+        eps (`float`, defaults to `1e-8`): AdamW's ``eps``.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the AdamW moments.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+    """
+
+    recipe = SINKGD
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, sinkhorn_iters: int = 5,
+                 scale: float = 0.05, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
+                 state_dtype: str = "float32", foreach: bool | None = None):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, sinkhorn_iters=sinkhorn_iters, scale=scale,
+                         betas=betas, eps=eps, state_dtype=state_dtype, foreach=foreach)
+
+
+# ---- SCALE -----------------------------------------------------------------------------------
+
+SCALE_ROLES = ("hidden", "head", "embedding")
+
+
+class ScaleMoments(HybridMoments):
+    """SCALE: by the group's ``scale_role``, parameters with 2 or more dimensions are column-normalised
+    (``"hidden"``: each row of ``[out, in]``, no state; ``"head"``: the same after the momentum
+    EMA, state ``momentum_buffer``; ``"embedding"``: each column of ``[vocab, d]``, no state).
+    Parameters of fewer dimensions, and groups without ``scale_role``, take AdamW with the authors'
+    eps placement (``eps`` on the uncorrected ``sqrt(v)``)."""
+
+    target_keys = ("momentum_buffer",)
+
+    def targets(self, shape, group):
+        return group.get("scale_role") is not None and len(shape) >= 2
+
+    def target_init_state(self, state, shape, group, param):
+        if group["scale_role"] == "head":
+            state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
+
+    def target_direction(self, g, state, group, t, lr):
+        role = group["scale_role"]
+        if role == "head":
+            buf = state["momentum_buffer"]
+            buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
+            g = last_layer_momentum_(buf32, g, group["momentum"])
+            if buf32 is not buf:
+                buf.copy_(buf32)
+        return column_normalize(g, dim=0 if role == "embedding" else 1).mul_(lr)
+
+    def target_transient_bytes(self, numel, shape, group, state):
+        """The normalised matrix (float32) and the per-slice RMS; a low-precision momentum buffer
+        adds its float32 copy."""
+        buf = state.get("momentum_buffer")
+        low_buf = 4 * numel if buf is not None and buf.dtype not in (torch.float32, torch.float64) else 0
+        return low_buf + 4 * numel + 4 * max(shape[0], numel // shape[0])
+
+
+SCALE_HPARAMS = (
+    LR(1e-3),
+    WEIGHT_DECAY(0.0),
+    HParam("momentum", 0.9, in_unit_interval, "a float in [0, 1)", "beta of the output layer's EMA m <- beta m + (1 - beta) g"),
+    BETAS(),
+    EPS(1e-8),
+    HParam("adamw_lr_ratio", 1.0, nonneg, "a finite float >= 0",
+           "AdamW parameters step with lr * adamw_lr_ratio (the authors' adam_lr / lr)"),
+)
+SCALE_ROLE = HParam("scale_role", "hidden", one_of(*SCALE_ROLES), f"one of {list(SCALE_ROLES)}",
+                    "what the group's matrices are: 'hidden' (column-normalised SGD), 'head' (with momentum),"
+                    " 'embedding' (normalised per embedding dimension); groups without it take AdamW")
+
+SCALE = Recipe(
+    name="scale",
+    summary="SCALE: column-normalised SGD, momentum only on the output layer, AdamW for vectors",
+    reference="Glentis, Li, Han & Hong 2025, A Minimalist Optimizer Design for LLM Pretraining (arXiv:2506.16659),"
+              " Algorithm 1; the authors' code (OptimAI-Lab/Minimalist_LLM_Pretraining) for the normalisation",
+    moment=ScaleMoments(eps_placement="hf"),
+    hparams=SCALE_HPARAMS,
+    group_hparams=(SCALE_ROLE,),
+)
+
+
+class Scale(LowMemOptimizer):
+    """SCALE (Glentis et al. 2025): column-normalised SGD with momentum only on the output layer.
+
+    ``create_optimizer(model, "scale")`` gives the hidden linear weights ``scale_role="hidden"``
+    (no state), the output head ``"head"`` (a momentum buffer, 4 bytes/param) and the input
+    embedding ``"embedding"`` (no state), as the authors' code does; vectors (norms, biases) take
+    AdamW. Each output unit's weights are divided by their RMS (floored at 1e-8) and stepped with
+    ``lr``; decoupled weight decay ``p *= 1 - lr * weight_decay``.
+
+    Args:
+        params: Parameters or parameter groups (groups carry ``scale_role``).
+        lr (`float`, defaults to `1e-3`): Learning rate.
+        weight_decay (`float`, defaults to `0.0`): Decoupled weight decay.
+        momentum (`float`, defaults to `0.9`): The output layer's EMA ``beta``.
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): AdamW's moment decay rates.
+        eps (`float`, defaults to `1e-8`): AdamW's ``eps`` (on the uncorrected ``sqrt(v)``, as the authors').
+        adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+    """
+
+    recipe = SCALE
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adamw_lr_ratio: float = 1.0, *,
+                 state_dtype: str = "float32", foreach: bool | None = None):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps,
+                         adamw_lr_ratio=adamw_lr_ratio, state_dtype=state_dtype, foreach=foreach)
+
+
+register(MUON, Muon, state_precision="fp32", second_moment="none", target_key="use_muon",
+         example_hparams={"lr": 2e-2})
+register(SINKGD, SinkGD, state_precision="fp32", second_moment="none", target_key="use_sinkgd",
+         example_hparams={"lr": 1e-2, "scale": 0.5})
+register(SCALE, Scale, state_precision="fp32", second_moment="none", target_key="scale_role",
+         embedding_groups={"input": {"scale_role": "embedding"}, "output": {"scale_role": "head"}},
+         example_hparams={"lr": 1e-2})
