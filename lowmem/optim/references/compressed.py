@@ -157,3 +157,139 @@ register_reference("stable_spam", Reference(stable_spam, configs=(
     # never reset, a fast max EMA (AdaClip bites often), slow cosine decay, since_reset without resets
     {"reset_interval": 0, "t_max": 20, "theta": 0.5, "betas": (0.8, 0.99), "eps": 1e-6, "stats_step": "since_reset"},
 )))
+
+
+# ---- AdamW with 8-bit / 4-bit moments (Dettmers et al. 2022; Li et al. 2023) -------------------
+
+
+def _nearest(x: Tensor, code: Tensor) -> Tensor:
+    """Index of the nearest entry of the sorted ``code`` for every value, ties to the lower entry
+    (the number of midpoints between neighbouring entries strictly below the value)."""
+    midpoints = (code[1:] + code[:-1]) / 2
+    return torch.searchsorted(midpoints, x.contiguous(), right=False)
+
+
+def _roundtrip_8bit(x: Tensor, signed: bool, block_size: int) -> Tensor:
+    """Dettmers et al. 2022, Section 2: block-wise absmax with the dynamic (tree) map, signed for
+    ``m`` and unsigned for ``v``, through bitsandbytes' own codec; returns the decoded value."""
+    import bitsandbytes.functional as bnbF
+
+    code = bnbF.create_dynamic_map(signed=signed)
+    codes, qstate = bnbF.quantize_blockwise(x.reshape(-1).contiguous(), code=code, blocksize=block_size)
+    return bnbF.dequantize_blockwise(codes, qstate).view(x.shape)
+
+
+def _de_map_4bit() -> Tensor:
+    """Li et al. 2023's 4-bit signed dynamic-exponent ("DE") map for ``m``: bitsandbytes' dynamic map
+    with 3 exponent bits of 4 (its 16 distinct values, sorted)."""
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4).unique()
+
+
+#: Li et al. 2023, Section 4.1: the linear map without zero, (i + 1) / 16, for the second moment
+LINEAR_NO_ZERO = torch.arange(1, 17, dtype=torch.float32) / 16
+
+
+def _roundtrip_4bit_blocks(x: Tensor, code: Tensor, block_size: int) -> Tensor:
+    """Li et al. 2023, Section 3 (B128 normalization): each block of ``block_size`` consecutive values
+    (the last one partial) is divided by its absolute maximum ``N_b`` and every value replaced by
+    the nearest ``code`` entry: ``x ~ code[q] N_b``."""
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    for start in range(0, flat.numel(), block_size):
+        block = flat[start : start + block_size]
+        absmax = block.abs().max()
+        q = _nearest(block / absmax.clamp(min=torch.finfo(torch.float32).tiny), code)
+        out[start : start + block_size] = code[q] * absmax
+    return out.view(x.shape)
+
+
+def _roundtrip_4bit_rank1(x: Tensor, code: Tensor) -> Tensor:
+    """Li et al. 2023, Section 4.2 (rank-1 normalization) of a non-negative ``x`` with ``ndim >= 2``:
+    entry ``(i, j)`` of the last two dimensions is divided by ``min(r_i, c_j)``, its row maximum
+    ``r_i = max_j x_ij`` and column maximum ``c_j = max_i x_ij``, and replaced by the nearest
+    ``code`` entry: ``x_ij ~ code[q_ij] min(r_i, c_j)``."""
+    r = x.amax(dim=-1, keepdim=True)
+    c = x.amax(dim=-2, keepdim=True)
+    scale = torch.minimum(r, c)
+    q = _nearest(x / scale.clamp(min=torch.finfo(torch.float32).tiny), code)
+    return code[q] * scale
+
+
+def _quantized_adamw(p: Tensor, grads: list[Tensor], lr: float, betas: tuple[float, float], eps: float,
+                     weight_decay: float, min_quant_size: int, state_dtype: str, store_m, store_v) -> list[Tensor]:
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2) whose moments are kept as their stored form:
+    "dequantize, update, quantize" (Dettmers et al. 2022, Section 2). The step uses the moments
+    updated in float32; what the next step sees is ``store(m)``, ``store(v)`` (the decoded codes).
+    Tensors under ``min_quant_size`` elements keep plain moments in ``state_dtype``."""
+    b1, b2 = betas
+    if p.numel() < min_quant_size:
+        dtype = torch.bfloat16 if state_dtype == "bfloat16" else torch.float32
+        store_m = store_v = lambda x: x.to(dtype).float()  # noqa: E731 - plain storage, rounded to its dtype
+    m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
+    for t, g in enumerate(grads, start=1):
+        p = p * (1 - lr * weight_decay)
+        m = torch.lerp(m, g, 1 - b1)  # b1 m + (1 - b1) g
+        v = torch.addcmul(v * b2, g, g, value=1 - b2)  # b2 v + (1 - b2) g^2
+        p = p - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        m, v = store_m(m), store_v(v)
+        out.append(p)
+    return out
+
+
+def adamw8bit(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple[float, float], eps: float,
+              weight_decay: float, block_size: int, min_quant_size: int, state_dtype: str, **_) -> list[Tensor]:
+    """AdamW with 8-bit block-wise moments, Dettmers et al. 2022 (Section 2: block-wise dynamic
+    quantization, signed map for ``m``, unsigned for ``v``); torch's eps placement."""
+    return _quantized_adamw(
+        p, grads, lr, betas, eps, weight_decay, min_quant_size, state_dtype,
+        store_m=lambda x: _roundtrip_8bit(x, True, block_size), store_v=lambda x: _roundtrip_8bit(x, False, block_size),
+    )
+
+
+def adamw4bit(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple[float, float], eps: float,
+              weight_decay: float, block_size: int, min_quant_size: int, state_dtype: str, v_normalization: str,
+              **_) -> list[Tensor]:
+    """AdamW with 4-bit moments, Li et al. 2023: ``m`` block-wise (B128) on the signed DE map,
+    ``v`` on the linear map without zero (Section 4.1), normalized block-wise or, with
+    ``v_normalization="rank1"`` and ``ndim >= 2``, by ``min(row max, column max)`` (Section 4.2)."""
+    de = _de_map_4bit()
+    if v_normalization == "rank1" and p.dim() >= 2:
+        store_v = lambda x: _roundtrip_4bit_rank1(x, LINEAR_NO_ZERO)  # noqa: E731
+    else:
+        store_v = lambda x: _roundtrip_4bit_blocks(x, LINEAR_NO_ZERO, block_size)  # noqa: E731
+    return _quantized_adamw(
+        p, grads, lr, betas, eps, weight_decay, min_quant_size, state_dtype,
+        store_m=lambda x: _roundtrip_4bit_blocks(x, de, block_size), store_v=store_v,
+    )
+
+
+# shapes: one tensor above the default min_quant_size (4096), none a multiple of a block size (partial
+# blocks; odd numels for the two-codes-per-byte packing), a vector quantized at small min_quant_size,
+# and one (40,) that always keeps plain moments
+_QUANT_SHAPES = ((70, 61), (30, 50), (301,), (40,))
+
+register_reference("adamw8bit", Reference(adamw8bit, shapes=_QUANT_SHAPES, configs=(
+    {},  # blocks of 256; only the 70 x 61 weight quantized
+    {"min_quant_size": 64, "block_size": 64, "lr": 1e-2, "weight_decay": 0.1},  # all but (40,) quantized
+    {"min_quant_size": 1000, "block_size": 512, "betas": (0.8, 0.95), "state_dtype": "bfloat16"},  # vectors: bf16
+    {"min_quant_size": 200, "block_size": 4096, "eps": 1e-6, "weight_decay": 0.0},  # one partial block each
+)))
+
+register_reference("adamw4bit", Reference(adamw4bit, shapes=_QUANT_SHAPES, configs=(
+    {},  # blocks of 128; only the 70 x 61 weight quantized
+    {"min_quant_size": 64, "block_size": 64, "lr": 1e-2, "weight_decay": 0.1},
+    {"min_quant_size": 1000, "block_size": 256, "betas": (0.8, 0.95), "state_dtype": "bfloat16"},
+    {"min_quant_size": 200, "block_size": 4096, "eps": 1e-6, "weight_decay": 0.0},
+)))
+
+# rank-1 scales: a matrix whose rows are chunked (45 x 32: a chunk of whole rows and whole blocks of 64
+# or 128 holds 2 or 4 rows) and a batched 3-D tensor (scales per leading index, stepped whole)
+register_reference("adamw4bit_rank1", Reference(adamw4bit, shapes=((70, 61), (45, 32), (301,), (40,), (3, 20, 24)),
+                                                configs=(
+    {},  # rank-1 v on the 70 x 61 weight only
+    {"min_quant_size": 64, "block_size": 64, "lr": 1e-2, "weight_decay": 0.1},  # all but (40,); (301,): block v
+    {"min_quant_size": 1000, "block_size": 256, "betas": (0.8, 0.95), "state_dtype": "bfloat16"},
+    {"min_quant_size": 1000, "block_size": 128, "eps": 1e-6, "weight_decay": 0.0},
+)))
