@@ -3,16 +3,15 @@
 * :mod:`.full_rank` - AdamW (reference baseline), Adafactor.
 * :mod:`.subspace` - GaLore, Fira, FRUGAL, Online Subspace Descent (projected state).
 * :mod:`.compressed` - MicroAdam, 8-bit / 4-bit states, SPAM / Stable-SPAM.
-* :mod:`.normalized` - Muon, SCALE, SinkGD (normalized updates of 2-D weights, AdamW elsewhere).
+* :mod:`.adam_mini` - Adam-mini (one second moment per block: head, row, tensor).
 * :mod:`.normalized` - Muon, SCALE, SinkGD (normalized updates of 2-D weights, AdamW elsewhere).
 * :mod:`.apollo` - APOLLO, APOLLO-Mini (a new combine-back step on the subspace parts).
 
 Importing this package registers every recipe.
 """
 
-from . import apollo, bnb, compressed, full_rank, subspace  # noqa: F401  (registration happens on import)
+from . import adam_mini, apollo, bnb, compressed, full_rank, subspace  # noqa: F401  (registration happens on import)
 from .full_rank import ADAFACTOR, ADAMW, Adafactor, AdamW
-from . import normalized  # noqa: F401, E402  (Muon, SCALE, SinkGD)
 from . import normalized  # noqa: F401, E402  (Muon, SCALE, SinkGD)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

@@ -1,0 +1,96 @@
+"""Adam-mini: one second moment per block of parameters (Zhang et al. 2024, "Adam-mini: Use Fewer
+Learning Rates To Gain More", arXiv:2406.16793, ICLR 2025).
+
+Algorithm 1 (Adam-mini), for each block ``b`` of the partition::
+
+    m   <- beta1 m + (1 - beta1) g                          (per element, as Adam)
+    v_b <- beta2 v_b + (1 - beta2) mean(g_b * g_b)          (one number per block)
+    p_b <- p_b - lr m_hat_b / (sqrt(v_hat_b) + eps)         (m_hat, v_hat: bias-corrected)
+
+so a block shares one learning rate ``lr / (sqrt(v_hat_b) + eps)``. Here a block is a contiguous
+run of ``block_numel`` elements of the flattened tensor: one element (Adam), one row of the last
+dimension (an output neuron of a linear weight, a token of an embedding), the rows of one attention
+head, or the whole tensor (:func:`block_numel`). ``v`` holds the blocks in order, ``v.numel()`` of
+them, so every function below reads the partition from the shapes of ``m`` and ``v``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: The partitions a tensor can be cut into (see :func:`block_numel`).
+BLOCKS = ("element", "row", "head", "tensor")
+
+
+def block_numel(shape: torch.Size | tuple[int, ...], block: str, head_dim: int | None = None) -> int:
+    """Elements per block of a tensor of ``shape`` (row-major, blocks contiguous):
+
+    * ``"element"``: 1 (every element its own second moment: Adam);
+    * ``"row"``: ``shape[-1]``, one block per row of the last dimension (a linear weight
+      ``[out, in]``: one per output neuron; an embedding ``[vocab, dim]``: one per token; a vector:
+      the whole vector);
+    * ``"head"``: ``head_dim * shape[-1]``, the ``head_dim`` consecutive rows of one attention head
+      (a query / key projection ``[heads * head_dim, in]``);
+    * ``"tensor"``: the whole tensor (one block).
+
+    Raises:
+        ValueError: An unknown ``block``, or ``"head"`` without ``head_dim``.
+    """
+    numel = math.prod(shape)
+    last = shape[-1] if len(shape) else 1
+    if block == "element":
+        return 1
+    if block == "row":
+        return last
+    if block == "head":
+        if head_dim is None:
+            raise ValueError("block='head' needs head_dim (rows per attention head)")
+        return head_dim * last
+    if block == "tensor":
+        return numel
+    raise ValueError(f"block={block!r} is not one of {list(BLOCKS)}")
+
+
+def block_mean_square(g: Tensor, n_blocks: int) -> Tensor:
+    """``mean(g_b * g_b)`` of each of the ``n_blocks`` contiguous blocks of ``g`` (Algorithm 1, the
+    second-moment line), a vector of ``n_blocks`` entries."""
+    return g.reshape(n_blocks, -1).square().mean(dim=1)
+
+
+def first_moment_(m: Tensor, g: Tensor, beta1: float) -> None:
+    """``m <- beta1 m + (1 - beta1) g`` in place (Algorithm 1; Adam's first moment)."""
+    m.lerp_(g.to(m.dtype), 1.0 - beta1)
+
+
+def block_second_moment_(v: Tensor, g: Tensor, beta2: float, mean_square: Tensor | None = None) -> None:
+    """``v_b <- beta2 v_b + (1 - beta2) mean(g_b * g_b)`` in place for the ``v.numel()`` blocks of
+    ``g`` (Algorithm 1). ``mean_square``: the blocks' ``mean(g_b * g_b)`` when computed elsewhere (a
+    whole-tensor block reduced over the chunks of a large tensor); ``g`` is then not read."""
+    if mean_square is None:
+        if v.numel() == g.numel():  # one element per block: Adam's v, without a g^2 temporary
+            g = g.reshape(v.shape).to(v.dtype)
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            return
+        mean_square = block_mean_square(g.to(v.dtype), v.numel())
+    v.mul_(beta2).add_(mean_square.reshape(v.shape).to(v.dtype), alpha=1.0 - beta2)
+
+
+def adam_mini_direction(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float, eps: float) -> Tensor:
+    """The step direction ``m_hat_b / (sqrt(v_hat_b) + eps)`` of every block (Algorithm 1, the
+    update line), a new tensor shaped like ``m`` (unitless: multiply by ``lr``).
+
+    ``eps`` is added after the bias correction of ``v`` (as in ``torch.optim.AdamW`` and adam-mini
+    1.1.1): each block's factor is ``(1 / (1 - beta1^t)) / (sqrt(v_b) / sqrt(1 - beta2^t) + eps)``.
+    """
+    n_blocks = v.numel()
+    if m.numel() == 0:
+        return torch.zeros_like(m)
+    bias_correction1 = 1.0 - beta1**t
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
+    denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    scale = (1.0 / bias_correction1) / denom
+    del denom
+    return (m.reshape(n_blocks, -1) * scale.reshape(n_blocks, 1)).reshape(m.shape)
