@@ -280,6 +280,7 @@ HF_OPTIM_NAMES: dict[str, str] = {
     "adamw_bnb_8bit": "bnb_adamw8bit", "adamw_8bit": "bnb_adamw8bit",
     "paged_adamw_32bit": "bnb_paged_adamw", "paged_adamw_8bit": "bnb_paged_adamw8bit",
     "galore_adamw": "galore_adamw", "galore_adamw_8bit": "galore_adamw8bit", "galore_adafactor": "galore_adafactor",
+    "apollo_adamw": "apollo_adamw",  # optim_args proj=random|svd, scale_type, rank, scale, update_proj_gap, proj_type
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
 

@@ -110,7 +110,24 @@ def test_bad_settings_name_the_field():
         create_optimizer(p, "apollo_adamw", rank=2, scale_type="row")
     with pytest.raises(ValueError, match="proj_type"):
         create_optimizer(p, "apollo_adamw", rank=2, proj_type="full")
-    with pytest.raises(ValueError, match="proj="):
+    with pytest.raises(ValueError, match="proj"):
         APOLLOAdamW([{"params": p, "rank": 2, "proj": "pca"}])
+    with pytest.raises(ValueError, match="give one of them"):
+        create_optimizer(p, "apollo_adamw", rank=2, proj="svd", projection="rsvd")
     with pytest.raises(ValueError, match="gamma"):
         create_optimizer(p, "apollo_adamw", rank=2, gamma=0.5)
+
+
+def test_transformers_optim_args_for_apollo_work():
+    """A config written for the HF Trainer (optim="apollo_adamw", its optim_args string) runs as is."""
+    from lowmem.optim.hparams import parse_optim_args
+    from lowmem.train import resolve_optim_name
+
+    name, layerwise = resolve_optim_name("apollo_adamw_layerwise")
+    assert (name, layerwise) == ("apollo_adamw", True)
+    args = parse_optim_args("proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200,proj_type=std")
+    opt = create_optimizer([torch.nn.Parameter(torch.randn(8, 16))], name, **args)
+    group = opt.param_groups[0]
+    assert (group["projection"], group["rank"], group["scale"], group["scale_type"]) == ("gaussian", 1, 128.0, "tensor")
+    opt = create_optimizer([torch.nn.Parameter(torch.randn(8, 16))], name, **parse_optim_args("proj=svd,rank=2"))
+    assert opt.param_groups[0]["projection"] == "svd"

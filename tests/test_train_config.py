@@ -73,7 +73,7 @@ def test_bad_value_names_the_field(tmp_path, capsys, text, field, expected):
         ("- a\n- b\n", "a recipe is a YAML mapping"),
         ("learnig_rate: 0.1\n", "did you mean ['learning_rate']"),
         ("training_args: {learnig_rate: 0.1}\n", "did you mean ['learning_rate']"),
-        ("optim: apollo_adamw\n", "galore_adamw_8bit"),
+        ("optim: sgd_nesterov\n", "galore_adamw_8bit"),
         ("report_to: tensorboard\n", "pip install tensorboard"),
         ("report_to: nonsense\n", "unknown integration"),
         ("lr: 0.1\nlearning_rate: 0.2\n", "give one"),

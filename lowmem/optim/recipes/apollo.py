@@ -29,6 +29,8 @@ from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, subspace
 #: Projections APOLLO supports: random Gaussian (the paper's and apollo-torch's ``proj="random"``),
 #: Haar-orthonormal, and GaLore's SVD (apollo-torch's ``proj="svd"``) or its randomized form.
 APOLLO_PROJECTIONS = ("gaussian", "random", "svd", "rsvd")
+#: apollo-torch's / transformers' ``proj`` values -> lowmem's ``projection``.
+APOLLO_PROJ = {"random": "gaussian", "svd": "svd"}
 
 
 class ApolloScaling(CombineRule):
@@ -88,6 +90,15 @@ class ApolloScaling(CombineRule):
 
 
 def _check_apollo_group(group: dict[str, Any]) -> None:
+    """``proj_type='full'`` has no channels; ``proj`` (apollo-torch's and transformers' name) sets
+    ``projection``: ``'random'`` is the Gaussian projection, ``'svd'`` GaLore's."""
+    proj = group.get("proj")
+    if proj is not None:
+        wanted = APOLLO_PROJ[proj]
+        if group.get("projection") not in ("gaussian", wanted):
+            raise ValueError(f"proj={proj!r} means projection={wanted!r}, but projection={group['projection']!r} was"
+                             " given too; give one of them")
+        group["projection"] = wanted
     if group.get("rank") is not None and group.get("proj_type") == "full":
         raise ValueError("APOLLO scales channels of a one-sided projection: proj_type must be one of "
                          "['std', 'reverse_std', 'left', 'right'], got 'full'")
@@ -98,6 +109,8 @@ def apollo_hparams(rank: int, scale: float, scale_type: str) -> tuple[HParam, ..
         *subspace_hparams("gaussian", APOLLO_PROJECTIONS, scale=scale, moment_policy="keep", rank=rank),
         _choice("scale_type", scale_type, ("channel", "tensor"),
                 "scaling factor per channel (APOLLO) or one per tensor (APOLLO-Mini)"),
+        _choice("proj", None, (None, *APOLLO_PROJ), "apollo-torch's and transformers' name for the projection:"
+                " 'random' sets projection='gaussian', 'svd' sets 'svd' (None: use projection)"),
         HParam("gamma", 1.01, optional(lambda x: positive(x) and x >= 1), "None or a finite float >= 1",
                "norm-growth limiter: ||G * s|| grows at most by this factor per step (None = off)"),
     )
@@ -179,11 +192,6 @@ class APOLLOAdamW(LowMemOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
-        if "proj" in group:  # apollo-torch's key: 'random' is a Gaussian projection
-            proj = group.pop("proj")
-            if proj not in ("random", "svd"):
-                raise ValueError(f"proj={proj!r} is not supported; valid: ['random', 'svd']")
-            group.setdefault("projection", "gaussian" if proj == "random" else "svd")
         if getattr(self, "_disable_nl", False) and group.get("rank") is not None:
             group.setdefault("gamma", None)
         super().add_param_group(group)
