@@ -293,3 +293,77 @@ register_reference("adamw4bit_rank1", Reference(adamw4bit, shapes=((70, 61), (45
     {"min_quant_size": 1000, "block_size": 256, "betas": (0.8, 0.95), "state_dtype": "bfloat16"},
     {"min_quant_size": 1000, "block_size": 128, "eps": 1e-6, "weight_decay": 0.0},
 )))
+
+
+# ---- MicroAdam (Modoranu et al. 2024, Algorithm 1) --------------------------------------------
+
+
+def _minmax_4bit_roundtrip(a: Tensor, block_size: int) -> Tensor:
+    """Algorithm 1, lines 7-8 and the ``Q^{-1}`` of line 4: per block of ``block_size`` values (the
+    last one partial) ``delta = min``, ``Delta = max``, ``u = (Delta - delta) / 15``,
+    ``q = floor((a - delta) / u + 1/2)`` in ``[0, 15]`` (0 where ``u = 0``); decoded ``delta + q u``."""
+    out = torch.empty_like(a)
+    for start in range(0, a.numel(), block_size):
+        x = a[start : start + block_size]
+        lo, hi = x.min(), x.max()
+        u = (hi - lo) / 15.0
+        q = torch.floor((x - lo) / u + 0.5).clamp(0, 15) if u > 0 else torch.zeros_like(x)
+        out[start : start + block_size] = lo + q * u
+    return out
+
+
+def microadam(p: Tensor, grads: list[Tensor], *, index: int, lr: float, m: int, quant_block_size: int,
+              k_init: float, betas: tuple[float, float], weight_decay: float, eps: float, topk_block_size: int,
+              **_) -> list[Tensor]:
+    """MicroAdam, Modoranu et al. 2024, Algorithm 1, on the flat tensor of ``d`` entries::
+
+        a    = g + Q^{-1}(e)                                   (l.4: error feedback, e = 0 at the start)
+        I    = top-k of |a| in every block of min(d, topk_block_size) entries, k = ceil(k_init block)
+               (a last partial block of r entries keeps ceil(k_init r))                       (l.5)
+        G_t  = (I, bf16(a[I])) ;  a[I] = 0 ;  e = Q(a)  (4-bit min/max per quant_block_size)  (l.6-9)
+        m_hat = (1 - b1)/(1 - b1^t) sum_{s in window} b1^(t - s) G_s                             (l.10)
+        v_hat = (1 - b2)/(1 - b2^t) sum_{s in window} b2^(t - s) G_s^2                           (l.11)
+        p <- p (1 - lr wd) - lr m_hat / (eps + sqrt(v_hat))                                     (l.12)
+
+    The window holds the last ``m`` steps' sparse gradients (sums of several rows where they
+    selected the same entry). The top-k is ``torch.topk`` over the blocks as rows, like the
+    implementation's call: with a zero gradient ``|a|`` is the 16-level error alone and has ties,
+    which ``topk`` breaks by position; nothing else is shared.
+    """
+    b1, b2 = betas
+    d = p.numel()
+    block = min(d, topk_block_size)
+    full, rest = d // block, d % block
+    k_block, k_rest = math.ceil(block * k_init), math.ceil(rest * k_init)
+    error = torch.zeros(d)  # Q^{-1}(e)
+    window: list[tuple[int, Tensor, Tensor]] = []  # (step, flat indices, bf16 values)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        a = g.reshape(-1) + error
+        parts = []
+        if full:
+            local = torch.topk(a[: full * block].abs().view(full, block), k_block, dim=1, sorted=False).indices
+            parts.append((local + block * torch.arange(full).unsqueeze(1)).reshape(-1))
+        if rest:
+            parts.append(torch.topk(a[full * block :].abs(), k_rest, sorted=False).indices + full * block)
+        idx = torch.cat(parts)
+        window = (window + [(t, idx, a[idx].to(torch.bfloat16))])[-m:]
+        a = a.index_fill(0, idx, 0.0)
+        error = _minmax_4bit_roundtrip(a, quant_block_size)
+        m_hat, v_hat = torch.zeros(d), torch.zeros(d)
+        for s, i, vals in window:
+            m_hat[i] += (1 - b1) / (1 - b1**t) * b1 ** (t - s) * vals.float()
+            v_hat[i] += (1 - b2) / (1 - b2**t) * b2 ** (t - s) * vals.float() ** 2
+        p = p * (1 - lr * weight_decay) - lr * (m_hat / (eps + v_hat.sqrt())).view(p.shape)
+        out.append(p)
+    return out
+
+
+register_reference("microadam", Reference(microadam, shapes=((24, 40), (40, 24), (40,), (37, 41)), configs=(
+    {},  # m = 10 (never wraps in 12 steps), 1%; one partial error block of 2048, one top-k block per tensor
+    # the window wraps (m = 4); top-k blocks of 128 with a partial last one; the fast path in chunks of 128
+    {"m": 4, "k_init": 0.1, "quant_block_size": 64, "topk_block_size": 128, "lr": 1e-2, "weight_decay": 0.1},
+    # everything kept every step (error stays 0), a window of one step; block sizes that are no powers of 2
+    {"m": 1, "k_init": 1.0, "quant_block_size": 100, "topk_block_size": 50},
+    {"m": 3, "k_init": 0.05, "quant_block_size": 48, "topk_block_size": 200, "betas": (0.8, 0.95), "eps": 1e-6},
+)))
