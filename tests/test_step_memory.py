@@ -23,6 +23,7 @@ CHUNKED = {
     "stable_spam": {"reset_interval": 3, "weight_decay": 0.1},
     "adafactor": {},
     "adafactor_beta1": {"beta1": 0.9, "weight_decay": 0.1, "lr": 1e-2, "relative_step": False},
+    "adam_mini": {"block": "row", "weight_decay": 0.1},  # chunks of whole rows (other blocks: tests/test_adam_mini.py)
 }
 
 
@@ -130,7 +131,7 @@ def test_chunk_numel_validated():
 
 # ---- step_transient_bytes() ------------------------------------------------------------------
 
-ELEMENTWISE = ("adamw", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "microadam", "spam", "stable_spam")
+ELEMENTWISE = ("adamw", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "microadam", "spam", "stable_spam", "adam_mini")
 
 
 @pytest.mark.parametrize("name", ELEMENTWISE)
@@ -211,6 +212,7 @@ MEASURED = {
     "osd_adamw": ({"rank": 64}, "plain", 2),
     "adafactor": ({}, "plain", 2),
     "adafactor_beta1": ({"beta1": 0.9}, "plain", 2),
+    "adam_mini": ({}, "plain", 2),
     # not chunked, reported honestly: the exact SVD refresh (galore-torch's)
     "galore_adamw_svd": ({"rank": 64, "update_proj_gap": 200}, "refresh", 1),
 }
