@@ -98,5 +98,6 @@ register_reference("adafactor", Reference(adafactor, shapes=((24, 40), (40, 24),
     {},  # relative step, parameter scaling, no first moment
     {"beta1": 0.9, "weight_decay": 0.1, "clip_threshold": 0.05},  # first moment; the clipping bites every step
     {"lr": 3e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.5, "decay_rate": -0.5},
-    {"warmup_init": True, "eps": (1e-20, 2.0), "weight_decay": 0.01},  # rho = 1e-6 t; eps2 above RMS(X): the floor
+    # warmup_init: rho = 1e-6 t; eps2 = 1e3 far above RMS(X) ~ 1: the floor sets the scale (steps ~1e-3 t)
+    {"warmup_init": True, "eps": (1e-20, 1e3), "weight_decay": 0.01},
 )))
