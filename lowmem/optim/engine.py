@@ -534,7 +534,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         lr = r.lr_rule(group, state, p, t)
         mctx = r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
-        wd = group.get("weight_decay", 0.0)
+        wd = group.get("weight_decay", 0.0)  # a recipe without the hyperparameter does not decay
         for start, stop in bounds:
             view = r.moment.chunk_state(state, start, stop, p.shape, group, mctx)
             d = r.moment.direction(stabilized(start, stop, view), view, group, t, lr)
@@ -573,7 +573,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         r, P = self.recipe, self.recipe.projection
         bounds = self._row_bounds(p.shape)
         lr_scale = math.prod(s.lr_scale(state, group, t) for s in r.stabilizers)
-        wd = group.get("weight_decay", 0.0)
+        wd = group.get("weight_decay", 0.0)  # a recipe without the hyperparameter does not decay
         # a direction c * P.up(d_low) on a float32 parameter (GaLore): the step is one GEMM,
         # p += alpha * P.up(d_low) in place (addmm_, nothing of the direction's size; issue 15)
         c = r.combine.add_in_place_scale(state, group, P)
@@ -692,7 +692,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         P = self.recipe.projection
         if not P.refresh_due(state, group, t):
             return
-        rotate = group.get("moment_policy", "keep") == "rotate" and t > 1
+        rotate = group["moment_policy"] == "rotate" and t > 1
         old = P.snapshot(state, group) if rotate else None
         if P.refresh(g, state, group) and t > 1:
             self._on_subspace_change(state, group, old)
@@ -717,7 +717,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _on_subspace_change(self, state: dict[str, Tensor], group: dict[str, Any], old: dict[str, Tensor] | None = None) -> None:
         """What the moments do when the projection's basis changes: ``keep``, ``reset`` or ``rotate``
         (into the new basis, :func:`~lowmem.optim.subspace.rotate_moments`)."""
-        policy = group.get("moment_policy", "keep")
+        policy = group["moment_policy"]
         if policy == "reset":
             self.recipe.moment.reset(state)
         elif policy == "rotate" and old is not None:

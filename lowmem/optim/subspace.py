@@ -70,7 +70,7 @@ class Projection:
 
     def refresh_due(self, state: dict[str, Tensor], group: dict[str, Any], t: int) -> bool:
         """Whether the basis is recomputed at 1-based step ``t`` (always at ``t == 1``)."""
-        gap = group.get("update_proj_gap", 200)
+        gap = group["update_proj_gap"]
         return (t - 1) % gap == 0
 
     def refresh(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
@@ -154,10 +154,10 @@ class SubspaceProjection(Projection):
 
     @staticmethod
     def method(group: dict[str, Any]) -> str:
-        return group.get("projection", "svd")
+        return group["projection"]
 
     def _side(self, shape, group) -> str:
-        return GL.galore_side(tuple(shape), group.get("proj_type", "std"))
+        return GL.galore_side(tuple(shape), group["proj_type"])
 
     def _coordinates(self, shape, group) -> tuple[int | None, int]:
         """``(dim, k)``: the dimension indices select along (``None``: flattened) and how many."""
@@ -182,9 +182,9 @@ class SubspaceProjection(Projection):
     def init_state(self, state, param, group):
         params = group["params"]
         index = next(i for i, q in enumerate(params) if q is param)
-        gap = group.get("update_proj_gap", 200)
-        phase = index * gap // len(params) if group.get("refresh_phase", "aligned") == "staggered" else 0
-        seed = group.get("seed", 0) * 1_000_003 + index
+        gap = group["update_proj_gap"]
+        phase = index * gap // len(params) if group["refresh_phase"] == "staggered" else 0
+        seed = group["seed"] * 1_000_003 + index
         m, n = param.shape
         state["proj_meta"] = torch.tensor([seed, phase, 0, 0, m, n], dtype=torch.int64)
         r, dev = group["rank"], param.device
@@ -195,7 +195,7 @@ class SubspaceProjection(Projection):
                 state["proj_left"] = torch.zeros(m, r, dtype=torch.float32, device=dev)
             if side in ("right", "full"):
                 state["proj_right"] = torch.zeros(r, n, dtype=torch.float32, device=dev)
-            if method == "online_pca" and group.get("proj_optimizer", "adam") == "adam":
+            if method == "online_pca" and group["proj_optimizer"] == "adam":
                 basis = state.get("proj_left", state.get("proj_right"))
                 state["pca_exp_avg"] = torch.zeros_like(basis)
                 state["pca_exp_avg_sq"] = torch.zeros_like(basis)
@@ -213,7 +213,7 @@ class SubspaceProjection(Projection):
             return True
         if self.method(group) == "online_pca":
             return False  # learned online after the first SVD
-        return (t - 1 - phase) % group.get("update_proj_gap", 200) == 0
+        return (t - 1 - phase) % group["update_proj_gap"] == 0
 
     def refresh(self, g, state, group):
         method = self.method(group)
@@ -256,7 +256,7 @@ class SubspaceProjection(Projection):
             right = GL.random_basis(g.shape[1], r, gen, orth).t().to(g.device) if side in ("right", "full") else None
             return left, right
         # rsvd: a randomized range finder the first time, then subspace iteration from the old basis
-        iters = group.get("power_iters", 2)
+        iters = group["power_iters"]
         old_left, old_right = self._basis(state)
         left = right = None
         if side in ("left", "full"):
@@ -336,8 +336,8 @@ class SubspaceProjection(Projection):
         basis = state[key]
         proj = low if low is not None and g.dtype == basis.dtype else None  # the step's P^T G / G Q^T
         grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right", norm, proj)
-        lr = group.get("proj_lr", 5e-3)
-        if group.get("proj_optimizer", "adam") == "sgd":
+        lr = group["proj_lr"]
+        if group["proj_optimizer"] == "sgd":
             basis.add_(grad, alpha=-lr)
         else:
             t = pca_steps + 1
@@ -441,12 +441,12 @@ class FiraResidual(ResidualRule):
 
     def update(self, g, low, d_low, state, group, projection):
         c = self.unit_scale(state, group) if self.unit_scale is not None else 1.0
-        residual = g - projection.up(low, state, group) * group.get("scale", 1.0)
+        residual = g - projection.up(low, state, group) * group["scale"]
         scaled = FI.norm_based_scaling(residual, d_low / c, low)
-        return FI.norm_growth_limit(scaled, state["fira_prev_norm"], group.get("gamma", 1.01)).mul_(c)
+        return FI.norm_growth_limit(scaled, state["fira_prev_norm"], group["gamma"]).mul_(c)
 
     def _scaled_rows(self, g_rows, low, factor, state, group, projection, start, stop):
-        residual = projection.up_rows(low, state, group, start, stop).mul_(-group.get("scale", 1.0)).add_(g_rows)
+        residual = projection.up_rows(low, state, group, start, stop).mul_(-group["scale"]).add_(g_rows)
         return residual.mul_(factor if factor.dim() == 1 else factor[start:stop])
 
     def prepare(self, g, low, d_low, state, group, projection, bounds):
@@ -461,7 +461,7 @@ class FiraResidual(ResidualRule):
             for a, b in bounds:
                 norm.add_(torch.linalg.vector_norm(self._scaled_rows(g[a:b], low, factor, state, group, projection, a, b)).square_())
             norm.sqrt_()
-        limiter = FI.growth_limiter_(norm, state["fira_prev_norm"], group.get("gamma", 1.01))
+        limiter = FI.growth_limiter_(norm, state["fira_prev_norm"], group["gamma"])
         return factor, limiter, c
 
     def update_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
@@ -482,11 +482,11 @@ class StateFreeResidual(ResidualRule):
 
     def update(self, g, low, d_low, state, group, projection):
         residual = g - projection.up(low, state, group)
-        return FR.state_free_direction(residual, group.get("free_rule", "signsgd")).mul_(group.get("free_lr_scale", 1.0))
+        return FR.state_free_direction(residual, group["free_rule"]).mul_(group["free_lr_scale"])
 
     def update_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
         residual = projection.up_rows(low, state, group, start, stop).neg_().add_(g_rows)
-        return FR.state_free_direction(residual, group.get("free_rule", "signsgd")).mul_(group.get("free_lr_scale", 1.0))
+        return FR.state_free_direction(residual, group["free_rule"]).mul_(group["free_lr_scale"])
 
     def transient_bytes(self, shape, group, state, projection, rows):
         """The subspace part of the rows, the residual and its sign: 3 float32 row blocks."""
@@ -568,7 +568,7 @@ class ProjectBack(CombineRule):
 
     def direction(self, g, low, d_low, state, group, projection):
         d = projection.up(d_low, state, group)
-        scale = group.get("scale", 1.0)
+        scale = group["scale"]
         if scale != 1.0:
             d.mul_(scale)
         res = self.residual.update(g, low, d_low, state, group, projection)
@@ -579,7 +579,7 @@ class ProjectBack(CombineRule):
 
     def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
         d = projection.up_rows(d_low, state, group, start, stop)
-        scale = group.get("scale", 1.0)
+        scale = group["scale"]
         if scale != 1.0:
             d.mul_(scale)
         res = self.residual.update_rows(g_rows, low, d_low, state, group, projection, start, stop, ctx)
@@ -587,7 +587,7 @@ class ProjectBack(CombineRule):
 
     def add_in_place_scale(self, state, group, projection):
         if isinstance(self.residual, DropResidual) and projection.can_add_up_rows(state):
-            return group.get("scale", 1.0)
+            return group["scale"]
         return None
 
     def transient_bytes(self, shape, group, state, projection, rows):
