@@ -3,15 +3,16 @@ package docstring): SPAM, Stable-SPAM, AdamW with 8-bit / 4-bit / rank-1 4-bit m
 
 What is shared with the implementation, and why:
 
-* 8-bit moments: bitsandbytes' blockwise codec (``functional.quant.quantize_blockwise_8bit`` /
-  ``dequantize_blockwise_8bit`` and its dynamic maps). The storage format *is* bitsandbytes'
-  (Dettmers et al. 2022, Section 2), and its CPU kernel picks the nearest code or its neighbour,
-  which no plain nearest search reproduces; the Adam math around it is written here.
-* 4-bit moments: only the 16 values of the signed dynamic-exponent map (``code_map
-  ("dynamic4_signed")``, bitsandbytes' ``create_dynamic_map``: a table, the format's definition).
-  Block-wise absmax normalization, rank-1 normalization (Li et al. 2023, Section 4.2), the
-  zero-free linear map (Section 4.1) and the nearest-code rounding are written here, so a change to
-  any of them in the engine shows.
+* 8-bit moments: bitsandbytes' block-wise codec and dynamic maps, called directly
+  (``bitsandbytes.functional.quantize_blockwise`` / ``dequantize_blockwise``, ``create_dynamic_map``),
+  not lowmem's wrapper of them. The storage format *is* bitsandbytes' (Dettmers et al. 2022,
+  Section 2), and its CPU kernel picks the nearest code or its neighbour, which no plain nearest
+  search reproduces; the Adam math around it is written here.
+* 4-bit moments: only the 16 values of the signed dynamic-exponent map for ``m`` (bitsandbytes'
+  ``create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4)``, the same table Li et al.'s
+  code builds: the format's definition). Block-wise absmax normalization, rank-1 normalization
+  (Li et al. 2023, Section 4.2), the zero-free linear map (Section 4.1) and the nearest-code
+  rounding are written here, so a change to any of them in the engine shows.
 * MicroAdam: nothing. Top-k per block, the 4-bit min/max error codec and the window are written
   here from Algorithm 1 of Modoranu et al. 2024.
 
@@ -31,7 +32,6 @@ import math
 import torch
 from torch import Tensor
 
-from ..functional import quant as Q
 from . import Reference, register_reference
 
 
