@@ -18,14 +18,11 @@ documents for lowmem:
 * a parameter that is not 2-D, or whose smaller side is ``<= rank``, trains full-rank with the same
   moment rule (no ``scale``, no residual).
 
-Shared with the engine, on purpose (they define *which* subspace is drawn, not the update math):
-the seeded generators of the random subspaces (:func:`~lowmem.optim.functional.galore.random_basis`,
-:func:`~lowmem.optim.functional.frugal.random_indices`, seeded as the engine seeds them:
-``torch.Generator().manual_seed((seed * 1_000_003 + index) * 7919 + refreshes)``), the randomized
-range finder of ``rsvd`` (:func:`~lowmem.optim.functional.galore.range_finder`,
-:func:`~lowmem.optim.functional.galore.subspace_iteration`, Halko et al. 2011) and the 8-bit
-blockwise codec of the ``*8bit`` variants (:mod:`lowmem.optim.functional.quant`, the storage
-format). Everything else is plain torch below.
+Random subspaces are drawn here too, written from their descriptions with the engine's seeding
+convention reproduced (so the same subspace is drawn): one ``torch.Generator().manual_seed((seed *
+1_000_003 + index) * 7919 + refreshes)`` per refresh, a left basis drawn before a right one. The only
+piece shared with the engine is the 8-bit blockwise codec of the ``*8bit`` variants
+(:mod:`lowmem.optim.functional.quant`: the storage format).
 
 Rounding: the exponential moving averages are written ``torch.lerp(m, g, 1 - b1)`` and
 ``torch.addcmul(b2 v, g, g, value=1 - b2)`` (the same EMA as ``b1 m + (1 - b1) g``), so that the
@@ -43,8 +40,6 @@ import torch
 from torch import Tensor
 
 from ..functional import quant as Q
-from ..functional.frugal import random_indices
-from ..functional.galore import random_basis, range_finder, subspace_iteration
 from . import Reference, register_reference
 
 DATA_DEPENDENT = ("svd", "rsvd", "online_pca")
@@ -68,6 +63,38 @@ def is_projected(p: Tensor, rank: int | None) -> bool:
     return rank is not None and p.ndim == 2 and rank < min(p.shape)
 
 
+def random_basis(rows: int, r: int, gen: torch.Generator, orthonormal: bool) -> Tensor:
+    """``rows x r`` columns independent of the gradient: Haar-random orthonormal (the QR of a Gaussian
+    matrix with the signs of ``diag(R)`` moved into ``Q``, Mezzadri 2007), or ``N(0, 1/r)`` entries
+    (APOLLO, Zhu et al. 2024, Section 3: ``E[P P^T] = I``)."""
+    z = torch.randn(rows, r, generator=gen)
+    if not orthonormal:
+        return z / math.sqrt(r)
+    q, upper = torch.linalg.qr(z)
+    return q * torch.sign(torch.diagonal(upper))
+
+
+def random_indices(size: int, k: int, gen: torch.Generator) -> Tensor:
+    """``k`` distinct indices of ``range(size)``, uniformly (FRUGAL's RandK / random columns), sorted."""
+    return torch.randperm(size, generator=gen)[:k].sort().values
+
+
+def rsvd_basis(a: Tensor, r: int, gen: torch.Generator, iters: int, start: Tensor | None) -> Tensor:
+    """Orthonormal ``m x r`` basis of ``A``'s dominant columns (Halko, Martinsson & Tropp 2011):
+    the first time Algorithm 4.4 (``Q = orth(A Omega)`` with ``r + 4`` Gaussian probes, then ``iters``
+    times ``Q = orth(A A^T Q)``), later the same iteration started from the previous basis; then
+    Algorithm 5.1's small SVD ``U S V^T = Q^T A`` orders it: ``Q U[:, :r]``."""
+    if start is None:
+        k = min(r + 4, min(a.shape))
+        q = torch.linalg.qr(a @ torch.randn(a.shape[1], k, generator=gen)).Q
+    else:
+        q = start
+    for _ in range(iters):
+        q = torch.linalg.qr(a @ (a.t() @ q)).Q
+    u, _, _ = torch.linalg.svd(q.t() @ a, full_matrices=False)
+    return q @ u[:, :r]
+
+
 def draw_subspace(g: Tensor, group: dict[str, Any], index: int, refreshes: int, old: dict | None) -> dict:
     """A new subspace for gradient ``g``: a basis ``{"left": m x r, "right": r x n}`` (either may be
     ``None``) or an index set ``{"dim": 0 | 1 | None, "idx": ...}`` (``None``: flattened)."""
@@ -89,10 +116,9 @@ def draw_subspace(g: Tensor, group: dict[str, Any], index: int, refreshes: int, 
         iters = group["power_iters"]
         left = right = None
         if side in ("left", "full"):
-            left = range_finder(g, r, gen, iters) if refreshes == 0 else subspace_iteration(g, old["left"], iters)
+            left = rsvd_basis(g, r, gen, iters, None if refreshes == 0 else old["left"])
         if side in ("right", "full"):
-            q = range_finder(g.t(), r, gen, iters) if refreshes == 0 else subspace_iteration(g.t(), old["right"].t(), iters)
-            right = q.t().contiguous()
+            right = rsvd_basis(g.t(), r, gen, iters, None if refreshes == 0 else old["right"].t()).t().contiguous()
         return {"left": left, "right": right}
     # FRUGAL's coordinate subspaces (Section 3): r random columns / rows, r max(m, n) random entries,
     # or the k-th contiguous block of r columns / rows at the k-th refresh (cycling)
@@ -483,6 +509,7 @@ register_reference("galore_adamw", Reference(galore_adamw, configs=(
     {**SMALL, **ADAM, "proj_type": "left", "projection": "random", "moment_policy": "reset"},
     {**SMALL, **ADAM, "proj_type": "right", "projection": "gaussian", "moment_policy": "rotate", "seed": 3},
     {**SMALL, **ADAM, "proj_type": "full", "projection": "rsvd", "scale": 2.0},
+    {**SMALL, **ADAM, "proj_type": "full", "moment_policy": "rotate"},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "moment_policy": "rotate", "weight_decay": 0.05},
     {**ADAM, "rank": 24, "update_proj_gap": 5, "weight_decay": 0.1},  # rank >= the smaller sides: full-rank
 )))
