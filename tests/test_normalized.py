@@ -150,6 +150,16 @@ def test_scale_groups_follow_the_authors_roles():
     assert [g.get("scale_role") for g in opt.param_groups if any(p is tied.embed.weight for p in g["params"])] == ["embedding"]
 
 
+def test_scale_floors_the_rms_like_the_authors():
+    """C(M) divides by max(RMS, 1e-8) (the authors' clamp): a row of gradient 1e-12 moves 1e-4 lr,
+    a row of 1 moves lr, a zero row does not move."""
+    p = nn.Parameter(torch.zeros(3, 4))
+    opt = create_optimizer([p], "scale", lr=0.5)
+    p.grad = torch.tensor([[1e-12] * 4, [1.0] * 4, [0.0] * 4])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([[-0.5e-4] * 4, [-0.5] * 4, [0.0] * 4]))
+
+
 def test_sinkgd_is_stateless_on_the_hidden_weights():
     model = TinyLM()
     opt = create_optimizer(model, "sinkgd", lr=1e-2)

@@ -154,5 +154,6 @@ def scale(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay
 register_reference("scale", Reference(scale, configs=(
     {},
     {"scale_role": "head", "lr": 2e-2, "momentum": 0.8, "weight_decay": 0.1},
-    {"scale_role": "embedding", "lr": 1e-2, "betas": (0.8, 0.95), "adamw_lr_ratio": 0.5, "weight_decay": 0.05},
+    # a large eps: the vector's AdamW step shows where eps enters (the authors' uncorrected sqrt(v))
+    {"scale_role": "embedding", "lr": 1e-2, "betas": (0.8, 0.95), "eps": 0.1, "adamw_lr_ratio": 0.5, "weight_decay": 0.05},
 )))
