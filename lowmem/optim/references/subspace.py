@@ -516,7 +516,8 @@ register_reference("galore_adamw", Reference(galore_adamw, configs=(
 
 register_reference("galore_adafactor", Reference(galore_adafactor, configs=(
     {**SMALL},  # relative step size, parameter scale
-    {**SMALL, "lr": 1e-2, "beta1": 0.9, "weight_decay": 0.1, "proj_type": "reverse_std", "scale": 0.5},
+    {**SMALL, "lr": 1e-2, "beta1": 0.9, "weight_decay": 0.1, "proj_type": "reverse_std", "scale": 0.5,
+     "moment_policy": "reset"},
     {**SMALL, "lr": 1e-2, "beta1": 0.8, "proj_type": "right", "moment_policy": "rotate", "projection": "random"},
     {"rank": 4, "update_proj_gap": 1, "relative_step": True, "scale_parameter": False, "proj_type": "left",
      "clip_threshold": 0.5, "weight_decay": 0.1},
@@ -527,7 +528,8 @@ register_reference("fira_adamw", Reference(fira_adamw, configs=(
     {**SMALL},
     {**SMALL, **ADAM, "proj_type": "reverse_std", "scale": 0.5, "gamma": 1.2, "weight_decay": 0.1},
     {**SMALL, **ADAM, "proj_type": "left", "projection": "gaussian", "moment_policy": "rotate"},
-    {**SMALL, **ADAM, "proj_type": "right", "projection": "rsvd", "moment_policy": "reset", "gamma": 1.0},
+    {**SMALL, **ADAM, "proj_type": "right", "projection": "rsvd", "moment_policy": "reset", "gamma": 1.0,
+     "power_iters": 1},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "gamma": 1.5},
     {**ADAM, "rank": 24},
 )))
@@ -540,6 +542,7 @@ register_reference("frugal", Reference(frugal, configs=(
     {**SMALL, **ADAM, "projection": "blocks", "proj_type": "reverse_std", "free_rule": "sgd"},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "svd", "proj_type": "left", "moment_policy": "rotate"},
     {**SMALL, **ADAM, "projection": "random", "proj_type": "full", "free_lr_scale": 0.0},
+    {**ADAM, "rank": 24, "weight_decay": 0.1},  # full-rank: torch's AdamW
 )))
 
 register_reference("osd_adamw", Reference(osd_adamw, configs=(
@@ -547,6 +550,7 @@ register_reference("osd_adamw", Reference(osd_adamw, configs=(
     {"rank": 4, **ADAM, "proj_lr": 1e-2, "scale": 0.5, "weight_decay": 0.1},
     {"rank": 4, **ADAM, "proj_lr": 0.05, "proj_optimizer": "sgd", "proj_type": "reverse_std"},
     {"rank": 4, **ADAM, "proj_lr": 1e-2, "proj_type": "left"},
+    {"rank": 24, **ADAM, "weight_decay": 0.1},  # full-rank: GaLore's AdamW, no PCA
 )))
 
 register_reference("galore_adamw8bit", Reference(functools.partial(galore_adamw, quantized=True), configs=(
