@@ -209,3 +209,26 @@ def test_step_transient_is_reported():
         grown, reported = r["growth_bytes"], r["transient_bytes"]
         assert grown <= 1.1 * reported + MiB, (spec["name"], grown / MiB, reported / MiB)
         assert reported <= 2 * grown + 4 * MiB, (spec["name"], grown / MiB, reported / MiB)
+
+
+@pytest.mark.parametrize("name", ["muon", "scale", "sinkgd"])
+def test_layerwise_mode_equals_the_plain_step(name):
+    """LayerwiseOptimizer steps each parameter from its gradient hook with the same groups: 3 steps
+    equal to create_optimizer's."""
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    torch.manual_seed(0)
+    plain_model, lw_model = TinyLM(), TinyLM()
+    lw_model.load_state_dict(plain_model.state_dict())
+    plain = create_optimizer(plain_model, name, lr=1e-2)
+    lw = LayerwiseOptimizer(lw_model, name, lr=1e-2)
+    for step in range(3):
+        plain.zero_grad()
+        _loss(plain_model, step).backward()
+        plain.step()
+        _loss(lw_model, step).backward()
+        lw.step()
+        lw.zero_grad()
+    for p, q in zip(plain_model.parameters(), lw_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    lw.remove_hooks()
