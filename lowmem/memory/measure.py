@@ -301,6 +301,7 @@ def measure_memory(
     ``layerwise=True`` steps each parameter in its post-accumulate-grad hook and frees its gradient.
     """
     from ..optim import create_optimizer, get_entry
+    from ..optim.layerwise import LayerwiseOptimizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pdtype = parse_dtype(dtype)
@@ -308,17 +309,12 @@ def measure_memory(
     m.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = create_optimizer(m, optimizer, **(optim_args or {}))
-    hooks = []
-    if layerwise:
-        if get_entry(optimizer).recipe is None:
-            raise ValueError(f"layerwise needs an engine optimizer (step_param); {optimizer!r} is not one")
-
-        def hook(p: torch.Tensor) -> None:
-            opt.step_param(p)
-            p.grad = None
-
-        hooks = [p.register_post_accumulate_grad_hook(hook) for p in m.parameters() if p.requires_grad]
+        if layerwise:  # what `lowmem train` / the Trainer run: the same LayerwiseOptimizer, its own hooks
+            if get_entry(optimizer).recipe is None:
+                raise ValueError(f"layerwise needs an engine optimizer; {optimizer!r} is not one")
+            opt = LayerwiseOptimizer(m, optimizer, **(optim_args or {}))
+        else:
+            opt = create_optimizer(m, optimizer, **(optim_args or {}))
 
     if hasattr(opt, "materialize_state"):  # state exists before tracking: labelled optimizer state, not temporaries
         opt.materialize_state()
@@ -339,16 +335,15 @@ def measure_memory(
             loss.backward()
             losses.append(float(loss.detach()))
             del loss
-            if not layerwise:
-                opt.step()
+            opt.step()  # layerwise: ends the window (parameters were stepped in their hooks)
             opt.zero_grad(set_to_none=True)
             tracker.next_step()
     peak_allocated = None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak_allocated = int(torch.cuda.max_memory_allocated())
-    for h in hooks:
-        h.remove()
+    if layerwise:
+        opt.remove_hooks()
     est = estimate_memory(
         config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,

@@ -610,13 +610,26 @@ class LowMemOptimizer(torch.optim.Optimizer):
             F.decoupled_weight_decay_(p32, lr, wd)
 
     @torch.no_grad()
-    def step_param(self, p: Tensor, group: dict[str, Any] | None = None) -> None:
-        """Update a single parameter from its ``.grad`` (the layerwise mode's entry point)."""
-        if p.grad is None:
+    def step_param(self, p: Tensor, grad: Tensor | None = None, *, group: dict[str, Any] | None = None,
+                   projected_grad: Tensor | None = None) -> None:
+        """Update a single parameter: the one public per-parameter step (layerwise mode's, and the
+        memory measurement's through it). No whole-step non-finite check: the caller decides
+        (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer` ends the step at a non-finite gradient).
+
+        Args:
+            p: A parameter of one of this optimizer's groups.
+            grad: Its gradient (default ``p.grad``; nothing happens when both are ``None``).
+            group: Its parameter group (default: looked up).
+            projected_grad: The gradient already projected into ``p``'s subspace (layerwise
+                accumulation in the subspace, after :meth:`refresh_projection`); ``grad`` is then
+                only used by the projection's ``post_update``.
+        """
+        grad = p.grad if grad is None else grad
+        if grad is None:
             return
         if group is None:
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        self._update(p, p.grad, group)
+        self._update(p, grad, group, projected_grad)
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], projected_grad: Tensor | None = None, *,
                 key: Tensor | None = None, reduce: ShardReduce | None = None) -> None:

@@ -214,9 +214,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 coef = self._clip_coef.to(clipped.device)
             clipped = clipped * coef.to(clipped.dtype)
         if low is not None:
-            self.inner._update(p, grad, group, projected_grad=clipped)
+            self.inner.step_param(p, grad, group=group, projected_grad=clipped)
         else:
-            self.inner._update(p, clipped, group)
+            self.inner.step_param(p, clipped, group=group)
 
     # ---- the optimizer interface the Trainer uses ---------------------------------------------------
 
