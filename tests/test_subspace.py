@@ -317,3 +317,12 @@ def test_no_projection_layer_warns():
     model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8))
     with pytest.warns(UserWarning, match="no trainable projection layer"):
         create_optimizer(model, "galore_adamw", rank=2)
+
+
+@pytest.mark.parametrize("name", ["fira_adamw", "fira_adamw8bit"])
+def test_fira_refuses_two_sided_projection_naming_the_field(name):
+    """Fira scales the residual per column / row of a one-sided projection; proj_type='full' has
+    neither (fira 1.0.2 crashes at its first step): an error at construction naming proj_type."""
+    p = [torch.nn.Parameter(torch.randn(24, 40))]
+    with pytest.raises(ValueError, match="proj_type"):
+        create_optimizer(p, name, rank=4, proj_type="full")

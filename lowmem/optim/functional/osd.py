@@ -16,8 +16,8 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = N
 
     ``L(P) = || G_n - P P^T G_n ||_F^2`` for a left basis ``P`` (``m x r``), ``G_n = G / ||G||``;
     for a right basis ``Q`` (``r x n``), ``L(Q) = || G_n - G_n Q^T Q ||_F^2``. In closed form
-    (``E`` the reconstruction error): ``dL/dP = 2 (E G_n^T + G_n E^T) P`` and
-    ``dL/dQ = 2 Q (E^T G_n + G_n^T E)``. No SVD is needed after the first.
+    (``E`` the reconstruction error): ``dL/dP = -2 (E G_n^T + G_n E^T) P`` and
+    ``dL/dQ = -2 Q (E^T G_n + G_n^T E)``. No SVD is needed after the first.
 
     Evaluated in factored form so that nothing of ``G``'s size is allocated: with
     ``A = P^T G_n`` (``r x n``) and ``B = G_n A^T`` (``m x r``), ``dL/dP = 2 (P A A^T + B (P^T P - 2 I))``;

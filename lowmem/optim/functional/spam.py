@@ -128,7 +128,8 @@ def ada_gn(g: Tensor, norm_m: Tensor, norm_v: Tensor, gamma1: float, gamma2: flo
 
     ``m_n = gamma1 m_n + (1 - gamma1) ||g||``, ``v_n = gamma2 v_n + (1 - gamma2) ||g||^2``;
     ``g <- g / ||g|| * m_hat_n / (sqrt(v_hat_n) + eps)`` with bias-corrected statistics. A zero
-    gradient stays zero (the reference skips the parameter; here its statistics do not move).
+    gradient stays zero and the norm statistics do not move (the authors' code updates them with
+    ``||g|| = 0``; pytorch-optimizer skips the parameter's step: see docs/compressed.md).
     """
     norm = torch.linalg.vector_norm(g)
     return g * ada_gn_scale_(norm, norm_m, norm_v, gamma1, gamma2, t, eps, torch.finfo(g.dtype).tiny)

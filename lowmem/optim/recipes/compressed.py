@@ -248,7 +248,8 @@ class StableSPAM(LowMemOptimizer):
     """Stable-SPAM (Huang et al. 2025): AdamW with AdaClip, AdaGN and momentum reset.
 
     Bias corrections restart at each momentum reset, as in the reference. A zero gradient stays
-    zero (the reference skips such a parameter entirely).
+    zero and leaves AdaGN's statistics unchanged; the Adam step is still taken (docs/compressed.md
+    compares this with the authors' code and pytorch-optimizer).
 
     Args:
         params: Parameters or parameter groups.

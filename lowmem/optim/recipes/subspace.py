@@ -70,6 +70,14 @@ def _check_subspace_group(group: dict[str, Any]) -> None:
         )
 
 
+def _check_fira_group(group: dict[str, Any]) -> None:
+    _check_subspace_group(group)
+    if group.get("rank") is not None and group["proj_type"] == "full":
+        raise ValueError("fira_adamw scales the residual per column (left side) or per row (right side) of a"
+                         " one-sided projection: proj_type must be one of ['std', 'reverse_std', 'left', 'right'],"
+                         " got 'full' (fira 1.0.2 crashes on it)")
+
+
 def adam_hf_unit_scale(state: dict, group: dict) -> float:
     """``sqrt(1 - beta2^t) / (1 - beta1^t)``: the bias correction folded into ``eps_placement="hf"``."""
     beta1, beta2 = group["betas"]
@@ -125,7 +133,7 @@ FIRA_ADAMW = Recipe(
     projection=SubspaceProjection(),
     residual=FiraResidual(unit_scale=adam_hf_unit_scale),
     decay_after_update=True,
-    validate_group=_check_subspace_group,
+    validate_group=_check_fira_group,
 )
 
 FRUGAL = Recipe(
