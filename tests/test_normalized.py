@@ -232,3 +232,33 @@ def test_layerwise_mode_equals_the_plain_step(name):
     for p, q in zip(plain_model.parameters(), lw_model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
     lw.remove_hooks()
+
+
+def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
+    """SCALE's row normalisation is stepped in blocks of whole rows: the reported transient depends
+    on the chunk, not on the weight (the embedding's column normalisation and Muon / SinkGD are
+    stepped whole and scale with it); chunked equals whole bit for bit."""
+    sizes = {}
+    for name, hp in (("scale", {}), ("scale", {"scale_role": "head"}), ("scale", {"scale_role": "embedding"}),
+                     ("muon", {}), ("sinkgd", {})):
+        for shape in ((4096, 4096), (8192, 8192)):
+            p = nn.Parameter(torch.empty(shape, device="meta"))
+            opt = create_optimizer([p], name, **hp)
+            opt.materialize_state()
+            sizes[(name, hp.get("scale_role"), shape)] = opt.step_transient_bytes()
+    for role in (None, "head"):
+        for shape in ((4096, 4096), (8192, 8192)):  # one float32 chunk (2^19 elements) and its rows' RMS
+            assert 4 * 2**19 < sizes[("scale", role, shape)] <= 4 * 2**19 + 4 * 128, (role, shape)
+    for key in (("scale", "embedding"), ("muon", None), ("sinkgd", None)):
+        assert sizes[(*key, (8192, 8192))] >= 3 * sizes[(*key, (4096, 4096))] >= 3 * 4 * 4096 * 4096, key
+    results = []
+    for chunk in (None, 2 * 29):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(37, 29))
+        opt = create_optimizer([p], "scale", scale_role="head", weight_decay=0.1)
+        opt.chunk_numel = chunk
+        for t in range(4):
+            p.grad = torch.randn(37, 29, generator=torch.Generator().manual_seed(t))
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

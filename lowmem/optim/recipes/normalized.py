@@ -25,6 +25,7 @@ decoupled weight decay is ``lr * weight_decay`` with the group's ``lr`` for ever
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -70,6 +71,13 @@ class HybridMoments(MomentRule):
     def target_transient_bytes(self, numel: int, shape: torch.Size, group, state) -> int:
         raise NotImplementedError
 
+    def target_chunk_align(self, shape: torch.Size, group, state) -> int | None:
+        """Elements a chunk of a target must be a multiple of; ``None`` (default): stepped whole."""
+        return None
+
+    def target_chunk_state(self, state, start, stop, shape, group) -> ChunkState:
+        raise NotImplementedError(f"{type(self).__name__} has no chunked form")
+
     # ---- dispatch ----
 
     @staticmethod
@@ -88,10 +96,12 @@ class HybridMoments(MomentRule):
         return self.target_direction(g, state, group, t, lr)
 
     def chunk_align(self, shape, group, state):
-        return 1 if self._is_adam(state) else None  # AdamW is element-wise; the targets need the whole matrix
+        return 1 if self._is_adam(state) else self.target_chunk_align(shape, group, state)  # AdamW: element-wise
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
-        return self.adam.chunk_state(state, start, stop, shape, group, ctx)
+        if self._is_adam(state):
+            return self.adam.chunk_state(state, start, stop, shape, group, ctx)
+        return self.target_chunk_state(state, start, stop, shape, group)
 
     def transient_bytes(self, numel, shape, group, state):
         if self._is_adam(state):
@@ -323,14 +333,29 @@ class ScaleMoments(HybridMoments):
             g = last_layer_momentum_(buf32, g, group["momentum"])
             if buf32 is not buf:
                 buf.copy_(buf32)
+        if isinstance(state, ChunkState):  # a block of whole rows, flat: each row normalised on its own
+            return column_normalize(g.view(-1, state.extra["cols"]), dim=1).view(-1).mul_(lr)
         return column_normalize(g, dim=0 if role == "embedding" else 1).mul_(lr)
 
+    def target_chunk_align(self, shape, group, state):
+        """Row-normalised matrices (``"hidden"``, ``"head"``) step in blocks of whole rows: the
+        normalisation of a row needs only that row. The embedding (columns) is stepped whole."""
+        return shape[1] if len(shape) == 2 and group["scale_role"] != "embedding" else None
+
+    def target_chunk_state(self, state, start, stop, shape, group):
+        view = ChunkState(state, start, stop, {"cols": shape[1]})
+        if "momentum_buffer" in state:
+            view["momentum_buffer"] = state["momentum_buffer"].view(-1)[start:stop]
+        return view
+
     def target_transient_bytes(self, numel, shape, group, state):
-        """The normalised matrix (float32) and the per-slice RMS; a low-precision momentum buffer
-        adds its float32 copy."""
+        """The normalised matrix (float32) and the per-slice RMS (one per row of the piece, or one
+        per column of the embedding); a low-precision momentum buffer adds its float32 copy."""
         buf = state.get("momentum_buffer")
         low_buf = 4 * numel if buf is not None and buf.dtype not in (torch.float32, torch.float64) else 0
-        return low_buf + 4 * numel + 4 * max(shape[0], numel // shape[0])
+        row = max(1, math.prod(shape[1:]))
+        slices = row if group.get("scale_role") == "embedding" else numel // row
+        return low_buf + 4 * numel + 4 * slices
 
 
 SCALE_HPARAMS = (
