@@ -164,6 +164,7 @@ HOST_READS = {
     "fira_adamw": (5, 1), "fira_adamw8bit": (5, 1), "frugal": (4, 1), "frugal8bit": (4, 1),
     "galore_adafactor": (4, 1), "galore_adamw": (4, 1), "galore_adamw8bit": (4, 1), "microadam": (3, 1),
     "osd_adamw": (6, 2), "spam": (3, 1), "stable_spam": (3, 1),
+    "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1),
 }
 
 

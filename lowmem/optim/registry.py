@@ -279,9 +279,10 @@ def build_param_groups(
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer of the model")
     if subspace and not targets:
         warnings.warn(
-            f"the subspace optimizer found no trainable projection layer (nn.Linear or transformers' Conv1D, "
-            f"output head excluded) in {type(model).__name__}: every parameter trains full-rank, with "
-            "full-size state; pass target_modules to choose the layers", stacklevel=3,
+            f"the optimizer found no trainable projection layer (nn.Linear or transformers' Conv1D, "
+            f"output head excluded) to target in {type(model).__name__}: no parameter gets the targeted"
+            " treatment (a subspace recipe trains every parameter full-rank, with full-size state; Muon,"
+            " SCALE and SinkGD train them all with AdamW); pass target_modules to choose the layers", stacklevel=3,
         )
     projected, decayed, plain, seen = [], [], [], set()
     special: list[dict[str, Any]] = []
