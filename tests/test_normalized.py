@@ -262,3 +262,17 @@ def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
             opt.step()
         results.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_muon_bf16_momentum_buffer_is_the_ema():
+    """bfloat16 weights, plain momentum: the buffer stays the EMA of the gradients. (torch.optim.Muon
+    2.13 with bf16 parameters and nesterov=False normalises its own buffer in place: ``grad.bfloat16()``
+    returns the buffer itself and the iteration divides it by its norm.)"""
+    p = nn.Parameter(torch.randn(8, 6).bfloat16())
+    opt = create_optimizer([p], "muon", nesterov=False, momentum=0.9, state_dtype="param")
+    g = torch.randn(8, 6).bfloat16()
+    p.grad = g.clone()
+    opt.step()
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.dtype == torch.bfloat16
+    torch.testing.assert_close(buf.float(), (0.1 * g.float()).bfloat16().float(), rtol=1e-2, atol=1e-3)
