@@ -59,7 +59,7 @@ def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> flo
 
     * ``"original"`` (Keller Jordan): ``sqrt(max(1, A / B))``, with a learning rate tuned for Muon
       (about 0.02);
-    * ``"match_rms_adamw"`` (Liu et al. 2025, Section 2.2): ``0.2 sqrt(max(A, B))``, which gives the
+    * ``"match_rms_adamw"`` (Liu et al. 2025, the per-parameter update scale): ``0.2 sqrt(max(A, B))``, which gives the
       update the RMS of a typical AdamW update, so the learning rate and weight decay tuned for
       AdamW carry over (fine-tuning a model trained with AdamW).
     """

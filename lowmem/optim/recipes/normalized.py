@@ -181,7 +181,7 @@ MUON = Recipe(
     name="muon",
     summary="Muon: Nesterov momentum orthogonalised by Newton-Schulz (bf16) on 2-D hidden weights, AdamW elsewhere",
     reference="Jordan et al. 2024, Muon: An optimizer for hidden layers in neural networks (torch.optim.Muon);"
-              " Liu et al. 2025, Muon is Scalable for LLM Training, Section 2 (match_rms_adamw, weight decay)",
+              " Liu et al. 2025, Muon is Scalable for LLM Training (weight decay, the match_rms_adamw update scale)",
     moment=MuonMoments(eps_placement="torch"),
     hparams=MUON_HPARAMS,
     group_hparams=(USE_MUON,),
@@ -375,7 +375,7 @@ SCALE = Recipe(
     name="scale",
     summary="SCALE: column-normalised SGD, momentum only on the output layer, AdamW for vectors",
     reference="Glentis, Li, Han & Hong 2025, A Minimalist Optimizer Design for LLM Pretraining (arXiv:2506.16659),"
-              " Algorithm 1; the authors' code (OptimAI-Lab/Minimalist_LLM_Pretraining) for the normalisation",
+              " the SCALE update; the authors' code (OptimAI-Lab/Minimalist_LLM_Pretraining) for the normalisation",
     moment=ScaleMoments(eps_placement="hf"),
     hparams=SCALE_HPARAMS,
     group_hparams=(SCALE_ROLE,),

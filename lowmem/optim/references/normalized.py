@@ -60,7 +60,7 @@ def muon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay:
         O = NewtonSchulz5(U) (bfloat16) ;  p <- p (1 - lr wd) ;  p <- p - lr s(A, B) O
 
     with ``s = sqrt(max(1, A/B))`` ("original") or ``0.2 sqrt(max(A, B))`` ("match_rms_adamw",
-    Liu et al. 2025, Eq. 4); AdamW with ``lr * adamw_lr_ratio`` otherwise.
+    Liu et al. 2025); AdamW with ``lr * adamw_lr_ratio`` otherwise.
     """
     if not (use_muon and p.dim() == 2):
         return _adamw(p, grads, lr * adamw_lr_ratio, betas[0], betas[1], eps, lr * weight_decay)
@@ -127,7 +127,7 @@ register_reference("sinkgd", Reference(sinkgd, configs=(
 
 def scale(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay: float, momentum: float, betas,
           eps: float, adamw_lr_ratio: float, scale_role: str | None = None, **_) -> list[Tensor]:
-    """SCALE (Glentis et al. 2025, Algorithm 1) on a matrix of a group with ``scale_role``::
+    """SCALE (Glentis et al. 2025, the SCALE update) on a matrix of a group with ``scale_role``::
 
         m_t = beta m_{t-1} + (1 - beta) g_t   on the output layer ("head"), else m_t = g_t
         p <- p (1 - lr wd) ;  p <- p - lr C(m_t)
