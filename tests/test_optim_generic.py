@@ -137,7 +137,8 @@ def test_bf16_params_and_state_dtype_survives_load(name):
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     dtypes2 = {k: v.dtype for st in opt2.state.values() for k, v in st.items()}
     assert dtypes2 == dtypes  # torch would have cast float32 moments to bf16
-    assert any(dt == torch.float32 for k, dt in dtypes.items() if k != "step")
+    # float32 moments of a bf16 model (a stateless rule, LOMO, keeps only its step counters)
+    assert any(dt == torch.float32 for k, dt in dtypes.items() if k != "step") or set(dtypes) == {"step"}
 
 
 @pytest.mark.parametrize("name", ENGINE)

@@ -6,6 +6,7 @@
 * :mod:`.adam_mini` - Adam-mini (one second moment per block: head, row, tensor).
 * :mod:`.normalized` - Muon, SCALE, SinkGD (normalized updates of 2-D weights, AdamW elsewhere).
 * :mod:`.apollo` - APOLLO, APOLLO-Mini (a new combine-back step on the subspace parts).
+* :mod:`.lomo` - LOMO, AdaLomo (update rules fused into the backward pass by layerwise mode).
 
 Importing this package registers every recipe.
 """
@@ -13,5 +14,6 @@ Importing this package registers every recipe.
 from . import adam_mini, apollo, bnb, compressed, full_rank, subspace  # noqa: F401  (registration happens on import)
 from .full_rank import ADAFACTOR, ADAMW, Adafactor, AdamW
 from . import normalized  # noqa: F401, E402  (Muon, SCALE, SinkGD)
+from . import lomo  # noqa: F401, E402  (LOMO, AdaLomo)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]
