@@ -15,5 +15,6 @@ from . import adam_mini, apollo, bnb, compressed, full_rank, subspace  # noqa: F
 from .full_rank import ADAFACTOR, ADAMW, Adafactor, AdamW
 from . import normalized  # noqa: F401, E402  (Muon, SCALE, SinkGD)
 from . import lomo  # noqa: F401, E402  (LOMO, AdaLomo)
+from . import subset_norm  # noqa: F401, E402  (AdamSN, AdamSNSM, SGD with Subspace-Momentum)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

@@ -1,0 +1,73 @@
+"""Subset-Norm step size and Subspace-Momentum (Nguyen & Nguyen 2024, "Subset-Norm and
+Subspace-Momentum: Faster Memory-Efficient Adaptive Optimization with Convergence Guarantees",
+ICML 2025; the authors' code: timmytonga/sn-sm, timmytonga/adam-subset-norm).
+
+Subset-Norm (SN, Section 3) shares one adaptive step size per subset ``Psi_i`` of coordinates::
+
+    b_{t,i}^2 = b_{t-1,i}^2 + ||g_{t,Psi_i}||^2          (AdaGrad-SN; the Adam form keeps an EMA:
+    v_{t,i}   = b2 v_{t-1,i} + (1 - b2) ||g_{t,Psi_i}||^2      as the authors' AdamSN does)
+    x_{t+1,j} = x_{t,j} - lr m_{t,j} / (sqrt(v_{t,psi(j)}) + eps)
+
+For a 2-D weight the authors' subsets (their "heuristics", the ``adamw_sn`` default) are the rows
+of the longer side: the squared norm is summed over the *shorter* side, so ``v`` holds
+``max(m, n)`` values (``torch.sum(g**2, dim=1 - reduce_dim)`` with ``reduce_dim = 0 if m >= n``).
+It is the *sum* of squares over the subset (not its mean), so the step is about
+``1 / sqrt(subset size)`` of Adam's: the authors advise a learning rate about 10x Adam's.
+
+Subspace-Momentum (SM, Section 4) keeps momentum only in a rank-r subspace ``P`` and takes a plain
+SGD step in its orthogonal complement::
+
+    m_t = b1 m_{t-1} + (1 - b1) P^T g_t ;   r_t = g_t - P P^T g_t ;   x_{t+1} = x_t - lr (P m_t + r_t)
+
+With SN on top (SNSM) the SM direction is divided by the subset norms of the raw gradient ``g_t``,
+and the authors' step size ``lr sqrt(1 - b2^t) / (1 - b1^t)`` scales the whole direction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def subset_dim(shape: torch.Size | tuple[int, ...]) -> int | None:
+    """The dimension a 2-D tensor's subset norms sum over: the shorter side (``1``, per row, when
+    ``m >= n``; ``0``, per column, otherwise), as the authors' ``reduce_dim`` heuristic. ``None``
+    for other tensors (one statistic per element, Adam's)."""
+    if len(shape) != 2:
+        return None
+    return 1 if shape[0] >= shape[1] else 0
+
+
+def subset_state_shape(shape: torch.Size | tuple[int, ...], subset_norm: bool) -> torch.Size:
+    """Shape of the second-moment state: ``(m, 1)`` / ``(1, n)`` for a subset-normed 2-D tensor
+    (keepdim, so it broadcasts), the tensor's own shape otherwise."""
+    dim = subset_dim(shape) if subset_norm else None
+    if dim is None:
+        return torch.Size(shape)
+    return torch.Size((shape[0], 1) if dim == 1 else (1, shape[1]))
+
+
+def subset_sq_norms(g: Tensor, dim: int | None) -> Tensor:
+    """``||g_{Psi_i}||^2`` for every subset (Section 3): the sum of squares over ``dim`` (keepdim);
+    ``g^2`` element-wise when ``dim`` is ``None``."""
+    if dim is None:
+        return g * g
+    return (g * g).sum(dim=dim, keepdim=True)
+
+
+def ema_(x: Tensor, update: Tensor, beta: float) -> Tensor:
+    """``x <- beta x + (1 - beta) update`` in place (the EMA of both moments, as the authors write it)."""
+    return x.mul_(beta).add_(update, alpha=1.0 - beta)
+
+
+def step_scale(t: float, beta1: float, beta2: float) -> float:
+    """The authors' bias correction folded into the step size: ``sqrt(1 - b2^t) / (1 - b1^t)``."""
+    return math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def sn_denominator(v: Tensor, eps: float) -> Tensor:
+    """``sqrt(v) + eps``: eps on the raw (uncorrected) square root, as the authors and pytorch_optimizer."""
+    return v.sqrt().add_(eps)
+

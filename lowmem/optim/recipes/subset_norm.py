@@ -1,0 +1,358 @@
+"""Subset-Norm and Subspace-Momentum (Nguyen & Nguyen 2024 / ICML 2025) as engine parts that
+compose with the existing projections.
+
+* ``adamw_sn`` - AdamSN: Adam whose second moment is kept per *subset* of coordinates: one value
+  per row of the longer side of a 2-D weight (the squared norm summed over the shorter side), the
+  authors' default partition; ``betas=(0, b2)`` is their RMSPropSN (no first moment at all).
+* ``adamw_snsm`` - AdamSNSM: Subspace-Momentum (momentum of ``P^T G`` in a rank-r subspace, SVD by
+  default, refreshed every ``update_proj_gap`` steps and reset then; plain SGD on ``G - P P^T G``)
+  with the Subset-Norm step size of the raw gradient on top.
+* ``sgd_sm`` - SGD with Subspace-Momentum only (the authors' ``sgd_sm``: no adaptive step size).
+
+The chain of ``adamw_snsm``: the existing :class:`~lowmem.optim.subspace.SubspaceProjection`, the
+moment rule :class:`SubsetNormMoments` (under a projection it keeps only the momentum of ``P^T G``),
+the existing ``ProjectBack`` with FRUGAL's :class:`~lowmem.optim.subspace.StateFreeResidual`
+(``free_rule="sgd"``: the complement ``G - P P^T G`` itself), and one new combine-back step,
+:class:`SubsetNormStep`, which divides that direction by the subset norms of ``G``. ``sgd_sm`` is
+the same chain without the last step; ``adamw_sn`` is the moment rule alone. Neither part touches
+the engine's loop (docs/optimizers.md, "Subset-Norm and Subspace-Momentum").
+
+Parameter groups: :func:`~lowmem.optim.create_optimizer` marks the weights of the projection layers
+(``target_modules``, default all but the output head) and the output head (its own group, as the
+authors apply SN to every ``nn.Linear``) with ``subset_norm=True``; the input embedding, norms and
+biases keep Adam's element-wise second moment, as in the authors' runs. For the SM recipes the
+projection layers get ``rank`` (the head is not projected: lowmem's subspace rule).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from ..engine import LowMemOptimizer, Recipe
+from ..functional import subset_norm as SN
+from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg
+from ..moments import ChunkState, MomentRule, state_dtype
+from ..registry import register
+from ..subspace import COORDINATE_METHODS, CombineRule, ProjectBack, StateFreeResidual, SubspaceProjection
+from .subspace import SVD_LIKE, _check_subspace_group, _choice, subspace_hparams
+
+SUBSET_NORM = HParam(
+    "subset_norm", True, is_bool, "a bool",
+    "2-D parameters of the group keep one second moment per row of their longer side (Subset-Norm);"
+    " False: one per element (Adam's); groups without the key: one per element",
+)
+
+
+def _low_precision(x: Tensor) -> bool:
+    return x.dtype not in (torch.float32, torch.float64)
+
+
+def _ema_stored_(x: Tensor, update: Tensor, beta: float) -> Tensor:
+    """The EMA of a stored moment, computed in float32 when it is stored in lower precision;
+    returns the float32 (or float64) value."""
+    x32 = x.float() if _low_precision(x) else x
+    SN.ema_(x32, update, beta)
+    if x32 is not x:
+        x.copy_(x32)
+    return x32
+
+
+def _subset_layout(v: Tensor, numel: int) -> str:
+    """How a second-moment tensor ``v`` covers ``numel`` gradient elements: ``"element"`` (one
+    value each), ``"row"`` (``(rows, 1)``: one per row) or ``"column"`` (``(1, n)``)."""
+    if v.numel() == numel:
+        return "element"
+    return "row" if v.shape[-1] == 1 else "column"
+
+
+def _sn_update_(v: Tensor, g: Tensor, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Update the subset-norm second moment ``v`` from ``g`` (its rows ``(rows, n)``, or the whole
+    tensor) and return ``(denominator, g viewed like v broadcasts)``: ``sqrt(v) + eps``."""
+    layout = _subset_layout(v, g.numel())
+    if layout == "element":
+        g2, dim = g.view(v.shape), None
+    elif layout == "row":
+        g2, dim = g.reshape(v.shape[0], -1), 1
+    else:
+        g2, dim = g.reshape(-1, v.shape[1]), 0
+    sq = SN.subset_sq_norms(g2, dim)
+    v32 = _ema_stored_(v, sq, beta2)
+    del sq
+    return SN.sn_denominator(v32, eps), g2
+
+
+class SubsetNormMoments(MomentRule):
+    """Adam with the Subset-Norm second moment (AdamSN), or momentum alone.
+
+    On a parameter trained full-rank: ``m <- b1 m + (1 - b1) g`` (no state when ``b1 = 0``: the
+    numerator is ``g``, the authors' RMSPropSN), ``v <- b2 v + (1 - b2) ||g_Psi||^2`` per subset
+    (:func:`~lowmem.optim.functional.subset_norm.subset_sq_norms`: per row of the longer side of a
+    2-D parameter of a ``subset_norm`` group, per element otherwise), direction
+    ``sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``. Under a projection (the parameter's state
+    is for ``P^T G``) it keeps only the momentum of ``P^T G`` and returns it: Subspace-Momentum's
+    subspace part, combined back by ``ProjectBack`` and scaled by :class:`SubsetNormStep`.
+
+    Args:
+        adaptive: ``False``: no second moment anywhere (``sgd_sm``: SGD with momentum, the group's
+            ``momentum`` as ``b1``, no bias correction, as the authors' ``sgd`` configuration).
+    """
+
+    state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, adaptive: bool = True):
+        self.adaptive = adaptive
+
+    def _beta1(self, group: dict[str, Any]) -> float:
+        return group["betas"][0] if self.adaptive else group["momentum"]
+
+    def init_state(self, state, shape, group, param):
+        dtype, device = state_dtype(group, param), param.device
+        projected = tuple(shape) != tuple(param.shape)  # the state is for P^T G
+        if self._beta1(group) > 0:
+            state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
+        if self.adaptive and not projected:
+            sn = bool(group.get("subset_norm"))  # a group without the key: Adam's element-wise v
+            state["exp_avg_sq"] = torch.zeros(SN.subset_state_shape(shape, sn), dtype=dtype, device=device)
+
+    def _numerator(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
+        beta1 = self._beta1(group)
+        if beta1 == 0:
+            return g
+        if "exp_avg" not in state:
+            raise ValueError(f"{'betas[0]' if self.adaptive else 'momentum'}={beta1} > 0 but this parameter's state has"
+                             " no first moment (it was allocated with 0); set it before the first step")
+        return _ema_stored_(state["exp_avg"], g, beta1)
+
+    def direction(self, g, state, group, t, lr):
+        num = self._numerator(g, state, group)
+        if "exp_avg_sq" not in state:  # momentum only: SM's subspace part, or SGD with momentum
+            return num.clone()
+        beta1, (_, beta2) = self._beta1(group), group["betas"]
+        extra = state.extra if isinstance(state, ChunkState) else {}
+        if "denom" in extra:  # one statistic per column: updated over every row chunk first
+            denom = extra["denom"]
+            d = num.view(-1, denom.shape[-1]) / denom
+        else:
+            denom, g2 = _sn_update_(state["exp_avg_sq"], g, beta2, group["eps"])
+            d = num.view(g2.shape) / denom
+        return d.mul_(SN.step_scale(t, beta1, beta2)).view(g.shape)
+
+    # ---- the chunked step: whole rows of a subset-normed matrix, elements otherwise ----
+
+    def chunk_align(self, shape, group, state):
+        v = state.get("exp_avg_sq")
+        if v is None or _subset_layout(v, math.prod(shape)) == "element":
+            return 1
+        return shape[1]
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        view = ChunkState(state, start, stop)
+        if "exp_avg" in state:
+            view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
+        v = state.get("exp_avg_sq")
+        if v is not None:
+            layout = _subset_layout(v, math.prod(shape))
+            if layout == "element":
+                view["exp_avg_sq"] = v.view(-1)[start:stop]
+            elif layout == "row":
+                view["exp_avg_sq"] = v[start // shape[1] : stop // shape[1]]
+            elif ctx is not None:
+                view.extra["denom"] = ctx
+        return view
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+        """One statistic per column: the column sums of ``g^2`` over every row chunk, then the EMA
+        and the denominator (handed to each chunk)."""
+        v = state.get("exp_avg_sq")
+        if v is None or _subset_layout(v, math.prod(shape)) != "column":
+            return None
+        n = shape[1]
+        sq = torch.zeros((1, n), dtype=torch.float32, device=v.device)
+        for start, stop in bounds:
+            g = stabilized(start, stop, self.chunk_state(state, start, stop, shape, group))
+            sq.add_(SN.subset_sq_norms(g.view(-1, n), 0))
+        v32 = _ema_stored_(v, sq, group["betas"][1])
+        return SN.sn_denominator(v32, group["eps"])
+
+    def transient_bytes(self, numel, shape, group, state):
+        """The direction and ``g^2`` (float32); per element also ``sqrt(v) + eps``; float32 copies of
+        low-precision moments."""
+        m = state.get("exp_avg")
+        low_m = 4 * numel if m is not None and _low_precision(m) else 0
+        v = state.get("exp_avg_sq")
+        if v is None:
+            return 4 * numel + low_m
+        element = _subset_layout(v, math.prod(shape)) == "element"
+        low_v = 4 * numel if element and _low_precision(v) else 0
+        return (12 if element else 8) * numel + low_m + low_v
+
+
+class SubsetNormStep(CombineRule):
+    """The Subset-Norm step size on a projected parameter's combined direction (SNSM): ``inner``'s
+    full-size direction ``u`` (Subspace-Momentum: ``P m + (G - P P^T G)``) divided by the subset
+    norms of the raw gradient ``G``, ``v <- b2 v + (1 - b2) ||G_Psi||^2``, and scaled by
+    ``sqrt(1 - b2^t) / (1 - b1^t)``: ``u sqrt(1 - b2^t) / ((1 - b1^t)(sqrt(v) + eps))``, as the
+    authors' ``GenericOptim`` with ``momentum_type="sm", second_moment_type="sn"``.
+
+    State: ``sn_exp_avg_sq`` (``(m, 1)`` or ``(1, n)``; ``(m, n)`` when the group's
+    ``subset_norm`` is ``False``), not reset when the subspace changes (only the momentum is).
+    """
+
+    def __init__(self, inner: CombineRule):
+        self.inner = inner
+        self.state_keys = (*inner.state_keys, "sn_exp_avg_sq")
+
+    def init_state(self, state, param, group):
+        self.inner.init_state(state, param, group)
+        shape = SN.subset_state_shape(param.shape, group["subset_norm"])
+        state["sn_exp_avg_sq"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
+
+    @staticmethod
+    def _scale(state: dict[str, Tensor], group: dict[str, Any]) -> float:
+        beta1, beta2 = group["betas"]
+        return SN.step_scale(state["step"].item(), beta1, beta2)
+
+    def direction(self, g, low, d_low, state, group, projection):
+        u = self.inner.direction(g, low, d_low, state, group, projection)
+        denom, g2 = _sn_update_(state["sn_exp_avg_sq"], g, group["betas"][1], group["eps"])
+        return u.view(g2.shape).div_(denom).mul_(self._scale(state, group)).view(g.shape)
+
+    def prepare(self, g, low, d_low, state, group, projection, bounds):
+        inner = self.inner.prepare(g, low, d_low, state, group, projection, bounds)
+        v = state["sn_exp_avg_sq"]
+        denom = None
+        if _subset_layout(v, g.numel()) == "column":  # column sums over every row block first
+            sq = torch.zeros((1, g.shape[1]), dtype=torch.float32, device=v.device)
+            for a, b in bounds:
+                sq.add_(SN.subset_sq_norms(g[a:b].float(), 0))
+            denom = SN.sn_denominator(_ema_stored_(v, sq, group["betas"][1]), group["eps"])
+        return inner, denom, self._scale(state, group)
+
+    def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        inner, denom, scale = ctx
+        u = self.inner.direction_rows(g_rows, low, d_low, state, group, projection, start, stop, inner)
+        if denom is None:  # per row or per element: the rows' own statistics
+            denom, _ = _sn_update_(state["sn_exp_avg_sq"][start:stop], g_rows, group["betas"][1], group["eps"])
+        return u.div_(denom).mul_(scale)
+
+    def transient_bytes(self, shape, group, state, projection, rows):
+        """``inner``'s, plus ``G^2`` of the rows (and their float32 copy in the column pass) and, per
+        element, ``sqrt(v) + eps`` and a float32 copy of a low-precision ``v``."""
+        n = shape[1]
+        v = state["sn_exp_avg_sq"]
+        element = _subset_layout(v, math.prod(shape)) == "element"
+        extra = (8 + 4 * element + 4 * (element and _low_precision(v))) * rows * n
+        return self.inner.transient_bytes(shape, group, state, projection, rows) + extra
+
+
+# ---- recipes ---------------------------------------------------------------------------------
+
+SN_REFERENCE = ("Nguyen & Nguyen 2024 (ICML 2025), Subset-Norm and Subspace-Momentum: Faster Memory-Efficient"
+                " Adaptive Optimization with Convergence Guarantees")
+SN_HPARAMS = (LR(1e-3), BETAS(), EPS(1e-6), WEIGHT_DECAY(0.0))
+SM_PROJECTIONS = (*SVD_LIKE, *COORDINATE_METHODS)
+
+
+def sm_hparams() -> tuple[HParam, ...]:
+    """Subspace-Momentum's per-group settings: the shared subspace ones (SVD, rank 128, moments
+    reset at a refresh as the authors do, scale 1) and the complement's rule (FRUGAL's keys)."""
+    return (
+        *subspace_hparams("svd", SM_PROJECTIONS, scale=1.0, moment_policy="reset"),
+        _choice("free_rule", "sgd", ("sgd", "signsgd"),
+                "step of the complement G - P P^T G: 'sgd' (Subspace-Momentum) or 'signsgd' (FRUGAL's)"),
+        HParam("free_lr_scale", 1.0, nonneg, "a finite float >= 0", "the complement's step / the subspace's (1 in the paper)"),
+    )
+
+
+ADAMW_SN = Recipe(
+    name="adamw_sn",
+    summary="AdamSN: Adam with one second moment per row of the longer side of each 2-D weight (Subset-Norm)",
+    reference=f"{SN_REFERENCE}, Section 3 (AdamSN; timmytonga/sn-sm adamw_sn.py)",
+    moment=SubsetNormMoments(),
+    hparams=SN_HPARAMS,
+    group_hparams=(SUBSET_NORM,),
+    decay_after_update=True,
+)
+
+ADAMW_SNSM = Recipe(
+    name="adamw_snsm",
+    summary="AdamSNSM: momentum in a rank-r SVD subspace, SGD on the complement, Subset-Norm step size",
+    reference=f"{SN_REFERENCE}, Sections 3-4 (AdamSNSM; timmytonga/sn-sm GenericOptim, momentum_type='sm',"
+              " second_moment_type='sn')",
+    moment=SubsetNormMoments(),
+    hparams=SN_HPARAMS,
+    group_hparams=(*sm_hparams(), SUBSET_NORM),
+    projection=SubspaceProjection(),
+    combine=SubsetNormStep(ProjectBack(StateFreeResidual())),
+    decay_after_update=True,
+    validate_group=_check_subspace_group,
+)
+
+MOMENTUM = HParam("momentum", 0.9, in_unit_interval, "a float in [0, 1)",
+                  "b1 of the momentum m <- b1 m + (1 - b1) P^T g (0: plain SGD)")
+
+SGD_SM = Recipe(
+    name="sgd_sm",
+    summary="SGD with Subspace-Momentum: momentum of P^T G in a rank-r SVD subspace, plain SGD on the complement",
+    reference=f"{SN_REFERENCE}, Section 4 (Subspace-Momentum; timmytonga/sn-sm GenericOptim, sgd with momentum_type='sm')",
+    moment=SubsetNormMoments(adaptive=False),
+    hparams=(LR(1e-3), MOMENTUM, WEIGHT_DECAY(0.0)),
+    group_hparams=sm_hparams(),
+    projection=SubspaceProjection(),
+    residual=StateFreeResidual(),
+    decay_after_update=True,
+    validate_group=_check_subspace_group,
+)
+
+
+class AdamWSN(LowMemOptimizer):
+    """Drop-in for the authors' ``AdamWSN`` (timmytonga/sn-sm ``adamw_sn.py``), on the lowmem engine.
+
+    A parameter group with ``sn=True`` (the authors' key; lowmem's is ``subset_norm``) keeps one
+    second moment per row of the longer side of each 2-D parameter; other groups are AdamW with the
+    same step: ``eps`` on the raw ``sqrt(v)``, step size ``lr sqrt(1 - b2^t) / (1 - b1^t)``, decoupled
+    decay after the update. ``betas=(0, b2)`` keeps no first moment (RMSPropSN).
+    ``create_optimizer(model, "adamw_sn")`` builds the groups the authors recommend.
+
+    Args:
+        params: Parameters or parameter groups (``sn`` / ``subset_norm`` per group).
+        lr (`float`, defaults to `1e-3`): Learning rate (the authors use about 10x Adam's).
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Moment decay rates.
+        eps (`float`, defaults to `1e-6`): Added to ``sqrt(v)`` (before bias correction).
+        weight_decay (`float`, defaults to `0.0`): Decoupled, applied after the update.
+        correct_bias (`bool`, defaults to `True`): Only ``True`` is supported.
+        no_deprecation_warning (`bool`, defaults to `False`): Accepted and ignored.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
+        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+    """
+
+    recipe = ADAMW_SN
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
+                 no_deprecation_warning: bool = False, *, state_dtype: str = "float32", foreach: bool | None = None):
+        if not correct_bias:
+            raise ValueError("correct_bias=False is not supported; valid: correct_bias=True")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
+                         foreach=foreach)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "sn" in param_group:  # the authors' name for subset_norm
+            if "subset_norm" in param_group:
+                raise ValueError("give either 'sn' (the authors' key) or 'subset_norm', not both")
+            param_group = {**{k: v for k, v in param_group.items() if k != "sn"}, "subset_norm": param_group["sn"]}
+        super().add_param_group(param_group)
+
+
+_HEAD = {"output": {"subset_norm": True}}  # the authors apply SN to every nn.Linear, the head included
+register(ADAMW_SN, AdamWSN, state_precision="fp32", second_moment="blockwise", target_key="subset_norm",
+         embedding_groups=_HEAD, example_hparams={"lr": 1e-2})
+register(ADAMW_SNSM, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
+         example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-2})
+register(SGD_SM, state_precision="fp32", second_moment="none", example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-1})
+
+__all__ = ["ADAMW_SN", "ADAMW_SNSM", "SGD_SM", "AdamWSN", "SubsetNormMoments", "SubsetNormStep"]
