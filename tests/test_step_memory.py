@@ -213,6 +213,11 @@ MEASURED = {
     "adafactor": ({}, "plain", 2),
     "adafactor_beta1": ({"beta1": 0.9}, "plain", 2),
     "adam_mini": ({}, "plain", 2),
+    # normalized hybrids (issue 14): SCALE's rows in chunks; SinkGD and Muon whole (Muon's default
+    # Nesterov path, 57 MiB here, is measured in test_normalized's slow test)
+    "scale": ({"scale_role": "head"}, "plain", 2),
+    "sinkgd": ({}, "plain", 2),
+    "muon": ({"nesterov": False}, "plain", 2),
     # not chunked, reported honestly: the exact SVD refresh (galore-torch's)
     "galore_adamw_svd": ({"rank": 64, "update_proj_gap": 200}, "refresh", 1),
 }
