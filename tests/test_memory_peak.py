@@ -35,11 +35,13 @@ def test_estimated_total_within_10_percent_of_measured_peak(name):
                            steps=2, device="cpu")
     est = r.estimate
     assert est.details["parameters"] > 20_000_000
-    assert est.optimizer_transient > 0, "every engine optimizer allocates something in its step"
+    # every engine optimizer allocates something in its step, but LOMO's SGD (in place on float32 tensors)
+    assert est.optimizer_transient > 0 or name == "lomo", "every engine optimizer allocates something in its step"
     ratio = est.total / r.measured["total"]
     assert ratio == pytest.approx(1.0, abs=0.10), r.table()
     # the transient itself: the estimate never undercounts by more than the tracker's noise
-    assert est.optimizer_transient >= 0.9 * r.measured["optimizer_transient"], r.table()
+    # (1 KiB: the step's scalars, which are all LOMO's measured transient: 351 bytes)
+    assert est.optimizer_transient >= 0.9 * r.measured["optimizer_transient"] - 1024, r.table()
 
 
 def test_total_is_the_peak_not_the_sum():
