@@ -15,6 +15,27 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+
+def _quiet_bitsandbytes_hub_kernel_notice() -> None:
+    """bitsandbytes logs, on CPUs with AVX512-BF16, that an optional kernel it would download from
+    the Hugging Face Hub (``kernels``) is missing. lowmem never downloads and tests bitsandbytes'
+    own CPU fallback, so that one record is dropped (a filter on its logger: every other record of
+    bitsandbytes still shows). ``LOWMEM_DEBUG=1`` keeps it."""
+    import logging
+    import os
+
+    if os.environ.get("LOWMEM_DEBUG"):
+        return
+
+    class _DropHubKernelNotice(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelNotice())
+
+
+_quiet_bitsandbytes_hub_kernel_notice()
+
 _LAZY = {
     "create_optimizer": "lowmem.optim",
     "list_optimizers": "lowmem.optim",

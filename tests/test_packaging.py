@@ -99,3 +99,20 @@ def test_import_lowmem_is_light_and_api_resolves_lazily():
             "assert callable(lowmem.create_optimizer) and callable(lowmem.estimate_memory); "
             "assert {'create_optimizer', 'list_optimizers', 'estimate_memory'} <= set(dir(lowmem))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped_and_nothing_else():
+    """`import lowmem` drops bitsandbytes' notice about a Hub kernel it cannot download (lowmem never
+    downloads), and only that record of its logger."""
+    import logging
+
+    import lowmem  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def passes(msg: str) -> bool:
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, ("No module named 'kernels'",), None)
+        return all(f.filter(record) for f in logger.filters)
+
+    assert not passes("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...")
+    assert passes("some other bitsandbytes warning: %s")
