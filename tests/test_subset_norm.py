@@ -1,0 +1,235 @@
+"""Subset-Norm and Subspace-Momentum (Nguyen & Nguyen 2024): adamw_sn, adamw_snsm, sgd_sm.
+
+Parity of ``adamw_sn`` with pytorch_optimizer's ``AdamWSN`` (4.1.0, the dev extra), groups from a
+model as the authors build them, exact state sizes, the chunked step against the whole one, and
+the step's transient (reported on the meta device, measured in a fresh process). The trajectories
+against the paper's plain loops are in tests/test_reference.py (lowmem/optim/references/subset_norm.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lowmem
+from lowmem.optim import create_optimizer
+from lowmem.optim.recipes.subset_norm import AdamWSN
+from lowmem.optim.registry import bytes_per_param
+
+MiB = 2**20
+NAMES = ("adamw_sn", "adamw_snsm", "sgd_sm")
+
+
+def _grads(shape, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(steps):
+        g = torch.randn(shape, generator=gen) * (1 + t % 3)
+        if t == 4:
+            g.view(-1)[:3] *= 50.0
+        out.append(g)
+    return out
+
+
+# ---- parity with pytorch_optimizer's AdamWSN ----------------------------------------------------
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.0, 0.99)], ids=["adam", "rmsprop"])
+def test_adamw_sn_equals_pytorch_optimizer(betas):
+    """pytorch_optimizer's AdamWSN with ``sn=True`` sums ``g^2`` over contiguous flat subsets of
+    ``subset_size``: ``subset_size = n`` is one subset per row. The authors' partition of a wide
+    matrix is per column: the peer steps its transpose. Vectors: ``sn=False`` (element-wise)."""
+    po = pytest.importorskip("pytorch_optimizer")
+    torch.manual_seed(0)
+    shapes = [(40, 24), (24, 40), (40,)]
+    starts = [torch.randn(s) for s in shapes]
+    grads = [_grads(s, 20, seed=i) for i, s in enumerate(shapes)]
+    hp = {"lr": 1e-2, "betas": betas, "weight_decay": 0.1, "eps": 1e-6}
+    ours = [torch.nn.Parameter(x.clone()) for x in starts]
+    opt = create_optimizer(ours, "adamw_sn", **hp)
+    opt.chunk_numel = 64  # the chunked step: whole rows, column statistics over the row chunks
+    theirs = [torch.nn.Parameter(starts[0].clone()), torch.nn.Parameter(starts[1].t().contiguous()),
+              torch.nn.Parameter(starts[2].clone())]
+    peer = po.AdamWSN([{"params": theirs[:1], "sn": True, "subset_size": 24},
+                       {"params": theirs[1:2], "sn": True, "subset_size": 24},
+                       {"params": theirs[2:], "sn": False}], foreach=False, **hp)
+    worst = 0.0
+    for t in range(20):
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad = g[t].clone()
+            q.grad = (g[t].t() if g[t].ndim == 2 and q.shape != g[t].shape else g[t]).contiguous().clone()
+        opt.step()
+        peer.step()
+        for p, q in zip(ours, theirs):
+            q_ = q.detach().t() if q.shape != p.shape else q.detach()
+            torch.testing.assert_close(p.detach(), q_, rtol=1e-5, atol=1e-6)
+            worst = max(worst, float((p.detach() - q_).abs().max()))
+    # the state: one statistic per row of the tall matrix, per column of the wide one, per element of the vector
+    assert opt.state[ours[0]]["exp_avg_sq"].shape == (40, 1)
+    assert opt.state[ours[1]]["exp_avg_sq"].shape == (1, 40)
+    assert opt.state[ours[2]]["exp_avg_sq"].shape == (40,)
+    torch.testing.assert_close(opt.state[ours[1]]["exp_avg_sq"].t(), peer.state[theirs[1]]["exp_avg_sq"], rtol=1e-5, atol=0)
+    assert ("exp_avg" in opt.state[ours[0]]) == (betas[0] > 0)  # RMSPropSN keeps no first moment
+    assert worst < 1e-5
+
+
+def test_adamw_sn_class_takes_the_authors_groups():
+    """``AdamWSN`` as the authors' class: ``sn=True`` groups are subset-normed, others are AdamW."""
+    a, b = torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(8, 6))
+    opt = AdamWSN([{"params": [a], "sn": True}, {"params": [b]}], lr=1e-2)
+    assert opt.param_groups[0]["subset_norm"] is True and "sn" not in opt.param_groups[0]
+    a.grad, b.grad = torch.randn(8, 6), torch.randn(8, 6)
+    opt.step()
+    assert opt.state[a]["exp_avg_sq"].shape == (8, 1)
+    assert opt.state[b]["exp_avg_sq"].shape == (8, 6)
+    with pytest.raises(ValueError, match="correct_bias"):
+        AdamWSN([a], correct_bias=False)
+    with pytest.raises(ValueError, match="not both"):
+        AdamWSN([{"params": [a], "sn": True, "subset_norm": True}])
+    with pytest.raises(ValueError, match="subset_norm"):
+        AdamWSN([{"params": [a], "sn": "yes"}])
+
+
+def test_first_moment_cannot_appear_after_allocation():
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt = create_optimizer([p], "adamw_sn", betas=(0.0, 0.999))
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    with pytest.raises(ValueError, match=r"betas\[0\]=0.9"):
+        opt.step()
+
+
+# ---- groups from a model --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_groups_from_a_model(tiny_model, name):
+    """Projection layers and the output head take Subset-Norm (the authors' nn.Linear rule; the SM
+    recipes project the projection layers, not the head); embeddings, norms and biases keep Adam's
+    element-wise second moment (SGD with momentum for sgd_sm)."""
+    model, _ = tiny_model
+    opt = create_optimizer(model, name, rank=4) if name != "adamw_sn" else create_optimizer(model, name)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    head = model.get_output_embeddings().weight
+    emb = model.get_input_embeddings().weight
+    assert head is not emb
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    seen = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st, n = opt.state[p], ids[id(p)]
+            if name == "sgd_sm":
+                assert "exp_avg_sq" not in st and "sn_exp_avg_sq" not in st
+                continue
+            if p is emb or p.ndim == 1:
+                assert st["exp_avg_sq"].shape == p.shape, n
+            elif p is head or name == "adamw_sn":
+                assert st["exp_avg_sq"].shape == (p.shape[0], 1) if p.shape[0] >= p.shape[1] else (1, p.shape[1]), n
+                seen += 1
+            else:  # projected: momentum of P^T G, the SN statistic of G in the combine step
+                assert "proj_meta" in st and st["exp_avg"].numel() < p.numel(), n
+                assert st["sn_exp_avg_sq"].numel() == max(p.shape), n
+                seen += 1
+    assert seen > 2 or name == "sgd_sm"
+
+
+# ---- state bytes ------------------------------------------------------------------------------------
+
+
+def test_state_bytes_per_param_at_4096():
+    n = 4096 * 4096
+    assert bytes_per_param("adamw_sn") == (4 * n + 4 * 4096) / n  # m, one v per row: 4.001
+    assert bytes_per_param("adamw_sn", betas=(0.0, 0.999)) == 4 * 4096 / n  # RMSPropSN: 0.001
+    # rank 128: m (128 x 4096), the basis (4096 x 128), the SN statistic, the projection's 6 int64 counters
+    assert bytes_per_param("adamw_snsm") == (4 * 128 * 4096 * 2 + 4 * 4096 + 8 * 6) / n  # 0.251
+    assert bytes_per_param("sgd_sm") == (4 * 128 * 4096 * 2 + 8 * 6) / n  # 0.250
+
+
+# ---- the step in chunks, transients ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,shape,hp", [
+    ("adamw_sn", (37, 29), {}), ("adamw_sn", (29, 37), {"betas": (0.0, 0.9)}), ("adamw_sn", (37, 29), {"subset_norm": False}),
+    ("adamw_snsm", (37, 29), {"rank": 4, "update_proj_gap": 2}), ("adamw_snsm", (29, 37), {"rank": 4, "update_proj_gap": 2}),
+    ("adamw_snsm", (29, 37), {"rank": 4, "update_proj_gap": 2, "subset_norm": False}),
+    ("sgd_sm", (29, 37), {"rank": 4, "update_proj_gap": 2}),
+], ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_step_equals_whole_step(name, shape, hp, dtype):
+    """Row chunks of 128 elements (several, the last partial): per-row statistics are row-local, per-
+    column ones are summed over the chunks first (rounding only); bf16 parameters take the rows path
+    without a full float32 copy of the gradient."""
+    results = []
+    for chunk in (None, 128):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(shape).to(dtype))
+        opt = create_optimizer([p], name, lr=1e-2, **hp)
+        opt.chunk_numel = chunk
+        for g in _grads(shape, 5):
+            p.grad = g.to(dtype)
+            opt.step()
+        results.append((p.detach().float(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (wp, ws), (cp, cs) = results
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(cp, wp, **tol)
+    assert set(ws) == set(cs)
+    for k in ws:
+        torch.testing.assert_close(cs[k].float(), ws[k].float(), rtol=1e-4, atol=1e-6)
+
+
+def test_step_transient_on_meta_is_bounded_by_the_chunk():
+    """adamw_sn is chunked in whole rows: its transient depends on the chunk, not on the tensor."""
+    sizes = {}
+    for shape in ((4096, 4096), (8192, 8192), (2048, 8192)):
+        p = torch.nn.Parameter(torch.empty(shape, device="meta"))
+        opt = create_optimizer([p], "adamw_sn")
+        opt.materialize_state()
+        sizes[shape] = opt.step_transient_bytes()
+        opt.chunk_numel = None
+        assert opt.step_transient_bytes() >= 8 * p.numel()  # g^2 and the direction, whole
+    assert sizes[(4096, 4096)] == sizes[(8192, 8192)] == sizes[(2048, 8192)] == 8 * 2**19
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+MEASURED = {
+    "adamw_sn": ({}, "plain", 2),
+    "adamw_sn_wide": ({}, "plain", 2),  # per-column statistics: the column pass over row chunks
+    "adamw_snsm": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
+    "adamw_snsm_rsvd": ({"rank": 64, "update_proj_gap": 2, "projection": "rsvd"}, "refresh", 3),
+    "sgd_sm": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
+}
+
+
+@needs_proc
+def test_step_peak_is_bounded_and_reported():
+    """Peak RSS growth of real steps on a 2048 x 2048 weight (1024 x 4096 for the wide case) in a fresh
+    process stays under 64 MiB and below step_transient_bytes() (+10% + 1 MiB); for the chunked
+    adamw_sn the report is also tight (within 2x + 4 MiB)."""
+    from lowmem.optim.step_memory import LIVE_ENV, measure_steps
+
+    labels = sorted(MEASURED)
+    specs = [{"name": label.replace("_wide", "").replace("_rsvd", ""), "shape": [1024, 4096] if "wide" in label else [2048, 2048],
+              "hparams": MEASURED[label][0], "mode": MEASURED[label][1], "steps": MEASURED[label][2]} for label in labels]
+    rows = dict(zip(labels, measure_steps(specs, env=LIVE_ENV)))
+    for label, r in rows.items():
+        grown, reported = r["growth_bytes"], r["transient_bytes"]
+        assert grown <= 64 * MiB, (label, grown / MiB)
+        assert grown <= 1.1 * reported + MiB, (label, grown / MiB, reported / MiB)
+        if label.startswith("adamw_sn") and "snsm" not in label or MEASURED[label][1] == "refresh":
+            assert reported <= 2 * grown + 4 * MiB, (label, grown / MiB, reported / MiB)
+
+
+# ---- the registry -------------------------------------------------------------------------------
+
+
+def test_registered_with_metadata():
+    entries = {e.name: e for e in lowmem.optim.optimizer_entries()}
+    assert entries["adamw_sn"].second_moment == "blockwise" and not entries["adamw_sn"].subspace
+    assert entries["adamw_snsm"].second_moment == "blockwise" and entries["adamw_snsm"].subspace
+    assert entries["sgd_sm"].second_moment == "none" and entries["sgd_sm"].subspace
+    assert {e.state_precision for n, e in entries.items() if n in NAMES} == {"fp32"}
