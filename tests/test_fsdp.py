@@ -28,7 +28,7 @@ pytestmark = pytest.mark.distributed
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam"]
 REFUSED = ["adafactor", "adamw4bit_rank1", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
            "fira_adamw8bit", "frugal", "frugal8bit", "osd_adamw", "apollo_adamw", "apollo_mini",
-           "muon", "scale", "sinkgd", "adam_mini"]
+           "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm"]
 STEPS = 3
 # checkpointed through torch.distributed.checkpoint: each kind of state (float32 moments, with a
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window)
