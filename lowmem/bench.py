@@ -65,10 +65,29 @@ class BenchResult:
 SPREAD_LIMIT = 0.10
 
 
+def _tensor_bytes(value: Any, depth: int = 0) -> int:
+    """Bytes of the tensors in one optimizer-state value: a tensor, a list / tuple / dict of them, or an
+    object holding them as attributes (galore-torch keeps its projection matrix in a projector object;
+    two levels deep is enough for every peer package we bench)."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if depth >= 2:
+        return 0
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, depth + 1) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return sum(_tensor_bytes(v, depth + 1) for v in vars(value).values())
+    return 0
+
+
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Optimizer-state bytes: lowmem's exact ``state_bytes()``, else every tensor reachable from ``opt.state``
+    (including those inside objects, see :func:`_tensor_bytes`)."""
     if hasattr(opt, "state_bytes"):
         return opt.state_bytes()
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    return sum(_tensor_bytes(v) for st in opt.state.values() for v in st.values())
 
 
 def default_hparams(name: str, lr: float, rank: int | None) -> dict[str, Any]:
@@ -158,6 +177,37 @@ class _Contender:
     rng: tuple
     times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    scheduler: Any = None
+
+
+def train_interleaved(contenders: list[_Contender], batches, device: str, progress: bool = True, desc: str = "bench") -> None:
+    """Train every contender on the same batches, interleaved: at each step all of them take that step's
+    batch in an order that rotates from step to step, so that a change in machine load hits every one
+    alike. Only ``optimizer.step()`` is timed (``c.times``); ``c.scheduler.step()`` (if any) follows it,
+    untimed. Each contender runs on its own random stream (``c.rng``), so its losses are those of a run
+    on its own. ``batches`` yields dicts of CPU tensors for ``model(**batch)``."""
+    from tqdm.auto import tqdm
+
+    n = len(contenders)
+    for i, batch in enumerate(tqdm(batches, desc=f"{desc}: {n} optimizers", disable=not progress, leave=False)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for j in range(n):  # rotate who goes first
+            c = contenders[(i + j) % n]
+            _set_rng_state(c.rng)
+            loss = c.model(**batch).loss
+            loss.backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            c.opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            c.times.append(time.perf_counter() - t0)
+            if c.scheduler is not None:
+                c.scheduler.step()
+            c.opt.zero_grad(set_to_none=True)
+            c.losses.append(loss.item())
+            c.rng = _rng_state(device)
 
 
 def run_bench(
@@ -202,8 +252,6 @@ def run_bench(
     """
     import copy
 
-    from tqdm.auto import tqdm
-
     from lowmem.kit import load_model_and_tokenizer
     from lowmem.optim import build_param_groups, create_optimizer
 
@@ -242,24 +290,7 @@ def run_bench(
             contenders.append(_Contender(label, hp, m, opt, _rng_state(device)))
         del model
 
-        n = len(contenders)
-        for i, batch in enumerate(tqdm(batches, desc=f"bench {n} optimizers", disable=not progress, leave=False)):
-            batch = move(batch)
-            for j in range(n):  # rotate who goes first
-                c = contenders[(i + j) % n]
-                _set_rng_state(c.rng)
-                loss = c.model(**batch).loss
-                loss.backward()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                c.opt.step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                c.times.append(time.perf_counter() - t0)
-                c.opt.zero_grad(set_to_none=True)
-                c.losses.append(loss.item())
-                c.rng = _rng_state(device)
+        train_interleaved(contenders, batches, device, progress=progress)
 
         results: list[BenchResult] = []
         base_times = contenders[0].times[warmup:]
@@ -392,7 +423,12 @@ def bench_threads(requested: int | None) -> int:
     return env_threads() or 1
 
 
+TINY_DEFAULTS = {"steps": 100, "lr": 3e-3, "batch_size": 16}
+
+
 def main(args) -> int:
+    """``lowmem bench``: the tiny task (default), ``--task text`` (:mod:`lowmem.bench_text`) or ``--shapes SET``
+    (:mod:`lowmem.bench_shapes`)."""
     from lowmem.optim import get_entry, optimizer_entries
 
     names = args.optimizers or [e.name for e in optimizer_entries() if e.recipe is not None]
@@ -404,15 +440,35 @@ def main(args) -> int:
             if unknown:
                 raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
     threads = bench_threads(getattr(args, "threads", None))
+    if getattr(args, "seeds", 1) < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if getattr(args, "shapes", None):
+        if args.task != "tiny":
+            raise ValueError("--shapes times optimizer.step() alone: it does not combine with --task")
+        from lowmem.bench_shapes import main as shapes_main
+
+        return shapes_main(args, names, threads)
+    if getattr(args, "task", "tiny") == "text":
+        from lowmem.bench_text import main as text_main
+
+        return text_main(args, names, threads)
+    for flag in ("peers", "lr_sweep"):
+        if getattr(args, flag, False):
+            raise ValueError(f"--{flag.replace('_', '-')} needs --task text (or --shapes for --peers)")
+    if getattr(args, "seeds", 1) != 1:
+        raise ValueError("--seeds needs --task text (the tiny task runs one seed: --seed)")
+    steps = args.steps if args.steps is not None else TINY_DEFAULTS["steps"]
+    lr = args.lr if args.lr is not None else TINY_DEFAULTS["lr"]
+    batch_size = args.batch_size if args.batch_size is not None else TINY_DEFAULTS["batch_size"]
     repeats = getattr(args, "repeats", 5)
-    round_slices(args.steps - WARMUP, repeats)  # too few steps for the rounds: fail before loading anything
+    round_slices(steps - WARMUP, repeats)  # too few steps for the rounds: fail before loading anything
     results = run_bench(
-        names, steps=args.steps, model_path=args.model, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
+        names, steps=steps, model_path=args.model, lr=lr, rank=args.rank, batch_size=batch_size,
         seed=args.seed, device=args.device, optim_args=_parse_optim_args(args.optim_args), warmup=WARMUP,
         repeats=repeats, threads=threads,
     )
     meta = {
-        "title": f"lowmem bench: {args.steps} steps, lr {args.lr}, batch {args.batch_size}",
+        "title": f"lowmem bench: {steps} steps, lr {lr}, batch {batch_size}",
         "torch": torch.__version__, "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "model": args.model or "embedded tiny Llama", "date": time.strftime("%Y-%m-%d"),
         "threads": threads, "repeats": repeats, "warmup": WARMUP,

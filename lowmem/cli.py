@@ -126,27 +126,62 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="measure optimizers side by side (state bytes, step time vs torch AdamW, loss)",
         description="Train the same model from the same weights on the same batches with each optimizer, "
         "and report state bytes per parameter, steady-state step time relative to torch.optim.AdamW "
-        "(interleaved with it step by step; median and spread over --repeats rounds) and loss. Writes bench.json "
-        "and bench.md.",
+        "(interleaved with it step by step; median and spread over --repeats rounds) and loss. Three tasks: "
+        "the embedded tiny model (default; writes bench.json and bench.md), --task text (a byte-level Llama on the "
+        "Python standard library's source, recommended settings per optimizer, peers, lr sweep, seeds; writes "
+        "bench_text.json/.md) and --shapes SET (optimizer.step() alone on real-size weight shapes; writes "
+        "bench_shapes.json/.md). docs/benchmarks.md has the recorded runs.",
     )
     p.add_argument("optimizers", nargs="*", metavar="NAME[:k=v,...]",
                    help="registered optimizer names (default: every engine optimizer); NAME:key=value,... "
                    "benches that setting as a row of its own, e.g. microadam:k_init=0.05,m=2")
-    p.add_argument("--steps", type=int, default=100, help="training steps per optimizer (default 100)")
-    p.add_argument("--model", default=None, help="local causal-LM directory (default: embedded tiny Llama)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate for every optimizer (default 3e-3)")
-    p.add_argument("--rank", type=int, default=None, help="rank of subspace recipes (default: hidden size / 4)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--task", choices=["tiny", "text"], default="tiny",
+                   help="str: 'tiny' = the embedded tiny Llama on synthetic addition, one lr for all; 'text' = a "
+                   "byte-level Llama (transformers LlamaConfig, 256 bytes + 3 specials) trained on the Python standard "
+                   "library's *.py files, split by file into train / held-out by a hash of the path, warm-up + cosine "
+                   "decay, each optimizer at its recommended lr (table with sources in lowmem/bench_peers.py). Default: tiny")
+    p.add_argument("--shapes", choices=["llama-7b-layer", "hidden-1024", "hidden-2048"], default=None,
+                   help="str: time optimizer.step() alone (random gradients, no forward/backward) on one Llama decoder "
+                   "layer's weights: 'llama-7b-layer' (4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down, 2 norms) "
+                   "or the linear layers of a hidden-1024 / hidden-2048 layer; ratio to torch.optim.AdamW(foreach=True), "
+                   "medians of --repeats interleaved rounds, first step (SVD / projection refresh) reported apart. Default: none "
+                   "(train a task)")
+    p.add_argument("--peers", action="store_true",
+                   help="bool: add the installed peer packages as rows peer:NAME (galore-torch, fira, apollo-torch, "
+                   "adam-mini, bitsandbytes, transformers' Adafactor, torchao); one not installed or unable to run "
+                   "here is listed as skipped with the reason (--task text and --shapes). Default: off")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="bool: --task text: also train every row at 1/3 and 3 x its recommended lr and report the best "
+                   "lr and its held-out loss next to the recommended one. Default: off")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="int: --task text: runs with seeds 0..N-1 (initial weights and batches); rows show the mean and "
+                   "min-max held-out loss. Default: 1")
+    p.add_argument("--text-size", choices=["small", "medium", "smoke"], default="small",
+                   help="str: --task text: model and data size; 'small' = hidden 128, 3 layers (0.65M parameters), 200 "
+                   "steps of 4 x 64 bytes (docs/benchmarks.md), 'medium' = hidden 256, 4 layers (3.4M), 300 steps of "
+                   "8 x 128 bytes, 'smoke' = a one-layer model on 200 kB for a seconds-long check. Default: small")
+    p.add_argument("--steps", type=int, default=None,
+                   help="int: training steps per optimizer (default: 100 on the tiny task, the --text-size's on text)")
+    p.add_argument("--model", default=None, help="str: tiny task: local causal-LM directory (default: the embedded tiny Llama)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="float: one learning rate for every optimizer (default: 3e-3 on the tiny task; on text each "
+                   "optimizer's recommended lr)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="int: rank of subspace recipes and peers (default: hidden size / 4; --shapes: 128)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="int: sequences per step (default: 16 on the tiny task, the --text-size's on text)")
+    p.add_argument("--seed", type=int, default=0, help="int: tiny task: seed of the model and data (default 0)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="str: where to train and time (default: cuda when available, else cpu)")
     p.add_argument("--optim-args", action="append", default=[], metavar="NAME:k=v,...",
-                   help="per-optimizer overrides, repeatable, e.g. galore_adamw:rank=8,update_proj_gap=50")
-    p.add_argument("--output-dir", default="runs/bench", help="where bench.json and bench.md go")
+                   help="str, repeatable: tiny task: per-optimizer overrides, e.g. galore_adamw:rank=8,update_proj_gap=50 "
+                   "(default: none)")
+    p.add_argument("--output-dir", default="runs/bench", help="str: where the json and md results go (default runs/bench)")
     p.add_argument("--repeats", type=int, default=5,
-                   help="rounds the timed steps (after 5 warm-up steps) are split into; each gives a step-time ratio, "
-                   "the table shows their median and spread (default 5)")
+                   help="int: rounds the timed steps (after the warm-up steps) are split into; each gives a step-time "
+                   "ratio, the table shows their median and spread (--task text: per seed; --shapes: interleaved rounds "
+                   "of one step each). Default: 5")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads during the run (default: OMP_NUM_THREADS if set, else 1)")
+                   help="int: torch CPU threads during the run (default: OMP_NUM_THREADS if set, else 1)")
     p.set_defaults(handler=run_bench)
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from lowmem.bench import BASELINE, BenchResult, round_slices, run_bench, spread_warning, step_time_ratios, summarize_ratios
 from lowmem.cli import main
@@ -120,3 +121,101 @@ def test_interleaved_contenders_do_not_disturb_each_other(tmp_path):
     alone = run_bench(["osd_adamw"], **kw)[1]
     crowd = run_bench(["adafactor", "osd_adamw", "frugal"], **kw)
     assert crowd[2].optimizer == "osd_adamw" and crowd[2].losses == alone.losses
+
+
+# ---- lowmem bench --task text (issue 14) ------------------------------------------------------------
+
+from lowmem import bench_text  # noqa: E402
+from lowmem.bench_peers import PEERS, RECOMMENDED, get_peer, peer_status, recommended  # noqa: E402
+
+SMOKE = bench_text.TEXT_SIZES["smoke"]
+
+
+def test_text_split_is_by_file_deterministic_and_disjoint():
+    root = bench_text.stdlib_root()
+    train, held = bench_text.split_files(root, 10)
+    assert train and held and not set(train) & set(held)  # no file in both sets
+    assert sorted(train + held) == sorted(set(train + held))
+    assert 0.05 < len(held) / (len(train) + len(held)) < 0.15  # ~10% of the files
+    assert "os.py" in train + held and not any("site-packages" in r for r in train + held)
+    assert bench_text.split_files(root, 10) == (train, held)  # same split every run
+    assert all(bench_text.is_heldout(r, 10) for r in held) and not any(bench_text.is_heldout(r, 10) for r in train)
+
+
+def test_text_batches_come_from_the_stream_and_eval_is_seed_independent(tmp_path):
+    for i, body in enumerate(["a = 1\n" * 50, "b = 2\n" * 50, "c = 3\n" * 50]):
+        (tmp_path / f"m{i}.py").write_text(body)
+    task = bench_text.TextTask(seq_len=8, batch_size=2, steps=3, warmup_steps=0, eval_sequences=3, heldout_percent=50)
+    train, held = bench_text.split_files(tmp_path, 50)
+    stream = bench_text.encode_files(tmp_path, train)
+    assert stream[0] == bench_text.BOS and stream[-1] == bench_text.EOS and stream.max() <= bench_text.PAD
+    b = bench_text.train_batches(stream, task, seed=0)
+    assert len(b) == 3 and b[0]["input_ids"].shape == (2, 8) and torch.equal(b[0]["input_ids"], b[0]["labels"])
+    assert torch.equal(b[1]["input_ids"], bench_text.train_batches(stream, task, seed=0)[1]["input_ids"])
+    assert not torch.equal(b[1]["input_ids"], bench_text.train_batches(stream, task, seed=1)[1]["input_ids"])
+    e = bench_text.eval_batches(stream, task)
+    assert sum(len(x["input_ids"]) for x in e) == 3
+
+
+def test_text_bench_smoke_two_optimizers_two_seeds_and_sweep():
+    """A CI-sized run of the text task: the same weights and batches for every row, recommended lrs, seeds, sweep."""
+    results, meta = bench_text.run_text_bench(["galore_adamw"], task=SMOKE, seeds=2, lr_sweep=True, repeats=2,
+                                              progress=False, threads=1)
+    rows = {r.optimizer: r for r in results}
+    base, galore = rows["torch_adamw"], rows["galore_adamw"]
+    assert results[0] is base and base.step_time_ratio == 1.0 and base.eval_loss_ratio == 1.0
+    assert len(base.eval_losses) == 2 and base.eval_losses[0] != base.eval_losses[1]  # seeds differ
+    assert base.eval_min <= base.eval_loss <= base.eval_max
+    assert galore.lr == RECOMMENDED["galore_adamw"].lr == 1e-2 and galore.hparams["rank"] == SMOKE.hidden_size // 4
+    assert galore.bytes_per_param < base.bytes_per_param and 8.0 <= base.bytes_per_param < 8.01
+    assert galore.eval_loss_ratio == pytest.approx(sum(g / b for g, b in zip(galore.eval_losses, base.eval_losses)) / 2)
+    # the sweep: 1/3 and 3 x the recommended lr, the best of the three reported
+    sweep = [r for r in results if r.sweep_of == "galore_adamw"]
+    assert sorted(r.lr for r in sweep) == pytest.approx([1e-2 / 3, 3e-2])
+    assert galore.best_eval_loss == min(r.eval_loss for r in sweep + [galore])
+    md = bench_text.to_markdown(results, meta)
+    assert "| galore_adamw | 0.01 |" in md and "best lr" in md and "@lr=" not in md
+    assert meta["train_files"] > 0 and meta["heldout_files"] > 0
+
+
+def test_text_bench_cli_peers_and_skips(tmp_path, monkeypatch):
+    """--peers adds the installed peers as peer:NAME rows; a missing one is listed as skipped, never an error."""
+    missing = bench_text.PEERS[-1]
+    monkeypatch.setattr("lowmem.bench_text.PEERS", (get_peer("transformers_adafactor"),
+                                                    missing.__class__("nope", "no_such_package_xyz", "adamw", missing.build)))
+    rc = main(["bench", "adafactor", "--task", "text", "--text-size", "smoke", "--peers", "--repeats", "2",
+               "--output-dir", str(tmp_path)])
+    assert rc == 0
+    payload = json.loads((tmp_path / "bench_text.json").read_text())
+    labels = [r["optimizer"] for r in payload["results"]]
+    assert labels == [BASELINE, "adafactor", "peer:transformers_adafactor"]
+    assert "no_such_package_xyz is not installed" in payload["meta"]["skipped_peers"]["peer:nope"]
+    rc = main(["bench", "adamw", "--task", "text", "--text-size", "smoke", "--seeds", "2", "--repeats", "2",
+               "--output-dir", str(tmp_path / "adamw")])
+    base, adamw = json.loads((tmp_path / "adamw" / "bench_text.json").read_text())["results"]
+    # lowmem's AdamW equals torch's under the same schedule: the same held-out losses in every seed
+    assert rc == 0 and adamw["eval_losses"] == pytest.approx(base["eval_losses"], rel=1e-5)
+    ours, peer = payload["results"][1], payload["results"][2]
+    # lowmem's Adafactor follows transformers' (tested elsewhere): the same held-out loss here
+    assert ours["eval_loss"] == pytest.approx(peer["eval_loss"], rel=1e-4)
+    assert "Skipped peers: peer:nope" in (tmp_path / "bench_text.md").read_text()
+
+
+def test_recommended_settings_have_sources_and_cover_the_registry():
+    from lowmem.optim import optimizer_entries
+
+    for name, rec in RECOMMENDED.items():
+        assert rec.lr > 0 and len(rec.source) > 10, name
+    for e in optimizer_entries():
+        if e.recipe is not None:
+            assert recommended(e.name).lr > 0  # an unlisted name falls back to its recipe default, said in source
+    assert all(peer_status(p) is None or "not installed" in peer_status(p) for p in PEERS)
+    with pytest.raises(ValueError, match="valid: peer:"):
+        get_peer("peer:nope")
+
+
+def test_text_flags_are_refused_where_they_do_not_apply(capsys):
+    assert main(["bench", "adamw", "--lr-sweep", "--steps", "8"]) == 2
+    assert "--lr-sweep needs --task text" in capsys.readouterr().err
+    assert main(["bench", "adamw", "--task", "text", "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err

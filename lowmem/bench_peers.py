@@ -1,0 +1,255 @@
+"""Peer packages and recommended settings for ``lowmem bench --task text`` and ``--shapes``.
+
+**Peers** are the packages lowmem's recipes replace (galore-torch, fira, apollo-torch, adam-mini,
+bitsandbytes, transformers' Adafactor, torchao), put in the same table as rows named
+``peer:<package>`` when they are installed. They are benchmark extras, never runtime dependencies:
+each is imported only when its row is built, and one that is missing (or cannot run here, e.g. a
+CUDA-only kernel) becomes a "skipped" line with the reason, never an error. ``torch.optim.AdamW`` is
+the baseline row of every table (``torch_adamw``), so it is not repeated as a peer.
+
+**Recommended settings** (:data:`RECOMMENDED`): the learning rate (and any other hyperparameter) each
+optimizer's authors recommend for pre-training / training a small LM, with the source of each value.
+Optimizers registered later that have no entry run at their recipe's default learning rate, and the
+table says so in its ``lr source`` column (``"recipe default (no entry in RECOMMENDED)"``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """One optimizer's recommended settings.
+
+    Attributes:
+        lr: Peak learning rate (the cosine schedule's maximum).
+        hparams: Other hyperparameters the source sets (besides ``rank``, which the benchmark chooses
+            from the model: hidden size / 4 on the text task, 128 on the shapes).
+        source: Where the values come from.
+    """
+
+    lr: float
+    source: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+_ADAMW_SRC = ("nanoGPT config/train_shakespeare_char.py (a ~10M-parameter character LM): learning_rate = 1e-3; "
+              "weight decay 0.01 = torch.optim.AdamW's default")
+_SAME_AS_ADAM = "uses the AdamW baseline's hyperparameters: "
+
+#: Recommended settings per registered name (see :class:`Recommended`). Keep the source next to each value.
+RECOMMENDED: dict[str, Recommended] = {
+    "torch_adamw": Recommended(1e-3, _ADAMW_SRC, {"weight_decay": 0.01}),
+    "adamw": Recommended(1e-3, _ADAMW_SRC, {"weight_decay": 0.01}),
+    "adamw8bit": Recommended(1e-3, _SAME_AS_ADAM + "Dettmers et al. 2022, Sec. 4 (8-bit optimizers keep the 32-bit "
+                             "hyperparameters)", {"weight_decay": 0.01}),
+    "adamw4bit": Recommended(1e-3, _SAME_AS_ADAM + "Li et al. 2023, Sec. 5 (4-bit states at the 32-bit baseline's "
+                             "hyperparameters)", {"weight_decay": 0.01}),
+    "adamw4bit_rank1": Recommended(1e-3, _SAME_AS_ADAM + "Li et al. 2023, Sec. 5", {"weight_decay": 0.01}),
+    "adafactor": Recommended(1e-3, "transformers docs, Adafactor: 'Adafactor(..., scale_parameter=False, "
+                             "relative_step=False, warmup_init=False, lr=1e-3)' for an external lr schedule"),
+    "galore_adamw": Recommended(1e-2, "GaLore README / Zhao et al. 2024 App. C (LLaMA 60M-1B pre-training): lr 0.01, "
+                                "galore_scale 0.25, update_proj_gap 200", {"scale": 0.25, "update_proj_gap": 200}),
+    "galore_adamw8bit": Recommended(1e-2, "GaLore README (8-bit GaLore at GaLore's settings): lr 0.01, scale 0.25",
+                                    {"scale": 0.25, "update_proj_gap": 200}),
+    "galore_adafactor": Recommended(1e-2, "GaLore's settings (lr 0.01, scale 0.25) with Adafactor on an external lr",
+                                    {"scale": 0.25, "update_proj_gap": 200}),
+    "fira_adamw": Recommended(1e-2, "Fira README pre-training scripts (llama_60m): --lr 0.01 --alpha 0.25 "
+                              "--update_proj_gap 200", {"scale": 0.25, "update_proj_gap": 200}),
+    "fira_adamw8bit": Recommended(1e-2, "Fira's settings (lr 0.01, alpha 0.25) with 8-bit projected moments",
+                                  {"scale": 0.25, "update_proj_gap": 200}),
+    "apollo_adamw": Recommended(1e-2, "APOLLO README (Zhu et al. 2024) pre-training scripts: lr 0.01, rank 256 "
+                                "(here hidden/4), scale_type channel, apollo_scale 1, update_proj_gap 200",
+                                {"scale": 1.0, "update_proj_gap": 200}),
+    "apollo_mini": Recommended(1e-2, "APOLLO README, APOLLO-Mini: lr 0.01, rank 1, scale_type tensor, apollo_scale 128",
+                               {"scale": 128.0, "update_proj_gap": 200}),
+    "frugal": Recommended(1e-3, "AdamW's lr for the state-full part, signSGD at the same lr (free_lr_scale 1), as FRUGAL "
+                          "(Zmushko et al. 2024) compares them; the paper's exact value for this size not checked"),
+    "frugal8bit": Recommended(1e-3, "FRUGAL's settings (lr 1e-3) with 8-bit projected moments"),
+    "osd_adamw": Recommended(1e-3, _SAME_AS_ADAM + "Liang et al. 2024 (OSD) run it at AdamW's lr; value for this size not checked"),
+    "microadam": Recommended(1e-3, _SAME_AS_ADAM + "Modoranu et al. 2024 run MicroAdam at Adam's learning rates; value for this size not checked"),
+    "spam": Recommended(1e-3, _SAME_AS_ADAM + "SPAM (Huang et al. 2025) LLaMA pre-training, as AdamW; value for this size not checked"),
+    "stable_spam": Recommended(1e-3, _SAME_AS_ADAM + "Stable-SPAM (Huang et al. 2025) LLaMA pre-training, as AdamW; value for this size not checked"),
+    "adam_mini": Recommended(1e-3, "adam-mini README: 'use the same hyperparameters as AdamW' (lr, betas, wd)"),
+    "muon": Recommended(1e-3, "Moonlight (Liu et al. 2025): adjust_lr_fn='match_rms_adamw' lets Muon reuse AdamW's "
+                        "lr and weight decay (lr 1e-3 here, wd 0.1 = torch.optim.Muon's default)"),
+    "scale": Recommended(1e-3, "lowmem's recipe default (Glentis et al. 2025 tune lr per model; none given for "
+                         "this size)"),
+    "sinkgd": Recommended(1e-3, "lowmem's recipe default (Scetbon et al. 2025 tune lr per model; none given for "
+                          "this size)"),
+}
+
+NO_ENTRY = "recipe default (no entry in RECOMMENDED)"
+
+
+def recommended(name: str) -> Recommended:
+    """The recommended settings of a registered optimizer (or ``torch_adamw``); one without an entry in
+    :data:`RECOMMENDED` gets its recipe's default lr (``source`` says so), or 1e-3 when the recipe has none."""
+    if name in RECOMMENDED:
+        return RECOMMENDED[name]
+    from lowmem.optim import get_entry
+
+    entry = get_entry(name)
+    lr = entry.recipe.all_hparams()["lr"].default if entry.recipe is not None and "lr" in entry.recipe.all_hparams() else None
+    if lr is None:
+        return Recommended(1e-3, NO_ENTRY + "; the recipe has no default lr: 1e-3")
+    return Recommended(float(lr), NO_ENTRY)
+
+
+# ---- peers ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer package's optimizer.
+
+    Attributes:
+        name: Row label after ``peer:``.
+        module: The import name whose presence decides whether the peer runs.
+        recipe: The lowmem recipe it compares to (its recommended settings and rank are used).
+        build: ``build(model, lr, rank, settings) -> optimizer`` (``settings``: the recipe's recommended
+            hyperparameters besides lr and rank).
+        cpu: Whether it runs on the CPU (``False``: skipped there with a note).
+    """
+
+    name: str
+    module: str
+    recipe: str
+    build: Callable[..., torch.optim.Optimizer]
+    cpu: bool = True
+
+
+def _subspace_groups(model: nn.Module, keys: dict[str, Any], weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    from lowmem.optim import build_param_groups
+
+    return build_param_groups(model, weight_decay=weight_decay, subspace=True, subspace_hparams=keys)
+
+
+def _galore(model, lr, rank, st):
+    from galore_torch import GaLoreAdamW
+
+    keys = {"rank": rank, "update_proj_gap": st.get("update_proj_gap", 200), "scale": st.get("scale", 0.25),
+            "proj_type": "std"}
+    return GaLoreAdamW(_subspace_groups(model, keys), lr=lr, weight_decay=0.0)
+
+
+def _fira(model, lr, rank, st):
+    from fira import FiraAdamW
+
+    keys = {"rank": rank, "update_proj_gap": st.get("update_proj_gap", 200), "alpha": st.get("scale", 0.25),
+            "proj_type": "std"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return FiraAdamW(_subspace_groups(model, keys), lr=lr, weight_decay=0.0)
+
+
+def _apollo(mini: bool):
+    def build(model, lr, rank, st):
+        from apollo_torch import APOLLOAdamW
+
+        keys = {"rank": 1 if mini else rank, "proj": "random", "scale_type": "tensor" if mini else "channel",
+                "update_proj_gap": st.get("update_proj_gap", 200), "scale": st.get("scale", 128.0 if mini else 1.0),
+                "proj_type": "std"}
+        return APOLLOAdamW(_subspace_groups(model, keys), lr=lr, weight_decay=0.0)
+
+    return build
+
+
+def _adam_mini(model, lr, rank, st):
+    from adam_mini import Adam_mini
+
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError("adam-mini needs the model's config (hidden_size, num_attention_heads)")
+    return Adam_mini(model.named_parameters(), lr=lr, weight_decay=0.0, dim=cfg.hidden_size,
+                     n_heads=cfg.num_attention_heads, n_kv_heads=getattr(cfg, "num_key_value_heads", None), verbose=False)
+
+
+def _bnb(model, lr, rank, st):
+    import bitsandbytes as bnb
+
+    from lowmem.optim import build_param_groups
+
+    return bnb.optim.AdamW8bit(build_param_groups(model, weight_decay=st.get("weight_decay", 0.01)), lr=lr)
+
+
+def _hf_adafactor(model, lr, rank, st):
+    from transformers.optimization import Adafactor
+
+    from lowmem.optim import build_param_groups
+
+    return Adafactor(build_param_groups(model, weight_decay=0.0), lr=lr, scale_parameter=False, relative_step=False,
+                     warmup_init=False)
+
+
+def _torchao(model, lr, rank, st):
+    from torchao.optim import AdamW4bit
+
+    from lowmem.optim import build_param_groups
+
+    return AdamW4bit(build_param_groups(model, weight_decay=st.get("weight_decay", 0.01)), lr=lr)
+
+
+#: Every peer the benchmarks know, in table order.
+PEERS: tuple[Peer, ...] = (
+    Peer("transformers_adafactor", "transformers", "adafactor", _hf_adafactor),
+    Peer("galore_torch", "galore_torch", "galore_adamw", _galore),
+    Peer("fira", "fira", "fira_adamw", _fira),
+    Peer("apollo_torch", "apollo_torch", "apollo_adamw", _apollo(False)),
+    Peer("apollo_torch_mini", "apollo_torch", "apollo_mini", _apollo(True)),
+    Peer("adam_mini", "adam_mini", "adam_mini", _adam_mini),
+    Peer("bitsandbytes", "bitsandbytes", "adamw8bit", _bnb),
+    Peer("torchao", "torchao", "adamw4bit", _torchao),
+)
+
+
+def peer_label(peer: Peer) -> str:
+    return f"peer:{peer.name}"
+
+
+def get_peer(label: str) -> Peer:
+    """The peer named ``peer:NAME`` (or ``NAME``); a ValueError lists the valid names."""
+    name = label.removeprefix("peer:")
+    for p in PEERS:
+        if p.name == name:
+            return p
+    raise ValueError(f"unknown peer {label!r}; valid: {', '.join(peer_label(p) for p in PEERS)}")
+
+
+def peer_status(peer: Peer, device: str = "cpu") -> str | None:
+    """``None`` when the peer can run here, else why it is skipped (one line)."""
+    if importlib.util.find_spec(peer.module) is None:
+        return f"{peer.module} is not installed (pip install {peer.module.replace('_', '-')})"
+    if device == "cpu" and not peer.cpu:
+        return f"{peer.module} has no CPU path"
+    return None
+
+
+def probe_peer(peer: Peer, device: str = "cpu") -> str | None:
+    """Build the peer on a two-layer toy model and take one step: ``None`` if that works, else the reason
+    it cannot run here (its exception, one line). Catches everything: a peer is an optional extra."""
+    reason = peer_status(peer, device)
+    if reason is not None:
+        return reason
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device)
+    try:
+        opt = peer.build(model, 1e-3, 8, dict(recommended(peer.recipe).hparams))
+        ids = torch.randint(0, 64, (2, 8), device=device)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    except Exception as err:  # noqa: BLE001  (an optional package failing here is a skip, not an error)
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"{peer.module} failed on {device}: {type(err).__name__}: {msg[:200]}"
+    return None
