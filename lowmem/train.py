@@ -256,6 +256,11 @@ class TrainRecipe:
         self.optim_args = parse_optim_args(self.optim_args)
         _lift_training_args(self)  # optim*, resume_from_checkpoint given in training_args; types of the rest
         self.optim_args = check_optim_args(self.optim, self.optim_args)
+        from lowmem.optim.recipes.lomo import FUSED_BACKWARD
+
+        if self.optim in FUSED_BACKWARD and not self.layerwise:
+            raise ConfigError(f"optim={self.optim!r} fuses its update into the backward pass (LOMO / AdaLomo): set "
+                              f"layerwise: true (or optim: {self.optim}_layerwise); without it every gradient is kept")
         _check_report_to(self.report_to)
         if (self.eval_steps is not None and self.dataset is not None and self.trainer != "dpo"
                 and self.eval_dataset is None and self.eval_split is None):
