@@ -45,13 +45,15 @@ class HybridMoments(MomentRule):
 
     Subclasses say which parameters they target (:meth:`targets`, from the group and the shape)
     and implement the ``target_*`` methods; everything else is delegated to :class:`AdamMoments`,
-    whose step is scaled by ``lr * adamw_lr_ratio`` (the group's ``adamw_lr_ratio``, 1 if absent).
+    whose step is scaled by ``lr``, times the group's ``adamw_lr_ratio`` for recipes that have it
+    (``lr_ratio_key``).
     Which rule a parameter's state belongs to is read back from its state (``exp_avg`` present:
     AdamW), so a chunk's view and a loaded checkpoint dispatch the same way.
     """
 
     applies_lr = True
     target_keys: tuple[str, ...] = ()
+    lr_ratio_key: str | None = "adamw_lr_ratio"  # the hyperparameter scaling the AdamW parameters' lr
 
     def __init__(self, eps_placement: str = "torch"):
         self.adam = AdamMoments(eps_placement=eps_placement)
@@ -92,7 +94,8 @@ class HybridMoments(MomentRule):
 
     def direction(self, g, state, group, t, lr):
         if self._is_adam(state):
-            return self.adam.direction(g, state, group, t, lr).mul_(lr * group.get("adamw_lr_ratio", 1.0))
+            ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
+            return self.adam.direction(g, state, group, t, lr).mul_(lr * ratio)
         return self.target_direction(g, state, group, t, lr)
 
     def chunk_align(self, shape, group, state):
@@ -144,7 +147,7 @@ class MuonMoments(HybridMoments):
         12.5 reported."""
         r = min(shape) if len(shape) == 2 else 0
         low_buf = 4 * numel if state["momentum_buffer"].dtype not in (torch.float32, torch.float64) else 0
-        nesterov = 4 * numel if group.get("nesterov", True) else 0
+        nesterov = 4 * numel if group["nesterov"] else 0
         during = nesterov + 2 * 2 * numel + 2 * 2 * r * r + 4 * numel
         after = 2 * numel + 4 * numel
         return low_buf + max(during, after)
@@ -238,7 +241,10 @@ class Muon(LowMemOptimizer):
 
 
 class SinkGDMoments(HybridMoments):
-    """SinkGD on the 2-D parameters of groups with ``use_sinkgd=True`` (no state); AdamW on the others."""
+    """SinkGD on the 2-D parameters of groups with ``use_sinkgd=True`` (no state); AdamW on the others
+    (with ``lr``: SinkGD's own factor is ``scale``)."""
+
+    lr_ratio_key = None
 
     def targets(self, shape, group):
         return bool(group.get("use_sinkgd")) and len(shape) == 2
@@ -354,7 +360,7 @@ class ScaleMoments(HybridMoments):
         buf = state.get("momentum_buffer")
         low_buf = 4 * numel if buf is not None and buf.dtype not in (torch.float32, torch.float64) else 0
         row = max(1, math.prod(shape[1:]))
-        slices = row if group.get("scale_role") == "embedding" else numel // row
+        slices = row if group["scale_role"] == "embedding" else numel // row
         return low_buf + 4 * numel + 4 * slices
 
 
