@@ -10,6 +10,7 @@ Recipes that need the whole matrix must refuse, naming themselves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -25,14 +26,26 @@ from toy_problem import hparams_for
 
 pytestmark = pytest.mark.distributed
 
-SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam"]
-REFUSED = ["adafactor", "adamw4bit_rank1", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
+SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor"]
+REFUSED = ["adamw4bit_rank1", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
            "fira_adamw8bit", "frugal", "frugal8bit", "osd_adamw", "apollo_adamw", "apollo_mini",
            "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm"]
+# more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
+# example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
+# shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
+CONFIGS = {"adafactor_relative": ("adafactor", {"lr": None, "relative_step": True, "scale_parameter": True, "beta1": 0.9})}
+RUNS = SUPPORTED + list(CONFIGS)
 STEPS = 3
 # checkpointed through torch.distributed.checkpoint: each kind of state (float32 moments, with a
-# stabilizer's scalars, 4-bit codes and scales, MicroAdam's window)
-DCP = ["adamw", "stable_spam", "adamw4bit", "microadam"]
+# stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
+# sharded by rows and column statistics replicated)
+DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative"]
+
+
+def build(model, tag, **extra):
+    """The optimizer of a run tag (a recipe name or a key of CONFIGS) for ``model``."""
+    name, hp = CONFIGS.get(tag, (tag, {}))
+    return create_optimizer(model, name, **hparams_for(name, **{**hp, **extra}))
 
 
 class Net(nn.Module):
@@ -61,7 +74,9 @@ class Uneven(nn.Module):
         return self.head(torch.tanh(self.fc1(x))).expand(-1, 256)
 
 
-UNEVEN = ["adamw", "stable_spam", "microadam"]
+UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative"]
+# the optimizer's own collectives in one step are counted for these (float32 model)
+COMM = ["adamw", "adafactor", "adafactor_relative"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -82,12 +97,36 @@ def run_single(name, dtype=torch.float64, net=None, **hp):
     if name == "torch":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     else:
-        opt = create_optimizer(model, name, **hparams_for(name, **hp))
+        opt = build(model, name, **hp)
     for _ in range(STEPS):
         opt.zero_grad()
         loss_fn(model, x, y).backward()
         opt.step()
     return model.state_dict()
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count the collectives called inside the block: ``{"all_reduce": [calls, bytes], ...}`` (bytes
+    of this rank's payload tensors, as handed to torch.distributed)."""
+    counted = {}
+    originals = {op: getattr(dist, op) for op in ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast")}
+
+    def wrap(op, fn):
+        def counting(tensor, *args, **kwargs):
+            t = tensor if isinstance(tensor, torch.Tensor) else args[0]  # all_gather(list, tensor)
+            calls, size = counted.get(op, [0, 0])
+            counted[op] = [calls + 1, size + t.numel() * t.element_size()]
+            return fn(tensor, *args, **kwargs)
+        return counting
+
+    for op, fn in originals.items():
+        setattr(dist, op, wrap(op, fn))
+    try:
+        yield counted
+    finally:
+        for op, fn in originals.items():
+            setattr(dist, op, fn)
 
 
 def _shard(model, mesh):
@@ -111,14 +150,14 @@ def _worker(rank, world, init_file, out_dir):
         mesh = init_device_mesh("cpu", (world,))
         half = slice(rank * 16 // world, (rank + 1) * 16 // world)
         # float64 weights (float32 state): every recipe; float32: torch's AdamW and ours (foreach path)
-        runs = [(name, torch.float64) for name in SUPPORTED] + [("torch", torch.float32), ("adamw", torch.float32)]
+        runs = [(name, torch.float64) for name in RUNS] + [("torch", torch.float32), ("adamw", torch.float32)]
         for name, dtype in runs:
             model, x, y = make(dtype=dtype)
             _shard(model, mesh)
             if name == "torch":  # no weight decay: torch's AdamW would decay biases and norms too
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
             else:
-                opt = create_optimizer(model, name, **hparams_for(name, **({"weight_decay": 0.0} if dtype == torch.float32 else {})))
+                opt = build(model, name, **({"weight_decay": 0.0} if dtype == torch.float32 else {}))
             for _ in range(STEPS):
                 opt.zero_grad()
                 loss_fn(model, x[half], y[half]).backward()  # FSDP2 averages the halves' gradients
@@ -135,7 +174,7 @@ def _worker(rank, world, init_file, out_dir):
         for name in DCP:
             model, x, y = make(dtype=torch.float64)
             _shard(model, mesh)
-            opt = create_optimizer(model, name, **hparams_for(name))
+            opt = build(model, name)
             for step in range(4):
                 if step == 2:
                     ckpt = os.path.join(out_dir, f"dcp_{name}")
@@ -147,7 +186,7 @@ def _worker(rank, world, init_file, out_dir):
             straight = {k: v.full_tensor() for k, v in model.state_dict().items()}
             model, _, _ = make(seed=1, dtype=torch.float64)  # other weights: the checkpoint must set them
             _shard(model, mesh)
-            opt = create_optimizer(model, name, **hparams_for(name))
+            opt = build(model, name)
             sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(sd, checkpoint_id=ckpt)
             set_model_state_dict(model, sd["model"])
@@ -161,12 +200,25 @@ def _worker(rank, world, init_file, out_dir):
             if rank == 0:
                 torch.save(straight, os.path.join(out_dir, f"dcp_{name}_final.pt"))
 
+        # communication the optimizer adds per step: the bytes of this rank's all-reduce payloads in
+        # one step (float32 model, the second step); FSDP2's own collectives run outside step()
+        comm = {}
+        for name in COMM:
+            model, x, y = make()
+            _shard(model, mesh)
+            opt = build(model, name)
+            for step in range(2):
+                opt.zero_grad()
+                loss_fn(model, x[half], y[half]).backward()
+                with count_collectives() as counted:
+                    opt.step()
+            comm[name] = counted
         # materialize_state / state_bytes / step_transient_bytes count this rank's shards
         sizes = {}
         for name in ("adamw", "adamw4bit"):
             model, _, _ = make(dtype=torch.float64)
             _shard(model, mesh)
-            opt = create_optimizer(model, name, **hparams_for(name))
+            opt = build(model, name)
             opt.materialize_state()
             sizes[name] = [opt.state_bytes(), opt.step_transient_bytes()]
 
@@ -175,7 +227,7 @@ def _worker(rank, world, init_file, out_dir):
         for name in UNEVEN:
             model, x, y = make(dtype=torch.float64, net=Uneven)
             _shard(model, mesh)
-            opt = create_optimizer(model, name, **hparams_for(name))
+            opt = build(model, name)
             for _ in range(STEPS):
                 opt.zero_grad()
                 loss_fn(model, x[half], y[half]).backward()
@@ -209,14 +261,14 @@ def _worker(rank, world, init_file, out_dir):
             model, _, _ = make()
             _shard(model, mesh)
             try:
-                create_optimizer(model, name, **hparams_for(name))
+                build(model, name)
                 refused[name] = None
             except NotImplementedError as e:
                 refused[name] = str(e)
         # ... and at the first step when sharded parameters reach the groups another way (fully_shard
         # replaces the parameters: an optimizer must be built after it); layerwise mode refuses
         model, x, y = make()
-        opt = create_optimizer(model, "adafactor", **hparams_for("adafactor"))
+        opt = create_optimizer(model, "adamw4bit_rank1", **hparams_for("adamw4bit_rank1"))
         _shard(model, mesh)
         opt.param_groups[0]["params"] = list(model.parameters())
         loss_fn(model, x[half], y[half]).backward()
@@ -237,7 +289,7 @@ def _worker(rank, world, init_file, out_dir):
         if rank == 0:
             with open(os.path.join(out_dir, "refusals.json"), "w") as f:
                 json.dump({"refused": refused, "late": late, "layerwise": layerwise, "nan": skipped,
-                           "resumed": resumed, "uneven": uneven, "sizes": sizes}, f)
+                           "resumed": resumed, "uneven": uneven, "sizes": sizes, "comm": comm}, f)
     finally:
         dist.destroy_process_group()
 
@@ -249,10 +301,12 @@ def fsdp_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", RUNS)
 def test_fsdp2_two_processes_match_single_process(fsdp_run, name):
     """float64 weights: the sharded run equals the unsharded one (measured: max |diff| 0 for all but
-    stable_spam, 1.2e-7 there: its gradient norm is summed in another order, in float32)."""
+    stable_spam, 1.2e-7 there: its gradient norm is summed in another order, in float32; adafactor
+    1.3e-8 and adafactor_relative 4.1e-10: float32 statistics summed over the shards in another
+    order than the unsharded mean)."""
     sharded = torch.load(fsdp_run / f"{name}_float64.pt", weights_only=True)
     for key, ref in run_single(name).items():
         torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
@@ -271,15 +325,16 @@ def test_fsdp2_float32_adamw_as_close_as_torch_adamw(fsdp_run):
         assert (ours[key] - single[key]).abs().max().item() <= 1.5 * torch_gap + 1e-6, key
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", RUNS)
 def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
     """Rank 0's state_dict(): DTensors (loadable with weights_only) whose local piece is the shard's
-    state, half the unsharded size; in the parameter's shape for float32 moments."""
-    from torch.distributed.tensor import DTensor
+    state, half the unsharded size; in the parameter's shape for float32 moments. Adafactor's column
+    statistics of a matrix sharded by rows: replicated, the whole vector on each rank."""
+    from torch.distributed.tensor import DTensor, Replicate
 
     sd = torch.load(fsdp_run / f"{name}_float64_optim.pt", weights_only=True)
     model, x, y = make(dtype=torch.float64)
-    ref = create_optimizer(model, name, **hparams_for(name))
+    ref = build(model, name)
     loss_fn(model, x, y).backward()
     ref.step()
     full = ref.state_dict()["state"]
@@ -289,8 +344,11 @@ def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
                 assert type(v) is torch.Tensor, (name, k, type(v))
                 continue
             assert isinstance(v, DTensor), (name, k, type(v))
+            if k == "exp_avg_sq_col":
+                assert tuple(v.placements) == (Replicate(),) and v.to_local().shape == full[pid][k].shape
+                continue
             assert v.to_local().numel() * 2 == full[pid][k].numel(), (name, pid, k, v.shape, full[pid][k].shape)
-            if k in ("exp_avg", "exp_avg_sq") and v.dtype == torch.float32:
+            if k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row") and v.dtype == torch.float32:
                 assert v.shape == full[pid][k].shape, (name, k)
 
 
@@ -309,7 +367,7 @@ def test_fsdp2_whole_matrix_recipes_refuse(fsdp_run, name):
 
 def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
     got = json.loads((fsdp_run / "refusals.json").read_text())
-    assert got["late"] is not None and "'adafactor' does not support sharded" in got["late"]
+    assert got["late"] is not None and "'adamw4bit_rank1' does not support sharded" in got["late"]
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
 
 
@@ -327,7 +385,7 @@ def _load_single(name, ckpt):
 
     model, _, _ = make(seed=1, dtype=torch.float64)  # other weights: the checkpoint must set them
     _, x, y = make(dtype=torch.float64)
-    opt = create_optimizer(model, name, **hparams_for(name))
+    opt = build(model, name)
     sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(sd, checkpoint_id=ckpt)
     set_model_state_dict(model, sd["model"])
@@ -335,7 +393,7 @@ def _load_single(name, ckpt):
     return model, opt, x, y
 
 
-@pytest.mark.parametrize("name", ["adamw", "stable_spam"])
+@pytest.mark.parametrize("name", ["adamw", "stable_spam", "adafactor_relative"])
 def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
     """State in the parameter's shape (float32 moments) reshards: the 2-process checkpoint loads into
     one unsharded process, which continues with the full batch to the 2-process run's weights."""
@@ -389,8 +447,35 @@ def test_fsdp2_state_bytes_are_the_shards(fsdp_run, name):
     state_bytes() (minus the per-parameter step counters, 4 bytes each, on every rank)."""
     state_bytes, transient = json.loads((fsdp_run / "refusals.json").read_text())["sizes"][name]
     model, _, _ = make(dtype=torch.float64)
-    opt = create_optimizer(model, name, **hparams_for(name))
+    opt = build(model, name)
     opt.materialize_state()
     steps = 4 * sum(1 for g in opt.param_groups for _ in g["params"])
     assert state_bytes - steps == (opt.state_bytes() - steps) // 2
     assert 0 < transient <= opt.step_transient_bytes()
+
+
+def _adafactor_bytes(model, scale_parameter):
+    """Adafactor's all-reduce payload per step (float32): per m x n matrix the column sums with the
+    row statistic's sum and the row count (n + 2 numbers) and the update's sum of squares (1); per
+    vector the update's sum of squares and element count (2); with ``scale_parameter`` the
+    parameter's sum of squares and element count (2) per parameter; plus the step's non-finite
+    flag (1)."""
+    numbers = 1
+    for p in model.parameters():
+        numbers += (p.shape[1] + 3 if p.dim() == 2 else 2) + 2 * scale_parameter
+    return 4 * numbers
+
+
+@pytest.mark.parametrize("name", COMM)
+def test_fsdp2_communication_per_step(fsdp_run, name):
+    """The optimizer's all-reduces in one step, counted on rank 0 (measured on Net: adamw 4 bytes,
+    the non-finite flag only; adafactor 1212 bytes in 9 all-reduces, 1260 in 15 with the parameter
+    scale): equal to the formula of docs/distributed.md."""
+    comm = json.loads((fsdp_run / "refusals.json").read_text())["comm"][name]
+    model, _, _ = make()
+    expected = {"adamw": 4, "adafactor": _adafactor_bytes(model, False),
+                "adafactor_relative": _adafactor_bytes(model, True)}[name]
+    assert set(comm) == {"all_reduce"}, comm
+    assert comm["all_reduce"][1] == expected, (comm, expected)
+    calls = {"adamw": 1, "adafactor": 9, "adafactor_relative": 15}[name]  # 1 + 2 per matrix + 1 per vector (+ 1 per parameter)
+    assert comm["all_reduce"][0] == calls, comm

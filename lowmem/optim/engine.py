@@ -350,7 +350,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return sd
         for pid, p in zip(chain.from_iterable(g["params"] for g in sd["param_groups"]), params):
             if is_dtensor(p) and pid in sd["state"]:
-                sd["state"][pid] = {k: state_to_dtensor(v, p, k) for k, v in sd["state"][pid].items()}
+                # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding)
+                dims = self.recipe.moment.reduced_dims
+                sd["state"][pid] = {k: state_to_dtensor(v, p, k, dims.get(k)) for k, v in sd["state"][pid].items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -531,8 +533,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 g = s.transform_chunk(g, view, group, int(t), r.moment, ctx)
             return g
 
-        lr = r.lr_rule(group, state, p, t)
-        mctx = r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized)
+        # a sharded parameter (FSDP2): a learning-rate rule that reads the parameter (Adafactor's RMS
+        # scale) and a moment rule with whole-tensor statistics (sharded_stats: Adafactor's columns)
+        # get the all-reduces over the shards (lowmem.optim.sharded.refusal admits only such parts)
+        lr = (r.lr_rule(group, state, p, t) if reduce is None or r.lr_rule is constant_lr
+              else r.lr_rule(group, state, p, t, reduce=reduce))
+        mctx = (r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized, reduce=reduce)
+                if reduce is not None and r.moment.sharded_stats
+                else r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized))
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         wd = group.get("weight_decay", 0.0)  # a recipe without the hyperparameter does not decay
         for start, stop in bounds:

@@ -58,6 +58,11 @@ class MomentRule:
     state_keys: tuple[str, ...] = ()
     applies_lr: bool = False
     supports_foreach: bool = False  # True if foreach_step_ implements the whole step for plain groups
+    # FSDP2 (lowmem.optim.sharded): True if prepare_chunks takes ``reduce=`` (a ShardReduce) and
+    # reduces its whole-tensor statistics over the shards itself; ``reduced_dims`` names state
+    # tensors that are the parameter's shape with one dimension reduced away (for checkpoints)
+    sharded_stats: bool = False
+    reduced_dims: dict[str, int] = {}
 
     def init_state(self, state: dict[str, Tensor], shape: torch.Size, group: dict[str, Any], param: Tensor) -> None:
         """Allocate this rule's tensors for a (possibly projected) gradient of ``shape``."""
@@ -179,6 +184,12 @@ class FactoredMoments(MomentRule):
 
     applies_lr = True
     state_keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+    # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce`` (all-reduces over the shards of
+    # dimension 0), and the row / column statistics are the parameter's shape with one dimension
+    # reduced away: checkpoints shard them like the parameter, or replicate them (the columns of a
+    # matrix sharded by rows)
+    sharded_stats = True
+    reduced_dims = {"exp_avg_sq_row": -1, "exp_avg_sq_col": -2}
 
     def init_state(self, state, shape, group, param):
         dtype, device = state_dtype(group, param), param.device
@@ -204,15 +215,26 @@ class FactoredMoments(MomentRule):
         return shape[1]
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
-        view = ChunkState(state, start, stop, {"rows": (start // shape[1], stop // shape[1]), "factors": ctx})
+        rows = (start // shape[1], stop // shape[1]) if len(shape) == 2 else None  # (a sharded vector: whole)
+        view = ChunkState(state, start, stop, {"rows": rows, "factors": ctx})
         if "exp_avg" in state:
             view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         return view
 
-    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
         """The factored second moment (Algorithm 4, lines 5-6: row means per block of rows, column
         means summed over the blocks) and the RMS of the whole update (Section 6), from two passes
-        over the row blocks; returns ``(row factor, column factor, clip divisor)``."""
+        over the row blocks; returns ``{"r": row factor, "c": column factor, "clip": clip divisor}``.
+
+        ``reduce`` (an FSDP2 parameter's local shard of rows, :class:`~lowmem.optim.sharded.ShardReduce`):
+        the row statistics of the shard's rows are local; the column sums, the row statistic's sum
+        (its mean in ``V_hat = R C / mean(R)``) and the row count are summed over the shards (one
+        all-reduce of ``n + 2`` numbers), the update's sum of squares too (one scalar), so the step
+        equals the unsharded one. Vectors and batched matrices (a shard of whole matrices) are
+        stepped whole (:meth:`_prepare_whole`).
+        """
+        if len(shape) != 2:
+            return self._prepare_whole(state, shape, group, t, bounds, stabilized, reduce)
         eps1, (m, n) = group["eps"][0], shape
         beta2t = F.adafactor_beta2(t, group["decay_rate"])
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
@@ -223,11 +245,17 @@ class FactoredMoments(MomentRule):
             row32[start // n : stop // n].mul_(beta2t).add_(g2.mean(dim=-1), alpha=1.0 - beta2t)
             col_sum.add_(g2.sum(dim=-2))
             del g2
-        col32.mul_(beta2t).add_(col_sum.div_(m), alpha=1.0 - beta2t)
+        if reduce is None:
+            rows, row_mean = m, row32.mean(dim=-1, keepdim=True)
+        else:  # sums over every shard's rows: [column sums, sum of R, number of rows]
+            sums = reduce.sum_(torch.cat([col_sum, row32.sum().view(1), col_sum.new_full((1,), m)]))
+            col_sum, rows = sums[:n], sums[n + 1]
+            row_mean = sums[n : n + 1] / rows
+        col32.mul_(beta2t).add_(col_sum.div_(rows), alpha=1.0 - beta2t)
         if row32 is not row:
             row.copy_(row32)
             col.copy_(col32)
-        r_factor = (row32 / row32.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        r_factor = (row32 / row_mean).rsqrt_().unsqueeze(-1)
         c_factor = col32.unsqueeze(-2).rsqrt()
         sq = torch.zeros((), dtype=torch.float32, device=row.device)
         for start, stop in bounds:
@@ -235,18 +263,46 @@ class FactoredMoments(MomentRule):
             u = torch.mul(r_factor[start // n : stop // n], c_factor).mul_(g.view(-1, n))
             sq.add_(torch.linalg.vector_norm(u).square_())
             del u
-        rms = sq.sqrt_() / math.sqrt(m * n)
-        return r_factor, c_factor, (rms / group["clip_threshold"]).clamp_(min=1.0)
+        if reduce is not None:
+            reduce.sum_(sq)
+        rms = sq.sqrt_() / (math.sqrt(m * n) if reduce is None else (rows * n).sqrt())
+        return {"r": r_factor, "c": c_factor, "clip": (rms / group["clip_threshold"]).clamp_(min=1.0)}
+
+    def _prepare_whole(self, state, shape, group, t, bounds, stabilized, reduce):
+        """A vector (full second moment) or a batched matrix, reached here only as an FSDP2 local
+        shard stepped whole (``bounds`` is ``[(0, numel)]`` or empty): its statistics are local
+        (a vector's are element-wise; a batched matrix's shard holds whole matrices), only the
+        update's RMS is summed over the shards. Returns ``{"u": unclipped update, "clip": ...}``."""
+        numel = math.prod(shape)
+        if [tuple(b) for b in bounds] not in ([], [(0, numel)]):
+            raise ValueError(f"Adafactor: a {len(shape)}-D tensor is stepped whole, got chunks {bounds}")
+        g = stabilized(0, numel, self.chunk_state(state, 0, numel, shape, group)).view(shape)
+        u = self._unclipped_update(g, state, group, t)
+        sums = torch.stack([torch.linalg.vector_norm(u).square(), torch.tensor(float(numel), device=u.device)])
+        if reduce is not None:
+            reduce.sum_(sums)
+        rms = (sums[0] / sums[1]).sqrt_()
+        return {"u": u, "clip": (rms / group["clip_threshold"]).clamp_(min=1.0)}
 
     def _chunk_direction(self, g, state, group, lr):
-        r_factor, c_factor, clip = state.extra["factors"]
+        f = state.extra["factors"]
+        if "u" in f:  # stepped whole (_prepare_whole): the update is computed already
+            u = f["u"].view(-1)[state.start : state.stop].div(f["clip"])
+            return _adafactor_first_moment(u.mul_(lr), state, group)
         r0, r1 = state.extra["rows"]
-        u = torch.mul(r_factor[r0:r1], c_factor).mul_(g.view(r1 - r0, -1)).div_(clip).view(-1)
+        u = torch.mul(f["r"][r0:r1], f["c"]).mul_(g.view(r1 - r0, -1)).div_(f["clip"]).view(-1)
         return _adafactor_first_moment(u.mul_(lr), state, group)
 
     def direction(self, g, state, group, t, lr):
         if isinstance(state, ChunkState) and state.extra.get("factors") is not None:
             return self._chunk_direction(g, state, group, lr)
+        u = self._unclipped_update(g, state, group, t)
+        F.clip_by_rms_(u, group["clip_threshold"])
+        return _adafactor_first_moment(u.mul_(lr), state, group)
+
+    def _unclipped_update(self, g, state, group, t):
+        """Update the second-moment statistics with ``g`` and return ``g / sqrt(V_hat)`` (Algorithms
+        3-4 before the clipping)."""
         eps1 = group["eps"][0]
         beta2t = F.adafactor_beta2(t, group["decay_rate"])
         g2 = (g * g).add_(eps1)
@@ -265,8 +321,7 @@ class FactoredMoments(MomentRule):
             if v32 is not v:
                 v.copy_(v32)
             u = v32.rsqrt().mul_(g)
-        F.clip_by_rms_(u, group["clip_threshold"])
-        return _adafactor_first_moment(u.mul_(lr), state, group)
+        return u
 
 
 def _adafactor_first_moment(u: Tensor, state: Any, group: dict[str, Any]) -> Tensor:
@@ -291,14 +346,21 @@ def constant_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t:
     return group["lr"]
 
 
-def adafactor_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t: float) -> float | Tensor:
+def adafactor_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t: float,
+                 reduce: Any = None) -> float | Tensor:
     """Adafactor's step size ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` (Section 8).
 
     ``rho_t`` is the relative step size when ``relative_step`` is set, else ``group["lr"]``; the
     parameter scale applies when ``scale_parameter`` is set. Returns a 0-d tensor in that case, so
-    no host synchronisation is needed.
+    no host synchronisation is needed. ``reduce`` (an FSDP2 parameter's local shard,
+    :class:`~lowmem.optim.sharded.ShardReduce`): the parameter's RMS over every shard (its sum of
+    squares and element count summed: one all-reduce of 2 numbers).
     """
     rho = F.adafactor_relative_lr(t, group["warmup_init"]) if group["relative_step"] else group["lr"]
-    if group["scale_parameter"]:
+    if not group["scale_parameter"]:
+        return rho
+    if reduce is None:
         return F.adafactor_param_scale(p32, group["eps"][1]) * rho
-    return rho
+    x = p32 if p32.dtype in (torch.float32, torch.float64) else p32.float()
+    sums = reduce.sum_(torch.stack([torch.linalg.vector_norm(x).square(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)]))
+    return (sums[0] / sums[1]).sqrt_().clamp_(min=group["eps"][1]) * rho

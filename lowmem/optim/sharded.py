@@ -12,13 +12,14 @@ shard. ``state_dict()`` returns that state as ``DTensor`` s (:func:`state_to_dte
 That is exact for element-wise recipes (every output element depends only on the same element of
 the gradient and state). Per-tensor statistics are reduced across the shards where the recipe uses
 them (Stable-SPAM's ``max |g|`` and gradient norm: one all-reduce of a scalar each, over the
-parameter's mesh), so the result equals the unsharded step. Block-wise statistics (quantization
+parameter's mesh; Adafactor's column sums, row-statistic mean, update RMS and parameter RMS), so the
+result equals the unsharded step. Block-wise statistics (quantization
 absmax, MicroAdam's top-k and error blocks) are computed per shard: equal to the unsharded run when
 every shard's number of elements is a multiple of the block size (then the blocks are the same);
 otherwise the blocks at shard boundaries differ (still a valid optimizer, but not the same numbers).
 
-Recipes that need whole-matrix information (projections, Adafactor's row/column statistics,
-rank-1 normalization, relative step sizes from the parameter's RMS) are **refused** with a
+Recipes that need whole-matrix information not reduced here (projections, rank-1 normalization,
+Newton-Schulz / Sinkhorn) are **refused** with a
 ``NotImplementedError`` naming the recipe and the supported ones, never run on a shard as if it
 were the whole matrix. The check is an allow-list of engine parts (:func:`refusal`), so a new part
 refuses until someone states that it is shard-local.
@@ -102,21 +103,23 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     """Why ``recipe`` cannot step the sharded parameter ``p`` of ``group`` on its local shard, or
     ``None`` when it can (every part of the chain is on the allow-list of shard-local parts)."""
     from .microadam import MicroAdamMoments
-    from .moments import AdamMoments, constant_lr
+    from .moments import AdamMoments, FactoredMoments, adafactor_lr, constant_lr
     from .quantized import Quantized
     from .stabilizers import RestartBiasCorrection, SPAMStabilizer, StableSPAMStabilizer
 
     if recipe.projection is not None and group.get("rank") is not None and p.ndim == 2:
         return ("it projects 2-D parameters onto a subspace computed from the whole gradient matrix"
                 " (a shard holds only some rows)")
-    if recipe.lr_rule is not constant_lr:
+    if recipe.lr_rule not in (constant_lr, adafactor_lr):  # adafactor_lr reduces the RMS over the shards
         return "its step size reads the whole parameter (relative step / RMS scaling)"
     moment = recipe.moment
     while isinstance(moment, (RestartBiasCorrection, Quantized)):
         if isinstance(moment, Quantized) and group.get("v_normalization", "block") == "rank1" and p.ndim >= 2:
             return "rank-1 normalization uses column maxima over all rows of the matrix"
         moment = moment.inner
-    if not isinstance(moment, (AdamMoments, MicroAdamMoments)):
+    # element-wise rules, and Adafactor's factored rule (row statistics local, column sums and the
+    # update's RMS all-reduced in FactoredMoments.prepare_chunks)
+    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments)):
         return f"its moment rule {type(moment).__name__} uses statistics of the whole tensor (e.g. row/column sums)"
     for s in recipe.stabilizers:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):
@@ -163,7 +166,7 @@ def check_supported(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -
 # ---- checkpoints: state of a sharded parameter as DTensors (torch.distributed.checkpoint) ----
 
 
-def state_to_dtensor(v: Any, p: Tensor, key: str) -> Any:
+def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | None = None) -> Any:
     """A state tensor of sharded parameter ``p`` (a plain tensor of its local shard) as the
     ``DTensor`` that :meth:`LowMemOptimizer.state_dict` returns, so that
     ``torch.distributed.checkpoint`` saves every rank's piece (a plain tensor would be taken as
@@ -172,6 +175,11 @@ def state_to_dtensor(v: Any, p: Tensor, key: str) -> Any:
     * 0-d tensors (``step``, Stable-SPAM's statistics, equal on every rank): unchanged.
     * Tensors of the local shard's shape (float32 moments): the parameter's placements and global
       shape, so a checkpoint reshards to any number of processes like the parameter does.
+    * ``reduced_dim`` given (the moment rule's ``reduced_dims``: Adafactor's row / column statistics,
+      the parameter's shape with that dimension reduced away): the parameter's placements with that
+      dimension removed: the row statistics of a matrix sharded by rows are sharded the same way
+      (they reshard like the parameter), its column statistics (equal on every rank, from
+      all-reduced sums) are replicated.
     * Any other shape (quantization codes and scales, MicroAdam's window): one piece per shard,
       global shape ``(shards, *local_shape)``; loads back onto the same number of shards only (a
       different count is a shape error at load, not a wrong state). Needs equal shards.
@@ -186,6 +194,16 @@ def state_to_dtensor(v: Any, p: Tensor, key: str) -> Any:
     mesh, placements = p.device_mesh, tuple(p.placements)
     if v.shape == lp.shape:
         return DTensor.from_local(v, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
+    if reduced_dim is not None:
+        d = reduced_dim % p.dim()
+        if v.shape != lp.shape[:d] + lp.shape[d + 1:]:
+            raise ValueError(f"state '{key}': shape {tuple(v.shape)} is not the shard's {tuple(lp.shape)} without dimension {d}")
+        shape = p.shape[:d] + p.shape[d + 1:]
+        # Shard(k): dimension k of the reduced tensor is k - 1 after d, gone (replicated) at d
+        reduced = tuple(pl if not pl.is_shard() or pl.dim < d else Replicate() if pl.dim == d else Shard(pl.dim - 1)
+                        for pl in placements)
+        return DTensor.from_local(v, mesh, reduced, run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
     shard_dims = [(i, pl.dim) for i, pl in enumerate(placements) if pl.is_shard()]
     if len(shard_dims) != 1 or p.shape[shard_dims[0][1]] % mesh.size(shard_dims[0][0]) != 0:
         raise NotImplementedError(
