@@ -165,6 +165,8 @@ HOST_READS = {
     "galore_adafactor": (4, 1), "galore_adamw": (4, 1), "galore_adamw8bit": (4, 1), "microadam": (3, 1),
     "osd_adamw": (6, 2), "spam": (3, 1), "stable_spam": (3, 1),
     "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1),
+    "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step
+    "adam_mini": (3, 1),
 }
 
 
