@@ -389,9 +389,10 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
         value = check_value("optim_target_modules", ta.pop("optim_target_modules"), str | list[str] | None,
                             where="training_args.")
         if value is not None:
-            if not get_entry(recipe.optim).subspace:
-                raise ConfigError(f"optim_target_modules={value!r} selects the layers a subspace optimizer projects; "
-                                  f"optim={recipe.optim!r} projects none")
+            if get_entry(recipe.optim).target_key is None:
+                raise ConfigError(f"optim_target_modules={value!r} selects the layers an optimizer treats apart (a "
+                                  f"subspace optimizer's projected weights, Muon's orthogonalized ones); "
+                                  f"optim={recipe.optim!r} treats every parameter alike")
             ta["optim_target_modules"] = value  # matched by the Trainer's rules (trainers.hf.OptimTargetModules)
     cls = config_class(recipe.trainer, getattr(recipe, "dataset", None))
     types_ = field_types(cls)

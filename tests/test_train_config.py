@@ -77,7 +77,7 @@ def test_bad_value_names_the_field(tmp_path, capsys, text, field, expected):
         ("report_to: tensorboard\n", "pip install tensorboard"),
         ("report_to: nonsense\n", "unknown integration"),
         ("lr: 0.1\nlearning_rate: 0.2\n", "give one"),
-        ("optim_target_modules: [q_proj]\noptim: adamw\n", "projects none"),
+        ("optim_target_modules: [q_proj]\noptim: adamw\n", "treats every parameter alike"),
         ("model: /nonexistent/model-dir\n", "no such directory"),
         ("resume_from_checkpoint: /nonexistent/checkpoint-3\n", "no such directory"),
         ("resume_from_checkpoint: true\n", "no complete checkpoint"),

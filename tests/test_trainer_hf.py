@@ -190,5 +190,11 @@ def test_optim_target_modules_selects_projected_layers_by_the_trainers_rules(tmp
     # a non-subspace optimizer cannot honour it: an error, not a silently ignored field
     args = LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", optim_target_modules=["q_proj"], max_steps=1, **COMMON)
     trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
-    with pytest.raises(ValueError, match="projects none"):
+    with pytest.raises(ValueError, match="treats every parameter alike"):
         trainer.create_optimizer()
+    # Muon's orthogonalized weights are chosen the same way (its target key, not a rank)
+    args = LowMemTrainingArguments(tmp_path, lowmem_optim="muon", optim_target_modules=["q_proj"], max_steps=1, **COMMON)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
+    opt = trainer.create_optimizer()
+    muon = sorted(names[id(p)] for g in opt.param_groups if g.get("use_muon") for p in g["params"])
+    assert muon and all("q_proj" in n for n in muon) and len(muon) == 2

@@ -266,9 +266,10 @@ class LowMemOptimizerMixin:
         hp = trainer_hparams(name, self.args, getattr(self.args, "lowmem_optim_args", None))
         targets = getattr(self.args, "optim_target_modules", None)
         if targets is not None:
-            if not get_entry(name).subspace:
-                raise ValueError(f"optim_target_modules={targets!r} selects the layers a subspace optimizer projects; "
-                                 f"lowmem_optim={name!r} projects none")
+            if get_entry(name).target_key is None:
+                raise ValueError(f"optim_target_modules={targets!r} selects the layers an optimizer treats apart (a subspace "
+                                 f"optimizer's projected weights, Muon's orthogonalized ones); lowmem_optim={name!r} "
+                                 "treats every parameter alike")
             if "target_modules" in hp:
                 raise ValueError("optim_target_modules and lowmem_optim_args' target_modules are both set; give one")
             hp["target_modules"] = OptimTargetModules(targets)

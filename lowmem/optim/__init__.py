@@ -41,5 +41,8 @@ __all__ = [
 ]
 from .recipes.subspace import FiraAdamW, Frugal, GaLoreAdafactor, GaLoreAdamW, OnlineSubspaceDescent  # noqa: E402
 from .recipes.apollo import APOLLOAdamW  # noqa: E402
+from .recipes.adam_mini import AdamMini  # noqa: E402
+from .recipes.normalized import Muon, Scale, SinkGD  # noqa: E402
 
-__all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent"]
+__all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent",
+            "APOLLOAdamW", "AdamMini", "Muon", "Scale", "SinkGD"]
