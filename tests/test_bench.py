@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -219,3 +220,64 @@ def test_text_flags_are_refused_where_they_do_not_apply(capsys):
     assert "--lr-sweep needs --task text" in capsys.readouterr().err
     assert main(["bench", "adamw", "--task", "text", "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+# ---- lowmem bench --shapes (issue 15) -----------------------------------------------------------------
+
+from lowmem import bench_shapes  # noqa: E402
+
+
+def test_shape_sets_are_the_llama_layers_of_issue_15():
+    import math as m
+
+    seven = bench_shapes.layer_shapes("llama-7b-layer")
+    assert seven["self_attn.q_proj.weight"] == (4096, 4096) and seven["mlp.gate_proj.weight"] == (11008, 4096)
+    assert seven["mlp.down_proj.weight"] == (4096, 11008) and seven["input_layernorm.weight"] == (4096,)
+    count = lambda n: sum(m.prod(s) for s in bench_shapes.layer_shapes(n).values())  # noqa: E731
+    assert count("llama-7b-layer") == 4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096  # 202.4M
+    assert 12.6e6 < count("hidden-1024") < 12.7e6 and 50.5e6 < count("hidden-2048") < 50.7e6  # issue 15: 12.7M, 50.6M
+    m_ = bench_shapes.LayerWeights(*bench_shapes.shape_set("hidden-64"))
+    assert {n: tuple(p.shape) for n, p in m_.named_parameters()} == bench_shapes.layer_shapes("hidden-64")
+    with pytest.raises(ValueError, match="valid: llama-7b-layer"):
+        bench_shapes.shape_set("llama-70b")
+
+
+def test_shapes_bench_ratio_direction_refresh_and_peers(monkeypatch):
+    """A step that is slower than AdamW's gets a ratio above 1 (not inverted); GaLore's first step (its SVD)
+    is reported apart and amortised over update_proj_gap; peers run on the same parameters."""
+    real_build = bench_shapes._build
+
+    class Slow(torch.optim.AdamW):
+        def step(self, closure=None):
+            time.sleep(0.02)
+            return super().step(closure)
+
+    def build(label, module, rank):
+        if label == "slow":
+            return Slow(module.parameters(), lr=1e-5), {}, None, None
+        return real_build(label, module, rank)
+
+    monkeypatch.setattr(bench_shapes, "_build", build)
+    results, meta = bench_shapes.run_shapes_bench(["slow", "galore_adamw"], "hidden-64", peers=False, rank=8, repeats=3,
+                                                  threads=1, progress=False)
+    rows = {r.optimizer: r for r in results}
+    assert results[0].optimizer == BASELINE and results[0].step_time_ratio == 1.0
+    assert rows["slow"].step_time_ratio > 3  # 20 ms of sleep against a sub-millisecond AdamW step
+    g = rows["galore_adamw"]
+    assert g.refresh_gap == 200 and g.first_step_adamw > 0 and g.amortised_ratio >= g.step_time_ratio
+    assert g.bytes_per_param < 8 <= results[0].bytes_per_param < 8.01  # two float32 moments + step counters
+    md = bench_shapes.to_markdown(results, meta)
+    assert "| galore_adamw |" in md and "fastest peer" in md and "(gap 200)" in md
+
+
+def test_shapes_cli_with_a_peer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("lowmem.bench_shapes.PEERS", (get_peer("galore_torch"),))
+    monkeypatch.setitem(bench_shapes.SHAPE_SETS, "hidden-1024", (64, 172, False))  # CI-sized
+    rc = main(["bench", "galore_adamw", "--shapes", "hidden-1024", "--peers", "--repeats", "2", "--rank", "8",
+               "--output-dir", str(tmp_path)])
+    assert rc == 0
+    payload = json.loads((tmp_path / "bench_shapes.json").read_text())
+    labels = [r["optimizer"] for r in payload["results"]]
+    assert labels == [BASELINE, "galore_adamw", "peer:galore_torch"]
+    assert payload["results"][2]["peer_of"] == "galore_adamw" and payload["results"][2]["refresh_gap"] == 200
+    assert "| galore_adamw |" in (tmp_path / "bench_shapes.md").read_text().split("fastest peer")[1]

@@ -1,0 +1,308 @@
+"""``lowmem bench --shapes SET``: ``optimizer.step()`` time alone on real-size weight shapes (issue 15).
+
+No model forward or backward: the parameters of one Llama decoder layer (:data:`SHAPE_SETS`) get fixed
+random gradients, and each optimizer's step is timed against ``torch.optim.AdamW(foreach=True)`` on
+the same parameters, interleaved: every round times one baseline step and one step of the optimizer,
+in an order that alternates from round to round, so both see the same machine load; the row reports
+the median (and spread) of the per-round ratios. Gradients are copied in from a fixed tensor before
+each step (untimed), so an optimizer that modified ``p.grad`` would not change what the next one sees.
+
+The **first step** is timed apart: it allocates the state and, for the subspace recipes, computes the
+first projection (an SVD of every targeted weight for GaLore / Fira / FRUGAL; a seeded random matrix
+for APOLLO), which recurs every ``update_proj_gap`` steps. ``first_step_adamw`` is its cost beyond a
+steady step, in AdamW steps; ``amortised_ratio = step_time_ratio + first_step_adamw / update_proj_gap``
+for the rows that refresh (the refresh amortised over its gap; the state allocation counted with it,
+which overstates it slightly), the plain ratio for the others.
+
+All contenders step the same parameters, one contender's state alive at a time (besides the
+baseline's), so a 7B layer (202M parameters) needs weights, gradients, the fixed gradients and two
+optimizers' state: about 6 GB for AdamW-sized states. The learning rate is 1e-5 for every row (step
+time does not depend on it; the weights stay sane over the few steps taken).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowmem.bench import BASELINE, SPREAD_LIMIT, _state_bytes, parse_variant, summarize_ratios
+from lowmem.bench_peers import PEERS, get_peer, peer_label, probe_peer, recommended
+from lowmem.io import write_files_atomic
+
+#: ``name -> (hidden, intermediate, with the two RMSNorm weights)``: one Llama decoder layer; hidden-N has
+#: Llama-2's MLP ratio 11008 / 4096 (hidden 1024: 12.65M parameters, 2048: 50.6M, as in issue 15's table).
+SHAPE_SETS: dict[str, tuple[int, int, bool]] = {
+    "llama-7b-layer": (4096, 11008, True),
+    "hidden-1024": (1024, 2752, False),
+    "hidden-2048": (2048, 5504, False),
+}
+HEAD_DIM = 128
+LR = 1e-5
+DEFAULT_RANK = 128
+
+
+def shape_set(name: str) -> tuple[int, int, bool]:
+    if name in SHAPE_SETS:
+        return SHAPE_SETS[name]
+    if name.startswith("hidden-") and name[7:].isdigit() and int(name[7:]) >= 8:  # tests: small layers
+        h = int(name[7:])
+        return h, h * 11008 // 4096, False
+    raise ValueError(f"unknown shape set {name!r}; valid: {', '.join(SHAPE_SETS)} (or hidden-N, N >= 8)")
+
+
+def layer_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of one decoder layer of the set ``name``."""
+    h, i, norms = shape_set(name)
+    shapes: dict[str, tuple[int, ...]] = {f"self_attn.{k}.weight": (h, h) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    shapes.update({"mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)})
+    if norms:
+        shapes.update({"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)})
+    return shapes
+
+
+class LayerWeights(nn.Module):
+    """The weights of one Llama decoder layer under Llama's names (``self_attn.q_proj``, ``mlp.gate_proj``,
+    ``input_layernorm``, ...), with a ``config`` giving the head layout (for Adam-mini's partition).
+    Linear weights are N(0, 0.02^2), norm weights ones; nothing is computed with them."""
+
+    def __init__(self, hidden: int, intermediate: int, norms: bool, seed: int = 0):
+        super().__init__()
+        heads = max(1, hidden // HEAD_DIM)
+        self.config = SimpleNamespace(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads,
+                                      head_dim=hidden // heads)
+        lin = lambda i, o: nn.Linear(i, o, bias=False, device="meta")  # noqa: E731
+        self.self_attn = nn.ModuleDict({k: lin(hidden, hidden) for k in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.mlp = nn.ModuleDict({"gate_proj": lin(hidden, intermediate), "up_proj": lin(hidden, intermediate),
+                                  "down_proj": lin(intermediate, hidden)})
+        if norms:
+            from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+            self.input_layernorm = LlamaRMSNorm(hidden)
+            self.post_attention_layernorm = LlamaRMSNorm(hidden)
+        self.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+
+
+@dataclass
+class ShapeResult:
+    """One optimizer's row. ``step_time_ratio`` etc.: per-round ratios to ``torch_adamw`` (median, extremes,
+    spread); ``first_step_adamw``: the first step's time beyond a steady step, in AdamW steps;
+    ``refresh_gap``: steps between projection refreshes (``None``: none); ``amortised_ratio``: see the
+    module docstring; ``peer_of``: for a peer row, the lowmem recipe it compares to."""
+
+    optimizer: str
+    hparams: dict[str, Any]
+    params: int
+    state_bytes: int
+    bytes_per_param: float
+    step_time_s: float
+    step_time_ratio: float
+    ratio_min: float
+    ratio_max: float
+    ratio_spread: float
+    first_step_s: float
+    first_step_adamw: float
+    refresh_gap: int | None
+    amortised_ratio: float
+    round_ratios: list[float] = field(default_factory=list)
+    peer_of: str | None = None
+
+
+def _gap(hp: dict[str, Any], subspace: bool) -> int | None:
+    if not subspace:
+        return None
+    return int(hp.get("update_proj_gap", 200))
+
+
+def _build(label: str, module: LayerWeights, rank: int) -> tuple[torch.optim.Optimizer, dict[str, Any], int | None, str | None]:
+    """The optimizer of a row: a registered name or variant, or ``peer:NAME``; returns it, its settings, its
+    refresh gap and (for peers) the recipe it stands for."""
+    from lowmem.optim import create_optimizer, get_entry
+
+    if label.startswith("peer:"):
+        peer = get_peer(label)
+        st = dict(recommended(peer.recipe).hparams)
+        opt = peer.build(module, LR, rank, st)
+        sub = get_entry(peer.recipe).subspace
+        return opt, {"lr": LR, "rank": rank if sub else None, **st}, _gap(st, sub), peer.recipe
+    name, variant = parse_variant(label)
+    entry = get_entry(name)
+    valid = set(entry.valid_hparams())
+    hp = {k: v for k, v in recommended(name).hparams.items() if k in valid}
+    hp["lr"] = LR
+    if entry.subspace and "rank" in valid and name != "apollo_mini":
+        hp["rank"] = rank
+    hp.update(variant)
+    opt = create_optimizer(module, name, **hp)
+    gap = _gap(opt.param_groups[0] if entry.subspace else hp, entry.subspace)
+    return opt, hp, gap, None
+
+
+def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: bool = False, rank: int | None = None,
+                     repeats: int = 5, threads: int | None = None, progress: bool = True) -> tuple[list[ShapeResult], dict[str, Any]]:
+    """Time each optimizer's step on the shapes of ``shapes`` (see the module docstring); returns the rows
+    (``torch_adamw`` first) and the run's metadata (shapes, skipped peers)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    hidden, inter, norms = shape_set(shapes)
+    rank = rank or DEFAULT_RANK
+    prev = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    try:
+        labels = [n for n in optimizers if n != BASELINE]
+        skipped: dict[str, str] = {}
+        if peers:
+            for p in PEERS:
+                why = probe_peer(p)
+                if why is None:
+                    labels.append(peer_label(p))
+                else:
+                    skipped[peer_label(p)] = why
+        module = LayerWeights(hidden, inter, norms)
+        params = [p for p in module.parameters()]
+        n_params = sum(p.numel() for p in params)
+        g = torch.Generator().manual_seed(1)
+        fixed = [torch.randn(p.shape, generator=g) * 1e-3 for p in params]
+        for p in params:
+            p.grad = torch.empty_like(p)
+
+        def timed(opt) -> float:
+            for p, f in zip(params, fixed):
+                p.grad.copy_(f)
+            t0 = time.perf_counter()
+            opt.step()
+            return time.perf_counter() - t0
+
+        base = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
+        timed(base)
+        timed(base)
+        base_state = _state_bytes(base)
+        results: list[ShapeResult] = []
+        all_base: list[float] = []
+        for i, label in enumerate(labels):
+            if progress:
+                print(f"[{i + 1}/{len(labels)}] {label} ...", flush=True)
+            opt, hp, gap, peer_of = _build(label, module, rank)
+            first = timed(opt)
+            timed(opt)  # warm
+            bt, xt = [], []
+            for r in range(repeats):
+                if r % 2 == 0:
+                    bt.append(timed(base))
+                    xt.append(timed(opt))
+                else:
+                    xt.append(timed(opt))
+                    bt.append(timed(base))
+            ratios = [x / b for x, b in zip(xt, bt)]
+            all_base += bt
+            steady, b_med = statistics.median(xt), statistics.median(bt)
+            first_adamw = (first - steady) / b_med
+            s = summarize_ratios(ratios)
+            sb = _state_bytes(opt)
+            results.append(ShapeResult(
+                optimizer=label, hparams=hp, params=n_params, state_bytes=sb, bytes_per_param=sb / n_params,
+                step_time_s=steady, first_step_s=first, first_step_adamw=first_adamw, refresh_gap=gap,
+                amortised_ratio=s["step_time_ratio"] + (max(0.0, first_adamw) / gap if gap else 0.0),
+                round_ratios=ratios, peer_of=peer_of, **s,
+            ))
+            del opt
+            gc.collect()
+        b_med = statistics.median(all_base) if all_base else timed(base)
+        results.insert(0, ShapeResult(
+            optimizer=BASELINE, hparams={"lr": LR, "foreach": True}, params=n_params, state_bytes=base_state,
+            bytes_per_param=base_state / n_params, step_time_s=b_med, step_time_ratio=1.0, ratio_min=1.0, ratio_max=1.0,
+            ratio_spread=0.0, first_step_s=float("nan"), first_step_adamw=float("nan"), refresh_gap=None,
+            amortised_ratio=1.0,
+        ))
+    finally:
+        torch.set_num_threads(prev)
+    meta = {"shapes": shapes, "hidden": hidden, "intermediate": inter, "norms": norms, "params": n_params, "rank": rank,
+            "repeats": repeats, "lr": LR, "skipped_peers": skipped, "torch": torch.__version__,
+            "threads": torch.get_num_threads() if threads is None else threads, "wall_s": time.perf_counter() - t_start}
+    return results, meta
+
+
+def fastest_peers(results: list[ShapeResult]) -> list[tuple[ShapeResult, ShapeResult | None]]:
+    """Per lowmem row (not the baseline), the peer row for the same recipe with the lowest amortised ratio
+    (``None`` when no peer ran); the baseline is adamw's peer (torch = 1.00)."""
+    out = []
+    for r in results:
+        if r.optimizer == BASELINE or r.peer_of is not None:
+            continue
+        name = parse_variant(r.optimizer)[0]
+        peers = [p for p in results if p.peer_of == name]
+        if name == "adamw":
+            peers.append(results[0])
+        out.append((r, min(peers, key=lambda p: p.amortised_ratio) if peers else None))
+    return out
+
+
+def _row(r: ShapeResult) -> str:
+    first = "" if r.first_step_adamw != r.first_step_adamw else f"{r.first_step_adamw:.1f}"
+    gap = f"{r.amortised_ratio:.2f}x (gap {r.refresh_gap})" if r.refresh_gap else f"{r.amortised_ratio:.2f}x"
+    return (f"| {r.optimizer} | {r.bytes_per_param:.3f} | {r.step_time_s * 1e3:.0f} | {r.step_time_ratio:.2f}x | "
+            f"{100 * r.ratio_spread:.0f}% | {first} | {gap} |")
+
+
+def to_markdown(results: list[ShapeResult], meta: dict[str, Any]) -> str:
+    lines = ["| optimizer | state bytes / param | step ms | step time vs torch AdamW | spread | first step (AdamW steps) "
+             "| amortised |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [_row(r) for r in results]
+    lines += ["", "| recipe | lowmem (amortised) | fastest peer | peer (amortised) | lowmem / peer |", "|---|---:|---|---:|---:|"]
+    for r, p in fastest_peers(results):
+        if p is None:
+            lines.append(f"| {r.optimizer} | {r.amortised_ratio:.2f}x | — | | |")
+        else:
+            lines.append(f"| {r.optimizer} | {r.amortised_ratio:.2f}x | {p.optimizer} | {p.amortised_ratio:.2f}x "
+                         f"| {r.amortised_ratio / p.amortised_ratio:.2f} |")
+    norms = ", 2 RMSNorm weights" if meta["norms"] else ""
+    lines += ["", (f"`{meta['shapes']}`: one Llama decoder layer, hidden {meta['hidden']}, MLP {meta['intermediate']}"
+                   f"{norms}: {meta['params']:,} parameters; optimizer.step() only, random gradients; {meta['repeats']} "
+                   f"interleaved rounds (median ratio, spread = (max - min) / median); subspace rank {meta['rank']}; "
+                   f"{meta['threads']} CPU thread(s); torch {meta['torch']}; {meta['wall_s']:.0f} s.")]
+    if meta.get("skipped_peers"):
+        lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items()) + "."]
+    wide = [r.optimizer for r in results if not r.ratio_spread <= SPREAD_LIMIT]
+    if wide:
+        lines += ["", f"Spread over {100 * SPREAD_LIMIT:.0f}% (not rankable from this run): {', '.join(wide)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(args, names: list[str], threads: int) -> int:
+    """``lowmem bench --shapes SET``."""
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device == "cuda":
+        raise ValueError("--shapes times the CPU step for now; --device cuda is not supported with --shapes")
+    results, meta = run_shapes_bench(names, args.shapes, peers=args.peers, rank=args.rank, repeats=args.repeats,
+                                     threads=threads)
+    meta["date"] = time.strftime("%Y-%m-%d")
+    import json
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = f"### lowmem bench --shapes {args.shapes}\n\n" + to_markdown(results, meta)
+    write_files_atomic({out / "bench_shapes.json": json.dumps({"meta": meta, "results": [asdict(r) for r in results]},
+                                                              indent=2, default=str),
+                        out / "bench_shapes.md": md})
+    print(md)
+    print(f"wrote {out / 'bench_shapes.json'} and {out / 'bench_shapes.md'}")
+    return 0
