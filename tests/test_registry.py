@@ -117,6 +117,7 @@ COSTS_4096 = {
     "adam_mini": 1.5,  # blockwise second moment, priced like a factored one
     "muon": 0.0, "scale": 0.0, "sinkgd": 0.0,  # fp32, second_moment 'none': the search prices no loss (yet)
     "lomo": 0.0, "adalomo": 1.5,  # SGD (no state); AdaLomo factored like Adafactor
+    "badam": 0.0,  # Adam (fp32, full) on the active block
     "galore_adamw": (2.0, 4.0), "galore_adafactor": (2.0, 4.0), "fira_adamw": (2.0, 4.0), "frugal": (2.0, 4.0),
     "osd_adamw": (2.0, 4.0), "galore_adamw8bit": (3.0, 5.0), "fira_adamw8bit": (3.0, 5.0), "frugal8bit": (3.0, 5.0),
     "apollo_adamw": (2.0, 4.0), "apollo_mini": (2.0, 4.0),  # subspace, fp32: priced by the rank searched

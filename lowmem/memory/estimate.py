@@ -387,13 +387,14 @@ def estimate_memory(
             n_quantized += p.numel()
         else:
             weights += p.numel() * p.element_size()
+    # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
+    opt_bytes, transient, how = optimizer_memory(meta, optimizer, optim_args)
     trainable = [(n, p) for n, p in params if p.requires_grad]
     grad_sizes = [p.numel() * p.element_size() for _, p in trainable]
     gradients = (max(grad_sizes) if grad_sizes else 0) if layerwise else sum(grad_sizes)
     if layerwise:
         notes.append("layerwise: each gradient is stepped and freed in the backward pass; the largest one is counted")
 
-    opt_bytes, transient, how = optimizer_memory(meta, optimizer, optim_args)
     if how == "closed form":
         notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
     notes.append("total = the step's peak: the optimizer transient "

@@ -47,6 +47,18 @@ from .registry import create_optimizer
 from .sharded import is_dtensor
 
 
+def _register_hook(p: Tensor, hook: Callable[[Tensor], None]) -> Any:
+    """``p.register_post_accumulate_grad_hook(hook)``, also on a parameter frozen for now (BAdam's
+    inactive blocks): the hook stays registered when ``requires_grad`` is turned back on."""
+    if p.requires_grad:
+        return p.register_post_accumulate_grad_hook(hook)
+    p.requires_grad_(True)
+    try:
+        return p.register_post_accumulate_grad_hook(hook)
+    finally:
+        p.requires_grad_(False)
+
+
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Step every parameter from its gradient hook with a registered lowmem optimizer.
 
@@ -114,7 +126,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if ddp is not None:
             self.attach_ddp(ddp)
         else:
-            self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+            self._handles = [_register_hook(p, self._hook) for p in params]
 
     # ---- hooks ---------------------------------------------------------------------------------
 
@@ -237,6 +249,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     p.grad = None
                 self._micro[p] = 0
         self._new_step()
+        on_step = getattr(self.inner, "on_layerwise_step", None)  # BAdam: count the step, switch blocks
+        if on_step is not None:
+            on_step()
         if self._sq_norm_sum is not None and self.max_grad_norm is not None:
             total = self._sq_norm_sum.sqrt().cpu()
             self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)

@@ -7,6 +7,7 @@
 * :mod:`.normalized` - Muon, SCALE, SinkGD (normalized updates of 2-D weights, AdamW elsewhere).
 * :mod:`.apollo` - APOLLO, APOLLO-Mini (a new combine-back step on the subspace parts).
 * :mod:`.lomo` - LOMO, AdaLomo (update rules fused into the backward pass by layerwise mode).
+* :mod:`.badam` - BAdam (block coordinate descent over layers, Adam on the active block).
 
 Importing this package registers every recipe.
 """
@@ -15,6 +16,7 @@ from . import adam_mini, apollo, bnb, compressed, full_rank, subspace  # noqa: F
 from .full_rank import ADAFACTOR, ADAMW, Adafactor, AdamW
 from . import normalized  # noqa: F401, E402  (Muon, SCALE, SinkGD)
 from . import lomo  # noqa: F401, E402  (LOMO, AdaLomo)
+from . import badam  # noqa: F401, E402  (BAdam)
 from . import subset_norm  # noqa: F401, E402  (AdamSN, AdamSNSM, SGD with Subspace-Momentum)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

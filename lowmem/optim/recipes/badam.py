@@ -1,0 +1,317 @@
+"""BAdam (Luo et al. 2024): block coordinate descent over the model's layers, Adam on the active block.
+
+The parameters are partitioned into blocks (parameter groups with a ``block`` id; from a model: one
+block per decoder layer, ``...layers.<i>.``). Only the active block is stepped, by Adam, and only it
+holds Adam's state; every ``switch_every`` steps the next block (``random`` reshuffling per
+block-epoch, ``ascending`` or ``descending``) becomes active and the previous block's state is freed,
+so the state is ``8 bytes x (parameters of the active block)``. With ``freeze_inactive`` (the
+default, as the authors' ``BlockOptimizer``) the inactive parameters get ``requires_grad=False``, so
+the backward pass computes and stores gradients for the active block only (and stops below it).
+
+The schedule (the period, i.e. the number of switches so far, and the steps taken in it) is two
+int64 tensors saved under ``"badam"`` in ``state_dict()``: a checkpoint loads with
+``weights_only=True`` and a resumed run continues the same block, order and Adam state exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import LowMemOptimizer, Recipe
+from ..functional.badam import ORDERS, badam_block_position
+from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, is_bool, one_of, optional, positive_int
+from ..moments import AdamMoments
+from ..registry import decay_parameter_names, register
+from ..sharded import local
+
+
+def _nonneg_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+BADAM_HPARAMS = (
+    LR(1e-3), BETAS(), EPS(1e-8), WEIGHT_DECAY(0.0),
+    HParam("switch_every", 100, positive_int, "an int > 0", "Adam steps on a block before switching (K in the paper)"),
+    HParam("switch_mode", "random", one_of(*ORDERS), f"one of {list(ORDERS)}",
+           "block order: random reshuffling per block-epoch, ascending (input to output) or descending"),
+    HParam("start_block", None, optional(_nonneg_int), "None or an int >= 0",
+           "the block id to start from (ascending / descending); None: the first in the order"),
+    HParam("seed", 0, _nonneg_int, "an int >= 0", "seed of the random block order (block-epoch e uses seed + e)"),
+    HParam("freeze_inactive", True, is_bool, "a bool",
+           "set requires_grad=False on the parameters of inactive blocks (no gradient is computed for them)"),
+    HParam("include_embedding", False, is_bool, "a bool",
+           "create_optimizer(model): the input embedding is a block of its own (else it is frozen)"),
+    HParam("include_lm_head", False, is_bool, "a bool",
+           "create_optimizer(model): the output head and the other parameters outside the layers are a block (else frozen)"),
+)
+#: Hyperparameters of the whole optimizer (the schedule): every parameter group must agree.
+OPTIMIZER_WIDE = ("switch_every", "switch_mode", "start_block", "seed", "freeze_inactive", "include_embedding",
+                  "include_lm_head")
+
+BADAM = Recipe(
+    name="badam",
+    summary="BAdam: block coordinate descent over layers, Adam (and its state) on the active block only",
+    reference="Luo et al. 2024, BAdam: A Memory Efficient Full Parameter Optimization Method for Large Language Models, Algorithm 1",
+    moment=AdamMoments(eps_placement="torch"),
+    hparams=BADAM_HPARAMS,
+    group_hparams=(HParam("block", None, optional(_nonneg_int), "None or an int >= 0",
+                          "the block this group belongs to (None: block 0)"),),
+)
+
+
+class BAdam(LowMemOptimizer):
+    """BAdam (Luo et al. 2024): Adam on one block of parameters at a time.
+
+    ``create_optimizer(model, "badam")`` makes one block per decoder layer (parameter names with
+    ``layers.<i>.``, in the order of ``model.named_parameters()``), as the authors'
+    ``BlockOptimizer``: the input embedding and the output head (with any other parameter outside the
+    layers) are frozen unless ``include_embedding`` / ``include_lm_head`` make them blocks of their
+    own. A model without ``layers.<i>.`` names gets one block per top-level child module. Parameters
+    given as a list form one block (Adam whose state restarts every ``switch_every`` steps); groups
+    with a ``block`` id form several.
+
+    Args:
+        params: Parameters or parameter groups (with optional ``block`` ids).
+        lr (`float`, defaults to `1e-3`): Learning rate.
+        betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): Adam's moment decay rates.
+        eps (`float`, defaults to `1e-8`): Added to ``sqrt(v_hat)`` (torch's placement).
+        weight_decay (`float`, defaults to `0.0`): Decoupled weight decay of the active block.
+        switch_every (`int`, defaults to `100`): Adam steps per block (``K``; the authors' README
+            uses 100, their ``BlockOptimizer`` defaults to 50).
+        switch_mode (`str`, defaults to `"random"`): ``"random"`` (a new permutation every
+            block-epoch), ``"ascending"`` or ``"descending"``.
+        start_block (`int` or `None`, defaults to `None`): First block id (ascending / descending).
+        seed (`int`, defaults to `0`): Seed of the random order.
+        freeze_inactive (`bool`, defaults to `True`): Set ``requires_grad=False`` on the inactive
+            blocks' parameters (BAdam's gradient and backward savings). ``False`` keeps every
+            ``requires_grad`` as it is: the inactive gradients are computed and ignored (needed
+            under DDP, whose reducer expects every gradient).
+        include_embedding (`bool`, defaults to `False`): With a model: the embedding is a block.
+        include_lm_head (`bool`, defaults to `False`): With a model: the head (and the other
+            parameters outside the layers) is a block.
+        state_dtype (`str`, defaults to `"float32"`): Storage of Adam's moments.
+        foreach (`bool` or `None`, defaults to `None`): Multi-tensor path for the active block.
+    """
+
+    recipe = BADAM
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        switch_every: int = 100,
+        switch_mode: str = "random",
+        start_block: int | None = None,
+        seed: int = 0,
+        freeze_inactive: bool = True,
+        include_embedding: bool = False,
+        include_lm_head: bool = False,
+        *,
+        state_dtype: str = "float32",
+        foreach: bool | None = None,
+    ):
+        # the schedule: switches so far and steps taken on the active block (tensors: weights_only checkpoints)
+        self._period = torch.zeros((), dtype=torch.int64)
+        self._steps = torch.zeros((), dtype=torch.int64)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every,
+            switch_mode=switch_mode, start_block=start_block, seed=seed, freeze_inactive=freeze_inactive,
+            include_embedding=include_embedding, include_lm_head=include_lm_head, state_dtype=state_dtype,
+            foreach=foreach,
+        )
+        if start_block is not None:
+            if switch_mode == "random":
+                raise ValueError(f"Invalid start_block={start_block!r} for optimizer 'badam': it applies to switch_mode "
+                                 "'ascending' / 'descending' (the random order starts from its permutation)")
+            if start_block not in self.block_ids():
+                raise ValueError(f"Invalid start_block={start_block!r} for optimizer 'badam': expected one of the "
+                                 f"block ids {self.block_ids()}")
+        self._apply_freeze()
+
+    # ---- blocks and the schedule --------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for k in OPTIMIZER_WIDE:
+            if group[k] != self.defaults[k]:
+                self.param_groups.pop()
+                raise ValueError(f"Invalid {k}={group[k]!r} in parameter group {len(self.param_groups)} of optimizer "
+                                 f"'badam': it is a setting of the whole optimizer ({self.defaults[k]!r}); give it to "
+                                 "the constructor")
+
+    @staticmethod
+    def _block_of(group: dict[str, Any]) -> int:
+        return 0 if group.get("block") is None else group["block"]
+
+    def block_ids(self) -> list[int]:
+        """The ids of the blocks, sorted (the order ``ascending`` visits them in)."""
+        return sorted({self._block_of(g) for g in self.param_groups})
+
+    @property
+    def active_block(self) -> int:
+        """The id of the block stepped now."""
+        ids = self.block_ids()
+        d = self.defaults
+        start = None if d["start_block"] is None else ids.index(d["start_block"])
+        return ids[badam_block_position(int(self._period), len(ids), d["switch_mode"], start, d["seed"])]
+
+    def _active_groups(self) -> list[dict[str, Any]]:
+        active = self.active_block
+        return [g for g in self.param_groups if self._block_of(g) == active]
+
+    def _apply_freeze(self) -> None:
+        """``requires_grad`` on for the active block's parameters, off for the others (``freeze_inactive``)."""
+        if not self.defaults["freeze_inactive"]:
+            return
+        active = self.active_block
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.requires_grad_(self._block_of(g) == active)
+                if self._block_of(g) != active:
+                    p.grad = None
+
+    def _advance(self) -> None:
+        """One step taken: after ``switch_every`` of them free the block's state and switch."""
+        self._steps += 1
+        if int(self._steps) < self.defaults["switch_every"]:
+            return
+        for g in self._active_groups():
+            for p in g["params"]:
+                self.state.pop(p, None)  # the next visit starts Adam afresh (the authors clear the state too)
+        self._period += 1
+        self._steps.zero_()
+        self._apply_freeze()
+
+    # ---- the engine's per-parameter step, restricted to the active block ------------------------
+
+    def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        if self._block_of(group) == self.active_block:
+            super()._update(p, grad, group, *args, **kwargs)
+
+    def _foreach_ok(self, p: Tensor, group: dict[str, Any], *args: Any, **kwargs: Any) -> bool:
+        return self._block_of(group) == self.active_block and super()._foreach_ok(p, group, *args, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """The engine's step on the active block (gradients of other blocks are ignored, but a
+        non-finite one still skips the step); a skipped step does not count towards ``switch_every``."""
+        skipped = self.skipped_steps
+        loss = super().step(closure)
+        if self.skipped_steps == skipped:
+            self._advance()
+        return loss
+
+    def on_layerwise_step(self) -> None:
+        """End of a step in layerwise mode (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer` steps
+        the parameters from their hooks, then calls this)."""
+        self._advance()
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def materialize_state(self) -> None:
+        """Allocate the active block's state (the only state BAdam holds)."""
+        for group in self._active_groups():
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._init_state(local(p), group, self.state[p])
+
+    def step_transient_bytes(self) -> int:
+        """The largest transient of a step of the active block (:meth:`LowMemOptimizer.step_transient_bytes`)."""
+        groups = self.param_groups
+        self.param_groups = self._active_groups()
+        try:
+            return super().step_transient_bytes()
+        finally:
+            self.param_groups = groups
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["badam"] = {"period": self._period.clone(), "steps": self._steps.clone()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        schedule = state_dict.pop("badam", None)
+        if schedule is None:
+            raise ValueError("badam: the state dict has no 'badam' entry (the block schedule); it was not saved by BAdam")
+        super().load_state_dict(state_dict)
+        self._period = schedule["period"].detach().to("cpu", torch.int64, copy=True)
+        self._steps = schedule["steps"].detach().to("cpu", torch.int64, copy=True)
+        self._apply_freeze()
+
+
+# ---- blocks from a model ---------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(.*?(?:^|\.)layers\.\d+\.)")
+_EMBED = re.compile(r"^(.*embed[^.]*\.)")
+
+
+def block_groups(model: nn.Module, weight_decay: float | None = None, include_embedding: bool = False,
+                 include_lm_head: bool = False, freeze_inactive: bool = True, **_: Any) -> list[dict[str, Any]]:
+    """BAdam's partition of ``model`` into parameter groups with ``block`` ids (the authors'
+    ``infer_param_groups``): one block per decoder layer (names matching ``...layers.<i>.``), in the
+    order of ``named_parameters()``; the embedding (``...embed*.``) a block when
+    ``include_embedding``; the head and every other parameter one last block when
+    ``include_lm_head``. Parameters in no block are frozen (``requires_grad=False``) when
+    ``freeze_inactive``. A model without ``layers.<i>.`` names: one block per top-level child
+    module (and one for the module's own parameters). Each block is split into a decayed group and
+    an undecayed one (biases and norm weights, the Trainer's rule)."""
+    spec = {h.name: h for h in BADAM_HPARAMS}
+    for name, value in (("include_embedding", include_embedding), ("include_lm_head", include_lm_head),
+                        ("freeze_inactive", freeze_inactive)):
+        spec[name].validate(value, where="optimizer 'badam'")  # before any parameter is frozen
+    named = []
+    seen: set[int] = set()
+    for n, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            named.append((n, p))
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    layered = any(_LAYER.match(n) for n, _ in named)
+    keys: list[str] = []
+    key_of: dict[int, str | None] = {}
+    for n, p in named:
+        if layered:
+            m = _LAYER.match(n) or (_EMBED.match(n) if include_embedding else None)
+            key = m.group(1) if m else ("<rest>" if include_lm_head else None)
+        else:
+            key = n.split(".", 1)[0] + "." if "." in n else "<root>"
+        key_of[id(p)] = key
+        if key is not None and key not in keys:
+            keys.append(key)
+    if "<rest>" in keys:  # the head and the rest: the last block, as the authors append it
+        keys.remove("<rest>")
+        keys.append("<rest>")
+    decay = decay_parameter_names(model)
+    wd = {} if weight_decay is None else {"weight_decay": weight_decay}
+    groups = []
+    for b, key in enumerate(keys):
+        members = [(n, p) for n, p in named if key_of[id(p)] == key]
+        decayed = [p for n, p in members if n in decay]
+        plain = [p for n, p in members if n not in decay]
+        if decayed:
+            groups.append({"params": decayed, "block": b, **wd})
+        if plain:
+            groups.append({"params": plain, "block": b, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("badam: no parameter of the model is in a block (include_embedding / include_lm_head?)")
+    if freeze_inactive:
+        for n, p in named:
+            if key_of[id(p)] is None:
+                p.requires_grad_(False)
+    return groups
+
+
+register(BADAM, BAdam, state_precision="fp32", second_moment="full", group_builder=block_groups,
+         example_hparams={"switch_every": 6, "freeze_inactive": False})
+
+__all__ = ["BADAM", "BAdam", "block_groups"]
