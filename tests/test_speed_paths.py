@@ -167,6 +167,7 @@ HOST_READS = {
     "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1),
     "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step
     "adam_mini": (3, 1),
+    "adamw_sn": (3, 1), "adamw_snsm": (5, 1), "sgd_sm": (4, 1),  # SNSM: its step scale reads the CPU step
 }
 
 
