@@ -233,6 +233,28 @@ def test_estimate_counts_one_block():
     badam = estimate_memory("llama-2-7b", "badam", batch_size=1, seq_len=512)
     adamw = estimate_memory("llama-2-7b", "adamw", batch_size=1, seq_len=512)
     layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # one decoder layer of Llama-2-7B
-    assert badam.optimizer_states == 8 * layer + 4 * 9  # float32 m and v of one layer, 9 step counters
+    # float32 m, v and master copy of one bf16 layer, 9 step counters
+    assert badam.optimizer_states == 12 * layer + 4 * 9
     assert badam.gradients == 2 * layer  # bf16 gradients of the active layer only
-    assert adamw.optimizer_states > 30 * badam.optimizer_states
+    assert adamw.optimizer_states > 20 * badam.optimizer_states  # 22x on 32 layers (a master copy in bf16)
+
+
+def test_master_weights_keep_updates_below_bf16_resolution():
+    """Steps of 1e-4 on a bf16 parameter of 1.0 (half an ulp is 2e-3): rounded into the parameter every
+    step they vanish; accumulated in the float32 copy of the active block (the authors' mixed
+    precision) they move it. The copy is state (4 bytes per parameter) and goes at a switch."""
+    out = {}
+    for master in (True, False):
+        p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+        opt = create_optimizer([p], "badam", lr=1e-4, switch_every=40, master_weights=master)
+        for k in range(39):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        out[master] = p.detach().float().clone()
+        assert opt.state_bytes() == (12 if master else 8) * 64 + 4
+        assert ("master" in opt.state[p]) == master and opt.state[p].get("master", p).dtype == (torch.float32 if master else torch.bfloat16)
+        p.grad = torch.ones_like(p)
+        opt.step()  # the 40th step: a switch (one block: the same one, afresh)
+        assert opt.state_bytes() == 0
+    assert torch.equal(out[False], torch.ones(64))  # every 1e-4 step rounded away
+    torch.testing.assert_close(out[True], torch.full((64,), 1 - 2**-8))  # 39 steps of ~1e-4 accumulated: one ulp down

@@ -43,14 +43,17 @@ BADAM_HPARAMS = (
     HParam("seed", 0, _nonneg_int, "an int >= 0", "seed of the random block order (block-epoch e uses seed + e)"),
     HParam("freeze_inactive", True, is_bool, "a bool",
            "set requires_grad=False on the parameters of inactive blocks (no gradient is computed for them)"),
+    HParam("master_weights", True, is_bool, "a bool",
+           "keep a float32 copy of the active block's bf16 / fp16 parameters, stepped in float32 (the authors')"),
     HParam("include_embedding", False, is_bool, "a bool",
            "create_optimizer(model): the input embedding is a block of its own (else it is frozen)"),
     HParam("include_lm_head", False, is_bool, "a bool",
            "create_optimizer(model): the output head and the other parameters outside the layers are a block (else frozen)"),
 )
 #: Hyperparameters of the whole optimizer (the schedule): every parameter group must agree.
-OPTIMIZER_WIDE = ("switch_every", "switch_mode", "start_block", "seed", "freeze_inactive", "include_embedding",
-                  "include_lm_head")
+OPTIMIZER_WIDE = ("switch_every", "switch_mode", "start_block", "seed", "freeze_inactive", "master_weights",
+                  "include_embedding", "include_lm_head")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 BADAM = Recipe(
     name="badam",
@@ -90,6 +93,10 @@ class BAdam(LowMemOptimizer):
             blocks' parameters (BAdam's gradient and backward savings). ``False`` keeps every
             ``requires_grad`` as it is: the inactive gradients are computed and ignored (needed
             under DDP, whose reducer expects every gradient).
+        master_weights (`bool`, defaults to `True`): For bf16 / fp16 parameters, keep a float32
+            copy of the active block (state ``"master"``, 4 bytes per parameter of the block, freed
+            at a switch), step it and copy it back rounded, as the authors' ``BlockOptimizer``
+            does; ``False`` rounds every step into the parameter (lowmem's usual behaviour).
         include_embedding (`bool`, defaults to `False`): With a model: the embedding is a block.
         include_lm_head (`bool`, defaults to `False`): With a model: the head (and the other
             parameters outside the layers) is a block.
@@ -111,6 +118,7 @@ class BAdam(LowMemOptimizer):
         start_block: int | None = None,
         seed: int = 0,
         freeze_inactive: bool = True,
+        master_weights: bool = True,
         include_embedding: bool = False,
         include_lm_head: bool = False,
         *,
@@ -123,7 +131,7 @@ class BAdam(LowMemOptimizer):
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every,
             switch_mode=switch_mode, start_block=start_block, seed=seed, freeze_inactive=freeze_inactive,
-            include_embedding=include_embedding, include_lm_head=include_lm_head, state_dtype=state_dtype,
+            master_weights=master_weights, include_embedding=include_embedding, include_lm_head=include_lm_head, state_dtype=state_dtype,
             foreach=foreach,
         )
         if start_block is not None:
@@ -192,9 +200,25 @@ class BAdam(LowMemOptimizer):
 
     # ---- the engine's per-parameter step, restricted to the active block ------------------------
 
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
+        super()._init_state(p, group, state)
+        if group["master_weights"] and p.dtype in _LOW_PRECISION:
+            state["master"] = p.detach().float()  # the float32 copy of a low-precision parameter (meta: sized only)
+
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        if self._block_of(group) == self.active_block:
-            super()._update(p, grad, group, *args, **kwargs)
+        if self._block_of(group) != self.active_block:
+            return
+        key = kwargs.pop("key", None)
+        key = p if key is None else key
+        if not (group["master_weights"] and p.dtype in _LOW_PRECISION) or kwargs.get("reduce") is not None:
+            super()._update(p, grad, group, *args, key=key, **kwargs)  # (FSDP2 shards: no master copy)
+            return
+        state = self.state[key]
+        if "step" not in state:
+            self._init_state(p, group, state)
+        master = state["master"]
+        super()._update(master, grad, group, *args, key=key, **kwargs)  # the float32 copy takes the step
+        p.copy_(master)
 
     def _foreach_ok(self, p: Tensor, group: dict[str, Any], *args: Any, **kwargs: Any) -> bool:
         return self._block_of(group) == self.active_block and super()._foreach_ok(p, group, *args, **kwargs)
