@@ -137,7 +137,7 @@ def _galore(model, lr, rank, st):
 
     keys = {"rank": rank, "update_proj_gap": st.get("update_proj_gap", 200), "scale": st.get("scale", 0.25),
             "proj_type": "std"}
-    return GaLoreAdamW(_subspace_groups(model, keys), lr=lr, weight_decay=0.0)
+    return GaLoreAdamW(_subspace_groups(model, keys), lr=lr, weight_decay=0.0, no_deprecation_warning=True)
 
 
 def _fira(model, lr, rank, st):

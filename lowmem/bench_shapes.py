@@ -186,6 +186,8 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
 
         def timed(opt) -> float:
             for p, f in zip(params, fixed):
+                if p.grad is None:  # an optimizer freed it (BAdam frees the inactive blocks' gradients)
+                    p.grad = torch.empty_like(p)
                 p.grad.copy_(f)
             t0 = time.perf_counter()
             opt.step()

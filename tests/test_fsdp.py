@@ -29,7 +29,7 @@ pytestmark = pytest.mark.distributed
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor", "badam"]
 REFUSED = ["adamw4bit_rank1", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
            "fira_adamw8bit", "frugal", "frugal8bit", "osd_adamw", "apollo_adamw", "apollo_mini",
-           "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "lomo", "adalomo"]
+           "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
