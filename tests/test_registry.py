@@ -122,6 +122,7 @@ COSTS_4096 = {
     "osd_adamw": (2.0, 4.0), "galore_adamw8bit": (3.0, 5.0), "fira_adamw8bit": (3.0, 5.0), "frugal8bit": (3.0, 5.0),
     "apollo_adamw": (2.0, 4.0), "apollo_mini": (2.0, 4.0),  # subspace, fp32: priced by the rank searched
     "adamw_sn": 1.5, "adamw_snsm": (2.0, 4.0), "sgd_sm": (2.0, 4.0),  # Subset-Norm: blockwise like Adam-mini
+    "adagrad_sn": 1.5, "adagrad_snsm": (2.0, 4.0),
 }
 
 

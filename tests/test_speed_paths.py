@@ -168,6 +168,7 @@ HOST_READS = {
     "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step
     "adam_mini": (3, 1),
     "adamw_sn": (3, 1), "adamw_snsm": (5, 1), "sgd_sm": (4, 1),  # SNSM: its step scale reads the CPU step
+    "adagrad_sn": (3, 1), "adagrad_snsm": (4, 1),  # AdaGrad: no bias correction, no step read
 }
 
 

@@ -1,4 +1,5 @@
-"""Subset-Norm and Subspace-Momentum (Nguyen & Nguyen 2024): adamw_sn, adamw_snsm, sgd_sm.
+"""Subset-Norm and Subspace-Momentum (Nguyen & Nguyen 2024): adamw_sn, adamw_snsm, sgd_sm, adagrad_sn,
+adagrad_snsm.
 
 Parity of ``adamw_sn`` with pytorch_optimizer's ``AdamWSN`` (4.1.0, the dev extra), groups from a
 model as the authors build them, exact state sizes, the chunked step against the whole one, and
@@ -20,7 +21,7 @@ from lowmem.optim.recipes.subset_norm import AdamWSN
 from lowmem.optim.registry import bytes_per_param
 
 MiB = 2**20
-NAMES = ("adamw_sn", "adamw_snsm", "sgd_sm")
+NAMES = ("adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm")
 
 
 def _grads(shape, steps, seed=1):
@@ -104,11 +105,12 @@ def test_first_moment_cannot_appear_after_allocation():
 
 
 
-def _authors_sm_sn_step(p, g, st, *, lr, betas, eps, wd, rank, adaptive):
+def _authors_sm_sn_step(p, g, st, *, lr, betas, eps, wd, rank, adaptive, adagrad=False):
     """One step of the authors' ``GenericOptim`` (timmytonga/sn-sm) on a 2-D parameter of a group
     with ``rank`` (``momentum_type="sm"``) and, when ``adaptive``, ``subset_size="heuristics"``
     (``second_moment_type="sn"``, ``correct_bias=True``; the ``sgd`` configuration otherwise:
-    ``betas=(b1, 0)``, no bias correction), written out with its ``SVDProjector("svd")`` of the
+    ``betas=(b1, 0)``, no bias correction; ``adagrad``: ``betas=(b1, 1)``, running sums, no bias
+    correction), written out with its ``SVDProjector("svd")`` of the
     first gradient (the projection is not refreshed again here)."""
     b1, b2 = betas
     st["step"] = st.get("step", 0) + 1
@@ -123,15 +125,16 @@ def _authors_sm_sn_step(p, g, st, *, lr, betas, eps, wd, rank, adaptive):
     if adaptive:
         reduce_dim = 0 if g.shape[0] >= g.shape[1] else 1
         sq = torch.sum(g**2, dim=1 - reduce_dim, keepdim=True)
-        st.setdefault("exp_avg_sq", torch.zeros_like(sq)).mul_(b2).add_(sq, alpha=1 - b2)
-        step_size = lr * math.sqrt(1 - b2 ** st["step"]) / (1 - b1 ** st["step"])
+        v = st.setdefault("exp_avg_sq", torch.zeros_like(sq))
+        v.add_(sq) if adagrad else v.mul_(b2).add_(sq, alpha=1 - b2)
+        step_size = lr if adagrad else lr * math.sqrt(1 - b2 ** st["step"]) / (1 - b1 ** st["step"])
         p = p - step_size * numerator / (st["exp_avg_sq"].sqrt() + eps)
     else:
         p = p - lr * numerator
     return p - lr * wd * p
 
 
-@pytest.mark.parametrize("name", ["adamw_snsm", "sgd_sm"])
+@pytest.mark.parametrize("name", ["adamw_snsm", "sgd_sm", "adagrad_snsm"])
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)], ids=["tall", "wide"])
 def test_subspace_momentum_equals_the_authors_step(name, shape):
     """Between refreshes (one SVD at step 1, ``update_proj_gap`` beyond the run: the authors refresh
@@ -142,6 +145,8 @@ def test_subspace_momentum_equals_the_authors_step(name, shape):
     grads = _grads(shape, 12)
     hp = {"lr": 1e-2, "weight_decay": 0.1, "rank": 4, "update_proj_gap": 1000}
     hp.update({"betas": (0.9, 0.99), "eps": 1e-6} if name == "adamw_snsm" else {"momentum": 0.8})
+    if name == "adagrad_snsm":
+        hp["eps"] = 1e-6
     p = torch.nn.Parameter(start.clone())
     opt = create_optimizer([p], name, **hp)
     q, st = start.clone(), {}
@@ -149,7 +154,7 @@ def test_subspace_momentum_equals_the_authors_step(name, shape):
         p.grad = g.clone()
         opt.step()
         q = _authors_sm_sn_step(q, g, st, lr=hp["lr"], betas=hp.get("betas", (hp.get("momentum"), 0.0)), eps=hp.get("eps"),
-                                wd=hp["weight_decay"], rank=4, adaptive=name == "adamw_snsm")
+                                wd=hp["weight_decay"], rank=4, adaptive=name != "sgd_sm", adagrad=name == "adagrad_snsm")
         torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
     assert (q - start).abs().max() > 1e-2
 
@@ -162,7 +167,7 @@ def test_groups_from_a_model(tiny_model, name):
     recipes project the projection layers, not the head); embeddings, norms and biases keep Adam's
     element-wise second moment (SGD with momentum for sgd_sm)."""
     model, _ = tiny_model
-    opt = create_optimizer(model, name, rank=4) if name != "adamw_sn" else create_optimizer(model, name)
+    opt = create_optimizer(model, name, rank=4) if name.endswith("sm") else create_optimizer(model, name)
     ids = {id(p): n for n, p in model.named_parameters()}
     head = model.get_output_embeddings().weight
     emb = model.get_input_embeddings().weight
@@ -179,7 +184,7 @@ def test_groups_from_a_model(tiny_model, name):
                 continue
             if p is emb or p.ndim == 1:
                 assert st["exp_avg_sq"].shape == p.shape, n
-            elif p is head or name == "adamw_sn":
+            elif p is head or name.endswith("_sn"):
                 assert st["exp_avg_sq"].shape == (p.shape[0], 1) if p.shape[0] >= p.shape[1] else (1, p.shape[1]), n
                 seen += 1
             else:  # projected: momentum of P^T G, the SN statistic of G in the combine step
@@ -199,6 +204,9 @@ def test_state_bytes_per_param_at_4096():
     # rank 128: m (128 x 4096), the basis (4096 x 128), the SN statistic, the projection's 6 int64 counters
     assert bytes_per_param("adamw_snsm") == (4 * 128 * 4096 * 2 + 4 * 4096 + 8 * 6) / n  # 0.251
     assert bytes_per_param("sgd_sm") == (4 * 128 * 4096 * 2 + 8 * 6) / n  # 0.250
+    assert bytes_per_param("adagrad_sn") == bytes_per_param("adamw_sn")
+    assert bytes_per_param("adagrad_sn", momentum=0.0) == 4 * 4096 / n  # AdaGrad-SN itself: 0.001
+    assert bytes_per_param("adagrad_snsm") == bytes_per_param("adamw_snsm")
 
 
 # ---- the step in chunks, transients ----------------------------------------------------------------
@@ -209,6 +217,7 @@ def test_state_bytes_per_param_at_4096():
     ("adamw_snsm", (37, 29), {"rank": 4, "update_proj_gap": 2}), ("adamw_snsm", (29, 37), {"rank": 4, "update_proj_gap": 2}),
     ("adamw_snsm", (29, 37), {"rank": 4, "update_proj_gap": 2, "subset_norm": False}),
     ("sgd_sm", (29, 37), {"rank": 4, "update_proj_gap": 2}),
+    ("adagrad_sn", (29, 37), {}), ("adagrad_snsm", (37, 29), {"rank": 4, "update_proj_gap": 2}),
 ], ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_chunked_step_equals_whole_step(name, shape, hp, dtype):
@@ -283,4 +292,6 @@ def test_registered_with_metadata():
     assert entries["adamw_sn"].second_moment == "blockwise" and not entries["adamw_sn"].subspace
     assert entries["adamw_snsm"].second_moment == "blockwise" and entries["adamw_snsm"].subspace
     assert entries["sgd_sm"].second_moment == "none" and entries["sgd_sm"].subspace
+    assert entries["adagrad_sn"].second_moment == "blockwise" and not entries["adagrad_sn"].subspace
+    assert entries["adagrad_snsm"].second_moment == "blockwise" and entries["adagrad_snsm"].subspace
     assert {e.state_precision for n, e in entries.items() if n in NAMES} == {"fp32"}

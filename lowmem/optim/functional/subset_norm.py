@@ -62,6 +62,12 @@ def ema_(x: Tensor, update: Tensor, beta: float) -> Tensor:
     return x.mul_(beta).add_(update, alpha=1.0 - beta)
 
 
+def accumulate_(x: Tensor, update: Tensor) -> Tensor:
+    """``b_t^2 = b_{t-1}^2 + ||g_{t,Psi_i}||^2`` in place: AdaGrad-SN's sum (Section 3, the paper's
+    Algorithm; the authors' ``beta2 = 1``)."""
+    return x.add_(update)
+
+
 def step_scale(t: float, beta1: float, beta2: float) -> float:
     """The authors' bias correction folded into the step size: ``sqrt(1 - b2^t) / (1 - b1^t)``."""
     return math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)

@@ -8,6 +8,8 @@ compose with the existing projections.
   default, refreshed every ``update_proj_gap`` steps and reset then; plain SGD on ``G - P P^T G``)
   with the Subset-Norm step size of the raw gradient on top.
 * ``sgd_sm`` - SGD with Subspace-Momentum only (the authors' ``sgd_sm``: no adaptive step size).
+* ``adagrad_sn``, ``adagrad_snsm`` - the same with AdaGrad's running sum of squared subset norms
+  (the paper's analysed AdaGrad-SN; the authors' ``beta2 = 1``, no bias correction), with momentum.
 
 The chain of ``adamw_snsm``: the existing :class:`~lowmem.optim.subspace.SubspaceProjection`, the
 moment rule :class:`SubsetNormMoments` (under a projection it keeps only the momentum of ``P^T G``),
@@ -51,11 +53,14 @@ def _low_precision(x: Tensor) -> bool:
     return x.dtype not in (torch.float32, torch.float64)
 
 
-def _ema_stored_(x: Tensor, update: Tensor, beta: float) -> Tensor:
-    """The EMA of a stored moment, computed in float32 when it is stored in lower precision;
-    returns the float32 (or float64) value."""
+def _ema_stored_(x: Tensor, update: Tensor, beta: float | None) -> Tensor:
+    """The EMA of a stored moment (``beta=None``: AdaGrad's running sum), computed in float32 when it
+    is stored in lower precision; returns the float32 (or float64) value."""
     x32 = x.float() if _low_precision(x) else x
-    SN.ema_(x32, update, beta)
+    if beta is None:
+        SN.accumulate_(x32, update)
+    else:
+        SN.ema_(x32, update, beta)
     if x32 is not x:
         x.copy_(x32)
     return x32
@@ -69,7 +74,7 @@ def _subset_layout(v: Tensor, numel: int) -> str:
     return "row" if v.shape[-1] == 1 else "column"
 
 
-def _sn_update_(v: Tensor, g: Tensor, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+def _sn_update_(v: Tensor, g: Tensor, beta2: float | None, eps: float) -> tuple[Tensor, Tensor]:
     """Update the subset-norm second moment ``v`` from ``g`` (its rows ``(rows, n)``, or the whole
     tensor) and return ``(denominator, g viewed like v broadcasts)``: ``sqrt(v) + eps``."""
     layout = _subset_layout(v, g.numel())
@@ -99,15 +104,25 @@ class SubsetNormMoments(MomentRule):
     Args:
         adaptive: ``False``: no second moment anywhere (``sgd_sm``: SGD with momentum, the group's
             ``momentum`` as ``b1``, no bias correction, as the authors' ``sgd`` configuration).
+        accumulate: AdaGrad-SN: ``v <- v + ||g_Psi||^2`` (the authors' ``beta2 = 1``), the group's
+            ``momentum`` as ``b1``, no bias correction (their ``adagrad`` configuration).
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, adaptive: bool = True):
-        self.adaptive = adaptive
+    def __init__(self, adaptive: bool = True, accumulate: bool = False):
+        if accumulate and not adaptive:
+            raise ValueError("accumulate=True needs adaptive=True")
+        self.adaptive, self.accumulate = adaptive, accumulate
 
     def _beta1(self, group: dict[str, Any]) -> float:
-        return group["betas"][0] if self.adaptive else group["momentum"]
+        return group["betas"][0] if self.adaptive and not self.accumulate else group["momentum"]
+
+    def _beta2(self, group: dict[str, Any]) -> float | None:
+        return None if self.accumulate else group["betas"][1]
+
+    def _scale(self, t: float, group: dict[str, Any]) -> float:
+        return 1.0 if self.accumulate else SN.step_scale(t, self._beta1(group), group["betas"][1])
 
     def init_state(self, state, shape, group, param):
         dtype, device = state_dtype(group, param), param.device
@@ -123,7 +138,7 @@ class SubsetNormMoments(MomentRule):
         if beta1 == 0:
             return g
         if "exp_avg" not in state:
-            raise ValueError(f"{'betas[0]' if self.adaptive else 'momentum'}={beta1} > 0 but this parameter's state has"
+            raise ValueError(f"{'betas[0]' if 'betas' in group else 'momentum'}={beta1} > 0 but this parameter's state has"
                              " no first moment (it was allocated with 0); set it before the first step")
         return _ema_stored_(state["exp_avg"], g, beta1)
 
@@ -131,15 +146,15 @@ class SubsetNormMoments(MomentRule):
         num = self._numerator(g, state, group)
         if "exp_avg_sq" not in state:  # momentum only: SM's subspace part, or SGD with momentum
             return num.clone()
-        beta1, (_, beta2) = self._beta1(group), group["betas"]
         extra = state.extra if isinstance(state, ChunkState) else {}
         if "denom" in extra:  # one statistic per column: updated over every row chunk first
             denom = extra["denom"]
             d = num.view(-1, denom.shape[-1]) / denom
         else:
-            denom, g2 = _sn_update_(state["exp_avg_sq"], g, beta2, group["eps"])
+            denom, g2 = _sn_update_(state["exp_avg_sq"], g, self._beta2(group), group["eps"])
             d = num.view(g2.shape) / denom
-        return d.mul_(SN.step_scale(t, beta1, beta2)).view(g.shape)
+        scale = self._scale(t, group)
+        return (d if scale == 1.0 else d.mul_(scale)).view(g.shape)
 
     # ---- the chunked step: whole rows of a subset-normed matrix, elements otherwise ----
 
@@ -175,7 +190,7 @@ class SubsetNormMoments(MomentRule):
         for start, stop in bounds:
             g = stabilized(start, stop, self.chunk_state(state, start, stop, shape, group))
             sq.add_(SN.subset_sq_norms(g.view(-1, n), 0))
-        v32 = _ema_stored_(v, sq, group["betas"][1])
+        v32 = _ema_stored_(v, sq, self._beta2(group))
         return SN.sn_denominator(v32, group["eps"])
 
     def transient_bytes(self, numel, shape, group, state):
@@ -202,8 +217,8 @@ class SubsetNormStep(CombineRule):
     ``subset_norm`` is ``False``), not reset when the subspace changes (only the momentum is).
     """
 
-    def __init__(self, inner: CombineRule):
-        self.inner = inner
+    def __init__(self, inner: CombineRule, accumulate: bool = False):
+        self.inner, self.accumulate = inner, accumulate
         self.state_keys = (*inner.state_keys, "sn_exp_avg_sq")
 
     def init_state(self, state, param, group):
@@ -211,14 +226,18 @@ class SubsetNormStep(CombineRule):
         shape = SN.subset_state_shape(param.shape, group["subset_norm"])
         state["sn_exp_avg_sq"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
-    @staticmethod
-    def _scale(state: dict[str, Tensor], group: dict[str, Any]) -> float:
+    def _scale(self, state: dict[str, Tensor], group: dict[str, Any]) -> float:
+        if self.accumulate:  # AdaGrad-SNSM: no bias correction
+            return 1.0
         beta1, beta2 = group["betas"]
         return SN.step_scale(state["step"].item(), beta1, beta2)
 
+    def _beta2(self, group: dict[str, Any]) -> float | None:
+        return None if self.accumulate else group["betas"][1]
+
     def direction(self, g, low, d_low, state, group, projection):
         u = self.inner.direction(g, low, d_low, state, group, projection)
-        denom, g2 = _sn_update_(state["sn_exp_avg_sq"], g, group["betas"][1], group["eps"])
+        denom, g2 = _sn_update_(state["sn_exp_avg_sq"], g, self._beta2(group), group["eps"])
         return u.view(g2.shape).div_(denom).mul_(self._scale(state, group)).view(g.shape)
 
     def prepare(self, g, low, d_low, state, group, projection, bounds):
@@ -229,14 +248,14 @@ class SubsetNormStep(CombineRule):
             sq = torch.zeros((1, g.shape[1]), dtype=torch.float32, device=v.device)
             for a, b in bounds:
                 sq.add_(SN.subset_sq_norms(g[a:b].float(), 0))
-            denom = SN.sn_denominator(_ema_stored_(v, sq, group["betas"][1]), group["eps"])
+            denom = SN.sn_denominator(_ema_stored_(v, sq, self._beta2(group)), group["eps"])
         return inner, denom, self._scale(state, group)
 
     def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
         inner, denom, scale = ctx
         u = self.inner.direction_rows(g_rows, low, d_low, state, group, projection, start, stop, inner)
         if denom is None:  # per row or per element: the rows' own statistics
-            denom, _ = _sn_update_(state["sn_exp_avg_sq"][start:stop], g_rows, group["betas"][1], group["eps"])
+            denom, _ = _sn_update_(state["sn_exp_avg_sq"][start:stop], g_rows, self._beta2(group), group["eps"])
         return u.div_(denom).mul_(scale)
 
     def transient_bytes(self, shape, group, state, projection, rows):
@@ -293,7 +312,7 @@ ADAMW_SNSM = Recipe(
 )
 
 MOMENTUM = HParam("momentum", 0.9, in_unit_interval, "a float in [0, 1)",
-                  "b1 of the momentum m <- b1 m + (1 - b1) P^T g (0: plain SGD)")
+                  "b1 of the momentum m <- b1 m + (1 - b1) g (of P^T g under a projection; 0: no momentum state)")
 
 SGD_SM = Recipe(
     name="sgd_sm",
@@ -304,6 +323,31 @@ SGD_SM = Recipe(
     group_hparams=sm_hparams(),
     projection=SubspaceProjection(),
     residual=StateFreeResidual(),
+    decay_after_update=True,
+    validate_group=_check_subspace_group,
+)
+
+ADAGRAD_HPARAMS = (LR(1e-3), MOMENTUM, EPS(1e-6), WEIGHT_DECAY(0.0))
+
+ADAGRAD_SN = Recipe(
+    name="adagrad_sn",
+    summary="AdaGrad-SN: AdaGrad's running sum of squared subset norms (one per row of the longer side), with momentum",
+    reference=f"{SN_REFERENCE}, Section 3 (AdaGrad-SN; timmytonga/sn-sm GenericOptim 'adagrad', beta2 = 1)",
+    moment=SubsetNormMoments(accumulate=True),
+    hparams=ADAGRAD_HPARAMS,
+    group_hparams=(SUBSET_NORM,),
+    decay_after_update=True,
+)
+
+ADAGRAD_SNSM = Recipe(
+    name="adagrad_snsm",
+    summary="AdaGrad-SNSM: Subspace-Momentum with AdaGrad's Subset-Norm step size (running sums, no bias correction)",
+    reference=f"{SN_REFERENCE}, Sections 3-4 (AdaGradSNSM; timmytonga/sn-sm GenericOptim 'adagrad_snsm')",
+    moment=SubsetNormMoments(accumulate=True),
+    hparams=ADAGRAD_HPARAMS,
+    group_hparams=(*sm_hparams(), SUBSET_NORM),
+    projection=SubspaceProjection(),
+    combine=SubsetNormStep(ProjectBack(StateFreeResidual()), accumulate=True),
     decay_after_update=True,
     validate_group=_check_subspace_group,
 )
@@ -354,5 +398,9 @@ register(ADAMW_SN, AdamWSN, state_precision="fp32", second_moment="blockwise", t
 register(ADAMW_SNSM, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
          example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-2})
 register(SGD_SM, state_precision="fp32", second_moment="none", example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-1})
+register(ADAGRAD_SN, state_precision="fp32", second_moment="blockwise", target_key="subset_norm", embedding_groups=_HEAD,
+         example_hparams={"lr": 3e-2})
+register(ADAGRAD_SNSM, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
+         example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 3e-2})
 
-__all__ = ["ADAMW_SN", "ADAMW_SNSM", "SGD_SM", "AdamWSN", "SubsetNormMoments", "SubsetNormStep"]
+__all__ = ["ADAGRAD_SN", "ADAGRAD_SNSM", "ADAMW_SN", "ADAMW_SNSM", "SGD_SM", "AdamWSN", "SubsetNormMoments", "SubsetNormStep"]

@@ -55,23 +55,49 @@ def adamw_sn(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tu
     return out
 
 
+def adagrad_sn(p: Tensor, grads: list[Tensor], *, index: int, lr: float, momentum: float, eps: float,
+               weight_decay: float, subset_norm: bool | None = None, **_) -> list[Tensor]:
+    """AdaGrad-SN (Section 3, with the authors' momentum and ``beta2 = 1``, no bias correction)::
+
+        m <- b1 m + (1 - b1) g          (b1 = 0: m = g)
+        b_i^2 <- b_i^2 + sum_{j in Psi_i} g_j^2
+        p <- p - lr m / (b + eps) ;  p <- p (1 - lr wd)
+    """
+    dim = _subset_dim(p, subset_norm)
+    m = torch.zeros_like(p)
+    b2 = torch.zeros_like(_sq(p, dim))
+    out = []
+    for g in grads:
+        m = momentum * m + (1 - momentum) * g if momentum > 0 else g
+        b2 = b2 + _sq(g, dim)
+        p = p - lr * m / (b2.sqrt() + eps)
+        p = p * (1 - lr * weight_decay)
+        out.append(p)
+    return out
+
+
 def subspace_momentum(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay: float,
                       betas: tuple[float, float] | None = None, eps: float | None = None, momentum: float | None = None,
                       rank: int | None = None, scale: float = 1.0, moment_policy: str = "reset", free_rule: str = "sgd",
                       free_lr_scale: float = 1.0, subset_norm: bool | None = None, **group) -> list[Tensor]:
-    """Subspace-Momentum (Section 4), with the Subset-Norm step size when ``betas`` are given (AdamSNSM)::
+    """Subspace-Momentum (Section 4), with the Subset-Norm step size when ``eps`` is given (AdamSNSM with
+    ``betas``, AdaGrad-SNSM with ``momentum``: running sums, no bias correction)::
 
         every T steps: P from the SVD of G (GaLore's side), the momentum reset (moment_policy)
         m <- b1 m + (1 - b1) P^T G
         u  = P m + (G - P P^T G)                     (sign(G - P P^T G) with free_rule='signsgd')
         AdamSNSM: v_i <- b2 v_i + (1 - b2) ||G_Psi_i||^2 ;  u <- sqrt(1 - b2^t) / (1 - b1^t) u / (sqrt(v) + eps)
+        AdaGrad-SNSM: v_i <- v_i + ||G_Psi_i||^2 ;  u <- u / (sqrt(v) + eps)
         p <- p - lr u ;  p <- p (1 - lr wd)
 
     A parameter that is not projected (not 2-D, or its smaller side <= rank) takes AdamSN steps
     (AdamSNSM) or SGD with momentum ``m`` (``sgd_sm``), as the authors' regular parameters.
     """
-    adaptive = betas is not None
+    adaptive, accumulate = eps is not None, betas is None
     if not is_projected(p, rank):
+        if adaptive and accumulate:
+            return adagrad_sn(p, grads, index=index, lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay,
+                              subset_norm=subset_norm)
         if adaptive:
             return adamw_sn(p, grads, index=index, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             subset_norm=subset_norm)
@@ -81,7 +107,7 @@ def subspace_momentum(p: Tensor, grads: list[Tensor], *, index: int, lr: float, 
             p = (p - lr * m) * (1 - lr * weight_decay)
             out.append(p)
         return out
-    b1, b2 = betas if adaptive else (momentum, None)
+    b1, b2 = (momentum, None) if accumulate else betas
     group = {**group, "rank": rank}
     dim = _subset_dim(p, subset_norm)
     v = torch.zeros_like(_sq(p, dim))
@@ -98,7 +124,10 @@ def subspace_momentum(p: Tensor, grads: list[Tensor], *, index: int, lr: float, 
         if free_rule == "signsgd":
             residual = torch.sign(residual)
         u = scale * up(m, sub, p.shape) + free_lr_scale * residual
-        if adaptive:
+        if adaptive and accumulate:
+            v = v + _sq(g, dim)
+            u = u / (v.sqrt() + eps)
+        elif adaptive:
             v = b2 * v + (1 - b2) * _sq(g, dim)
             u = math.sqrt(1 - b2**t) / (1 - b1**t) * u / (v.sqrt() + eps)
         p = p - lr * u
@@ -122,6 +151,16 @@ register_reference("adamw_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5, "projection": "columns", "free_rule": "signsgd", "free_lr_scale": 0.5,
      "betas": (0.0, 0.999)},
     {"rank": 30, "update_proj_gap": 5},  # rank >= the smaller side of (24, 40): AdamSN
+)))
+register_reference("adagrad_sn", Reference(adagrad_sn, configs=(
+    {},
+    {"momentum": 0.0, "lr": 1e-2, "weight_decay": 0.1, "eps": 0.5},  # AdaGrad-SN itself (no momentum state)
+    {"subset_norm": False, "momentum": 0.5},  # element-wise: AdaGrad with momentum
+)))
+register_reference("adagrad_snsm", Reference(subspace_momentum, configs=(
+    {"rank": 4, "update_proj_gap": 5, "lr": 1e-2},
+    {"rank": 3, "update_proj_gap": 4, "momentum": 0.5, "eps": 0.5, "weight_decay": 0.1, "proj_type": "reverse_std"},
+    {"rank": 30, "update_proj_gap": 5},  # full-rank: AdaGrad-SN
 )))
 register_reference("sgd_sm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5},
