@@ -57,7 +57,8 @@ from torch import Tensor
 from . import functional as F
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import MomentRule, constant_lr, state_dtype
-from .sharded import (ShardReduce, check_placements, check_supported, is_dtensor, local, shard_reduce,
+from .sharded import (ShardedProjection, ShardReduce, check_placements, check_supported, combine_direction,
+                      is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
                       state_from_dtensor, state_to_dtensor)
 from .stabilizers import Stabilizer
 from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, rotate_moments
@@ -246,8 +247,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], key: Tensor | None = None) -> None:
+        """Allocate ``p``'s state. ``key``: the sharded (FSDP2) parameter when ``p`` is its local
+        shard; a projected one keeps its bases whole (replicated) and moments of the shard's
+        projected gradient (lowmem.optim.sharded.ShardedProjection)."""
         r = self.recipe
+        if key is not None and is_dtensor(key) and self._is_projected(key, group):
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            r.projection.init_state(state, key, group)  # the whole m x n geometry
+            r.combine.init_state(state, key, group)
+            r.moment.init_state(state, self._sharded_projection(key, group, None).low_shape(group), group, p)
+            return
         state["step"] = torch.zeros((), dtype=torch.float32)
         shape = p.shape
         if self._is_projected(p, group):
@@ -267,7 +277,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if not self.state[p]:
-                    self._init_state(local(p), group, self.state[p])
+                    self._init_state(local(p), group, self.state[p], key=p)
 
     def state_bytes(self) -> int:
         """Exact bytes held by the optimizer state (every tensor in ``self.state``)."""
@@ -303,7 +313,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if not state:
                     if p.device.type != "meta":
                         raise RuntimeError("step_transient_bytes: call materialize_state() first (or step once)")
-                    self._init_state(p, group, state)
+                    self._init_state(p, group, state, key=key)
                 if self._foreach_ok(p, group):
                     for start, stop in self._foreach_pieces(p):
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
@@ -350,6 +360,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return sd
         for pid, p in zip(chain.from_iterable(g["params"] for g in sd["param_groups"]), params):
             if is_dtensor(p) and pid in sd["state"]:
+                group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+                if self._is_projected(p, group):  # bases replicated; moments row-sharded or replicated
+                    rows = low_is_sharded(self.recipe, group, p)
+                    sd["state"][pid] = {k: projected_state_to_dtensor(v, p, k, rows) for k, v in sd["state"][pid].items()}
+                    continue
                 # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding)
                 dims = self.recipe.moment.reduced_dims
                 sd["state"][pid] = {k: state_to_dtensor(v, p, k, dims.get(k)) for k, v in sd["state"][pid].items()}
@@ -375,7 +390,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 continue
             if is_dtensor(p):  # the shapes the recipe allocates for the local shard (nothing allocated)
                 probe: dict[str, Tensor] = {}
-                self._init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group_of[p], probe)
+                self._init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group_of[p], probe, key=p)
                 saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
             device = local(p).device
             self.state[p] = {
@@ -409,7 +424,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         for key, p, grad, group, reduce in work:
-            if self._foreach_ok(p, group, grad):
+            # (a sharded projected parameter: projected by its whole shape, not its shard's)
+            if not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad):
                 state = self.state[key]
                 if "step" not in state:
                     self._init_state(p, group, state)
@@ -654,6 +670,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 " (layerwise mode or step_param); only LowMemOptimizer.step() steps sharded parameters"
             )
         r = self.recipe
+        if reduce is not None and self._is_projected(key, group):  # FSDP2: a projected shard of rows
+            self._update_projected_sharded(key, p, grad, group, reduce)
+            return
         state = self.state[p if key is None else key]
         if "step" not in state:
             self._init_state(p, group, state)
@@ -705,6 +724,40 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
+        if p32 is not p:
+            p.copy_(p32)
+
+    def _sharded_projection(self, key: Tensor, group: dict[str, Any], reduce: ShardReduce | None) -> ShardedProjection:
+        from .sharded import _projected_side
+
+        return ShardedProjection(self.recipe.projection, reduce, shard_rows(key), key.shape,
+                                 _projected_side(self.recipe, group, key.shape))
+
+    def _update_projected_sharded(self, key: Tensor, p: Tensor, grad: Tensor, group: dict[str, Any],
+                                  reduce: ShardReduce) -> None:
+        """The projected step of an FSDP2 parameter's local rows ``p`` (``key``: the ``DTensor``):
+        a refresh reads the whole gradient (gathered once: :meth:`ShardedProjection.whole_gradient`)
+        and runs the unsharded refresh, so every rank holds the same bases; the projection of the
+        shard is local (right side, columns) or one all-reduce (left side); the moment rule steps
+        the shard's projected gradient; the combine-back gives the shard's rows of the direction
+        (:func:`~lowmem.optim.sharded.combine_direction`). Whole-shard temporaries (the shard is
+        ``1/N`` of the matrix). Which recipes: :func:`~lowmem.optim.sharded.projected_refusal`."""
+        r, P = self.recipe, self.recipe.projection
+        state = self.state[key]
+        if "step" not in state:
+            self._init_state(p, group, state, key=key)
+        state["step"] += 1
+        t = state["step"].item()
+        sp = self._sharded_projection(key, group, reduce)
+        g = F.compute_float(grad).float()  # the subspace math is float32, as unsharded
+        if P.refresh_due(state, group, int(t)):
+            self._refresh(key, sp.whole_gradient(g, group), state, group, int(t))
+        low = sp.down(g, state, group)
+        lr = r.lr_rule(group, state, p, t) if r.lr_rule is constant_lr else r.lr_rule(group, state, p, t, reduce=reduce)
+        d = r.moment.direction(low, state, group, t, lr)
+        d = combine_direction(r.combine, g, low, d, state, group, sp)
+        p32 = F.compute_float(p)
+        self._apply(p32, d, lr, 1.0, group.get("weight_decay", 0.0))
         if p32 is not p:
             p.copy_(p32)
 

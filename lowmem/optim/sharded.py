@@ -76,6 +76,39 @@ class ShardReduce:
         return self._reduce(t, dist.ReduceOp.MIN)
 
 
+    def gather_rows(self, t: Tensor, rows: int) -> Tensor:
+        """The whole ``rows x ...`` tensor from every shard's block of rows (dimension 0 split as
+        ``torch.chunk`` splits it, FSDP2's layout): one all-gather of ``ceil(rows / N)`` padded rows
+        per shard. Only one sharded mesh dimension (plain FSDP2; HSDP's replicate dimension is
+        skipped as everywhere here)."""
+        if len(self.groups) != 1:
+            raise NotImplementedError(f"gathering a tensor sharded over {len(self.groups)} mesh dimensions")
+        group = self.groups[0]
+        world = dist.get_world_size(group)
+        chunk = -(-rows // world)
+        padded = t.new_zeros((chunk, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        out = t.new_empty((world * chunk, *t.shape[1:]))
+        # all_gather_single (torch >= 2.13) is all_gather_into_tensor renamed
+        gather = dist.all_gather_single if hasattr(dist, "all_gather_single") else dist.all_gather_into_tensor
+        gather(out, padded, group=group)
+        return out[:rows]  # every shard but the trailing ones holds exactly `chunk` rows
+
+
+def shard_rows(p: Tensor) -> tuple[int, int]:
+    """``[start, stop)``: the rows of ``p`` (a ``DTensor`` sharded on dimension 0 over one mesh
+    dimension) this rank holds, from ``torch.chunk``'s split (FSDP2's)."""
+    dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    if len(dims) != 1 or p.placements[dims[0]].dim != 0:
+        raise NotImplementedError(f"placements {tuple(p.placements)}: expected one Shard(0) (FSDP2)")
+    world, rank = p.device_mesh.size(dims[0]), p.device_mesh.get_local_rank(dims[0])
+    chunk = -(-p.shape[0] // world)
+    start, stop = min(rank * chunk, p.shape[0]), min((rank + 1) * chunk, p.shape[0])
+    if stop - start != p.to_local().shape[0]:
+        raise ValueError(f"local shard of {tuple(p.shape)} has {p.to_local().shape[0]} rows; expected {stop - start}")
+    return start, stop
+
+
 def shard_reduce(p: Tensor) -> ShardReduce:
     """The :class:`ShardReduce` over the mesh dimensions ``p`` (a ``DTensor``) is sharded on."""
     mesh = p.device_mesh
@@ -107,9 +140,8 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     from .quantized import Quantized
     from .stabilizers import RestartBiasCorrection, SPAMStabilizer, StableSPAMStabilizer
 
-    if recipe.projection is not None and group.get("rank") is not None and p.ndim == 2:
-        return ("it projects 2-D parameters onto a subspace computed from the whole gradient matrix"
-                " (a shard holds only some rows)")
+    if recipe.projection is not None and group.get("rank") is not None and p.ndim == 2 and group["rank"] < min(p.shape):
+        return projected_refusal(recipe, group, p)
     if recipe.lr_rule not in (constant_lr, adafactor_lr):  # adafactor_lr reduces the RMS over the shards
         return "its step size reads the whole parameter (relative step / RMS scaling)"
     moment = recipe.moment
@@ -128,19 +160,27 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
 
 
 def fsdp2_recipes() -> list[str]:
-    """Registered engine optimizers that step FSDP2 parameters (subspace recipes are not listed:
-    only their full-rank groups could)."""
+    """Registered engine optimizers that step FSDP2 parameters with their default settings: a
+    small full-rank matrix and, for subspace recipes, a projected tall ``1024 x 512`` one (GaLore's
+    default side for it is the right)."""
     from .registry import optimizer_entries
 
     names = []
-    probe = torch.empty(2, 2, device="meta")
+    small, tall = torch.empty(2, 2, device="meta"), torch.empty(1024, 512, device="meta")
     for e in optimizer_entries():
         r = e.recipe
-        if r is None or r.projection is not None:
+        if r is None:
             continue
         group = {h.name: h.default for h in r.hparams}
         group.update(e.example_hparams)
-        if refusal(r, group, probe) is None:
+        probes = [({k: v for k, v in group.items() if k != "rank"}, small)]
+        if r.projection is not None:
+            projected = {h.name: h.default for h in r.group_hparams}
+            projected.update(group)
+            if projected.get("rank") is None:
+                projected["rank"] = 4
+            probes.append((projected, tall))
+        if all(refusal(r, g, p) is None for g, p in probes):
             names.append(e.name)
     return sorted(names)
 
@@ -237,3 +277,170 @@ def state_from_dtensor(v: Any, p: Tensor, local_shape: torch.Size, key: str) -> 
             f" expected {tuple(local_shape)} (per-shard state loads onto the same number of shards only)"
         )
     return t
+
+
+# ---- subspace projections of a shard of rows (GaLore, Fira, FRUGAL) ----
+#
+# FSDP2 gives each rank a block of rows G_s of the m x n gradient. The projector is replicated on
+# every rank (computed from the whole G at a refresh, gathered once, or from the seed alone). Per
+# step (GaLore, Algorithm 2, lines 6 and 10):
+#   right side  R = G Q^T (m x r):   R_s = G_s Q^T, local; up: D_s Q, local;
+#   left side   R = P^T G (r x n):   R = sum_s P_s^T G_s, one all-reduce of r x n; up: P_s D, local
+#                                    (P_s: the shard's rows of P; "full" adds Q on the right: r x r);
+#   columns     R = G[:, idx]:       R_s = G_s[:, idx], local (FRUGAL's column subspace).
+# A row-sharded R keeps row-sharded moments (element-wise rules only); an all-reduced R is the
+# same on every rank, and so are its moments (any rule: every rank does the same arithmetic).
+
+
+def _projected_side(recipe: Any, group: dict[str, Any], shape: torch.Size) -> str:
+    """``"right"`` / ``"left"`` / ``"full"`` for a basis, ``"columns"`` / ``"rows"`` / ``"flat"``
+    for coordinates, from the parameter's **global** shape."""
+    from .subspace import COORDINATE_METHODS
+
+    P = recipe.projection
+    if group["projection"] in COORDINATE_METHODS:
+        dim = P._coordinates(shape, group)[0]
+        return {1: "columns", 0: "rows", None: "flat"}[dim]
+    return P._side(shape, group)
+
+
+def low_is_sharded(recipe: Any, group: dict[str, Any], p: Tensor) -> bool:
+    """Whether the projected gradient of sharded ``p`` is sharded by rows like ``p`` (right-side
+    basis, columns) rather than all-reduced and replicated (left / full basis)."""
+    return _projected_side(recipe, group, p.shape) in ("right", "columns")
+
+
+def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
+    """Why the projected 2-D parameter ``p`` (sharded by rows) cannot be stepped, or ``None``."""
+    from .moments import AdamMoments, FactoredMoments, adafactor_lr, constant_lr
+    from .quantized import Quantized
+    from .stabilizers import RestartBiasCorrection
+    from .subspace import DropResidual, FiraResidual, ProjectBack, StateFreeResidual, SubspaceProjection
+
+    if not isinstance(recipe.projection, SubspaceProjection):
+        return f"its projection {type(recipe.projection).__name__} is not known to work on a shard of rows"
+    if group["projection"] == "online_pca":
+        return ("Online Subspace Descent learns the basis from the whole gradient every step (its PCA step"
+                " reads G G^T or G^T G); not implemented on shards")
+    side = _projected_side(recipe, group, p.shape)
+    if side in ("rows", "flat"):
+        return (f"its coordinate subspace '{group['projection']}' selects rows or elements of the whole matrix"
+                " (only column subspaces are shard-local)")
+    if side == "columns" and group["moment_policy"] == "rotate":
+        return "moment_policy='rotate' of a coordinate subspace scatters the whole matrix"
+    combine = recipe.combine
+    if not isinstance(combine, ProjectBack) or not isinstance(combine.residual, (DropResidual, StateFreeResidual, FiraResidual)):
+        return (f"its combine-back {type(combine).__name__} reads norms of the whole matrix and is not"
+                " reduced over the shards yet")
+    if recipe.stabilizers:
+        return "stabilizers before a projection are not reduced over the shards"
+    if recipe.lr_rule not in (constant_lr, adafactor_lr):
+        return "its step size reads the whole parameter"
+    moment = recipe.moment
+    while isinstance(moment, (RestartBiasCorrection, Quantized)):
+        if isinstance(moment, Quantized) and group.get("v_normalization", "block") == "rank1":
+            return "rank-1 normalization uses column maxima over all rows"
+        moment = moment.inner
+    if side in ("right", "columns") and not isinstance(moment, AdamMoments):
+        return (f"its moment rule {type(moment).__name__} would need statistics over the rows of the projected"
+                f" gradient, which is sharded by rows for a {side} projection (use proj_type='left')")
+    if not isinstance(moment, (AdamMoments, FactoredMoments)):
+        return f"its moment rule {type(moment).__name__} is not known to work on a projected shard"
+    return None
+
+
+class ShardedProjection:
+    """A :class:`~lowmem.optim.subspace.SubspaceProjection` seen from one rank's rows ``[start,
+    stop)`` of an ``m x n`` parameter: the ``projection`` argument of the combine-back rules
+    (``down`` / ``up`` of the shard) and the refresh's whole gradient (:meth:`whole_gradient`).
+    Built per step; holds no tensors of its own (the bases are in the optimizer's state, whole)."""
+
+    def __init__(self, inner: Any, reduce: ShardReduce, rows: tuple[int, int], shape: torch.Size, side: str):
+        self.inner, self.reduce, self.rows, self.shape, self.side = inner, reduce, rows, shape, side
+
+    def low_shape(self, group: dict[str, Any]) -> torch.Size:
+        """Shape of this rank's projected gradient."""
+        low = self.inner.low_shape(self.shape, group)
+        return torch.Size((self.rows[1] - self.rows[0], low[1])) if self.side in ("right", "columns") else low
+
+    def whole_gradient(self, g: Tensor, group: dict[str, Any]) -> Tensor:
+        """The gradient a refresh reads: gathered from every shard for a data-dependent basis (svd,
+        rsvd: one all-gather of the ``m x n`` matrix per refresh), else a zero-size stand-in of the
+        whole shape (random bases and coordinates read only the shape and the seed)."""
+        from .subspace import DATA_DEPENDENT
+
+        if group["projection"] in DATA_DEPENDENT:
+            return self.reduce.gather_rows(g, self.shape[0])
+        return g.new_zeros(()).expand(self.shape)
+
+    def down(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
+        from .functional import frugal as FR
+        from .functional import galore as GL
+
+        if self.side == "columns":
+            return FR.select(g, 1, state["proj_index"])
+        left, right = state.get("proj_left"), state.get("proj_right")
+        low = GL.project_down(g, None if left is None else left[self.rows[0] : self.rows[1]], right)
+        if left is not None:  # P^T G = sum over shards of P_s^T G_s
+            self.reduce.sum_(low)
+        return low
+
+    def up(self, d: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
+        from .functional import frugal as FR
+        from .functional import galore as GL
+
+        if self.side == "columns":
+            return FR.scatter(d, 1, state["proj_index"], torch.Size((self.rows[1] - self.rows[0], self.shape[1])))
+        left, right = state.get("proj_left"), state.get("proj_right")
+        return GL.project_up(d, None if left is None else left[self.rows[0] : self.rows[1]], right)
+
+
+def fira_factor(d_low: Tensor, low: Tensor, side: str, eps: float = 1e-8) -> Tensor:
+    """Fira's norm-based scaling factor (Chen et al. 2024, eq. 7-8, column-wise as fira 1.0.2):
+    ``||psi(R)|| / ||R||`` along the low-rank dimension, chosen from the **global** shape (a shard's
+    ``m_s x r`` block may have fewer rows than ``r``): per row of a right-side ``m x r`` gradient
+    (row-local), per column of a left-side ``r x n`` one (replicated). Broadcasts against the
+    residual's rows."""
+    if side in ("right", "columns"):
+        return (d_low.norm(dim=1) / (low.norm(dim=1) + eps)).unsqueeze(1)
+    return d_low.norm(dim=0) / (low.norm(dim=0) + eps)
+
+
+def combine_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
+                      group: dict[str, Any], sp: ShardedProjection) -> Tensor:
+    """The combine-back (``scale * P.up(d_low) + residual``) of a shard of rows: GaLore's and
+    FRUGAL's residuals are row-local; Fira's scaling factor is too (:func:`fira_factor`), and its
+    norm-growth limiter (eq. 9) reads the norm of the whole scaled residual: one all-reduce of its
+    sum of squares."""
+    from .functional import fira as FI
+    from .subspace import FiraResidual
+
+    rule = combine.residual
+    if not isinstance(rule, FiraResidual):
+        return combine.direction(g, low, d_low, state, group, sp)
+    c = rule.unit_scale(state, group) if rule.unit_scale is not None else 1.0
+    d = sp.up(d_low, state, group)
+    if group["scale"] != 1.0:
+        d.mul_(group["scale"])
+    scaled = sp.up(low, state, group).mul_(-group["scale"]).add_(g).mul_(fira_factor(d_low / c, low, sp.side))
+    sq = sp.reduce.sum_(torch.linalg.vector_norm(scaled).square().view(1))
+    limiter = FI.growth_limiter_(sq.sqrt()[0], state["fira_prev_norm"], group["gamma"])
+    return d.add_(scaled.div_(limiter).mul_(c))
+
+
+def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool) -> Any:
+    """A state tensor of a projected sharded parameter for checkpoints: the projection's bases and
+    bookkeeping and the moments of an all-reduced projected gradient are equal on every rank and
+    stay plain tensors (``torch.distributed.checkpoint`` saves one copy; they load onto any number
+    of processes); the moments of a row-sharded projected gradient (``sharded_rows``: ``m_s x r``,
+    float32) are ``DTensor`` s sharded on dimension 0 like the parameter (global ``m x r``), so they
+    reshard; other per-shard state (quantized codes) is saved per shard (:func:`state_to_dtensor`)."""
+    if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith("proj_"):
+        return v
+    start, stop = shard_rows(p)
+    if v.dim() == 2 and v.shape[0] == stop - start:
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        shape = torch.Size((p.shape[0], v.shape[1]))
+        return DTensor.from_local(v, mesh, placements, run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
+    return state_to_dtensor(v, p, key)
