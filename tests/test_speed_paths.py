@@ -169,6 +169,7 @@ HOST_READS = {
     "adam_mini": (3, 1),
     "adamw_sn": (3, 1), "adamw_snsm": (5, 1), "sgd_sm": (4, 1),  # SNSM: its step scale reads the CPU step
     "adagrad_sn": (3, 1), "adagrad_snsm": (4, 1),  # AdaGrad: no bias correction, no step read
+    "lomo": (3, 1), "adalomo": (3, 1), "badam": (3, 1),  # BAdam's schedule is Python ints: no read
 }
 
 

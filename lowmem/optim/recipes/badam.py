@@ -125,9 +125,11 @@ class BAdam(LowMemOptimizer):
         state_dtype: str = "float32",
         foreach: bool | None = None,
     ):
-        # the schedule: switches so far and steps taken on the active block (tensors: weights_only checkpoints)
-        self._period = torch.zeros((), dtype=torch.int64)
-        self._steps = torch.zeros((), dtype=torch.int64)
+        # the schedule: switches so far and steps taken on the active block (Python ints here, no host
+        # reads in a step; int64 tensors in state_dict(): weights_only checkpoints)
+        self._period = 0
+        self._steps = 0
+        self._active: int | None = None  # the active block id, cached for the current period
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every,
             switch_mode=switch_mode, start_block=start_block, seed=seed, freeze_inactive=freeze_inactive,
@@ -147,6 +149,7 @@ class BAdam(LowMemOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        self._active = None  # a new block may change the order
         group = self.param_groups[-1]
         for k in OPTIMIZER_WIDE:
             if group[k] != self.defaults[k]:
@@ -166,10 +169,12 @@ class BAdam(LowMemOptimizer):
     @property
     def active_block(self) -> int:
         """The id of the block stepped now."""
-        ids = self.block_ids()
-        d = self.defaults
-        start = None if d["start_block"] is None else ids.index(d["start_block"])
-        return ids[badam_block_position(int(self._period), len(ids), d["switch_mode"], start, d["seed"])]
+        if self._active is None:
+            ids = self.block_ids()
+            d = self.defaults
+            start = None if d["start_block"] is None else ids.index(d["start_block"])
+            self._active = ids[badam_block_position(self._period, len(ids), d["switch_mode"], start, d["seed"])]
+        return self._active
 
     def _active_groups(self) -> list[dict[str, Any]]:
         active = self.active_block
@@ -189,13 +194,14 @@ class BAdam(LowMemOptimizer):
     def _advance(self) -> None:
         """One step taken: after ``switch_every`` of them free the block's state and switch."""
         self._steps += 1
-        if int(self._steps) < self.defaults["switch_every"]:
+        if self._steps < self.defaults["switch_every"]:
             return
         for g in self._active_groups():
             for p in g["params"]:
                 self.state.pop(p, None)  # the next visit starts Adam afresh (the authors clear the state too)
         self._period += 1
-        self._steps.zero_()
+        self._steps = 0
+        self._active = None
         self._apply_freeze()
 
     # ---- the engine's per-parameter step, restricted to the active block ------------------------
@@ -258,7 +264,8 @@ class BAdam(LowMemOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["badam"] = {"period": self._period.clone(), "steps": self._steps.clone()}
+        sd["badam"] = {"period": torch.tensor(self._period, dtype=torch.int64),
+                       "steps": torch.tensor(self._steps, dtype=torch.int64)}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -267,8 +274,8 @@ class BAdam(LowMemOptimizer):
         if schedule is None:
             raise ValueError("badam: the state dict has no 'badam' entry (the block schedule); it was not saved by BAdam")
         super().load_state_dict(state_dict)
-        self._period = schedule["period"].detach().to("cpu", torch.int64, copy=True)
-        self._steps = schedule["steps"].detach().to("cpu", torch.int64, copy=True)
+        self._period, self._steps = int(schedule["period"]), int(schedule["steps"])
+        self._active = None
         self._apply_freeze()
 
 
