@@ -14,7 +14,8 @@ steady step, in AdamW steps; ``amortised_ratio = step_time_ratio + first_step_ad
 for the rows that refresh (the refresh amortised over its gap; the state allocation counted with it,
 which overstates it slightly), the plain ratio for the others.
 
-All contenders step the same parameters, one contender's state alive at a time (besides the
+All contenders step the same parameters (``requires_grad`` turned back on for all of them before each
+contender is built: BAdam freezes its inactive blocks), one contender's state alive at a time (besides the
 baseline's), so a 7B layer (202M parameters) needs weights, gradients, the fixed gradients and two
 optimizers' state: about 6 GB for AdamW-sized states. The learning rate is 1e-5 for every row (step
 time does not depend on it; the weights stay sane over the few steps taken).
@@ -202,6 +203,8 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
         for i, label in enumerate(labels):
             if progress:
                 print(f"[{i + 1}/{len(labels)}] {label} ...", flush=True)
+            for p in params:  # a previous contender may have frozen some (BAdam freezes its inactive blocks)
+                p.requires_grad_(True)
             opt, hp, gap, peer_of = _build(label, module, rank)
             first = timed(opt)
             timed(opt)  # warm

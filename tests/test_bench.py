@@ -258,9 +258,11 @@ def test_shapes_bench_ratio_direction_refresh_and_peers(monkeypatch):
         return real_build(label, module, rank)
 
     monkeypatch.setattr(bench_shapes, "_build", build)
-    results, meta = bench_shapes.run_shapes_bench(["slow", "galore_adamw"], "hidden-64", peers=False, rank=8, repeats=3,
-                                                  threads=1, progress=False)
+    results, meta = bench_shapes.run_shapes_bench(["slow", "badam", "galore_adamw", "adamw"], "hidden-64", peers=False,
+                                                  rank=8, repeats=3, threads=1, progress=False)
     rows = {r.optimizer: r for r in results}
+    # every contender gets every parameter, whatever the one before did (BAdam freezes its inactive blocks)
+    assert rows["adamw"].bytes_per_param == pytest.approx(results[0].bytes_per_param, rel=1e-3)
     assert results[0].optimizer == BASELINE and results[0].step_time_ratio == 1.0
     assert rows["slow"].step_time_ratio > 3  # 20 ms of sleep against a sub-millisecond AdamW step
     g = rows["galore_adamw"]
