@@ -77,6 +77,37 @@ def test_adamw_sn_equals_pytorch_optimizer(betas):
     assert worst < 1e-6  # measured 1.2e-7 over 20 steps (the parameters move by up to 0.14)
 
 
+@pytest.mark.parametrize("subset_size", [-1, -2, 16])
+def test_flat_subsets_equal_pytorch_optimizer_default_partition(subset_size):
+    """``subset_size`` set: contiguous flat subsets of the largest divisor of the size not above the
+    request (``-d``: ``sqrt(size) / d``), for every parameter, as pytorch_optimizer's ``AdamWSN``
+    (``sn=True``) does: its own partition, no transposes, vectors included."""
+    po = pytest.importorskip("pytorch_optimizer")
+    torch.manual_seed(0)
+    shapes = [(40, 24), (24, 40), (37, 29), (40,)]
+    starts = [torch.randn(s) for s in shapes]
+    grads = [_grads(s, 12, seed=i) for i, s in enumerate(shapes)]
+    hp = {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1, "eps": 1e-6}
+    ours = [torch.nn.Parameter(x.clone()) for x in starts]
+    theirs = [torch.nn.Parameter(x.clone()) for x in starts]
+    opt = create_optimizer(ours, "adamw_sn", subset_size=subset_size, **hp)
+    opt.chunk_numel = 100  # chunks of whole subsets
+    peer = po.AdamWSN([{"params": theirs, "sn": True}], subset_size=subset_size, foreach=False, **hp)
+    for t in range(12):
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g[t].clone(), g[t].clone()
+        opt.step()
+        peer.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    sizes = [(opt.state[p]["exp_avg_sq"].numel(), peer.state[q]["exp_avg_sq"].numel(), p.numel()) for p, q in zip(ours, theirs)]
+    assert all(a == b <= n for a, b, n in sizes) and sizes[0][0] < sizes[0][2]  # 1073 = 29 x 37 with -2: element-wise
+    with pytest.raises(ValueError, match="subset_size"):
+        create_optimizer(ours, "adamw_sn", subset_size=0)
+    with pytest.raises(ValueError, match="subset_size"):
+        create_optimizer(ours, "adamw_snsm", subset_size=4)  # the projected recipes keep the authors' rows
+
+
 def test_adamw_sn_class_takes_the_authors_groups():
     """``AdamWSN`` as the authors' class: ``sn=True`` groups are subset-normed, others are AdamW."""
     a, b = torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(8, 6))

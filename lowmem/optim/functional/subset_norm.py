@@ -40,13 +40,27 @@ def subset_dim(shape: torch.Size | tuple[int, ...]) -> int | None:
     return 1 if shape[0] >= shape[1] else 0
 
 
-def subset_state_shape(shape: torch.Size | tuple[int, ...], subset_norm: bool) -> torch.Size:
+def subset_state_shape(shape: torch.Size | tuple[int, ...], subset_norm: bool,
+                       subset_size: int | None = None) -> torch.Size:
     """Shape of the second-moment state: ``(m, 1)`` / ``(1, n)`` for a subset-normed 2-D tensor
-    (keepdim, so it broadcasts), the tensor's own shape otherwise."""
+    (keepdim, so it broadcasts), ``(numel / k, 1)`` for flat subsets of ``k`` (``subset_size``, any
+    tensor), the tensor's own shape otherwise."""
+    if subset_norm and subset_size is not None:
+        numel = math.prod(shape)
+        return torch.Size((numel // flat_subset_size(numel, subset_size), 1))
     dim = subset_dim(shape) if subset_norm else None
     if dim is None:
         return torch.Size(shape)
     return torch.Size((shape[0], 1) if dim == 1 else (1, shape[1]))
+
+
+def flat_subset_size(numel: int, subset_size: int) -> int:
+    """The authors' general partition (``adamw_sng.py``, pytorch_optimizer's ``AdamWSN``): contiguous
+    flat subsets of ``k`` elements, ``k`` the largest divisor of ``numel`` not above the request
+    (``subset_size > 0``; ``-d``: ``int(sqrt(numel) / d)``), at least 1 and at most ``numel``."""
+    want = subset_size if subset_size > 0 else int(math.sqrt(numel) / -subset_size)
+    want = min(max(want, 1), max(numel, 1))
+    return next(k for k in range(want, 0, -1) if numel % k == 0)
 
 
 def subset_sq_norms(g: Tensor, dim: int | None) -> Tensor:

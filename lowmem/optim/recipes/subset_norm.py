@@ -49,6 +49,18 @@ SUBSET_NORM = HParam(
 )
 
 
+def _subset_size_ok(x: Any) -> bool:
+    return x is None or (isinstance(x, int) and not isinstance(x, bool) and x != 0)
+
+
+SUBSET_SIZE = HParam(
+    "subset_size", None, _subset_size_ok, "None or a non-zero int",
+    "None: the authors' partition (a row of the longer side of a 2-D parameter, vectors element-wise); k > 0:"
+    " contiguous flat subsets of the largest divisor of the size <= k, for every parameter of a subset_norm group;"
+    " -d: of about sqrt(size) / d (adamw_sng.py's and pytorch_optimizer's AdamWSN partition)",
+)
+
+
 def _low_precision(x: Tensor) -> bool:
     return x.dtype not in (torch.float32, torch.float64)
 
@@ -68,7 +80,8 @@ def _ema_stored_(x: Tensor, update: Tensor, beta: float | None) -> Tensor:
 
 def _subset_layout(v: Tensor, numel: int) -> str:
     """How a second-moment tensor ``v`` covers ``numel`` gradient elements: ``"element"`` (one
-    value each), ``"row"`` (``(rows, 1)``: one per row) or ``"column"`` (``(1, n)``)."""
+    value each), ``"row"`` (``(rows, 1)``: one per contiguous run of ``numel / rows`` elements, a row
+    or a flat subset) or ``"column"`` (``(1, n)``)."""
     if v.numel() == numel:
         return "element"
     return "row" if v.shape[-1] == 1 else "column"
@@ -131,7 +144,9 @@ class SubsetNormMoments(MomentRule):
             state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
         if self.adaptive and not projected:
             sn = bool(group.get("subset_norm"))  # a group without the key: Adam's element-wise v
-            state["exp_avg_sq"] = torch.zeros(SN.subset_state_shape(shape, sn), dtype=dtype, device=device)
+            # (subset_size: only the recipes that have it; the others use the authors' rows)
+            v_shape = SN.subset_state_shape(shape, sn, group.get("subset_size"))
+            state["exp_avg_sq"] = torch.zeros(v_shape, dtype=dtype, device=device)
 
     def _numerator(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
         beta1 = self._beta1(group)
@@ -160,9 +175,11 @@ class SubsetNormMoments(MomentRule):
 
     def chunk_align(self, shape, group, state):
         v = state.get("exp_avg_sq")
-        if v is None or _subset_layout(v, math.prod(shape)) == "element":
+        numel = math.prod(shape)
+        layout = None if v is None else _subset_layout(v, numel)
+        if layout in (None, "element"):
             return 1
-        return shape[1]
+        return numel // v.shape[0] if layout == "row" else shape[1]  # whole subsets / whole rows
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         view = ChunkState(state, start, stop)
@@ -174,7 +191,8 @@ class SubsetNormMoments(MomentRule):
             if layout == "element":
                 view["exp_avg_sq"] = v.view(-1)[start:stop]
             elif layout == "row":
-                view["exp_avg_sq"] = v[start // shape[1] : stop // shape[1]]
+                k = math.prod(shape) // v.shape[0]
+                view["exp_avg_sq"] = v[start // k : stop // k]
             elif ctx is not None:
                 view.extra["denom"] = ctx
         return view
@@ -273,6 +291,7 @@ class SubsetNormStep(CombineRule):
 SN_REFERENCE = ("Nguyen & Nguyen 2024 (ICML 2025), Subset-Norm and Subspace-Momentum: Faster Memory-Efficient"
                 " Adaptive Optimization with Convergence Guarantees")
 SN_HPARAMS = (LR(1e-3), BETAS(), EPS(1e-6), WEIGHT_DECAY(0.0))
+# the flat partition is for the full-rank recipes (a projected combine-back steps in blocks of rows)
 SM_PROJECTIONS = (*SVD_LIKE, *COORDINATE_METHODS)
 
 
@@ -292,7 +311,7 @@ ADAMW_SN = Recipe(
     summary="AdamSN: Adam with one second moment per row of the longer side of each 2-D weight (Subset-Norm)",
     reference=f"{SN_REFERENCE}, Section 3 (AdamSN; timmytonga/sn-sm adamw_sn.py)",
     moment=SubsetNormMoments(),
-    hparams=SN_HPARAMS,
+    hparams=(*SN_HPARAMS, SUBSET_SIZE),
     group_hparams=(SUBSET_NORM,),
     decay_after_update=True,
 )
@@ -334,7 +353,7 @@ ADAGRAD_SN = Recipe(
     summary="AdaGrad-SN: AdaGrad's running sum of squared subset norms (one per row of the longer side), with momentum",
     reference=f"{SN_REFERENCE}, Section 3 (AdaGrad-SN; timmytonga/sn-sm GenericOptim 'adagrad', beta2 = 1)",
     moment=SubsetNormMoments(accumulate=True),
-    hparams=ADAGRAD_HPARAMS,
+    hparams=(*ADAGRAD_HPARAMS, SUBSET_SIZE),
     group_hparams=(SUBSET_NORM,),
     decay_after_update=True,
 )
@@ -370,6 +389,9 @@ class AdamWSN(LowMemOptimizer):
         weight_decay (`float`, defaults to `0.0`): Decoupled, applied after the update.
         correct_bias (`bool`, defaults to `True`): Only ``True`` is supported.
         no_deprecation_warning (`bool`, defaults to `False`): Accepted and ignored.
+        subset_size (`int` or `None`, defaults to `None`): ``None``: the authors' rows of the longer side;
+            ``k > 0``: contiguous flat subsets of the largest divisor of the size ``<= k``; ``-d``: of about
+            ``sqrt(size) / d`` (the authors' ``adamw_sng.py`` and pytorch_optimizer's partition).
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
         foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
     """
@@ -378,11 +400,12 @@ class AdamWSN(LowMemOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
-                 no_deprecation_warning: bool = False, *, state_dtype: str = "float32", foreach: bool | None = None):
+                 no_deprecation_warning: bool = False, *, subset_size: int | None = None, state_dtype: str = "float32",
+                 foreach: bool | None = None):
         if not correct_bias:
             raise ValueError("correct_bias=False is not supported; valid: correct_bias=True")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
-                         foreach=foreach)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, subset_size=subset_size,
+                         state_dtype=state_dtype, foreach=foreach)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "sn" in param_group:  # the authors' name for subset_norm

@@ -27,22 +27,38 @@ def _subset_dim(p: Tensor, subset_norm: bool | None) -> int | None:
     return 1 if p.shape[0] >= p.shape[1] else 0
 
 
+def _flat_k(numel: int, subset_size: int) -> int:
+    """The authors' general subsets (``adamw_sng.py``): the largest divisor of ``numel`` not above
+    ``subset_size`` (``-d``: ``int(sqrt(numel) / d)``), clamped to ``[1, numel]``."""
+    want = subset_size if subset_size > 0 else int(math.sqrt(numel) / -subset_size)
+    want = min(max(want, 1), numel)
+    while numel % want:
+        want -= 1
+    return want
+
+
 def _sq(g: Tensor, dim: int | None) -> Tensor:
     """``||g_Psi_i||^2``: the squared norm of every subset (Section 3), or ``g^2`` per element."""
     return g * g if dim is None else (g * g).sum(dim=dim, keepdim=True)
 
 
 def adamw_sn(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple[float, float], eps: float,
-             weight_decay: float, subset_norm: bool | None = None, **_) -> list[Tensor]:
+             weight_decay: float, subset_norm: bool | None = None, subset_size: int | None = None, **_) -> list[Tensor]:
     """AdamSN (Section 3; the authors' ``adamw_sn.py``)::
 
         m <- b1 m + (1 - b1) g          (b1 = 0: m = g, no state: RMSPropSN)
-        v_i <- b2 v_i + (1 - b2) sum_{j in Psi_i} g_j^2      (Psi_i: a row of the longer side)
+        v_i <- b2 v_i + (1 - b2) sum_{j in Psi_i} g_j^2      (Psi_i: a row of the longer side; with
+                                                               subset_size: k contiguous flat elements)
         p <- p - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)
         p <- p (1 - lr wd)
     """
+    if subset_norm and subset_size is not None:  # flat subsets: the same loop on a (numel / k, k) view
+        k = _flat_k(p.numel(), subset_size)
+        out = adamw_sn(p.reshape(-1, k), [g.reshape(-1, k) for g in grads], index=index, lr=lr, betas=betas, eps=eps,
+                       weight_decay=weight_decay, subset_norm=True, _rows=True)
+        return [x.reshape(p.shape) for x in out]
     b1, b2 = betas
-    dim = _subset_dim(p, subset_norm)
+    dim = 1 if _.get("_rows") else _subset_dim(p, subset_norm)
     m = torch.zeros_like(p)
     v = torch.zeros_like(_sq(p, dim))
     out = []
@@ -56,14 +72,20 @@ def adamw_sn(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tu
 
 
 def adagrad_sn(p: Tensor, grads: list[Tensor], *, index: int, lr: float, momentum: float, eps: float,
-               weight_decay: float, subset_norm: bool | None = None, **_) -> list[Tensor]:
+               weight_decay: float, subset_norm: bool | None = None, subset_size: int | None = None,
+               **_) -> list[Tensor]:
     """AdaGrad-SN (Section 3, with the authors' momentum and ``beta2 = 1``, no bias correction)::
 
         m <- b1 m + (1 - b1) g          (b1 = 0: m = g)
         b_i^2 <- b_i^2 + sum_{j in Psi_i} g_j^2
         p <- p - lr m / (b + eps) ;  p <- p (1 - lr wd)
     """
-    dim = _subset_dim(p, subset_norm)
+    if subset_norm and subset_size is not None:  # flat subsets of k, as adamw_sn
+        k = _flat_k(p.numel(), subset_size)
+        out = adagrad_sn(p.reshape(-1, k), [g.reshape(-1, k) for g in grads], index=index, lr=lr, momentum=momentum,
+                         eps=eps, weight_decay=weight_decay, subset_norm=True, _rows=True)
+        return [x.reshape(p.shape) for x in out]
+    dim = 1 if _.get("_rows") else _subset_dim(p, subset_norm)
     m = torch.zeros_like(p)
     b2 = torch.zeros_like(_sq(p, dim))
     out = []
@@ -141,6 +163,9 @@ register_reference("adamw_sn", Reference(adamw_sn, configs=(
     {"betas": (0.0, 0.99), "lr": 1e-2, "weight_decay": 0.1},  # RMSPropSN: no first moment
     {"betas": (0.8, 0.95), "eps": 0.5},  # eps large enough that its placement (on the raw sqrt(v)) shows
     {"subset_norm": False, "eps": 0.1},  # element-wise: Adam with the authors' eps placement
+    # flat subsets (adamw_sng.py / pytorch_optimizer): sqrt(960) / 2 -> 15 (divides 960), sqrt(40) / 2 -> 3 -> 2
+    {"subset_size": -2, "lr": 1e-2},
+    {"subset_size": 7, "betas": (0.0, 0.999)},  # 960 -> 6 per subset, 40 -> 5
 )))
 register_reference("adamw_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5},
@@ -156,6 +181,7 @@ register_reference("adagrad_sn", Reference(adagrad_sn, configs=(
     {},
     {"momentum": 0.0, "lr": 1e-2, "weight_decay": 0.1, "eps": 0.5},  # AdaGrad-SN itself (no momentum state)
     {"subset_norm": False, "momentum": 0.5},  # element-wise: AdaGrad with momentum
+    {"subset_size": 16, "lr": 1e-2},  # flat subsets of 16 (960) and 10 (40)
 )))
 register_reference("adagrad_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5, "lr": 1e-2},
