@@ -90,7 +90,7 @@ class Uneven(nn.Module):
         return self.head(torch.tanh(self.fc1(x))).expand(-1, 256)
 
 
-UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative"]
+UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left"]
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal"]
 
@@ -234,7 +234,7 @@ def _worker(rank, world, init_file, out_dir):
                 comm[name].append(counted)
         # materialize_state / state_bytes / step_transient_bytes count this rank's shards
         sizes = {}
-        for name in ("adamw", "adamw4bit"):
+        for name in ("adamw", "adamw4bit", "galore_adamw"):
             model, _, _ = make(dtype=torch.float64)
             _shard(model, mesh)
             opt = build(model, name)
@@ -530,3 +530,18 @@ def test_fsdp2_communication_per_step(fsdp_run, name):
     bytes per step (P^T G of 4 x 32 and 4 x 256); fira_adamw 12 bytes; frugal (columns) 4 bytes."""
     comm = json.loads((fsdp_run / "refusals.json").read_text())["comm"][name]
     assert comm == _expected_comm(name), (comm, _expected_comm(name))
+
+
+def test_fsdp2_projected_state_bytes_and_transient(fsdp_run):
+    """galore_adamw (right side) on 2 ranks: the moments of G Q^T are the shard's rows (half), the
+    bases and bookkeeping whole on every rank; step_transient_bytes() is at least the unsharded one
+    (the refresh runs on the whole gathered gradient) plus the gather's buffers."""
+    state_bytes, transient = json.loads((fsdp_run / "refusals.json").read_text())["sizes"]["galore_adamw"]
+    model, _, _ = make(dtype=torch.float64)
+    opt = build(model, "galore_adamw")
+    opt.materialize_state()
+    size = lambda v: v.numel() * v.element_size()
+    halved = sum(size(v) for st in opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+    whole = sum(size(v) for st in opt.state.values() for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq"))
+    assert state_bytes == halved // 2 + whole
+    assert transient >= opt.step_transient_bytes() + 4 * (256 + 128) * 256  # + fc2's gathered buffers

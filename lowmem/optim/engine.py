@@ -314,6 +314,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     if p.device.type != "meta":
                         raise RuntimeError("step_transient_bytes: call materialize_state() first (or step once)")
                     self._init_state(p, group, state, key=key)
+                if is_dtensor(key) and self._is_projected(key, group):
+                    # FSDP2, projected: bounded by the unsharded step of the whole matrix (the refresh
+                    # runs on the whole gradient) plus the gather's buffers (whole and padded shard)
+                    (m, n), shards = key.shape, math.prod(key.device_mesh.size(i) for i, pl in enumerate(key.placements) if pl.is_shard())
+                    whole = torch.empty(key.shape, dtype=key.dtype, device="meta")
+                    worst = max(worst, self._param_transient_bytes(whole, group, state) + 4 * (m + -(-m // shards)) * n)
+                    continue
                 if self._foreach_ok(p, group):
                     for start, stop in self._foreach_pieces(p):
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
