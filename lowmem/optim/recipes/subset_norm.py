@@ -3,7 +3,8 @@ compose with the existing projections.
 
 * ``adamw_sn`` - AdamSN: Adam whose second moment is kept per *subset* of coordinates: one value
   per row of the longer side of a 2-D weight (the squared norm summed over the shorter side), the
-  authors' default partition; ``betas=(0, b2)`` is their RMSPropSN (no first moment at all).
+  authors' default partition (``subset_size=k``: their general one, contiguous flat subsets, as
+  pytorch_optimizer's ``AdamWSN``); ``betas=(0, b2)`` is their RMSPropSN (no first moment at all).
 * ``adamw_snsm`` - AdamSNSM: Subspace-Momentum (momentum of ``P^T G`` in a rank-r subspace, SVD by
   default, refreshed every ``update_proj_gap`` steps and reset then; plain SGD on ``G - P P^T G``)
   with the Subset-Norm step size of the raw gradient on top.
