@@ -258,3 +258,33 @@ def test_master_weights_keep_updates_below_bf16_resolution():
         assert opt.state_bytes() == 0
     assert torch.equal(out[False], torch.ones(64))  # every 1e-4 step rounded away
     torch.testing.assert_close(out[True], torch.full((64,), 1 - 2**-8))  # 39 steps of ~1e-4 accumulated: one ulp down
+
+
+def test_trainer_resume_across_a_switch_with_frozen_blocks(tmp_path, tokenizer):
+    """LowMemTrainer with BAdam's defaults (inactive layers frozen): a run resumed from the step-3
+    checkpoint (one step into the second block) ends where the uninterrupted run does."""
+    from transformers import default_data_collator
+
+    from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+
+    data = tokenize_sft(sft_dataset(48, seed=0), tokenizer)
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model, _ = build_tiny_model(0)
+        args = LowMemTrainingArguments(out, lowmem_optim="badam", lowmem_optim_args={"switch_every": 2}, learning_rate=1e-2,
+                                       max_steps=6, per_device_train_batch_size=8, report_to="none", use_cpu=True,
+                                       disable_tqdm=True, dataloader_pin_memory=False, save_strategy="steps", save_steps=3,
+                                       seed=0)
+        trainer = LowMemTrainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer.optimizer.optimizer
+
+    full, opt = run(tmp_path / "full")
+    resumed, opt2 = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-3"))
+    assert opt2.active_block == opt.active_block
+    trained = {layer_of(n) for n, p in full.named_parameters() if p.requires_grad}
+    assert len(trained) == 1 and None not in trained  # one layer trainable, embedding and head frozen
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
