@@ -227,6 +227,20 @@ def test_settings_are_checked():
         create_optimizer(tiny_llama(), "badam", freeze_inactive="yes")
 
 
+def test_freezing_is_refused_under_several_processes(monkeypatch):
+    """DDP registers the parameters that require gradients when it wraps the model: a block unfrozen
+    later would train on each rank's local gradient. With several processes freezing is an error."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="freeze_inactive=False"):
+        create_optimizer(model, "badam")
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
+    create_optimizer(tiny_llama(), "badam", freeze_inactive=False)  # every gradient all-reduced: allowed
+
+
 def test_estimate_counts_one_block():
     from lowmem.memory import estimate_memory
 

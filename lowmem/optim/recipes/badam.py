@@ -19,6 +19,7 @@ import re
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..engine import LowMemOptimizer, Recipe
@@ -64,6 +65,16 @@ BADAM = Recipe(
     group_hparams=(HParam("block", None, optional(_nonneg_int), "None or an int >= 0",
                           "the block this group belongs to (None: block 0)"),),
 )
+
+
+def _check_freeze_allowed(freeze_inactive: bool) -> None:
+    """Freezing is refused with several processes: DDP registers the parameters that require
+    gradients when it wraps the model, so a block unfrozen later would train on each rank's local
+    gradient, the ranks drifting apart silently."""
+    if freeze_inactive and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("Invalid freeze_inactive=True for optimizer 'badam' with several processes (DDP): use "
+                         "freeze_inactive=False (every gradient is then computed and all-reduced; only the active "
+                         "block is stepped)")
 
 
 class BAdam(LowMemOptimizer):
@@ -136,6 +147,7 @@ class BAdam(LowMemOptimizer):
             master_weights=master_weights, include_embedding=include_embedding, include_lm_head=include_lm_head, state_dtype=state_dtype,
             foreach=foreach,
         )
+        _check_freeze_allowed(freeze_inactive)
         if start_block is not None:
             if switch_mode == "random":
                 raise ValueError(f"Invalid start_block={start_block!r} for optimizer 'badam': it applies to switch_mode "
@@ -299,6 +311,7 @@ def block_groups(model: nn.Module, weight_decay: float | None = None, include_em
     for name, value in (("include_embedding", include_embedding), ("include_lm_head", include_lm_head),
                         ("freeze_inactive", freeze_inactive)):
         spec[name].validate(value, where="optimizer 'badam'")  # before any parameter is frozen
+    _check_freeze_allowed(freeze_inactive)
     named = []
     seen: set[int] = set()
     for n, p in model.named_parameters():
