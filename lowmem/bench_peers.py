@@ -84,6 +84,16 @@ RECOMMENDED: dict[str, Recommended] = {
                          "this size)"),
     "sinkgd": Recommended(1e-3, "lowmem's recipe default (Scetbon et al. 2025 tune lr per model; none given for "
                           "this size)"),
+    "adamw_sn": Recommended(1e-2, "timmytonga/sn-sm examples.sh and README (LLaMA 60M-350M): AdamSN at lr 5e-2 where "
+                            "Adam runs at 5e-3, 'typically 10 times larger than Adam': 10 x the AdamW baseline here"),
+    "adamw_snsm": Recommended(1e-2, "timmytonga/sn-sm examples.sh: AdamSNSM at lr 5e-2 (10 x their Adam), rank 128, "
+                              "update_proj_gap 100-200: 10 x the AdamW baseline here", {"update_proj_gap": 200}),
+    "sgd_sm": Recommended(3e-2, "no value in the authors' scripts; lowmem's tiny task (docs/optimizers.md): 3e-2 "
+                          "(1.07 x AdamW's loss; AdamW's 3e-3 is 2.0 x)", {"update_proj_gap": 200}),
+    "adagrad_sn": Recommended(3e-2, "the authors' AdaGradSNSM runs at lr 1 (200 x their Adam, examples.sh); lowmem's tiny "
+                              "task: 3e-2 (1.02 x AdamW's loss), 3e-3 does not train"),
+    "adagrad_snsm": Recommended(3e-2, "as adagrad_sn (the authors' adagrad_snsm: lr 1, rank 128, update_proj_gap 100-200)",
+                                {"update_proj_gap": 200}),
 }
 
 NO_ENTRY = "recipe default (no entry in RECOMMENDED)"
