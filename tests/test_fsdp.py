@@ -29,8 +29,9 @@ pytestmark = pytest.mark.distributed
 # subspace recipes: the registry's example projects fc1 (256 x 32) and fc2 (256 x 256) at rank 4 on the
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
-             "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam"]
-REFUSED = ["adamw4bit_rank1", "galore_adafactor", "osd_adamw", "apollo_adamw", "apollo_mini",
+             "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
+             "apollo_adamw", "apollo_mini"]
+REFUSED = ["adamw4bit_rank1", "galore_adafactor", "osd_adamw",
            "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
@@ -45,11 +46,14 @@ CONFIGS = {
     "galore_full_random": ("galore_adamw", {"proj_type": "full", "projection": "random", "update_proj_gap": 2}),
     "fira_left": ("fira_adamw", {"proj_type": "reverse_std", "update_proj_gap": 2}),
     "galore_adafactor_left": ("galore_adafactor", {"proj_type": "reverse_std", "update_proj_gap": 2}),
+    "apollo_left_svd": ("apollo_adamw", {"proj_type": "reverse_std", "projection": "svd", "update_proj_gap": 2}),
+    "apollo_mini_left": ("apollo_mini", {"proj_type": "reverse_std", "update_proj_gap": 2}),
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
 REPLICATED = {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
-              for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left")}
+              for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
+                          "apollo_mini_left")}
 STEPS = 3
 # checkpointed through torch.distributed.checkpoint: each kind of state (float32 moments, with a
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics

@@ -27,6 +27,7 @@ refuses until someone states that it is shard-local.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -329,7 +330,10 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
     if side == "columns" and group["moment_policy"] == "rotate":
         return "moment_policy='rotate' of a coordinate subspace scatters the whole matrix"
     combine = recipe.combine
-    if not isinstance(combine, ProjectBack) or not isinstance(combine.residual, (DropResidual, StateFreeResidual, FiraResidual)):
+    from .recipes.apollo import ApolloScaling
+
+    if not (isinstance(combine, ApolloScaling) or (isinstance(combine, ProjectBack) and isinstance(
+            combine.residual, (DropResidual, StateFreeResidual, FiraResidual)))):
         return (f"its combine-back {type(combine).__name__} reads norms of the whole matrix and is not"
                 " reduced over the shards yet")
     if recipe.stabilizers:
@@ -413,8 +417,11 @@ def combine_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state
     norm-growth limiter (eq. 9) reads the norm of the whole scaled residual: one all-reduce of its
     sum of squares."""
     from .functional import fira as FI
+    from .recipes.apollo import ApolloScaling
     from .subspace import FiraResidual
 
+    if isinstance(combine, ApolloScaling):
+        return apollo_direction(combine, g, low, d_low, state, group, sp)
     rule = combine.residual
     if not isinstance(rule, FiraResidual):
         return combine.direction(g, low, d_low, state, group, sp)
@@ -426,6 +433,32 @@ def combine_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state
     sq = sp.reduce.sum_(torch.linalg.vector_norm(scaled).square().view(1))
     limiter = FI.growth_limiter_(sq.sqrt()[0], state["fira_prev_norm"], group["gamma"])
     return d.add_(scaled.div_(limiter).mul_(c))
+
+
+def apollo_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
+                     group: dict[str, Any], sp: ShardedProjection, eps: float = 1e-8) -> Tensor:
+    """APOLLO's combine-back (Zhu et al. 2024, Algorithm 1 lines 8-10; ``ApolloScaling``) for a
+    shard of rows: ``d = sqrt(scale) * limit(G_s * s)``. The channel-wise factor ``s`` is per row of a
+    right-side ``R`` (row-local) or per column of a left-side one (replicated), the side taken from
+    the global shape; APOLLO-Mini's tensor-wise ``||R~|| / ||R||`` sums the squares over the shards
+    when ``R`` is sharded by rows (one all-reduce of 2 numbers); the norm-growth limiter reads
+    ``||G * s||`` over the shards (one all-reduce of 1 number)."""
+    from .functional import apollo as AP
+    from .functional import fira as FI
+
+    c = combine.unit_scale(state, group) if combine.unit_scale is not None else 1.0
+    if group["scale_type"] == "tensor":
+        sums = torch.stack([torch.linalg.vector_norm(d_low / c).square(), torch.linalg.vector_norm(low).square()])
+        if sp.side in ("right", "columns"):
+            sp.reduce.sum_(sums)
+        factor = sums[0].sqrt() / (sums[1].sqrt() + eps)  # AP.tensor_scaling from the reduced sums
+    else:
+        factor = AP.channel_scaling(d_low / c, low, "right" if sp.side in ("right", "columns") else "left", eps)
+    d = torch.mul(g, factor)
+    if group["gamma"] is not None:
+        sq = sp.reduce.sum_(torch.linalg.vector_norm(d).square().view(1))
+        d.div_(FI.growth_limiter_(sq.sqrt()[0], state["apollo_prev_norm"], group["gamma"]))
+    return d.mul_(c * math.sqrt(group["scale"]))
 
 
 def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool) -> Any:
