@@ -290,9 +290,8 @@ needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), rea
 MEASURED = {
     "adamw_sn": ({}, "plain", 2),
     "adamw_sn_wide": ({}, "plain", 2),  # per-column statistics: the column pass over row chunks
-    "adamw_snsm": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
+    # refreshes at steps 1 and 3, a plain step between: the combine-back in row blocks and the SN column pass
     "adamw_snsm_rsvd": ({"rank": 64, "update_proj_gap": 2, "projection": "rsvd"}, "refresh", 3),
-    "sgd_sm": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
 }
 
 
