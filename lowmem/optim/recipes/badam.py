@@ -27,7 +27,7 @@ from ..functional.badam import ORDERS, badam_block_position
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, is_bool, one_of, optional, positive_int
 from ..moments import AdamMoments
 from ..registry import decay_parameter_names, register
-from ..sharded import local
+from ..sharded import is_dtensor, local
 
 
 def _nonneg_int(x: Any) -> bool:
@@ -107,7 +107,8 @@ class BAdam(LowMemOptimizer):
         master_weights (`bool`, defaults to `True`): For bf16 / fp16 parameters, keep a float32
             copy of the active block (state ``"master"``, 4 bytes per parameter of the block, freed
             at a switch), step it and copy it back rounded, as the authors' ``BlockOptimizer``
-            does; ``False`` rounds every step into the parameter (lowmem's usual behaviour).
+            does; ``False`` rounds every step into the parameter (lowmem's usual behaviour). Not
+            for FSDP2 (sharded) parameters, which are stepped like every engine optimizer's.
         include_embedding (`bool`, defaults to `False`): With a model: the embedding is a block.
         include_lm_head (`bool`, defaults to `False`): With a model: the head (and the other
             parameters outside the layers) is a block.
@@ -144,8 +145,8 @@ class BAdam(LowMemOptimizer):
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, switch_every=switch_every,
             switch_mode=switch_mode, start_block=start_block, seed=seed, freeze_inactive=freeze_inactive,
-            master_weights=master_weights, include_embedding=include_embedding, include_lm_head=include_lm_head, state_dtype=state_dtype,
-            foreach=foreach,
+            master_weights=master_weights, include_embedding=include_embedding, include_lm_head=include_lm_head,
+            state_dtype=state_dtype, foreach=foreach,
         )
         _check_freeze_allowed(freeze_inactive)
         if start_block is not None:
@@ -220,7 +221,7 @@ class BAdam(LowMemOptimizer):
 
     def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
         super()._init_state(p, group, state)
-        if group["master_weights"] and p.dtype in _LOW_PRECISION:
+        if group["master_weights"] and p.dtype in _LOW_PRECISION and not any(is_dtensor(q) for q in group["params"]):
             state["master"] = p.detach().float()  # the float32 copy of a low-precision parameter (meta: sized only)
 
     def _update(self, p: Tensor, grad: Tensor, group: dict[str, Any], *args: Any, **kwargs: Any) -> None:
