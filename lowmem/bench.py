@@ -433,6 +433,13 @@ def main(args) -> int:
 
     names = args.optimizers or [e.name for e in optimizer_entries() if e.recipe is not None]
     for n in names:  # fail early, listing valid names
+        if n.startswith("peer:"):  # a peer package's row, named explicitly (--task text, --shapes)
+            from lowmem.bench_peers import get_peer
+
+            get_peer(n)
+            if not (getattr(args, "shapes", None) or getattr(args, "task", "tiny") == "text"):
+                raise ValueError(f"{n!r}: peer rows need --task text or --shapes")
+            continue
         name, variant = parse_variant(n)
         if name != BASELINE:
             valid = get_entry(name).valid_hparams()

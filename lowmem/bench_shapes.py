@@ -4,7 +4,11 @@ No model forward or backward: the parameters of one Llama decoder layer (:data:`
 random gradients, and each optimizer's step is timed against ``torch.optim.AdamW(foreach=True)`` on
 the same parameters, interleaved: every round times one baseline step and one step of the optimizer,
 in an order that alternates from round to round, so both see the same machine load; the row reports
-the median (and spread) of the per-round ratios. Gradients are copied in from a fixed tensor before
+the median (and spread) of the per-round ratios. Steps are timed in **CPU time of this process**
+(``time.process_time``), not wall time: on a machine shared with other jobs, wall time counts the
+time slices the scheduler gave to others (on a loaded 2-core machine single wall-time ratios of
+the same two steps varied by 2x between runs); the CPU time of a one-thread step is the work it did
+(with more threads, the work of all of them). Gradients are copied in from a fixed tensor before
 each step (untimed), so an optimizer that modified ``p.grad`` would not change what the next one sees.
 
 The **first step** is timed apart: it allocates the state and, for the subspace recipes, computes the
@@ -190,9 +194,9 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
                 if p.grad is None:  # an optimizer freed it (BAdam frees the inactive blocks' gradients)
                     p.grad = torch.empty_like(p)
                 p.grad.copy_(f)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             opt.step()
-            return time.perf_counter() - t0
+            return time.process_time() - t0
 
         base = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
         timed(base)
@@ -230,7 +234,7 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
             ))
             del opt
             gc.collect()
-        b_med = statistics.median(all_base) if all_base else timed(base)
+        b_med = statistics.median(all_base) if all_base else timed(base)  # CPU seconds
         results.insert(0, ShapeResult(
             optimizer=BASELINE, hparams={"lr": LR, "foreach": True}, params=n_params, state_bytes=base_state,
             bytes_per_param=base_state / n_params, step_time_s=b_med, step_time_ratio=1.0, ratio_min=1.0, ratio_max=1.0,
@@ -268,7 +272,7 @@ def _row(r: ShapeResult) -> str:
 
 
 def to_markdown(results: list[ShapeResult], meta: dict[str, Any]) -> str:
-    lines = ["| optimizer | state bytes / param | step ms | step time vs torch AdamW | spread | first step (AdamW steps) "
+    lines = ["| optimizer | state bytes / param | step CPU ms | step time vs torch AdamW | spread | first step (AdamW steps) "
              "| amortised |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [_row(r) for r in results]
     lines += ["", "| recipe | lowmem (amortised) | fastest peer | peer (amortised) | lowmem / peer |", "|---|---:|---|---:|---:|"]
@@ -281,7 +285,7 @@ def to_markdown(results: list[ShapeResult], meta: dict[str, Any]) -> str:
     norms = ", 2 RMSNorm weights" if meta["norms"] else ""
     lines += ["", (f"`{meta['shapes']}`: one Llama decoder layer, hidden {meta['hidden']}, MLP {meta['intermediate']}"
                    f"{norms}: {meta['params']:,} parameters; optimizer.step() only, random gradients; {meta['repeats']} "
-                   f"interleaved rounds (median ratio, spread = (max - min) / median); subspace rank {meta['rank']}; "
+                   f"interleaved rounds (median ratio of CPU times, spread = (max - min) / median); subspace rank {meta['rank']}; "
                    f"{meta['threads']} CPU thread(s); torch {meta['torch']}; {meta['wall_s']:.0f} s.")]
     if meta.get("skipped_peers"):
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items()) + "."]

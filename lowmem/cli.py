@@ -134,7 +134,8 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("optimizers", nargs="*", metavar="NAME[:k=v,...]",
                    help="registered optimizer names (default: every engine optimizer); NAME:key=value,... "
-                   "benches that setting as a row of its own, e.g. microadam:k_init=0.05,m=2")
+                   "benches that setting as a row of its own, e.g. microadam:k_init=0.05,m=2; peer:NAME (--task text, "
+                   "--shapes) adds one peer package's row, e.g. peer:galore_torch")
     p.add_argument("--task", choices=["tiny", "text"], default="tiny",
                    help="str: 'tiny' = the embedded tiny Llama on synthetic addition, one lr for all; 'text' = a "
                    "byte-level Llama (transformers LlamaConfig, 256 bytes + 3 specials) trained on the Python standard "

@@ -249,7 +249,9 @@ def test_shapes_bench_ratio_direction_refresh_and_peers(monkeypatch):
 
     class Slow(torch.optim.AdamW):
         def step(self, closure=None):
-            time.sleep(0.02)
+            t0 = time.process_time()
+            while time.process_time() - t0 < 0.02:  # 20 ms of CPU work (steps are timed in CPU time)
+                pass
             return super().step(closure)
 
     def build(label, module, rank):
@@ -264,7 +266,7 @@ def test_shapes_bench_ratio_direction_refresh_and_peers(monkeypatch):
     # every contender gets every parameter, whatever the one before did (BAdam freezes its inactive blocks)
     assert rows["adamw"].bytes_per_param == pytest.approx(results[0].bytes_per_param, rel=1e-3)
     assert results[0].optimizer == BASELINE and results[0].step_time_ratio == 1.0
-    assert rows["slow"].step_time_ratio > 3  # 20 ms of sleep against a sub-millisecond AdamW step
+    assert rows["slow"].step_time_ratio > 3  # 20 ms of CPU work against a sub-millisecond AdamW step
     g = rows["galore_adamw"]
     assert g.refresh_gap == 200 and g.first_step_adamw > 0 and g.amortised_ratio >= g.step_time_ratio
     assert g.bytes_per_param < 8 <= results[0].bytes_per_param < 8.01  # two float32 moments + step counters
@@ -283,3 +285,13 @@ def test_shapes_cli_with_a_peer(tmp_path, monkeypatch, capsys):
     assert labels == [BASELINE, "galore_adamw", "peer:galore_torch"]
     assert payload["results"][2]["peer_of"] == "galore_adamw" and payload["results"][2]["refresh_gap"] == 200
     assert "| galore_adamw |" in (tmp_path / "bench_shapes.md").read_text().split("fastest peer")[1]
+
+
+def test_explicit_peer_rows_and_their_errors(capsys):
+    results, _ = bench_shapes.run_shapes_bench(["peer:transformers_adafactor"], "hidden-32", repeats=1, threads=1,
+                                               progress=False)
+    assert [(r.optimizer, r.peer_of) for r in results] == [(BASELINE, None), ("peer:transformers_adafactor", "adafactor")]
+    assert main(["bench", "peer:nope", "--shapes", "hidden-1024"]) == 2
+    assert "valid: peer:transformers_adafactor" in capsys.readouterr().err
+    assert main(["bench", "peer:fira", "--steps", "8"]) == 2
+    assert "need --task text or --shapes" in capsys.readouterr().err
