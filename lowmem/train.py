@@ -695,6 +695,7 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         # several processes (torchrun / accelerate launch) and no GPU: data-parallel on the CPU over gloo.
         # Without use_cpu, transformers would leave each process training on its own (issue 16).
         fields["use_cpu"] = True
+        _refuse_fsdp_on_cpu(recipe.training_args)
     try:
         return cls(**{**fields, **recipe.training_args})
     except (TypeError, ValueError) as err:
@@ -754,6 +755,26 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
     if missing:
         raise ConfigError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: missing {missing}")
     return str(p)
+
+
+def _refuse_fsdp_on_cpu(training_args: dict[str, Any]) -> None:
+    """accelerate (1.15) turns FSDP on only for GPU / accelerator processes (``AcceleratorState``:
+    ``MULTI_GPU``, ``MULTI_NPU``, ..., not ``MULTI_CPU``): several CPU processes with an FSDP
+    configuration (``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` or
+    ``training_args: {fsdp: ...}``) would train with DDP instead, unsharded. Refuse that.
+
+    Raises:
+        ConfigError: FSDP asked for through accelerate's environment or ``training_args`` on the CPU.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or training_args.get("fsdp"):
+        raise ConfigError(
+            "FSDP through accelerate / the Trainer needs GPUs: accelerate enables FSDP only for GPU (accelerator)"
+            " processes and would train these CPU processes with DDP instead, unsharded. On the CPU use DDP"
+            " (accelerate launch --multi_gpu, docs/training.md) or FSDP2 from Python with fully_shard"
+            " (examples/fsdp2.py, docs/distributed.md)"
+        )
 
 
 def launched_processes() -> int:

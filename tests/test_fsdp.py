@@ -549,3 +549,23 @@ def test_fsdp2_projected_state_bytes_and_transient(fsdp_run):
     whole = sum(size(v) for st in opt.state.values() for k, v in st.items() if k not in ("exp_avg", "exp_avg_sq"))
     assert state_bytes == halved // 2 + whole
     assert transient >= opt.step_transient_bytes() + 4 * (256 + 128) * 256  # + fc2's gathered buffers
+
+
+@pytest.mark.parametrize("how", ["environment", "training_args"])
+def test_lowmem_train_refuses_fsdp_on_cpu_processes(tmp_path, monkeypatch, how):
+    """accelerate enables FSDP only for GPU processes: `lowmem train` with an FSDP configuration on
+    several CPU processes is an error, not a silent DDP run (measured: accelerate 1.15 trained DDP,
+    the optimizer state unsharded)."""
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, load_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = "optim: adamw\nsteps: 2\n"
+    if how == "environment":  # what `accelerate launch --config_file configs/accelerate/fsdp2.yaml` exports
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    else:
+        text += "training_args:\n  fsdp: full_shard\n  fsdp_config: {version: 2}\n"
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="FSDP through accelerate / the Trainer needs GPUs"):
+        build_training_args(load_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out")))
