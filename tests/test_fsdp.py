@@ -30,8 +30,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini"]
-REFUSED = ["adamw4bit_rank1", "galore_adafactor", "osd_adamw",
+             "apollo_adamw", "apollo_mini", "osd_adamw"]
+REFUSED = ["adamw4bit_rank1", "galore_adafactor",
            "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
@@ -48,12 +48,13 @@ CONFIGS = {
     "galore_adafactor_left": ("galore_adafactor", {"proj_type": "reverse_std", "update_proj_gap": 2}),
     "apollo_left_svd": ("apollo_adamw", {"proj_type": "reverse_std", "projection": "svd", "update_proj_gap": 2}),
     "apollo_mini_left": ("apollo_mini", {"proj_type": "reverse_std", "update_proj_gap": 2}),
+    "osd_left": ("osd_adamw", {"proj_type": "reverse_std", "proj_lr": 0.05}),
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
 REPLICATED = {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
               for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
-                          "apollo_mini_left")}
+                          "apollo_mini_left", "osd_left")}
 STEPS = 3
 # checkpointed through torch.distributed.checkpoint: each kind of state (float32 moments, with a
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
@@ -151,6 +152,20 @@ def count_collectives():
             setattr(dist, op, fn)
 
 
+def _replicated_state_gap(opt, rank):
+    """Max |difference| between the two ranks' copies of the state every rank holds whole (plain
+    tensors of state_dict(): a projection's bases, the moments of an all-reduced P^T G; replicated
+    DTensors: Adafactor's column statistics). 0.0 when the ranks agree bit for bit."""
+    from torch.distributed.tensor import DTensor
+
+    mine = {f"{pid}.{k}": (v.to_local() if isinstance(v, DTensor) else v).double()
+            for pid, st in opt.state_dict()["state"].items() for k, v in st.items()
+            if v.dim() > 0 and (not isinstance(v, DTensor) or all(pl.is_replicate() for pl in v.placements))}
+    both = [None, None]
+    dist.all_gather_object(both, mine)
+    return max(((both[0][k] - both[1][k]).abs().max().item() for k in mine), default=0.0)
+
+
 def _shard(model, mesh):
     from torch.distributed.fsdp import fully_shard
 
@@ -173,6 +188,7 @@ def _worker(rank, world, init_file, out_dir):
         half = slice(rank * 16 // world, (rank + 1) * 16 // world)
         # float64 weights (float32 state): every recipe; float32: torch's AdamW and ours (foreach path)
         runs = [(name, torch.float64) for name in RUNS] + [("torch", torch.float32), ("adamw", torch.float32)]
+        consistent = {}  # the largest difference between the ranks' copies of replicated state
         for name, dtype in runs:
             model, x, y = make(dtype=dtype)
             _shard(model, mesh)
@@ -185,6 +201,8 @@ def _worker(rank, world, init_file, out_dir):
                 loss_fn(model, x[half], y[half]).backward()  # FSDP2 averages the halves' gradients
                 opt.step()
             full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            if name != "torch" and dtype == torch.float64:
+                consistent[name] = _replicated_state_gap(opt, rank)
             if rank == 0:
                 tag = f"{name}_{str(dtype)[6:]}"
                 torch.save(full, os.path.join(out_dir, f"{tag}.pt"))
@@ -312,7 +330,8 @@ def _worker(rank, world, init_file, out_dir):
         if rank == 0:
             with open(os.path.join(out_dir, "refusals.json"), "w") as f:
                 json.dump({"refused": refused, "late": late, "layerwise": layerwise, "nan": skipped,
-                           "resumed": resumed, "uneven": uneven, "sizes": sizes, "comm": comm}, f)
+                           "resumed": resumed, "uneven": uneven, "sizes": sizes, "comm": comm,
+                           "consistent": consistent}, f)
     finally:
         dist.destroy_process_group()
 
@@ -336,6 +355,14 @@ def test_fsdp2_two_processes_match_single_process(fsdp_run, name):
     sharded = torch.load(fsdp_run / f"{name}_float64.pt", weights_only=True)
     for key, ref in run_single(name).items():
         torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_fsdp2_ranks_hold_the_same_replicated_state(fsdp_run, name):
+    """State every rank keeps whole (bases, the moments of a left-side projection, Adafactor's column
+    statistics) is bit-identical on both ranks after 3 steps (red when a rank updates its copy of a
+    basis from its own rows only, e.g. Online Subspace Descent's left basis step without the gather)."""
+    assert json.loads((fsdp_run / "refusals.json").read_text())["consistent"][name] == 0.0
 
 
 def test_fsdp2_float32_adamw_as_close_as_torch_adamw(fsdp_run):
@@ -372,7 +399,7 @@ def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
                 assert type(v) is torch.Tensor, (name, k, type(v))
                 continue
             if not isinstance(v, DTensor):  # replicated state (a projection's bases, moments of an all-reduced P^T G)
-                assert k.startswith("proj_") or k in REPLICATED.get(name, ()), (name, k, type(v))
+                assert k.startswith(("proj_", "pca_")) or k in REPLICATED.get(name, ()), (name, k, type(v))
                 assert v.shape == full[pid][k].shape, (name, k)
                 continue
             if k == "exp_avg_sq_col":

@@ -59,7 +59,7 @@ from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import MomentRule, constant_lr, state_dtype
 from .sharded import (ShardedProjection, ShardReduce, check_placements, check_supported, combine_direction,
                       is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
-                      state_from_dtensor, state_to_dtensor)
+                      sharded_post_update, state_from_dtensor, state_to_dtensor)
 from .stabilizers import Stabilizer
 from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, rotate_moments
 
@@ -767,6 +767,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self._apply(p32, d, lr, 1.0, group.get("weight_decay", 0.0))
         if p32 is not p:
             p.copy_(p32)
+        sharded_post_update(g, low, state, group, sp)  # Online Subspace Descent's basis step
 
     def _refresh(self, p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int) -> None:
         """Refresh ``p``'s projection from ``g`` if due at step ``t``, then apply the moment policy."""

@@ -320,9 +320,6 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
 
     if not isinstance(recipe.projection, SubspaceProjection):
         return f"its projection {type(recipe.projection).__name__} is not known to work on a shard of rows"
-    if group["projection"] == "online_pca":
-        return ("Online Subspace Descent learns the basis from the whole gradient every step (its PCA step"
-                " reads G G^T or G^T G); not implemented on shards")
     side = _projected_side(recipe, group, p.shape)
     if side in ("rows", "flat"):
         return (f"its coordinate subspace '{group['projection']}' selects rows or elements of the whole matrix"
@@ -461,14 +458,67 @@ def apollo_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state:
     return d.mul_(c * math.sqrt(group["scale"]))
 
 
+def osd_basis_grad(basis: Tensor, g: Tensor, low: Tensor, side: str, sp: ShardedProjection, inv_norm: Tensor) -> Tensor:
+    """The gradient of Online Subspace Descent's PCA loss (Liang et al. 2024, eq. 5) in the whole
+    basis, from a shard of rows, in the factored form of
+    :func:`~lowmem.optim.functional.osd.pca_loss_grad` (``G_n = G / ||G||``):
+
+    * right ``Q`` (``r x n``): ``C = G_n Q^T`` (the shard's rows: the step's ``low``), ``D = C^T G_n``
+      and ``C^T C`` are sums over the shards (all-reduces of ``r x n`` and ``r x r``);
+      ``dL/dQ = 2 ((Q Q^T - 2 I) D + C^T C Q)``, the same on every rank;
+    * left ``P`` (``m x r``): ``A = P^T G_n`` is the step's all-reduced ``low``; ``B = G_n A^T`` has
+      the shard's rows, so does ``dL/dP = 2 (P A A^T + B (P^T P - 2 I))``: its rows are all-gathered
+      (``m x r``) so every rank updates the whole basis alike."""
+    eye = torch.eye(basis.shape[1] if side == "left" else basis.shape[0], dtype=basis.dtype, device=basis.device)
+    if side == "right":
+        c = low * inv_norm
+        d = sp.reduce.sum_((c.t() @ g).mul_(inv_norm))
+        cc = sp.reduce.sum_(c.t() @ c)
+        return 2 * ((basis @ basis.t() - 2 * eye) @ d + cc @ basis)
+    a = low * inv_norm
+    b = (g @ a.t()).mul_(inv_norm)
+    rows = basis[sp.rows[0] : sp.rows[1]]
+    return sp.reduce.gather_rows(2 * (rows @ (a @ a.t()) + b @ (basis.t() @ basis - 2 * eye)), basis.shape[0])
+
+
+def sharded_post_update(g: Tensor, low: Tensor, state: dict[str, Tensor], group: dict[str, Any],
+                        sp: ShardedProjection) -> None:
+    """:meth:`SubspaceProjection.post_update` for a shard of rows: Online Subspace Descent's basis
+    step (SGD or Adam on the basis) from :func:`osd_basis_grad`, with ``||G||`` summed over the
+    shards (1 number); nothing for other methods."""
+    from .functional.adam import adam_direction, adam_moments_
+
+    if group["projection"] != "online_pca":
+        return
+    meta = state["proj_meta"]
+    pca_steps = int(meta[3])
+    if pca_steps < 0:  # the step right after an SVD takes no PCA step (as unsharded)
+        meta[3] = 0
+        return
+    norm = sp.reduce.sum_(torch.linalg.vector_norm(g).square().view(1)).sqrt()[0]
+    if not bool(torch.isfinite(norm) & (norm > 0)):
+        return
+    key = "proj_left" if "proj_left" in state else "proj_right"
+    basis = state[key]
+    grad = osd_basis_grad(basis, g, low, "left" if key == "proj_left" else "right", sp, 1.0 / norm)
+    lr = group["proj_lr"]
+    if group["proj_optimizer"] == "sgd":
+        basis.add_(grad, alpha=-lr)
+    else:
+        t = pca_steps + 1
+        meta[3] = t
+        adam_moments_(state["pca_exp_avg"], state["pca_exp_avg_sq"], grad, 0.9, 0.999)
+        basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
+
+
 def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool) -> Any:
     """A state tensor of a projected sharded parameter for checkpoints: the projection's bases and
-    bookkeeping and the moments of an all-reduced projected gradient are equal on every rank and
+    bookkeeping (``proj_*``, Online Subspace Descent's ``pca_*`` moments of the basis) and the moments of an all-reduced projected gradient are equal on every rank and
     stay plain tensors (``torch.distributed.checkpoint`` saves one copy; they load onto any number
     of processes); the moments of a row-sharded projected gradient (``sharded_rows``: ``m_s x r``,
     float32) are ``DTensor`` s sharded on dimension 0 like the parameter (global ``m x r``), so they
     reshard; other per-shard state (quantized codes) is saved per shard (:func:`state_to_dtensor`)."""
-    if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith("proj_"):
+    if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith(("proj_", "pca_")):
         return v
     start, stop = shard_rows(p)
     if v.dim() == 2 and v.shape[0] == stop - start:
