@@ -97,7 +97,8 @@ class Uneven(nn.Module):
 
 UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left"]
 # the optimizer's own collectives in one step are counted for these (float32 model)
-COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal"]
+COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
+        "osd_adamw"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -545,8 +546,12 @@ def _expected_comm(name):
         "galore_left_rotate": (left, True),
         "fira_adamw": (fira, True),
         "frugal": (flag, False),
+        "osd_adamw": (flag, True),
     }[name]
-    return [{"all_reduce": per_step, **(gather if gathers else {})}, {"all_reduce": per_step}]
+    steps = [{"all_reduce": per_step, **(gather if gathers else {})}, {"all_reduce": per_step}]
+    if name == "osd_adamw":  # from step 2 on, the basis step of each right basis: ||G||, C^T G, C^T C
+        steps[1] = {"all_reduce": [1 + 3 * len(mats), 4 * (1 + sum(1 + r * n + r * r for n in ns))]}
+    return steps
 
 
 GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
@@ -558,7 +563,8 @@ def test_fsdp2_communication_per_step(fsdp_run, name):
     formulas of docs/distributed.md (_expected_comm). Measured on Net: adamw 4 bytes per step (the
     non-finite flag); adafactor 1212 bytes in 9 all-reduces, 1260 in 15 with the parameter scale;
     galore_adamw (right side) 4 bytes, plus 147456 bytes gathered at a refresh; left side 4612
-    bytes per step (P^T G of 4 x 32 and 4 x 256); fira_adamw 12 bytes; frugal (columns) 4 bytes."""
+    bytes per step (P^T G of 4 x 32 and 4 x 256); fira_adamw 12 bytes; frugal (columns) 4 bytes;
+    osd_adamw 147456 bytes gathered at step 1 (its SVD), 4748 bytes in 7 all-reduces at step 2."""
     comm = json.loads((fsdp_run / "refusals.json").read_text())["comm"][name]
     assert comm == _expected_comm(name), (comm, _expected_comm(name))
 
