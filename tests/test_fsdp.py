@@ -30,8 +30,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw"]
-REFUSED = ["adamw4bit_rank1", "galore_adafactor",
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor"]
+REFUSED = ["adamw4bit_rank1",
            "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
@@ -52,7 +52,9 @@ CONFIGS = {
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
-REPLICATED = {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+# (Adafactor's column statistics of a right-side R, a sum over every row: the same on every rank)
+REPLICATED = {"galore_adafactor": ("exp_avg_sq_col",)}
+REPLICATED |= {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
               for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
                           "apollo_mini_left", "osd_left")}
 STEPS = 3
@@ -60,7 +62,7 @@ STEPS = 3
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
 # sharded by rows and column statistics replicated)
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-       "fira_adamw8bit"]
+       "fira_adamw8bit", "galore_adafactor"]
 
 
 def build(model, tag, **extra):
@@ -452,7 +454,8 @@ def _load_single(name, ckpt):
     return model, opt, x, y
 
 
-@pytest.mark.parametrize("name", ["adamw", "stable_spam", "adafactor_relative", "galore_adamw", "galore_left_rotate"])
+@pytest.mark.parametrize("name", ["adamw", "stable_spam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
+                                  "galore_adafactor"])
 def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
     """State in the parameter's shape (float32 moments) reshards: the 2-process checkpoint loads into
     one unsharded process, which continues with the full batch to the 2-process run's weights."""

@@ -369,8 +369,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if is_dtensor(p) and pid in sd["state"]:
                 group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
                 if self._is_projected(p, group):  # bases replicated; moments row-sharded or replicated
-                    rows = low_is_sharded(self.recipe, group, p)
-                    sd["state"][pid] = {k: projected_state_to_dtensor(v, p, k, rows) for k, v in sd["state"][pid].items()}
+                    rows, dims = low_is_sharded(self.recipe, group, p), self.recipe.moment.reduced_dims
+                    sd["state"][pid] = {k: projected_state_to_dtensor(v, p, k, rows, dims) for k, v in sd["state"][pid].items()}
                     continue
                 # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding)
                 dims = self.recipe.moment.reduced_dims
@@ -761,7 +761,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._refresh(key, sp.whole_gradient(g, group), state, group, int(t))
         low = sp.down(g, state, group)
         lr = r.lr_rule(group, state, p, t) if r.lr_rule is constant_lr else r.lr_rule(group, state, p, t, reduce=reduce)
-        d = r.moment.direction(low, state, group, t, lr)
+        if sp.side in ("right", "columns") and r.moment.sharded_stats:
+            # statistics over the rows of a row-sharded R (Adafactor's columns): the rule's chunked
+            # form with the all-reduces, R taken as one chunk
+            flat, bounds = low.reshape(-1), ([(0, low.numel())] if low.numel() else [])
+            ctx = r.moment.prepare_chunks(state, low.shape, group, t, lr, bounds, lambda a, b, view: flat[a:b], reduce=reduce)
+            d = (r.moment.direction(flat, r.moment.chunk_state(state, 0, low.numel(), low.shape, group, ctx), group, t, lr)
+                 .view(low.shape) if bounds else torch.zeros_like(low))
+            r.moment.finish_chunks(state, ctx)
+        else:
+            d = r.moment.direction(low, state, group, t, lr)
         d = combine_direction(r.combine, g, low, d, state, group, sp)
         p32 = F.compute_float(p)
         self._apply(p32, d, lr, 1.0, group.get("weight_decay", 0.0))

@@ -342,7 +342,8 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
         if isinstance(moment, Quantized) and group.get("v_normalization", "block") == "rank1":
             return "rank-1 normalization uses column maxima over all rows"
         moment = moment.inner
-    if side in ("right", "columns") and not isinstance(moment, AdamMoments):
+    if side in ("right", "columns") and not isinstance(moment, AdamMoments) and not (
+            isinstance(moment, FactoredMoments) and moment is recipe.moment):
         return (f"its moment rule {type(moment).__name__} would need statistics over the rows of the projected"
                 f" gradient, which is sharded by rows for a {side} projection (use proj_type='left')")
     if not isinstance(moment, (AdamMoments, FactoredMoments)):
@@ -511,19 +512,26 @@ def sharded_post_update(g: Tensor, low: Tensor, state: dict[str, Tensor], group:
         basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
 
 
-def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool) -> Any:
+def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool,
+                               reduced_dims: dict[str, int] | None = None) -> Any:
     """A state tensor of a projected sharded parameter for checkpoints: the projection's bases and
-    bookkeeping (``proj_*``, Online Subspace Descent's ``pca_*`` moments of the basis) and the moments of an all-reduced projected gradient are equal on every rank and
-    stay plain tensors (``torch.distributed.checkpoint`` saves one copy; they load onto any number
-    of processes); the moments of a row-sharded projected gradient (``sharded_rows``: ``m_s x r``,
-    float32) are ``DTensor`` s sharded on dimension 0 like the parameter (global ``m x r``), so they
-    reshard; other per-shard state (quantized codes) is saved per shard (:func:`state_to_dtensor`)."""
+    bookkeeping (``proj_*``, Online Subspace Descent's ``pca_*`` moments of the basis) and the
+    moments of an all-reduced projected gradient are equal on every rank and stay plain tensors
+    (``torch.distributed.checkpoint`` saves one copy; they load onto any number of processes); the
+    moments of a row-sharded projected gradient (``sharded_rows``: ``m_s x r``, float32) are
+    ``DTensor`` s sharded on dimension 0 like the parameter (global ``m x r``), so they reshard, and
+    so are its row statistics (``reduced_dims`` of the moment rule: Adafactor's ``exp_avg_sq_row``,
+    global ``m``) while its column statistics (the row dimension reduced away) are equal on every
+    rank (plain); other per-shard state (quantized codes) is saved per shard (:func:`state_to_dtensor`)."""
     if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith(("proj_", "pca_")):
         return v
+    reduced = (reduced_dims or {}).get(key)
+    if reduced is not None and reduced % 2 == 0:  # statistics over the rows: the same on every rank
+        return v
     start, stop = shard_rows(p)
-    if v.dim() == 2 and v.shape[0] == stop - start:
+    if v.dim() in (1, 2) and v.shape[0] == stop - start and (v.dim() == 2 or reduced is not None):
         mesh, placements = p.device_mesh, tuple(p.placements)
-        shape = torch.Size((p.shape[0], v.shape[1]))
+        shape = torch.Size((p.shape[0], *v.shape[1:]))
         return DTensor.from_local(v, mesh, placements, run_check=False, shape=shape,
                                   stride=torch.empty(shape, device="meta").stride())
     return state_to_dtensor(v, p, key)
