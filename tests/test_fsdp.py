@@ -30,9 +30,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor"]
-REFUSED = ["adamw4bit_rank1",
-           "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1"]
+REFUSED = ["muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
@@ -62,7 +61,7 @@ STEPS = 3
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
 # sharded by rows and column statistics replicated)
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-       "fira_adamw8bit", "galore_adafactor"]
+       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1"]
 
 
 def build(model, tag, **extra):
@@ -312,7 +311,7 @@ def _worker(rank, world, init_file, out_dir):
         # ... and at the first step when sharded parameters reach the groups another way (fully_shard
         # replaces the parameters: an optimizer must be built after it); layerwise mode refuses
         model, x, y = make()
-        opt = create_optimizer(model, "adamw4bit_rank1", **hparams_for("adamw4bit_rank1"))
+        opt = create_optimizer(model, "muon", **hparams_for("muon"))
         _shard(model, mesh)
         opt.param_groups[0]["params"] = list(model.parameters())
         loss_fn(model, x[half], y[half]).backward()
@@ -405,7 +404,7 @@ def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
                 assert k.startswith(("proj_", "pca_")) or k in REPLICATED.get(name, ()), (name, k, type(v))
                 assert v.shape == full[pid][k].shape, (name, k)
                 continue
-            if k == "exp_avg_sq_col":
+            if k in ("exp_avg_sq_col", "exp_avg_sq_colmax"):  # statistics over every row
                 assert tuple(v.placements) == (Replicate(),) and v.to_local().shape == full[pid][k].shape
                 continue
             assert v.to_local().numel() * 2 == full[pid][k].numel(), (name, pid, k, v.shape, full[pid][k].shape)
@@ -428,7 +427,7 @@ def test_fsdp2_whole_matrix_recipes_refuse(fsdp_run, name):
 
 def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
     got = json.loads((fsdp_run / "refusals.json").read_text())
-    assert got["late"] is not None and "'adamw4bit_rank1' does not support sharded" in got["late"]
+    assert got["late"] is not None and "'muon' does not support sharded" in got["late"]
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
 
 

@@ -185,6 +185,9 @@ class Quantized(MomentRule):
         self.applies_lr = inner.applies_lr
         rank1_keys = (rank1_key + "_rowmax", rank1_key + "_colmax") if rank1_key is not None else ()
         self.state_keys = tuple(inner.state_keys) + tuple(k + "_absmax" for k in specs) + rank1_keys
+        # FSDP2 checkpoints (lowmem.optim.sharded.state_to_dtensor): row maxima sharded like the rows,
+        # column maxima (all-reduced, equal on every rank) replicated
+        self.reduced_dims = {**inner.reduced_dims, **({rank1_key + "_rowmax": -1, rank1_key + "_colmax": -2} if rank1_key else {})}
 
     def __repr__(self) -> str:
         bits = sorted({s.bits for s in self.specs.values()})
@@ -250,9 +253,14 @@ class Quantized(MomentRule):
                 view[k + "_absmax"] = state[k + "_absmax"][start // b : -(-stop // b)]
         return view
 
-    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+    # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce`` (the column maxima below)
+    sharded_stats = True
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
         """Rank-1 scales: the new column maxima of the whole matrix, from a pass that updates every
-        chunk's moments on decoded copies (the row maxima of a chunk of whole rows are its own)."""
+        chunk's moments on decoded copies (the row maxima of a chunk of whole rows are its own).
+        ``reduce`` (an FSDP2 shard of rows, :class:`~lowmem.optim.sharded.ShardReduce`): the column
+        maxima are the maximum over the shards' (one all-reduce of ``n`` numbers per matrix)."""
         keys = [k for k in self.specs if is_rank1(state, k)]
         if not keys:
             return None
@@ -268,6 +276,9 @@ class Quantized(MomentRule):
             for k in keys:
                 torch.maximum(col[k], scratch[k].view(-1, shape[-1]).amax(dim=0), out=col[k])
             del scratch
+        if reduce is not None:
+            for k in keys:
+                reduce.max_(col[k])
         return col
 
     def finish_chunks(self, state, ctx):

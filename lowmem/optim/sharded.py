@@ -147,7 +147,10 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
         return "its step size reads the whole parameter (relative step / RMS scaling)"
     moment = recipe.moment
     while isinstance(moment, (RestartBiasCorrection, Quantized)):
-        if isinstance(moment, Quantized) and group.get("v_normalization", "block") == "rank1" and p.ndim >= 2:
+        if isinstance(moment, Quantized) and group.get("v_normalization", "block") == "rank1" and (
+                p.ndim > 2 or (p.ndim == 2 and moment is not recipe.moment)):
+            # (the chain's own Quantized reduces its column maxima in prepare_chunks; a wrapped one
+            # or batched matrices would not)
             return "rank-1 normalization uses column maxima over all rows of the matrix"
         moment = moment.inner
     # element-wise rules, and Adafactor's factored rule (row statistics local, column sums and the
