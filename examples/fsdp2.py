@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard``) with a lowmem optimizer: two processes over gloo on the CPU.
 
     torchrun --nproc_per_node 2 examples/fsdp2.py        # or: python examples/fsdp2.py (launches torchrun)
+    python examples/fsdp2.py galore_adamw                 # another optimizer (subspace ones at rank 8)
 
 Every decoder layer of the kit's tiny Llama is sharded on dimension 0 over the processes; the
 optimizer is built *after* ``fully_shard`` (which replaces the parameters by DTensors) and steps each
@@ -27,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import lowmem
+from lowmem.optim import get_entry
 from lowmem.kit import load_model_and_tokenizer, sft_dataset, tokenize_sft
 
 torch.set_num_threads(1)
@@ -39,7 +41,11 @@ model, tokenizer = load_model_and_tokenizer()
 for layer in model.model.layers:
     fully_shard(layer, mesh=mesh)
 fully_shard(model, mesh=mesh)
-optimizer = lowmem.create_optimizer(model, "adamw8bit", lr=3e-3)  # after fully_shard
+# any optimizer of docs/distributed.md's table, e.g. `python examples/fsdp2.py galore_adamw` (rank 8:
+# the attention and MLP weights projected, bases from the gathered gradient)
+name = sys.argv[1] if len(sys.argv) > 1 else "adamw8bit"
+extra = {"rank": 8, "update_proj_gap": 10} if get_entry(name).subspace else {}
+optimizer = lowmem.create_optimizer(model, name, lr=3e-3, **extra)  # after fully_shard
 
 data = tokenize_sft(sft_dataset(512), tokenizer).with_format("torch")[:]
 losses = []
