@@ -5,10 +5,10 @@ random gradients, and each optimizer's step is timed against ``torch.optim.AdamW
 the same parameters, interleaved: every round times one baseline step and one step of the optimizer,
 in an order that alternates from round to round, so both see the same machine load; the row reports
 the median (and spread) of the per-round ratios. Steps are timed in **CPU time of this process**
-(``time.process_time``), not wall time: on a machine shared with other jobs, wall time counts the
-time slices the scheduler gave to others (on a loaded 2-core machine single wall-time ratios of
-the same two steps varied by 2x between runs); the CPU time of a one-thread step is the work it did
-(with more threads, the work of all of them). Gradients are copied in from a fixed tensor before
+(``time.process_time``), not wall time: on a machine shared with other jobs, wall time also counts
+the time slices the scheduler gave to others; the CPU time of a one-thread step is the work it did
+(with more threads, the work of all of them). Memory bandwidth and caches stay shared, so a busy
+machine still widens the spread. Gradients are copied in from a fixed tensor before
 each step (untimed), so an optimizer that modified ``p.grad`` would not change what the next one sees.
 
 The **first step** is timed apart: it allocates the state and, for the subspace recipes, computes the
