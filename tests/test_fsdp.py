@@ -30,8 +30,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1"]
-REFUSED = ["muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon"]
+REFUSED = ["scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
@@ -61,7 +61,7 @@ STEPS = 3
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
 # sharded by rows and column statistics replicated)
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1"]
+       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon"]
 
 
 def build(model, tag, **extra):
@@ -99,7 +99,7 @@ class Uneven(nn.Module):
 UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left"]
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
-        "osd_adamw"]
+        "osd_adamw", "muon"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -311,7 +311,7 @@ def _worker(rank, world, init_file, out_dir):
         # ... and at the first step when sharded parameters reach the groups another way (fully_shard
         # replaces the parameters: an optimizer must be built after it); layerwise mode refuses
         model, x, y = make()
-        opt = create_optimizer(model, "muon", **hparams_for("muon"))
+        opt = create_optimizer(model, "scale", **hparams_for("scale"))
         _shard(model, mesh)
         opt.param_groups[0]["params"] = list(model.parameters())
         loss_fn(model, x[half], y[half]).backward()
@@ -427,7 +427,7 @@ def test_fsdp2_whole_matrix_recipes_refuse(fsdp_run, name):
 
 def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
     got = json.loads((fsdp_run / "refusals.json").read_text())
-    assert got["late"] is not None and "'muon' does not support sharded" in got["late"]
+    assert got["late"] is not None and "'scale' does not support sharded" in got["late"]
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
 
 
@@ -454,7 +454,7 @@ def _load_single(name, ckpt):
 
 
 @pytest.mark.parametrize("name", ["adamw", "stable_spam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-                                  "galore_adafactor"])
+                                  "galore_adafactor", "muon"])
 def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
     """State in the parameter's shape (float32 moments) reshards: the 2-process checkpoint loads into
     one unsharded process, which continues with the full batch to the 2-process run's weights."""
@@ -549,8 +549,11 @@ def _expected_comm(name):
         "fira_adamw": (fira, True),
         "frugal": (flag, False),
         "osd_adamw": (flag, True),
+        "muon": (flag, False),
     }[name]
     steps = [{"all_reduce": per_step, **(gather if gathers else {})}, {"all_reduce": per_step}]
+    if name == "muon":  # every step: the bfloat16 momentum matrix gathered for Newton-Schulz
+        return [{"all_reduce": flag, GATHER: [len(mats), 2 * m_s * sum(ns)]}] * 2
     if name == "osd_adamw":  # from step 2 on, the basis step of each right basis: ||G||, C^T G, C^T C
         steps[1] = {"all_reduce": [1 + 3 * len(mats), 4 * (1 + sum(1 + r * n + r * r for n in ns))]}
     return steps
@@ -566,7 +569,8 @@ def test_fsdp2_communication_per_step(fsdp_run, name):
     non-finite flag); adafactor 1212 bytes in 9 all-reduces, 1260 in 15 with the parameter scale;
     galore_adamw (right side) 4 bytes, plus 147456 bytes gathered at a refresh; left side 4612
     bytes per step (P^T G of 4 x 32 and 4 x 256); fira_adamw 12 bytes; frugal (columns) 4 bytes;
-    osd_adamw 147456 bytes gathered at step 1 (its SVD), 4748 bytes in 7 all-reduces at step 2."""
+    osd_adamw 147456 bytes gathered at step 1 (its SVD), 4748 bytes in 7 all-reduces at step 2; muon
+    73728 bytes gathered every step (bfloat16 U of both weights)."""
     comm = json.loads((fsdp_run / "refusals.json").read_text())["comm"][name]
     assert comm == _expected_comm(name), (comm, _expected_comm(name))
 

@@ -59,8 +59,11 @@ class ShardReduce:
     Each method reduces in place and returns its argument.
     """
 
-    def __init__(self, groups: list[Any]):
+    def __init__(self, groups: list[Any], shape: torch.Size | None = None, rows: tuple[int, int] | None = None):
         self.groups = groups
+        # the parameter's global shape and this rank's rows [start, stop) (one Shard(0): FSDP2), for
+        # rules that gather the whole matrix (Muon's Newton-Schulz)
+        self.shape, self.rows = shape, rows
 
     def _reduce(self, t: Tensor, op: Any) -> Tensor:
         for g in self.groups:
@@ -113,7 +116,9 @@ def shard_rows(p: Tensor) -> tuple[int, int]:
 def shard_reduce(p: Tensor) -> ShardReduce:
     """The :class:`ShardReduce` over the mesh dimensions ``p`` (a ``DTensor``) is sharded on."""
     mesh = p.device_mesh
-    return ShardReduce([mesh.get_group(i) for i, pl in enumerate(p.placements) if pl.is_shard()])
+    dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    rows = shard_rows(p) if len(dims) == 1 and p.placements[dims[0]].dim == 0 and p.dim() > 0 else None
+    return ShardReduce([mesh.get_group(i) for i in dims], p.shape, rows)
 
 
 def check_placements(p: Tensor, grad: Tensor | None, name: str) -> None:
@@ -153,9 +158,15 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
             # or batched matrices would not)
             return "rank-1 normalization uses column maxima over all rows of the matrix"
         moment = moment.inner
-    # element-wise rules, and Adafactor's factored rule (row statistics local, column sums and the
-    # update's RMS all-reduced in FactoredMoments.prepare_chunks)
-    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments)):
+    # element-wise rules, Adafactor's factored rule (row statistics local, column sums and the
+    # update's RMS all-reduced in FactoredMoments.prepare_chunks), Muon (the whole momentum matrix
+    # gathered for Newton-Schulz in MuonMoments.prepare_chunks; its other parameters AdamW)
+    from .recipes.normalized import MuonMoments
+
+    if type(moment) is MuonMoments and moment.targets(p.shape, group) and p.ndim == 2 and len(
+            [pl for pl in p.placements if pl.is_shard()]) != 1:
+        return "Muon gathers the whole matrix over one sharded mesh dimension only"
+    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments)) and type(moment) is not MuonMoments:
         return f"its moment rule {type(moment).__name__} uses statistics of the whole tensor (e.g. row/column sums)"
     for s in recipe.stabilizers:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):

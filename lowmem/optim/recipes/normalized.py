@@ -127,6 +127,43 @@ class MuonMoments(HybridMoments):
     def target_init_state(self, state, shape, group, param):
         state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
+    # FSDP2 (lowmem.optim.sharded): a Muon weight's local shard of rows is stepped whole and
+    # prepare_chunks gathers the whole momentum matrix for the Newton-Schulz iteration
+    sharded_stats = True
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
+        """A sharded Muon weight (``reduce``: an FSDP2 shard of rows): the momentum step on the shard,
+        then the whole ``U`` (bfloat16, what the iteration starts from) all-gathered from every
+        shard, the unsharded Newton-Schulz iteration on it on every rank, and this shard's rows of
+        the step, scaled by the whole shape's ratio; so the step equals the unsharded one. Returns
+        the shard's step (``None`` for AdamW parameters and unsharded weights)."""
+        if reduce is None or self._is_adam(state):
+            return None
+        numel = math.prod(shape)
+        g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
+        buf = state["momentum_buffer"]
+        buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
+        u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
+        if buf32 is not buf:
+            buf.copy_(buf32)
+        whole = reduce.gather_rows(u.to(torch.bfloat16), reduce.shape[0])
+        o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
+        return o.to(g.dtype).mul_(lr * muon_lr_ratio(reduce.shape, group["adjust_lr_fn"]))
+
+    def target_chunk_state(self, state, start, stop, shape, group, ctx=None):
+        view = ChunkState(state, start, stop, {"muon_step": ctx})
+        return view
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        if not self._is_adam(state) and ctx is not None:
+            return self.target_chunk_state(state, start, stop, shape, group, ctx)
+        return super().chunk_state(state, start, stop, shape, group, ctx)
+
+    def direction(self, g, state, group, t, lr):
+        if isinstance(state, ChunkState) and state.extra.get("muon_step") is not None:
+            return state.extra["muon_step"].reshape(-1)[state.start : state.stop].clone()
+        return super().direction(g, state, group, t, lr)
+
     def target_direction(self, g, state, group, t, lr):
         buf = state["momentum_buffer"]
         buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
