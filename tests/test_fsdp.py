@@ -30,8 +30,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon"]
-REFUSED = ["scale", "sinkgd", "adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd"]
+REFUSED = ["adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
@@ -48,6 +48,9 @@ CONFIGS = {
     "apollo_left_svd": ("apollo_adamw", {"proj_type": "reverse_std", "projection": "svd", "update_proj_gap": 2}),
     "apollo_mini_left": ("apollo_mini", {"proj_type": "reverse_std", "update_proj_gap": 2}),
     "osd_left": ("osd_adamw", {"proj_type": "reverse_std", "proj_lr": 0.05}),
+    # SCALE's column-normalised embedding role (column RMS over every shard's rows) and its head role
+    "scale_embedding": ("scale", {"scale_role": "embedding"}),
+    "scale_head": ("scale", {"scale_role": "head"}),
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
@@ -99,7 +102,7 @@ class Uneven(nn.Module):
 UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left"]
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
-        "osd_adamw", "muon"]
+        "osd_adamw", "muon", "sinkgd", "scale_embedding"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -311,7 +314,7 @@ def _worker(rank, world, init_file, out_dir):
         # ... and at the first step when sharded parameters reach the groups another way (fully_shard
         # replaces the parameters: an optimizer must be built after it); layerwise mode refuses
         model, x, y = make()
-        opt = create_optimizer(model, "scale", **hparams_for("scale"))
+        opt = create_optimizer(model, "adam_mini", **hparams_for("adam_mini"))
         _shard(model, mesh)
         opt.param_groups[0]["params"] = list(model.parameters())
         loss_fn(model, x[half], y[half]).backward()
@@ -427,7 +430,7 @@ def test_fsdp2_whole_matrix_recipes_refuse(fsdp_run, name):
 
 def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
     got = json.loads((fsdp_run / "refusals.json").read_text())
-    assert got["late"] is not None and "'scale' does not support sharded" in got["late"]
+    assert got["late"] is not None and "'adam_mini' does not support sharded" in got["late"]
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
 
 
@@ -550,6 +553,10 @@ def _expected_comm(name):
         "frugal": (flag, False),
         "osd_adamw": (flag, True),
         "muon": (flag, False),
+        # SinkGD: each of its 5 iterations sums the column norms (n numbers per matrix); SCALE's
+        # embedding role its column sums once (n)
+        "sinkgd": ([1 + 5 * len(mats), 4 * (1 + 5 * sum(ns))], False),
+        "scale_embedding": ([1 + len(mats), 4 * (1 + sum(ns))], False),
     }[name]
     steps = [{"all_reduce": per_step, **(gather if gathers else {})}, {"all_reduce": per_step}]
     if name == "muon":  # every step: the bfloat16 momentum matrix gathered for Newton-Schulz
@@ -570,7 +577,8 @@ def test_fsdp2_communication_per_step(fsdp_run, name):
     galore_adamw (right side) 4 bytes, plus 147456 bytes gathered at a refresh; left side 4612
     bytes per step (P^T G of 4 x 32 and 4 x 256); fira_adamw 12 bytes; frugal (columns) 4 bytes;
     osd_adamw 147456 bytes gathered at step 1 (its SVD), 4748 bytes in 7 all-reduces at step 2; muon
-    73728 bytes gathered every step (bfloat16 U of both weights)."""
+    73728 bytes gathered every step (bfloat16 U of both weights); sinkgd 5764 bytes in 11 all-reduces;
+    SCALE's embedding role 1156 bytes."""
     comm = json.loads((fsdp_run / "refusals.json").read_text())["comm"][name]
     assert comm == _expected_comm(name), (comm, _expected_comm(name))
 

@@ -161,12 +161,13 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     # element-wise rules, Adafactor's factored rule (row statistics local, column sums and the
     # update's RMS all-reduced in FactoredMoments.prepare_chunks), Muon (the whole momentum matrix
     # gathered for Newton-Schulz in MuonMoments.prepare_chunks; its other parameters AdamW)
-    from .recipes.normalized import MuonMoments
+    # and SinkGD / SCALE (rows local, column norms all-reduced in their prepare_chunks)
+    from .recipes.normalized import MuonMoments, ScaleMoments, SinkGDMoments
 
-    if type(moment) is MuonMoments and moment.targets(p.shape, group) and p.ndim == 2 and len(
-            [pl for pl in p.placements if pl.is_shard()]) != 1:
-        return "Muon gathers the whole matrix over one sharded mesh dimension only"
-    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments)) and type(moment) is not MuonMoments:
+    hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
+    if hybrid and moment.targets(p.shape, group) and (p.ndim > 2 or len([pl for pl in p.placements if pl.is_shard()]) != 1):
+        return f"{type(moment).__name__} on a shard needs a matrix sharded by rows over one mesh dimension"
+    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments)) and not hybrid:
         return f"its moment rule {type(moment).__name__} uses statistics of the whole tensor (e.g. row/column sums)"
     for s in recipe.stabilizers:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):

@@ -17,13 +17,19 @@ from torch import Tensor
 RMS_FLOOR = 1e-8
 
 
-def column_normalize(m: Tensor, dim: int) -> Tensor:
+def column_normalize(m: Tensor, dim: int, column_sq=None, rows: int | None = None) -> Tensor:
     """``C(M)``: ``M`` divided by the RMS of its slices along ``dim`` (``dim=1``: each row of an
     ``[out, in]`` weight; ``dim=0``: each column of an embedding), ``max(RMS, 1e-8)``.
-    A matrix with more than 2 dimensions is flattened to ``[size(0), -1]`` first. Returns a new tensor."""
+    A matrix with more than 2 dimensions is flattened to ``[size(0), -1]`` first. Returns a new tensor.
+
+    ``column_sq`` (``dim=0`` on a block of rows of the matrix, e.g. an FSDP2 shard): sums the
+    columns' squared norms over the blocks in place (an all-reduce); ``rows``: the whole row count."""
     shape = m.shape
     x = m.reshape(m.size(0), -1) if m.dim() > 2 else m
-    rms = torch.linalg.vector_norm(x, dim=dim, keepdim=True).div_(math.sqrt(x.size(dim))).clamp_(min=RMS_FLOOR)
+    if column_sq is not None and dim == 0:
+        rms = column_sq(x.square().sum(dim=0, keepdim=True)).div_(rows).sqrt_().clamp_(min=RMS_FLOOR)
+    else:
+        rms = torch.linalg.vector_norm(x, dim=dim, keepdim=True).div_(math.sqrt(x.size(dim))).clamp_(min=RMS_FLOOR)
     return (x / rms).view(shape)
 
 

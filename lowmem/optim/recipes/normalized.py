@@ -93,6 +93,8 @@ class HybridMoments(MomentRule):
             self.adam.init_state(state, shape, group, param)
 
     def direction(self, g, state, group, t, lr):
+        if isinstance(state, ChunkState) and state.extra.get("sharded_step") is not None:
+            return state.extra["sharded_step"].reshape(-1)[state.start : state.stop].clone()
         if self._is_adam(state):
             ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
             return self.adam.direction(g, state, group, t, lr).mul_(lr * ratio)
@@ -104,6 +106,8 @@ class HybridMoments(MomentRule):
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         if self._is_adam(state):
             return self.adam.chunk_state(state, start, stop, shape, group, ctx)
+        if ctx is not None:  # FSDP2: the shard's whole step, computed by prepare_chunks (sharded_stats)
+            return ChunkState(state, start, stop, {"sharded_step": ctx})
         return self.target_chunk_state(state, start, stop, shape, group)
 
     def transient_bytes(self, numel, shape, group, state):
@@ -149,20 +153,6 @@ class MuonMoments(HybridMoments):
         whole = reduce.gather_rows(u.to(torch.bfloat16), reduce.shape[0])
         o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
         return o.to(g.dtype).mul_(lr * muon_lr_ratio(reduce.shape, group["adjust_lr_fn"]))
-
-    def target_chunk_state(self, state, start, stop, shape, group, ctx=None):
-        view = ChunkState(state, start, stop, {"muon_step": ctx})
-        return view
-
-    def chunk_state(self, state, start, stop, shape, group, ctx=None):
-        if not self._is_adam(state) and ctx is not None:
-            return self.target_chunk_state(state, start, stop, shape, group, ctx)
-        return super().chunk_state(state, start, stop, shape, group, ctx)
-
-    def direction(self, g, state, group, t, lr):
-        if isinstance(state, ChunkState) and state.extra.get("muon_step") is not None:
-            return state.extra["muon_step"].reshape(-1)[state.start : state.stop].clone()
-        return super().direction(g, state, group, t, lr)
 
     def target_direction(self, g, state, group, t, lr):
         buf = state["momentum_buffer"]
@@ -289,6 +279,20 @@ class SinkGDMoments(HybridMoments):
     def target_direction(self, g, state, group, t, lr):
         return sr_sinkhorn(g, group["sinkhorn_iters"]).mul_(lr * group["scale"])
 
+    # FSDP2 (lowmem.optim.sharded): a shard of rows is stepped whole; its column norms are summed
+    # over the shards in every Sinkhorn iteration (sr_sinkhorn's column_sq)
+    sharded_stats = True
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
+        """A sharded SinkGD weight: SR-Sinkhorn of the shard's rows with every column's squared norm
+        summed over the shards (one all-reduce of ``n`` numbers per iteration) and the whole row
+        count; returns the shard's step (``None`` for AdamW parameters and unsharded weights)."""
+        if reduce is None or self._is_adam(state):
+            return None
+        numel = math.prod(shape)
+        g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
+        return sr_sinkhorn(g, group["sinkhorn_iters"], column_sq=reduce.sum_, rows=reduce.shape[0]).mul_(lr * group["scale"])
+
     def target_transient_bytes(self, numel, shape, group, state):
         """The normalised matrix (float32; every later product in place) and the row / column norms."""
         m, n = shape
@@ -379,6 +383,20 @@ class ScaleMoments(HybridMoments):
         if isinstance(state, ChunkState):  # a block of whole rows, flat: each row normalised on its own
             return column_normalize(g.view(-1, state.extra["cols"]), dim=1).view(-1).mul_(lr)
         return column_normalize(g, dim=0 if role == "embedding" else 1).mul_(lr)
+
+    # FSDP2 (lowmem.optim.sharded): row-normalised matrices are row-local; the embedding's columns
+    # are normalised by their RMS over every shard's rows (column_normalize's column_sq)
+    sharded_stats = True
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
+        """A sharded embedding (``scale_role="embedding"``): each column's squared norm summed over
+        the shards (one all-reduce of ``n`` numbers), the RMS over the whole row count; returns the
+        shard's step (``None`` otherwise: row-normalised matrices need nothing of other rows)."""
+        if reduce is None or self._is_adam(state) or group["scale_role"] != "embedding":
+            return None
+        numel = math.prod(shape)
+        g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
+        return column_normalize(g, dim=0, column_sq=reduce.sum_, rows=reduce.shape[0]).mul_(lr)
 
     def target_chunk_align(self, shape, group, state):
         """Row-normalised matrices (``"hidden"``, ``"head"``) step in blocks of whole rows: the
