@@ -30,8 +30,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd"]
-REFUSED = ["adam_mini", "adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini"]
+REFUSED = ["adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
@@ -51,11 +51,13 @@ CONFIGS = {
     # SCALE's column-normalised embedding role (column RMS over every shard's rows) and its head role
     "scale_embedding": ("scale", {"scale_role": "embedding"}),
     "scale_head": ("scale", {"scale_role": "head"}),
+    # Adam-mini's row / head / element blocks (the registry's partition of Net: whole-tensor blocks)
+    "adam_mini_blocks": ("adam_mini", {"groups": lambda model: _adam_mini_blocks(model)}),
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
 # (Adafactor's column statistics of a right-side R, a sum over every row: the same on every rank)
-REPLICATED = {"galore_adafactor": ("exp_avg_sq_col",)}
+REPLICATED = {"galore_adafactor": ("exp_avg_sq_col",), "adam_mini": ("exp_avg_sq",)}  # (whole-tensor blocks)
 REPLICATED |= {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
               for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
                           "apollo_mini_left", "osd_left")}
@@ -64,13 +66,24 @@ STEPS = 3
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
 # sharded by rows and column statistics replicated)
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon"]
+       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon", "adam_mini", "adam_mini_blocks"]
 
 
 def build(model, tag, **extra):
-    """The optimizer of a run tag (a recipe name or a key of CONFIGS) for ``model``."""
+    """The optimizer of a run tag (a recipe name or a key of CONFIGS) for ``model`` (a CONFIGS entry
+    may give ``groups``: a function of the model returning parameter groups)."""
     name, hp = CONFIGS.get(tag, (tag, {}))
-    return create_optimizer(model, name, **hparams_for(name, **{**hp, **extra}))
+    hp = dict(hp)
+    groups = hp.pop("groups", None)
+    return create_optimizer(model if groups is None else groups(model), name, **hparams_for(name, **{**hp, **extra}))
+
+
+def _adam_mini_blocks(model):
+    """Adam-mini with a block of rows (fc1), of 32-row heads (fc2: 128-row shards hold whole heads)
+    and of elements (the vectors)."""
+    return [{"params": [model.fc1.weight], "block": "row"},
+            {"params": [model.fc2.weight], "block": "head", "head_dim": 32},
+            {"params": [model.fc1.bias, model.norm.weight, model.norm.bias, model.fc2.bias], "block": "element"}]
 
 
 class Net(nn.Module):
@@ -311,10 +324,18 @@ def _worker(rank, world, init_file, out_dir):
                 refused[name] = None
             except NotImplementedError as e:
                 refused[name] = str(e)
+        # Adam-mini's head blocks that straddle two shards (one 256-row head over 128-row shards)
+        model, _, _ = make()
+        _shard(model, mesh)
+        try:
+            create_optimizer([{"params": [model.fc2.weight], "block": "head", "head_dim": 256}], "adam_mini", lr=1e-2)
+            refused["adam_mini_straddle"] = None
+        except NotImplementedError as e:
+            refused["adam_mini_straddle"] = str(e)
         # ... and at the first step when sharded parameters reach the groups another way (fully_shard
         # replaces the parameters: an optimizer must be built after it); layerwise mode refuses
         model, x, y = make()
-        opt = create_optimizer(model, "adam_mini", **hparams_for("adam_mini"))
+        opt = create_optimizer(model, "lomo", **hparams_for("lomo"))
         _shard(model, mesh)
         opt.param_groups[0]["params"] = list(model.parameters())
         loss_fn(model, x[half], y[half]).backward()
@@ -411,7 +432,8 @@ def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
                 assert tuple(v.placements) == (Replicate(),) and v.to_local().shape == full[pid][k].shape
                 continue
             assert v.to_local().numel() * 2 == full[pid][k].numel(), (name, pid, k, v.shape, full[pid][k].shape)
-            if k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row") and v.dtype == torch.float32:
+            per_shard = name.startswith("adam_mini") and k == "exp_avg_sq"  # Adam-mini's flat per-block v
+            if k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row") and v.dtype == torch.float32 and not per_shard:
                 assert v.shape == full[pid][k].shape, (name, k)
 
 
@@ -430,7 +452,7 @@ def test_fsdp2_whole_matrix_recipes_refuse(fsdp_run, name):
 
 def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
     got = json.loads((fsdp_run / "refusals.json").read_text())
-    assert got["late"] is not None and "'adam_mini' does not support sharded" in got["late"]
+    assert got["late"] is not None and "'lomo' does not support sharded" in got["late"]
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
 
 
@@ -616,3 +638,9 @@ def test_lowmem_train_refuses_fsdp_on_cpu_processes(tmp_path, monkeypatch, how):
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(ConfigError, match="FSDP through accelerate / the Trainer needs GPUs"):
         build_training_args(load_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out")))
+
+
+def test_fsdp2_adam_mini_heads_straddling_shards_refuse(fsdp_run):
+    """A head block cut by a shard boundary would be two blocks: refused, naming the rule."""
+    msg = json.loads((fsdp_run / "refusals.json").read_text())["refused"]["adam_mini_straddle"]
+    assert msg is not None and "straddle" in msg and "ceil(rows / ranks) % head_dim" in msg

@@ -372,9 +372,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     rows, dims = low_is_sharded(self.recipe, group, p), self.recipe.moment.reduced_dims
                     sd["state"][pid] = {k: projected_state_to_dtensor(v, p, k, rows, dims) for k, v in sd["state"][pid].items()}
                     continue
-                # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding)
-                dims = self.recipe.moment.reduced_dims
-                sd["state"][pid] = {k: state_to_dtensor(v, p, k, dims.get(k)) for k, v in sd["state"][pid].items()}
+                # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding;
+                # whole-tensor statistics, equal on every rank, stay plain: saved once)
+                dims, moment = self.recipe.moment.reduced_dims, self.recipe.moment
+                sd["state"][pid] = {k: v if moment.replicated_state(k, group) else state_to_dtensor(v, p, k, dims.get(k))
+                                    for k, v in sd["state"][pid].items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -64,6 +64,11 @@ class MomentRule:
     sharded_stats: bool = False
     reduced_dims: dict[str, int] = {}
 
+    def replicated_state(self, key: str, group: dict[str, Any]) -> bool:
+        """FSDP2: whether state ``key`` of a sharded parameter is a statistic of the whole tensor,
+        equal on every rank (saved once in checkpoints, loadable onto any number of ranks)."""
+        return False
+
     def init_state(self, state: dict[str, Tensor], shape: torch.Size, group: dict[str, Any], param: Tensor) -> None:
         """Allocate this rule's tensors for a (possibly projected) gradient of ``shape``."""
         raise NotImplementedError

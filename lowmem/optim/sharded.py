@@ -164,6 +164,15 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     # and SinkGD / SCALE (rows local, column norms all-reduced in their prepare_chunks)
     from .recipes.normalized import MuonMoments, ScaleMoments, SinkGDMoments
 
+    from .recipes.adam_mini import AdamMiniMoments
+
+    if isinstance(moment, AdamMiniMoments):  # blocks: rows, elements local; one tensor block reduced
+        if group["block"] == "head" and p.ndim >= 1:
+            shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
+            if -(-p.shape[0] // shards) % group["head_dim"]:
+                return (f"its attention-head blocks ({group['head_dim']} rows) straddle the shards of a"
+                        f" {p.shape[0]}-row weight over {shards} ranks (need ceil(rows / ranks) % head_dim == 0)")
+        moment = AdamMoments()  # (stands for it below: its blocks are now shard-local or reduced)
     hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
     if hybrid and moment.targets(p.shape, group) and (p.ndim > 2 or len([pl for pl in p.placements if pl.is_shard()]) != 1):
         return f"{type(moment).__name__} on a shard needs a matrix sharded by rows over one mesh dimension"

@@ -202,9 +202,17 @@ class AdamMiniMoments(MomentRule):
             return 1  # reduced over the chunks first (prepare_chunks)
         return max(1, _block_numel(shape, group))
 
-    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+    # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce``; rows, heads (a shard holds whole
+    # heads, checked by sharded.refusal) and elements are shard-local blocks
+    sharded_stats = True
+
+    def replicated_state(self, key, group):
+        return key == "exp_avg_sq" and group["block"] == "tensor"  # one v for the whole tensor
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
         """A whole-tensor block: ``v <- beta2 v + (1 - beta2) mean(g * g)`` from the sum of squares
-        over the chunks (one chunk's ``g^2`` at a time); the chunks then only read ``v``."""
+        over the chunks (one chunk's ``g^2`` at a time); the chunks then only read ``v``. ``reduce``
+        (an FSDP2 shard): the sum of squares and the element count summed over the shards (2 numbers)."""
         if group["block"] != "tensor":
             return None
         v = state["exp_avg_sq"]
@@ -213,8 +221,12 @@ class AdamMiniMoments(MomentRule):
             g = stabilized(start, stop, self.chunk_state(state, start, stop, shape, group))
             total.add_(g.to(total.dtype).square().sum())
             del g
+        count = max(1, shape.numel())
+        if reduce is not None:
+            sums = reduce.sum_(torch.stack([total, total.new_tensor(float(shape.numel()))]))
+            total, count = sums[0], sums[1].clamp(min=1)
         v32 = F.compute_float(v)
-        block_second_moment_(v32, None, group["betas"][1], mean_square=total / max(1, shape.numel()))
+        block_second_moment_(v32, None, group["betas"][1], mean_square=total / count)
         if v32 is not v:
             v.copy_(v32)
         return True
