@@ -494,7 +494,7 @@ def print_text_table(results: list[TextResult], meta: dict[str, Any]) -> None:
 TEXT_SIZES = {
     "small": TextTask(),  # 0.65M parameters: 24 optimizers x 2 seeds in about 10 minutes on one loaded CPU core
     "medium": TextTask(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=688, seq_len=128, batch_size=8,
-                       steps=300, warmup_steps=30),  # 3.4M parameters: ~15x the compute of "small"
+                       steps=300, warmup_steps=30),  # 3.03M parameters: ~29x the compute of "small"
     "smoke": TextTask(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seq_len=32, batch_size=2,
                       steps=8, warmup_steps=2, eval_sequences=4, timing_warmup=2, max_bytes=200_000),
 }
