@@ -158,7 +158,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    help="int: --task text: runs with seeds 0..N-1 (initial weights and batches); rows show the mean and "
                    "min-max held-out loss. Default: 1")
     p.add_argument("--text-size", choices=["small", "medium", "smoke"], default="small",
-                   help="str: --task text: model and data size; 'small' = hidden 128, 3 layers (0.65M parameters), 200 "
+                   help="str: --task text: model and data size; 'small' = hidden 128, 3 layers (0.62M parameters), 200 "
                    "steps of 4 x 64 bytes (docs/benchmarks.md), 'medium' = hidden 256, 4 layers (3.03M), 300 steps of "
                    "8 x 128 bytes, 'smoke' = a one-layer model on 200 kB for a seconds-long check. Default: small")
     p.add_argument("--steps", type=int, default=None,
