@@ -80,9 +80,6 @@ RECOMMENDED: dict[str, Recommended] = {
     "adam_mini": Recommended(1e-3, "adam-mini README: 'use the same hyperparameters as AdamW' (lr, betas, wd)"),
     "muon": Recommended(1e-3, "Moonlight (Liu et al. 2025): adjust_lr_fn='match_rms_adamw' lets Muon reuse AdamW's "
                         "lr and weight decay (lr 1e-3 here, wd 0.1 = torch.optim.Muon's default)"),
-    "adamw_sn": Recommended(1e-2, "Nguyen et al. 2024 (Subset-Norm) advise about 10x Adam's lr (their LLaMA pre-training: "
-                            "5e-2 AdamSN vs 5e-3 Adam; docs/optimizers.md): 10 x AdamW's 1e-3"),
-    "adamw_snsm": Recommended(1e-2, "Nguyen et al. 2024: about 10x Adam's lr for Subset-Norm (as adamw_sn)"),
     "scale": Recommended(1e-3, "lowmem's recipe default (Glentis et al. 2025 tune lr per model; none given for "
                          "this size)"),
     "sinkgd": Recommended(1e-3, "lowmem's recipe default (Scetbon et al. 2025 tune lr per model; none given for "

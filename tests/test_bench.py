@@ -203,7 +203,17 @@ def test_text_bench_cli_peers_and_skips(tmp_path, monkeypatch):
 
 
 def test_recommended_settings_have_sources_and_cover_the_registry():
+    import ast
+    import inspect
+
+    import lowmem.bench_peers as bp
     from lowmem.optim import optimizer_entries
+
+    # a key written twice in the dict literal would silently keep only the later value and source
+    tree = ast.parse(inspect.getsource(bp))
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "RECOMMENDED")
+    keys = [k.value for k in node.value.keys]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
 
     for name, rec in RECOMMENDED.items():
         assert rec.lr > 0 and len(rec.source) > 10, name
