@@ -199,6 +199,49 @@ def _hf_adafactor(model, lr, rank, st):
                      warmup_init=False)
 
 
+class _Chain(torch.optim.Optimizer):
+    """Several torch optimizers stepped as one (Muon for the 2-D hidden weights + AdamW for the rest, as
+    torch's Muon documentation pairs them), so one LR scheduler and one ``step()`` drive both. Holds no
+    state of its own: ``param_groups`` are the members' group dicts (a scheduler's lr reaches them), and
+    ``state`` is a merged view for counting bytes."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):  # noqa: D107  (no super().__init__: no groups of its own)
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+        self.defaults = {}
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+
+    @property
+    def state(self):  # type: ignore[override]
+        return {p: st for o in self.optimizers for p, st in o.state.items()}
+
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def _torch_muon(model, lr, rank, st):
+    """``torch.optim.Muon`` (adjust_lr_fn="match_rms_adamw", lowmem's ``muon`` default: AdamW's lr and decay)
+    on the targeted 2-D weights, ``torch.optim.AdamW(betas=(0.9, 0.95))`` on the rest, as lowmem's muon."""
+    groups = _subspace_groups(model, {"use_muon": True}, weight_decay=0.1)
+    muon = [g for g in groups if g.get("use_muon")]
+    rest = [{k: v for k, v in g.items() if k != "use_muon"} for g in groups if not g.get("use_muon")]
+    opts: list[torch.optim.Optimizer] = []
+    if muon:
+        opts.append(torch.optim.Muon([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in muon], lr=lr,
+                                     adjust_lr_fn="match_rms_adamw"))
+    if rest:
+        opts.append(torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True))
+    return _Chain(opts)
+
+
 def _torchao(model, lr, rank, st):
     from torchao.optim import AdamW4bit
 
@@ -216,6 +259,7 @@ PEERS: tuple[Peer, ...] = (
     Peer("apollo_torch_mini", "apollo_torch", "apollo_mini", _apollo(True)),
     Peer("adam_mini", "adam_mini", "adam_mini", _adam_mini),
     Peer("bitsandbytes", "bitsandbytes", "adamw8bit", _bnb),
+    Peer("torch_muon", "torch", "muon", _torch_muon),
     Peer("torchao", "torchao", "adamw4bit", _torchao),
 )
 

@@ -305,3 +305,13 @@ def test_explicit_peer_rows_and_their_errors(capsys):
     assert "valid: peer:transformers_adafactor" in capsys.readouterr().err
     assert main(["bench", "peer:fira", "--steps", "8"]) == 2
     assert "need --task text or --shapes" in capsys.readouterr().err
+
+
+def test_torch_muon_peer_equals_lowmem_muon_on_the_text_task():
+    """peer:torch_muon is torch.optim.Muon on the hidden 2-D weights + AdamW on the rest, under one scheduler:
+    lowmem's muon (tested equal to torch's step by step elsewhere) reaches the same held-out loss."""
+    results, _ = bench_text.run_text_bench(["muon", "peer:torch_muon"], task=SMOKE, repeats=2, progress=False, threads=1)
+    base, muon, peer = results
+    assert peer.optimizer == "peer:torch_muon" and peer.lr == muon.lr == RECOMMENDED["muon"].lr
+    assert muon.eval_loss == pytest.approx(peer.eval_loss, rel=1e-5) and muon.eval_loss != base.eval_loss
+    assert muon.bytes_per_param == pytest.approx(peer.bytes_per_param, rel=1e-3)
