@@ -33,8 +33,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini"]
-REFUSED = ["adamw_sn", "adamw_snsm", "sgd_sm", "adagrad_sn", "adagrad_snsm", "lomo", "adalomo"]
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn"]
+REFUSED = ["adamw_snsm", "sgd_sm", "adagrad_snsm", "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
@@ -116,6 +116,22 @@ class Uneven(nn.Module):
 
 
 UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left"]
+
+
+class Wide(nn.Module):
+    """A wide weight (fc2: 64 x 256): Subset-Norm keeps one statistic per column, summed over the shards."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 256)
+        self.fc2 = nn.Linear(256, 64)
+        self.fc3 = nn.Linear(64, 256)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+WIDE = ["adamw_sn", "adagrad_sn"]
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
         "osd_adamw", "muon", "sinkgd", "scale_embedding"]
@@ -302,6 +318,19 @@ def _worker(rank, world, init_file, out_dir):
                 uneven[name] = str(e)
             if rank == 0:
                 torch.save(full, os.path.join(out_dir, f"uneven_{name}.pt"))
+
+        # a wide weight: Subset-Norm's per-column statistics (the partition of the whole shape)
+        for name in WIDE:
+            model, x, y = make(dtype=torch.float64, net=Wide)
+            _shard(model, mesh)
+            opt = build(model, name)
+            for _ in range(STEPS):
+                opt.zero_grad()
+                loss_fn(model, x[half], y[half]).backward()
+                opt.step()
+            full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            if rank == 0:
+                torch.save(full, os.path.join(out_dir, f"wide_{name}.pt"))
 
         # a NaN in one rank's shard only: both ranks skip the step together
         model, x, y = make()
@@ -647,3 +676,13 @@ def test_fsdp2_adam_mini_heads_straddling_shards_refuse(fsdp_run):
     """A head block cut by a shard boundary would be two blocks: refused, naming the rule."""
     msg = json.loads((fsdp_run / "refusals.json").read_text())["refused"]["adam_mini_straddle"]
     assert msg is not None and "straddle" in msg and "ceil(rows / ranks) % head_dim" in msg
+
+
+@pytest.mark.parametrize("name", WIDE)
+def test_fsdp2_subset_norm_columns_of_a_wide_weight(fsdp_run, name):
+    """Subset-Norm on a 64 x 256 weight keeps one statistic per column (its 32-row shards would
+    choose rows by their own shape): the partition of the whole shape, the column sums all-reduced;
+    equal to the unsharded run (float64 weights)."""
+    sharded = torch.load(fsdp_run / f"wide_{name}.pt", weights_only=True)
+    for key, ref in run_single(name, net=Wide).items():
+        torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")

@@ -264,7 +264,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
             r.projection.init_state(state, p, group)
             shape = r.projection.low_shape(p.shape, group)
             r.combine.init_state(state, p, group)
-        r.moment.init_state(state, shape, group, p)
+        if key is not None and is_dtensor(key):  # a local shard: the rule may look at the whole shape
+            r.moment.init_state_sharded(state, shape, key.shape, group, p)
+        else:
+            r.moment.init_state(state, shape, group, p)
         for s in r.stabilizers:
             s.init_state(state, p, group)
 
@@ -683,8 +686,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._update_projected_sharded(key, p, grad, group, reduce)
             return
         state = self.state[p if key is None else key]
-        if "step" not in state:
-            self._init_state(p, group, state)
+        if "step" not in state:  # (a sharded parameter's shard: the rule may read the whole shape)
+            self._init_state(p, group, state, key=key if reduce is not None else None)
         state["step"] += 1
         t = state["step"].item()
 

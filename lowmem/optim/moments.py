@@ -62,7 +62,14 @@ class MomentRule:
     # reduces its whole-tensor statistics over the shards itself; ``reduced_dims`` names state
     # tensors that are the parameter's shape with one dimension reduced away (for checkpoints)
     sharded_stats: bool = False
-    reduced_dims: dict[str, int] = {}
+    reduced_dims: dict[str, int | str] = {}  # (or "keepdim": reduced to size 1, lowmem.optim.sharded)
+
+    def init_state_sharded(self, state: dict[str, Tensor], shape: torch.Size, whole_shape: torch.Size,
+                           group: dict[str, Any], param: Tensor) -> None:
+        """FSDP2: allocate for a local shard of ``shape`` of a parameter of ``whole_shape``; a rule
+        whose layout depends on the shape (Subset-Norm's partition) decides it from the whole one.
+        Default: :meth:`init_state` of the shard."""
+        self.init_state(state, shape, group, param)
 
     def replicated_state(self, key: str, group: dict[str, Any]) -> bool:
         """FSDP2: whether state ``key`` of a sharded parameter is a statistic of the whole tensor,

@@ -173,6 +173,19 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
                 return (f"its attention-head blocks ({group['head_dim']} rows) straddle the shards of a"
                         f" {p.shape[0]}-row weight over {shards} ranks (need ceil(rows / ranks) % head_dim == 0)")
         moment = AdamMoments()  # (stands for it below: its blocks are now shard-local or reduced)
+    from .recipes.subset_norm import SubsetNormMoments
+
+    if type(moment) is SubsetNormMoments:  # rows local, column sums all-reduced (prepare_chunks)
+        if group.get("subset_size") is not None and p.ndim >= 1:
+            return "its flat subsets (subset_size) are cut from the whole tensor's size, not a shard's"
+        from .functional.subset_norm import subset_dim
+
+        if group.get("subset_norm") and p.ndim == 2 and subset_dim(p.shape) == 0:  # one statistic per column
+            shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
+            chunk = -(-p.shape[0] // shards)
+            if 1 in (min(chunk, max(0, p.shape[0] - i * chunk)) for i in range(shards)):
+                return "a one-row shard of a column-normalised weight would read as element-wise statistics"
+        moment = AdamMoments()
     hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
     if hybrid and moment.targets(p.shape, group) and (p.ndim > 2 or len([pl for pl in p.placements if pl.is_shard()]) != 1):
         return f"{type(moment).__name__} on a shard needs a matrix sharded by rows over one mesh dimension"
@@ -231,7 +244,7 @@ def check_supported(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -
 # ---- checkpoints: state of a sharded parameter as DTensors (torch.distributed.checkpoint) ----
 
 
-def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | None = None) -> Any:
+def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None = None) -> Any:
     """A state tensor of sharded parameter ``p`` (a plain tensor of its local shard) as the
     ``DTensor`` that :meth:`LowMemOptimizer.state_dict` returns, so that
     ``torch.distributed.checkpoint`` saves every rank's piece (a plain tensor would be taken as
@@ -245,6 +258,8 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | None = None
       dimension removed: the row statistics of a matrix sharded by rows are sharded the same way
       (they reshard like the parameter), its column statistics (equal on every rank, from
       all-reduced sums) are replicated.
+    * ``reduced_dim="keepdim"``: the shard's shape with one dimension reduced to size 1 (Subset-Norm's
+      per-row ``(m_s, 1)`` statistics: sharded like the rows; per-column ``(1, n)``: replicated).
     * Any other shape (quantization codes and scales, MicroAdam's window): one piece per shard,
       global shape ``(shards, *local_shape)``; loads back onto the same number of shards only (a
       different count is a shape error at load, not a wrong state). Needs equal shards.
@@ -259,7 +274,15 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | None = None
     mesh, placements = p.device_mesh, tuple(p.placements)
     if v.shape == lp.shape:
         return DTensor.from_local(v, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
-    if reduced_dim is not None:
+    if reduced_dim == "keepdim" and v.dim() == lp.dim():  # one dimension reduced to size 1 (Subset-Norm's v)
+        dims = [i for i in range(v.dim()) if v.shape[i] == 1 != lp.shape[i]]
+        if len(dims) == 1 and all(v.shape[i] == lp.shape[i] for i in range(v.dim()) if i != dims[0]):
+            d = dims[0]
+            shape = p.shape[:d] + (1,) + p.shape[d + 1:]
+            kept = tuple(Replicate() if pl.is_shard() and pl.dim == d else pl for pl in placements)
+            return DTensor.from_local(v, mesh, kept, run_check=False, shape=shape,
+                                      stride=torch.empty(shape, device="meta").stride())
+    if reduced_dim is not None and reduced_dim != "keepdim":
         d = reduced_dim % p.dim()
         if v.shape != lp.shape[:d] + lp.shape[d + 1:]:
             raise ValueError(f"state '{key}': shape {tuple(v.shape)} is not the shard's {tuple(lp.shape)} without dimension {d}")

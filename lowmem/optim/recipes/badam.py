@@ -219,8 +219,8 @@ class BAdam(LowMemOptimizer):
 
     # ---- the engine's per-parameter step, restricted to the active block ------------------------
 
-    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
-        super()._init_state(p, group, state)
+    def _init_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], key: Tensor | None = None) -> None:
+        super()._init_state(p, group, state, key=key)  # (key: the FSDP2 parameter of a local shard)
         if group["master_weights"] and p.dtype in _LOW_PRECISION and not any(is_dtensor(q) for q in group["params"]):
             state["master"] = p.detach().float()  # the float32 copy of a low-precision parameter (meta: sized only)
 

@@ -149,6 +149,22 @@ class SubsetNormMoments(MomentRule):
             v_shape = SN.subset_state_shape(shape, sn, group.get("subset_size"))
             state["exp_avg_sq"] = torch.zeros(v_shape, dtype=dtype, device=device)
 
+    # FSDP2 (lowmem.optim.sharded): the partition is chosen from the whole shape (a shard of a square
+    # weight is wide), a shard keeps its rows' statistics, and the column sums are all-reduced
+    sharded_stats = True
+
+    def init_state_sharded(self, state, shape, whole_shape, group, param):
+        self.init_state(state, shape, group, param)
+        if "exp_avg_sq" in state and len(shape) == 2:
+            whole = SN.subset_state_shape(whole_shape, bool(group.get("subset_norm")), group.get("subset_size"))
+            v_shape = torch.Size((shape[0], 1)) if whole == torch.Size((whole_shape[0], 1)) else (
+                whole if whole == torch.Size((1, whole_shape[1])) else torch.Size(shape))
+            v = state["exp_avg_sq"]
+            state["exp_avg_sq"] = torch.zeros(v_shape, dtype=v.dtype, device=v.device)
+
+    # checkpoints: per-row (m_s, 1) statistics sharded like the rows, per-column (1, n) replicated
+    reduced_dims = {"exp_avg_sq": "keepdim"}
+
     def _numerator(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
         beta1 = self._beta1(group)
         if beta1 == 0:
@@ -198,9 +214,10 @@ class SubsetNormMoments(MomentRule):
                 view.extra["denom"] = ctx
         return view
 
-    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
         """One statistic per column: the column sums of ``g^2`` over every row chunk, then the EMA
-        and the denominator (handed to each chunk)."""
+        and the denominator (handed to each chunk). ``reduce`` (an FSDP2 shard of rows): the column
+        sums summed over the shards (one all-reduce of ``n`` numbers)."""
         v = state.get("exp_avg_sq")
         if v is None or _subset_layout(v, math.prod(shape)) != "column":
             return None
@@ -209,6 +226,8 @@ class SubsetNormMoments(MomentRule):
         for start, stop in bounds:
             g = stabilized(start, stop, self.chunk_state(state, start, stop, shape, group))
             sq.add_(SN.subset_sq_norms(g.view(-1, n), 0))
+        if reduce is not None:
+            reduce.sum_(sq)
         v32 = _ema_stored_(v, sq, self._beta2(group))
         return SN.sn_denominator(v32, group["eps"])
 
