@@ -1,7 +1,7 @@
 """Peer packages and recommended settings for ``lowmem bench --task text`` and ``--shapes``.
 
 **Peers** are the packages lowmem's recipes replace (galore-torch, fira, apollo-torch, adam-mini,
-bitsandbytes, transformers' Adafactor, torchao), put in the same table as rows named
+bitsandbytes, transformers' Adafactor, torchao, ``torch.optim.Muon``), put in the same table as rows named
 ``peer:<package>`` when they are installed. They are benchmark extras, never runtime dependencies:
 each is imported only when its row is built, and one that is missing (or cannot run here, e.g. a
 CUDA-only kernel) becomes a "skipped" line with the reason, never an error. ``torch.optim.AdamW`` is

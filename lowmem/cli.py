@@ -149,7 +149,8 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "(train a task)")
     p.add_argument("--peers", action="store_true",
                    help="bool: add the installed peer packages as rows peer:NAME (galore-torch, fira, apollo-torch, "
-                   "adam-mini, bitsandbytes, transformers' Adafactor, torchao); one not installed or unable to run "
+                   "adam-mini, bitsandbytes, transformers' Adafactor, torchao, torch.optim.Muon); one not installed or "
+                   "unable to run "
                    "here is listed as skipped with the reason (--task text and --shapes). Default: off")
     p.add_argument("--lr-sweep", action="store_true",
                    help="bool: --task text: also train every row at 1/3 and 3 x its recommended lr and report the best "
