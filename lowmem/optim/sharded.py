@@ -389,6 +389,10 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
         if isinstance(moment, Quantized) and group.get("v_normalization", "block") == "rank1":
             return "rank-1 normalization uses column maxima over all rows"
         moment = moment.inner
+    from .recipes.subset_norm import SubsetNormMoments
+
+    if type(moment) is SubsetNormMoments and not moment.adaptive:  # momentum of R only (sgd_sm): element-wise
+        moment = AdamMoments()
     if side in ("right", "columns") and not isinstance(moment, AdamMoments) and not (
             isinstance(moment, FactoredMoments) and moment is recipe.moment):
         return (f"its moment rule {type(moment).__name__} would need statistics over the rows of the projected"
