@@ -33,8 +33,8 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm"]
-REFUSED = ["adamw_snsm", "adagrad_snsm", "lomo", "adalomo"]
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm"]
+REFUSED = [ "lomo", "adalomo"]
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
@@ -69,7 +69,7 @@ STEPS = 3
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
 # sharded by rows and column statistics replicated)
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon", "adam_mini", "adam_mini_blocks"]
+       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon", "adam_mini", "adam_mini_blocks", "adamw_snsm"]
 
 
 def build(model, tag, **extra):
@@ -131,7 +131,7 @@ class Wide(nn.Module):
         return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
 
 
-WIDE = ["adamw_sn", "adagrad_sn"]
+WIDE = ["adamw_sn", "adagrad_sn", "adamw_snsm"]  # (adamw_snsm: fc2 projected on the left, SN per column)
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
         "osd_adamw", "muon", "sinkgd", "scale_embedding"]

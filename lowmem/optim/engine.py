@@ -255,7 +255,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if key is not None and is_dtensor(key) and self._is_projected(key, group):
             state["step"] = torch.zeros((), dtype=torch.float32)
             r.projection.init_state(state, key, group)  # the whole m x n geometry
-            r.combine.init_state(state, key, group)
+            r.combine.init_state_sharded(state, p, key, group)
             r.moment.init_state(state, self._sharded_projection(key, group, None).low_shape(group), group, p)
             return
         state["step"] = torch.zeros((), dtype=torch.float32)

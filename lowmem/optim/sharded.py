@@ -180,11 +180,8 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
             return "its flat subsets (subset_size) are cut from the whole tensor's size, not a shard's"
         from .functional.subset_norm import subset_dim
 
-        if group.get("subset_norm") and p.ndim == 2 and subset_dim(p.shape) == 0:  # one statistic per column
-            shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
-            chunk = -(-p.shape[0] // shards)
-            if 1 in (min(chunk, max(0, p.shape[0] - i * chunk)) for i in range(shards)):
-                return "a one-row shard of a column-normalised weight would read as element-wise statistics"
+        if group.get("subset_norm") and p.ndim == 2 and subset_dim(p.shape) == 0 and _one_row_shard(p):
+            return "a one-row shard of a column-normalised weight would read as element-wise statistics"
         moment = AdamMoments()
     hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
     if hybrid and moment.targets(p.shape, group) and (p.ndim > 2 or len([pl for pl in p.placements if pl.is_shard()]) != 1):
@@ -195,6 +192,13 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):
             return f"its stabilizer {type(s).__name__} is not known to be shard-local"
     return None
+
+
+def _one_row_shard(p: Tensor) -> bool:
+    """Whether some rank holds exactly one row of ``p`` (``torch.chunk``'s split over the shards)."""
+    shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
+    chunk = -(-p.shape[0] // shards)
+    return 1 in (min(chunk, max(0, p.shape[0] - i * chunk)) for i in range(shards))
 
 
 def fsdp2_recipes() -> list[str]:
@@ -375,7 +379,14 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
         return "moment_policy='rotate' of a coordinate subspace scatters the whole matrix"
     combine = recipe.combine
     from .recipes.apollo import ApolloScaling
+    from .recipes.subset_norm import SubsetNormStep
 
+    if isinstance(combine, SubsetNormStep):  # the Subset-Norm step of the combined direction (SNSM)
+        from .functional.subset_norm import subset_dim
+
+        if group["subset_norm"] and subset_dim(p.shape) == 0 and _one_row_shard(p):
+            return "a one-row shard of a column-normalised weight would read as element-wise statistics"
+        combine = combine.inner
     if not (isinstance(combine, ApolloScaling) or (isinstance(combine, ProjectBack) and isinstance(
             combine.residual, (DropResidual, StateFreeResidual, FiraResidual)))):
         return (f"its combine-back {type(combine).__name__} reads norms of the whole matrix and is not"
@@ -391,7 +402,7 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
         moment = moment.inner
     from .recipes.subset_norm import SubsetNormMoments
 
-    if type(moment) is SubsetNormMoments and not moment.adaptive:  # momentum of R only (sgd_sm): element-wise
+    if type(moment) is SubsetNormMoments:  # under a projection it keeps the momentum of R only: element-wise
         moment = AdamMoments()
     if side in ("right", "columns") and not isinstance(moment, AdamMoments) and not (
             isinstance(moment, FactoredMoments) and moment is recipe.moment):
@@ -469,8 +480,12 @@ def combine_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state
     from .recipes.apollo import ApolloScaling
     from .subspace import FiraResidual
 
+    from .recipes.subset_norm import SubsetNormStep
+
     if isinstance(combine, ApolloScaling):
         return apollo_direction(combine, g, low, d_low, state, group, sp)
+    if isinstance(combine, SubsetNormStep):
+        return subset_norm_step_direction(combine, g, low, d_low, state, group, sp)
     rule = combine.residual
     if not isinstance(rule, FiraResidual):
         return combine.direction(g, low, d_low, state, group, sp)
@@ -482,6 +497,25 @@ def combine_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state
     sq = sp.reduce.sum_(torch.linalg.vector_norm(scaled).square().view(1))
     limiter = FI.growth_limiter_(sq.sqrt()[0], state["fira_prev_norm"], group["gamma"])
     return d.add_(scaled.div_(limiter).mul_(c))
+
+
+def subset_norm_step_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
+                               group: dict[str, Any], sp: ShardedProjection) -> Tensor:
+    """Subspace-Momentum's Subset-Norm step (``SubsetNormStep``) for a shard of rows: the inner
+    combined direction of the shard's rows divided by the subset norms of ``G``: per row or per
+    element (the shard's own statistics, allocated for its rows), or per column (the column sums of
+    ``g^2`` all-reduced: ``n`` numbers per matrix per step)."""
+    from .functional import subset_norm as SN
+    from .recipes.subset_norm import _ema_stored_, _sn_update_, _subset_layout
+
+    u = combine_direction(combine.inner, g, low, d_low, state, group, sp)
+    v, beta2 = state["sn_exp_avg_sq"], combine._beta2(group)
+    if _subset_layout(v, g.numel()) == "column":
+        sq = sp.reduce.sum_(SN.subset_sq_norms(g, 0))
+        denom, g2 = SN.sn_denominator(_ema_stored_(v, sq, beta2), group["eps"]), g
+    else:
+        denom, g2 = _sn_update_(v, g, beta2, group["eps"])
+    return u.view(g2.shape).div_(denom).mul_(combine._scale(state, group)).view(g.shape)
 
 
 def apollo_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
@@ -574,6 +608,8 @@ def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool,
     so are its row statistics (``reduced_dims`` of the moment rule: Adafactor's ``exp_avg_sq_row``,
     global ``m``) while its column statistics (the row dimension reduced away) are equal on every
     rank (plain); other per-shard state (quantized codes) is saved per shard (:func:`state_to_dtensor`)."""
+    if key == "sn_exp_avg_sq" and isinstance(v, Tensor):  # SNSM's statistics of G's rows (not of R)
+        return state_to_dtensor(v, p, key, "keepdim")
     if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith(("proj_", "pca_")):
         return v
     reduced = (reduced_dims or {}).get(key)

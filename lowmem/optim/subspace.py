@@ -524,6 +524,11 @@ class CombineRule:
     def init_state(self, state: dict[str, Tensor], param: Tensor, group: dict[str, Any]) -> None:
         pass
 
+    def init_state_sharded(self, state: dict[str, Tensor], shard: Tensor, param: Tensor, group: dict[str, Any]) -> None:
+        """FSDP2 (lowmem.optim.sharded): the state for the local rows ``shard`` of the ``DTensor``
+        ``param``; default :meth:`init_state` of the whole parameter (0-d state: Fira's, APOLLO's)."""
+        self.init_state(state, param, group)
+
     def direction(self, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor], group: dict[str, Any],
                   projection: Projection) -> Tensor:
         """The full-size direction (float32, a new tensor)."""

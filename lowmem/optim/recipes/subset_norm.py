@@ -264,6 +264,14 @@ class SubsetNormStep(CombineRule):
         shape = SN.subset_state_shape(param.shape, group["subset_norm"])
         state["sn_exp_avg_sq"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
+    def init_state_sharded(self, state, shard, param, group):
+        """FSDP2: the inner rule's state, and the statistics of the shard's rows of ``G`` (per row or
+        element), or of every column (``(1, n)``, from all-reduced sums), by the whole shape."""
+        self.inner.init_state_sharded(state, shard, param, group)
+        whole = SN.subset_state_shape(param.shape, group["subset_norm"])
+        shape = whole if whole == torch.Size((1, param.shape[1])) else torch.Size((shard.shape[0], *whole[1:]))
+        state["sn_exp_avg_sq"] = torch.zeros(shape, dtype=state_dtype(group, shard), device=shard.device)
+
     def _scale(self, state: dict[str, Tensor], group: dict[str, Any]) -> float:
         if self.accumulate:  # AdaGrad-SNSM: no bias correction
             return 1.0
