@@ -12,14 +12,19 @@ shard. ``state_dict()`` returns that state as ``DTensor`` s (:func:`state_to_dte
 That is exact for element-wise recipes (every output element depends only on the same element of
 the gradient and state). Per-tensor statistics are reduced across the shards where the recipe uses
 them (Stable-SPAM's ``max |g|`` and gradient norm: one all-reduce of a scalar each, over the
-parameter's mesh; Adafactor's column sums, row-statistic mean, update RMS and parameter RMS), so the
-result equals the unsharded step. Block-wise statistics (quantization
+parameter's mesh; Adafactor's column sums, row-statistic mean, update RMS and parameter RMS;
+rank-1 column maxima; SinkGD's / SCALE's / Subset-Norm's column norms; Adam-mini's whole-tensor
+blocks), or the whole matrix is gathered (a projection's refresh, Muon's Newton-Schulz), so the
+result equals the unsharded step. Projected parameters: :class:`ShardedProjection` (bases kept
+whole on every rank; right-side projections shard-local, left-side ones all-reduced). Block-wise
+statistics (quantization
 absmax, MicroAdam's top-k and error blocks) are computed per shard: equal to the unsharded run when
 every shard's number of elements is a multiple of the block size (then the blocks are the same);
 otherwise the blocks at shard boundaries differ (still a valid optimizer, but not the same numbers).
 
-Recipes that need whole-matrix information not reduced here (projections, rank-1 normalization,
-Newton-Schulz / Sinkhorn) are **refused** with a
+Recipes that need information this module does not reduce (LOMO / AdaLomo, fused into the
+backward pass; row / flat coordinate subspaces; Subset-Norm's flat subsets; Adam-mini heads cut by a
+shard boundary) are **refused** with a
 ``NotImplementedError`` naming the recipe and the supported ones, never run on a shard as if it
 were the whole matrix. The check is an allow-list of engine parts (:func:`refusal`), so a new part
 refuses until someone states that it is shard-local.
