@@ -11,6 +11,7 @@ decay after the update and the bias correction in the step size, as apollo-torch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterable
 
@@ -129,17 +130,12 @@ APOLLO_ADAMW = Recipe(
     validate_group=_check_apollo_group,
 )
 
-APOLLO_MINI = Recipe(
+APOLLO_MINI = dataclasses.replace(
+    APOLLO_ADAMW,
     name="apollo_mini",
     summary="APOLLO-Mini: rank-1 random projection, one scaling factor per tensor, scale 128 (SGD-level memory)",
     reference="Zhu et al. 2024, APOLLO, Section 4.2 (APOLLO-Mini; apollo-torch 1.0.3 with rank=1, scale_type='tensor', scale=128)",
-    moment=AdamMoments(eps_placement="hf"),
-    hparams=GALORE_ADAM_HPARAMS,
     group_hparams=apollo_hparams(rank=1, scale=128.0, scale_type="tensor"),
-    projection=SubspaceProjection(),
-    combine=ApolloScaling(unit_scale=adam_hf_unit_scale),
-    decay_after_update=True,
-    validate_group=_check_apollo_group,
 )
 
 
