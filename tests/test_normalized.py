@@ -228,13 +228,15 @@ def test_step_transient_is_reported():
 @pytest.mark.parametrize("name", ["muon", "scale", "sinkgd"])
 def test_layerwise_mode_equals_the_plain_step(name):
     """LayerwiseOptimizer steps each parameter from its gradient hook with the same groups: 3 steps
-    equal to create_optimizer's."""
+    equal to create_optimizer's single-tensor step, bit for bit (its default step buckets the AdamW
+    parameters in foreach kernels: ulps apart, which the bfloat16 Newton-Schulz of later steps
+    amplifies; that path is tested equal in test_speed_paths / test_reference)."""
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
     torch.manual_seed(0)
     plain_model, lw_model = TinyLM(), TinyLM()
     lw_model.load_state_dict(plain_model.state_dict())
-    plain = create_optimizer(plain_model, name, lr=1e-2)
+    plain = create_optimizer(plain_model, name, lr=1e-2, foreach=False)
     lw = LayerwiseOptimizer(lw_model, name, lr=1e-2)
     for step in range(3):
         plain.zero_grad()

@@ -269,3 +269,62 @@ def test_osd_pca_step_reusing_the_projected_gradient_is_identical(proj_type, chu
     assert torch.equal(fast_p, ref_p)
     for k in ref_s:
         assert torch.equal(fast_s[k], ref_s[k]), k
+
+
+# ---- Muon / SCALE / SinkGD: the AdamW parameters of a hybrid take the foreach buckets -------------
+
+
+@pytest.mark.parametrize("name,key,hparams", [
+    ("muon", {"use_muon": True}, {"adamw_lr_ratio": 0.3, "ns_steps": 2}),
+    ("scale", {"scale_role": "hidden"}, {"adamw_lr_ratio": 0.3}),  # the authors' eps placement ("hf")
+    ("sinkgd", {"use_sinkgd": True}, {"sinkhorn_iters": 2}),
+])
+def test_hybrid_adamw_parameters_take_the_foreach_path_equal_to_single_tensor(name, key, hparams, monkeypatch):
+    """The hybrids' AdamW parameters (vectors, and 2-D weights of groups without the target key;
+    one larger than ``chunk_numel``, bucketed in pieces) are stepped by the foreach kernel, and
+    only they; weights and state equal the single-tensor path (``chunk_numel=None, foreach=False``)
+    at rtol 1e-6, with ``adamw_lr_ratio != 1``, weight decay and an ``eps`` large enough for its
+    placement to matter."""
+    from itertools import chain
+
+    from lowmem.optim import functional as F
+    from lowmem.optim.registry import get_entry
+
+    shapes = {"target": [(12, 10), (8, 16)], "adamw_in_target_group": [(10,), (7,)], "adamw": [(9, 6), (20, 8), (5,)]}
+    adamw_numel = sum(math.prod(s) for s in shapes["adamw_in_target_group"] + shapes["adamw"])
+
+    def run(fast: bool):
+        calls: list[int] = []
+        orig = F.adamw_foreach_
+
+        def spy(params, *args, **kwargs):
+            calls.append(sum(p.numel() for p in params))
+            return orig(params, *args, **kwargs)
+
+        gen = torch.Generator().manual_seed(0)
+        ps = {k: [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in v] for k, v in shapes.items()}
+        groups = [{"params": ps["target"] + ps["adamw_in_target_group"], **key}, {"params": ps["adamw"]}]
+        opt = get_entry(name).factory(groups, lr=1e-2, weight_decay=0.1, eps=1e-3, **hparams)
+        opt.chunk_numel = 64 if fast else None
+        if not fast:
+            for g in opt.param_groups:
+                g["foreach"] = False
+        with monkeypatch.context() as mp:
+            mp.setattr(F, "adamw_foreach_", spy)
+            for _ in range(4):
+                for p in chain(*ps.values()):
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+        flat = list(chain(*ps.values()))
+        return calls, [p.detach().clone() for p in flat], [{k: v.clone() for k, v in opt.state[p].items()} for p in flat]
+
+    fast_calls, fast_p, fast_s = run(True)
+    single_calls, ref_p, ref_s = run(False)
+    assert single_calls == []
+    assert len(fast_calls) >= 4 and sum(fast_calls) == 4 * adamw_numel  # every AdamW element, every step, and no target
+    for a, b in zip(fast_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for sa, sb in zip(fast_s, ref_s):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-9)

@@ -29,9 +29,10 @@ Guarantees every optimizer built on the engine inherits:
   good), is skipped as a whole (one host sync per step), with a warning, so optimizer state is never
   corrupted; ``skipped_steps`` counts them.
 
-Plain full-rank float32 parameters of a recipe whose moment rule has a multi-tensor form
-(``supports_foreach``: AdamW) are stepped in buckets with one kernel per operation; the
-per-parameter loop above is the reference it is tested against.
+Plain full-rank float32 parameters that the moment rule has a multi-tensor form for (decided per
+parameter, ``supports_foreach_for``: AdamW's, and the AdamW parameters of the Muon / SCALE / SinkGD
+hybrids) are stepped in buckets with one kernel per operation; the per-parameter loop above is the
+reference it is tested against.
 
 **Bounded transients.** A full-rank parameter whose chain is element-wise (Adam's moments, quantized
 moments in whole blocks, MicroAdam in whole top-k blocks, SPAM / Stable-SPAM) is stepped in flat
@@ -324,7 +325,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     whole = torch.empty(key.shape, dtype=key.dtype, device="meta")
                     worst = max(worst, self._param_transient_bytes(whole, group, state) + 4 * (m + -(-m // shards)) * n)
                     continue
-                if self._foreach_ok(p, group):
+                if self._foreach_ok(p, group, state=state):
                     for start, stop in self._foreach_pieces(p):
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
                         buckets[key] = buckets.get(key, 0) + stop - start
@@ -437,8 +438,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         sizes: dict[tuple, tuple[int, int]] = {}
         for key, p, grad, group, reduce in work:
             # (a sharded projected parameter: projected by its whole shape, not its shard's)
-            if not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad):
-                state = self.state[key]
+            state = self.state[key]
+            if not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad, state):
                 if "step" not in state:
                     self._init_state(p, group, state)
                 state["step"] += 1
@@ -501,15 +502,19 @@ class LowMemOptimizer(torch.optim.Optimizer):
         sizes[base] = (index, used + numel)
         return (*base, index)
 
-    def _foreach_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None = None) -> bool:
+    def _foreach_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None = None,
+                    state: dict[str, Tensor] | None = None) -> bool:
         """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step
-        (a tensor larger than ``chunk_numel`` must be contiguous: it joins the buckets in chunks).
-        ``grad=None``: the gradient is assumed dense, contiguous and of the parameter's dtype."""
+        that the rule has a multi-tensor form for (decided per parameter,
+        :meth:`~lowmem.optim.moments.MomentRule.supports_foreach_for`: a hybrid's AdamW parameters;
+        ``state``: ``p``'s, empty before its first step), where a tensor larger than ``chunk_numel``
+        must be contiguous (it joins the buckets in chunks). ``grad=None``: the gradient is assumed
+        dense, contiguous and of the parameter's dtype."""
         r = self.recipe
         large = self.chunk_numel is not None and p.numel() > self.chunk_numel
         return (
             group.get("foreach") is not False
-            and r.moment.supports_foreach
+            and r.moment.supports_foreach_for(p.shape, group, {} if state is None else state)
             and not r.stabilizers
             and r.lr_rule is constant_lr
             and not r.decay_after_update

@@ -64,6 +64,12 @@ class MomentRule:
     sharded_stats: bool = False
     reduced_dims: dict[str, int | str] = {}  # (or "keepdim": reduced to size 1, lowmem.optim.sharded)
 
+    def supports_foreach_for(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> bool:
+        """Whether :meth:`foreach_step_` steps a plain full-rank float32 parameter of ``shape`` with
+        this ``state`` (empty before its first step). The engine decides per parameter, so a hybrid
+        rule can bucket the parameters of its element-wise part. Default: :attr:`supports_foreach`."""
+        return self.supports_foreach
+
     def init_state_sharded(self, state: dict[str, Tensor], shape: torch.Size, whole_shape: torch.Size,
                            group: dict[str, Any], param: Tensor) -> None:
         """FSDP2: allocate for a local shard of ``shape`` of a parameter of ``whole_shape``; a rule

@@ -83,20 +83,33 @@ def adamw_foreach_(
     lr: float,
     weight_decay: float,
     eps: float,
+    *,
+    eps_placement: str = "torch",
+    step_lr: float | None = None,
 ) -> None:
     """Multi-tensor AdamW step for float32 tensors that share the step count ``t``.
 
-    The same math as :func:`adam_moments_`, :func:`adam_direction`, :func:`decoupled_weight_decay_`
-    and :func:`apply_update_` applied one tensor at a time (that path is the reference; they are
-    tested equal), with one kernel launch per operation for the whole list.
+    The same math as :func:`adam_moments_`, :func:`adam_direction` (``eps_placement="torch"``) or
+    :func:`adam_direction_hf` (``"hf"``: ``eps`` on the uncorrected ``sqrt(v)``),
+    :func:`decoupled_weight_decay_` and :func:`apply_update_` applied one tensor at a time (that path
+    is the reference; they are tested equal), with one kernel launch per operation for the whole list.
+    ``step_lr``: the step size of the update when it differs from the decay's ``lr`` (a hybrid's
+    AdamW parameters step with ``lr * adamw_lr_ratio`` and decay with ``lr``); default ``lr``.
     """
+    if eps_placement not in ("torch", "hf"):
+        raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
+    step_lr = lr if step_lr is None else step_lr
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     bias_correction1 = 1.0 - beta1**t
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+    if eps_placement == "torch":  # m_hat / (sqrt(v_hat) + eps)
+        torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+        value = -step_lr / bias_correction1
+    else:  # m / (sqrt(v) + eps) * sqrt(1 - beta2^t) / (1 - beta1^t)
+        value = -step_lr * (math.sqrt(1.0 - beta2**t) / bias_correction1)
     torch._foreach_add_(denom, eps)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias_correction1)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=value)

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import ADJUST_LR_FNS, NS_COEFFICIENTS, muon_lr_ratio, muon_momentum_, newton_schulz
 from ..functional.scale import column_normalize, last_layer_momentum_
@@ -99,6 +100,23 @@ class HybridMoments(MomentRule):
             ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
             return self.adam.direction(g, state, group, t, lr).mul_(lr * ratio)
         return self.target_direction(g, state, group, t, lr)
+
+    def supports_foreach_for(self, shape, group, state):
+        """The AdamW parameters (state with ``exp_avg``, or before the first step: not targeted) take
+        the engine's foreach buckets (:meth:`foreach_step_`); the targeted ones are stepped alone."""
+        return self._is_adam(state) if state else not self.targets(shape, group)
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The AdamW parameters' whole step for a bucket of float32 tensors sharing ``t``: the same
+        math as :meth:`direction` (this rule's eps placement, a step of ``lr * adamw_lr_ratio``)
+        and the engine's decoupled decay with the group's ``lr``, one kernel per operation."""
+        beta1, beta2 = group["betas"]
+        ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
+        F.adamw_foreach_(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            t, beta1, beta2, lr, group.get("weight_decay", 0.0), group["eps"],
+            eps_placement=self.adam.eps_placement, step_lr=lr * ratio,
+        )
 
     def chunk_align(self, shape, group, state):
         return 1 if self._is_adam(state) else self.target_chunk_align(shape, group, state)  # AdamW: element-wise
@@ -248,7 +266,8 @@ class Muon(LowMemOptimizer):
         eps (`float`, defaults to `1e-8`): AdamW's ``eps``.
         adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps the AdamW parameters one at a time
+            instead of in multi-tensor buckets (the normalized ones are always stepped one at a time).
     """
 
     recipe = MUON
@@ -339,7 +358,8 @@ class SinkGD(LowMemOptimizer):
         betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): AdamW's moment decay rates.
         eps (`float`, defaults to `1e-8`): AdamW's ``eps``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the AdamW moments.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps the AdamW parameters one at a time
+            instead of in multi-tensor buckets (the normalized ones are always stepped one at a time).
     """
 
     recipe = SINKGD
@@ -461,7 +481,8 @@ class Scale(LowMemOptimizer):
         eps (`float`, defaults to `1e-8`): AdamW's ``eps`` (on the uncorrected ``sqrt(v)``, as the authors').
         adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps the AdamW parameters one at a time
+            instead of in multi-tensor buckets (the normalized ones are always stepped one at a time).
     """
 
     recipe = SCALE
