@@ -328,3 +328,63 @@ def test_hybrid_adamw_parameters_take_the_foreach_path_equal_to_single_tensor(na
         assert sa.keys() == sb.keys()
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-6, atol=1e-9)
+
+
+# ---- Subset-Norm: parameters with one second moment per element take a foreach kernel --------------
+
+
+@pytest.mark.parametrize("name,hparams", [
+    ("adamw_sn", {}),
+    ("adamw_sn", {"betas": (0.0, 0.999)}),  # RMSPropSN: no first moment, the numerator is g
+    ("adagrad_sn", {"momentum": 0.9}),
+])
+def test_subset_norm_elementwise_parameters_take_the_foreach_path_bit_for_bit(name, hparams, monkeypatch):
+    """Vectors (and 2-D weights of a group with ``subset_norm=False``; one larger than
+    ``chunk_numel``, bucketed in pieces) are stepped by ``elementwise_foreach_``, the subset-normed
+    2-D weights are not; weights and state equal the single-tensor path bit for bit (the kernel
+    runs the same operations in the same order), weight decay after the update included."""
+    from itertools import chain
+
+    from lowmem.optim.functional import subset_norm as SN
+    from lowmem.optim.registry import get_entry
+
+    shapes = {"sn": [(12, 10), (8, 16)], "sn_vectors": [(10,), (7,)], "plain": [(9, 6), (20, 8), (5,)]}
+    elementwise = sum(math.prod(s) for s in shapes["sn_vectors"] + shapes["plain"])
+
+    def run(fast: bool):
+        calls: list[int] = []
+        orig = SN.elementwise_foreach_
+
+        def spy(params, *args, **kwargs):
+            calls.append(sum(p.numel() for p in params))
+            return orig(params, *args, **kwargs)
+
+        gen = torch.Generator().manual_seed(0)
+        ps = {k: [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in v] for k, v in shapes.items()}
+        groups = [{"params": ps["sn"] + ps["sn_vectors"], "subset_norm": True}, {"params": ps["plain"], "subset_norm": False}]
+        opt = get_entry(name).factory(groups, lr=1e-2, weight_decay=0.1, eps=1e-3, **hparams)
+        opt.chunk_numel = 64 if fast else None
+        if not fast:
+            for g in opt.param_groups:
+                g["foreach"] = False
+        with monkeypatch.context() as mp:
+            mp.setattr(SN, "elementwise_foreach_", spy)
+            for _ in range(4):
+                for p in chain(*ps.values()):
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+        flat = list(chain(*ps.values()))
+        return calls, [p.detach().clone() for p in flat], [{k: v.clone() for k, v in opt.state[p].items()} for p in flat]
+
+    fast_calls, fast_p, fast_s = run(True)
+    single_calls, ref_p, ref_s = run(False)
+    assert single_calls == []
+    assert len(fast_calls) >= 4 and sum(fast_calls) == 4 * elementwise  # every element-wise parameter, every step
+    n_sn = len(shapes["sn"])  # (the subset-normed weights: chunked vs whole column sums, ulps apart)
+    for i, (a, b, sa, sb) in enumerate(zip(fast_p, ref_p, fast_s, ref_s)):
+        assert sa.keys() == sb.keys()
+        for x, y in [(a, b), *((sa[k], sb[k]) for k in sa)]:
+            if i < n_sn:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+            else:
+                assert torch.equal(x, y), i

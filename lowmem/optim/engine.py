@@ -331,8 +331,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         buckets[key] = buckets.get(key, 0) + stop - start
                     continue
                 worst = max(worst, self._param_transient_bytes(p, group, state))
-        # the foreach AdamW step allocates sqrt(v) for its whole bucket (torch._foreach_sqrt)
-        return max(worst, 4 * max(buckets.values(), default=0))
+        # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt)
+        return max(worst, self.recipe.moment.foreach_transient_bytes(max(buckets.values(), default=0)))
 
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> int:
         r = self.recipe
@@ -517,7 +517,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and r.moment.supports_foreach_for(p.shape, group, {} if state is None else state)
             and not r.stabilizers
             and r.lr_rule is constant_lr
-            and not r.decay_after_update
+            and r.decay_after_update == r.moment.foreach_decays_after
             and p.dtype == torch.float32
             and (grad is None or (grad.dtype == torch.float32 and not grad.is_sparse))
             and state_dtype(group, p) == torch.float32

@@ -70,6 +70,15 @@ class MomentRule:
         rule can bucket the parameters of its element-wise part. Default: :attr:`supports_foreach`."""
         return self.supports_foreach
 
+    # True if foreach_step_ applies the decoupled weight decay after the update (the recipes with
+    # decay_after_update: the engine buckets a recipe's parameters only where the two agree)
+    foreach_decays_after: bool = False
+
+    def foreach_transient_bytes(self, numel: int) -> int:
+        """Bytes :meth:`foreach_step_` allocates for a bucket of ``numel`` elements (float32
+        parameters and state). Default: one float32 tensor of the bucket (AdamW's ``sqrt(v)``)."""
+        return 4 * numel
+
     def init_state_sharded(self, state: dict[str, Tensor], shape: torch.Size, whole_shape: torch.Size,
                            group: dict[str, Any], param: Tensor) -> None:
         """FSDP2: allocate for a local shard of ``shape`` of a parameter of ``whole_shape``; a rule

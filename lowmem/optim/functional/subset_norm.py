@@ -91,3 +91,34 @@ def sn_denominator(v: Tensor, eps: float) -> Tensor:
     """``sqrt(v) + eps``: eps on the raw (uncorrected) square root, as the authors and pytorch_optimizer."""
     return v.sqrt().add_(eps)
 
+
+
+def elementwise_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None,
+                         exp_avg_sqs: list[Tensor], t: float, beta1: float, beta2: float | None, lr: float,
+                         weight_decay: float, eps: float, scale: float) -> None:
+    """Multi-tensor step of float32 tensors whose second moment is one per element (Adam's ``v``:
+    parameters outside the subset-normed groups), sharing ``t``: ``m <- b1 m + (1 - b1) g``
+    (``exp_avgs=None``: the numerator is ``g``), ``v <- b2 v + (1 - b2) g^2`` (:func:`ema_`; ``beta2
+    = None``: :func:`accumulate_`), ``p <- p - lr * scale * m / (sqrt(v) + eps)``, then decoupled
+    decay ``p <- (1 - lr * wd) p``. The same operations, in the same order, as the single-tensor
+    step (bit for bit), one kernel per operation for the whole list. Transient: two float32
+    tensors of the bucket (``sqrt(v) + eps`` and the direction)."""
+    if exp_avgs is not None:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    sq = torch._foreach_mul(grads, grads)
+    if beta2 is None:
+        torch._foreach_add_(exp_avg_sqs, sq)
+    else:
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_add_(exp_avg_sqs, sq, alpha=1.0 - beta2)
+    del sq
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    d = torch._foreach_div(exp_avgs if exp_avgs is not None else grads, denom)
+    del denom
+    if scale != 1.0:
+        torch._foreach_mul_(d, scale)
+    torch._foreach_add_(params, d, alpha=-lr)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)

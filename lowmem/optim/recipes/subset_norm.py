@@ -188,6 +188,32 @@ class SubsetNormMoments(MomentRule):
         scale = self._scale(t, group)
         return (d if scale == 1.0 else d.mul_(scale)).view(g.shape)
 
+    # ---- the multi-tensor step: parameters with one second moment per element ----
+
+    foreach_decays_after = True  # every Subset-Norm recipe decays after the update (the authors')
+
+    def supports_foreach_for(self, shape, group, state):
+        """Adaptive rules on a parameter whose ``v`` is one per element: groups without
+        ``subset_norm`` (or ``False``), and non-2-D tensors of a group without ``subset_size``
+        (decided from the group and the number of dimensions, so a shard decides as its whole)."""
+        if not self.adaptive or not (not group.get("subset_norm") or (group.get("subset_size") is None and len(shape) != 2)):
+            return False
+        if not state:
+            return True
+        v = state.get("exp_avg_sq")
+        return v is not None and v.numel() == math.prod(shape) and ("exp_avg" in state) == (self._beta1(group) > 0)
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The element-wise step of a bucket: :func:`~lowmem.optim.functional.subset_norm.elementwise_foreach_`
+        with this rule's betas, scale and ``eps``, decay after the update."""
+        beta1 = self._beta1(group)
+        SN.elementwise_foreach_(
+            params, grads, [s["exp_avg"] for s in states] if beta1 > 0 else None, [s["exp_avg_sq"] for s in states],
+            t, beta1, self._beta2(group), lr, group.get("weight_decay", 0.0), group["eps"], self._scale(t, group))
+
+    def foreach_transient_bytes(self, numel):
+        return 8 * numel  # sqrt(v) + eps, then the direction next to it
+
     # ---- the chunked step: whole rows of a subset-normed matrix, elements otherwise ----
 
     def chunk_align(self, shape, group, state):
