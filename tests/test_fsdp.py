@@ -944,3 +944,41 @@ def test_fsdp2_per_shard_state_refuses_four_to_two_processes(fsdp4_run, name):
     processes does not load into 2: a load error, not a wrong state."""
     msg = json.loads((fsdp4_run / "four.json").read_text())["reshard_error"][name]
     assert msg is not None and "Size mismatch" in msg
+
+
+_FRESH_DCP = r"""
+import os, sys, warnings, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+from lowmem.optim import create_optimizer
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+fully_shard(m)
+before = [p.full_tensor().clone() for p in m.parameters()]
+opt = create_optimizer(m, "galore_adamw", rank=4, weight_decay=0.1)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    sd = get_optimizer_state_dict(m, opt)
+assert not [x for x in w if "refresh" in str(x.message)], [str(x.message) for x in w]
+assert {v["step"].item() for v in sd["state"].values()} == {0.0}, sd["state"]
+assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, m.parameters()))
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_fresh_sharded_optimizer_is_not_stepped_by_dcp(tmp_path):
+    """torch.distributed.checkpoint 'initialises' an optimizer with empty state by one zero-gradient
+    step at lr 0; lowmem allocates sharded state at construction instead, so a checkpoint saved before
+    training holds step 0 (not 1: bias corrections would be off by one) and no refresh is attempted."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-c", _FRESH_DCP, str(port)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

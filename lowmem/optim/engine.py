@@ -206,6 +206,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
         defaults.update(hparams)
         self.skipped_steps = 0
         super().__init__(params, defaults)
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            # torch.distributed.checkpoint's get/set_optimizer_state_dict "initialise" an optimizer
+            # whose state is empty by stepping it once on zero gradients with lr 0: that would count
+            # a step (bias corrections off by one, a checkpoint saved before training holding step 1)
+            # and attempt projection refreshes. Sharded state exists from the start instead.
+            self.materialize_state()
 
     # ---- parameter groups -----------------------------------------------------------------
 
