@@ -40,3 +40,39 @@ def sr_sinkhorn(g: Tensor, iters: int, column_sq=None, rows: int | None = None) 
             cols = column_sq(x.square().sum(dim=0, keepdim=True)).sqrt_().clamp_(min=NORM_FLOOR)
         x.mul_(cols.reciprocal_().mul_(math.sqrt(m)))
     return x if iters > 0 else g.clone()
+
+
+def sinkhorn_scalings(rows_of, row_bounds: list[tuple[int, int]], m_local: int, n: int, iters: int,
+                      column_sq=None, rows: int | None = None, device=None) -> tuple[Tensor, Tensor]:
+    """:func:`sr_sinkhorn` as two diagonal scalings, from passes over blocks of rows.
+
+    Every normalisation of Algorithm 3 only rescales rows or columns, so ``X_L = diag(r) G diag(c)``:
+    a row's norm is ``r_i sqrt(sum_j G_ij^2 c_j^2)`` and a column's ``c_j sqrt(sum_i r_i^2 G_ij^2)``.
+    One pass over ``G`` per iteration (``rows_of(a, b)``: rows ``a:b`` of ``G``, float32) updates the
+    block's ``r`` and adds its share of the columns' squared norms; then ``c``. No temporary larger
+    than a block of rows (equal to :func:`sr_sinkhorn` up to float32 rounding, tested).
+
+    ``column_sq`` / ``rows``: as in :func:`sr_sinkhorn` (``G`` is an FSDP2 shard of ``m_local`` rows:
+    the column sums are all-reduced each iteration, ``rows`` is the whole ``m``). Returns ``(r, c)``.
+    """
+    m = m_local if rows is None else rows
+    if device is None:  # the gradient's device (an empty shard: the default device)
+        device = rows_of(*row_bounds[0]).device if row_bounds else None
+    r = torch.ones(m_local, dtype=torch.float32, device=device)
+    c = torch.ones(n, dtype=torch.float32, device=device)
+    for _ in range(iters):
+        c2 = c.square()
+        col = torch.zeros(n, dtype=torch.float32, device=device)
+        for a, b in row_bounds:
+            sq = rows_of(a, b).float().square()
+            norms = (sq @ c2).sqrt_().mul_(r[a:b])
+            # a zero row stays zero (sr_sinkhorn: 0 times its floored factor); its scaling is set to 0
+            # rather than sqrt(n) / NORM_FLOOR, whose square would overflow float32
+            r[a:b].mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(n)), 0.0))
+            col.addmv_(sq.t(), r[a:b].square())
+            del sq
+        if column_sq is not None:
+            col = column_sq(col)
+        norms = col.sqrt_().mul_(c)
+        c.mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(m)), 0.0))
+    return r, c

@@ -35,7 +35,7 @@ from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import ADJUST_LR_FNS, NS_COEFFICIENTS, muon_lr_ratio, muon_momentum_, newton_schulz
 from ..functional.scale import column_normalize, last_layer_momentum_
-from ..functional.sinkgd import sr_sinkhorn
+from ..functional.sinkgd import sinkhorn_scalings, sr_sinkhorn
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import AdamMoments, ChunkState, MomentRule, state_dtype
 from ..registry import register
@@ -288,7 +288,12 @@ class Muon(LowMemOptimizer):
 
 class SinkGDMoments(HybridMoments):
     """SinkGD on the 2-D parameters of groups with ``use_sinkgd=True`` (no state); AdamW on the others
-    (with ``lr``: SinkGD's own factor is ``scale``)."""
+    (with ``lr``: SinkGD's own factor is ``scale``).
+
+    Chunked (the engine's default, and FSDP2 shards): SR-Sinkhorn as the two diagonal scalings of
+    :func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings`, from passes over blocks of whole rows,
+    then each block's step ``lr scale r_i G_ij c_j``: no temporary of the matrix's size. Whole
+    (``chunk_numel=None``): :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, the reference."""
 
     lr_ratio_key = None
 
@@ -296,26 +301,47 @@ class SinkGDMoments(HybridMoments):
         return bool(group.get("use_sinkgd")) and len(shape) == 2
 
     def target_direction(self, g, state, group, t, lr):
+        if isinstance(state, ChunkState) and state.extra.get("sinkgd") is not None:
+            r, c = state.extra["sinkgd"]
+            r0, r1 = state.extra["rows"]
+            return g.view(r1 - r0, -1).mul(r[r0:r1, None]).mul_(c).mul_(lr * group["scale"]).view(-1)
         return sr_sinkhorn(g, group["sinkhorn_iters"]).mul_(lr * group["scale"])
 
-    # FSDP2 (lowmem.optim.sharded): a shard of rows is stepped whole; its column norms are summed
-    # over the shards in every Sinkhorn iteration (sr_sinkhorn's column_sq)
+    def target_chunk_align(self, shape, group, state):
+        return shape[1]  # blocks of whole rows
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        if self._is_adam(state):
+            return self.adam.chunk_state(state, start, stop, shape, group, ctx)
+        n = shape[1]
+        return ChunkState(state, start, stop, {"sinkgd": ctx, "rows": (start // n, stop // n)})
+
+    # FSDP2 (lowmem.optim.sharded): a shard of rows; the columns' squared norms are summed over the
+    # shards in every Sinkhorn iteration (one all-reduce of n numbers), the row count is the whole one
     sharded_stats = True
 
     def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
-        """A sharded SinkGD weight: SR-Sinkhorn of the shard's rows with every column's squared norm
-        summed over the shards (one all-reduce of ``n`` numbers per iteration) and the whole row
-        count; returns the shard's step (``None`` for AdamW parameters and unsharded weights)."""
-        if reduce is None or self._is_adam(state):
+        """The scalings ``(r, c)`` of the weight (of the shard's rows, with ``reduce``), from passes
+        over the row blocks ``bounds``; ``None`` for AdamW parameters."""
+        if self._is_adam(state):
             return None
-        numel = math.prod(shape)
-        g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
-        return sr_sinkhorn(g, group["sinkhorn_iters"], column_sq=reduce.sum_, rows=reduce.shape[0]).mul_(lr * group["scale"])
+        m, n = shape
+
+        def rows_of(a: int, b: int) -> Tensor:
+            return stabilized(a * n, b * n, ChunkState(state, a * n, b * n)).view(b - a, n)
+
+        row_bounds = [(a // n, b // n) for a, b in bounds]
+        if reduce is None:
+            return sinkhorn_scalings(rows_of, row_bounds, m, n, group["sinkhorn_iters"])
+        return sinkhorn_scalings(rows_of, row_bounds, m, n, group["sinkhorn_iters"], column_sq=reduce.sum_,
+                                 rows=reduce.shape[0])
 
     def target_transient_bytes(self, numel, shape, group, state):
-        """The normalised matrix (float32; every later product in place) and the row / column norms."""
+        """Whole: the normalised matrix (float32; every later product in place) and the row / column
+        norms. A block of rows (``numel`` its elements): its squares, then its step, and the scaling
+        vectors (``r``, ``c``, ``c^2``, the column sums)."""
         m, n = shape
-        return 4 * numel + 2 * 4 * (m + n)
+        return 4 * numel + 4 * (2 * m + 3 * n)
 
 
 SINKGD_HPARAMS = (
