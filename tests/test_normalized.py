@@ -252,8 +252,9 @@ def test_layerwise_mode_equals_the_plain_step(name):
 
 def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
     """SCALE's row normalisation is stepped in blocks of whole rows: the reported transient depends
-    on the chunk, not on the weight (the embedding's column normalisation and Muon / SinkGD are
-    stepped whole and scale with it); chunked equals whole bit for bit."""
+    on the chunk, not on the weight (the embedding's column normalisation and Muon are stepped whole
+    and scale with it; SinkGD's chunk is a block of rows plus its scaling vectors); chunked equals
+    whole bit for bit."""
     sizes = {}
     for name, hp in (("scale", {}), ("scale", {"scale_role": "head"}), ("scale", {"scale_role": "embedding"}),
                      ("muon", {}), ("sinkgd", {})):
@@ -265,8 +266,11 @@ def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
     for role in (None, "head"):
         for shape in ((4096, 4096), (8192, 8192)):  # one float32 chunk (2^19 elements) and its rows' RMS
             assert 4 * 2**19 < sizes[("scale", role, shape)] <= 4 * 2**19 + 4 * 128, (role, shape)
-    for key in (("scale", "embedding"), ("muon", None), ("sinkgd", None)):
+    for key in (("scale", "embedding"), ("muon", None)):
         assert sizes[(*key, (8192, 8192))] >= 3 * sizes[(*key, (4096, 4096))] >= 3 * 4 * 4096 * 4096, key
+    for shape in ((4096, 4096), (8192, 8192)):  # SinkGD: a block of rows and its scaling vectors
+        m, n = shape
+        assert 4 * 2**19 < sizes[("sinkgd", None, shape)] <= 4 * 2**19 + 4 * (2 * m + 3 * n), shape
     results = []
     for chunk in (None, 2 * 29):
         torch.manual_seed(0)
