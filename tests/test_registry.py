@@ -115,8 +115,8 @@ COSTS_4096 = {
     "bnb_adamw8bit": 1.0, "bnb_paged_adamw8bit": 1.0,
     "spam": 0.0, "stable_spam": 0.0, "bnb_paged_adamw": 0.0,  # fp32 full state (were 1.0 when names were read)
     "adam_mini": 1.5,  # blockwise second moment, priced like a factored one
-    "muon": 0.0, "scale": 0.0, "sinkgd": 0.0,  # fp32, second_moment 'none': the search prices no loss (yet)
-    "lomo": 0.0, "adalomo": 1.5,  # SGD (no state); AdaLomo factored like Adafactor
+    "muon": 1.5, "scale": 1.5, "sinkgd": 1.5,  # fp32, second_moment 'none': no per-coordinate adaptivity
+    "lomo": 1.5, "adalomo": 1.5,  # SGD (no state, no second moment); AdaLomo factored like Adafactor
     "badam": 0.0,  # Adam (fp32, full) on the active block
     "galore_adamw": (2.0, 4.0), "galore_adafactor": (2.0, 4.0), "fira_adamw": (2.0, 4.0), "frugal": (2.0, 4.0),
     "osd_adamw": (2.0, 4.0), "galore_adamw8bit": (3.0, 5.0), "fira_adamw8bit": (3.0, 5.0), "frugal8bit": (3.0, 5.0),
@@ -146,6 +146,7 @@ def test_search_costs_come_from_metadata():
     assert _optimizer_cost("adafactor_4bit8bit", dataclasses.replace(adamw, name="adafactor_4bit8bit"), None, 4096)[0] == 0.0
     assert _optimizer_cost("x", dataclasses.replace(adamw, second_moment="factored", state_precision="4bit"), None, 4096) == (
         2.75, ["x: 4-bit states", "factored second moment"])
+    assert _optimizer_cost("x", dataclasses.replace(adamw, second_moment="none"), None, 4096) == (1.5, ["no second moment"])
     with pytest.raises(ValueError, match="state_precision"):
         _optimizer_cost("x", dataclasses.replace(adamw, state_precision=None), None, 4096)
 

@@ -32,8 +32,8 @@ from typing import Any, Iterable
 
 from .estimate import MemoryEstimate, estimate_memory, peak_total, resolve_config
 
-COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "layerwise": 0.5, "checkpointing": 1.0,
-         "quantization": 1.5}
+COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5, "layerwise": 0.5,
+         "checkpointing": 1.0, "quantization": 1.5}
 
 
 @dataclass
@@ -111,7 +111,9 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
     A subspace optimizer costs 2 plus half a unit per halving of the rank below ``hidden / 4``, plus
     its state precision; its second moment's form is not priced again (the rank is what it gives
     up). A full-rank one costs its state precision (8-bit and compressed 1.0, 4-bit 1.25) plus 1.5
-    for a factored (Adafactor) or blockwise (Adam-mini) second moment; float32 full-rank state
+    for a factored (Adafactor) or blockwise (Adam-mini) second moment, and 1.5 for none at all (LOMO's
+    SGD, Muon's / SCALE's / SinkGD's normalized updates: no per-coordinate adaptivity, whatever their
+    papers report at their own tuned settings); float32 full-rank state with a full second moment
     (AdamW, SPAM, Stable-SPAM, bitsandbytes' 32-bit paged AdamW) gives up nothing.
 
     Raises:
@@ -130,6 +132,8 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
     cost, gives = precision[0], [f"{name}: {precision[1]}"] if key else []
     if entry.second_moment in ("factored", "blockwise"):
         cost, gives = cost + COSTS["adafactor"], gives + [f"{entry.second_moment} second moment"]
+    elif entry.second_moment == "none":
+        cost, gives = cost + COSTS["no_second_moment"], gives + ["no second moment"]
     return cost, gives
 
 
