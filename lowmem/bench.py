@@ -87,7 +87,8 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     (including those inside objects, see :func:`_tensor_bytes`)."""
     if hasattr(opt, "state_bytes"):
         return opt.state_bytes()
-    return sum(_tensor_bytes(v) for st in opt.state.values() for v in st.values())
+    # a package may keep counters beside the per-parameter dicts (pytorch_optimizer's SPAM: state["total_step"])
+    return sum(_tensor_bytes(v) for st in opt.state.values() if isinstance(st, dict) for v in st.values())
 
 
 def default_hparams(name: str, lr: float, rank: int | None) -> dict[str, Any]:
