@@ -1,7 +1,8 @@
 """Peer packages and recommended settings for ``lowmem bench --task text`` and ``--shapes``.
 
 **Peers** are the packages lowmem's recipes replace (galore-torch, fira, apollo-torch, adam-mini,
-bitsandbytes, transformers' Adafactor, torchao, ``torch.optim.Muon``), put in the same table as rows named
+bitsandbytes, transformers' Adafactor, torchao's 4- and 8-bit AdamW, ``torch.optim.Muon``, and pytorch_optimizer's
+SPAM, StableSPAM, GaLore, Fira, APOLLO and AdaFactor as ``po_*``), put in the same table as rows named
 ``peer:<package>`` when they are installed. They are benchmark extras, never runtime dependencies:
 each is imported only when its row is built, and one that is missing (or cannot run here, e.g. a
 CUDA-only kernel) becomes a "skipped" line with the reason, never an error. ``torch.optim.AdamW`` is
@@ -242,12 +243,91 @@ def _torch_muon(model, lr, rank, st):
     return _Chain(opts)
 
 
-def _torchao(model, lr, rank, st):
-    from torchao.optim import AdamW4bit
+def _torchao(bits: int):
+    """``torchao.optim.AdamW4bit`` / ``AdamW8bit`` (torchao 0.18.0): block-wise quantized moments, block 128
+    (4-bit) / 256 (8-bit) and tensors under 4096 elements kept in float32, as lowmem's ``adamw4bit`` /
+    ``adamw8bit`` defaults; weight decay 0.01 on the decayed group. Its step is ``torch.compile``-d (on the
+    CPU too): the first step of each shape compiles, so it is timed apart as every first step is."""
+
+    def build(model, lr, rank, st):
+        import torchao.optim as tao
+
+        from lowmem.optim import build_param_groups
+
+        cls = tao.AdamW4bit if bits == 4 else tao.AdamW8bit
+        return cls(build_param_groups(model, weight_decay=st.get("weight_decay", 0.01)), lr=lr)
+
+    return build
+
+
+# ---- pytorch_optimizer (4.1.0, the dev extra) ------------------------------------------------------
+
+
+def _po_spam(model, lr, rank, st):
+    """pytorch_optimizer's ``SPAM`` as lowmem's ``spam``: ``density=1.0`` (every entry updated: SPAM without
+    the sparse masks, which lowmem does not implement; pytorch_optimizer still gathers 2-D gradients through
+    an all-true mask), ``threshold=5000``, ``grad_accu_steps=20``, momentum reset every
+    ``update_proj_gap=500`` steps (lowmem ``reset_interval``), cosine warm-up over ``warmup_epoch=150`` steps
+    (``warmup_steps``), ``eps=1e-6``, betas (0.9, 0.999), no weight decay: lowmem's recipe defaults.
+    ``foreach`` at its default (``None``: off on the CPU). Its warm-up multiplier after a reset is not lowmem's
+    closed-form cosine (its ``CosineDecay`` drives torch's recursive ``CosineAnnealingLR`` from a set
+    ``last_epoch``); without a warm-up the two step alike (tests/test_bench.py), and a step costs the same."""
+    from pytorch_optimizer import SPAM
 
     from lowmem.optim import build_param_groups
 
-    return AdamW4bit(build_param_groups(model, weight_decay=st.get("weight_decay", 0.01)), lr=lr)
+    return SPAM(build_param_groups(model, weight_decay=0.0), lr=lr, betas=(0.9, 0.999), density=1.0, weight_decay=0.0,
+                warmup_epoch=st.get("warmup_steps", 150), threshold=st.get("threshold", 5000),
+                grad_accu_steps=st.get("grad_accu_steps", 20), update_proj_gap=st.get("reset_interval", 500), eps=1e-6)
+
+
+def _po_stable_spam(model, lr, rank, st):
+    """pytorch_optimizer's ``StableSPAM`` as lowmem's ``stable_spam``: ``gamma1=0.7``, ``gamma2=0.9``,
+    ``theta=0.999``, momentum reset every ``update_proj_gap=1000`` steps (``reset_interval``), ``t_max=None``
+    (no beta1 decay), ``eps=1e-8``, betas (0.9, 0.999), no weight decay: lowmem's recipe defaults (lowmem's
+    ``stats_step="global"`` is this package's bias-correction count; the two step alike, tests/test_bench.py).
+    ``foreach`` at its default (off)."""
+    from pytorch_optimizer import StableSPAM
+
+    from lowmem.optim import build_param_groups
+
+    return StableSPAM(build_param_groups(model, weight_decay=0.0), lr=lr, betas=(0.9, 0.999), gamma1=st.get("gamma1", 0.7),
+                      gamma2=st.get("gamma2", 0.9), theta=st.get("theta", 0.999), t_max=None, weight_decay=0.0,
+                      update_proj_gap=st.get("reset_interval", 1000), eps=1e-8)
+
+
+def _po_projected(cls_name: str, default_scale: float):
+    """pytorch_optimizer's ``GaLore`` / ``Fira`` / ``APOLLO``: the targeted 2-D weights in one group with
+    ``rank``, ``update_proj_gap`` (200), ``scale`` (GaLore 0.25, Fira's alpha 0.25, APOLLO 1) and
+    ``projection_type="std"`` (the basis on the shorter side, as lowmem's ``proj_type="std"``), the rest
+    plain AdamW; eps 1e-6, betas (0.9, 0.999), no weight decay: lowmem's recipe defaults at the recommended
+    settings. GaLore and Fira take an exact SVD at refresh (lowmem ``projection="svd"``); APOLLO a seeded
+    Gaussian matrix with ``scale_type="channel"`` (lowmem ``apollo_adamw``'s defaults)."""
+
+    def build(model, lr, rank, st):
+        import pytorch_optimizer as po
+
+        keys = {"rank": rank, "update_proj_gap": st.get("update_proj_gap", 200), "scale": st.get("scale", default_scale),
+                "projection_type": "std"}
+        extra = {"scale_type": "channel"} if cls_name == "APOLLO" else {}
+        return getattr(po, cls_name)(_subspace_groups(model, keys), lr=lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-6,
+                                     **extra)
+
+    return build
+
+
+def _po_adafactor(model, lr, rank, st):
+    """pytorch_optimizer's ``AdaFactor`` as lowmem's ``adafactor`` on an external lr: no first moment
+    (``betas=(None, 0.999)``, lowmem ``beta1=None``), ``decay_rate=-0.8``, ``clip_threshold=1.0``,
+    ``eps1=1e-30``, ``eps2=1e-3``, ``scale_parameter=False``, ``relative_step=False``, ``warmup_init=False``,
+    no weight decay."""
+    from pytorch_optimizer import AdaFactor
+
+    from lowmem.optim import build_param_groups
+
+    return AdaFactor(build_param_groups(model, weight_decay=0.0), lr=lr, betas=(None, 0.999), decay_rate=-0.8,
+                     clip_threshold=1.0, scale_parameter=False, relative_step=False, warmup_init=False, eps1=1e-30,
+                     eps2=1e-3, weight_decay=0.0)
 
 
 #: Every peer the benchmarks know, in table order.
@@ -260,7 +340,14 @@ PEERS: tuple[Peer, ...] = (
     Peer("adam_mini", "adam_mini", "adam_mini", _adam_mini),
     Peer("bitsandbytes", "bitsandbytes", "adamw8bit", _bnb),
     Peer("torch_muon", "torch", "muon", _torch_muon),
-    Peer("torchao", "torchao", "adamw4bit", _torchao),
+    Peer("torchao", "torchao", "adamw4bit", _torchao(4)),
+    Peer("torchao_8bit", "torchao", "adamw8bit", _torchao(8)),
+    Peer("po_spam", "pytorch_optimizer", "spam", _po_spam),
+    Peer("po_stable_spam", "pytorch_optimizer", "stable_spam", _po_stable_spam),
+    Peer("po_galore", "pytorch_optimizer", "galore_adamw", _po_projected("GaLore", 0.25)),
+    Peer("po_fira", "pytorch_optimizer", "fira_adamw", _po_projected("Fira", 0.25)),
+    Peer("po_apollo", "pytorch_optimizer", "apollo_adamw", _po_projected("APOLLO", 1.0)),
+    Peer("po_adafactor", "pytorch_optimizer", "adafactor", _po_adafactor),
 )
 
 

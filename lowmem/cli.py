@@ -149,7 +149,8 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "(train a task)")
     p.add_argument("--peers", action="store_true",
                    help="bool: add the installed peer packages as rows peer:NAME (galore-torch, fira, apollo-torch, "
-                   "adam-mini, bitsandbytes, transformers' Adafactor, torchao, torch.optim.Muon); one not installed or "
+                   "adam-mini, bitsandbytes, transformers' Adafactor, torchao 4- and 8-bit, torch.optim.Muon, pytorch_optimizer's "
+                   "SPAM / StableSPAM / GaLore / Fira / APOLLO / AdaFactor); one not installed or "
                    "unable to run "
                    "here is listed as skipped with the reason (--task text and --shapes). Default: off")
     p.add_argument("--lr-sweep", action="store_true",
