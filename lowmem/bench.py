@@ -70,6 +70,8 @@ def _tensor_bytes(value: Any, depth: int = 0) -> int:
     object holding them as attributes (galore-torch keeps its projection matrix in a projector object;
     two levels deep is enough for every peer package we bench)."""
     if torch.is_tensor(value):
+        if hasattr(value, "__tensor_flatten__"):  # a wrapper subclass (torchao's OptimState4bit): its inner tensors
+            return sum(_tensor_bytes(getattr(value, n), depth) for n in value.__tensor_flatten__()[0])
         return value.numel() * value.element_size()
     if depth >= 2:
         return 0
