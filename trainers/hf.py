@@ -276,6 +276,17 @@ class LowMemOptimizerMixin:
         if getattr(self.args, "lowmem_layerwise", False):
             from lowmem.optim.layerwise import LayerwiseOptimizer
 
+            if getattr(self, "is_fsdp_enabled", False):
+                # Under FSDP2 the Trainer builds the optimizer on the unsharded model and accelerate then
+                # swaps its parameters for the sharded ones: the hooks would stay on parameters that get
+                # no gradients, so nothing would train (measured before this check: every weight unchanged).
+                raise ValueError(
+                    "lowmem_layerwise=True does not work under FSDP (accelerate's FSDP plugin / TrainingArguments.fsdp): "
+                    "layerwise mode steps each parameter from its gradient hook, before FSDP reduce-scatters the "
+                    "gradient, and the hooks would sit on the unsharded parameters that FSDP replaces. Drop "
+                    "lowmem_layerwise (the optimizer then steps each rank's shard, docs/distributed.md) or train with DDP"
+                )
+
             self.optimizer = LayerwiseOptimizer(
                 opt_model, name, accumulation_steps=self.args.gradient_accumulation_steps,
                 max_grad_norm=self.args.max_grad_norm or None, clip_mode="global_prev", **hp,

@@ -1,0 +1,167 @@
+"""The HF Trainer with lowmem optimizers under FSDP2, through ``accelerate launch`` with the shipped
+``configs/accelerate/fsdp2.yaml``, on two CPU processes (gloo).
+
+accelerate (1.15) enables FSDP only for GPU / accelerator processes; the launched processes apply
+accelerate's own FSDP branch to ``MULTI_CPU`` (tests/accelerate_fsdp_cpu.py, a test-only patch of
+``AcceleratorState.__init__``). Everything else is the real code: ``accelerate launch`` turns the
+config into ``ACCELERATE_USE_FSDP`` / ``FSDP_*`` variables, the Trainer builds the lowmem optimizer
+on the unsharded model (transformers does not delay optimizer creation under FSDP2), accelerate's
+``fsdp2_prepare_model`` shards every decoder layer (``fully_shard``) and switches the optimizer's
+parameters to the sharded ``DTensor`` ones, and the Trainer saves and resumes the optimizer through
+``torch.distributed.checkpoint``. Each run (tests/trainer_fsdp_script.py) is compared with one
+process taking the whole global batch (8), in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer_fsdp_script import GLOBAL_BATCH, RUNS, losses, make_trainer
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
+# GaLore: projected weights and AdamW on the rest (embeddings, head, norms); one launch in the default suite
+FAST = ["galore_adamw"]
+SLOW = ["torch_adamw", "adamw_fp32", "adamw", "adamw8bit", "adamw8bit_default", "adafactor", "galore_left", "fira_adamw",
+        "apollo_adamw", "adamw4bit", "stable_spam", "muon"]
+# float64 weights (float32 state), 4 steps: the weights of one process within 1e-6 (measured max |difference|:
+# 0.0 adamw, adamw8bit, adamw4bit, muon; 1.7e-8 apollo_adamw, 2.1e-8 adafactor, 4.9e-8 galore_adamw (right
+# and left side), 7.2e-8 stable_spam, 2.0e-7 fira_adamw); the logged losses (each rank's mean, averaged)
+# within 1e-6 relative (measured <= 1.5e-7)
+LOSS_RTOL = 1e-6
+WEIGHT_ATOL = 1e-6
+# this rank's optimizer state over one process's (measured: 0.50 element-wise and quantized, 0.61 GaLore
+# (bases and left-side moments kept whole), 0.61 Fira / APOLLO, 0.72 Adafactor (column statistics whole))
+BYTES_RATIO = {"galore_adamw": 0.65, "galore_left": 0.7, "fira_adamw": 0.65, "apollo_adamw": 0.65, "adafactor": 0.75}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, tags: list[str]) -> Path:
+    """``accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2`` of the script."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CONFIG),
+           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           str(Path(__file__).parent / "trainer_fsdp_script.py"), str(out), *tags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("trainer_fsdp"), FAST + ["layerwise"])
+
+
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("trainer_fsdp_slow"), SLOW)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, the whole global batch, the same arguments: (losses, final weights, state_bytes) per tag."""
+    cache: dict[str, tuple] = {}
+
+    def get(tag: str):
+        if tag not in cache:
+            trainer = make_trainer(tmp_path_factory.mktemp(f"one_{tag}"), tag, GLOBAL_BATCH, save_strategy="no")
+            trainer.train()
+            assert not trainer.is_fsdp_enabled
+            opt = trainer.optimizer.optimizer
+            cache[tag] = (losses(trainer), {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                          opt.state_bytes() if hasattr(opt, "state_bytes") else None)
+        return cache[tag]
+
+    return get
+
+
+def check_run(out: Path, tag: str, reference, loss_rtol=LOSS_RTOL, weight_atol=WEIGHT_ATOL) -> dict:
+    got = json.loads((out / f"{tag}.json").read_text())
+    lay = got["layout"]
+    # accelerate ran FSDP2 (not DDP): every parameter a DTensor sharded on dimension 0, and the
+    # optimizer steps those very parameters (switched by accelerate after fully_shard)
+    assert lay["fsdp"] and lay["distributed_type"] == "DistributedType.FSDP", lay
+    assert lay["dtensor"] and lay["shard0"] and lay["optimizer_holds_model_params"], lay
+    # the optimizer's state is each rank's shard: no state tensor is larger than the local shard
+    assert lay["state"], "no optimizer state"
+    for whole, local, largest, kinds in lay["state"]:
+        assert local < whole and largest <= local, (tag, whole, local, largest, kinds)
+    one_losses, one_weights, one_bytes = reference(tag)
+    if one_bytes is not None:  # this rank's share, against the whole state of one process
+        got["bytes_ratio"] = lay["state_bytes"] / one_bytes
+        assert got["bytes_ratio"] <= BYTES_RATIO.get(tag, 0.51), (tag, got["bytes_ratio"])
+    final = torch.load(out / f"{tag}_final.pt", weights_only=True)
+    got["loss_rel"] = max(abs(a - b) / b for a, b in zip(got["losses"], one_losses))
+    got["weight_diff"] = max((final[n] - one_weights[n]).abs().max().item() for n in one_weights)
+    print(tag, {k: got[k] for k in ("loss_rel", "weight_diff", "bytes_ratio") if k in got})
+    # the same trajectory as one process with the whole global batch
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one_losses), rtol=loss_rtol, atol=0.0)
+    assert got["weight_diff"] <= weight_atol, (tag, got["weight_diff"])
+    # resume from checkpoint-2 (model and optimizer through DCP, other initial weights) is exact
+    assert got["resumed_losses"] == got["losses"]
+    resumed = torch.load(out / f"{tag}_resumed.pt", weights_only=True)
+    for n, v in final.items():
+        assert torch.equal(resumed[n], v), (tag, n)
+    return got
+
+
+@pytest.mark.parametrize("tag", FAST)
+def test_trainer_fsdp2_matches_one_process_and_resumes_exactly(fast_run, reference, tag):
+    """GaLore (rank 4, refreshes at steps 1 and 3) on the projected weights, AdamW on the rest: within
+    1e-6 of one process (measured 4.9e-8), this rank holding 0.61 of one process's state; the
+    checkpoint at step 2 resumes bit-exactly."""
+    check_run(fast_run, tag, reference)
+
+
+def test_trainer_fsdp2_refuses_layerwise_mode(fast_run):
+    """The Trainer builds the optimizer before accelerate shards the model, so layerwise hooks would sit
+    on parameters that FSDP2 replaces (measured without the refusal: every weight unchanged after 4
+    steps, no error). It must refuse, saying why."""
+    error = json.loads((fast_run / "layerwise.json").read_text())["error"]
+    assert error is not None and error.startswith("ValueError: lowmem_layerwise=True does not work under FSDP"), error
+
+
+SLOW_CHECKED = [t for t in SLOW if t not in ("torch_adamw", "adamw_fp32", "adamw8bit_default")]
+
+
+@pytest.mark.slow  # one more launch (~60 s idle, 100 s on 2 busy cores)
+@pytest.mark.parametrize("tag", SLOW_CHECKED)
+def test_trainer_fsdp2_more_optimizers(slow_run, reference, tag):
+    check_run(slow_run, tag, reference)
+
+
+@pytest.mark.slow
+def test_trainer_fsdp2_float32_as_close_as_torch_adamw(slow_run, reference):
+    """float32 weights: 4 steps of Adam are nearly sign(g) steps and amplify the reduce-scatter's
+    summation order. lowmem's adamw is as far from one process as the Trainer's own torch.optim.AdamW
+    under the same FSDP2 run (measured max |weight difference|: 5.45e-5 and 5.44e-5; losses 1.1e-7)."""
+    torch_run = check_run(slow_run, "torch_adamw", reference, loss_rtol=1e-5, weight_atol=1e-3)
+    ours = check_run(slow_run, "adamw_fp32", reference, loss_rtol=1e-5, weight_atol=1e-3)
+    assert ours["weight_diff"] <= 1.5 * torch_run["weight_diff"], (ours["weight_diff"], torch_run["weight_diff"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="engine: Quantized.init_state compares min_quant_size with the local shard's "
+                   "size, so tensors of 4096..8191 elements keep float32 moments on 2 shards (quantized in one process)")
+def test_trainer_fsdp2_quantizes_what_one_process_quantizes(slow_run, reference):
+    """The default min_quant_size (4096): q / o projections (4096 elements), embedding and head (5120)
+    are quantized in one process; on FSDP2 their half-shards (2048, 2560) are not (measured: this rank
+    0.84 of one process's state instead of 0.50, max |weight difference| 3.3e-3 in float32)."""
+    check_run(slow_run, "adamw8bit_default", reference)

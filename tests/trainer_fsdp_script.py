@@ -1,0 +1,169 @@
+"""What each process runs under ``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` in
+tests/test_trainer_fsdp.py: ``LowMemTrainer`` on the tiny Llama with FSDP2 over gloo (CPU processes,
+made FSDP by :func:`accelerate_fsdp_cpu.fsdp_on_cpu_processes`), for each run tag given:
+
+1. 4 steps (checkpoints at steps 2 and 4 through the Trainer: ``torch.distributed.checkpoint``);
+   losses, the gathered final weights, how the parameters and the optimizer state are laid out;
+2. a model with other weights resumed from ``checkpoint-2`` (``resume_from_checkpoint``) to step 4;
+3. ``lowmem_layerwise=True``: the error it raises.
+
+Rank 0 writes ``OUT/<tag>.json`` and ``OUT/<tag>_final.pt`` / ``<tag>_resumed.pt``.
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 tests/trainer_fsdp_script.py OUT adamw ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# run tag -> (lowmem_optim, lowmem_optim_args, weight dtype). float64 weights (the optimizers' state stays
+# float32) make the comparison with one process tight, as in tests/test_fsdp.py; the float32 pair
+# (torch.optim.AdamW, the Trainer's own, against lowmem's adamw) measures what float32 reaches.
+# Quantized moments: min_quant_size 128 quantizes every matrix both unsharded and on its half-shard
+# (the size test reads the local shard; norms, 64 elements, stay float32 in both), blocks of 64 elements.
+QUANT = {"block_size": 64, "min_quant_size": 128}
+RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
+    "torch_adamw": (None, {}, torch.float32),
+    "adamw_fp32": ("adamw", {}, torch.float32),
+    "adamw": ("adamw", {}, torch.float64),
+    "adamw8bit": ("adamw8bit", QUANT, torch.float64),
+    # the default min_quant_size (4096): q / o projections (4096 elements), embedding and head (5120) are
+    # quantized in one process but not on their half-shards (2048, 2560 elements): see test_trainer_fsdp
+    "adamw8bit_default": ("adamw8bit", {"block_size": 64}, torch.float64),
+    "adafactor": ("adafactor", {}, torch.float64),
+    "galore_adamw": ("galore_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
+    "galore_left": ("galore_adamw", {"rank": 4, "update_proj_gap": 2, "proj_type": "left"}, torch.float64),
+    "fira_adamw": ("fira_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
+    "apollo_adamw": ("apollo_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
+    "adamw4bit": ("adamw4bit", QUANT, torch.float64),
+    "stable_spam": ("stable_spam", {}, torch.float64),
+    "muon": ("muon", {}, torch.float64),
+}
+STEPS = 4
+SAVE_STEPS = 2
+GLOBAL_BATCH = 8
+
+
+def training_args(out, tag: str, per_device_batch: int, **extra):
+    """The run's ``LowMemTrainingArguments`` (the same for the FSDP2 run and the one-process reference)."""
+    from lowmem.trainers import LowMemTrainingArguments
+
+    name, hp, _ = RUNS[tag]
+    fields = dict(
+        lowmem_optim=name, lowmem_optim_args=dict(hp) if name else None,
+        **({"optim": "adamw_torch", "weight_decay": 0.0} if name is None else {"weight_decay": 0.01}),
+        learning_rate=1e-2, max_steps=STEPS, per_device_train_batch_size=per_device_batch, logging_steps=1,
+        save_strategy="steps", save_steps=SAVE_STEPS, use_cpu=True, report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=False, seed=0)
+    return LowMemTrainingArguments(str(out), **{**fields, **extra})
+
+
+def make_trainer(out, tag: str, per_device_batch: int, seed: int = 0, **extra):
+    from transformers import default_data_collator
+
+    from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
+    from lowmem.trainers import LowMemTrainer
+
+    model, tok = build_tiny_model(seed, dtype=RUNS[tag][2])
+    with torch.random.fork_rng(devices=[]):  # 73 -> 80 rows: even shards (per-shard codes checkpoint only those)
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=8, mean_resizing=False)
+    data = tokenize_sft(sft_dataset(64, seed=0), tok)
+    return LowMemTrainer(model=model, args=training_args(out, tag, per_device_batch, **extra), train_dataset=data,
+                         data_collator=default_data_collator)
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def full_weights(model) -> dict[str, torch.Tensor]:
+    """Every parameter gathered whole (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def layout(trainer) -> dict:
+    """How the parameters and the optimizer's state are laid out on this rank."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    model, opt = trainer.model, trainer.optimizer.optimizer
+    params = list(model.parameters())
+    state = []  # per parameter with state: (global numel, local numel, largest state tensor's local numel, types)
+    for p in params:
+        st = opt.state.get(p, {})
+        tensors = [v for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+        if tensors:
+            local = p.to_local() if isinstance(p, DTensor) else p
+            state.append((p.numel(), local.numel(),
+                          max((v.to_local() if isinstance(v, DTensor) else v).numel() for v in tensors),
+                          sorted({type(v).__name__ for v in tensors})))
+    return {
+        "fsdp": trainer.is_fsdp_enabled, "distributed_type": str(trainer.accelerator.distributed_type),
+        "dtensor": all(isinstance(p, DTensor) for p in params),
+        "shard0": all(isinstance(p, DTensor) and tuple(p.placements) == (Shard(0),) for p in params),
+        "optimizer_holds_model_params": {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params},
+        "optimizer": type(opt).__name__,
+        "state_bytes": opt.state_bytes() if hasattr(opt, "state_bytes") else None,
+        "state": state,
+    }
+
+
+def run(out: Path, tag: str, rank: int) -> None:
+    result: dict = {}
+    trainer = make_trainer(out / tag, tag, GLOBAL_BATCH // 2)
+    trainer.train()
+    result["losses"] = losses(trainer)
+    result["layout"] = layout(trainer)
+    weights = full_weights(trainer.model)
+    if rank == 0:
+        torch.save(weights, out / f"{tag}_final.pt")
+
+    resumed = make_trainer(out / tag, tag, GLOBAL_BATCH // 2, seed=1)  # other weights: the checkpoint sets them
+    resumed.train(resume_from_checkpoint=str(out / tag / f"checkpoint-{SAVE_STEPS}"))
+    result["resumed_losses"] = losses(resumed)
+    weights = full_weights(resumed.model)
+    if rank == 0:
+        torch.save(weights, out / f"{tag}_resumed.pt")
+        (out / f"{tag}.json").write_text(json.dumps(result))
+
+
+def layerwise(out: Path, rank: int) -> None:
+    trainer = make_trainer(out / "layerwise", "adamw", GLOBAL_BATCH // 2, lowmem_layerwise=True, save_strategy="no")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = {"error": None}
+    try:
+        trainer.train()
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        result["error"] = f"{type(err).__name__}: {err}"
+    else:  # (what happened when nothing refused)
+        after = full_weights(trainer.model)
+        result["losses"] = losses(trainer)
+        result["max_change"] = max((after[n] - before[n]).abs().max().item() for n in before)
+    if rank == 0:
+        (out / "layerwise.json").write_text(json.dumps(result))
+
+
+def main(argv: list[str]) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from accelerate_fsdp_cpu import fsdp_on_cpu_processes
+
+    fsdp_on_cpu_processes()
+    torch.set_num_threads(1)
+    out, tags = Path(argv[0]), argv[1:]
+    rank = int(os.environ["RANK"])
+    for tag in tags:
+        if tag == "layerwise":
+            layerwise(out, rank)
+        else:
+            run(out, tag, rank)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
