@@ -341,7 +341,8 @@ def test_hybrid_adamw_parameters_take_the_foreach_path_equal_to_single_tensor(na
 def test_subset_norm_elementwise_parameters_take_the_foreach_path_bit_for_bit(name, hparams, monkeypatch):
     """Vectors (and 2-D weights of a group with ``subset_norm=False``; one larger than
     ``chunk_numel``, bucketed in pieces) are stepped by ``elementwise_foreach_``, the subset-normed
-    2-D weights are not; weights and state equal the single-tensor path bit for bit (the kernel
+    2-D weights not by it (by ``subset_foreach_``, tested below); weights and state equal the
+    single-tensor path bit for bit (the kernel
     runs the same operations in the same order), weight decay after the update included."""
     from itertools import chain
 
@@ -388,3 +389,206 @@ def test_subset_norm_elementwise_parameters_take_the_foreach_path_bit_for_bit(na
                 torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
             else:
                 assert torch.equal(x, y), i
+
+
+# ---- multi-tensor paths of the block-wise rules: Adam-mini, Subset-Norm, AdamW with the hf eps ------
+
+
+def _foreach_vs_plain(name, groups_spec, hparams, spies, monkeypatch, steps=4, chunk_numel=64):
+    """Step the same parameters and gradients three ways: the default path (foreach buckets, chunks
+    of ``chunk_numel``), ``foreach=False`` with the same chunks, and one tensor at a time
+    (``chunk_numel=None, foreach=False``). ``spies``: (module, function name) pairs whose calls are
+    recorded (the numel of each call's parameters, or 0 for a split tensor's first piece).
+    Returns {path: (calls per spy, parameters, states)} and the flat list of shapes."""
+    from itertools import chain
+
+    from lowmem.optim.registry import get_entry
+
+    def run(path):
+        calls = {fn: [] for _, fn in spies}
+        gen = torch.Generator().manual_seed(0)
+        ps, groups = [], []
+        for spec in groups_spec:
+            dtype = spec.get("dtype", torch.float32)
+            group = [torch.nn.Parameter(torch.randn(*s, generator=gen).to(dtype)) for s in spec["shapes"]]
+            ps.append(group)
+            groups.append({"params": group, **{k: v for k, v in spec.items() if k not in ("shapes", "dtype")}})
+        opt = get_entry(name).factory(groups, **hparams)
+        opt.chunk_numel = None if path == "whole" else chunk_numel
+        if path != "foreach":
+            for g in opt.param_groups:
+                g["foreach"] = False
+        with monkeypatch.context() as mp:
+            for module, fn in spies:
+                orig = getattr(module, fn)
+
+                def spy(params, *args, _orig=orig, _fn=fn, **kwargs):
+                    calls[_fn].append(sum(p.numel() for p in params) if isinstance(params, list) else 0)
+                    return _orig(params, *args, **kwargs)
+
+                mp.setattr(module, fn, spy)
+            for _ in range(steps):
+                for p in chain(*ps):
+                    p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                opt.step()
+        flat = list(chain(*ps))
+        return calls, [p.detach().clone() for p in flat], [{k: v.clone() for k, v in opt.state[p].items()} for p in flat]
+
+    return {path: run(path) for path in ("foreach", "chunked", "whole")}
+
+
+def _assert_same(a, b, exact, rtol=1e-6, atol=1e-7):
+    (_, pa, sa), (_, pb, sb) = a, b
+    for i, (x, y, u, w) in enumerate(zip(pa, pb, sa, sb)):
+        assert u.keys() == w.keys()
+        for s, t in [(x, y), *((u[k], w[k]) for k in u)]:
+            if exact:
+                assert torch.equal(s, t), i
+            else:
+                torch.testing.assert_close(s, t, rtol=rtol, atol=atol, msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+ADAM_MINI_GROUPS = [
+    # whole-tensor blocks: equal shapes (stacked), odd sizes, one larger than chunk_numel (pieces)
+    {"shapes": [(33,), (33,), (33,), (7, 5), (7, 5), (1,), (9, 3, 2), (12, 10)], "block": "tensor"},
+    {"shapes": [(12, 10), (8, 16), (12, 10), (5, 7), (300, 7)], "block": "row", "weight_decay": 0.0},  # (300, 7): pieces cut rows
+    {"shapes": [(12, 10), (8, 10), (40, 9)], "block": "head", "head_dim": 4},
+    {"shapes": [(12, 10), (9,), (0,), (70,)], "block": "element"},
+    {"shapes": [(6, 4), (6,)], "block": "row", "dtype": torch.bfloat16},  # not float32: stepped alone
+]
+
+
+def test_adam_mini_foreach_equals_the_per_tensor_step(monkeypatch):
+    """Adam-mini's multi-tensor path: every block kind (whole tensor, rows, heads, elements), tensors
+    of equal and odd shapes, an empty one, weight decay, 4 steps; tensors larger than
+    ``chunk_numel`` arrive in pieces (whole blocks cut by the pieces) and are stepped whole,
+    chunked. Weights and state equal the ``foreach=False`` step with the same chunks bit for bit,
+    and the one-tensor-at-a-time step (a large whole-tensor block's mean from chunk sums: to
+    rtol 1e-6). bf16 parameters stay off the multi-tensor path (float32 only)."""
+    from lowmem.optim import moments
+    from lowmem.optim.functional import adam_mini as AM
+
+    out = _foreach_vs_plain("adam_mini", ADAM_MINI_GROUPS, {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-3},
+                            [(AM, "adam_mini_foreach_"), (moments, "step_whole_from_piece_")], monkeypatch)
+    shapes = [s for g in ADAM_MINI_GROUPS for s in g["shapes"]]
+    float32 = [s for g in ADAM_MINI_GROUPS if "dtype" not in g for s in g["shapes"]]
+    small = sum(math.prod(s) for s in float32 if math.prod(s) <= 64)
+    calls = out["foreach"][0]
+    assert sum(calls["adam_mini_foreach_"]) == 4 * small  # every small float32 tensor, every step, no bf16
+    large = [s for s in float32 if math.prod(s) > 64]
+    assert len(calls["step_whole_from_piece_"]) == 4 * len(large)  # each large tensor once per step
+    assert all(c == {"adam_mini_foreach_": [], "step_whole_from_piece_": []} for c in (out["chunked"][0], out["whole"][0]))
+    _assert_same(out["foreach"], out["chunked"], exact=True)
+    _assert_same(out["foreach"], out["whole"], exact=False)
+    assert len(out["foreach"][1]) == len(shapes)
+
+
+def test_adam_mini_foreach_on_one_tensor_and_empty_lists():
+    """The kernel alone: a bucket of one tensor equals the per-tensor functions; an empty list or
+    an empty tensor is a no-op."""
+    from lowmem.optim import functional as F
+    from lowmem.optim.functional import adam_mini as AM
+
+    gen = torch.Generator().manual_seed(3)
+    p, g = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    m, v = torch.randn(6, 5, generator=gen), torch.rand(6, generator=gen)
+    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    AM.adam_mini_foreach_([p], [g], [m], [v], 3.0, 0.9, 0.99, 0.1, 0.2, 1e-3)
+    AM.first_moment_(m2, g, 0.9)
+    AM.block_second_moment_(v2, g, 0.99)
+    F.decoupled_weight_decay_(p2, 0.1, 0.2)
+    F.apply_update_(p2, AM.adam_mini_direction(m2, v2, 3.0, 0.9, 0.99, 1e-3), 0.1)
+    assert torch.equal(p, p2) and torch.equal(m, m2) and torch.equal(v, v2)
+    AM.adam_mini_foreach_([], [], [], [], 1.0, 0.9, 0.99, 0.1, 0.0, 1e-8)
+    e = torch.zeros(0)
+    AM.adam_mini_foreach_([e], [e.clone()], [e.clone()], [torch.zeros(0)], 1.0, 0.9, 0.99, 0.1, 0.1, 1e-8)
+
+
+SUBSET_NORM_GROUPS = [
+    # per row (tall and square, equal shapes stacked), per column (wide), vectors element-wise,
+    # one tall and one wide weight larger than chunk_numel (pieces)
+    {"shapes": [(12, 10), (12, 10), (8, 16), (3, 40), (10,), (7,), (0, 5), (5, 5), (3, 7), (4, 12), (4, 12)],
+     "subset_norm": True},
+    {"shapes": [(9, 6), (5,)], "subset_norm": False},
+    {"shapes": [(12, 10), (30,), (7, 11)], "subset_norm": True, "subset_size": 8},  # flat subsets
+    {"shapes": [(6, 4), (4, 9)], "subset_norm": True, "dtype": torch.bfloat16},
+]
+
+
+@pytest.mark.parametrize("name,hparams", [
+    ("adamw_sn", {}),
+    ("adamw_sn", {"betas": (0.0, 0.999)}),  # RMSPropSN: no first moment, the numerator is g
+    ("adagrad_sn", {"momentum": 0.9}),
+])
+def test_subset_norm_foreach_equals_the_per_tensor_step(name, hparams, monkeypatch):
+    """Subset-Norm's multi-tensor path: element-wise tensors by ``elementwise_foreach_``, the
+    subset-normed ones (per row, per column, flat subsets) by ``subset_foreach_``, tensors larger
+    than ``chunk_numel`` whole from their first piece; weight decay after the update, 4 steps.
+    Bit for bit equal to ``foreach=False`` with the same chunks and to the one-tensor-at-a-time step
+    (per-column sums of a large wide weight from chunk sums: to rtol 1e-6); bf16 stays off it."""
+    from lowmem.optim import moments
+    from lowmem.optim.functional import subset_norm as SN
+
+    out = _foreach_vs_plain(name, SUBSET_NORM_GROUPS, {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-3, **hparams},
+                            [(SN, "elementwise_foreach_"), (SN, "subset_foreach_"), (moments, "step_whole_from_piece_")],
+                            monkeypatch)
+    calls = out["foreach"][0]
+    float32 = [(s, g) for g in SUBSET_NORM_GROUPS if "dtype" not in g for s in g["shapes"]]
+    is_elementwise = lambda s, g: not g["subset_norm"] or (len(s) != 2 and "subset_size" not in g)  # noqa: E731
+    elementwise = [s for s, g in float32 if is_elementwise(s, g)]
+    subsets = [s for s, g in float32 if not is_elementwise(s, g)]
+    small = lambda ss: sum(math.prod(s) for s in ss if math.prod(s) <= 64)  # noqa: E731
+    assert sum(calls["elementwise_foreach_"]) == 4 * small(elementwise)
+    assert sum(calls["subset_foreach_"]) == 4 * small(subsets)
+    assert len(calls["step_whole_from_piece_"]) == 4 * sum(math.prod(s) > 64 for s in subsets)
+    assert not any(out["chunked"][0].values()) and not any(out["whole"][0].values())
+    _assert_same(out["foreach"], out["chunked"], exact=True)
+    _assert_same(out["foreach"], out["whole"], exact=False)
+
+
+@pytest.mark.parametrize("name,groups", [
+    # GaLore (hf eps, decay after the update): the projected weight alone, the rest in buckets
+    ("galore_adamw", [{"shapes": [(16, 12)], "rank": 4, "update_proj_gap": 2}, {"shapes": [(9, 6), (20, 8), (5,), (5,)]}]),
+    ("fira_adamw", [{"shapes": [(16, 12)], "rank": 4, "update_proj_gap": 2}, {"shapes": [(9, 6), (20, 8), (5,)]}]),
+])
+def test_hf_eps_adamw_parameters_take_the_foreach_path(name, groups, monkeypatch):
+    """``AdamMoments(eps_placement="hf")``'s multi-tensor path (decay after the update, as every
+    recipe with that placement): the full-rank parameters of GaLore / Fira are bucketed (one larger
+    than ``chunk_numel``: in pieces), the projected weight is not; equal to the per-tensor step at
+    rtol 1e-6 with weight decay and an ``eps`` large enough for its placement to matter."""
+    from lowmem.optim import functional as F
+
+    out = _foreach_vs_plain(name, groups, {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-3}, [(F, "adamw_foreach_")],
+                            monkeypatch)
+    full_rank = sum(math.prod(s) for g in groups if "rank" not in g for s in g["shapes"])
+    assert sum(out["foreach"][0]["adamw_foreach_"]) == 4 * full_rank
+    assert out["chunked"][0]["adamw_foreach_"] == [] == out["whole"][0]["adamw_foreach_"]
+    _assert_same(out["foreach"], out["whole"], exact=False)
+
+
+def test_whole_tensor_statistics_of_sharded_groups_stay_off_the_foreach_path(tmp_path):
+    """An FSDP2 (DTensor) parameter's local shard would give a whole-tensor block (Adam-mini) or a
+    column norm (Subset-Norm) of its own rows only: groups holding one leave those layouts to the
+    per-parameter step (which all-reduces them); rows, heads and elements are shard-local and stay
+    on the multi-tensor path. (One process: the check is on the group, not on the numbers.)"""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lowmem.optim.registry import get_entry
+
+    am, sn = get_entry("adam_mini").recipe.moment, get_entry("adamw_sn").recipe.moment
+    plain = torch.nn.Parameter(torch.randn(8, 4))
+    tall, wide = torch.Size((8, 4)), torch.Size((4, 8))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        shard = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        for params, sharded in (([plain], False), ([plain, shard], True)):
+            assert am.supports_foreach_for(tall, {"block": "tensor", "params": params}, {}) is not sharded
+            assert sn.supports_foreach_for(wide, {"subset_norm": True, "params": params}, {}) is not sharded
+            assert am.supports_foreach_for(tall, {"block": "row", "params": params}, {})
+            assert am.supports_foreach_for(tall, {"block": "head", "head_dim": 2, "params": params}, {})
+            assert sn.supports_foreach_for(tall, {"subset_norm": True, "params": params}, {})
+    finally:
+        dist.destroy_process_group()
+    assert am.supports_foreach_for(tall, {"block": "tensor", "params": [shard]}, {})  # no process group: not sharded

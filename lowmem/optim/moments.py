@@ -19,6 +19,7 @@ from torch import Tensor
 from . import functional as F
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DISTRIBUTED = torch.distributed.is_available()
 
 
 def state_dtype(group: dict[str, Any], param: Tensor) -> torch.dtype:
@@ -133,6 +134,59 @@ class MomentRule:
         return 12 * numel
 
 
+def sharded_group(group: dict[str, Any]) -> bool:
+    """Whether ``group`` holds an FSDP2 (``DTensor``) parameter. A rule whose multi-tensor step
+    computes a statistic of the whole tensor (one the shards would have to all-reduce: Adam-mini's
+    whole-tensor block, Subset-Norm's column norms) refuses such groups in
+    :meth:`MomentRule.supports_foreach_for`, so their parameters take the per-parameter step, which
+    reduces over the shards. Costs nothing unless ``torch.distributed`` is initialized."""
+    if not (_DISTRIBUTED and torch.distributed.is_initialized()):
+        return False
+    from .sharded import is_dtensor
+
+    return any(is_dtensor(q) for q in group["params"])
+
+
+def step_whole_from_piece_(rule: MomentRule, p_piece: Tensor, g_piece: Tensor, view: ChunkState,
+                           group: dict[str, Any], t: float, lr: float, decay_after: bool) -> None:
+    """The step of a whole tensor that reached a foreach bucket as flat pieces, for a rule whose
+    statistics span blocks of elements (rows, heads, columns, the whole tensor).
+
+    The engine hands a float32 tensor larger than ``chunk_numel`` to :meth:`MomentRule.foreach_step_`
+    as flat pieces of ``chunk_numel`` elements (``view`` is the piece's :meth:`MomentRule.chunk_state`,
+    which must record the tensor's state and shape in ``extra["parent"]`` / ``extra["shape"]``); a
+    piece boundary need not fall on a block boundary. So the rule steps the whole tensor when its
+    first piece arrives (``view.start == 0``; the caller skips the others) with its own chunked
+    step, in chunks of the piece's size rounded to whole blocks (:meth:`MomentRule.chunk_align`):
+    the engine's chunked step without stabilizers (the foreach path has none), the same operations
+    in the same order, so the result equals ``foreach=False`` with the same ``chunk_numel``. The
+    whole tensor is reached from the piece (a contiguous view at offset ``view.start``, as the
+    engine guarantees for a tensor it splits); transient: the rule's for one chunk."""
+    if view.start != 0:
+        raise ValueError(f"{type(rule).__name__}: a tensor is stepped from its first piece, got one starting at {view.start}")
+    state, shape = view.extra["parent"], view.extra["shape"]
+    numel = math.prod(shape)
+    pflat = p_piece.as_strided((numel,), (1,), p_piece.storage_offset())
+    gflat = g_piece.as_strided((numel,), (1,), g_piece.storage_offset())
+    align = rule.chunk_align(shape, group, state)
+    if align is None:
+        raise ValueError(f"{type(rule).__name__} has no chunked form for a tensor of shape {tuple(shape)}")
+    size = max(align, (view.stop - view.start) // align * align)
+    bounds = [(a, min(a + size, numel)) for a in range(0, numel, size)]
+    ctx = rule.prepare_chunks(state, shape, group, t, lr, bounds, lambda start, stop, _: gflat[start:stop])
+    wd = group.get("weight_decay", 0.0)
+    for start, stop in bounds:
+        d = rule.direction(gflat[start:stop], rule.chunk_state(state, start, stop, shape, group, ctx), group, t, lr)
+        pc = pflat[start:stop]
+        if not decay_after:
+            F.decoupled_weight_decay_(pc, lr, wd)
+        F.apply_update_(pc, d, lr)
+        if decay_after:
+            F.decoupled_weight_decay_(pc, lr, wd)
+        del d
+    rule.finish_chunks(state, ctx)
+
+
 class AdamMoments(MomentRule):
     """Adam's first and second moments (Kingma & Ba 2015, Algorithm 1).
 
@@ -145,10 +199,15 @@ class AdamMoments(MomentRule):
     state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, eps_placement: str = "torch"):
-        # the multi-tensor path implements torch's eps placement on float32 storage
-        self.supports_foreach = eps_placement == "torch"
         if eps_placement not in ("torch", "hf"):
             raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
+        # the multi-tensor path (float32 storage) for both placements. Decay order: torch's placement
+        # is AdamW's (decay before the update); every recipe with the "hf" placement (GaLore, Fira,
+        # OSD, APOLLO, SPAM) decays after it, so its foreach step does too. The engine buckets a
+        # recipe's parameters only where its decay_after_update agrees, so any other pairing steps
+        # one tensor at a time.
+        self.supports_foreach = True
+        self.foreach_decays_after = eps_placement == "hf"
         self.eps_placement = eps_placement
         self._direction = F.adam_direction if eps_placement == "torch" else F.adam_direction_hf
 
@@ -189,12 +248,17 @@ class AdamMoments(MomentRule):
         return self._direction(m, v, t, beta1, beta2, group["eps"])
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
-        """Whole AdamW step (moments, decoupled decay, update) for float32 tensors sharing ``t``."""
+        """Whole AdamW step (moments, decoupled decay, update) for float32 tensors sharing ``t``;
+        with ``eps_placement="hf"`` the decay comes after the update (:attr:`foreach_decays_after`)."""
         beta1, beta2 = group["betas"]
+        wd = group.get("weight_decay", 0.0)
         F.adamw_foreach_(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            t, beta1, beta2, lr, group["weight_decay"], group["eps"],
+            t, beta1, beta2, lr, 0.0 if self.foreach_decays_after else wd, group["eps"],
+            eps_placement=self.eps_placement,
         )
+        if self.foreach_decays_after and wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
 
 
 class FactoredMoments(MomentRule):

@@ -94,3 +94,64 @@ def adam_mini_direction(m: Tensor, v: Tensor, t: float, beta1: float, beta2: flo
     scale = (1.0 / bias_correction1) / denom
     del denom
     return (m.reshape(n_blocks, -1) * scale.reshape(n_blocks, 1)).reshape(m.shape)
+
+
+def adam_mini_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       t: float, beta1: float, beta2: float, lr: float, weight_decay: float, eps: float) -> None:
+    """Multi-tensor Adam-mini step (Algorithm 1) of float32 tensors sharing the step count ``t``,
+    each with its own partition (``exp_avg_sqs[i].numel()`` contiguous blocks of ``params[i]``).
+
+    The same operations as the per-tensor path, :func:`first_moment_`, :func:`block_second_moment_`,
+    :func:`adam_mini_direction`, then the engine's decoupled decay (before the update) and the update
+    ``p <- p - lr * d``, each one kernel for the whole list, except the blocks' ``mean(g_b * g_b)``:
+    one reduction per block length over the concatenated gradients of the tensors that share it (a
+    row of one tensor is reduced as it is alone; many small whole-tensor blocks of one size, the
+    norm weights of a model, take one kernel). Element blocks (Adam) update ``v`` with
+    ``addcmul_`` as :func:`block_second_moment_` does.
+
+    Transient (float32): the concatenated gradients of one block length with their block means,
+    then every tensor's block factors and the direction: at most two tensors of the list's size.
+    """
+    items = [i for i, p in enumerate(params) if p.numel() > 0]  # an empty tensor has no blocks and no step
+    if not items:
+        return
+    params, grads = [params[i] for i in items], [grads[i] for i in items]
+    exp_avgs, exp_avg_sqs = [exp_avgs[i] for i in items], [exp_avg_sqs[i] for i in items]
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    element = [i for i, (g, v) in enumerate(zip(grads, exp_avg_sqs)) if v.numel() == g.numel()]
+    if element:  # one element per block: Adam's v
+        v_e = [exp_avg_sqs[i] for i in element]
+        g_e = [g if g.shape == v.shape else g.reshape(v.shape) for g, v in ((grads[i], exp_avg_sqs[i]) for i in element)]
+        torch._foreach_mul_(v_e, beta2)
+        torch._foreach_addcmul_(v_e, g_e, g_e, value=1.0 - beta2)
+    by_length: dict[int, list[int]] = {}
+    for i, (g, v) in enumerate(zip(grads, exp_avg_sqs)):
+        if v.numel() != g.numel():
+            by_length.setdefault(g.numel() // v.numel(), []).append(i)
+    for length, idx in by_length.items():
+        shape = grads[idx[0]].shape  # tensors of one shape (norm weights, equal layers): stacked as they are
+        if all(grads[i].shape == shape for i in idx):
+            sq = torch.stack([grads[i] for i in idx]).view(-1, length).square_()
+        else:
+            sq = torch.cat([grads[i].reshape(-1) for i in idx]).view(-1, length).square_()
+        means = sq.mean(dim=1)
+        del sq
+        v_b = [exp_avg_sqs[i] for i in idx]
+        torch._foreach_mul_(v_b, beta2)
+        torch._foreach_add_(v_b, list(means.split([v.numel() for v in v_b])), alpha=1.0 - beta2)
+        del means
+    # each block's factor (1 / (1 - beta1^t)) / (sqrt(v_b) / sqrt(1 - beta2^t) + eps)
+    scale = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(scale, math.sqrt(1.0 - beta2**t))
+    torch._foreach_add_(scale, eps)
+    torch._foreach_reciprocal_(scale)
+    torch._foreach_mul_(scale, 1.0 / (1.0 - beta1**t))
+    # m_b * factor_b: a whole-tensor block's factor (shape (1,)) and an element-wise vector's broadcast
+    # as they are; other layouts as (blocks, elements per block) * (blocks, 1)
+    plain = [v.numel() == 1 or v.shape == m.shape for m, v in zip(exp_avgs, exp_avg_sqs)]
+    d = torch._foreach_mul([m if ok else m.view(v.numel(), -1) for m, v, ok in zip(exp_avgs, exp_avg_sqs, plain)],
+                           [s if ok else s.view(-1, 1) for s, ok in zip(scale, plain)])
+    del scale
+    torch._foreach_add_(params, [x if x.shape == p.shape else x.view(p.shape) for x, p in zip(d, params)], alpha=-lr)

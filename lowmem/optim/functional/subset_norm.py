@@ -122,3 +122,65 @@ def elementwise_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: li
     torch._foreach_add_(params, d, alpha=-lr)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def subset_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None,
+                    exp_avg_sqs: list[Tensor], t: float, beta1: float, beta2: float | None, lr: float,
+                    weight_decay: float, eps: float, scale: float) -> None:
+    """Multi-tensor step of float32 tensors with a Subset-Norm second moment, sharing ``t``: each
+    ``v`` is ``(rows, 1)`` (one per contiguous run of ``numel / rows`` elements: a row of the longer
+    side, or a flat subset) or ``(1, n)`` (one per column of a wide matrix). ``m <- b1 m + (1 - b1) g``
+    (``exp_avgs=None``: the numerator is ``g``), ``v <- b2 v + (1 - b2) ||g_Psi||^2``
+    (:func:`subset_sq_norms`, :func:`ema_`; ``beta2=None``: :func:`accumulate_`),
+    ``p <- p - lr * scale * m / (sqrt(v) + eps)``, then decoupled decay ``p <- (1 - lr * wd) p``
+    (Section 3): the single-tensor step's operations in its order, one kernel per operation for the
+    list, except the subset norms: one reduction per subset length over the concatenated squared
+    gradients of the row-subset tensors that share it (per tensor for the columns).
+
+    Transient (float32): the concatenated squares of one subset length, then the direction of every
+    tensor next to the small ``sqrt(v) + eps``: about one tensor of the list's size."""
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]  # an empty tensor has nothing to step
+    if len(keep) < len(params):
+        params, grads, exp_avg_sqs = [params[i] for i in keep], [grads[i] for i in keep], [exp_avg_sqs[i] for i in keep]
+        exp_avgs = None if exp_avgs is None else [exp_avgs[i] for i in keep]
+    if not params:
+        return
+    if exp_avgs is not None:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    nums = exp_avgs if exp_avgs is not None else grads
+    sq: list[Tensor | None] = [None] * len(grads)
+    by_length: dict[int, list[int]] = {}
+    for i, (g, v) in enumerate(zip(grads, exp_avg_sqs)):
+        if v.shape[-1] == 1 and g.numel() > 0:  # (rows, 1): contiguous subsets
+            by_length.setdefault(g.numel() // v.shape[0], []).append(i)
+        else:  # (1, n): the sum over the rows of each column
+            g2 = g.reshape(-1, v.shape[-1])
+            sq[i] = subset_sq_norms(g2, 0)
+    for length, idx in by_length.items():
+        shape = grads[idx[0]].shape
+        if all(grads[i].shape == shape for i in idx):
+            flat = torch.stack([grads[i] for i in idx]).view(-1, length)
+        else:
+            flat = torch.cat([grads[i].reshape(-1) for i in idx]).view(-1, length)
+        sums = subset_sq_norms(flat, 1)
+        del flat
+        for i, s in zip(idx, sums.split([exp_avg_sqs[i].shape[0] for i in idx])):
+            sq[i] = s
+        del sums
+    if beta2 is None:
+        torch._foreach_add_(exp_avg_sqs, sq)
+    else:
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_add_(exp_avg_sqs, sq, alpha=1.0 - beta2)
+    del sq
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    d = torch._foreach_div([x.reshape(v.shape[0], -1) if v.shape[-1] == 1 else x.reshape(-1, v.shape[-1])
+                            for x, v in zip(nums, exp_avg_sqs)], denom)
+    del denom
+    if scale != 1.0:
+        torch._foreach_mul_(d, scale)
+    torch._foreach_add_(params, [x.view(p.shape) for x, p in zip(d, params)], alpha=-lr)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)

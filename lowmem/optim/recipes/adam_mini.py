@@ -38,9 +38,11 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
-from ..functional.adam_mini import BLOCKS, adam_mini_direction, block_mean_square, block_numel, block_second_moment_, first_moment_
+from .. import moments
+from ..functional import adam_mini as AM
+from ..functional.adam_mini import BLOCKS, adam_mini_direction, block_numel, block_second_moment_, first_moment_
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, one_of, optional, positive_int
-from ..moments import ChunkState, MomentRule, state_dtype
+from ..moments import ChunkState, MomentRule, sharded_group, state_dtype
 from ..registry import decay_parameter_names, register
 
 logger = logging.getLogger(__name__)
@@ -188,6 +190,12 @@ class AdamMiniMoments(MomentRule):
 
     Chunked step: chunk boundaries fall on whole blocks (rows, heads, elements); a whole-tensor
     block is reduced over the chunks first (:meth:`prepare_chunks`), then each chunk is stepped.
+
+    Multi-tensor step (:meth:`foreach_step_`, float32 parameters and state): every block kind,
+    :func:`~lowmem.optim.functional.adam_mini.adam_mini_foreach_` for a bucket (one kernel per
+    operation; block means of tensors that share a block length in one reduction); a tensor larger
+    than the engine's ``chunk_numel`` arrives in flat pieces and is stepped whole, chunked, from its
+    first one (:func:`~lowmem.optim.moments.step_whole_from_piece_`).
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
@@ -232,7 +240,7 @@ class AdamMiniMoments(MomentRule):
         return True
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
-        view = ChunkState(state, start, stop, {"second_moment_done": ctx is True})
+        view = ChunkState(state, start, stop, {"second_moment_done": ctx is True, "parent": state, "shape": shape})
         view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         if group["block"] != "tensor":
             b = _block_numel(shape, group)
@@ -251,6 +259,42 @@ class AdamMiniMoments(MomentRule):
         if dtype not in (torch.float32, torch.float64):
             work += 4 * (numel + nb)
         return work
+
+    # ---- the multi-tensor step ----
+
+    def supports_foreach_for(self, shape, group, state):
+        """Every block kind, but a whole-tensor block of an FSDP2 (sharded) group: its mean over the
+        whole tensor needs the shards' sums (:meth:`prepare_chunks` all-reduces them). ``state``
+        (after the first step): one ``v`` entry per block of ``shape``."""
+        if group["block"] == "tensor" and sharded_group(group):
+            return False
+        if not state:
+            return True
+        v = state.get("exp_avg_sq")
+        return v is not None and v.numel() == _n_blocks(shape, group)
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """A bucket's whole step (moments, decay before the update, update): whole tensors by
+        :func:`~lowmem.optim.functional.adam_mini.adam_mini_foreach_`; a tensor that arrives in
+        pieces (larger than ``chunk_numel``) whole from its first piece, chunked
+        (:func:`~lowmem.optim.moments.step_whole_from_piece_`)."""
+        whole = []
+        for p, g, s in zip(params, grads, states):
+            if isinstance(s, ChunkState):
+                if s.start == 0:
+                    moments.step_whole_from_piece_(self, p, g, s, group, t, lr, decay_after=False)
+                continue
+            whole.append((p, g, s))
+        if whole:
+            beta1, beta2 = group["betas"]
+            ps, gs, ss = zip(*whole)
+            AM.adam_mini_foreach_(list(ps), list(gs), [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss],
+                               t, beta1, beta2, lr, group.get("weight_decay", 0.0), group["eps"])
+
+    def foreach_transient_bytes(self, numel):
+        """Two float32 tensors of the bucket (:func:`~lowmem.optim.functional.adam_mini.adam_mini_foreach_`);
+        a tensor stepped from its pieces allocates :meth:`transient_bytes` of one chunk, less."""
+        return 8 * numel
 
     def direction(self, g, state, group, t, lr):
         beta1, beta2 = group["betas"]
@@ -334,7 +378,8 @@ class AdamMini(LowMemOptimizer):
         verbose (`bool`, defaults to `True`): Log the partition (number of parameters per block kind).
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments: ``"float32"``,
             ``"bfloat16"`` or ``"param"``.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity (no multi-tensor path).
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps one tensor at a time; otherwise
+            float32 parameters with float32 state take the multi-tensor path.
 
     Raises:
         ValueError: Invalid ``dim`` / ``n_heads`` / ``n_kv_heads``, or anything but (name, parameter)

@@ -38,7 +38,8 @@ from torch import Tensor
 from ..engine import LowMemOptimizer, Recipe
 from ..functional import subset_norm as SN
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg
-from ..moments import ChunkState, MomentRule, state_dtype
+from .. import moments
+from ..moments import ChunkState, MomentRule, sharded_group, state_dtype
 from ..registry import register
 from ..subspace import COORDINATE_METHODS, CombineRule, ProjectBack, StateFreeResidual, SubspaceProjection
 from .subspace import SVD_LIKE, _check_subspace_group, _choice, subspace_hparams
@@ -188,31 +189,57 @@ class SubsetNormMoments(MomentRule):
         scale = self._scale(t, group)
         return (d if scale == 1.0 else d.mul_(scale)).view(g.shape)
 
-    # ---- the multi-tensor step: parameters with one second moment per element ----
+    # ---- the multi-tensor step ----
 
     foreach_decays_after = True  # every Subset-Norm recipe decays after the update (the authors')
 
     def supports_foreach_for(self, shape, group, state):
-        """Adaptive rules on a parameter whose ``v`` is one per element: groups without
-        ``subset_norm`` (or ``False``), and non-2-D tensors of a group without ``subset_size``
-        (decided from the group and the number of dimensions, so a shard decides as its whole)."""
-        if not self.adaptive or not (not group.get("subset_norm") or (group.get("subset_size") is None and len(shape) != 2)):
+        """Adaptive rules (a second moment) on a full-rank parameter: one ``v`` per element (groups
+        without ``subset_norm``, vectors), per row / flat subset, or per column. Not per column in a
+        group with FSDP2 (sharded) parameters: the column sums span the shards, which the
+        per-parameter step all-reduces (:meth:`prepare_chunks`); the layout is decided from the
+        state's ``v`` once it exists (the whole shape's, on a shard), else from the group and shape."""
+        if not self.adaptive:
             return False
-        if not state:
-            return True
-        v = state.get("exp_avg_sq")
-        return v is not None and v.numel() == math.prod(shape) and ("exp_avg" in state) == (self._beta1(group) > 0)
+        if state:
+            v = state.get("exp_avg_sq")
+            if v is None or ("exp_avg" in state) != (self._beta1(group) > 0):
+                return False
+            layout = _subset_layout(v, math.prod(shape))
+        else:
+            v_shape = SN.subset_state_shape(shape, bool(group.get("subset_norm")), group.get("subset_size"))
+            layout = "element" if v_shape == shape else ("row" if v_shape[-1] == 1 else "column")
+        return layout != "column" or not sharded_group(group)
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
-        """The element-wise step of a bucket: :func:`~lowmem.optim.functional.subset_norm.elementwise_foreach_`
-        with this rule's betas, scale and ``eps``, decay after the update."""
-        beta1 = self._beta1(group)
-        SN.elementwise_foreach_(
-            params, grads, [s["exp_avg"] for s in states] if beta1 > 0 else None, [s["exp_avg_sq"] for s in states],
-            t, beta1, self._beta2(group), lr, group.get("weight_decay", 0.0), group["eps"], self._scale(t, group))
+        """A bucket's step (moments, update, decay after it): tensors with one ``v`` per element by
+        :func:`~lowmem.optim.functional.subset_norm.elementwise_foreach_` (pieces of a large one too),
+        subset-normed ones by :func:`~lowmem.optim.functional.subset_norm.subset_foreach_`, a
+        subset-normed tensor larger than ``chunk_numel`` (it arrives in pieces) whole from its first
+        piece, chunked (:func:`~lowmem.optim.moments.step_whole_from_piece_`); this rule's betas,
+        step scale and ``eps``."""
+        beta1, beta2, scale, wd = self._beta1(group), self._beta2(group), self._scale(t, group), group.get("weight_decay", 0.0)
+        element, subsets = [], []
+        for p, g, s in zip(params, grads, states):
+            v = s["exp_avg_sq"]
+            if v.numel() == p.numel() and (not isinstance(s, ChunkState) or s.extra["parent"]["exp_avg_sq"].numel() == math.prod(s.extra["shape"])):
+                element.append((p, g, s))
+            elif isinstance(s, ChunkState):
+                if s.start == 0:
+                    moments.step_whole_from_piece_(self, p, g, s, group, t, lr, decay_after=True)
+            else:
+                subsets.append((p, g, s))
+        for items, step in ((element, SN.elementwise_foreach_), (subsets, SN.subset_foreach_)):
+            if items:
+                ps, gs, ss = (list(x) for x in zip(*items))
+                step(ps, gs, [s["exp_avg"] for s in ss] if beta1 > 0 else None, [s["exp_avg_sq"] for s in ss],
+                     t, beta1, beta2, lr, wd, group["eps"], scale)
 
     def foreach_transient_bytes(self, numel):
-        return 8 * numel  # sqrt(v) + eps, then the direction next to it
+        """Element-wise tensors: ``sqrt(v) + eps`` and the direction; subset-normed ones: their
+        concatenated squares, then the direction (:meth:`transient_bytes` of one chunk for a tensor
+        stepped from its pieces): two float32 tensors of the bucket."""
+        return 8 * numel
 
     # ---- the chunked step: whole rows of a subset-normed matrix, elements otherwise ----
 
@@ -225,7 +252,7 @@ class SubsetNormMoments(MomentRule):
         return numel // v.shape[0] if layout == "row" else shape[1]  # whole subsets / whole rows
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
-        view = ChunkState(state, start, stop)
+        view = ChunkState(state, start, stop, {"parent": state, "shape": shape})
         if "exp_avg" in state:
             view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         v = state.get("exp_avg_sq")
