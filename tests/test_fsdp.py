@@ -642,10 +642,13 @@ def test_fsdp2_communication_per_step(fsdp_run, name):
 def test_fsdp2_projected_state_bytes_and_transient(fsdp_run):
     """galore_adamw (right side) on 2 ranks: the moments of G Q^T are the shard's rows (half), the
     bases and bookkeeping whole on every rank; step_transient_bytes() is at least the unsharded one
-    (the refresh runs on the whole gathered gradient) plus the gather's buffers."""
+    (the refresh runs on the whole gathered gradient) plus the gather's buffers. The unsharded one
+    of the per-parameter step, which sharded projected parameters take (no projected buckets)."""
     state_bytes, transient = json.loads((fsdp_run / "refusals.json").read_text())["sizes"]["galore_adamw"]
     model, _, _ = make(dtype=torch.float64)
     opt = build(model, "galore_adamw")
+    for group in opt.param_groups:
+        group["foreach"] = False
     opt.materialize_state()
     size = lambda v: v.numel() * v.element_size()
     halved = sum(size(v) for st in opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))

@@ -50,7 +50,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -161,6 +161,25 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     if bool((torch.stack(norms) < MAX_GRAD_NORM).all()):  # NaN compares False
         return True
     return all(bool(torch.linalg.vector_norm(t, dtype=torch.float64) < MAX_GRAD_NORM) for t in tensors)
+
+
+class _Projected(NamedTuple):
+    """A projected parameter between the phases of its step (:meth:`LowMemOptimizer._project_down`,
+    the moment rule, :meth:`LowMemOptimizer._combine_back`): the gradient ``g`` the combine-back reads,
+    the projected gradient ``low``, the learning rate, the parameter in the precision it is updated
+    in (``p32``), whether it is combined back a block of rows at a time, and ``down_of_g``
+    (``low`` when computed from this float32 ``g``: Online Subspace Descent reuses it)."""
+
+    p: Tensor
+    g: Tensor
+    low: Tensor
+    state: dict[str, Tensor]
+    group: dict[str, Any]
+    t: float
+    lr: Any
+    p32: Tensor
+    rows: bool
+    down_of_g: Tensor | None
 
 
 class LowMemOptimizer(torch.optim.Optimizer):
@@ -317,6 +336,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         worst = 0
         sizes: dict[tuple, tuple[int, int]] = {}
         buckets: dict[tuple, int] = {}
+        low_buckets: list[int] = [0]  # projected gradients per bucket of the projected multi-tensor step
+        low_key: tuple | None = None
         for group in self.param_groups:
             for key in group["params"]:
                 state, p = self.state[key], local(key)  # a sharded parameter: its local shard
@@ -331,13 +352,29 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     whole = torch.empty(key.shape, dtype=key.dtype, device="meta")
                     worst = max(worst, self._param_transient_bytes(whole, group, state) + 4 * (m + -(-m // shards)) * n)
                     continue
+                if not is_dtensor(key) and self._projected_foreach_ok(p, group, state=state):
+                    # as step() fills them: one open bucket, a new one for another group or device or
+                    # beyond chunk_numel projected elements
+                    n = self.recipe.projection.low_shape(p.shape, group).numel()
+                    if low_key != (id(group), p.device) or (self.chunk_numel is not None and low_buckets[-1] > 0
+                                                            and low_buckets[-1] + n > self.chunk_numel):
+                        low_buckets.append(0)
+                    low_key = (id(group), p.device)
+                    low_buckets[-1] += n
+                    worst = max(worst, self._param_transient_bytes(p, group, state))
+                    continue
                 if self._foreach_ok(p, group, state=state):
                     for start, stop in self._foreach_pieces(p):
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
                         buckets[key] = buckets.get(key, 0) + stop - start
                     continue
                 worst = max(worst, self._param_transient_bytes(p, group, state))
-        # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt)
+        # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt); the
+        # projected multi-tensor step keeps a bucket's projected gradients (float32) and the rule's
+        # directions alive next to any one parameter's own step (its refresh or its combine-back)
+        low = max(low_buckets)
+        if low:
+            worst += 4 * low + self.recipe.moment.foreach_direction_transient_bytes(low)
         return max(worst, self.recipe.moment.foreach_transient_bytes(max(buckets.values(), default=0)))
 
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> int:
@@ -442,10 +479,21 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return loss
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
+        low_bucket: list[_Projected] = []  # projected parameters waiting for their multi-tensor moment step
         for key, p, grad, group, reduce in work:
             # (a sharded projected parameter: projected by its whole shape, not its shard's)
             state = self.state[key]
-            if not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad, state):
+            if reduce is None and self._projected_foreach_ok(p, group, grad, state):
+                if "step" not in state:
+                    self._init_state(p, group, state)
+                state["step"] += 1
+                item = self._project_down(p, grad, group, state, state["step"].item())
+                if low_bucket and not self._joins_low_bucket(low_bucket, item):
+                    self._step_low_bucket(low_bucket)
+                    low_bucket = []
+                low_bucket.append(item)
+                del item
+            elif not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad, state):
                 if "step" not in state:
                     self._init_state(p, group, state)
                 state["step"] += 1
@@ -457,6 +505,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     buckets.setdefault(key, (group, []))[1].append(piece)
             else:
                 self._update(p, grad, group, key=key, reduce=reduce)
+        if low_bucket:
+            self._step_low_bucket(low_bucket)
+            del low_bucket
         for (_, t, _, _), (group, pieces) in buckets.items():
             ps, gs, ss = zip(*pieces)
             self.recipe.moment.foreach_step_(list(ps), list(gs), list(ss), group, t, group["lr"])
@@ -531,6 +582,49 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and not self._is_projected(p, group)
         )
 
+    # ---- the multi-tensor step of projected parameters ---------------------------------------
+
+    def _projected_foreach_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None = None,
+                              state: dict[str, Tensor] | None = None) -> bool:
+        """Whether projected ``p`` takes the multi-tensor step (:meth:`step`): each parameter is
+        projected down alone (:meth:`_project_down`, its refresh when due), the moment rule steps the
+        projected gradients of a bucket together
+        (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction`), each is combined back alone
+        (:meth:`_combine_back`). Needs a rule with a multi-tensor direction for ``p``'s state (AdamW's
+        on float32 moments), no stabilizers, a learning-rate rule that does not read the parameter,
+        and a dense gradient; ``foreach=False`` in the group keeps the per-parameter step (the
+        reference). FSDP2 shards take the per-parameter path (the caller checks)."""
+        r = self.recipe
+        return (
+            group.get("foreach") is not False
+            and not r.stabilizers
+            and r.lr_rule is constant_lr
+            and not r.moment.applies_lr
+            and (grad is None or grad.layout == torch.strided)
+            and self._is_projected(p, group)
+            and r.moment.supports_foreach_direction(group, {} if state is None else state, p)
+        )
+
+    def _joins_low_bucket(self, bucket: list[_Projected], item: _Projected) -> bool:
+        """Whether ``item`` joins the open bucket: the same group, step and device, and the bucket's
+        projected gradients stay within ``chunk_numel`` elements (one larger than that fills a bucket
+        alone; ``None``: no limit). One bucket is open at a time, so at most one bucket's projected
+        gradients and directions are alive (:meth:`step_transient_bytes`)."""
+        first = bucket[0]
+        if first.group is not item.group or first.t != item.t or first.low.device != item.low.device:
+            return False
+        return self.chunk_numel is None or sum(b.low.numel() for b in bucket) + item.low.numel() <= self.chunk_numel
+
+    def _step_low_bucket(self, bucket: list[_Projected]) -> None:
+        """The moment rule on every projected gradient of ``bucket`` at once, then each parameter's
+        combine-back (its projected gradient and direction freed as it is done)."""
+        group, t, lr = bucket[0].group, bucket[0].t, bucket[0].lr
+        ds = list(self.recipe.moment.foreach_direction([b.low for b in bucket], [b.state for b in bucket], group, t, lr))
+        ds.reverse()
+        bucket.reverse()
+        while bucket:
+            self._combine_back(bucket.pop(), ds.pop())
+
     # ---- the chunked step -------------------------------------------------------------------
 
     def _chunk_bounds(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
@@ -592,19 +686,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 pc.copy_(p32)
             del d, view
         r.moment.finish_chunks(state, mctx)
-
-    def _update_projected_low_precision(self, p: Tensor, grad: Tensor, group: dict[str, Any],
-                                        state: dict[str, Tensor], t: float) -> None:
-        """The projected step for a low-precision gradient without a full-size float32 copy of it:
-        projected down and combined back a block of rows at a time (a refresh still converts the
-        whole gradient: the exact SVD needs it whole anyway)."""
-        r, P = self.recipe, self.recipe.projection
-        if P.refresh_due(state, group, int(t)):
-            self._refresh(p, grad.float(), state, group, int(t))
-        low = P.down_rows(grad, state, group, self._row_bounds(p.shape))
-        lr = r.lr_rule(group, state, p if r.lr_rule is constant_lr else p.float(), t)
-        d = r.moment.direction(low, state, group, t, lr)
-        self._combine_rows(p, grad, low, d, state, group, lr, int(t))
 
     def _row_bounds(self, shape: torch.Size) -> list[tuple[int, int]]:
         """Row chunks of a projected parameter's combine-back: ``chunk_numel // n`` rows each (at least 1)."""
@@ -712,39 +793,63 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 self._update_chunked(p, grad, group, state, t, bounds, reduce)
                 return
 
-        projected = self._is_projected(p, group)
-        if (projected and projected_grad is None and grad.dtype not in (torch.float32, torch.float64) and not r.stabilizers
-                and self.chunk_numel is not None and p.is_contiguous() and grad.is_contiguous()):
-            self._update_projected_low_precision(p, grad, group, state, t)
+        if self._is_projected(p, group):  # project down, the moment rule, combine back (the step's reference)
+            item = self._project_down(p, grad, group, state, t, projected_grad)
+            self._combine_back(item, r.moment.direction(item.low, state, group, t, item.lr))
             return
 
         g = F.compute_float(grad)
         for s in r.stabilizers:
             g = s.transform(g, state, group, int(t), r.moment)
+        p32 = p if p.dtype in (torch.float32, torch.float64) else p.float()
+        lr = r.lr_rule(group, state, p32, t)
+        d = r.moment.direction(g, state, group, t, lr)
+        lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
+        self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
+        if p32 is not p:
+            p.copy_(p32)
 
-        if projected:
-            P = r.projection
-            g = g.float()  # the subspace math is float32 (a float64 parameter stays float64)
-            if projected_grad is None:
-                self._refresh(p, g, state, group, int(t))
-                low = P.down(g, state, group)
-            else:
-                low = projected_grad.float()
+    def _project_down(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                      projected_grad: Tensor | None = None) -> _Projected:
+        """The first phase of a projected parameter's step (its step count already advanced to ``t``):
+        the stabilizers, the refresh when due, the projected gradient and the learning rate; the
+        moment rule's direction of ``low`` and :meth:`_combine_back` finish it. A low-precision
+        gradient is projected a block of rows at a time (no full-size float32 copy of it; a refresh
+        still converts it whole: the exact SVD needs it whole anyway)."""
+        r, P = self.recipe, self.recipe.projection
+        if (projected_grad is None and grad.dtype not in (torch.float32, torch.float64) and not r.stabilizers
+                and self.chunk_numel is not None and p.is_contiguous() and grad.is_contiguous()):
+            if P.refresh_due(state, group, int(t)):
+                self._refresh(p, grad.float(), state, group, int(t))
+            low = P.down_rows(grad, state, group, self._row_bounds(p.shape))
+            lr = r.lr_rule(group, state, p if r.lr_rule is constant_lr else p.float(), t)
+            return _Projected(p, grad, low, state, group, t, lr, p, True, None)
+        g = F.compute_float(grad)
+        for s in r.stabilizers:
+            g = s.transform(g, state, group, int(t), r.moment)
+        g = g.float()  # the subspace math is float32 (a float64 parameter stays float64)
+        if projected_grad is None:
+            self._refresh(p, g, state, group, int(t))
+            low = P.down(g, state, group)
         else:
-            low = g
-
-        rows = projected and self.chunk_numel is not None and p.is_contiguous()
+            low = projected_grad.float()
+        rows = self.chunk_numel is not None and p.is_contiguous()
         # the chunked combine-back converts the parameter a block of rows at a time
         p32 = p if p.dtype in (torch.float32, torch.float64) or (rows and r.lr_rule is constant_lr) else p.float()
         lr = r.lr_rule(group, state, p32, t)
-        d = r.moment.direction(low, state, group, t, lr)
-        if rows:
-            self._combine_rows(p, g, low, d, state, group, lr, int(t), low if projected_grad is None else None)
-            return
-        if projected:
-            d = r.combine.direction(g, low, d, state, group, P)
-            P.post_update(g, state, group, low if projected_grad is None else None)
+        return _Projected(p, g, low, state, group, t, lr, p32, rows, low if projected_grad is None else None)
 
+    def _combine_back(self, item: _Projected, d: Tensor) -> None:
+        """The last phase of a projected parameter's step: the combine-back of the moment rule's
+        direction ``d`` of ``item.low`` and the update (a block of rows at a time, or whole for the
+        reference ``chunk_numel=None``), then the projection's ``post_update``."""
+        r, P = self.recipe, self.recipe.projection
+        p, g, low, state, group, t, lr, p32 = item.p, item.g, item.low, item.state, item.group, item.t, item.lr, item.p32
+        if item.rows:
+            self._combine_rows(p, g, low, d, state, group, lr, int(t), item.down_of_g)
+            return
+        d = r.combine.direction(g, low, d, state, group, P)
+        P.post_update(g, state, group, item.down_of_g)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
         if p32 is not p:

@@ -80,6 +80,23 @@ class MomentRule:
         parameters and state). Default: one float32 tensor of the bucket (AdamW's ``sqrt(v)``)."""
         return 4 * numel
 
+    def supports_foreach_direction(self, group: dict[str, Any], state: dict[str, Tensor], param: Tensor) -> bool:
+        """Whether :meth:`foreach_direction` gives the directions of several projected (low-rank,
+        float32) gradients at once for a parameter ``param`` with this ``state`` (empty before its
+        first step): the engine's multi-tensor step of projected parameters. Default: no."""
+        return False
+
+    def foreach_direction(self, gs: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any], t: float,
+                          lr: Any) -> list[Tensor]:
+        """:meth:`direction` of each float32 ``gs[i]`` with ``states[i]`` (all at step ``t``), as
+        multi-tensor kernels, equal to the per-tensor form (when :meth:`supports_foreach_direction`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no multi-tensor direction")
+
+    def foreach_direction_transient_bytes(self, numel: int) -> int:
+        """Bytes :meth:`foreach_direction` allocates for ``numel`` elements in all, the returned
+        directions included. Default: two float32 tensors of that size."""
+        return 8 * numel
+
     def init_state_sharded(self, state: dict[str, Tensor], shape: torch.Size, whole_shape: torch.Size,
                            group: dict[str, Any], param: Tensor) -> None:
         """FSDP2: allocate for a local shard of ``shape`` of a parameter of ``whole_shape``; a rule
@@ -246,6 +263,23 @@ class AdamMoments(MomentRule):
             v.copy_(v32)
             m, v = m32, v32
         return self._direction(m, v, t, beta1, beta2, group["eps"])
+
+    def supports_foreach_direction(self, group, state, param):
+        dtype = state["exp_avg"].dtype if "exp_avg" in state else state_dtype(group, param)
+        return dtype == torch.float32
+
+    def foreach_direction(self, gs, states, group, t, lr):
+        """The moments (:func:`~lowmem.optim.functional.adam_moments_foreach_`) and the direction
+        (:func:`~lowmem.optim.functional.adam_direction_foreach`, this rule's ``eps`` placement) of
+        float32 moments: the same operations as :meth:`direction`, one kernel each for the list."""
+        beta1, beta2 = group["betas"]
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        F.adam_moments_foreach_(ms, vs, gs, beta1, beta2)
+        return F.adam_direction_foreach(ms, vs, t, beta1, beta2, group["eps"], self.eps_placement)
+
+    def foreach_direction_transient_bytes(self, numel):
+        """The directions and ``sqrt(v)`` (freed once the quotient exists): two float32 tensors."""
+        return 8 * numel
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """Whole AdamW step (moments, decoupled decay, update) for float32 tensors sharing ``t``;

@@ -20,8 +20,10 @@ from .adafactor import (
 )
 from .adam import (
     adam_direction,
+    adam_direction_foreach,
     adam_direction_hf,
     adam_moments_,
+    adam_moments_foreach_,
     adamw_foreach_,
     apply_update_,
     compute_float,
@@ -30,7 +32,7 @@ from .adam import (
 
 __all__ = [
     "compute_float",
-    "adafactor_beta2", "adafactor_param_scale", "adafactor_relative_lr", "adam_direction", "adam_direction_hf",
-    "adam_moments_", "adamw_foreach_", "apply_update_", "clip_by_rms_", "decoupled_weight_decay_", "factored_rsqrt",
+    "adafactor_beta2", "adafactor_param_scale", "adafactor_relative_lr", "adam_direction", "adam_direction_foreach",
+    "adam_direction_hf", "adam_moments_", "adam_moments_foreach_", "adamw_foreach_", "apply_update_", "clip_by_rms_", "decoupled_weight_decay_", "factored_rsqrt",
     "factored_second_moment_", "rms",
 ]

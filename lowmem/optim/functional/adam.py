@@ -113,3 +113,33 @@ def adamw_foreach_(
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=value)
+
+
+def adam_moments_foreach_(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], beta1: float, beta2: float) -> None:
+    """:func:`adam_moments_` of float32 tensors, one multi-tensor kernel per operation (the same
+    operations in the same order: equal to the per-tensor form bit for bit on the CPU)."""
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+
+
+def adam_direction_foreach(ms: list[Tensor], vs: list[Tensor], t: float, beta1: float, beta2: float, eps: float,
+                           eps_placement: str = "torch") -> list[Tensor]:
+    """:func:`adam_direction` (``eps_placement="torch"``) or :func:`adam_direction_hf` (``"hf"``) of
+    float32 tensors sharing the step ``t``, one multi-tensor kernel per operation, the same operations
+    in the same order. Returns new tensors (``sqrt(v)`` is freed once the quotient exists)."""
+    if eps_placement not in ("torch", "hf"):
+        raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
+    denom = torch._foreach_sqrt(vs)
+    if eps_placement == "torch":
+        torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+        torch._foreach_add_(denom, eps)
+        d = torch._foreach_div(ms, denom)
+        del denom
+        torch._foreach_div_(d, 1.0 - beta1**t)
+        return d
+    torch._foreach_add_(denom, eps)
+    d = torch._foreach_div(ms, denom)
+    del denom
+    torch._foreach_mul_(d, math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+    return d

@@ -1,0 +1,166 @@
+"""The multi-tensor step of projected parameters (issue 15): each parameter projected down alone, the
+moment rule on a bucket's projected gradients at once (``MomentRule.foreach_direction``), each combined
+back alone; equal to the per-parameter step (``foreach=False``) bit for bit on the CPU, where the
+multi-tensor kernels run the per-tensor operations in the same order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowmem.optim import functional as F
+from lowmem.optim.registry import create_optimizer
+
+# several equal shapes (one bucket), different shapes and both projection sides, one long enough to
+# fill a bucket alone, and a vector (full-rank, in the same group)
+SHAPES = [(16, 12), (16, 12), (12, 20), (20, 12), (9, 40), (7,)]
+RANK = 4
+
+CONFIGS = {
+    "galore_std": ("galore_adamw", {"weight_decay": 0.1, "scale": 0.5}),
+    "galore_reverse_std": ("galore_adamw", {"proj_type": "reverse_std", "weight_decay": 0.1}),
+    "galore_rsvd_rotate": ("galore_adamw", {"projection": "rsvd", "moment_policy": "rotate"}),
+    "galore_reset": ("galore_adamw", {"moment_policy": "reset", "proj_type": "left"}),
+    "fira": ("fira_adamw", {"weight_decay": 0.1}),
+    "frugal": ("frugal", {"weight_decay": 0.1}),  # torch's eps placement, decay before the update
+    "frugal_columns": ("frugal", {"projection": "columns"}),
+    "apollo": ("apollo_adamw", {"weight_decay": 0.1}),
+    "apollo_mini": ("apollo_mini", {"rank": 1}),
+    "osd": ("osd_adamw", {"proj_lr": 1e-2}),
+}
+
+
+def _run(name, hparams, foreach, chunk_numel, dtype=torch.float32, steps=5, skip_first=(), monkeypatch=None):
+    """Weights and state after ``steps`` steps (a refresh every 2 steps), and the element counts of
+    the buckets the multi-tensor direction stepped."""
+    calls: list[list[int]] = []
+    orig = F.adam_direction_foreach
+
+    def spy(ms, *args, **kwargs):
+        calls.append([m.numel() for m in ms])
+        return orig(ms, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    hp = {"rank": RANK, "update_proj_gap": 2, "lr": 1e-2, "eps": 1e-3, **hparams}
+    opt = create_optimizer(ps, name, **hp)
+    opt.chunk_numel = chunk_numel
+    for g in opt.param_groups:
+        g["foreach"] = foreach
+    with monkeypatch.context() as mp:
+        mp.setattr(F, "adam_direction_foreach", spy)
+        for step in range(steps):
+            for i, p in enumerate(ps):
+                p.grad = None if (step == 0 and i in skip_first) else torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+    return [p.detach().clone() for p in ps], [{k: v.clone() for k, v in opt.state[p].items()} for p in ps], calls, opt
+
+
+def _assert_equal(fast, ref):
+    """Projected parameters and their state bit for bit; the full-rank vector (the full-rank foreach
+    path where the rule has one, tested on its own in test_reference / test_speed_paths) at rtol 1e-6."""
+    fast_p, fast_s = fast[:2]
+    ref_p, ref_s = ref[:2]
+    for i, (a, b, sa, sb) in enumerate(zip(fast_p, ref_p, fast_s, ref_s)):
+        assert sa.keys() == sb.keys()
+        if a.dim() == 1:
+            for x, y in [(a, b), *((sa[k], sb[k]) for k in sa)]:
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+            continue
+        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max())
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (i, k)
+
+
+def _low_numel(opt, ps_shapes=SHAPES):
+    group = opt.param_groups[0]
+    return [opt.recipe.projection.low_shape(torch.Size(s), group).numel() for s in ps_shapes if len(s) == 2]
+
+
+@pytest.mark.parametrize("label", sorted(CONFIGS))
+@pytest.mark.parametrize("chunk_numel", [160, None])
+def test_projected_bucket_equals_the_per_parameter_step(label, chunk_numel, monkeypatch):
+    """Weights and every state tensor equal bit for bit after 5 steps with refreshes at steps 1, 3
+    and 5; every projected element goes through the multi-tensor direction every step, in buckets
+    of at most ``chunk_numel`` projected elements (one larger than that alone), at least one bucket
+    holding several parameters; the reference never calls it."""
+    name, hp = CONFIGS[label]
+    fast = _run(name, hp, None, chunk_numel, monkeypatch=monkeypatch)
+    ref = _run(name, hp, False, chunk_numel, monkeypatch=monkeypatch)
+    assert ref[2] == []
+    _assert_equal(fast, ref)
+    lows, calls = _low_numel(fast[3]), fast[2]
+    assert sum(map(sum, calls)) == 5 * sum(lows)
+    assert max(map(len, calls)) > 1
+    for bucket in calls:
+        assert chunk_numel is None or len(bucket) == 1 or sum(bucket) <= chunk_numel, bucket
+    if chunk_numel is None:  # one bucket per step
+        assert len(calls) == 5
+
+
+@pytest.mark.parametrize("label", ["galore_std", "fira", "apollo", "frugal"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_projected_bucket_bf16_and_float64_parameters(label, dtype, monkeypatch):
+    """bf16 parameters and gradients (projected a block of rows at a time) and float64 ones (updated
+    in float64) take the buckets too, with float32 moments, equal bit for bit."""
+    name, hp = CONFIGS[label]
+    fast = _run(name, hp, None, 160, dtype=dtype, monkeypatch=monkeypatch)
+    ref = _run(name, hp, False, 160, dtype=dtype, monkeypatch=monkeypatch)
+    assert fast[2] and not ref[2]
+    _assert_equal(fast, ref)
+
+
+def test_projected_bucket_splits_by_step_count(monkeypatch):
+    """A parameter without a gradient at the first step is a step behind the others: it is stepped in
+    a bucket of its own step count (its bias correction), equal to the per-parameter step."""
+    fast = _run("galore_adamw", {"weight_decay": 0.1}, None, None, skip_first=(1,), monkeypatch=monkeypatch)
+    ref = _run("galore_adamw", {"weight_decay": 0.1}, False, None, skip_first=(1,), monkeypatch=monkeypatch)
+    _assert_equal(fast, ref)
+    # one bucket open at a time: parameter 1 (step t - 1) closes parameter 0's bucket and opens its own
+    assert [len(c) for c in fast[2]] == [4] + [1, 1, 3] * 4
+
+
+@pytest.mark.parametrize("name,hparams", [
+    ("galore_adamw8bit", {"min_quant_size": 16}),  # quantized moments: the per-parameter step
+    ("galore_adamw", {"state_dtype": "param"}),  # bf16 moments of a bf16 parameter: no multi-tensor form
+])
+def test_projected_bucket_not_taken_without_a_float32_multi_tensor_rule(name, hparams, monkeypatch):
+    _, _, calls, _ = _run(name, hparams, None, 160, dtype=torch.bfloat16 if "state_dtype" in hparams else torch.float32,
+                          steps=2, monkeypatch=monkeypatch)
+    assert calls == []
+
+
+def test_step_transient_bytes_counts_the_open_bucket(monkeypatch):
+    """The reported transient grows by the largest bucket's projected gradients, directions and
+    ``sqrt(v)`` (12 bytes per projected element) over the per-parameter step's."""
+    *_, fast = _run("galore_adamw", {}, None, 160, steps=1, monkeypatch=monkeypatch)
+    *_, ref = _run("galore_adamw", {}, False, 160, steps=1, monkeypatch=monkeypatch)
+    lows = _low_numel(fast)  # [64, 64, 80, 80, 160]: buckets 128, 80, 80, 160 (filled in order)
+    buckets, cur = [], 0
+    for n in lows:
+        if cur and cur + n > 160:
+            buckets.append(cur)
+            cur = 0
+        cur += n
+    buckets.append(cur)
+    assert fast.step_transient_bytes() == ref.step_transient_bytes() + 12 * max(buckets)
+
+
+def test_foreach_direction_equals_direction_per_tensor():
+    """``AdamMoments.foreach_direction`` against ``direction`` one tensor at a time, both eps
+    placements, several steps: moments and directions bit for bit."""
+    from lowmem.optim.moments import AdamMoments
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 12), (4, 12), (20, 4), (3, 5)]
+    for placement in ("torch", "hf"):
+        rule = AdamMoments(placement)
+        group = {"betas": (0.9, 0.99), "eps": 1e-3}
+        a = [{"exp_avg": torch.zeros(s), "exp_avg_sq": torch.zeros(s)} for s in shapes]
+        b = [{k: v.clone() for k, v in st.items()} for st in a]
+        for t in range(1, 4):
+            gs = [torch.randn(s, generator=gen) for s in shapes]
+            da = rule.foreach_direction(gs, a, group, float(t), 1e-2)
+            db = [rule.direction(g, st, group, float(t), 1e-2) for g, st in zip(gs, b)]
+            assert all(torch.equal(x, y) for x, y in zip(da, db))
+            assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
