@@ -202,3 +202,41 @@ def test_spam_composes_with_8bit_moments():
         assert finals[-1] < 0.2 * first
         assert opt.state[p]["exp_avg"].dtype == moment_dtype
     assert abs(finals[0] - finals[1]) < 0.1 * finals[1]  # 8-bit moments track the float32 ones
+
+
+# ---- AdaClip's fast pieces (issue 15): the same bits as the formulas they replace -----------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_abs_max_is_the_inf_norm_bit_for_bit(dtype):
+    """``abs_max`` (one ``aminmax`` pass) returns ``vector_norm(g, inf)``: mixed signs, all positive, all
+    negative (the max of ``|g|`` is then ``-min``), a single element, and NaN propagating."""
+    from lowmem.optim.functional.spam import abs_max
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1001, generator=g).to(dtype)
+    cases = [x, x.abs() + 0.5, -x.abs() - 0.5, x[:1], -x[:1]]
+    for c in cases:
+        got, want = abs_max(c), torch.linalg.vector_norm(c, float("inf"))
+        assert got.dtype == want.dtype and torch.equal(got, want), (got, want)
+    nan = x.clone()
+    nan[7] = float("nan")
+    assert abs_max(nan).isnan()
+
+
+def test_ada_clip_apply_is_the_where_formula_bit_for_bit():
+    """The in-place AdaClip equals ``torch.where(|g| > bound, g / max|g| * bound, g)`` bit for bit (a bound that
+    clips about a third of the entries, none, all but the largest, a zero gradient) and leaves ``g`` alone."""
+    from lowmem.optim.functional.spam import abs_max, ada_clip_apply
+
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(4097, generator=gen) * 1e-3
+    g_max = abs_max(g)
+    before = g.clone()
+    for frac in (0.3, 2.0, 1e-6):
+        bound = g_max * frac
+        want = torch.where(g.abs() > bound, g / g_max * bound, g)
+        assert torch.equal(ada_clip_apply(g, g_max, bound), want), frac
+    assert torch.equal(g, before)
+    z = torch.zeros(64)
+    assert torch.equal(ada_clip_apply(z, abs_max(z), torch.tensor(0.0)), z)  # 0 / 0 only where nothing is picked

@@ -190,8 +190,8 @@ class StableSPAMStabilizer(Stabilizer):
         # glibc's heap and make it grow chunk by chunk (measured: +256 MiB on an 8192 x 8192 weight)
         g_max = torch.zeros((), dtype=torch.float32, device=g.device)
         for a, b in bounds:
-            # max |g| is exact in g's dtype; float64 gradients cannot take dtype=float32 (narrowing)
-            torch.maximum(g_max, torch.linalg.vector_norm(g[a:b], float("inf")).float(), out=g_max)
+            # max |g| is exact in g's dtype (then rounded to float32, as before)
+            torch.maximum(g_max, S.abs_max(g[a:b]).float(), out=g_max)
         if reduce is not None:
             reduce.max_(g_max)
         bound = S.ada_clip_bound_(state["spam_clip_max"], g_max, group["theta"], t_stats)
@@ -214,9 +214,12 @@ class StableSPAMStabilizer(Stabilizer):
         return S.ada_clip_apply(g, g_max, bound).mul_(scale)
 
     def transient_bytes(self, numel, group):
-        """AdaClip's ``|g|``, comparison, ``g / max|g| * bound`` and the result, alive together at
-        most: 4 float32 tensors (the AdaGN scaling is in place on the result)."""
-        return 16 * numel
+        """AdaClip's result (``|g|``, then ``g / max|g| * bound`` and the ``where``, all written into
+        it) and its boolean mask, plus a float32 copy of a low-precision gradient chunk in
+        :meth:`prepare`'s norm pass: 4 + 1 + 4 bytes per element at most (the AdaGN scaling is in
+        place on the result in a chunk; the whole-tensor step holds the clipped and the scaled
+        gradient, 8). It was 16 (four float32 temporaries) before issue 15's in-place AdaClip."""
+        return 9 * numel
 
 
 class RestartBiasCorrection(MomentRule):

@@ -104,7 +104,7 @@ def ada_clip(g: Tensor, max_ema: Tensor, theta: float, t: int) -> Tensor:
     ``m_max = theta m_max + (1 - theta) max|g|``; ``m_hat = m_max / (1 - theta^t)``; entries with
     ``|g_i| > m_hat`` are scaled by ``m_hat / max|g|``.
     """
-    g_max = g.abs().amax()
+    g_max = abs_max(g)
     bound = ada_clip_bound_(max_ema, g_max, theta, t)
     return ada_clip_apply(g, g_max, bound)
 
@@ -119,8 +119,26 @@ def ada_clip_bound_(max_ema: Tensor, g_max: Tensor, theta: float, t: int) -> Ten
 def ada_clip_apply(g: Tensor, g_max: Tensor, bound: Tensor) -> Tensor:
     """AdaClip's clipping (Algorithm 1, lines 7-8): entries with ``|g_i| > m_hat`` become
     ``g_i m_hat / max|g|``. Element-wise, so it applies to any chunk of ``g`` given the whole
-    tensor's ``max|g|``."""
-    return torch.where(g.abs() > bound, g / g_max * bound, g)
+    tensor's ``max|g|``.
+
+    Computed as ``torch.where(|g| > m_hat, g / max|g| * m_hat, g)`` with the same operations in the
+    same order (so the same bits), but into one result tensor and one boolean mask: ``|g|`` is
+    written into the result, compared, then overwritten by ``g / max|g| * m_hat`` and the ``where``
+    (issue 15: four fresh float temporaries per call made this the Stable-SPAM step's largest cost
+    on the CPU, each a fresh allocation of the chunk's size)."""
+    out = torch.abs(g)
+    mask = torch.gt(out, bound)
+    torch.div(g, g_max, out=out)
+    out.mul_(bound)
+    return torch.where(mask, out, g, out=out)
+
+
+def abs_max(g: Tensor) -> Tensor:
+    """``max |g_i|`` (0-d, in ``g``'s dtype; exact) as ``max(max g, -min g)`` from one ``aminmax`` pass:
+    the same value as ``g.abs().amax()`` or ``vector_norm(g, inf)`` (NaN propagates alike), about 10x
+    faster than the latter on the CPU (issue 15)."""
+    lo, hi = torch.aminmax(g)
+    return torch.maximum(hi, lo.neg())
 
 
 def ada_gn(g: Tensor, norm_m: Tensor, norm_v: Tensor, gamma1: float, gamma2: float, t: int, eps: float) -> Tensor:
