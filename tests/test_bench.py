@@ -400,3 +400,20 @@ def test_torchao_peers_build_and_step(name):
     on a 2-core machine, hence slow)."""
     pytest.importorskip("torchao")
     assert probe_peer(get_peer(name)) is None
+
+
+def test_state_bytes_of_a_peer_count_tensor_subclasses_and_skip_counters():
+    """A peer's state held in a tensor subclass (torchao's OptimState4bit: codes + scales) counts its inner
+    tensors, not its nominal float32 size; a counter kept beside the per-parameter dicts (pytorch_optimizer's
+    SPAM: ``state["total_step"]``) is skipped."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from lowmem.bench import _state_bytes, _tensor_bytes
+
+    t = TwoTensor(torch.zeros(10), torch.zeros(10))  # nominal 40 bytes, two inner tensors of 40
+    assert _tensor_bytes(t) == 80 and _tensor_bytes({"x": t}) == 80
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p]["m"] = torch.zeros(3)
+    opt.state["total_step"] = 4
+    assert _state_bytes(opt) == 12
