@@ -760,20 +760,27 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
 def _refuse_fsdp_on_cpu(training_args: dict[str, Any]) -> None:
     """accelerate (1.15) turns FSDP on only for GPU / accelerator processes (``AcceleratorState``:
     ``MULTI_GPU``, ``MULTI_NPU``, ..., not ``MULTI_CPU``): several CPU processes with an FSDP
-    configuration (``accelerate launch --config_file configs/accelerate/fsdp2.yaml`` or
-    ``training_args: {fsdp: ...}``) would train with DDP instead, unsharded. Refuse that.
+    configuration (``accelerate launch --config_file configs/accelerate/fsdp2.yaml``, which exports
+    ``ACCELERATE_USE_FSDP=true``, or ``training_args: {fsdp: ...}``) would train with DDP instead,
+    unsharded. Refuse that. (With accelerate's FSDP branch applied to CPU processes, as
+    tests/test_trainer_fsdp.py does, `lowmem train` runs FSDP2 on the CPU; the shipped configuration
+    is tested that way.)
 
     Raises:
         ConfigError: FSDP asked for through accelerate's environment or ``training_args`` on the CPU.
     """
     import os
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or training_args.get("fsdp"):
+    env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if env or training_args.get("fsdp"):
+        source = ("ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP configuration)" if env
+                  else f"training_args.fsdp={training_args['fsdp']!r}")
         raise ConfigError(
-            "FSDP through accelerate / the Trainer needs GPUs: accelerate enables FSDP only for GPU (accelerator)"
-            " processes and would train these CPU processes with DDP instead, unsharded. On the CPU use DDP"
-            " (accelerate launch --multi_gpu, docs/training.md) or FSDP2 from Python with fully_shard"
-            " (examples/fsdp2.py, docs/distributed.md)"
+            f"FSDP through accelerate / the Trainer needs GPUs: {source} on CPU processes, but accelerate enables "
+            "FSDP only for GPU / accelerator processes (MULTI_GPU, MULTI_NPU, ..., not MULTI_CPU) and would train "
+            "these with DDP instead, each holding the whole model and optimizer state. On the CPU use DDP "
+            "(accelerate launch --multi_gpu, docs/training.md) or FSDP2 from Python with fully_shard "
+            "(examples/fsdp2.py, docs/distributed.md)"
         )
 
 

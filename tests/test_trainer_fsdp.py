@@ -51,27 +51,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, tags: list[str]) -> Path:
-    """``accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2`` of the script."""
-    out.mkdir(parents=True, exist_ok=True)
+def accelerate_launch(config: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --num_processes 2 SCRIPT ARGS`` (2 CPU processes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(CONFIG),
-           "--num_processes", "2", "--main_process_port", str(_free_port()),
-           str(Path(__file__).parent / "trainer_fsdp_script.py"), str(out), *tags]
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(config),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), str(Path(__file__).parent / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    return proc
+
+
+def sharded_config(tmp: Path) -> Path:
+    """The shipped configuration with ``fsdp_state_dict_type: SHARDED_STATE_DICT`` (checkpoints through
+    torch.distributed.checkpoint)."""
+    text = CONFIG.read_text()
+    assert "fsdp_state_dict_type: FULL_STATE_DICT" in text
+    (tmp / "fsdp2_sharded.yaml").write_text(text.replace("FULL_STATE_DICT", "SHARDED_STATE_DICT"))
+    return tmp / "fsdp2_sharded.yaml"
 
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("trainer_fsdp"), FAST + ["layerwise"])
+    """The shipped configuration (FULL_STATE_DICT checkpoints)."""
+    out = tmp_path_factory.mktemp("trainer_fsdp")
+    accelerate_launch(CONFIG, "trainer_fsdp_script.py", str(out), *FAST, "layerwise")
+    return out
 
 
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("trainer_fsdp_slow"), SLOW)
+    """SHARDED_STATE_DICT: the optimizer's state saved and loaded through torch.distributed.checkpoint."""
+    out = tmp_path_factory.mktemp("trainer_fsdp_slow")
+    accelerate_launch(sharded_config(out), "trainer_fsdp_script.py", str(out), *SLOW)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +139,10 @@ def check_run(out: Path, tag: str, reference, loss_rtol=LOSS_RTOL, weight_atol=W
 def test_trainer_fsdp2_matches_one_process_and_resumes_exactly(fast_run, reference, tag):
     """GaLore (rank 4, refreshes at steps 1 and 3) on the projected weights, AdamW on the rest: within
     1e-6 of one process (measured 4.9e-8), this rank holding 0.61 of one process's state; the
-    checkpoint at step 2 resumes bit-exactly."""
+    checkpoint at step 2 (the shipped FULL_STATE_DICT: the state gathered into optimizer.bin, scattered
+    back on load) resumes bit-exactly."""
+    ckpt = fast_run / tag / "checkpoint-2"
+    assert (ckpt / "optimizer.bin").is_file() and (ckpt / "model.safetensors").is_file()
     check_run(fast_run, tag, reference)
 
 
@@ -144,6 +160,11 @@ SLOW_CHECKED = [t for t in SLOW if t not in ("torch_adamw", "adamw_fp32", "adamw
 @pytest.mark.slow  # one more launch (~60 s idle, 100 s on 2 busy cores)
 @pytest.mark.parametrize("tag", SLOW_CHECKED)
 def test_trainer_fsdp2_more_optimizers(slow_run, reference, tag):
+    """Under SHARDED_STATE_DICT: each rank's pieces of the state in a torch.distributed.checkpoint
+    directory; resume exact for every kind of state (float32 moments, 8- / 4-bit codes, Adafactor's
+    statistics, GaLore's bases, Muon's momentum)."""
+    assert sorted(p.name for p in (slow_run / tag / "checkpoint-2" / "optimizer_0").glob("*.distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
     check_run(slow_run, tag, reference)
 
 
@@ -163,5 +184,73 @@ def test_trainer_fsdp2_float32_as_close_as_torch_adamw(slow_run, reference):
 def test_trainer_fsdp2_quantizes_what_one_process_quantizes(slow_run, reference):
     """The default min_quant_size (4096): q / o projections (4096 elements), embedding and head (5120)
     are quantized in one process; on FSDP2 their half-shards (2048, 2560) are not (measured: this rank
-    0.84 of one process's state instead of 0.50, max |weight difference| 3.3e-3 in float32)."""
+    0.84 of one process's state instead of 0.50; max |weight difference| 2.6e-3, float64 weights)."""
     check_run(slow_run, "adamw8bit_default", reference)
+
+
+LOWMEM_RECIPE = ("optim: galore_adamw\noptim_args: {rank: 4, update_proj_gap: 2}\nlr: 0.01\ntrain_size: 32\n"
+                 "eval_size: 8\nsteps: 4\nsave_steps: 2\nlogging_steps: 1\ntrack_memory: false\n")
+
+
+@pytest.mark.slow  # two launches of `lowmem train` (~70 s)
+def test_lowmem_train_under_the_shipped_fsdp2_config(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/fsdp2.yaml -m lowmem.cli train` (2 processes,
+    GaLore): the final weights equal one process's with the same global batch (float32, the tolerance
+    of tests/test_train_distributed.py), the final model and every checkpoint are complete for
+    `lowmem train` (FULL_STATE_DICT), and `--resume` from checkpoint-2 ends on the same weights, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lowmem.train import checkpoint_missing, load_recipe, run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LOWMEM_RECIPE)
+    run(load_recipe(recipe, batch_size=8, output_dir=str(tmp_path / "one")))
+    two = tmp_path / "two"
+    proc = accelerate_launch(CONFIG, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--batch-size", "4",
+                             "--output-dir", str(two))
+    assert proc.stdout.count("metrics: ") == 1, proc.stdout
+    assert json.loads((two / "metrics.json").read_text())["processes"] == 2
+    assert checkpoint_missing(two / "checkpoint-2") == [] and checkpoint_missing(two / "checkpoint-4") == []
+    one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(two / "model.safetensors")
+    assert one_w.keys() == two_w.keys()
+    for k in one_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=1e-4, atol=5e-5, msg=k)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
+    written = (resumed / "checkpoint-2" / "optimizer.bin").stat().st_mtime_ns
+    accelerate_launch(CONFIG, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--resume", "--batch-size", "4",
+                      "--output-dir", str(resumed))
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"] == str(resumed / "checkpoint-2")
+    # it started at step 3 (a run from step 0 would rewrite checkpoint-2 and reach the same weights)
+    assert (resumed / "checkpoint-2" / "optimizer.bin").stat().st_mtime_ns == written
+    assert (resumed / "checkpoint-4" / "optimizer.bin").is_file()
+    res_w = load_file(resumed / "model.safetensors")
+    for k in two_w:
+        assert torch.equal(res_w[k], two_w[k]), k
+
+
+@pytest.mark.parametrize("how", ["environment", "training_args"])
+def test_lowmem_train_fsdp_refusal_names_its_source(tmp_path, monkeypatch, how):
+    """Without accelerate's FSDP on CPU processes, `lowmem train` refuses, naming what asked for FSDP."""
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, load_recipe
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = "optim: adamw\nsteps: 2\n"
+    if how == "environment":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        source = "ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP configuration)"
+    else:
+        monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+        text += "training_args:\n  fsdp: full_shard\n  fsdp_config: {version: 2}\n"
+        source = "training_args.fsdp='full_shard'"
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        build_training_args(load_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out")))
+    assert f"needs GPUs: {source} on CPU processes" in str(err.value)
+    assert "not MULTI_CPU" in str(err.value) and "would train these with DDP instead" in str(err.value)

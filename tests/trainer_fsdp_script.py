@@ -125,7 +125,7 @@ def run(out: Path, tag: str, rank: int) -> None:
     if rank == 0:
         torch.save(weights, out / f"{tag}_final.pt")
 
-    resumed = make_trainer(out / tag, tag, GLOBAL_BATCH // 2, seed=1)  # other weights: the checkpoint sets them
+    resumed = make_trainer(out / f"{tag}_resumed", tag, GLOBAL_BATCH // 2, seed=1)  # other weights: the checkpoint sets them
     resumed.train(resume_from_checkpoint=str(out / tag / f"checkpoint-{SAVE_STEPS}"))
     result["resumed_losses"] = losses(resumed)
     weights = full_weights(resumed.model)
