@@ -142,12 +142,12 @@ def adam_mini_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         torch._foreach_mul_(v_b, beta2)
         torch._foreach_add_(v_b, list(means.split([v.numel() for v in v_b])), alpha=1.0 - beta2)
         del means
-    # each block's factor (1 / (1 - beta1^t)) / (sqrt(v_b) / sqrt(1 - beta2^t) + eps)
-    scale = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(scale, math.sqrt(1.0 - beta2**t))
-    torch._foreach_add_(scale, eps)
-    torch._foreach_reciprocal_(scale)
-    torch._foreach_mul_(scale, 1.0 / (1.0 - beta1**t))
+    # each block's factor (1 / (1 - beta1^t)) / (sqrt(v_b) / sqrt(1 - beta2^t) + eps), for every block
+    # of the list at once (the per-tensor ops, element by element: the same numbers)
+    factors = torch.cat([v.reshape(-1) for v in exp_avg_sqs]).sqrt_().div_(math.sqrt(1.0 - beta2**t)).add_(eps)
+    factors.reciprocal_().mul_(1.0 / (1.0 - beta1**t))
+    scale = factors.split([v.numel() for v in exp_avg_sqs])
+    del factors
     # m_b * factor_b: a whole-tensor block's factor (shape (1,)) and an element-wise vector's broadcast
     # as they are; other layouts as (blocks, elements per block) * (blocks, 1)
     plain = [v.numel() == 1 or v.shape == m.shape for m, v in zip(exp_avgs, exp_avg_sqs)]

@@ -176,11 +176,13 @@ def subset_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     del sq
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, eps)
-    d = torch._foreach_div([x.reshape(v.shape[0], -1) if v.shape[-1] == 1 else x.reshape(-1, v.shape[-1])
+    # the numerator as (subsets, elements) against (subsets, 1), or (rows, n) against (1, n)
+    d = torch._foreach_div([x if x.dim() == 2 and (x.shape[0] == v.shape[0] if v.shape[-1] == 1 else x.shape[1] == v.shape[1])
+                            else x.reshape(v.shape[0], -1) if v.shape[-1] == 1 else x.reshape(-1, v.shape[-1])
                             for x, v in zip(nums, exp_avg_sqs)], denom)
     del denom
     if scale != 1.0:
         torch._foreach_mul_(d, scale)
-    torch._foreach_add_(params, [x.view(p.shape) for x, p in zip(d, params)], alpha=-lr)
+    torch._foreach_add_(params, [x if x.shape == p.shape else x.view(p.shape) for x, p in zip(d, params)], alpha=-lr)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)

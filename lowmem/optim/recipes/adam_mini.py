@@ -264,14 +264,10 @@ class AdamMiniMoments(MomentRule):
 
     def supports_foreach_for(self, shape, group, state):
         """Every block kind, but a whole-tensor block of an FSDP2 (sharded) group: its mean over the
-        whole tensor needs the shards' sums (:meth:`prepare_chunks` all-reduces them). ``state``
-        (after the first step): one ``v`` entry per block of ``shape``."""
-        if group["block"] == "tensor" and sharded_group(group):
-            return False
-        if not state:
-            return True
-        v = state.get("exp_avg_sq")
-        return v is not None and v.numel() == _n_blocks(shape, group)
+        whole tensor needs the shards' sums (:meth:`prepare_chunks` all-reduces them). (Called for
+        every parameter every step: the partition is read from ``v``'s size, as :meth:`direction`
+        does.)"""
+        return group["block"] != "tensor" or not sharded_group(group)
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """A bucket's whole step (moments, decay before the update, update): whole tensors by
