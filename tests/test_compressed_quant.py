@@ -248,3 +248,25 @@ def test_tiny_task_loss_within_5_percent_of_adamw(name, tiny_llama_results):
     assert ours.final_train_loss <= 1.05 * base.final_train_loss
     # the tiny model's 4096+-entry weights are quantized: fewer bytes than AdamW's 8 per parameter
     assert ours.bytes_per_param < (3.0 if name == "adamw8bit" else 2.0) < base.bytes_per_param
+
+
+@pytest.mark.parametrize("recipe", ["ADAMW8BIT", "ADAMW4BIT"])
+def test_a_shard_is_quantized_when_its_whole_tensor_is(recipe):
+    """FSDP2 hands the moment rule a local shard: ``min_quant_size`` is compared with the whole
+    parameter's size, so a 4096-element weight's half-shard (2048) is stored as codes, as the weight
+    is in one process (it kept float32 moments: 0.84 of one process's state on 2 ranks)."""
+    from lowmem.optim.quantized import is_quantized
+    from lowmem.optim.recipes import compressed
+
+    rule = getattr(compressed, recipe).moment
+    group = {"block_size": 256, "min_quant_size": 4096, "v_normalization": "block", "state_dtype": "float32"}
+    param = torch.zeros(32, 64)
+    shard, whole = torch.Size((32, 64)), torch.Size((64, 64))
+    sharded, alone, small = {}, {}, {}
+    rule.init_state_sharded(sharded, shard, whole, group, param)
+    rule.init_state(alone, whole, group, torch.zeros(whole))
+    rule.init_state_sharded(small, shard, torch.Size((63, 64)), group, param)  # whole 4032 < 4096
+    for key in rule.specs:
+        assert is_quantized(sharded, key) and is_quantized(alone, key), key
+        assert not is_quantized(small, key), key
+        assert sharded[key].numel() * 2 == alone[key].numel(), key  # half of the whole tensor's codes

@@ -194,12 +194,23 @@ class Quantized(MomentRule):
         return f"Quantized({type(self.inner).__name__}, bits={bits})"
 
     def init_state(self, state, shape, group, param):
+        self._init_state(state, shape, group, param, math.prod(shape))
+
+    def init_state_sharded(self, state, shape, whole_shape, group, param):
+        """FSDP2: a local shard's moments are quantized exactly when the whole tensor's would be
+        (``min_quant_size`` is compared with the whole parameter's size, so every rank and one
+        process store the same tensors as codes)."""
+        self._init_state(state, shape, group, param, math.prod(whole_shape))
+
+    def _init_state(self, state, shape, group, param, whole_numel: int) -> None:
+        """Allocate for a gradient of ``shape``; ``whole_numel``: the size of the whole tensor the
+        listed moments (the gradient's shape) are part of, which ``min_quant_size`` is compared with."""
         probe: dict[str, Tensor] = {}
         meta_param = torch.empty(0, dtype=param.dtype, device="meta")
         self.inner.init_state(probe, shape, group, meta_param)
         for key, t in probe.items():
             spec = self.specs.get(key)
-            if spec is None or t.numel() < group["min_quant_size"]:
+            if spec is None or whole_numel < group["min_quant_size"]:
                 state[key] = torch.zeros(t.shape, dtype=t.dtype, device=param.device)
             elif key == self.rank1_key and t.dim() >= 2 and group.get("v_normalization", "block") == "rank1":
                 alloc_rank1(state, key, t.shape, param.device)
