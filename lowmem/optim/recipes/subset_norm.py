@@ -474,8 +474,8 @@ class AdamWSN(LowMemOptimizer):
             ``k > 0``: contiguous flat subsets of the largest divisor of the size ``<= k``; ``-d``: of about
             ``sqrt(size) / d`` (the authors' ``adamw_sng.py`` and pytorch_optimizer's partition).
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
-        foreach (`bool` or `None`, defaults to `None`): ``False`` steps the parameters with an element-wise
-            second moment one at a time instead of in multi-tensor buckets (subset-normed weights always are).
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps every parameter one at a time
+            instead of in multi-tensor buckets (float32 parameters and state).
     """
 
     recipe = ADAMW_SN
