@@ -24,8 +24,8 @@ import torch
 # run tag -> (lowmem_optim, lowmem_optim_args, weight dtype). float64 weights (the optimizers' state stays
 # float32) make the comparison with one process tight, as in tests/test_fsdp.py; the float32 pair
 # (torch.optim.AdamW, the Trainer's own, against lowmem's adamw) measures what float32 reaches.
-# Quantized moments: min_quant_size 128 quantizes every matrix both unsharded and on its half-shard
-# (the size test reads the local shard; norms, 64 elements, stay float32 in both), blocks of 64 elements.
+# Quantized moments: min_quant_size 128 quantizes every matrix (norms, 64 elements, stay float32), blocks of
+# 64 elements (every half-shard holds whole blocks).
 QUANT = {"block_size": 64, "min_quant_size": 128}
 RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
     "torch_adamw": (None, {}, torch.float32),
@@ -33,7 +33,7 @@ RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
     "adamw": ("adamw", {}, torch.float64),
     "adamw8bit": ("adamw8bit", QUANT, torch.float64),
     # the default min_quant_size (4096): q / o projections (4096 elements), embedding and head (5120) are
-    # quantized in one process but not on their half-shards (2048, 2560 elements): see test_trainer_fsdp
+    # quantized in one process and on their half-shards (2048, 2560 elements): the size of the whole tensor
     "adamw8bit_default": ("adamw8bit", {"block_size": 64}, torch.float64),
     "adafactor": ("adafactor", {}, torch.float64),
     "galore_adamw": ("galore_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
@@ -43,7 +43,10 @@ RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
     "adamw4bit": ("adamw4bit", QUANT, torch.float64),
     "stable_spam": ("stable_spam", {}, torch.float64),
     "muon": ("muon", {}, torch.float64),
+    # a plain transformers.Trainer given optimizer_cls_and_kwargs (lowmem's groups over the unsharded model)
+    "plain_galore": ("galore_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
 }
+PLAIN = {"plain_galore"}
 STEPS = 4
 SAVE_STEPS = 2
 GLOBAL_BATCH = 8
@@ -54,6 +57,8 @@ def training_args(out, tag: str, per_device_batch: int, **extra):
     from lowmem.trainers import LowMemTrainingArguments
 
     name, hp, _ = RUNS[tag]
+    if tag in PLAIN:
+        name, hp = None, {}
     fields = dict(
         lowmem_optim=name, lowmem_optim_args=dict(hp) if name else None,
         **({"optim": "adamw_torch", "weight_decay": 0.0} if name is None else {"weight_decay": 0.01}),
@@ -74,6 +79,15 @@ def make_trainer(out, tag: str, per_device_batch: int, seed: int = 0, **extra):
         torch.manual_seed(seed)
         model.resize_token_embeddings(len(tok), pad_to_multiple_of=8, mean_resizing=False)
     data = tokenize_sft(sft_dataset(64, seed=0), tok)
+    if tag in PLAIN:
+        from transformers import Trainer
+
+        from lowmem.trainers import optimizer_cls_and_kwargs
+
+        args = training_args(out, tag, per_device_batch, **extra)
+        name, hp, _ = RUNS[tag]
+        return Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, name, args=args, **hp))
     return LowMemTrainer(model=model, args=training_args(out, tag, per_device_batch, **extra), train_dataset=data,
                          data_collator=default_data_collator)
 
