@@ -240,3 +240,81 @@ def test_ada_clip_apply_is_the_where_formula_bit_for_bit():
     assert torch.equal(g, before)
     z = torch.zeros(64)
     assert torch.equal(ada_clip_apply(z, abs_max(z), torch.tensor(0.0)), z)  # 0 / 0 only where nothing is picked
+
+
+
+def _stable_spam_on_large_chunks(monkeypatch, clean_min):
+    """Stable-SPAM on a 600 x 500 weight in chunks of 2^16 (5 chunks, the last partial) with spikes in one
+    chunk on alternate steps: clean and clipped chunks in the same step. Returns the weight, the state and
+    the sizes of the AdaClip passes that ran."""
+    import lowmem.optim.functional.spam as S
+    import lowmem.optim.stabilizers as ST
+    from lowmem.optim.registry import create_optimizer
+
+    monkeypatch.setattr(ST, "CLEAN_CHUNK_MIN", clean_min)
+    calls = []
+    orig = S.ada_clip_apply
+    monkeypatch.setattr(S, "ada_clip_apply", lambda g, *a: calls.append(g.numel()) or orig(g, *a))
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(600, 500))
+    opt = create_optimizer([p], "stable_spam", lr=1e-2, reset_interval=4)
+    opt.chunk_numel = 2**16
+    gen = torch.Generator().manual_seed(1)
+    for i in range(8):
+        g = torch.randn(p.shape, generator=gen)
+        if i % 2:
+            g.view(-1)[100000:100003] *= 30.0 * (i + 1)  # chunk 1 holds max|g| and entries above the bound
+        p.grad = g
+        opt.step()
+    monkeypatch.undo()
+    return p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}, calls
+
+
+def test_stable_spam_skips_clipping_of_clean_chunks_with_the_same_bits(monkeypatch):
+    """On the CPU a chunk whose own max|g| is within AdaClip's bound is not clipped (nothing would change):
+    the weights and state equal those of the step that clips every chunk, bit for bit, and fewer AdaClip
+    passes run (the chunk holding the spikes and the partial last chunk, under CLEAN_CHUNK_MIN, still do)."""
+    fast_p, fast_s, fast_calls = _stable_spam_on_large_chunks(monkeypatch, 2**16)
+    full_p, full_s, full_calls = _stable_spam_on_large_chunks(monkeypatch, 2**62)
+    assert torch.equal(fast_p, full_p)
+    assert all(torch.equal(fast_s[k], full_s[k]) for k in full_s)
+    assert len(full_calls) == 8 * 2 * 5  # every chunk, in the norm pass and the update
+    assert 8 * 2 <= len(fast_calls) < len(full_calls) // 2  # the partial last chunk always; the spiky one often
+
+
+def test_stable_spam_clean_chunk_host_reads():
+    """The skip's host reads, from stabilizers.py in one step: one flag list per parameter and one comparison
+    per chunk of at least CLEAN_CHUNK_MIN (600 x 500 in chunks of 2^16: 4 full chunks); a parameter whose
+    chunks are all smaller reads nothing (its step keeps the host reads pinned in test_speed_paths)."""
+    import traceback
+    from unittest import mock
+
+    from lowmem.optim.registry import create_optimizer
+
+    sites = []
+
+    def counted(orig):
+        def read(self, *args, **kwargs):
+            sites.append(traceback.extract_stack()[-2].filename)
+            return orig(self, *args, **kwargs)
+        return read
+
+    for shape, want in (((600, 500), 1 + 4), ((64, 48), 0)):
+        p = nn.Parameter(torch.randn(shape))
+        opt = create_optimizer([p], "stable_spam")
+        opt.chunk_numel = 2**16
+        for _ in range(2):
+            p.grad = torch.randn(shape)
+            opt.step()
+        p.grad = torch.randn(shape)
+        sites.clear()
+        patches = [mock.patch.object(torch.Tensor, m, counted(getattr(torch.Tensor, m)))
+                   for m in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")]
+        for pt in patches:
+            pt.start()
+        try:
+            opt.step()
+        finally:
+            for pt in patches:
+                pt.stop()
+        assert sum(f.endswith("stabilizers.py") for f in sites) == want, (shape, sites)
