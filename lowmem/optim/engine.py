@@ -367,6 +367,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     for start, stop in self._foreach_pieces(p):
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
                         buckets[key] = buckets.get(key, 0) + stop - start
+                        # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
+                        worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
                     continue
                 worst = max(worst, self._param_transient_bytes(p, group, state))
         # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt); the
@@ -375,7 +377,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         low = max(low_buckets)
         if low:
             worst += 4 * low + self.recipe.moment.foreach_direction_transient_bytes(low)
-        return max(worst, self.recipe.moment.foreach_transient_bytes(max(buckets.values(), default=0)))
+        bucket = max(buckets.values(), default=0)
+        # (a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own)
+        return max(worst, self.recipe.moment.foreach_transient_bytes(bucket) + 4 * bucket * bool(self.recipe.stabilizers))
 
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> int:
         r = self.recipe
@@ -497,21 +501,61 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if "step" not in state:
                     self._init_state(p, group, state)
                 state["step"] += 1
-                for start, stop in self._foreach_pieces(p):  # a large tensor joins the buckets chunk by chunk
+                t = state["step"].item()
+                pieces = self._foreach_pieces(p)
+                stabilize = self._foreach_stabilizers(grad, group, state, t, pieces) if self.recipe.stabilizers else None
+                lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
+                for start, stop in pieces:  # a large tensor joins the buckets chunk by chunk
+                    bkey = self._bucket_key(sizes, (id(group), t, p.device, lr_scale), stop - start)
+                    if stabilize is not None and buckets and bkey not in buckets:
+                        # stabilized gradients are new tensors: one bucket of them alive at a time
+                        self._step_bucket(*buckets.popitem())
                     piece = (p, grad, state) if stop - start == p.numel() else (
                         p.view(-1)[start:stop], grad.view(-1)[start:stop],
                         self.recipe.moment.chunk_state(state, start, stop, p.shape, group))
-                    key = self._bucket_key(sizes, (id(group), state["step"].item(), p.device), stop - start)
-                    buckets.setdefault(key, (group, []))[1].append(piece)
+                    if stabilize is not None:
+                        piece = (piece[0], stabilize(piece[1], piece[2]), piece[2])
+                    buckets.setdefault(bkey, (group, []))[1].append(piece)
+                    del piece
+                del stabilize
             else:
+                if self.recipe.stabilizers:  # (its transient is not added to an open bucket's)
+                    while buckets:
+                        self._step_bucket(*buckets.popitem())
                 self._update(p, grad, group, key=key, reduce=reduce)
         if low_bucket:
             self._step_low_bucket(low_bucket)
             del low_bucket
-        for (_, t, _, _), (group, pieces) in buckets.items():
-            ps, gs, ss = zip(*pieces)
-            self.recipe.moment.foreach_step_(list(ps), list(gs), list(ss), group, t, group["lr"])
+        for bkey in list(buckets):
+            self._step_bucket(bkey, buckets.pop(bkey))
         return loss
+
+    def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
+        """The moment rule's multi-tensor step of one bucket ``(group, pieces)`` (its key: group, step,
+        device, stabilizers' lr scale, index)."""
+        _, t, _, lr_scale, _ = key
+        group, pieces = bucket
+        ps, gs, ss = (list(x) for x in zip(*pieces))
+        pieces.clear()
+        if lr_scale == 1.0:
+            self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"])
+        else:  # (only rules with foreach_step_lr: _foreach_ok)
+            self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"], step_lr=group["lr"] * lr_scale)
+
+    def _foreach_stabilizers(self, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                             pieces: list[tuple[int, int]]) -> Callable[[Tensor, dict[str, Tensor]], Tensor]:
+        """The stabilizers of a parameter on the foreach path, as in the chunked step: each one's
+        ``prepare`` once for the whole gradient (SPAM's moment reset, whole-tensor statistics over
+        ``pieces``), then ``transform_chunk`` of each piece with its state view (returned function)."""
+        r = self.recipe
+        ctxs = [s.prepare(grad.view(-1), state, group, int(t), r.moment, pieces) for s in r.stabilizers]
+
+        def stabilize(g: Tensor, view: dict[str, Tensor]) -> Tensor:
+            for s, ctx in zip(r.stabilizers, ctxs):
+                g = s.transform_chunk(g, view, group, int(t), r.moment, ctx)
+            return g
+
+        return stabilize
 
     def _check_dense(self, grad: Tensor) -> None:
         """Refuse a sparse gradient with the optimizer's name (torch would fail deep inside aten)."""
@@ -572,7 +616,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return (
             group.get("foreach") is not False
             and r.moment.supports_foreach_for(p.shape, group, {} if state is None else state)
-            and not r.stabilizers
+            # stabilizers in pieces (prepare / transform_chunk, as the chunked step), when the rule's
+            # foreach step takes their lr scale (SPAM's warm-up)
+            and (not r.stabilizers or (r.moment.foreach_step_lr and all(s.chunkable for s in r.stabilizers)
+                                       and p.is_contiguous() and (grad is None or grad.is_contiguous())))
             and r.lr_rule is constant_lr
             and r.decay_after_update == r.moment.foreach_decays_after
             and p.dtype == torch.float32

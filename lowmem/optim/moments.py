@@ -74,6 +74,9 @@ class MomentRule:
     # True if foreach_step_ applies the decoupled weight decay after the update (the recipes with
     # decay_after_update: the engine buckets a recipe's parameters only where the two agree)
     foreach_decays_after: bool = False
+    # True if foreach_step_ takes ``step_lr=``: the update's step size when it differs from the decay's
+    # ``lr`` (a stabilizer's lr scale, SPAM's warm-up); the engine buckets stabilized parameters only then
+    foreach_step_lr: bool = False
 
     def foreach_transient_bytes(self, numel: int) -> int:
         """Bytes :meth:`foreach_step_` allocates for a bucket of ``numel`` elements (float32
@@ -281,15 +284,18 @@ class AdamMoments(MomentRule):
         """The directions and ``sqrt(v)`` (freed once the quotient exists): two float32 tensors."""
         return 8 * numel
 
-    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+    foreach_step_lr = True
+
+    def foreach_step_(self, params, grads, states, group, t, lr, step_lr=None) -> None:
         """Whole AdamW step (moments, decoupled decay, update) for float32 tensors sharing ``t``;
-        with ``eps_placement="hf"`` the decay comes after the update (:attr:`foreach_decays_after`)."""
+        with ``eps_placement="hf"`` the decay comes after the update (:attr:`foreach_decays_after`).
+        ``step_lr``: the update's step size (default ``lr``; the decay always uses ``lr``)."""
         beta1, beta2 = group["betas"]
         wd = group.get("weight_decay", 0.0)
         F.adamw_foreach_(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             t, beta1, beta2, lr, 0.0 if self.foreach_decays_after else wd, group["eps"],
-            eps_placement=self.eps_placement,
+            eps_placement=self.eps_placement, step_lr=step_lr,
         )
         if self.foreach_decays_after and wd != 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
