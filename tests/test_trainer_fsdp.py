@@ -51,12 +51,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(config: Path, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``accelerate launch --config_file CONFIG --num_processes 2 SCRIPT ARGS`` (2 CPU processes)."""
+def accelerate_launch(config: Path, script: str, *args: str, check: bool = True, processes: int = 2) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --num_processes N SCRIPT ARGS`` (N CPU processes, 2 by default)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(config),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), str(Path(__file__).parent / script), *args]
+           "--num_processes", str(processes), "--main_process_port", str(_free_port()), str(Path(__file__).parent / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert not check or proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -105,7 +105,7 @@ def reference(tmp_path_factory):
     return get
 
 
-def check_run(out: Path, tag: str, reference, loss_rtol=LOSS_RTOL, weight_atol=WEIGHT_ATOL) -> dict:
+def check_run(out: Path, tag: str, reference, loss_rtol=LOSS_RTOL, weight_atol=WEIGHT_ATOL, bytes_ratio=None) -> dict:
     got = json.loads((out / f"{tag}.json").read_text())
     lay = got["layout"]
     # accelerate ran FSDP2 (not DDP): every parameter a DTensor sharded on dimension 0, and the
@@ -119,7 +119,8 @@ def check_run(out: Path, tag: str, reference, loss_rtol=LOSS_RTOL, weight_atol=W
     one_losses, one_weights, one_bytes = reference(tag)
     if one_bytes is not None:  # this rank's share, against the whole state of one process
         got["bytes_ratio"] = lay["state_bytes"] / one_bytes
-        assert got["bytes_ratio"] <= BYTES_RATIO.get(tag, 0.51), (tag, got["bytes_ratio"])
+        bound = bytes_ratio if bytes_ratio is not None else BYTES_RATIO.get(tag, 0.51)
+        assert got["bytes_ratio"] <= bound, (tag, got["bytes_ratio"])
     final = torch.load(out / f"{tag}_final.pt", weights_only=True)
     got["loss_rel"] = max(abs(a - b) / b for a, b in zip(got["losses"], one_losses))
     got["weight_diff"] = max((final[n] - one_weights[n]).abs().max().item() for n in one_weights)
@@ -185,6 +186,29 @@ def test_trainer_fsdp2_quantizes_what_one_process_quantizes(slow_run, reference)
     reads the whole parameter. Measured: 0.0 from one process, this rank 0.50 of one process's state
     (0.84 and 2.6e-3 while the test read the local shard)."""
     check_run(slow_run, "adamw8bit_default", reference)
+
+
+FOUR = ["adamw", "adamw8bit_default", "adafactor", "galore_adamw", "muon"]
+# process 0's share of one process's state on 4 processes (measured 0.25, 0.25, 0.25, 0.58, 0.41)
+FOUR_BYTES = {"adamw": 0.26, "adamw8bit_default": 0.26, "muon": 0.26, "adafactor": 0.6, "galore_adamw": 0.45}
+
+
+@pytest.fixture(scope="module")
+def four_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer_fsdp_four")
+    accelerate_launch(CONFIG, "trainer_fsdp_script.py", str(out), *FOUR, processes=4)
+    return out
+
+
+@pytest.mark.slow  # 4 processes on 2 cores (~90 s)
+@pytest.mark.parametrize("tag", FOUR)
+def test_trainer_fsdp2_four_processes(four_run, reference, tag):
+    """4 processes, 2 sequences each (global batch 8), the shipped configuration: as close to one
+    process as on 2 (tolerance 1e-6, float64 weights; measured 0.0 adamw, adamw8bit (default
+    min_quant_size), muon; 1.9e-8 adafactor, 4.9e-8 galore_adamw), process 0 holding 0.25 of one
+    process's state (0.58 adafactor, 0.41 galore_adamw: what is kept whole), the FULL_STATE_DICT
+    checkpoint resuming bit-exactly."""
+    check_run(four_run, tag, reference, bytes_ratio=FOUR_BYTES[tag])
 
 
 LOWMEM_RECIPE = ("optim: galore_adamw\noptim_args: {rank: 4, update_proj_gap: 2}\nlr: 0.01\ntrain_size: 32\n"

@@ -131,7 +131,7 @@ def layout(trainer) -> dict:
 
 def run(out: Path, tag: str, rank: int) -> None:
     result: dict = {}
-    trainer = make_trainer(out / tag, tag, GLOBAL_BATCH // 2)
+    trainer = make_trainer(out / tag, tag, GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]))
     trainer.train()
     result["losses"] = losses(trainer)
     result["layout"] = layout(trainer)
@@ -139,7 +139,7 @@ def run(out: Path, tag: str, rank: int) -> None:
     if rank == 0:
         torch.save(weights, out / f"{tag}_final.pt")
 
-    resumed = make_trainer(out / f"{tag}_resumed", tag, GLOBAL_BATCH // 2, seed=1)  # other weights: the checkpoint sets them
+    resumed = make_trainer(out / f"{tag}_resumed", tag, GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]), seed=1)  # other weights: the checkpoint sets them
     resumed.train(resume_from_checkpoint=str(out / tag / f"checkpoint-{SAVE_STEPS}"))
     result["resumed_losses"] = losses(resumed)
     weights = full_weights(resumed.model)
@@ -149,7 +149,7 @@ def run(out: Path, tag: str, rank: int) -> None:
 
 
 def layerwise(out: Path, rank: int) -> None:
-    trainer = make_trainer(out / "layerwise", "adamw", GLOBAL_BATCH // 2, lowmem_layerwise=True, save_strategy="no")
+    trainer = make_trainer(out / "layerwise", "adamw", GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]), lowmem_layerwise=True, save_strategy="no")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = {"error": None}
     try:
