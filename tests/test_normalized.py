@@ -213,7 +213,8 @@ needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), rea
 def test_step_transient_is_reported():
     """Peak RSS growth of two steps on a 1024 x 2048 float32 weight in a fresh process (~9 s on 2
     cores, hence slow): step_transient_bytes() bounds it from above and is within 2x of it. Measured:
-    Muon 23.8 MiB grown / 28.0 reported, SinkGD 8.0 / 8.0, SCALE's head 7.9 / 8.0."""
+    Muon 13.6 MiB grown / 14.0 reported (its lean step; 23.8 / 28.0 before), SinkGD 8.0 / 8.0, SCALE's
+    head 7.9 / 8.0."""
     from lowmem.optim.step_memory import LIVE_ENV, measure_steps
 
     MiB = 2**20
@@ -252,9 +253,9 @@ def test_layerwise_mode_equals_the_plain_step(name):
 
 def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
     """SCALE's row normalisation is stepped in blocks of whole rows: the reported transient depends
-    on the chunk, not on the weight (the embedding's column normalisation and Muon are stepped whole
-    and scale with it; SinkGD's chunk is a block of rows plus its scaling vectors); chunked equals
-    whole bit for bit."""
+    on the chunk, not on the weight (the embedding's column normalisation is stepped whole and Muon's
+    iteration holds the whole bfloat16 matrix: both scale with it; SinkGD's chunk is a block of rows
+    plus its scaling vectors); chunked equals whole bit for bit."""
     sizes = {}
     for name, hp in (("scale", {}), ("scale", {"scale_role": "head"}), ("scale", {"scale_role": "embedding"}),
                      ("muon", {}), ("sinkgd", {})):
@@ -296,3 +297,78 @@ def test_muon_bf16_momentum_buffer_is_the_ema():
     buf = opt.state[p]["momentum_buffer"]
     assert buf.dtype == torch.bfloat16
     torch.testing.assert_close(buf.float(), (0.1 * g.float()).bfloat16().float(), rtol=1e-2, atol=1e-3)
+
+
+# ---- Muon's lean step (issue 12): the same numbers as the whole-tensor step, about half the memory ----
+
+NS_SHAPES = ((24, 40), (40, 24), (32, 32), (37, 29), (29, 37), (1, 17), (17, 1), (333, 1000), (1000, 333), (512, 513))
+
+
+@pytest.mark.parametrize("shape", NS_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_lean_newton_schulz_equals_the_reference(shape):
+    """newton_schulz_ (in place, columns a block at a time) is newton_schulz bit for bit: wide, tall
+    (iterated transposed), square and odd shapes, one column block or several (a narrow last block
+    joins the one before it: a single column would be a matrix-vector product, other roundings)."""
+    from lowmem.optim.functional.muon import NS_COEFFICIENTS, newton_schulz, newton_schulz_, ns_column_blocks, ns_rows, ns_shape
+
+    u = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ref = newton_schulz(u, NS_COEFFICIENTS, 5, 1e-7)
+    r, cols = ns_shape(shape)
+    for block_numel in (2**22, 3 * r, 16 * r, (cols - 1) * r):
+        x = u.to(torch.bfloat16)
+        x = x.T.contiguous() if shape[0] > shape[1] else x
+        assert newton_schulz_(x, NS_COEFFICIENTS, 5, 1e-7, block_numel) is x
+        assert torch.equal(ns_rows(x, shape, 0, shape[0]), ref), block_numel
+    assert len(ns_column_blocks((r, cols), 16 * r)) == max(1, cols // 16)
+    with pytest.raises(ValueError, match="rows <= cols"):
+        newton_schulz_(torch.zeros(5, 3, dtype=torch.bfloat16), NS_COEFFICIENTS, 1, 1e-7)
+
+
+def _muon_run(shape, chunk, dtype=torch.float32, steps=4, **kw):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(shape).to(dtype))
+    opt = create_optimizer([p], "muon", lr=2e-2, **kw)
+    opt.chunk_numel = chunk
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        p.grad = torch.randn(shape, generator=gen).to(dtype)
+        opt.step()
+    return p.detach().clone(), opt.state[p]["momentum_buffer"].clone()
+
+
+@pytest.mark.parametrize("config", [{}, {"nesterov": False}, {"state_dtype": "bfloat16"}, {"dtype": torch.bfloat16}],
+                         ids=["nesterov", "plain-momentum", "bf16-buffer", "bf16-weights"])
+def test_muon_lean_step_equals_the_whole_tensor_step(config, monkeypatch):
+    """The chunked step (momentum and bfloat16 cast by blocks of rows, Newton-Schulz in place, the step
+    applied by blocks of rows) equals the whole-tensor reference (chunk_numel=None) bit for bit, weights
+    and momentum buffers; and it is the lean path that runs (the whole-tensor iteration is not called)."""
+    from lowmem.optim.recipes import normalized
+
+    config = dict(config)
+    dtype = config.pop("dtype", torch.float32)
+    for shape in ((300, 200), (200, 300), (64, 64), (37, 29), (50, 1)):
+        whole = _muon_run(shape, None, dtype, **config)
+        with monkeypatch.context() as mp:
+            mp.setattr(normalized, "newton_schulz", lambda *a, **k: pytest.fail("the chunked step ran the whole iteration"))
+            for chunk in (1000, 2**19):  # several blocks of rows (and one)
+                lean = _muon_run(shape, chunk, dtype, **config)
+                assert torch.equal(lean[0], whole[0]) and torch.equal(lean[1], whole[1]), (shape, chunk)
+
+
+def test_muon_lean_transient_is_the_iterate_and_the_gram_products():
+    """Reported on the meta device: the bfloat16 iterate (2 m n), A and P (4 r^2, r the smaller side)
+    and one bfloat16 product's workspace, for square, wide and tall weights; the whole-tensor
+    reference reports its own (larger) bound."""
+    from lowmem.optim.functional.muon import bf16_gemm_workspace_bytes
+
+    MiB = 2**20
+    ws = bf16_gemm_workspace_bytes
+    assert ws(8192) == 14 * MiB + 1600 * 8192 and ws(1024) == 4 * MiB and ws(8192, threads=2) == 2 * ws(8192)
+    for shape, expect in (((8192, 8192), 384 * MiB + ws(8192)), ((4096, 11008), 2 * 4096 * 11008 + 4 * 4096**2 + ws(4096)),
+                          ((11008, 4096), 2 * 4096 * 11008 + 4 * 4096**2 + ws(4096))):
+        p = nn.Parameter(torch.empty(shape, device="meta"))
+        opt = create_optimizer([p], "muon")
+        opt.materialize_state()
+        assert opt.step_transient_bytes() == expect, shape
+        opt.chunk_numel = None
+        assert opt.step_transient_bytes() > 1.5 * expect, shape

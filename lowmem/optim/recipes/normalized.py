@@ -33,7 +33,8 @@ from torch import Tensor
 
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
-from ..functional.muon import ADJUST_LR_FNS, NS_COEFFICIENTS, muon_lr_ratio, muon_momentum_, newton_schulz
+from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_lr_ratio, muon_momentum_, newton_schulz,
+                              newton_schulz_, newton_schulz_transient_bytes, ns_rows, ns_shape)
 from ..functional.scale import column_normalize, last_layer_momentum_
 from ..functional.sinkgd import sinkhorn_scalings, sr_sinkhorn
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
@@ -139,7 +140,13 @@ class HybridMoments(MomentRule):
 
 class MuonMoments(HybridMoments):
     """Muon on the 2-D parameters of groups with ``use_muon=True``; AdamW (torch's eps placement)
-    on the others. State: ``momentum_buffer`` (one tensor of the weight's shape) for Muon."""
+    on the others. State: ``momentum_buffer`` (one tensor of the weight's shape) for Muon.
+
+    Chunked (the engine's default): the lean step of :meth:`prepare_chunks` (momentum and the
+    bfloat16 cast a block of rows at a time, Newton-Schulz in place on one bfloat16 matrix,
+    :func:`~lowmem.optim.functional.muon.newton_schulz_`), then each block of rows' step; the same
+    numbers as the whole-tensor step (``chunk_numel=None``: :func:`~lowmem.optim.functional.muon.newton_schulz`,
+    the reference), with about half its memory."""
 
     target_keys = ("momentum_buffer",)
 
@@ -149,19 +156,38 @@ class MuonMoments(HybridMoments):
     def target_init_state(self, state, shape, group, param):
         state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
+    def target_chunk_align(self, shape, group, state):
+        return shape[1]  # blocks of whole rows (the iteration itself runs on the whole matrix in prepare_chunks)
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        if self._is_adam(state) or not isinstance(ctx, dict):  # AdamW, or an FSDP2 shard's step (a tensor)
+            return super().chunk_state(state, start, stop, shape, group, ctx)
+        n = shape[1]
+        return ChunkState(state, start, stop, {"muon": ctx, "rows": (start // n, stop // n)})
+
     # FSDP2 (lowmem.optim.sharded): a Muon weight's local shard of rows is stepped whole and
     # prepare_chunks gathers the whole momentum matrix for the Newton-Schulz iteration
     sharded_stats = True
 
     def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
-        """A sharded Muon weight (``reduce``: an FSDP2 shard of rows): the momentum step on the shard,
+        """The orthogonalised update before the blocks of rows are stepped.
+
+        Unsharded (``reduce=None``), the lean step: the momentum step and the cast of ``U`` to
+        bfloat16 a block of rows at a time, written straight into the iterate (transposed for a tall
+        weight, :func:`~lowmem.optim.functional.muon.ns_shape`), then
+        :func:`~lowmem.optim.functional.muon.newton_schulz_` in place on it. Returns
+        ``{"x": iterate, "scale": lr * ratio}``; each block's step is read from it (:meth:`target_direction`).
+
+        A sharded Muon weight (``reduce``: an FSDP2 shard of rows): the momentum step on the shard,
         then the whole ``U`` (bfloat16, what the iteration starts from) all-gathered from every
         shard, the unsharded Newton-Schulz iteration on it on every rank, and this shard's rows of
         the step, scaled by the whole shape's ratio; so the step equals the unsharded one. Returns
-        the shard's step (``None`` for AdamW parameters and unsharded weights)."""
-        if reduce is None or self._is_adam(state):
+        the shard's step (``None`` for AdamW parameters)."""
+        if self._is_adam(state):
             return None
         numel = math.prod(shape)
+        if reduce is None:
+            return self._lean_prepare(state, shape, group, lr, bounds, stabilized)
         g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
         buf = state["momentum_buffer"]
         buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
@@ -172,7 +198,28 @@ class MuonMoments(HybridMoments):
         o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
         return o.to(g.dtype).mul_(lr * muon_lr_ratio(reduce.shape, group["adjust_lr_fn"]))
 
+    def _lean_prepare(self, state, shape, group, lr, bounds, stabilized) -> dict[str, Any]:
+        m, n = shape
+        buf = state["momentum_buffer"]
+        x = torch.empty(ns_shape(shape), dtype=torch.bfloat16, device=buf.device)
+        for a, b in bounds:
+            r0, r1 = a // n, b // n
+            g = stabilized(a, b, ChunkState(state, a, b)).view(r1 - r0, n)
+            rows = buf[r0:r1]
+            rows32 = rows if rows.dtype == g.dtype else rows.to(g.dtype)
+            u = muon_momentum_(rows32, g, group["momentum"], group["nesterov"])
+            if rows32 is not rows:
+                rows.copy_(rows32)
+            ns_rows(x, shape, r0, r1).copy_(u)  # the bfloat16 cast, element-wise as U.to(bfloat16)
+            del u, rows32, g
+        newton_schulz_(x, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+        return {"x": x, "shape": shape, "scale": lr * muon_lr_ratio(shape, group["adjust_lr_fn"])}
+
     def target_direction(self, g, state, group, t, lr):
+        if isinstance(state, ChunkState) and "muon" in state.extra:  # a block of rows of the lean step
+            ctx, (r0, r1) = state.extra["muon"], state.extra["rows"]
+            o = ns_rows(ctx["x"], ctx["shape"], r0, r1)
+            return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(ctx["scale"]).view(-1)
         buf = state["momentum_buffer"]
         buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
         u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
@@ -183,19 +230,31 @@ class MuonMoments(HybridMoments):
         return o.to(g.dtype).mul_(lr * muon_lr_ratio(g.shape, group["adjust_lr_fn"]))
 
     def target_transient_bytes(self, numel, shape, group, state):
-        """The Nesterov matrix (float32, alive through the iteration), two bfloat16 iterates of the
-        weight's size, the two ``r x r`` bfloat16 Gram products (``r`` the smaller side) and the
-        bfloat16 GEMMs' float32 workspace, bounded by one float32 copy of the weight (measured on CPU:
-        1.3-2.8 bytes/element); then the float32 step next to the last bfloat16 iterate. A
-        low-precision momentum buffer adds its float32 copy. Measured peaks (fresh process, float32
-        2048 x 2048 / 1024 x 4096 / 512 x 4096): 14.2 / 10.0 / 10.4 bytes/element against 16 / 13 /
-        12.5 reported."""
-        r = min(shape) if len(shape) == 2 else 0
-        low_buf = 4 * numel if state["momentum_buffer"].dtype not in (torch.float32, torch.float64) else 0
+        """Chunked (``numel`` a block of rows; the lean step): the bfloat16 iterate (``2 m n``) for the
+        whole step, and at most one of: the momentum pass's block of ``U`` (float32, with Nesterov)
+        and a low-precision buffer's float32 rows; the iteration's ``A`` and ``P`` (``4 r^2``, ``r``
+        the smaller side) or ``P`` and a column block's result, with the bfloat16 products' workspace
+        (:func:`~lowmem.optim.functional.muon.newton_schulz_transient_bytes`: per CPU thread for a
+        buffer on the CPU, once elsewhere); the block's float32 step. Whole (``chunk_numel=None``, :func:`~lowmem.optim.functional.muon.newton_schulz`): the
+        Nesterov matrix (float32, alive through the iteration), two bfloat16 iterates of the
+        weight's size, the two ``r x r`` bfloat16 Gram products and the bfloat16 GEMMs' float32
+        workspace, bounded by one float32 copy of the weight (measured on CPU: 1.3-2.8
+        bytes/element); then the float32 step next to the last bfloat16 iterate; a low-precision
+        momentum buffer adds its float32 copy. A weight of one chunk (``numel`` its size) may be
+        stepped either way: the larger is reported."""
+        total = math.prod(shape)
+        buf = state["momentum_buffer"]
+        low = buf.dtype not in (torch.float32, torch.float64)
+        threads = torch.get_num_threads() if buf.device.type == "cpu" else 1  # CPU GEMMs pack panels per thread
+        lean = 2 * total + max(4 * numel * (group["nesterov"] + low), newton_schulz_transient_bytes(shape, threads=threads),
+                               4 * numel)
+        if numel < total:
+            return lean
+        r = min(shape)
         nesterov = 4 * numel if group["nesterov"] else 0
         during = nesterov + 2 * 2 * numel + 2 * 2 * r * r + 4 * numel
         after = 2 * numel + 4 * numel
-        return low_buf + max(during, after)
+        return max(lean, 4 * numel * low + max(during, after))
 
 
 def _ns_coefficients(x: Any) -> bool:
