@@ -27,6 +27,10 @@ CONFIGS = {
     "apollo": ("apollo_adamw", {"weight_decay": 0.1}),
     "apollo_mini": ("apollo_mini", {"rank": 1}),
     "osd": ("osd_adamw", {"proj_lr": 1e-2}),
+    # 8-bit moments: decoded, the bucket's Adam step, encoded; 64-element projected gradients stay float32
+    "galore_8bit": ("galore_adamw8bit", {"min_quant_size": 70, "block_size": 64, "weight_decay": 0.1}),
+    "fira_8bit": ("fira_adamw8bit", {"min_quant_size": 16, "block_size": 64}),
+    "frugal_8bit": ("frugal8bit", {"min_quant_size": 16, "block_size": 64, "projection": "columns"}),
 }
 
 
@@ -121,8 +125,8 @@ def test_projected_bucket_splits_by_step_count(monkeypatch):
 
 
 @pytest.mark.parametrize("name,hparams", [
-    ("galore_adamw8bit", {"min_quant_size": 16}),  # quantized moments: the per-parameter step
     ("galore_adamw", {"state_dtype": "param"}),  # bf16 moments of a bf16 parameter: no multi-tensor form
+    ("galore_adafactor", {"eps": (1e-30, 1e-3)}),  # factored moments, and an lr rule that reads the parameter
 ])
 def test_projected_bucket_not_taken_without_a_float32_multi_tensor_rule(name, hparams, monkeypatch):
     _, _, calls, _ = _run(name, hparams, None, 160, dtype=torch.bfloat16 if "state_dtype" in hparams else torch.float32,
@@ -130,11 +134,14 @@ def test_projected_bucket_not_taken_without_a_float32_multi_tensor_rule(name, hp
     assert calls == []
 
 
-def test_step_transient_bytes_counts_the_open_bucket(monkeypatch):
+@pytest.mark.parametrize("label,per_element", [("galore_std", 12), ("galore_8bit", 22)])
+def test_step_transient_bytes_counts_the_open_bucket(label, per_element, monkeypatch):
     """The reported transient grows by the largest bucket's projected gradients, directions and
-    ``sqrt(v)`` (12 bytes per projected element) over the per-parameter step's."""
-    *_, fast = _run("galore_adamw", {}, None, 160, steps=1, monkeypatch=monkeypatch)
-    *_, ref = _run("galore_adamw", {}, False, 160, steps=1, monkeypatch=monkeypatch)
+    ``sqrt(v)`` (12 bytes per projected element; 8-bit moments: also both moments decoded and the
+    codec's 2 bytes) over the per-parameter step's."""
+    name, hp = CONFIGS[label]
+    *_, fast = _run(name, hp, None, 160, steps=1, monkeypatch=monkeypatch)
+    *_, ref = _run(name, hp, False, 160, steps=1, monkeypatch=monkeypatch)
     lows = _low_numel(fast)  # [64, 64, 80, 80, 160]: buckets 128, 80, 80, 160 (filled in order)
     buckets, cur = [], 0
     for n in lows:
@@ -143,7 +150,7 @@ def test_step_transient_bytes_counts_the_open_bucket(monkeypatch):
             cur = 0
         cur += n
     buckets.append(cur)
-    assert fast.step_transient_bytes() == ref.step_transient_bytes() + 12 * max(buckets)
+    assert fast.step_transient_bytes() == ref.step_transient_bytes() + per_element * max(buckets)
 
 
 def test_foreach_direction_equals_direction_per_tensor():

@@ -232,6 +232,33 @@ class Quantized(MomentRule):
             encode_(state, k, view[k], self.specs[k], group["block_size"], extra.get("rows"), extra.get(("colmax", k)))
         return d
 
+    # ---- the multi-tensor direction of projected gradients (LowMemOptimizer's buckets) ----
+
+    def supports_foreach_direction(self, group, state, param):
+        """Decoded moments are float32: the inner rule's multi-tensor form runs on them when it has
+        one for the unquantized ones (rank-1 scales: per tensor)."""
+        if any(is_rank1(state, k) for k in self.specs):
+            return False
+        plain = {k: v for k, v in state.items() if not is_quantized(state, k)}
+        return self.inner.supports_foreach_direction(group, plain, param)
+
+    def foreach_direction(self, gs, states, group, t, lr):
+        """:meth:`direction` of each tensor with the inner rule's multi-tensor form: every tensor's
+        moments decoded, the inner rule's :meth:`~MomentRule.foreach_direction` on all of them, each
+        encoded again (the same operations as one tensor at a time)."""
+        decoded = [self._decoded(g, st, group) for g, st in zip(gs, states)]
+        ds = self.inner.foreach_direction(gs, [view for view, _ in decoded], group, t, lr)
+        for st, (view, quantized) in zip(states, decoded):
+            for k in quantized:
+                encode_(st, k, view[k], self.specs[k], group["block_size"], None, None)
+        return ds
+
+    def foreach_direction_transient_bytes(self, numel):
+        """Every listed moment of the bucket decoded (4 B each per element), one tensor's codec
+        workspace (at most the bucket's size; see :meth:`transient_bytes`) and the inner rule's."""
+        codec = 13 if any(s.bits == 4 for s in self.specs.values()) else 2
+        return (4 * len(self.specs) + codec) * numel + self.inner.foreach_direction_transient_bytes(numel)
+
     # ---- the chunked step: whole quantization blocks (or whole rows for rank-1 scales) ----
 
     def chunk_align(self, shape, group, state):
