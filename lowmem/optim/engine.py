@@ -638,8 +638,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         projected gradients of a bucket together
         (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction`), each is combined back alone
         (:meth:`_combine_back`). Needs a rule with a multi-tensor direction for ``p``'s state (AdamW's
-        on float32 moments, or on their 8-bit codes), no stabilizers, a learning-rate rule that does not read the parameter,
-        and a dense gradient; ``foreach=False`` in the group keeps the per-parameter step (the
+        on float32 moments, or on their 8-bit codes), no stabilizers, a learning-rate rule that does
+        not read the parameter, and a dense gradient; ``foreach=False`` in the group keeps the per-parameter step (the
         reference). FSDP2 shards take the per-parameter path (the caller checks)."""
         r = self.recipe
         return (

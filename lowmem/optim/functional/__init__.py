@@ -33,6 +33,6 @@ from .adam import (
 __all__ = [
     "compute_float",
     "adafactor_beta2", "adafactor_param_scale", "adafactor_relative_lr", "adam_direction", "adam_direction_foreach",
-    "adam_direction_hf", "adam_moments_", "adam_moments_foreach_", "adamw_foreach_", "apply_update_", "clip_by_rms_", "decoupled_weight_decay_", "factored_rsqrt",
-    "factored_second_moment_", "rms",
+    "adam_direction_hf", "adam_moments_", "adam_moments_foreach_", "adamw_foreach_", "apply_update_", "clip_by_rms_",
+    "decoupled_weight_decay_", "factored_rsqrt", "factored_second_moment_", "rms",
 ]
