@@ -95,6 +95,12 @@ RECOMMENDED: dict[str, Recommended] = {
                               "task: 3e-2 (1.02 x AdamW's loss), 3e-3 does not train"),
     "adagrad_snsm": Recommended(3e-2, "as adagrad_sn (the authors' adagrad_snsm: lr 1, rank 128, update_proj_gap 100-200)",
                                 {"update_proj_gap": 200}),
+    "lomo": Recommended(3e-2, "OpenLMLab/LOMO lomo/config/args_lomo.yaml (LLaMA-7B fine-tuned on SuperGLUE WiC): "
+                        "learning_rate 0.03, weight_decay 0; also the best of lowmem's text-task sweep "
+                        "(3.3e-3 / 1e-2 / 3e-2, docs/benchmarks.md)"),
+    "adalomo": Recommended(3e-2, "lowmem's text-task sweep (docs/benchmarks.md): best of 3.3e-3 / 1e-2 / 3e-2 at 3e-2 "
+                           "(0.897 x AdamW's loss) for pre-training from scratch; the authors fine-tune LLaMA-7B at "
+                           "5e-4 (OpenLMLab/LOMO adalomo/instruction-tuning/train.py), a fine-tuning rate"),
 }
 
 NO_ENTRY = "recipe default (no entry in RECOMMENDED)"
