@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_fsdp_script import GLOBAL_BATCH, RUNS, losses, make_trainer
+from trainer_fsdp_script import GLOBAL_BATCH, RUNS, SAVE_STEPS, losses, make_trainer
 
 pytestmark = pytest.mark.distributed
 
@@ -194,9 +194,19 @@ FOUR_BYTES = {"adamw": 0.26, "adamw8bit_default": 0.26, "muon": 0.26, "adafactor
 
 
 @pytest.fixture(scope="module")
-def four_run(tmp_path_factory):
+def two_quant_run(tmp_path_factory):
+    """adamw8bit on 2 processes under the shipped configuration: a checkpoint with per-shard codes."""
+    out = tmp_path_factory.mktemp("trainer_fsdp_two_quant")
+    accelerate_launch(CONFIG, "trainer_fsdp_script.py", str(out), "adamw8bit")
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_run(tmp_path_factory, fast_run, two_quant_run):
+    """4 processes; also resumes 2-process checkpoints (fast_run's GaLore, two_quant_run's adamw8bit)."""
     out = tmp_path_factory.mktemp("trainer_fsdp_four")
-    accelerate_launch(CONFIG, "trainer_fsdp_script.py", str(out), *FOUR, processes=4)
+    accelerate_launch(CONFIG, "trainer_fsdp_script.py", str(out), *FOUR,
+                      *(f"reshard:{fast_run}:{tag}" for tag in FAST), f"reshard:{two_quant_run}:adamw8bit", processes=4)
     return out
 
 
@@ -209,6 +219,30 @@ def test_trainer_fsdp2_four_processes(four_run, reference, tag):
     process's state (0.58 adafactor, 0.41 galore_adamw: what is kept whole), the FULL_STATE_DICT
     checkpoint resuming bit-exactly."""
     check_run(four_run, tag, reference, bytes_ratio=FOUR_BYTES[tag])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", FAST)
+def test_trainer_fsdp2_checkpoint_of_two_processes_resumes_on_four(fast_run, four_run, tag):
+    """A Trainer checkpoint of 2 processes (FULL_STATE_DICT) resumed by 4 (same global batch): the
+    2-process run's final weights (tolerance 1e-6, float64)."""
+    got = json.loads((four_run / f"{tag}_resharded.json").read_text())
+    assert got["error"] is None, got["error"]
+    assert got["losses"][:SAVE_STEPS] == json.loads((fast_run / f"{tag}.json").read_text())["losses"][:SAVE_STEPS]
+    two = torch.load(fast_run / f"{tag}_final.pt", weights_only=True)
+    four = torch.load(four_run / f"{tag}_resharded.pt", weights_only=True)
+    diff = max((four[n] - two[n]).abs().max().item() for n in two)
+    print(tag, "2 -> 4 processes", diff)
+    assert diff <= 1e-6, diff
+
+
+@pytest.mark.slow
+def test_trainer_fsdp2_per_shard_state_refuses_another_number_of_processes(four_run):
+    """adamw8bit's codes are pieces of 2 shards: resuming them on 4 processes is an error naming the
+    cause (torch alone says "The size of tensor a (1280) must match the size of tensor b (2560)")."""
+    error = json.loads((four_run / "adamw8bit_resharded.json").read_text())["error"]
+    assert error is not None and "was written by 2 processes and does not load onto 4" in error, error
+    assert "per-shard state" in error and "resume with 2 processes" in error
 
 
 LOWMEM_RECIPE = ("optim: galore_adamw\noptim_args: {rank: 4, update_proj_gap: 2}\nlr: 0.01\ntrain_size: 32\n"

@@ -5,7 +5,9 @@ made FSDP by :func:`accelerate_fsdp_cpu.fsdp_on_cpu_processes`), for each run ta
 1. 4 steps (checkpoints at steps 2 and 4 through the Trainer: ``torch.distributed.checkpoint``);
    losses, the gathered final weights, how the parameters and the optimizer state are laid out;
 2. a model with other weights resumed from ``checkpoint-2`` (``resume_from_checkpoint``) to step 4;
-3. ``lowmem_layerwise=True``: the error it raises.
+3. ``lowmem_layerwise=True``: the error it raises;
+4. ``reshard:SOURCE:TAG``: ``SOURCE/TAG/checkpoint-2``, written by another number of processes,
+   resumed here to step 4.
 
 Rank 0 writes ``OUT/<tag>.json`` and ``OUT/<tag>_final.pt`` / ``<tag>_resumed.pt``.
 
@@ -129,9 +131,13 @@ def layout(trainer) -> dict:
     }
 
 
+def per_device() -> int:
+    return GLOBAL_BATCH // int(os.environ["WORLD_SIZE"])
+
+
 def run(out: Path, tag: str, rank: int) -> None:
     result: dict = {}
-    trainer = make_trainer(out / tag, tag, GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]))
+    trainer = make_trainer(out / tag, tag, per_device())
     trainer.train()
     result["losses"] = losses(trainer)
     result["layout"] = layout(trainer)
@@ -139,7 +145,7 @@ def run(out: Path, tag: str, rank: int) -> None:
     if rank == 0:
         torch.save(weights, out / f"{tag}_final.pt")
 
-    resumed = make_trainer(out / f"{tag}_resumed", tag, GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]), seed=1)  # other weights: the checkpoint sets them
+    resumed = make_trainer(out / f"{tag}_resumed", tag, per_device(), seed=1)  # other weights: the checkpoint sets them
     resumed.train(resume_from_checkpoint=str(out / tag / f"checkpoint-{SAVE_STEPS}"))
     result["resumed_losses"] = losses(resumed)
     weights = full_weights(resumed.model)
@@ -149,7 +155,7 @@ def run(out: Path, tag: str, rank: int) -> None:
 
 
 def layerwise(out: Path, rank: int) -> None:
-    trainer = make_trainer(out / "layerwise", "adamw", GLOBAL_BATCH // int(os.environ["WORLD_SIZE"]), lowmem_layerwise=True, save_strategy="no")
+    trainer = make_trainer(out / "layerwise", "adamw", per_device(), lowmem_layerwise=True, save_strategy="no")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = {"error": None}
     try:
@@ -164,6 +170,23 @@ def layerwise(out: Path, rank: int) -> None:
         (out / "layerwise.json").write_text(json.dumps(result))
 
 
+def reshard(out: Path, source: Path, tag: str, rank: int) -> None:
+    """Resume ``source/<tag>/checkpoint-2`` (written by another number of processes) on this many."""
+    trainer = make_trainer(out / f"{tag}_resharded", tag, per_device(), seed=1)
+    result = {"error": None}
+    try:
+        trainer.train(resume_from_checkpoint=str(source / tag / f"checkpoint-{SAVE_STEPS}"))
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        result["error"] = f"{type(err).__name__}: {err}"
+    else:
+        result["losses"] = losses(trainer)
+        weights = full_weights(trainer.model)
+        if rank == 0:
+            torch.save(weights, out / f"{tag}_resharded.pt")
+    if rank == 0:
+        (out / f"{tag}_resharded.json").write_text(json.dumps(result))
+
+
 def main(argv: list[str]) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from accelerate_fsdp_cpu import fsdp_on_cpu_processes
@@ -175,6 +198,9 @@ def main(argv: list[str]) -> None:
     for tag in tags:
         if tag == "layerwise":
             layerwise(out, rank)
+        elif tag.startswith("reshard:"):  # reshard:SOURCE_DIR:TAG
+            _, source, name = tag.split(":")
+            reshard(out, Path(source), name, rank)
         else:
             run(out, tag, rank)
 

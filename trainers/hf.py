@@ -300,12 +300,41 @@ class LowMemOptimizerMixin:
         logger.info("lowmem optimizer %s with %s", name, hp)
         return self.optimizer
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's own loading; under FSDP a checkpoint written by another number of processes
+        whose per-shard state cannot be redistributed fails inside torch with a bare size mismatch:
+        that error is re-raised naming the cause (the error is kept as ``__cause__``)."""
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        except RuntimeError as err:
+            saved = checkpoint_processes(checkpoint)
+            world = getattr(self.args, "world_size", 1)
+            if not getattr(self, "is_fsdp_enabled", False) or saved is None or saved == world:
+                raise
+            raise RuntimeError(
+                f"the optimizer state in {checkpoint} was written by {saved} processes and does not load onto {world} "
+                f"({err}): per-shard state (8-/4-bit moments' codes and scales, MicroAdam's window) loads only onto "
+                f"the number of processes that wrote it (docs/distributed.md); resume with {saved} processes"
+            ) from err
+
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The ``grad_norm`` the Trainer logs (transformers >= 5 calls this before ``optimizer.step()``).
         In layerwise mode the gradients were consumed and freed in their hooks, so the Trainer's own
         norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
         norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def checkpoint_processes(checkpoint: str | None) -> int | None:
+    """How many processes wrote a Trainer checkpoint: its ``rng_state_<rank>.pth`` files (one per
+    process when there were several), or `None` when it has none of them."""
+    import os
+    import re
+
+    if checkpoint is None or not os.path.isdir(checkpoint):
+        return None
+    ranks = [f for f in os.listdir(checkpoint) if re.fullmatch(r"rng_state_\d+\.pth", f)]
+    return len(ranks) or None
 
 
 class OptimTargetModules:
