@@ -299,25 +299,61 @@ class SubspaceProjection(Projection):
         GL.project_up_rows_add_(out, r, *self._basis(state), start, stop, alpha)
 
     def transient_bytes(self, shape, group, state, refresh):
-        """A refresh: ``svd`` (exact, as galore-torch) runs LAPACK's divide-and-conquer SVD of the whole
+        """What this projection allocates at one kind of step (the engine reports the larger of a
+        plain step and a refresh step, which runs the refresh first and then a plain step).
+
+        A plain step: the projected gradient ``P^T G`` / ``G Q^T`` / the selected coordinates (its
+        direction is the moment rule's); ``online_pca`` also its basis gradient, ``r (m + n)``-sized.
+
+        A refresh: ``svd`` (exact, as galore-torch) runs LAPACK's divide-and-conquer SVD of the whole
         gradient: its copy, ``U`` (``m x k``), ``V^T`` (``k x n``) and about ``3.25 k^2`` floats of
         workspace, ``4 (m n + m k + k n) + 13 k^2`` bytes (``k = min(m, n)``; measured 1547 MiB for
         8192 x 8192, 390 MiB for 4096 x 4096, 59 MiB for 4096 x 1024, each within 4% below this);
-        ``rsvd`` and random bases need ``(m + n)(r + p)``-sized panels; coordinates need their index.
-        A plain step: the projected gradient, its direction and (``online_pca``) the basis gradient,
-        ``r (m + n)``-sized."""
+        ``rsvd`` needs ``(m + n)(r + p)``-sized panels; a random basis (:func:`~lowmem.optim.functional.galore.random_basis`,
+        per projected side of ``d`` rows) its Gaussian draw and the scaled result (``gaussian``,
+        ``8 d r`` bytes; measured exactly that) or the draw, the QR factors ``Q`` and ``R``, the
+        sign-fixed result and LAPACK's blocked workspace (``random``, ``12 d r + 4 r^2 + 4 d min(r, 128)``;
+        measured 27.1 MiB for 8192 x 256, 51.4 for 8192 x 512, 12 for 16384 x 64); coordinates their
+        index. With ``moment_policy="rotate"`` the old subspace's copy is alive through the refresh, and
+        the rotation adds the transitions and the rotated moment (:meth:`rotate_bytes`)."""
         m, n = shape
         r = group["rank"]
         k = min(m, n)
         method = self.method(group)
         small = 4 * 5 * (r + 4) * (m + n)  # panels of rank + oversampling columns, a few alive at once (measured)
+        low = 4 * self.low_shape(shape, group).numel()
         if not refresh:
-            return small
+            return small if method == "online_pca" else low
         if method in ("svd", "online_pca"):
-            return 4 * (m * n + m * k + k * n) + 13 * k * k
-        if method in COORDINATE_METHODS:
-            return 8 * 2 * max(m, n) * (r + 1) if method != "randk" else 8 * 2 * m * n  # randperm of the size
-        return small
+            work = 4 * (m * n + m * k + k * n) + 13 * k * k
+        elif method in COORDINATE_METHODS:
+            work = 8 * 2 * max(m, n) * (r + 1) if method != "randk" else 8 * 2 * m * n  # randperm of the size
+        elif method in ("random", "gaussian"):
+            side = self._side(shape, group)
+            rows = [d for d, s in ((m, ("left", "full")), (n, ("right", "full"))) if side in s]
+            draw = [8 * d * r if method == "gaussian" else 12 * d * r + 4 * r * r + 4 * d * min(r, 128) for d in rows]
+            work = draw[0] if len(draw) == 1 else max(draw[0], 4 * m * r + draw[1])  # "full": left kept while right is drawn
+        else:
+            work = small
+        if group.get("moment_policy") != "rotate":
+            return work
+        snapshot, rotation = self.rotate_bytes(shape, group)
+        return snapshot + max(work, rotation)
+
+    def rotate_bytes(self, shape, group) -> tuple[int, int]:
+        """``moment_policy="rotate"`` at a refresh: ``(snapshot, rotation)``, the copy of the old basis
+        or index (:meth:`snapshot`) and what :meth:`rotate_moment` allocates for one moment: the
+        ``r x r`` transitions and their squares and the rotated moment (a basis), or the moment
+        scattered to the parameter's shape and selected again (coordinates)."""
+        m, n = shape
+        r = group["rank"]
+        low = 4 * self.low_shape(shape, group).numel()
+        if self.method(group) in COORDINATE_METHODS:
+            return 8 * self._coordinates(shape, group)[1], 4 * m * n + low
+        side = self._side(shape, group)
+        basis = 4 * r * ((m if side in ("left", "full") else 0) + (n if side in ("right", "full") else 0))
+        sides = 2 if side == "full" else 1
+        return basis, 8 * r * r * sides + low * sides
 
     # -- Online Subspace Descent: learn the basis after each step --
 

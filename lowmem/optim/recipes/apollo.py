@@ -86,8 +86,16 @@ class ApolloScaling(CombineRule):
         return self.direction_rows(g.float(), low, d_low, state, group, projection, 0, g.shape[0], ctx)
 
     def transient_bytes(self, shape, group, state, projection, rows):
-        """``G * s`` for a block of rows (the norm pass) and the direction: 2 float32 row blocks."""
-        return 8 * rows * shape[1]
+        """The scaling (one per channel, or a scalar), computed from ``d_low / c`` (a float32 tensor of
+        the projected gradient's size) and the channel norms; then one float32 block of rows at a time:
+        ``G * s`` of the norm pass, freed before the next, or a block's direction."""
+        m, n = shape
+        low = 4 * projection.low_shape(shape, group).numel()
+        if group["scale_type"] == "tensor":
+            channels = 1
+        else:
+            channels = n if GL.galore_side(tuple(shape), group["proj_type"]) == "left" else m
+        return 4 * channels + max(low + 3 * 4 * channels, 4 * rows * n)
 
 
 def _check_apollo_group(group: dict[str, Any]) -> None:
