@@ -18,6 +18,7 @@ Helpers (models, shards, the registry's hyperparameters) come from test_fsdp.
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -25,20 +26,41 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from test_fsdp import STEPS, Net, Wide, _shard, build, loss_fn, make
+from torch import nn
 
 pytestmark = pytest.mark.distributed
+
+
+class Attn(nn.Module):
+    """Named like an attention layer, for Adam-mini's registry partition (adam_mini_groups): heads of
+    32 rows for q_proj / k_proj (a 128-row shard holds 4 whole heads), rows for embed, v_proj and
+    lm_head, one whole-tensor block for the norm's weight, elements for the biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(head_dim=32)
+        self.embed = nn.Linear(32, 256)
+        self.norm = nn.LayerNorm(256)
+        self.q_proj = nn.Linear(256, 256, bias=False)
+        self.k_proj = nn.Linear(256, 256, bias=False)
+        self.v_proj = nn.Linear(256, 256)
+        self.lm_head = nn.Linear(256, 256)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.embed(x)))
+        return self.lm_head(torch.tanh(self.v_proj(h)) + self.q_proj(h) * self.k_proj(h))
 
 # run tag -> (test_fsdp run tag: a recipe or a test_fsdp.CONFIGS key, model). Every recipe whose
 # float32 parameters take a foreach bucket on Net (unsharded): element-wise rules, SPAM (stabilized
 # buckets), BAdam's active block, the full-rank (vector) parameters of the projected recipes (their
 # sharded matrices take the per-parameter step), the hybrids' AdamW parameters, Adam-mini (the
-# registry's partition: whole-tensor blocks for matrices and fc2's bias, elements for the norm; and
-# row / head / element blocks), Subset-Norm (per-row statistics on Net, per-column on Wide's 64 x 256).
+# registry's partition of Net: whole-tensor blocks for matrices and fc2's bias, elements for the norm;
+# of Attn: heads, rows, a whole-tensor block, elements; and row / head / element blocks), Subset-Norm (per-row statistics on Net, per-column on Wide's 64 x 256).
 FLOAT32 = {tag: (tag, Net) for tag in (
     "adamw", "spam", "badam", "galore_adamw", "fira_adamw", "frugal", "apollo_adamw", "apollo_mini", "osd_adamw",
     "galore_left_rotate", "muon", "scale", "sinkgd", "scale_embedding", "adam_mini", "adam_mini_blocks",
     "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm")}
-FLOAT32 |= {"adam_mini_wide": ("adam_mini", Wide), "adamw_sn_wide": ("adamw_sn", Wide),
+FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide), "adamw_sn_wide": ("adamw_sn", Wide),
             "adagrad_sn_wide": ("adagrad_sn", Wide)}
 # chunk_numel 4096: a shard larger than that joins the buckets in pieces (fc2's 128 x 256 shard: 8);
 # Adam-mini's row / head blocks and Subset-Norm's per-row statistics step it whole from its first
@@ -48,7 +70,7 @@ FLOAT32 |= {f"{tag}_chunked": FLOAT32[tag] for tag in ("adamw", "spam", "adam_mi
 # slow (a second spawn, LOWMEM_SLOW=1): configurations whose foreach pieces the others already cover
 SLOW = ["galore_left_rotate", "scale_embedding", "adamw_chunked", "spam_chunked", "adamw_sn_chunked"]
 # whole-tensor statistics that the foreach path must not compute per shard (sharded_group)
-WHOLE_TENSOR = ["adam_mini", "adam_mini_wide", "adamw_sn_wide", "adagrad_sn_wide", "adamw_sn_wide_chunked"]
+WHOLE_TENSOR = ["adam_mini", "adam_mini_attn", "adam_mini_wide", "adamw_sn_wide", "adagrad_sn_wide", "adamw_sn_wide_chunked"]
 
 
 def _instrument(opt):
@@ -211,7 +233,7 @@ def test_fsdp2_float32_foreach_matches_single_process(request, tag):
     most; the same with chunk_numel 4096 (pieces of the shards). Muon: (a) 4.5e-3 and (b) 4.3e-3, the gaps one process shows between the same runs on the
     half-batches' mean (bfloat16 Newton-Schulz; (c) 0.0).
     Red when ``moments.sharded_group`` returns False (a whole-tensor statistic of a shard on the
-    foreach path): adam_mini 1.1e-3, adam_mini_wide 2.9e-3, adamw_sn_wide 7.3e-3 (also chunked),
+    foreach path): adam_mini 1.1e-3, adam_mini_attn 1.0e-3 (the norm's block), adam_mini_wide 2.9e-3, adamw_sn_wide 7.3e-3 (also chunked),
     adagrad_sn_wide 2.9e-3 in (a), (b) and (c)."""
     sharded = _runs(request, tag)
     torch_gaps = _torch_gaps(sharded)
@@ -235,7 +257,8 @@ def test_fsdp2_float32_foreach_matches_single_process(request, tag):
 def test_fsdp2_whole_tensor_statistics_stay_off_the_foreach_path(sharded, tag):
     """The parameters with a whole-tensor statistic (Adam-mini's whole-tensor blocks, Subset-Norm's
     per-column statistics) take the per-parameter step, which reduces over the shards: fewer pieces
-    reach the buckets than in one process (adam_mini 9 of 18 over 3 steps, adamw_sn_wide 15 of 18,
+    reach the buckets than in one process (adam_mini 9 of 18 over 3 steps, adam_mini_attn 27 of 30,
+    adamw_sn_wide 15 of 18,
     adamw_sn_wide_chunked 18 of 39)."""
     _, seen = sharded[f"{tag}_foreach"]
     assert seen["pieces"] < _single(tag)[1]["pieces"], (tag, seen["pieces"], _single(tag)[1]["pieces"])
@@ -249,6 +272,6 @@ def test_fsdp2_step_transient_bytes_cover_the_shards_buckets(request, tag):
     _, seen = _runs(request, tag)[f"{tag}_foreach"]
     assert seen["largest_bucket"] > 0
     assert seen["transient"] >= seen["bucket_transient"], (tag, seen["transient"], seen["bucket_transient"])
-    if tag in ("adamw", "badam", "adamw_sn", "adagrad_sn", "adam_mini_blocks", "adamw_chunked", "adam_mini_blocks_chunked",
+    if tag in ("adamw", "badam", "adamw_sn", "adagrad_sn", "adam_mini_blocks", "adam_mini_attn", "adamw_chunked", "adam_mini_blocks_chunked",
                "adamw_sn_chunked", "adamw_sn_wide_chunked"):
         assert seen["transient"] == seen["bucket_transient"], (tag, seen["transient"], seen["bucket_transient"])
