@@ -58,6 +58,8 @@ CONFIGS = {
     "scale_head": ("scale", {"scale_role": "head"}),
     # Adam-mini's row / head / element blocks (the registry's partition of Net: whole-tensor blocks)
     "adam_mini_blocks": ("adam_mini", {"groups": lambda model: _adam_mini_blocks(model)}),
+    # 8-bit projected moments of 256 x 4 (whole) / 128 x 4 (a shard): quantized by the whole size
+    "galore8bit_quant_by_whole": ("galore_adamw8bit", {"min_quant_size": 1000}),
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)

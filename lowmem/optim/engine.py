@@ -282,7 +282,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32)
             r.projection.init_state(state, key, group)  # the whole m x n geometry
             r.combine.init_state_sharded(state, p, key, group)
-            r.moment.init_state(state, self._sharded_projection(key, group, None).low_shape(group), group, p)
+            # the rule sees the shard's projected shape and the whole one (8-bit moments: quantized
+            # exactly when one process would quantize them, Quantized.init_state_sharded)
+            r.moment.init_state_sharded(state, self._sharded_projection(key, group, None).low_shape(group),
+                                        r.projection.low_shape(key.shape, group), group, p)
             return
         state["step"] = torch.zeros((), dtype=torch.float32)
         shape = p.shape
