@@ -318,3 +318,24 @@ def test_stable_spam_clean_chunk_host_reads():
             for pt in patches:
                 pt.stop()
         assert sum(f.endswith("stabilizers.py") for f in sites) == want, (shape, sites)
+
+
+def test_stable_spam_whole_step_of_a_float64_parameter():
+    """``chunk_numel=None`` (the whole-tensor step) on float64 weights: AdaClip's and AdaGN's statistics
+    are float32 state, as on the chunked path (the float64 max / norm crashed ``lerp_``); the two
+    paths agree to float32 rounding of those statistics."""
+    from lowmem.optim import create_optimizer
+
+    weights = []
+    for chunk in (None, 256):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(64, 32).double()
+        opt = create_optimizer(model, "stable_spam", lr=1e-3)
+        opt.chunk_numel = chunk
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(4, 64, dtype=torch.float64)).square().sum().backward()
+            opt.step()
+        assert opt.state[model.weight]["spam_clip_max"].dtype == torch.float32
+        weights.append(model.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-8)

@@ -104,7 +104,7 @@ def ada_clip(g: Tensor, max_ema: Tensor, theta: float, t: int) -> Tensor:
     ``m_max = theta m_max + (1 - theta) max|g|``; ``m_hat = m_max / (1 - theta^t)``; entries with
     ``|g_i| > m_hat`` are scaled by ``m_hat / max|g|``.
     """
-    g_max = abs_max(g)
+    g_max = abs_max(g).float()  # the statistics are float32 (as the chunked step's), also for a float64 g
     bound = ada_clip_bound_(max_ema, g_max, theta, t)
     return ada_clip_apply(g, g_max, bound)
 
@@ -149,8 +149,9 @@ def ada_gn(g: Tensor, norm_m: Tensor, norm_v: Tensor, gamma1: float, gamma2: flo
     gradient stays zero and the norm statistics do not move (the authors' code updates them with
     ``||g|| = 0``; pytorch-optimizer skips the parameter's step: see docs/compressed.md).
     """
-    norm = torch.linalg.vector_norm(g)
-    return g * ada_gn_scale_(norm, norm_m, norm_v, gamma1, gamma2, t, eps, torch.finfo(g.dtype).tiny)
+    # the statistics are float32 (as the chunked step's), also for a float64 g
+    norm = torch.linalg.vector_norm(g.float())
+    return g * ada_gn_scale_(norm, norm_m, norm_v, gamma1, gamma2, t, eps, torch.finfo(torch.float32).tiny)
 
 
 def ada_gn_scale_(
