@@ -702,20 +702,28 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         raise ConfigError(f"{cls.__name__}: {err}") from None
 
 
-# What a checkpoint directory must hold to resume exactly (any one name of each entry).
+# What a checkpoint directory must hold to resume exactly (any one name of each entry; a name ending
+# in "/" is a directory: FSDP's sharded checkpoints, torch.distributed.checkpoint's files of every
+# process, as accelerate names them under fsdp_state_dict_type SHARDED_STATE_DICT).
 CHECKPOINT_FILES: tuple[tuple[str, ...], ...] = (
     ("trainer_state.json",),
     ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-     "adapter_model.safetensors", "adapter_model.bin"),
-    ("optimizer.pt", "optimizer.bin"),
+     "adapter_model.safetensors", "adapter_model.bin", "pytorch_model_fsdp_0/"),
+    ("optimizer.pt", "optimizer.bin", "optimizer_0/"),
     ("scheduler.pt",),
 )
 
 
 def checkpoint_missing(path: str | Path) -> list[str]:
-    """The files of :data:`CHECKPOINT_FILES` that ``path`` lacks (empty: complete)."""
+    """The files of :data:`CHECKPOINT_FILES` that ``path`` lacks (empty: complete). A sharded
+    directory counts when it holds torch.distributed.checkpoint's metadata (``.metadata``, written
+    last)."""
     p = Path(path)
-    return [names[0] for names in CHECKPOINT_FILES if not any((p / n).is_file() for n in names)]
+
+    def present(name: str) -> bool:
+        return (p / name / ".metadata").is_file() if name.endswith("/") else (p / name).is_file()
+
+    return [names[0] for names in CHECKPOINT_FILES if not any(present(n) for n in names)]
 
 
 def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None = None) -> str | None:
@@ -869,7 +877,16 @@ def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:
     ``merge_adapters`` the merged model to ``output_dir/merged``."""
     if not recipe.save_model:
         return {}
-    trainer.save_model()  # main process only; PEFT models save adapter_model.safetensors + adapter_config.json
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        # FSDP with sharded state dicts: Trainer.save_model writes no model at all (transformers 5.23 saves
+        # one only for FULL_STATE_DICT). Gather the whole one (accelerate's get_state_dict: a collective,
+        # every process takes part; FSDP2 returns it on process 0) and save it as save_model would.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.args.should_save:
+            trainer._save(recipe.output_dir, state_dict=state_dict)
+    else:
+        trainer.save_model()  # main process only; PEFT models save adapter_model.safetensors + adapter_config.json
     saved: dict[str, Any] = {"saved_model": recipe.output_dir}
     if recipe.merge_adapters:
         saved["merged_model"] = str(Path(recipe.output_dir) / "merged")

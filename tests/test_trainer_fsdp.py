@@ -369,3 +369,40 @@ def test_lowmem_train_fsdp_refusal_names_its_source(tmp_path, monkeypatch, how):
         build_training_args(load_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out")))
     assert f"needs GPUs: {source} on CPU processes" in str(err.value)
     assert "not MULTI_CPU" in str(err.value) and "would train these with DDP instead" in str(err.value)
+
+
+@pytest.mark.slow  # two launches of `lowmem train` (~70 s)
+def test_lowmem_train_under_sharded_state_dicts_saves_the_model_and_resumes(tmp_path):
+    """With ``fsdp_state_dict_type: SHARDED_STATE_DICT`` the Trainer's save_model writes no model:
+    `lowmem train` gathers the whole one and saves it (model.safetensors, equal to one process's to
+    the float32 tolerance above), its sharded checkpoints (pytorch_model_fsdp_0/, optimizer_0/) count
+    as complete, and `--resume` from checkpoint-2 ends on the same weights, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lowmem.train import checkpoint_missing, load_recipe, run
+
+    config = sharded_config(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LOWMEM_RECIPE)
+    run(load_recipe(recipe, batch_size=8, output_dir=str(tmp_path / "one")))
+    two = tmp_path / "two"
+    accelerate_launch(config, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--batch-size", "4", "--output-dir", str(two))
+    for step in (2, 4):
+        assert (two / f"checkpoint-{step}" / "optimizer_0" / ".metadata").is_file()
+        assert checkpoint_missing(two / f"checkpoint-{step}") == [], step
+    one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(two / "model.safetensors")
+    assert one_w.keys() == two_w.keys()
+    for k in one_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=1e-4, atol=5e-5, msg=k)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
+    accelerate_launch(config, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--resume", "--batch-size", "4",
+                      "--output-dir", str(resumed))
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"] == str(resumed / "checkpoint-2")
+    res_w = load_file(resumed / "model.safetensors")
+    for k in two_w:
+        assert torch.equal(res_w[k], two_w[k]), k
