@@ -367,6 +367,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     worst = max(worst, self._param_transient_bytes(p, group, state))
                     continue
                 if self._foreach_ok(p, group, state=state):
+                    if len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers:
+                        # a tensor in pieces may be stepped whole from its first one by the rule's
+                        # per-parameter step (moments.step_whole_from_piece_: Adam-mini, Adafactor)
+                        worst = max(worst, self._param_transient_bytes(p, group, state))
                     for start, stop in self._foreach_pieces(p):
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
                         buckets[key] = buckets.get(key, 0) + stop - start
@@ -540,7 +544,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group, pieces = bucket
         ps, gs, ss = (list(x) for x in zip(*pieces))
         pieces.clear()
-        if lr_scale == 1.0:
+        if self.recipe.lr_rule is not constant_lr:  # (the rule's own: foreach_lr_rule, _foreach_ok)
+            self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"], lr_rule=self.recipe.lr_rule)
+        elif lr_scale == 1.0:
             self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"])
         else:  # (only rules with foreach_step_lr: _foreach_ok)
             self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"], step_lr=group["lr"] * lr_scale)
@@ -623,7 +629,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # foreach step takes their lr scale (SPAM's warm-up)
             and (not r.stabilizers or (r.moment.foreach_step_lr and all(s.chunkable for s in r.stabilizers)
                                        and p.is_contiguous() and (grad is None or grad.is_contiguous())))
-            and r.lr_rule is constant_lr
+            # a constant step size, or an lr rule the foreach step evaluates itself (Adafactor's RMS scale)
+            and (r.lr_rule is constant_lr or r.lr_rule is r.moment.foreach_lr_rule)
             and r.decay_after_update == r.moment.foreach_decays_after
             and p.dtype == torch.float32
             and (grad is None or (grad.dtype == torch.float32 and not grad.is_sparse))

@@ -77,6 +77,10 @@ class MomentRule:
     # True if foreach_step_ takes ``step_lr=``: the update's step size when it differs from the decay's
     # ``lr`` (a stabilizer's lr scale, SPAM's warm-up); the engine buckets stabilized parameters only then
     foreach_step_lr: bool = False
+    # a learning-rate rule that foreach_step_ evaluates itself for each tensor of the bucket (called with
+    # ``lr_rule=`` that rule: Adafactor's parameter-scaled step size); the engine buckets a recipe whose
+    # lr rule is not constant_lr only when it is this one
+    foreach_lr_rule: Any = None
 
     def foreach_transient_bytes(self, numel: int) -> int:
         """Bytes :meth:`foreach_step_` allocates for a bucket of ``numel`` elements (float32
@@ -200,7 +204,10 @@ def step_whole_from_piece_(rule: MomentRule, p_piece: Tensor, g_piece: Tensor, v
         pc = pflat[start:stop]
         if not decay_after:
             F.decoupled_weight_decay_(pc, lr, wd)
-        F.apply_update_(pc, d, lr)
+        if rule.applies_lr:  # the direction is lr-scaled already (Adafactor)
+            pc.sub_(d)
+        else:
+            F.apply_update_(pc, d, lr)
         if decay_after:
             F.decoupled_weight_decay_(pc, lr, wd)
         del d
@@ -347,7 +354,7 @@ class FactoredMoments(MomentRule):
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         rows = (start // shape[1], stop // shape[1]) if len(shape) == 2 else None  # (a sharded vector: whole)
-        view = ChunkState(state, start, stop, {"rows": rows, "factors": ctx})
+        view = ChunkState(state, start, stop, {"rows": rows, "factors": ctx, "parent": state, "shape": shape})
         if "exp_avg" in state:
             view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         return view
@@ -431,6 +438,64 @@ class FactoredMoments(MomentRule):
         F.clip_by_rms_(u, group["clip_threshold"])
         return _adafactor_first_moment(u.mul_(lr), state, group)
 
+    # ---- the multi-tensor step ----
+
+    def supports_foreach_for(self, shape, group, state):
+        """Vectors and matrices (a batched matrix steps alone), not in an FSDP2 (sharded) group: its
+        column statistics, the update's RMS and the parameter's RMS need the shards' sums
+        (:meth:`prepare_chunks` and :func:`adafactor_lr` all-reduce them)."""
+        return len(shape) <= 2 and not sharded_group(group)
+
+    def foreach_step_(self, params, grads, states, group, t, lr, lr_rule=None) -> None:
+        """A bucket's whole step: the step sizes (``lr_rule``: :func:`adafactor_lr`, evaluated for
+        every tensor by :func:`~lowmem.optim.functional.adafactor_lr_foreach`; ``None``: the constant
+        ``lr``), then :func:`~lowmem.optim.functional.adafactor_foreach_`. A tensor larger than the
+        engine's ``chunk_numel`` arrives in flat pieces and is stepped whole from its first one as
+        the per-parameter step does: a matrix chunked by rows
+        (:func:`~lowmem.optim.moments.step_whole_from_piece_`), a vector unchunked."""
+        if lr_rule is not None and lr_rule is not adafactor_lr:
+            raise ValueError(f"FactoredMoments.foreach_step_: no multi-tensor form of the lr rule {lr_rule!r}")
+        whole = []
+        for p, g, s in zip(params, grads, states):
+            if not isinstance(s, ChunkState):
+                whole.append((p, g, s))
+                continue
+            if s.start != 0:
+                continue
+            state, shape = s.extra["parent"], s.extra["shape"]
+            numel = math.prod(shape)
+            pw = p.as_strided(shape, torch.empty(shape, device="meta").stride(), p.storage_offset())
+            step_lr = lr if lr_rule is None else lr_rule(group, state, pw, t)
+            if len(shape) == 2:
+                step_whole_from_piece_(self, p, g, s, group, t, step_lr, decay_after=False)
+            else:  # a vector: whole (its update's RMS spans it), as the per-parameter step
+                gw = g.as_strided((numel,), (1,), g.storage_offset()).view(shape)
+                d = self.direction(gw, state, group, t, step_lr)
+                F.decoupled_weight_decay_(pw, step_lr, group.get("weight_decay", 0.0))
+                pw.sub_(d)
+                del d
+        if not whole:
+            return
+        ps, gs, ss = (list(x) for x in zip(*whole))
+        if lr_rule is None:
+            lrs = [lr] * len(ps)
+        else:
+            rho = F.adafactor_relative_lr(t, group["warmup_init"]) if group["relative_step"] else group["lr"]
+            lrs = F.adafactor_lr_foreach(ps, rho, group["eps"][1], group["scale_parameter"])
+        second = [(s["exp_avg_sq_row"], s["exp_avg_sq_col"]) if "exp_avg_sq_row" in s else (s["exp_avg_sq"],)
+                  for s in ss]
+        beta1 = group.get("beta1")
+        F.adafactor_foreach_(ps, gs, second, [s["exp_avg"] for s in ss] if beta1 is not None else None, lrs,
+                             F.adafactor_beta2(t, group["decay_rate"]), group["eps"][0], group["clip_threshold"],
+                             beta1, group.get("weight_decay", 0.0))
+
+    def foreach_transient_bytes(self, numel):
+        """:func:`~lowmem.optim.functional.adafactor_foreach_`: the updates and ``lr wd X`` (two
+        float32 tensors of the bucket) or ``g^2 + eps1`` with the row and column means (at most
+        one bucket's size again); a tensor stepped from its pieces allocates its per-parameter step's
+        transient (the engine reports that separately)."""
+        return 8 * numel
+
     def _unclipped_update(self, g, state, group, t):
         """Update the second-moment statistics with ``g`` and return ``g / sqrt(V_hat)`` (Algorithms
         3-4 before the clipping)."""
@@ -495,3 +560,7 @@ def adafactor_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t
     x = p32 if p32.dtype in (torch.float32, torch.float64) else p32.float()
     sums = reduce.sum_(torch.stack([torch.linalg.vector_norm(x).square(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)]))
     return (sums[0] / sums[1]).sqrt_().clamp_(min=group["eps"][1]) * rho
+
+
+# Adafactor's multi-tensor step evaluates its lr rule itself (the parameters' norms in one kernel)
+FactoredMoments.foreach_lr_rule = staticmethod(adafactor_lr)

@@ -57,3 +57,86 @@ def adafactor_param_scale(p: Tensor, eps2: float) -> Tensor:
     return rms(p).clamp(min=eps2)
 
 
+
+
+# ---- the multi-tensor forms (the engine's foreach buckets, float32) ----------------------------
+
+
+def adafactor_lr_foreach(params: list[Tensor], rho: float, eps2: float, scale_parameter: bool) -> list[float] | list[Tensor]:
+    """Step sizes ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` (Section 8) of several parameters:
+    the parameters' norms in one ``torch._foreach_norm``, then one kernel per operation of
+    :func:`adafactor_param_scale` on the list of 0-d norms (no host synchronisation). Without the
+    parameter scale: ``rho`` for each."""
+    if not scale_parameter:
+        return [rho] * len(params)
+    scales = list(torch._foreach_norm(params))
+    torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
+    torch._foreach_clamp_min_(scales, eps2)
+    torch._foreach_mul_(scales, rho)
+    return scales
+
+
+def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[tuple[Tensor, ...]],
+                       exp_avgs: list[Tensor] | None, lrs: list[float] | list[Tensor], beta2: float, eps1: float,
+                       clip_threshold: float, beta1: float | None, weight_decay: float) -> None:
+    """One Adafactor step of several float32 parameters in place (Shazeer & Stern 2018, Algorithms
+    3-4 with the update clipping of Section 6, the first moment of the lr-scaled update and the
+    decoupled decay before the update), the same operations in the same order as the per-tensor
+    step, one multi-tensor kernel per operation where torch has one.
+
+    ``second[i]``: ``(row, col)`` of a matrix (factored, Algorithm 4) or ``(v,)`` of a vector
+    (Algorithm 3). ``lrs[i]``: the step size of parameter ``i`` (floats, or 0-d tensors from
+    :func:`adafactor_lr_foreach`). Per tensor (no multi-tensor form of a reduction along one
+    dimension or of an outer product): the row and column means of ``g^2 + eps1``, the mean of
+    ``R`` and the outer product ``R_factor C_factor``. Transient: ``g^2 + eps1`` (freed after the
+    statistics), then the updates and (with weight decay) ``lr wd X``: two float32 tensors of the
+    bucket, plus the row and column vectors.
+    """
+    mat = [i for i, s in enumerate(second) if len(s) == 2]
+    vec = [i for i, s in enumerate(second) if len(s) == 1]
+    g2 = torch._foreach_mul(grads, grads)  # g^2 + eps1
+    torch._foreach_add_(g2, eps1)
+    if mat:  # R <- beta2 R + (1 - beta2) mean_cols(g2); C likewise with mean_rows (Algorithm 4, lines 5-6)
+        rows, cols = [second[i][0] for i in mat], [second[i][1] for i in mat]
+        torch._foreach_mul_(rows, beta2)
+        torch._foreach_add_(rows, [g2[i].mean(dim=-1) for i in mat], alpha=1.0 - beta2)
+        torch._foreach_mul_(cols, beta2)
+        torch._foreach_add_(cols, [g2[i].mean(dim=-2) for i in mat], alpha=1.0 - beta2)
+    if vec:  # V <- beta2 V + (1 - beta2) g2 (Algorithm 3)
+        vs = [second[i][0] for i in vec]
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_add_(vs, [g2[i] for i in vec], alpha=1.0 - beta2)
+    del g2
+    us: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    if mat:  # U = (R / mean(R))^-1/2 C^-1/2 G (Algorithm 4, line 7: V_hat = R C / 1^T R)
+        r_factors = [r / r.mean(dim=-1, keepdim=True) for r in rows]
+        torch._foreach_rsqrt_(r_factors)
+        c_factors = torch._foreach_rsqrt(cols)
+        for i, r, c in zip(mat, r_factors, c_factors):
+            us[i] = torch.mul(r.unsqueeze(-1), c.unsqueeze(-2))
+        del r_factors, c_factors
+    if vec:
+        for i, u in zip(vec, torch._foreach_rsqrt(vs)):
+            us[i] = u
+    torch._foreach_mul_(us, grads)
+    # U / max(1, RMS(U) / d) (Section 6, eq. 12)
+    clip = list(torch._foreach_norm(us))
+    torch._foreach_div_(clip, [math.sqrt(u.numel()) for u in us])
+    torch._foreach_div_(clip, clip_threshold)
+    torch._foreach_clamp_min_(clip, 1.0)
+    torch._foreach_div_(us, clip)
+    del clip
+    torch._foreach_mul_(us, lrs)
+    if beta1 is not None:  # M <- beta1 M + (1 - beta1) alpha U: the direction
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, us, alpha=1.0 - beta1)
+        del us
+        us = exp_avgs
+    if weight_decay != 0:  # X <- X - alpha wd X (decoupled, before the update)
+        if isinstance(lrs[0], Tensor):
+            decay = torch._foreach_mul(params, torch._foreach_mul(lrs, weight_decay))
+            torch._foreach_sub_(params, decay)
+            del decay
+        else:
+            torch._foreach_mul_(params, [1.0 - lr * weight_decay for lr in lrs])
+    torch._foreach_sub_(params, us)

@@ -1,0 +1,126 @@
+"""Adafactor's multi-tensor path (issue 15): the engine's foreach buckets step vectors and matrices
+with ``functional.adafactor_foreach_`` (step sizes by ``adafactor_lr_foreach``: the parameters' RMS
+in one ``torch._foreach_norm``), equal bit for bit to the per-parameter step (``foreach=False``, the
+reference path) with the same ``chunk_numel``; a tensor larger than ``chunk_numel`` arrives in pieces
+and is stepped whole from its first one (a matrix chunked by rows, a vector whole)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowmem.optim.functional as F
+from lowmem.optim.moments import ChunkState, FactoredMoments, constant_lr
+from lowmem.optim.registry import create_optimizer
+
+# same-shape matrices, a different one, a 1 x n row, vectors (two of one length), a 3-D tensor (stepped
+# alone), and with chunk_numel=1024 a matrix and a vector larger than it (pieces, stepped whole)
+SHAPES = [(37, 29), (37, 29), (16, 8), (1, 13), (64,), (64,), (7,), (2, 5, 6), (3000,), (40, 40)]
+SMALL = {(16, 8), (1, 13), (64,), (7,)}  # bucketed at chunk_numel=1024 (and everything 1-2-D at None)
+
+CONFIGS = {
+    "default": {},  # relative step, parameter scale
+    "relative_no_scale": {"scale_parameter": False},
+    "lr_scaled": {"lr": 1e-2, "relative_step": False},
+    "lr_plain": {"lr": 1e-2, "relative_step": False, "scale_parameter": False},
+    "beta1_wd": {"beta1": 0.9, "weight_decay": 0.1},
+    "beta1_wd_lr": {"beta1": 0.9, "weight_decay": 0.1, "lr": 1e-2, "relative_step": False, "scale_parameter": False},
+    "wd_warmup_clip": {"weight_decay": 0.2, "warmup_init": True, "clip_threshold": 0.3},
+}
+
+
+def _run(hparams, foreach, chunk_numel, monkeypatch, steps=4):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = create_optimizer(ps, "adafactor", foreach=foreach, **hparams)
+    opt.chunk_numel = chunk_numel
+    seen = []
+    orig = F.adafactor_foreach_
+
+    def spy(params, *args, **kwargs):
+        seen.append(sorted(tuple(p.shape) for p in params))
+        return orig(params, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(F, "adafactor_foreach_", spy)
+        for i in range(steps):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) * (30.0 if i % 2 else 1.0)  # spikes: clipping
+            opt.step()
+    return ps, opt, seen
+
+
+@pytest.mark.parametrize("chunk_numel", [None, 1024])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_foreach_equals_the_per_parameter_step_bit_for_bit(config, chunk_numel, monkeypatch):
+    hp = CONFIGS[config]
+    ref, ref_opt, ref_seen = _run(hp, False, chunk_numel, monkeypatch)
+    got, got_opt, seen = _run(hp, None, chunk_numel, monkeypatch)
+    assert ref_seen == []
+    expected = sorted(s for s in SHAPES if len(s) <= 2 and (chunk_numel is None or s in SMALL))
+    assert seen and all(shapes == expected for shapes in seen), seen
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), (config, tuple(a.shape), (a - b).abs().max().item())
+        sa, sb = ref_opt.state[a], got_opt.state[b]
+        assert set(sa) == set(sb)
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (config, tuple(a.shape), k)
+
+
+def test_bucket_clips_and_scales_each_tensor_by_its_own_rms():
+    """The pure kernel on one bucket against the paper's step written per tensor (Algorithm 4 with
+    Section 6's clipping and Section 8's step size), with tensors of very different RMS so a step
+    size or clip taken from the wrong tensor shows."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(6, 5), (6, 5), (9,), (4, 7)]
+    scales = [1.0, 100.0, 0.01, 10.0]
+    ps = [torch.randn(s, generator=gen) * c for s, c in zip(shapes, scales)]
+    gs = [torch.randn(s, generator=gen) * c for s, c in zip(shapes, reversed(scales))]
+    rows = [torch.rand(s[0], generator=gen) + 0.1 if len(s) == 2 else None for s in shapes]
+    cols = [torch.rand(s[1], generator=gen) + 0.1 if len(s) == 2 else None for s in shapes]
+    vs = [None if len(s) == 2 else torch.rand(s, generator=gen) + 0.1 for s in shapes]
+    beta2, eps1, eps2, d, rho, wd = 0.7, 1e-30, 1e-3, 1.0, 0.05, 0.1
+    expected = []
+    for p, g, r, c, v in zip(ps, gs, rows, cols, vs):
+        g2 = g * g + eps1
+        if r is not None:
+            r2, c2 = beta2 * r + (1 - beta2) * g2.mean(1), beta2 * c + (1 - beta2) * g2.mean(0)
+            vhat = torch.outer(r2, c2) / r2.mean()
+        else:
+            vhat = beta2 * v + (1 - beta2) * g2
+        u = g / vhat.sqrt()
+        u = u / torch.clamp(u.pow(2).mean().sqrt() / d, min=1.0)
+        alpha = rho * torch.clamp(p.pow(2).mean().sqrt(), min=eps2)
+        expected.append(p - alpha * wd * p - alpha * u)
+    lrs = F.adafactor_lr_foreach(ps, rho, eps2, True)
+    second = [(r, c) if r is not None else (v,) for r, c, v in zip(rows, cols, vs)]
+    F.adafactor_foreach_(ps, gs, second, None, lrs, beta2, eps1, d, None, wd)
+    for p, e in zip(ps, expected):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-7)
+
+
+def test_which_parameters_take_the_buckets(monkeypatch):
+    rule = FactoredMoments()
+    group = {"params": [torch.zeros(3)]}
+    assert rule.supports_foreach_for(torch.Size([4, 5]), group, {})
+    assert rule.supports_foreach_for(torch.Size([5]), group, {})
+    assert not rule.supports_foreach_for(torch.Size([2, 4, 5]), group, {})  # a batched matrix: alone
+    monkeypatch.setattr("lowmem.optim.moments.sharded_group", lambda g: True)
+    assert not rule.supports_foreach_for(torch.Size([4, 5]), group, {})  # FSDP2: all-reduced statistics
+    with pytest.raises(ValueError, match="no multi-tensor form of the lr rule"):
+        rule.foreach_step_([], [], [], {}, 1, 0.1, lr_rule=constant_lr)
+
+
+def test_foreach_transient_bytes_is_reported():
+    """A bucket of every small tensor: the updates and the decay term, two float32 bucket tensors;
+    a tensor in pieces adds its per-parameter chunked step's transient (rows of the largest chunk)."""
+    ps = [torch.nn.Parameter(torch.zeros(s, device="meta")) for s in [(64,)] * 8 + [(32, 32)] * 4]
+    opt = create_optimizer(ps, "adafactor")
+    opt.materialize_state()
+    assert opt.step_transient_bytes() == 8 * (8 * 64 + 4 * 1024)
+    big = [torch.nn.Parameter(torch.zeros(100, 100, device="meta"))]
+    opt = create_optimizer(big, "adafactor")
+    opt.materialize_state()
+    opt.chunk_numel = 2000  # pieces of 2000; the matrix stepped in chunks of 20 rows
+    assert opt.step_transient_bytes() == max(8 * 2000, opt._param_transient_bytes(big[0], opt.param_groups[0], opt.state[big[0]]))
+    assert isinstance(opt.recipe.moment.chunk_state(opt.state[big[0]], 0, 2000, big[0].shape, opt.param_groups[0]), ChunkState)
