@@ -665,6 +665,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
 
 
+def optimizer_state_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer steps FSDP2 shards (``DTensor`` parameters): its :func:`optimizer_state_bytes`
+    is then this process's part of the state (its shards and what it keeps whole), not the whole."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"])
+
+
 def build_training_args(recipe: TrainRecipe) -> Any:
     """The trainer's config object (:func:`config_class`) for ``recipe``: the fields derived from
     the recipe, then ``training_args`` (which win). Built by :func:`run` before any model loads, so
@@ -928,6 +937,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         "initial_loss": initial, "final_loss": final, "steps": trainer.state.global_step,
         "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(model),
+        "optimizer_state_sharded": optimizer_state_sharded(trainer.optimizer),
         "trainable_params": sum(p.numel() for p in trainable_parameters(model)), **_memory_metrics(trainer),
         **_run_metrics(trainer), **saved,
         **({"data": data.summary(), "train_loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
@@ -1002,6 +1012,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     return {
         **result, "steps": trainer.state.global_step, "train_runtime_s": out.metrics.get("train_runtime"),
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer), "adamw_state_bytes": adamw_state_bytes(policy),
+        "optimizer_state_sharded": optimizer_state_sharded(trainer.optimizer),
         "trainable_params": sum(p.numel() for p in trainable_parameters(policy)), **_memory_metrics(trainer),
         **_run_metrics(trainer), **saved,
         **({"data": data.summary()} if data is not None else {}),
@@ -1029,8 +1040,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
 
     Returns the metrics: ``optimizer``, ``optim_args``, ``trainer``, ``model``, ``seed``,
     ``initial_loss`` and ``final_loss`` (held-out eval loss before and after training), ``steps``,
-    ``optimizer_state_bytes`` (measured after training), ``adamw_state_bytes`` (exact, for the
-    same parameters), ``trainable_params``, ``train_runtime_s``, ``wall_time_s``,
+    ``optimizer_state_bytes`` (measured after training; under FSDP2 process 0's part,
+    ``optimizer_state_sharded``), ``adamw_state_bytes`` (exact, for the same parameters, unsharded), ``trainable_params``, ``train_runtime_s``, ``wall_time_s``,
     ``effective_hparams`` (read back from the optimizer), ``eval_history``, ``resumed_from``.
 
     The trainer's config and the checkpoint to resume from are checked before any model loads.
@@ -1093,8 +1104,13 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     else:
         console.print(f"eval loss: initial {metrics['initial_loss']:.4f} -> final {metrics['final_loss']:.4f} "
                       f"after {metrics['steps']} steps")
-    console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
-                  f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
+    if metrics.get("optimizer_state_sharded"):  # FSDP2: process 0's part against the whole AdamW state
+        console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes on process 0 of {metrics['processes']} "
+                      f"(its shards, FSDP2) vs AdamW {adamw:,} bytes unsharded ({100 * ours / adamw:.1f}%) for "
+                      f"{metrics['trainable_params']:,} trainable parameters")
+    else:
+        console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
+                      f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
     if metrics.get("effective_hparams"):
         g = max(metrics["effective_hparams"], key=lambda g: g["num_params"])  # the largest group
         shown = {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "eps", "rank", "update_proj_gap")}

@@ -37,6 +37,7 @@ def test_trl_trainers_run_on_a_4bit_model_with_adapters(tmp_path, trainer):
     m = run(recipe)
     assert m["steps"] == 2 and m["trainable_params"] < 0.25 * 83_392
     assert m["optimizer_state_bytes"] > 0
+    assert m["optimizer_state_sharded"] is False  # one process: the whole state
     # peak memory by component (MemoryCallback, on by default), through generation and reference passes
     assert all(m["memory"][k] > 0 for k in ("weights", "gradients", "optimizer_states", "activations", "peak"))
 

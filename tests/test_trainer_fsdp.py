@@ -388,7 +388,12 @@ def test_lowmem_train_under_sharded_state_dicts_saves_the_model_and_resumes(tmp_
     recipe.write_text(LOWMEM_RECIPE)
     run(load_recipe(recipe, batch_size=8, output_dir=str(tmp_path / "one")))
     two = tmp_path / "two"
-    accelerate_launch(config, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--batch-size", "4", "--output-dir", str(two))
+    proc = accelerate_launch(config, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--batch-size", "4",
+                             "--output-dir", str(two))
+    # the summary says whose state it counts: process 0's shards, against the whole AdamW state
+    assert json.loads((two / "metrics.json").read_text())["optimizer_state_sharded"] is True
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["optimizer_state_sharded"] is False
+    assert "on process 0 of 2 (its shards, FSDP2)" in proc.stdout, proc.stdout
     for step in (2, 4):
         assert (two / f"checkpoint-{step}" / "optimizer_0" / ".metadata").is_file()
         assert checkpoint_missing(two / f"checkpoint-{step}") == [], step
