@@ -120,8 +120,9 @@ class Adafactor(LowMemOptimizer):
         relative_step (`bool`, defaults to `True`): Step size ``min(1e-2, 1/sqrt(t))``.
         warmup_init (`bool`, defaults to `False`): Step size ``min(1e-6 t, 1/sqrt(t))``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the statistics.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; Adafactor has no
-            multi-tensor path yet.
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 vectors and matrices in
+            multi-tensor buckets (``functional.adafactor_foreach_``, equal to the per-parameter
+            step); `False` forces the per-parameter step.
     """
 
     recipe = ADAFACTOR
