@@ -326,3 +326,48 @@ def test_fira_refuses_two_sided_projection_naming_the_field(name):
     p = [torch.nn.Parameter(torch.randn(24, 40))]
     with pytest.raises(ValueError, match="proj_type"):
         create_optimizer(p, name, rank=4, proj_type="full")
+
+
+def _fira_pieces(shape, proj_type, scale):
+    """A fira_adamw parameter after its first step (basis, moments, step 1 recorded) and a step-2
+    projected gradient ``low`` and an Adam-like direction ``d_low`` (any tensor of ``low``'s shape)."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(*shape))
+    opt = create_optimizer([p], "fira_adamw", rank=6, update_proj_gap=100, proj_type=proj_type, scale=scale)
+    p.grad = torch.randn(*shape)
+    opt.step()
+    state, group, recipe = opt.state[p], opt.param_groups[0], opt.recipe
+    state["step"].fill_(3)  # unit scale c = sqrt(1 - b2^3) / (1 - b1^3) != 1
+    g = torch.randn(*shape)
+    low = recipe.projection.down(g, state, group)
+    d_low = torch.randn_like(low)
+    return g, low, d_low, state, group, recipe
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (33, 50), (50, 33)])
+@pytest.mark.parametrize("proj_type", ["left", "right"])
+@pytest.mark.parametrize("limited", [True, False])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_fira_folded_rows_equal_unfolded_rows(shape, proj_type, limited, scale):
+    """Fira's combine-back folded into one GEMM per row block (FiraResidual.fold:
+    ``up_rows(alpha (d_low - low * k)) + G_rows * k``, ``k = f c / l``) equals the unfolded rows
+    ``alpha up_rows(d_low) + (G_rows - alpha up_rows(low)) f c / l`` and the whole-tensor direction,
+    on both sides (per-column factor on the left, per-row on the right), limiter active or not."""
+    g, low, d_low, state, group, recipe = _fira_pieces(shape, proj_type, scale)
+    combine, P = recipe.combine, recipe.projection
+    assert (low.shape[0] < low.shape[1]) == (proj_type == "left")
+    state["fira_prev_norm"].fill_(1e-3 if limited else 1e6)
+    whole_state = {k: v.clone() for k, v in state.items()}
+    bounds = [(a, min(a + 7, shape[0])) for a in range(0, shape[0], 7)]  # uneven row blocks
+    ctx = combine.prepare(g, low, d_low, state, group, P, bounds)
+    inner, folded = ctx
+    assert folded is not None
+    limiter = inner[1]
+    assert (limiter > 1.0).item() == limited
+    rows_folded = torch.cat([combine.direction_rows(g[a:b], low, d_low, state, group, P, a, b, ctx) for a, b in bounds])
+    rows_plain = torch.cat([combine.unfolded_rows(g[a:b], low, d_low, state, group, P, a, b, inner) for a, b in bounds])
+    whole = combine.direction(g, low, d_low, whole_state, group, P)
+    tol = dict(rtol=1e-6, atol=1e-6 * rows_plain.abs().max().item())
+    torch.testing.assert_close(rows_folded, rows_plain, **tol)
+    torch.testing.assert_close(rows_folded, whole, **tol)
+    torch.testing.assert_close(whole_state["fira_prev_norm"], state["fira_prev_norm"], rtol=1e-6, atol=0)

@@ -441,6 +441,13 @@ class ResidualRule:
         """Rows ``start:stop`` of :meth:`update` (``g_rows`` are the gradient's rows)."""
         return None
 
+    def fold(self, low, d_low, state, group, projection, ctx) -> tuple[Tensor, Tensor] | None:
+        """``(M, coef)`` such that rows ``start:stop`` of ``scale * up(d_low) + update(...)`` are
+        ``up_rows(M) + g_rows * coef`` (``coef`` of shape ``[n]``, or ``[m, 1]`` sliced to the rows),
+        after :meth:`prepare` returned ``ctx``: one GEMM per row block instead of two (issue 15).
+        Default ``None``: :class:`ProjectBack` adds :meth:`update_rows` to ``up_rows(d_low)``."""
+        return None
+
     def transient_bytes(self, shape, group, state, projection, rows: int) -> int:
         """Upper bound of the bytes :meth:`update` allocates for ``rows`` rows (all rows: the whole step)."""
         return 0
@@ -501,12 +508,35 @@ class FiraResidual(ResidualRule):
         return factor, limiter, c
 
     def update_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        """The unfolded rows (the reference :meth:`fold` is tested equal to)."""
         factor, limiter, c = ctx
         return self._scaled_rows(g_rows, low, factor, state, group, projection, start, stop).div_(limiter).mul_(c)
 
+    def fold(self, low, d_low, state, group, projection, ctx):
+        """With ``f`` the scaling factor (eq. 7-8), ``l`` the limiter (eq. 9), ``c`` the unit scale and
+        ``alpha = scale``, the combined rows are
+        ``alpha up(d_low) + (G - alpha up(low)) f c / l = up(alpha (d_low - low * k)) + G * k`` with
+        ``k = f c / l``: ``f`` scales the columns of ``up(low) = P low`` (left side, ``k`` of shape
+        ``[n]``) or the rows of ``up(low) = low Q`` (right side, ``[m, 1]``), so it commutes with the
+        projection's product. Returns ``(M, k)``, ``M`` of ``low``'s shape; ``None`` for a projection
+        without a basis (coordinates scatter)."""
+        if not projection.can_add_up_rows(state):
+            return None
+        factor, limiter, c = ctx
+        coef = factor * (c / limiter)
+        m = torch.addcmul(d_low, low, coef, value=-1.0)
+        if group["scale"] != 1.0:
+            m.mul_(group["scale"])
+        return m, coef
+
     def transient_bytes(self, shape, group, state, projection, rows):
-        """The subspace part of the rows, the residual and its scaled form: 3 float32 row blocks."""
-        return 12 * rows * shape[1]
+        """All rows at once (the whole-tensor :meth:`update`): the subspace part, the residual and its
+        scaled form, 3 float32 blocks. A block of fewer rows is folded (:meth:`fold`): no row block of
+        its own (the norm pass's block comes and goes before the direction's), the fold's ``M``, ``k``
+        and ``low * k`` and the factor's ``d_low / c``: 3 tensors of ``low``'s size and one of ``n``."""
+        if rows >= shape[0] or not projection.can_add_up_rows(state):
+            return 12 * rows * shape[1]
+        return 12 * projection.low_shape(shape, group).numel() + 4 * max(shape)
 
 
 class StateFreeResidual(ResidualRule):
@@ -616,9 +646,21 @@ class ProjectBack(CombineRule):
         return d if res is None else d.add_(res)
 
     def prepare(self, g, low, d_low, state, group, projection, bounds):
-        return self.residual.prepare(g, low, d_low, state, group, projection, bounds)
+        """The residual rule's context and its fold (:meth:`ResidualRule.fold`), if it offers one."""
+        ctx = self.residual.prepare(g, low, d_low, state, group, projection, bounds)
+        return ctx, self.residual.fold(low, d_low, state, group, projection, ctx)
 
     def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        ctx, folded = ctx
+        if folded is not None:  # one GEMM: up_rows(M) + g_rows * coef
+            m, coef = folded
+            d = projection.up_rows(m, state, group, start, stop)
+            return d.addcmul_(g_rows, coef if coef.dim() == 1 else coef[start:stop])
+        return self.unfolded_rows(g_rows, low, d_low, state, group, projection, start, stop, ctx)
+
+    def unfolded_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        """:meth:`direction_rows` without the fold (``ctx``: the residual rule's own context):
+        ``scale * up_rows(d_low) + update_rows(...)``, the reference the folded rows are tested equal to."""
         d = projection.up_rows(d_low, state, group, start, stop)
         scale = group["scale"]
         if scale != 1.0:
