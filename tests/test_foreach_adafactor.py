@@ -126,3 +126,37 @@ def test_foreach_transient_bytes_is_reported():
         opt.materialize_state()
         opt.chunk_numel = 2000
         assert opt.step_transient_bytes() == expected, shape
+
+
+@pytest.mark.filterwarnings("ignore:.*full-rank")
+def test_galore_adafactor_full_rank_parameters_take_the_buckets(monkeypatch):
+    """galore_adafactor: the projected weights stay on the per-parameter step, the full-rank ones
+    (vectors, and a weight whose smaller side is at most the rank) take Adafactor's buckets, equal bit
+    for bit to ``foreach=False``."""
+    shapes = [(32, 24), (20,), (20,), (3, 12)]
+
+    def run(foreach):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        groups = [{"params": [ps[0]], "rank": 4}, {"params": ps[1:]}]
+        opt = create_optimizer(groups, "galore_adafactor", foreach=foreach, weight_decay=0.1)
+        seen, orig = [], F.adafactor_foreach_
+
+        def spy(params, *a, **k):
+            seen.append(sorted(tuple(p.shape) for p in params))
+            return orig(params, *a, **k)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(F, "adafactor_foreach_", spy)
+            for i in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=gen) * (20.0 if i % 2 else 1.0)
+                opt.step()
+        return ps, seen
+
+    ref, ref_seen = run(False)
+    got, seen = run(None)
+    assert ref_seen == [] and seen and all(s == [(3, 12), (20,), (20,)] for s in seen), seen
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), tuple(a.shape)
+
