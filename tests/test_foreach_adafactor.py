@@ -6,6 +6,8 @@ and is stepped whole from its first one (a matrix chunked by rows, a vector whol
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -29,10 +31,10 @@ CONFIGS = {
 }
 
 
-def _run(hparams, foreach, chunk_numel, monkeypatch, steps=4):
+def _run(hparams, foreach, chunk_numel, monkeypatch, steps=4, name="adafactor"):
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    opt = create_optimizer(ps, "adafactor", foreach=foreach, **hparams)
+    opt = create_optimizer(ps, name, foreach=foreach, **hparams)
     opt.chunk_numel = chunk_numel
     seen = []
     orig = F.adafactor_foreach_
@@ -53,9 +55,18 @@ def _run(hparams, foreach, chunk_numel, monkeypatch, steps=4):
 @pytest.mark.parametrize("chunk_numel", [None, 1024])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_foreach_equals_the_per_parameter_step_bit_for_bit(config, chunk_numel, monkeypatch):
-    hp = CONFIGS[config]
-    ref, ref_opt, ref_seen = _run(hp, False, chunk_numel, monkeypatch)
-    got, got_opt, seen = _run(hp, None, chunk_numel, monkeypatch)
+    _check_equal(config, CONFIGS[config], chunk_numel, monkeypatch, "adafactor")
+
+
+@pytest.mark.parametrize("chunk_numel", [None, 1024])
+def test_adalomo_foreach_equals_the_per_parameter_step_bit_for_bit(chunk_numel, monkeypatch):
+    """AdaLomo's plain step() (its lr rule ``lr * max(eps2, RMS)``: AdaLomoMoments.foreach_lr_form)."""
+    _check_equal("adalomo", {"lr": 1e-2, "weight_decay": 0.1, "clip_threshold": 0.5}, chunk_numel, monkeypatch, "adalomo")
+
+
+def _check_equal(config, hp, chunk_numel, monkeypatch, name):
+    ref, ref_opt, ref_seen = _run(hp, False, chunk_numel, monkeypatch, name=name)
+    got, got_opt, seen = _run(hp, None, chunk_numel, monkeypatch, name=name)
     assert ref_seen == []
     expected = sorted(s for s in SHAPES if len(s) <= 2 and (chunk_numel is None or s in SMALL))
     assert seen and all(shapes == expected for shapes in seen), seen
@@ -92,7 +103,7 @@ def test_bucket_clips_and_scales_each_tensor_by_its_own_rms():
         u = u / torch.clamp(u.pow(2).mean().sqrt() / d, min=1.0)
         alpha = rho * torch.clamp(p.pow(2).mean().sqrt(), min=eps2)
         expected.append(p - alpha * wd * p - alpha * u)
-    lrs = F.adafactor_lr_foreach(ps, rho, eps2, True)
+    lrs = F.adafactor_lr_foreach(ps, rho, True, eps2)
     second = [(r, c) if r is not None else (v,) for r, c, v in zip(rows, cols, vs)]
     F.adafactor_foreach_(ps, gs, second, None, lrs, beta2, eps1, d, None, wd)
     for p, e in zip(ps, expected):
@@ -128,7 +139,6 @@ def test_foreach_transient_bytes_is_reported():
         assert opt.step_transient_bytes() == expected, shape
 
 
-@pytest.mark.filterwarnings("ignore:.*full-rank")
 def test_galore_adafactor_full_rank_parameters_take_the_buckets(monkeypatch):
     """galore_adafactor: the projected weights stay on the per-parameter step, the full-rank ones
     (vectors, and a weight whose smaller side is at most the rank) take Adafactor's buckets, equal bit
@@ -136,10 +146,15 @@ def test_galore_adafactor_full_rank_parameters_take_the_buckets(monkeypatch):
     shapes = [(32, 24), (20,), (20,), (3, 12)]
 
     def run(foreach):
+        with warnings.catch_warnings():
+            return _run_galore(foreach)
+
+    def _run_galore(foreach):
         gen = torch.Generator().manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
         groups = [{"params": [ps[0]], "rank": 4}, {"params": ps[1:]}]
         opt = create_optimizer(groups, "galore_adafactor", foreach=foreach, weight_decay=0.1)
+        warnings.filterwarnings("ignore", message=".*full-rank")  # (3, 12): rank >= its smaller side
         seen, orig = [], F.adafactor_foreach_
 
         def spy(params, *a, **k):

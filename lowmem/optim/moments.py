@@ -453,8 +453,8 @@ class FactoredMoments(MomentRule):
         engine's ``chunk_numel`` arrives in flat pieces and is stepped whole from its first one as
         the per-parameter step does: a matrix chunked by rows
         (:func:`~lowmem.optim.moments.step_whole_from_piece_`), a vector unchunked."""
-        if lr_rule is not None and lr_rule is not adafactor_lr:
-            raise ValueError(f"FactoredMoments.foreach_step_: no multi-tensor form of the lr rule {lr_rule!r}")
+        if lr_rule is not None and lr_rule is not self.foreach_lr_rule:
+            raise ValueError(f"{type(self).__name__}.foreach_step_: no multi-tensor form of the lr rule {lr_rule!r}")
         whole = []
         for p, g, s in zip(params, grads, states):
             if not isinstance(s, ChunkState):
@@ -480,14 +480,20 @@ class FactoredMoments(MomentRule):
         if lr_rule is None:
             lrs = [lr] * len(ps)
         else:
-            rho = F.adafactor_relative_lr(t, group["warmup_init"]) if group["relative_step"] else group["lr"]
-            lrs = F.adafactor_lr_foreach(ps, rho, group["eps"][1], group["scale_parameter"])
+            lrs = F.adafactor_lr_foreach(ps, *self.foreach_lr_form(group, t), eps2=group["eps"][1])
         second = [(s["exp_avg_sq_row"], s["exp_avg_sq_col"]) if "exp_avg_sq_row" in s else (s["exp_avg_sq"],)
                   for s in ss]
         beta1 = group.get("beta1")
         F.adafactor_foreach_(ps, gs, second, [s["exp_avg"] for s in ss] if beta1 is not None else None, lrs,
                              F.adafactor_beta2(t, group["decay_rate"]), group["eps"][0], group["clip_threshold"],
                              beta1, group.get("weight_decay", 0.0))
+
+    def foreach_lr_form(self, group: dict[str, Any], t: float) -> tuple[float, bool]:
+        """:attr:`foreach_lr_rule` (:func:`adafactor_lr`) as ``(rho_t, scale_parameter)`` for
+        :func:`~lowmem.optim.functional.adafactor_lr_foreach`: the step size is ``rho_t``, times
+        ``max(eps2, RMS(X_{t-1}))`` when the second is set."""
+        rho = F.adafactor_relative_lr(t, group["warmup_init"]) if group["relative_step"] else group["lr"]
+        return rho, group["scale_parameter"]
 
     def foreach_transient_bytes(self, numel):
         """:func:`~lowmem.optim.functional.adafactor_foreach_`: the updates and ``lr wd X`` (two

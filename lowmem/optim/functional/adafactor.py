@@ -62,7 +62,7 @@ def adafactor_param_scale(p: Tensor, eps2: float) -> Tensor:
 # ---- the multi-tensor forms (the engine's foreach buckets, float32) ----------------------------
 
 
-def adafactor_lr_foreach(params: list[Tensor], rho: float, eps2: float, scale_parameter: bool) -> list[float] | list[Tensor]:
+def adafactor_lr_foreach(params: list[Tensor], rho: float, scale_parameter: bool, eps2: float) -> list[float] | list[Tensor]:
     """Step sizes ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` (Section 8) of several parameters:
     the parameters' norms in one ``torch._foreach_norm``, then one kernel per operation of
     :func:`adafactor_param_scale` on the list of 0-d norms (no host synchronisation). Without the

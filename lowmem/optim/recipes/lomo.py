@@ -75,11 +75,24 @@ def adalomo_lr(group: dict[str, Any], state: dict[str, torch.Tensor], p32: torch
 
 _ADAFACTOR = {h.name: h for h in ADAFACTOR_HPARAMS}
 
+
+class AdaLomoMoments(FactoredMoments):
+    """Adafactor's statistics and clipping (:class:`~lowmem.optim.moments.FactoredMoments`) whose
+    multi-tensor step evaluates AdaLomo's step size :func:`adalomo_lr` (``step()`` of the plain
+    optimizer: the engine's foreach buckets; the fused backward steps one parameter at a time)."""
+
+    foreach_lr_rule = staticmethod(adalomo_lr)
+
+    def foreach_lr_form(self, group, t):
+        """``lr * max(eps2, RMS(theta_{t-1}))``: ``rho = lr`` with the parameter scale."""
+        return group["lr"], True
+
+
 ADALOMO = Recipe(
     name="adalomo",
     summary="AdaLomo: factored second moment + grouped update normalization, fused into the backward pass (layerwise mode)",
     reference="Lv et al. 2024, AdaLomo: Low-memory Optimization with Adaptive Learning Rate, Algorithm 1",
-    moment=FactoredMoments(),  # no beta1 in the group: no first moment (AdaLomo keeps none)
+    moment=AdaLomoMoments(),  # no beta1 in the group: no first moment (AdaLomo keeps none)
     hparams=(LR(1e-3), _ADAFACTOR["eps"], _ADAFACTOR["clip_threshold"], _ADAFACTOR["decay_rate"], WEIGHT_DECAY(0.0)),
     lr_rule=adalomo_lr,
 )
@@ -124,7 +137,8 @@ class AdaLomo(LowMemOptimizer):
         weight_decay (`float`, defaults to `0.0`): Decoupled, ``theta *= 1 - step * wd`` with the
             parameter-scaled step, before the update (``lomo-optim``'s order).
         state_dtype (`str`, defaults to `"float32"`): Storage of the statistics.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity (no multi-tensor path).
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 vectors and matrices in multi-tensor
+            buckets (``step()``; equal to the per-parameter step), `False` forces the per-parameter step.
     """
 
     recipe = ADALOMO
@@ -139,4 +153,4 @@ class AdaLomo(LowMemOptimizer):
 register(LOMO, Lomo, state_precision="fp32", second_moment="none", example_hparams={"lr": 0.1})
 register(ADALOMO, AdaLomo, state_precision="fp32", second_moment="factored")
 
-__all__ = ["ADALOMO", "FUSED_BACKWARD", "LOMO", "AdaLomo", "Lomo", "SGDMoments", "adalomo_lr"]
+__all__ = ["ADALOMO", "FUSED_BACKWARD", "LOMO", "AdaLomo", "AdaLomoMoments", "Lomo", "SGDMoments", "adalomo_lr"]
