@@ -64,16 +64,14 @@ def adafactor_param_scale(p: Tensor, eps2: float) -> Tensor:
 
 def adafactor_lr_foreach(params: list[Tensor], rho: float, scale_parameter: bool, eps2: float) -> list[float] | list[Tensor]:
     """Step sizes ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` (Section 8) of several parameters:
-    the parameters' norms in one ``torch._foreach_norm``, then one kernel per operation of
-    :func:`adafactor_param_scale` on the list of 0-d norms (no host synchronisation). Without the
+    the parameters' norms in one ``torch._foreach_norm``, then the operations of
+    :func:`adafactor_param_scale` once on the stacked norms (no host synchronisation). Without the
     parameter scale: ``rho`` for each."""
     if not scale_parameter:
         return [rho] * len(params)
-    scales = list(torch._foreach_norm(params))
-    torch._foreach_div_(scales, [math.sqrt(p.numel()) for p in params])
-    torch._foreach_clamp_min_(scales, eps2)
-    torch._foreach_mul_(scales, rho)
-    return scales
+    scales = torch.stack(torch._foreach_norm(params))
+    scales.div_(scales.new_tensor([math.sqrt(p.numel()) for p in params])).clamp_(min=eps2).mul_(rho)
+    return list(scales.unbind())
 
 
 def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[tuple[Tensor, ...]],
@@ -120,11 +118,9 @@ def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[t
             us[i] = u
     torch._foreach_mul_(us, grads)
     # U / max(1, RMS(U) / d) (Section 6, eq. 12)
-    clip = list(torch._foreach_norm(us))
-    torch._foreach_div_(clip, [math.sqrt(u.numel()) for u in us])
-    torch._foreach_div_(clip, clip_threshold)
-    torch._foreach_clamp_min_(clip, 1.0)
-    torch._foreach_div_(us, clip)
+    clip = torch.stack(torch._foreach_norm(us))
+    clip.div_(clip.new_tensor([math.sqrt(u.numel()) for u in us])).div_(clip_threshold).clamp_(min=1.0)
+    torch._foreach_div_(us, list(clip.unbind()))
     del clip
     torch._foreach_mul_(us, lrs)
     if beta1 is not None:  # M <- beta1 M + (1 - beta1) alpha U: the direction
@@ -134,7 +130,7 @@ def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[t
         us = exp_avgs
     if weight_decay != 0:  # X <- X - alpha wd X (decoupled, before the update)
         if isinstance(lrs[0], Tensor):
-            decay = torch._foreach_mul(params, torch._foreach_mul(lrs, weight_decay))
+            decay = torch._foreach_mul(params, list((torch.stack(lrs) * weight_decay).unbind()))
             torch._foreach_sub_(params, decay)
             del decay
         else:
