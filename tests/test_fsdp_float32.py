@@ -24,9 +24,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from test_fsdp import STEPS, Net, Wide, _shard, build, loss_fn, make
 from torch import nn
+
+from lowmem.optim import create_optimizer
+from test_fsdp import STEPS, Net, Uneven, Wide, _replicated_state_gap, _shard, build, loss_fn, make
 
 pytestmark = pytest.mark.distributed
 
@@ -62,13 +63,24 @@ FLOAT32 = {tag: (tag, Net) for tag in (
     "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm")}
 FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide), "adamw_sn_wide": ("adamw_sn", Wide),
             "adagrad_sn_wide": ("adagrad_sn", Wide)}
+# recipes whose foreach paths are all off on the shards: Adafactor's factored statistics (column sums
+# over every shard) refuse FSDP2 groups, also for galore_adafactor's full-rank parameters; the 8-bit
+# projected recipes bucket only projected parameters, which take the per-parameter sharded step.
+# On the shards they take no bucket (checked) and must still match
+NO_SHARD_FOREACH = ["adafactor", "galore_adafactor", "galore_adamw8bit", "fira_adamw8bit", "frugal8bit"]
+FLOAT32 |= {name: (name, Net) for name in NO_SHARD_FOREACH}
+# uneven and empty shards (fc1's 255 rows split 128 / 127, head's single row leaves rank 1 empty):
+# Adam-mini's registry partition gives head.weight and head.bias whole-tensor blocks (one v on
+# every rank, the empty shard's too)
+FLOAT32 |= {f"{name}_uneven": (name, Uneven) for name in ("adamw", "spam", "adam_mini")}
 # chunk_numel 4096: a shard larger than that joins the buckets in pieces (fc2's 128 x 256 shard: 8);
 # Adam-mini's row / head blocks and Subset-Norm's per-row statistics step it whole from its first
 # piece (moments.step_whole_from_piece_), on the shard
 CHUNK = 4096
 FLOAT32 |= {f"{tag}_chunked": FLOAT32[tag] for tag in ("adamw", "spam", "adam_mini_blocks", "adamw_sn", "adamw_sn_wide")}
 # slow (a second spawn, LOWMEM_SLOW=1): configurations whose foreach pieces the others already cover
-SLOW = ["galore_left_rotate", "scale_embedding", "adamw_chunked", "spam_chunked", "adamw_sn_chunked"]
+SLOW = ["galore_left_rotate", "scale_embedding", "adamw_chunked", "spam_chunked", "adamw_sn_chunked", "fira_adamw8bit",
+        "frugal8bit"]
 # whole-tensor statistics that the foreach path must not compute per shard (sharded_group)
 WHOLE_TENSOR = ["adam_mini", "adam_mini_attn", "adam_mini_wide", "adamw_sn_wide", "adagrad_sn_wide", "adamw_sn_wide_chunked"]
 
@@ -132,6 +144,8 @@ def _run(tag, foreach=None, mesh=None, rows=slice(None), halves=False):
         seen["bucket_transient"] = (opt.recipe.moment.foreach_transient_bytes(largest)
                                     + 4 * largest * bool(opt.recipe.stabilizers))
         seen["largest_bucket"] = largest
+        if mesh is not None:  # the state every rank keeps whole is the same on both (0.0)
+            seen["replicated_gap"] = _replicated_state_gap(opt, dist.get_rank())
     return weights, seen
 
 
@@ -149,6 +163,14 @@ def _worker(rank, world, init_file, out_dir, tags):
         for tag in tags:
             for foreach in (None, False):
                 out[f"{tag}_{'loop' if foreach is False else 'foreach'}"] = _run(tag, foreach, mesh, half)
+        # Adam-mini's 'row' block of a vector is the whole vector: a shard holds only a part of it
+        model, _, _ = make()
+        _shard(model, mesh)
+        try:
+            create_optimizer([{"params": [model.norm.weight], "block": "row"}], "adam_mini", lr=1e-2)
+            out["row_vector"] = None
+        except NotImplementedError as e:
+            out["row_vector"] = str(e)
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "float32.pt"))
     finally:
@@ -214,10 +236,11 @@ def test_torch_adamw_baseline(sharded):
     assert _gap(sharded["torch"][0], _single("torch", halves=True)[0]) == 0.0
 
 
-# Muon's Newton-Schulz runs in bfloat16: a gradient differing in its last float32 bit flips some
-# bfloat16 roundings, which the iteration amplifies; its (a) and (b) gaps are measured against one
-# process's own (full batch vs the half-batches' mean; foreach on vs off on the half-batches' mean)
-BF16 = {"muon"}
+# Low-precision steps: Muon's Newton-Schulz runs in bfloat16, fira_adamw8bit's moments are 8-bit
+# codes; a gradient differing in its last float32 bit flips some roundings, which the steps amplify.
+# Their (a) and (b) gaps are measured against one process's own (full batch vs the half-batches'
+# mean; foreach on vs off on the half-batches' mean)
+LOW_PRECISION = {"muon", "fira_adamw8bit"}
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -227,30 +250,38 @@ def test_fsdp2_float32_foreach_matches_single_process(request, tag):
     3 steps are (a) within max(10 x torch's FSDP2 gap, 1e-6) = 9.0e-5 of one process with the full
     batch, (b) within max(10 x torch's foreach-vs-loop gap, 1e-6) = 1e-6 of the FSDP2 run with
     foreach=False, (c) within 1e-6 of one process stepping the mean of the half-batches' gradients
-    (FSDP2's roundings), foreach on, and the foreach=False runs likewise. Measured max: (a) 9.0e-6
-    adamw, 8.9e-6 badam (as torch), <= 7.6e-7 the others; (b) 2.7e-7 adamw (lowmem's foreach vs
-    loop rounding, 2.3e-7 in one process), 0.0 Adam-mini and Subset-Norm; (c) <= 1.2e-7, 0.0 for
-    most; the same with chunk_numel 4096 (pieces of the shards). Muon: (a) 4.5e-3 and (b) 4.3e-3, the gaps one process shows between the same runs on the
-    half-batches' mean (bfloat16 Newton-Schulz; (c) 0.0).
-    Red when ``moments.sharded_group`` returns False (a whole-tensor statistic of a shard on the
-    foreach path): adam_mini 1.1e-3, adam_mini_attn 1.0e-3 (the norm's block), adam_mini_wide 2.9e-3, adamw_sn_wide 7.3e-3 (also chunked),
-    adagrad_sn_wide 2.9e-3 in (a), (b) and (c)."""
+    (FSDP2's roundings), foreach on, and the foreach=False runs likewise; the state every rank keeps
+    whole is identical on both. Measured max: (a) 9.0e-6 adamw, 8.9e-6 badam (as torch), <= 7.6e-7
+    the others; (b) 4.5e-7 adamw on uneven shards, 2.7e-7 adamw (lowmem's foreach vs loop rounding,
+    2.3e-7 in one process), 0.0 Adam-mini and Subset-Norm; (c) <= 1.2e-7, 0.0 for most; the same
+    with chunk_numel 4096 (pieces of the shards) and on uneven / empty shards. Muon: (a) 4.5e-3 and
+    (b) 4.3e-3, the gaps one process shows between the same runs on the half-batches' mean (bfloat16
+    Newton-Schulz; (c) 0.0); fira_adamw8bit (slow) 1.4e-4 in (a), as one process (8-bit codes).
+    Red when ``moments.sharded_group`` returns False (a whole-tensor
+    statistic of a shard on the foreach path): adam_mini 1.1e-3, adam_mini_attn 1.0e-3 (the norm's
+    block), adam_mini_wide 2.9e-3, adamw_sn_wide 7.3e-3 (also chunked), adagrad_sn_wide 2.9e-3 in
+    (a), (b) and (c). adam_mini_uneven: before AdamMiniMoments.init_state_sharded, the empty shard's
+    whole-tensor block had no ``v`` and the step raised."""
     sharded = _runs(request, tag)
     torch_gaps = _torch_gaps(sharded)
     weights, seen = sharded[f"{tag}_foreach"]
     loop, loop_seen = sharded[f"{tag}_loop"]
-    assert seen["pieces"] > 0, f"{tag}: no foreach bucket on the shards"
+    if tag in NO_SHARD_FOREACH:
+        assert seen["pieces"] == 0, f"{tag}: a foreach bucket on the shards"
+    else:
+        assert seen["pieces"] > 0, f"{tag}: no foreach bucket on the shards"
     assert seen["low"] == 0, f"{tag}: a sharded projected parameter in a projected bucket"
     assert loop_seen["pieces"] == 0 and loop_seen["low"] == 0
     single, halves, halves_loop = _single(tag)[0], _single(tag, True)[0], _single(tag, True, False)[0]
     to_single, to_loop = _gap(weights, single), _gap(weights, loop)
     tol_single, tol_loop = max(10 * torch_gaps["single"], 1e-6), max(10 * torch_gaps["loop"], 1e-6)
-    if tag in BF16:
+    if tag in LOW_PRECISION:
         tol_single, tol_loop = _gap(halves, single) + 1e-6, _gap(halves, halves_loop) + 1e-6
     assert to_single <= tol_single, (tag, to_single, tol_single)
     assert to_loop <= tol_loop, (tag, to_loop, tol_loop)
     assert _gap(weights, halves) <= 1e-6, (tag, _gap(weights, halves))
     assert _gap(loop, halves_loop) <= 1e-6, (tag, _gap(loop, halves_loop))
+    assert seen["replicated_gap"] == 0.0 and loop_seen["replicated_gap"] == 0.0, tag
 
 
 @pytest.mark.parametrize("tag", WHOLE_TENSOR)
@@ -268,10 +299,39 @@ def test_fsdp2_whole_tensor_statistics_stay_off_the_foreach_path(sharded, tag):
 def test_fsdp2_step_transient_bytes_cover_the_shards_buckets(request, tag):
     """step_transient_bytes() on a rank covers what its largest foreach bucket of local shards
     allocates by the rule's formula (foreach_transient_bytes, plus the stabilized gradients); for
-    the element-wise recipes and Subset-Norm on Net the bucket is the term that decides it (equal)."""
+    the element-wise recipes, Subset-Norm and Adam-mini's row / head blocks on Net the bucket is the
+    term that decides it (equal; in pieces a tensor of Adam-mini / Subset-Norm is stepped whole from
+    its first one, whose chunk may decide)."""
     _, seen = _runs(request, tag)[f"{tag}_foreach"]
+    if tag in NO_SHARD_FOREACH:
+        return
     assert seen["largest_bucket"] > 0
     assert seen["transient"] >= seen["bucket_transient"], (tag, seen["transient"], seen["bucket_transient"])
-    if tag in ("adamw", "badam", "adamw_sn", "adagrad_sn", "adam_mini_blocks", "adam_mini_attn", "adamw_chunked", "adam_mini_blocks_chunked",
-               "adamw_sn_chunked", "adamw_sn_wide_chunked"):
+    if tag in ("adamw", "badam", "adamw_sn", "adagrad_sn", "adam_mini_blocks", "adam_mini_attn", "adamw_chunked"):
         assert seen["transient"] == seen["bucket_transient"], (tag, seen["transient"], seen["bucket_transient"])
+
+
+def test_fsdp2_adam_mini_row_block_of_a_vector_refuses(sharded):
+    """Adam-mini's 'row' block of a vector is one block of the whole vector (functional.adam_mini.
+    block_numel): on a shard it would be the shard's own block, a per-shard statistic (measured
+    7.8e-3 from one process, float32, 3 steps, norm.weight and fc1.bias as 'row' blocks on Net):
+    refused at construction, naming the rule and the blocks that work."""
+    msg = sharded["row_vector"]
+    assert msg is not None and "'row' block of a 1-D parameter" in msg and "block='tensor'" in msg
+
+
+def test_every_foreach_recipe_is_run_here():
+    """A recipe whose float32 parameters take a foreach (or projected) bucket in one process on Net
+    must be run above (FLOAT32), or listed in NO_SHARD_FOREACH (red when a new foreach path lands
+    without an FSDP2 float32 run)."""
+    from test_fsdp import SUPPORTED
+
+    covered = {name for name, _ in FLOAT32.values()} | set(NO_SHARD_FOREACH)
+    for name in SUPPORTED:
+        model, x, y = make()
+        opt = build(model, name)
+        seen = _instrument(opt)
+        loss_fn(model, x, y).backward()
+        opt.step()
+        if seen["pieces"] or seen["low"]:
+            assert name in covered, f"{name} has a foreach path: add it to FLOAT32 (or NO_SHARD_FOREACH)"

@@ -172,6 +172,9 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     from .recipes.adam_mini import AdamMiniMoments
 
     if isinstance(moment, AdamMiniMoments):  # blocks: rows, elements local; one tensor block reduced
+        if group["block"] == "row" and p.ndim < 2:
+            return (f"its 'row' block of a {p.ndim}-D parameter is the whole vector, of which a shard holds only"
+                    " a part; use block='tensor' (reduced over the shards) or 'element' for vectors")
         if group["block"] == "head" and p.ndim >= 1:
             shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
             if -(-p.shape[0] // shards) % group["head_dim"]:

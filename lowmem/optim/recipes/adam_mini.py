@@ -214,6 +214,15 @@ class AdamMiniMoments(MomentRule):
     # heads, checked by sharded.refusal) and elements are shard-local blocks
     sharded_stats = True
 
+    def init_state_sharded(self, state, shape, whole_shape, group, param):
+        """FSDP2: the shard's first moment and blocks; a whole-tensor block keeps its one ``v`` on
+        every rank, also on an empty shard (a tensor with fewer rows than ranks), whose own element
+        count would give it none."""
+        self.init_state(state, shape, group, param)
+        if group["block"] == "tensor":
+            v = state["exp_avg_sq"]
+            state["exp_avg_sq"] = torch.zeros(1, dtype=v.dtype, device=v.device)
+
     def replicated_state(self, key, group):
         return key == "exp_avg_sq" and group["block"] == "tensor"  # one v for the whole tensor
 
