@@ -9,10 +9,11 @@ reaches in the same FSDP2 float32 setup, measured in the same spawn: the gradien
 another order on two ranks, and Adam's sign-like first steps amplify that. A whole-tensor
 statistic computed per shard (Adam-mini's whole-tensor block, Subset-Norm's column norms:
 ``moments.sharded_group`` keeps them off the foreach path) is far above it (numbers:
-test_fsdp2_float32_foreach_matches_single_process). One process stepping the mean of the two half-batches' gradients (FSDP2's roundings) is matched
-within 1e-6 (measured <= 1.2e-7), a tighter check than the tolerance. 45-60 s under a load of 8-10
-on 2 cores (25-30 s of CPU, much of it importing torch in the two processes and FSDP2's first use).
-Helpers (models, shards, the registry's hyperparameters) come from test_fsdp.
+test_fsdp2_float32_foreach_matches_single_process). One process stepping the mean of the two
+half-batches' gradients (FSDP2's roundings) is matched within 1e-6 (measured <= 1.2e-7), a
+tighter check than the tolerance. 45-60 s under a load of 8-10 on 2 cores (25-30 s of CPU, much
+of it importing torch in the two processes and FSDP2's first use). Helpers (models, shards, the
+registry's hyperparameters) come from test_fsdp.
 """
 
 from __future__ import annotations
