@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .functional import spam as S
 from .hparams import HParam, in_unit_interval, nonneg, optional, positive_int
-from .moments import MomentRule
+from .moments import MomentRule, sharded_group
 
 
 class Stabilizer:
@@ -266,15 +266,42 @@ class RestartBiasCorrection(MomentRule):
         self.inner = inner
         self.state_keys = inner.state_keys
         self.applies_lr = inner.applies_lr
+        # the multi-tensor step: the inner rule's, at the restarted step count (a bucket shares t)
+        self.foreach_decays_after = inner.foreach_decays_after
+        self.foreach_step_lr = inner.foreach_step_lr
 
     def init_state(self, state, shape, group, param):
         self.inner.init_state(state, shape, group, param)
 
-    def direction(self, g, state, group, t, lr):
+    def _restarted(self, group, t):
+        """``(group, t')``: ``beta1`` scaled by the cosine decay when ``t_max`` is set, and the step
+        count since the last reset."""
         if group.get("t_max") is not None:
             beta1, beta2 = group["betas"]
             group = {**group, "betas": (beta1 * S.cosine_beta1_scale(int(t), group["t_max"]), beta2)}
-        return self.inner.direction(g, state, group, S.steps_since_reset(int(t), group["reset_interval"]), lr)
+        return group, S.steps_since_reset(int(t), group["reset_interval"])
+
+    def direction(self, g, state, group, t, lr):
+        group, t = self._restarted(group, t)
+        return self.inner.direction(g, state, group, t, lr)
+
+    def supports_foreach_for(self, shape, group, state):
+        """The inner rule's, but not in an FSDP2 (sharded) group: Stable-SPAM's stabilizer statistics
+        (AdaGN's gradient norm, AdaClip's max) are all-reduced over the shards only by the
+        per-parameter step."""
+        return self.inner.supports_foreach_for(shape, group, state) and not sharded_group(group)
+
+    def foreach_step_(self, params, grads, states, group, t, lr, step_lr=None) -> None:
+        """The inner rule's multi-tensor step with the restarted step count and the scaled ``beta1``
+        (every tensor of a bucket is at the same step ``t``), as :meth:`direction` per tensor."""
+        group, t = self._restarted(group, t)
+        if step_lr is None:
+            self.inner.foreach_step_(params, grads, states, group, t, lr)
+        else:
+            self.inner.foreach_step_(params, grads, states, group, t, lr, step_lr=step_lr)
+
+    def foreach_transient_bytes(self, numel):
+        return self.inner.foreach_transient_bytes(numel)
 
     def reset(self, state):
         self.inner.reset(state)

@@ -231,7 +231,8 @@ class SPAM(LowMemOptimizer):
         warmup_steps (`int`, defaults to `150`): Cosine lr warm-up after each reset.
         grad_accu_steps (`int`, defaults to `20`): Steps of history before clipping applies.
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 full-rank parameters in
+            multi-tensor buckets (equal to the per-parameter step); `False` forces the per-parameter step.
     """
 
     recipe = SPAM_RECIPE
@@ -270,7 +271,8 @@ class StableSPAM(LowMemOptimizer):
             ``theta = 0.999``: clipping is off for a while after each reset). Only matters with
             ``reset_interval > 0``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path.
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 full-rank parameters in
+            multi-tensor buckets (equal to the per-parameter step); `False` forces the per-parameter step.
     """
 
     recipe = STABLE_SPAM_RECIPE
