@@ -38,6 +38,10 @@ mesh = init_device_mesh("cpu", (world,))
 
 torch.manual_seed(0)
 model, tokenizer = load_model_and_tokenizer()
+# the character vocabulary (73 rows) padded to 80: every shard of the embedding and head holds whole
+# rows of an even split, which per-shard state (8-/4-bit codes, MicroAdam) needs to be checkpointed
+# through torch.distributed.checkpoint (docs/distributed.md, "Checkpoints")
+model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8 * world)
 for layer in model.model.layers:
     fully_shard(layer, mesh=mesh)
 fully_shard(model, mesh=mesh)
