@@ -61,78 +61,121 @@ def adafactor_param_scale(p: Tensor, eps2: float) -> Tensor:
 
 # ---- the multi-tensor forms (the engine's foreach buckets, float32) ----------------------------
 
+#: Tensors of at least this many elements are stepped in a group of their own by
+#: :func:`adafactor_foreach_` (torch's ``at::internal::GRAIN_SIZE``): below it every reduction of the
+#: per-tensor step runs on one thread, so a row of a stacked group reduces in the same order as the
+#: tensor alone, with any number of threads; above it torch may split a whole-tensor sum over threads.
+STACK_NUMEL = 32768
 
-def adafactor_lr_foreach(params: list[Tensor], rho: float, scale_parameter: bool, eps2: float) -> list[float] | list[Tensor]:
+
+def adafactor_lr_foreach(params: list[Tensor], rho: float, scale_parameter: bool, eps2: float) -> list[float] | Tensor:
     """Step sizes ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` (Section 8) of several parameters:
     the parameters' norms in one ``torch._foreach_norm``, then the operations of
-    :func:`adafactor_param_scale` once on the stacked norms (no host synchronisation). Without the
-    parameter scale: ``rho`` for each."""
+    :func:`adafactor_param_scale` once on the stacked norms (no host synchronisation), returned as
+    one float32 tensor (entry ``i``: parameter ``i``). Without the parameter scale: ``rho`` for each
+    (a list of floats)."""
     if not scale_parameter:
         return [rho] * len(params)
     scales = torch.stack(torch._foreach_norm(params))
-    scales.div_(scales.new_tensor([math.sqrt(p.numel()) for p in params])).clamp_(min=eps2).mul_(rho)
-    return list(scales.unbind())
+    return scales.div_(scales.new_tensor([math.sqrt(p.numel()) for p in params])).clamp_(min=eps2).mul_(rho)
+
+
+def stack_groups(tensors: list[Tensor], kinds: list[int]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped for :func:`adafactor_foreach_`: the same shape and the same
+    kind of second moment (``kinds[i]``: 2 factored, 1 full), each under :data:`STACK_NUMEL`
+    elements; a larger tensor is a group of its own. Groups in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, kind) in enumerate(zip(tensors, kinds)):
+        key = (tuple(x.shape), kind) if x.numel() < STACK_NUMEL else (i,)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _stacked(xs: list[Tensor]) -> Tensor:
+    """``xs`` as one tensor along a new first dimension: a view of a lone tensor (updates in place
+    land in it), else a stacked copy (:func:`_write_back` returns its rows)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def _write_back(xs: list[Tensor], stacked: Tensor) -> None:
+    if len(xs) > 1:
+        torch._foreach_copy_(xs, list(stacked.unbind(0)))
+
+
+def _group_update(grads: list[Tensor], second: list[tuple[Tensor, ...]], beta2: float, eps1: float) -> Tensor:
+    """The unclipped updates ``G / sqrt(V_hat)`` of a group of same-shape gradients, stacked along a
+    new first dimension, after updating their second-moment statistics (Algorithm 3, or Algorithm 4
+    lines 5-7 on the last two dimensions): the per-tensor operations, each once on the stack.
+    Transient: ``g^2 + eps1`` of the group, reused for the updates, and the stacked gradients."""
+    w = torch.stack(grads)  # g^2 + eps1, in place on a copy
+    w.mul_(w).add_(eps1)
+    if len(second[0]) == 2:  # R <- beta2 R + (1 - beta2) mean_cols(g2); C likewise with mean_rows
+        rows, cols = [s[0] for s in second], [s[1] for s in second]
+        r, c = _stacked(rows), _stacked(cols)
+        r.mul_(beta2).add_(w.mean(dim=-1), alpha=1.0 - beta2)
+        c.mul_(beta2).add_(w.mean(dim=-2), alpha=1.0 - beta2)
+        _write_back(rows, r)
+        _write_back(cols, c)
+        # U = (R / mean(R))^-1/2 C^-1/2 G (Algorithm 4, line 7: V_hat = R C / 1^T R)
+        r_factor = (r / r.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        torch.mul(r_factor, c.unsqueeze(-2).rsqrt(), out=w)
+    else:  # V <- beta2 V + (1 - beta2) g2 (Algorithm 3); U = V^-1/2 G
+        vs = [s[0] for s in second]
+        v = _stacked(vs)
+        v.mul_(beta2).add_(w, alpha=1.0 - beta2)
+        _write_back(vs, v)
+        torch.rsqrt(v, out=w)
+        del v
+    return w.mul_(_stacked(grads))
 
 
 def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[tuple[Tensor, ...]],
-                       exp_avgs: list[Tensor] | None, lrs: list[float] | list[Tensor], beta2: float, eps1: float,
+                       exp_avgs: list[Tensor] | None, lrs: list[float] | Tensor, beta2: float, eps1: float,
                        clip_threshold: float, beta1: float | None, weight_decay: float) -> None:
     """One Adafactor step of several float32 parameters in place (Shazeer & Stern 2018, Algorithms
     3-4 with the update clipping of Section 6, the first moment of the lr-scaled update and the
     decoupled decay before the update), the same operations in the same order as the per-tensor
-    step, one multi-tensor kernel per operation where torch has one.
+    step, so the results are equal bit for bit.
 
-    ``second[i]``: ``(row, col)`` of a matrix (factored, Algorithm 4) or ``(v,)`` of a vector
-    (Algorithm 3). ``lrs[i]``: the step size of parameter ``i`` (floats, or 0-d tensors from
-    :func:`adafactor_lr_foreach`). Per tensor (no multi-tensor form of a reduction along one
-    dimension or of an outer product): the row and column means of ``g^2 + eps1``, the mean of
-    ``R`` and the outer product ``R_factor C_factor``. Transient: ``g^2 + eps1`` (freed after the
-    statistics), then the updates and (with weight decay) ``lr wd X``: two float32 tensors of the
-    bucket, plus the row and column vectors.
+    The parameters are stepped a group at a time (:func:`stack_groups`: one shape, one kind of
+    second moment): each operation runs once on the group's stacked tensors (the row and column
+    means along a dimension of the stack, the norms of its rows), and only the state write-back, the
+    decay and the update touch each tensor. A matrix (``ndim >= 2``, leading dimensions batch
+    dimensions) has ``second[i] = (row, col)`` (factored, Algorithm 4), a vector ``(v,)``
+    (Algorithm 3); its clipping RMS spans the whole tensor. ``lrs``: the step sizes, floats or one
+    tensor (:func:`adafactor_lr_foreach`). Transient: two float32 tensors of the largest group
+    (``g^2 + eps1`` turned into the updates, the stacked gradients or the decay), plus its row and
+    column statistics.
     """
-    mat = [i for i, s in enumerate(second) if len(s) == 2]
-    vec = [i for i, s in enumerate(second) if len(s) == 1]
-    g2 = torch._foreach_mul(grads, grads)  # g^2 + eps1
-    torch._foreach_add_(g2, eps1)
-    if mat:  # R <- beta2 R + (1 - beta2) mean_cols(g2); C likewise with mean_rows (Algorithm 4, lines 5-6)
-        rows, cols = [second[i][0] for i in mat], [second[i][1] for i in mat]
-        torch._foreach_mul_(rows, beta2)
-        torch._foreach_add_(rows, [g2[i].mean(dim=-1) for i in mat], alpha=1.0 - beta2)
-        torch._foreach_mul_(cols, beta2)
-        torch._foreach_add_(cols, [g2[i].mean(dim=-2) for i in mat], alpha=1.0 - beta2)
-    if vec:  # V <- beta2 V + (1 - beta2) g2 (Algorithm 3)
-        vs = [second[i][0] for i in vec]
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_add_(vs, [g2[i] for i in vec], alpha=1.0 - beta2)
-    del g2
-    us: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-    if mat:  # U = (R / mean(R))^-1/2 C^-1/2 G (Algorithm 4, line 7: V_hat = R C / 1^T R)
-        r_factors = [r / r.mean(dim=-1, keepdim=True) for r in rows]
-        torch._foreach_rsqrt_(r_factors)
-        c_factors = torch._foreach_rsqrt(cols)
-        for i, r, c in zip(mat, r_factors, c_factors):
-            us[i] = torch.mul(r.unsqueeze(-1), c.unsqueeze(-2))
-        del r_factors, c_factors
-    if vec:
-        for i, u in zip(vec, torch._foreach_rsqrt(vs)):
-            us[i] = u
-    torch._foreach_mul_(us, grads)
-    # U / max(1, RMS(U) / d) (Section 6, eq. 12)
-    clip = torch.stack(torch._foreach_norm(us))
-    clip.div_(clip.new_tensor([math.sqrt(u.numel()) for u in us])).div_(clip_threshold).clamp_(min=1.0)
-    torch._foreach_div_(us, list(clip.unbind()))
-    del clip
-    torch._foreach_mul_(us, lrs)
-    if beta1 is not None:  # M <- beta1 M + (1 - beta1) alpha U: the direction
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, us, alpha=1.0 - beta1)
-        del us
-        us = exp_avgs
-    if weight_decay != 0:  # X <- X - alpha wd X (decoupled, before the update)
-        if isinstance(lrs[0], Tensor):
-            decay = torch._foreach_mul(params, list((torch.stack(lrs) * weight_decay).unbind()))
-            torch._foreach_sub_(params, decay)
-            del decay
+    kinds = [len(s) for s in second]
+    for idx in stack_groups(grads, kinds):
+        ps = [params[i] for i in idx]
+        u = _group_update([grads[i] for i in idx], [second[i] for i in idx], beta2, eps1)
+        k, lead = len(idx), (-1,) + (1,) * (u.dim() - 1)
+        # U / max(1, RMS(U) / d) (Section 6, eq. 12)
+        clip = torch.linalg.vector_norm(u.view(k, -1), dim=1)
+        clip.div_(math.sqrt(u[0].numel())).div_(clip_threshold).clamp_(min=1.0)
+        u.div_(clip.view(lead))
+        del clip
+        if isinstance(lrs, Tensor):
+            lr = lrs[idx[0]] if k == 1 else lrs[idx]
+            u.mul_(lr.view(lead) if k > 1 else lr)
         else:
-            torch._foreach_mul_(params, [1.0 - lr * weight_decay for lr in lrs])
-    torch._foreach_sub_(params, us)
+            lr = [lrs[i] for i in idx]
+            u.mul_(lr[0] if all(x == lr[0] for x in lr) else u.new_tensor(lr).view(lead))
+        if beta1 is not None:  # M <- beta1 M + (1 - beta1) alpha U: the direction
+            ms = [exp_avgs[i] for i in idx]
+            m = _stacked(ms)
+            m.mul_(beta1).add_(u, alpha=1.0 - beta1)
+            _write_back(ms, m)
+            del u
+            u = m
+        if weight_decay != 0:  # X <- X - alpha wd X (decoupled, before the update)
+            if isinstance(lr, Tensor):
+                decay = torch._foreach_mul(ps, list((lr * weight_decay).view(-1).unbind()))
+                torch._foreach_sub_(ps, decay)
+                del decay
+            else:
+                torch._foreach_mul_(ps, [1.0 - x * weight_decay for x in lr])
+        torch._foreach_sub_(ps, list(u.unbind(0)))
+        del u
