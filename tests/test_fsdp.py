@@ -35,8 +35,15 @@ pytestmark = pytest.mark.distributed
 # right side (svd; FRUGAL: columns), the other parameters full-rank
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
-             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm"]
-REFUSED = [ "lomo", "adalomo"]
+             "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm",
+             "lomo", "adalomo"]
+# configurations that must still refuse sharded parameters: tag -> (recipe, hyperparameters over the
+# registry's example, a fragment of the reason). Every registered recipe steps FSDP2 parameters with
+# its defaults (test_every_engine_optimizer_is_supported); these settings need what a shard lacks.
+REFUSED = {
+    # FRUGAL's row subspace: the rows it selects are rows of the whole matrix, spread over the shards
+    "frugal_rows": ("frugal", {"projection": "rows"}, "selects rows or elements of the whole matrix"),
+}
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
 # shards) and a first moment; the registry's example is lr 1e-2 without the parameter scale.
@@ -73,13 +80,14 @@ STEPS = 3
 # stabilizer's scalars, 4-bit codes and scales, MicroAdam's window, Adafactor's row statistics
 # sharded by rows and column statistics replicated)
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon", "adam_mini", "adam_mini_blocks", "adamw_snsm"]
+       "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon", "adam_mini", "adam_mini_blocks", "adamw_snsm",
+       "adalomo"]
 
 
 def build(model, tag, **extra):
-    """The optimizer of a run tag (a recipe name or a key of CONFIGS) for ``model`` (a CONFIGS entry
-    may give ``groups``: a function of the model returning parameter groups)."""
-    name, hp = CONFIGS.get(tag, (tag, {}))
+    """The optimizer of a run tag (a recipe name or a key of CONFIGS or REFUSED) for ``model`` (a
+    CONFIGS entry may give ``groups``: a function of the model returning parameter groups)."""
+    name, hp = CONFIGS[tag] if tag in CONFIGS else REFUSED[tag][:2] if tag in REFUSED else (tag, {})
     hp = dict(hp)
     groups = hp.pop("groups", None)
     return create_optimizer(model if groups is None else groups(model), name, **hparams_for(name, **{**hp, **extra}))
@@ -138,7 +146,7 @@ class Wide(nn.Module):
 WIDE = ["adamw_sn", "adagrad_sn", "adamw_snsm"]  # (adamw_snsm: fc2 projected on the left, SN per column)
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
-        "osd_adamw", "muon", "sinkgd", "scale_embedding"]
+        "osd_adamw", "muon", "sinkgd", "scale_embedding", "lomo", "adalomo"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -350,7 +358,7 @@ def _worker(rank, world, init_file, out_dir):
         after = {k: v.full_tensor() for k, v in model.state_dict().items()}
         skipped = {"skipped": opt.skipped_steps, "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
 
-        # recipes needing the whole matrix refuse, at construction (parameters already sharded)
+        # configurations needing the whole matrix refuse, at construction (parameters already sharded)
         refused = {}
         for name in REFUSED:
             model, _, _ = make()
@@ -371,9 +379,12 @@ def _worker(rank, world, init_file, out_dir):
         # ... and at the first step when sharded parameters reach the groups another way (fully_shard
         # replaces the parameters: an optimizer must be built after it); layerwise mode refuses
         model, x, y = make()
-        opt = create_optimizer(model, "lomo", **hparams_for("lomo"))
+        opt = build(model, LATE)
+        index = {id(p): i for i, p in enumerate(model.parameters())}
         _shard(model, mesh)
-        opt.param_groups[0]["params"] = list(model.parameters())
+        new = list(model.parameters())
+        for group in opt.param_groups:
+            group["params"] = [new[index[id(p)]] for p in group["params"]]
         loss_fn(model, x[half], y[half]).backward()
         try:
             opt.step()
@@ -413,7 +424,9 @@ def test_fsdp2_two_processes_match_single_process(fsdp_run, name):
     (columns); summation order in float32 elsewhere: stable_spam 3.5e-8 (gradient norm), adafactor
     1.3e-8, adafactor_relative 4.1e-10 (column sums), fira_adamw 1.5e-8, fira_adamw8bit 1.0e-8
     (limiter norm), galore_full_random 7.0e-9, galore_left_rotate 5.7e-8, galore_adafactor_left
-    7.1e-8, fira_left 5.0e-7 (the all-reduced P^T G, amplified by Adam's sign-like first steps))."""
+    7.1e-8, fira_left 5.0e-7 (the all-reduced P^T G, amplified by Adam's sign-like first steps);
+    lomo 2.8e-17 (float64 gradients summed in another order), adalomo 3.0e-9 (float32 statistics;
+    red at 1.3e-4 when its step size reads the shard's own RMS))."""
     sharded = torch.load(fsdp_run / f"{name}_float64.pt", weights_only=True)
     for key, ref in run_single(name).items():
         torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
@@ -478,17 +491,27 @@ def test_fsdp2_nonfinite_on_one_rank_skips_on_all(fsdp_run):
     assert nan == {"skipped": 1, "unchanged": True}
 
 
-@pytest.mark.parametrize("name", REFUSED)
-def test_fsdp2_whole_matrix_recipes_refuse(fsdp_run, name):
-    msg = json.loads((fsdp_run / "refusals.json").read_text())["refused"][name]
-    assert msg is not None, f"{name} accepted sharded parameters"
-    assert f"'{name}' does not support sharded" in msg
-    assert "adamw8bit" in msg and "stable_spam" in msg  # the supported list
+@pytest.mark.parametrize("tag", REFUSED)
+def test_fsdp2_whole_matrix_configurations_refuse(fsdp_run, tag):
+    """At construction on sharded parameters: NotImplementedError naming the recipe, the reason and
+    the optimizers that support FSDP2."""
+    name, _, why = REFUSED[tag]
+    msg = json.loads((fsdp_run / "refusals.json").read_text())["refused"][tag]
+    assert msg is not None, f"{tag} accepted sharded parameters"
+    assert f"'{name}' does not support sharded" in msg and why in msg, msg
+    assert "adamw8bit" in msg and "stable_spam" in msg and "adalomo" in msg  # the supported list
+
+
+# the refused configuration built before fully_shard, its groups then given the sharded parameters
+LATE = "frugal_rows"
 
 
 def test_fsdp2_refuses_at_first_step_and_in_layerwise_mode(fsdp_run):
+    """A refused configuration whose groups receive sharded parameters after construction refuses at
+    its first step (before any state is touched); layerwise mode refuses sharded parameters."""
     got = json.loads((fsdp_run / "refusals.json").read_text())
-    assert got["late"] is not None and "'lomo' does not support sharded" in got["late"]
+    name, _, why = REFUSED[LATE]
+    assert got["late"] is not None and f"'{name}' does not support sharded" in got["late"] and why in got["late"]
     assert got["layerwise"] is not None and "layerwise" in got["layerwise"]
 
 
@@ -515,7 +538,7 @@ def _load_single(name, ckpt):
 
 
 @pytest.mark.parametrize("name", ["adamw", "stable_spam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-                                  "galore_adafactor", "muon"])
+                                  "galore_adafactor", "muon", "adalomo"])
 def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
     """State in the parameter's shape (float32 moments) reshards: the 2-process checkpoint loads into
     one unsharded process, which continues with the full batch to the 2-process run's weights."""
@@ -539,13 +562,15 @@ def test_fsdp2_per_shard_state_does_not_reshard_silently(fsdp_run, name):
         _load_single(name, fsdp_run / f"dcp_{name}")
 
 
-def test_every_engine_optimizer_is_supported_or_refused():
-    """A newly registered recipe must be put in SUPPORTED (and pass the tests above) or REFUSED."""
+def test_every_engine_optimizer_is_supported():
+    """Every registered engine optimizer steps FSDP2 parameters with its default settings (issue 13):
+    a newly registered recipe must be put in SUPPORTED and pass the tests above; settings it cannot
+    support go to REFUSED (configurations)."""
     from lowmem.optim import optimizer_entries
     from lowmem.optim.sharded import fsdp2_recipes
 
     assert fsdp2_recipes() == sorted(SUPPORTED)
-    assert {e.name for e in optimizer_entries() if e.recipe is not None} == set(SUPPORTED) | set(REFUSED)
+    assert {e.name for e in optimizer_entries() if e.recipe is not None} == set(SUPPORTED)
 
 
 @pytest.mark.parametrize("name", UNEVEN)
@@ -605,6 +630,8 @@ def _expected_comm(name):
         "adamw": (flag, False),
         "adafactor": ([9, _adafactor_bytes(model, False)], False),
         "adafactor_relative": ([15, _adafactor_bytes(model, True)], False),
+        "lomo": (flag, False),  # element-wise
+        "adalomo": ([15, _adafactor_bytes(model, True)], False),  # Adafactor's, with the parameter's RMS
         "galore_adamw": (flag, True),
         "galore_left_rotate": (left, True),
         "fira_adamw": (fira, True),
@@ -636,7 +663,8 @@ def test_fsdp2_communication_per_step(fsdp_run, name):
     bytes per step (P^T G of 4 x 32 and 4 x 256); fira_adamw 12 bytes; frugal (columns) 4 bytes;
     osd_adamw 147456 bytes gathered at step 1 (its SVD), 4748 bytes in 7 all-reduces at step 2; muon
     73728 bytes gathered every step (bfloat16 U of both weights); sinkgd 5764 bytes in 11 all-reduces;
-    SCALE's embedding role 1156 bytes."""
+    SCALE's embedding role 1156 bytes; lomo 4 bytes; adalomo 1260 bytes in 15 all-reduces (as
+    adafactor_relative: the parameter's RMS of every tensor)."""
     comm = json.loads((fsdp_run / "refusals.json").read_text())["comm"][name]
     assert comm == _expected_comm(name), (comm, _expected_comm(name))
 

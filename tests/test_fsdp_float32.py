@@ -67,12 +67,13 @@ FLOAT32 = {tag: (tag, Net) for tag in (
 FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide),
             "adamw_sn_wide": ("adamw_sn", Wide), "adagrad_sn_wide": ("adagrad_sn", Wide)}
 # recipes whose foreach paths are all off on the shards: Adafactor's factored statistics (column sums
-# over every shard) refuse FSDP2 groups, also for galore_adafactor's full-rank parameters, and so do
+# over every shard) refuse FSDP2 groups, also for galore_adafactor's full-rank parameters and AdaLomo's, and so do
 # Stable-SPAM's (the gradient norm and max |g| over every shard); the 8-bit projected recipes bucket
 # only projected parameters, which take the per-parameter sharded step. On the shards they take no
 # bucket (checked) and must still match (stable_spam: 4.3e-6 from one process, 3.1e-7 from the
 # half-batches' mean)
-NO_SHARD_FOREACH = ["adafactor", "galore_adafactor", "stable_spam", "galore_adamw8bit", "fira_adamw8bit", "frugal8bit"]
+NO_SHARD_FOREACH = ["adafactor", "galore_adafactor", "stable_spam", "galore_adamw8bit", "fira_adamw8bit", "frugal8bit",
+                    "adalomo"]
 FLOAT32 |= {name: (name, Net) for name in NO_SHARD_FOREACH}
 # uneven and empty shards (fc1's 255 rows split 128 / 127, head's single row leaves rank 1 empty):
 # Adam-mini's registry partition gives head.weight and head.bias whole-tensor blocks (one v on

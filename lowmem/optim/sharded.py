@@ -12,7 +12,8 @@ shard. ``state_dict()`` returns that state as ``DTensor`` s (:func:`state_to_dte
 That is exact for element-wise recipes (every output element depends only on the same element of
 the gradient and state). Per-tensor statistics are reduced across the shards where the recipe uses
 them (Stable-SPAM's ``max |g|`` and gradient norm: one all-reduce of a scalar each, over the
-parameter's mesh; Adafactor's column sums, row-statistic mean, update RMS and parameter RMS;
+parameter's mesh; Adafactor's (and AdaLomo's) column sums, row-statistic mean, update RMS and
+parameter RMS;
 rank-1 column maxima; SinkGD's / SCALE's / Subset-Norm's column norms; Adam-mini's whole-tensor
 blocks), or the whole matrix is gathered (a projection's refresh, Muon's Newton-Schulz), so the
 result equals the unsharded step. Projected parameters: :class:`ShardedProjection` (bases kept
@@ -22,9 +23,9 @@ absmax, MicroAdam's top-k and error blocks) are computed per shard: equal to the
 every shard's number of elements is a multiple of the block size (then the blocks are the same);
 otherwise the blocks at shard boundaries differ (still a valid optimizer, but not the same numbers).
 
-Recipes that need information this module does not reduce (LOMO / AdaLomo, fused into the
-backward pass; row / flat coordinate subspaces; Subset-Norm's flat subsets; Adam-mini heads cut by a
-shard boundary) are **refused** with a
+Recipes that need information this module does not reduce (layerwise mode, which fuses the step
+into the backward pass; row / flat coordinate subspaces; Subset-Norm's flat subsets cut by a shard
+boundary; Adam-mini heads cut by a shard boundary) are **refused** with a
 ``NotImplementedError`` naming the recipe and the supported ones, never run on a shard as if it
 were the whole matrix. The check is an allow-list of engine parts (:func:`refusal`), so a new part
 refuses until someone states that it is shard-local.
@@ -104,6 +105,16 @@ class ShardReduce:
         return out[:rows]  # every shard but the trailing ones holds exactly `chunk` rows
 
 
+def sharded_rms(x: Tensor, reduce: ShardReduce) -> Tensor:
+    """``RMS(X) = sqrt(sum(X^2) / numel)`` of a whole parameter from its local shard ``x`` (a 0-d
+    float tensor): the shard's sum of squares and element count summed over the shards (one
+    all-reduce of 2 numbers); an empty shard contributes zeros."""
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    sums = reduce.sum_(torch.stack([torch.linalg.vector_norm(x).square(),
+                                    torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)]))
+    return (sums[0] / sums[1]).sqrt_()
+
+
 def shard_rows(p: Tensor) -> tuple[int, int]:
     """``[start, stop)``: the rows of ``p`` (a ``DTensor`` sharded on dimension 0 over one mesh
     dimension) this rank holds, from ``torch.chunk``'s split (FSDP2's)."""
@@ -147,13 +158,14 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     """Why ``recipe`` cannot step the sharded parameter ``p`` of ``group`` on its local shard, or
     ``None`` when it can (every part of the chain is on the allow-list of shard-local parts)."""
     from .microadam import MicroAdamMoments
-    from .moments import AdamMoments, FactoredMoments, adafactor_lr, constant_lr
+    from .moments import AdamMoments, FactoredMoments, constant_lr
     from .quantized import Quantized
+    from .recipes.lomo import SGDMoments
     from .stabilizers import RestartBiasCorrection, SPAMStabilizer, StableSPAMStabilizer
 
     if recipe.projection is not None and group.get("rank") is not None and p.ndim == 2 and group["rank"] < min(p.shape):
         return projected_refusal(recipe, group, p)
-    if recipe.lr_rule not in (constant_lr, adafactor_lr):  # adafactor_lr reduces the RMS over the shards
+    if recipe.lr_rule is not constant_lr and recipe.lr_rule not in sharded_lr_rules():
         return "its step size reads the whole parameter (relative step / RMS scaling)"
     moment = recipe.moment
     while isinstance(moment, (RestartBiasCorrection, Quantized)):
@@ -194,12 +206,22 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
     if hybrid and moment.targets(p.shape, group) and (p.ndim > 2 or len([pl for pl in p.placements if pl.is_shard()]) != 1):
         return f"{type(moment).__name__} on a shard needs a matrix sharded by rows over one mesh dimension"
-    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments)) and not hybrid:
+    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments, SGDMoments)) and not hybrid:
         return f"its moment rule {type(moment).__name__} uses statistics of the whole tensor (e.g. row/column sums)"
     for s in recipe.stabilizers:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):
             return f"its stabilizer {type(s).__name__} is not known to be shard-local"
     return None
+
+
+def sharded_lr_rules() -> tuple[Any, ...]:
+    """Learning-rate rules that read the parameter and take ``reduce=`` (a :class:`ShardReduce`),
+    reducing what they read over the shards: Adafactor's and AdaLomo's parameter RMS
+    (:func:`sharded_rms`)."""
+    from .moments import adafactor_lr
+    from .recipes.lomo import adalomo_lr
+
+    return (adafactor_lr, adalomo_lr)
 
 
 def _one_row_shard(p: Tensor) -> bool:
@@ -372,7 +394,7 @@ def low_is_sharded(recipe: Any, group: dict[str, Any], p: Tensor) -> bool:
 
 def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     """Why the projected 2-D parameter ``p`` (sharded by rows) cannot be stepped, or ``None``."""
-    from .moments import AdamMoments, FactoredMoments, adafactor_lr, constant_lr
+    from .moments import AdamMoments, FactoredMoments, constant_lr
     from .quantized import Quantized
     from .stabilizers import RestartBiasCorrection
     from .subspace import DropResidual, FiraResidual, ProjectBack, StateFreeResidual, SubspaceProjection
@@ -401,7 +423,7 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
                 " reduced over the shards yet")
     if recipe.stabilizers:
         return "stabilizers before a projection are not reduced over the shards"
-    if recipe.lr_rule not in (constant_lr, adafactor_lr):
+    if recipe.lr_rule is not constant_lr and recipe.lr_rule not in sharded_lr_rules():
         return "its step size reads the whole parameter"
     moment = recipe.moment
     while isinstance(moment, (RestartBiasCorrection, Quantized)):

@@ -35,9 +35,10 @@ def lomo_direction(g: Tensor) -> Tensor:
     return g
 
 
-def adalomo_step_size(lr: float, p: Tensor, eps2: float) -> Tensor:
+def adalomo_step_size(lr: float, p: Tensor | None, eps2: float, p_rms: Tensor | None = None) -> Tensor:
     """The parameter-scaled step size of AdaLomo's grouped update normalization,
     ``alpha * max(eps2, RMS(theta_{t-1}))`` (Lv et al. 2024, Algorithm 1, line 10; ``lomo-optim``
     0.1.1 ``param_scale = max(eps[1], p_rms)``), as a 0-d tensor (no host synchronisation). The
-    other factor, ``1 / max(1, RMS(u) / d)``, is Adafactor's update clipping."""
-    return rms(p).clamp(min=eps2) * lr
+    other factor, ``1 / max(1, RMS(u) / d)``, is Adafactor's update clipping. ``p_rms``: the
+    parameter's RMS computed elsewhere (an FSDP2 shard: over every shard); ``p`` is then not read."""
+    return (rms(p) if p_rms is None else p_rms).clamp(min=eps2) * lr

@@ -15,6 +15,10 @@ keeps every gradient until ``step()``); ``lowmem train`` refuses them without ``
 (:data:`FUSED_BACKWARD`). Gradient clipping by the global norm: ``lomo-optim`` runs the backward pass
 twice (the first only to compute the norm); lowmem's layerwise mode offers ``clip_mode="global_prev"``
 (the previous step's global norm, one backward) and ``"per_param"`` (docs/optimizers.md).
+
+FSDP2 (``DTensor`` parameters): as plain optimizers (layerwise mode refuses sharded parameters).
+LOMO is element-wise; AdaLomo's column statistics and update RMS are reduced over the shards as
+Adafactor's, and its step size reads the RMS of the whole parameter (:func:`adalomo_lr`'s ``reduce``).
 """
 
 from __future__ import annotations
@@ -68,9 +72,17 @@ LOMO = Recipe(
 )
 
 
-def adalomo_lr(group: dict[str, Any], state: dict[str, torch.Tensor], p32: torch.Tensor, t: float) -> torch.Tensor:
-    """AdaLomo's step size ``lr * max(eps2, RMS(theta_{t-1}))`` (:func:`~lowmem.optim.functional.lomo.adalomo_step_size`)."""
-    return adalomo_step_size(group["lr"], p32, group["eps"][1])
+def adalomo_lr(group: dict[str, Any], state: dict[str, torch.Tensor], p32: torch.Tensor, t: float,
+               reduce: Any = None) -> torch.Tensor:
+    """AdaLomo's step size ``lr * max(eps2, RMS(theta_{t-1}))`` (:func:`~lowmem.optim.functional.lomo.adalomo_step_size`).
+
+    ``reduce`` (an FSDP2 parameter's local shard, :class:`~lowmem.optim.sharded.ShardReduce`): the
+    RMS of the whole parameter (:func:`~lowmem.optim.sharded.sharded_rms`: one all-reduce of 2 numbers)."""
+    if reduce is None:
+        return adalomo_step_size(group["lr"], p32, group["eps"][1])
+    from ..sharded import sharded_rms
+
+    return adalomo_step_size(group["lr"], None, group["eps"][1], p_rms=sharded_rms(p32, reduce))
 
 
 _ADAFACTOR = {h.name: h for h in ADAFACTOR_HPARAMS}
