@@ -63,7 +63,7 @@ class Attn(nn.Module):
 FLOAT32 = {tag: (tag, Net) for tag in (
     "adamw", "spam", "badam", "galore_adamw", "fira_adamw", "frugal", "apollo_adamw", "apollo_mini", "osd_adamw",
     "galore_left_rotate", "muon", "scale", "sinkgd", "scale_embedding", "adam_mini", "adam_mini_blocks",
-    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm")}
+    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm")}
 FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide),
             "adamw_sn_wide": ("adamw_sn", Wide), "adagrad_sn_wide": ("adagrad_sn", Wide)}
 # recipes whose foreach paths are all off on the shards: Adafactor's factored statistics (column sums

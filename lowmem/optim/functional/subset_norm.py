@@ -92,6 +92,28 @@ def sn_denominator(v: Tensor, eps: float) -> Tensor:
     return v.sqrt().add_(eps)
 
 
+def ema_foreach_(xs: list[Tensor], updates: list[Tensor], beta: float) -> None:
+    """:func:`ema_` of several float32 tensors, ``x <- beta x + (1 - beta) update``, one multi-tensor
+    kernel per operation: the same operations in the same order (bit for bit on the CPU). The
+    momentum of every recipe here: ``m_t = b1 m_{t-1} + (1 - b1) g_t`` (Section 3), of ``P^T g_t``
+    under a projection (Subspace-Momentum, Section 4)."""
+    torch._foreach_mul_(xs, beta)
+    torch._foreach_add_(xs, updates, alpha=1.0 - beta)
+
+
+def sgd_momentum_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None, beta1: float,
+                          lr: float, weight_decay: float) -> None:
+    """Multi-tensor step of float32 tensors trained by SGD with momentum (``sgd_sm``'s parameters
+    outside the subspace: vectors, the unprojected head), the authors' ``sgd`` configuration:
+    ``m <- b1 m + (1 - b1) g`` (:func:`ema_foreach_`; ``exp_avgs=None``: plain SGD on ``g``),
+    ``p <- p - lr m``, then decoupled decay ``p <- (1 - lr wd) p``. The single-tensor step's
+    operations in its order (bit for bit on the CPU); no temporaries (the step reads ``m`` itself)."""
+    if exp_avgs is not None:
+        ema_foreach_(exp_avgs, grads, beta1)
+    torch._foreach_add_(params, exp_avgs if exp_avgs is not None else grads, alpha=-lr)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
 
 def elementwise_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None,
                          exp_avg_sqs: list[Tensor], t: float, beta1: float, beta2: float | None, lr: float,
@@ -104,8 +126,7 @@ def elementwise_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: li
     step (bit for bit), one kernel per operation for the whole list. Transient: two float32
     tensors of the bucket (``sqrt(v) + eps`` and the direction)."""
     if exp_avgs is not None:
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        ema_foreach_(exp_avgs, grads, beta1)
     sq = torch._foreach_mul(grads, grads)
     if beta2 is None:
         torch._foreach_add_(exp_avg_sqs, sq)
@@ -146,8 +167,7 @@ def subset_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     if not params:
         return
     if exp_avgs is not None:
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        ema_foreach_(exp_avgs, grads, beta1)
     nums = exp_avgs if exp_avgs is not None else grads
     sq: list[Tensor | None] = [None] * len(grads)
     by_length: dict[int, list[int]] = {}

@@ -198,9 +198,11 @@ class SubsetNormMoments(MomentRule):
         without ``subset_norm``, vectors), per row / flat subset, or per column. Not per column in a
         group with FSDP2 (sharded) parameters: the column sums span the shards, which the
         per-parameter step all-reduces (:meth:`prepare_chunks`); the layout is decided from the
-        state's ``v`` once it exists (the whole shape's, on a shard), else from the group and shape."""
+        state's ``v`` once it exists (the whole shape's, on a shard), else from the group and shape.
+        Momentum alone (``adaptive=False``, ``sgd_sm``'s full-rank parameters) is element-wise: any
+        parameter whose state holds a first moment exactly when ``momentum > 0``."""
         if not self.adaptive:
-            return False
+            return not state or ("exp_avg" in state) == (self._beta1(group) > 0)
         if state:
             v = state.get("exp_avg_sq")
             if v is None or ("exp_avg" in state) != (self._beta1(group) > 0):
@@ -217,8 +219,13 @@ class SubsetNormMoments(MomentRule):
         subset-normed ones by :func:`~lowmem.optim.functional.subset_norm.subset_foreach_`, a
         subset-normed tensor larger than ``chunk_numel`` (it arrives in pieces) whole from its first
         piece, chunked (:func:`~lowmem.optim.moments.step_whole_from_piece_`); this rule's betas,
-        step scale and ``eps``."""
-        beta1, beta2, scale, wd = self._beta1(group), self._beta2(group), self._scale(t, group), group.get("weight_decay", 0.0)
+        step scale and ``eps``. Momentum alone (``adaptive=False``): SGD with momentum by
+        :func:`~lowmem.optim.functional.subset_norm.sgd_momentum_foreach_` (pieces are element-wise)."""
+        beta1, wd = self._beta1(group), group.get("weight_decay", 0.0)
+        if not self.adaptive:
+            SN.sgd_momentum_foreach_(params, grads, [s["exp_avg"] for s in states] if beta1 > 0 else None, beta1, lr, wd)
+            return
+        beta2, scale = self._beta2(group), self._scale(t, group)
         element, subsets = [], []
         for p, g, s in zip(params, grads, states):
             v = s["exp_avg_sq"]
@@ -238,8 +245,38 @@ class SubsetNormMoments(MomentRule):
     def foreach_transient_bytes(self, numel):
         """Element-wise tensors: ``sqrt(v) + eps`` and the direction; subset-normed ones: their
         concatenated squares, then the direction (:meth:`transient_bytes` of one chunk for a tensor
-        stepped from its pieces): two float32 tensors of the bucket."""
-        return 8 * numel
+        stepped from its pieces): two float32 tensors of the bucket. Momentum alone: none (the
+        update reads ``m`` itself)."""
+        return 8 * numel if self.adaptive else 0
+
+    # ---- the multi-tensor step of projected parameters (Subspace-Momentum's P^T G) ----
+
+    def supports_foreach_direction(self, group, state, param):
+        """Under a projection this rule keeps only the momentum of ``P^T G`` (no second moment: the
+        Subset-Norm step of SNSM is :class:`SubsetNormStep`'s, on the combined direction), so the
+        projected gradients of a bucket take one EMA kernel (:meth:`foreach_direction`): float32
+        moments (or none, ``b1 = 0``), the state holding a first moment exactly when ``b1 > 0``."""
+        beta1 = self._beta1(group)
+        if not state:
+            return beta1 == 0 or state_dtype(group, param) == torch.float32
+        if "exp_avg_sq" in state or ("exp_avg" in state) != (beta1 > 0):
+            return False
+        return beta1 == 0 or state["exp_avg"].dtype == torch.float32
+
+    def foreach_direction(self, gs, states, group, t, lr):
+        """:meth:`direction` of several projected gradients: ``m <- b1 m + (1 - b1) P^T G``
+        (:func:`~lowmem.optim.functional.subset_norm.ema_foreach_`, the per-tensor operations in their
+        order) and a copy of each ``m`` (of ``P^T G`` when ``b1 = 0``), as the per-tensor form returns."""
+        beta1 = self._beta1(group)
+        if beta1 == 0:
+            return torch._foreach_clone(gs)
+        ms = [s["exp_avg"] for s in states]
+        SN.ema_foreach_(ms, gs, beta1)
+        return torch._foreach_clone(ms)
+
+    def foreach_direction_transient_bytes(self, numel):
+        """The returned directions (copies of the momenta): one float32 tensor of ``numel``."""
+        return 4 * numel
 
     # ---- the chunked step: whole rows of a subset-normed matrix, elements otherwise ----
 

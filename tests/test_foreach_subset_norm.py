@@ -1,0 +1,204 @@
+"""The multi-tensor paths of the Subspace-Momentum recipes (issue 15): ``adamw_snsm``, ``sgd_sm`` and
+``adagrad_snsm``. Their projected parameters take the engine's projected buckets (each parameter
+projected down alone, refresh and moment reset included; the momentum of every ``P^T G`` of a bucket
+in one EMA kernel, :meth:`SubsetNormMoments.foreach_direction`; each combined back alone, Subset-Norm
+step included); their full-rank parameters take the full-rank buckets (``sgd_sm``'s momentum by
+:func:`~lowmem.optim.functional.subset_norm.sgd_momentum_foreach_`, the adaptive ones by the
+Subset-Norm kernels of ``adamw_sn``). Equal to the per-parameter step (``foreach=False``) bit for bit
+on the CPU, where the multi-tensor kernels run the per-tensor operations in the same order."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from lowmem.optim.recipes.subset_norm import SubsetNormMoments
+from lowmem.optim.registry import create_optimizer
+
+# projected (rank 4): equal shapes (one bucket), both projection sides, one filling a 160-element
+# bucket alone; full-rank group: vectors, a matrix, one larger than chunk_numel=160 (in pieces)
+PROJECTED = [(16, 12), (16, 12), (12, 20), (20, 12), (9, 40)]
+FULL_RANK = [(7,), (30,), (10, 6), (20, 12)]
+RANK, STEPS = 4, 5
+
+CONFIGS = {
+    "adamw_snsm": ("adamw_snsm", {"weight_decay": 0.1}),
+    "adamw_snsm_left_columns": ("adamw_snsm", {"proj_type": "left", "subset_norm": False}),
+    "adamw_snsm_rsvd_scaled": ("adamw_snsm", {"projection": "rsvd", "scale": 0.5, "free_lr_scale": 0.3}),
+    "sgd_sm": ("sgd_sm", {"weight_decay": 0.1}),
+    "sgd_sm_no_momentum": ("sgd_sm", {"momentum": 0.0, "weight_decay": 0.1}),
+    "sgd_sm_signsgd_keep": ("sgd_sm", {"free_rule": "signsgd", "moment_policy": "keep"}),
+    "adagrad_snsm": ("adagrad_snsm", {"weight_decay": 0.1}),
+    "adagrad_snsm_reverse": ("adagrad_snsm", {"proj_type": "reverse_std", "momentum": 0.5}),
+}
+
+
+def _run(name, hparams, foreach, chunk_numel, dtype=torch.float32, steps=STEPS, monkeypatch=None,
+         projected=PROJECTED, full_rank=FULL_RANK):
+    """Weights and state after ``steps`` steps (a refresh every 2 steps: steps 1, 3, 5), the element
+    counts of the projected buckets' directions and of the full-rank buckets, and the optimizer."""
+    low_calls: list[list[int]] = []
+    full_calls: list[list[int]] = []
+    orig_dir, orig_step = SubsetNormMoments.foreach_direction, SubsetNormMoments.foreach_step_
+
+    def spy_dir(self, gs, *args, **kwargs):
+        low_calls.append([g.numel() for g in gs])
+        return orig_dir(self, gs, *args, **kwargs)
+
+    def spy_step(self, params, *args, **kwargs):
+        full_calls.append([p.numel() for p in params])
+        return orig_step(self, params, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in projected]
+    fr = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in full_rank]
+    group_hp = {k: v for k, v in hparams.items() if k not in ("weight_decay", "momentum")}
+    hp = {k: v for k, v in hparams.items() if k in ("weight_decay", "momentum")}
+    groups = [{"params": ps, "rank": RANK, "update_proj_gap": 2, **group_hp}]
+    if fr:
+        groups.append({"params": fr, "rank": None})
+    eps = {} if name == "sgd_sm" else {"eps": 1e-3}
+    opt = create_optimizer(groups, name, lr=1e-2, **eps, **hp)
+    opt.chunk_numel = chunk_numel
+    for g in opt.param_groups:
+        g["foreach"] = foreach
+    with monkeypatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no parameter silently trained full-rank
+        mp.setattr(SubsetNormMoments, "foreach_direction", spy_dir)
+        mp.setattr(SubsetNormMoments, "foreach_step_", spy_step)
+        for _ in range(steps):
+            for p in ps + fr:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+    params = ps + fr
+    return ([p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params],
+            low_calls, full_calls, opt)
+
+
+def _assert_equal(fast, ref):
+    for i, (a, b, sa, sb) in enumerate(zip(fast[0], ref[0], fast[1], ref[1])):
+        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max())
+        assert sa.keys() == sb.keys(), i
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (i, k)
+
+
+def _low_numel(opt, shapes=PROJECTED):
+    group = opt.param_groups[0]
+    return [opt.recipe.projection.low_shape(torch.Size(s), group).numel() for s in shapes]
+
+
+@pytest.mark.parametrize("label", sorted(CONFIGS))
+@pytest.mark.parametrize("chunk_numel", [160, None])
+def test_subspace_momentum_foreach_equals_the_per_parameter_step(label, chunk_numel, monkeypatch):
+    """Weights and every state tensor (momentum, Subset-Norm statistics, bases) bit for bit after 5
+    steps with refreshes (and moment resets) at steps 1, 3 and 5; every projected element goes
+    through the multi-tensor direction every step, in buckets of at most ``chunk_numel`` projected
+    elements (one larger alone), at least one bucket holding several parameters; every full-rank
+    element through a full-rank bucket; the reference takes neither."""
+    name, hp = CONFIGS[label]
+    fast = _run(name, hp, None, chunk_numel, monkeypatch=monkeypatch)
+    ref = _run(name, hp, False, chunk_numel, monkeypatch=monkeypatch)
+    assert ref[2] == [] and ref[3] == []
+    _assert_equal(fast, ref)
+    lows, low_calls, full_calls = _low_numel(fast[4]), fast[2], fast[3]
+    assert sum(map(sum, low_calls)) == STEPS * sum(lows)
+    assert max(map(len, low_calls)) > 1
+    for bucket in low_calls:
+        assert chunk_numel is None or len(bucket) == 1 or sum(bucket) <= chunk_numel, bucket
+    if chunk_numel is None:
+        assert len(low_calls) == STEPS  # one projected bucket per step
+    assert sum(map(sum, full_calls)) == STEPS * sum(math.prod(s) for s in FULL_RANK)
+    # the projected parameters moved, so the comparison is not of untouched weights
+    assert all(not torch.equal(a, b) for a, b in zip(fast[0], _run(name, hp, None, chunk_numel, steps=0,
+                                                                     monkeypatch=monkeypatch)[0]))
+
+
+@pytest.mark.parametrize("label", ["adamw_snsm", "sgd_sm", "adagrad_snsm"])
+def test_subspace_momentum_foreach_bf16_parameters(label, monkeypatch):
+    """bf16 parameters and gradients (projected a block of rows at a time, float32 moments) take the
+    projected buckets, equal bit for bit; their full-rank bf16 parameters stay on the per-parameter
+    step (the full-rank buckets are float32)."""
+    name, hp = CONFIGS[label]
+    fast = _run(name, hp, None, 160, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    ref = _run(name, hp, False, 160, dtype=torch.bfloat16, monkeypatch=monkeypatch)
+    assert fast[2] and not ref[2]
+    assert fast[3] == [] == ref[3]
+    _assert_equal(fast, ref)
+
+
+def test_subspace_momentum_bf16_moments_stay_per_parameter(monkeypatch):
+    """Momentum stored in bf16 (``state_dtype="param"`` on bf16 parameters) has no multi-tensor form:
+    the projected parameters take the per-parameter step."""
+    fast = _run("sgd_sm", {"state_dtype": "param"}, None, 160, dtype=torch.bfloat16, steps=2,
+                monkeypatch=monkeypatch, full_rank=[])
+    assert fast[2] == []
+
+
+@pytest.mark.parametrize("name", ["sgd_sm", "adamw_snsm"])
+@pytest.mark.parametrize("shape,rank", [((16, 12), RANK), ((7,), None)])
+def test_a_first_moment_missing_from_the_state_still_raises(name, shape, rank):
+    """State allocated with momentum 0 (no first moment), then momentum set > 0: no bucket takes the
+    parameter (projected or full-rank), so the per-parameter step's error names the setting (no
+    silent step without momentum, no KeyError from a bucket)."""
+    key, zero, set_to = ("momentum", 0.0, 0.9) if name == "sgd_sm" else ("betas", (0.0, 0.999), (0.9, 0.999))
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = create_optimizer([{"params": [p], "rank": rank}], name, **{key: zero})
+    p.grad = torch.randn(shape)
+    opt.step()
+    opt.param_groups[0][key] = set_to
+    with pytest.raises(ValueError, match=key):
+        opt.step()
+
+
+def test_step_transient_bytes_counts_the_projected_bucket(monkeypatch):
+    """The report grows by the largest projected bucket's projected gradients and directions (8 bytes
+    per projected element) over the per-parameter step's."""
+    fast = _run("sgd_sm", {}, None, 160, steps=1, monkeypatch=monkeypatch, full_rank=[])[4]
+    ref = _run("sgd_sm", {}, False, 160, steps=1, monkeypatch=monkeypatch, full_rank=[])[4]
+    buckets, cur = [], 0
+    for n in _low_numel(fast):
+        if cur and cur + n > 160:
+            buckets.append(cur)
+            cur = 0
+        cur += n
+    buckets.append(cur)
+    assert fast.step_transient_bytes() == ref.step_transient_bytes() + 8 * max(buckets)
+
+
+def test_sgd_momentum_buckets_allocate_nothing(monkeypatch):
+    """``sgd_sm``'s full-rank buckets read ``m`` itself: no transient (the per-parameter step copies
+    the direction), and none is reported; the adaptive rules' buckets report two float32 tensors."""
+    fast = _run("sgd_sm", {}, None, None, steps=1, monkeypatch=monkeypatch, projected=[])[4]
+    ref = _run("sgd_sm", {}, False, None, steps=1, monkeypatch=monkeypatch, projected=[])[4]
+    assert fast.step_transient_bytes() == 0
+    assert ref.step_transient_bytes() == 4 * max(math.prod(s) for s in FULL_RANK)
+    assert SubsetNormMoments().foreach_transient_bytes(100) == 800
+    assert SubsetNormMoments(adaptive=False).foreach_transient_bytes(100) == 0
+
+
+def test_foreach_direction_equals_direction_per_tensor():
+    """:meth:`SubsetNormMoments.foreach_direction` against :meth:`direction` one projected gradient
+    at a time, with and without momentum, several steps: momenta and directions bit for bit, and
+    the directions are copies (the state is not handed out)."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 12), (4, 12), (20, 4), (3, 5)]
+    for rule, group in ((SubsetNormMoments(), {"betas": (0.9, 0.99), "eps": 1e-3}),
+                        (SubsetNormMoments(adaptive=False), {"momentum": 0.8}),
+                        (SubsetNormMoments(adaptive=False), {"momentum": 0.0}),
+                        (SubsetNormMoments(accumulate=True), {"momentum": 0.5, "betas": (0.9, 0.99), "eps": 1e-3})):
+        b1 = group["momentum"] if "momentum" in group else group["betas"][0]
+        a = [{"exp_avg": torch.zeros(s)} if b1 > 0 else {} for s in shapes]
+        b = [{k: v.clone() for k, v in st.items()} for st in a]
+        assert all(rule.supports_foreach_direction(group, st, torch.zeros(1)) for st in a)
+        for t in range(1, 4):
+            gs = [torch.randn(s, generator=gen) for s in shapes]
+            da = rule.foreach_direction(gs, a, group, float(t), 1e-2)
+            db = [rule.direction(g, st, group, float(t), 1e-2) for g, st in zip(gs, b)]
+            assert all(torch.equal(x, y) for x, y in zip(da, db))
+            assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+            assert all(x.data_ptr() not in {v.data_ptr() for v in st.values()} | {g.data_ptr()}
+                       for x, st, g in zip(da, a, gs))
