@@ -358,8 +358,9 @@ def test_muon_lean_step_equals_the_whole_tensor_step(config, monkeypatch):
 def test_muon_lean_transient_is_the_iterate_and_the_gram_products():
     """Reported on the meta device: the bfloat16 iterate (2 m n), A and P (4 r^2, r the smaller side)
     and one bfloat16 product's workspace, for square, wide and tall weights; the whole-tensor
-    reference reports its own (larger) bound."""
-    from lowmem.optim.functional.muon import bf16_gemm_workspace_bytes
+    reference (foreach=False, chunk_numel=None) reports its own (larger) bound, the foreach path at
+    chunk_numel=None its stack of one (muon_foreach_transient_bytes)."""
+    from lowmem.optim.functional.muon import bf16_gemm_workspace_bytes, muon_foreach_transient_bytes
 
     MiB = 2**20
     ws = bf16_gemm_workspace_bytes
@@ -371,4 +372,6 @@ def test_muon_lean_transient_is_the_iterate_and_the_gram_products():
         opt.materialize_state()
         assert opt.step_transient_bytes() == expect, shape
         opt.chunk_numel = None
+        assert opt.step_transient_bytes() == muon_foreach_transient_bytes(p.numel(), torch.get_num_threads()), shape
+        opt.param_groups[0]["foreach"] = False
         assert opt.step_transient_bytes() > 1.5 * expect, shape

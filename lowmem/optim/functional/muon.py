@@ -144,6 +144,79 @@ def newton_schulz_transient_bytes(shape: torch.Size | tuple[int, int],
     return max(4 * rows * rows, 2 * rows * rows + 2 * rows * widest) + bf16_gemm_workspace_bytes(rows, threads)
 
 
+def newton_schulz_batched(x: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
+    """:func:`newton_schulz_` of every matrix of a stack ``x`` (bfloat16, ``k x rows x cols``,
+    ``rows <= cols``: :func:`ns_shape`), with batched products::
+
+        X_0 = U / max(||U||_F, eps)  (each matrix: torch._foreach_norm)
+        A = X X^T (bmm) ;  P = b A + c A A (baddbmm) ;  X <- a X + P X (baddbmm)
+
+    Each matrix gets the same operations as :func:`newton_schulz` (the norm, its floor and the
+    division per matrix; ``torch.bmm`` / ``torch.baddbmm`` compute each slice as ``mm`` / ``addmm``
+    do): on the CPU every slice equals :func:`newton_schulz` of it bit for bit (tested,
+    tests/test_foreach_normalized.py). ``x`` is normalised in place; the result is a new stack after the
+    first iteration (``x`` itself for ``steps=0``). Live memory: ``X``, then ``A`` and ``P``
+    (``2 k r^2`` bytes each), or ``P`` and the next iterate (:func:`muon_foreach_transient_bytes`).
+    """
+    if x.dtype != torch.bfloat16 or x.dim() != 3 or x.size(1) > x.size(2):
+        raise ValueError(f"x must be a bfloat16 stack k x rows x cols with rows <= cols, got {x.dtype} {tuple(x.shape)}")
+    a, b, c = coefficients
+    xs = list(x.unbind(0))
+    norms = torch._foreach_norm(xs)
+    torch._foreach_clamp_min_(norms, eps)
+    torch._foreach_div_(xs, norms)
+    del xs, norms
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        del gram
+        x = torch.baddbmm(x, poly, x, beta=a)
+        del poly
+    return x
+
+
+def muon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], shape: tuple[int, int],
+                  momentum: float, nesterov: bool, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  lr: float, weight_decay: float, scale: float) -> None:
+    """Muon's whole step for ``k`` float32 matrices of one ``shape`` (parameters, gradients, momentum
+    buffers), one multi-tensor or batched kernel per operation::
+
+        B <- lerp(B, g, 1 - mu) ;  U = lerp(g, B, mu) (Nesterov) or B     (:func:`muon_momentum_`)
+        O = newton_schulz_batched(stack of U in bfloat16)                 (:func:`newton_schulz_batched`)
+        p <- p (1 - lr wd) ;  p <- p - scale O                           (``scale = lr * ratio``)
+
+    The operations of the per-matrix step (momentum, the bfloat16 cast, the iteration, the float32
+    step ``O.to(float32) * scale``, decay, subtraction) in the same order: equal to it bit for bit on
+    the CPU. Transient: :func:`muon_foreach_transient_bytes` of the ``k m n`` elements."""
+    m = shape[0]
+    torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
+    x = torch.empty((len(params), *ns_shape(shape)), dtype=torch.bfloat16, device=params[0].device)
+    xs = [ns_rows(xi, shape, 0, m) for xi in x.unbind(0)]  # views in the matrices' own layout
+    if nesterov:
+        us = torch._foreach_lerp(grads, bufs, momentum)
+        torch._foreach_copy_(xs, us)  # the bfloat16 cast, element-wise as U.to(bfloat16)
+        del us
+    else:
+        torch._foreach_copy_(xs, bufs)
+    del xs
+    x = newton_schulz_batched(x, coefficients, steps, eps)
+    d = x.to(torch.float32)
+    del x
+    d.mul_(scale)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m) for di in d.unbind(0)])
+
+
+def muon_foreach_transient_bytes(numel: int, threads: int = 1) -> int:
+    """Bytes :func:`muon_foreach_` allocates for matrices of ``numel`` elements in all: the bfloat16
+    stack (``2 numel``) and at most one of: the Nesterov matrices (float32, ``4 numel``); ``A`` and
+    ``P`` (``4 k r^2 <= 4 numel``); ``P`` and the next iterate; the float32 step (``4 numel``); plus
+    the bfloat16 products' workspace (:func:`bf16_gemm_workspace_bytes` of ``r <= sqrt(numel)``, per
+    CPU thread)."""
+    return 6 * numel + bf16_gemm_workspace_bytes(math.isqrt(numel), threads)
+
+
 def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> float:
     """The shape-based factor of Muon's step size for an ``A x B`` weight:
 

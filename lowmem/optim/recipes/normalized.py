@@ -33,12 +33,13 @@ from torch import Tensor
 
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
-from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_lr_ratio, muon_momentum_, newton_schulz,
-                              newton_schulz_, newton_schulz_transient_bytes, ns_rows, ns_shape)
+from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, muon_foreach_transient_bytes, muon_lr_ratio,
+                              muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_rows,
+                              ns_shape)
 from ..functional.scale import column_normalize, last_layer_momentum_
 from ..functional.sinkgd import sinkhorn_scalings, sr_sinkhorn
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
-from ..moments import AdamMoments, ChunkState, MomentRule, state_dtype
+from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
 
 
@@ -104,20 +105,49 @@ class HybridMoments(MomentRule):
 
     def supports_foreach_for(self, shape, group, state):
         """The AdamW parameters (state with ``exp_avg``, or before the first step: not targeted) take
-        the engine's foreach buckets (:meth:`foreach_step_`); the targeted ones are stepped alone."""
-        return self._is_adam(state) if state else not self.targets(shape, group)
+        the engine's foreach buckets (:meth:`foreach_step_`); the targeted ones do where the target
+        rule has a multi-tensor step (:meth:`target_supports_foreach`)."""
+        if self._is_adam(state) if state else not self.targets(shape, group):
+            return True
+        return self.target_supports_foreach(shape, group)
+
+    def target_supports_foreach(self, shape: torch.Size, group: dict[str, Any]) -> bool:
+        """Whether a float32 target of ``shape`` in ``group`` takes the engine's foreach buckets
+        (:meth:`target_foreach_step_`). Default: no, each is stepped alone."""
+        return False
+
+    def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The targets' whole step for the targets of a bucket (float32; a tensor larger than the
+        engine's ``chunk_numel`` arrives as flat pieces, :meth:`target_chunk_state`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no multi-tensor step of its targets")
+
+    def target_foreach_transient_bytes(self, numel: int) -> int:
+        """Bytes :meth:`target_foreach_step_` allocates for a bucket of ``numel`` elements. Default: 0."""
+        return 0
+
+    def foreach_transient_bytes(self, numel):
+        """A bucket's AdamW parameters (``sqrt(v)``: ``4 numel``), then its targets (their own
+        bound): one after the other, so the larger."""
+        return max(4 * numel, self.target_foreach_transient_bytes(numel))
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
-        """The AdamW parameters' whole step for a bucket of float32 tensors sharing ``t``: the same
-        math as :meth:`direction` (this rule's eps placement, a step of ``lr * adamw_lr_ratio``)
-        and the engine's decoupled decay with the group's ``lr``, one kernel per operation."""
-        beta1, beta2 = group["betas"]
-        ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
-        F.adamw_foreach_(
-            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            t, beta1, beta2, lr, group.get("weight_decay", 0.0), group["eps"],
-            eps_placement=self.adam.eps_placement, step_lr=lr * ratio,
-        )
+        """A bucket's whole step: the AdamW parameters first, with the same math as :meth:`direction`
+        (this rule's eps placement, a step of ``lr * adamw_lr_ratio``) and the engine's decoupled
+        decay with the group's ``lr``, one kernel per operation; then the targets
+        (:meth:`target_foreach_step_`)."""
+        adam = [i for i, s in enumerate(states) if self._is_adam(s)]
+        if adam:
+            beta1, beta2 = group["betas"]
+            ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
+            F.adamw_foreach_(
+                [params[i] for i in adam], [grads[i] for i in adam], [states[i]["exp_avg"] for i in adam],
+                [states[i]["exp_avg_sq"] for i in adam], t, beta1, beta2, lr, group.get("weight_decay", 0.0),
+                group["eps"], eps_placement=self.adam.eps_placement, step_lr=lr * ratio,
+            )
+        if len(adam) < len(states):
+            rest = [i for i, s in enumerate(states) if not self._is_adam(s)]
+            self.target_foreach_step_([params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest],
+                                      group, t, lr)
 
     def chunk_align(self, shape, group, state):
         return 1 if self._is_adam(state) else self.target_chunk_align(shape, group, state)  # AdamW: element-wise
@@ -164,6 +194,43 @@ class MuonMoments(HybridMoments):
             return super().chunk_state(state, start, stop, shape, group, ctx)
         n = shape[1]
         return ChunkState(state, start, stop, {"muon": ctx, "rows": (start // n, stop // n)})
+
+    def target_chunk_state(self, state, start, stop, shape, group):
+        """A flat piece of a weight larger than ``chunk_numel`` in a foreach bucket (the engine's
+        pieces carry no context): the weight is stepped whole from its first piece."""
+        return ChunkState(state, start, stop, {"parent": state, "shape": shape})
+
+    # ---- the multi-tensor step ----
+
+    def target_supports_foreach(self, shape, group):
+        """Muon weights take the foreach buckets, except in FSDP2 groups (a shard's step gathers the
+        whole matrix, per parameter: :meth:`prepare_chunks`)."""
+        return self.targets(shape, group) and not sharded_group(group)
+
+    def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The Muon weights of a bucket: those of one shape stacked and stepped together
+        (:func:`~lowmem.optim.functional.muon.muon_foreach_`: batched Newton-Schulz), one shape at a
+        time; a weight larger than the engine's ``chunk_numel`` (in flat pieces) is stepped whole from
+        its first piece by the lean per-matrix step (:func:`~lowmem.optim.moments.step_whole_from_piece_`,
+        which runs :meth:`prepare_chunks`), as with ``foreach=False``. Equal to the per-parameter step
+        bit for bit on the CPU (tests/test_foreach_normalized.py)."""
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(states):
+            if isinstance(s, ChunkState):
+                if s.start == 0:
+                    step_whole_from_piece_(self, params[i], grads[i], s, group, t, lr, decay_after=False)
+                continue
+            by_shape.setdefault(tuple(params[i].shape), []).append(i)
+        for shape, idx in by_shape.items():
+            muon_foreach_([params[i] for i in idx], [grads[i] for i in idx], [states[i]["momentum_buffer"] for i in idx],
+                          shape, group["momentum"], group["nesterov"], group["ns_coefficients"], group["ns_steps"],
+                          group["ns_eps"], lr, group.get("weight_decay", 0.0),
+                          lr * muon_lr_ratio(shape, group["adjust_lr_fn"]))
+
+    def target_foreach_transient_bytes(self, numel):
+        """:func:`~lowmem.optim.functional.muon.muon_foreach_transient_bytes` of the bucket, with the
+        workspace of every CPU thread (the device is not known here: an upper bound elsewhere)."""
+        return muon_foreach_transient_bytes(numel, threads=torch.get_num_threads())
 
     # FSDP2 (lowmem.optim.sharded): a Muon weight's local shard of rows is stepped whole and
     # prepare_chunks gathers the whole momentum matrix for the Newton-Schulz iteration

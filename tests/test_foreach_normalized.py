@@ -1,0 +1,130 @@
+"""The normalized hybrids' targets on the foreach path (issue 15): Muon's weights of one shape stacked
+and orthogonalised by a batched Newton-Schulz iteration (functional.muon.muon_foreach_), SinkGD's
+scalings of a stack, SCALE's row normalisation of a stack; each equal, bit for bit on the CPU, to the
+per-parameter step (``foreach=False``) with the same ``chunk_numel``. A weight larger than
+``chunk_numel`` reaches the buckets in pieces and takes the per-parameter (lean, row-block) step from
+its first piece; vectors take AdamW's bucket, a bfloat16 model the per-parameter path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowmem.optim.functional import muon as M
+from lowmem.optim.registry import create_optimizer
+
+# same-shape groups (q/k/v/o-like 16 x 16, MLP-like 24 x 40 and its transpose), a vector, a 3-D tensor
+# and a 48 x 40 weight (1920 elements: in pieces at chunk_numel=1024)
+SHAPES = [(16, 16), (16, 16), (16, 16), (16, 16), (24, 40), (24, 40), (40, 24), (40, 24), (16,), (2, 3, 4), (48, 40)]
+
+
+def _run(name, foreach, chunk_numel, hp, spy=None, steps=4, dtype=torch.float32, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    opt = create_optimizer(ps, name, foreach=foreach, **hp)
+    opt.chunk_numel = chunk_numel
+    for step in range(steps):
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=gen) * (1 + step % 3)).to(dtype)
+            if step == 2 and p.dim() == 2 and p.shape[0] == 24:
+                p.grad.zero_()  # a zero gradient (the norm's floor)
+        opt.step()
+    return ps, opt
+
+
+def _assert_equal(name, foreach, hp, chunk_numel, **kw):
+    """The targets bit for bit (weights and state); the AdamW parameters at rtol 1e-6 (AdamW's own
+    foreach step: addcdiv against div and add)."""
+    ref, ref_opt = _run(name, False, chunk_numel, hp, **kw)
+    got, got_opt = _run(name, foreach, chunk_numel, hp, **kw)
+    for a, b in zip(ref, got):
+        if "exp_avg" in ref_opt.state[a]:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+            continue
+        assert torch.equal(a, b), (name, tuple(a.shape), (a - b).abs().max().item())
+        for k, v in ref_opt.state[a].items():
+            assert torch.equal(got_opt.state[b][k], v), (name, tuple(a.shape), k)
+    return ref, got
+
+
+# ---- Muon -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (16, 24), (24, 16), (64, 64), (3, 300), (300, 3)])
+@pytest.mark.parametrize("steps", [5, 1])
+def test_newton_schulz_batched_equals_newton_schulz(shape, steps):
+    """Each matrix of the stack (one scaled by 1e-3, one zero: the floor) equals newton_schulz of it."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(5, *shape, generator=gen)
+    u[1] *= 1e-3
+    u[3] = 0
+    rows = M.ns_shape(shape)
+    x = torch.stack([ui.T if shape[0] > shape[1] else ui for ui in u]).to(torch.bfloat16).contiguous()
+    assert x.shape[1:] == rows
+    out = M.newton_schulz_batched(x, M.NS_COEFFICIENTS, steps, 1e-7)
+    for i in range(5):
+        ref = M.newton_schulz(u[i], M.NS_COEFFICIENTS, steps, 1e-7)
+        assert torch.equal(out[i].T if shape[0] > shape[1] else out[i], ref), i
+
+
+def test_newton_schulz_batched_refuses_a_tall_stack():
+    with pytest.raises(ValueError, match="rows <= cols"):
+        M.newton_schulz_batched(torch.zeros(2, 5, 3, dtype=torch.bfloat16), M.NS_COEFFICIENTS, 5, 1e-7)
+
+
+MUON_CONFIGS = {
+    "defaults": {"lr": 2e-2},
+    "plain-momentum": {"lr": 2e-2, "nesterov": False, "momentum": 0.9, "weight_decay": 0.0},
+    "original": {"lr": 2e-2, "adjust_lr_fn": "original", "ns_steps": 3, "ns_coefficients": (3.0, -3.2, 1.2)},
+}
+
+
+@pytest.mark.parametrize("chunk_numel", [None, 1024])
+@pytest.mark.parametrize("config", sorted(MUON_CONFIGS))
+def test_muon_foreach_equals_the_per_parameter_step(config, chunk_numel, monkeypatch):
+    """4 steps (a zero gradient at step 3): weights and momentum buffers bit for bit; the stacks are
+    the same-shape weights (4 of 16 x 16, 2 of 24 x 40, 2 of 40 x 24), the 48 x 40 weight is stepped
+    whole from its first piece at chunk_numel=1024 (in the bucket otherwise)."""
+    stacks = []
+    orig = M.muon_foreach_
+
+    def spy(params, *args, **kwargs):
+        stacks.append((len(params), tuple(params[0].shape)))
+        return orig(params, *args, **kwargs)
+
+    from lowmem.optim.recipes import normalized
+
+    monkeypatch.setattr(normalized, "muon_foreach_", spy)
+    ref, got = _assert_equal("muon", None, MUON_CONFIGS[config], chunk_numel)
+    assert (ref[0] - _run("muon", False, chunk_numel, MUON_CONFIGS[config], steps=0)[0][0]).abs().max() > 1e-3
+    # 4 steps; the buckets (at most 1024 elements at chunk_numel=1024) split the same-shape weights
+    per_step = sorted(stacks[: len(stacks) // 4])
+    if chunk_numel is None:
+        assert per_step == [(1, (48, 40)), (2, (24, 40)), (2, (40, 24)), (4, (16, 16))]
+    else:
+        assert all(k * math.prod(s) <= 1024 for k, s in per_step) and sum(k for k, _ in per_step) == 8
+        assert (4, (16, 16)) in per_step and (48, 40) not in [s for _, s in per_step]
+
+
+def test_muon_foreach_off_stays_per_parameter_and_bf16_never_stacks(monkeypatch):
+    """foreach=False and a bfloat16 model (the engine buckets float32 only) never call the stacked
+    step; the bfloat16 model's result is the same with foreach on and off."""
+    from lowmem.optim.recipes import normalized
+
+    calls = []
+    monkeypatch.setattr(normalized, "muon_foreach_", lambda *a, **k: calls.append(1))
+    _run("muon", False, 1024, MUON_CONFIGS["defaults"], steps=1)
+    _assert_equal("muon", None, MUON_CONFIGS["defaults"], 1024, dtype=torch.bfloat16)
+    assert calls == []
+
+
+def test_muon_bucket_transient_is_reported():
+    """A bucket of Muon weights reports the stack's bound (6 bytes/element and the products' workspace)."""
+    ps = [torch.nn.Parameter(torch.zeros(64, 64, device="meta")) for _ in range(8)]
+    opt = create_optimizer(ps, "muon")
+    opt.materialize_state()
+    numel = 8 * 64 * 64
+    assert opt.step_transient_bytes() == M.muon_foreach_transient_bytes(numel, torch.get_num_threads())
+    assert opt.step_transient_bytes() >= 6 * numel
