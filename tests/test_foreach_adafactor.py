@@ -1,8 +1,9 @@
-"""Adafactor's multi-tensor path (issue 15): the engine's foreach buckets step vectors and matrices
-with ``functional.adafactor_foreach_`` (step sizes by ``adafactor_lr_foreach``: the parameters' RMS
-in one ``torch._foreach_norm``), equal bit for bit to the per-parameter step (``foreach=False``, the
+"""Adafactor's multi-tensor path (issue 15): the engine's foreach buckets step parameters of every
+shape with ``functional.adafactor_foreach_`` (a group of same-shape tensors at a time, each operation
+once on the group's stack; step sizes by ``adafactor_lr_foreach``: the parameters' RMS in one
+``torch._foreach_norm``), equal bit for bit to the per-parameter step (``foreach=False``, the
 reference path) with the same ``chunk_numel``; a tensor larger than ``chunk_numel`` arrives in pieces
-and is stepped whole from its first one (a matrix chunked by rows, a vector whole)."""
+and is stepped whole from its first one (a matrix chunked by rows, a vector or a batched matrix whole)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import pytest
 import torch
 
 import lowmem.optim.functional as F
+from lowmem.optim.functional.adafactor import stack_groups
 from lowmem.optim.moments import FactoredMoments, constant_lr
 from lowmem.optim.registry import create_optimizer
 
-# same-shape matrices, a different one, a 1 x n row, vectors (two of one length), a 3-D tensor (stepped
-# alone), and with chunk_numel=1024 a matrix and a vector larger than it (pieces, stepped whole)
-SHAPES = [(37, 29), (37, 29), (16, 8), (1, 13), (64,), (64,), (7,), (2, 5, 6), (3000,), (40, 40)]
-SMALL = {(16, 8), (1, 13), (64,), (7,)}  # bucketed at chunk_numel=1024 (and everything 1-2-D at None)
+# same-shape matrices (stacked groups), a different one, a 1 x n row, an n x 1 column, vectors (two of one
+# length), batched matrices (two 3-D of one shape, a 4-D), and with chunk_numel=1024 a matrix, a vector
+# and a 3-D tensor larger than it (pieces, stepped whole)
+SHAPES = [(37, 29), (37, 29), (16, 8), (16, 8), (16, 8), (1, 13), (13, 1), (64,), (64,), (7,), (2, 5, 6), (2, 5, 6),
+          (2, 3, 2, 5), (3000,), (40, 40), (2, 30, 20)]
+# bucketed at chunk_numel=1024 (everything at None)
+SMALL = {(16, 8), (1, 13), (13, 1), (64,), (7,), (2, 5, 6), (2, 3, 2, 5)}
 
 CONFIGS = {
     "default": {},  # relative step, parameter scale
@@ -68,7 +73,7 @@ def _check_equal(config, hp, chunk_numel, monkeypatch, name):
     ref, ref_opt, ref_seen = _run(hp, False, chunk_numel, monkeypatch, name=name)
     got, got_opt, seen = _run(hp, None, chunk_numel, monkeypatch, name=name)
     assert ref_seen == []
-    expected = sorted(s for s in SHAPES if len(s) <= 2 and (chunk_numel is None or s in SMALL))
+    expected = sorted(s for s in SHAPES if chunk_numel is None or s in SMALL)
     assert seen and all(shapes == expected for shapes in seen), seen
     for a, b in zip(ref, got):
         assert torch.equal(a, b), (config, tuple(a.shape), (a - b).abs().max().item())
@@ -76,6 +81,38 @@ def _check_equal(config, hp, chunk_numel, monkeypatch, name):
         assert set(sa) == set(sb)
         for k in sa:
             assert torch.equal(sa[k], sb[k]), (config, tuple(a.shape), k)
+
+
+def test_stacked_groups_are_small_tensors_of_one_shape_and_kind():
+    xs = [torch.zeros(s) for s in [(4, 5), (5,), (4, 5), (4, 5), (20,), (200, 200), (200, 200), (2, 4, 5)]]
+    kinds = [2, 1, 2, 1, 1, 2, 2, 2]  # (4, 5) with a full second moment: not stacked with the factored ones
+    assert stack_groups(xs, kinds) == [[0, 2], [1], [3], [4], [5], [6], [7]]  # 40,000 >= STACK_NUMEL: alone
+
+
+def test_large_tensors_are_not_stacked_so_threads_do_not_change_a_bit(monkeypatch):
+    """With two threads torch splits a whole-tensor sum of at least GRAIN_SIZE elements (the column
+    mean of a 40,000 x 1 matrix) over the threads; stacked, each row of the stack is summed by one
+    thread: the bits differ. Such tensors are groups of their own (``STACK_NUMEL``)."""
+    shapes = [(40000, 1), (40000, 1), (1, 40000), (1, 40000)]
+
+    def run(foreach):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = create_optimizer(ps, "adafactor", foreach=foreach, weight_decay=0.1)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return ps
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, got = run(False), run(None)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), tuple(a.shape)
 
 
 def test_bucket_clips_and_scales_each_tensor_by_its_own_rms():
@@ -115,7 +152,7 @@ def test_which_parameters_take_the_buckets(monkeypatch):
     group = {"params": [torch.zeros(3)]}
     assert rule.supports_foreach_for(torch.Size([4, 5]), group, {})
     assert rule.supports_foreach_for(torch.Size([5]), group, {})
-    assert not rule.supports_foreach_for(torch.Size([2, 4, 5]), group, {})  # a batched matrix: alone
+    assert rule.supports_foreach_for(torch.Size([2, 4, 5]), group, {})  # a batched matrix, factored per matrix
     monkeypatch.setattr("lowmem.optim.moments.sharded_group", lambda g: True)
     assert not rule.supports_foreach_for(torch.Size([4, 5]), group, {})  # FSDP2: all-reduced statistics
     with pytest.raises(ValueError, match="no multi-tensor form of the lr rule"):

@@ -441,10 +441,11 @@ class FactoredMoments(MomentRule):
     # ---- the multi-tensor step ----
 
     def supports_foreach_for(self, shape, group, state):
-        """Vectors and matrices (a batched matrix steps alone), not in an FSDP2 (sharded) group: its
-        column statistics, the update's RMS and the parameter's RMS need the shards' sums
+        """Every shape (vectors, matrices, batched matrices: factored on the last two dimensions,
+        stacked with the others of their shape), not in an FSDP2 (sharded) group: its column
+        statistics, the update's RMS and the parameter's RMS need the shards' sums
         (:meth:`prepare_chunks` and :func:`adafactor_lr` all-reduce them)."""
-        return len(shape) <= 2 and not sharded_group(group)
+        return not sharded_group(group)
 
     def foreach_step_(self, params, grads, states, group, t, lr, lr_rule=None) -> None:
         """A bucket's whole step: the step sizes (``lr_rule``: :func:`adafactor_lr`, evaluated for
@@ -452,7 +453,7 @@ class FactoredMoments(MomentRule):
         ``lr``), then :func:`~lowmem.optim.functional.adafactor_foreach_`. A tensor larger than the
         engine's ``chunk_numel`` arrives in flat pieces and is stepped whole from its first one as
         the per-parameter step does: a matrix chunked by rows
-        (:func:`~lowmem.optim.moments.step_whole_from_piece_`), a vector unchunked."""
+        (:func:`~lowmem.optim.moments.step_whole_from_piece_`), a vector or a batched matrix unchunked."""
         if lr_rule is not None and lr_rule is not self.foreach_lr_rule:
             raise ValueError(f"{type(self).__name__}.foreach_step_: no multi-tensor form of the lr rule {lr_rule!r}")
         whole = []
@@ -468,7 +469,7 @@ class FactoredMoments(MomentRule):
             step_lr = lr if lr_rule is None else lr_rule(group, state, pw, t)
             if len(shape) == 2:
                 step_whole_from_piece_(self, p, g, s, group, t, step_lr, decay_after=False)
-            else:  # a vector: whole (its update's RMS spans it), as the per-parameter step
+            else:  # a vector or a batched matrix: whole (its update's RMS spans it), as the per-parameter step
                 gw = g.as_strided((numel,), (1,), g.storage_offset()).view(shape)
                 d = self.direction(gw, state, group, t, step_lr)
                 F.decoupled_weight_decay_(pw, step_lr, group.get("weight_decay", 0.0))
@@ -496,10 +497,11 @@ class FactoredMoments(MomentRule):
         return rho, group["scale_parameter"]
 
     def foreach_transient_bytes(self, numel):
-        """:func:`~lowmem.optim.functional.adafactor_foreach_`: the updates and ``lr wd X`` (two
-        float32 tensors of the bucket) or ``g^2 + eps1`` with the row and column means (at most
-        one bucket's size again); a tensor stepped from its pieces allocates its per-parameter step's
-        transient (the engine reports that separately)."""
+        """:func:`~lowmem.optim.functional.adafactor_foreach_`, a group of same-shape tensors at a
+        time: two float32 tensors of the group (``g^2 + eps1`` turned into the updates, next to the
+        stacked second moments, the stacked gradients, the stacked first moments or ``lr wd X``),
+        at most two of the bucket, plus the group's row and column statistics; a tensor stepped from
+        its pieces allocates its per-parameter step's transient (the engine reports that separately)."""
         return 8 * numel
 
     def _unclipped_update(self, g, state, group, t):
