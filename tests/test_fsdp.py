@@ -43,6 +43,9 @@ SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microada
 REFUSED = {
     # FRUGAL's row subspace: the rows it selects are rows of the whole matrix, spread over the shards
     "frugal_rows": ("frugal", {"projection": "rows"}, "selects rows or elements of the whole matrix"),
+    # Subset-Norm's flat subsets of 8192 elements: fc1 (256 x 32) is one subset across both shards
+    "adamw_sn_flat_cut": ("adamw_sn", {"subset_size": 8192},
+                          "(need ceil(rows / ranks) x 32 elements per shard = 4096 to be a multiple of the subset size 8192)"),
 }
 # more configurations of a supported recipe: tag -> (recipe, hyperparameters over the registry's
 # example). Adafactor's relative step with the parameter-scaled lr (the parameter's RMS over the
@@ -67,6 +70,10 @@ CONFIGS = {
     "adam_mini_blocks": ("adam_mini", {"groups": lambda model: _adam_mini_blocks(model)}),
     # 8-bit projected moments of 256 x 4 (whole) / 128 x 4 (a shard): quantized by the whole size
     "galore8bit_quant_by_whole": ("galore_adamw8bit", {"min_quant_size": 1000}),
+    # Subset-Norm's flat subsets, k from the whole size: -2 gives fc1 rows of 32 and fc2 half-rows of
+    # 128 (a 32768-element shard alone would choose 64); 16: half-rows (also on Uneven's 128 / 127 rows)
+    "adamw_sn_flat": ("adamw_sn", {"subset_size": -2}),
+    "adagrad_sn_flat": ("adagrad_sn", {"subset_size": 16}),
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
@@ -81,7 +88,7 @@ STEPS = 3
 # sharded by rows and column statistics replicated)
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
        "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon", "adam_mini", "adam_mini_blocks", "adamw_snsm",
-       "adalomo"]
+       "adalomo", "adamw_sn_flat"]
 
 
 def build(model, tag, **extra):
@@ -127,7 +134,10 @@ class Uneven(nn.Module):
         return self.head(torch.tanh(self.fc1(x))).expand(-1, 256)
 
 
-UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left"]
+UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left", "adagrad_sn_flat"]
+# per-shard state: state_dict() of uneven shards refuses it (MicroAdam's window; Subset-Norm's flat
+# subsets, whose per-shard counts 256 / 254 are not torch.chunk's split of the whole 510)
+UNEVEN_NO_DCP = ["microadam", "adagrad_sn_flat"]
 
 
 class Wide(nn.Module):
@@ -538,7 +548,7 @@ def _load_single(name, ckpt):
 
 
 @pytest.mark.parametrize("name", ["adamw", "stable_spam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
-                                  "galore_adafactor", "muon", "adalomo"])
+                                  "galore_adafactor", "muon", "adalomo", "adamw_sn_flat"])
 def test_fsdp2_checkpoint_reshards_to_one_process(fsdp_run, name):
     """State in the parameter's shape (float32 moments) reshards: the 2-process checkpoint loads into
     one unsharded process, which continues with the full batch to the 2-process run's weights."""
@@ -577,12 +587,13 @@ def test_every_engine_optimizer_is_supported():
 def test_fsdp2_uneven_and_empty_shards(fsdp_run, name):
     """255 rows over 2 ranks and a 1-row weight (rank 1's shard empty): equal to unsharded (the first
     shard holds whole blocks, the last block is the unsharded one's last); state_dict() refuses
-    per-shard state of uneven shards (MicroAdam's window), not the float32 moments."""
+    per-shard state of uneven shards (MicroAdam's window, Subset-Norm's flat subsets: 16-element
+    subsets, 256 / 254 per shard), not the float32 moments."""
     sharded = torch.load(fsdp_run / f"uneven_{name}.pt", weights_only=True)
     for key, ref in run_single(name, net=Uneven).items():
         torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
     msg = json.loads((fsdp_run / "refusals.json").read_text())["uneven"][name]
-    if name == "microadam":
+    if name in UNEVEN_NO_DCP:
         assert msg is not None and "even shards" in msg
     else:
         assert msg is None

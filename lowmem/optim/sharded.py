@@ -196,11 +196,13 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     from .recipes.subset_norm import SubsetNormMoments
 
     if type(moment) is SubsetNormMoments:  # rows local, column sums all-reduced (prepare_chunks)
-        if group.get("subset_size") is not None and p.ndim >= 1:
-            return "its flat subsets (subset_size) are cut from the whole tensor's size, not a shard's"
         from .functional.subset_norm import subset_dim
 
-        if group.get("subset_norm") and p.ndim == 2 and subset_dim(p.shape) == 0 and _one_row_shard(p):
+        if group.get("subset_norm") and group.get("subset_size") is not None and p.ndim >= 1:
+            why = flat_subsets_refusal(p, group["subset_size"])
+            if why is not None:
+                return why
+        elif group.get("subset_norm") and p.ndim == 2 and subset_dim(p.shape) == 0 and _one_row_shard(p):
             return "a one-row shard of a column-normalised weight would read as element-wise statistics"
         moment = AdamMoments()
     hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
@@ -222,6 +224,29 @@ def sharded_lr_rules() -> tuple[Any, ...]:
     from .recipes.lomo import adalomo_lr
 
     return (adafactor_lr, adalomo_lr)
+
+
+def flat_subsets_refusal(p: Tensor, subset_size: int) -> str | None:
+    """Why Subset-Norm's flat subsets (``subset_size``: contiguous runs of ``k`` elements of the
+    flattened tensor, ``k`` chosen from the whole tensor's size,
+    :func:`~lowmem.optim.functional.subset_norm.flat_subset_size`) cannot be kept per shard of ``p``,
+    or ``None``: a shard of rows is a contiguous flat range of the whole tensor, so its subsets are
+    the whole tensor's exactly when every shard starts on a subset boundary, i.e. when
+    ``ceil(rows / ranks) * (elements per row)`` is a multiple of ``k`` (uneven and empty trailing
+    shards then end on one too)."""
+    from .functional.subset_norm import flat_subset_size
+
+    if any(pl.is_shard() and pl.dim != 0 for pl in p.placements):
+        return f"its flat subsets (subset_size={subset_size}) need a tensor sharded on dimension 0"
+    shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
+    k = flat_subset_size(p.numel(), subset_size)
+    per_row = math.prod(p.shape[1:])
+    chunk = -(-p.shape[0] // shards) * per_row
+    if chunk % k:
+        return (f"its flat subsets of {k} elements (subset_size={subset_size}) are cut by the shard boundaries of a"
+                f" {tuple(p.shape)} tensor over {shards} ranks (need ceil(rows / ranks) x {per_row} elements per shard"
+                f" = {chunk} to be a multiple of the subset size {k})")
+    return None
 
 
 def _one_row_shard(p: Tensor) -> bool:
@@ -293,7 +318,8 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
       (they reshard like the parameter), its column statistics (equal on every rank, from
       all-reduced sums) are replicated.
     * ``reduced_dim="keepdim"``: the shard's shape with one dimension reduced to size 1 (Subset-Norm's
-      per-row ``(m_s, 1)`` statistics: sharded like the rows; per-column ``(1, n)``: replicated).
+      per-row ``(m_s, 1)`` statistics: sharded like the rows; per-column ``(1, n)``: replicated);
+      Subset-Norm's flat subsets ``(numel_s / k, 1)`` of even shards: rows of ``(numel / k, 1)``.
     * Any other shape (quantization codes and scales, MicroAdam's window): one piece per shard,
       global shape ``(shards, *local_shape)``; loads back onto the same number of shards only (a
       different count is a shape error at load, not a wrong state). Needs equal shards.
@@ -316,6 +342,15 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
             kept = tuple(Replicate() if pl.is_shard() and pl.dim == d else pl for pl in placements)
             return DTensor.from_local(v, mesh, kept, run_check=False, shape=shape,
                                       stride=torch.empty(shape, device="meta").stride())
+    shard_dims = [(i, pl.dim) for i, pl in enumerate(placements) if pl.is_shard()]
+    if (reduced_dim == "keepdim" and v.dim() == 2 and v.shape[1] == 1 and 0 < v.shape[0] and lp.numel() % v.shape[0] == 0
+            and len(shard_dims) == 1 and shard_dims[0][1] == 0 and p.shape[0] % mesh.size(shard_dims[0][0]) == 0):
+        # Subset-Norm's flat subsets of k elements (one (numel_s / k, 1) statistic per subset of the
+        # shard, which starts on a subset boundary): rows of the whole tensor's (numel / k, 1), even
+        # shards split like the parameter's rows (reshards onto any aligned number of shards)
+        shape = torch.Size((p.numel() // (lp.numel() // v.shape[0]), 1))
+        return DTensor.from_local(v, mesh, placements, run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
     if reduced_dim is not None and reduced_dim != "keepdim":
         d = reduced_dim % p.dim()
         if v.shape != lp.shape[:d] + lp.shape[d + 1:]:
@@ -326,11 +361,10 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
                         for pl in placements)
         return DTensor.from_local(v, mesh, reduced, run_check=False, shape=shape,
                                   stride=torch.empty(shape, device="meta").stride())
-    shard_dims = [(i, pl.dim) for i, pl in enumerate(placements) if pl.is_shard()]
     if len(shard_dims) != 1 or p.shape[shard_dims[0][1]] % mesh.size(shard_dims[0][0]) != 0:
         raise NotImplementedError(
             f"state '{key}' of a sharded parameter of shape {tuple(p.shape)} with placements {placements}: per-shard"
-            " state (quantized codes, MicroAdam) is checkpointed only for even shards on one mesh dimension"
+            " state (quantized codes, MicroAdam, Subset-Norm's flat subsets) is checkpointed only for even shards on one mesh dimension"
             " (dimension 0 divisible by the number of shards)"
         )
     i = shard_dims[0][0]

@@ -156,7 +156,16 @@ class SubsetNormMoments(MomentRule):
 
     def init_state_sharded(self, state, shape, whole_shape, group, param):
         self.init_state(state, shape, group, param)
-        if "exp_avg_sq" in state and len(shape) == 2:
+        if "exp_avg_sq" in state and group.get("subset_norm") and group.get("subset_size") is not None:
+            # flat subsets of k elements, k from the whole size; the shard starts on a subset
+            # boundary (lowmem.optim.sharded.flat_subsets_refusal): (numel_s / k, 1) of its own
+            k, numel = SN.flat_subset_size(math.prod(whole_shape), group["subset_size"]), math.prod(shape)
+            if numel % k:
+                raise ValueError(f"subset_size={group['subset_size']}: a shard of {numel} elements of a"
+                                 f" {tuple(whole_shape)} tensor is not a whole number of its {k}-element subsets")
+            v = state["exp_avg_sq"]
+            state["exp_avg_sq"] = torch.zeros((numel // k, 1), dtype=v.dtype, device=v.device)
+        elif "exp_avg_sq" in state and len(shape) == 2:
             whole = SN.subset_state_shape(whole_shape, bool(group.get("subset_norm")), group.get("subset_size"))
             v_shape = torch.Size((shape[0], 1)) if whole == torch.Size((whole_shape[0], 1)) else (
                 whole if whole == torch.Size((1, whole_shape[1])) else torch.Size(shape))
