@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .functional import quant as Q
 from .hparams import HParam, one_of, positive_int
-from .moments import ChunkState, MomentRule
+from . import functional as F
+from .moments import ChunkState, MomentRule, sharded_group, step_whole_from_piece_
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class Quantized(MomentRule):
         self.specs = dict(specs)
         self.rank1_key = rank1_key
         self.applies_lr = inner.applies_lr
+        self.foreach_decays_after = inner.foreach_decays_after  # the update is the inner rule's
         rank1_keys = (rank1_key + "_rowmax", rank1_key + "_colmax") if rank1_key is not None else ()
         self.state_keys = tuple(inner.state_keys) + tuple(k + "_absmax" for k in specs) + rank1_keys
         # FSDP2 checkpoints (lowmem.optim.sharded.state_to_dtensor): row maxima sharded like the rows,
@@ -259,6 +261,116 @@ class Quantized(MomentRule):
         codec = 13 if any(s.bits == 4 for s in self.specs.values()) else 2
         return (4 * len(self.specs) + codec) * numel + self.inner.foreach_direction_transient_bytes(numel)
 
+    # ---- the full-rank multi-tensor step (LowMemOptimizer's foreach buckets) ----
+
+    def supports_foreach_for(self, shape, group, state):
+        """The inner rule's multi-tensor direction runs on decoded moments (:meth:`foreach_step_`) when
+        it has one for the unquantized ones. Not for FSDP2 groups (their per-parameter step keeps the
+        whole tensor's quantization decision, :meth:`init_state_sharded`), nor for a tensor of more
+        than two dimensions with rank-1 scales (its chunked form is per tensor: :meth:`chunk_align`)."""
+        if sharded_group(group) or type(self.inner).foreach_direction is MomentRule.foreach_direction:
+            return False
+        if (self.rank1_key is not None and len(shape) > 2 and group.get("v_normalization", "block") == "rank1"
+                and math.prod(shape) >= group["min_quant_size"]):
+            return False
+        plain = {k: v for k, v in state.items() if k in self.inner.state_keys and not is_quantized(state, k)}
+        return self.inner.supports_foreach_for(shape, group, plain)
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The step of every tensor of a bucket (float32 parameters sharing ``t``), equal bit for bit to
+        :meth:`direction` of each one followed by the engine's decay and update (the per-parameter step):
+
+        * a piece of a tensor larger than ``chunk_numel`` with quantized moments: the whole tensor from
+          its first piece (:func:`~lowmem.optim.moments.step_whole_from_piece_`: the engine's chunked
+          step; rank-1 column maxima need every row before any is encoded);
+        * the others: every quantized moment decoded (tensors of whole blocks in one call per moment,
+          :func:`~lowmem.optim.functional.quant.dequantize_blockwise_cat`; the rest and rank-1 scales
+          one tensor at a time), the inner rule's multi-tensor direction
+          (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction`), every moment encoded again (one
+          call per moment, :func:`~lowmem.optim.functional.quant.quantize_blockwise_split`, written back
+          by one ``torch._foreach_copy_``), then the decoupled decay and the update as multi-tensor ops."""
+        ps, gs, ss = [], [], []
+        for p, g, st in zip(params, grads, states):
+            if isinstance(st, ChunkState) and "parent" in st.extra and any(is_quantized(st, k) for k in self.specs):
+                if st.start == 0:
+                    step_whole_from_piece_(self, p, g, st, group, t, lr, self.foreach_decays_after)
+                continue
+            ps.append(p)
+            gs.append(g)
+            ss.append(st)
+        if not ps:
+            return
+        views, encode = self._decoded_many(gs, ss, group)
+        ds = self.inner.foreach_direction(gs, views, group, t, lr)
+        encode()
+        del views, encode
+        wd = group.get("weight_decay", 0.0)
+        if isinstance(lr, torch.Tensor):  # (a scheduler's tensor lr: the per-tensor ops, as the engine's)
+            for p, d in zip(ps, ds):
+                if not self.foreach_decays_after:
+                    F.decoupled_weight_decay_(p, lr, wd)
+                F.apply_update_(p, d, lr)
+                if self.foreach_decays_after:
+                    F.decoupled_weight_decay_(p, lr, wd)
+            return
+        if wd != 0 and not self.foreach_decays_after:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        torch._foreach_add_(ps, ds, alpha=-lr)
+        if wd != 0 and self.foreach_decays_after:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+
+    def _decoded_many(self, gs, states, group):
+        """Each state with its quantized moments decoded to float32 of its gradient's shape, and the
+        function that encodes them all back. Tensors of whole blocks share one decode (and one encode)
+        per moment; rank-1 scales and tensors ending in a partial block are decoded alone."""
+        b = group["block_size"]
+        views = [dict(st) for st in states]
+        alone: list[tuple[int, str]] = []
+        batched: dict[str, list[int]] = {}
+        for i, st in enumerate(states):
+            for k in self.specs:
+                if not is_quantized(st, k):
+                    continue
+                if is_rank1(st, k) or gs[i].numel() % b:
+                    views[i][k] = decode(st, k, self.specs[k], b, gs[i].shape)
+                    alone.append((i, k))
+                else:
+                    batched.setdefault(k, []).append(i)
+        flats: dict[str, Tensor] = {}
+        for k, idx in batched.items():
+            spec = self.specs[k]
+            numels = [gs[i].numel() for i in idx]
+            flat = Q.dequantize_blockwise_cat([states[i][k] for i in idx], [states[i][k + "_absmax"] for i in idx],
+                                              Q.code_map(spec.code, gs[idx[0]].device), b, spec.bits, sum(numels))
+            for i, part in zip(idx, flat.split(numels)):
+                views[i][k] = part.view(gs[i].shape)
+            flats[k] = flat
+
+        def encode() -> None:
+            for i, k in alone:
+                encode_(states[i], k, views[i][k], self.specs[k], b)
+            dst, src = [], []
+            for k, idx in batched.items():
+                spec = self.specs[k]
+                codes, absmax = Q.quantize_blockwise_split(
+                    flats.pop(k), Q.code_map(spec.code, gs[idx[0]].device), b, spec.bits,
+                    [gs[i].numel() for i in idx], spec.code)
+                dst += [states[i][k] for i in idx] + [states[i][k + "_absmax"] for i in idx]
+                src += [*codes, *absmax]
+            if dst:
+                torch._foreach_copy_(dst, src)
+
+        return views, encode
+
+    def foreach_transient_bytes(self, numel):
+        """A bucket of ``numel`` elements: every listed moment decoded (4 B each per element), the codec's
+        workspace (one call for the whole bucket at most: :meth:`transient_bytes`'s per-element bytes)
+        and the inner rule's multi-tensor direction (the directions and ``sqrt(v)``). A tensor in pieces
+        is stepped whole from its first piece, bounded by the engine's per-parameter term."""
+        four = any(s.bits == 4 for s in self.specs.values())
+        codec = (16 if self.rank1_key is not None else 13) if four else 2
+        return (4 * len(self.specs) + codec) * numel + self.inner.foreach_direction_transient_bytes(numel)
+
     # ---- the chunked step: whole quantization blocks (or whole rows for rank-1 scales) ----
 
     def chunk_align(self, shape, group, state):
@@ -276,6 +388,7 @@ class Quantized(MomentRule):
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         view = self.inner.chunk_state(state, start, stop, shape, group)
+        view.extra["parent"], view.extra["shape"] = state, shape  # (a foreach piece: step_whole_from_piece_)
         for k, spec in self.specs.items():
             if is_rank1(state, k):
                 n = shape[-1]

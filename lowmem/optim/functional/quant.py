@@ -219,6 +219,43 @@ def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, bloc
     return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
+# ---- several tensors' blocks at once (the multi-tensor step) ---------------------------------
+
+
+def dequantize_blockwise_cat(codes: list[Tensor], absmax: list[Tensor], code: Tensor, block_size: int, bits: int,
+                             n: int) -> Tensor:
+    """The blockwise codes of several tensors decoded in one call: flat float32 of their ``n`` values
+    in all, one after another.
+
+    Every tensor must hold whole blocks (its size a multiple of ``block_size``, which is even, so a
+    4-bit tensor also holds whole bytes): the concatenation of the codes and of the absmax values is
+    then the blockwise code of the concatenated values, and each value is decoded as alone
+    (``code[q] * N_b``, Dettmers et al. 2022 Section 2; Li et al. 2023 Section 3), bit for bit.
+    """
+    cat_codes = codes[0] if len(codes) == 1 else torch.cat(codes)
+    cat_absmax = absmax[0] if len(absmax) == 1 else torch.cat(absmax)
+    if cat_absmax.numel() * block_size != n:
+        raise ValueError(f"dequantize_blockwise_cat: {cat_absmax.numel()} blocks of {block_size} for {n} values;"
+                         " every tensor must hold whole blocks")
+    if bits == 8:
+        return dequantize_blockwise_8bit(cat_codes, cat_absmax, code, block_size)
+    return dequantize_blockwise_4bit(cat_codes, cat_absmax, code, block_size, n)
+
+
+def quantize_blockwise_split(x: Tensor, code: Tensor, block_size: int, bits: int, numels: list[int],
+                             name: str | None = None) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Inverse of :func:`dequantize_blockwise_cat`: the flat float32 ``x`` (tensors of ``numels``
+    elements one after another, each whole blocks) quantized in one call (:func:`quantize_blockwise_8bit`
+    or :func:`quantize_blockwise_4bit`; ``name``: the 4-bit map's, for :func:`nearest_code`), returned
+    as each tensor's ``(codes, absmax)``: views of the one result, the same bits as each tensor alone."""
+    if bits == 8:
+        codes, absmax = quantize_blockwise_8bit(x, code, block_size)
+    else:
+        codes, absmax = quantize_blockwise_4bit(x, code, block_size, name)
+    per_byte = 1 if bits == 8 else 2
+    return codes.split([k // per_byte for k in numels]), absmax.split([k // block_size for k in numels])
+
+
 # ---- rank-1 normalization (Li et al. 2023, Section 4.2) --------------------------------------
 
 

@@ -64,7 +64,11 @@ _QUANT_ARGS_DOC = """
             64, 128, ..., 4096.
         min_quant_size (`int`, defaults to `4096`): Tensors with fewer elements keep float32 moments.
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments that stay unquantized.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity; no multi-tensor path."""
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters (up to
+            ``chunk_numel`` elements a bucket) together: one decode and one encode per moment for the
+            tensors of whole blocks, the update as multi-tensor ops, equal bit for bit to `False`
+            (one tensor at a time); FSDP2 groups and rank-1 tensors of more than 2 dimensions take
+            the per-parameter step."""
 
 
 class AdamW8bit(LowMemOptimizer):
