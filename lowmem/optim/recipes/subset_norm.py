@@ -15,10 +15,15 @@ compose with the existing projections.
 The chain of ``adamw_snsm``: the existing :class:`~lowmem.optim.subspace.SubspaceProjection`, the
 moment rule :class:`SubsetNormMoments` (under a projection it keeps only the momentum of ``P^T G``),
 the existing ``ProjectBack`` with FRUGAL's :class:`~lowmem.optim.subspace.StateFreeResidual`
-(``free_rule="sgd"``: the complement ``G - P P^T G`` itself), and one new combine-back step,
+(``free_rule="sgd"``: the complement ``G - P P^T G`` itself; :class:`SubspaceMomentumResidual` folds
+it into the subspace's product in the row blocks), and one new combine-back step,
 :class:`SubsetNormStep`, which divides that direction by the subset norms of ``G``. ``sgd_sm`` is
 the same chain without the last step; ``adamw_sn`` is the moment rule alone. Neither part touches
 the engine's loop (docs/optimizers.md, "Subset-Norm and Subspace-Momentum").
+
+Multi-tensor paths (issue 15): full-rank parameters in buckets (:meth:`SubsetNormMoments.foreach_step_`),
+projected ones in the engine's projected buckets (:meth:`SubsetNormMoments.foreach_direction`: the
+momenta of ``P^T G``), both equal to ``foreach=False`` bit for bit (tests/test_foreach_subset_norm.py).
 
 Parameter groups: :func:`~lowmem.optim.create_optimizer` marks the weights of the projection layers
 (``target_modules``, default all but the output head) and the output head (its own group, as the
@@ -232,7 +237,8 @@ class SubsetNormMoments(MomentRule):
         :func:`~lowmem.optim.functional.subset_norm.sgd_momentum_foreach_` (pieces are element-wise)."""
         beta1, wd = self._beta1(group), group.get("weight_decay", 0.0)
         if not self.adaptive:
-            SN.sgd_momentum_foreach_(params, grads, [s["exp_avg"] for s in states] if beta1 > 0 else None, beta1, lr, wd)
+            ms = [s["exp_avg"] for s in states] if beta1 > 0 else None
+            SN.sgd_momentum_foreach_(params, grads, ms, beta1, lr, wd)
             return
         beta2, scale = self._beta2(group), self._scale(t, group)
         element, subsets = [], []
@@ -341,6 +347,34 @@ class SubsetNormMoments(MomentRule):
         element = _subset_layout(v, math.prod(shape)) == "element"
         low_v = 4 * numel if element and _low_precision(v) else 0
         return (12 if element else 8) * numel + low_m + low_v
+
+
+class SubspaceMomentumResidual(StateFreeResidual):
+    """Subspace-Momentum's complement step (Section 4): FRUGAL's state-free rule on ``G - P P^T G``
+    (:class:`~lowmem.optim.subspace.StateFreeResidual`), with the SGD rule folded into the subspace's
+    product (issue 15). The combined direction ``alpha P d_low + f (G - P low)`` (``alpha = scale``,
+    ``f = free_lr_scale``, ``low = P^T G``) is ``P (alpha d_low - f low) + f G``: one GEMM per row
+    block of the chunked combine-back instead of two, and no row block of the residual
+    (:meth:`fold`); the same with ``Q`` on the right side. The whole-tensor :meth:`update` (the
+    reference, ``chunk_numel=None``) and ``free_rule="signsgd"`` (not linear) stay unfolded; equal
+    to the unfolded rows to float32 rounding (tests/test_foreach_subset_norm.py)."""
+
+    def fold(self, low, d_low, state, group, projection, ctx):
+        """``(M, k)`` with ``M = scale d_low - free_lr_scale low`` and ``k = [free_lr_scale]``, so that
+        rows of the combined direction are ``up_rows(M) + G_rows k``; ``None`` for signSGD or a
+        projection without a basis (coordinates scatter)."""
+        if group["free_rule"] != "sgd" or not projection.can_add_up_rows(state):
+            return None
+        f, alpha = group["free_lr_scale"], group["scale"]
+        m = torch.add(d_low if alpha == 1.0 else d_low * alpha, low, alpha=-f)
+        return m, torch.full((1,), f, dtype=m.dtype, device=m.device)
+
+    def transient_bytes(self, shape, group, state, projection, rows):
+        """All rows at once (the unfolded :meth:`update`): 3 float32 blocks of the rows. Fewer rows
+        (:meth:`fold`): ``M`` and ``scale d_low`` (2 tensors of ``low``'s size) and ``k``."""
+        if rows >= shape[0] or group["free_rule"] != "sgd" or not projection.can_add_up_rows(state):
+            return super().transient_bytes(shape, group, state, projection, rows)
+        return 8 * projection.low_shape(shape, group).numel() + 4
 
 
 class SubsetNormStep(CombineRule):
@@ -452,7 +486,7 @@ ADAMW_SNSM = Recipe(
     hparams=SN_HPARAMS,
     group_hparams=(*sm_hparams(), SUBSET_NORM),
     projection=SubspaceProjection(),
-    combine=SubsetNormStep(ProjectBack(StateFreeResidual())),
+    combine=SubsetNormStep(ProjectBack(SubspaceMomentumResidual())),
     decay_after_update=True,
     validate_group=_check_subspace_group,
 )
@@ -468,7 +502,7 @@ SGD_SM = Recipe(
     hparams=(LR(1e-3), MOMENTUM, WEIGHT_DECAY(0.0)),
     group_hparams=sm_hparams(),
     projection=SubspaceProjection(),
-    residual=StateFreeResidual(),
+    residual=SubspaceMomentumResidual(),
     decay_after_update=True,
     validate_group=_check_subspace_group,
 )
@@ -493,7 +527,7 @@ ADAGRAD_SNSM = Recipe(
     hparams=ADAGRAD_HPARAMS,
     group_hparams=(*sm_hparams(), SUBSET_NORM),
     projection=SubspaceProjection(),
-    combine=SubsetNormStep(ProjectBack(StateFreeResidual()), accumulate=True),
+    combine=SubsetNormStep(ProjectBack(SubspaceMomentumResidual()), accumulate=True),
     decay_after_update=True,
     validate_group=_check_subspace_group,
 )
@@ -554,4 +588,5 @@ register(ADAGRAD_SN, state_precision="fp32", second_moment="blockwise", target_k
 register(ADAGRAD_SNSM, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
          example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 3e-2})
 
-__all__ = ["ADAGRAD_SN", "ADAGRAD_SNSM", "ADAMW_SN", "ADAMW_SNSM", "SGD_SM", "AdamWSN", "SubsetNormMoments", "SubsetNormStep"]
+__all__ = ["ADAGRAD_SN", "ADAGRAD_SNSM", "ADAMW_SN", "ADAMW_SNSM", "SGD_SM", "AdamWSN", "SubspaceMomentumResidual",
+           "SubsetNormMoments", "SubsetNormStep"]
