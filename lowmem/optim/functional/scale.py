@@ -36,3 +36,20 @@ def column_normalize(m: Tensor, dim: int, column_sq=None, rows: int | None = Non
 def last_layer_momentum_(buf: Tensor, g: Tensor, beta: float) -> Tensor:
     """``m_t = beta m_{t-1} + (1 - beta) g_t`` in place (the output layer's EMA); returns ``buf``."""
     return buf.lerp_(g, 1.0 - beta)
+
+
+def scale_rows_foreach_(params: list[Tensor], ms: list[Tensor], lr: float, weight_decay: float) -> None:
+    """SCALE's step of ``k`` float32 ``[out, in]`` matrices of one shape whose rows are normalised
+    (``"hidden"``: ``ms`` the gradients; ``"head"``: the momentum buffers after their EMA)::
+
+        p <- p (1 - lr wd) ;  p <- p - lr C(M)      (C: each row divided by max(RMS, 1e-8))
+
+    with :func:`column_normalize`'s operations on the stack (row norms over the last dimension): equal to
+    the per-matrix step bit for bit on the CPU. Transient: the stack (float32, ``4 k m n``) and the
+    row RMS."""
+    x = torch.stack(ms)
+    rms = torch.linalg.vector_norm(x, dim=2, keepdim=True).div_(math.sqrt(x.size(2))).clamp_(min=RMS_FLOOR)
+    x.div_(rms).mul_(lr)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params, list(x.unbind(0)))

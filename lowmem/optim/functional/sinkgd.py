@@ -76,3 +76,50 @@ def sinkhorn_scalings(rows_of, row_bounds: list[tuple[int, int]], m_local: int, 
         norms = col.sqrt_().mul_(c)
         c.mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(m)), 0.0))
     return r, c
+
+
+def sinkhorn_scalings_stacked(sq: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """:func:`sinkhorn_scalings` of each matrix of a stack, every matrix in one block of rows, from the
+    squared entries ``sq`` (float32, ``k x m x n``: ``G_ij^2`` of each matrix). The element-wise work
+    runs on the stack (one kernel per operation); the two matrix-vector products of an iteration
+    (``sq c^2`` and ``sq^T r^2``) run per matrix, with the kernels :func:`sinkhorn_scalings` uses
+    (``torch.mv``, ``addmv_``): a batched product (``bmm``) rounds differently. Equal to
+    :func:`sinkhorn_scalings` of each matrix with one row block, bit for bit on the CPU (tested).
+    Returns ``(r, c)``, ``k x m`` and ``k x n``."""
+    k, m, n = sq.shape
+    r = torch.ones(k, m, dtype=torch.float32, device=sq.device)
+    c = torch.ones(k, n, dtype=torch.float32, device=sq.device)
+    norms = torch.empty(k, m, dtype=torch.float32, device=sq.device)
+    for _ in range(iters):
+        c2 = c.square()
+        for i in range(k):
+            torch.mv(sq[i], c2[i], out=norms[i])
+        norms.sqrt_().mul_(r)
+        r.mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(n)), 0.0))
+        r2 = r.square()
+        col = torch.zeros(k, n, dtype=torch.float32, device=sq.device)
+        for i in range(k):
+            col[i].addmv_(sq[i].t(), r2[i])
+        cn = col.sqrt_().mul_(c)
+        c.mul_(torch.where(cn > 0, cn.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(m)), 0.0))
+    return r, c
+
+
+def sinkgd_foreach_(params: list[Tensor], grads: list[Tensor], iters: int, lr: float, weight_decay: float,
+                    step: float) -> None:
+    """SinkGD's whole step (Algorithm 4) for ``k`` float32 matrices of one shape::
+
+        (r, c) = sinkhorn_scalings_stacked(G^2) ;  p <- p (1 - lr wd) ;  p <- p - step r_i G_ij c_j
+
+    (``step = lr * scale``), the per-matrix chunked step's operations in its order (one block of
+    rows): equal to it bit for bit on the CPU. Transient: the stack of squares (float32, ``4 k m n``),
+    freed before the stack of steps (the same size), and the scalings."""
+    sq = torch.stack(grads)
+    sq.square_()
+    r, c = sinkhorn_scalings_stacked(sq, iters)
+    del sq
+    d = torch.stack(grads)
+    d.mul_(r[:, :, None]).mul_(c[:, None, :]).mul_(step)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params, list(d.unbind(0)))

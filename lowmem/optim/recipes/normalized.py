@@ -36,8 +36,8 @@ from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, muon_foreach_transient_bytes, muon_lr_ratio,
                               muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_rows,
                               ns_shape)
-from ..functional.scale import column_normalize, last_layer_momentum_
-from ..functional.sinkgd import sinkhorn_scalings, sr_sinkhorn
+from ..functional.scale import column_normalize, last_layer_momentum_, scale_rows_foreach_
+from ..functional.sinkgd import sinkgd_foreach_, sinkhorn_scalings, sr_sinkhorn
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
@@ -124,6 +124,21 @@ class HybridMoments(MomentRule):
     def target_foreach_transient_bytes(self, numel: int) -> int:
         """Bytes :meth:`target_foreach_step_` allocates for a bucket of ``numel`` elements. Default: 0."""
         return 0
+
+    def _whole_by_shape(self, params, grads, states, group, t, lr) -> dict[tuple[int, ...], list[int]]:
+        """The targets of a bucket by shape (indices), after stepping each target that came in flat
+        pieces (larger than the engine's ``chunk_numel``; :meth:`target_chunk_state` records its state
+        and shape) whole from its first piece with the rule's chunked step, as ``foreach=False`` steps
+        it (:func:`~lowmem.optim.moments.step_whole_from_piece_`; the transient is its own, which the
+        engine reports)."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(states):
+            if isinstance(s, ChunkState):
+                if s.start == 0:
+                    step_whole_from_piece_(self, params[i], grads[i], s, group, t, lr, decay_after=False)
+                continue
+            by_shape.setdefault(tuple(params[i].shape), []).append(i)
+        return by_shape
 
     def foreach_transient_bytes(self, numel):
         """A bucket's AdamW parameters (``sqrt(v)``: ``4 numel``), then its targets (their own
@@ -214,14 +229,7 @@ class MuonMoments(HybridMoments):
         its first piece by the lean per-matrix step (:func:`~lowmem.optim.moments.step_whole_from_piece_`,
         which runs :meth:`prepare_chunks`), as with ``foreach=False``. Equal to the per-parameter step
         bit for bit on the CPU (tests/test_foreach_normalized.py)."""
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(states):
-            if isinstance(s, ChunkState):
-                if s.start == 0:
-                    step_whole_from_piece_(self, params[i], grads[i], s, group, t, lr, decay_after=False)
-                continue
-            by_shape.setdefault(tuple(params[i].shape), []).append(i)
-        for shape, idx in by_shape.items():
+        for shape, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
             muon_foreach_([params[i] for i in idx], [grads[i] for i in idx], [states[i]["momentum_buffer"] for i in idx],
                           shape, group["momentum"], group["nesterov"], group["ns_coefficients"], group["ns_steps"],
                           group["ns_eps"], lr, group.get("weight_decay", 0.0),
@@ -323,6 +331,20 @@ class MuonMoments(HybridMoments):
         after = 2 * numel + 4 * numel
         return max(lean, 4 * numel * low + max(during, after))
 
+    def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
+        """FSDP2 (:meth:`prepare_chunks` with ``reduce``): the momentum step on the shard, then the
+        whole ``U`` gathered in bfloat16 and the unsharded Newton-Schulz iteration on it: bounded by
+        the whole matrix's unchunked step (:meth:`target_transient_bytes` of all of it, which counts a
+        whole Nesterov matrix, more than the shard's) plus the gather's buffers (bfloat16: the whole
+        padded matrix and this shard's padded rows), as the engine bounds a sharded projected step.
+        ``None`` for AdamW parameters (their shard's own chunked step)."""
+        if self._is_adam(state) or not self.targets(whole_shape, group):
+            return None
+        m, n = whole_shape
+        rows = -(-m // shards)  # each shard's padded rows (ShardReduce.gather_rows)
+        total = m * n
+        return self.target_transient_bytes(total, torch.Size(whole_shape), group, state) + 2 * (shards * rows + rows) * n
+
 
 def _ns_coefficients(x: Any) -> bool:
     return isinstance(x, (tuple, list)) and len(x) == 3 and all(
@@ -392,8 +414,8 @@ class Muon(LowMemOptimizer):
         eps (`float`, defaults to `1e-8`): AdamW's ``eps``.
         adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
-        foreach (`bool` or `None`, defaults to `None`): ``False`` steps the AdamW parameters one at a time
-            instead of in multi-tensor buckets (the normalized ones are always stepped one at a time).
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps every parameter one at a time
+            instead of in multi-tensor buckets (float32 weights of one shape stacked, bit for bit the same).
     """
 
     recipe = MUON
@@ -440,7 +462,40 @@ class SinkGDMoments(HybridMoments):
         if self._is_adam(state):
             return self.adam.chunk_state(state, start, stop, shape, group, ctx)
         n = shape[1]
-        return ChunkState(state, start, stop, {"sinkgd": ctx, "rows": (start // n, stop // n)})
+        # (ctx None: a flat piece of a weight larger than chunk_numel in a foreach bucket, stepped
+        # whole from its first piece: HybridMoments._whole_by_shape)
+        return ChunkState(state, start, stop, {"sinkgd": ctx, "rows": (start // n, stop // n), "parent": state,
+                                               "shape": shape})
+
+    # ---- the multi-tensor step ----
+
+    #: the smallest side of a weight that takes the foreach buckets: then ``m + n <= m n / 8``, which
+    #: bounds the scalings' vectors by the bucket's size (:meth:`target_foreach_transient_bytes`)
+    foreach_min_side = 16
+
+    def target_supports_foreach(self, shape, group):
+        """SinkGD weights with both sides at least :attr:`foreach_min_side` take the foreach buckets,
+        except in FSDP2 groups (the column sums are all-reduced over the shards, per parameter:
+        :meth:`prepare_chunks`)."""
+        return self.targets(shape, group) and min(shape) >= self.foreach_min_side and not sharded_group(group)
+
+    def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The SinkGD weights of a bucket, those of one shape stacked
+        (:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_`: the scalings of the stack), one
+        shape at a time; a weight in pieces (larger than ``chunk_numel``) by the per-parameter chunked
+        step from its first piece. Equal to the chunked per-parameter step bit for bit on the CPU; to the
+        whole-tensor one (``chunk_numel=None``: :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`)
+        up to float32 rounding, as the chunked step is (tests/test_foreach_normalized.py)."""
+        for _, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
+            sinkgd_foreach_([params[i] for i in idx], [grads[i] for i in idx], group["sinkhorn_iters"], lr,
+                            group.get("weight_decay", 0.0), lr * group["scale"])
+
+    def target_foreach_transient_bytes(self, numel):
+        """:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_`: a float32 stack of the bucket's
+        weights of one shape (squares, then steps) and the scalings' vectors (``r``, the row norms,
+        ``r^2``; ``c``, ``c^2``, the column sums, a clamp and a factor: at most ``6 (m + n)`` float32
+        numbers per matrix, ``<= 0.75 m n`` with both sides at least :attr:`foreach_min_side`)."""
+        return 4 * numel + 3 * numel
 
     # FSDP2 (lowmem.optim.sharded): a shard of rows; the columns' squared norms are summed over the
     # shards in every Sinkhorn iteration (one all-reduce of n numbers), the row count is the whole one
@@ -510,8 +565,8 @@ class SinkGD(LowMemOptimizer):
         betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): AdamW's moment decay rates.
         eps (`float`, defaults to `1e-8`): AdamW's ``eps``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the AdamW moments.
-        foreach (`bool` or `None`, defaults to `None`): ``False`` steps the AdamW parameters one at a time
-            instead of in multi-tensor buckets (the normalized ones are always stepped one at a time).
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps every parameter one at a time
+            instead of in multi-tensor buckets (float32 weights of one shape stacked, bit for bit the same).
     """
 
     recipe = SINKGD
@@ -576,10 +631,45 @@ class ScaleMoments(HybridMoments):
         return shape[1] if len(shape) == 2 and group["scale_role"] != "embedding" else None
 
     def target_chunk_state(self, state, start, stop, shape, group):
-        view = ChunkState(state, start, stop, {"cols": shape[1]})
+        # (parent / shape: a flat piece of a weight larger than chunk_numel in a foreach bucket,
+        # stepped whole from its first piece: HybridMoments._whole_by_shape)
+        view = ChunkState(state, start, stop, {"cols": shape[1], "parent": state, "shape": shape})
         if "momentum_buffer" in state:
             view["momentum_buffer"] = state["momentum_buffer"].view(-1)[start:stop]
         return view
+
+    # ---- the multi-tensor step ----
+
+    #: the fewest columns of a matrix that takes the foreach buckets: then its rows' RMS are at most
+    #: 1/16 of its elements (:meth:`target_foreach_transient_bytes`)
+    foreach_min_cols = 16
+
+    def target_supports_foreach(self, shape, group):
+        """Row-normalised matrices (``"hidden"``, ``"head"``; 2-D, at least :attr:`foreach_min_cols`
+        columns) take the foreach buckets, except in FSDP2 groups; the embedding (columns) and tensors
+        of more dimensions are stepped alone."""
+        return (self.targets(shape, group) and len(shape) == 2 and group["scale_role"] != "embedding"
+                and shape[1] >= self.foreach_min_cols and not sharded_group(group))
+
+    def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The row-normalised matrices of a bucket, those of one shape stacked
+        (:func:`~lowmem.optim.functional.scale.scale_rows_foreach_`; ``"head"``: after the momentum
+        EMA of every buffer, ``torch._foreach_lerp_``), one shape at a time; a matrix in pieces (larger
+        than ``chunk_numel``) by the per-parameter chunked step from its first piece. Equal to the
+        per-parameter step bit for bit on the CPU (tests/test_foreach_normalized.py)."""
+        head = group["scale_role"] == "head"
+        for _, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
+            ms = [grads[i] for i in idx]
+            if head:
+                bufs = [states[i]["momentum_buffer"] for i in idx]
+                torch._foreach_lerp_(bufs, ms, 1.0 - group["momentum"])  # last_layer_momentum_
+                ms = bufs
+            scale_rows_foreach_([params[i] for i in idx], ms, lr, group.get("weight_decay", 0.0))
+
+    def target_foreach_transient_bytes(self, numel):
+        """:func:`~lowmem.optim.functional.scale.scale_rows_foreach_`: the float32 stack and its row RMS
+        (one float32 per row: at most ``numel / 16`` with :attr:`foreach_min_cols`)."""
+        return 4 * numel + numel // 4
 
     def target_transient_bytes(self, numel, shape, group, state):
         """The normalised matrix (float32) and the per-slice RMS (one per row of the piece, or one
@@ -633,8 +723,8 @@ class Scale(LowMemOptimizer):
         eps (`float`, defaults to `1e-8`): AdamW's ``eps`` (on the uncorrected ``sqrt(v)``, as the authors').
         adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
-        foreach (`bool` or `None`, defaults to `None`): ``False`` steps the AdamW parameters one at a time
-            instead of in multi-tensor buckets (the normalized ones are always stepped one at a time).
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps every parameter one at a time
+            instead of in multi-tensor buckets (float32 weights of one shape stacked, bit for bit the same).
     """
 
     recipe = SCALE
