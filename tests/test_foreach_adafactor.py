@@ -190,8 +190,8 @@ def test_galore_adafactor_full_rank_parameters_take_the_buckets(monkeypatch):
         gen = torch.Generator().manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
         groups = [{"params": [ps[0]], "rank": 4}, {"params": ps[1:]}]
-        opt = create_optimizer(groups, "galore_adafactor", foreach=foreach, weight_decay=0.1)
         warnings.filterwarnings("ignore", message=".*full-rank")  # (3, 12): rank >= its smaller side
+        opt = create_optimizer(groups, "galore_adafactor", foreach=foreach, weight_decay=0.1)
         seen, orig = [], F.adafactor_foreach_
 
         def spy(params, *a, **k):
@@ -212,3 +212,32 @@ def test_galore_adafactor_full_rank_parameters_take_the_buckets(monkeypatch):
     for a, b in zip(ref, got):
         assert torch.equal(a, b), tuple(a.shape)
 
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+@pytest.mark.parametrize("tensor_lrs", [False, True])
+def test_foreach_direction_equals_direction_of_each_bit_for_bit(beta1, tensor_lrs):
+    """The projected multi-tensor form (GaLore with Adafactor: ``foreach_direction``, one step size per
+    gradient) against :meth:`direction` of each projected gradient, over steps with spikes (clipping):
+    directions and statistics equal bit for bit, directions never a state's own tensor. (The engine
+    takes this path once its projected buckets accept a rule with ``foreach_direction_lrs``.)"""
+    rule = FactoredMoments()
+    group = {"eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": beta1, "state_dtype": "float32",
+             "params": [torch.zeros(1)]}
+    shapes = [(8, 24), (8, 24), (8, 24), (24, 8), (4, 30), (1, 7), (7, 1)]
+    gen = torch.Generator().manual_seed(5)
+    ref_states, got_states = [{} for _ in shapes], [{} for _ in shapes]
+    for a, b, s in zip(ref_states, got_states, shapes):
+        rule.init_state(a, torch.Size(s), group, torch.zeros(1))
+        rule.init_state(b, torch.Size(s), group, torch.zeros(1))
+        assert rule.supports_foreach_direction(group, b, torch.zeros(1))
+    for t in range(1, 5):
+        gs = [torch.randn(s, generator=gen) * (25.0 if t % 2 else 1.0) for s in shapes]
+        lrs = [torch.rand((), generator=gen) * 0.1 if tensor_lrs else 0.01 * (i % 3 + 1) for i in range(len(shapes))]
+        expected = [rule.direction(g, st, group, t, lr) for g, st, lr in zip(gs, ref_states, lrs)]
+        got = rule.foreach_direction(gs, got_states, group, t, lrs)
+        for e, d, a, b in zip(expected, got, ref_states, got_states):
+            assert torch.equal(e, d), (t, tuple(e.shape))
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+            assert all(d.untyped_storage().data_ptr() != v.untyped_storage().data_ptr() for v in b.values())
+    assert not rule.supports_foreach_direction({**group, "state_dtype": "bfloat16"}, {}, torch.zeros(1))

@@ -93,6 +93,11 @@ class MomentRule:
         first step): the engine's multi-tensor step of projected parameters. Default: no."""
         return False
 
+    # True if foreach_direction takes ``lr`` as a list, one step size per gradient (each parameter's
+    # from the recipe's lr rule, evaluated before any update: Adafactor's parameter-scaled step size),
+    # and applies it itself when applies_lr; False: one step size for the bucket (constant_lr)
+    foreach_direction_lrs: bool = False
+
     def foreach_direction(self, gs: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any], t: float,
                           lr: Any) -> list[Tensor]:
         """:meth:`direction` of each float32 ``gs[i]`` with ``states[i]`` (all at step ``t``), as
@@ -488,6 +493,33 @@ class FactoredMoments(MomentRule):
         F.adafactor_foreach_(ps, gs, second, [s["exp_avg"] for s in ss] if beta1 is not None else None, lrs,
                              F.adafactor_beta2(t, group["decay_rate"]), group["eps"][0], group["clip_threshold"],
                              beta1, group.get("weight_decay", 0.0))
+
+    # ---- the projected multi-tensor step (GaLore with Adafactor) ----
+
+    foreach_direction_lrs = True
+
+    def supports_foreach_direction(self, group, state, param):
+        """Projected gradients with float32 statistics, not in an FSDP2 group (the engine's
+        multi-tensor step of projected parameters; it also needs the engine to hand one step size per
+        gradient: :attr:`~MomentRule.foreach_direction_lrs`)."""
+        if sharded_group(group):
+            return False
+        if state:
+            return all(state[k].dtype == torch.float32 for k in self.state_keys if k in state)
+        return state_dtype(group, param) == torch.float32
+
+    def foreach_direction(self, gs, states, group, t, lr):
+        """:meth:`direction` of each projected gradient ``gs[i]`` (float32) with ``states[i]``, all at
+        step ``t``; ``lr``: one step size per gradient (floats or 0-d tensors), or one for all:
+        :func:`~lowmem.optim.functional.adafactor_direction_foreach`, equal bit for bit to
+        :meth:`direction` of each."""
+        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(gs)
+        second = [(s["exp_avg_sq_row"], s["exp_avg_sq_col"]) if "exp_avg_sq_row" in s else (s["exp_avg_sq"],)
+                  for s in states]
+        beta1 = group.get("beta1")
+        return F.adafactor_direction_foreach(gs, second, [s["exp_avg"] for s in states] if beta1 is not None else None,
+                                             lrs, F.adafactor_beta2(t, group["decay_rate"]), group["eps"][0],
+                                             group["clip_threshold"], beta1)
 
     def foreach_lr_form(self, group: dict[str, Any], t: float) -> tuple[float, bool]:
         """:attr:`foreach_lr_rule` (:func:`adafactor_lr`) as ``(rho_t, scale_parameter)`` for

@@ -11,6 +11,7 @@ Notation: ``g`` gradient, ``m`` first moment, ``v`` second moment, ``t`` 1-based
 
 from .adafactor import (
     adafactor_beta2,
+    adafactor_direction_foreach,
     adafactor_foreach_,
     adafactor_lr_foreach,
     adafactor_param_scale,
@@ -34,7 +35,7 @@ from .adam import (
 
 __all__ = [
     "compute_float",
-    "adafactor_beta2", "adafactor_foreach_", "adafactor_lr_foreach", "adafactor_param_scale", "adafactor_relative_lr", "adam_direction", "adam_direction_foreach",
+    "adafactor_beta2", "adafactor_direction_foreach", "adafactor_foreach_", "adafactor_lr_foreach", "adafactor_param_scale", "adafactor_relative_lr", "adam_direction", "adam_direction_foreach",
     "adam_direction_hf", "adam_moments_", "adam_moments_foreach_", "adamw_foreach_", "apply_update_", "clip_by_rms_",
     "decoupled_weight_decay_", "factored_rsqrt", "factored_second_moment_", "rms",
 ]

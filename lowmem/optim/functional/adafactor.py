@@ -129,8 +129,46 @@ def _group_update(grads: list[Tensor], second: list[tuple[Tensor, ...]], beta2: 
     return w.mul_(_stacked(grads))
 
 
+def _group_lr(lrs: list[float] | list[Tensor] | Tensor, idx: list[int]) -> tuple[float | Tensor, list[float] | Tensor]:
+    """The step sizes of the group ``idx`` as ``(factor of the stacked update, what the decay
+    uses)``: floats stay floats (one float when they are equal; the decay ``1 - lr wd`` is computed
+    from the floats, as the per-tensor step does), tensors become one float32 tensor."""
+    if isinstance(lrs, Tensor):
+        lr = lrs[idx[0]] if len(idx) == 1 else lrs[idx]
+        return lr, lr
+    vals = [lrs[i] for i in idx]
+    if all(isinstance(x, Tensor) for x in vals):
+        lr = vals[0] if len(vals) == 1 else torch.stack(vals)
+        return lr, lr
+    if any(isinstance(x, Tensor) for x in vals):
+        raise ValueError("adafactor_foreach_: step sizes must be all floats or all tensors")
+    return (vals[0] if all(x == vals[0] for x in vals) else torch.tensor(vals, dtype=torch.float32)), vals
+
+
+def _group_direction(grads: list[Tensor], second: list[tuple[Tensor, ...]], exp_avgs: list[Tensor] | None,
+                     lr: float | Tensor, beta2: float, eps1: float, clip_threshold: float, beta1: float | None) -> Tensor:
+    """The directions of a group of same-shape tensors, stacked: the unclipped updates
+    (:func:`_group_update`), clipped by each tensor's RMS (Section 6, eq. 12), scaled by its step
+    size ``lr`` (a float, or one per tensor) and, with ``beta1``, averaged into the first moments
+    (the returned stack is then theirs: a view of the lone tensor's first moment in a group of one)."""
+    u = _group_update(grads, second, beta2, eps1)
+    k, lead = len(grads), (-1,) + (1,) * (u.dim() - 1)
+    # U / max(1, RMS(U) / d)
+    clip = torch.linalg.vector_norm(u.view(k, -1), dim=1)
+    clip.div_(math.sqrt(u[0].numel())).div_(clip_threshold).clamp_(min=1.0)
+    u.div_(clip.view(lead))
+    del clip
+    u.mul_(lr.view(lead) if isinstance(lr, Tensor) and lr.dim() == 1 else lr)
+    if beta1 is None:
+        return u
+    m = _stacked(exp_avgs)  # M <- beta1 M + (1 - beta1) alpha U: the direction
+    m.mul_(beta1).add_(u, alpha=1.0 - beta1)
+    _write_back(exp_avgs, m)
+    return m
+
+
 def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[tuple[Tensor, ...]],
-                       exp_avgs: list[Tensor] | None, lrs: list[float] | Tensor, beta2: float, eps1: float,
+                       exp_avgs: list[Tensor] | None, lrs: list[float] | list[Tensor] | Tensor, beta2: float, eps1: float,
                        clip_threshold: float, beta1: float | None, weight_decay: float) -> None:
     """One Adafactor step of several float32 parameters in place (Shazeer & Stern 2018, Algorithms
     3-4 with the update clipping of Section 6, the first moment of the lr-scaled update and the
@@ -142,40 +180,45 @@ def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[t
     means along a dimension of the stack, the norms of its rows), and only the state write-back, the
     decay and the update touch each tensor. A matrix (``ndim >= 2``, leading dimensions batch
     dimensions) has ``second[i] = (row, col)`` (factored, Algorithm 4), a vector ``(v,)``
-    (Algorithm 3); its clipping RMS spans the whole tensor. ``lrs``: the step sizes, floats or one
-    tensor (:func:`adafactor_lr_foreach`). Transient: two float32 tensors of the largest group
-    (``g^2 + eps1`` turned into the updates, the stacked gradients or the decay), plus its row and
-    column statistics.
+    (Algorithm 3); its clipping RMS spans the whole tensor. ``lrs``: the step sizes, floats, 0-d
+    tensors or one tensor (:func:`adafactor_lr_foreach`). Transient: two float32 tensors of the
+    largest group (``g^2 + eps1`` turned into the updates, the stacked gradients, first moments or
+    the decay), plus its row and column statistics.
     """
     kinds = [len(s) for s in second]
     for idx in stack_groups(grads, kinds):
         ps = [params[i] for i in idx]
-        u = _group_update([grads[i] for i in idx], [second[i] for i in idx], beta2, eps1)
-        k, lead = len(idx), (-1,) + (1,) * (u.dim() - 1)
-        # U / max(1, RMS(U) / d) (Section 6, eq. 12)
-        clip = torch.linalg.vector_norm(u.view(k, -1), dim=1)
-        clip.div_(math.sqrt(u[0].numel())).div_(clip_threshold).clamp_(min=1.0)
-        u.div_(clip.view(lead))
-        del clip
-        if isinstance(lrs, Tensor):
-            lr = lrs[idx[0]] if k == 1 else lrs[idx]
-            u.mul_(lr.view(lead) if k > 1 else lr)
-        else:
-            lr = [lrs[i] for i in idx]
-            u.mul_(lr[0] if all(x == lr[0] for x in lr) else u.new_tensor(lr).view(lead))
-        if beta1 is not None:  # M <- beta1 M + (1 - beta1) alpha U: the direction
-            ms = [exp_avgs[i] for i in idx]
-            m = _stacked(ms)
-            m.mul_(beta1).add_(u, alpha=1.0 - beta1)
-            _write_back(ms, m)
-            del u
-            u = m
+        lr, decay_lr = _group_lr(lrs, idx)
+        d = _group_direction([grads[i] for i in idx], [second[i] for i in idx],
+                             [exp_avgs[i] for i in idx] if beta1 is not None else None, lr, beta2, eps1,
+                             clip_threshold, beta1)
         if weight_decay != 0:  # X <- X - alpha wd X (decoupled, before the update)
-            if isinstance(lr, Tensor):
-                decay = torch._foreach_mul(ps, list((lr * weight_decay).view(-1).unbind()))
+            if isinstance(decay_lr, Tensor):
+                decay = torch._foreach_mul(ps, list((decay_lr * weight_decay).view(-1).unbind()))
                 torch._foreach_sub_(ps, decay)
                 del decay
             else:
-                torch._foreach_mul_(ps, [1.0 - x * weight_decay for x in lr])
-        torch._foreach_sub_(ps, list(u.unbind(0)))
-        del u
+                torch._foreach_mul_(ps, [1.0 - x * weight_decay for x in decay_lr])
+        torch._foreach_sub_(ps, list(d.unbind(0)))
+        del d
+
+
+def adafactor_direction_foreach(grads: list[Tensor], second: list[tuple[Tensor, ...]], exp_avgs: list[Tensor] | None,
+                                lrs: list[float] | list[Tensor], beta2: float, eps1: float, clip_threshold: float,
+                                beta1: float | None) -> list[Tensor]:
+    """The lr-scaled directions of several float32 gradients (a projected bucket's: GaLore with
+    Adafactor), the second (and first) moments updated in place: :func:`adafactor_foreach_` without
+    the parameters, a group of same-shape tensors at a time, each direction equal bit for bit to the
+    per-tensor one (a new tensor, never a state's). ``lrs[i]``: the step size of gradient ``i``
+    (floats or 0-d tensors). Transient: the directions, and while a group is computed one more
+    float32 tensor of it (the stacked gradients or first moments)."""
+    out: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
+    for idx in stack_groups(grads, [len(s) for s in second]):
+        d = _group_direction([grads[i] for i in idx], [second[i] for i in idx],
+                             [exp_avgs[i] for i in idx] if beta1 is not None else None, _group_lr(lrs, idx)[0], beta2,
+                             eps1, clip_threshold, beta1)
+        if beta1 is not None and len(idx) == 1:
+            d = d.clone()  # the lone tensor's first moment itself
+        for i, x in zip(idx, d.unbind(0)):
+            out[i] = x
+    return out
