@@ -267,3 +267,18 @@ def test_sm_fold_only_for_sgd_on_a_basis(hparams):
     bounds = [(0, 7), (7, 40)]
     assert recipe.combine.prepare(g, low, d_low, state, group, recipe.projection, bounds)[1] is None
     assert recipe.residual.transient_bytes((40, 24), group, state, recipe.projection, 7) == 12 * 7 * 24
+
+
+def test_div_scaled_folds_the_step_scale_into_a_smaller_denominator():
+    """SNSM's ``u scale / denom`` in one pass: per row / column the scale goes into the denominator
+    (to float32 rounding of ``u / denom * scale``), exactly ``u / denom`` at scale 1, and per
+    element exactly the two passes."""
+    from lowmem.optim.recipes.subset_norm import _div_scaled_
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(30, 20, generator=gen)
+    for denom in (torch.rand(30, 1, generator=gen) + 0.1, torch.rand(1, 20, generator=gen) + 0.1):
+        torch.testing.assert_close(_div_scaled_(u.clone(), denom, 0.37), u / denom * 0.37, rtol=1e-6, atol=0)
+        assert torch.equal(_div_scaled_(u.clone(), denom, 1.0), u / denom)
+    denom = torch.rand(30, 20, generator=gen) + 0.1
+    assert torch.equal(_div_scaled_(u.clone(), denom, 0.37), u / denom * 0.37)

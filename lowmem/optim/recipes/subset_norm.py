@@ -110,6 +110,18 @@ def _sn_update_(v: Tensor, g: Tensor, beta2: float | None, eps: float) -> tuple[
     return SN.sn_denominator(v32, eps), g2
 
 
+def _div_scaled_(u: Tensor, denom: Tensor, scale: float) -> Tensor:
+    """``u scale / denom`` in place on ``u`` (SNSM's step: the direction over the subset norms, times
+    the bias-corrected step scale), one pass over ``u``: the scale folded into a denominator smaller
+    than ``u`` (one per row or column), none when it is 1 (AdaGrad-SNSM); a per-element one is
+    divided by, then multiplied."""
+    if scale == 1.0:
+        return u.div_(denom)
+    if denom.numel() < u.numel():
+        return u.div_(denom / scale)
+    return u.div_(denom).mul_(scale)
+
+
 class SubsetNormMoments(MomentRule):
     """Adam with the Subset-Norm second moment (AdamSN), or momentum alone.
 
@@ -417,7 +429,7 @@ class SubsetNormStep(CombineRule):
     def direction(self, g, low, d_low, state, group, projection):
         u = self.inner.direction(g, low, d_low, state, group, projection)
         denom, g2 = _sn_update_(state["sn_exp_avg_sq"], g, self._beta2(group), group["eps"])
-        return u.view(g2.shape).div_(denom).mul_(self._scale(state, group)).view(g.shape)
+        return _div_scaled_(u.view(g2.shape), denom, self._scale(state, group)).view(g.shape)
 
     def prepare(self, g, low, d_low, state, group, projection, bounds):
         inner = self.inner.prepare(g, low, d_low, state, group, projection, bounds)
@@ -435,7 +447,7 @@ class SubsetNormStep(CombineRule):
         u = self.inner.direction_rows(g_rows, low, d_low, state, group, projection, start, stop, inner)
         if denom is None:  # per row or per element: the rows' own statistics
             denom, _ = _sn_update_(state["sn_exp_avg_sq"][start:stop], g_rows, self._beta2(group), group["eps"])
-        return u.div_(denom).mul_(scale)
+        return _div_scaled_(u, denom, scale)
 
     def transient_bytes(self, shape, group, state, projection, rows):
         """``inner``'s, plus ``G^2`` of the rows (and their float32 copy in the column pass) and, per
