@@ -33,6 +33,8 @@ CONFIGS = {
     "sgd_sm_signsgd_keep": ("sgd_sm", {"free_rule": "signsgd", "moment_policy": "keep"}),
     "adagrad_snsm": ("adagrad_snsm", {"weight_decay": 0.1}),
     "adagrad_snsm_reverse": ("adagrad_snsm", {"proj_type": "reverse_std", "momentum": 0.5}),
+    "adamw_snsm_rank8": ("adamw_snsm", {"rank": 8, "weight_decay": 0.1}),
+    "sgd_sm_rank1": ("sgd_sm", {"rank": 1}),
 }
 
 
@@ -106,7 +108,7 @@ def test_subspace_momentum_foreach_equals_the_per_parameter_step(label, chunk_nu
     _assert_equal(fast, ref)
     lows, low_calls, full_calls = _low_numel(fast[4]), fast[2], fast[3]
     assert sum(map(sum, low_calls)) == STEPS * sum(lows)
-    assert max(map(len, low_calls)) > 1
+    assert max(map(len, low_calls)) > 1 or (chunk_numel is not None and 2 * min(lows) > chunk_numel)  # (rank 8)
     for bucket in low_calls:
         assert chunk_numel is None or len(bucket) == 1 or sum(bucket) <= chunk_numel, bucket
     if chunk_numel is None:
