@@ -179,10 +179,10 @@ def test_zero_and_nonfinite_gradient_keep_the_old_projection():
 
 def test_rank_at_or_above_smaller_side_falls_back_to_full_rank():
     p = nn.Parameter(torch.randn(6, 20))
-    opt = GaLoreAdamW([{"params": [p], "rank": 6, "scale": 1.0}], lr=1e-2)
+    with pytest.warns(UserWarning, match="full-rank"):  # said once, when the group is added
+        opt = GaLoreAdamW([{"params": [p], "rank": 6, "scale": 1.0}], lr=1e-2)
     p.grad = torch.randn(6, 20)
-    with pytest.warns(UserWarning, match="full-rank"):
-        opt.step()
+    opt.step()
     assert opt.state[p]["exp_avg"].shape == (6, 20) and "proj_meta" not in opt.state[p]
 
 

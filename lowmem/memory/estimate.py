@@ -15,7 +15,9 @@ so a 70B estimate runs on a laptop. Components:
 * ``activations`` - :func:`~lowmem.memory.activations.llama_activation_bytes`.
 * ``optimizer_transient`` - what one optimizer step allocates beyond its state (decoded moments,
   update temporaries, a projection refresh's workspace): the optimizer's own
-  ``step_transient_bytes()`` on the same meta model, i.e. the largest per-parameter transient.
+  ``step_transient_bytes()`` on the same meta model, i.e. the largest per-parameter transient (or
+  multi-tensor bucket's; in layerwise mode, where each parameter is stepped alone in its gradient
+  hook, ``step_transient_bytes(per_parameter=True)``: no buckets).
 
 The total is the peak of a step, not the sum of the rows: the optimizer steps after the backward
 pass has freed the activations, so ``total = weights + quant_constants + gradients +
@@ -236,10 +238,12 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: d
     return state, how
 
 
-def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None) -> tuple[int, int, str]:
+def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None,
+                     layerwise: bool = False) -> tuple[int, int, str]:
     """``(state bytes, step transient bytes, how)`` of ``optimizer`` on the trainable parameters
     of a (meta) ``model``. Engine optimizers size both themselves (``materialize_state()``,
-    ``state_bytes()``, ``step_transient_bytes()``): ``how="exact"``. bitsandbytes optimizers have
+    ``state_bytes()``, ``step_transient_bytes()``; ``layerwise``: that of one parameter stepped alone,
+    ``step_transient_bytes(per_parameter=True)``, no multi-tensor buckets): ``how="exact"``. bitsandbytes optimizers have
     no meta-device support: their state comes from a closed form and their transient is not
     counted (``how="closed form"``; their CUDA kernels update the state in place)."""
     if optimizer is None:
@@ -252,13 +256,14 @@ def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[s
 
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
         return state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), 0, "closed form"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as created:  # (the engine's "rank >= smaller side": kept below)
+        warnings.simplefilter("always")
         opt = create_optimizer(model, entry.name, **(optim_args or {}))
-    with warnings.catch_warnings(record=True) as caught:  # the engine warns per parameter and per call site
+    with warnings.catch_warnings(record=True) as caught:  # the engine warns per parameter
         warnings.simplefilter("always")
         opt.materialize_state()
-        sizes = opt.state_bytes(), opt.step_transient_bytes()
+        sizes = opt.state_bytes(), opt.step_transient_bytes(per_parameter=layerwise)
+    caught = [w for w in created if "smaller side" in str(w.message)] + caught
     for message in _summarize_warnings(caught):
         if message not in _WARNED:  # once per process: catch_warnings resets Python's own once-registry
             _WARNED.add(message)
@@ -388,7 +393,7 @@ def estimate_memory(
         else:
             weights += p.numel() * p.element_size()
     # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
-    opt_bytes, transient, how = optimizer_memory(meta, optimizer, optim_args)
+    opt_bytes, transient, how = optimizer_memory(meta, optimizer, optim_args, layerwise=layerwise)
     trainable = [(n, p) for n, p in params if p.requires_grad]
     grad_sizes = [p.numel() * p.element_size() for _, p in trainable]
     gradients = (max(grad_sizes) if grad_sizes else 0) if layerwise else sum(grad_sizes)

@@ -182,6 +182,22 @@ class _Projected(NamedTuple):
     down_of_g: Tensor | None
 
 
+class _ProjectedBytes(NamedTuple):
+    """The transient terms of a projected parameter's step (:meth:`LowMemOptimizer._projected_bytes`),
+    in bytes except ``numel``: ``numel``, its projected gradient's elements (float32, as its moment
+    rule's direction); ``held``, float32 copies of its gradient and parameter that live from its
+    project-down to its combine-back (the unchunked multi-tensor path); ``down``, the peak of its
+    project-down (the refresh, or the projected gradient), ``held`` included; ``back``, the peak of its
+    combine-back beyond its projected gradient, direction and held copies; ``alone``, the peak of its
+    per-parameter step (:meth:`LowMemOptimizer._update`)."""
+
+    numel: int
+    held: int
+    down: int
+    back: int
+    alone: int
+
+
 class LowMemOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Recipe`.
 
@@ -258,18 +274,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
         except (ValueError, NotImplementedError):
             self.param_groups.pop()
             raise
+        # said once per parameter, here (_is_projected is asked at every step, state_dict() and estimate)
+        for p in group["params"]:
+            if self._full_rank_by_rank(p, group):
+                warnings.warn(
+                    f"{self.recipe.name}: rank {group['rank']} >= smaller side of a {tuple(p.shape)} parameter;"
+                    " training it full-rank instead",
+                    stacklevel=3,
+                )
+
+    def _full_rank_by_rank(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether 2-D ``p`` of a projected group trains full-rank because ``rank >= min(m, n)``."""
+        return (self.recipe.projection is not None and group.get("rank") is not None and p.ndim == 2
+                and group["rank"] >= min(p.shape))
 
     def _is_projected(self, p: Tensor, group: dict[str, Any]) -> bool:
-        if self.recipe.projection is None or group.get("rank") is None or p.ndim != 2:
-            return False
-        if group["rank"] >= min(p.shape):
-            warnings.warn(
-                f"{self.recipe.name}: rank {group['rank']} >= smaller side of a {tuple(p.shape)} parameter;"
-                " training it full-rank instead",
-                stacklevel=3,
-            )
-            return False
-        return True
+        """Whether ``p`` (its whole shape) is stepped in a subspace: a 2-D parameter of a group with
+        a ``rank`` below its smaller side (a pure predicate: :meth:`add_param_group` warns about the others)."""
+        return (self.recipe.projection is not None and group.get("rank") is not None and p.ndim == 2
+                and group["rank"] < min(p.shape))
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -320,7 +343,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if isinstance(v, Tensor)
         )
 
-    def step_transient_bytes(self) -> int:
+    def step_transient_bytes(self, per_parameter: bool = False) -> int:
         """Upper bound of the memory one :meth:`step` allocates beyond parameters, gradients and state.
 
         Parameters are stepped one after another and each one's temporaries are freed before the
@@ -333,13 +356,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
         and residual rule), computed from the same configuration the step uses (``chunk_numel``,
         block sizes, rank, projection method). Gradients are assumed in the parameter's dtype.
 
+        Projected parameters on the multi-tensor path (:meth:`_projected_foreach_ok`) are counted
+        phase by phase as :meth:`step` runs them (:meth:`_low_bucket_bytes`): each one's project-down
+        (its refresh) next to the projected gradients of the open bucket before it, the moment rule's
+        multi-tensor direction next to the whole bucket's, each combine-back next to the projected
+        gradients and directions not combined back yet. A parameter stepped alone while a bucket is
+        open (the per-parameter step of another kind of parameter) is counted next to that bucket's
+        projected gradients.
+
         Works on meta-device parameters after :meth:`materialize_state` (as :meth:`state_bytes`):
         the memory estimator adds it to the state for the peak of a training step.
+
+        Args:
+            per_parameter: The largest transient of stepping one parameter alone
+                (:meth:`step_param`, what layerwise mode does): no foreach or projected buckets.
         """
         worst = 0
         sizes: dict[tuple, tuple[int, int]] = {}
         buckets: dict[tuple, int] = {}
-        low_buckets: list[int] = [0]  # projected gradients per bucket of the projected multi-tensor step
+        low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
         low_key: tuple | None = None
         for group in self.param_groups:
             for key in group["params"]:
@@ -348,71 +383,120 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     if p.device.type != "meta":
                         raise RuntimeError("step_transient_bytes: call materialize_state() first (or step once)")
                     self._init_state(p, group, state, key=key)
-                if is_dtensor(key) and self._is_projected(key, group):
-                    # FSDP2, projected: bounded by the unsharded step of the whole matrix (the refresh
-                    # runs on the whole gradient) plus the gather's buffers (whole and padded shard)
-                    (m, n), shards = key.shape, math.prod(key.device_mesh.size(i) for i, pl in enumerate(key.placements) if pl.is_shard())
-                    whole = torch.empty(key.shape, dtype=key.dtype, device="meta")
-                    worst = max(worst, self._param_transient_bytes(whole, group, state) + 4 * (m + -(-m // shards)) * n)
+                if per_parameter:
+                    worst = max(worst, self._param_transient_bytes(p, group, state))
                     continue
+                open_bytes = sum(4 * b.numel + b.held for b in low_bucket)
+                if is_dtensor(key):
+                    shards = math.prod(key.device_mesh.size(i) for i, pl in enumerate(key.placements) if pl.is_shard())
+                    if self._is_projected(key, group):
+                        # FSDP2, projected: bounded by the unsharded step of the whole matrix (the refresh
+                        # runs on the whole gradient) plus the gather's buffers (whole and padded shard)
+                        m, n = key.shape
+                        whole = torch.empty(key.shape, dtype=key.dtype, device="meta")
+                        worst = max(worst, open_bytes + self._param_transient_bytes(whole, group, state)
+                                    + 4 * (m + -(-m // shards)) * n)
+                        continue
+                    # a rule whose sharded step gathers the whole tensor (Muon's Newton-Schulz), next
+                    # to the float32 copy of a low-precision shard's gradient
+                    gathered = self.recipe.moment.sharded_transient_bytes(p.shape, key.shape, shards, group, state)
+                    if gathered is not None:
+                        copy = 4 * p.numel() * (p.dtype not in (torch.float32, torch.float64))
+                        worst = max(worst, open_bytes + gathered + copy
+                                    + sum(s.transient_bytes(p.numel(), group) for s in self.recipe.stabilizers))
+                        continue
                 if not is_dtensor(key) and self._projected_foreach_ok(p, group, state=state):
                     # as step() fills them: one open bucket, a new one for another group or device or
                     # beyond chunk_numel projected elements
-                    n = self.recipe.projection.low_shape(p.shape, group).numel()
-                    if low_key != (id(group), p.device) or (self.chunk_numel is not None and low_buckets[-1] > 0
-                                                            and low_buckets[-1] + n > self.chunk_numel):
-                        low_buckets.append(0)
+                    item = self._projected_bytes(p, group, state)
+                    if low_bucket and (low_key != (id(group), p.device) or (
+                            self.chunk_numel is not None and sum(b.numel for b in low_bucket) + item.numel > self.chunk_numel)):
+                        worst = max(worst, self._low_bucket_bytes(low_bucket))
+                        low_bucket = []
                     low_key = (id(group), p.device)
-                    low_buckets[-1] += n
-                    worst = max(worst, self._param_transient_bytes(p, group, state))
+                    low_bucket.append(item)
                     continue
                 if self._foreach_ok(p, group, state=state):
                     if len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers:
                         # a tensor in pieces may be stepped whole from its first one by the rule's
                         # per-parameter step (moments.step_whole_from_piece_: Adam-mini, Adafactor)
-                        worst = max(worst, self._param_transient_bytes(p, group, state))
+                        worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state))
                     for start, stop in self._foreach_pieces(p):
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
                         buckets[key] = buckets.get(key, 0) + stop - start
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
                         worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
                     continue
-                worst = max(worst, self._param_transient_bytes(p, group, state))
-        # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt); the
-        # projected multi-tensor step keeps a bucket's projected gradients (float32) and the rule's
-        # directions alive next to any one parameter's own step (its refresh or its combine-back)
-        low = max(low_buckets)
-        if low:
-            worst += 4 * low + self.recipe.moment.foreach_direction_transient_bytes(low)
+                worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state))
+        if low_bucket:
+            worst = max(worst, self._low_bucket_bytes(low_bucket))
+        # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt), after
+        # the projected buckets are done
         bucket = max(buckets.values(), default=0)
         # (a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own)
         return max(worst, self.recipe.moment.foreach_transient_bytes(bucket) + 4 * bucket * bool(self.recipe.stabilizers))
 
+    def _low_bucket_bytes(self, items: list[_ProjectedBytes]) -> int:
+        """The peak of one bucket of the projected multi-tensor step, from its parameters' terms
+        (:meth:`_projected_bytes`) in the order :meth:`step` fills it: each project-down (``down``)
+        next to the projected gradients (and held copies) of the parameters before it; the moment
+        rule's :meth:`~lowmem.optim.moments.MomentRule.foreach_direction` next to all of them
+        (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction_transient_bytes`, the directions
+        included); each combine-back (``back``) next to the projected gradients, directions and held
+        copies of itself and the parameters after it (:meth:`_step_low_bucket` frees each one's as it
+        is combined back)."""
+        worst = alive = 0
+        for b in items:
+            worst = max(worst, alive + b.down)
+            alive += 4 * b.numel + b.held
+        numel = sum(b.numel for b in items)
+        worst = max(worst, alive + self.recipe.moment.foreach_direction_transient_bytes(numel))
+        alive += 4 * numel  # the directions, float32 of the projected gradients' sizes
+        for b in items:
+            worst = max(worst, alive + b.back)
+            alive -= 8 * b.numel + b.held
+        return worst
+
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> int:
+        """The transient of :meth:`_update` of ``p`` alone (its per-parameter step)."""
         r = self.recipe
         bounds = self._chunk_bounds(p, group, state)
+        if bounds is None and self._is_projected(p, group):
+            return self._projected_bytes(p, group, state).alone
         n = p.numel() if bounds is None else max((b - a for a, b in bounds), default=0)
-        copies = 4 * n * (p.dtype != torch.float32)  # float32 copy of the gradient (and of the parameter)
+        copies = 4 * n * (p.dtype not in (torch.float32, torch.float64))  # float32 copy of the gradient (and of the parameter)
         stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
-        if bounds is not None or not self._is_projected(p, group):
-            if p.dtype == torch.float64:  # stepped in float64: no copies
-                copies = 0
-            return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
-        P = r.projection
+        return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
+
+    def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> _ProjectedBytes:
+        """The transient terms of projected ``p``'s step (:class:`_ProjectedBytes`): stepped alone
+        (:meth:`_update`), or its phases on the multi-tensor path (:meth:`_low_bucket_bytes`)."""
+        r, P = self.recipe, self.recipe.projection
+        lowp = p.dtype != torch.float32
+        stab = sum(s.transient_bytes(p.numel(), group) for s in r.stabilizers)
+        copies = 4 * p.numel() * lowp  # float32 copy of the gradient
         low_shape = P.low_shape(p.shape, group)
-        moment = r.moment.transient_bytes(low_shape.numel(), low_shape, group, state)
-        step = P.transient_bytes(p.shape, group, state, refresh=False) + moment
+        numel = low_shape.numel()
+        plain = P.transient_bytes(p.shape, group, state, refresh=False)  # the projected gradient (and more)
+        step = plain + r.moment.transient_bytes(numel, low_shape, group, state)
         rows = p.shape[0] if self.chunk_numel is None else max(b - a for a, b in self._row_bounds(p.shape))
         if self.chunk_numel is not None and not r.stabilizers:
             # low-precision gradients go down and come back a block of rows at a time; only a refresh
             # converts the whole gradient
-            refresh_copy, copies = copies, 4 * rows * p.shape[1] * (p.dtype != torch.float32)
+            refresh_copy, copies = copies, 4 * rows * p.shape[1] * lowp
         else:
             refresh_copy = 0
         combine = r.combine.transient_bytes(p.shape, group, state, P, rows)
         refresh = P.transient_bytes(p.shape, group, state, refresh=True) + refresh_copy
-        p_copy = 4 * rows * p.shape[1] * (p.dtype != torch.float32)  # a block of rows in float32
-        return copies + p_copy + stab + max(step + combine, refresh)
+        p_copy = 4 * rows * p.shape[1] * lowp  # a block of rows in float32 (all rows: the parameter's copy)
+        alone = copies + p_copy + stab + max(step + combine, refresh)
+        # the multi-tensor path (no stabilizers): unchunked, the float32 copies of the gradient and the
+        # parameter live from the project-down to the combine-back; chunked, a block of rows is converted
+        extra = max(0, plain - 4 * numel)  # the projection's beyond the projected gradient (online PCA's basis step)
+        if self.chunk_numel is None:
+            held = copies + p_copy
+            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), combine + extra, alone)
+        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), copies + p_copy + combine + extra, alone)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as
@@ -498,12 +582,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if "step" not in state:
                     self._init_state(p, group, state)
                 state["step"] += 1
-                item = self._project_down(p, grad, group, state, state["step"].item())
-                if low_bucket and not self._joins_low_bucket(low_bucket, item):
+                t = state["step"].item()
+                # the open bucket is stepped before this parameter is projected down (its refresh
+                # does not run next to a full bucket's projected gradients: step_transient_bytes)
+                numel = self.recipe.projection.low_shape(p.shape, group).numel()
+                if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
                     self._step_low_bucket(low_bucket)
                     low_bucket = []
-                low_bucket.append(item)
-                del item
+                low_bucket.append(self._project_down(p, grad, group, state, t))
             elif not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad, state):
                 if "step" not in state:
                     self._init_state(p, group, state)
@@ -662,15 +748,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and r.moment.supports_foreach_direction(group, {} if state is None else state, p)
         )
 
-    def _joins_low_bucket(self, bucket: list[_Projected], item: _Projected) -> bool:
-        """Whether ``item`` joins the open bucket: the same group, step and device, and the bucket's
+    def _joins_low_bucket(self, bucket: list[_Projected], group: dict[str, Any], t: float, device: torch.device,
+                          numel: int) -> bool:
+        """Whether a parameter of ``group`` at step ``t`` on ``device`` whose projected gradient has
+        ``numel`` elements joins the open bucket: the same group, step and device, and the bucket's
         projected gradients stay within ``chunk_numel`` elements (one larger than that fills a bucket
-        alone; ``None``: no limit). One bucket is open at a time, so at most one bucket's projected
-        gradients and directions are alive (:meth:`step_transient_bytes`)."""
+        alone; ``None``: no limit). Decided before the parameter is projected down; one bucket is open
+        at a time, so at most one bucket's projected gradients and directions are alive
+        (:meth:`step_transient_bytes`)."""
         first = bucket[0]
-        if first.group is not item.group or first.t != item.t or first.low.device != item.low.device:
+        if first.group is not group or first.t != t or first.low.device != device:
             return False
-        return self.chunk_numel is None or sum(b.low.numel() for b in bucket) + item.low.numel() <= self.chunk_numel
+        return self.chunk_numel is None or sum(b.low.numel() for b in bucket) + numel <= self.chunk_numel
 
     def _step_low_bucket(self, bucket: list[_Projected]) -> None:
         """The moment rule on every projected gradient of ``bucket`` at once, then each parameter's

@@ -282,15 +282,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return self.inner.state_bytes()
 
     def step_transient_bytes(self) -> int:
-        """The largest transient of stepping one parameter (see
-        :meth:`~lowmem.optim.engine.LowMemOptimizer.step_transient_bytes`), plus, with
+        """The largest transient of stepping one parameter alone (the inner optimizer's
+        ``step_transient_bytes(per_parameter=True)``: the hooks use no multi-tensor buckets), plus, with
         ``max_grad_norm``, the clipped copy of the largest gradient (gradients assumed in the
         parameter's dtype). The subspace accumulation buffers (``r x n`` per projected parameter,
         held across micro-batches) are state-like and not counted here."""
         extra = 0
         if self.max_grad_norm is not None:
             extra = max((p.numel() * p.element_size() for g in self.inner.param_groups for p in g["params"]), default=0)
-        return self.inner.step_transient_bytes() + extra
+        return self.inner.step_transient_bytes(per_parameter=True) + extra
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (the optimizer can no longer step)."""

@@ -121,6 +121,14 @@ class MomentRule:
         equal on every rank (saved once in checkpoints, loadable onto any number of ranks)."""
         return False
 
+    def sharded_transient_bytes(self, shape: torch.Size, whole_shape: torch.Size, shards: int, group: dict[str, Any],
+                                state: dict[str, Tensor]) -> int | None:
+        """FSDP2: the transient of stepping a local shard of ``shape`` (``shards`` shards of a
+        parameter of ``whole_shape``) when the rule's sharded step gathers more than the shard (Muon's
+        Newton-Schulz on the whole matrix); ``None`` (default): the shard's own chunked step, as
+        :meth:`transient_bytes` of its chunks reports it."""
+        return None
+
     def init_state(self, state: dict[str, Tensor], shape: torch.Size, group: dict[str, Any], param: Tensor) -> None:
         """Allocate this rule's tensors for a (possibly projected) gradient of ``shape``."""
         raise NotImplementedError

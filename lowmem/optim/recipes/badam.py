@@ -266,12 +266,12 @@ class BAdam(LowMemOptimizer):
                 if not self.state[p]:
                     self._init_state(local(p), group, self.state[p])
 
-    def step_transient_bytes(self) -> int:
+    def step_transient_bytes(self, per_parameter: bool = False) -> int:
         """The largest transient of a step of the active block (:meth:`LowMemOptimizer.step_transient_bytes`)."""
         groups = self.param_groups
         self.param_groups = self._active_groups()
         try:
-            return super().step_transient_bytes()
+            return super().step_transient_bytes(per_parameter)
         finally:
             self.param_groups = groups
 
