@@ -59,11 +59,12 @@ class Attn(nn.Module):
 # sharded matrices take the per-parameter step), the hybrids' AdamW parameters, Adam-mini (the
 # registry's partition of Net: whole-tensor blocks for matrices and fc2's bias, elements for the norm;
 # of Attn: heads, rows, a whole-tensor block, elements; and row / head / element blocks), Subset-Norm
-# (per-row statistics on Net, per-column on Wide's 64 x 256).
+# (per-row statistics on Net, per-column on Wide's 64 x 256), MicroAdam (a shard's own top-k layout and
+# error blocks, as in its per-parameter sharded step).
 FLOAT32 = {tag: (tag, Net) for tag in (
     "adamw", "spam", "badam", "galore_adamw", "fira_adamw", "frugal", "apollo_adamw", "apollo_mini", "osd_adamw",
     "galore_left_rotate", "muon", "scale", "sinkgd", "scale_embedding", "adam_mini", "adam_mini_blocks",
-    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm")}
+    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm", "microadam")}
 FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide),
             "adamw_sn_wide": ("adamw_sn", Wide), "adagrad_sn_wide": ("adagrad_sn", Wide),
             "adamw_sn_flat": ("adamw_sn_flat", Net)}  # (Subset-Norm's flat subsets, k of the whole size)

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .functional import microadam as MA
 from .functional import quant as Q
-from .moments import ChunkState, MomentRule
+from .moments import ChunkState, MomentRule, step_whole_from_piece_
+from .quantized import apply_updates_foreach_
 
 
 @lru_cache(maxsize=None)
@@ -93,7 +94,7 @@ class MicroAdamMoments(MomentRule):
         last = stop == lay.d and lay.k_last > 0
         chunk_lay = MA.TopKLayout(stop - start, lay.block, full, lay.k_block, lay.k_last if last else 0)
         k0 = (start // lay.block) * lay.k_block
-        view = ChunkState(state, start, stop, {"layout": chunk_lay})
+        view = ChunkState(state, start, stop, {"layout": chunk_lay, "parent": state, "shape": shape})
         view["microadam_indices"] = state["microadam_indices"][:, k0 : k0 + chunk_lay.k]
         view["microadam_values"] = state["microadam_values"][:, k0 : k0 + chunk_lay.k]
         view["microadam_error"] = state["microadam_error"][start // 2 : -(-stop // 2)]
@@ -128,3 +129,66 @@ class MicroAdamMoments(MomentRule):
         w2 = MA.age_weights(t, m, beta2, g.device)
         u = window(state["microadam_indices"], state["microadam_values"], w1, w2, group["eps"], lay)
         return u.view(g.shape)
+
+    # ---- the multi-tensor step (LowMemOptimizer's foreach buckets) ----
+
+    def supports_foreach_for(self, shape, group, state):
+        """Tensors whose window holds at most one entry per element (``m k <= d``: the bucket's
+        temporaries are then bounded per element, :meth:`foreach_transient_bytes`). FSDP2 shards too:
+        a shard's layout is its own in the per-parameter sharded step as well (no whole-tensor statistic)."""
+        d = math.prod(shape)
+        return d > 0 and group["m"] * self.layout(d, group).k <= d
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The step of a bucket, equal bit for bit to :meth:`direction` of each tensor and the engine's
+        decay and update (the per-parameter step): a piece of a tensor larger than ``chunk_numel`` steps
+        the whole tensor from its first piece (:func:`~lowmem.optim.moments.step_whole_from_piece_`);
+        the others, grouped by top-k layout (same size), are stacked as rows and go through
+        :func:`~lowmem.optim.functional.microadam.compress_rows_` and
+        :func:`~lowmem.optim.functional.microadam.window_direction_rows` once per group (the age weights
+        once per bucket), the ring rows and error feedback written back by one ``torch._foreach_copy_``;
+        then the decay and update as multi-tensor ops. Where the compiled path is on (CUDA by default),
+        each tensor takes its compiled :meth:`direction`."""
+        t = int(t)
+        m, qbs, eps = group["m"], group["quant_block_size"], group["eps"]
+        beta1, beta2 = group["betas"]
+        ps, ds, rows = [], [], {}
+        for p, g, st in zip(params, grads, states):
+            if isinstance(st, ChunkState) and "parent" in st.extra:
+                if st.start == 0:
+                    step_whole_from_piece_(self, p, g, st, group, t, lr, self.foreach_decays_after)
+                continue
+            ps.append(p)
+            if use_compiled(g.device, self.compile):
+                ds.append(self.direction(g, st, group, t, lr))
+                continue
+            ds.append(None)
+            rows.setdefault((self.layout(g.numel(), group), g.device), []).append((len(ps) - 1, g, st))
+        weights = {}
+        for (lay, device), items in rows.items():
+            if device not in weights:
+                weights[device] = (MA.age_weights(t, m, beta1, device), MA.age_weights(t, m, beta2, device))
+            ss = [st for _, _, st in items]
+            idx, vals, codes, lo, hi = MA.compress_rows_(
+                torch.stack([g.reshape(-1) for _, g, _ in items]), torch.stack([s["microadam_error"] for s in ss]),
+                torch.stack([s["microadam_error_min"] for s in ss]), torch.stack([s["microadam_error_max"] for s in ss]),
+                lay, qbs)
+            row = (t - 1) % m
+            dst = ([s["microadam_indices"][row] for s in ss] + [s["microadam_values"][row] for s in ss]
+                   + [s[k] for k in ("microadam_error", "microadam_error_min", "microadam_error_max") for s in ss])
+            torch._foreach_copy_(dst, [*idx, *vals, *codes, *lo, *hi])
+            del idx, vals, codes, lo, hi
+            u = MA.window_direction_rows(torch.stack([s["microadam_indices"] for s in ss]),
+                                         torch.stack([s["microadam_values"] for s in ss]), *weights[device], eps, lay)
+            for (i, g, _), row_u in zip(items, u):
+                ds[i] = row_u.view(g.shape)
+            del u
+        if ps:
+            apply_updates_foreach_(ps, ds, lr, group.get("weight_decay", 0.0), self.foreach_decays_after)
+
+    def foreach_transient_bytes(self, numel):
+        """A bucket of ``numel`` elements stacked by layout: :meth:`transient_bytes`'s per-element 40
+        bytes, the stacked gradients (4) and directions (4, all alive until the update), and the window's
+        indices and float values (16 bytes per entry, at most one entry per element:
+        :meth:`supports_foreach_for`)."""
+        return (40 + 8 + 16) * numel

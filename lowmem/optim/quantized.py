@@ -153,6 +153,27 @@ def encode_(
     state[key + "_absmax"].copy_(absmax)
 
 
+def apply_updates_foreach_(params: list[Tensor], directions: list[Tensor], lr: float | Tensor, weight_decay: float,
+                           decay_after: bool) -> None:
+    """The engine's per-parameter update of each tensor (decoupled weight decay before, or after, the step
+    ``p -= lr d``: :func:`~lowmem.optim.functional.decoupled_weight_decay_`,
+    :func:`~lowmem.optim.functional.apply_update_`) as multi-tensor ops, the same operations; a tensor
+    ``lr`` (a scheduler's) takes the per-tensor forms."""
+    if isinstance(lr, Tensor):
+        for p, d in zip(params, directions):
+            if not decay_after:
+                F.decoupled_weight_decay_(p, lr, weight_decay)
+            F.apply_update_(p, d, lr)
+            if decay_after:
+                F.decoupled_weight_decay_(p, lr, weight_decay)
+        return
+    if weight_decay != 0 and not decay_after:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, directions, alpha=-lr)
+    if weight_decay != 0 and decay_after:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
 # ---- the moment-rule wrapper ----------------------------------------------------------------
 
 
@@ -304,20 +325,7 @@ class Quantized(MomentRule):
         ds = self.inner.foreach_direction(gs, views, group, t, lr)
         encode()
         del views, encode
-        wd = group.get("weight_decay", 0.0)
-        if isinstance(lr, torch.Tensor):  # (a scheduler's tensor lr: the per-tensor ops, as the engine's)
-            for p, d in zip(ps, ds):
-                if not self.foreach_decays_after:
-                    F.decoupled_weight_decay_(p, lr, wd)
-                F.apply_update_(p, d, lr)
-                if self.foreach_decays_after:
-                    F.decoupled_weight_decay_(p, lr, wd)
-            return
-        if wd != 0 and not self.foreach_decays_after:
-            torch._foreach_mul_(ps, 1.0 - lr * wd)
-        torch._foreach_add_(ps, ds, alpha=-lr)
-        if wd != 0 and self.foreach_decays_after:
-            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        apply_updates_foreach_(ps, ds, lr, group.get("weight_decay", 0.0), self.foreach_decays_after)
 
     def _decoded_many(self, gs, states, group):
         """Each state with its quantized moments decoded to float32 of its gradient's shape, and the

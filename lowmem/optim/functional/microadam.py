@@ -122,3 +122,75 @@ def window_direction(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, ep
     m_acc.index_add_(0, flat, (vals * w1.unsqueeze(1)).reshape(-1))
     v_acc.index_add_(0, flat, (vals.square() * w2.unsqueeze(1)).reshape(-1))
     return m_acc / (v_acc.sqrt() + eps)
+
+
+# ---- several tensors of one layout at once (the multi-tensor step) ---------------------------
+#
+# ``T`` flat tensors of the same top-k layout stacked as rows ``[T, d]``: every top-k block and every
+# error-quantization block is one row's own (each row is padded to whole quantization blocks, as
+# :func:`compress_` pads its tensor), so each row goes through the same operations on the same values
+# as :func:`compress_` / :func:`window_direction` of that tensor alone, bit for bit; the ring buffer's
+# contributions to a position are still added in row order (one tensor's rows stay in order).
+
+
+def _padded_rows(x: Tensor, width: int, value: float = 0.0) -> Tensor:
+    """``x [T, d]`` padded with ``value`` on the right to ``[T, width]`` (no copy when ``width == d``)."""
+    return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def quantize_minmax_4bit_rows(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`~lowmem.optim.functional.quant.quantize_minmax_4bit` of every row of ``x [T, d]``: returns
+    ``(packed uint8 [T, ceil(d / 2)], delta float32 [T, nb], Delta float32 [T, nb])``, ``nb = ceil(d / B)``."""
+    rows, d = x.shape
+    nb = -(-d // block_size)
+    width = nb * block_size
+    lo = _padded_rows(x, width, math.inf).reshape(-1, block_size).amin(dim=1)
+    hi = _padded_rows(x, width, -math.inf).reshape(-1, block_size).amax(dim=1)
+    unit = (hi - lo) / 15.0
+    blocks = _padded_rows(x, width).reshape(-1, block_size)
+    scaled = (blocks - lo.unsqueeze(1)) / unit.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    q = torch.floor(scaled + 0.5).clamp_(0, 15)
+    q = torch.where(unit.unsqueeze(1) > 0, q, torch.zeros_like(q)).view(rows, width)
+    q = _padded_rows(q[:, :d], d + d % 2)  # a zero code after an odd row, as pack_4bit pads a tensor
+    return Q.pack_4bit(q).view(rows, -1), lo.view(rows, nb), hi.view(rows, nb)
+
+
+def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: TopKLayout,
+                   quant_block_size: int):
+    """:func:`compress_` (lines 4-8) of ``T`` tensors of one ``layout`` stacked as rows: ``g [T, d]``
+    float32, ``error [T, ceil(d / 2)]``, ``err_lo`` / ``err_hi [T, nb]``. Returns ``(indices int16
+    [T, k], values bf16 [T, k], codes, min, max)``, each row equal to :func:`compress_` of its tensor."""
+    rows, d = g.shape
+    b = quant_block_size
+    width = -(-d // b) * b
+    levels = Q.lookup_4bit(error.reshape(-1), Q._LEVELS.to(error.device), error.numel() * 2).view(rows, -1)[:, :d]
+    q = _padded_rows(levels, width).reshape(-1, b)
+    unit = (err_hi - err_lo).reshape(-1) / 15.0
+    decoded = err_lo.reshape(-1).unsqueeze(1) + q * unit.unsqueeze(1)
+    a = (_padded_rows(g, width).reshape(-1, b) + decoded).view(rows, width)[:, :d]
+    full_end = layout.full_blocks * layout.block
+    idx = torch.topk(a[:, :full_end].abs().reshape(rows * layout.full_blocks, layout.block), layout.k_block,
+                     dim=1, sorted=False).indices.reshape(rows, -1)
+    if layout.k_last:
+        idx = torch.cat([idx, torch.topk(a[:, full_end:].abs(), layout.k_last, dim=1, sorted=False).indices], dim=1)
+    local = idx.to(torch.int16)
+    flat = global_indices(local, layout)
+    values = a.gather(1, flat).to(torch.bfloat16)
+    a = a.scatter(1, flat, 0.0)
+    codes, lo, hi = quantize_minmax_4bit_rows(a, b)
+    return local, values, codes, lo, hi
+
+
+def window_direction_rows(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, eps: float,
+                          layout: TopKLayout) -> Tensor:
+    """:func:`window_direction` (lines 10-12) of ``T`` tensors of one ``layout``: ``indices`` /
+    ``values [T, m, k]``; returns ``[T, d]`` float32, each row equal to its tensor's direction."""
+    rows = indices.shape[0]
+    flat = (global_indices(indices, layout)
+            + torch.arange(rows, device=indices.device).mul_(layout.d).view(rows, 1, 1)).reshape(-1)
+    vals = values.float()
+    m_acc = torch.zeros(rows * layout.d, dtype=torch.float32, device=values.device)
+    v_acc = torch.zeros_like(m_acc)
+    m_acc.index_add_(0, flat, (vals * w1.view(1, -1, 1)).reshape(-1))
+    v_acc.index_add_(0, flat, (vals.square() * w2.view(1, -1, 1)).reshape(-1))
+    return (m_acc / (v_acc.sqrt() + eps)).view(rows, layout.d)

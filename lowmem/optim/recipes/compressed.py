@@ -185,8 +185,13 @@ class MicroAdam(LowMemOptimizer):
         eps (`float`, defaults to `1e-8`): Added to ``sqrt(v_hat)``.
         topk_block_size (`int`, defaults to `4096`): Entries per top-k block (the reference derives
             it from the GPU's shared memory); at most 32768.
-        state_dtype (`str`, defaults to `"float32"`), foreach (`bool` or `None`, defaults to `None`):
-            Accepted for uniformity; MicroAdam's buffers have fixed dtypes and no multi-tensor path.
+        state_dtype (`str`, defaults to `"float32"`): Accepted for uniformity; MicroAdam's buffers have
+            fixed dtypes.
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters (up to
+            ``chunk_numel`` elements a bucket) together: the tensors of one size stacked as rows, one
+            compression and one window rebuild per size, equal bit for bit to `False` (one tensor at a
+            time); a tensor whose window outgrows it (``m k > d``) takes the per-parameter step, and
+            so does each tensor where the compiled path is on (CUDA).
     """
 
     recipe = MICROADAM
