@@ -85,8 +85,9 @@ def _check_equal(config, hp, chunk_numel, monkeypatch, name):
 
 def test_stacked_groups_are_small_tensors_of_one_shape_and_kind():
     xs = [torch.zeros(s) for s in [(4, 5), (5,), (4, 5), (4, 5), (20,), (200, 200), (200, 200), (2, 4, 5)]]
-    kinds = [2, 1, 2, 1, 1, 2, 2, 2]  # (4, 5) with a full second moment: not stacked with the factored ones
-    assert stack_groups(xs, kinds) == [[0, 2], [1], [3], [4], [5], [6], [7]]  # 40,000 >= STACK_NUMEL: alone
+    xs.append(torch.zeros(5, 4).t())  # non-contiguous: alone
+    kinds = [2, 1, 2, 1, 1, 2, 2, 2, 2]  # (4, 5) with a full second moment: not stacked with the factored ones
+    assert stack_groups(xs, kinds) == [[0, 2], [1], [3], [4], [5], [6], [7], [8]]  # 40,000 >= STACK_NUMEL: alone
 
 
 def test_large_tensors_are_not_stacked_so_threads_do_not_change_a_bit(monkeypatch):
@@ -113,6 +114,33 @@ def test_large_tensors_are_not_stacked_so_threads_do_not_change_a_bit(monkeypatc
         torch.set_num_threads(threads)
     for a, b in zip(ref, got):
         assert torch.equal(a, b), tuple(a.shape)
+
+
+@pytest.mark.parametrize("hparams", [{}, {"beta1": 0.9, "weight_decay": 0.1}])
+def test_non_contiguous_gradients_and_parameters_bit_for_bit(hparams):
+    """Transposed parameters and gradients (their ``g^2`` is reduced in the gradient's own layout by the
+    per-parameter step: such a tensor is not stacked, and a lone tensor is not copied into a stack),
+    next to contiguous ones of the same shape, and 0-d parameters."""
+
+    def run(foreach):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn((), generator=gen)), torch.nn.Parameter(torch.randn((), generator=gen)),
+              torch.nn.Parameter(torch.randn(7, 5, generator=gen).t()), torch.nn.Parameter(torch.randn(5, 7, generator=gen)),
+              torch.nn.Parameter(torch.randn(5, 7, generator=gen)),
+              torch.nn.Parameter(torch.randn(3, 7, 5, generator=gen).transpose(1, 2)),
+              torch.nn.Parameter(torch.randn(3, 5, 7, generator=gen))]
+        opt = create_optimizer(ps, "adafactor", foreach=foreach, **hparams)
+        for i in range(3):
+            for p in ps:  # every gradient of 2+ dimensions transposed in memory
+                g = torch.randn(tuple(reversed(p.shape)), generator=gen)
+                p.grad = g.permute(*reversed(range(p.dim()))) * (20.0 if i % 2 else 1.0) if p.dim() else g
+            opt.step()
+        return ps, opt
+
+    (ref, ref_opt), (got, got_opt) = run(False), run(None)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), tuple(a.shape)
+        assert all(torch.equal(ref_opt.state[a][k], got_opt.state[b][k]) for k in ref_opt.state[a])
 
 
 def test_bucket_clips_and_scales_each_tensor_by_its_own_rms():

@@ -81,12 +81,14 @@ def adafactor_lr_foreach(params: list[Tensor], rho: float, scale_parameter: bool
 
 
 def stack_groups(tensors: list[Tensor], kinds: list[int]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped for :func:`adafactor_foreach_`: the same shape and the same
-    kind of second moment (``kinds[i]``: 2 factored, 1 full), each under :data:`STACK_NUMEL`
-    elements; a larger tensor is a group of its own. Groups in order of first appearance."""
+    """Indices of the gradients ``tensors`` grouped for :func:`adafactor_foreach_`: the same shape and
+    the same kind of second moment (``kinds[i]``: 2 factored, 1 full), each contiguous and under
+    :data:`STACK_NUMEL` elements; any other tensor is a group of its own (a non-contiguous gradient's
+    ``g^2`` is reduced in its own layout, as the per-tensor step does). Groups in order of first
+    appearance."""
     groups: dict[tuple, list[int]] = {}
     for i, (x, kind) in enumerate(zip(tensors, kinds)):
-        key = (tuple(x.shape), kind) if x.numel() < STACK_NUMEL else (i,)
+        key = (tuple(x.shape), kind) if x.numel() < STACK_NUMEL and x.is_contiguous() else (i,)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -106,9 +108,18 @@ def _group_update(grads: list[Tensor], second: list[tuple[Tensor, ...]], beta2: 
     """The unclipped updates ``G / sqrt(V_hat)`` of a group of same-shape gradients, stacked along a
     new first dimension, after updating their second-moment statistics (Algorithm 3, or Algorithm 4
     lines 5-7 on the last two dimensions): the per-tensor operations, each once on the stack.
-    Transient: ``g^2 + eps1`` of the group, reused for the updates, and the stacked gradients."""
-    w = torch.stack(grads)  # g^2 + eps1, in place on a copy
-    w.mul_(w).add_(eps1)
+
+    A group of several is stacked (contiguous gradients: :func:`stack_groups`); a lone tensor keeps
+    its gradient's layout for ``g^2 + eps1`` and gets a new contiguous update, as in the per-tensor
+    step, so a reduction over a non-contiguous gradient runs in the same order. Transient: ``g^2 +
+    eps1`` of the group (a stack's turned into the updates; a lone tensor's next to its update), and
+    the stacked gradients."""
+    k = len(grads)
+    if k == 1:
+        w = (grads[0] * grads[0]).add_(eps1).unsqueeze(0)  # g^2 + eps1
+    else:
+        w = torch.stack(grads)  # in place on a copy
+        w.mul_(w).add_(eps1)
     if len(second[0]) == 2:  # R <- beta2 R + (1 - beta2) mean_cols(g2); C likewise with mean_rows
         rows, cols = [s[0] for s in second], [s[1] for s in second]
         r, c = _stacked(rows), _stacked(cols)
@@ -118,15 +129,16 @@ def _group_update(grads: list[Tensor], second: list[tuple[Tensor, ...]], beta2: 
         _write_back(cols, c)
         # U = (R / mean(R))^-1/2 C^-1/2 G (Algorithm 4, line 7: V_hat = R C / 1^T R)
         r_factor = (r / r.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-        torch.mul(r_factor, c.unsqueeze(-2).rsqrt(), out=w)
+        u = torch.mul(r_factor, c.unsqueeze(-2).rsqrt(), **({"out": w} if k > 1 else {}))
     else:  # V <- beta2 V + (1 - beta2) g2 (Algorithm 3); U = V^-1/2 G
         vs = [s[0] for s in second]
         v = _stacked(vs)
         v.mul_(beta2).add_(w, alpha=1.0 - beta2)
         _write_back(vs, v)
-        torch.rsqrt(v, out=w)
+        u = torch.rsqrt(v, **({"out": w} if k > 1 else {}))
         del v
-    return w.mul_(_stacked(grads))
+    del w
+    return u.mul_(_stacked(grads))
 
 
 def _group_lr(lrs: list[float] | list[Tensor] | Tensor, idx: list[int]) -> tuple[float | Tensor, list[float] | Tensor]:
