@@ -269,3 +269,37 @@ def test_foreach_direction_equals_direction_of_each_bit_for_bit(beta1, tensor_lr
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
             assert all(d.untyped_storage().data_ptr() != v.untyped_storage().data_ptr() for v in b.values())
     assert not rule.supports_foreach_direction({**group, "state_dtype": "bfloat16"}, {}, torch.zeros(1))
+
+
+@pytest.mark.parametrize("hparams", [{"weight_decay": 0.1}, {"beta1": 0.9}, {"lr": 1e-2, "relative_step": False}])
+def test_galore_adafactor_projected_parameters_bit_for_bit(hparams, monkeypatch):
+    """galore_adafactor's projected weights: the default ``foreach`` equals ``foreach=False`` bit for bit,
+    over refreshes. Their multi-tensor direction (``FactoredMoments.foreach_direction``) runs once the
+    engine's projected buckets accept a rule with ``foreach_direction_lrs``; until then they are stepped
+    one at a time (``seen`` stays empty; with that engine change it holds the bucket of four)."""
+    shapes = [(32, 24), (32, 24), (24, 32), (40, 16), (20,)]
+
+    def run(foreach):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        groups = [{"params": ps[:4], "rank": 4, "update_proj_gap": 2}, {"params": ps[4:]}]
+        opt = create_optimizer(groups, "galore_adafactor", foreach=foreach, **hparams)
+        seen, orig = [], F.adafactor_direction_foreach
+
+        def spy(gs, *a, **k):
+            seen.append(len(gs))
+            return orig(gs, *a, **k)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(F, "adafactor_direction_foreach", spy)
+            for i in range(4):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=gen) * (20.0 if i % 2 else 1.0)
+                opt.step()
+        return ps, opt, seen
+
+    (ref, ref_opt, ref_seen), (got, got_opt, seen) = run(False), run(None)
+    assert ref_seen == [] and all(n == 4 for n in seen), seen
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), tuple(a.shape)
+        assert all(torch.equal(ref_opt.state[a][k], got_opt.state[b][k]) for k in ref_opt.state[a])
