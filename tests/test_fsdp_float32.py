@@ -67,7 +67,8 @@ FLOAT32 = {tag: (tag, Net) for tag in (
     "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm", "microadam")}
 FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide),
             "adamw_sn_wide": ("adamw_sn", Wide), "adagrad_sn_wide": ("adagrad_sn", Wide),
-            "adamw_sn_flat": ("adamw_sn_flat", Net)}  # (Subset-Norm's flat subsets, k of the whole size)
+            "adamw_sn_flat": ("adamw_sn_flat", Net),  # (Subset-Norm's flat subsets, k of the whole size)
+            "adam_mini_straddle": ("adam_mini_straddle", Net)}  # (heads cut by the shards: off the buckets)
 # recipes whose foreach paths are all off on the shards: Adafactor's factored statistics (column sums
 # over every shard) refuse FSDP2 groups, also for galore_adafactor's full-rank parameters and AdaLomo's, and so do
 # Stable-SPAM's (the gradient norm and max |g| over every shard); the 8-bit projected recipes bucket

@@ -187,11 +187,10 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
         if group["block"] == "row" and p.ndim < 2:
             return (f"its 'row' block of a {p.ndim}-D parameter is the whole vector, of which a shard holds only"
                     " a part; use block='tensor' (reduced over the shards) or 'element' for vectors")
-        if group["block"] == "head" and p.ndim >= 1:
-            shards = math.prod(p.device_mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_shard())
-            if -(-p.shape[0] // shards) % group["head_dim"]:
-                return (f"its attention-head blocks ({group['head_dim']} rows) straddle the shards of a"
-                        f" {p.shape[0]}-row weight over {shards} ranks (need ceil(rows / ranks) % head_dim == 0)")
+        if group["block"] == "head" and p.ndim == 2:  # (a shard of a batched tensor holds whole matrices)
+            why = straddling_heads_refusal(p, group["head_dim"])
+            if why is not None:
+                return why
         moment = AdamMoments()  # (stands for it below: its blocks are now shard-local or reduced)
     from .recipes.subset_norm import SubsetNormMoments
 
@@ -224,6 +223,30 @@ def sharded_lr_rules() -> tuple[Any, ...]:
     from .recipes.lomo import adalomo_lr
 
     return (adafactor_lr, adalomo_lr)
+
+
+def straddling_heads_refusal(p: Tensor, head_dim: int) -> str | None:
+    """Why Adam-mini's ``head`` blocks of the matrix ``p`` cannot be stepped on its shards, or
+    ``None``. Heads that straddle two shards (``ceil(rows / ranks) % head_dim != 0``) are summed over
+    the shards (``recipes.adam_mini.straddling_heads_mean_square``); each such shard keeps one ``v``
+    per row, which it can tell from its own row count only when that is not a multiple of
+    ``head_dim``: a non-empty shard holding whole heads among straddling ones (the trailing shard,
+    e.g. 16 rows of 4-row heads over 3 ranks: 6 / 6 / 4) is refused, as is a sharding other than
+    rows over one mesh dimension."""
+    dims = [(i, pl.dim) for i, pl in enumerate(p.placements) if pl.is_shard()]
+    shards = math.prod(p.device_mesh.size(i) for i, _ in dims)
+    chunk = -(-p.shape[0] // shards)
+    if chunk % head_dim == 0:
+        return None
+    if len(dims) != 1 or dims[0][1] != 0:
+        return (f"its attention-head blocks ({head_dim} rows) straddle the shards of a {p.shape[0]}-row weight;"
+                " summing them over the shards needs rows sharded over one mesh dimension")
+    counts = [min(chunk, max(0, p.shape[0] - i * chunk)) for i in range(shards)]
+    if any(c > 0 and c % head_dim == 0 for c in counts):
+        return (f"its attention-head blocks ({head_dim} rows) straddle the shards of a {p.shape[0]}-row weight over"
+                f" {shards} ranks (rows per shard {counts}) while a shard holds whole heads (need ceil(rows / ranks)"
+                " % head_dim == 0, or no non-empty shard with a multiple of head_dim rows)")
+    return None
 
 
 def flat_subsets_refusal(p: Tensor, subset_size: int) -> str | None:

@@ -30,6 +30,7 @@ default, adam-mini's rule for parameters it cannot name); groups may set ``block
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any, Iterable
 
@@ -181,6 +182,46 @@ def _n_blocks(shape: torch.Size, group: dict[str, Any]) -> int:
     return numel // b if b else 0
 
 
+def _row_layout(shape: torch.Size, group: dict[str, Any]) -> bool:
+    """Whether ``shape`` is an FSDP2 shard of a matrix of ``head`` blocks whose rows do not fall on
+    head boundaries (a head straddles it and its neighbour): its ``v`` then holds one entry per row,
+    the second moment of the row's head (equal across the head's rows, :func:`straddling_heads_mean_square`).
+    Only a shard can have such a row count (``_check_group`` asks ``rows % head_dim == 0``)."""
+    return group["block"] == "head" and len(shape) == 2 and shape[0] % group["head_dim"] != 0
+
+
+def _local_block_numel(shape: torch.Size, group: dict[str, Any]) -> int:
+    """Elements per entry of ``v`` for a tensor (or a shard) of ``shape``: a row in the row layout
+    (:func:`_row_layout`), else the block's."""
+    return shape[-1] if _row_layout(shape, group) else _block_numel(shape, group)
+
+
+def straddles(reduce: Any, group: dict[str, Any]) -> bool:
+    """Whether the ``head`` blocks of an FSDP2 matrix (``reduce``: its :class:`~lowmem.optim.sharded.ShardReduce`,
+    global shape and this rank's rows) are cut by its shard boundaries: ``ceil(rows / shards) %
+    head_dim != 0`` (``torch.chunk``'s split). The same answer on every rank, so every rank joins
+    the all-reduce of :func:`straddling_heads_mean_square` or none does."""
+    if group["block"] != "head" or reduce.rows is None or len(reduce.shape) != 2:
+        return False
+    import torch.distributed as dist
+
+    shards = math.prod(dist.get_world_size(g) for g in reduce.groups)
+    return -(-reduce.shape[0] // shards) % group["head_dim"] != 0
+
+
+def straddling_heads_mean_square(row_sq: Tensor, rows: tuple[int, int], shape: torch.Size, head_dim: int,
+                                 reduce: Any) -> Tensor:
+    """``mean(g_b * g_b)`` of every head ``b`` of an ``m x n`` matrix sharded by rows (Zhang et al.
+    2024, Algorithm 1, the second-moment line, for blocks a shard holds only in part): this rank's
+    row sums of squares ``row_sq`` (its rows ``[start, stop)``) added into the ``m / head_dim``
+    heads, summed over the shards (one all-reduce of ``m / head_dim`` numbers), divided by the
+    head's ``head_dim * n`` elements. Returns the ``m / head_dim`` means (the same on every rank)."""
+    m, n = shape
+    heads = row_sq.new_zeros(m // head_dim)
+    heads.index_add_(0, torch.arange(rows[0], rows[1], device=row_sq.device) // head_dim, row_sq)
+    return reduce.sum_(heads).div_(head_dim * n)
+
+
 class AdamMiniMoments(MomentRule):
     """Adam's first moment and one second moment per block (Zhang et al. 2024, Algorithm 1).
 
@@ -208,10 +249,11 @@ class AdamMiniMoments(MomentRule):
     def chunk_align(self, shape, group, state):
         if group["block"] == "tensor":
             return 1  # reduced over the chunks first (prepare_chunks)
-        return max(1, _block_numel(shape, group))
+        return max(1, _local_block_numel(shape, group))
 
-    # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce``; rows, heads (a shard holds whole
-    # heads, checked by sharded.refusal) and elements are shard-local blocks
+    # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce``; rows, elements and the heads of
+    # a shard that holds whole heads are shard-local blocks; heads cut by the shard boundaries are
+    # summed over the shards (prepare_chunks)
     sharded_stats = True
 
     def init_state_sharded(self, state, shape, whole_shape, group, param):
@@ -222,6 +264,9 @@ class AdamMiniMoments(MomentRule):
         if group["block"] == "tensor":
             v = state["exp_avg_sq"]
             state["exp_avg_sq"] = torch.zeros(1, dtype=v.dtype, device=v.device)
+        elif _row_layout(shape, group):  # heads cut by the shard's boundaries: one v per row (its head's)
+            v = state["exp_avg_sq"]
+            state["exp_avg_sq"] = torch.zeros(shape[0], dtype=v.dtype, device=v.device)
 
     def replicated_state(self, key, group):
         return key == "exp_avg_sq" and group["block"] == "tensor"  # one v for the whole tensor
@@ -229,7 +274,12 @@ class AdamMiniMoments(MomentRule):
     def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
         """A whole-tensor block: ``v <- beta2 v + (1 - beta2) mean(g * g)`` from the sum of squares
         over the chunks (one chunk's ``g^2`` at a time); the chunks then only read ``v``. ``reduce``
-        (an FSDP2 shard): the sum of squares and the element count summed over the shards (2 numbers)."""
+        (an FSDP2 shard): the sum of squares and the element count summed over the shards (2 numbers).
+        Heads cut by the shard boundaries (:func:`straddles`): every head's mean over the shards
+        (:func:`straddling_heads_mean_square`: one all-reduce of ``rows / head_dim`` numbers), each
+        entry of this shard's ``v`` updated from its head's."""
+        if reduce is not None and straddles(reduce, group):
+            return self._prepare_straddling_heads(state, shape, group, bounds, stabilized, reduce)
         if group["block"] != "tensor":
             return None
         v = state["exp_avg_sq"]
@@ -248,11 +298,35 @@ class AdamMiniMoments(MomentRule):
             v.copy_(v32)
         return True
 
+    def _prepare_straddling_heads(self, state, shape, group, bounds, stabilized, reduce):
+        """:meth:`prepare_chunks` of a shard of a matrix whose heads straddle the shards: its rows'
+        sums of ``g^2`` (one chunk at a time), every head's mean over the shards, then ``v`` (one
+        entry per row in the row layout, per head of a shard that holds whole heads)."""
+        v = state["exp_avg_sq"]
+        dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+        n, hd = shape[-1], group["head_dim"]
+        row_sq = torch.zeros(shape[0], dtype=dtype, device=v.device)
+        for start, stop in bounds:
+            g = stabilized(start, stop, self.chunk_state(state, start, stop, shape, group))
+            row_sq[start // n : stop // n] = g.to(dtype).view(-1, n).square().sum(dim=1)
+            del g
+        mean_sq = straddling_heads_mean_square(row_sq, reduce.rows, reduce.shape, hd, reduce)
+        first = reduce.rows[0]
+        if _row_layout(shape, group):
+            local = mean_sq[torch.arange(first, first + shape[0], device=v.device) // hd]
+        else:
+            local = mean_sq[first // hd : first // hd + v.numel()]
+        v32 = F.compute_float(v)
+        block_second_moment_(v32, None, group["betas"][1], mean_square=local)
+        if v32 is not v:
+            v.copy_(v32)
+        return True
+
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         view = ChunkState(state, start, stop, {"second_moment_done": ctx is True, "parent": state, "shape": shape})
         view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         if group["block"] != "tensor":
-            b = _block_numel(shape, group)
+            b = _local_block_numel(shape, group)
             view["exp_avg_sq"] = state["exp_avg_sq"][start // b: stop // b]
         return view
 
@@ -261,7 +335,7 @@ class AdamMiniMoments(MomentRule):
         block means, or the step's block factors (three block vectors at most) and the direction,
         whichever is larger; with low-precision storage also float32 copies of both moments."""
         dtype = state["exp_avg"].dtype if "exp_avg" in state else torch.float32
-        b = _block_numel(shape, group)
+        b = _local_block_numel(shape, group)
         nb = 1 if group["block"] == "tensor" else (numel // b if b else 0)
         size = 8 if dtype == torch.float64 else 4
         work = size * max(numel + nb, 3 * nb)
@@ -273,9 +347,12 @@ class AdamMiniMoments(MomentRule):
 
     def supports_foreach_for(self, shape, group, state):
         """Every block kind, but a whole-tensor block of an FSDP2 (sharded) group: its mean over the
-        whole tensor needs the shards' sums (:meth:`prepare_chunks` all-reduces them). (Called for
-        every parameter every step: the partition is read from ``v``'s size, as :meth:`direction`
-        does.)"""
+        whole tensor needs the shards' sums (:meth:`prepare_chunks` all-reduces them); nor a shard of
+        heads cut by the shard boundaries (:func:`_row_layout`) or an empty one (it joins the
+        all-reduce of the straddling heads). (Called for every parameter every step: the partition
+        is read from ``v``'s size, as :meth:`direction` does.)"""
+        if group["block"] == "head" and len(shape) == 2 and (shape[0] == 0 or _row_layout(shape, group)):
+            return not sharded_group(group)
         return group["block"] != "tensor" or not sharded_group(group)
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
