@@ -116,12 +116,12 @@ def window_direction(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, ep
     selected get 0.
     """
     flat = global_indices(indices, layout).reshape(-1)
-    vals = values.float()
+    vals = values.to(torch.float32, copy=True)  # (squared in place below: never the state's own values)
     m_acc = torch.zeros(layout.d, dtype=torch.float32, device=values.device)
     v_acc = torch.zeros_like(m_acc)
     m_acc.index_add_(0, flat, (vals * w1.unsqueeze(1)).reshape(-1))
-    v_acc.index_add_(0, flat, (vals.square() * w2.unsqueeze(1)).reshape(-1))
-    return m_acc / (v_acc.sqrt() + eps)
+    v_acc.index_add_(0, flat, vals.square_().mul_(w2.unsqueeze(1)).reshape(-1))
+    return m_acc.div_(v_acc.sqrt_().add_(eps))  # in place: no d-sized temporaries beyond the two sums
 
 
 # ---- several tensors of one layout at once (the multi-tensor step) ---------------------------
@@ -188,9 +188,9 @@ def window_direction_rows(indices: Tensor, values: Tensor, w1: Tensor, w2: Tenso
     rows = indices.shape[0]
     flat = (global_indices(indices, layout)
             + torch.arange(rows, device=indices.device).mul_(layout.d).view(rows, 1, 1)).reshape(-1)
-    vals = values.float()
+    vals = values.to(torch.float32, copy=True)
     m_acc = torch.zeros(rows * layout.d, dtype=torch.float32, device=values.device)
     v_acc = torch.zeros_like(m_acc)
     m_acc.index_add_(0, flat, (vals * w1.view(1, -1, 1)).reshape(-1))
-    v_acc.index_add_(0, flat, (vals.square() * w2.view(1, -1, 1)).reshape(-1))
-    return (m_acc / (v_acc.sqrt() + eps)).view(rows, layout.d)
+    v_acc.index_add_(0, flat, vals.square_().mul_(w2.view(1, -1, 1)).reshape(-1))
+    return m_acc.div_(v_acc.sqrt_().add_(eps)).view(rows, layout.d)
