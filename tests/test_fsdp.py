@@ -465,7 +465,8 @@ def test_fsdp2_two_processes_match_single_process(fsdp_run, name):
     (limiter norm), galore_full_random 7.0e-9, galore_left_rotate 5.7e-8, galore_adafactor_left
     7.1e-8, fira_left 5.0e-7 (the all-reduced P^T G, amplified by Adam's sign-like first steps);
     lomo 2.8e-17 (float64 gradients summed in another order), adalomo 3.0e-9 (float32 statistics;
-    red at 1.3e-4 when its step size reads the shard's own RMS))."""
+    red at 1.3e-4 when its step size reads the shard's own RMS), adamw_sn_flat / adagrad_sn_flat 0.0,
+    adam_mini_straddle 1.2e-8 (a head's sums over the shards, float32 v))."""
     sharded = torch.load(fsdp_run / f"{name}_float64.pt", weights_only=True)
     for key, ref in run_single(name).items():
         torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")

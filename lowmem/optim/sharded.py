@@ -15,7 +15,7 @@ them (Stable-SPAM's ``max |g|`` and gradient norm: one all-reduce of a scalar ea
 parameter's mesh; Adafactor's (and AdaLomo's) column sums, row-statistic mean, update RMS and
 parameter RMS;
 rank-1 column maxima; SinkGD's / SCALE's / Subset-Norm's column norms; Adam-mini's whole-tensor
-blocks), or the whole matrix is gathered (a projection's refresh, Muon's Newton-Schulz), so the
+blocks and heads cut by the shard boundaries), or the whole matrix is gathered (a projection's refresh, Muon's Newton-Schulz), so the
 result equals the unsharded step. Projected parameters: :class:`ShardedProjection` (bases kept
 whole on every rank; right-side projections shard-local, left-side ones all-reduced). Block-wise
 statistics (quantization
@@ -25,7 +25,8 @@ otherwise the blocks at shard boundaries differ (still a valid optimizer, but no
 
 Recipes that need information this module does not reduce (layerwise mode, which fuses the step
 into the backward pass; row / flat coordinate subspaces; Subset-Norm's flat subsets cut by a shard
-boundary; Adam-mini heads cut by a shard boundary) are **refused** with a
+boundary; Adam-mini's whole heads on a shard among cut ones, :func:`straddling_heads_refusal`) are
+**refused** with a
 ``NotImplementedError`` naming the recipe and the supported ones, never run on a shard as if it
 were the whole matrix. The check is an allow-list of engine parts (:func:`refusal`), so a new part
 refuses until someone states that it is shard-local.
