@@ -181,6 +181,29 @@ def test_adalomo_step_is_scaled_by_the_parameter_rms():
         torch.testing.assert_close(p.detach(), p0 - step * u, rtol=1e-5, atol=1e-7)
 
 
+def test_adalomo_step_size_of_a_shard_reads_the_whole_parameter():
+    """FSDP2: ``adalomo_lr(reduce=...)`` on one shard of rows gives the step size of the whole
+    parameter (its RMS from the shards' summed squares and element counts; ``reduce`` stands in for
+    the all-reduce with the other shard's sums), not the shard's own (red when ``reduce`` is ignored:
+    the two shards' RMS differ 4x here); an empty shard gets the whole parameter's too."""
+    from lowmem.optim.recipes.lomo import adalomo_lr
+
+    class OtherShard:  # ShardReduce over two ranks, this one and `other`
+        def __init__(self, other):
+            self.sums = torch.stack([other.square().sum(), torch.tensor(float(other.numel()), dtype=other.dtype)])
+
+        def sum_(self, t):
+            return t.add_(self.sums)
+
+    torch.manual_seed(0)
+    whole = torch.cat([torch.randn(4, 6), 4 * torch.randn(5, 6)])
+    group = {"lr": 0.1, "eps": (1e-30, 1e-3)}
+    expected = adalomo_lr(group, {}, whole, 1)
+    for mine, other in ((whole[:4], whole[4:]), (whole[4:], whole[:4]), (whole[:0], whole)):
+        got = adalomo_lr(group, {}, mine.clone(), 1, reduce=OtherShard(other))
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0.0)
+
+
 def test_lowmem_train_asks_for_layerwise_mode():
     from lowmem.config import ConfigError
     from lowmem.train import TrainRecipe
