@@ -14,8 +14,8 @@ from lowmem.optim.registry import create_optimizer
 
 # same-size matrices and vectors (one layout each), a size with a partial top-k block and an odd
 # length (1015: partial error block, a padding nibble), a 3-D tensor, a tiny vector whose window
-# would outgrow it (m k > d: per parameter), two tensors larger than chunk_numel=2048 (pieces), and
-# a bf16 matrix (per parameter)
+# would outgrow half of it (2 m k > d: per parameter), two tensors larger than chunk_numel=2048
+# (pieces), and a bf16 matrix (per parameter)
 SHAPES = [(32, 16), (32, 16), (16, 32), (512,), (512,), (35, 29), (2, 8, 16), (5,), (3000,), (64, 48)]
 
 CONFIGS = {
@@ -56,8 +56,8 @@ def test_foreach_equals_the_per_parameter_step_bit_for_bit(config, chunk_numel, 
     assert sum(n for n, d in calls if d == 512) == 5 * steps and (1, 1015) in calls
     assert max(n for n, _ in calls) >= 4  # (buckets of at most chunk_numel elements: 4 + 1 at 2048)
     assert not any(d == 384 or (chunk_numel and d > chunk_numel) for _, d in calls), calls
-    if hp["m"] * MA.topk_layout(5, hp["topk_block_size"], hp["k_init"]).k > 5:
-        assert (1, 5) not in calls  # the window would outgrow the tensor: per parameter
+    if 2 * hp["m"] * MA.topk_layout(5, hp["topk_block_size"], hp["k_init"]).k > 5:
+        assert (1, 5) not in calls  # the window would outgrow half the tensor: per parameter
     for a, b in zip(ref, got):
         assert torch.equal(a, b), (config, tuple(a.shape), (a.float() - b.float()).abs().max().item())
         sa, sb = ref_opt.state[a], got_opt.state[b]
@@ -68,6 +68,6 @@ def test_foreach_equals_the_per_parameter_step_bit_for_bit(config, chunk_numel, 
 
 def test_window_larger_than_the_tensor_takes_the_per_parameter_step():
     rule = create_optimizer([torch.nn.Parameter(torch.zeros(4))], "microadam").recipe.moment
-    group = {"params": [], "m": 4, "k_init": 0.5, "topk_block_size": 64}
-    assert rule.supports_foreach_for(torch.Size([16]), {**group, "k_init": 0.25}, {})  # m k = 16 = d
-    assert not rule.supports_foreach_for(torch.Size([16]), group, {})  # m k = 32 > d
+    group = {"params": [], "m": 4, "k_init": 0.25, "topk_block_size": 64}
+    assert rule.supports_foreach_for(torch.Size([16]), {**group, "k_init": 0.125}, {})  # 2 m k = 16 = d
+    assert not rule.supports_foreach_for(torch.Size([16]), group, {})  # 2 m k = 32 > d

@@ -89,6 +89,7 @@ def compress_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: 
     # (torch 2.13's CPU inductor drops the partial last block when it splits such a loop).
     blocks = Q.dequantize_minmax_4bit_blocks(error, err_lo, err_hi, quant_block_size, layout.d)
     a = (Q._blocks(g, quant_block_size) + blocks).reshape(-1)[: layout.d]
+    del blocks
     local = blockwise_topk(a, layout)
     flat = global_indices(local, layout)
     values = a[flat].to(torch.bfloat16)
@@ -146,11 +147,7 @@ def quantize_minmax_4bit_rows(x: Tensor, block_size: int) -> tuple[Tensor, Tenso
     width = nb * block_size
     lo = _padded_rows(x, width, math.inf).reshape(-1, block_size).amin(dim=1)
     hi = _padded_rows(x, width, -math.inf).reshape(-1, block_size).amax(dim=1)
-    unit = (hi - lo) / 15.0
-    blocks = _padded_rows(x, width).reshape(-1, block_size)
-    scaled = (blocks - lo.unsqueeze(1)) / unit.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    q = torch.floor(scaled + 0.5).clamp_(0, 15)
-    q = torch.where(unit.unsqueeze(1) > 0, q, torch.zeros_like(q)).view(rows, width)
+    q = Q.minmax_levels(_padded_rows(x, width).reshape(-1, block_size), lo, hi).view(rows, width)
     q = _padded_rows(q[:, :d], d + d % 2)  # a zero code after an odd row, as pack_4bit pads a tensor
     return Q.pack_4bit(q).view(rows, -1), lo.view(rows, nb), hi.view(rows, nb)
 
@@ -168,6 +165,7 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
     unit = (err_hi - err_lo).reshape(-1) / 15.0
     decoded = err_lo.reshape(-1).unsqueeze(1) + q * unit.unsqueeze(1)
     a = (_padded_rows(g, width).reshape(-1, b) + decoded).view(rows, width)[:, :d]
+    del levels, q, decoded
     full_end = layout.full_blocks * layout.block
     idx = torch.topk(a[:, :full_end].abs().reshape(rows * layout.full_blocks, layout.block), layout.k_block,
                      dim=1, sorted=False).indices.reshape(rows, -1)

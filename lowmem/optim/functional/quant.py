@@ -321,15 +321,22 @@ def quantize_minmax_4bit(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Te
     flat = x.reshape(-1).float()
     n = flat.numel()
     pad = (-n) % block_size
-    lo_src = torch.nn.functional.pad(flat, (0, pad), value=math.inf).view(-1, block_size)
-    hi_src = torch.nn.functional.pad(flat, (0, pad), value=-math.inf).view(-1, block_size)
-    lo, hi = lo_src.amin(dim=1), hi_src.amax(dim=1)
-    unit = (hi - lo) / 15.0
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)
-    scaled = (blocks - lo.unsqueeze(1)) / unit.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    q = torch.floor(scaled + 0.5).clamp_(0, 15)
-    q = torch.where(unit.unsqueeze(1) > 0, q, torch.zeros_like(q))
+
+    def padded(value: float) -> Tensor:  # (whole blocks: the tensor itself, no copy)
+        return (torch.nn.functional.pad(flat, (0, pad), value=value) if pad else flat).view(-1, block_size)
+
+    lo, hi = padded(math.inf).amin(dim=1), padded(-math.inf).amax(dim=1)
+    q = minmax_levels(padded(0.0), lo, hi)
     return pack_4bit(q.reshape(-1)[:n]), lo, hi
+
+
+def minmax_levels(blocks: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The levels ``q = round((x - delta) / u)`` clamped to ``[0, 15]`` (``0`` where ``u = 0``) of
+    ``blocks [nb, B]`` with their per-block ``delta = lo``, ``Delta = hi`` (:func:`quantize_minmax_4bit`),
+    float32 ``[nb, B]``: one new tensor, every later operation in place."""
+    unit = ((hi - lo) / 15.0).unsqueeze(1)
+    q = (blocks - lo.unsqueeze(1)).div_(unit.clamp(min=torch.finfo(torch.float32).tiny))
+    return q.add_(0.5).floor_().clamp_(0, 15).masked_fill_(~(unit > 0), 0.0)
 
 
 def dequantize_minmax_4bit_blocks(packed: Tensor, lo: Tensor, hi: Tensor, block_size: int, n: int) -> Tensor:

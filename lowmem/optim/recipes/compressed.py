@@ -190,7 +190,7 @@ class MicroAdam(LowMemOptimizer):
         foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters (up to
             ``chunk_numel`` elements a bucket) together: the tensors of one size stacked as rows, one
             compression and one window rebuild per size, equal bit for bit to `False` (one tensor at a
-            time); a tensor whose window outgrows it (``m k > d``) takes the per-parameter step, and
+            time); a tensor whose window outgrows half of it (``2 m k > d``) takes the per-parameter step, and
             so does each tensor where the compiled path is on (CUDA).
     """
 
