@@ -274,9 +274,8 @@ def test_foreach_direction_equals_direction_of_each_bit_for_bit(beta1, tensor_lr
 @pytest.mark.parametrize("hparams", [{"weight_decay": 0.1}, {"beta1": 0.9}, {"lr": 1e-2, "relative_step": False}])
 def test_galore_adafactor_projected_parameters_bit_for_bit(hparams, monkeypatch):
     """galore_adafactor's projected weights: the default ``foreach`` equals ``foreach=False`` bit for bit,
-    over refreshes. Their multi-tensor direction (``FactoredMoments.foreach_direction``) runs once the
-    engine's projected buckets accept a rule with ``foreach_direction_lrs``; until then they are stepped
-    one at a time (``seen`` stays empty; with that engine change it holds the bucket of four)."""
+    over refreshes. The engine's projected buckets take them (``FactoredMoments.foreach_direction``, one
+    step size per parameter: ``foreach_direction_lrs``): ``seen`` holds the bucket of four at every step."""
     shapes = [(32, 24), (32, 24), (24, 32), (40, 16), (20,)]
 
     def run(foreach):
@@ -299,7 +298,7 @@ def test_galore_adafactor_projected_parameters_bit_for_bit(hparams, monkeypatch)
         return ps, opt, seen
 
     (ref, ref_opt, ref_seen), (got, got_opt, seen) = run(False), run(None)
-    assert ref_seen == [] and all(n == 4 for n in seen), seen
+    assert ref_seen == [] and len(seen) == 4 and all(n == 4 for n in seen), seen
     for a, b in zip(ref, got):
         assert torch.equal(a, b), tuple(a.shape)
         assert all(torch.equal(ref_opt.state[a][k], got_opt.state[b][k]) for k in ref_opt.state[a])

@@ -38,11 +38,12 @@ def _run(name, hparams, foreach, chunk_numel, dtype=torch.float32, steps=5, skip
     """Weights and state after ``steps`` steps (a refresh every 2 steps), and the element counts of
     the buckets the multi-tensor direction stepped."""
     calls: list[list[int]] = []
-    orig = F.adam_direction_foreach
 
-    def spy(ms, *args, **kwargs):
-        calls.append([m.numel() for m in ms])
-        return orig(ms, *args, **kwargs)
+    def spy_on(orig):
+        def spy(ms, *args, **kwargs):
+            calls.append([m.numel() for m in ms])
+            return orig(ms, *args, **kwargs)
+        return spy
 
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
@@ -52,7 +53,8 @@ def _run(name, hparams, foreach, chunk_numel, dtype=torch.float32, steps=5, skip
     for g in opt.param_groups:
         g["foreach"] = foreach
     with monkeypatch.context() as mp:
-        mp.setattr(F, "adam_direction_foreach", spy)
+        mp.setattr(F, "adam_direction_foreach", spy_on(F.adam_direction_foreach))
+        mp.setattr(F, "adafactor_direction_foreach", spy_on(F.adafactor_direction_foreach))
         for step in range(steps):
             for i, p in enumerate(ps):
                 p.grad = None if (step == 0 and i in skip_first) else torch.randn(p.shape, generator=gen).to(dtype)
@@ -128,12 +130,23 @@ def test_projected_bucket_splits_by_step_count(monkeypatch):
 
 @pytest.mark.parametrize("name,hparams", [
     ("galore_adamw", {"state_dtype": "param"}),  # bf16 moments of a bf16 parameter: no multi-tensor form
-    ("galore_adafactor", {"eps": (1e-30, 1e-3)}),  # factored moments, and an lr rule that reads the parameter
+    ("galore_adafactor", {"eps": (1e-30, 1e-3), "state_dtype": "param"}),  # bf16 factored statistics
 ])
 def test_projected_bucket_not_taken_without_a_float32_multi_tensor_rule(name, hparams, monkeypatch):
     _, _, calls, _ = _run(name, hparams, None, 160, dtype=torch.bfloat16 if "state_dtype" in hparams else torch.float32,
                           steps=2, monkeypatch=monkeypatch)
     assert calls == []
+
+
+def test_galore_adafactor_takes_the_projected_buckets(monkeypatch):
+    """Factored moments with an lr rule that reads the parameter (one step size per projected gradient,
+    ``MomentRule.foreach_direction_lrs``): bucketed, equal to ``foreach=False`` bit for bit (the whole
+    comparison over 3 configurations: tests/test_foreach_adafactor.py)."""
+    hp = {"eps": (1e-30, 1e-3)}
+    fast = _run("galore_adafactor", hp, None, 160, monkeypatch=monkeypatch)
+    ref = _run("galore_adafactor", hp, False, 160, monkeypatch=monkeypatch)
+    _assert_equal(fast, ref)
+    assert ref[2] == [] and fast[2] and max(sum(c) for c in fast[2]) <= 160
 
 
 # one weight shape whose plain step outweighs its refresh at rank 16 (a random basis: a draw, no SVD),

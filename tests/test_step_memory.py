@@ -265,6 +265,8 @@ MEASURED = {
     "apollo_adamw_gaussian_bucket": ({"rank": 512, "update_proj_gap": 2}, "refresh", 3),
     "galore_adamw_random_bucket": ({"rank": 512, "update_proj_gap": 2, "projection": "random"}, "refresh", 3),
     "fira_adamw_random_bucket": ({"rank": 512, "update_proj_gap": 200, "projection": "random"}, "plain", 2),
+    # factored moments in the projected buckets (one step size per weight): 13.4 MiB measured, 14.0 reported
+    "galore_adafactor_random_bucket": ({"rank": 512, "update_proj_gap": 200, "projection": "random"}, "plain", 2),
     # Subspace-Momentum: a plain step and randomized refreshes (its default exact SVD is galore's, below)
     "sgd_sm": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
     "adamw_snsm_rsvd": ({"rank": 64, "update_proj_gap": 2, "projection": "rsvd"}, "refresh", 3),
@@ -312,7 +314,7 @@ def test_step_peak_is_bounded_and_reported(measured, label):
 # the bucket's projected gradients, directions and sqrt(v), or a combine-back next to them
 TIGHT = {"muon": 1.3, "muon_no_nesterov": 1.3, "apollo_adamw": 1.3, "apollo_adamw_gaussian": 1.3,
          "apollo_adamw_random": 1.3, "apollo_adamw_bucket": 1.3, "apollo_adamw_gaussian_bucket": 1.3,
-         "galore_adamw_random_bucket": 1.3, "fira_adamw_random_bucket": 1.3}
+         "galore_adamw_random_bucket": 1.3, "fira_adamw_random_bucket": 1.3, "galore_adafactor_random_bucket": 1.3}
 
 
 @needs_proc

@@ -734,15 +734,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
         projected gradients of a bucket together
         (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction`), each is combined back alone
         (:meth:`_combine_back`). Needs a rule with a multi-tensor direction for ``p``'s state (AdamW's
-        on float32 moments, or on their 8-bit codes), no stabilizers, a learning-rate rule that does
-        not read the parameter, and a dense gradient; ``foreach=False`` in the group keeps the per-parameter step (the
+        on float32 moments, or on their 8-bit codes; Adafactor's factored ones), no stabilizers, a
+        learning-rate rule that does not read the parameter (one step size for the bucket) or a rule
+        that takes one step size per gradient (:attr:`~lowmem.optim.moments.MomentRule.foreach_direction_lrs`:
+        each parameter's, evaluated at its project-down), and a dense gradient; ``foreach=False`` in the group keeps the per-parameter step (the
         reference). FSDP2 shards take the per-parameter path (the caller checks)."""
         r = self.recipe
         return (
             group.get("foreach") is not False
             and not r.stabilizers
-            and r.lr_rule is constant_lr
-            and not r.moment.applies_lr
+            # one step size for the bucket (constant_lr), or one per parameter from the recipe's lr
+            # rule (evaluated at its project-down) that the rule's foreach_direction takes as a list
+            and ((r.lr_rule is constant_lr and not r.moment.applies_lr) or r.moment.foreach_direction_lrs)
             and (grad is None or grad.layout == torch.strided)
             and self._is_projected(p, group)
             and r.moment.supports_foreach_direction(group, {} if state is None else state, p)
@@ -764,7 +767,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _step_low_bucket(self, bucket: list[_Projected]) -> None:
         """The moment rule on every projected gradient of ``bucket`` at once, then each parameter's
         combine-back (its projected gradient and direction freed as it is done)."""
-        group, t, lr = bucket[0].group, bucket[0].t, bucket[0].lr
+        group, t = bucket[0].group, bucket[0].t
+        # one step size per parameter (each one's lr rule at its project-down: Adafactor's RMS scale)
+        lr = [b.lr for b in bucket] if self.recipe.moment.foreach_direction_lrs else bucket[0].lr
         ds = list(self.recipe.moment.foreach_direction([b.low for b in bucket], [b.state for b in bucket], group, t, lr))
         ds.reverse()
         bucket.reverse()
