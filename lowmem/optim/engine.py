@@ -163,6 +163,22 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return all(bool(torch.linalg.vector_norm(t, dtype=torch.float64) < MAX_GRAD_NORM) for t in tensors)
 
 
+# integers up to these are exact in the dtype: t + 1 computed in Python is the in-place add's result
+_EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def _advance_step(step: Tensor) -> float:
+    """Advance a parameter's step counter (a 0-d CPU tensor) by one and return its new value,
+    the values of ``step += 1; step.item()`` without turning the Python ``1`` into a tensor for the
+    add (``fill_`` of ``item() + 1``): the same single rounding to ``step``'s dtype, read back where
+    the sum may not be exact there (float32 beyond 2^24, low-precision dtypes)."""
+    t = step.item() + 1
+    step.fill_(t)
+    if step.is_floating_point() and not (abs(t) <= _EXACT_INTEGERS.get(step.dtype, 0) and float(t).is_integer()):
+        t = step.item()
+    return t
+
+
 class _Projected(NamedTuple):
     """A projected parameter between the phases of its step (:meth:`LowMemOptimizer._project_down`,
     the moment rule, :meth:`LowMemOptimizer._combine_back`): the gradient ``g`` the combine-back reads,
@@ -581,8 +597,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if reduce is None and self._projected_foreach_ok(p, group, grad, state):
                 if "step" not in state:
                     self._init_state(p, group, state)
-                state["step"] += 1
-                t = state["step"].item()
+                t = _advance_step(state["step"])
                 # the open bucket is stepped before this parameter is projected down (its refresh
                 # does not run next to a full bucket's projected gradients: step_transient_bytes)
                 numel = self.recipe.projection.low_shape(p.shape, group).numel()
@@ -593,8 +608,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             elif not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad, state):
                 if "step" not in state:
                     self._init_state(p, group, state)
-                state["step"] += 1
-                t = state["step"].item()
+                t = _advance_step(state["step"])
                 pieces = self._foreach_pieces(p)
                 stabilize = self._foreach_stabilizers(grad, group, state, t, pieces) if self.recipe.stabilizers else None
                 lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
@@ -931,8 +945,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         state = self.state[p if key is None else key]
         if "step" not in state:  # (a sharded parameter's shard: the rule may read the whole shape)
             self._init_state(p, group, state, key=key if reduce is not None else None)
-        state["step"] += 1
-        t = state["step"].item()
+        t = _advance_step(state["step"])
 
         if projected_grad is None:
             bounds = self._chunk_bounds(p, group, state, grad)
@@ -1025,8 +1038,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         state = self.state[key]
         if "step" not in state:
             self._init_state(p, group, state, key=key)
-        state["step"] += 1
-        t = state["step"].item()
+        t = _advance_step(state["step"])
         sp = self._sharded_projection(key, group, reduce)
         g = F.compute_float(grad).float()  # the subspace math is float32, as unsharded
         if P.refresh_due(state, group, int(t)):
