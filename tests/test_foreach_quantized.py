@@ -15,10 +15,11 @@ from lowmem.optim import quantized as QM
 from lowmem.optim.functional import quant as Q
 from lowmem.optim.registry import create_optimizer
 
-# same-shape matrices of whole blocks, a matrix ending in a partial block (35 x 29 = 1015), a 1 x n
-# row, small vectors (float32 moments below min_quant_size), a 3-D tensor, and two tensors larger
-# than chunk_numel=1024 (pieces: a 3000-vector, a 48 x 40 matrix), and a bf16 matrix (per parameter)
-SHAPES = [(32, 16), (32, 16), (35, 29), (1, 256), (64,), (64,), (7,), (2, 8, 16), (3000,), (48, 40)]
+# same-shape matrices of whole blocks (rank-1: stacked), two matrices ending in a partial block
+# (35 x 29 = 1015: decoded alone, also with rank-1 scales: an odd number of 4-bit codes), a 1 x n row,
+# small vectors (float32 moments below min_quant_size), a 3-D tensor, and two tensors larger than
+# chunk_numel=1024 (pieces: a 3000-vector, a 48 x 40 matrix), and a bf16 matrix (per parameter)
+SHAPES = [(32, 16), (32, 16), (35, 29), (35, 29), (1, 256), (64,), (64,), (7,), (2, 8, 16), (3000,), (48, 40)]
 
 CONFIGS = {
     "8bit": ("adamw8bit", {}),

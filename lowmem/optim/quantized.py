@@ -330,17 +330,23 @@ class Quantized(MomentRule):
     def _decoded_many(self, gs, states, group):
         """Each state with its quantized moments decoded to float32 of its gradient's shape, and the
         function that encodes them all back. Tensors of whole blocks share one decode (and one encode)
-        per moment; rank-1 scales and tensors ending in a partial block are decoded alone."""
+        per moment; matrices of one shape with rank-1 scales (an even number of elements: whole bytes)
+        share one per moment as a stack (the maxima are per matrix, over its last two dimensions); the
+        rest (a partial last block, an odd rank-1 matrix) is decoded alone."""
         b = group["block_size"]
         views = [dict(st) for st in states]
         alone: list[tuple[int, str]] = []
         batched: dict[str, list[int]] = {}
+        stacked: dict[tuple[str, torch.Size], list[int]] = {}
         for i, st in enumerate(states):
+            shape = gs[i].shape
             for k in self.specs:
                 if not is_quantized(st, k):
                     continue
-                if is_rank1(st, k) or gs[i].numel() % b:
-                    views[i][k] = decode(st, k, self.specs[k], b, gs[i].shape)
+                if is_rank1(st, k) and len(shape) == 2 and shape.numel() % 2 == 0:
+                    stacked.setdefault((k, shape), []).append(i)
+                elif is_rank1(st, k) or shape.numel() % b:
+                    views[i][k] = decode(st, k, self.specs[k], b, shape)
                     alone.append((i, k))
                 else:
                     batched.setdefault(k, []).append(i)
@@ -353,6 +359,14 @@ class Quantized(MomentRule):
             for i, part in zip(idx, flat.split(numels)):
                 views[i][k] = part.view(gs[i].shape)
             flats[k] = flat
+        stacks: dict[tuple[str, torch.Size], Tensor] = {}
+        for (k, shape), idx in stacked.items():
+            whole = Q.dequantize_rank1_4bit(
+                torch.cat([states[i][k] for i in idx]), torch.stack([states[i][k + "_rowmax"] for i in idx]),
+                torch.stack([states[i][k + "_colmax"] for i in idx]), Q.code_map(self.specs[k].code, gs[idx[0]].device))
+            for i, part in zip(idx, whole):
+                views[i][k] = part
+            stacks[(k, shape)] = whole
 
         def encode() -> None:
             for i, k in alone:
@@ -365,6 +379,13 @@ class Quantized(MomentRule):
                     [gs[i].numel() for i in idx], spec.code)
                 dst += [states[i][k] for i in idx] + [states[i][k + "_absmax"] for i in idx]
                 src += [*codes, *absmax]
+            for (k, shape), idx in stacked.items():
+                spec = self.specs[k]
+                codes, rows, cols = Q.quantize_rank1_4bit(stacks.pop((k, shape)), Q.code_map(spec.code, gs[idx[0]].device),
+                                                          None, spec.code)
+                dst += ([states[i][k] for i in idx] + [states[i][k + "_rowmax"] for i in idx]
+                        + [states[i][k + "_colmax"] for i in idx])
+                src += [*codes.view(len(idx), -1), *rows, *cols]
             if dst:
                 torch._foreach_copy_(dst, src)
 
