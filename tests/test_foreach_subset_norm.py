@@ -284,3 +284,18 @@ def test_div_scaled_folds_the_step_scale_into_a_smaller_denominator():
         assert torch.equal(_div_scaled_(u.clone(), denom, 1.0), u / denom)
     denom = torch.rand(30, 20, generator=gen) + 0.1
     assert torch.equal(_div_scaled_(u.clone(), denom, 0.37), u / denom * 0.37)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_subset_sq_norms_by_norm_equal_the_sums_of_squares(dim):
+    """SNSM's statistic from ``vector_norm`` (no ``G^2``) equals the sums of squares to float32
+    rounding (per row, per column), and is ``G^2`` itself per element."""
+    from lowmem.optim.functional import subset_norm as SN
+
+    g = torch.randn(37, 53, generator=torch.Generator().manual_seed(0))
+    got, ref = SN.subset_sq_norms_by_norm(g, dim), SN.subset_sq_norms(g, dim)
+    assert got.shape == ref.shape
+    if dim is None:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)

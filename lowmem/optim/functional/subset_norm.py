@@ -71,6 +71,17 @@ def subset_sq_norms(g: Tensor, dim: int | None) -> Tensor:
     return (g * g).sum(dim=dim, keepdim=True)
 
 
+def subset_sq_norms_by_norm(g: Tensor, dim: int | None) -> Tensor:
+    """:func:`subset_sq_norms` as the square of ``torch.linalg.vector_norm`` over ``dim`` (keepdim):
+    no ``g^2`` of ``g``'s size (one pass over ``g``, not three), equal to float32 rounding (the
+    square of a rounded norm). SNSM's statistic of the raw gradient in the combine-back's row
+    blocks (:class:`~lowmem.optim.recipes.subset_norm.SubsetNormStep`); ``g^2`` element-wise when
+    ``dim`` is ``None``."""
+    if dim is None:
+        return g * g
+    return torch.linalg.vector_norm(g, dim=dim, keepdim=True).square_()
+
+
 def ema_(x: Tensor, update: Tensor, beta: float) -> Tensor:
     """``x <- beta x + (1 - beta) update`` in place (the EMA of both moments, as the authors write it)."""
     return x.mul_(beta).add_(update, alpha=1.0 - beta)

@@ -94,9 +94,12 @@ def _subset_layout(v: Tensor, numel: int) -> str:
     return "row" if v.shape[-1] == 1 else "column"
 
 
-def _sn_update_(v: Tensor, g: Tensor, beta2: float | None, eps: float) -> tuple[Tensor, Tensor]:
+def _sn_update_(v: Tensor, g: Tensor, beta2: float | None, eps: float,
+                sq_norms: Any = SN.subset_sq_norms) -> tuple[Tensor, Tensor]:
     """Update the subset-norm second moment ``v`` from ``g`` (its rows ``(rows, n)``, or the whole
-    tensor) and return ``(denominator, g viewed like v broadcasts)``: ``sqrt(v) + eps``."""
+    tensor) and return ``(denominator, g viewed like v broadcasts)``: ``sqrt(v) + eps``. ``sq_norms``:
+    how the squared subset norms are computed (the moment rule's ``g^2`` sums, which its multi-tensor
+    kernels repeat bit for bit; SNSM's combine-back: from ``vector_norm``, no ``g^2``)."""
     layout = _subset_layout(v, g.numel())
     if layout == "element":
         g2, dim = g.view(v.shape), None
@@ -104,7 +107,7 @@ def _sn_update_(v: Tensor, g: Tensor, beta2: float | None, eps: float) -> tuple[
         g2, dim = g.reshape(v.shape[0], -1), 1
     else:
         g2, dim = g.reshape(-1, v.shape[1]), 0
-    sq = SN.subset_sq_norms(g2, dim)
+    sq = sq_norms(g2, dim)
     v32 = _ema_stored_(v, sq, beta2)
     del sq
     return SN.sn_denominator(v32, eps), g2
@@ -238,6 +241,11 @@ class SubsetNormMoments(MomentRule):
             v_shape = SN.subset_state_shape(shape, bool(group.get("subset_norm")), group.get("subset_size"))
             layout = "element" if v_shape == shape else ("row" if v_shape[-1] == 1 else "column")
         return layout != "column" or not sharded_group(group)
+
+    def steps_pieces_whole(self, shape, group, state):
+        """A subset-normed tensor in pieces is stepped whole from its first one; one ``v`` per element
+        (or momentum alone) is element-wise (:meth:`foreach_step_`)."""
+        return self.adaptive and "exp_avg_sq" in state and state["exp_avg_sq"].numel() != math.prod(shape)
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """A bucket's step (moments, update, decay after it): tensors with one ``v`` per element by
@@ -428,7 +436,8 @@ class SubsetNormStep(CombineRule):
 
     def direction(self, g, low, d_low, state, group, projection):
         u = self.inner.direction(g, low, d_low, state, group, projection)
-        denom, g2 = _sn_update_(state["sn_exp_avg_sq"], g, self._beta2(group), group["eps"])
+        denom, g2 = _sn_update_(state["sn_exp_avg_sq"], g, self._beta2(group), group["eps"],
+                                SN.subset_sq_norms_by_norm)
         return _div_scaled_(u.view(g2.shape), denom, self._scale(state, group)).view(g.shape)
 
     def prepare(self, g, low, d_low, state, group, projection, bounds):
@@ -438,7 +447,7 @@ class SubsetNormStep(CombineRule):
         if _subset_layout(v, g.numel()) == "column":  # column sums over every row block first
             sq = torch.zeros((1, g.shape[1]), dtype=torch.float32, device=v.device)
             for a, b in bounds:
-                sq.add_(SN.subset_sq_norms(g[a:b].float(), 0))
+                sq.add_(SN.subset_sq_norms_by_norm(g[a:b].float(), 0))
             denom = SN.sn_denominator(_ema_stored_(v, sq, self._beta2(group)), group["eps"])
         return inner, denom, self._scale(state, group)
 
@@ -446,16 +455,22 @@ class SubsetNormStep(CombineRule):
         inner, denom, scale = ctx
         u = self.inner.direction_rows(g_rows, low, d_low, state, group, projection, start, stop, inner)
         if denom is None:  # per row or per element: the rows' own statistics
-            denom, _ = _sn_update_(state["sn_exp_avg_sq"][start:stop], g_rows, self._beta2(group), group["eps"])
+            denom, _ = _sn_update_(state["sn_exp_avg_sq"][start:stop], g_rows, self._beta2(group), group["eps"],
+                                   SN.subset_sq_norms_by_norm)
         return _div_scaled_(u, denom, scale)
 
     def transient_bytes(self, shape, group, state, projection, rows):
-        """``inner``'s, plus ``G^2`` of the rows (and their float32 copy in the column pass) and, per
-        element, ``sqrt(v) + eps`` and a float32 copy of a low-precision ``v``."""
+        """``inner``'s, plus the statistics' own: per row or column the squared norms and
+        ``sqrt(v) + eps`` (small: :func:`~lowmem.optim.functional.subset_norm.subset_sq_norms_by_norm`
+        makes no ``G^2``) and, per column, a float32 copy of a low-precision gradient's rows in the
+        column pass; per element ``G^2``, ``sqrt(v) + eps`` and a float32 copy of a low-precision ``v``."""
         n = shape[1]
         v = state["sn_exp_avg_sq"]
-        element = _subset_layout(v, math.prod(shape)) == "element"
-        extra = (8 + 4 * element + 4 * (element and _low_precision(v))) * rows * n
+        layout = _subset_layout(v, math.prod(shape))
+        if layout == "element":
+            extra = (8 + 4 * _low_precision(v)) * rows * n
+        else:
+            extra = 8 * (rows if layout == "row" else n) + (4 * rows * n if layout == "column" else 0)
         return self.inner.transient_bytes(shape, group, state, projection, rows) + extra
 
 
