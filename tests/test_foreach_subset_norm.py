@@ -5,7 +5,10 @@ in one EMA kernel, :meth:`SubsetNormMoments.foreach_direction`; each combined ba
 step included); their full-rank parameters take the full-rank buckets (``sgd_sm``'s momentum by
 :func:`~lowmem.optim.functional.subset_norm.sgd_momentum_foreach_`, the adaptive ones by the
 Subset-Norm kernels of ``adamw_sn``). Equal to the per-parameter step (``foreach=False``) bit for bit
-on the CPU, where the multi-tensor kernels run the per-tensor operations in the same order."""
+on the CPU, where the multi-tensor kernels run the per-tensor operations in the same order. Below,
+the row blocks' arithmetic shortcuts (the complement folded into the subspace's product, SNSM's
+statistic from ``vector_norm`` and its scale in the denominator) against the plain forms, to float32
+rounding."""
 
 from __future__ import annotations
 
