@@ -309,7 +309,9 @@ class SubspaceProjection(Projection):
         gradient: its copy, ``U`` (``m x k``), ``V^T`` (``k x n``) and about ``3.25 k^2`` floats of
         workspace, ``4 (m n + m k + k n) + 13 k^2`` bytes (``k = min(m, n)``; measured 1547 MiB for
         8192 x 8192, 390 MiB for 4096 x 4096, 59 MiB for 4096 x 1024, each within 4% below this);
-        ``rsvd`` needs ``(m + n)(r + p)``-sized panels; a random basis (:func:`~lowmem.optim.functional.galore.random_basis`,
+        ``rsvd`` the larger of its first refresh (the range finder) and a later one (the subspace
+        iteration) phase by phase, with the buffers MKL keeps (:meth:`_rsvd_bytes`,
+        :func:`~lowmem.optim.functional.galore.rsvd_refresh_bytes`); a random basis (:func:`~lowmem.optim.functional.galore.random_basis`,
         per projected side of ``d`` rows) its Gaussian draw and the scaled result (``gaussian``,
         ``8 d r`` bytes; measured exactly that) or the draw, the QR factors ``Q`` and ``R``, the
         sign-fixed result and LAPACK's blocked workspace (``random``, ``12 d r + 4 r^2 + 4 d min(r, 128)``;
@@ -333,12 +335,28 @@ class SubspaceProjection(Projection):
             rows = [d for d, s in ((m, ("left", "full")), (n, ("right", "full"))) if side in s]
             draw = [8 * d * r if method == "gaussian" else 12 * d * r + 4 * r * r + 4 * d * min(r, 128) for d in rows]
             work = draw[0] if len(draw) == 1 else max(draw[0], 4 * m * r + draw[1])  # "full": left kept while right is drawn
-        else:
-            work = small
+        else:  # rsvd
+            work = self._rsvd_bytes(shape, group)
         if group.get("moment_policy") != "rotate":
             return work
         snapshot, rotation = self.rotate_bytes(shape, group)
         return snapshot + max(work, rotation)
+
+    def _rsvd_bytes(self, shape, group) -> int:
+        """A ``rsvd`` refresh's peak over a run (:func:`~lowmem.optim.functional.galore.rsvd_refresh_bytes`)
+        for each projected side (``A = G`` for the left basis, ``G^T`` for the right); ``full`` keeps the
+        left basis and the SVD panel MKL kept while the right one is found."""
+        m, n = shape
+        r, iters = group["rank"], group["power_iters"]
+        side = self._side(shape, group)
+        left = GL.rsvd_refresh_bytes(m, n, r, iters)
+        right = GL.rsvd_refresh_bytes(n, m, r, iters)
+        if side == "left":
+            return left
+        if side == "right":
+            return right
+        kept = 4 * m * r + 4 * n * min(r + 4, m, n)  # the left basis and its SVD's kept MKL panel
+        return max(left, kept + right)
 
     def rotate_bytes(self, shape, group) -> tuple[int, int]:
         """``moment_policy="rotate"`` at a refresh: ``(snapshot, rotation)``, the copy of the old basis

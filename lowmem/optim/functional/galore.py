@@ -97,11 +97,15 @@ def range_finder(a: Tensor, rank: int, generator: torch.Generator, power_iters: 
 
     Halko, Martinsson & Tropp (2011), Algorithm 4.4 (randomized subspace iteration) followed by the
     small SVD of Algorithm 5.1 to order the basis by singular value. Costs ``O(mn(r+p))`` per
-    power iteration instead of the full SVD's ``O(mn min(m, n))``.
+    power iteration instead of the full SVD's ``O(mn min(m, n))``. Each temporary is released as
+    soon as it is used (the test matrix before the first QR): :func:`range_finder_bytes`.
     """
     k = min(rank + oversample, min(a.shape))
     omega = torch.randn(a.shape[1], k, generator=generator, device="cpu").to(a)
-    q = torch.linalg.qr(a @ omega).Q
+    y = a @ omega
+    del omega
+    q = torch.linalg.qr(y).Q
+    del y
     for _ in range(power_iters):
         q = torch.linalg.qr(a @ (a.t() @ q)).Q
     return _rotate_to_singular(a, q, rank)
@@ -118,8 +122,73 @@ def subspace_iteration(a: Tensor, q: Tensor, iters: int = 1) -> Tensor:
 
 
 def _rotate_to_singular(a: Tensor, q: Tensor, rank: int) -> Tensor:
-    u_small, _, _ = torch.linalg.svd(q.t() @ a, full_matrices=False)
+    u_small = torch.linalg.svd(q.t() @ a, full_matrices=False)[0]  # S and V^T freed here
     return q @ u_small[:, :rank]
+
+
+def range_finder_bytes(rows: int, cols: int, rank: int, power_iters: int, oversample: int | None = 4,
+                       first_call: bool = True) -> int:
+    """Peak bytes (float32) that :func:`range_finder` (``oversample`` probes) or, with
+    ``oversample=None``, :func:`subspace_iteration` (started from a kept basis) allocates for an
+    ``A`` of ``rows x cols`` (``d x e``). With ``k = min(rank + p, d, e)`` columns (``k = rank``
+    for the subspace iteration), ``dk = 4 d k`` and ``ek = 4 e k`` bytes, phase by phase:
+
+    * the probes: ``Omega`` and ``Y = A Omega`` (``ek + dk``); ``Omega`` freed, ``qr(Y)``: ``Y``,
+      ``Q`` and ``R`` (``2 dk + 4 k^2``; LAPACK's ``geqrf`` / ``orgqr`` workspace, ``k nb`` floats,
+      is in the slack);
+    * each power iteration ``Q <- qr(A (A^T Q)).Q``: the old ``Q``, ``A^T Q`` and ``A A^T Q``
+      (``2 dk + ek``), then the old ``Q``, ``Y``, the new ``Q`` and ``R`` (``3 dk + 4 k^2``); the
+      subspace iteration's first one starts from the kept basis (one ``dk`` less);
+    * Algorithm 5.1's small SVD of ``B = Q^T A`` (``k x e``): ``Q``, ``B``, LAPACK's copy of ``B``,
+      ``V^T`` (``k x e``), ``U`` and ``gesdd``'s ``k x k`` work arrays (``dk + 3 ek + 16 k^2``);
+      then ``Q``, ``U`` and the result ``Q U[:, :rank]`` (``dk + 4 k^2 + 4 d rank``).
+
+    ``first_call``: add one more ``k x e`` panel, the buffer MKL's ``gesdd`` keeps in its memory
+    manager (allocated at the first SVD of a size in the process and never returned: measured one
+    panel for most sizes, none for some, e.g. ``260 x 4096``, so this bounds it). Measured (fresh
+    process, live bytes, the second call): ``4096 x 11008`` at rank 256, 38.4 MiB for 37.9 here;
+    ``8192 x 8192`` at rank 64 / 256, 8.4 / 33.8 MiB for 8.6 / 33.5."""
+    d, e = rows, cols
+    if oversample is None:
+        k, start = min(rank, d, e), 0
+    else:
+        k, start = min(rank + oversample, d, e), 1
+    dk, ek, kk = 4 * d * k, 4 * e * k, 4 * k * k
+    phases = [dk + 3 * ek + 4 * kk, dk + kk + 4 * d * min(rank, k)]
+    if start:
+        phases += [ek + dk, 2 * dk + kk]
+    for i in range(power_iters):
+        held = dk if (start or i > 0) else 0  # the current Q (the kept basis is not a transient)
+        phases += [held + dk + ek, held + 2 * dk + kk]
+    return max(phases) + ek * first_call
+
+
+# MKL's one-time cost at the first range finder of a size in a process, besides the SVD's kept panel:
+# LAPACK / BLAS code paged in and the packing buffers of its first GEMMs and QR (measured, fresh
+# process after a small warm-up: 2.2-3.3 MiB at k = 68 and 132 columns, 2.6-4.5 MiB at k = 260)
+MKL_FIRST_CALL_BYTES = 3 * 2**20
+MKL_FIRST_CALL_BYTES_PER_COLUMN = 6 * 2**10
+
+
+def rsvd_refresh_bytes(rows: int, cols: int, rank: int, power_iters: int, oversample: int = 4) -> int:
+    """Peak bytes of the ``rsvd`` refreshes of a ``rows x cols`` ``A`` over a run, the larger of:
+
+    * the first (:func:`range_finder`, its SVD's panel kept by MKL included);
+    * a later one (:func:`subspace_iteration`, ``k = rank`` columns) next to that kept panel and one
+      more buffer MKL keeps by then: the later SVD's own ``rank x cols`` panel or the packing buffer of
+      the combine-back's ``addmm_`` (``4 min(rank, 256) cols`` bytes + 0.7 MiB), the larger (they share
+      MKL's pool; measured: a new panel at ``8192 x 8192`` rank 128 and 256, none at rank 64 or for
+      ``4096 x 11008``);
+
+    plus MKL's first-call code and packing buffers (:data:`MKL_FIRST_CALL_BYTES` +
+    :data:`MKL_FIRST_CALL_BYTES_PER_COLUMN` per column). MKL's pool reuses freed buffers unpredictably,
+    so this is a bound: measured 0.97-1.2x of it (``docs/memory.md``)."""
+    k = min(rank + oversample, rows, cols)
+    first = range_finder_bytes(rows, cols, rank, power_iters, oversample, first_call=True)
+    gemm_pack = 4 * min(rank, 256) * cols + 7 * 2**20 // 10
+    later = (range_finder_bytes(rows, cols, rank, power_iters, None, first_call=False) + 4 * cols * k
+             + max(4 * cols * min(rank, rows, cols), gemm_pack))
+    return max(first, later) + MKL_FIRST_CALL_BYTES + MKL_FIRST_CALL_BYTES_PER_COLUMN * k
 
 
 def random_basis(rows: int, rank: int, generator: torch.Generator, orthogonal: bool) -> Tensor:
