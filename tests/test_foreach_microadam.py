@@ -71,3 +71,35 @@ def test_window_larger_than_the_tensor_takes_the_per_parameter_step():
     group = {"params": [], "m": 4, "k_init": 0.25, "topk_block_size": 64}
     assert rule.supports_foreach_for(torch.Size([16]), {**group, "k_init": 0.125}, {})  # 2 m k = 16 = d
     assert not rule.supports_foreach_for(torch.Size([16]), group, {})  # 2 m k = 32 > d
+
+
+@pytest.mark.slow  # compiling takes ~20 s on CPU
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_path_in_a_bucket_takes_each_tensors_compiled_direction():
+    """Where the compiled path is on (CUDA by default; ``compile="always"`` here), a bucket's tensors take
+    their compiled per-tensor direction, with the bucket's multi-tensor update: equal bit for bit to
+    ``foreach=False`` with the same compiled functions."""
+    from lowmem.optim.microadam import MicroAdamMoments
+
+    def run(foreach):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(32, 16), (32, 16), (35, 29)]]
+        opt = create_optimizer(ps, "microadam", foreach=foreach, k_init=0.05, m=3, quant_block_size=64,
+                               topk_block_size=128, weight_decay=0.1)
+        opt.recipe = type(opt.recipe)(**{**opt.recipe.__dict__, "moment": MicroAdamMoments(compile="always")})
+        calls = []
+        orig = opt.recipe.moment.foreach_step_
+        opt.recipe.moment.foreach_step_ = lambda params, *a, **kw: calls.append(len(params)) or orig(params, *a, **kw)
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return ps, opt, calls
+
+    ref, ref_opt, ref_calls = run(False)
+    got, got_opt, calls = run(None)
+    assert ref_calls == [] and calls == [3] * 4
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+        for k in ref_opt.state[a]:
+            assert torch.equal(ref_opt.state[a][k], got_opt.state[b][k]), k
