@@ -130,3 +130,48 @@ def test_sharded_rank_warning_said_once(sharded):
     full-rank warning is still said once over construction, 3 steps and 2 state_dict() calls."""
     assert sharded["warnings"] == ["galore_adamw: rank 8 >= smaller side of a (64, 4) parameter; training it"
                                    " full-rank instead"], sharded["warnings"]
+
+
+# rules whose multi-tensor step takes a tensor larger than chunk_numel (it reaches the buckets in flat
+# pieces) whole from its first piece, by the per-parameter chunked step (moments.step_whole_from_piece_)
+PIECES_WHOLE = [("adafactor", {}), ("adam_mini", {}), ("microadam", {}), ("adamw8bit", {}), ("adamw4bit", {}),
+                ("adamw4bit_rank1", {}), ("scale", {}), ("scale", {"scale_role": "head"}), ("sinkgd", {}), ("muon", {}),
+                ("adamw_sn", {})]
+
+
+def _report(shapes, name, hp):
+    ps = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes]
+    opt = create_optimizer(ps, name, **hp)
+    opt.materialize_state()
+    return opt
+
+
+@pytest.mark.parametrize("name,hp", PIECES_WHOLE)
+def test_pieces_of_a_tensor_stepped_whole_are_not_counted_in_the_buckets(name, hp):
+    """A 2000 x 2048 weight (7 pieces of 2^19 elements and a partial one) after four small weights and
+    a vector: its pieces fill buckets as step() fills them, but the rule steps it from its first piece
+    (MomentRule.steps_pieces_whole), so the report is its per-parameter step's or the small tensors'
+    bucket, not a bucket of 2^19 elements of the rule's multi-tensor step (8192 x 8192 SinkGD / SCALE:
+    3.5 / 2.1 MiB reported where 2.2 / 2.0 are the chunked step's; AdamW8bit 9.0 for 7.0)."""
+    large, small = (2000, 2048), [(64, 64)] * 4 + [(100,)]
+    opt = _report(small + [large], name, hp)
+    group, p = opt.param_groups[0], opt.param_groups[0]["params"][-1]
+    assert opt._foreach_ok(p, group, state=opt.state[p]) and len(opt._foreach_pieces(p)) == 8
+    assert opt.recipe.moment.steps_pieces_whole(p.shape, group, opt.state[p])
+    alone = _report([large], name, hp).step_transient_bytes(per_parameter=True)
+    assert opt.step_transient_bytes() == max(alone, _report(small, name, hp).step_transient_bytes())
+
+
+def test_element_wise_pieces_stay_in_the_buckets():
+    """8-bit AdamW below min_quant_size (float32 moments): the pieces are stepped with their bucket by
+    the decoded-moments path, whose bound the report keeps; so are a hybrid's AdamW parameters' pieces."""
+    opt = _report([(2000, 2048)], "adamw8bit", {"min_quant_size": 10**9})
+    p = opt.param_groups[0]["params"][0]
+    assert not opt.recipe.moment.steps_pieces_whole(p.shape, opt.param_groups[0], opt.state[p])
+    assert opt.step_transient_bytes() == opt.recipe.moment.foreach_transient_bytes(2**19) > 4 * 2**19
+    for name in ("muon", "sinkgd", "scale"):
+        opt = _report([(2**21,)], name, {})
+        p = opt.param_groups[0]["params"][0]
+        assert "exp_avg" in opt.state[p] and opt._foreach_ok(p, opt.param_groups[0], state=opt.state[p])
+        assert not opt.recipe.moment.steps_pieces_whole(p.shape, opt.param_groups[0], opt.state[p]), name
+        assert opt.step_transient_bytes() == opt.recipe.moment.foreach_transient_bytes(2**19), name

@@ -433,13 +433,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     low_bucket.append(item)
                     continue
                 if self._foreach_ok(p, group, state=state):
+                    whole = False
                     if len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers:
                         # a tensor in pieces may be stepped whole from its first one by the rule's
-                        # per-parameter step (moments.step_whole_from_piece_: Adam-mini, Adafactor)
+                        # per-parameter step (moments.step_whole_from_piece_: Adafactor, Adam-mini,
+                        # the hybrids' targets, quantized moments, MicroAdam, subset norms): that
+                        # transient, and then its pieces allocate nothing of their buckets' step
                         worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state))
+                        whole = self.recipe.moment.steps_pieces_whole(p.shape, group, state)
                     for start, stop in self._foreach_pieces(p):
+                        # (the pieces still fill the buckets as step() fills them)
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
-                        buckets[key] = buckets.get(key, 0) + stop - start
+                        buckets[key] = buckets.get(key, 0) + (0 if whole else stop - start)
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
                         worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
                     continue

@@ -140,6 +140,10 @@ class MicroAdamMoments(MomentRule):
         d = math.prod(shape)
         return d > 0 and 2 * group["m"] * self.layout(d, group).k <= d
 
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: a tensor in pieces is stepped whole from its first one (:meth:`foreach_step_`)."""
+        return True
+
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """The step of a bucket, equal bit for bit to :meth:`direction` of each tensor and the engine's
         decay and update (the per-parameter step): a piece of a tensor larger than ``chunk_numel`` steps

@@ -71,6 +71,17 @@ class MomentRule:
         rule can bucket the parameters of its element-wise part. Default: :attr:`supports_foreach`."""
         return self.supports_foreach
 
+    def steps_pieces_whole(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> bool:
+        """Whether :meth:`foreach_step_` steps a tensor of ``shape`` with this ``state`` that reaches a
+        bucket in flat pieces (larger than the engine's ``chunk_numel``) whole from its first piece
+        (:func:`step_whole_from_piece_`, or unchunked) and skips the others: its pieces then allocate
+        nothing of the bucket's multi-tensor step, whose transient
+        (:meth:`foreach_transient_bytes`) the engine sums without them; the whole step's transient is
+        the per-parameter one, which it reports on its own (``step_transient_bytes``). Default: no (the
+        pieces are stepped element-wise with the bucket). Answering no where the pieces are stepped
+        whole only over-reports; answering yes where they are not under-reports."""
+        return False
+
     # True if foreach_step_ applies the decoupled weight decay after the update (the recipes with
     # decay_after_update: the engine buckets a recipe's parameters only where the two agree)
     foreach_decays_after: bool = False
@@ -459,6 +470,11 @@ class FactoredMoments(MomentRule):
         statistics, the update's RMS and the parameter's RMS need the shards' sums
         (:meth:`prepare_chunks` and :func:`adafactor_lr` all-reduce them)."""
         return not sharded_group(group)
+
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: a matrix in pieces is stepped from its first one by rows, a vector or a batched
+        matrix whole (:meth:`foreach_step_`)."""
+        return True
 
     def foreach_step_(self, params, grads, states, group, t, lr, lr_rule=None) -> None:
         """A bucket's whole step: the step sizes (``lr_rule``: :func:`adafactor_lr`, evaluated for

@@ -297,6 +297,11 @@ class Quantized(MomentRule):
         plain = {k: v for k, v in state.items() if k in self.inner.state_keys and not is_quantized(state, k)}
         return self.inner.supports_foreach_for(shape, group, plain)
 
+    def steps_pieces_whole(self, shape, group, state):
+        """A tensor in pieces with quantized moments is stepped whole from its first one; unquantized
+        moments' pieces take the inner rule's element-wise direction (:meth:`foreach_step_`)."""
+        return any(is_quantized(state, k) for k in self.specs)
+
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """The step of every tensor of a bucket (float32 parameters sharing ``t``), equal bit for bit to
         :meth:`direction` of each one followed by the engine's decay and update (the per-parameter step):

@@ -291,6 +291,9 @@ class RestartBiasCorrection(MomentRule):
         per-parameter step."""
         return self.inner.supports_foreach_for(shape, group, state) and not sharded_group(group)
 
+    def steps_pieces_whole(self, shape, group, state):
+        return self.inner.steps_pieces_whole(shape, group, state)
+
     def foreach_step_(self, params, grads, states, group, t, lr, step_lr=None) -> None:
         """The inner rule's multi-tensor step with the restarted step count and the scaled ``beta1``
         (every tensor of a bucket is at the same step ``t``), as :meth:`direction` per tensor."""

@@ -355,6 +355,10 @@ class AdamMiniMoments(MomentRule):
             return not sharded_group(group)
         return group["block"] != "tensor" or not sharded_group(group)
 
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: a tensor in pieces is stepped whole from its first one (:meth:`foreach_step_`)."""
+        return True
+
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """A bucket's whole step (moments, decay before the update, update): whole tensors by
         :func:`~lowmem.optim.functional.adam_mini.adam_mini_foreach_`; a tensor that arrives in

@@ -111,6 +111,11 @@ class HybridMoments(MomentRule):
             return True
         return self.target_supports_foreach(shape, group)
 
+    def steps_pieces_whole(self, shape, group, state):
+        """A target in pieces is stepped whole from its first one (:meth:`_whole_by_shape`); the AdamW
+        parameters' pieces are element-wise."""
+        return not self._is_adam(state) if state else self.targets(shape, group)
+
     def target_supports_foreach(self, shape: torch.Size, group: dict[str, Any]) -> bool:
         """Whether a float32 target of ``shape`` in ``group`` takes the engine's foreach buckets
         (:meth:`target_foreach_step_`). Default: no, each is stepped alone."""

@@ -242,6 +242,11 @@ class SubsetNormMoments(MomentRule):
             layout = "element" if v_shape == shape else ("row" if v_shape[-1] == 1 else "column")
         return layout != "column" or not sharded_group(group)
 
+    def steps_pieces_whole(self, shape, group, state):
+        """A subset-normed tensor in pieces is stepped whole from its first one; one ``v`` per element
+        (or momentum alone) is element-wise (:meth:`foreach_step_`)."""
+        return self.adaptive and "exp_avg_sq" in state and state["exp_avg_sq"].numel() != math.prod(shape)
+
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """A bucket's step (moments, update, decay after it): tensors with one ``v`` per element by
         :func:`~lowmem.optim.functional.subset_norm.elementwise_foreach_` (pieces of a large one too),
