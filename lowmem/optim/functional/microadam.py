@@ -93,7 +93,7 @@ def compress_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: 
     local = blockwise_topk(a, layout)
     flat = global_indices(local, layout)
     values = a[flat].to(torch.bfloat16)
-    a = a.index_fill(0, flat, 0.0)
+    a.index_fill_(0, flat, 0.0)  # (a is this function's own sum: zeroed in place, no copy)
     codes, lo, hi = Q.quantize_minmax_4bit(a, quant_block_size)
     return local, values, codes, lo, hi
 
@@ -174,7 +174,7 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
     local = idx.to(torch.int16)
     flat = global_indices(local, layout)
     values = a.gather(1, flat).to(torch.bfloat16)
-    a = a.scatter(1, flat, 0.0)
+    a.scatter_(1, flat, 0.0)  # (in place, as compress_)
     codes, lo, hi = quantize_minmax_4bit_rows(a, b)
     return local, values, codes, lo, hi
 
