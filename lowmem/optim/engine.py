@@ -30,9 +30,15 @@ Guarantees every optimizer built on the engine inherits:
   corrupted; ``skipped_steps`` counts them.
 
 Plain full-rank float32 parameters that the moment rule has a multi-tensor form for (decided per
-parameter, ``supports_foreach_for``: AdamW's, and the AdamW parameters of the Muon / SCALE / SinkGD
-hybrids) are stepped in buckets with one kernel per operation; the per-parameter loop above is the
-reference it is tested against.
+parameter, ``MomentRule.supports_foreach_for``: AdamW and SPAM / Stable-SPAM, 8-bit / 4-bit quantized
+moments, MicroAdam, Adafactor / AdaLomo (3-D tensors included), Adam-mini, Subset-Norm, the Muon /
+SinkGD / SCALE hybrids' targets, stacked by shape, and their AdamW parameters) are stepped in buckets
+with one kernel per operation (``MomentRule.foreach_step_``); projected parameters whose rule has a
+multi-tensor direction (``MomentRule.supports_foreach_direction``: Adam's moments, also 8-bit, for
+GaLore / Fira / FRUGAL / APOLLO / Online Subspace Descent; Adafactor's for GaLore-Adafactor; the
+Subspace-Momentum recipes') are projected down and combined back one at a time around one
+multi-tensor direction per bucket. ``foreach=False`` in a group keeps the per-parameter loop above,
+the reference both are tested against.
 
 **Bounded transients.** A full-rank parameter whose chain is element-wise (Adam's moments, quantized
 moments in whole blocks, MicroAdam in whole top-k blocks, SPAM / Stable-SPAM) is stepped in flat
@@ -370,7 +376,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         tensor, including the projection's refresh workspace and the full-size combine-back. Each
         part reports its own term (``transient_bytes`` of the moment rule, stabilizers, projection
         and residual rule), computed from the same configuration the step uses (``chunk_numel``,
-        block sizes, rank, projection method). Gradients are assumed in the parameter's dtype.
+        block sizes, rank, projection method). Gradients are assumed in the parameter's dtype. A
+        foreach bucket counts the rule's :meth:`~lowmem.optim.moments.MomentRule.foreach_transient_bytes`
+        of its elements, leaving out the pieces of a tensor the rule steps whole from its first piece
+        (:meth:`~lowmem.optim.moments.MomentRule.steps_pieces_whole`: that tensor's per-parameter
+        step is counted instead).
 
         Projected parameters on the multi-tensor path (:meth:`_projected_foreach_ok`) are counted
         phase by phase as :meth:`step` runs them (:meth:`_low_bucket_bytes`): each one's project-down
@@ -721,10 +731,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     state: dict[str, Tensor] | None = None) -> bool:
         """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step
         that the rule has a multi-tensor form for (decided per parameter,
-        :meth:`~lowmem.optim.moments.MomentRule.supports_foreach_for`: a hybrid's AdamW parameters;
-        ``state``: ``p``'s, empty before its first step), where a tensor larger than ``chunk_numel``
-        must be contiguous (it joins the buckets in chunks). ``grad=None``: the gradient is assumed
-        dense, contiguous and of the parameter's dtype."""
+        :meth:`~lowmem.optim.moments.MomentRule.supports_foreach_for`, e.g. a hybrid's AdamW parameters
+        and its targets of a supported shape, quantized moments except batched rank-1 ones; ``state``:
+        ``p``'s, empty before its first step), where a tensor larger than ``chunk_numel`` must be
+        contiguous (it joins the buckets in chunks; a rule whose statistics span blocks steps it whole
+        from its first piece: :meth:`~lowmem.optim.moments.MomentRule.steps_pieces_whole`).
+        ``grad=None``: the gradient is assumed dense, contiguous and of the parameter's dtype."""
         r = self.recipe
         large = self.chunk_numel is not None and p.numel() > self.chunk_numel
         return (
