@@ -94,6 +94,23 @@ with warnings.catch_warnings(record=True) as caught:
     gopt.state_dict()
     gopt.state_dict()
 out["warnings"] = [str(w.message) for w in caught if "smaller side" in str(w.message)]
+# the engine hands the rule the DTensor itself when it allocates a shard's state (plain and projected)
+from lowmem.optim.moments import MomentRule
+from lowmem.optim.recipes.adam_mini import AdamMiniMoments
+from lowmem.optim.sharded import is_dtensor
+out["init_keys"] = []
+for cls in (MomentRule, AdamMiniMoments):
+    def spy(self, state, shape, whole_shape, group, param, key=None, _orig=cls.init_state_sharded):
+        out["init_keys"].append([type(self).__name__, list(shape), None if key is None else list(key.shape),
+                                 is_dtensor(key), key is not None and key.to_local().data_ptr() == param.data_ptr()])
+        return _orig(self, state, shape, whole_shape, group, param, key=key)
+    cls.init_state_sharded = spy
+amnet = torch.nn.Linear(32, 16, bias=False)
+fully_shard(amnet)
+create_optimizer([{"params": [amnet.weight], "block": "head", "head_dim": 4}], "adam_mini")
+pnet = torch.nn.Linear(32, 16, bias=False)
+fully_shard(pnet)
+create_optimizer(pnet, "galore_adamw", rank=4)
 dist.destroy_process_group()
 print(json.dumps(out))
 """
@@ -130,6 +147,16 @@ def test_sharded_rank_warning_said_once(sharded):
     full-rank warning is still said once over construction, 3 steps and 2 state_dict() calls."""
     assert sharded["warnings"] == ["galore_adamw: rank 8 >= smaller side of a (64, 4) parameter; training it"
                                    " full-rank instead"], sharded["warnings"]
+
+
+@pytest.mark.distributed
+def test_sharded_state_is_allocated_with_the_dtensor(sharded):
+    """init_state_sharded gets the DTensor (``key``): its mesh and placements tell a rule which rows
+    the shard holds and over how many shards (Adam-mini's heads: whether a shard of whole heads sits
+    among shards that cut heads), for a plain and a projected parameter (whose shard's shape is the
+    projected one)."""
+    assert sharded["init_keys"] == [["AdamMiniMoments", [16, 32], [16, 32], True, True],
+                                    ["AdamMoments", [4, 32], [16, 32], True, True]], sharded["init_keys"]
 
 
 # rules whose multi-tensor step takes a tensor larger than chunk_numel (it reaches the buckets in flat

@@ -330,7 +330,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # the rule sees the shard's projected shape and the whole one (8-bit moments: quantized
             # exactly when one process would quantize them, Quantized.init_state_sharded)
             r.moment.init_state_sharded(state, self._sharded_projection(key, group, None).low_shape(group),
-                                        r.projection.low_shape(key.shape, group), group, p)
+                                        r.projection.low_shape(key.shape, group), group, p, key=key)
             return
         state["step"] = torch.zeros((), dtype=torch.float32)
         shape = p.shape
@@ -339,7 +339,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             shape = r.projection.low_shape(p.shape, group)
             r.combine.init_state(state, p, group)
         if key is not None and is_dtensor(key):  # a local shard: the rule may look at the whole shape
-            r.moment.init_state_sharded(state, shape, key.shape, group, p)
+            # and at the DTensor (its mesh and placements: which rows this shard holds, how many shards)
+            r.moment.init_state_sharded(state, shape, key.shape, group, p, key=key)
         else:
             r.moment.init_state(state, shape, group, p)
         for s in r.stabilizers:

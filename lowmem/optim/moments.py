@@ -121,10 +121,13 @@ class MomentRule:
         return 8 * numel
 
     def init_state_sharded(self, state: dict[str, Tensor], shape: torch.Size, whole_shape: torch.Size,
-                           group: dict[str, Any], param: Tensor) -> None:
+                           group: dict[str, Any], param: Tensor, key: Tensor | None = None) -> None:
         """FSDP2: allocate for a local shard of ``shape`` of a parameter of ``whole_shape``; a rule
         whose layout depends on the shape (Subset-Norm's partition) decides it from the whole one.
-        Default: :meth:`init_state` of the shard."""
+        ``key``: the sharded parameter (the ``DTensor``; the engine always passes it): its mesh and
+        placements say how many shards there are and which rows this one holds
+        (:func:`~lowmem.optim.sharded.shard_rows`), what a shard's own shape cannot tell (Adam-mini:
+        a shard of whole heads among shards that cut heads). Default: :meth:`init_state` of the shard."""
         self.init_state(state, shape, group, param)
 
     def replicated_state(self, key: str, group: dict[str, Any]) -> bool:

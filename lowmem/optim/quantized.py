@@ -219,7 +219,7 @@ class Quantized(MomentRule):
     def init_state(self, state, shape, group, param):
         self._init_state(state, shape, group, param, math.prod(shape))
 
-    def init_state_sharded(self, state, shape, whole_shape, group, param):
+    def init_state_sharded(self, state, shape, whole_shape, group, param, key=None):
         """FSDP2: a local shard's moments are quantized exactly when the whole tensor's would be
         (``min_quant_size`` is compared with the whole parameter's size, so every rank and one
         process store the same tensors as codes)."""

@@ -256,7 +256,7 @@ class AdamMiniMoments(MomentRule):
     # summed over the shards (prepare_chunks)
     sharded_stats = True
 
-    def init_state_sharded(self, state, shape, whole_shape, group, param):
+    def init_state_sharded(self, state, shape, whole_shape, group, param, key=None):
         """FSDP2: the shard's first moment and blocks; a whole-tensor block keeps its one ``v`` on
         every rank, also on an empty shard (a tensor with fewer rows than ranks), whose own element
         count would give it none."""

@@ -174,7 +174,7 @@ class SubsetNormMoments(MomentRule):
     # weight is wide), a shard keeps its rows' statistics, and the column sums are all-reduced
     sharded_stats = True
 
-    def init_state_sharded(self, state, shape, whole_shape, group, param):
+    def init_state_sharded(self, state, shape, whole_shape, group, param, key=None):
         self.init_state(state, shape, group, param)
         if "exp_avg_sq" in state and group.get("subset_norm") and group.get("subset_size") is not None:
             # flat subsets of k elements, k from the whole size; the shard starts on a subset
