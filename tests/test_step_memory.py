@@ -234,6 +234,7 @@ MEASURED = {
     "stable_spam": ({}, "plain", 2),
     "galore_adamw": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
     "galore_adamw_rsvd": ({"rank": 64, "update_proj_gap": 2, "projection": "rsvd"}, "refresh", 3),
+    "fira_adamw_rsvd": ({"rank": 64, "update_proj_gap": 2, "projection": "rsvd"}, "refresh", 3),
     "fira_adamw": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
     "frugal": ({"rank": 64, "update_proj_gap": 200}, "plain", 2),
     "osd_adamw": ({"rank": 64}, "plain", 2),
@@ -301,10 +302,14 @@ def test_step_peak_is_bounded_and_reported(measured, label):
     grown, reported = r["growth_bytes"], r["transient_bytes"]
     assert grown <= BOUND, (label, grown / MiB)
     assert grown <= 1.1 * reported + MiB, (label, grown / MiB, reported / MiB)
-    if "rank" not in hp or mode == "refresh" or label in TIGHT:
+    # (the rsvd rows count MKL's first-call buffers, which this shared process has from earlier rows:
+    # their tightness is test_rsvd_refresh_transient_in_a_fresh_process's)
+    if ("rank" not in hp or mode == "refresh" or label in TIGHT) and not label.endswith("_rsvd"):
         assert reported <= 2 * grown + 4 * MiB, (label, grown / MiB, reported / MiB)
     if label in TIGHT:
         assert reported <= TIGHT[label] * grown + MiB, (label, grown / MiB, reported / MiB)
+    if label.endswith("_rsvd"):  # the range finder's phases and MKL's kept buffers: at least the measurement
+        assert grown <= reported, (label, grown / MiB, reported / MiB)
 
 
 # reports that follow the code closely (issue 12): at most this factor above the live measurement.
@@ -315,6 +320,44 @@ def test_step_peak_is_bounded_and_reported(measured, label):
 TIGHT = {"muon": 1.3, "muon_no_nesterov": 1.3, "apollo_adamw": 1.3, "apollo_adamw_gaussian": 1.3,
          "apollo_adamw_random": 1.3, "apollo_adamw_bucket": 1.3, "apollo_adamw_gaussian_bucket": 1.3,
          "galore_adamw_random_bucket": 1.3, "fira_adamw_random_bucket": 1.3, "galore_adafactor_random_bucket": 1.3}
+
+
+@needs_proc
+def test_rsvd_refresh_transient_in_a_fresh_process():
+    """The rsvd refreshes (range finder at step 1, subspace iteration at step 3) of one 2048 x 2048
+    weight at rank 64 in a fresh process of its own, so that MKL's first calls (its code paged in,
+    the SVD panel and packing buffers it keeps) are measured, as in a training run (the shared
+    fixture above has them from earlier rows): the report (galore.rsvd_refresh_bytes, 8.1 MiB) is at
+    least the measurement (fira_adamw 6.8-6.9 MiB, galore_adamw 5.4-5.6) and at most 1.3x of it
+    + 1 MiB. The old 20 (r + 4)(m + n) reported 5.3."""
+    from lowmem.optim.step_memory import LIVE_ENV, measure_steps
+
+    hp = {"rank": 64, "update_proj_gap": 2, "projection": "rsvd"}
+    spec = {"name": "fira_adamw", "shape": list(SHAPE), "hparams": hp, "mode": "refresh", "steps": 3}
+    r = measure_steps([spec], env=LIVE_ENV)[0]
+    grown, reported = r["growth_bytes"], r["transient_bytes"]
+    assert grown <= reported <= 1.3 * grown + MiB, (grown / MiB, reported / MiB)
+
+
+@pytest.mark.slow  # about 60 s: 4096 x 11008 and 8192 x 8192 weights, three steps each
+@needs_proc
+@pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw"])
+def test_rsvd_refresh_transient_on_large_weights(name):
+    """The rsvd refreshes of a large weight (issue 12): the range finder (step 1) and a subspace
+    iteration (step 3) at rank 256, measured live in a fresh process, against
+    SubspaceProjection's report (galore.rsvd_refresh_bytes): at least the measurement (1 MiB of
+    MKL's noise) and at most 1.25x of it (MKL's pool reuses some buffers the bound counts apart:
+    4096 x 11008 measures 53 MiB for 64 reported). The old 20 (r + 4)(m + n) reported 81 MiB for
+    8192 x 8192 (53-55 measured)."""
+    from lowmem.optim.step_memory import LIVE_ENV, measure_steps
+
+    hp = {"rank": 256, "update_proj_gap": 2, "projection": "rsvd"}
+    for shape in ((4096, 11008), (8192, 8192)):  # a fresh process each (MKL's first calls included)
+        spec = {"name": name, "shape": list(shape), "hparams": hp, "mode": "refresh", "steps": 3}
+        r = measure_steps([spec], env=LIVE_ENV)[0]
+        grown, reported = r["growth_bytes"], r["transient_bytes"]
+        assert grown <= reported + MiB, (shape, grown / MiB, reported / MiB)
+        assert reported <= 1.25 * grown + MiB, (shape, grown / MiB, reported / MiB)
 
 
 @needs_proc

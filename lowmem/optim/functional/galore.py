@@ -165,9 +165,10 @@ def range_finder_bytes(rows: int, cols: int, rank: int, power_iters: int, oversa
 
 # MKL's one-time cost at the first range finder of a size in a process, besides the SVD's kept panel:
 # LAPACK / BLAS code paged in and the packing buffers of its first GEMMs and QR (measured, fresh
-# process after a small warm-up: 2.2-3.3 MiB at k = 68 and 132 columns, 2.6-4.5 MiB at k = 260)
-MKL_FIRST_CALL_BYTES = 3 * 2**20
-MKL_FIRST_CALL_BYTES_PER_COLUMN = 6 * 2**10
+# process after a small warm-up: 2.2-3.3 MiB at k = 68 and 132 columns, 2.6-4.5 MiB at k = 260),
+# with the run-to-run noise of MKL's pool (up to 1 MiB between two runs of the same refresh)
+MKL_FIRST_CALL_BYTES = 4 * 2**20
+MKL_FIRST_CALL_BYTES_PER_COLUMN = 4 * 2**10
 
 
 def rsvd_refresh_bytes(rows: int, cols: int, rank: int, power_iters: int, oversample: int = 4) -> int:
