@@ -45,6 +45,7 @@ TABLE: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("galore_adamw", "galore_adamw (refresh)", {"rank": 128, "update_proj_gap": 200}, "refresh"),
     ("galore_adamw", "galore_adamw rsvd (refresh)", {"rank": 128, "update_proj_gap": 200, "projection": "rsvd"}, "refresh"),
     ("fira_adamw", "fira_adamw", {"rank": 128, "update_proj_gap": 200}, "plain"),
+    ("fira_adamw", "fira_adamw rsvd (refresh)", {"rank": 128, "update_proj_gap": 200, "projection": "rsvd"}, "refresh"),
     ("frugal", "frugal", {"rank": 128, "update_proj_gap": 200}, "plain"),
     ("osd_adamw", "osd_adamw", {"rank": 128}, "plain"),
     # added in the 2026-11-29 session (issue 12's table, second part)
