@@ -171,6 +171,17 @@ MKL_FIRST_CALL_BYTES = 4 * 2**20
 MKL_FIRST_CALL_BYTES_PER_COLUMN = 4 * 2**10
 
 
+def gemm_pack_bytes(rank: int, cols: int) -> int:
+    """The packing buffer MKL's float32 GEMM keeps for the process after the first product of a
+    ``rank``-deep panel by ``cols`` columns (the combine-back's ``P[a:b] N`` / ``N[a:b] Q``, a block of
+    rows times an ``r x n`` matrix): ``4 min(rank, 256) cols`` bytes + 0.7 MiB (MKL packs 256-deep
+    slices; measured 8.7 MiB at rank 256 and 8192 columns, 4.7 at 4096). Counted by
+    :func:`rsvd_refresh_bytes`; a plain projected step does not count it yet (it is alive through every
+    phase of every step after the first, so it belongs to the engine's per-step total, not to one
+    phase; docs/memory.md)."""
+    return 4 * min(rank, 256) * cols + 7 * 2**20 // 10
+
+
 def rsvd_refresh_bytes(rows: int, cols: int, rank: int, power_iters: int, oversample: int = 4) -> int:
     """Peak bytes of the ``rsvd`` refreshes of a ``rows x cols`` ``A`` over a run, the larger of:
 
@@ -186,7 +197,7 @@ def rsvd_refresh_bytes(rows: int, cols: int, rank: int, power_iters: int, oversa
     so this is a bound: measured 0.97-1.2x of it (``docs/memory.md``)."""
     k = min(rank + oversample, rows, cols)
     first = range_finder_bytes(rows, cols, rank, power_iters, oversample, first_call=True)
-    gemm_pack = 4 * min(rank, 256) * cols + 7 * 2**20 // 10
+    gemm_pack = gemm_pack_bytes(rank, cols)
     later = (range_finder_bytes(rows, cols, rank, power_iters, None, first_call=False) + 4 * cols * k
              + max(4 * cols * min(rank, rows, cols), gemm_pack))
     return max(first, later) + MKL_FIRST_CALL_BYTES + MKL_FIRST_CALL_BYTES_PER_COLUMN * k
