@@ -793,23 +793,25 @@ def test_fsdp2_adam_mini_heads_of_a_batched_weight(fsdp_run):
         torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
-def test_adam_mini_heads_refused_when_a_shard_holds_whole_heads_among_cut_ones():
-    """A non-empty shard with a multiple of head_dim rows among shards that cut heads cannot tell its
-    layout from its own rows (16 rows of 4-row heads over 3 ranks: 6 / 6 / 4): refused, naming the
-    condition; 2 ranks never meet it; heads that fall on the boundaries are not refused."""
+def test_adam_mini_heads_refused_only_when_not_sharded_by_rows():
+    """Heads cut by the shard boundaries are summed over row shards, also where a non-empty shard
+    holds whole heads among cut ones (16 rows of 4-row heads over 3 ranks: 6 / 6 / 4; the rule reads
+    the DTensor in init_state_sharded: tests/test_fsdp_adam_mini_straddle.py); heads that fall on the
+    boundaries are never refused; cut heads sharded by columns are (naming the condition)."""
     import types
 
     from torch.distributed.tensor.placement_types import Shard
 
     from lowmem.optim.sharded import straddling_heads_refusal
 
-    def shard(rows, ranks):
+    def shard(rows, ranks, dim=0):
         mesh = types.SimpleNamespace(size=lambda i: ranks)
-        return types.SimpleNamespace(shape=torch.Size((rows, 8)), placements=(Shard(0),), device_mesh=mesh)
+        return types.SimpleNamespace(shape=torch.Size((rows, 8)), placements=(Shard(dim),), device_mesh=mesh)
 
-    msg = straddling_heads_refusal(shard(16, 3), 4)
-    assert msg is not None and "rows per shard [6, 6, 4]" in msg and "ceil(rows / ranks) % head_dim == 0" in msg
-    assert straddling_heads_refusal(shard(15, 4), 3) is not None  # 4 / 4 / 4 / 3
+    assert straddling_heads_refusal(shard(16, 3), 4) is None  # 6 / 6 / 4: the last holds a whole head
+    assert straddling_heads_refusal(shard(15, 4), 3) is None  # 4 / 4 / 4 / 3
+    msg = straddling_heads_refusal(shard(16, 3, dim=1), 4)
+    assert msg is not None and "rows sharded over one mesh dimension" in msg
     assert straddling_heads_refusal(shard(16, 3), 8) is None  # 6 / 6 / 4: every shard cuts a head
     assert straddling_heads_refusal(shard(192, 2), 64) is None  # 96 / 96
     assert straddling_heads_refusal(shard(256, 4), 64) is None  # on the boundaries

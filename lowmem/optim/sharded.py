@@ -25,7 +25,7 @@ otherwise the blocks at shard boundaries differ (still a valid optimizer, but no
 
 Recipes that need information this module does not reduce (layerwise mode, which fuses the step
 into the backward pass; row / flat coordinate subspaces; Subset-Norm's flat subsets cut by a shard
-boundary; Adam-mini's whole heads on a shard among cut ones, :func:`straddling_heads_refusal`) are
+boundary; Adam-mini's heads cut by shards not sharded by rows, :func:`straddling_heads_refusal`) are
 **refused** with a
 ``NotImplementedError`` naming the recipe and the supported ones, never run on a shard as if it
 were the whole matrix. The check is an allow-list of engine parts (:func:`refusal`), so a new part
@@ -229,11 +229,10 @@ def sharded_lr_rules() -> tuple[Any, ...]:
 def straddling_heads_refusal(p: Tensor, head_dim: int) -> str | None:
     """Why Adam-mini's ``head`` blocks of the matrix ``p`` cannot be stepped on its shards, or
     ``None``. Heads that straddle two shards (``ceil(rows / ranks) % head_dim != 0``) are summed over
-    the shards (``recipes.adam_mini.straddling_heads_mean_square``); each such shard keeps one ``v``
-    per row, which it can tell from its own row count only when that is not a multiple of
-    ``head_dim``: a non-empty shard holding whole heads among straddling ones (the trailing shard,
-    e.g. 16 rows of 4-row heads over 3 ranks: 6 / 6 / 4) is refused, as is a sharding other than
-    rows over one mesh dimension."""
+    the shards (``recipes.adam_mini.straddling_heads_mean_square``); every non-empty shard keeps one
+    ``v`` per row, also one holding whole heads among straddling ones (the trailing shard, e.g. 16
+    rows of 4-row heads over 3 ranks: 6 / 6 / 4), which the rule tells from the ``DTensor`` the engine
+    hands its ``init_state_sharded``. Refused: a sharding other than rows over one mesh dimension."""
     dims = [(i, pl.dim) for i, pl in enumerate(p.placements) if pl.is_shard()]
     shards = math.prod(p.device_mesh.size(i) for i, _ in dims)
     chunk = -(-p.shape[0] // shards)
@@ -242,11 +241,6 @@ def straddling_heads_refusal(p: Tensor, head_dim: int) -> str | None:
     if len(dims) != 1 or dims[0][1] != 0:
         return (f"its attention-head blocks ({head_dim} rows) straddle the shards of a {p.shape[0]}-row weight;"
                 " summing them over the shards needs rows sharded over one mesh dimension")
-    counts = [min(chunk, max(0, p.shape[0] - i * chunk)) for i in range(shards)]
-    if any(c > 0 and c % head_dim == 0 for c in counts):
-        return (f"its attention-head blocks ({head_dim} rows) straddle the shards of a {p.shape[0]}-row weight over"
-                f" {shards} ranks (rows per shard {counts}) while a shard holds whole heads (need ceil(rows / ranks)"
-                " % head_dim == 0, or no non-empty shard with a multiple of head_dim rows)")
     return None
 
 

@@ -182,18 +182,34 @@ def _n_blocks(shape: torch.Size, group: dict[str, Any]) -> int:
     return numel // b if b else 0
 
 
-def _row_layout(shape: torch.Size, group: dict[str, Any]) -> bool:
-    """Whether ``shape`` is an FSDP2 shard of a matrix of ``head`` blocks whose rows do not fall on
-    head boundaries (a head straddles it and its neighbour): its ``v`` then holds one entry per row,
-    the second moment of the row's head (equal across the head's rows, :func:`straddling_heads_mean_square`).
-    Only a shard can have such a row count (``_check_group`` asks ``rows % head_dim == 0``)."""
-    return group["block"] == "head" and len(shape) == 2 and shape[0] % group["head_dim"] != 0
+def _row_layout(shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor] | None = None) -> bool:
+    """Whether ``shape`` is an FSDP2 shard of a matrix of ``head`` blocks whose heads are cut by the
+    shard boundaries (a head straddles a shard and its neighbour): its ``v`` then holds one entry per
+    row, the second moment of the row's head (equal across the head's rows,
+    :func:`straddling_heads_mean_square`). Read from ``state``'s ``v`` once it exists (one entry per
+    row: a shard of whole heads among cut ones has it too, :meth:`AdamMiniMoments.init_state_sharded`),
+    else from the shard's rows (only a shard can have a row count that is not a multiple of
+    ``head_dim``: ``_check_group`` asks ``rows % head_dim == 0``)."""
+    if group["block"] != "head" or len(shape) != 2:
+        return False
+    v = state.get("exp_avg_sq") if state else None
+    if v is not None and shape[0] > 0 and group["head_dim"] > 1:
+        return v.numel() == shape[0]
+    return shape[0] % group["head_dim"] != 0
 
 
-def _local_block_numel(shape: torch.Size, group: dict[str, Any]) -> int:
+def _whole_straddles(key: Tensor, group: dict[str, Any]) -> bool:
+    """Whether the ``head`` blocks of the sharded matrix ``key`` (a ``DTensor``, rows sharded:
+    :func:`~lowmem.optim.sharded.straddling_heads_refusal`) are cut by its shard boundaries,
+    ``ceil(rows / shards) % head_dim != 0`` (``torch.chunk``'s split, as :func:`straddles`)."""
+    shards = math.prod(key.device_mesh.size(i) for i, pl in enumerate(key.placements) if pl.is_shard())
+    return -(-key.shape[0] // shards) % group["head_dim"] != 0
+
+
+def _local_block_numel(shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor] | None = None) -> int:
     """Elements per entry of ``v`` for a tensor (or a shard) of ``shape``: a row in the row layout
     (:func:`_row_layout`), else the block's."""
-    return shape[-1] if _row_layout(shape, group) else _block_numel(shape, group)
+    return shape[-1] if _row_layout(shape, group, state) else _block_numel(shape, group)
 
 
 def straddles(reduce: Any, group: dict[str, Any]) -> bool:
@@ -249,7 +265,7 @@ class AdamMiniMoments(MomentRule):
     def chunk_align(self, shape, group, state):
         if group["block"] == "tensor":
             return 1  # reduced over the chunks first (prepare_chunks)
-        return max(1, _local_block_numel(shape, group))
+        return max(1, _local_block_numel(shape, group, state))
 
     # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce``; rows, elements and the heads of
     # a shard that holds whole heads are shard-local blocks; heads cut by the shard boundaries are
@@ -259,12 +275,17 @@ class AdamMiniMoments(MomentRule):
     def init_state_sharded(self, state, shape, whole_shape, group, param, key=None):
         """FSDP2: the shard's first moment and blocks; a whole-tensor block keeps its one ``v`` on
         every rank, also on an empty shard (a tensor with fewer rows than ranks), whose own element
-        count would give it none."""
+        count would give it none. Heads cut by the shard boundaries (``key``: the ``DTensor``,
+        :func:`_whole_straddles`): one ``v`` per row on every non-empty shard, also on one that holds
+        whole heads among cut ones (e.g. 6 / 6 / 4 rows of 4-row heads: its layout is then read from
+        ``v``, :func:`_row_layout`)."""
         self.init_state(state, shape, group, param)
         if group["block"] == "tensor":
             v = state["exp_avg_sq"]
             state["exp_avg_sq"] = torch.zeros(1, dtype=v.dtype, device=v.device)
-        elif _row_layout(shape, group):  # heads cut by the shard's boundaries: one v per row (its head's)
+        elif _row_layout(shape, group) or (group["block"] == "head" and len(shape) == 2 and shape[0] > 0
+                                           and key is not None and _whole_straddles(key, group)):
+            # heads cut by the shards' boundaries: one v per row (its head's)
             v = state["exp_avg_sq"]
             state["exp_avg_sq"] = torch.zeros(shape[0], dtype=v.dtype, device=v.device)
 
@@ -312,7 +333,7 @@ class AdamMiniMoments(MomentRule):
             del g
         mean_sq = straddling_heads_mean_square(row_sq, reduce.rows, reduce.shape, hd, reduce)
         first = reduce.rows[0]
-        if _row_layout(shape, group):
+        if _row_layout(shape, group, state):
             local = mean_sq[torch.arange(first, first + shape[0], device=v.device) // hd]
         else:
             local = mean_sq[first // hd : first // hd + v.numel()]
@@ -326,7 +347,7 @@ class AdamMiniMoments(MomentRule):
         view = ChunkState(state, start, stop, {"second_moment_done": ctx is True, "parent": state, "shape": shape})
         view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         if group["block"] != "tensor":
-            b = _local_block_numel(shape, group)
+            b = _local_block_numel(shape, group, state)
             view["exp_avg_sq"] = state["exp_avg_sq"][start // b: stop // b]
         return view
 
@@ -335,7 +356,7 @@ class AdamMiniMoments(MomentRule):
         block means, or the step's block factors (three block vectors at most) and the direction,
         whichever is larger; with low-precision storage also float32 copies of both moments."""
         dtype = state["exp_avg"].dtype if "exp_avg" in state else torch.float32
-        b = _local_block_numel(shape, group)
+        b = _local_block_numel(shape, group, state)
         nb = 1 if group["block"] == "tensor" else (numel // b if b else 0)
         size = 8 if dtype == torch.float64 else 4
         work = size * max(numel + nb, 3 * nb)
@@ -351,7 +372,7 @@ class AdamMiniMoments(MomentRule):
         heads cut by the shard boundaries (:func:`_row_layout`) or an empty one (it joins the
         all-reduce of the straddling heads). (Called for every parameter every step: the partition
         is read from ``v``'s size, as :meth:`direction` does.)"""
-        if group["block"] == "head" and len(shape) == 2 and (shape[0] == 0 or _row_layout(shape, group)):
+        if group["block"] == "head" and len(shape) == 2 and (shape[0] == 0 or _row_layout(shape, group, state)):
             return not sharded_group(group)
         return group["block"] != "tensor" or not sharded_group(group)
 
