@@ -23,6 +23,12 @@ contender is built: BAdam freezes its inactive blocks), one contender's state al
 baseline's), so a 7B layer (202M parameters) needs weights, gradients, the fixed gradients and two
 optimizers' state: about 6 GB for AdamW-sized states. The learning rate is 1e-5 for every row (step
 time does not depend on it; the weights stay sane over the few steps taken).
+
+Besides the single layers, sets of many small tensors time the multi-tensor (foreach) paths, where a step's
+per-tensor overheads dominate (:data:`TENSOR_SETS`: tensors held as plain parameters, no ``nn.Linear``, so
+subspace recipes train them full-rank and Muon / SCALE / SinkGD with their AdamW; :data:`LAYER_STACKS`: several
+small Llama layers with their norms, whose weights are targeted as in a model). Their steps take a few
+milliseconds, so each round times :func:`steps_per_round` steps of each optimizer (20) instead of one.
 """
 
 from __future__ import annotations
@@ -49,23 +55,76 @@ SHAPE_SETS: dict[str, tuple[int, int, bool]] = {
     "hidden-1024": (1024, 2752, False),
     "hidden-2048": (2048, 5504, False),
 }
+#: ``name -> ((count, shape), ...)``: many small tensors as plain parameters, in this order (vectors first), as
+#: measured in docs/benchmarks.md: 64 vectors of 1024 + 32 weights of 64 x 64 (393K parameters), and
+#: 32 vectors of 256 + 16 batched weights of 4 x 64 x 64 (270K).
+TENSOR_SETS: dict[str, tuple[tuple[int, tuple[int, ...]], ...]] = {
+    "small-tensors": ((64, (1024,)), (32, (64, 64))),
+    "small-batched": ((32, (256,)), (16, (4, 64, 64))),
+}
+#: ``name -> (layers, hidden)``: that many Llama decoder layers (with their two RMSNorm weights, Llama-2's MLP
+#: ratio: hidden 128 -> MLP 344) under ``layers.i.``; 8 x 128: 1.57M parameters, 8 x 256: 6.29M.
+LAYER_STACKS: dict[str, tuple[int, int]] = {"llama-8x128": (8, 128), "llama-8x256": (8, 256)}
+#: optimizer steps per interleaved round for the small sets (a single-layer set times one step per round)
+SMALL_SET_STEPS = 20
 HEAD_DIM = 128
 LR = 1e-5
 DEFAULT_RANK = 128
 
 
+def all_sets() -> list[str]:
+    """Every named set: the CLI's ``--shapes`` choices."""
+    return [*SHAPE_SETS, *LAYER_STACKS, *TENSOR_SETS]
+
+
 def shape_set(name: str) -> tuple[int, int, bool]:
+    """``(hidden, intermediate, norms)`` of a single-layer set (``hidden-N`` with N >= 8 for tests)."""
     if name in SHAPE_SETS:
         return SHAPE_SETS[name]
     if name.startswith("hidden-") and name[7:].isdigit() and int(name[7:]) >= 8:  # tests: small layers
         h = int(name[7:])
         return h, h * 11008 // 4096, False
-    raise ValueError(f"unknown shape set {name!r}; valid: {', '.join(SHAPE_SETS)} (or hidden-N, N >= 8)")
+    raise ValueError(f"unknown shape set {name!r}; valid: {', '.join(all_sets())} (or hidden-N, N >= 8)")
+
+
+def steps_per_round(name: str) -> int:
+    """Steps of each optimizer per interleaved round: one for a single layer, :data:`SMALL_SET_STEPS` for the
+    sets of small tensors and stacks of small layers."""
+    return SMALL_SET_STEPS if name in TENSOR_SETS or name in LAYER_STACKS else 1
+
+
+def set_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of any set (the names of :func:`build_set`'s module)."""
+    if name in TENSOR_SETS:
+        out: dict[str, tuple[int, ...]] = {}
+        for kind, (count, shape) in zip(("vecs", "mats"), TENSOR_SETS[name]):
+            out.update({f"{kind}.{i}": shape for i in range(count)})
+        return out
+    if name in LAYER_STACKS:
+        n, h = LAYER_STACKS[name]
+        one = _layer_shapes(h, h * 11008 // 4096, True)
+        return {f"layers.{i}.{k}": s for i in range(n) for k, s in one.items()}
+    return layer_shapes(name)
+
+
+def describe_set(name: str) -> str:
+    """One line on what the set is (the markdown's footnote)."""
+    if name in TENSOR_SETS:
+        return " + ".join(f"{c} {'vectors' if len(s) == 1 else 'weights'} of {' x '.join(map(str, s))}"
+                          for c, s in TENSOR_SETS[name]) + " (plain parameters, no nn.Linear)"
+    if name in LAYER_STACKS:
+        n, h = LAYER_STACKS[name]
+        return f"{n} Llama decoder layers, hidden {h}, MLP {h * 11008 // 4096}, 2 RMSNorm weights each"
+    h, i, norms = shape_set(name)
+    return f"one Llama decoder layer, hidden {h}, MLP {i}" + (", 2 RMSNorm weights" if norms else "")
 
 
 def layer_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of one decoder layer of the set ``name``."""
-    h, i, norms = shape_set(name)
+    return _layer_shapes(*shape_set(name))
+
+
+def _layer_shapes(h: int, i: int, norms: bool) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {f"self_attn.{k}.weight": (h, h) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
     shapes.update({"mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)})
     if norms:
@@ -100,6 +159,37 @@ class LayerWeights(nn.Module):
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=g)
+
+
+class TensorSet(nn.Module):
+    """Many small tensors of a :data:`TENSOR_SETS` entry as plain parameters ``vecs.i`` (N(0, 1)) and ``mats.i``
+    (N(0, 0.02^2)); nothing is computed with them."""
+
+    def __init__(self, name: str, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        (nv, sv), (nm, sm) = TENSOR_SETS[name]
+        self.vecs = nn.ParameterList([nn.Parameter(torch.randn(sv, generator=g)) for _ in range(nv)])
+        self.mats = nn.ParameterList([nn.Parameter(torch.randn(sm, generator=g) * 0.02) for _ in range(nm)])
+
+
+class LayerStack(nn.Module):
+    """:data:`LAYER_STACKS` entry: ``layers.i`` are :class:`LayerWeights` (seeds 0, 1, ...); ``config`` is theirs."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        n, h = LAYER_STACKS[name]
+        self.layers = nn.ModuleList([LayerWeights(h, h * 11008 // 4096, True, seed=i) for i in range(n)])
+        self.config = self.layers[0].config
+
+
+def build_set(name: str) -> nn.Module:
+    """The module whose parameters the set ``name`` times (names and shapes: :func:`set_shapes`)."""
+    if name in TENSOR_SETS:
+        return TensorSet(name)
+    if name in LAYER_STACKS:
+        return LayerStack(name)
+    return LayerWeights(*shape_set(name))
 
 
 @dataclass
@@ -163,7 +253,8 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
     (``torch_adamw`` first) and the run's metadata (shapes, skipped peers)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    hidden, inter, norms = shape_set(shapes)
+    module = build_set(shapes)  # an unknown name is a ValueError naming the valid sets
+    n_steps = steps_per_round(shapes)
     rank = rank or DEFAULT_RANK
     prev = torch.get_num_threads()
     if threads is not None:
@@ -181,7 +272,6 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
                     labels.append(peer_label(p))
                 else:
                     skipped[peer_label(p)] = why
-        module = LayerWeights(hidden, inter, norms)
         params = [p for p in module.parameters()]
         n_params = sum(p.numel() for p in params)
         g = torch.Generator().manual_seed(1)
@@ -189,14 +279,17 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
         for p in params:
             p.grad = torch.empty_like(p)
 
-        def timed(opt) -> float:
-            for p, f in zip(params, fixed):
-                if p.grad is None:  # an optimizer freed it (BAdam frees the inactive blocks' gradients)
-                    p.grad = torch.empty_like(p)
-                p.grad.copy_(f)
-            t0 = time.process_time()
-            opt.step()
-            return time.process_time() - t0
+        def timed(opt, steps: int = 1) -> float:  # CPU seconds per step, the mean over ``steps`` steps
+            total = 0.0
+            for _ in range(steps):
+                for p, f in zip(params, fixed):
+                    if p.grad is None:  # an optimizer freed it (BAdam frees the inactive blocks' gradients)
+                        p.grad = torch.empty_like(p)
+                    p.grad.copy_(f)
+                t0 = time.process_time()
+                opt.step()
+                total += time.process_time() - t0
+            return total / steps
 
         base = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
         timed(base)
@@ -215,11 +308,11 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
             bt, xt = [], []
             for r in range(repeats):
                 if r % 2 == 0:
-                    bt.append(timed(base))
-                    xt.append(timed(opt))
+                    bt.append(timed(base, n_steps))
+                    xt.append(timed(opt, n_steps))
                 else:
-                    xt.append(timed(opt))
-                    bt.append(timed(base))
+                    xt.append(timed(opt, n_steps))
+                    bt.append(timed(base, n_steps))
             ratios = [x / b for x, b in zip(xt, bt)]
             all_base += bt
             steady, b_med = statistics.median(xt), statistics.median(bt)
@@ -243,8 +336,8 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
         ))
     finally:
         torch.set_num_threads(prev)
-    meta = {"shapes": shapes, "hidden": hidden, "intermediate": inter, "norms": norms, "params": n_params, "rank": rank,
-            "repeats": repeats, "lr": LR, "skipped_peers": skipped, "torch": torch.__version__,
+    meta = {"shapes": shapes, "description": describe_set(shapes), "params": n_params, "rank": rank,
+            "repeats": repeats, "steps_per_round": n_steps, "lr": LR, "skipped_peers": skipped, "torch": torch.__version__,
             "threads": torch.get_num_threads() if threads is None else threads, "wall_s": time.perf_counter() - t_start}
     return results, meta
 
@@ -282,10 +375,9 @@ def to_markdown(results: list[ShapeResult], meta: dict[str, Any]) -> str:
         else:
             lines.append(f"| {r.optimizer} | {r.amortised_ratio:.2f}x | {p.optimizer} | {p.amortised_ratio:.2f}x "
                          f"| {r.amortised_ratio / p.amortised_ratio:.2f} |")
-    norms = ", 2 RMSNorm weights" if meta["norms"] else ""
-    lines += ["", (f"`{meta['shapes']}`: one Llama decoder layer, hidden {meta['hidden']}, MLP {meta['intermediate']}"
-                   f"{norms}: {meta['params']:,} parameters; optimizer.step() only, random gradients; {meta['repeats']} "
-                   f"interleaved rounds (median ratio of CPU times, spread = (max - min) / median); subspace rank {meta['rank']}; "
+    per_round = "" if meta["steps_per_round"] == 1 else f" of {meta['steps_per_round']} steps"
+    lines += ["", (f"`{meta['shapes']}`: {meta['description']}: {meta['params']:,} parameters; optimizer.step() only, "
+                   f"random gradients; {meta['repeats']} interleaved rounds{per_round} (median ratio of CPU times, spread = (max - min) / median); subspace rank {meta['rank']}; "
                    f"{meta['threads']} CPU thread(s); torch {meta['torch']}; {meta['wall_s']:.0f} s.")]
     if meta.get("skipped_peers"):
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items()) + "."]

@@ -252,6 +252,42 @@ def test_shape_sets_are_the_llama_layers_of_issue_15():
         bench_shapes.shape_set("llama-70b")
 
 
+@pytest.mark.filterwarnings("ignore:the optimizer found no trainable projection layer")
+def test_small_shape_sets_are_the_recorded_ones_and_run_from_the_cli(tmp_path, monkeypatch):
+    """The sets of docs/benchmarks.md's small-tensor and 8-layer measurements: their shapes, the CLI's choices,
+    and a CLI run writes its table (CI-sized: one step per round)."""
+    import argparse
+
+    from lowmem.cli import build_parser
+
+    small = bench_shapes.set_shapes("small-tensors")
+    assert list(small.values()) == [(1024,)] * 64 + [(64, 64)] * 32  # vectors first, as measured
+    assert list(bench_shapes.set_shapes("small-batched").values()) == [(256,)] * 32 + [(4, 64, 64)] * 16
+    stack = bench_shapes.set_shapes("llama-8x128")
+    assert len(stack) == 8 * 9 and stack["layers.7.mlp.gate_proj.weight"] == (344, 128)
+    assert stack["layers.0.input_layernorm.weight"] == (128,)
+    for name in ("small-tensors", "small-batched", "llama-8x128", "llama-8x256"):
+        mod = bench_shapes.build_set(name)
+        assert {n: tuple(p.shape) for n, p in mod.named_parameters()} == bench_shapes.set_shapes(name)
+        assert bench_shapes.steps_per_round(name) == bench_shapes.SMALL_SET_STEPS
+    assert bench_shapes.steps_per_round("hidden-1024") == 1
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    shapes_arg = next(a for a in sub.choices["bench"]._actions if a.dest == "shapes")
+    assert sorted(shapes_arg.choices) == sorted(bench_shapes.all_sets())  # every set is a CLI choice
+    with pytest.raises(ValueError, match="small-tensors"):
+        bench_shapes.shape_set("small-vectors")
+
+    monkeypatch.setattr(bench_shapes, "SMALL_SET_STEPS", 1)
+    rc = main(["bench", "adamw", "sgd_sm", "--shapes", "small-tensors", "--repeats", "2", "--output-dir", str(tmp_path)])
+    assert rc == 0
+    payload = json.loads((tmp_path / "bench_shapes.json").read_text())
+    assert [r["optimizer"] for r in payload["results"]] == [BASELINE, "adamw", "sgd_sm"]
+    assert payload["meta"]["params"] == 64 * 1024 + 32 * 64 * 64 and payload["meta"]["steps_per_round"] == 1
+    md = (tmp_path / "bench_shapes.md").read_text()
+    assert "### lowmem bench --shapes small-tensors" in md and "| sgd_sm |" in md
+    assert "64 vectors of 1024 + 32 weights of 64 x 64" in md and "196,608 parameters" in md
+
+
 def test_shapes_bench_ratio_direction_refresh_and_peers(monkeypatch):
     """A step that is slower than AdamW's gets a ratio above 1 (not inverted); GaLore's first step (its SVD)
     is reported apart and amortised over update_proj_gap; peers run on the same parameters."""
