@@ -26,7 +26,8 @@ time does not depend on it; the weights stay sane over the few steps taken).
 
 Besides the single layers, sets of many small tensors time the multi-tensor (foreach) paths, where a step's
 per-tensor overheads dominate (:data:`TENSOR_SETS`: tensors held as plain parameters, no ``nn.Linear``, so
-subspace recipes train them full-rank and Muon / SCALE / SinkGD with their AdamW; :data:`LAYER_STACKS`: several
+subspace recipes train them full-rank and Muon / SCALE / SinkGD with their AdamW, except the weights of
+:data:`LINEAR_SETS`, which are targeted; :data:`LAYER_STACKS`: several
 small Llama layers with their norms, whose weights are targeted as in a model). Their steps take a few
 milliseconds, so each round times :func:`steps_per_round` steps of each optimizer (20) instead of one.
 """
@@ -55,13 +56,16 @@ SHAPE_SETS: dict[str, tuple[int, int, bool]] = {
     "hidden-1024": (1024, 2752, False),
     "hidden-2048": (2048, 5504, False),
 }
-#: ``name -> ((count, shape), ...)``: many small tensors as plain parameters, in this order (vectors first), as
-#: measured in docs/benchmarks.md: 64 vectors of 1024 + 32 weights of 64 x 64 (393K parameters), and
-#: 32 vectors of 256 + 16 batched weights of 4 x 64 x 64 (270K).
+#: ``name -> ((count, shape), ...)``: many small tensors, vectors first, as measured in docs/benchmarks.md:
+#: 64 vectors of 1024 + 32 weights of 64 x 64 (196,608 parameters), 32 vectors of 256 + 16 batched weights of
+#: 4 x 64 x 64 (270,336): plain parameters; 64 vectors of 128 + 32 weights of 128 x 128 (532,480): the weights
+#: are ``nn.Linear`` (:data:`LINEAR_SETS`), so subspace recipes project them (Subspace-Momentum's set, at rank 16).
 TENSOR_SETS: dict[str, tuple[tuple[int, tuple[int, ...]], ...]] = {
     "small-tensors": ((64, (1024,)), (32, (64, 64))),
     "small-batched": ((32, (256,)), (16, (4, 64, 64))),
+    "small-linear": ((64, (128,)), (32, (128, 128))),
 }
+LINEAR_SETS = frozenset({"small-linear"})
 #: ``name -> (layers, hidden)``: that many Llama decoder layers (with their two RMSNorm weights, Llama-2's MLP
 #: ratio: hidden 128 -> MLP 344) under ``layers.i.``; 8 x 128: 1.57M parameters, 8 x 256: 6.29M.
 LAYER_STACKS: dict[str, tuple[int, int]] = {"llama-8x128": (8, 128), "llama-8x256": (8, 256)}
@@ -97,8 +101,9 @@ def set_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of any set (the names of :func:`build_set`'s module)."""
     if name in TENSOR_SETS:
         out: dict[str, tuple[int, ...]] = {}
-        for kind, (count, shape) in zip(("vecs", "mats"), TENSOR_SETS[name]):
-            out.update({f"{kind}.{i}": shape for i in range(count)})
+        (nv, sv), (nm, sm) = TENSOR_SETS[name]
+        out.update({f"vecs.{i}": sv for i in range(nv)})
+        out.update({f"mats.{i}.weight" if name in LINEAR_SETS else f"mats.{i}": sm for i in range(nm)})
         return out
     if name in LAYER_STACKS:
         n, h = LAYER_STACKS[name]
@@ -111,7 +116,8 @@ def describe_set(name: str) -> str:
     """One line on what the set is (the markdown's footnote)."""
     if name in TENSOR_SETS:
         return " + ".join(f"{c} {'vectors' if len(s) == 1 else 'weights'} of {' x '.join(map(str, s))}"
-                          for c, s in TENSOR_SETS[name]) + " (plain parameters, no nn.Linear)"
+                          for c, s in TENSOR_SETS[name]) + (" (the weights nn.Linear)" if name in LINEAR_SETS
+                                                            else " (plain parameters, no nn.Linear)")
     if name in LAYER_STACKS:
         n, h = LAYER_STACKS[name]
         return f"{n} Llama decoder layers, hidden {h}, MLP {h * 11008 // 4096}, 2 RMSNorm weights each"
@@ -163,14 +169,22 @@ class LayerWeights(nn.Module):
 
 class TensorSet(nn.Module):
     """Many small tensors of a :data:`TENSOR_SETS` entry as plain parameters ``vecs.i`` (N(0, 1)) and ``mats.i``
-    (N(0, 0.02^2)); nothing is computed with them."""
+    (N(0, 0.02^2); for :data:`LINEAR_SETS` the weights ``mats.i.weight`` of bias-free ``nn.Linear`` layers);
+    nothing is computed with them."""
 
     def __init__(self, name: str, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         (nv, sv), (nm, sm) = TENSOR_SETS[name]
         self.vecs = nn.ParameterList([nn.Parameter(torch.randn(sv, generator=g)) for _ in range(nv)])
-        self.mats = nn.ParameterList([nn.Parameter(torch.randn(sm, generator=g) * 0.02) for _ in range(nm)])
+        mats = [torch.randn(sm, generator=g) * 0.02 for _ in range(nm)]
+        if name in LINEAR_SETS:
+            self.mats = nn.ModuleList([nn.Linear(sm[1], sm[0], bias=False) for _ in range(nm)])
+            with torch.no_grad():
+                for lin, w in zip(self.mats, mats):
+                    lin.weight.copy_(w)
+        else:
+            self.mats = nn.ParameterList([nn.Parameter(w) for w in mats])
 
 
 class LayerStack(nn.Module):

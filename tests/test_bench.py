@@ -263,10 +263,13 @@ def test_small_shape_sets_are_the_recorded_ones_and_run_from_the_cli(tmp_path, m
     small = bench_shapes.set_shapes("small-tensors")
     assert list(small.values()) == [(1024,)] * 64 + [(64, 64)] * 32  # vectors first, as measured
     assert list(bench_shapes.set_shapes("small-batched").values()) == [(256,)] * 32 + [(4, 64, 64)] * 16
+    linear = bench_shapes.build_set("small-linear")  # Subspace-Momentum's set: the weights are projection layers
+    assert [n for n, m in linear.named_modules() if isinstance(m, torch.nn.Linear)] == [f"mats.{i}" for i in range(32)]
+    assert list(bench_shapes.set_shapes("small-linear").values()) == [(128,)] * 64 + [(128, 128)] * 32
     stack = bench_shapes.set_shapes("llama-8x128")
     assert len(stack) == 8 * 9 and stack["layers.7.mlp.gate_proj.weight"] == (344, 128)
     assert stack["layers.0.input_layernorm.weight"] == (128,)
-    for name in ("small-tensors", "small-batched", "llama-8x128", "llama-8x256"):
+    for name in ("small-tensors", "small-batched", "small-linear", "llama-8x128", "llama-8x256"):
         mod = bench_shapes.build_set(name)
         assert {n: tuple(p.shape) for n, p in mod.named_parameters()} == bench_shapes.set_shapes(name)
         assert bench_shapes.steps_per_round(name) == bench_shapes.SMALL_SET_STEPS
