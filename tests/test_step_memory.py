@@ -161,7 +161,9 @@ def test_step_transient_bytes_meta_equals_cpu_and_counts_buckets():
             opt = create_optimizer(ps, name, **hp)
             opt.materialize_state()
             values.append(opt.step_transient_bytes())
-        assert values[0] == values[1] > 0, name
+        # on the CPU (MKL) a basis's GEMM packing buffers, once: the combine-back's of the widest weight
+        kept = _kept(8, 200) if name in ("galore_adamw", "fira_adamw") else 0
+        assert values[0] + kept == values[1] > 0, name
     # foreach AdamW: one bucket of every small tensor (sqrt(v) of the bucket), capped by chunk_numel
     ps = [torch.nn.Parameter(torch.zeros(1000, device="meta")) for _ in range(10)]
     opt = create_optimizer(ps, "adamw")
@@ -169,6 +171,59 @@ def test_step_transient_bytes_meta_equals_cpu_and_counts_buckets():
     assert opt.step_transient_bytes() == 4 * 10_000
     opt.chunk_numel = 3000
     assert opt.step_transient_bytes() == 4 * 3000
+
+
+def _kept(rank: int, cols: int) -> int:
+    """MKL's packing buffers a CPU projected step keeps (SubspaceProjection.kept_gemm_bytes)."""
+    from lowmem.optim.functional.galore import gemm_pack_bytes
+    from lowmem.optim.subspace import DOWN_PACK_BYTES
+
+    return (gemm_pack_bytes(rank, cols) + DOWN_PACK_BYTES) * torch.backends.mkl.is_available()
+
+
+def test_gemm_packing_buffer_counted_once_on_mkl_cpu_only(monkeypatch):
+    """MKL's GEMM packing buffers (issue 12) are added once for the whole step, the largest over
+    projected basis parameters (not per parameter, not per phase), only where MKL keeps them (a CPU
+    tensor on a build with MKL); a rsvd refresh, whose report already holds them, is not raised by them;
+    coordinate projections combine back by indexing (none)."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("needs a build with MKL")
+    shapes = [(300, 200), (64, 500), (64, 64), (1000,)]
+
+    def report(device, **hp):
+        ps = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
+        opt = create_optimizer(ps, "galore_adamw", **hp)
+        opt.materialize_state()
+        return opt.step_transient_bytes(), opt.step_transient_bytes(per_parameter=True)
+
+    for hp in ({"rank": 8, "projection": "gaussian"}, {"rank": 8, "projection": "random"}):
+        meta, cpu = report("meta", **hp), report("cpu", **hp)
+        assert [c - m for m, c in zip(meta, cpu)] == [_kept(8, 500)] * 2, hp  # the widest (500 columns), once
+    # rsvd: its refresh (the largest phase here) already counts the combine-back's buffer: not twice
+    from lowmem.optim.subspace import SubspaceProjection
+
+    for proj_type in ("std", "left", "right"):  # (300 x 200: a left basis; forced right: its G^T's buffer)
+        hp = {"rank": 8, "projection": "rsvd", "proj_type": proj_type}
+        ps = {d: torch.nn.Parameter(torch.zeros(300, 200, device=d)) for d in ("meta", "cpu")}
+        reports = {}
+        for d, p in ps.items():
+            opt = create_optimizer([p], "galore_adamw", **hp)
+            opt.materialize_state()
+            reports[d] = opt.step_transient_bytes()
+        group = opt.param_groups[0]
+        assert reports["meta"] >= SubspaceProjection().transient_bytes(p.shape, group, opt.state[p], refresh=True)
+        assert reports["cpu"] == reports["meta"], proj_type
+    # coordinates (FRUGAL's columns): no packing buffer
+    for name in ("frugal",):
+        vals = []
+        for d in ("meta", "cpu"):
+            opt = create_optimizer([torch.nn.Parameter(torch.zeros(300, 200, device=d))], name, rank=8, projection="columns")
+            opt.materialize_state()
+            vals.append(opt.step_transient_bytes())
+        assert vals[0] == vals[1], name
+    # no MKL (or not the CPU): nothing
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    assert report("cpu", rank=8, projection="gaussian") == report("meta", rank=8, projection="gaussian")
 
 
 def test_step_transient_bytes_needs_state_on_a_real_device():
@@ -307,9 +362,39 @@ def test_step_peak_is_bounded_and_reported(measured, label):
     if ("rank" not in hp or mode == "refresh" or label in TIGHT) and not label.endswith("_rsvd"):
         assert reported <= 2 * grown + 4 * MiB, (label, grown / MiB, reported / MiB)
     if label in TIGHT:
-        assert reported <= TIGHT[label] * grown + MiB, (label, grown / MiB, reported / MiB)
+        # (MKL's GEMM packing buffers, counted on every CPU projected step, are in this shared process
+        # from its earlier rows: their growth is test_gemm_packing_buffer_measured_in_a_fresh_process's)
+        assert reported - _shared_kept(label) <= TIGHT[label] * grown + MiB, (label, grown / MiB, reported / MiB)
     if label.endswith("_rsvd"):  # the range finder's phases and MKL's kept buffers: at least the measurement
         assert grown <= reported, (label, grown / MiB, reported / MiB)
+
+
+def _shared_kept(label: str) -> int:
+    """The MKL packing buffers the report of MEASURED's ``label`` counts (LowMemOptimizer._kept_gemm_bytes)."""
+    if "rank" not in MEASURED[label][0]:
+        return 0
+    name = label.replace("_gaussian", "").replace("_random", "").replace("_bucket", "")
+    opt = create_optimizer([torch.nn.Parameter(torch.empty(SHAPE))], name, **MEASURED[label][0])
+    return opt._kept_gemm_bytes()
+
+
+@needs_proc
+@pytest.mark.parametrize("shape,projection", [((2048, 2048), "gaussian"), ((1024, 4096), "gaussian"),
+                                              ((2048, 2048), "random")])
+def test_gemm_packing_buffer_measured_in_a_fresh_process(shape, projection):
+    """galore_adamw rank 256, plain steps in a fresh process of their own: the project-down's and the
+    combine-back's first GEMMs leave MKL's packing buffers, alive through every later phase (issue 12).
+    Reported (with them) at least the measurement and within 10% + 0.5 MiB of it: 2048 x 2048 Gaussian
+    9.2 measured, 9.7 reported (6.0 without them); random 9.1, 10.9 (its basis's QR, counted as before)."""
+    from lowmem.optim.step_memory import LIVE_ENV, measure_steps
+
+    hp = {"rank": 256, "update_proj_gap": 200, "projection": projection}
+    r = measure_steps([{"name": "galore_adamw", "shape": list(shape), "hparams": hp, "mode": "plain", "steps": 3}],
+                      env=LIVE_ENV)[0]
+    grown, reported = r["growth_bytes"], r["transient_bytes"]
+    assert grown <= reported, (grown / MiB, reported / MiB)
+    if projection == "gaussian":
+        assert reported <= 1.1 * grown + MiB // 2, (grown / MiB, reported / MiB)
 
 
 # reports that follow the code closely (issue 12): at most this factor above the live measurement.

@@ -391,6 +391,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
         open (the per-parameter step of another kind of parameter) is counted next to that bucket's
         projected gradients.
 
+        Projected parameters on the CPU of a build with MKL (``torch.backends.mkl.is_available()``):
+        the first combine-back of a basis leaves MKL's GEMM packing buffer, kept for the process and
+        alive in every phase of every later step (:meth:`~lowmem.optim.subspace.Projection.kept_gemm_bytes`,
+        ``4 min(r, 256) n`` bytes + 0.7 MiB): the largest one over these parameters is added once to
+        the whole step (:meth:`_kept_gemm_bytes`; a ``rsvd`` refresh's own count of it is left out of
+        its phase, :meth:`~lowmem.optim.subspace.Projection.refresh_kept_bytes`). CUDA (cuBLAS keeps
+        no such buffer) and meta-device parameters (the estimator's, whose device is not known) do not
+        count it.
+
         Works on meta-device parameters after :meth:`materialize_state` (as :meth:`state_bytes`):
         the memory estimator adds it to the state for the peak of a training step.
 
@@ -399,6 +408,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 (:meth:`step_param`, what layerwise mode does): no foreach or projected buckets.
         """
         worst = 0
+        kept = self._kept_gemm_bytes()  # MKL's packing buffer, alive in every phase (CPU)
         sizes: dict[tuple, tuple[int, int]] = {}
         buckets: dict[tuple, int] = {}
         low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
@@ -466,7 +476,24 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # the projected buckets are done
         bucket = max(buckets.values(), default=0)
         # (a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own)
-        return max(worst, self.recipe.moment.foreach_transient_bytes(bucket) + 4 * bucket * bool(self.recipe.stabilizers))
+        return kept + max(worst, self.recipe.moment.foreach_transient_bytes(bucket) + 4 * bucket * bool(self.recipe.stabilizers))
+
+    @staticmethod
+    def _mkl_keeps_packs(p: Tensor) -> bool:
+        """Whether GEMMs on ``p``'s device leave MKL's packing buffers for the process: a CPU tensor
+        on a build with MKL (not CUDA, whose cuBLAS keeps none; not meta: its device is not known)."""
+        return p.device.type == "cpu" and torch.backends.mkl.is_available()
+
+    def _kept_gemm_bytes(self) -> int:
+        """The largest GEMM packing buffer MKL keeps after a combine-back
+        (:meth:`~lowmem.optim.subspace.Projection.kept_gemm_bytes`) over the projected parameters
+        whose step runs where MKL keeps it (:meth:`_mkl_keeps_packs`): one buffer, counted once."""
+        P, kept = self.recipe.projection, 0
+        for group in self.param_groups:
+            for key in group["params"]:
+                if self._is_projected(key, group) and self._mkl_keeps_packs(local(key)):
+                    kept = max(kept, P.kept_gemm_bytes(key.shape, group))
+        return kept
 
     def _low_bucket_bytes(self, items: list[_ProjectedBytes]) -> int:
         """The peak of one bucket of the projected multi-tensor step, from its parameters' terms
@@ -520,6 +547,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             refresh_copy = 0
         combine = r.combine.transient_bytes(p.shape, group, state, P, rows)
         refresh = P.transient_bytes(p.shape, group, state, refresh=True) + refresh_copy
+        if self._mkl_keeps_packs(p):  # (MKL's packing buffer: counted once for the step, _kept_gemm_bytes)
+            refresh -= P.refresh_kept_bytes(p.shape, group)
         p_copy = 4 * rows * p.shape[1] * lowp  # a block of rows in float32 (all rows: the parameter's copy)
         alone = copies + p_copy + stab + max(step + combine, refresh)
         # the multi-tensor path (no stabilizers): unchunked, the float32 copies of the gradient and the

@@ -39,6 +39,10 @@ from .functional.norms import float_norm
 
 BASIS_METHODS = ("svd", "rsvd", "random", "gaussian", "online_pca")
 COORDINATE_METHODS = ("columns", "rows", "randk", "blocks")
+#: MKL's packing buffer kept after a basis's first project-down GEMM (``P^T G`` / ``G Q^T``), on CPU
+#: builds with MKL (SubspaceProjection.kept_gemm_bytes; measured 1.4-1.6 MiB at rank 64-256, of which
+#: a real step's earlier GEMMs already hold part)
+DOWN_PACK_BYTES = 2**20
 DATA_DEPENDENT = ("svd", "rsvd", "online_pca")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -108,6 +112,18 @@ class Projection:
     def combine_transient_bytes(self, shape: torch.Size, group: dict[str, Any], rows: int) -> int:
         """Bytes of the combine-back of ``rows`` rows (the full-size direction when ``rows`` is all)."""
         return 4 * rows * shape[1]
+
+    def kept_gemm_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
+        """The packing buffers MKL's float32 GEMM keeps for the process after this projection's first
+        project-down and combine-back of a parameter of ``shape`` (CPU builds with MKL only; the engine
+        decides where it applies and counts the largest one once, in every phase of a step); default: none."""
+        return 0
+
+    def refresh_kept_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
+        """The part of :meth:`transient_bytes` (``refresh=True``) that is the buffer of
+        :meth:`kept_gemm_bytes` (so that the engine, which counts that buffer once per step, does not
+        count it twice); default: none."""
+        return 0
 
     def snapshot(self, state: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
         """Copies of the tensors that define the current subspace (for :meth:`rotate_moment`)."""
@@ -341,6 +357,26 @@ class SubspaceProjection(Projection):
             return work
         snapshot, rotation = self.rotate_bytes(shape, group)
         return snapshot + max(work, rotation)
+
+    def kept_gemm_bytes(self, shape, group) -> int:
+        """A basis's combine-back (``P N`` / ``N Q``: ``r``-deep panels by ``n`` columns) leaves MKL's
+        packing buffer, :func:`~lowmem.optim.functional.galore.gemm_pack_bytes` ``(r, n)``, and its
+        project-down (``P^T G`` / ``G Q^T``) a smaller one, :data:`DOWN_PACK_BYTES` (measured in a
+        fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``: the first ``P^T G`` keeps 1.4-1.6 MiB at rank
+        64-256 before the combine-back, together 3.8 MiB at 2048 x 2048 rank 256, 9.8 at 8192 x 8192,
+        12.5 at 4096 x 11008; a plain step of galore_adamw rank 256 grows 3.2 / 9.0 / 10.2 MiB beyond
+        its other phases); coordinates combine back by indexing (none)."""
+        if self.method(group) not in BASIS_METHODS:
+            return 0
+        return GL.gemm_pack_bytes(group["rank"], shape[1]) + DOWN_PACK_BYTES
+
+    def refresh_kept_bytes(self, shape, group) -> int:
+        """``rsvd``: all of :meth:`kept_gemm_bytes`. Its refresh report bounds a refresh next to MKL's
+        kept buffers (:func:`~lowmem.optim.functional.galore.rsvd_refresh_bytes`: a later refresh next to
+        the larger of its SVD's panel and a combine-back's packing buffer, plus the first calls' GEMM / QR
+        packing; measured over steps 1-3, the combine-back of step 1 included: 53.3 MiB for 64.6 reported
+        at 4096 x 11008 rank 256, a right basis whose combine-back packs 11008 columns)."""
+        return self.kept_gemm_bytes(shape, group) if self.method(group) == "rsvd" else 0
 
     def _rsvd_bytes(self, shape, group) -> int:
         """A ``rsvd`` refresh's peak over a run (:func:`~lowmem.optim.functional.galore.rsvd_refresh_bytes`)

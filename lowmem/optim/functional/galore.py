@@ -176,9 +176,9 @@ def gemm_pack_bytes(rank: int, cols: int) -> int:
     ``rank``-deep panel by ``cols`` columns (the combine-back's ``P[a:b] N`` / ``N[a:b] Q``, a block of
     rows times an ``r x n`` matrix): ``4 min(rank, 256) cols`` bytes + 0.7 MiB (MKL packs 256-deep
     slices; measured 8.7 MiB at rank 256 and 8192 columns, 4.7 at 4096). Counted by
-    :func:`rsvd_refresh_bytes`; a plain projected step does not count it yet (it is alive through every
-    phase of every step after the first, so it belongs to the engine's per-step total, not to one
-    phase; docs/memory.md)."""
+    :func:`rsvd_refresh_bytes`, and for every step of a projected parameter on the CPU (it is alive
+    through every phase of every step after the first) by the engine's per-step total, once
+    (``SubspaceProjection.kept_gemm_bytes``, ``LowMemOptimizer.step_transient_bytes``; docs/memory.md)."""
     return 4 * min(rank, 256) * cols + 7 * 2**20 // 10
 
 
