@@ -189,13 +189,30 @@ def test_pieces_of_a_tensor_stepped_whole_are_not_counted_in_the_buckets(name, h
     assert opt.step_transient_bytes() == max(alone, _report(small, name, hp).step_transient_bytes())
 
 
+@pytest.mark.parametrize("name,decoded", [("adamw8bit", 4 * 2 + 2), ("adamw4bit", 4 * 2 + 16), ("adamw4bit_rank1", 4 * 2 + 16)])
+def test_quantized_bucket_decodes_only_its_quantized_members(name, decoded):
+    """A foreach bucket of quantized AdamW (issue 12): the members with at least min_quant_size elements
+    are decoded (4 B per moment per element) with the codec's workspace; those below it keep float32
+    moments and allocate only the inner AdamW's multi-tensor direction (the directions and sqrt(v), 8 B
+    per element), which counts every member. Was (4 * 2 + codec + 8) B for every element of the bucket."""
+    shapes = [(64, 64), (10, 10), (30,), (16, 64)]  # 4096 and 1024 elements quantized, 100 and 30 not
+    opt = _report(shapes, name, {"min_quant_size": 1000, "block_size": 64})
+    coded, numel = 4096 + 1024, 4096 + 1024 + 100 + 30
+    assert opt.step_transient_bytes() == decoded * coded + 8 * numel
+    opt = _report(shapes[1:3], name, {"min_quant_size": 1000, "block_size": 64})  # none quantized
+    assert opt.step_transient_bytes() == 8 * 130
+    opt = _report(shapes, name, {"min_quant_size": 1, "block_size": 64})  # all quantized: as before
+    assert opt.step_transient_bytes() == opt.recipe.moment.foreach_transient_bytes(numel) == (decoded + 8) * numel
+
+
 def test_element_wise_pieces_stay_in_the_buckets():
     """8-bit AdamW below min_quant_size (float32 moments): the pieces are stepped with their bucket by
     the decoded-moments path, whose bound the report keeps; so are a hybrid's AdamW parameters' pieces."""
     opt = _report([(2000, 2048)], "adamw8bit", {"min_quant_size": 10**9})
     p = opt.param_groups[0]["params"][0]
     assert not opt.recipe.moment.steps_pieces_whole(p.shape, opt.param_groups[0], opt.state[p])
-    assert opt.step_transient_bytes() == opt.recipe.moment.foreach_transient_bytes(2**19) > 4 * 2**19
+    # (nothing decoded: only the inner AdamW's multi-tensor direction, the directions and sqrt(v))
+    assert opt.step_transient_bytes() == opt.recipe.moment.inner.foreach_direction_transient_bytes(2**19) == 8 * 2**19
     for name in ("muon", "sinkgd", "scale"):
         opt = _report([(2**21,)], name, {})
         p = opt.param_groups[0]["params"][0]

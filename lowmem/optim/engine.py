@@ -378,8 +378,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         part reports its own term (``transient_bytes`` of the moment rule, stabilizers, projection
         and residual rule), computed from the same configuration the step uses (``chunk_numel``,
         block sizes, rank, projection method). Gradients are assumed in the parameter's dtype. A
-        foreach bucket counts the rule's :meth:`~lowmem.optim.moments.MomentRule.foreach_transient_bytes`
-        of its elements, leaving out the pieces of a tensor the rule steps whole from its first piece
+        foreach bucket counts the rule's :meth:`~lowmem.optim.moments.MomentRule.foreach_bucket_transient_bytes`
+        of its elements and members (a quantized rule decodes only its members with quantized moments), leaving out the pieces of a tensor the rule steps whole from its first piece
         (:meth:`~lowmem.optim.moments.MomentRule.steps_pieces_whole`: that tensor's per-parameter
         step is counted instead).
 
@@ -411,6 +411,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         kept = self._kept_gemm_bytes()  # MKL's packing buffer, alive in every phase (CPU)
         sizes: dict[tuple, tuple[int, int]] = {}
         buckets: dict[tuple, int] = {}
+        members: dict[tuple, list[tuple[int, dict[str, Tensor]]]] = {}  # (elements, state) of each bucket's pieces
         low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
         low_key: tuple | None = None
         for group in self.param_groups:
@@ -466,17 +467,21 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         # (the pieces still fill the buckets as step() fills them)
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
                         buckets[key] = buckets.get(key, 0) + (0 if whole else stop - start)
+                        if not whole:
+                            members.setdefault(key, []).append((stop - start, state))
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
                         worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
                     continue
                 worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state))
         if low_bucket:
             worst = max(worst, self._low_bucket_bytes(low_bucket))
-        # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt), after
-        # the projected buckets are done
-        bucket = max(buckets.values(), default=0)
-        # (a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own)
-        return kept + max(worst, self.recipe.moment.foreach_transient_bytes(bucket) + 4 * bucket * bool(self.recipe.stabilizers))
+        # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt; a
+        # quantized rule decodes its members with quantized moments), after the projected buckets are
+        # done; a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own
+        moment, stab = self.recipe.moment, 4 * bool(self.recipe.stabilizers)
+        foreach = max((moment.foreach_bucket_transient_bytes(n, members.get(k, [])) + stab * n for k, n in buckets.items()),
+                      default=moment.foreach_transient_bytes(0))
+        return kept + max(worst, foreach)
 
     @staticmethod
     def _mkl_keeps_packs(p: Tensor) -> bool:

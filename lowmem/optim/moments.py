@@ -98,6 +98,13 @@ class MomentRule:
         parameters and state). Default: one float32 tensor of the bucket (AdamW's ``sqrt(v)``)."""
         return 4 * numel
 
+    def foreach_bucket_transient_bytes(self, numel: int, members: list[tuple[int, dict[str, Tensor]]]) -> int:
+        """Bytes :meth:`foreach_step_` allocates for one bucket of ``numel`` elements, whose
+        ``members`` are ``(elements, state)`` of each tensor or piece in it (a rule whose cost differs
+        between members, e.g. quantized and float32 moments, looks at their states). Default: the same
+        per element for all, :meth:`foreach_transient_bytes` ``(numel)``."""
+        return self.foreach_transient_bytes(numel)
+
     def supports_foreach_direction(self, group: dict[str, Any], state: dict[str, Tensor], param: Tensor) -> bool:
         """Whether :meth:`foreach_direction` gives the directions of several projected (low-rank,
         float32) gradients at once for a parameter ``param`` with this ``state`` (empty before its

@@ -401,9 +401,21 @@ class Quantized(MomentRule):
         workspace (one call for the whole bucket at most: :meth:`transient_bytes`'s per-element bytes)
         and the inner rule's multi-tensor direction (the directions and ``sqrt(v)``). A tensor in pieces
         is stepped whole from its first piece, bounded by the engine's per-parameter term."""
+        return self._decoded_bytes(numel) + self.inner.foreach_direction_transient_bytes(numel)
+
+    def foreach_bucket_transient_bytes(self, numel, members):
+        """:meth:`foreach_transient_bytes` for the members with quantized moments (decoded, and the
+        codec's workspace); members below ``min_quant_size`` (float32 moments, nothing decoded or
+        encoded) allocate only the inner rule's multi-tensor direction, which counts every element."""
+        coded = sum(n for n, state in members if any(is_quantized(state, k) for k in self.specs))
+        return self._decoded_bytes(coded) + self.inner.foreach_direction_transient_bytes(numel)
+
+    def _decoded_bytes(self, numel: int) -> int:
+        """Every listed moment of ``numel`` quantized elements decoded (4 B each per element) and the
+        codec's workspace (one call for the whole bucket at most: :meth:`transient_bytes`'s per-element bytes)."""
         four = any(s.bits == 4 for s in self.specs.values())
         codec = (16 if self.rank1_key is not None else 13) if four else 2
-        return (4 * len(self.specs) + codec) * numel + self.inner.foreach_direction_transient_bytes(numel)
+        return (4 * len(self.specs) + codec) * numel
 
     # ---- the chunked step: whole quantization blocks (or whole rows for rank-1 scales) ----
 
