@@ -402,7 +402,7 @@ def test_gemm_packing_buffer_measured_in_a_fresh_process(shape, projection):
 def test_quantized_bucket_below_min_quant_size_measured(name):
     """A 2048 x 2048 weight below min_quant_size (float32 moments) in pieces of 2^19 elements, on the
     foreach path of quantized AdamW (issue 12): its buckets decode nothing, so the report is the inner
-    AdamW's direction of a piece (4.0 MiB; was 9.0 / 14.5), measured 3.9-4.0 MiB live in a fresh process."""
+    AdamW's direction of a piece (4.0 MiB; was 9.0 / 16.0), measured 3.9-4.0 MiB live in a fresh process."""
     from lowmem.optim.step_memory import LIVE_ENV, measure_steps
 
     spec = {"name": name, "shape": list(SHAPE), "hparams": {"min_quant_size": 10**9}, "mode": "plain", "steps": 3}
