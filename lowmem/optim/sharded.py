@@ -338,6 +338,10 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
     * ``reduced_dim="keepdim"``: the shard's shape with one dimension reduced to size 1 (Subset-Norm's
       per-row ``(m_s, 1)`` statistics: sharded like the rows; per-column ``(1, n)``: replicated);
       Subset-Norm's flat subsets ``(numel_s / k, 1)`` of even shards: rows of ``(numel / k, 1)``.
+    * ``reduced_dim="rows"``: a 1-D state of one number per row of uneven shards of rows (dimension 0
+      not divisible by the number of shards: Adam-mini's per-row ``v`` of heads cut by the shards) is
+      the rows of the whole ``(rows,)``, sharded like the parameter's rows; of even shards (and any
+      other 1-D state) it is per-shard state (below).
     * Any other shape (quantization codes and scales, MicroAdam's window): one piece per shard,
       global shape ``(shards, *local_shape)``; loads back onto the same number of shards only (a
       different count is a shape error at load, not a wrong state). Needs equal shards.
@@ -361,6 +365,12 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
             return DTensor.from_local(v, mesh, kept, run_check=False, shape=shape,
                                       stride=torch.empty(shape, device="meta").stride())
     shard_dims = [(i, pl.dim) for i, pl in enumerate(placements) if pl.is_shard()]
+    if (reduced_dim == "rows" and v.dim() == 1 and lp.dim() >= 2 and v.shape[0] == lp.shape[0]
+            and len(shard_dims) == 1 and shard_dims[0][1] == 0 and p.shape[0] % mesh.size(shard_dims[0][0]) != 0):
+        # one number per row of uneven shards of rows (Adam-mini's v of heads cut by the shards,
+        # 6 / 6 / 4 rows): the rows of the whole (rows,), sharded like the parameter's rows
+        shape = torch.Size(p.shape[:1])
+        return DTensor.from_local(v, mesh, placements, run_check=False, shape=shape, stride=(1,))
     if (reduced_dim == "keepdim" and v.dim() == 2 and v.shape[1] == 1 and 0 < v.shape[0] and lp.numel() % v.shape[0] == 0
             and len(shard_dims) == 1 and shard_dims[0][1] == 0 and p.shape[0] % mesh.size(shard_dims[0][0]) == 0):
         # Subset-Norm's flat subsets of k elements (one (numel_s / k, 1) statistic per subset of the
@@ -369,7 +379,7 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
         shape = torch.Size((p.numel() // (lp.numel() // v.shape[0]), 1))
         return DTensor.from_local(v, mesh, placements, run_check=False, shape=shape,
                                   stride=torch.empty(shape, device="meta").stride())
-    if reduced_dim is not None and reduced_dim != "keepdim":
+    if isinstance(reduced_dim, int):  # ("keepdim", "rows": above)
         d = reduced_dim % p.dim()
         if v.shape != lp.shape[:d] + lp.shape[d + 1:]:
             raise ValueError(f"state '{key}': shape {tuple(v.shape)} is not the shard's {tuple(lp.shape)} without dimension {d}")

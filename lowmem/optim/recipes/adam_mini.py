@@ -256,6 +256,9 @@ class AdamMiniMoments(MomentRule):
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
+    # FSDP2 checkpoints (lowmem.optim.sharded.state_to_dtensor): a per-row v of uneven shards of rows
+    # (6 / 6 / 4 rows of 4-row heads) is saved as the rows of (rows,); other per-block v per shard
+    reduced_dims = {"exp_avg_sq": "rows"}
 
     def init_state(self, state, shape, group, param):
         dtype = state_dtype(group, param)
