@@ -63,7 +63,9 @@ class MomentRule:
     # reduces its whole-tensor statistics over the shards itself; ``reduced_dims`` names state
     # tensors that are the parameter's shape with one dimension reduced away (for checkpoints)
     sharded_stats: bool = False
-    reduced_dims: dict[str, int | str] = {}  # (or "keepdim": reduced to size 1, lowmem.optim.sharded)
+    # (or "keepdim": reduced to size 1; "rows": 1-D, one entry per row of the parameter, saved as the
+    # rows of (rows,) when uneven shards hold different row counts: lowmem.optim.sharded.state_to_dtensor)
+    reduced_dims: dict[str, int | str] = {}
 
     def supports_foreach_for(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> bool:
         """Whether :meth:`foreach_step_` steps a plain full-rank float32 parameter of ``shape`` with
