@@ -470,8 +470,14 @@ def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
 
 
 def _memory_args(recipe: TrainRecipe) -> dict[str, Any]:
-    # gradient_checkpointing only when on: transformers 5 warns about the field's name when it is given
-    return {"lowmem_layerwise": recipe.layerwise, **({"gradient_checkpointing": True} if recipe.gradient_checkpointing else {})}
+    """``lowmem_layerwise`` and the recipe's ``gradient_checkpointing``, always given: TRL's configs
+    default ``gradient_checkpointing`` to ``True``, so leaving it out turned it on for every SFT-on-data,
+    DPO and GRPO run of ``gradient_checkpointing: false``. Given under transformers 5's name
+    ``activation_checkpointing`` (the old one warns), unless ``training_args`` sets either name."""
+    out: dict[str, Any] = {"lowmem_layerwise": recipe.layerwise}
+    if not {"activation_checkpointing", "gradient_checkpointing"} & set(recipe.training_args):
+        out["activation_checkpointing"] = recipe.gradient_checkpointing
+    return out
 
 
 def _memory_callbacks(recipe: TrainRecipe) -> list[Any]:
