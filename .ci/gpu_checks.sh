@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 12 and 15 in one command (docs/benchmarks.md, "GPU checklist").
+#
+#   bash .ci/gpu_checks.sh prepare     # HERE, on the CPU machine, before calling the device's `run`:
+#                                      # copies bitsandbytes (its Python code and CUDA 13 library only,
+#                                      # about 9 MB) from .venv into build/gpu_site and records the commit
+#   bash .ci/gpu_checks.sh [ARGS]      # THERE (run tool, carry ["build/gpu_site"]): python -m lowmem.bench_gpu
+#                                      # --device cuda --out $OUT ARGS; report.md / report.json / log.txt in $OUT
+#
+# Nothing is installed there: the device image's python3 already holds a CUDA torch, transformers, peft,
+# accelerate and pytest, and installing lowmem's pins (torch 2.13 CPU, trl, datasets) is impossible offline
+# and would replace its torch. lowmem runs from the working tree (PYTHONPATH), bitsandbytes from the
+# carried build/gpu_site. The checks import neither trl nor datasets.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SITE=build/gpu_site
+
+if [ "${1:-}" = prepare ]; then
+    set -e
+    PY=.venv/bin/python
+    [ -x "$PY" ] || { echo "no .venv: create it first (README.md, Set up)" >&2; exit 2; }
+    BNB=$("$PY" -c 'import bitsandbytes, os; print(os.path.dirname(bitsandbytes.__file__))')
+    rm -rf "$SITE" && mkdir -p "$SITE"
+    # Python files and the CPU / CUDA 13.x libraries (the device's torch is cu130), no __pycache__
+    (cd "$BNB/.." && find bitsandbytes -name __pycache__ -prune -o -type f \
+        \( -name '*.py' -o -name py.typed -o -name 'libbitsandbytes_cpu.so' -o -name 'libbitsandbytes_cuda13*.so' \) -print \
+        | tar -cf - -T -) | tar -xf - -C "$SITE"
+    cp -r "$BNB"/../bitsandbytes-*.dist-info "$SITE"/
+    { git rev-parse HEAD; git status --porcelain | wc -l | sed 's/$/ files changed or untracked at prepare time/'; } > "$SITE/commit.txt"
+    du -sh "$SITE"
+    echo "prepared $SITE: now call the run tool (docs/benchmarks.md, GPU checklist)"
+    exit 0
+fi
+
+OUT=${OUT:-build/gpu_out}
+mkdir -p "$OUT"
+[ -d "$SITE/bitsandbytes" ] || echo "WARNING: $SITE missing (run 'bash .ci/gpu_checks.sh prepare' here and carry it):" \
+    "the 8-bit rows will fail" | tee -a "$OUT/log.txt"
+export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+PY=$(command -v python3)
+{ echo "+ $(date -u) $PY"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())' 2>&1
+} | tee -a "$OUT/log.txt"
+"$PY" -m lowmem.bench_gpu --device cuda --out "$OUT" "$@" 2>&1 | tee -a "$OUT/log.txt"
+rc=${PIPESTATUS[0]}
+echo "+ $(date -u) exit $rc" | tee -a "$OUT/log.txt"
+exit "$rc"

@@ -1,0 +1,113 @@
+"""The GPU-check harness (lowmem.bench_gpu, .ci/gpu_checks.sh) on CPU: its smoke mode runs the same code
+paths on tiny shapes, and a check or a row that fails is recorded without stopping the others."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lowmem import bench_gpu as BG
+
+
+def test_smoke_report_structure_and_an_injected_failure_does_not_stop_the_rest(tmp_path):
+    """env crashes (os._exit) and the 64x172 memory check raises, on purpose: both are recorded with their
+    output, and the timing check between them still gives its rows."""
+    out = tmp_path / "out"
+    BG.main(["--device", "cpu", "--smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--budget", "150",
+             "--only", "adamw,galore_adamw",
+             "--checks", "env,time+memory:smoke-llama,memory:64x172",
+             "--inject", "exit:env", "--inject", "raise:memory:64x172"])
+    report = json.loads((out / "report.json").read_text())
+    assert {"commit", "device", "budget_s", "wall_s", "started"} <= set(report["meta"])
+    paths = {(p["file"], p["code"]) for p in report["cuda_code_paths"]}
+    assert any(f == "lowmem/optim/microadam.py" and "torch.compile(" in c for f, c in paths), paths
+    checks = {c["name"]: c for c in report["checks"]}
+    assert list(checks) == ["env", "time+memory:smoke-llama", "memory:64x172"]
+
+    assert checks["env"]["status"] == "error" and checks["env"]["rc"] == 3
+    assert checks["memory:64x172"]["status"] == "error"
+    assert "injected failure" in checks["memory:64x172"]["log_tail"]
+
+    timing = checks["time+memory:smoke-llama"]
+    assert timing["status"] == "ok", timing
+    rows = {r["optimizer"]: r for r in timing["rows"] if r["status"] != "info"}
+    assert list(rows) == ["adamw", "galore_adamw"]
+    for r in rows.values():
+        assert r["state_bytes"] > 0 and r["estimate_state"] == r["state_bytes"], r
+        # on CPU the live count adds MKL's GEMM packing buffers of projected steps, which meta sizing leaves out
+        assert 0 < r["estimate_transient"] <= r["step_transient_bytes"], r
+        assert r["step_time_ratio"] > 0 and r["first_step_s"] > 0, r
+        assert r["peak_first"] is None  # no allocator peak on CPU
+    assert rows["adamw"]["refresh_gap"] is None and rows["galore_adamw"]["refresh_gap"] == BG.REFRESH_GAP
+    assert rows["galore_adamw"]["hparams"]["rank"] == 8
+
+    md = (out / "report.md").read_text()
+    for c in checks:
+        assert f"## {c}: {checks[c]['status']}" in md
+    assert "| galore_adamw | ok |" in md and "injected failure" in md
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "adamw8bit"])
+def test_equal_cell_on_cpu(name):
+    """The equality row: CPU against CPU is exact (on a GPU the same row compares CUDA with CPU)."""
+    row = BG.equal_cell(name, "layer:32x86", "cpu", "cpu", steps=2, rank=8)
+    assert (row["status"], row["relative_difference"], row["max_abs_difference"]) == ("ok", 0.0, 0.0), row
+
+
+def test_an_overrun_is_killed_and_the_next_check_runs(tmp_path):
+    checks = [BG.Check("first", "env", "alone", 1.0, {"device": "cpu"}),
+              BG.Check("second", "env", "alone", 30.0, {"device": "cpu"})]
+    report = BG.run_checks(checks, tmp_path / "out", tmp_path / "work", 60.0, inject={"first": "hang", "second": "raise"},
+                           poll_s=0.1, kill_grace_s=0.5)
+    first, second = report["checks"]
+    assert first["status"] == "timeout" and first["wall_s"] < 10
+    assert second["status"] == "error" and "injected failure" in second["log_tail"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["checks"][0]["status"] == "timeout"
+
+
+def test_a_failing_row_is_recorded_and_the_next_rows_run(tmp_path):
+    rows_path = tmp_path / "rows.jsonl"
+
+    def cell(name):
+        if name == "bad":
+            raise ValueError("broken on purpose")
+        return {"optimizer": name}
+
+    BG._rows_per_optimizer(["a", "bad", "c"], deadline=1e18, write=BG.RowWriter(rows_path), cell=cell)
+    rows = BG._read_rows(rows_path)
+    assert [(r["optimizer"], r["status"]) for r in rows] == [("a", "ok"), ("bad", "error"), ("c", "ok")]
+    assert "ValueError: broken on purpose" in rows[1]["error"]
+    assert BG.check_status(0, False, rows) == "failed rows"
+    BG._rows_per_optimizer(["late"], deadline=0.0, write=BG.RowWriter(rows_path), cell=cell)
+    assert BG._read_rows(rows_path)[-1]["status"] == "not reached"
+
+
+def test_pure_pieces():
+    assert BG.amortised_ratio(1.5, first_s=3.0, steady_s=1.0, base_s=0.5, gap=200) == pytest.approx(1.52)
+    assert BG.amortised_ratio(1.5, 3.0, 1.0, 0.5, None) == 1.5
+    assert BG.estimate_ratio(110, 100) == 1.1 and BG.estimate_ratio(None, 100) is None and BG.estimate_ratio(5, 0) is None
+    w0 = [torch.zeros(3)]
+    rel, worst = BG.relative_update_difference([torch.tensor([1.0, 0.0, 0.0])], [torch.tensor([1.0, 0.0, 1e-4])], w0)
+    assert rel == pytest.approx(1e-4, rel=1e-6) and worst == pytest.approx(1e-4)
+    assert BG.equal_status(rel) == "ok" and BG.equal_status(1e-2) == "check" and BG.equal_status(0.1) == "FAIL"
+    assert BG.equal_status(math.nan) == "FAIL"
+    assert BG.check_status(None, True, []) == "timeout" and BG.check_status(1, False, []) == "error"
+    assert BG.check_status(0, False, [{"status": "ok", "estimate_within_10pct": False}]) == "failed rows"
+    assert BG.check_status(0, False, [{"status": "not reached"}]) == "partial"
+
+
+def test_cli_refuses_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="--only: unknown optimizers"):
+        BG.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--only", "adamw,nope"])
+    with pytest.raises(ValueError, match="--checks: unknown"):
+        BG.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--checks", "nope"])
+    with pytest.raises(ValueError, match="--inject must be KIND:CHECK"):
+        BG.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--inject", "boom:env"])
+
+
+def test_cuda_test_files_are_found():
+    files = BG.cuda_test_files()
+    assert "tests/test_microadam.py" in files and "tests/test_bench_gpu.py" not in files
