@@ -68,6 +68,27 @@ def test_an_overrun_is_killed_and_the_next_check_runs(tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["checks"][0]["status"] == "timeout"
 
 
+def test_the_report_is_written_while_a_check_runs(tmp_path):
+    """A command killed at its limit still brings back a report: it is rewritten while checks run."""
+    import threading
+
+    report_path = tmp_path / "out" / "report.json"
+    checks = [BG.Check("slow", "env", "alone", 2.0, {"device": "cpu"})]
+    t = threading.Thread(target=BG.run_checks, args=(checks, tmp_path / "out", tmp_path / "work", 30.0),
+                         kwargs={"inject": {"slow": "hang"}, "poll_s": 0.1, "write_every_s": 0.2, "kill_grace_s": 0.2})
+    t.start()
+    seen = None
+    for _ in range(100):
+        if report_path.exists():
+            seen = json.loads(report_path.read_text())["checks"][0]["status"]
+            if seen == "running":
+                break
+        threading.Event().wait(0.05)
+    t.join()
+    assert seen == "running"
+    assert json.loads(report_path.read_text())["checks"][0]["status"] == "timeout"
+
+
 def test_a_failing_row_is_recorded_and_the_next_rows_run(tmp_path):
     rows_path = tmp_path / "rows.jsonl"
 
