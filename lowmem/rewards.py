@@ -139,6 +139,8 @@ def addition_reward(prompts: list, completions: list, answer: list | None = None
 BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
     "exact_match": exact_match_reward, "format": format_reward, "addition": addition_reward,
 }
+# Built-in rewards that read a dataset column: one of these must exist (checked before the model loads).
+BUILTIN_NEEDS_ONE_OF: dict[str, tuple[str, ...]] = {"exact_match": ("answer", "solution")}
 REFERENCE_HELP = ("a built-in name " + str(sorted(BUILTIN_REWARDS)) + ", 'package.module:function', "
                   "'path/to/file.py:function', a mapping {name: ..., <keyword>: value}, or a local reward-model directory")
 
@@ -245,8 +247,90 @@ def _import_file(path: str, ref: str) -> Any:
     return module
 
 
-def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]] | str:
+# The keyword arguments TRL's ``GRPOTrainer._calculate_rewards`` (trl 1.16) gives every reward function,
+# besides the dataset's columns other than prompt / completion / completion_ids.
+TRL_REWARD_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+def reward_call_keywords(columns: list[str] | None) -> list[str]:
+    """The keyword arguments a reward function is called with for a dataset of ``columns``: TRL's
+    :data:`TRL_REWARD_KEYWORDS` and every column except ``prompt``, ``completion``, ``completion_ids``."""
+    extra = [c for c in (columns or []) if c not in ("prompt", "completion", "completion_ids")]
+    return list(TRL_REWARD_KEYWORDS) + [c for c in extra if c not in TRL_REWARD_KEYWORDS]
+
+
+def check_reward_signature(fn: Callable[..., Any], ref: str, columns: list[str] | None, bound: dict[str, Any] | None = None) -> None:
+    """Check, before any model loads, that ``fn`` can take TRL's call (all keywords:
+    :func:`reward_call_keywords` of the dataset's ``columns``, plus the ``bound`` ones): every required
+    parameter is among them and every one of them is a parameter or goes into ``**kwargs``.
+
+    Raises:
+        ValueError: Naming the function, what does not fit, and the keywords it is called with.
+    """
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # no introspectable signature (a C function): TRL's call decides
+        return
+    keywords = reward_call_keywords(columns) + [k for k in (bound or {}) if k not in reward_call_keywords(columns)]
+    try:
+        sig.bind(**dict.fromkeys(keywords))
+    except TypeError as err:
+        raise ValueError(
+            f"reward function {ref!r} {sig}: {err}; TRL calls it with the keywords {keywords} and takes one float "
+            "(or None) per completion back: def reward(prompts, completions, **kwargs)"
+        ) from None
+
+
+def checked_outputs(fn: Callable[..., Any], ref: str) -> Callable[..., Any]:
+    """``fn`` wrapped so that what it returns is checked when TRL calls it: a list (or tuple) of one
+    real number or ``None`` per completion, else a ``ValueError`` naming the function and what it
+    returned (TRL itself would fail on it with a bare ``TypeError``). Async functions are returned as
+    they are (TRL awaits them)."""
+    import inspect
+
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+        return fn
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> list[float | None]:
+        out = fn(*args, **kwargs)
+        n = len(kwargs["completions"]) if "completions" in kwargs else None
+        expected = f"a list of {n if n is not None else 'one'} float(s) or None, one per completion"
+        if not isinstance(out, (list, tuple)):
+            raise ValueError(f"reward function {ref!r} returned {_shown(out)}; expected {expected}")
+        for i, r in enumerate(out):
+            if not _is_reward(r):
+                raise ValueError(f"reward function {ref!r} returned {_shown(r)} at position {i}; expected {expected}")
+        if n is not None and len(out) != n:
+            raise ValueError(f"reward function {ref!r} returned {len(out)} rewards for {n} completions; expected {expected}")
+        return out
+
+    return checked
+
+
+def _is_reward(value: Any) -> bool:
+    """What TRL turns into a float: ``None`` (NaN), a real number (``bool`` and numpy's included), a
+    one-element tensor."""
+    import numbers
+
+    if value is None or isinstance(value, numbers.Real):
+        return True
+    numel = getattr(value, "numel", None)
+    return callable(numel) and hasattr(value, "item") and numel() == 1
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
+
+
+def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None) -> Callable[..., list[float]] | str:
     """The reward function of one ``reward_funcs`` entry (see the module docstring), imported now.
+
+    With ``columns`` (the training dataset's) the function's signature is checked against TRL's call
+    (:func:`check_reward_signature`) and its outputs are checked when called (:func:`checked_outputs`).
 
     Returns:
         `Callable` or `str`: The path of a reward-model directory as is (TRL's ``GRPOTrainer`` loads
@@ -280,7 +364,14 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]] | s
         fn, name = getattr(module, func), func
         if not callable(fn):
             raise ValueError(f"reward function {ref!r}: {func!r} is a {type(fn).__name__}, not a function")
-    if not bound and fn.__name__ == name:
+    if columns is not None:
+        check_reward_signature(fn, ref, columns, bound)
+        needs = BUILTIN_NEEDS_ONE_OF.get(ref if ref in BUILTIN_REWARDS else "", ())
+        if needs and not set(needs) & (set(columns) | set(bound)):
+            raise ValueError(f"reward {ref!r} (reward_funcs[{index}]) needs a dataset column {' or '.join(map(repr, needs))}; "
+                             f"the dataset has {sorted(columns)}")
+        fn = checked_outputs(fn, ref)
+    if not bound and getattr(fn, "__name__", None) == name:
         return fn
 
     @functools.wraps(fn)
@@ -291,9 +382,11 @@ def resolve_reward(entry: Any, index: int = 0) -> Callable[..., list[float]] | s
     return with_bound
 
 
-def load_reward_funcs(entries: list[Any]) -> list[Callable[..., list[float]] | str]:
-    """:func:`resolve_reward` of every entry, in order (what ``GRPOTrainer(reward_funcs=...)`` takes)."""
-    return [resolve_reward(e, i) for i, e in enumerate(entries)]
+def load_reward_funcs(entries: list[Any], columns: list[str] | None = None) -> list[Callable[..., list[float]] | str]:
+    """:func:`resolve_reward` of every entry, in order (what ``GRPOTrainer(reward_funcs=...)`` takes);
+    with ``columns`` (the training dataset's) each function's signature is checked against TRL's call
+    and its outputs when called."""
+    return [resolve_reward(e, i, columns) for i, e in enumerate(entries)]
 
 
 def reward_histories(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:

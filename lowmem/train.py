@@ -973,7 +973,10 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     set_seed(recipe.seed)
     _, trainer_cls = _trl_config_and_trainer(recipe.trainer)  # its config: build_training_args
     data = recipe_data(recipe)  # the user's dataset (checked before the model loads), or None: synthetic task
-    reward_funcs = load_reward_funcs(recipe.reward_funcs) if recipe.reward_funcs is not None else reward_fn
+    synthetic = reward_dataset(recipe.train_size, recipe.seed) if data is None and recipe.trainer != "dpo" else None
+    columns = (data.train if data is not None else synthetic).column_names if recipe.trainer != "dpo" else None
+    # each function's signature checked against TRL's call (and its outputs when called) before the model loads
+    reward_funcs = load_reward_funcs(recipe.reward_funcs, columns) if recipe.reward_funcs is not None else reward_fn
     model, tok, model_dir = load_policy(recipe)
     prepare_tokenizer(recipe, data, tok)
     if recipe.quantization is not None or recipe.lora is not None:
@@ -1000,7 +1003,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     else:
         evals = rl_eval_prompts(recipe, data)
         trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
-                              train_dataset=reward_dataset(recipe.train_size, recipe.seed) if data is None else data.train,
+                              train_dataset=synthetic if data is None else data.train,
                               eval_dataset=evals, callbacks=_memory_callbacks(recipe))
         trainer.args.eval_on_start = evals is not None  # the held-out reward before training (see _train)
         out = _train(trainer, recipe)
