@@ -338,13 +338,13 @@ def measure_cell(name: str, module, meta, params, fixed, device: str, rank: int 
     entry = get_entry(name)
     hp = cell_hparams(name, rank)
     row: dict[str, Any] = {"optimizer": name, "hparams": hp}
+    for p in [*params, *meta.parameters()]:
+        p.requires_grad_(True)  # BAdam froze its inactive blocks in the previous row (and on the meta copy)
     try:  # what estimate_memory adds for this optimizer: sized on the meta copy
         est_state, est_transient, how = optimizer_memory(meta, name, hp)
         row.update(estimate_state=est_state, estimate_transient=est_transient, estimate_how=how)
     except Exception as err:  # recorded; the measurement still runs
         row["estimate_error"] = f"{type(err).__name__}: {err}"[:300]
-    for p in params:
-        p.requires_grad_(True)  # BAdam froze some for the previous row
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
