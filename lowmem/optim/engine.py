@@ -63,7 +63,8 @@ from torch import Tensor
 
 from . import functional as F
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
-from .moments import MomentRule, constant_lr, state_dtype
+from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
+from .sharded import DTensor as _DTensor
 from .sharded import (ShardedProjection, ShardReduce, check_placements, check_supported, combine_direction,
                       is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
                       sharded_post_update, state_from_dtensor, state_to_dtensor)
@@ -163,7 +164,11 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
-    norms = [n.float().to(tensors[0].device) for ts in by_device.values() for n in torch._foreach_norm(ts)]
+    first, norms = tensors[0].device, []
+    for device, ts in by_device.items():
+        ns = torch._foreach_norm(ts)
+        # float32 norms on the first device: what .float().to(first) would give, themselves
+        norms += ns if device == first and all(t.dtype is torch.float32 for t in ts) else [n.float().to(first) for n in ns]
     if bool((torch.stack(norms) < MAX_GRAD_NORM).all()):  # NaN compares False
         return True
     return all(bool(torch.linalg.vector_norm(t, dtype=torch.float64) < MAX_GRAD_NORM) for t in tensors)
@@ -183,6 +188,58 @@ def _advance_step(step: Tensor) -> float:
     if step.is_floating_point() and not (abs(t) <= _EXACT_INTEGERS.get(step.dtype, 0) and float(t).is_integer()):
         t = step.item()
     return t
+
+
+def _step_view(step: Tensor) -> Any:
+    """A NumPy view of a step counter's memory (a 0-d CPU float32 / float64 tensor), through which
+    :func:`_advance_step_view` advances it; ``None`` for any other counter (:func:`_advance_step`)."""
+    if step.device.type != "cpu" or step.dtype not in (torch.float32, torch.float64) or step.requires_grad or step.dim():
+        return None
+    return step.numpy()
+
+
+def _advance_step_view(step: Tensor, view: Any, exact: int) -> float:
+    """:func:`_advance_step` of a counter written through its NumPy view (:func:`_step_view`): the
+    same value written (``item() + 1`` rounded once to the counter's dtype by the assignment, as by
+    ``fill_``) and returned, without the dispatcher's cost of ``fill_`` on a 0-d tensor (issue 15: a
+    few microseconds per parameter, most of the engine's own time on many small tensors). Read with
+    ``item()`` as before (tests/test_speed_paths.py pins the host reads of a step). ``exact``: the
+    counter's dtype's :data:`_EXACT_INTEGERS`."""
+    t = step.item() + 1
+    view[()] = t
+    if not (abs(t) <= exact and float(t).is_integer()):
+        t = step.item()
+    return t
+
+
+class _Route:
+    """The cached path of a parameter in :meth:`LowMemOptimizer.step` (:meth:`LowMemOptimizer._route`):
+    ``path`` (``"low"``: the projected multi-tensor step, ``"foreach"``: the buckets, ``"alone"``: its
+    per-parameter step), valid while ``token`` (the group's settings, :meth:`LowMemOptimizer._group_tokens`),
+    ``state`` (the very state dict) and ``key`` (the parameter's and gradient's dtype, shape and
+    contiguity, whether the state exists) are unchanged; with the state's step counter and its NumPy
+    view (:func:`_step_view`), the flat pieces and the device of a parameter on the foreach path."""
+
+    __slots__ = ("p", "token", "state", "key", "path", "step", "step_view", "pieces", "device")
+
+    def __init__(self, p: Tensor, token: object, state: dict, key: tuple, path: str, pieces: Any, device: Any) -> None:
+        self.p, self.token, self.state, self.key, self.path = p, token, state, key, path
+        self.pieces, self.device = pieces, device
+        self.step = self.step_view = None
+
+
+def _frozen(value: Any, keep: list) -> Any:
+    """A group setting as a value compared with ``==`` (:meth:`LowMemOptimizer._group_tokens`): lists,
+    tuples and dicts as tuples of their frozen items (a list changed in place is seen), a tensor by its
+    identity and version (kept alive in ``keep``, so its id is not reused), anything else itself."""
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_frozen(v, keep) for v in value))
+    if isinstance(value, dict):
+        return (dict, tuple((k, _frozen(v, keep)) for k, v in value.items()))
+    if isinstance(value, Tensor):
+        keep.append(value)
+        return (Tensor, id(value), value._version)
+    return value
 
 
 class _Projected(NamedTuple):
@@ -296,6 +353,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         except (ValueError, NotImplementedError):
             self.param_groups.pop()
             raise
+        self._forget_routes()
         # said once per parameter, here (_is_projected is asked at every step, state_dict() and estimate)
         for p in group["params"]:
             if self._full_rank_by_rank(p, group):
@@ -304,6 +362,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     " training it full-rank instead",
                     stacklevel=3,
                 )
+
+    def _forget_routes(self) -> None:
+        """Drop the cached paths of the parameters (:meth:`_route`) and the groups' tokens."""
+        self.__dict__.pop("_routes", None)
+        self.__dict__.pop("_group_sigs", None)
 
     def _full_rank_by_rank(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether 2-D ``p`` of a projected group trains full-rank because ``rank >= min(m, n)``."""
@@ -596,6 +659,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         (:meth:`state_dict`) comes back as plain tensors of the local shard.
         """
         super().load_state_dict(state_dict)
+        self._forget_routes()  # (new state dicts and groups: the cached paths would not match anyway)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
@@ -626,9 +690,19 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # (key, tensor, gradient, group, reduce): a sharded (FSDP2 DTensor) parameter is stepped on
         # its local shard, its state keyed by the parameter; ``reduce`` all-reduces per-tensor statistics
-        work = [self._work_item(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        for item in work:  # before any state is touched
-            self._check_dense(item[2])
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.layout is not torch.strided:  # before any state is touched
+                    self._check_dense(grad)
+                work.append(self._work_item(p, group) if _DTensor is not None and isinstance(p, _DTensor)
+                            else (p, p, grad, group, None))
+        for item in work:
+            if item[4] is not None:
+                self._check_dense(item[2])  # (a sharded parameter's local gradient)
         if self.skip_nonfinite and not self._all_finite(work):
             self.skipped_steps += 1
             warnings.warn(
@@ -641,13 +715,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         low_bucket: list[_Projected] = []  # projected parameters waiting for their multi-tensor moment step
+        tokens = self._group_tokens()
         for key, p, grad, group, reduce in work:
             # (a sharded projected parameter: projected by its whole shape, not its shard's)
             state = self.state[key]
-            if reduce is None and self._projected_foreach_ok(p, group, grad, state):
+            if reduce is None:
+                route = self._route(p, grad, group, state, tokens)
+                path = route.path
+            else:  # (FSDP2 shards: decided at every step; a projected one is stepped alone)
+                route = None
+                path = "alone" if self._is_projected(key, group) or not self._foreach_ok(p, group, grad, state) else "foreach"
+            if path == "low":
                 if "step" not in state:
                     self._init_state(p, group, state)
-                t = _advance_step(state["step"])
+                t = self._advance_counter(state, route)
                 # the open bucket is stepped before this parameter is projected down (its refresh
                 # does not run next to a full bucket's projected gradients: step_transient_bytes)
                 numel = self.recipe.projection.low_shape(p.shape, group).numel()
@@ -655,15 +736,22 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     self._step_low_bucket(low_bucket)
                     low_bucket = []
                 low_bucket.append(self._project_down(p, grad, group, state, t))
-            elif not (reduce is not None and self._is_projected(key, group)) and self._foreach_ok(p, group, grad, state):
+            elif path == "foreach":
                 if "step" not in state:
                     self._init_state(p, group, state)
-                t = _advance_step(state["step"])
-                pieces = self._foreach_pieces(p)
+                t = self._advance_counter(state, route)
+                if route is None:
+                    pieces, device = self._foreach_pieces(p), p.device
+                else:
+                    pieces, device = route.pieces, route.device
+                if not self.recipe.stabilizers and len(pieces) == 1:  # the common case: a whole tensor, one piece
+                    bkey = self._bucket_key(sizes, (id(group), t, device, 1), pieces[0][1])  # (lr scale 1)
+                    buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
+                    continue
                 stabilize = self._foreach_stabilizers(grad, group, state, t, pieces) if self.recipe.stabilizers else None
                 lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
                 for start, stop in pieces:  # a large tensor joins the buckets chunk by chunk
-                    bkey = self._bucket_key(sizes, (id(group), t, p.device, lr_scale), stop - start)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale), stop - start)
                     if stabilize is not None and buckets and bkey not in buckets:
                         # stabilized gradients are new tensors: one bucket of them alive at a time
                         self._step_bucket(*buckets.popitem())
@@ -733,6 +821,66 @@ class LowMemOptimizer(torch.optim.Optimizer):
         check_supported(self.recipe, group, p, where)  # also here: parameters sharded after construction
         check_placements(p, p.grad, where)
         return p, p.to_local(), p.grad.to_local(), group, shard_reduce(p)
+
+    # ---- the cached path of each parameter (issue 15: the engine's own time on many small tensors) ----
+
+    def _group_tokens(self) -> dict[int, object] | None:
+        """One token per parameter group (by ``id``), new whenever anything a parameter's path
+        (:meth:`_route`) may depend on changed in the group: every setting except ``lr`` (which
+        schedulers change every step and no path decision reads; ``tests/test_engine_overhead.py``
+        checks every recipe), its list of parameters, ``chunk_numel``, whether ``torch.distributed``
+        is initialized (:func:`~lowmem.optim.moments.sharded_group`). ``None`` for a subclass that
+        overrides the decisions (:meth:`_foreach_ok`, :meth:`_projected_foreach_ok`: BAdam's active
+        block): its paths are decided at every step."""
+        cls = type(self)
+        if cls._foreach_ok is not LowMemOptimizer._foreach_ok or cls._projected_foreach_ok is not LowMemOptimizer._projected_foreach_ok:
+            return None
+        known = self.__dict__.setdefault("_group_sigs", {})  # (not pickled: torch's __getstate__ drops it)
+        dist = _DISTRIBUTED and torch.distributed.is_initialized()
+        tokens = {}
+        for group in self.param_groups:
+            keep: list = [tuple(group["params"])]  # (their ids are in the signature: kept alive, not reused)
+            sig = (self._chunk_numel, dist, tuple(map(id, group["params"])),
+                   tuple((k, _frozen(v, keep)) for k, v in group.items() if k != "params" and k != "lr"))
+            entry = known.get(id(group))
+            if entry is None or entry[0] is not group or entry[1] != sig:
+                entry = known[id(group)] = (group, sig, object(), keep)
+            tokens[id(group)] = entry[2]
+        return tokens
+
+    def _route(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+               tokens: dict[int, object] | None) -> _Route:
+        """The path of unsharded ``p`` in this :meth:`step` (:class:`_Route`): :meth:`_projected_foreach_ok`
+        (``"low"``), else :meth:`_foreach_ok` (``"foreach"``), else ``"alone"``, decided again only
+        when its group's token (:meth:`_group_tokens`), its state dict, the presence of its state,
+        or the dtype, shape, device or contiguity of ``p`` or ``grad`` changed (its state's tensors
+        are the rule's, fixed from their allocation; :meth:`load_state_dict` and
+        :meth:`add_param_group` start afresh)."""
+        key = (p.dtype, p.shape, p.device, p.is_contiguous(), grad.dtype, grad.is_contiguous(), "step" in state)
+        routes = self.__dict__.setdefault("_routes", {})
+        token = None if tokens is None else tokens[id(group)]
+        route = routes.get(id(p)) if token is not None else None  # (by id: a tensor's __hash__ is Python code)
+        if route is not None and route.p is p and route.token is token and route.state is state and route.key == key:
+            return route
+        path = ("low" if self._projected_foreach_ok(p, group, grad, state)
+                else "foreach" if self._foreach_ok(p, group, grad, state) else "alone")
+        route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device)
+        if token is not None:
+            routes[id(p)] = route
+        return route
+
+    def _advance_counter(self, state: dict[str, Tensor], route: _Route | None) -> float:
+        """:func:`_advance_step` of ``state["step"]``, through the NumPy view cached in ``route``
+        (:func:`_advance_step_view`) where there is one."""
+        step = state["step"]
+        if route is None or route.token is None:
+            return _advance_step(step)
+        if route.step is not step:
+            route.step, view = step, _step_view(step)
+            route.step_view = None if view is None else (view, _EXACT_INTEGERS[step.dtype])
+        if route.step_view is None:
+            return _advance_step(step)
+        return _advance_step_view(step, *route.step_view)
 
     def _all_finite(self, work: list[tuple]) -> bool:
         """:func:`_all_finite` of the local gradients; with sharded parameters the flag is reduced
