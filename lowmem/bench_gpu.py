@@ -185,6 +185,13 @@ _CUDA_PATTERN = re.compile(r"is_cuda|device\.type\s*==\s*[\"']cuda|torch\.compil
                            r"getattr\(bnb\.optim|\btriton\b|torch\.cuda\.|fused=True")
 #: where lowmem's optimizers, memory accounting and trainers live (the bench harnesses are left out)
 CODE_PATH_ROOTS = ("lowmem/optim", "lowmem/memory", "lowmem/quant.py", "lowmem/train.py", "trainers")
+#: file -> the checks that run its CUDA lines (files not listed: none of them does)
+COVERED_BY = {
+    "lowmem/optim/functional/quant.py": "equal:cuda-vs-cpu and the memory checks (8-bit rows)",
+    "lowmem/optim/microadam.py": "pytest:cuda (test_compiled_path_equals_plain), equal:cuda-vs-cpu (microadam)",
+    "lowmem/optim/recipes/bnb.py": "the bnb_* rows of every check",
+    "lowmem/memory/measure.py": "pytest:cuda (test_estimate_total_within_10pct_of_cuda_peak)",
+}
 #: a GPU path issue 12 asks for, and the call that would show it exists
 EXPECTED_GPU_PATHS = {"bitsandbytes' fused blockwise 8-bit optimizer kernel in the engine (issue 12)":
                       "optimizer_update_8bit_blockwise"}
@@ -194,7 +201,7 @@ def cuda_code_paths(root: Path = ROOT) -> list[dict[str, Any]]:
     """Lines of lowmem's optimizers, memory accounting and trainers (:data:`CODE_PATH_ROOTS`) that take a
     CUDA-only branch or call a GPU kernel on CUDA tensors (``is_cuda``, ``device.type == "cuda"``,
     ``torch.compile(``, bitsandbytes' optimizers and codec, Triton, ``torch.cuda.*``, ``fused=True``):
-    ``{"file", "line", "code"}``; comments and docstring lines (with rst ````code````) left out. A CPU run
+    ``{"file", "line", "code", "covered_by"}`` (:data:`COVERED_BY`); comments and docstring lines (with rst ````code````) left out. A CPU run
     takes none of these branches (bitsandbytes' codec runs its CPU backend there). Then one row per
     :data:`EXPECTED_GPU_PATHS` entry that no file calls: ``{"file": "-", "code": "missing: ..."}``."""
     rows, text = [], ""
@@ -207,10 +214,11 @@ def cuda_code_paths(root: Path = ROOT) -> list[dict[str, Any]]:
                 code = line.strip()
                 if code.startswith("#") or "``" in code or not _CUDA_PATTERN.search(code.split(" # ")[0]):
                     continue
-                rows.append({"file": str(path.relative_to(root)), "line": i, "code": code[:140]})
+                rel = str(path.relative_to(root))
+                rows.append({"file": rel, "line": i, "code": code[:140], "covered_by": COVERED_BY.get(rel, "no check")})
     for what, call in EXPECTED_GPU_PATHS.items():
         if call not in text:
-            rows.append({"file": "-", "line": 0, "code": f"missing: {what} (no call of {call})"})
+            rows.append({"file": "-", "line": 0, "code": f"missing: {what} (no call of {call})", "covered_by": "-"})
     return rows
 
 
@@ -754,7 +762,8 @@ def to_markdown(report: dict[str, Any]) -> str:
               "and MicroAdam). Equality: ||w_cuda - w_cpu|| / ||w_cpu - w0|| after the same steps "
               f"(ok <= {EQUAL_OK:g}, FAIL > {EQUAL_FAIL:g})."]
     lines += ["", "## CUDA-only code paths of lowmem (never run on CPU; the checks below are their first run)", ""]
-    lines += [f"- `{p['file']}:{p['line']}`: `{p['code']}`" for p in report["cuda_code_paths"]]
+    lines += [f"- `{p['file']}:{p['line']}`: `{p['code']}` (run by: {p.get('covered_by', '-')})"
+              for p in report["cuda_code_paths"]]
     for c in report["checks"]:
         lines += ["", f"## {c['name']}: {c['status']}", "",
                   f"kind {c['kind']}, phase {c['phase']}, budget {c['budget_s']:.0f} s, wall {c.get('wall_s', '-')} s, "

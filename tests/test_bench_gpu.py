@@ -22,8 +22,8 @@ def test_smoke_report_structure_and_an_injected_failure_does_not_stop_the_rest(t
              "--inject", "exit:env", "--inject", "raise:memory:64x172"])
     report = json.loads((out / "report.json").read_text())
     assert {"commit", "device", "budget_s", "wall_s", "started"} <= set(report["meta"])
-    paths = {(p["file"], p["code"]) for p in report["cuda_code_paths"]}
-    assert any(f == "lowmem/optim/microadam.py" and "torch.compile(" in c for f, c in paths), paths
+    paths = {(p["file"], p["code"], p["covered_by"]) for p in report["cuda_code_paths"]}
+    assert any(f == "lowmem/optim/microadam.py" and "torch.compile(" in c and "pytest:cuda" in by for f, c, by in paths), paths
     checks = {c["name"]: c for c in report["checks"]}
     assert list(checks) == ["env", "time+memory:smoke-llama", "memory:64x172"]
 
