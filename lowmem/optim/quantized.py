@@ -146,11 +146,23 @@ def encode_(
             state[key + "_colmax"].copy_(new_col)
         return
     if spec.bits == 8:
-        codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size)
+        codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size, spec.code)
     else:
         codes, absmax = Q.quantize_blockwise_4bit(value, code, block_size, spec.code)
     state[key].copy_(codes)
     state[key + "_absmax"].copy_(absmax)
+
+
+def codec_bytes(numel: int, four: bool, rank1: bool) -> int:
+    """The largest workspace of encoding one moment of ``numel`` values. 4-bit: float32 normalized values,
+    then for the dynamic map's table lookup int32 table rows, float32 midpoints and a bool comparison,
+    13 B per value; rank-1 normalization adds the broadcast ``min(r_i, c_j)`` scale, 16 B. 8-bit: the codes
+    and absmax returned (at most 2 B per value) and, on CPU, the table quantizer's workspace of one pass
+    (:func:`~lowmem.optim.functional.quant.table_workspace_bytes`, at most 1 MiB; bitsandbytes' CUDA
+    kernel needs none, so a CUDA report is that much high)."""
+    if four:
+        return (16 if rank1 else 13) * numel
+    return 2 * numel + Q.table_workspace_bytes(numel)
 
 
 def apply_updates_foreach_(params: list[Tensor], directions: list[Tensor], lr: float | Tensor, weight_decay: float,
@@ -279,8 +291,8 @@ class Quantized(MomentRule):
     def foreach_direction_transient_bytes(self, numel):
         """Every listed moment of the bucket decoded (4 B each per element), one tensor's codec
         workspace (at most the bucket's size; see :meth:`transient_bytes`) and the inner rule's."""
-        codec = 13 if any(s.bits == 4 for s in self.specs.values()) else 2
-        return (4 * len(self.specs) + codec) * numel + self.inner.foreach_direction_transient_bytes(numel)
+        four = any(s.bits == 4 for s in self.specs.values())
+        return 4 * len(self.specs) * numel + codec_bytes(numel, four, False) + self.inner.foreach_direction_transient_bytes(numel)
 
     # ---- the full-rank multi-tensor step (LowMemOptimizer's foreach buckets) ----
 
@@ -414,8 +426,7 @@ class Quantized(MomentRule):
         """Every listed moment of ``numel`` quantized elements decoded (4 B each per element) and the
         codec's workspace (one call for the whole bucket at most: :meth:`transient_bytes`'s per-element bytes)."""
         four = any(s.bits == 4 for s in self.specs.values())
-        codec = (16 if self.rank1_key is not None else 13) if four else 2
-        return (4 * len(self.specs) + codec) * numel
+        return 4 * len(self.specs) * numel + codec_bytes(numel, four, self.rank1_key is not None)
 
     # ---- the chunked step: whole quantization blocks (or whole rows for rank-1 scales) ----
 
@@ -484,17 +495,14 @@ class Quantized(MomentRule):
                 state[k + "_colmax"].copy_(col)
 
     def transient_bytes(self, numel, shape, group, state):
-        """Per element: every quantized moment decoded to float32 (4 B each), the inner rule's own
-        temporaries, and the largest codec workspace (4-bit: float32 normalized values, then for the
-        dynamic map's table lookup int32 table rows, float32 midpoints and a bool comparison, 13 B;
-        rank-1 normalization adds the broadcast
-        ``min(r_i, c_j)`` scale, 16 B; 8-bit: bitsandbytes' codes, 1 B), measured."""
+        """Every quantized moment decoded to float32 (4 B each per element), the inner rule's own
+        temporaries, and the largest codec workspace (:func:`codec_bytes`), measured."""
         quantized = [k for k in self.specs if is_quantized(state, k)]
         if not quantized:
             return self.inner.transient_bytes(numel, shape, group, state)
         four = any(self.specs[k].bits == 4 for k in quantized)
-        codec = (16 if any(is_rank1(state, k) for k in quantized) else 13) if four else 2
-        return (4 * len(quantized) + codec) * numel + self.inner.transient_bytes(numel, shape, group, {})
+        codec = codec_bytes(numel, four, any(is_rank1(state, k) for k in quantized))
+        return 4 * len(quantized) * numel + codec + self.inner.transient_bytes(numel, shape, group, {})
 
     def reset(self, state):
         for k in self.state_keys:

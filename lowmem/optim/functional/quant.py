@@ -67,15 +67,99 @@ def packed_numel(n: int, bits: int) -> int:
 # ---- absmax blockwise codecs ----------------------------------------------------------------
 
 
-def quantize_blockwise_8bit(x: Tensor, code: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """8-bit blockwise quantization (Dettmers et al. 2022, Section 2) via bitsandbytes.
+def quantize_blockwise_8bit(x: Tensor, code: Tensor, block_size: int, name: str | None = None) -> tuple[Tensor, Tensor]:
+    """8-bit blockwise quantization (Dettmers et al. 2022, Section 2): bitsandbytes' ``quantize_blockwise``.
 
     Returns ``(codes uint8 [n], absmax float32 [ceil(n / block_size)])`` for the flattened ``x``.
+    ``name``: the map's name when ``code`` is :func:`code_map` of it; a CPU tensor then takes
+    :func:`quantize_blockwise_8bit_table`, bitsandbytes' CPU rule in torch operations (the same codes
+    and absmax, bit for bit, several times faster); otherwise (CUDA, or ``None``) bitsandbytes is called.
     """
+    flat = x.reshape(-1).float().contiguous()
+    if name is not None and flat.device.type == "cpu":
+        return quantize_blockwise_8bit_table(flat, name, block_size)
     import bitsandbytes.functional as bnbF
 
-    codes, qstate = bnbF.quantize_blockwise(x.reshape(-1).float().contiguous(), code=code, blocksize=block_size)
+    codes, qstate = bnbF.quantize_blockwise(flat, code=code, blocksize=block_size)
     return codes, qstate.absmax.float()
+
+
+# bitsandbytes' CPU quantize_blockwise (0.50, csrc/cpu_ops.cpp, quantize_cpu_impl): the normalized value
+# ``y = x * (1 / N_b)`` clamped to [-1, 1] is mapped to one of 65536 evenly spaced points,
+# ``j = (int) fma((y + 1) * 0.5, 65535, 0.5)``, and ``j`` to a code by a table (build_quantize_lut:
+# point ``-1 + 2j / 65535``'s nearest code, the lower one on a tie); a block of zeros gets code 0.
+TABLE_POINTS = 65536
+TABLE_PIECE = 1 << 17  # values per pass of quantize_blockwise_8bit_table (its workspace: TABLE_PIECE_BYTES)
+TABLE_PIECE_BYTES = 8  # per value of a pass: the float32 normalized values and their int32 point indices
+
+
+def table_workspace_bytes(n: int) -> int:
+    """:func:`quantize_blockwise_8bit_table`'s workspace for ``n`` values, at most (any valid block size ``B``:
+    ``min(TABLE_PIECE, ceil(n / B) B)`` values of :data:`TABLE_PIECE_BYTES`; the codes and absmax it returns
+    are the caller's)."""
+    return TABLE_PIECE_BYTES * min(TABLE_PIECE, n + max(VALID_BLOCK_SIZES) - 1) if n > 0 else 0
+
+
+@lru_cache(maxsize=None)
+def _point_table(name: str) -> Tensor:
+    """uint8 [65536]: the code of each of bitsandbytes' 65536 points (build_quantize_lut, in float32 as
+    there: midpoints ``(c_i + c_{i+1}) * 0.5``, points ``2j / 65535 - 1``, code = midpoints below the point)."""
+    code = _code_map_cpu(name)
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    points = torch.arange(TABLE_POINTS, dtype=torch.float32).mul_(2.0).div_(TABLE_POINTS - 1).sub_(1.0)
+    return torch.searchsorted(midpoints, points, right=False).to(torch.uint8)
+
+
+def table_rows_(normalized: Tensor) -> Tensor:
+    """bitsandbytes' point index ``j`` of every normalized value ``y`` (float32, in place; read as int32 by
+    the caller): ``j = trunc(fma((clamp(y, -1, 1) + 1) * 0.5, 65535, 0.5))``.
+
+    Computed as ``trunc(0.5 + 32767.5 u)``, ``u = y + 1`` rounded as there (``* 0.5`` is exact): for every
+    float32 ``u`` in [0, 2], ``0.5 + 32767.5 u`` rounded once (fused) or twice truncates to the same integer
+    (checked exhaustively over all 2^24 + 2^23 + 1 of them: tests/test_quant_table.py). Without the clamp:
+    a finite ``y = x * (1 / N_b)`` with ``|x| <= N_b`` is within a rounding of [-1, 1], where ``j`` equals
+    the clamped value's; :func:`quantize_blockwise_8bit_table` maps the rest (see there) before.
+    """
+    torch.add(_HALF, normalized.add_(1.0), alpha=32767.5, out=normalized)
+    return normalized
+
+
+_HALF = torch.tensor(0.5)
+
+
+def quantize_blockwise_8bit_table(flat: Tensor, name: str, block_size: int) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' CPU ``quantize_blockwise`` of the flat float32 ``flat`` (codes and absmax bit for bit)
+    for the map ``name``, in torch operations: per block ``N_b = max |x_b|`` (zero padding of the last
+    block changes nothing), ``y = x * (1 / N_b)`` (a float32 reciprocal, then a product, as there), the
+    point index of :func:`table_rows_` and its code from :func:`_point_table`. In a block where ``N_b`` or
+    ``1 / N_b`` is not finite (a zero block: ``0 * inf`` is NaN; ``N_b`` below ~2.9e-39: +-inf; an infinite
+    value: ``inf * 0``), ``nan_to_num`` plays bitsandbytes' clamp: +-inf to +-1, NaN to -1 (point 0, code 0:
+    bitsandbytes' zeros of a zero block, and its code of a NaN). A NaN input is not matched: torch's maximum
+    makes ``N_b`` NaN, bitsandbytes' skips it.
+
+    Whole blocks of at most :data:`TABLE_PIECE` values a pass in one float32 and one int32 workspace
+    (:data:`TABLE_PIECE_BYTES` per value), a partial last block on its own; codes written into the result.
+    """
+    n = flat.numel()
+    table = _point_table(name)
+    codes = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.empty(num_blocks(n, block_size), dtype=torch.float32)
+    whole = n - n % block_size
+    step = max(TABLE_PIECE // block_size, 1) * block_size
+    pieces = [(start, min(start + step, whole)) for start in range(0, whole, step)] + ([(whole, n)] if whole < n else [])
+    width = min(step, num_blocks(n, block_size) * block_size)
+    work, rows = torch.empty(width, dtype=torch.float32), torch.empty(width, dtype=torch.int32)
+    for start, stop in pieces:
+        blocks = _blocks(flat[start:stop], block_size)  # (a view; the partial last block: padded)
+        m = blocks.numel()
+        y = work[:m].view(blocks.shape)
+        scale = absmax[start // block_size : -(-stop // block_size)]
+        torch.amax(torch.abs(blocks, out=y), dim=1, out=scale)
+        inv = scale.reciprocal()
+        torch.mul(blocks, inv.unsqueeze(1), out=y).nan_to_num_(-1.0, 1.0, -1.0)  # (no host read to skip it)
+        rows[:m].copy_(table_rows_(y).view(-1))  # trunc, as the float-to-int conversion there
+        torch.index_select(table, 0, rows[: stop - start], out=codes[start:stop])
+    return codes, absmax
 
 
 def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, code: Tensor, block_size: int) -> Tensor:
@@ -249,7 +333,7 @@ def quantize_blockwise_split(x: Tensor, code: Tensor, block_size: int, bits: int
     or :func:`quantize_blockwise_4bit`; ``name``: the 4-bit map's, for :func:`nearest_code`), returned
     as each tensor's ``(codes, absmax)``: views of the one result, the same bits as each tensor alone."""
     if bits == 8:
-        codes, absmax = quantize_blockwise_8bit(x, code, block_size)
+        codes, absmax = quantize_blockwise_8bit(x, code, block_size, name)
     else:
         codes, absmax = quantize_blockwise_4bit(x, code, block_size, name)
     per_byte = 1 if bits == 8 else 2
