@@ -45,7 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--top", type=int, default=15, help="with --budget: how many configurations to show")
     p.add_argument("--measure", action="store_true", help="also run real steps and report what was live (CPU or CUDA)")
     p.add_argument("--steps", type=int, default=2, help="with --measure: training steps")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="with --measure (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="the device the run will use; the optimizer's step transient is sized for it (on cpu, MKL's GEMM "
+                   "packing buffer of projected steps; on cuda, MicroAdam's compiled path). Default: cuda (estimate, --budget); with --measure, "
+                   "cuda when available, else cpu (the estimate beside the measurement is for the measured device)")
     p.add_argument("--png", default=None, metavar="PATH",
                    help='write a bar chart of the components (needs matplotlib: pip install -e ".[plot]")')
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         from .memory.search import parse_bytes, search_budget
 
         limit = parse_bytes(args.budget)
-        found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top)
+        found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top,
+                              device=args.device or "cuda")
         if args.png and found:
             from .memory.estimate import COMPONENTS, MemoryEstimate
 
@@ -169,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
             print(res.table(), end="")
         return 0
 
+    common["device"] = args.device or "cuda"
     est = estimate_memory(args.model, **common)
     if args.dtype != "fp32":  # say which precision is assumed, and what the other one totals
         kw = {k: v for k, v in common.items() if k != "dtype"}

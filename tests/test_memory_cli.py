@@ -101,8 +101,8 @@ def test_chart_labels_units_and_stacks():
     labels, shared = chart_labels([a.settings, b.settings, c.settings])
     assert len(set(labels)) == 3, labels  # entries that differ get different labels
     assert "rank=64" in labels[0] and "rank=128" in labels[1] and "checkpointing" in labels[2]
-    assert {"batch_size", "seq_len", "dtype", "model"} <= set(shared)
-    assert describe(a.settings) == "llama-60m: galore_adamw (rank=64), batch 4 x seq 256, bfloat16"
+    assert {"batch_size", "seq_len", "dtype", "model", "device"} <= set(shared)
+    assert describe(a.settings) == "llama-60m: galore_adamw (rank=64), batch 4 x seq 256, bfloat16, on cuda"
     assert byte_unit(1.62 * 2**20) == ("MiB", 2**20) and byte_unit(55 * 2**30) == ("GiB", 2**30)
     assert byte_unit(300 * 2**10) == ("KiB", 1024) and byte_unit(12) == ("B", 1)
     for est in (a, b, c):  # a bar is as high as the table's total

@@ -15,9 +15,17 @@ so a 70B estimate runs on a laptop. Components:
 * ``activations`` - :func:`~lowmem.memory.activations.llama_activation_bytes`.
 * ``optimizer_transient`` - what one optimizer step allocates beyond its state (decoded moments,
   update temporaries, a projection refresh's workspace): the optimizer's own
-  ``step_transient_bytes()`` on the same meta model, i.e. the largest per-parameter transient (or
+  ``step_transient_bytes()`` on the same model, i.e. the largest per-parameter transient (or
   multi-tensor bucket's; in layerwise mode, where each parameter is stepped alone in its gradient
   hook, ``step_transient_bytes(per_parameter=True)``: no buckets).
+
+The optimizer is sized for the device the run will use (``device``, ``"cpu"`` or ``"cuda"``): some
+of its step's memory depends on it (on CPU, MKL keeps the packed copy of a GEMM operand that a
+projected step's combine-back leaves; on CUDA, MicroAdam takes its compiled path). Its parameters
+are therefore fake tensors of that device (``torch._subclasses.FakeTensorMode``, the tool torch's own
+memory and runtime estimators use: a device and a shape, no storage), on which the optimizer runs
+the same ``materialize_state()`` / ``state_bytes()`` / ``step_transient_bytes()`` as in training:
+the estimate's state and transient equal what a real optimizer on that device reports.
 
 The total is the peak of a step, not the sum of the rows: the optimizer steps after the backward
 pass has freed the activations, so ``total = weights + quant_constants + gradients +
@@ -45,6 +53,59 @@ DTYPES = {
 }
 COMPONENTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations", "optimizer_transient")
 QUANT_TYPES = ("nf4", "fp4")
+#: The devices an estimate is sized for (``estimate_memory(device=...)``)
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: Any) -> str:
+    """``device`` as one of :data:`DEVICES` (a ``torch.device`` or ``"cuda:0"``: its type).
+
+    Raises:
+        ValueError: Anything else; the message names the field and the choices.
+    """
+    kind = device.type if isinstance(device, torch.device) else device
+    if isinstance(kind, str) and kind.split(":", 1)[0] in DEVICES and (":" not in kind or kind.split(":", 1)[1].isdigit()):
+        return kind.split(":", 1)[0]
+    raise ValueError(f"Invalid device={device!r}: expected one of {list(DEVICES)} (the device the run will use)")
+
+
+def on_fake_device(model: nn.Module, device: str) -> dict[int, nn.Parameter]:
+    """Replace every parameter of the meta ``model`` by a parameter of the same shape, dtype and
+    ``requires_grad`` that is a fake tensor of ``device`` (no storage; shared parameters stay shared).
+
+    Returns:
+        `dict`: ``id`` of each old parameter -> its replacement.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    new: dict[int, nn.Parameter] = {}
+    made: dict[tuple, torch.Tensor] = {}  # one fake tensor per shape and dtype, each parameter a view of it (2x faster)
+    with mode:
+        for mod in model.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in new:
+                    key = (tuple(p.shape), p.dtype)
+                    if key not in made:
+                        made[key] = torch.empty(p.shape, dtype=p.dtype, device=device)
+                    new[id(p)] = nn.Parameter(made[key], requires_grad=p.requires_grad)
+                mod._parameters[name] = new[id(p)]
+    return new
+
+
+def _sizing_mode(model: nn.Module):
+    """The fake-tensor mode of ``model``'s parameters (:func:`on_fake_device`): the optimizer's state
+    is allocated under it (fake tensors of the same device); a meta model: no mode (meta tensors)."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for p in model.parameters():
+        if isinstance(p, FakeTensor):
+            return p.fake_mode
+    return contextlib.nullcontext()
 
 
 def peak_total(components: dict[str, int], layerwise: bool = False) -> int:
@@ -241,7 +302,9 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: d
 def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None,
                      layerwise: bool = False) -> tuple[int, int, str]:
     """``(state bytes, step transient bytes, how)`` of ``optimizer`` on the trainable parameters
-    of a (meta) ``model``. Engine optimizers size both themselves (``materialize_state()``,
+    of a meta ``model``, or of one whose parameters are fake tensors of the run's device
+    (:func:`on_fake_device`: the state is allocated as fake tensors of that device, and the transient
+    is that device's). Engine optimizers size both themselves (``materialize_state()``,
     ``state_bytes()``, ``step_transient_bytes()``; ``layerwise``: that of one parameter stepped alone,
     ``step_transient_bytes(per_parameter=True)``, no multi-tensor buckets): ``how="exact"``. bitsandbytes optimizers have
     no meta-device support: their state comes from a closed form and their transient is not
@@ -259,7 +322,7 @@ def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[s
     with warnings.catch_warnings(record=True) as created:  # (the engine's "rank >= smaller side": kept below)
         warnings.simplefilter("always")
         opt = create_optimizer(model, entry.name, **(optim_args or {}))
-    with warnings.catch_warnings(record=True) as caught:  # the engine warns per parameter
+    with warnings.catch_warnings(record=True) as caught, _sizing_mode(model):  # the engine warns per parameter
         warnings.simplefilter("always")
         opt.materialize_state()
         sizes = opt.state_bytes(), opt.step_transient_bytes(per_parameter=layerwise)
@@ -323,6 +386,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     layerwise: bool = False,
     native_gqa: bool = True,
+    device: str = "cuda",
 ) -> MemoryEstimate:
     """Estimate the memory of one training step, by component, allocating nothing.
 
@@ -348,6 +412,12 @@ def estimate_memory(
         layerwise (`bool`, defaults to `False`): Per-parameter stepping in the backward pass; only
             the largest gradient is live.
         native_gqa (`bool`, defaults to `True`): See :func:`~lowmem.memory.activations.llama_activation_bytes`.
+        device (`str`, defaults to `"cuda"`): The device the run will use, ``"cpu"`` or ``"cuda"``
+            (one of :data:`DEVICES`; ``"cuda:1"`` or a ``torch.device`` count as their type). The
+            optimizer is sized on fake tensors of that device, so its transient is that device's: on
+            ``"cpu"`` (a build with MKL) a projected step also keeps MKL's GEMM packing buffer; on
+            ``"cuda"`` MicroAdam takes its compiled path. Weights, gradients and activations do not
+            depend on it.
 
     Returns:
         `MemoryEstimate`: bytes by component, with ``.total``, ``.table()`` and ``.to_dict()``.
@@ -358,6 +428,7 @@ def estimate_memory(
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    device = check_device(device)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
     spec = QuantSpec.parse(quantization)
@@ -379,6 +450,9 @@ def estimate_memory(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             meta = get_peft_model(meta, lcfg)
+    # the parameters as fake tensors of the run's device: the optimizer sizes its step for that device
+    fake = on_fake_device(meta, device)
+    quantized = {id(fake[i]): name for i, name in quantized.items()}
 
     params = _unique_params(meta)
     weights = constants = 0
@@ -402,6 +476,7 @@ def estimate_memory(
 
     if how == "closed form":
         notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
+    notes.append(f"optimizer state and step transient sized for device={device!r}")
     notes.append("total = the step's peak: the optimizer transient "
                  + ("and the activations are live together (layerwise)" if layerwise else "replaces the activations freed by backward (the larger counts)"))
 
@@ -463,7 +538,7 @@ def estimate_memory(
             optimizer=optimizer, optim_args=dict(optim_args or {}), batch_size=batch_size, seq_len=seq_len, dtype=str(param_dtype).removeprefix("torch."),
             quantization=None if spec is None else {"quant_type": spec.quant_type, "double_quant": spec.double_quant},
             lora=None if lcfg is None else {"r": lcfg.r, "target_modules": sorted(lcfg.target_modules) if isinstance(lcfg.target_modules, (set, list)) else lcfg.target_modules},
-            gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
+            gradient_checkpointing=gradient_checkpointing, layerwise=layerwise, device=device,
         ),
         activation_model=activation_model,
     )

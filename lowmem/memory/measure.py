@@ -289,7 +289,7 @@ def measure_memory(
     beside :func:`~lowmem.memory.estimate_memory` for the same settings.
 
     Arguments are those of :func:`~lowmem.memory.estimate_memory` (``model`` may also be an
-    ``nn.Module``, used as is), plus:
+    ``nn.Module``, used as is; the estimate is for the measured ``device``), plus:
 
     Args:
         steps (`int`, defaults to `2`): Training steps (the peak usually comes in the second, when
@@ -347,6 +347,7 @@ def measure_memory(
     est = estimate_memory(
         config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
+        device=torch.device(device).type,
     )
     from .estimate import model_label
 

@@ -31,7 +31,7 @@ def _optim_args(args: Any) -> str:
 
 def describe(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
     """One line naming what an estimate is for: ``model: optimizer (args), LoRA r=.., nf4, batch B x seq S,
-    dtype, checkpointing, layerwise``. ``skip`` leaves out settings said elsewhere (a chart's subtitle)."""
+    dtype, checkpointing, layerwise, on device``. ``skip`` leaves out settings said elsewhere (a chart's subtitle)."""
     s = settings
     parts = []
     if "optimizer" not in skip:
@@ -53,6 +53,8 @@ def describe(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
         parts.append("checkpointing")
     if s.get("layerwise") and "layerwise" not in skip:
         parts.append("layerwise")
+    if s.get("device") and "device" not in skip:
+        parts.append(f"on {s['device']}")
     head = f"{s['model']}: " if "model" not in skip and s.get("model") is not None else ""
     return head + ", ".join(parts)
 
@@ -123,7 +125,7 @@ def measured_stack(at_peak: dict[str, int], measured: dict[str, int]) -> dict[st
 def chart_labels(settings: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """Per-entry labels naming every setting in which the entries differ, and the settings they share
     (for the subtitle). Entries that differ in any setting get different labels."""
-    keys = ("model", "optimizer", "lora", "quantization", "batch_size", "seq_len", "dtype", "gradient_checkpointing", "layerwise")
+    keys = ("model", "optimizer", "lora", "quantization", "batch_size", "seq_len", "dtype", "gradient_checkpointing", "layerwise", "device")
 
     def value(s, k):
         return repr(s.get("optim_args")) + repr(s.get(k)) if k == "optimizer" else repr(s.get(k))

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .estimate import MemoryEstimate, estimate_memory, peak_total, resolve_config
+from .estimate import MemoryEstimate, check_device, estimate_memory, peak_total, resolve_config
 
 COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5, "layerwise": 0.5,
          "checkpointing": 1.0, "quantization": 1.5}
@@ -150,6 +150,7 @@ def search_budget(
     checkpointing: Iterable[bool] = (False, True),
     layerwise: Iterable[bool] = (False, True),
     top: int | None = None,
+    device: str = "cuda",
 ) -> list[Candidate]:
     """Configurations whose estimated total fits ``budget``, best (least given up) first.
 
@@ -169,10 +170,13 @@ def search_budget(
         layerwise (`Iterable[bool]`, defaults to `(False, True)`): Layerwise stepping (engine
             optimizers, full fine-tuning only).
         top (`int` or `None`, defaults to `None`): Keep the best ``top`` candidates.
+        device (`str`, defaults to `"cuda"`): The device the run will use (``"cpu"`` or ``"cuda"``):
+            the optimizer's step transient is sized for it (:func:`~lowmem.memory.estimate_memory`).
     """
     from ..optim import get_entry
 
     limit = parse_bytes(budget)
+    device = check_device(device)
     config = resolve_config(model)
     hidden = config.hidden_size
     optimizers = list(optimizers) if optimizers is not None else default_optimizers()
@@ -198,7 +202,7 @@ def search_budget(
 
     out: list[Candidate] = []
     for static, cost, gives in statics:
-        est: MemoryEstimate = estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, **static)
+        est: MemoryEstimate = estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, device=device, **static)
         fixed = est.weights + est.quant_constants + est.gradients + est.optimizer_states
         if fixed >= limit:
             continue
@@ -210,7 +214,8 @@ def search_budget(
                 if total <= limit:
                     extra = (COSTS["checkpointing"] if ckpt else 0) + math.log2(batch_size / b)
                     out.append(Candidate(
-                        settings={**static, "batch_size": b, "seq_len": seq_len, "dtype": dtype, "gradient_checkpointing": ckpt},
+                        settings={**static, "batch_size": b, "seq_len": seq_len, "dtype": dtype, "gradient_checkpointing": ckpt,
+                                  "device": device},
                         components=components, total=total, cost=cost + extra,
                         gives_up=gives + (["checkpointing (~30% compute)"] if ckpt else []) + ([f"batch {b} < {batch_size}"] if b < batch_size else []),
                     ))

@@ -1,0 +1,117 @@
+"""``estimate_memory(device=...)`` (issue 12): the optimizer is sized on fake tensors of the device the run
+will use, so its state and step transient are what a real optimizer on that device reports
+(``state_bytes()``, ``step_transient_bytes()``): on CPU a projected step also keeps MKL's GEMM packing
+buffer (the engine's ``_kept_gemm_bytes``), which the meta device never counted; on CUDA MicroAdam's
+buckets take the compiled path. Nothing is allocated: a 7B estimate stays cheap."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lowmem.memory import estimate_memory
+from lowmem.memory.estimate import DEVICES, check_device
+
+# ~3.4M parameters: every linear weight has sides >= 256, so rank 32 projects them all
+CONFIG = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+CASES = {
+    "adamw": {},
+    "adamw8bit": {},
+    "microadam": {},
+    "galore_adamw": {"rank": 32},
+    "galore_adamw rsvd": {"rank": 32, "projection": "rsvd"},
+    "apollo_adamw": {"rank": 32},
+}
+MKL = torch.backends.mkl.is_available()
+
+
+def _config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**CONFIG)
+
+
+def _real_cpu_sizes(name: str, args: dict, layerwise: bool) -> tuple[int, int]:
+    """``state_bytes()`` / ``step_transient_bytes()`` of the optimizer on a real float32 CPU model."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.optim import create_optimizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer(model, name, **args)
+        opt.materialize_state()
+        return opt.state_bytes(), opt.step_transient_bytes(per_parameter=layerwise)
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_estimate_equals_a_real_cpu_optimizer(case, layerwise):
+    name, args = case.split()[0], CASES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cpu = estimate_memory(_config(), name, optim_args=args, dtype="fp32", seq_len=16, layerwise=layerwise, device="cpu")
+        cuda = estimate_memory(_config(), name, optim_args=args, dtype="fp32", seq_len=16, layerwise=layerwise, device="cuda")
+    state, transient = _real_cpu_sizes(name, args, layerwise)
+    assert (cpu.optimizer_states, cpu.optimizer_transient) == (state, transient)
+    assert cpu.settings["device"] == "cpu" and cuda.settings["device"] == "cuda"
+    assert cuda.optimizer_states == state  # the state does not depend on the device
+    if name in ("galore_adamw", "apollo_adamw") and MKL:
+        # the projected step's kept GEMM packing buffer: CPU only (at least MKL's 0.7 MiB + 4 r n bytes)
+        assert cpu.optimizer_transient - cuda.optimizer_transient > 2**20 if "projection" not in args else \
+            cpu.optimizer_transient >= cuda.optimizer_transient
+    elif name != "microadam":
+        assert cpu.optimizer_transient == cuda.optimizer_transient
+
+
+def test_device_is_validated_and_recorded():
+    assert check_device("cpu") == "cpu" and check_device("cuda:1") == "cuda" and check_device(torch.device("cuda", 0)) == "cuda"
+    for bad in ("meta", "tpu", "cuda:x", None, "", "CPU"):
+        with pytest.raises(ValueError, match=r"device=.*\['cpu', 'cuda'\]"):
+            estimate_memory("tiny", device=bad)
+    est = estimate_memory("tiny", "adamw", seq_len=16)
+    assert est.settings["device"] == "cuda"  # the documented default: a GPU run
+    assert any("device='cuda'" in n for n in est.notes) and "on cuda" in est.table()
+    assert DEVICES == ("cpu", "cuda")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_a_7b_cpu_estimate_allocates_nothing():
+    from lowmem.optim.step_memory import _reset_peak, _status_kib
+
+    estimate_memory("tiny", "galore_adamw", device="cpu")  # imports and caches
+    _reset_peak()
+    before = _status_kib("VmRSS")
+    est = estimate_memory("llama-2-7b", "galore_adamw", optim_args={"rank": 128}, device="cpu")
+    grown_mib = (_status_kib("VmHWM") - before) / 1024
+    assert est.optimizer_states > 3.5 * 2**30 and grown_mib < 100, grown_mib  # 3.9 GiB of state sized, not allocated
+
+
+def test_budget_cli_sizes_for_the_device(capsys):
+    import json
+
+    from lowmem.cli import main
+
+    common = ["budget", "tiny", "--optimizer", "galore_adamw", "--optim-args", "rank=16", "--dtype", "fp32", "--json"]
+    out = {}
+    for device in ("cpu", "cuda"):
+        assert main([*common, "--device", device]) == 0
+        out[device] = json.loads(capsys.readouterr().out)
+        est = estimate_memory("tiny", "galore_adamw", optim_args={"rank": 16}, dtype="fp32", device=device)
+        assert out[device]["settings"]["device"] == device
+        assert out[device]["optimizer_transient"] == est.optimizer_transient and out[device]["total"] == est.total
+    if MKL:
+        assert out["cpu"]["optimizer_transient"] > out["cuda"]["optimizer_transient"]
+    assert main(common) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["device"] == "cuda"  # the default
+    # --measure: the estimate beside the measurement is for the measured device
+    assert main(["budget", "tiny", "--optimizer", "galore_adamw", "--optim-args", "rank=16", "--dtype", "fp32", "--measure",
+                 "--device", "cpu", "--seq-len", "16", "--steps", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "cpu" and data["estimate"]["settings"]["device"] == "cpu"
+    assert data["estimate"]["optimizer_transient"] == out["cpu"]["optimizer_transient"]
