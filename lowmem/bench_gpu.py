@@ -748,6 +748,26 @@ def rows_markdown(check: dict[str, Any]) -> list[str]:
     return lines
 
 
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """One short line per row (printed at the end, so the device tool's output tail holds the numbers even
+    if the report files do not come back)."""
+    lines = []
+    for c in report["checks"]:
+        lines.append(f"== {c['name']}: {c['status']} ({c.get('wall_s', '-')} s)")
+        for r in c["rows"]:
+            if r.get("status") == "info" or c["kind"] == "env":
+                continue
+            if c["kind"] == "cells":
+                lines.append(f"{r['optimizer']:<22} {r.get('status', ''):<11} est/meas first {_num(r.get('ratio_estimate_first'), '{:.2f}')} "
+                             f"later {_num(r.get('ratio_estimate_steady'), '{:.2f}')} peak {_mib(r.get('measured_steady'))} MiB "
+                             f"step {_num(r.get('step_time_ratio'), '{:.2f}x')} amort {_num(r.get('amortised_ratio'), '{:.2f}x')}")
+            elif c["kind"] == "equal":
+                lines.append(f"{r['optimizer']:<22} {r.get('status', ''):<11} rel {_num(r.get('relative_difference'), '{:.1e}')}")
+            else:
+                lines.append(f"{r['optimizer'][-70:]:<70} {r.get('outcome', r.get('status'))}")
+    return lines
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: the run's metadata, the untested CUDA code paths, a section per check."""
     m = report["meta"]
@@ -846,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device, "smoke": args.smoke, "commit": _commit(),
             "host": os.uname().nodename, "cpus": os.cpu_count()}
     report = run_checks(checks, out, work, args.budget, inject, meta)
+    print("\n".join(summary_lines(report)), flush=True)
     bad = [c["name"] for c in report["checks"] if c["status"] not in ("ok", "partial")]
     print(f"report: {out / 'report.md'}; checks not ok: {bad or 'none'}", flush=True)
     return 0
