@@ -12,7 +12,7 @@ import torch
 from lowmem import bench_gpu as BG
 
 
-def test_smoke_report_structure_and_an_injected_failure_does_not_stop_the_rest(tmp_path):
+def test_smoke_report_structure_and_an_injected_failure_does_not_stop_the_rest(tmp_path, capsys):
     """env crashes (os._exit) and the 64x172 memory check raises, on purpose: both are recorded with their
     output, and the timing check between them still gives its rows."""
     out = tmp_path / "out"
@@ -43,6 +43,10 @@ def test_smoke_report_structure_and_an_injected_failure_does_not_stop_the_rest(t
         assert r["peak_first"] is None  # no allocator peak on CPU
     assert rows["adamw"]["refresh_gap"] is None and rows["galore_adamw"]["refresh_gap"] == BG.REFRESH_GAP
     assert rows["galore_adamw"]["hparams"]["rank"] == 8
+
+    printed = capsys.readouterr().out  # the summary the device tool's output tail shows
+    assert "== time+memory:smoke-llama: ok" in printed and "== memory:64x172: error" in printed
+    assert any(line.startswith("galore_adamw ") and "amort" in line for line in printed.splitlines())
 
     md = (out / "report.md").read_text()
     for c in checks:
