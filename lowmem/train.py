@@ -321,36 +321,20 @@ def resolve_optim_name(name: str) -> tuple[str, bool]:
 
 
 def check_optim_args(name: str, optim_args: dict[str, Any]) -> dict[str, Any]:
-    """``optim_args`` checked against optimizer ``name`` before any model loads: unknown names are an
-    error listing the valid ones; each value is validated by the optimizer's own hyperparameter spec
-    (a string that reads as a number, as PyYAML leaves ``3e-4``, is converted first).
+    """``optim_args`` checked against optimizer ``name`` before any model loads
+    (:func:`lowmem.trainers.hf.validate_optim_args`): unknown names are an error listing the valid
+    ones; each value is validated by the optimizer's own hyperparameter spec (a string that reads as
+    a number, as PyYAML leaves ``3e-4``, is converted first).
 
     Raises:
         ConfigError: naming ``optim_args.<key>``, the value and what is valid.
     """
-    from lowmem.trainers.hf import trainer_hparams
+    from lowmem.trainers.hf import validate_optim_args
 
     try:
-        trainer_hparams(name, None, optim_args)  # unknown keys -> error listing the valid ones
+        return validate_optim_args(name, optim_args)
     except ValueError as err:
-        raise ConfigError(f"optim_args: {err}") from None
-    entry = get_entry(name)
-    specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
-    out = dict(optim_args)
-    for key, value in optim_args.items():
-        if key not in specs:
-            continue
-        if isinstance(value, str):
-            try:
-                value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
-            except ValueError:
-                pass  # a string hyperparameter (proj_type='std'): the spec decides
-        try:
-            specs[key].validate(value)
-        except ValueError as err:
-            raise ConfigError(f"optim_args.{key}={optim_args[key]!r}: {err}") from None
-        out[key] = value
-    return out
+        raise ConfigError(str(err) if str(err).startswith("optim_args.") else f"optim_args: {err}") from None
 
 
 def config_class(trainer: str, dataset: Any = None) -> type:

@@ -29,3 +29,29 @@ def test_gradient_checkpointing_false_is_not_overridden_by_trl_defaults(trainer,
         assert args.activation_checkpointing is expected and args.gradient_checkpointing is expected, (recipe_value, extra)
     recipe = load_recipe(None, **{**kw, "training_args": {**kw.get("training_args", {}), "gradient_checkpointing": True}})
     assert build_training_args(recipe).activation_checkpointing is True
+
+
+@pytest.mark.parametrize("optim, optim_args, message", [
+    ("galore_adamw", "rank=abc", r"lowmem_optim_args.rank='abc': Invalid rank='abc': expected None or an int > 0"),
+    ("galore_adamw", {"rank": 0}, r"lowmem_optim_args.rank=0: Invalid rank=0"),
+    ("adamw", {"betas": [0.9, 1.5]}, r"lowmem_optim_args.betas=\(0.9, 1.5\): .*0 <= beta < 1"),
+    ("adamw", {"rnak": 3}, r"Unknown hyperparameter\(s\) \['rnak'\] for optimizer 'adamw'; valid: \["),
+])
+def test_trainer_arguments_check_optim_arg_values_when_built(optim, optim_args, message, tmp_path):
+    """``LowMemTrainingArguments`` checks each lowmem_optim_args value with the optimizer's spec when it is
+    built (before a model or Trainer exists), not at the first training step."""
+    from lowmem.trainers import LowMemDPOConfig, LowMemTrainingArguments
+
+    for cls in (LowMemTrainingArguments, LowMemDPOConfig):
+        with pytest.raises(ValueError, match=message):
+            cls(str(tmp_path), report_to="none", lowmem_optim=optim, lowmem_optim_args=optim_args)
+
+
+def test_trainer_arguments_convert_numeric_strings_and_refuse_targets_early(tmp_path):
+    from lowmem.trainers import LowMemTrainingArguments
+
+    args = LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="galore_adamw",
+                                   lowmem_optim_args={"rank": "8", "proj_type": "std"}, optim_target_modules=["q_proj"])
+    assert args.lowmem_optim_args == {"rank": 8, "proj_type": "std"}
+    with pytest.raises(ValueError, match=r"optim_target_modules=\['q_proj'\] .* lowmem_optim='adamw' treats every parameter alike"):
+        LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="adamw", optim_target_modules=["q_proj"])

@@ -119,6 +119,36 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
     return hp
 
 
+def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, Any]:
+    """``optim_args`` of optimizer ``name`` parsed (:func:`parse_optim_args`) and checked before any
+    model loads: unknown names are an error listing the valid ones, and each value goes through the
+    optimizer's own hyperparameter spec (a string that reads as a number, as PyYAML leaves ``3e-4``,
+    is converted first). Returns the checked mapping (numbers converted).
+
+    Raises:
+        ValueError: Naming ``optim_args.<key>``, the value and what is valid.
+    """
+    explicit = parse_optim_args(optim_args)
+    trainer_hparams(name, None, explicit)  # unknown keys -> error listing the valid ones
+    entry = get_entry(name)
+    specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
+    out = dict(explicit)
+    for key, value in explicit.items():
+        if key not in specs:
+            continue
+        if isinstance(value, str):
+            try:
+                value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+            except ValueError:
+                pass  # a string hyperparameter (proj_type='std'): the spec decides
+        try:
+            specs[key].validate(value)
+        except ValueError as err:
+            raise ValueError(f"optim_args.{key}={explicit[key]!r}: {err}") from None
+        out[key] = value
+    return out
+
+
 def _accepts(spec: Any, value: Any) -> bool:
     try:
         spec.validate(value)
@@ -225,10 +255,16 @@ class LowMemArguments:
         if self.lowmem_optim is None:
             if self.lowmem_optim_args:
                 raise ValueError("lowmem_optim_args is set but lowmem_optim is not")
-        else:
-            trainer_hparams(self.lowmem_optim, None, self.lowmem_optim_args)  # validates name and keys now
+        else:  # name, keys and values now, before any model loads (not at the first training step)
+            try:
+                self.lowmem_optim_args = validate_optim_args(self.lowmem_optim, self.lowmem_optim_args)
+            except ValueError as err:
+                raise ValueError(f"{type(self).__name__}.lowmem_{err}" if str(err).startswith("optim_args.") else str(err)) from None
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
+        targets = getattr(self, "optim_target_modules", None)
+        if self.lowmem_optim is not None and targets is not None and get_entry(self.lowmem_optim).target_key is None:
+            raise ValueError(_targets_refused(targets, self.lowmem_optim))
         optim = getattr(self, "optim", None)
         default = _TA_DEFAULTS.get("optim")
         if self.lowmem_optim is not None and optim is not None and getattr(optim, "value", optim) != default:
@@ -267,9 +303,7 @@ class LowMemOptimizerMixin:
         targets = getattr(self.args, "optim_target_modules", None)
         if targets is not None:
             if get_entry(name).target_key is None:
-                raise ValueError(f"optim_target_modules={targets!r} selects the layers an optimizer treats apart (a subspace "
-                                 f"optimizer's projected weights, Muon's orthogonalized ones); lowmem_optim={name!r} "
-                                 "treats every parameter alike")
+                raise ValueError(_targets_refused(targets, name))
             if "target_modules" in hp:
                 raise ValueError("optim_target_modules and lowmem_optim_args' target_modules are both set; give one")
             hp["target_modules"] = OptimTargetModules(targets)
@@ -323,6 +357,11 @@ class LowMemOptimizerMixin:
         norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
         norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def _targets_refused(targets: Any, name: str) -> str:
+    return (f"optim_target_modules={targets!r} selects the layers an optimizer treats apart (a subspace optimizer's "
+            f"projected weights, Muon's orthogonalized ones); lowmem_optim={name!r} treats every parameter alike")
 
 
 def checkpoint_processes(checkpoint: str | None) -> int | None:
