@@ -43,6 +43,28 @@ def _compiled(device_type: str):
     return torch.compile(MA.compress_, dynamic=dynamic), torch.compile(MA.window_direction, dynamic=dynamic)
 
 
+def direction_transient_bytes(numel: int, ring_entries: int) -> int:
+    """Bytes one :meth:`MicroAdamMoments.direction` of ``numel`` elements allocates, with ``ring_entries``
+    (``m k``) entries in its window (measured, eager: 12.8 B per element at the defaults, 20.7 B with
+    blocks of 64 / 128): the error feedback decoded and added to the gradient, ``|a|`` for the top-k,
+    ``a`` with the kept entries zeroed, its levels and their packing, then the window's two sums (the
+    direction is one of them, the rest in place): at most 24 bytes per element; plus the ring rows'
+    global indices (int64) and float values, and their weighted copy (16 bytes per entry)."""
+    return 24 * numel + 16 * ring_entries
+
+
+def compiled_bucket_transient_bytes(members: list[tuple[int, int]]) -> int:
+    """Bytes of :meth:`MicroAdamMoments.foreach_step_` on a bucket where the compiled path is on: each
+    tensor takes its own :meth:`~MicroAdamMoments.direction` (:func:`direction_transient_bytes`), and
+    the directions (float32, 4 B per element) are kept until the bucket's multi-tensor update. ``members``:
+    ``(elements, ring entries m k)`` of each tensor, in the bucket's order."""
+    worst = alive = 0
+    for numel, ring_entries in members:
+        worst = max(worst, alive + direction_transient_bytes(numel, ring_entries))
+        alive += 4 * numel
+    return max(worst, alive)  # (the update itself, torch._foreach_mul_ / _foreach_add_, is in place)
+
+
 def use_compiled(device: torch.device, mode: str) -> bool:
     if mode == "never":
         return False
@@ -103,13 +125,9 @@ class MicroAdamMoments(MomentRule):
         return view
 
     def transient_bytes(self, numel, shape, group, state):
-        """Per element of the chunk, measured (12.8 B at the defaults, 20.7 B with blocks of 64 / 128):
-        the error feedback decoded and added to the gradient, ``|a|`` for the top-k, ``a`` with the kept
-        entries zeroed, its levels and their packing, then the window's two sums (the direction is one
-        of them, the rest in place): at most 24 bytes. Plus the ring rows' global indices (int64) and
-        float values, and their weighted copy, of the chunk (``m k`` of each: 16 bytes)."""
+        """:func:`direction_transient_bytes` of the chunk (its ``m k`` ring entries)."""
         lay = self.layout(numel, group)
-        return 24 * numel + 16 * group["m"] * lay.k
+        return direction_transient_bytes(numel, group["m"] * lay.k)
 
     def direction(self, g, state, group, t, lr):
         t = int(t)
@@ -199,3 +217,13 @@ class MicroAdamMoments(MomentRule):
         float and weighted values: 20 B, at most one entry per two elements, :meth:`supports_foreach_for`):
         at most 24 bytes per element."""
         return 24 * numel
+
+    def foreach_bucket_transient_bytes(self, numel, members):
+        """The stacked path: :meth:`foreach_transient_bytes`. Where the compiled path is on for the
+        members' device (:func:`use_compiled`: CUDA by default; the state's device, so that the
+        estimator's fake CUDA tensors count it too), :meth:`foreach_step_` takes each tensor's compiled
+        :meth:`direction` and keeps the directions for the update: :func:`compiled_bucket_transient_bytes`
+        of the members' sizes and ring entries (their ``microadam_indices``, ``[m, k]``)."""
+        if not members or not use_compiled(members[0][1]["microadam_indices"].device, self.compile):
+            return self.foreach_transient_bytes(numel)
+        return compiled_bucket_transient_bytes([(n, st["microadam_indices"].numel()) for n, st in members])
