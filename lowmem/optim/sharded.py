@@ -338,10 +338,13 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
     * ``reduced_dim="keepdim"``: the shard's shape with one dimension reduced to size 1 (Subset-Norm's
       per-row ``(m_s, 1)`` statistics: sharded like the rows; per-column ``(1, n)``: replicated);
       Subset-Norm's flat subsets ``(numel_s / k, 1)`` of even shards: rows of ``(numel / k, 1)``.
-    * ``reduced_dim="rows"``: a 1-D state of one number per row of uneven shards of rows (dimension 0
-      not divisible by the number of shards: Adam-mini's per-row ``v`` of heads cut by the shards) is
-      the rows of the whole ``(rows,)``, sharded like the parameter's rows; of even shards (and any
-      other 1-D state) it is per-shard state (below).
+    * ``reduced_dim="rows"``: a 1-D state of one number per block of ``k`` consecutive rows of a
+      shard of rows (Adam-mini's ``v`` of ``row`` blocks, ``k = 1``; of heads cut by the shards, one
+      per row, ``k = 1``; of whole ``k``-row heads, one per head) is saved one number per row, each
+      block's repeated ``k`` times (:func:`rows_of_blocks`): the rows of the whole ``(rows,)``,
+      sharded like the parameter's rows, the same whatever the number of processes, so it reshards
+      onto any other layout (:func:`state_from_dtensor` takes every ``k``-th row back and checks that
+      the rows of a block agree). Other 1-D states (one per element): per-shard state (below).
     * Any other shape (quantization codes and scales, MicroAdam's window): one piece per shard,
       global shape ``(shards, *local_shape)``; loads back onto the same number of shards only (a
       different count is a shape error at load, not a wrong state). Needs equal shards.
@@ -365,12 +368,13 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
             return DTensor.from_local(v, mesh, kept, run_check=False, shape=shape,
                                       stride=torch.empty(shape, device="meta").stride())
     shard_dims = [(i, pl.dim) for i, pl in enumerate(placements) if pl.is_shard()]
-    if (reduced_dim == "rows" and v.dim() == 1 and lp.dim() >= 2 and v.shape[0] == lp.shape[0]
-            and len(shard_dims) == 1 and shard_dims[0][1] == 0 and p.shape[0] % mesh.size(shard_dims[0][0]) != 0):
-        # one number per row of uneven shards of rows (Adam-mini's v of heads cut by the shards,
-        # 6 / 6 / 4 rows): the rows of the whole (rows,), sharded like the parameter's rows
+    if (reduced_dim == "rows" and v.dim() == 1 and lp.dim() >= 2 and len(shard_dims) == 1 and shard_dims[0][1] == 0
+            and (lp.shape[0] == 0 or 0 < v.shape[0] <= lp.shape[0] and lp.shape[0] % v.shape[0] == 0)):
+        # one number per block of k rows (Adam-mini's v: rows, heads cut by the shards, whole heads):
+        # one per row, the rows of the whole (rows,), sharded like the parameter's rows (any layout)
         shape = torch.Size(p.shape[:1])
-        return DTensor.from_local(v, mesh, placements, run_check=False, shape=shape, stride=(1,))
+        return DTensor.from_local(rows_of_blocks(v, lp.shape[0]), mesh, placements, run_check=False, shape=shape,
+                                  stride=(1,))
     if (reduced_dim == "keepdim" and v.dim() == 2 and v.shape[1] == 1 and 0 < v.shape[0] and lp.numel() % v.shape[0] == 0
             and len(shard_dims) == 1 and shard_dims[0][1] == 0 and p.shape[0] % mesh.size(shard_dims[0][0]) == 0):
         # Subset-Norm's flat subsets of k elements (one (numel_s / k, 1) statistic per subset of the
@@ -402,25 +406,166 @@ def state_to_dtensor(v: Any, p: Tensor, key: str, reduced_dim: int | str | None 
     return DTensor.from_local(piece, mesh, blob, run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
 
 
+def rows_of_blocks(v: Tensor, rows: int) -> Tensor:
+    """One number per row from ``v``, one number per block of ``k = rows / len(v)`` consecutive rows
+    (each repeated ``k`` times; ``v`` itself when ``k = 1`` or there are no rows)."""
+    if rows == 0 or v.shape[0] == rows:
+        return v
+    return v.repeat_interleave(rows // v.shape[0])
+
+
+def blocks_of_rows(t: Tensor, blocks: int, key: str, p: Tensor) -> Tensor:
+    """Inverse of :func:`rows_of_blocks`: every ``k``-th of the ``rows`` numbers ``t`` (``k = rows /
+    blocks``), after checking that the ``k`` rows of each block hold the same number.
+
+    Raises:
+        ValueError: The rows of a block differ: the state was saved with other blocks (e.g.
+            Adam-mini's ``v`` of another ``head_dim``, or of ``row`` blocks).
+    """
+    rows = t.shape[0]
+    if blocks == rows or rows == 0:
+        return t
+    k = rows // blocks
+    grid = t.view(blocks, k)
+    differ = (grid != grid[:, :1]).any(dim=1)
+    if bool(differ.any()):
+        i = int(differ.nonzero()[0, 0])
+        raise ValueError(
+            f"state '{key}' of a sharded parameter of shape {tuple(p.shape)}: this optimizer keeps one number per block"
+            f" of {k} rows ({blocks} on this shard), but the loaded rows {i * k}..{i * k + k - 1} of this shard hold"
+            f" different numbers {grid[i].tolist()}: the state was saved with other blocks (e.g. another head_dim)")
+    return grid[:, 0]
+
+
 def state_from_dtensor(v: Any, p: Tensor, local_shape: torch.Size, key: str) -> Any:
     """Inverse of :func:`state_to_dtensor`: the plain local tensor of shape ``local_shape`` (what the
-    recipe allocates for ``p``'s shard) from a loaded ``DTensor`` (a plain tensor passes through).
+    recipe allocates for ``p``'s shard) from a loaded ``DTensor`` (a plain tensor passes through;
+    the engine then checks every entry with :func:`check_loaded_state`).
 
     Raises:
         ValueError: The loaded piece does not have the shard's shape (e.g. per-shard state saved
-            with another number of processes).
+            with another number of processes), or one number per row does not repeat per block
+            (:func:`blocks_of_rows`).
     """
     if not is_dtensor(v):
         return v
     t = v.to_local()
+    lp = local(p)
     if t.shape != local_shape:
         t = t[0] if t.dim() == len(local_shape) + 1 and t.shape[0] == 1 else t
+    if (t.shape != local_shape and t.dim() == 1 == len(local_shape) and lp.dim() >= 2 and t.shape[0] == lp.shape[0]
+            and 0 < local_shape[0] < t.shape[0] and t.shape[0] % local_shape[0] == 0):
+        t = blocks_of_rows(t, local_shape[0], key, p)  # one number per row -> one per block of rows
     if t.shape != local_shape:
         raise ValueError(
             f"state '{key}' of a sharded parameter of shape {tuple(p.shape)}: loaded piece {tuple(t.shape)},"
             f" expected {tuple(local_shape)} (per-shard state loads onto the same number of shards only)"
         )
     return t
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{type(v).__name__} {v!r:.60}"
+
+
+def check_loaded_state(saved: dict[str, Any], expected: dict[str, Tensor], where: str) -> None:
+    """A sharded parameter's loaded state, after :func:`state_from_dtensor`, against ``expected``
+    (what the optimizer allocates for the shard, with the loaded settings: tensors, or shapes on the
+    meta device): every entry present, a tensor of the same shape and dtype, and no other entry.
+
+    A checkpoint passes through ``torch.distributed.checkpoint`` and torch's
+    ``Optimizer.load_state_dict``, neither of which knows what a lowmem state must hold: an entry
+    lost or ``None`` on the way, or a state saved by another optimizer, would otherwise load and
+    fail (or train wrong) later.
+
+    Raises:
+        ValueError: Naming ``where`` (the parameter), the entry, what was expected and what was found.
+    """
+    for k, e in expected.items():
+        want = f"{e.dtype} tensor of shape {tuple(e.shape)}"
+        if k not in saved:
+            raise ValueError(f"{where}: the loaded state has no '{k}' (expected a {want}): it was saved by another"
+                             " optimizer or other settings, or lost on the way")
+        v = saved[k]
+        if not isinstance(v, Tensor) or v.shape != e.shape or v.dtype != e.dtype:
+            raise ValueError(f"{where}: loaded state '{k}' is {_describe(v)}, expected a {want}")
+    extra = sorted(set(saved) - set(expected), key=str)
+    if extra:
+        raise ValueError(f"{where}: the loaded state has {extra}, which this optimizer does not keep for this"
+                         f" parameter (it keeps {sorted(expected)}): it was saved by another optimizer or other settings")
+
+
+def state_layout(init_state: Any, p: Tensor, group: dict[str, Any], projected: bool) -> dict[str, tuple]:
+    """What the optimizer allocates for the sharded parameter ``p`` under ``group``'s settings
+    (``init_state``: the engine's ``_init_state``, on the meta device, nothing allocated):
+    ``{entry: (shape, dtype)}`` for the local shard and, when ``p`` is not projected, for the whole
+    tensor too (a setting may shape the whole tensor's state but not this shard's: Adam-mini's
+    ``head_dim`` when the shard keeps one ``v`` per row)."""
+    shard: dict[str, Tensor] = {}
+    init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group, shard, key=p)
+    out = {f"{k} (this shard)": (tuple(v.shape), v.dtype) for k, v in shard.items() if isinstance(v, Tensor)}
+    if not projected:
+        whole: dict[str, Tensor] = {}
+        init_state(torch.empty(p.shape, dtype=p.dtype, device="meta"), group, whole)
+        out.update({f"{k} (whole tensor)": (tuple(v.shape), v.dtype) for k, v in whole.items() if isinstance(v, Tensor)})
+    return out
+
+
+def check_same_settings(current: dict[str, Any], loaded: dict[str, Any], layout: Any, where: str) -> None:
+    """The settings of a parameter group loaded from a checkpoint (torch's ``load_state_dict``
+    replaces the group's with them) against the optimizer's own: the same keys (else it was saved by
+    another optimizer), and the same state layout (``layout(group) -> {entry: (shape, dtype)}``,
+    :func:`state_layout`): a checkpoint of another ``rank``, ``head_dim``, quantization or state
+    dtype refuses instead of loading state of another shape or meaning. Settings that shape no state
+    (the learning rate, betas, ...) load as torch loads them: the checkpoint's win.
+
+    Raises:
+        ValueError: Naming ``where``, the settings that differ and the state entries they change.
+    """
+    keys_now, keys_saved = set(current) - {"params"}, set(loaded) - {"params"}
+    # (keys no optimizer setting has, e.g. an LR scheduler's 'initial_lr', load as torch loads them)
+    unknown, lacks = sorted((keys_saved - keys_now) & _setting_names()), sorted((keys_now - keys_saved) & _setting_names())
+    if unknown or lacks:
+        raise ValueError(
+            f"{where}: the checkpoint's parameter group has settings {unknown} this optimizer does"
+            f" not know and lacks {lacks}: it was saved by another optimizer")
+    before, after = layout(current), layout(loaded)
+    if before != after:
+        entries = sorted(set(before) | set(after))
+        diff = "; ".join(f"{e}: {after.get(e, 'none')} saved, {before.get(e, 'none')} here" for e in entries
+                         if before.get(e) != after.get(e))
+        _refuse_settings(current, loaded, where, f" ({diff})")
+
+
+def _refuse_settings(current: dict[str, Any], loaded: dict[str, Any], where: str, diff: str) -> None:
+    changed = {k: (loaded.get(k), current[k]) for k in sorted(set(current) - {"params"}) if _differs(loaded.get(k), current[k])}
+    raise ValueError(
+        f"{where}: the checkpoint was saved with other settings "
+        + ", ".join(f"{k}={a!r} (this optimizer: {b!r})" for k, (a, b) in changed.items())
+        + f" that change its state{diff}; build the optimizer with the checkpoint's settings")
+
+
+_SETTINGS: set[str] = set()
+
+
+def _setting_names() -> set[str]:
+    """Every setting name of every registered optimizer (and the engine's)."""
+    if not _SETTINGS:
+        from .hparams import ENGINE_HPARAMS
+        from .registry import optimizer_entries
+
+        _SETTINGS.update(h.name for h in ENGINE_HPARAMS)
+        for e in optimizer_entries():
+            _SETTINGS.update(e.recipe.all_hparams() if e.recipe is not None else e.hparams)
+    return _SETTINGS
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and bool((a == b).all()))
+    return a != b
 
 
 # ---- subspace projections of a shard of rows (GaLore, Fira, FRUGAL) ----
