@@ -314,9 +314,13 @@ def resolve_optim_name(name: str) -> tuple[str, bool]:
         return base, layerwise
     if base in HF_OPTIM_NAMES:
         return HF_OPTIM_NAMES[base], layerwise
+    import difflib
+
+    close = difflib.get_close_matches(base, [*lowmem_names, *HF_OPTIM_NAMES], n=3)
     raise ConfigError(
-        f"optim={name!r} is neither a lowmem optimizer {lowmem_names} nor a Hugging Face optimizer name lowmem "
-        f"maps {sorted(HF_OPTIM_NAMES)} (each also as <name>_layerwise)"
+        f"optim={name!r} is neither a lowmem optimizer nor a Hugging Face optimizer name lowmem maps"
+        + (f"; did you mean {close}?" if close else "") + f" lowmem: {lowmem_names}; Hugging Face: "
+        f"{sorted(HF_OPTIM_NAMES)} (each also as <name>_layerwise)"
     )
 
 

@@ -55,3 +55,16 @@ def test_trainer_arguments_convert_numeric_strings_and_refuse_targets_early(tmp_
     assert args.lowmem_optim_args == {"rank": 8, "proj_type": "std"}
     with pytest.raises(ValueError, match=r"optim_target_modules=\['q_proj'\] .* lowmem_optim='adamw' treats every parameter alike"):
         LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="adamw", optim_target_modules=["q_proj"])
+
+
+def test_optimizer_typo_suggests_the_close_names():
+    from lowmem.config import ConfigError
+    from lowmem.train import resolve_optim_name
+
+    with pytest.raises(ConfigError, match=r"optim='adamw8bitt' .*; did you mean \['adamw8bit'.*\]\? lowmem: \['adafactor'"):
+        resolve_optim_name("adamw8bitt")
+    with pytest.raises(ConfigError, match=r"did you mean \['galore_adamw_8bit'"):
+        resolve_optim_name("galore_adamw_8bti_layerwise")
+    with pytest.raises(ConfigError) as err:
+        resolve_optim_name("zzz")
+    assert "did you mean" not in str(err.value) and "Hugging Face: ['adafactor'" in str(err.value)
