@@ -301,16 +301,30 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: d
 
 def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None,
                      layerwise: bool = False) -> tuple[int, int, str]:
-    """``(state bytes, step transient bytes, how)`` of ``optimizer`` on the trainable parameters
-    of a meta ``model``, or of one whose parameters are fake tensors of the run's device
-    (:func:`on_fake_device`: the state is allocated as fake tensors of that device, and the transient
-    is that device's). Engine optimizers size both themselves (``materialize_state()``,
-    ``state_bytes()``, ``step_transient_bytes()``; ``layerwise``: that of one parameter stepped alone,
-    ``step_transient_bytes(per_parameter=True)``, no multi-tensor buckets): ``how="exact"``. bitsandbytes optimizers have
-    no meta-device support: their state comes from a closed form and their transient is not
-    counted (``how="closed form"``; their CUDA kernels update the state in place)."""
+    """``(state bytes, step transient bytes, how)`` of ``optimizer``: :func:`optimizer_sizes`."""
+    sizes = optimizer_sizes(model, optimizer, optim_args, layerwise)
+    return sizes["state"], sizes["transient"], sizes["how"]
+
+
+def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None,
+                    layerwise: bool = False) -> dict[str, Any]:
+    """State and step transient of ``optimizer`` on the trainable parameters of a meta ``model``, or
+    of one whose parameters are fake tensors of the run's device (:func:`on_fake_device`: the state is
+    allocated as fake tensors of that device, and the transient is that device's). Engine optimizers
+    size both themselves (``materialize_state()``, ``state_bytes()``, ``step_transient_bytes()``;
+    ``layerwise``: that of one parameter stepped alone, ``step_transient_bytes(per_parameter=True)``,
+    no multi-tensor buckets): ``how="exact"``. bitsandbytes optimizers have no meta-device support:
+    their state comes from a closed form and their transient is not counted (``how="closed form"``;
+    their CUDA kernels update the state in place).
+
+    Returns:
+        `dict`: ``state``, ``transient`` (bytes), ``how``, and ``kept_gemm``: the part of the transient
+        that is MKL's GEMM packing buffer, kept by the library after a projected step's combine-back on
+        CPU (the engine's ``_kept_gemm_bytes()``; not a torch tensor, so a live-tensor tracker does not
+        see it; 0 elsewhere).
+    """
     if optimizer is None:
-        return 0, 0, "none"
+        return {"state": 0, "transient": 0, "how": "none", "kept_gemm": 0}
     from ..optim import create_optimizer, get_entry
 
     entry = get_entry(optimizer)
@@ -318,20 +332,22 @@ def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[s
         from ..optim.recipes.bnb import state_bytes_closed_form
 
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
-        return state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), 0, "closed form"
+        return {"state": state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), "transient": 0,
+                "how": "closed form", "kept_gemm": 0}
     with warnings.catch_warnings(record=True) as created:  # (the engine's "rank >= smaller side": kept below)
         warnings.simplefilter("always")
         opt = create_optimizer(model, entry.name, **(optim_args or {}))
     with warnings.catch_warnings(record=True) as caught, _sizing_mode(model):  # the engine warns per parameter
         warnings.simplefilter("always")
         opt.materialize_state()
-        sizes = opt.state_bytes(), opt.step_transient_bytes(per_parameter=layerwise)
+        sizes = {"state": opt.state_bytes(), "transient": opt.step_transient_bytes(per_parameter=layerwise),
+                 "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0}
     caught = [w for w in created if "smaller side" in str(w.message)] + caught
     for message in _summarize_warnings(caught):
         if message not in _WARNED:  # once per process: catch_warnings resets Python's own once-registry
             _WARNED.add(message)
             warnings.warn(message, stacklevel=3)
-    return (*sizes, "exact")
+    return sizes
 
 
 _WARNED: set[str] = set()
@@ -467,7 +483,8 @@ def estimate_memory(
         else:
             weights += p.numel() * p.element_size()
     # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
-    opt_bytes, transient, how = optimizer_memory(meta, optimizer, optim_args, layerwise=layerwise)
+    sized = optimizer_sizes(meta, optimizer, optim_args, layerwise=layerwise)
+    opt_bytes, transient, how = sized["state"], sized["transient"], sized["how"]
     trainable = [(n, p) for n, p in params if p.requires_grad]
     grad_sizes = [p.numel() * p.element_size() for _, p in trainable]
     gradients = (max(grad_sizes) if grad_sizes else 0) if layerwise else sum(grad_sizes)
@@ -530,7 +547,7 @@ def estimate_memory(
         details={
             "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
             "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},
-            "activation_bytes_per_element": act_bytes,
+            "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
         },
         notes=notes,
         settings=dict(

@@ -213,14 +213,29 @@ class MemoryMeasurement:
         """estimate / measured per component (``nan`` where nothing was measured)."""
         est = {**self.estimate.components(), "total": self.estimate.total}
         out = {k: (est[k] / self.measured[k] if self.measured.get(k) else float("nan")) for k in est}
+        mkl = self.mkl_gemm_pack_bytes()
+        if mkl and self.measured.get("optimizer_transient"):  # what the tracker can see: torch tensors only
+            out["optimizer_transient_tensors"] = (est["optimizer_transient"] - mkl) / self.measured["optimizer_transient"]
         if self.peak_allocated:
             out["total_vs_peak_allocated"] = self.estimate.total / self.peak_allocated
         return out
+
+    def mkl_gemm_pack_bytes(self) -> int:
+        """The part of the estimated transient that is MKL's GEMM packing buffer (CPU, projected steps):
+        memory of the process, but not a torch tensor, so the tracker's measurement leaves it out."""
+        return int(self.estimate.details.get("optimizer_transient_mkl_gemm_pack", 0))
 
     def table(self) -> str:
         from .report import estimate_table, fmt_bytes
 
         text = estimate_table(self.estimate, measured=self.measured)
+        mkl = self.mkl_gemm_pack_bytes()
+        if mkl:
+            m = self.measured.get("optimizer_transient", 0)
+            rest = self.estimate.optimizer_transient - mkl
+            text += (f"measured: live torch tensors; the estimated optimizer_transient includes MKL's GEMM packing buffer "
+                     f"({fmt_bytes(mkl)}, kept by the library on CPU, not a tensor): without it {fmt_bytes(rest)}"
+                     + (f" (est/meas {rest / m:.3f})" if m else "") + "\n")
         if self.peak_allocated is not None:
             text += f"CUDA max_memory_allocated: {fmt_bytes(self.peak_allocated)} (estimate/peak {self.estimate.total / self.peak_allocated:.3f})\n"
         return text
