@@ -107,11 +107,15 @@ def dcp_load(ckpt, opt_fn=build, edit=None):
 
 
 def resumed(ckpt, final):
-    model, opt = dcp_load(ckpt)
+    # (max |difference| from final, v's size after the load, the error if the load failed)
+    try:
+        model, opt = dcp_load(ckpt)
+    except BaseException as e:
+        return None, None, f"{type(e).__name__}: {e}"[:1500]
     v = opt.state[model[0].weight]["exp_avg_sq"].numel()
     train(model, opt, 2)
     again = full(model)
-    return max((again[k] - final[k]).abs().max().item() for k in final), v
+    return max((again[k] - final[k]).abs().max().item() for k in final), v, None
 
 
 def plain_refusals(out, rank):
@@ -175,13 +179,13 @@ def worker(rank, world, port, tmp):
         MESH.update(two)
         final2, res["v2"] = uninterrupted(os.path.join(tmp, "ckpt2"))
         torch.save(final2, os.path.join(tmp, "final2.pt"))
-        res["from_three"], res["from_three_v"] = resumed(os.path.join(tmp, "ckpt3"), final3)  # 3 -> 2
+        res["from_three"], res["from_three_v"], res["from_three_error"] = resumed(os.path.join(tmp, "ckpt3"), final3)  # 3 -> 2
         res["dcp"] = dcp_refusals(os.path.join(tmp, "ckpt3"))
         res["plain"] = plain_refusals(os.path.join(tmp, "plain"), rank)
     dist.barrier()
     MESH.update(three)  # 2 -> 3
-    res["from_two"], res["from_two_v"] = resumed(os.path.join(tmp, "ckpt2"),
-                                                 torch.load(os.path.join(tmp, "final2.pt"), weights_only=True))
+    res["from_two"], res["from_two_v"], res["from_two_error"] = resumed(
+        os.path.join(tmp, "ckpt2"), torch.load(os.path.join(tmp, "final2.pt"), weights_only=True))
     torch.save(res, os.path.join(tmp, f"out.{rank}"))
     dist.barrier()
     dist.destroy_process_group()
@@ -215,6 +219,8 @@ def test_adam_mini_v_reshards_between_uneven_and_even_layouts(reshard_run):
     the heads' sums are added in another order). Was Size mismatch (16,) vs (2, 2) before the v of
     whole heads was saved per row too."""
     runs = reshard_run
+    assert [r["from_two_error"] for r in runs] == [None] * 3, runs[0]["from_two_error"]
+    assert [r["from_three_error"] for r in runs[:2]] == [None] * 2, runs[0]["from_three_error"]
     assert [r["v3"] for r in runs] == [6, 6, 4] and [r["v2"] for r in runs[:2]] == [2, 2]
     assert [r["from_two_v"] for r in runs] == [6, 6, 4]  # loaded into the other layout's v
     assert [r["from_three_v"] for r in runs[:2]] == [2, 2]
@@ -272,3 +278,61 @@ def test_state_dict_of_other_settings_refuses_and_keeps_the_optimizer(reshard_ru
         assert msg is not None and msg.startswith("ValueError") and PLAIN_REFUSALS[case] in msg, (case, msg)
         assert r["plain"][case + "_kept"] is True, case
         assert r["plain"][case + "_same"] is None, (case, r["plain"][case + "_same"])
+
+
+# ---- the checks themselves (no processes) ----
+
+
+def test_rows_of_blocks_and_back():
+    """A v of k-row blocks saved one number per row and taken back; rows of a block that differ refuse."""
+    import torch
+
+    from lowmem.optim.sharded import blocks_of_rows, rows_of_blocks
+
+    p = torch.empty(16, 8)
+    v = torch.tensor([1.0, 2.0])
+    rows = rows_of_blocks(v, 8)
+    assert rows.tolist() == [1.0] * 4 + [2.0] * 4
+    assert torch.equal(blocks_of_rows(rows, 2, "exp_avg_sq", p), v)
+    assert rows_of_blocks(v, 2) is v and rows_of_blocks(torch.empty(0), 0).numel() == 0  # one per row; no rows
+    rows[5] += 1.0
+    with pytest.raises(ValueError, match=r"state 'exp_avg_sq' .*rows 4..7 of this shard hold different numbers"):
+        blocks_of_rows(rows, 2, "exp_avg_sq", p)
+
+
+def test_check_loaded_state_names_the_entry_expected_and_found():
+    import torch
+
+    from lowmem.optim.sharded import check_loaded_state
+
+    expected = {"step": torch.zeros(()), "exp_avg": torch.empty(6, 8, device="meta"),
+                "exp_avg_sq": torch.empty(6, device="meta")}
+    good = {"step": torch.zeros(()), "exp_avg": torch.zeros(6, 8), "exp_avg_sq": torch.zeros(6)}
+    check_loaded_state(good, expected, "w")
+    cases = {
+        "None": ({**good, "exp_avg_sq": None}, "w: loaded state 'exp_avg_sq' is NoneType None, expected a torch.float32 tensor of shape (6,)"),
+        "missing": ({k: v for k, v in good.items() if k != "exp_avg"}, "w: the loaded state has no 'exp_avg' (expected a torch.float32 tensor of shape (6, 8))"),
+        "shape": ({**good, "exp_avg_sq": torch.zeros(2)}, "'exp_avg_sq' is a torch.float32 tensor of shape (2,), expected a torch.float32 tensor of shape (6,)"),
+        "dtype": ({**good, "exp_avg": torch.zeros(6, 8, dtype=torch.bfloat16)}, "'exp_avg' is a torch.bfloat16 tensor of shape (6, 8), expected a torch.float32"),
+        "extra": ({**good, "exp_avg_sq_row": torch.zeros(6)}, "w: the loaded state has ['exp_avg_sq_row'], which this optimizer does not keep"),
+    }
+    for case, (saved, msg) in cases.items():
+        with pytest.raises(ValueError) as e:
+            check_loaded_state(saved, expected, "w")
+        assert msg in str(e.value), (case, str(e.value))
+
+
+def test_check_same_settings_refuses_only_what_changes_the_state():
+    from lowmem.optim.sharded import check_same_settings
+
+    def layout(group):  # stands for state_layout: v has rows / head_dim entries
+        return {"exp_avg_sq (whole tensor)": ((16 // group["head_dim"],), "float32")}
+
+    mine = {"params": [0], "lr": 1e-2, "block": "head", "head_dim": 8}
+    check_same_settings(mine, {**mine, "lr": 3e-4}, layout, "g")  # the learning rate: torch's load wins
+    check_same_settings(mine, {**mine, "initial_lr": 1e-2}, layout, "g")  # an LR scheduler's key
+    with pytest.raises(ValueError, match=r"g: the checkpoint was saved with other settings head_dim=4 \(this optimizer: 8\)"
+                                         r" that change its state \(exp_avg_sq \(whole tensor\): \(\(4,\), 'float32'\) saved"):
+        check_same_settings(mine, {**mine, "head_dim": 4}, layout, "g")
+    with pytest.raises(ValueError, match=r"has settings \['block_size'\] this optimizer does not know and lacks \['head_dim'\]"):
+        check_same_settings(mine, {"params": [0], "lr": 1e-2, "block": "head", "block_size": 64}, layout, "g")
