@@ -245,8 +245,8 @@ class TrainRecipe:
             raise ValueError(f"Unknown task {self.task!r}; valid: {list(TASKS)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"Invalid dtype {self.dtype!r}; valid: ['float32', 'bfloat16', 'float16']")
-        if self.model is not None and not Path(self.model).is_dir():
-            raise ConfigError(f"model={self.model!r}: no such directory (a local model directory; nothing is downloaded)")
+        if self.model is not None:
+            check_model_dir(self.model)
         if self.merge_adapters and self.lora is None and self.quantization is None:
             raise ConfigError("merge_adapters=true needs lora or quantization (a full fine-tune saves the whole model)")
         if self.merge_adapters and not self.save_model:
@@ -275,6 +275,27 @@ class TrainRecipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+# A tokenizer saved with save_pretrained writes at least one of these (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def check_model_dir(model: str) -> None:
+    """``model`` is a local directory written by ``save_pretrained``: it has ``config.json`` and a
+    tokenizer file (:data:`TOKENIZER_FILES`). Checked with the recipe, before anything loads.
+
+    Raises:
+        ConfigError: Naming the directory and what it lacks.
+    """
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"model={model!r}: no such directory (a local model directory; nothing is downloaded)")
+    lacks = [] if (folder / "config.json").is_file() else ["config.json"]
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        lacks.append(f"a tokenizer file (one of {list(TOKENIZER_FILES)})")
+    if lacks:
+        raise ConfigError(f"model={model!r}: the directory lacks {' and '.join(lacks)}; expected a model and its "
+                          "tokenizer saved with save_pretrained (model.save_pretrained(dir); tokenizer.save_pretrained(dir))")
 
 # Hugging Face ``TrainingArguments.optim`` names -> lowmem registry names (``optim: galore_adamw_8bit``
 # in a config written for the HF Trainer runs the equivalent lowmem optimizer). ``<name>_layerwise``

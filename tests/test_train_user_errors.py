@@ -68,3 +68,22 @@ def test_optimizer_typo_suggests_the_close_names():
     with pytest.raises(ConfigError) as err:
         resolve_optim_name("zzz")
     assert "did you mean" not in str(err.value) and "Hugging Face: ['adafactor'" in str(err.value)
+
+
+def test_model_directory_without_config_or_tokenizer_is_named(tmp_path, tiny_model_path):
+    import shutil
+
+    from lowmem.config import ConfigError
+
+    assert load_recipe(None, model=tiny_model_path).model == tiny_model_path
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    with pytest.raises(ConfigError, match=r"model='.*notes': the directory lacks config.json and a tokenizer file \(one of "
+                                          r"\['tokenizer.json'.*save_pretrained"):
+        load_recipe(None, model=str(tmp_path / "notes"))
+    weights_only = tmp_path / "weights-only"
+    shutil.copytree(tiny_model_path, weights_only, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(ConfigError, match=r"lacks a tokenizer file"):
+        load_recipe(None, model=str(weights_only))
+    with pytest.raises(ConfigError, match="no such directory"):
+        load_recipe(None, model=str(tmp_path / "missing"))
