@@ -172,6 +172,8 @@ def worker(rank, world, port, tmp):
     three = {"mesh": init_device_mesh("cpu", (3,)), "group": dist.group.WORLD}
     pair = dist.new_group([0, 1])  # (every rank takes part in creating it)
     two = {"mesh": DeviceMesh.from_group(pair, "cpu"), "group": pair} if rank < 2 else None
+    alone = dist.new_group([0])  # FSDP2 on one process (16 rows: 4 whole heads, one v per head)
+    one = {"mesh": DeviceMesh.from_group(alone, "cpu"), "group": alone} if rank == 0 else None
     res = {}
     MESH.update(three)
     final3, res["v3"] = uninterrupted(os.path.join(tmp, "ckpt3"))
@@ -182,6 +184,9 @@ def worker(rank, world, port, tmp):
         res["from_three"], res["from_three_v"], res["from_three_error"] = resumed(os.path.join(tmp, "ckpt3"), final3)  # 3 -> 2
         res["dcp"] = dcp_refusals(os.path.join(tmp, "ckpt3"))
         res["plain"] = plain_refusals(os.path.join(tmp, "plain"), rank)
+    if rank == 0:  # 3 -> 1
+        MESH.update(one)
+        res["to_one"], res["to_one_v"], res["to_one_error"] = resumed(os.path.join(tmp, "ckpt3"), final3)
     dist.barrier()
     MESH.update(three)  # 2 -> 3
     res["from_two"], res["from_two_v"], res["from_two_error"] = resumed(
@@ -214,7 +219,7 @@ def reshard_run(tmp_path_factory):
 @pytest.mark.distributed
 def test_adam_mini_v_reshards_between_uneven_and_even_layouts(reshard_run):
     """3 processes (6 / 6 / 4 rows, heads cut: one v per row) -> 2 processes (8 / 8, whole heads: one
-    v per head) and back: DCP save after 2 steps, load into a new model and optimizer on the other
+    v per head) and back, and 3 -> FSDP2 on one process (4 whole heads): DCP save after 2 steps, load into a new model and optimizer on the other
     layout, 2 more steps = the uninterrupted run of the saving layout (float64 weights, float32 v:
     the heads' sums are added in another order). Was Size mismatch (16,) vs (2, 2) before the v of
     whole heads was saved per row too."""
@@ -224,6 +229,7 @@ def test_adam_mini_v_reshards_between_uneven_and_even_layouts(reshard_run):
     assert [r["v3"] for r in runs] == [6, 6, 4] and [r["v2"] for r in runs[:2]] == [2, 2]
     assert [r["from_two_v"] for r in runs] == [6, 6, 4]  # loaded into the other layout's v
     assert [r["from_three_v"] for r in runs[:2]] == [2, 2]
+    assert runs[0]["to_one_error"] is None and runs[0]["to_one_v"] == 4 and runs[0]["to_one"] <= 1e-7, runs[0]
     for r in runs:
         assert r["from_two"] <= 1e-7, runs
     for r in runs[:2]:
