@@ -263,3 +263,61 @@ print(json.dumps({{"growth": (_status_kib("VmHWM") - base) * 1024, "reported": o
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["growth"] <= r["reported"] <= 2 * r["growth"] + 2**20, r
+
+
+# the stacked bucket path: layouts (shapes and hyperparameters) and what the live-tensor tracker measured
+# for one step of the bucket (bytes; CPU, float32): measured <= formula <= 1.1 x measured
+STACKED = {
+    "defaults": ([(64, 64)] * 8, {}),
+    "padded rows": ([(300, 7)] * 8, {"m": 2, "k_init": 0.05}),  # 2,100 elements in blocks of 2,048: 39.7 B each
+    "padded to small blocks": ([(3000,)] * 8, {"m": 2, "k_init": 0.05, "quant_block_size": 64}),
+    "large k": ([(128, 128)] * 8, {"m": 2, "k_init": 0.25, "topk_block_size": 128, "quant_block_size": 64}),
+    "three layouts": ([(64, 64)] * 8 + [(128, 128)] * 4 + [(256,)] * 8, {}),
+}
+
+
+def _measured_bucket(shapes, hp):
+    from lowmem.memory.measure import PeakTracker
+
+    torch.manual_seed(0)
+    mod = nn.Module()
+    mod.ps = nn.ParameterList([nn.Parameter(torch.randn(s)) for s in shapes])
+    opt = MicroAdam(list(mod.ps), **hp)
+    for p in mod.ps:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    tracker = PeakTracker(mod, opt, device="cpu")
+    with tracker:
+        opt.step()
+    return opt, list(mod.ps), tracker.maxima["optimizer_transient"]
+
+
+@pytest.mark.parametrize("case", sorted(STACKED))
+def test_stacked_bucket_transient_against_the_measurement(case):
+    """``foreach_bucket_transient_bytes(numel, members, group)``: each layout's compression or window next to
+    the directions of the layouts before it, padded rows at their padded width; the bound without the group
+    (24 B per element) is below the measurement for padded rows (before: 403,200 for 667,360 measured)."""
+    import bitsandbytes.functional  # noqa: F401  (imported before tracking, as measure_memory does)
+
+    shapes, hp = STACKED[case]
+    opt, ps, measured = _measured_bucket(shapes, hp)
+    rule, group = opt.recipe.moment, opt.param_groups[0]
+    numel = sum(p.numel() for p in ps)
+    assert numel <= opt.chunk_numel and all(rule.supports_foreach_for(p.shape, group, opt.state[p]) for p in ps)
+    members = [(p.numel(), opt.state[p]) for p in ps]
+    reported = rule.foreach_bucket_transient_bytes(numel, members, group)
+    assert measured <= reported <= 1.1 * measured, (measured, reported)
+    assert rule.foreach_bucket_transient_bytes(numel, members) == 24 * numel  # no group: the bound
+    if case.startswith("padded"):
+        assert 24 * numel < measured
+
+
+@pytest.mark.skipif("group" not in __import__("inspect").signature(
+    __import__("lowmem.optim.moments", fromlist=["MomentRule"]).MomentRule.foreach_bucket_transient_bytes).parameters,
+    reason="the engine does not pass the bucket's group yet (/tmp/lm/D_engine.patch, issue 12)")
+def test_engine_reports_the_stacked_bucket_with_its_group():
+    import bitsandbytes.functional  # noqa: F401
+
+    shapes, hp = STACKED["padded rows"]
+    opt, ps, measured = _measured_bucket(shapes, hp)
+    assert measured <= opt.step_transient_bytes() <= 1.1 * measured

@@ -65,6 +65,41 @@ def compiled_bucket_transient_bytes(members: list[tuple[int, int]]) -> int:
     return max(worst, alive)  # (the update itself, torch._foreach_mul_ / _foreach_add_, is in place)
 
 
+def stacked_compress_bytes(numel: int, width: int, kept: int) -> int:
+    """Bytes :func:`~lowmem.optim.functional.microadam.compress_rows_` allocates per row (tensor) of
+    ``numel`` elements padded to ``width`` (whole quantization blocks) keeping ``kept`` (``k``) entries,
+    measured on CPU with the live-tensor tracker: its stacked gradient and error codes (4.5 B per
+    element), the decoded error, ``a`` and ``|a|`` (16.5 B per element in all when no row is padded; a
+    padded row also copies the gradient, levels and ``a`` at the padded width: 8.9 B per element + 15.8 B
+    per padded element, e.g. 39.7 B per element at 2,100 elements in blocks of 2,048), and the top-k's
+    indices, values and global indices (up to 14 B per kept entry: 19.8 B per element at ``k = d / 4``)."""
+    base = 33 * numel // 2 if width == numel else 9 * numel + 16 * width
+    return base + 14 * kept
+
+
+def stacked_window_bytes(numel: int, ring_entries: int) -> int:
+    """Bytes :func:`~lowmem.optim.functional.microadam.window_direction_rows` allocates per row of
+    ``numel`` elements with ``ring_entries`` (``m k``) entries in its window: the two sums (8 B per
+    element, the direction is one of them) and per entry the stacked ring rows, their global indices,
+    float and weighted values (20 B); measured 18.0 B per element at ``m k = d / 2``."""
+    return 8 * numel + 20 * ring_entries
+
+
+def stacked_bucket_transient_bytes(layouts: list[tuple[int, int, int, int, int]]) -> int:
+    """Bytes of :meth:`MicroAdamMoments.foreach_step_`'s stacked path on a bucket whose tensors of one top-k
+    layout are stacked as rows, a layout at a time in the order they first appear: ``layouts`` gives
+    ``(rows, elements, padded width, kept k, ring entries m k)`` per layout (the last three per row). Each
+    layout's compression (:func:`stacked_compress_bytes`) or window (:func:`stacked_window_bytes`) next
+    to the directions of the layouts done before it (4 B per element, kept for the multi-tensor update);
+    then all the directions (the update itself is in place). 64 B per layout: the step's scalars."""
+    worst = alive = 0
+    for rows, numel, width, kept, ring_entries in layouts:
+        phase = max(stacked_compress_bytes(numel, width, kept), stacked_window_bytes(numel, ring_entries))
+        worst = max(worst, alive + rows * phase + 64)
+        alive += 4 * rows * numel
+    return max(worst, alive)
+
+
 def use_compiled(device: torch.device, mode: str) -> bool:
     if mode == "never":
         return False
@@ -218,12 +253,21 @@ class MicroAdamMoments(MomentRule):
         at most 24 bytes per element."""
         return 24 * numel
 
-    def foreach_bucket_transient_bytes(self, numel, members):
-        """The stacked path: :meth:`foreach_transient_bytes`. Where the compiled path is on for the
-        members' device (:func:`use_compiled`: CUDA by default; the state's device, so that the
-        estimator's fake CUDA tensors count it too), :meth:`foreach_step_` takes each tensor's compiled
-        :meth:`direction` and keeps the directions for the update: :func:`compiled_bucket_transient_bytes`
-        of the members' sizes and ring entries (their ``microadam_indices``, ``[m, k]``)."""
-        if not members or not use_compiled(members[0][1]["microadam_indices"].device, self.compile):
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """Where the compiled path is on for the members' device (:func:`use_compiled`: CUDA by default;
+        the state's device, so that the estimator's fake CUDA tensors count it too), :meth:`foreach_step_`
+        takes each tensor's compiled :meth:`direction` and keeps the directions for the update:
+        :func:`compiled_bucket_transient_bytes` of the members' sizes and ring entries (their
+        ``microadam_indices``, ``[m, k]``). Elsewhere the stacked path: with the bucket's ``group`` (its
+        block sizes give each layout's padded width), :func:`stacked_bucket_transient_bytes` of its layouts
+        in bucket order; without it, the bound :meth:`foreach_transient_bytes` (which padded rows exceed)."""
+        if members and use_compiled(members[0][1]["microadam_indices"].device, self.compile):
+            return compiled_bucket_transient_bytes([(n, st["microadam_indices"].numel()) for n, st in members])
+        if not members or group is None:
             return self.foreach_transient_bytes(numel)
-        return compiled_bucket_transient_bytes([(n, st["microadam_indices"].numel()) for n, st in members])
+        layouts: dict[int, list[int]] = {}  # elements -> [rows, ring entries per row] (one layout per size)
+        for n, st in members:
+            layouts.setdefault(n, [0, st["microadam_indices"].numel()])[0] += 1
+        qbs = group["quant_block_size"]
+        return stacked_bucket_transient_bytes([(rows, n, -(-n // qbs) * qbs, self.layout(n, group).k, entries)
+                                               for n, (rows, entries) in layouts.items()])
