@@ -224,3 +224,76 @@ def test_element_wise_pieces_stay_in_the_buckets():
         assert "exp_avg" in opt.state[p] and opt._foreach_ok(p, opt.param_groups[0], state=opt.state[p])
         assert not opt.recipe.moment.steps_pieces_whole(p.shape, opt.param_groups[0], opt.state[p]), name
         assert opt.step_transient_bytes() == opt.recipe.moment.foreach_transient_bytes(2**19), name
+
+
+# ---- Adafactor's multi-tensor transients against the tensors they allocate (issue 12) ------------
+
+
+def _allocated_peak(fn, inputs) -> int:
+    """The peak bytes of the tensors ``fn`` allocates (torch's MemTracker follows every storage created
+    and freed; the ``inputs``, touched first, are the baseline)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mt, cpu = MemTracker(), torch.device("cpu")
+    with mt:
+        for t in inputs:
+            t.mul_(1)
+        base = mt.get_tracker_snapshot("current").get(cpu, {}).get("Total", 0)
+        fn()
+        peak = mt.get_tracker_snapshot("peak").get(cpu, {}).get("Total", 0)
+    return peak - base
+
+
+# groups of stacked projected gradients (6 x (4, 1024), 2 x (4, 512)), a lone one, a lone large one
+ADAFACTOR_SHAPES = [(4, 1024)] * 6 + [(4, 512)] * 2 + [(8, 300)] + [(64, 600)] + [(300,)] * 3
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_adafactor_multi_tensor_transients_are_the_allocations(beta1):
+    """FactoredMoments' multi-tensor direction (GaLore-Adafactor's projected buckets) and bucket step
+    report exactly what they allocate (the step: + 4 B per member for the step sizes when the lr rule
+    is off): every direction, the group's second float32 tensor and its stacked row / column statistics
+    with their scalings (8 k (R + C) B), the largest group's. Was 8 B per element of the bucket, which
+    left the statistics out of a one-group bucket (here 434,144 B measured; 555,776 reported without
+    them because the groups were summed)."""
+    from lowmem.optim.registry import get_entry
+
+    rule = get_entry("galore_adafactor").recipe.moment
+    torch.manual_seed(0)
+    group = {"eps": (1e-30, 1e-3), "decay_rate": -0.8, "clip_threshold": 1.0, "beta1": beta1, "weight_decay": 0.1,
+             "relative_step": False, "lr": 1e-3, "warmup_init": False, "scale_parameter": True}
+    gs = [torch.randn(s) for s in ADAFACTOR_SHAPES]
+    ps = [torch.randn(s) for s in ADAFACTOR_SHAPES]
+    states = []
+    for g in gs:
+        states.append({})
+        rule.init_state(states[-1], g.shape, group, g)
+    inputs = ps + gs + [t for st in states for t in st.values()]
+    measured = _allocated_peak(lambda: rule.foreach_direction(gs, states, group, 2, [1e-3] * len(gs)), inputs)
+    assert rule.foreach_direction_bucket_transient_bytes([(g.shape, st) for g, st in zip(gs, states)]) == measured
+    # one group alone (the 6 stacked gradients): its statistics on top of 8 B per element
+    one = [(g.shape, st) for g, st in zip(gs[:6], states)]
+    assert rule.foreach_direction_bucket_transient_bytes(one) == 8 * 6 * 4096 + 8 * 6 * (4 + 1024)
+    report = rule.foreach_bucket_transient_bytes(sum(g.numel() for g in gs), [(g.numel(), st) for g, st in zip(gs, states)])
+    for lr_rule in (None, rule.foreach_lr_rule):
+        measured = _allocated_peak(lambda: rule.foreach_step_(ps, gs, states, group, 2, 1e-3, lr_rule=lr_rule), inputs)
+        assert measured <= report <= measured + 4 * len(gs), (lr_rule, measured, report)
+
+
+def test_galore_adafactor_bucket_counts_the_statistics(monkeypatch):
+    """The engine's projected multi-tensor step passes each projected gradient's shape and state to the
+    rule (MomentRule.foreach_direction_bucket_transient_bytes): six 16 x 1024 weights at rank 4, projected
+    to (4, 1024), in one bucket."""
+    opt = _report([(16, 1024)] * 6, "galore_adafactor", {"rank": 4, "update_proj_gap": 200})
+    rule = type(opt.recipe.moment)
+    seen = []
+    orig = rule.foreach_direction_bucket_transient_bytes
+
+    def spy(self, members):
+        seen.append([tuple(shape) for shape, _ in members])
+        assert all("exp_avg_sq_row" in st for _, st in members)
+        return orig(self, members)
+
+    monkeypatch.setattr(rule, "foreach_direction_bucket_transient_bytes", spy)
+    opt.step_transient_bytes()
+    assert seen == [[(4, 1024)] * 6]

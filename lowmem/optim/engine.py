@@ -275,6 +275,8 @@ class _ProjectedBytes(NamedTuple):
     down: int
     back: int
     alone: int
+    low_shape: torch.Size = torch.Size()
+    state: dict | None = None
 
 
 class LowMemOptimizer(torch.optim.Optimizer):
@@ -568,7 +570,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         (:meth:`_projected_bytes`) in the order :meth:`step` fills it: each project-down (``down``)
         next to the projected gradients (and held copies) of the parameters before it; the moment
         rule's :meth:`~lowmem.optim.moments.MomentRule.foreach_direction` next to all of them
-        (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction_transient_bytes`, the directions
+        (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction_bucket_transient_bytes`, the directions
         included); each combine-back (``back``) next to the projected gradients, directions and held
         copies of itself and the parameters after it (:meth:`_step_low_bucket` frees each one's as it
         is combined back)."""
@@ -577,7 +579,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             worst = max(worst, alive + b.down)
             alive += 4 * b.numel + b.held
         numel = sum(b.numel for b in items)
-        worst = max(worst, alive + self.recipe.moment.foreach_direction_transient_bytes(numel))
+        members = [(b.low_shape, b.state if b.state is not None else {}) for b in items]
+        worst = max(worst, alive + self.recipe.moment.foreach_direction_bucket_transient_bytes(members))
         alive += 4 * numel  # the directions, float32 of the projected gradients' sizes
         for b in items:
             worst = max(worst, alive + b.back)
@@ -624,8 +627,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         extra = max(0, plain - 4 * numel)  # the projection's beyond the projected gradient (online PCA's basis step)
         if self.chunk_numel is None:
             held = copies + p_copy
-            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), combine + extra, alone)
-        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), copies + p_copy + combine + extra, alone)
+            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), combine + extra, alone, low_shape, state)
+        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), copies + p_copy + combine + extra, alone,
+                               low_shape, state)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as

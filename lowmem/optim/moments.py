@@ -129,6 +129,13 @@ class MomentRule:
         directions included. Default: two float32 tensors of that size."""
         return 8 * numel
 
+    def foreach_direction_bucket_transient_bytes(self, members: list[tuple[torch.Size, dict[str, Tensor]]]) -> int:
+        """Bytes :meth:`foreach_direction` allocates for one bucket whose ``members`` are ``(shape, state)``
+        of each projected gradient (a rule whose statistics depend on the shapes, e.g. Adafactor's row
+        and column statistics, looks at them). Default: :meth:`foreach_direction_transient_bytes` of
+        their elements."""
+        return self.foreach_direction_transient_bytes(sum(math.prod(shape) for shape, _ in members))
+
     def init_state_sharded(self, state: dict[str, Tensor], shape: torch.Size, whole_shape: torch.Size,
                            group: dict[str, Any], param: Tensor, key: Tensor | None = None) -> None:
         """FSDP2: allocate for a local shard of ``shape`` of a parameter of ``whole_shape``; a rule
@@ -568,9 +575,29 @@ class FactoredMoments(MomentRule):
         """:func:`~lowmem.optim.functional.adafactor_foreach_`, a group of same-shape tensors at a
         time: two float32 tensors of the group (``g^2 + eps1`` turned into the updates, next to the
         stacked second moments, the stacked gradients, the stacked first moments or ``lr wd X``),
-        at most two of the bucket, plus the group's row and column statistics; a tensor stepped from
-        its pieces allocates its per-parameter step's transient (the engine reports that separately)."""
+        at most two of the bucket; without the states (shapes) at hand, the statistics are left out
+        (:meth:`foreach_bucket_transient_bytes` counts them). A tensor stepped from its pieces allocates
+        its per-parameter step's transient (the engine reports that separately)."""
         return 8 * numel
+
+    def foreach_bucket_transient_bytes(self, numel, members):
+        """:func:`~lowmem.optim.functional.adafactor_foreach_` of a bucket whose ``members`` are
+        ``(elements, state)``: the largest group's two float32 tensors and its statistics
+        (:func:`adafactor_groups_bytes`); each group's are freed before the next one's. Plus the step
+        sizes, one float32 per member (:func:`~lowmem.optim.functional.adafactor_lr_foreach`)."""
+        groups = adafactor_groups_bytes([(_second_moment_layout(st), n) for n, st in members])
+        return max((8 * n + stats for n, stats in groups), default=0) + 4 * len(members)
+
+    def foreach_direction_bucket_transient_bytes(self, members):
+        """:func:`~lowmem.optim.functional.adafactor_direction_foreach` of projected gradients
+        ``(shape, state)``, its groups computed in order: the directions of the groups done (float32, kept)
+        and of this one, one more float32 tensor of it (the stacked gradients or first moments) and its
+        row and column statistics (:func:`adafactor_groups_bytes`); at the end every direction."""
+        worst = done = 0
+        for n, stats in adafactor_groups_bytes([(_second_moment_layout(st, shape), math.prod(shape)) for shape, st in members]):
+            done += 4 * n
+            worst = max(worst, done + 4 * n + stats)
+        return max(worst, done)
 
     def _unclipped_update(self, g, state, group, t):
         """Update the second-moment statistics with ``g`` and return ``g / sqrt(V_hat)`` (Algorithms
@@ -594,6 +621,40 @@ class FactoredMoments(MomentRule):
                 v.copy_(v32)
             u = v32.rsqrt().mul_(g)
         return u
+
+
+def _second_moment_layout(state: dict[str, Tensor], shape: torch.Size | None = None) -> tuple:
+    """``(kind, row shape, column shape)`` of a tensor's Adafactor statistics (kind 2: factored, 1: a
+    full second moment of ``shape``), from its state (or, before its first step, its shape)."""
+    if "exp_avg_sq_row" in state:
+        return 2, tuple(state["exp_avg_sq_row"].shape), tuple(state["exp_avg_sq_col"].shape)
+    if "exp_avg_sq" in state:
+        return 1, tuple(state["exp_avg_sq"].shape), ()
+    if shape is not None and len(shape) >= 2:
+        return 2, tuple(shape[:-1]), tuple(shape[:-2]) + tuple(shape[-1:])
+    return 1, tuple(shape or ()), ()
+
+
+def adafactor_groups_bytes(members: list[tuple[tuple, int]]) -> list[tuple[int, int]]:
+    """``(elements, statistics bytes)`` of each group :func:`~lowmem.optim.functional.adafactor.stack_groups`
+    forms (in its order: first appearance) from tensors given as ``(second-moment layout, elements)`` (:func:`_second_moment_layout`),
+    assumed contiguous (stacked, the larger case; a non-contiguous one forms a group alone). A factored
+    group of ``k`` tensors with ``R`` row and ``C`` column statistics each holds, next to its updates,
+    the stacked statistics (``k > 1``; a lone tensor's are views), ``(R / mean(R))^-1/2`` and
+    ``C^-1/2``: ``4 k (R + C)`` bytes twice (once for a lone tensor); a group of vectors only its stacked
+    second moments, one float32 tensor of the group (counted with the group's second tensor)."""
+    from .functional.adafactor import STACK_NUMEL
+
+    groups: dict[tuple, list[tuple]] = {}
+    for i, (layout, n) in enumerate(members):
+        groups.setdefault((layout, n) if n < STACK_NUMEL else (i,), []).append((layout, n))
+    out = []
+    for tensors in groups.values():
+        (kind, rows, cols), n = tensors[0]
+        k = len(tensors)
+        stats = 4 * k * (math.prod(rows) + math.prod(cols)) * (2 if k > 1 else 1) if kind == 2 else 0
+        out.append((k * n, stats))
+    return out
 
 
 def _adafactor_first_moment(u: Tensor, state: Any, group: dict[str, Any]) -> Tensor:
