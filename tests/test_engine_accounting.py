@@ -248,11 +248,12 @@ def _allocated_peak(fn, inputs) -> int:
 ADAFACTOR_SHAPES = [(4, 1024)] * 6 + [(4, 512)] * 2 + [(8, 300)] + [(64, 600)] + [(300,)] * 3
 
 
+@pytest.mark.parametrize("shapes", [ADAFACTOR_SHAPES, [(1000,)] * 8, [(32, 64)] * 8], ids=["mixed", "vectors", "matrices"])
 @pytest.mark.parametrize("beta1", [None, 0.9])
-def test_adafactor_multi_tensor_transients_are_the_allocations(beta1):
+def test_adafactor_multi_tensor_transients_are_the_allocations(beta1, shapes):
     """FactoredMoments' multi-tensor direction (GaLore-Adafactor's projected buckets) and bucket step
-    report exactly what they allocate (the step: + 4 B per member for the step sizes when the lr rule
-    is off): every direction, the group's second float32 tensor and its stacked row / column statistics
+    report exactly what they allocate (the step: up to 16 B per member for the step sizes and their
+    copies): every direction, the group's second float32 tensor and its stacked row / column statistics
     with their scalings (8 k (R + C) B), the largest group's. Was 8 B per element of the bucket, which
     left the statistics out of a one-group bucket (here 434,144 B measured; 555,776 reported without
     them because the groups were summed)."""
@@ -262,8 +263,8 @@ def test_adafactor_multi_tensor_transients_are_the_allocations(beta1):
     torch.manual_seed(0)
     group = {"eps": (1e-30, 1e-3), "decay_rate": -0.8, "clip_threshold": 1.0, "beta1": beta1, "weight_decay": 0.1,
              "relative_step": False, "lr": 1e-3, "warmup_init": False, "scale_parameter": True}
-    gs = [torch.randn(s) for s in ADAFACTOR_SHAPES]
-    ps = [torch.randn(s) for s in ADAFACTOR_SHAPES]
+    gs = [torch.randn(s) for s in shapes]
+    ps = [torch.randn(s) for s in shapes]
     states = []
     for g in gs:
         states.append({})
@@ -271,13 +272,13 @@ def test_adafactor_multi_tensor_transients_are_the_allocations(beta1):
     inputs = ps + gs + [t for st in states for t in st.values()]
     measured = _allocated_peak(lambda: rule.foreach_direction(gs, states, group, 2, [1e-3] * len(gs)), inputs)
     assert rule.foreach_direction_bucket_transient_bytes([(g.shape, st) for g, st in zip(gs, states)]) == measured
-    # one group alone (the 6 stacked gradients): its statistics on top of 8 B per element
-    one = [(g.shape, st) for g, st in zip(gs[:6], states)]
-    assert rule.foreach_direction_bucket_transient_bytes(one) == 8 * 6 * 4096 + 8 * 6 * (4 + 1024)
+    if shapes is ADAFACTOR_SHAPES:  # one group alone (the 6 stacked gradients): its statistics on top of 8 B per element
+        one = [(g.shape, st) for g, st in zip(gs[:6], states)]
+        assert rule.foreach_direction_bucket_transient_bytes(one) == 8 * 6 * 4096 + 8 * 6 * (4 + 1024)
     report = rule.foreach_bucket_transient_bytes(sum(g.numel() for g in gs), [(g.numel(), st) for g, st in zip(gs, states)])
     for lr_rule in (None, rule.foreach_lr_rule):
         measured = _allocated_peak(lambda: rule.foreach_step_(ps, gs, states, group, 2, 1e-3, lr_rule=lr_rule), inputs)
-        assert measured <= report <= measured + 4 * len(gs), (lr_rule, measured, report)
+        assert measured <= report <= measured + 16 * len(gs), (lr_rule, measured, report)
 
 
 def test_galore_adafactor_bucket_counts_the_statistics(monkeypatch):

@@ -113,12 +113,16 @@ def _group_update(grads: list[Tensor], second: list[tuple[Tensor, ...]], beta2: 
     its gradient's layout for ``g^2 + eps1`` and gets a new contiguous update, as in the per-tensor
     step, so a reduction over a non-contiguous gradient runs in the same order. Transient: ``g^2 +
     eps1`` of the group (a stack's turned into the updates; a lone tensor's next to its update), and
-    the stacked gradients."""
-    k = len(grads)
+    the stacked gradients (a factored group's from the start, stacked once; a group of vectors' after
+    its stacked second moments are freed)."""
+    k, g = len(grads), None
     if k == 1:
         w = (grads[0] * grads[0]).add_(eps1).unsqueeze(0)  # g^2 + eps1
-    else:
-        w = torch.stack(grads)  # in place on a copy
+    elif len(second[0]) == 2:  # factored: the gradients stacked once, for g^2 and for the update (issue 15)
+        g = torch.stack(grads)
+        w = torch.mul(g, g).add_(eps1)
+    else:  # vectors: in place on a copy (the stacked second moments come next: two tensors of the group)
+        w = torch.stack(grads)
         w.mul_(w).add_(eps1)
     if len(second[0]) == 2:  # R <- beta2 R + (1 - beta2) mean_cols(g2); C likewise with mean_rows
         rows, cols = [s[0] for s in second], [s[1] for s in second]
@@ -138,7 +142,7 @@ def _group_update(grads: list[Tensor], second: list[tuple[Tensor, ...]], beta2: 
         u = torch.rsqrt(v, **({"out": w} if k > 1 else {}))
         del v
     del w
-    return u.mul_(_stacked(grads))
+    return u.mul_(_stacked(grads) if g is None else g)
 
 
 def _group_lr(lrs: list[float] | list[Tensor] | Tensor, idx: list[int]) -> tuple[float | Tensor, list[float] | Tensor]:
