@@ -87,3 +87,31 @@ def test_model_directory_without_config_or_tokenizer_is_named(tmp_path, tiny_mod
         load_recipe(None, model=str(weights_only))
     with pytest.raises(ConfigError, match="no such directory"):
         load_recipe(None, model=str(tmp_path / "missing"))
+
+
+def test_hf_optim_args_and_target_modules_are_honoured_not_ignored(tmp_path):
+    """A config written for the HF Trainer (``optim_args="rank=8"``, ``optim_target_modules``) keeps them
+    under a lowmem optimizer: ``optimizer_cls_and_kwargs(args=...)`` used to drop both silently (rank 128 on
+    every linear layer), ``LowMemTrainingArguments`` the ``optim_args``."""
+    from transformers import TrainingArguments
+
+    from lowmem.kit import build_tiny_model
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments, optimizer_cls_and_kwargs
+
+    model, _ = build_tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    args = TrainingArguments(str(tmp_path), report_to="none", optim_args="rank=8", optim_target_modules=["q_proj"])
+    _, kwargs = optimizer_cls_and_kwargs(model, "galore_adamw", args=args)
+    projected = [(g["rank"], names[id(p)]) for g in kwargs["params"] if g.get("rank") for p in g["params"]]
+    assert projected and all(r == 8 and "q_proj" in n for r, n in projected) and len(projected) == 2
+    _, kwargs = optimizer_cls_and_kwargs(model, "galore_adamw", args=args, rank=4)  # keyword arguments win
+    assert {g["rank"] for g in kwargs["params"] if g.get("rank")} == {4}
+
+    args = LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="galore_adamw",
+                                   optim_args="rank=8,update_proj_gap=7", lowmem_optim_args="update_proj_gap=5")
+    opt = LowMemTrainer(model=model, args=args).create_optimizer()
+    assert {(g["rank"], g["update_proj_gap"]) for g in opt.param_groups if g.get("rank")} == {(8, 5)}  # lowmem_optim_args win
+    with pytest.raises(ValueError, match=r"LowMemTrainingArguments.optim_args.rank=0: Invalid rank=0"):
+        LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="galore_adamw", optim_args="rank=0")
+    with pytest.raises(ValueError, match=r"LowMemTrainingArguments.optim_args: Unknown hyperparameter\(s\) \['rnak'\]"):
+        LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="galore_adamw", optim_args="rnak=3")

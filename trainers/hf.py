@@ -75,7 +75,9 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
        (Adafactor's ``eps`` is a pair, so the default ``adam_epsilon`` does not apply).
     2. Optimizers with ``relative_step`` / ``scale_parameter`` (Adafactor) get ``False`` for
        both, as ``transformers.Trainer`` does for ``optim="adafactor"``.
-    3. ``optim_args`` (dict, JSON or ``"k=v,k=v"``) win over both.
+    3. The ``TrainingArguments``' own ``optim_args`` string (the Hugging Face Trainer's
+       ``"rank=64,update_proj_gap=200"``, :func:`hf_optim_args`), then ``optim_args`` (dict, JSON or
+       ``"k=v,k=v"``; ``lowmem_optim_args``) win over both, the latter over the former.
 
     Raises:
         ValueError: Unknown optimizer or hyperparameter (messages list the valid ones), or a
@@ -85,7 +87,7 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
     entry = get_entry(name)
     if args is not None:
         check_optimizer_fields(args)
-    explicit = parse_optim_args(optim_args)
+    explicit = {**hf_optim_args(args), **parse_optim_args(optim_args)}
     valid = entry.valid_hparams()
     unknown = sorted(set(explicit) - set(valid))
     if unknown:
@@ -117,6 +119,31 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
         hp.update({k: v for k, v in TRAINER_OVERRIDES.items() if k in valid})
     hp.update(explicit)
     return hp
+
+
+def hf_optim_args(args: Any) -> dict[str, Any]:
+    """The Hugging Face Trainer's own ``TrainingArguments.optim_args`` string, parsed
+    (:func:`parse_optim_args`): a config written for ``optim="galore_adamw", optim_args="rank=64"``
+    keeps its hyperparameters under a lowmem optimizer (GaLore's and APOLLO's names are lowmem's).
+    ``{}`` without ``args`` or when unset."""
+    return parse_optim_args(getattr(args, "optim_args", None)) if args is not None else {}
+
+
+def target_modules_hparam(name: str, args: Any, hp: dict[str, Any]) -> dict[str, Any]:
+    """``hp`` plus ``target_modules`` from ``args.optim_target_modules`` (matched by the Trainer's rules,
+    :class:`OptimTargetModules`), when set.
+
+    Raises:
+        ValueError: The optimizer treats every parameter alike, or ``target_modules`` is also in ``hp``.
+    """
+    targets = getattr(args, "optim_target_modules", None)
+    if targets is None:
+        return hp
+    if get_entry(name).target_key is None:
+        raise ValueError(_targets_refused(targets, name))
+    if "target_modules" in hp:
+        raise ValueError("optim_target_modules and lowmem_optim_args' target_modules are both set; give one")
+    return {**hp, "target_modules": OptimTargetModules(targets)}
 
 
 def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, Any]:
@@ -188,7 +215,7 @@ def optimizer_cls_and_kwargs(
         ValueError: Unknown name or hyperparameter, or a configuration without a numeric ``lr``.
     """
     entry = get_entry(name)
-    resolved = trainer_hparams(name, args, hparams) if args is not None else dict(hparams)
+    resolved = target_modules_hparam(name, args, trainer_hparams(name, args, hparams)) if args is not None else dict(hparams)
     opt = create_optimizer(model, name, **resolved)
     _require_numeric_lr(opt, entry.name)
     cls = type(opt)
@@ -220,7 +247,8 @@ class LowMemArguments:
         lowmem_optim_args (`dict`, `str` or `None`, *optional*, defaults to `None`):
             Extra hyperparameters for ``lowmem_optim``: a dict, a JSON object, or ``"k=v,k=v"``
             (e.g. ``"rank=64,update_proj_gap=200"``). They win over values mapped from the fields
-            above. Unknown names raise ``ValueError`` listing the valid ones. Parsed into a dict
+            above and over the Hugging Face Trainer's own ``optim_args`` string, which applies too
+            (:func:`hf_optim_args`; checked here as well). Unknown names raise ``ValueError`` listing the valid ones. Parsed into a dict
             in ``__post_init__``. Requires ``lowmem_optim``.
         lowmem_layerwise (`bool`, *optional*, defaults to `False`):
             Step each parameter from its post-accumulate-grad hook and free its gradient at once
@@ -256,10 +284,14 @@ class LowMemArguments:
             if self.lowmem_optim_args:
                 raise ValueError("lowmem_optim_args is set but lowmem_optim is not")
         else:  # name, keys and values now, before any model loads (not at the first training step)
-            try:
-                self.lowmem_optim_args = validate_optim_args(self.lowmem_optim, self.lowmem_optim_args)
-            except ValueError as err:
-                raise ValueError(f"{type(self).__name__}.lowmem_{err}" if str(err).startswith("optim_args.") else str(err)) from None
+            for field_name in ("optim_args", "lowmem_optim_args"):  # the HF Trainer's string applies too (hf_optim_args)
+                try:
+                    checked = validate_optim_args(self.lowmem_optim, getattr(self, field_name, None))
+                except ValueError as err:
+                    raise ValueError(f"{type(self).__name__}.{field_name}{str(err)[len('optim_args'):]}"
+                                     if str(err).startswith("optim_args.") else f"{type(self).__name__}.{field_name}: {err}") from None
+                if field_name == "lowmem_optim_args":
+                    self.lowmem_optim_args = checked
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
         targets = getattr(self, "optim_target_modules", None)
@@ -299,14 +331,7 @@ class LowMemOptimizerMixin:
         if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
             raise ValueError("lowmem_optim and optimizer_cls_and_kwargs are both set; choose one")
         opt_model = self.model if model is None else model
-        hp = trainer_hparams(name, self.args, getattr(self.args, "lowmem_optim_args", None))
-        targets = getattr(self.args, "optim_target_modules", None)
-        if targets is not None:
-            if get_entry(name).target_key is None:
-                raise ValueError(_targets_refused(targets, name))
-            if "target_modules" in hp:
-                raise ValueError("optim_target_modules and lowmem_optim_args' target_modules are both set; give one")
-            hp["target_modules"] = OptimTargetModules(targets)
+        hp = target_modules_hparam(name, self.args, trainer_hparams(name, self.args, getattr(self.args, "lowmem_optim_args", None)))
         if getattr(self.args, "lowmem_layerwise", False):
             from lowmem.optim.layerwise import LayerwiseOptimizer
 
