@@ -156,3 +156,34 @@ def test_budget_says_which_precision_and_offers_both(capsys):
     assert "mixed precision with float32 master weights (--precision mixed): total" in capsys.readouterr().out
     assert main(["budget", "llama-60m", "--precision", "mixed", "--dtype", "fp32"]) == 2
     assert "bf16 or fp16" in capsys.readouterr().err
+
+
+_GROUP_PASSED = "group" in __import__("inspect").signature(
+    __import__("lowmem.optim.moments", fromlist=["MomentRule"]).MomentRule.foreach_bucket_transient_bytes).parameters
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "galore_adamw", "adamw8bit", "microadam"])
+def test_budget_measure_end_to_end_on_the_tiny_model(optimizer, capsys):
+    """``lowmem budget tiny --measure --device cpu``: the table puts the measurement beside the estimate for every
+    component; states, weights and gradients are exact, the transient not below the measurement and the total within
+    10% (2026-11-29, transient / total: adamw
+    1.000 / 1.018, galore_adamw 1.000 / 1.041, adamw8bit 1.104 / 1.070; microadam 1.007 / 1.004 once the engine passes
+    the bucket's group to MicroAdam's accounting, 2.105 / 1.619 with the 24 B bound before)."""
+    args = ["budget", "tiny", "--optimizer", optimizer, "--measure", "--device", "cpu", "--dtype", "fp32", "--seq-len", "32"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for name in ("weights", "gradients", "optimizer_states", "activations", "optimizer_transient", "total"):
+        row = next(line for line in table.splitlines() if f" {name} " in line)
+        assert row.count("KiB") + row.count("MiB") == 2 and len(row.split("│")) == 6, row  # estimate, measured, ratio
+    assert main([*args, "--json"]) == 0
+    ratios = json.loads(capsys.readouterr().out)["ratios"]
+    for name in ("weights", "gradients", "optimizer_states"):
+        assert ratios[name] == pytest.approx(1.0, abs=0.001), (name, ratios)
+    if optimizer == "microadam" and not _GROUP_PASSED:
+        assert 1.5 < ratios["optimizer_transient"] < 2.5  # the stacked buckets' 24 B bound (see the docstring)
+        return
+    # never under-counted; the total within 10%, but adamw8bit's: its first step in a process allocates 256 KiB more
+    # than later ones (measured transient 1.85 MB the first time, 1.59 MB after another adamw8bit run), 10% of the
+    # tiny model's total, and the estimate counts the first (ratios 1.104 / 1.070 alone, 1.29 / 1.18 after)
+    assert ratios["optimizer_transient"] >= 0.99 and ratios["total"] >= 0.99, ratios
+    assert ratios["total"] <= (1.20 if optimizer == "adamw8bit" else 1.10), ratios
