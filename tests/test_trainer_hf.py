@@ -196,3 +196,16 @@ def test_optim_target_modules_selects_projected_layers_by_the_trainers_rules(tmp
     opt = trainer.create_optimizer()
     muon = sorted(names[id(p)] for g in opt.param_groups if g.get("use_muon") for p in g["params"])
     assert muon and all("q_proj" in n for n in muon) and len(muon) == 2
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(tmp_path, train_data):
+    """Resuming a checkpoint with another lowmem optimizer: torch's load_state_dict would adopt the saved
+    groups' hyperparameters and the first step fail with a KeyError ('relative_step') inside the update."""
+    _train(tmp_path / "adamw", "adamw", train_data, steps=3)
+    ckpt = str(tmp_path / "adamw" / "checkpoint-3")
+    with pytest.raises(ValueError, match=r"checkpoint-3 was written by another optimizer than lowmem_optim='adafactor': its "
+                                         r"parameter groups hold \['betas'\] and lack \[.*'relative_step'"):
+        _train(tmp_path / "adafactor", "adafactor", train_data, resume=ckpt)
+    with pytest.raises(ValueError, match=r"checkpoint-3 does not fit lowmem_optim='galore_adamw' with these optim_args "
+                                         r"\(.*different number of parameter groups\); resume with the optimizer"):
+        _train(tmp_path / "galore", "galore_adamw", train_data, resume=ckpt)

@@ -360,11 +360,21 @@ class LowMemOptimizerMixin:
         return self.optimizer
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """The Trainer's own loading; under FSDP a checkpoint written by another number of processes
-        whose per-shard state cannot be redistributed fails inside torch with a bare size mismatch:
-        that error is re-raised naming the cause (the error is kept as ``__cause__``)."""
+        """The Trainer's own loading, with errors that name the cause (the original kept as ``__cause__``):
+        a checkpoint of another lowmem optimizer (other group hyperparameters, which torch would adopt
+        and the first step fail on with a ``KeyError``; or another number of groups) is a ``ValueError``
+        saying to resume with the optimizer that wrote it; under FSDP a checkpoint written by another
+        number of processes whose per-shard state cannot be redistributed fails inside torch with a
+        bare size mismatch, re-raised naming the number of processes."""
+        name = getattr(self.args, "lowmem_optim", None)
+        before = _group_keys(self.optimizer)
         try:
-            return super()._load_optimizer_and_scheduler(checkpoint)
+            out = super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups", ...
+            if name is None or checkpoint is None:
+                raise
+            raise ValueError(f"the optimizer state in {checkpoint} does not fit lowmem_optim={name!r} with these "
+                             f"optim_args ({err}); resume with the optimizer and optim_args that wrote it") from err
         except RuntimeError as err:
             saved = checkpoint_processes(checkpoint)
             world = getattr(self.args, "world_size", 1)
@@ -375,6 +385,16 @@ class LowMemOptimizerMixin:
                 f"({err}): per-shard state (8-/4-bit moments' codes and scales, MicroAdam's window) loads only onto "
                 f"the number of processes that wrote it (docs/distributed.md); resume with {saved} processes"
             ) from err
+        after = _group_keys(self.optimizer)
+        if name is not None and checkpoint is not None and before is not None and after is not None and before != after:
+            # torch's load_state_dict takes the saved groups' hyperparameters: another optimizer's would
+            # only fail at the first step (a KeyError inside the update), or not at all
+            raise ValueError(
+                f"the optimizer state in {checkpoint} was written by another optimizer than lowmem_optim={name!r}: its "
+                f"parameter groups hold {sorted(set().union(*after) - set().union(*before))} and lack "
+                f"{sorted(set().union(*before) - set().union(*after))}; resume with the optimizer that wrote it"
+            )
+        return out
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The ``grad_norm`` the Trainer logs (transformers >= 5 calls this before ``optimizer.step()``).
@@ -382,6 +402,12 @@ class LowMemOptimizerMixin:
         norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
         norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def _group_keys(optimizer: Any) -> list[frozenset[str]] | None:
+    """The hyperparameter names of each parameter group (``None`` without ``param_groups``)."""
+    groups = getattr(optimizer, "param_groups", None)
+    return None if groups is None else [frozenset(g) - {"params", "param_names"} for g in groups]
 
 
 def _targets_refused(targets: Any, name: str) -> str:
