@@ -139,28 +139,36 @@ def quantize_blockwise_8bit_table(flat: Tensor, name: str, block_size: int) -> t
     bitsandbytes' zeros of a zero block, and its code of a NaN). A NaN input is not matched: torch's maximum
     makes ``N_b`` NaN, bitsandbytes' skips it.
 
-    Whole blocks of at most :data:`TABLE_PIECE` values a pass in one float32 and one int32 workspace
-    (:data:`TABLE_PIECE_BYTES` per value), a partial last block on its own; codes written into the result.
+    Whole blocks of at most :data:`TABLE_PIECE` values a pass (:func:`_table_codes`: a float32 and an int32
+    temporary, :data:`TABLE_PIECE_BYTES` per value), a partial last block on its own.
     """
     n = flat.numel()
     table = _point_table(name)
+    if n <= TABLE_PIECE and n % block_size == 0:  # one pass (the fewest operations: small tensors)
+        return _table_codes(flat.view(-1, block_size), table)
     codes = torch.empty(n, dtype=torch.uint8)
     absmax = torch.empty(num_blocks(n, block_size), dtype=torch.float32)
     whole = n - n % block_size
     step = max(TABLE_PIECE // block_size, 1) * block_size
     pieces = [(start, min(start + step, whole)) for start in range(0, whole, step)] + ([(whole, n)] if whole < n else [])
-    width = min(step, num_blocks(n, block_size) * block_size)
-    work, rows = torch.empty(width, dtype=torch.float32), torch.empty(width, dtype=torch.int32)
     for start, stop in pieces:
         blocks = _blocks(flat[start:stop], block_size)  # (a view; the partial last block: padded)
-        m = blocks.numel()
-        y = work[:m].view(blocks.shape)
-        scale = absmax[start // block_size : -(-stop // block_size)]
-        torch.amax(torch.abs(blocks, out=y), dim=1, out=scale)
-        inv = scale.reciprocal()
-        torch.mul(blocks, inv.unsqueeze(1), out=y).nan_to_num_(-1.0, 1.0, -1.0)  # (no host read to skip it)
-        rows[:m].copy_(table_rows_(y).view(-1))  # trunc, as the float-to-int conversion there
-        torch.index_select(table, 0, rows[: stop - start], out=codes[start:stop])
+        _table_codes(blocks, table, codes[start:stop], absmax[start // block_size : -(-stop // block_size)])
+    return codes, absmax
+
+
+def _table_codes(blocks: Tensor, table: Tensor, codes: Tensor | None = None,
+                 absmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One pass of :func:`quantize_blockwise_8bit_table` over ``blocks [nb, B]``: the codes of the first
+    ``codes.numel()`` values (all when ``None``) and the blocks' absmax, written into ``codes`` / ``absmax``
+    when given."""
+    y = torch.abs(blocks)
+    absmax = y.amax(dim=1) if absmax is None else torch.amax(y, dim=1, out=absmax)
+    torch.mul(blocks, absmax.reciprocal().unsqueeze(1), out=y).nan_to_num_(-1.0, 1.0, -1.0)  # (no host read to skip it)
+    rows = table_rows_(y).view(-1).to(torch.int32)  # trunc, as the float-to-int conversion there
+    if codes is None:
+        return table.index_select(0, rows), absmax
+    torch.index_select(table, 0, rows[: codes.numel()], out=codes)
     return codes, absmax
 
 
