@@ -332,7 +332,8 @@ def read_chat_template(chat_template: str) -> str:
 
     Raises:
         FileNotFoundError: A path ending in ``.jinja`` / ``.j2`` that does not exist.
-        ValueError: Neither an existing file nor text containing Jinja tags (``{{`` or ``{%``).
+        ValueError: Neither an existing file nor text containing Jinja tags (``{{`` or ``{%``), or
+            a Jinja syntax error (its line named).
     """
     if chat_template.endswith((".jinja", ".j2")) or (len(chat_template) < 4096 and "\n" not in chat_template
                                                       and Path(chat_template).is_file()):
@@ -346,6 +347,14 @@ def read_chat_template(chat_template: str) -> str:
     if "{{" not in text and "{%" not in text:
         raise ValueError(f"chat_template: {chat_template[:80]!r} is neither an existing .jinja file nor a Jinja "
                          "template (no '{{' or '{%' in it)")
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # what apply_chat_template compiles with
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as err:  # else a traceback from inside TRL when the first row is rendered
+        where = chat_template if text is not chat_template else "(the recipe's text)"
+        raise ValueError(f"chat_template {where}: Jinja syntax error on line {err.lineno}: {err.message}") from None
     return text
 
 

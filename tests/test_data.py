@@ -344,3 +344,18 @@ def test_several_sources_concatenate(tmp_path):
     assert TrainRecipe(dataset=[str(a), str(b)]).dataset == [str(a), str(b)]
     with pytest.raises(ValueError, match=r"dataset=\[\]"):
         TrainRecipe(dataset=[])
+
+
+def test_chat_template_syntax_error_is_named_before_the_run(tmp_path):
+    """A template with a Jinja syntax error fails when the recipe is checked, naming the file and line (it was a
+    jinja2 traceback from inside TRL at the first row); transformers' own tags (``{% generation %}``) still parse."""
+    from lowmem.data import read_chat_template
+
+    bad = tmp_path / "chat.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    with pytest.raises(ValueError, match=r"chat_template .*chat.jinja: Jinja syntax error on line 2: unexpected '}'"):
+        read_chat_template(str(bad))
+    with pytest.raises(ValueError, match=r"chat_template \(the recipe's text\): Jinja syntax error on line 1: Unexpected end"):
+        read_chat_template("{% for m in messages %}{{ m.content }}")
+    ok = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+    assert read_chat_template(ok) == ok
