@@ -68,6 +68,7 @@ from .sharded import DTensor as _DTensor
 from .sharded import (ShardedProjection, ShardReduce, check_placements, check_supported, combine_direction,
                       is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
                       sharded_post_update, state_from_dtensor, state_to_dtensor)
+from .sharded import check_loaded_state, check_same_settings, state_layout
 from .stabilizers import Stabilizer
 from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, rotate_moments
 
@@ -660,15 +661,39 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter's
         dtype; for a bf16 model that would silently round float32 moments (and break quantized
         codes). Step counters stay on the CPU. State of a sharded parameter saved as ``DTensor`` s
-        (:meth:`state_dict`) comes back as plain tensors of the local shard.
+        (:meth:`state_dict`) comes back as plain tensors of the local shard, each checked against
+        what this optimizer allocates for the shard (:func:`~lowmem.optim.sharded.check_loaded_state`);
+        a checkpoint whose group settings give a sharded parameter's state another layout than this
+        optimizer's own settings (another rank, head_dim, quantization) or come from another
+        optimizer refuses (:func:`~lowmem.optim.sharded.check_same_settings`). On an error the
+        optimizer keeps its groups and state as they were.
+
+        Raises:
+            ValueError: A sharded parameter's loaded state lacks an entry, holds one of another shape
+                or dtype (or ``None``) or one this optimizer does not keep, or was saved with settings
+                that change its layout; the message names the parameter and the entry.
         """
+        kept = self.param_groups, self.state
+        sharded = {p: (dict(g), i) for i, g in enumerate(self.param_groups) for p in g["params"] if is_dtensor(p)}
         super().load_state_dict(state_dict)
+        try:
+            self._load_state(state_dict, sharded)
+        except Exception:
+            self.param_groups, self.state = kept
+            raise
+
+    def _load_state(self, state_dict: dict[str, Any], sharded: dict[Tensor, tuple[dict[str, Any], int]]) -> None:
+        """:meth:`load_state_dict` after torch's: the state's dtypes and devices, sharded state
+        converted and checked (``sharded``: each sharded parameter's group settings before the load)."""
         self._forget_routes()  # (new state dicts and groups: the cached paths would not match anyway)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
         cpu_keys = {"step", *(self.recipe.projection.cpu_state_keys if self.recipe.projection is not None else ())}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
+        for p, (before, i) in sharded.items():  # torch replaced the groups' settings with the checkpoint's
+            check_same_settings(before, group_of[p], lambda g, p=p: state_layout(self._init_state, p, g, self._is_projected(p, g)),
+                                f"{self.recipe.name}: parameter group {i}")
         for pid, saved in state_dict["state"].items():
             p = id_map.get(pid)
             if p is None:
@@ -677,6 +702,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 probe: dict[str, Tensor] = {}
                 self._init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group_of[p], probe, key=p)
                 saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
+                check_loaded_state(saved, probe, f"{self.recipe.name}: parameter {pid!r} of shape {tuple(p.shape)}")
             device = local(p).device
             self.state[p] = {
                 k: v.detach().to(device="cpu" if k in cpu_keys else device, copy=True) if isinstance(v, Tensor) else v
