@@ -478,6 +478,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         sizes: dict[tuple, tuple[int, int]] = {}
         buckets: dict[tuple, int] = {}
         members: dict[tuple, list[tuple[int, dict[str, Tensor]]]] = {}  # (elements, state) of each bucket's pieces
+        bucket_groups: dict[tuple, dict[str, Any]] = {}  # each bucket's parameter group (its hyperparameters)
         low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
         low_key: tuple | None = None
         for group in self.param_groups:
@@ -533,6 +534,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         # (the pieces still fill the buckets as step() fills them)
                         key = self._bucket_key(sizes, (id(group), p.device), stop - start)
                         buckets[key] = buckets.get(key, 0) + (0 if whole else stop - start)
+                        bucket_groups[key] = group
                         if not whole:
                             members.setdefault(key, []).append((stop - start, state))
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
@@ -545,7 +547,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # quantized rule decodes its members with quantized moments), after the projected buckets are
         # done; a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own
         moment, stab = self.recipe.moment, 4 * bool(self.recipe.stabilizers)
-        foreach = max((moment.foreach_bucket_transient_bytes(n, members.get(k, [])) + stab * n for k, n in buckets.items()),
+        foreach = max((moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k]) + stab * n
+                       for k, n in buckets.items()),
                       default=moment.foreach_transient_bytes(0))
         return kept + max(worst, foreach)
 

@@ -100,11 +100,13 @@ class MomentRule:
         parameters and state). Default: one float32 tensor of the bucket (AdamW's ``sqrt(v)``)."""
         return 4 * numel
 
-    def foreach_bucket_transient_bytes(self, numel: int, members: list[tuple[int, dict[str, Tensor]]]) -> int:
+    def foreach_bucket_transient_bytes(self, numel: int, members: list[tuple[int, dict[str, Tensor]]],
+                                       group: dict[str, Any] | None = None) -> int:
         """Bytes :meth:`foreach_step_` allocates for one bucket of ``numel`` elements, whose
         ``members`` are ``(elements, state)`` of each tensor or piece in it (a rule whose cost differs
-        between members, e.g. quantized and float32 moments, looks at their states). Default: the same
-        per element for all, :meth:`foreach_transient_bytes` ``(numel)``."""
+        between members, e.g. quantized and float32 moments, looks at their states), in the parameter
+        ``group`` of the bucket (its hyperparameters, e.g. MicroAdam's block sizes; ``None`` when not
+        known). Default: the same per element for all, :meth:`foreach_transient_bytes` ``(numel)``."""
         return self.foreach_transient_bytes(numel)
 
     def supports_foreach_direction(self, group: dict[str, Any], state: dict[str, Tensor], param: Tensor) -> bool:
@@ -580,7 +582,7 @@ class FactoredMoments(MomentRule):
         its per-parameter step's transient (the engine reports that separately)."""
         return 8 * numel
 
-    def foreach_bucket_transient_bytes(self, numel, members):
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
         """:func:`~lowmem.optim.functional.adafactor_foreach_` of a bucket whose ``members`` are
         ``(elements, state)``: the largest group's two float32 tensors and its statistics
         (:func:`adafactor_groups_bytes`); each group's are freed before the next one's. Plus the step

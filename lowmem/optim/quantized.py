@@ -415,7 +415,7 @@ class Quantized(MomentRule):
         is stepped whole from its first piece, bounded by the engine's per-parameter term."""
         return self._decoded_bytes(numel) + self.inner.foreach_direction_transient_bytes(numel)
 
-    def foreach_bucket_transient_bytes(self, numel, members):
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
         """:meth:`foreach_transient_bytes` for the members with quantized moments (decoded, and the
         codec's workspace); members below ``min_quant_size`` (float32 moments, nothing decoded or
         encoded) allocate only the inner rule's multi-tensor direction, which counts every element."""
