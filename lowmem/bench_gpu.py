@@ -24,7 +24,8 @@ The checks (:func:`plan`):
    (:data:`lowmem.bench_shapes.SHAPE_SETS`): per optimizer the peak ``torch.cuda.max_memory_allocated``
    above weights and gradients during the first step and a later step, beside the estimator's
    ``state_bytes() + step_transient_bytes()`` (live, and through
-   :func:`lowmem.memory.estimate.optimizer_memory` on a meta copy, what ``estimate_memory`` adds), and
+   :func:`lowmem.memory.estimate.optimizer_memory` on fake tensors of the run's device, what
+   ``estimate_memory(device=)`` adds), and
    the ratio estimate / measured (target within 10%).
 4. ``equal:cuda-vs-cpu``: every optimizer's CUDA path against its CPU path on the same weights and
    gradients (bitsandbytes' CUDA codec of the 8-bit moments against its CPU one, MicroAdam's
@@ -340,7 +341,9 @@ def measure_cell(name: str, module, meta, params, fixed, device: str, rank: int 
 
     import torch
 
-    from lowmem.memory.estimate import optimizer_memory
+    import copy
+
+    from lowmem.memory.estimate import on_fake_device, optimizer_memory
     from lowmem.optim import create_optimizer, get_entry
 
     entry = get_entry(name)
@@ -348,8 +351,11 @@ def measure_cell(name: str, module, meta, params, fixed, device: str, rank: int 
     row: dict[str, Any] = {"optimizer": name, "hparams": hp}
     for p in [*params, *meta.parameters()]:
         p.requires_grad_(True)  # BAdam froze its inactive blocks in the previous row (and on the meta copy)
-    try:  # what estimate_memory adds for this optimizer: sized on the meta copy
-        est_state, est_transient, how = optimizer_memory(meta, name, hp)
+    try:  # what estimate_memory adds for this optimizer: sized on fake tensors of the run's device
+        fake = copy.deepcopy(meta)
+        on_fake_device(fake, device)  # (the device's own paths: MicroAdam's compiled step, MKL's buffer on CPU)
+        est_state, est_transient, how = optimizer_memory(fake, name, hp)
+        del fake
         row.update(estimate_state=est_state, estimate_transient=est_transient, estimate_how=how)
     except Exception as err:  # recorded; the measurement still runs
         row["estimate_error"] = f"{type(err).__name__}: {err}"[:300]
@@ -775,7 +781,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += [f"- {k}: {v}" for k, v in m.items()]
     lines += ["", "Memory: allocator peak (`torch.cuda.max_memory_allocated`) during a step above what was allocated "
               "before it; *peak first* = the first step (allocates the state, computes the first projection), *peak "
-              "later* = state + the second step's peak; *estimate* = `optimizer_memory` on a meta copy (what "
+              "later* = state + the second step's peak; *estimate* = `optimizer_memory` on fake tensors of the device (what "
               "`estimate_memory` adds: state + step transient); target est / measured within 10% (issue 12). Step ratio: "
               "median over interleaved rounds of the step time / `torch.optim.AdamW(fused=True)`'s; amortised: the "
               f"first step's extra time spread over {REFRESH_GAP} steps (issue 15: at most 1.05x subspace, 1.10x 8-/4-bit "
