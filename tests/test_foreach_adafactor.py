@@ -306,3 +306,38 @@ def test_galore_adafactor_projected_parameters_bit_for_bit(hparams, monkeypatch)
     for a, b in zip(ref, got):
         assert torch.equal(a, b), tuple(a.shape)
         assert all(torch.equal(ref_opt.state[a][k], got_opt.state[b][k]) for k in ref_opt.state[a])
+
+
+@pytest.mark.parametrize("config", ["default", "beta1_wd_lr"])
+def test_groups_capped_at_group_numel_step_as_the_reference(config):
+    """Same-shape tensors beyond GROUP_NUMEL (2^18) elements are stacked in consecutive groups of at most
+    that many (issue 15: the stacks stay in cache): 17 weights of 128 x 128 (16,384 elements) form
+    groups of 16 and 1 and 40 vectors of 8192 groups of 32 and 8; the step equals ``foreach=False`` bit for
+    bit (the groups' results do not depend on their size), and the bucket's report follows the groups."""
+    from lowmem.optim.functional.adafactor import GROUP_NUMEL
+
+    shapes = [(128, 128)] * 17 + [(8192,)] * 40
+    xs = [torch.zeros(s) for s in shapes]
+    groups = stack_groups(xs, [2] * 17 + [1] * 40)
+    assert [len(g) for g in groups] == [16, 1, 32, 8] and GROUP_NUMEL == 2**18
+    assert [i for g in groups for i in g] == list(range(len(shapes)))
+
+    def run(foreach):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = create_optimizer(ps, "adafactor", foreach=foreach, **CONFIGS[config])
+        for i in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) * (30.0 if i % 2 else 1.0)
+            opt.step()
+        return ps, opt
+
+    (ref, ref_opt), (got, got_opt) = run(False), run(None)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), tuple(a.shape)
+        for k in ref_opt.state[a]:
+            assert torch.equal(ref_opt.state[a][k], got_opt.state[b][k]), (tuple(a.shape), k)
+    # the report: the largest group (16 weights: 2 x 1 MiB and their statistics), not all 17
+    rule = got_opt.recipe.moment
+    members = [(p.numel(), got_opt.state[p]) for p in got]
+    assert rule.foreach_bucket_transient_bytes(0, members) == 8 * 16 * 16384 + 8 * 16 * 256 + 16 * len(shapes)

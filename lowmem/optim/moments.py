@@ -640,13 +640,13 @@ def _second_moment_layout(state: dict[str, Tensor], shape: torch.Size | None = N
 
 def adafactor_groups_bytes(members: list[tuple[tuple, int]]) -> list[tuple[int, int]]:
     """``(elements, statistics bytes)`` of each group :func:`~lowmem.optim.functional.adafactor.stack_groups`
-    forms (in its order: first appearance) from tensors given as ``(second-moment layout, elements)`` (:func:`_second_moment_layout`),
+    forms (in its order: first appearance; at most ``GROUP_NUMEL`` elements a group) from tensors given as ``(second-moment layout, elements)`` (:func:`_second_moment_layout`),
     assumed contiguous (stacked, the larger case; a non-contiguous one forms a group alone). A factored
     group of ``k`` tensors with ``R`` row and ``C`` column statistics each holds, next to its updates,
     the stacked statistics (``k > 1``; a lone tensor's are views), ``(R / mean(R))^-1/2`` and
     ``C^-1/2``: ``4 k (R + C)`` bytes twice (once for a lone tensor); a group of vectors only its stacked
     second moments, one float32 tensor of the group (counted with the group's second tensor)."""
-    from .functional.adafactor import STACK_NUMEL
+    from .functional.adafactor import GROUP_NUMEL, STACK_NUMEL
 
     groups: dict[tuple, list[tuple]] = {}
     for i, (layout, n) in enumerate(members):
@@ -654,9 +654,11 @@ def adafactor_groups_bytes(members: list[tuple[tuple, int]]) -> list[tuple[int, 
     out = []
     for tensors in groups.values():
         (kind, rows, cols), n = tensors[0]
-        k = len(tensors)
-        stats = 4 * k * (math.prod(rows) + math.prod(cols)) * (2 if k > 1 else 1) if kind == 2 else 0
-        out.append((k * n, stats))
+        per = max(1, GROUP_NUMEL // max(1, n))  # (at most GROUP_NUMEL elements a group)
+        for a in range(0, len(tensors), per):
+            k = len(tensors[a:a + per])
+            stats = 4 * k * (math.prod(rows) + math.prod(cols)) * (2 if k > 1 else 1) if kind == 2 else 0
+            out.append((k * n, stats))
     return out
 
 
