@@ -79,6 +79,13 @@ RANGES: dict[str, Range] = {
     "max_grad_norm": NONNEG, "warmup_ratio": Range(0, 1), "gradient_accumulation_steps": POSITIVE,
     "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
     "num_train_epochs": POSITIVE,
+    # TRL configs (DPO, GRPO and GVPO / BNPO): a sign typo would train silently in the wrong direction
+    # (beta < 0), a zero would divide (temperature) or generate nothing (max_completion_length)
+    "beta": NONNEG, "label_smoothing": Range(0, 0.5, hi_open=True), "max_length": POSITIVE,
+    "max_prompt_length": POSITIVE, "max_completion_length": POSITIVE, "temperature": POSITIVE,
+    "top_p": Range(0, 1, lo_open=True), "top_k": NONNEG, "min_p": Range(0, 1), "repetition_penalty": POSITIVE,
+    "num_iterations": POSITIVE, "epsilon": NONNEG, "epsilon_high": NONNEG, "steps_per_generation": POSITIVE,
+    "generation_batch_size": POSITIVE,
 }
 
 

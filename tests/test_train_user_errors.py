@@ -115,3 +115,21 @@ def test_hf_optim_args_and_target_modules_are_honoured_not_ignored(tmp_path):
         LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="galore_adamw", optim_args="rank=0")
     with pytest.raises(ValueError, match=r"LowMemTrainingArguments.optim_args: Unknown hyperparameter\(s\) \['rnak'\]"):
         LowMemTrainingArguments(str(tmp_path), report_to="none", lowmem_optim="galore_adamw", optim_args="rnak=3")
+
+
+@pytest.mark.parametrize("trainer, field, value, expected", [
+    ("dpo", "beta", -0.1, "a number >= 0"), ("dpo", "label_smoothing", 0.7, r"a number in \[0, 0.5\)"),
+    ("dpo", "max_length", 0, "an integer > 0, or null"), ("grpo", "temperature", 0.0, "a number > 0"),
+    ("grpo", "max_completion_length", 0, "an integer > 0"), ("grpo", "top_p", 1.5, r"a number in \(0, 1\]"),
+    ("grpo", "epsilon", -0.2, "a number >= 0"), ("grpo", "num_iterations", 0, "an integer > 0"),
+])
+def test_trl_fields_out_of_range_are_errors(trainer, field, value, expected, tmp_path):
+    """TRL's configs accept these silently (a negative DPO beta trains towards the rejected answers, a zero
+    temperature divides by zero): a recipe's value is range-checked with the rest, before the model loads."""
+    from lowmem.config import ConfigError
+
+    extra = {"num_generations": 4} if trainer == "grpo" else {}
+    with pytest.raises(ConfigError, match=rf"training_args.{field}={value}: expected {expected}"):
+        load_recipe(None, trainer=trainer, output_dir=str(tmp_path), batch_size=4, training_args={**extra, field: value})
+    load_recipe(None, trainer=trainer, output_dir=str(tmp_path), batch_size=4,  # the defaults / usual values pass
+                training_args={**extra, "beta": 0.1, "max_length" if trainer == "dpo" else "temperature": 512 if trainer == "dpo" else 0.7})
