@@ -261,6 +261,16 @@ def _build(label: str, module: LayerWeights, rank: int) -> tuple[torch.optim.Opt
     return opt, hp, gap, None
 
 
+def _import_bitsandbytes() -> None:
+    """Import bitsandbytes once before timing, when installed: the 8-bit recipes' codec (and the
+    bitsandbytes peer) use it, and a process's first import costs ~0.8 s (its package setup imports
+    ``torch._inductor``), which would otherwise land in the first step of whichever row touches it first."""
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        pass
+
+
 def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: bool = False, rank: int | None = None,
                      repeats: int = 5, threads: int | None = None, progress: bool = True) -> tuple[list[ShapeResult], dict[str, Any]]:
     """Time each optimizer's step on the shapes of ``shapes`` (see the module docstring); returns the rows
@@ -286,6 +296,7 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
                     labels.append(peer_label(p))
                 else:
                     skipped[peer_label(p)] = why
+        _import_bitsandbytes()  # (its first import, ~0.8 s of torch._inductor, is not a first step's cost)
         params = [p for p in module.parameters()]
         n_params = sum(p.numel() for p in params)
         g = torch.Generator().manual_seed(1)
