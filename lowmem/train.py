@@ -756,11 +756,24 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
     `True`: the highest-numbered complete ``output_dir/checkpoint-N``; incomplete ones (a run killed
     while writing) are reported to ``warn`` and skipped. A path must be a complete checkpoint.
     (``Trainer.train`` itself would resume from an incomplete directory, silently with a fresh
-    optimizer when ``optimizer.pt`` is missing.)
+    optimizer when ``optimizer.pt`` is missing.) The checkpoint must be before ``steps``.
 
     Raises:
-        ConfigError: No complete checkpoint for `True`; a path that is missing or incomplete.
+        ConfigError: No complete checkpoint for `True`; a path that is missing or incomplete; a
+            checkpoint at or past ``steps`` (the Trainer would report it as trained, with nothing or
+            one more step done).
     """
+    ckpt = _find_checkpoint(recipe, warn)
+    if ckpt is not None:
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+        done = state.get("global_step")
+        if isinstance(done, int) and done >= recipe.steps:
+            raise ConfigError(f"steps={recipe.steps}: the checkpoint to resume, {ckpt}, is already at step {done}; "
+                              f"steps is the total to reach (not the steps to add): set steps > {done}")
+    return ckpt
+
+
+def _find_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None) -> str | None:
     value = recipe.resume_from_checkpoint
     if value is None or value is False:
         return None

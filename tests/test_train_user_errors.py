@@ -133,3 +133,24 @@ def test_trl_fields_out_of_range_are_errors(trainer, field, value, expected, tmp
         load_recipe(None, trainer=trainer, output_dir=str(tmp_path), batch_size=4, training_args={**extra, field: value})
     load_recipe(None, trainer=trainer, output_dir=str(tmp_path), batch_size=4,  # the defaults / usual values pass
                 training_args={**extra, "beta": 0.1, "max_length" if trainer == "dpo" else "temperature": 512 if trainer == "dpo" else 0.7})
+
+
+def test_resume_from_a_checkpoint_at_or_past_steps_is_an_error(tmp_path):
+    """``steps`` is the total to reach: resuming checkpoint-9 with steps=3 made the Trainer do one more step
+    and report 10; now an error before anything loads."""
+    import json
+
+    from lowmem.config import ConfigError
+    from lowmem.train import resolve_checkpoint
+
+    ckpt = tmp_path / "checkpoint-9"
+    ckpt.mkdir()
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
+        (ckpt / name).write_bytes(b"")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 9}))
+    for steps in (3, 9):
+        recipe = load_recipe(None, output_dir=str(tmp_path), steps=steps, resume_from_checkpoint=True)
+        with pytest.raises(ConfigError, match=rf"steps={steps}: the checkpoint to resume, .*checkpoint-9, is already at step 9; "
+                                              r"steps is the total to reach .*set steps > 9"):
+            resolve_checkpoint(recipe)
+    assert resolve_checkpoint(load_recipe(None, output_dir=str(tmp_path), steps=10, resume_from_checkpoint=str(ckpt))) == str(ckpt)
