@@ -241,3 +241,19 @@ def test_no_path_decision_reads_lr(name):
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_counter_view_advances_as_the_in_place_add(dtype):
+    """The step counter written through its NumPy view (engine._advance_step_view) holds and returns
+    what ``step += 1`` gives, also where float32 stops counting (2^24 + 1 rounds to 2^24); other
+    dtypes (bf16, int) have no view and keep engine._advance_step."""
+    from lowmem.optim.engine import _EXACT_INTEGERS, _advance_step_view, _step_view
+
+    for v in [0, 1, 7, 2**24 - 1, 2**24, 2**24 + 2, 2**25 + 4, 2**53 - 1, 2**53, 0.1, 2.5, -3]:
+        old, new = torch.tensor(v, dtype=dtype), torch.tensor(v, dtype=dtype)
+        old += 1
+        view = _step_view(new)
+        t = _advance_step_view(new, view, _EXACT_INTEGERS[dtype])
+        assert torch.equal(new, old) and t == old.item() and type(t) is float, (dtype, v, new, old, t)
+    assert _step_view(torch.zeros((), dtype=torch.bfloat16)) is None and _step_view(torch.zeros((), dtype=torch.int64)) is None
