@@ -70,7 +70,10 @@ class MomentRule:
     def supports_foreach_for(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> bool:
         """Whether :meth:`foreach_step_` steps a plain full-rank float32 parameter of ``shape`` with
         this ``state`` (empty before its first step). The engine decides per parameter, so a hybrid
-        rule can bucket the parameters of its element-wise part. Default: :attr:`supports_foreach`."""
+        rule can bucket the parameters of its element-wise part, and keeps the answer while the group's
+        settings other than ``lr``, the state dict and the parameter's dtype / shape are unchanged
+        (``LowMemOptimizer._route``): the answer must not read ``lr`` nor change with the values of the
+        state's tensors (their dtypes and shapes are fixed at allocation). Default: :attr:`supports_foreach`."""
         return self.supports_foreach
 
     def steps_pieces_whole(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> bool:
@@ -112,7 +115,8 @@ class MomentRule:
     def supports_foreach_direction(self, group: dict[str, Any], state: dict[str, Tensor], param: Tensor) -> bool:
         """Whether :meth:`foreach_direction` gives the directions of several projected (low-rank,
         float32) gradients at once for a parameter ``param`` with this ``state`` (empty before its
-        first step): the engine's multi-tensor step of projected parameters. Default: no."""
+        first step): the engine's multi-tensor step of projected parameters (its answer cached as
+        :meth:`supports_foreach_for`'s is). Default: no."""
         return False
 
     # True if foreach_direction takes ``lr`` as a list, one step size per gradient (each parameter's
