@@ -192,6 +192,9 @@ COVERED_BY = {
     "lowmem/optim/microadam.py": "pytest:cuda (test_compiled_path_equals_plain), equal:cuda-vs-cpu (microadam)",
     "lowmem/optim/recipes/bnb.py": "the bnb_* rows of every check",
     "lowmem/memory/measure.py": "pytest:cuda (test_estimate_total_within_10pct_of_cuda_peak)",
+    "lowmem/optim/bnb_fused.py": "equal:cuda-vs-cpu and the memory checks (adamw8bit: fused=None takes the kernel on"
+                                 " CUDA), pytest:cuda (test_bnb_fused.py::test_cuda_kernel_close_to_cpu_chunked_path)",
+    "lowmem/optim/quantized.py": "as lowmem/optim/bnb_fused.py (the fused members of adamw8bit's foreach step)",
 }
 #: a GPU path issue 12 asks for, and the call that would show it exists
 EXPECTED_GPU_PATHS = {"bitsandbytes' fused blockwise 8-bit optimizer kernel in the engine (issue 12)":

@@ -36,6 +36,7 @@ from .functional import quant as Q
 from .hparams import HParam, one_of, positive_int
 from . import functional as F
 from .moments import ChunkState, MomentRule, sharded_group, step_whole_from_piece_
+from . import bnb_fused
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,11 @@ class Quantized(MomentRule):
         return view, quantized
 
     def direction(self, g, state, group, t, lr):
+        if group.get("fused") is True and self._fusable(state):
+            raise ValueError(
+                "fused=True: this parameter takes the engine's per-parameter step (foreach=False, a parameter that"
+                " is not float32, layerwise mode, step_param or FSDP2), which has no fused form; fused=True needs"
+                " the multi-tensor step (foreach=None, float32 parameters)")
         view, quantized = self._decoded(g, state, group)
         d = self.inner.direction(g, view, group, t, lr)
         extra = state.extra if isinstance(state, ChunkState) else {}
@@ -329,6 +335,8 @@ class Quantized(MomentRule):
           by one ``torch._foreach_copy_``), then the decoupled decay and the update as multi-tensor ops."""
         ps, gs, ss = [], [], []
         for p, g, st in zip(params, grads, states):
+            if self._fused_member_(p, g, st, group, t, lr):
+                continue
             if isinstance(st, ChunkState) and "parent" in st.extra and any(is_quantized(st, k) for k in self.specs):
                 if st.start == 0:
                     step_whole_from_piece_(self, p, g, st, group, t, lr, self.foreach_decays_after)
@@ -343,6 +351,54 @@ class Quantized(MomentRule):
         encode()
         del views, encode
         apply_updates_foreach_(ps, ds, lr, group.get("weight_decay", 0.0), self.foreach_decays_after)
+
+    # ---- bitsandbytes' fused 8-bit Adam step (adamw8bit's ``fused``; lowmem.optim.bnb_fused) ----
+
+    def _fusable(self, state) -> bool:
+        """Whether ``state`` is AdamW's (``eps`` after the bias correction) with both moments in
+        bitsandbytes' blockwise 8-bit format: the state the fused kernel updates in place."""
+        from .moments import AdamMoments
+
+        return (isinstance(self.inner, AdamMoments) and self.inner.eps_placement == "torch"
+                and self.specs == {"exp_avg": M1_8BIT, "exp_avg_sq": M2_8BIT}
+                and all(is_quantized(state, k) and not is_rank1(state, k) for k in self.specs))
+
+    def _fused_member_(self, p, g, st, group, t, lr) -> bool:
+        """Step one bucket member with :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_` when the group
+        has ``fused`` (a recipe that declares it) and :func:`~lowmem.optim.bnb_fused.use_fused` says so;
+        returns whether it did. A piece of a larger tensor: the whole tensor from its first piece (the
+        others are skipped), on CPU in slices of the piece's size rounded to whole blocks."""
+        if "fused" not in group or group["fused"] is False:
+            return False
+        piece = isinstance(st, ChunkState) and "parent" in st.extra
+        state = st.extra["parent"] if piece else st
+        if not self._fusable(state):
+            return False
+        chunk = None
+        if piece:
+            numel = math.prod(st.extra["shape"])
+            chunk = st.stop - st.start
+            p = p.as_strided((numel,), (1,), p.storage_offset() - st.start)
+            g = g.as_strided((numel,), (1,), g.storage_offset() - st.start)
+        if not bnb_fused.use_fused(p, g, state, group):
+            return False
+        if piece and st.start != 0:
+            return True  # (stepped with the first piece)
+        codes = (Q.code_map(M1_8BIT.code, p.device), Q.code_map(M2_8BIT.code, p.device))
+        bnb_fused.fused_adam8bit_step_(p, g, state, group, t, lr, codes, chunk)
+        return True
+
+    def _fused_bytes(self, numel, state, group) -> int | None:
+        """The transient of a fused member of ``numel`` elements (float32 parameter, the foreach path),
+        ``None`` when it is not fused: bitsandbytes' CPU implementation's float32 temporaries, or 0 (CUDA)."""
+        if group is None or "fused" not in group or group["fused"] is False or not self._fusable(state):
+            return None
+        device = state["exp_avg"].device
+        if group["fused"] is None and device.type != "cuda":
+            return None
+        if group["block_size"] != bnb_fused.BNB_BLOCK_SIZE:
+            return None
+        return 0 if device.type == "cuda" else bnb_fused.fused_cpu_transient_bytes(numel)
 
     def _decoded_many(self, gs, states, group):
         """Each state with its quantized moments decoded to float32 of its gradient's shape, and the
@@ -419,6 +475,11 @@ class Quantized(MomentRule):
         """:meth:`foreach_transient_bytes` for the members with quantized moments (decoded, and the
         codec's workspace); members below ``min_quant_size`` (float32 moments, nothing decoded or
         encoded) allocate only the inner rule's multi-tensor direction, which counts every element."""
+        fused = [(n, b) for n, state in members if (b := self._fused_bytes(n, state, group)) is not None]
+        if fused:  # (each fused member alone, then the rest of the bucket together)
+            rest = [(n, state) for n, state in members if self._fused_bytes(n, state, group) is None]
+            return max(max(b for _, b in fused), self.foreach_bucket_transient_bytes(sum(n for n, _ in rest), rest, None)
+                       if rest else 0)
         coded = sum(n for n, state in members if any(is_quantized(state, k) for k in self.specs))
         return self._decoded_bytes(coded) + self.inner.foreach_direction_transient_bytes(numel)
 
@@ -500,6 +561,9 @@ class Quantized(MomentRule):
         quantized = [k for k in self.specs if is_quantized(state, k)]
         if not quantized:
             return self.inner.transient_bytes(numel, shape, group, state)
+        fused = self._fused_bytes(numel, state, group) if group.get("fused") is True else None
+        if fused is not None:  # (fused=True: a tensor in foreach pieces, stepped from its first piece; the
+            return fused       # per-parameter step refuses it, and with None it is the chunked step's)
         four = any(self.specs[k].bits == 4 for k in quantized)
         codec = codec_bytes(numel, four, any(is_rank1(state, k) for k in quantized))
         return 4 * len(quantized) * numel + codec + self.inner.transient_bytes(numel, shape, group, {})

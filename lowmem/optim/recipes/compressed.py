@@ -19,6 +19,7 @@ from typing import Any, Iterable
 from ..engine import LowMemOptimizer, Recipe
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, positive_int
 from ..microadam import MicroAdamMoments
+from ..bnb_fused import FUSED
 from ..moments import AdamMoments
 from ..quantized import M1_4BIT, M1_8BIT, M2_4BIT, M2_8BIT, V_NORMALIZATION, Quantized, quant_hparams
 from ..registry import register
@@ -39,7 +40,7 @@ ADAMW8BIT = Recipe(
     summary="AdamW with blockwise 8-bit moments (dynamic maps, bitsandbytes' codec); ~2 bytes/param",
     reference="Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization, Section 2",
     moment=Quantized(AdamMoments("torch"), {"exp_avg": M1_8BIT, "exp_avg_sq": M2_8BIT}),
-    hparams=(LR(1e-3), BETAS(), EPS(1e-8), WEIGHT_DECAY(1e-2), *quant_hparams(256)),
+    hparams=(LR(1e-3), BETAS(), EPS(1e-8), WEIGHT_DECAY(1e-2), *quant_hparams(256), FUSED),
 )
 
 ADAMW4BIT = Recipe(
@@ -83,15 +84,28 @@ class AdamW8bit(LowMemOptimizer):
         lr (`float`, defaults to `1e-3`), betas (`tuple`, defaults to `(0.9, 0.999)`), eps (`float`,
             defaults to `1e-8`), weight_decay (`float`, defaults to `1e-2`): as ``torch.optim.AdamW``.
         {_QUANT_ARGS_DOC.strip()} Defaults to 256 for ``block_size``.
+        fused (`bool` or `None`, defaults to `None`): bitsandbytes' fused blockwise 8-bit Adam step
+            (``optimizer_update_8bit_blockwise``, :mod:`lowmem.optim.bnb_fused`) on the 8-bit state
+            itself (same format, same checkpoints), for the tensors with 8-bit moments on the
+            multi-tensor step (float32 parameters, ``foreach`` not `False`). `None`: on CUDA where it
+            applies (``block_size=256``, a contiguous parameter and gradient of one dtype,
+            ``weight_decay >= 0``); the kernel works in registers (0 transient bytes) but decays after
+            the update and rounds its codes its own way, so results differ from the CPU path at
+            rounding level (not tested without a GPU). CPU keeps the chunked PyTorch step. `True`:
+            required, a `ValueError` naming the failing condition otherwise (also for a tensor on
+            the per-parameter step); on CPU it runs bitsandbytes' CPU implementation, with float32
+            temporaries of 20 bytes per value of each slice of whole blocks (at most ``chunk_numel``
+            values, counted by ``step_transient_bytes``). `False`: never. Tensors below
+            ``min_quant_size`` (float32 moments) always take the plain step.
     """
 
     recipe = ADAMW8BIT
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, block_size: int = 256, min_quant_size: int = 4096,
-                 state_dtype: str = "float32", foreach: bool | None = None):
+                 state_dtype: str = "float32", foreach: bool | None = None, fused: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
-                         min_quant_size=min_quant_size, state_dtype=state_dtype, foreach=foreach)
+                         min_quant_size=min_quant_size, state_dtype=state_dtype, foreach=foreach, fused=fused)
 
 
 class AdamW4bit(LowMemOptimizer):

@@ -1,0 +1,126 @@
+"""bitsandbytes' fused blockwise 8-bit Adam step on lowmem's own 8-bit state (``adamw8bit``'s ``fused``).
+
+lowmem's 8-bit moments (:mod:`lowmem.optim.quantized`, ``M1_8BIT`` / ``M2_8BIT``) are bitsandbytes'
+blockwise format: ``uint8`` codes of the signed dynamic map for ``m`` and the unsigned one for ``v``
+(``bitsandbytes.functional.create_dynamic_map``), one ``float32`` absmax per block, blocks in flat
+order. With blocks of :data:`BNB_BLOCK_SIZE` (bitsandbytes' ``BLOCKSIZE_2STATE`` in csrc/ops.cu, and the
+fixed ``blocksize`` of its CPU implementation) ``bitsandbytes.functional.optimizer_update_8bit_blockwise``
+("adam") therefore updates ``p`` and the codes and absmax tensors of ``state[p]`` in place: the
+checkpoint format does not change.
+
+The step it computes (Dettmers et al. 2022, Section 2: dequantize, update, quantize; Loshchilov & Hutter
+2019, Algorithm 2 for the decay) is the engine's AdamW with ``eps`` after the bias correction:
+
+* CPU (bitsandbytes' ``_optimizer_update_8bit_blockwise_cpu``): decode both moments to float32,
+  ``m = beta1 m + (1 - beta1) g`` (the engine uses ``lerp``: equal up to a rounding), ``v = beta2 v +
+  (1 - beta2) g^2``, ``p *= 1 - lr wd`` *before* the update, ``p -= lr/(1 - beta1^t) m / (sqrt(v) /
+  sqrt(1 - beta2^t) + eps)``, encode with ``quantize_blockwise`` (the codec lowmem's CPU path matches bit
+  for bit). Temporaries: whole-slice float32 copies, :data:`CPU_BYTES_PER_VALUE` bytes per value of the
+  slice it is given (:func:`fused_cpu_transient_bytes`); lowmem hands it slices of whole blocks of at
+  most the engine's chunk.
+* CUDA (``kOptimizerStatic8bit2StateBlockwise``): the same update in registers, no global temporaries
+  (0 transient bytes), with three documented differences: ``eps`` enters as ``m / (sqrt(v) + eps
+  sqrt(1 - beta2^t)) * (-lr sqrt(1 - beta2^t) / (1 - beta1^t))`` (equal in exact arithmetic), the bias
+  corrections in float32, and the decay ``p *= 1 - lr wd`` *after* the update (a difference of
+  ``lr^2 wd |u|`` per step); its encoding is ``quantize_2D`` with a sign fix for ``m`` (a code can differ by
+  one from ``quantize_blockwise``'s). Not run in a session without a GPU: tests/test_bnb_fused.py's CUDA
+  test and ``lowmem/bench_gpu.py`` check it when one is lent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .hparams import HParam
+
+BNB_BLOCK_SIZE = 256  # bitsandbytes 0.50: BLOCKSIZE_2STATE (csrc/ops.cu), blocksize = 256 (backends/cpu/ops.py)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # cadam_8bit_blockwise_grad_{fp32,fp16,bf16}
+MAX_NUMEL = 2**31 - 1  # the kernel's element count is a c_int32
+# bitsandbytes' CPU op on n values: decoded m and v, g * gnorm_scale, and sqrt(v) with sqrt(v) / c2 alive
+# at once (20 B); a non-float32 parameter adds its float32 copy (4 B).
+CPU_BYTES_PER_VALUE = 20
+CPU_BYTES_PER_VALUE_LOW_PRECISION = 24
+
+
+def _fused_value(x: Any) -> bool:
+    return x is None or isinstance(x, bool)
+
+
+FUSED = HParam(
+    "fused", None, _fused_value, "None, True or False",
+    "bitsandbytes' fused 8-bit Adam step: None where it applies (CUDA), True required (CPU: its CPU"
+    " implementation), False never",
+)
+
+
+def fused_cpu_transient_bytes(numel: int, param_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes bitsandbytes' CPU implementation allocates for a slice of ``numel`` values (see the module
+    docstring); the CUDA kernel allocates none."""
+    return (CPU_BYTES_PER_VALUE if param_dtype == torch.float32 else CPU_BYTES_PER_VALUE_LOW_PRECISION) * numel
+
+
+def ineligible_reason(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> str | None:
+    """Why the fused step cannot run on ``p`` (``None``: it can). ``state`` must hold both moments as
+    8-bit blockwise codes (the caller's check: members below ``min_quant_size`` keep float32 moments
+    and take the plain step)."""
+    if group["block_size"] != BNB_BLOCK_SIZE:
+        return f"block_size={group['block_size']} (bitsandbytes' kernel uses blocks of {BNB_BLOCK_SIZE})"
+    if p.device.type not in ("cuda", "cpu"):
+        return f"the parameter is on {p.device.type} (bitsandbytes' kernel: cuda, or its cpu implementation)"
+    if p.dtype not in KERNEL_DTYPES:
+        return f"the parameter's dtype {p.dtype} (the kernel takes float32, bfloat16, float16)"
+    if g.dtype != p.dtype:
+        return f"the gradient's dtype {g.dtype} differs from the parameter's {p.dtype}"
+    if not (p.is_contiguous() and g.is_contiguous()):
+        return "the parameter or its gradient is not contiguous"
+    if p.numel() > MAX_NUMEL:
+        return f"{p.numel()} elements (the kernel counts them in an int32)"
+    if group.get("weight_decay", 0.0) < 0:
+        return f"weight_decay={group['weight_decay']} < 0 (the kernel decays only for weight_decay > 0)"
+    return None
+
+
+def use_fused(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
+    """Whether ``group["fused"]`` sends ``p`` (8-bit moments) to the kernel: ``False`` never; ``None`` on
+    CUDA where :func:`ineligible_reason` finds nothing; ``True`` always, or a ``ValueError`` naming the
+    field and the condition that fails (no silent fallback)."""
+    fused = group.get("fused")
+    if fused is False or (fused is None and p.device.type != "cuda"):
+        return False
+    reason = ineligible_reason(p, g, state, group)
+    if reason is None:
+        return True
+    if fused is True:
+        raise ValueError(f"fused=True: bitsandbytes' fused 8-bit Adam step does not apply: {reason}")
+    return False
+
+
+def fused_adam8bit_step_(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: float,
+                         lr: float | Tensor, codes: tuple[Tensor, Tensor], chunk: int | None = None) -> None:
+    """One AdamW step of ``p`` (any shape, contiguous) and its 8-bit moments by
+    ``bitsandbytes.functional.optimizer_update_8bit_blockwise("adam", ...)``, in place.
+
+    ``codes``: the float32 code maps of ``m`` (signed dynamic) and ``v`` (unsigned dynamic) on ``p``'s
+    device. ``chunk``: on CPU, the largest slice handed to bitsandbytes at once (rounded down to whole
+    blocks, at least one; ``None``: the whole tensor), which bounds its float32 temporaries; CUDA takes
+    the whole tensor in one launch."""
+    import bitsandbytes.functional as bnbF
+
+    beta1, beta2 = group["betas"]
+    b = BNB_BLOCK_SIZE
+    n = p.numel()
+    pflat, gflat = p.view(-1), g.view(-1)
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    am, av = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
+    size = n if chunk is None or p.device.type == "cuda" else max(b, chunk // b * b)
+    lr_f, wd = float(lr), float(group.get("weight_decay", 0.0))
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        blocks = slice(start // b, -(-stop // b))
+        bnbF.optimizer_update_8bit_blockwise(
+            "adam", gflat[start:stop], pflat[start:stop], m[start:stop], v[start:stop], float(beta1), float(beta2),
+            0.0, 0.0, float(group["eps"]), int(t), lr_f, codes[0], codes[1], am[blocks], av[blocks], wd,
+            gnorm_scale=1.0)
