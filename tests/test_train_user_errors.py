@@ -154,3 +154,11 @@ def test_resume_from_a_checkpoint_at_or_past_steps_is_an_error(tmp_path):
                                               r"steps is the total to reach .*set steps > 9"):
             resolve_checkpoint(recipe)
     assert resolve_checkpoint(load_recipe(None, output_dir=str(tmp_path), steps=10, resume_from_checkpoint=str(ckpt))) == str(ckpt)
+
+
+def test_hyperparameter_typo_suggests_the_close_names():
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"Unknown hyperparameter\(s\) \['rnak'\] for optimizer 'galore_adamw' "
+                                          r"\(did you mean \['rank'\]\?\); valid: \['betas'"):
+        load_recipe(None, optim="galore_adamw", optim_args={"rnak": 4})

@@ -91,7 +91,11 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
     valid = entry.valid_hparams()
     unknown = sorted(set(explicit) - set(valid))
     if unknown:
-        raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'; valid: {valid}")
+        import difflib
+
+        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)})
+        raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'"
+                         + (f" (did you mean {close}?)" if close else "") + f"; valid: {valid}")
     specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
     hp: dict[str, Any] = {}
     if args is not None:
