@@ -65,6 +65,10 @@ def test_cpu_estimate_equals_a_real_cpu_optimizer(case, layerwise):
         # the projected step's kept GEMM packing buffer: CPU only (at least MKL's 0.7 MiB + 4 r n bytes)
         assert cpu.optimizer_transient - cuda.optimizer_transient > 2**20 if "projection" not in args else \
             cpu.optimizer_transient >= cuda.optimizer_transient
+    elif name == "adamw8bit" and not layerwise:
+        # (the multi-tensor step's 8-bit members take bitsandbytes' fused kernel on CUDA, fused=None: 0 B;
+        # lowmem/optim/bnb_fused.py) only the members below min_quant_size remain
+        assert cuda.optimizer_transient < cpu.optimizer_transient
     elif name != "microadam":
         assert cpu.optimizer_transient == cuda.optimizer_transient
 
