@@ -118,8 +118,10 @@ class TrainRecipe:
             Decoupled weight decay; never applied to biases and norm weights.
         lr_scheduler (`str`, defaults to `"constant"`):
             ``TrainingArguments.lr_scheduler_type`` (``"linear"``, ``"cosine"``, ...).
-        warmup_steps (`int`, defaults to `0`):
-            Linear warm-up steps.
+        warmup_steps (`float`, defaults to `0`):
+            Linear warm-up steps; a value below 1 is a fraction of ``steps`` (transformers 5's
+            ``TrainingArguments.warmup_steps``, which replaced ``warmup_ratio``). A value of 1 or more
+            must be a whole number.
 
         > Run
 
@@ -213,7 +215,7 @@ class TrainRecipe:
     lr: float = 1e-2
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: float = 0
     steps: int = 200
     batch_size: int = 16
     seed: int = 0
@@ -238,6 +240,9 @@ class TrainRecipe:
         check_dataclass(self)  # every field: its type (numeric strings converted) and range (lowmem.config)
         if self.trainer not in AVAILABLE_TRAINERS:
             raise ConfigError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ConfigError(f"warmup_steps={self.warmup_steps}: expected a whole number of steps, or a fraction of "
+                              "steps below 1")
         from lowmem.data import validate_data_fields
 
         validate_data_fields(self)  # dataset, eval_*, chat_template, reward_* (lowmem.data, lowmem.rewards)
@@ -621,6 +626,9 @@ def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
             raise ConfigError(f"{where}recipe keys are names; got {key!r}")
         if key in RECIPE_KEYS:
             out[key] = value
+        elif key == "warmup_ratio":  # HF configs before transformers 5; TrainingArguments has no such field now
+            raise ConfigError(f"{where}warmup_ratio={value!r}: transformers 5 has no warmup_ratio; write warmup_steps: "
+                              f"{value!r} (a warmup_steps below 1 is a fraction of the steps)")
         elif key in RECIPE_ALIASES:
             if RECIPE_ALIASES[key] in data:
                 raise ConfigError(f"{where}{key!r} and {RECIPE_ALIASES[key]!r} set the same value; give one")

@@ -162,3 +162,17 @@ def test_hyperparameter_typo_suggests_the_close_names():
     with pytest.raises(ConfigError, match=r"Unknown hyperparameter\(s\) \['rnak'\] for optimizer 'galore_adamw' "
                                           r"\(did you mean \['rank'\]\?\); valid: \['betas'"):
         load_recipe(None, optim="galore_adamw", optim_args={"rnak": 4})
+
+
+def test_warmup_ratio_configs_and_fractional_warmup_steps(tmp_path):
+    """transformers 5 dropped ``warmup_ratio`` (a ``warmup_steps`` below 1 is the fraction): an HF config's
+    ``warmup_ratio`` is an error that gives the replacement, and ``warmup_steps: 0.1`` reaches the Trainer."""
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warmup_ratio=0.1: transformers 5 has no warmup_ratio; write warmup_steps: 0.1"):
+        load_recipe(None, warmup_ratio=0.1)
+    recipe = load_recipe(None, warmup_steps=0.1, steps=50, output_dir=str(tmp_path))
+    assert build_training_args(recipe).get_warmup_steps(50) == 5
+    assert build_training_args(load_recipe(None, warmup_steps=3, output_dir=str(tmp_path))).get_warmup_steps(50) == 3
+    with pytest.raises(ConfigError, match=r"warmup_steps=2.5: expected a whole number of steps, or a fraction"):
+        load_recipe(None, warmup_steps=2.5)
