@@ -388,6 +388,20 @@ class Quantized(MomentRule):
         bnb_fused.fused_adam8bit_step_(p, g, state, group, t, lr, codes, chunk)
         return True
 
+    def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
+        """The per-parameter step of ``p`` by :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_` (on CPU in
+        slices of ``chunk_numel`` rounded down to whole blocks) when :meth:`_fused_member_`'s conditions
+        hold; returns whether it ran. For the engine's per-parameter step (float32 / bf16 / fp16
+        parameters, ``foreach=False``, layerwise mode): the engine does not call it yet (its hook is
+        proposed in the session's engine patch), so :meth:`direction` refuses ``fused=True`` there."""
+        if "fused" not in group or group["fused"] is False or not self._fusable(state):
+            return False
+        if not bnb_fused.use_fused(p, grad, state, group):
+            return False
+        codes = (Q.code_map(M1_8BIT.code, p.device), Q.code_map(M2_8BIT.code, p.device))
+        bnb_fused.fused_adam8bit_step_(p, grad, state, group, t, lr, codes, chunk_numel)
+        return True
+
     def _fused_bytes(self, numel, state, group) -> int | None:
         """The transient of a fused member of ``numel`` elements (float32 parameter, the foreach path),
         ``None`` when it is not fused: bitsandbytes' CPU implementation's float32 temporaries, or 0 (CUDA)."""
