@@ -29,6 +29,7 @@ The step it computes (Dettmers et al. 2022, Section 2: dequantize, update, quant
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -54,6 +55,15 @@ FUSED = HParam(
     "bitsandbytes' fused 8-bit Adam step: None where it applies (CUDA), True required (CPU: its CPU"
     " implementation), False never",
 )
+
+
+@lru_cache(maxsize=None)
+def code_maps(device: str) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' signed and unsigned dynamic maps (``m``'s and ``v``'s) on ``device``, kept (no copy
+    to the device at every step)."""
+    from .functional import quant as Q
+
+    return Q.code_map("dynamic8_signed", device), Q.code_map("dynamic8_unsigned", device)
 
 
 def fused_cpu_transient_bytes(numel: int, param_dtype: torch.dtype = torch.float32) -> int:

@@ -384,7 +384,7 @@ class Quantized(MomentRule):
             return False
         if piece and st.start != 0:
             return True  # (stepped with the first piece)
-        codes = (Q.code_map(M1_8BIT.code, p.device), Q.code_map(M2_8BIT.code, p.device))
+        codes = bnb_fused.code_maps(str(p.device))
         bnb_fused.fused_adam8bit_step_(p, g, state, group, t, lr, codes, chunk)
         return True
 
@@ -398,7 +398,7 @@ class Quantized(MomentRule):
             return False
         if not bnb_fused.use_fused(p, grad, state, group):
             return False
-        codes = (Q.code_map(M1_8BIT.code, p.device), Q.code_map(M2_8BIT.code, p.device))
+        codes = bnb_fused.code_maps(str(p.device))
         bnb_fused.fused_adam8bit_step_(p, grad, state, group, t, lr, codes, chunk_numel)
         return True
 
