@@ -35,6 +35,7 @@ inside the backward pass, while activations are live, and both are added (:func:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -323,8 +324,25 @@ def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[st
         CPU (the engine's ``_kept_gemm_bytes()``; not a torch tensor, so a live-tensor tracker does not
         see it; 0 elsewhere).
     """
+    sized = _size_optimizer(model, optimizer, optim_args)
+    _emit(sized["messages"], stacklevel=3)
+    return _pick(sized, layerwise)
+
+
+def _pick(sized: dict[str, Any], layerwise: bool) -> dict[str, Any]:
+    """:func:`optimizer_sizes`' answer from a :func:`_size_optimizer` record, for ``layerwise`` or not."""
+    return {"state": sized["state"], "transient": sized["transient"][bool(layerwise)], "how": sized["how"],
+            "kept_gemm": sized["kept_gemm"]}
+
+
+def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything :func:`optimizer_sizes` learns from one sizing, for both stepping modes: ``state``,
+    ``transient`` (``{False: bucketed step, True: per parameter}``), ``how``, ``kept_gemm``, ``frozen``
+    (names of the parameters the optimizer set ``requires_grad=False``: BAdam's inactive blocks) and
+    ``messages`` (its warnings, summarized; not yet emitted). The state does not depend on the stepping
+    mode (``create_optimizer`` is not told it), so one sizing serves both."""
     if optimizer is None:
-        return {"state": 0, "transient": 0, "how": "none", "kept_gemm": 0}
+        return {"state": 0, "transient": {False: 0, True: 0}, "how": "none", "kept_gemm": 0, "frozen": (), "messages": []}
     from ..optim import create_optimizer, get_entry
 
     entry = get_entry(optimizer)
@@ -332,22 +350,65 @@ def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[st
         from ..optim.recipes.bnb import state_bytes_closed_form
 
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
-        return {"state": state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), "transient": 0,
-                "how": "closed form", "kept_gemm": 0}
+        return {"state": state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), "transient": {False: 0, True: 0},
+                "how": "closed form", "kept_gemm": 0, "frozen": (), "messages": []}
+    before = [(n, p) for n, p in _unique_params(model) if p.requires_grad]
     with warnings.catch_warnings(record=True) as created:  # (the engine's "rank >= smaller side": kept below)
         warnings.simplefilter("always")
         opt = create_optimizer(model, entry.name, **(optim_args or {}))
     with warnings.catch_warnings(record=True) as caught, _sizing_mode(model):  # the engine warns per parameter
         warnings.simplefilter("always")
         opt.materialize_state()
-        sizes = {"state": opt.state_bytes(), "transient": opt.step_transient_bytes(per_parameter=layerwise),
+        sizes = {"state": opt.state_bytes(),
+                 "transient": {False: opt.step_transient_bytes(per_parameter=False), True: opt.step_transient_bytes(per_parameter=True)},
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0}
     caught = [w for w in created if "smaller side" in str(w.message)] + caught
-    for message in _summarize_warnings(caught):
+    sizes["frozen"] = tuple(n for n, p in before if not p.requires_grad)
+    sizes["messages"] = _summarize_warnings(caught)
+    return sizes
+
+
+def _emit(messages: list[str], stacklevel: int) -> None:
+    """Warn each message once per process (``stacklevel`` counted from the caller of :func:`_emit`)."""
+    for message in messages:
         if message not in _WARNED:  # once per process: catch_warnings resets Python's own once-registry
             _WARNED.add(message)
-            warnings.warn(message, stacklevel=3)
-    return sizes
+            warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+#: The active :func:`sizing_cache` (``None``: none; every estimate sizes its optimizer)
+_SIZING_CACHE: dict[tuple, dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def sizing_cache():
+    """Within this context, :func:`estimate_memory` sizes an optimizer once per :func:`sizing_key` and
+    re-uses the result (state, both step transients, the parameters it freezes, its warnings): the
+    budget search's candidates share it. Nested uses share the outer cache; on exit it is dropped, so
+    nothing outlives the context (a changed environment, e.g. MKL, is seen by the next one).
+
+    Yields:
+        `dict`: The cache, ``sizing_key -> sizing`` (for inspection).
+    """
+    global _SIZING_CACHE
+    outer = _SIZING_CACHE
+    if outer is None:
+        _SIZING_CACHE = {}
+    try:
+        yield _SIZING_CACHE
+    finally:
+        _SIZING_CACHE = outer
+
+
+def sizing_key(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None, device: str) -> tuple:
+    """What an optimizer's sizing depends on: its name and hyperparameters, the device, the model's config
+    (Adam-mini's head size) and its trainable parameters' ``(name, shape, dtype)`` (full fine-tuning or
+    LoRA, the LoRA rank and targets). Not the batch, sequence length, checkpointing, activations, frozen
+    weights (4-bit or not) or the stepping mode (both transients are kept)."""
+    config = getattr(model, "config", None)
+    trainable = tuple((n, tuple(p.shape), p.dtype) for n, p in _unique_params(model) if p.requires_grad)
+    return (optimizer, repr(sorted((optim_args or {}).items())), device,
+            config.to_json_string(use_diff=False) if config is not None else None, trainable)
 
 
 _WARNED: set[str] = set()
@@ -463,12 +524,31 @@ def estimate_memory(
     if lcfg is not None:
         from peft import get_peft_model
 
-        with warnings.catch_warnings():
+        # on the meta device too: peft creates (and kaiming-initializes) each adapter on the default device
+        # before moving it to its base layer's; 160M float32 CPU elements for a 7B r=64, 1.1 s per estimate
+        with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             meta = get_peft_model(meta, lcfg)
-    # the parameters as fake tensors of the run's device: the optimizer sizes its step for that device
-    fake = on_fake_device(meta, device)
-    quantized = {id(fake[i]): name for i, name in quantized.items()}
+
+    # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
+    cache = _SIZING_CACHE
+    key = sizing_key(meta, optimizer, optim_args, device) if cache is not None else None
+    sizing = cache.get(key) if cache is not None else None
+    if sizing is None:
+        # the parameters as fake tensors of the run's device: the optimizer sizes its step for that device
+        fake = on_fake_device(meta, device)
+        quantized = {id(fake[i]): name for i, name in quantized.items()}
+        sizing = _size_optimizer(meta, optimizer, optim_args)
+        if cache is not None:
+            cache[key] = sizing
+    else:  # a cached sizing: what the optimizer did to the model, done again
+        frozen = set(sizing["frozen"])
+        for n, p in _unique_params(meta):
+            if n in frozen:
+                p.requires_grad_(False)
+    _emit(sizing["messages"], stacklevel=2)
+    sized = _pick(sizing, layerwise)
+    opt_bytes, transient, how = sized["state"], sized["transient"], sized["how"]
 
     params = _unique_params(meta)
     weights = constants = 0
@@ -482,9 +562,6 @@ def estimate_memory(
             n_quantized += p.numel()
         else:
             weights += p.numel() * p.element_size()
-    # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
-    sized = optimizer_sizes(meta, optimizer, optim_args, layerwise=layerwise)
-    opt_bytes, transient, how = sized["state"], sized["transient"], sized["how"]
     trainable = [(n, p) for n, p in params if p.requires_grad]
     grad_sizes = [p.numel() * p.element_size() for _, p in trainable]
     gradients = (max(grad_sizes) if grad_sizes else 0) if layerwise else sum(grad_sizes)

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .estimate import MemoryEstimate, check_device, estimate_memory, peak_total, resolve_config
+from .estimate import MemoryEstimate, check_device, estimate_memory, peak_total, resolve_config, sizing_cache
 
 COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5, "layerwise": 0.5,
          "checkpointing": 1.0, "quantization": 1.5}
@@ -201,8 +201,11 @@ def search_budget(
                             cost, [f"LoRA r={lr}"] + ([f"{q} base weights"] if q else [])))
 
     out: list[Candidate] = []
-    for static, cost, gives in statics:
-        est: MemoryEstimate = estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, device=device, **static)
+    # one optimizer sizing per optimizer config and trainable set, shared by layerwise / quantization variants
+    with sizing_cache():
+        ests: list[MemoryEstimate] = [estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, device=device, **static)
+                                      for static, _, _ in statics]
+    for (static, cost, gives), est in zip(statics, ests):
         fixed = est.weights + est.quant_constants + est.gradients + est.optimizer_states
         if fixed >= limit:
             continue
