@@ -100,12 +100,15 @@ WHOLE_TENSOR = ["adam_mini", "adam_mini_attn", "adam_mini_wide", "adamw_sn_wide"
 def _instrument(opt):
     """Record the engine's multi-tensor steps: each foreach bucket's number of pieces and elements,
     and the projected parameters stepped in projected buckets."""
-    seen = {"pieces": 0, "bucket_numel": [], "low": 0}
+    seen = {"pieces": 0, "bucket_numel": [], "bucket_counts": [], "low": 0}
     step_bucket, step_low = opt._step_bucket, opt._step_low_bucket
 
     def bucket(key, b):
         seen["pieces"] += len(b[1])
         seen["bucket_numel"].append(sum(p.numel() for p, _, _ in b[1]))
+        n, rule = seen["bucket_numel"][-1], opt.recipe.moment  # the rule's count of it, from its members and group
+        seen["bucket_counts"].append(rule.foreach_bucket_transient_bytes(n, [(p.numel(), st) for p, _, st in b[1]], b[0])
+                                     + 4 * n * bool(opt.recipe.stabilizers))
         return step_bucket(key, b)
 
     def low(b):
@@ -122,7 +125,7 @@ def _run(tag, foreach=None, mesh=None, rows=slice(None), halves=False):
     (one process): the gradient is the mean of the two half-batches' gradients, as FSDP2's
     reduce-scatter forms it on 2 ranks (the same float32 roundings). Returns the whole weights, the
     recorded multi-tensor steps and step_transient_bytes() with the largest foreach bucket's
-    transient by the rule's formula."""
+    transient by the rule's count (foreach_bucket_transient_bytes of its members and group)."""
     name, net = FLOAT32.get(tag, (tag, Net))
     model, x, y = make(net=net)
     chunked = tag.endswith("_chunked")
@@ -153,8 +156,7 @@ def _run(tag, foreach=None, mesh=None, rows=slice(None), halves=False):
     if seen is not None:
         largest = max(seen["bucket_numel"], default=0)
         seen["transient"] = opt.step_transient_bytes()
-        seen["bucket_transient"] = (opt.recipe.moment.foreach_transient_bytes(largest)
-                                    + 4 * largest * bool(opt.recipe.stabilizers))
+        seen["bucket_transient"] = max(seen["bucket_counts"], default=opt.recipe.moment.foreach_transient_bytes(0))
         seen["largest_bucket"] = largest
         if mesh is not None:  # the state every rank keeps whole is the same on both (0.0)
             seen["replicated_gap"] = _replicated_state_gap(opt, dist.get_rank())
@@ -310,7 +312,7 @@ def test_fsdp2_whole_tensor_statistics_stay_off_the_foreach_path(sharded, tag):
 @pytest.mark.parametrize("tag", TAGS)
 def test_fsdp2_step_transient_bytes_cover_the_shards_buckets(request, tag):
     """step_transient_bytes() on a rank covers what its largest foreach bucket of local shards
-    allocates by the rule's formula (foreach_transient_bytes, plus the stabilized gradients); for
+    allocates by the rule's count (foreach_bucket_transient_bytes of its members and group, plus the stabilized gradients); for
     the element-wise recipes, Subset-Norm and Adam-mini's row / head blocks on Net the bucket is the
     term that decides it (equal; in pieces a tensor of Adam-mini / Subset-Norm is stepped whole from
     its first one, whose chunk may decide)."""
