@@ -2,9 +2,11 @@
 
 Each candidate is a point of: optimizer (and rank for subspace recipes), LoRA rank, 4-bit
 quantization, gradient checkpointing, layerwise stepping, and batch size. Weights, gradients and
-optimizer state are estimated once per (optimizer, rank, LoRA, quantization, layerwise) on the meta
-device; activations for every batch size and checkpointing choice come from the same activation
-model, so the search is a few seconds per optimizer even for 70B shapes.
+optimizer state are estimated once per (optimizer, rank, LoRA, quantization, layerwise) without
+allocating anything, the optimizer itself sized once per :func:`~lowmem.memory.estimate.sizing_key`
+(inside :func:`~lowmem.memory.estimate.sizing_cache`: layerwise and 4-bit variants share it);
+activations for every batch size and checkpointing choice come from the same activation model, so
+the search is a few seconds per optimizer even for 70B shapes.
 
 What a configuration gives up (``cost``; lower is better, ties prefer larger batches):
 
