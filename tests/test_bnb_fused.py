@@ -124,16 +124,34 @@ def test_fused_true_refuses_what_it_cannot_run():
     p.grad = torch.randn_like(p)
     with pytest.raises(ValueError, match=r"fused=True.*block_size=128"):
         AdamW8bit([p], fused=True, block_size=128).step()
-    with pytest.raises(ValueError, match=r"fused=True.*per-parameter step"):
-        AdamW8bit([p], fused=True, foreach=False).step()
-    q = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
-    q.grad = torch.randn_like(q)
-    with pytest.raises(ValueError, match=r"fused=True.*per-parameter step"):
-        AdamW8bit([q], fused=True).step()
     with pytest.raises(ValueError, match="fused"):
         AdamW8bit([p], fused="yes")
     # below min_quant_size: float32 moments take the plain step, no error
     AdamW8bit([p], fused=True, min_quant_size=10**6).step()
+
+
+def test_per_parameter_step_runs_the_kernel():
+    """The engine's per-parameter step (foreach=False, a bf16 parameter) takes the kernel through
+    MomentRule.fused_step_: bit for bit the multi-tensor fused step (the same whole blocks), not the
+    chunked step (which rounds m's update differently)."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    grads = [torch.randn(96, 128) for _ in range(3)]
+    runs = {}
+    for name, kw in {"foreach": {}, "alone": {"foreach": False}, "chunked": {"fused": False, "foreach": False}}.items():
+        p = torch.nn.Parameter(w.clone())
+        opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, **({"fused": True} | kw))
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        runs[name] = p.detach().clone()
+    assert torch.equal(runs["alone"], runs["foreach"])
+    assert not torch.equal(runs["alone"], runs["chunked"])
+    q = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
+    q.grad = torch.randn_like(q)
+    before = q.detach().clone()
+    AdamW8bit([q], fused=True).step()  # (bf16: the per-parameter step; bitsandbytes' op takes bf16)
+    assert not torch.equal(q.detach(), before)
 
 
 def test_state_is_bitsandbytes_format_and_round_trips():

@@ -1180,6 +1180,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._init_state(p, group, state, key=key if reduce is not None else None)
         t = _advance_step(state["step"])
 
+        if (projected_grad is None and reduce is None and not r.stabilizers and not self._is_projected(p, group)
+                and r.moment.fused_step_(p, grad, group, state, t, r.lr_rule(group, state, p, t), self.chunk_numel)):
+            return  # (a fused kernel stepped p and its state: adamw8bit's fused, Quantized.fused_step_)
         if projected_grad is None:
             bounds = self._chunk_bounds(p, group, state, grad)
             if bounds is None and reduce is not None:

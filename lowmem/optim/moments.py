@@ -76,6 +76,12 @@ class MomentRule:
         state's tensors (their dtypes and shapes are fixed at allocation). Default: :attr:`supports_foreach`."""
         return self.supports_foreach
 
+    def fused_step_(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                    lr: Any, chunk_numel: int | None) -> bool:
+        """The whole per-parameter step of ``p`` (moments, decay, update) by a fused kernel, in place;
+        returns whether it ran (the engine's plain step otherwise). Default: never."""
+        return False
+
     def steps_pieces_whole(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> bool:
         """Whether :meth:`foreach_step_` steps a tensor of ``shape`` with this ``state`` that reaches a
         bucket in flat pieces (larger than the engine's ``chunk_numel``) whole from its first piece

@@ -263,9 +263,9 @@ class Quantized(MomentRule):
     def direction(self, g, state, group, t, lr):
         if group.get("fused") is True and self._fusable(state):
             raise ValueError(
-                "fused=True: this parameter takes the engine's per-parameter step (foreach=False, a parameter that"
-                " is not float32, layerwise mode, step_param or FSDP2), which has no fused form; fused=True needs"
-                " the multi-tensor step (foreach=None, float32 parameters)")
+                "fused=True: this parameter's step has no fused form (an FSDP2 shard, or a recipe with"
+                " stabilizers: the kernel updates the whole local tensor with plain AdamW); use fused=None or"
+                " fused=False")
         view, quantized = self._decoded(g, state, group)
         d = self.inner.direction(g, view, group, t, lr)
         extra = state.extra if isinstance(state, ChunkState) else {}
@@ -392,8 +392,9 @@ class Quantized(MomentRule):
         """The per-parameter step of ``p`` by :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_` (on CPU in
         slices of ``chunk_numel`` rounded down to whole blocks) when :meth:`_fused_member_`'s conditions
         hold; returns whether it ran. For the engine's per-parameter step (float32 / bf16 / fp16
-        parameters, ``foreach=False``, layerwise mode): the engine does not call it yet (its hook is
-        proposed in the session's engine patch), so :meth:`direction` refuses ``fused=True`` there."""
+        parameters, ``foreach=False``, layerwise mode), called by the engine's ``_update`` for a plain
+        (unsharded, unprojected, unstabilized) parameter; :meth:`direction` refuses ``fused=True`` on the
+        steps that do not call it (FSDP2 shards, stabilizers)."""
         if "fused" not in group or group["fused"] is False or not self._fusable(state):
             return False
         if not bnb_fused.use_fused(p, grad, state, group):

@@ -86,14 +86,15 @@ class AdamW8bit(LowMemOptimizer):
         {_QUANT_ARGS_DOC.strip()} Defaults to 256 for ``block_size``.
         fused (`bool` or `None`, defaults to `None`): bitsandbytes' fused blockwise 8-bit Adam step
             (``optimizer_update_8bit_blockwise``, :mod:`lowmem.optim.bnb_fused`) on the 8-bit state
-            itself (same format, same checkpoints), for the tensors with 8-bit moments on the
-            multi-tensor step (float32 parameters, ``foreach`` not `False`). `None`: on CUDA where it
+            itself (same format, same checkpoints), for the tensors with 8-bit moments, on the
+            multi-tensor step and on the per-parameter one (``foreach=False``, bf16 / fp16
+            parameters, layerwise mode); not on FSDP2 shards. `None`: on CUDA where it
             applies (``block_size=256``, a contiguous parameter and gradient of one dtype,
             ``weight_decay >= 0``); the kernel works in registers (0 transient bytes) but decays after
             the update and rounds its codes its own way, so results differ from the CPU path at
             rounding level (not tested without a GPU). CPU keeps the chunked PyTorch step. `True`:
-            required, a `ValueError` naming the failing condition otherwise (also for a tensor on
-            the per-parameter step); on CPU it runs bitsandbytes' CPU implementation, with float32
+            required, a `ValueError` naming the failing condition otherwise (also for an FSDP2
+            shard); on CPU it runs bitsandbytes' CPU implementation, with float32
             temporaries of 20 bytes per value of each slice of whole blocks (at most ``chunk_numel``
             values, counted by ``step_transient_bytes``). `False`: never. Tensors below
             ``min_quant_size`` (float32 moments) always take the plain step.
