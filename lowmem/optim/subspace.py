@@ -207,10 +207,10 @@ class SubspaceProjection(Projection):
         method = self.method(group)
         if method in BASIS_METHODS:
             side = self._side(param.shape, group)
-            if side in ("left", "full"):
-                state["proj_left"] = torch.zeros(m, r, dtype=torch.float32, device=dev)
+            if side in ("left", "full"):  # (column-major: the project-down GEMM's faster layout)
+                state["proj_left"] = GL.basis_zeros(m, r, dev)
             if side in ("right", "full"):
-                state["proj_right"] = torch.zeros(r, n, dtype=torch.float32, device=dev)
+                state["proj_right"] = GL.basis_zeros(r, n, dev)
             if method == "online_pca" and group["proj_optimizer"] == "adam":
                 basis = state.get("proj_left", state.get("proj_right"))
                 state["pca_exp_avg"] = torch.zeros_like(basis)
