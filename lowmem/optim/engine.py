@@ -664,48 +664,74 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ``torch.optim.Optimizer.load_state_dict`` casts floating-point state to the parameter's
         dtype; for a bf16 model that would silently round float32 moments (and break quantized
         codes). Step counters stay on the CPU. State of a sharded parameter saved as ``DTensor`` s
-        (:meth:`state_dict`) comes back as plain tensors of the local shard, each checked against
-        what this optimizer allocates for the shard (:func:`~lowmem.optim.sharded.check_loaded_state`);
-        a checkpoint whose group settings give a sharded parameter's state another layout than this
-        optimizer's own settings (another rank, head_dim, quantization) or come from another
-        optimizer refuses (:func:`~lowmem.optim.sharded.check_same_settings`). On an error the
-        optimizer keeps its groups and state as they were.
+        (:meth:`state_dict`) comes back as plain tensors of the local shard. Every parameter's loaded
+        state is checked against what this optimizer allocates for it (the shard's, or
+        :meth:`_probe_state` on fake tensors; :func:`~lowmem.optim.sharded.check_loaded_state`); a
+        checkpoint whose group settings give a parameter's state another layout than this optimizer's
+        own settings (another rank, head_dim, quantization, state dtype) or come from another
+        optimizer refuses (:func:`~lowmem.optim.sharded.check_same_settings`). A setting of this
+        recipe the checkpoint's group lacks (it predates the setting) keeps the constructor's value.
+        On an error the optimizer keeps its groups and state as they were.
 
         Raises:
-            ValueError: A sharded parameter's loaded state lacks an entry, holds one of another shape
-                or dtype (or ``None``) or one this optimizer does not keep, or was saved with settings
-                that change its layout; the message names the parameter and the entry.
+            ValueError: A parameter's loaded state lacks an entry, holds one of another shape or dtype
+                (or ``None``) or one this optimizer does not keep, or was saved with settings that
+                change its layout or by another optimizer; the message names the parameter (or
+                group) and the entry.
         """
         kept = self.param_groups, self.state
-        sharded = {p: (dict(g), i) for i, g in enumerate(self.param_groups) for p in g["params"] if is_dtensor(p)}
+        before = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
         try:
-            self._load_state(state_dict, sharded)
+            self._load_state(state_dict, before)
         except Exception:
             self.param_groups, self.state = kept
             raise
 
-    def _load_state(self, state_dict: dict[str, Any], sharded: dict[Tensor, tuple[dict[str, Any], int]]) -> None:
-        """:meth:`load_state_dict` after torch's: the state's dtypes and devices, sharded state
-        converted and checked (``sharded``: each sharded parameter's group settings before the load)."""
+    def _probe_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """What :meth:`_init_state` allocates for the unsharded parameter ``p`` under ``group``'s
+        settings, as fake tensors (shapes and dtypes; nothing allocated, no random draw)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        probe: dict[str, Tensor] = {}
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            self._init_state(p, group, probe)
+        return probe
+
+    def _load_state(self, state_dict: dict[str, Any], before: list[dict[str, Any]]) -> None:
+        """:meth:`load_state_dict` after torch's: the groups' settings and every parameter's state
+        checked (``before``: the groups' settings before the load), the state's dtypes and devices,
+        sharded state converted."""
         self._forget_routes()  # (new state dicts and groups: the cached paths would not match anyway)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
         cpu_keys = {"step", *(self.recipe.projection.cpu_state_keys if self.recipe.projection is not None else ())}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
-        for p, (before, i) in sharded.items():  # torch replaced the groups' settings with the checkpoint's
-            check_same_settings(before, group_of[p], lambda g, p=p: state_layout(self._init_state, p, g, self._is_projected(p, g)),
-                                f"{self.recipe.name}: parameter group {i}")
+        own = set(self.recipe.all_hparams())
+        for i, (mine, group) in enumerate(zip(before, self.param_groups)):
+            # torch replaced the group's settings with the checkpoint's; one of this recipe's settings the
+            # checkpoint lacks (it predates the setting, e.g. adamw8bit's fused) keeps the constructor's value
+            for k in own & set(mine) - set(group):
+                group[k] = mine[k]
+            for p in group["params"]:  # another optimizer's settings, or a layout other settings give the state
+                if is_dtensor(p):
+                    layout = lambda g, p=p: state_layout(self._init_state, p, g, self._is_projected(p, g))  # noqa: E731
+                else:
+                    layout = lambda g, p=p: {k: (tuple(v.shape), v.dtype) for k, v in self._probe_state(p, g).items()}  # noqa: E731
+                check_same_settings(mine, group, layout, f"{self.recipe.name}: parameter group {i}")
         for pid, saved in state_dict["state"].items():
             p = id_map.get(pid)
             if p is None:
                 continue
+            where = f"{self.recipe.name}: parameter {pid!r} of shape {tuple(p.shape)}"
             if is_dtensor(p):  # the shapes the recipe allocates for the local shard (nothing allocated)
                 probe: dict[str, Tensor] = {}
                 self._init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group_of[p], probe, key=p)
                 saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
-                check_loaded_state(saved, probe, f"{self.recipe.name}: parameter {pid!r} of shape {tuple(p.shape)}")
+                check_loaded_state(saved, probe, where)
+            else:
+                check_loaded_state(saved, self._probe_state(p, group_of[p]), where)
             device = local(p).device
             self.state[p] = {
                 k: v.detach().to(device="cpu" if k in cpu_keys else device, copy=True) if isinstance(v, Tensor) else v
