@@ -203,3 +203,14 @@ def test_adafactor_with_an_lr_steps_like_the_trainers_adafactor():
             o.step()
     for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_optimizer_names_the_close_matches():
+    """A typo in an optimizer's name (lowmem bench, LowMemTrainingArguments(lowmem_optim=...),
+    create_optimizer) names the close registered names before the list."""
+    from lowmem.optim import get_entry
+
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'adamw8bitt' \(did you mean \['adamw8bit'"):
+        get_entry("adamw8bitt")
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'zzzz'; valid: \["):
+        get_entry("zzzz")

@@ -9,6 +9,8 @@ generic test suite then covers it.
 
 from __future__ import annotations
 
+import difflib
+
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -160,7 +162,9 @@ def register(
 def get_entry(name: str) -> OptimizerEntry:
     key = _canonical(name)
     if key not in _REGISTRY:
-        raise ValueError(f"Unknown optimizer {name!r}; valid: {sorted(_REGISTRY)}")
+        close = difflib.get_close_matches(key, sorted(_REGISTRY), n=3)
+        raise ValueError(f"Unknown optimizer {name!r}" + (f" (did you mean {close}?)" if close else "")
+                         + f"; valid: {sorted(_REGISTRY)}")
     return _REGISTRY[key]
 
 
