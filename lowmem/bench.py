@@ -471,7 +471,15 @@ def main(args) -> int:
     lr = args.lr if args.lr is not None else TINY_DEFAULTS["lr"]
     batch_size = args.batch_size if args.batch_size is not None else TINY_DEFAULTS["batch_size"]
     repeats = getattr(args, "repeats", 5)
-    round_slices(steps - WARMUP, repeats)  # too few steps for the rounds: fail before loading anything
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if steps < WARMUP + repeats:  # too few steps for the rounds: fail before loading anything
+        raise ValueError(f"--steps must be >= {WARMUP + repeats} ({WARMUP} warm-up steps + one per round of"
+                         f" --repeats {repeats}), got {steps}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     results = run_bench(
         names, steps=steps, model_path=args.model, lr=lr, rank=args.rank, batch_size=batch_size,
         seed=args.seed, device=args.device, optim_args=_parse_optim_args(args.optim_args), warmup=WARMUP,

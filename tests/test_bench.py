@@ -456,3 +456,16 @@ def test_state_bytes_of_a_peer_count_tensor_subclasses_and_skip_counters():
     opt.state[p]["m"] = torch.zeros(3)
     opt.state["total_step"] = 4
     assert _state_bytes(opt) == 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be >= "),
+    (["--steps", "6", "--repeats", "5"], "--steps must be >= 10"),
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_bad_tiny_task_flags_name_the_flag(argv, message, capsys):
+    """The tiny task's numeric flags are checked before anything loads, naming the flag and its range
+    (--steps 0 said '-5 timed steps cannot make 5 rounds'; --lr -1 was torch's 'Invalid learning rate')."""
+    assert main(["bench", "adamw", *argv]) == 2
+    assert message in capsys.readouterr().err
