@@ -730,7 +730,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 self._init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group_of[p], probe, key=p)
                 saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
                 check_loaded_state(saved, probe, where)
-            else:
+            elif saved:  # (an empty state, e.g. BAdam's inactive blocks, is allocated at p's next step)
                 check_loaded_state(saved, self._probe_state(p, group_of[p]), where)
             device = local(p).device
             self.state[p] = {

@@ -525,6 +525,7 @@ def check_same_settings(current: dict[str, Any], loaded: dict[str, Any], layout:
         ValueError: Naming ``where``, the settings that differ and the state entries they change.
     """
     keys_now, keys_saved = set(current) - {"params"}, set(loaded) - {"params"}
+    keys_saved -= TORCH_GROUP_KEYS - keys_now  # (a torch.optim checkpoint's own flags, e.g. AdamW's amsgrad)
     # (keys no optimizer setting has, e.g. an LR scheduler's 'initial_lr', load as torch loads them)
     unknown, lacks = sorted((keys_saved - keys_now) & _setting_names()), sorted((keys_now - keys_saved) & _setting_names())
     if unknown or lacks:
@@ -548,6 +549,12 @@ def _refuse_settings(current: dict[str, Any], loaded: dict[str, Any], where: str
 
 
 _SETTINGS: set[str] = set()
+
+
+#: Group keys of torch.optim's optimizers (AdamW's flags) that a torch checkpoint carries; resuming one
+#: with the matching lowmem recipe (tests/test_optim_parity.py) is not "another optimizer's settings".
+TORCH_GROUP_KEYS = frozenset({"amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+                              "decoupled_weight_decay"})
 
 
 def _setting_names() -> set[str]:
