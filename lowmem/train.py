@@ -444,6 +444,8 @@ def _check_report_to(report_to: str | list[str]) -> None:
 
 def lora_config(fields: dict[str, Any]):
     """``peft.LoraConfig(task_type="CAUSAL_LM", **fields)``, with an error listing valid fields."""
+    import difflib
+
     from peft import LoraConfig
 
     if not isinstance(fields, dict):
@@ -451,8 +453,16 @@ def lora_config(fields: dict[str, Any]):
     valid = sorted(f.name for f in dataclasses.fields(LoraConfig))
     unknown = sorted(set(fields) - set(valid))
     if unknown:
-        raise ValueError(f"Unknown lora field(s) {unknown}; valid: {valid}")
+        # the names people write for peft's (LLaMA-Factory's lora_rank, ...), then close spellings
+        close = sorted({m for k in unknown for m in ([_LORA_SYNONYMS[k]] if k in _LORA_SYNONYMS
+                                                     else difflib.get_close_matches(k, valid, n=2))})
+        raise ValueError(f"Unknown lora field(s) {unknown}" + (f"; did you mean {close}?" if close else "")
+                         + f"; valid: {valid}")
     return LoraConfig(**{"task_type": "CAUSAL_LM", **fields})
+
+
+_LORA_SYNONYMS = {"rank": "r", "lora_rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                  "lora_target": "target_modules", "targets": "target_modules", "target": "target_modules"}
 
 
 def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:

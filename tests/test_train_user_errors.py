@@ -176,3 +176,13 @@ def test_warmup_ratio_configs_and_fractional_warmup_steps(tmp_path):
     assert build_training_args(load_recipe(None, warmup_steps=3, output_dir=str(tmp_path))).get_warmup_steps(50) == 3
     with pytest.raises(ConfigError, match=r"warmup_steps=2.5: expected a whole number of steps, or a fraction"):
         load_recipe(None, warmup_steps=2.5)
+
+
+@pytest.mark.parametrize("fields, hint", [({"rank": 8}, "['r']"), ({"lora_rank": 8, "alpha": 16}, "['lora_alpha', 'r']"),
+                                          ({"lora_dropuot": 0.1}, "['lora_dropout']")])
+def test_lora_field_typos_name_peft_s_field(fields, hint):
+    """`lora: {rank: 8}` (LLaMA-Factory's lora_rank, ...) names peft's field before the list."""
+    from lowmem.train import lora_config
+
+    with pytest.raises(ValueError, match=r"Unknown lora field\(s\) .*; did you mean " + __import__("re").escape(hint)):
+        lora_config(fields)
