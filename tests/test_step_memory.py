@@ -496,7 +496,9 @@ def test_range_finder_bytes_counts_the_live_phases():
     for i, (d, e, r) in enumerate(cases):
         for j, oversample in enumerate((4, None)):
             counted = GL.range_finder_bytes(d, e, r, 2, oversample, first_call=False)
-            assert 0.9 * counted <= peaks[2 * i + j] <= counted, ((d, e, r, oversample), peaks[2 * i + j], counted)
+            # (+ 64 KiB: RSS noise of a few pages, seen once in CI under load: 4,632,576 for 4,604,160;
+            # every term of the count is at least r d 4 B = 1 MiB here)
+            assert 0.9 * counted <= peaks[2 * i + j] <= counted + 65536, ((d, e, r, oversample), peaks[2 * i + j], counted)
 
 
 @pytest.mark.slow  # about 60 s: 4096 x 11008 and 8192 x 8192 weights, three steps each
