@@ -285,6 +285,7 @@ def check_group_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "", 
     hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(str(k), valid, n=1))]
     loc = f" in {where}" if where else ""
     raise ValueError(
-        f"Unknown parameter-group key(s) {unknown}{loc} of optimizer '{recipe.name}'"
+        f"Unknown parameter-group key(s) {unknown}{loc}"
+        + ("" if f"optimizer '{recipe.name}'" in where else f" of optimizer '{recipe.name}'")
         + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; valid: {valid}"
     )

@@ -525,6 +525,7 @@ def check_same_settings(current: dict[str, Any], loaded: dict[str, Any], layout:
         ValueError: Naming ``where``, the settings that differ and the state entries they change.
     """
     keys_now, keys_saved = set(current) - {"params"}, set(loaded) - {"params"}
+    check_torch_flags(loaded, keys_now, where)
     keys_saved -= TORCH_GROUP_KEYS - keys_now  # (a torch.optim checkpoint's own flags, e.g. AdamW's amsgrad)
     # (keys no optimizer setting has, e.g. an LR scheduler's 'initial_lr', load as torch loads them)
     unknown, lacks = sorted((keys_saved - keys_now) & _setting_names()), sorted((keys_now - keys_saved) & _setting_names())
@@ -555,6 +556,37 @@ _SETTINGS: set[str] = set()
 #: with the matching lowmem recipe (tests/test_optim_parity.py) is not "another optimizer's settings".
 TORCH_GROUP_KEYS = frozenset({"amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
                               "decoupled_weight_decay"})
+
+
+#: The values of torch.optim's flags under which a torch checkpoint's run is the lowmem recipe's update
+#: (AdamW's defaults); another value changes the update and is refused on load (:func:`check_torch_flags`).
+TORCH_FLAG_MEANING = {
+    "maximize": (False, "torch's maximize=True ascends the objective (theta <- theta + lr * update); lowmem"
+                        " optimizers minimize: negate the loss instead"),
+    "amsgrad": (False, "torch's amsgrad=True divides by max_t sqrt(v_t) (Reddi et al. 2018); lowmem's Adam"
+                       " divides by sqrt(v_t)"),
+    "decoupled_weight_decay": (True, "torch.optim.Adam's weight_decay is L2 (g <- g + wd * theta, inside the"
+                                     " moments); lowmem's is decoupled (theta <- theta - lr * wd * theta,"
+                                     " Loshchilov & Hutter 2019)"),
+}
+
+
+def check_torch_flags(loaded: dict[str, Any], keys_now: set[str], where: str) -> None:
+    """A torch.optim checkpoint's group flags that change the update (:data:`TORCH_FLAG_MEANING`) must
+    have AdamW's default values when the recipe has no such setting: ``maximize=True`` would otherwise
+    load and the run would descend where torch's ascended.
+
+    Raises:
+        ValueError: Naming the flag, its saved value and the only value this optimizer can honour.
+    """
+    for k, (ok, why) in TORCH_FLAG_MEANING.items():
+        if k in keys_now or k not in loaded or loaded[k] == ok:
+            continue
+        if k == "decoupled_weight_decay" and not loaded.get("weight_decay"):
+            continue  # coupled or decoupled, a zero decay is the same update
+        raise ValueError(
+            f"{where}: the checkpoint's parameter group has {k}={loaded[k]!r}, which this optimizer cannot"
+            f" honour (valid: {k}={ok!r}, or a checkpoint without it): {why}")
 
 
 def _setting_names() -> set[str]:

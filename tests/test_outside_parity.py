@@ -1,0 +1,122 @@
+"""Outside checks of lowmem's optimizers against the packages and papers they claim to match, on
+configurations the per-optimizer tests leave out: several parameter groups with their own settings,
+1-D / 3-D / 4-D and tall / wide parameters, missing and zero gradients, a LambdaLR schedule, a
+weights-only checkpoint reloaded mid-trajectory, and checkpoints of the peers whose settings lowmem
+cannot honour (refused, never silently ignored). Small tensors: each test takes a few seconds."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem.optim import AdamW
+
+
+def zoo(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def trajectory(make, params, steps=20, seed=1, lr_lambda=None, none=(), zero=(), reload_at=None):
+    """``steps`` steps of ``make(params)`` on seeded gradients: parameter ``i in none`` gets no gradient
+    every third step, ``i in zero`` a zero one every fourth; with ``reload_at`` the optimizer (and its
+    LambdaLR) is rebuilt there from a ``torch.load(weights_only=True)`` checkpoint."""
+    opt = make(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda else None
+    g = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        if t == reload_at:
+            buf = io.BytesIO()
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict() if sched else None}, buf)
+            buf.seek(0)
+            saved = torch.load(buf, weights_only=True)
+            opt = make(params)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda else None
+            opt.load_state_dict(saved["opt"])
+            if sched:
+                sched.load_state_dict(saved["sched"])
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g) * (1 + t % 3)
+            if i in none and t % 3 == 1:
+                grad = None
+            elif i in zero and t % 4 == 2:
+                grad = torch.zeros(p.shape)
+            p.grad = None if grad is None else grad.to(p.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=t % 2 == 0)
+        if sched:
+            sched.step()
+    return params
+
+
+def max_rel_diff(ours, ref, init):
+    """max |ours - ref| over the largest update |ref - init|, over all parameters."""
+    worst = 0.0
+    for a, b, c in zip(ours, ref, init):
+        a, b, c = a.detach().double(), b.detach().double(), c.detach().double()
+        worst = max(worst, ((a - b).abs().max() / (b - c).abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def run_pair(ours, peer, shapes, dtype=torch.float32, **kw):
+    init = zoo(shapes, dtype)
+    a, b = copy.deepcopy(init), copy.deepcopy(init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trajectory(peer, b, **{k: v for k, v in kw.items() if k != "reload_at"})
+        trajectory(ours, a, **kw)
+    return max_rel_diff(a, b, init)
+
+
+# ---- torch.optim.AdamW ----------------------------------------------------------------------
+
+SHAPES = [(24, 16), (16, 40), (16,), (3, 8, 10), (2, 3, 4, 5)]
+
+
+def adamw_groups(ps):
+    return [{"params": ps[:2], "lr": 1e-2, "weight_decay": 0.05},
+            {"params": ps[2:3], "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-4},
+            {"params": ps[3:], "lr": 3e-3}]
+
+
+def test_adamw_groups_schedule_missing_grads_and_reload_match_torch():
+    kw = dict(lr=5e-3, betas=(0.85, 0.97), eps=1e-6, weight_decay=0.1)
+    diff = run_pair(lambda ps: AdamW(adamw_groups(ps), **kw),
+                    lambda ps: torch.optim.AdamW(adamw_groups(ps), foreach=False, **kw), SHAPES,
+                    lr_lambda=lambda t: 1 / (1 + 0.3 * t), none=(0, 3), zero=(1, 2), reload_at=7)
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("flags", [{"maximize": True}, {"amsgrad": True}], ids=["maximize", "amsgrad"])
+def test_torch_checkpoint_flags_lowmem_cannot_honour_are_refused(flags):
+    """torch.optim.AdamW(maximize=True) loaded silently and the run then descended; amsgrad=True and
+    torch.optim.Adam's coupled (L2) weight decay change the update too: each is refused by name, and
+    the optimizer is left as it was."""
+    ps = zoo([(4, 3)])
+    torch_opt = torch.optim.AdamW(ps, lr=1e-2, **flags)
+    ps[0].grad = torch.ones(4, 3)
+    torch_opt.step()
+    ours = AdamW(copy.deepcopy(ps), lr=1e-2)
+    name = next(iter(flags))
+    with pytest.raises(ValueError, match=rf"{name}=True.*valid: {name}=False"):
+        ours.load_state_dict(torch_opt.state_dict())
+    assert ours.param_groups[0]["lr"] == 1e-2 and name not in ours.param_groups[0]
+
+
+def test_torch_adam_coupled_weight_decay_is_refused_and_without_decay_loads():
+    ps = zoo([(4, 3)])
+    for wd in (0.1, 0.0):
+        torch_opt = torch.optim.Adam(ps, lr=1e-2, weight_decay=wd)
+        ps[0].grad = torch.ones(4, 3)
+        torch_opt.step()
+        ours = AdamW(copy.deepcopy(ps), lr=1e-2, weight_decay=0.0)
+        if wd:
+            with pytest.raises(ValueError, match="decoupled_weight_decay=False.*valid: decoupled_weight_decay=True"):
+                ours.load_state_dict(torch_opt.state_dict())
+        else:  # no decay: Adam's update is AdamW's
+            ours.load_state_dict(torch_opt.state_dict())
