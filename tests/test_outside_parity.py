@@ -120,3 +120,66 @@ def test_torch_adam_coupled_weight_decay_is_refused_and_without_decay_loads():
                 ours.load_state_dict(torch_opt.state_dict())
         else:  # no decay: Adam's update is AdamW's
             ours.load_state_dict(torch_opt.state_dict())
+
+
+# ---- SPAM / Stable-SPAM: pytorch_optimizer 4.1.0, with the authors' cosine schedules ---------------
+
+def _authors_cosine(self, t):
+    """The authors' Stable-SPAM CosineDecay.get_dr: torch's ``CosineAnnealingLR(T_max=t_max + 1,
+    eta_min).step(t)``, i.e. its closed form at epoch ``t``, not clamped. pytorch_optimizer 4.1.0
+    sets ``last_epoch = t`` and calls ``step()``: torch's recursive form one epoch later, clamped at
+    ``t_max``: other multipliers (docs/compressed.md)."""
+    import math
+
+    base = self.sgd.param_groups[0]["initial_lr"]
+    return self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * t / (self.t_max + 1))) / 2
+
+
+def _authors_spam_cosine(self, t):
+    """The authors' SPAM CosineDecay.get_dr: as :func:`_authors_cosine`, ``eta_min`` from ``t >= t_max`` on."""
+    return self.eta_min if t >= self.t_max else _authors_cosine(self, t)
+
+
+SPAM_SHAPES = [(24, 16), (16, 40), (16,), (3, 8, 10)]
+
+
+def spam_groups(ps):
+    return [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("cfg", [dict(threshold=3.0, reset_interval=7, warmup_steps=3, grad_accu_steps=2),
+                                 dict(threshold=5000.0, reset_interval=10, warmup_steps=4, grad_accu_steps=20)],
+                         ids=["clipping", "resets"])
+def test_spam_matches_pytorch_optimizer_with_the_authors_warmup(cfg, monkeypatch):
+    po = pytest.importorskip("pytorch_optimizer")
+    from pytorch_optimizer.optimizer import spam as po_spam
+
+    from lowmem.optim import SPAM
+
+    kw = dict(lr=5e-3, betas=(0.85, 0.98), eps=1e-6, weight_decay=0.1)
+    peer_kw = dict(threshold=cfg["threshold"], update_proj_gap=cfg["reset_interval"],
+                   warmup_epoch=cfg["warmup_steps"], grad_accu_steps=cfg["grad_accu_steps"])
+    ours = lambda ps: SPAM(spam_groups(ps), **kw, **cfg)  # noqa: E731
+    peer = lambda ps: po.SPAM(spam_groups(ps), **kw, **peer_kw, foreach=False)  # noqa: E731
+    as_ported = run_pair(ours, peer, SPAM_SHAPES, steps=25, lr_lambda=lambda t: 1 / (1 + 0.1 * t), reload_at=9)
+    monkeypatch.setattr(po_spam.CosineDecay, "get_death_rate", _authors_spam_cosine)
+    diff = run_pair(ours, peer, SPAM_SHAPES, steps=25, lr_lambda=lambda t: 1 / (1 + 0.1 * t), reload_at=9)
+    assert diff < 1e-5  # measured 1.7e-6
+    assert as_ported > 1e-2  # the port's warm-up multipliers (0.155, 0.578, 0.928 for W=3; the authors' 0.01, 0.155, 0.505)
+
+
+def test_stable_spam_t_max_matches_pytorch_optimizer_with_the_authors_schedule(monkeypatch):
+    po = pytest.importorskip("pytorch_optimizer")
+    from pytorch_optimizer.optimizer import spam as po_spam
+
+    from lowmem.optim import StableSPAM
+
+    cfg = dict(gamma1=0.5, gamma2=0.8, theta=0.9, t_max=10)
+    kw = dict(lr=5e-3, betas=(0.85, 0.98), eps=1e-6, weight_decay=0.1)
+    ours = lambda ps: StableSPAM(spam_groups(ps), **kw, **cfg, reset_interval=8)  # noqa: E731
+    peer = lambda ps: po.StableSPAM(spam_groups(ps), **kw, **cfg, update_proj_gap=8)  # noqa: E731
+    as_ported = run_pair(ours, peer, SPAM_SHAPES, steps=25, reload_at=9)
+    monkeypatch.setattr(po_spam.CosineDecay, "get_death_rate", _authors_cosine)
+    diff = run_pair(ours, peer, SPAM_SHAPES, steps=25, reload_at=9)
+    assert diff < 1e-5  # measured 1.5e-6
+    assert as_ported > 1e-2
