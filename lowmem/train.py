@@ -125,8 +125,14 @@ class TrainRecipe:
 
         > Run
 
-        steps (`int`, defaults to `200`):
-            Optimizer steps (``--steps``).
+        steps (`int` or `None`, defaults to `200`):
+            Optimizer steps (``--steps``; ``max_steps`` in a config written for the Hugging Face
+            Trainer). `None` (or the Trainer's ``-1``) trains by epochs instead: ``num_train_epochs``
+            (a ``TrainingArguments`` field, at the top level or in ``training_args``; the Trainer's
+            default 3 when absent). A recipe file or a ``load_recipe`` call that gives
+            ``num_train_epochs`` but no ``steps`` trains by epochs; giving both in one place is an
+            error (the Trainer would silently let ``max_steps`` win), while a ``--steps`` override
+            wins over the file's ``num_train_epochs``.
         batch_size (`int`, defaults to `16`):
             Per-device train batch size (``--batch-size``); evaluation uses 64.
         seed (`int`, defaults to `0`):
@@ -216,7 +222,7 @@ class TrainRecipe:
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
     warmup_steps: float = 0
-    steps: int = 200
+    steps: int | None = 200
     batch_size: int = 16
     seed: int = 0
     logging_steps: int = 20
@@ -237,7 +243,10 @@ class TrainRecipe:
     def __post_init__(self) -> None:
         from lowmem.trainers.hf import parse_optim_args
 
+        if self.steps == -1 and not isinstance(self.steps, bool):  # the Trainer's max_steps=-1: train by epochs
+            self.steps = None
         check_dataclass(self)  # every field: its type (numeric strings converted) and range (lowmem.config)
+        _check_run_length(self.steps, self.training_args)
         if self.trainer not in AVAILABLE_TRAINERS:
             raise ConfigError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
@@ -280,6 +289,15 @@ class TrainRecipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+
+def _check_run_length(steps: int | None, training_args: Any) -> None:
+    """``steps`` and ``training_args.num_train_epochs`` both fix the length of the run: the Trainer
+    lets ``max_steps`` win and ignores the epochs without a word, so giving both is an error."""
+    if steps is not None and isinstance(training_args, dict) and "num_train_epochs" in training_args:
+        raise ConfigError(f"steps={steps} and num_train_epochs={training_args['num_train_epochs']!r} both set the length "
+                          "of the run (the Trainer would let max_steps win and ignore the epochs); give one: drop "
+                          "steps / max_steps (or set it to null) to train by epochs")
 
 # A tokenizer saved with save_pretrained writes at least one of these (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -565,6 +583,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         data = resolve_recipe_paths(data, Path(path).resolve().parent)
     # keyword overrides (CLI flags, Python) go through the same mapping as YAML keys and win over them
     extra = _recipe_keys(given, "", **context)
+    _run_length_precedence(data, extra)
     if isinstance(data.get("training_args"), dict) and isinstance(extra.get("training_args"), dict):
         extra["training_args"] = {**data["training_args"], **extra["training_args"]}  # merged, overrides win
     data.update(extra)
@@ -572,6 +591,23 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         return TrainRecipe(**data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+
+
+def _run_length_precedence(data: dict[str, Any], extra: dict[str, Any]) -> None:
+    """``steps`` against ``num_train_epochs`` between a recipe file (``data``) and its overrides
+    (``extra``), in place: an override of one wins over the file's other (``--steps 5`` on a recipe of
+    ``num_train_epochs: 3`` runs 5 steps), and ``num_train_epochs`` without any ``steps`` trains by
+    epochs (``steps: None``; else the default 200 steps would silently win). Both in one place stay
+    for :func:`_check_run_length` to refuse."""
+    def epochs(d: dict[str, Any]) -> bool:
+        return isinstance(d.get("training_args"), dict) and "num_train_epochs" in d["training_args"]
+
+    if "steps" in extra and not epochs(extra) and epochs(data):
+        data["training_args"] = {k: v for k, v in data["training_args"].items() if k != "num_train_epochs"}
+    if epochs(extra) and "steps" not in extra:
+        data.pop("steps", None)
+    if (epochs(data) or epochs(extra)) and "steps" not in data and "steps" not in extra:
+        extra["steps"] = None
 
 
 # Recipe fields naming files or folders the run reads. In a recipe file, relative paths in them are
@@ -717,7 +753,8 @@ def build_training_args(recipe: TrainRecipe) -> Any:
     fields: dict[str, Any] = {
         "output_dir": recipe.output_dir, "lowmem_optim": recipe.optim, "lowmem_optim_args": dict(recipe.optim_args),
         "learning_rate": recipe.lr, "weight_decay": recipe.weight_decay, "lr_scheduler_type": recipe.lr_scheduler,
-        "warmup_steps": recipe.warmup_steps, "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
+        "warmup_steps": recipe.warmup_steps, "max_steps": -1 if recipe.steps is None else recipe.steps,
+        "per_device_train_batch_size": recipe.batch_size,
         "logging_steps": recipe.logging_steps, "seed": recipe.seed,
         "save_strategy": "steps" if recipe.save_steps else "no", "save_steps": recipe.save_steps or 500,
         "eval_strategy": "steps" if recipe.eval_steps else "no", "report_to": recipe.report_to,
@@ -785,7 +822,7 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
     if ckpt is not None:
         state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
         done = state.get("global_step")
-        if isinstance(done, int) and done >= recipe.steps:
+        if isinstance(done, int) and recipe.steps is not None and done >= recipe.steps:
             raise ConfigError(f"steps={recipe.steps}: the checkpoint to resume, {ckpt}, is already at step {done}; "
                               f"steps is the total to reach (not the steps to add): set steps > {done}")
     return ckpt
@@ -1120,7 +1157,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
                       "from step 0 and overwrites them (resume_from_checkpoint: true / --resume continues instead)")
     if main:
         console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
-                      f"model={recipe.model or 'embedded tiny Llama'} steps={recipe.steps}"
+                      f"model={recipe.model or 'embedded tiny Llama'} "
+                      + (f"steps={recipe.steps}" if recipe.steps is not None else f"epochs={args.num_train_epochs:g}")
                       + (f" resuming from {resumed_from}" if resumed_from else ""))
     result = TRAINERS[recipe.trainer](recipe)
     metrics = {
