@@ -370,6 +370,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """Drop the cached paths of the parameters (:meth:`_route`) and the groups' tokens."""
         self.__dict__.pop("_routes", None)
         self.__dict__.pop("_group_sigs", None)
+        self.__dict__.pop("_hold", None)
 
     def _full_rank_by_rank(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether 2-D ``p`` of a projected group trains full-rank because ``rank >= min(m, n)``."""
@@ -472,7 +473,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
         Args:
             per_parameter: The largest transient of stepping one parameter alone
                 (:meth:`step_param`, what layerwise mode does): no foreach or projected buckets.
+
+        On a step without projection refreshes, the non-finite check may hold projected gradients
+        (:meth:`_checked_lows`) within the difference between this bound and the same bound without
+        the refresh phases (:meth:`_hold_budget`), so the bound covers that step too.
         """
+        return self._transient_bytes(per_parameter)
+
+    def _transient_bytes(self, per_parameter: bool = False, steady: bool = False) -> int:
+        """:meth:`step_transient_bytes`; ``steady``: of a step in which no projection refreshes."""
         worst = 0
         kept = self._kept_gemm_bytes()  # MKL's packing buffer, alive in every phase (CPU)
         sizes: dict[tuple, tuple[int, int]] = {}
@@ -489,7 +498,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         raise RuntimeError("step_transient_bytes: call materialize_state() first (or step once)")
                     self._init_state(p, group, state, key=key)
                 if per_parameter:
-                    worst = max(worst, self._param_transient_bytes(p, group, state))
+                    worst = max(worst, self._param_transient_bytes(p, group, state, steady))
                     continue
                 open_bytes = sum(4 * b.numel + b.held for b in low_bucket)
                 if is_dtensor(key):
@@ -499,7 +508,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         # runs on the whole gradient) plus the gather's buffers (whole and padded shard)
                         m, n = key.shape
                         whole = torch.empty(key.shape, dtype=key.dtype, device="meta")
-                        worst = max(worst, open_bytes + self._param_transient_bytes(whole, group, state)
+                        worst = max(worst, open_bytes + self._param_transient_bytes(whole, group, state, steady)
                                     + 4 * (m + -(-m // shards)) * n)
                         continue
                     # a rule whose sharded step gathers the whole tensor (Muon's Newton-Schulz), next
@@ -513,7 +522,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if not is_dtensor(key) and self._projected_foreach_ok(p, group, state=state):
                     # as step() fills them: one open bucket, a new one for another group or device or
                     # beyond chunk_numel projected elements
-                    item = self._projected_bytes(p, group, state)
+                    item = self._projected_bytes(p, group, state, steady)
                     if low_bucket and (low_key != (id(group), p.device) or (
                             self.chunk_numel is not None and sum(b.numel for b in low_bucket) + item.numel > self.chunk_numel)):
                         worst = max(worst, self._low_bucket_bytes(low_bucket))
@@ -528,7 +537,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         # per-parameter step (moments.step_whole_from_piece_: Adafactor, Adam-mini,
                         # the hybrids' targets, quantized moments, MicroAdam, subset norms): that
                         # transient, and then its pieces allocate nothing of their buckets' step
-                        worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state))
+                        worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
                         whole = self.recipe.moment.steps_pieces_whole(p.shape, group, state)
                     for start, stop in self._foreach_pieces(p):
                         # (the pieces still fill the buckets as step() fills them)
@@ -540,7 +549,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
                         worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
                     continue
-                worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state))
+                worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
         if low_bucket:
             worst = max(worst, self._low_bucket_bytes(low_bucket))
         # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt; a
@@ -591,20 +600,21 @@ class LowMemOptimizer(torch.optim.Optimizer):
             alive -= 8 * b.numel + b.held
         return worst
 
-    def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> int:
-        """The transient of :meth:`_update` of ``p`` alone (its per-parameter step)."""
+    def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> int:
+        """The transient of :meth:`_update` of ``p`` alone (its per-parameter step; ``steady``: without a refresh)."""
         r = self.recipe
         bounds = self._chunk_bounds(p, group, state)
         if bounds is None and self._is_projected(p, group):
-            return self._projected_bytes(p, group, state).alone
+            return self._projected_bytes(p, group, state, steady).alone
         n = p.numel() if bounds is None else max((b - a for a, b in bounds), default=0)
         copies = 4 * n * (p.dtype not in (torch.float32, torch.float64))  # float32 copy of the gradient (and of the parameter)
         stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
         return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
 
-    def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> _ProjectedBytes:
+    def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
         """The transient terms of projected ``p``'s step (:class:`_ProjectedBytes`): stepped alone
-        (:meth:`_update`), or its phases on the multi-tensor path (:meth:`_low_bucket_bytes`)."""
+        (:meth:`_update`), or its phases on the multi-tensor path (:meth:`_low_bucket_bytes`);
+        ``steady``: of a step without a refresh (:meth:`_hold_budget`)."""
         r, P = self.recipe, self.recipe.projection
         lowp = p.dtype != torch.float32
         stab = sum(s.transient_bytes(p.numel(), group) for s in r.stabilizers)
@@ -624,6 +634,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         refresh = P.transient_bytes(p.shape, group, state, refresh=True) + refresh_copy
         if self._mkl_keeps_packs(p):  # (MKL's packing buffer: counted once for the step, _kept_gemm_bytes)
             refresh -= P.refresh_kept_bytes(p.shape, group)
+        if steady:
+            refresh = 0
         p_copy = 4 * rows * p.shape[1] * lowp  # a block of rows in float32 (all rows: the parameter's copy)
         alone = copies + p_copy + stab + max(step + combine, refresh)
         # the multi-tensor path (no stabilizers): unchunked, the float32 copies of the gradient and the
@@ -762,7 +774,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for item in work:
             if item[4] is not None:
                 self._check_dense(item[2])  # (a sharded parameter's local gradient)
-        if self.skip_nonfinite and not self._all_finite(work):
+        tokens = self._group_tokens()
+        # projected gradients computed before the check, which reads them instead of their gradients
+        # (_checked_lows: no state is touched before the check)
+        lows = self._checked_lows(work, tokens) if self.skip_nonfinite else {}
+        if self.skip_nonfinite and not self._all_finite(work, lows):
             self.skipped_steps += 1
             warnings.warn(
                 f"{self.recipe.name}: non-finite gradient (or a gradient norm >= {MAX_GRAD_NORM:.3g}, whose square"
@@ -774,7 +790,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         low_bucket: list[_Projected] = []  # projected parameters waiting for their multi-tensor moment step
-        tokens = self._group_tokens()
         for key, p, grad, group, reduce in work:
             # (a sharded projected parameter: projected by its whole shape, not its shard's)
             state = self.state[key]
@@ -794,7 +809,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
                     self._step_low_bucket(low_bucket)
                     low_bucket = []
-                low_bucket.append(self._project_down(p, grad, group, state, t))
+                low_bucket.append(self._project_down(p, grad, group, state, t, low=lows.pop(id(p), None) if lows else None))
             elif path == "foreach":
                 if "step" not in state:
                     self._init_state(p, group, state)
@@ -934,17 +949,26 @@ class LowMemOptimizer(torch.optim.Optimizer):
         step = state["step"]
         if route is None or route.token is None:
             return _advance_step(step)
+        view = self._counter_view(step, route)
+        if view is None:
+            return _advance_step(step)
+        return _advance_step_view(step, *view)
+
+    @staticmethod
+    def _counter_view(step: Tensor, route: _Route) -> tuple[Any, int] | None:
+        """The NumPy view of the step counter ``step`` cached in ``route`` (:func:`_step_view`) and the
+        exact integers of its dtype, or ``None``."""
         if route.step is not step:
             route.step, view = step, _step_view(step)
             route.step_view = None if view is None else (view, _EXACT_INTEGERS[step.dtype])
-        if route.step_view is None:
-            return _advance_step(step)
-        return _advance_step_view(step, *route.step_view)
+        return route.step_view
 
-    def _all_finite(self, work: list[tuple]) -> bool:
-        """:func:`_all_finite` of the local gradients; with sharded parameters the flag is reduced
-        over their meshes (every rank skips together, or none does)."""
-        finite = _all_finite([grad for _, _, grad, _, _ in work])
+    def _all_finite(self, work: list[tuple], lows: dict[int, Tensor] | None = None) -> bool:
+        """:func:`_all_finite` of the local gradients, or of a parameter's projected gradient where
+        ``lows`` (:meth:`_checked_lows`, by ``id`` of the parameter) has it; with sharded parameters
+        the flag is reduced over their meshes (every rank skips together, or none does)."""
+        finite = _all_finite([lows.get(id(p), grad) for _, p, grad, _, _ in work] if lows
+                             else [grad for _, _, grad, _, _ in work])
         reduces = {id(r.groups[0]) if r.groups else None: r for *_, r in work if r is not None}
         if not reduces:
             return finite
@@ -953,6 +977,73 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for r in reduces.values():
             r.min_(flag)
         return bool(flag.item())
+
+    def _checked_lows(self, work: list[tuple], tokens: dict[int, object] | None) -> dict[int, Tensor]:
+        """Projected gradients the non-finite check reads instead of their gradients (issue 15: one
+        read of every gradient saved), by ``id`` of the parameter, computed before any state is touched.
+
+        Sound because a NaN or +-Inf anywhere in ``G`` leaves ``P^T G`` / ``G Q^T`` non-finite
+        (:meth:`~lowmem.optim.subspace.Projection.down_keeps_nonfinite`), and taken only where nothing
+        else of the step reads ``G``: every projected parameter of the step is on the projected
+        multi-tensor path (:meth:`_projected_foreach_ok`) of a projection that keeps non-finite
+        values and a combine-back that reads only ``P^T G`` (GaLore's, not Fira's, FRUGAL's or
+        APOLLO's: ``needs_full_gradient``), none is due for a refresh (which reads ``G``: then the
+        gradients are checked, as before), no parameter is sharded; a float32 gradient, or a
+        low-precision one projected a block of rows at a time. Each is the product :meth:`_project_down`
+        computes (the same bits; it takes it instead of computing it again). The norm bound
+        (:data:`MAX_GRAD_NORM`) then applies to the projected gradient, the tensor whose squares the
+        moments hold.
+
+        They stay alive until each parameter's project-down, so they are held only within
+        :meth:`_hold_budget` (a step without refreshes stays within :meth:`step_transient_bytes`);
+        the ones beyond it are checked through their gradients."""
+        r, P = self.recipe, self.recipe.projection
+        if P is None or tokens is None or r.combine.needs_full_gradient or r.stabilizers:
+            return {}
+        todo = []
+        for key, p, grad, group, reduce in work:
+            if reduce is not None:
+                return {}
+            if not self._is_projected(p, group):
+                continue
+            state = self.state[key]
+            step = state.get("step")
+            route = self._route(p, grad, group, state, tokens)
+            if (step is None or route.path != "low" or not P.down_keeps_nonfinite(state, group)
+                    or not (grad.dtype == torch.float32 or self._down_in_rows(p, grad)) or p.dtype == torch.float64):
+                return {}
+            view = self._counter_view(step, route)  # (its next value, read through the view: no host read)
+            t = None if view is None else float(view[0][()]) + 1
+            if t is None or not (abs(t) <= view[1] and t.is_integer()) or P.refresh_due(state, group, int(t)):
+                return {}
+            todo.append((p, grad, group, state))
+        if not todo:
+            return {}
+        budget, lows = self._hold_budget(tokens), {}
+        for p, grad, group, state in todo:
+            numel = P.low_shape(p.shape, group).numel()
+            if numel > budget:
+                continue
+            budget -= numel
+            lows[id(p)] = (P.down_rows(grad, state, group, self._row_bounds(p.shape)) if grad.dtype != torch.float32
+                           else P.down(grad, state, group))
+        return lows
+
+    def _hold_budget(self, tokens: dict[int, object]) -> int:
+        """How many projected-gradient elements :meth:`_checked_lows` may hold: what
+        :meth:`step_transient_bytes` bounds beyond a step without refreshes (its refresh phases: the
+        SVD's workspace for ``svd``), ``(whole - steady) / 4``, so that such a step with the held
+        projected gradients stays within the reported bound. Cached with the groups' tokens
+        (:meth:`_group_tokens`); 0 while a parameter has no state yet (the bound needs every one's)."""
+        sig = (tuple(tokens.values()), self._chunk_numel, id(self.state))
+        cached = self.__dict__.get("_hold")
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        if any(not self.state.get(p) for g in self.param_groups for p in g["params"]):
+            return 0
+        budget = max(0, self._transient_bytes() - self._transient_bytes(steady=True)) // 4
+        self.__dict__["_hold"] = (sig, budget)
+        return budget
 
     def _foreach_pieces(self, p: Tensor) -> list[tuple[int, int]]:
         n = p.numel()
@@ -1235,19 +1326,26 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if p32 is not p:
             p.copy_(p32)
 
+    def _down_in_rows(self, p: Tensor, grad: Tensor) -> bool:
+        """Whether :meth:`_project_down` projects ``grad`` a block of rows at a time (a low-precision
+        gradient, chunked step, no stabilizers)."""
+        return (grad.dtype not in (torch.float32, torch.float64) and not self.recipe.stabilizers
+                and self.chunk_numel is not None and p.is_contiguous() and grad.is_contiguous())
+
     def _project_down(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
-                      projected_grad: Tensor | None = None) -> _Projected:
+                      projected_grad: Tensor | None = None, low: Tensor | None = None) -> _Projected:
         """The first phase of a projected parameter's step (its step count already advanced to ``t``):
         the stabilizers, the refresh when due, the projected gradient and the learning rate; the
         moment rule's direction of ``low`` and :meth:`_combine_back` finish it. A low-precision
         gradient is projected a block of rows at a time (no full-size float32 copy of it; a refresh
-        still converts it whole: the exact SVD needs it whole anyway)."""
+        still converts it whole: the exact SVD needs it whole anyway). ``low``: the projected
+        gradient already computed by :meth:`_checked_lows` (no refresh due: the same product)."""
         r, P = self.recipe, self.recipe.projection
-        if (projected_grad is None and grad.dtype not in (torch.float32, torch.float64) and not r.stabilizers
-                and self.chunk_numel is not None and p.is_contiguous() and grad.is_contiguous()):
-            if P.refresh_due(state, group, int(t)):
-                self._refresh(p, grad.float(), state, group, int(t))
-            low = P.down_rows(grad, state, group, self._row_bounds(p.shape))
+        if projected_grad is None and self._down_in_rows(p, grad):
+            if low is None:
+                if P.refresh_due(state, group, int(t)):
+                    self._refresh(p, grad.float(), state, group, int(t))
+                low = P.down_rows(grad, state, group, self._row_bounds(p.shape))
             lr = r.lr_rule(group, state, p if r.lr_rule is constant_lr else p.float(), t)
             return _Projected(p, grad, low, state, group, t, lr, p, True, None)
         g = F.compute_float(grad)
@@ -1255,8 +1353,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             g = s.transform(g, state, group, int(t), r.moment)
         g = g.float()  # the subspace math is float32 (a float64 parameter stays float64)
         if projected_grad is None:
-            self._refresh(p, g, state, group, int(t))
-            low = P.down(g, state, group)
+            if low is None:
+                self._refresh(p, g, state, group, int(t))
+                low = P.down(g, state, group)
         else:
             low = projected_grad.float()
         rows = self.chunk_numel is not None and p.is_contiguous()

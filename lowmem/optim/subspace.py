@@ -91,6 +91,15 @@ class Projection:
         """Called after the parameter update with the (stabilized) full gradient; default: nothing.
         ``low``: ``down(g)`` when the step computed it from this float32 ``g`` (else ``None``)."""
 
+    def down_keeps_nonfinite(self, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
+        """Whether a NaN or +-Inf anywhere in ``g`` always leaves :meth:`down`'s result non-finite
+        (a product with a basis: under IEEE arithmetic ``NaN * x``, ``Inf * 0`` and ``Inf - Inf`` are
+        NaN, ``Inf * x`` is +-Inf, so a non-finite ``G[i, j]`` makes column ``j`` of ``P^T G`` / row
+        ``i`` of ``G Q^T`` non-finite whatever the basis holds, zeros included) and
+        :meth:`post_update` does not read ``g``. The engine then checks the projected gradient for
+        non-finite values instead of ``g`` on steps without a refresh (issue 15). Default: no."""
+        return False
+
     def up_rows(self, r: Tensor, state: dict[str, Tensor], group: dict[str, Any], start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of :meth:`up` (the chunked combine-back); default: slices :meth:`up`."""
         return self.up(r, state, group)[start:stop]
@@ -289,6 +298,11 @@ class SubspaceProjection(Projection):
         if "proj_index" in state:
             return FR.select(g, self._coordinates(g.shape, group)[0], state["proj_index"])
         return GL.project_down(g, *self._basis(state))
+
+    def down_keeps_nonfinite(self, state, group):
+        # a basis product (svd, rsvd, random, gaussian); not a selection of coordinates (an entry not
+        # selected is not read), not online PCA (its basis step reads the whole gradient)
+        return self.method(group) in BASIS_METHODS and self.method(group) != "online_pca" and "proj_index" not in state
 
     def up(self, r, state, group):
         if "proj_index" in state:
