@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .trl import LowMemGRPOConfig, LowMemGRPOTrainer
+from .trl import LowMemGRPOConfig, LowMemGRPOTrainer, refuse_unused_grpo_fields
 
 MAX_WEIGHT = 1e6  # w(p) = min(1 / BetaPDF(p), MAX_WEIGHT)
 _RANGE_TOLERANCE = 1e-6
@@ -163,8 +163,8 @@ class BNPOConfig(LowMemGRPOConfig):
             outside its range stops training with an error naming it.
 
     BNPO replaces only the advantages: ``scale_rewards`` and ``multi_objective_aggregation`` are
-    not used, and ``reward_weights`` must be equal (the decomposition is a plain mean over reward
-    functions). The policy loss is TRL's clipped surrogate of ``loss_type`` (default ``"dapo"``:
+    not used (a value other than TRL's default raises ``ValueError``), and ``reward_weights`` must
+    be equal (the decomposition is a plain mean over reward functions). The policy loss is TRL's clipped surrogate of ``loss_type`` (default ``"dapo"``:
     token losses summed over the batch and divided by its token count) with the BNPO advantages;
     ``beta`` stays TRL's KL coefficient (default 0: no reference model).
     """
@@ -176,6 +176,9 @@ class BNPOConfig(LowMemGRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_unused_grpo_fields(self, ("scale_rewards", "multi_objective_aggregation"), "BNPO",
+                                  "its advantages are the Beta-normalized ones (BNPO Eq. 9), one per reward function "
+                                  "and their mean")
         if isinstance(self.reward_range, tuple):
             self.reward_range = list(self.reward_range)
         _ranges(self.reward_range, 1 if _is_pair(self.reward_range) else len(self.reward_range))

@@ -23,9 +23,17 @@ from typing import Any
 
 import torch
 
-from .trl import LowMemGRPOConfig, LowMemGRPOTrainer
+from .trl import LowMemGRPOConfig, LowMemGRPOTrainer, refuse_unused_grpo_fields
 
 REFERENCE_POLICIES = ("sampling", "model")
+#: GRPOConfig fields of GRPO's clipped loss and its advantages, which GVPO's loss replaces: a value other than
+#: TRL's default is refused (it would be ignored).
+GVPO_UNUSED_FIELDS = (
+    "loss_type", "epsilon", "epsilon_high", "delta", "importance_sampling_level", "scale_rewards",
+    "multi_objective_aggregation", "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy",
+    "off_policy_mask_threshold", "use_bias_correction_kl", "sapo_temperature_neg", "sapo_temperature_pos",
+    "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+)
 
 
 def gvpo_loss(
@@ -95,8 +103,10 @@ class GVPOConfig(LowMemGRPOConfig):
     Batching: each micro-batch must hold whole groups, so ``per_device_train_batch_size`` (and
     ``per_device_eval_batch_size`` when evaluating) must be a multiple of ``num_generations``
     (``num_generations_eval``); the trainer shuffles whole groups instead of single completions.
-    GRPO's ``loss_type``, ``epsilon``, ``delta``, ``importance_sampling_level``,
-    ``scale_rewards``, ``top_entropy_quantile`` and entropy-bonus fields do not apply.
+    GRPO's loss and advantage fields (:data:`GVPO_UNUSED_FIELDS`: ``loss_type``, ``epsilon``,
+    ``epsilon_high``, ``delta``, ``importance_sampling_level``, ``scale_rewards``,
+    ``multi_objective_aggregation``, ``top_entropy_quantile``, the entropy-bonus, off-policy-mask,
+    SAPO and VESPO fields) do not apply: a value other than TRL's default raises ``ValueError``.
     """
 
     beta: float = field(
@@ -110,6 +120,8 @@ class GVPOConfig(LowMemGRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_unused_grpo_fields(self, GVPO_UNUSED_FIELDS, "GVPO",
+                                  "its loss is the regression of GVPO Eq. 9 on the weighted reward sum, scaled by beta")
         if self.reference_policy not in REFERENCE_POLICIES:
             raise ValueError(f"Unknown reference_policy {self.reference_policy!r}; valid: {list(REFERENCE_POLICIES)}")
         if not (math.isfinite(self.beta) and self.beta > 0):

@@ -18,7 +18,9 @@ unchanged). Leave ``lowmem_optim`` unset and each trainer behaves exactly like T
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
@@ -53,6 +55,21 @@ class LowMemDPOConfig(LowMemArguments, DPOConfig):
 @dataclass
 class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
     __doc__ = "TRL's ``GRPOConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
+
+
+def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, instead: str) -> None:
+    """Raise if ``config`` sets any of ``names`` (``GRPOConfig`` fields that ``method`` does not read)
+    away from TRL's default: a value that would be silently ignored (no silent fallback).
+
+    Raises:
+        ValueError: Naming each such field, its value and TRL's default, and what ``method`` does ``instead``.
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    changed = [n for n in names if getattr(config, n) != defaults[n]]
+    if changed:
+        given = ", ".join(f"{n}={getattr(config, n)!r} (TRL's default {defaults[n]!r})" for n in changed)
+        raise ValueError(f"{method} does not use {given}: {instead}. Leave {'it' if len(changed) == 1 else 'them'} "
+                         "at the default, or train with GRPO (LowMemGRPOConfig) to use GRPO's loss and advantages")
 
 
 class LowMemSFTTrainer(LowMemOptimizerMixin, SFTTrainer):

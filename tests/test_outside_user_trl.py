@@ -1,0 +1,72 @@
+"""A TRL user's own pieces through lowmem's TRL trainers: reward functions in TRL's signature (conversational
+completions, ``None`` for some samples, several with ``reward_weights``), their own prompt and preference data
+(plain, conversational, implicit prompt), TRL config field names, a model directory of their own, LoRA, and
+every lowmem optimizer through DPO and GRPO. Each refusal names the field to change."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from own_data import dpo_rows, rl_rows
+
+BASE = dict(lowmem_optim="adafactor", learning_rate=1e-2, max_steps=2, bf16=False, report_to="none", save_strategy="no",
+            disable_tqdm=True, logging_steps=1, dataloader_pin_memory=False, seed=0)
+RL = dict(BASE, per_device_train_batch_size=8, num_generations=4, max_completion_length=6)
+
+
+def _text(completion):
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def starts_with_answer(prompts, completions, answer, **kwargs):
+    return [1.0 if _text(c).strip().startswith(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def half_or_none(prompts, completions, **kwargs):  # TRL: None = this function does not score this sample
+    return [None if i % 3 == 0 else 0.5 for i in range(len(completions))]
+
+
+def has_digit(completions, **kwargs):
+    return [float(any(ch.isdigit() for ch in _text(c))) for c in completions]
+
+
+def length_penalty(completions, **kwargs):  # in [-0.1 * max_completion_length, 0]: outside BNPO's default [0, 1]
+    return [-0.1 * len(_text(c)) for c in completions]
+
+
+# ---- configs: a GRPO field GVPO / BNPO would ignore, or one completion per prompt, is refused naming the field
+
+@pytest.mark.parametrize("fields, named", [
+    ({"loss_type": "grpo"}, "loss_type='grpo'"),
+    ({"epsilon": 0.1, "epsilon_high": 0.3}, "epsilon=0.1"),
+    ({"scale_rewards": "batch"}, "scale_rewards='batch'"),
+    ({"multi_objective_aggregation": "normalize_then_sum"}, "multi_objective_aggregation"),
+    ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+    ({"top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+])
+def test_gvpo_refuses_grpo_loss_fields_it_would_ignore(fields, named, tmp_path):
+    from lowmem.trainers import GVPOConfig
+
+    with pytest.raises(ValueError, match=f"GVPO does not use .*{named}"):
+        GVPOConfig(output_dir=str(tmp_path), **RL, **fields)
+    GVPOConfig(output_dir=str(tmp_path), **RL, scale_rewards=True)  # TRL's old spelling of the default
+
+
+@pytest.mark.parametrize("fields", [{"scale_rewards": "none"}, {"multi_objective_aggregation": "normalize_then_sum"}])
+def test_bnpo_refuses_grpo_advantage_fields_it_would_ignore(fields, tmp_path):
+    from lowmem.trainers import BNPOConfig
+
+    with pytest.raises(ValueError, match=f"BNPO does not use {next(iter(fields))}="):
+        BNPOConfig(output_dir=str(tmp_path), **RL, **fields)
+    BNPOConfig(output_dir=str(tmp_path), **RL, loss_type="grpo", epsilon=0.1)  # the policy loss is TRL's: these apply
+
+
+def test_gvpo_unused_fields_are_grpo_config_fields():
+    from trl import GRPOConfig
+
+    from lowmem.trainers.gvpo import GVPO_UNUSED_FIELDS
+
+    assert set(GVPO_UNUSED_FIELDS) <= {f.name for f in dataclasses.fields(GRPOConfig)}
