@@ -26,6 +26,7 @@ decoupled weight decay is ``lr * weight_decay`` with the group's ``lr`` for ever
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -41,6 +42,23 @@ from ..functional.sinkgd import sinkgd_foreach_, sinkhorn_scalings, sr_sinkhorn
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
+
+
+def flat_as_targeted(params: Iterable[Any], key: str, value: Any) -> list[Any]:
+    """A flat parameter list given to :class:`Muon`, :class:`SinkGD` or :class:`Scale` as one group
+    carrying the recipe's key (``use_muon=True``, ...), as ``create_optimizer`` builds it and as
+    ``torch.optim.Muon`` treats its parameters: without the key every parameter would take AdamW.
+    Parameter groups (dicts) are returned as given (a group without the key takes AdamW)."""
+    params = list(params)
+    if not params:
+        return params
+    if isinstance(params[0], dict):
+        if not any(g.get(key) is not None for g in params):  # (the key set off on purpose: no warning)
+            warnings.warn(f"no parameter group has {key}={value!r}: every parameter takes AdamW; give the"
+                          f" group of the 2-D hidden weights {key}={value!r} (create_optimizer(model, ...) does)",
+                          stacklevel=3)
+        return params
+    return [{"params": params, key: value}]
 
 
 class HybridMoments(MomentRule):
@@ -405,7 +423,8 @@ class Muon(LowMemOptimizer):
     (AdamW), and the Newton-Schulz floor is called ``ns_eps`` (``eps`` is AdamW's).
 
     Args:
-        params: Parameters or parameter groups (``create_optimizer(model, "muon")`` builds them).
+        params: Parameters or parameter groups (``create_optimizer(model, "muon")`` builds them). A flat
+            list is one group with ``use_muon=True`` (its 2-D parameters take Muon, as in ``torch.optim.Muon``).
         lr (`float`, defaults to `1e-3`): Learning rate.
         weight_decay (`float`, defaults to `0.1`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``.
         momentum (`float`, defaults to `0.95`): Momentum ``mu``, in [0, 1).
@@ -430,7 +449,7 @@ class Muon(LowMemOptimizer):
                  ns_eps: float = 1e-7, adjust_lr_fn: str = "match_rms_adamw", betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, adamw_lr_ratio: float = 1.0, *, state_dtype: str = "float32",
                  foreach: bool | None = None):
-        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+        super().__init__(flat_as_targeted(params, "use_muon", True), lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_eps=ns_eps,
                          adjust_lr_fn=adjust_lr_fn, betas=betas, eps=eps, adamw_lr_ratio=adamw_lr_ratio,
                          state_dtype=state_dtype, foreach=foreach)
@@ -562,7 +581,8 @@ class SinkGD(LowMemOptimizer):
     1e-30 so that a zero row stays zero.
 
     Args:
-        params: Parameters or parameter groups (``create_optimizer(model, "sinkgd")`` builds them).
+        params: Parameters or parameter groups (``create_optimizer(model, "sinkgd")`` builds them). A flat
+            list is one group with ``use_sinkgd=True``.
         lr (`float`, defaults to `1e-3`): Learning rate (AdamW's; SinkGD steps with ``lr * scale``).
         weight_decay (`float`, defaults to `0.0`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``.
         sinkhorn_iters (`int`, defaults to `5`): ``L``, the alternating normalisations.
@@ -579,7 +599,8 @@ class SinkGD(LowMemOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, sinkhorn_iters: int = 5,
                  scale: float = 0.05, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
                  state_dtype: str = "float32", foreach: bool | None = None):
-        super().__init__(params, lr=lr, weight_decay=weight_decay, sinkhorn_iters=sinkhorn_iters, scale=scale,
+        super().__init__(flat_as_targeted(params, "use_sinkgd", True), lr=lr, weight_decay=weight_decay,
+                         sinkhorn_iters=sinkhorn_iters, scale=scale,
                          betas=betas, eps=eps, state_dtype=state_dtype, foreach=foreach)
 
 
@@ -720,7 +741,8 @@ class Scale(LowMemOptimizer):
     ``lr``; decoupled weight decay ``p *= 1 - lr * weight_decay``.
 
     Args:
-        params: Parameters or parameter groups (groups carry ``scale_role``).
+        params: Parameters or parameter groups (groups carry ``scale_role``). A flat list is one group
+            with ``scale_role="hidden"``.
         lr (`float`, defaults to `1e-3`): Learning rate.
         weight_decay (`float`, defaults to `0.0`): Decoupled weight decay.
         momentum (`float`, defaults to `0.9`): The output layer's EMA ``beta``.
@@ -737,8 +759,9 @@ class Scale(LowMemOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adamw_lr_ratio: float = 1.0, *,
                  state_dtype: str = "float32", foreach: bool | None = None):
-        super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, betas=betas, eps=eps,
-                         adamw_lr_ratio=adamw_lr_ratio, state_dtype=state_dtype, foreach=foreach)
+        super().__init__(flat_as_targeted(params, "scale_role", "hidden"), lr=lr, weight_decay=weight_decay,
+                         momentum=momentum, betas=betas, eps=eps, adamw_lr_ratio=adamw_lr_ratio,
+                         state_dtype=state_dtype, foreach=foreach)
 
 
 register(MUON, Muon, state_precision="fp32", second_moment="none", target_key="use_muon",
