@@ -64,6 +64,18 @@ def test_bnpo_refuses_grpo_advantage_fields_it_would_ignore(fields, tmp_path):
     BNPOConfig(output_dir=str(tmp_path), **RL, loss_type="grpo", epsilon=0.1)  # the policy loss is TRL's: these apply
 
 
+@pytest.mark.parametrize("kind, field", [("gvpo", "num_generations"), ("gvpo", "num_generations_eval"), ("bnpo", "num_generations")])
+def test_one_completion_per_prompt_is_refused_naming_the_field(kind, field, tmp_path):
+    from lowmem.trainers import BNPOConfig, GVPOConfig
+
+    cls = {"gvpo": GVPOConfig, "bnpo": BNPOConfig}[kind]
+    fields = dict(RL, **{field: 1})
+    if field == "num_generations":
+        fields["per_device_train_batch_size"] = 1
+    with pytest.raises(ValueError, match=f"{kind.upper()} needs {field} >= 2 .*got {field}=1"):
+        cls(output_dir=str(tmp_path), **fields)
+
+
 def test_gvpo_unused_fields_are_grpo_config_fields():
     from trl import GRPOConfig
 

@@ -163,8 +163,9 @@ class BNPOConfig(LowMemGRPOConfig):
             outside its range stops training with an error naming it.
 
     BNPO replaces only the advantages: ``scale_rewards`` and ``multi_objective_aggregation`` are
-    not used (a value other than TRL's default raises ``ValueError``), and ``reward_weights`` must
-    be equal (the decomposition is a plain mean over reward functions). The policy loss is TRL's clipped surrogate of ``loss_type`` (default ``"dapo"``:
+    not used (a value other than TRL's default raises ``ValueError``), ``num_generations`` must be at
+    least 2 (``p`` is the mean over a prompt's completions), and ``reward_weights`` must be equal
+    (the decomposition is a plain mean over reward functions). The policy loss is TRL's clipped surrogate of ``loss_type`` (default ``"dapo"``:
     token losses summed over the batch and divided by its token count) with the BNPO advantages;
     ``beta`` stays TRL's KL coefficient (default 0: no reference model).
     """
@@ -175,6 +176,9 @@ class BNPOConfig(LowMemGRPOConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.num_generations is not None and self.num_generations < 2:  # TRL's own check does not name the field
+            raise ValueError(f"BNPO needs num_generations >= 2 completions per prompt (p, the baseline, is their mean "
+                             f"reward: one completion would have A = R - p = 0); got num_generations={self.num_generations}")
         super().__post_init__()
         refuse_unused_grpo_fields(self, ("scale_rewards", "multi_objective_aggregation"), "BNPO",
                                   "its advantages are the Beta-normalized ones (BNPO Eq. 9), one per reward function "

@@ -103,6 +103,7 @@ class GVPOConfig(LowMemGRPOConfig):
     Batching: each micro-batch must hold whole groups, so ``per_device_train_batch_size`` (and
     ``per_device_eval_batch_size`` when evaluating) must be a multiple of ``num_generations``
     (``num_generations_eval``); the trainer shuffles whole groups instead of single completions.
+    ``num_generations`` and ``num_generations_eval`` must be at least 2 (the loss divides by ``G - 1``).
     GRPO's loss and advantage fields (:data:`GVPO_UNUSED_FIELDS`: ``loss_type``, ``epsilon``,
     ``epsilon_high``, ``delta``, ``importance_sampling_level``, ``scale_rewards``,
     ``multi_objective_aggregation``, ``top_entropy_quantile``, the entropy-bonus, off-policy-mask,
@@ -119,6 +120,11 @@ class GVPOConfig(LowMemGRPOConfig):
     )
 
     def __post_init__(self) -> None:
+        for name in ("num_generations", "num_generations_eval"):  # before TRL's check, which does not name the field
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"GVPO needs {name} >= 2 completions per prompt (its loss compares the completions "
+                                 f"of a prompt and divides by G - 1); got {name}={value}")
         super().__post_init__()
         refuse_unused_grpo_fields(self, GVPO_UNUSED_FIELDS, "GVPO",
                                   "its loss is the regression of GVPO Eq. 9 on the weighted reward sum, scaled by beta")
