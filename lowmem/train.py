@@ -884,6 +884,56 @@ def _refuse_fsdp_on_cpu(training_args: dict[str, Any]) -> None:
         )
 
 
+# config.json fields holding a model's context length (Llama / Qwen / Mistral / Gemma / Phi / NeoX; GPT-2; others)
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
+def model_context_length(model: str | None) -> tuple[int, str] | None:
+    """``(positions, where)``: the longest sequence ``model`` (a local directory, or `None` for the
+    embedded tiny Llama) has positions for, read from its config (:data:`CONTEXT_FIELDS`; the text
+    config of a multimodal one), and where that number comes from. `None` when the config has none."""
+    if model is None:
+        from lowmem.kit.model import TINY_LLAMA
+
+        return TINY_LLAMA["max_position_embeddings"], "max_position_embeddings of the embedded tiny Llama"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, f"{name}={value} in {Path(model) / 'config.json'}"
+    return None
+
+
+def fit_max_length(recipe: TrainRecipe, args: Any) -> str | None:
+    """Keep TRL's ``max_length`` (SFT, DPO on a ``dataset``) within the model's context
+    (:func:`model_context_length`). Rows truncated to TRL's default 1024 tokens overflow a model with
+    fewer positions: a learned position table (GPT-2's ``n_positions``) fails mid-training with
+    ``IndexError: index out of range in self``, rotary models run on positions they never saw. A
+    ``max_length`` the recipe sets is an error then; TRL's default becomes the model's length (set in
+    ``recipe.training_args``), and the returned notice says so (else `None`).
+
+    Raises:
+        ConfigError: The recipe's ``max_length`` exceeds the model's context, naming both.
+    """
+    value = getattr(args, "max_length", None)
+    if recipe.trainer not in ("sft", "dpo") or recipe.dataset is None or not isinstance(value, int):
+        return None
+    context = model_context_length(recipe.model)
+    if context is None or value <= context[0]:
+        return None
+    limit, where = context
+    if "max_length" in recipe.training_args:
+        raise ConfigError(f"max_length={value} is longer than the model's context ({where}): longer rows would fail "
+                          f"inside the model (a learned position table: IndexError) or run on positions it never saw; "
+                          f"set max_length <= {limit}")
+    recipe.training_args = {**recipe.training_args, "max_length": limit}
+    return (f"max_length={limit}, the model's context ({where}): TRL's default max_length={value} is longer; rows "
+            f"are truncated to {limit} tokens (set max_length to choose)")
+
+
 def launched_processes() -> int:
     """``WORLD_SIZE`` as ``torchrun`` / ``accelerate launch`` set it (1 when launched plainly)."""
     import os
@@ -1141,6 +1191,11 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     from lowmem.trainers.hf import trainer_hparams
 
     args = build_training_args(recipe)  # the config class's own checks, before any model loads
+    notice = fit_max_length(recipe, args)  # TRL's default max_length to a shorter model context
+    if notice is not None:
+        args = build_training_args(recipe)
+        if main:
+            console.print(f"[yellow]note[/]: {notice}")
     hf_logger = logging.getLogger("lowmem.trainers.hf")
     level = hf_logger.level
     hf_logger.setLevel(logging.ERROR)  # its warnings come once, when the trainer builds the optimizer

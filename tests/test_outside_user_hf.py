@@ -40,3 +40,47 @@ def test_steps_and_epochs_in_one_place_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"steps=200 and num_train_epochs=1 .*give one"):
         TrainRecipe(training_args={"num_train_epochs": 1})
     assert TrainRecipe(steps=None, training_args={"num_train_epochs": 1}).steps is None
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(bpe_model_dir, tmp_path_factory):
+    """A GPT-2-style model directory (Conv1D projections, a learned position table of 32 positions,
+    tied embeddings) with conftest's byte-level BPE tokenizer stripped of its pad token, as GPT-2's has none."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(bpe_model_dir)
+    tok.pad_token = None
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config)
+    path = tmp_path_factory.mktemp("gpt2-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def long_rows(tmp_path_factory):
+    """Rows of ~100 BPE tokens: longer than the GPT-2 fixture's 32 positions."""
+    path = tmp_path_factory.mktemp("long-data") / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(f"{a}+{a}={2 * a}" for a in range(i, i + 20))}) + "\n"
+                            for i in range(24)))
+    return str(path)
+
+
+def test_max_length_fits_the_models_context(gpt2_dir, long_rows, tmp_path, capsys):
+    """TRL's default ``max_length=1024`` on a model with fewer positions: GPT-2's learned position table
+    failed mid-training with ``IndexError: index out of range in self``. The default now becomes the
+    model's context, with a note; a ``max_length`` the user sets beyond it is an error naming both."""
+    recipe = load_recipe(None, model=gpt2_dir, dataset=long_rows, optim="adamw", steps=2, batch_size=4,
+                         output_dir=str(tmp_path / "out"), save_model=False, track_memory=False)
+    metrics = run(recipe)
+    assert metrics["steps"] == 2 and recipe.training_args["max_length"] == 32
+    assert "note: max_length=32, the model's context (max_position_embeddings=32 in" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"max_length=64 is longer than the model's context \(max_position_embeddings=32 "
+                                          r"in .*config.json\).*set max_length <= 32"):
+        run(load_recipe(None, model=gpt2_dir, dataset=long_rows, optim="adamw", steps=2, max_length=64,
+                        output_dir=str(tmp_path / "out2")))
