@@ -131,3 +131,152 @@ def llama_activation_bytes(
     parts = {"layers": layers, "lora": lora, **head, "rope": 2 * tokens * d * e}
     parts["total"] = sum(parts.values())
     return parts
+
+
+#: ``model_type`` values whose decoder block :func:`llama_activation_bytes` models (RMSNorm, rotary attention,
+#: SwiGLU MLP); every other architecture is traced (:func:`traced_activation_bytes`)
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def decoder_layers(model: Any, num_layers: int):
+    """The ``nn.ModuleList`` of ``model``'s ``num_layers`` decoder blocks (the largest list of that length).
+
+    Raises:
+        ValueError: No module list of that length (not a decoder-only stack the estimate can model).
+    """
+    from torch import nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
+    if not lists:
+        raise ValueError(f"no list of num_hidden_layers={num_layers} decoder blocks in {type(model).__name__}: "
+                         "its activations cannot be estimated")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def _balanced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """A transformers fused-experts forward (``gate_up_proj`` / ``down_proj`` of shape ``(E, ., .)``, the eager
+    loop of ``MixtralExperts.forward``) with the routing replaced by an even split: each expert takes
+    ``ceil(tokens * top_k / E)`` tokens. The eager loop saves, per routed token, the same tensors whatever the
+    routing, so the total is that of any routing (up to the rounding); the meta device cannot run the
+    data-dependent ``nonzero`` of the real routing."""
+    import torch
+    from torch.nn import functional as F
+
+    tokens, top_k = hidden_states.shape[0], top_k_index.shape[-1]
+    per_expert = -(-tokens * top_k // self.num_experts)
+    final = torch.zeros_like(hidden_states)
+    idx = torch.arange(per_expert, device=hidden_states.device) % max(tokens, 1)
+    pos = torch.zeros_like(idx)
+    for e in range(self.num_experts):
+        gate, up = F.linear(hidden_states[idx], self.gate_up_proj[e]).chunk(2, dim=-1)
+        out = F.linear(self.act_fn(gate) * up, self.down_proj[e]) * top_k_weights[idx, pos, None]
+        final.index_add_(0, idx, out.to(final.dtype))
+    return final
+
+
+def traced_activation_bytes(
+    model: Any,
+    config: Any,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool = False,
+    cache: dict | None = None,
+) -> dict[str, int]:
+    """Activation bytes of any decoder-only causal LM, from the tensors autograd saves in one forward pass of
+    the meta ``model`` (nothing is allocated): the architecture's own code decides what is saved (attention
+    variants and their masks, GeLU / GeGLU MLPs, parallel blocks, Conv1D, logit soft-capping, MoE experts).
+
+    Each saved tensor's storage is counted once (``torch.autograd.graph.saved_tensors_hooks``; parameters
+    excluded) and attributed to the decoder layer that saved it first, or to the rest (embeddings, final norm,
+    head, loss). Added to the saved tensors, as in :func:`llama_activation_bytes`: at the start of the backward
+    pass the two float32 logit-sized gradients of the loss. With ``gradient_checkpointing`` each layer keeps its
+    input (``e h`` per token) and one layer is recomputed at a time after the head's tensors are freed.
+    Mixture-of-experts layers (transformers' fused ``gate_up_proj`` / ``down_proj`` experts) are traced with an
+    even routing (:func:`_balanced_experts_forward`).
+
+    Args:
+        model (`nn.Module`): The causal LM on the meta device (with its adapters and ``requires_grad`` flags:
+            a frozen linear does not save its input).
+        config (`PretrainedConfig`): Its text config (``num_hidden_layers``, ``hidden_size``, ``vocab_size``).
+        batch_size (`int`): Sequences per step.
+        seq_len (`int`): Tokens per sequence.
+        gradient_checkpointing (`bool`, defaults to `False`): Per-layer checkpointing.
+        cache (`dict` or `None`, defaults to `None`): ``(batch_size, seq_len) -> traced bytes`` kept between
+            calls on the same model (the budget search asks for several checkpointing choices).
+
+    Returns:
+        `dict[str, int]`: ``layers``, ``other`` (outside the decoder layers: embeddings, final norm, logits,
+        log-softmax, rotary tables, masks), ``loss_backward`` and ``total``.
+
+    Raises:
+        ValueError: The model cannot be traced on the meta device (the message names the model type and why).
+    """
+    layers = decoder_layers(model, config.num_hidden_layers)
+    key = (batch_size, seq_len)
+    if cache is None or key not in cache:
+        saved = _trace_saved(model, config, layers, batch_size, seq_len)
+        if cache is not None:
+            cache[key] = saved
+    per_layer, other = cache[key] if cache is not None else saved
+    tokens = batch_size * seq_len
+    e = model.get_input_embeddings().weight.element_size()
+    loss_backward = tokens * config.vocab_size * 8
+    if gradient_checkpointing:
+        head = other + loss_backward
+        layer_part = tokens * len(layers) * e * config.hidden_size + max(0, max(per_layer, default=0) - head)
+    else:
+        layer_part = sum(per_layer)
+    parts = {"layers": layer_part, "other": other, "loss_backward": loss_backward}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int) -> tuple[list[int], int]:
+    """``(bytes saved by each decoder layer, bytes saved outside them)`` in one meta forward of ``model``."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+    params |= {StorageWeakRef(b.untyped_storage()) for b in model.buffers()}
+    owner: dict[Any, tuple[int, int]] = {}  # storage -> (layer index or -1, bytes)
+    current = [-1]
+
+    def pack(t):
+        if t.device.type == "meta":
+            key = StorageWeakRef(t.untyped_storage())
+            if key not in params and key not in owner:
+                owner[key] = (current[0], t.untyped_storage().nbytes())
+        return t
+
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, -1)))
+    patched = []
+    for mod in model.modules():
+        if getattr(getattr(mod, "gate_up_proj", None), "ndim", 0) == 3 and hasattr(mod, "num_experts") and hasattr(mod, "act_fn"):
+            mod.forward = _balanced_experts_forward.__get__(mod)
+            patched.append(mod)
+    was_training = model.training
+    model.train()
+    try:
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+    except Exception as exc:  # noqa: BLE001  (what the model's code raised on meta tensors, re-raised with its name)
+        raise ValueError(f"activations of model_type={getattr(config, 'model_type', None)!r} cannot be traced on the meta "
+                         f"device ({type(exc).__name__}: {exc}); its memory cannot be estimated") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod in patched:
+            del mod.forward
+        model.train(was_training)
+    per_layer = [0] * len(layers)
+    other = 0
+    for idx, nbytes in owner.values():
+        if idx < 0:
+            other += nbytes
+        else:
+            per_layer[idx] += nbytes
+    return per_layer, other

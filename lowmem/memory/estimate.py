@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import LINEARS, LoraShape, llama_activation_bytes
+from .activations import LINEARS, LLAMA_FAMILY, LoraShape, llama_activation_bytes, traced_activation_bytes
 from .shapes import shape_config
 
 DTYPES = {
@@ -250,11 +250,49 @@ def model_label(model: Any) -> str:
 
 
 def build_meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of ``config`` with every tensor on the meta device (nothing allocated)."""
-    from transformers import AutoModelForCausalLM
+    """The causal LM of ``config`` with every tensor on the meta device (nothing allocated).
 
+    Raises:
+        ValueError: ``config`` is not a text-only causal LM (a vision-language model, an encoder-decoder, an
+            unknown ``model_type``); the message names its ``model_type`` and what the estimate covers.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    sub = [k for k in ("vision_config", "audio_config", "encoder_config") if getattr(config, k, None) is not None]
+    if sub or getattr(config, "text_config", None) is not None and config.get_text_config() is not config:
+        raise ValueError(f"model_type={model_type!r} is a multimodal model ({', '.join(sub) or 'text_config'}): the estimate "
+                         "covers text-only causal LMs (its vision / audio tower's weights and activations would be "
+                         "missing); estimate its language model from config.text_config, and add the tower by hand")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"model_type={model_type!r} is not a causal LM transformers can build (AutoModelForCausalLM); "
+                         "the estimate covers decoder-only causal LMs such as llama, mistral, qwen2, gemma, phi3, "
+                         "gpt_neox, gpt2, mixtral, qwen2_moe")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _meta_model_like(model: nn.Module, config: Any, dtype: torch.dtype, kbit: bool, lcfg: Any) -> nn.Module:
+    """A meta-device copy of the estimate's model for tracing its activations: built again from ``config`` (the
+    estimate's own model holds fake tensors of the run's device once its optimizer is sized), with the k-bit
+    float32 upcast, the LoRA adapters and ``model``'s ``requires_grad`` flags (by name; BAdam's frozen blocks)."""
+    meta = build_meta_model(config, dtype)
+    if kbit:
+        for p in meta.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    if lcfg is not None:
+        from peft import get_peft_model
+
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            meta = get_peft_model(meta, lcfg)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in meta.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+    return meta
 
 
 def quantized_weight_ids(model: nn.Module) -> dict[int, str]:
@@ -280,7 +318,13 @@ def lora_config(lora: Any):
     if isinstance(lora, LoraConfig):
         return lora
     if isinstance(lora, dict):
-        return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+        try:
+            return LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+        except TypeError:  # an unknown field: lowmem train's error, naming peft's (rank -> r) and the valid ones
+            from ..train import lora_config as checked
+
+            checked(lora)
+            raise
     raise ValueError(f"lora={lora!r}: expected None, a peft.LoraConfig or a dict of its fields")
 
 
@@ -503,8 +547,9 @@ def estimate_memory(
         ValueError: Bad argument values (the message lists the valid ones), or quantization
             without LoRA (4-bit weights cannot be trained directly).
     """
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1")
     device = check_device(device)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
@@ -606,16 +651,35 @@ def estimate_memory(
         largest = max((p.numel() for _, p in params if id(p) in quantized), default=0)
         dequantized = largest * (compute_bytes + (act_bytes if act_bytes != compute_bytes else 0))
 
+    # a head tied to the input embedding (Gemma, Qwen2 / Llama-3.2 small sizes, GPT-2): autograd sums the weight's
+    # two gradients before accumulating them, so at the end of the backward pass the head's contribution, the
+    # embedding's and their sum are live together: two weight-sized tensors above the gradient (measured)
+    tied = head is not None and head.weight is emb and emb.requires_grad
+    tied_backward = 2 * emb.numel() * emb.element_size() if tied else 0
+    traced = getattr(config, "model_type", None) not in LLAMA_FAMILY
+    trace_model: list[nn.Module] = []
+    trace_cache: dict = {}
+
     def activation_model(b: int, s: int, ckpt: bool) -> dict[str, int]:
-        parts = llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs)
+        if traced:  # any other architecture: what its own forward saves, traced on the meta device
+            if not trace_model:
+                trace_model.append(_meta_model_like(meta, config, param_dtype, spec is not None, lcfg))
+            parts = traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache)
+        else:
+            parts = llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs)
         if dequantized:
             parts["dequantized_weight"] = dequantized
             parts["total"] += dequantized
+        if tied_backward:  # not live with the other activations: the larger of the two moments
+            parts["tied_embedding_backward"] = tied_backward
+            parts["total"] = max(parts["total"], tied_backward)
         return parts
 
     parts = activation_model(batch_size, seq_len, gradient_checkpointing)
-    if getattr(config, "model_type", "llama") not in ("llama", "mistral", "qwen2", "qwen3"):
-        notes.append(f"activations: Llama-block formula applied to model_type={config.model_type!r}")
+    if traced:
+        notes.append(f"activations: model_type={config.model_type!r} traced on the meta device (the tensors its forward saves)")
+    if tied_backward:
+        notes.append("tied input/output embedding: its two gradients and their sum are live at the end of the backward pass")
 
     n_trainable = sum(p.numel() for _, p in trainable)
     return MemoryEstimate(
