@@ -274,7 +274,10 @@ class SubsetNormMoments(MomentRule):
         for items, step in ((element, SN.elementwise_foreach_), (subsets, SN.subset_foreach_)):
             if items:
                 ps, gs, ss = (list(x) for x in zip(*items))
-                step(ps, gs, [s["exp_avg"] for s in ss] if beta1 > 0 else None, [s["exp_avg_sq"] for s in ss],
+                vs = [s["exp_avg_sq"] for s in ss]
+                if step is SN.elementwise_foreach_:  # flat subsets of one element keep v as (numel, 1)
+                    vs = [v.view(g.shape) for v, g in zip(vs, gs)]
+                step(ps, gs, [s["exp_avg"] for s in ss] if beta1 > 0 else None, vs,
                      t, beta1, beta2, lr, wd, group["eps"], scale)
 
     def foreach_transient_bytes(self, numel):
