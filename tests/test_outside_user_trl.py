@@ -82,3 +82,22 @@ def test_gvpo_unused_fields_are_grpo_config_fields():
     from lowmem.trainers.gvpo import GVPO_UNUSED_FIELDS
 
     assert set(GVPO_UNUSED_FIELDS) <= {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+# ---- BNPO: a reward outside reward_range names the function and the field
+
+def test_bnpo_reward_outside_its_range_names_the_function(own_model_dir, tmp_path):
+    from datasets import Dataset
+
+    from lowmem.trainers import BNPOConfig, BNPOTrainer
+
+    data = Dataset.from_list(rl_rows(16))
+
+    def trainer(reward_range):
+        args = BNPOConfig(output_dir=str(tmp_path), **dict(RL, max_steps=1), reward_range=reward_range)
+        return BNPOTrainer(model=own_model_dir, reward_funcs=[has_digit, length_penalty], args=args, train_dataset=data)
+
+    with pytest.raises(ValueError, match=r"reward function 'length_penalty' = reward_funcs\[1\]\) is outside reward_range "
+                                         r"\[0.0, 1.0\]: .*one \[low, high\] per function"):
+        trainer([0.0, 1.0]).train()
+    trainer([[0.0, 1.0], [-0.6, 0.0]]).train()  # max_completion_length 6: the penalty is in [-0.6, 0]

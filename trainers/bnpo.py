@@ -87,7 +87,8 @@ def _ranges(reward_range: Any, num_funcs: int) -> list[tuple[float, float]]:
     return ranges
 
 
-def bnpo_advantages(rewards: torch.Tensor, group_size: int, reward_range: Any = (0.0, 1.0)) -> torch.Tensor:
+def bnpo_advantages(rewards: torch.Tensor, group_size: int, reward_range: Any = (0.0, 1.0),
+                    reward_names: Sequence[str] | None = None) -> torch.Tensor:
     """BNPO advantages (BNPO, Eq. 9 with the Beta of Sec. 4; Sec. 5 advantage decomposition).
 
     Args:
@@ -101,6 +102,8 @@ def bnpo_advantages(rewards: torch.Tensor, group_size: int, reward_range: Any = 
         reward_range (`tuple[float, float]` or a sequence of them, defaults to `(0.0, 1.0)`):
             Bounds ``(low, high)`` of the rewards, used to rescale them to ``[0, 1]``; one pair for
             every function, or one pair per function. A reward outside its range raises.
+        reward_names (`Sequence[str]` or `None`, defaults to `None`):
+            The reward functions' names, only to name the function in that error.
 
     Returns:
         `torch.Tensor`: ``(N,)`` advantages ``A_i = mean_k w_k(p_k) (R_ik - p_k)`` in the dtype of
@@ -132,8 +135,12 @@ def bnpo_advantages(rewards: torch.Tensor, group_size: int, reward_range: Any = 
     outside = ~torch.isnan(scaled) & ((scaled < -_RANGE_TOLERANCE) | (scaled > 1 + _RANGE_TOLERANCE))
     if outside.any():
         row, col = outside.nonzero()[0].tolist()
+        func = f"{reward_names[col]!r} = reward_funcs[{col}]" if reward_names is not None else str(col)
         raise ValueError(
-            f"reward {rewards[row, col].item()!r} (row {row}, reward function {col}) is outside reward_range {ranges[col]}"
+            f"reward {rewards[row, col].item()!r} (row {row}, reward function {func}) is outside reward_range "
+            f"{list(ranges[col])}: BNPO rescales each function's rewards to [0, 1] with reward_range, so set it to "
+            "bounds that hold every reward the function can return ([low, high] for every function, or one "
+            "[low, high] per function in reward_funcs' order)"
         )
     scaled = scaled.clamp(0.0, 1.0)  # NaN stays NaN
     p = torch.nanmean(scaled.view(-1, group_size, k), dim=1)  # (prompts, K); NaN where a function scored nothing
@@ -227,7 +234,8 @@ class BNPOTrainer(LowMemGRPOTrainer):
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         rewards = self._bnpo_rewards_per_func
         self._bnpo_rewards_per_func = None
-        advantages = bnpo_advantages(rewards, group_size, self.args.reward_range).to(output["advantages"].dtype)
+        advantages = bnpo_advantages(rewards, group_size, self.args.reward_range, self.reward_func_names)
+        advantages = advantages.to(output["advantages"].dtype)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         output["advantages"] = advantages[local]
         logged = self._logs["advantages"]  # TRL logged its own advantages for this batch: replace them
