@@ -84,6 +84,37 @@ def test_gvpo_unused_fields_are_grpo_config_fields():
     assert set(GVPO_UNUSED_FIELDS) <= {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
+# ---- a model built in memory: TRL reloads the reference by path; say so instead of TRL's OSError about a repo id ''
+
+@pytest.mark.parametrize("kind", ["dpo", "grpo", "gvpo"])
+def test_in_memory_model_with_a_reloaded_reference_is_refused_with_what_to_do(kind, tmp_path):
+    from peft import LoraConfig
+
+    from lowmem.kit import build_tiny_model, preference_dataset, reward_dataset, reward_fn
+    from lowmem.trainers import GVPOConfig, GVPOTrainer, LowMemDPOConfig, LowMemDPOTrainer, LowMemGRPOConfig, LowMemGRPOTrainer
+
+    model, tok = build_tiny_model(seed=0)
+    assert model.config._name_or_path == ""
+    out = str(tmp_path)
+    if kind == "dpo":
+        make = lambda **kw: LowMemDPOTrainer(model=model, processing_class=tok, train_dataset=preference_dataset(8),  # noqa: E731
+                                             args=LowMemDPOConfig(output_dir=out, **dict(BASE, per_device_train_batch_size=4)), **kw)
+        match = "DPO: TRL builds the reference model by reloading .*ref_model="
+    else:
+        config_cls, trainer_cls = (LowMemGRPOConfig, LowMemGRPOTrainer) if kind == "grpo" else (GVPOConfig, GVPOTrainer)
+        extra = {"beta": 0.04} if kind == "grpo" else {"reference_policy": "model"}
+        make = lambda **kw: trainer_cls(model=model, reward_funcs=reward_fn, processing_class=tok,  # noqa: E731
+                                        train_dataset=reward_dataset(8), args=config_cls(output_dir=out, **RL, **extra), **kw)
+        match = f"{kind.upper()}: TRL builds the reference model .*" + ("beta=0.0" if kind == "grpo" else "reference_policy='sampling'")
+    with pytest.raises(ValueError, match=match):
+        make()
+    make(peft_config=LoraConfig(r=4, target_modules=["q_proj"]))  # the adapter-disabled base is the reference
+    if kind == "dpo":
+        import copy
+
+        make(ref_model=copy.deepcopy(model))
+
+
 # ---- BNPO: a reward outside reward_range names the function and the field
 
 def test_bnpo_reward_outside_its_range_names_the_function(own_model_dir, tmp_path):

@@ -167,6 +167,7 @@ class GVPOTrainer(LowMemGRPOTrainer):
     """
 
     _name = "GVPO"
+    _reference_alternative = "or reference_policy='sampling' (the sampling policy is pi_ref: no reference model)"
 
     def __init__(self, model: Any, reward_funcs: Any, args: GVPOConfig | None = None, **kwargs: Any) -> None:
         if not isinstance(args, GVPOConfig):

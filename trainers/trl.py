@@ -19,6 +19,7 @@ unchanged). Leave ``lowmem_optim`` unset and each trainer behaves exactly like T
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,13 +73,68 @@ def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, 
                          "at the default, or train with GRPO (LowMemGRPOConfig) to use GRPO's loss and advantages")
 
 
+def check_reference_reloadable(trainer: str, model: Any, alternatives: str) -> None:
+    """Refuse, with what to do instead, a policy TRL cannot reload as its reference model.
+
+    When a reference model is needed (DPO without ``ref_model``, GRPO with ``beta != 0``) and no adapter
+    stands in for it, TRL builds the reference by loading ``model.config._name_or_path`` again. A model
+    built in memory (``AutoModelForCausalLM.from_config``, ``lowmem.kit.build_tiny_model``) has an empty
+    path, and TRL failed with ``OSError: Repo id must use alphanumeric chars ...: ''``.
+
+    Raises:
+        ValueError: ``model`` is a model instance (not a path, not a PEFT model) with an empty
+            ``config._name_or_path``.
+    """
+    from accelerate.utils import is_peft_model
+
+    if isinstance(model, str) or is_peft_model(model) or not hasattr(model, "config"):
+        return
+    if getattr(model.config, "_name_or_path", "") in ("", None):
+        raise ValueError(
+            f"{trainer}: TRL builds the reference model by reloading the policy from model.config._name_or_path, "
+            "which is empty: this model was built in memory, not loaded from a directory. Save it first "
+            "(model.save_pretrained(path); tokenizer.save_pretrained(path)) and pass model=path, or pass "
+            f"peft_config (the reference is then the base model with the adapter disabled), {alternatives}"
+        )
+
+
+def _bound(trainer_cls: type, model: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    return inspect.signature(trainer_cls.__init__).bind(None, model, *args, **kwargs).arguments
+
+
 class LowMemSFTTrainer(LowMemOptimizerMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` building its optimizer from :class:`LowMemSFTConfig`."""
 
 
 class LowMemDPOTrainer(LowMemOptimizerMixin, DPOTrainer):
-    """TRL's ``DPOTrainer`` building its optimizer from :class:`LowMemDPOConfig`."""
+    """TRL's ``DPOTrainer`` building its optimizer from :class:`LowMemDPOConfig`.
+
+    A model instance built in memory (empty ``config._name_or_path``) needs ``ref_model``,
+    ``peft_config`` or ``precompute_ref_log_probs=True``: TRL reloads the reference by path
+    (:func:`check_reference_reloadable`)."""
+
+    def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
+        bound = _bound(DPOTrainer, model, args, kwargs)
+        config = bound.get("args")
+        if (bound.get("ref_model") is None and bound.get("peft_config") is None
+                and not (config is not None and config.precompute_ref_log_probs)):
+            check_reference_reloadable("DPO", model, "ref_model=<a copy of the model> (copy.deepcopy(model)), or "
+                                       "precompute_ref_log_probs=True (reference log-probabilities computed once, "
+                                       "before training)")
+        super().__init__(model, *args, **kwargs)
 
 
 class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
-    """TRL's ``GRPOTrainer`` building its optimizer from :class:`LowMemGRPOConfig`."""
+    """TRL's ``GRPOTrainer`` building its optimizer from :class:`LowMemGRPOConfig`.
+
+    With ``beta != 0`` a model instance built in memory (empty ``config._name_or_path``) needs
+    ``peft_config``: TRL reloads the reference by path (:func:`check_reference_reloadable`)."""
+
+    _reference_alternative = "or beta=0.0 (no reference model)"
+
+    def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
+        bound = _bound(GRPOTrainer, model, args, kwargs)
+        config = bound.get("args")
+        if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
+            check_reference_reloadable(self._name, model, self._reference_alternative)
+        super().__init__(model, *args, **kwargs)
