@@ -166,6 +166,7 @@ register_reference("adamw_sn", Reference(adamw_sn, configs=(
     # flat subsets (adamw_sng.py / pytorch_optimizer): sqrt(960) / 2 -> 15 (divides 960), sqrt(40) / 2 -> 3 -> 2
     {"subset_size": -2, "lr": 1e-2},
     {"subset_size": 7, "betas": (0.0, 0.999)},  # 960 -> 6 per subset, 40 -> 5
+    {"subset_size": 1, "lr": 1e-2},  # single-element subsets: v of shape (numel, 1), Adam element-wise
 )))
 register_reference("adamw_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5},
@@ -182,6 +183,7 @@ register_reference("adagrad_sn", Reference(adagrad_sn, configs=(
     {"momentum": 0.0, "lr": 1e-2, "weight_decay": 0.1, "eps": 0.5},  # AdaGrad-SN itself (no momentum state)
     {"subset_norm": False, "momentum": 0.5},  # element-wise: AdaGrad with momentum
     {"subset_size": 16, "lr": 1e-2},  # flat subsets of 16 (960) and 10 (40)
+    {"subset_size": 1, "momentum": 0.5},  # single-element subsets: AdaGrad element-wise
 )))
 register_reference("adagrad_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5, "lr": 1e-2},
