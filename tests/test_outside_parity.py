@@ -316,3 +316,60 @@ def test_adamw_sn_flat_subsets_groups_and_odd_sizes_match_pytorch_optimizer(subs
                                           foreach=False, **hp),
                     SN_SHAPES, steps=15, lr_lambda=lambda t: 1 / (1 + 0.2 * t), zero=(1, 5), reload_at=6)
     assert diff < 1e-4  # measured 2e-6 - 1.3e-5
+
+
+# ---- apollo-torch 1.0.3: two projected groups, its seeds injected ---------------------------------
+
+@pytest.fixture
+def apollo_torch_draws(monkeypatch):
+    """lowmem's projection made to draw apollo-torch's bases (tests/test_apollo.py does it for one
+    group): apollo-torch seeds a parameter with its 1-based position over all groups, lowmem with its
+    index in its group, so the fixture maps each lowmem parameter to its global position."""
+    pytest.importorskip("apollo_torch")
+    from apollo_torch.random_projector import GradientProjector, next_seed
+
+    from lowmem.optim.subspace import SubspaceProjection
+
+    positions: dict[int, int] = {}
+    original = SubspaceProjection._new_basis
+
+    def new_basis(self, g, state, group, method, refreshes, gen):
+        if method != "gaussian":
+            return original(self, g, state, group, method, refreshes, gen)
+        seed = positions[id(group["params"][state["proj_meta"][0].item() % 1_000_003])]
+        for _ in range(refreshes):
+            seed = next_seed(seed)
+        side = self._side(g.shape, group)
+        basis = GradientProjector(group["rank"]).get_orthogonal_matrix(torch.zeros(tuple(g.shape)), group["rank"], side, seed)
+        return (basis, None) if side == "left" else (None, basis)
+
+    monkeypatch.setattr(SubspaceProjection, "_new_basis", new_basis)
+    return positions
+
+
+APOLLO_SHAPES = [(24, 40), (40, 24), (16, 30), (30, 16), (40,), (3, 4, 5)]
+
+
+@pytest.mark.parametrize("proj", ["random", "svd"])
+def test_apollo_two_projected_groups_match_apollo_torch(proj, apollo_torch_draws):
+    """APOLLO (channel, rank 4) and APOLLO-Mini (tensor, rank 1, scale 128) groups side by side with their
+    own update_proj_gap / lr / weight_decay, tall and wide weights, missing and zero gradients, a
+    LambdaLR and a weights-only reload."""
+    import apollo_torch
+
+    from lowmem.optim import APOLLOAdamW
+
+    a = {"rank": 4, "proj": proj, "scale_type": "channel", "update_proj_gap": 5, "scale": 1.0, "proj_type": "std", "lr": 2e-2}
+    b = {"rank": 1, "proj": proj, "scale_type": "tensor", "update_proj_gap": 3, "scale": 128.0, "proj_type": "std",
+         "weight_decay": 0.02}
+    kw = dict(lr=1e-2, betas=(0.85, 0.98), eps=1e-5, weight_decay=0.1)
+
+    def ours(ps):
+        apollo_torch_draws.clear()
+        apollo_torch_draws.update({id(p): i + 1 for i, p in enumerate([ps[0], ps[2], ps[1], ps[3], *ps[4:]])})
+        return APOLLOAdamW(subspace_groups(ps, a, b), **kw)
+
+    diff = run_pair(ours, lambda ps: apollo_torch.APOLLOAdamW(subspace_groups(ps, a, b), **kw), APOLLO_SHAPES,
+                    steps=23, lr_lambda=lambda t: 1 / (1 + 0.2 * t), none=(0, 1, 4), zero=(2, 5), zero_at=OFF_REFRESH,
+                    reload_at=8)
+    assert diff < 1e-4  # measured 1e-5 - 2e-5
