@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import nn
 
-from .config import ConfigError, check_dataclass, check_value, field_types
+from .config import RANGES, ConfigError, check_dataclass, check_value, field_types
 from .io import write_text_atomic
 from .optim import create_optimizer, get_entry
 
@@ -246,12 +246,8 @@ class TrainRecipe:
         if self.steps == -1 and not isinstance(self.steps, bool):  # the Trainer's max_steps=-1: train by epochs
             self.steps = None
         check_dataclass(self)  # every field: its type (numeric strings converted) and range (lowmem.config)
-        _check_run_length(self.steps, self.training_args)
         if self.trainer not in AVAILABLE_TRAINERS:
             raise ConfigError(f"Unknown trainer {self.trainer!r}; available: {list(AVAILABLE_TRAINERS)}")
-        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
-            raise ConfigError(f"warmup_steps={self.warmup_steps}: expected a whole number of steps, or a fraction of "
-                              "steps below 1")
         from lowmem.data import validate_data_fields
 
         validate_data_fields(self)  # dataset, eval_*, chat_template, reward_* (lowmem.data, lowmem.rewards)
@@ -268,7 +264,11 @@ class TrainRecipe:
         self.optim, hf_layerwise = resolve_optim_name(self.optim)
         self.layerwise = self.layerwise or hf_layerwise
         self.optim_args = parse_optim_args(self.optim_args)
-        _lift_training_args(self)  # optim*, resume_from_checkpoint given in training_args; types of the rest
+        _lift_training_args(self)  # recipe fields, optim*, resume_from_checkpoint given in training_args; types of the rest
+        _check_run_length(self.steps, self.training_args)
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ConfigError(f"warmup_steps={self.warmup_steps}: expected a whole number of steps, or a fraction of "
+                              "steps below 1")
         self.optim_args = check_optim_args(self.optim, self.optim_args)
         from lowmem.optim.recipes.lomo import FUSED_BACKWARD
 
@@ -403,6 +403,16 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
     from lowmem.trainers.hf import parse_optim_args
 
     ta = dict(recipe.training_args)
+    if "lowmem_optim" in ta or "lowmem_optim_args" in ta or "lowmem_layerwise" in ta:
+        for key in ("lowmem_optim", "lowmem_optim_args"):
+            if key in ta and key[len("lowmem_"):] in ta:
+                raise ConfigError(f"training_args holds both {key} and {key[len('lowmem_'):]}; give one")
+            if key in ta:
+                ta[key[len("lowmem_"):]] = ta.pop(key)
+        if "lowmem_layerwise" in ta:
+            recipe.layerwise = recipe.layerwise or check_value("lowmem_layerwise", ta.pop("lowmem_layerwise"), bool,
+                                                               where="training_args.")
+    _lift_recipe_fields(recipe, ta)
     if "resume_from_checkpoint" in ta:
         value = check_value("resume_from_checkpoint", ta.pop("resume_from_checkpoint"), bool | str | None,
                             where="training_args.")
@@ -439,6 +449,38 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
                           "transformers / TRL documentation)")
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+# TrainingArguments fields in ``training_args`` that a recipe field sets (the recipe's own name, or its alias).
+TRAINING_ARGS_RECIPE_FIELDS: dict[str, str] = {
+    "learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
+    "lr_scheduler_type": "lr_scheduler", "output_dir": "output_dir", "seed": "seed", "logging_steps": "logging_steps",
+    "save_steps": "save_steps", "eval_steps": "eval_steps", "weight_decay": "weight_decay",
+    "warmup_steps": "warmup_steps", "report_to": "report_to",
+}
+
+
+def _lift_recipe_fields(recipe: TrainRecipe, ta: dict[str, Any]) -> None:
+    """Move the ``training_args`` fields of :data:`TRAINING_ARGS_RECIPE_FIELDS` onto the recipe, in
+    place. Passed through, they reached the Trainer while the recipe kept its own value for the rest
+    of the run: ``output_dir`` wrote checkpoints in one folder and ``metrics.json`` and the model in
+    another, ``save_steps`` / ``eval_steps`` left ``save_strategy`` / ``eval_strategy`` at ``"no"``
+    (nothing saved or evaluated), ``max_steps`` escaped the resume check. ``training_args`` wins over
+    a recipe field at its default (as documented); over one set to another value it is an error."""
+    types_ = field_types(TrainRecipe)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainRecipe)}
+    for key, name in TRAINING_ARGS_RECIPE_FIELDS.items():
+        if key not in ta:
+            continue
+        raw = ta.pop(key)
+        if name == "steps" and raw == -1 and not isinstance(raw, bool):  # the Trainer's "train by epochs"
+            raw = None
+        value = check_value(key, raw, types_[name], where="training_args.",
+                            ranges={key: RANGES[name]} if name in RANGES else {})
+        current = getattr(recipe, name)
+        if current != defaults[name] and current != value:
+            raise ConfigError(f"{name} is {current!r} in the recipe and training_args.{key} is {value!r}; give it once")
+        setattr(recipe, name, value)
 
 
 def _check_report_to(report_to: str | list[str]) -> None:

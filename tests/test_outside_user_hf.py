@@ -84,3 +84,27 @@ def test_max_length_fits_the_models_context(gpt2_dir, long_rows, tmp_path, capsy
                                           r"in .*config.json\).*set max_length <= 32"):
         run(load_recipe(None, model=gpt2_dir, dataset=long_rows, optim="adamw", steps=2, max_length=64,
                         output_dir=str(tmp_path / "out2")))
+
+
+def test_recipe_fields_in_training_args_are_the_recipes(tmp_path):
+    """``training_args: {output_dir: ..., save_steps: 4, eval_steps: 4, max_steps: 5, lowmem_optim: ...}``
+    reached the Trainer while the recipe kept its own values: checkpoints went to one folder and
+    metrics.json / the model to another, save_steps and eval_steps stayed inert (save_strategy and
+    eval_strategy "no"), metrics.json named another optimizer than the one trained."""
+    out = str(tmp_path / "mine")
+    recipe = load_recipe(None, training_args={"output_dir": out, "save_steps": 4, "eval_steps": 4, "max_steps": 5,
+                                              "learning_rate": 3e-3, "per_device_train_batch_size": 8,
+                                              "lr_scheduler_type": "cosine", "seed": 3, "lowmem_optim": "galore_adamw",
+                                              "lowmem_optim_args": "rank=4"})
+    assert (recipe.output_dir, recipe.save_steps, recipe.eval_steps, recipe.steps, recipe.lr, recipe.batch_size,
+            recipe.lr_scheduler, recipe.seed, recipe.optim, recipe.optim_args) == (
+        out, 4, 4, 5, 3e-3, 8, "cosine", 3, "galore_adamw", {"rank": 4})
+    assert recipe.training_args == {}
+    args = build_training_args(recipe)
+    assert (args.output_dir, args.save_strategy, args.eval_strategy, args.max_steps) == (out, "steps", "steps", 5)
+    # the Trainer's max_steps=-1 there too; a recipe value set otherwise is an error, not a silent choice
+    assert load_recipe(None, training_args={"max_steps": -1, "num_train_epochs": 1}).steps is None
+    with pytest.raises(ConfigError, match=r"lr is 0.1 in the recipe and training_args.learning_rate is 0.5; give it once"):
+        load_recipe(None, lr=0.1, training_args={"learning_rate": 0.5})
+    with pytest.raises(ConfigError, match=r"training_args.save_steps=0: expected an integer > 0"):
+        load_recipe(None, training_args={"save_steps": 0})

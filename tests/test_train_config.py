@@ -117,9 +117,12 @@ def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
 
 def test_numbers_written_as_strings_are_converted():
     # PyYAML (YAML 1.1) reads 3e-4 as the string '3e-4'; it must train at 3e-4, not at a default
-    r = load_recipe(None, lr="3e-4", steps="1e2", training_args={"learning_rate": "2e-4", "adam_epsilon": "1e-6"})
+    r = load_recipe(None, lr="3e-4", steps="1e2", training_args={"adam_epsilon": "1e-6"})
     assert r.lr == 3e-4 and isinstance(r.lr, float) and r.steps == 100 and isinstance(r.steps, int)
-    assert r.training_args == {"learning_rate": 2e-4, "adam_epsilon": 1e-6}
+    assert r.training_args == {"adam_epsilon": 1e-6}
+    # a recipe field given in training_args under its TrainingArguments name is the recipe's (lowmem train's own)
+    r = load_recipe(None, training_args={"learning_rate": "2e-4", "max_steps": "1e2"})
+    assert (r.lr, r.steps, r.training_args) == (2e-4, 100, {})
     assert load_recipe(None, optim="galore_adamw", optim_args={"lr": "3e-4", "rank": "8"}).optim_args == {"lr": 3e-4, "rank": 8}
     assert check_value("x", True, bool) is True
     with pytest.raises(ConfigError, match="x='true'"):
