@@ -132,3 +132,119 @@ def test_bnpo_reward_outside_its_range_names_the_function(own_model_dir, tmp_pat
                                          r"\[0.0, 1.0\]: .*one \[low, high\] per function"):
         trainer([0.0, 1.0]).train()
     trainer([[0.0, 1.0], [-0.6, 0.0]]).train()  # max_completion_length 6: the penalty is in [-0.6, 0]
+
+
+# ---- the user's own reward functions, chat prompts, model directory and LoRA through GRPO / GVPO / BNPO
+
+@pytest.mark.parametrize("kind", ["grpo", "gvpo", "bnpo"])
+def test_users_rewards_chat_prompts_and_lora(kind, own_model_dir, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from lowmem.optim import LowMemOptimizer
+    from lowmem.trainers import BNPOConfig, BNPOTrainer, GVPOConfig, GVPOTrainer, LowMemGRPOConfig, LowMemGRPOTrainer
+
+    seen = []
+
+    def correct(prompts, completions, answer, **kwargs):  # TRL's signature, a dataset column as keyword
+        seen.append((prompts[0], completions[0]))
+        return starts_with_answer(prompts, completions, answer)
+
+    config_cls, trainer_cls = {"grpo": (LowMemGRPOConfig, LowMemGRPOTrainer), "gvpo": (GVPOConfig, GVPOTrainer),
+                               "bnpo": (BNPOConfig, BNPOTrainer)}[kind]
+    weights = [1.0, 1.0, 1.0] if kind == "bnpo" else [1.0, 0.5, 0.25]
+    args = config_cls(output_dir=str(tmp_path), **RL, reward_weights=weights)
+    trainer = trainer_cls(model=own_model_dir, reward_funcs=[correct, half_or_none, has_digit], args=args,
+                          train_dataset=Dataset.from_list(rl_rows(32, conversational=True)),
+                          peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    scored = []
+    generate = trainer._generate_and_score_completions
+
+    def recording(inputs):
+        out = generate(inputs)
+        scored.append(out)
+        return out
+
+    trainer._generate_and_score_completions = recording
+    trainer.train()
+    prompt, completion = seen[0]
+    assert prompt[-1]["role"] == "user" and completion[-1]["role"] == "assistant"  # conversational both ways
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 2 and all(h["rewards/half_or_none/mean"] == 0.5 for h in logs)  # None left out, not 0
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(opt, LowMemOptimizer)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" in n}
+    for out in scored:
+        assert torch.isfinite(out["advantages"]).all()
+        if kind == "gvpo":  # R_i: the weighted sum of the functions that scored the completion (TRL's nansum)
+            assert torch.isfinite(out["gvpo_rewards"]).all()
+
+
+# ---- the user's own preference data through DPO, in TRL's four forms
+
+def _preferences(form):
+    rows = dpo_rows(16, conversational=form.endswith("conversational"))
+    if form.startswith("implicit"):  # no prompt column: TRL takes the common prefix of chosen and rejected
+        rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+    return rows
+
+
+@pytest.mark.parametrize("form", ["explicit", "explicit-conversational", "implicit", "implicit-conversational"])
+def test_dpo_on_users_preference_data(form, own_model_dir, tmp_path):
+    from datasets import Dataset
+
+    from lowmem.trainers import LowMemDPOConfig, LowMemDPOTrainer
+
+    args = LowMemDPOConfig(output_dir=str(tmp_path), **dict(BASE, per_device_train_batch_size=4), beta=0.1)
+    trainer = LowMemDPOTrainer(model=own_model_dir, args=args, train_dataset=Dataset.from_list(_preferences(form)))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.ref_model is not None  # reloaded from the user's directory
+    assert all(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
+    assert len(margins) == 2 and margins[0] == 0.0  # policy = reference at the first step
+
+
+# ---- every lowmem optimizer through DPO and GRPO, two steps each (about 1.5 s each: slow)
+
+def _every_optimizer():
+    from lowmem.optim import optimizer_entries
+
+    return [e.name for e in optimizer_entries()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+@pytest.mark.parametrize("name", _every_optimizer())
+def test_every_optimizer_through_dpo_and_grpo(kind, name, tiny_model_path, tmp_path):
+    from lowmem.optim import get_entry
+    from trl_helpers import inner_optimizer, make_trainer, trainable
+
+    trainer = make_trainer(kind, tiny_model_path, str(tmp_path), 2, optim=name,
+                           lr=0.1 if name in ("lomo", "sgd_sm", "adagrad_sn", "adagrad_snsm") else 1e-2)
+    before = trainable(trainer)
+    trainer.train()
+    opt = inner_optimizer(trainer)
+    entry = get_entry(name)
+    assert entry.recipe is None or getattr(opt, "recipe", None) is entry.recipe, type(opt)
+    after = trainable(trainer)
+    assert [n for n in after if n in before and not torch.equal(before[n], after[n])], f"{kind} {name}: nothing moved"
+    assert all(torch.isfinite(p).all() for p in after.values())
+
+
+def test_gvpo_refuses_an_infinite_reward_naming_the_function(tiny_model_path, tmp_path):
+    # inf - inf made the loss NaN: the logged loss was 0.0 (the Trainer's NaN filter) and the step's gradients NaN
+    import math
+
+    from lowmem.kit import reward_dataset
+    from lowmem.trainers import GVPOConfig, GVPOTrainer
+
+    def overflowing(prompts, completions, **kwargs):
+        return [math.inf if i == 0 else 0.5 * (i % 2) for i in range(len(completions))]
+
+    args = GVPOConfig(output_dir=str(tmp_path), **dict(RL, max_steps=1))
+    trainer = GVPOTrainer(model=tiny_model_path, reward_funcs=[has_digit, overflowing], args=args,
+                          train_dataset=reward_dataset(16))
+    with pytest.raises(ValueError, match=r"reward function 'overflowing' \(reward_funcs\[1\]\) returned inf .*finite"):
+        trainer.train()
