@@ -110,3 +110,21 @@ def test_unknown_model_type_in_a_directory(tmp_path):
 def test_bad_arguments_name_the_field(kw, words):
     with pytest.raises(ValueError, match=words):
         estimate_memory("tiny", **kw)
+
+
+def test_a_batch_above_two_is_extrapolated_exactly():
+    """The trace at batches 1 and 2 serves every batch (the budget search's), equal to a trace at that batch."""
+    import torch
+
+    from lowmem.memory.activations import _trace_saved, decoder_layers, traced_activation_bytes
+    from lowmem.memory.estimate import build_meta_model
+
+    for name in ("gpt2", "mixtral"):
+        config = arch_config(name)
+        model = build_meta_model(config, torch.float32)
+        cache: dict = {}
+        parts = traced_activation_bytes(model, config, 5, 40, cache=cache)
+        assert sorted(cache) == [(1, 40), (2, 40)]
+        per_layer, other = _trace_saved(model, config, decoder_layers(model, L), 5, 40)
+        assert parts["layers"] == sum(per_layer)
+        assert abs(parts["other"] - other) <= 64  # a few integer scalars

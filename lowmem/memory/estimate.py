@@ -658,7 +658,10 @@ def estimate_memory(
     tied_backward = 2 * emb.numel() * emb.element_size() if tied else 0
     traced = getattr(config, "model_type", None) not in LLAMA_FAMILY
     trace_model: list[nn.Module] = []
-    trace_cache: dict = {}
+    # the trace depends on the model, dtype and trainable set, not on the optimizer: shared within a sizing_cache()
+    trace_key = ("activation trace", config.to_json_string(use_diff=False), str(param_dtype), spec is not None, repr(lcfg),
+                 tuple(n for n, p in _unique_params(meta) if not p.requires_grad)) if traced else None
+    trace_cache: dict = cache.setdefault(trace_key, {}) if traced and cache is not None else {}
 
     def activation_model(b: int, s: int, ckpt: bool) -> dict[str, int]:
         if traced:  # any other architecture: what its own forward saves, traced on the meta device
