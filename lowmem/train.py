@@ -333,11 +333,29 @@ HF_OPTIM_NAMES: dict[str, str] = {
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
 
+# Keys of `trl sft` configs (TRL's ModelConfig / ScriptArguments) and LLaMA-Factory that are no
+# TrainingArguments field: an unknown-key error says what lowmem's recipe writes instead.
+FOREIGN_KEYS: dict[str, str] = {
+    "torch_dtype": "dtype", "dataset_name": "dataset (a local file or folder; nothing is downloaded)",
+    "dataset_train_split": "dataset (a saved DatasetDict gives its train split)",
+    "dataset_test_split": "eval_dataset or eval_split", "val_size": "eval_split",
+    "use_peft": "lora: {r: 16, lora_alpha: 32, target_modules: all-linear}",
+    "finetuning_type": "lora: {...} for LoRA (leave it out for a full fine-tune)",
+    "lora_r": "lora: {r: ...}", "lora_rank": "lora: {r: ...}", "lora_alpha": "lora: {lora_alpha: ...}",
+    "lora_dropout": "lora: {lora_dropout: ...}", "lora_target_modules": "lora: {target_modules: ...}",
+    "lora_target": "lora: {target_modules: ...}", "lora_task_type": "lora (task_type is CAUSAL_LM)",
+    "load_in_4bit": "quantization: nf4", "load_in_8bit": "quantization: nf4 (lowmem loads 4-bit bases only)",
+    "bnb_4bit_quant_type": "quantization: {quant_type: ...}", "use_bnb_nested_quant": "quantization: {double_quant: ...}",
+    "quantization_bit": "quantization: nf4", "cutoff_len": "max_length", "max_seq_length": "max_length",
+    "template": "chat_template (a Jinja text or .jinja file; the tokenizer's own is used by default)",
+    "trust_remote_code": "nothing: lowmem never runs a model's remote code",
+}
+
 # TrainingArguments names of recipe fields: accepted at the top level of a recipe as the recipe field.
 RECIPE_ALIASES: dict[str, str] = {
     "learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
     "lr_scheduler_type": "lr_scheduler", "lowmem_optim": "optim", "lowmem_optim_args": "optim_args",
-    "lowmem_layerwise": "layerwise",
+    "lowmem_layerwise": "layerwise", "model_name_or_path": "model",
 }
 
 
@@ -734,9 +752,12 @@ def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
     if unknown:
         import difflib
 
-        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, list(RECIPE_KEYS) + sorted(valid), n=3)})
+        foreign = [f"{k} -> {FOREIGN_KEYS[k]}" for k in unknown if k in FOREIGN_KEYS]
+        close = sorted({m for k in unknown if k not in FOREIGN_KEYS
+                        for m in difflib.get_close_matches(k, list(RECIPE_KEYS) + sorted(valid), n=3)})
         raise ConfigError(
-            f"{where}unknown recipe key(s) {unknown}" + (f"; did you mean {close}?" if close else "")
+            f"{where}unknown recipe key(s) {unknown}" + (f"; lowmem's spelling: {'; '.join(foreign)}" if foreign else "")
+            + (f"; did you mean {close}?" if close else "")
             + f" valid keys: {list(RECIPE_KEYS)}, or any field of the {trainer} trainer's {cls.__name__}"
         )
     ta = out.get("training_args") or {}

@@ -108,3 +108,21 @@ def test_recipe_fields_in_training_args_are_the_recipes(tmp_path):
         load_recipe(None, lr=0.1, training_args={"learning_rate": 0.5})
     with pytest.raises(ConfigError, match=r"training_args.save_steps=0: expected an integer > 0"):
         load_recipe(None, training_args={"save_steps": 0})
+
+
+def test_trl_sft_and_llama_factory_keys(tmp_path, tiny_model_path):
+    """A ``trl sft`` config names the model ``model_name_or_path`` (accepted as ``model``); its ModelConfig
+    keys and LLaMA-Factory's were 'unknown recipe key(s)' with no hint (``lora_r`` -> did you mean
+    ['local_rank', 'lora', 'use_cpu']?): the error now says what lowmem writes instead."""
+    path = _recipe_file(tmp_path, "model_name_or_path: model\n")
+    (tmp_path / "model").symlink_to(tiny_model_path)  # relative to the recipe's folder, as model is
+    assert load_recipe(path).model == str(tmp_path / "model")
+    with pytest.raises(ConfigError, match=r"'model_name_or_path' and 'model' set the same value"):
+        load_recipe(_recipe_file(tmp_path, f"model: {tiny_model_path}\nmodel_name_or_path: {tiny_model_path}\n"))
+    with pytest.raises(ConfigError, match=r"unknown recipe key\(s\) \['lora_r', 'use_peft'\]; lowmem's spelling: "
+                                          r"lora_r -> lora: \{r: ...\}; use_peft -> lora: \{r: 16"):
+        load_recipe(None, use_peft=True, lora_r=8)
+    for key, hint in [("torch_dtype", "dtype"), ("cutoff_len", "max_length"), ("load_in_4bit", "quantization: nf4"),
+                      ("dataset_name", "dataset")]:
+        with pytest.raises(ConfigError, match=rf"\['{key}'\]; lowmem's spelling: {key} -> {hint}"):
+            load_recipe(None, **{key: "x"})
