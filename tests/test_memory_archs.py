@@ -128,3 +128,12 @@ def test_a_batch_above_two_is_extrapolated_exactly():
         per_layer, other = _trace_saved(model, config, decoder_layers(model, L), 5, 40)
         assert parts["layers"] == sum(per_layer)
         assert abs(parts["other"] - other) <= 64  # a few integer scalars
+
+
+def test_measure_a_directory_with_only_a_config(tmp_path):
+    """``lowmem budget ./dir --measure`` on a directory with only config.json (what the estimate reads) raised
+    OSError 'no file named model.safetensors'; it measures seeded random weights of that config."""
+    arch_config("gpt2").save_pretrained(tmp_path)
+    r = _measure(str(tmp_path), seq_len=16, batch_size=1)
+    assert r.measured["weights"] == pytest.approx(r.estimate.weights, abs=1024)
+    assert r.estimate.settings["model"] == str(tmp_path)

@@ -245,6 +245,12 @@ class MemoryMeasurement:
                 "ratios": self.ratios(), "losses": self.losses}
 
 
+def _has_weights(path: str | os.PathLike) -> bool:
+    """A model directory with weight files (safetensors or torch ``.bin``, sharded or not); a directory with only
+    ``config.json`` is measured on seeded random weights of that config (the memory does not depend on the values)."""
+    return any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
+
+
 def _build_model(model: Any, dtype: torch.dtype, quantization: Any, lora: Any, gradient_checkpointing: bool, device: str, seed: int):
     from transformers import AutoModelForCausalLM
 
@@ -252,7 +258,7 @@ def _build_model(model: Any, dtype: torch.dtype, quantization: Any, lora: Any, g
     if quantization is not None:
         from ..quant import load_quantized_model
 
-        path = model if isinstance(model, (str, os.PathLike)) and os.path.isdir(model) else None
+        path = model if isinstance(model, (str, os.PathLike)) and os.path.isdir(model) and _has_weights(model) else None
         tmp = None
         if path is None:  # a shape or config: write random weights to load them the way users do
             tmp = tempfile.TemporaryDirectory()
@@ -267,7 +273,7 @@ def _build_model(model: Any, dtype: torch.dtype, quantization: Any, lora: Any, g
         return m, config
     if isinstance(model, nn.Module):
         m = model
-    elif isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
+    elif isinstance(model, (str, os.PathLike)) and os.path.isdir(model) and _has_weights(model):
         m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True)
     else:
         with torch.random.fork_rng(devices=[]):
