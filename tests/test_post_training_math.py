@@ -63,7 +63,7 @@ class _Recorder:
         return out
 
 
-def _train(kind, path, steps, recorder, **fields):
+def _train(kind, path, steps, recorder, peft_config=None, **fields):
     from transformers import TrainerCallback
 
     from lowmem.kit import reward_dataset
@@ -85,7 +85,7 @@ def _train(kind, path, steps, recorder, **fields):
             recorder.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
     trainer = trainer_cls(model=path, reward_funcs=[recorder.length_reward, recorder.digit_reward], args=args,
-                          train_dataset=reward_dataset(64, 0), callbacks=[Grabs()])
+                          train_dataset=reward_dataset(64, 0), callbacks=[Grabs()], peft_config=peft_config)
     generate = trainer._generate_and_score_completions
 
     def recording(inputs):
@@ -99,12 +99,19 @@ def _train(kind, path, steps, recorder, **fields):
     return trainer
 
 
-def _sequence_logps(path, params, batch):
-    """sum_t log pi(y_t | x, y_<t) over each completion's unmasked tokens, by a fresh model at ``params``."""
+def _sequence_logps(path, params, batch, lora=None):
+    """sum_t log pi(y_t | x, y_<t) over each completion's unmasked tokens, by a fresh model at ``params``
+    (with a fresh ``lora`` adapter when given: ``params`` are then the PEFT model's)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
     if params is not None:
+        missing = set(dict(model.named_parameters())) - set(params)
+        assert not missing, sorted(missing)[:3]
         model.load_state_dict(params, strict=False)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
@@ -114,9 +121,9 @@ def _sequence_logps(path, params, batch):
     return model, (token_logps * batch["completion_mask"]).sum(1)
 
 
-def _gvpo_reference_grads(path, policy_params, ref_logps, rewards, batch, beta):
+def _gvpo_reference_grads(path, policy_params, ref_logps, rewards, batch, beta, lora=None):
     """GVPO's loss by its equation and the gradient it gives the policy's parameters."""
-    model, logps = _sequence_logps(path, policy_params, batch)
+    model, logps = _sequence_logps(path, policy_params, batch, lora)
     if ref_logps is None:
         ref_logps = logps.detach()
     loss = torch.zeros(())
@@ -128,7 +135,8 @@ def _gvpo_reference_grads(path, policy_params, ref_logps, rewards, batch, beta):
         loss = loss + 0.5 * (centred ** 2).sum() / (G - 1)
     loss = loss / groups
     loss.backward()
-    return loss.item(), {n: p.grad for n, p in model.named_parameters()}, (beta * (logps - ref_logps)).detach()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads, (beta * (logps - ref_logps)).detach()
 
 
 def _assert_grads_close(got, want):
@@ -173,6 +181,23 @@ def test_gvpo_reference_model_second_step(eos_model_dir, tmp_path):
     assert implicit.abs().max() > 1e-3
     logged = [h["gvpo/loss"] for h in trainer.state.log_history if "gvpo/loss" in h]
     assert logged[1] == pytest.approx(loss, rel=1e-4)
+    _assert_grads_close(rec.grads[1], grads)
+
+
+def test_gvpo_reference_model_under_lora_is_the_base_model(eos_model_dir, tmp_path):
+    # with peft_config, pi_ref = the base model (the adapter disabled): no copy is loaded
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    rec = _Recorder()
+    trainer = _train("gvpo", eos_model_dir, 2, rec, reference_policy="model", beta=0.5, learning_rate=0.5,
+                     reward_weights=[1.0, 1.0], peft_config=lora)
+    assert trainer.ref_model is None
+    batch = rec.batches[1]
+    _, base_logps = _sequence_logps(eos_model_dir, None, batch)  # the plain base model
+    loss, grads, implicit = _gvpo_reference_grads(eos_model_dir, rec.params_at_step[1], base_logps.detach(),
+                                                  _weighted(rec, 1, (1.0, 1.0)), batch, 0.5, lora=lora)
+    assert implicit.abs().max() > 1e-4 and all("lora_" in n for n in grads)
     _assert_grads_close(rec.grads[1], grads)
 
 
