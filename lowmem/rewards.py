@@ -286,7 +286,8 @@ def check_reward_signature(fn: Callable[..., Any], ref: str, columns: list[str] 
 def checked_outputs(fn: Callable[..., Any], ref: str) -> Callable[..., Any]:
     """``fn`` wrapped so that what it returns is checked when TRL calls it: a list (or tuple) of one
     real number or ``None`` per completion, else a ``ValueError`` naming the function and what it
-    returned (TRL itself would fail on it with a bare ``TypeError``). Async functions are returned as
+    returned (TRL itself would fail on it with a bare ``TypeError``). A 1-D numpy array or tensor,
+    which TRL takes as it takes a list, is passed on as a list. Async functions are returned as
     they are (TRL awaits them)."""
     import inspect
 
@@ -298,6 +299,8 @@ def checked_outputs(fn: Callable[..., Any], ref: str) -> Callable[..., Any]:
         out = fn(*args, **kwargs)
         n = len(kwargs["completions"]) if "completions" in kwargs else None
         expected = f"a list of {n if n is not None else 'one'} float(s) or None, one per completion"
+        if getattr(out, "ndim", None) == 1 and callable(getattr(out, "tolist", None)):
+            out = out.tolist()  # a 1-D numpy array or tensor: TRL iterates it like a list
         if not isinstance(out, (list, tuple)):
             raise ValueError(f"reward function {ref!r} returned {_shown(out)}; expected {expected}")
         for i, r in enumerate(out):

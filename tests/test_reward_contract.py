@@ -25,6 +25,12 @@ def short(prompts, completions, **kwargs):
     return [1.0]
 def strings(prompts, completions, **kwargs):
     return ["1"] * len(completions)
+def array(prompts, completions, **kwargs):
+    return np.linspace(0, 1, len(completions))
+def tensor(prompts, completions, **kwargs):
+    return torch.full((len(completions),), 0.25)
+def matrix(prompts, completions, **kwargs):
+    return np.zeros((len(completions), 1))
 def mixed(prompts, completions, **kwargs):
     return [None, np.float32(0.5), torch.tensor(1.0), True][:len(completions)]
 import numpy as np, torch
@@ -66,9 +72,13 @@ def test_outputs_checked_when_called(rewards_file):
     assert resolve_reward(f"{rewards_file}:good", 0, COLUMNS)(**call) == [1.0, 0.0]
     mixed = resolve_reward(f"{rewards_file}:mixed", 0, COLUMNS)
     assert len(mixed(**{**call, "prompts": ["a"] * 4, "completions": ["b"] * 4})) == 4  # None, numpy, 1-element tensor, bool
+    # a 1-D numpy array or tensor, as TRL takes it (it iterates the output): passed on as a list
+    assert resolve_reward(f"{rewards_file}:array", 0, COLUMNS)(**call) == [0.0, 1.0]
+    assert resolve_reward(f"{rewards_file}:tensor", 0, COLUMNS)(**call) == [0.25, 0.25]
     for name, what in [("scalar", r"returned float 1.0; expected a list of 2 float\(s\) or None, one per completion"),
                        ("short", r"returned 1 rewards for 2 completions"),
-                       ("strings", r"returned str '1' at position 0")]:
+                       ("strings", r"returned str '1' at position 0"),
+                       ("matrix", r"returned ndarray")]:
         with pytest.raises(ValueError, match=rf"reward function '.*rw.py:{name}' {what}"):
             resolve_reward(f"{rewards_file}:{name}", 0, COLUMNS)(**call)
 
