@@ -428,3 +428,51 @@ def test_adamw8bit_groups_schedule_and_reload_match_bitsandbytes(fused):
                     [(96, 64), (64, 96), (5000,), (40,), (3, 40, 50)], steps=15, lr_lambda=lambda t: 1 / (1 + 0.2 * t),
                     none=(0, 2), zero=(1, 4), reload_at=6)
     assert diff < 2e-4  # measured 1.3e-5 / 2.5e-5; the 8-bit error itself is 3e-2 of the update
+
+
+# ---- pytorch_optimizer's GaLore / Fira: another refresh schedule, another key name ----------------
+
+@pytest.mark.parametrize("which", ["galore", "fira"])
+def test_pytorch_optimizer_galore_and_fira_refresh_one_step_early(which, monkeypatch):
+    """pytorch_optimizer 4.1.0's GaLore and Fira refresh at the group's 1-based step ``t % T == 0`` (the
+    first basis serves T - 1 steps); galore-torch, fira, the paper's Algorithm 2 (``t mod T = 0`` from
+    ``t = 0``) and lowmem at the 0-based one. With the projector given ``t - 1`` the port follows lowmem."""
+    po = pytest.importorskip("pytorch_optimizer")
+    from pytorch_optimizer.optimizer.utils import galore as po_galore
+
+    from lowmem.optim import FiraAdamW, GaLoreAdamW
+
+    shapes = [(24, 16), (12, 40), (40, 12), (20, 20), (16,), (3, 4, 5)]
+    keys = {"rank": 4, "update_proj_gap": 5}
+    ours_keys, peer_keys = ({**keys, "scale": 0.25}, {**keys, "scale": 0.25}) if which == "galore" else (
+        {**keys, "alpha": 0.5}, {**keys, "alpha": 0.5, "scale": 0.5})
+    cls, peer_cls = (GaLoreAdamW, po.GaLore) if which == "galore" else (FiraAdamW, po.Fira)
+    kw = dict(lr=1e-2, betas=(0.85, 0.98), eps=1e-5, weight_decay=0.1)
+
+    def groups(ps, k):
+        return [{"params": ps[:4], **k}, {"params": ps[4:]}]
+
+    ours = lambda ps: cls(groups(ps, {**ours_keys, "proj_type": "std"}), **kw)  # noqa: E731
+    peer = lambda ps: peer_cls(groups(ps, {**peer_keys, "projection_type": "std"}), foreach=False, **kw)  # noqa: E731
+    as_ported = run_pair(ours, peer, shapes, steps=23)
+    project = po_galore.GaLoreProjector.project
+    monkeypatch.setattr(po_galore.GaLoreProjector, "project",
+                        lambda self, grad, num_steps, *a, **k: project(self, grad, num_steps - 1, *a, **k))
+    assert run_pair(ours, peer, shapes, steps=23) < 1e-4  # measured 2.6e-6 (galore), 2.5e-6 (fira)
+    assert as_ported > 0.1  # 0.26 (galore), 0.52 (fira)
+
+
+def test_peer_spellings_are_named_in_the_errors():
+    """A migrated group or keyword in another package's spelling: the error names lowmem's setting
+    (difflib alone pointed pytorch_optimizer's projection_type at 'projection', the basis method)."""
+    from lowmem.optim import GaLoreAdamW, create_optimizer
+
+    p = zoo([(8, 8)])
+    with pytest.raises(ValueError, match=r"'projection_type' -> 'proj_type' \('projection_type' is pytorch_optimizer"):
+        GaLoreAdamW([{"params": p, "rank": 2, "projection_type": "std"}])
+    with pytest.raises(ValueError, match=r"'warmup_epoch' -> 'warmup_steps'.*valid:"):
+        create_optimizer(p, "spam", warmup_epoch=3)
+    with pytest.raises(ValueError, match=r"'update_proj_gap' -> 'reset_interval'"):
+        create_optimizer(p, "stable_spam", update_proj_gap=3)
+    with pytest.raises(ValueError, match=r"'rnak' -> 'rank'"):  # difflib still answers the typos
+        create_optimizer(p, "galore_adamw", rnak=3)

@@ -262,6 +262,38 @@ def valid_group_keys(recipe: Any, extra: tuple[str, ...] = ()) -> list[str]:
     return sorted({*recipe.all_hparams(), *GROUP_BOOKKEEPING_KEYS, *extra})
 
 
+#: Other packages' names of lowmem settings (a peer's spelling -> lowmem's, and whose it is), named in
+#: the error when one reaches a recipe that has the lowmem setting (a migrated parameter group or
+#: ``create_optimizer`` keyword): difflib's closest match can be another setting (``projection_type``
+#: is closest to ``projection``, GaLore's basis method, not to ``proj_type``, its side).
+PEER_SPELLINGS: dict[str, tuple[str, str]] = {
+    "projection_type": ("proj_type", "pytorch_optimizer's GaLore / Fira"),
+    "warmup_epoch": ("warmup_steps", "pytorch_optimizer's SPAM"),
+    "update_proj_gap": ("reset_interval", "pytorch_optimizer's SPAM / StableSPAM"),
+    "DeltaT": ("reset_interval", "the SPAM authors'"),
+    "gamma3": ("theta", "the Stable-SPAM authors'"),
+    "total_T": ("t_max", "the Stable-SPAM authors'"),
+    "sn": ("subset_norm", "the Subset-Norm authors' / pytorch_optimizer's AdamWSN"),
+    "ns_coeffs": ("ns_coefficients", "pytorch_optimizer's Muon"),
+    "min_8bit_size": ("min_quant_size", "bitsandbytes'"),
+}
+
+
+def unknown_key_hints(unknown: list[Any], valid: list[str]) -> list[str]:
+    """``'key' -> 'setting'`` for each unknown key: another package's spelling of a valid setting
+    (:data:`PEER_SPELLINGS`, saying whose), else difflib's closest valid name."""
+    import difflib
+
+    hints = []
+    for k in unknown:
+        peer = PEER_SPELLINGS.get(str(k))
+        if peer is not None and peer[0] in valid:
+            hints.append(f"{k!r} -> {peer[0]!r} ({k!r} is {peer[1]} name)")
+        elif m := difflib.get_close_matches(str(k), valid, n=1):
+            hints.append(f"{k!r} -> {m[0]!r}")
+    return hints
+
+
 def check_group_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "", extra: tuple[str, ...] = ()) -> None:
     """Reject a parameter group with a key the recipe does not know, the way constructors reject
     unknown keyword arguments: ``{"params": ps, "rnak": 8}`` would otherwise train full-rank AdamW,
@@ -280,9 +312,7 @@ def check_group_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "", 
     unknown = sorted(set(group) - set(valid), key=str)
     if not unknown:
         return
-    import difflib
-
-    hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(str(k), valid, n=1))]
+    hints = unknown_key_hints(unknown, valid)
     loc = f" in {where}" if where else ""
     raise ValueError(
         f"Unknown parameter-group key(s) {unknown}{loc}"

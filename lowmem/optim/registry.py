@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .engine import LowMemOptimizer, Recipe
+from .hparams import unknown_key_hints
 
 GROUPING_ARGS = ("target_modules",)
 #: ``OptimizerEntry.state_precision``: how the optimizer's moments are stored by default.
@@ -350,7 +351,9 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     valid = entry.valid_hparams()
     unknown = sorted(set(hparams) - set(valid))
     if unknown:
-        raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'; valid: {valid}")
+        hints = unknown_key_hints(unknown, list(valid))
+        raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'"
+                         + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; valid: {valid}")
     hparams = dict(hparams)
     targeted = entry.target_key is not None
     if hparams.get("lr") is not None and "relative_step" not in hparams:
