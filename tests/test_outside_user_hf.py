@@ -126,3 +126,26 @@ def test_trl_sft_and_llama_factory_keys(tmp_path, tiny_model_path):
                       ("dataset_name", "dataset")]:
         with pytest.raises(ConfigError, match=rf"\['{key}'\]; lowmem's spelling: {key} -> {hint}"):
             load_recipe(None, **{key: "x"})
+
+
+def test_llama_target_modules_on_another_architecture_name_its_layers(gpt2_dir, tmp_path):
+    """``optim_target_modules: [q_proj, v_proj]`` (written for Llama) on GPT-2 said only
+    "target_modules=['q_proj', 'v_proj'] matched no linear layer of the model"; it names the field
+    the user set and GPT-2's Conv1D layers now, through the Trainer and through optimizer_cls_and_kwargs."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments, optimizer_cls_and_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    message = (r"optim_target_modules=\['q_proj', 'v_proj'\] matched no projection layer of GPT2LMHeadModel; its "
+               r"projection layers \(nn.Linear / Conv1D, output head excluded\) are named \['c_attn', 'c_fc', 'c_proj'\]")
+    kw = dict(report_to="none", use_cpu=True, optim_target_modules=["q_proj", "v_proj"])
+    for layerwise in (False, True):
+        args = LowMemTrainingArguments(str(tmp_path), lowmem_optim="galore_adamw", lowmem_layerwise=layerwise, **kw)
+        with pytest.raises(ValueError, match=message):
+            LowMemTrainer(model=model, args=args).create_optimizer()
+    with pytest.raises(ValueError, match=message):
+        optimizer_cls_and_kwargs(model, "galore_adamw", args=TrainingArguments(str(tmp_path), **kw))
+    with pytest.raises(ValueError, match=r"^target_modules=\('q_proj',\) matched no projection layer .*\['c_attn', "):
+        optimizer_cls_and_kwargs(model, "galore_adamw", args=TrainingArguments(str(tmp_path), report_to="none"),
+                                 target_modules=["q_proj"])

@@ -16,6 +16,7 @@ Trainer's checkpoints (``optimizer.pt``) save and resume them unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -220,7 +221,8 @@ def optimizer_cls_and_kwargs(
     """
     entry = get_entry(name)
     resolved = target_modules_hparam(name, args, trainer_hparams(name, args, hparams)) if args is not None else dict(hparams)
-    opt = create_optimizer(model, name, **resolved)
+    with _explain_targets(model, resolved):
+        opt = create_optimizer(model, name, **resolved)
     _require_numeric_lr(opt, entry.name)
     cls = type(opt)
     if entry.recipe is not None:
@@ -350,14 +352,16 @@ class LowMemOptimizerMixin:
                     "lowmem_layerwise (the optimizer then steps each rank's shard, docs/distributed.md) or train with DDP"
                 )
 
-            self.optimizer = LayerwiseOptimizer(
-                opt_model, name, accumulation_steps=self.args.gradient_accumulation_steps,
-                max_grad_norm=self.args.max_grad_norm or None, clip_mode="global_prev", **hp,
-            )
+            with _explain_targets(opt_model, hp):
+                self.optimizer = LayerwiseOptimizer(
+                    opt_model, name, accumulation_steps=self.args.gradient_accumulation_steps,
+                    max_grad_norm=self.args.max_grad_norm or None, clip_mode="global_prev", **hp,
+                )
             # gradients are freed in their hooks: the Trainer's clipping would see none
             self.args.max_grad_norm = 0.0
         else:
-            self.optimizer = create_optimizer(opt_model, name, **hp)
+            with _explain_targets(opt_model, hp):
+                self.optimizer = create_optimizer(opt_model, name, **hp)
         _require_numeric_lr(self.optimizer, name)
         self._lowmem_built_optimizer = True
         logger.info("lowmem optimizer %s with %s", name, hp)
@@ -372,6 +376,13 @@ class LowMemOptimizerMixin:
         bare size mismatch, re-raised naming the number of processes."""
         name = getattr(self.args, "lowmem_optim", None)
         before = _group_keys(self.optimizer)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
+        if checkpoint is not None and getattr(self, "is_fsdp_enabled", False) and hasattr(inner, "prepare_load"):
+            # BAdam: torch.distributed.checkpoint fills only the entries the optimizer holds when it asks, which
+            # depend on the block schedule: take the checkpoint's schedule first
+            schedule = fsdp_checkpoint_schedule(checkpoint)
+            if schedule is not None:
+                pass  # MUTATION inner.prepare_load(*schedule)
         try:
             out = super()._load_optimizer_and_scheduler(checkpoint)
         except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups", ...
@@ -408,6 +419,26 @@ class LowMemOptimizerMixin:
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
 
 
+@contextlib.contextmanager
+def _explain_targets(model: nn.Module, hp: dict[str, Any]):
+    """Re-raise the optimizer's "target_modules=... matched no linear layer" naming the field the user
+    set (``optim_target_modules`` or ``target_modules``) and the model's projection layers, by module
+    name (e.g. GPT-2's ``c_attn``, ``c_fc``, ``c_proj``; GPT-NeoX's ``query_key_value``): a config written
+    for Llama's ``q_proj`` / ``v_proj`` selects nothing in another architecture."""
+    try:
+        yield
+    except ValueError as err:
+        if "matched no linear layer" not in str(err) or "target_modules" not in hp:
+            raise
+        from lowmem.optim.registry import subspace_target_names
+
+        targets = hp["target_modules"]
+        field_name = "optim_target_modules" if isinstance(targets, OptimTargetModules) else "target_modules"
+        layers = sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in subspace_target_names(model)})
+        raise ValueError(f"{field_name}={targets!r} matched no projection layer of {type(model).__name__}; its "
+                         f"projection layers (nn.Linear / Conv1D, output head excluded) are named {layers}") from err
+
+
 def _group_keys(optimizer: Any) -> list[frozenset[str]] | None:
     """The hyperparameter names of each parameter group (``None`` without ``param_groups``)."""
     groups = getattr(optimizer, "param_groups", None)
@@ -417,6 +448,29 @@ def _group_keys(optimizer: Any) -> list[frozenset[str]] | None:
 def _targets_refused(targets: Any, name: str) -> str:
     return (f"optim_target_modules={targets!r} selects the layers an optimizer treats apart (a subspace optimizer's "
             f"projected weights, Muon's orthogonalized ones); lowmem_optim={name!r} treats every parameter alike")
+
+
+def fsdp_checkpoint_schedule(checkpoint: str) -> tuple[int, int] | None:
+    """BAdam's schedule ``(badam_period, badam_steps)`` in the optimizer state of an FSDP Trainer checkpoint:
+    ``optimizer.bin`` (``FULL_STATE_DICT``) or the ``optimizer_0`` directory of torch.distributed.checkpoint
+    (``SHARDED_STATE_DICT``, read collectively: every process calls it). `None` when it holds none."""
+    import os
+
+    full = os.path.join(checkpoint, "optimizer.bin")
+    if os.path.isfile(full):
+        groups = torch.load(full, map_location="cpu", weights_only=True).get("param_groups", [])
+        return (groups[0]["badam_period"], groups[0]["badam_steps"]) if groups and "badam_period" in groups[0] else None
+    sharded = os.path.join(checkpoint, "optimizer_0")
+    if not os.path.isdir(sharded):
+        return None
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(sharded)
+    keys = {k: 0 for k in ("optimizer.param_groups.0.badam_period", "optimizer.param_groups.0.badam_steps")}
+    if not set(keys) <= set(reader.read_metadata().state_dict_metadata):
+        return None
+    dcp.load(keys, storage_reader=reader)
+    return keys["optimizer.param_groups.0.badam_period"], keys["optimizer.param_groups.0.badam_steps"]
 
 
 def checkpoint_processes(checkpoint: str | None) -> int | None:
