@@ -476,3 +476,32 @@ def test_peer_spellings_are_named_in_the_errors():
         create_optimizer(p, "stable_spam", update_proj_gap=3)
     with pytest.raises(ValueError, match=r"'rnak' -> 'rank'"):  # difflib still answers the typos
         create_optimizer(p, "galore_adamw", rnak=3)
+
+
+# ---- transformers' Adafactor --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("relative_step", [False, True])
+def test_adafactor_groups_of_their_own_settings_match_transformers(relative_step):
+    """Groups with their own lr / weight_decay / beta1 / clip_threshold / decay_rate / eps, 1-D to 4-D
+    parameters and a (1, 7) matrix, missing and zero gradients, a weights-only reload (and a LambdaLR
+    with an external lr)."""
+    from transformers.optimization import Adafactor as HFAdafactor
+
+    from lowmem.optim import Adafactor
+
+    if relative_step:
+        kw = {}
+
+        def groups(ps):
+            return [{"params": ps[:3], "beta1": None}, {"params": ps[3:], "beta1": 0.9, "decay_rate": -0.5, "eps": (1e-30, 1e-2)}]
+    else:
+        kw = dict(lr=1e-2, relative_step=False, scale_parameter=True, weight_decay=0.01, beta1=0.9)
+
+        def groups(ps):
+            return [{"params": ps[:2], "lr": 2e-2, "weight_decay": 0.05}, {"params": ps[2:4], "beta1": 0.8, "clip_threshold": 0.7},
+                    {"params": ps[4:]}]
+
+    run = dict(steps=25, none=(0, 3), zero=(1, 4), reload_at=9, lr_lambda=None if relative_step else (lambda t: 1 / (1 + 0.2 * t)))
+    diff = run_pair(lambda ps: Adafactor(groups(ps), **kw), lambda ps: HFAdafactor(groups(ps), **kw),
+                    [(24, 16), (16, 40), (16,), (3, 8, 10), (2, 3, 4, 5), (1, 7)], **run)
+    assert diff < 1e-5  # measured 1.8e-6 (external lr), 0.0 (relative step)
