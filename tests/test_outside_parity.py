@@ -505,3 +505,23 @@ def test_adafactor_groups_of_their_own_settings_match_transformers(relative_step
     diff = run_pair(lambda ps: Adafactor(groups(ps), **kw), lambda ps: HFAdafactor(groups(ps), **kw),
                     [(24, 16), (16, 40), (16,), (3, 8, 10), (2, 3, 4, 5), (1, 7)], **run)
     assert diff < 1e-5  # measured 1.8e-6 (external lr), 0.0 (relative step)
+
+
+# ---- lomo-optim 0.1.1's AdaLomo: other settings than tests/test_lomo.py's ---------------------------
+
+@pytest.mark.parametrize("kw", [dict(clip_threshold=0.5, decay_rate=-0.6, eps=(1e-30, 1e-2)),
+                                dict(clip_threshold=2.0, eps=(1e-20, 1e-4), weight_decay=0.3)], ids=["clip_decay_eps2", "wd"])
+def test_adalomo_settings_match_lomo_optim(kw, monkeypatch):
+    lomo_optim = pytest.importorskip("lomo_optim")
+    from test_lomo import batches, run_layerwise
+    from toy_problem import loss_fn, make_problem
+
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # its statistics are allocated with .cuda()
+    ref, x, y = make_problem()
+    ours, start = copy.deepcopy(ref), copy.deepcopy(ref)
+    data = batches(x, y, 10)
+    theirs = lomo_optim.AdaLomo(ref, lr=5e-2, **kw)
+    for xb, yb in data:
+        theirs.fused_backward(loss_fn(ref, xb, yb), 5e-2)
+    run_layerwise(ours, "adalomo", data, lr=5e-2, **kw)
+    assert max_rel_diff(list(ours.parameters()), list(ref.parameters()), list(start.parameters())) < 1e-5  # measured 4e-7 / 5.8e-7
