@@ -27,7 +27,8 @@ Guarantees every optimizer built on the engine inherits:
 * A step whose gradients contain NaN or Inf, or a gradient whose squared norm overflows float32
   (norm >= :data:`MAX_GRAD_NORM`, about 1.8e19: second-moment statistics would become inf for
   good), is skipped as a whole (one host sync per step), with a warning, so optimizer state is never
-  corrupted; ``skipped_steps`` counts them.
+  corrupted; ``skipped_steps`` counts them. On steps without refreshes GaLore's projected gradients
+  are checked instead of their gradients (:meth:`LowMemOptimizer._checked_lows`).
 
 Plain full-rank float32 parameters that the moment rule has a multi-tensor form for (decided per
 parameter, ``MomentRule.supports_foreach_for``: AdamW and SPAM / Stable-SPAM, 8-bit / 4-bit quantized
