@@ -1187,6 +1187,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         after = trainer.evaluate()
         result = {
             "initial_margin": before["eval_rewards/margins"], "final_margin": after["eval_rewards/margins"],
+            "margin_pairs": len(evals),  # the pairs the margins are measured on (fewer than 64 in a small dataset)
             "initial_accuracy": before["eval_rewards/accuracies"], "final_accuracy": after["eval_rewards/accuracies"],
             "margin_history": [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h],
         }
@@ -1298,7 +1299,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
             console.print(f"held-out prompts' mean reward: initial {metrics['initial_eval_reward']:.4f} -> final "
                           f"{metrics['final_eval_reward']:.4f}")
     elif "initial_margin" in metrics:
-        pairs = "64 training pairs" if not metrics.get("data") or not recipe.eval_dataset and not recipe.eval_split else "eval set"
+        n = metrics.get("margin_pairs", 64)
+        pairs = f"{n} training pairs" if not metrics.get("data") or not recipe.eval_dataset and not recipe.eval_split else f"eval set, {n} pairs"
         console.print(f"chosen-minus-rejected margin ({pairs}): {metrics['initial_margin']:.4f} -> "
                       f"{metrics['final_margin']:.4f}, accuracy {metrics['final_accuracy']:.3f} after {metrics['steps']} steps")
     elif metrics.get("initial_loss") is None:  # own dataset without an eval set: the logged training loss

@@ -248,3 +248,23 @@ def test_gvpo_refuses_an_infinite_reward_naming_the_function(tiny_model_path, tm
                           train_dataset=reward_dataset(16))
     with pytest.raises(ValueError, match=r"reward function 'overflowing' \(reward_funcs\[1\]\) returned inf .*finite"):
         trainer.train()
+
+
+def test_lowmem_train_dpo_says_how_many_pairs_its_margin_is_measured_on(own_model_dir, tmp_path):
+    # a preference file of 12 pairs: the console said '64 training pairs'
+    import io
+    import json
+
+    from rich.console import Console
+
+    from lowmem.train import TrainRecipe, run
+    from own_data import write_jsonl
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", dpo_rows(12, conversational=True))
+    out = io.StringIO()
+    metrics = run(TrainRecipe(trainer="dpo", model=own_model_dir, dataset=str(data), steps=1, batch_size=4,
+                              output_dir=str(tmp_path / "out"), save_model=False, track_memory=False),
+                  console=Console(file=out, width=200))
+    assert metrics["margin_pairs"] == 12
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["margin_pairs"] == 12
+    assert "margin (12 training pairs)" in out.getvalue(), out.getvalue()
