@@ -268,3 +268,19 @@ def test_lowmem_train_dpo_says_how_many_pairs_its_margin_is_measured_on(own_mode
     assert metrics["margin_pairs"] == 12
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["margin_pairs"] == 12
     assert "margin (12 training pairs)" in out.getvalue(), out.getvalue()
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"config": "grpo"}, "BNPOTrainer needs args=BNPOConfig"),
+    ({"reward_weights": [1.0, 2.0]}, r"equal weight; got reward_weights=\[1.0, 2.0\]"),
+    ({"reward_range": [[0, 1], [0, 1], [0, 1]]}, "one pair per reward function \\(2\\)"),
+])
+def test_bnpo_trainer_checks_its_config_before_loading_the_model(fields, error, tmp_path):
+    # the model path does not exist: the error must come before TRL tries to load it
+    from lowmem.trainers import BNPOConfig, BNPOTrainer, LowMemGRPOConfig
+
+    fields = dict(fields)
+    cls = LowMemGRPOConfig if fields.pop("config", None) == "grpo" else BNPOConfig
+    args = cls(output_dir=str(tmp_path), **RL, **fields)
+    with pytest.raises((TypeError, ValueError), match=error):
+        BNPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=[has_digit, has_digit], args=args)

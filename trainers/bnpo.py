@@ -212,9 +212,22 @@ class BNPOTrainer(LowMemGRPOTrainer):
     _name = "BNPO"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import inspect
+
+        from trl import GRPOTrainer
+
+        # the config is checked before any model loads (a 7B policy loaded to learn of a wrong config is minutes lost)
+        bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments
+        config, funcs = bound.get("args"), bound.get("reward_funcs")
+        if not isinstance(config, BNPOConfig):
+            raise TypeError(f"BNPOTrainer needs args=BNPOConfig(...); got {type(config).__name__}")
+        if config.reward_weights is not None and len(set(map(float, config.reward_weights))) > 1:
+            raise ValueError(
+                f"BNPO averages one advantage per reward function with equal weight; got reward_weights={config.reward_weights}"
+            )
+        if funcs is not None:
+            _ranges(config.reward_range, len(funcs) if isinstance(funcs, (list, tuple)) else 1)
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, BNPOConfig):
-            raise TypeError(f"BNPOTrainer needs a BNPOConfig; got {type(self.args).__name__}")
         weights = self.reward_weights
         if not torch.allclose(weights, weights[0].expand_as(weights)):
             raise ValueError(
