@@ -47,8 +47,26 @@ RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
     "muon": ("muon", {}, torch.float64),
     # a plain transformers.Trainer given optimizer_cls_and_kwargs (lowmem's groups over the unsharded model)
     "plain_galore": ("galore_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
+    # BAdam (freeze_inactive=False: several processes): a switch every step, so checkpoint-2 is saved right at a
+    # switch; badam_mid: a switch every 2 steps, saved at step 3, one step into the second block
+    "badam": ("badam", {"freeze_inactive": False, "switch_every": 1, "switch_mode": "ascending"}, torch.float64),
+    "badam_mid": ("badam", {"freeze_inactive": False, "switch_every": 2, "switch_mode": "ascending"}, torch.float64),
+    "adam_mini": ("adam_mini", {}, torch.float64),
+    "spam": ("spam", {}, torch.float64),
+    # blocks of 32: every shard (the norms' 32 of 64 elements too) holds whole top-k and quantization blocks
+    "microadam": ("microadam", {"topk_block_size": 32, "quant_block_size": 32}, torch.float64),
+    "lomo": ("lomo", {}, torch.float64),
+    "adalomo": ("adalomo", {}, torch.float64),
+    # gradient accumulation (2 micro-batches per step) with clipping that acts (grad norms 3-7 > 0.05)
+    "adamw_accum_clip": ("adamw", {}, torch.float64),
+    "galore_accum_clip": ("galore_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
+    "muon_accum_clip": ("muon", {}, torch.float64),
+    "adafactor_accum_clip": ("adafactor", {}, torch.float64),
 }
 PLAIN = {"plain_galore"}
+# TrainingArguments of a run tag beyond training_args' own (the one-process reference takes them too)
+ACCUM_CLIP = {"gradient_accumulation_steps": 2, "max_grad_norm": 0.05}
+TAG_ARGS: dict[str, dict] = {"badam_mid": {"save_steps": 3}, **{t: ACCUM_CLIP for t in RUNS if t.endswith("_accum_clip")}}
 STEPS = 4
 SAVE_STEPS = 2
 GLOBAL_BATCH = 8
@@ -67,7 +85,17 @@ def training_args(out, tag: str, per_device_batch: int, **extra):
         learning_rate=1e-2, max_steps=STEPS, per_device_train_batch_size=per_device_batch, logging_steps=1,
         save_strategy="steps", save_steps=SAVE_STEPS, use_cpu=True, report_to="none", disable_tqdm=True,
         dataloader_pin_memory=False, seed=0)
-    return LowMemTrainingArguments(str(out), **{**fields, **extra})
+    return LowMemTrainingArguments(str(out), **{**fields, **TAG_ARGS.get(tag, {}), **extra})
+
+
+def save_steps(tag: str) -> int:
+    """The step of a run's first checkpoint (the one resumed)."""
+    return TAG_ARGS.get(tag, {}).get("save_steps", SAVE_STEPS)
+
+
+def batch_per_step(tag: str, processes: int) -> int:
+    """Sequences per process and micro-batch: the global batch over the processes and the accumulated micro-batches."""
+    return GLOBAL_BATCH // processes // TAG_ARGS.get(tag, {}).get("gradient_accumulation_steps", 1)
 
 
 def make_trainer(out, tag: str, per_device_batch: int, seed: int = 0, **extra):
@@ -105,7 +133,7 @@ def full_weights(model) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def layout(trainer) -> dict:
+def layout(trainer, tag: str) -> dict:
     """How the parameters and the optimizer's state are laid out on this rank."""
     from torch.distributed.tensor import DTensor, Shard
 
@@ -124,29 +152,31 @@ def layout(trainer) -> dict:
         "fsdp": trainer.is_fsdp_enabled, "distributed_type": str(trainer.accelerator.distributed_type),
         "dtensor": all(isinstance(p, DTensor) for p in params),
         "shard0": all(isinstance(p, DTensor) and tuple(p.placements) == (Shard(0),) for p in params),
-        "optimizer_holds_model_params": {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params},
+        # (BAdam's blocks are the decoder layers: embeddings, final norm and head stay out by default)
+        "optimizer_holds_model_params": {id(p) for g in opt.param_groups for p in g["params"]} == {
+            id(p) for n, p in model.named_parameters() if RUNS[tag][0] != "badam" or ".layers." in n},
         "optimizer": type(opt).__name__,
         "state_bytes": opt.state_bytes() if hasattr(opt, "state_bytes") else None,
         "state": state,
     }
 
 
-def per_device() -> int:
-    return GLOBAL_BATCH // int(os.environ["WORLD_SIZE"])
+def per_device(tag: str = "adamw") -> int:
+    return batch_per_step(tag, int(os.environ["WORLD_SIZE"]))
 
 
 def run(out: Path, tag: str, rank: int) -> None:
     result: dict = {}
-    trainer = make_trainer(out / tag, tag, per_device())
+    trainer = make_trainer(out / tag, tag, per_device(tag))
     trainer.train()
     result["losses"] = losses(trainer)
-    result["layout"] = layout(trainer)
+    result["layout"] = layout(trainer, tag)
     weights = full_weights(trainer.model)
     if rank == 0:
         torch.save(weights, out / f"{tag}_final.pt")
 
-    resumed = make_trainer(out / f"{tag}_resumed", tag, per_device(), seed=1)  # other weights: the checkpoint sets them
-    resumed.train(resume_from_checkpoint=str(out / tag / f"checkpoint-{SAVE_STEPS}"))
+    resumed = make_trainer(out / f"{tag}_resumed", tag, per_device(tag), seed=1)  # other weights: the checkpoint sets them
+    resumed.train(resume_from_checkpoint=str(out / tag / f"checkpoint-{save_steps(tag)}"))
     result["resumed_losses"] = losses(resumed)
     weights = full_weights(resumed.model)
     if rank == 0:
@@ -172,7 +202,7 @@ def layerwise(out: Path, rank: int) -> None:
 
 def reshard(out: Path, source: Path, tag: str, rank: int) -> None:
     """Resume ``source/<tag>/checkpoint-2`` (written by another number of processes) on this many."""
-    trainer = make_trainer(out / f"{tag}_resharded", tag, per_device(), seed=1)
+    trainer = make_trainer(out / f"{tag}_resharded", tag, per_device(tag), seed=1)
     result = {"error": None}
     try:
         trainer.train(resume_from_checkpoint=str(source / tag / f"checkpoint-{SAVE_STEPS}"))

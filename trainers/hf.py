@@ -376,6 +376,13 @@ class LowMemOptimizerMixin:
         bare size mismatch, re-raised naming the number of processes."""
         name = getattr(self.args, "lowmem_optim", None)
         before = _group_keys(self.optimizer)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
+        if checkpoint is not None and getattr(self, "is_fsdp_enabled", False) and hasattr(inner, "prepare_load"):
+            # BAdam: torch.distributed.checkpoint fills only the entries the optimizer holds when it asks, which
+            # depend on the block schedule: take the checkpoint's schedule first
+            schedule = fsdp_checkpoint_schedule(checkpoint)
+            if schedule is not None:
+                inner.prepare_load(*schedule)
         try:
             out = super()._load_optimizer_and_scheduler(checkpoint)
         except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups", ...
@@ -441,6 +448,29 @@ def _group_keys(optimizer: Any) -> list[frozenset[str]] | None:
 def _targets_refused(targets: Any, name: str) -> str:
     return (f"optim_target_modules={targets!r} selects the layers an optimizer treats apart (a subspace optimizer's "
             f"projected weights, Muon's orthogonalized ones); lowmem_optim={name!r} treats every parameter alike")
+
+
+def fsdp_checkpoint_schedule(checkpoint: str) -> tuple[int, int] | None:
+    """BAdam's schedule ``(badam_period, badam_steps)`` in the optimizer state of an FSDP Trainer checkpoint:
+    ``optimizer.bin`` (``FULL_STATE_DICT``) or the ``optimizer_0`` directory of torch.distributed.checkpoint
+    (``SHARDED_STATE_DICT``, read collectively: every process calls it). `None` when it holds none."""
+    import os
+
+    full = os.path.join(checkpoint, "optimizer.bin")
+    if os.path.isfile(full):
+        groups = torch.load(full, map_location="cpu", weights_only=True).get("param_groups", [])
+        return (groups[0]["badam_period"], groups[0]["badam_steps"]) if groups and "badam_period" in groups[0] else None
+    sharded = os.path.join(checkpoint, "optimizer_0")
+    if not os.path.isdir(sharded):
+        return None
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(sharded)
+    keys = {k: 0 for k in ("optimizer.param_groups.0.badam_period", "optimizer.param_groups.0.badam_steps")}
+    if not set(keys) <= set(reader.read_metadata().state_dict_metadata):
+        return None
+    dcp.load(keys, storage_reader=reader)
+    return keys["optimizer.param_groups.0.badam_period"], keys["optimizer.param_groups.0.badam_steps"]
 
 
 def checkpoint_processes(checkpoint: str | None) -> int | None:

@@ -11,6 +11,9 @@ the backward pass computes and stores gradients for the active block only (and s
 The schedule (the period, i.e. the number of switches so far, and the steps taken in it) is two
 int64 tensors saved under ``"badam"`` in ``state_dict()``: a checkpoint loads with
 ``weights_only=True`` and a resumed run continues the same block, order and Adam state exactly.
+It is also written into every parameter group (``badam_period``, ``badam_steps``: plain ints),
+because ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` (what accelerate and the
+Trainer save under FSDP2) keeps only ``state`` and ``param_groups`` and drops the ``"badam"`` entry.
 """
 
 from __future__ import annotations
@@ -67,12 +70,34 @@ BADAM = Recipe(
 )
 
 
+def _check_active_block_state(opt: "BAdam") -> None:
+    """After a load: a block stepped since its switch (``steps > 0``) holds Adam's state. Without it
+    the resumed run would restart the block's moments silently; that is what ``torch.distributed.checkpoint``
+    gives when the new optimizer's request (the state it holds before loading) lacks the saved block's
+    entries (:meth:`BAdam.prepare_load` not called)."""
+    if opt._steps == 0:
+        return
+    groups = opt._active_groups()
+    if any(opt.state.get(p) for g in groups for p in g["params"]):
+        return
+    raise ValueError(
+        f"badam: the checkpoint's schedule is {opt._steps} step(s) into block {opt.active_block}, but none of that "
+        "block's parameters has Adam state in it, so the run would restart the block's moments. "
+        "torch.distributed.checkpoint (FSDP2) loads only the entries the new optimizer holds when it asks: call "
+        f"optimizer.prepare_load({opt._period}, {opt._steps}) (the checkpoint's badam_period, badam_steps) before "
+        "get_optimizer_state_dict / dcp.load (LowMemTrainer does; docs/distributed.md)")
+
+
+#: The schedule as written into every parameter group of ``state_dict()``: group key -> attribute.
+_SCHEDULE_KEYS = {"badam_period": "_period", "badam_steps": "_steps"}
+
+
 def _check_freeze_allowed(freeze_inactive: bool) -> None:
     """Freezing is refused with several processes: DDP registers the parameters that require
     gradients when it wraps the model, so a block unfrozen later would train on each rank's local
     gradient, the ranks drifting apart silently."""
     if freeze_inactive and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError("Invalid freeze_inactive=True for optimizer 'badam' with several processes (DDP): use "
+        raise ValueError("Invalid freeze_inactive=True for optimizer 'badam' with several processes (DDP, FSDP): use "
                          "freeze_inactive=False (every gradient is then computed and all-reduced; only the active "
                          "block is stepped)")
 
@@ -264,7 +289,7 @@ class BAdam(LowMemOptimizer):
         for group in self._active_groups():
             for p in group["params"]:
                 if not self.state[p]:
-                    self._init_state(local(p), group, self.state[p])
+                    self._init_state(local(p), group, self.state[p], key=p)
 
     def step_transient_bytes(self, per_parameter: bool = False) -> int:
         """The largest transient of a step of the active block (:meth:`LowMemOptimizer.step_transient_bytes`)."""
@@ -275,20 +300,80 @@ class BAdam(LowMemOptimizer):
         finally:
             self.param_groups = groups
 
+    def prepare_load(self, period: int, steps: int) -> None:
+        """Before a ``torch.distributed.checkpoint`` load of a checkpoint saved at schedule ``(period, steps)``
+        (its parameter groups' ``badam_period`` / ``badam_steps``): DCP fills only the entries this optimizer
+        holds when it asks (``get_optimizer_state_dict``), so take the checkpoint's schedule and allocate the
+        active block's state, as the checkpoint holds it (at ``steps == 0`` the fresh state :meth:`state_dict`
+        adds; a state that is not empty also keeps DCP from its initialising step, which would count a step).
+        (``LowMemTrainer`` calls it under FSDP2.)"""
+        self._period, self._steps, self._active = int(period), int(steps), None
+        for p in list(self.state):
+            self.state.pop(p)
+        self.materialize_state()
+        self._apply_freeze()
+
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+        # Right at a switch the active block has no state yet (it is allocated at its first step); a DCP load
+        # asks for the entries the new optimizer has after DCP's initialising step, which allocates them: so
+        # the returned dict holds them too (as _init_state makes them), and load_state_dict drops them again.
+        fresh = {}  # parameter -> whether it had an (empty) entry
+        if self._steps == 0:
+            fresh = {p: p in self.state for g in self._active_groups() for p in g["params"] if not self.state.get(p)}
+            self.materialize_state()
+        try:
+            sd = super().state_dict()
+        finally:
+            for p, had_entry in fresh.items():
+                if had_entry:
+                    self.state[p] = {}
+                else:
+                    self.state.pop(p, None)
+        # an (empty) entry for every parameter without state (the inactive blocks): torch.distributed.checkpoint's
+        # set_optimizer_state_dict refuses a parameter that requires gradients without one ("Missing optimizer
+        # state for parameter"). Only in the returned dict: self.state keeps no entry (accelerate's prepare
+        # round-trips the state dict before it swaps the parameters for FSDP2's, which would leave stale keys).
+        for group in sd["param_groups"]:
+            for pid in group["params"]:
+                sd["state"].setdefault(pid, {})
         sd["badam"] = {"period": torch.tensor(self._period, dtype=torch.int64),
                        "steps": torch.tensor(self._steps, dtype=torch.int64)}
+        for group in sd["param_groups"]:  # (what torch.distributed.checkpoint keeps: see the module docstring)
+            group.update({k: getattr(self, a) for k, a in _SCHEDULE_KEYS.items()})
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         schedule = state_dict.pop("badam", None)
-        if schedule is None:
-            raise ValueError("badam: the state dict has no 'badam' entry (the block schedule); it was not saved by BAdam")
-        super().load_state_dict(state_dict)
-        self._period, self._steps = int(schedule["period"]), int(schedule["steps"])
-        self._active = None
+        groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        in_groups = {(g.pop("badam_period", None), g.pop("badam_steps", None)) for g in groups}
+        state_dict["param_groups"] = groups
+        if schedule is not None:
+            period, steps = int(schedule["period"]), int(schedule["steps"])
+        elif len(in_groups) == 1 and None not in next(iter(in_groups)):
+            period, steps = next(iter(in_groups))
+        else:
+            raise ValueError("badam: the state dict has no block schedule (a 'badam' entry, or 'badam_period' / "
+                             f"'badam_steps' in every parameter group; found {sorted(in_groups, key=str)}); it was not "
+                             "saved by BAdam")
+        kept_schedule = self._period, self._steps
+        self._period, self._steps, self._active = int(period), int(steps), None
+        # BAdam holds state for the active block only, and only once it has stepped: anything else in the dict
+        # (the empty entries of state_dict(), the fresh ones at a switch, what DCP's initialising step of a new
+        # optimizer allocated) is dropped
+        active = self.active_block
+        kept = set()
+        if self._steps > 0:
+            for saved, mine in zip(groups, self.param_groups):
+                if self._block_of(mine) == active:
+                    kept.update(saved.get("params", []))
+        state_dict["state"] = {k: v for k, v in state_dict.get("state", {}).items() if k in kept}
+        try:
+            super().load_state_dict(state_dict)
+        except Exception:
+            (self._period, self._steps), self._active = kept_schedule, None
+            raise
+        _check_active_block_state(self)
         self._apply_freeze()
 
 
