@@ -476,6 +476,8 @@ def test_peer_spellings_are_named_in_the_errors():
         create_optimizer(p, "stable_spam", update_proj_gap=3)
     with pytest.raises(ValueError, match=r"'rnak' -> 'rank'"):  # difflib still answers the typos
         create_optimizer(p, "galore_adamw", rnak=3)
+    with pytest.raises(ValueError, match=r"gamma1=-1.0.*-1, meaning beta1, is not taken: give betas\[0\]"):
+        create_optimizer(p, "stable_spam", gamma1=-1.0)  # the authors' 'gamma1 = beta1' spelling
 
 
 # ---- transformers' Adafactor --------------------------------------------------------------------------

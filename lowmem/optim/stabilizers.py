@@ -78,7 +78,8 @@ SPAM_HPARAMS = (
 )
 
 STABLE_SPAM_HPARAMS = (
-    HParam("gamma1", 0.7, in_unit_interval, "a float in [0, 1)", "EMA decay of the gradient norm (AdaGN)"),
+    HParam("gamma1", 0.7, in_unit_interval, "a float in [0, 1) (the authors' and pytorch_optimizer's -1, meaning beta1, is not taken: give betas[0] itself)",
+           "EMA decay of the gradient norm (AdaGN)"),
     HParam("gamma2", 0.9, in_unit_interval, "a float in [0, 1)", "EMA decay of the squared gradient norm (AdaGN)"),
     HParam("theta", 0.999, in_unit_interval, "a float in [0, 1)", "EMA decay of the max |g| clipping bound (AdaClip)"),
     RESET_INTERVAL(1000),
