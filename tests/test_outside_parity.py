@@ -278,6 +278,19 @@ def test_muon_groups_of_their_own_settings_match_torch_muon():
     assert diff < 1e-4  # measured 1.5e-6
 
 
+def test_muon_says_torch_s_eps_is_ns_eps_here():
+    """torch.optim.Muon(eps=1e-7) is its Newton-Schulz floor; lowmem's eps is AdamW's: with no AdamW
+    parameter it would change nothing, without a word."""
+    from lowmem.optim import Muon
+
+    with pytest.warns(UserWarning, match="eps=1e-06 is AdamW's eps.*ns_eps"):
+        Muon(zoo([(8, 8)]), eps=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Muon(zoo([(8, 8), (8,)]), eps=1e-6)  # the vector takes AdamW: its eps
+        Muon(zoo([(8, 8)]), ns_eps=1e-6)
+
+
 def test_normalized_recipes_say_when_no_group_takes_the_normalized_update():
     from lowmem.optim import Muon, Scale, SinkGD
 

@@ -453,6 +453,11 @@ class Muon(LowMemOptimizer):
                          ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_eps=ns_eps,
                          adjust_lr_fn=adjust_lr_fn, betas=betas, eps=eps, adamw_lr_ratio=adamw_lr_ratio,
                          state_dtype=state_dtype, foreach=foreach)
+        if eps != 1e-8 and all(g.get("use_muon") and p.ndim == 2 for g in self.param_groups for p in g["params"]):
+            # torch.optim.Muon's eps is the Newton-Schulz floor; here it is AdamW's, which no parameter takes
+            warnings.warn(f"eps={eps!r} is AdamW's eps in lowmem's Muon and every parameter here takes Muon, so it"
+                          f" changes nothing; torch.optim.Muon's eps (the Newton-Schulz floor) is ns_eps here"
+                          f" (ns_eps={ns_eps!r})", stacklevel=2)
 
 
 # ---- SinkGD ----------------------------------------------------------------------------------
