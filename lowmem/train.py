@@ -838,10 +838,23 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         # Without use_cpu, transformers would leave each process training on its own (issue 16).
         fields["use_cpu"] = True
         _refuse_fsdp_on_cpu(recipe.training_args)
+    kwargs = {**fields, **recipe.training_args}
+    if kwargs.get("bf16") and "use_cpu" not in recipe.training_args and not _accelerator_visible():
+        # bf16 autocast on a machine without a GPU: transformers refuses it ("Your setup doesn't support
+        # bf16/gpu. You need to assign use_cpu") unless use_cpu is set, which here changes no device
+        kwargs["use_cpu"] = True
     try:
-        return cls(**{**fields, **recipe.training_args})
+        return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def _accelerator_visible() -> bool:
+    """Whether transformers could train on something other than the CPU (CUDA / ROCm, Apple MPS, Intel XPU)."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or (mps is not None and mps.is_available())
+            or (xpu is not None and xpu.is_available()))
 
 
 # What a checkpoint directory must hold to resume exactly (any one name of each entry; a name ending

@@ -149,3 +149,19 @@ def test_llama_target_modules_on_another_architecture_name_its_layers(gpt2_dir, 
     with pytest.raises(ValueError, match=r"^target_modules=\('q_proj',\) matched no projection layer .*\['c_attn', "):
         optimizer_cls_and_kwargs(model, "galore_adamw", args=TrainingArguments(str(tmp_path), report_to="none"),
                                  target_modules=["q_proj"])
+
+
+def test_bfloat16_runs_on_a_machine_without_gpu(tmp_path, long_rows):
+    """``dtype: bfloat16`` (and a Trainer config's ``bf16: true``) with a dataset or a TRL trainer was
+    ``LowMemSFTConfig: Your setup doesn't support bf16/gpu. You need to assign use_cpu`` on a CPU-only
+    machine: the recipe sets ``bf16`` from ``dtype`` for TRL's configs, which transformers refuses
+    without ``use_cpu``. Where no GPU is visible, lowmem sets it."""
+    from lowmem.train import _accelerator_visible
+
+    if _accelerator_visible():
+        pytest.skip("a GPU is visible: bf16 runs there without use_cpu")
+    for kw in (dict(dtype="bfloat16"), dict(bf16=True), dict(trainer="dpo", dtype="bfloat16")):
+        recipe = load_recipe(None, **{"dataset": long_rows, **kw} if "trainer" not in kw else kw,
+                             output_dir=str(tmp_path))
+        args = build_training_args(recipe)
+        assert args.bf16 is True and args.use_cpu is True, kw
