@@ -244,3 +244,34 @@ def test_the_hold_budget_is_the_room_the_refresh_leaves_in_the_reported_bound():
     assert opt.__dict__["_hold"][1] == budget  # cached with the groups' tokens
     opt.param_groups[0]["rank"] = 8  # (a new token: computed again)
     assert opt._hold_budget(opt._group_tokens()) != budget
+
+
+def test_the_float32_fast_check_decides_as_the_grouped_one(monkeypatch):
+    """``engine._all_finite`` on float32 gradients on one device (the common case, one multi-tensor norm
+    over the list as it is) decides as the grouped form (by device and dtype) that mixed lists take: NaN,
+    +-Inf anywhere, entries of 1e19 (stepped) and 1e30 (squares overflow: skipped), a norm just below
+    the bound, in many small tensors."""
+    from lowmem.optim import engine as E
+
+    calls = []
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, _f=torch._foreach_norm: calls.append(len(ts)) or _f(ts, *a))
+    gen, big = torch.Generator().manual_seed(0), E.MAX_GRAD_NORM
+    cases = []
+    for bad in (*BAD, 1e19, 0.99 * big / 4, 1e30):
+        ts = [torch.randn(s, generator=gen) for s in [(5,), (4, 4), (3, 2, 2)] * 12]
+        if bad == 0.99 * big / 4:
+            ts[7].fill_(bad)  # norm just below the bound: stepped
+        else:
+            ts[rnd_index(len(ts))].view(-1)[rnd_index(4)] = bad
+        cases.append(ts)
+    for ts in cases:
+        calls.clear()
+        fast = E._all_finite(ts)
+        assert calls == [len(ts)]  # one multi-tensor norm
+        grouped = E._all_finite([*ts, torch.zeros(1, dtype=torch.float64)])  # (a float64 entry: the grouped form)
+        assert calls[1:] == [len(ts) + 1] and fast == grouped  # (one device: one norm, then the float32 check)
+    assert [E._all_finite(ts) for ts in cases] == [False, False, False, True, True, False]
+
+
+def rnd_index(n, _r=random.Random(3)):
+    return _r.randrange(n)
