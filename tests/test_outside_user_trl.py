@@ -284,3 +284,12 @@ def test_bnpo_trainer_checks_its_config_before_loading_the_model(fields, error, 
     args = cls(output_dir=str(tmp_path), **RL, **fields)
     with pytest.raises((TypeError, ValueError), match=error):
         BNPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=[has_digit, has_digit], args=args)
+
+
+def test_gvpo_sync_ref_model_needs_the_model_reference(tmp_path):
+    # TRL's own error said 'sync_ref_model=True while beta=0.0 ... set beta to a non-zero value' to a user with beta=0.1
+    from lowmem.trainers import GVPOConfig
+
+    with pytest.raises(ValueError, match="sync_ref_model=True needs reference_policy='model'"):
+        GVPOConfig(output_dir=str(tmp_path), **RL, sync_ref_model=True)
+    GVPOConfig(output_dir=str(tmp_path), **RL, sync_ref_model=True, reference_policy="model")

@@ -98,7 +98,8 @@ class GVPOConfig(LowMemGRPOConfig):
             current policy when on-policy; TRL's stored generation-time log-probabilities when
             ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps``); no
             reference model is loaded. ``"model"``: a fixed reference, the initial model (reloaded
-            by path, or the base model with the adapter disabled under ``peft_config``).
+            by path, or the base model with the adapter disabled under ``peft_config``);
+            TRL's ``sync_ref_model`` needs ``"model"``.
 
     Batching: each micro-batch must hold whole groups, so ``per_device_train_batch_size`` (and
     ``per_device_eval_batch_size`` when evaluating) must be a multiple of ``num_generations``
@@ -130,6 +131,10 @@ class GVPOConfig(LowMemGRPOConfig):
                                   "its loss is the regression of GVPO Eq. 9 on the weighted reward sum, scaled by beta")
         if self.reference_policy not in REFERENCE_POLICIES:
             raise ValueError(f"Unknown reference_policy {self.reference_policy!r}; valid: {list(REFERENCE_POLICIES)}")
+        if self.sync_ref_model and self.reference_policy == "sampling":  # TRL would blame beta=0.0, which GVPO sets
+            raise ValueError("sync_ref_model=True needs reference_policy='model': with reference_policy='sampling' "
+                             "pi_ref is the policy that sampled the completions and there is no reference model to "
+                             "synchronize")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"GVPO needs beta > 0 (the implicit-reward scale); got beta={self.beta!r}")
         if self.per_device_train_batch_size % self.num_generations:
