@@ -540,3 +540,17 @@ def test_adalomo_settings_match_lomo_optim(kw, monkeypatch):
         theirs.fused_backward(loss_fn(ref, xb, yb), 5e-2)
     run_layerwise(ours, "adalomo", data, lr=5e-2, **kw)
     assert max_rel_diff(list(ours.parameters()), list(ref.parameters()), list(start.parameters())) < 1e-5  # measured 4e-7 / 5.8e-7
+
+
+def test_torch_checkpoint_of_bf16_parameters_names_state_dtype():
+    """torch.optim.AdamW keeps bf16 moments for bf16 parameters; lowmem's float32 default refuses them,
+    and the error says which setting loads them (state_dtype='param', then the run continues as torch's)."""
+    ps = zoo([(4, 3)], dtype=torch.bfloat16)
+    torch_opt = torch.optim.AdamW(ps, lr=1e-2)
+    ps[0].grad = torch.ones(4, 3, dtype=torch.bfloat16)
+    torch_opt.step()
+    with pytest.raises(ValueError, match="expected a torch.float32 tensor.*state_dtype='param'"):
+        AdamW(copy.deepcopy(ps), lr=1e-2).load_state_dict(torch_opt.state_dict())
+    ours = AdamW(copy.deepcopy(ps), lr=1e-2, state_dtype="param")
+    ours.load_state_dict(torch_opt.state_dict())
+    assert ours.state[ours.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.bfloat16

@@ -490,7 +490,13 @@ def check_loaded_state(saved: dict[str, Any], expected: dict[str, Tensor], where
                              " optimizer or other settings, or lost on the way")
         v = saved[k]
         if not isinstance(v, Tensor) or v.shape != e.shape or v.dtype != e.dtype:
-            raise ValueError(f"{where}: loaded state '{k}' is {_describe(v)}, expected a {want}")
+            hint = ""
+            if isinstance(v, Tensor) and v.shape == e.shape and v.is_floating_point() and e.is_floating_point():
+                # a torch.optim checkpoint of low-precision parameters keeps its moments in their dtype
+                hint = (f" (state in another floating dtype: the optimizer's state_dtype chooses it, 'float32' /"
+                        f" 'bfloat16' / 'param'; build it with the checkpoint's, e.g. state_dtype='param' for a"
+                        f" torch.optim checkpoint of {v.dtype} parameters)")
+            raise ValueError(f"{where}: loaded state '{k}' is {_describe(v)}, expected a {want}{hint}")
     extra = sorted(set(saved) - set(expected), key=str)
     if extra:
         raise ValueError(f"{where}: the loaded state has {extra}, which this optimizer does not keep for this"
