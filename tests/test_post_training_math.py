@@ -47,6 +47,7 @@ class _Recorder:
 
     def __init__(self):
         self.rewards: list[list[list[float]]] = []  # per generation: one list per reward function
+        self.prompts: list[list[str]] = []  # per generation
         self.batches: list[dict] = []  # per generation: the generation output (TRL's keys)
         self.params_at_generation: list[dict] = []
         self.grads: list[dict] = []  # per optimizer step
@@ -55,6 +56,7 @@ class _Recorder:
     def length_reward(self, prompts, completions, **kwargs):  # 0, 0.5 or 1 by length
         out = [float(len(c) % 3) / 2 for c in completions]
         self.rewards.append([out])
+        self.prompts.append(list(prompts))
         return out
 
     def digit_reward(self, prompts, completions, **kwargs):
@@ -247,6 +249,8 @@ def test_bnpo_advantages_in_training_are_the_equation_s(eos_model_dir, tmp_path)
     rec = _Recorder()
     trainer = _train("bnpo", eos_model_dir, 1, rec, per_device_train_batch_size=16, reward_range=[[0.0, 1.0], [-1.0, 1.0]])
     length_r, digit_r = rec.rewards[0]
+    prompts = rec.prompts[0]  # a group is G contiguous rows of one prompt (TRL's sampler), 4 different prompts
+    assert all(len(set(prompts[g * G:(g + 1) * G])) == 1 for g in range(4)) and len(set(prompts)) == 4
     expected = [(x + y) / 2 for x, y in zip(_bnpo_reference(length_r, 0.0, 1.0), _bnpo_reference(digit_r, -1.0, 1.0))]
     got = rec.batches[0]["advantages"]
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
