@@ -300,8 +300,60 @@ def fsdp2_recipes() -> list[str]:
     return sorted(names)
 
 
+def cut_blocks(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
+    """How the per-shard block statistics of ``p`` (a ``DTensor`` sharded by rows) differ from the unsharded
+    ones, or ``None`` when they are the same blocks: block-wise quantization (``block_size`` elements of the
+    flattened tensor) and MicroAdam's top-k (``min(elements, topk_block_size)``) and error quantization
+    (``quant_block_size``) blocks equal the unsharded ones exactly when every shard but the last holds whole
+    blocks (``ceil(rows / ranks) x (elements per row)`` a multiple of the block; for the top-k the block is
+    ``min(elements, topk_block_size)`` of the whole tensor, see "Per-shard statistics" in docs/distributed.md)."""
+    from .microadam import MicroAdamMoments
+    from .quantized import Quantized
+
+    dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+    if p.ndim == 0 or p.numel() == 0 or len(dims) != 1 or p.placements[dims[0]].dim != 0:
+        return None
+    if recipe.projection is not None and group.get("rank") is not None and p.ndim == 2 and group["rank"] < min(p.shape):
+        return None  # (projected: the moments are those of the projected gradient)
+    world = p.device_mesh.size(dims[0])
+    first = -(-p.shape[0] // world) * (p.numel() // p.shape[0])  # elements of every shard but the last
+    if world == 1 or first >= p.numel():
+        return None
+    moment = recipe.moment
+    while moment is not None:
+        if isinstance(moment, MicroAdamMoments):
+            whole = min(p.numel(), group["topk_block_size"])
+            if first % math.lcm(whole, group["quant_block_size"]):  # (a shard smaller than the whole block too)
+                return (f"MicroAdam's top-k blocks of {whole} and error-quantization blocks of {group['quant_block_size']} "
+                        f"elements are cut at its shards of {first} elements")
+        if (isinstance(moment, Quantized) and group.get("v_normalization", "block") != "rank1"
+                and p.numel() >= group.get("min_quant_size", 0) and first % group["block_size"]):
+            return f"its quantization blocks of {group['block_size']} elements are cut at its shards of {first} elements"
+        moment = getattr(moment, "inner", None)
+    return None
+
+
+_CUT_WARNED: set[tuple] = set()
+
+
+def warn_cut_blocks(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -> None:
+    """Warn once per recipe, shape and setting when :func:`cut_blocks` finds per-shard blocks: a valid step,
+    but not the numbers of one process (nor of another number of processes)."""
+    why = cut_blocks(recipe, group, p)
+    key = (recipe.name, tuple(p.shape), why)
+    if why is None or key in _CUT_WARNED:
+        return
+    _CUT_WARNED.add(key)
+    import warnings
+
+    warnings.warn(f"{where}: a parameter of shape {tuple(p.shape)} under FSDP2: {why}, so its step differs from one "
+                  "process's (a valid step with per-shard statistics); choose block sizes that divide every shard "
+                  "(docs/distributed.md, 'Per-shard statistics')", UserWarning, stacklevel=3)
+
+
 def check_supported(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -> None:
-    """Raise if ``recipe`` cannot step the ``DTensor`` parameter ``p`` of ``group``.
+    """Raise if ``recipe`` cannot step the ``DTensor`` parameter ``p`` of ``group``; warn (once) when its
+    per-shard block statistics differ from the unsharded ones (:func:`warn_cut_blocks`).
 
     Raises:
         NotImplementedError: The recipe needs whole-matrix information; the message names the
@@ -316,6 +368,7 @@ def check_supported(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -
             f"Optimizers that support FSDP2: {fsdp2_recipes()} (docs/distributed.md); under DDP every "
             "optimizer works."
         )
+    warn_cut_blocks(recipe, group, p, where)
 
 
 # ---- checkpoints: state of a sharded parameter as DTensors (torch.distributed.checkpoint) ----
