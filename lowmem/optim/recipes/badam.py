@@ -88,6 +88,10 @@ def _check_active_block_state(opt: "BAdam") -> None:
         "get_optimizer_state_dict / dcp.load (LowMemTrainer does; docs/distributed.md)")
 
 
+#: Set on a parameter while BAdam keeps it frozen (an inactive block's): :func:`block_groups` still puts it in
+#: its block, so a second BAdam built on the same model (to load a checkpoint) gets the same groups.
+_FROZEN_BY_BADAM = "_lowmem_badam_frozen"
+
 #: The schedule as written into every parameter group of ``state_dict()``: group key -> attribute.
 _SCHEDULE_KEYS = {"badam_period": "_period", "badam_steps": "_steps"}
 
@@ -226,6 +230,7 @@ class BAdam(LowMemOptimizer):
         for g in self.param_groups:
             for p in g["params"]:
                 p.requires_grad_(self._block_of(g) == active)
+                setattr(p, _FROZEN_BY_BADAM, self._block_of(g) != active)  # (block_groups still counts it)
                 if self._block_of(g) != active:
                     p.grad = None
 
@@ -346,6 +351,12 @@ class BAdam(LowMemOptimizer):
         state_dict = dict(state_dict)
         schedule = state_dict.pop("badam", None)
         groups = [dict(g) for g in state_dict.get("param_groups", [])]
+        if len(groups) != len(self.param_groups):  # (torch's message would not say why or what to do)
+            raise ValueError(
+                f"badam: the state dict has {len(groups)} parameter groups (blocks "
+                f"{sorted({self._block_of(g) for g in groups})}), this optimizer {len(self.param_groups)} (blocks "
+                f"{self.block_ids()}): build it as the saved one was built, e.g. create_optimizer(model, 'badam', ...) "
+                "on the same model (block_groups: a decayed and an undecayed group per block)")
         in_groups = {(g.pop("badam_period", None), g.pop("badam_steps", None)) for g in groups}
         state_dict["param_groups"] = groups
         if schedule is not None:
@@ -389,7 +400,9 @@ def block_groups(model: nn.Module, weight_decay: float | None = None, include_em
     ``infer_param_groups``): one block per decoder layer (names matching ``...layers.<i>.``), in the
     order of ``named_parameters()``; the embedding (``...embed*.``) a block when
     ``include_embedding``; the head and every other parameter one last block when
-    ``include_lm_head``. Parameters in no block are frozen (``requires_grad=False``) when
+    ``include_lm_head``. Trainable: parameters that require gradients, and those a BAdam froze as
+    inactive (so a second BAdam on the same model has the same blocks and loads the first one's
+    ``state_dict``). Parameters in no block are frozen (``requires_grad=False``) when
     ``freeze_inactive``. A model without ``layers.<i>.`` names: one block per top-level child
     module (and one for the module's own parameters). Each block is split into a decayed group and
     an undecayed one (biases and norm weights, the Trainer's rule)."""
@@ -401,7 +414,9 @@ def block_groups(model: nn.Module, weight_decay: float | None = None, include_em
     named = []
     seen: set[int] = set()
     for n, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen:
+        # (a parameter another BAdam froze, an inactive block's, is trainable: the same blocks, so that a
+        # fresh BAdam on the model loads that one's state_dict)
+        if (p.requires_grad or getattr(p, _FROZEN_BY_BADAM, False)) and id(p) not in seen:
             seen.add(id(p))
             named.append((n, p))
     if not named:
