@@ -618,9 +618,11 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
             names the field).
     """
     data: dict[str, Any] = {}
+    # errors name the recipe file the user gave; the implicit default.yaml is no file of theirs (an error then
+    # comes from their flags or keyword overrides, and "configs/default.yaml: ..." blamed a file they never wrote)
+    where = f"{path}: " if path is not None else ""
     if path is None and DEFAULT_RECIPE.is_file():
         path = DEFAULT_RECIPE
-    where = f"{path}: " if path is not None else ""
     if path is not None:
         try:
             text = Path(path).read_text()

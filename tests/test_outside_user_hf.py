@@ -165,3 +165,12 @@ def test_bfloat16_runs_on_a_machine_without_gpu(tmp_path, long_rows):
                              output_dir=str(tmp_path))
         args = build_training_args(recipe)
         assert args.bf16 is True and args.use_cpu is True, kw
+
+
+def test_errors_of_flags_do_not_blame_the_default_recipe(long_rows):
+    """``lowmem train --dataset d.jsonl --eval-steps 1`` (no recipe file) said
+    ``/.../configs/default.yaml: eval_steps=1 needs a held-out set ...``: a file the user never wrote."""
+    with pytest.raises(ConfigError, match=r"^eval_steps=1 needs a held-out set for dataset="):
+        load_recipe(None, dataset=long_rows, eval_steps=1)
+    with pytest.raises(ConfigError, match=r"^steps=0: expected an integer > 0"):
+        load_recipe(None, steps=0)
