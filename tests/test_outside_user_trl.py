@@ -115,6 +115,18 @@ def test_in_memory_model_with_a_reloaded_reference_is_refused_with_what_to_do(ki
         make(ref_model=copy.deepcopy(model))
 
 
+def test_dpo_ref_model_as_a_path_says_to_load_it(own_model_dir, tmp_path):
+    # older TRL took ref_model="path"; TRL 1.16 failed with AttributeError: 'str' object has no attribute 'modules'
+    from datasets import Dataset
+
+    from lowmem.trainers import LowMemDPOConfig, LowMemDPOTrainer
+
+    args = LowMemDPOConfig(output_dir=str(tmp_path), **dict(BASE, per_device_train_batch_size=4))
+    with pytest.raises(TypeError, match="ref_model=.*takes a model instance here, not a path"):
+        LowMemDPOTrainer(model=own_model_dir, ref_model=own_model_dir, args=args,
+                         train_dataset=Dataset.from_list(dpo_rows(8, conversational=False)))
+
+
 # ---- BNPO: a reward outside reward_range names the function and the field
 
 def test_bnpo_reward_outside_its_range_names_the_function(own_model_dir, tmp_path):

@@ -116,6 +116,12 @@ class LowMemDPOTrainer(LowMemOptimizerMixin, DPOTrainer):
     def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
         bound = _bound(DPOTrainer, model, args, kwargs)
         config = bound.get("args")
+        if isinstance(bound.get("ref_model"), str):  # TRL 1.16 failed with "'str' object has no attribute 'modules'"
+            raise TypeError(
+                f"ref_model={bound['ref_model']!r}: TRL's DPOTrainer takes a model instance here, not a path (older TRL "
+                "took a path). Load it (AutoModelForCausalLM.from_pretrained(path)), or leave ref_model unset: the "
+                "reference is then the initial policy, reloaded from its directory"
+            )
         if (bound.get("ref_model") is None and bound.get("peft_config") is None
                 and not (config is not None and config.precompute_ref_log_probs)):
             check_reference_reloadable("DPO", model, "ref_model=<a copy of the model> (copy.deepcopy(model)), or "
