@@ -109,9 +109,10 @@ class TrainRecipe:
 
         optim (`str`, defaults to `"adafactor"`):
             Registered lowmem optimizer (``lowmem list``; ``--optim``).
-        optim_args (`dict` or `str`, defaults to `{}`):
+        optim_args (`dict`, `str` or `None`, defaults to `{}`):
             Extra hyperparameters of ``optim``: mapping, JSON object or ``"k=v,k=v"``
-            (``--optim-args``). They win over ``lr`` and ``weight_decay``.
+            (``--optim-args``); `None` is none (the ``TrainingArguments`` default, as a saved
+            ``training_args.json`` writes it). They win over ``lr`` and ``weight_decay``.
         lr (`float`, defaults to `1e-2`):
             Learning rate (``--lr``); the Trainer's scheduler drives it.
         weight_decay (`float`, defaults to `0.0`):
@@ -217,7 +218,7 @@ class TrainRecipe:
     reward_funcs: list[str | dict[str, Any]] | None = None
     reward_weights: list[float] | None = None
     optim: str = "adafactor"
-    optim_args: dict[str, Any] | str = field(default_factory=dict)
+    optim_args: dict[str, Any] | str | None = field(default_factory=dict)
     lr: float = 1e-2
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"

@@ -174,3 +174,19 @@ def test_errors_of_flags_do_not_blame_the_default_recipe(long_rows):
         load_recipe(None, dataset=long_rows, eval_steps=1)
     with pytest.raises(ConfigError, match=r"^steps=0: expected an integer > 0"):
         load_recipe(None, steps=0)
+
+
+def test_a_saved_training_arguments_json_runs(tmp_path):
+    """``TrainingArguments.to_dict()`` as users save it (``training_args.json``: 100+ keys, every default
+    written out) stopped at ``optim_args=None: expected a mapping or a string``."""
+    from transformers import TrainingArguments
+
+    out = tmp_path / "out"
+    dump = TrainingArguments(str(out), learning_rate=1e-3, num_train_epochs=1, per_device_train_batch_size=8,
+                             optim="adafactor", report_to="none", use_cpu=True, save_strategy="no").to_dict()
+    assert dump["optim_args"] is None and dump["max_steps"] == -1
+    path = tmp_path / "training_args.json"
+    path.write_text(json.dumps(dump))
+    recipe = load_recipe(path, train_size=16, save_model=False, track_memory=False)
+    assert (recipe.optim, recipe.optim_args, recipe.lr, recipe.steps, recipe.batch_size) == ("adafactor", {}, 1e-3, None, 8)
+    assert run(recipe)["steps"] == 2  # one epoch of 16 rows in batches of 8
