@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (all linear layers unless --lora-targets)")
     p.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="N",
+                   help="micro-batches per optimizer step (default 1: the gradients fill as backward frees the activations; "
+                   "above 1 every gradient is live with the next micro-batches' activations)")
     p.add_argument("--layerwise", action="store_true", help="per-parameter stepping in the backward pass")
     p.add_argument("--budget", default=None, help="e.g. 24GiB: search optimizer, rank, quantization, checkpointing, batch")
     p.add_argument("--top", type=int, default=15, help="with --budget: how many configurations to show")
@@ -126,17 +129,25 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, optim_args=parse_optim_args(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=args.dtype, quantization=quant, lora=lora, gradient_checkpointing=args.gradient_checkpointing, layerwise=args.layerwise,
     )
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(f"--gradient-accumulation-steps {args.gradient_accumulation_steps}: expected an integer >= 1")
+    if args.gradient_accumulation_steps > 1:
+        if args.measure:
+            raise ValueError("--gradient-accumulation-steps above 1 is estimated only: --measure runs one micro-batch per step")
+        common["gradient_accumulation_steps"] = args.gradient_accumulation_steps
 
     if args.budget:
         from .memory.search import parse_bytes, search_budget
 
         limit = parse_bytes(args.budget)
         found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top,
-                              device=args.device or "cuda")
+                              device=args.device or "cuda", gradient_accumulation_steps=args.gradient_accumulation_steps)
         if args.png and found:
             from .memory.estimate import COMPONENTS, MemoryEstimate
 
-            shown = [MemoryEstimate(**{k: c.components.get(k, 0) for k in COMPONENTS}, settings={"model": args.model, **c.settings})
+            shown = [MemoryEstimate(**{k: c.components.get(k, 0) for k in COMPONENTS}, settings={"model": args.model, **c.settings},
+                                    details={"gradients_with_activations": c.peak_args.get("gradients_with_activations"),
+                                             "activation_parts": {"tied_embedding_backward": c.peak_args.get("tied_backward", 0)}})
                      for c in found[:6]]
             bar_chart({f"#{i + 1}": e for i, e in enumerate(shown)}, args.png, budget=limit,
                       title=f"{args.model}: the {len(shown)} configurations that give up least within {fmt_bytes(limit)}")

@@ -106,7 +106,7 @@ def test_chart_labels_units_and_stacks():
     assert byte_unit(1.62 * 2**20) == ("MiB", 2**20) and byte_unit(55 * 2**30) == ("GiB", 2**30)
     assert byte_unit(300 * 2**10) == ("KiB", 1024) and byte_unit(12) == ("B", 1)
     for est in (a, b, c):  # a bar is as high as the table's total
-        assert sum(peak_stack(est.components()).values()) == est.total == peak_total(est.components())
+        assert sum(peak_stack(est.components(), **est.peak_args()).values()) == est.total == peak_total(est.components(), **est.peak_args())
     at_peak = {"weights": 10, "gradients": 10, "optimizer_states": 30, "activations": 1, "total": 51}
     stack = measured_stack(at_peak, {"optimizer_states": 20, "total": 51})
     assert stack["optimizer_states"] == 20 and stack["optimizer_transient"] == 10 and sum(stack.values()) == 51

@@ -48,10 +48,18 @@ def test_total_is_the_peak_not_the_sum():
     from lowmem.memory import estimate_memory
     from lowmem.memory.estimate import peak_total
 
-    est = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32")
+    est = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32", gradient_accumulation_steps=2)
     c = est.components()
     base = c["weights"] + c["quant_constants"] + c["gradients"] + c["optimizer_states"]
     assert est.total == base + max(c["activations"], c["optimizer_transient"])
+    # one micro-batch per step: the backward's moment (activations + the gradients made before its peak) or the step's
+    one = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32")
+    c, early = one.components(), one.details["gradients_with_activations"]
+    assert 0 < early < c["gradients"]
+    assert one.total == base + max(c["activations"] + early - c["gradients"], c["optimizer_transient"])
+    assert one.total <= peak_total(c)  # every gradient live with the activations: at least as high
+    # a long sequence: the loss's logit-sized tensors are freed before the head's gradient exists
+    assert estimate_memory(_config(), "adamw4bit", batch_size=4, seq_len=256, dtype="fp32").details["gradients_with_activations"] == 0
     assert peak_total(c, layerwise=True) == base + c["activations"] + c["optimizer_transient"]
     lw = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32", layerwise=True)
     assert lw.total == peak_total(lw.components(), layerwise=True)

@@ -109,16 +109,36 @@ def _sizing_mode(model: nn.Module):
     return contextlib.nullcontext()
 
 
-def peak_total(components: dict[str, int], layerwise: bool = False) -> int:
+def peak_total(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
+               tied_backward: int = 0) -> int:
     """The peak bytes of a training step from its components (see the module docstring).
 
     The optimizer's step transient and the activations are live at the same time only in layerwise
     mode (each parameter steps from its gradient hook, during the backward pass); otherwise the
     step runs after backward has freed the activations, and the larger of the two sets the peak.
+
+    Args:
+        components (`dict[str, int]`): Bytes by component (:data:`COMPONENTS`).
+        layerwise (`bool`, defaults to `False`): Parameters step inside the backward pass.
+        gradients_with_activations (`int` or `None`, defaults to `None`): The gradient bytes live at the
+            activations' peak. One micro-batch per step (``gradient_accumulation_steps=1``: the gradients are
+            freed after each step) fills the gradients as the backward pass frees the activations: the peak is
+            the larger of the backward's (activations + the gradients made before its peak: the head's and the
+            last layer's) and the step's (every gradient + the transient). ``None``: every gradient is live
+            with the activations (gradient accumulation: the earlier micro-batches' gradients are kept).
+        tied_backward (`int`, defaults to `0`): With ``gradients_with_activations``: the two weight-sized tensors
+            of a tied embedding's backward, live with every gradient at the end of the backward pass (also in
+            ``components["activations"]``, which is at least this).
     """
     act, transient = components.get("activations", 0), components.get("optimizer_transient", 0)
     rest = sum(v for k, v in components.items() if k in COMPONENTS and k not in ("activations", "optimizer_transient"))
-    return rest + (act + transient if layerwise else max(act, transient))
+    if layerwise:
+        return rest + act + transient
+    if gradients_with_activations is None:
+        return rest + max(act, transient)
+    grads = components.get("gradients", 0)
+    early = min(gradients_with_activations, grads)
+    return rest - grads + max(act + early, grads + max(transient, tied_backward))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -207,7 +227,13 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         """The step's peak: :func:`peak_total` of the components (not their plain sum)."""
-        return peak_total(self.components(), layerwise=bool(self.settings.get("layerwise")))
+        return peak_total(self.components(), **self.peak_args())
+
+    def peak_args(self) -> dict[str, Any]:
+        """The arguments of :func:`peak_total` besides the components (stepping mode, the backward's overlap)."""
+        return {"layerwise": bool(self.settings.get("layerwise")),
+                "gradients_with_activations": self.details.get("gradients_with_activations"),
+                "tied_backward": int(self.details.get("activation_parts", {}).get("tied_embedding_backward", 0))}
 
     def components(self) -> dict[str, int]:
         return {c: int(getattr(self, c)) for c in COMPONENTS}
@@ -508,6 +534,7 @@ def estimate_memory(
     layerwise: bool = False,
     native_gqa: bool = True,
     device: str = "cuda",
+    gradient_accumulation_steps: int = 1,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step, by component, allocating nothing.
 
@@ -539,6 +566,10 @@ def estimate_memory(
             ``"cpu"`` (a build with MKL) a projected step also keeps MKL's GEMM packing buffer; on
             ``"cuda"`` MicroAdam takes its compiled path. Weights, gradients and activations do not
             depend on it.
+        gradient_accumulation_steps (`int`, defaults to `1`): Micro-batches per optimizer step. With one, the
+            gradients are freed after each step and fill while the backward pass frees the activations, so both
+            are not at their maximum together (:func:`peak_total`); with more, the earlier micro-batches'
+            gradients are live through the next forward and backward.
 
     Returns:
         `MemoryEstimate`: bytes by component, with ``.total``, ``.table()`` and ``.to_dict()``.
@@ -547,7 +578,7 @@ def estimate_memory(
         ValueError: Bad argument values (the message lists the valid ones), or quantization
             without LoRA (4-bit weights cannot be trained directly).
     """
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1")
     device = check_device(device)
@@ -617,7 +648,9 @@ def estimate_memory(
         notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
     notes.append(f"optimizer state and step transient sized for device={device!r}")
     notes.append("total = the step's peak: the optimizer transient "
-                 + ("and the activations are live together (layerwise)" if layerwise else "replaces the activations freed by backward (the larger counts)"))
+                 + ("and the activations are live together (layerwise)" if layerwise else "replaces the activations freed by backward (the larger counts)")
+                 + ("" if layerwise else "; one micro-batch per step: the gradients fill as backward frees the activations"
+                    if gradient_accumulation_steps == 1 else f"; {gradient_accumulation_steps} micro-batches per step: every gradient is live with the activations"))
 
     # activations: the hidden states' dtype is the embedding's (float32 after k-bit preparation)
     emb = meta.get_input_embeddings().weight
@@ -657,6 +690,18 @@ def estimate_memory(
     tied = head is not None and head.weight is emb and emb.requires_grad
     tied_backward = 2 * emb.numel() * emb.element_size() if tied else 0
     traced = getattr(config, "model_type", None) not in LLAMA_FAMILY
+    # one micro-batch per step: the gradients made before the activations' peak in the last decoder layer's backward
+    # (the output head's or a tied head's contribution, the final norm's, one decoder layer's: the largest)
+    early_grads = None
+    if gradient_accumulation_steps == 1 and not layerwise:
+        from .activations import decoder_layers
+
+        layer_ids = [{id(p) for p in layer.parameters()} for layer in decoder_layers(meta, config.num_hidden_layers)]
+        in_layers = set().union(*layer_ids)
+        by_id = {id(p): p.numel() * p.element_size() for _, p in trainable}
+        early_grads = (sum(b for i, b in by_id.items() if i not in in_layers and i != id(emb))
+                       + (emb.numel() * emb.element_size() if tied else 0)
+                       + max((sum(by_id.get(i, 0) for i in ids) for ids in layer_ids), default=0))
     trace_model: list[nn.Module] = []
     # the trace depends on the model, dtype and trainable set, not on the optimizer: shared within a sizing_cache()
     trace_key = ("activation trace", config.to_json_string(use_diff=False), str(param_dtype), spec is not None, repr(lcfg),
@@ -673,6 +718,11 @@ def estimate_memory(
         if dequantized:
             parts["dequantized_weight"] = dequantized
             parts["total"] += dequantized
+        if early_grads is not None:
+            # the loss's logit-sized tensors are freed before those gradients exist: the activations' peak is the
+            # larger of the loss's moment (all of them) and the last layer's (without those, with the gradients)
+            logit_sized = parts["loss_backward"] + (parts["logits"] if "logits" in parts else b * s * config.vocab_size * 4)
+            parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
             parts["total"] = max(parts["total"], tied_backward)
@@ -692,6 +742,7 @@ def estimate_memory(
             "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
             "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},
             "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
+            "gradients_with_activations": parts.get("gradients_at_peak"),
         },
         notes=notes,
         settings=dict(
@@ -700,6 +751,7 @@ def estimate_memory(
             quantization=None if spec is None else {"quant_type": spec.quant_type, "double_quant": spec.double_quant},
             lora=None if lcfg is None else {"r": lcfg.r, "target_modules": sorted(lcfg.target_modules) if isinstance(lcfg.target_modules, (set, list)) else lcfg.target_modules},
             gradient_checkpointing=gradient_checkpointing, layerwise=layerwise, device=device,
+            gradient_accumulation_steps=gradient_accumulation_steps,
         ),
         activation_model=activation_model,
     )

@@ -96,13 +96,25 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
     return text + "".join(f"note: {n}\n" for n in est.notes)
 
 
-def peak_stack(components: dict[str, int], layerwise: bool = False) -> dict[str, int]:
+def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
+               tied_backward: int = 0) -> dict[str, int]:
     """The components live at the step's peak, as :func:`~lowmem.memory.estimate.peak_total` counts them:
     without layerwise stepping the optimizer's transient replaces the activations freed by backward, so
-    only the larger of the two is kept. The values sum to ``peak_total(components)`` (the table's total)."""
+    only the larger of the two is kept; with ``gradients_with_activations`` (one micro-batch per step) the
+    backward's moment shows those gradients, the step's all of them. The values sum to
+    ``peak_total(components, ...)`` with the same arguments (the table's total)."""
     from .estimate import COMPONENTS
 
     out = {c: int(components.get(c, 0)) for c in COMPONENTS}
+    if not layerwise and gradients_with_activations is not None:
+        act, transient, grads = out["activations"], out["optimizer_transient"], out["gradients"]
+        early = min(gradients_with_activations, grads)
+        if act + early >= grads + max(transient, tied_backward):
+            out.update(gradients=early, optimizer_transient=0)
+        else:
+            out.update(activations=tied_backward if tied_backward > transient else 0,
+                       optimizer_transient=0 if tied_backward > transient else transient)
+        return out
     if not layerwise:
         smaller = "optimizer_transient" if out["activations"] >= out["optimizer_transient"] else "activations"
         out[smaller] = 0
@@ -178,7 +190,7 @@ def bar_chart(
     settings = [e.settings for _, e in items]
     labels, shared = chart_labels(settings)
     labels = [f"{k} {lab}" if k else lab for (k, _), lab in zip(items, labels)]
-    bars = [(lab, peak_stack(e.components(), bool(e.settings.get("layerwise"))), peak_total(e.components(), bool(e.settings.get("layerwise"))), None)
+    bars = [(lab, peak_stack(e.components(), **e.peak_args()), peak_total(e.components(), **e.peak_args()), None)
             for lab, (_, e) in zip(labels, items)]
     if measured is not None or at_peak is not None:
         if len(items) != 1 or measured is None or at_peak is None:

@@ -47,6 +47,8 @@ class Candidate:
     total: int
     cost: float
     gives_up: list[str] = field(default_factory=list)
+    #: :func:`~lowmem.memory.estimate.peak_total`'s other arguments for ``components`` (``MemoryEstimate.peak_args``)
+    peak_args: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "components": self.components, "total": self.total, "cost": round(self.cost, 3), "gives_up": self.gives_up}
@@ -153,6 +155,7 @@ def search_budget(
     layerwise: Iterable[bool] = (False, True),
     top: int | None = None,
     device: str = "cuda",
+    gradient_accumulation_steps: int = 1,
 ) -> list[Candidate]:
     """Configurations whose estimated total fits ``budget``, best (least given up) first.
 
@@ -174,6 +177,8 @@ def search_budget(
         top (`int` or `None`, defaults to `None`): Keep the best ``top`` candidates.
         device (`str`, defaults to `"cuda"`): The device the run will use (``"cpu"`` or ``"cuda"``):
             the optimizer's step transient is sized for it (:func:`~lowmem.memory.estimate_memory`).
+        gradient_accumulation_steps (`int`, defaults to `1`): Micro-batches per optimizer step; above one, every
+            gradient is live with the activations (:func:`~lowmem.memory.estimate.peak_total`).
     """
     from ..optim import get_entry
 
@@ -205,7 +210,8 @@ def search_budget(
     out: list[Candidate] = []
     # one optimizer sizing per optimizer config and trainable set, shared by layerwise / quantization variants
     with sizing_cache():
-        ests: list[MemoryEstimate] = [estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, device=device, **static)
+        ests: list[MemoryEstimate] = [estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, device=device,
+                                                      gradient_accumulation_steps=gradient_accumulation_steps, **static)
                                       for static, _, _ in statics]
     for (static, cost, gives), est in zip(statics, ests):
         fixed = est.weights + est.quant_constants + est.gradients + est.optimizer_states
@@ -213,15 +219,16 @@ def search_budget(
             continue
         for ckpt in checkpointing:
             for b in reversed(batches):  # the largest batch that fits
-                act = est.activation_model(b, seq_len, ckpt)["total"]
-                components = {**est.components(), "activations": act}
-                total = peak_total(components, layerwise=static["layerwise"])
+                parts = est.activation_model(b, seq_len, ckpt)
+                components = {**est.components(), "activations": parts["total"]}
+                peak_args = {**est.peak_args(), "gradients_with_activations": parts.get("gradients_at_peak")}
+                total = peak_total(components, **peak_args)
                 if total <= limit:
                     extra = (COSTS["checkpointing"] if ckpt else 0) + math.log2(batch_size / b)
                     out.append(Candidate(
                         settings={**static, "batch_size": b, "seq_len": seq_len, "dtype": dtype, "gradient_checkpointing": ckpt,
                                   "device": device},
-                        components=components, total=total, cost=cost + extra,
+                        components=components, total=total, cost=cost + extra, peak_args=peak_args,
                         gives_up=gives + (["checkpointing (~30% compute)"] if ckpt else []) + ([f"batch {b} < {batch_size}"] if b < batch_size else []),
                     ))
                     break
