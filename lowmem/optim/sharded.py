@@ -908,6 +908,7 @@ def sharded_post_update(g: Tensor, low: Tensor, state: dict[str, Tensor], group:
     step (SGD or Adam on the basis) from :func:`osd_basis_grad`, with ``||G||`` summed over the
     shards (1 number); nothing for other methods."""
     from .functional.adam import adam_direction, adam_moments_
+    from .functional.osd import basis_step_settings
 
     if group["projection"] != "online_pca":
         return
@@ -922,12 +923,17 @@ def sharded_post_update(g: Tensor, low: Tensor, state: dict[str, Tensor], group:
     key = "proj_left" if "proj_left" in state else "proj_right"
     basis = state[key]
     grad = osd_basis_grad(basis, g, low, "left" if key == "proj_left" else "right", sp, 1.0 / norm)
-    lr = group["proj_lr"]
+    lr, wd = basis_step_settings(group["proj_lr"], group.get("proj_weight_decay"), group["proj_optimizer"],
+                                 group.get("lr"), group.get("initial_lr"))
     if group["proj_optimizer"] == "sgd":
+        if wd:
+            grad.add_(basis, alpha=wd)  # torch.optim.SGD's weight decay (element-wise: per shard)
         basis.add_(grad, alpha=-lr)
     else:
         t = pca_steps + 1
         meta[3] = t
+        if wd:
+            basis.mul_(1.0 - lr * wd)  # torch.optim.AdamW's decoupled decay, before the moments
         adam_moments_(state["pca_exp_avg"], state["pca_exp_avg_sq"], grad, 0.9, 0.999)
         basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
 

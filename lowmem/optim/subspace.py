@@ -440,12 +440,17 @@ class SubspaceProjection(Projection):
         basis = state[key]
         proj = low if low is not None and g.dtype == basis.dtype else None  # the step's P^T G / G Q^T
         grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right", norm, proj)
-        lr = group["proj_lr"]
+        lr, wd = OSD.basis_step_settings(group["proj_lr"], group.get("proj_weight_decay"), group["proj_optimizer"],
+                                         group.get("lr"), group.get("initial_lr"))
         if group["proj_optimizer"] == "sgd":
+            if wd:
+                grad.add_(basis, alpha=wd)  # torch.optim.SGD's weight decay
             basis.add_(grad, alpha=-lr)
         else:
             t = pca_steps + 1
             meta[3] = t
+            if wd:
+                basis.mul_(1.0 - lr * wd)  # torch.optim.AdamW's decoupled decay, before the moments
             adam_moments_(state["pca_exp_avg"], state["pca_exp_avg_sq"], grad, 0.9, 0.999)
             basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
 

@@ -4,6 +4,8 @@ Descent"): the projection is learned online, by a small optimizer step on the PC
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -46,3 +48,26 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = N
     c = (g @ basis.t()).mul_(inv_norm) if g_proj is None else g_proj * inv_norm
     d = (c.t() @ g).mul_(inv_norm)
     return 2 * ((basis @ basis.t() - 2 * eye) @ d + (c.t() @ c) @ basis)
+
+
+#: ``torch.optim.AdamW``'s default ``weight_decay``: the authors' basis optimizer
+#: (kyleliang919/Online-Subspace-Descent ``galore_projector.py``: ``torch.optim.AdamW([P], lr=1/update_proj_gap)``)
+#: decays the basis with it; their ``torch.optim.SGD`` basis has none.
+AUTHORS_PROJ_WEIGHT_DECAY = {"adam": 0.01, "sgd": 0.0}
+
+
+def basis_step_settings(proj_lr: float, proj_weight_decay: float | None, proj_optimizer: str,
+                        lr: Any = None, initial_lr: Any = None) -> tuple[float, float]:
+    """``(step size, weight decay)`` of the basis optimizer at this step.
+
+    The step size follows the learning-rate schedule, as the authors' code sets it before every basis
+    step: ``proj_lr * lr_t / lr_0`` (their ``1 / update_proj_gap * group["lr"] / init_lr``); ``lr_0``
+    is the group's ``initial_lr`` (set by torch's LR schedulers): without one, or with ``lr_0 = 0``,
+    the step size is ``proj_lr``. ``proj_weight_decay=None``: the authors' (torch's default of their
+    basis optimizer, :data:`AUTHORS_PROJ_WEIGHT_DECAY`): 0.01 for ``adam`` (``torch.optim.AdamW``,
+    decoupled ``P <- P (1 - step wd)`` before the Adam step), 0 for ``sgd`` (``torch.optim.SGD``,
+    whose weight decay adds ``wd P`` to the basis gradient)."""
+    wd = AUTHORS_PROJ_WEIGHT_DECAY[proj_optimizer] if proj_weight_decay is None else float(proj_weight_decay)
+    if initial_lr is None or lr is None or float(initial_lr) == 0.0:
+        return float(proj_lr), wd
+    return float(proj_lr) * float(lr) / float(initial_lr), wd

@@ -160,8 +160,12 @@ OSD_ADAMW = Recipe(
     hparams=GALORE_ADAM_HPARAMS,
     group_hparams=(
         *subspace_hparams("online_pca", ("online_pca",), scale=1.0, moment_policy="keep"),
-        HParam("proj_lr", 5e-3, nonneg, "a finite float >= 0", "step size of the projection's own optimizer"),
+        HParam("proj_lr", 5e-3, nonneg, "a finite float >= 0",
+               "step size of the projection's own optimizer, times lr / initial_lr under an LR scheduler (the authors')"),
         _choice("proj_optimizer", "adam", ("adam", "sgd"), "optimizer of the projection (on the PCA loss)"),
+        HParam("proj_weight_decay", None, optional(nonneg), "None or a finite float >= 0",
+               "weight decay of the projection's optimizer; None: the authors' (torch's defaults), 0.01 for"
+               " 'adam' (AdamW, decoupled), 0 for 'sgd'"),
     ),
     projection=SubspaceProjection(),
     residual=DropResidual(),

@@ -446,7 +446,7 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str) -> Tensor:
 
 def osd_adamw(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple[float, float], eps: float,
               weight_decay: float, rank: int | None = None, scale: float = 1.0, proj_lr: float = 5e-3,
-              proj_optimizer: str = "adam", **group) -> list[Tensor]:
+              proj_optimizer: str = "adam", proj_weight_decay: float | None = None, **group) -> list[Tensor]:
     """Online Subspace Descent, Liang et al. 2024, Algorithm 1, with GaLore's AdamW (as galore-torch)::
 
         P_0 from the SVD of the first gradient (GaLore's side)
@@ -454,7 +454,10 @@ def osd_adamw(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: t
         P_{t+1} = P_t - proj_lr * Adam(dL/dP)   (or SGD; Adam: betas (0.9, 0.999), eps 1e-8, torch's)
                   on the PCA loss of G_t; the SVD step takes none (P_0 is optimal for G_0), nor a
                   zero gradient
+        the basis optimizer's weight decay as the authors' torch.optim.AdamW / SGD (None: their
+        defaults, 0.01 / 0): P <- P (1 - proj_lr wd) before the Adam step; SGD: dL/dP + wd P
     """
+    pwd = ({"adam": 0.01, "sgd": 0.0}[proj_optimizer] if proj_weight_decay is None else proj_weight_decay)
     b1, b2 = betas
     group = {**group, "rank": rank, "projection": "online_pca"}
     projected = is_projected(p, rank)
@@ -484,8 +487,9 @@ def osd_adamw(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: t
         basis = sub[side]
         grad = pca_loss_grad(basis, g, side)
         if proj_optimizer == "sgd":
-            basis = basis - proj_lr * grad
+            basis = basis - proj_lr * (grad + pwd * basis)
         else:
+            basis = basis * (1 - proj_lr * pwd)
             pca_t += 1
             pm = torch.zeros_like(basis) if pm is None else pm
             pv = torch.zeros_like(basis) if pv is None else pv
@@ -550,6 +554,9 @@ register_reference("osd_adamw", Reference(osd_adamw, configs=(
     {"rank": 4, **ADAM, "proj_lr": 1e-2, "scale": 0.5, "weight_decay": 0.1},
     {"rank": 4, **ADAM, "proj_lr": 0.05, "proj_optimizer": "sgd", "proj_type": "reverse_std"},
     {"rank": 4, **ADAM, "proj_lr": 1e-2, "proj_type": "left"},
+    # the basis optimizer's own weight decay, large enough to show (AdamW: decoupled; SGD: added to dL/dP)
+    {"rank": 4, **ADAM, "proj_lr": 0.05, "proj_weight_decay": 2.0},
+    {"rank": 4, **ADAM, "proj_lr": 0.05, "proj_optimizer": "sgd", "proj_weight_decay": 2.0},
     {"rank": 24, **ADAM, "weight_decay": 0.1},  # full-rank: GaLore's AdamW, no PCA
 )))
 
