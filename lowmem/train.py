@@ -292,10 +292,21 @@ class TrainRecipe:
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
 
 
+_TA_NUM_TRAIN_EPOCHS = 3.0  # TrainingArguments.num_train_epochs' default
+
+
 def _check_run_length(steps: int | None, training_args: Any) -> None:
     """``steps`` and ``training_args.num_train_epochs`` both fix the length of the run: the Trainer
-    lets ``max_steps`` win and ignores the epochs without a word, so giving both is an error."""
-    if steps is not None and isinstance(training_args, dict) and "num_train_epochs" in training_args:
+    lets ``max_steps`` win and ignores the epochs without a word, so giving both is an error, unless
+    ``num_train_epochs`` is the Trainer's default 3 (a saved config writes it beside ``max_steps``; it
+    is then dropped, as the Trainer would ignore it)."""
+    if not isinstance(training_args, dict) or "num_train_epochs" not in training_args:
+        return
+    if steps is not None and training_args["num_train_epochs"] == _TA_NUM_TRAIN_EPOCHS:
+        # the Trainer's default, as every saved config (TrainingArguments.to_dict) writes it beside max_steps
+        training_args.pop("num_train_epochs")
+        return
+    if steps is not None:
         raise ConfigError(f"steps={steps} and num_train_epochs={training_args['num_train_epochs']!r} both set the length "
                           "of the run (the Trainer would let max_steps win and ignore the epochs); give one: drop "
                           "steps / max_steps (or set it to null) to train by epochs")
@@ -422,6 +433,7 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
     from lowmem.trainers.hf import parse_optim_args
 
     ta = dict(recipe.training_args)
+    _redacted_tokens(ta)
     if "lowmem_optim" in ta or "lowmem_optim_args" in ta or "lowmem_layerwise" in ta:
         for key in ("lowmem_optim", "lowmem_optim_args"):
             if key in ta and key[len("lowmem_"):] in ta:
@@ -468,6 +480,21 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
                           "transformers / TRL documentation)")
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+def _redacted_tokens(ta: dict[str, Any]) -> None:
+    """``TrainingArguments.to_dict()`` (a saved ``training_args.json``) writes every ``*_token`` field as
+    the placeholder ``"<NAME>"``, not its value. ``hub_token``'s is dropped (lowmem train pushes nothing);
+    another (TRL's ``eos_token`` / ``pad_token``) would reach TRL as a token to look up ("The specified
+    `eos_token` ('<EOS_TOKEN>') is not found in the vocabulary"): an error naming the keys."""
+    masked = sorted(k for k, v in ta.items() if k.endswith("_token") and v == f"<{k.upper()}>")
+    if "hub_token" in masked:
+        del ta["hub_token"]
+        masked.remove("hub_token")
+    if masked:
+        raise ConfigError(f"training_args {masked} hold the placeholders {[ta[k] for k in masked]} that "
+                          "TrainingArguments.to_dict writes instead of token values (a saved config): remove these "
+                          "keys to use the tokenizer's own tokens, or write the tokens")
 
 
 # TrainingArguments fields in ``training_args`` that a recipe field sets (the recipe's own name, or its alias).
@@ -899,12 +926,38 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
     """
     ckpt = _find_checkpoint(recipe, warn)
     if ckpt is not None:
+        _check_fsdp_matches(ckpt, recipe.training_args)
         state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
         done = state.get("global_step")
         if isinstance(done, int) and recipe.steps is not None and done >= recipe.steps:
             raise ConfigError(f"steps={recipe.steps}: the checkpoint to resume, {ckpt}, is already at step {done}; "
                               f"steps is the total to reach (not the steps to add): set steps > {done}")
     return ckpt
+
+
+# what the Trainer writes under FSDP (accelerate's names), and what it writes without
+FSDP_CHECKPOINT_FILES = ("pytorch_model_fsdp_0/", "pytorch_model_fsdp.bin", "optimizer_0/", "optimizer.bin")
+
+
+def _check_fsdp_matches(ckpt: str, training_args: dict[str, Any]) -> None:
+    """The Trainer resumes a checkpoint written under FSDP only under FSDP, and one written without FSDP
+    (``optimizer.pt``) only without: otherwise transformers fails with "Checkpoint found at ... is only
+    supported when using PyTorch FSDP", or under FSDP with a missing ``pytorch_model_fsdp.bin`` on one
+    process while the others crash in gloo. Say so before any model loads."""
+    import os
+
+    written = [n for n in FSDP_CHECKPOINT_FILES if (Path(ckpt) / n.rstrip("/")).exists()]
+    fsdp_now = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.get("fsdp"))
+    if written and not fsdp_now:
+        raise ConfigError(
+            f"the checkpoint to resume, {ckpt}, was written under FSDP ({', '.join(written)}); the Trainer resumes it "
+            "only under FSDP: launch with the accelerate FSDP configuration that wrote it (a FULL_STATE_DICT "
+            "checkpoint also on another number of processes; docs/distributed.md)")
+    if fsdp_now and not written and (Path(ckpt) / "optimizer.pt").is_file():
+        raise ConfigError(
+            f"the checkpoint to resume, {ckpt}, was written without FSDP (optimizer.pt, model.safetensors); under FSDP "
+            "the Trainer reads pytorch_model_fsdp* / optimizer.bin or optimizer_0/: resume it without FSDP (one "
+            "process or DDP, accelerate launch --multi_gpu), as it was written")
 
 
 def _find_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None) -> str | None:

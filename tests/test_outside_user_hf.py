@@ -190,3 +190,27 @@ def test_a_saved_training_arguments_json_runs(tmp_path):
     recipe = load_recipe(path, train_size=16, save_model=False, track_memory=False)
     assert (recipe.optim, recipe.optim_args, recipe.lr, recipe.steps, recipe.batch_size) == ("adafactor", {}, 1e-3, None, 8)
     assert run(recipe)["steps"] == 2  # one epoch of 16 rows in batches of 8
+
+
+def test_a_saved_sft_config_with_max_steps(tmp_path, long_rows):
+    """A saved ``SFTConfig`` of a ``max_steps`` run also holds ``num_train_epochs: 3.0`` (the default, written
+    out) and TRL's ``eos_token`` / ``pad_token`` as the placeholders ``<EOS_TOKEN>`` / ``<PAD_TOKEN>``
+    (``to_dict`` masks every ``*_token``), which TRL then looked up in the vocabulary."""
+    from trl import SFTConfig
+
+    dump = SFTConfig(str(tmp_path / "out"), max_steps=2, max_length=32, report_to="none", use_cpu=True,
+                     bf16=False).to_dict()
+    assert (dump["num_train_epochs"], dump["eos_token"], dump["hub_token"]) == (3.0, "<EOS_TOKEN>", "<HUB_TOKEN>")
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps({**dump, "dataset": long_rows}))
+    with pytest.raises(ConfigError, match=r"training_args \['eos_token', 'pad_token'\] hold the placeholders "
+                                          r"\['<EOS_TOKEN>', '<PAD_TOKEN>'\] that TrainingArguments.to_dict writes"):
+        load_recipe(path)
+    del dump["eos_token"], dump["pad_token"]
+    path.write_text(json.dumps({**dump, "dataset": long_rows}))
+    recipe = load_recipe(path)  # the default num_train_epochs beside max_steps is inert, as in the Trainer
+    assert recipe.steps == 2 and "num_train_epochs" not in recipe.training_args and "hub_token" not in recipe.training_args
+    # a num_train_epochs of the user's own beside max_steps is still refused
+    path.write_text(json.dumps({**dump, "dataset": long_rows, "num_train_epochs": 1}))
+    with pytest.raises(ConfigError, match=r"steps=2 and num_train_epochs=1 both set the length of the run"):
+        load_recipe(path)
