@@ -87,3 +87,43 @@ def test_osd_basis_step_as_the_authors(shape, proj_optimizer, schedule):
 def test_osd_proj_weight_decay_is_validated():
     with pytest.raises(ValueError, match=r"Invalid proj_weight_decay=-1.0 .*None or a finite float >= 0"):
         create_optimizer([torch.nn.Parameter(torch.zeros(8, 12))], "osd_adamw", rank=2, proj_weight_decay=-1.0)
+
+
+# ---- Subspace-Momentum (timmytonga/sn-sm, GenericOptim.py + subspace_momentum.py + projectors/svd_projector.py) ----
+
+
+def _sgd_sm_plain(p0, grads, *, lr, rank, gap, momentum, wd):
+    """Subspace-Momentum (Nguyen & Nguyen, Section 4) on the authors' schedule: the step counter is
+    incremented first, the SVD basis is drawn at step 1 and at every step ``t % T == 0`` (GaLore's side:
+    right ``Vh[:r]`` for a tall or square matrix, left ``U[:, :r]`` for a wide one) and the momentum
+    restarts from zero there; ``u = P m + (G - P P^T G)``, ``p <- p - lr u``, then ``p <- p - lr wd p``."""
+    p, m, basis = p0.clone(), None, None
+    right = p0.shape[0] >= p0.shape[1]
+    for t, g in enumerate(grads, start=1):
+        if basis is None or t % gap == 0:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            basis = vh[:rank] if right else u[:, :rank]
+            m = None
+        low = g @ basis.t() if right else basis.t() @ g
+        m = (1 - momentum) * low if m is None else momentum * m + (1 - momentum) * low
+        up = (lambda x: x @ basis) if right else (lambda x: basis @ x)
+        p = p - lr * (up(m) + g - up(low))
+        p = p - lr * wd * p
+    return p
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_subspace_momentum_refreshes_at_multiples_of_the_gap(shape):
+    """sgd_sm draws its basis at steps 1, T, 2T, ... as the authors' code (lowmem drew it at 1, T+1, ...:
+    0.36 of the weights' movement apart after 20 steps at T = 5)."""
+    torch.manual_seed(0)
+    p0 = torch.randn(shape)
+    grads = [torch.randn(shape) for _ in range(9)]
+    expected = _sgd_sm_plain(p0, grads, lr=1e-2, rank=3, gap=4, momentum=0.9, wd=0.1)
+    w = torch.nn.Parameter(p0.clone())
+    opt = create_optimizer([w], "sgd_sm", lr=1e-2, weight_decay=0.1, rank=3, update_proj_gap=4)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    moved = (expected - p0).abs().max()
+    assert ((w.detach() - expected).abs().max() / moved).item() < 1e-4

@@ -153,6 +153,17 @@ def _meta(state: dict[str, Tensor]) -> list[int]:
     return state["proj_meta"].tolist()
 
 
+def refresh_phase_offset(refresh_phase: str, gap: int, index: int, count: int) -> int:
+    """The offset of a parameter's refresh schedule (refreshes at the steps ``t`` with
+    ``(t - 1 - phase) % gap == 0``, and at the first step): ``"aligned"`` 0 (steps ``1, T+1, 2T+1, ...``,
+    galore-torch's, whose step counter starts at 0), ``"multiples"`` ``gap - 1`` (steps ``1, T, 2T, ...``:
+    timmytonga/sn-sm, whose counter is incremented before the projection refreshes at ``step % T == 0``),
+    ``"staggered"`` ``index * gap // count`` (the ``index``-th of ``count`` parameters of the group)."""
+    if refresh_phase == "multiples":
+        return gap - 1
+    return index * gap // count if refresh_phase == "staggered" else 0
+
+
 class SubspaceProjection(Projection):
     """Every projection of the subspace recipes; the method is ``group["projection"]``.
 
@@ -208,7 +219,7 @@ class SubspaceProjection(Projection):
         params = group["params"]
         index = next(i for i, q in enumerate(params) if q is param)
         gap = group["update_proj_gap"]
-        phase = index * gap // len(params) if group["refresh_phase"] == "staggered" else 0
+        phase = refresh_phase_offset(group["refresh_phase"], gap, index, len(params))
         seed = group["seed"] * 1_000_003 + index
         m, n = param.shape
         state["proj_meta"] = torch.tensor([seed, phase, 0, 0, m, n], dtype=torch.int64)

@@ -490,7 +490,7 @@ def sm_hparams() -> tuple[HParam, ...]:
     """Subspace-Momentum's per-group settings: the shared subspace ones (SVD, rank 128, moments
     reset at a refresh as the authors do, scale 1) and the complement's rule (FRUGAL's keys)."""
     return (
-        *subspace_hparams("svd", SM_PROJECTIONS, scale=1.0, moment_policy="reset"),
+        *subspace_hparams("svd", SM_PROJECTIONS, scale=1.0, moment_policy="reset", refresh_phase="multiples"),
         _choice("free_rule", "sgd", ("sgd", "signsgd"),
                 "step of the complement G - P P^T G: 'sgd' (Subspace-Momentum) or 'signsgd' (FRUGAL's)"),
         HParam("free_lr_scale", 1.0, nonneg, "a finite float >= 0", "the complement's step / the subspace's (1 in the paper)"),

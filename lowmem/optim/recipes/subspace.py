@@ -41,8 +41,13 @@ def _choice(name: str, default: str, choices: Iterable[str], doc: str) -> HParam
     return HParam(name, default, one_of(*choices), f"one of {list(choices)}", doc)
 
 
+#: the refresh schedules (SubspaceProjection.init_state's phase)
+REFRESH_PHASES = ("aligned", "multiples", "staggered")
+
+
 def subspace_hparams(
-    projection: str, methods: Iterable[str], scale: float, moment_policy: str, rank: int = 128
+    projection: str, methods: Iterable[str], scale: float, moment_policy: str, rank: int = 128,
+    refresh_phase: str = "aligned",
 ) -> tuple[HParam, ...]:
     """The per-group settings every subspace recipe shares (defaults differ per recipe)."""
     return (
@@ -53,8 +58,9 @@ def subspace_hparams(
         _choice("proj_type", "std", PROJ_TYPES, "which side a basis projects (galore-torch's proj_type)"),
         _choice("projection", projection, methods, "how the subspace is chosen (see docs/subspace.md)"),
         _choice("moment_policy", moment_policy, MOMENT_POLICIES, "moments when the subspace changes"),
-        _choice("refresh_phase", "aligned", ("aligned", "staggered"),
-                "'staggered' spreads the parameters' refreshes over the update_proj_gap steps"),
+        _choice("refresh_phase", refresh_phase, REFRESH_PHASES,
+                "'aligned': refreshes at steps 1, T+1, 2T+1, ... (galore-torch); 'multiples': at 1, T, 2T, ..."
+                " (timmytonga/sn-sm); 'staggered' spreads the parameters' refreshes over the update_proj_gap steps"),
         HParam("seed", 0, _nonneg_int, "an int >= 0", "seed of random projections and coordinate choices"),
         HParam("power_iters", 2, _nonneg_int, "an int >= 0", "subspace iterations per 'rsvd' refresh"),
     )

@@ -2,8 +2,9 @@
 paper (Sections 3-4) with the authors' step-size conventions (timmytonga/sn-sm: ``adamw_sn.py``,
 ``GenericOptim.py``, ``subset_norm.py``, ``subspace_momentum.py``).
 
-The subspace (its side, SVD / random / coordinate draws, the refresh schedule ``1, T+1, 2T+1, ...``
-with a zero gradient keeping the old subspace, and what the momentum does at a refresh) comes from
+The subspace (its side, SVD / random / coordinate draws, the refresh schedule (the authors' ``1, T,
+2T, ...``: ``refresh_phase="multiples"``) with a zero gradient keeping the old subspace, and what the
+momentum does at a refresh) comes from
 the plain helpers of :mod:`lowmem.optim.references.subspace`: references, not engine code.
 """
 
@@ -105,7 +106,7 @@ def subspace_momentum(p: Tensor, grads: list[Tensor], *, index: int, lr: float, 
     """Subspace-Momentum (Section 4), with the Subset-Norm step size when ``eps`` is given (AdamSNSM with
     ``betas``, AdaGrad-SNSM with ``momentum``: running sums, no bias correction)::
 
-        every T steps: P from the SVD of G (GaLore's side), the momentum reset (moment_policy)
+        at steps 1, T, 2T, ...: P from the SVD of G (GaLore's side), the momentum reset (moment_policy)
         m <- b1 m + (1 - b1) P^T G
         u  = P m + (G - P P^T G)                     (sign(G - P P^T G) with free_rule='signsgd')
         AdamSNSM: v_i <- b2 v_i + (1 - b2) ||G_Psi_i||^2 ;  u <- sqrt(1 - b2^t) / (1 - b1^t) u / (sqrt(v) + eps)
@@ -170,10 +171,12 @@ register_reference("adamw_sn", Reference(adamw_sn, configs=(
 )))
 register_reference("adamw_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5},
-    # refreshes at 1, 5, 9: the zero gradient of step 9 keeps the subspace (and the momentum)
-    {"rank": 3, "update_proj_gap": 4, "lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 0.5,
+    # refreshes at 1, 3, 6, 9, 12 (the authors' schedule, refresh_phase='multiples'): the zero gradient of
+    # step 9 keeps the subspace (and the momentum)
+    {"rank": 3, "update_proj_gap": 3, "lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 0.5,
      "proj_type": "reverse_std"},
     {"rank": 4, "update_proj_gap": 3, "projection": "random", "subset_norm": False, "moment_policy": "keep"},
+    {"rank": 4, "update_proj_gap": 4, "refresh_phase": "aligned"},  # galore-torch's schedule: 1, 5, 9
     {"rank": 4, "update_proj_gap": 5, "projection": "columns", "free_rule": "signsgd", "free_lr_scale": 0.5,
      "betas": (0.0, 0.999)},
     {"rank": 30, "update_proj_gap": 5},  # rank >= the smaller side of (24, 40): AdamSN

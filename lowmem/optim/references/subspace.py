@@ -169,9 +169,11 @@ def maybe_refresh(g: Tensor, t: int, sub: dict | None, refreshes: int, group: di
     ``online_pca`` only once); a data-dependent refresh of a zero gradient keeps the old subspace.
     Returns ``(subspace, refreshes, changed)``; ``changed`` is the old subspace (``{}`` before the
     first) when a refresh happened, else ``None``."""
-    if group["refresh_phase"] != "aligned":
-        raise NotImplementedError("the reference loop covers refresh_phase='aligned' only")
-    due = refreshes == 0 or (group["projection"] != "online_pca" and (t - 1) % group["update_proj_gap"] == 0)
+    if group["refresh_phase"] not in ("aligned", "multiples"):
+        raise NotImplementedError("the reference loop covers refresh_phase 'aligned' and 'multiples' only")
+    # 'multiples' (timmytonga/sn-sm): refreshes at 1, T, 2T, ... ('aligned': 1, T+1, 2T+1, ...)
+    at = t if group["refresh_phase"] == "multiples" else t - 1
+    due = refreshes == 0 or (group["projection"] != "online_pca" and at % group["update_proj_gap"] == 0)
     if not due or (group["projection"] in DATA_DEPENDENT and not usable(g)):
         return sub, refreshes, None
     return draw_subspace(g, group, index, refreshes, sub), refreshes + 1, sub or {}
