@@ -315,7 +315,8 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     match = next(((name, cols) for name, cols, _ in order if set(cols) <= set(columns)), None)
     if match is None:
         accepted = "; ".join(desc for _, _, desc in formats)
-        raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}")
+        raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}"
+                         + _format_hint(columns, trainer))
     name, cols = match
     rows = dataset.select(range(min(len(dataset), CHECKED_ROWS)))
     first = rows[0]
@@ -325,6 +326,39 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
             _check_cell(row[c], c, conversational, source, i)
     extra = tuple(c for c in columns if c not in cols)
     return DatasetFormat(name=name, columns=tuple(cols), conversational=conversational, extra_columns=extra)
+
+
+# Column sets of other tools' dataset formats (LLaMA-Factory's alpaca and sharegpt, the Hub's common
+# instruction sets) and what to write for TRL's format instead.
+FOREIGN_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("instruction", "output"), "alpaca-style 'instruction' / 'input' / 'output': write 'prompt' (instruction "
+                                "and input) and 'completion' (output)"),
+    (("conversations",), "sharegpt-style 'conversations': rename it 'messages' with {role, content} items "
+                         "(from/value -> role/content, human -> user, gpt -> assistant)"),
+    (("question", "answer"), "'question' / 'answer': rename them 'prompt' / 'completion' (SFT) or 'prompt' + "
+                             "'answer' (GRPO with exact_match)"),
+)
+
+
+def _format_hint(columns: list[str], trainer: str) -> str:
+    """What else the columns fit: another trainer's TRL format (``chosen`` / ``rejected`` under ``sft``:
+    ``trainer: dpo``), or another tool's format (:data:`FOREIGN_FORMATS`); ``""`` when nothing does."""
+    fits = sorted({t for t, formats in FORMATS.items() if t != trainer
+                   and any(set(cols) <= set(columns) for _, cols, _ in formats)})
+    if fits and (trainer == "sft" or "sft" not in fits):
+        return f". These columns are the format of trainer: {' / '.join(fits)}"
+    for cols, hint in FOREIGN_FORMATS:
+        if set(cols) <= set(columns):
+            return f". They look {hint}"
+    import difflib
+
+    wanted = sorted({c for _, cols, _ in FORMATS[trainer] for c in cols})
+    pairs = [(c, m[0]) for c in columns if c not in wanted for m in [difflib.get_close_matches(c, wanted, n=1, cutoff=0.7)] if m]
+    if pairs:
+        text = (f" (or keep {pairs[0][0]!r} and set dataset_text_field: {pairs[0][0]})"
+                if trainer == "sft" and [m for _, m in pairs] == ["text"] else "")
+        return f". Did you mean to name the column(s) {', '.join(f'{c!r} -> {m!r}' for c, m in pairs)}{text}?"
+    return ""
 
 
 def read_chat_template(chat_template: str) -> str:

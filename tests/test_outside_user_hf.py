@@ -214,3 +214,23 @@ def test_a_saved_sft_config_with_max_steps(tmp_path, long_rows):
     path.write_text(json.dumps({**dump, "dataset": long_rows, "num_train_epochs": 1}))
     with pytest.raises(ConfigError, match=r"steps=2 and num_train_epochs=1 both set the length of the run"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("columns, trainer, hint", [
+    (["chosen", "rejected"], "sft", r"These columns are the format of trainer: dpo$"),
+    (["prompt", "answer"], "sft", r"These columns are the format of trainer: bnpo / grpo / gvpo$"),
+    (["instruction", "input", "output"], "sft", r"They look alpaca-style 'instruction' / 'input' / 'output': write 'prompt'"),
+    (["conversations"], "sft", r"They look sharegpt-style 'conversations': rename it 'messages'"),
+    (["txt"], "sft", r"Did you mean to name the column\(s\) 'txt' -> 'text' \(or keep 'txt' and set dataset_text_field: txt\)\?$"),
+    (["promt", "completion"], "sft", r"'promt' -> 'prompt'\?$"),
+    (["text"], "dpo", r"'chosen' \+ 'rejected' with the prompt inside both \(implicit prompt, standard or conversational\)$"),
+])
+def test_columns_of_another_format_say_which(columns, trainer, hint):
+    """Columns that fit no format of the trainer listed the accepted ones only: DPO pairs given to SFT,
+    LLaMA-Factory's alpaca / sharegpt files, a misspelt column now say what they are."""
+    import datasets
+
+    from lowmem.data import detect_format
+
+    with pytest.raises(ValueError, match=r"fit no .* dataset format; accepted: .*" + hint):
+        detect_format(datasets.Dataset.from_dict({c: ["a"] for c in columns}), trainer, source="d.jsonl")
