@@ -175,3 +175,14 @@ def test_budget_cli_gradient_accumulation(capsys):
     # four micro-batches: every gradient is live with the activations
     assert totals["4"] == data["weights"] + data["gradients"] + data["optimizer_states"] + max(data["activations"], data["optimizer_transient"])
     assert totals["1"] < totals["4"]
+
+
+def test_lora_on_mixtral_experts_is_traced():
+    """peft's all-linear adapts Mixtral's 3-D experts (a parameter wrapper that opens torch.autocast on the weight's
+    device): on the meta device torch refused it ('unsupported autocast device_type'), and the budget search of a
+    Mixtral directory stopped with that error at its first LoRA candidate."""
+    r = _measure(arch_config("mixtral"), lora={"r": 8, "target_modules": "all-linear"})
+    est = r.estimate
+    assert est.optimizer_states == r.measured["optimizer_states"]  # the experts' adapters are trained
+    assert est.activations == pytest.approx(r.measured["activations"], rel=0.10), r.table()
+    assert est.total == pytest.approx(r.measured["total"], rel=0.10), r.table()

@@ -241,6 +241,8 @@ def traced_activation_bytes(
 
 def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int) -> tuple[list[int], int]:
     """``(bytes saved by each decoder layer, bytes saved outside them)`` in one meta forward of ``model``."""
+    import contextlib
+
     import torch
     from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -267,6 +269,10 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
             patched.append(mod)
     was_training = model.training
     model.train()
+    autocast = torch.autocast
+    # peft's LoRA on 3-D expert weights (ParamWrapper) opens torch.autocast(device_type=<the weight's device>,
+    # enabled=False); torch refuses device_type "meta" (RuntimeError). On meta it would change nothing: no autocast
+    torch.autocast = lambda device_type, *a, **k: contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *a, **k)
     try:
         ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -275,6 +281,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
         raise ValueError(f"activations of model_type={getattr(config, 'model_type', None)!r} cannot be traced on the meta "
                          f"device ({type(exc).__name__}: {exc}); its memory cannot be estimated") from exc
     finally:
+        torch.autocast = autocast
         for h in hooks:
             h.remove()
         for mod in patched:
