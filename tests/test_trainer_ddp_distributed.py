@@ -35,13 +35,13 @@ def ddp_run(tmp_path_factory):
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), str(Path(__file__).parent / "trainer_fsdp_script.py"), str(out), *DDP]
+           str(_free_port()), str(Path(__file__).parent / "trainer_fsdp_script.py"), str(out), *DDP, "layerwise"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
 
-@pytest.mark.slow  # one launch of 15 runs (~2 min on 2 busy cores)
+@pytest.mark.slow  # one launch of 15 runs and layerwise mode (~2 min on 2 busy cores)
 @pytest.mark.parametrize("tag", DDP)
 def test_trainer_ddp_matches_one_process_and_resumes_exactly(ddp_run, reference, tag):  # noqa: F811
     """float64 weights, 4 steps: within 1e-6 of one process (measured 0.0 for every run, the logged losses
@@ -59,3 +59,22 @@ def test_trainer_ddp_matches_one_process_and_resumes_exactly(ddp_run, reference,
     resumed = torch.load(ddp_run / f"{tag}_resumed.pt", weights_only=True)
     for n, v in final.items():
         assert torch.equal(resumed[n], v), (tag, n)
+
+
+@pytest.mark.slow
+def test_trainer_ddp_layerwise_mode_steps_from_the_communication_hook(ddp_run, tmp_path):
+    """lowmem_layerwise=True under DDP: LowMemTrainer attaches the layerwise optimizer to the DDP module (its
+    communication hook steps on the all-reduced gradients), so it equals layerwise mode in one process with
+    the global batch (measured 0.0). Before, the first backward raised 'a process group with several ranks is
+    active but no DDP module is attached', which a Trainer user could not act on."""
+    from trainer_fsdp_script import losses, make_trainer
+
+    got = json.loads((ddp_run / "layerwise.json").read_text())
+    assert got["error"] is None, got["error"]
+    one = make_trainer(tmp_path, "adamw", 8, lowmem_layerwise=True, save_strategy="no")
+    one.train()
+    final = torch.load(ddp_run / "layerwise_final.pt", weights_only=True)
+    diff = max((p.detach() - final[n]).abs().max().item() for n, p in one.model.named_parameters())
+    print("layerwise DDP", diff)
+    assert diff <= 1e-6 and got["max_change"] > 1e-3, (diff, got["max_change"])
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses(one)), rtol=1e-6, atol=0.0)

@@ -196,6 +196,8 @@ def layerwise(out: Path, rank: int) -> None:
         after = full_weights(trainer.model)
         result["losses"] = losses(trainer)
         result["max_change"] = max((after[n] - before[n]).abs().max().item() for n in before)
+        if rank == 0:
+            torch.save(after, out / "layerwise_final.pt")
     if rank == 0:
         (out / "layerwise.json").write_text(json.dumps(result))
 

@@ -264,8 +264,9 @@ class LowMemArguments:
             clipping becomes the global norm *of the previous step* (``max_grad_norm``; the current
             norm is unknown while parameters are already being stepped) and the Trainer's own
             clipping is turned off; the logged ``grad_norm`` is the step's global norm, summed in the
-            hooks (:func:`layerwise_grad_norm`). Under DDP, layerwise mode raises a clear error (see
-            docs/subspace.md). Requires ``lowmem_optim``.
+            hooks (:func:`layerwise_grad_norm`). Under DDP the trainer attaches it to the DDP module at its
+            first training step (parameters stepped from the communication hook on the all-reduced
+            gradients, docs/distributed.md); under FSDP it is refused. Requires ``lowmem_optim``.
     """
 
     lowmem_optim: str | None = field(
@@ -410,6 +411,18 @@ class LowMemOptimizerMixin:
                 f"{sorted(set().union(*before) - set().union(*after))}; resume with the optimizer that wrote it"
             )
         return out
+
+    def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's step; in layerwise mode under DDP the optimizer first steps from the DDP module's
+        communication hook (``LayerwiseOptimizer.attach_ddp``, once: the Trainer wraps the model after it built
+        the optimizer), on the all-reduced gradients; without it every process would step on its own gradient,
+        which the optimizer refuses."""
+        from lowmem.optim.layerwise import LayerwiseOptimizer
+
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(opt, LayerwiseOptimizer) and opt._ddp is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            opt.attach_ddp(model)
+        return super().training_step(model, *args, **kwargs)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The ``grad_norm`` the Trainer logs (transformers >= 5 calls this before ``optimizer.step()``).
