@@ -281,6 +281,12 @@ class TrainRecipe:
                 and self.eval_dataset is None and self.eval_split is None):
             raise ConfigError(f"eval_steps={self.eval_steps} needs a held-out set for dataset={self.dataset!r}: "
                               "set eval_dataset (a file) or eval_split (a fraction)")
+        strategy = self.training_args.get("eval_strategy")
+        if (strategy is not None and str(getattr(strategy, "value", strategy)) != "no" and self.dataset is not None
+                and self.trainer != "dpo" and self.eval_dataset is None and self.eval_split is None):
+            # the Trainer refuses it when built, after the model loaded
+            raise ConfigError(f"eval_strategy={getattr(strategy, 'value', strategy)!r} needs a held-out set for "
+                              f"dataset={self.dataset!r}: set eval_dataset (a file) or eval_split (a fraction)")
         if self.quantization is not None:
             from lowmem.quant import bnb_config
 

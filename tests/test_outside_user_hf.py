@@ -234,3 +234,12 @@ def test_columns_of_another_format_say_which(columns, trainer, hint):
 
     with pytest.raises(ValueError, match=r"fit no .* dataset format; accepted: .*" + hint):
         detect_format(datasets.Dataset.from_dict({c: ["a"] for c in columns}), trainer, source="d.jsonl")
+
+
+def test_eval_strategy_without_a_held_out_set_fails_before_the_model_loads(long_rows):
+    """``eval_strategy: epoch`` (a Trainer config's way to evaluate) on a dataset without an eval set
+    passed the recipe checks and failed when the Trainer was built, after the model loaded."""
+    with pytest.raises(ConfigError, match=r"eval_strategy='epoch' needs a held-out set for dataset="):
+        load_recipe(None, dataset=long_rows, eval_strategy="epoch")
+    assert load_recipe(None, dataset=long_rows, eval_strategy="epoch", eval_split=0.25).eval_split == 0.25
+    assert load_recipe(None, dataset=long_rows, eval_strategy="no").training_args == {"eval_strategy": "no"}
