@@ -450,6 +450,12 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
             recipe.layerwise = recipe.layerwise or check_value("lowmem_layerwise", ta.pop("lowmem_layerwise"), bool,
                                                                where="training_args.")
     _lift_recipe_fields(recipe, ta)
+    if "generation_batch_size" in ta and "steps_per_generation" in ta:
+        # GRPOConfig fills both from each other, so its saved config holds both and GRPOConfig refuses them
+        # ("can not be both configured"); the pair TRL derived itself says nothing more than steps_per_generation
+        derived = recipe.batch_size * launched_processes() * ta["steps_per_generation"]
+        if ta["generation_batch_size"] == derived:
+            del ta["generation_batch_size"]
     if "resume_from_checkpoint" in ta:
         value = check_value("resume_from_checkpoint", ta.pop("resume_from_checkpoint"), bool | str | None,
                             where="training_args.")

@@ -243,3 +243,22 @@ def test_eval_strategy_without_a_held_out_set_fails_before_the_model_loads(long_
         load_recipe(None, dataset=long_rows, eval_strategy="epoch")
     assert load_recipe(None, dataset=long_rows, eval_strategy="epoch", eval_split=0.25).eval_split == 0.25
     assert load_recipe(None, dataset=long_rows, eval_strategy="no").training_args == {"eval_strategy": "no"}
+
+
+def test_a_saved_grpo_config_loads(tmp_path):
+    """A saved ``GRPOConfig`` holds both ``generation_batch_size`` and ``steps_per_generation`` (GRPOConfig
+    derives each from the other), and GRPOConfig refused its own dump: "'generation_batch_size' and
+    'steps_per_generation' can not be both configured at the same time". The derived pair loads; a
+    pair that disagrees is still TRL's error."""
+    from trl import GRPOConfig
+
+    dump = GRPOConfig(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                      report_to="none", use_cpu=True, bf16=False).to_dict()
+    assert (dump["generation_batch_size"], dump["steps_per_generation"]) == (4, 1)
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps({**dump, "trainer": "grpo"}))
+    args = build_training_args(load_recipe(path))
+    assert (args.generation_batch_size, args.steps_per_generation) == (4, 1)
+    path.write_text(json.dumps({**dump, "trainer": "grpo", "generation_batch_size": 8}))
+    with pytest.raises(ConfigError, match="can not be both configured"):
+        build_training_args(load_recipe(path))
