@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
             shown = [MemoryEstimate(**{k: c.components.get(k, 0) for k in COMPONENTS}, settings={"model": args.model, **c.settings},
                                     details={"gradients_with_activations": c.peak_args.get("gradients_with_activations"),
+                                             "optimizer_transient_with_activations": c.peak_args.get("transient_with_activations"),
+                                             "forward_activations": c.peak_args.get("forward_activations"),
                                              "activation_parts": {"tied_embedding_backward": c.peak_args.get("tied_backward", 0)}})
                      for c in found[:6]]
             bar_chart({f"#{i + 1}": e for i, e in enumerate(shown)}, args.png, budget=limit,

@@ -110,7 +110,8 @@ def _sizing_mode(model: nn.Module):
 
 
 def peak_total(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
-               tied_backward: int = 0) -> int:
+               tied_backward: int = 0, transient_with_activations: int | None = None,
+               forward_activations: int | None = None) -> int:
     """The peak bytes of a training step from its components (see the module docstring).
 
     The optimizer's step transient and the activations are live at the same time only in layerwise
@@ -129,11 +130,21 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
         tied_backward (`int`, defaults to `0`): With ``gradients_with_activations``: the two weight-sized tensors
             of a tied embedding's backward, live with every gradient at the end of the backward pass (also in
             ``components["activations"]``, which is at least this).
+        transient_with_activations (`int` or `None`, defaults to `None`): Layerwise: the largest step transient of
+            the parameters that step while activations are live (all but the input embedding, whose gradient is
+            the backward's last); the input embedding's step is then counted without activations. ``None``:
+            the whole ``optimizer_transient`` with the activations.
+        forward_activations (`int` or `None`, defaults to `None`): Layerwise, with a tied embedding: the
+            activations without its backward's tensors (``activations`` is the larger of the two), the ones the
+            other parameters' steps are live with.
     """
     act, transient = components.get("activations", 0), components.get("optimizer_transient", 0)
     rest = sum(v for k, v in components.items() if k in COMPONENTS and k not in ("activations", "optimizer_transient"))
     if layerwise:
-        return rest + act + transient
+        if transient_with_activations is None:
+            return rest + act + transient
+        live = act if forward_activations is None else min(forward_activations, act)
+        return rest + max(live + min(transient_with_activations, transient), act, transient)
     if gradients_with_activations is None:
         return rest + max(act, transient)
     grads = components.get("gradients", 0)
@@ -233,6 +244,8 @@ class MemoryEstimate:
         """The arguments of :func:`peak_total` besides the components (stepping mode, the backward's overlap)."""
         return {"layerwise": bool(self.settings.get("layerwise")),
                 "gradients_with_activations": self.details.get("gradients_with_activations"),
+                "transient_with_activations": self.details.get("optimizer_transient_with_activations"),
+                "forward_activations": self.details.get("forward_activations"),
                 "tied_backward": int(self.details.get("activation_parts", {}).get("tied_embedding_backward", 0))}
 
     def components(self) -> dict[str, int]:
@@ -402,7 +415,28 @@ def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[st
 def _pick(sized: dict[str, Any], layerwise: bool) -> dict[str, Any]:
     """:func:`optimizer_sizes`' answer from a :func:`_size_optimizer` record, for ``layerwise`` or not."""
     return {"state": sized["state"], "transient": sized["transient"][bool(layerwise)], "how": sized["how"],
-            "kept_gemm": sized["kept_gemm"]}
+            "kept_gemm": sized["kept_gemm"],
+            "transient_with_activations": sized.get("transient_with_activations") if layerwise else None}
+
+
+def _transient_before_input_embedding(model: nn.Module, opt: Any, kept_gemm: int) -> int | None:
+    """Layerwise mode: the largest per-parameter step transient of the parameters other than the input embedding
+    (plus MKL's kept buffer, as ``step_transient_bytes``). The input embedding's gradient is the backward pass's
+    last, so it steps when the activations are freed (a tied head too: its two gradients are summed first);
+    every other parameter steps while activations are live. ``None``: the input embedding does not train here,
+    or the engine's per-parameter report cannot be split (its ``step_transient_bytes(per_parameter=True)`` holds)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is None or not weight.requires_grad or not hasattr(opt, "_param_transient_bytes"):
+        return None
+    worst, found = 0, False
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p is weight:
+                found = True
+            elif opt.state[p]:
+                worst = max(worst, opt._param_transient_bytes(p, group, opt.state[p]))
+    return kept_gemm + worst if found else None
 
 
 def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None) -> dict[str, Any]:
@@ -432,6 +466,7 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         sizes = {"state": opt.state_bytes(),
                  "transient": {False: opt.step_transient_bytes(per_parameter=False), True: opt.step_transient_bytes(per_parameter=True)},
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0}
+        sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, sizes["kept_gemm"])
     caught = [w for w in created if "smaller side" in str(w.message)] + caught
     sizes["frozen"] = tuple(n for n, p in before if not p.requires_grad)
     sizes["messages"] = _summarize_warnings(caught)
@@ -725,6 +760,7 @@ def estimate_memory(
             parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
+            parts["forward_activations"] = parts["total"]  # what is saved before the tied moment (layerwise: its steps)
             parts["total"] = max(parts["total"], tied_backward)
         return parts
 
@@ -743,6 +779,8 @@ def estimate_memory(
             "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},
             "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
             "gradients_with_activations": parts.get("gradients_at_peak"),
+            "optimizer_transient_with_activations": sized.get("transient_with_activations"),
+            "forward_activations": parts.get("forward_activations"),
         },
         notes=notes,
         settings=dict(

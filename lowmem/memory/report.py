@@ -97,7 +97,8 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
 
 
 def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
-               tied_backward: int = 0) -> dict[str, int]:
+               tied_backward: int = 0, transient_with_activations: int | None = None,
+               forward_activations: int | None = None) -> dict[str, int]:
     """The components live at the step's peak, as :func:`~lowmem.memory.estimate.peak_total` counts them:
     without layerwise stepping the optimizer's transient replaces the activations freed by backward, so
     only the larger of the two is kept; with ``gradients_with_activations`` (one micro-batch per step) the
@@ -106,6 +107,13 @@ def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_wi
     from .estimate import COMPONENTS
 
     out = {c: int(components.get(c, 0)) for c in COMPONENTS}
+    if layerwise and transient_with_activations is not None:  # the larger of the two moments of the backward pass
+        with_act = min(transient_with_activations, out["optimizer_transient"])
+        live = out["activations"] if forward_activations is None else min(forward_activations, out["activations"])
+        moments = [(live + with_act, {"activations": live, "optimizer_transient": with_act}),
+                   (out["activations"], {"optimizer_transient": 0}), (out["optimizer_transient"], {"activations": 0})]
+        out.update(max(moments, key=lambda m: m[0])[1])
+        return out
     if not layerwise and gradients_with_activations is not None:
         act, transient, grads = out["activations"], out["optimizer_transient"], out["gradients"]
         early = min(gradients_with_activations, grads)
