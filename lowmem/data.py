@@ -328,6 +328,38 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     return DatasetFormat(name=name, columns=tuple(cols), conversational=conversational, extra_columns=extra)
 
 
+def check_nonempty(dataset, fmt: DatasetFormat, trainer: str, *, source: str = "dataset") -> None:
+    """Refuse rows whose learned text is empty, over the whole dataset (not only the checked rows).
+
+    An empty ``text`` / ``completion`` (SFT), ``chosen`` / ``rejected`` (DPO) or ``prompt`` (GRPO, GVPO,
+    BNPO) would be trained on as an empty sequence, without a word from TRL. A prompt may be empty for
+    SFT and DPO (unconditional text). Only string (standard-format) columns are scanned; a
+    conversational cell that is not a non-empty message list is refused by :func:`detect_format`.
+
+    Raises:
+        ValueError: Names the column, how many rows, and the first row numbers (0-based).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if fmt.conversational:
+        return
+    for column in fmt.columns:
+        if column == "prompt" and trainer in ("sft", "dpo"):
+            continue
+        values = dataset.data.column(column)
+        if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
+            continue
+        empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), True)
+        rows = pc.indices_nonzero(empty).to_pylist() if hasattr(pc, "indices_nonzero") else \
+            [i for i, e in enumerate(empty.to_pylist()) if e]
+        if rows:
+            shown = rows[:5] + (["..."] if len(rows) > 5 else [])
+            raise ValueError(f"{source}: {len(rows)} of {len(dataset)} rows have an empty or missing {column!r} "
+                             f"(rows {shown}, 0-based); {trainer} would train on them as empty sequences. "
+                             f"Remove those rows (or fill {column!r}) and run again")
+
+
 # Column sets of other tools' dataset formats (LLaMA-Factory's alpaca and sharegpt, the Hub's common
 # instruction sets) and what to write for TRL's format instead.
 FOREIGN_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -463,6 +495,7 @@ def load_sources(paths: str | list[str], trainer: str, *, split: str = "train", 
         where = field_name if len(items) == 1 else f"{field_name}[{i}]"
         ds = load_local_dataset(path, split=split, field_name=where)
         f = detect_format(ds, trainer, source=str(path), text_field=text_field)
+        check_nonempty(ds, f, trainer, source=str(path))
         if fmt is not None and (f.name, f.conversational) != (fmt.name, fmt.conversational):
             raise ValueError(f"{where} {str(path)!r} is {f.describe()}, but {field_name}[0] {str(items[0])!r} is "
                              f"{fmt.describe()}; expected one format for all of {field_name}")

@@ -359,3 +359,24 @@ def test_chat_template_syntax_error_is_named_before_the_run(tmp_path):
         read_chat_template("{% for m in messages %}{{ m.content }}")
     ok = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
     assert read_chat_template(ok) == ok
+
+
+def test_rows_with_empty_learned_text_are_refused_over_the_whole_file(tmp_path):
+    """An empty ``text`` / ``completion`` / ``chosen`` / ``rejected`` / RL ``prompt`` anywhere in the file
+    (also past the rows detect_format checks) is an error naming the column and the rows; an empty
+    prompt is fine for SFT (unconditional text)."""
+    rows = [{"text": f"row {i}"} for i in range(1200)]
+    rows[3]["text"], rows[1100]["text"] = "", "  \n"
+    with pytest.raises(ValueError, match=r"2 of 1200 rows have an empty or missing 'text' \(rows \[3, 1100\]"):
+        load_train_data(str(write_jsonl(tmp_path / "sft.jsonl", rows)), "sft")
+    pc = [{"prompt": "", "completion": "a"}, {"prompt": "q", "completion": "b"}]
+    assert len(load_train_data(str(write_jsonl(tmp_path / "pc.jsonl", pc)), "sft").train) == 2
+    pc[1]["completion"] = ""
+    with pytest.raises(ValueError, match=r"'completion' \(rows \[1\]"):
+        load_train_data(str(write_jsonl(tmp_path / "pc2.jsonl", pc)), "sft")
+    dpo = [{"prompt": "q", "chosen": "a", "rejected": ""}]
+    with pytest.raises(ValueError, match="'rejected'"):
+        load_train_data(str(write_jsonl(tmp_path / "dpo.jsonl", dpo)), "dpo")
+    rl = [{"prompt": "1+1=", "answer": "2"}, {"prompt": " ", "answer": "3"}]
+    with pytest.raises(ValueError, match=r"'prompt' \(rows \[1\]"):
+        load_train_data(str(write_jsonl(tmp_path / "rl.jsonl", rl)), "grpo")
