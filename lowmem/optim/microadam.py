@@ -44,13 +44,42 @@ def _compiled(device_type: str):
 
 
 def direction_transient_bytes(numel: int, ring_entries: int) -> int:
-    """Bytes one :meth:`MicroAdamMoments.direction` of ``numel`` elements allocates, with ``ring_entries``
-    (``m k``) entries in its window (measured, eager: 12.8 B per element at the defaults, 20.7 B with
-    blocks of 64 / 128): the error feedback decoded and added to the gradient, ``|a|`` for the top-k,
-    ``a`` with the kept entries zeroed, its levels and their packing, then the window's two sums (the
-    direction is one of them, the rest in place): at most 24 bytes per element; plus the ring rows'
-    global indices (int64) and float values, and their weighted copy (16 bytes per entry)."""
+    """The bound :meth:`MicroAdamMoments.direction` of ``numel`` elements was counted at before the
+    eager path's phases (:func:`eager_direction_bytes`): at most 24 bytes per element, plus the ring
+    rows' global indices (int64) and float values, and their weighted copy (16 bytes per entry). Kept
+    for the compiled path (:func:`torch.compile`, CUDA by default), whose fused kernels allocate less
+    than the eager operations (not measured phase by phase)."""
     return 24 * numel + 16 * ring_entries
+
+
+def eager_direction_bytes(numel: int, width: int, kept: int, ring_entries: int, quant_blocks: int) -> int:
+    """Bytes the plain (eager) :meth:`MicroAdamMoments.direction` of ``numel`` elements allocates, phase
+    by phase as :func:`~lowmem.optim.functional.microadam.compress_` and
+    :func:`~lowmem.optim.functional.microadam.window_direction` run (Algorithm 1, lines 4-12), with
+    ``width`` the elements padded to whole quantization blocks (``quant_blocks`` of them), ``kept`` the
+    top-k's ``k`` and ``ring_entries`` the window's ``m k``; measured with the live-tensor tracker:
+
+    * line 4, the error feedback decoded (:func:`~lowmem.optim.functional.quant.dequantize_minmax_4bit_blocks`:
+      its levels, ``q u`` and ``delta + q u``, 12 B per padded element) and added to the gradient (the
+      decoded error, the sum, and the gradient's padded copy when ``width > numel``);
+    * line 5, the top-k: ``a``, ``|a|`` and the top-k's values and int64 indices (12 B per kept entry);
+    * lines 7-8, ``a`` quantized (:func:`~lowmem.optim.functional.quant.quantize_minmax_4bit`: a padded
+      copy of ``a`` when ``width > numel``, the levels, their uint8 codes and packing, 2 B per element)
+      next to the kept entries' int16 indices, bfloat16 values and int64 global indices (12 B per entry);
+    * lines 10-12, the window (:func:`~lowmem.optim.functional.microadam.window_direction`): the two sums
+      (8 B per element, the direction is one of them) and per ring entry its global index, float value
+      and weighted copy (16 B), next to the compression's outputs (the new codes, 0.5 B per element,
+      the kept entries and the per-block min / max) and the top-k offsets (8 B per entry).
+
+    At the defaults the decoding is the peak: 12 B per element (6.29 MB for a chunk of 2^19, measured
+    6.29; a 300-element bias in one block of 2,048: 24,576, measured 24,692). 1 KiB more for the step's
+    small tensors (the 4-bit table, the age weights)."""
+    padded = width > numel
+    decode = 12 * width + 8 * quant_blocks  # (and then the gradient's padded copy, the decoded error, the sum)
+    topk = 4 * width + 4 * numel + 12 * kept
+    quantize = (12 * width if padded else 8 * width + 2 * numel) + 12 * kept + 16 * quant_blocks
+    window = 8 * numel + 16 * ring_entries + -(-numel // 2) + 12 * kept + 8 * quant_blocks
+    return max(decode, topk, quantize, window) + 1024
 
 
 def compiled_bucket_transient_bytes(members: list[tuple[int, int]]) -> int:
@@ -160,9 +189,16 @@ class MicroAdamMoments(MomentRule):
         return view
 
     def transient_bytes(self, numel, shape, group, state):
-        """:func:`direction_transient_bytes` of the chunk (its ``m k`` ring entries)."""
-        lay = self.layout(numel, group)
-        return direction_transient_bytes(numel, group["m"] * lay.k)
+        """:meth:`direction` of a chunk of ``numel`` elements (its ``m k`` ring entries): the eager
+        path's phases (:func:`eager_direction_bytes`, the chunk padded to whole quantization blocks),
+        or where the compiled path is on for the state's device (:func:`use_compiled`: CUDA by default,
+        the estimator's fake CUDA tensors too) the larger of those and :func:`direction_transient_bytes`."""
+        lay, qbs = self.layout(numel, group), group["quant_block_size"]
+        nq = -(-numel // qbs)
+        eager = eager_direction_bytes(numel, nq * qbs, lay.k, group["m"] * lay.k, nq)
+        if state and use_compiled(state["microadam_indices"].device, self.compile):
+            return max(eager, direction_transient_bytes(numel, group["m"] * lay.k))
+        return eager
 
     def direction(self, g, state, group, t, lr):
         t = int(t)
