@@ -70,28 +70,28 @@ def require_matplotlib() -> None:
 
 def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     """The estimate for mixed precision: float32 master weights, gradients, optimizer state and its transient
-    (the fp32 estimate), with the activations of a ``dtype`` run plus the ``dtype`` copy of every linear weight
-    that autocast saves for the backward pass (counted with the activations: the backward frees them)."""
+    (the fp32 estimate), with the activations of a ``dtype`` run plus the ``dtype`` copy of every parameter autocast
+    casts (:func:`~lowmem.memory.estimate.autocast_cast_bytes`: the operands of its matmul ops, whatever the module;
+    counted with the activations: the backward frees them)."""
     import dataclasses
 
     import torch
-    from torch import nn
 
     from .memory import estimate_memory
-    from .memory.estimate import build_meta_model, parse_dtype, resolve_config
+    from .memory.estimate import autocast_cast_bytes, parse_dtype, resolve_config
 
     half = parse_dtype(dtype)
     if half == torch.float32:
         raise ValueError("--precision mixed needs --dtype bf16 or fp16 (the autocast dtype); fp32 is one precision")
     master = estimate_memory(model, dtype="fp32", **kwargs)
     low = estimate_memory(model, dtype=dtype, **kwargs)
-    linear = sum(m.weight.numel() for m in build_meta_model(resolve_config(model), torch.float32).modules()
-                 if isinstance(m, nn.Linear)) if not kwargs.get("quantization") else 0
-    copies = linear * half.itemsize
+    # what autocast casts (every operand of its matmul ops: nn.Linear, GPT-2's Conv1D addmm, a tied head, LoRA, experts);
+    # 4-bit weights are de-quantized by bitsandbytes, not cast (their backward's copy is in the activations)
+    copies = 0 if kwargs.get("quantization") else sum(autocast_cast_bytes(resolve_config(model), half, kwargs.get("lora")).values())
     name = str(half).removeprefix("torch.")
     notes = [n for n in master.notes] + [
         f"mixed precision: float32 master weights, gradients and optimizer state; activations of a {name} autocast run "
-        f"plus the {name} copy of each linear weight autocast saves for the backward ({copies / 2**30:.2f} GiB)"]
+        f"plus the {name} copy of each weight autocast casts for its matmuls ({copies / 2**30:.2f} GiB)"]
     return dataclasses.replace(master, activations=low.activations + copies, notes=notes,
                                settings={**master.settings, "dtype": f"{name} mixed (fp32 master weights)", "precision": "mixed"},
                                details={**master.details, "autocast_weight_copies": copies})

@@ -334,6 +334,66 @@ def _meta_model_like(model: nn.Module, config: Any, dtype: torch.dtype, kbit: bo
     return meta
 
 
+def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_len: int = 8) -> dict[str, int]:
+    """Bytes of the ``dtype`` copies autocast makes of the float32 parameters in one forward pass, by parameter name.
+
+    Autocast casts per op, not per module: every floating operand of an op on its lower-precision list (``linear``,
+    ``addmm``, ``mm``, ``matmul``, ``bmm``, ``baddbmm``, ``conv*``: on both the CPU and the CUDA lists) is cast, so
+    ``nn.Linear``, transformers' ``Conv1D`` (GPT-2: ``torch.addmm(bias, x, weight)``, its bias too), a head tied to
+    the input embedding, LoRA adapters and 3-D fused experts (sliced per expert) all are; an ``nn.Embedding`` lookup
+    and the norms are not. A leaf parameter's copy is cached until autocast exits and the op saves it for the backward
+    pass. Found by running the model's own forward under ``torch.autocast("cpu", dtype)`` on fake CPU tensors
+    (nothing is allocated; CUDA's autocast cannot be entered without a GPU, and its list casts the same weight ops)
+    and recording each ``aten._to_copy`` of a parameter or of a view of one (an expert's slice).
+
+    Args:
+        config (`PretrainedConfig`): The causal LM's config.
+        dtype (`torch.dtype`): The autocast dtype (``torch.bfloat16`` or ``torch.float16``).
+        lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): LoRA adapters on the model (float32, cast too).
+        seq_len (`int`, defaults to `8`): Tokens of the traced forward (which parameters are cast does not depend on it).
+
+    Returns:
+        `dict[str, int]`: parameter name -> bytes of its ``dtype`` copy (the elements cast, times ``dtype``'s size).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = build_meta_model(config, torch.float32)
+    lcfg = lora_config(lora)
+    if lcfg is not None:
+        from peft import get_peft_model
+
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, lcfg)
+    on_fake_device(model, "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight once, under its first name
+    seen: dict[str, set] = {}
+
+    class _RecordCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == dtype:
+                t = args[0]
+                base = t._base if t._base is not None else t
+                if id(base) in names:  # a parameter or a slice of one (an expert's weight): count each slice once
+                    seen.setdefault(names[id(base)], set()).add((t.storage_offset(), tuple(t.shape)))
+            return func(*args, **kwargs)
+
+    from .activations import _balanced_experts_forward
+
+    for mod in model.modules():  # fused experts: the eager per-expert loop (F.linear on each expert's slice), as traced
+        if getattr(getattr(mod, "gate_up_proj", None), "ndim", 0) == 3 and hasattr(mod, "num_experts") and hasattr(mod, "act_fn"):
+            mod.forward = _balanced_experts_forward.__get__(mod)
+    model.train()
+    try:
+        with _sizing_mode(model), torch.no_grad(), torch.autocast("cpu", dtype=dtype), _RecordCasts():
+            model(input_ids=torch.zeros(1, seq_len, dtype=torch.long))
+    except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
+        raise ValueError(f"the autocast copies of model_type={getattr(config, 'model_type', None)!r} cannot be traced on "
+                         f"fake tensors ({type(exc).__name__}: {exc}); its mixed-precision memory cannot be estimated") from exc
+    return {n: sum(math.prod(shape) for _, shape in views) * dtype.itemsize for n, views in seen.items()}
+
+
 def quantized_weight_ids(model: nn.Module) -> dict[int, str]:
     """The linear weights bitsandbytes would quantize, by ``id``: every ``nn.Linear`` except the
     modules ``transformers`` keeps in full precision (``get_keys_to_not_convert``: the output
