@@ -422,7 +422,13 @@ class LowMemOptimizerMixin:
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
         if isinstance(opt, LayerwiseOptimizer) and opt._ddp is None and isinstance(model, nn.parallel.DistributedDataParallel):
             opt.attach_ddp(model)
-        return super().training_step(model, *args, **kwargs)
+        with fused_head_tiles(self.model):
+            return super().training_step(model, *args, **kwargs)
+
+    def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's evaluation step, with TRL's fused LM head tiles sized to the vocabulary (:func:`fused_head_tiles`)."""
+        with fused_head_tiles(self.model):
+            return super().prediction_step(*args, **kwargs)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The ``grad_norm`` the Trainer logs (transformers >= 5 calls this before ``optimizer.step()``).
@@ -430,6 +436,33 @@ class LowMemOptimizerMixin:
         norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
         norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+@contextlib.contextmanager
+def fused_head_tiles(model: Any):
+    """TRL's fused LM head (``add_fused_lm_head``: SFT, GRPO, DPO, ... trainers, ``model(..., fused_lm_head=True)``)
+    projects tiles of ``[min(tokens, 4096), 32768]`` into one buffer allocated at that width whatever the
+    vocabulary (``trl.kernels.ChunkedLogProbFunction``; TRL 1.16): 512 MiB in float32 from 4096 tokens per micro-batch,
+    in the forward and again in the backward. Inside this context the tile width is ``min(32768, vocab_size)``: with a
+    vocabulary below 32768 the buffer is ``tokens x vocab``; the results are bit for bit the same (one tile either way).
+    Measured (lowmem train, GPT-2 h=64, vocab 391, batch 16 x 256, CPU): activations 714.5 -> 210.6 MiB (a plain
+    forward and backward: 177.5). Nothing changes when TRL has no such constant (another version) or the model no
+    vocabulary."""
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:  # transformers' Trainer without TRL installed: no fused head
+        trl_utils = None
+    default = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    config = getattr(model, "config", None)
+    vocab = getattr(config.get_text_config(), "vocab_size", None) if hasattr(config, "get_text_config") else None
+    if not isinstance(default, int) or not isinstance(vocab, int) or vocab < 1 or vocab >= default:
+        yield
+        return
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab
+    try:
+        yield
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
 
 
 @contextlib.contextmanager
