@@ -44,11 +44,11 @@ def _compiled(device_type: str):
 
 
 def direction_transient_bytes(numel: int, ring_entries: int) -> int:
-    """The bound :meth:`MicroAdamMoments.direction` of ``numel`` elements was counted at before the
-    eager path's phases (:func:`eager_direction_bytes`): at most 24 bytes per element, plus the ring
-    rows' global indices (int64) and float values, and their weighted copy (16 bytes per entry). Kept
-    for the compiled path (:func:`torch.compile`, CUDA by default), whose fused kernels allocate less
-    than the eager operations (not measured phase by phase)."""
+    """The bound :meth:`MicroAdamMoments.direction` of ``numel`` elements was counted at before its
+    phases (:func:`eager_direction_bytes`, :func:`compiled_direction_bytes`): 24 bytes per element plus
+    16 per ring entry (about 2x the measurement of a chunk; below it for a tensor smaller than a
+    quantization block). Only :meth:`MicroAdamMoments.foreach_bucket_transient_bytes` without a group
+    uses it now."""
     return 24 * numel + 16 * ring_entries
 
 
@@ -84,12 +84,12 @@ def eager_direction_bytes(numel: int, width: int, kept: int, ring_entries: int, 
 
 def compiled_bucket_transient_bytes(members: list[tuple[int, int]]) -> int:
     """Bytes of :meth:`MicroAdamMoments.foreach_step_` on a bucket where the compiled path is on: each
-    tensor takes its own :meth:`~MicroAdamMoments.direction` (:func:`direction_transient_bytes`), and
-    the directions (float32, 4 B per element) are kept until the bucket's multi-tensor update. ``members``:
-    ``(elements, ring entries m k)`` of each tensor, in the bucket's order."""
+    tensor takes its own :meth:`~MicroAdamMoments.direction`, and the directions (float32, 4 B per
+    element) are kept until the bucket's multi-tensor update. ``members``: ``(elements, bytes of its
+    direction)`` of each tensor (:func:`compiled_direction_bytes`), in the bucket's order."""
     worst = alive = 0
-    for numel, ring_entries in members:
-        worst = max(worst, alive + direction_transient_bytes(numel, ring_entries))
+    for numel, direction in members:
+        worst = max(worst, alive + direction)
         alive += 4 * numel
     return max(worst, alive)  # (the update itself, torch._foreach_mul_ / _foreach_add_, is in place)
 
@@ -127,6 +127,16 @@ def stacked_bucket_transient_bytes(layouts: list[tuple[int, int, int, int, int]]
         worst = max(worst, alive + rows * phase + 64)
         alive += 4 * rows * numel
     return max(worst, alive)
+
+
+def compiled_direction_bytes(numel: int, width: int, kept: int, ring_entries: int, quant_blocks: int) -> int:
+    """Bytes the compiled :meth:`MicroAdamMoments.direction` (:func:`torch.compile` of the same functions)
+    allocates: :func:`eager_direction_bytes` plus the new error codes (0.5 B per element) and 12 B per kept
+    entry, as measured on CUDA (H200, torch 2.11, ``torch.cuda.max_memory_allocated``, 2026-11-29): a 2^19 chunk
+    6,578,176 for 6,619,648 (the eager count alone 6,294,528, below it); 1000 x 300 3,765,760 / 3,838,084;
+    a 300-element bias 12,288 / 25,838. The inductor's kernels keep the decoding's 12 B per padded element
+    and hold the compression's outputs longer."""
+    return eager_direction_bytes(numel, width, kept, ring_entries, quant_blocks) + -(-numel // 2) + 12 * kept
 
 
 def use_compiled(device: torch.device, mode: str) -> bool:
@@ -192,13 +202,12 @@ class MicroAdamMoments(MomentRule):
         """:meth:`direction` of a chunk of ``numel`` elements (its ``m k`` ring entries): the eager
         path's phases (:func:`eager_direction_bytes`, the chunk padded to whole quantization blocks),
         or where the compiled path is on for the state's device (:func:`use_compiled`: CUDA by default,
-        the estimator's fake CUDA tensors too) the larger of those and :func:`direction_transient_bytes`."""
+        the estimator's fake CUDA tensors too) :func:`compiled_direction_bytes`."""
         lay, qbs = self.layout(numel, group), group["quant_block_size"]
         nq = -(-numel // qbs)
-        eager = eager_direction_bytes(numel, nq * qbs, lay.k, group["m"] * lay.k, nq)
-        if state and use_compiled(state["microadam_indices"].device, self.compile):
-            return max(eager, direction_transient_bytes(numel, group["m"] * lay.k))
-        return eager
+        counted = (compiled_direction_bytes if state and use_compiled(state["microadam_indices"].device, self.compile)
+                   else eager_direction_bytes)
+        return counted(numel, nq * qbs, lay.k, group["m"] * lay.k, nq)
 
     def direction(self, g, state, group, t, lr):
         t = int(t)
@@ -293,12 +302,14 @@ class MicroAdamMoments(MomentRule):
         """Where the compiled path is on for the members' device (:func:`use_compiled`: CUDA by default;
         the state's device, so that the estimator's fake CUDA tensors count it too), :meth:`foreach_step_`
         takes each tensor's compiled :meth:`direction` and keeps the directions for the update:
-        :func:`compiled_bucket_transient_bytes` of the members' sizes and ring entries (their
-        ``microadam_indices``, ``[m, k]``). Elsewhere the stacked path: with the bucket's ``group`` (its
+        :func:`compiled_bucket_transient_bytes` of the members' sizes and their :meth:`transient_bytes`
+        (:func:`compiled_direction_bytes`; without the ``group``, the bound :func:`direction_transient_bytes`). Elsewhere the stacked path: with the bucket's ``group`` (its
         block sizes give each layout's padded width), :func:`stacked_bucket_transient_bytes` of its layouts
         in bucket order; without it, the bound :meth:`foreach_transient_bytes` (which padded rows exceed)."""
         if members and use_compiled(members[0][1]["microadam_indices"].device, self.compile):
-            return compiled_bucket_transient_bytes([(n, st["microadam_indices"].numel()) for n, st in members])
+            return compiled_bucket_transient_bytes(
+                [(n, direction_transient_bytes(n, st["microadam_indices"].numel()) if group is None
+                  else self.transient_bytes(n, None, group, st)) for n, st in members])
         if not members or group is None:
             return self.foreach_transient_bytes(numel)
         layouts: dict[int, list[int]] = {}  # elements -> [rows, ring entries per row] (one layout per size)
