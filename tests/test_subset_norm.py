@@ -325,3 +325,22 @@ def test_registered_with_metadata():
     assert entries["adagrad_sn"].second_moment == "blockwise" and not entries["adagrad_sn"].subspace
     assert entries["adagrad_snsm"].second_moment == "blockwise" and entries["adagrad_snsm"].subspace
     assert {e.state_precision for n, e in entries.items() if n in NAMES} == {"fp32"}
+
+
+@pytest.mark.parametrize("name,hp", [("adamw_snsm", {}), ("sgd_sm", {}), ("adamw_snsm", {"betas": (0.0, 0.999)})])
+def test_multi_tensor_step_runs_on_torch_without_foreach_clone(monkeypatch, name, hp):
+    """The H200 device's torch 2.11 has no ``torch._foreach_clone`` (2.13 has): the Subspace-Momentum rules'
+    multi-tensor step failed there with AttributeError (GPU checks, 2026-11-29). pyproject allows torch >= 2.4."""
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 48, bias=False), torch.nn.Linear(48, 32, bias=False))
+        opt = create_optimizer(model, name, lr=1e-2, rank=4, update_proj_gap=2, **hp)
+        for _ in range(3):
+            model(torch.randn(4, 32)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+    before = run()
+    monkeypatch.delattr(torch, "_foreach_clone", raising=False)
+    after = run()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -307,10 +307,10 @@ class SubsetNormMoments(MomentRule):
         order) and a copy of each ``m`` (of ``P^T G`` when ``b1 = 0``), as the per-tensor form returns."""
         beta1 = self._beta1(group)
         if beta1 == 0:
-            return torch._foreach_clone(gs)
+            return [g.clone() for g in gs]  # not torch._foreach_clone: torch < 2.13 has none (a plain loop there too)
         ms = [s["exp_avg"] for s in states]
         SN.ema_foreach_(ms, gs, beta1)
-        return torch._foreach_clone(ms)
+        return [m.clone() for m in ms]
 
     def foreach_direction_transient_bytes(self, numel):
         """The returned directions (copies of the momenta): one float32 tensor of ``numel``."""
