@@ -812,14 +812,20 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 
 def _commit() -> str:
-    """The checked-out commit: ``git rev-parse HEAD``, else ``build/gpu_site/commit.txt`` (written by
-    ``.ci/gpu_checks.sh prepare``: the device's copy of the tree has no ``.git``)."""
+    """The commit of the tree that runs: ``git rev-parse HEAD`` and the commit ``.ci/gpu_checks.sh prepare``
+    recorded in ``build/gpu_site/commit.txt``, both named when they differ. On the device the copy's ``git``
+    answers with the session's base commit, not the working tree's (the first H200 run reported ``fc688e8``
+    for a tree at ``3939bd5``), so there the prepared commit is the one that ran."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     except Exception:
-        f = ROOT / "build" / "gpu_site" / "commit.txt"
-        return f.read_text().strip() if f.exists() else "unknown"
+        head = None
+    f = ROOT / "build" / "gpu_site" / "commit.txt"
+    prepared = f.read_text().split("\n", 1)[0].strip() if f.exists() else None
+    if head and prepared and head != prepared:
+        return f"prepared {prepared} (build/gpu_site/commit.txt); git HEAD {head}"
+    return head or prepared or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,3 +136,21 @@ def test_cli_refuses_unknown_names(tmp_path):
 def test_cuda_test_files_are_found():
     files = BG.cuda_test_files()
     assert "tests/test_microadam.py" in files and "tests/test_bench_gpu.py" not in files
+
+
+def test_commit_names_the_prepared_tree_when_git_disagrees(tmp_path, monkeypatch):
+    """On the device the copy's git answers with the session's base commit (the first H200 run reported
+    fc688e8 for a tree at 3939bd5): the prepared commit is named beside it."""
+    import subprocess
+    import types
+
+    import lowmem.bench_gpu as B
+
+    monkeypatch.setattr(B, "ROOT", tmp_path)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout="base\n"))
+    assert B._commit() == "base"
+    (tmp_path / "build" / "gpu_site").mkdir(parents=True)
+    (tmp_path / "build" / "gpu_site" / "commit.txt").write_text("tree\n0 files changed\n")
+    assert B._commit() == "prepared tree (build/gpu_site/commit.txt); git HEAD base"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout="tree\n"))
+    assert B._commit() == "tree"
