@@ -104,13 +104,15 @@ def test_frugal_coordinate_subspaces_are_complementary():
 # ---- Online Subspace Descent (Liang et al. 2024, Algorithm 1) -----------------------------------
 
 
-def osd_reference(w, gs, rank, lr, proj_lr, betas, eps, scale):
+def osd_reference(w, gs, rank, lr, proj_lr, betas, eps, scale, proj_weight_decay=0.01):
     """Algorithm 1: P_0 from an SVD; each step W <- W - lr * scale * Adam(P^T G) mapped back with P_t,
-    then P_{t+1} = P_t - Adam step on || G_n - G_n P^T P ||^2 (autograd; G_n = G / ||G||)."""
+    then P_{t+1} = P_t - AdamW step on || G_n - G_n P^T P ||^2 (autograd; G_n = G / ||G||). The basis
+    optimizer is the authors' (kyleliang919/Online-Subspace-Descent): torch.optim.AdamW at its default
+    weight decay 0.01 (lowmem's ``proj_weight_decay=None``, 7a5fa81)."""
     w = w.clone()
     b1, b2 = betas
     basis = torch.linalg.svd(gs[0], full_matrices=False)[2][:rank].clone().requires_grad_(True)  # right (m >= n)
-    popt = torch.optim.Adam([basis], lr=proj_lr, foreach=False)
+    popt = torch.optim.AdamW([basis], lr=proj_lr, weight_decay=proj_weight_decay, foreach=False)
     mom = vel = None
     for t, g in enumerate(gs, start=1):
         low = g @ basis.detach().t()
@@ -140,6 +142,17 @@ def test_osd_matches_algorithm():
     torch.testing.assert_close(opt.state[p]["proj_right"], ref_basis, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(p.detach(), ref_w, rtol=1e-5, atol=1e-6)
     assert opt.state[p]["proj_meta"][2] == 1  # one SVD, then learned online
+    # without the basis decay (proj_weight_decay=0): the plain Adam basis step
+    ref_w0, ref_basis0 = osd_reference(w0, gs, rank=4, lr=1e-2, proj_lr=1e-2, betas=(0.9, 0.99), eps=1e-6, scale=0.5,
+                                       proj_weight_decay=0.0)
+    p0 = nn.Parameter(w0.clone())
+    opt0 = OnlineSubspaceDescent([{"params": [p0], "rank": 4, "proj_lr": 1e-2, "scale": 0.5, "proj_weight_decay": 0.0}],
+                                 lr=1e-2, betas=(0.9, 0.99))
+    for g in gs:
+        p0.grad = g.clone()
+        opt0.step()
+    torch.testing.assert_close(opt0.state[p0]["proj_right"], ref_basis0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(p0.detach(), ref_w0, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("side,shape", [("left", (10, 30)), ("right", (24, 16))])
