@@ -10,16 +10,20 @@ the Llama block as Hugging Face ``transformers`` runs it, tensor by tensor:
 * **Attention** (SDPA / flash-attention kernels, which never materialize the ``s x s`` score
   matrix, so there is no ``5 a s^2`` term of Korthikanti's Eq. 1): rotated queries and keys, values
   (kv heads only when SDPA handles grouped-query attention natively, all heads when
-  ``transformers`` must ``repeat_kv``, i.e. with a padding mask), the kernel output, the
-  ``o_proj`` input (a contiguous copy), and the float32 log-sum-exp per head.
+  ``transformers`` must ``repeat_kv``, i.e. with a padding mask), the kernel output, and the
+  float32 log-sum-exp per head. The ``o_proj`` input is the kernel output itself: the flash kernels
+  (CPU and CUDA) write it in ``(batch, seq, heads, head_dim)`` layout, so ``transformers``'
+  ``transpose(1, 2).contiguous()`` is a view of the same storage, not a copy (measured: one storage).
 * **SwiGLU MLP**: ``gate`` (saved by SiLU), ``silu(gate)`` and ``up`` (saved by the product), the
   product (saved by ``down_proj``): ``4 e i``.
 * **LoRA** (peft): each adapted linear saves the rank-``r`` output of ``lora_A``; when the adapter
   dtype differs from the activations' (peft keeps adapters in float32) the input is cast, and the
   cast copy is saved; dropout saves a mask and its output.
-* **Head and loss**: logits in the head's dtype, their float32 copy (``ForCausalLMLoss`` upcasts),
-  the saved ``log_softmax`` output, and, at the start of the backward pass, the two float32
-  gradients of that size.
+* **Head and loss**: the float32 ``log_softmax`` output that ``cross_entropy`` saves and, at the
+  start of the backward pass (the moment of the activations' peak), the two float32 gradients of that
+  size. The logits in the head's dtype and their float32 copy (``ForCausalLMLoss`` upcasts) are not
+  saved: they are freed when the loss returns (``e_head + 4 + 4 <= 12`` bytes per logit at the end of
+  the forward pass, ``4 + 8`` at the start of the backward pass).
 
 ``e`` is the byte size of the activations' dtype, ``h`` the hidden size, ``i`` the MLP width.
 No dropout inside the block (Llama has none), no sequence/tensor parallelism. With gradient
@@ -72,7 +76,8 @@ def llama_activation_bytes(
             float32 ones, and for k-bit models that peft prepared: it casts embeddings to float32).
         gradient_checkpointing (`bool`, defaults to `False`): Per-layer checkpointing.
         head_bytes (`int` or `None`, defaults to `None`): Bytes per element of the logits (the
-            output head's dtype); ``None``: ``act_bytes``.
+            output head's dtype); ``None``: ``act_bytes``. Kept for callers: the logits are not live at
+            the activations' peak whatever their dtype (only the float32 ``log_softmax`` is).
         lora_layers (`list[LoraShape]`, defaults to `()`): Adapted linear layers of the whole model.
         native_gqa (`bool`, defaults to `True`): SDPA receives kv heads un-repeated (no padding
             mask); ``False`` counts keys and values at all heads.
@@ -94,14 +99,12 @@ def llama_activation_bytes(
     d = getattr(config, "head_dim", None) or h // a
     V = config.vocab_size
     e = act_bytes
-    he = head_bytes or act_bytes
     tokens = batch_size * seq_len
 
     saves = set(LINEARS if saved_inputs is None else saved_inputs)
     norm = 4 * h + 4 + e * h * trainable_norms
     kv_dim = (kv if native_gqa else a) * d
     attention = e * (2 * a * d + 2 * kv_dim) + 4 * a + e * h * bool(saves & {"q_proj", "k_proj", "v_proj"})
-    attention += e * a * d * ("o_proj" in saves)
     mlp = 3 * e * i + e * i * ("down_proj" in saves) + e * h * bool(saves & {"gate_proj", "up_proj"})
     per_layer = 2 * norm + attention + mlp
 
@@ -116,7 +119,7 @@ def llama_activation_bytes(
 
     head = {
         "final_norm": tokens * (4 * h + 4 + e * h * trainable_norms + e * h * trainable_head),
-        "logits": tokens * V * (he + (4 if he != 4 else 0) + 4),
+        "logits": tokens * V * 4,  # the saved float32 log_softmax; the logits (``he``) and their copy are freed
         "loss_backward": tokens * V * 8,
     }
     if gradient_checkpointing:
