@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .functional import adam as FA
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DISTRIBUTED = torch.distributed.is_available()
@@ -348,10 +349,53 @@ class AdamMoments(MomentRule):
 
     foreach_step_lr = True
 
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """:meth:`foreach_transient_bytes` (``sqrt(v)`` of the bucket), or 0 where the bucket takes torch's
+        fused kernel, which allocates nothing (:func:`~lowmem.optim.functional.adam.adamw_fused_`: its
+        moments on a device of :func:`~lowmem.optim.functional.adam.fused_device`, a float ``lr``; the
+        parameters and gradients assumed contiguous, as the engine's bound assumes). Meta tensors (the
+        estimator's, whose device is not known) count the multi-tensor operations."""
+        if members and group is not None and not isinstance(group.get("lr"), Tensor):
+            devices = {st["exp_avg"].device for _, st in members if "exp_avg" in st}
+            if len(devices) == 1:
+                device = next(iter(devices))
+                if device.type != "meta" and FA.fused_device(device):
+                    return 0
+        return self.foreach_transient_bytes(numel)
+
+    def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
+        """The per-parameter step of ``p`` by torch's fused AdamW kernel
+        (:func:`~lowmem.optim.functional.adam.adamw_fused_`, this rule's ``eps`` placement and decay order:
+        :attr:`foreach_decays_after`) where it applies: a device of
+        :func:`~lowmem.optim.functional.adam.fused_device` (not the CPU by default), the parameter, its
+        gradient and both moments of one dtype (a bf16 parameter with ``state_dtype="param"`` or
+        ``"bfloat16"``; torch's kernel takes no float32 moments of a bf16 parameter) and contiguous, a float
+        ``lr``, and not ``foreach=False`` (the single-tensor reference). The kernel computes in float32
+        and rounds the parameter and moments once, as the per-parameter step does; a decay after the
+        update of a low-precision parameter would round it twice, so that case stays on the engine's step.
+        Allocates nothing (whole tensors: ``chunk_numel`` is not needed). Returns whether it ran."""
+        if group.get("foreach") is False or not FA.fused_device(p.device) or "exp_avg" not in state:
+            return False
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        wd = group.get("weight_decay", 0.0)
+        after = self.foreach_decays_after and wd != 0
+        if after and p.dtype not in (torch.float32, torch.float64):
+            return False
+        if not FA.fused_indices([p], [grad], [m], [v], lr):
+            return False
+        beta1, beta2 = group["betas"]
+        FA.adamw_fused_([p], [grad], [m], [v], t, beta1, beta2, lr, 0.0 if after else wd, group["eps"],
+                        eps_placement=self.eps_placement)
+        if after:
+            p.mul_(1.0 - lr * wd)
+        return True
+
     def foreach_step_(self, params, grads, states, group, t, lr, step_lr=None) -> None:
         """Whole AdamW step (moments, decoupled decay, update) for float32 tensors sharing ``t``;
         with ``eps_placement="hf"`` the decay comes after the update (:attr:`foreach_decays_after`).
-        ``step_lr``: the update's step size (default ``lr``; the decay always uses ``lr``)."""
+        ``step_lr``: the update's step size (default ``lr``; the decay always uses ``lr``). On a device
+        with torch's fused AdamW kernel (not the CPU by default) the kernel steps the bucket
+        (:func:`~lowmem.optim.functional.adamw_foreach_`, :func:`~lowmem.optim.functional.adam.adamw_fused_`)."""
         beta1, beta2 = group["betas"]
         wd = group.get("weight_decay", 0.0)
         F.adamw_foreach_(

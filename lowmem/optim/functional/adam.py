@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 
 def compute_float(x: Tensor) -> Tensor:
@@ -72,6 +73,108 @@ def apply_update_(p: Tensor, direction: Tensor, lr: float | Tensor) -> None:
         p.add_(direction, alpha=-lr)
 
 
+# ---- torch's fused AdamW kernel (the one behind torch.optim.AdamW(fused=True)) ------------------
+
+#: Take torch's fused AdamW kernel on the CPU too (:func:`fused_device`). Off by default: the CPU
+#: step keeps the multi-tensor operations its timings were measured with (docs/benchmarks.md); tests
+#: set it to check the fused path against the reference on the CPU.
+FUSED_ON_CPU = False
+#: Device types with ``torch._fused_adamw_`` (torch's own list, ``torch.optim``'s ``fused=True``), and
+#: ``meta`` (the CUDA code path without a GPU, for counting its launches: tests/test_fused_adamw.py).
+_FUSED_DEVICE_TYPES = frozenset(_get_fused_kernels_supported_devices()) | {"meta"}
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# the last step-count tensor made per device: a bucket's kernel reads t from a device tensor, and the
+# buckets of one step share it (one fill per step and device, no host-to-device copy)
+_STEP_TENSORS: dict[torch.device, tuple[float, Tensor]] = {}
+
+
+def fused_device(device: torch.device) -> bool:
+    """Whether steps on ``device`` take torch's fused AdamW kernel: every device type torch has it for
+    except the CPU, unless :data:`FUSED_ON_CPU`."""
+    if device.type == "cpu":
+        return FUSED_ON_CPU
+    return device.type in _FUSED_DEVICE_TYPES
+
+
+def fused_indices(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                  lr: float | Tensor, step_lr: float | Tensor | None = None) -> list[int]:
+    """The tensors :func:`adamw_fused_` can step (their indices): on a device of :func:`fused_device`
+    (``params[0]``'s), with float step sizes, in the kernel's layout (``torch._fused_adamw_`` checks it
+    and groups nothing itself here): parameter, gradient and moments on that device, of one floating
+    dtype, contiguous, of the parameter's shape (a flat piece of a tensor included). A low-precision
+    parameter only when the decay and the update share the step size (a separate decay would round the
+    parameter twice). Empty when none can."""
+    p0 = params[0]
+    if not fused_device(p0.device) or isinstance(lr, Tensor) or isinstance(step_lr, Tensor):
+        return []
+    device, apart = p0.device, step_lr is not None and step_lr != lr
+    fit = []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        dtype, shape = p.dtype, p.shape
+        if dtype not in _FUSED_DTYPES or (apart and dtype not in (torch.float32, torch.float64)):
+            continue
+        if all(x.dtype == dtype and x.device == device and x.shape == shape and x.is_contiguous() for x in (p, g, m, v)):
+            fit.append(i)
+    return fit
+
+
+def _step_tensor(t: float, device: torch.device) -> Tensor:
+    """The step count ``t`` as a float32 0-d tensor on ``device`` (what ``torch._fused_adamw_`` reads its
+    bias corrections from), made once per step and device (:data:`_STEP_TENSORS`); never written."""
+    hit = _STEP_TENSORS.get(device)
+    if hit is not None and hit[0] == t:
+        return hit[1]
+    step = torch.full((), t, dtype=torch.float32, device=device)
+    _STEP_TENSORS[device] = (t, step)
+    return step
+
+
+def adamw_fused_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    t: float,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    *,
+    eps_placement: str = "torch",
+    step_lr: float | None = None,
+) -> None:
+    """:func:`adamw_foreach_` by torch's fused AdamW kernel (``torch._fused_adamw_``, the kernel of
+    ``torch.optim.AdamW(fused=True)``: one pass over parameters, gradients and moments, with its own
+    float32 arithmetic, equal to the operations of :func:`adamw_foreach_` up to float32 rounding), for
+    tensors in its layout (:func:`fused_indices`).
+
+    The kernel computes ``theta <- theta - lr wd theta``, the moments (Algorithm 1, lines 7-8), and
+    ``theta <- theta - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`` (Algorithm 2,
+    ``eps`` after the correction: ``eps_placement="torch"``). The other forms are the same kernel:
+
+    * ``"hf"`` (``eps`` on the uncorrected ``sqrt(v)``): ``m / (sqrt(v) + eps) sqrt(c2) / c1`` equals
+      ``(m / c1) / (sqrt(v) / sqrt(c2) + eps / sqrt(c2))``, so the kernel runs with
+      ``eps / sqrt(1 - beta2^t)``;
+    * ``step_lr`` different from ``lr`` (the update's step size differs from the decay's): the decay
+      ``theta <- theta (1 - lr wd)`` first, as its own multi-tensor operation, then the kernel with
+      ``step_lr`` and no decay. (A decay after the update is the caller's, as for :func:`adamw_foreach_`:
+      it passes ``weight_decay=0``.)
+
+    The step count is one float32 tensor on the device for all (:func:`_step_tensor`)."""
+    step_lr = lr if step_lr is None else step_lr
+    if eps_placement == "hf":
+        eps = eps / math.sqrt(1.0 - beta2**t)
+    fused_wd = weight_decay
+    if weight_decay != 0 and step_lr != lr:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        fused_wd = 0.0
+    step = _step_tensor(float(t), params[0].device)
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), lr=float(step_lr),
+                        beta1=float(beta1), beta2=float(beta2), weight_decay=float(fused_wd), eps=float(eps),
+                        amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
+
+
 def adamw_foreach_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -95,10 +198,24 @@ def adamw_foreach_(
     is the reference; they are tested equal), with one kernel launch per operation for the whole list.
     ``step_lr``: the step size of the update when it differs from the decay's ``lr`` (a hybrid's
     AdamW parameters step with ``lr * adamw_lr_ratio`` and decay with ``lr``); default ``lr``.
+
+    On a device with torch's fused AdamW kernel other than the CPU (:func:`fused_device`; the CPU with
+    :data:`FUSED_ON_CPU`), tensors that fit its layout (:func:`fused_indices`) take it instead
+    (:func:`adamw_fused_`): one kernel for the list instead of about eight passes over memory.
     """
     if eps_placement not in ("torch", "hf"):
         raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
     step_lr = lr if step_lr is None else step_lr
+    fit = fused_indices(params, grads, exp_avgs, exp_avg_sqs, lr, step_lr) if params else []
+    if fit:  # torch's fused kernel for the tensors in its layout, the operations below for the others
+        lists = (params, grads, exp_avgs, exp_avg_sqs)
+        if len(fit) == len(params):
+            adamw_fused_(*lists, t, beta1, beta2, lr, weight_decay, eps, eps_placement=eps_placement, step_lr=step_lr)
+            return
+        adamw_fused_(*([x[i] for i in fit] for x in lists), t, beta1, beta2, lr, weight_decay, eps,
+                     eps_placement=eps_placement, step_lr=step_lr)
+        rest = sorted(set(range(len(params))) - set(fit))
+        params, grads, exp_avgs, exp_avg_sqs = ([x[i] for i in rest] for x in lists)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
