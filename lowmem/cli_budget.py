@@ -70,31 +70,45 @@ def require_matplotlib() -> None:
 
 def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     """The estimate for mixed precision: float32 master weights, gradients, optimizer state and its transient
-    (the fp32 estimate), with the activations of a ``dtype`` run plus the ``dtype`` copy of every parameter autocast
-    casts (:func:`~lowmem.memory.estimate.autocast_cast_bytes`: the operands of its matmul ops, whatever the module;
-    counted with the activations: the backward frees them)."""
+    (the fp32 estimate), with the activations of a ``dtype`` run plus what autocast saves beyond them
+    (:func:`~lowmem.memory.estimate.autocast_extra_saved_bytes`: the ``dtype`` copy of every weight operand of its
+    matmul ops, whatever the module, the float32 normalized values of the float32 residual stream, one ``dtype``
+    copy of the hidden states per consuming linear; counted with the activations: the backward frees them).
+    With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
+    each layer's checkpointed input in float32 instead of ``dtype``; 4-bit weights are de-quantized by
+    bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them."""
     import dataclasses
 
     import torch
 
     from .memory import estimate_memory
-    from .memory.estimate import autocast_cast_bytes, parse_dtype, resolve_config
+    from .memory.estimate import autocast_cast_bytes, autocast_extra_saved_bytes, parse_dtype, resolve_config
 
     half = parse_dtype(dtype)
     if half == torch.float32:
         raise ValueError("--precision mixed needs --dtype bf16 or fp16 (the autocast dtype); fp32 is one precision")
     master = estimate_memory(model, dtype="fp32", **kwargs)
     low = estimate_memory(model, dtype=dtype, **kwargs)
-    # what autocast casts (every operand of its matmul ops: nn.Linear, GPT-2's Conv1D addmm, a tied head, LoRA, experts);
-    # 4-bit weights are de-quantized by bitsandbytes, not cast (their backward's copy is in the activations)
-    copies = 0 if kwargs.get("quantization") else sum(autocast_cast_bytes(resolve_config(model), half, kwargs.get("lora")).values())
+    config = resolve_config(model)
+    quantized = bool(kwargs.get("quantization"))
+    copies = 0 if quantized else sum(autocast_cast_bytes(config, half, kwargs.get("lora")).values())
+    if quantized:
+        extra = 0
+    elif kwargs.get("gradient_checkpointing"):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        tokens = kwargs.get("batch_size", 1) * kwargs.get("seq_len", 512)
+        extra = copies + text.num_hidden_layers * tokens * text.hidden_size * (4 - half.itemsize)
+    else:
+        extra = autocast_extra_saved_bytes(config, half, kwargs.get("lora"), kwargs.get("batch_size", 1), kwargs.get("seq_len", 512))
     name = str(half).removeprefix("torch.")
     notes = [n for n in master.notes] + [
-        f"mixed precision: float32 master weights, gradients and optimizer state; activations of a {name} autocast run "
-        f"plus the {name} copy of each weight autocast casts for its matmuls ({copies / 2**30:.2f} GiB)"]
-    return dataclasses.replace(master, activations=low.activations + copies, notes=notes,
+        f"mixed precision: float32 master weights, gradients and optimizer state; activations of a {name} autocast run: "
+        f"those of a pure {name} run plus what autocast saves beyond them ({extra / 2**30:.2f} GiB: the {name} copy of "
+        f"each weight autocast casts for its matmuls, {copies / 2**30:.2f} GiB, the float32 residual stream's norms, "
+        f"a {name} copy of the hidden states per consuming linear)"]
+    return dataclasses.replace(master, activations=low.activations + extra, notes=notes,
                                settings={**master.settings, "dtype": f"{name} mixed (fp32 master weights)", "precision": "mixed"},
-                               details={**master.details, "autocast_weight_copies": copies})
+                               details={**master.details, "autocast_weight_copies": copies, "autocast_extra_saved": extra})
 
 
 def _precision_note(est, other_total: int, precision: str, dtype: str) -> str:
