@@ -642,19 +642,24 @@ class FactoredMoments(MomentRule):
         (:func:`adafactor_groups_bytes`); each group's are freed before the next one's. Plus the step
         sizes, at most four float32 per member (:func:`~lowmem.optim.functional.adafactor_lr_foreach`'s
         norms, scales and step sizes, a group's copy of them and of ``lr wd``; measured 8-12 B)."""
-        groups = adafactor_groups_bytes([(_second_moment_layout(st), n) for n, st in members])
-        return max((8 * n + stats for n, stats in groups), default=0) + 16 * len(members)
+        layouts = [(_second_moment_layout(st), n) for n, st in members]
+        return max((8 * n + stats for large in _stacking([st for _, st in members])
+                    for n, stats in adafactor_groups_bytes(layouts, large)), default=0) + 16 * len(members)
 
     def foreach_direction_bucket_transient_bytes(self, members):
         """:func:`~lowmem.optim.functional.adafactor_direction_foreach` of projected gradients
         ``(shape, state)``, its groups computed in order: the directions of the groups done (float32, kept)
         and of this one, one more float32 tensor of it (the stacked gradients or first moments) and its
         row and column statistics (:func:`adafactor_groups_bytes`); at the end every direction."""
-        worst = done = 0
-        for n, stats in adafactor_groups_bytes([(_second_moment_layout(st, shape), math.prod(shape)) for shape, st in members]):
-            done += 4 * n
-            worst = max(worst, done + 4 * n + stats)
-        return max(worst, done)
+        layouts = [(_second_moment_layout(st, shape), math.prod(shape)) for shape, st in members]
+        out = 0
+        for large in _stacking([st for _, st in members]):
+            worst = done = 0
+            for n, stats in adafactor_groups_bytes(layouts, large):
+                done += 4 * n
+                worst = max(worst, done + 4 * n + stats)
+            out = max(out, worst, done)
+        return out
 
     def _unclipped_update(self, g, state, group, t):
         """Update the second-moment statistics with ``g`` and return ``g / sqrt(V_hat)`` (Algorithms
@@ -692,23 +697,41 @@ def _second_moment_layout(state: dict[str, Tensor], shape: torch.Size | None = N
     return 1, tuple(shape or ()), ()
 
 
-def adafactor_groups_bytes(members: list[tuple[tuple, int]]) -> list[tuple[int, int]]:
+def _stacking(states: list[dict[str, Tensor]]) -> tuple[bool, ...]:
+    """The groupings of :func:`~lowmem.optim.functional.adafactor.stack_groups` a bucket with these
+    states may be stepped with (``large`` of :func:`adafactor_groups_bytes`): its statistics' device's
+    (:func:`~lowmem.optim.functional.adafactor.stacks_large`), or both where it is not known (meta
+    tensors, the estimator's; no state yet): the report is then the larger."""
+    from .functional.adafactor import stacks_large
+
+    devices = {st[k].device for st in states for k in ("exp_avg_sq_row", "exp_avg_sq") if k in st}
+    if len(devices) == 1:
+        device = next(iter(devices))
+        if device.type != "meta":
+            return (stacks_large(device),)
+    return (False, True)
+
+
+def adafactor_groups_bytes(members: list[tuple[tuple, int]], large: bool = False) -> list[tuple[int, int]]:
     """``(elements, statistics bytes)`` of each group :func:`~lowmem.optim.functional.adafactor.stack_groups`
-    forms (in its order: first appearance; at most ``GROUP_NUMEL`` elements a group) from tensors given as ``(second-moment layout, elements)`` (:func:`_second_moment_layout`),
+    forms (in its order: first appearance; at most :func:`~lowmem.optim.functional.adafactor.group_cap`
+    elements a group; ``large``: tensors of any size stacked, the grouping of every device but the CPU)
+    from tensors given as ``(second-moment layout, elements)`` (:func:`_second_moment_layout`),
     assumed contiguous (stacked, the larger case; a non-contiguous one forms a group alone). A factored
     group of ``k`` tensors with ``R`` row and ``C`` column statistics each holds, next to its updates,
     the stacked statistics (``k > 1``; a lone tensor's are views), ``(R / mean(R))^-1/2`` and
     ``C^-1/2``: ``4 k (R + C)`` bytes twice (once for a lone tensor); a group of vectors only its stacked
     second moments, one float32 tensor of the group (counted with the group's second tensor)."""
-    from .functional.adafactor import GROUP_NUMEL, STACK_NUMEL
+    from .functional.adafactor import STACK_NUMEL, group_cap
 
+    cap = group_cap([n for _, n in members], large)
     groups: dict[tuple, list[tuple]] = {}
     for i, (layout, n) in enumerate(members):
-        groups.setdefault((layout, n) if n < STACK_NUMEL else (i,), []).append((layout, n))
+        groups.setdefault((layout, n) if large or n < STACK_NUMEL else (i,), []).append((layout, n))
     out = []
     for tensors in groups.values():
         (kind, rows, cols), n = tensors[0]
-        per = max(1, GROUP_NUMEL // max(1, n))  # (at most GROUP_NUMEL elements a group)
+        per = max(1, cap // max(1, n))  # (at most group_cap elements a group)
         for a in range(0, len(tensors), per):
             k = len(tensors[a:a + per])
             stats = 4 * k * (math.prod(rows) + math.prod(cols)) * (2 if k > 1 else 1) if kind == 2 else 0

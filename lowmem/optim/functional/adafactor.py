@@ -71,6 +71,28 @@ STACK_NUMEL = 32768
 #: 16 1.84 ms; issue 15). The groups' results do not depend on it (every reduction is per tensor, a row of
 #: the stack).
 GROUP_NUMEL = 2**18
+#: Stack tensors of any size on the CPU too, as on other devices (:func:`stacks_large`). Off by default
+#: (the CPU keeps :data:`STACK_NUMEL`: bits independent of the thread count, and cache-sized groups);
+#: tests set it to check the other devices' grouping on the CPU.
+STACK_LARGE_ON_CPU = False
+
+
+def stacks_large(device: torch.device) -> bool:
+    """Whether :func:`stack_groups` stacks same-shape tensors of any size on ``device``: every device but
+    the CPU (where a step launches a kernel per operation, so a group's operations cost one launch for
+    all its tensors instead of one per tensor: issue 15), the CPU with :data:`STACK_LARGE_ON_CPU`. The
+    results equal the per-tensor step's up to the order of a reduction's additions (each tensor's
+    reductions are a row of the stack's)."""
+    return device.type != "cpu" or STACK_LARGE_ON_CPU
+
+
+def group_cap(numels: list[int], large: bool) -> int:
+    """The most elements a group of :func:`stack_groups` stacks, for tensors of ``numels`` elements:
+    :data:`GROUP_NUMEL` (cache-sized stacks, the CPU), or with ``large`` stacking all of them (a group
+    holds every same-shape tensor it is given: the engine's bucket, at most ``chunk_numel`` elements,
+    is the unit of the transient, as for AdamW's multi-tensor step; ``chunk_numel=None`` makes the
+    bucket every tensor, and the transient two float32 copies of the largest same-shape set)."""
+    return max(1, sum(numels)) if large else GROUP_NUMEL
 
 
 def adafactor_lr_foreach(params: list[Tensor], rho: float, scale_parameter: bool, eps2: float) -> list[float] | Tensor:
@@ -81,24 +103,28 @@ def adafactor_lr_foreach(params: list[Tensor], rho: float, scale_parameter: bool
     (a list of floats)."""
     if not scale_parameter:
         return [rho] * len(params)
-    scales = torch.stack(torch._foreach_norm(params))
-    return scales.div_(scales.new_tensor([math.sqrt(p.numel()) for p in params])).clamp_(min=eps2).mul_(rho)
+    norms = torch._foreach_norm(params)
+    torch._foreach_div_(norms, [math.sqrt(p.numel()) for p in params])  # (scalars: no tensor copied to the device)
+    return torch.stack(norms).clamp_(min=eps2).mul_(rho)
 
 
-def stack_groups(tensors: list[Tensor], kinds: list[int]) -> list[list[int]]:
+def stack_groups(tensors: list[Tensor], kinds: list[int], large: bool | None = None) -> list[list[int]]:
     """Indices of the gradients ``tensors`` grouped for :func:`adafactor_foreach_`: the same shape and
-    the same kind of second moment (``kinds[i]``: 2 factored, 1 full), each contiguous and under
-    :data:`STACK_NUMEL` elements, at most :data:`GROUP_NUMEL` elements a group (a larger set is split
-    into consecutive groups); any other tensor is a group of its own (a non-contiguous gradient's
-    ``g^2`` is reduced in its own layout, as the per-tensor step does). Groups in order of first
-    appearance."""
+    the same kind of second moment (``kinds[i]``: 2 factored, 1 full), each contiguous and, unless
+    ``large`` (default: :func:`stacks_large` of the tensors' device), under :data:`STACK_NUMEL`
+    elements; at most :func:`group_cap` elements a group (a larger set is split into consecutive
+    groups); any other tensor is a group of its own (a non-contiguous gradient's ``g^2`` is reduced in
+    its own layout, as the per-tensor step does). Groups in order of first appearance."""
+    if large is None:
+        large = bool(tensors) and stacks_large(tensors[0].device)
+    cap = group_cap([x.numel() for x in tensors], large)
     groups: dict[tuple, list[int]] = {}
     for i, (x, kind) in enumerate(zip(tensors, kinds)):
-        key = (tuple(x.shape), kind) if x.numel() < STACK_NUMEL and x.is_contiguous() else (i,)
+        key = (tuple(x.shape), kind) if (large or x.numel() < STACK_NUMEL) and x.is_contiguous() else (i,)
         groups.setdefault(key, []).append(i)
     out = []
     for idx in groups.values():
-        per = max(1, GROUP_NUMEL // max(1, tensors[idx[0]].numel()))
+        per = max(1, cap // max(1, tensors[idx[0]].numel()))
         out += [idx[a:a + per] for a in range(0, len(idx), per)]
     return out
 
@@ -159,8 +185,13 @@ def _group_lr(lrs: list[float] | list[Tensor] | Tensor, idx: list[int]) -> tuple
     """The step sizes of the group ``idx`` as ``(factor of the stacked update, what the decay
     uses)``: floats stay floats (one float when they are equal; the decay ``1 - lr wd`` is computed
     from the floats, as the per-tensor step does), tensors become one float32 tensor."""
-    if isinstance(lrs, Tensor):
-        lr = lrs[idx[0]] if len(idx) == 1 else lrs[idx]
+    if isinstance(lrs, Tensor):  # (a slice or a stack of entries: no index tensor to copy to the device)
+        if len(idx) == 1:
+            lr = lrs[idx[0]]
+        elif idx == list(range(idx[0], idx[0] + len(idx))):
+            lr = lrs[idx[0]:idx[0] + len(idx)]
+        else:
+            lr = torch.stack([lrs[i] for i in idx])
         return lr, lr
     vals = [lrs[i] for i in idx]
     if all(isinstance(x, Tensor) for x in vals):
@@ -202,7 +233,9 @@ def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[t
     step, so the results are equal bit for bit.
 
     The parameters are stepped a group at a time (:func:`stack_groups`: one shape, one kind of
-    second moment): each operation runs once on the group's stacked tensors (the row and column
+    second moment; on the CPU small tensors only, on other devices every same-shape set of the bucket,
+    so a step launches a kernel per operation and shape, not per tensor: :func:`stacks_large`): each
+    operation runs once on the group's stacked tensors (the row and column
     means along a dimension of the stack, the norms of its rows), and only the state write-back, the
     decay and the update touch each tensor. A matrix (``ndim >= 2``, leading dimensions batch
     dimensions) has ``second[i] = (row, col)`` (factored, Algorithm 4), a vector ``(v,)``
