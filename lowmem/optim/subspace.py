@@ -25,7 +25,7 @@ Concrete parts (the math is in :mod:`lowmem.optim.functional` ``galore``, ``fira
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,10 @@ from .functional import fira as FI
 from .functional import osd as OSD
 from .functional.adam import adam_direction, adam_moments_
 from .functional.norms import float_norm
+
+#: one parameter of :meth:`CombineRule.foreach_fold`: ``(index, M, a, k)``, the direction times ``alpha`` is
+#: ``a * P.up(M) + g * k``
+Fold = Tuple[int, Optional[Tensor], float, Optional[Tensor]]
 
 BASIS_METHODS = ("svd", "rsvd", "random", "gaussian", "online_pca")
 COORDINATE_METHODS = ("columns", "rows", "randk", "blocks")
@@ -107,6 +111,11 @@ class Projection:
     def can_add_up_rows(self, state: dict[str, Tensor]) -> bool:
         """Whether :meth:`add_up_rows_` can step this parameter (default: no)."""
         return False
+
+    def residual_rows(self, g_rows: Tensor, r: Tensor, state: dict[str, Tensor], group: dict[str, Any], start: int,
+                      stop: int, alpha: float) -> Tensor:
+        """``g_rows + alpha * up_rows(r, ..., start, stop)`` (a new float32 tensor); default: from :meth:`up_rows`."""
+        return self.up_rows(r, state, group, start, stop).mul_(alpha).add_(g_rows)
 
     def add_up_rows_(self, out: Tensor, r: Tensor, state: dict[str, Tensor], group: dict[str, Any], start: int,
                      stop: int, alpha: float) -> None:
@@ -339,6 +348,11 @@ class SubspaceProjection(Projection):
     def add_up_rows_(self, out, r, state, group, start, stop, alpha):
         GL.project_up_rows_add_(out, r, *self._basis(state), start, stop, alpha)
 
+    def residual_rows(self, g_rows, r, state, group, start, stop, alpha):
+        if "proj_index" in state:
+            return super().residual_rows(g_rows, r, state, group, start, stop, alpha)
+        return GL.project_up_rows_add(g_rows, r, *self._basis(state), start, stop, alpha)
+
     def transient_bytes(self, shape, group, state, refresh):
         """What this projection allocates at one kind of step (the engine reports the larger of a
         plain step and a refresh step, which runs the refresh first and then a plain step).
@@ -493,6 +507,24 @@ def _usable(g: Tensor, norm: Tensor | None = None) -> bool:
     return bool(torch.isfinite(norm) & (norm > 0))
 
 
+def stacked(xs: list[Tensor]) -> Tensor:
+    """``torch.stack(xs)``; a single tensor as a view (no copy)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def shape_batches(lows: list[Tensor], gs: list[Tensor], limit: int) -> list[list[int]]:
+    """The indices of a bucket's parameters grouped by the shapes of their gradient and projected
+    gradient (bucket order within a batch), each batch of at most ``limit`` projected elements (at
+    least one parameter): the parameters :meth:`CombineRule.foreach_fold` stacks together."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, (low, g) in enumerate(zip(lows, gs)):
+        batches = groups.setdefault((tuple(low.shape), tuple(g.shape)), [[]])
+        if batches[-1] and (len(batches[-1]) + 1) * low.numel() > limit:
+            batches.append([])
+        batches[-1].append(i)
+    return [b for bs in groups.values() for b in bs]
+
+
 # ---- residual rules -----------------------------------------------------------------------------
 
 
@@ -532,6 +564,11 @@ class ResidualRule:
         Default ``None``: :class:`ProjectBack` adds :meth:`update_rows` to ``up_rows(d_low)``."""
         return None
 
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds) -> Iterator[Fold] | None:
+        """:meth:`CombineRule.foreach_fold` of :class:`ProjectBack` with this residual (a basis
+        projection: :meth:`Projection.can_add_up_rows`); default ``None``: not offered."""
+        return None
+
     def transient_bytes(self, shape, group, state, projection, rows: int) -> int:
         """Upper bound of the bytes :meth:`update` allocates for ``rows`` rows (all rows: the whole step)."""
         return 0
@@ -542,6 +579,11 @@ class DropResidual(ResidualRule):
 
     def update(self, g, low, d_low, state, group, projection):
         return None
+
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """``alpha scale up(d_low)``: ``(i, d_low, alpha * scale, None)`` (no statistics)."""
+        a = alpha * group["scale"]
+        return ((i, d, a, None) for i, d in enumerate(d_lows))
 
 
 class FiraResidual(ResidualRule):
@@ -612,6 +654,55 @@ class FiraResidual(ResidualRule):
         if group["scale"] != 1.0:
             m.mul_(group["scale"])
         return m, coef
+
+    def _residual_norms(self, g, low, state, group, projection, dim, bounds):
+        """The channel norms of the residual ``G - scale up(low)`` (``dim`` 0: of its columns, ``[n]``;
+        1: of its rows, ``[m]``), one block of rows of ``bounds`` at a time (one ``addmm`` each)."""
+        alpha = -group["scale"]
+        if len(bounds) == 1:
+            a, b = bounds[0]
+            return torch.linalg.vector_norm(projection.residual_rows(g[a:b], low, state, group, a, b, alpha), dim=dim)
+        if dim == 1:
+            return torch.cat([torch.linalg.vector_norm(projection.residual_rows(g[a:b], low, state, group, a, b, alpha), dim=1)
+                              for a, b in bounds])
+        sq = torch.zeros(g.shape[1], dtype=torch.float32, device=g.device)
+        for a, b in bounds:
+            sq.add_(torch.linalg.vector_norm(projection.residual_rows(g[a:b], low, state, group, a, b, alpha), dim=0).square_())
+        return sq.sqrt_()
+
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """:meth:`fold` of a bucket: the residual's channel norms of each parameter first (a block of rows
+        at a time, before any stack exists); then, for the parameters of one shape at once (stacked, at
+        most half the bucket's projected elements per stack: two stacks alive), the scaling factor
+        (eq. 7-8) from the channel norms of ``d_low / c`` and ``low``, the scaled residual's norm
+        ``sqrt(sum_j f_j^2 ||R_j||^2)`` (:func:`~lowmem.optim.functional.fira.scaled_norms`), the limiters
+        (eq. 9, :func:`~lowmem.optim.functional.fira.growth_limiter_foreach_`), ``k = f c / l`` and
+        ``M = d_low - low * k`` in place in the stack of directions; yields ``(i, M, alpha scale, alpha k)``."""
+        c = self.unit_scale(states[0], group) if self.unit_scale is not None else 1.0  # (one step count per bucket)
+        scale, gamma = group["scale"], group["gamma"]
+        dims = [0 if low.shape[0] < low.shape[1] else 1 for low in lows]  # (scaling_factor's channels)
+        rnorms = [self._residual_norms(g, low, st, group, projection, dim, b)
+                  for g, low, st, dim, b in zip(gs, lows, states, dims, bounds)]
+        limit = sum(low.numel() for low in lows) // 2
+
+        def folds() -> Iterator[Fold]:
+            for idx in shape_batches(lows, gs, limit):
+                dim = dims[idx[0]]
+                low, d = stacked([lows[i] for i in idx]), stacked([d_lows[i] for i in idx])
+                factor = FI.factor_from_norms(torch.linalg.vector_norm(d, dim=dim + 1).div_(c),
+                                              torch.linalg.vector_norm(low, dim=dim + 1))
+                norms = FI.scaled_norms(stacked([rnorms[i] for i in idx]), factor)
+                limiter = FI.growth_limiter_foreach_(norms, [states[i]["fira_prev_norm"] for i in idx], gamma)
+                k = factor.mul_((c / limiter).unsqueeze(1))
+                kk = k.unsqueeze(1) if dim == 0 else k.unsqueeze(2)
+                # (one parameter: its stack is a view of its direction, left untouched)
+                m = d.addcmul_(low, kk, value=-1.0) if len(idx) > 1 else torch.addcmul(d, low, kk, value=-1.0)
+                del low, d, kk
+                coef = k.mul_(alpha)
+                for j, i in enumerate(idx):
+                    yield i, m[j], alpha * scale, coef[j] if dim == 0 else coef[j].unsqueeze(1)
+
+        return folds()
 
     def transient_bytes(self, shape, group, state, projection, rows):
         """All rows at once (the whole-tensor :meth:`update`): the subspace part, the residual and its
@@ -702,6 +793,26 @@ class CombineRule:
         the parameter in place with one GEMM (``addmm_``); ``None`` otherwise (default)."""
         return None
 
+    def foreach_fold(self, gs: list[Tensor], lows: list[Tensor], d_lows: list[Tensor], states: list[dict[str, Tensor]],
+                     group: dict[str, Any], projection: Projection, alpha: float,
+                     bounds: list[list[tuple[int, int]]]) -> Iterator[Fold] | None:
+        """The combine-back of a bucket of projected parameters at once (the engine's projected
+        multi-tensor step, issue 15), folded for an in-place update: yields ``(i, M, a, k)`` for every
+        parameter ``i`` such that ``alpha * direction(gs[i], lows[i], d_lows[i], ...)`` is
+        ``a * P.up(M) + gs[i] * k`` (``M`` ``None``: no subspace term; ``k`` ``None``: no gradient term,
+        else shaped like a scaling factor: ``[n]``, ``[m, 1]`` or 0-d), which the engine adds to the
+        float32 parameter in place (``addmm_``, ``addcmul_``): no full-size direction. Statistics of the
+        parameters of one shape are computed together (stacked, :func:`shape_batches`), so a step
+        launches a few kernels per shape, not per parameter; state is updated as :meth:`prepare` does.
+        Each tuple is used before the next is asked for (a batch's stacks are freed as the iteration
+        moves on). Memory: at most 4 bytes per projected element of the bucket beyond the arguments,
+        and per parameter the temporaries of one block of rows of ``bounds[i]`` (its row blocks), both
+        within :meth:`transient_bytes` and the bucket's multi-tensor direction. Arguments are float32;
+        ``alpha`` a number (the engine's ``-lr``). ``None`` (default): not offered, each parameter is
+        combined back alone (:meth:`direction_rows`, the reference this is tested equal to, to float32
+        rounding)."""
+        return None
+
     def transient_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
                         projection: Projection, rows: int) -> int:
         """Upper bound of the bytes :meth:`direction_rows` allocates for ``rows`` rows (the returned
@@ -754,6 +865,12 @@ class ProjectBack(CombineRule):
             d.mul_(scale)
         res = self.residual.update_rows(g_rows, low, d_low, state, group, projection, start, stop, ctx)
         return d if res is None else d.add_(res)
+
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """The residual rule's (:meth:`ResidualRule.foreach_fold`) on a basis projection (not coordinates)."""
+        if not all(projection.can_add_up_rows(st) for st in states):
+            return None
+        return self.residual.foreach_fold(gs, lows, d_lows, states, group, projection, alpha, bounds)
 
     def add_in_place_scale(self, state, group, projection):
         if isinstance(self.residual, DropResidual) and projection.can_add_up_rows(state):

@@ -43,3 +43,30 @@ def growth_limiter_(norm: Tensor, previous_norm: Tensor, gamma: float, eps: floa
     limiter = torch.where(first, torch.ones_like(norm), torch.clamp(norm / (previous_norm + eps), min=gamma) / gamma)
     previous_norm.copy_(norm / limiter)
     return limiter
+
+
+# ---- the multi-tensor combine-back (issue 15): a bucket's parameters of one shape at once ----------
+
+
+def factor_from_norms(direction_norms: Tensor, grad_norms: Tensor, eps: float = 1e-8) -> Tensor:
+    """:func:`scaling_factor` from the channel norms it divides (eq. 7-8): ``||psi(R)||_col / (||R||_col
+    + eps)``; any shape (a stack of parameters' norms, ``[B, channels]``)."""
+    return direction_norms / (grad_norms + eps)
+
+
+def scaled_norms(channel_norms: Tensor, factor: Tensor) -> Tensor:
+    """``||S * phi||`` for each stacked parameter from the channel norms of ``S`` (``[B, C]``, the norms of
+    the columns or rows the factor ``phi`` (``[B, C]``) scales): ``sqrt(sum_j phi_j^2 ||S_j||^2)``, the
+    norm the limiter (eq. 9) reads, without the full-size ``S * phi``. Returns ``[B]``."""
+    return torch.linalg.vector_norm(channel_norms * factor, dim=1)
+
+
+def growth_limiter_foreach_(norms: Tensor, previous_norms: list[Tensor], gamma: float, eps: float = 1e-8) -> Tensor:
+    """:func:`growth_limiter_` of ``B`` parameters at once: ``norms`` ``[B]`` (``||S_t||`` of each) and
+    their 0-d ``previous_norms`` (updated in place, one multi-tensor copy). The same element-wise
+    operations as the per-parameter form, so the same bits. Returns the limiters ``[B]``."""
+    previous = torch.stack(previous_norms)
+    first = previous < 0
+    limiter = torch.where(first, torch.ones_like(norms), torch.clamp(norms / (previous + eps), min=gamma) / gamma)
+    torch._foreach_copy_(previous_norms, list((norms / limiter).unbind(0)))
+    return limiter

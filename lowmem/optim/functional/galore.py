@@ -105,6 +105,17 @@ def project_up_rows_add_(out: Tensor, r: Tensor, left: Tensor | None, right: Ten
     return out.addmm_(r[start:stop], right, alpha=alpha)
 
 
+def project_up_rows_add(g_rows: Tensor, r: Tensor, left: Tensor | None, right: Tensor | None, start: int, stop: int,
+                        alpha: float) -> Tensor:
+    """``g_rows + alpha * (rows start:stop of project_up(r))`` as one GEMM (``addmm``, a new tensor): Fira's
+    residual ``G - alpha P P^T G`` of a block of rows (Chen et al. 2024, Algorithm 1), rounded once."""
+    if left is not None and right is not None:
+        return torch.addmm(g_rows, left[start:stop] @ r, right, alpha=alpha)
+    if left is not None:
+        return torch.addmm(g_rows, left[start:stop], r, alpha=alpha)
+    return torch.addmm(g_rows, r[start:stop], right, alpha=alpha)
+
+
 def range_finder(a: Tensor, rank: int, generator: torch.Generator, power_iters: int = 2, oversample: int = 4) -> Tensor:
     """Orthonormal ``m x rank`` basis of ``A``'s dominant column space, randomized.
 

@@ -24,7 +24,7 @@ from ..functional import galore as GL
 from ..hparams import HParam, optional, positive
 from ..moments import AdamMoments
 from ..registry import register
-from ..subspace import CombineRule, SubspaceProjection
+from ..subspace import CombineRule, SubspaceProjection, shape_batches, stacked
 from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, subspace_hparams
 
 #: Projections APOLLO supports: random Gaussian (the paper's and apollo-torch's ``proj="random"``),
@@ -80,6 +80,47 @@ class ApolloScaling(CombineRule):
         if limiter is not None:
             d.div_(limiter)
         return d.mul_(out_scale)
+
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """:meth:`prepare` and :meth:`direction_rows` of a bucket, folded (``CombineRule.foreach_fold``):
+        ``alpha * d = G * k`` with ``k = alpha c sqrt(scale) s / limiter``. Tensor-wise (APOLLO-Mini):
+        every parameter at once, the norms of ``d_low``, ``low`` and ``G`` by ``torch._foreach_norm``
+        (``||G s|| = ||G|| s``). Channel-wise: the parameters of one shape at once, the channel norms of
+        their stacked ``d_low`` and ``low`` (one stack alive at a time, at most the bucket's projected
+        elements) and of each ``G`` (its columns or rows: ``||G * s|| = sqrt(sum_j s_j^2 ||G_j||^2)``, no
+        full-size product); the limiters of all of them at once
+        (:func:`~lowmem.optim.functional.fira.growth_limiter_foreach_`)."""
+        c = self.unit_scale(states[0], group) if self.unit_scale is not None else 1.0  # (one step count per bucket)
+        out, gamma = alpha * c * math.sqrt(group["scale"]), group["gamma"]
+
+        def limited(factor: torch.Tensor, norms: torch.Tensor | None, idx: list[int]) -> torch.Tensor:
+            if gamma is None:
+                return factor.mul_(out)
+            limiter = FI.growth_limiter_foreach_(norms, [states[i]["apollo_prev_norm"] for i in idx], gamma)
+            return factor.mul_(out).div_(limiter if factor.dim() == 1 else limiter.unsqueeze(1))
+
+        def folds():
+            if group["scale_type"] == "tensor":
+                idx = list(range(len(gs)))
+                factor = FI.factor_from_norms(torch.stack(torch._foreach_norm(d_lows)).div_(c),
+                                              torch.stack(torch._foreach_norm(lows)))
+                norms = torch.stack(torch._foreach_norm(gs)).mul_(factor) if gamma is not None else None
+                k = limited(factor, norms, idx)
+                for i in idx:
+                    yield i, None, 0.0, k[i]
+                return
+            for idx in shape_batches(lows, gs, sum(low.numel() for low in lows)):
+                dim = 0 if GL.galore_side(tuple(gs[idx[0]].shape), group["proj_type"]) == "left" else 1
+                nd = torch.linalg.vector_norm(stacked([d_lows[i] for i in idx]), dim=dim + 1).div_(c)
+                factor = FI.factor_from_norms(nd, torch.linalg.vector_norm(stacked([lows[i] for i in idx]), dim=dim + 1))
+                norms = None
+                if gamma is not None:
+                    norms = FI.scaled_norms(stacked([torch.linalg.vector_norm(gs[i], dim=dim) for i in idx]), factor)
+                k = limited(factor, norms, idx)
+                for j, i in enumerate(idx):
+                    yield i, None, 0.0, k[j] if dim == 0 else k[j].unsqueeze(1)
+
+        return folds()
 
     def direction(self, g, low, d_low, state, group, projection):
         ctx = self.prepare(g, low, d_low, state, group, projection, [(0, g.shape[0])])
