@@ -117,13 +117,14 @@ def decode(state: dict[str, Tensor], key: str, spec: QuantSpec, block_size: int,
     """The float32 value of quantized moment ``key``, in ``shape``."""
     code = Q.code_map(spec.code, state[key].device)
     if is_rank1(state, key):
-        return Q.dequantize_rank1_4bit(state[key], state[key + "_rowmax"], state[key + "_colmax"], code).view(shape)
+        return Q.dequantize_rank1_4bit(state[key], state[key + "_rowmax"], state[key + "_colmax"], code,
+                                       spec.code).view(shape)
     codes, absmax = state[key], state[key + "_absmax"]
     n = shape.numel()
     if spec.bits == 8:
         flat = Q.dequantize_blockwise_8bit(codes, absmax, code, block_size)
     else:
-        flat = Q.dequantize_blockwise_4bit(codes, absmax, code, block_size, n)
+        flat = Q.dequantize_blockwise_4bit(codes, absmax, code, block_size, n, spec.code)
     return flat.view(shape)
 
 
@@ -443,7 +444,8 @@ class Quantized(MomentRule):
             spec = self.specs[k]
             numels = [gs[i].numel() for i in idx]
             flat = Q.dequantize_blockwise_cat([states[i][k] for i in idx], [states[i][k + "_absmax"] for i in idx],
-                                              Q.code_map(spec.code, gs[idx[0]].device), b, spec.bits, sum(numels))
+                                              Q.code_map(spec.code, gs[idx[0]].device), b, spec.bits, sum(numels),
+                                              spec.code)
             for i, part in zip(idx, flat.split(numels)):
                 views[i][k] = part.view(gs[i].shape)
             flats[k] = flat
@@ -451,7 +453,8 @@ class Quantized(MomentRule):
         for (k, shape), idx in stacked.items():
             whole = Q.dequantize_rank1_4bit(
                 torch.cat([states[i][k] for i in idx]), torch.stack([states[i][k + "_rowmax"] for i in idx]),
-                torch.stack([states[i][k + "_colmax"] for i in idx]), Q.code_map(self.specs[k].code, gs[idx[0]].device))
+                torch.stack([states[i][k + "_colmax"] for i in idx]), Q.code_map(self.specs[k].code, gs[idx[0]].device),
+                self.specs[k].code)
             for i, part in zip(idx, whole):
                 views[i][k] = part
             stacks[(k, shape)] = whole

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -62,11 +63,17 @@ def topk_layout(d: int, block_size: int, density: float) -> TopKLayout:
 
 
 def global_indices(local: Tensor, layout: TopKLayout) -> Tensor:
-    """Flat positions of block-relative indices ``local`` (``[..., k]``) as int64."""
-    offsets = torch.arange(layout.full_blocks, device=local.device).repeat_interleave(layout.k_block) * layout.block
+    """Flat positions of block-relative indices ``local`` (``[..., k]``) as int64: entry ``j`` of the full
+    blocks gets its block's start ``(j // k_block) block``, the last partial block's ``full_blocks block``.
+    Added in place to the int64 copy of ``local`` (a new tensor), the starts broadcast over each block's
+    ``k_block`` entries (three operations, no ``[k]`` offset tensor)."""
+    flat = local.long()
+    fb, kb = layout.full_blocks, layout.k_block
+    starts = torch.arange(0, fb * layout.block, layout.block, device=local.device)
+    flat[..., : fb * kb].unflatten(-1, (fb, kb)).add_(starts.unsqueeze(1))
     if layout.k_last:
-        offsets = torch.cat([offsets, offsets.new_full((layout.k_last,), layout.full_blocks * layout.block)])
-    return local.long() + offsets
+        flat[..., fb * kb :].add_(fb * layout.block)
+    return flat
 
 
 def blockwise_topk(a: Tensor, layout: TopKLayout) -> Tensor:
@@ -103,10 +110,17 @@ def age_weights(t: int, m: int, beta: float, device) -> Tensor:
 
     Row ``i`` was written at the last step ``s <= t`` with ``(s - 1) mod m = i``; its age is
     ``r_i = (t - 1 - i) mod m`` (the reference kernel's exponent). Lines 10-11's coefficients.
+    Computed on ``device`` from Python numbers (no host-to-device copy) and kept for the step's other
+    tensors and chunks (the last few ``(t, m, beta, device)``; read-only).
     """
+    return _age_weights(int(t), int(m), float(beta), str(torch.device(device)))
+
+
+@lru_cache(maxsize=16)
+def _age_weights(t: int, m: int, beta: float, device: str) -> Tensor:
     rows = torch.arange(m, device=device, dtype=torch.float64)
     age = torch.remainder(t - 1 - rows, m)
-    w = torch.pow(torch.tensor(beta, dtype=torch.float64, device=device), age) * ((1 - beta) / (1 - beta**t))
+    w = torch.pow(beta, age) * ((1 - beta) / (1 - beta**t))  # (the base a float64 scalar, as a 0-dim tensor was)
     return torch.where(rows < min(t, m), w, torch.zeros_like(w)).float()
 
 
@@ -160,7 +174,8 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
     rows, d = g.shape
     b = quant_block_size
     width = -(-d // b) * b
-    levels = Q.lookup_4bit(error.reshape(-1), Q._LEVELS.to(error.device), error.numel() * 2).view(rows, -1)[:, :d]
+    levels = Q.lookup_4bit_pairs(error.reshape(-1), Q.lookup_pairs("levels", str(error.device)),
+                                 error.numel() * 2).view(rows, -1)[:, :d]
     q = _padded_rows(levels, width).reshape(-1, b)
     unit = (err_hi - err_lo).reshape(-1) / 15.0
     decoded = err_lo.reshape(-1).unsqueeze(1) + q * unit.unsqueeze(1)
@@ -184,8 +199,8 @@ def window_direction_rows(indices: Tensor, values: Tensor, w1: Tensor, w2: Tenso
     """:func:`window_direction` (lines 10-12) of ``T`` tensors of one ``layout``: ``indices`` /
     ``values [T, m, k]``; returns ``[T, d]`` float32, each row equal to its tensor's direction."""
     rows = indices.shape[0]
-    flat = (global_indices(indices, layout)
-            + torch.arange(rows, device=indices.device).mul_(layout.d).view(rows, 1, 1)).reshape(-1)
+    flat = global_indices(indices, layout)  # (a new int64 tensor: each row's start added in place)
+    flat = flat.add_(torch.arange(0, rows * layout.d, layout.d, device=indices.device).view(rows, 1, 1)).reshape(-1)
     vals = values.to(torch.float32, copy=True)
     m_acc = torch.zeros(rows * layout.d, dtype=torch.float32, device=values.device)
     v_acc = torch.zeros_like(m_acc)

@@ -52,8 +52,25 @@ def _code_map_cpu(name: str) -> Tensor:
 
 
 def code_map(name: str, device: torch.device | str = "cpu") -> Tensor:
-    """The sorted float32 code values of map ``name`` (256 for 8-bit maps, 16 for 4-bit maps)."""
+    """The sorted float32 code values of map ``name`` (256 for 8-bit maps, 16 for 4-bit maps), made once per
+    device and kept (no host-to-device copy per step or chunk; read-only: callers must not write to it)."""
+    return _code_map_on(name, str(torch.device(device)))
+
+
+@lru_cache(maxsize=None)
+def _code_map_on(name: str, device: str) -> Tensor:
     return _code_map_cpu(name).to(device)
+
+
+@lru_cache(maxsize=None)
+def lookup_pairs(name: str, device: str) -> Tensor:
+    """The ``256 x 2`` table :func:`lookup_4bit` gathers from, for the 16 values of 4-bit code map ``name``
+    (or ``"levels"``: the integers ``0..15`` as float32, :func:`dequantize_minmax_4bit`'s), made once per
+    device and kept (read-only)."""
+    values = _LEVELS if name == "levels" else _code_map_cpu(name)
+    if values.numel() != 16:
+        raise ValueError(f"lookup_pairs: map {name!r} has {values.numel()} values; a 4-bit map has 16")
+    return _pairs(values).to(device)
 
 
 def num_blocks(n: int, block_size: int) -> int:
@@ -80,10 +97,12 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, block_size: int, name: str 
     flat = x.reshape(-1).float().contiguous()
     if name is not None and flat.device.type == "cpu":
         return quantize_blockwise_8bit_table(flat, name, block_size)
-    import bitsandbytes.functional as bnbF
+    import bitsandbytes.functional  # noqa: F401  (registers the torch.ops.bitsandbytes operators)
 
-    codes, qstate = bnbF.quantize_blockwise(flat, code=code, blocksize=block_size)
-    return codes, qstate.absmax.float()
+    # the operator bitsandbytes.functional.quantize_blockwise calls, without that wrapper's copy of the code
+    # map into its QuantState (one kernel per call on a GPU): the same codes and absmax
+    codes, absmax = torch.ops.bitsandbytes.quantize_blockwise.default(flat, code, block_size)
+    return codes, absmax.float()
 
 
 # bitsandbytes' CPU quantize_blockwise (0.50, csrc/cpu_ops.cpp, quantize_cpu_impl): the normalized value
@@ -225,8 +244,12 @@ def nearest_linear4(normalized: Tensor) -> Tensor:
     ``[-1.5, 0]`` and above it stays above 15, which the clamp maps as the exact value would. NaN
     gives 15 (as the search), infinities 0 and 15. About 5x faster than the search on CPU.
     """
-    y = normalized.mul(16.0).sub_(1.5).ceil_()
-    return y.nan_to_num_(15.0).clamp_(0.0, 15.0).to(torch.int32)
+    return _nearest_linear4_float(normalized).to(torch.int32)
+
+
+def _nearest_linear4_float(normalized: Tensor) -> Tensor:
+    """:func:`nearest_linear4` before its int32 conversion: float32 integers ``0..15``."""
+    return normalized.mul(16.0).sub_(1.5).ceil_().nan_to_num_(15.0).clamp_(0.0, 15.0)
 
 
 _CELLS_PER_UNIT = 512  # cell width 1/512, below the smallest gap between dynamic4_signed's midpoints (0.0054)
@@ -271,11 +294,15 @@ def nearest_by_cells(normalized: Tensor, name: str) -> Tensor:
 
 
 def pack_4bit(idx: Tensor) -> Tensor:
-    """Two 4-bit codes per byte: element ``2i`` in the high nibble, ``2i + 1`` in the low nibble."""
+    """Two 4-bit codes per byte: element ``2i`` in the high nibble, ``2i + 1`` in the low nibble.
+
+    ``idx``: codes ``0..15`` of any integer or float dtype (floats holding those integers), converted to
+    ``uint8`` first; the byte ``16 idx[2i] + idx[2i + 1]`` (at most 255: exact in ``uint8``) is then one
+    add, two operations in all (not a conversion, a shift and an or)."""
     idx = idx.reshape(-1).to(torch.uint8)
     if idx.numel() % 2:
         idx = torch.cat([idx, idx.new_zeros(1)])
-    return (idx[0::2] << 4) | idx[1::2]
+    return torch.add(idx[1::2], idx[0::2], alpha=16)
 
 
 def unpack_4bit(packed: Tensor, n: int) -> Tensor:
@@ -288,7 +315,16 @@ def lookup_4bit(packed: Tensor, values: Tensor, n: int) -> Tensor:
     """``values[unpack_4bit(packed, n)]`` (16 values, e.g. a code map) without unpacking: one gather per
     byte from the 256 x 2 table of ``(values[b >> 4], values[b & 15])``, the same elements (about 4x
     faster on CPU than unpacking to int32 and indexing)."""
-    pairs = torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
+    return lookup_4bit_pairs(packed, _pairs(values), n)
+
+
+def _pairs(values: Tensor) -> Tensor:
+    """``[256, 2]``: row ``b`` is ``(values[b >> 4], values[b & 15])``."""
+    return torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
+
+
+def lookup_4bit_pairs(packed: Tensor, pairs: Tensor, n: int) -> Tensor:
+    """:func:`lookup_4bit` with its ``256 x 2`` table given (:func:`lookup_pairs`: kept per device)."""
     return pairs.index_select(0, packed.int()).view(-1)[:n]
 
 
@@ -301,15 +337,27 @@ def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int, name: str 
     """
     n = x.numel()
     blocks = _blocks(x, block_size)
-    absmax = blocks.abs().amax(dim=1)
+    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)  # max |x| of each block: abs().amax() in one pass
     normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    idx = nearest_code(normalized.reshape(-1)[:n], code, name)
-    return pack_4bit(idx), absmax
+    return nearest_packed(normalized.reshape(-1)[:n], code, name), absmax
 
 
-def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, block_size: int, n: int) -> Tensor:
-    """Inverse of :func:`quantize_blockwise_4bit`: ``x = code[q] * N_b`` (flat float32 of ``n`` values)."""
-    values = _blocks(lookup_4bit(packed, code, n), block_size)
+def nearest_packed(normalized: Tensor, code: Tensor, name: str | None = None) -> Tensor:
+    """``pack_4bit(nearest_code(normalized, code, name))``: the packed codes of the flat ``normalized``. For
+    ``"linear4_nozero"`` the codes stay float32 (:func:`nearest_linear4`'s value before its int32
+    conversion, an integer ``0..15``) and are packed from there: the same bytes, two conversions fewer."""
+    if name == "linear4_nozero":
+        return pack_4bit(_nearest_linear4_float(normalized))
+    return pack_4bit(nearest_code(normalized, code, name))
+
+
+def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, block_size: int, n: int,
+                              name: str | None = None) -> Tensor:
+    """Inverse of :func:`quantize_blockwise_4bit`: ``x = code[q] * N_b`` (flat float32 of ``n`` values).
+    ``name``: the map's name when ``code`` is :func:`code_map` of it (its lookup table is then kept per device,
+    :func:`lookup_pairs`)."""
+    pairs = lookup_pairs(name, str(packed.device)) if name is not None else _pairs(code)
+    values = _blocks(lookup_4bit_pairs(packed, pairs, n), block_size)
     return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
 
 
@@ -317,7 +365,7 @@ def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, bloc
 
 
 def dequantize_blockwise_cat(codes: list[Tensor], absmax: list[Tensor], code: Tensor, block_size: int, bits: int,
-                             n: int) -> Tensor:
+                             n: int, name: str | None = None) -> Tensor:
     """The blockwise codes of several tensors decoded in one call: flat float32 of their ``n`` values
     in all, one after another.
 
@@ -333,7 +381,7 @@ def dequantize_blockwise_cat(codes: list[Tensor], absmax: list[Tensor], code: Te
                          " every tensor must hold whole blocks")
     if bits == 8:
         return dequantize_blockwise_8bit(cat_codes, cat_absmax, code, block_size)
-    return dequantize_blockwise_4bit(cat_codes, cat_absmax, code, block_size, n)
+    return dequantize_blockwise_4bit(cat_codes, cat_absmax, code, block_size, n, name)
 
 
 def quantize_blockwise_split(x: Tensor, code: Tensor, block_size: int, bits: int, numels: list[int],
@@ -388,14 +436,16 @@ def quantize_rank1_4bit(
     if col_max is None:
         col_max = x.amax(dim=-2)
     scale = rank1_scale(row_max, col_max).clamp(min=torch.finfo(torch.float32).tiny)
-    idx = nearest_code((x / scale).reshape(-1), code, name)
-    return pack_4bit(idx), row_max, col_max
+    return nearest_packed((x / scale).reshape(-1), code, name), row_max, col_max
 
 
-def dequantize_rank1_4bit(packed: Tensor, row_max: Tensor, col_max: Tensor, code: Tensor) -> Tensor:
-    """Inverse of :func:`quantize_rank1_4bit`: ``x_ij = code[q_ij] min(r_i, c_j)``, shape ``[..., m, n]``."""
+def dequantize_rank1_4bit(packed: Tensor, row_max: Tensor, col_max: Tensor, code: Tensor,
+                          name: str | None = None) -> Tensor:
+    """Inverse of :func:`quantize_rank1_4bit`: ``x_ij = code[q_ij] min(r_i, c_j)``, shape ``[..., m, n]``.
+    ``name``: as :func:`dequantize_blockwise_4bit`'s."""
     scale = rank1_scale(row_max, col_max)
-    return lookup_4bit(packed, code, scale.numel()).view(scale.shape) * scale
+    pairs = lookup_pairs(name, str(packed.device)) if name is not None else _pairs(code)
+    return lookup_4bit_pairs(packed, pairs, scale.numel()).view(scale.shape) * scale
 
 
 # ---- asymmetric min/max 4-bit (MicroAdam's error feedback) ----------------------------------
@@ -435,7 +485,7 @@ def minmax_levels(blocks: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 def dequantize_minmax_4bit_blocks(packed: Tensor, lo: Tensor, hi: Tensor, block_size: int, n: int) -> Tensor:
     """:func:`dequantize_minmax_4bit` as ``[num_blocks, block_size]`` (the padding reads ``delta``)."""
-    q = _blocks(lookup_4bit(packed, _LEVELS.to(packed.device), n), block_size)  # the integers 0..15, as float32
+    q = _blocks(lookup_4bit_pairs(packed, lookup_pairs("levels", str(packed.device)), n), block_size)  # 0..15, float32
     unit = (hi - lo) / 15.0
     return lo.unsqueeze(1) + q * unit.unsqueeze(1)
 
