@@ -639,7 +639,8 @@ class FactoredMoments(MomentRule):
     def foreach_bucket_transient_bytes(self, numel, members, group=None):
         """:func:`~lowmem.optim.functional.adafactor_foreach_` of a bucket whose ``members`` are
         ``(elements, state)``: the largest group's two float32 tensors and its statistics
-        (:func:`adafactor_groups_bytes`); each group's are freed before the next one's. Plus the step
+        (:func:`adafactor_groups_bytes`, grouped as on the statistics' device: every same-shape set
+        stacked off the CPU, :func:`_stacking`); each group's are freed before the next one's. Plus the step
         sizes, at most four float32 per member (:func:`~lowmem.optim.functional.adafactor_lr_foreach`'s
         norms, scales and step sizes, a group's copy of them and of ``lr wd``; measured 8-12 B)."""
         layouts = [(_second_moment_layout(st), n) for n, st in members]
