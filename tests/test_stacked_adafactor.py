@@ -9,7 +9,6 @@ path) the launches of a step do not grow with the number of same-shape tensors."
 
 from __future__ import annotations
 
-import collections
 import warnings
 
 import pytest
