@@ -169,6 +169,7 @@ PIECES_WHOLE = [("adafactor", {}), ("adam_mini", {}), ("microadam", {}), ("adamw
 def _report(shapes, name, hp):
     ps = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in shapes]
     opt = create_optimizer(ps, name, **hp)
+    opt.chunk_numel = 2**19  # the CPU's chunk (meta tensors default to the GPU's, 2^24)
     opt.materialize_state()
     return opt
 

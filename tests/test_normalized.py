@@ -262,6 +262,7 @@ def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
         for shape in ((4096, 4096), (8192, 8192)):
             p = nn.Parameter(torch.empty(shape, device="meta"))
             opt = create_optimizer([p], name, **hp)
+            opt.chunk_numel = 2**19  # the CPU's chunk (meta tensors default to the GPU's, 2^24)
             opt.materialize_state()
             sizes[(name, hp.get("scale_role"), shape)] = opt.step_transient_bytes()
     # (the weight's pieces pass through foreach buckets of 2^19 elements, but it is stepped whole from

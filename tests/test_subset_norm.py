@@ -279,6 +279,7 @@ def test_step_transient_on_meta_is_bounded_by_the_chunk():
     for shape in ((4096, 4096), (8192, 8192), (2048, 8192)):
         p = torch.nn.Parameter(torch.empty(shape, device="meta"))
         opt = create_optimizer([p], "adamw_sn")
+        opt.chunk_numel = 2**19  # the CPU's chunk (meta tensors default to the GPU's, 2^24)
         opt.materialize_state()
         sizes[shape] = opt.step_transient_bytes()
         opt.chunk_numel = None

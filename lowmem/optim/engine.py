@@ -48,7 +48,9 @@ chunk's state is decoded, updated, encoded and applied to the parameter's chunk,
 float32 temporary exists; per-tensor statistics (Stable-SPAM's ``max |g|`` and norm) come from
 reductions over the chunks first. ``chunk_numel = None`` steps every parameter whole (the
 reference the chunked path is tested equal to). Foreach buckets hold at most ``chunk_numel``
-elements. :meth:`LowMemOptimizer.step_transient_bytes` reports the largest transient of a step.
+elements. :meth:`LowMemOptimizer.step_transient_bytes` reports the largest transient of a step. The
+default chunk depends on each parameter's device (:func:`default_chunk_numel`: 2^19 elements on the
+CPU, 2^24 elsewhere, where smaller chunks make the step launch-bound).
 """
 
 from __future__ import annotations
@@ -75,9 +77,37 @@ from .subspace import CombineRule, DropResidual, ProjectBack, Projection, Residu
 
 LRRule = Callable[[dict, dict, Tensor, float], "float | Tensor"]
 
-# Elements per chunk of the chunked step: about 20 MiB of transients for AdamW8bit-4bit, at the step
-# time of the unchunked step (measured on one 8192 x 8192 weight, docs/memory.md).
+# Elements per chunk of the chunked step on the CPU: about 20 MiB of transients for AdamW8bit-4bit, at the
+# step time of the unchunked step (measured on one 8192 x 8192 weight, docs/memory.md).
 DEFAULT_CHUNK_NUMEL = 2**19
+# Elements per chunk on any other device (CUDA; meta and fake CUDA tensors too, so that the estimator and the
+# launch audit follow the GPU's path). On an H200 the CPU's chunks made the step launch-bound: AdamW 105.6 ms
+# with 6,033 launches vs 10.2 ms with 177 (whole tensors), i.e. ~16 us per launch of this engine (kernel and the
+# Python issuing it). An element-wise float32 pass moves ~8 B per element: ~28 us for 2^24 elements at the H200's
+# ~4.8 TB/s, so from 2^24 on a kernel's work outweighs its launch (2^22: 7 us, still launch-bound; 2^26: launches
+# <= 13% of the time, but 4x the transient). Kernels per step / step_transient_bytes() on a 368M Llama (meta
+# tensors, CUDA's path; docs/memory.md, "The chunk on a GPU"), at 2^19 / 2^22 / 2^24 / 2^26 / whole: adamw4bit
+# 42,015 / 6,187 / 1,375 / 357 / 72 kernels, 12.5 / 128 / 512 / 2,048 / 11,408 MiB; adamw8bit (its own path)
+# 15,015 / 2,155 / 511 / 141 / 36, 8 / 73 / 289 / 1,153 / 6,418 MiB. 2^24 bounds the largest transient (4-bit
+# moments, 32 B per element of a chunk) at 512 MiB: 0.4% of an H200, 2% of a 24 GB card.
+DEVICE_CHUNK_NUMEL = 2**24
+
+
+def default_chunk_numel(device: torch.device | str) -> int:
+    """The default :attr:`LowMemOptimizer.chunk_numel` of a parameter on ``device``:
+    :data:`DEFAULT_CHUNK_NUMEL` on the CPU, :data:`DEVICE_CHUNK_NUMEL` on any other device."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return DEFAULT_CHUNK_NUMEL if kind == "cpu" else DEVICE_CHUNK_NUMEL
+
+
+class _ByDevice:
+    """The default of :attr:`LowMemOptimizer.chunk_numel`: each parameter's device's (:func:`default_chunk_numel`)."""
+
+    def __repr__(self) -> str:
+        return "BY_DEVICE"
+
+
+BY_DEVICE = _ByDevice()
 
 
 @dataclass(frozen=True)
@@ -299,20 +329,57 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     recipe: Recipe
     skip_nonfinite: bool = True
-    _chunk_numel: int | None = DEFAULT_CHUNK_NUMEL
+    _chunk_numel: int | None | _ByDevice = BY_DEVICE
 
     @property
     def chunk_numel(self) -> int | None:
         """Largest number of elements of a parameter stepped at once (rounded down to whole
         quantization / top-k blocks, at least one), and the largest foreach bucket. ``None``: every
-        parameter in one piece (the reference path). Default :data:`DEFAULT_CHUNK_NUMEL`."""
-        return self._chunk_numel
+        parameter in one piece (the reference path). A value set applies to every parameter.
+
+        Default: by each parameter's device (:func:`default_chunk_numel`): :data:`DEFAULT_CHUNK_NUMEL`
+        (``2**19``) on the CPU, :data:`DEVICE_CHUNK_NUMEL` (``2**24``) elsewhere (CUDA, and the meta /
+        fake tensors the estimator sizes a GPU run on); :meth:`chunk_numel_for` gives a device's value.
+        Read while unset, it is the value of the parameters' device; ``del opt.chunk_numel`` restores
+        the default.
+
+        Raises:
+            ValueError: Read while unset on an optimizer whose parameters are on devices with
+                different defaults (each parameter uses its own device's: :meth:`chunk_numel_for`).
+        """
+        value = self._chunk_numel
+        if value is not BY_DEVICE:
+            return value
+        found = {local(p).device.type for g in self.param_groups for p in g["params"]}
+        values = {default_chunk_numel(torch.device(kind)) for kind in found}
+        if len(values) > 1:
+            raise ValueError(f"chunk_numel of optimizer '{self.recipe.name}' is not set and its parameters are on"
+                             f" devices {sorted(found)} with different defaults; each parameter is stepped with its"
+                             " device's (chunk_numel_for(device)), or set one value for all")
+        return values.pop() if values else DEFAULT_CHUNK_NUMEL
 
     @chunk_numel.setter
     def chunk_numel(self, value: int | None) -> None:
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ValueError(f"Invalid chunk_numel={value!r} for optimizer '{self.recipe.name}': expected None or an int > 0.")
         self._chunk_numel = value
+
+    @chunk_numel.deleter
+    def chunk_numel(self) -> None:
+        self.__dict__.pop("_chunk_numel", None)  # back to the class's default: by device
+
+    def chunk_numel_for(self, device: torch.device | str) -> int | None:
+        """The :attr:`chunk_numel` a parameter on ``device`` is stepped with: the value set, else
+        :func:`default_chunk_numel` of ``device``."""
+        return self._chunk(device if isinstance(device, torch.device) else torch.device(device))
+
+    def _chunk(self, device: torch.device) -> int | None:
+        """:meth:`chunk_numel_for` of a ``torch.device`` (every use in the step and its accounting
+        resolves the chunk by the parameter's own device here)."""
+        value = self._chunk_numel
+        if value is not BY_DEVICE:
+            return value
+        return DEFAULT_CHUNK_NUMEL if device.type == "cpu" else DEVICE_CHUNK_NUMEL
 
     def __init__(self, params: Iterable[Any], recipe: Recipe | None = None, **hparams: Any):
         recipe = recipe if recipe is not None else getattr(type(self), "recipe", None)
@@ -531,8 +598,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     # as step() fills them: one open bucket, a new one for another group or device or
                     # beyond chunk_numel projected elements
                     item = self._projected_bytes(p, group, state, steady)
+                    chunk = self._chunk(p.device)
                     if low_bucket and (low_key != (id(group), p.device) or (
-                            self.chunk_numel is not None and sum(b.numel for b in low_bucket) + item.numel > self.chunk_numel)):
+                            chunk is not None and sum(b.numel for b in low_bucket) + item.numel > chunk)):
                         worst = max(worst, self._low_bucket_bytes(low_bucket))
                         low_bucket = []
                     low_key = (id(group), p.device)
@@ -549,7 +617,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         whole = self.recipe.moment.steps_pieces_whole(p.shape, group, state)
                     for start, stop in self._foreach_pieces(p):
                         # (the pieces still fill the buckets as step() fills them)
-                        key = self._bucket_key(sizes, (id(group), p.device), stop - start)
+                        key = self._bucket_key(sizes, (id(group), p.device), stop - start, self._chunk(p.device))
                         buckets[key] = buckets.get(key, 0) + (0 if whole else stop - start)
                         bucket_groups[key] = group
                         if not whole:
@@ -631,8 +699,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         numel = low_shape.numel()
         plain = P.transient_bytes(p.shape, group, state, refresh=False)  # the projected gradient (and more)
         step = plain + r.moment.transient_bytes(numel, low_shape, group, state)
-        rows = p.shape[0] if self.chunk_numel is None else max(b - a for a, b in self._row_bounds(p.shape))
-        if self.chunk_numel is not None and not r.stabilizers:
+        chunk = self._chunk(p.device)
+        rows = p.shape[0] if chunk is None else max(b - a for a, b in self._row_bounds(p.shape, chunk))
+        if chunk is not None and not r.stabilizers:
             # low-precision gradients go down and come back a block of rows at a time; only a refresh
             # converts the whole gradient
             refresh_copy, copies = copies, 4 * rows * p.shape[1] * lowp
@@ -649,7 +718,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # the multi-tensor path (no stabilizers): unchunked, the float32 copies of the gradient and the
         # parameter live from the project-down to the combine-back; chunked, a block of rows is converted
         extra = max(0, plain - 4 * numel)  # the projection's beyond the projected gradient (online PCA's basis step)
-        if self.chunk_numel is None:
+        if chunk is None:
             held = copies + p_copy
             return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), combine + extra, alone, low_shape, state)
         return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), copies + p_copy + combine + extra, alone,
@@ -827,13 +896,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 else:
                     pieces, device = route.pieces, route.device
                 if not self.recipe.stabilizers and len(pieces) == 1:  # the common case: a whole tensor, one piece
-                    bkey = self._bucket_key(sizes, (id(group), t, device, 1), pieces[0][1])  # (lr scale 1)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, 1), pieces[0][1], self._chunk(device))  # (lr scale 1)
                     buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
                     continue
                 stabilize = self._foreach_stabilizers(grad, group, state, t, pieces) if self.recipe.stabilizers else None
                 lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
                 for start, stop in pieces:  # a large tensor joins the buckets chunk by chunk
-                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale), stop - start)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale), stop - start, self._chunk(device))
                     if stabilize is not None and buckets and bkey not in buckets:
                         # stabilized gradients are new tensors: one bucket of them alive at a time
                         self._step_bucket(*buckets.popitem())
@@ -1033,7 +1102,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if numel > budget:
                 continue
             budget -= numel
-            lows[id(p)] = (P.down_rows(grad, state, group, self._row_bounds(p.shape)) if grad.dtype != torch.float32
+            lows[id(p)] = (P.down_rows(grad, state, group, self._row_bounds(p.shape, self._chunk(p.device)))
+                           if grad.dtype != torch.float32
                            else P.down(grad, state, group))
         return lows
 
@@ -1054,16 +1124,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return budget
 
     def _foreach_pieces(self, p: Tensor) -> list[tuple[int, int]]:
-        n = p.numel()
-        if self.chunk_numel is None or n <= self.chunk_numel:
+        """Flat ``[start, stop)`` pieces ``p`` joins the foreach buckets in: at most ``chunk_numel``
+        elements each (``p``'s device's, :meth:`_chunk`)."""
+        n, chunk = p.numel(), self._chunk(p.device)
+        if chunk is None or n <= chunk:
             return [(0, n)]
-        return [(a, min(a + self.chunk_numel, n)) for a in range(0, n, self.chunk_numel)]
+        return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
 
-    def _bucket_key(self, sizes: dict[tuple, int], base: tuple, numel: int) -> tuple:
-        """The foreach bucket of a tensor of ``numel`` elements: buckets of ``base`` fill up to
-        ``chunk_numel`` elements, then a new one starts (the bucket's temporaries are its size)."""
+    @staticmethod
+    def _bucket_key(sizes: dict[tuple, int], base: tuple, numel: int, chunk: int | None) -> tuple:
+        """The foreach bucket of a tensor of ``numel`` elements: buckets of ``base`` (its device
+        included) fill up to ``chunk`` elements (that device's ``chunk_numel``), then a new one starts
+        (the bucket's temporaries are its size)."""
         index, used = sizes.get(base, (0, 0))
-        if self.chunk_numel is not None and used > 0 and used + numel > self.chunk_numel:
+        if chunk is not None and used > 0 and used + numel > chunk:
             index, used = index + 1, 0
         sizes[base] = (index, used + numel)
         return (*base, index)
@@ -1079,7 +1153,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         from its first piece: :meth:`~lowmem.optim.moments.MomentRule.steps_pieces_whole`).
         ``grad=None``: the gradient is assumed dense, contiguous and of the parameter's dtype."""
         r = self.recipe
-        large = self.chunk_numel is not None and p.numel() > self.chunk_numel
+        chunk = self._chunk(p.device)
+        large = chunk is not None and p.numel() > chunk
         return (
             group.get("foreach") is not False
             and r.moment.supports_foreach_for(p.shape, group, {} if state is None else state)
@@ -1134,7 +1209,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         first = bucket[0]
         if first.group is not group or first.t != t or first.low.device != device:
             return False
-        return self.chunk_numel is None or sum(b.low.numel() for b in bucket) + numel <= self.chunk_numel
+        chunk = self._chunk(device)
+        return chunk is None or sum(b.low.numel() for b in bucket) + numel <= chunk
 
     def _step_low_bucket(self, bucket: list[_Projected]) -> None:
         """The moment rule on every projected gradient of ``bucket`` at once, then each parameter's
@@ -1157,8 +1233,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         element-wise (the moment rule's :meth:`~lowmem.optim.moments.MomentRule.chunk_align` is
         ``None``, a stabilizer is not ``chunkable``, the learning-rate rule reads the parameter), or
         a tensor is not contiguous."""
-        r = self.recipe
-        if self.chunk_numel is None or self._is_projected(p, group):
+        r, chunk = self.recipe, self._chunk(p.device)
+        if chunk is None or self._is_projected(p, group):
             return None
         if not all(s.chunkable for s in r.stabilizers):
             return None
@@ -1170,7 +1246,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if align is None:
             return None
         n = p.numel()
-        size = max(align, self.chunk_numel // align * align)
+        size = max(align, chunk // align * align)
         return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     def _update_chunked(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
@@ -1210,10 +1286,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
             del d, view
         r.moment.finish_chunks(state, mctx)
 
-    def _row_bounds(self, shape: torch.Size) -> list[tuple[int, int]]:
-        """Row chunks of a projected parameter's combine-back: ``chunk_numel // n`` rows each (at least 1)."""
+    @staticmethod
+    def _row_bounds(shape: torch.Size, chunk: int) -> list[tuple[int, int]]:
+        """Row chunks of a projected parameter's combine-back: ``chunk // n`` rows each (at least 1;
+        ``chunk``: the parameter's device's ``chunk_numel``)."""
         m, n = shape
-        rows = max(1, self.chunk_numel // max(n, 1))
+        rows = max(1, chunk // max(n, 1))
         return [(a, min(a + rows, m)) for a in range(0, m, rows)]
 
     def _combine_rows(self, p: Tensor, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
@@ -1222,7 +1300,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ``p``, a block of rows at a time (no full-size direction): the rule's whole-tensor statistics
         come first (``prepare``), the basis is updated last (``post_update``)."""
         r, P = self.recipe, self.recipe.projection
-        bounds = self._row_bounds(p.shape)
+        bounds = self._row_bounds(p.shape, self._chunk(p.device))
         lr_scale = math.prod(s.lr_scale(state, group, t) for s in r.stabilizers)
         wd = group.get("weight_decay", 0.0)  # a recipe without the hyperparameter does not decay
         # a direction c * P.up(d_low) on a float32 parameter (GaLore): the step is one GEMM,
@@ -1306,7 +1384,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         t = _advance_step(state["step"])
 
         if (projected_grad is None and reduce is None and not r.stabilizers and not self._is_projected(p, group)
-                and r.moment.fused_step_(p, grad, group, state, t, r.lr_rule(group, state, p, t), self.chunk_numel)):
+                and r.moment.fused_step_(p, grad, group, state, t, r.lr_rule(group, state, p, t), self._chunk(p.device))):
             return  # (a fused kernel stepped p and its state: adamw8bit's fused, Quantized.fused_step_)
         if projected_grad is None:
             bounds = self._chunk_bounds(p, group, state, grad)
@@ -1338,7 +1416,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """Whether :meth:`_project_down` projects ``grad`` a block of rows at a time (a low-precision
         gradient, chunked step, no stabilizers)."""
         return (grad.dtype not in (torch.float32, torch.float64) and not self.recipe.stabilizers
-                and self.chunk_numel is not None and p.is_contiguous() and grad.is_contiguous())
+                and self._chunk(p.device) is not None and p.is_contiguous() and grad.is_contiguous())
 
     def _project_down(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
                       projected_grad: Tensor | None = None, low: Tensor | None = None) -> _Projected:
@@ -1353,7 +1431,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if low is None:
                 if P.refresh_due(state, group, int(t)):
                     self._refresh(p, grad.float(), state, group, int(t))
-                low = P.down_rows(grad, state, group, self._row_bounds(p.shape))
+                low = P.down_rows(grad, state, group, self._row_bounds(p.shape, self._chunk(p.device)))
             lr = r.lr_rule(group, state, p if r.lr_rule is constant_lr else p.float(), t)
             return _Projected(p, grad, low, state, group, t, lr, p, True, None)
         g = F.compute_float(grad)
@@ -1366,7 +1444,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 low = P.down(g, state, group)
         else:
             low = projected_grad.float()
-        rows = self.chunk_numel is not None and p.is_contiguous()
+        rows = self._chunk(p.device) is not None and p.is_contiguous()
         # the chunked combine-back converts the parameter a block of rows at a time
         p32 = p if p.dtype in (torch.float32, torch.float64) or (rows and r.lr_rule is constant_lr) else p.float()
         lr = r.lr_rule(group, state, p32, t)
