@@ -1383,7 +1383,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._init_state(p, group, state, key=key if reduce is not None else None)
         t = _advance_step(state["step"])
 
+        # (a fused step decays in the rule's own order, foreach_decays_after: only where the recipe's agrees)
         if (projected_grad is None and reduce is None and not r.stabilizers and not self._is_projected(p, group)
+                and r.decay_after_update == r.moment.foreach_decays_after
                 and r.moment.fused_step_(p, grad, group, state, t, r.lr_rule(group, state, p, t), self._chunk(p.device))):
             return  # (a fused kernel stepped p and its state: adamw8bit's fused, Quantized.fused_step_)
         if projected_grad is None:
