@@ -39,11 +39,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (all linear layers unless --lora-targets)")
     p.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-layer activation checkpointing (default: off; with --trainer, TRL's default: on)")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="N",
                    help="micro-batches per optimizer step (default 1: the gradients fill as backward frees the activations; "
                    "above 1 every gradient is live with the next micro-batches' activations)")
     p.add_argument("--layerwise", action="store_true", help="per-parameter stepping in the backward pass")
+    p.add_argument("--trainer", default=None, choices=["sft", "dpo", "grpo"],
+                   help="lowmem's TRL trainer (GVPO / BNPO: grpo): TRL's fused LM head instead of logits; dpo: --batch-size "
+                   "pairs, chosen and rejected in one forward, and the reference model; grpo: --batch-size completions of "
+                   "--seq-len tokens (prompt + completion) and the generation's KV cache. Estimate only")
+    p.add_argument("--reference", default=None, choices=["copy", "adapter", "none"],
+                   help="with --trainer dpo/grpo: the reference model, a separate copy (its weights counted), the LoRA "
+                   "adapter disabled, or none (default: TRL's: dpo copy, or adapter with --lora-r; grpo none, beta=0)")
+    p.add_argument("--generation-batch-size", type=int, default=None, metavar="N",
+                   help="with --trainer grpo: completions generated together on a device (default batch x accumulation)")
+    p.add_argument("--max-completion-length", type=int, default=None, metavar="N",
+                   help="with --trainer grpo: generated tokens per completion, within --seq-len (default TRL's 256)")
     p.add_argument("--budget", default=None, help="e.g. 24GiB: search optimizer, rank, quantization, checkpointing, batch")
     p.add_argument("--top", type=int, default=15, help="with --budget: how many configurations to show")
     p.add_argument("--measure", action="store_true", help="also run real steps and report what was live (CPU or CUDA)")
@@ -92,14 +104,15 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     config = resolve_config(model)
     quantized = bool(kwargs.get("quantization"))
     copies = 0 if quantized else sum(autocast_cast_bytes(config, half, kwargs.get("lora")).values())
+    # the sequences of one forward (DPO: chosen and rejected), and checkpointing as resolved (TRL's default: on)
+    seqs = kwargs.get("batch_size", 1) * (2 if kwargs.get("trainer") == "dpo" else 1)
     if quantized:
         extra = 0
-    elif kwargs.get("gradient_checkpointing"):
+    elif master.settings["gradient_checkpointing"]:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        tokens = kwargs.get("batch_size", 1) * kwargs.get("seq_len", 512)
-        extra = copies + text.num_hidden_layers * tokens * text.hidden_size * (4 - half.itemsize)
+        extra = copies + text.num_hidden_layers * seqs * kwargs.get("seq_len", 512) * text.hidden_size * (4 - half.itemsize)
     else:
-        extra = autocast_extra_saved_bytes(config, half, kwargs.get("lora"), kwargs.get("batch_size", 1), kwargs.get("seq_len", 512))
+        extra = autocast_extra_saved_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512))
     name = str(half).removeprefix("torch.")
     notes = [n for n in master.notes] + [
         f"mixed precision: float32 master weights, gradients and optimizer state; activations of a {name} autocast run: "
@@ -127,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--precision mixed needs --dtype bf16 or fp16 (the autocast dtype); fp32 is one precision")
     if args.precision == "mixed" and (args.budget or args.measure):
         raise ValueError("--precision mixed is estimated only: not with --budget or --measure")
+    if args.trainer and (args.budget or args.measure):
+        raise ValueError("--trainer is estimated only: not with --budget or --measure (lowmem train measures TRL runs: "
+                         "its metrics.json 'memory')")
     from .memory import estimate_memory
     from .memory.report import bar_chart, fmt_bytes
 
@@ -143,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, optim_args=parse_optim_args(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=args.dtype, quantization=quant, lora=lora, gradient_checkpointing=args.gradient_checkpointing, layerwise=args.layerwise,
     )
+    trainer_fields = dict(trainer=args.trainer, reference=args.reference, generation_batch_size=args.generation_batch_size,
+                          max_completion_length=args.max_completion_length)
+    common.update({k: v for k, v in trainer_fields.items() if v is not None})
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient-accumulation-steps {args.gradient_accumulation_steps}: expected an integer >= 1")
     if args.gradient_accumulation_steps > 1:
@@ -190,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         from .memory.measure import measure_memory
 
-        res = measure_memory(args.model, steps=args.steps, device=args.device, **common)
+        res = measure_memory(args.model, steps=args.steps, device=args.device,
+                             **{**common, "gradient_checkpointing": bool(args.gradient_checkpointing)})
         est = res.estimate
         if args.png:
             bar_chart([est], args.png, measured=res.measured, at_peak=res.at_peak)

@@ -63,6 +63,7 @@ def llama_activation_bytes(
     saved_inputs: frozenset[str] | set[str] | None = None,
     trainable_norms: bool = True,
     trainable_head: bool = True,
+    head_parts: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Bytes of activations live at the peak of one training step, by part.
 
@@ -88,6 +89,8 @@ def llama_activation_bytes(
         trainable_norms (`bool`, defaults to `True`): A frozen RMSNorm weight does not need the
             normalized input saved.
         trainable_head (`bool`, defaults to `True`): A frozen output head does not save its input.
+        head_parts (`dict` or `None`, defaults to `None`): ``logits`` and ``loss_backward`` of another loss head
+            (TRL's fused LM head, :func:`fused_head_bytes`) in place of the plain ``cross_entropy``'s.
 
     Returns:
         `dict[str, int]`: ``layers`` (all decoder layers, or the checkpoints plus one recomputed
@@ -122,6 +125,8 @@ def llama_activation_bytes(
         "logits": tokens * V * 4,  # the saved float32 log_softmax; the logits (``he``) and their copy are freed
         "loss_backward": tokens * V * 8,
     }
+    if head_parts is not None:
+        head.update(logits=head_parts["logits"], loss_backward=head_parts["loss_backward"])
     if gradient_checkpointing:
         # each layer keeps its input; in the backward pass one layer at a time is recomputed,
         # after the head's tensors are freed: the peak is the larger of the two moments
@@ -134,6 +139,48 @@ def llama_activation_bytes(
     parts = {"layers": layers, "lora": lora, **head, "rope": 2 * tokens * d * e}
     parts["total"] = sum(parts.values())
     return parts
+
+
+#: TRL 1.16's fused LM head (``trl.kernels.ChunkedLogProbFunction``): tokens per tile row block, and the tile width
+#: lowmem's TRL trainers use, ``min(vocab, 32768)`` (``trainers.hf.fused_head_tiles``; TRL's own is always 32768)
+FUSED_TOKEN_CHUNK, FUSED_VOCAB_CHUNK = 4096, 32768
+#: On a device without Triton (CPU) TRL folds each tile in torch: float32 temporaries of the tile's size live at once
+#: in the backward's ``_backward_tile`` (the upcast, the scaled logits, ``log_p``, ``p``, the gradient, the target
+#: mask's float copy and the products being formed). Measured (every live storage, 528 x 4000 and 300 x 1000 tiles):
+#: 7.7 (float32) and 7.25 (bf16) tile-sized float32 tensors beside the tile buffer. None on CUDA (a Triton kernel)
+FUSED_CPU_TILE_TEMPS = 8
+
+
+def fused_head_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int, compute_bytes: int, device: str,
+                     head_bytes: int = 4, trainable_head: bool = True) -> dict[str, int]:
+    """Bytes of TRL's fused LM head (``model(..., fused_lm_head=True)``: SFT, DPO, GRPO), which replaces the logits.
+
+    The forward projects ``hidden @ weight.T`` in tiles of ``[min(tokens, 4096), min(vocab, 32768)]`` into one buffer
+    and keeps per-token statistics (``ChunkedLogProbFunction.forward``); it saves the scored hidden states (gathered:
+    a copy), the targets and two float32 per-token values. Its backward (the activations' peak) allocates the float32
+    gradient of the hidden states, the tile buffer again, on CPU the tile-sized float32 temporaries of the torch fold
+    (:data:`FUSED_CPU_TILE_TEMPS`), and a float32 gradient of the head's weight, which is a copy beyond the weight's
+    gradient when the head is not float32.
+
+    Args:
+        tokens (`int`): Scored tokens of the micro-batch (at most batch x sequence).
+        vocab (`int`): Vocabulary size.
+        hidden (`int`): Hidden size.
+        act_bytes (`int`): Bytes per element of the hidden states.
+        compute_bytes (`int`): Bytes per element of the tile (the autocast dtype, else the hidden states').
+        device (`str`): ``"cpu"`` (torch fold) or ``"cuda"`` (Triton).
+        head_bytes (`int`, defaults to `4`): Bytes per element of the head's weight.
+        trainable_head (`bool`, defaults to `True`): The head's weight gets a gradient.
+
+    Returns:
+        `dict[str, int]`: ``logits`` (what the forward saves) and ``loss_backward`` (the backward's tensors).
+    """
+    tile_elems = min(tokens, FUSED_TOKEN_CHUNK) * min(vocab, FUSED_VOCAB_CHUNK)
+    saved = tokens * (hidden * act_bytes + 8 + 4 + 4)
+    backward = tokens * hidden * 4 + tile_elems * compute_bytes
+    backward += tile_elems * 4 * FUSED_CPU_TILE_TEMPS if device == "cpu" else 0
+    backward += vocab * hidden * 4 if trainable_head and head_bytes != 4 else 0
+    return {"logits": saved, "loss_backward": backward}
 
 
 #: ``model_type`` values whose decoder block :func:`llama_activation_bytes` models (RMSNorm, rotary attention,
@@ -184,6 +231,7 @@ def traced_activation_bytes(
     seq_len: int,
     gradient_checkpointing: bool = False,
     cache: dict | None = None,
+    head_parts: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Activation bytes of any decoder-only causal LM, from the tensors autograd saves in one forward pass of
     the meta ``model`` (nothing is allocated): the architecture's own code decides what is saved (attention
@@ -207,6 +255,8 @@ def traced_activation_bytes(
         cache (`dict` or `None`, defaults to `None`): ``(batch_size, seq_len) -> traced bytes`` kept between
             calls on the same model (the budget search asks for several batches and checkpointing choices). A batch
             above 2 is extrapolated from the traces at 1 and 2 (what a forward saves is affine in the batch).
+        head_parts (`dict` or `None`, defaults to `None`): ``logits`` and ``loss_backward`` of TRL's fused LM head
+            (:func:`fused_head_bytes`): the traced float32 ``log_softmax`` is replaced by its ``logits``.
 
     Returns:
         `dict[str, int]`: ``layers``, ``other`` (outside the decoder layers: embeddings, final norm, logits,
@@ -232,6 +282,9 @@ def traced_activation_bytes(
     tokens = batch_size * seq_len
     e = model.get_input_embeddings().weight.element_size()
     loss_backward = tokens * config.vocab_size * 8
+    if head_parts is not None:  # the fused head saves no logit-sized tensor
+        other = max(0, other - tokens * config.vocab_size * 4) + head_parts["logits"]
+        loss_backward = head_parts["loss_backward"]
     if gradient_checkpointing:
         head = other + loss_backward
         layer_part = tokens * len(layers) * e * config.hidden_size + max(0, max(per_layer, default=0) - head)

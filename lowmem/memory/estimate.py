@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import LINEARS, LLAMA_FAMILY, LoraShape, llama_activation_bytes, traced_activation_bytes
+from .activations import LINEARS, LLAMA_FAMILY, LoraShape, fused_head_bytes, llama_activation_bytes, traced_activation_bytes
 from .shapes import shape_config
 
 DTYPES = {
@@ -697,6 +697,80 @@ def state_bytes_at_scale(optimizer: str, model: Any = "llama-2-7b", **optim_args
             "bytes_per_param": sb / n, "how": how}
 
 
+def generation_parts(config: Any, generation_batch: int, seq_len: int, prompt_len: int, act_bytes: int,
+                     one_layer: Any) -> dict[str, int]:
+    """Bytes of ``model.generate`` on ``generation_batch`` prompts of ``prompt_len`` tokens up to ``seq_len`` tokens
+    (GRPO's generation, no gradients): the larger of the prompt's forward (``one_layer(batch, tokens)``: a no-grad
+    forward keeps one decoder layer's tensors at a time, plus the prompt's KV cache) and the end of decoding (the
+    KV cache of ``seq_len`` tokens, keys and values of every layer in the activations' dtype, plus one layer's key or
+    value tensor being concatenated: transformers' ``DynamicCache`` grows by ``torch.cat``).
+
+    Returns:
+        `dict[str, int]`: ``generation`` (the phase's bytes), ``kv_cache`` (at the end), ``prefill``.
+    """
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_token = 2 * layers * kv_heads * head_dim * act_bytes  # keys and values, every layer
+    kv_cache = generation_batch * seq_len * per_token
+    prefill = one_layer(generation_batch, prompt_len) + generation_batch * prompt_len * per_token
+    decode = kv_cache + kv_cache // (2 * max(layers, 1))
+    return {"generation": max(prefill, decode), "kv_cache": kv_cache, "prefill": prefill}
+
+
+#: ``estimate_memory(trainer=...)``: the training loops whose memory differs (``None``: a plain causal-LM loss)
+TRAINERS = (None, "sft", "dpo", "grpo")
+#: ``estimate_memory(reference=...)``: how the reference model of DPO / GRPO is held
+REFERENCES = ("copy", "adapter", "none")
+
+
+def check_trainer(trainer: str | None, reference: str | None, generation_batch_size: int | None,
+                  max_completion_length: int | None, gradient_checkpointing: bool | None, lora: bool, batch_size: int,
+                  seq_len: int, gradient_accumulation_steps: int) -> tuple[bool, str, int | None, int | None]:
+    """Validate :func:`estimate_memory`'s trainer fields and resolve their defaults (TRL 1.16's).
+
+    Returns:
+        `tuple`: ``(gradient_checkpointing, reference, generation_batch_size, max_completion_length)``, resolved.
+
+    Raises:
+        ValueError: A value outside its valid range, naming the field (see :func:`estimate_memory`).
+    """
+    if trainer not in TRAINERS:
+        raise ValueError(f"Invalid trainer={trainer!r}: expected one of {list(TRAINERS)} (GVPO / BNPO: 'grpo')")
+    if gradient_checkpointing is None:
+        gradient_checkpointing = trainer is not None  # TRL's configs default to True, transformers' Trainer to False
+    elif not isinstance(gradient_checkpointing, bool):
+        raise ValueError(f"Invalid gradient_checkpointing={gradient_checkpointing!r}: expected True, False or None")
+    if reference is not None and reference not in REFERENCES:
+        raise ValueError(f"Invalid reference={reference!r}: expected one of {list(REFERENCES)} or None (the trainer's default)")
+    if trainer not in ("dpo", "grpo"):
+        if reference not in (None, "none"):
+            raise ValueError(f"reference={reference!r} needs trainer='dpo' or 'grpo' (trainer={trainer!r} has no reference model)")
+        reference = "none"
+    elif reference is None:
+        reference = ("adapter" if lora else "copy") if trainer == "dpo" else "none"
+    if reference == "adapter" and not lora:
+        raise ValueError("reference='adapter' needs lora (the reference is the policy with its adapter disabled); "
+                         "use reference='copy' for a separate reference model")
+    for name, value in (("generation_batch_size", generation_batch_size), ("max_completion_length", max_completion_length)):
+        if value is None:
+            continue
+        if trainer != "grpo":
+            raise ValueError(f"{name}={value!r} needs trainer='grpo' (trainer={trainer!r} does not generate)")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1 or None")
+    if trainer == "grpo":
+        if generation_batch_size is None:
+            generation_batch_size = batch_size * gradient_accumulation_steps
+        if max_completion_length is None:
+            max_completion_length = 256 if seq_len > 256 else seq_len - 1
+        if not 1 <= max_completion_length < seq_len:
+            raise ValueError(f"Invalid max_completion_length={max_completion_length!r}: expected 1 <= max_completion_length "
+                             f"< seq_len={seq_len} (seq_len is prompt + completion; the prompt needs a token)")
+    return gradient_checkpointing, reference, generation_batch_size, max_completion_length
+
+
 def estimate_memory(
     model: Any,
     optimizer: str | None = "adamw",
@@ -706,11 +780,15 @@ def estimate_memory(
     dtype: str | torch.dtype = "bf16",
     quantization: Any = None,
     lora: Any = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = False,
     layerwise: bool = False,
     native_gqa: bool = True,
     device: str = "cuda",
     gradient_accumulation_steps: int = 1,
+    trainer: str | None = None,
+    reference: str | None = None,
+    generation_batch_size: int | None = None,
+    max_completion_length: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step, by component, allocating nothing.
 
@@ -732,7 +810,9 @@ def estimate_memory(
             float32 (hence float32 hidden states too). Needs ``lora``.
         lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): LoRA adapters (peft's
             ``get_peft_model`` runs on the meta model; adapters are float32, as peft makes them).
-        gradient_checkpointing (`bool`, defaults to `False`): Per-layer activation checkpointing.
+        gradient_checkpointing (`bool` or `None`, defaults to `False`): Per-layer activation checkpointing. ``None``:
+            the trainer's default, ``True`` for TRL's (``SFTConfig``, ``DPOConfig``, ``GRPOConfig`` turn it on),
+            ``False`` without ``trainer``.
         layerwise (`bool`, defaults to `False`): Per-parameter stepping in the backward pass; only
             the largest gradient is live.
         native_gqa (`bool`, defaults to `True`): See :func:`~lowmem.memory.activations.llama_activation_bytes`.
@@ -746,13 +826,40 @@ def estimate_memory(
             gradients are freed after each step and fill while the backward pass frees the activations, so both
             are not at their maximum together (:func:`peak_total`); with more, the earlier micro-batches'
             gradients are live through the next forward and backward.
+        trainer (`str` or `None`, defaults to `None`): The training loop, one of :data:`TRAINERS`. ``None``: a plain
+            causal-LM loss (transformers' ``Trainer``, a loop): the logits and ``cross_entropy``'s log-softmax.
+            ``"sft"``, ``"dpo"``, ``"grpo"`` (GVPO and BNPO are GRPO's loop): lowmem's TRL 1.16 trainers, whose loss
+            runs TRL's fused LM head (tiles of ``min(tokens, 4096) x min(vocab, 32768)``, no logits;
+            :func:`~lowmem.memory.activations.fused_head_bytes`). ``"dpo"``: each pair is a chosen and a rejected
+            sequence in one forward, so the activations are those of ``2 x batch_size`` sequences (``batch_size`` is
+            ``per_device_train_batch_size``, in pairs), and the reference model's no-grad forward runs while they are
+            live. ``"grpo"``: ``batch_size`` completions per micro-batch of ``seq_len`` tokens (prompt + completion);
+            the generation (``model.generate`` on ``generation_batch_size`` prompts, no gradients live) is a phase of
+            its own: the larger of the prompt's forward (one decoder layer's tensors, a no-grad forward frees each
+            layer's) and the KV cache at the end (keys and values of every layer, plus one layer's key or value
+            being concatenated). Use it with the TRL config's values; TRL turns ``gradient_checkpointing`` on
+            (pass ``None`` for the trainer's default).
+        reference (`str` or `None`, defaults to `None`): The reference model of ``"dpo"`` / ``"grpo"``, one of
+            :data:`REFERENCES`. ``"copy"``: a separate frozen copy of the model (``ref_model``, or TRL's reload of
+            the policy): its weights are counted in ``weights`` (``details["reference_weights"]``). ``"adapter"``:
+            the policy with its LoRA adapter disabled (``peft_config``; needs ``lora``): no extra weights.
+            ``"none"``: no reference (GRPO's ``beta=0.0``, DPO's ``precompute_ref_log_probs=True``). ``None``:
+            TRL's default: DPO ``"adapter"`` with ``lora``, else ``"copy"``; GRPO ``"none"`` (``beta=0.0``);
+            ``"none"`` without a TRL trainer or with ``"sft"`` (which must not set another).
+        generation_batch_size (`int` or `None`, defaults to `None`): ``"grpo"`` only: completions generated together
+            on this device (TRL's ``generation_batch_size`` divided by the processes). ``None``: TRL's default,
+            ``batch_size x gradient_accumulation_steps`` (``steps_per_generation`` defaults to the accumulation).
+        max_completion_length (`int` or `None`, defaults to `None`): ``"grpo"`` only: tokens generated per completion
+            (TRL's ``max_completion_length``), within ``seq_len``; the prompt is ``seq_len - max_completion_length``.
+            ``None``: TRL's default 256, or ``seq_len - 1`` when ``seq_len`` is not above 256.
 
     Returns:
         `MemoryEstimate`: bytes by component, with ``.total``, ``.table()`` and ``.to_dict()``.
 
     Raises:
-        ValueError: Bad argument values (the message lists the valid ones), or quantization
-            without LoRA (4-bit weights cannot be trained directly).
+        ValueError: Bad argument values (the message names the field and lists the valid ones), quantization
+            without LoRA (4-bit weights cannot be trained directly), ``reference`` or ``generation_batch_size`` /
+            ``max_completion_length`` with a trainer that has none, ``reference="adapter"`` without ``lora``.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -764,6 +871,9 @@ def estimate_memory(
     lcfg = lora_config(lora)
     if spec is not None and lcfg is None:
         raise ValueError("quantization needs lora: 4-bit weights are frozen; pass lora={'r': 16, 'target_modules': 'all-linear'}")
+    gradient_checkpointing, reference, generation_batch_size, max_completion_length = check_trainer(
+        trainer, reference, generation_batch_size, max_completion_length, gradient_checkpointing, lcfg is not None,
+        batch_size, seq_len, gradient_accumulation_steps)
     notes: list[str] = []
 
     meta = build_meta_model(config, param_dtype)
@@ -814,6 +924,11 @@ def estimate_memory(
             n_quantized += p.numel()
         else:
             weights += p.numel() * p.element_size()
+    reference_weights = 0
+    if reference == "copy":  # a frozen copy of the model, as loaded (4-bit too): its weights and constants
+        reference_weights = weights + constants
+        weights, constants = 2 * weights, 2 * constants
+        notes.append(f"trainer={trainer!r}: the reference model is a separate frozen copy: its weights are counted")
     trainable = [(n, p) for n, p in params if p.requires_grad]
     grad_sizes = [p.numel() * p.element_size() for _, p in trainable]
     gradients = (max(grad_sizes) if grad_sizes else 0) if layerwise else sum(grad_sizes)
@@ -884,13 +999,30 @@ def estimate_memory(
                  tuple(n for n, p in _unique_params(meta) if not p.requires_grad)) if traced else None
     trace_cache: dict = cache.setdefault(trace_key, {}) if traced and cache is not None else {}
 
-    def activation_model(b: int, s: int, ckpt: bool) -> dict[str, int]:
+    def saved_parts(b: int, s: int, ckpt: bool, head_parts: dict | None = None) -> dict[str, int]:
         if traced:  # any other architecture: what its own forward saves, traced on the meta device
             if not trace_model:
                 trace_model.append(_meta_model_like(meta, config, param_dtype, spec is not None, lcfg))
-            parts = traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache)
-        else:
-            parts = llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs)
+            return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, head_parts=head_parts)
+        return llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs, head_parts=head_parts)
+
+    def one_layer(b: int, s: int) -> int:
+        """A no-grad forward's working set: one decoder layer's tensors (each layer's are freed after it)."""
+        parts = saved_parts(b, s, False)
+        return (parts["layers"] + parts.get("lora", 0)) // max(config.num_hidden_layers, 1)
+
+    def activation_model(b: int, s: int, ckpt: bool) -> dict[str, int]:
+        seqs = 2 * b if trainer == "dpo" else b  # DPO: a chosen and a rejected sequence per pair, in one forward
+        head_parts = None
+        if trainer is not None:  # TRL's fused LM head: tiles instead of logits
+            head_parts = fused_head_bytes(seqs * s, config.vocab_size, config.hidden_size, act_bytes, act_bytes, device,
+                                          head.weight.element_size() if head is not None else act_bytes,
+                                          act_kwargs["trainable_head"])
+        parts = saved_parts(seqs, s, ckpt, head_parts)
+        if trainer == "dpo" and reference != "none" and not ckpt:
+            # the reference's no-grad forward runs while the policy's activations are live (before the loss backward)
+            parts["reference_forward"] = max(0, one_layer(seqs, s) - parts["loss_backward"])
+            parts["total"] += parts["reference_forward"]
         if dequantized:
             parts["dequantized_weight"] = dequantized
             parts["total"] += dequantized
@@ -903,9 +1035,20 @@ def estimate_memory(
             parts["tied_embedding_backward"] = tied_backward
             parts["forward_activations"] = parts["total"]  # what is saved before the tied moment (layerwise: its steps)
             parts["total"] = max(parts["total"], tied_backward)
+        if trainer == "grpo":  # generation: its own phase, the gradients freed (zero_grad after the last step)
+            gen_batch = generation_batch_size if b == batch_size else b * gradient_accumulation_steps
+            parts.update(generation_parts(config, gen_batch, s, s - max_completion_length, act_bytes, one_layer))
+            live_grads = parts.get("gradients_at_peak", gradients)
+            parts["total"] = max(parts["total"], parts["generation"] - live_grads)
         return parts
 
     parts = activation_model(batch_size, seq_len, gradient_checkpointing)
+    if trainer is not None:
+        notes.append(f"trainer={trainer!r} (TRL 1.16, lowmem's trainer): the loss runs TRL's fused LM head (tiles, no logits)"
+                     + ("; each pair's chosen and rejected sequences in one forward: activations of 2 x batch_size sequences"
+                        if trainer == "dpo" else "")
+                     + (f"; generation of {generation_batch_size} completions ({max_completion_length} tokens each) is a "
+                        "phase of its own, without gradients (activation_parts['generation'])" if trainer == "grpo" else ""))
     if traced:
         notes.append(f"activations: model_type={config.model_type!r} traced on the meta device (the tensors its forward saves)")
     if tied_backward:
@@ -922,6 +1065,7 @@ def estimate_memory(
             "gradients_with_activations": parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),
+            "reference_weights": reference_weights,
         },
         notes=notes,
         settings=dict(
@@ -931,6 +1075,8 @@ def estimate_memory(
             lora=None if lcfg is None else {"r": lcfg.r, "target_modules": sorted(lcfg.target_modules) if isinstance(lcfg.target_modules, (set, list)) else lcfg.target_modules},
             gradient_checkpointing=gradient_checkpointing, layerwise=layerwise, device=device,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            trainer=trainer, reference=reference, generation_batch_size=generation_batch_size,
+            max_completion_length=max_completion_length,
         ),
         activation_model=activation_model,
     )

@@ -53,6 +53,8 @@ def describe(settings: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
         parts.append("checkpointing")
     if s.get("layerwise") and "layerwise" not in skip:
         parts.append("layerwise")
+    if s.get("trainer") and "trainer" not in skip:
+        parts.append(f"TRL {s['trainer']}" + (f" (reference: {s['reference']})" if s.get("reference") not in (None, "none") else ""))
     if s.get("device") and "device" not in skip:
         parts.append(f"on {s['device']}")
     head = f"{s['model']}: " if "model" not in skip and s.get("model") is not None else ""
