@@ -1,7 +1,9 @@
 """The multi-tensor step of projected parameters (issue 15): each parameter projected down alone, the
-moment rule on a bucket's projected gradients at once (``MomentRule.foreach_direction``), each combined
-back alone; equal to the per-parameter step (``foreach=False``) bit for bit on the CPU, where the
-multi-tensor kernels run the per-tensor operations in the same order."""
+moment rule on a bucket's projected gradients at once (``MomentRule.foreach_direction``), the bucket
+combined back at once where the combine rule offers it (``CombineRule.foreach_fold``: GaLore, Fira,
+OSD, APOLLO on float32 parameters), else each alone; equal to the per-parameter step (``foreach=False``):
+the moments bit for bit on the CPU, where the multi-tensor kernels run the per-tensor operations in the
+same order, the weights to float32 rounding (tests/test_foreach_fold.py)."""
 
 from __future__ import annotations
 
@@ -73,9 +75,15 @@ def _assert_equal(fast, ref):
             for x, y in [(a, b), *((sa[k], sb[k]) for k in sa)]:
                 torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
             continue
-        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max())
+        # the bucket's combine-back (CombineRule.foreach_fold, float32: statistics stacked by shape, the
+        # update folded into addmm_ / addcmul_) rounds differently from each parameter's: weights and the
+        # limiters' norms to float32 rounding; the moments (before the combine-back) bit for bit
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-7, msg=lambda m: f"{i}: {m}")
         for k in sa:
-            assert torch.equal(sa[k], sb[k]), (i, k)
+            if k.endswith("_prev_norm"):
+                torch.testing.assert_close(sa[k], sb[k], rtol=2e-6, atol=0, msg=lambda m: f"{i} {k}: {m}")
+            else:
+                assert torch.equal(sa[k], sb[k]), (i, k)
 
 
 def _low_numel(opt, ps_shapes=SHAPES):

@@ -1219,10 +1219,49 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # one step size per parameter (each one's lr rule at its project-down: Adafactor's RMS scale)
         lr = [b.lr for b in bucket] if self.recipe.moment.foreach_direction_lrs else bucket[0].lr
         ds = list(self.recipe.moment.foreach_direction([b.low for b in bucket], [b.state for b in bucket], group, t, lr))
+        if self._fold_low_bucket(bucket, ds):
+            return
         ds.reverse()
         bucket.reverse()
         while bucket:
             self._combine_back(bucket.pop(), ds.pop())
+
+    def _fold_low_bucket(self, bucket: list[_Projected], ds: list[Tensor]) -> bool:
+        """The combine-back of a whole bucket at once, when the combine rule offers it
+        (:meth:`~lowmem.optim.subspace.CombineRule.foreach_fold`: its statistics a few kernels per
+        shape, not per parameter) and every parameter and gradient is float32 with a number as the
+        learning rate: each parameter updated in place, ``p += a up(M) + g k`` (``addmm_``,
+        ``addcmul_``: no full-size direction), the decoupled weight decay of the bucket in one
+        multi-tensor kernel, then each projection's ``post_update``. Returns ``False`` (nothing done)
+        otherwise; :meth:`_combine_back` of each parameter is the reference (equal to float32 rounding)."""
+        r, P = self.recipe, self.recipe.projection
+        group, lr = bucket[0].group, bucket[0].lr
+        if (isinstance(lr, Tensor) or r.moment.applies_lr or r.moment.foreach_direction_lrs or r.stabilizers
+                or any(b.p.dtype != torch.float32 or b.g.dtype != torch.float32 for b in bucket)):
+            return False
+        chunks = [self._chunk(b.p.device) for b in bucket]
+        bounds = [self._row_bounds(b.p.shape, c) if c is not None else [(0, b.p.shape[0])] for b, c in zip(bucket, chunks)]
+        folds = r.combine.foreach_fold([b.g for b in bucket], [b.low for b in bucket], ds, [b.state for b in bucket],
+                                       group, P, -lr, bounds)
+        if folds is None:
+            return False
+        ps, wd = [b.p for b in bucket], group.get("weight_decay", 0.0)
+        if wd and not r.decay_after_update:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)  # (F.decoupled_weight_decay_ of each, before the update)
+        for i, m, a, k in folds:
+            b = bucket[i]
+            if m is not None:
+                P.add_up_rows_(b.p, m, b.state, group, 0, b.p.shape[0], a)
+            if k is not None:
+                b.p.addcmul_(b.g, k)
+            del m, k
+        if wd and r.decay_after_update:
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        del ds[:]
+        for b in bucket:
+            P.post_update(b.g, b.state, group, b.down_of_g)
+        bucket.clear()
+        return True
 
     # ---- the chunked step -------------------------------------------------------------------
 

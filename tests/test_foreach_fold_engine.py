@@ -1,0 +1,68 @@
+"""The engine's projected multi-tensor step combines a bucket back at once when the combine rule offers
+it (``LowMemOptimizer._fold_low_bucket``, ``CombineRule.foreach_fold``; issue 15): kernels of a steady
+step on meta tensors (the non-CPU code path) grow by a few per parameter (its project-down GEMM and
+its in-place update), not by the per-parameter combine-back's 17-20; float32 only, the others (and
+``foreach=False``) combine back one at a time (tests/test_foreach_projected.py: equal to float32
+rounding)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowmem.optim.registry import create_optimizer
+
+
+class _Kernels(TorchDispatchMode):
+    """Dispatched aten operations that launch a kernel (views and allocations left out)."""
+
+    FREE = {"view", "_unsafe_view", "slice", "t", "unsqueeze", "squeeze", "as_strided", "detach", "alias", "expand",
+            "select", "unbind", "empty", "empty_like", "new_empty", "empty_strided", "transpose", "permute",
+            "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func.overloadpacket.__name__
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            # (the step's one device read, the non-finite check: a meta tensor has no value)
+            return True if args[0].dtype is torch.bool else (1.0 if args[0].is_floating_point() else 1)
+        tensors = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, torch.Tensor)]
+        if op not in self.FREE and any(x.device.type == "meta" for x in tensors):  # (not the CPU step counters)
+            self.ops[op] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _steady_step_kernels(name, count, chunk_numel, hp):
+    ps = [torch.nn.Parameter(torch.zeros(96, 64, device="meta")) for _ in range(count)]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = create_optimizer(ps, name, rank=8, weight_decay=0.1, **hp)
+    opt.chunk_numel = chunk_numel
+    for _ in range(3):  # (the mode answers the meta tensors' one device read of each step)
+        with _Kernels() as k:
+            opt.step()
+    return sum(k.ops.values()), k.ops
+
+
+@pytest.mark.parametrize("name,per_param,hp", [("apollo_adamw", 3, {}), ("apollo_mini", 2, {}),
+                                               ("fira_adamw", 5, {}), ("galore_adamw", 2, {}),
+                                               ("frugal", None, {})])
+@pytest.mark.parametrize("chunk_numel", [None, 2**24])
+def test_projected_step_kernels_grow_by_a_few_per_parameter(name, per_param, hp, chunk_numel):
+    """8 parameters of one shape against 4, a steady step: ``per_param`` more kernels for each of the 4
+    more (APOLLO: the project-down, the gradient's channel norms, the update's ``addcmul_``; APOLLO-Mini
+    no norm (``torch._foreach_norm``); Fira also the residual's ``addmm`` and norm and the update's
+    ``addmm_``; GaLore the project-down and one ``addmm_``). FRUGAL's state-free residual offers no
+    fold: still per parameter (more than 5 each)."""
+    n4, _ = _steady_step_kernels(name, 4, chunk_numel, hp)
+    n8, ops = _steady_step_kernels(name, 8, chunk_numel, hp)
+    if per_param is None:
+        assert n8 - n4 > 5 * 4, ops
+    else:
+        assert n8 - n4 == 4 * per_param, ops
