@@ -90,9 +90,9 @@ def _measure_autocast(config, batch_size, seq_len):
     return tracker.maxima["activations"]
 
 
-@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
-def test_mixed_precision_activations_within_3_percent(make):
-    config = make()
+def test_mixed_precision_activations_within_3_percent():
+    """Llama (GPT-2's measured run: tests/test_memory_mixed_precision.py, now 0.985)."""
+    config = _llama()
     measured = _measure_autocast(config, 4, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
