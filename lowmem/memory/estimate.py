@@ -4,7 +4,8 @@ The model is built on the meta device from its config, so shapes, dtypes, which 
 (LoRA, frozen k-bit bases) and the optimizer's state are the real ones; no tensor memory is used,
 so a 70B estimate runs on a laptop. Components:
 
-* ``weights`` - every parameter in its dtype; 4-bit weights at half a byte per element.
+* ``weights`` - every parameter in its dtype; 4-bit weights at half a byte per element; with
+  ``reference="copy"`` (DPO / GRPO) the reference model's too.
 * ``quant_constants`` - bitsandbytes' block absmax (and, with double quantization, the second-level
   absmax, code books and offset) of each 4-bit weight.
 * ``gradients`` - trainable parameters only, in their dtype; with ``layerwise=True`` (each gradient
@@ -12,7 +13,9 @@ so a 70B estimate runs on a laptop. Components:
 * ``optimizer_states`` - ``create_optimizer(meta_model, ...)``, ``materialize_state()``,
   ``state_bytes()``: the optimizer's own exact accounting. bitsandbytes optimizers (no meta
   support) use :func:`~lowmem.optim.recipes.bnb.state_bytes_closed_form`, and say so.
-* ``activations`` - :func:`~lowmem.memory.activations.llama_activation_bytes`.
+* ``activations`` - :func:`~lowmem.memory.activations.llama_activation_bytes` (other architectures: traced);
+  with ``trainer`` (lowmem's TRL trainers) TRL's fused LM head instead of the logits, DPO's chosen and rejected
+  sequences, and GRPO's generation phase when it is the larger.
 * ``optimizer_transient`` - what one optimizer step allocates beyond its state (decoded moments,
   update temporaries, a projection refresh's workspace): the optimizer's own
   ``step_transient_bytes()`` on the same model, i.e. the largest per-parameter transient (or
