@@ -163,3 +163,61 @@ def test_foreach_fold_kernels_scale_with_shapes(recipe, name, per_param):
     n16, ops = _fold_kernels(recipe, name, 16)
     assert n16 - n8 == 8 * per_param, ops
     assert n8 - 8 * per_param <= 60, ops  # (Fira: two stacks of half the bucket each, about 25 kernels each)
+
+
+@pytest.mark.parametrize("proj_optimizer,wd", [("adam", None), ("sgd", 0.1)])
+def test_online_pca_foreach_post_update_equals_each_parameters(proj_optimizer, wd):
+    """Online Subspace Descent's basis steps of a bucket (``SubspaceProjection.foreach_post_update``:
+    multi-tensor SGD / AdamW, parameters at different PCA step counts, one of them with a zero gradient
+    at one step, the refresh's own step) against ``post_update`` of each: bases and PCA moments bit for
+    bit over 4 steps."""
+    hp = {"proj_optimizer": proj_optimizer, "proj_lr": 0.05, **({} if wd is None else {"proj_weight_decay": wd})}
+    fast, pf, gen = _bucket("osd_adamw", hp)
+    ref, pr, _ = _bucket("osd_adamw", hp)
+    group, P = fast.param_groups[0], fast.recipe.projection
+    for opt, ps in ((fast, pf), (ref, pr)):
+        opt.state[ps[0]]["proj_meta"][3] = 5  # (another PCA step count: a group of its own)
+        opt.state[ps[2]]["proj_meta"][3] = -1  # (a refresh this step: its first post_update takes no step)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in pf]
+        if step == 2:
+            grads[1].zero_()  # not usable: no basis step for it
+        lows = [P.down(g, fast.state[p], group) for g, p in zip(grads, pf)]
+        P.foreach_post_update(grads, [fast.state[p] for p in pf], group, lows)
+        for g, p, low in zip(grads, pr, lows):
+            P.post_update(g, ref.state[p], group, low)
+        for i, (a, b) in enumerate(zip(pf, pr)):
+            for key, x in fast.state[a].items():
+                assert torch.equal(x, ref.state[b][key]), (step, i, key)
+    assert int(fast.state[pf[0]]["proj_meta"][3]) == (9 if proj_optimizer == "adam" else 5)
+
+
+class _Reads(TorchDispatchMode):
+    """Device-to-host reads of meta tensors (answered True / 1.0, as the step's launch audit does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            self.reads += 1
+            return True if args[0].dtype is torch.bool else 1.0
+        return func(*args, **(kwargs or {}))
+
+
+def test_online_pca_foreach_post_update_reads_the_device_once():
+    """On meta tensors (the non-CPU path): one device read for a bucket of 6 (was one per parameter,
+    issue 15's 31 host reads of OSD)."""
+    ps = [torch.nn.Parameter(torch.zeros(s, device="meta")) for s in SHAPES]
+    opt = create_optimizer(ps, "osd_adamw", rank=RANK)
+    opt.materialize_state()
+    group, P = opt.param_groups[0], opt.recipe.projection
+    gs = [torch.zeros(p.shape, device="meta") for p in ps]
+    with _Reads() as r:
+        P.foreach_post_update(gs, [opt.state[p] for p in ps], group, [None] * len(ps))
+    assert r.reads == 1
+    with _Reads() as r:
+        for g, p in zip(gs, ps):
+            P.post_update(g, opt.state[p], group, None)
+    assert r.reads == len(ps)

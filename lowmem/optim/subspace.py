@@ -34,7 +34,7 @@ from .functional import frugal as FR
 from .functional import galore as GL
 from .functional import fira as FI
 from .functional import osd as OSD
-from .functional.adam import adam_direction, adam_moments_
+from .functional.adam import adam_direction, adam_direction_foreach, adam_moments_, adam_moments_foreach_
 from .functional.norms import float_norm
 
 #: one parameter of :meth:`CombineRule.foreach_fold`: ``(index, M, a, k)``, the direction times ``alpha`` is
@@ -94,6 +94,13 @@ class Projection:
     def post_update(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], low: Tensor | None = None) -> None:
         """Called after the parameter update with the (stabilized) full gradient; default: nothing.
         ``low``: ``down(g)`` when the step computed it from this float32 ``g`` (else ``None``)."""
+
+    def foreach_post_update(self, gs: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any],
+                            lows: list[Tensor | None]) -> None:
+        """:meth:`post_update` of a bucket's parameters after their update (the projected multi-tensor
+        step, float32 gradients); default: one at a time (the reference)."""
+        for g, state, low in zip(gs, states, lows):
+            self.post_update(g, state, group, low)
 
     def down_keeps_nonfinite(self, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
         """Whether a NaN or +-Inf anywhere in ``g`` always leaves :meth:`down`'s result non-finite
@@ -478,6 +485,55 @@ class SubspaceProjection(Projection):
                 basis.mul_(1.0 - lr * wd)  # torch.optim.AdamW's decoupled decay, before the moments
             adam_moments_(state["pca_exp_avg"], state["pca_exp_avg_sq"], grad, 0.9, 0.999)
             basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
+
+    def foreach_post_update(self, gs, states, group, lows):
+        """:meth:`post_update` of a bucket (Online Subspace Descent): the gradients' norms (as
+        :meth:`post_update`: the same values) and whether all are usable in one device read for the
+        bucket (was one per parameter; a zero gradient in the bucket: one read each); each basis gradient (:func:`~lowmem.optim.functional.osd.pca_loss_grad`);
+        the basis steps of the parameters at one PCA step count together, one multi-tensor kernel per
+        operation (SGD, or AdamW's decay, moments and direction: ``functional.adam_moments_foreach_``,
+        ``adam_direction_foreach``; the same operations in the same order, equal bit for bit on the CPU)."""
+        if self.method(group) != "online_pca":
+            return
+        todo = []
+        for i, state in enumerate(states):
+            if _meta(state)[3] < 0:
+                state["proj_meta"][3] = 0  # (the refresh's own step takes no PCA step)
+            else:
+                todo.append(i)
+        if not todo:
+            return
+        norms = [float_norm(gs[i]) for i in todo]
+        flags = torch.stack([torch.isfinite(n) & (n > 0) for n in norms])
+        # one device read for the bucket (all usable: the common case); else one per parameter
+        usable = [True] * len(todo) if bool(flags.all()) else [bool(f) for f in flags]
+        lr, wd = OSD.basis_step_settings(group["proj_lr"], group.get("proj_weight_decay"), group["proj_optimizer"],
+                                         group.get("lr"), group.get("initial_lr"))
+        steps: dict[int, list[tuple[Tensor, Tensor, dict[str, Tensor]]]] = {}
+        for i, norm, ok in zip(todo, norms, usable):
+            if not ok:
+                continue
+            g, state, low = gs[i], states[i], lows[i]
+            key = "proj_left" if "proj_left" in state else "proj_right"
+            basis = state[key]
+            proj = low if low is not None and g.dtype == basis.dtype else None
+            grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right", norm, proj)
+            steps.setdefault(_meta(state)[3] + 1, []).append((basis, grad, state))
+        for t, items in steps.items():
+            bases, grads, sts = (list(x) for x in zip(*items))
+            if group["proj_optimizer"] == "sgd":
+                if wd:
+                    torch._foreach_add_(grads, bases, alpha=wd)
+                torch._foreach_add_(bases, grads, alpha=-lr)
+                continue
+            for state in sts:
+                state["proj_meta"][3] = t
+            if wd:
+                torch._foreach_mul_(bases, 1.0 - lr * wd)
+            ms, vs = [st["pca_exp_avg"] for st in sts], [st["pca_exp_avg_sq"] for st in sts]
+            adam_moments_foreach_(ms, vs, grads, 0.9, 0.999)
+            del grads[:]
+            torch._foreach_add_(bases, adam_direction_foreach(ms, vs, t, 0.9, 0.999, 1e-8), alpha=-lr)
 
     # -- rotation of moments --
 
