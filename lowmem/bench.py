@@ -449,6 +449,15 @@ def main(args) -> int:
             unknown = sorted(set(variant) - set(valid))
             if unknown:
                 raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
+    if getattr(args, "launches", False):
+        if args.task != "tiny" or any(n.startswith("peer:") for n in names):
+            raise ValueError("--launches counts lowmem's optimizer.step() on meta tensors: it does not combine with "
+                             "--task or peer rows")
+        from lowmem.bench_launches import main as launches_main
+
+        return launches_main(args, names)
+    if getattr(args, "shapes", None) == "llama-368m":
+        raise ValueError("--shapes llama-368m is the --launches set (meta tensors); timed sets: the others")
     threads = bench_threads(getattr(args, "threads", None))
     if getattr(args, "seeds", 1) < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")

@@ -142,7 +142,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "library's *.py files, split by file into train / held-out by a hash of the path, warm-up + cosine "
                    "decay, each optimizer at its recommended lr (table with sources in lowmem/bench_peers.py). Default: tiny")
     p.add_argument("--shapes", choices=["llama-7b-layer", "hidden-1024", "hidden-2048", "llama-8x128", "llama-8x256",
-                                        "small-tensors", "small-batched", "small-linear"], default=None,
+                                        "small-tensors", "small-batched", "small-linear", "llama-368m"], default=None,
                    help="str: time optimizer.step() alone (random gradients, no forward/backward) on a set of weights: "
                    "'llama-7b-layer' (one Llama decoder layer: 4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down, 2 "
                    "norms), the linear layers of a hidden-1024 / hidden-2048 layer, 'llama-8x128' / 'llama-8x256' (8 Llama "
@@ -150,8 +150,14 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "'small-tensors' (64 vectors of 1024 + 32 weights of 64x64), 'small-batched' (32 vectors of 256 + 16 "
                    "weights of 4x64x64), 'small-linear' (64 vectors of 128 + 32 nn.Linear weights of 128x128, projected by "
                    "the subspace recipes: use --rank 16); ratio to torch.optim.AdamW(foreach=True), medians of --repeats interleaved rounds "
-                   "(of 20 steps on the small sets), first step (SVD / projection refresh) reported apart. Default: none "
-                   "(train a task)")
+                   "(of 20 steps on the small sets), first step (SVD / projection refresh) reported apart; with --launches "
+                   "also 'llama-368m' (the model of the H200 run, its default). Default: none (train a task)")
+    p.add_argument("--launches", action="store_true",
+                   help="bool: count what optimizer.step() dispatches on the CUDA code path, on meta tensors of the "
+                   "--shapes set (default llama-368m; no GPU needed, nothing computed): kernels, device syncs, "
+                   "host-to-device copies and host reads per steady step and per projection-refresh step, with the "
+                   "default chunk and with chunk_numel=None side by side (writes bench_launches.json/.md; "
+                   "lowmem/bench_launches.py). Default: off")
     p.add_argument("--peers", action="store_true",
                    help="bool: add the installed peer packages as rows peer:NAME (galore-torch, fira, apollo-torch, "
                    "adam-mini, bitsandbytes, transformers' Adafactor, torchao 4- and 8-bit, torch.optim.Muon, pytorch_optimizer's "

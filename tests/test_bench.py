@@ -276,7 +276,10 @@ def test_small_shape_sets_are_the_recorded_ones_and_run_from_the_cli(tmp_path, m
     assert bench_shapes.steps_per_round("hidden-1024") == 1
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     shapes_arg = next(a for a in sub.choices["bench"]._actions if a.dest == "shapes")
-    assert sorted(shapes_arg.choices) == sorted(bench_shapes.all_sets())  # every set is a CLI choice
+    from lowmem.bench_launches import launch_sets
+
+    # every set is a CLI choice, and llama-368m for --launches (meta tensors, not timed)
+    assert sorted(shapes_arg.choices) == sorted(launch_sets()) == sorted([*bench_shapes.all_sets(), "llama-368m"])
     with pytest.raises(ValueError, match="small-tensors"):
         bench_shapes.shape_set("small-vectors")
 
