@@ -26,11 +26,13 @@ class _Kernels(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
+        self.reads = 0  # device-to-host reads of meta tensors
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         op = func.overloadpacket.__name__
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
-            # (the step's one device read, the non-finite check: a meta tensor has no value)
+            # (a device read, e.g. the step's non-finite check: a meta tensor has no value)
+            self.reads += 1
             return True if args[0].dtype is torch.bool else (1.0 if args[0].is_floating_point() else 1)
         tensors = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(x, torch.Tensor)]
         if op not in self.FREE and any(x.device.type == "meta" for x in tensors):  # (not the CPU step counters)
@@ -66,3 +68,19 @@ def test_projected_step_kernels_grow_by_a_few_per_parameter(name, per_param, hp,
         assert n8 - n4 > 5 * 4, ops
     else:
         assert n8 - n4 == 4 * per_param, ops
+
+
+@pytest.mark.parametrize("chunk_numel", [None, 2**24])
+def test_online_subspace_descent_step_reads_the_device_once_per_bucket(chunk_numel):
+    """osd_adamw, a steady step of 8 parameters in one bucket on meta tensors: two device reads (the
+    step's non-finite check and the bucket's usable gradients, ``SubspaceProjection.foreach_post_update``),
+    was 9 (one per parameter's basis step)."""
+    ps = [torch.nn.Parameter(torch.zeros(96, 64, device="meta")) for _ in range(8)]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = create_optimizer(ps, "osd_adamw", rank=8)
+    opt.chunk_numel = chunk_numel
+    for _ in range(3):
+        with _Kernels() as k:
+            opt.step()
+    assert k.reads == 2

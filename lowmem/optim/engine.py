@@ -1232,7 +1232,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         shape, not per parameter) and every parameter and gradient is float32 with a number as the
         learning rate: each parameter updated in place, ``p += a up(M) + g k`` (``addmm_``,
         ``addcmul_``: no full-size direction), the decoupled weight decay of the bucket in one
-        multi-tensor kernel, then each projection's ``post_update``. Returns ``False`` (nothing done)
+        multi-tensor kernel, then the projection's ``foreach_post_update`` (Online Subspace Descent's basis
+        steps: one device read for the bucket, multi-tensor SGD / AdamW). Returns ``False`` (nothing done)
         otherwise; :meth:`_combine_back` of each parameter is the reference (equal to float32 rounding)."""
         r, P = self.recipe, self.recipe.projection
         group, lr = bucket[0].group, bucket[0].lr
@@ -1258,8 +1259,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if wd and r.decay_after_update:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         del ds[:]
-        for b in bucket:
-            P.post_update(b.g, b.state, group, b.down_of_g)
+        P.foreach_post_update([b.g for b in bucket], [b.state for b in bucket], group, [b.down_of_g for b in bucket])
         bucket.clear()
         return True
 
