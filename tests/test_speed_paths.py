@@ -163,7 +163,8 @@ HOST_READS = {
     "adafactor": (3, 1), "adamw": (3, 1), "adamw4bit": (3, 1), "adamw4bit_rank1": (3, 1), "adamw8bit": (3, 1),
     "fira_adamw": (5, 1), "fira_adamw8bit": (5, 1), "frugal": (4, 1), "frugal8bit": (4, 1),
     "galore_adafactor": (4, 1), "galore_adamw": (4, 1), "galore_adamw8bit": (4, 1), "microadam": (3, 1),
-    "osd_adamw": (6, 2), "spam": (3, 1), "stable_spam": (3, 1),
+    "osd_adamw": (7, 2),  # the bucket's basis steps (foreach_post_update) read the CPU PCA-step count twice
+    "spam": (3, 1), "stable_spam": (3, 1),
     "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1),
     "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step
     "adam_mini": (3, 1),
