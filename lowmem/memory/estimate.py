@@ -48,7 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import LINEARS, LLAMA_FAMILY, LoraShape, fused_head_bytes, llama_activation_bytes, traced_activation_bytes
+from .activations import (LINEARS, LLAMA_FAMILY, LoraShape, fused_head_bytes, llama_activation_bytes, nograd_layer_bytes,
+                          traced_activation_bytes)
 from .shapes import shape_config
 
 DTYPES = {
@@ -704,7 +705,8 @@ def generation_parts(config: Any, generation_batch: int, seq_len: int, prompt_le
                      one_layer: Any) -> dict[str, int]:
     """Bytes of ``model.generate`` on ``generation_batch`` prompts of ``prompt_len`` tokens up to ``seq_len`` tokens
     (GRPO's generation, no gradients): the larger of the prompt's forward (``one_layer(batch, tokens)``: a no-grad
-    forward keeps one decoder layer's tensors at a time, plus the prompt's KV cache) and the end of decoding (the
+    forward's peak inside one layer's MLP, :func:`~lowmem.memory.activations.nograd_layer_bytes`, plus the prompt's
+    KV cache) and the end of decoding (the
     KV cache of ``seq_len`` tokens, keys and values of every layer in the activations' dtype, plus one layer's key or
     value tensor being concatenated: transformers' ``DynamicCache`` grows by ``torch.cat``).
 
@@ -1010,9 +1012,8 @@ def estimate_memory(
         return llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs, head_parts=head_parts)
 
     def one_layer(b: int, s: int) -> int:
-        """A no-grad forward's working set: one decoder layer's tensors (each layer's are freed after it)."""
-        parts = saved_parts(b, s, False)
-        return (parts["layers"] + parts.get("lora", 0)) // max(config.num_hidden_layers, 1)
+        """A no-grad forward's working set: inside one decoder layer's MLP (nothing is saved)."""
+        return nograd_layer_bytes(config, b * s, act_bytes)
 
     def activation_model(b: int, s: int, ckpt: bool) -> dict[str, int]:
         seqs = 2 * b if trainer == "dpo" else b  # DPO: a chosen and a rejected sequence per pair, in one forward
