@@ -257,13 +257,15 @@ class _Route:
     per-parameter step), valid while ``token`` (the group's settings, :meth:`LowMemOptimizer._group_tokens`),
     ``state`` (the very state dict) and ``key`` (the parameter's and gradient's dtype, shape and
     contiguity, whether the state exists) are unchanged; with the state's step counter and its NumPy
-    view (:func:`_step_view`), the flat pieces and the device of a parameter on the foreach path."""
+    view (:func:`_step_view`), the flat pieces, the device and that device's chunk
+    (:meth:`LowMemOptimizer._chunk`) of a parameter on the foreach path."""
 
-    __slots__ = ("p", "token", "state", "key", "path", "step", "step_view", "pieces", "device")
+    __slots__ = ("p", "token", "state", "key", "path", "step", "step_view", "pieces", "device", "chunk")
 
-    def __init__(self, p: Tensor, token: object, state: dict, key: tuple, path: str, pieces: Any, device: Any) -> None:
+    def __init__(self, p: Tensor, token: object, state: dict, key: tuple, path: str, pieces: Any, device: Any,
+                 chunk: int | None = None) -> None:
         self.p, self.token, self.state, self.key, self.path = p, token, state, key, path
-        self.pieces, self.device = pieces, device
+        self.pieces, self.device, self.chunk = pieces, device, chunk
         self.step = self.step_view = None
 
 
@@ -890,19 +892,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
             elif path == "foreach":
                 if "step" not in state:
                     self._init_state(p, group, state)
-                t = self._advance_counter(state, route)
-                if route is None:
-                    pieces, device = self._foreach_pieces(p), p.device
+                step = state["step"]
+                if route is not None and route.step is step and route.step_view is not None and route.token is not None:
+                    t = _advance_step_view(step, *route.step_view)  # (_advance_counter of a cached view, inlined)
                 else:
-                    pieces, device = route.pieces, route.device
+                    t = self._advance_counter(state, route)
+                if route is None:
+                    pieces, device, chunk = self._foreach_pieces(p), p.device, self._chunk(p.device)
+                else:
+                    pieces, device, chunk = route.pieces, route.device, route.chunk
                 if not self.recipe.stabilizers and len(pieces) == 1:  # the common case: a whole tensor, one piece
-                    bkey = self._bucket_key(sizes, (id(group), t, device, 1), pieces[0][1], self._chunk(device))  # (lr scale 1)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, 1), pieces[0][1], chunk)  # (lr scale 1)
                     buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
                     continue
                 stabilize = self._foreach_stabilizers(grad, group, state, t, pieces) if self.recipe.stabilizers else None
                 lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
                 for start, stop in pieces:  # a large tensor joins the buckets chunk by chunk
-                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale), stop - start, self._chunk(device))
+                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale), stop - start, chunk)
                     if stabilize is not None and buckets and bkey not in buckets:
                         # stabilized gradients are new tensors: one bucket of them alive at a time
                         self._step_bucket(*buckets.popitem())
@@ -1015,7 +1021,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return route
         path = ("low" if self._projected_foreach_ok(p, group, grad, state)
                 else "foreach" if self._foreach_ok(p, group, grad, state) else "alone")
-        route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device)
+        route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device,
+                       self._chunk(p.device))
         if token is not None:
             routes[id(p)] = route
         return route
