@@ -44,7 +44,7 @@ def _steady_step_kernels(name, count, chunk_numel, hp):
     ps = [torch.nn.Parameter(torch.zeros(96, 64, device="meta")) for _ in range(count)]
     for p in ps:
         p.grad = torch.zeros_like(p)
-    opt = create_optimizer(ps, name, rank=8, weight_decay=0.1, **hp)
+    opt = create_optimizer(ps, name, rank=16, weight_decay=0.1, **hp)
     opt.chunk_numel = chunk_numel
     for _ in range(3):  # (the mode answers the meta tensors' one device read of each step)
         with _Kernels() as k:
@@ -57,17 +57,17 @@ def _steady_step_kernels(name, count, chunk_numel, hp):
                                                ("frugal", None, {})])
 @pytest.mark.parametrize("chunk_numel", [None, 2**24])
 def test_projected_step_kernels_grow_by_a_few_per_parameter(name, per_param, hp, chunk_numel):
-    """8 parameters of one shape against 4, a steady step: ``per_param`` more kernels for each of the 4
+    """16 parameters of one shape against 8, a steady step: ``per_param`` more kernels for each of the 8
     more (APOLLO: the project-down, the gradient's channel norms, the update's ``addcmul_``; APOLLO-Mini
     no norm (``torch._foreach_norm``); Fira also the residual's ``addmm`` and norm and the update's
     ``addmm_``; GaLore the project-down and one ``addmm_``). FRUGAL's state-free residual offers no
     fold: still per parameter (more than 5 each)."""
-    n4, _ = _steady_step_kernels(name, 4, chunk_numel, hp)
-    n8, ops = _steady_step_kernels(name, 8, chunk_numel, hp)
+    n8, _ = _steady_step_kernels(name, 8, chunk_numel, hp)
+    n16, ops = _steady_step_kernels(name, 16, chunk_numel, hp)
     if per_param is None:
-        assert n8 - n4 > 5 * 4, ops
+        assert n16 - n8 > 5 * 8, ops
     else:
-        assert n8 - n4 == 4 * per_param, ops
+        assert n16 - n8 == 8 * per_param, ops
 
 
 @pytest.mark.parametrize("chunk_numel", [None, 2**24])

@@ -568,17 +568,27 @@ def stacked(xs: list[Tensor]) -> Tensor:
     return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
 
 
-def shape_batches(lows: list[Tensor], gs: list[Tensor], limit: int) -> list[list[int]]:
+def shape_batches(lows: list[Tensor], gs: list[Tensor], budget: int, cost: Callable[[Tensor], int],
+                  most: Callable[[Tensor], int] | None = None) -> list[list[int]]:
     """The indices of a bucket's parameters grouped by the shapes of their gradient and projected
-    gradient (bucket order within a batch), each batch of at most ``limit`` projected elements (at
-    least one parameter): the parameters :meth:`CombineRule.foreach_fold` stacks together."""
+    gradient (bucket order within a batch), each batch's ``cost`` (bytes per parameter, of its
+    projected gradient) at most ``budget`` and at most ``most(low)`` parameters (at least one): the
+    parameters :meth:`CombineRule.foreach_fold` stacks together."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, (low, g) in enumerate(zip(lows, gs)):
         batches = groups.setdefault((tuple(low.shape), tuple(g.shape)), [[]])
-        if batches[-1] and (len(batches[-1]) + 1) * low.numel() > limit:
+        n = len(batches[-1]) + 1
+        if batches[-1] and (n * cost(low) > budget or (most is not None and n > most(low))):
             batches.append([])
         batches[-1].append(i)
     return [b for bs in groups.values() for b in bs]
+
+
+def fold_budget(lows: list[Tensor]) -> int:
+    """The bytes :meth:`CombineRule.foreach_fold` may allocate at once beyond its arguments: 4 per
+    projected element of the bucket, the room of the multi-tensor direction's ``sqrt(v)`` (freed by
+    then), so that the fold stays within the bucket's counted peak (``step_transient_bytes``)."""
+    return 4 * sum(low.numel() for low in lows)
 
 
 # ---- residual rules -----------------------------------------------------------------------------
@@ -727,9 +737,10 @@ class FiraResidual(ResidualRule):
         return sq.sqrt_()
 
     def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
-        """:meth:`fold` of a bucket: the residual's channel norms of each parameter first (a block of rows
-        at a time, before any stack exists); then, for the parameters of one shape at once (stacked, at
-        most half the bucket's projected elements per stack: two stacks alive), the scaling factor
+        """:meth:`fold` of a bucket, a batch of parameters of one shape at a time (:func:`shape_batches`):
+        the residuals' channel norms of each first (a block of rows at a time, before any stack exists);
+        then for all of them at once (stacked: the two stacks and the channel vectors within
+        :func:`fold_budget`), the scaling factor
         (eq. 7-8) from the channel norms of ``d_low / c`` and ``low``, the scaled residual's norm
         ``sqrt(sum_j f_j^2 ||R_j||^2)`` (:func:`~lowmem.optim.functional.fira.scaled_norms`), the limiters
         (eq. 9, :func:`~lowmem.optim.functional.fira.growth_limiter_foreach_`), ``k = f c / l`` and
@@ -737,17 +748,23 @@ class FiraResidual(ResidualRule):
         c = self.unit_scale(states[0], group) if self.unit_scale is not None else 1.0  # (one step count per bucket)
         scale, gamma = group["scale"], group["gamma"]
         dims = [0 if low.shape[0] < low.shape[1] else 1 for low in lows]  # (scaling_factor's channels)
-        rnorms = [self._residual_norms(g, low, st, group, projection, dim, b)
-                  for g, low, st, dim, b in zip(gs, lows, states, dims, bounds)]
-        limit = sum(low.numel() for low in lows) // 2
+        # a batch: its residuals' channel norms first, one parameter and block of rows at a time (no stack
+        # alive; at most rank + 3 parameters' norms next to a residual block: within the per-parameter
+        # combine-back's counted transient); then the stacks of its projected gradients and directions
+        # (2 x 4 B per element) and about 5 channel vectors per parameter, within fold_budget
+        batches = shape_batches(lows, gs, fold_budget(lows), lambda low: 8 * low.numel() + 20 * max(low.shape),
+                                lambda low: min(low.shape) + 3)
 
         def folds() -> Iterator[Fold]:
-            for idx in shape_batches(lows, gs, limit):
+            for idx in batches:
                 dim = dims[idx[0]]
+                rnorms = [self._residual_norms(gs[i], lows[i], states[i], group, projection, dim, bounds[i])
+                          for i in idx]
                 low, d = stacked([lows[i] for i in idx]), stacked([d_lows[i] for i in idx])
                 factor = FI.factor_from_norms(torch.linalg.vector_norm(d, dim=dim + 1).div_(c),
                                               torch.linalg.vector_norm(low, dim=dim + 1))
-                norms = FI.scaled_norms(stacked([rnorms[i] for i in idx]), factor)
+                norms = FI.scaled_norms(stacked(rnorms), factor)
+                del rnorms
                 limiter = FI.growth_limiter_foreach_(norms, [states[i]["fira_prev_norm"] for i in idx], gamma)
                 k = factor.mul_((c / limiter).unsqueeze(1))
                 kk = k.unsqueeze(1) if dim == 0 else k.unsqueeze(2)
@@ -757,6 +774,7 @@ class FiraResidual(ResidualRule):
                 coef = k.mul_(alpha)
                 for j, i in enumerate(idx):
                     yield i, m[j], alpha * scale, coef[j] if dim == 0 else coef[j].unsqueeze(1)
+                del m, coef, k, factor, norms, limiter  # (before the next batch's residuals and stacks)
 
         return folds()
 

@@ -24,7 +24,7 @@ from ..functional import galore as GL
 from ..hparams import HParam, optional, positive
 from ..moments import AdamMoments
 from ..registry import register
-from ..subspace import CombineRule, SubspaceProjection, shape_batches, stacked
+from ..subspace import CombineRule, SubspaceProjection, fold_budget, shape_batches, stacked
 from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, subspace_hparams
 
 #: Projections APOLLO supports: random Gaussian (the paper's and apollo-torch's ``proj="random"``),
@@ -86,9 +86,9 @@ class ApolloScaling(CombineRule):
         ``alpha * d = G * k`` with ``k = alpha c sqrt(scale) s / limiter``. Tensor-wise (APOLLO-Mini):
         every parameter at once, the norms of ``d_low``, ``low`` and ``G`` by ``torch._foreach_norm``
         (``||G s|| = ||G|| s``). Channel-wise: the parameters of one shape at once, the channel norms of
-        their stacked ``d_low`` and ``low`` (one stack alive at a time, at most the bucket's projected
-        elements) and of each ``G`` (its columns or rows: ``||G * s|| = sqrt(sum_j s_j^2 ||G_j||^2)``, no
-        full-size product); the limiters of all of them at once
+        their stacked ``d_low`` and ``low`` (one stack alive at a time, with the channel vectors within
+        :func:`~lowmem.optim.subspace.fold_budget`) and of each ``G`` (its columns or rows:
+        ``||G * s|| = sqrt(sum_j s_j^2 ||G_j||^2)``, no full-size product); the limiters of all of them at once
         (:func:`~lowmem.optim.functional.fira.growth_limiter_foreach_`)."""
         c = self.unit_scale(states[0], group) if self.unit_scale is not None else 1.0  # (one step count per bucket)
         out, gamma = alpha * c * math.sqrt(group["scale"]), group["gamma"]
@@ -109,7 +109,8 @@ class ApolloScaling(CombineRule):
                 for i in idx:
                     yield i, None, 0.0, k[i]
                 return
-            for idx in shape_batches(lows, gs, sum(low.numel() for low in lows)):
+            # one stack (4 B per element) and about 5 channel vectors per parameter within fold_budget
+            for idx in shape_batches(lows, gs, fold_budget(lows), lambda low: 4 * low.numel() + 20 * max(low.shape)):
                 dim = 0 if GL.galore_side(tuple(gs[idx[0]].shape), group["proj_type"]) == "left" else 1
                 nd = torch.linalg.vector_norm(stacked([d_lows[i] for i in idx]), dim=dim + 1).div_(c)
                 factor = FI.factor_from_norms(nd, torch.linalg.vector_norm(stacked([lows[i] for i in idx]), dim=dim + 1))
@@ -119,6 +120,7 @@ class ApolloScaling(CombineRule):
                 k = limited(factor, norms, idx)
                 for j, i in enumerate(idx):
                     yield i, None, 0.0, k[j] if dim == 0 else k[j].unsqueeze(1)
+                del k, factor, nd, norms  # (before the next batch's stacks)
 
         return folds()
 
