@@ -455,7 +455,8 @@ def main(args) -> int:
                              "--task or peer rows")
         from lowmem.bench_launches import main as launches_main
 
-        return launches_main(args, names)
+        # (by default every registered optimizer: bitsandbytes' own ones as skipped rows, with the reason)
+        return launches_main(args, args.optimizers or [e.name for e in optimizer_entries()])
     if getattr(args, "shapes", None) == "llama-368m":
         raise ValueError("--shapes llama-368m is the --launches set (meta tensors); timed sets: the others")
     threads = bench_threads(getattr(args, "threads", None))
