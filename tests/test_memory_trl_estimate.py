@@ -71,8 +71,12 @@ def _quiet():
 
 
 def test_dpo_peak_against_a_measured_run(tmp_path):
-    """4 pairs of 24 + 40 digits (66 tokens with the special ones), a reference copy: measured peak 24.81 MiB (the
-    tracker counts the reference's weights, which its forward touches)."""
+    """4 pairs of 24 + 40 digits (66 tokens with the special ones), a reference copy, TRL's defaults (checkpointing,
+    ``bf16=True``: autocast with float32 weights, i.e. ``--precision mixed``): measured peak 24.81 MiB (the tracker
+    counts the reference's weights, which its forward touches), estimated 23.82 (0.96; a plain mixed estimate of the
+    same batch: 19.00, 0.77)."""
+    from lowmem.cli_budget import mixed_precision_estimate
+
     from datasets import Dataset
 
     from lowmem.trainers import LowMemDPOConfig, LowMemDPOTrainer
@@ -90,15 +94,17 @@ def test_dpo_peak_against_a_measured_run(tmp_path):
     with _quiet():
         warnings.simplefilter("ignore")
         trainer.train()
-        est = estimate_memory(model.config, "adafactor", batch_size=4, seq_len=seq_len, dtype="fp32", device="cpu",
-                              trainer="dpo", gradient_checkpointing=None)
-    assert est.settings["gradient_checkpointing"] is True and est.settings["reference"] == "copy"
+        est = mixed_precision_estimate(model.config, "bf16", optimizer="adafactor", batch_size=4, seq_len=seq_len,
+                                       device="cpu", trainer="dpo", gradient_checkpointing=None)
+    assert args.bf16 and est.settings["gradient_checkpointing"] is True and est.settings["reference"] == "copy"
     assert est.details["reference_weights"] == sum(p.numel() * 4 for p in model.parameters())
-    assert 0.95 <= est.total / cb.peak["peak"] <= 1.10, (est.table(), cb.peak)
+    assert 0.90 <= est.total / cb.peak["peak"] <= 1.10, (est.table(), cb.peak)
 
 
 def test_grpo_training_peak_against_a_measured_run(tmp_path):
-    """4 completions of 16 tokens after 25-token prompts, generated 4 at a time: the training step is the peak."""
+    """4 completions of 16 tokens after 25-token prompts, generated 4 at a time, float32 (``bf16=False``): the training
+    step is the peak, 13.56 MiB measured, 12.75 estimated (0.94; the checkpointed backward's temporaries inside the
+    recomputed layer are not counted, docs/memory.md)."""
     from datasets import Dataset
 
     from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer
@@ -107,7 +113,7 @@ def test_grpo_training_peak_against_a_measured_run(tmp_path):
     rng = random.Random(0)
     prompts = Dataset.from_list([{"prompt": _digits(rng, 24)} for _ in range(4)])
     args = LowMemGRPOConfig(output_dir=str(tmp_path), lowmem_optim="adafactor", per_device_train_batch_size=4, max_steps=1,
-                            report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3, num_generations=4,
+                            report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3, num_generations=4, bf16=False,
                             max_completion_length=16, generation_kwargs={"min_new_tokens": 16})
     cb = _callback()
     trainer = LowMemGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],

@@ -843,7 +843,8 @@ def estimate_memory(
             its own: the larger of the prompt's forward (one decoder layer's tensors, a no-grad forward frees each
             layer's) and the KV cache at the end (keys and values of every layer, plus one layer's key or value
             being concatenated). Use it with the TRL config's values; TRL turns ``gradient_checkpointing`` on
-            (pass ``None`` for the trainer's default).
+            (pass ``None`` for the trainer's default) and ``bf16`` (autocast over float32 weights: estimate that with
+            :func:`lowmem.cli_budget.mixed_precision_estimate`, ``lowmem budget --precision mixed``).
         reference (`str` or `None`, defaults to `None`): The reference model of ``"dpo"`` / ``"grpo"``, one of
             :data:`REFERENCES`. ``"copy"``: a separate frozen copy of the model (``ref_model``, or TRL's reload of
             the policy): its weights are counted in ``weights`` (``details["reference_weights"]``). ``"adapter"``:
