@@ -147,6 +147,9 @@ def encode_(
         if col_max is None:
             state[key + "_colmax"].copy_(new_col)
         return
+    if spec.bits == 4 and state[key].is_contiguous() and state[key + "_absmax"].is_contiguous():
+        Q.quantize_blockwise_4bit(value, code, block_size, spec.code, out=(state[key], state[key + "_absmax"]))
+        return  # (written in place: no copy of the codes and absmax)
     if spec.bits == 8:
         codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size, spec.code)
     else:

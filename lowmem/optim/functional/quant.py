@@ -311,16 +311,19 @@ def nearest_by_cells(normalized: Tensor, name: str) -> Tensor:
     return lo.add_(torch.gt(normalized, mid_ext.index_select(0, lo.reshape(-1)).view(normalized.shape)))
 
 
-def pack_4bit(idx: Tensor) -> Tensor:
+def pack_4bit(idx: Tensor, out: Tensor | None = None) -> Tensor:
     """Two 4-bit codes per byte: element ``2i`` in the high nibble, ``2i + 1`` in the low nibble.
 
     ``idx``: codes ``0..15`` of any integer or float dtype (floats holding those integers), converted to
     ``uint8`` first; the byte ``16 idx[2i] + idx[2i + 1]`` (at most 255: exact in ``uint8``) is then one
-    add, two operations in all (not a conversion, a shift and an or)."""
+    add, two operations in all (not a conversion, a shift and an or). ``out``: a ``uint8`` tensor of
+    ``ceil(n / 2)`` bytes to write them to (e.g. the state's codes), else a new one."""
     idx = idx.reshape(-1).to(torch.uint8)
     if idx.numel() % 2:
         idx = torch.cat([idx, idx.new_zeros(1)])
-    return torch.add(idx[1::2], idx[0::2], alpha=16)
+    if out is None:
+        return torch.add(idx[1::2], idx[0::2], alpha=16)
+    return torch.add(idx[1::2], idx[0::2], alpha=16, out=out)
 
 
 def unpack_4bit(packed: Tensor, n: int) -> Tensor:
@@ -346,36 +349,39 @@ def lookup_4bit_pairs(packed: Tensor, pairs: Tensor, n: int) -> Tensor:
     return pairs.index_select(0, packed.int()).view(-1)[:n]
 
 
-def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int, name: str | None = None) -> tuple[Tensor, Tensor]:
+def quantize_blockwise_4bit(x: Tensor, code: Tensor, block_size: int, name: str | None = None,
+                            out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """4-bit blockwise quantization (Li et al. 2023, Section 3: block-wise normalization ``B128``).
 
     Each block is divided by its absolute maximum and mapped to the nearest of the 16 ``code``
     values (``name``: the map's name, for :func:`nearest_code`'s fast forms).
-    Returns ``(packed uint8 [ceil(n / 2)], absmax float32 [num_blocks])``.
+    Returns ``(packed uint8 [ceil(n / 2)], absmax float32 [num_blocks])``, written into ``out`` (the
+    state's codes and absmax, contiguous) when given: no copy of them afterwards.
     """
     n = x.numel()
     blocks = _blocks(x, block_size)
-    absmax = block_absmax(blocks)
+    absmax = block_absmax(blocks, None if out is None else out[1])
     normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    return nearest_packed(normalized.reshape(-1)[:n], code, name), absmax
+    return nearest_packed(normalized.reshape(-1)[:n], code, name, None if out is None else out[0]), absmax
 
 
-def block_absmax(blocks: Tensor) -> Tensor:
+def block_absmax(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     """``max |x|`` of each row of ``blocks [nb, B]``: ``abs().amax(dim=1)`` on the CPU, one
     ``vector_norm(ord=inf)`` elsewhere (:func:`launch_bound`; one kernel instead of two, no ``|x|`` copy; on
-    the CPU it is about 16x slower). The same values, NaN and infinities included."""
+    the CPU it is about 16x slower). The same values, NaN and infinities included. ``out``: float32 ``[nb]``
+    to write them to."""
     if launch_bound(blocks.device):
-        return torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)
-    return blocks.abs().amax(dim=1)
+        return torch.linalg.vector_norm(blocks, ord=math.inf, dim=1, out=out)
+    return blocks.abs().amax(dim=1) if out is None else torch.amax(blocks.abs(), dim=1, out=out)
 
 
-def nearest_packed(normalized: Tensor, code: Tensor, name: str | None = None) -> Tensor:
-    """``pack_4bit(nearest_code(normalized, code, name))``: the packed codes of the flat ``normalized``. For
-    ``"linear4_nozero"`` the codes stay float32 (:func:`nearest_linear4`'s value before its int32
+def nearest_packed(normalized: Tensor, code: Tensor, name: str | None = None, out: Tensor | None = None) -> Tensor:
+    """``pack_4bit(nearest_code(normalized, code, name), out)``: the packed codes of the flat ``normalized``.
+    For ``"linear4_nozero"`` the codes stay float32 (:func:`nearest_linear4`'s value before its int32
     conversion, an integer ``0..15``) and are packed from there: the same bytes, two conversions fewer."""
     if name == "linear4_nozero" and not launch_bound(normalized.device):
-        return pack_4bit(_nearest_linear4_float(normalized))
-    return pack_4bit(nearest_code(normalized, code, name))
+        return pack_4bit(_nearest_linear4_float(normalized), out)
+    return pack_4bit(nearest_code(normalized, code, name), out)
 
 
 def dequantize_blockwise_4bit(packed: Tensor, absmax: Tensor, code: Tensor, block_size: int, n: int,
