@@ -26,7 +26,8 @@ def grads(shape, steps, seed=1):
 
 
 def frugal_reference(w, gs, rank, gap, lr, betas, eps, wd, free_lr_scale, rule, projection):
-    """Algorithm 1: every T steps a new subspace and zeroed moments; Adam on P^T G (state-full),
+    """Algorithm 1: every T steps a new subspace and zeroed moments (their step count too, as the authors'
+    code); Adam on P^T G (state-full),
     signSGD on G - P P^T G (state-free); decoupled weight decay first (torch's AdamW)."""
     w = w.clone()
     b1, b2 = betas
@@ -41,7 +42,7 @@ def frugal_reference(w, gs, rank, gap, lr, betas, eps, wd, free_lr_scale, rule, 
                 size = n if m >= n else m
                 start = (k % math.ceil(size / rank)) * rank
                 idx = torch.arange(start, start + rank) % size
-            mom, vel, s = None, None, 0
+            mom, vel, t0 = None, None, t - 1  # zeroed moments, counted again from 1 (the authors' reset_statistics)
         if projection == "svd":
             low = g @ basis.t() if m >= n else basis.t() @ g
         else:
@@ -50,8 +51,8 @@ def frugal_reference(w, gs, rank, gap, lr, betas, eps, wd, free_lr_scale, rule, 
             mom, vel = torch.zeros_like(low), torch.zeros_like(low)
         mom = b1 * mom + (1 - b1) * low
         vel = b2 * vel + (1 - b2) * low * low
-        # bias correction counts from the start of training (the moments are zeroed, the step is not)
-        direction_low = (mom / (1 - b1**t)) / ((vel / (1 - b2**t)).sqrt() + eps)
+        # bias corrections count the steps since the reset: the authors' _init_state sets state["step"] = 0
+        direction_low = (mom / (1 - b1**(t - t0))) / ((vel / (1 - b2**(t - t0))).sqrt() + eps)
         if projection == "svd":
             full = direction_low @ basis if m >= n else basis @ direction_low
             back = low @ basis if m >= n else basis @ low
@@ -418,3 +419,51 @@ def test_bases_are_column_major_and_step_as_row_major_ones_bit_for_bit(name, pro
     assert torch.equal(w_a, w_b)
     for k in s_a:
         assert torch.equal(s_a[k], s_b[k]), k
+
+
+# ---- moment_policy="reset": the moments' step count restarts with them -----------------------------
+
+
+def test_reset_moments_restart_their_bias_correction():
+    """The first step after a refresh that zeroes FRUGAL's moments is Adam's first step again: on a
+    constant gradient (``eps=0``, the next block of 3 of the 6 columns at step T+1 = 4), every coordinate
+    moves by exactly ``lr`` at steps 1 and 4 alike, Adam's and signSGD's. A count that kept going would
+    move the new block by ``lr (1 - b1) sqrt(1 - b2^t) / ((1 - b1^t) sqrt(1 - b2))``: 0.58 lr at t = 4,
+    3.16 lr once ``t`` is large."""
+    g = torch.randn(8, 6).abs() + 0.5
+    p = nn.Parameter(torch.zeros(8, 6))
+    opt = Frugal([{"params": [p], "rank": 3, "update_proj_gap": 3, "projection": "blocks", "proj_type": "std"}],
+                 lr=0.1, betas=(0.9, 0.999), eps=0.0)
+    moves = []
+    for _ in range(4):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        moves.append((before - p.detach()).abs())
+    assert opt.state[p]["moment_start"].item() == 3.0 and opt.state[p]["proj_index"].tolist() == [3, 4, 5]
+    for t in (0, 3):
+        torch.testing.assert_close(moves[t], torch.full_like(moves[t], 0.1), rtol=1e-5, atol=0)
+
+
+def test_checkpoint_without_moment_start_loads_and_counts_from_the_first_step():
+    """A FRUGAL checkpoint saved before ``moment_start`` existed loads (its moments count from step 1
+    until their next reset, as they did); the rules that do not restart (Subspace-Momentum's
+    subset-norm rule, GaLore's ``keep``) keep no ``moment_start``."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8, 6))
+    opt = Frugal([{"params": [p], "rank": 2, "update_proj_gap": 2}], lr=1e-2)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    sd = opt.state_dict()
+    assert "moment_start" in sd["state"][0]
+    del sd["state"][0]["moment_start"]
+    again = Frugal([{"params": [p], "rank": 2, "update_proj_gap": 2}], lr=1e-2)
+    again.load_state_dict(sd)
+    assert again.state[p]["moment_start"].item() == 0.0 and again.state[p]["moment_start"].device.type == "cpu"
+    for name in ("galore_adamw", "adamw_snsm"):
+        q = nn.Parameter(torch.randn(8, 6))
+        o = create_optimizer([{"params": [q], "rank": 2}], name)
+        q.grad = torch.randn_like(q)
+        o.step()
+        assert "moment_start" not in o.state[q], name

@@ -251,6 +251,28 @@ def _advance_step_view(step: Tensor, view: Any, exact: int) -> float:
     return t
 
 
+def _init_moment_start(state: dict[str, Tensor], group: dict[str, Any], moment: MomentRule) -> None:
+    """A projected parameter whose moments are zeroed at each refresh (``moment_policy="reset"``) by
+    a rule that counts again from there (:attr:`~lowmem.optim.moments.MomentRule.restarts_on_reset`:
+    Adam's and Adafactor's moments, quantized or not) keeps ``moment_start``: the steps taken before
+    its moments last restarted (a 0-d CPU float32 tensor, like ``step``; :func:`moment_step`)."""
+    if group.get("moment_policy") == "reset" and moment.restarts_on_reset:
+        state["moment_start"] = torch.zeros((), dtype=torch.float32)
+
+
+def moment_step(state: dict[str, Tensor], t: float) -> float:
+    """The step ``t`` as the moment rule counts it: ``t - moment_start`` where the moments were
+    reset at a refresh (:func:`_init_moment_start`), else ``t``.
+
+    Zeroed moments with a bias correction that kept counting would make the first step after a
+    reset ``(1 - b1) sqrt(1 - b2^t) / ((1 - b1^t) sqrt(1 - b2))`` times Adam's restarted one (3.2
+    for large ``t`` at ``betas=(0.9, 0.999)``); FRUGAL's authors restart the count with the moments (their ``_init_state`` sets
+    ``state["step"] = 0`` at every refresh, ``reset_statistics=True``). The learning-rate rule and
+    the refresh schedule keep counting from the first step."""
+    start = state.get("moment_start")
+    return t if start is None else t - start.item()
+
+
 class _Route:
     """The cached path of a parameter in :meth:`LowMemOptimizer.step` (:meth:`LowMemOptimizer._route`):
     ``path`` (``"low"``: the projected multi-tensor step, ``"foreach"``: the buckets, ``"alone"``: its
@@ -470,6 +492,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if key is not None and is_dtensor(key) and self._is_projected(key, group):
             state["step"] = torch.zeros((), dtype=torch.float32)
             r.projection.init_state(state, key, group)  # the whole m x n geometry
+            _init_moment_start(state, group, r.moment)
             r.combine.init_state_sharded(state, p, key, group)
             # the rule sees the shard's projected shape and the whole one (8-bit moments: quantized
             # exactly when one process would quantize them, Quantized.init_state_sharded)
@@ -480,6 +503,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         shape = p.shape
         if self._is_projected(p, group):
             r.projection.init_state(state, p, group)
+            _init_moment_start(state, group, r.moment)
             shape = r.projection.low_shape(p.shape, group)
             r.combine.init_state(state, p, group)
         if key is not None and is_dtensor(key):  # a local shard: the rule may look at the whole shape
@@ -797,7 +821,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         id_map = dict(zip(saved_ids, params))
-        cpu_keys = {"step", *(self.recipe.projection.cpu_state_keys if self.recipe.projection is not None else ())}
+        cpu_keys = {"step", "moment_start", *(self.recipe.projection.cpu_state_keys if self.recipe.projection is not None else ())}
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         own = set(self.recipe.all_hparams())
         for i, (mine, group) in enumerate(zip(before, self.param_groups)):
@@ -822,7 +846,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
                 check_loaded_state(saved, probe, where)
             elif saved:  # (an empty state, e.g. BAdam's inactive blocks, is allocated at p's next step)
-                check_loaded_state(saved, self._probe_state(p, group_of[p]), where)
+                probe = self._probe_state(p, group_of[p])
+                if "moment_start" in probe and "moment_start" not in saved and "step" in saved:
+                    # saved before moment_start existed: its moments count from step 1 until their next reset
+                    saved = {**saved, "moment_start": torch.zeros((), dtype=torch.float32)}
+                check_loaded_state(saved, probe, where)
             device = local(p).device
             self.state[p] = {
                 k: v.detach().to(device="cpu" if k in cpu_keys else device, copy=True) if isinstance(v, Tensor) else v
@@ -1222,7 +1250,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _step_low_bucket(self, bucket: list[_Projected]) -> None:
         """The moment rule on every projected gradient of ``bucket`` at once, then each parameter's
         combine-back (its projected gradient and direction freed as it is done)."""
-        group, t = bucket[0].group, bucket[0].t
+        group = bucket[0].group
+        ts = [moment_step(b.state, b.t) for b in bucket]
+        if any(x != ts[0] for x in ts):  # moments reset at different steps (moment_policy="reset"):
+            parts = [[b for b, x in zip(bucket, ts) if x == mt] for mt in dict.fromkeys(ts)]  # one per count
+            bucket.clear()
+            while parts:
+                self._step_low_bucket(parts.pop(0))
+            return
+        t = ts[0]
         # one step size per parameter (each one's lr rule at its project-down: Adafactor's RMS scale)
         lr = [b.lr for b in bucket] if self.recipe.moment.foreach_direction_lrs else bucket[0].lr
         ds = list(self.recipe.moment.foreach_direction([b.low for b in bucket], [b.state for b in bucket], group, t, lr))
@@ -1446,7 +1482,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         if self._is_projected(p, group):  # project down, the moment rule, combine back (the step's reference)
             item = self._project_down(p, grad, group, state, t, projected_grad)
-            self._combine_back(item, r.moment.direction(item.low, state, group, t, item.lr))
+            self._combine_back(item, r.moment.direction(item.low, state, group, moment_step(state, t), item.lr))
             return
 
         g = F.compute_float(grad)
@@ -1540,6 +1576,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._refresh(key, sp.whole_gradient(g, group), state, group, int(t))
         low = sp.down(g, state, group)
         lr = r.lr_rule(group, state, p, t) if r.lr_rule is constant_lr else r.lr_rule(group, state, p, t, reduce=reduce)
+        t = moment_step(state, t)  # (the moment rule's count; the schedule's was used above)
         if sp.side in ("right", "columns") and r.moment.sharded_stats:
             # statistics over the rows of a row-sharded R (Adafactor's columns): the rule's chunked
             # form with the all-reduces, R taken as one chunk
@@ -1565,7 +1602,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         rotate = group["moment_policy"] == "rotate" and t > 1
         old = P.snapshot(state, group) if rotate else None
         if P.refresh(g, state, group) and t > 1:
-            self._on_subspace_change(state, group, old)
+            self._on_subspace_change(state, group, old, t)
 
     @torch.no_grad()
     def refresh_projection(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> bool:
@@ -1584,12 +1621,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """``g`` in ``p``'s current subspace (float32)."""
         return self.recipe.projection.down(g if g.dtype == torch.float32 else g.float(), self.state[p], group)
 
-    def _on_subspace_change(self, state: dict[str, Tensor], group: dict[str, Any], old: dict[str, Tensor] | None = None) -> None:
-        """What the moments do when the projection's basis changes: ``keep``, ``reset`` or ``rotate``
-        (into the new basis, :func:`~lowmem.optim.subspace.rotate_moments`)."""
+    def _on_subspace_change(self, state: dict[str, Tensor], group: dict[str, Any], old: dict[str, Tensor] | None = None,
+                            t: int | None = None) -> None:
+        """What the moments do when the projection's basis changes at step ``t``: ``keep``, ``reset``
+        (zeroed, and counted again from 1: :func:`moment_step`) or ``rotate`` (into the new basis,
+        :func:`~lowmem.optim.subspace.rotate_moments`)."""
         policy = group["moment_policy"]
         if policy == "reset":
             self.recipe.moment.reset(state)
+            if t is not None:
+                # (a checkpoint saved before moment_start existed gets it at its first reset)
+                if self.recipe.moment.restarts_on_reset:
+                    state.setdefault("moment_start", torch.zeros((), dtype=torch.float32)).fill_(t - 1)
         elif policy == "rotate" and old is not None:
             rotate_moments(self.recipe.moment.state_keys, self.recipe.projection, state, group, old)
 

@@ -58,6 +58,11 @@ class MomentRule:
     """
 
     state_keys: tuple[str, ...] = ()
+    #: Whether the rule counts its steps again from 1 when ``moment_policy="reset"`` zeroes its state at
+    #: a refresh (the engine's ``moment_start``, :func:`~lowmem.optim.engine.moment_step`): rules whose
+    #: every statistic is zeroed and whose bias corrections (Adam) or decay schedule (Adafactor's
+    #: ``1 - t^-0.8``) assume zero-initialised statistics at step 1.
+    restarts_on_reset: bool = False
     applies_lr: bool = False
     supports_foreach: bool = False  # True if foreach_step_ implements the whole step for plain groups
     # FSDP2 (lowmem.optim.sharded): True if prepare_chunks takes ``reduce=`` (a ShardReduce) and
@@ -280,6 +285,7 @@ class AdamMoments(MomentRule):
     """
 
     state_keys = ("exp_avg", "exp_avg_sq")
+    restarts_on_reset = True
 
     def __init__(self, eps_placement: str = "torch"):
         if eps_placement not in ("torch", "hf"):
@@ -421,6 +427,7 @@ class FactoredMoments(MomentRule):
 
     applies_lr = True
     state_keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+    restarts_on_reset = True
     # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce`` (all-reduces over the shards of
     # dimension 0), and the row / column statistics are the parameter's shape with one dimension
     # reduced away: checkpoints shard them like the parameter, or replicate them (the columns of a

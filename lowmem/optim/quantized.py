@@ -223,6 +223,7 @@ class Quantized(MomentRule):
         self.rank1_key = rank1_key
         self.applies_lr = inner.applies_lr
         self.foreach_decays_after = inner.foreach_decays_after  # the update is the inner rule's
+        self.restarts_on_reset = inner.restarts_on_reset  # (its statistics, stored in fewer bits)
         rank1_keys = (rank1_key + "_rowmax", rank1_key + "_colmax") if rank1_key is not None else ()
         self.state_keys = tuple(inner.state_keys) + tuple(k + "_absmax" for k in specs) + rank1_keys
         # FSDP2 checkpoints (lowmem.optim.sharded.state_to_dtensor): row maxima sharded like the rows,

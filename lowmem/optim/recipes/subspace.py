@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from ..engine import LowMemOptimizer, Recipe
+from ..engine import LowMemOptimizer, Recipe, moment_step
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, nonneg, one_of, optional, positive, positive_int
 from ..moments import AdamMoments, FactoredMoments, adafactor_lr
 from ..registry import register
@@ -85,9 +85,10 @@ def _check_fira_group(group: dict[str, Any]) -> None:
 
 
 def adam_hf_unit_scale(state: dict, group: dict) -> float:
-    """``sqrt(1 - beta2^t) / (1 - beta1^t)``: the bias correction folded into ``eps_placement="hf"``."""
+    """``sqrt(1 - beta2^t) / (1 - beta1^t)``: the bias correction folded into ``eps_placement="hf"``
+    (``t`` as the moment rule counts it: from the last reset of ``moment_policy="reset"``)."""
     beta1, beta2 = group["betas"]
-    t = state["step"].item()
+    t = moment_step(state, state["step"].item())
     return math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
 
 

@@ -11,8 +11,8 @@ documents for lowmem:
   old subspace kept (a first refresh is tried at every step until one succeeds);
 * ``proj_type``: ``std`` projects the smaller side, ``reverse_std`` the larger, ``left`` / ``right``
   / ``full`` as named (galore-torch's sides); SVD bases are galore-torch's ``U[:, :r]`` / ``Vh[:r]``;
-* ``moment_policy``: ``keep`` the moments, ``reset`` them to zero (bias corrections keep counting
-  from the first step), or ``rotate`` them into the new subspace (``M' = T_l M T_r``,
+* ``moment_policy``: ``keep`` the moments, ``reset`` them to zero (and count their steps again from
+  1: Adam's bias corrections, Adafactor's ``1 - t^-0.8``, as FRUGAL's authors' ``reset_statistics``), or ``rotate`` them into the new subspace (``M' = T_l M T_r``,
   ``V' = T_l^2 V T_r^2`` element-wise squared transitions; index sets keep the statistics of the
   coordinates they keep);
 * a parameter that is not 2-D, or whose smaller side is ``<= rank``, trains full-rank with the same
@@ -246,6 +246,7 @@ def galore_adamw(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas
     projected = is_projected(p, rank)
     sub, refreshes, out = None, 0, []
     mom = None
+    t0 = 0  # steps before the moments last restarted (moment_policy='reset')
     for t, g in enumerate(grads, start=1):
         if projected:
             sub, refreshes, old = maybe_refresh(g, t, sub, refreshes, group, index)
@@ -254,13 +255,14 @@ def galore_adamw(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas
                 mom = {"m": torch.zeros_like(low), "v": torch.zeros_like(low)}
             elif old:
                 mom = carry_moments(moment_policy, mom, old, sub, p.shape)
+                t0 = t - 1 if moment_policy == "reset" else t0  # zeroed moments count again from 1
         else:
             low = g
             mom = mom or {"m": torch.zeros_like(g), "v": torch.zeros_like(g)}
         m, v = adam_ema(mom["m"], mom["v"], low, b1, b2)
         n = m / (v.sqrt() + eps)
         mom["m"], mom["v"] = store_adam(m, v, group, quantized)
-        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        step_size = lr * math.sqrt(1 - b2**(t - t0)) / (1 - b1**(t - t0))
         d = scale * up(n, sub, p.shape) if projected else n
         p = p - step_size * d
         p = p * (1 - lr * weight_decay)
@@ -287,6 +289,7 @@ def galore_adafactor(p: Tensor, grads: list[Tensor], *, index: int, lr: float | 
     group = {**group, "rank": rank}
     projected = is_projected(p, rank)
     sub, refreshes, out, mom = None, 0, [], None
+    t0 = 0  # steps before the statistics last restarted (moment_policy='reset')
     for t, g in enumerate(grads, start=1):
         if relative_step:
             rho = min(1e-6 * t if warmup_init else 1e-2, 1 / math.sqrt(t))
@@ -304,11 +307,12 @@ def galore_adafactor(p: Tensor, grads: list[Tensor], *, index: int, lr: float | 
                 mom.update(row=torch.zeros(low.shape[0]), col=torch.zeros(low.shape[1]))
             else:
                 mom.update(v=torch.zeros_like(low))
-        elif old and moment_policy == "reset":  # every statistic, the factors too
+        elif old and moment_policy == "reset":  # every statistic, the factors too, counted again from 1
             mom = {k: torch.zeros_like(x) for k, x in mom.items()}
+            t0 = t - 1
         elif old and moment_policy == "rotate" and "m" in mom:  # the first moment; the factors are kept
             mom["m"] = carry_moments("rotate", {"m": mom["m"]}, old, sub, p.shape)["m"]
-        b2t = 1 - t**decay_rate
+        b2t = 1 - (t - t0)**decay_rate
         g2 = low * low + eps1
         if low.ndim == 2:
             mom["row"] = b2t * mom["row"] + (1 - b2t) * g2.mean(dim=1)
@@ -349,6 +353,7 @@ def fira_adamw(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: 
     group = {**group, "rank": rank}
     projected = is_projected(p, rank)
     sub, refreshes, out, mom, prev_norm = None, 0, [], None, None
+    t0 = 0  # steps before the moments last restarted (moment_policy='reset')
     for t, g in enumerate(grads, start=1):
         if projected:
             sub, refreshes, old = maybe_refresh(g, t, sub, refreshes, group, index)
@@ -357,13 +362,14 @@ def fira_adamw(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: 
                 mom = {"m": torch.zeros_like(low), "v": torch.zeros_like(low)}
             elif old:
                 mom = carry_moments(moment_policy, mom, old, sub, p.shape)
+                t0 = t - 1 if moment_policy == "reset" else t0  # zeroed moments count again from 1
         else:
             low = g
             mom = mom or {"m": torch.zeros_like(g), "v": torch.zeros_like(g)}
         m, v = adam_ema(mom["m"], mom["v"], low, b1, b2)
         n = m / (v.sqrt() + eps)
         mom["m"], mom["v"] = store_adam(m, v, group, quantized)
-        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        step_size = lr * math.sqrt(1 - b2**(t - t0)) / (1 - b1**(t - t0))
         if projected:
             dim = 0 if n.shape[0] < n.shape[1] else 1
             phi = n.norm(dim=dim) / (low.norm(dim=dim) + 1e-8)
@@ -395,8 +401,8 @@ def frugal(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tupl
 
         every T steps: a new subspace P (SVD, random, columns, rows, RandK, blocks); moments reset
         R_t = P^T G_t
-        M <- b1 M + (1 - b1) R ;  V <- b2 V + (1 - b2) R^2      (bias corrections count from step 1)
-        D_full = alpha P (M / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps)
+        M <- b1 M + (1 - b1) R ;  V <- b2 V + (1 - b2) R^2
+        D_full = alpha P (M / (1 - b1^s)) / (sqrt(V / (1 - b2^s)) + eps)   (s: steps since the reset)
         D_free = free_lr_scale * sign(G_t - P R_t)    (signSGD; SGD: the residual itself)
         W <- W (1 - lr wd);  W <- W - lr (D_full + D_free)
     """
@@ -404,6 +410,7 @@ def frugal(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tupl
     group = {**group, "rank": rank}
     projected = is_projected(p, rank)
     sub, refreshes, out, mom = None, 0, [], None
+    t0 = 0  # steps before the moments last restarted (moment_policy='reset')
     for t, g in enumerate(grads, start=1):
         if projected:
             sub, refreshes, old = maybe_refresh(g, t, sub, refreshes, group, index)
@@ -412,11 +419,12 @@ def frugal(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tupl
                 mom = {"m": torch.zeros_like(low), "v": torch.zeros_like(low)}
             elif old:
                 mom = carry_moments(moment_policy, mom, old, sub, p.shape)
+                t0 = t - 1 if moment_policy == "reset" else t0  # zeroed moments count again from 1
         else:
             low = g
             mom = mom or {"m": torch.zeros_like(g), "v": torch.zeros_like(g)}
         m, v = adam_ema(mom["m"], mom["v"], low, b1, b2)
-        n = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        n = (m / (1 - b1**(t - t0))) / ((v / (1 - b2**(t - t0))).sqrt() + eps)
         mom["m"], mom["v"] = store_adam(m, v, group, quantized)
         if projected:
             residual = g - up(low, sub, p.shape)
