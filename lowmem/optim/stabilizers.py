@@ -55,6 +55,27 @@ class Stabilizer:
         ``numel`` elements, the transformed gradient included."""
         return 0
 
+    # ---- the multi-tensor step (whole tensors of one foreach bucket) ----
+
+    def transform_many(self, grads: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any], t: int,
+                       moment: MomentRule) -> list[Tensor]:
+        """The transformed gradients of whole tensors of one group at one step ``t`` (a foreach bucket),
+        as :meth:`prepare` and :meth:`transform_chunk` of each with one piece (the default loops over
+        them). A stabilizer with per-tensor statistics overrides it to compute them for all tensors
+        at once (issue 15: kernels per step that scale with the bucket's shapes, not its tensors).
+        Out of place; returns tensors of the gradients' shapes."""
+        out = []
+        for g, state in zip(grads, states):
+            ctx = self.prepare(g.view(-1), state, group, t, moment, [(0, g.numel())])
+            out.append(self.transform_chunk(g, state, group, t, moment, ctx))
+        return out
+
+    def transform_many_transient_bytes(self, numel: int, group: dict[str, Any]) -> int:
+        """Upper bound of the bytes :meth:`transform_many` allocates for tensors of ``numel`` elements
+        in all, the transformed gradients included (the default: one tensor's :meth:`transient_bytes`
+        alive at a time, plus the transformed gradients, 4 bytes per element)."""
+        return self.transient_bytes(numel, group) + 4 * numel
+
 
 # ---- SPAM and Stable-SPAM (Huang et al. 2025) -------------------------------------------------
 
@@ -251,6 +272,70 @@ class StableSPAMStabilizer(Stabilizer):
         place on the result in a chunk; the whole-tensor step holds the clipped and the scaled
         gradient, 8). It was 16 (four float32 temporaries) before issue 15's in-place AdaClip."""
         return 9 * numel
+
+
+    def transform_many(self, grads, states, group, t, moment):
+        """AdaClip and AdaGN of whole tensors at once (issue 15), the tensors of one size and dtype
+        stacked into a ``k x n`` matrix ``S``: ``max|g|`` of every row from one ``aminmax``, the
+        per-tensor scalars (``spam_clip_max``, ``spam_norm_m``, ``spam_norm_v``) gathered into
+        vectors, updated by :func:`~lowmem.optim.functional.spam.ada_clip_bound_` and
+        :func:`~lowmem.optim.functional.spam.ada_gn_scale_` (element-wise, so the same functions) and
+        written back with one ``_foreach_copy_``; the clipping
+        (:func:`~lowmem.optim.functional.spam.ada_clip_apply`'s operations, row ``i`` with its own
+        ``max|g|`` and bound), each row's norm and the scaling on the stack. A fixed number of kernels
+        per size and dtype, whatever the number of tensors. Equal to :meth:`prepare` and
+        :meth:`transform_chunk` of each tensor in one piece up to float32 rounding (each row's norm
+        sums in another order; the clipping is bit for bit; tested). Used by the engine off the CPU.
+
+        Float32 gradients (the engine's buckets); others (and empty tensors) per tensor, as the default.
+        Transient (:meth:`transform_many_transient_bytes`): the stack ``S``, the clipped result and
+        its mask (``4 + 4 + 1`` bytes per element; the result is the returned gradients)."""
+        if S.is_reset_step(t, group["reset_interval"]):
+            for state in states:
+                moment.reset(state)
+        t_stats = S.stats_step(t, group["reset_interval"]) if group.get("stats_step") == "since_reset" else t
+        gamma1 = group["gamma1"] * S.cosine_beta1_scale(t, group.get("t_max"))
+        tiny = torch.finfo(torch.float32).tiny
+        out: list[Tensor | None] = [None] * len(grads)
+        by_kind: dict[tuple, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_kind.setdefault((g.numel(), g.dtype, g.device), []).append(i)
+        for (numel, dtype, _), idx in by_kind.items():
+            if dtype != torch.float32 or numel == 0:  # (the engine's buckets are float32) per tensor
+                for i, g in zip(idx, Stabilizer.transform_many(self, [grads[i] for i in idx],
+                                                               [states[i] for i in idx], group, t, _NoReset())):
+                    out[i] = g
+                continue
+            stack = torch.stack([grads[i].reshape(-1) for i in idx])  # (k, n)
+            lo, hi = torch.aminmax(stack, dim=1)
+            g_max = torch.maximum(hi, lo.neg_()).float()  # S.abs_max of each row (exact), then float32
+            del lo, hi
+            scalars = [states[i][key] for i in idx for key in self.state_keys]
+            clip_max, norm_m, norm_v = torch.stack(scalars).view(len(idx), 3).unbind(1)  # (strided views)
+            bound = S.ada_clip_bound_(clip_max, g_max, group["theta"], t_stats)
+            clipped = S.ada_clip_apply(stack, g_max[:, None], bound[:, None])
+            del stack
+            norm = torch.linalg.vector_norm(clipped, dim=1)
+            scale = S.ada_gn_scale_(norm, norm_m, norm_v, gamma1, group["gamma2"], t_stats, group["eps"], tiny)
+            clipped.mul_(scale[:, None])
+            torch._foreach_copy_(scalars, [v for j in range(len(idx)) for v in (clip_max[j], norm_m[j], norm_v[j])])
+            for j, i in enumerate(idx):
+                out[i] = clipped[j].view(grads[i].shape)
+        return out
+
+    def transform_many_transient_bytes(self, numel, group):
+        """:meth:`transform_many`: the stack, the clipped (returned) gradients and the mask: 9 bytes per
+        element; a tensor taken one at a time (not float32) its :meth:`transient_bytes` and its result."""
+        return max(9 * numel, self.transient_bytes(numel, group) + 4 * numel)
+
+
+class _NoReset:
+    """A moment rule whose :meth:`reset` does nothing: :meth:`StableSPAMStabilizer.transform_many` has
+    reset the moments of every tensor already before it takes some of them one at a time."""
+
+    @staticmethod
+    def reset(state):
+        pass
 
 
 class RestartBiasCorrection(MomentRule):
