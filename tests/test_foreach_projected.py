@@ -64,9 +64,11 @@ def _run(name, hparams, foreach, chunk_numel, dtype=torch.float32, steps=5, skip
     return [p.detach().clone() for p in ps], [{k: v.clone() for k, v in opt.state[p].items()} for p in ps], calls, opt
 
 
-def _assert_equal(fast, ref):
+def _assert_equal(fast, ref, rounded=False):
     """Projected parameters and their state bit for bit; the full-rank vector (the full-rank foreach
-    path where the rule has one, tested on its own in test_reference / test_speed_paths) at rtol 1e-6."""
+    path where the rule has one, tested on its own in test_reference / test_speed_paths) at rtol 1e-6.
+    ``rounded``: the state to float32 rounding (Online Subspace Descent's basis gradients stacked by
+    shape, ``osd.pca_loss_grad_stacked``: torch's batched GEMM of tiny matrices sums in another order)."""
     fast_p, fast_s = fast[:2]
     ref_p, ref_s = ref[:2]
     for i, (a, b, sa, sb) in enumerate(zip(fast_p, ref_p, fast_s, ref_s)):
@@ -82,6 +84,8 @@ def _assert_equal(fast, ref):
         for k in sa:
             if k.endswith("_prev_norm"):
                 torch.testing.assert_close(sa[k], sb[k], rtol=2e-6, atol=0, msg=lambda m: f"{i} {k}: {m}")
+            elif rounded:
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-8, msg=lambda m: f"{i} {k}: {m}")
             else:
                 assert torch.equal(sa[k], sb[k]), (i, k)
 
@@ -102,7 +106,7 @@ def test_projected_bucket_equals_the_per_parameter_step(label, chunk_numel, monk
     fast = _run(name, hp, None, chunk_numel, monkeypatch=monkeypatch)
     ref = _run(name, hp, False, chunk_numel, monkeypatch=monkeypatch)
     assert ref[2] == []
-    _assert_equal(fast, ref)
+    _assert_equal(fast, ref, rounded=name == "osd_adamw")
     lows, vector = _low_numel(fast[3]), [n for s in SHAPES if len(s) == 1 for n in s]
     calls = [c for c in fast[2] if c != vector]  # (8-bit moments: the vector's full-rank bucket calls it too)
     assert len(fast[2]) - len(calls) == (5 if name.endswith("8bit") else 0)

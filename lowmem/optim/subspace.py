@@ -503,37 +503,72 @@ class SubspaceProjection(Projection):
                 todo.append(i)
         if not todo:
             return
-        norms = [float_norm(gs[i]) for i in todo]
-        flags = torch.stack([torch.isfinite(n) & (n > 0) for n in norms])
+        todo_gs = [gs[i] for i in todo]
+        if all(g.dtype == torch.float32 for g in todo_gs):  # one multi-tensor kernel (the same values on the CPU)
+            norm_t = torch.stack(torch._foreach_norm(todo_gs))
+        else:
+            norm_t = torch.stack([float_norm(g) for g in todo_gs])
+        flags = torch.isfinite(norm_t) & (norm_t > 0)
+        norms = list(norm_t.unbind(0))
         # one device read for the bucket (all usable: the common case); else one per parameter
         usable = [True] * len(todo) if bool(flags.all()) else [bool(f) for f in flags]
         lr, wd = OSD.basis_step_settings(group["proj_lr"], group.get("proj_weight_decay"), group["proj_optimizer"],
                                          group.get("lr"), group.get("initial_lr"))
-        steps: dict[int, list[tuple[Tensor, Tensor, dict[str, Tensor]]]] = {}
+        # the parameters at one PCA step count, side and shape: their basis gradients stacked a batch at a
+        # time (OSD.pca_loss_grad_stacked), each batch within fold_budget (the bucket's freed directions)
+        groups: dict[tuple, list[tuple[int, Tensor]]] = {}
         for i, norm, ok in zip(todo, norms, usable):
-            if not ok:
-                continue
-            g, state, low = gs[i], states[i], lows[i]
-            key = "proj_left" if "proj_left" in state else "proj_right"
-            basis = state[key]
-            proj = low if low is not None and g.dtype == basis.dtype else None
-            grad = OSD.pca_loss_grad(basis, g, "left" if key == "proj_left" else "right", norm, proj)
-            steps.setdefault(_meta(state)[3] + 1, []).append((basis, grad, state))
-        for t, items in steps.items():
-            bases, grads, sts = (list(x) for x in zip(*items))
-            if group["proj_optimizer"] == "sgd":
-                if wd:
-                    torch._foreach_add_(grads, bases, alpha=wd)
-                torch._foreach_add_(bases, grads, alpha=-lr)
-                continue
-            for state in sts:
-                state["proj_meta"][3] = t
+            if ok:
+                key = "proj_left" if "proj_left" in states[i] else "proj_right"
+                groups.setdefault((_meta(states[i])[3] + 1, key, tuple(gs[i].shape)), []).append((i, norm))
+        budget = OSD_BUDGET_SCALE * 4 * sum(self._low_numel(gs[i], states[i]) for i in todo)  # (fold_budget)
+        for (t, key, _), members in groups.items():
+            side = "left" if key == "proj_left" else "right"
+            basis0, g0 = states[members[0][0]][key], gs[members[0][0]]
+            rank = basis0.shape[1] if side == "left" else basis0.shape[0]
+            cost = OSD.stacked_grad_bytes(basis0.numel(), self._low_numel(g0, states[members[0][0]]), rank)
+            size = max(1, budget // cost)
+            for start in range(0, len(members), size):
+                batch = members[start:start + size]
+                sts = [states[i] for i, _ in batch]
+                bases = [st[key] for st in sts]
+                projs = [lows[i] if lows[i] is not None and gs[i].dtype == bases[0].dtype else None for i, _ in batch]
+                if len(batch) == 1 or gs[batch[0][0]].dtype != bases[0].dtype:
+                    grads = [OSD.pca_loss_grad(st[key], gs[i], side, norm, proj)
+                             for (i, norm), st, proj in zip(batch, sts, projs)]
+                else:
+                    picked = torch.stack([norm for _, norm in batch])  # (one kernel; an index list would copy to the device)
+                    grads = list(OSD.pca_loss_grad_stacked(bases, [gs[i] for i, _ in batch], side, picked,
+                                                           projs).unbind(0))
+                self._basis_step_foreach(bases, grads, sts, group, t, lr, wd)
+
+    @staticmethod
+    def _low_numel(g: Tensor, state: dict[str, Tensor]) -> int:
+        """Elements of the projected gradient ``P^T G`` / ``G Q^T`` of a basis-projected ``g``."""
+        if "proj_left" in state:
+            return state["proj_left"].shape[1] * g.shape[1]
+        return g.shape[0] * state["proj_right"].shape[0]
+
+    @staticmethod
+    def _basis_step_foreach(bases: list[Tensor], grads: list[Tensor], sts: list[dict[str, Tensor]],
+                            group: dict[str, Any], t: int, lr: float, wd: float) -> None:
+        """The basis optimizer's step of parameters at PCA step ``t`` (their basis gradients ``grads``),
+        one multi-tensor kernel per operation: SGD, or AdamW's decay, moments and direction
+        (``functional.adam_moments_foreach_``, ``adam_direction_foreach``); ``grads`` is emptied."""
+        if group["proj_optimizer"] == "sgd":
             if wd:
-                torch._foreach_mul_(bases, 1.0 - lr * wd)
-            ms, vs = [st["pca_exp_avg"] for st in sts], [st["pca_exp_avg_sq"] for st in sts]
-            adam_moments_foreach_(ms, vs, grads, 0.9, 0.999)
+                torch._foreach_add_(grads, bases, alpha=wd)
+            torch._foreach_add_(bases, grads, alpha=-lr)
             del grads[:]
-            torch._foreach_add_(bases, adam_direction_foreach(ms, vs, t, 0.9, 0.999, 1e-8), alpha=-lr)
+            return
+        for state in sts:
+            state["proj_meta"][3] = t
+        if wd:
+            torch._foreach_mul_(bases, 1.0 - lr * wd)
+        ms, vs = [st["pca_exp_avg"] for st in sts], [st["pca_exp_avg_sq"] for st in sts]
+        adam_moments_foreach_(ms, vs, grads, 0.9, 0.999)
+        del grads[:]
+        torch._foreach_add_(bases, adam_direction_foreach(ms, vs, t, 0.9, 0.999, 1e-8), alpha=-lr)
 
     # -- rotation of moments --
 
@@ -582,6 +617,11 @@ def shape_batches(lows: list[Tensor], gs: list[Tensor], budget: int, cost: Calla
             batches.append([])
         batches[-1].append(i)
     return [b for bs in groups.values() for b in bs]
+
+
+#: Online Subspace Descent's stacked basis gradients: a batch's bytes at most this times :func:`fold_budget`
+#: of the bucket's basis steps (1: within the bucket's freed directions)
+OSD_BUDGET_SCALE = 1
 
 
 def fold_budget(lows: list[Tensor]) -> int:

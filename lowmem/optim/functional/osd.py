@@ -71,3 +71,59 @@ def basis_step_settings(proj_lr: float, proj_weight_decay: float | None, proj_op
     if initial_lr is None or lr is None or float(initial_lr) == 0.0:
         return float(proj_lr), wd
     return float(proj_lr) * float(lr) / float(initial_lr), wd
+
+
+def pca_loss_grad_stacked(bases: list[Tensor], gs: list[Tensor], side: str, norms: Tensor,
+                          projs: list[Tensor | None]) -> Tensor:
+    """:func:`pca_loss_grad` of ``k`` parameters of one shape at once (float32 bases and gradients; the
+    multi-tensor basis step, issue 15), stacked ``k x m x r`` (left) or ``k x r x n`` (right).
+
+    The same factored form (Section 3, eq. 5): per parameter only the products with its gradient
+    (``B = G_n A^T`` / ``D = C^T G_n``, and ``A = P^T G`` / ``C = G Q^T`` where ``projs`` has none),
+    written into the stacks; the ``r``-deep products, ``P^T P - 2 I`` and the sum are one batched kernel
+    each (``bmm`` / ``baddbmm_``) instead of one per parameter. Equal to :func:`pca_loss_grad` of each to
+    float32 rounding (a batched GEMM may sum in another order). Allocates, beyond the result, the stacked
+    bases and the stacked ``A`` / ``C`` and ``B`` / ``D`` (:func:`stacked_grad_bytes`)."""
+    k = len(bases)
+    basis = torch.stack(bases)
+    inv = norms.to(basis.dtype).reciprocal().view(k, 1, 1)  # 1 / ||G|| (as 1.0 / norm), norms: ``(k,)``
+    if side == "left":  # basis P: k x m x r, G: m x n
+        a = _stacked_products(projs, lambda i: (bases[i].t(), gs[i])).mul_(inv)
+        b = torch.empty(k, basis.shape[1], basis.shape[2], dtype=basis.dtype, device=basis.device)
+        for i, g in enumerate(gs):
+            torch.mm(g, a[i].t(), out=b[i])
+        b.mul_(inv)
+        aat = torch.bmm(a, a.transpose(1, 2))
+        del a
+        ptp = torch.bmm(basis.transpose(1, 2), basis)
+        ptp.diagonal(dim1=1, dim2=2).sub_(2.0)  # P^T P - 2 I (the same bits)
+        out = torch.bmm(basis, aat)
+        del basis, aat
+        return out.baddbmm_(b, ptp).mul_(2.0)
+    # right: basis Q: k x r x n, G: m x n
+    c = _stacked_products(projs, lambda i: (gs[i], bases[i].t())).mul_(inv)
+    d = torch.empty_like(basis)
+    for i, g in enumerate(gs):
+        torch.mm(c[i].t(), g, out=d[i])
+    d.mul_(inv)
+    ctc = torch.bmm(c.transpose(1, 2), c)
+    del c
+    qqt = torch.bmm(basis, basis.transpose(1, 2))
+    qqt.diagonal(dim1=1, dim2=2).sub_(2.0)  # Q Q^T - 2 I
+    out = torch.bmm(qqt, d)
+    del d, qqt
+    return out.baddbmm_(ctc, basis).mul_(2.0)
+
+
+def _stacked_products(projs: list[Tensor | None], factors) -> Tensor:
+    """``torch.stack`` of the projected gradients, each missing one computed as ``x @ y`` of ``factors(i)``."""
+    if all(p is not None for p in projs):
+        return torch.stack(projs)
+    return torch.stack([p if p is not None else torch.mm(*factors(i)) for i, p in enumerate(projs)])
+
+
+def stacked_grad_bytes(basis_numel: int, low_numel: int, rank: int) -> int:
+    """Bytes :func:`pca_loss_grad_stacked` holds at its peak per parameter (float32): the stacked basis,
+    ``A`` / ``C`` (the projected gradient's size) and ``B`` / ``D`` (the basis's), the two ``r x r``
+    products and the result (the basis's size); ``A`` / ``C`` is freed before the result is allocated."""
+    return 4 * (max(2 * basis_numel + low_numel, 3 * basis_numel) + 2 * rank * rank)
