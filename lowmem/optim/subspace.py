@@ -537,7 +537,7 @@ class SubspaceProjection(Projection):
                     grads = [OSD.pca_loss_grad(st[key], gs[i], side, norm, proj)
                              for (i, norm), st, proj in zip(batch, sts, projs)]
                 else:
-                    picked = torch.stack([norm for _, norm in batch])  # (one kernel; an index list would copy to the device)
+                    picked = torch.stack([norm for _, norm in batch])  # (an index list: a host-to-device copy)
                     grads = list(OSD.pca_loss_grad_stacked(bases, [gs[i] for i, _ in batch], side, picked,
                                                            projs).unbind(0))
                 self._basis_step_foreach(bases, grads, sts, group, t, lr, wd)
