@@ -37,8 +37,9 @@ def test_smoke_report_structure_and_an_injected_failure_does_not_stop_the_rest(t
     assert list(rows) == ["badam", "adamw", "galore_adamw"]
     for r in (rows["adamw"], rows["galore_adamw"]):  # BAdam's frozen blocks thawed for the next rows (meta copy too)
         assert r["state_bytes"] > 0 and r["estimate_state"] == r["state_bytes"], r
-        # on CPU the live count adds MKL's GEMM packing buffers of projected steps, which meta sizing leaves out
-        assert 0 < r["estimate_transient"] <= r["step_transient_bytes"], r
+        # on CPU the live count adds MKL's GEMM packing buffers of projected steps, which meta sizing leaves out;
+        # adamw's buckets take torch's fused AdamW kernel (the CPU's default too), which allocates nothing
+        assert (r["optimizer"] == "adamw" or 0 < r["estimate_transient"]) and r["estimate_transient"] <= r["step_transient_bytes"], r
         assert r["step_time_ratio"] > 0 and r["first_step_s"] > 0, r
         assert r["peak_first"] is None  # no allocator peak on CPU
     assert rows["adamw"]["refresh_gap"] is None and rows["galore_adamw"]["refresh_gap"] == BG.REFRESH_GAP

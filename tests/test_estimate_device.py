@@ -70,10 +70,27 @@ def test_cpu_estimate_equals_a_real_cpu_optimizer(case, layerwise):
         # lowmem/optim/bnb_fused.py) only the members below min_quant_size remain
         assert cuda.optimizer_transient < cpu.optimizer_transient
     elif name == "adamw" and not layerwise:
-        # (its buckets take torch's fused AdamW kernel on CUDA, which allocates nothing: functional.adam.adamw_fused_)
-        assert cuda.optimizer_transient == 0 < cpu.optimizer_transient
+        # (its buckets take torch's fused AdamW kernel on CUDA and the CPU, which allocates nothing:
+        # functional.adam.adamw_fused_)
+        assert cuda.optimizer_transient == 0 == cpu.optimizer_transient
     elif name != "microadam":
         assert cpu.optimizer_transient == cuda.optimizer_transient
+
+
+def test_cpu_estimate_of_the_multi_tensor_adamw_equals_a_real_cpu_optimizer(monkeypatch):
+    """With torch's fused AdamW kernel off on the CPU (``FUSED_ON_CPU``), the CPU estimate of ``adamw`` is
+    the multi-tensor operations' ``sqrt(v)`` of the largest bucket, as a real CPU optimizer reports; CUDA's
+    stays 0 (the kernel)."""
+    from lowmem.optim.functional import adam as FA
+
+    monkeypatch.setattr(FA, "FUSED_ON_CPU", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cpu = estimate_memory(_config(), "adamw", dtype="fp32", seq_len=16, device="cpu")
+        cuda = estimate_memory(_config(), "adamw", dtype="fp32", seq_len=16, device="cuda")
+    state, transient = _real_cpu_sizes("adamw", {}, False)
+    assert (cpu.optimizer_states, cpu.optimizer_transient) == (state, transient)
+    assert cuda.optimizer_transient == 0 < cpu.optimizer_transient
 
 
 def test_device_is_validated_and_recorded():

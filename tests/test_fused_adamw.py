@@ -1,9 +1,9 @@
 """torch's fused AdamW kernel (``torch._fused_adamw_``, the one behind ``torch.optim.AdamW(fused=True)``)
 on the engine's AdamW steps (issue 15): the foreach buckets (``functional.adamw_foreach_``, every
 ``eps`` placement and decay order) and the per-parameter step (``AdamMoments.fused_step_``: a
-low-precision parameter with moments of its dtype) take it on a non-CPU device. The CPU keeps the
-multi-tensor operations by default; ``functional.adam.FUSED_ON_CPU`` forces the kernel here, and every
-case is checked against the plain reference loop (``references/full_rank.py``) and against today's
+low-precision parameter with moments of its dtype) take it on every device torch has it for, the CPU
+included by default (``functional.adam.FUSED_ON_CPU``; off: the multi-tensor operations), and every
+case is checked against the plain reference loop (``references/full_rank.py``) and against the
 multi-tensor path within float32 rounding. On meta tensors (the non-CPU code path) the launches of a
 step are counted."""
 
@@ -254,9 +254,10 @@ def test_tensors_outside_the_kernels_layout_keep_the_operations(monkeypatch):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     ps = [torch.zeros(4) for _ in range(4)]
-    assert FA.fused_indices(ps[:1], ps[1:2], ps[2:3], ps[3:], 0.1) == []  # the CPU, not forced
-    monkeypatch.setattr(FA, "FUSED_ON_CPU", True)
-    assert FA.fused_indices(ps[:1], ps[1:2], ps[2:3], ps[3:], 0.1) == [0]
+    assert FA.fused_indices(ps[:1], ps[1:2], ps[2:3], ps[3:], 0.1) == [0]  # the CPU, by default
+    with monkeypatch.context() as mp:
+        mp.setattr(FA, "FUSED_ON_CPU", False)
+        assert FA.fused_indices(ps[:1], ps[1:2], ps[2:3], ps[3:], 0.1) == []
     assert FA.fused_indices(ps[:1], ps[1:2], ps[2:3], ps[3:], torch.tensor(0.1)) == []
     assert FA.fused_indices(ps[:1], [torch.zeros(4, dtype=torch.float64)], ps[2:3], ps[3:], 0.1) == []
 
@@ -300,14 +301,22 @@ def test_meta_step_launches_one_kernel_per_bucket():
 
 
 def test_fused_bucket_reports_no_transient(monkeypatch):
-    """A bucket the kernel steps allocates nothing (``AdamMoments.foreach_bucket_transient_bytes``: 0);
-    without the kernel the bucket's ``sqrt(v)``."""
+    """A bucket the kernel steps allocates nothing (``AdamMoments.foreach_bucket_transient_bytes``: 0, the
+    CPU's default); without the kernel (``FUSED_ON_CPU`` off) the bucket's ``sqrt(v)``; a non-contiguous
+    parameter in the bucket (the operations step it) its own ``sqrt(v)``; a tensor ``lr`` the bucket's."""
     ps = [torch.nn.Parameter(torch.zeros(s)) for s in [(30, 20), (100,)]]
     opt = create_optimizer(ps, "adamw")
     opt.materialize_state()
-    assert opt.step_transient_bytes() == 4 * 700
-    monkeypatch.setattr(FA, "FUSED_ON_CPU", True)
     assert opt.step_transient_bytes() == 0
+    with monkeypatch.context() as mp:
+        mp.setattr(FA, "FUSED_ON_CPU", False)
+        assert opt.step_transient_bytes() == 4 * 700
+    ps.append(torch.nn.Parameter(torch.zeros(7, 3).t()))
+    opt = create_optimizer(ps, "adamw")
+    opt.materialize_state()
+    assert opt.step_transient_bytes() == 4 * 21
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+    assert opt.step_transient_bytes() == 4 * 721
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

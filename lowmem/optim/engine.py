@@ -589,6 +589,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, int] = {}
         members: dict[tuple, list[tuple[int, dict[str, Tensor]]]] = {}  # (elements, state) of each bucket's pieces
         bucket_groups: dict[tuple, dict[str, Any]] = {}  # each bucket's parameter group (its hyperparameters)
+        outside: dict[tuple, int] = {}  # each bucket's elements of non-contiguous parameters
         low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
         low_key: tuple | None = None
         for group in self.param_groups:
@@ -634,11 +635,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     continue
                 if self._foreach_ok(p, group, state=state):
                     whole = False
-                    if len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers:
+                    if (len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers
+                            and not getattr(self.recipe.moment, "pieces_elementwise", False)):
                         # a tensor in pieces may be stepped whole from its first one by the rule's
                         # per-parameter step (moments.step_whole_from_piece_: Adafactor, Adam-mini,
                         # the hybrids' targets, quantized moments, MicroAdam, subset norms): that
                         # transient, and then its pieces allocate nothing of their buckets' step
+                        # (a rule that never does, pieces_elementwise: AdamW, not counted)
                         worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
                         whole = self.recipe.moment.steps_pieces_whole(p.shape, group, state)
                     for start, stop in self._foreach_pieces(p):
@@ -648,6 +651,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         bucket_groups[key] = group
                         if not whole:
                             members.setdefault(key, []).append((stop - start, state))
+                            if not p.is_contiguous():  # (outside torch's fused AdamW kernel's layout)
+                                outside[key] = outside.get(key, 0) + stop - start
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
                         worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
                     continue
@@ -658,8 +663,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # quantized rule decodes its members with quantized moments), after the projected buckets are
         # done; a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own
         moment, stab = self.recipe.moment, 4 * bool(self.recipe.stabilizers)
-        foreach = max((moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k]) + stab * n
-                       for k, n in buckets.items()),
+        # (a rule with torch's fused AdamW kernel, foreach_counts_outside: the elements the kernel leaves out)
+        extra = (lambda k: {"outside": outside.get(k, 0)}) if getattr(moment, "foreach_counts_outside", False) \
+            else (lambda k: {})
+        foreach = max((moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k], **extra(k))
+                       + stab * n for k, n in buckets.items()),
                       default=moment.foreach_transient_bytes(0))
         return kept + max(worst, foreach)
 

@@ -355,25 +355,35 @@ class AdamMoments(MomentRule):
 
     foreach_step_lr = True
 
-    def foreach_bucket_transient_bytes(self, numel, members, group=None):
-        """:meth:`foreach_transient_bytes` (``sqrt(v)`` of the bucket), or 0 where the bucket takes torch's
+    #: :meth:`foreach_step_` steps a tensor's pieces element-wise with their buckets, never whole from its
+    #: first piece (the engine's bound then leaves the per-parameter step of a tensor in pieces out).
+    pieces_elementwise = True
+    #: The engine passes :meth:`foreach_bucket_transient_bytes` the elements of the bucket's members whose
+    #: parameter is not contiguous (``outside``): torch's fused kernel leaves them to the operations.
+    foreach_counts_outside = True
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None, outside=0):
+        """:meth:`foreach_transient_bytes` (``sqrt(v)`` of the bucket), or where the bucket takes torch's
         fused kernel, which allocates nothing (:func:`~lowmem.optim.functional.adam.adamw_fused_`: its
-        moments on a device of :func:`~lowmem.optim.functional.adam.fused_device`, a float ``lr``; the
-        parameters and gradients assumed contiguous, as the engine's bound assumes). Meta tensors (the
-        estimator's, whose device is not known) count the multi-tensor operations."""
+        moments on a device of :func:`~lowmem.optim.functional.adam.fused_device`, the CPU included unless
+        :data:`~lowmem.optim.functional.adam.FUSED_ON_CPU` is off, and a float ``lr``), only the
+        ``sqrt(v)`` of the ``outside`` elements: the members whose parameter is not contiguous, which the
+        multi-tensor operations step (:func:`~lowmem.optim.functional.adam.fused_indices`; gradients
+        assumed contiguous, as the engine's bound assumes). Meta tensors (the estimator's, whose device
+        is not known) count the multi-tensor operations."""
         if members and group is not None and not isinstance(group.get("lr"), Tensor):
             devices = {st["exp_avg"].device for _, st in members if "exp_avg" in st}
             if len(devices) == 1:
                 device = next(iter(devices))
                 if device.type != "meta" and FA.fused_device(device):
-                    return 0
+                    return self.foreach_transient_bytes(outside)
         return self.foreach_transient_bytes(numel)
 
     def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
         """The per-parameter step of ``p`` by torch's fused AdamW kernel
         (:func:`~lowmem.optim.functional.adam.adamw_fused_`, this rule's ``eps`` placement and decay order:
         :attr:`foreach_decays_after`) where it applies: a device of
-        :func:`~lowmem.optim.functional.adam.fused_device` (not the CPU by default), the parameter, its
+        :func:`~lowmem.optim.functional.adam.fused_device` (the CPU too by default), the parameter, its
         gradient and both moments of one dtype (a bf16 parameter with ``state_dtype="param"`` or
         ``"bfloat16"``; torch's kernel takes no float32 moments of a bf16 parameter) and contiguous, a float
         ``lr``, and not ``foreach=False`` (the single-tensor reference). The kernel computes in float32
@@ -400,7 +410,7 @@ class AdamMoments(MomentRule):
         """Whole AdamW step (moments, decoupled decay, update) for float32 tensors sharing ``t``;
         with ``eps_placement="hf"`` the decay comes after the update (:attr:`foreach_decays_after`).
         ``step_lr``: the update's step size (default ``lr``; the decay always uses ``lr``). On a device
-        with torch's fused AdamW kernel (not the CPU by default) the kernel steps the bucket
+        with torch's fused AdamW kernel (the CPU too by default) the kernel steps the bucket
         (:func:`~lowmem.optim.functional.adamw_foreach_`, :func:`~lowmem.optim.functional.adam.adamw_fused_`)."""
         beta1, beta2 = group["betas"]
         wd = group.get("weight_decay", 0.0)

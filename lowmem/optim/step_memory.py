@@ -87,10 +87,15 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _child(name: str, shape: tuple[int, ...], hparams: dict[str, Any], mode: str, steps: int) -> dict[str, Any]:
+def _child(name: str, shape: tuple[int, ...], hparams: dict[str, Any], mode: str, steps: int,
+           fused_on_cpu: bool | None = None) -> dict[str, Any]:
     import torch
 
+    from lowmem.optim.functional import adam as FA
     from lowmem.optim.registry import create_optimizer
+
+    if fused_on_cpu is not None:  # torch's fused AdamW kernel on the CPU (functional.adam.FUSED_ON_CPU)
+        FA.FUSED_ON_CPU = fused_on_cpu
 
     torch.manual_seed(0)
     # warm-up: load every library and cache (code maps, compiled kernels) on a small tensor
@@ -182,7 +187,9 @@ def measure_steps(specs: list[dict[str, Any]], env: dict[str, str] | None = None
                   pythonpath: str | None = None) -> list[dict[str, Any]]:
     """:func:`measure_step` for several ``{"name", "shape", "hparams", "mode", "steps"}`` specs, one
     after another in one fresh process (the peak is reset before each). Use it with
-    :data:`LIVE_ENV`, so that what one spec freed is returned to the kernel before the next."""
+    :data:`LIVE_ENV`, so that what one spec freed is returned to the kernel before the next. A spec's
+    optional ``"fused_on_cpu"`` (bool) sets :data:`lowmem.optim.functional.adam.FUSED_ON_CPU` for it
+    (``False``: AdamW's multi-tensor operations instead of torch's fused kernel on the CPU)."""
     for spec in specs:
         if spec["mode"] not in ("plain", "refresh"):
             raise ValueError(f"mode must be 'plain' or 'refresh', got {spec['mode']!r}")
@@ -214,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         specs = json.loads(args.child)
-        print(json.dumps([_child(s["name"], tuple(s["shape"]), s["hparams"], s["mode"], s["steps"]) for s in specs]))
+        print(json.dumps([_child(s["name"], tuple(s["shape"]), s["hparams"], s["mode"], s["steps"], s.get("fused_on_cpu"))
+                          for s in specs]))
         return
     rows = []
     print("| optimizer | state MiB | peak growth MiB | step_transient_bytes MiB | step CPU s | step wall s |")
