@@ -275,15 +275,15 @@ class StableSPAMStabilizer(Stabilizer):
 
 
     def transform_many(self, grads, states, group, t, moment):
-        """AdaClip and AdaGN of whole tensors at once (issue 15), the tensors of one size and dtype
-        stacked into a ``k x n`` matrix ``S``: ``max|g|`` of every row from one ``aminmax``, the
-        per-tensor scalars (``spam_clip_max``, ``spam_norm_m``, ``spam_norm_v``) gathered into
-        vectors, updated by :func:`~lowmem.optim.functional.spam.ada_clip_bound_` and
-        :func:`~lowmem.optim.functional.spam.ada_gn_scale_` (element-wise, so the same functions) and
-        written back with one ``_foreach_copy_``; the clipping
+        """AdaClip and AdaGN of whole tensors at once (issue 15), the tensors of one size stacked into a
+        ``k x n`` matrix: ``max|g|`` of every row from one ``aminmax``; the per-tensor scalars
+        (``spam_clip_max``, ``spam_norm_m``, ``spam_norm_v``) of all the tensors gathered into vectors
+        by one ``stack``, updated by :func:`~lowmem.optim.functional.spam.ada_clip_bound_` and
+        :func:`~lowmem.optim.functional.spam.ada_gn_scale_` (element-wise, so the same functions) once
+        for all sizes and written back with one ``_foreach_copy_``; the clipping
         (:func:`~lowmem.optim.functional.spam.ada_clip_apply`'s operations, row ``i`` with its own
-        ``max|g|`` and bound), each row's norm and the scaling on the stack. A fixed number of kernels
-        per size and dtype, whatever the number of tensors. Equal to :meth:`prepare` and
+        ``max|g|`` and bound), each row's norm and the scaling on each stack. About 11 kernels per size
+        and 23 per call, whatever the number of tensors. Equal to :meth:`prepare` and
         :meth:`transform_chunk` of each tensor in one piece up to float32 rounding (each row's norm
         sums in another order; the clipping is bit for bit; tested). Used by the engine off the CPU.
 
@@ -300,6 +300,7 @@ class StableSPAMStabilizer(Stabilizer):
         by_kind: dict[tuple, list[int]] = {}
         for i, g in enumerate(grads):
             by_kind.setdefault((g.numel(), g.dtype, g.device), []).append(i)
+        kinds, stacks, maxima = [], [], []
         for (numel, dtype, _), idx in by_kind.items():
             if dtype != torch.float32 or numel == 0:  # (the engine's buckets are float32) per tensor
                 for i, g in zip(idx, Stabilizer.transform_many(self, [grads[i] for i in idx],
@@ -308,19 +309,35 @@ class StableSPAMStabilizer(Stabilizer):
                 continue
             stack = torch.stack([grads[i].reshape(-1) for i in idx])  # (k, n)
             lo, hi = torch.aminmax(stack, dim=1)
-            g_max = torch.maximum(hi, lo.neg_()).float()  # S.abs_max of each row (exact), then float32
-            del lo, hi
-            scalars = [states[i][key] for i in idx for key in self.state_keys]
-            clip_max, norm_m, norm_v = torch.stack(scalars).view(len(idx), 3).unbind(1)  # (strided views)
-            bound = S.ada_clip_bound_(clip_max, g_max, group["theta"], t_stats)
-            clipped = S.ada_clip_apply(stack, g_max[:, None], bound[:, None])
-            del stack
-            norm = torch.linalg.vector_norm(clipped, dim=1)
-            scale = S.ada_gn_scale_(norm, norm_m, norm_v, gamma1, group["gamma2"], t_stats, group["eps"], tiny)
-            clipped.mul_(scale[:, None])
-            torch._foreach_copy_(scalars, [v for j in range(len(idx)) for v in (clip_max[j], norm_m[j], norm_v[j])])
+            maxima.append(torch.maximum(hi, lo.neg_()))  # S.abs_max of each row (exact)
+            kinds.append(idx)
+            stacks.append(stack)
+            del stack, lo, hi
+        if not kinds:
+            return out
+        # the scalars of every stacked tensor as vectors, in the order of ``kinds``: AdaClip's bound
+        order = [i for idx in kinds for i in idx]
+        g_max = torch.cat(maxima)
+        scalars = [states[i][key] for i in order for key in self.state_keys]
+        clip_max, norm_m, norm_v = torch.stack(scalars).view(len(order), 3).unbind(1)  # (strided views)
+        bound = S.ada_clip_bound_(clip_max, g_max, group["theta"], t_stats)
+        # each stack clipped (its rows with their own max|g| and bound), then freed; each row's norm
+        clipped, norms, start = [], [], 0
+        for j, idx in enumerate(kinds):
+            rows = slice(start, start + len(idx))
+            clipped.append(S.ada_clip_apply(stacks[j], g_max[rows, None], bound[rows, None]))
+            stacks[j] = None
+            norms.append(torch.linalg.vector_norm(clipped[-1], dim=1))
+            start += len(idx)
+        # AdaGN's factor of every tensor at once, the scalars written back, each stack scaled
+        scale = S.ada_gn_scale_(torch.cat(norms), norm_m, norm_v, gamma1, group["gamma2"], t_stats, group["eps"], tiny)
+        torch._foreach_copy_(scalars, [v for j in range(len(order)) for v in (clip_max[j], norm_m[j], norm_v[j])])
+        start = 0
+        for idx, c in zip(kinds, clipped):
+            c.mul_(scale[start:start + len(idx), None])
             for j, i in enumerate(idx):
-                out[i] = clipped[j].view(grads[i].shape)
+                out[i] = c[j].view(grads[i].shape)
+            start += len(idx)
         return out
 
     def transform_many_transient_bytes(self, numel, group):
