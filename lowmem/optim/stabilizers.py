@@ -70,10 +70,11 @@ class Stabilizer:
             out.append(self.transform_chunk(g, state, group, t, moment, ctx))
         return out
 
-    def transform_many_transient_bytes(self, numel: int, group: dict[str, Any]) -> int:
+    def transform_many_transient_bytes(self, numel: int, group: dict[str, Any],
+                                       dtype: torch.dtype = torch.float32) -> int:
         """Upper bound of the bytes :meth:`transform_many` allocates for tensors of ``numel`` elements
-        in all, the transformed gradients included (the default: one tensor's :meth:`transient_bytes`
-        alive at a time, plus the transformed gradients, 4 bytes per element)."""
+        in all of ``dtype``, the transformed gradients included (the default: one tensor's
+        :meth:`transient_bytes` alive at a time, plus the transformed gradients, 4 bytes per element)."""
         return self.transient_bytes(numel, group) + 4 * numel
 
 
@@ -288,8 +289,7 @@ class StableSPAMStabilizer(Stabilizer):
         sums in another order; the clipping is bit for bit; tested). Used by the engine off the CPU.
 
         Float32 gradients (the engine's buckets); others (and empty tensors) per tensor, as the default.
-        Transient (:meth:`transform_many_transient_bytes`): the stack ``S``, the clipped result and
-        its mask (``4 + 4 + 1`` bytes per element; the result is the returned gradients)."""
+        Transient: :meth:`transform_many_transient_bytes` (measured in tests/test_stable_spam_many.py)."""
         if S.is_reset_step(t, group["reset_interval"]):
             for state in states:
                 moment.reset(state)
@@ -340,10 +340,13 @@ class StableSPAMStabilizer(Stabilizer):
             start += len(idx)
         return out
 
-    def transform_many_transient_bytes(self, numel, group):
-        """:meth:`transform_many`: the stack, the clipped (returned) gradients and the mask: 9 bytes per
-        element; a tensor taken one at a time (not float32) its :meth:`transient_bytes` and its result."""
-        return max(9 * numel, self.transient_bytes(numel, group) + 4 * numel)
+    def transform_many_transient_bytes(self, numel, group, dtype=torch.float32):
+        """:meth:`transform_many` of float32 gradients (the engine's buckets): every stack (4 bytes per
+        element), then per size its clipped copy (returned) and mask (5): at most 9 bytes per element
+        (measured: exactly that with one size), and 4 KiB for the statistics' vectors (about 24 float32
+        numbers per tensor). Other ``dtype``: taken one at a time, each its :meth:`transient_bytes` next
+        to the results (13 at most)."""
+        return 9 * numel + 4096 if dtype == torch.float32 else self.transient_bytes(numel, group) + 4 * numel
 
 
 class _NoReset:
