@@ -282,9 +282,10 @@ class _Count(TorchDispatchMode):
 
 
 def test_meta_step_launches_one_kernel_per_bucket():
-    """On meta tensors (the non-CPU path, no switch): a step of 20 parameters in 3 buckets launches the
-    fused kernel 3 times and none of the multi-tensor AdamW operations, one step-count fill for all
-    buckets, no host-to-device copy; the bucket's report is ``sqrt(v)`` (meta: the device is not known),
+    """On meta tensors (the non-CPU path): a step of 20 parameters (3 buckets of ``chunk_numel`` at the
+    first step) launches the fused kernel once from the second step (their bucket is uncapped: the kernel
+    allocates nothing) and none of the multi-tensor AdamW operations, one step-count fill, no
+    host-to-device copy; the report is the capped buckets' ``sqrt(v)`` (meta: the device is not known),
     0 on a device that takes the kernel."""
     ps = [torch.nn.Parameter(torch.zeros(s, device="meta")) for s in [(64, 64)] * 10 + [(64,)] * 10]
     for p in ps:
@@ -294,7 +295,7 @@ def test_meta_step_launches_one_kernel_per_bucket():
     for _ in range(2):
         with _Count() as c:
             opt.step()
-    assert c.ops["_fused_adamw_"] == 3, c.ops
+    assert c.ops["_fused_adamw_"] == 1, c.ops
     assert not {"_foreach_lerp_", "_foreach_addcdiv_", "_foreach_sqrt"} & set(c.ops), c.ops
     assert c.ops["full"] == 1 and c.h2d == 0, c.ops
     assert opt.step_transient_bytes() == 4 * 64 * 64 * 4
@@ -334,3 +335,43 @@ def test_bf16_decay_after_the_update_keeps_the_engine_step(weight_decay, monkeyp
     for a, b in zip(got, want):
         assert (a != b).float().mean().item() <= 0.02
         torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_fused_tensors_join_one_uncapped_bucket(monkeypatch):
+    """Parameters only the kernel steps (contiguous, float ``lr``, state present) join one bucket of their
+    group, step count and device whole, beyond ``chunk_numel`` (``LowMemOptimizer._fused_whole``): one
+    kernel call per step from the second (the first, before the state exists, takes the capped buckets),
+    equal to the capped multi-tensor path within float32 rounding; a transposed parameter keeps a capped
+    bucket of the operations, the report its ``sqrt(v)`` alone; a tensor ``lr`` keeps the capped buckets."""
+    def groups(gen):
+        return [{"params": [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(24, 40), (40,), (300,)]]}]
+
+    got, _, calls = _train(True, monkeypatch, groups_fn=groups, chunk_numel=64, steps=4)
+    want, _, _ = _train(False, monkeypatch, groups_fn=groups, chunk_numel=64, steps=4)
+    n = 24 * 40 + 40 + 300
+    assert len(calls) > 3 + 3 and calls[-3:] == [3, 3, 3], calls  # (tensors per call: whole ones)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    spy = _Spy(monkeypatch)
+    ps = groups(torch.Generator().manual_seed(0))[0]["params"] + [torch.nn.Parameter(torch.zeros(7, 3).t())]
+    opt = create_optimizer(ps, "adamw")
+    opt.chunk_numel = 64
+    opt.materialize_state()
+    assert opt.step_transient_bytes() == 4 * 21
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert spy.calls == [3], spy.calls  # the transposed one: the operations, in its own capped bucket
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+    assert opt.step_transient_bytes() == 4 * 64
+    spy.calls.clear()
+    opt.step()
+    assert spy.calls == [] and n + 21 > 64
+    # two transposed parameters around a contiguous one: the step buckets them together (42 elements of the
+    # operations), the contiguous one apart; the report follows the step
+    ts = [torch.nn.Parameter(torch.zeros(7, 3).t()), torch.nn.Parameter(torch.zeros(40)),
+          torch.nn.Parameter(torch.zeros(7, 3).t())]
+    opt = create_optimizer(ts, "adamw")
+    opt.chunk_numel = 64
+    opt.materialize_state()
+    assert opt.step_transient_bytes() == 4 * 42

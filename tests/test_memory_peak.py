@@ -36,7 +36,8 @@ def test_estimated_total_within_10_percent_of_measured_peak(name):
     est = r.estimate
     assert est.details["parameters"] > 20_000_000
     # every engine optimizer allocates something in its step, but LOMO's SGD (in place on float32 tensors)
-    assert est.optimizer_transient > 0 or name == "lomo", "every engine optimizer allocates something in its step"
+    # (adamw and badam's active block: torch's fused AdamW kernel, the CPU's default too, allocates nothing)
+    assert est.optimizer_transient > 0 or name in ("lomo", "adamw", "badam"), "every engine optimizer allocates something in its step"
     ratio = est.total / r.measured["total"]
     assert ratio == pytest.approx(1.0, abs=0.10), r.table()
     # the transient itself: the estimate never undercounts by more than the tracker's noise

@@ -282,12 +282,12 @@ class _Route:
     view (:func:`_step_view`), the flat pieces, the device and that device's chunk
     (:meth:`LowMemOptimizer._chunk`) of a parameter on the foreach path."""
 
-    __slots__ = ("p", "token", "state", "key", "path", "step", "step_view", "pieces", "device", "chunk")
+    __slots__ = ("p", "token", "state", "key", "path", "step", "step_view", "pieces", "device", "chunk", "fused")
 
     def __init__(self, p: Tensor, token: object, state: dict, key: tuple, path: str, pieces: Any, device: Any,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, fused: bool = False) -> None:
         self.p, self.token, self.state, self.key, self.path = p, token, state, key, path
-        self.pieces, self.device, self.chunk = pieces, device, chunk
+        self.pieces, self.device, self.chunk, self.fused = pieces, device, chunk, fused
         self.step = self.step_view = None
 
 
@@ -634,6 +634,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     low_bucket.append(item)
                     continue
                 if self._foreach_ok(p, group, state=state):
+                    if not is_dtensor(key) and p.device.type != "meta" and self._fused_whole(p, group, state):
+                        continue  # (its uncapped bucket of torch's fused AdamW kernel allocates nothing)
                     whole = False
                     if (len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers
                             and not getattr(self.recipe.moment, "pieces_elementwise", False)):
@@ -937,6 +939,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     pieces, device, chunk = self._foreach_pieces(p), p.device, self._chunk(p.device)
                 else:
                     pieces, device, chunk = route.pieces, route.device, route.chunk
+                    if route.fused:  # whole, in its group's uncapped bucket of the fused kernel (_fused_whole)
+                        buckets.setdefault((id(group), t, device, 1, -1), (group, []))[1].append((p, grad, state))
+                        continue
                 if not self.recipe.stabilizers and len(pieces) == 1:  # the common case: a whole tensor, one piece
                     bkey = self._bucket_key(sizes, (id(group), t, device, 1), pieces[0][1], chunk)  # (lr scale 1)
                     buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
@@ -1057,8 +1062,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return route
         path = ("low" if self._projected_foreach_ok(p, group, grad, state)
                 else "foreach" if self._foreach_ok(p, group, grad, state) else "alone")
+        fused = path == "foreach" and self._fused_whole(p, group, state, grad)
         route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device,
-                       self._chunk(p.device))
+                       self._chunk(p.device), fused)
         if token is not None:
             routes[id(p)] = route
         return route
@@ -1173,6 +1179,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if chunk is None or n <= chunk:
             return [(0, n)]
         return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+
+    def _fused_whole(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], grad: Tensor | None = None) -> bool:
+        """Whether ``p`` (on the foreach path, unsharded) is stepped by a fused kernel that allocates nothing:
+        the moment rule's ``fused_whole`` (AdamW's, torch's fused AdamW kernel:
+        :meth:`~lowmem.optim.moments.AdamMoments.fused_whole`), no stabilizers, ``grad`` contiguous
+        (``None``: assumed). Such a tensor joins, whole, one bucket of its group, step count and device with
+        no ``chunk_numel`` cap (the cap bounds the multi-tensor operations' temporaries; the kernel has
+        none): one kernel call for the bucket instead of one per ``chunk_numel`` elements. Decided with the
+        route (:meth:`_route`: a parameter with no state yet takes the capped buckets at its first step)."""
+        rule = getattr(self.recipe.moment, "fused_whole", None)
+        return (rule is not None and not self.recipe.stabilizers and (grad is None or grad.is_contiguous())
+                and rule(p, group, state))
 
     @staticmethod
     def _bucket_key(sizes: dict[tuple, int], base: tuple, numel: int, chunk: int | None) -> tuple:

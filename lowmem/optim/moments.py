@@ -379,6 +379,17 @@ class AdamMoments(MomentRule):
                     return self.foreach_transient_bytes(outside)
         return self.foreach_transient_bytes(numel)
 
+    def fused_whole(self, p, group, state) -> bool:
+        """Whether every step of ``p`` in a bucket is torch's fused AdamW kernel, which allocates nothing
+        (the engine's ``_fused_whole``: then ``p`` joins a bucket whole, uncapped by ``chunk_numel``): a
+        device of :func:`~lowmem.optim.functional.adam.fused_device`, a float ``lr``, ``p`` and both
+        moments contiguous and of its dtype (:func:`~lowmem.optim.functional.adam.fused_indices`' layout;
+        the gradient is the engine's to check)."""
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        return (m is not None and v is not None and FA.fused_device(p.device) and not isinstance(group.get("lr"), Tensor)
+                and p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and m.dtype == v.dtype == p.dtype
+                and m.device == p.device)
+
     def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
         """The per-parameter step of ``p`` by torch's fused AdamW kernel
         (:func:`~lowmem.optim.functional.adam.adamw_fused_`, this rule's ``eps`` placement and decay order:

@@ -79,7 +79,8 @@ def apply_update_(p: Tensor, direction: Tensor, lr: float | Tensor) -> None:
 #: kernel is one pass over parameter, gradient and moments that allocates nothing, where the
 #: multi-tensor operations are about eight passes and a ``sqrt(v)`` of the bucket (docs/benchmarks.md,
 #: "CPU step time": 2.1x faster on hidden-1024 with one thread). Set it to ``False`` for the
-#: multi-tensor operations (the tests of their accounting do).
+#: multi-tensor operations (the tests of their accounting do), before an optimizer's first step: the engine
+#: decides once per parameter whether it joins an uncapped bucket of the kernel (``LowMemOptimizer._fused_whole``).
 FUSED_ON_CPU = True
 #: Device types with ``torch._fused_adamw_`` (torch's own list, ``torch.optim``'s ``fused=True``), and
 #: ``meta`` (the CUDA code path without a GPU, for counting its launches: tests/test_fused_adamw.py).
