@@ -549,7 +549,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         foreach bucket counts the rule's :meth:`~lowmem.optim.moments.MomentRule.foreach_bucket_transient_bytes`
         of its elements and members (a quantized rule decodes only its members with quantized moments), leaving out the pieces of a tensor the rule steps whole from its first piece
         (:meth:`~lowmem.optim.moments.MomentRule.steps_pieces_whole`: that tensor's per-parameter
-        step is counted instead).
+        step is counted instead). A tensor a fused kernel steps whole in an uncapped bucket
+        (:meth:`_fused_whole`: AdamW's, torch's fused AdamW kernel) allocates nothing and is left out of
+        the buckets, as :meth:`step` leaves it out of the capped ones (not on meta tensors, whose device
+        is not known: there the capped buckets' multi-tensor operations are counted).
 
         Projected parameters on the multi-tensor path (:meth:`_projected_foreach_ok`) are counted
         phase by phase as :meth:`step` runs them (:meth:`_low_bucket_bytes`): each one's project-down
