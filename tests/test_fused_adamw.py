@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import warnings
+import weakref
 from itertools import chain
 
 import pytest
@@ -375,3 +376,61 @@ def test_fused_tensors_join_one_uncapped_bucket(monkeypatch):
     opt.chunk_numel = 64
     opt.materialize_state()
     assert opt.step_transient_bytes() == 4 * 42
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors the dispatched operations allocate (outputs on a new storage, not 0-d), alive
+    together at most (each freed when its tensor object goes); as tests/test_stable_spam_many.py's."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _drop(self, nbytes, ptr):
+        self.live -= nbytes
+        self.seen.discard(ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in inputs or ptr in self.seen:
+                continue
+            nbytes = t.untyped_storage().nbytes()
+            self.seen.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._drop, nbytes, ptr)
+        return out
+
+
+@pytest.mark.parametrize("case", ["fused", "non_contiguous", "tensor_lr", "multi_tensor"])
+def test_step_allocates_what_it_reports(case, monkeypatch):
+    """What a CPU step allocates alive together (the dispatched operations' outputs) equals
+    ``step_transient_bytes()`` (besides the non-finite check's few bytes): 0 on the kernel (uncapped bucket of 1,640 elements over a chunk of 256); the
+    ``sqrt(v)`` of two transposed parameters bucketed together (42 elements); of the largest capped bucket
+    (256) with a tensor ``lr`` or with ``FUSED_ON_CPU`` off."""
+    if case == "multi_tensor":
+        monkeypatch.setattr(FA, "FUSED_ON_CPU", False)
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(24, 40), (40,), (640,)]]
+    if case == "non_contiguous":
+        ps += [torch.nn.Parameter(torch.randn(7, 3, generator=gen).t()) for _ in range(2)]
+    opt = create_optimizer(ps, "adamw", weight_decay=0.1)
+    opt.chunk_numel = 256
+    if case == "tensor_lr":
+        opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+    opt.materialize_state()
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).as_strided(p.shape, p.stride())
+        with _LiveBytes() as m:
+            opt.step()
+    want = {"fused": 0, "non_contiguous": 4 * 42, "tensor_lr": 4 * 256, "multi_tensor": 4 * 256}[case]
+    assert opt.step_transient_bytes() == want
+    # (before the buckets, the non-finite check's stacked norms and mask: 5 bytes per parameter)
+    assert m.peak == max(want, 5 * len(ps)), (m.peak, want)
