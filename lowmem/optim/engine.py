@@ -593,6 +593,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         members: dict[tuple, list[tuple[int, dict[str, Tensor]]]] = {}  # (elements, state) of each bucket's pieces
         bucket_groups: dict[tuple, dict[str, Any]] = {}  # each bucket's parameter group (its hyperparameters)
         outside: dict[tuple, int] = {}  # each bucket's elements of non-contiguous parameters
+        many: set[tuple] = set()  # buckets whose whole tensors are stabilized together (_stabilizes_many)
         low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
         low_key: tuple | None = None
         for group in self.param_groups:
@@ -660,6 +661,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                                 outside[key] = outside.get(key, 0) + stop - start
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
                         worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
+                        if stop - start == p.numel() and self._stabilizes_many(p.device):
+                            many.add(key)  # (stabilized together: Stabilizer.transform_many, below)
                     continue
                 worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
         if low_bucket:
@@ -671,8 +674,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # (a rule with torch's fused AdamW kernel, foreach_counts_outside: the elements the kernel leaves out)
         extra = (lambda k: {"outside": outside.get(k, 0)}) if getattr(moment, "foreach_counts_outside", False) \
             else (lambda k: {})
-        foreach = max((moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k], **extra(k))
-                       + stab * n for k, n in buckets.items()),
+        foreach = max((max(moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k], **extra(k))
+                           + stab * n,
+                           # a bucket stabilized at once: the stabilizers' transient before the moment step
+                           sum(s.transform_many_transient_bytes(n, bucket_groups[k]) for s in self.recipe.stabilizers)
+                           if k in many else 0) for k, n in buckets.items()),
                       default=moment.foreach_transient_bytes(0))
         return kept + max(worst, foreach)
 
@@ -946,13 +952,22 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         buckets.setdefault((id(group), t, device, 1, -1), (group, []))[1].append((p, grad, state))
                         continue
                 if not self.recipe.stabilizers and len(pieces) == 1:  # the common case: a whole tensor, one piece
-                    bkey = self._bucket_key(sizes, (id(group), t, device, 1), pieces[0][1], chunk)  # (lr scale 1)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, 1, False), pieces[0][1], chunk)  # (lr scale 1)
+                    buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
+                    continue
+                if len(pieces) == 1 and self._stabilizes_many(device):
+                    # a whole tensor stabilized with the rest of its bucket (_step_bucket: the
+                    # stabilizers' transform_many, per-tensor statistics of all of them at once)
+                    lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale, True), pieces[0][1], chunk)
+                    if buckets and bkey not in buckets:  # (one bucket of stabilized gradients alive at a time)
+                        self._step_bucket(*buckets.popitem())
                     buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
                     continue
                 stabilize = self._foreach_stabilizers(grad, group, state, t, pieces) if self.recipe.stabilizers else None
                 lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
                 for start, stop in pieces:  # a large tensor joins the buckets chunk by chunk
-                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale), stop - start, chunk)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale, False), stop - start, chunk)
                     if stabilize is not None and buckets and bkey not in buckets:
                         # stabilized gradients are new tensors: one bucket of them alive at a time
                         self._step_bucket(*buckets.popitem())
@@ -978,17 +993,32 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
         """The moment rule's multi-tensor step of one bucket ``(group, pieces)`` (its key: group, step,
-        device, stabilizers' lr scale, index)."""
-        _, t, _, lr_scale, _ = key
+        device, stabilizers' lr scale, then ``True`` when its gradients are still to be stabilized together
+        (:meth:`_stabilizes_many`; ``False`` or absent otherwise), index)."""
+        _, t, _, lr_scale = key[:4]
+        many = key[4] is True
         group, pieces = bucket
         ps, gs, ss = (list(x) for x in zip(*pieces))
         pieces.clear()
+        if many:  # whole tensors: the stabilizers' statistics of the bucket at once (issue 15)
+            for s in self.recipe.stabilizers:
+                gs = s.transform_many(gs, ss, group, int(t), self.recipe.moment)
         if self.recipe.lr_rule is not constant_lr:  # (the rule's own: foreach_lr_rule, _foreach_ok)
             self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"], lr_rule=self.recipe.lr_rule)
         elif lr_scale == 1.0:
             self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"])
         else:  # (only rules with foreach_step_lr: _foreach_ok)
             self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"], step_lr=group["lr"] * lr_scale)
+
+    def _stabilizes_many(self, device: torch.device) -> bool:
+        """Whether whole tensors on the foreach path are stabilized a bucket at a time
+        (:meth:`~lowmem.optim.stabilizers.Stabilizer.transform_many`): off the CPU, where the step is
+        launch-bound (issue 15); on the CPU one at a time (:meth:`_foreach_stabilizers`; Stable-SPAM's
+        clean-chunk skip reads the host there); only when a stabilizer has its own ``transform_many``
+        (the default one loops over the tensors: nothing to gain). The same values up to float32
+        rounding (tested)."""
+        return device.type != "cpu" and any(type(s).transform_many is not Stabilizer.transform_many
+                                            for s in self.recipe.stabilizers)
 
     def _foreach_stabilizers(self, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
                              pieces: list[tuple[int, int]]) -> Callable[[Tensor, dict[str, Tensor]], Tensor]:
