@@ -137,7 +137,8 @@ def test_only_the_active_block_changes_and_equals_adamw_block_by_block(freeze):
         params = [p for n, p in ref.named_parameters() if layer_of(n) == layer]
         for p in params:
             p.requires_grad_(True)
-        adamw = torch.optim.AdamW(params, weight_decay=0.0, **hp)
+        # (torch's fused kernel: the one lowmem's AdamW buckets take on the CPU too, functional.adam.FUSED_ON_CPU)
+        adamw = torch.optim.AdamW(params, weight_decay=0.0, fused=True, **hp)
         for k in range(visit * k_steps, min(steps, (visit + 1) * k_steps)):
             adamw.zero_grad()
             loss_of(ref, k).backward()
