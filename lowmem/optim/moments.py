@@ -110,6 +110,12 @@ class MomentRule:
     # lr rule is not constant_lr only when it is this one
     foreach_lr_rule: Any = None
 
+    def weight_decay_for(self, group: dict[str, Any], state: dict[str, Tensor]) -> float:
+        """The decoupled weight decay coefficient of a parameter with this ``state``: the engine's
+        per-parameter step decays it by ``p *= 1 - lr * weight_decay_for(...)`` (a rule's ``foreach_step_`` decays
+        its own bucket). Default: the group's ``weight_decay`` (0 for a recipe without it)."""
+        return group.get("weight_decay", 0.0)
+
     def foreach_transient_bytes(self, numel: int) -> int:
         """Bytes :meth:`foreach_step_` allocates for a bucket of ``numel`` elements (float32
         parameters and state). Default: one float32 tensor of the bucket (AdamW's ``sqrt(v)``)."""
