@@ -91,16 +91,27 @@ class Projection:
     def up(self, r: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
         raise NotImplementedError
 
-    def post_update(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], low: Tensor | None = None) -> None:
+    def pre_check(self, items: list[tuple[Tensor, dict[str, Tensor], dict[str, Any]]]) -> tuple[Tensor, Any] | None:
+        """Before the engine's non-finite check of a step: ``(flag, checked)``, a device bool the engine
+        reads together with its check's (one device read for both), and what the step's
+        :meth:`post_update` / :meth:`foreach_post_update` then receive as ``checked`` when the flag read
+        ``True`` (``None`` when it read ``False``, or the check did not run); ``None`` (the default): nothing
+        to read. ``items``: ``(gradient, state, group)`` of the step's parameters (not sharded) that have
+        a state."""
+        return None
+
+    def post_update(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], low: Tensor | None = None,
+                    checked: Any = None) -> None:
         """Called after the parameter update with the (stabilized) full gradient; default: nothing.
-        ``low``: ``down(g)`` when the step computed it from this float32 ``g`` (else ``None``)."""
+        ``low``: ``down(g)`` when the step computed it from this float32 ``g`` (else ``None``);
+        ``checked``: what :meth:`pre_check` handed over for this step (else ``None``)."""
 
     def foreach_post_update(self, gs: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any],
-                            lows: list[Tensor | None]) -> None:
+                            lows: list[Tensor | None], checked: Any = None) -> None:
         """:meth:`post_update` of a bucket's parameters after their update (the projected multi-tensor
         step, float32 gradients); default: one at a time (the reference)."""
         for g, state, low in zip(gs, states, lows):
-            self.post_update(g, state, group, low)
+            self.post_update(g, state, group, low, checked)
 
     def down_keeps_nonfinite(self, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
         """Whether a NaN or +-Inf anywhere in ``g`` always leaves :meth:`down`'s result non-finite
@@ -457,7 +468,25 @@ class SubspaceProjection(Projection):
 
     # -- Online Subspace Descent: learn the basis after each step --
 
-    def post_update(self, g, state, group, low=None):
+    def pre_check(self, items):
+        """Online Subspace Descent (issue 15): whether every gradient that takes a basis step this step
+        is usable (finite and not all zero, as :func:`_usable`), one device bool for the whole step that
+        the engine reads with its non-finite check, instead of one device read per bucket (or per
+        parameter) in :meth:`foreach_post_update` / :meth:`post_update`. ``checked``: each checked
+        gradient's norm (0-d views of one stack; float32 gradients by one ``torch._foreach_norm``, the
+        others by :func:`~lowmem.optim.functional.norms.float_norm`: the values the basis step computes),
+        by ``id``, with the gradient itself (only that tensor is taken as checked). ``None`` when no
+        parameter takes a basis step (the first step's refresh) or the gradients are on several devices."""
+        todo = [g for g, state, group in items
+                if "proj_meta" in state and self.method(group) == "online_pca" and _pca_step_due(state)]
+        if not todo or any(g.device != todo[0].device for g in todo):
+            return None
+        f32 = [g for g in todo if g.dtype == torch.float32]
+        other = [g for g in todo if g.dtype != torch.float32]
+        norm_t = torch.stack([*(torch._foreach_norm(f32) if f32 else ()), *(float_norm(g) for g in other)])
+        return all_usable(norm_t), {id(g): (g, n) for g, n in zip(f32 + other, norm_t.unbind(0))}
+
+    def post_update(self, g, state, group, low=None, checked=None):
         if self.method(group) != "online_pca":
             return
         meta = state["proj_meta"]  # CPU int64: one read, then written back
@@ -466,7 +495,7 @@ class SubspaceProjection(Projection):
             meta[3] = 0
             return
         norm = float_norm(g)  # shared by the usability check and the PCA gradient
-        if not _usable(g, norm):
+        if _checked_norms([g], checked) is None and not _usable(g, norm):  # (checked: usable, no device read)
             return
         key = "proj_left" if "proj_left" in state else "proj_right"
         basis = state[key]
@@ -486,10 +515,12 @@ class SubspaceProjection(Projection):
             adam_moments_(state["pca_exp_avg"], state["pca_exp_avg_sq"], grad, 0.9, 0.999)
             basis.add_(adam_direction(state["pca_exp_avg"], state["pca_exp_avg_sq"], t, 0.9, 0.999, 1e-8), alpha=-lr)
 
-    def foreach_post_update(self, gs, states, group, lows):
+    def foreach_post_update(self, gs, states, group, lows, checked=None):
         """:meth:`post_update` of a bucket (Online Subspace Descent): the gradients' norms (as
-        :meth:`post_update`: the same values) and whether all are usable in one device read for the
-        bucket (was one per parameter; a zero gradient in the bucket: one read each); each basis gradient (:func:`~lowmem.optim.functional.osd.pca_loss_grad`);
+        :meth:`post_update`: the same values) and whether all are usable: known without a device read
+        when :meth:`pre_check` checked them (``checked``: the engine read its flag with the non-finite
+        check's; its norms taken unless the bucket mixes float32 and other gradients), else one device
+        read for the bucket (a zero gradient in the bucket: one read each); each basis gradient (:func:`~lowmem.optim.functional.osd.pca_loss_grad`);
         the basis steps of the parameters at one PCA step count together, one multi-tensor kernel per
         operation (SGD, or AdamW's decay, moments and direction: ``functional.adam_moments_foreach_``,
         ``adam_direction_foreach``; the same operations in the same order, equal bit for bit on the CPU)."""
@@ -504,14 +535,21 @@ class SubspaceProjection(Projection):
         if not todo:
             return
         todo_gs = [gs[i] for i in todo]
-        if all(g.dtype == torch.float32 for g in todo_gs):  # one multi-tensor kernel (the same values on the CPU)
-            norm_t = torch.stack(torch._foreach_norm(todo_gs))
+        known = _checked_norms(todo_gs, checked)  # all usable, by the engine's one read of the step
+        f32 = [g.dtype == torch.float32 for g in todo_gs]
+        if known is not None and (all(f32) or not any(f32)):  # (pre_check's norms: the values computed here)
+            norms, usable = known, [True] * len(todo)
         else:
-            norm_t = torch.stack([float_norm(g) for g in todo_gs])
-        flags = torch.isfinite(norm_t) & (norm_t > 0)
-        norms = list(norm_t.unbind(0))
-        # one device read for the bucket (all usable: the common case); else one per parameter
-        usable = [True] * len(todo) if bool(flags.all()) else [bool(f) for f in flags]
+            if all(f32):  # one multi-tensor kernel (the same values on the CPU)
+                norm_t = torch.stack(torch._foreach_norm(todo_gs))
+            else:
+                norm_t = torch.stack([float_norm(g) for g in todo_gs])
+            norms = list(norm_t.unbind(0))
+            if known is not None:
+                usable = [True] * len(todo)
+            else:  # one device read for the bucket (all usable: the common case); else one per parameter
+                flags = usable_flags(norm_t)
+                usable = [True] * len(todo) if bool(flags.all()) else [bool(f) for f in flags]
         lr, wd = OSD.basis_step_settings(group["proj_lr"], group.get("proj_weight_decay"), group["proj_optimizer"],
                                          group.get("lr"), group.get("initial_lr"))
         # the parameters at one PCA step count, side and shape: their basis gradients stacked a batch at a
@@ -590,12 +628,45 @@ def _param_shape(state: dict[str, Tensor]) -> torch.Size:
     return torch.Size(state["proj_meta"][4:6].tolist())
 
 
+def usable_flags(norms: Tensor) -> Tensor:
+    """Whether each gradient of norm ``norms`` is usable by a data-dependent refresh or Online Subspace
+    Descent's basis step (the PCA objective normalizes ``G / ||G||``, Section 3 eq. 5): finite and not
+    all zero, on the device (no read)."""
+    return torch.isfinite(norms) & (norms > 0)
+
+
+def all_usable(norms: Tensor) -> Tensor:
+    """``usable_flags(norms).all()`` in 3 kernels instead of 4: a norm is usable exactly when its log is
+    finite (``log 0 = -inf``, ``log inf = inf``, ``log nan = nan``; a positive float32 norm's log lies within
+    +-104), and a sum of finite logs is finite (any other term makes it infinite or NaN)."""
+    return torch.isfinite(norms.log().sum())
+
+
 def _usable(g: Tensor, norm: Tensor | None = None) -> bool:
     """A gradient a data-dependent refresh can use: finite and not all zero (one host sync).
     ``norm``: ``float_norm(g)`` when the caller has it."""
     if norm is None:
         norm = float_norm(g)  # no float32 copy of a low-precision g
-    return bool(torch.isfinite(norm) & (norm > 0))
+    return bool(usable_flags(norm))
+
+
+def _pca_step_due(state: dict[str, Tensor]) -> bool:
+    """Whether Online Subspace Descent's parameter takes a basis step after this step's update: its
+    first refresh done and no refresh at the step before (``proj_meta``: a CPU read, no device read)."""
+    _, _, refreshes, pca_steps = _meta(state)[:4]
+    return refreshes > 0 and pca_steps >= 0
+
+
+def _checked_norms(gs: list[Tensor], checked: dict[int, tuple[Tensor, Tensor]] | None) -> list[Tensor] | None:
+    """The norms :meth:`SubspaceProjection.pre_check` found for the gradients ``gs`` (all usable: its
+    flag read ``True``), or ``None`` when ``checked`` is ``None`` or one of ``gs`` was not checked (that
+    very tensor: another one at the same address is not)."""
+    if checked is None:
+        return None
+    found = [checked.get(id(g)) for g in gs]
+    if any(f is None or f[0] is not g for f, g in zip(found, gs)):
+        return None
+    return [f[1] for f in found]
 
 
 def stacked(xs: list[Tensor]) -> Tensor:
