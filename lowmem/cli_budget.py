@@ -88,13 +88,17 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     copy of the hidden states per consuming linear; counted with the activations: the backward frees them).
     With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
     each layer's checkpointed input in float32 instead of ``dtype``; 4-bit weights are de-quantized by
-    bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them."""
+    bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them. With
+    ``trainer="grpo"`` the generation phase is traced under autocast
+    (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
+    and the larger of it and the training phase counts (4-bit models: the pure-dtype formula)."""
     import dataclasses
 
     import torch
 
     from .memory import estimate_memory
-    from .memory.estimate import autocast_cast_bytes, autocast_extra_saved_bytes, parse_dtype, resolve_config
+    from .memory.estimate import (autocast_cast_bytes, autocast_extra_saved_bytes, generation_trace_bytes, parse_dtype,
+                                  resolve_config)
 
     half = parse_dtype(dtype)
     if half == torch.float32:
@@ -114,14 +118,28 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     else:
         extra = autocast_extra_saved_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512))
     name = str(half).removeprefix("torch.")
+    activations, details = low.activations + extra, {**master.details}
+    low_parts = low.details["activation_parts"]
+    if kwargs.get("trainer") == "grpo" and not quantized:
+        # the generation under autocast, traced (float32 KV cache, the weight cache, float32 residual stream), in place
+        # of the pure-dtype formula's; the training phase's activations as above
+        s = kwargs.get("seq_len", 512)
+        gen = generation_trace_bytes(config, half, master.settings["generation_batch_size"], s, s - master.settings["max_completion_length"],
+                                     kwargs.get("lora"))
+        live_grads = master.details["gradients_with_activations"]
+        live_grads = master.gradients if live_grads is None else live_grads
+        activations = max(low_parts["training"] + extra, gen["generation"] - live_grads)
+        details["activation_parts"] = {**master.details["activation_parts"], **gen, "training": low_parts["training"] + extra}
+        master.notes.append(f"generation under {name} autocast traced on fake tensors: the weight cache, float32 keys and "
+                            "values (KV cache), float32 residual stream (activation_parts['generation'])")
     notes = [n for n in master.notes] + [
         f"mixed precision: float32 master weights, gradients and optimizer state; activations of a {name} autocast run: "
         f"those of a pure {name} run plus what autocast saves beyond them ({extra / 2**30:.2f} GiB: the {name} copy of "
         f"each weight autocast casts for its matmuls, {copies / 2**30:.2f} GiB, the float32 residual stream's norms, "
         f"a {name} copy of the hidden states per consuming linear)"]
-    return dataclasses.replace(master, activations=low.activations + extra, notes=notes,
+    return dataclasses.replace(master, activations=activations, notes=notes,
                                settings={**master.settings, "dtype": f"{name} mixed (fp32 master weights)", "precision": "mixed"},
-                               details={**master.details, "autocast_weight_copies": copies, "autocast_extra_saved": extra})
+                               details={**details, "autocast_weight_copies": copies, "autocast_extra_saved": extra})
 
 
 def _precision_note(est, other_total: int, precision: str, dtype: str) -> str:
