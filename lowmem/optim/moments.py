@@ -110,6 +110,16 @@ class MomentRule:
     # lr rule is not constant_lr only when it is this one
     foreach_lr_rule: Any = None
 
+    def foreach_bucket_class(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> Any:
+        """The class of foreach buckets a tensor of ``shape`` with this ``state`` (empty before its first
+        step) fills: tensors of one class share buckets (each at most ``chunk_numel`` elements), those of
+        another class fill their own. ``None`` (default): one class. A rule whose multi-tensor step
+        stacks the tensors of one shape (the normalized hybrids' targets) returns the shape, so that a
+        bucket's stack is as large as the chunk allows instead of a fraction of a bucket of mixed
+        shapes (issue 15: a stack per shape and bucket is a fixed number of kernels). The answer must
+        not change while the engine keeps a parameter's route (as :meth:`supports_foreach_for`)."""
+        return None
+
     def weight_decay_for(self, group: dict[str, Any], state: dict[str, Tensor]) -> float:
         """The decoupled weight decay coefficient of a parameter with this ``state``: the engine's
         per-parameter step decays it by ``p *= 1 - lr * weight_decay_for(...)`` (a rule's ``foreach_step_`` decays

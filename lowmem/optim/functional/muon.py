@@ -104,6 +104,27 @@ def newton_schulz_(x: Tensor, coefficients: tuple[float, float, float], steps: i
     return x
 
 
+#: Whether :func:`ns_column_block_numel` sizes the column blocks by the step's row blocks on the CPU
+#: too (tests force the launch-bound path there; the CPU keeps :data:`NS_COLUMN_BLOCK_NUMEL`).
+NS_CHUNK_BLOCKS_ON_CPU = False
+
+
+def ns_column_block_numel(device: torch.device, row_block_numel: int) -> int:
+    """The column blocks' size of :func:`newton_schulz_` in the chunked (lean) Muon step whose row
+    blocks have at most ``row_block_numel`` elements (the engine's ``chunk_numel``, whole rows).
+
+    On the CPU :data:`NS_COLUMN_BLOCK_NUMEL` (measured the fastest there). Elsewhere (a GPU, where the
+    step is launch-bound: issue 15) blocks as large as a row block, at least that: on a 32000 x 1024
+    head at the GPU's ``2^24``-element chunk 2 column blocks per iteration instead of 8 (18 -> 6
+    kernels an iteration). A block's bfloat16 result (``2 r w <= 2 row_block_numel`` bytes) stays
+    below the float32 block of rows the step holds anyway (``4 row_block_numel``), so the step's
+    bound does not grow (:func:`newton_schulz_transient_bytes` of it, reported). Each column of the
+    result is the same product of the same operands whatever the block (``a X_j + P X_j``)."""
+    if device.type == "cpu" and not NS_CHUNK_BLOCKS_ON_CPU:
+        return NS_COLUMN_BLOCK_NUMEL
+    return max(NS_COLUMN_BLOCK_NUMEL, row_block_numel)
+
+
 #: The narrowest column block :func:`newton_schulz_` uses (unless the matrix is narrower): a single
 #: column is a matrix-vector product, which BLAS computes with another kernel than the matrix product
 #: of the whole iterate (different roundings; measured on CPU), so a narrow last block joins the one

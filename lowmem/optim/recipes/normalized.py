@@ -35,8 +35,8 @@ from torch import Tensor
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, muon_foreach_transient_bytes, muon_lr_ratio,
-                              muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_rows,
-                              ns_shape)
+                              muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_column_block_numel,
+                              ns_rows, ns_shape)
 from ..functional.scale import column_normalize, last_layer_momentum_, scale_rows_foreach_
 from ..functional.sinkgd import sinkgd_foreach_, sinkhorn_scalings, sr_sinkhorn
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
@@ -128,6 +128,13 @@ class HybridMoments(MomentRule):
         if self._is_adam(state) if state else not self.targets(shape, group):
             return True
         return self.target_supports_foreach(shape, group)
+
+    def foreach_bucket_class(self, shape, group, state):
+        """The targets fill buckets of their own shape (their multi-tensor step stacks the targets of one
+        shape: one stack per bucket, as large as the chunk allows); the AdamW parameters share theirs
+        (``None``: element-wise, any shapes)."""
+        targeted = not self._is_adam(state) if state else self.targets(shape, group)
+        return ("target", tuple(shape)) if targeted else None
 
     def steps_pieces_whole(self, shape, group, state):
         """A target in pieces is stepped whole from its first one (:meth:`_whole_by_shape`); the AdamW
@@ -310,7 +317,8 @@ class MuonMoments(HybridMoments):
                 rows.copy_(rows32)
             ns_rows(x, shape, r0, r1).copy_(u)  # the bfloat16 cast, element-wise as U.to(bfloat16)
             del u, rows32, g
-        newton_schulz_(x, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+        block = ns_column_block_numel(buf.device, max((b - a for a, b in bounds), default=0))
+        newton_schulz_(x, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], column_block_numel=block)
         return {"x": x, "shape": shape, "scale": lr * muon_lr_ratio(shape, group["adjust_lr_fn"])}
 
     def target_direction(self, g, state, group, t, lr):
@@ -331,7 +339,9 @@ class MuonMoments(HybridMoments):
         """Chunked (``numel`` a block of rows; the lean step): the bfloat16 iterate (``2 m n``) for the
         whole step, and at most one of: the momentum pass's block of ``U`` (float32, with Nesterov)
         and a low-precision buffer's float32 rows; the iteration's ``A`` and ``P`` (``4 r^2``, ``r``
-        the smaller side) or ``P`` and a column block's result, with the bfloat16 products' workspace
+        the smaller side) or ``P`` and a column block's result (the blocks of
+        :func:`~lowmem.optim.functional.muon.ns_column_block_numel`: as large as a block of rows off
+        the CPU), with the bfloat16 products' workspace
         (:func:`~lowmem.optim.functional.muon.newton_schulz_transient_bytes`: per CPU thread for a
         buffer on the CPU, once elsewhere); the block's float32 step. Whole (``chunk_numel=None``, :func:`~lowmem.optim.functional.muon.newton_schulz`): the
         Nesterov matrix (float32, alive through the iteration), two bfloat16 iterates of the
@@ -344,8 +354,8 @@ class MuonMoments(HybridMoments):
         buf = state["momentum_buffer"]
         low = buf.dtype not in (torch.float32, torch.float64)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1  # CPU GEMMs pack panels per thread
-        lean = 2 * total + max(4 * numel * (group["nesterov"] + low), newton_schulz_transient_bytes(shape, threads=threads),
-                               4 * numel)
+        ns = newton_schulz_transient_bytes(shape, ns_column_block_numel(buf.device, numel), threads=threads)
+        lean = 2 * total + max(4 * numel * (group["nesterov"] + low), ns, 4 * numel)
         if numel < total:
             return lean
         r = min(shape)
