@@ -227,8 +227,13 @@ def _import_module(module: str, ref: str) -> Any:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
+        if err.name is not None and not (module == err.name or module.startswith(err.name + ".")):
+            # the module exists; an import inside it failed
+            raise ValueError(f"reward function {ref!r}: importing module {module!r} failed: {_import_failure(err)}") from err
         raise ValueError(f"reward function {ref!r}: module {module!r} not found ({err}); expected an importable "
                          "module (installed, or a .py file in the current directory) or 'path/to/file.py:function'") from None
+    except Exception as err:  # the user's module fails to import: a syntax error, an exception at import time
+        raise ValueError(f"reward function {ref!r}: importing module {module!r} failed: {_import_failure(err)}") from err
     finally:
         if added:
             sys.path.remove(cwd)
@@ -243,8 +248,26 @@ def _import_file(path: str, ref: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses, pickling and relative lookups inside the file need it
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file fails to import: a syntax error, an exception at import time
+        del sys.modules[name]
+        raise ValueError(f"reward function {ref!r}: importing {path!r} failed: {_import_failure(err)}") from err
     return module
+
+
+def _import_failure(err: Exception) -> str:
+    """Why importing a user's reward code failed, in one line: a syntax error with its file and line,
+    else the exception's type, message and the line of the user's code that raised it
+    (``LOWMEM_DEBUG=1`` shows the whole traceback)."""
+    if isinstance(err, SyntaxError):
+        return f"{type(err).__name__}: {err.msg} ({err.filename}, line {err.lineno})"
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    user = [f for f in frames if "importlib" not in f.filename]
+    at = f" ({user[-1].filename}, line {user[-1].lineno})" if user else ""
+    return f"{type(err).__name__}: {err}{at}"
 
 
 # The keyword arguments TRL's ``GRPOTrainer._calculate_rewards`` (trl 1.16) gives every reward function,
