@@ -1,8 +1,8 @@
 """The multi-tensor paths of the Subspace-Momentum recipes (issue 15): ``adamw_snsm``, ``sgd_sm`` and
 ``adagrad_snsm``. Their projected parameters take the engine's projected buckets (each parameter
 projected down alone, refresh and moment reset included; the momentum of every ``P^T G`` of a bucket
-in one EMA kernel, :meth:`SubsetNormMoments.foreach_direction`; each combined back alone, Subset-Norm
-step included); their full-rank parameters take the full-rank buckets (``sgd_sm``'s momentum by
+in one EMA kernel, :meth:`SubsetNormMoments.foreach_direction`; the bucket combined back at once,
+Subset-Norm step included, where its statistics commute with the projection, else each alone); their full-rank parameters take the full-rank buckets (``sgd_sm``'s momentum by
 :func:`~lowmem.optim.functional.subset_norm.sgd_momentum_foreach_`, the adaptive ones by the
 Subset-Norm kernels of ``adamw_sn``). Equal to the per-parameter step (``foreach=False``) bit for bit
 on the CPU, where the multi-tensor kernels run the per-tensor operations in the same order. Below,
@@ -39,6 +39,13 @@ CONFIGS = {
     "adamw_snsm_rank8": ("adamw_snsm", {"rank": 8, "weight_decay": 0.1}),
     "sgd_sm_rank1": ("sgd_sm", {"rank": 1}),
 }
+
+
+# the configurations whose projected buckets are combined back at once (SubsetNormStep.foreach_fold,
+# SubspaceMomentumResidual.foreach_fold): the weights to float32 rounding; the others (signSGD, per-element
+# statistics, per-row statistics of a left projection) each parameter alone, bit for bit
+FOLDED = {"adamw_snsm", "adamw_snsm_rsvd_scaled", "sgd_sm", "sgd_sm_no_momentum", "adagrad_snsm", "adamw_snsm_rank8",
+          "sgd_sm_rank1"}
 
 
 def _run(name, hparams, foreach, chunk_numel, dtype=torch.float32, steps=STEPS, monkeypatch=None,
@@ -83,9 +90,15 @@ def _run(name, hparams, foreach, chunk_numel, dtype=torch.float32, steps=STEPS, 
             low_calls, full_calls, opt)
 
 
-def _assert_equal(fast, ref):
+def _assert_equal(fast, ref, rounded=False):
+    """Weights and state bit for bit; ``rounded``: the weights to float32 rounding (the projected bucket's
+    fold, ``SubsetNormStep.foreach_fold`` / ``SubspaceMomentumResidual.foreach_fold``: ``p += a P M'`` and
+    ``p += G k`` in place, against the rows' ``p -= lr (P M + G f) / d``), the state still bit for bit."""
     for i, (a, b, sa, sb) in enumerate(zip(fast[0], ref[0], fast[1], ref[1])):
-        assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max())
+        if rounded:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b), (i, (a.float() - b.float()).abs().max())
         assert sa.keys() == sb.keys(), i
         for k in sa:
             assert torch.equal(sa[k], sb[k]), (i, k)
@@ -108,7 +121,7 @@ def test_subspace_momentum_foreach_equals_the_per_parameter_step(label, chunk_nu
     fast = _run(name, hp, None, chunk_numel, monkeypatch=monkeypatch)
     ref = _run(name, hp, False, chunk_numel, monkeypatch=monkeypatch)
     assert ref[2] == [] and ref[3] == []
-    _assert_equal(fast, ref)
+    _assert_equal(fast, ref, rounded=label in FOLDED)
     lows, low_calls, full_calls = _low_numel(fast[4]), fast[2], fast[3]
     assert sum(map(sum, low_calls)) == STEPS * sum(lows)
     assert max(map(len, low_calls)) > 1 or (chunk_numel is not None and 2 * min(lows) > chunk_numel)  # (rank 8)
@@ -302,3 +315,53 @@ def test_subset_sq_norms_by_norm_equal_the_sums_of_squares(dim):
         assert torch.equal(got, ref)
     else:
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+# ---- the projected bucket combined back at once (issue 15) ----------------------------------------
+
+
+@pytest.mark.parametrize("label", sorted(CONFIGS))
+def test_bucket_fold_taken_where_the_statistics_commute_with_the_projection(label, monkeypatch):
+    """The bucket's fold is offered (not ``None``) exactly for :data:`FOLDED`: SGD on the complement, and
+    statistics per column of a left-projected or per row of a right-projected gradient (the defaults);
+    every projected bucket of a folded configuration takes it."""
+    from lowmem.optim.recipes.subset_norm import SubspaceMomentumResidual, SubsetNormStep
+
+    offered: list[bool] = []
+
+    def spy_on(cls):
+        orig = cls.foreach_fold
+
+        def spy(self, *args, **kwargs):
+            out = orig(self, *args, **kwargs)
+            offered.append(out is not None)
+            return out
+        monkeypatch.setattr(cls, "foreach_fold", spy)
+
+    name, hp = CONFIGS[label]
+    spy_on(SubsetNormStep if name != "sgd_sm" else SubspaceMomentumResidual)
+    _run(name, hp, None, None, steps=2, monkeypatch=monkeypatch)
+    assert len(offered) == 2 and all(x == (label in FOLDED) for x in offered), offered
+
+
+@pytest.mark.parametrize("name", ["sgd_sm", "adamw_snsm", "adagrad_snsm"])
+def test_bucket_fold_launches_a_few_kernels_per_parameter(name):
+    """On the CUDA code path (meta tensors), each further projected parameter of a bucket adds its own
+    project-down, the update's ``addmm_`` and ``addcmul_`` and (SNSM) its subset norms: at most 5 kernels
+    (was 9 for ``sgd_sm``, 17 / 15 for ``adamw_snsm`` / ``adagrad_snsm``: the fold, ``k`` and the statistics
+    per parameter, a copy of each momentum)."""
+    from lowmem.bench_launches import LaunchCounter
+
+    def kernels(k):
+        ps = [torch.nn.Parameter(torch.zeros(256, 512, device="meta")) for _ in range(k)]
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        opt = create_optimizer([{"params": ps, "rank": 16, "update_proj_gap": 100}], name, lr=1e-3)
+        opt.chunk_numel = None
+        for _ in range(2):  # (the first step refreshes)
+            with LaunchCounter() as c:
+                opt.step()
+        return c.counts["kernels"]
+
+    per_param = (kernels(5) - kernels(1)) / 4
+    assert per_param <= (2 if name == "sgd_sm" else 4) + 1, per_param

@@ -217,3 +217,32 @@ def subset_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     torch._foreach_add_(params, [x if x.shape == p.shape else x.view(p.shape) for x, p in zip(d, params)], alpha=-lr)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def sm_fold_foreach_(lows: list[Tensor], d_lows: list[Tensor], scale: float, free_lr_scale: float) -> list[Tensor]:
+    """Subspace-Momentum's combined direction in folded form (Section 4: ``scale P d_low + f (G - P low)``
+    is ``P M + f G``), ``M = scale d_low - f low`` of every projected parameter of a bucket, in place on
+    ``d_lows`` (two multi-tensor kernels; one when ``scale = 1``): the per-tensor fold's
+    ``torch.add(d_low * scale, low, alpha=-f)``, bit for bit. Returns ``d_lows``."""
+    if scale != 1.0:
+        torch._foreach_mul_(d_lows, scale)
+    torch._foreach_add_(d_lows, lows, alpha=-free_lr_scale)
+    return d_lows
+
+
+def sn_denominators_foreach_(exp_avg_sqs: list[Tensor], sq_norms: list[Tensor], beta2: float | None, eps: float,
+                             scale: float) -> list[Tensor]:
+    """The Subset-Norm step's denominators of several float32 statistics at once (Section 3): ``v <- b2 v +
+    (1 - b2) ||G_Psi||^2`` in place (:func:`ema_`; ``beta2=None``: AdaGrad's :func:`accumulate_`), then
+    ``(sqrt(v) + eps) / scale`` (:func:`sn_denominator`; ``scale``: the bias-corrected step scale the
+    direction is multiplied by, folded into the denominator as the per-tensor step does; not divided when
+    1). The per-tensor operations in their order, one multi-tensor kernel each: bit for bit."""
+    if beta2 is None:
+        torch._foreach_add_(exp_avg_sqs, sq_norms)
+    else:
+        ema_foreach_(exp_avg_sqs, sq_norms, beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    if scale != 1.0:
+        torch._foreach_div_(denom, scale)
+    return denom

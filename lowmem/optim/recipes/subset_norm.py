@@ -23,7 +23,10 @@ the engine's loop (docs/optimizers.md, "Subset-Norm and Subspace-Momentum").
 
 Multi-tensor paths (issue 15): full-rank parameters in buckets (:meth:`SubsetNormMoments.foreach_step_`),
 projected ones in the engine's projected buckets (:meth:`SubsetNormMoments.foreach_direction`: the
-momenta of ``P^T G``), both equal to ``foreach=False`` bit for bit (tests/test_foreach_subset_norm.py).
+momenta of ``P^T G``), both equal to ``foreach=False`` bit for bit (tests/test_foreach_subset_norm.py); the
+projected buckets combined back at once where the statistics commute with the projection
+(:meth:`SubsetNormStep.foreach_fold`, :meth:`SubspaceMomentumResidual.foreach_fold`: the state bit for
+bit, the weights to float32 rounding).
 
 Parameter groups: :func:`~lowmem.optim.create_optimizer` marks the weights of the projection layers
 (``target_modules``, default all but the output head) and the output head (its own group, as the
@@ -304,13 +307,16 @@ class SubsetNormMoments(MomentRule):
     def foreach_direction(self, gs, states, group, t, lr):
         """:meth:`direction` of several projected gradients: ``m <- b1 m + (1 - b1) P^T G``
         (:func:`~lowmem.optim.functional.subset_norm.ema_foreach_`, the per-tensor operations in their
-        order) and a copy of each ``m`` (of ``P^T G`` when ``b1 = 0``), as the per-tensor form returns."""
+        order) and a copy of each ``m`` (of ``P^T G`` when ``b1 = 0``), as the per-tensor form returns: one
+        ``torch._foreach_copy_`` for the bucket (the combine-back's bucket fold writes into them)."""
         beta1 = self._beta1(group)
-        if beta1 == 0:
-            return [g.clone() for g in gs]  # not torch._foreach_clone: torch < 2.13 has none (a plain loop there too)
-        ms = [s["exp_avg"] for s in states]
-        SN.ema_foreach_(ms, gs, beta1)
-        return [m.clone() for m in ms]
+        if beta1 != 0:
+            ms = [s["exp_avg"] for s in states]
+            SN.ema_foreach_(ms, gs, beta1)
+        src = gs if beta1 == 0 else ms
+        out = [torch.empty_like(x) for x in src]  # (copies in one kernel: torch < 2.13 has no _foreach_clone)
+        torch._foreach_copy_(out, src)
+        return out
 
     def foreach_direction_transient_bytes(self, numel):
         """The returned directions (copies of the momenta): one float32 tensor of ``numel``."""
@@ -392,6 +398,20 @@ class SubspaceMomentumResidual(StateFreeResidual):
         m = torch.add(d_low if alpha == 1.0 else d_low * alpha, low, alpha=-f)
         return m, torch.full((1,), f, dtype=m.dtype, device=m.device)
 
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """:meth:`fold` of a bucket at once (the engine's projected multi-tensor step, issue 15): every
+        ``M = scale d_low - free_lr_scale low`` in two multi-tensor kernels
+        (:func:`~lowmem.optim.functional.subset_norm.sm_fold_foreach_`), written into the bucket's
+        directions (the copies :meth:`SubsetNormMoments.foreach_direction` returned, which nothing reads
+        after the fold: no allocation), and one 0-d ``k = alpha free_lr_scale`` for all; yields
+        ``(i, M_i, alpha, k)``. ``None`` for signSGD (:class:`ProjectBack` checks the basis)."""
+        if group["free_rule"] != "sgd":
+            return None
+        ms = SN.sm_fold_foreach_(lows, d_lows, group["scale"], group["free_lr_scale"])
+        f = group["free_lr_scale"]
+        k = torch.full((), alpha * f, dtype=torch.float32, device=lows[0].device) if f != 0 else None
+        return ((i, m, alpha, k) for i, m in enumerate(ms))
+
     def transient_bytes(self, shape, group, state, projection, rows):
         """All rows at once (the unfolded :meth:`update`): 3 float32 blocks of the rows. Fewer rows
         (:meth:`fold`): ``M`` and ``scale d_low`` (2 tensors of ``low``'s size) and ``k``."""
@@ -461,6 +481,62 @@ class SubsetNormStep(CombineRule):
             denom, _ = _sn_update_(state["sn_exp_avg_sq"][start:stop], g_rows, self._beta2(group), group["eps"],
                                    SN.subset_sq_norms_by_norm)
         return _div_scaled_(u, denom, scale)
+
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """The combine-back of a bucket at once (issue 15), when the inner rule is Subspace-Momentum's
+        folded SGD complement (:meth:`SubspaceMomentumResidual.foreach_fold`) and every statistic divides
+        along the side the projection keeps: one per column (``(1, n)``) of a left-projected gradient
+        (``low`` of ``(r, n)``: ``(P M) / d = P (M / d)``) or one per row (``(m, 1)``) of a right-projected
+        one (``(M Q) / d = (M / d) Q``), the defaults (the statistics run along the longer side, the
+        projection reduces the shorter one); float32 statistics. Per parameter the squared subset norms
+        of ``G`` (the row blocks of ``bounds`` for columns, as :meth:`prepare`); then for the bucket the
+        statistics' update and ``(sqrt(v) + eps) / scale``
+        (:func:`~lowmem.optim.functional.subset_norm.sn_denominators_foreach_`), ``M`` in place
+        (:func:`~lowmem.optim.functional.subset_norm.sm_fold_foreach_`) divided by them, and
+        ``k = alpha free_lr_scale / denominator``: yields ``(i, M_i / d_i, alpha, k_i)``, so the update
+        ``alpha (P M + f G) / d`` is one ``addmm_`` and one ``addcmul_`` per parameter. Beyond the
+        arguments: two vectors per parameter (a side's length). ``None`` otherwise (each parameter
+        combined back alone, :meth:`direction_rows`, the reference)."""
+        inner = self.inner
+        if not (isinstance(inner, ProjectBack) and isinstance(inner.residual, SubspaceMomentumResidual)
+                and group["free_rule"] == "sgd" and all(projection.can_add_up_rows(st) for st in states)):
+            return None
+        vs, dims = [st["sn_exp_avg_sq"] for st in states], []
+        for g, low, v in zip(gs, lows, vs):
+            if v.dtype != torch.float32 or g.dim() != 2:
+                return None
+            layout = _subset_layout(v, g.numel())
+            if layout == "column" and low.shape[1] == g.shape[1] and low.shape[0] != g.shape[0]:
+                dims.append(0)
+            elif layout == "row" and v.shape[0] == g.shape[0] == low.shape[0] and low.shape[1] != g.shape[1]:
+                dims.append(1)
+            else:
+                return None
+        sq = [self._column_sq_norms(g, b) if dim == 0 else SN.subset_sq_norms_by_norm(g, 1)
+              for g, dim, b in zip(gs, dims, bounds)]
+        denom = SN.sn_denominators_foreach_(vs, sq, self._beta2(group), group["eps"], self._scale(states[0], group))
+        del sq
+        f = group["free_lr_scale"]
+        ms = SN.sm_fold_foreach_(lows, d_lows, group["scale"], f)
+        torch._foreach_div_(ms, denom)
+        ks = None
+        if f != 0:
+            ks = torch._foreach_reciprocal(denom)
+            torch._foreach_mul_(ks, alpha * f)
+        del denom
+        return ((i, m, alpha, None if ks is None else ks[i].view(-1) if dims[i] == 0 else ks[i])
+                for i, m in enumerate(ms))
+
+    @staticmethod
+    def _column_sq_norms(g: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
+        """The squared norms of ``g``'s columns, ``(1, n)``, summed over the row blocks ``bounds`` as
+        :meth:`prepare` sums them (one block: the block's own, ``0 + x`` being ``x``)."""
+        if len(bounds) == 1 and bounds[0] == (0, g.shape[0]):
+            return SN.subset_sq_norms_by_norm(g, 0)
+        sq = torch.zeros((1, g.shape[1]), dtype=torch.float32, device=g.device)
+        for a, b in bounds:
+            sq.add_(SN.subset_sq_norms_by_norm(g[a:b], 0))
+        return sq
 
     def transient_bytes(self, shape, group, state, projection, rows):
         """``inner``'s, plus the statistics' own: per row or column the squared norms and
