@@ -29,6 +29,7 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "(the embedded tiny Llama on synthetic addition). Flags override recipe keys.",
     )
     p.add_argument("recipe", nargs="?", help="YAML recipe (keys: see docs/training.md)")
+    p.add_argument("--trainer", help="training method: sft, dpo, grpo, gvpo or bnpo (the recipe's trainer; default sft)")
     p.add_argument("--optim", help="registered optimizer (see `lowmem list`)")
     p.add_argument("--optim-args", help="optimizer hyperparameters: 'k=v,k=v' or a JSON object")
     p.add_argument("--steps", type=int, help="optimizer steps")
@@ -56,7 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
     if recipe_path is None and isinstance(resume, str) and resume.endswith((".yaml", ".yml")):
         recipe_path, resume = resume, True  # `lowmem train --resume recipe.yaml`: the flag took the recipe
     recipe = load_recipe(
-        recipe_path, save_steps=args.save_steps, eval_steps=args.eval_steps, resume_from_checkpoint=resume,
+        recipe_path, trainer=args.trainer, save_steps=args.save_steps, eval_steps=args.eval_steps, resume_from_checkpoint=resume,
         optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
         output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size,
         dataset=args.dataset[0] if args.dataset and len(args.dataset) == 1 else args.dataset,

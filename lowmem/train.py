@@ -794,6 +794,19 @@ def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
     if unknown:
         import difflib
 
+        # a config written for another trainer (a saved DPOConfig / GRPOConfig run without `trainer:`); SFTConfig's
+        # fields under sft without a dataset are not that case (they need the dataset)
+        sft_fields = set(field_types(config_class("sft", True)))
+        others = [t for t in AVAILABLE_TRAINERS if t != trainer and not (trainer == "sft" and set(unknown) <= sft_fields)
+                  and set(unknown) <= set(field_types(config_class(t, True)))]
+        if others:
+            raise ConfigError(
+                f"{where}unknown recipe key(s) "
+                f"{unknown if len(unknown) <= 6 else str(unknown[:5])[:-1] + f', ... ({len(unknown)} keys)]'} for the "
+                f"{trainer} trainer's {cls.__name__}" + (" (trainer: sft is the default)" if "trainer" not in out else "")
+                + f"; they are fields of {', '.join(config_class(t, True).__name__ for t in others)}: set trainer: "
+                f"{' / '.join(others)} in the recipe (or --trainer {others[0]})"
+            )
         foreign = [f"{k} -> {FOREIGN_KEYS[k]}" for k in unknown if k in FOREIGN_KEYS]
         close = sorted({m for k in unknown if k not in FOREIGN_KEYS
                         for m in difflib.get_close_matches(k, list(RECIPE_KEYS) + sorted(valid), n=3)})

@@ -54,3 +54,49 @@ def test_reward_file_syntax_error_stops_lowmem_train_with_exit_2(tiny_model_path
     assert code == 2
     assert "lowmem: error: reward function" in err and "SyntaxError" in err and "bad.py, line 1" in err
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("config, trainer, others", [
+    ("DPOConfig", "dpo", "LowMemDPOConfig: set trainer: dpo in the recipe (or --trainer dpo)"),
+    ("GRPOConfig", "grpo", "LowMemGRPOConfig, GVPOConfig, BNPOConfig: set trainer: grpo / gvpo / bnpo in the recipe "
+                           "(or --trainer grpo)"),
+])
+def test_saved_trl_config_without_trainer_names_the_trainer(config, trainer, others, tiny_model_path, tmp_path, capsys):
+    """A DPOConfig / GRPOConfig the user saved (to_dict as JSON) and ran with `lowmem train` failed with
+    'unknown recipe key(s)' over every DPO / GRPO field and close matches that do not help; the error
+    names the trainer whose config holds the keys, and `--trainer` (new) runs it from the command line."""
+    import json
+
+    import trl
+
+    kw = {"num_generations": 4, "max_completion_length": 8} if trainer == "grpo" else {"max_length": 64}
+    cfg = getattr(trl, config)(str(tmp_path / "out"), use_cpu=True, max_steps=1, per_device_train_batch_size=4,
+                               report_to="none", **kw)
+    dump = {k: v for k, v in cfg.to_dict().items() if not (k.endswith("_token") and k != "hub_token")}
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(dump))
+    code, err = _run(["train", str(path), "--model", tiny_model_path, "--dataset", "x.jsonl"], capsys)
+    assert code == 2 and f"for the sft trainer's LowMemSFTConfig (trainer: sft is the default); they are fields of " \
+        f"{others}" in err, err
+    assert "did you mean" not in err
+    from lowmem.train import load_recipe
+
+    recipe = load_recipe(path, trainer=trainer)  # what --trainer passes
+    assert recipe.trainer == trainer and recipe.training_args["beta"] == cfg.beta
+
+
+def test_trainer_flag_trains_dpo_pairs_from_the_command_line(tiny_model_path, tmp_path, capsys):
+    """`lowmem train --model DIR --dataset pairs.jsonl` said the columns are DPO's format, but the command
+    had no way to choose the trainer (a recipe file was required)."""
+    import json
+
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)}) + "\n"
+                            for i in range(8)))
+    code, err = _run(["train", "--model", tiny_model_path, "--dataset", str(rows), "--steps", "1",
+                      "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--trainer dpo" in err
+    code, err = _run(["train", "--model", tiny_model_path, "--dataset", str(rows), "--trainer", "dpo", "--steps", "1",
+                      "--batch-size", "4", "--output-dir", str(tmp_path / "o"), "--optim", "adamw"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["trainer"] == "dpo"

@@ -217,8 +217,8 @@ def test_a_saved_sft_config_with_max_steps(tmp_path, long_rows):
 
 
 @pytest.mark.parametrize("columns, trainer, hint", [
-    (["chosen", "rejected"], "sft", r"These columns are the format of trainer: dpo$"),
-    (["prompt", "answer"], "sft", r"These columns are the format of trainer: bnpo / grpo / gvpo$"),
+    (["chosen", "rejected"], "sft", r"These columns are the format of trainer: dpo \(set it in the recipe, or --trainer dpo\)$"),
+    (["prompt", "answer"], "sft", r"These columns are the format of trainer: bnpo / grpo / gvpo \(set it in the recipe, or --trainer grpo\)$"),
     (["instruction", "input", "output"], "sft", r"They look alpaca-style 'instruction' / 'input' / 'output': write 'prompt'"),
     (["conversations"], "sft", r"They look sharegpt-style 'conversations': rename it 'messages'"),
     (["txt"], "sft", r"Did you mean to name the column\(s\) 'txt' -> 'text' \(or keep 'txt' and set dataset_text_field: txt\)\?$"),
