@@ -472,19 +472,29 @@ class SubspaceProjection(Projection):
         """Online Subspace Descent (issue 15): whether every gradient that takes a basis step this step
         is usable (finite and not all zero, as :func:`_usable`), one device bool for the whole step that
         the engine reads with its non-finite check, instead of one device read per bucket (or per
-        parameter) in :meth:`foreach_post_update` / :meth:`post_update`. ``checked``: each checked
-        gradient's norm (0-d views of one stack; float32 gradients by one ``torch._foreach_norm``, the
-        others by :func:`~lowmem.optim.functional.norms.float_norm`: the values the basis step computes),
-        by ``id``, with the gradient itself (only that tensor is taken as checked). ``None`` when no
-        parameter takes a basis step (the first step's refresh) or the gradients are on several devices."""
+        parameter) in :meth:`foreach_post_update` / :meth:`post_update`. The norms: one
+        ``torch._foreach_norm`` per dtype (a low-precision norm accumulates in float32 as
+        :func:`~lowmem.optim.functional.norms.float_norm` does: zero and non-finite exactly when that is,
+        an overflow of the narrower dtype only makes the flag ``False``, then the basis steps read their own).
+        ``checked``: by ``id``, the gradient itself (only that tensor is taken as checked) and, for a float32
+        one, its norm (a 0-d view: the value :meth:`foreach_post_update` computes; a low-precision one's is
+        computed there again, ``float_norm``'s). ``None`` when no parameter takes a basis step (the first
+        step's refresh) or the gradients are on several devices."""
         todo = [g for g, state, group in items
                 if "proj_meta" in state and self.method(group) == "online_pca" and _pca_step_due(state)]
         if not todo or any(g.device != todo[0].device for g in todo):
             return None
-        f32 = [g for g in todo if g.dtype == torch.float32]
-        other = [g for g in todo if g.dtype != torch.float32]
-        norm_t = torch.stack([*(torch._foreach_norm(f32) if f32 else ()), *(float_norm(g) for g in other)])
-        return all_usable(norm_t), {id(g): (g, n) for g, n in zip(f32 + other, norm_t.unbind(0))}
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for g in todo:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        norms = {dt: torch.stack(torch._foreach_norm(gs)) for dt, gs in by_dtype.items()}
+        f32 = norms.get(torch.float32)
+        parts = [n if n.dtype == torch.float32 else n.float() for n in norms.values()]
+        flag = all_usable(parts[0] if len(parts) == 1 else torch.cat(parts))
+        checked = {id(g): (g, None) for dt, gs in by_dtype.items() if dt != torch.float32 for g in gs}
+        if f32 is not None:
+            checked.update((id(g), (g, n)) for g, n in zip(by_dtype[torch.float32], f32.unbind(0)))
+        return flag, checked
 
     def post_update(self, g, state, group, low=None, checked=None):
         if self.method(group) != "online_pca":
@@ -519,7 +529,7 @@ class SubspaceProjection(Projection):
         """:meth:`post_update` of a bucket (Online Subspace Descent): the gradients' norms (as
         :meth:`post_update`: the same values) and whether all are usable: known without a device read
         when :meth:`pre_check` checked them (``checked``: the engine read its flag with the non-finite
-        check's; its norms taken unless the bucket mixes float32 and other gradients), else one device
+        check's; its norms taken when the bucket's gradients are all float32), else one device
         read for the bucket (a zero gradient in the bucket: one read each); each basis gradient (:func:`~lowmem.optim.functional.osd.pca_loss_grad`);
         the basis steps of the parameters at one PCA step count together, one multi-tensor kernel per
         operation (SGD, or AdamW's decay, moments and direction: ``functional.adam_moments_foreach_``,
@@ -537,7 +547,7 @@ class SubspaceProjection(Projection):
         todo_gs = [gs[i] for i in todo]
         known = _checked_norms(todo_gs, checked)  # all usable, by the engine's one read of the step
         f32 = [g.dtype == torch.float32 for g in todo_gs]
-        if known is not None and (all(f32) or not any(f32)):  # (pre_check's norms: the values computed here)
+        if known is not None and all(f32):  # (pre_check's norms: the values computed here)
             norms, usable = known, [True] * len(todo)
         else:
             if all(f32):  # one multi-tensor kernel (the same values on the CPU)
@@ -657,10 +667,10 @@ def _pca_step_due(state: dict[str, Tensor]) -> bool:
     return refreshes > 0 and pca_steps >= 0
 
 
-def _checked_norms(gs: list[Tensor], checked: dict[int, tuple[Tensor, Tensor]] | None) -> list[Tensor] | None:
+def _checked_norms(gs: list[Tensor], checked: dict[int, tuple[Tensor, Tensor | None]] | None) -> list[Tensor | None] | None:
     """The norms :meth:`SubspaceProjection.pre_check` found for the gradients ``gs`` (all usable: its
-    flag read ``True``), or ``None`` when ``checked`` is ``None`` or one of ``gs`` was not checked (that
-    very tensor: another one at the same address is not)."""
+    flag read ``True``; ``None`` for a low-precision one), or ``None`` when ``checked`` is ``None`` or one
+    of ``gs`` was not checked (that very tensor: another one at the same address is not)."""
     if checked is None:
         return None
     found = [checked.get(id(g)) for g in gs]
