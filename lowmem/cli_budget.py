@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "ranked by what they give up. See docs/memory.md.",
     )
     p.add_argument("model", help="named shape (llama-2-7b, llama-3-8b, tiny, ...) or a local model directory")
-    p.add_argument("--optimizer", default="adamw", help="registered optimizer (default adamw)")
+    p.add_argument("--optimizer", "--optim", default="adamw",
+                   help="registered optimizer, or a Hugging Face optim name as lowmem train maps it (adamw_torch_8bit, "
+                   "galore_adamw_layerwise, ...; default adamw)")
     p.add_argument("--optim-args", default="", metavar="k=v,...",
                    help="optimizer hyperparameters: 'k=v,k=v' (e.g. rank=128,betas=[0.9,0.95]) or a JSON object")
     p.add_argument("--batch-size", type=int, default=1)
@@ -172,7 +174,10 @@ def run(args: argparse.Namespace) -> int:
         targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
         lora = {"r": args.lora_r, "lora_alpha": 2 * args.lora_r, "target_modules": targets}
     from .optim.hparams import parse_optim_args
+    from .train import resolve_optim_name
 
+    args.optimizer, hf_layerwise = resolve_optim_name(args.optimizer)  # lowmem train's names: adamw_torch_4bit, ...
+    args.layerwise = args.layerwise or hf_layerwise
     common = dict(
         optimizer=args.optimizer, optim_args=parse_optim_args(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=args.dtype, quantization=quant, lora=lora, gradient_checkpointing=args.gradient_checkpointing, layerwise=args.layerwise,

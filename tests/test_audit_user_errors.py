@@ -100,3 +100,18 @@ def test_trainer_flag_trains_dpo_pairs_from_the_command_line(tiny_model_path, tm
                       "--batch-size", "4", "--output-dir", str(tmp_path / "o"), "--optim", "adamw"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["trainer"] == "dpo"
+
+
+def test_budget_takes_lowmem_train_s_optimizer_flag_and_names(capsys):
+    """`lowmem budget MODEL --optim galore_adamw` (the flag of `lowmem train`) was 'ambiguous option: --optim could
+    match --optimizer, --optim-args', and an HF optim name `lowmem train` maps (adamw_torch_4bit,
+    ..._layerwise) was 'Unknown optimizer'; both size what `lowmem train` would run."""
+    import json
+
+    def estimate(*argv):
+        assert main(["budget", "tiny", "--device", "cpu", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert estimate("--optim", "adamw_torch_4bit") == estimate("--optimizer", "adamw4bit")
+    assert estimate("--optim", "galore_adamw_layerwise", "--optim-args", "rank=4") == \
+        estimate("--optimizer", "galore_adamw", "--layerwise", "--optim-args", "rank=4")
