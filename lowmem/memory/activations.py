@@ -284,17 +284,19 @@ def traced_activation_bytes(
     layers = decoder_layers(model, config.num_hidden_layers)
     cache = {} if cache is None else cache
 
-    def saved_at(b: int) -> tuple[list[int], int]:
-        if (b, seq_len) not in cache:
-            cache[(b, seq_len)] = _trace_saved(model, config, layers, b, seq_len)
-        return cache[(b, seq_len)]
+    def saved_at(b: int) -> tuple[list[int], int, list[int]]:
+        key = (b, seq_len, "backward") if gradient_checkpointing else (b, seq_len)
+        if key not in cache:
+            cache[key] = _trace_saved(model, config, layers, b, seq_len, backward=gradient_checkpointing)
+        return cache[key]
 
     if batch_size <= 2:
-        per_layer, other = saved_at(batch_size)
+        per_layer, other, backward = (*saved_at(batch_size), None)[:3]
     else:  # what a forward saves is affine in the batch (masks and rotary tables are shared): two traces serve all
-        (l1, o1), (l2, o2) = saved_at(1), saved_at(2)
+        (l1, o1, b1), (l2, o2, b2) = ((*saved_at(b), [])[:3] for b in (1, 2))
         per_layer = [a + (batch_size - 1) * (b - a) for a, b in zip(l1, l2)]
         other = o1 + (batch_size - 1) * (o2 - o1)
+        backward = [a + (batch_size - 1) * (b - a) for a, b in zip(b1, b2)]
     tokens = batch_size * seq_len
     e = model.get_input_embeddings().weight.element_size()
     loss_backward = tokens * config.vocab_size * 8
@@ -302,8 +304,9 @@ def traced_activation_bytes(
         other = max(0, other - tokens * config.vocab_size * 4) + head_parts["logits"]
         loss_backward = head_parts["loss_backward"]
     if gradient_checkpointing:
+        # the recomputed layer's backward: its saved tensors still alive plus the gradients being formed (traced)
         head = other + loss_backward
-        layer_part = tokens * len(layers) * e * config.hidden_size + max(0, max(per_layer, default=0) - head)
+        layer_part = tokens * len(layers) * e * config.hidden_size + max(0, max(backward, default=0) - head)
     else:
         layer_part = sum(per_layer)
     parts = {"layers": layer_part, "other": other, "loss_backward": loss_backward}
@@ -311,20 +314,42 @@ def traced_activation_bytes(
     return parts
 
 
-def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int) -> tuple[list[int], int]:
-    """``(bytes saved by each decoder layer, bytes saved outside them)`` in one meta forward of ``model``."""
+def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int,
+                 backward: bool = False) -> tuple[list[int], int, list[int]]:
+    """``(bytes saved by each decoder layer, bytes saved outside them, each layer's backward peak)`` in one meta
+    forward of ``model`` (and, with ``backward``, its backward down to the input embeddings).
+
+    A layer's backward peak is the largest sum, between the gradient of its output and that of its input (tensor
+    hooks), of its own saved tensors still alive and every storage alive that no forward saved: the gradients being
+    formed (of its output, its intermediates, its input). A checkpointed layer's recomputation and backward hold that
+    beside the checkpoints (Llama: the MLP's gate and up gradients, ``2 e i`` per token, in
+    :func:`llama_activation_bytes`). The weights' gradients are not formed (``torch.autograd.grad`` to the embeddings'
+    output): they are counted with the gradients. Without ``backward``: the saved bytes per layer."""
     import contextlib
 
     import torch
     from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
 
+    from .estimate import _sizing_mode, on_fake_device
+
+    # fake CPU tensors, not meta ones: on meta, scaled_dot_product_attention decomposes into its math path (the s x s
+    # scores saved); on a device it runs a flash kernel (its output and log-sum-exp saved), as in training
+    if any(p.device.type == "meta" for p in model.parameters()):
+        on_fake_device(model, "cpu")
+        for mod in model.modules():  # meta buffers (rotary tables, position ids): fake CPU ones of the same mode
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.device.type == "meta":
+                    with _sizing_mode(model):
+                        mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    mode = _sizing_mode(model)
     params = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
     params |= {StorageWeakRef(b.untyped_storage()) for b in model.buffers()}
     owner: dict[Any, tuple[int, int]] = {}  # storage -> (layer index or -1, bytes)
     current = [-1]
 
     def pack(t):
-        if t.device.type == "meta":
+        if t.device.type != "meta":  # every tensor of the trace is a fake CPU one
             key = StorageWeakRef(t.untyped_storage())
             if key not in params and key not in owner:
                 owner[key] = (current[0], t.untyped_storage().nbytes())
@@ -345,10 +370,61 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     # peft's LoRA on 3-D expert weights (ParamWrapper) opens torch.autocast(device_type=<the weight's device>,
     # enabled=False); torch refuses device_type "meta" (RuntimeError). On meta it would change nothing: no autocast
     torch.autocast = lambda device_type, *a, **k: contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *a, **k)
+    live: dict[Any, int] = {}  # every storage the ops return (backward pass), weakly
+    window = [-1]  # the layer whose backward runs
+    peaks = [0] * len(layers)
+
+    class _Live(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor):
+                    key = StorageWeakRef(o.untyped_storage())
+                    if key not in params:
+                        live.setdefault(key, o.untyped_storage().nbytes())
+            k = window[0]
+            if k >= 0:
+                for key in [key for key in live if key.expired()]:
+                    del live[key]
+                mine = sum(n for key, (i, n) in owner.items() if i == k and not key.expired())
+                unsaved = sum(n for key, n in live.items() if key not in owner)
+                peaks[k] = max(peaks[k], mine + unsaved)
+            return out
+
+    embedded = []
+    if backward:
+        def enter(i):
+            return lambda grad: window.__setitem__(0, i)
+
+        def leave(i):
+            return lambda grad: window.__setitem__(0, -1 if window[0] == i else window[0])
+
+        def first(x):
+            return x[0] if isinstance(x, (tuple, list)) else x
+
+        for i, layer in enumerate(layers):
+            def on_input(m, a, kw, i=i):
+                x = a[0] if a else kw.get("hidden_states")
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    x.register_hook(leave(i))
+
+            def on_output(m, a, o, i=i):
+                if isinstance(first(o), torch.Tensor) and first(o).requires_grad:
+                    first(o).register_hook(enter(i))
+
+            hooks.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
+            hooks.append(layer.register_forward_hook(on_output))
+        hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: embedded.append(o)))
     try:
-        ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=ids)
+        with mode:
+            ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            if backward:  # the embeddings' output is kept here only (a scaled copy enters the layers, e.g. Gemma's)
+                params.add(StorageWeakRef(embedded[0].untyped_storage()))
+                with _Live():
+                    torch.autograd.grad(loss, [embedded[0]])
+            del loss
     except Exception as exc:  # noqa: BLE001  (what the model's code raised on meta tensors, re-raised with its name)
         raise ValueError(f"activations of model_type={getattr(config, 'model_type', None)!r} cannot be traced on the meta "
                          f"device ({type(exc).__name__}: {exc}); its memory cannot be estimated") from exc
@@ -366,4 +442,6 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
             other += nbytes
         else:
             per_layer[idx] += nbytes
-    return per_layer, other
+    if not backward:
+        return per_layer, other
+    return per_layer, other, [max(p, q) for p, q in zip(peaks, per_layer)]
