@@ -191,10 +191,12 @@ def test_step_transient_bytes_counts_the_projected_bucket(monkeypatch):
 
 def test_sgd_momentum_buckets_allocate_nothing(monkeypatch):
     """``sgd_sm``'s full-rank buckets read ``m`` itself: no transient (the per-parameter step copies
-    the direction), and none is reported; the adaptive rules' buckets report two float32 tensors."""
+    the direction), and none is reported (the step's transient is then the non-finite check's: the float32
+    norms and their stack, 8 bytes per parameter); the adaptive rules' buckets report two float32 tensors."""
     fast = _run("sgd_sm", {}, None, None, steps=1, monkeypatch=monkeypatch, projected=[])[4]
     ref = _run("sgd_sm", {}, False, None, steps=1, monkeypatch=monkeypatch, projected=[])[4]
-    assert fast.step_transient_bytes() == 0
+    n = sum(len(g["params"]) for g in fast.param_groups)
+    assert fast.step_transient_bytes() == fast._check_bytes() == 8 * n
     assert ref.step_transient_bytes() == 4 * max(math.prod(s) for s in FULL_RANK)
     assert SubsetNormMoments().foreach_transient_bytes(100) == 800
     assert SubsetNormMoments(adaptive=False).foreach_transient_bytes(100) == 0

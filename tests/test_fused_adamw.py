@@ -305,19 +305,24 @@ def test_meta_step_launches_one_kernel_per_bucket():
 def test_fused_bucket_reports_no_transient(monkeypatch):
     """A bucket the kernel steps allocates nothing (``AdamMoments.foreach_bucket_transient_bytes``: 0, the
     CPU's default); without the kernel (``FUSED_ON_CPU`` off) the bucket's ``sqrt(v)``; a non-contiguous
-    parameter in the bucket (the operations step it) its own ``sqrt(v)``; a tensor ``lr`` the bucket's."""
+    parameter in the bucket (the operations step it) its own ``sqrt(v)``; a tensor ``lr`` the bucket's. Beside
+    them the non-finite check's float32 norms and their stack, 8 bytes per parameter (``_all_finite_bytes``),
+    what the whole step reports on the kernel (none with ``skip_nonfinite`` off), next to the kernel's step
+    count: 4 bytes kept from the last step, 4 more when the step makes its own (``_fused_step_bytes``)."""
     ps = [torch.nn.Parameter(torch.zeros(s)) for s in [(30, 20), (100,)]]
     opt = create_optimizer(ps, "adamw")
     opt.materialize_state()
-    assert opt.step_transient_bytes() == 0
+    assert opt.step_transient_bytes() == 4 + 8 * 2
+    opt.skip_nonfinite = False
+    assert opt.step_transient_bytes() == 4 + 4
     with monkeypatch.context() as mp:
         mp.setattr(FA, "FUSED_ON_CPU", False)
         assert opt.step_transient_bytes() == 4 * 700
     ps.append(torch.nn.Parameter(torch.zeros(7, 3).t()))
     opt = create_optimizer(ps, "adamw")
     opt.materialize_state()
-    assert opt.step_transient_bytes() == 4 * 21
-    opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+    assert opt.step_transient_bytes() == 4 + 4 * 21 + 4
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3)  # (no kernel: no step count)
     assert opt.step_transient_bytes() == 4 * 721
 
 
@@ -358,7 +363,7 @@ def test_fused_tensors_join_one_uncapped_bucket(monkeypatch):
     opt = create_optimizer(ps, "adamw")
     opt.chunk_numel = 64
     opt.materialize_state()
-    assert opt.step_transient_bytes() == 4 * 21
+    assert opt.step_transient_bytes() == 4 + 4 * 21 + 4  # (and the kernel's step count, kept and new)
     for p in ps:
         p.grad = torch.ones_like(p)
     opt.step()
@@ -375,7 +380,7 @@ def test_fused_tensors_join_one_uncapped_bucket(monkeypatch):
     opt = create_optimizer(ts, "adamw")
     opt.chunk_numel = 64
     opt.materialize_state()
-    assert opt.step_transient_bytes() == 4 * 42
+    assert opt.step_transient_bytes() == 4 + 4 * 42 + 4
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -431,6 +436,8 @@ def test_step_allocates_what_it_reports(case, monkeypatch):
         with _LiveBytes() as m:
             opt.step()
     want = {"fused": 0, "non_contiguous": 4 * 42, "tensor_lr": 4 * 256, "multi_tensor": 4 * 256}[case]
-    assert opt.step_transient_bytes() == want
-    # (before the buckets, the non-finite check's stacked norms and mask: 5 bytes per parameter)
+    # (before the buckets, the non-finite check: 8 bytes per parameter reported, its float32 norms and their
+    # stack; the tracker leaves 0-d outputs, the norms, out and sees the stack and its mask: 5 bytes per parameter)
+    steps = 4 * (case in ("fused", "non_contiguous"))  # (the kernel's step count: 0-d, kept and new)
+    assert opt.step_transient_bytes() == steps + max(want + steps, 8 * len(ps))
     assert m.peak == max(want, 5 * len(ps)), (m.peak, want)

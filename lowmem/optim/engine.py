@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .functional import adam as _FA
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -187,19 +188,38 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every gradient is finite and its squared norm fits in float32 (norm below
     :data:`MAX_GRAD_NORM`), with one host synchronisation.
 
-    One multi-tensor norm is cheap and proves both when every norm is finite and below the bound;
-    only otherwise (a NaN/Inf, a huge gradient, or a norm that overflowed a low-precision dtype such
-    as float16) is each tensor's norm recomputed in float64.
+    One multi-tensor norm per device (:func:`_norms`) proves both when every norm is finite and below
+    the bound. A NaN norm, or an infinite or too large one in a dtype that holds :data:`MAX_GRAD_NORM`
+    (float32, bfloat16, float64: its norm is the tensor's, within its rounding), fails the step at once;
+    only a norm that overflowed a narrower dtype (float16: 65504) is recomputed in float32 a piece at a
+    time (:func:`_norm_below`). What it allocates: :func:`_all_finite_bytes`.
     """
     if not tensors:
         return True
+    norms = _norms(tensors)
+    if bool((norms < MAX_GRAD_NORM).all()):  # NaN compares False
+        return True
+    if not any(_narrow(t.dtype) for t in tensors):
+        return False
+    values = norms.tolist()  # (a second host read, on a failing step only)
+    del norms
+    return all(v < MAX_GRAD_NORM or (_narrow(t.dtype) and not math.isnan(v) and _norm_below(t))
+               for v, t in zip(values, tensors))
+
+
+def _narrow(dtype: torch.dtype) -> bool:
+    """Whether a norm in ``dtype`` overflows below :data:`MAX_GRAD_NORM` (float16 and the float8 types)."""
+    return dtype.is_floating_point and torch.finfo(dtype).max < MAX_GRAD_NORM
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """Every tensor's L2 norm, one multi-tensor norm per device in the tensors' dtypes, stacked in float32
+    on the first tensor's device."""
     first, f32 = tensors[0].device, torch.float32
     if all(t.dtype is f32 and t.device == first for t in tensors):
         # the common case, float32 on one device: one multi-tensor norm over the list as it is (no
         # grouping by device: the engine's own time on many small tensors, issue 15)
-        if bool((torch.stack(torch._foreach_norm(tensors)) < MAX_GRAD_NORM).all()):  # NaN compares False
-            return True
-        return all(bool(torch.linalg.vector_norm(t, dtype=torch.float64) < MAX_GRAD_NORM) for t in tensors)
+        return torch.stack(torch._foreach_norm(tensors))
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
@@ -208,9 +228,73 @@ def _all_finite(tensors: list[Tensor]) -> bool:
         ns = torch._foreach_norm(ts)
         # float32 norms on the first device: what .float().to(first) would give, themselves
         norms += ns if device == first and all(t.dtype is torch.float32 for t in ts) else [n.float().to(first) for n in ns]
-    if bool((torch.stack(norms) < MAX_GRAD_NORM).all()):  # NaN compares False
-        return True
-    return all(bool(torch.linalg.vector_norm(t, dtype=torch.float64) < MAX_GRAD_NORM) for t in tensors)
+    return torch.stack(norms)
+
+
+# Elements of a tensor whose norm :func:`_norm_below` takes at once (vector_norm(dtype=float32) copies a
+# float16 input to float32 first: 4 B per element, 256 KiB here instead of 4 B per element of the tensor)
+NORM_PIECE = 2**16
+# Elements per chunk of torch's multi-tensor norm kernel on CUDA (ATen's kChunkSize, MultiTensorApply.cuh):
+# _foreach_norm allocates one partial sum per chunk of every tensor (ForeachReduceOp.cu, output_per_tensor)
+_FOREACH_NORM_CHUNK = 65536
+
+
+def _pieces(t: Tensor, n: int) -> list[Tensor]:
+    """Views of ``t`` of at most ``n`` elements covering it (flat slices of a contiguous tensor, else
+    blocks of whole rows, a row's own pieces when one row is longer)."""
+    if t.numel() <= n:
+        return [t]
+    if t.is_contiguous():
+        return list(t.view(-1).split(n))
+    row = t.numel() // t.shape[0]
+    if row <= n:
+        return list(t.split(n // row))
+    return [q for r in t.unbind(0) for q in _pieces(r, n)]
+
+
+def _norm_below(t: Tensor) -> bool:
+    """Whether ``||t||_2`` is below :data:`MAX_GRAD_NORM` (NaN compares False): the squared float32
+    norms of :data:`NORM_PIECE`-element pieces summed in float64, in place."""
+    acc = torch.zeros((), dtype=torch.float64, device=t.device)
+    for piece in _pieces(t, NORM_PIECE):
+        n = torch.linalg.vector_norm(piece, dtype=torch.float32).double()
+        acc.addcmul_(n, n)
+        del n  # (before the next piece's norm)
+    return bool(acc < MAX_GRAD_NORM**2)
+
+
+def _all_finite_bytes(tensors: list[tuple[int, torch.dtype, torch.device]]) -> int:
+    """The most memory :func:`_all_finite` allocates alive together, for tensors given as ``(numel, dtype,
+    device)`` in the order it reads them (a meta-device entry counts as a CUDA one).
+
+    :func:`_norms`: one norm per tensor in its dtype (``e`` bytes); a float32 copy on the first device of
+    each one not already there in float32 (their ``e`` stay alive beside the copies: ``C``, the sum); the
+    stack of the ``N`` float32 norms (``4 N``), then its comparison mask (``N``) and its ``all``: the
+    common case (all float32 on one device) ``max(4 N + w, 8 N)``, otherwise ``C + max(8 N, 4 N + w + 4)``
+    (``+ 4``: a copy's float32 step on its own device before the move; with several devices only the
+    last device's norms stay beside their copies, so ``C`` over all of them is an upper bound). ``w``: on a
+    device other than the CPU, torch's multi-tensor norm kernel's partial sums, ``4 N_d ceil(max numel_d
+    / 65536)`` (8 for float64) for each device's call, the largest. Then, with a float16 (narrow) tensor,
+    its piecewise recheck (:func:`_norm_below`, one tensor at a time, after the norms are freed): the
+    float32 copy of one piece (``4 min(numel, NORM_PIECE)``) and 32 bytes (the accumulator, the piece's
+    norm in float32 and float64, their product).
+    """
+    if not tensors:
+        return 0
+    n, (_, _, first) = len(tensors), tensors[0]
+    f32, f64 = torch.float32, torch.float64
+    by_device: dict[torch.device, list[tuple[int, torch.dtype]]] = {}
+    for numel, dtype, device in tensors:
+        by_device.setdefault(device, []).append((numel, dtype))
+    w = max(4 * (1 + any(d is f64 for _, d in ts)) * len(ts) * -(-max(m for m, _ in ts) // _FOREACH_NORM_CHUNK)
+            if dev.type != "cpu" else 0 for dev, ts in by_device.items())
+    if all(dtype is f32 and device == first for _, dtype, device in tensors):
+        fast = max(4 * n + w, 8 * n)
+    else:
+        copied = [dtype for _, dtype, device in tensors if dtype is not f32 or device != first]
+        fast = sum(d.itemsize for d in copied) + max(8 * n, 4 * n + w + 4 * bool(copied))
+    recheck = max((4 * min(numel, NORM_PIECE) + 32 for numel, dtype, _ in tensors if _narrow(dtype)), default=0)
+    return max(fast, recheck)
 
 
 # integers up to these are exact in the dtype: t + 1 computed in Python is the in-place add's result
@@ -571,6 +655,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
         no such buffer) and meta-device parameters (the estimator's, whose device is not known) do not
         count it.
 
+        The non-finite check runs first, alone (:meth:`_check_bytes`: :func:`_all_finite_bytes` of the
+        gradients, the multi-tensor norms and their stack, 8 bytes per float32 gradient on the CPU); the
+        largest of it and the rest is reported. Torch's fused AdamW kernel's step count, a 0-d tensor per
+        device cached from one step to the next (:meth:`_fused_step_bytes`), is alive in every phase, and
+        the step's new one beside it while the buckets run.
+
         Works on meta-device parameters after :meth:`materialize_state` (as :meth:`state_bytes`):
         the memory estimator adds it to the state for the peak of a training step.
 
@@ -680,7 +770,32 @@ class LowMemOptimizer(torch.optim.Optimizer):
                            sum(s.transform_many_transient_bytes(n, bucket_groups[k]) for s in self.recipe.stabilizers)
                            if k in many else 0) for k, n in buckets.items()),
                       default=moment.foreach_transient_bytes(0))
-        return kept + max(worst, foreach)
+        # torch's fused AdamW kernel reads the step count from a float32 0-d tensor per device, cached from one
+        # step to the next (functional.adam._step_tensor): alive in every phase, and a new one beside it once a step
+        steps = self._fused_step_bytes()
+        return kept + steps + max(max(worst, foreach) + steps, self._check_bytes() if not per_parameter else 0)
+
+    def _fused_step_bytes(self) -> int:
+        """4 bytes per device whose parameters the moment rule may step with torch's fused AdamW kernel
+        (its ``foreach_counts_outside``; full-rank, a float ``lr``, a device of
+        :func:`~lowmem.optim.functional.adam.fused_device`, not meta): the kernel's step-count tensor
+        (:func:`~lowmem.optim.functional.adam._step_tensor`)."""
+        if not getattr(self.recipe.moment, "foreach_counts_outside", False):
+            return 0
+        devices = {local(key).device for group in self.param_groups if not isinstance(group.get("lr"), Tensor)
+                   for key in group["params"] if not self._is_projected(key, group)}
+        return 4 * sum(d.type != "meta" and _FA.fused_device(d) for d in devices)
+
+    def _check_bytes(self) -> int:
+        """What :meth:`step`'s non-finite check allocates (:func:`_all_finite_bytes`), before any other
+        phase of the step: every parameter's (local) gradient, assumed in the parameter's dtype; 0 with
+        ``skip_nonfinite`` off. The projected gradients it may read instead (:meth:`_checked_lows`:
+        float32, never of a float64 parameter, fewer elements) cost no more per tensor; they are held
+        within :meth:`_hold_budget`, which this term is part of (held + check <= the bound)."""
+        if not self.skip_nonfinite:
+            return 0
+        return _all_finite_bytes([(p.numel(), p.dtype, p.device)
+                                  for group in self.param_groups for p in map(local, group["params"])])
 
     @staticmethod
     def _mkl_keeps_packs(p: Tensor) -> bool:
