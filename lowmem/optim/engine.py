@@ -56,7 +56,6 @@ CPU, 2^24 elsewhere, where smaller chunks make the step launch-bound).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple
@@ -64,6 +63,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 from torch import Tensor
 
+from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
@@ -543,10 +543,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # said once per parameter, here (_is_projected is asked at every step, state_dict() and estimate)
         for p in group["params"]:
             if self._full_rank_by_rank(p, group):
-                warnings.warn(
+                warn_user(
                     f"{self.recipe.name}: rank {group['rank']} >= smaller side of a {tuple(p.shape)} parameter;"
-                    " training it full-rank instead",
-                    stacklevel=3,
+                    " training it full-rank instead"
                 )
 
     def _forget_routes(self) -> None:
@@ -1021,11 +1020,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         lows = self._checked_lows(work, tokens) if self.skip_nonfinite else {}
         if self.skip_nonfinite and not self._all_finite(work, lows):
             self.skipped_steps += 1
-            warnings.warn(
+            warn_user(
                 f"{self.recipe.name}: non-finite gradient (or a gradient norm >= {MAX_GRAD_NORM:.3g}, whose square"
                 " overflows float32); step skipped, optimizer state unchanged "
-                f"({self.skipped_steps} skipped so far)",
-                stacklevel=2,
+                f"({self.skipped_steps} skipped so far)"
             )
             return loss
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}

@@ -34,13 +34,13 @@ Trainer's built-in layerwise GaLore, :class:`LayerwiseOptimizer` supports
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._warn import warn_user
 from .engine import LowMemOptimizer
 from .functional.norms import float_norm
 from .registry import create_optimizer
@@ -208,14 +208,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not bool(torch.isfinite(norm_sq)):
             self._nonfinite = True
             self.inner.skipped_steps += 1
-            warnings.warn(
+            warn_user(
                 f"layerwise: non-finite gradient (or one whose squared norm overflows float32) for a"
                 f" {tuple(p.shape)} parameter; it and every parameter whose"
                 f" gradient comes later in this step are not stepped, but {len(self._handled) - 1} parameter(s)"
                 " already stepped in this step from finite gradients (parameters are stepped as gradients"
                 " arrive; this cannot be undone; the plain optimizer skips whole steps)"
-                f" ({self.inner.skipped_steps} steps cut short so far)",
-                stacklevel=2,
+                f" ({self.inner.skipped_steps} steps cut short so far)"
             )
             return
         self._sq_norm_sum = norm_sq if self._sq_norm_sum is None else self._sq_norm_sum + norm_sq

@@ -24,12 +24,12 @@ Concrete parts (the math is in :mod:`lowmem.optim.functional` ``galore``, ``fira
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .._warn import warn_user
 from .functional import frugal as FR
 from .functional import galore as GL
 from .functional import fira as FI
@@ -281,10 +281,9 @@ class SubspaceProjection(Projection):
     def refresh(self, g, state, group):
         method = self.method(group)
         if method in DATA_DEPENDENT and not _usable(g):
-            warnings.warn(
+            warn_user(
                 f"projection refresh skipped: the gradient of a {tuple(g.shape)} parameter is zero or not finite;"
-                " keeping the previous subspace",
-                stacklevel=4,
+                " keeping the previous subspace"
             )
             return False
         seed, _, refreshes = _meta(state)[:3]
@@ -301,7 +300,7 @@ class SubspaceProjection(Projection):
                 idx = FR.block_indices(size, k, refreshes) if method == "blocks" else FR.random_indices(size, k, gen)
                 state["proj_index"].copy_(idx)
         except RuntimeError as err:  # torch.linalg.LinAlgError (SVD did not converge) and friends
-            warnings.warn(f"projection refresh failed ({err}); keeping the previous subspace", stacklevel=4)
+            warn_user(f"projection refresh failed ({err}); keeping the previous subspace")
             return False
         state["proj_meta"][2] += 1
         if method == "online_pca":
