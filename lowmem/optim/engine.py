@@ -1528,7 +1528,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if reduce is not None and r.moment.sharded_stats
                 else r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized))
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
-        wd = group.get("weight_decay", 0.0)  # a recipe without the hyperparameter does not decay
+        wd = r.moment.weight_decay_for(group, state)  # (the group's weight_decay; 0 for a recipe without it)
         for start, stop in bounds:
             view = r.moment.chunk_state(state, start, stop, p.shape, group, mctx)
             d = r.moment.direction(stabilized(start, stop, view), view, group, t, lr)
@@ -1664,7 +1664,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         lr = r.lr_rule(group, state, p32, t)
         d = r.moment.direction(g, state, group, t, lr)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
-        self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
+        self._apply(p32, d, lr, lr_scale, r.moment.weight_decay_for(group, state))
         if p32 is not p:
             p.copy_(p32)
 
