@@ -1144,7 +1144,32 @@ def _train(trainer: Any, recipe: TrainRecipe) -> Any:
     """``trainer.train`` from the recipe's checkpoint. The evaluation before training runs inside it
     (``eval_on_start``, set by the caller): a ``trainer.evaluate()`` before ``train()`` makes
     transformers (5.x) skip the DDP wrapping under several processes, which then train apart."""
+    check_eval_batches(trainer)
     return trainer.train(resume_from_checkpoint=resolve_checkpoint(recipe))
+
+
+def check_eval_batches(trainer: Any) -> None:
+    """With ``dataloader_drop_last: true`` an eval set of fewer rows (after TRL's packing) than one eval
+    batch (``per_device_eval_batch_size`` x processes; lowmem's default 64 for SFT and DPO) gives no
+    batch at all: the evaluation returns no loss, and the run failed after training with
+    ``KeyError: 'eval_loss'`` before saving the model. Checked once the trainer holds its processed
+    eval set, before training (GRPO/GVPO/BNPO batch completions of repeated prompts: not checked).
+
+    Raises:
+        ConfigError: Naming both fields, the row count and the fixes.
+    """
+    args, evals = trainer.args, getattr(trainer, "eval_dataset", None)
+    if evals is None or not args.dataloader_drop_last or hasattr(args, "num_generations") or isinstance(evals, dict):
+        return
+    per_batch = args.per_device_eval_batch_size * max(1, args.world_size)
+    packed = getattr(args, "packing", False) and getattr(args, "eval_packing", None) is not False  # TRL's rule
+    if len(evals) < per_batch:
+        raise ConfigError(f"dataloader_drop_last=true drops every eval batch: the eval set has {len(evals)} rows"
+                          + (" after packing" if packed else "")
+                          + f" and one eval batch is {per_batch} (per_device_eval_batch_size={args.per_device_eval_batch_size}"
+                          + (f" x {args.world_size} processes" if args.world_size > 1 else "")
+                          + f"): set per_device_eval_batch_size <= {len(evals) // max(1, args.world_size)}, "
+                          "or dataloader_drop_last: false")
 
 
 def _first_eval(trainer: Any) -> dict[str, Any]:

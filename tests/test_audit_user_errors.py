@@ -115,3 +115,25 @@ def test_budget_takes_lowmem_train_s_optimizer_flag_and_names(capsys):
     assert estimate("--optim", "adamw_torch_4bit") == estimate("--optimizer", "adamw4bit")
     assert estimate("--optim", "galore_adamw_layerwise", "--optim-args", "rank=4") == \
         estimate("--optimizer", "galore_adamw", "--layerwise", "--optim-args", "rank=4")
+
+
+@pytest.mark.parametrize("trainer", ["sft", "dpo"])
+def test_drop_last_eval_set_smaller_than_a_batch_fails_before_training(trainer, tiny_model_path, tmp_path, capsys):
+    """An HF config's `dataloader_drop_last: true` with an eval set smaller than one eval batch (lowmem's
+    per_device_eval_batch_size 64, or the config's): every eval batch was dropped, the run trained and then
+    crashed with `KeyError: 'eval_loss'` (exit 1) before saving the model."""
+    import json
+
+    rows = tmp_path / "rows.jsonl"
+    row = {"text": "1+1=2"} if trainer == "sft" else {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    rows.write_text(json.dumps(row) + "\n" + "".join(json.dumps(row) + "\n" for _ in range(9)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"trainer: {trainer}\nmodel: {tiny_model_path}\ndataset: rows.jsonl\nmax_steps: 1\n"
+                      f"per_device_train_batch_size: 2\ndataloader_drop_last: true\nmax_length: 32\n"
+                      + ("eval_split: 0.3\n" if trainer == "sft" else ""))
+    code, err = _run(["train", str(recipe), "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2, err
+    n = 3 if trainer == "sft" else 10
+    assert (f"dataloader_drop_last=true drops every eval batch: the eval set has {n} rows and one eval batch is 64 "
+            f"(per_device_eval_batch_size=64): set per_device_eval_batch_size <= {n}, or dataloader_drop_last: false") in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
