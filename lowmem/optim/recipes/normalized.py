@@ -18,9 +18,14 @@ it, everything else in groups without it (AdamW moments). A flat parameter list 
 group: its 2-D parameters are normalized, the others get AdamW.
 
 Every rule returns the lr-scaled step (``applies_lr``): the shape-based learning-rate factors
-(Muon's ``adjust_lr_fn``, SinkGD's ``scale``, ``adamw_lr_ratio``) multiply the step, while
-decoupled weight decay is ``lr * weight_decay`` with the group's ``lr`` for every parameter (as in
-``torch.optim.Muon``).
+(Muon's ``adjust_lr_fn``, SinkGD's ``scale``) multiply the step, while decoupled weight decay is
+``lr * weight_decay`` with the group's ``lr`` on the normalized weights (as in ``torch.optim.Muon``).
+The AdamW parameters step and decay with their own learning rate, ``lr * adamw_lr_ratio``
+(:meth:`HybridMoments.weight_decay_for`: ``p *= 1 - lr * adamw_lr_ratio * weight_decay``), as the
+authors' code does: SCALE's (OptimAI-Lab/Minimalist_LLM_Pretraining, ``mem_eff_pt/pt_scale/scale_optimizer.py``
+at f5bd4e7, lines 136-139 and 167: ``lr = (adam_lr / max_lr) * lr; p.data.mul_(1 - lr * weight_decay)``) and
+Keller Jordan's ``MuonWithAuxAdam`` (KellerJordan/Muon ``muon.py`` at 857d1ad, lines 222-223: an Adam
+group decays with its own ``lr``).
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ class HybridMoments(MomentRule):
 
     Subclasses say which parameters they target (:meth:`targets`, from the group and the shape)
     and implement the ``target_*`` methods; everything else is delegated to :class:`AdamMoments`,
-    whose step is scaled by ``lr``, times the group's ``adamw_lr_ratio`` for recipes that have it
-    (``lr_ratio_key``).
+    whose step and decoupled weight decay are scaled by ``lr``, times the group's ``adamw_lr_ratio`` for
+    recipes that have it (``lr_ratio_key``; :meth:`weight_decay_for`).
     Which rule a parameter's state belongs to is read back from its state (``exp_avg`` present:
     AdamW), so a chunk's view and a loaded checkpoint dispatch the same way.
     """
@@ -117,9 +122,20 @@ class HybridMoments(MomentRule):
         if isinstance(state, ChunkState) and state.extra.get("sharded_step") is not None:
             return state.extra["sharded_step"].reshape(-1)[state.start : state.stop].clone()
         if self._is_adam(state):
-            ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
-            return self.adam.direction(g, state, group, t, lr).mul_(lr * ratio)
+            return self.adam.direction(g, state, group, t, lr).mul_(lr * self._adam_ratio(group))
         return self.target_direction(g, state, group, t, lr)
+
+    def _adam_ratio(self, group: dict[str, Any]) -> float:
+        """The AdamW parameters' learning rate over the group's: ``adamw_lr_ratio`` (1 without it)."""
+        return group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
+
+    def weight_decay_for(self, group, state):
+        """The decoupled weight decay coefficient the engine multiplies by the group's ``lr``: the
+        AdamW parameters (``exp_avg`` in the state) decay with their own step size,
+        ``lr * adamw_lr_ratio * weight_decay`` (the authors' AdamW learning rate, module docstring);
+        the targets with ``lr * weight_decay``."""
+        wd = group.get("weight_decay", 0.0)
+        return wd * self._adam_ratio(group) if self._is_adam(state) else wd
 
     def supports_foreach_for(self, shape, group, state):
         """The AdamW parameters (state with ``exp_avg``, or before the first step: not targeted) take
@@ -177,17 +193,16 @@ class HybridMoments(MomentRule):
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """A bucket's whole step: the AdamW parameters first, with the same math as :meth:`direction`
-        (this rule's eps placement, a step of ``lr * adamw_lr_ratio``) and the engine's decoupled
-        decay with the group's ``lr``, one kernel per operation; then the targets
-        (:meth:`target_foreach_step_`)."""
+        and :meth:`weight_decay_for` (this rule's eps placement; a step and a decoupled decay of
+        ``lr * adamw_lr_ratio``), one kernel per operation (torch's fused kernel where it fits); then
+        the targets (:meth:`target_foreach_step_`)."""
         adam = [i for i, s in enumerate(states) if self._is_adam(s)]
         if adam:
             beta1, beta2 = group["betas"]
-            ratio = group[self.lr_ratio_key] if self.lr_ratio_key is not None else 1.0
             F.adamw_foreach_(
                 [params[i] for i in adam], [grads[i] for i in adam], [states[i]["exp_avg"] for i in adam],
-                [states[i]["exp_avg_sq"] for i in adam], t, beta1, beta2, lr, group.get("weight_decay", 0.0),
-                group["eps"], eps_placement=self.adam.eps_placement, step_lr=lr * ratio,
+                [states[i]["exp_avg_sq"] for i in adam], t, beta1, beta2, lr * self._adam_ratio(group),
+                group.get("weight_decay", 0.0), group["eps"], eps_placement=self.adam.eps_placement,
             )
         if len(adam) < len(states):
             rest = [i for i, s in enumerate(states) if not self._is_adam(s)]
@@ -401,7 +416,8 @@ MUON_HPARAMS = (
            "shape-based step factor: 0.2 sqrt(max(A, B)) (match_rms_adamw, reuses AdamW's lr) or sqrt(max(1, A/B)) (original)"),
     BETAS((0.9, 0.95)),
     EPS(1e-8),
-    HParam("adamw_lr_ratio", 1.0, nonneg, "a finite float >= 0", "AdamW parameters step with lr * adamw_lr_ratio"),
+    HParam("adamw_lr_ratio", 1.0, nonneg, "a finite float >= 0",
+           "AdamW parameters step and decay with lr * adamw_lr_ratio (MuonWithAuxAdam's Adam-group lr / lr)"),
 )
 USE_MUON = HParam("use_muon", True, is_bool, "a bool",
                   "the group's 2-D parameters take Muon (the others in it, and groups without the key, take AdamW)")
@@ -425,7 +441,8 @@ class Muon(LowMemOptimizer):
     orthogonalised by ``ns_steps`` quintic Newton-Schulz iterations in bfloat16, decoupled weight
     decay ``lr * weight_decay``, then a step of ``lr * ratio`` with the shape-based ``ratio`` of
     ``adjust_lr_fn``. Other parameters (and groups without ``use_muon``) are stepped by AdamW
-    (``torch.optim.AdamW``'s update, with ``betas`` / ``eps`` and ``lr * adamw_lr_ratio``).
+    (``torch.optim.AdamW``'s update, with ``betas`` / ``eps`` and ``lr * adamw_lr_ratio``, its decay
+    ``lr * adamw_lr_ratio * weight_decay`` as in Keller Jordan's ``MuonWithAuxAdam``).
     State: 4 bytes/param on Muon weights (the momentum buffer, float32), 8 on AdamW ones.
 
     Unlike ``torch.optim.Muon``: the default ``adjust_lr_fn`` is ``"match_rms_adamw"`` (an AdamW
@@ -436,7 +453,8 @@ class Muon(LowMemOptimizer):
         params: Parameters or parameter groups (``create_optimizer(model, "muon")`` builds them). A flat
             list is one group with ``use_muon=True`` (its 2-D parameters take Muon, as in ``torch.optim.Muon``).
         lr (`float`, defaults to `1e-3`): Learning rate.
-        weight_decay (`float`, defaults to `0.1`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``.
+        weight_decay (`float`, defaults to `0.1`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``
+            (AdamW parameters: ``p *= 1 - lr * adamw_lr_ratio * weight_decay``).
         momentum (`float`, defaults to `0.95`): Momentum ``mu``, in [0, 1).
         nesterov (`bool`, defaults to `True`): Orthogonalise the Nesterov matrix ``g + mu (B - g)``.
         ns_coefficients (`tuple[float, float, float]`, defaults to `(3.4445, -4.7750, 2.0315)`): The quintic's coefficients.
@@ -446,7 +464,7 @@ class Muon(LowMemOptimizer):
             for AdamW-tuned learning rates) or ``"original"`` (``sqrt(max(1, A / B))``, Keller Jordan's, with lr ~0.02).
         betas (`tuple[float, float]`, defaults to `(0.9, 0.95)`): AdamW's moment decay rates.
         eps (`float`, defaults to `1e-8`): AdamW's ``eps``.
-        adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
+        adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step and decay with ``lr * adamw_lr_ratio``.
         state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
         foreach (`bool` or `None`, defaults to `None`): ``False`` steps every parameter one at a time
             instead of in multi-tensor buckets (float32 weights of one shape stacked, bit for bit the same).
@@ -729,7 +747,7 @@ SCALE_HPARAMS = (
     BETAS(),
     EPS(1e-8),
     HParam("adamw_lr_ratio", 1.0, nonneg, "a finite float >= 0",
-           "AdamW parameters step with lr * adamw_lr_ratio (the authors' adam_lr / lr)"),
+           "AdamW parameters step and decay with lr * adamw_lr_ratio (the authors' adam_lr / lr)"),
 )
 SCALE_ROLE = HParam("scale_role", "hidden", one_of(*SCALE_ROLES), f"one of {list(SCALE_ROLES)}",
                     "what the group's matrices are: 'hidden' (column-normalised SGD), 'head' (with momentum),"
@@ -752,18 +770,21 @@ class Scale(LowMemOptimizer):
     ``create_optimizer(model, "scale")`` gives the hidden linear weights ``scale_role="hidden"``
     (no state), the output head ``"head"`` (a momentum buffer, 4 bytes/param) and the input
     embedding ``"embedding"`` (no state), as the authors' code does; vectors (norms, biases) take
-    AdamW. Each output unit's weights are divided by their RMS (floored at 1e-8) and stepped with
-    ``lr``; decoupled weight decay ``p *= 1 - lr * weight_decay``.
+    AdamW with ``lr * adamw_lr_ratio``. Each output unit's weights are divided by their RMS (floored at
+    1e-8) and stepped with ``lr``; decoupled weight decay ``p *= 1 - lr * weight_decay`` (the AdamW
+    parameters': ``p *= 1 - lr * adamw_lr_ratio * weight_decay``, as the authors' code).
 
     Args:
         params: Parameters or parameter groups (groups carry ``scale_role``). A flat list is one group
             with ``scale_role="hidden"``.
         lr (`float`, defaults to `1e-3`): Learning rate.
-        weight_decay (`float`, defaults to `0.0`): Decoupled weight decay.
+        weight_decay (`float`, defaults to `0.0`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``
+            (AdamW parameters: ``p *= 1 - lr * adamw_lr_ratio * weight_decay``).
         momentum (`float`, defaults to `0.9`): The output layer's EMA ``beta``.
         betas (`tuple[float, float]`, defaults to `(0.9, 0.999)`): AdamW's moment decay rates.
         eps (`float`, defaults to `1e-8`): AdamW's ``eps`` (on the uncorrected ``sqrt(v)``, as the authors').
-        adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step with ``lr * adamw_lr_ratio``.
+        adamw_lr_ratio (`float`, defaults to `1.0`): AdamW parameters step and decay with
+            ``lr * adamw_lr_ratio`` (the authors' ``adam_lr / lr``).
         state_dtype (`str`, defaults to `"float32"`): Storage of the momentum buffer and moments.
         foreach (`bool` or `None`, defaults to `None`): ``False`` steps every parameter one at a time
             instead of in multi-tensor buckets (float32 weights of one shape stacked, bit for bit the same).

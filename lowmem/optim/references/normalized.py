@@ -15,7 +15,8 @@ from . import Reference, register_reference
 def _adamw(p: Tensor, grads: list[Tensor], lr: float, b1: float, b2: float, eps: float, decay: float,
            eps_on_raw_v: bool = False) -> list[Tensor]:
     """AdamW (Loshchilov & Hutter 2019, Algorithm 2) for the parameters the hybrids do not target:
-    ``p <- p (1 - decay)`` (``decay`` = the group's ``lr * weight_decay``), then the Adam step with ``lr``.
+    ``p <- p (1 - decay)`` (``decay``: the AdamW learning rate times ``weight_decay``), then the Adam
+    step with ``lr`` (the AdamW learning rate).
     ``eps_on_raw_v``: ``eps`` added to the uncorrected ``sqrt(v)`` (SCALE's authors' code)."""
     m, v, out = torch.zeros_like(p), torch.zeros_like(p), []
     for t, g in enumerate(grads, start=1):
@@ -60,10 +61,13 @@ def muon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay:
         O = NewtonSchulz5(U) (bfloat16) ;  p <- p (1 - lr wd) ;  p <- p - lr s(A, B) O
 
     with ``s = sqrt(max(1, A/B))`` ("original") or ``0.2 sqrt(max(A, B))`` ("match_rms_adamw",
-    Liu et al. 2025); AdamW with ``lr * adamw_lr_ratio`` otherwise.
+    Liu et al. 2025); AdamW otherwise, as an Adam group of Keller Jordan's ``MuonWithAuxAdam`` with
+    ``lr * adamw_lr_ratio`` as its own ``lr``: step and decay ``p <- p (1 - adam_lr wd)`` with it
+    (KellerJordan/Muon ``muon.py`` lines 222-223).
     """
     if not (use_muon and p.dim() == 2):
-        return _adamw(p, grads, lr * adamw_lr_ratio, betas[0], betas[1], eps, lr * weight_decay)
+        adam_lr = lr * adamw_lr_ratio
+        return _adamw(p, grads, adam_lr, betas[0], betas[1], eps, adam_lr * weight_decay)
     rows, cols = p.shape
     s = math.sqrt(max(1.0, rows / cols)) if adjust_lr_fn == "original" else 0.2 * math.sqrt(max(rows, cols))
     buf, out = torch.zeros_like(p), []
@@ -134,10 +138,13 @@ def scale(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay
 
     ``C`` divides each output unit's weights by their RMS (floored at 1e-8, the authors' code): the
     rows of an ``[out, in]`` weight, the columns of an ``[vocab, d]`` embedding. Vectors take AdamW
-    with ``eps`` on the uncorrected ``sqrt(v)`` and ``lr * adamw_lr_ratio`` (the authors' ``adam_lr``).
+    with ``eps`` on the uncorrected ``sqrt(v)``, stepped and decayed with the authors' AdamW learning
+    rate ``(adam_lr / max_lr) lr`` = ``lr * adamw_lr_ratio`` =: ``adam_lr``: ``p <- p (1 - adam_lr wd)``
+    (OptimAI-Lab/Minimalist_LLM_Pretraining ``mem_eff_pt/pt_scale/scale_optimizer.py``, lines 136-139, 167).
     """
     if scale_role is None or p.dim() < 2:
-        return _adamw(p, grads, lr * adamw_lr_ratio, betas[0], betas[1], eps, lr * weight_decay, eps_on_raw_v=True)
+        adam_lr = lr * adamw_lr_ratio
+        return _adamw(p, grads, adam_lr, betas[0], betas[1], eps, adam_lr * weight_decay, eps_on_raw_v=True)
     dim = 0 if scale_role == "embedding" else 1
     buf, out = torch.zeros_like(p), []
     for g in grads:
@@ -156,4 +163,6 @@ register_reference("scale", Reference(scale, configs=(
     {"scale_role": "head", "lr": 2e-2, "momentum": 0.8, "weight_decay": 0.1},
     # a large eps: the vector's AdamW step shows where eps enters (the authors' uncorrected sqrt(v))
     {"scale_role": "embedding", "lr": 1e-2, "betas": (0.8, 0.95), "eps": 0.1, "adamw_lr_ratio": 0.5, "weight_decay": 0.05},
+    # adam_lr != lr with weight decay: the vector decays with adam_lr (the authors'), not lr
+    {"scale_role": "hidden", "lr": 2e-2, "adamw_lr_ratio": 3.0, "weight_decay": 0.2},
 )))
