@@ -364,14 +364,15 @@ class _Route:
     ``state`` (the very state dict) and ``key`` (the parameter's and gradient's dtype, shape and
     contiguity, whether the state exists) are unchanged; with the state's step counter and its NumPy
     view (:func:`_step_view`), the flat pieces, the device and that device's chunk
-    (:meth:`LowMemOptimizer._chunk`) of a parameter on the foreach path."""
+    (:meth:`LowMemOptimizer._chunk`) of a parameter on the foreach path, and the class of buckets it
+    fills (:meth:`~lowmem.optim.moments.MomentRule.foreach_bucket_class`)."""
 
-    __slots__ = ("p", "token", "state", "key", "path", "step", "step_view", "pieces", "device", "chunk", "fused")
+    __slots__ = ("p", "token", "state", "key", "path", "step", "step_view", "pieces", "device", "chunk", "fused", "cls")
 
     def __init__(self, p: Tensor, token: object, state: dict, key: tuple, path: str, pieces: Any, device: Any,
-                 chunk: int | None = None, fused: bool = False) -> None:
+                 chunk: int | None = None, fused: bool = False, cls: Any = None) -> None:
         self.p, self.token, self.state, self.key, self.path = p, token, state, key, path
-        self.pieces, self.device, self.chunk, self.fused = pieces, device, chunk, fused
+        self.pieces, self.device, self.chunk, self.fused, self.cls = pieces, device, chunk, fused, cls
         self.step = self.step_view = None
 
 
@@ -739,9 +740,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         # (a rule that never does, pieces_elementwise: AdamW, not counted)
                         worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
                         whole = self.recipe.moment.steps_pieces_whole(p.shape, group, state)
+                    cls = self.recipe.moment.foreach_bucket_class(p.shape, group, state)
                     for start, stop in self._foreach_pieces(p):
-                        # (the pieces still fill the buckets as step() fills them)
-                        key = self._bucket_key(sizes, (id(group), p.device), stop - start, self._chunk(p.device))
+                        # (the pieces still fill the buckets as step() fills them, by class)
+                        key = self._bucket_key(sizes, (id(group), p.device, cls), stop - start, self._chunk(p.device))
                         buckets[key] = buckets.get(key, 0) + (0 if whole else stop - start)
                         bucket_groups[key] = group
                         if not whole:
@@ -1059,20 +1061,21 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     t = self._advance_counter(state, route)
                 if route is None:
                     pieces, device, chunk = self._foreach_pieces(p), p.device, self._chunk(p.device)
+                    cls = self.recipe.moment.foreach_bucket_class(p.shape, group, state)
                 else:
-                    pieces, device, chunk = route.pieces, route.device, route.chunk
+                    pieces, device, chunk, cls = route.pieces, route.device, route.chunk, route.cls
                     if route.fused:  # whole, in its group's uncapped bucket of the fused kernel (_fused_whole)
                         buckets.setdefault((id(group), t, device, 1, -1), (group, []))[1].append((p, grad, state))
                         continue
                 if not self.recipe.stabilizers and len(pieces) == 1:  # the common case: a whole tensor, one piece
-                    bkey = self._bucket_key(sizes, (id(group), t, device, 1, False), pieces[0][1], chunk)  # (lr scale 1)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, 1, False, cls), pieces[0][1], chunk)  # (lr scale 1)
                     buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
                     continue
                 if len(pieces) == 1 and self._stabilizes_many(device):
                     # a whole tensor stabilized with the rest of its bucket (_step_bucket: the
                     # stabilizers' transform_many, per-tensor statistics of all of them at once)
                     lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
-                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale, True), pieces[0][1], chunk)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale, True, cls), pieces[0][1], chunk)
                     if buckets and bkey not in buckets:  # (one bucket of stabilized gradients alive at a time)
                         self._step_bucket(*buckets.popitem())
                     buckets.setdefault(bkey, (group, []))[1].append((p, grad, state))
@@ -1080,7 +1083,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 stabilize = self._foreach_stabilizers(grad, group, state, t, pieces) if self.recipe.stabilizers else None
                 lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in self.recipe.stabilizers)
                 for start, stop in pieces:  # a large tensor joins the buckets chunk by chunk
-                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale, False), stop - start, chunk)
+                    bkey = self._bucket_key(sizes, (id(group), t, device, lr_scale, False, cls), stop - start, chunk)
                     if stabilize is not None and buckets and bkey not in buckets:
                         # stabilized gradients are new tensors: one bucket of them alive at a time
                         self._step_bucket(*buckets.popitem())
@@ -1107,7 +1110,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
         """The moment rule's multi-tensor step of one bucket ``(group, pieces)`` (its key: group, step,
         device, stabilizers' lr scale, then ``True`` when its gradients are still to be stabilized together
-        (:meth:`_stabilizes_many`; ``False`` or absent otherwise), index)."""
+        (:meth:`_stabilizes_many`; ``False`` or absent otherwise), the bucket class
+        (:meth:`~lowmem.optim.moments.MomentRule.foreach_bucket_class`; absent for a fused bucket), index)."""
         _, t, _, lr_scale = key[:4]
         many = key[4] is True
         group, pieces = bucket
@@ -1209,8 +1213,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         path = ("low" if self._projected_foreach_ok(p, group, grad, state)
                 else "foreach" if self._foreach_ok(p, group, grad, state) else "alone")
         fused = path == "foreach" and self._fused_whole(p, group, state, grad)
+        cls = self.recipe.moment.foreach_bucket_class(p.shape, group, state) if path == "foreach" else None
         route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device,
-                       self._chunk(p.device), fused)
+                       self._chunk(p.device), fused, cls)
         if token is not None:
             routes[id(p)] = route
         return route
