@@ -920,11 +920,12 @@ class StateFreeResidual(ResidualRule):
 
     def update(self, g, low, d_low, state, group, projection):
         residual = g - projection.up(low, state, group)
-        return FR.state_free_direction(residual, group["free_rule"]).mul_(group["free_lr_scale"])
+        return FR.scaled_state_free_direction(residual, group["free_rule"], group["free_lr_scale"])
 
     def update_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
-        residual = projection.up_rows(low, state, group, start, stop).neg_().add_(g_rows)
-        return FR.state_free_direction(residual, group["free_rule"]).mul_(group["free_lr_scale"])
+        up = projection.up_rows(low, state, group, start, stop)
+        residual = torch.sub(g_rows, up, out=up)  # (in place: one kernel, the bits of g - up)
+        return FR.scaled_state_free_direction(residual, group["free_rule"], group["free_lr_scale"])
 
     def transient_bytes(self, shape, group, state, projection, rows):
         """The subspace part of the rows, the residual and its sign: 3 float32 row blocks."""

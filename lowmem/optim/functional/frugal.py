@@ -21,6 +21,14 @@ def state_free_direction(residual: Tensor, rule: str) -> Tensor:
     raise ValueError(f"state-free rule must be 'signsgd' or 'sgd', got {rule!r}")
 
 
+def scaled_state_free_direction(residual: Tensor, rule: str, scale: float) -> Tensor:
+    """:func:`state_free_direction` times ``scale`` (the state-free part's ``free_lr_scale``, Algorithm 1's
+    learning rate of that part over the subspace's), in place on the new direction; not multiplied when
+    ``scale`` is 1 (``x * 1`` is ``x``: the same bits, one kernel fewer)."""
+    d = state_free_direction(residual, rule)
+    return d if scale == 1.0 else d.mul_(scale)
+
+
 def random_indices(size: int, k: int, generator: torch.Generator) -> Tensor:
     """``k`` distinct indices of ``range(size)`` uniformly at random (RandK), sorted."""
     return torch.randperm(size, generator=generator)[:k].sort().values
