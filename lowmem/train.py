@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import nn
 
-from .config import RANGES, ConfigError, check_dataclass, check_value, field_types
+from .config import RANGES, ConfigError, Range, check_dataclass, check_value, field_types
 from .io import write_text_atomic
 from .optim import create_optimizer, get_entry
 
@@ -576,7 +576,17 @@ def lora_config(fields: dict[str, Any]):
                                                      else difflib.get_close_matches(k, valid, n=2))})
         raise ValueError(f"Unknown lora field(s) {unknown}" + (f"; did you mean {close}?" if close else "")
                          + f"; valid: {valid}")
+    # peft checks r only when the adapters are attached, after the model loaded, in words without the field's
+    # name ("`r` should be a positive integer value but the value passed is 0"); lora_alpha and lora_dropout not at all
+    fields = dict(fields)
+    for name, tp, rng in _LORA_RANGES:
+        if name in fields:
+            fields[name] = check_value(name, fields[name], tp, where="lora.", ranges={name: rng})
     return LoraConfig(**{"task_type": "CAUSAL_LM", **fields})
+
+
+_LORA_RANGES = (("r", int, Range(0, lo_open=True)), ("lora_alpha", int | float, Range(0, lo_open=True)),
+                ("lora_dropout", float, Range(0, 1, hi_open=True)))
 
 
 _LORA_SYNONYMS = {"rank": "r", "lora_rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",

@@ -137,3 +137,21 @@ def test_drop_last_eval_set_smaller_than_a_batch_fails_before_training(trainer, 
     assert (f"dataloader_drop_last=true drops every eval batch: the eval set has {n} rows and one eval batch is 64 "
             f"(per_device_eval_batch_size=64): set per_device_eval_batch_size <= {n}, or dataloader_drop_last: false") in err
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"r": 0}, "lora.r=0: expected an integer > 0"),
+    ({"r": 2.5}, "lora.r=2.5: expected an integer > 0"),
+    ({"r": 8, "lora_alpha": -16}, "lora.lora_alpha=-16: expected an integer or a number > 0"),
+    ({"r": 8, "lora_dropout": 1.5}, r"lora.lora_dropout=1.5: expected a number in \[0, 1\)"),
+])
+def test_lora_values_out_of_range_fail_with_the_recipe(fields, message):
+    """`lora: {r: 0}` passed the recipe check and failed after the model loaded with peft's "`r` should be a
+    positive integer value but the value passed is 0" (no field path); a negative lora_alpha or a dropout of
+    1.5 trained (peft checks neither)."""
+    from lowmem.config import ConfigError
+    from lowmem.train import load_recipe
+
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(None, lora=fields)
+    assert load_recipe(None, lora={"r": "8", "lora_alpha": 16, "lora_dropout": "0.05"}).lora  # strings as numbers
