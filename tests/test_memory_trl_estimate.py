@@ -213,7 +213,7 @@ def test_grpo_generation_peak_against_a_measured_run(tmp_path):
     prompt_len = len(tok(prompts[0]["prompt"])["input_ids"])
     est = mixed_precision_estimate(model.config, "bf16", optimizer="adafactor", batch_size=4, seq_len=prompt_len + 64,
                                    device="cpu", trainer="grpo", gradient_checkpointing=None, max_completion_length=64,
-                                   gradient_accumulation_steps=8)
+                                   generation_batch_size=32)
     assert args.bf16 and est.settings["generation_batch_size"] == 32
     assert 0.95 <= est.total / measured <= 1.05, (est.table(), measured)
 

@@ -141,6 +141,8 @@ def llama_activation_bytes(
         lora = tokens * lora_per_token
     parts = {"layers": layers, "lora": lora, **head, "rope": 2 * tokens * d * e}
     parts["total"] = sum(parts.values())
+    if gradient_checkpointing:  # the two moments of the checkpointed backward (not in the total: it holds the larger)
+        parts["checkpoint_head"], parts["checkpoint_layer"] = sum(head.values()), one_layer
     return parts
 
 
@@ -250,14 +252,18 @@ def traced_activation_bytes(
     head_parts: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Activation bytes of any decoder-only causal LM, from the tensors autograd saves in one forward pass of
-    the meta ``model`` (nothing is allocated): the architecture's own code decides what is saved (attention
+    ``model`` on fake CPU tensors (the meta ``model``'s parameters are made fake CPU ones: nothing is allocated, and
+    attention runs the flash kernel a device runs, not the math path of meta tensors, which saves the ``s x s``
+    scores): the architecture's own code decides what is saved (attention
     variants and their masks, GeLU / GeGLU MLPs, parallel blocks, Conv1D, logit soft-capping, MoE experts).
 
     Each saved tensor's storage is counted once (``torch.autograd.graph.saved_tensors_hooks``; parameters
     excluded) and attributed to the decoder layer that saved it first, or to the rest (embeddings, final norm,
     head, loss). Added to the saved tensors, as in :func:`llama_activation_bytes`: at the start of the backward
     pass the two float32 logit-sized gradients of the loss. With ``gradient_checkpointing`` each layer keeps its
-    input (``e h`` per token) and one layer is recomputed at a time after the head's tensors are freed.
+    input (``e h`` per token) and one layer is recomputed at a time after the head's tensors are freed; the
+    recomputed layer holds its tensors and the gradients its backward forms (traced: :func:`_trace_saved` with
+    ``backward``), and the parts add ``checkpoint_head`` and ``checkpoint_layer``, the two moments (not in the total).
     Mixture-of-experts layers (transformers' fused ``gate_up_proj`` / ``down_proj`` experts) are traced with an
     even routing (:func:`_balanced_experts_forward`).
 
@@ -311,6 +317,8 @@ def traced_activation_bytes(
         layer_part = sum(per_layer)
     parts = {"layers": layer_part, "other": other, "loss_backward": loss_backward}
     parts["total"] = sum(parts.values())
+    if gradient_checkpointing:  # the two moments of the checkpointed backward (not in the total: it holds the larger)
+        parts["checkpoint_head"], parts["checkpoint_layer"] = head, max(backward, default=0)
     return parts
 
 

@@ -1140,7 +1140,14 @@ def estimate_memory(
             # the loss's logit-sized tensors are freed before those gradients exist: the activations' peak is the
             # larger of the loss's moment (all of them) and the last layer's (without those, with the gradients)
             logit_sized = parts["loss_backward"] + (parts["logits"] if "logits" in parts else b * s * config.vocab_size * 4)
-            parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
+            if ckpt and "checkpoint_head" in parts:
+                # checkpointed: the loss's moment (its tensors, no gradient of a layer yet) and the recomputed layer's
+                # (its tensors and gradients, with those gradients); the activations hold the larger of the two
+                # moments' tensors, so the gradients count for what the layer's moment exceeds the loss's by
+                over = max(0, parts["checkpoint_head"] - parts["checkpoint_layer"])
+                parts["gradients_at_peak"] = max(0, early_grads - over)
+            else:
+                parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
             parts["forward_activations"] = parts["total"]  # what is saved before the tied moment (layerwise: its steps)
