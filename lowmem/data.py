@@ -374,7 +374,12 @@ FOREIGN_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
 
 def _format_hint(columns: list[str], trainer: str) -> str:
     """What else the columns fit: another trainer's TRL format (``chosen`` / ``rejected`` under ``sft``:
-    ``trainer: dpo``), or another tool's format (:data:`FOREIGN_FORMATS`); ``""`` when nothing does."""
+    ``trainer: dpo``), or another tool's format (:data:`FOREIGN_FORMATS`); ``""`` when nothing does.
+    A format of the trainer that the columns fill but for some (``prompt`` + ``chosen`` under ``dpo``)
+    names the missing ones first."""
+    missing = _missing_columns(columns, trainer)
+    if missing:
+        return missing
     fits = sorted({t for t, formats in FORMATS.items() if t != trainer
                    and any(set(cols) <= set(columns) for _, cols, _ in formats)})
     if fits and (trainer == "sft" or "sft" not in fits):
@@ -391,6 +396,20 @@ def _format_hint(columns: list[str], trainer: str) -> str:
                 if trainer == "sft" and [m for _, m in pairs] == ["text"] else "")
         return f". Did you mean to name the column(s) {', '.join(f'{c!r} -> {m!r}' for c, m in pairs)}{text}?"
     return ""
+
+
+def _missing_columns(columns: list[str], trainer: str) -> str:
+    """``". Missing column(s) [...] of the ... format"`` when the columns hold part of one of the trainer's
+    formats beyond a lone ``prompt`` (which is a format of its own for GRPO), and no other column looks like a
+    misspelling of a missing one (``promt``: the did-you-mean hint says more); else ``""``."""
+    import difflib
+
+    best = max(FORMATS[trainer], key=lambda f: (len(set(f[1]) & set(columns)), -len(set(f[1]) - set(columns))))
+    present, absent = set(best[1]) & set(columns), [c for c in best[1] if c not in columns]
+    others = [c for c in columns if c not in best[1]]
+    if not present or present == {"prompt"} or any(difflib.get_close_matches(c, absent, n=1, cutoff=0.7) for c in others):
+        return ""
+    return f". Missing column(s) {absent} of the {best[2]} format (found {sorted(present)})"
 
 
 def read_chat_template(chat_template: str) -> str:

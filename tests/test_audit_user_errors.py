@@ -155,3 +155,21 @@ def test_lora_values_out_of_range_fail_with_the_recipe(fields, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe(None, lora=fields)
     assert load_recipe(None, lora={"r": "8", "lora_alpha": 16, "lora_dropout": "0.05"}).lora  # strings as numbers
+
+
+@pytest.mark.parametrize("columns, trainer, hint", [
+    (["prompt", "chosen"], "dpo", r"Missing column\(s\) \['rejected'\] of the 'prompt' \+ 'chosen' \+ 'rejected' .* "
+                                  r"format \(found \['chosen', 'prompt'\]\)$"),
+    (["chosen"], "dpo", r"Missing column\(s\) \['rejected'\] of the 'chosen' \+ 'rejected' with the prompt inside both"),
+    (["completion", "id"], "sft", r"Missing column\(s\) \['prompt'\] of the 'prompt' \+ 'completion'"),
+])
+def test_a_missing_column_is_named(columns, trainer, hint):
+    """DPO pairs without 'rejected' were told 'These columns are the format of trainer: bnpo / grpo / gvpo' (the
+    lone prompt fits GRPO) and never which column was missing."""
+    import datasets
+
+    from lowmem.data import detect_format
+
+    with pytest.raises(ValueError, match=r"fit no .* dataset format; accepted: .*" + hint) as err:
+        detect_format(datasets.Dataset.from_dict({c: ["a"] for c in columns}), trainer, source="d.jsonl")
+    assert "format of trainer" not in str(err.value)
