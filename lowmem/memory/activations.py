@@ -381,6 +381,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     live: dict[Any, int] = {}  # every storage the ops return (backward pass), weakly
     window = [-1]  # the layer whose backward runs
     peaks = [0] * len(layers)
+    by_layer: list[list] = [[] for _ in layers]  # each layer's saved storages
 
     class _Live(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -394,7 +395,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
             if k >= 0:
                 for key in [key for key in live if key.expired()]:
                     del live[key]
-                mine = sum(n for key, (i, n) in owner.items() if i == k and not key.expired())
+                mine = sum(n for key, n in by_layer[k] if not key.expired())
                 unsaved = sum(n for key, n in live.items() if key not in owner)
                 peaks[k] = max(peaks[k], mine + unsaved)
             return out
@@ -430,6 +431,9 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                 loss = model(input_ids=ids, labels=ids).loss
             if backward:  # the embeddings' output is kept here only (a scaled copy enters the layers, e.g. Gemma's)
                 params.add(StorageWeakRef(embedded[0].untyped_storage()))
+                for key, (i, n) in owner.items():
+                    if i >= 0:
+                        by_layer[i].append((key, n))
                 with _Live():
                     torch.autograd.grad(loss, [embedded[0]])
             del loss
