@@ -118,3 +118,29 @@ def test_step_transient_counts_the_check():
         == max(4 * 2 + 4 * 2 * 2, 8 * 2)  # 2 tensors x 2 chunks of 65536 elements of partial sums
     opt.skip_nonfinite = False
     assert opt.step_transient_bytes() == 4 + 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_osd_pre_check_read_with_the_check_stays_within_the_count(dtype):
+    """Online Subspace Descent's pre_check is read with the non-finite check (``_finite_and_pre_check``): what
+    that phase allocates (every dispatched output, 0-d ones too) stays within ``_check_bytes()`` (measured 62 B
+    float32 / 51 B bfloat16 for 4 projected parameters and a vector, counted 80 / 12,384: an upper bound); the
+    norms' stack it keeps through the step (4 bytes per projected parameter) is in every later phase."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 48).to(dtype)) for _ in range(4)] + [torch.nn.Parameter(torch.randn(48).to(dtype))]
+    opt = create_optimizer([{"params": ps[:4], "rank": 8}, {"params": ps[4:]}], "osd_adamw", lr=1e-2)
+    orig, peaks = opt._all_finite, []
+
+    def measured(work, lows=None):
+        with _AllLive() as m:
+            ok = orig(work, lows)
+        peaks.append(m.peak)
+        return ok
+
+    opt._all_finite = measured
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._pre_check_bytes()[0] == 4 * 4
+    assert 0 < max(peaks) <= opt._check_bytes() <= opt.step_transient_bytes(), (peaks, opt._check_bytes())

@@ -157,13 +157,13 @@ def test_galore_fused_combine_back_keeps_unfused_cases(monkeypatch):
 # recipe -> (all reads of a tensor's value by Python, those of tensors that are not CPU bookkeeping)
 # in one step of a 64 x 48 matrix (projected for subspace recipes) and a 48-vector, after two steps.
 # Bookkeeping (state["step"], state["proj_meta"]) is kept on the CPU: reading it never waits for a
-# device; the others do (on CUDA a synchronisation each): the engine's one finite check per step,
-# and Online Subspace Descent's usability check of the gradient before its PCA step.
+# device; the others do (on CUDA a synchronisation each): the engine's one finite check per step
+# (which also reads Online Subspace Descent's usability check of the gradients before their PCA steps).
 HOST_READS = {
     "adafactor": (3, 1), "adamw": (3, 1), "adamw4bit": (3, 1), "adamw4bit_rank1": (3, 1), "adamw8bit": (3, 1),
     "fira_adamw": (5, 1), "fira_adamw8bit": (5, 1), "frugal": (5, 1), "frugal8bit": (5, 1),  # + the CPU moment_start
     "galore_adafactor": (4, 1), "galore_adamw": (4, 1), "galore_adamw8bit": (4, 1), "microadam": (3, 1),
-    "osd_adamw": (7, 2),  # the bucket's basis steps (foreach_post_update) read the CPU PCA-step count twice
+    "osd_adamw": (7, 1),  # the CPU PCA-step count read twice (pre_check, foreach_post_update); usability: the check's read
     "spam": (3, 1), "stable_spam": (3, 1),
     "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1),
     "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step

@@ -438,6 +438,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     recipe: Recipe
     skip_nonfinite: bool = True
+    #: what the projection's ``pre_check`` handed over for the step in progress, its flag read ``True`` with
+    #: the non-finite check (``post_update`` / ``foreach_post_update`` take it as ``checked``); else ``None``
+    _checked: Any = None
     _chunk_numel: int | None | _ByDevice = BY_DEVICE
 
     @property
@@ -774,7 +777,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # torch's fused AdamW kernel reads the step count from a float32 0-d tensor per device, cached from one
         # step to the next (functional.adam._step_tensor): alive in every phase, and a new one beside it once a step
         steps = self._fused_step_bytes()
-        return kept + steps + max(max(worst, foreach) + steps, self._check_bytes() if not per_parameter else 0)
+        held = 0 if per_parameter else self._pre_check_bytes()[0]  # (kept through the step: _finite_and_pre_check)
+        return kept + steps + max(max(worst, foreach) + steps + held, self._check_bytes() if not per_parameter else 0)
 
     def _fused_step_bytes(self) -> int:
         """4 bytes per device whose parameters the moment rule may step with torch's fused AdamW kernel
@@ -795,8 +799,33 @@ class LowMemOptimizer(torch.optim.Optimizer):
         within :meth:`_hold_budget`, which this term is part of (held + check <= the bound)."""
         if not self.skip_nonfinite:
             return 0
-        return _all_finite_bytes([(p.numel(), p.dtype, p.device)
-                                  for group in self.param_groups for p in map(local, group["params"])])
+        specs = [(p.numel(), p.dtype, p.device) for group in self.param_groups for p in map(local, group["params"])]
+        alone = _all_finite_bytes(specs)
+        held, pre = self._pre_check_bytes()
+        if not held:
+            return alone
+        # with a projection's pre_check (_finite_and_pre_check): its own temporaries, then the norms of every
+        # gradient, their float32 stack, its mask and the flags (at most alone + N + 2) next to its kept stack
+        # and flag; when that read fails, _all_finite's alone
+        return max(alone, pre, held + 1 + alone + len(specs) + 2)
+
+    def _pre_check_bytes(self) -> tuple[int, int]:
+        """``(held, peak)`` of the projection's :meth:`~lowmem.optim.subspace.Projection.pre_check` read with the
+        non-finite check (:meth:`_finite_and_pre_check`; Online Subspace Descent's), an upper bound over the
+        projected parameters (not sharded): ``held``, the float32 stack of their norms kept through the step
+        (4 bytes each); ``peak``, its temporaries: their norms, the stack and the flag's reduction (16 bytes
+        each and 16), and, for a gradient not in float32 / float64, one
+        :func:`~lowmem.optim.functional.norms.float_norm` (a float32 block of up to 2^19 elements). ``(0, 0)``
+        without such a projection or with ``skip_nonfinite`` off."""
+        P = self.recipe.projection
+        if P is None or not self.skip_nonfinite or type(P).pre_check is Projection.pre_check:
+            return 0, 0
+        specs = [(local(key).numel(), key.dtype) for group in self.param_groups for key in group["params"]
+                 if not is_dtensor(key) and self._is_projected(key, group)]
+        if not specs:
+            return 0, 0
+        fn = max((4 * min(n, 2**19) + 16 for n, d in specs if d not in (torch.float32, torch.float64)), default=0)
+        return 4 * len(specs), 16 * len(specs) + 16 + fn
 
     @staticmethod
     def _mkl_keeps_packs(p: Tensor) -> bool:
@@ -1105,6 +1134,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             del low_bucket
         for bkey in list(buckets):
             self._step_bucket(bkey, buckets.pop(bkey))
+        self._checked = None
         return loss
 
     def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
@@ -1244,8 +1274,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """:func:`_all_finite` of the local gradients, or of a parameter's projected gradient where
         ``lows`` (:meth:`_checked_lows`, by ``id`` of the parameter) has it; with sharded parameters
         the flag is reduced over their meshes (every rank skips together, or none does)."""
-        finite = _all_finite([lows.get(id(p), grad) for _, p, grad, _, _ in work] if lows
-                             else [grad for _, _, grad, _, _ in work])
+        tensors = [lows.get(id(p), grad) for _, p, grad, _, _ in work] if lows else [grad for _, _, grad, _, _ in work]
+        finite = self._finite_and_pre_check(work, tensors) or _all_finite(tensors)
         reduces = {id(r.groups[0]) if r.groups else None: r for *_, r in work if r is not None}
         if not reduces:
             return finite
@@ -1254,6 +1284,33 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for r in reduces.values():
             r.min_(flag)
         return bool(flag.item())
+
+    def _finite_and_pre_check(self, work: list[tuple], tensors: list[Tensor]) -> bool:
+        """The non-finite check's common case read together with the projection's
+        :meth:`~lowmem.optim.subspace.Projection.pre_check` flag (Online Subspace Descent: every basis
+        step's gradient usable; issue 15, one device read a step): ``True`` when every norm is below
+        :data:`MAX_GRAD_NORM` (what :func:`_all_finite` passes at its first read) and the flag holds, then
+        :attr:`_checked` holds what the projection handed over. ``False`` otherwise (no flag, several
+        devices, a failing norm or flag: then :func:`_all_finite` decides with its own read, and the basis
+        steps read their own flags)."""
+        self._checked = None
+        P = self.recipe.projection
+        if P is None or not tensors:
+            return False
+        pre = P.pre_check([(grad, self.state[key], group) for key, _, grad, group, r in work
+                           if r is None and key in self.state])
+        if pre is None:
+            return False
+        flag, checked = pre
+        if any(t.device != flag.device for t in tensors):
+            return False
+        norms = torch._foreach_norm(tensors)  # (a float32 norm of each, as _all_finite's)
+        ok = (torch.stack([n if n.dtype is torch.float32 else n.float() for n in norms]) < MAX_GRAD_NORM).all()
+        del norms
+        if not bool(ok & flag):  # NaN compares False
+            return False
+        self._checked = checked
+        return True
 
     def _checked_lows(self, work: list[tuple], tokens: dict[int, object] | None) -> dict[int, Tensor]:
         """Projected gradients the non-finite check reads instead of their gradients (issue 15: one
@@ -1479,7 +1536,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if wd and r.decay_after_update:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         del ds[:]
-        P.foreach_post_update([b.g for b in bucket], [b.state for b in bucket], group, [b.down_of_g for b in bucket])
+        P.foreach_post_update([b.g for b in bucket], [b.state for b in bucket], group, [b.down_of_g for b in bucket],
+                              self._checked)
         bucket.clear()
         return True
 
@@ -1572,7 +1630,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             P.add_up_rows_(pr, d_low, state, group, 0, p.shape[0], -c * lr_scale * (1.0 if r.moment.applies_lr else lr))
             if r.decay_after_update:
                 F.decoupled_weight_decay_(pr, lr, wd)
-            P.post_update(g, state, group, down_of_g)
+            P.post_update(g, state, group, down_of_g, self._checked)
             return
         ctx = r.combine.prepare(g, low, d_low, state, group, P, bounds)
         for start, stop in bounds:
@@ -1583,7 +1641,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if p32 is not pr:
                 pr.copy_(p32)
             del d
-        P.post_update(g, state, group, down_of_g)
+        P.post_update(g, state, group, down_of_g, self._checked)
 
     def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
         """Decoupled weight decay and the step along ``d`` (in place on ``p32``)."""
@@ -1612,6 +1670,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 accumulation in the subspace, after :meth:`refresh_projection`); ``grad`` is then
                 only used by the projection's ``post_update``.
         """
+        self._checked = None  # (no whole-step check: each basis step reads its own flag)
         grad = p.grad if grad is None else grad
         if grad is None:
             return
@@ -1721,7 +1780,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._combine_rows(p, g, low, d, state, group, lr, int(t), item.down_of_g)
             return
         d = r.combine.direction(g, low, d, state, group, P)
-        P.post_update(g, state, group, item.down_of_g)
+        P.post_update(g, state, group, item.down_of_g, self._checked)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
         if p32 is not p:
