@@ -349,7 +349,7 @@ def test_bucket_fold_taken_where_the_statistics_commute_with_the_projection(labe
 @pytest.mark.parametrize("name", ["sgd_sm", "adamw_snsm", "adagrad_snsm"])
 def test_bucket_fold_launches_a_few_kernels_per_parameter(name):
     """On the CUDA code path (meta tensors), each further projected parameter of a bucket adds its own
-    project-down, the update's ``addmm_`` and ``addcmul_`` and (SNSM) its subset norms: at most 5 kernels
+    project-down, the update's ``addmm_`` and ``addcmul_`` and (SNSM) its subset norms: 3 / 4 kernels
     (was 9 for ``sgd_sm``, 17 / 15 for ``adamw_snsm`` / ``adagrad_snsm``: the fold, ``k`` and the statistics
     per parameter, a copy of each momentum)."""
     from lowmem.bench_launches import LaunchCounter
@@ -366,4 +366,4 @@ def test_bucket_fold_launches_a_few_kernels_per_parameter(name):
         return c.counts["kernels"]
 
     per_param = (kernels(5) - kernels(1)) / 4
-    assert per_param <= (2 if name == "sgd_sm" else 4) + 1, per_param
+    assert per_param <= (3 if name == "sgd_sm" else 4), per_param

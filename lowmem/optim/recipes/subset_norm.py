@@ -488,8 +488,8 @@ class SubsetNormStep(CombineRule):
         along the side the projection keeps: one per column (``(1, n)``) of a left-projected gradient
         (``low`` of ``(r, n)``: ``(P M) / d = P (M / d)``) or one per row (``(m, 1)``) of a right-projected
         one (``(M Q) / d = (M / d) Q``), the defaults (the statistics run along the longer side, the
-        projection reduces the shorter one); float32 statistics. Per parameter the squared subset norms
-        of ``G`` (the row blocks of ``bounds`` for columns, as :meth:`prepare`); then for the bucket the
+        projection reduces the shorter one); float32 statistics. Per parameter the subset norms of ``G`` (the
+        row blocks of ``bounds`` for columns, as :meth:`prepare`); then for the bucket their squares, the
         statistics' update and ``(sqrt(v) + eps) / scale``
         (:func:`~lowmem.optim.functional.subset_norm.sn_denominators_foreach_`), ``M`` in place
         (:func:`~lowmem.optim.functional.subset_norm.sm_fold_foreach_`) divided by them, and
@@ -512,8 +512,16 @@ class SubsetNormStep(CombineRule):
                 dims.append(1)
             else:
                 return None
-        sq = [self._column_sq_norms(g, b) if dim == 0 else SN.subset_sq_norms_by_norm(g, 1)
-              for g, dim, b in zip(gs, dims, bounds)]
+        sq, norms = [], []
+        for g, dim, b in zip(gs, dims, bounds):
+            if dim == 0 and (len(b) > 1 or b[0] != (0, g.shape[0])):
+                sq.append(self._column_sq_norms(g, b))  # (summed over the row blocks, as prepare)
+            else:  # the rows' or the one block's norms, squared below for the bucket
+                sq.append(torch.linalg.vector_norm(g, dim=dim, keepdim=True))
+                norms.append(sq[-1])
+        if norms:  # one kernel: square_ is x * x (subset_sq_norms_by_norm's bits)
+            torch._foreach_mul_(norms, norms)
+        del norms
         denom = SN.sn_denominators_foreach_(vs, sq, self._beta2(group), group["eps"], self._scale(states[0], group))
         del sq
         f = group["free_lr_scale"]
@@ -530,9 +538,8 @@ class SubsetNormStep(CombineRule):
     @staticmethod
     def _column_sq_norms(g: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
         """The squared norms of ``g``'s columns, ``(1, n)``, summed over the row blocks ``bounds`` as
-        :meth:`prepare` sums them (one block: the block's own, ``0 + x`` being ``x``)."""
-        if len(bounds) == 1 and bounds[0] == (0, g.shape[0]):
-            return SN.subset_sq_norms_by_norm(g, 0)
+        :meth:`prepare` sums them (one block: the block's own, ``0 + x`` being ``x``: :meth:`foreach_fold`
+        takes it without this sum)."""
         sq = torch.zeros((1, g.shape[1]), dtype=torch.float32, device=g.device)
         for a, b in bounds:
             sq.add_(SN.subset_sq_norms_by_norm(g[a:b], 0))
