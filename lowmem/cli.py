@@ -26,20 +26,23 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune from a YAML recipe (default: the tiny model on synthetic addition)",
         description="Fine-tune a model with a low-memory optimizer. Without RECIPE, configs/default.yaml "
-        "(the embedded tiny Llama on synthetic addition). Flags override recipe keys.",
+        "(the embedded tiny Llama on synthetic addition). Flags override recipe keys; the TrainingArguments / "
+        "`trl sft` spellings of the flags (--max_steps, --learning_rate, --per_device_train_batch_size, "
+        "--model_name_or_path, --output_dir, ...) work too.",
     )
     p.add_argument("recipe", nargs="?", help="YAML recipe (keys: see docs/training.md)")
     p.add_argument("--trainer", help="training method: sft, dpo, grpo, gvpo or bnpo (the recipe's trainer; default sft)")
     p.add_argument("--optim", help="registered optimizer (see `lowmem list`)")
-    p.add_argument("--optim-args", help="optimizer hyperparameters: 'k=v,k=v' or a JSON object")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--output-dir", help="where metrics.json and the model go")
-    p.add_argument("--model", help="local directory of an HF causal LM (never downloaded)")
+    p.add_argument("--optim-args", "--optim_args", dest="optim_args", help="optimizer hyperparameters: 'k=v,k=v' or a JSON object")
+    p.add_argument("--steps", "--max-steps", "--max_steps", dest="steps", type=int, help="optimizer steps")
+    p.add_argument("--lr", "--learning-rate", "--learning_rate", dest="lr", type=float, help="learning rate")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="where metrics.json and the model go")
+    p.add_argument("--model", "--model-name-or-path", "--model_name_or_path", dest="model", help="local directory of an HF causal LM (never downloaded)")
     p.add_argument("--seed", type=int, help="seed of data, init and trainer")
-    p.add_argument("--batch-size", type=int, help="per-device train batch size")
-    p.add_argument("--save-steps", type=int, help="write a resumable checkpoint every N steps")
-    p.add_argument("--eval-steps", type=int, help="evaluate every N steps (eval loss in the log and metrics.json)")
+    p.add_argument("--batch-size", "--per-device-train-batch-size", "--per_device_train_batch_size", dest="batch_size",
+                   type=int, help="per-device train batch size")
+    p.add_argument("--save-steps", "--save_steps", dest="save_steps", type=int, help="write a resumable checkpoint every N steps")
+    p.add_argument("--eval-steps", "--eval_steps", dest="eval_steps", type=int, help="evaluate every N steps (eval loss in the log and metrics.json)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from a checkpoint: the latest complete one in OUTPUT_DIR, or PATH "
                         "(put --resume after RECIPE, or write --resume=PATH)")

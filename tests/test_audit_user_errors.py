@@ -173,3 +173,19 @@ def test_a_missing_column_is_named(columns, trainer, hint):
     with pytest.raises(ValueError, match=r"fit no .* dataset format; accepted: .*" + hint) as err:
         detect_format(datasets.Dataset.from_dict({c: ["a"] for c in columns}), trainer, source="d.jsonl")
     assert "format of trainer" not in str(err.value)
+
+
+def test_train_takes_the_trainingarguments_spellings_of_its_flags():
+    """`lowmem train --max_steps 2` (`trl sft` / HfArgumentParser spelling) was 'unrecognized arguments'."""
+    from lowmem.cli import build_parser
+
+    parser = build_parser()
+    ours = parser.parse_args(["train", "--steps", "2", "--lr", "1e-3", "--batch-size", "4", "--model", "m",
+                              "--output-dir", "o", "--optim-args", "rank=4", "--save-steps", "1", "--eval-steps", "1"])
+    for argv in (["--max_steps", "2", "--learning_rate", "1e-3", "--per_device_train_batch_size", "4",
+                  "--model_name_or_path", "m", "--output_dir", "o", "--optim_args", "rank=4", "--save_steps", "1",
+                  "--eval_steps", "1"],
+                 ["--max-steps", "2", "--learning-rate", "1e-3", "--per-device-train-batch-size", "4",
+                  "--model-name-or-path", "m", "--output-dir", "o", "--optim-args", "rank=4", "--save-steps", "1",
+                  "--eval-steps", "1"]):
+        assert vars(parser.parse_args(["train", *argv])) == vars(ours)
