@@ -347,7 +347,9 @@ def check_nonempty(dataset, fmt: DatasetFormat, trainer: str, *, source: str = "
     for column in fmt.columns:
         if column == "prompt" and trainer in ("sft", "dpo"):
             continue
-        values = dataset.data.column(column)
+        # the rows the dataset holds: .data is the whole underlying table, also the rows a filter (blank lines
+        # of a .txt file) or a select left out
+        values = dataset.with_format("arrow")[column] if dataset._indices is not None else dataset.data.column(column)
         if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
             continue
         empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), True)

@@ -189,3 +189,20 @@ def test_train_takes_the_trainingarguments_spellings_of_its_flags():
                   "--model-name-or-path", "m", "--output-dir", "o", "--optim-args", "rank=4", "--save-steps", "1",
                   "--eval-steps", "1"]):
         assert vars(parser.parse_args(["train", *argv])) == vars(ours)
+
+
+def test_text_file_with_blank_lines_loads(tmp_path):
+    """A .txt dataset is one row per non-blank line (docs/training.md), but a blank line between rows was refused
+    as '1 of 2 rows have an empty or missing 'text' (rows [1])': the empty-row check read the whole Arrow table
+    under the filter that drops blank lines. A row of the filtered dataset that is empty is still refused."""
+    import datasets
+
+    from lowmem.data import check_nonempty, detect_format, load_sources
+
+    path = tmp_path / "notes.txt"
+    path.write_text("1+1=2\n\n   \n2+2=4\n")
+    ds, fmt = load_sources(str(path), "sft")
+    assert ds["text"] == ["1+1=2", "2+2=4"] and fmt.name == "text"
+    rows = datasets.Dataset.from_dict({"text": ["a", "", "b", " "]}).select([2, 3, 0])
+    with pytest.raises(ValueError, match=r"1 of 3 rows have an empty or missing 'text' \(rows \[1\], 0-based\)"):
+        check_nonempty(rows, detect_format(rows, "sft"), "sft", source="d")
