@@ -142,10 +142,9 @@ def encode_(
     if is_rank1(state, key):
         x = value if rows is None else value.view(rows)
         codes, row_max, new_col = Q.quantize_rank1_4bit(x, code, col_max, spec.code)
-        state[key].copy_(codes)
-        state[key + "_rowmax"].copy_(row_max.view(state[key + "_rowmax"].shape))
-        if col_max is None:
-            state[key + "_colmax"].copy_(new_col)
+        dst = [state[key], state[key + "_rowmax"]] + ([state[key + "_colmax"]] if col_max is None else [])
+        src = [codes, row_max.view(dst[1].shape)] + ([new_col] if col_max is None else [])
+        torch._foreach_copy_(dst, src)  # (one multi-tensor kernel off the CPU, not one copy each)
         return
     if spec.bits == 4 and state[key].is_contiguous() and state[key + "_absmax"].is_contiguous():
         Q.quantize_blockwise_4bit(value, code, block_size, spec.code, out=(state[key], state[key + "_absmax"]))
@@ -154,8 +153,7 @@ def encode_(
         codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size, spec.code)
     else:
         codes, absmax = Q.quantize_blockwise_4bit(value, code, block_size, spec.code)
-    state[key].copy_(codes)
-    state[key + "_absmax"].copy_(absmax)
+    torch._foreach_copy_([state[key], state[key + "_absmax"]], [codes, absmax])  # (one kernel off the CPU)
 
 
 def codec_bytes(numel: int, four: bool, rank1: bool) -> int:
