@@ -449,7 +449,16 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
         if "lowmem_layerwise" in ta:
             recipe.layerwise = recipe.layerwise or check_value("lowmem_layerwise", ta.pop("lowmem_layerwise"), bool,
                                                                where="training_args.")
+    for kind in ("save", "eval"):  # a config's save_steps / eval_steps under its strategy "no": the Trainer ignores them
+        if _strategy(ta.get(f"{kind}_strategy")) == "no":
+            ta.pop(f"{kind}_steps", None)
     _lift_recipe_fields(recipe, ta)
+    for kind in ("save", "eval"):
+        steps = getattr(recipe, f"{kind}_steps")
+        if steps is not None and _strategy(ta.get(f"{kind}_strategy")) == "no":
+            raise ConfigError(f"{kind}_steps={steps} and {kind}_strategy='no' (the config's): the Trainer would "
+                              f"{'save' if kind == 'save' else 'evaluate'} nothing; drop {kind}_strategy (or set it to "
+                              f"'steps'), or drop {kind}_steps")
     if "generation_batch_size" in ta and "steps_per_generation" in ta:
         # GRPOConfig fills both from each other, so its saved config holds both and GRPOConfig refuses them
         # ("can not be both configured"); the pair TRL derived itself says nothing more than steps_per_generation
@@ -492,6 +501,11 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
                           "transformers / TRL documentation)")
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+def _strategy(value: Any) -> Any:
+    """A ``*_strategy`` value as its string (``IntervalStrategy.NO`` -> ``"no"``)."""
+    return getattr(value, "value", value)
 
 
 def _redacted_tokens(ta: dict[str, Any]) -> None:
@@ -691,6 +705,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     # SFT TRL's SFTTrainer, so SFTConfig's fields are valid in the file too
     context = {k: given.get(k, data.get(k)) for k in ("trainer", "dataset")}
     data = _recipe_keys(data, where, **context)
+    _drop_inert_steps(data)
     if path is not None:  # the recipe's relative input paths are relative to its folder (overrides: to the cwd)
         data = resolve_recipe_paths(data, Path(path).resolve().parent)
     # keyword overrides (CLI flags, Python) go through the same mapping as YAML keys and win over them
@@ -703,6 +718,19 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         return TrainRecipe(**data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+
+
+def _drop_inert_steps(data: dict[str, Any]) -> None:
+    """A recipe file's ``save_steps`` / ``eval_steps`` beside its own ``save_strategy`` / ``eval_strategy``
+    ``"no"`` are dropped, in place: the Trainer ignores them (a saved ``training_args.json`` with saving off
+    still holds ``save_steps: 500``), and as recipe keys they would turn saving / evaluation on. A
+    ``--save-steps`` / ``--eval-steps`` against the file's ``"no"`` is an error (:func:`_lift_training_args`)."""
+    ta = data.get("training_args")
+    if not isinstance(ta, dict):
+        return
+    for kind in ("save", "eval"):
+        if _strategy(ta.get(f"{kind}_strategy")) == "no":
+            data.pop(f"{kind}_steps", None)
 
 
 def _run_length_precedence(data: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -206,3 +206,20 @@ def test_text_file_with_blank_lines_loads(tmp_path):
     rows = datasets.Dataset.from_dict({"text": ["a", "", "b", " "]}).select([2, 3, 0])
     with pytest.raises(ValueError, match=r"1 of 3 rows have an empty or missing 'text' \(rows \[1\], 0-based\)"):
         check_nonempty(rows, detect_format(rows, "sft"), "sft", source="d")
+
+
+@pytest.mark.parametrize("kind", ["save", "eval"])
+def test_steps_flag_against_the_config_s_strategy_no_is_an_error(kind, tmp_path):
+    """`lowmem train cfg.yaml --save-steps 10` on a config with `save_strategy: "no"` ran without writing a
+    checkpoint (the config's strategy won over the flag), `--eval-steps` under `eval_strategy: "no"` without
+    evaluating. A saved config's own inert `save_steps: 500` beside `save_strategy: "no"` still runs as written."""
+    from lowmem.config import ConfigError
+    from lowmem.train import load_recipe
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f'{kind}_strategy: "no"\n{kind}_steps: 500\nmax_steps: 2\n')
+    recipe = load_recipe(path)
+    assert getattr(recipe, f"{kind}_steps") is None and recipe.training_args[f"{kind}_strategy"] == "no"
+    with pytest.raises(ConfigError, match=rf"{kind}_steps=10 and {kind}_strategy='no' \(the config's\): the Trainer "
+                                          rf"would (save|evaluate) nothing"):
+        load_recipe(path, **{f"{kind}_steps": 10})
