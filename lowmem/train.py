@@ -449,16 +449,17 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
         if "lowmem_layerwise" in ta:
             recipe.layerwise = recipe.layerwise or check_value("lowmem_layerwise", ta.pop("lowmem_layerwise"), bool,
                                                                where="training_args.")
-    for kind in ("save", "eval"):  # a config's save_steps / eval_steps under its strategy "no": the Trainer ignores them
-        if _strategy(ta.get(f"{kind}_strategy")) == "no":
+    for kind in ("save", "eval"):  # a config's save_steps / eval_steps under another strategy: the Trainer ignores them
+        if _strategy(ta.get(f"{kind}_strategy", "steps")) != "steps":
             ta.pop(f"{kind}_steps", None)
     _lift_recipe_fields(recipe, ta)
     for kind in ("save", "eval"):
-        steps = getattr(recipe, f"{kind}_steps")
-        if steps is not None and _strategy(ta.get(f"{kind}_strategy")) == "no":
-            raise ConfigError(f"{kind}_steps={steps} and {kind}_strategy='no' (the config's): the Trainer would "
-                              f"{'save' if kind == 'save' else 'evaluate'} nothing; drop {kind}_strategy (or set it to "
-                              f"'steps'), or drop {kind}_steps")
+        steps, strategy = getattr(recipe, f"{kind}_steps"), _strategy(ta.get(f"{kind}_strategy", "steps"))
+        if steps is not None and strategy != "steps":
+            raise ConfigError(f"{kind}_steps={steps} and {kind}_strategy={strategy!r} (the config's): the Trainer would "
+                              + ("save" if kind == "save" else "evaluate")
+                              + (" nothing" if strategy == "no" else f" by {strategy}, never every {steps} steps")
+                              + f"; drop {kind}_strategy (or set it to 'steps'), or drop {kind}_steps")
     if "generation_batch_size" in ta and "steps_per_generation" in ta:
         # GRPOConfig fills both from each other, so its saved config holds both and GRPOConfig refuses them
         # ("can not be both configured"); the pair TRL derived itself says nothing more than steps_per_generation
@@ -722,14 +723,14 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
 
 def _drop_inert_steps(data: dict[str, Any]) -> None:
     """A recipe file's ``save_steps`` / ``eval_steps`` beside its own ``save_strategy`` / ``eval_strategy``
-    ``"no"`` are dropped, in place: the Trainer ignores them (a saved ``training_args.json`` with saving off
+    other than ``"steps"`` (``"no"``, ``"epoch"``, ``"best"``) are dropped, in place: the Trainer ignores them (a saved ``training_args.json`` with saving off
     still holds ``save_steps: 500``), and as recipe keys they would turn saving / evaluation on. A
-    ``--save-steps`` / ``--eval-steps`` against the file's ``"no"`` is an error (:func:`_lift_training_args`)."""
+    ``--save-steps`` / ``--eval-steps`` against such a strategy is an error (:func:`_lift_training_args`)."""
     ta = data.get("training_args")
     if not isinstance(ta, dict):
         return
     for kind in ("save", "eval"):
-        if _strategy(ta.get(f"{kind}_strategy")) == "no":
+        if _strategy(ta.get(f"{kind}_strategy", "steps")) != "steps":
             data.pop(f"{kind}_steps", None)
 
 

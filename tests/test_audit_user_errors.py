@@ -223,3 +223,9 @@ def test_steps_flag_against_the_config_s_strategy_no_is_an_error(kind, tmp_path)
     with pytest.raises(ConfigError, match=rf"{kind}_steps=10 and {kind}_strategy='no' \(the config's\): the Trainer "
                                           rf"would (save|evaluate) nothing"):
         load_recipe(path, **{f"{kind}_steps": 10})
+    path.write_text(f'{kind}_strategy: epoch\n{kind}_steps: 500\nnum_train_epochs: 1\n')
+    assert getattr(load_recipe(path), f"{kind}_steps") is None
+    with pytest.raises(ConfigError, match=rf"{kind}_strategy='epoch' .* by epoch, never every 10 steps"):
+        load_recipe(path, **{f"{kind}_steps": 10})
+    path.write_text(f'{kind}_strategy: steps\n{kind}_steps: 7\nmax_steps: 2\n')
+    assert getattr(load_recipe(path), f"{kind}_steps") == 7
