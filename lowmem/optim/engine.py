@@ -820,8 +820,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
         P = self.recipe.projection
         if P is None or not self.skip_nonfinite or type(P).pre_check is Projection.pre_check:
             return 0, 0
+        # (the parameters its pre_check may take: projected, of an online-PCA group, the filter of
+        # SubspaceProjection.pre_check)
+        method = getattr(P, "method", None)
         specs = [(local(key).numel(), key.dtype) for group in self.param_groups for key in group["params"]
-                 if not is_dtensor(key) and self._is_projected(key, group)]
+                 if not is_dtensor(key) and self._is_projected(key, group)
+                 and (method is None or method(group) == "online_pca")]
         if not specs:
             return 0, 0
         fn = max((4 * min(n, 2**19) + 16 for n, d in specs if d not in (torch.float32, torch.float64)), default=0)
