@@ -154,6 +154,12 @@ def _precision_note(est, other_total: int, precision: str, dtype: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        # transformers' AutoConfig says "Should have a `model_type` key in its config.json" of a file that is not there
+        raise ValueError(f"model={args.model!r}: the directory has no config.json; expected a model directory written by "
+                         "save_pretrained, or a named shape (llama-2-7b, llama-3-8b, tiny, ...)")
     if args.png:
         require_matplotlib()
     if args.precision == "mixed" and args.dtype == "fp32":

@@ -229,3 +229,10 @@ def test_steps_flag_against_the_config_s_strategy_no_is_an_error(kind, tmp_path)
         load_recipe(path, **{f"{kind}_steps": 10})
     path.write_text(f'{kind}_strategy: steps\n{kind}_steps: 7\nmax_steps: 2\n')
     assert getattr(load_recipe(path), f"{kind}_steps") == 7
+
+
+def test_budget_on_a_folder_without_config_json_says_so(tmp_path, capsys):
+    """`lowmem budget ./my-model` on a folder without config.json said "Unrecognized model in ./my-model. Should
+    have a `model_type` key in its config.json" (transformers' words about a file that does not exist)."""
+    code, err = _run(["budget", str(tmp_path)], capsys)
+    assert code == 2 and f"model={str(tmp_path)!r}: the directory has no config.json" in err, err
