@@ -1211,6 +1211,19 @@ def check_eval_batches(trainer: Any) -> None:
                           "or dataloader_drop_last: false")
 
 
+def _eval_on_start(trainer: Any, recipe: TrainRecipe, wanted: bool) -> None:
+    """Evaluate before training (``eval_on_start``) for the before/after numbers of the summary, unless
+    the user's config sets ``eval_on_start`` itself: theirs wins (``false``: the initial numbers are
+    ``null`` in metrics.json and the summary says they were not evaluated)."""
+    if "eval_on_start" not in recipe.training_args:
+        trainer.args.eval_on_start = wanted
+
+
+def _num(value: float | None) -> str:
+    """A summary number; ``None``: the user's ``eval_on_start: false`` skipped the evaluation before training."""
+    return "not evaluated (eval_on_start: false)" if value is None else f"{value:.4f}"
+
+
 def _first_eval(trainer: Any) -> dict[str, Any]:
     """The first evaluation in the log (step 0; from the checkpoint's log when resumed)."""
     return next((h for h in trainer.state.log_history if "eval_loss" in h), {})
@@ -1282,7 +1295,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
         callbacks=_memory_callbacks(recipe), **trainer_kw,
     )
-    trainer.args.eval_on_start = evals is not None  # initial eval loss (see _train)
+    _eval_on_start(trainer, recipe, evals is not None)  # initial eval loss (see _train)
     out = _train(trainer, recipe)
     initial = _first_eval(trainer).get("eval_loss")
     final = trainer.evaluate()["eval_loss"] if evals is not None else None
@@ -1339,14 +1352,14 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
                         if data is None else (data.train, dpo_eval_rows(data)))
         trainer = trainer_cls(model=policy_arg, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
                               callbacks=_memory_callbacks(recipe))
-        trainer.args.eval_on_start = True  # margins before training (see _train)
+        _eval_on_start(trainer, recipe, True)  # margins before training (see _train)
         out = _train(trainer, recipe)
         before = _first_eval(trainer)
         after = trainer.evaluate()
         result = {
-            "initial_margin": before["eval_rewards/margins"], "final_margin": after["eval_rewards/margins"],
+            "initial_margin": before.get("eval_rewards/margins"), "final_margin": after["eval_rewards/margins"],
             "margin_pairs": len(evals),  # the pairs the margins are measured on (fewer than 64 in a small dataset)
-            "initial_accuracy": before["eval_rewards/accuracies"], "final_accuracy": after["eval_rewards/accuracies"],
+            "initial_accuracy": before.get("eval_rewards/accuracies"), "final_accuracy": after["eval_rewards/accuracies"],
             "margin_history": [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h],
         }
     else:
@@ -1354,7 +1367,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
                               train_dataset=synthetic if data is None else data.train,
                               eval_dataset=evals, callbacks=_memory_callbacks(recipe))
-        trainer.args.eval_on_start = evals is not None  # the held-out reward before training (see _train)
+        _eval_on_start(trainer, recipe, evals is not None)  # the held-out reward before training (see _train)
         out = _train(trainer, recipe)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         result = {
@@ -1454,20 +1467,20 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         console.print(f"mean reward: first 5 steps {metrics['initial_reward']:.4f} -> last 10 steps "
                       f"{metrics['final_reward']:.4f} after {metrics['steps']} steps")
         if metrics.get("final_eval_reward") is not None:
-            console.print(f"held-out prompts' mean reward: initial {metrics['initial_eval_reward']:.4f} -> final "
+            console.print(f"held-out prompts' mean reward: initial {_num(metrics['initial_eval_reward'])} -> final "
                           f"{metrics['final_eval_reward']:.4f}")
     elif "initial_margin" in metrics:
         n = metrics.get("margin_pairs", 64)
         pairs = f"{n} training pairs" if not metrics.get("data") or not recipe.eval_dataset and not recipe.eval_split else f"eval set, {n} pairs"
-        console.print(f"chosen-minus-rejected margin ({pairs}): {metrics['initial_margin']:.4f} -> "
+        console.print(f"chosen-minus-rejected margin ({pairs}): {_num(metrics['initial_margin'])} -> "
                       f"{metrics['final_margin']:.4f}, accuracy {metrics['final_accuracy']:.3f} after {metrics['steps']} steps")
-    elif metrics.get("initial_loss") is None:  # own dataset without an eval set: the logged training loss
+    elif metrics.get("initial_loss") is None and metrics.get("final_loss") is None:  # no eval set: the training loss
         hist = metrics.get("train_loss_history")
         console.print(f"training loss (no eval set): first logged {hist[0]:.4f} -> last logged {hist[-1]:.4f} after "
                       f"{metrics['steps']} steps" if hist else
                       f"no eval set and no training loss logged in {metrics['steps']} steps (logging_steps > steps)")
     else:
-        console.print(f"eval loss: initial {metrics['initial_loss']:.4f} -> final {metrics['final_loss']:.4f} "
+        console.print(f"eval loss: initial {_num(metrics['initial_loss'])} -> final {metrics['final_loss']:.4f} "
                       f"after {metrics['steps']} steps")
     if metrics.get("optimizer_state_sharded"):  # FSDP2: process 0's part against the whole AdamW state
         console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes on process 0 of {metrics['processes']} "

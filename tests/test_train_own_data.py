@@ -110,6 +110,20 @@ def test_dpo_margin_rises(own_model_dir, tmp_path, form, rows, fmt):
     assert "margin" in log
 
 
+@pytest.mark.parametrize("trainer", ["sft", "dpo"])
+def test_users_eval_on_start_false_is_kept(own_model_dir, tmp_path, trainer):
+    """lowmem evaluates before training for its before/after summary, unless the user's config says
+    ``eval_on_start: false``: theirs wins (no evaluation at step 0), and the initial numbers are null."""
+    rows = sft_rows("text", 80) if trainer == "sft" else dpo_rows(16)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    extra = {"eval_split": 0.2} if trainer == "sft" else {}
+    m, log = _run(trainer=trainer, model=own_model_dir, dataset=str(data), steps=2, logging_steps=1,
+                  output_dir=str(tmp_path / "out"), training_args={"eval_on_start": False}, **extra, **QUIET)
+    initial, final = ("initial_loss", "final_loss") if trainer == "sft" else ("initial_margin", "final_margin")
+    assert m[initial] is None and m[final] is not None
+    assert "not evaluated (eval_on_start: false)" in log
+
+
 # ---- GRPO / GVPO / BNPO ----------------------------------------------------------------------
 
 RL_ARGS = {"num_generations": 4, "max_completion_length": 6}
