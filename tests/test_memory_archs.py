@@ -1,7 +1,7 @@
 """The estimator on architectures other than Llama (issue 12's "bring your own model"): tiny models of each
 built from a config, offline; the estimate's components against what ``measure_memory`` measures on CPU.
 
-Non-Llama blocks get their activations traced on the meta device (the tensors their own forward saves:
+Non-Llama blocks get their activations traced on fake tensors (the tensors their own forward saves:
 GPT-2's Conv1D blocks, GPT-NeoX's parallel block, Gemma's GeGLU and soft-capping, Phi-3's fused projections,
 Mixtral's experts); a head tied to the input embedding adds the backward's two weight-sized tensors."""
 
@@ -60,7 +60,7 @@ def test_traced_activations_match_the_measurement(name):
     Mixtral 0.83 of the measured activations, GPT-NeoX 1.28)."""
     r = _measure(arch_config(name))
     est = r.estimate
-    assert any("traced on the meta device" in n for n in est.notes)
+    assert any("traced on fake tensors" in n for n in est.notes)
     if name == "gemma2":  # tied: the measured maximum is the end of the backward pass, 3 weight-sized tensors
         assert est.activations >= 0.9 * r.measured["activations"] - 2 * est.details["activation_parts"]["tied_embedding_backward"]
     else:

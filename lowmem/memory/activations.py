@@ -285,7 +285,7 @@ def traced_activation_bytes(
         log-softmax, rotary tables, masks), ``loss_backward`` and ``total``.
 
     Raises:
-        ValueError: The model cannot be traced on the meta device (the message names the model type and why).
+        ValueError: The model cannot be traced on fake tensors (the message names the model type and why).
     """
     layers = decoder_layers(model, config.num_hidden_layers)
     cache = {} if cache is None else cache
@@ -437,9 +437,9 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                 with _Live():
                     torch.autograd.grad(loss, [embedded[0]])
             del loss
-    except Exception as exc:  # noqa: BLE001  (what the model's code raised on meta tensors, re-raised with its name)
-        raise ValueError(f"activations of model_type={getattr(config, 'model_type', None)!r} cannot be traced on the meta "
-                         f"device ({type(exc).__name__}: {exc}); its memory cannot be estimated") from exc
+    except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
+        raise ValueError(f"activations of model_type={getattr(config, 'model_type', None)!r} cannot be traced on fake "
+                         f"tensors ({type(exc).__name__}: {exc}); its memory cannot be estimated") from exc
     finally:
         torch.autocast = autocast
         for h in hooks:

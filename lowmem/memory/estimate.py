@@ -1111,7 +1111,7 @@ def estimate_memory(
     trace_cache: dict = cache.setdefault(trace_key, {}) if traced and cache is not None else {}
 
     def saved_parts(b: int, s: int, ckpt: bool, head_parts: dict | None = None) -> dict[str, int]:
-        if traced:  # any other architecture: what its own forward saves, traced on the meta device
+        if traced:  # any other architecture: what its own forward saves, traced on fake tensors
             if not trace_model:
                 trace_model.append(_meta_model_like(meta, config, param_dtype, spec is not None, lcfg))
             return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, head_parts=head_parts)
@@ -1169,7 +1169,7 @@ def estimate_memory(
                      + (f"; generation of {generation_batch_size} completions ({max_completion_length} tokens each) is a "
                         "phase of its own, without gradients (activation_parts['generation'])" if trainer == "grpo" else ""))
     if traced:
-        notes.append(f"activations: model_type={config.model_type!r} traced on the meta device (the tensors its forward saves)")
+        notes.append(f"activations: model_type={config.model_type!r} traced on fake tensors (the tensors its forward saves; nothing allocated)")
     if tied_backward:
         notes.append("tied input/output embedding: its two gradients and their sum are live at the end of the backward pass")
 
