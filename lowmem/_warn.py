@@ -1,4 +1,4 @@
-"""Warnings attributed to the caller's code: the first frame outside lowmem and torch.
+"""Warnings attributed to the caller's code: the first frame outside lowmem, torch and the training libraries.
 
 A warning raised inside an optimizer step (a projection refresh that keeps the previous subspace, a
 skipped non-finite step) passes through the engine's frames and torch's ``Optimizer.step`` wrappers
@@ -10,16 +10,35 @@ before.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
 
 import torch
 
+
+def _package_dirs(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The directories of the installed packages among ``names`` (located, not imported)."""
+    dirs = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin:
+            dirs.append(os.path.dirname(os.path.abspath(spec.origin)) + os.sep)
+    return tuple(dirs)
+
+
+# lowmem (and lowmem.trainers, a directory of its own in a source checkout), torch, and the libraries whose
+# frames sit between a user's call and lowmem's (``Trainer.train`` -> ``create_optimizer``; TRL's trainers;
+# accelerate's wrappers; peft): a warning names the user's ``trainer.train()`` line, not theirs.
 # (each directory with a trailing separator: "lowmem_extra/" is not inside "lowmem/")
-SKIPPED_PREFIXES: tuple[str, ...] = tuple(
-    os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__)
-)
+SKIPPED_PREFIXES: tuple[str, ...] = tuple(dict.fromkeys(
+    (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    + _package_dirs(("lowmem.trainers", "transformers", "trl", "accelerate", "peft"))
+))
 
 
 def user_stacklevel(frame=None) -> int:
@@ -33,7 +52,7 @@ def user_stacklevel(frame=None) -> int:
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
-    """:func:`warnings.warn` ``message`` attributed to the first frame outside lowmem and torch."""
+    """:func:`warnings.warn` ``message`` attributed to the first frame outside :data:`SKIPPED_PREFIXES`."""
     if sys.version_info >= (3, 12):
         warnings.warn(message, category, skip_file_prefixes=SKIPPED_PREFIXES)
     else:

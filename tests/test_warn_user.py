@@ -91,3 +91,28 @@ def test_skip_file_prefixes_path_agrees():
     p.grad = torch.full_like(p, float("inf"))
     (w,) = _caught(lambda: opt.step(), "non-finite gradient")
     assert w.filename == __file__
+
+
+def test_trainer_warning_names_the_users_create_optimizer_call(tiny_model, tmp_path):
+    """Through the HF Trainer (transformers' and lowmem.trainers' frames, skipped too), a warning of the
+    optimizer's construction names the user's line: here, GaLore's rank above a 64-wide weight's side."""
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+
+    model, _ = tiny_model
+    args = LowMemTrainingArguments(str(tmp_path), lowmem_optim="galore_adamw", lowmem_optim_args={"rank": 128},
+                                   max_steps=1, report_to="none", use_cpu=True)
+    trainer = LowMemTrainer(model=model, args=args)
+    hits = _caught(lambda: trainer.create_optimizer(), "training it full-rank")
+    assert all(w.filename == __file__ for w in hits), [w.filename for w in hits]
+
+
+def test_construction_warnings_name_the_callers_line():
+    """The warnings of an optimizer's construction outside the engine (Muon's eps, a hybrid without its
+    targeted group, Adam-mini without query/key projections) name the caller's line too."""
+    from lowmem.optim.recipes.normalized import Muon
+
+    w = nn.Parameter(torch.randn(8, 8))
+    (hit,) = _caught(lambda: Muon([w], eps=1e-6), "is AdamW's eps")
+    assert hit.filename == __file__, hit.filename
+    (hit,) = _caught(lambda: Muon([{"params": [w]}]), "no parameter group has use_muon")
+    assert hit.filename == __file__, hit.filename

@@ -12,13 +12,13 @@ from __future__ import annotations
 import difflib
 
 import re
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from .._warn import warn_user
 from .engine import LowMemOptimizer, Recipe
 from .hparams import unknown_key_hints
 
@@ -283,11 +283,11 @@ def build_param_groups(
     if subspace and target_modules is not None and not targets:
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer of the model")
     if subspace and not targets:
-        warnings.warn(
+        warn_user(
             f"the optimizer found no trainable projection layer (nn.Linear or transformers' Conv1D, "
             f"output head excluded) to target in {type(model).__name__}: no parameter gets the targeted"
             " treatment (a subspace recipe trains every parameter full-rank, with full-size state; Muon,"
-            " SCALE and SinkGD train them all with AdamW); pass target_modules to choose the layers", stacklevel=3,
+            " SCALE and SinkGD train them all with AdamW); pass target_modules to choose the layers",
         )
     projected, decayed, plain, seen = [], [], [], set()
     special: list[dict[str, Any]] = []

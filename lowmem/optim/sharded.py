@@ -344,11 +344,11 @@ def warn_cut_blocks(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -
     if why is None or key in _CUT_WARNED:
         return
     _CUT_WARNED.add(key)
-    import warnings
+    from lowmem._warn import warn_user
 
-    warnings.warn(f"{where}: a parameter of shape {tuple(p.shape)} under FSDP2: {why}, so its step differs from one "
-                  "process's (a valid step with per-shard statistics); choose block sizes that divide every shard "
-                  "(docs/distributed.md, 'Per-shard statistics')", UserWarning, stacklevel=3)
+    warn_user(f"{where}: a parameter of shape {tuple(p.shape)} under FSDP2: {why}, so its step differs from one "
+              "process's (a valid step with per-shard statistics); choose block sizes that divide every shard "
+              "(docs/distributed.md, 'Per-shard statistics')", UserWarning)
 
 
 def check_supported(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -> None:

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
+from ..._warn import warn_user
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from .. import moments
@@ -155,11 +155,10 @@ def adam_mini_groups(model: nn.Module, *, head_dim: int | None = None, weight_de
                 "hidden_size and num_attention_heads"
             )
     if not query_key and getattr(getattr(model, "config", None), "num_attention_heads", None):
-        warnings.warn(
+        warn_user(
             f"adam_mini: no query / key projection found in {type(model).__name__} (names containing one of "
             f"{list(QUERY_KEY_NAMES)}); its attention weights get one block per row or per tensor, not per head "
             "(adam-mini's default partition, which its authors note can be unstable on large Transformers)",
-            stacklevel=3,
         )
     row_ids = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):

@@ -31,12 +31,12 @@ group decays with its own ``lr``).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
+from ..._warn import warn_user
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, muon_foreach_transient_bytes, muon_lr_ratio,
@@ -59,9 +59,8 @@ def flat_as_targeted(params: Iterable[Any], key: str, value: Any) -> list[Any]:
         return params
     if isinstance(params[0], dict):
         if not any(g.get(key) is not None for g in params):  # (the key set off on purpose: no warning)
-            warnings.warn(f"no parameter group has {key}={value!r}: every parameter takes AdamW; give the"
-                          f" group of the 2-D hidden weights {key}={value!r} (create_optimizer(model, ...) does)",
-                          stacklevel=3)
+            warn_user(f"no parameter group has {key}={value!r}: every parameter takes AdamW; give the"
+                      f" group of the 2-D hidden weights {key}={value!r} (create_optimizer(model, ...) does)")
         return params
     return [{"params": params, key: value}]
 
@@ -483,9 +482,9 @@ class Muon(LowMemOptimizer):
                          state_dtype=state_dtype, foreach=foreach)
         if eps != 1e-8 and all(g.get("use_muon") and p.ndim == 2 for g in self.param_groups for p in g["params"]):
             # torch.optim.Muon's eps is the Newton-Schulz floor; here it is AdamW's, which no parameter takes
-            warnings.warn(f"eps={eps!r} is AdamW's eps in lowmem's Muon and every parameter here takes Muon, so it"
-                          f" changes nothing; torch.optim.Muon's eps (the Newton-Schulz floor) is ns_eps here"
-                          f" (ns_eps={ns_eps!r})", stacklevel=2)
+            warn_user(f"eps={eps!r} is AdamW's eps in lowmem's Muon and every parameter here takes Muon, so it"
+                      f" changes nothing; torch.optim.Muon's eps (the Newton-Schulz floor) is ns_eps here"
+                      f" (ns_eps={ns_eps!r})")
 
 
 # ---- SinkGD ----------------------------------------------------------------------------------
