@@ -50,24 +50,59 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
                    help="local training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder of them, or a "
                    "save_to_disk folder, in a TRL format (see docs/training.md); repeat to concatenate several; "
                    "replaces the synthetic task")
+    p.add_argument("--eval-dataset", "--eval_dataset", dest="eval_dataset", action="append", metavar="PATH",
+                   help="local held-out data in the training data's format (the recipe's eval_dataset): a file, a folder "
+                   "(its validation/test files) or a save_to_disk folder; repeat to concatenate several; replaces the "
+                   "recipe's eval_dataset or eval_split")
+    p.add_argument("--chat-template", "--chat_template", dest="chat_template", metavar="TEXT_OR_FILE",
+                   help="Jinja chat template (the recipe's chat_template): the text, or the path of a .jinja/.j2 file; "
+                   "set on the tokenizer and saved with the model")
+    p.add_argument("--reward-funcs", "--reward_funcs", dest="reward_funcs", action="extend", nargs="+", metavar="REF",
+                   help="GRPO/GVPO/BNPO reward functions (the recipe's reward_funcs): a built-in name (exact_match, "
+                   "format, addition), package.module:function, path/to/file.py:function or a reward-model folder; "
+                   "several after one flag or the flag repeated (put them after RECIPE)")
+    p.add_argument("--reward-weights", "--reward_weights", dest="reward_weights", action="extend", nargs="+",
+                   metavar="W", help="one weight per --reward-funcs entry (the recipe's reward_weights; default 1 each)")
     p.set_defaults(handler=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import load_recipe, run
+    from .train import run
+
+    recipe = recipe_from_args(args)
+    set_train_threads(recipe.model)  # lowmem/threads.py: OMP_NUM_THREADS, else 1 for the tiny model, else cores/procs
+    run(recipe)
+    return 0
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The :class:`~lowmem.train.TrainRecipe` of parsed ``lowmem train`` arguments: the recipe file (or
+    configs/default.yaml) with the flags as overrides (:func:`lowmem.train.load_recipe`; relative paths in
+    flags are from the current directory, those in the file from its folder). Nothing is loaded."""
+    from .train import load_recipe
 
     recipe_path, resume = args.recipe, args.resume
     if recipe_path is None and isinstance(resume, str) and resume.endswith((".yaml", ".yml")):
         recipe_path, resume = resume, True  # `lowmem train --resume recipe.yaml`: the flag took the recipe
+    rewards, weights = args.reward_funcs, args.reward_weights
+    for name in ("reward_funcs", "reward_weights"):  # `--reward-funcs f.py:r recipe.yaml`: nargs took the recipe
+        values = rewards if name == "reward_funcs" else weights
+        if recipe_path is None and values and str(values[-1]).strip().endswith((".yaml", ".yml")):
+            recipe_path, values = values[-1], values[:-1]
+            rewards, weights = (values, weights) if name == "reward_funcs" else (rewards, values)
     recipe = load_recipe(
         recipe_path, trainer=args.trainer, save_steps=args.save_steps, eval_steps=args.eval_steps, resume_from_checkpoint=resume,
         optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
         output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size,
-        dataset=args.dataset[0] if args.dataset and len(args.dataset) == 1 else args.dataset,
+        dataset=_one_or_list(args.dataset), eval_dataset=_one_or_list(args.eval_dataset),
+        chat_template=args.chat_template, reward_funcs=rewards or None, reward_weights=weights or None,
     )
-    set_train_threads(recipe.model)  # lowmem/threads.py: OMP_NUM_THREADS, else 1 for the tiny model, else cores/procs
-    run(recipe)
-    return 0
+    return recipe
+
+
+def _one_or_list(paths: list[str] | None) -> str | list[str] | None:
+    """A repeatable path flag as the recipe writes it: one path as a string, several as a list."""
+    return paths[0] if paths and len(paths) == 1 else paths
 
 
 # ---- lowmem list ----------------------------------------------------------------------------

@@ -465,8 +465,8 @@ def ensure_chat_template(tokenizer, fmt: DatasetFormat, chat_template: str | Non
     if fmt.conversational and not getattr(tokenizer, "chat_template", None):
         where = f"model {model!r}" if model else "the embedded tiny model"
         raise ValueError(f"{source}: the {fmt.describe()} data is conversational, but the tokenizer of {where} has "
-                         "no chat template; set chat_template in the recipe (a Jinja string or the path of a "
-                         ".jinja file)")
+                         "no chat template; set chat_template in the recipe or --chat-template (a Jinja string or the "
+                         "path of a .jinja file)")
 
 
 @dataclass
@@ -591,8 +591,9 @@ def validate_data_fields(recipe: Any) -> None:
         raise ValueError(f"dataset={recipe.dataset!r} and task={recipe.task!r} are exclusive: task selects the embedded "
                          "synthetic data, dataset your own; remove one of them")
     if recipe.dataset is not None and recipe.trainer in ("grpo", "gvpo", "bnpo") and recipe.reward_funcs is None:
-        raise ValueError(f"trainer {recipe.trainer!r} on dataset={recipe.dataset!r} needs reward_funcs (built-in names "
-                         "such as exact_match or format, 'module:function' or 'path/to/file.py:function')")
+        raise ValueError(f"trainer {recipe.trainer!r} on dataset={recipe.dataset!r} needs reward_funcs (in the recipe, or "
+                         "--reward-funcs): built-in names such as exact_match or format, 'module:function' or "
+                         "'path/to/file.py:function'")
     if recipe.dataset is None:
         for name in ("eval_dataset", "eval_split"):
             if getattr(recipe, name) is not None:

@@ -86,7 +86,7 @@ class TrainRecipe:
             ``completion_only_loss``, ``assistant_only_loss``, ``dataset_text_field`` are its
             ``SFTConfig`` fields (top-level recipe keys or ``training_args``). See :mod:`lowmem.data`.
         eval_dataset (`str`, `list[str]` or `None`, defaults to `None`):
-            Local held-out data (one path or a list) in the same format; for a saved ``DatasetDict``
+            Local held-out data (one path or a list; ``--eval-dataset``) in the same format; for a saved ``DatasetDict``
             or a folder of split-named files, its ``validation`` or ``test`` split. SFT reports its
             loss before and after training (``initial_loss``, ``final_loss``); DPO its margin and
             accuracy. Requires ``dataset``.
@@ -94,16 +94,16 @@ class TrainRecipe:
             Fraction of ``dataset`` in ``(0, 1)`` held out for evaluation instead, shuffled by ``seed``.
             Exclusive with ``eval_dataset``.
         chat_template (`str` or `None`, defaults to `None`):
-            Jinja chat template (the text, or the path of a ``.jinja`` file) set on the tokenizer and
+            Jinja chat template (the text, or the path of a ``.jinja`` file; ``--chat-template``) set on the tokenizer and
             saved with the model. Conversational data needs one, here or in the tokenizer.
         reward_funcs (`list` or `None`, defaults to `None`):
-            GRPO/GVPO/BNPO rewards: built-in names (``exact_match``, ``format``, ``addition``),
+            GRPO/GVPO/BNPO rewards (``--reward-funcs``): built-in names (``exact_match``, ``format``, ``addition``),
             ``"package.module:function"``, ``"path/to/file.py:function"`` (your code, imported only
             because the recipe names it), or ``{name: ..., <keyword>: value}`` to bind keyword
             arguments. See :mod:`lowmem.rewards`. `None`: ``addition`` on the synthetic task;
             required with ``dataset``.
         reward_weights (`list[float]` or `None`, defaults to `None`):
-            One weight per reward function (TRL's ``reward_weights``); `None` weighs each 1.0.
+            One weight per reward function (TRL's ``reward_weights``; ``--reward-weights``); `None` weighs each 1.0.
 
         > Optimizer
 
@@ -280,13 +280,13 @@ class TrainRecipe:
         if (self.eval_steps is not None and self.dataset is not None and self.trainer != "dpo"
                 and self.eval_dataset is None and self.eval_split is None):
             raise ConfigError(f"eval_steps={self.eval_steps} needs a held-out set for dataset={self.dataset!r}: "
-                              "set eval_dataset (a file) or eval_split (a fraction)")
+                              "set eval_dataset (a file, --eval-dataset) or eval_split (a fraction)")
         strategy = self.training_args.get("eval_strategy")
         if (strategy is not None and str(getattr(strategy, "value", strategy)) != "no" and self.dataset is not None
                 and self.trainer != "dpo" and self.eval_dataset is None and self.eval_split is None):
             # the Trainer refuses it when built, after the model loaded
             raise ConfigError(f"eval_strategy={getattr(strategy, 'value', strategy)!r} needs a held-out set for "
-                              f"dataset={self.dataset!r}: set eval_dataset (a file) or eval_split (a fraction)")
+                              f"dataset={self.dataset!r}: set eval_dataset (a file, --eval-dataset) or eval_split (a fraction)")
         if self.quantization is not None:
             from lowmem.quant import bnb_config
 
@@ -712,6 +712,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     # keyword overrides (CLI flags, Python) go through the same mapping as YAML keys and win over them
     extra = _recipe_keys(given, "", **context)
     _run_length_precedence(data, extra)
+    _data_precedence(data, extra)
     if isinstance(data.get("training_args"), dict) and isinstance(extra.get("training_args"), dict):
         extra["training_args"] = {**data["training_args"], **extra["training_args"]}  # merged, overrides win
     data.update(extra)
@@ -749,6 +750,31 @@ def _run_length_precedence(data: dict[str, Any], extra: dict[str, Any]) -> None:
         data.pop("steps", None)
     if (epochs(data) or epochs(extra)) and "steps" not in data and "steps" not in extra:
         extra["steps"] = None
+
+
+# Recipe fields that exclude each other: an override of one replaces the file's other (``--dataset`` on a
+# recipe of ``task: addition`` trains on the dataset; ``--eval-dataset`` on one of ``eval_split: 0.1`` evaluates
+# on the file), as an override of a field replaces the file's value of that field.
+EXCLUSIVE_FIELDS: tuple[tuple[str, str], ...] = (("dataset", "task"), ("eval_dataset", "eval_split"))
+
+
+def _data_precedence(data: dict[str, Any], extra: dict[str, Any]) -> None:
+    """The data fields of a recipe file (``data``) against its overrides (``extra``, CLI flags or keyword
+    overrides), in place: an override of one of a pair of :data:`EXCLUSIVE_FIELDS` drops the file's other
+    (both overridden stay for the recipe's check to refuse). ``reward_funcs`` overridden without
+    ``reward_weights`` while the file has ``reward_weights``: those weights were the file's functions', so
+    this is an error asking for the weights of the new functions (keeping them would weigh other functions,
+    dropping them would silently change the file's weighting)."""
+    for a, b in EXCLUSIVE_FIELDS:
+        for mine, other in ((a, b), (b, a)):
+            if mine in extra and other not in extra and data.get(other) is not None:
+                data.pop(other)
+    if "reward_funcs" in extra and "reward_weights" not in extra and data.get("reward_weights") is not None \
+            and extra["reward_funcs"] != data.get("reward_funcs"):
+        raise ConfigError(f"reward_funcs={extra['reward_funcs']!r} (--reward-funcs) replaces the recipe's "
+                          f"reward_funcs={data.get('reward_funcs')!r}, whose reward_weights={data['reward_weights']!r} "
+                          "the recipe also sets: give the weights of the new functions too (--reward-weights, one per "
+                          "function)")
 
 
 # Recipe fields naming files or folders the run reads. In a recipe file, relative paths in them are

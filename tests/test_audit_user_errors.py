@@ -31,6 +31,7 @@ def test_reward_file_that_fails_to_import_is_a_one_line_error(source, expected, 
 
     path = tmp_path / "my_rewards.py"
     path.write_text(source)
+    sys.modules.pop("my_rewards", None)  # another test's module of that name
     before = set(sys.modules)
     with pytest.raises(ValueError, match="importing .*my_rewards.py' failed") as err:
         resolve_reward(f"{path}:my_reward")

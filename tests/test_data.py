@@ -284,7 +284,11 @@ def test_format_reward():
     assert fn.__name__ == "format" and fn(prompts=["p", "p"], completions=["42", "4a"]) == [1.0, 0.0]
 
 
-def test_reward_from_file_and_module(tmp_path, monkeypatch):
+def test_reward_from_file_and_module(tmp_path, monkeypatch, request):
+    import sys
+
+    # imported below as the module my_rewards of the cwd: not left in sys.modules for later tests of that name
+    request.addfinalizer(lambda: sys.modules.pop("my_rewards", None))
     (tmp_path / "my_rewards.py").write_text(
         "def longer(prompts, completions, scale=1.0, **kwargs):\n"
         "    return [scale * len(c) for c in completions]\n"
