@@ -131,9 +131,9 @@ def test_osd_pre_check_read_with_the_check_stays_within_the_count(dtype):
     opt = create_optimizer([{"params": ps[:4], "rank": 8}, {"params": ps[4:]}], "osd_adamw", lr=1e-2)
     orig, peaks = opt._all_finite, []
 
-    def measured(work, lows=None):
+    def measured(work, lows=None, tokens=None):
         with _AllLive() as m:
-            ok = orig(work, lows)
+            ok = orig(work, lows, tokens)
         peaks.append(m.peak)
         return ok
 

@@ -161,15 +161,20 @@ def test_galore_fused_combine_back_keeps_unfused_cases(monkeypatch):
 # (which also reads Online Subspace Descent's usability check of the gradients before their PCA steps).
 HOST_READS = {
     "adafactor": (3, 1), "adamw": (3, 1), "adamw4bit": (3, 1), "adamw4bit_rank1": (3, 1), "adamw8bit": (3, 1),
-    "fira_adamw": (5, 1), "fira_adamw8bit": (5, 1), "frugal": (5, 1), "frugal8bit": (5, 1),  # + the CPU moment_start
+    # + the CPU moment_start; + proj_meta once more: whether an SVD refresh is due, its gradient then checked
+    # with the finite check (engine._refresh_checks; GaLore's checks its projected gradients: not asked)
+    "fira_adamw": (6, 1), "fira_adamw8bit": (6, 1), "frugal": (6, 1), "frugal8bit": (6, 1),
     "galore_adafactor": (4, 1), "galore_adamw": (4, 1), "galore_adamw8bit": (4, 1), "microadam": (3, 1),
-    "osd_adamw": (7, 1),  # the CPU PCA-step count read twice (pre_check, foreach_post_update); usability: the check's read
+    # the CPU PCA-step count read twice (pre_check, foreach_post_update) and once whether a refresh is due;
+    # usability: the check's read
+    "osd_adamw": (8, 1),
     "spam": (3, 1), "stable_spam": (3, 1),
     "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1),
     "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step
     "adam_mini": (3, 1),
-    "adamw_sn": (3, 1), "adamw_snsm": (5, 1), "sgd_sm": (4, 1),  # SNSM: its step scale reads the CPU step
-    "adagrad_sn": (3, 1), "adagrad_snsm": (4, 1),  # AdaGrad: no bias correction, no step read
+    # SNSM: its step scale reads the CPU step; Subspace-Momentum: + whether an SVD refresh is due, as Fira
+    "adamw_sn": (3, 1), "adamw_snsm": (6, 1), "sgd_sm": (5, 1),
+    "adagrad_sn": (3, 1), "adagrad_snsm": (5, 1),  # AdaGrad: no bias correction, no step read
     "lomo": (3, 1), "adalomo": (3, 1), "badam": (3, 1),  # BAdam's schedule is Python ints: no read
 }
 

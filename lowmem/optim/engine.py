@@ -74,7 +74,7 @@ from .sharded import (ShardedProjection, ShardReduce, check_placements, check_su
                       sharded_post_update, state_from_dtensor, state_to_dtensor)
 from .sharded import check_loaded_state, check_same_settings, state_layout
 from .stabilizers import Stabilizer
-from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, rotate_moments
+from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, all_usable_if_finite, rotate_moments
 
 LRRule = Callable[[dict, dict, Tensor, float], "float | Tensor"]
 
@@ -441,6 +441,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: what the projection's ``pre_check`` handed over for the step in progress, its flag read ``True`` with
     #: the non-finite check (``post_update`` / ``foreach_post_update`` take it as ``checked``); else ``None``
     _checked: Any = None
+    #: the gradients (by ``id``) whose projection refresh this step the non-finite check's read found usable
+    #: (:meth:`_finite_and_pre_check`; the refresh then reads nothing itself); else ``None``
+    _usable: dict[int, Tensor] | None = None
     _chunk_numel: int | None | _ByDevice = BY_DEVICE
 
     @property
@@ -1053,7 +1056,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # projected gradients computed before the check, which reads them instead of their gradients
         # (_checked_lows: no state is touched before the check)
         lows = self._checked_lows(work, tokens) if self.skip_nonfinite else {}
-        if self.skip_nonfinite and not self._all_finite(work, lows):
+        if self.skip_nonfinite and not self._all_finite(work, lows, tokens):
             self.skipped_steps += 1
             warn_user(
                 f"{self.recipe.name}: non-finite gradient (or a gradient norm >= {MAX_GRAD_NORM:.3g}, whose square"
@@ -1138,7 +1141,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             del low_bucket
         for bkey in list(buckets):
             self._step_bucket(bkey, buckets.pop(bkey))
-        self._checked = None
+        self._checked = self._usable = None
         return loss
 
     def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
@@ -1274,12 +1277,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
             route.step_view = None if view is None else (view, _EXACT_INTEGERS[step.dtype])
         return route.step_view
 
-    def _all_finite(self, work: list[tuple], lows: dict[int, Tensor] | None = None) -> bool:
+    def _all_finite(self, work: list[tuple], lows: dict[int, Tensor] | None = None,
+                    tokens: dict[int, object] | None = None) -> bool:
         """:func:`_all_finite` of the local gradients, or of a parameter's projected gradient where
         ``lows`` (:meth:`_checked_lows`, by ``id`` of the parameter) has it; with sharded parameters
         the flag is reduced over their meshes (every rank skips together, or none does)."""
         tensors = [lows.get(id(p), grad) for _, p, grad, _, _ in work] if lows else [grad for _, _, grad, _, _ in work]
-        finite = self._finite_and_pre_check(work, tensors) or _all_finite(tensors)
+        finite = self._finite_and_pre_check(work, tensors, tokens) or _all_finite(tensors)
         reduces = {id(r.groups[0]) if r.groups else None: r for *_, r in work if r is not None}
         if not reduces:
             return finite
@@ -1289,32 +1293,73 @@ class LowMemOptimizer(torch.optim.Optimizer):
             r.min_(flag)
         return bool(flag.item())
 
-    def _finite_and_pre_check(self, work: list[tuple], tensors: list[Tensor]) -> bool:
+    def _finite_and_pre_check(self, work: list[tuple], tensors: list[Tensor],
+                              tokens: dict[int, object] | None = None) -> bool:
         """The non-finite check's common case read together with the projection's
         :meth:`~lowmem.optim.subspace.Projection.pre_check` flag (Online Subspace Descent: every basis
-        step's gradient usable; issue 15, one device read a step): ``True`` when every norm is below
-        :data:`MAX_GRAD_NORM` (what :func:`_all_finite` passes at its first read) and the flag holds, then
-        :attr:`_checked` holds what the projection handed over. ``False`` otherwise (no flag, several
+        step's gradient usable) and with whether every gradient of a refresh due this step that reads it
+        is usable (:meth:`_refresh_checks`; GaLore's, Fira's, ... SVD: finite and not all zero, from the
+        check's own norms, :func:`~lowmem.optim.subspace.all_usable_if_finite`), issue 15: one device read a step.
+        ``True`` when every norm is below :data:`MAX_GRAD_NORM` (what :func:`_all_finite` passes at its
+        first read) and the flags hold, then :attr:`_checked` holds what the projection handed over and
+        :attr:`_usable` the refreshes' gradients. ``False`` otherwise (nothing to read with it, several
         devices, a failing norm or flag: then :func:`_all_finite` decides with its own read, and the basis
-        steps read their own flags)."""
-        self._checked = None
+        steps and refreshes read their own flags)."""
+        self._checked = self._usable = None
         P = self.recipe.projection
         if P is None or not tensors:
             return False
         pre = P.pre_check([(grad, self.state[key], group) for key, _, grad, group, r in work
                            if r is None and key in self.state])
-        if pre is None:
+        due = self._refresh_checks(work, tensors, tokens)
+        if pre is None and not due:
             return False
-        flag, checked = pre
-        if any(t.device != flag.device for t in tensors):
+        device = pre[0].device if pre is not None else tensors[due[0]].device
+        if any(t.device != device for t in tensors):
             return False
+        if due:  # (the refreshes' gradients first: their norms a slice of the stack)
+            first = set(due)
+            tensors = [tensors[i] for i in due] + [t for i, t in enumerate(tensors) if i not in first]
         norms = torch._foreach_norm(tensors)  # (a float32 norm of each, as _all_finite's)
-        ok = (torch.stack([n if n.dtype is torch.float32 else n.float() for n in norms]) < MAX_GRAD_NORM).all()
+        stack = torch.stack([n if n.dtype is torch.float32 else n.float() for n in norms])
         del norms
-        if not bool(ok & flag):  # NaN compares False
+        ok = (stack < MAX_GRAD_NORM).all()  # NaN compares False
+        if due:
+            ok &= all_usable_if_finite(stack[:len(due)])  # (finite, from ok: usable when not zero; 1 byte)
+        del stack
+        if pre is not None:
+            ok = ok & pre[0]
+        if not bool(ok):
             return False
-        self._checked = checked
+        self._checked = None if pre is None else pre[1]
+        self._usable = {id(t): t for t in tensors[:len(due)]} if due else None
         return True
+
+    def _refresh_checks(self, work: list[tuple], tensors: list[Tensor], tokens: dict[int, object] | None) -> list[int]:
+        """Indices into ``work`` of the parameters whose projection refresh is due this step and reads its
+        gradient's usability (:meth:`~lowmem.optim.subspace.Projection.refresh_checks_usable`), checked in
+        :meth:`_finite_and_pre_check`: unsharded, checked through the gradient itself (not a projected one),
+        no stabilizers (the refresh reads that gradient, in float32). Whether due: the step count's next
+        value read through the route's NumPy view (no host read), a first step's always; a count not read
+        that way is taken as due (a usable gradient passes either way; an unusable one not due only makes
+        the step read twice)."""
+        r, P = self.recipe, self.recipe.projection
+        if r.stabilizers:
+            return []
+        due = []
+        for i, (key, p, grad, group, reduce) in enumerate(work):
+            if (reduce is not None or tensors[i] is not grad or not self._is_projected(p, group)
+                    or not P.refresh_checks_usable(group)):
+                continue
+            state = self.state[key] if key in self.state else {}
+            step = state.get("step")
+            if step is not None and "proj_meta" in state and tokens is not None:
+                view = self._counter_view(step, self._route(p, grad, group, state, tokens))
+                t = None if view is None else float(view[0][()]) + 1
+                if t is not None and abs(t) <= view[1] and t.is_integer() and not P.refresh_due(state, group, int(t)):
+                    continue
+            due.append(i)
+        return due
 
     def _checked_lows(self, work: list[tuple], tokens: dict[int, object] | None) -> dict[int, Tensor]:
         """Projected gradients the non-finite check reads instead of their gradients (issue 15: one
@@ -1674,7 +1719,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 accumulation in the subspace, after :meth:`refresh_projection`); ``grad`` is then
                 only used by the projection's ``post_update``.
         """
-        self._checked = None  # (no whole-step check: each basis step reads its own flag)
+        self._checked = self._usable = None  # (no whole-step check: each basis step and refresh reads its own flag)
         grad = p.grad if grad is None else grad
         if grad is None:
             return
@@ -1751,10 +1796,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         still converts it whole: the exact SVD needs it whole anyway). ``low``: the projected
         gradient already computed by :meth:`_checked_lows` (no refresh due: the same product)."""
         r, P = self.recipe, self.recipe.projection
+        checked = self._usable is not None and self._usable.get(id(grad)) is grad  # (_finite_and_pre_check)
         if projected_grad is None and self._down_in_rows(p, grad):
             if low is None:
                 if P.refresh_due(state, group, int(t)):
-                    self._refresh(p, grad.float(), state, group, int(t))
+                    self._refresh(p, grad.float(), state, group, int(t), checked)
                 low = P.down_rows(grad, state, group, self._row_bounds(p.shape, self._chunk(p.device)))
             lr = r.lr_rule(group, state, p if r.lr_rule is constant_lr else p.float(), t)
             return _Projected(p, grad, low, state, group, t, lr, p, True, None)
@@ -1764,7 +1810,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         g = g.float()  # the subspace math is float32 (a float64 parameter stays float64)
         if projected_grad is None:
             if low is None:
-                self._refresh(p, g, state, group, int(t))
+                self._refresh(p, g, state, group, int(t), checked and not r.stabilizers)
                 low = P.down(g, state, group)
         else:
             low = projected_grad.float()
@@ -1834,14 +1880,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
             p.copy_(p32)
         sharded_post_update(g, low, state, group, sp)  # Online Subspace Descent's basis step
 
-    def _refresh(self, p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int) -> None:
-        """Refresh ``p``'s projection from ``g`` if due at step ``t``, then apply the moment policy."""
+    def _refresh(self, p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int,
+                 checked: bool = False) -> None:
+        """Refresh ``p``'s projection from ``g`` if due at step ``t``, then apply the moment policy.
+        ``checked``: ``g`` (the step's gradient in float32) found usable by :meth:`_finite_and_pre_check`."""
         P = self.recipe.projection
         if not P.refresh_due(state, group, t):
             return
         rotate = group["moment_policy"] == "rotate" and t > 1
         old = P.snapshot(state, group) if rotate else None
-        if P.refresh(g, state, group) and t > 1:
+        if P.refresh(g, state, group, checked) and t > 1:
             self._on_subspace_change(state, group, old, t)
 
     @torch.no_grad()

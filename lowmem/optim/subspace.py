@@ -81,9 +81,17 @@ class Projection:
         gap = group["update_proj_gap"]
         return (t - 1) % gap == 0
 
-    def refresh(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
-        """Recompute the basis from gradient ``g`` in place; return ``False`` if it was skipped."""
+    def refresh(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], checked: bool = False) -> bool:
+        """Recompute the basis from gradient ``g`` in place; return ``False`` if it was skipped.
+        ``checked``: ``g`` is known usable (:meth:`refresh_checks_usable`; the engine read it with its
+        non-finite check, :func:`all_usable_if_finite`), so the refresh reads no device value of its own for it."""
         raise NotImplementedError
+
+    def refresh_checks_usable(self, group: dict[str, Any]) -> bool:
+        """Whether :meth:`refresh` reads whether its gradient is usable (finite and not all zero,
+        :func:`usable_flags`) before using it: then the engine checks the gradients of a step's due refreshes
+        at once with its non-finite check (one device read a step, issue 15) and passes ``checked=True``."""
+        return False
 
     def down(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor:
         raise NotImplementedError
@@ -278,9 +286,12 @@ class SubspaceProjection(Projection):
             return False  # learned online after the first SVD
         return (t - 1 - phase) % group["update_proj_gap"] == 0
 
-    def refresh(self, g, state, group):
+    def refresh_checks_usable(self, group):
+        return self.method(group) in DATA_DEPENDENT
+
+    def refresh(self, g, state, group, checked=False):
         method = self.method(group)
-        if method in DATA_DEPENDENT and not _usable(g):
+        if method in DATA_DEPENDENT and not checked and not _usable(g):
             warn_user(
                 f"projection refresh skipped: the gradient of a {tuple(g.shape)} parameter is zero or not finite;"
                 " keeping the previous subspace"
@@ -649,6 +660,13 @@ def all_usable(norms: Tensor) -> Tensor:
     finite (``log 0 = -inf``, ``log inf = inf``, ``log nan = nan``; a positive float32 norm's log lies within
     +-104), and a sum of finite logs is finite (any other term makes it infinite or NaN)."""
     return torch.isfinite(norms.log().sum())
+
+
+def all_usable_if_finite(norms: Tensor) -> Tensor:
+    """:func:`all_usable` of ``norms`` known finite (the engine's non-finite check read with it, issue 15):
+    then usable is not zero, and ``all`` of the norms says it in one kernel (a 1-byte result; ``isfinite``'s
+    decomposition would allocate 4 temporaries)."""
+    return norms.all()
 
 
 def _usable(g: Tensor, norm: Tensor | None = None) -> bool:
