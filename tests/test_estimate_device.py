@@ -35,7 +35,8 @@ def _config():
 
 
 def _real_cpu_sizes(name: str, args: dict, layerwise: bool) -> tuple[int, int]:
-    """``state_bytes()`` / ``step_transient_bytes()`` of the optimizer on a real float32 CPU model."""
+    """``state_bytes()`` / ``step_transient_bytes()`` of the optimizer on a real float32 CPU model (``layerwise``:
+    of :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`)."""
     from transformers import AutoModelForCausalLM
 
     from lowmem.optim import create_optimizer
@@ -44,9 +45,15 @@ def _real_cpu_sizes(name: str, args: dict, layerwise: bool) -> tuple[int, int]:
     model = AutoModelForCausalLM.from_config(_config(), dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if layerwise:  # (the hooks' optimizer: the per-parameter step next to its non-finite check)
+            from lowmem.optim.layerwise import LayerwiseOptimizer
+
+            lw = LayerwiseOptimizer(model, name, **args)
+            lw.inner.materialize_state()
+            return lw.state_bytes(), lw.step_transient_bytes()
         opt = create_optimizer(model, name, **args)
         opt.materialize_state()
-        return opt.state_bytes(), opt.step_transient_bytes(per_parameter=layerwise)
+        return opt.state_bytes(), opt.step_transient_bytes()
 
 
 def _check_bytes(device: str) -> int:

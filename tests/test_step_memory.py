@@ -241,6 +241,9 @@ def test_gemm_packing_buffer_counted_once_on_mkl_cpu_only(monkeypatch):
     assert report("cpu", rank=8, projection="gaussian") == tuple(m + 8 for m in report("meta", rank=8, projection="gaussian"))
 
 
+needs_proc_early = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+
+
 def test_step_transient_bytes_needs_state_on_a_real_device():
     p = torch.nn.Parameter(torch.zeros(8, 8))
     opt = create_optimizer([p], "adamw")
@@ -249,26 +252,115 @@ def test_step_transient_bytes_needs_state_on_a_real_device():
 
 
 def test_layerwise_step_transient_bytes():
+    """The inner per-parameter step next to the hook's squared norm and running sum (8 bytes); clipping adds
+    the coefficient (4) and no copy in the hooks (they scale the gradient in place), a copy from DDP's
+    communication hook (the largest gradient, 128 x 64 float32)."""
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 32))
     lw = LayerwiseOptimizer(model, "adamw8bit")
     lw.inner.materialize_state()
     base = lw.step_transient_bytes()
-    assert base == lw.inner.step_transient_bytes(per_parameter=True) > 0
+    assert base == lw.inner.step_transient_bytes(per_parameter=True) + 8 > 8
     clipped = LayerwiseOptimizer(model, "adamw8bit", max_grad_norm=1.0)
     clipped.inner.materialize_state()
-    assert clipped.step_transient_bytes() == base + 128 * 64 * 4
+    assert clipped.step_transient_bytes() == base + 4
+    clipped._ddp = object()  # (as attach_ddp sets it: stepped on views of DDP's buckets)
+    assert clipped.step_transient_bytes() == base + 4 + 128 * 64 * 4
     lw.remove_hooks()
     clipped.remove_hooks()
+
+
+def _traced_hook_step(dtype, shape, clip, mode, owned=True):
+    """Bytes that one LayerwiseOptimizer._step_param allocates alive together, the inner step stubbed out (its
+    own term is the engine's): the non-finite check and the clipping, every dispatched output counted."""
+    from test_nonfinite_check_bytes import _AllLive
+
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(shape[1], shape[0], bias=False).to(dtype)
+    lw = LayerwiseOptimizer(m, "lomo", lr=1e-3, max_grad_norm=clip, clip_mode=mode)
+    lw.inner.step_param = lambda *a, **k: None
+    p, g = m.weight, torch.randn(shape).to(dtype)
+    lw._step_param(p, g.clone(), lw._group_of[p], owned=owned)  # (a running sum exists, as for a later parameter)
+    lw._new_step()
+    g2 = g.clone()
+    with _AllLive() as t:
+        lw._step_param(p, g2, lw._group_of[p], owned=owned)
+    lw.remove_hooks()
+    return t.peak, g2, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("clip,mode", [(None, "per_param"), (1.0, "per_param"), (1.0, "global_prev")])
+def test_layerwise_hook_allocates_what_it_counts(dtype, clip, mode):
+    """The hook's non-finite check (float_norm's float32 block of a bfloat16 gradient: 2 MiB here) and clipping
+    coefficient, traced, against layerwise_transient_bytes with no inner transient: at most the running sum of
+    the earlier parameters (4 bytes, allocated before the trace) apart. The hooks clip in place (the same values
+    as a copy), DDP's views into a copy."""
+    from lowmem.optim.layerwise import LayerwiseOptimizer, check_bytes, layerwise_transient_bytes
+
+    shape = (1024, 1024)  # 2^20 elements: two of float_norm's blocks
+    traced, scaled, g = _traced_hook_step(dtype, shape, clip, mode)
+    reported = layerwise_transient_bytes(0, [(shape[0] * shape[1], dtype, True)], 0, clip, mode)
+    assert traced <= reported <= traced + 4, (traced, reported)
+    if dtype is torch.bfloat16:
+        assert check_bytes(2**20, dtype) == 4 * 2**19 + 8 <= reported
+    if clip is not None:
+        coef = torch.clamp(clip / (float_norm_of(g) + 1e-6), max=1.0) if mode == "per_param" else torch.ones(())
+        assert torch.equal(scaled, g * coef.to(dtype))
+        traced_ddp, kept, _ = _traced_hook_step(dtype, shape, clip, mode, owned=False)
+        assert torch.equal(kept, g)  # (a DDP bucket's view is not scaled)
+        reported_ddp = layerwise_transient_bytes(0, [(2**20, dtype, True)], 0, clip, mode, ddp=True)
+        assert traced_ddp <= reported_ddp <= traced_ddp + 4, (traced_ddp, reported_ddp)
+    del LayerwiseOptimizer
+
+
+def float_norm_of(g):
+    from lowmem.optim.functional.norms import float_norm
+
+    return float_norm(g).float().square().sqrt()
+
+
+@needs_proc_early
+def test_layerwise_check_copies_a_small_low_precision_gradient_whole():
+    """A bfloat16 gradient of at most 2^19 elements: vector_norm(g, dtype=float32) converts it whole inside its
+    kernel (no dispatched output: measured by the peak RSS of a fresh process), 4 bytes per element as
+    check_bytes counts."""
+    import subprocess
+    import sys
+
+    from lowmem.optim.layerwise import check_bytes
+    from lowmem.optim.step_memory import LIVE_ENV
+
+    code = (
+        "import torch\n"
+        "from lowmem.optim.step_memory import _reset_peak, _status_kib\n"
+        "from lowmem.optim.layerwise import LayerwiseOptimizer\n"
+        "m = torch.nn.Linear(1024, 512, bias=False).to(torch.bfloat16)\n"
+        "lw = LayerwiseOptimizer(m, 'lomo', lr=1e-3)\n"
+        "lw.inner.step_param = lambda *a, **k: None\n"
+        "p = m.weight; g = torch.randn(512, 1024).to(torch.bfloat16)\n"
+        "lw._step_param(p, g, lw._group_of[p]); lw._new_step()\n"
+        "_reset_peak(); base = _status_kib('VmRSS')\n"
+        "lw._step_param(p, g, lw._group_of[p])\n"
+        "print((_status_kib('VmHWM') - base) * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **LIVE_ENV})
+    grown, counted = int(out.stdout.split()[-1]), check_bytes(2**19, torch.bfloat16)
+    assert counted == 4 * 2**19 + 4
+    assert 0.75 * counted <= grown <= counted + 64 * 1024, (grown, counted)
 
 
 @pytest.mark.parametrize("name,hp", [("adamw", {}), ("galore_adamw", {"rank": 16, "projection": "random"})])
 def test_layerwise_transient_counts_no_buckets(name, hp):
     """Layerwise mode steps each parameter alone in its gradient hook (step_param): its transient is
-    the largest per-parameter step's, without the foreach buckets (AdamW's sqrt(v) of a bucket of every
-    small tensor) or the projected buckets (every weight's projected gradient and direction) that
-    step() would use; the estimator uses the same (estimate_memory(layerwise=True))."""
+    the largest per-parameter step's (next to the hook's squared norm and running sum, 8 bytes), without
+    the foreach buckets (AdamW's sqrt(v) of a bucket of every small tensor) or the projected buckets (every
+    weight's projected gradient and direction) that step() would use; the estimator uses the same
+    (estimate_memory(layerwise=True))."""
     from lowmem.memory.estimate import optimizer_memory
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
@@ -284,10 +376,34 @@ def test_layerwise_transient_counts_no_buckets(name, hp):
     assert full.step_transient_bytes() > 2 * alone  # six weights (or their projected gradients) in one bucket
     lw = LayerwiseOptimizer(m, name, **hp)
     lw.inner.materialize_state()
-    assert lw.step_transient_bytes() == alone
+    assert lw.step_transient_bytes() == alone + 8
     lw.remove_hooks()
-    assert optimizer_memory(model(), name, hp, layerwise=True)[1] == alone
+    assert optimizer_memory(model(), name, hp, layerwise=True)[1] == alone + 8
     assert optimizer_memory(model(), name, hp)[1] == full.step_transient_bytes()
+
+
+def test_layerwise_estimate_counts_the_hook_check():
+    """LOMO (no per-parameter transient on float32): the hook's check (the norm and its square next to the running
+    sum, 12 bytes) is layerwise mode's transient, in LayerwiseOptimizer.step_transient_bytes and in the estimator
+    alike; on bfloat16 with the inner step in small chunks, the check's float32 block of 2^19 elements decides."""
+    from lowmem.memory.estimate import optimizer_memory
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    def model(dtype=torch.float32):
+        return torch.nn.Sequential(torch.nn.Linear(1024, 1024, bias=False), torch.nn.Linear(1024, 8)).to(
+            device="meta", dtype=dtype)
+
+    lw = LayerwiseOptimizer(model(), "lomo", lr=1e-3)
+    lw.inner.materialize_state()
+    assert lw.inner.step_transient_bytes(per_parameter=True) == 0
+    assert lw.step_transient_bytes() == 12 == optimizer_memory(model(), "lomo", {"lr": 1e-3}, layerwise=True)[1]
+    lw.remove_hooks()
+    lw = LayerwiseOptimizer(model(torch.bfloat16), "lomo", lr=1e-3)
+    lw.inner.chunk_numel = 2**16
+    lw.inner.materialize_state()
+    assert lw.inner.step_transient_bytes(per_parameter=True) < 4 * 2**19
+    assert lw.step_transient_bytes() == 4 * 2**19 + 12
+    lw.remove_hooks()
 
 
 # ---- measured in a fresh process ----------------------------------------------------------------

@@ -574,14 +574,30 @@ def _transient_before_input_embedding(model: nn.Module, opt: Any, kept_gemm: int
     weight = getattr(emb, "weight", None)
     if weight is None or not weight.requires_grad or not hasattr(opt, "_param_transient_bytes"):
         return None
-    worst, found = 0, False
+    from ..optim.layerwise import layerwise_transient_bytes
+
+    worst, found, grads = 0, False, []
     for group in opt.param_groups:
         for p in group["params"]:
             if p is weight:
                 found = True
             elif opt.state[p]:
                 worst = max(worst, opt._param_transient_bytes(p, group, opt.state[p]))
-    return kept_gemm + worst if found else None
+                grads.append((p.numel(), p.dtype, p.is_contiguous()))
+    # (with the hook's non-finite check, as LayerwiseOptimizer.step_transient_bytes)
+    return layerwise_transient_bytes(kept_gemm + worst, grads, kept_gemm) if found else None
+
+
+def _layerwise_transient(opt: Any) -> int:
+    """Layerwise mode's step transient of the engine optimizer ``opt``: what
+    :meth:`~lowmem.optim.layerwise.LayerwiseOptimizer.step_transient_bytes` reports for it (no gradient
+    clipping: ``lowmem train`` and :func:`~lowmem.memory.measure.measure_memory` pass no ``max_grad_norm``):
+    its per-parameter step next to the hook's non-finite check (:func:`~lowmem.optim.layerwise.layerwise_transient_bytes`)."""
+    from ..optim.layerwise import layerwise_transient_bytes
+
+    grads = [(p.numel(), p.dtype, p.is_contiguous()) for g in opt.param_groups for p in g["params"]]
+    kept = opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0
+    return layerwise_transient_bytes(opt.step_transient_bytes(per_parameter=True), grads, kept)
 
 
 def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None) -> dict[str, Any]:
@@ -609,7 +625,7 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         warnings.simplefilter("always")
         opt.materialize_state()
         sizes = {"state": opt.state_bytes(),
-                 "transient": {False: opt.step_transient_bytes(per_parameter=False), True: opt.step_transient_bytes(per_parameter=True)},
+                 "transient": {False: opt.step_transient_bytes(per_parameter=False), True: _layerwise_transient(opt)},
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0}
         sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, sizes["kept_gemm"])
     caught = [w for w in created if "smaller side" in str(w.message)] + caught

@@ -47,6 +47,65 @@ from .registry import create_optimizer
 from .sharded import is_dtensor
 
 
+# Elements of a low-precision gradient converted to float32 at once by the non-finite check's norm
+# (functional.norms.float_norm's blocks)
+NORM_BLOCK = 2**19
+
+
+def check_bytes(numel: int, dtype: torch.dtype, contiguous: bool = True) -> int:
+    """What :meth:`LayerwiseOptimizer._step_param`'s non-finite check, ``float_norm(g, NORM_BLOCK).float().square()``,
+    allocates alive together for one gradient of ``numel`` elements in ``dtype``.
+
+    float32: the 0-d norm and its square (8 bytes); float64: the norm, its float32 copy, then the square (12).
+    Another dtype (bfloat16, float16), contiguous and larger than :data:`NORM_BLOCK`: the running sum of squares,
+    one block's float32 copy and its norm (``4 NORM_BLOCK + 8``); otherwise ``vector_norm(g, dtype=float32)``,
+    whose kernel converts the whole tensor to float32 first (``4 numel``, not seen by a dispatch tracer, measured
+    by the peak RSS) beside its 0-d output (``+ 4``), and at least the norm and its square (8).
+    """
+    if dtype is torch.float32:
+        return 8
+    if dtype is torch.float64:
+        return 12
+    if contiguous and numel > NORM_BLOCK:
+        return 4 * NORM_BLOCK + 8
+    return max(4 * numel + 4, 8)
+
+
+def layerwise_transient_bytes(per_parameter: int, grads: list[tuple[int, torch.dtype, bool]], kept: int = 0,
+                              max_grad_norm: float | None = None, clip_mode: str = "per_param",
+                              device_type: str = "cpu", ddp: bool = False) -> int:
+    """The largest transient of one :meth:`LayerwiseOptimizer._step_param`, in its phases:
+
+    * the non-finite check (:func:`check_bytes` of the largest one over ``grads``, given as ``(numel, dtype,
+      contiguous)``), next to the running sum of squared norms of the parameters stepped before it (4 bytes),
+      then the new sum beside the old one and the squared norm (12);
+    * with ``max_grad_norm``, ``clip_mode="per_param"``: the coefficient's 0-d temporaries (``sqrt + 1e-6``, its
+      reciprocal and their product with ``max_grad_norm``: 20 bytes with the squared norm and the sum);
+    * the inner step (``per_parameter``: the engine's ``step_transient_bytes(per_parameter=True)``) next to the
+      squared norm and the sum (8 bytes), and with ``max_grad_norm`` the coefficient (4; ``"global_prev"`` off
+      the CPU: its copy on the device, 4) and, while the gradient is scaled, the coefficient cast to a gradient
+      dtype other than float32 (its itemsize). The hooks scale the gradient in place (they free it after the
+      step); with ``ddp`` (stepped from DDP's communication hook, on a view of its bucket) the clipped gradient
+      is a copy, of the largest gradient's size (with the largest inner transient: an upper bound when they
+      are different parameters).
+
+    ``kept``: bytes alive through every phase (MKL's packing buffer, :meth:`LowMemOptimizer._kept_gemm_bytes`), part
+    of ``per_parameter`` already and added to the check's phase here. 0-d tensors count their bytes (on CUDA
+    the caching allocator rounds each one up to 512 bytes: not modelled)."""
+    if not grads:
+        return per_parameter
+    check = max(check_bytes(*g) for g in grads)
+    held = copy = 0
+    if max_grad_norm is not None:
+        held = 4 * (clip_mode == "per_param" or device_type != "cpu")
+        held += max((dtype.itemsize for _, dtype, _ in grads if dtype is not torch.float32), default=0)
+        copy = max(numel * dtype.itemsize for numel, dtype, _ in grads) if ddp else 0
+    phases = [kept + 4 + max(check, 8), per_parameter + 8 + held + copy]
+    if max_grad_norm is not None and clip_mode == "per_param":
+        phases.append(kept + 20)
+    return max(phases)
+
+
 def _register_hook(p: Tensor, hook: Callable[[Tensor], None]) -> Any:
     """``p.register_post_accumulate_grad_hook(hook)``, also on a parameter frozen for now (BAdam's
     inactive blocks): the hook stays registered when ``requires_grad`` is turned back on."""
@@ -181,11 +240,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             else:
                 self._low[p].add_(self.inner.project(p, grad, group))
             if last:
-                self._step_param(p, grad, group, low=self._low.pop(p))
+                self._step_param(p, grad, group, low=self._low.pop(p), owned=True)
             p.grad = None
             return
         if last:
-            self._step_param(p, grad, group)
+            self._step_param(p, grad, group, owned=owned)
             if owned:
                 p.grad = None
         # else: the gradient stays in p.grad and autograd adds the next micro-batch to it
@@ -194,7 +253,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._handled.clear()
         self._nonfinite = False
 
-    def _step_param(self, p: Tensor, grad: Tensor, group: dict, low: Tensor | None = None) -> None:
+    def _step_param(self, p: Tensor, grad: Tensor, group: dict, low: Tensor | None = None, owned: bool = False) -> None:
+        """Step ``p`` from ``grad`` (or the accumulated projected gradient ``low``). ``owned``: the gradient (or
+        ``low``) is freed after this step, so clipping scales it in place (no copy; the same values as
+        ``clipped * coef``); a DDP bucket's view is scaled into a copy."""
         self._micro[p] = 0
         if p in self._handled:  # p's next gradient: a new step began (a loop that never calls step())
             self._new_step()
@@ -204,7 +266,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         clipped = low if low is not None else grad
         # the norm is a reduction (no full-size temporary); a finite squared norm (in float32 at least)
         # proves every entry finite and the second-moment statistics safe from overflow
-        norm_sq = float_norm(clipped).float().square()
+        norm_sq = float_norm(clipped, NORM_BLOCK).float().square()  # (check_bytes)
         if not bool(torch.isfinite(norm_sq)):
             self._nonfinite = True
             self.inner.skipped_steps += 1
@@ -223,7 +285,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 coef = torch.clamp(self.max_grad_norm / (norm_sq.sqrt() + 1e-6), max=1.0)
             else:
                 coef = self._clip_coef.to(clipped.device)
-            clipped = clipped * coef.to(clipped.dtype)
+            clipped = clipped.mul_(coef.to(clipped.dtype)) if owned else clipped * coef.to(clipped.dtype)
         if low is not None:
             self.inner.step_param(p, grad, group=group, projected_grad=clipped)
         else:
@@ -244,7 +306,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 group = self._group_of[p]
                 low = self._low.pop(p, None)
                 if low is not None or p.grad is not None:
-                    self._step_param(p, p.grad if p.grad is not None else torch.zeros_like(p), group, low=low)
+                    self._step_param(p, p.grad if p.grad is not None else torch.zeros_like(p), group, low=low,
+                                     owned=True)
                     p.grad = None
                 self._micro[p] = 0
         self._new_step()
@@ -281,15 +344,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return self.inner.state_bytes()
 
     def step_transient_bytes(self) -> int:
-        """The largest transient of stepping one parameter alone (the inner optimizer's
-        ``step_transient_bytes(per_parameter=True)``: the hooks use no multi-tensor buckets), plus, with
-        ``max_grad_norm``, the clipped copy of the largest gradient (gradients assumed in the
-        parameter's dtype). The subspace accumulation buffers (``r x n`` per projected parameter,
-        held across micro-batches) are state-like and not counted here."""
-        extra = 0
-        if self.max_grad_norm is not None:
-            extra = max((p.numel() * p.element_size() for g in self.inner.param_groups for p in g["params"]), default=0)
-        return self.inner.step_transient_bytes(per_parameter=True) + extra
+        """The largest transient of stepping one parameter in its hook (:func:`layerwise_transient_bytes`): the
+        inner optimizer's ``step_transient_bytes(per_parameter=True)`` (the hooks use no multi-tensor buckets)
+        next to the non-finite check's norms, or the check itself (a low-precision gradient's float32 block,
+        :func:`check_bytes`) when larger, plus, with ``max_grad_norm``, the clipping coefficient (and, stepped from
+        DDP's communication hook, the clipped copy of the largest gradient; the hooks scale it in place).
+        Gradients assumed in the parameter's dtype. The subspace accumulation buffers (``r x n`` per projected
+        parameter, held across micro-batches) are state-like and not counted here."""
+        inner = self.inner
+        params = [p for g in inner.param_groups for p in g["params"]]
+        grads = [(p.numel(), p.dtype, p.is_contiguous()) for p in params]
+        return layerwise_transient_bytes(inner.step_transient_bytes(per_parameter=True), grads, inner._kept_gemm_bytes(),
+                                         self.max_grad_norm, self.clip_mode,
+                                         params[0].device.type if params else "cpu", ddp=self._ddp is not None)
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (the optimizer can no longer step)."""
