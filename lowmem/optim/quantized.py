@@ -138,22 +138,33 @@ def encode_(
     and ``col_max`` the whole matrix's new column maxima; the stored column maxima are then left
     for the caller to write once every chunk is encoded (the other chunks still decode with them).
     """
+    dst, src = encode_pending(state, key, value, spec, block_size, rows, col_max)
+    if dst:
+        torch._foreach_copy_(dst, src)  # (one multi-tensor kernel off the CPU, not one copy each)
+
+
+def encode_pending(
+    state: dict[str, Tensor], key: str, value: Tensor, spec: QuantSpec, block_size: int,
+    rows: tuple[int, int] | None = None, col_max: Tensor | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`encode_` without its final write: the state tensors and the new codes and scales to copy
+    into them (empty when they were written in place: 4-bit blockwise codes into contiguous state), so that
+    a caller encoding several moments writes them all back with one ``torch._foreach_copy_``."""
     code = Q.code_map(spec.code, value.device)
     if is_rank1(state, key):
         x = value if rows is None else value.view(rows)
         codes, row_max, new_col = Q.quantize_rank1_4bit(x, code, col_max, spec.code)
         dst = [state[key], state[key + "_rowmax"]] + ([state[key + "_colmax"]] if col_max is None else [])
         src = [codes, row_max.view(dst[1].shape)] + ([new_col] if col_max is None else [])
-        torch._foreach_copy_(dst, src)  # (one multi-tensor kernel off the CPU, not one copy each)
-        return
+        return dst, src
     if spec.bits == 4 and state[key].is_contiguous() and state[key + "_absmax"].is_contiguous():
         Q.quantize_blockwise_4bit(value, code, block_size, spec.code, out=(state[key], state[key + "_absmax"]))
-        return  # (written in place: no copy of the codes and absmax)
+        return [], []  # (written in place: no copy of the codes and absmax)
     if spec.bits == 8:
         codes, absmax = Q.quantize_blockwise_8bit(value, code, block_size, spec.code)
     else:
         codes, absmax = Q.quantize_blockwise_4bit(value, code, block_size, spec.code)
-    torch._foreach_copy_([state[key], state[key + "_absmax"]], [codes, absmax])  # (one kernel off the CPU)
+    return [state[key], state[key + "_absmax"]], [codes, absmax]
 
 
 def codec_bytes(numel: int, four: bool, rank1: bool) -> int:
@@ -272,8 +283,15 @@ class Quantized(MomentRule):
         view, quantized = self._decoded(g, state, group)
         d = self.inner.direction(g, view, group, t, lr)
         extra = state.extra if isinstance(state, ChunkState) else {}
+        dst, src = [], []  # (every moment's codes and scales written back by one multi-tensor copy)
         for k in quantized:
-            encode_(state, k, view[k], self.specs[k], group["block_size"], extra.get("rows"), extra.get(("colmax", k)))
+            dk, sk = encode_pending(state, k, view[k], self.specs[k], group["block_size"], extra.get("rows"),
+                                    extra.get(("colmax", k)))
+            dst += dk
+            src += sk
+            view[k] = None  # (the decoded moment is no longer needed once encoded)
+        if dst:
+            torch._foreach_copy_(dst, src)
         return d
 
     # ---- the multi-tensor direction of projected gradients (LowMemOptimizer's buckets) ----

@@ -317,8 +317,16 @@ def pack_4bit(idx: Tensor, out: Tensor | None = None) -> Tensor:
     ``idx``: codes ``0..15`` of any integer or float dtype (floats holding those integers), converted to
     ``uint8`` first; the byte ``16 idx[2i] + idx[2i + 1]`` (at most 255: exact in ``uint8``) is then one
     add, two operations in all (not a conversion, a shift and an or). ``out``: a ``uint8`` tensor of
-    ``ceil(n / 2)`` bytes to write them to (e.g. the state's codes), else a new one."""
-    idx = idx.reshape(-1).to(torch.uint8)
+    ``ceil(n / 2)`` bytes to write them to (e.g. the state's codes), else a new one. Integer codes on a
+    device that pays per launch (:func:`launch_bound`: the search's int32 indices) are added in their own
+    dtype and written as ``uint8`` (the byte is at most 255: the same bytes), one kernel instead of a
+    conversion and an add (an even count: no padded copy of the wider codes)."""
+    idx = idx.reshape(-1)
+    if not idx.is_floating_point() and launch_bound(idx.device) and idx.numel() % 2 == 0:
+        if out is None:
+            out = torch.empty(idx.numel() // 2, dtype=torch.uint8, device=idx.device)
+        return torch.add(idx[1::2], idx[0::2], alpha=16, out=out)
+    idx = idx.to(torch.uint8)
     if idx.numel() % 2:
         idx = torch.cat([idx, idx.new_zeros(1)])
     if out is None:
