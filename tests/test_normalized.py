@@ -253,9 +253,9 @@ def test_layerwise_mode_equals_the_plain_step(name):
 
 def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
     """SCALE's row normalisation is stepped in blocks of whole rows: the reported transient depends
-    on the chunk, not on the weight (the embedding's column normalisation is stepped whole and Muon's
-    iteration holds the whole bfloat16 matrix: both scale with it; SinkGD's chunk is a block of rows
-    plus its scaling vectors); chunked equals whole bit for bit."""
+    on the chunk, not on the weight (the embedding's column normalisation too, in blocks of rows after a pass
+    for its columns' RMS; Muon's iteration holds the whole bfloat16 matrix: it scales with it; SinkGD's chunk
+    is a block of rows plus its scaling vectors); chunked equals whole bit for bit."""
     sizes = {}
     for name, hp in (("scale", {}), ("scale", {"scale_role": "head"}), ("scale", {"scale_role": "embedding"}),
                      ("muon", {}), ("sinkgd", {})):
@@ -271,8 +271,9 @@ def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
     for role in (None, "head"):
         for shape in ((4096, 4096), (8192, 8192)):  # one float32 chunk (2^19 elements) and its rows' RMS
             assert sizes[("scale", role, shape)] == 4 * 2**19 + 4 * (2**19 // shape[1]), (role, shape)
-    for key in (("scale", "embedding"), ("muon", None)):
-        assert sizes[(*key, (8192, 8192))] >= 3 * sizes[(*key, (4096, 4096))] >= 3 * 4 * 4096 * 4096, key
+    assert sizes[("muon", None, (8192, 8192))] >= 3 * sizes[("muon", None, (4096, 4096))] >= 3 * 4 * 4096 * 4096
+    for shape in ((4096, 4096), (8192, 8192)):  # SCALE's embedding: a block of rows, its column sums and RMS
+        assert sizes[("scale", "embedding", shape)] == 4 * 2**19 + 8 * shape[1], shape
     for shape in ((4096, 4096), (8192, 8192)):  # SinkGD: a block of rows and its scaling vectors
         m, n = shape
         assert sizes[("sinkgd", None, shape)] == 4 * 2**19 + 4 * (2 * m + 3 * n), shape

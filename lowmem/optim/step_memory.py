@@ -56,6 +56,7 @@ TABLE: tuple[tuple[str, str, dict[str, Any], str], ...] = (
     ("adam_mini", "adam_mini", {}, "plain"),
     ("scale", "scale (hidden)", {"scale_role": "hidden"}, "plain"),
     ("scale", "scale (head)", {"scale_role": "head"}, "plain"),
+    ("scale", "scale (embedding)", {"scale_role": "embedding"}, "plain"),
     ("adamw_sn", "adamw_sn", {}, "plain"),
     ("adagrad_sn", "adagrad_sn", {}, "plain"),
     ("adamw_snsm", "adamw_snsm", {"rank": 128, "update_proj_gap": 200}, "plain"),

@@ -10,6 +10,7 @@ divides by the RMS of the slice, floored at 1e-8 (:data:`RMS_FLOOR`).
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -31,6 +32,25 @@ def column_normalize(m: Tensor, dim: int, column_sq=None, rows: int | None = Non
     else:
         rms = torch.linalg.vector_norm(x, dim=dim, keepdim=True).div_(math.sqrt(x.size(dim))).clamp_(min=RMS_FLOOR)
     return (x / rms).view(shape)
+
+
+def column_rms(blocks: Iterable[Tensor], n: int, rows: int, column_sq=None) -> Tensor:
+    """The RMS of each of the ``n`` columns of a matrix given as blocks of whole rows (float32 ``[r_i, n]``),
+    ``max(sqrt(sum_i ||col_i||^2 / rows), 1e-8)`` as a ``[1, n]`` float32 tensor: the divisor of
+    :func:`column_normalize` (``dim=0``) from one pass over the blocks, each freed before the next (the
+    squares of one block and its column sums beside the running sums). ``column_sq``: sums the squared
+    norms over other blocks of the matrix in place (FSDP2 shards: an all-reduce); ``rows``: the whole
+    row count."""
+    acc = None
+    for x in blocks:
+        s = x.square().sum(dim=0, keepdim=True)
+        acc = s if acc is None else acc.add_(s)
+        del s, x
+    if acc is None:
+        acc = torch.zeros(1, n)
+    if column_sq is not None:
+        acc = column_sq(acc)
+    return acc.div_(rows).sqrt_().clamp_(min=RMS_FLOOR)
 
 
 def last_layer_momentum_(buf: Tensor, g: Tensor, beta: float) -> Tensor:

@@ -42,7 +42,7 @@ from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, muon_foreach_transient_bytes, muon_lr_ratio,
                               muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_column_block_numel,
                               ns_rows, ns_shape)
-from ..functional.scale import column_normalize, last_layer_momentum_, scale_rows_foreach_
+from ..functional.scale import column_normalize, column_rms, last_layer_momentum_, scale_rows_foreach_
 from ..functional.sinkgd import sinkgd_foreach_, sinkhorn_scalings, sr_sinkhorn
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
@@ -665,6 +665,9 @@ class ScaleMoments(HybridMoments):
             g = last_layer_momentum_(buf32, g, group["momentum"])
             if buf32 is not buf:
                 buf.copy_(buf32)
+        if isinstance(state, ChunkState) and state.extra.get("column_rms") is not None:
+            # a block of whole rows of the embedding: divided by its columns' RMS over every row (prepare_chunks)
+            return g.view(-1, state.extra["cols"]).div(state.extra["column_rms"]).view(-1).mul_(lr)
         if isinstance(state, ChunkState):  # a block of whole rows, flat: each row normalised on its own
             return column_normalize(g.view(-1, state.extra["cols"]), dim=1).view(-1).mul_(lr)
         return column_normalize(g, dim=0 if role == "embedding" else 1).mul_(lr)
@@ -674,19 +677,28 @@ class ScaleMoments(HybridMoments):
     sharded_stats = True
 
     def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
-        """A sharded embedding (``scale_role="embedding"``): each column's squared norm summed over
-        the shards (one all-reduce of ``n`` numbers), the RMS over the whole row count; returns the
-        shard's step (``None`` otherwise: row-normalised matrices need nothing of other rows)."""
-        if reduce is None or self._is_adam(state) or group["scale_role"] != "embedding":
+        """The embedding (``scale_role="embedding"``, stepped in blocks of whole rows ``bounds``): its
+        columns' RMS (:func:`~lowmem.optim.functional.scale.column_rms`, a pass over the blocks; sharded, the
+        squared norms summed over the shards, one all-reduce of ``n`` numbers, and the RMS over the whole
+        row count). ``None`` otherwise: row-normalised matrices need nothing of other rows."""
+        if self._is_adam(state) or group["scale_role"] != "embedding":
             return None
-        numel = math.prod(shape)
-        g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
-        return column_normalize(g, dim=0, column_sq=reduce.sum_, rows=reduce.shape[0]).mul_(lr)
+        n = shape[1]
+        blocks = (stabilized(a, b, ChunkState(state, a, b)).view(-1, n) for a, b in bounds)
+        if reduce is None:
+            return column_rms(blocks, n, shape[0])
+        return column_rms(blocks, n, reduce.shape[0], column_sq=reduce.sum_)
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        if ctx is not None and not self._is_adam(state):  # the embedding's column RMS (prepare_chunks)
+            return ChunkState(state, start, stop, {"cols": shape[1], "column_rms": ctx})
+        return super().chunk_state(state, start, stop, shape, group, ctx)
 
     def target_chunk_align(self, shape, group, state):
-        """Row-normalised matrices (``"hidden"``, ``"head"``) step in blocks of whole rows: the
-        normalisation of a row needs only that row. The embedding (columns) is stepped whole."""
-        return shape[1] if len(shape) == 2 and group["scale_role"] != "embedding" else None
+        """2-D matrices step in blocks of whole rows: the normalisation of a row (``"hidden"``, ``"head"``)
+        needs only that row; the embedding's columns need their RMS over every row, from a first pass over
+        the blocks (:meth:`prepare_chunks`)."""
+        return shape[1] if len(shape) == 2 else None
 
     def target_chunk_state(self, state, start, stop, shape, group):
         # (parent / shape: a flat piece of a weight larger than chunk_numel in a foreach bucket,
@@ -731,12 +743,17 @@ class ScaleMoments(HybridMoments):
 
     def target_transient_bytes(self, numel, shape, group, state):
         """The normalised matrix (float32) and the per-slice RMS (one per row of the piece, or one
-        per column of the embedding); a low-precision momentum buffer adds its float32 copy."""
+        per column of the embedding); a low-precision momentum buffer adds its float32 copy. The
+        embedding, in blocks of rows (``numel``: a block's elements): the first pass's squares of a block
+        next to its column sums and the running sums (:func:`~lowmem.optim.functional.scale.column_rms`,
+        ``4 numel + 8 n``), then each block's step next to the RMS (``4 numel + 4 n``); stepped whole
+        (``chunk_numel=None``) it is ``4 numel + 4 n``, which this bounds."""
         buf = state.get("momentum_buffer")
         low_buf = 4 * numel if buf is not None and buf.dtype not in (torch.float32, torch.float64) else 0
         row = max(1, math.prod(shape[1:]))
-        slices = row if group["scale_role"] == "embedding" else numel // row
-        return low_buf + 4 * numel + 4 * slices
+        if group["scale_role"] == "embedding":
+            return low_buf + 4 * numel + 8 * row
+        return low_buf + 4 * numel + 4 * (numel // row)
 
 
 SCALE_HPARAMS = (
