@@ -1156,6 +1156,61 @@ def fit_max_length(recipe: TrainRecipe, args: Any) -> str | None:
             f"are truncated to {limit} tokens (set max_length to choose)")
 
 
+def prompt_token_lengths(prompts: list[Any], tokenizer: Any) -> list[int]:
+    """Tokens of each GRPO prompt as the policy sees it: a string tokenized as is, a conversational prompt
+    (a list of messages) rendered by the chat template with the generation prompt appended."""
+    chats = [p for p in prompts if isinstance(p, list)]
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chats]
+    rendered = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    plain = [p for p in prompts if not isinstance(p, list)]
+    plain_ids = iter(tokenizer(plain)["input_ids"] if plain else [])
+    return [len(next(rendered) if isinstance(p, list) else next(plain_ids)) for p in prompts]
+
+
+def fit_completion_length(recipe: TrainRecipe, tokenizer: Any, datasets: list[Any]) -> str | None:
+    """Keep GRPO/GVPO/BNPO's prompt + ``max_completion_length`` within the model's context
+    (:func:`model_context_length`). TRL (1.16) neither truncates prompts nor bounds generation by the
+    context: with its default ``max_completion_length=512`` a model of fewer positions failed mid-step in a
+    learned position table (GPT-2: ``IndexError: index out of range in self``) or generated on positions it
+    never saw (rotary models; slow too). The longest prompt of ``datasets`` (their ``prompt`` column,
+    :func:`prompt_token_lengths`) plus the completion must fit: a ``max_completion_length`` the recipe sets
+    beyond that is an error; TRL's default becomes the room left (set in ``recipe.training_args``) and the
+    returned notice says so (else `None`).
+
+    Raises:
+        ConfigError: The recipe's ``max_completion_length`` does not fit beside the longest prompt, or a
+            prompt alone fills the context; naming the numbers and where they come from.
+    """
+    if recipe.trainer not in ("grpo", "gvpo", "bnpo"):
+        return None
+    context = model_context_length(recipe.model)
+    if context is None:
+        return None
+    limit, where = context
+    lengths = [n for ds in datasets if ds is not None for n in prompt_token_lengths(list(ds["prompt"]), tokenizer)]
+    if not lengths:
+        return None
+    longest = max(lengths)
+    given = "max_completion_length" in recipe.training_args
+    completion = recipe.training_args.get("max_completion_length",
+                                          getattr(config_class(recipe.trainer), "max_completion_length", None))
+    if not isinstance(completion, int) or longest + completion <= limit:
+        return None
+    if longest >= limit:
+        raise ConfigError(f"the longest prompt has {longest} tokens, the whole context of the model ({where}): no room "
+                          "for a completion; shorten the prompts (TRL does not truncate them) or use a model with a "
+                          "longer context")
+    room = limit - longest
+    if given:
+        raise ConfigError(f"max_completion_length={completion} plus the longest prompt ({longest} tokens) exceeds the "
+                          f"model's context ({where}): generation would fail inside the model (a learned position "
+                          f"table: IndexError) or run on positions it never saw; set max_completion_length <= {room}")
+    recipe.training_args = {**recipe.training_args, "max_completion_length": room}
+    return (f"max_completion_length={room}, the room the longest prompt ({longest} tokens) leaves in the model's "
+            f"context ({where}): TRL's default max_completion_length={completion} is longer (set "
+            "max_completion_length to choose)")
+
+
 def launched_processes() -> int:
     """``WORLD_SIZE`` as ``torchrun`` / ``accelerate launch`` set it (1 when launched plainly)."""
     import os
@@ -1366,6 +1421,10 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     reward_funcs = load_reward_funcs(recipe.reward_funcs, columns) if recipe.reward_funcs is not None else reward_fn
     model, tok, model_dir = load_policy(recipe)
     prepare_tokenizer(recipe, data, tok)
+    if recipe.trainer != "dpo":  # prompt + completion within the model's context (TRL's default is 512 tokens)
+        notice = fit_completion_length(recipe, tok, [synthetic] if data is None else [data.train, data.eval])
+        if notice is not None and is_main_process():
+            print(f"note: {notice}")
     if recipe.quantization is not None or recipe.lora is not None:
         policy_arg: Any = model  # adapters attached here; TRL's reference is the base with adapters disabled
     else:
