@@ -963,10 +963,37 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         # bf16 autocast on a machine without a GPU: transformers refuses it ("Your setup doesn't support
         # bf16/gpu. You need to assign use_cpu") unless use_cpu is set, which here changes no device
         kwargs["use_cpu"] = True
+    _check_generation_groups(recipe, cls, kwargs)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def _check_generation_groups(recipe: TrainRecipe, cls: type, kwargs: dict[str, Any]) -> None:
+    """GRPO/GVPO/BNPO generate ``num_generations`` completions per prompt in batches of ``batch_size`` x
+    processes x ``steps_per_generation`` (TRL's ``generation_batch_size``), which must hold whole groups.
+    TRL refuses it in its own terms ("generation_batch_size (4) must be divisible by num_generations (8)")
+    when the user set neither; this names the recipe's ``batch_size`` and ``num_generations`` (TRL's
+    default 8 when not set) and what to change. Nothing when ``generation_batch_size`` is given (TRL's
+    message then names the user's own field)."""
+    if recipe.trainer not in ("grpo", "gvpo", "bnpo") or kwargs.get("generation_batch_size") is not None:
+        return
+    groups = kwargs.get("num_generations", getattr(cls, "num_generations", None))
+    steps = kwargs.get("steps_per_generation") or kwargs.get("gradient_accumulation_steps", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (groups, steps, recipe.batch_size)):
+        return  # TRL's own checks report these
+    per_generation = recipe.batch_size * launched_processes() * steps
+    if per_generation % groups == 0:
+        return
+    given = "num_generations" in kwargs
+    divisors = [d for d in range(2, per_generation + 1) if per_generation % d == 0]
+    multiple = -(-recipe.batch_size // groups) * groups
+    raise ConfigError(
+        f"batch_size={recipe.batch_size} gives {per_generation} completions per generation (batch_size x "
+        f"{launched_processes()} process(es) x {steps} steps_per_generation), not whole groups of num_generations="
+        f"{groups}{'' if given else ' (TRL default)'}: set batch_size to a multiple of {groups} (e.g. {multiple}) or "
+        f"num_generations to a divisor of {per_generation}" + (f" ({divisors})" if divisors else " (at least 2)"))
 
 
 def _accelerator_visible() -> bool:

@@ -76,3 +76,24 @@ def test_prompt_token_lengths_standard_and_conversational(tokenizer):
     assert prompt_token_lengths(["1+2=", chat, "12+7="], tok) == [
         len(tok("1+2=")["input_ids"]), len(tok(rendered, add_special_tokens=False)["input_ids"]), len(tok("12+7=")["input_ids"])]
     assert prompt_token_lengths(["1+2="], tok) == [5]  # <bos> + 4 characters
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], r"batch_size=4 gives 4 completions per generation \(batch_size x 1 process\(es\) x 1 steps_per_generation\), "
+         r"not whole groups of num_generations=8 \(TRL default\): set batch_size to a multiple of 8 \(e.g. 8\) or "
+         r"num_generations to a divisor of 4 \(\[2, 4\]\)"),
+    (["--batch-size", "6"], r"batch_size=6 .* num_generations=4: set batch_size to a multiple of 4 \(e.g. 8\)"),
+])
+def test_grpo_batch_of_partial_groups_names_batch_size(tmp_path, capsys, extra, message):
+    """`lowmem train --trainer grpo --batch-size 4` (TRL's default num_generations=8) stopped with TRL's
+    'LowMemGRPOConfig: generation_batch_size (4) must be divisible by num_generations (8)': two fields the
+    user never set. The error names batch_size and num_generations and what fits."""
+    import re
+
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text("trainer: grpo\nreward_funcs: [exact_match]\n" + ("num_generations: 4\n" if extra else ""))
+    argv = ["train", str(recipe), "--dataset", str(prompts), "--batch-size", "4", "--output-dir", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search("lowmem: error: " + message, err), err
