@@ -134,16 +134,23 @@ def run_list(args: argparse.Namespace) -> int:
     table.add_column("vs AdamW", justify="right", no_wrap=True)
     table.add_column("at", no_wrap=True)
     table.add_column("description")
-    at_scale = {}
+    at_scale, unsized = {}, {}
     if args.shape:
         from .memory import state_bytes_at_scale
+        from .optim.recipes.subspace import RankError
 
-        at_scale = {e.name: state_bytes_at_scale(e.name, args.shape) for e in optimizer_entries()}
+        for e in optimizer_entries():
+            try:
+                at_scale[e.name] = state_bytes_at_scale(e.name, args.shape)
+            except RankError as err:  # the default rank applies to none of the model's weights: not sized
+                unsized.setdefault((err.rank, err.side), []).append(e.name)
         table.add_column(f"state on {args.shape}", justify="right", no_wrap=True)
     adamw = bytes_per_param("adamw", LIST_SHAPE)
     for e in optimizer_entries():
         scale = []
-        if at_scale:
+        if args.shape and e.name not in at_scale:
+            scale = ["n/a (rank)"]
+        elif at_scale:
             r = at_scale[e.name]
             scale = [f"{r['state_bytes'] / 2**30:.2f} GiB" + (" (closed form)" if r["how"] != "exact" else "")]
         if e.recipe is None:  # not an engine optimizer: its state cannot be sized on the meta device
@@ -154,6 +161,10 @@ def run_list(args: argparse.Namespace) -> int:
         table.add_row(e.name, f"{size:.3g}", f"{100 * size / adamw:.3g}%", f"rank {rank}" if rank else "", e.summary,
                       *scale)
     Console().print(table)
+    for (rank, side), names in unsized.items():
+        print(f"n/a (rank): the default rank {rank} of {', '.join(names)} applies to none of {args.shape}'s weights"
+              f" (valid: rank 1 .. {side - 1}); size one at a valid rank with `lowmem budget {args.shape} --optimizer"
+              f" {names[0]} --optim-args rank=R`")
     return 0
 
 

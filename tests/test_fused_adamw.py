@@ -188,7 +188,8 @@ def _muon_groups(gen):
 def _galore_groups(gen):
     low = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(32, 24), (24, 32)]]
     full = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(20,), (9, 6), (150,)]]
-    return [{"params": low, "rank": 4, "update_proj_gap": 3}, {"params": full}]
+    # rank None: the full-rank group (else create_optimizer gives it the default rank 128, above every side: an error)
+    return [{"params": low, "rank": 4, "update_proj_gap": 3}, {"params": full, "rank": None}]
 
 
 def _plain(gen):
@@ -332,7 +333,8 @@ def test_bf16_decay_after_the_update_keeps_the_engine_step(weight_decay, monkeyp
     the decay after the update): without decay the kernel steps them (within a bf16 rounding flip of the
     engine's step); with decay they keep the engine's step (the decay apart would round twice)."""
     def groups(gen):
-        return [{"params": [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in [(40,), (9, 6)]]}]
+        return [{"params": [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in [(40,), (9, 6)]],
+                 "rank": None}]  # full-rank (the default rank 128 is above every side: an error)
 
     kw = dict(name="galore_adamw", state_dtype="param", weight_decay=weight_decay, eps=1e-3, steps=5)
     got, _, calls = _train(True, monkeypatch, groups_fn=groups, **kw)

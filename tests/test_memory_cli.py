@@ -58,9 +58,10 @@ def test_budget_search_cli(capsys):
     assert main(["budget", "llama-60m", "--budget", "1MiB"]) == 1  # nothing fits
 
 
-def test_list_shape_warns_once_about_ranks_above_the_model(capsys, monkeypatch):
-    """`lowmem list --shape tiny`: rank 128 exceeds the tiny model's sides for every subspace optimizer;
-    one summary line, not one warning per parameter, call site and optimizer (32 before)."""
+def test_list_shape_says_once_where_default_ranks_apply_nowhere(capsys, monkeypatch):
+    """`lowmem list --shape tiny`: the default ranks 128 (GaLore & co.) and 256 (APOLLO) apply to none of the
+    tiny model's weights (at most 64 wide: an error when training), so those optimizers are not sized there:
+    one line per rank with the valid range, no warning (32 per parameter, call site and optimizer before)."""
     import warnings
 
     from lowmem.memory import estimate
@@ -70,10 +71,14 @@ def test_list_shape_warns_once_about_ranks_above_the_model(capsys, monkeypatch):
         warnings.simplefilter("always")
         assert main(["list", "--shape", "tiny"]) == 0
     rank = [str(w.message) for w in caught if "rank" in str(w.message)]
+    assert rank == [], rank
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("n/a (rank)")]
     # one line per distinct default rank (128: GaLore & co., 256: APOLLO), never one per parameter
-    assert len(rank) == len(set(rank)) == 2, rank
-    assert any("rank 128 >= the smaller side of the (64, 64)" in r for r in rank), rank
-    assert "galore_adamw" in capsys.readouterr().out
+    assert len(notes) == 2, notes
+    assert "rank 128 of" in notes[0] and "galore_adamw" in notes[0] and "rank 1 .. 63" in notes[0], notes
+    assert "rank 256 of apollo_adamw " in notes[1] and "rank 1 .. 63" in notes[1], notes
+    assert "galore_adamw" in out and "apollo_mini" in out
 
 
 def test_png_without_matplotlib_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
@@ -168,9 +173,12 @@ def test_budget_measure_end_to_end_on_the_tiny_model(optimizer, capsys):
     """``lowmem budget tiny --measure --device cpu``: the table puts the measurement beside the estimate for every
     component; states, weights and gradients are exact, the transient not below the measurement and the total within
     10% (2026-11-29, transient / total: adamw
-    1.000 / 1.018, galore_adamw 1.000 / 1.041, adamw8bit 1.104 / 1.070; microadam 1.007 / 1.004 once the engine passes
+    1.000 / 1.018, galore_adamw (rank 16; 1.000 / 1.041 at its default 128, which trained it full-rank) 1.000 / 1.000
+    without MKL's kept GEMM buffer (8.29 / 2.49 with it), adamw8bit 1.104 / 1.070; microadam 1.007 / 1.004 once the engine passes
     the bucket's group to MicroAdam's accounting, 2.105 / 1.619 with the 24 B bound before)."""
     args = ["budget", "tiny", "--optimizer", optimizer, "--measure", "--device", "cpu", "--dtype", "fp32", "--seq-len", "32"]
+    if optimizer == "galore_adamw":  # a rank below the tiny model's 32 / 64-wide sides (its default 128 is an error)
+        args += ["--optim-args", "rank=16"]
     assert main(args) == 0
     table = capsys.readouterr().out
     for name in ("weights", "gradients", "optimizer_states", "activations", "optimizer_transient", "total"):
@@ -191,6 +199,11 @@ def test_budget_measure_end_to_end_on_the_tiny_model(optimizer, capsys):
     # (AdamW's buckets take torch's fused kernel on the CPU too, which allocates nothing: what is measured and
     # estimated then is the non-finite check's float32 norms and their stack, 8 B per gradient; engine._all_finite_bytes)
     est, got = report["estimate"]["optimizer_transient"], report["measured"]["optimizer_transient"]
-    assert 0 < got <= est, (est, got, ratios)
-    assert ratios["total"] >= 0.99, ratios
-    assert ratios["total"] <= (1.20 if optimizer == "adamw8bit" else 1.10), ratios
+    # galore_adamw on the CPU: the estimate adds MKL's GEMM packing buffer (1.71 MiB, kept by the library, not a
+    # tensor, so not measured: more than the tiny model's whole step at rank 16); the bounds hold without it
+    mkl = report["estimate"]["details"].get("optimizer_transient_mkl_gemm_pack") or 0
+    assert (mkl > 0) == (optimizer == "galore_adamw"), mkl
+    total = (report["estimate"]["total"] - mkl) / report["measured"]["total"]
+    assert 0 < got <= est - mkl, (est, mkl, got, ratios)
+    assert total >= 0.99, (total, ratios)
+    assert total <= (1.20 if optimizer == "adamw8bit" else 1.10), (total, ratios)

@@ -19,6 +19,6 @@ def test_use_snippet_runs_verbatim():
     model, _ = build_tiny_model()
     env = {"model": model}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # rank 128 on the tiny model's 64-wide weights: full rank
+        warnings.simplefilter("ignore", UserWarning)  # (the snippet builds the tiny model; rank 16 applies to its weights)
         exec(compile(block, "README.md", "exec"), env)
     assert env["opt"].state_bytes() > 0

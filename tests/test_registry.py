@@ -96,7 +96,7 @@ def test_core_optimizers_do_not_import_transformers():
         "from torch import nn\n"
         "m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))\n"
         "for name in ('adamw', 'galore_adamw', 'adafactor'):\n"
-        "    lowmem.optim.create_optimizer(m, name)\n"
+        "    lowmem.optim.create_optimizer(m, name, **({'rank': 2} if name == 'galore_adamw' else {}))\n"
         "assert 'transformers' not in sys.modules, sorted(k for k in sys.modules if k.startswith('transformers'))[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -167,7 +167,8 @@ def test_adafactor_with_an_lr_turns_the_relative_step_off_like_the_trainer(name)
     from transformers import Trainer, TrainingArguments
 
     model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4))
-    opt = lowmem.create_optimizer(model, name, lr=1e-3)
+    rank = {"rank": 4} if name == "galore_adafactor" else {}  # a rank that applies to the 16 x 16 weight
+    opt = lowmem.create_optimizer(model, name, lr=1e-3, **rank)
     _, trainer_kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments("unused", optim="adafactor", learning_rate=1e-3,
                                                                                report_to=[]))
     for g in opt.param_groups:
@@ -177,12 +178,12 @@ def test_adafactor_with_an_lr_turns_the_relative_step_off_like_the_trainer(name)
     # an explicit relative_step is the user's: lr + relative_step=True is transformers' error, and
     # relative_step=False leaves scale_parameter at its default
     with pytest.raises(ValueError, match="relative_step"):
-        lowmem.create_optimizer(model, name, lr=1e-3, relative_step=True)
-    opt = lowmem.create_optimizer(model, name, lr=1e-3, relative_step=False)
+        lowmem.create_optimizer(model, name, lr=1e-3, relative_step=True, **rank)
+    opt = lowmem.create_optimizer(model, name, lr=1e-3, relative_step=False, **rank)
     assert all(g["scale_parameter"] is True for g in opt.param_groups)
-    opt = lowmem.create_optimizer(model, name, lr=1e-3, scale_parameter=True)
+    opt = lowmem.create_optimizer(model, name, lr=1e-3, scale_parameter=True, **rank)
     assert all(g["scale_parameter"] is True and g["relative_step"] is False for g in opt.param_groups)
-    opt = lowmem.create_optimizer(model, name)  # no lr: Adafactor's own relative step, as before
+    opt = lowmem.create_optimizer(model, name, **rank)  # no lr: Adafactor's own relative step, as before
     assert all(g["relative_step"] is True and g["lr"] is None for g in opt.param_groups)
 
 

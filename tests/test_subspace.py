@@ -192,12 +192,13 @@ def test_zero_and_nonfinite_gradient_keep_the_old_projection():
 
 
 def test_rank_at_or_above_smaller_side_falls_back_to_full_rank():
-    p = nn.Parameter(torch.randn(6, 20))
+    p, q = nn.Parameter(torch.randn(6, 20)), nn.Parameter(torch.randn(20, 20))  # rank 6 applies to q only
     with pytest.warns(UserWarning, match="full-rank"):  # said once, when the group is added
-        opt = GaLoreAdamW([{"params": [p], "rank": 6, "scale": 1.0}], lr=1e-2)
-    p.grad = torch.randn(6, 20)
+        opt = GaLoreAdamW([{"params": [p, q], "rank": 6, "scale": 1.0}], lr=1e-2)
+    p.grad, q.grad = torch.randn(6, 20), torch.randn(20, 20)
     opt.step()
     assert opt.state[p]["exp_avg"].shape == (6, 20) and "proj_meta" not in opt.state[p]
+    assert "proj_meta" in opt.state[q]
 
 
 def test_staggered_refreshes_spread_over_the_gap():

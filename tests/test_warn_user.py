@@ -52,8 +52,8 @@ def test_galore_refresh_warnings_name_the_step_call(monkeypatch):
 
 
 def test_rank_above_the_side_warns_at_the_construction():
-    p = nn.Parameter(torch.randn(6, 4))
-    (w,) = _caught(lambda: create_optimizer([{"params": [p], "rank": 8}], "galore_adamw"), "training it full-rank")
+    p, q = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(16, 16))  # rank 8 applies to q, not p
+    (w,) = _caught(lambda: create_optimizer([{"params": [p, q], "rank": 8}], "galore_adamw"), "training it full-rank")
     assert w.filename == __file__, w.filename
 
 
@@ -95,11 +95,12 @@ def test_skip_file_prefixes_path_agrees():
 
 def test_trainer_warning_names_the_users_create_optimizer_call(tiny_model, tmp_path):
     """Through the HF Trainer (transformers' and lowmem.trainers' frames, skipped too), a warning of the
-    optimizer's construction names the user's line: here, GaLore's rank above a 64-wide weight's side."""
+    optimizer's construction names the user's line: here, GaLore's rank 48 above the 32-row k / v projections'
+    side (it applies to the 64-wide weights; a rank above every side is an error)."""
     from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
 
     model, _ = tiny_model
-    args = LowMemTrainingArguments(str(tmp_path), lowmem_optim="galore_adamw", lowmem_optim_args={"rank": 128},
+    args = LowMemTrainingArguments(str(tmp_path), lowmem_optim="galore_adamw", lowmem_optim_args={"rank": 48},
                                    max_steps=1, report_to="none", use_cpu=True)
     trainer = LowMemTrainer(model=model, args=args)
     hits = _caught(lambda: trainer.create_optimizer(), "training it full-rank")

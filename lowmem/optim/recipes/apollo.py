@@ -25,7 +25,7 @@ from ..hparams import HParam, optional, positive
 from ..moments import AdamMoments
 from ..registry import register
 from ..subspace import CombineRule, SubspaceProjection, fold_budget, shape_batches, stacked
-from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, subspace_hparams
+from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, check_rank_applies, subspace_hparams
 
 #: Projections APOLLO supports: random Gaussian (the paper's and apollo-torch's ``proj="random"``),
 #: Haar-orthonormal, and GaLore's SVD (apollo-torch's ``proj="svd"``) or its randomized form.
@@ -151,6 +151,7 @@ def _check_apollo_group(group: dict[str, Any]) -> None:
             raise ValueError(f"proj={proj!r} means projection={wanted!r}, but projection={group['projection']!r} was"
                              " given too; give one of them")
         group["projection"] = wanted
+    check_rank_applies(group)
     if group.get("rank") is not None and group.get("proj_type") == "full":
         raise ValueError("APOLLO scales channels of a one-sided projection: proj_type must be one of "
                          "['std', 'reverse_std', 'left', 'right'], got 'full'")

@@ -52,7 +52,8 @@ def subspace_hparams(
     """The per-group settings every subspace recipe shares (defaults differ per recipe)."""
     return (
         HParam("rank", rank, optional(positive_int), "None or an int > 0",
-               "subspace rank r (a parameter whose smaller side is <= r is trained full-rank, with a warning)"),
+               "subspace rank r (a parameter whose smaller side is <= r is trained full-rank, with a warning;"
+               " a group where that holds for every 2-D parameter is an error naming the valid range)"),
         HParam("update_proj_gap", 200, positive_int, "an int > 0", "steps between projection refreshes (T)"),
         HParam("scale", scale, positive, "a finite float > 0", "alpha: multiplies the projected-back update"),
         _choice("proj_type", "std", PROJ_TYPES, "which side a basis projects (galore-torch's proj_type)"),
@@ -66,9 +67,59 @@ def subspace_hparams(
     )
 
 
+def _shapes_summary(shapes: list[tuple[int, ...]], most: int = 6) -> str:
+    """``(64, 64) x4, (32, 64) x2, ...``: the distinct shapes in first-seen order with their counts."""
+    counts: dict[tuple[int, ...], int] = {}
+    for s in shapes:
+        counts[s] = counts.get(s, 0) + 1
+    parts = [f"{s}" + (f" x{n}" if n > 1 else "") for s, n in counts.items()]
+    more = len(parts) - most
+    return ", ".join(parts[:most]) + (f", and {more} more shapes" if more > 0 else "")
+
+
+class RankError(ValueError):
+    """A ``rank`` that applies to none of its group's 2-D parameters (:func:`check_rank_applies`).
+
+    Attributes:
+        rank (`int`): The rank given.
+        side (`int`): The largest smaller side of the group's 2-D parameters (valid: ``1 .. side - 1``).
+    """
+
+    def __init__(self, message: str, rank: int, side: int):
+        super().__init__(message)
+        self.rank, self.side = rank, side
+
+
+def check_rank_applies(group: dict[str, Any]) -> None:
+    """Refuse a projected group whose ``rank`` applies to none of its 2-D parameters.
+
+    A 2-D ``m x n`` parameter is projected when ``rank < min(m, n)`` (else it is trained full-rank,
+    with a warning: :meth:`LowMemOptimizer.add_param_group`). When that holds for none of the group's
+    2-D parameters, the user's rank cannot apply anywhere and the whole group would silently train
+    full-rank (full-size optimizer state): a :class:`RankError` (a ``ValueError``) naming ``rank``, the shapes and the valid
+    range ``1 .. max(min(m, n)) - 1`` instead. A group with no 2-D parameter (or no ``rank``) is left
+    alone. Called from each projection recipe's ``validate_group``, before any state exists.
+    """
+    rank = group.get("rank")
+    if rank is None:
+        return
+    shapes = [tuple(p.shape) for p in group.get("params", ()) if p.ndim == 2]
+    if not shapes or any(rank < min(s) for s in shapes):
+        return
+    top = max(min(s) for s in shapes)
+    valid = (f"valid: rank 1 .. {top - 1} (the largest smaller side, {top}, minus 1)" if top > 1 else
+             "no rank applies to a parameter with a side of 1")
+    raise RankError(
+        f"rank {rank} >= the smaller side of every 2-D parameter of this group ({_shapes_summary(shapes)}), so it"
+        f" applies to none of them: the group would train full-rank; {valid}, or rank=None for a full-rank group",
+        rank, top,
+    )
+
+
 def _check_subspace_group(group: dict[str, Any]) -> None:
     if group.get("rank") is None:
         return
+    check_rank_applies(group)
     if group.get("proj_type") == "full" and group.get("projection") not in ("svd", "rsvd", "random", "gaussian"):
         raise ValueError(
             f"proj_type='full' (two-sided) needs projection in ['svd', 'rsvd', 'random', 'gaussian'],"

@@ -92,7 +92,7 @@ _CONFIGS = (
     {"rank": 3, "update_proj_gap": 1, "scale": 4.0, "weight_decay": 0.1, "lr": 1e-2, "proj_type": "reverse_std"},
     {"rank": 4, "update_proj_gap": 5, "projection": "svd", "gamma": None, "proj_type": "left"},
     {"rank": 2, "update_proj_gap": 4, "projection": "random", "scale_type": "tensor", "gamma": 1.5, "proj_type": "right"},
-    {"rank": 30, "update_proj_gap": 5},  # rank >= the smaller side of (24, 40): full-rank Adam
+    {"rank": None},  # full-rank Adam (a rank >= the smaller side of (24, 40) is an error)
 )
 register_reference("apollo_adamw", Reference(apollo, configs=_CONFIGS))
 register_reference("apollo_mini", Reference(apollo, configs=(

@@ -179,7 +179,7 @@ register_reference("adamw_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 4, "refresh_phase": "aligned"},  # galore-torch's schedule: 1, 5, 9
     {"rank": 4, "update_proj_gap": 5, "projection": "columns", "free_rule": "signsgd", "free_lr_scale": 0.5,
      "betas": (0.0, 0.999)},
-    {"rank": 30, "update_proj_gap": 5},  # rank >= the smaller side of (24, 40): AdamSN
+    {"rank": None},  # full-rank: AdamSN (a rank >= the smaller side of (24, 40) is an error)
 )))
 register_reference("adagrad_sn", Reference(adagrad_sn, configs=(
     {},
@@ -191,11 +191,11 @@ register_reference("adagrad_sn", Reference(adagrad_sn, configs=(
 register_reference("adagrad_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5, "lr": 1e-2},
     {"rank": 3, "update_proj_gap": 4, "momentum": 0.5, "eps": 0.5, "weight_decay": 0.1, "proj_type": "reverse_std"},
-    {"rank": 30, "update_proj_gap": 5},  # full-rank: AdaGrad-SN
+    {"rank": None},  # full-rank: AdaGrad-SN
 )))
 register_reference("sgd_sm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5},
     {"rank": 3, "update_proj_gap": 4, "momentum": 0.5, "lr": 1e-2, "weight_decay": 0.1, "proj_type": "left",
      "moment_policy": "rotate"},
-    {"rank": 30, "update_proj_gap": 5, "momentum": 0.0},  # full-rank: plain SGD
+    {"rank": None, "momentum": 0.0},  # full-rank: plain SGD
 )))

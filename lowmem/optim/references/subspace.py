@@ -525,7 +525,7 @@ register_reference("galore_adamw", Reference(galore_adamw, configs=(
     {**SMALL, **ADAM, "proj_type": "full", "projection": "rsvd", "scale": 2.0},
     {**SMALL, **ADAM, "proj_type": "full", "moment_policy": "rotate"},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "moment_policy": "rotate", "weight_decay": 0.05},
-    {**ADAM, "rank": 24, "update_proj_gap": 5, "weight_decay": 0.1},  # rank >= the smaller sides: full-rank
+    {**ADAM, "rank": None, "weight_decay": 0.1},  # full-rank (a rank >= every smaller side is an error)
 )))
 
 register_reference("galore_adafactor", Reference(galore_adafactor, configs=(
@@ -535,7 +535,7 @@ register_reference("galore_adafactor", Reference(galore_adafactor, configs=(
     {**SMALL, "lr": 1e-2, "beta1": 0.8, "proj_type": "right", "moment_policy": "rotate", "projection": "random"},
     {"rank": 4, "update_proj_gap": 1, "relative_step": True, "scale_parameter": False, "proj_type": "left",
      "clip_threshold": 0.5, "weight_decay": 0.1},
-    {"rank": 30, "lr": 1e-2, "beta1": 0.9},
+    {"rank": None, "lr": 1e-2, "beta1": 0.9},  # full-rank (a rank >= every smaller side is an error)
 )))
 
 register_reference("fira_adamw", Reference(fira_adamw, configs=(
@@ -545,7 +545,7 @@ register_reference("fira_adamw", Reference(fira_adamw, configs=(
     {**SMALL, **ADAM, "proj_type": "right", "projection": "rsvd", "moment_policy": "reset", "gamma": 1.0,
      "power_iters": 1},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "gamma": 1.5},
-    {**ADAM, "rank": 24},
+    {**ADAM, "rank": None},  # full-rank (a rank >= every smaller side is an error)
 )))
 
 register_reference("frugal", Reference(frugal, configs=(
@@ -556,7 +556,7 @@ register_reference("frugal", Reference(frugal, configs=(
     {**SMALL, **ADAM, "projection": "blocks", "proj_type": "reverse_std", "free_rule": "sgd"},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "svd", "proj_type": "left", "moment_policy": "rotate"},
     {**SMALL, **ADAM, "projection": "random", "proj_type": "full", "free_lr_scale": 0.0},
-    {**ADAM, "rank": 24, "weight_decay": 0.1},  # full-rank: torch's AdamW
+    {**ADAM, "rank": None, "weight_decay": 0.1},  # full-rank: torch's AdamW
 )))
 
 register_reference("osd_adamw", Reference(osd_adamw, configs=(
@@ -567,7 +567,7 @@ register_reference("osd_adamw", Reference(osd_adamw, configs=(
     # the basis optimizer's own weight decay, large enough to show (AdamW: decoupled; SGD: added to dL/dP)
     {"rank": 4, **ADAM, "proj_lr": 0.05, "proj_weight_decay": 2.0},
     {"rank": 4, **ADAM, "proj_lr": 0.05, "proj_optimizer": "sgd", "proj_weight_decay": 2.0},
-    {"rank": 24, **ADAM, "weight_decay": 0.1},  # full-rank: GaLore's AdamW, no PCA
+    {"rank": None, **ADAM, "weight_decay": 0.1},  # full-rank: GaLore's AdamW, no PCA
 )))
 
 register_reference("galore_adamw8bit", Reference(functools.partial(galore_adamw, quantized=True), configs=(
