@@ -128,6 +128,15 @@ def test_lowmem_train_is_one_line_and_exit_2(tmp_path, capsys):
     assert TINY_RANGE in err, err
 
 
+def test_lowmem_bench_refuses_a_rank_above_the_tiny_model(tmp_path, capsys):
+    """`lowmem bench --rank 128` on the tiny task: before, its galore_adamw row timed a full-rank AdamW."""
+    from lowmem.cli import main
+
+    code = main(["bench", "galore_adamw", "--rank", "128", "--steps", "6", "--repeats", "1", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "rank 128 >=" in err and TINY_RANGE in err, (code, err)
+
+
 def test_budget_and_estimator_refuse_with_the_same_message(capsys):
     from lowmem.cli import main
     from lowmem.memory import estimate_memory
