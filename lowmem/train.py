@@ -367,6 +367,11 @@ FOREIGN_KEYS: dict[str, str] = {
     "quantization_bit": "quantization: nf4", "cutoff_len": "max_length", "max_seq_length": "max_length",
     "template": "chat_template (a Jinja text or .jinja file; the tokenizer's own is used by default)",
     "trust_remote_code": "nothing: lowmem never runs a model's remote code",
+    # TRL before 1.0; TRL 1.16's configs have neither (GRPO does not truncate prompts)
+    "max_prompt_length": "nothing in TRL 1.16 (its configs dropped it): max_length bounds SFT / DPO prompt + completion "
+                         "(truncation_mode keeps its start or end); GRPO prompts are not truncated, shorten them in the data",
+    "max_completion_length": "max_length for sft / dpo (TRL 1.16's DPOConfig bounds prompt + completion together); "
+                             "max_completion_length is a field of trainer: grpo / gvpo / bnpo",
 }
 
 # TrainingArguments names of recipe fields: accepted at the top level of a recipe as the recipe field.
@@ -863,7 +868,8 @@ def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
         # fields under sft without a dataset are not that case (they need the dataset)
         sft_fields = set(field_types(config_class("sft", True)))
         others = [t for t in AVAILABLE_TRAINERS if t != trainer and not (trainer == "sft" and set(unknown) <= sft_fields)
-                  and set(unknown) <= set(field_types(config_class(t, True)))]
+                  and set(unknown) <= set(field_types(config_class(t, True)))
+                  and not set(unknown) <= set(FOREIGN_KEYS)]  # an older TRL's key: its hint, not another trainer
         if others:
             raise ConfigError(
                 f"{where}unknown recipe key(s) "

@@ -97,3 +97,25 @@ def test_grpo_batch_of_partial_groups_names_batch_size(tmp_path, capsys, extra, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert re.search("lowmem: error: " + message, err), err
+
+
+@pytest.mark.parametrize("text, expected, absent", [
+    ("trainer: dpo\nmax_prompt_length: 32\nmax_completion_length: 16\n",
+     ["max_prompt_length -> nothing in TRL 1.16", "max_completion_length -> max_length for sft / dpo"], "set trainer:"),
+    # a DPO config of an older TRL with only max_completion_length was told to "set trainer: grpo"
+    ("trainer: dpo\nmax_completion_length: 16\n", ["max_completion_length -> max_length for sft / dpo"], "set trainer: grpo"),
+    ("trainer: grpo\nreward_funcs: [exact_match]\nmax_prompt_length: 32\n", ["GRPO prompts are not truncated"], "set trainer:"),
+    # a whole GRPO config without trainer: still names the trainer
+    ("num_generations: 4\nmax_completion_length: 8\n", ["set trainer: grpo / gvpo / bnpo"], "lowmem's spelling"),
+])
+def test_older_trl_length_keys_get_their_hint(tmp_path, text, expected, absent):
+    """max_prompt_length (GRPOConfig / DPOConfig before TRL 1.0; written in most published configs) was
+    'unknown recipe key' with did-you-mean max_completion_length, a field that means something else; a DPO
+    config's max_completion_length was sent to trainer: grpo."""
+    from lowmem.train import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("dataset: d.jsonl\n" + text)
+    with pytest.raises(ValueError) as err:
+        load_recipe(path)
+    assert all(e in str(err.value) for e in expected) and absent not in str(err.value), str(err.value)
