@@ -274,9 +274,9 @@ def test_scale_steps_rows_in_chunks_and_reports_the_chunk():
     assert sizes[("muon", None, (8192, 8192))] >= 3 * sizes[("muon", None, (4096, 4096))] >= 3 * 4 * 4096 * 4096
     for shape in ((4096, 4096), (8192, 8192)):  # SCALE's embedding: a block of rows, its column sums and RMS
         assert sizes[("scale", "embedding", shape)] == 4 * 2**19 + 8 * shape[1], shape
-    for shape in ((4096, 4096), (8192, 8192)):  # SinkGD: a block of rows and its scaling vectors
-        m, n = shape
-        assert sizes[("sinkgd", None, shape)] == 4 * 2**19 + 4 * (2 * m + 3 * n), shape
+    for shape in ((4096, 4096), (8192, 8192)):  # SinkGD: a block of rows and its scaling vectors (meta: the
+        m, n = shape  # closed form's, off the CPU: r, c and the column sums)
+        assert sizes[("sinkgd", None, shape)] == 4 * 2**19 + 4 * (m + 2 * n), shape
     results = []
     for chunk in (None, 2 * 29):
         torch.manual_seed(0)

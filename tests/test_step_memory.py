@@ -502,6 +502,41 @@ def test_step_peak_is_bounded_and_reported(measured, label):
         assert grown <= reported, (label, grown / MiB, reported / MiB)
 
 
+@pytest.mark.parametrize("shape,chunk,iters", [((256, 512), 2**14, 5), ((512, 256), 2**14, 1), ((256, 512), 2**20, 2),
+                                               ((64, 4096), 4096, 2)])  # (one row a block: the column phase's peak)
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu", "closed_form"])
+def test_sinkgd_chunked_step_allocates_what_it_reports(monkeypatch, shape, chunk, iters, batched):
+    """SinkGD's chunked per-parameter step (the scalings' passes over blocks of rows, then the blocks' steps), every
+    dispatched output traced: equal to the report, on the CPU and in the closed form that runs off the CPU (forced
+    here on the CPU; reported for a meta parameter). Before: the CPU form 1,152 B above its report (the previous
+    iteration's column norms alive into the next), the closed form 4 (m + n) below."""
+    import functools
+
+    from test_nonfinite_check_bytes import _AllLive
+
+    import lowmem.optim.functional.sinkgd as S
+    import lowmem.optim.recipes.normalized as N
+
+    monkeypatch.setattr(N, "sinkhorn_scalings", functools.partial(S.sinkhorn_scalings, batched=batched))
+    m, n = shape
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = create_optimizer([p], "sinkgd", foreach=False, sinkhorn_iters=iters)
+    opt.chunk_numel = chunk
+    g = torch.randn(shape)
+    opt.step_param(p, g.clone())
+    g2 = g.clone()
+    with _AllLive() as t:
+        opt.step_param(p, g2)
+    on = torch.nn.Parameter(torch.empty(shape, device="meta")) if batched else p
+    rep = create_optimizer([on], "sinkgd", foreach=False, sinkhorn_iters=iters)
+    rep.chunk_numel = chunk
+    rep.materialize_state()
+    assert t.peak == rep.step_transient_bytes(per_parameter=True)
+    block = min(chunk, m * n) // n
+    assert t.peak == S.sinkhorn_scalings_bytes(m, n, block, batched)
+
+
 @needs_proc
 def test_scale_embedding_steps_in_blocks_of_rows(measured):
     """SCALE's embedding (column-normalised over every row) is stepped a block of rows at a time after a pass

@@ -80,11 +80,37 @@ def sinkhorn_scalings(rows_of, row_bounds: list[tuple[int, int]], m_local: int, 
             r[a:b].mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(n)), 0.0))
             col.addmv_(sq.t(), r[a:b].square())
             del sq
+        del c2  # (freed before the column phase and the next iteration: sinkhorn_scalings_bytes)
         if column_sq is not None:
             col = column_sq(col)
         norms = col.sqrt_().mul_(c)
         c.mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(m)), 0.0))
+        del col, norms
     return r, c
+
+
+def sinkhorn_scalings_bytes(m: int, n: int, block_rows: int, batched: bool) -> int:
+    """The most memory :func:`sinkhorn_scalings` allocates alive together for an ``m x n`` float32 matrix in
+    blocks of ``block_rows`` rows (``iters >= 1``), its returned ``(r, c)`` included (``4 (m + n)``):
+
+    * ``batched=False``: in a block, ``c``'s square and the column sums (``8 n``), the block's squares
+      (``4 b n``), its row norms, their mask, clamp and scaling (``13 b``) and ``torch.where``'s 0-d ``0.0`` (4);
+      in the column phase the column norms, their mask, clamp and scaling (``13 n + 4``);
+    * ``batched=True`` (:func:`_squared_scalings_rows`): the column sums and a block's squares (``4 n + 4 b n``).
+    """
+    b = block_rows
+    if batched:
+        return 4 * (m + n) + 4 * n + 4 * b * n
+    return 4 * (m + n) + max(8 * n + 4 * b * n + 13 * b + 4, 13 * n + 4)
+
+
+def sr_sinkhorn_bytes(m: int, n: int, iters: int) -> int:
+    """The most memory :func:`sr_sinkhorn` allocates alive together for an ``m x n`` float32 ``g`` (its result
+    included, ``4 m n``): the row norms (``4 m``) and the column norms (``4 n``), and from the second iteration
+    a new one beside its predecessor (``4 max(m, n)``)."""
+    if iters <= 0:
+        return 4 * m * n
+    return 4 * m * n + 4 * (m + n) + (4 * max(m, n) if iters > 1 else 0)
 
 
 def _squared_scalings_rows(rows_of, row_bounds: list[tuple[int, int]], m_local: int, n: int, iters: int,

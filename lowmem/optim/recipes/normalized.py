@@ -43,10 +43,11 @@ from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, mu
                               muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_column_block_numel,
                               ns_rows, ns_shape)
 from ..functional.scale import column_normalize, column_rms, last_layer_momentum_, scale_rows_foreach_
-from ..functional.sinkgd import sinkgd_foreach_, sinkhorn_scalings, sr_sinkhorn
+from ..functional.sinkgd import sinkgd_foreach_, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn, sr_sinkhorn_bytes
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
+from ..sharded import local
 
 
 def flat_as_targeted(params: Iterable[Any], key: str, value: Any) -> list[Any]:
@@ -574,11 +575,19 @@ class SinkGDMoments(HybridMoments):
                                  rows=reduce.shape[0])
 
     def target_transient_bytes(self, numel, shape, group, state):
-        """Whole: the normalised matrix (float32; every later product in place) and the row / column
-        norms. A block of rows (``numel`` its elements): its squares, then its step, and the scaling
-        vectors (``r``, ``c``, ``c^2``, the column sums)."""
+        """A block of rows (``numel`` its elements; the chunked step): the scalings' passes
+        (:func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings_bytes`, in the closed form off the CPU as
+        :func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings` chooses it from the device, the group's
+        parameters'; a meta parameter counts as one off the CPU; not for FSDP2 shards), then each block's step
+        next to ``r`` and ``c`` (``4 numel + 4 (m + n)``). Whole (``numel = m n``, ``chunk_numel=None``): also
+        :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn_bytes` (one block of every row and the whole step
+        cannot be told apart here: the larger is reported)."""
         m, n = shape
-        return 4 * numel + 4 * (2 * m + 3 * n)
+        params = group.get("params") or []
+        off_cpu = bool(params) and local(params[0]).device.type != "cpu"
+        block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group))
+        whole = sr_sinkhorn_bytes(m, n, group["sinkhorn_iters"]) if numel == m * n else 0
+        return max(block, 4 * numel + 4 * (m + n), whole)
 
 
 SINKGD_HPARAMS = (
