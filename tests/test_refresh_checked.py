@@ -149,3 +149,35 @@ def test_refresh_step_reads_the_device_once_on_meta(name):
             opt.step()
         reads.append(r.reads)
     assert reads == [1, 1, 1]
+
+
+@pytest.mark.parametrize("chunk_numel", [None, 256])
+def test_osd_low_precision_whole_basis_steps_read_nothing_more(chunk_numel, monkeypatch):
+    """Online Subspace Descent with bfloat16 parameters stepped whole (``chunk_numel=None``): the basis step of
+    a gradient's float32 copy takes pre_check's decision (through the gradient it was converted from:
+    ``_Projected.checked``) instead of reading its own (one device read per parameter before); bit-equal to
+    ``skip_nonfinite=False`` (each basis step reads its own), a zero gradient's basis step skipped by both."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(48, 40).bfloat16()) for _ in range(3)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = create_optimizer([{"params": ps, "rank": 8}], "osd_adamw", lr=1e-2)
+    ref = create_optimizer([{"params": qs, "rank": 8}], "osd_adamw", lr=1e-2)
+    ref.skip_nonfinite = False
+    opt.chunk_numel = ref.chunk_numel = chunk_numel
+    calls = _usable_reads(monkeypatch)
+    torch.manual_seed(1)
+    for t in range(5):
+        gs = [torch.randn(48, 40).bfloat16() for _ in ps]
+        if t == 3:
+            gs[1].zero_()
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        before = len(calls)
+        opt.step()
+        if t in (1, 2, 4):  # steady steps with usable gradients: the step's one read decides
+            assert len(calls) == before, t
+        ref.step()
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q), t
+            for k, v in ref.state[q].items():
+                assert torch.equal(opt.state[p][k], v), (t, k)

@@ -395,7 +395,8 @@ class _Projected(NamedTuple):
     the moment rule, :meth:`LowMemOptimizer._combine_back`): the gradient ``g`` the combine-back reads,
     the projected gradient ``low``, the learning rate, the parameter in the precision it is updated
     in (``p32``), whether it is combined back a block of rows at a time, and ``down_of_g``
-    (``low`` when computed from this float32 ``g``: Online Subspace Descent reuses it)."""
+    (``low`` when computed from this float32 ``g``: Online Subspace Descent reuses it); ``checked``: ``g`` is a
+    float32 copy of a gradient the projection's ``pre_check`` found usable (its flag read ``True``)."""
 
     p: Tensor
     g: Tensor
@@ -407,6 +408,7 @@ class _Projected(NamedTuple):
     p32: Tensor
     rows: bool
     down_of_g: Tensor | None
+    checked: bool = False
 
 
 class _ProjectedBytes(NamedTuple):
@@ -1582,6 +1584,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if k is not None:
                 b.p.addcmul_(b.g, k)
             del m, k
+        # (what is neither: FRUGAL's state-free sign step, a batch of row blocks per multi-tensor kernel)
+        r.combine.foreach_fold_rest(ps, [b.g for b in bucket], [b.low for b in bucket], [b.state for b in bucket],
+                                    group, P, -lr, bounds)
         if wd and r.decay_after_update:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
         del ds[:]
@@ -1661,10 +1666,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return [(a, min(a + rows, m)) for a in range(0, m, rows)]
 
     def _combine_rows(self, p: Tensor, g: Tensor, low: Tensor, d_low: Tensor, state: dict[str, Tensor],
-                      group: dict[str, Any], lr: Any, t: int, down_of_g: Tensor | None = None) -> None:
+                      group: dict[str, Any], lr: Any, t: int, down_of_g: Tensor | None = None,
+                      checked: Any = None) -> None:
         """The combine-back step (:class:`~lowmem.optim.subspace.CombineRule`) and the update of
         ``p``, a block of rows at a time (no full-size direction): the rule's whole-tensor statistics
-        come first (``prepare``), the basis is updated last (``post_update``)."""
+        come first (``prepare``), the basis is updated last (``post_update``, ``checked``: what it receives)."""
         r, P = self.recipe, self.recipe.projection
         bounds = self._row_bounds(p.shape, self._chunk(p.device))
         lr_scale = math.prod(s.lr_scale(state, group, t) for s in r.stabilizers)
@@ -1679,7 +1685,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             P.add_up_rows_(pr, d_low, state, group, 0, p.shape[0], -c * lr_scale * (1.0 if r.moment.applies_lr else lr))
             if r.decay_after_update:
                 F.decoupled_weight_decay_(pr, lr, wd)
-            P.post_update(g, state, group, down_of_g, self._checked)
+            P.post_update(g, state, group, down_of_g, checked)
             return
         ctx = r.combine.prepare(g, low, d_low, state, group, P, bounds)
         for start, stop in bounds:
@@ -1690,7 +1696,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if p32 is not pr:
                 pr.copy_(p32)
             del d
-        P.post_update(g, state, group, down_of_g, self._checked)
+        P.post_update(g, state, group, down_of_g, checked)
 
     def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
         """Decoupled weight decay and the step along ``d`` (in place on ``p32``)."""
@@ -1818,7 +1824,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # the chunked combine-back converts the parameter a block of rows at a time
         p32 = p if p.dtype in (torch.float32, torch.float64) or (rows and r.lr_rule is constant_lr) else p.float()
         lr = r.lr_rule(group, state, p32, t)
-        return _Projected(p, g, low, state, group, t, lr, p32, rows, low if projected_grad is None else None)
+        # a low-precision gradient pre_check found usable: its float32 copy g is (issue 15: post_update reads nothing)
+        copy_checked = (g is not grad and not r.stabilizers and self._checked is not None
+                        and (self._checked.get(id(grad)) or (None,))[0] is grad)
+        return _Projected(p, g, low, state, group, t, lr, p32, rows, low if projected_grad is None else None,
+                          copy_checked)
 
     def _combine_back(self, item: _Projected, d: Tensor) -> None:
         """The last phase of a projected parameter's step: the combine-back of the moment rule's
@@ -1826,11 +1836,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
         reference ``chunk_numel=None``), then the projection's ``post_update``."""
         r, P = self.recipe, self.recipe.projection
         p, g, low, state, group, t, lr, p32 = item.p, item.g, item.low, item.state, item.group, item.t, item.lr, item.p32
+        checked = {id(g): (g, None)} if item.checked else self._checked  # (the copy's norm: post_update's own)
         if item.rows:
-            self._combine_rows(p, g, low, d, state, group, lr, int(t), item.down_of_g)
+            self._combine_rows(p, g, low, d, state, group, lr, int(t), item.down_of_g, checked)
             return
         d = r.combine.direction(g, low, d, state, group, P)
-        P.post_update(g, state, group, item.down_of_g, self._checked)
+        P.post_update(g, state, group, item.down_of_g, checked)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
         if p32 is not p:

@@ -773,6 +773,9 @@ class ResidualRule:
         projection: :meth:`Projection.can_add_up_rows`); default ``None``: not offered."""
         return None
 
+    def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds) -> None:
+        """:meth:`CombineRule.foreach_fold_rest` of :class:`ProjectBack` with this residual; default: nothing."""
+
     def transient_bytes(self, shape, group, state, projection, rows: int) -> int:
         """Upper bound of the bytes :meth:`update` allocates for ``rows`` rows (all rows: the whole step)."""
         return 0
@@ -945,6 +948,41 @@ class StateFreeResidual(ResidualRule):
         residual = torch.sub(g_rows, up, out=up)  # (in place: one kernel, the bits of g - up)
         return FR.scaled_state_free_direction(residual, group["free_rule"], group["free_lr_scale"])
 
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """The subspace part of a bucket: ``(i, d_low, alpha scale, None)`` (one ``addmm_`` into the parameter
+        each); the state-free part is :meth:`foreach_fold_rest`'s."""
+        a = alpha * group["scale"]
+        return ((i, d, a, None) for i, d in enumerate(d_lows))
+
+    def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds):
+        """The state-free part of a bucket (issue 15): each parameter's residual ``G - P P^T G`` a block of
+        rows of ``bounds`` at a time (the bits of :meth:`update_rows`' residual), then, for a batch of blocks,
+        ``sign`` in place (:func:`~lowmem.optim.functional.frugal.state_free_direction_foreach_`) and
+        ``p += alpha free_lr_scale d`` in one multi-tensor kernel each, instead of one per block (equal to
+        :meth:`update_rows` added to the subspace part, to float32 rounding: two additions into ``p``, not
+        one). A batch holds at most 3 blocks' elements of the smallest parameter's largest block (12 bytes per
+        element, this rule's :meth:`transient_bytes` of any parameter of the bucket: within its count)."""
+        f = group["free_lr_scale"]
+        if f == 0:
+            return
+        cap = 3 * min(max((b - a for a, b in bs), default=0) * g.shape[1] for bs, g in zip(bounds, gs))
+        batch_p: list[Tensor] = []
+        batch_r: list[Tensor] = []
+        used = 0
+        for p, g, low, state, bs in zip(ps, gs, lows, states, bounds):
+            for start, stop in bs:
+                numel = (stop - start) * g.shape[1]
+                if batch_r and used + numel > cap:
+                    FR.state_free_step_foreach_(batch_p, batch_r, group["free_rule"], alpha * f)
+                    used = 0
+                up = projection.up_rows(low, state, group, start, stop)
+                batch_r.append(torch.sub(g[start:stop], up, out=up))  # (the residual: update_rows' bits)
+                batch_p.append(p[start:stop])
+                used += numel
+                del up
+        if batch_r:
+            FR.state_free_step_foreach_(batch_p, batch_r, group["free_rule"], alpha * f)
+
     def transient_bytes(self, shape, group, state, projection, rows):
         """The subspace part of the rows, the residual and its sign: 3 float32 row blocks."""
         return 12 * rows * shape[1]
@@ -1026,6 +1064,13 @@ class CombineRule:
         rounding)."""
         return None
 
+    def foreach_fold_rest(self, ps: list[Tensor], gs: list[Tensor], lows: list[Tensor], states: list[dict[str, Tensor]],
+                          group: dict[str, Any], projection: Projection, alpha: float,
+                          bounds: list[list[tuple[int, int]]]) -> None:
+        """After the engine added :meth:`foreach_fold`'s terms to the float32 parameters ``ps``: the part of
+        ``alpha * direction`` that is neither ``P.up(M)`` nor ``G * k`` (FRUGAL's ``sign`` of the residual),
+        added to ``ps`` in place, within :meth:`transient_bytes`; default: nothing."""
+
     def transient_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
                         projection: Projection, rows: int) -> int:
         """Upper bound of the bytes :meth:`direction_rows` allocates for ``rows`` rows (the returned
@@ -1084,6 +1129,9 @@ class ProjectBack(CombineRule):
         if not all(projection.can_add_up_rows(st) for st in states):
             return None
         return self.residual.foreach_fold(gs, lows, d_lows, states, group, projection, alpha, bounds)
+
+    def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds):
+        self.residual.foreach_fold_rest(ps, gs, lows, states, group, projection, alpha, bounds)
 
     def add_in_place_scale(self, state, group, projection):
         if isinstance(self.residual, DropResidual) and projection.can_add_up_rows(state):

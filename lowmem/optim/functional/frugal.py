@@ -29,6 +29,18 @@ def scaled_state_free_direction(residual: Tensor, rule: str, scale: float) -> Te
     return d if scale == 1.0 else d.mul_(scale)
 
 
+def state_free_step_foreach_(params: list[Tensor], residuals: list[Tensor], rule: str, alpha: float) -> None:
+    """``p += alpha * state_free_direction(residual)`` for every pair (Algorithm 1, line 9, the state-free
+    step), one multi-tensor kernel per operation: ``sign`` in place for signSGD; ``residuals`` are consumed
+    (emptied)."""
+    if rule == "signsgd":
+        torch._foreach_sign_(residuals)
+    elif rule != "sgd":
+        raise ValueError(f"state-free rule must be 'signsgd' or 'sgd', got {rule!r}")
+    torch._foreach_add_(params, residuals, alpha=alpha)
+    del params[:], residuals[:]
+
+
 def random_indices(size: int, k: int, generator: torch.Generator) -> Tensor:
     """``k`` distinct indices of ``range(size)`` uniformly at random (RandK), sorted."""
     return torch.randperm(size, generator=generator)[:k].sort().values
