@@ -148,3 +148,14 @@ def test_budget_and_estimator_refuse_with_the_same_message(capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"lowmem: error: {est.value}", (err, str(est.value))
     assert main(["budget", "tiny", "--optimizer", "galore_adamw", "--optim-args", "rank=16", "--device", "cpu"]) == 0
+
+
+def test_error_names_the_group_and_optimizer():
+    """The engine prefixes a recipe's validate_group error with the group and optimizer (the recipe's check sees
+    only the group's dict); the error keeps its type and attributes."""
+    opt = create_optimizer([{"params": _params((24, 40)), "rank": 4}], "galore_adamw")
+    with pytest.raises(RankError, match=r"^parameter group 1 of optimizer 'galore_adamw': rank 8 >= the smaller side") as err:
+        opt.add_param_group({"params": _params((6, 4)), "rank": 8})
+    assert (err.value.rank, err.value.side) == (8, 4)
+    with pytest.raises(ValueError, match=r"^parameter group 0 of optimizer 'frugal': proj_type='full'"):
+        create_optimizer([{"params": _params((24, 40)), "rank": 4, "proj_type": "full", "projection": "columns"}], "frugal")

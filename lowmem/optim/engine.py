@@ -541,7 +541,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 if group.get(h.name) is not None:
                     h.validate(group[h.name], where=where)
             if self.recipe.validate_group is not None:
-                self.recipe.validate_group(group)
+                try:
+                    self.recipe.validate_group(group)
+                except ValueError as e:  # name the group: a recipe's check sees only the group's dict
+                    e.args = (f"{where}: {e}", *e.args[1:])  # (its type and attributes kept)
+                    raise
             for p in group["params"]:
                 if is_dtensor(p):  # FSDP2: refuse recipes that need the whole matrix (lowmem.optim.sharded)
                     check_supported(self.recipe, group, p, where)
