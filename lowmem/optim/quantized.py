@@ -317,10 +317,59 @@ class Quantized(MomentRule):
 
     def foreach_direction_transient_bytes(self, numel):
         """Every listed moment of the bucket decoded (4 B each per element), the codec's workspace of
-        one call for the whole bucket (:func:`codec_bytes`) and the inner rule's: a bound (measured 18 of
-        22 B per element on 8-bit AdamW moments: tests/test_quantized_projected_buckets.py)."""
+        one call for the whole bucket (:func:`codec_bytes`) and the inner rule's: a bound (22 B per element
+        on 8-bit AdamW moments for 18 allocated; :meth:`foreach_direction_bucket_transient_bytes` counts a
+        bucket of 8-bit blockwise moments exactly)."""
         four = any(s.bits == 4 for s in self.specs.values())
         return 4 * len(self.specs) * numel + codec_bytes(numel, four, False) + self.inner.foreach_direction_transient_bytes(numel)
+
+    def foreach_direction_bucket_transient_bytes(self, members):
+        """What :meth:`foreach_direction` allocates for a bucket of ``(shape, state)`` members whose quantized
+        moments are all 8-bit blockwise (otherwise :meth:`foreach_direction_transient_bytes`, a bound), in its
+        phases (:meth:`_decoded_many`): the decoded moments (4 B per quantized element and moment) are alive
+        throughout; next to them the inner rule's multi-tensor direction
+        (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction_bucket_transient_bytes`), then, beside the
+        returned float32 directions (``4 N``), the encode: each member decoded alone (a partial last block)
+        encoded and written back in turn (its codes, absmax and the table quantizer's pass), then the members of
+        whole blocks one moment at a time, each moment's new codes and absmax kept until the one
+        ``torch._foreach_copy_`` (``n_k + 4 n_k / B`` bytes) beside the next one's and its table pass
+        (:func:`~lowmem.optim.functional.quant.table_workspace_bytes` of ``n_k`` values in whole blocks:
+        ``TABLE_PIECE_BYTES min(TABLE_PIECE, n_k)``; on CUDA bitsandbytes' kernel needs none, a bound there)."""
+        quantized = [(shape, st, k) for shape, st in members for k in self.specs if is_quantized(st, k)]
+        if any(self.specs[k].bits != 8 or is_rank1(st, k) for _, st, k in quantized):
+            return self.foreach_direction_transient_bytes(sum(math.prod(shape) for shape, _ in members))
+        total = sum(math.prod(shape) for shape, _ in members)
+
+        def codes_bytes(numel: int, st: dict[str, Tensor], k: str) -> int:  # (the new codes and absmax)
+            return numel + st[k + "_absmax"].numel() * st[k + "_absmax"].element_size()
+
+        def whole_blocks(numel: int, st: dict[str, Tensor], k: str) -> bool:
+            # (numel = blocks x a valid block size: the group's, which the state does not hold, is taken to be it)
+            blocks = st[k + "_absmax"].numel()
+            return blocks > 0 and numel % blocks == 0 and numel // blocks in Q.VALID_BLOCK_SIZES
+
+        decoded = 4 * sum(math.prod(shape) for shape, _, _ in quantized)
+        encode = alone = 0
+        batched: dict[str, list[tuple[int, dict[str, Tensor]]]] = {}
+        for shape, st, k in quantized:
+            numel = math.prod(shape)
+            if whole_blocks(numel, st, k):
+                batched.setdefault(k, []).append((numel, st))
+            else:  # decoded and encoded alone: its table pass over its blocks (the largest block size they fit)
+                blocks = st[k + "_absmax"].numel()
+                size = max((b for b in Q.VALID_BLOCK_SIZES if -(-numel // b) == blocks), default=max(Q.VALID_BLOCK_SIZES))
+                alone = max(alone, codes_bytes(numel, st, k) + Q.TABLE_PIECE_BYTES * min(Q.TABLE_PIECE, blocks * size))
+        pending = 0
+        for k in self.specs:  # (_decoded_many's order: the specs', one call per moment)
+            if k not in batched:
+                continue
+            n_k = sum(n for n, _ in batched[k])
+            new = sum(codes_bytes(n, st, k) for n, st in batched[k])
+            encode = max(encode, pending + new + Q.TABLE_PIECE_BYTES * min(Q.TABLE_PIECE, n_k))
+            pending += new
+        inner = self.inner.foreach_direction_bucket_transient_bytes(
+            [(shape, {k: v for k, v in st.items() if not is_quantized(st, k)}) for shape, st in members])
+        return decoded + max(inner, 4 * total + max(alone, encode))
 
     # ---- the full-rank multi-tensor step (LowMemOptimizer's foreach buckets) ----
 
