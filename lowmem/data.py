@@ -315,8 +315,12 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     match = next(((name, cols) for name, cols, _ in order if set(cols) <= set(columns)), None)
     if match is None:
         accepted = "; ".join(desc for _, _, desc in formats)
-        raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}"
-                         + _format_hint(columns, trainer))
+        hint = _format_hint(columns, trainer)
+        strings = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        if not hint and trainer == "sft" and strings:  # plain text under another name (TRL's dataset_text_field)
+            hint = (f". To train on the text of column {strings[0]!r} (language modeling), set dataset_text_field: "
+                    f"{strings[0]} (a top-level recipe key)")
+        raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}" + hint)
     name, cols = match
     rows = dataset.select(range(min(len(dataset), CHECKED_ROWS)))
     first = rows[0]

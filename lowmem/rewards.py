@@ -319,7 +319,11 @@ def checked_outputs(fn: Callable[..., Any], ref: str) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def checked(*args: Any, **kwargs: Any) -> list[float | None]:
-        out = fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as err:  # the user's code failed inside TRL's step: one line naming it and its line
+            raise ValueError(f"reward function {ref!r} raised {_call_failure(err, fn)}"
+                             + _conversational_hint(err, kwargs.get("completions"))) from err
         n = len(kwargs["completions"]) if "completions" in kwargs else None
         expected = f"a list of {n if n is not None else 'one'} float(s) or None, one per completion"
         if getattr(out, "ndim", None) == 1 and callable(getattr(out, "tolist", None)):
@@ -334,6 +338,32 @@ def checked_outputs(fn: Callable[..., Any], ref: str) -> Callable[..., Any]:
         return out
 
     return checked
+
+
+def _call_failure(err: Exception, fn: Callable[..., Any]) -> str:
+    """``err`` raised by reward function ``fn``, in one line: its type and message, and the line of ``fn``'s
+    file that raised it (the deepest frame in that file; else the deepest frame)."""
+    import inspect
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    try:
+        source = inspect.getsourcefile(inspect.unwrap(fn))
+    except TypeError:
+        source = None
+    own = [f for f in frames if source is not None and f.filename == source] or frames[-1:]
+    at = f" ({own[-1].filename}, line {own[-1].lineno})" if own else ""
+    return f"{type(err).__name__}: {err}{at}"
+
+
+def _conversational_hint(err: Exception, completions: Any) -> str:
+    """For a ``TypeError`` / ``AttributeError`` on conversational completions (lists of messages, which a
+    function written for strings meets as lists): how to get their text. Else ``""``."""
+    if isinstance(err, (TypeError, AttributeError)) and isinstance(completions, list) and completions \
+            and isinstance(completions[0], list):
+        return ("; the data is conversational, so each completion is a list of {'role', 'content'} messages, not a "
+                "string: its text is completion[-1]['content'] (lowmem.rewards.completion_text(completion))")
+    return ""
 
 
 def _is_reward(value: Any) -> bool:

@@ -471,6 +471,7 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
         derived = recipe.batch_size * launched_processes() * ta["steps_per_generation"]
         if ta["generation_batch_size"] == derived:
             del ta["generation_batch_size"]
+    _lift_model_loading(recipe, ta)
     if "resume_from_checkpoint" in ta:
         value = check_value("resume_from_checkpoint", ta.pop("resume_from_checkpoint"), bool | str | None,
                             where="training_args.")
@@ -507,6 +508,49 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
                           "transformers / TRL documentation)")
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _lift_model_loading(recipe: TrainRecipe, ta: dict[str, Any]) -> None:
+    """The model-loading fields of TRL's configs in ``training_args`` (``ta``, in place). ``trust_remote_code``
+    (a field of ``SFTConfig`` / ``DPOConfig`` / ``GRPOConfig``, passed by TRL to ``from_pretrained``) and
+    ``model_init_kwargs.trust_remote_code``: ``true`` is an error (lowmem never runs a model's remote code; TRL
+    ran it), ``false`` is dropped. ``model_init_kwargs.dtype`` (or ``torch_dtype``) is the recipe's ``dtype``:
+    lifted onto it (a different ``dtype`` in the recipe is an error), since TRL loads DPO/GRPO policies and
+    reference models by path with ``model_init_kwargs`` (:func:`build_training_args` gives it the recipe's).
+
+    Raises:
+        ConfigError: Naming the field and value.
+    """
+    if "trust_remote_code" in ta:
+        if check_value("trust_remote_code", ta.pop("trust_remote_code"), bool, where="training_args."):
+            raise ConfigError("trust_remote_code=true: lowmem never runs a model's remote code (TRL would import "
+                              "Python files from the model directory); use a model whose architecture transformers has")
+    if "model_init_kwargs" not in ta:
+        return
+    kwargs = check_value("model_init_kwargs", ta.pop("model_init_kwargs"), dict[str, Any] | None, where="training_args.")
+    kwargs = dict(kwargs or {})
+    if kwargs.pop("trust_remote_code", False):
+        raise ConfigError("model_init_kwargs.trust_remote_code=true: lowmem never runs a model's remote code (TRL would "
+                          "import Python files from the model directory); use a model whose architecture transformers has")
+    names = [k for k in ("dtype", "torch_dtype") if k in kwargs]
+    if len(names) == 2:
+        raise ConfigError("model_init_kwargs holds both dtype and torch_dtype; give dtype once")
+    if names:
+        value = kwargs.pop(names[0])
+        value = str(value).removeprefix("torch.") if value is not None else value
+        if value not in DTYPES:
+            raise ConfigError(f"model_init_kwargs.{names[0]}={value!r}: expected one of {list(DTYPES)} (lowmem loads the "
+                              "model in the recipe's dtype; 'auto' is not supported)")
+        default = next(f.default for f in dataclasses.fields(TrainRecipe) if f.name == "dtype")
+        if recipe.dtype != default and recipe.dtype != value:
+            raise ConfigError(f"dtype is {recipe.dtype!r} in the recipe and model_init_kwargs.{names[0]} is {value!r}; "
+                              "give it once")
+        recipe.dtype = value
+    if kwargs:
+        ta["model_init_kwargs"] = kwargs
 
 
 def _strategy(value: Any) -> Any:
@@ -639,6 +683,24 @@ def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
 
         model = attach_lora(model, lora_config(recipe.lora))
     return model, tok, model_dir
+
+
+def _policy_tokenizer_and_dir(recipe: TrainRecipe) -> tuple[Any, str]:
+    """The tokenizer and the model directory TRL loads a DPO/GRPO policy (and reference) from, without
+    loading the model here: a second copy of the weights stayed alive beside TRL's for the whole run, and
+    TRL loaded the policy in its own default dtype (float32), not the recipe's (``model_init_kwargs``
+    now carries it). The embedded tiny model is built in ``dtype`` and saved first."""
+    from lowmem.kit import load_model_and_tokenizer, save_embedded_model
+
+    if recipe.model is None:
+        model, tok = load_model_and_tokenizer(None, dtype=recipe.dtype, seed=recipe.seed)
+        return tok, save_embedded_model(model, tok, recipe.output_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(recipe.model, local_files_only=True)
+    if tok.pad_token is None:  # as load_model_and_tokenizer does
+        tok.pad_token = tok.eos_token
+    return tok, recipe.model
 
 
 def _memory_args(recipe: TrainRecipe) -> dict[str, Any]:
@@ -959,12 +1021,15 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         fields["bf16"] = recipe.dtype == "bfloat16"
     if getattr(recipe, "reward_weights", None) is not None:
         fields["reward_weights"] = recipe.reward_weights
+    if recipe.trainer != "sft":  # TRL loads the policy (without adapters) and the reference by path: in dtype
+        fields["model_init_kwargs"] = {**(recipe.training_args.get("model_init_kwargs") or {}), "dtype": recipe.dtype}
     if launched_processes() > 1 and not torch.cuda.is_available():
         # several processes (torchrun / accelerate launch) and no GPU: data-parallel on the CPU over gloo.
         # Without use_cpu, transformers would leave each process training on its own (issue 16).
         fields["use_cpu"] = True
         _refuse_fsdp_on_cpu(recipe.training_args)
-    kwargs = {**fields, **recipe.training_args}
+    # training_args win, except model_init_kwargs: fields holds it merged with the recipe's dtype
+    kwargs = {**fields, **{k: v for k, v in recipe.training_args.items() if not (k == "model_init_kwargs" and k in fields)}}
     if kwargs.get("bf16") and "use_cpu" not in recipe.training_args and not _accelerator_visible():
         # bf16 autocast on a machine without a GPU: transformers refuses it ("Your setup doesn't support
         # bf16/gpu. You need to assign use_cpu") unless use_cpu is set, which here changes no device
@@ -1438,7 +1503,6 @@ def _trl_config_and_trainer(kind: str) -> tuple[type, type]:
 def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     """DPO: margin and accuracy on a fixed set of 64 training pairs before and after training.
     GRPO/GVPO/BNPO: mean reward of the first 5 and the last 10 training steps (and every step's)."""
-    from lowmem.kit import save_embedded_model
     from transformers import set_seed
 
     from lowmem.data import dpo_eval_rows, prepare_tokenizer, recipe_data
@@ -1452,18 +1516,17 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     columns = (data.train if data is not None else synthetic).column_names if recipe.trainer != "dpo" else None
     # each function's signature checked against TRL's call (and its outputs when called) before the model loads
     reward_funcs = load_reward_funcs(recipe.reward_funcs, columns) if recipe.reward_funcs is not None else reward_fn
-    model, tok, model_dir = load_policy(recipe)
+    if recipe.quantization is not None or recipe.lora is not None:
+        model, tok, model_dir = load_policy(recipe)
+    else:  # TRL loads the policy and the reference by path (model_init_kwargs: dtype): not a second copy here
+        model, tok, model_dir = None, *_policy_tokenizer_and_dir(recipe)
     prepare_tokenizer(recipe, data, tok)
     if recipe.trainer != "dpo":  # prompt + completion within the model's context (TRL's default is 512 tokens)
         notice = fit_completion_length(recipe, tok, [synthetic] if data is None else [data.train, data.eval])
         if notice is not None and is_main_process():
             print(f"note: {notice}")
-    if recipe.quantization is not None or recipe.lora is not None:
-        policy_arg: Any = model  # adapters attached here; TRL's reference is the base with adapters disabled
-    else:
-        if model_dir is None:  # TRL reloads reference models by path: save the embedded model first
-            model_dir = save_embedded_model(model, tok, recipe.output_dir)
-        policy_arg = model_dir
+    # adapters attached here, TRL's reference is the base with adapters disabled; else TRL loads both by path
+    policy_arg: Any = model if model is not None else model_dir
     args = build_training_args(recipe)
     if recipe.trainer == "dpo":
         train, evals = ((preference_dataset(recipe.train_size, recipe.seed), preference_dataset(64, recipe.seed))

@@ -119,3 +119,94 @@ def test_older_trl_length_keys_get_their_hint(tmp_path, text, expected, absent):
     with pytest.raises(ValueError) as err:
         load_recipe(path)
     assert all(e in str(err.value) for e in expected) and absent not in str(err.value), str(err.value)
+
+
+def test_dpo_full_finetune_trains_in_the_recipe_dtype_from_one_copy(tiny_model_path, tmp_path, monkeypatch):
+    """`dtype: bfloat16` with trainer: dpo (or grpo) was silently ignored: lowmem loaded the model in bf16, then
+    handed TRL the directory, and TRL loaded the policy and reference in its own default float32 (the saved
+    model was float32), while lowmem's bf16 copy stayed alive beside it for the whole run. TRL now gets
+    model_init_kwargs {dtype: ...} and lowmem loads no copy of its own."""
+    import lowmem.train
+    from safetensors import safe_open
+
+    def no_second_copy(recipe):
+        raise AssertionError("the policy was loaded by lowmem as well as by TRL")
+
+    monkeypatch.setattr(lowmem.train, "load_policy", no_second_copy)
+    pairs = _jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)}
+                                              for a in range(4)])
+    out = tmp_path / "out"
+    recipe = tmp_path / "d.yaml"
+    recipe.write_text(f"trainer: dpo\nmodel: {tiny_model_path}\ndataset: {pairs}\ndtype: bfloat16\nsteps: 1\n"
+                      f"batch_size: 2\noutput_dir: {out}\n")
+    assert main(["train", str(recipe)]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("trust_remote_code: true\n", "trust_remote_code=true: lowmem never runs a model's remote code"),
+    ("model_init_kwargs: {trust_remote_code: true}\n", "model_init_kwargs.trust_remote_code=true: lowmem never runs"),
+    ("model_init_kwargs: {dtype: auto}\n", "model_init_kwargs.dtype='auto': expected one of"),
+    ("dtype: float16\nmodel_init_kwargs: {torch_dtype: bfloat16}\n",
+     "dtype is 'float16' in the recipe and model_init_kwargs.torch_dtype is 'bfloat16'; give it once"),
+])
+def test_trl_model_loading_fields(tmp_path, text, expected):
+    """trust_remote_code: true (a field of TRL's configs) reached TRL, which ran the model directory's code;
+    model_init_kwargs' dtype is the recipe's dtype (one value, checked)."""
+    from lowmem.train import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("trainer: dpo\n" + text)
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_recipe(path)
+
+
+def test_model_init_kwargs_dtype_is_the_recipe_dtype(tmp_path):
+    from lowmem.train import build_training_args, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("trainer: grpo\nmodel_init_kwargs: {torch_dtype: bfloat16, attn_implementation: eager}\n"
+                    "trust_remote_code: false\n")
+    recipe = load_recipe(path, output_dir=str(tmp_path / "o"))
+    assert recipe.dtype == "bfloat16" and recipe.training_args == {"model_init_kwargs": {"attn_implementation": "eager"}}
+    args = build_training_args(recipe)
+    assert args.model_init_kwargs == {"attn_implementation": "eager", "dtype": "bfloat16"} and not args.trust_remote_code
+    assert build_training_args(load_recipe(None, trainer="dpo", output_dir=str(tmp_path))).model_init_kwargs == {
+        "dtype": "float32"}
+
+
+def test_sft_text_under_another_column_name_suggests_dataset_text_field(tmp_path):
+    """A parquet of one string column 'content' got 'fits no sft dataset format' and no way forward; TRL's
+    SFTConfig.dataset_text_field trains on it (lowmem supports it), and the error now says so."""
+    import pandas as pd
+
+    from lowmem.data import load_train_data
+
+    path = tmp_path / "notes.parquet"
+    pd.DataFrame({"id": [1, 2], "content": ["hello there", "general kenobi"]}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"set dataset_text_field: content \(a top-level recipe key\)"):
+        load_train_data(str(path), "sft")
+    assert load_train_data(str(path), "sft", text_field="content").format.name == "content"
+
+
+def test_reward_function_failing_on_conversational_completions_is_one_line(tmp_path):
+    """A reward written for strings (re.findall on each completion) met conversational completions (lists of
+    messages) in the middle of TRL's step: a traceback through TRL ending in `re`. It is a ValueError naming
+    the reward, the line of the user's file, and how to get a completion's text."""
+    from lowmem.rewards import resolve_reward
+
+    path = tmp_path / "my_rewards.py"
+    path.write_text("import re\n\ndef correct(prompts, completions, answer, **kw):\n"
+                    "    return [float(re.findall(r'\\d+', c)[-1] == a) for c, a in zip(completions, answer)]\n")
+    fn = resolve_reward(f"{path}:correct", columns=["prompt", "answer"])
+    assert fn(prompts=["1+1="], completions=["it is 2"], answer=["2"]) == [1.0]  # strings: as before
+    chat = [[{"role": "assistant", "content": "it is 2"}]]
+    with pytest.raises(ValueError) as err:
+        fn(prompts=[[{"role": "user", "content": "1+1="}]], completions=chat, answer=["2"])
+    text = str(err.value)
+    assert text.startswith(f"reward function '{path}:correct' raised TypeError: expected string")
+    assert f"({path}, line 4)" in text and "completion[-1]['content']" in text
+    with pytest.raises(ValueError, match=r"raised KeyError: 'x' \(.*my_rewards.py, line 2\)$"):  # no hint: not that case
+        path.write_text("def bad(prompts, completions, **kw):\n    return {}['x']\n")
+        resolve_reward(f"{path}:bad", columns=["prompt"])(prompts=["p"], completions=["c"])
