@@ -520,6 +520,8 @@ def _lift_model_loading(recipe: TrainRecipe, ta: dict[str, Any]) -> None:
     ran it), ``false`` is dropped. ``model_init_kwargs.dtype`` (or ``torch_dtype``) is the recipe's ``dtype``:
     lifted onto it (a different ``dtype`` in the recipe is an error), since TRL loads DPO/GRPO policies and
     reference models by path with ``model_init_kwargs`` (:func:`build_training_args` gives it the recipe's).
+    Other ``model_init_kwargs`` where lowmem loads the model itself (``sft``, ``lora``, ``quantization``) are an
+    error: TRL ignores them for a loaded model (with a warning in the log).
 
     Raises:
         ConfigError: Naming the field and value.
@@ -549,6 +551,12 @@ def _lift_model_loading(recipe: TrainRecipe, ta: dict[str, Any]) -> None:
             raise ConfigError(f"dtype is {recipe.dtype!r} in the recipe and model_init_kwargs.{names[0]} is {value!r}; "
                               "give it once")
         recipe.dtype = value
+    if kwargs and (recipe.trainer == "sft" or recipe.lora is not None or recipe.quantization is not None):
+        raise ConfigError(f"model_init_kwargs={kwargs!r}: lowmem loads the model itself here ("
+                          + ("trainer sft" if recipe.trainer == "sft" else "lora / quantization attach adapters to it")
+                          + "), and TRL ignores model_init_kwargs for a loaded model; only dtype applies (the recipe's "
+                          "dtype field). They apply to dpo / grpo / gvpo / bnpo without lora or quantization, where TRL "
+                          "loads the model from its directory")
     if kwargs:
         ta["model_init_kwargs"] = kwargs
 

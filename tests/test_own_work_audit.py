@@ -210,3 +210,18 @@ def test_reward_function_failing_on_conversational_completions_is_one_line(tmp_p
     with pytest.raises(ValueError, match=r"raised KeyError: 'x' \(.*my_rewards.py, line 2\)$"):  # no hint: not that case
         path.write_text("def bad(prompts, completions, **kw):\n    return {}['x']\n")
         resolve_reward(f"{path}:bad", columns=["prompt"])(prompts=["p"], completions=["c"])
+
+
+@pytest.mark.parametrize("text", ["dataset: d.jsonl\n", "trainer: dpo\nlora: {r: 4}\n"])
+def test_model_init_kwargs_where_lowmem_loads_the_model(tmp_path, text):
+    """SFTConfig's model_init_kwargs (attn_implementation, ...) went to TRL with a model lowmem had loaded:
+    'The `model_init_kwargs` will be ignored' in the log, and the run went on without them."""
+    from lowmem.train import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "model_init_kwargs: {attn_implementation: eager}\n")
+    with pytest.raises(ValueError, match=r"model_init_kwargs=\{'attn_implementation': 'eager'\}: lowmem loads the "
+                                         r"model itself here \((trainer sft|lora / quantization)"):
+        load_recipe(path)
+    path.write_text(text + "model_init_kwargs: {dtype: bfloat16}\n")
+    assert load_recipe(path).dtype == "bfloat16"  # dtype applies everywhere: it is the recipe's field
