@@ -283,13 +283,18 @@ class Quantized(MomentRule):
         view, quantized = self._decoded(g, state, group)
         d = self.inner.direction(g, view, group, t, lr)
         extra = state.extra if isinstance(state, ChunkState) else {}
-        dst, src = [], []  # (every moment's codes and scales written back by one multi-tensor copy)
+        # off the CPU every moment's codes and scales are written back by one multi-tensor copy; on the CPU
+        # each moment's right after its encoding (while they are in cache); the same bytes
+        joint = Q.launch_bound(g.device)
+        dst, src = [], []
         for k in quantized:
             dk, sk = encode_pending(state, k, view[k], self.specs[k], group["block_size"], extra.get("rows"),
                                     extra.get(("colmax", k)))
-            dst += dk
-            src += sk
-            view[k] = None  # (the decoded moment is no longer needed once encoded)
+            if dk and not joint:
+                torch._foreach_copy_(dk, sk)
+            elif dk:
+                dst += dk
+                src += sk
         if dst:
             torch._foreach_copy_(dst, src)
         return d
