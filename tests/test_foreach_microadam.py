@@ -1,6 +1,6 @@
 """MicroAdam's multi-tensor path (issue 15): ``MicroAdamMoments.foreach_step_`` stacks a bucket's tensors
-of one top-k layout as rows and runs ``functional.microadam.compress_rows_`` / ``window_direction_rows``
-once per layout, equal bit for bit (weights, ring buffer, error feedback) to the per-parameter step
+of one top-k layout as rows (tensors of whole blocks, whatever their sizes: one row) and runs
+``functional.microadam.compress_rows_`` / ``window_direction_rows`` once per group, equal bit for bit (weights, ring buffer, error feedback) to the per-parameter step
 (``foreach=False``, the reference path) with the same ``chunk_numel``; a tensor larger than
 ``chunk_numel`` arrives in pieces and is stepped whole from its first one (the engine's chunked step)."""
 
@@ -25,6 +25,17 @@ CONFIGS = {
 }
 
 
+
+def _recording(orig, calls):
+    """``compress_rows_`` recording the shape of the stacked gradients (``g``: a tensor, or a function that
+    makes it)."""
+    def wrapped(g, *a):
+        g = g() if callable(g) else g
+        calls.append(tuple(g.shape))
+        return orig(g, *a)
+    return wrapped
+
+
 def _run(hp, foreach, chunk_numel, steps=7, monkeypatch=None):
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
@@ -33,7 +44,7 @@ def _run(hp, foreach, chunk_numel, steps=7, monkeypatch=None):
     opt.chunk_numel = chunk_numel
     calls = []
     orig = MA.compress_rows_
-    monkeypatch.setattr(MA, "compress_rows_", lambda g, *a: calls.append(tuple(g.shape)) or orig(g, *a))
+    monkeypatch.setattr(MA, "compress_rows_", _recording(orig, calls))
     for i in range(steps):  # more steps than the ring's rows: rows are overwritten
         for p in ps:
             p.grad = (torch.randn(p.shape, generator=gen) * (10.0 if i % 3 == 1 else 1.0)).to(p.dtype)
@@ -50,12 +61,21 @@ def test_foreach_equals_the_per_parameter_step_bit_for_bit(config, chunk_numel, 
     got, got_opt, calls = _run(hp, None, chunk_numel, monkeypatch=monkeypatch)
     assert ref_calls == []
     # every step: the five tensors of 512 elements (two 32 x 16, a 16 x 32, two vectors) stacked (in one
-    # call per bucket), the others of a layout of their own; the bf16 matrix never, pieces never
+    # call per bucket), the others of a layout of their own; the bf16 matrix never, pieces never. With
+    # blocks that divide them (whole top-k and quantization blocks), the 512s, the 2 x 8 x 16 and the
+    # 64 x 48 (unless in pieces) are one row of a bucket instead, whatever their sizes (joint_key)
     steps = 7
     assert len(calls) % steps == 0 and calls == calls[: len(calls) // steps] * steps, calls
-    assert sum(n for n, d in calls if d == 512) == 5 * steps and (1, 1015) in calls
-    assert max(n for n, _ in calls) >= 4  # (buckets of at most chunk_numel elements: 4 + 1 at 2048)
+    assert (1, 1015) in calls
     assert not any(d == 384 or (chunk_numel and d > chunk_numel) for _, d in calls), calls
+    if 512 % hp["quant_block_size"] or 512 % hp["topk_block_size"] and hp["topk_block_size"] < 512:
+        assert sum(n for n, d in calls if d == 512) == 5 * steps
+        assert max(n for n, _ in calls) >= 4  # (buckets of at most chunk_numel elements: 4 + 1 at 2048)
+    else:
+        joint = [512] * 5 + [256] + ([3072] if chunk_numel is None else [])
+        assert all(n == 1 for n, _ in calls), calls
+        assert sum(d for _, d in calls if d not in (1015, 3000)) == sum(joint) * steps, calls
+        assert max(d for _, d in calls) >= 3 * 512  # (several sizes in one row)
     if 2 * hp["m"] * MA.topk_layout(5, hp["topk_block_size"], hp["k_init"]).k > 5:
         assert (1, 5) not in calls  # the window would outgrow half the tensor: per parameter
     for a, b in zip(ref, got):

@@ -43,6 +43,17 @@ def _compiled(device_type: str):
     return torch.compile(MA.compress_, dynamic=dynamic), torch.compile(MA.window_direction, dynamic=dynamic)
 
 
+def _stacked(xs: list[Tensor], dim: int = 0) -> Tensor:
+    """Tensors of one layout as the rows of a stack (``dim``: where :func:`_one_row` joins them)."""
+    return torch.stack(xs)
+
+
+def _one_row(xs: list[Tensor], dim: int = 0) -> Tensor:
+    """Tensors of whole blocks one after another along ``dim`` (the ring buffer's ``[m, k]``: its entries),
+    as a stack of one row."""
+    return torch.cat(xs, dim=dim).unsqueeze(0)
+
+
 def direction_transient_bytes(numel: int, ring_entries: int) -> int:
     """The bound :meth:`MicroAdamMoments.direction` of ``numel`` elements was counted at before its
     phases (:func:`eager_direction_bytes`, :func:`compiled_direction_bytes`): 24 bytes per element plus
@@ -97,13 +108,18 @@ def compiled_bucket_transient_bytes(members: list[tuple[int, int]]) -> int:
 def stacked_compress_bytes(numel: int, width: int, kept: int) -> int:
     """Bytes :func:`~lowmem.optim.functional.microadam.compress_rows_` allocates per row (tensor) of
     ``numel`` elements padded to ``width`` (whole quantization blocks) keeping ``kept`` (``k``) entries,
-    measured on CPU with the live-tensor tracker: its stacked gradient and error codes (4.5 B per
-    element), the decoded error, ``a`` and ``|a|`` (16.5 B per element in all when no row is padded; a
-    padded row also copies the gradient, levels and ``a`` at the padded width: 8.9 B per element + 15.8 B
-    per padded element, e.g. 39.7 B per element at 2,100 elements in blocks of 2,048), and the top-k's
-    indices, values and global indices (up to 14 B per kept entry: 19.8 B per element at ``k = d / 4``)."""
-    base = 33 * numel // 2 if width == numel else 9 * numel + 16 * width
-    return base + 14 * kept
+    measured on CPU with the live-tensor tracker. The stacked gradient is made inside and dropped once added
+    to the decoded error, which is decoded in place in its levels (session 8; before: 16.5 B per element),
+    so the peak is the decoding (the gradient, the error codes and their levels with the lookup's int32
+    index, 10.3-10.5 B per element when no row is padded: 10.5 counted) or the quantization, with the kept
+    entries' indices and values (14 B per kept entry); a padded row also copies the gradient, levels and ``a``
+    at the padded width (24.9 B per element at 2,100 elements in blocks of 2,048, 14.8 at 3,000 in blocks of
+    64: counted as 4 B per element + 11 B per padded element). When many entries are kept, the top-k's phase:
+    ``a``, ``|a|`` and the top-k's int64 indices, values and global indices (8.5 B per element and 28 B per
+    kept entry)."""
+    if width == numel:
+        return max(21 * numel // 2 + 14 * kept, 17 * numel // 2 + 28 * kept)
+    return max(4 * numel + 11 * width + 14 * kept, 17 * width // 2 + 28 * kept)
 
 
 def stacked_window_bytes(numel: int, ring_entries: int) -> int:
@@ -242,14 +258,28 @@ class MicroAdamMoments(MomentRule):
         """Always: a tensor in pieces is stepped whole from its first one (:meth:`foreach_step_`)."""
         return True
 
+    @staticmethod
+    def joint_key(lay: MA.TopKLayout, quant_block_size: int) -> MA.TopKLayout | tuple[str, int, int]:
+        """How :meth:`foreach_step_` groups a tensor of top-k layout ``lay``: a tensor of whole top-k blocks
+        and whole error-quantization blocks (and whole bytes of 4-bit codes) joins every such tensor of the
+        bucket with the same top-k ``block`` and ``k_block``, whatever its size: ``("blocks", block,
+        k_block)`` (one row of them all, :func:`~lowmem.optim.functional.microadam.joint_layout`: every
+        block is still one tensor's own); any other tensor is grouped by its layout (stacked rows)."""
+        if lay.d > 0 and lay.k_last == 0 and lay.d % quant_block_size == 0 and lay.d % 2 == 0:
+            return ("blocks", lay.block, lay.k_block)
+        return lay
+
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """The step of a bucket, equal bit for bit to :meth:`direction` of each tensor and the engine's
         decay and update (the per-parameter step): a piece of a tensor larger than ``chunk_numel`` steps
         the whole tensor from its first piece (:func:`~lowmem.optim.moments.step_whole_from_piece_`);
-        the others, grouped by top-k layout (same size), are stacked as rows and go through
+        the others are grouped by :meth:`joint_key`: tensors of whole top-k and quantization blocks with
+        the same top-k block, whatever their sizes, one after another in one row
+        (:func:`~lowmem.optim.functional.microadam.joint_layout`; a Llama layer's shapes: one group, not
+        one per shape), the rest by top-k layout (same size) stacked as rows; each group goes through
         :func:`~lowmem.optim.functional.microadam.compress_rows_` and
-        :func:`~lowmem.optim.functional.microadam.window_direction_rows` once per group (the age weights
-        once per bucket), the ring rows and error feedback written back by one ``torch._foreach_copy_``;
+        :func:`~lowmem.optim.functional.microadam.window_direction_rows` once (the age weights once per
+        bucket), the ring rows and error feedback written back by one ``torch._foreach_copy_``;
         then the decay and update as multi-tensor ops. Where the compiled path is on (CUDA by default),
         each tensor takes its compiled :meth:`direction`."""
         t = int(t)
@@ -266,24 +296,32 @@ class MicroAdamMoments(MomentRule):
                 ds.append(self.direction(g, st, group, t, lr))
                 continue
             ds.append(None)
-            rows.setdefault((self.layout(g.numel(), group), g.device), []).append((len(ps) - 1, g, st))
+            rows.setdefault((self.joint_key(self.layout(g.numel(), group), qbs), g.device), []).append((len(ps) - 1, g, st))
         weights = {}
-        for (lay, device), items in rows.items():
+        for (key, device), items in rows.items():
             if device not in weights:
                 weights[device] = (MA.age_weights(t, m, beta1, device), MA.age_weights(t, m, beta2, device))
             ss = [st for _, _, st in items]
+            if isinstance(key, MA.TopKLayout):  # one layout: the tensors stacked as rows
+                lay, sizes, join = key, None, _stacked
+            else:  # whole blocks: the tensors one after another in one row
+                sizes = [g.numel() for _, g, _ in items]
+                lay, join = MA.joint_layout(sizes, key[1], key[2]), _one_row
             idx, vals, codes, lo, hi = MA.compress_rows_(
-                torch.stack([g.reshape(-1) for _, g, _ in items]), torch.stack([s["microadam_error"] for s in ss]),
-                torch.stack([s["microadam_error_min"] for s in ss]), torch.stack([s["microadam_error_max"] for s in ss]),
-                lay, qbs)
+                lambda: join([g.reshape(-1) for _, g, _ in items]), join([s["microadam_error"] for s in ss]),
+                join([s["microadam_error_min"] for s in ss]), join([s["microadam_error_max"] for s in ss]), lay, qbs)
+            if sizes is not None:  # (each tensor's part of the row: views)
+                ks, nq = [n // lay.block * lay.k_block for n in sizes], [n // qbs for n in sizes]
+                idx, vals = idx[0].split(ks), vals[0].split(ks)
+                codes, lo, hi = codes[0].split([n // 2 for n in sizes]), lo[0].split(nq), hi[0].split(nq)
             row = (t - 1) % m
             dst = ([s["microadam_indices"][row] for s in ss] + [s["microadam_values"][row] for s in ss]
                    + [s[k] for k in ("microadam_error", "microadam_error_min", "microadam_error_max") for s in ss])
             torch._foreach_copy_(dst, [*idx, *vals, *codes, *lo, *hi])
             del idx, vals, codes, lo, hi
-            u = MA.window_direction_rows(torch.stack([s["microadam_indices"] for s in ss]),
-                                         torch.stack([s["microadam_values"] for s in ss]), *weights[device], eps, lay)
-            for (i, g, _), row_u in zip(items, u):
+            u = MA.window_direction_rows(join([s["microadam_indices"] for s in ss], 1),
+                                         join([s["microadam_values"] for s in ss], 1), *weights[device], eps, lay)
+            for (i, g, _), row_u in zip(items, u if sizes is None else u[0].split(sizes)):
                 ds[i] = row_u.view(g.shape)
             del u
         if ps:
@@ -291,7 +329,8 @@ class MicroAdamMoments(MomentRule):
 
     def foreach_transient_bytes(self, numel):
         """A bucket of ``numel`` elements stacked by layout, measured 15.8 B per element at the defaults
-        and 22.1 B with blocks of 64 / 128 (``m k = 0.7 d``): the directions of the groups done so far
+        and 22.1 B with blocks of 64 / 128 (``m k = 0.7 d``) before session 8 (10.3-10.5 B at the defaults
+        since: :func:`stacked_compress_bytes`): the directions of the groups done so far
         (4 B), then either a group's compression (its stacked gradients, ``a``, its levels and codes:
         about 14 B) or its window (the two sums, 8 B, and per entry the stacked ring rows, global indices,
         float and weighted values: 20 B, at most one entry per two elements, :meth:`supports_foreach_for`):
@@ -312,9 +351,19 @@ class MicroAdamMoments(MomentRule):
                   else self.transient_bytes(n, None, group, st)) for n, st in members])
         if not members or group is None:
             return self.foreach_transient_bytes(numel)
-        layouts: dict[int, list[int]] = {}  # elements -> [rows, ring entries per row] (one layout per size)
-        for n, st in members:
-            layouts.setdefault(n, [0, st["microadam_indices"].numel()])[0] += 1
         qbs = group["quant_block_size"]
-        return stacked_bucket_transient_bytes([(rows, n, -(-n // qbs) * qbs, self.layout(n, group).k, entries)
-                                               for n, (rows, entries) in layouts.items()])
+        # as foreach_step_ groups them (joint_key), in the order they first appear: a layout's stacked rows
+        # (rows, elements, padded width, kept k, ring entries per row), or whole-block tensors in one row
+        layouts: dict[object, list[int]] = {}
+        for n, st in members:
+            lay = self.layout(n, group)
+            key = self.joint_key(lay, qbs)
+            if isinstance(key, MA.TopKLayout):
+                layouts.setdefault(key, [0, n, -(-n // qbs) * qbs, lay.k, st["microadam_indices"].numel()])[0] += 1
+            else:
+                row = layouts.setdefault(key, [1, 0, 0, 0, 0])
+                row[1] += n
+                row[2] += n
+                row[3] += lay.k
+                row[4] += st["microadam_indices"].numel()
+        return stacked_bucket_transient_bytes([tuple(v) for v in layouts.values()])

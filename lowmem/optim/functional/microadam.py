@@ -148,6 +148,16 @@ def window_direction(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, ep
 # contributions to a position are still added in row order (one tensor's rows stay in order).
 
 
+def joint_layout(sizes: list[int], block: int, k_block: int) -> TopKLayout:
+    """The layout of tensors of ``sizes`` elements, each whole top-k blocks of ``block`` keeping ``k_block``,
+    laid one after another in one row: every block is one tensor's own, so each block's top-k, error
+    quantization (whole quantization blocks) and window entries are that tensor's alone, in the same order."""
+    if any(n <= 0 or n % block for n in sizes):
+        raise ValueError(f"joint_layout: sizes {sizes} must be positive multiples of the top-k block {block}")
+    d = sum(sizes)
+    return TopKLayout(d, block, d // block, k_block, 0)
+
+
 def _padded_rows(x: Tensor, width: int, value: float = 0.0) -> Tensor:
     """``x [T, d]`` padded with ``value`` on the right to ``[T, width]`` (no copy when ``width == d``)."""
     return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
@@ -170,17 +180,24 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
                    quant_block_size: int):
     """:func:`compress_` (lines 4-8) of ``T`` tensors of one ``layout`` stacked as rows: ``g [T, d]``
     float32, ``error [T, ceil(d / 2)]``, ``err_lo`` / ``err_hi [T, nb]``. Returns ``(indices int16
-    [T, k], values bf16 [T, k], codes, min, max)``, each row equal to :func:`compress_` of its tensor."""
+    [T, k], values bf16 [T, k], codes, min, max)``, each row equal to :func:`compress_` of its tensor.
+
+    ``g`` may be a function that returns the stacked gradients (made here and dropped once added: the
+    caller holds no copy through the top-k and the quantization). The decoded error ``delta + q u`` and then
+    ``a = g + Q^{-1}(e)`` are computed in place in the levels (a tensor of this function's own; addition
+    commutes: the same bits as ``lo + q u`` and ``g + decoded``)."""
+    g = g() if callable(g) else g
     rows, d = g.shape
     b = quant_block_size
     width = -(-d // b) * b
     levels = Q.lookup_4bit_pairs(error.reshape(-1), Q.lookup_pairs("levels", str(error.device)),
                                  error.numel() * 2).view(rows, -1)[:, :d]
-    q = _padded_rows(levels, width).reshape(-1, b)
+    a = _padded_rows(levels, width).reshape(-1, b)  # (the lookup's new tensor, or a padded / reshaped copy)
+    del levels
     unit = (err_hi - err_lo).reshape(-1) / 15.0
-    decoded = err_lo.reshape(-1).unsqueeze(1) + q * unit.unsqueeze(1)
-    a = (_padded_rows(g, width).reshape(-1, b) + decoded).view(rows, width)[:, :d]
-    del levels, q, decoded
+    a = a.mul_(unit.unsqueeze(1)).add_(err_lo.reshape(-1).unsqueeze(1)).add_(_padded_rows(g, width).reshape(-1, b))
+    del g
+    a = a.view(rows, width)[:, :d]
     full_end = layout.full_blocks * layout.block
     idx = torch.topk(a[:, :full_end].abs().reshape(rows * layout.full_blocks, layout.block), layout.k_block,
                      dim=1, sorted=False).indices.reshape(rows, -1)
