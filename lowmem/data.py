@@ -637,10 +637,50 @@ def recipe_data(recipe: Any) -> TrainData | None:
     text_field = (recipe.training_args or {}).get("dataset_text_field", "text")
     data = load_train_data(recipe.dataset, recipe.trainer, eval_dataset=recipe.eval_dataset,
                            eval_split=recipe.eval_split, seed=recipe.seed, text_field=text_field)
+    if recipe.model is None:
+        check_embedded_alphabet(data, source=str(recipe.dataset))
     if data.format.conversational and recipe.chat_template is None:
         ensure_chat_template(_tokenizer_of(recipe.model), data.format, None, model=recipe.model,
                              source=str(recipe.dataset))
     return data
+
+
+def _texts(value: Any) -> list[str]:
+    """The strings of one format cell: a string, or the ``content`` of each message of a conversational one."""
+    if isinstance(value, str):
+        return [value]
+    return [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)] \
+        if isinstance(value, list) else []
+
+
+def check_embedded_alphabet(data: TrainData, *, source: str = "dataset") -> None:
+    """The embedded tiny model's character tokenizer (:data:`lowmem.kit.tokenizer.ALPHABET`: digits, lowercase
+    letters, space, ASCII punctuation) covers the data's format columns, over the first :data:`CHECKED_ROWS`
+    rows of the training and eval sets. Any other character (a capital, a newline, ...) would be encoded
+    as ``<unk>`` without a word: a run on a user's dataset without ``model`` trained on them.
+
+    Raises:
+        ValueError: Naming the characters found outside the alphabet, their count, and the fix (``model``).
+    """
+    from collections import Counter
+
+    from lowmem.kit.tokenizer import ALPHABET
+
+    allowed, outside = set(ALPHABET), Counter()
+    for ds in (data.train, data.eval):
+        if ds is None:
+            continue
+        for row in ds.select(range(min(len(ds), CHECKED_ROWS))):
+            for column in data.format.columns:
+                for text in _texts(row[column]):
+                    outside.update(ch for ch in text if ch not in allowed)
+    if outside:
+        shown = [ch for ch, _ in outside.most_common(10)]
+        raise ValueError(f"{source}: no model is given, and the embedded tiny model's character tokenizer ({len(ALPHABET)} "
+                         "characters: digits, lowercase letters, space, ASCII punctuation) lacks "
+                         f"{sum(outside.values())} characters of this data ({len(outside)} kinds, e.g. {shown}): they "
+                         "would train as <unk>. Give your model (--model DIR, or model: in the recipe), or keep the data "
+                         "to that alphabet")
 
 
 def _tokenizer_of(model: str | None):

@@ -225,3 +225,18 @@ def test_model_init_kwargs_where_lowmem_loads_the_model(tmp_path, text):
         load_recipe(path)
     path.write_text(text + "model_init_kwargs: {dtype: bfloat16}\n")
     assert load_recipe(path).dtype == "bfloat16"  # dtype applies everywhere: it is the recipe's field
+
+
+def test_user_data_outside_the_embedded_models_alphabet(tmp_path, capsys):
+    """`lowmem train --dataset my.jsonl` without --model trained the embedded tiny model on the user's text,
+    every capital letter and newline encoded as <unk> without a word. It is an error naming the characters and
+    the fix; data within the alphabet (the shipped configs/*_jsonl.yaml) still trains."""
+    rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "What is 1 plus 2?"},
+                                                          {"role": "assistant", "content": "It is 3.\nDone"}]}])
+    assert main(["train", "--dataset", str(rows), "--output-dir", str(tmp_path / "o"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no model is given, and the embedded tiny model's character tokenizer" in err
+    assert "lacks 4 characters of this data (4 kinds" in err and "'\\n'" in err and "--model DIR" in err
+    from lowmem.data import check_embedded_alphabet, load_train_data
+
+    check_embedded_alphabet(load_train_data(str(_jsonl(tmp_path / "ok.jsonl", [{"text": "12+7=19, ok!"}])), "sft"))
