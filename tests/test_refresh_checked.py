@@ -181,3 +181,40 @@ def test_osd_low_precision_whole_basis_steps_read_nothing_more(chunk_numel, monk
             assert torch.equal(p, q), t
             for k, v in ref.state[q].items():
                 assert torch.equal(opt.state[p][k], v), (t, k)
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "osd_adamw"])
+def test_float64_gradient_whose_float32_copy_is_zero_is_not_taken_as_checked(name):
+    """The refresh and the basis steps use the float32 copy of a float64 gradient: one of entries 5e-46 (below
+    half float32's smallest subnormal) has a float32 norm of 2e-44 (it passes the step's check) but a zero
+    copy, so it is not taken as checked: the refresh is skipped with the warning, as with the per-parameter
+    read."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(48, 40, dtype=torch.float64)) for _ in range(2)]
+    opt = create_optimizer([{"params": ps, "rank": 8}], name, lr=1e-2)
+    for p in ps:
+        p.grad = torch.full_like(p, 5e-46)
+    assert not ps[0].grad.float().any() and float(torch.linalg.vector_norm(ps[0].grad).float()) > 0
+    with pytest.warns(UserWarning, match="zero or not finite"):
+        opt.step()
+    assert opt.state[ps[0]]["proj_meta"][2] == 0  # (no refresh counted)
+
+
+def test_osd_float64_basis_step_of_a_zero_copy_is_skipped():
+    """A steady step of osd_adamw on float64 parameters whose gradient's float32 copy is zero (entries 5e-46):
+    pre_check's flag holds (its float32 norm is 2e-44) but the basis step, which reads the copy, is not handed
+    the decision (only a bfloat16 / float16 copy is exact): it reads its own and skips; the basis stays finite."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(48, 40, dtype=torch.float64)) for _ in range(2)]
+    opt = create_optimizer([{"params": ps, "rank": 8}], "osd_adamw", lr=1e-2)
+    opt.chunk_numel = None
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    basis = {k: v.clone() for k, v in opt.state[ps[0]].items() if k.startswith("proj_")}
+    for p in ps:
+        p.grad = torch.full_like(p, 5e-46)
+    opt.step()
+    for k, v in basis.items():
+        if k != "proj_meta":
+            assert torch.isfinite(opt.state[ps[0]][k]).all() and torch.equal(opt.state[ps[0]][k], v), k

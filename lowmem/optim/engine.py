@@ -1345,7 +1345,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """Indices into ``work`` of the parameters whose projection refresh is due this step and reads its
         gradient's usability (:meth:`~lowmem.optim.subspace.Projection.refresh_checks_usable`), checked in
         :meth:`_finite_and_pre_check`: unsharded, checked through the gradient itself (not a projected one),
-        no stabilizers (the refresh reads that gradient, in float32). Whether due: the step count's next
+        no stabilizers (the refresh reads that gradient in float32: exactly its values, so not a float64 one,
+        whose float32 copy may round to zero). Whether due: the step count's next
         value read through the route's NumPy view (no host read), a first step's always; a count not read
         that way is taken as due (a usable gradient passes either way; an unusable one not due only makes
         the step read twice)."""
@@ -1354,8 +1355,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return []
         due = []
         for i, (key, p, grad, group, reduce) in enumerate(work):
-            if (reduce is not None or tensors[i] is not grad or not self._is_projected(p, group)
-                    or not P.refresh_checks_usable(group)):
+            if (reduce is not None or tensors[i] is not grad or grad.dtype == torch.float64
+                    or not self._is_projected(p, group) or not P.refresh_checks_usable(group)):
                 continue
             state = self.state[key] if key in self.state else {}
             step = state.get("step")
@@ -1829,7 +1830,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         p32 = p if p.dtype in (torch.float32, torch.float64) or (rows and r.lr_rule is constant_lr) else p.float()
         lr = r.lr_rule(group, state, p32, t)
         # a low-precision gradient pre_check found usable: its float32 copy g is (issue 15: post_update reads nothing)
-        copy_checked = (g is not grad and not r.stabilizers and self._checked is not None
+        copy_checked = (g is not grad and grad.dtype in (torch.bfloat16, torch.float16) and not r.stabilizers  # (exact copy)
+                        and self._checked is not None
                         and (self._checked.get(id(grad)) or (None,))[0] is grad)
         return _Projected(p, g, low, state, group, t, lr, p32, rows, low if projected_grad is None else None,
                           copy_checked)

@@ -412,6 +412,10 @@ class SubspaceMomentumResidual(StateFreeResidual):
         k = torch.full((), alpha * f, dtype=torch.float32, device=lows[0].device) if f != 0 else None
         return ((i, m, alpha, k) for i, m in enumerate(ms))
 
+    def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds):
+        """Nothing: :meth:`foreach_fold`'s ``M`` and ``k`` hold the whole state-free part (FRUGAL's batched
+        ``sign`` step, :meth:`StateFreeResidual.foreach_fold_rest`, is not this rule's)."""
+
     def transient_bytes(self, shape, group, state, projection, rows):
         """All rows at once (the unfolded :meth:`update`): 3 float32 blocks of the rows. Fewer rows
         (:meth:`fold`): ``M`` and ``scale d_low`` (2 tensors of ``low``'s size) and ``k``."""
