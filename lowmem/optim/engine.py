@@ -811,34 +811,42 @@ class LowMemOptimizer(torch.optim.Optimizer):
         specs = [(p.numel(), p.dtype, p.device) for group in self.param_groups for p in map(local, group["params"])]
         alone = _all_finite_bytes(specs)
         held, pre = self._pre_check_bytes()
-        if not held:
+        if not pre:
             return alone
         # with a projection's pre_check (_finite_and_pre_check): its own temporaries, then the norms of every
-        # gradient, their float32 stack, its mask and the flags (at most alone + N + 2) next to its kept stack
-        # and flag; when that read fails, _all_finite's alone
-        return max(alone, pre, held + 1 + alone + len(specs) + 2)
+        # gradient and their float32 stack (then its mask and the flags, less: alone counts them) next to its
+        # kept float32 norms and its flag (1 byte); when that read fails, _all_finite's alone
+        return max(alone, pre, held + 1 + alone)
 
     def _pre_check_bytes(self) -> tuple[int, int]:
         """``(held, peak)`` of the projection's :meth:`~lowmem.optim.subspace.Projection.pre_check` read with the
-        non-finite check (:meth:`_finite_and_pre_check`; Online Subspace Descent's), an upper bound over the
-        projected parameters (not sharded): ``held``, the float32 stack of their norms kept through the step
-        (4 bytes each); ``peak``, its temporaries: their norms, the stack and the flag's reduction (16 bytes
-        each and 16), and, for a gradient not in float32 / float64, one
-        :func:`~lowmem.optim.functional.norms.float_norm` (a float32 block of up to 2^19 elements). ``(0, 0)``
-        without such a projection or with ``skip_nonfinite`` off."""
+        non-finite check (:meth:`_finite_and_pre_check`; Online Subspace Descent's,
+        :meth:`~lowmem.optim.subspace.SubspaceProjection.pre_check`), for every projected parameter (not sharded)
+        of an online-PCA group taking a basis step: ``held``, the float32 gradients' norms kept through the step
+        (its ``checked``: 4 bytes each); ``peak``: per dtype (in the parameters' order) its 0-d norms and their
+        stack (``2 e N_d``, then the stack ``e N_d`` kept), then every non-float32 stack's float32 copy
+        (``4 N_d``), their concatenation when there are several dtypes (``4 N``), its log (``4 N``) and sum (4).
+        ``(0, 0)`` without such a projection or with ``skip_nonfinite`` off."""
         P = self.recipe.projection
         if P is None or not self.skip_nonfinite or type(P).pre_check is Projection.pre_check:
             return 0, 0
         # (the parameters its pre_check may take: projected, of an online-PCA group, the filter of
         # SubspaceProjection.pre_check)
         method = getattr(P, "method", None)
-        specs = [(local(key).numel(), key.dtype) for group in self.param_groups for key in group["params"]
-                 if not is_dtensor(key) and self._is_projected(key, group)
-                 and (method is None or method(group) == "online_pca")]
-        if not specs:
+        counts: dict[torch.dtype, int] = {}
+        for group in self.param_groups:
+            for key in group["params"]:
+                if not is_dtensor(key) and self._is_projected(key, group) and (method is None or method(group) == "online_pca"):
+                    counts[key.dtype] = counts.get(key.dtype, 0) + 1
+        if not counts:
             return 0, 0
-        fn = max((4 * min(n, 2**19) + 16 for n, d in specs if d not in (torch.float32, torch.float64)), default=0)
-        return 4 * len(specs), 16 * len(specs) + 16 + fn
+        n, stacks, peak = sum(counts.values()), 0, 0
+        for dtype, k in counts.items():
+            peak = max(peak, stacks + 2 * dtype.itemsize * k)
+            stacks += dtype.itemsize * k
+        copies = sum(4 * k for dtype, k in counts.items() if dtype is not torch.float32)
+        peak = max(peak, stacks + copies + 4 * n * (len(counts) > 1) + 4 * n + 4)
+        return 4 * counts.get(torch.float32, 0), peak
 
     @staticmethod
     def _mkl_keeps_packs(p: Tensor) -> bool:
