@@ -126,3 +126,38 @@ def test_a_bucket_of_three_shapes_launches_as_one_of_one_shape():
     one = _meta_kernels([(256, 256)] * 4, hp)
     three = _meta_kernels([(256, 256)] * 4 + [(704, 256)] * 3 + [(256, 1024)], hp)
     assert three == one, (one, three)
+
+
+def _ops(fn) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Record.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    fn()  # (the per-device tables made and kept first)
+    Record.ops = []
+    with Record():
+        fn()
+    return Record.ops
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_row_functions_make_no_index_copies(rows):
+    """On the GPU's path (meta): the top-k's int64 indices are made global in place (one conversion, to the
+    state's int16; was a second, int64 copy of them), and one row (joined tensors) adds no row starts to the
+    window's indices (was an arange and an add of zeros)."""
+    lay = MA.topk_layout(8192, 4096, 0.01)
+    g = torch.zeros(rows, 8192, device="meta")
+    err = torch.zeros(rows, 4096, dtype=torch.uint8, device="meta")
+    lo = hi = torch.zeros(rows, 4, device="meta")
+    ops = _ops(lambda: MA.compress_rows_(g, err, lo, hi, lay, 2048))
+    assert ops.count("_to_copy") == 4, ops  # (levels' index, int16 indices, bf16 values, uint8 codes)
+    idx = torch.zeros(rows, 10, lay.k, dtype=torch.int16, device="meta")
+    vals = torch.zeros(rows, 10, lay.k, dtype=torch.bfloat16, device="meta")
+    w = torch.zeros(10, device="meta")
+    ops = _ops(lambda: MA.window_direction_rows(idx, vals, w, w, 1e-8, lay))
+    assert ops.count("arange") == (1 if rows == 1 else 2), ops

@@ -113,13 +113,13 @@ def stacked_compress_bytes(numel: int, width: int, kept: int) -> int:
     so the peak is the decoding (the gradient, the error codes and their levels with the lookup's int32
     index, 10.3-10.5 B per element when no row is padded: 10.5 counted) or the quantization, with the kept
     entries' indices and values (14 B per kept entry); a padded row also copies the gradient, levels and ``a``
-    at the padded width (24.9 B per element at 2,100 elements in blocks of 2,048, 14.8 at 3,000 in blocks of
-    64: counted as 4 B per element + 11 B per padded element). When many entries are kept, the top-k's phase:
-    ``a``, ``|a|`` and the top-k's int64 indices, values and global indices (8.5 B per element and 28 B per
-    kept entry)."""
+    at the padded width (24.5 B per element at 2,100 elements in blocks of 2,048, 14.4 at 3,000 in blocks of
+    64: counted as 3 B per element + 11 B per padded element). When many entries are kept, the top-k's phase:
+    ``a``, ``|a|`` and the top-k's int64 indices (made global in place) and values (8.5 B per element and
+    28 B per kept entry)."""
     if width == numel:
         return max(21 * numel // 2 + 14 * kept, 17 * numel // 2 + 28 * kept)
-    return max(4 * numel + 11 * width + 14 * kept, 17 * width // 2 + 28 * kept)
+    return max(3 * numel + 11 * width + 14 * kept, 17 * width // 2 + 28 * kept)
 
 
 def stacked_window_bytes(numel: int, ring_entries: int) -> int:

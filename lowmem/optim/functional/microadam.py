@@ -67,9 +67,14 @@ def global_indices(local: Tensor, layout: TopKLayout) -> Tensor:
     blocks gets its block's start ``(j // k_block) block``, the last partial block's ``full_blocks block``.
     Added in place to the int64 copy of ``local`` (a new tensor), the starts broadcast over each block's
     ``k_block`` entries (three operations, no ``[k]`` offset tensor)."""
-    flat = local.long()
+    return add_block_starts_(local.long(), layout)
+
+
+def add_block_starts_(flat: Tensor, layout: TopKLayout) -> Tensor:
+    """:func:`global_indices` of block-relative int64 indices ``flat``, added in place (e.g. the top-k's own
+    indices, whose int16 copy is the state's: no int64 copy of them)."""
     fb, kb = layout.full_blocks, layout.k_block
-    starts = torch.arange(0, fb * layout.block, layout.block, device=local.device)
+    starts = torch.arange(0, fb * layout.block, layout.block, device=flat.device)
     flat[..., : fb * kb].unflatten(-1, (fb, kb)).add_(starts.unsqueeze(1))
     if layout.k_last:
         flat[..., fb * kb :].add_(fb * layout.block)
@@ -204,7 +209,8 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
     if layout.k_last:
         idx = torch.cat([idx, torch.topk(a[:, full_end:].abs(), layout.k_last, dim=1, sorted=False).indices], dim=1)
     local = idx.to(torch.int16)
-    flat = global_indices(local, layout)
+    flat = add_block_starts_(idx, layout)  # (the top-k's own int64 indices: no copy of them)
+    del idx
     values = a.gather(1, flat).to(torch.bfloat16)
     a.scatter_(1, flat, 0.0)  # (in place, as compress_)
     codes, lo, hi = quantize_minmax_4bit_rows(a, b)
@@ -217,7 +223,9 @@ def window_direction_rows(indices: Tensor, values: Tensor, w1: Tensor, w2: Tenso
     ``values [T, m, k]``; returns ``[T, d]`` float32, each row equal to its tensor's direction."""
     rows = indices.shape[0]
     flat = global_indices(indices, layout)  # (a new int64 tensor: each row's start added in place)
-    flat = flat.add_(torch.arange(0, rows * layout.d, layout.d, device=indices.device).view(rows, 1, 1)).reshape(-1)
+    if rows > 1:  # (one row, e.g. tensors of whole blocks joined: every start is 0)
+        flat = flat.add_(torch.arange(0, rows * layout.d, layout.d, device=indices.device).view(rows, 1, 1))
+    flat = flat.reshape(-1)
     vals = values.to(torch.float32, copy=True)
     m_acc = torch.zeros(rows * layout.d, dtype=torch.float32, device=values.device)
     v_acc = torch.zeros_like(m_acc)
