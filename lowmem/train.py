@@ -367,6 +367,13 @@ FOREIGN_KEYS: dict[str, str] = {
     "quantization_bit": "quantization: nf4", "cutoff_len": "max_length", "max_seq_length": "max_length",
     "template": "chat_template (a Jinja text or .jinja file; the tokenizer's own is used by default)",
     "trust_remote_code": "nothing: lowmem never runs a model's remote code",
+    # TrainingArguments fields of transformers 4 that transformers 5 renamed or dropped
+    "evaluation_strategy": "eval_strategy (transformers 5's name)", "no_cuda": "use_cpu (transformers 5's name)",
+    "group_by_length": "train_sampling_strategy: group_by_length (transformers 5)",
+    "logging_dir": "nothing: transformers 5 dropped it; TensorBoard logs go to output_dir/runs, or to the "
+                   "TENSORBOARD_LOGGING_DIR environment variable",
+    "overwrite_output_dir": "nothing: transformers 5 dropped it; lowmem train writes into output_dir (an earlier run's "
+                            "checkpoints there are named in a warning; --resume continues them)",
     # TRL before 1.0; TRL 1.16's configs have neither (GRPO does not truncate prompts)
     "max_prompt_length": "nothing in TRL 1.16 (its configs dropped it): max_length bounds SFT / DPO prompt + completion "
                          "(truncation_mode keeps its start or end); GRPO prompts are not truncated, shorten them in the data",
@@ -501,8 +508,11 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
     if unknown:
         import difflib
 
-        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, list(types_), n=3)})
+        foreign = [f"{k} -> {FOREIGN_KEYS[k]}" for k in unknown if k in FOREIGN_KEYS]
+        close = sorted({m for k in unknown if k not in FOREIGN_KEYS
+                        for m in difflib.get_close_matches(k, list(types_), n=3)})
         raise ConfigError(f"training_args: unknown field(s) {unknown} of {cls.__name__}"
+                          + (f"; lowmem's spelling: {'; '.join(foreign)}" if foreign else "")
                           + (f"; did you mean {close}?" if close else "") + " (the valid fields are those of "
                           f"{cls.__mro__[1].__name__ if cls.__name__.startswith('LowMem') else cls.__name__} in the "
                           "transformers / TRL documentation)")

@@ -240,3 +240,25 @@ def test_user_data_outside_the_embedded_models_alphabet(tmp_path, capsys):
     from lowmem.data import check_embedded_alphabet, load_train_data
 
     check_embedded_alphabet(load_train_data(str(_jsonl(tmp_path / "ok.jsonl", [{"text": "12+7=19, ok!"}])), "sft"))
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("no_cuda: true", "no_cuda -> use_cpu (transformers 5's name)"),
+    ("evaluation_strategy: steps", "evaluation_strategy -> eval_strategy"),
+    ("overwrite_output_dir: true", "overwrite_output_dir -> nothing: transformers 5 dropped it"),
+    ("logging_dir: logs", "logging_dir -> nothing: transformers 5 dropped it"),
+    ("group_by_length: true", "group_by_length -> train_sampling_strategy: group_by_length"),
+])
+@pytest.mark.parametrize("nested", [False, True])
+def test_transformers_4_training_arguments_get_their_v5_spelling(tmp_path, key, expected, nested):
+    """A TrainingArguments config written for transformers 4 (overwrite_output_dir, no_cuda, logging_dir, ...)
+    got 'unknown recipe key' with did-you-mean output_dir / logging_steps (other fields) or nothing; the
+    message now names what transformers 5 calls it, or that it is gone, at the top level and in training_args."""
+    from lowmem.train import load_recipe
+
+    path = tmp_path / "r.yaml"
+    name, value = key.split(": ")
+    path.write_text("dataset: d.jsonl\n" + (f"training_args: {{{name}: {value}}}\n" if nested else key + "\n"))
+    with pytest.raises(ValueError) as err:
+        load_recipe(path)
+    assert expected in str(err.value) and "did you mean ['output_dir']" not in str(err.value), str(err.value)
