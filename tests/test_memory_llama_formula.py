@@ -164,5 +164,8 @@ def test_checkpointed_total_when_the_loss_is_the_peak(name):
         r = measure_memory(config, optimizer="adamw", dtype="fp32", batch_size=2, seq_len=64, steps=1, device="cpu",
                            gradient_checkpointing=True)
     parts = r.estimate.details["activation_parts"]
-    assert parts["checkpoint_head"] > parts["checkpoint_layer"]  # the loss's moment is the larger here
+    if name == "llama":
+        assert parts["checkpoint_head"] > parts["checkpoint_layer"]  # the loss's moment is the larger here
+    else:  # traced: the step itself (the backward's peak of activations and gradients, traced)
+        assert parts["backward_peak"] >= r.estimate.activations
     assert r.estimate.total == pytest.approx(r.measured["total"], rel=0.02), r.table()

@@ -1120,6 +1120,15 @@ def estimate_memory(
         early_grads = (sum(b for i, b in by_id.items() if i not in in_layers and i != id(emb))
                        + (emb.numel() * emb.element_size() if tied else 0)
                        + max((sum(by_id.get(i, 0) for i in ids) for ids in layer_ids), default=0))
+        # the Llama formula's backward moments: the gradients formed before each. The head's (and the final norm's);
+        # one layer's; a layer's MLP down_proj's (the first its backward forms, before its peak; measured); the first
+        # layer's backward: every gradient but the input embedding's and that layer's, with its down_proj's
+        blocks = decoder_layers(meta, config.num_hidden_layers)
+        downs = [sum(by_id.get(id(p), 0) for n, p in blk.named_parameters() if ".down_proj." in f".{n}") for blk in (blocks[0], blocks[-1])]
+        head_grads = sum(b for i, b in by_id.items() if i not in in_layers and i != id(emb))
+        layer_grads, last_down = max((sum(by_id.get(i, 0) for i in ids) for ids in layer_ids), default=0), downs[1]
+        first_layer_grads = (sum(b for i, b in by_id.items() if i != id(emb)) - sum(by_id.get(i, 0) for i in layer_ids[0])
+                             + downs[0])
     trace_model: list[nn.Module] = []
     # the trace depends on the model, dtype and trainable set, not on the optimizer: shared within a sizing_cache()
     trace_key = ("activation trace", config.to_json_string(use_diff=False), str(param_dtype), spec is not None, repr(lcfg),
@@ -1152,7 +1161,30 @@ def estimate_memory(
         if dequantized:
             parts["dequantized_weight"] = dequantized
             parts["total"] += dequantized
-        if early_grads is not None:
+        if early_grads is not None and "backward_peak" in parts:
+            # traced step (the weights' gradients formed): the backward's peak of activations and gradients, as the
+            # gradient bytes that, with the activations' maximum, make it
+            parts["gradients_at_peak"] = max(0, min(gradients, parts["backward_peak"] - parts["total"]))
+        elif early_grads is not None and "rope" in parts:
+            # Llama formula: the backward's moments, each with the gradients formed before it. The loss's (its
+            # logit-sized tensors, no gradient yet); without checkpointing, the final norm's and the last layer's (the
+            # head's gradients, and that layer's down_proj's); with it, the recomputed last layer's (the head's and
+            # one layer's); and the first layer's (every gradient but the input embedding's and that layer's, with its
+            # down_proj's: the step's peak when the activations are small beside the gradients). The activations hold
+            # the largest moment's tensors; the gradients count for what the moments with them exceed it by
+            tokens = seqs * s
+            extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0)
+            if ckpt:
+                checkpoints = tokens * config.num_hidden_layers * act_bytes * config.hidden_size
+                moments = [(checkpoints + parts["checkpoint_layer"] + parts["rope"], head_grads + layer_grads)]
+                first = tokens * act_bytes * config.hidden_size + parts["checkpoint_layer"]  # its checkpoint, recomputed
+            else:
+                moments = [(parts["norm_moment"], head_grads), (parts["last_layer_moment"], head_grads + last_down)]
+                first = (parts["layers"] + parts["lora"]) // max(config.num_hidden_layers, 1) + 2 * tokens * act_bytes * config.intermediate_size
+            moments.append((first + parts["rope"], first_layer_grads))
+            over = max(act + extra + g for act, g in moments) - parts["total"]
+            parts["gradients_at_peak"] = max(0, min(gradients, over))
+        elif early_grads is not None:
             # the loss's logit-sized tensors are freed before those gradients exist: the activations' peak is the
             # larger of the loss's moment (all of them) and the last layer's (without those, with the gradients)
             logit_sized = parts["loss_backward"] + (parts["logits"] if "logits" in parts else b * s * config.vocab_size * 4)
@@ -1166,7 +1198,8 @@ def estimate_memory(
                 parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
-            parts["forward_activations"] = parts["total"]  # what is saved before the tied moment (layerwise: its steps)
+            # what is saved before the tied moment (layerwise: its steps)
+            parts["forward_activations"] = min(parts["total"], parts.pop("forward_saved", parts["total"]))
             parts["total"] = max(parts["total"], tied_backward)
         if trainer == "grpo":  # generation: its own phase, the gradients freed (zero_grad after the last step)
             gen_batch = generation_batch_size if b == batch_size else b * gradient_accumulation_steps
