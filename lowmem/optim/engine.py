@@ -1667,7 +1667,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._apply(p32, d, lr, lr_scale, wd)
             if p32 is not pc:
                 pc.copy_(p32)
-            del d, view
+            del d, view, p32  # (before the next chunk's copies: LowMemOptimizer._param_transient_bytes)
         r.moment.finish_chunks(state, mctx)
 
     @staticmethod
