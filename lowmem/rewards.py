@@ -162,7 +162,7 @@ def _entry_parts(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
     if ref not in BUILTIN_REWARDS and ":" not in ref:
         # a reward-model directory: a path (checked when the run starts, from its directory) or an existing folder
         if not ("/" in ref or "\\" in ref or Path(ref).expanduser().is_dir()):
-            raise ValueError(f"Unknown reward {ref!r} in {where}: expected {REFERENCE_HELP}")
+            raise ValueError(f"Unknown reward {ref!r} in {where}" + _trl_spelling(ref) + f": expected {REFERENCE_HELP}")
         if bound:
             raise ValueError(f"Invalid {where}: a reward-model directory takes no keyword arguments; got {sorted(bound)}")
     if ref == "format" and "pattern" in bound:
@@ -173,6 +173,21 @@ def _entry_parts(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
         except re.error as err:
             raise ValueError(f"Invalid {where} pattern {bound['pattern']!r}: {err}") from None
     return ref, bound
+
+
+# The names TRL's `trl grpo` script registers for --reward_funcs (trl/scripts/grpo.py), all in trl.rewards.
+TRL_SCRIPT_REWARDS = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward")
+
+
+def _trl_spelling(ref: str) -> str:
+    """What lowmem calls a reward given in the `trl grpo` script's spelling: a name of its registry
+    (:data:`TRL_SCRIPT_REWARDS`, functions of ``trl.rewards``) or a dotted ``module.function``; else ``""``."""
+    if ref in TRL_SCRIPT_REWARDS:
+        return f" (a `trl grpo` script name: here 'trl.rewards:{ref}')"
+    if "." in ref and not ref.endswith(".py") and all(part.isidentifier() for part in ref.split(".")):
+        module, func = ref.rsplit(".", 1)
+        return f" (the `trl grpo` script's dotted form: here '{module}:{func}', or 'path/to/{module}.py:{func}')"
+    return ""
 
 
 def validate_reward_fields(recipe: Any) -> None:

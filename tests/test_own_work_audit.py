@@ -262,3 +262,19 @@ def test_transformers_4_training_arguments_get_their_v5_spelling(tmp_path, key, 
     with pytest.raises(ValueError) as err:
         load_recipe(path)
     assert expected in str(err.value) and "did you mean ['output_dir']" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ("accuracy_reward", "(a `trl grpo` script name: here 'trl.rewards:accuracy_reward')"),
+    ("my_rewards.correct", "(the `trl grpo` script's dotted form: here 'my_rewards:correct', or 'path/to/my_rewards.py:correct')"),
+    ("nope", "Unknown reward 'nope' in reward_funcs[0]: expected"),
+])
+def test_trl_script_reward_spellings(ref, expected):
+    """`--reward_funcs accuracy_reward` and `--reward_funcs my_rewards.correct` (what `trl grpo` takes) were
+    'Unknown reward' with no way to write them; the error now says lowmem's spelling."""
+    from lowmem.rewards import resolve_reward
+
+    with pytest.raises(ValueError) as err:
+        resolve_reward(ref)
+    assert expected in str(err.value), str(err.value)
+    assert resolve_reward("trl.rewards:think_format_reward").__name__ == "think_format_reward"
