@@ -161,3 +161,14 @@ def test_row_functions_make_no_index_copies(rows):
     w = torch.zeros(10, device="meta")
     ops = _ops(lambda: MA.window_direction_rows(idx, vals, w, w, 1e-8, lay))
     assert ops.count("arange") == (1 if rows == 1 else 2), ops
+
+
+def test_per_tensor_compress_makes_no_index_copies():
+    """``compress_`` (a tensor or chunk of its own: the chunked step, the compiled path) likewise: the top-k's
+    int64 indices are not concatenated when there is no partial block, and are made global in place."""
+    lay = MA.topk_layout(8192, 4096, 0.01)
+    g = torch.zeros(8192, device="meta")
+    err = torch.zeros(4096, dtype=torch.uint8, device="meta")
+    lo = hi = torch.zeros(4, device="meta")
+    ops = _ops(lambda: MA.compress_(g, err, lo, hi, lay, 2048))
+    assert ops.count("cat") == 0 and ops.count("_to_copy") == 4, ops

@@ -83,12 +83,16 @@ def add_block_starts_(flat: Tensor, layout: TopKLayout) -> Tensor:
 
 def blockwise_topk(a: Tensor, layout: TopKLayout) -> Tensor:
     """Block-relative indices (``int16 [k]``) of the ``k_block`` largest ``|a|`` of every block (line 5)."""
+    return blockwise_topk_indices(a, layout).to(torch.int16)
+
+
+def blockwise_topk_indices(a: Tensor, layout: TopKLayout) -> Tensor:
+    """:func:`blockwise_topk` as the top-k's own int64 tensor (no copy when there is no partial last block)."""
     full_end = layout.full_blocks * layout.block
     idx = torch.topk(a[:full_end].abs().view(layout.full_blocks, layout.block), layout.k_block, dim=1, sorted=False).indices
-    parts = [idx.reshape(-1)]
-    if layout.k_last:
-        parts.append(torch.topk(a[full_end:].abs(), layout.k_last, sorted=False).indices)
-    return torch.cat(parts).to(torch.int16)
+    if not layout.k_last:
+        return idx.reshape(-1)
+    return torch.cat([idx.reshape(-1), torch.topk(a[full_end:].abs(), layout.k_last, sorted=False).indices])
 
 
 def compress_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: TopKLayout, quant_block_size: int):
@@ -102,8 +106,10 @@ def compress_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: 
     blocks = Q.dequantize_minmax_4bit_blocks(error, err_lo, err_hi, quant_block_size, layout.d)
     a = (Q._blocks(g, quant_block_size) + blocks).reshape(-1)[: layout.d]
     del blocks
-    local = blockwise_topk(a, layout)
-    flat = global_indices(local, layout)
+    idx = blockwise_topk_indices(a, layout)
+    local = idx.to(torch.int16)
+    flat = add_block_starts_(idx, layout)  # (the top-k's own int64 indices, made global in place)
+    del idx
     values = a[flat].to(torch.bfloat16)
     a.index_fill_(0, flat, 0.0)  # (a is this function's own sum: zeroed in place, no copy)
     codes, lo, hi = Q.quantize_minmax_4bit(a, quant_block_size)
