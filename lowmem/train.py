@@ -1488,10 +1488,19 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         train, evals = data.train, data.eval
         trainer_cls, trainer_kw = LowMemSFTTrainer, {}  # build_training_args picks LowMemSFTConfig
     args = build_training_args(recipe)
-    trainer = trainer_cls(
-        model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
-        callbacks=_memory_callbacks(recipe), **trainer_kw,
-    )
+    try:
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
+            callbacks=_memory_callbacks(recipe), **trainer_kw,
+        )
+    except ValueError as err:
+        if getattr(args, "assistant_only_loss", False) and "chat template" in str(err):
+            # TRL's words name neither the field nor the template's source
+            raise ConfigError(f"assistant_only_loss=true needs a chat template that marks the assistant's turns with "
+                              f"{{% generation %}} ... {{% endgeneration %}} (the "
+                              + ("recipe's chat_template" if recipe.chat_template else f"tokenizer's of {recipe.model or 'the embedded model'}")
+                              + f"; set chat_template / --chat-template to one, or drop assistant_only_loss): {err}") from None
+        raise
     _eval_on_start(trainer, recipe, evals is not None)  # initial eval loss (see _train)
     out = _train(trainer, recipe)
     initial = _first_eval(trainer).get("eval_loss")

@@ -278,3 +278,17 @@ def test_trl_script_reward_spellings(ref, expected):
         resolve_reward(ref)
     assert expected in str(err.value), str(err.value)
     assert resolve_reward("trl.rewards:think_format_reward").__name__ == "think_format_reward"
+
+
+def test_assistant_only_loss_without_generation_markers_names_the_field(own_model_dir, tmp_path, capsys):
+    """assistant_only_loss: true with a chat template lacking {% generation %} stopped with TRL's 'The chat
+    template is not training-compatible ... patching is not supported': neither the field nor whose template."""
+    rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "1+2="},
+                                                          {"role": "assistant", "content": "3"}]}] * 2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {own_model_dir}\ndataset: {rows}\nassistant_only_loss: true\nsteps: 1\nbatch_size: 2\n"
+                      f"output_dir: {tmp_path / 'o'}\n")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "lowmem: error: " in err and "assistant_only_loss=true needs a chat template that marks the assistant's" in err
+    assert f"the tokenizer's of {own_model_dir}; set chat_template / --chat-template" in err
