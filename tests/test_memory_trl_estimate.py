@@ -246,7 +246,7 @@ def test_grpo_generation_peak_against_a_measured_run(tmp_path):
     generated together (``steps_per_generation=8``): the end of decoding is the run's peak, the weights and every live
     storage 22.09 MiB; estimated 22.04 (0.998; before the autocast generation was traced: 18.12, 0.82). Without a
     ``MemoryCallback``: with it attached 2.7 MiB more storages are live at that moment (24.81 MiB: its tracker's
-    module hooks, torch's ``ModTracker``, keep the size of one float32 key or value of the cache alive; docs/memory.md)."""
+    module hooks, torch's ``ModTracker``, keep one float32 hidden state per generation forward alive; docs/memory.md)."""
     from datasets import Dataset
 
     from lowmem.cli_budget import mixed_precision_estimate
