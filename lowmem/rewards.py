@@ -209,6 +209,10 @@ def validate_reward_fields(recipe: Any) -> None:
         if recipe.trainer not in ("grpo", "gvpo", "bnpo"):
             raise ValueError(f"reward_funcs is for trainer grpo, gvpo or bnpo; trainer is {recipe.trainer!r}")
         recipe.reward_funcs = funcs
+        nested = (recipe.training_args or {}).get("reward_weights") if isinstance(recipe.training_args, dict) else None
+        if isinstance(nested, (list, tuple)) and len(nested) != len(funcs):  # TRL: after the model loaded
+            raise ValueError(f"training_args.reward_weights has {len(nested)} entries but reward_funcs has {len(funcs)}; "
+                             "expected one weight per reward function")
     if weights is not None:
         if not isinstance(weights, list) or not weights:
             raise ValueError(f"Invalid reward_weights={recipe.reward_weights!r}: expected a list of numbers")

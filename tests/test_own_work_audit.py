@@ -292,3 +292,16 @@ def test_assistant_only_loss_without_generation_markers_names_the_field(own_mode
     err = capsys.readouterr().err
     assert "lowmem: error: " in err and "assistant_only_loss=true needs a chat template that marks the assistant's" in err
     assert f"the tokenizer's of {own_model_dir}; set chat_template / --chat-template" in err
+
+
+def test_nested_reward_weights_count_is_checked_with_the_recipe(tmp_path):
+    """training_args: {reward_weights: [1, 0.5]} (GRPOConfig's field) beside one reward function (say after
+    --reward-funcs replaced the recipe's) failed in TRL's constructor after the model loaded."""
+    from lowmem.train import load_recipe
+
+    path = tmp_path / "g.yaml"
+    path.write_text("trainer: grpo\ndataset: p.jsonl\nreward_funcs: [format, exact_match]\n"
+                    "training_args: {reward_weights: [1.0, 0.5]}\n")
+    assert load_recipe(path).training_args["reward_weights"] == [1.0, 0.5]
+    with pytest.raises(ValueError, match=r"training_args.reward_weights has 2 entries but reward_funcs has 1"):
+        load_recipe(path, reward_funcs=["format"])
