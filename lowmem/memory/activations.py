@@ -287,6 +287,12 @@ def traced_activation_bytes(
     Mixture-of-experts layers (transformers' fused ``gate_up_proj`` / ``down_proj`` experts) are traced with an
     even routing (:func:`_balanced_experts_forward`).
 
+    That is the path of TRL's fused head (``head_parts``) and of MoE models. Otherwise (the model's own loss) the
+    training step itself is traced (:func:`_traced_step_bytes`: forward and ``loss.backward()`` with the weights'
+    gradients and the model's own checkpointing, every live storage followed), and the parts are ``layers``,
+    ``other``, ``backward`` (the rest at the activations' peak), ``total``, ``backward_peak`` (activations and
+    gradients at once) and ``forward_saved`` (not in the total).
+
     Args:
         model (`nn.Module`): The causal LM on the meta device (with its adapters and ``requires_grad`` flags:
             a frozen linear does not save its input).
@@ -294,9 +300,10 @@ def traced_activation_bytes(
         batch_size (`int`): Sequences per step.
         seq_len (`int`): Tokens per sequence.
         gradient_checkpointing (`bool`, defaults to `False`): Per-layer checkpointing.
-        cache (`dict` or `None`, defaults to `None`): ``(batch_size, seq_len) -> traced bytes`` kept between
+        cache (`dict` or `None`, defaults to `None`): ``(batch_size, seq_len, ...) -> traced bytes`` kept between
             calls on the same model (the budget search asks for several batches and checkpointing choices). A batch
-            above 2 is extrapolated from the traces at 1 and 2 (what a forward saves is affine in the batch).
+            above 2 is extrapolated from the traces at 1 and 2 (what a forward saves is affine in the batch; the step's
+            trace: above 3, from 2 and 3).
         head_parts (`dict` or `None`, defaults to `None`): ``logits`` and ``loss_backward`` of TRL's fused LM head
             (:func:`fused_head_bytes`): the traced float32 ``log_softmax`` is replaced by its ``logits``.
 
@@ -386,7 +393,7 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     # what the forward saves and the loss's two gradients: the activations layerwise mode counts with a tied model's
     # steps, as before the step was traced (the trace also holds the tied head's gradient through the backward, and
     # the per-parameter transient is a bound: with both, GPT-2 layerwise adamw8bit was 1.078 of the measured peak)
-    parts["forward_saved"] = saved + other + tokens * config.vocab_size * 8
+    parts["forward_saved"] = act if checkpointed else saved + other + tokens * config.vocab_size * 8
     return parts
 
 
