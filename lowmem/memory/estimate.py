@@ -1218,7 +1218,9 @@ def estimate_memory(
                      + (f"; generation of {generation_batch_size} completions ({max_completion_length} tokens each) is a "
                         "phase of its own, without gradients (activation_parts['generation'])" if trainer == "grpo" else ""))
     if traced:
-        notes.append(f"activations: model_type={config.model_type!r} traced on fake tensors (the tensors its forward saves; nothing allocated)")
+        notes.append(f"activations: model_type={config.model_type!r} traced on fake tensors ("
+                     + ("the tensors its forward saves" if "backward_peak" not in parts else "its training step, forward and backward")
+                     + "; nothing allocated)")
     if tied_backward:
         notes.append("tied input/output embedding: its two gradients and their sum are live at the end of the backward pass")
 
