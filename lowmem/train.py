@@ -113,8 +113,11 @@ class TrainRecipe:
             Extra hyperparameters of ``optim``: mapping, JSON object or ``"k=v,k=v"``
             (``--optim-args``); `None` is none (the ``TrainingArguments`` default, as a saved
             ``training_args.json`` writes it). They win over ``lr`` and ``weight_decay``.
-        lr (`float`, defaults to `1e-2`):
-            Learning rate (``--lr``); the Trainer's scheduler drives it.
+        lr (`float` or `None`, defaults to `None`):
+            Learning rate (``--lr``); the Trainer's scheduler drives it. Required with a ``model`` of
+            your own (a :class:`ConfigError` otherwise, unless ``optim_args`` sets ``lr``): no value
+            suits every model and optimizer, and the demo's ``1e-2`` would wreck a pretrained model.
+            `None` with the embedded tiny model (``model: null``) is the demo's ``1e-2``.
         weight_decay (`float`, defaults to `0.0`):
             Decoupled weight decay; never applied to biases and norm weights.
         lr_scheduler (`str`, defaults to `"constant"`):
@@ -219,7 +222,7 @@ class TrainRecipe:
     reward_weights: list[float] | None = None
     optim: str = "adafactor"
     optim_args: dict[str, Any] | str | None = field(default_factory=dict)
-    lr: float = 1e-2
+    lr: float | None = None
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
     warmup_steps: float = 0
@@ -271,6 +274,7 @@ class TrainRecipe:
             raise ConfigError(f"warmup_steps={self.warmup_steps}: expected a whole number of steps, or a fraction of "
                               "steps below 1")
         self.optim_args = check_optim_args(self.optim, self.optim_args)
+        _resolve_lr(self)
         from lowmem.optim.recipes.lomo import FUSED_BACKWARD
 
         if self.optim in FUSED_BACKWARD and not self.layerwise:
@@ -296,6 +300,26 @@ class TrainRecipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+#: The embedded tiny model's learning rate (the demo trains it from a random init): what ``lr: null`` means there.
+DEMO_LR = 1e-2
+
+
+def _resolve_lr(recipe: TrainRecipe) -> None:
+    """``lr`` unset: the demo's :data:`DEMO_LR` on the embedded tiny model, ``optim_args``' ``lr``
+    when it sets one, else a :class:`ConfigError` for a user's model (no default fits a pretrained
+    model and every optimizer; the demo's would diverge)."""
+    if recipe.lr is not None:
+        return
+    if isinstance(recipe.optim_args, dict) and recipe.optim_args.get("lr") is not None:
+        recipe.lr = float(recipe.optim_args["lr"])
+    elif recipe.model is None:
+        recipe.lr = DEMO_LR
+    else:
+        raise ConfigError(
+            f"lr: no learning rate given for model={recipe.model!r}; set one with --lr or `lr:` in the recipe "
+            f"(a positive float; e.g. 2e-5 for a full fine-tune with AdamW, 1e-4 for LoRA, 1e-6 for DPO/GRPO). "
+            f"The demo's {DEMO_LR:g} is for the embedded tiny model trained from scratch")
 
 
 _TA_NUM_TRAIN_EPOCHS = 3.0  # TrainingArguments.num_train_epochs' default

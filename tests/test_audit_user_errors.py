@@ -50,7 +50,7 @@ def test_reward_file_syntax_error_stops_lowmem_train_with_exit_2(tiny_model_path
     (tmp_path / "bad.py").write_text("def r(prompts, completions\n")
     recipe = tmp_path / "grpo.yaml"
     recipe.write_text(f"trainer: grpo\nmodel: {tiny_model_path}\ndataset: prompts.jsonl\nreward_funcs: [bad.py:r]\n"
-                      f"steps: 1\nbatch_size: 4\noutput_dir: {tmp_path / 'out'}\ntraining_args: {{num_generations: 4}}\n")
+                      f"steps: 1\nlr: 1e-2\nbatch_size: 4\noutput_dir: {tmp_path / 'out'}\ntraining_args: {{num_generations: 4}}\n")
     code, err = _run(["train", str(recipe)], capsys)
     assert code == 2
     assert "lowmem: error: reward function" in err and "SyntaxError" in err and "bad.py, line 1" in err
@@ -94,10 +94,10 @@ def test_trainer_flag_trains_dpo_pairs_from_the_command_line(tiny_model_path, tm
     rows = tmp_path / "pairs.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)}) + "\n"
                             for i in range(8)))
-    code, err = _run(["train", "--model", tiny_model_path, "--dataset", str(rows), "--steps", "1",
+    code, err = _run(["train", "--model", tiny_model_path, "--dataset", str(rows), "--steps", "1", "--lr", "1e-3",
                       "--output-dir", str(tmp_path / "o")], capsys)
     assert code == 2 and "--trainer dpo" in err
-    code, err = _run(["train", "--model", tiny_model_path, "--dataset", str(rows), "--trainer", "dpo", "--steps", "1",
+    code, err = _run(["train", "--model", tiny_model_path, "--dataset", str(rows), "--trainer", "dpo", "--steps", "1", "--lr", "1e-3",
                       "--batch-size", "4", "--output-dir", str(tmp_path / "o"), "--optim", "adamw"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["trainer"] == "dpo"
@@ -129,7 +129,7 @@ def test_drop_last_eval_set_smaller_than_a_batch_fails_before_training(trainer, 
     row = {"text": "1+1=2"} if trainer == "sft" else {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
     rows.write_text(json.dumps(row) + "\n" + "".join(json.dumps(row) + "\n" for _ in range(9)))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"trainer: {trainer}\nmodel: {tiny_model_path}\ndataset: rows.jsonl\nmax_steps: 1\n"
+    recipe.write_text(f"trainer: {trainer}\nmodel: {tiny_model_path}\ndataset: rows.jsonl\nmax_steps: 1\nlearning_rate: 1e-3\n"
                       f"per_device_train_batch_size: 2\ndataloader_drop_last: true\nmax_length: 32\n"
                       + ("eval_split: 0.3\n" if trainer == "sft" else ""))
     code, err = _run(["train", str(recipe), "--output-dir", str(tmp_path / "out")], capsys)

@@ -153,4 +153,4 @@ def test_config_error_printed_once_under_several_processes(tmp_path, capsys, mon
     assert main(["train", str(bad)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == ("lowmem: error: " + f"{bad}: lr='abc': expected a number >= 0\n" if printed else "")
+    assert captured.err == ("lowmem: error: " + f"{bad}: lr='abc': expected a number >= 0, or null\n" if printed else "")

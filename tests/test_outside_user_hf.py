@@ -75,14 +75,14 @@ def test_max_length_fits_the_models_context(gpt2_dir, long_rows, tmp_path, capsy
     """TRL's default ``max_length=1024`` on a model with fewer positions: GPT-2's learned position table
     failed mid-training with ``IndexError: index out of range in self``. The default now becomes the
     model's context, with a note; a ``max_length`` the user sets beyond it is an error naming both."""
-    recipe = load_recipe(None, model=gpt2_dir, dataset=long_rows, optim="adamw", steps=2, batch_size=4,
+    recipe = load_recipe(None, model=gpt2_dir, dataset=long_rows, optim="adamw", steps=2, batch_size=4, lr=1e-3,
                          output_dir=str(tmp_path / "out"), save_model=False, track_memory=False)
     metrics = run(recipe)
     assert metrics["steps"] == 2 and recipe.training_args["max_length"] == 32
     assert "note: max_length=32, the model's context (max_position_embeddings=32 in" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"max_length=64 is longer than the model's context \(max_position_embeddings=32 "
                                           r"in .*config.json\).*set max_length <= 32"):
-        run(load_recipe(None, model=gpt2_dir, dataset=long_rows, optim="adamw", steps=2, max_length=64,
+        run(load_recipe(None, model=gpt2_dir, dataset=long_rows, optim="adamw", steps=2, max_length=64, lr=1e-3,
                         output_dir=str(tmp_path / "out2")))
 
 
@@ -114,7 +114,7 @@ def test_trl_sft_and_llama_factory_keys(tmp_path, tiny_model_path):
     """A ``trl sft`` config names the model ``model_name_or_path`` (accepted as ``model``); its ModelConfig
     keys and LLaMA-Factory's were 'unknown recipe key(s)' with no hint (``lora_r`` -> did you mean
     ['local_rank', 'lora', 'use_cpu']?): the error now says what lowmem writes instead."""
-    path = _recipe_file(tmp_path, "model_name_or_path: model\n")
+    path = _recipe_file(tmp_path, "model_name_or_path: model\nlearning_rate: 2.0e-5\n")
     (tmp_path / "model").symlink_to(tiny_model_path)  # relative to the recipe's folder, as model is
     assert load_recipe(path).model == str(tmp_path / "model")
     with pytest.raises(ConfigError, match=r"'model_name_or_path' and 'model' set the same value"):

@@ -274,7 +274,7 @@ def test_lowmem_train_dpo_says_how_many_pairs_its_margin_is_measured_on(own_mode
 
     data = write_jsonl(tmp_path / "prefs.jsonl", dpo_rows(12, conversational=True))
     out = io.StringIO()
-    metrics = run(TrainRecipe(trainer="dpo", model=own_model_dir, dataset=str(data), steps=1, batch_size=4,
+    metrics = run(TrainRecipe(trainer="dpo", model=own_model_dir, dataset=str(data), steps=1, batch_size=4, lr=1e-3,
                               output_dir=str(tmp_path / "out"), save_model=False, track_memory=False),
                   console=Console(file=out, width=200))
     assert metrics["margin_pairs"] == 12

@@ -48,7 +48,7 @@ def test_grpo_completion_length_fits_the_model_context(gpt2_dir, tmp_path, capsy
     recipe.write_text("trainer: grpo\nreward_funcs: [exact_match]\nnum_generations: 2\n")
     out = tmp_path / "out"
     argv = ["train", str(recipe), "--model", gpt2_dir, "--dataset", str(prompts), "--steps", "1", "--batch-size", "2",
-            "--output-dir", str(out)]
+            "--lr", "1e-2", "--output-dir", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     # '<bos>3+3=' is 5 tokens of the character tokenizer: 16 - 5 = 11 left for the completion
@@ -137,7 +137,7 @@ def test_dpo_full_finetune_trains_in_the_recipe_dtype_from_one_copy(tiny_model_p
                                               for a in range(4)])
     out = tmp_path / "out"
     recipe = tmp_path / "d.yaml"
-    recipe.write_text(f"trainer: dpo\nmodel: {tiny_model_path}\ndataset: {pairs}\ndtype: bfloat16\nsteps: 1\n"
+    recipe.write_text(f"trainer: dpo\nmodel: {tiny_model_path}\ndataset: {pairs}\ndtype: bfloat16\nsteps: 1\nlr: 1e-2\n"
                       f"batch_size: 2\noutput_dir: {out}\n")
     assert main(["train", str(recipe)]) == 0
     with safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -286,7 +286,7 @@ def test_assistant_only_loss_without_generation_markers_names_the_field(own_mode
     rows = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "1+2="},
                                                           {"role": "assistant", "content": "3"}]}] * 2)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {own_model_dir}\ndataset: {rows}\nassistant_only_loss: true\nsteps: 1\nbatch_size: 2\n"
+    recipe.write_text(f"model: {own_model_dir}\ndataset: {rows}\nassistant_only_loss: true\nsteps: 1\nbatch_size: 2\nlr: 1e-2\n"
                       f"output_dir: {tmp_path / 'o'}\n")
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err

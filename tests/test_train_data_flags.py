@@ -154,7 +154,7 @@ def test_reward_funcs_flag_reaches_grpo(layout, tiny_model_path):
     out = layout / "out"
     (layout / "sub" / "g.yaml").write_text("trainer: grpo\nreward_funcs: [rewards.py:r]\n"
                                            "training_args: {num_generations: 4, max_completion_length: 4}\n")
-    assert main(["train", "sub/g.yaml", "--model", tiny_model_path, "--dataset", "p.jsonl", "--steps", "1",
+    assert main(["train", "sub/g.yaml", "--model", tiny_model_path, "--lr", "1e-2", "--dataset", "p.jsonl", "--steps", "1",
                  "--batch-size", "4", "--output-dir", str(out), "--reward-funcs", "rewards.py:r"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["final_reward"] == pytest.approx(1.0)

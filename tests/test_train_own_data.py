@@ -21,6 +21,7 @@ QUIET = dict(save_model=False, track_memory=False)
 
 
 def _run(**fields) -> tuple[dict, str]:
+    fields.setdefault("lr", 1e-2)  # required with a model of one's own; these runs were tuned at 1e-2
     out = io.StringIO()
     metrics = run(TrainRecipe(**fields), console=Console(file=out, width=200))
     assert json.loads((Path(fields["output_dir"]) / "metrics.json").read_text())["steps"] == metrics["steps"]
@@ -80,7 +81,7 @@ def test_sft_cli_two_csv_files_without_eval_set(own_model_dir, tmp_path, capsys)
     recipe.write_text(yaml.safe_dump({"trainer": "sft", "steps": 30, "logging_steps": 5, "save_model": False,
                                       "track_memory": False, "max_length": 64}))
     rc = main(["train", str(recipe), "--dataset", str(first), "--dataset", str(second), "--model", own_model_dir,
-               "--output-dir", str(tmp_path / "o")])
+               "--lr", "1e-2", "--output-dir", str(tmp_path / "o")])
     assert rc == 0
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["data"]["format"] == "prompt-completion" and m["data"]["train_rows"] == 400 and m["initial_loss"] is None
@@ -184,7 +185,7 @@ def _bad_inputs(tmp_path: Path, tiny_model_path: str) -> dict[str, tuple[list[st
         "missing file": (["--dataset", str(tmp_path / "nope.jsonl")], r"dataset: '.*nope.jsonl' does not exist"),
         "no format": (["--dataset", str(tmp_path / "qa.jsonl")],
                       r"columns \['question', 'response'\] fit no sft dataset format; accepted: 'text'"),
-        "no chat template": (["--dataset", str(tmp_path / "chat.jsonl"), "--model", tiny_model_path],
+        "no chat template": (["--dataset", str(tmp_path / "chat.jsonl"), "--model", tiny_model_path, "--lr", "1e-2"],
                              r"is conversational, but the tokenizer of model .* has no chat template; set chat_template"),
         "empty file": (["--dataset", str(tmp_path / "empty.jsonl")], r"empty file\(s\)"),
         "empty dataset": (["--dataset", str(tmp_path / "header.csv")], r"header.csv' is empty"),

@@ -75,7 +75,7 @@ def test_model_directory_without_config_or_tokenizer_is_named(tmp_path, tiny_mod
 
     from lowmem.config import ConfigError
 
-    assert load_recipe(None, model=tiny_model_path).model == tiny_model_path
+    assert load_recipe(None, model=tiny_model_path, lr=1e-3).model == tiny_model_path
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not a model")
     with pytest.raises(ConfigError, match=r"model='.*notes': the directory lacks config.json and a tokenizer file \(one of "
@@ -186,3 +186,26 @@ def test_lora_field_typos_name_peft_s_field(fields, hint):
 
     with pytest.raises(ValueError, match=r"Unknown lora field\(s\) .*; did you mean " + __import__("re").escape(hint)):
         lora_config(fields)
+
+
+def test_own_model_needs_a_learning_rate(tiny_model_path, tmp_path, capsys):
+    """With a model of one's own and no ``lr`` anywhere, the demo's 1e-2 (default.yaml, for the embedded
+    tiny model trained from scratch) trained a pretrained model quietly: now an error naming ``lr`` and the
+    flag, before anything loads. ``optim_args``' lr, a recipe's ``learning_rate`` and ``--lr`` each set it;
+    the embedded tiny model keeps the demo's 1e-2."""
+    from lowmem.cli import main
+    from lowmem.config import ConfigError
+    from lowmem.train import DEMO_LR, TrainRecipe
+
+    with pytest.raises(ConfigError, match=r"lr: no learning rate given for model='.*'; set one with --lr"):
+        load_recipe(None, model=tiny_model_path)
+    with pytest.raises(ConfigError, match=r"lr: no learning rate given"):
+        TrainRecipe(model=tiny_model_path)
+    assert main(["train", "--model", tiny_model_path, "--steps", "1", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "lr: no learning rate given" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert load_recipe(None, model=tiny_model_path, lr=3e-5).lr == 3e-5
+    assert load_recipe(None, model=tiny_model_path, optim="adamw", optim_args="lr=4e-5").lr == 4e-5
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_model_path}\nlearning_rate: 5.0e-5\n")
+    assert load_recipe(recipe).lr == 5e-5
+    assert load_recipe(None).lr == DEMO_LR == TrainRecipe().lr == 1e-2
