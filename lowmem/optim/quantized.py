@@ -295,6 +295,7 @@ class Quantized(MomentRule):
             elif dk:
                 dst += dk
                 src += sk
+            view[k] = None  # (the decoded moment is no longer needed once encoded: freed before the next one's)
         if dst:
             torch._foreach_copy_(dst, src)
         return d
