@@ -221,7 +221,9 @@ def test_galore_adafactor_full_rank_parameters_take_the_buckets(monkeypatch):
     def _run_galore(foreach):
         gen = torch.Generator().manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-        groups = [{"params": [ps[0]], "rank": 4}, {"params": ps[1:]}]
+        # one group at rank 4: (32, 24) projected; the vectors and (3, 12) full-rank (a group whose rank is above
+        # every 2-D side, as (3, 12)'s alone at the default 128 was, is an error)
+        groups = [{"params": ps, "rank": 4}]
         warnings.filterwarnings("ignore", message=".*full-rank")  # (3, 12): rank >= its smaller side
         opt = create_optimizer(groups, "galore_adafactor", foreach=foreach, weight_decay=0.1)
         seen, orig = [], F.adafactor_foreach_
