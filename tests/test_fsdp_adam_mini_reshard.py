@@ -54,7 +54,8 @@ def build(model, name="adam_mini", **hp):
                                 name, lr=1e-2)
     if name == "galore_adamw":
         return create_optimizer([{"params": [model[0].weight], "update_proj_gap": 2, **hp},
-                                 {"params": [model[2].weight]}], name, lr=1e-2)
+                                 {"params": [model[2].weight], "rank": None}], name, lr=1e-2)  # full-rank (the default
+        # rank 128, above the 4 x 16 weight's sides, applied to nothing: an error)
     return create_optimizer([{"params": [model[0].weight]}, {"params": [model[2].weight]}], name, lr=1e-2, **hp)
 
 
