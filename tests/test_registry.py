@@ -215,3 +215,22 @@ def test_unknown_optimizer_names_the_close_matches():
         get_entry("adamw8bitt")
     with pytest.raises(ValueError, match=r"Unknown optimizer 'zzzz'; valid: \["):
         get_entry("zzzz")
+
+
+def test_dict_groups_without_the_target_key_stay_untargeted():
+    """galore-torch's rule for groups given as dicts: when some group sets ``rank`` itself, a group without
+    it is the full-rank one. ``create_optimizer`` gave it the default rank 128 instead: a (4, 16) bias-like
+    group then failed with an error about a rank the user never set, and a wide one was projected."""
+    import torch.nn as nn
+
+    from lowmem.optim import create_optimizer
+
+    proj, wide, narrow = (nn.Parameter(torch.randn(*s)) for s in ((256, 256), (256, 256), (4, 16)))
+    opt = create_optimizer([{"params": [proj], "rank": 8}, {"params": [wide, narrow]}], "galore_adamw")
+    assert opt.param_groups[0]["rank"] == 8 and opt.param_groups[1].get("rank") is None
+    # a rank passed here is the default of every group without its own
+    opt = create_optimizer([{"params": [proj], "rank": 8}, {"params": [wide]}], "galore_adamw", rank=16)
+    assert [g["rank"] for g in opt.param_groups] == [8, 16]
+    # no group sets it: each takes the default, as a flat list does
+    opt = create_optimizer([{"params": [proj]}, {"params": [wide]}], "galore_adamw")
+    assert [g["rank"] for g in opt.param_groups] == [128, 128]

@@ -36,7 +36,7 @@ def gpt2_long(bpe_model_dir, tmp_path_factory):
 
 
 def _sft(model, data, out, batch_size=8):
-    return run(load_recipe(None, model=model, dataset=data, optim="adamw", steps=2, batch_size=batch_size,
+    return run(load_recipe(None, model=model, dataset=data, optim="adamw", lr=1e-3, steps=2, batch_size=batch_size,
                            output_dir=str(out), save_model=False, training_args={"logging_steps": 1}))
 
 

@@ -336,7 +336,11 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
         **hparams: The optimizer's hyperparameters, plus ``target_modules`` for recipes with a
             targeted group (:attr:`OptimizerEntry.target_key`: subspace recipes, Muon, ...).
             Per-group hyperparameters (``rank``, ``update_proj_gap``, ``use_muon``, ...) go to the
-            targeted group; a flat parameter list becomes one targeted group.
+            targeted group; a flat parameter list becomes one targeted group. Groups given as dicts
+            take them where they lack their own, except the target key itself when some group sets
+            it and it was not passed here: then, as in galore-torch, a group without ``rank`` (or
+            ``use_muon``, ...) is the untargeted one (``[{"params": proj, "rank": 64}, {"params":
+            rest}]`` projects ``proj`` only; before, ``rest`` took the default rank 128).
             For recipes with a relative step size (Adafactor, GaLore-Adafactor), an explicit ``lr``
             without ``relative_step`` means what it means to transformers' Trainer
             (``optim="adafactor"``): ``relative_step=False, scale_parameter=False``
@@ -356,6 +360,7 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
                          + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; valid: {valid}")
     hparams = dict(hparams)
     targeted = entry.target_key is not None
+    target_given = targeted and hparams.get(entry.target_key) is not None  # (before the defaults fill it in)
     if hparams.get("lr") is not None and "relative_step" not in hparams:
         hparams.update({k: v for k, v in EXPLICIT_LR_SETTINGS.items() if k in valid and k not in hparams})
     target_modules = hparams.pop("target_modules", None)
@@ -380,14 +385,18 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
             raise ValueError("target_modules needs a model (nn.Module), not a parameter list")
         params = list(model_or_params)
         if targeted and group_only.get(entry.target_key) is not None:
-            params = _apply_group_defaults(params, group_only)
+            params = _apply_group_defaults(params, group_only, entry.target_key, target_given)
     return entry.factory(params, **hparams)
 
 
-def _apply_group_defaults(params: list[Any], group_only: dict[str, Any]) -> list[dict[str, Any]]:
-    """Parameters given as a flat list to a recipe with a targeted group: one targeted group of them all."""
+def _apply_group_defaults(params: list[Any], group_only: dict[str, Any], target_key: str,
+                          target_given: bool) -> list[dict[str, Any]]:
+    """Per-group defaults for parameters given as a list: a flat list is one targeted group of them all;
+    dict groups take the defaults they lack, except that when some group sets ``target_key`` itself
+    (and the caller did not pass it) the groups without it stay untargeted (galore-torch's rule)."""
     if params and isinstance(params[0], dict):
-        return [{**group_only, **g} for g in params]
+        marked = not target_given and any(target_key in g for g in params)
+        return [g if marked and target_key not in g else {**group_only, **g} for g in params]
     return [{"params": params, **group_only}]
 
 
