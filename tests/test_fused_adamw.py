@@ -204,9 +204,10 @@ RECIPES = {
     "spam": (_plain, dict(weight_decay=0.1, warmup_steps=5, reset_interval=4), 3),
     # torch placement at a restarted step count, a scaled beta1, stabilized gradients
     "stable_spam": (_plain, dict(weight_decay=0.1, reset_interval=4, t_max=20), 3),
-    # a hybrid's AdamW parameters (the vector; the weights are Muon's): update lr * adamw_lr_ratio,
+    # a hybrid's AdamW parameters (the group without use_muon: its vector and two weights, galore-torch's
+    # rule for groups given as dicts; the use_muon group's weights are Muon's): update lr * adamw_lr_ratio,
     # decay with lr (the decay apart)
-    "muon": (_muon_groups, dict(weight_decay=0.1, adamw_lr_ratio=0.3, ns_steps=2), 1),
+    "muon": (_muon_groups, dict(weight_decay=0.1, adamw_lr_ratio=0.3, ns_steps=2), 3),
     "frugal": (_galore_groups, dict(weight_decay=0.1), 3),
 }
 
