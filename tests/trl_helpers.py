@@ -13,6 +13,16 @@ RL_KINDS = ("grpo", "gvpo", "bnpo")
 KINDS = ("sft", "dpo", *RL_KINDS)
 
 
+def tiny_rank_args(optim: str) -> dict[str, Any]:
+    """``lowmem_optim_args`` with rank 16 for a projection recipe whose default rank (128; APOLLO's 256) is at or
+    above every side of the tiny model's weights (64 wide at most): such a rank applies nowhere, an error."""
+    from lowmem.optim import get_entry
+
+    entry = get_entry(optim)
+    rank = {h.name: h.default for h in entry.recipe.group_hparams}.get("rank") if entry.recipe is not None else None
+    return {"lowmem_optim_args": {"rank": 16}} if rank is not None and rank >= 64 else {}
+
+
 def make_trainer(kind: str, model_path: str, output_dir: str, steps: int, *, lr: float = 1e-2, peft_config: Any = None,
                  optim: str = "adafactor", eval_dataset: bool = False, **overrides: Any):
     from lowmem.trainers import (
@@ -35,6 +45,8 @@ def make_trainer(kind: str, model_path: str, output_dir: str, steps: int, *, lr:
     if eval_dataset:
         fields.update(eval_strategy="steps", eval_steps=steps)
     fields.update(overrides)
+    if "lowmem_optim_args" not in overrides:
+        fields.update(tiny_rank_args(optim))
     args = config_cls(**fields)
     kw: dict[str, Any] = dict(model=model_path, args=args, peft_config=peft_config)
     if kind == "sft":
