@@ -24,7 +24,7 @@ def tiny_rank_args(optim: str) -> dict[str, Any]:
 
 
 def make_trainer(kind: str, model_path: str, output_dir: str, steps: int, *, lr: float = 1e-2, peft_config: Any = None,
-                 optim: str = "adafactor", eval_dataset: bool = False, **overrides: Any):
+                 optim: str | None = "adafactor", eval_dataset: bool = False, **overrides: Any):
     from lowmem.trainers import (
         BNPOConfig, BNPOTrainer, GVPOConfig, GVPOTrainer, LowMemDPOConfig, LowMemDPOTrainer, LowMemGRPOConfig,
         LowMemGRPOTrainer, LowMemSFTConfig, LowMemSFTTrainer,
@@ -45,7 +45,7 @@ def make_trainer(kind: str, model_path: str, output_dir: str, steps: int, *, lr:
     if eval_dataset:
         fields.update(eval_strategy="steps", eval_steps=steps)
     fields.update(overrides)
-    if "lowmem_optim_args" not in overrides:
+    if optim is not None and "lowmem_optim_args" not in overrides:
         fields.update(tiny_rank_args(optim))
     args = config_cls(**fields)
     kw: dict[str, Any] = dict(model=model_path, args=args, peft_config=peft_config)
