@@ -291,17 +291,19 @@ def test_muon_says_torch_s_eps_is_ns_eps_here():
         Muon(zoo([(8, 8)]), ns_eps=1e-6)
 
 
-def test_normalized_recipes_say_when_no_group_takes_the_normalized_update():
+def test_normalized_recipes_give_groups_without_the_key_the_default():
+    """Groups none of which has the key take the documented default, as with create_optimizer (they warned and
+    took AdamW before; tests/test_transient_exact.py compares the two paths' steps)."""
     from lowmem.optim import Muon, Scale, SinkGD
 
     for cls, key in ((Muon, "use_muon"), (SinkGD, "use_sinkgd"), (Scale, "scale_role")):
-        with pytest.warns(UserWarning, match=rf"no parameter group has {key}="):
-            cls([{"params": zoo([(8, 8)])}])
+        default = True if key != "scale_role" else "hidden"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            grouped = cls([{"params": zoo([(8, 8)])}])
             opt = cls(zoo([(8, 8)]))  # a flat list: one targeted group
             cls([{"params": zoo([(8, 8)]), key: False if key != "scale_role" else "hidden"}])
-        assert opt.param_groups[0][key] == (True if key != "scale_role" else "hidden")
+        assert opt.param_groups[0][key] == grouped.param_groups[0][key] == default
 
 
 # ---- pytorch_optimizer's AdamWSN: flat subsets (subset_size) -------------------------------------

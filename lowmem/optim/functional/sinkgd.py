@@ -172,15 +172,39 @@ def sinkhorn_scalings_stacked(sq: Tensor, iters: int, batched: bool | None = Non
         c2 = c.square()
         for i in range(k):
             torch.mv(sq[i], c2[i], out=norms[i])
+        del c2  # (each temporary freed once used: sinkhorn_scalings_stacked_bytes)
         norms.sqrt_().mul_(r)
         r.mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(n)), 0.0))
         r2 = r.square()
         col = torch.zeros(k, n, dtype=torch.float32, device=sq.device)
         for i in range(k):
             col[i].addmv_(sq[i].t(), r2[i])
+        del r2
         cn = col.sqrt_().mul_(c)
         c.mul_(torch.where(cn > 0, cn.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(m)), 0.0))
+        del col, cn
     return r, c
+
+
+def sinkhorn_scalings_stacked_bytes(k: int, m: int, n: int, iters: int, batched: bool) -> int:
+    """The most memory :func:`sinkhorn_scalings_stacked` allocates alive together for ``k`` float32 ``m x n``
+    matrices (besides ``sq``), its returned ``(r, c)`` included (``4 k (m + n)``):
+
+    * ``batched=False``: ``r``, ``c`` and the row norms (``4 k (2 m + n)``) throughout, and at most one of:
+      ``c``'s square (``4 k n``); the row phase's mask, clamp, ``torch.where``'s 0-d ``0.0`` and result
+      (``9 k m + 4``); ``r``'s square next to the column sums (``4 k (m + n)``); the column phase's mask,
+      clamp, 0-d and result next to the column sums (``13 k n + 4``);
+    * ``batched=True`` (:func:`_squared_scalings_batched`): ``C`` and ``R`` (``4 k (m + n)``), a new
+      ``C`` beside the old (``4 k n``) and, from the second iteration, a new ``R`` beside the old (``4 k m``).
+    """
+    if batched:
+        if iters <= 0:
+            return 4 * k * (m + n)
+        return 4 * k * (m + n) + max(4 * k * n, 4 * k * m if iters > 1 else 0)
+    kept = 4 * k * (2 * m + n)
+    if iters <= 0:
+        return kept
+    return kept + max(4 * k * n, 9 * k * m + 4, 4 * k * (m + n), 13 * k * n + 4)
 
 
 def _squared_scalings_batched(sq: Tensor, iters: int) -> tuple[Tensor, Tensor]:
@@ -209,8 +233,9 @@ def sinkgd_foreach_(params: list[Tensor], grads: list[Tensor], iters: int, lr: f
 
     (``step = lr * scale``), the per-matrix chunked step's operations in its order (one block of
     rows): equal to it bit for bit on the CPU; off the CPU (``batched``, see
-    :func:`sinkhorn_scalings_stacked`) up to float32 rounding. Transient: the stack of squares (float32, ``4 k m n``),
-    freed before the stack of steps (the same size), and the scalings."""
+    :func:`sinkhorn_scalings_stacked`) up to float32 rounding. Transient (:func:`sinkgd_foreach_bytes`): the
+    stack of squares (float32, ``4 k m n``) next to the scalings' work, freed before the stack of steps (the
+    same size) next to ``r`` and ``c``."""
     sq = torch.stack(grads)
     sq.square_()
     r, c = sinkhorn_scalings_stacked(sq, iters, batched)
@@ -220,3 +245,12 @@ def sinkgd_foreach_(params: list[Tensor], grads: list[Tensor], iters: int, lr: f
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_sub_(params, list(d.unbind(0)))
+
+
+def sinkgd_foreach_bytes(k: int, m: int, n: int, iters: int, batched: bool) -> int:
+    """The most memory :func:`sinkgd_foreach_` allocates alive together for ``k`` float32 ``m x n`` matrices:
+    the stack of squares next to :func:`sinkhorn_scalings_stacked_bytes` (its returned ``r`` and ``c``
+    included), then the stack of steps next to ``r`` and ``c``: ``4 k m n`` + the larger."""
+    if k <= 0:
+        return 0
+    return 4 * k * m * n + max(sinkhorn_scalings_stacked_bytes(k, m, n, iters, batched), 4 * k * (m + n))

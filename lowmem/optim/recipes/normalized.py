@@ -43,7 +43,8 @@ from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, mu
                               muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_column_block_numel,
                               ns_rows, ns_shape)
 from ..functional.scale import column_normalize, column_rms, last_layer_momentum_, scale_rows_foreach_
-from ..functional.sinkgd import sinkgd_foreach_, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn, sr_sinkhorn_bytes
+from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn,
+                                 sr_sinkhorn_bytes)
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
@@ -51,19 +52,24 @@ from ..sharded import local
 
 
 def flat_as_targeted(params: Iterable[Any], key: str, value: Any) -> list[Any]:
-    """A flat parameter list given to :class:`Muon`, :class:`SinkGD` or :class:`Scale` as one group
-    carrying the recipe's key (``use_muon=True``, ...), as ``create_optimizer`` builds it and as
-    ``torch.optim.Muon`` treats its parameters: without the key every parameter would take AdamW.
-    Parameter groups (dicts) are returned as given (a group without the key takes AdamW)."""
+    """Parameters given to :class:`Muon`, :class:`SinkGD` or :class:`Scale` with the recipe's documented
+    default for its key (``use_muon=True``, ``use_sinkgd=True``, ``scale_role="hidden"``), as
+    :func:`~lowmem.optim.create_optimizer` gives it (``registry._apply_group_defaults``) and as
+    ``torch.optim.Muon`` treats its parameters: a flat list is one group carrying it; parameter groups
+    (dicts) none of which has the key each take it; when some group has the key (set either way), the
+    groups without it take AdamW (galore-torch's rule for ``rank``). Before, groups none of which had the key
+    trained every parameter with AdamW after a warning, while ``create_optimizer`` targeted them."""
     params = list(params)
     if not params:
         return params
     if isinstance(params[0], dict):
-        if not any(g.get(key) is not None for g in params):  # (the key set off on purpose: no warning)
-            warn_user(f"no parameter group has {key}={value!r}: every parameter takes AdamW; give the"
-                      f" group of the 2-D hidden weights {key}={value!r} (create_optimizer(model, ...) does)")
-        return params
+        if any(key in g for g in params):
+            return params
+        return [{**g, key: value} for g in params]
     return [{"params": params, key: value}]
+
+
+_NO_CLASS = object()  # (HybridMoments.foreach_bucket_transient_bytes not told its bucket's class)
 
 
 class HybridMoments(MomentRule):
@@ -190,6 +196,38 @@ class HybridMoments(MomentRule):
         """A bucket's AdamW parameters (``sqrt(v)``: ``4 numel``), then its targets (their own
         bound): one after the other, so the larger."""
         return max(4 * numel, self.target_foreach_transient_bytes(numel))
+
+    #: the engine hands :meth:`foreach_bucket_transient_bytes` each bucket's class (:meth:`foreach_bucket_class`)
+    foreach_counts_class = True
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None, bucket_class=_NO_CLASS):
+        """A bucket of targets (``bucket_class`` ``("target", shape)``: every member a whole target of that shape,
+        :meth:`foreach_bucket_class`) allocates :meth:`target_foreach_bucket_transient_bytes`; a bucket of AdamW
+        parameters (``bucket_class`` ``None``) ``4 numel`` (``sqrt(v)``); not told the class, the larger."""
+        if bucket_class is _NO_CLASS or group is None:
+            return self.foreach_transient_bytes(numel)
+        if bucket_class is None:
+            return 4 * numel
+        return self.target_foreach_bucket_transient_bytes(numel, torch.Size(bucket_class[1]), group)
+
+    def target_foreach_bucket_transient_bytes(self, numel: int, shape: torch.Size, group: dict[str, Any] | None) -> int:
+        """Bytes :meth:`target_foreach_step_` allocates for a bucket of ``numel`` elements of targets of
+        ``shape`` (``numel / prod(shape)`` of them). Default: :meth:`target_foreach_transient_bytes`."""
+        return self.target_foreach_transient_bytes(numel)
+
+    def whole_transient_bytes(self, shape, group, state):
+        """The transient of a parameter stepped whole (``chunk_numel=None``, or a tensor the engine does not
+        chunk; its :meth:`direction` sees the whole tensor, no :class:`ChunkState`): the AdamW parameters'
+        :meth:`transient_bytes`, the targets' :meth:`target_whole_transient_bytes` (the engine asks for it
+        instead of ``transient_bytes(numel=prod(shape))``, which is also a single chunk's)."""
+        numel = math.prod(shape)
+        if self._is_adam(state):
+            return self.adam.transient_bytes(numel, shape, group, state)
+        return self.target_whole_transient_bytes(shape, group, state)
+
+    def target_whole_transient_bytes(self, shape: torch.Size, group: dict[str, Any], state) -> int:
+        """A target's whole step. Default: :meth:`target_transient_bytes` of all of it."""
+        return self.target_transient_bytes(math.prod(shape), shape, group, state)
 
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """A bucket's whole step: the AdamW parameters first, with the same math as :meth:`direction`
@@ -420,7 +458,8 @@ MUON_HPARAMS = (
            "AdamW parameters step and decay with lr * adamw_lr_ratio (MuonWithAuxAdam's Adam-group lr / lr)"),
 )
 USE_MUON = HParam("use_muon", True, is_bool, "a bool",
-                  "the group's 2-D parameters take Muon (the others in it, and groups without the key, take AdamW)")
+                  "the group's 2-D parameters take Muon (the others in it take AdamW, and so do groups without the key"
+                  " when another group has it; when none has it, every group takes the default)")
 
 MUON = Recipe(
     name="muon",
@@ -451,7 +490,8 @@ class Muon(LowMemOptimizer):
 
     Args:
         params: Parameters or parameter groups (``create_optimizer(model, "muon")`` builds them). A flat
-            list is one group with ``use_muon=True`` (its 2-D parameters take Muon, as in ``torch.optim.Muon``).
+            list is one group with ``use_muon=True`` (its 2-D parameters take Muon, as in ``torch.optim.Muon``);
+            so is each group when none has ``use_muon``; when some group has it, those without take AdamW.
         lr (`float`, defaults to `1e-3`): Learning rate.
         weight_decay (`float`, defaults to `0.1`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``
             (AdamW parameters: ``p *= 1 - lr * adamw_lr_ratio * weight_decay``).
@@ -551,8 +591,18 @@ class SinkGDMoments(HybridMoments):
         """:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_`: a float32 stack of the bucket's
         weights of one shape (squares, then steps) and the scalings' vectors (``r``, the row norms,
         ``r^2``; ``c``, ``c^2``, the column sums, a clamp and a factor: at most ``6 (m + n)`` float32
-        numbers per matrix, ``<= 0.75 m n`` with both sides at least :attr:`foreach_min_side`)."""
+        numbers per matrix, ``<= 0.75 m n`` with both sides at least :attr:`foreach_min_side`): the bound
+        for a bucket whose shape is not known."""
         return 4 * numel + 3 * numel
+
+    def target_foreach_bucket_transient_bytes(self, numel, shape, group):
+        """:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_bytes` of the bucket's ``numel / (m n)``
+        weights of ``shape``, in the form :func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_` chooses from
+        the device (closed form off the CPU; a meta parameter counts as one off the CPU)."""
+        m, n = shape
+        params = (group or {}).get("params") or []
+        off_cpu = bool(params) and local(params[0]).device.type != "cpu"
+        return sinkgd_foreach_bytes(numel // max(m * n, 1), m, n, group["sinkhorn_iters"], off_cpu)
 
     # FSDP2 (lowmem.optim.sharded): a shard of rows; the columns' squared norms are summed over the
     # shards in every Sinkhorn iteration (one all-reduce of n numbers), the row count is the whole one
@@ -579,15 +629,19 @@ class SinkGDMoments(HybridMoments):
         (:func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings_bytes`, in the closed form off the CPU as
         :func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings` chooses it from the device, the group's
         parameters'; a meta parameter counts as one off the CPU; not for FSDP2 shards), then each block's step
-        next to ``r`` and ``c`` (``4 numel + 4 (m + n)``). Whole (``numel = m n``, ``chunk_numel=None``): also
-        :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn_bytes` (one block of every row and the whole step
-        cannot be told apart here: the larger is reported)."""
+        next to ``r`` and ``c`` (``4 numel + 4 (m + n)``). Stepped whole (``chunk_numel=None``), the engine
+        asks :meth:`target_whole_transient_bytes` instead."""
         m, n = shape
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
         block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group))
-        whole = sr_sinkhorn_bytes(m, n, group["sinkhorn_iters"]) if numel == m * n else 0
+        whole = sr_sinkhorn_bytes(m, n, group["sinkhorn_iters"]) if numel == m * n else 0  # TEMP until engine hook
         return max(block, 4 * numel + 4 * (m + n), whole)
+
+    def target_whole_transient_bytes(self, shape, group, state):
+        """The whole-tensor step (:func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, ``chunk_numel=None``):
+        :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn_bytes` (the step is scaled in place)."""
+        return sr_sinkhorn_bytes(shape[0], shape[1], group["sinkhorn_iters"])
 
 
 SINKGD_HPARAMS = (
@@ -599,7 +653,8 @@ SINKGD_HPARAMS = (
     EPS(1e-8),
 )
 USE_SINKGD = HParam("use_sinkgd", True, is_bool, "a bool",
-                    "the group's 2-D parameters take SinkGD (the others in it, and groups without the key, take AdamW)")
+                    "the group's 2-D parameters take SinkGD (the others in it take AdamW, and so do groups without the key"
+                    " when another group has it; when none has it, every group takes the default)")
 
 SINKGD = Recipe(
     name="sinkgd",
@@ -623,7 +678,8 @@ class SinkGD(LowMemOptimizer):
 
     Args:
         params: Parameters or parameter groups (``create_optimizer(model, "sinkgd")`` builds them). A flat
-            list is one group with ``use_sinkgd=True``.
+            list is one group with ``use_sinkgd=True``; so is each group when none has ``use_sinkgd``; when some
+            group has it, those without take AdamW.
         lr (`float`, defaults to `1e-3`): Learning rate (AdamW's; SinkGD steps with ``lr * scale``).
         weight_decay (`float`, defaults to `0.0`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``.
         sinkhorn_iters (`int`, defaults to `5`): ``L``, the alternating normalisations.
@@ -776,7 +832,8 @@ SCALE_HPARAMS = (
 )
 SCALE_ROLE = HParam("scale_role", "hidden", one_of(*SCALE_ROLES), f"one of {list(SCALE_ROLES)}",
                     "what the group's matrices are: 'hidden' (column-normalised SGD), 'head' (with momentum),"
-                    " 'embedding' (normalised per embedding dimension); groups without it take AdamW")
+                    " 'embedding' (normalised per embedding dimension); groups without it take AdamW when another"
+                    " group has it (when none has it, every group takes the default 'hidden')")
 
 SCALE = Recipe(
     name="scale",
@@ -801,7 +858,8 @@ class Scale(LowMemOptimizer):
 
     Args:
         params: Parameters or parameter groups (groups carry ``scale_role``). A flat list is one group
-            with ``scale_role="hidden"``.
+            with ``scale_role="hidden"``; so is each group when none has ``scale_role``; when some group has
+            it, those without take AdamW.
         lr (`float`, defaults to `1e-3`): Learning rate.
         weight_decay (`float`, defaults to `0.0`): Decoupled weight decay, ``p *= 1 - lr * weight_decay``
             (AdamW parameters: ``p *= 1 - lr * adamw_lr_ratio * weight_decay``).
