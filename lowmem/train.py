@@ -1405,7 +1405,71 @@ def _train(trainer: Any, recipe: TrainRecipe) -> Any:
     (``eval_on_start``, set by the caller): a ``trainer.evaluate()`` before ``train()`` makes
     transformers (5.x) skip the DDP wrapping under several processes, which then train apart."""
     check_eval_batches(trainer)
+    _load_converted_checkpoints(trainer)
     return trainer.train(resume_from_checkpoint=resolve_checkpoint(recipe))
+
+
+def checkpoint_weight_names(checkpoint: str | Path) -> set[str] | None:
+    """Names of the weights in a checkpoint directory's ``model.safetensors`` (or its sharded
+    index); ``None`` when it has neither (a LoRA adapter, an FSDP or ``.bin`` checkpoint)."""
+    from safetensors import safe_open
+
+    folder = Path(checkpoint)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    with safe_open(str(single), framework="pt") as f:
+        return set(f.keys())
+
+
+def load_converted_checkpoint(model: nn.Module, checkpoint: str | Path) -> bool:
+    """Load a checkpoint's weights saved in another layout than the model's parameters; return
+    whether it did (``False``: the names match, and the Trainer's own load is exact).
+
+    transformers 5 loads some architectures through a weight conversion (Mixtral, Qwen2-MoE,
+    Qwen3-MoE: per-expert ``experts.N.w1.weight`` on disk, fused 3-D ``experts.gate_up_proj`` in the
+    model) and ``save_pretrained`` writes checkpoints back in the disk layout, but
+    ``Trainer._load_from_checkpoint`` loads them with ``load_state_dict(strict=False)``: the
+    converted weights (the experts and the router) kept the values they had before resuming, with
+    only a log warning, and the resumed run went on from other weights than it saved
+    (huggingface/transformers#48805, open in 5.23). Here the checkpoint is read through
+    ``from_pretrained``, which applies the conversion, and copied into the model (strict: every
+    weight), so resuming is exact.
+
+    Raises:
+        ValueError: The checkpoint's weights do not convert to exactly the model's.
+    """
+    names = checkpoint_weight_names(checkpoint)
+    own = set(model.state_dict())
+    if names is None or names <= own:  # tied weights are saved once: a subset is the plain layout
+        return False
+    dtype = next(model.parameters()).dtype
+    loaded, info = type(model).from_pretrained(str(checkpoint), dtype=dtype, local_files_only=True,
+                                               output_loading_info=True)
+    bad = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: its weights do not load into {type(model).__name__} "
+                         f"through transformers' weight conversion ({bad}); resuming would train other weights")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return True
+
+
+def _load_converted_checkpoints(trainer: Any) -> None:
+    """Route the Trainer's checkpoint load through :func:`load_converted_checkpoint` when the
+    checkpoint's weight names differ from the model's (a weight conversion), else its own."""
+    own_load = trainer._load_from_checkpoint
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        return  # sharded parameters: the Trainer's own loaders
+
+    def load(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = model if model is not None else trainer.model
+        if not load_converted_checkpoint(getattr(target, "module", target), resume_from_checkpoint):
+            own_load(resume_from_checkpoint, model)
+
+    trainer._load_from_checkpoint = load
 
 
 def check_eval_batches(trainer: Any) -> None:

@@ -1,0 +1,88 @@
+"""`lowmem train` on users' models of architectures other than the tiny Llama (built offline from
+transformers configs, saved with the kit's character tokenizer and a chat template): Mixture-of-
+Experts models whose checkpoints transformers writes in another layout than their parameters."""
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from lowmem.train import TrainRecipe, load_converted_checkpoint, run
+
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    """A tiny Mixtral (4 experts, top 2; fused 3-D expert weights in transformers 5) saved with the
+    kit's character tokenizer carrying a chat template."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lowmem.kit import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = CHAT
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("mixtral")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{a + 3}="}, {"role": "assistant", "content": str(2 * a + 3)}]}
+            for a in range(16)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _run(**fields):
+    base = dict(lr=1e-2, batch_size=4, logging_steps=1, track_memory=False, save_model=True)
+    return run(TrainRecipe(**{**base, **fields}), console=Console(file=io.StringIO(), width=200))
+
+
+def test_resume_on_a_moe_model_restores_the_expert_weights(tmp_path, mixtral_dir, chat_file):
+    """transformers 5 saves Mixtral's fused experts per expert (experts.N.w1.weight) and the Trainer
+    resumed with load_state_dict(strict=False): the experts and router kept their pre-resume values
+    (huggingface/transformers#48805), and the resumed run ended 5e-3 away from the uninterrupted one."""
+    common = dict(model=mixtral_dir, dataset=chat_file, optim="adamw", steps=2, save_steps=1)
+    _run(output_dir=str(tmp_path / "full"), **common)
+    assert not any("gate_up_proj" in k for k in load_file(tmp_path / "full" / "checkpoint-1" / "model.safetensors"))
+    m = _run(output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"), **common)
+    assert m["resumed_from"] == str(tmp_path / "full" / "checkpoint-1") and m["steps"] == 2
+    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert set(full) == set(resumed)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+    a = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    for pid, st in a["state"].items():
+        for key, v in st.items():
+            assert torch.equal(v, b["state"][pid][key]), (pid, key)
+
+
+def test_load_converted_checkpoint_only_acts_on_another_layout(tmp_path, mixtral_dir, own_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    llama = AutoModelForCausalLM.from_pretrained(own_model_dir)
+    assert load_converted_checkpoint(llama, own_model_dir) is False  # same names: the Trainer's own load
+    moe = AutoModelForCausalLM.from_pretrained(mixtral_dir)
+    saved = {k: v.clone() for k, v in moe.state_dict().items()}
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.zero_()
+    assert load_converted_checkpoint(moe, mixtral_dir) is True
+    for k, v in moe.state_dict().items():
+        assert torch.equal(v, saved[k]), k
