@@ -120,6 +120,8 @@ class GVPOConfig(LowMemGRPOConfig):
         metadata={"help": "pi_ref: 'sampling' (the generating policy, no reference model) or 'model' (the initial model)."},
     )
 
+    FIELD_RANGES = {"beta": None}  # checked below: GVPO's beta scales the implicit reward, > 0 (lowmem.config.RANGES: >= 0)
+
     def __post_init__(self) -> None:
         for name in ("num_generations", "num_generations_eval"):  # before TRL's check, which does not name the field
             value = getattr(self, name)

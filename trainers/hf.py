@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -242,7 +243,10 @@ class LowMemArguments:
 
     Parameters:
         lowmem_optim (`str` or `None`, *optional*, defaults to `None`):
-            Name of a registered lowmem optimizer (``lowmem list``), e.g. ``"adafactor"``. When set,
+            Name of a registered lowmem optimizer (``lowmem list``), e.g. ``"adafactor"``, or a Hugging
+            Face ``optim`` name that ``lowmem train`` maps (``"galore_adamw_8bit"`` -> ``galore_adamw8bit``,
+            ``"adamw_torch_4bit"``, ``"paged_adamw_8bit"``, ...; ``<name>_layerwise`` also sets
+            ``lowmem_layerwise``; :data:`lowmem.train.HF_OPTIM_NAMES`). When set,
             it replaces ``optim`` (a non-default ``optim`` is warned about) and the Trainer builds it
             with lowmem's parameter groups. ``learning_rate``, ``weight_decay``,
             ``adam_beta1``/``adam_beta2`` (as ``betas``) and ``adam_epsilon`` (as ``eps``) apply where
@@ -282,8 +286,18 @@ class LowMemArguments:
         metadata={"help": "Step each parameter in its gradient hook and free the gradient at once (lowmem_optim only)."},
     )
 
+    #: Ranges of this config's fields that differ from :data:`lowmem.config.RANGES` (:func:`check_config_ranges`);
+    #: ``None``: the class checks the field itself (GVPO's ``beta > 0``).
+    FIELD_RANGES: ClassVar[dict[str, Any]] = {}
+
     def __post_init__(self) -> None:
+        """Checks, before any model loads: the optimizer fields (:func:`check_optimizer_fields`), the ranges of
+        every field that has one (:func:`check_config_ranges`, TRL's fields included, also without
+        ``lowmem_optim``), the optimizer name and its hyperparameters."""
         check_optimizer_fields(self)
+        check_config_ranges(self)
+        if self.lowmem_optim is not None:
+            self._resolve_lowmem_optim()
         self.lowmem_optim_args = parse_optim_args(self.lowmem_optim_args)
         if self.lowmem_layerwise and self.lowmem_optim is None:
             raise ValueError("lowmem_layerwise=True requires lowmem_optim")
@@ -306,8 +320,74 @@ class LowMemArguments:
             raise ValueError(_targets_refused(targets, self.lowmem_optim))
         optim = getattr(self, "optim", None)
         default = _TA_DEFAULTS.get("optim")
+        from lowmem.optim.recipes.lomo import FUSED_BACKWARD
+
+        if self.lowmem_optim in FUSED_BACKWARD and not self.lowmem_layerwise:  # the HF Trainer's optim='lomo' always fuses
+            logger.warning("lowmem_optim=%r without lowmem_layerwise=True is an ordinary optimizer: the backward pass keeps "
+                           "every gradient until the step (LOMO's saving needs lowmem_layerwise=True, or lowmem_optim=%r)",
+                           self.lowmem_optim, f"{self.lowmem_optim}_layerwise")
         if self.lowmem_optim is not None and optim is not None and getattr(optim, "value", optim) != default:
             logger.warning("lowmem_optim=%r replaces optim=%r, which is ignored", self.lowmem_optim, getattr(optim, "value", optim))
+
+
+    def _resolve_lowmem_optim(self) -> None:
+        """``lowmem_optim`` as a lowmem registry name: a Hugging Face ``optim`` name (``galore_adamw_8bit``,
+        ``adamw_torch_4bit``, ``paged_adamw_8bit``, ...) maps as in ``lowmem train``
+        (:data:`lowmem.train.HF_OPTIM_NAMES`), and ``<name>_layerwise`` also sets ``lowmem_layerwise``.
+
+        Raises:
+            ValueError: Neither a lowmem nor a mapped Hugging Face name (naming ``lowmem_optim`` and both sets of names).
+        """
+        from lowmem.train import resolve_optim_name
+
+        try:
+            name, layerwise = resolve_optim_name(self.lowmem_optim)
+        except ValueError as err:
+            text = str(err)
+            raise ValueError(f"{type(self).__name__}.lowmem_{text}" if text.startswith("optim=")
+                             else f"{type(self).__name__}.lowmem_optim: {text}") from None
+        if name != self.lowmem_optim or layerwise:
+            logger.info("lowmem_optim=%r is lowmem's %r%s", self.lowmem_optim, name,
+                        " with lowmem_layerwise=True" if layerwise else "")
+        self.lowmem_optim = name
+        self.lowmem_layerwise = self.lowmem_layerwise or layerwise
+
+
+def check_config_ranges(config: Any) -> None:
+    """Range-check the fields of a ``TrainingArguments`` / TRL config that have a range in
+    :data:`lowmem.config.RANGES` (or in the class's ``FIELD_RANGES``), as ``lowmem train`` checks a recipe:
+    TRL does not check them itself (a negative ``beta`` trains towards the rejected answers / away from the
+    reference, ``temperature <= 0`` or ``max_completion_length=0`` fail at generation, after the model loaded).
+    ``reward_weights`` must be finite numbers, and a field whose metadata lists its ``choices`` (SFT's
+    ``loss_type`` and ``packing_strategy``, ``truncation_mode``, ...) one of them. ``None`` (an unset optional
+    field) is not checked.
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) naming ``<Config>.<field>``, the value and the valid range.
+    """
+    from lowmem.config import RANGES, ConfigError, check_value
+
+    ranges = {**RANGES, **getattr(type(config), "FIELD_RANGES", {})}
+    ranges = {k: v for k, v in ranges.items() if v is not None}  # None: the class checks the field itself
+    where = f"{type(config).__name__}."
+    names = {f.name for f in dataclasses.fields(config)}
+    for name in sorted(names & set(ranges)):
+        value = getattr(config, name)
+        if value is None or isinstance(value, (list, tuple, dict)):
+            continue
+        check_value(name, value, float, where=where, ranges=ranges)
+    weights = getattr(config, "reward_weights", None) if "reward_weights" in names else None
+    if weights is not None:
+        check_value("reward_weights", list(weights), list[float], where=where)
+    for f in dataclasses.fields(config):  # TRL's fields that declare their values (SFT's packing_strategy, truncation_mode, ...)
+        choices = f.metadata.get("choices") if f.metadata else None
+        value = getattr(config, f.name, None)
+        if not choices or value is None or isinstance(value, enum.Enum):
+            continue
+        bad = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v not in choices]
+        if bad:
+            raise ConfigError(f"{where}{f.name}={value!r}: expected {'items ' if isinstance(value, (list, tuple)) else ''}"
+                              f"one of {list(choices)}")
 
 
 @dataclass
@@ -536,15 +616,23 @@ class OptimTargetModules:
     Trainer's own matching rules (``transformers.trainer_utils.check_target_module_exists``: a
     string is a regex matched against the full name; a list item matches by exact name, by
     substring, or as a regex), so a configuration written for the Trainer's GaLore selects the same
-    layers here (e.g. ``[r".*.attn.*", r".*.mlp.*"]`` or ``["attn", "mlp"]``)."""
+    layers here (e.g. ``[r".*.attn.*", r".*.mlp.*"]`` or ``["attn", "mlp"]``); ``"all-linear"`` selects every
+    projection layer (:attr:`all_linear`)."""
 
     def __init__(self, targets: str | list[str]):
         self.targets = targets
 
+    @property
+    def all_linear(self) -> bool:
+        """``"all-linear"`` (or ``"all_linear"``), the Trainer's name for every linear layer: here every projection
+        layer lowmem's default selects (the output head excluded, as peft's ``"all-linear"`` does; transformers'
+        own GaLore / APOLLO also project an untied ``lm_head``)."""
+        return isinstance(self.targets, str) and self.targets.replace("_", "-") == "all-linear"
+
     def __call__(self, module_name: str) -> bool:
         from transformers.trainer_utils import check_target_module_exists
 
-        return bool(check_target_module_exists(self.targets, module_name))
+        return self.all_linear or bool(check_target_module_exists(self.targets, module_name))
 
     def __repr__(self) -> str:
         return repr(self.targets)

@@ -30,7 +30,8 @@ from .hf import LowMemArguments, LowMemOptimizerMixin
 _FIELDS_DOC = """
     Parameters:
         lowmem_optim (`str` or `None`, *optional*, defaults to `None`):
-            Name of a registered lowmem optimizer (``lowmem list``), e.g. ``"adafactor"``. It replaces
+            Name of a registered lowmem optimizer (``lowmem list``), e.g. ``"adafactor"``, or a Hugging
+            Face ``optim`` name (``"galore_adamw_8bit"``, ``"paged_adamw_8bit"``, ``<name>_layerwise``). It replaces
             ``optim`` and is built with lowmem's parameter groups when training starts (after any
             ``peft_config`` adapter is created, so only trainable parameters are optimized).
             ``learning_rate``, ``weight_decay``, ``adam_beta1``/``adam_beta2`` (as ``betas``) and
@@ -98,6 +99,68 @@ def check_reference_reloadable(trainer: str, model: Any, alternatives: str) -> N
         )
 
 
+def dataset_columns(dataset: Any) -> list[str] | None:
+    """The column names of a ``datasets.Dataset`` / ``IterableDataset`` (its first row's keys when its
+    features are unknown); `None` for anything else (a torch dataset, ``None``)."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and hasattr(dataset, "features") and hasattr(dataset, "__iter__"):
+        first = next(iter(dataset), None)
+        columns = list(first) if isinstance(first, dict) else None
+    return list(columns) if columns is not None else None
+
+
+def check_preference_columns(dataset: Any, split: str) -> None:
+    """Refuse, before TRL maps it, a DPO dataset without ``chosen`` and ``rejected`` columns (TRL 1.16 fails
+    with a bare ``KeyError: 'chosen'`` while preparing it), naming the columns found, DPO's formats and, when
+    the columns are an SFT format (``text``, ``messages``, ``prompt`` + ``completion``) or a GRPO one
+    (``prompt``), the trainer that takes them. Vision datasets (an ``images`` / ``image`` column), which TRL
+    does not prepare, and datasets whose columns are unknown are left to TRL.
+
+    Raises:
+        ValueError: ``chosen`` or ``rejected`` missing.
+    """
+    columns = dataset_columns(dataset)
+    if columns is None or {"chosen", "rejected"} <= set(columns) or {"image", "images"} & set(columns):
+        return
+    from lowmem.data import FORMATS
+
+    hint = ""
+    for trainer, cls in (("sft", "LowMemSFTTrainer"), ("grpo", "LowMemGRPOTrainer / GVPOTrainer / BNPOTrainer")):
+        fits = [desc for _, cols, desc in FORMATS[trainer] if set(cols) <= set(columns)]
+        if fits:
+            hint = (f". These columns are {trainer.upper()} data ({fits[0]}): train them with {cls} "
+                    f"(lowmem train: trainer: {trainer}), or add 'chosen' and 'rejected' columns for DPO")
+            break
+    accepted = "; ".join(desc for _, _, desc in FORMATS["dpo"])
+    missing = [c for c in ("chosen", "rejected") if c not in columns]
+    raise ValueError(f"LowMemDPOTrainer: {split} columns {columns} lack {missing}; DPO trains on preference pairs: "
+                     f"{accepted}{hint}")
+
+
+def check_reward_signatures(reward_funcs: Any, train_dataset: Any) -> None:
+    """Check, before the model loads, that each reward function (a Python callable, not a reward model) takes
+    the keywords TRL's GRPO calls it with for ``train_dataset``'s columns
+    (:func:`lowmem.rewards.check_reward_signature`, what ``lowmem train`` checks): TRL 1.16 called it only
+    after the first generation, failing with ``TypeError: ... got an unexpected keyword argument
+    'completion_ids'`` (a function without ``**kwargs``) or ``missing ... argument 'answer'`` (a column
+    the dataset lacks). Nothing is checked when the columns are unknown.
+
+    Raises:
+        ValueError: Naming the function, what does not fit and the keywords it is called with.
+    """
+    from torch import nn
+
+    from lowmem.rewards import check_reward_signature
+
+    columns = dataset_columns(train_dataset)
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if columns is None:
+        return
+    for i, fn in enumerate(funcs):
+        if callable(fn) and not isinstance(fn, nn.Module):
+            check_reward_signature(fn, getattr(fn, "__name__", f"reward_funcs[{i}]"), columns)
+
+
 def _bound(trainer_cls: type, model: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return inspect.signature(trainer_cls.__init__).bind(None, model, *args, **kwargs).arguments
 
@@ -109,7 +172,9 @@ class LowMemSFTTrainer(LowMemOptimizerMixin, SFTTrainer):
 class LowMemDPOTrainer(LowMemOptimizerMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` building its optimizer from :class:`LowMemDPOConfig`.
 
-    A model instance built in memory (empty ``config._name_or_path``) needs ``ref_model``,
+    ``train_dataset`` / ``eval_dataset`` without ``chosen`` and ``rejected`` columns are refused naming the
+    trainer their columns fit (:func:`check_preference_columns`). A model instance built in memory (empty
+    ``config._name_or_path``) needs ``ref_model``,
     ``peft_config`` or ``precompute_ref_log_probs=True``: TRL reloads the reference by path
     (:func:`check_reference_reloadable`)."""
 
@@ -122,6 +187,10 @@ class LowMemDPOTrainer(LowMemOptimizerMixin, DPOTrainer):
                 "took a path). Load it (AutoModelForCausalLM.from_pretrained(path)), or leave ref_model unset: the "
                 "reference is then the initial policy, reloaded from its directory"
             )
+        for split in ("train_dataset", "eval_dataset"):
+            datasets = bound.get(split)
+            for key, data in (datasets.items() if isinstance(datasets, dict) else [(None, datasets)]):
+                check_preference_columns(data, split if key is None else f"{split}[{key!r}]")
         if (bound.get("ref_model") is None and bound.get("peft_config") is None
                 and not (config is not None and config.precompute_ref_log_probs)):
             check_reference_reloadable("DPO", model, "ref_model=<a copy of the model> (copy.deepcopy(model)), or "
@@ -141,6 +210,7 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
     def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
         bound = _bound(GRPOTrainer, model, args, kwargs)
         config = bound.get("args")
+        check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"))
         if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
             check_reference_reloadable(self._name, model, self._reference_alternative)
         super().__init__(model, *args, **kwargs)
