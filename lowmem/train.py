@@ -759,7 +759,51 @@ def _memory_args(recipe: TrainRecipe) -> dict[str, Any]:
 def _memory_callbacks(recipe: TrainRecipe) -> list[Any]:
     from lowmem.trainers.memory_callback import MemoryCallback
 
-    return [MemoryCallback(track_steps=2)] if recipe.track_memory else []
+    return ([MemoryCallback(track_steps=2)] if recipe.track_memory else []) + [_batched_weights_note(recipe.optim)]
+
+
+def untargeted_batched_weights(optimizer: torch.optim.Optimizer, model: nn.Module,
+                               target_key: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of the trainable weights of 3 or more dimensions (the fused experts of
+    Mixtral, Qwen2-MoE, Qwen3-MoE in transformers 5: ``experts.gate_up_proj`` ``[E, 2i, h]``,
+    ``experts.down_proj`` ``[E, h, i]``) that sit in a parameter group without ``target_key``
+    (``rank``, ``use_muon``, ...): the targeted recipes (GaLore, Fira, APOLLO, Muon, SinkGD,
+    SCALE, Subset-Norm, ...) project or normalize 2-D ``nn.Linear`` / ``Conv1D`` weights only, so
+    these train in the untargeted group, with AdamW's full-size state."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names.get(id(p), "?"), tuple(p.shape)) for g in opt.param_groups
+            if g.get(target_key) in (None, False) for p in g["params"] if p.dim() >= 3]
+
+
+def batched_weights_message(optim: str, target_key: str, found: list[tuple[str, tuple[int, ...]]], trainable: int) -> str:
+    """The note :func:`untargeted_batched_weights` gives a user (see there)."""
+    n = sum(torch.Size(s).numel() for _, s in found)
+    name, shape = found[0]
+    return (f"{optim} targets 2-D projection layers (nn.Linear / Conv1D; {target_key}) only: {len(found)} weights of 3 "
+            f"or more dimensions ({n:,} of {trainable:,} trainable parameters, {100 * n / max(trainable, 1):.0f}%; e.g. "
+            f"{name} {list(shape)}, fused MoE experts) train in its untargeted group with full-size AdamW state; "
+            "to save that memory, freeze them or train with lora: (peft adapts fused experts through target_parameters)")
+
+
+def _batched_weights_note(optim: str) -> Any:
+    from transformers import TrainerCallback
+
+    class BatchedWeightsNote(TrainerCallback):
+        """Warn once, when training starts, about :func:`untargeted_batched_weights`."""
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            key = get_entry(optim).target_key
+            if key is None or model is None or optimizer is None or not state.is_world_process_zero:
+                return
+            found = untargeted_batched_weights(optimizer, model, key)
+            if found:
+                from lowmem._warn import warn_user
+
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                warn_user(batched_weights_message(get_entry(optim).name, key, found, trainable))
+
+    return BatchedWeightsNote()
 
 
 def _memory_metrics(trainer: Any) -> dict[str, Any]:
@@ -1786,10 +1830,14 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
                       f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
     if metrics.get("effective_hparams"):
-        g = max(metrics["effective_hparams"], key=lambda g: g["num_params"])  # the largest group
+        groups, key = metrics["effective_hparams"], get_entry(recipe.optim).target_key
+        targeted = [g for g in groups if key is not None and g.get(key) not in (None, False)]
+        # the targeted group (where rank / use_muon ... apply), else the largest
+        g = max(targeted or groups, key=lambda g: g["num_params"])
         shown = {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "eps", "rank", "update_proj_gap")}
-        console.print("optimizer hyperparameters in effect (largest group): "
-                      + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        which = (f"targeted group, {g['num_params']:,} of {sum(h['num_params'] for h in groups):,} parameters"
+                 if targeted else "largest group")
+        console.print(f"optimizer hyperparameters in effect ({which}): " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if metrics.get("memory"):
         mem = metrics["memory"]
         console.print("peak memory (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))

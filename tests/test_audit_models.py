@@ -86,3 +86,29 @@ def test_load_converted_checkpoint_only_acts_on_another_layout(tmp_path, mixtral
     assert load_converted_checkpoint(moe, mixtral_dir) is True
     for k, v in moe.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+def test_targeted_recipe_names_the_batched_expert_weights_it_leaves_untargeted(tmp_path, mixtral_dir, chat_file):
+    """GaLore (and Muon, APOLLO, ...) project 2-D nn.Linear weights only: the fused 3-D experts, most of
+    a MoE model, trained with full-size AdamW state without a word, and the summary's hyperparameter
+    line showed the largest group, the experts', without the rank the user set."""
+    out = io.StringIO()
+    with pytest.warns(UserWarning, match=r"galore_adamw targets 2-D projection layers .* 2 weights of 3 or more "
+                                         r"dimensions \(12,288 of .*experts\.gate_up_proj \[4, 64, 32\]"):
+        run(TrainRecipe(model=mixtral_dir, dataset=chat_file, optim="galore_adamw", optim_args={"rank": 4}, lr=1e-2,
+                        steps=1, batch_size=4, track_memory=False, save_model=False, output_dir=str(tmp_path)),
+            console=Console(file=out, width=300))
+    assert "hyperparameters in effect (targeted group, 3,072 of " in out.getvalue() and "rank=4" in out.getvalue()
+
+
+def test_untargeted_batched_weights_reads_the_groups():
+    from lowmem.train import untargeted_batched_weights
+
+    model = torch.nn.Module()
+    model.lin = torch.nn.Linear(4, 4)
+    model.experts = torch.nn.Parameter(torch.zeros(2, 4, 4))
+    opt = torch.optim.SGD([{"params": [model.lin.weight], "rank": 2},
+                           {"params": [model.experts, model.lin.bias]}], lr=0.1)
+    assert untargeted_batched_weights(opt, model, "rank") == [("experts", (2, 4, 4))]
+    opt.param_groups[1]["rank"] = 2  # targeted: nothing to report
+    assert untargeted_batched_weights(opt, model, "rank") == []
