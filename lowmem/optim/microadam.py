@@ -31,16 +31,48 @@ from .moments import ChunkState, MomentRule, step_whole_from_piece_
 from .quantized import apply_updates_foreach_
 
 
+# The inductor's settings that keep eager's float32 arithmetic off the CPU (on it they change nothing: the C++
+# backend compiles with -ffp-contract=off and divides exactly): no fused multiply-add (Triton's
+# enable_fp_fusion, off under emulate_precision_casts: ``a.mul_(u).add_(lo)`` would round once instead of
+# twice), a correctly rounded division (Triton's ``/`` is div.full, approximate, without division_rounding)
+# and no flushing of subnormals to zero. The first GPU run's bf16 difference (169 of 60,000 weights one bf16
+# ulp apart, docs/benchmarks.md "First GPU run") came from such roundings moving a 4-bit error code or a
+# top-k choice; on the CPU the one difference was the quotient's sqrt (:func:`MA.direction_from_sums_`).
+EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+                  "eager_numerics.disable_ftz": True}
+
+
+def _compress_rows(g, error, lo, hi, top, block, k_block, k_last, quant_block_size):
+    """:func:`MA.compress_rows_` with the layout's numbers as arguments (symbolic under ``dynamic=True``: one
+    graph for every size of joined row, instead of a recompile per :class:`MA.TopKLayout`)."""
+    d = g.shape[1]
+    return MA.compress_rows_(g, error, lo, hi, MA.TopKLayout(d, block, d // block, k_block, k_last), quant_block_size, top)
+
+
+def _window_sums_rows(indices, values, w1, w2, d, block, k_block, k_last):
+    """:func:`MA.window_sums_rows` with the layout's numbers as arguments (as :func:`_compress_rows`)."""
+    return MA.window_sums_rows(indices, values, w1, w2, MA.TopKLayout(d, block, d // block, k_block, k_last))
+
+
 @lru_cache(maxsize=None)
 def _compiled(device_type: str):
-    """The fused path: the same pure functions under :func:`torch.compile`.
+    """The fused path: the row functions (a tensor alone is a group of one row) under :func:`torch.compile`
+    with :data:`EAGER_NUMERICS`, the quotient of line 12 left eager (:func:`MA.direction_from_sums_`).
 
-    On CPU they are compiled with symbolic shapes: with static shapes torch 2.13's C++ inductor
-    splits a loop over ``i // block_size`` without its remainder when a tensor's length is not a
-    multiple of the block (``try_loop_split``), leaving the last partial block unwritten.
+    Symbolic shapes (``dynamic=True``) on every device: the joined rows of the buckets have many sizes.
+    On CPU they are needed anyway: with static shapes torch 2.13's C++ inductor splits a loop over
+    ``i // block_size`` without its remainder when a tensor's length is not a multiple of the block
+    (``try_loop_split``), leaving the last partial block unwritten.
     """
-    dynamic = True if device_type == "cpu" else None
-    return torch.compile(MA.compress_, dynamic=dynamic), torch.compile(MA.window_direction, dynamic=dynamic)
+    return (torch.compile(_compress_rows, dynamic=True, options=EAGER_NUMERICS),
+            torch.compile(_window_sums_rows, dynamic=True, options=EAGER_NUMERICS))
+
+
+@lru_cache(maxsize=None)
+def _top(device: str) -> Tensor:
+    """15 (the 4-bit levels' top) as a 0-dim float32 tensor per device, the compiled path's divisor
+    (:func:`MA.minmax_levels`); read-only."""
+    return torch.tensor(15.0, dtype=torch.float32, device=device)
 
 
 def _stacked(xs: list[Tensor], dim: int = 0) -> Tensor:
@@ -230,19 +262,28 @@ class MicroAdamMoments(MomentRule):
         m, qbs = group["m"], group["quant_block_size"]
         beta1, beta2 = group["betas"]
         lay = state.extra["layout"] if isinstance(state, ChunkState) else self.layout(g.numel(), group)
-        compress, window = _compiled(g.device.type) if use_compiled(g.device, self.compile) else (MA.compress_, MA.window_direction)
-        idx, vals, codes, lo, hi = compress(
-            g.reshape(-1), state["microadam_error"], state["microadam_error_min"], state["microadam_error_max"], lay, qbs
-        )
+        compiled = use_compiled(g.device, self.compile)
+        err, e_lo, e_hi = state["microadam_error"], state["microadam_error_min"], state["microadam_error_max"]
+        if compiled:  # (the compiled row functions, one row)
+            idx, vals, codes, lo, hi = (x[0] for x in _compiled(g.device.type)[0](
+                g.reshape(1, -1), err.view(1, -1), e_lo.view(1, -1), e_hi.view(1, -1), _top(str(g.device)),
+                lay.block, lay.k_block, lay.k_last, qbs))
+        else:
+            idx, vals, codes, lo, hi = MA.compress_(g.reshape(-1), err, e_lo, e_hi, lay, qbs)
         row = (t - 1) % m
         state["microadam_indices"][row].copy_(idx)
         state["microadam_values"][row].copy_(vals)
-        state["microadam_error"].copy_(codes)
-        state["microadam_error_min"].copy_(lo)
-        state["microadam_error_max"].copy_(hi)
+        err.copy_(codes)
+        e_lo.copy_(lo)
+        e_hi.copy_(hi)
+        del idx, vals, codes, lo, hi
         w1 = MA.age_weights(t, m, beta1, g.device)
         w2 = MA.age_weights(t, m, beta2, g.device)
-        u = window(state["microadam_indices"], state["microadam_values"], w1, w2, group["eps"], lay)
+        if compiled:
+            sums = _compiled(g.device.type)[1](state["microadam_indices"].unsqueeze(0), state["microadam_values"].unsqueeze(0),
+                                               w1, w2, lay.d, lay.block, lay.k_block, lay.k_last)
+            return MA.direction_from_sums_(*sums, group["eps"]).view(g.shape)
+        u = MA.window_direction(state["microadam_indices"], state["microadam_values"], w1, w2, group["eps"], lay)
         return u.view(g.shape)
 
     # ---- the multi-tensor step (LowMemOptimizer's foreach buckets) ----
@@ -280,8 +321,9 @@ class MicroAdamMoments(MomentRule):
         :func:`~lowmem.optim.functional.microadam.compress_rows_` and
         :func:`~lowmem.optim.functional.microadam.window_direction_rows` once (the age weights once per
         bucket), the ring rows and error feedback written back by one ``torch._foreach_copy_``;
-        then the decay and update as multi-tensor ops. Where the compiled path is on (CUDA by default),
-        each tensor takes its compiled :meth:`direction`."""
+        then the decay and update as multi-tensor ops. Where the compiled path is on (CUDA by default), each
+        group goes through the same row functions compiled (:func:`_compiled`: one call of each per group, the
+        group's gradients joined before the call) and the quotient of line 12 eager, the same bits."""
         t = int(t)
         m, qbs, eps = group["m"], group["quant_block_size"], group["eps"]
         beta1, beta2 = group["betas"]
@@ -292,9 +334,6 @@ class MicroAdamMoments(MomentRule):
                     step_whole_from_piece_(self, p, g, st, group, t, lr, self.foreach_decays_after)
                 continue
             ps.append(p)
-            if use_compiled(g.device, self.compile):
-                ds.append(self.direction(g, st, group, t, lr))
-                continue
             ds.append(None)
             rows.setdefault((self.joint_key(self.layout(g.numel(), group), qbs), g.device), []).append((len(ps) - 1, g, st))
         weights = {}
@@ -307,9 +346,17 @@ class MicroAdamMoments(MomentRule):
             else:  # whole blocks: the tensors one after another in one row
                 sizes = [g.numel() for _, g, _ in items]
                 lay, join = MA.joint_layout(sizes, key[1], key[2]), _one_row
-            idx, vals, codes, lo, hi = MA.compress_rows_(
-                lambda: join([g.reshape(-1) for _, g, _ in items]), join([s["microadam_error"] for s in ss]),
-                join([s["microadam_error_min"] for s in ss]), join([s["microadam_error_max"] for s in ss]), lay, qbs)
+            compiled = use_compiled(device, self.compile)
+            errors = (join([s["microadam_error"] for s in ss]), join([s["microadam_error_min"] for s in ss]),
+                      join([s["microadam_error_max"] for s in ss]))
+            if compiled:  # (the joined gradients made here: a compiled function takes tensors)
+                idx, vals, codes, lo, hi = _compiled(device.type)[0](
+                    join([g.reshape(-1) for _, g, _ in items]), *errors, _top(str(device)),
+                    lay.block, lay.k_block, lay.k_last, qbs)
+            else:
+                idx, vals, codes, lo, hi = MA.compress_rows_(lambda: join([g.reshape(-1) for _, g, _ in items]),
+                                                             *errors, lay, qbs)
+            del errors
             if sizes is not None:  # (each tensor's part of the row: views)
                 ks, nq = [n // lay.block * lay.k_block for n in sizes], [n // qbs for n in sizes]
                 idx, vals = idx[0].split(ks), vals[0].split(ks)
@@ -319,8 +366,15 @@ class MicroAdamMoments(MomentRule):
                    + [s[k] for k in ("microadam_error", "microadam_error_min", "microadam_error_max") for s in ss])
             torch._foreach_copy_(dst, [*idx, *vals, *codes, *lo, *hi])
             del idx, vals, codes, lo, hi
-            u = MA.window_direction_rows(join([s["microadam_indices"] for s in ss], 1),
-                                         join([s["microadam_values"] for s in ss], 1), *weights[device], eps, lay)
+            ring = join([s["microadam_indices"] for s in ss], 1), join([s["microadam_values"] for s in ss], 1)
+            if compiled:
+                sums = _compiled(device.type)[1](*ring, *weights[device], lay.d, lay.block, lay.k_block, lay.k_last)
+                del ring
+                u = MA.direction_from_sums_(*sums, eps).view(-1, lay.d)
+                del sums
+            else:
+                u = MA.window_direction_rows(*ring, *weights[device], eps, lay)
+                del ring
             for (i, g, _), row_u in zip(items, u if sizes is None else u[0].split(sizes)):
                 ds[i] = row_u.view(g.shape)
             del u

@@ -141,13 +141,28 @@ def window_direction(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, ep
     ``w1``/``w2`` come from :func:`age_weights` (bias corrections folded in). Entries no row
     selected get 0.
     """
+    return direction_from_sums_(*window_sums(indices, values, w1, w2, layout), eps)
+
+
+def window_sums(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, layout: TopKLayout) -> tuple[Tensor, Tensor]:
+    """Lines 10-11: the two weighted sums ``m_hat``, ``v_hat`` (flat float32, bias corrections in ``w1`` /
+    ``w2``) of :func:`window_direction`, each position's entries added in ring-row order."""
     flat = global_indices(indices, layout).reshape(-1)
     vals = values.to(torch.float32, copy=True)  # (squared in place below: never the state's own values)
     m_acc = torch.zeros(layout.d, dtype=torch.float32, device=values.device)
     v_acc = torch.zeros_like(m_acc)
     m_acc.index_add_(0, flat, (vals * w1.unsqueeze(1)).reshape(-1))
     v_acc.index_add_(0, flat, vals.square_().mul_(w2.unsqueeze(1)).reshape(-1))
-    return m_acc.div_(v_acc.sqrt_().add_(eps))  # in place: no d-sized temporaries beyond the two sums
+    return m_acc, v_acc
+
+
+def direction_from_sums_(m_acc: Tensor, v_acc: Tensor, eps: float) -> Tensor:
+    """Line 12, ``m_hat / (eps + sqrt(v_hat))``, in place in ``m_acc`` (``v_acc`` overwritten): no temporaries.
+
+    Kept out of :func:`torch.compile` (``lowmem.optim.microadam._compiled``): the CPU's eager ``sqrt`` of
+    float32 is not always correctly rounded (torch 2.13, AVX-512: 0.7% of random inputs one ulp off), the
+    inductor's is, so a compiled quotient would differ from the plain one by an ulp here and there."""
+    return m_acc.div_(v_acc.sqrt_().add_(eps))
 
 
 # ---- several tensors of one layout at once (the multi-tensor step) ---------------------------
@@ -174,21 +189,33 @@ def _padded_rows(x: Tensor, width: int, value: float = 0.0) -> Tensor:
     return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def quantize_minmax_4bit_rows(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def minmax_levels(blocks: Tensor, lo: Tensor, hi: Tensor, top: Tensor | float = 15.0) -> Tensor:
+    """:func:`~lowmem.optim.functional.quant.minmax_levels` (``q = round((x - delta) / u)``, ``u = (Delta -
+    delta) / 15``, clamped to ``[0, 15]``, 0 where ``u = 0``) with the 15 given as ``top``: the compiled path
+    passes it as a 0-dim tensor, because off the CPU the inductor turns a division by a constant into a
+    multiplication by its reciprocal (``torch._inductor.lowering.div_prim``), which rounds ``u`` differently
+    (the same bits as ``15.0`` in eager: both a true float32 division)."""
+    unit = ((hi - lo) / top).unsqueeze(1)
+    q = (blocks - lo.unsqueeze(1)).div_(unit.clamp(min=torch.finfo(torch.float32).tiny))
+    return q.add_(0.5).floor_().clamp_(0, 15).masked_fill_(~(unit > 0), 0.0)
+
+
+def quantize_minmax_4bit_rows(x: Tensor, block_size: int, top: Tensor | float = 15.0) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`~lowmem.optim.functional.quant.quantize_minmax_4bit` of every row of ``x [T, d]``: returns
-    ``(packed uint8 [T, ceil(d / 2)], delta float32 [T, nb], Delta float32 [T, nb])``, ``nb = ceil(d / B)``."""
+    ``(packed uint8 [T, ceil(d / 2)], delta float32 [T, nb], Delta float32 [T, nb])``, ``nb = ceil(d / B)``
+    (``top``: :func:`minmax_levels`)."""
     rows, d = x.shape
     nb = -(-d // block_size)
     width = nb * block_size
     lo = _padded_rows(x, width, math.inf).reshape(-1, block_size).amin(dim=1)
     hi = _padded_rows(x, width, -math.inf).reshape(-1, block_size).amax(dim=1)
-    q = Q.minmax_levels(_padded_rows(x, width).reshape(-1, block_size), lo, hi).view(rows, width)
+    q = minmax_levels(_padded_rows(x, width).reshape(-1, block_size), lo, hi, top).view(rows, width)
     q = _padded_rows(q[:, :d], d + d % 2)  # a zero code after an odd row, as pack_4bit pads a tensor
     return Q.pack_4bit(q).view(rows, -1), lo.view(rows, nb), hi.view(rows, nb)
 
 
 def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: TopKLayout,
-                   quant_block_size: int):
+                   quant_block_size: int, top: Tensor | float = 15.0):
     """:func:`compress_` (lines 4-8) of ``T`` tensors of one ``layout`` stacked as rows: ``g [T, d]``
     float32, ``error [T, ceil(d / 2)]``, ``err_lo`` / ``err_hi [T, nb]``. Returns ``(indices int16
     [T, k], values bf16 [T, k], codes, min, max)``, each row equal to :func:`compress_` of its tensor.
@@ -205,7 +232,7 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
                                  error.numel() * 2).view(rows, -1)[:, :d]
     a = _padded_rows(levels, width).reshape(-1, b)  # (the lookup's new tensor, or a padded / reshaped copy)
     del levels
-    unit = (err_hi - err_lo).reshape(-1) / 15.0
+    unit = (err_hi - err_lo).reshape(-1) / top  # (top: 15, :func:`minmax_levels`)
     a = a.mul_(unit.unsqueeze(1)).add_(err_lo.reshape(-1).unsqueeze(1)).add_(_padded_rows(g, width).reshape(-1, b))
     del g
     a = a.view(rows, width)[:, :d]
@@ -219,7 +246,7 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
     del idx
     values = a.gather(1, flat).to(torch.bfloat16)
     a.scatter_(1, flat, 0.0)  # (in place, as compress_)
-    codes, lo, hi = quantize_minmax_4bit_rows(a, b)
+    codes, lo, hi = quantize_minmax_4bit_rows(a, b, top)
     return local, values, codes, lo, hi
 
 
@@ -227,6 +254,12 @@ def window_direction_rows(indices: Tensor, values: Tensor, w1: Tensor, w2: Tenso
                           layout: TopKLayout) -> Tensor:
     """:func:`window_direction` (lines 10-12) of ``T`` tensors of one ``layout``: ``indices`` /
     ``values [T, m, k]``; returns ``[T, d]`` float32, each row equal to its tensor's direction."""
+    return direction_from_sums_(*window_sums_rows(indices, values, w1, w2, layout), eps).view(indices.shape[0], layout.d)
+
+
+def window_sums_rows(indices: Tensor, values: Tensor, w1: Tensor, w2: Tensor, layout: TopKLayout) -> tuple[Tensor, Tensor]:
+    """:func:`window_sums` of ``T`` tensors of one ``layout`` (``indices`` / ``values [T, m, k]``): flat
+    ``[T d]`` float32 sums, row ``i``'s at ``i d`` (what the compiled path compiles, lines 10-11)."""
     rows = indices.shape[0]
     flat = global_indices(indices, layout)  # (a new int64 tensor: each row's start added in place)
     if rows > 1:  # (one row, e.g. tensors of whole blocks joined: every start is 0)
@@ -237,4 +270,4 @@ def window_direction_rows(indices: Tensor, values: Tensor, w1: Tensor, w2: Tenso
     v_acc = torch.zeros_like(m_acc)
     m_acc.index_add_(0, flat, (vals * w1.view(1, -1, 1)).reshape(-1))
     v_acc.index_add_(0, flat, vals.square_().mul_(w2.view(1, -1, 1)).reshape(-1))
-    return m_acc.div_(v_acc.sqrt_().add_(eps)).view(rows, layout.d)
+    return m_acc, v_acc
