@@ -432,7 +432,7 @@ def resolve_optim_name(name: str) -> tuple[str, bool]:
         return HF_OPTIM_NAMES[base], layerwise
     import difflib
 
-    close = difflib.get_close_matches(base, [*lowmem_names, *HF_OPTIM_NAMES], n=3)
+    close = difflib.get_close_matches(base, list(dict.fromkeys([*lowmem_names, *HF_OPTIM_NAMES])), n=3)  # galore_adamw is both
     raise ConfigError(
         f"optim={name!r} is neither a lowmem optimizer nor a Hugging Face optimizer name lowmem maps"
         + (f"; did you mean {close}?" if close else "") + f" lowmem: {lowmem_names}; Hugging Face: "

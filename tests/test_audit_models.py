@@ -112,3 +112,12 @@ def test_untargeted_batched_weights_reads_the_groups():
     assert untargeted_batched_weights(opt, model, "rank") == [("experts", (2, 4, 4))]
     opt.param_groups[1]["rank"] = 2  # targeted: nothing to report
     assert untargeted_batched_weights(opt, model, "rank") == []
+
+
+def test_unknown_optim_suggests_each_name_once():
+    """'galore' suggested ['galore_adamw', 'galore_adamw']: the name is both lowmem's and a Hugging Face one."""
+    from lowmem.config import ConfigError
+    from lowmem.train import resolve_optim_name
+
+    with pytest.raises(ConfigError, match=r"did you mean \['galore_adamw'\]\? lowmem: "):
+        resolve_optim_name("galore")
