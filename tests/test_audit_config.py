@@ -221,3 +221,17 @@ def test_a_users_reward_function_with_its_columns_is_accepted(tiny_model_path, t
     data = Dataset.from_list([{"prompt": "1+2=", "answer": "3", "solution": "3"}] * 4)
     trainer = LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=[_fine, _needs_solution], args=args, train_dataset=data)
     assert [f.__name__ for f in trainer.reward_funcs] == ["_fine", "_needs_solution"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"reward_range": "0,1"}, r"BNPOConfig\.reward_range='0,1': expected a pair \[low, high\] of numbers, or a list of such pairs"),
+    ({"reward_range": [True, 1]}, r"BNPOConfig\.reward_range=\[True, 1\]: expected a pair"),
+    ({"reward_weights": [1.0, 2.0]}, r"BNPOConfig\.reward_weights=\[1\.0, 2\.0\]: BNPO averages one advantage per reward "
+                                     r"function with equal weight"),
+])
+def test_bnpo_config_refuses_what_its_trainer_would(fields, message, tmp_path):
+    """Before: the string was read as 3 pairs ('one pair per reward function (3)'), unequal weights passed the config."""
+    with pytest.raises(ValueError, match=message):
+        BNPOConfig(str(tmp_path), per_device_train_batch_size=4, num_generations=4, bf16=False, **fields, **COMMON)
+    BNPOConfig(str(tmp_path), per_device_train_batch_size=4, num_generations=4, bf16=False, reward_weights=[0.5, 0.5],
+               reward_range=[[0, 1], [-1, 1]], **COMMON)

@@ -284,7 +284,7 @@ def test_lowmem_train_dpo_says_how_many_pairs_its_margin_is_measured_on(own_mode
 
 @pytest.mark.parametrize("fields, error", [
     ({"config": "grpo"}, "BNPOTrainer needs args=BNPOConfig"),
-    ({"reward_weights": [1.0, 2.0]}, r"equal weight; got reward_weights=\[1.0, 2.0\]"),
+    ({"reward_weights_after": [1.0, 2.0]}, r"equal weight; got reward_weights=\[1.0, 2.0\]"),  # BNPOConfig refuses it too
     ({"reward_range": [[0, 1], [0, 1], [0, 1]]}, "one pair per reward function \\(2\\)"),
 ])
 def test_bnpo_trainer_checks_its_config_before_loading_the_model(fields, error, tmp_path):
@@ -293,7 +293,10 @@ def test_bnpo_trainer_checks_its_config_before_loading_the_model(fields, error, 
 
     fields = dict(fields)
     cls = LowMemGRPOConfig if fields.pop("config", None) == "grpo" else BNPOConfig
+    after = fields.pop("reward_weights_after", None)
     args = cls(output_dir=str(tmp_path), **RL, **fields)
+    if after is not None:  # set after the config's own check
+        args.reward_weights = after
     with pytest.raises((TypeError, ValueError), match=error):
         BNPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=[has_digit, has_digit], args=args)
 

@@ -192,11 +192,21 @@ class BNPOConfig(LowMemGRPOConfig):
                                   "and their mean")
         if isinstance(self.reward_range, tuple):
             self.reward_range = list(self.reward_range)
-        _ranges(self.reward_range, 1 if _is_pair(self.reward_range) else len(self.reward_range))
+        value = self.reward_range
+        if not (_is_pair(value) or (isinstance(value, list) and value and all(_is_pair(r) for r in value))):
+            # before: a string ('0,1') was read as a list of 3 "pairs" ("one pair per reward function (3)")
+            raise ValueError(f"BNPOConfig.reward_range={value!r}: expected a pair [low, high] of numbers, or a list of such "
+                             "pairs, one per reward function")
+        _ranges(value, 1 if _is_pair(value) else len(value))
+        if self.reward_weights is not None and len(set(map(float, self.reward_weights))) > 1:  # also in BNPOTrainer
+            raise ValueError(f"BNPOConfig.reward_weights={list(self.reward_weights)}: BNPO averages one advantage per reward "
+                             "function with equal weight (the authors' advantage decomposition); give equal weights or leave "
+                             "reward_weights unset")
 
 
 def _is_pair(value: Any) -> bool:
-    return isinstance(value, Sequence) and len(value) == 2 and all(isinstance(x, (int, float)) for x in value)
+    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
 
 
 class BNPOTrainer(LowMemGRPOTrainer):
