@@ -112,7 +112,8 @@ class TrainRecipe:
         optim_args (`dict`, `str` or `None`, defaults to `{}`):
             Extra hyperparameters of ``optim``: mapping, JSON object or ``"k=v,k=v"``
             (``--optim-args``); `None` is none (the ``TrainingArguments`` default, as a saved
-            ``training_args.json`` writes it). They win over ``lr`` and ``weight_decay``.
+            ``training_args.json`` writes it). They win over ``lr`` and ``weight_decay`` (an ``lr`` that differs from
+            ``lr``: a warning naming both).
         lr (`float` or `None`, defaults to `None`):
             Learning rate (``--lr``); the Trainer's scheduler drives it. Required with a ``model`` of
             your own (a :class:`ConfigError` otherwise, unless ``optim_args`` sets ``lr``): no value
@@ -308,7 +309,14 @@ DEMO_LR = 1e-2
 def _resolve_lr(recipe: TrainRecipe) -> None:
     """``lr`` unset: the demo's :data:`DEMO_LR` on the embedded tiny model, ``optim_args``' ``lr``
     when it sets one, else a :class:`ConfigError` for a user's model (no default fits a pretrained
-    model and every optimizer; the demo's would diverge)."""
+    model and every optimizer; the demo's would diverge). ``lr`` and a different ``optim_args``' ``lr``
+    together: a warning that the latter trains (``optim_args`` win), since one of the two is dropped."""
+    given = recipe.optim_args.get("lr") if isinstance(recipe.optim_args, dict) else None
+    if recipe.lr is not None and given is not None and float(given) != float(recipe.lr):
+        from lowmem._warn import warn_user
+
+        warn_user(f"lr={recipe.lr:g} and optim_args.lr={float(given):g} both set the learning rate: optim_args' "
+                  f"{float(given):g} trains (optim_args win over lr and weight_decay); give one of them")
     if recipe.lr is not None:
         return
     if isinstance(recipe.optim_args, dict) and recipe.optim_args.get("lr") is not None:

@@ -121,3 +121,18 @@ def test_unknown_optim_suggests_each_name_once():
 
     with pytest.raises(ConfigError, match=r"did you mean \['galore_adamw'\]\? lowmem: "):
         resolve_optim_name("galore")
+
+
+def test_lr_and_a_different_optim_args_lr_warn_which_trains(own_model_dir):
+    """--lr 1e-3 --optim-args lr=5e-4 trained at 5e-4 without a word (optim_args win, as documented)."""
+    from lowmem.train import load_recipe
+
+    with pytest.warns(UserWarning, match=r"lr=0.001 and optim_args.lr=0.0005 both set the learning rate: optim_args' "
+                                         r"0.0005 trains"):
+        recipe = load_recipe(None, model=own_model_dir, optim="adamw", lr=1e-3, optim_args="lr=5e-4")
+    assert recipe.optim_args["lr"] == 5e-4
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_recipe(None, model=own_model_dir, optim="adamw", lr=5e-4, optim_args="lr=5e-4")  # the same value: quiet
