@@ -40,10 +40,14 @@ def _recording(orig, calls):
     return wrapped
 
 
-def _run(shapes, hp, foreach, chunk_numel, steps=6, reload_at=3):
+def _run(shapes, hp, foreach, chunk_numel, steps=6, reload_at=3, compile="auto"):
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     opt = create_optimizer(ps, "microadam", foreach=foreach, **hp)
+    if compile != "auto":
+        from lowmem.optim.microadam import MicroAdamMoments
+
+        opt.recipe = type(opt.recipe)(**{**opt.recipe.__dict__, "moment": MicroAdamMoments(compile=compile)})
     opt.chunk_numel = chunk_numel
     for i in range(steps):  # more steps than the ring's rows
         for p in ps:
@@ -172,3 +176,46 @@ def test_per_tensor_compress_makes_no_index_copies():
     lo = hi = torch.zeros(4, device="meta")
     ops = _ops(lambda: MA.compress_(g, err, lo, hi, lay, 2048))
     assert ops.count("cat") == 0 and ops.count("_to_copy") == 4, ops
+
+
+@pytest.mark.slow  # (compiling the row functions: 1-3 minutes cold on the loaded 2-core machine)
+@pytest.mark.skipif(__import__("shutil").which("g++") is None and __import__("shutil").which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("config", ["small blocks", "wd, qbs over topk"])
+def test_compiled_joint_rows_equal_the_per_parameter_step_without_recompiling(config, monkeypatch):
+    """The compiled path (CUDA's default; ``compile="always"`` on CPU here) takes the same groups as the eager
+    one (``joint_key``): one compiled compression and one compiled window call per group and step, weights and
+    state equal to the plain per-parameter step bit for bit; a bucket whose joined row has other sizes
+    reuses the compiled graphs (the layout's numbers are symbolic arguments)."""
+    from torch._dynamo.utils import counters
+
+    import lowmem.optim.microadam as M
+
+    calls, real = [0, 0], M._compiled
+
+    def counting(device_type):
+        fns = real(device_type)
+
+        def wrap(i):
+            def call(*a):
+                calls[i] += 1
+                return fns[i](*a)
+            return call
+        return wrap(0), wrap(1)
+    monkeypatch.setattr(M, "_compiled", counting)
+    shapes, hp = CONFIGS[config]
+    ref, ref_opt = _run(shapes, hp, False, None)
+    got, got_opt = _run(shapes, hp, None, None, compile="always")
+    groups = {M.MicroAdamMoments.joint_key(MA.topk_layout(torch.Size(s).numel(), hp["topk_block_size"], hp["k_init"]),
+                                           hp["quant_block_size"]) for s in shapes}
+    assert calls == [6 * len(groups)] * 2, (calls, groups)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), (config, tuple(a.shape), (a - b).abs().max().item())
+        for k in ref_opt.state[a]:
+            assert torch.equal(ref_opt.state[a][k], got_opt.state[b][k]), (config, tuple(a.shape), k)
+    graphs = counters["stats"]["unique_graphs"]
+    wider = [(s[0], 2 * s[1]) if len(s) == 2 else s for s in shapes]  # (the joined row: other sizes)
+    ref, _ = _run(wider, hp, False, None, steps=2, reload_at=-1)
+    got, _ = _run(wider, hp, None, None, steps=2, reload_at=-1, compile="always")
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert counters["stats"]["unique_graphs"] == graphs  # (no recompilation)
