@@ -1495,12 +1495,23 @@ def load_converted_checkpoint(model: nn.Module, checkpoint: str | Path) -> bool:
         ValueError: The checkpoint's weights do not convert to exactly the model's.
     """
     names = checkpoint_weight_names(checkpoint)
-    own = set(model.state_dict())
-    if names is None or names <= own:  # tied weights are saved once: a subset is the plain layout
+    if names is None:
+        return False
+    config = Path(checkpoint) / "config.json"
+    saved_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    own_type = getattr(getattr(model, "config", None), "model_type", None)
+    if saved_type is not None and own_type is not None and saved_type != own_type:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} holds a {saved_type} model ({config}), but this run trains a "
+                         f"{own_type} model ({type(model).__name__}): resume with the model that wrote it")
+    if names <= set(model.state_dict()):  # tied weights are saved once: a subset is the plain layout
         return False
     dtype = next(model.parameters()).dtype
-    loaded, info = type(model).from_pretrained(str(checkpoint), dtype=dtype, local_files_only=True,
-                                               output_loading_info=True)
+    try:
+        loaded, info = type(model).from_pretrained(str(checkpoint), dtype=dtype, local_files_only=True,
+                                                   output_loading_info=True)
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes of another configuration
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: its weights do not load into {type(model).__name__}: "
+                         + " ".join(str(err).split())[:300]) from err
     bad = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ValueError(f"checkpoint {str(checkpoint)!r}: its weights do not load into {type(model).__name__} "
@@ -1519,7 +1530,13 @@ def _load_converted_checkpoints(trainer: Any) -> None:
     def load(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = model if model is not None else trainer.model
         if not load_converted_checkpoint(getattr(target, "module", target), resume_from_checkpoint):
-            own_load(resume_from_checkpoint, model)
+            try:
+                own_load(resume_from_checkpoint, model)
+            except RuntimeError as err:  # load_state_dict's shape check: a checkpoint of another size
+                if "size mismatch" not in str(err):
+                    raise
+                raise ValueError(f"checkpoint {resume_from_checkpoint!r} does not fit the model: "
+                                 + " ".join(str(err).split())[:300]) from err
 
     trainer._load_from_checkpoint = load
 

@@ -78,6 +78,10 @@ def test_load_converted_checkpoint_only_acts_on_another_layout(tmp_path, mixtral
 
     llama = AutoModelForCausalLM.from_pretrained(own_model_dir)
     assert load_converted_checkpoint(llama, own_model_dir) is False  # same names: the Trainer's own load
+    # a checkpoint of another architecture: one error naming both (was a RuntimeError traceback, or a silent
+    # partial load where names and shapes happen to match)
+    with pytest.raises(ValueError, match=r"holds a mixtral model .* this run trains a llama model"):
+        load_converted_checkpoint(llama, mixtral_dir)
     moe = AutoModelForCausalLM.from_pretrained(mixtral_dir)
     saved = {k: v.clone() for k, v in moe.state_dict().items()}
     with torch.no_grad():
@@ -136,3 +140,21 @@ def test_lr_and_a_different_optim_args_lr_warn_which_trains(own_model_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_recipe(None, model=own_model_dir, optim="adamw", lr=5e-4, optim_args="lr=5e-4")  # the same value: quiet
+
+
+def test_a_checkpoint_of_another_size_is_one_error(own_model_dir):
+    """The Trainer's own load of a checkpoint whose shapes differ raised load_state_dict's RuntimeError
+    (a traceback from `lowmem train`); it is a ValueError (one line, exit 2) naming the checkpoint."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.train import _load_converted_checkpoints
+
+    def trainer_load(path, model=None):
+        raise RuntimeError("Error(s) in loading state_dict:\n\tsize mismatch for lm_head.weight: [73, 64] vs [73, 32]")
+
+    trainer = SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(own_model_dir), _load_from_checkpoint=trainer_load)
+    _load_converted_checkpoints(trainer)
+    with pytest.raises(ValueError, match=r"checkpoint '.*' does not fit the model: Error\(s\) in loading state_dict: size mismatch"):
+        trainer._load_from_checkpoint(own_model_dir)
