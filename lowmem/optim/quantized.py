@@ -324,14 +324,15 @@ class Quantized(MomentRule):
     def foreach_direction_transient_bytes(self, numel):
         """Every listed moment of the bucket decoded (4 B each per element), the codec's workspace of
         one call for the whole bucket (:func:`codec_bytes`) and the inner rule's: a bound (22 B per element
-        on 8-bit AdamW moments for 18 allocated; :meth:`foreach_direction_bucket_transient_bytes` counts a
-        bucket of 8-bit blockwise moments exactly)."""
+        on 8-bit AdamW moments for 18 allocated, 29 on 4-bit for 25; :meth:`foreach_direction_bucket_transient_bytes`
+        counts a bucket of 8-bit blockwise moments exactly, and of 4-bit ones on the CPU)."""
         four = any(s.bits == 4 for s in self.specs.values())
         return 4 * len(self.specs) * numel + codec_bytes(numel, four, False) + self.inner.foreach_direction_transient_bytes(numel)
 
     def foreach_direction_bucket_transient_bytes(self, members):
         """What :meth:`foreach_direction` allocates for a bucket of ``(shape, state)`` members whose quantized
-        moments are all 8-bit blockwise (otherwise :meth:`foreach_direction_transient_bytes`, a bound), in its
+        moments are all 8-bit blockwise, or all 4-bit (blockwise or rank-1) on the CPU
+        (:meth:`_four_bit_bucket_bytes`); otherwise :meth:`foreach_direction_transient_bytes`, a bound. 8-bit, in its
         phases (:meth:`_decoded_many`): the decoded moments (4 B per quantized element and moment) are alive
         throughout; next to them the inner rule's multi-tensor direction
         (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction_bucket_transient_bytes`), then, beside the
@@ -342,6 +343,8 @@ class Quantized(MomentRule):
         (:func:`~lowmem.optim.functional.quant.table_workspace_bytes` of ``n_k`` values in whole blocks:
         ``TABLE_PIECE_BYTES min(TABLE_PIECE, n_k)``; on CUDA bitsandbytes' kernel needs none, a bound there)."""
         quantized = [(shape, st, k) for shape, st in members for k in self.specs if is_quantized(st, k)]
+        if quantized and all(self.specs[k].bits == 4 and st[k].device.type == "cpu" for _, st, k in quantized):
+            return self._four_bit_bucket_bytes(members)
         if any(self.specs[k].bits != 8 or is_rank1(st, k) for _, st, k in quantized):
             return self.foreach_direction_transient_bytes(sum(math.prod(shape) for shape, _ in members))
         total = sum(math.prod(shape) for shape, _ in members)
@@ -376,6 +379,68 @@ class Quantized(MomentRule):
         inner = self.inner.foreach_direction_bucket_transient_bytes(
             [(shape, {k: v for k, v in st.items() if not is_quantized(st, k)}) for shape, st in members])
         return decoded + max(inner, 4 * total + max(alone, encode))
+
+    def _four_bit_bucket_bytes(self, members) -> int:
+        """:meth:`foreach_direction_bucket_transient_bytes` of a bucket whose quantized moments are all 4-bit
+        (blockwise or rank-1) on the CPU: :meth:`_decoded_many`'s calls walked in its order on a ledger of
+        what each allocates and frees (:class:`_Ledger`; the codecs' CPU forms, ``Q.launch_bound`` false):
+        the decodes (members alone: a partial last block or an odd / batched rank-1 matrix; each moment's
+        whole-block members together; rank-1 matrices of one shape stacked), the inner rule's multi-tensor
+        direction next to the decoded moments, then, beside them and the returned directions (``4 N``), the
+        encodes (the members alone written back in turn; each moment's whole-block codes and absmax, and each
+        stack's codes and maxima, kept for the one ``torch._foreach_copy_``)."""
+        led = _Ledger()
+        alone, batched, stacked = [], {}, {}
+        block = _bucket_block_size([(math.prod(shape), st[k + "_absmax"].numel()) for shape, st in members
+                                    for k in self.specs if is_quantized(st, k) and not is_rank1(st, k)])
+        for i, (shape, st) in enumerate(members):
+            shape = torch.Size(shape)
+            for k in self.specs:
+                if not is_quantized(st, k):
+                    continue
+                n = shape.numel()
+                if is_rank1(st, k) and len(shape) == 2 and n % 2 == 0:
+                    stacked.setdefault((k, shape), []).append(i)
+                    continue
+                if not is_rank1(st, k):
+                    nb, b = st[k + "_absmax"].numel(), block
+                    if n % b == 0:
+                        batched.setdefault(k, []).append((n, nb))
+                        continue
+                    led.keep(_dequantize_4bit_bytes(led, n, nb, b))
+                    alone.append((k, n, nb, b, None))
+                else:
+                    led.keep(_dequantize_rank1_bytes(led, n))
+                    alone.append((k, n, 0, 0, shape))
+        for k, parts in batched.items():
+            n, nb = sum(x for x, _ in parts), sum(y for _, y in parts)
+            cats = led.alloc((n // 2 + 4 * nb) if len(parts) > 1 else 0)  # (the codes' and absmax' torch.cat)
+            led.keep(_dequantize_4bit_bytes(led, n, nb, n // nb))
+            led.free(cats)
+        for (k, shape), idx in stacked.items():
+            n, rows = len(idx) * shape.numel(), len(idx) * shape[0]
+            cats = led.alloc(n // 2 + 4 * rows + 4 * len(idx) * shape[1])  # (torch.cat of codes, torch.stack of maxima)
+            led.keep(_dequantize_rank1_bytes(led, n))
+            led.free(cats)
+        total = sum(math.prod(shape) for shape, _ in members)
+        inner = self.inner.foreach_direction_bucket_transient_bytes(
+            [(shape, {k: v for k, v in st.items() if not is_quantized(st, k)}) for shape, st in members])
+        led.peak = max(led.peak, led.live + inner)
+        led.keep(led.alloc(4 * total))  # (the directions)
+        for k, n, nb, b, shape in alone:
+            if shape is None:
+                _quantize_4bit_bytes(led, n, nb, b, self.specs[k].code, out=True)
+            else:
+                # (rank1_maxima: a maximum per row over the last dimension, per column over the one before)
+                led.free(_quantize_rank1_bytes(led, n, n // shape[-1], n // shape[-2], self.specs[k].code))
+        for k in self.specs:
+            if k in batched:
+                n, nb = sum(x for x, _ in batched[k]), sum(y for _, y in batched[k])
+                led.keep(_quantize_4bit_bytes(led, n, nb, n // nb, self.specs[k].code, out=False))
+        for (k, shape), idx in stacked.items():
+            n = len(idx) * shape.numel()
+            led.keep(_quantize_rank1_bytes(led, n, len(idx) * shape[0], len(idx) * shape[1], self.specs[k].code))
+        return led.peak
 
     # ---- the full-rank multi-tensor step (LowMemOptimizer's foreach buckets) ----
 
@@ -675,3 +740,140 @@ class Quantized(MomentRule):
         if is_quantized(state, key):
             return decode(state, key, self.specs[key], group["block_size"], shape)
         return state[key].float()
+
+
+# ---- the 4-bit codecs' CPU allocations, step by step (Quantized._four_bit_bucket_bytes) --------------------------
+
+
+def _bucket_block_size(sizes: list[tuple[int, int]]) -> int:
+    """The group's ``block_size`` (a bucket's members share their group), which a state does not hold, from its
+    blockwise members' ``(values, blocks)``: every valid size ``b`` with ``ceil(values / b) = blocks`` for all of
+    them (a member of 2 or more whole blocks fixes it; one of a single block only bounds it from below); the
+    largest that fits (the most padding: a bound when several fit, exact otherwise)."""
+    fits = [b for b in Q.VALID_BLOCK_SIZES if all(-(-n // b) == nb for n, nb in sizes)]
+    return max(fits, default=max(Q.VALID_BLOCK_SIZES))
+
+
+class _Ledger:
+    """Bytes alive and their peak while a sequence of allocations and frees is walked."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+        self._next, self._sizes = 0, {}
+
+    def alloc(self, nbytes: int) -> int:
+        self._next += 1
+        self._sizes[self._next] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        return self._next
+
+    def free(self, token: int) -> None:
+        self.live -= self._sizes.pop(token)
+
+    def keep(self, token: int) -> None:
+        """(alive to the end of the walk)"""
+
+
+def _nearest_packed_bytes(led: _Ledger, n: int, code: str, out: bool) -> int | None:
+    """:func:`~lowmem.optim.functional.quant.nearest_packed` of ``n`` normalized values on the CPU: the cells
+    table's (``dynamic4_signed``: the scaled values and their int32 cells, the table rows, the midpoints and the
+    comparison; 9 B per value at most) or the linear map's float32 codes (``linear4_nozero``), then
+    :func:`~lowmem.optim.functional.quant.pack_4bit`'s ``uint8`` copy (a zero byte and a concatenation for an odd
+    count) and the packed bytes (a new tensor unless ``out``). Returns the packed bytes' token (``None`` with ``out``)."""
+    if code == "dynamic4_signed":
+        scaled = led.alloc(4 * n)
+        cells = led.alloc(4 * n)
+        led.free(scaled)
+        idx = led.alloc(4 * n)
+        led.free(cells)
+        mid = led.alloc(4 * n)
+        gt = led.alloc(n)
+        led.free(mid)
+        led.free(gt)
+    elif code == "linear4_nozero":
+        idx = led.alloc(4 * n)
+    else:  # (the search: int32 indices)
+        idx = led.alloc(4 * n)
+    small = led.alloc(n)
+    led.free(idx)
+    if n % 2:
+        zero = led.alloc(1)
+        joined = led.alloc(n + 1)
+        led.free(zero)
+        led.free(small)
+        small = joined
+    packed = None if out else led.alloc((n + 1) // 2)
+    led.free(small)
+    return packed
+
+
+def _dequantize_4bit_bytes(led: _Ledger, n: int, nb: int, b: int) -> int:
+    """:func:`~lowmem.optim.functional.quant.dequantize_blockwise_4bit` of ``n`` values in ``nb`` blocks of ``b``
+    on the CPU: the codes as int32 and the pairs they select (``12`` B per packed byte), the zero-padded blocks of
+    a partial last block, the product with the absmax (the result, ``4 nb b``). Returns the result's token."""
+    p = (n + 1) // 2
+    ints = led.alloc(4 * p)
+    pairs = led.alloc(8 * p)
+    led.free(ints)
+    if n % b:
+        padded = led.alloc(4 * nb * b)
+        led.free(pairs)
+        pairs = padded
+    out = led.alloc(4 * nb * b)
+    led.free(pairs)
+    return out
+
+
+def _dequantize_rank1_bytes(led: _Ledger, n: int) -> int:
+    """:func:`~lowmem.optim.functional.quant.dequantize_rank1_4bit` of ``n`` values on the CPU: the broadcast
+    scale ``min(r_i, c_j)``, the codes as int32 and the pairs they select, the product (the result, ``4 n``)."""
+    p = (n + 1) // 2
+    scale = led.alloc(4 * n)
+    ints = led.alloc(4 * p)
+    pairs = led.alloc(8 * p)
+    led.free(ints)
+    out = led.alloc(4 * n)
+    led.free(pairs)
+    led.free(scale)
+    return out
+
+
+def _quantize_4bit_bytes(led: _Ledger, n: int, nb: int, b: int, code: str, out: bool) -> int | None:
+    """:func:`~lowmem.optim.functional.quant.quantize_blockwise_4bit` of ``n`` values in ``nb`` blocks of ``b`` on
+    the CPU: the zero-padded blocks of a partial last block, ``|x|`` for the absmax (new unless ``out``: the state's),
+    its clamp and the normalized blocks, then :func:`_nearest_packed_bytes`. ``out``: written into the state (a
+    member alone: nothing kept); else the codes and absmax kept (their token)."""
+    padded = led.alloc(4 * nb * b) if n % b else None
+    absval = led.alloc(4 * nb * b)
+    absmax = None if out else led.alloc(4 * nb)
+    led.free(absval)
+    clamp = led.alloc(4 * nb)
+    normalized = led.alloc(4 * nb * b)
+    led.free(clamp)
+    packed = _nearest_packed_bytes(led, n, code, out)
+    led.free(normalized)
+    if padded is not None:
+        led.free(padded)
+    if out:
+        return None
+    kept = led.alloc(0)
+    led._sizes[kept] = led._sizes.pop(packed) + led._sizes.pop(absmax)
+    return kept
+
+
+def _quantize_rank1_bytes(led: _Ledger, n: int, rows: int, cols: int, code: str) -> int:
+    """:func:`~lowmem.optim.functional.quant.quantize_rank1_4bit` of ``n`` values on the CPU (``rows`` row maxima,
+    ``cols`` column maxima: a stack's ``k m`` and ``k n``): the maxima, the scale and its clamp, the normalized
+    values, then :func:`_nearest_packed_bytes`. Returns the token of the codes and maxima (kept for the write)."""
+    maxima = led.alloc(4 * rows + 4 * cols)
+    scale = led.alloc(4 * n)
+    clamp = led.alloc(4 * n)
+    led.free(scale)
+    normalized = led.alloc(4 * n)
+    packed = _nearest_packed_bytes(led, n, code, False)
+    led.free(normalized)
+    led.free(clamp)
+    kept = led.alloc(0)
+    led._sizes[kept] = led._sizes.pop(packed) + led._sizes.pop(maxima)
+    return kept
