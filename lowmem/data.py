@@ -25,6 +25,7 @@ expected; ``lowmem train`` turns them into one line and exit code 2::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from contextlib import contextmanager
@@ -140,6 +141,31 @@ def _split_files(folder: Path, files: list[Path], split: str, field_name: str) -
         raise ValueError(f"{field_name}: folder {str(folder)!r} has splits {sorted(n for n, fs in by_split.items() if fs)}; "
                          f"expected a {' or '.join(wanted)} split")
     return by_split[name]
+
+
+def held_out_split(path: Any) -> str | None:
+    """The held-out data a ``dataset`` path also holds, which training on it leaves unused, in words:
+    ``"its 'validation' split"`` of a saved ``DatasetDict`` (``validation`` / ``test`` / ``eval``, read
+    from its ``dataset_dict.json``, nothing loaded), or ``"'validation.jsonl'"``, the first eval file of a
+    folder of split-named files; else ``None`` (a file, a list of paths, a folder without split names)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    p = Path(path).expanduser()
+    if (p / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((p / "dataset_dict.json").read_text()).get("splits", [])
+        except (OSError, ValueError):
+            return None
+        name = next((s for s in SPLIT_PREFERENCE["eval"] if s in splits), None)
+        return f"its {name!r} split" if name else None
+    if p.is_dir() and not is_saved_dataset(p):
+        files = _data_files(p)
+        try:
+            found = _split_files(p, files, "eval", "dataset") if files else []
+        except ValueError:
+            return None
+        return repr(found[0].relative_to(p).as_posix()) if found else None
+    return None
 
 
 def is_saved_dataset(path: str | os.PathLike) -> bool:

@@ -285,7 +285,8 @@ class TrainRecipe:
         if (self.eval_steps is not None and self.dataset is not None and self.trainer != "dpo"
                 and self.eval_dataset is None and self.eval_split is None):
             raise ConfigError(f"eval_steps={self.eval_steps} needs a held-out set for dataset={self.dataset!r}: "
-                              "set eval_dataset (a file, --eval-dataset) or eval_split (a fraction)")
+                              "set eval_dataset (a file, --eval-dataset) or eval_split (a fraction)"
+                              + _held_out_hint(self.dataset))
         strategy = self.training_args.get("eval_strategy")
         if (strategy is not None and str(getattr(strategy, "value", strategy)) != "no" and self.dataset is not None
                 and self.trainer != "dpo" and self.eval_dataset is None and self.eval_split is None):
@@ -301,6 +302,16 @@ class TrainRecipe:
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+
+def _held_out_hint(dataset: Any) -> str:
+    """``"; <path> also holds held-out data (its 'validation' split) ..."`` when the
+    ``dataset`` folder has an eval split (:func:`lowmem.data.held_out_split`), else ``""``."""
+    from lowmem.data import held_out_split
+
+    held = held_out_split(dataset)
+    return (f"; {dataset} also holds held-out data ({held}), unused as dataset: eval_dataset: {dataset} "
+            f"(--eval-dataset {dataset}) evaluates on it" if held else "")
 
 #: The embedded tiny model's learning rate (the demo trains it from a random init): what ``lr: null`` means there.
 DEMO_LR = 1e-2
@@ -1815,6 +1826,9 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
                       f"model={recipe.model or 'embedded tiny Llama'} "
                       + (f"steps={recipe.steps}" if recipe.steps is not None else f"epochs={args.num_train_epochs:g}")
                       + (f" resuming from {resumed_from}" if resumed_from else ""))
+    hint = _held_out_hint(recipe.dataset) if recipe.eval_dataset is None and recipe.eval_split is None else ""
+    if main and hint:
+        console.print(f"[yellow]note[/]: no eval set{hint}")
     result = TRAINERS[recipe.trainer](recipe)
     metrics = {
         "optimizer": get_entry(recipe.optim).name, "optim_args": recipe.optim_args, "trainer": recipe.trainer,

@@ -158,3 +158,29 @@ def test_a_checkpoint_of_another_size_is_one_error(own_model_dir):
     _load_converted_checkpoints(trainer)
     with pytest.raises(ValueError, match=r"checkpoint '.*' does not fit the model: Error\(s\) in loading state_dict: size mismatch"):
         trainer._load_from_checkpoint(own_model_dir)
+
+
+def test_a_dataset_folder_with_held_out_data_names_it(tmp_path, own_model_dir):
+    """A saved DatasetDict (or a folder of train / validation files) given as dataset trains on its train
+    split and left its validation split unused without a word; eval_steps' error did not say it was there."""
+    from datasets import Dataset, DatasetDict
+
+    from lowmem.config import ConfigError
+    from lowmem.data import held_out_split
+
+    rows = [{"text": f"{a}+1={a + 1}"} for a in range(8)]
+    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows[:2])).save_to_disk(tmp_path / "dd")
+    Dataset.from_list(rows).save_to_disk(tmp_path / "plain")
+    (tmp_path / "files").mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        (tmp_path / "files" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert held_out_split(str(tmp_path / "dd")) == "its 'validation' split"
+    assert held_out_split(str(tmp_path / "files")) == "'validation.jsonl'"
+    assert held_out_split(str(tmp_path / "plain")) is None and held_out_split(str(tmp_path / "files" / "train.jsonl")) is None
+    with pytest.raises(ConfigError, match=r"eval_steps=1 needs a held-out set .* also holds held-out data \(its 'validation' "
+                                          r"split\), unused as dataset: eval_dataset: .*dd \(--eval-dataset"):
+        TrainRecipe(model=own_model_dir, dataset=str(tmp_path / "dd"), lr=1e-3, eval_steps=1)
+    out = io.StringIO()
+    run(TrainRecipe(model=own_model_dir, dataset=str(tmp_path / "files"), lr=1e-3, steps=1, batch_size=4, track_memory=False,
+                    save_model=False, output_dir=str(tmp_path / "out")), console=Console(file=out, width=400))
+    assert "note: no eval set; " in out.getvalue() and "'validation.jsonl'" in out.getvalue()
