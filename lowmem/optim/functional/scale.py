@@ -73,3 +73,88 @@ def scale_rows_foreach_(params: list[Tensor], ms: list[Tensor], lr: float, weigh
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_sub_(params, list(x.unbind(0)))
+
+
+# ---- tensors of more than 2 dimensions in chunks of any size ------------------------------------------------
+# A target of shape (R, ...) is the matrix [R, C] (C = prod(shape[1:])) that column_normalize normalises; a chunk
+# [start, stop) of its flat elements may begin and end inside a row (a 3-D MoE weight's row, one expert, is far
+# larger than a chunk), so it is taken as at most three segments: the end of a row, whole rows, the start of one.
+
+
+def row_segments(start: int, stop: int, cols: int) -> list[tuple[int, int, bool]]:
+    """The flat elements ``[start, stop)`` of a ``[rows, cols]`` matrix as ``(a, b, whole_rows)`` segments: the rest
+    of a row begun before ``start``, the whole rows, the start of the row ``stop`` falls in (each only if not
+    empty)."""
+    out, a = [], start
+    if a % cols and a < stop:
+        b = min(stop, (a // cols + 1) * cols)
+        out.append((a, b, False))
+        a = b
+    end = stop // cols * cols
+    if a < end:
+        out.append((a, end, True))
+        a = end
+    if a < stop:
+        out.append((a, stop, False))
+    return out
+
+
+def add_squares_(acc: Tensor, x: Tensor, start: int, cols: int, dim: int, squared: bool = False) -> Tensor:
+    """Adds the squares of ``x`` (float32, the flat elements ``start ..`` of a ``[rows, cols]`` matrix) to ``acc``
+    in place: to each row's sum (``dim=1``, ``acc`` of ``rows``) or each column's (``dim=0``, ``acc`` of ``cols``).
+    One pass of the chunked :func:`column_normalize`: the squares of a segment (and its sums) at a time
+    (``squared``: ``x`` holds the squares already, only their sums are taken)."""
+    for a, b, whole in row_segments(start, start + x.numel(), cols):
+        seg = x[a - start : b - start]
+        if whole:
+            v = seg.view(-1, cols)
+            s = (v if squared else v.square()).sum(dim=dim)
+            (acc[a // cols : b // cols] if dim == 1 else acc).add_(s)
+        elif dim == 1:
+            s = (seg if squared else seg.square()).sum()
+            acc[a // cols].add_(s)
+        else:
+            s = seg if squared else seg.square()
+            acc[a % cols : a % cols + (b - a)].add_(s)
+        del s
+    return acc
+
+
+def rms_from_squares_(acc: Tensor, count: int) -> Tensor:
+    """``max(sqrt(acc / count), 1e-8)`` in place: the RMS :func:`column_normalize` divides by, from the summed
+    squares of :func:`add_squares_` (``count``: the elements summed per row, or the rows per column)."""
+    return acc.div_(count).sqrt_().clamp_(min=RMS_FLOOR)
+
+
+def normalize_flat(x: Tensor, start: int, cols: int, rms: Tensor, dim: int) -> Tensor:
+    """The chunk ``x`` (flat elements ``start ..`` of a ``[rows, cols]`` matrix) divided by its rows' (``dim=1``)
+    or columns' (``dim=0``) RMS ``rms`` (a vector, :func:`rms_from_squares_`), segment by segment into one new
+    tensor: :func:`column_normalize` of the whole matrix, restricted to the chunk."""
+    out = torch.empty_like(x)
+    for a, b, whole in row_segments(start, start + x.numel(), cols):
+        seg, o = x[a - start : b - start], out[a - start : b - start]
+        if whole:
+            d = rms[a // cols : b // cols, None] if dim == 1 else rms[None, :]
+            torch.div(seg.view(-1, cols), d, out=o.view(-1, cols))
+        else:
+            torch.div(seg, rms[a // cols] if dim == 1 else rms[a % cols : a % cols + (b - a)], out=o)
+    return out
+
+
+def flat_chunks_bytes(numel: int, chunk: int, cols: int, dim: int, head: bool, low_buffer: bool) -> int:
+    """The most memory the chunked step of a ``[numel / cols, cols]`` target in chunks of ``chunk`` elements
+    allocates besides its statistics vector (the summed squares, then the RMS: ``4 rows`` or ``4 cols``), over its
+    chunks. The first pass (:func:`add_squares_`), per segment: its squares and their sums (``4 len + 4 rows``,
+    a part of a row ``4 len + 4``; per column ``4 len + 4 cols``, a part of a row ``4 len``); ``head``: the chunk's
+    momentum EMA (``4 chunk``, squared in place) and the segments' sums. The step: :func:`normalize_flat`'s result
+    (``4 chunk``), next to a low-precision momentum buffer's float32 copy (``low_buffer``, the head)."""
+    worst = 0
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
+        n = stop - start
+        for a, b, whole in row_segments(start, stop, cols):
+            seg = b - a
+            sums = 4 * ((seg // cols if whole else 1) if dim == 1 else (cols if whole else 0))
+            worst = max(worst, (4 * n if head else 4 * seg) + sums)
+        worst = max(worst, 4 * n * (1 + (head and low_buffer)))
+    return worst

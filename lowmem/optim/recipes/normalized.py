@@ -42,7 +42,8 @@ from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, muon_foreach_transient_bytes, muon_lr_ratio,
                               muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_column_block_numel,
                               ns_rows, ns_shape)
-from ..functional.scale import column_normalize, column_rms, last_layer_momentum_, scale_rows_foreach_
+from ..functional.scale import (add_squares_, column_normalize, column_rms, flat_chunks_bytes, last_layer_momentum_,
+                                normalize_flat, rms_from_squares_, scale_rows_foreach_)
 from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn,
                                  sr_sinkhorn_bytes)
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
@@ -203,11 +204,10 @@ class HybridMoments(MomentRule):
     def foreach_bucket_transient_bytes(self, numel, members, group=None, bucket_class=_NO_CLASS):
         """A bucket of targets (``bucket_class`` ``("target", shape)``: every member a whole target of that shape,
         :meth:`foreach_bucket_class`) allocates :meth:`target_foreach_bucket_transient_bytes`; a bucket of AdamW
-        parameters (``bucket_class`` ``None``) ``4 numel`` (``sqrt(v)``); not told the class, the larger."""
-        if bucket_class is _NO_CLASS or group is None:
+        parameters (``bucket_class`` ``None``; torch's fused kernel where it fits, else ``sqrt(v)``) and a bucket
+        whose class is not told: :meth:`foreach_transient_bytes`, the bound of both."""
+        if bucket_class is _NO_CLASS or bucket_class is None or group is None:
             return self.foreach_transient_bytes(numel)
-        if bucket_class is None:
-            return 4 * numel
         return self.target_foreach_bucket_transient_bytes(numel, torch.Size(bucket_class[1]), group)
 
     def target_foreach_bucket_transient_bytes(self, numel: int, shape: torch.Size, group: dict[str, Any] | None) -> int:
@@ -635,7 +635,8 @@ class SinkGDMoments(HybridMoments):
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
         block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group))
-        whole = sr_sinkhorn_bytes(m, n, group["sinkhorn_iters"]) if numel == m * n else 0  # TEMP until engine hook
+        # (until the engine asks target_whole_transient_bytes of a weight stepped whole: /tmp/lm/TRANSIENT3b_engine.patch)
+        whole = sr_sinkhorn_bytes(m, n, group["sinkhorn_iters"]) if numel == m * n else 0
         return max(block, 4 * numel + 4 * (m + n), whole)
 
     def target_whole_transient_bytes(self, shape, group, state):
@@ -730,6 +731,11 @@ class ScaleMoments(HybridMoments):
             g = last_layer_momentum_(buf32, g, group["momentum"])
             if buf32 is not buf:
                 buf.copy_(buf32)
+        if isinstance(state, ChunkState) and state.extra.get("flat_rms") is not None:
+            # a chunk of a tensor of more than 2 dimensions, [rows, cols] flat: divided by its rows' (or the
+            # embedding's columns') RMS over the whole tensor (prepare_chunks), segment by segment
+            x = state.extra
+            return normalize_flat(g, state.start, x["cols"], x["flat_rms"], x["dim"]).mul_(lr)
         if isinstance(state, ChunkState) and state.extra.get("column_rms") is not None:
             # a block of whole rows of the embedding: divided by its columns' RMS over every row (prepare_chunks)
             return g.view(-1, state.extra["cols"]).div(state.extra["column_rms"]).view(-1).mul_(lr)
@@ -745,8 +751,15 @@ class ScaleMoments(HybridMoments):
         """The embedding (``scale_role="embedding"``, stepped in blocks of whole rows ``bounds``): its
         columns' RMS (:func:`~lowmem.optim.functional.scale.column_rms`, a pass over the blocks; sharded, the
         squared norms summed over the shards, one all-reduce of ``n`` numbers, and the RMS over the whole
-        row count). ``None`` otherwise: row-normalised matrices need nothing of other rows."""
-        if self._is_adam(state) or group["scale_role"] != "embedding":
+        row count). ``None`` otherwise: row-normalised matrices need nothing of other rows.
+
+        A tensor of more than 2 dimensions (``[rows, cols]`` flat, ``cols = prod(shape[1:])``; stepped in
+        chunks of any size, a row may span several): :meth:`_flat_prepare`."""
+        if self._is_adam(state):
+            return None
+        if len(shape) > 2:
+            return self._flat_prepare(state, shape, group, bounds, stabilized, reduce)
+        if group["scale_role"] != "embedding":
             return None
         n = shape[1]
         blocks = (stabilized(a, b, ChunkState(state, a, b)).view(-1, n) for a, b in bounds)
@@ -754,7 +767,44 @@ class ScaleMoments(HybridMoments):
             return column_rms(blocks, n, shape[0])
         return column_rms(blocks, n, reduce.shape[0], column_sq=reduce.sum_)
 
+    def _flat_prepare(self, state, shape, group, bounds, stabilized, reduce=None) -> dict[str, Any]:
+        """The RMS :func:`~lowmem.optim.functional.scale.column_normalize` divides a tensor of more than 2
+        dimensions by (its ``[rows, cols]`` view's rows, or the embedding's columns), from one pass over the
+        chunks ``bounds`` (:func:`~lowmem.optim.functional.scale.add_squares_`, a segment of a row at a time; the
+        head's momentum EMA of a chunk computed as its step computes it, without writing the buffer); sharded
+        (FSDP2 shards of rows), the columns' sums all-reduced and the RMS over the whole row count (rows are the
+        shard's own). Returns the context of :meth:`chunk_state`."""
+        rows, cols = shape[0], math.prod(shape[1:])
+        dim = 0 if group["scale_role"] == "embedding" else 1
+        head = group["scale_role"] == "head"
+        acc = None
+        for a, b in bounds:
+            g = stabilized(a, b, ChunkState(state, a, b))
+            if acc is None:
+                acc = torch.zeros(rows if dim == 1 else cols, dtype=torch.float32, device=g.device)
+            if head:  # m_t of the chunk (last_layer_momentum_'s lerp, out of place), squared in place
+                buf = state["momentum_buffer"].view(-1)[a:b]
+                w = 1.0 - group["momentum"]
+                m = torch.lerp(buf, g, w) if buf.dtype == g.dtype else buf.to(g.dtype).lerp_(g, w)
+                add_squares_(acc, m.square_(), a, cols, dim, squared=True)
+                del m
+            else:
+                add_squares_(acc, g, a, cols, dim)
+            del g
+        if acc is None:  # (an empty shard: its gradient's device)
+            acc = torch.zeros(rows if dim == 1 else cols, dtype=torch.float32,
+                              device=stabilized(0, 0, ChunkState(state, 0, 0)).device)
+        count = cols if dim == 1 else rows
+        if reduce is not None and dim == 0:
+            acc, count = reduce.sum_(acc), reduce.shape[0]
+        return {"flat_rms": rms_from_squares_(acc, count), "dim": dim, "cols": cols}
+
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        if isinstance(ctx, dict) and "flat_rms" in ctx and not self._is_adam(state):  # (more than 2 dimensions)
+            view = ChunkState(state, start, stop, dict(ctx))
+            if "momentum_buffer" in state:
+                view["momentum_buffer"] = state["momentum_buffer"].view(-1)[start:stop]
+            return view
         if ctx is not None and not self._is_adam(state):  # the embedding's column RMS (prepare_chunks)
             return ChunkState(state, start, stop, {"cols": shape[1], "column_rms": ctx})
         return super().chunk_state(state, start, stop, shape, group, ctx)
@@ -762,8 +812,10 @@ class ScaleMoments(HybridMoments):
     def target_chunk_align(self, shape, group, state):
         """2-D matrices step in blocks of whole rows: the normalisation of a row (``"hidden"``, ``"head"``)
         needs only that row; the embedding's columns need their RMS over every row, from a first pass over
-        the blocks (:meth:`prepare_chunks`)."""
-        return shape[1] if len(shape) == 2 else None
+        the blocks (:meth:`prepare_chunks`). Tensors of more than 2 dimensions (a 3-D MoE expert weight, a conv
+        kernel) step in chunks of any size (``1``): a row of their ``[rows, cols]`` view may be larger than a
+        chunk, so the RMS comes from a first pass over the chunks for every role (:meth:`_flat_prepare`)."""
+        return shape[1] if len(shape) == 2 else 1
 
     def target_chunk_state(self, state, start, stop, shape, group):
         # (parent / shape: a flat piece of a weight larger than chunk_numel in a foreach bucket,
@@ -811,14 +863,33 @@ class ScaleMoments(HybridMoments):
         per column of the embedding); a low-precision momentum buffer adds its float32 copy. The
         embedding, in blocks of rows (``numel``: a block's elements): the first pass's squares of a block
         next to its column sums and the running sums (:func:`~lowmem.optim.functional.scale.column_rms`,
-        ``4 numel + 8 n``), then each block's step next to the RMS (``4 numel + 4 n``); stepped whole
-        (``chunk_numel=None``) it is ``4 numel + 4 n``, which this bounds."""
+        ``4 numel + 8 n``), then each block's step next to the RMS (``4 numel + 4 n``). A tensor of more than
+        2 dimensions in chunks of ``numel`` (:meth:`_flat_prepare`): its RMS vector (``4 rows``, or ``4 cols``
+        for the embedding) next to the most of its chunks' first pass and steps
+        (:func:`~lowmem.optim.functional.scale.flat_chunks_bytes`). Stepped whole (``chunk_numel=None``), the
+        engine asks :meth:`target_whole_transient_bytes` instead."""
         buf = state.get("momentum_buffer")
-        low_buf = 4 * numel if buf is not None and buf.dtype not in (torch.float32, torch.float64) else 0
-        row = max(1, math.prod(shape[1:]))
-        if group["scale_role"] == "embedding":
-            return low_buf + 4 * numel + 8 * row
-        return low_buf + 4 * numel + 4 * (numel // row)
+        low = buf is not None and buf.dtype not in (torch.float32, torch.float64)
+        embedding = group["scale_role"] == "embedding"
+        if len(shape) > 2:
+            rows, cols = shape[0], math.prod(shape[1:])
+            stats = 4 * (cols if embedding else rows)
+            return stats + flat_chunks_bytes(math.prod(shape), max(numel, 1), cols, 0 if embedding else 1,
+                                             group["scale_role"] == "head", low)
+        row = max(1, shape[1])
+        if embedding:
+            return 4 * numel * low + 4 * numel + 8 * row
+        return 4 * numel * low + 4 * numel + 4 * (numel // row)
+
+    def target_whole_transient_bytes(self, shape, group, state):
+        """The whole-tensor step (:func:`~lowmem.optim.functional.scale.column_normalize`): the RMS of every row of
+        the ``[rows, cols]`` view (``4 rows``; the embedding's columns, ``4 cols``) and the normalised tensor
+        (``4 numel``), next to a low-precision momentum buffer's float32 copy (``4 numel``)."""
+        buf = state.get("momentum_buffer")
+        low = buf is not None and buf.dtype not in (torch.float32, torch.float64)
+        numel = math.prod(shape)
+        rows, cols = shape[0], numel // max(shape[0], 1)
+        return 4 * numel * low + 4 * numel + 4 * (cols if group["scale_role"] == "embedding" else rows)
 
 
 SCALE_HPARAMS = (
