@@ -235,3 +235,62 @@ def test_bnpo_config_refuses_what_its_trainer_would(fields, message, tmp_path):
         BNPOConfig(str(tmp_path), per_device_train_batch_size=4, num_generations=4, bf16=False, **fields, **COMMON)
     BNPOConfig(str(tmp_path), per_device_train_batch_size=4, num_generations=4, bf16=False, reward_weights=[0.5, 0.5],
                reward_range=[[0, 1], [-1, 1]], **COMMON)
+
+
+def test_plain_trainer_takes_hf_names_and_says_what_replaces_its_optim(tmp_path, caplog):
+    """optimizer_cls_and_kwargs(args=...) applies optim_args and optim_target_modules; the Trainer then ignores
+    TrainingArguments.optim: before, optim='galore_adamw_layerwise' silently trained without layerwise mode."""
+    from lowmem.optim import LowMemOptimizer
+    from lowmem.trainers import optimizer_cls_and_kwargs
+
+    model, _ = build_tiny_model(0)
+    args = TrainingArguments(tmp_path, optim="galore_adamw_8bit_layerwise", optim_target_modules=["q_proj"],
+                             optim_args="rank=8", max_steps=1, **COMMON)
+    with caplog.at_level(logging.WARNING, logger="lowmem.trainers.hf"):
+        cls, kwargs = optimizer_cls_and_kwargs(model, "galore_adamw_8bit", args=args)  # an HF name: galore_adamw8bit
+    assert cls is LowMemOptimizer and kwargs["recipe"].name == "galore_adamw8bit"
+    assert {g.get("rank") for g in kwargs["params"]} == {None, 8}
+    assert ("replaces TrainingArguments.optim='galore_adamw_8bit_layerwise', which the Trainer ignores" in caplog.text
+            and "lowmem_layerwise=True" in caplog.text)
+    caplog.clear()
+    same = TrainingArguments(tmp_path, optim="galore_adamw_8bit", optim_target_modules=["q_proj"], max_steps=1, **COMMON)
+    with caplog.at_level(logging.WARNING, logger="lowmem.trainers.hf"):
+        optimizer_cls_and_kwargs(model, "galore_adamw8bit", args=same, rank=8)
+    assert "replaces" not in caplog.text  # the same optimizer under its HF name
+    with pytest.raises(ValueError, match=r"optimizer_cls_and_kwargs\(model, 'galore_adamw_layerwise'\): layerwise mode .*"
+                                         r"LowMemTrainer with LowMemTrainingArguments\(lowmem_optim='galore_adamw', lowmem_layerwise=True\)"):
+        optimizer_cls_and_kwargs(model, "galore_adamw_layerwise", rank=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["default", "adamw", "adafactor", "microadam", "qlora", "sft", "sft_jsonl", "dpo_jsonl",
+                                  "grpo_jsonl"])
+def test_every_shipped_recipe_runs_two_steps(name, tmp_path):
+    """configs/*.yaml load in test_cli and dpo/grpo/gvpo/bnpo run in test_trl_recipes; the rest run here (slow:
+    9 recipes, 45-105 s each under `lowmem train` on the loaded 2-core machine, 2026-11-30)."""
+    import io
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lowmem.train import load_recipe, run
+
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml", steps=2,
+                         output_dir=str(tmp_path), save_model=False)
+    run(recipe, console=Console(file=io.StringIO(), width=200))
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
+
+
+def test_optim_args_winning_over_a_field_the_user_set_is_named(tmp_path, caplog):
+    """optim_args / lowmem_optim_args win over the mapped TrainingArguments fields (documented); a field the user
+    changed from its default and that loses is named, not dropped without a word."""
+    from lowmem.trainers import trainer_hparams
+
+    args = LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", learning_rate=1e-3, adam_beta1=0.8, **COMMON)
+    with caplog.at_level(logging.WARNING, logger="lowmem.trainers.hf"):
+        hp = trainer_hparams("adamw", args, "lr=0.5,betas=[0.8,0.999],eps=1e-6")
+    assert (hp["lr"], hp["betas"], hp["eps"]) == (0.5, (0.8, 0.999), 1e-6)
+    assert "lr=0.5 from optim_args / lowmem_optim_args wins over TrainingArguments learning_rate=0.001" in caplog.text
+    assert "betas" not in caplog.text  # the same pair: nothing lost
+    assert "adam_epsilon" not in caplog.text  # left at its default: nothing the user set is lost

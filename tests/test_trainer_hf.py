@@ -91,7 +91,8 @@ def test_explicit_optim_args_win_and_adafactor_defaults(tmp_path, train_data, ca
     g = opt.param_groups[0]
     assert (g["lr"], g["clip_threshold"], g["relative_step"], g["scale_parameter"], g["beta1"]) == (0.02, 2.0, False, False, None)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "adam_beta1=0.5" in warnings[0] and "betas" in warnings[0]  # user-set, cannot apply
+    assert len(warnings) == 2 and "adam_beta1=0.5" in warnings[1] and "betas" in warnings[1]  # user-set, cannot apply
+    assert "lr=0.02 from optim_args / lowmem_optim_args wins over TrainingArguments learning_rate=0.001" in warnings[0]
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any("adam_epsilon=1e-08" in m for m in infos)  # default value, cannot apply: logged quietly
 

@@ -79,7 +79,8 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
        both, as ``transformers.Trainer`` does for ``optim="adafactor"``.
     3. The ``TrainingArguments``' own ``optim_args`` string (the Hugging Face Trainer's
        ``"rank=64,update_proj_gap=200"``, :func:`hf_optim_args`), then ``optim_args`` (dict, JSON or
-       ``"k=v,k=v"``; ``lowmem_optim_args``) win over both, the latter over the former.
+       ``"k=v,k=v"``; ``lowmem_optim_args``) win over both, the latter over the former; a field of step 1 that
+       the user set to another value (``learning_rate=1e-3`` beside ``lr=0.5``) is named in a warning.
 
     Raises:
         ValueError: Unknown optimizer or hyperparameter (messages list the valid ones), or a
@@ -102,10 +103,13 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
     hp: dict[str, Any] = {}
     if args is not None:
         for fields, target in TRAINING_ARGS_MAP:
-            if target in explicit:
-                continue
             values = tuple(getattr(args, f) for f in fields)
             value = values if len(values) > 1 else values[0]
+            if target in explicit:
+                if any(getattr(args, f) != _TA_DEFAULTS.get(f) for f in fields) and explicit[target] != value:
+                    logger.warning("lowmem optimizer '%s': %s=%r from optim_args / lowmem_optim_args wins over TrainingArguments %s",
+                                   entry.name, target, explicit[target], ", ".join(f"{f}={getattr(args, f)!r}" for f in fields))
+                continue
             if target in valid and (target not in specs or _accepts(specs[target], value)):
                 hp[target] = value
                 continue
@@ -210,17 +214,28 @@ def optimizer_cls_and_kwargs(
 
     Args:
         model (`nn.Module`): The model the Trainer trains (the same object).
-        name (`str`): A registered optimizer (``lowmem list``).
+        name (`str`): A registered optimizer (``lowmem list``), or a Hugging Face ``optim`` name lowmem maps
+            (``"galore_adamw_8bit"``, ``"adamw_torch_4bit"``, ...; not ``<name>_layerwise``: use :class:`LowMemTrainer`).
         args (`TrainingArguments` or `None`, defaults to `None`): When given, its learning rate,
             weight decay, betas and epsilon apply as in :func:`trainer_hparams`; ``hparams`` win.
             Without it only ``hparams`` (and the optimizer's defaults) apply, and the Trainer's
             ``learning_rate`` is *not* used: pass ``lr`` yourself.
         **hparams: The optimizer's hyperparameters (``target_modules`` for subspace optimizers).
 
+    A ``TrainingArguments.optim`` other than the default and other than ``name`` is logged as a warning: the
+    Trainer ignores it when ``optimizer_cls_and_kwargs`` is given.
+
     Raises:
-        ValueError: Unknown name or hyperparameter, or a configuration without a numeric ``lr``.
+        ValueError: Unknown name or hyperparameter, a layerwise name, or a configuration without a numeric ``lr``.
     """
+    name = _plain_trainer_name(name)
     entry = get_entry(name)
+    if args is not None:
+        optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
+        if optim is not None and optim != _TA_DEFAULTS.get("optim") and _plain_trainer_name(optim, strict=False) != entry.name:
+            logger.warning("optimizer_cls_and_kwargs(model, %r) replaces TrainingArguments.optim=%r, which the Trainer "
+                           "ignores when optimizer_cls_and_kwargs is given%s", name, optim,
+                           " (layerwise mode: LowMemTrainer with lowmem_layerwise=True)" if optim.endswith("_layerwise") else "")
     resolved = target_modules_hparam(name, args, trainer_hparams(name, args, hparams)) if args is not None else dict(hparams)
     with _explain_targets(model, resolved):
         opt = create_optimizer(model, name, **resolved)
@@ -234,6 +249,31 @@ def optimizer_cls_and_kwargs(
         kwargs = {k: v for k, v in resolved.items() if k != "target_modules"}
     kwargs["params"] = opt.param_groups
     return cls, kwargs
+
+
+def _plain_trainer_name(name: str, strict: bool = True) -> str | None:
+    """The lowmem name of ``name`` (a lowmem or a mapped Hugging Face ``optim`` name) for a plain Trainer's
+    :func:`optimizer_cls_and_kwargs`. With ``strict=False`` an unknown or layerwise name gives `None`.
+
+    Raises:
+        ValueError: ``<name>_layerwise`` (layerwise mode installs gradient hooks, which ``optimizer_cls_and_kwargs``
+            cannot: use :class:`LowMemTrainer`), or an unknown name (listing both sets of names).
+    """
+    from lowmem.train import resolve_optim_name
+
+    try:
+        base, layerwise = resolve_optim_name(name)
+    except ValueError:
+        if not strict:
+            return None
+        raise
+    if layerwise:
+        if not strict:
+            return None
+        raise ValueError(f"optimizer_cls_and_kwargs(model, {name!r}): layerwise mode steps each parameter in its gradient hook, "
+                         "which a plain Trainer's optimizer_cls_and_kwargs cannot install; use LowMemTrainer with "
+                         f"LowMemTrainingArguments(lowmem_optim={base!r}, lowmem_layerwise=True)")
+    return base
 
 
 @dataclass
