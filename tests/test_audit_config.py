@@ -294,3 +294,10 @@ def test_optim_args_winning_over_a_field_the_user_set_is_named(tmp_path, caplog)
     assert "lr=0.5 from optim_args / lowmem_optim_args wins over TrainingArguments learning_rate=0.001" in caplog.text
     assert "betas" not in caplog.text  # the same pair: nothing lost
     assert "adam_epsilon" not in caplog.text  # left at its default: nothing the user set is lost
+
+
+def test_step_intervals_are_checked_only_under_their_steps_strategy(tmp_path):
+    """save_steps=0 beside save_strategy='no' is unused (the Trainer reads it only under 'steps'): not refused."""
+    LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", save_steps=0, logging_strategy="no", logging_steps=0, **COMMON)
+    with pytest.raises(ValueError, match=r"LowMemTrainingArguments\.logging_steps=0: expected a number > 0"):
+        LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", logging_steps=0, **COMMON)

@@ -393,6 +393,9 @@ class LowMemArguments:
         self.lowmem_layerwise = self.lowmem_layerwise or layerwise
 
 
+_STRATEGY_STEPS = ("logging_steps", "save_steps", "eval_steps")  # read only under their *_strategy='steps'
+
+
 def check_config_ranges(config: Any) -> None:
     """Range-check the fields of a ``TrainingArguments`` / TRL config that have a range in
     :data:`lowmem.config.RANGES` (or in the class's ``FIELD_RANGES``), as ``lowmem train`` checks a recipe:
@@ -414,6 +417,9 @@ def check_config_ranges(config: Any) -> None:
     for name in sorted(names & set(ranges)):
         value = getattr(config, name)
         if value is None or isinstance(value, (list, tuple, dict)):
+            continue
+        strategy = getattr(config, name.replace("_steps", "_strategy"), "steps") if name in _STRATEGY_STEPS else "steps"
+        if str(getattr(strategy, "value", strategy)) != "steps":  # save_steps=0 beside save_strategy='no': unused
             continue
         check_value(name, value, float, where=where, ranges=ranges)
     weights = getattr(config, "reward_weights", None) if "reward_weights" in names else None
