@@ -104,9 +104,10 @@ def test_muon_foreach_equals_the_per_parameter_step(config, chunk_numel, monkeyp
     # 4 steps; the buckets (at most 1024 elements at chunk_numel=1024) split the same-shape weights
     per_step = sorted(stacks[: len(stacks) // 4])
     if chunk_numel is None:
-        assert per_step == [(1, (4, 30)), (1, (48, 40)), (2, (24, 40)), (2, (40, 24)), (4, (16, 16))]
+        # (the 3-D tensor's two 3 x 4 matrices stacked as two Muon weights: tests/test_muon_batched.py)
+        assert per_step == [(1, (4, 30)), (1, (48, 40)), (2, (3, 4)), (2, (24, 40)), (2, (40, 24)), (4, (16, 16))]
     else:
-        assert all(k * math.prod(s) <= 1024 for k, s in per_step) and sum(k for k, _ in per_step) == 9
+        assert all(k * math.prod(s) <= 1024 for k, s in per_step) and sum(k for k, _ in per_step) == 11
         assert (4, (16, 16)) in per_step and (48, 40) not in [s for _, s in per_step]
 
 

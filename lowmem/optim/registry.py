@@ -55,6 +55,9 @@ class OptimizerEntry:
             head (``"output"``) weights, each put in a group of its own by :func:`create_optimizer`
             (SCALE's column normalisation of the embedding, momentum on the head); empty: they
             join the other parameters.
+        batched_targets: Whether the targeted group also takes the trainable weights of more than two
+            dimensions (fused MoE experts ``[E, A, B]``, batches of matrices; not the embeddings), chosen by
+            ``target_modules`` on the parameter's or its module's name (default: all). Muon (per matrix).
         generic_tests: Whether the generic suite covers it (CPU-capable, engine-based).
         example_hparams: Settings the generic tests use.
         state_precision: How the moments are stored by default, one of :data:`STATE_PRECISIONS`:
@@ -83,6 +86,7 @@ class OptimizerEntry:
     group_builder: Callable[..., list[dict[str, Any]]] | None = field(default=None, repr=False)
     target_key: str | None = None
     embedding_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batched_targets: bool = False
 
     def valid_hparams(self) -> list[str]:
         names = list(self.recipe.all_hparams()) if self.recipe is not None else list(self.hparams)
@@ -112,6 +116,7 @@ def register(
     group_builder: Callable[..., list[dict[str, Any]]] | None = None,
     target_key: str | None = None,
     embedding_groups: dict[str, dict[str, Any]] | None = None,
+    batched_targets: bool = False,
 ) -> OptimizerEntry:
     """Register an engine recipe (optionally with its named class) or an external optimizer.
 
@@ -143,7 +148,8 @@ def register(
             name=_canonical(recipe.name), summary=summary or recipe.summary, reference=reference or recipe.reference,
             factory=factory, recipe=recipe, subspace=recipe.projection is not None, generic_tests=generic_tests,
             example_hparams=dict(example_hparams or {}), target_key=target_key,
-            embedding_groups={k: dict(v) for k, v in (embedding_groups or {}).items()}, **meta,
+            embedding_groups={k: dict(v) for k, v in (embedding_groups or {}).items()}, batched_targets=batched_targets,
+            **meta,
         )
     else:
         if cls is None:
@@ -261,6 +267,28 @@ def subspace_target_names(model: nn.Module, target_modules: str | Iterable[str] 
     return names
 
 
+def batched_target_names(model: nn.Module, target_modules: str | Iterable[str] | Callable[[str], bool] | None = None
+                         ) -> list[str]:
+    """Names of the trainable weights of more than two dimensions (fused MoE experts: transformers 5.x
+    ``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``), the input and output embeddings
+    excluded, that ``target_modules`` selects by peft's rules on the parameter's name or its module's
+    (default: all)."""
+    skip = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        mod = getattr(model, getter)() if hasattr(model, getter) else None
+        if getattr(mod, "weight", None) is not None:
+            skip.add(id(mod.weight))
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() <= 2 or not p.requires_grad or id(p) in skip:
+            continue
+        if target_modules is not None and not (_matches(name, target_modules)
+                                               or _matches(name.rpartition(".")[0], target_modules)):
+            continue
+        names.append(name)
+    return names
+
+
 def build_param_groups(
     model: nn.Module,
     weight_decay: float | None = None,
@@ -268,6 +296,7 @@ def build_param_groups(
     target_modules: str | Iterable[str] | Callable[[str], bool] | None = None,
     subspace_hparams: dict[str, Any] | None = None,
     embedding_groups: dict[str, dict[str, Any]] | None = None,
+    batched_targets: bool = False,
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into optimizer groups.
 
@@ -276,10 +305,13 @@ def build_param_groups(
     norm weights). ``embedding_groups`` (``{"input": settings, "output": settings}``) first puts the
     weight of ``model.get_input_embeddings()`` / ``get_output_embeddings()`` in a group of its own
     with those settings (a tied weight goes with the input embedding). Tied parameters appear once.
-    Empty groups are omitted.
+    Empty groups are omitted. ``batched_targets``: the targeted group also takes the trainable weights of
+    more than two dimensions (:func:`batched_target_names`).
     """
     decay = decay_parameter_names(model)
     targets = set(subspace_target_names(model, target_modules)) if subspace else set()
+    if subspace and batched_targets:
+        targets |= set(batched_target_names(model, target_modules))
     if subspace and target_modules is not None and not targets:
         raise ValueError(f"target_modules={target_modules!r} matched no linear layer of the model")
     if subspace and not targets:
@@ -379,6 +411,7 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
         params = build_param_groups(
             model_or_params, weight_decay=hparams.get("weight_decay"), subspace=targeted, target_modules=target_modules,
             subspace_hparams=group_only, embedding_groups=entry.embedding_groups,
+            batched_targets=entry.batched_targets,
         )
     else:
         if target_modules is not None:

@@ -253,3 +253,38 @@ def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> flo
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     raise ValueError(f"adjust_lr_fn must be one of {list(ADJUST_LR_FNS)}, got {adjust_lr_fn!r}")
+
+
+# ---- batches of matrices (fused MoE experts [E, A, B]) -----------------------------------------
+# Muon's update is defined per matrix (Jordan et al. 2024; Liu et al. 2025 orthogonalise each weight
+# matrix on its own): a tensor of more than two dimensions is the batch of the matrices over its last
+# two, each stepped exactly as a 2-D weight of its own.
+
+
+def matrices(x: Tensor) -> list[Tensor]:
+    """The ``A x B`` matrices of ``x`` (``[..., A, B]``, contiguous when more than 2-D) as views, in order;
+    ``[x]`` for a matrix."""
+    return [x] if x.dim() == 2 else list(x.view(-1, *x.shape[-2:]).unbind(0))
+
+
+def matrix_index(x: Tensor, e: int) -> Tensor:
+    """Matrix ``e`` of ``x`` (``[..., A, B]``, its leading dimensions flattened in order): a view when
+    ``x`` is contiguous (the momentum buffer, the step), a copy of that matrix otherwise."""
+    return x if x.dim() == 2 else x.flatten(0, -3)[e]
+
+
+def row_block_spans(shape: torch.Size | tuple[int, ...], size: int) -> tuple[int, int]:
+    """The blocks of ``size`` elements (whole rows) that the chunked step visits a batch ``[..., A, B]`` in:
+    ``(within, spanning)``, the most elements of a block inside one matrix and of a block over two or more
+    (0 when there is none). A block over several matrices holds its float32 step while the next matrix's
+    iterate is computed; one inside a matrix allocates it after (``MuonMoments._batched_transient_bytes``)."""
+    total = math.prod(shape)
+    mat = shape[-1] * shape[-2]
+    within = spanning = 0
+    for a in range(0, total, size):
+        b = min(a + size, total)
+        if a // mat == (b - 1) // mat:
+            within = max(within, b - a)
+        else:
+            spanning = max(spanning, b - a)
+    return within, spanning

@@ -39,9 +39,9 @@ from torch import Tensor
 from ..._warn import warn_user
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
-from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, muon_foreach_, muon_foreach_transient_bytes, muon_lr_ratio,
-                              muon_momentum_, newton_schulz, newton_schulz_, newton_schulz_transient_bytes, ns_column_block_numel,
-                              ns_rows, ns_shape)
+from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, matrices, matrix_index, muon_foreach_,
+                              muon_foreach_transient_bytes, muon_lr_ratio, muon_momentum_, newton_schulz, newton_schulz_,
+                              newton_schulz_transient_bytes, ns_column_block_numel, ns_rows, ns_shape, row_block_spans)
 from ..functional.scale import (add_squares_, column_normalize, column_rms, flat_chunks_bytes, last_layer_momentum_,
                                 normalize_flat, rms_from_squares_, scale_rows_foreach_)
 from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn,
@@ -270,6 +270,14 @@ class MuonMoments(HybridMoments):
     """Muon on the 2-D parameters of groups with ``use_muon=True``; AdamW (torch's eps placement)
     on the others. State: ``momentum_buffer`` (one tensor of the weight's shape) for Muon.
 
+    A parameter of more than two dimensions in such a group (a fused MoE expert weight ``[E, A, B]``)
+    is a batch of matrices over its last two dimensions: each ``A x B`` matrix gets exactly the step of a
+    2-D parameter of its own (its slice of the momentum, its own Newton-Schulz iteration, the ratio of
+    ``adjust_lr_fn`` from ``A x B``), as ``E`` separate parameters would (Liu et al. 2025 apply Muon per
+    matrix). Chunked: blocks of whole rows of the ``[-1, B]`` view, each matrix's iterate computed when its
+    first row is reached (:meth:`_batched_rows`), one matrix's iterate alive at a time; whole: one matrix
+    after the other; foreach buckets: the matrices stacked with the 2-D ones of their shape.
+
     Chunked (the engine's default): the lean step of :meth:`prepare_chunks` (momentum and the
     bfloat16 cast a block of rows at a time, Newton-Schulz in place on one bfloat16 matrix,
     :func:`~lowmem.optim.functional.muon.newton_schulz_`), then each block of rows' step; the same
@@ -279,18 +287,22 @@ class MuonMoments(HybridMoments):
     target_keys = ("momentum_buffer",)
 
     def targets(self, shape, group):
-        return bool(group.get("use_muon")) and len(shape) == 2
+        """The 2-D parameters of a ``use_muon`` group, and those of more dimensions (batches of matrices over
+        the last two) except in FSDP2 groups (a shard of a batch is not stepped by Muon: AdamW there)."""
+        if not group.get("use_muon"):
+            return False
+        return len(shape) == 2 or (len(shape) > 2 and not sharded_group(group))
 
     def target_init_state(self, state, shape, group, param):
         state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
     def target_chunk_align(self, shape, group, state):
-        return shape[1]  # blocks of whole rows (the iteration itself runs on the whole matrix in prepare_chunks)
+        return shape[-1]  # blocks of whole rows (the iteration itself runs on the whole matrix in prepare_chunks)
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         if self._is_adam(state) or not isinstance(ctx, dict):  # AdamW, or an FSDP2 shard's step (a tensor)
             return super().chunk_state(state, start, stop, shape, group, ctx)
-        n = shape[1]
+        n = shape[-1]
         return ChunkState(state, start, stop, {"muon": ctx, "rows": (start // n, stop // n)})
 
     def target_chunk_state(self, state, start, stop, shape, group):
@@ -313,10 +325,14 @@ class MuonMoments(HybridMoments):
         which runs :meth:`prepare_chunks`), as with ``foreach=False``. Equal to the per-parameter step
         bit for bit on the CPU (tests/test_foreach_normalized.py)."""
         for shape, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
-            muon_foreach_([params[i] for i in idx], [grads[i] for i in idx], [states[i]["momentum_buffer"] for i in idx],
-                          shape, group["momentum"], group["nesterov"], group["ns_coefficients"], group["ns_steps"],
-                          group["ns_eps"], lr, group.get("weight_decay", 0.0),
-                          lr * muon_lr_ratio(shape, group["adjust_lr_fn"]))
+            # a batch of matrices [..., A, B] (fused experts): its A x B matrices, each stepped as a 2-D weight
+            ps = [m for i in idx for m in matrices(params[i])]
+            gs = [m for i in idx for m in matrices(grads[i])]
+            bs = [m for i in idx for m in matrices(states[i]["momentum_buffer"])]
+            mat = shape[-2:]
+            muon_foreach_(ps, gs, bs, mat, group["momentum"], group["nesterov"], group["ns_coefficients"],
+                          group["ns_steps"], group["ns_eps"], lr, group.get("weight_decay", 0.0),
+                          lr * muon_lr_ratio(mat, group["adjust_lr_fn"]))
 
     def target_foreach_transient_bytes(self, numel):
         """:func:`~lowmem.optim.functional.muon.muon_foreach_transient_bytes` of the bucket, with the
@@ -344,6 +360,8 @@ class MuonMoments(HybridMoments):
         if self._is_adam(state):
             return None
         numel = math.prod(shape)
+        if reduce is None and len(shape) > 2:
+            return self._batched_prepare(state, shape, group, lr, bounds, stabilized)
         if reduce is None:
             return self._lean_prepare(state, shape, group, lr, bounds, stabilized)
         g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
@@ -356,9 +374,9 @@ class MuonMoments(HybridMoments):
         o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
         return o.to(g.dtype).mul_(lr * muon_lr_ratio(reduce.shape, group["adjust_lr_fn"]))
 
-    def _lean_prepare(self, state, shape, group, lr, bounds, stabilized) -> dict[str, Any]:
+    def _lean_prepare(self, state, shape, group, lr, bounds, stabilized, buf: Tensor | None = None) -> dict[str, Any]:
         m, n = shape
-        buf = state["momentum_buffer"]
+        buf = state["momentum_buffer"] if buf is None else buf  # (one matrix of a batch: _matrix_iterate)
         x = torch.empty(ns_shape(shape), dtype=torch.bfloat16, device=buf.device)
         for a, b in bounds:
             r0, r1 = a // n, b // n
@@ -374,12 +392,69 @@ class MuonMoments(HybridMoments):
         newton_schulz_(x, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], column_block_numel=block)
         return {"x": x, "shape": shape, "scale": lr * muon_lr_ratio(shape, group["adjust_lr_fn"])}
 
+    def _batched_prepare(self, state, shape, group, lr, bounds, stabilized) -> dict[str, Any]:
+        """A batch of matrices ``[..., A, B]`` stepped in blocks of whole rows of its ``[-1, B]`` view:
+        nothing is computed here; each matrix's iterate is computed when the first of its rows is stepped
+        (:meth:`_matrix_iterate`), the one before it dropped, so one matrix's iterate is alive at a time."""
+        size = max((b - a for a, b in bounds), default=0)
+        return {"batch": tuple(shape[-2:]), "state": state, "group": group, "lr": lr, "stabilized": stabilized,
+                "size": size, "index": None, "x": None,
+                "scale": lr * muon_lr_ratio(shape[-2:], group["adjust_lr_fn"])}
+
+    def _matrix_iterate(self, ctx: dict[str, Any], e: int) -> Tensor:
+        """The orthogonalised momentum of matrix ``e`` of a batch (bfloat16, in :func:`ns_shape`): the lean
+        step of a 2-D weight (:meth:`_lean_prepare`) on its rows, ``size`` elements of them at a time."""
+        if ctx["index"] == e:
+            return ctx["x"]
+        ctx["x"] = ctx["index"] = None  # (the previous matrix's iterate is freed first)
+        (m, n), state, group, size = ctx["batch"], ctx["state"], ctx["group"], ctx["size"]
+        buf = matrix_index(state["momentum_buffer"], e)
+        base, step = e * m * n, max(n, size // n * n)
+        ctx["x"] = self._lean_prepare(state, (m, n), group, ctx["lr"], [(a, min(a + step, m * n)) for a in range(0, m * n, step)],
+                                      lambda a, b, _: ctx["stabilized"](base + a, base + b, ChunkState(state, base + a, base + b)),
+                                      buf=buf)["x"]
+        ctx["index"] = e
+        return ctx["x"]
+
+    def _batched_rows(self, g: Tensor, ctx: dict[str, Any], r0: int, r1: int) -> Tensor:
+        """Rows ``r0:r1`` of the ``[-1, B]`` view of a batch's step: each matrix's rows read from its iterate
+        (:meth:`_matrix_iterate`), times its ``lr * ratio``. A block within one matrix is its rows' step, as
+        a 2-D weight's lean step returns it; a block over several is filled matrix by matrix."""
+        m, n = ctx["batch"]
+        if r0 // m == (r1 - 1) // m:  # within one matrix
+            o = ns_rows(self._matrix_iterate(ctx, r0 // m), (m, n), r0 % m, r0 % m + r1 - r0)
+            return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(ctx["scale"]).view(-1)
+        out = None
+        r = r0
+        while r < r1:
+            e = r // m
+            stop = min(r1, (e + 1) * m)
+            x = self._matrix_iterate(ctx, e)
+            if out is None:
+                out = torch.empty((r1 - r0, n), dtype=g.dtype, device=g.device)
+            out[r - r0 : stop - r0].copy_(ns_rows(x, (m, n), r - e * m, stop - e * m)).mul_(ctx["scale"])
+            del x
+            r = stop
+        return out.view(-1)
+
     def target_direction(self, g, state, group, t, lr):
         if isinstance(state, ChunkState) and "muon" in state.extra:  # a block of rows of the lean step
             ctx, (r0, r1) = state.extra["muon"], state.extra["rows"]
+            if "batch" in ctx:
+                return self._batched_rows(g, ctx, r0, r1)
             o = ns_rows(ctx["x"], ctx["shape"], r0, r1)
             return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(ctx["scale"]).view(-1)
-        buf = state["momentum_buffer"]
+        if g.dim() > 2:  # a batch of matrices stepped whole: one matrix after the other
+            out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+            buf = state["momentum_buffer"]
+            for e in range(math.prod(g.shape[:-2])):
+                out_e = matrix_index(out, e)
+                out_e.copy_(self._whole_matrix(matrix_index(g, e), matrix_index(buf, e), group, lr))
+            return out
+        return self._whole_matrix(g, state["momentum_buffer"], group, lr)
+
+    def _whole_matrix(self, g: Tensor, buf: Tensor, group, lr) -> Tensor:
+        """The whole-tensor step of one matrix (the reference: :func:`~lowmem.optim.functional.muon.newton_schulz`)."""
         buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
         u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
         if buf32 is not buf:
@@ -402,7 +477,10 @@ class MuonMoments(HybridMoments):
         workspace, bounded by one float32 copy of the weight (measured on CPU: 1.3-2.8
         bytes/element); then the float32 step next to the last bfloat16 iterate; a low-precision
         momentum buffer adds its float32 copy. A weight of one chunk (``numel`` its size) may be
-        stepped either way: the larger is reported."""
+        stepped either way: the larger is reported. A batch of matrices (more than 2 dimensions):
+        :meth:`_batched_transient_bytes`."""
+        if len(shape) > 2:
+            return self._batched_transient_bytes(numel, shape, group, state)
         total = math.prod(shape)
         buf = state["momentum_buffer"]
         low = buf.dtype not in (torch.float32, torch.float64)
@@ -416,6 +494,30 @@ class MuonMoments(HybridMoments):
         during = nesterov + 2 * 2 * numel + 2 * 2 * r * r + 4 * numel
         after = 2 * numel + 4 * numel
         return max(lean, 4 * numel * low + max(during, after))
+
+    def _batched_transient_bytes(self, numel, shape, group, state) -> int:
+        """A batch of matrices ``[..., A, B]``. Chunked (blocks of ``numel`` elements, whole rows): one
+        matrix's lean step (:meth:`_matrix_iterate`: its bfloat16 iterate ``2 A B`` and at most one of the
+        momentum pass's float32 rows and the iteration's temporaries, as a 2-D weight's) beside, in a block
+        over several matrices, the block's float32 step (``4 numel``; after the iteration in a block within one
+        matrix); exact in the tensors (:func:`~lowmem.optim.functional.muon.row_block_spans`), the products'
+        workspace a bound as for a 2-D weight. Whole (``numel`` the batch; ``chunk_numel=None``): the
+        float32 step of the batch beside one matrix's whole-tensor step; the larger of the two is reported, as
+        for a 2-D weight of one chunk."""
+        m, n = shape[-2:]
+        mat, total = m * n, math.prod(shape)
+        buf = state["momentum_buffer"]
+        low = buf.dtype not in (torch.float32, torch.float64)
+        threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
+        size = max(n, numel // n * n)
+        piece = min(size, mat)
+        ns = newton_schulz_transient_bytes((m, n), ns_column_block_numel(buf.device, piece), threads=threads)
+        iterate = 2 * mat + max(4 * piece * (group["nesterov"] + low), ns)
+        within, spanning = row_block_spans(shape, size)
+        lean = max(iterate, 2 * mat + 4 * within, 4 * spanning + iterate if spanning else 0)
+        if numel < total:
+            return lean
+        return max(lean, 4 * total + self.target_transient_bytes(mat, torch.Size((m, n)), group, state))
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
         """FSDP2 (:meth:`prepare_chunks` with ``reduce``): the momentum step on the shard, then the
@@ -458,7 +560,8 @@ MUON_HPARAMS = (
            "AdamW parameters step and decay with lr * adamw_lr_ratio (MuonWithAuxAdam's Adam-group lr / lr)"),
 )
 USE_MUON = HParam("use_muon", True, is_bool, "a bool",
-                  "the group's 2-D parameters take Muon (the others in it take AdamW, and so do groups without the key"
+                  "the group's 2-D parameters take Muon, and those of more dimensions per matrix over the last two (fused"
+                  " MoE experts; the 1-D ones in it take AdamW, and so do groups without the key"
                   " when another group has it; when none has it, every group takes the default)")
 
 MUON = Recipe(
@@ -521,7 +624,7 @@ class Muon(LowMemOptimizer):
                          ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_eps=ns_eps,
                          adjust_lr_fn=adjust_lr_fn, betas=betas, eps=eps, adamw_lr_ratio=adamw_lr_ratio,
                          state_dtype=state_dtype, foreach=foreach)
-        if eps != 1e-8 and all(g.get("use_muon") and p.ndim == 2 for g in self.param_groups for p in g["params"]):
+        if eps != 1e-8 and all(g.get("use_muon") and p.ndim >= 2 for g in self.param_groups for p in g["params"]):
             # torch.optim.Muon's eps is the Newton-Schulz floor; here it is AdamW's, which no parameter takes
             warn_user(f"eps={eps!r} is AdamW's eps in lowmem's Muon and every parameter here takes Muon, so it"
                       f" changes nothing; torch.optim.Muon's eps (the Newton-Schulz floor) is ns_eps here"
@@ -954,7 +1057,7 @@ class Scale(LowMemOptimizer):
                          state_dtype=state_dtype, foreach=foreach)
 
 
-register(MUON, Muon, state_precision="fp32", second_moment="none", target_key="use_muon",
+register(MUON, Muon, state_precision="fp32", second_moment="none", target_key="use_muon", batched_targets=True,
          example_hparams={"lr": 2e-2})
 register(SINKGD, SinkGD, state_precision="fp32", second_moment="none", target_key="use_sinkgd",
          example_hparams={"lr": 1e-2, "scale": 0.5})

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import Reference, register_reference
+from . import DEFAULT_SHAPES, Reference, register_reference
 
 
 def _adamw(p: Tensor, grads: list[Tensor], lr: float, b1: float, b2: float, eps: float, decay: float,
@@ -55,7 +55,8 @@ def _orthogonalize(u: Tensor, coefficients, steps: int, eps: float) -> Tensor:
 def muon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay: float, momentum: float,
          nesterov: bool, ns_coefficients, ns_steps: int, ns_eps: float, adjust_lr_fn: str, betas, eps: float,
          adamw_lr_ratio: float, use_muon: bool = False, **_) -> list[Tensor]:
-    """Muon (Jordan et al. 2024; torch.optim.Muon's form) on a 2-D parameter of a ``use_muon`` group::
+    """Muon (Jordan et al. 2024; torch.optim.Muon's form) on a 2-D parameter of a ``use_muon`` group (a
+    parameter of more dimensions: on each matrix over its last two, as a parameter of its own)::
 
         B <- mu B + (1 - mu) g ;  U = g + mu (B - g) if nesterov else B
         O = NewtonSchulz5(U) (bfloat16) ;  p <- p (1 - lr wd) ;  p <- p - lr s(A, B) O
@@ -65,9 +66,18 @@ def muon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay:
     ``lr * adamw_lr_ratio`` as its own ``lr``: step and decay ``p <- p (1 - adam_lr wd)`` with it
     (KellerJordan/Muon ``muon.py`` lines 222-223).
     """
-    if not (use_muon and p.dim() == 2):
+    if not (use_muon and p.dim() >= 2):
         adam_lr = lr * adamw_lr_ratio
         return _adamw(p, grads, adam_lr, betas[0], betas[1], eps, adam_lr * weight_decay)
+    if p.dim() > 2:
+        # a batch of matrices over the last two dimensions (fused MoE experts [E, A, B]): Muon's update is
+        # per matrix, so each A x B matrix is a parameter of its own (its momentum, its iteration, s(A, B))
+        kw = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+              "ns_coefficients": ns_coefficients, "ns_steps": ns_steps, "ns_eps": ns_eps, "adjust_lr_fn": adjust_lr_fn,
+              "betas": betas, "eps": eps, "adamw_lr_ratio": adamw_lr_ratio, "use_muon": True}
+        flat = p.reshape(-1, *p.shape[-2:])
+        per = [muon(flat[e], [g.reshape(flat.shape)[e] for g in grads], index=index, **kw) for e in range(flat.shape[0])]
+        return [torch.stack([steps[t] for steps in per]).reshape(p.shape) for t in range(len(grads))]
     rows, cols = p.shape
     s = math.sqrt(max(1.0, rows / cols)) if adjust_lr_fn == "original" else 0.2 * math.sqrt(max(rows, cols))
     buf, out = torch.zeros_like(p), []
@@ -87,7 +97,7 @@ register_reference("muon", Reference(muon, configs=(
     {"lr": 2e-2},
     {"lr": 2e-2, "adjust_lr_fn": "original", "weight_decay": 0.0, "momentum": 0.9},
     {"lr": 1e-2, "nesterov": False, "ns_steps": 3, "weight_decay": 0.05, "betas": (0.8, 0.99), "adamw_lr_ratio": 0.5},
-), rtol=1e-5, atol=1e-6))
+), shapes=(*DEFAULT_SHAPES, (3, 7, 10), (4, 5, 3)), rtol=1e-5, atol=1e-6))  # + batches of matrices: fused MoE experts
 
 
 # ---- SinkGD ----------------------------------------------------------------------------------
