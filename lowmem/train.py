@@ -730,20 +730,38 @@ def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
 
     model, tok = load_model_and_tokenizer(recipe.model, dtype=recipe.dtype, seed=recipe.seed)
     model_dir = recipe.model
-    if recipe.quantization is not None:
-        from lowmem.quant import load_quantized_model
+    layers = lora_layer_names(model)
+    try:
+        if recipe.quantization is not None:
+            from lowmem.quant import load_quantized_model
 
-        if model_dir is None:  # bitsandbytes quantizes while loading: the embedded model needs a path
-            model_dir = save_embedded_model(model, tok, recipe.output_dir)
-        model = load_quantized_model(
-            model_dir, quantization=recipe.quantization, lora=lora_config(recipe.lora) if recipe.lora else None,
-            dtype=recipe.dtype, gradient_checkpointing=recipe.gradient_checkpointing,
-        )
-    elif recipe.lora is not None:
-        from lowmem.quant import attach_lora
+            if model_dir is None:  # bitsandbytes quantizes while loading: the embedded model needs a path
+                model_dir = save_embedded_model(model, tok, recipe.output_dir)
+            model = load_quantized_model(
+                model_dir, quantization=recipe.quantization, lora=lora_config(recipe.lora) if recipe.lora else None,
+                dtype=recipe.dtype, gradient_checkpointing=recipe.gradient_checkpointing,
+            )
+        elif recipe.lora is not None:
+            from lowmem.quant import attach_lora
 
-        model = attach_lora(model, lora_config(recipe.lora))
+            model = attach_lora(model, lora_config(recipe.lora))
+    except ValueError as err:
+        if "not found in the base model" not in str(err):
+            raise
+        # peft's words name neither the field nor what the model has
+        targets = (recipe.lora or {}).get("target_modules", "all-linear")
+        raise ConfigError(f"lora.target_modules={targets!r} matched no layer of {type(model).__name__}: its linear "
+                          f"layers are named {layers} (a list matches these names, a string is a regular expression "
+                          f"over the full module name; 'all-linear' takes every one but the output head)") from err
     return model, tok, model_dir
+
+
+def lora_layer_names(model: nn.Module) -> list[str]:
+    """The last name segment of every linear layer (``nn.Linear``, transformers' ``Conv1D``) of
+    ``model``: what a ``lora.target_modules`` list can name."""
+    from lowmem.optim.registry import is_projection_layer
+
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if name and is_projection_layer(mod)})
 
 
 def _policy_tokenizer_and_dir(recipe: TrainRecipe) -> tuple[Any, str]:

@@ -184,3 +184,16 @@ def test_a_dataset_folder_with_held_out_data_names_it(tmp_path, own_model_dir):
     run(TrainRecipe(model=own_model_dir, dataset=str(tmp_path / "files"), lr=1e-3, steps=1, batch_size=4, track_memory=False,
                     save_model=False, output_dir=str(tmp_path / "out")), console=Console(file=out, width=400))
     assert "note: no eval set; " in out.getvalue() and "'validation.jsonl'" in out.getvalue()
+
+
+def test_lora_target_modules_the_model_lacks_name_its_layers(tmp_path, own_model_dir):
+    """peft said "Target modules {'c_attn'} not found in the base model. Please check the target modules
+    and try again.": neither the recipe field nor the names the model has."""
+    from lowmem.config import ConfigError
+    from lowmem.train import load_policy
+
+    recipe = TrainRecipe(model=own_model_dir, lr=1e-3, lora={"r": 2, "target_modules": ["c_attn"]}, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"lora.target_modules=\['c_attn'\] matched no layer of LlamaForCausalLM: its "
+                                          r"linear layers are named \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', "
+                                          r"'q_proj', 'up_proj', 'v_proj'\]"):
+        load_policy(recipe)
