@@ -301,3 +301,12 @@ def test_step_intervals_are_checked_only_under_their_steps_strategy(tmp_path):
     LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", save_steps=0, logging_strategy="no", logging_steps=0, **COMMON)
     with pytest.raises(ValueError, match=r"LowMemTrainingArguments\.logging_steps=0: expected a number > 0"):
         LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", logging_steps=0, **COMMON)
+
+
+def test_optim_naming_the_same_optimizer_is_not_warned_about(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="lowmem.trainers.hf"):
+        LowMemTrainingArguments(tmp_path, optim="galore_adamw_8bit_layerwise", lowmem_optim="galore_adamw_8bit_layerwise", **COMMON)
+    assert "replaces" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="lowmem.trainers.hf"):
+        LowMemTrainingArguments(tmp_path, optim="galore_adamw_8bit_layerwise", lowmem_optim="galore_adamw8bit", **COMMON)
+    assert "lowmem_optim='galore_adamw8bit' replaces optim='galore_adamw_8bit_layerwise', which is ignored" in caplog.text

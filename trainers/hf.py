@@ -366,9 +366,10 @@ class LowMemArguments:
             logger.warning("lowmem_optim=%r without lowmem_layerwise=True is an ordinary optimizer: the backward pass keeps "
                            "every gradient until the step (LOMO's saving needs lowmem_layerwise=True, or lowmem_optim=%r)",
                            self.lowmem_optim, f"{self.lowmem_optim}_layerwise")
-        if self.lowmem_optim is not None and optim is not None and getattr(optim, "value", optim) != default:
-            logger.warning("lowmem_optim=%r replaces optim=%r, which is ignored", self.lowmem_optim, getattr(optim, "value", optim))
-
+        optim = getattr(optim, "value", optim)
+        if (self.lowmem_optim is not None and optim is not None and optim != default
+                and _same_optimizer(optim, self.lowmem_optim, self.lowmem_layerwise) is False):
+            logger.warning("lowmem_optim=%r replaces optim=%r, which is ignored", self.lowmem_optim, optim)
 
     def _resolve_lowmem_optim(self) -> None:
         """``lowmem_optim`` as a lowmem registry name: a Hugging Face ``optim`` name (``galore_adamw_8bit``,
@@ -391,6 +392,17 @@ class LowMemArguments:
                         " with lowmem_layerwise=True" if layerwise else "")
         self.lowmem_optim = name
         self.lowmem_layerwise = self.lowmem_layerwise or layerwise
+
+
+def _same_optimizer(optim: str, name: str, layerwise: bool) -> bool:
+    """Whether the Hugging Face ``optim`` name means lowmem's ``name`` with ``layerwise`` (``galore_adamw_8bit_layerwise``
+    and ``galore_adamw8bit`` in layerwise mode): then ``lowmem_optim`` replaces nothing the user asked for."""
+    from lowmem.train import resolve_optim_name
+
+    try:
+        return resolve_optim_name(optim) == (name, layerwise)
+    except ValueError:
+        return False
 
 
 _STRATEGY_STEPS = ("logging_steps", "save_steps", "eval_steps")  # read only under their *_strategy='steps'
