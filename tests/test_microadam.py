@@ -209,19 +209,19 @@ def test_tiny_task_loss_within_10_percent_of_adamw_at_default_state_bytes():
 # ---- the step transient of the compiled bucket path (issue 12) ----
 
 
-def test_compiled_bucket_transient_is_each_direction_next_to_the_ones_kept_before_it():
-    from lowmem.optim.microadam import (compiled_bucket_transient_bytes, compiled_direction_bytes,
-                                        direction_transient_bytes, eager_direction_bytes)
+def test_compiled_bucket_transient_is_the_stacked_count_with_the_compiled_compression():
+    from lowmem.optim.microadam import (compiled_compress_bytes, compiled_direction_bytes, eager_direction_bytes,
+                                        stacked_bucket_transient_bytes, stacked_compress_bytes)
 
-    assert direction_transient_bytes(100, 10) == 24 * 100 + 16 * 10
-    # (elements, bytes of its direction): the largest tensor first: its direction alone; last: next to the
-    # 4 B per element kept of the others
-    assert compiled_bucket_transient_bytes([(100, 2560), (50, 1280)]) == 2560
-    assert compiled_bucket_transient_bytes([(50, 1280), (100, 2560)]) == 4 * 50 + 2560
-    # many small tensors: the kept directions of all of them (4 B per element) once the last is made
-    assert compiled_bucket_transient_bytes([(1, 24)] * 100) == max(4 * 99 + 24, 400)
-    assert compiled_bucket_transient_bytes([]) == 0
-    # the compiled direction: the eager phases + the new codes (0.5 B per element) + 12 B per kept entry
+    # the compiled compression: the eager one + the joined gradients held through the call + the inductor's buffers
+    assert compiled_compress_bytes(4096, 4096, 41) == stacked_compress_bytes(4096, 4096, 41) + 6 * 4096
+    layouts = [(1, 2**19, 2**19, 5243, 52430), (4, 300, 2048, 3, 30)]
+    assert stacked_bucket_transient_bytes(layouts, compiled=True) == stacked_bucket_transient_bytes(layouts) + 6 * 2**19
+    # a small group after a large one: next to the large one's kept directions (4 B per element)
+    assert stacked_bucket_transient_bytes(layouts[::-1], compiled=True) == 4 * 4 * 300 + compiled_compress_bytes(
+        2**19, 2**19, 5243) + 64
+    assert stacked_bucket_transient_bytes([], compiled=True) == 0
+    # the compiled direction (a tensor alone): the eager phases + the new codes (0.5 B per element) + 12 B per kept entry
     assert compiled_direction_bytes(300, 2048, 3, 30, 1) == eager_direction_bytes(300, 2048, 3, 30, 1) + 150 + 36
 
 
@@ -233,23 +233,28 @@ def _bucket_optimizer(mode, shapes=((64, 64),) * 6 + ((128,),) * 3):
     return ps, opt
 
 
-def test_compiled_bucket_path_counts_its_directions():
+def test_compiled_bucket_path_counts_its_groups():
     """Where the compiled path is on (CUDA by default; ``compile="always"`` here: only the accounting runs,
-    nothing is compiled), a bucket's transient is :func:`compiled_bucket_transient_bytes` of its tensors' compiled
-    directions (:func:`compiled_direction_bytes`) in bucket order; off, the stacked path's count per layout."""
-    from lowmem.optim.microadam import compiled_bucket_transient_bytes
+    nothing is compiled), a bucket's transient is the stacked path's count per group (:meth:`joint_key`) with
+    the compiled compression (:func:`compiled_compress_bytes`): 6 B per element above the eager count."""
+    from lowmem.optim.microadam import stacked_bucket_transient_bytes
 
     ps, opt = _bucket_optimizer("always")
-    rule, group = opt.recipe.moment, opt.param_groups[0]
-    members = [(p.numel(), rule.transient_bytes(p.numel(), p.shape, group, opt.state[p])) for p in ps]
-    assert all(opt.recipe.moment.supports_foreach_for(p.shape, opt.param_groups[0], opt.state[p]) for p in ps)
-    assert opt.step_transient_bytes() == compiled_bucket_transient_bytes(members)
+    moment, group = opt.recipe.moment, opt.param_groups[0]
+    assert all(moment.supports_foreach_for(p.shape, group, opt.state[p]) for p in ps)
+    members = [(p.numel(), opt.state[p]) for p in ps]
+    n = sum(p.numel() for p in ps)
+    compiled = opt.step_transient_bytes()
+    assert compiled == moment.foreach_bucket_transient_bytes(n, members, group)
     ps, plain = _bucket_optimizer("never")
-    moment, group = plain.recipe.moment, plain.param_groups[0]
-    stacked = moment.foreach_bucket_transient_bytes(
-        sum(p.numel() for p in ps), [(p.numel(), plain.state[p]) for p in ps], group)
-    assert plain.step_transient_bytes() == stacked  # (the stacked path's count per layout, not the compiled one)
-    assert stacked != compiled_bucket_transient_bytes(members)
+    stacked = plain.recipe.moment.foreach_bucket_transient_bytes(n, [(p.numel(), plain.state[p]) for p in ps], group)
+    assert plain.step_transient_bytes() == stacked
+    # (6 x 64 x 64 joined in one row, 3 x 128 in another: top-k blocks of 128, not 256)
+    lay, lay2 = moment.layout(64 * 64, group), moment.layout(128, group)
+    first = (1, 6 * 4096, 6 * 4096, 6 * lay.k, 6 * group["m"] * lay.k)
+    second = (1, 3 * 128, 3 * 128, 3 * lay2.k, 3 * group["m"] * lay2.k)
+    assert compiled == stacked_bucket_transient_bytes([first, second], compiled=True) != stacked
+    assert stacked == stacked_bucket_transient_bytes([first, second])
 
 
 def test_cuda_estimate_counts_the_compiled_path():
@@ -275,9 +280,10 @@ def test_cuda_estimate_counts_the_compiled_path():
 @pytest.mark.parametrize("side", [256, 512])
 def test_compiled_bucket_measured_in_a_fresh_process(side):
     """The compiled bucket path on CPU (``compile="always"``), 8 float32 weights of ``side`` x ``side``, peak RSS
-    above the state in a fresh process (glibc's mmap threshold fixed, step_memory.LIVE_ENV): measured 2.40 /
-    3.99 MiB for 3.35 / 7.40 reported (the inductor's direction takes ~12 B per element where the eager
-    bound counts 24; on CUDA not measured yet). Without the kept directions the report would be 1.6 / 6.4."""
+    above the state in a fresh process (glibc's mmap threshold fixed, step_memory.LIVE_ENV): measured 8.36 /
+    8.43 MB for 8.72 reported (one joined row of 2^19 elements per bucket: the compiled compression,
+    microadam.compiled_compress_bytes; before session 9, per tensor: 2.40 / 3.99 MiB for 3.35 / 7.40, which
+    the joined rows' report, 2.66 / 4.36, would have been under). On CUDA not measured yet."""
     import json
     import os
     import subprocess

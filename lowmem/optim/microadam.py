@@ -86,15 +86,6 @@ def _one_row(xs: list[Tensor], dim: int = 0) -> Tensor:
     return torch.cat(xs, dim=dim).unsqueeze(0)
 
 
-def direction_transient_bytes(numel: int, ring_entries: int) -> int:
-    """The bound :meth:`MicroAdamMoments.direction` of ``numel`` elements was counted at before its
-    phases (:func:`eager_direction_bytes`, :func:`compiled_direction_bytes`): 24 bytes per element plus
-    16 per ring entry (about 2x the measurement of a chunk; below it for a tensor smaller than a
-    quantization block). Only :meth:`MicroAdamMoments.foreach_bucket_transient_bytes` without a group
-    uses it now."""
-    return 24 * numel + 16 * ring_entries
-
-
 def eager_direction_bytes(numel: int, width: int, kept: int, ring_entries: int, quant_blocks: int) -> int:
     """Bytes the plain (eager) :meth:`MicroAdamMoments.direction` of ``numel`` elements allocates, phase
     by phase as :func:`~lowmem.optim.functional.microadam.compress_` and
@@ -125,18 +116,6 @@ def eager_direction_bytes(numel: int, width: int, kept: int, ring_entries: int, 
     return max(decode, topk, quantize, window) + 1024
 
 
-def compiled_bucket_transient_bytes(members: list[tuple[int, int]]) -> int:
-    """Bytes of :meth:`MicroAdamMoments.foreach_step_` on a bucket where the compiled path is on: each
-    tensor takes its own :meth:`~MicroAdamMoments.direction`, and the directions (float32, 4 B per
-    element) are kept until the bucket's multi-tensor update. ``members``: ``(elements, bytes of its
-    direction)`` of each tensor (:func:`compiled_direction_bytes`), in the bucket's order."""
-    worst = alive = 0
-    for numel, direction in members:
-        worst = max(worst, alive + direction)
-        alive += 4 * numel
-    return max(worst, alive)  # (the update itself, torch._foreach_mul_ / _foreach_add_, is in place)
-
-
 def stacked_compress_bytes(numel: int, width: int, kept: int) -> int:
     """Bytes :func:`~lowmem.optim.functional.microadam.compress_rows_` allocates per row (tensor) of
     ``numel`` elements padded to ``width`` (whole quantization blocks) keeping ``kept`` (``k``) entries,
@@ -162,16 +141,29 @@ def stacked_window_bytes(numel: int, ring_entries: int) -> int:
     return 8 * numel + 20 * ring_entries
 
 
-def stacked_bucket_transient_bytes(layouts: list[tuple[int, int, int, int, int]]) -> int:
+def compiled_compress_bytes(numel: int, width: int, kept: int) -> int:
+    """Bytes of the compiled :func:`~lowmem.optim.functional.microadam.compress_rows_` per row (the compiled
+    path, :func:`_compiled`): :func:`stacked_compress_bytes` plus 6 B per element, the joined gradients the
+    caller makes and holds through the call (4 B: a compiled function takes tensors, not the eager path's
+    function that makes them) and the inductor's buffers (about 2 B more: it does not reuse ``a``'s storage
+    as the eager path's in-place operations do). Measured on CPU (peak RSS above the state in a fresh process,
+    torch 2.13, 2026-11-30): a bucket of one joined row of 2^19 elements at the defaults 16.2-16.4 B per
+    element for 16.6 counted; 14.8 with ``k = d / 4`` (21.5 counted); 11.1-13.8 for mixed layouts."""
+    return stacked_compress_bytes(numel, width, kept) + 6 * numel
+
+
+def stacked_bucket_transient_bytes(layouts: list[tuple[int, int, int, int, int]], compiled: bool = False) -> int:
     """Bytes of :meth:`MicroAdamMoments.foreach_step_`'s stacked path on a bucket whose tensors of one top-k
     layout are stacked as rows, a layout at a time in the order they first appear: ``layouts`` gives
     ``(rows, elements, padded width, kept k, ring entries m k)`` per layout (the last three per row). Each
-    layout's compression (:func:`stacked_compress_bytes`) or window (:func:`stacked_window_bytes`) next
+    layout's compression (:func:`stacked_compress_bytes`; ``compiled``: :func:`compiled_compress_bytes`) or
+    window (:func:`stacked_window_bytes`, the compiled sums and the eager quotient alike) next
     to the directions of the layouts done before it (4 B per element, kept for the multi-tensor update);
     then all the directions (the update itself is in place). 64 B per layout: the step's scalars."""
+    compress = compiled_compress_bytes if compiled else stacked_compress_bytes
     worst = alive = 0
     for rows, numel, width, kept, ring_entries in layouts:
-        phase = max(stacked_compress_bytes(numel, width, kept), stacked_window_bytes(numel, ring_entries))
+        phase = max(compress(numel, width, kept), stacked_window_bytes(numel, ring_entries))
         worst = max(worst, alive + rows * phase + 64)
         alive += 4 * rows * numel
     return max(worst, alive)
@@ -183,7 +175,10 @@ def compiled_direction_bytes(numel: int, width: int, kept: int, ring_entries: in
     entry, as measured on CUDA (H200, torch 2.11, ``torch.cuda.max_memory_allocated``, 2026-11-29): a 2^19 chunk
     6,578,176 for 6,619,648 (the eager count alone 6,294,528, below it); 1000 x 300 3,765,760 / 3,838,084;
     a 300-element bias 12,288 / 25,838. The inductor's kernels keep the decoding's 12 B per padded element
-    and hold the compression's outputs longer."""
+    and hold the compression's outputs longer. Measured so for the compiled ``compress_`` before session 9;
+    the compiled path now runs :func:`~lowmem.optim.functional.microadam.compress_rows_` on the tensor as one
+    row (a view: no joined copy), measured on CPU (peak RSS, 1024 x 1024 weights in chunks of 2^19) 5.97 MB
+    for 6.62 counted (not re-measured on CUDA)."""
     return eager_direction_bytes(numel, width, kept, ring_entries, quant_blocks) + -(-numel // 2) + 12 * kept
 
 
@@ -392,19 +387,15 @@ class MicroAdamMoments(MomentRule):
         return 24 * numel
 
     def foreach_bucket_transient_bytes(self, numel, members, group=None):
-        """Where the compiled path is on for the members' device (:func:`use_compiled`: CUDA by default;
-        the state's device, so that the estimator's fake CUDA tensors count it too), :meth:`foreach_step_`
-        takes each tensor's compiled :meth:`direction` and keeps the directions for the update:
-        :func:`compiled_bucket_transient_bytes` of the members' sizes and their :meth:`transient_bytes`
-        (:func:`compiled_direction_bytes`; without the ``group``, the bound :func:`direction_transient_bytes`). Elsewhere the stacked path: with the bucket's ``group`` (its
-        block sizes give each layout's padded width), :func:`stacked_bucket_transient_bytes` of its layouts
-        in bucket order; without it, the bound :meth:`foreach_transient_bytes` (which padded rows exceed)."""
-        if members and use_compiled(members[0][1]["microadam_indices"].device, self.compile):
-            return compiled_bucket_transient_bytes(
-                [(n, direction_transient_bytes(n, st["microadam_indices"].numel()) if group is None
-                  else self.transient_bytes(n, None, group, st)) for n, st in members])
+        """With the bucket's ``group`` (its block sizes give each layout's padded width):
+        :func:`stacked_bucket_transient_bytes` of its groups (:meth:`joint_key`) in bucket order, with the
+        compiled compression (:func:`compiled_compress_bytes`) where the compiled path is on for the members'
+        device (:func:`use_compiled`: CUDA by default; the state's device, so that the estimator's fake CUDA
+        tensors count it too). Without it, the bound :meth:`foreach_transient_bytes` (which padded rows
+        exceed), 6 B per element more on the compiled path."""
+        compiled = bool(members) and use_compiled(members[0][1]["microadam_indices"].device, self.compile)
         if not members or group is None:
-            return self.foreach_transient_bytes(numel)
+            return self.foreach_transient_bytes(numel) + (6 * numel if compiled else 0)
         qbs = group["quant_block_size"]
         # as foreach_step_ groups them (joint_key), in the order they first appear: a layout's stacked rows
         # (rows, elements, padded width, kept k, ring entries per row), or whole-block tensors in one row
@@ -420,4 +411,4 @@ class MicroAdamMoments(MomentRule):
                 row[2] += n
                 row[3] += lay.k
                 row[4] += st["microadam_indices"].numel()
-        return stacked_bucket_transient_bytes([tuple(v) for v in layouts.values()])
+        return stacked_bucket_transient_bytes([tuple(v) for v in layouts.values()], compiled)
