@@ -774,9 +774,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # quantized rule decodes its members with quantized moments), after the projected buckets are
         # done; a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own
         moment, stab = self.recipe.moment, 4 * bool(self.recipe.stabilizers)
-        # (a rule with torch's fused AdamW kernel, foreach_counts_outside: the elements the kernel leaves out)
-        extra = (lambda k: {"outside": outside.get(k, 0)}) if getattr(moment, "foreach_counts_outside", False) \
-            else (lambda k: {})
+        # (a rule with torch's fused AdamW kernel, foreach_counts_outside: the elements the kernel leaves out;
+        # a rule with foreach_counts_class: the bucket's class, foreach_bucket_class, e.g. the shape of the
+        # hybrids' targets, whose stacks and scalings are sized by it)
+        def extra(k: tuple) -> dict[str, Any]:
+            kw: dict[str, Any] = {}
+            if getattr(moment, "foreach_counts_outside", False):
+                kw["outside"] = outside.get(k, 0)
+            if getattr(moment, "foreach_counts_class", False):
+                kw["bucket_class"] = k[2]  # (_bucket_key: (id(group), device, class, index))
+            return kw
+
         foreach = max((max(moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k], **extra(k))
                            + stab * n,
                            # a bucket stabilized at once: the stabilizers' transient before the moment step
@@ -896,6 +904,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         n = p.numel() if bounds is None else max((b - a for a, b in bounds), default=0)
         copies = 4 * n * (p.dtype not in (torch.float32, torch.float64))  # float32 copy of the gradient (and of the parameter)
         stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
+        whole = getattr(r.moment, "whole_transient_bytes", None)
+        if bounds is None and whole is not None:
+            # stepped whole (its direction sees the whole tensor, not a ChunkState): a rule whose whole-tensor
+            # form differs from its chunked one of a single chunk (SinkGD's sr_sinkhorn) says which it allocates
+            return 2 * copies + stab + whole(p.shape, group, state)
         return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
 
     def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
