@@ -738,9 +738,7 @@ class SinkGDMoments(HybridMoments):
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
         block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group))
-        # (until the engine asks target_whole_transient_bytes of a weight stepped whole: /tmp/lm/TRANSIENT3b_engine.patch)
-        whole = sr_sinkhorn_bytes(m, n, group["sinkhorn_iters"]) if numel == m * n else 0
-        return max(block, 4 * numel + 4 * (m + n), whole)
+        return max(block, 4 * numel + 4 * (m + n))
 
     def target_whole_transient_bytes(self, shape, group, state):
         """The whole-tensor step (:func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, ``chunk_numel=None``):
@@ -960,6 +958,11 @@ class ScaleMoments(HybridMoments):
         """:func:`~lowmem.optim.functional.scale.scale_rows_foreach_`: the float32 stack and its row RMS
         (one float32 per row: at most ``numel / 16`` with :attr:`foreach_min_cols`)."""
         return 4 * numel + numel // 4
+
+    def target_foreach_bucket_transient_bytes(self, numel, shape, group):
+        """A bucket of ``[out, in]`` matrices of ``shape``: the float32 stack and its rows' RMS (``4 numel + 4 k out``,
+        every operation after them in place)."""
+        return 4 * numel + 4 * (numel // max(shape[-1], 1))
 
     def target_transient_bytes(self, numel, shape, group, state):
         """The normalised matrix (float32) and the per-slice RMS (one per row of the piece, or one
