@@ -351,6 +351,157 @@ def traced_activation_bytes(
     return parts
 
 
+def layer_kinds(config: Any, layers: Any) -> list[tuple]:
+    """One hashable kind per decoder layer: layers of one kind run the same operations on the same shapes, so their
+    step segments (:func:`_stitch_layers`) are equal up to where they start.
+
+    A kind is the layer's ``config.layer_types`` entry (Gemma2/3's sliding and full attention, Qwen2's
+    ``max_window_layers``), every submodule's class and plain attributes (``sliding_window``, ``is_sliding``,
+    ``attention_type``; not the layer's index), every parameter's and buffer's name, shape, dtype and
+    ``requires_grad`` (MoE layers every ``decoder_sparse_step``-th layer, ``mlp_only_layers``, LoRA targets, BAdam's
+    frozen blocks), and whether it is the first layer (its input comes from the embeddings: with a frozen embedding it
+    needs no gradient, so its backward forms none). Anything not recognised makes two layers different kinds: a
+    longer truncated trace, never a wrong one."""
+    types = getattr(config, "layer_types", None)
+    scalars = (bool, int, float, str, type(None))
+    kinds = []
+    for i, layer in enumerate(layers):
+        sig: list = [i == 0, types[i] if isinstance(types, (list, tuple)) and i < len(types) else None]
+        for name, mod in layer.named_modules():
+            attrs = tuple(sorted((k, v) for k, v in vars(mod).items()
+                                 if not k.startswith("_") and k not in ("layer_idx", "layer_index", "training", "gradient_checkpointing") and isinstance(v, scalars)))
+            sig.append((name, type(mod).__qualname__, attrs))
+        sig.extend((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in layer.named_parameters())
+        sig.extend((n, tuple(b.shape), str(b.dtype)) for n, b in layer.named_buffers())
+        kinds.append(tuple(sig))
+    return kinds
+
+
+def _contexts(kinds: list[tuple]) -> list[tuple]:
+    """Each layer's kind with its neighbours' (a storage one layer makes may be freed in the next one's segment)."""
+    return [(kinds[j - 1] if j else None, kinds[j], kinds[j + 1] if j + 1 < len(kinds) else None)
+            for j in range(len(kinds))]
+
+
+def truncated_layers(kinds: list[tuple]) -> int:
+    """How many leading decoder layers a truncated trace keeps (:func:`_stitch_layers`, which plays the whole stack
+    as the prefix's layers up to its third-to-last, then repeats of inner layers, then the prefix's last two): the
+    shortest prefix
+
+    * whose last three layers are of the kinds of the stack's last three (the last two play the stack's last two: what
+      follows the last layer's forward and precedes its backward is the head, and a layer's output may live until the
+      head runs, e.g. a bfloat16 input of the last layer),
+    * in whose inner layers before those (``1 .. m - 3``) every layer of the stack played by a repeat appears at least
+      twice with the same kinds before and after it (:func:`_contexts`): the repeated one is then not the first of its
+      kind, whose backward frees what all layers of that kind share (rotary tables, masks made before the layers).
+
+    Six for a uniform stack; the whole stack when it has no such shorter prefix."""
+    n = len(kinds)
+    ctx = _contexts(kinds)
+    for m in range(6, n - 1):
+        inner = _contexts(kinds[:m])[1:m - 2]
+        if kinds[m - 3:m] == kinds[n - 3:] and all(inner.count(c) >= 2 for c in set(ctx[m - 2:n - 2])):
+            return m
+    return n
+
+
+def _stitch_layers(steps: list, kinds: list[tuple], m: int) -> list | None:
+    """The step of the whole model, from the step of its first ``m`` decoder layers (boundary records between
+    segments: :func:`_trace_saved` with ``whole_step``).
+
+    The traced step is a sequence of segments: ``pre`` (embeddings, masks, rotary tables), each layer's forward
+    ``("f", i)``, ``mid`` (final norm, head, loss, their backward), each layer's backward ``("b", i)`` from the last
+    (with checkpointing, its recomputation), ``post`` (the embeddings' backward). Within a segment the bytes live and
+    the weights' gradients, relative to where the segment begins, are the layer kind's own (the same operations on
+    the same shapes); what a segment leaves behind (the saved tensors of a forward, the gradients of a backward) is
+    carried into the next. So the whole step is the segments re-played in the whole model's order, each from where
+    the previous one ends: layer 0's own, then each later layer's from the truncated trace's last layer of its kind.
+    The prefix's layers up to its third-to-last play themselves; the stack's layers after them up to its third-to-last
+    are played by the prefix's last inner layer with the same kinds around it (:func:`_representatives`); the
+    stack's last two by the prefix's last two (:func:`truncated_layers`: e.g. a bfloat16 layer's input is freed only
+    when the next layer starts, after the last layer's forward hook). A storage a layer made and the head's segments
+    free (a cache's key or value, freed with the model's output) is freed once per layer played. Exact, not
+    approximate (``tests/test_memory_truncated.py`` compares it with the whole stack's trace).
+
+    Returns:
+        `list` or `None`: ``(bytes live, weights' gradient bytes, done)`` after each operation that allocates;
+        ``None`` when the trace is not that sequence of segments (then the whole model is traced).
+    """
+    # a storage a layer made and the head's segments free (``"~"``, :func:`_trace_saved`'s ``drop``) is taken out of
+    # the prefix's step (as if it stayed) and freed again below once for each layer of the whole stack
+    kept, frees, held = [], [], 0
+    for name, a, g, done, label in steps:
+        if name == "~":
+            held += a
+            frees.append((len(kept), label, a))
+        else:
+            kept.append((name, a + held, g, done, label))
+    segs: list[list] = []  # [label, live at its start, gradients at its start, [(live, gradients, done)], index]
+    for name, a, g, done, label in kept:
+        if name == "|":
+            segs.append([label, a, g, [], len(segs)])
+        elif segs:
+            segs[-1][3].append((a - segs[-1][1], g - segs[-1][2], done))
+        else:
+            return None
+    labels = [sg[0] for sg in segs]
+    expected = ["pre", *[("f", i) for i in range(m)], "mid", *[("b", i) for i in reversed(range(m))]]
+    if labels[:len(expected)] != expected or any(lab != "post" for lab in labels[len(expected):]):
+        return None
+    deltas = [(nxt[1] - sg[1], nxt[2] - sg[2]) for sg, nxt in zip(segs, segs[1:])] + [(0, 0)]
+    by_label = {lab: i for i, lab in enumerate(labels) if lab != "post"}
+    n = len(kinds)
+    rep = _representatives(kinds, m)
+    ctx = _contexts(kinds)
+    source = [*range(m - 2), *(rep[ctx[j]] for j in range(m - 2, n - 2)), m - 2, m - 1]  # the prefix's layer playing each
+    order = [by_label["pre"]] + [by_label[("f", source[j])] for j in range(n)] + [by_label["mid"]]
+    order += [by_label[("b", source[j])] for j in reversed(range(n))]
+    order += [i for i, lab in enumerate(labels) if lab == "post"]
+    out, live, grads, start = [], 0, 0, {}
+    for i in order:
+        start.setdefault(i, len(out))  # mid and post: played once
+        out.extend((live + a, grads + g, done) for a, g, done in segs[i][3])
+        live, grads = live + deltas[i][0], grads + deltas[i][1]
+    # the frees: at their place in the head's segment (rows of ``kept`` -> rows of ``out``), once per layer played
+    row_of, rows = {}, 0
+    bounds = [k for k, (name, *_) in enumerate(kept) if name == "|"]
+    for k in range(len(kept) + 1):
+        seg_i = sum(1 for b in bounds if b < k) - 1
+        row_of[k] = (seg_i, k - bounds[seg_i] - 1 if seg_i >= 0 else 0)
+    plays = {}
+    for r in source:
+        plays[r] = plays.get(r, 0) + 1
+    less = [0] * (len(out) + 1)
+    for k, (_, born), nbytes in frees:
+        seg_i, within = row_of[k]
+        times = plays.get(born[1], 0) if born[1] < m else 0
+        if seg_i in start and times:
+            less[start[seg_i] + within] += nbytes * times
+    total = 0
+    for idx in range(len(out)):
+        total += less[idx]
+        if total:
+            a, g, done = out[idx]
+            out[idx] = (a - total, g, done)
+    return out
+
+
+def _representatives(kinds: list[tuple], m: int) -> dict:
+    """Each inner layer's context (:func:`_contexts`) -> the last inner layer of a prefix of ``m`` layers (among
+    layers ``1 .. m - 3``) in that context: its forward follows a layer's forward of the same kind and precedes one,
+    its backward likewise, as the stack's inner layer's."""
+    return {c: i for i, c in enumerate(_contexts(kinds[:m])) if 0 < i < m - 2}
+
+
+def _layers_parent(model: Any, layers: Any) -> tuple[Any, str]:
+    """The module holding ``layers`` and the attribute it is under."""
+    for mod in model.modules():
+        for name, child in mod.named_children():
+            if child is layers:
+                return mod, name
+    raise ValueError(f"the decoder layers are not a child of any module of {type(model).__name__}")
+
+
 def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int, checkpointed: bool,
                        cache: dict) -> dict[str, int]:
     """:func:`traced_activation_bytes` with the model's own loss: the step traced as a device runs it (forward, then
@@ -358,32 +509,63 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     (:func:`_trace_saved`'s fourth item). ``total`` is the most bytes of activations live at once; ``backward_peak``
     the most bytes of activations and weight gradients live at once in the backward pass (the gradients fill as the
     activations are freed: an early layer's backward holds the later layers' gradients). A batch above 3 is
-    extrapolated from the traces at 2 and 3, operation by operation."""
-    def whole_at(b: int) -> tuple[int, int, list]:
+    extrapolated from the traces at 2 and 3, operation by operation.
+
+    Only the first decoder layers are traced, enough to hold each kind of layer (:func:`layer_kinds`,
+    :func:`truncated_layers`: six of a uniform stack, twenty of Gemma3-1B's 26 (five sliding and one full
+    attention layers, repeated)), and the whole step is stitched from their segments (:func:`_stitch_layers`), exactly; a trace that does
+    not split into those segments is done again on the whole stack."""
+    from torch import nn
+
+    kinds = layer_kinds(config, layers)
+    parent, attr = _layers_parent(model, layers)
+
+    def whole_at(b: int) -> tuple[list, int, list, int]:
         key = (b, seq_len, "step", checkpointed)
         if key not in cache:
-            per_layer, other, _, whole = _trace_saved(model, config, layers, b, seq_len, backward=True,
-                                                      checkpointed=checkpointed, whole_step=True)
-            cache[key] = (sum(per_layer), other, whole["steps"])
+            m = cache.get("step layers", truncated_layers(kinds))
+            while True:
+                sub = layers if m == len(layers) else nn.ModuleList(list(layers)[:m])
+                setattr(parent, attr, sub)
+                try:
+                    per_layer, other, _, whole = _trace_saved(model, config, sub, b, seq_len, backward=True,
+                                                              checkpointed=checkpointed, whole_step=True)
+                finally:
+                    setattr(parent, attr, layers)
+                if m == len(layers) or _stitch_layers(whole["steps"], kinds, m) is not None:
+                    break
+                m = cache["step layers"] = len(layers)  # not the expected segments: the whole stack
+            cache[key] = (per_layer, other, whole["steps"], m)
         return cache[key]
 
     if batch_size <= 3:
-        saved, other, steps = whole_at(batch_size)
+        per_layer, other, steps, m = whole_at(batch_size)
     else:  # the same operations at every batch, each one's bytes affine in it: two traces serve all, step by step
         # (at 2 and 3: at a batch of 1 attention may take another kernel, e.g. GPT-2's math path on fake CPU tensors)
-        (s1, o1, t1), (s2, o2, t2) = whole_at(2), whole_at(3)
+        (p1, o1, t1, m1), (p2, o2, t2, m) = whole_at(2), whole_at(3)
+        if m1 != m:
+            raise AssertionError("the traces at batches 2 and 3 kept different numbers of layers")
 
         def ext(a: int, b: int) -> int:
             return a + (batch_size - 2) * (b - a)
 
-        saved, other = ext(s1, s2), ext(o1, o2)
-        # the operations matched by name (in case a batch takes an operation more or less)
-        matcher = difflib.SequenceMatcher(None, [t[0] for t in t1], [t[0] for t in t2], autojunk=False)
-        steps = [(n, ext(t1[i + k][1], a2), g2, done) for i, j, size in matcher.get_matching_blocks()
-                 for k, (n, a2, g2, done) in enumerate(t2[j:j + size])]
+        per_layer, other = [ext(a, b) for a, b in zip(p1, p2)], ext(o1, o2)
+        # the operations matched by name and segment (in case a batch takes an operation more or less)
+        matcher = difflib.SequenceMatcher(None, [(t[0], t[4]) for t in t1], [(t[0], t[4]) for t in t2], autojunk=False)
+        steps = [(n, ext(t1[i + k][1], a2), g2, done, seg) for i, j, size in matcher.get_matching_blocks()
+                 for k, (n, a2, g2, done, seg) in enumerate(t2[j:j + size])]
+    if m < len(layers):
+        stitched = _stitch_layers(steps, kinds, m)
+        if stitched is None:
+            raise AssertionError("the extrapolated trace lost its segments")
+        rep, ctx = _representatives(kinds, m), _contexts(kinds)
+        saved = sum(per_layer) + sum(per_layer[rep[c]] for c in ctx[m - 2:len(kinds) - 2])
+    else:
+        stitched = [(a, g, done) for n, a, g, done, _ in steps if n not in ("|", "~")]
+        saved = sum(per_layer)
     # until the embeddings' backward: a tied head's moment is the estimate's own (two weight-sized tensors with every
     # gradient, ``tied_embedding_backward``), an untied embedding's gradient is the step's moment (every gradient)
-    steps = [(a, g) for _, a, g, done in steps if not done]
+    steps = [(a, g) for a, g, done in stitched if not done]
     act = max((a for a, _ in steps), default=0)
     tokens = batch_size * seq_len
     e = model.get_input_embeddings().weight.element_size()
@@ -452,6 +634,12 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
         hooks.append(layer.register_forward_hook(lambda m, a, o: current.__setitem__(0, -1)))
+    if whole_step:  # the step's segments (:func:`_stitch_layers`): before the layers, each layer's forward, ...
+        last = len(layers) - 1
+        for i, layer in enumerate(layers):
+            hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: None if in_backward[0] else mark(("f", i))))
+            if i == last:
+                hooks.append(layer.register_forward_hook(lambda m, a, o: None if in_backward[0] else mark("mid")))
     patched = []
     for mod in model.modules():
         if _fused_experts(mod):
@@ -477,6 +665,30 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     act, grad_bytes = [0], [0]  # bytes in ``alive`` (not gradients), in ``grads``
     alive_keys: dict[Any, Any] = {}  # each key of ``alive`` itself (its storage may have died)
 
+    def drop(key) -> None:
+        """A storage of ``alive`` was freed. After the layers' forward (``mid``, ``post``), one that a decoder layer
+        made (e.g. a cache's key or value, freed with the model's output) is recorded, ``("~", bytes, 0, done,
+        (segment, the layer's segment))``: :func:`_stitch_layers` frees it once per layer of the whole stack."""
+        n = alive.pop(key)
+        act[0] -= n
+        del alive_keys[key]
+        origin = born.pop(key, "pre")
+        if segment[0] in ("mid", "post") and isinstance(origin, tuple):
+            whole["steps"].append(("~", n, 0, tail[0], (segment[0], origin)))
+
+    def mark(label) -> None:
+        """A segment of the step begins (``whole_step``): the bytes live now, the freed storages taken out (a
+        boundary record, named ``"|"``, then the segment's operations carry its label)."""
+        for key in [key for key in alive_keys.values() if key.expired()]:
+            drop(key)
+        whole["steps"].append(("|", act[0], grad_bytes[0], tail[0], label))
+        segment[0] = label
+
+    segment = ["pre"]
+    born: dict[Any, Any] = {}  # the segment each storage of ``alive`` was made in
+    if whole_step:
+        whole["steps"].append(("|", 0, 0, False, "pre"))
+
     class _Live(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -486,19 +698,18 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                     key = StorageWeakRef(o.untyped_storage())
                     if key not in params:
                         if whole_step and key in alive and alive_keys[key].expired():  # a freed storage's address reused
-                            act[0] -= alive.pop(key)
-                            del alive_keys[key]
+                            drop(key)
                         if whole_step and key not in alive and key not in grads:
                             alive[key], alive_keys[key] = o.untyped_storage().nbytes(), key
+                            born[key] = segment[0]
                             act[0] += alive[key]
                             added = True
                         if in_backward[0] and key not in not_live:
                             live.setdefault(key, o.untyped_storage().nbytes())
             if added:  # the live bytes only grow when an operation allocates: the peaks are after those
                 for key in [key for key in alive_keys.values() if key.expired()]:
-                    act[0] -= alive.pop(key)
-                    del alive_keys[key]
-                whole["steps"].append((func.__name__, act[0], grad_bytes[0], tail[0]))
+                    drop(key)
+                whole["steps"].append((func.__name__, act[0], grad_bytes[0], tail[0], segment[0]))
             k = window[0]
             if in_backward[0] and not whole_step and k >= 0:
                 for key in [key for key in live if key.expired()]:
@@ -515,11 +726,16 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
             grad_bytes[0] += grads[key]
             act[0] -= alive.pop(key, 0)
             alive_keys.pop(key, None)
+            born.pop(key, None)
 
     embedded = []
     if backward:
         def enter(i):
-            return lambda grad: window.__setitem__(0, i)
+            def hook(grad):
+                window[0] = i
+                if whole_step:
+                    mark(("b", i))
+            return hook
 
         def leave(i):
             return lambda grad: window.__setitem__(0, -1 if window[0] == i else window[0])
@@ -556,7 +772,12 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                 # backward's storages; and not held for the whole step (live as long as a layer keeps it)
                 not_live.add(StorageWeakRef(embedded[0].untyped_storage()))
                 if embedded[0].requires_grad:
-                    embedded[0].register_hook(lambda grad: tail.__setitem__(0, True))
+                    def tail_hook(grad):
+                        tail[0] = True
+                        if whole_step:
+                            mark("post")
+
+                    embedded[0].register_hook(tail_hook)
                 embedded.clear()
                 for key, (i, n) in owner.items():
                     if i >= 0:
