@@ -1,10 +1,12 @@
-"""Muon on batches of matrices (fused MoE experts, transformers 5.x: ``experts.gate_up_proj [E, 2I, H]``,
+"""Muon and SinkGD on batches of matrices (fused MoE experts, transformers 5.x: ``experts.gate_up_proj [E, 2I, H]``,
 ``experts.down_proj [E, H, I]``): a parameter ``[E, A, B]`` of a ``use_muon`` group is stepped as ``E`` separate
 ``A x B`` parameters would be (each matrix its own momentum slice, Newton-Schulz iteration and ``adjust_lr_fn``
 ratio), on every path: whole (``chunk_numel=None``), chunked (blocks of rows within and over matrices), the
 multi-tensor buckets (stacked with the 2-D weights of their shape) and a tensor larger than the chunk in them."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -16,21 +18,22 @@ from lowmem.optim import create_optimizer
 SHAPES = [(3, 24, 40), (3, 40, 24), (2, 2, 7, 10), (4, 1, 17)]  # wide, tall, 4-D, single rows
 
 
-def _run(shapes, grads, chunk, foreach, steps, **kw):
-    torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
-    opt = create_optimizer(params, "muon", lr=2e-2, foreach=foreach, **kw)
-    opt.chunk_numel = chunk
-    for t in range(steps):
-        for p, g in zip(params, grads):
-            p.grad = g[t].clone()
-        opt.step()
-    return params, opt
+HP = {"muon": {"lr": 2e-2}, "sinkgd": {"lr": 1e-2, "scale": 0.5, "sinkhorn_iters": 3}}
 
 
 def _grads(shape, steps, seed):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=gen) * (1.0 if t != 2 else 0.0) for t in range(steps)]
+
+
+def _run(name, params, grads, chunk, foreach, steps, **kw):
+    opt = create_optimizer(params, name, **{**HP[name], **kw}, foreach=foreach)
+    opt.chunk_numel = chunk
+    for t in range(steps):
+        for p, g in zip(params, grads):
+            p.grad = g[t].clone()
+        opt.step()
+    return opt
 
 
 PATHS = [(None, False), (None, True), (100, False), (100, True), (240, False), (240, True), (2**19, False), (2**19, True)]
@@ -39,36 +42,32 @@ ORIGINAL = {"nesterov": False, "adjust_lr_fn": "original", "weight_decay": 0.0}
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("chunk,foreach,config",
-                         [(*p, {}) for p in PATHS] + [(*p, ORIGINAL) for p in PATHS[2:4]],
-                         ids=PATH_IDS + [f"original-{i}" for i in PATH_IDS[2:4]])
-def test_a_batch_of_matrices_steps_as_separate_matrices(shape, chunk, foreach, config):
+@pytest.mark.parametrize("name,chunk,foreach,config",
+                         [("muon", *p, {}) for p in PATHS] + [("muon", *PATHS[3], ORIGINAL)]
+                         + [("sinkgd", *PATHS[i], {}) for i in (0, 2, 5, 7)],
+                         ids=[f"muon-{i}" for i in PATH_IDS] + [f"muon-original-{PATH_IDS[3]}"]
+                         + [f"sinkgd-{PATH_IDS[i]}" for i in (0, 2, 5, 7)])
+def test_a_batch_of_matrices_steps_as_separate_matrices(shape, name, chunk, foreach, config):
     """[E, A, B] (and [E1, E2, A, B]) vs E1*E2 separate [A, B] parameters, same gradients (a zero one
-    included), 4 steps: weights and momentum bit for bit equal, whatever the path of either."""
+    included), 4 steps: weights (and Muon's momentum) bit for bit equal, whatever the path of either (SinkGD's
+    buckets take matrices with both sides >= 16 only: the 4-D and single-row batches are stepped alone there)."""
     steps = 4
     grads = _grads(shape, steps, 1)
-    mats = int(torch.tensor(shape[:-2]).prod())
-    (batch,), opt_b = _run([shape], [grads], chunk, foreach, steps, **config)
-    start = torch.randn(shape, generator=torch.Generator().manual_seed(0)).reshape(mats, *shape[-2:])
-    singles, opt_s = _run_from(start, grads, chunk, foreach, steps, **config)
+    mats = math.prod(shape[:-2])
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    batch = nn.Parameter(start.clone())
+    opt_b = _run(name, [batch], [grads], chunk, foreach, steps, **config)
+    singles = [nn.Parameter(m.clone()) for m in start.reshape(mats, *shape[-2:])]
+    opt_s = _run(name, singles, [[g.reshape(mats, *shape[-2:])[e] for g in grads] for e in range(mats)],
+                 chunk, foreach, steps, **config)
+    assert "exp_avg" not in opt_b.state[batch]  # (the normalized update's state, not AdamW's)
     got = batch.detach().reshape(mats, *shape[-2:])
-    assert "exp_avg" not in opt_b.state[batch]  # (Muon's state, not AdamW's)
-    buf = opt_b.state[batch]["momentum_buffer"].reshape(mats, *shape[-2:])
+    assert not torch.equal(got, start.reshape(got.shape))
     for e, p in enumerate(singles):
         assert torch.equal(got[e], p.detach()), (e, chunk, foreach)
-        assert torch.equal(buf[e], opt_s.state[p]["momentum_buffer"]), e
-
-
-def _run_from(start, grads, chunk, foreach, steps, **kw):
-    params = [nn.Parameter(start[e].clone()) for e in range(start.shape[0])]
-    opt = create_optimizer(params, "muon", lr=2e-2, foreach=foreach, **kw)
-    opt.chunk_numel = chunk
-    for t in range(steps):
-        g = grads[t].reshape(start.shape)
-        for e, p in enumerate(params):
-            p.grad = g[e].clone()
-        opt.step()
-    return params, opt
+        if name == "muon":
+            buf = opt_b.state[batch]["momentum_buffer"].reshape(mats, *shape[-2:])
+            assert torch.equal(buf[e], opt_s.state[p]["momentum_buffer"]), e
 
 
 def _tiny_mixtral():
@@ -111,23 +110,36 @@ def test_create_optimizer_puts_a_mixtrals_fused_experts_in_the_muon_group():
 
 @pytest.mark.parametrize("shape,chunk,nesterov", [((3, 24, 40), 4000, True), ((3, 40, 24), 240, True), ((3, 24, 40), 960, True),
                                                   ((3, 24, 40), 2000, True), ((4, 64, 128), 3000, False),
-                                                  ((8, 128, 64), 8192, True), ((8, 128, 64), None, True)],
+                                                  ((8, 128, 64), 8192, True), ((2, 2, 7, 10), 60, True),
+                                                  ((8, 128, 64), None, True)],
                          ids=["one-chunk", "rows-over-matrices", "one-matrix-a-chunk", "matrices-and-rows", "plain-momentum",
-                              "aligned", "whole"])
-def test_a_batchs_step_allocates_what_it_reports(shape, chunk, nesterov):
-    """The traced tensors of a batch's per-parameter step (foreach=False) stay within step_transient_bytes(), which
-    exceeds them by at most the bfloat16 products' workspace it bounds (not traced: BLAS's packing buffers)."""
-    from lowmem.optim.functional.muon import bf16_gemm_workspace_bytes
+                              "aligned", "4-D", "whole"])
+def test_a_batchs_step_allocates_what_it_reports(shape, chunk, nesterov, monkeypatch):
+    """The traced tensors of a batch's per-parameter step (foreach=False) == step_transient_bytes() with the bfloat16
+    products' workspace (BLAS's packing buffers, not traced; a bound per thread) set to 0: one matrix's lean step,
+    and a block's float32 step beside the next matrix's iteration when the block spans matrices. Stepped whole
+    (chunk_numel=None): a bound (as a 2-D weight's whole step); with the workspace, the report exceeds the traced
+    tensors by at most the workspace."""
+    from lowmem.optim.functional import muon as M
+
+    def step(p, opt):
+        opt.chunk_numel, opt.skip_nonfinite = chunk, False
+        for _ in range(2):
+            p.grad = torch.randn(shape)
+            with _AllLive() as t:
+                opt.step()
+        return t.peak
 
     p = nn.Parameter(torch.randn(shape))
     opt = create_optimizer([p], "muon", foreach=False, nesterov=nesterov)
-    opt.chunk_numel, opt.skip_nonfinite = chunk, False
-    for _ in range(2):
-        p.grad = torch.randn(shape)
-        with _AllLive() as t:
-            opt.step()
+    traced = step(p, opt)
     reported = opt.step_transient_bytes()
-    assert t.peak <= reported <= t.peak + bf16_gemm_workspace_bytes(min(shape[-2:]), torch.get_num_threads())
+    assert traced <= reported <= traced + M.bf16_gemm_workspace_bytes(min(shape[-2:]), torch.get_num_threads())
+    monkeypatch.setattr(M, "bf16_gemm_workspace_bytes", lambda r, threads=1: 0)
+    if chunk is None:
+        assert traced <= opt.step_transient_bytes() <= 1.2 * traced
+    else:
+        assert opt.step_transient_bytes() == traced
 
 
 def test_a_batch_is_stepped_a_matrix_at_a_time_not_whole():
@@ -145,3 +157,34 @@ def test_a_batch_is_stepped_a_matrix_at_a_time_not_whole():
     big = (8, 14336, 4096)
     assert reported(big, 2**24) < 8 * 14336 * 4096 * 4 / 4
     assert reported(big, 2**24) < reported(big, None) / 4
+
+
+@pytest.mark.parametrize("shape,chunk", [((3, 24, 40), 4000), ((3, 40, 24), 240), ((3, 24, 40), 960), ((3, 24, 40), 2000),
+                                         ((2, 2, 7, 10), 60), ((8, 128, 64), 8192), ((1, 20, 30), 200), ((3, 24, 40), None)],
+                         ids=["one-chunk", "rows-over-matrices", "one-matrix-a-chunk", "matrices-and-rows", "4-D",
+                              "aligned", "single-matrix", "whole"])
+def test_a_sinkgd_batchs_step_allocates_exactly_what_it_reports(shape, chunk):
+    """SinkGD on a batch (foreach=False): the traced peak of the step == step_transient_bytes() (one matrix's
+    scalings beside the batch's r and c, then a block's step; whole: the batch's step beside one matrix's
+    sr_sinkhorn)."""
+    p = nn.Parameter(torch.randn(shape))
+    opt = create_optimizer([p], "sinkgd", foreach=False, **HP["sinkgd"])
+    opt.chunk_numel, opt.skip_nonfinite = chunk, False
+    for _ in range(2):
+        p.grad = torch.randn(shape)
+        with _AllLive() as t:
+            opt.step()
+    assert t.peak == opt.step_transient_bytes()
+
+
+def test_create_optimizer_puts_a_mixtrals_fused_experts_in_the_sinkgd_group():
+    """create_optimizer(mixtral, "sinkgd"): the fused experts in the use_sinkgd group, no state on them, one step."""
+    model = _tiny_mixtral()
+    experts = [p for p in model.parameters() if p.dim() == 3]
+    opt = create_optimizer(model, "sinkgd", lr=1e-3)
+    ids = {id(p) for g in opt.param_groups if g.get("use_sinkgd") for p in g["params"]}
+    assert experts and all(id(p) in ids for p in experts)
+    ids_in = torch.randint(0, 64, (2, 12))
+    model(input_ids=ids_in, labels=ids_in).loss.backward()
+    opt.step()
+    assert all(set(opt.state[p]) <= {"step"} for p in experts)

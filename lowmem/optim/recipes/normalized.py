@@ -501,9 +501,8 @@ class MuonMoments(HybridMoments):
         momentum pass's float32 rows and the iteration's temporaries, as a 2-D weight's) beside, in a block
         over several matrices, the block's float32 step (``4 numel``; after the iteration in a block within one
         matrix); exact in the tensors (:func:`~lowmem.optim.functional.muon.row_block_spans`), the products'
-        workspace a bound as for a 2-D weight. Whole (``numel`` the batch; ``chunk_numel=None``): the
-        float32 step of the batch beside one matrix's whole-tensor step; the larger of the two is reported, as
-        for a 2-D weight of one chunk."""
+        workspace a bound as for a 2-D weight. Stepped whole (``chunk_numel=None``) the engine asks
+        :meth:`target_whole_transient_bytes`."""
         m, n = shape[-2:]
         mat, total = m * n, math.prod(shape)
         buf = state["momentum_buffer"]
@@ -514,10 +513,16 @@ class MuonMoments(HybridMoments):
         ns = newton_schulz_transient_bytes((m, n), ns_column_block_numel(buf.device, piece), threads=threads)
         iterate = 2 * mat + max(4 * piece * (group["nesterov"] + low), ns)
         within, spanning = row_block_spans(shape, size)
-        lean = max(iterate, 2 * mat + 4 * within, 4 * spanning + iterate if spanning else 0)
-        if numel < total:
-            return lean
-        return max(lean, 4 * total + self.target_transient_bytes(mat, torch.Size((m, n)), group, state))
+        return max(iterate, 2 * mat + 4 * within, 4 * spanning + iterate if spanning else 0)
+
+    def target_whole_transient_bytes(self, shape, group, state):
+        """Stepped whole (``chunk_numel=None``): a 2-D weight's :meth:`target_transient_bytes` of all of it (either
+        form); a batch of matrices its float32 step beside one matrix's whole-tensor step (a bound, as a 2-D
+        weight's)."""
+        if len(shape) > 2:
+            m, n = shape[-2:]
+            return 4 * math.prod(shape) + self.target_transient_bytes(m * n, torch.Size((m, n)), group, state)
+        return super().target_whole_transient_bytes(shape, group, state)
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
         """FSDP2 (:meth:`prepare_chunks` with ``reduce``): the momentum step on the shard, then the
@@ -641,27 +646,60 @@ class SinkGDMoments(HybridMoments):
     Chunked (the engine's default, and FSDP2 shards): SR-Sinkhorn as the two diagonal scalings of
     :func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings`, from passes over blocks of whole rows,
     then each block's step ``lr scale r_i G_ij c_j``: no temporary of the matrix's size. Whole
-    (``chunk_numel=None``): :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, the reference."""
+    (``chunk_numel=None``): :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, the reference.
+
+    A parameter of more than two dimensions (a fused MoE expert weight ``[E, A, B]``) is a batch of matrices
+    over its last two: each ``A x B`` matrix is normalized on its own, exactly as a 2-D parameter of its own
+    (its scalings from blocks of its own rows; ``r`` of every row and ``c`` per matrix kept for the blocks;
+    whole: one matrix after the other; foreach buckets: stacked with the 2-D weights of their shape)."""
 
     lr_ratio_key = None
 
     def targets(self, shape, group):
-        return bool(group.get("use_sinkgd")) and len(shape) == 2
+        """The 2-D parameters of a ``use_sinkgd`` group, and those of more dimensions (batches of matrices over
+        the last two) except in FSDP2 groups (AdamW there)."""
+        if not group.get("use_sinkgd"):
+            return False
+        return len(shape) == 2 or (len(shape) > 2 and not sharded_group(group))
 
     def target_direction(self, g, state, group, t, lr):
         if isinstance(state, ChunkState) and state.extra.get("sinkgd") is not None:
             r, c = state.extra["sinkgd"]
             r0, r1 = state.extra["rows"]
+            if c.dim() > 1:  # a batch of matrices: c of each (_batched_scalings)
+                return self._batched_rows(g, r, c, r0, r1, lr * group["scale"])
             return g.view(r1 - r0, -1).mul(r[r0:r1, None]).mul_(c).mul_(lr * group["scale"]).view(-1)
+        if g.dim() > 2:  # a batch of matrices stepped whole: one matrix after the other
+            out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+            for e in range(math.prod(g.shape[:-2])):
+                matrix_index(out, e).copy_(sr_sinkhorn(matrix_index(g, e), group["sinkhorn_iters"]).mul_(lr * group["scale"]))
+            return out
         return sr_sinkhorn(g, group["sinkhorn_iters"]).mul_(lr * group["scale"])
 
+    @staticmethod
+    def _batched_rows(g: Tensor, r: Tensor, c: Tensor, r0: int, r1: int, scale: float) -> Tensor:
+        """Rows ``r0:r1`` of the ``[-1, B]`` view of a batch's step ``scale r_i G_ij c_j``, ``c`` the row's
+        matrix's (``c``: ``[matrices, B]``), each element computed as a 2-D weight's block computes it."""
+        m, n = r.numel() // c.size(0), c.size(1)
+        gv = g.view(r1 - r0, n)
+        if r0 // m == (r1 - 1) // m:  # within one matrix
+            return gv.mul(r[r0:r1, None]).mul_(c[r0 // m]).mul_(scale).view(-1)
+        out = torch.empty((r1 - r0, n), dtype=g.dtype, device=g.device)
+        a = r0
+        while a < r1:
+            e = a // m
+            b = min(r1, (e + 1) * m)
+            torch.mul(gv[a - r0 : b - r0], r[a:b, None], out=out[a - r0 : b - r0]).mul_(c[e]).mul_(scale)
+            a = b
+        return out.view(-1)
+
     def target_chunk_align(self, shape, group, state):
-        return shape[1]  # blocks of whole rows
+        return shape[-1]  # blocks of whole rows
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         if self._is_adam(state):
             return self.adam.chunk_state(state, start, stop, shape, group, ctx)
-        n = shape[1]
+        n = shape[-1]
         # (ctx None: a flat piece of a weight larger than chunk_numel in a foreach bucket, stepped
         # whole from its first piece: HybridMoments._whole_by_shape)
         return ChunkState(state, start, stop, {"sinkgd": ctx, "rows": (start // n, stop // n), "parent": state,
@@ -677,7 +715,7 @@ class SinkGDMoments(HybridMoments):
         """SinkGD weights with both sides at least :attr:`foreach_min_side` take the foreach buckets,
         except in FSDP2 groups (the column sums are all-reduced over the shards, per parameter:
         :meth:`prepare_chunks`)."""
-        return self.targets(shape, group) and min(shape) >= self.foreach_min_side and not sharded_group(group)
+        return self.targets(shape, group) and min(shape[-2:]) >= self.foreach_min_side and not sharded_group(group)
 
     def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """The SinkGD weights of a bucket, those of one shape stacked
@@ -687,8 +725,9 @@ class SinkGDMoments(HybridMoments):
         whole-tensor one (``chunk_numel=None``: :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`)
         up to float32 rounding, as the chunked step is (tests/test_foreach_normalized.py)."""
         for _, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
-            sinkgd_foreach_([params[i] for i in idx], [grads[i] for i in idx], group["sinkhorn_iters"], lr,
-                            group.get("weight_decay", 0.0), lr * group["scale"])
+            # a batch of matrices [..., A, B] (fused experts): its A x B matrices, each stepped as a 2-D weight
+            sinkgd_foreach_([x for i in idx for x in matrices(params[i])], [x for i in idx for x in matrices(grads[i])],
+                            group["sinkhorn_iters"], lr, group.get("weight_decay", 0.0), lr * group["scale"])
 
     def target_foreach_transient_bytes(self, numel):
         """:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_`: a float32 stack of the bucket's
@@ -701,8 +740,9 @@ class SinkGDMoments(HybridMoments):
     def target_foreach_bucket_transient_bytes(self, numel, shape, group):
         """:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_bytes` of the bucket's ``numel / (m n)``
         weights of ``shape``, in the form :func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_` chooses from
-        the device (closed form off the CPU; a meta parameter counts as one off the CPU)."""
-        m, n = shape
+        the device (closed form off the CPU; a meta parameter counts as one off the CPU); a batch ``[..., m, n]``
+        its matrices."""
+        m, n = shape[-2:]
         params = (group or {}).get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
         return sinkgd_foreach_bytes(numel // max(m * n, 1), m, n, group["sinkhorn_iters"], off_cpu)
@@ -716,6 +756,8 @@ class SinkGDMoments(HybridMoments):
         over the row blocks ``bounds``; ``None`` for AdamW parameters."""
         if self._is_adam(state):
             return None
+        if reduce is None and len(shape) > 2:
+            return self._batched_scalings(state, shape, group, bounds, stabilized)
         m, n = shape
 
         def rows_of(a: int, b: int) -> Tensor:
@@ -727,13 +769,54 @@ class SinkGDMoments(HybridMoments):
         return sinkhorn_scalings(rows_of, row_bounds, m, n, group["sinkhorn_iters"], column_sq=reduce.sum_,
                                  rows=reduce.shape[0])
 
+    def _batched_scalings(self, state, shape, group, bounds, stabilized) -> tuple[Tensor, Tensor]:
+        """A batch of matrices ``[..., m, n]``: each matrix's scalings (:func:`sinkhorn_scalings` over blocks of
+        its own rows, as a 2-D weight of its own at this chunk), gathered into ``r`` (every row of the ``[-1, n]``
+        view) and ``c`` (``[matrices, n]``)."""
+        m, n = shape[-2:]
+        count = math.prod(shape[:-2])
+        size = max((b - a for a, b in bounds), default=n)
+        step = max(n, size // n * n)
+        row_bounds = [(a // n, min(a + step, m * n) // n) for a in range(0, m * n, step)]
+        r_all = c_all = None
+        for e in range(count):
+            base = e * m * n
+
+            def rows_of(a: int, b: int, base: int = base) -> Tensor:
+                return stabilized(base + a * n, base + b * n, ChunkState(state, base + a * n, base + b * n)).view(b - a, n)
+
+            r, c = sinkhorn_scalings(rows_of, row_bounds, m, n, group["sinkhorn_iters"])
+            if r_all is None:
+                r_all = torch.empty(count * m, dtype=r.dtype, device=r.device)
+                c_all = torch.empty((count, n), dtype=c.dtype, device=c.device)
+            r_all[e * m : (e + 1) * m].copy_(r)
+            c_all[e].copy_(c)
+            del r, c
+        return r_all, c_all
+
+    def _batched_transient_bytes(self, numel, shape, group) -> int:
+        """A batch ``[..., m, n]`` in blocks of ``numel`` elements (:meth:`_batched_scalings`): one matrix's
+        scalings' passes (as a 2-D weight's at this chunk) beside the batch's ``r`` and ``c`` (``4 E (m + n)``,
+        allocated after the first matrix's), then a block's step beside them. Stepped whole (``chunk_numel=None``)
+        the engine asks :meth:`target_whole_transient_bytes`."""
+        m, n = shape[-2:]
+        count, total = math.prod(shape[:-2]), math.prod(shape)
+        params = group.get("params") or []
+        off_cpu = bool(params) and local(params[0]).device.type != "cpu"
+        step = max(n, numel // n * n)
+        one = sinkhorn_scalings_bytes(m, n, max(1, min(step, m * n) // n), off_cpu and not sharded_group(group))
+        kept = 4 * count * (m + n)
+        return max(one, kept + 4 * (m + n), kept + 4 * min(numel, total), kept + one if count > 1 else 0)
+
     def target_transient_bytes(self, numel, shape, group, state):
         """A block of rows (``numel`` its elements; the chunked step): the scalings' passes
         (:func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings_bytes`, in the closed form off the CPU as
         :func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings` chooses it from the device, the group's
         parameters'; a meta parameter counts as one off the CPU; not for FSDP2 shards), then each block's step
         next to ``r`` and ``c`` (``4 numel + 4 (m + n)``). Stepped whole (``chunk_numel=None``), the engine
-        asks :meth:`target_whole_transient_bytes` instead."""
+        asks :meth:`target_whole_transient_bytes` instead. A batch of matrices: :meth:`_batched_transient_bytes`."""
+        if len(shape) > 2:
+            return self._batched_transient_bytes(numel, shape, group)
         m, n = shape
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
@@ -742,7 +825,10 @@ class SinkGDMoments(HybridMoments):
 
     def target_whole_transient_bytes(self, shape, group, state):
         """The whole-tensor step (:func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, ``chunk_numel=None``):
-        :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn_bytes` (the step is scaled in place)."""
+        :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn_bytes` (the step is scaled in place); a batch of
+        matrices: its float32 step beside one matrix's."""
+        if len(shape) > 2:
+            return 4 * math.prod(shape) + sr_sinkhorn_bytes(shape[-2], shape[-1], group["sinkhorn_iters"])
         return sr_sinkhorn_bytes(shape[0], shape[1], group["sinkhorn_iters"])
 
 
@@ -1062,7 +1148,7 @@ class Scale(LowMemOptimizer):
 
 register(MUON, Muon, state_precision="fp32", second_moment="none", target_key="use_muon", batched_targets=True,
          example_hparams={"lr": 2e-2})
-register(SINKGD, SinkGD, state_precision="fp32", second_moment="none", target_key="use_sinkgd",
+register(SINKGD, SinkGD, state_precision="fp32", second_moment="none", target_key="use_sinkgd", batched_targets=True,
          example_hparams={"lr": 1e-2, "scale": 0.5})
 register(SCALE, Scale, state_precision="fp32", second_moment="none", target_key="scale_role",
          embedding_groups={"input": {"scale_role": "embedding"}, "output": {"scale_role": "head"}},

@@ -112,17 +112,18 @@ def sinkgd(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_deca
         p <- p (1 - lr wd) ;  p <- p - lr scale X
 
     (``Q`` / ``R``: diagonals of the row / column l2 norms, floored at 1e-30 so a zero gradient stays
-    zero); AdamW with ``lr`` otherwise.
+    zero); AdamW with ``lr`` otherwise. A parameter of more dimensions (fused MoE experts ``[E, m, n]``): each
+    matrix over the last two on its own (the norms along the last two dimensions).
     """
-    if not (use_sinkgd and p.dim() == 2):
+    if not (use_sinkgd and p.dim() >= 2):
         return _adamw(p, grads, lr, betas[0], betas[1], eps, lr * weight_decay)
-    m, n = p.shape
+    m, n = p.shape[-2:]
     out = []
     for g in grads:
         x = g
         for _ in range(sinkhorn_iters):
-            x = math.sqrt(n) * x / x.norm(dim=1, keepdim=True).clamp(min=1e-30)
-            x = math.sqrt(m) * x / x.norm(dim=0, keepdim=True).clamp(min=1e-30)
+            x = math.sqrt(n) * x / x.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+            x = math.sqrt(m) * x / x.norm(dim=-2, keepdim=True).clamp(min=1e-30)
         p = p * (1 - lr * weight_decay)
         p = p - lr * scale * x
         out.append(p)
@@ -133,7 +134,7 @@ register_reference("sinkgd", Reference(sinkgd, configs=(
     {},
     {"lr": 2e-2, "sinkhorn_iters": 1, "scale": 1.0, "weight_decay": 0.1},
     {"lr": 1e-2, "sinkhorn_iters": 3, "scale": 0.2, "betas": (0.8, 0.95), "eps": 1e-6},
-)))
+), shapes=(*DEFAULT_SHAPES, (3, 7, 10), (2, 20, 16))))  # + batches of matrices: fused MoE experts
 
 
 # ---- SCALE -----------------------------------------------------------------------------------
