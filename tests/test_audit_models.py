@@ -56,9 +56,18 @@ def _run(**fields):
 def test_resume_on_a_moe_model_restores_the_expert_weights(tmp_path, mixtral_dir, chat_file):
     """transformers 5 saves Mixtral's fused experts per expert (experts.N.w1.weight) and the Trainer
     resumed with load_state_dict(strict=False): the experts and router kept their pre-resume values
-    (huggingface/transformers#48805), and the resumed run ended 5e-3 away from the uninterrupted one."""
-    common = dict(model=mixtral_dir, dataset=chat_file, optim="adamw", steps=2, save_steps=1)
-    _run(output_dir=str(tmp_path / "full"), **common)
+    (huggingface/transformers#48805), and the resumed run ended 5e-3 away from the uninterrupted one.
+
+    Also (the first run): GaLore (and Muon, APOLLO, ...) project 2-D nn.Linear weights only; the fused
+    3-D experts, most of a MoE model, trained with full-size AdamW state without a word, and the summary's
+    hyperparameter line showed the largest group, the experts', without the rank the user set."""
+    common = dict(model=mixtral_dir, dataset=chat_file, optim="galore_adamw", optim_args={"rank": 4}, steps=2, save_steps=1)
+    out = io.StringIO()
+    with pytest.warns(UserWarning, match=r"galore_adamw targets 2-D projection layers .* 2 weights of 3 or more "
+                                         r"dimensions \(12,288 of .*experts\.gate_up_proj \[4, 64, 32\]"):
+        run(TrainRecipe(output_dir=str(tmp_path / "full"), lr=1e-2, batch_size=4, logging_steps=1, track_memory=False,
+                        **common), console=Console(file=out, width=300))
+    assert "hyperparameters in effect (targeted group, 3,072 of " in out.getvalue() and "rank=4" in out.getvalue()
     assert not any("gate_up_proj" in k for k in load_file(tmp_path / "full" / "checkpoint-1" / "model.safetensors"))
     m = _run(output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"), **common)
     assert m["resumed_from"] == str(tmp_path / "full" / "checkpoint-1") and m["steps"] == 2
@@ -90,19 +99,6 @@ def test_load_converted_checkpoint_only_acts_on_another_layout(tmp_path, mixtral
     assert load_converted_checkpoint(moe, mixtral_dir) is True
     for k, v in moe.state_dict().items():
         assert torch.equal(v, saved[k]), k
-
-
-def test_targeted_recipe_names_the_batched_expert_weights_it_leaves_untargeted(tmp_path, mixtral_dir, chat_file):
-    """GaLore (and Muon, APOLLO, ...) project 2-D nn.Linear weights only: the fused 3-D experts, most of
-    a MoE model, trained with full-size AdamW state without a word, and the summary's hyperparameter
-    line showed the largest group, the experts', without the rank the user set."""
-    out = io.StringIO()
-    with pytest.warns(UserWarning, match=r"galore_adamw targets 2-D projection layers .* 2 weights of 3 or more "
-                                         r"dimensions \(12,288 of .*experts\.gate_up_proj \[4, 64, 32\]"):
-        run(TrainRecipe(model=mixtral_dir, dataset=chat_file, optim="galore_adamw", optim_args={"rank": 4}, lr=1e-2,
-                        steps=1, batch_size=4, track_memory=False, save_model=False, output_dir=str(tmp_path)),
-            console=Console(file=out, width=300))
-    assert "hyperparameters in effect (targeted group, 3,072 of " in out.getvalue() and "rank=4" in out.getvalue()
 
 
 def test_untargeted_batched_weights_reads_the_groups():
