@@ -188,3 +188,38 @@ def test_create_optimizer_puts_a_mixtrals_fused_experts_in_the_sinkgd_group():
     model(input_ids=ids_in, labels=ids_in).loss.backward()
     opt.step()
     assert all(set(opt.state[p]) <= {"step"} for p in experts)
+
+
+@pytest.mark.parametrize("name", ["muon", "sinkgd"])
+def test_layerwise_mode_steps_a_batch_as_the_plain_step(name):
+    """LayerwiseOptimizer (each parameter stepped from its gradient hook) on a model with a fused-experts-like 3-D
+    weight: the batch is in the targeted group and 3 steps equal create_optimizer's single-tensor step bit for bit."""
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    class Experts(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w, self.lin = nn.Parameter(w.clone()), nn.Linear(40, 24)
+
+        def forward(self, x):
+            return torch.einsum("eab,b->", self.w, x) + self.lin(x).sum()
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 24, 40)
+    plain_model, lw_model = Experts(w), Experts(w)
+    lw_model.load_state_dict(plain_model.state_dict())
+    plain = create_optimizer(plain_model, name, foreach=False, **HP[name])
+    assert any(g.get(f"use_{name}") and plain_model.w in g["params"] for g in plain.param_groups)
+    lw = LayerwiseOptimizer(lw_model, name, **HP[name])
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randn(40, generator=gen)
+        plain.zero_grad()
+        plain_model(x).pow(2).backward()
+        plain.step()
+        lw_model(x).pow(2).backward()
+        lw.step()
+        lw.zero_grad()
+    for p, q in zip(plain_model.parameters(), lw_model.parameters()):
+        assert torch.equal(p, q)
+    lw.remove_hooks()
