@@ -414,7 +414,7 @@ def _format_hint(columns: list[str], trainer: str) -> str:
         return missing
     fits = sorted({t for t, formats in FORMATS.items() if t != trainer
                    and any(set(cols) <= set(columns) for _, cols, _ in formats)})
-    if fits and (trainer == "sft" or "sft" not in fits):
+    if fits:  # (sft first when it fits: text / messages / prompt + completion given to dpo)
         return f". These columns are the format of trainer: {' / '.join(fits)} (set it in the recipe, or --trainer {next(t for t in FORMATS if t in fits)})"
     for cols, hint in FOREIGN_FORMATS:
         if set(cols) <= set(columns):

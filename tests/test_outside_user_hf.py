@@ -223,7 +223,10 @@ def test_a_saved_sft_config_with_max_steps(tmp_path, long_rows):
     (["conversations"], "sft", r"They look sharegpt-style 'conversations': rename it 'messages'"),
     (["txt"], "sft", r"Did you mean to name the column\(s\) 'txt' -> 'text' \(or keep 'txt' and set dataset_text_field: txt\)\?$"),
     (["promt", "completion"], "sft", r"'promt' -> 'prompt'\?$"),
-    (["text"], "dpo", r"'chosen' \+ 'rejected' with the prompt inside both \(implicit prompt, standard or conversational\)$"),
+    (["text"], "dpo", r"These columns are the format of trainer: sft \(set it in the recipe, or --trainer sft\)$"),
+    (["messages"], "dpo", r"These columns are the format of trainer: sft \(set it in the recipe, or --trainer sft\)$"),
+    (["prompt", "completion"], "dpo", r"the format of trainer: bnpo / grpo / gvpo / sft \(set it in the recipe, or --trainer sft\)$"),
+    (["text"], "grpo", r"These columns are the format of trainer: sft \(set it in the recipe, or --trainer sft\)$"),
 ])
 def test_columns_of_another_format_say_which(columns, trainer, hint):
     """Columns that fit no format of the trainer listed the accepted ones only: DPO pairs given to SFT,
