@@ -155,11 +155,13 @@ def _fold_kernels(recipe, name, count, gamma=1.01):
 
 @pytest.mark.parametrize("recipe,name,per_param", [(APOLLO_ADAMW, "apollo_adamw", 1), (FIRA_ADAMW, "fira_adamw", 2),
                                                     (GALORE_ADAMW, "galore_adamw", 0)])
-def test_foreach_fold_kernels_scale_with_shapes(recipe, name, per_param):
+def test_foreach_fold_kernels_scale_with_shapes(recipe, name, per_param, monkeypatch):
     """On meta tensors (the non-CPU code path): 16 parameters of one shape cost the kernels of 8 plus
     ``per_param`` for each of the 8 more: APOLLO one (each gradient's channel norms), Fira two (each
-    residual's addmm and norm), GaLore none; the statistics, limiters and state updates are a fixed
-    number of kernels for the stack (was about 17 per parameter, issue 15)."""
+    residual's addmm and norm, with its residuals one parameter at a time: ``subspace.STACK_BY_SHAPE``
+    off; stacked, tests/test_fira_stacked.py), GaLore none; the statistics, limiters and state updates are
+    a fixed number of kernels for the stack (was about 17 per parameter, issue 15)."""
+    monkeypatch.setattr("lowmem.optim.subspace.STACK_BY_SHAPE", False)
     n8, _ = _fold_kernels(recipe, name, 8)
     n16, ops = _fold_kernels(recipe, name, 16)
     assert n16 - n8 == 8 * per_param, ops

@@ -56,13 +56,15 @@ def _steady_step_kernels(name, count, chunk_numel, hp):
                                                ("fira_adamw", 5, {}), ("galore_adamw", 2, {}),
                                                ("frugal", None, {})])
 @pytest.mark.parametrize("chunk_numel", [None, 2**24])
-def test_projected_step_kernels_grow_by_a_few_per_parameter(name, per_param, hp, chunk_numel):
+def test_projected_step_kernels_grow_by_a_few_per_parameter(name, per_param, hp, chunk_numel, monkeypatch):
     """16 parameters of one shape against 8, a steady step: ``per_param`` more kernels for each of the 8
     more (APOLLO: the project-down, the gradient's channel norms, the update's ``addcmul_``; APOLLO-Mini
     no norm (``torch._foreach_norm``); Fira also the residual's ``addmm`` and norm and the update's
-    ``addmm_``; GaLore the project-down and one ``addmm_``). FRUGAL: the project-down, the subspace part's
+    ``addmm_``, its residuals one at a time (``subspace.STACK_BY_SHAPE`` off; stacked:
+    tests/test_fira_stacked.py); GaLore the project-down and one ``addmm_``). FRUGAL: the project-down, the subspace part's
     ``addmm_``, the residual's GEMM and subtraction, and its ``sign_`` and update for a batch of up to 3
     parameters' blocks (``StateFreeResidual.foreach_fold_rest``; 7 per parameter before)."""
+    monkeypatch.setattr("lowmem.optim.subspace.STACK_BY_SHAPE", False)
     n8, _ = _steady_step_kernels(name, 8, chunk_numel, hp)
     n16, ops = _steady_step_kernels(name, 16, chunk_numel, hp)
     if per_param is None:

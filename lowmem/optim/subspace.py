@@ -148,6 +148,22 @@ class Projection:
         """``out += alpha * up_rows(r, ..., start, stop)`` in place, fused (when :meth:`can_add_up_rows`)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused combine-back")
 
+    def can_stack_residuals(self, state: dict[str, Tensor]) -> bool:
+        """Whether :meth:`residuals_stacked` can take this parameter (default: no)."""
+        return False
+
+    def residuals_stacked(self, gs: list[Tensor], low: Tensor, states: list[dict[str, Tensor]], group: dict[str, Any],
+                          alpha: float) -> Tensor:
+        """``G_i + alpha * up(low_i)`` of same-shape float32 gradients ``gs`` at once, ``[B, m, n]`` (a new
+        tensor: the gradients stacked, then one batched GEMM in place; ``low``: their projected gradients
+        stacked, ``[B, ...]``), each :meth:`can_stack_residuals`; equal to :meth:`residual_rows` of each
+        one's whole rows to float32 rounding. Allocates ``4 B (m n + basis)`` bytes (:meth:`stacked_residual_bytes`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no stacked residuals")
+
+    def stacked_residual_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
+        """Bytes :meth:`residuals_stacked` allocates per parameter of ``shape``."""
+        raise NotImplementedError(f"{type(self).__name__} has no stacked residuals")
+
     def transient_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor], refresh: bool) -> int:
         """Upper bound of the bytes a refresh (``refresh=True``) or a plain step's down projection and
         basis update allocate for a parameter of ``shape``; default: two full-size float32 tensors."""
@@ -380,6 +396,24 @@ class SubspaceProjection(Projection):
         if "proj_index" in state:
             return super().residual_rows(g_rows, r, state, group, start, stop, alpha)
         return GL.project_up_rows_add(g_rows, r, *self._basis(state), start, stop, alpha)
+
+    def can_stack_residuals(self, state):
+        """A basis on one side (not both, not coordinates)."""
+        return "proj_index" not in state and ("proj_left" in state) != ("proj_right" in state)
+
+    def residuals_stacked(self, gs, low, states, group, alpha):
+        """The bases stacked in their own layout (a left basis is column-major), the gradients stacked, then
+        :func:`~lowmem.optim.functional.galore.project_up_add_stacked_` (one ``baddbmm_``)."""
+        key = "proj_left" if "proj_left" in states[0] else "proj_right"
+        bases = torch.stack([st[key].mT for st in states]).mT
+        return GL.project_up_add_stacked_(torch.stack(gs), low, *((bases, None) if key == "proj_left" else (None, bases)),
+                                          alpha)
+
+    def stacked_residual_bytes(self, shape, group):
+        """The gradient's copy and the basis's: ``4 (m n + r m)`` (left) or ``4 (m n + r n)`` (right)."""
+        m, n = shape
+        low = self.low_shape(shape, group)
+        return 4 * (m * n + (m * low[0] if self._side(shape, group) == "left" else low[1] * n))
 
     def transient_bytes(self, shape, group, state, refresh):
         """What this projection allocates at one kind of step (the engine reports the larger of a
@@ -729,6 +763,26 @@ def fold_budget(lows: list[Tensor]) -> int:
     return 4 * sum(low.numel() for low in lows)
 
 
+#: where :func:`stacks_by_shape` holds: ``None``, off the CPU; ``True`` / ``False``, on every device / none
+#: (tests run either path on the CPU and on meta tensors with it)
+STACK_BY_SHAPE: bool | None = None
+#: the fewest parameters stacked where :func:`stacks_by_shape` (Fira: five kernels a stack, the bases, the
+#: gradients and the projected gradients stacked, ``baddbmm_``, ``vector_norm``, against two each alone;
+#: Subset-Norm: two, the stack and ``vector_norm``, against one each)
+MIN_STACK = 3
+
+
+def stacks_by_shape(device: torch.device) -> bool:
+    """Whether a bucket's full-size gradients of one shape are copied into stacks for one kernel each
+    (issue 15): Fira's residuals (:meth:`FiraResidual.foreach_fold` through
+    :meth:`Projection.residuals_stacked`: one ``baddbmm_`` and one ``vector_norm`` for a few parameters) and
+    Subset-Norm's gradient norms (``SubsetNormStep.foreach_fold``: one ``vector_norm``). Off the CPU, where
+    the step is launch-bound; on the CPU one kernel per parameter, faster there single-threaded (4 residuals
+    of 2816 x 1024 at rank 128: 74 ms one by one, 113 ms stacked, the stack being a copy of the gradients).
+    :data:`STACK_BY_SHAPE` overrides it."""
+    return device.type != "cpu" if STACK_BY_SHAPE is None else STACK_BY_SHAPE
+
+
 # ---- residual rules -----------------------------------------------------------------------------
 
 
@@ -879,9 +933,12 @@ class FiraResidual(ResidualRule):
 
     def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
         """:meth:`fold` of a bucket, a batch of parameters of one shape at a time (:func:`shape_batches`):
-        the residuals' channel norms of each first (a block of rows at a time, before any stack exists);
-        then for all of them at once (stacked: the two stacks and the channel vectors within
-        :func:`fold_budget`), the scaling factor
+        the residuals' channel norms of each first, either one parameter and block of rows at a time
+        (before any stack exists) or, off the CPU (:func:`stacks_by_shape`) for a batch whose parameters
+        are one block of rows each with a one-sided basis (:meth:`Projection.can_stack_residuals`), the
+        batch's residuals stacked (:meth:`Projection.residuals_stacked`, one ``baddbmm_`` on a copy of
+        the gradients) and their channel norms in one ``vector_norm``; then for all of them at once
+        (stacked: the two stacks and the channel vectors within :func:`fold_budget`), the scaling factor
         (eq. 7-8) from the channel norms of ``d_low / c`` and ``low``, the scaled residual's norm
         ``sqrt(sum_j f_j^2 ||R_j||^2)`` (:func:`~lowmem.optim.functional.fira.scaled_norms`), the limiters
         (eq. 9, :func:`~lowmem.optim.functional.fira.growth_limiter_foreach_`), ``k = f c / l`` and
@@ -893,18 +950,51 @@ class FiraResidual(ResidualRule):
         # alive; at most rank + 3 parameters' norms next to a residual block: within the per-parameter
         # combine-back's counted transient); then the stacks of its projected gradients and directions
         # (2 x 4 B per element) and about 5 channel vectors per parameter, within fold_budget
-        batches = shape_batches(lows, gs, fold_budget(lows), lambda low: 8 * low.numel() + 20 * max(low.shape),
+        budget = fold_budget(lows)
+        batches = shape_batches(lows, gs, budget, lambda low: 8 * low.numel() + 20 * max(low.shape),
                                 lambda low: min(low.shape) + 3)
+        stack = bool(gs) and stacks_by_shape(gs[0].device)
+
+        def residual_norms(idx: list[int], dim: int) -> Tensor:
+            """The batch's residuals' channel norms, ``[B, C]``: where :func:`stacks_by_shape`, stacked
+            :data:`MIN_STACK` or more parameters at a time (the stacked gradients, bases and projected
+            gradients of such a part within fold_budget less the batch's channel norms; none of the batch's
+            stacks alive yet; five kernels a part, fewer than two per parameter), the rest one at a time,
+            each written into the batch's norms; else one parameter and block of rows at a time."""
+            one = [(0, gs[idx[0]].shape[0])]
+            if stack and len(idx) >= MIN_STACK and all(bounds[i] == one and projection.can_stack_residuals(states[i])
+                                                      for i in idx):
+                low0 = lows[idx[0]]
+                room = budget - 4 * max(low0.shape) * len(idx)  # (the batch's norms)
+                size = room // (projection.stacked_residual_bytes(gs[idx[0]].shape, group) + 4 * low0.numel())
+                if size >= MIN_STACK:
+                    out = torch.empty((len(idx), gs[idx[0]].shape[1 - dim]),  # (columns' or rows' norms)
+                                      dtype=torch.float32, device=gs[idx[0]].device)
+                    for a in range(0, len(idx), size):
+                        part = idx[a:a + size]
+                        if len(part) >= MIN_STACK:
+                            residuals = projection.residuals_stacked([gs[i] for i in part],
+                                                                     torch.stack([lows[i] for i in part]),
+                                                                     [states[i] for i in part], group, -scale)
+                            torch.linalg.vector_norm(residuals, dim=dim + 1, out=out[a:a + len(part)])
+                        else:  # (a rest of one or two: one GEMM and norm each)
+                            for j, i in enumerate(part, a):
+                                residuals = projection.residual_rows(gs[i], lows[i], states[i], group, *one[0], -scale)
+                                torch.linalg.vector_norm(residuals, dim=dim, out=out[j])
+                        del residuals
+                    return out
+            return stacked([self._residual_norms(gs[i], lows[i], states[i], group, projection, dim, bounds[i])
+                            for i in idx])
 
         def folds() -> Iterator[Fold]:
             for idx in batches:
                 dim = dims[idx[0]]
-                rnorms = [self._residual_norms(gs[i], lows[i], states[i], group, projection, dim, bounds[i])
-                          for i in idx]
-                low, d = stacked([lows[i] for i in idx]), stacked([d_lows[i] for i in idx])
+                rnorms = residual_norms(idx, dim)
+                low = stacked([lows[i] for i in idx])
+                d = stacked([d_lows[i] for i in idx])
                 factor = FI.factor_from_norms(torch.linalg.vector_norm(d, dim=dim + 1).div_(c),
                                               torch.linalg.vector_norm(low, dim=dim + 1))
-                norms = FI.scaled_norms(stacked(rnorms), factor)
+                norms = FI.scaled_norms(rnorms, factor)
                 del rnorms
                 limiter = FI.growth_limiter_foreach_(norms, [states[i]["fira_prev_norm"] for i in idx], gamma)
                 k = factor.mul_((c / limiter).unsqueeze(1))

@@ -116,6 +116,21 @@ def project_up_rows_add(g_rows: Tensor, r: Tensor, left: Tensor | None, right: T
     return torch.addmm(g_rows, r[start:stop], right, alpha=alpha)
 
 
+def project_up_add_stacked_(gs: Tensor, r: Tensor, lefts: Tensor | None, rights: Tensor | None, alpha: float) -> Tensor:
+    """``G_i + alpha * project_up(r_i)`` of a stack of same-shape parameters (``gs`` ``[B, m, n]``, a copy of
+    their gradients, overwritten; ``r`` ``[B, r, n]`` with ``lefts`` ``[B, m, r]``, or ``[B, m, r]`` with
+    ``rights`` ``[B, r, n]``; one side) as one batched GEMM (``baddbmm_``): Fira's residuals
+    ``G - alpha P P^T G`` (Chen et al. 2024, Algorithm 1) of several parameters in one kernel (issue 15),
+    each rounded once as :func:`project_up_rows_add` of its whole rows (equal to float32 rounding: another
+    GEMM kernel may sum in another order)."""
+    if (lefts is None) == (rights is None):
+        raise ValueError("project_up_add_stacked_: exactly one side's bases (lefts or rights), got "
+                         f"{'both' if lefts is not None else 'neither'}")
+    if lefts is not None:
+        return gs.baddbmm_(lefts, r, alpha=alpha)
+    return gs.baddbmm_(r, rights, alpha=alpha)
+
+
 def range_finder(a: Tensor, rank: int, generator: torch.Generator, power_iters: int = 2, oversample: int = 4) -> Tensor:
     """Orthonormal ``m x rank`` basis of ``A``'s dominant column space, randomized.
 

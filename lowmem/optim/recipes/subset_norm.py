@@ -49,6 +49,7 @@ from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is
 from .. import moments
 from ..moments import ChunkState, MomentRule, sharded_group, state_dtype
 from ..registry import register
+from .. import subspace
 from ..subspace import COORDINATE_METHODS, CombineRule, ProjectBack, StateFreeResidual, SubspaceProjection
 from .subspace import SVD_LIKE, _check_subspace_group, _choice, subspace_hparams
 
@@ -516,13 +517,15 @@ class SubsetNormStep(CombineRule):
                 dims.append(1)
             else:
                 return None
+        stacked = self._stacked_norms(gs, dims, bounds, states, group, projection)
         sq, norms = [], []
-        for g, dim, b in zip(gs, dims, bounds):
+        for i, (g, dim, b) in enumerate(zip(gs, dims, bounds)):
             if dim == 0 and (len(b) > 1 or b[0] != (0, g.shape[0])):
                 sq.append(self._column_sq_norms(g, b))  # (summed over the row blocks, as prepare)
             else:  # the rows' or the one block's norms, squared below for the bucket
-                sq.append(torch.linalg.vector_norm(g, dim=dim, keepdim=True))
+                sq.append(stacked[i] if i in stacked else torch.linalg.vector_norm(g, dim=dim, keepdim=True))
                 norms.append(sq[-1])
+        del stacked
         if norms:  # one kernel: square_ is x * x (subset_sq_norms_by_norm's bits)
             torch._foreach_mul_(norms, norms)
         del norms
@@ -538,6 +541,41 @@ class SubsetNormStep(CombineRule):
         del denom
         return ((i, m, alpha, None if ks is None else ks[i].view(-1) if dims[i] == 0 else ks[i])
                 for i, m in enumerate(ms))
+
+    def _stacked_norms(self, gs, dims, bounds, states, group, projection) -> dict[int, Tensor]:
+        """Off the CPU (:func:`~lowmem.optim.subspace.stacks_by_shape`; issue 15): the norms :meth:`foreach_fold`
+        takes of whole gradients (the rows' of a right-projected one, the columns' of a left-projected one in
+        one block of rows), for gradients of one shape and side :data:`~lowmem.optim.subspace.MIN_STACK` or
+        more at a time, each part copied into a stack and reduced by one ``vector_norm`` (keepdim): ``{index:
+        its norms}``, views of the part's, the rest left to one ``vector_norm`` each. Within the room the
+        engine counts for the bucket's first parameter's combine-back (:meth:`transient_bytes` of its rows, the
+        unfolded step's full-size blocks, which the fold does not allocate; ``step_transient_bytes()``
+        counts it next to the bucket's projected gradients and directions, which the fold holds) less 16 bytes
+        per channel of every parameter of the bucket (the fold's vectors: the norms, denominators and ``k``):
+        each part's stack and its norms."""
+        if not gs or not subspace.stacks_by_shape(gs[0].device):
+            return {}
+        rows = max(b - a for a, b in bounds[0])
+        room = (self.transient_bytes(gs[0].shape, group, states[0], projection, rows)
+                - 16 * sum(max(g.shape) for g in gs))
+        shapes: dict[tuple, list[int]] = {}
+        for i, (g, dim, b) in enumerate(zip(gs, dims, bounds)):
+            if g.dtype == torch.float32 and b == [(0, g.shape[0])]:
+                shapes.setdefault((tuple(g.shape), dim), []).append(i)
+        out: dict[int, Tensor] = {}
+        for (shape, dim), idx in shapes.items():
+            size = room // (4 * math.prod(shape) + 4 * shape[1 - dim]) if len(idx) >= subspace.MIN_STACK else 0
+            if size < subspace.MIN_STACK:
+                continue
+            for a in range(0, len(idx), size):
+                part = idx[a:a + size]
+                if len(part) < subspace.MIN_STACK:
+                    continue  # (a rest of one or two: one vector_norm each)
+                stack = torch.stack([gs[i] for i in part])
+                norms = torch.linalg.vector_norm(stack, dim=dim + 1, keepdim=True)
+                del stack
+                out.update((i, norms[j]) for j, i in enumerate(part))
+        return out
 
     @staticmethod
     def _column_sq_norms(g: Tensor, bounds: list[tuple[int, int]]) -> Tensor:
