@@ -804,9 +804,10 @@ def untargeted_batched_weights(optimizer: torch.optim.Optimizer, model: nn.Modul
     """``(name, shape)`` of the trainable weights of 3 or more dimensions (the fused experts of
     Mixtral, Qwen2-MoE, Qwen3-MoE in transformers 5: ``experts.gate_up_proj`` ``[E, 2i, h]``,
     ``experts.down_proj`` ``[E, h, i]``) that sit in a parameter group without ``target_key``
-    (``rank``, ``use_muon``, ...): the targeted recipes (GaLore, Fira, APOLLO, Muon, SinkGD,
-    SCALE, Subset-Norm, ...) project or normalize 2-D ``nn.Linear`` / ``Conv1D`` weights only, so
-    these train in the untargeted group, with AdamW's full-size state."""
+    (``rank``, ``use_muon``, ...): the targeted recipes (GaLore, Fira, APOLLO, SCALE, Subset-Norm,
+    ...) project or normalize 2-D ``nn.Linear`` / ``Conv1D`` weights only, so these train in the
+    untargeted group, with AdamW's full-size state. Muon and SinkGD step them per matrix
+    (``batched_targets``) and leave them untargeted only where ``target_modules`` leaves them out."""
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     names = {id(p): n for n, p in model.named_parameters()}
     return [(names.get(id(p), "?"), tuple(p.shape)) for g in opt.param_groups
@@ -817,6 +818,11 @@ def batched_weights_message(optim: str, target_key: str, found: list[tuple[str, 
     """The note :func:`untargeted_batched_weights` gives a user (see there)."""
     n = sum(torch.Size(s).numel() for _, s in found)
     name, shape = found[0]
+    if get_entry(optim).batched_targets:  # Muon, SinkGD: they step them per matrix when target_modules selects them
+        return (f"{optim}: {len(found)} weights of 3 or more dimensions ({n:,} of {trainable:,} trainable parameters, "
+                f"{100 * n / max(trainable, 1):.0f}%; e.g. {name} {list(shape)}, fused MoE experts) are not selected by "
+                f"target_modules and train in its AdamW group with full-size state; add their names (e.g. "
+                f"'{name.rsplit('.', 1)[-1]}') to target_modules, or leave target_modules unset, to train them per matrix")
     return (f"{optim} targets 2-D projection layers (nn.Linear / Conv1D; {target_key}) only: {len(found)} weights of 3 "
             f"or more dimensions ({n:,} of {trainable:,} trainable parameters, {100 * n / max(trainable, 1):.0f}%; e.g. "
             f"{name} {list(shape)}, fused MoE experts) train in its untargeted group with full-size AdamW state; "
@@ -1549,25 +1555,35 @@ def load_converted_checkpoint(model: nn.Module, checkpoint: str | Path) -> bool:
     return True
 
 
-def _load_converted_checkpoints(trainer: Any) -> None:
-    """Route the Trainer's checkpoint load through :func:`load_converted_checkpoint` when the
-    checkpoint's weight names differ from the model's (a weight conversion), else its own."""
-    own_load = trainer._load_from_checkpoint
+def load_trainer_checkpoint(trainer: Any, own_load: Any, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+    """A Trainer's ``_load_from_checkpoint`` (``own_load``) with :func:`load_converted_checkpoint`
+    first when the checkpoint's weight names differ from the model's (a weight conversion), and a
+    checkpoint of other shapes one ``ValueError`` naming it (``load_state_dict``'s ``RuntimeError``
+    before). Sharded parameters (FSDP, DeepSpeed) keep the Trainer's own loaders. Every lowmem
+    trainer loads this way (:class:`lowmem.trainers.LowMemOptimizerMixin`)."""
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-        return  # sharded parameters: the Trainer's own loaders
+        return own_load(resume_from_checkpoint, model)
+    target = model if model is not None else trainer.model
+    if load_converted_checkpoint(getattr(target, "module", target), resume_from_checkpoint):
+        return None
+    try:
+        return own_load(resume_from_checkpoint, model)
+    except RuntimeError as err:  # load_state_dict's shape check: a checkpoint of another size
+        if "size mismatch" not in str(err):
+            raise
+        raise ValueError(f"checkpoint {resume_from_checkpoint!r} does not fit the model: "
+                         + " ".join(str(err).split())[:300]) from err
 
-    def load(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        target = model if model is not None else trainer.model
-        if not load_converted_checkpoint(getattr(target, "module", target), resume_from_checkpoint):
-            try:
-                own_load(resume_from_checkpoint, model)
-            except RuntimeError as err:  # load_state_dict's shape check: a checkpoint of another size
-                if "size mismatch" not in str(err):
-                    raise
-                raise ValueError(f"checkpoint {resume_from_checkpoint!r} does not fit the model: "
-                                 + " ".join(str(err).split())[:300]) from err
 
-    trainer._load_from_checkpoint = load
+def _load_converted_checkpoints(trainer: Any) -> None:
+    """Route a Trainer's checkpoint load through :func:`load_trainer_checkpoint` (a trainer that is not
+    a lowmem one: those load so themselves)."""
+    from lowmem.trainers.hf import LowMemOptimizerMixin
+
+    if isinstance(trainer, LowMemOptimizerMixin):
+        return
+    own_load = trainer._load_from_checkpoint
+    trainer._load_from_checkpoint = lambda path, model=None: load_trainer_checkpoint(trainer, own_load, path, model)
 
 
 def check_eval_batches(trainer: Any) -> None:

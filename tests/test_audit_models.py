@@ -193,3 +193,49 @@ def test_lora_target_modules_the_model_lacks_name_its_layers(tmp_path, own_model
                                           r"linear layers are named \['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', "
                                           r"'q_proj', 'up_proj', 'v_proj'\]"):
         load_policy(recipe)
+
+
+def test_lowmem_trainer_resumes_and_loads_best_on_a_moe_model(tmp_path, mixtral_dir):
+    """LowMemTrainer (and the TRL trainers, which share its mixin) resumed a MoE model from
+    load_state_dict(strict=False) of the per-expert checkpoint layout: the experts and the router
+    kept their pre-resume values (1.8e-2 off the uninterrupted run after one resumed step). And
+    load_best_model_at_end (Trainer._load_best_model) had the same defect."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.kit import build_tokenizer, sft_collator, sft_dataset, tokenize_sft
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+
+    tok = build_tokenizer()
+    train = tokenize_sft(sft_dataset(16, 0, "train"), tok, padding=False)
+
+    def trainer(out):
+        args = LowMemTrainingArguments(str(out), lowmem_optim="adamw", learning_rate=1e-2, max_steps=2, save_steps=1,
+                                       per_device_train_batch_size=4, report_to="none", use_cpu=True, seed=0)
+        return LowMemTrainer(model=AutoModelForCausalLM.from_pretrained(mixtral_dir), args=args, train_dataset=train,
+                             data_collator=sft_collator(tok))
+
+    full = trainer(tmp_path / "a")
+    full.train()
+    resumed = trainer(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    want = full.model.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+    # the best checkpoint: the weights of checkpoint-1, through the same conversion
+    first = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "checkpoint-1")).state_dict()
+    resumed.state.best_model_checkpoint = str(tmp_path / "a" / "checkpoint-1")
+    resumed._load_best_model()
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, first[k], rtol=0, atol=0, msg=k)
+
+
+def test_batched_weights_note_says_what_the_recipe_can_do():
+    """Muon and SinkGD step fused experts per matrix: their note (experts left out by target_modules) said
+    '... targets 2-D projection layers only', which is GaLore's case, not theirs."""
+    from lowmem.train import batched_weights_message
+
+    found = [("model.layers.0.mlp.experts.down_proj", (4, 32, 64))]
+    for optim in ("muon", "sinkgd"):
+        text = batched_weights_message(optim, "use_muon", found, 20_000)
+        assert "not selected by target_modules" in text and "'down_proj'" in text and "2-D" not in text, text
+    assert "targets 2-D projection layers" in batched_weights_message("galore_adamw", "rank", found, 20_000)

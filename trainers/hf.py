@@ -465,6 +465,26 @@ class LowMemOptimizerMixin:
     ``lowmem_optim`` unset (or args without the field) the trainer behaves exactly as before.
     """
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The Trainer's load of a checkpoint's weights, exact on models that transformers loads through a
+        weight conversion (MoE models with fused experts: Mixtral, Qwen2-MoE, Qwen3-MoE), which the
+        Trainer's own ``load_state_dict(strict=False)`` left at their pre-resume values
+        (:func:`lowmem.train.load_trainer_checkpoint`)."""
+        from lowmem.train import load_trainer_checkpoint
+
+        return load_trainer_checkpoint(self, super()._load_from_checkpoint, resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights, exact through a weight conversion too
+        (see :meth:`_load_from_checkpoint`)."""
+        from lowmem.train import load_converted_checkpoint
+
+        best = self.state.best_model_checkpoint
+        if best is not None and not (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)):
+            if load_converted_checkpoint(getattr(self.model, "module", self.model), best):
+                return None
+        return super()._load_best_model()
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         name = getattr(self.args, "lowmem_optim", None)
         if name is None:
