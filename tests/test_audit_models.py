@@ -239,3 +239,27 @@ def test_batched_weights_note_says_what_the_recipe_can_do():
         text = batched_weights_message(optim, "use_muon", found, 20_000)
         assert "not selected by target_modules" in text and "'down_proj'" in text and "2-D" not in text, text
     assert "targets 2-D projection layers" in batched_weights_message("galore_adamw", "rank", found, 20_000)
+
+
+@pytest.mark.parametrize("name, targets, says", [
+    ("galore_adamw", "q_proj", r"matched no .*write '\.\*q_proj' or the list \['q_proj'\]$"),
+    ("galore_adamw", ["experts"], r"\['experts'\] names 2 weight\(s\) of 3 or more dimensions \(e\.g\. "
+                                  r"model\.layers\.0\.mlp\.experts\.gate_up_proj \[4, 64, 32\].* muon and sinkgd step"),
+    ("muon", "experts", r"write '\.\*experts' or the list \['experts'\]$"),  # muon does take them, written as a list
+])
+def test_target_modules_that_select_nothing_say_why(mixtral_dir, name, targets, says):
+    """target_modules='q_proj' said 'matched no projection layer; its projection layers are named [..., 'q_proj',
+    ...]' (a string is peft's / the Trainer's full-name regex), and target_modules naming the fused experts did
+    not say GaLore cannot project 3-D weights (/tmp/lm/FOUND_registry.md items 2-3)."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from lowmem.optim import create_optimizer
+    from lowmem.trainers import optimizer_cls_and_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral_dir)
+    hp = {"rank": 4} if name == "galore_adamw" else {}
+    with pytest.raises(ValueError, match=r"target_modules=.*" + says):
+        create_optimizer(model, name, target_modules=targets, **hp)
+    args = TrainingArguments("unused", optim_target_modules=targets, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=r"optim_target_modules=.*" + says):
+        optimizer_cls_and_kwargs(model, name, args=args, **hp)

@@ -237,7 +237,7 @@ def optimizer_cls_and_kwargs(
                            "ignores when optimizer_cls_and_kwargs is given%s", name, optim,
                            " (layerwise mode: LowMemTrainer with lowmem_layerwise=True)" if optim.endswith("_layerwise") else "")
     resolved = target_modules_hparam(name, args, trainer_hparams(name, args, hparams)) if args is not None else dict(hparams)
-    with _explain_targets(model, resolved):
+    with _explain_targets(model, resolved, entry.batched_targets):
         opt = create_optimizer(model, name, **resolved)
     _require_numeric_lr(opt, entry.name)
     cls = type(opt)
@@ -511,7 +511,7 @@ class LowMemOptimizerMixin:
                     "lowmem_layerwise (the optimizer then steps each rank's shard, docs/distributed.md) or train with DDP"
                 )
 
-            with _explain_targets(opt_model, hp):
+            with _explain_targets(opt_model, hp, get_entry(name).batched_targets):
                 self.optimizer = LayerwiseOptimizer(
                     opt_model, name, accumulation_steps=self.args.gradient_accumulation_steps,
                     max_grad_norm=self.args.max_grad_norm or None, clip_mode="global_prev", **hp,
@@ -519,7 +519,7 @@ class LowMemOptimizerMixin:
             # gradients are freed in their hooks: the Trainer's clipping would see none
             self.args.max_grad_norm = 0.0
         else:
-            with _explain_targets(opt_model, hp):
+            with _explain_targets(opt_model, hp, get_entry(name).batched_targets):
                 self.optimizer = create_optimizer(opt_model, name, **hp)
         _require_numeric_lr(self.optimizer, name)
         self._lowmem_built_optimizer = True
@@ -624,7 +624,7 @@ def fused_head_tiles(model: Any):
 
 
 @contextlib.contextmanager
-def _explain_targets(model: nn.Module, hp: dict[str, Any]):
+def _explain_targets(model: nn.Module, hp: dict[str, Any], batched_targets: bool = False):
     """Re-raise the optimizer's "target_modules=... matched no linear layer" naming the field the user
     set (``optim_target_modules`` or ``target_modules``) and the model's projection layers, by module
     name (e.g. GPT-2's ``c_attn``, ``c_fc``, ``c_proj``; GPT-NeoX's ``query_key_value``): a config written
@@ -634,13 +634,14 @@ def _explain_targets(model: nn.Module, hp: dict[str, Any]):
     except ValueError as err:
         if "matched no linear layer" not in str(err) or "target_modules" not in hp:
             raise
-        from lowmem.optim.registry import subspace_target_names
+        from lowmem.optim.registry import subspace_target_names, target_modules_hint
 
         targets = hp["target_modules"]
         field_name = "optim_target_modules" if isinstance(targets, OptimTargetModules) else "target_modules"
         layers = sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in subspace_target_names(model)})
         raise ValueError(f"{field_name}={targets!r} matched no projection layer of {type(model).__name__}; its "
-                         f"projection layers (nn.Linear / Conv1D, output head excluded) are named {layers}") from err
+                         f"projection layers (nn.Linear / Conv1D, output head excluded) are named {layers}"
+                         + target_modules_hint(model, getattr(targets, "targets", targets), batched_targets)) from err
 
 
 def _group_keys(optimizer: Any) -> list[frozenset[str]] | None:

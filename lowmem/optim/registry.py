@@ -289,6 +289,29 @@ def batched_target_names(model: nn.Module, target_modules: str | Iterable[str] |
     return names
 
 
+def target_modules_hint(model: nn.Module, target_modules: Any, batched_targets: bool = False) -> str:
+    """Why ``target_modules`` selected nothing, when it can tell: a string naming layers by their
+    short name (peft's rule for a string is one regular expression matched against each module's
+    full name: ``"q_proj"`` matches no ``model.layers.0.self_attn.q_proj``), or a selection of weights
+    of 3 or more dimensions (fused MoE experts) that this optimizer does not target. ``""`` otherwise."""
+    hint = ""
+    if isinstance(target_modules, str) and "." not in target_modules.replace(".*", "") and any(
+            n.rsplit(".", 1)[-1] == target_modules for n, _ in model.named_modules()):
+        hint += (f"; a string is one regular expression matched against each module's full name (peft's rule): "
+                 f"write '.*{target_modules}' or the list ['{target_modules}']")
+    if not batched_targets and not callable(target_modules):
+        big = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() >= 3 and p.requires_grad
+               and (_matches(n, target_modules) or _matches(n.rpartition(".")[0], target_modules))]
+        if not big and isinstance(target_modules, str):  # what the same name in a list would select
+            big = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() >= 3 and p.requires_grad
+                   and (_matches(n, [target_modules]) or _matches(n.rpartition(".")[0], [target_modules]))]
+        if big:
+            hint += (f"; {target_modules!r} names {len(big)} weight(s) of 3 or more dimensions (e.g. {big[0][0]} {list(big[0][1])}, "
+                     f"fused MoE experts), which this optimizer does not project or normalize (it targets 2-D "
+                     f"nn.Linear / Conv1D weights; muon and sinkgd step such weights per matrix)")
+    return hint
+
+
 def build_param_groups(
     model: nn.Module,
     weight_decay: float | None = None,
@@ -313,7 +336,8 @@ def build_param_groups(
     if subspace and batched_targets:
         targets |= set(batched_target_names(model, target_modules))
     if subspace and target_modules is not None and not targets:
-        raise ValueError(f"target_modules={target_modules!r} matched no linear layer of the model")
+        raise ValueError(f"target_modules={target_modules!r} matched no linear layer of the model"
+                         + target_modules_hint(model, target_modules, batched_targets))
     if subspace and not targets:
         warn_user(
             f"the optimizer found no trainable projection layer (nn.Linear or transformers' Conv1D, "
