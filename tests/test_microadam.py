@@ -119,7 +119,9 @@ _NO_GPU = not torch.cuda.is_available()
 # sqrt), bf16 slow (a second compilation, 25-90 s cold on the loaded 2-core machine; the inductor's disk cache
 # makes a second run quick)
 COMPILED_CASES = [
-    pytest.param("cpu", torch.float32, marks=pytest.mark.skipif(_NO_CXX, reason="torch.compile on CPU needs a C++ compiler"),
+    # slow: 84 s on the 2-core CI machine with a cold inductor cache (its C++ compile)
+    pytest.param("cpu", torch.float32, marks=[pytest.mark.slow,
+                                              pytest.mark.skipif(_NO_CXX, reason="torch.compile on CPU needs a C++ compiler")],
                  id="float32-cpu"),
     pytest.param("cpu", torch.bfloat16, marks=[pytest.mark.slow, pytest.mark.skipif(_NO_CXX, reason="needs a C++ compiler")],
                  id="bf16-cpu"),
