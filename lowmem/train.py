@@ -810,8 +810,9 @@ def untargeted_batched_weights(optimizer: torch.optim.Optimizer, model: nn.Modul
     (``batched_targets``) and leave them untargeted only where ``target_modules`` leaves them out."""
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     names = {id(p): n for n, p in model.named_parameters()}
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}  # (not experts)
     return [(names.get(id(p), "?"), tuple(p.shape)) for g in opt.param_groups
-            if g.get(target_key) in (None, False) for p in g["params"] if p.dim() >= 3]
+            if g.get(target_key) in (None, False) for p in g["params"] if p.dim() >= 3 and id(p) not in convs]
 
 
 def batched_weights_message(optim: str, target_key: str, found: list[tuple[str, tuple[int, ...]]], trainable: int) -> str:

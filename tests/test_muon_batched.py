@@ -223,3 +223,28 @@ def test_layerwise_mode_steps_a_batch_as_the_plain_step(name):
     for p, q in zip(plain_model.parameters(), lw_model.parameters()):
         assert torch.equal(p, q)
     lw.remove_hooks()
+
+
+@pytest.mark.parametrize("name", ["muon", "sinkgd"])
+def test_convolution_kernels_are_not_batches_of_matrices(name):
+    """batched_target_names took every trainable weight of 3+ dimensions, so a VLM's patch-embedding Conv2d
+    [d, 3, 14, 14] became a batch of 14 x 14 matrices and a Mamba depthwise Conv1d [d, 1, k] a batch of 1 x k
+    rows: a convolution kernel is one linear map of in x k... inputs; it keeps AdamW, fused experts do not."""
+    from torch import nn
+
+    from lowmem.optim import create_optimizer
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, 4)
+            self.dw = nn.Conv1d(8, 8, 3, groups=8)
+            self.lin = nn.Linear(8, 8)
+            self.experts = nn.Parameter(torch.randn(4, 8, 8))
+
+    model = Model()
+    key = {"muon": "use_muon", "sinkgd": "use_sinkgd"}[name]
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = create_optimizer(model, name)
+    targeted = {names[id(p)] for g in opt.param_groups if g.get(key) for p in g["params"]}
+    assert targeted == {"experts", "lin.weight"}, targeted

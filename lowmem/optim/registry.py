@@ -272,8 +272,10 @@ def batched_target_names(model: nn.Module, target_modules: str | Iterable[str] |
     """Names of the trainable weights of more than two dimensions (fused MoE experts: transformers 5.x
     ``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``), the input and output embeddings
     excluded, that ``target_modules`` selects by peft's rules on the parameter's name or its module's
-    (default: all)."""
-    skip = set()
+    (default: all). Convolution kernels (``nn.Conv1d`` / ``2d`` / ``3d``: a vision tower's patch embedding,
+    a Mamba layer's depthwise ``conv1d``) are not batches of matrices and are excluded too: their
+    ``[out, in, k...]`` is one linear map of ``in x k...`` inputs (Keller Jordan's Muon flattens it)."""
+    skip = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.modules.conv._ConvNd)}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         mod = getattr(model, getter)() if hasattr(model, getter) else None
         if getattr(mod, "weight", None) is not None:
