@@ -199,9 +199,13 @@ def run(args: argparse.Namespace) -> int:
         common["gradient_accumulation_steps"] = args.gradient_accumulation_steps
 
     if args.budget:
-        from .memory.search import parse_bytes, search_budget
+        from .memory.search import BYTE_FORMS, parse_bytes, search_budget
 
         limit = parse_bytes(args.budget)
+        if limit < 2**20 and not any(c.isalpha() for c in str(args.budget)):
+            # (a number without a unit is bytes: --budget 40 searched for 40 bytes and printed "nothing fits")
+            raise ValueError(f"--budget {args.budget}: a number without a unit is bytes ({limit:,} B, below 1 MiB, which "
+                             f"nothing fits); give the unit, e.g. --budget {args.budget}GiB ({BYTE_FORMS})")
         found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top,
                               device=args.device or "cuda", gradient_accumulation_steps=args.gradient_accumulation_steps)
         if args.png and found:

@@ -207,3 +207,13 @@ def test_budget_measure_end_to_end_on_the_tiny_model(optimizer, capsys):
     assert 0 < got <= est - mkl, (est, mkl, got, ratios)
     assert total >= 0.99, (total, ratios)
     assert total <= (1.20 if optimizer == "adamw8bit" else 1.10), (total, ratios)
+
+
+def test_budget_without_a_unit_is_an_error(capsys):
+    """--budget 40 was read as 40 bytes: the search estimated every candidate for minutes and printed
+    'nothing fits'. A number without a unit below 1 MiB is an error naming the field and the forms."""
+    assert main(["budget", "llama-60m", "--budget", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "--budget 40: a number without a unit is bytes (40 B, below 1 MiB" in err and "--budget 40GiB" in err, err
+    with pytest.raises(ValueError, match="Cannot read a size"):
+        parse_bytes("40 parsecs")
