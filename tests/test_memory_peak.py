@@ -64,3 +64,28 @@ def test_total_is_the_peak_not_the_sum():
     assert peak_total(c, layerwise=True) == base + c["activations"] + c["optimizer_transient"]
     lw = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32", layerwise=True)
     assert lw.total == peak_total(lw.components(), layerwise=True)
+
+
+def test_tracking_a_layerwise_step_prints_no_torch_warning():
+    """lowmem train tracks memory by default; in layerwise mode (each gradient freed in its own hook,
+    before the tracker's hook reads it) torch's MemTracker warned 'Expected a tensor or a traceable
+    wrapper-subclass of tensor, but got NoneType' to every user, and a backward hook of a module of None
+    (LoRA on MoE) 'Module is None. Skipping PRE_BW hook.' (AUDITMODELS' /tmp/lm/FOUND_memory.md)."""
+    import torch
+
+    from lowmem.memory.measure import PeakTracker
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = LayerwiseOptimizer(model, "adamw", lr=1e-2)
+    tracker = PeakTracker(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with tracker:
+            for _ in range(2):
+                model(torch.randn(3, 8)).square().mean().backward()
+                tracker.tracker._pre_bw_hook(None, ())
+                tracker.tracker._post_bw_hook(None, ())
+                tracker.next_step()
+    assert tracker.maxima["weights"] > 0

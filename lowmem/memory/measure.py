@@ -90,13 +90,22 @@ def _tracker_class():
                     self.reset_mod_stats()
             super()._pre_fw_hook(module, inputs)
 
+        # torch's hooks skip a module of None (a backward hook of peft's or an MoE layer's) with a warning
+        # ("Module is None. Skipping PRE_BW hook.") that said nothing to a user: skipped here without it
         def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
-            if module is None or module in self.memory_tracking:  # else: its statistics were reset
+            if module is not None and module in self.memory_tracking:  # else: its statistics were reset
                 super()._pre_bw_hook(module, args)
 
         def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
-            if module is None or module in self.memory_tracking:
+            if module is not None and module in self.memory_tracking:
                 super()._post_bw_hook(module, args)
+
+        def _update_and_maybe_create_winfos(self, t: Any, reftype: Any, update_existing: bool = False) -> set:
+            # layerwise mode frees each gradient in its own hook, before the tracker's hook reads it:
+            # None holds no storage (torch warned "Expected a tensor ... but got NoneType")
+            if t is None:
+                return set()
+            return super()._update_and_maybe_create_winfos(t, reftype, update_existing)
 
         def _update_peak_stats(self, peak_state: Any) -> None:
             super()._update_peak_stats(peak_state)
