@@ -47,6 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="micro-batches per optimizer step (default 1: the gradients fill as backward frees the activations; "
                    "above 1 every gradient is live with the next micro-batches' activations)")
     p.add_argument("--layerwise", action="store_true", help="per-parameter stepping in the backward pass")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
+                   help="the Trainer's gradient clipping (default 1.0, its default; 0: none). Layerwise mode clips in its "
+                   "gradient hooks (clip_mode=global_prev), which adds the coefficient to the step transient. Estimate only: "
+                   "--measure runs without clipping")
     p.add_argument("--trainer", default=None, choices=["sft", "dpo", "grpo"],
                    help="lowmem's TRL trainer (GVPO / BNPO: grpo): TRL's fused LM head instead of logits; dpo: --batch-size "
                    "pairs, chosen and rejected in one forward, and the reference model; grpo: --batch-size completions of "
@@ -207,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--budget {args.budget}: a number without a unit is bytes ({limit:,} B, below 1 MiB, which "
                              f"nothing fits); give the unit, e.g. --budget {args.budget}GiB ({BYTE_FORMS})")
         found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top,
-                              device=args.device or "cuda", gradient_accumulation_steps=args.gradient_accumulation_steps)
+                              device=args.device or "cuda", gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              max_grad_norm=args.max_grad_norm)
         if args.png and found:
             from .memory.estimate import COMPONENTS, MemoryEstimate
 
@@ -254,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     common["device"] = args.device or "cuda"
+    common["max_grad_norm"] = args.max_grad_norm
     est = estimate_memory(args.model, **common)
     if args.dtype != "fp32":  # say which precision is assumed, and what the other one totals
         kw = {k: v for k, v in common.items() if k != "dtype"}

@@ -73,8 +73,11 @@ def test_cpu_estimate_equals_a_real_cpu_optimizer(case, layerwise):
     name, args = case.split()[0], CASES[case]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cpu = estimate_memory(_config(), name, optim_args=args, dtype="fp32", seq_len=16, layerwise=layerwise, device="cpu")
-        cuda = estimate_memory(_config(), name, optim_args=args, dtype="fp32", seq_len=16, layerwise=layerwise, device="cuda")
+        # (no clipping, as the real optimizer below; clipping's coefficient copy on CUDA: test_memory_layerwise_clip.py)
+        cpu = estimate_memory(_config(), name, optim_args=args, dtype="fp32", seq_len=16, layerwise=layerwise, device="cpu",
+                              max_grad_norm=None)
+        cuda = estimate_memory(_config(), name, optim_args=args, dtype="fp32", seq_len=16, layerwise=layerwise, device="cuda",
+                               max_grad_norm=None)
     state, transient = _real_cpu_sizes(name, args, layerwise)
     assert (cpu.optimizer_states, cpu.optimizer_transient) == (state, transient)
     assert cpu.settings["device"] == "cpu" and cuda.settings["device"] == "cuda"

@@ -20,7 +20,9 @@ so a 70B estimate runs on a laptop. Components:
   update temporaries, a projection refresh's workspace): the optimizer's own
   ``step_transient_bytes()`` on the same model, i.e. the largest per-parameter transient (or
   multi-tensor bucket's; in layerwise mode, where each parameter is stepped alone in its gradient
-  hook, ``step_transient_bytes(per_parameter=True)``: no buckets).
+  hook, ``LayerwiseOptimizer(..., max_grad_norm=max_grad_norm, clip_mode="global_prev")``'s
+  ``step_transient_bytes()``: the per-parameter step, no buckets, beside the hook's non-finite check
+  and, with the Trainer's default clipping ``max_grad_norm=1.0``, the clipping coefficient).
 
 The optimizer is sized for the device the run will use (``device``, ``"cpu"`` or ``"cuda"``): some
 of its step's memory depends on it (on CPU, MKL keeps the packed copy of a GEMM operand that a
@@ -529,14 +531,14 @@ def optimizer_state_bytes(model: nn.Module, optimizer: str | None, optim_args: d
 
 
 def optimizer_memory(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None,
-                     layerwise: bool = False) -> tuple[int, int, str]:
+                     layerwise: bool = False, max_grad_norm: float | None = None) -> tuple[int, int, str]:
     """``(state bytes, step transient bytes, how)`` of ``optimizer``: :func:`optimizer_sizes`."""
-    sizes = optimizer_sizes(model, optimizer, optim_args, layerwise)
+    sizes = optimizer_sizes(model, optimizer, optim_args, layerwise, max_grad_norm)
     return sizes["state"], sizes["transient"], sizes["how"]
 
 
 def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None = None,
-                    layerwise: bool = False) -> dict[str, Any]:
+                    layerwise: bool = False, max_grad_norm: float | None = None) -> dict[str, Any]:
     """State and step transient of ``optimizer`` on the trainable parameters of a meta ``model``, or
     of one whose parameters are fake tensors of the run's device (:func:`on_fake_device`: the state is
     allocated as fake tensors of that device, and the transient is that device's). Engine optimizers
@@ -544,7 +546,9 @@ def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[st
     ``layerwise``: that of one parameter stepped alone, ``step_transient_bytes(per_parameter=True)``,
     no multi-tensor buckets): ``how="exact"``. bitsandbytes optimizers have no meta-device support:
     their state comes from a closed form and their transient is not counted (``how="closed form"``;
-    their CUDA kernels update the state in place).
+    their CUDA kernels update the state in place). ``max_grad_norm`` (`float` or `None`, defaults to `None`, as
+    :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s): layerwise mode's gradient clipping
+    (``clip_mode="global_prev"``); ``None`` or 0: none.
 
     Returns:
         `dict`: ``state``, ``transient`` (bytes), ``how``, and ``kept_gemm``: the part of the transient
@@ -552,30 +556,48 @@ def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[st
         CPU (the engine's ``_kept_gemm_bytes()``; not a torch tensor, so a live-tensor tracker does not
         see it; 0 elsewhere).
     """
+    max_grad_norm = check_max_grad_norm(max_grad_norm)
     sized = _size_optimizer(model, optimizer, optim_args)
     _emit(sized["messages"], stacklevel=3)
-    return _pick(sized, layerwise)
+    return _pick(sized, layerwise, max_grad_norm)
 
 
-def _pick(sized: dict[str, Any], layerwise: bool) -> dict[str, Any]:
-    """:func:`optimizer_sizes`' answer from a :func:`_size_optimizer` record, for ``layerwise`` or not."""
-    return {"state": sized["state"], "transient": sized["transient"][bool(layerwise)], "how": sized["how"],
-            "kept_gemm": sized["kept_gemm"],
-            "transient_with_activations": sized.get("transient_with_activations") if layerwise else None}
+def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
+    """``max_grad_norm`` as layerwise mode uses it: ``None`` or 0 (the Trainer's "no clipping", which
+    LowMemTrainer passes on as ``max_grad_norm or None``) -> ``None``, else a finite float > 0.
+
+    Raises:
+        ValueError: Anything else (negative, infinite, NaN, not a number), naming the field."""
+    if max_grad_norm is None or (not isinstance(max_grad_norm, bool) and max_grad_norm == 0):
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not (
+            max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"Invalid max_grad_norm={max_grad_norm!r}: expected None, 0 (no clipping) or a finite number > 0")
+    return float(max_grad_norm)
 
 
-def _transient_before_input_embedding(model: nn.Module, opt: Any, kept_gemm: int) -> int | None:
+def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = None) -> dict[str, Any]:
+    """:func:`optimizer_sizes`' answer from a :func:`_size_optimizer` record, for ``layerwise`` or not; in layerwise
+    mode with the hooks' gradient clipping at ``max_grad_norm`` (``None``: none), ``clip_mode="global_prev"`` as
+    :class:`~lowmem.trainers.LowMemTrainer` runs it."""
+    parts = sized.get("layerwise_parts") if layerwise else None
+    transient = _layerwise_transient(parts, max_grad_norm) if parts is not None else sized["transient"][bool(layerwise)]
+    before = sized.get("transient_with_activations") if layerwise else None
+    return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
+            "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None}
+
+
+def _transient_before_input_embedding(model: nn.Module, opt: Any, kept_gemm: int) -> dict[str, Any] | None:
     """Layerwise mode: the largest per-parameter step transient of the parameters other than the input embedding
     (plus MKL's kept buffer, as ``step_transient_bytes``). The input embedding's gradient is the backward pass's
     last, so it steps when the activations are freed (a tied head too: its two gradients are summed first);
     every other parameter steps while activations are live. ``None``: the input embedding does not train here,
-    or the engine's per-parameter report cannot be split (its ``step_transient_bytes(per_parameter=True)`` holds)."""
+    or the engine's per-parameter report cannot be split (its ``step_transient_bytes(per_parameter=True)`` holds).
+    Returned as :func:`_layerwise_parts` (the clipping is applied by :func:`_layerwise_transient`)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is None or not weight.requires_grad or not hasattr(opt, "_param_transient_bytes"):
         return None
-    from ..optim.layerwise import layerwise_transient_bytes
-
     worst, found, grads = 0, False, []
     for group in opt.param_groups:
         for p in group["params"]:
@@ -585,19 +607,31 @@ def _transient_before_input_embedding(model: nn.Module, opt: Any, kept_gemm: int
                 worst = max(worst, opt._param_transient_bytes(p, group, opt.state[p]))
                 grads.append((p.numel(), p.dtype, p.is_contiguous()))
     # (with the hook's non-finite check, as LayerwiseOptimizer.step_transient_bytes)
-    return layerwise_transient_bytes(kept_gemm + worst, grads, kept_gemm) if found else None
+    return {"per_parameter": kept_gemm + worst, "grads": grads, "kept": kept_gemm, "device_type": weight.device.type} if found else None
 
 
-def _layerwise_transient(opt: Any) -> int:
-    """Layerwise mode's step transient of the engine optimizer ``opt``: what
-    :meth:`~lowmem.optim.layerwise.LayerwiseOptimizer.step_transient_bytes` reports for it (no gradient
-    clipping: ``lowmem train`` and :func:`~lowmem.memory.measure.measure_memory` pass no ``max_grad_norm``):
-    its per-parameter step next to the hook's non-finite check (:func:`~lowmem.optim.layerwise.layerwise_transient_bytes`)."""
+def _layerwise_parts(opt: Any) -> dict[str, Any]:
+    """What :meth:`~lowmem.optim.layerwise.LayerwiseOptimizer.step_transient_bytes` computes its answer from, for the
+    engine optimizer ``opt``: its per-parameter step (``step_transient_bytes(per_parameter=True)``), the gradients
+    ``(numel, dtype, contiguous)``, MKL's kept buffer and the parameters' device type (the clipping coefficient's
+    device copy)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {"per_parameter": opt.step_transient_bytes(per_parameter=True),
+            "grads": [(p.numel(), p.dtype, p.is_contiguous()) for p in params],
+            "kept": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0,
+            "device_type": params[0].device.type if params else "cpu"}
+
+
+def _layerwise_transient(parts: dict[str, Any], max_grad_norm: float | None = None) -> int:
+    """Layerwise mode's step transient from :func:`_layerwise_parts`: what
+    :meth:`~lowmem.optim.layerwise.LayerwiseOptimizer.step_transient_bytes` reports for
+    ``LayerwiseOptimizer(..., max_grad_norm=max_grad_norm, clip_mode="global_prev")`` (LowMemTrainer's layerwise
+    mode; ``None``: no clipping): the per-parameter step next to the hook's non-finite check and the clipping
+    coefficient (:func:`~lowmem.optim.layerwise.layerwise_transient_bytes`, the same function)."""
     from ..optim.layerwise import layerwise_transient_bytes
 
-    grads = [(p.numel(), p.dtype, p.is_contiguous()) for g in opt.param_groups for p in g["params"]]
-    kept = opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0
-    return layerwise_transient_bytes(opt.step_transient_bytes(per_parameter=True), grads, kept)
+    return layerwise_transient_bytes(parts["per_parameter"], parts["grads"], parts["kept"], max_grad_norm, "global_prev",
+                                     parts["device_type"])
 
 
 def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None) -> dict[str, Any]:
@@ -625,9 +659,11 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         warnings.simplefilter("always")
         opt.materialize_state()
         sizes = {"state": opt.state_bytes(),
-                 "transient": {False: opt.step_transient_bytes(per_parameter=False), True: _layerwise_transient(opt)},
+                 "transient": {False: opt.step_transient_bytes(per_parameter=False)},
+                 "layerwise_parts": _layerwise_parts(opt),
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0}
         sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, sizes["kept_gemm"])
+    sizes["transient"][True] = _layerwise_transient(sizes["layerwise_parts"])  # (without clipping)
     caught = [w for w in created if "smaller side" in str(w.message)] + caught
     sizes["frozen"] = tuple(n for n, p in before if not p.requires_grad)
     sizes["messages"] = _summarize_warnings(caught)
@@ -915,6 +951,7 @@ def estimate_memory(
     reference: str | None = None,
     generation_batch_size: int | None = None,
     max_completion_length: int | None = None,
+    max_grad_norm: float | None = 1.0,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step, by component, allocating nothing.
 
@@ -979,6 +1016,13 @@ def estimate_memory(
         max_completion_length (`int` or `None`, defaults to `None`): ``"grpo"`` only: tokens generated per completion
             (TRL's ``max_completion_length``), within ``seq_len``; the prompt is ``seq_len - max_completion_length``.
             ``None``: TRL's default 256, or ``seq_len - 1`` when ``seq_len`` is not above 256.
+        max_grad_norm (`float` or `None`, defaults to `1.0`): Gradient clipping threshold, the Trainer's
+            ``max_grad_norm`` (its default 1.0). It changes only layerwise mode's step transient: LowMemTrainer clips
+            in the gradient hooks, ``LayerwiseOptimizer(..., max_grad_norm=max_grad_norm, clip_mode="global_prev")``,
+            which holds the clipping coefficient (4 bytes on a device other than the CPU) and its cast to a gradient
+            dtype other than float32 (e.g. 2 bytes for bfloat16) during each step; the estimate's transient is that
+            optimizer's ``step_transient_bytes()``. ``None`` or ``0``: no clipping (``lowmem budget --measure`` and
+            :func:`~lowmem.memory.measure.measure_memory` run without it).
 
     Returns:
         `MemoryEstimate`: bytes by component, with ``.total``, ``.table()`` and ``.to_dict()``.
@@ -992,6 +1036,7 @@ def estimate_memory(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1")
     device = check_device(device)
+    max_grad_norm = check_max_grad_norm(max_grad_norm)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
     spec = QuantSpec.parse(quantization)
@@ -1036,7 +1081,7 @@ def estimate_memory(
             if n in frozen:
                 p.requires_grad_(False)
     _emit(sizing["messages"], stacklevel=2)
-    sized = _pick(sizing, layerwise)
+    sized = _pick(sizing, layerwise, max_grad_norm)
     opt_bytes, transient, how = sized["state"], sized["transient"], sized["how"]
 
     params = _unique_params(meta)
@@ -1246,7 +1291,7 @@ def estimate_memory(
             gradient_checkpointing=gradient_checkpointing, layerwise=layerwise, device=device,
             gradient_accumulation_steps=gradient_accumulation_steps,
             trainer=trainer, reference=reference, generation_batch_size=generation_batch_size,
-            max_completion_length=max_completion_length,
+            max_completion_length=max_completion_length, max_grad_norm=max_grad_norm,
         ),
         activation_model=activation_model,
     )

@@ -377,7 +377,7 @@ def measure_memory(
     est = estimate_memory(
         config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
-        device=torch.device(device).type,
+        device=torch.device(device).type, max_grad_norm=None,  # its LayerwiseOptimizer does not clip
     )
     from .estimate import model_label
 

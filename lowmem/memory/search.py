@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .estimate import MemoryEstimate, check_device, estimate_memory, peak_total, resolve_config, sizing_cache
+from .estimate import MemoryEstimate, check_device, check_max_grad_norm, estimate_memory, peak_total, resolve_config, sizing_cache
 
 COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5, "layerwise": 0.5,
          "checkpointing": 1.0, "quantization": 1.5}
@@ -156,6 +156,7 @@ def search_budget(
     top: int | None = None,
     device: str = "cuda",
     gradient_accumulation_steps: int = 1,
+    max_grad_norm: float | None = 1.0,
 ) -> list[Candidate]:
     """Configurations whose estimated total fits ``budget``, best (least given up) first.
 
@@ -179,11 +180,15 @@ def search_budget(
             the optimizer's step transient is sized for it (:func:`~lowmem.memory.estimate_memory`).
         gradient_accumulation_steps (`int`, defaults to `1`): Micro-batches per optimizer step; above one, every
             gradient is live with the activations (:func:`~lowmem.memory.estimate.peak_total`).
+        max_grad_norm (`float` or `None`, defaults to `1.0`): The Trainer's gradient clipping threshold; sizes the
+            layerwise candidates' step transient with the hooks' clipping (:func:`~lowmem.memory.estimate_memory`).
+            ``None`` or ``0``: no clipping.
     """
     from ..optim import get_entry
 
     limit = parse_bytes(budget)
     device = check_device(device)
+    max_grad_norm = check_max_grad_norm(max_grad_norm)
     config = resolve_config(model)
     hidden = config.hidden_size
     optimizers = list(optimizers) if optimizers is not None else default_optimizers()
@@ -211,7 +216,8 @@ def search_budget(
     # one optimizer sizing per optimizer config and trainable set, shared by layerwise / quantization variants
     with sizing_cache():
         ests: list[MemoryEstimate] = [estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, device=device,
-                                                      gradient_accumulation_steps=gradient_accumulation_steps, **static)
+                                                      gradient_accumulation_steps=gradient_accumulation_steps,
+                                                      max_grad_norm=max_grad_norm, **static)
                                       for static, _, _ in statics]
     for (static, cost, gives), est in zip(statics, ests):
         fixed = est.weights + est.quant_constants + est.gradients + est.optimizer_states
