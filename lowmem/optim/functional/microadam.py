@@ -74,8 +74,12 @@ def add_block_starts_(flat: Tensor, layout: TopKLayout) -> Tensor:
     """:func:`global_indices` of block-relative int64 indices ``flat``, added in place (e.g. the top-k's own
     indices, whose int16 copy is the state's: no int64 copy of them)."""
     fb, kb = layout.full_blocks, layout.k_block
-    starts = torch.arange(0, fb * layout.block, layout.block, device=flat.device)
-    flat[..., : fb * kb].unflatten(-1, (fb, kb)).add_(starts.unsqueeze(1))
+    if torch.compiler.is_compiling():  # (one fused kernel; the unflatten of a slice of symbolic size
+        # failed in the inductor's view lowering, IndexError in aten.reshape, on chunk views)
+        flat[..., : fb * kb].add_(torch.arange(fb * kb, device=flat.device).div(kb, rounding_mode="floor") * layout.block)
+    else:
+        starts = torch.arange(0, fb * layout.block, layout.block, device=flat.device)
+        flat[..., : fb * kb].unflatten(-1, (fb, kb)).add_(starts.unsqueeze(1))
     if layout.k_last:
         flat[..., fb * kb :].add_(fb * layout.block)
     return flat
