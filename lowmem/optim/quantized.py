@@ -580,6 +580,8 @@ class Quantized(MomentRule):
                     alone.append((i, k))
                 else:
                     batched.setdefault(k, []).append(i)
+        if (batched or stacked) and Q.launch_bound(gs[0].device):
+            return views, self._decoded_joint(gs, states, views, alone, batched, stacked, b)
         flats: dict[str, Tensor] = {}
         for k, idx in batched.items():
             spec = self.specs[k]
@@ -622,6 +624,108 @@ class Quantized(MomentRule):
                 torch._foreach_copy_(dst, src)
 
         return views, encode
+
+    def _decoded_joint(self, gs, states, views, alone, batched, stacked, b):
+        """:meth:`_decoded_many`'s decode of the whole-block members and rank-1 stacks off the CPU (a device that
+        pays per kernel launch, :func:`~lowmem.optim.functional.quant.launch_bound`), with fewer kernels and the
+        same bits; fills ``views`` and returns the encode.
+
+        Every scale and code tensor of the bucket is copied into one buffer by one ``torch.cat``
+        (:func:`~lowmem.optim.functional.quant.joint_codes`: was one ``cat`` of codes and one of scales per
+        moment, and a ``cat`` and two ``stack`` per rank-1 stack); all 4-bit codes are converted to the
+        ``int32`` lookup index at once; each blockwise 4-bit moment's table lookup writes into one float32
+        buffer of every such moment, which is multiplied by its absmax in place at once; the encode takes the
+        block absmax (``vector_norm(inf)``) and its clamp once for all of them (a maximum per block: the same
+        values whatever the rows around it), then per moment the division, the search and the pack, as
+        :func:`~lowmem.optim.functional.quant.quantize_blockwise_4bit`. 8-bit moments keep bitsandbytes' codec
+        per moment. Transient: the decode phase holds the codes buffer, its ``int32`` index (2 B per 4-bit
+        code value) and the decoded values (no separate product: ``mul_`` in place), at most about 13 B per
+        element of a bucket of Adam's two 4-bit moments, below the direction and encode phases that
+        :meth:`foreach_direction_transient_bytes` bounds."""
+        dev = gs[0].device
+        four = [k for k in batched if self.specs[k].bits == 4]
+        eight = [k for k in batched if self.specs[k].bits == 8]
+        stacks = list(stacked.items())
+        floats = [states[i][k + "_absmax"] for k in four + eight for i in batched[k]]
+        for (k, _), idx in stacks:
+            floats += [states[i][k + "_rowmax"] for i in idx] + [states[i][k + "_colmax"] for i in idx]
+        codes4 = [states[i][k] for k in four for i in batched[k]] + [states[i][k] for (k, _), idx in stacks for i in idx]
+        codes8 = [states[i][k] for k in eight for i in batched[k]]
+        fl, c4, c8 = Q.joint_codes(floats, codes4, codes8)
+        ints = c4.int() if c4.numel() else None
+        numels = {k: [gs[i].numel() for i in batched[k]] for k in batched}
+        n4 = sum(sum(numels[k]) for k in four)
+        values4 = torch.empty(n4, dtype=torch.float32, device=dev) if four else None
+        fo = co = vo = 0  # (offsets: into fl, into the 4-bit codes, into values4)
+        flats: dict[str, Tensor] = {}
+        for k in four:  # (the table lookup of each moment into values4)
+            n = sum(numels[k])
+            torch.index_select(Q.lookup_pairs(self.specs[k].code, str(dev)), 0, ints[co : co + n // 2],
+                               out=values4[vo : vo + n].view(n // 2, 2))
+            flats[k] = values4[vo : vo + n]
+            co, vo = co + n // 2, vo + n
+        if four:
+            absmax4 = fl[: n4 // b]
+            values4.view(-1, b).mul_(absmax4.unsqueeze(1))
+            fo = n4 // b
+        o8 = 0
+        for k in eight:
+            n = sum(numels[k])
+            flats[k] = Q.dequantize_blockwise_8bit(c8[o8 : o8 + n], fl[fo : fo + n // b],
+                                                   Q.code_map(self.specs[k].code, dev), b)
+            fo, o8 = fo + n // b, o8 + n
+        for k in batched:
+            for i, part in zip(batched[k], flats[k].split(numels[k])):
+                views[i][k] = part.view(gs[i].shape)
+        whole_stacks: dict[tuple[str, torch.Size], Tensor] = {}
+        for (k, shape), idx in stacks:
+            s, (m, n) = len(idx), shape
+            rows, cols = fl[fo : fo + s * m].view(s, m), fl[fo + s * m : fo + s * m + s * n].view(s, n)
+            fo += s * (m + n)
+            scale = Q.rank1_scale(rows, cols)
+            whole = (Q.lookup_pairs(self.specs[k].code, str(dev)).index_select(0, ints[co : co + s * m * n // 2])
+                     .view(scale.shape).mul_(scale))
+            co += s * m * n // 2
+            del scale
+            for i, part in zip(idx, whole):
+                views[i][k] = part
+            whole_stacks[(k, shape)] = whole
+        del fl, c4, c8, ints
+
+        def encode() -> None:
+            for i, k in alone:
+                encode_(states[i], k, views[i][k], self.specs[k], b)
+            dst, src = [], []
+            if four:
+                absmax = Q.block_absmax(values4.view(-1, b))
+                tiny = absmax.clamp(min=torch.finfo(torch.float32).tiny)
+                start = 0
+                for k in four:
+                    spec, n = self.specs[k], sum(numels[k])
+                    blocks = flats.pop(k).view(-1, b) / tiny[start : start + n // b].unsqueeze(1)
+                    packed = Q.nearest_packed(blocks.view(-1), Q.code_map(spec.code, dev), spec.code)
+                    del blocks
+                    dst += [states[i][k] for i in batched[k]] + [states[i][k + "_absmax"] for i in batched[k]]
+                    src += [*packed.split([x // 2 for x in numels[k]]),
+                            *absmax[start : start + n // b].split([x // b for x in numels[k]])]
+                    start += n // b
+            for k in eight:
+                spec = self.specs[k]
+                codes, absmax8 = Q.quantize_blockwise_split(flats.pop(k), Q.code_map(spec.code, dev), b, spec.bits,
+                                                            numels[k], spec.code)
+                dst += [states[i][k] for i in batched[k]] + [states[i][k + "_absmax"] for i in batched[k]]
+                src += [*codes, *absmax8]
+            for (k, shape), idx in stacks:
+                spec = self.specs[k]
+                codes, rows, cols = Q.quantize_rank1_4bit(whole_stacks.pop((k, shape)), Q.code_map(spec.code, dev),
+                                                          None, spec.code)
+                dst += ([states[i][k] for i in idx] + [states[i][k + "_rowmax"] for i in idx]
+                        + [states[i][k + "_colmax"] for i in idx])
+                src += [*codes.view(len(idx), -1), *rows, *cols]
+            if dst:
+                torch._foreach_copy_(dst, src)
+
+        return encode
 
     def foreach_transient_bytes(self, numel):
         """A bucket of ``numel`` elements: every listed moment decoded (4 B each per element), the codec's
