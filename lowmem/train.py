@@ -804,10 +804,11 @@ def untargeted_batched_weights(optimizer: torch.optim.Optimizer, model: nn.Modul
     """``(name, shape)`` of the trainable weights of 3 or more dimensions (the fused experts of
     Mixtral, Qwen2-MoE, Qwen3-MoE in transformers 5: ``experts.gate_up_proj`` ``[E, 2i, h]``,
     ``experts.down_proj`` ``[E, h, i]``) that sit in a parameter group without ``target_key``
-    (``rank``, ``use_muon``, ...): the targeted recipes (GaLore, Fira, APOLLO, SCALE, Subset-Norm,
-    ...) project or normalize 2-D ``nn.Linear`` / ``Conv1D`` weights only, so these train in the
-    untargeted group, with AdamW's full-size state. Muon and SinkGD step them per matrix
-    (``batched_targets``) and leave them untargeted only where ``target_modules`` leaves them out."""
+    (``rank``, ``use_muon``, ...), so they train in the untargeted group with full-size AdamW state.
+    Recipes registered with ``batched_targets`` (Muon, SinkGD, SCALE, the subspace recipes GaLore, Fira,
+    FRUGAL, Online Subspace Descent, APOLLO, and Subset-Norm / Subspace-Momentum) step them per matrix
+    and leave them untargeted only where ``target_modules`` leaves them out; the others (those not yet
+    registered so) target 2-D ``nn.Linear`` / ``Conv1D`` weights only."""
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     names = {id(p): n for n, p in model.named_parameters()}
     convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}  # (not experts)
@@ -819,7 +820,7 @@ def batched_weights_message(optim: str, target_key: str, found: list[tuple[str, 
     """The note :func:`untargeted_batched_weights` gives a user (see there)."""
     n = sum(torch.Size(s).numel() for _, s in found)
     name, shape = found[0]
-    if get_entry(optim).batched_targets:  # Muon, SinkGD: they step them per matrix when target_modules selects them
+    if get_entry(optim).batched_targets:  # Muon, SinkGD, SCALE, the subspace recipes: per matrix when target_modules selects them
         return (f"{optim}: {len(found)} weights of 3 or more dimensions ({n:,} of {trainable:,} trainable parameters, "
                 f"{100 * n / max(trainable, 1):.0f}%; e.g. {name} {list(shape)}, fused MoE experts) are not selected by "
                 f"target_modules and train in its AdamW group with full-size state; add their names (e.g. "

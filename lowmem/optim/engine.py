@@ -357,6 +357,73 @@ def moment_step(state: dict[str, Tensor], t: float) -> float:
     return t if start is None else t - start.item()
 
 
+# State entries of a batch of matrices (:meth:`LowMemOptimizer._matrices`) shared by all its matrices: the
+# engine's per-parameter counters (one step count; moments reset for every matrix at the same refresh)
+MATRIX_SHARED_KEYS = ("step", "moment_start")
+
+
+def matrix_index(e: int, lead: torch.Size) -> tuple[int, ...]:
+    """The index into the leading (batch) dimensions ``lead`` of the ``e``-th matrix of a ``[*lead, A, B]``
+    tensor, in row-major order (``t[matrix_index(e, lead)]``: a view of matrix ``e``, never a copy)."""
+    idx = []
+    for d in reversed(lead):
+        idx.append(e % d)
+        e //= d
+    return tuple(reversed(idx))
+
+
+def matrix_of(t: Tensor, idx: tuple[int, ...]) -> Tensor:
+    """``t[idx]``: a view of ``t``'s memory, detached (no autograd view of a parameter: the estimator's fake
+    CUDA parameters take none outside ``no_grad``; the step writes into it under ``no_grad`` anyway)."""
+    t = t.detach()
+    for i in idx:
+        t = t.select(0, i)
+    return t
+
+
+def matrix_state(state: dict[str, Tensor], idx: tuple[int, ...]) -> dict[str, Tensor]:
+    """The state of one matrix of a batch (:meth:`LowMemOptimizer._matrices`): views ``state[k][idx]``
+    of the stacked entries, the shared ones (:data:`MATRIX_SHARED_KEYS`) themselves."""
+    return {k: v if k in MATRIX_SHARED_KEYS or not isinstance(v, Tensor) else matrix_of(v, idx)
+            for k, v in state.items()}
+
+
+def _stack_like(v: Tensor, lead: torch.Size) -> Tensor:
+    """An uninitialised stack ``[*lead, *v.shape]`` of tensors laid out like ``v`` (a dense one): each
+    matrix's entry keeps ``v``'s strides (a column-major basis stays column-major: the same GEMMs as a 2-D
+    parameter's, bit for bit), the matrices one after another."""
+    strides, acc = [], v.numel()
+    for d in reversed(lead):
+        strides.append(acc)
+        acc *= d
+    return v.new_empty_strided((*lead, *v.shape), (*reversed(strides), *v.stride()))
+
+
+def _no_data(t: Tensor) -> bool:
+    """Whether ``t`` holds no values (a meta or fake tensor: the estimator's; a fake CUDA tensor's ``copy_`` needs
+    a CUDA build)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type == "meta" or isinstance(t, FakeTensor)
+
+
+def _write_back(state: dict[str, Tensor], idx: tuple[int, ...], sub: dict[str, Tensor], views: dict[str, Tensor]) -> None:
+    """After a matrix's step on ``sub`` (:func:`matrix_state`, ``views`` as it was built): an entry the
+    step replaced instead of updating in place is copied into the stack (a shared one replaces the
+    parameter's); a shared entry the step created (``moment_start`` of a checkpoint that predates it) joins
+    the parameter's state."""
+    for k, v in sub.items():
+        if views.get(k) is v:
+            continue
+        if k in MATRIX_SHARED_KEYS:
+            state[k] = v
+        elif k in views:
+            views[k].copy_(v)
+        else:
+            raise RuntimeError(f"the step of one matrix of a batched parameter created the state entry {k!r}; a batch of"
+                               " matrices keeps only the entries allocated for every matrix at its first step")
+
+
 class _Route:
     """The cached path of a parameter in :meth:`LowMemOptimizer.step` (:meth:`LowMemOptimizer._route`):
     ``path`` (``"low"``: the projected multi-tensor step, ``"foreach"``: the buckets, ``"alone"``: its
@@ -546,8 +613,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 except ValueError as e:  # name the group: a recipe's check sees only the group's dict
                     e.args = (f"{where}: {e}", *e.args[1:])  # (its type and attributes kept)
                     raise
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if is_dtensor(p):  # FSDP2: refuse recipes that need the whole matrix (lowmem.optim.sharded)
+                    self._refuse_sharded_matrices(p, group, f"{where}, parameter {i}")
                     check_supported(self.recipe, group, p, where)
         except (ValueError, NotImplementedError):
             self.param_groups.pop()
@@ -568,15 +636,43 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_hold", None)
 
     def _full_rank_by_rank(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Whether 2-D ``p`` of a projected group trains full-rank because ``rank >= min(m, n)``."""
-        return (self.recipe.projection is not None and group.get("rank") is not None and p.ndim == 2
-                and group["rank"] >= min(p.shape))
+        """Whether ``p`` (2-D, or a batch of matrices ``[..., m, n]``) of a projected group trains full-rank
+        because ``rank >= min(m, n)``."""
+        return (self.recipe.projection is not None and group.get("rank") is not None and p.ndim >= 2
+                and group["rank"] >= min(p.shape[-2:]))
 
     def _is_projected(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``p`` (its whole shape) is stepped in a subspace: a 2-D parameter of a group with
-        a ``rank`` below its smaller side (a pure predicate: :meth:`add_param_group` warns about the others)."""
-        return (self.recipe.projection is not None and group.get("rank") is not None and p.ndim == 2
-                and group["rank"] < min(p.shape))
+        """Whether ``p`` is stepped in a subspace: a 2-D parameter, or a batch of matrices ``[..., m, n]``
+        (fused MoE experts; each matrix its own projection: :meth:`_matrices`), of a group with a ``rank``
+        below the smaller side of its matrices (a pure predicate: :meth:`add_param_group` warns about the
+        others)."""
+        return (self.recipe.projection is not None and group.get("rank") is not None and p.ndim >= 2
+                and group["rank"] < min(p.shape[-2:]))
+
+    def _matrices(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` of more than two dimensions ``[..., A, B]`` is stepped as a batch of ``A x B``
+        matrices, each as a 2-D parameter of ``group`` with its own state (its projection, moments and
+        statistics; stacked along the leading dimensions in ``p``'s one state dict, :data:`MATRIX_SHARED_KEYS`
+        shared): a projected one (:meth:`_is_projected`), or one whose moment rule keeps per-matrix
+        statistics (``per_matrix``: Subset-Norm's rows of each matrix's longer side). Equal to stepping
+        each matrix as a separate 2-D parameter of the group (tests/test_experts_subspace.py)."""
+        if p.ndim <= 2:
+            return False
+        if self._is_projected(p, group):
+            return True
+        per_matrix = getattr(self.recipe.moment, "per_matrix", None)
+        return per_matrix is not None and per_matrix(p.shape, group)
+
+    def _refuse_sharded_matrices(self, p: Tensor, group: dict[str, Any], where: str) -> None:
+        """A sharded (FSDP2 ``DTensor``) batch of matrices stepped per matrix (:meth:`_matrices`) is not
+        supported (a shard of rows of ``[E, A, B]`` splits the batch, not the matrices): refused naming the
+        parameter and the recipe, never trained otherwise."""
+        if is_dtensor(p) and self._matrices(p, group):
+            raise NotImplementedError(
+                f"{where}: a sharded (FSDP2 / DTensor) parameter of shape {tuple(p.shape)} is a batch of matrices"
+                f" (fused MoE experts) that '{self.recipe.name}' steps per matrix; sharded batches are not supported:"
+                " put it in a group without the recipe's target key (e.g. no 'rank'), or do not shard it"
+            )
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -595,10 +691,41 @@ class LowMemOptimizer(torch.optim.Optimizer):
             r.moment.init_state_sharded(state, self._sharded_projection(key, group, None).low_shape(group),
                                         r.projection.low_shape(key.shape, group), group, p, key=key)
             return
+        if (key is None or not is_dtensor(key)) and self._matrices(p, group):
+            self._init_matrices(p, group, state)
+            return
+        self._init_matrix(p, group, state, key=key)
+
+    def _init_matrices(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
+        """The state of a batch of matrices (:meth:`_matrices`): each matrix's, as :meth:`_init_state`
+        allocates it for a 2-D parameter (its projection's seed by :meth:`~lowmem.optim.subspace.Projection.init_state`'s
+        per-matrix rule), stacked along ``p``'s leading dimensions; :data:`MATRIX_SHARED_KEYS` once. One
+        matrix's state is allocated at a time beside the stacks."""
+        lead = p.shape[:-2]
+        with torch.no_grad():  # (the estimator's fake CUDA tensors: copies outside no_grad need a CUDA build)
+            for e in range(math.prod(lead)):
+                idx = matrix_index(e, lead)
+                sub: dict[str, Tensor] = {}
+                self._init_matrix(matrix_of(p, idx), group, sub, matrix=(p, e))
+                for k, v in sub.items():
+                    if e == 0:
+                        state[k] = v if k in MATRIX_SHARED_KEYS else _stack_like(v, lead)
+                    if k not in MATRIX_SHARED_KEYS and not _no_data(v):
+                        matrix_of(state[k], idx).copy_(v)
+                del sub
+
+    def _init_matrix(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], key: Tensor | None = None,
+                     matrix: tuple[Tensor, int] | None = None) -> None:
+        """:meth:`_init_state` of a parameter not projected as a shard, or of matrix ``e`` of a batch
+        ``matrix = (param, e)`` (``p`` its 2-D view)."""
+        r = self.recipe
         state["step"] = torch.zeros((), dtype=torch.float32)
         shape = p.shape
         if self._is_projected(p, group):
-            r.projection.init_state(state, p, group)
+            if matrix is None:
+                r.projection.init_state(state, p, group)
+            else:
+                r.projection.init_state(state, matrix[0], group, matrix=matrix[1])
             _init_moment_start(state, group, r.moment)
             shape = r.projection.low_shape(p.shape, group)
             r.combine.init_state(state, p, group)
@@ -844,7 +971,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         counts: dict[torch.dtype, int] = {}
         for group in self.param_groups:
             for key in group["params"]:
-                if not is_dtensor(key) and self._is_projected(key, group) and (method is None or method(group) == "online_pca"):
+                if (not is_dtensor(key) and key.ndim == 2 and self._is_projected(key, group)
+                        and (method is None or method(group) == "online_pca")):  # (a batch reads its own: _update_matrices)
                     counts[key.dtype] = counts.get(key.dtype, 0) + 1
         if not counts:
             return 0, 0
@@ -870,7 +998,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key in group["params"]:
                 if self._is_projected(key, group) and self._mkl_keeps_packs(local(key)):
-                    kept = max(kept, P.kept_gemm_bytes(key.shape, group))
+                    kept = max(kept, P.kept_gemm_bytes(key.shape[-2:], group))  # (a batch: each matrix's)
         return kept
 
     def _low_bucket_bytes(self, items: list[_ProjectedBytes]) -> int:
@@ -896,7 +1024,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return worst
 
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> int:
-        """The transient of :meth:`_update` of ``p`` alone (its per-parameter step; ``steady``: without a refresh)."""
+        """The transient of :meth:`_update` of ``p`` alone (its per-parameter step; ``steady``: without a refresh).
+        A batch of matrices (:meth:`_matrices`): one matrix's, its step's temporaries freed before the next one's."""
+        if self._matrices(p, group):
+            idx = matrix_index(0, p.shape[:-2])
+            return self._param_transient_bytes(matrix_of(p, idx), group, matrix_state(state, idx), steady)
         r = self.recipe
         bounds = self._chunk_bounds(p, group, state)
         if bounds is None and self._is_projected(p, group):
@@ -1230,6 +1362,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if not is_dtensor(p):
             return p, p, p.grad, group, None
         where = f"optimizer '{self.recipe.name}'"
+        name = next((f"parameter {i}" for i, q in enumerate(group["params"]) if q is p), "a parameter")
+        self._refuse_sharded_matrices(p, group, f"{where}, {name} of its group")  # (sharded after construction)
         check_supported(self.recipe, group, p, where)  # also here: parameters sharded after construction
         check_placements(p, p.grad, where)
         return p, p.to_local(), p.grad.to_local(), group, shard_reduce(p)
@@ -1337,7 +1471,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if P is None or not tensors:
             return False
         pre = P.pre_check([(grad, self.state[key], group) for key, _, grad, group, r in work
-                           if r is None and key in self.state])
+                           if r is None and key in self.state and grad.ndim == 2])  # (a batch: _update_matrices)
         due = self._refresh_checks(work, tensors, tokens)
         if pre is None and not due:
             return False
@@ -1376,7 +1510,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return []
         due = []
         for i, (key, p, grad, group, reduce) in enumerate(work):
-            if (reduce is not None or tensors[i] is not grad or grad.dtype == torch.float64
+            if (reduce is not None or tensors[i] is not grad or grad.dtype == torch.float64 or p.ndim != 2
                     or not self._is_projected(p, group) or not P.refresh_checks_usable(group)):
                 continue
             state = self.state[key] if key in self.state else {}
@@ -1415,7 +1549,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for key, p, grad, group, reduce in work:
             if reduce is not None:
                 return {}
-            if not self._is_projected(p, group):
+            if not self._is_projected(p, group) or p.ndim != 2:  # (a batch of matrices: checked through its gradient)
                 continue
             state = self.state[key]
             step = state.get("step")
@@ -1516,6 +1650,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and state_dtype(group, p) == torch.float32
             and not (large and not (p.is_contiguous() and (grad is None or grad.is_contiguous())))
             and not self._is_projected(p, group)
+            and not self._matrices(p, group)  # (a batch of matrices: per matrix, _update_matrices)
         )
 
     # ---- the multi-tensor step of projected parameters ---------------------------------------
@@ -1541,6 +1676,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and ((r.lr_rule is constant_lr and not r.moment.applies_lr) or r.moment.foreach_direction_lrs)
             and (grad is None or grad.layout == torch.strided)
             and self._is_projected(p, group)
+            and p.ndim == 2  # (a batch of matrices: per matrix, _update_matrices)
             and r.moment.supports_foreach_direction(group, {} if state is None else state, p)
         )
 
@@ -1781,7 +1917,32 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if "step" not in state:  # (a sharded parameter's shard: the rule may read the whole shape)
             self._init_state(p, group, state, key=key if reduce is not None else None)
         t = _advance_step(state["step"])
+        if reduce is None and self._matrices(p, group):
+            self._update_matrices(p, grad, group, state, t, projected_grad)
+            return
+        self._update_state(p, grad, group, state, t, projected_grad, reduce)
 
+    def _update_matrices(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                         projected_grad: Tensor | None = None) -> None:
+        """The step of a batch of matrices ``[..., A, B]`` (:meth:`_matrices`) at step ``t`` (its count
+        advanced once): each matrix ``e`` stepped as a 2-D parameter (:meth:`_update_state`) on the views
+        ``p[e]``, ``grad[e]`` and its state's (:func:`matrix_state`), one after another (each one's
+        temporaries freed before the next: :meth:`_param_transient_bytes` counts one matrix). ``projected_grad``:
+        the stacked projected gradients (layerwise accumulation, :meth:`project`)."""
+        lead = p.shape[:-2]
+        for e in range(math.prod(lead)):
+            idx = matrix_index(e, lead)
+            sub = matrix_state(state, idx)
+            views = dict(sub)
+            self._update_state(matrix_of(p, idx), matrix_of(grad, idx), group, sub, t,
+                               None if projected_grad is None else matrix_of(projected_grad, idx))
+            _write_back(state, idx, sub, views)
+            del sub, views
+
+    def _update_state(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                      projected_grad: Tensor | None = None, reduce: ShardReduce | None = None) -> None:
+        """:meth:`_update` after the state exists and its count is advanced to ``t``."""
+        r = self.recipe
         # (a fused step decays in the rule's own order, foreach_decays_after: only where the recipe's agrees)
         if (projected_grad is None and reduce is None and not r.stabilizers and not self._is_projected(p, group)
                 and r.decay_after_update == r.moment.foreach_decays_after
@@ -1934,18 +2095,42 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def refresh_projection(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> bool:
         """Refresh ``p``'s projection for its *next* step from gradient ``g`` (if due), and return
         whether ``p`` is projected. Layerwise accumulation calls this on a window's first
-        micro-batch, then accumulates ``project(p, g)`` and steps with ``projected_grad``."""
+        micro-batch, then accumulates ``project(p, g)`` and steps with ``projected_grad``. A batch of
+        matrices: each matrix's projection from its gradient."""
         if not self._is_projected(p, group):
             return False
         state = self.state[p]
         if "step" not in state:
             self._init_state(p, group, state)
-        self._refresh(p, g if g.dtype == torch.float32 else g.float(), state, group, int(state["step"].item()) + 1)
+        t = int(state["step"].item()) + 1
+        if p.ndim == 2:
+            self._refresh(p, g if g.dtype == torch.float32 else g.float(), state, group, t)
+            return True
+        lead = p.shape[:-2]
+        for e in range(math.prod(lead)):
+            idx = matrix_index(e, lead)
+            sub = matrix_state(state, idx)
+            views = dict(sub)
+            gm = matrix_of(g, idx)
+            self._refresh(matrix_of(p, idx), gm if gm.dtype == torch.float32 else gm.float(), sub, group, t)
+            _write_back(state, idx, sub, views)
         return True
 
     def project(self, p: Tensor, g: Tensor, group: dict[str, Any]) -> Tensor:
-        """``g`` in ``p``'s current subspace (float32)."""
-        return self.recipe.projection.down(g if g.dtype == torch.float32 else g.float(), self.state[p], group)
+        """``g`` in ``p``'s current subspace (float32); a batch of matrices: each matrix's, stacked."""
+        P, state = self.recipe.projection, self.state[p]
+        if p.ndim == 2:
+            return P.down(g if g.dtype == torch.float32 else g.float(), state, group)
+        lead = p.shape[:-2]
+        out = None
+        for e in range(math.prod(lead)):
+            idx = matrix_index(e, lead)
+            gm = matrix_of(g, idx)
+            low = P.down(gm if gm.dtype == torch.float32 else gm.float(), matrix_state(state, idx), group)
+            if out is None:
+                out = low.new_empty((*lead, *low.shape))
+            matrix_of(out, idx).copy_(low)
+        return out
 
     def _on_subspace_change(self, state: dict[str, Tensor], group: dict[str, Any], old: dict[str, Tensor] | None = None,
                             t: int | None = None) -> None:

@@ -57,7 +57,8 @@ class OptimizerEntry:
             join the other parameters.
         batched_targets: Whether the targeted group also takes the trainable weights of more than two
             dimensions (fused MoE experts ``[E, A, B]``, batches of matrices; not the embeddings), chosen by
-            ``target_modules`` on the parameter's or its module's name (default: all). Muon (per matrix).
+            ``target_modules`` on the parameter's or its module's name (default: all): Muon, SinkGD, SCALE and the
+            subspace / Subset-Norm recipes, which step each ``A x B`` matrix of ``[..., A, B]`` as a 2-D weight.
         generic_tests: Whether the generic suite covers it (CPU-capable, engine-based).
         example_hparams: Settings the generic tests use.
         state_precision: How the moments are stored by default, one of :data:`STATE_PRECISIONS`:
@@ -291,6 +292,11 @@ def batched_target_names(model: nn.Module, target_modules: str | Iterable[str] |
     return names
 
 
+def _batched_names() -> list[str]:
+    """The registered optimizers that step weights of more than two dimensions per matrix (``batched_targets``)."""
+    return sorted(n for n, e in _REGISTRY.items() if e.batched_targets)
+
+
 def target_modules_hint(model: nn.Module, target_modules: Any, batched_targets: bool = False) -> str:
     """Why ``target_modules`` selected nothing, when it can tell: a string naming layers by their
     short name (peft's rule for a string is one regular expression matched against each module's
@@ -310,7 +316,7 @@ def target_modules_hint(model: nn.Module, target_modules: Any, batched_targets: 
         if big:
             hint += (f"; {target_modules!r} names {len(big)} weight(s) of 3 or more dimensions (e.g. {big[0][0]} {list(big[0][1])}, "
                      f"fused MoE experts), which this optimizer does not project or normalize (it targets 2-D "
-                     f"nn.Linear / Conv1D weights; muon and sinkgd step such weights per matrix)")
+                     f"nn.Linear / Conv1D weights; {', '.join(_batched_names())} step such weights per matrix)")
     return hint
 
 

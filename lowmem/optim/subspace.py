@@ -72,8 +72,12 @@ class Projection:
         """Shape of the projected gradient for a parameter of ``shape``."""
         raise NotImplementedError
 
-    def init_state(self, state: dict[str, Tensor], param: Tensor, group: dict[str, Any]) -> None:
-        """Allocate the projection's tensors (zeros; the first :meth:`refresh` fills them)."""
+    def init_state(self, state: dict[str, Tensor], param: Tensor, group: dict[str, Any],
+                   matrix: int | None = None) -> None:
+        """Allocate the projection's tensors (zeros; the first :meth:`refresh` fills them). ``matrix``:
+        the state of the ``matrix``-th ``A x B`` matrix (row-major over the leading dimensions) of a batch
+        ``param`` ``[..., A, B]`` (fused MoE experts; the engine stacks the matrices' states), else of
+        the 2-D ``param``."""
         raise NotImplementedError
 
     def refresh_due(self, state: dict[str, Tensor], group: dict[str, Any], t: int) -> bool:
@@ -215,6 +219,20 @@ def refresh_phase_offset(refresh_phase: str, gap: int, index: int, count: int) -
     return index * gap // count if refresh_phase == "staggered" else 0
 
 
+#: the seeds of the matrices of a batch (:func:`matrix_seed`) step by this, above any parameter's index
+MATRIX_SEED_STRIDE = 2**32
+
+
+def matrix_seed(seed: int, index: int, matrix: int | None = None) -> int:
+    """The seed of a projection's random draws (``random`` / ``gaussian`` bases, ``rsvd``'s first range
+    finder, ``randk`` / ``rows`` / ``columns`` selections; a refresh's generator is seeded with
+    ``seed * 7919 + refreshes``): ``seed * 1_000_003 + index`` for the ``index``-th parameter of its
+    group, plus ``matrix * 2^32`` for matrix ``matrix`` of a batch ``[..., A, B]`` (row-major over the
+    leading dimensions; matrix 0 draws what the 2-D parameter at that index would, the others draw
+    apart from every parameter's as long as a group holds fewer than 2^32 parameters)."""
+    return seed * 1_000_003 + index + (matrix or 0) * MATRIX_SEED_STRIDE
+
+
 class SubspaceProjection(Projection):
     """Every projection of the subspace recipes; the method is ``group["projection"]``.
 
@@ -266,18 +284,20 @@ class SubspaceProjection(Projection):
 
     # -- state --
 
-    def init_state(self, state, param, group):
+    def init_state(self, state, param, group, matrix=None):
         params = group["params"]
         index = next(i for i, q in enumerate(params) if q is param)
         gap = group["update_proj_gap"]
+        # the matrices of a batch share their parameter's schedule (one refresh step for the batch)
         phase = refresh_phase_offset(group["refresh_phase"], gap, index, len(params))
-        seed = group["seed"] * 1_000_003 + index
-        m, n = param.shape
+        seed = matrix_seed(group["seed"], index, matrix)
+        m, n = param.shape[-2:]
+        shape = torch.Size((m, n))
         state["proj_meta"] = torch.tensor([seed, phase, 0, 0, m, n], dtype=torch.int64)
         r, dev = group["rank"], param.device
         method = self.method(group)
         if method in BASIS_METHODS:
-            side = self._side(param.shape, group)
+            side = self._side(shape, group)
             if side in ("left", "full"):  # (column-major: the project-down GEMM's faster layout)
                 state["proj_left"] = GL.basis_zeros(m, r, dev)
             if side in ("right", "full"):
@@ -287,7 +307,7 @@ class SubspaceProjection(Projection):
                 state["pca_exp_avg"] = torch.zeros_like(basis)
                 state["pca_exp_avg_sq"] = torch.zeros_like(basis)
         else:
-            state["proj_index"] = torch.zeros(self._coordinates(param.shape, group)[1], dtype=torch.int64, device=dev)
+            state["proj_index"] = torch.zeros(self._coordinates(shape, group)[1], dtype=torch.int64, device=dev)
 
     def _basis(self, state) -> tuple[Tensor | None, Tensor | None]:
         return state.get("proj_left"), state.get("proj_right")

@@ -246,5 +246,5 @@ class APOLLOAdamW(LowMemOptimizer):
 
 
 _EXAMPLE = {"rank": 4, "update_proj_gap": 5}
-register(APOLLO_ADAMW, APOLLOAdamW, state_precision="fp32", second_moment="full", example_hparams=_EXAMPLE)
-register(APOLLO_MINI, state_precision="fp32", second_moment="full", example_hparams={"update_proj_gap": 5, "scale": 8.0})
+register(APOLLO_ADAMW, APOLLOAdamW, batched_targets=True, state_precision="fp32", second_moment="full", example_hparams=_EXAMPLE)
+register(APOLLO_MINI, batched_targets=True, state_precision="fp32", second_moment="full", example_hparams={"update_proj_gap": 5, "scale": 8.0})

@@ -174,6 +174,14 @@ class SubsetNormMoments(MomentRule):
             v_shape = SN.subset_state_shape(shape, sn, group.get("subset_size"))
             state["exp_avg_sq"] = torch.zeros(v_shape, dtype=dtype, device=device)
 
+    def per_matrix(self, shape, group):
+        """A batch of matrices ``[..., A, B]`` (fused MoE experts) of a ``subset_norm`` group with the
+        authors' partition (no ``subset_size``) keeps the subset norms of each ``A x B`` matrix, one per
+        row of its longer side, stepped by the engine as a separate 2-D parameter
+        (:meth:`~lowmem.optim.engine.LowMemOptimizer._matrices`; ``v`` stacked ``[..., A, 1]`` /
+        ``[..., 1, B]``). Flat subsets (``subset_size``) and Adam's element-wise ``v`` need no matrices."""
+        return self.adaptive and len(shape) > 2 and bool(group.get("subset_norm")) and group.get("subset_size") is None
+
     # FSDP2 (lowmem.optim.sharded): the partition is chosen from the whole shape (a shard of a square
     # weight is wide), a shard keeps its rows' statistics, and the column sums are all-reduced
     sharded_stats = True
@@ -733,14 +741,14 @@ class AdamWSN(LowMemOptimizer):
 
 
 _HEAD = {"output": {"subset_norm": True}}  # the authors apply SN to every nn.Linear, the head included
-register(ADAMW_SN, AdamWSN, state_precision="fp32", second_moment="blockwise", target_key="subset_norm",
+register(ADAMW_SN, AdamWSN, batched_targets=True, state_precision="fp32", second_moment="blockwise", target_key="subset_norm",
          embedding_groups=_HEAD, example_hparams={"lr": 1e-2})
-register(ADAMW_SNSM, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
+register(ADAMW_SNSM, batched_targets=True, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
          example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-2})
-register(SGD_SM, state_precision="fp32", second_moment="none", example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-1})
-register(ADAGRAD_SN, state_precision="fp32", second_moment="blockwise", target_key="subset_norm", embedding_groups=_HEAD,
+register(SGD_SM, batched_targets=True, state_precision="fp32", second_moment="none", example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-1})
+register(ADAGRAD_SN, batched_targets=True, state_precision="fp32", second_moment="blockwise", target_key="subset_norm", embedding_groups=_HEAD,
          example_hparams={"lr": 3e-2})
-register(ADAGRAD_SNSM, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
+register(ADAGRAD_SNSM, batched_targets=True, state_precision="fp32", second_moment="blockwise", embedding_groups=_HEAD,
          example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 3e-2})
 
 __all__ = ["ADAGRAD_SN", "ADAGRAD_SNSM", "ADAMW_SN", "ADAMW_SNSM", "SGD_SM", "AdamWSN", "SubspaceMomentumResidual",

@@ -317,11 +317,11 @@ class OnlineSubspaceDescent(LowMemOptimizer):
 
 
 _EXAMPLE = {"rank": 4, "update_proj_gap": 5}
-register(GALORE_ADAMW, GaLoreAdamW, state_precision="fp32", second_moment="full", example_hparams={**_EXAMPLE, "scale": 1.0})
+register(GALORE_ADAMW, GaLoreAdamW, batched_targets=True, state_precision="fp32", second_moment="full", example_hparams={**_EXAMPLE, "scale": 1.0})
 register(
-    GALORE_ADAFACTOR, GaLoreAdafactor, state_precision="fp32", second_moment="factored",
+    GALORE_ADAFACTOR, GaLoreAdafactor, batched_targets=True, state_precision="fp32", second_moment="factored",
     example_hparams={**_EXAMPLE, "scale": 1.0, "lr": 1e-2, "relative_step": False, "scale_parameter": False},
 )
-register(FIRA_ADAMW, FiraAdamW, state_precision="fp32", second_moment="full", example_hparams=_EXAMPLE)
-register(FRUGAL, Frugal, state_precision="fp32", second_moment="full", example_hparams={**_EXAMPLE, "projection": "columns"})
-register(OSD_ADAMW, OnlineSubspaceDescent, state_precision="fp32", second_moment="full", example_hparams={"rank": 4, "proj_lr": 1e-2})
+register(FIRA_ADAMW, FiraAdamW, batched_targets=True, state_precision="fp32", second_moment="full", example_hparams=_EXAMPLE)
+register(FRUGAL, Frugal, batched_targets=True, state_precision="fp32", second_moment="full", example_hparams={**_EXAMPLE, "projection": "columns"})
+register(OSD_ADAMW, OnlineSubspaceDescent, batched_targets=True, state_precision="fp32", second_moment="full", example_hparams={"rank": 4, "proj_lr": 1e-2})
