@@ -677,19 +677,21 @@ class Quantized(MomentRule):
         for k in batched:
             for i, part in zip(batched[k], flats[k].split(numels[k])):
                 views[i][k] = part.view(gs[i].shape)
-        whole_stacks: dict[tuple[str, torch.Size], Tensor] = {}
+        # rank-1 stacks (one key, the rank-1 one: one map): one lookup of every stack's codes, then per stack
+        # its scale min(r_i, c_j) multiplied in place
+        nr = sum(len(idx) * shape.numel() for (_, shape), idx in stacks)
+        values_r = (Q.lookup_pairs(self.specs[stacks[0][0][0]].code, str(dev)).index_select(0, ints[co : co + nr // 2])
+                    .view(-1) if stacks else None)
+        ro = 0
         for (k, shape), idx in stacks:
             s, (m, n) = len(idx), shape
             rows, cols = fl[fo : fo + s * m].view(s, m), fl[fo + s * m : fo + s * m + s * n].view(s, n)
             fo += s * (m + n)
-            scale = Q.rank1_scale(rows, cols)
-            whole = (Q.lookup_pairs(self.specs[k].code, str(dev)).index_select(0, ints[co : co + s * m * n // 2])
-                     .view(scale.shape).mul_(scale))
-            co += s * m * n // 2
-            del scale
+            whole = values_r[ro : ro + s * m * n].view(s, m, n)
+            whole.mul_(Q.rank1_scale(rows, cols))
+            ro += s * m * n
             for i, part in zip(idx, whole):
                 views[i][k] = part
-            whole_stacks[(k, shape)] = whole
         del fl, c4, c8, ints
 
         def encode() -> None:
@@ -715,13 +717,24 @@ class Quantized(MomentRule):
                                                             numels[k], spec.code)
                 dst += [states[i][k] for i in batched[k]] + [states[i][k + "_absmax"] for i in batched[k]]
                 src += [*codes, *absmax8]
-            for (k, shape), idx in stacks:
-                spec = self.specs[k]
-                codes, rows, cols = Q.quantize_rank1_4bit(whole_stacks.pop((k, shape)), Q.code_map(spec.code, dev),
-                                                          None, spec.code)
-                dst += ([states[i][k] for i in idx] + [states[i][k + "_rowmax"] for i in idx]
-                        + [states[i][k + "_colmax"] for i in idx])
-                src += [*codes.view(len(idx), -1), *rows, *cols]
+            if stacks:  # (quantize_rank1_4bit of each stack; the clamp, division, search and pack once for all)
+                spec = self.specs[stacks[0][0][0]]
+                scale = torch.empty(nr, dtype=torch.float32, device=dev)
+                start, sizes = 0, []
+                for (k, shape), idx in stacks:
+                    x = values_r[start : start + len(idx) * shape.numel()].view(len(idx), *shape)
+                    rows, cols = x.amax(dim=-1), x.amax(dim=-2)
+                    torch.minimum(rows.unsqueeze(-1), cols.unsqueeze(-2), out=scale[start : start + x.numel()].view(x.shape))
+                    dst += ([states[i][k] for i in idx] + [states[i][k + "_rowmax"] for i in idx]
+                            + [states[i][k + "_colmax"] for i in idx])
+                    src += [None] * len(idx) + [*rows, *cols]
+                    sizes += [shape.numel() // 2] * len(idx)
+                    start += x.numel()
+                scale.clamp_(min=torch.finfo(torch.float32).tiny)
+                normalized = torch.div(values_r, scale, out=scale)
+                codes = iter(Q.nearest_packed(normalized, Q.code_map(spec.code, dev), spec.code).split(sizes))
+                del scale, normalized
+                src = [next(codes) if t is None else t for t in src]
             if dst:
                 torch._foreach_copy_(dst, src)
 
