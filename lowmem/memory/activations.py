@@ -35,6 +35,7 @@ Rotary ``cos``/``sin`` tables are shared by all layers and counted once (small).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass
 from typing import Any
@@ -237,16 +238,59 @@ def decoder_layers(model: Any, num_layers: int):
 
 
 def _fused_experts(mod: Any) -> bool:
-    """A transformers fused-experts module (``gate_up_proj`` of shape ``(E, ., .)``): traced with an even routing."""
+    """A transformers fused-experts module (``gate_up_proj`` of shape ``(E, ., .)``)."""
     return getattr(getattr(mod, "gate_up_proj", None), "ndim", 0) == 3 and hasattr(mod, "num_experts") and hasattr(mod, "act_fn")
+
+
+def _experts_kernel(mod: Any) -> str | None:
+    """The registered experts kernel a fused-experts module dispatches to (``config._experts_implementation`` of
+    transformers' ``@use_experts_implementation`` classes: ``grouped_mm``, the default whenever it can dispatch, or
+    ``batched_mm``), or ``None`` for the eager per-expert loop (``"eager"``, or a class without the decorator)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    impl = getattr(getattr(mod, "config", None), "_experts_implementation", None)
+    if not hasattr(mod, "is_transposed") or impl in (None, "eager") or impl not in ALL_EXPERTS_FUNCTIONS:
+        return None
+    return impl
+
+
+@contextlib.contextmanager
+def traced_experts(model: Any):
+    """Fused experts as a device runs them, on fake tensors, for the duration of the block.
+
+    A registered kernel (``grouped_mm``, ``batched_mm``) has no data-dependent shape (the routed tokens are sorted, the
+    offsets counted, each kernel takes all ``tokens * top_k`` rows) and runs as is, whatever the routing: one
+    ``(S, .)`` input saved per projection and one ``(E, ., .)`` weight gradient formed in the backward. Only
+    ``grouped_mm`` is redirected, to transformers' own fallback operator (``transformers::grouped_mm_fallback``,
+    ``_can_use_grouped_mm`` made false): the same saved tensors and the same outputs, forward and backward, and fake
+    kernels for every dtype (torch's ``_grouped_mm`` meta kernel accepts only bfloat16). The eager per-expert loop
+    (``experts_implementation="eager"``) selects experts with ``nonzero``, which fake tensors cannot run: it is
+    traced with an even routing (:func:`_balanced_experts_forward`)."""
+    import transformers.integrations.moe as moe
+
+    patched = []
+    for mod in model.modules():
+        if _fused_experts(mod) and _experts_kernel(mod) is None:
+            mod.forward = _balanced_experts_forward.__get__(mod)
+            patched.append(mod)
+    can_use = moe._can_use_grouped_mm
+    moe._can_use_grouped_mm = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = can_use
+        for mod in patched:
+            del mod.forward
 
 
 def _balanced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """A transformers fused-experts forward (``gate_up_proj`` / ``down_proj`` of shape ``(E, ., .)``, the eager
     loop of ``MixtralExperts.forward``) with the routing replaced by an even split: each expert takes
     ``ceil(tokens * top_k / E)`` tokens. The eager loop saves, per routed token, the same tensors whatever the
-    routing, so the total is that of any routing (up to the rounding); the meta device cannot run the
-    data-dependent ``nonzero`` of the real routing."""
+    routing, so the total is that of any routing (up to the rounding); fake tensors cannot run the
+    data-dependent ``nonzero`` of the real routing. Every expert is hit (as with the real routing of a batch of
+    thousands of tokens): each expert's slice ``gate_up_proj[e]`` gets a weight-sized gradient in the backward
+    (``select_backward``), summed into the weight's, which the measured eager step holds too."""
     import torch
     from torch.nn import functional as F
 
@@ -284,10 +328,10 @@ def traced_activation_bytes(
     input (``e h`` per token) and one layer is recomputed at a time after the head's tensors are freed; the
     recomputed layer holds its tensors and the gradients its backward forms (traced: :func:`_trace_saved` with
     ``backward``), and the parts add ``checkpoint_head`` and ``checkpoint_layer``, the two moments (not in the total).
-    Mixture-of-experts layers (transformers' fused ``gate_up_proj`` / ``down_proj`` experts) are traced with an
-    even routing (:func:`_balanced_experts_forward`).
+    Mixture-of-experts layers (transformers' fused ``gate_up_proj`` / ``down_proj`` experts) run the kernel the model
+    dispatches to (:func:`traced_experts`: ``grouped_mm`` by default; the eager loop with an even routing).
 
-    That is the path of TRL's fused head (``head_parts``) and of MoE models. Otherwise (the model's own loss) the
+    That is the path of TRL's fused head (``head_parts``). Otherwise (the model's own loss, MoE models too) the
     training step itself is traced (:func:`_traced_step_bytes`: forward and ``loss.backward()`` with the weights'
     gradients and the model's own checkpointing, every live storage followed), and the parts are ``layers``,
     ``other``, ``backward`` (the rest at the activations' peak), ``total``, ``backward_peak`` (activations and
@@ -316,7 +360,7 @@ def traced_activation_bytes(
     """
     layers = decoder_layers(model, config.num_hidden_layers)
     cache = {} if cache is None else cache
-    if head_parts is None and not any(_fused_experts(mod) for mod in model.modules()):
+    if head_parts is None:
         return _traced_step_bytes(model, config, layers, batch_size, seq_len, gradient_checkpointing, cache)
 
     def saved_at(b: int) -> tuple[list[int], int, list[int]]:
@@ -640,11 +684,6 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
             hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: None if in_backward[0] else mark(("f", i))))
             if i == last:
                 hooks.append(layer.register_forward_hook(lambda m, a, o: None if in_backward[0] else mark("mid")))
-    patched = []
-    for mod in model.modules():
-        if _fused_experts(mod):
-            mod.forward = _balanced_experts_forward.__get__(mod)
-            patched.append(mod)
     was_training = model.training
     model.train()
     autocast = torch.autocast
@@ -763,7 +802,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
 
             enable_activation_checkpointing(model)
     try:
-        with mode, (_Live() if backward else contextlib.nullcontext()):
+        with mode, traced_experts(model), (_Live() if backward else contextlib.nullcontext()):
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = model(input_ids=ids, labels=ids).loss
@@ -797,8 +836,6 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                 p.grad = None
             if checkpointed:
                 (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-        for mod in patched:
-            del mod.forward
         model.train(was_training)
     per_layer = [0] * len(layers)
     other = 0
