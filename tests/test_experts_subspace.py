@@ -253,3 +253,15 @@ def test_sharded_batch_refused_naming_parameter_and_recipe(monkeypatch):
     monkeypatch.setattr(eng, "is_dtensor", lambda t: t is p)
     with pytest.raises(NotImplementedError, match=r"galore_adamw.*parameter 0.*\(3, 12, 7\).*sharded"):
         create_optimizer([{"params": [p], "rank": 2}], "galore_adamw")
+
+
+def test_rank_that_applies_to_no_expert_matrix_is_an_error():
+    """A group of experts only whose matrices' smaller side is <= rank: the RankError of 2-D weights (it was
+    left alone: no 2-D parameter), naming the matrices' shape; one that applies projects them."""
+    from lowmem.optim.recipes.subspace import RankError
+
+    p = torch.nn.Parameter(torch.randn(4, 6, 10))
+    with pytest.raises(RankError, match=r"rank 6 >= the smaller side .*\(6, 10\)"):
+        create_optimizer([{"params": [p], "rank": 6}], "galore_adamw")
+    opt = create_optimizer([{"params": [p], "rank": 5}], "galore_adamw")
+    assert opt._is_projected(p, opt.param_groups[0])

@@ -68,7 +68,7 @@ def test_range_is_the_largest_smaller_side_minus_one():
 def test_groups_where_rank_cannot_mean_anything_else_are_left_alone():
     """No rank (a full-rank group), or no 2-D parameter (biases, norms: never projected), is no error."""
     check_rank_applies({"params": _params((6, 4)), "rank": None})
-    check_rank_applies({"params": _params((40,), (3, 4, 5)), "rank": 64})
+    check_rank_applies({"params": _params((40,)), "rank": 64})  # (a batch (3, 4, 5) is its 4 x 5 matrices: test_experts_subspace)
     check_rank_applies({"params": [], "rank": 64})
     create_optimizer([{"params": _params((40,)), "rank": 128}], "galore_adamw")
 

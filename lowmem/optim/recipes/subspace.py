@@ -98,12 +98,13 @@ def check_rank_applies(group: dict[str, Any]) -> None:
     2-D parameters, the user's rank cannot apply anywhere and the whole group would silently train
     full-rank (full-size optimizer state): a :class:`RankError` (a ``ValueError``) naming ``rank``, the shapes and the valid
     range ``1 .. max(min(m, n)) - 1`` instead. A group with no 2-D parameter (or no ``rank``) is left
-    alone. Called from each projection recipe's ``validate_group``, before any state exists.
+    alone. A batch of matrices ``[..., A, B]`` (fused MoE experts, projected per matrix) counts as its
+    ``A x B`` matrices. Called from each projection recipe's ``validate_group``, before any state exists.
     """
     rank = group.get("rank")
     if rank is None:
         return
-    shapes = [tuple(p.shape) for p in group.get("params", ()) if p.ndim == 2]
+    shapes = [tuple(p.shape[-2:]) for p in group.get("params", ()) if p.ndim >= 2]
     if not shapes or any(rank < min(s) for s in shapes):
         return
     top = max(min(s) for s in shapes)
