@@ -265,3 +265,30 @@ def test_rank_that_applies_to_no_expert_matrix_is_an_error():
         create_optimizer([{"params": [p], "rank": 6}], "galore_adamw")
     opt = create_optimizer([{"params": [p], "rank": 5}], "galore_adamw")
     assert opt._is_projected(p, opt.param_groups[0])
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_layerwise_mode_steps_a_batch_as_its_matrices(accumulation):
+    """Layerwise mode (each parameter stepped from its gradient hook; with accumulation, GaLore's gradients
+    accumulated in the subspace: refresh_projection / project per matrix, stacked) equals separate matrices."""
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    shape = (12, 7)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(E, *shape, generator=gen)
+    batch = torch.nn.Parameter(w.clone())
+    mats = [torch.nn.Parameter(w[e].clone()) for e in range(E)]
+    lb = LayerwiseOptimizer([{"params": [batch], **GAP}], "galore_adamw", accumulation_steps=accumulation)
+    ls = LayerwiseOptimizer([{"params": mats, **GAP}], "galore_adamw", accumulation_steps=accumulation)
+    for step in range(5):
+        for _ in range(accumulation):
+            x = torch.randn(E, *shape, generator=gen)
+            (batch * x).sum().backward()
+            sum((m * x[e]).sum() for e, m in enumerate(mats)).backward()
+        lb.step()
+        ls.step()
+        lb.zero_grad()
+        ls.zero_grad()
+    for e, m in enumerate(mats):
+        assert torch.equal(batch.detach()[e], m.detach()), e
+    assert lb.inner.state[batch]["step"].item() == 5
