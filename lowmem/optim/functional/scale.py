@@ -21,10 +21,17 @@ RMS_FLOOR = 1e-8
 def column_normalize(m: Tensor, dim: int, column_sq=None, rows: int | None = None) -> Tensor:
     """``C(M)``: ``M`` divided by the RMS of its slices along ``dim`` (``dim=1``: each row of an
     ``[out, in]`` weight; ``dim=0``: each column of an embedding), ``max(RMS, 1e-8)``.
-    A matrix with more than 2 dimensions is flattened to ``[size(0), -1]`` first. Returns a new tensor.
+    A batch of matrices ``[E, A, B]`` (3 dimensions: fused MoE experts) is normalised per matrix, each
+    ``A x B`` matrix as a 2-D weight of its own (its rows over ``B``, or its columns over ``A``): the RMS
+    ``[E, A, 1]`` or ``[E, 1, B]``. A tensor of more than 3 dimensions (a conv kernel ``[out, in, k, k]``) is
+    flattened to ``[size(0), -1]`` first. Returns a new tensor.
 
     ``column_sq`` (``dim=0`` on a block of rows of the matrix, e.g. an FSDP2 shard): sums the
     columns' squared norms over the blocks in place (an all-reduce); ``rows``: the whole row count."""
+    if m.dim() == 3 and column_sq is None:
+        d = dim + 1
+        rms = torch.linalg.vector_norm(m, dim=d, keepdim=True).div_(math.sqrt(m.size(d))).clamp_(min=RMS_FLOOR)
+        return m / rms
     shape = m.shape
     x = m.reshape(m.size(0), -1) if m.dim() > 2 else m
     if column_sq is not None and dim == 0:
@@ -53,6 +60,16 @@ def column_rms(blocks: Iterable[Tensor], n: int, rows: int, column_sq=None) -> T
     return acc.div_(rows).sqrt_().clamp_(min=RMS_FLOOR)
 
 
+def column_rms_bytes(rows: int, n: int, block_rows: int) -> int:
+    """The most :func:`column_rms` allocates over the blocks of ``block_rows`` whole rows of a float32
+    ``[rows, n]`` matrix (besides the blocks themselves): the first block's squares and column sums
+    (``4 r n + 4 n``; the sums become the running sums), each later block's squares and sums beside the running
+    sums (``4 r n + 8 n``)."""
+    first = min(block_rows, rows)
+    later = min(block_rows, rows - first)
+    return max(4 * first * n + 4 * n, 4 * later * n + 8 * n if later > 0 else 0)
+
+
 def last_layer_momentum_(buf: Tensor, g: Tensor, beta: float) -> Tensor:
     """``m_t = beta m_{t-1} + (1 - beta) g_t`` in place (the output layer's EMA); returns ``buf``."""
     return buf.lerp_(g, 1.0 - beta)
@@ -75,10 +92,11 @@ def scale_rows_foreach_(params: list[Tensor], ms: list[Tensor], lr: float, weigh
     torch._foreach_sub_(params, list(x.unbind(0)))
 
 
-# ---- tensors of more than 2 dimensions in chunks of any size ------------------------------------------------
-# A target of shape (R, ...) is the matrix [R, C] (C = prod(shape[1:])) that column_normalize normalises; a chunk
-# [start, stop) of its flat elements may begin and end inside a row (a 3-D MoE weight's row, one expert, is far
-# larger than a chunk), so it is taken as at most three segments: the end of a row, whole rows, the start of one.
+# ---- tensors of more than 3 dimensions in chunks of any size ------------------------------------------------
+# A target of shape (R, ...) (a conv kernel) is the matrix [R, C] (C = prod(shape[1:])) that column_normalize
+# normalises; a chunk [start, stop) of its flat elements may begin and end inside a row (a row, one output channel,
+# may be larger than a chunk), so it is taken as at most three segments: the end of a row, whole rows, the start of
+# one.
 
 
 def row_segments(start: int, stop: int, cols: int) -> list[tuple[int, int, bool]]:

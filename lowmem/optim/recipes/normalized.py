@@ -42,8 +42,8 @@ from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, matrices, matrix_index, muon_foreach_,
                               muon_foreach_transient_bytes, muon_lr_ratio, muon_momentum_, newton_schulz, newton_schulz_,
                               newton_schulz_transient_bytes, ns_column_block_numel, ns_rows, ns_shape, row_block_spans)
-from ..functional.scale import (add_squares_, column_normalize, column_rms, flat_chunks_bytes, last_layer_momentum_,
-                                normalize_flat, rms_from_squares_, scale_rows_foreach_)
+from ..functional.scale import (add_squares_, column_normalize, column_rms, column_rms_bytes, flat_chunks_bytes,
+                                last_layer_momentum_, normalize_flat, rms_from_squares_, scale_rows_foreach_)
 from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn,
                                  sr_sinkhorn_bytes)
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
@@ -899,9 +899,25 @@ class ScaleMoments(HybridMoments):
     (``"hidden"``: each row of ``[out, in]``, no state; ``"head"``: the same after the momentum
     EMA, state ``momentum_buffer``; ``"embedding"``: each column of ``[vocab, d]``, no state).
     Parameters of fewer dimensions, and groups without ``scale_role``, take AdamW with the authors'
-    eps placement (``eps`` on the uncorrected ``sqrt(v)``)."""
+    eps placement (``eps`` on the uncorrected ``sqrt(v)``).
+
+    A parameter of 3 dimensions (a fused MoE expert weight ``[E, A, B]``, each ``A x B`` matrix one expert's
+    ``[out, in]`` weight) is a batch of matrices: each matrix gets exactly the step of a 2-D weight of its own in
+    the same role (its rows' RMS over ``B``; the embedding role: its columns' over ``A``), as Muon and SinkGD step
+    such weights per matrix (:func:`~lowmem.optim.create_optimizer` targets them, ``batched_targets``). Chunked: in
+    blocks of whole rows of the ``[E A, B]`` view (a matrix may span many blocks, a block several matrices); the
+    rows are normalised on their own, the embedding role's columns by their matrix's RMS from a first pass over
+    each matrix's blocks (:meth:`_batched_column_rms`). Foreach buckets: a row role's matrices stacked. A
+    parameter of more than 3 dimensions (a conv kernel ``[out, in, k, k]``) is normalised as its ``[out, -1]`` view
+    (:meth:`_flat_prepare`)."""
 
     target_keys = ("momentum_buffer",)
+
+    #: the chunked step's direction is a new float32 tensor of the chunk (every path: AdamW's, the normalised
+    #: block, :func:`~lowmem.optim.functional.scale.normalize_flat`'s) that holds no reference to the gradient
+    #: chunk: a low-precision gradient chunk's float32 copy is freed before the parameter chunk's is made, so the
+    #: two copies are never alive together (:meth:`~lowmem.optim.engine.LowMemOptimizer._param_transient_bytes`)
+    chunk_direction_is_new = True
 
     def targets(self, shape, group):
         return group.get("scale_role") is not None and len(shape) >= 2
@@ -925,7 +941,11 @@ class ScaleMoments(HybridMoments):
             return normalize_flat(g, state.start, x["cols"], x["flat_rms"], x["dim"]).mul_(lr)
         if isinstance(state, ChunkState) and state.extra.get("column_rms") is not None:
             # a block of whole rows of the embedding: divided by its columns' RMS over every row (prepare_chunks)
-            return g.view(-1, state.extra["cols"]).div(state.extra["column_rms"]).view(-1).mul_(lr)
+            rms = state.extra["column_rms"]
+            if "matrix_rows" in state.extra:  # a batch of matrices: each row divided by its matrix's columns' RMS
+                return self._batched_columns(g, rms, state.extra["matrix_rows"], state.start // state.extra["cols"],
+                                             state.stop // state.extra["cols"]).mul_(lr)
+            return g.view(-1, state.extra["cols"]).div(rms).view(-1).mul_(lr)
         if isinstance(state, ChunkState):  # a block of whole rows, flat: each row normalised on its own
             return column_normalize(g.view(-1, state.extra["cols"]), dim=1).view(-1).mul_(lr)
         return column_normalize(g, dim=0 if role == "embedding" else 1).mul_(lr)
@@ -940,22 +960,69 @@ class ScaleMoments(HybridMoments):
         squared norms summed over the shards, one all-reduce of ``n`` numbers, and the RMS over the whole
         row count). ``None`` otherwise: row-normalised matrices need nothing of other rows.
 
-        A tensor of more than 2 dimensions (``[rows, cols]`` flat, ``cols = prod(shape[1:])``; stepped in
-        chunks of any size, a row may span several): :meth:`_flat_prepare`."""
+        A batch of matrices ``[E, A, B]`` (blocks of whole rows of its ``[E A, B]`` view): the embedding role's
+        columns' RMS of each matrix (:meth:`_batched_column_rms`), ``None`` for the row roles. A tensor of more
+        than 3 dimensions (``[rows, cols]`` flat, ``cols = prod(shape[1:])``; stepped in chunks of any size, a row
+        may span several): :meth:`_flat_prepare`."""
         if self._is_adam(state):
             return None
-        if len(shape) > 2:
+        if len(shape) > 3:
             return self._flat_prepare(state, shape, group, bounds, stabilized, reduce)
         if group["scale_role"] != "embedding":
             return None
+        if len(shape) == 3:  # (FSDP2 refuses a shard of a batch: lowmem.optim.sharded.refusal)
+            return self._batched_column_rms(state, shape, bounds, stabilized)
         n = shape[1]
         blocks = (stabilized(a, b, ChunkState(state, a, b)).view(-1, n) for a, b in bounds)
         if reduce is None:
             return column_rms(blocks, n, shape[0])
         return column_rms(blocks, n, reduce.shape[0], column_sq=reduce.sum_)
 
+    @staticmethod
+    def _batched_column_rms(state, shape, bounds, stabilized) -> Tensor:
+        """The columns' RMS of each matrix of a batch ``[E, A, B]`` (``[E, B]`` float32): matrix by matrix,
+        :func:`~lowmem.optim.functional.scale.column_rms` over blocks of the matrix's own rows of the engine's
+        block size (``bounds``), so each equals a 2-D weight's of its own at this chunk bit for bit; gathered
+        into one tensor after the first matrix's."""
+        count, m, n = shape
+        size = max((b - a for a, b in bounds), default=n)
+        step = max(n, size // n * n)
+        out = None
+        for e in range(count):
+            base = e * m * n
+
+            def blocks(base: int = base):
+                for a in range(0, m * n, step):
+                    b = min(a + step, m * n)
+                    yield stabilized(base + a, base + b, ChunkState(state, base + a, base + b)).view(-1, n)
+
+            rms = column_rms(blocks(), n, m)
+            if out is None:
+                out = torch.empty((count, n), dtype=rms.dtype, device=rms.device)
+            out[e].copy_(rms.view(-1))
+            del rms
+        return out
+
+    @staticmethod
+    def _batched_columns(g: Tensor, rms: Tensor, m: int, r0: int, r1: int) -> Tensor:
+        """Rows ``r0:r1`` of the ``[E A, B]`` view of a batch's gradient divided by their matrix's columns' RMS
+        (``rms``: ``[E, B]``; ``m``: the rows of a matrix), each element as a 2-D embedding's block divides it;
+        a new tensor (flat)."""
+        n = rms.size(1)
+        gv = g.view(r1 - r0, n)
+        if r0 // m == (r1 - 1) // m:  # within one matrix
+            return gv.div(rms[r0 // m]).view(-1)
+        out = torch.empty_like(gv)
+        a = r0
+        while a < r1:
+            e = a // m
+            b = min(r1, (e + 1) * m)
+            torch.div(gv[a - r0 : b - r0], rms[e], out=out[a - r0 : b - r0])
+            a = b
+        return out.view(-1)
+
     def _flat_prepare(self, state, shape, group, bounds, stabilized, reduce=None) -> dict[str, Any]:
-        """The RMS :func:`~lowmem.optim.functional.scale.column_normalize` divides a tensor of more than 2
+        """The RMS :func:`~lowmem.optim.functional.scale.column_normalize` divides a tensor of more than 3
         dimensions by (its ``[rows, cols]`` view's rows, or the embedding's columns), from one pass over the
         chunks ``bounds`` (:func:`~lowmem.optim.functional.scale.add_squares_`, a segment of a row at a time; the
         head's momentum EMA of a chunk computed as its step computes it, without writing the buffer); sharded
@@ -993,21 +1060,24 @@ class ScaleMoments(HybridMoments):
                 view["momentum_buffer"] = state["momentum_buffer"].view(-1)[start:stop]
             return view
         if ctx is not None and not self._is_adam(state):  # the embedding's column RMS (prepare_chunks)
+            if len(shape) == 3:  # each matrix's (_batched_column_rms)
+                return ChunkState(state, start, stop, {"cols": shape[-1], "column_rms": ctx, "matrix_rows": shape[1]})
             return ChunkState(state, start, stop, {"cols": shape[1], "column_rms": ctx})
         return super().chunk_state(state, start, stop, shape, group, ctx)
 
     def target_chunk_align(self, shape, group, state):
         """2-D matrices step in blocks of whole rows: the normalisation of a row (``"hidden"``, ``"head"``)
         needs only that row; the embedding's columns need their RMS over every row, from a first pass over
-        the blocks (:meth:`prepare_chunks`). Tensors of more than 2 dimensions (a 3-D MoE expert weight, a conv
-        kernel) step in chunks of any size (``1``): a row of their ``[rows, cols]`` view may be larger than a
-        chunk, so the RMS comes from a first pass over the chunks for every role (:meth:`_flat_prepare`)."""
-        return shape[1] if len(shape) == 2 else 1
+        the blocks (:meth:`prepare_chunks`). A batch of matrices ``[E, A, B]``: blocks of whole rows of its
+        ``[E A, B]`` view (``B``), as each matrix's own. Tensors of more than 3 dimensions (a conv kernel) step in
+        chunks of any size (``1``): a row of their ``[rows, cols]`` view may be larger than a chunk, so the RMS
+        comes from a first pass over the chunks for every role (:meth:`_flat_prepare`)."""
+        return shape[-1] if len(shape) <= 3 else 1
 
     def target_chunk_state(self, state, start, stop, shape, group):
         # (parent / shape: a flat piece of a weight larger than chunk_numel in a foreach bucket,
         # stepped whole from its first piece: HybridMoments._whole_by_shape)
-        view = ChunkState(state, start, stop, {"cols": shape[1], "parent": state, "shape": shape})
+        view = ChunkState(state, start, stop, {"cols": shape[-1], "parent": state, "shape": shape})
         if "momentum_buffer" in state:
             view["momentum_buffer"] = state["momentum_buffer"].view(-1)[start:stop]
         return view
@@ -1019,26 +1089,27 @@ class ScaleMoments(HybridMoments):
     foreach_min_cols = 16
 
     def target_supports_foreach(self, shape, group):
-        """Row-normalised matrices (``"hidden"``, ``"head"``; 2-D, at least :attr:`foreach_min_cols`
-        columns) take the foreach buckets, except in FSDP2 groups; the embedding (columns) and tensors
-        of more dimensions are stepped alone."""
-        return (self.targets(shape, group) and len(shape) == 2 and group["scale_role"] != "embedding"
-                and shape[1] >= self.foreach_min_cols and not sharded_group(group))
+        """Row-normalised matrices (``"hidden"``, ``"head"``; 2-D or batches ``[E, A, B]``, at least
+        :attr:`foreach_min_cols` columns) take the foreach buckets, except in FSDP2 groups; the embedding
+        (columns) and tensors of more than 3 dimensions are stepped alone."""
+        return (self.targets(shape, group) and len(shape) in (2, 3) and group["scale_role"] != "embedding"
+                and shape[-1] >= self.foreach_min_cols and not sharded_group(group))
 
     def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """The row-normalised matrices of a bucket, those of one shape stacked
         (:func:`~lowmem.optim.functional.scale.scale_rows_foreach_`; ``"head"``: after the momentum
         EMA of every buffer, ``torch._foreach_lerp_``), one shape at a time; a matrix in pieces (larger
         than ``chunk_numel``) by the per-parameter chunked step from its first piece. Equal to the
-        per-parameter step bit for bit on the CPU (tests/test_foreach_normalized.py)."""
+        per-parameter step bit for bit on the CPU (tests/test_foreach_normalized.py). A batch ``[E, A, B]``: its
+        ``A x B`` matrices, each stacked as a 2-D weight."""
         head = group["scale_role"] == "head"
         for _, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
-            ms = [grads[i] for i in idx]
+            ms = [m for i in idx for m in matrices(grads[i])]
             if head:
-                bufs = [states[i]["momentum_buffer"] for i in idx]
+                bufs = [m for i in idx for m in matrices(states[i]["momentum_buffer"])]
                 torch._foreach_lerp_(bufs, ms, 1.0 - group["momentum"])  # last_layer_momentum_
                 ms = bufs
-            scale_rows_foreach_([params[i] for i in idx], ms, lr, group.get("weight_decay", 0.0))
+            scale_rows_foreach_([m for i in idx for m in matrices(params[i])], ms, lr, group.get("weight_decay", 0.0))
 
     def target_foreach_transient_bytes(self, numel):
         """:func:`~lowmem.optim.functional.scale.scale_rows_foreach_`: the float32 stack and its row RMS
@@ -1051,36 +1122,47 @@ class ScaleMoments(HybridMoments):
         return 4 * numel + 4 * (numel // max(shape[-1], 1))
 
     def target_transient_bytes(self, numel, shape, group, state):
-        """The normalised matrix (float32) and the per-slice RMS (one per row of the piece, or one
-        per column of the embedding); a low-precision momentum buffer adds its float32 copy. The
-        embedding, in blocks of rows (``numel``: a block's elements): the first pass's squares of a block
-        next to its column sums and the running sums (:func:`~lowmem.optim.functional.scale.column_rms`,
-        ``4 numel + 8 n``), then each block's step next to the RMS (``4 numel + 4 n``). A tensor of more than
-        2 dimensions in chunks of ``numel`` (:meth:`_flat_prepare`): its RMS vector (``4 rows``, or ``4 cols``
-        for the embedding) next to the most of its chunks' first pass and steps
-        (:func:`~lowmem.optim.functional.scale.flat_chunks_bytes`). Stepped whole (``chunk_numel=None``), the
-        engine asks :meth:`target_whole_transient_bytes` instead."""
+        """A block of ``numel`` elements (whole rows; the chunked step): the normalised block (float32) and the
+        per-slice RMS (one per row of the block), next to a low-precision momentum buffer's float32 copy. The
+        embedding: the first pass's squares of a block next to its column sums and the running sums
+        (:func:`~lowmem.optim.functional.scale.column_rms_bytes`), then each block's step next to the RMS
+        (``4 numel + 4 n``). A batch of matrices ``[E, A, B]``: the row roles as a 2-D weight's block; the
+        embedding role each matrix's first pass (as a 2-D weight's, next to the batch's RMS ``4 E B`` from the
+        second matrix on) and a block's step next to the batch's RMS. A tensor of more than 3 dimensions in chunks
+        of ``numel`` (:meth:`_flat_prepare`): its RMS vector (``4 rows``, or ``4 cols`` for the embedding) next to
+        the most of its chunks' first pass and steps (:func:`~lowmem.optim.functional.scale.flat_chunks_bytes`).
+        Stepped whole (``chunk_numel=None``), the engine asks :meth:`target_whole_transient_bytes` instead."""
         buf = state.get("momentum_buffer")
         low = buf is not None and buf.dtype not in (torch.float32, torch.float64)
         embedding = group["scale_role"] == "embedding"
-        if len(shape) > 2:
+        if len(shape) > 3:
             rows, cols = shape[0], math.prod(shape[1:])
             stats = 4 * (cols if embedding else rows)
             return stats + flat_chunks_bytes(math.prod(shape), max(numel, 1), cols, 0 if embedding else 1,
                                              group["scale_role"] == "head", low)
-        row = max(1, shape[1])
-        if embedding:
-            return 4 * numel * low + 4 * numel + 8 * row
-        return 4 * numel * low + 4 * numel + 4 * (numel // row)
+        m, n = shape[-2], max(1, shape[-1])
+        if not embedding:
+            return 4 * numel * low + 4 * numel + 4 * (numel // n)
+        block_rows = max(1, numel // n)
+        first_pass = column_rms_bytes(m, n, block_rows)
+        if len(shape) == 2:
+            return max(first_pass, 4 * numel + 4 * n)
+        kept = 4 * shape[0] * n  # the batch's RMS, [E, B]
+        return max(first_pass, kept + 4 * n, kept + first_pass if shape[0] > 1 else 0, kept + 4 * numel)
 
     def target_whole_transient_bytes(self, shape, group, state):
-        """The whole-tensor step (:func:`~lowmem.optim.functional.scale.column_normalize`): the RMS of every row of
-        the ``[rows, cols]`` view (``4 rows``; the embedding's columns, ``4 cols``) and the normalised tensor
-        (``4 numel``), next to a low-precision momentum buffer's float32 copy (``4 numel``)."""
+        """The whole-tensor step (:func:`~lowmem.optim.functional.scale.column_normalize`): the RMS of every row
+        (``4 rows``; the embedding's columns, ``4 cols``) and the normalised tensor (``4 numel``), next to a
+        low-precision momentum buffer's float32 copy (``4 numel``). The rows and columns are those of each
+        matrix of a batch ``[E, A, B]`` (``E A`` rows, ``E B`` columns) and of the ``[size(0), -1]`` view of a
+        tensor of more than 3 dimensions."""
         buf = state.get("momentum_buffer")
         low = buf is not None and buf.dtype not in (torch.float32, torch.float64)
         numel = math.prod(shape)
-        rows, cols = shape[0], numel // max(shape[0], 1)
+        if len(shape) == 3:
+            rows, cols = shape[0] * shape[1], shape[0] * shape[2]
+        else:
+            rows, cols = shape[0], numel // max(shape[0], 1)
         return 4 * numel * low + 4 * numel + 4 * (cols if group["scale_role"] == "embedding" else rows)
 
 
@@ -1150,6 +1232,6 @@ register(MUON, Muon, state_precision="fp32", second_moment="none", target_key="u
          example_hparams={"lr": 2e-2})
 register(SINKGD, SinkGD, state_precision="fp32", second_moment="none", target_key="use_sinkgd", batched_targets=True,
          example_hparams={"lr": 1e-2, "scale": 0.5})
-register(SCALE, Scale, state_precision="fp32", second_moment="none", target_key="scale_role",
+register(SCALE, Scale, state_precision="fp32", second_moment="none", target_key="scale_role", batched_targets=True,
          embedding_groups={"input": {"scale_role": "embedding"}, "output": {"scale_role": "head"}},
          example_hparams={"lr": 1e-2})

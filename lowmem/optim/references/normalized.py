@@ -152,19 +152,22 @@ def scale(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay
     with ``eps`` on the uncorrected ``sqrt(v)``, stepped and decayed with the authors' AdamW learning
     rate ``(adam_lr / max_lr) lr`` = ``lr * adamw_lr_ratio`` =: ``adam_lr``: ``p <- p (1 - adam_lr wd)``
     (OptimAI-Lab/Minimalist_LLM_Pretraining ``mem_eff_pt/pt_scale/scale_optimizer.py``, lines 136-139, 167).
+    A parameter of 3 dimensions (fused MoE experts ``[E, A, B]``): each ``A x B`` matrix as a matrix of its own
+    (the norms along its last two dimensions); of more (a conv kernel): its ``[size(0), -1]`` view.
     """
     if scale_role is None or p.dim() < 2:
         adam_lr = lr * adamw_lr_ratio
         return _adamw(p, grads, adam_lr, betas[0], betas[1], eps, adam_lr * weight_decay, eps_on_raw_v=True)
-    dim = 0 if scale_role == "embedding" else 1
+    dim = -2 if scale_role == "embedding" else -1
     buf, out = torch.zeros_like(p), []
     for g in grads:
         if scale_role == "head":
             buf = momentum * buf + (1 - momentum) * g
             g = buf
-        rms = g.square().mean(dim=dim, keepdim=True).sqrt().clamp(min=1e-8)
+        x = g.reshape(g.size(0), -1) if g.dim() > 3 else g  # a conv kernel: its [out, -1] view
+        rms = x.square().mean(dim=dim, keepdim=True).sqrt().clamp(min=1e-8)
         p = p * (1 - lr * weight_decay)
-        p = p - lr * (g / rms)
+        p = p - lr * (x / rms).view(p.shape)
         out.append(p)
     return out
 
