@@ -154,8 +154,8 @@ SHAPES = [(1, 6, 10), (E, A, B), (24, 40)]
 def test_a_float32_step_allocates_what_it_reports(shape, role, state_dtype):
     """float32 weights, every chunk size (inside a matrix, across matrices, all of it, whole): traced == reported.
     The embedding role's report counts column_rms's first block (squares and sums) apart from the later ones
-    (beside the running sums): a matrix of one block reported 4 n bytes high before (24 x 40, chunk 10000:
-    4,000 for 3,840 traced)."""
+    (beside the running sums): a matrix of one block reported 4 bytes per column high before (24 x 40,
+    chunk 10000: 4,160 for 4,000 traced)."""
     for chunk in (None, 7, 60, 80, 200, 10000):
         peak, reported = _traced(shape, role, chunk, torch.float32, state_dtype)
         assert peak == reported, (chunk, peak, reported)
