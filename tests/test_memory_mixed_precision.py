@@ -18,7 +18,9 @@ def _gpt2_config():
 
 def test_autocast_copies_are_every_matmul_operand():
     """GPT-2: each Conv1D's weight and bias (``addmm``) and the tied head (``linear`` on ``wte``); not the position
-    table (an embedding lookup) nor the layer norms. A Mixtral's fused experts are cast per expert slice."""
+    table (an embedding lookup) nor the layer norms. A Mixtral's fused experts: not at all under grouped_mm (transformers
+    5's default experts kernel casts its input to the float32 weight; before, the estimate ran the eager loop and
+    counted a copy of every expert weight), per expert slice in the eager loop."""
     from transformers import GPT2LMHeadModel, MixtralConfig
 
     config = _gpt2_config()
@@ -31,6 +33,9 @@ def test_autocast_copies_are_every_matmul_operand():
 
     moe = MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2, num_local_experts=4)
+    copies = autocast_cast_bytes(moe, torch.bfloat16)
+    assert not any("experts" in n for n in copies) and "model.layers.0.self_attn.q_proj.weight" in copies
+    moe._experts_implementation = "eager"
     copies = autocast_cast_bytes(moe, torch.bfloat16)
     assert copies["model.layers.0.mlp.experts.gate_up_proj"] == 2 * 4 * 128 * 32
     assert copies["model.layers.0.mlp.experts.down_proj"] == 2 * 4 * 32 * 64

@@ -346,7 +346,9 @@ def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_l
     Autocast casts per op, not per module: every floating operand of an op on its lower-precision list (``linear``,
     ``addmm``, ``mm``, ``matmul``, ``bmm``, ``baddbmm``, ``conv*``: on both the CPU and the CUDA lists) is cast, so
     ``nn.Linear``, transformers' ``Conv1D`` (GPT-2: ``torch.addmm(bias, x, weight)``, its bias too), a head tied to
-    the input embedding, LoRA adapters and 3-D fused experts (sliced per expert) all are; an ``nn.Embedding`` lookup
+    the input embedding, LoRA adapters and, in the eager per-expert loop, each 3-D fused expert's slice all are (not
+    under ``grouped_mm``, transformers 5's default experts kernel: it casts its input to the weight's float32, no
+    copy of the weight; :func:`~lowmem.memory.activations.traced_experts`); an ``nn.Embedding`` lookup
     and the norms are not. A leaf parameter's copy is cached until autocast exits and the op saves it for the backward
     pass. Found by running the model's own forward under ``torch.autocast("cpu", dtype)`` on fake CPU tensors
     (nothing is allocated; CUDA's autocast cannot be entered without a GPU, and its list casts the same weight ops)
@@ -385,14 +387,12 @@ def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_l
                     seen.setdefault(names[id(base)], set()).add((t.storage_offset(), tuple(t.shape)))
             return func(*args, **kwargs)
 
-    from .activations import _balanced_experts_forward
+    from .activations import traced_experts
 
-    for mod in model.modules():  # fused experts: the eager per-expert loop (F.linear on each expert's slice), as traced
-        if getattr(getattr(mod, "gate_up_proj", None), "ndim", 0) == 3 and hasattr(mod, "num_experts") and hasattr(mod, "act_fn"):
-            mod.forward = _balanced_experts_forward.__get__(mod)
     model.train()
-    try:
-        with _sizing_mode(model), torch.no_grad(), torch.autocast("cpu", dtype=dtype), _RecordCasts():
+    try:  # fused experts run their own kernel (traced_experts): grouped_mm casts its input to the weight's dtype (no
+        # copy of the weight), the eager loop's F.linear casts each expert's slice
+        with _sizing_mode(model), torch.no_grad(), traced_experts(model), torch.autocast("cpu", dtype=dtype), _RecordCasts():
             model(input_ids=torch.zeros(1, seq_len, dtype=torch.long))
     except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
         raise ValueError(f"the autocast copies of model_type={getattr(config, 'model_type', None)!r} cannot be traced on "
@@ -407,7 +407,7 @@ def _fake_saved_bytes(config: Any, dtype: torch.dtype, autocast: torch.dtype | N
     under ``torch.autocast("cpu", autocast)`` unless ``autocast`` is ``None``. Nothing is allocated."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    from .activations import _balanced_experts_forward
+    from .activations import traced_experts
 
     model = build_meta_model(config, dtype)
     if lcfg is not None:
@@ -417,9 +417,6 @@ def _fake_saved_bytes(config: Any, dtype: torch.dtype, autocast: torch.dtype | N
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lcfg)
     on_fake_device(model, "cpu")
-    for mod in model.modules():  # fused experts: the eager per-expert loop, as traced
-        if getattr(getattr(mod, "gate_up_proj", None), "ndim", 0) == 3 and hasattr(mod, "num_experts") and hasattr(mod, "act_fn"):
-            mod.forward = _balanced_experts_forward.__get__(mod)
     params = {StorageWeakRef(p.untyped_storage()) for p in [*model.parameters(), *model.buffers()]}
     saved: dict[Any, int] = {}
     keep: list[torch.Tensor] = []  # alive until counted: a freed storage's weak reference could be reused
@@ -434,7 +431,7 @@ def _fake_saved_bytes(config: Any, dtype: torch.dtype, autocast: torch.dtype | N
     model.train()
     ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     try:
-        with _sizing_mode(model):
+        with _sizing_mode(model), traced_experts(model):  # fused experts: the model's own kernel
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
                 model(input_ids=ids, labels=ids)
@@ -835,7 +832,7 @@ def generation_trace_bytes(config: Any, autocast: torch.dtype, generation_batch:
     Raises:
         ValueError: The model's forward cannot run on fake tensors (the message names the model type).
     """
-    from .activations import _balanced_experts_forward
+    from .activations import traced_experts
 
     model = build_meta_model(config, torch.float32)
     lcfg = lora_config(lora)
@@ -846,9 +843,6 @@ def generation_trace_bytes(config: Any, autocast: torch.dtype, generation_batch:
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lcfg)
     on_fake_device(model, "cpu")
-    for mod in model.modules():  # fused experts: the eager per-expert loop, as traced
-        if getattr(getattr(mod, "gate_up_proj", None), "ndim", 0) == 3 and hasattr(mod, "num_experts") and hasattr(mod, "act_fn"):
-            mod.forward = _balanced_experts_forward.__get__(mod)
     model.train()  # TRL generates with the policy as it trains (no eval())
     existing = [*model.parameters(), *model.buffers()]
 
@@ -860,7 +854,7 @@ def generation_trace_bytes(config: Any, autocast: torch.dtype, generation_batch:
 
     b = generation_batch
     try:
-        with _sizing_mode(model), torch.no_grad():
+        with _sizing_mode(model), torch.no_grad(), traced_experts(model):  # fused experts: the model's own kernel
             live = _LiveStorages.make(existing)
             with live:
                 ids = torch.zeros(b, prompt_len, dtype=torch.long)
