@@ -1,7 +1,8 @@
 """The subspace and Subset-Norm recipes on fused MoE experts: a parameter ``[E, A, B]`` of a projected (or
 ``subset_norm``) group is stepped as E matrices, each with its own projection, moments and statistics
-(LowMemOptimizer._matrices), equal bit for bit to the same matrices as E separate 2-D parameters of the group
-stepped by the engine's per-parameter reference path (``foreach=False``)."""
+(LowMemOptimizer._matrices), equal bit for bit to the same matrices as E separate 2-D parameters of the group,
+on the engine's per-parameter reference path (``foreach=False``) and on its projected multi-tensor path (the
+matrices join the projected buckets as separate parameters do)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ CASES = {
 E = 3
 
 
-def _pair(name, hp, shape, dtype=torch.float32):
+def _pair(name, hp, shape, dtype=torch.float32, foreach=False):
     """A batch parameter [E, *shape] and E separate 2-D parameters holding the same matrices, each in an
     optimizer of the same group settings (the separate ones on the per-parameter reference path); the separate
     matrices' random draws seeded as the batch's matrices (the per-matrix seed rule, checked here too)."""
@@ -48,8 +49,8 @@ def _pair(name, hp, shape, dtype=torch.float32):
     mats = [torch.nn.Parameter(w[e].clone()) for e in range(E)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ob = create_optimizer([{"params": [batch], **hp}], name)
-        os_ = create_optimizer([{"params": mats, **hp, "foreach": False}], name)
+        ob = create_optimizer([{"params": [batch], **hp, "foreach": foreach}], name)
+        os_ = create_optimizer([{"params": mats, **hp, "foreach": foreach}], name)
     ob.materialize_state()
     os_.materialize_state()
     if "proj_meta" in ob.state[batch]:
@@ -85,14 +86,19 @@ def _assert_equal(batch, mats, ob, os_):
             assert got.shape == v.shape and got.dtype == v.dtype and torch.equal(got, v), (e, k)
 
 
+@pytest.mark.parametrize("foreach", [False, None], ids=["per_parameter", "buckets"])
 @pytest.mark.parametrize("shape", [(12, 7), (7, 12)], ids=["tall", "wide"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_batch_of_matrices_equals_separate_2d_parameters(case, shape):
+def test_batch_of_matrices_equals_separate_2d_parameters(case, shape, foreach):
     """7 steps (refreshes at 1, 4, 7; both projection sides): the batch's matrices, and their state, equal the
-    separate 2-D parameters' bit for bit."""
+    separate 2-D parameters' bit for bit, on either path (the separate ones on the same)."""
     name, hp = CASES[case]
-    batch, mats, ob, os_ = _pair(name, hp, shape)
-    assert ob._matrices(batch, ob.param_groups[0])
+    batch, mats, ob, os_ = _pair(name, hp, shape, foreach=foreach)
+    group = ob.param_groups[0]
+    assert ob._matrices(batch, group)
+    # (projected: on the buckets' path its matrices join the projected buckets, as the separate parameters do)
+    low = ob._projected_foreach_ok(mats[0], os_.param_groups[0], state=os_.state[mats[0]])
+    assert ob._matrices_foreach_ok(batch, group, state=ob.state[batch]) == (low and foreach is None)
     for g in _grads(shape, 7):
         _step(batch, mats, ob, os_, g)
     _assert_equal(batch, mats, ob, os_)
@@ -159,13 +165,16 @@ def test_checkpoint_round_trip_weights_only(case):
             o3.load_state_dict(sd)
 
 
-@pytest.mark.parametrize("case", ["galore_svd", "fira", "apollo", "adamw_sn", "adamw_snsm"])
-def test_transient_of_a_batch_is_one_matrix_step(case):
-    """The batch's step allocates (traced, every dispatched output) what one matrix's per-parameter step does,
-    and reports the same step_transient_bytes() as the separate matrices, an upper bound of the trace."""
+@pytest.mark.parametrize("foreach", [False, None], ids=["per_parameter", "buckets"])
+@pytest.mark.parametrize("case", ["galore_svd", "fira", "apollo", "adamw_snsm", "galore8bit", "adamw_sn"])
+def test_transient_of_a_batch_is_that_of_its_matrices(case, foreach):
+    """The batch's step allocates (traced, every dispatched output) what the separate matrices' step does (one
+    matrix at a time; or the projected buckets its matrices join), and reports the same step_transient_bytes(),
+    an upper bound of the trace. (adamw_sn: the batch a matrix at a time, the separate ones in the foreach
+    buckets on that path: compared per parameter.)"""
     name, hp = CASES[case]
     shape = (12, 7)
-    batch, mats, ob, os_ = _pair(name, hp, shape)
+    batch, mats, ob, os_ = _pair(name, hp, shape, foreach=False if name == "adamw_sn" else foreach)
     gs = _grads(shape, 5)
     for g in gs[:3]:
         _step(batch, mats, ob, os_, g)
@@ -186,12 +195,13 @@ def test_meta_sizing_counts_expert_state_at_rank():
     p = torch.nn.Parameter(torch.empty(8, 256, 64, device="meta"))
     opt = create_optimizer([{"params": [p], "rank": 16}], "galore_adamw")
     opt.materialize_state()
-    q = torch.nn.Parameter(torch.empty(256, 64, device="meta"))
-    one = create_optimizer([{"params": [q], "rank": 16}], "galore_adamw")
-    one.materialize_state()
-    assert opt.state_bytes() == 8 * (one.state_bytes() - 4) + 4
+    qs = [torch.nn.Parameter(torch.empty(256, 64, device="meta")) for _ in range(8)]
+    sep = create_optimizer([{"params": qs, "rank": 16}], "galore_adamw")
+    sep.materialize_state()
+    assert opt.state_bytes() == sep.state_bytes() - 7 * 4  # (one step counter instead of 8)
     assert opt.state_bytes() < 8 * 256 * 64 * 8 / 3  # not AdamW's full-size state
-    assert opt.step_transient_bytes() == one.step_transient_bytes()
+    assert opt.step_transient_bytes() == sep.step_transient_bytes()
+    assert opt.step_transient_bytes(per_parameter=True) == sep.step_transient_bytes(per_parameter=True)
 
 
 def _tiny_mixtral():

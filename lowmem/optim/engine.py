@@ -854,17 +854,24 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         worst = max(worst, open_bytes + gathered + copy
                                     + sum(s.transient_bytes(p.numel(), group) for s in self.recipe.stabilizers))
                         continue
-                if not is_dtensor(key) and self._projected_foreach_ok(p, group, state=state):
+                batch = not is_dtensor(key) and self._matrices_foreach_ok(p, group, state=state)
+                if batch or (not is_dtensor(key) and self._projected_foreach_ok(p, group, state=state)):
                     # as step() fills them: one open bucket, a new one for another group or device or
-                    # beyond chunk_numel projected elements
-                    item = self._projected_bytes(p, group, state, steady)
+                    # beyond chunk_numel projected elements; a batch of matrices: each matrix as a 2-D parameter
+                    if batch:
+                        idx = matrix_index(0, p.shape[:-2])
+                        items = [self._projected_bytes(matrix_of(p, idx), group, matrix_state(state, idx), steady)
+                                 ] * math.prod(p.shape[:-2])
+                    else:
+                        items = [self._projected_bytes(p, group, state, steady)]
                     chunk = self._chunk(p.device)
-                    if low_bucket and (low_key != (id(group), p.device) or (
-                            chunk is not None and sum(b.numel for b in low_bucket) + item.numel > chunk)):
-                        worst = max(worst, self._low_bucket_bytes(low_bucket))
-                        low_bucket = []
-                    low_key = (id(group), p.device)
-                    low_bucket.append(item)
+                    for item in items:
+                        if low_bucket and (low_key != (id(group), p.device) or (
+                                chunk is not None and sum(b.numel for b in low_bucket) + item.numel > chunk)):
+                            worst = max(worst, self._low_bucket_bytes(low_bucket))
+                            low_bucket = []
+                        low_key = (id(group), p.device)
+                        low_bucket.append(item)
                     continue
                 if self._foreach_ok(p, group, state=state):
                     if not is_dtensor(key) and p.device.type != "meta" and self._fused_whole(p, group, state):
@@ -1246,6 +1253,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     self._step_low_bucket(low_bucket)
                     low_bucket = []
                 low_bucket.append(self._project_down(p, grad, group, state, t, low=lows.pop(id(p), None) if lows else None))
+            elif path == "matrices":  # a batch of matrices: each one joins the projected buckets as a 2-D parameter
+                if "step" not in state:
+                    self._init_state(p, group, state)
+                self._complete_shared(state, group)
+                t = self._advance_counter(state, route)
+                lead = p.shape[:-2]
+                numel = self.recipe.projection.low_shape(p.shape[-2:], group).numel()
+                for e in range(math.prod(lead)):
+                    idx = matrix_index(e, lead)
+                    if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
+                        self._step_low_bucket(low_bucket)
+                        low_bucket = []
+                    low_bucket.append(self._project_down(matrix_of(p, idx), matrix_of(grad, idx), group,
+                                                         matrix_state(state, idx), t))
             elif path == "foreach":
                 if "step" not in state:
                     self._init_state(p, group, state)
@@ -1409,6 +1430,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if route is not None and route.p is p and route.token is token and route.state is state and route.key == key:
             return route
         path = ("low" if self._projected_foreach_ok(p, group, grad, state)
+                else "matrices" if self._matrices_foreach_ok(p, group, grad, state)
                 else "foreach" if self._foreach_ok(p, group, grad, state) else "alone")
         fused = path == "foreach" and self._fused_whole(p, group, state, grad)
         cls = self.recipe.moment.foreach_bucket_class(p.shape, group, state) if path == "foreach" else None
@@ -1679,6 +1701,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and p.ndim == 2  # (a batch of matrices: per matrix, _update_matrices)
             and r.moment.supports_foreach_direction(group, {} if state is None else state, p)
         )
+
+    def _matrices_foreach_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None = None,
+                             state: dict[str, Tensor] | None = None) -> bool:
+        """Whether the matrices of projected batch ``p`` ``[..., A, B]`` (:meth:`_matrices`) take the projected
+        multi-tensor step, each as a 2-D parameter (:meth:`_projected_foreach_ok` of its first matrix and its
+        state's views: they all share the group, shapes and state layout), in order, as separate 2-D
+        parameters would; else the batch is stepped a matrix at a time (:meth:`_update_matrices`)."""
+        if p.ndim <= 2 or not self._is_projected(p, group):
+            return False
+        idx = matrix_index(0, p.shape[:-2])
+        return self._projected_foreach_ok(matrix_of(p, idx), group, None if grad is None else matrix_of(grad, idx),
+                                          matrix_state(state, idx) if state else {})
+
+    def _complete_shared(self, state: dict[str, Tensor], group: dict[str, Any]) -> None:
+        """A batch's shared ``moment_start`` that a checkpoint predating it lacks, created before its matrices'
+        views are taken (:func:`_init_moment_start`'s zeros; a 2-D parameter's first reset creates it): the
+        projected buckets keep the views until they are combined back, with no :func:`_write_back`."""
+        if "moment_start" not in state and group.get("moment_policy") == "reset" and self.recipe.moment.restarts_on_reset:
+            state["moment_start"] = torch.zeros((), dtype=torch.float32)
 
     def _joins_low_bucket(self, bucket: list[_Projected], group: dict[str, Any], t: float, device: torch.device,
                           numel: int) -> bool:
