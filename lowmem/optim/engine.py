@@ -41,6 +41,13 @@ Subspace-Momentum recipes') are projected down and combined back one at a time a
 multi-tensor direction per bucket. ``foreach=False`` in a group keeps the per-parameter loop above,
 the reference both are tested against.
 
+**Batches of matrices.** A parameter ``[..., A, B]`` (fused MoE experts) of a projected group, or of a
+group whose moment rule keeps per-matrix statistics (Subset-Norm), is stepped as its ``A x B`` matrices, each
+a 2-D parameter of the group (:meth:`LowMemOptimizer._matrices`): its state is each matrix's stacked along
+the leading dimensions (one state dict, ``step`` / ``moment_start`` shared), each matrix steps on views
+``p[e]``, ``grad[e]``, ``state[k][e]`` (joining the projected buckets, or one at a time), equal bit for bit
+to separate 2-D parameters (docs/subspace.md, "Fused MoE experts").
+
 **Bounded transients.** A full-rank parameter whose chain is element-wise (Adam's moments, quantized
 moments in whole blocks, MicroAdam in whole top-k blocks, SPAM / Stable-SPAM) is stepped in flat
 chunks of at most :attr:`LowMemOptimizer.chunk_numel` elements (rounded to whole blocks): each
