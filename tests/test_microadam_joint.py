@@ -219,3 +219,31 @@ def test_compiled_joint_rows_equal_the_per_parameter_step_without_recompiling(co
     got, _ = _run(wider, hp, None, None, steps=2, reload_at=-1, compile="always")
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     assert counters["stats"]["unique_graphs"] == graphs  # (no recompilation)
+
+
+def test_a_groups_error_feedback_is_joined_by_one_cat():
+    """The eager path on the GPU's code path (meta tensors): a group of several tensors joins its error feedback's
+    codes, minima and maxima by one ``torch.cat`` of their bytes (``Q.joint_codes``; was one each), beside one for
+    the gradients and one each for the ring's indices and values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Cats(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return True if args[0].dtype is torch.bool else 1
+            Cats.n += func.overloadpacket.__name__ == "cat"
+            return func(*args, **(kwargs or {}))
+
+    ps = [torch.nn.Parameter(torch.zeros(256, 256, device="meta")) for _ in range(4)]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = create_optimizer(ps, "microadam", k_init=0.01, m=10)
+    for _ in range(2):
+        with Cats():
+            opt.step()
+    Cats.n = 0
+    with Cats():
+        opt.step()
+    assert Cats.n == 4

@@ -86,6 +86,16 @@ def _one_row(xs: list[Tensor], dim: int = 0) -> Tensor:
     return torch.cat(xs, dim=dim).unsqueeze(0)
 
 
+def _joined_errors(states: list[dict[str, Tensor]], rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The error feedback's codes, minima and maxima of ``states`` joined as ``rows`` rows (a stack: one per
+    tensor; one row: one after another), as :func:`_stacked` / :func:`_one_row` join them, the same values, by
+    one ``torch.cat`` of their bytes (:func:`~lowmem.optim.functional.quant.joint_codes`; three before)."""
+    lo, hi = [s["microadam_error_min"] for s in states], [s["microadam_error_max"] for s in states]
+    fl, codes, _ = Q.joint_codes(lo + hi, [s["microadam_error"] for s in states], [])
+    n_lo = sum(t.numel() for t in lo)
+    return codes.view(rows, -1), fl[:n_lo].view(rows, -1), fl[n_lo:].view(rows, -1)
+
+
 def eager_direction_bytes(numel: int, width: int, kept: int, ring_entries: int, quant_blocks: int) -> int:
     """Bytes the plain (eager) :meth:`MicroAdamMoments.direction` of ``numel`` elements allocates, phase
     by phase as :func:`~lowmem.optim.functional.microadam.compress_` and
@@ -342,8 +352,11 @@ class MicroAdamMoments(MomentRule):
                 sizes = [g.numel() for _, g, _ in items]
                 lay, join = MA.joint_layout(sizes, key[1], key[2]), _one_row
             compiled = use_compiled(device, self.compile)
-            errors = (join([s["microadam_error"] for s in ss]), join([s["microadam_error_min"] for s in ss]),
-                      join([s["microadam_error_max"] for s in ss]))
+            if compiled or len(ss) == 1:
+                errors = (join([s["microadam_error"] for s in ss]), join([s["microadam_error_min"] for s in ss]),
+                          join([s["microadam_error_max"] for s in ss]))
+            else:  # (eager: the three joined by one torch.cat of their bytes, read-only views of it)
+                errors = _joined_errors(ss, 1 if sizes is not None else len(ss))
             if compiled:  # (the joined gradients made here: a compiled function takes tensors)
                 idx, vals, codes, lo, hi = _compiled(device.type)[0](
                     join([g.reshape(-1) for _, g, _ in items]), *errors, _top(str(device)),

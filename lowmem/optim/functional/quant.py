@@ -439,37 +439,21 @@ def quantize_blockwise_split(x: Tensor, code: Tensor, block_size: int, bits: int
     return codes.split([k // per_byte for k in numels]), absmax.split([k // block_size for k in numels])
 
 
-JOINT_ALIGN = 16  # bytes: where each region of joint_codes' buffer starts
-
-
-@lru_cache(maxsize=None)
-def _zero_pad(device: str) -> Tensor:
-    return torch.zeros(JOINT_ALIGN, dtype=torch.uint8, device=device)
-
-
 def joint_codes(floats: list[Tensor], codes4: list[Tensor], codes8: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Copies of several tensors' float32 scales (absmax, rank-1 maxima) and ``uint8`` codes made by one
+    """Copies of several tensors' float32 scales (absmax, rank-1 maxima, min / max) and ``uint8`` codes made by one
     ``torch.cat`` (one kernel off the CPU, instead of one concatenation per moment and kind), returned as three
     views of that buffer: ``(scales float32 [sum of numels], 4-bit codes uint8, 8-bit codes uint8)``, each the
-    given tensors one after another, each region starting on a :data:`JOINT_ALIGN`-byte boundary (zero bytes
-    between them, from a buffer kept per device). The scales are copied as their bytes (``view(torch.uint8)``):
-    the same values."""
-    device = (floats + codes4 + codes8)[0].device
-    pad = _zero_pad(str(device))
-    parts, sizes = [], []
-    for region in ([f.reshape(-1).view(torch.uint8) for f in floats], [c.reshape(-1) for c in codes4],
-                   [c.reshape(-1) for c in codes8]):
-        nbytes = sum(t.numel() for t in region)
-        parts += region
-        sizes.append(nbytes)
-        if -nbytes % JOINT_ALIGN:
-            parts.append(pad[: -nbytes % JOINT_ALIGN])
+    given tensors one after another. The scales are copied as their bytes (``view(torch.uint8)``): the same
+    values. Layout: the 8-bit codes first (at the buffer's start, as bitsandbytes' codec got them from their own
+    concatenation; whole blocks of at least 64 values each, so what follows starts on a 64-byte boundary), then
+    the scales (a multiple of 4 bytes each: the float32 view is aligned), then the 4-bit codes."""
+    parts = ([c.reshape(-1) for c in codes8] + [f.reshape(-1).view(torch.uint8) for f in floats]
+             + [c.reshape(-1) for c in codes4])
+    n8, nf = sum(c.numel() for c in codes8), 4 * sum(f.numel() for f in floats)
+    if n8 % 4:
+        raise ValueError(f"joint_codes: {n8} bytes of 8-bit codes; the scales after them need a multiple of 4")
     buf = torch.cat(parts)
-    out, start = [], 0
-    for nbytes in sizes:
-        out.append(buf[start : start + nbytes])
-        start += nbytes + (-nbytes % JOINT_ALIGN)
-    return out[0].view(torch.float32), out[1], out[2]
+    return buf[n8 : n8 + nf].view(torch.float32), buf[n8 + nf :], buf[:n8]
 
 
 # ---- rank-1 normalization (Li et al. 2023, Section 4.2) --------------------------------------
