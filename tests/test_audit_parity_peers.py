@@ -425,28 +425,75 @@ def test_trainer_optim_args_errors_name_the_field_and_the_valid_values(name, opt
         LowMemTrainingArguments(output_dir=str(tmp_path), lowmem_optim=name, optim_args=optim_args, report_to=[])
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #1")
-def test_trainer_apollo_default_rank_is_the_hf_trainers():
-    """transformers' Trainer builds ``optim="apollo_adamw"`` with ``rank=128`` unless its ``optim_args`` say
-    otherwise (``_get_apollo_optimizer``: ``int(optim_args.pop("rank", 128))``); the same config mapped onto
-    lowmem's ``apollo_adamw`` (docs/training.md: HF names map onto lowmem's) should keep that rank. lowmem's
-    recipe default is 256 (FOUND_AUDITMATH #1)."""
+def _hf_trainer_settings(optim, optim_args, model):
+    """What transformers' own Trainer builds for ``optim`` (``Trainer.get_optimizer_cls_and_kwargs``): the
+    projected group's keys and the constructor's, in lowmem's names (apollo-torch's ``proj`` -> ``projection``)."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", optim=optim, optim_args=optim_args, report_to=[],
+                             optim_target_modules=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+    _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    groups = kwargs.get("params") or [{}]
+    target = next((g for g in groups if "rank" in g), {})
+    out = {k: v for k, v in {**kwargs, **target}.items() if k not in ("params", "lr", "bf16_stochastic_round")}
+    if "proj" in out:
+        out["projection"] = {"random": "gaussian", "svd": "svd"}[out.pop("proj")]
+    return out
+
+
+@pytest.mark.parametrize("optim,optim_args", [
+    ("galore_adamw", None), ("galore_adamw_8bit", None), ("galore_adafactor", None), ("adamw_torch_8bit", None),
+    ("galore_adamw", "rank=16,scale=0.5,proj_type=reverse_std"),
+    ("apollo_adamw", "rank=16,proj=svd,scale_type=tensor"),
+    pytest.param("apollo_adamw", None, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #1: rank 256 vs 128")),
+    pytest.param("adamw_torch_4bit", None, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #1: block_size 128 vs 256")),
+])
+def test_trainer_hf_optim_names_take_what_the_hf_trainer_builds(optim, optim_args):
+    """An HF ``optim`` name (and HF ``optim_args`` string) mapped onto lowmem (docs/training.md) gets the
+    settings transformers' own Trainer gives the peer it builds (its defaults for what the string leaves out;
+    GaLore: rank 128, gap 200, scale 0.25, std; APOLLO: random, channel, gap 200, scale 1, std, rank 128;
+    torchao: block 256 for 8 and 4 bits), read from transformers itself, not from a table here."""
     from transformers import TrainingArguments
 
     from lowmem.trainers.hf import optimizer_cls_and_kwargs
 
     model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 300))
-    args = TrainingArguments(output_dir="unused", optim="apollo_adamw", optim_args="scale_type=channel", report_to=[])
-    _, kwargs = optimizer_cls_and_kwargs(model, "apollo_adamw", args=args)
-    assert {g.get("rank") for g in kwargs["params"] if g.get("rank") is not None} == {128}
+    expected = _hf_trainer_settings(optim, optim_args, model)
+    _, kwargs = optimizer_cls_and_kwargs(model, optim, args=TrainingArguments(output_dir="unused", optim=optim,
+                                                                               optim_args=optim_args, report_to=[]))
+    first = kwargs["params"][0]
+    assert {k: first.get(k) for k in expected} == expected
 
 
+@pytest.mark.parametrize("name,key,value,setting", [
+    ("apollo_adamw", "disable_nl", True, "gamma"),       # apollo-torch: gamma=None here
+    ("fira_adamw", "alpha", 0.5, "scale"),               # fira's group key (FiraAdamW translates it, create_optimizer does not)
+    ("adam_mini", "n_heads", 4, "head_dim"),             # adam-mini's dim / n_heads / n_kv_heads
+], ids=["apollo_disable_nl", "fira_alpha", "adam_mini_n_heads"])
 @pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #4")
-def test_apollo_torch_disable_nl_spelling_points_at_gamma():
-    """apollo-torch's ``disable_nl=True`` (accepted by ``APOLLOAdamW``) given to ``create_optimizer`` / the
-    Trainer's ``optim_args`` is an unknown key; the error should name lowmem's setting, ``gamma=None``, as it
-    does for pytorch_optimizer's ``projection_type`` (hparams.PEER_SPELLINGS)."""
+def test_peer_spellings_point_at_lowmem_s_setting(name, key, value, setting):
+    """A peer's spelling given to ``create_optimizer`` (or the Trainer's ``optim_args``) is an unknown key; the
+    error should name lowmem's setting, as it does for pytorch_optimizer's ``projection_type`` or bitsandbytes'
+    ``min_8bit_size`` (hparams.PEER_SPELLINGS). Today: no hint (apollo-torch's ``scale_front`` even gets
+    difflib's ``-> 'scale_type'``, a setting that changes the update)."""
     from lowmem.optim import create_optimizer
 
-    with pytest.raises(ValueError, match=r"'disable_nl' -> 'gamma'"):  # today: no hint (scale_front: "-> 'scale_type'")
-        create_optimizer(zoo([(8, 6)]), "apollo_adamw", rank=2, disable_nl=True)
+    kw = {"rank": 2} if name != "adam_mini" else {}
+    with pytest.raises(ValueError, match=rf"'{key}' -> '{setting}'"):
+        create_optimizer(zoo([(8, 6)]), name, **kw, **{key: value})
+
+
+@pytest.mark.parametrize("min_quant_size,codes", [(4096, False), (385, False), (384, True)])
+def test_galore_adamw8bit_quantizes_by_the_projected_size(min_quant_size, codes):
+    """bitsandbytes' ``min_8bit_size`` rule as galore-torch's ``GaLoreAdamW8bit`` applies it (its state is
+    initialised with the projected gradient in ``p.data``): a 96 x 64 weight (6144 >= 4096 entries) at
+    rank 4 has 96 x 4 = 384-entry moments: float32 while ``384 < min_quant_size`` (the default 4096, and 385),
+    8-bit codes from 384 down."""
+    from lowmem.optim import create_optimizer
+
+    p = nn.Parameter(torch.randn(96, 64))
+    opt = create_optimizer([p], "galore_adamw8bit", rank=4, min_quant_size=min_quant_size)
+    p.grad = torch.randn(96, 64)
+    opt.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[p][key].dtype == (torch.uint8 if codes else torch.float32), key
