@@ -302,3 +302,46 @@ def test_layerwise_mode_steps_a_batch_as_its_matrices(accumulation):
     for e, m in enumerate(mats):
         assert torch.equal(batch.detach()[e], m.detach()), e
     assert lb.inner.state[batch]["step"].item() == 5
+
+
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12)], ids=["tall", "wide"])
+@pytest.mark.parametrize("case", ["galore_svd", "galore_rsvd", "fira", "apollo", "apollo_mini", "osd", "adamw_snsm",
+                                  "galore8bit", "galore_adafactor"])
+def test_batched_project_down(case, shape, monkeypatch):
+    """Issue 15: a batch's steady steps project every matrix down in one batched product (off the CPU; here forced
+    with batched_down_on_cpu), equal to the separate matrices to float32 rounding (MKL's batched GEMM differs from
+    its GEMM / GEMV in the last bits); refresh steps project per matrix. The traced transient of such a step is
+    within step_transient_bytes() and no more than the per-matrix project-down's."""
+    import lowmem.optim.functional.galore as GL
+
+    name, hp = CASES[case]
+    batch, mats, ob, os_ = _pair(name, hp, shape, foreach=None)
+    ob.batched_down_on_cpu = True
+    calls = []
+    real = GL.project_down_batched
+    monkeypatch.setattr(GL, "project_down_batched", lambda *a: calls.append(1) or real(*a))
+    from lowmem.optim.engine import matrix_state
+
+    def steady(t):  # (no refresh due at step t: the batched product)
+        return not ob.recipe.projection.refresh_due(matrix_state(ob.state[batch], (0,)), ob.param_groups[0], t)
+
+    gs = _grads(shape, 7)
+    for t, g in enumerate(gs[:5], 1):
+        want = len(calls) + (t > 1 and steady(t))
+        _step(batch, mats, ob, os_, g)
+        assert len(calls) == want, t
+    assert len(calls) >= 2
+    for e, p in enumerate(mats):
+        torch.testing.assert_close(batch.detach()[e], p.detach(), rtol=1e-5, atol=1e-6)
+    batch.grad = gs[5].clone()
+    for e, p in enumerate(mats):
+        p.grad = gs[5][e].clone()
+    with _AllLive() as tb:
+        ob.step()
+    for e, p in enumerate(mats):
+        p.grad = gs[5][e].clone()
+    with _AllLive() as tm:  # (the separate matrices' step 6, one project-down each)
+        os_.step()
+    # (OSD: the separate matrices' report also holds their pre-check norms, 4 bytes each; a batch reads its own)
+    assert tb.peak <= ob.step_transient_bytes() <= os_.step_transient_bytes()
+    assert tb.peak <= tm.peak

@@ -521,6 +521,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: (:meth:`_finite_and_pre_check`; the refresh then reads nothing itself); else ``None``
     _usable: dict[int, Tensor] | None = None
     _chunk_numel: int | None | _ByDevice = BY_DEVICE
+    #: project a batch of matrices down in one batched product on the CPU too (:meth:`_down_batched`; off the CPU
+    #: always): for tests, the CPU's batched GEMM differs from its per-matrix GEMMs in the last bits
+    batched_down_on_cpu: bool = False
 
     @property
     def chunk_numel(self) -> int | None:
@@ -1267,13 +1270,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 t = self._advance_counter(state, route)
                 lead = p.shape[:-2]
                 numel = self.recipe.projection.low_shape(p.shape[-2:], group).numel()
+                stacked = self._down_batched(p, grad, group, state, t, numel)
+                if stacked is not None and low_bucket and not self._joins_low_bucket(
+                        low_bucket, group, t, p.device, numel * math.prod(lead)):
+                    self._step_low_bucket(low_bucket)  # (the whole batch joins one bucket)
+                    low_bucket = []
                 for e in range(math.prod(lead)):
                     idx = matrix_index(e, lead)
                     if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
                         self._step_low_bucket(low_bucket)
                         low_bucket = []
                     low_bucket.append(self._project_down(matrix_of(p, idx), matrix_of(grad, idx), group,
-                                                         matrix_state(state, idx), t))
+                                                         matrix_state(state, idx), t,
+                                                         low=None if stacked is None else matrix_of(stacked, idx)))
+                del stacked
             elif path == "foreach":
                 if "step" not in state:
                     self._init_state(p, group, state)
@@ -1720,6 +1730,32 @@ class LowMemOptimizer(torch.optim.Optimizer):
         idx = matrix_index(0, p.shape[:-2])
         return self._projected_foreach_ok(matrix_of(p, idx), group, None if grad is None else matrix_of(grad, idx),
                                           matrix_state(state, idx) if state else {})
+
+    def _down_batched(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                      numel: int) -> Tensor | None:
+        """The projected gradients of every matrix of batch ``p`` in one batched product
+        (:meth:`~lowmem.optim.subspace.Projection.down_batched`, issue 15: one product per expert weight, not one per
+        expert), or ``None`` for the per-matrix project-down: only where each matrix's :meth:`_project_down` would
+        compute exactly ``P.down`` of its gradient (float32, no refresh due for any matrix at step ``t``) and the
+        whole batch fits one bucket (``E numel <= chunk_numel``), so the stack lives no longer than that bucket. No
+        gradient copy (the batch's gradient is the stack); the stack of projected gradients is what the
+        matrices' own would be, allocated at once, within :meth:`_low_bucket_bytes`'s count of the per-matrix
+        project-downs (each matrix's ``down`` >= its projected gradient); while the batch is combined back its
+        earlier matrices' projected gradients stay in the stack, each combine-back then has the first one's
+        bytes alive at most (tests/test_experts_subspace.py traces it).
+
+        Off the CPU only (where the step is launch-bound, as :meth:`_stabilizes_many`), unless
+        :attr:`batched_down_on_cpu`: a batched product's bits may differ from the per-matrix products' (MKL's
+        batched GEMM vs its GEMM / GEMV: to float32 rounding, tested), and on the CPU the batch stays equal to
+        separate 2-D parameters bit for bit."""
+        P = self.recipe.projection
+        lead = p.shape[:-2]
+        chunk = self._chunk(p.device)
+        if (p.device.type == "cpu" and not self.batched_down_on_cpu) or grad.dtype != torch.float32 or (chunk is not None and numel * math.prod(lead) > chunk):
+            return None
+        if any(P.refresh_due(matrix_state(state, matrix_index(e, lead)), group, int(t)) for e in range(math.prod(lead))):
+            return None
+        return P.down_batched(grad, state, group)
 
     def _complete_shared(self, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         """A batch's shared ``moment_start`` that a checkpoint predating it lacks, created before its matrices'

@@ -125,6 +125,11 @@ class Projection:
         for g, state, low in zip(gs, states, lows):
             self.post_update(g, state, group, low, checked)
 
+    def down_batched(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> Tensor | None:
+        """:meth:`down` of every matrix of a batch ``g`` ``[..., m, n]`` at once from the batch's stacked state,
+        equal to each matrix's :meth:`down`; ``None`` (the default): one matrix at a time."""
+        return None
+
     def down_keeps_nonfinite(self, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
         """Whether a NaN or +-Inf anywhere in ``g`` always leaves :meth:`down`'s result non-finite
         (a product with a basis: under IEEE arithmetic ``NaN * x``, ``Inf * 0`` and ``Inf - Inf`` are
@@ -382,6 +387,15 @@ class SubspaceProjection(Projection):
         if "proj_index" in state:
             return FR.select(g, self._coordinates(g.shape, group)[0], state["proj_index"])
         return GL.project_down(g, *self._basis(state))
+
+    def down_batched(self, g, state, group):
+        """:meth:`down` of a batch of matrices ``g`` ``[..., m, n]`` with the batch's stacked state (each matrix its
+        own basis) in one batched product (:func:`~lowmem.optim.functional.galore.project_down_batched`), or
+        ``None`` where that is not one product: coordinates, bases on both sides."""
+        left, right = self._basis(state)
+        if "proj_index" in state or (left is None) == (right is None):
+            return None
+        return GL.project_down_batched(g, left, right)
 
     def down_keeps_nonfinite(self, state, group):
         # a basis product (svd, rsvd, random, gaussian); not a selection of coordinates (an entry not
