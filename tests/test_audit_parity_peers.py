@@ -505,6 +505,21 @@ def _hf_trainer_settings(optim, optim_args, model):
     return out
 
 
+@pytest.mark.parametrize("name,optim_args", [("adafactor", "relative_step=true"), ("adafactor", "warmup_init=true"),
+                                              ("galore_adafactor", "relative_step=true,rank=4")])
+@pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #5")
+def test_trainer_relative_step_in_optim_args_is_refused_with_the_arguments(name, optim_args, tmp_path):
+    """Under a Trainer the learning rate is the Trainer's (its scheduler needs a number), so Adafactor's
+    ``relative_step=True`` (and ``warmup_init=True``, which needs it) cannot apply. Today the arguments are
+    accepted and the error comes from the optimizer's constructor when the Trainer builds it, after the model
+    has loaded ("Cannot combine manual `lr` and `relative_step=True`"); the arguments' check should refuse it,
+    naming ``optim_args.relative_step`` / ``warmup_init``, as it does for values out of range."""
+    from lowmem.trainers import LowMemTrainingArguments
+
+    with pytest.raises(ValueError, match=r"optim_args\.(relative_step|warmup_init)"):
+        LowMemTrainingArguments(output_dir=str(tmp_path), lowmem_optim=name, optim_args=optim_args, report_to=[])
+
+
 @pytest.mark.parametrize("optim,optim_args", [
     ("galore_adamw", None), ("galore_adamw_8bit", None), ("galore_adafactor", None), ("adamw_torch_8bit", None),
     ("galore_adamw", "rank=16,scale=0.5,proj_type=reverse_std"),
