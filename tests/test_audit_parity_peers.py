@@ -418,6 +418,30 @@ def test_adamw_sn_class_without_sn_is_adamw_like_the_peer(layout):
     assert diff < 1e-4
 
 
+# ---- lomo-optim 0.1.1: bfloat16 parameters -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lomo", "adalomo"])
+def test_lomo_and_adalomo_bf16_parameters_equal_lomo_optim_bit_for_bit(name, monkeypatch):
+    """bfloat16 weights with weight decay, six fused steps: lomo-optim computes in float32 (AdaLomo's row /
+    column statistics float32) and rounds into the bf16 weight once; lowmem's layerwise LOMO / AdaLomo
+    (float32 state by default) give the same bf16 weights bit for bit."""
+    lomo_optim = pytest.importorskip("lomo_optim")
+    from test_lomo import batches, run_layerwise
+    from toy_problem import loss_fn, make_problem
+
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # AdaLomo allocates with .cuda()
+    ref, x, y = make_problem(dtype=torch.bfloat16)
+    ours, start = copy.deepcopy(ref), copy.deepcopy(ref)
+    data = batches(x, y, 6)
+    theirs = (lomo_optim.AdaLomo if name == "adalomo" else lomo_optim.Lomo)(ref, lr=5e-2, weight_decay=0.1)
+    for xb, yb in data:
+        theirs.fused_backward(loss_fn(ref, xb, yb), 5e-2)
+    run_layerwise(ours, name, data, lr=5e-2, weight_decay=0.1)
+    for (n, a), b, c in zip(ref.named_parameters(), ours.parameters(), start.parameters()):
+        assert b.dtype == torch.bfloat16 and not torch.equal(a, c), n
+        assert torch.equal(a, b), f"{n}: {(a != b).sum().item()} of {a.numel()} differ"
+
+
 # ---- the Hugging Face Trainer route: optim_args ---------------------------------------------------------
 
 def _trainer_groups(tmp_path, name, optim_args, **fields):
