@@ -345,3 +345,66 @@ def test_batched_project_down(case, shape, monkeypatch):
     # (OSD: the separate matrices' report also holds their pre-check norms, 4 bytes each; a batch reads its own)
     assert tb.peak <= ob.step_transient_bytes() <= os_.step_transient_bytes()
     assert tb.peak <= tm.peak
+
+
+def test_batched_project_down_split_over_buckets(monkeypatch):
+    """A batch larger than a bucket (chunk_numel of 2.5 matrices' projected gradients): each bucket's share of its
+    matrices is projected down in one product as the buckets fill, equal to the separate matrices
+    to float32 rounding, traced within step_transient_bytes()."""  # (2, 2, 2 per steady step)
+    import lowmem.optim.functional.galore as GL
+
+    shape = (12, 7)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, *shape, generator=gen)
+    batch = torch.nn.Parameter(w.clone())
+    mats = [torch.nn.Parameter(w[e].clone()) for e in range(6)]
+    ob = create_optimizer([{"params": [batch], **GAP}], "galore_adamw")
+    os_ = create_optimizer([{"params": mats, **GAP}], "galore_adamw")
+    numel = ob.recipe.projection.low_shape(torch.Size(shape), ob.param_groups[0]).numel()
+    ob.chunk_numel = os_.chunk_numel = 5 * numel // 2
+    ob.batched_down_on_cpu = True
+    sizes = []
+    real = GL.project_down_batched
+    monkeypatch.setattr(GL, "project_down_batched", lambda g, *a: sizes.append(g.shape[0]) or real(g, *a))
+    for step in range(3):
+        g = torch.randn(6, *shape, generator=gen)
+        batch.grad = g.clone()
+        for e, p in enumerate(mats):
+            p.grad = g[e].clone()
+        with _AllLive() as tb:
+            ob.step()
+        os_.step()
+        assert tb.peak <= ob.step_transient_bytes() == os_.step_transient_bytes()
+    assert sizes == [2, 2, 2, 2, 2, 2]  # (step 1 refreshes: per matrix)
+    for e, p in enumerate(mats):
+        torch.testing.assert_close(batch.detach()[e], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [False, None], ids=["per_parameter", "buckets"])
+def test_batch_with_two_leading_dims_equals_separate(foreach):
+    """[2, 3, A, B]: its 6 matrices in row-major order, each equal to a separate 2-D parameter (random bases:
+    matrix_seed's e row-major)."""
+    shape = (12, 7)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, *shape, generator=gen)
+    batch = torch.nn.Parameter(w.clone())
+    mats = [torch.nn.Parameter(w[i, j].clone()) for i in range(2) for j in range(3)]
+    hp = {**GAP, "projection": "random", "foreach": foreach}
+    ob = create_optimizer([{"params": [batch], **hp}], "frugal")
+    os_ = create_optimizer([{"params": mats, **hp}], "frugal")
+    ob.materialize_state()
+    os_.materialize_state()
+    meta = ob.state[batch]["proj_meta"]
+    assert meta.shape == (2, 3, 6)
+    for e, p in enumerate(mats):
+        os_.state[p]["proj_meta"][0] = meta[e // 3, e % 3, 0]
+    assert meta[1, 2, 0] - meta[0, 0, 0] == 5 * MATRIX_SEED_STRIDE
+    for _ in range(5):
+        g = torch.randn(2, 3, *shape, generator=gen)
+        batch.grad = g.clone()
+        for e, p in enumerate(mats):
+            p.grad = g[e // 3, e % 3].clone()
+        ob.step()
+        os_.step()
+    for e, p in enumerate(mats):
+        assert torch.equal(batch.detach()[e // 3, e % 3], p.detach()), e

@@ -1270,20 +1270,22 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 t = self._advance_counter(state, route)
                 lead = p.shape[:-2]
                 numel = self.recipe.projection.low_shape(p.shape[-2:], group).numel()
-                stacked = self._down_batched(p, grad, group, state, t, numel)
-                if stacked is not None and low_bucket and not self._joins_low_bucket(
-                        low_bucket, group, t, p.device, numel * math.prod(lead)):
-                    self._step_low_bucket(low_bucket)  # (the whole batch joins one bucket)
-                    low_bucket = []
-                for e in range(math.prod(lead)):
-                    idx = matrix_index(e, lead)
+                count, e, chunk = math.prod(lead), 0, self._chunk(p.device)
+                while e < count:
                     if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
                         self._step_low_bucket(low_bucket)
                         low_bucket = []
-                    low_bucket.append(self._project_down(matrix_of(p, idx), matrix_of(grad, idx), group,
-                                                         matrix_state(state, idx), t,
-                                                         low=None if stacked is None else matrix_of(stacked, idx)))
-                del stacked
+                    # the matrices that fit the open bucket, projected down together where they can be
+                    room = count - e if chunk is None else max(1, (chunk - sum(b.low.numel() for b in low_bucket)) // numel)
+                    stop = min(count, e + room)
+                    stacked = self._down_batched(p, grad, group, state, t, e, stop)
+                    for j in range(e, stop):
+                        idx = matrix_index(j, lead)
+                        low_bucket.append(self._project_down(matrix_of(p, idx), matrix_of(grad, idx), group,
+                                                             matrix_state(state, idx), t,
+                                                             low=None if stacked is None else stacked[j - e]))
+                    del stacked
+                    e = stop
             elif path == "foreach":
                 if "step" not in state:
                     self._init_state(p, group, state)
@@ -1732,17 +1734,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
                                           matrix_state(state, idx) if state else {})
 
     def _down_batched(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
-                      numel: int) -> Tensor | None:
-        """The projected gradients of every matrix of batch ``p`` in one batched product
-        (:meth:`~lowmem.optim.subspace.Projection.down_batched`, issue 15: one product per expert weight, not one per
-        expert), or ``None`` for the per-matrix project-down: only where each matrix's :meth:`_project_down` would
-        compute exactly ``P.down`` of its gradient (float32, no refresh due for any matrix at step ``t``) and the
-        whole batch fits one bucket (``E numel <= chunk_numel``), so the stack lives no longer than that bucket. No
-        gradient copy (the batch's gradient is the stack); the stack of projected gradients is what the
-        matrices' own would be, allocated at once, within :meth:`_low_bucket_bytes`'s count of the per-matrix
-        project-downs (each matrix's ``down`` >= its projected gradient); while the batch is combined back its
-        earlier matrices' projected gradients stay in the stack, each combine-back then has the first one's
-        bytes alive at most (tests/test_experts_subspace.py traces it).
+                      start: int, stop: int) -> Tensor | None:
+        """The projected gradients of the matrices ``start .. stop - 1`` (row-major over the leading dimensions)
+        of batch ``p``, the ones that join the open projected bucket, in one batched product
+        (:meth:`~lowmem.optim.subspace.Projection.down_batched`, issue 15: one product per bucket's share of an
+        expert weight, not one per expert), stacked ``[stop - start, ...]``; or ``None`` for the per-matrix
+        project-down: only where each matrix's :meth:`_project_down` would compute exactly ``P.down`` of its
+        gradient (float32, no refresh due for any of them at step ``t``) and the gradient's matrices are a view
+        ``[E, A, B]`` (no gradient copy: the batch's gradient is the stack). The stack lives no longer than the
+        bucket; it is what the matrices' own projected gradients would be, allocated at once, within
+        :meth:`_low_bucket_bytes`'s count of the per-matrix project-downs (each matrix's ``down`` >= its projected
+        gradient); while the bucket is combined back the earlier matrices' projected gradients stay in the stack,
+        so each combine-back has at most the first one's bytes alive (tests/test_experts_subspace.py traces it).
 
         Off the CPU only (where the step is launch-bound, as :meth:`_stabilizes_many`), unless
         :attr:`batched_down_on_cpu`: a batched product's bits may differ from the per-matrix products' (MKL's
@@ -1750,12 +1753,18 @@ class LowMemOptimizer(torch.optim.Optimizer):
         separate 2-D parameters bit for bit."""
         P = self.recipe.projection
         lead = p.shape[:-2]
-        chunk = self._chunk(p.device)
-        if (p.device.type == "cpu" and not self.batched_down_on_cpu) or grad.dtype != torch.float32 or (chunk is not None and numel * math.prod(lead) > chunk):
+        if ((p.device.type == "cpu" and not self.batched_down_on_cpu) or grad.dtype != torch.float32
+                or stop - start < 2):
             return None
-        if any(P.refresh_due(matrix_state(state, matrix_index(e, lead)), group, int(t)) for e in range(math.prod(lead))):
+        if any(P.refresh_due(matrix_state(state, matrix_index(e, lead)), group, int(t)) for e in range(start, stop)):
             return None
-        return P.down_batched(grad, state, group)
+        try:
+            g = grad.view(-1, *grad.shape[-2:])[start:stop]
+        except RuntimeError:  # (leading dimensions that do not flatten without a copy)
+            return None
+        view = {k: v if k in MATRIX_SHARED_KEYS or not isinstance(v, Tensor) else v.view(-1, *v.shape[len(lead):])[start:stop]
+                for k, v in state.items()}
+        return P.down_batched(g, view, group)
 
     def _complete_shared(self, state: dict[str, Tensor], group: dict[str, Any]) -> None:
         """A batch's shared ``moment_start`` that a checkpoint predating it lacks, created before its matrices'
