@@ -115,3 +115,79 @@ def test_bucket_kernels_on_the_devices_path(name, expected):
     ops = _meta_bucket_ops(name, [(64, 256)] * 3 + [(128, 96)] * 2)
     got = {k: ops.count(k) for k in expected}
     assert got == expected, ops
+
+
+FOUR_BIT_BUCKETS = {  # (shapes, block size): as tests/test_transient_4bit_buckets.py's CPU cases
+    "whole_blocks": ([(32, 256)] * 4, 256),
+    "partial_blocks": ([(4, 32), (4, 32), (4, 32), (4, 40), (8,)], 64),  # (4, 40): alone; (8,): float32 moments
+    "mixed": ([(128, 512), (9, 40), (4, 4)], 256),
+    "odd_rank1": ([(9, 7), (9, 7), (16, 8)], 64),  # rank-1 of an odd count: alone
+    "batched_3d": ([(2, 9, 8), (3, 5, 7), (16, 8), (8, 16), (16, 8), (10,)], 64),  # 3-D rank-1: alone
+    "odd_partial": ([(7, 37), (5, 33), (3, 3), (64, 4)], 128),
+    "two_stacks": ([(64, 32)] * 3 + [(32, 48)] * 2 + [(512,)], 64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOUR_BIT_BUCKETS))
+@pytest.mark.parametrize("name,v_normalization", [("adamw4bit", "block"), ("adamw4bit_rank1", "rank1")])
+def test_joint_4bit_direction_allocates_what_it_reports(name, v_normalization, case, monkeypatch):
+    """A projected bucket of 4-bit moments with the device's forms (forced on the CPU): the multi-tensor direction
+    allocates (torch's MemTracker) exactly what foreach_direction_bucket_transient_bytes reports
+    (Quantized._four_bit_joint_bytes); was the per-element bound off the CPU (29 B per element)."""
+    from test_engine_accounting import _allocated_peak
+
+    from lowmem.optim.registry import get_entry
+
+    monkeypatch.setattr(Q, "launch_bound", lambda device: True)
+    shapes, block = FOUR_BIT_BUCKETS[case]
+    rule = get_entry(name).recipe.moment
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "block_size": block, "min_quant_size": 16,
+             "lr": 1e-3, "v_normalization": v_normalization}
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    states = []
+    for g in gs:
+        states.append({})
+        rule.init_state(states[-1], g.shape, group, g)
+    rule.foreach_direction(gs, states, group, 1, 1e-3)  # (non-zero moments; the per-device tables made)
+    inputs = gs + [t for st in states for t in st.values()]
+    measured = _allocated_peak(lambda: rule.foreach_direction(gs, states, group, 2, 1e-3), inputs)
+    report = rule.foreach_direction_bucket_transient_bytes([(g.shape, st) for g, st in zip(gs, states)])
+    assert measured == report, (measured, report)
+    assert report <= rule.foreach_direction_transient_bytes(sum(g.numel() for g in gs))  # (the per-element bound)
+
+
+@pytest.mark.parametrize("case", sorted(FOUR_BIT_BUCKETS))
+@pytest.mark.parametrize("name,v_normalization", [("adamw4bit", "block"), ("adamw4bit_rank1", "rank1")])
+@pytest.mark.parametrize("device_forms", [False, True], ids=["cpu", "device"])
+def test_4bit_bucket_step_allocates_what_it_reports(name, v_normalization, case, device_forms, monkeypatch):
+    """The full-rank bucket step (``Quantized.foreach_step_``: the engine's buckets of adamw4bit / adamw4bit_rank1)
+    allocates (torch's MemTracker) what ``foreach_bucket_transient_bytes(numel, members, group)`` reports, with
+    the CPU's forms and with the device's (forced on the CPU). Was the per-element bound: 29 B per quantized
+    element plus the inner rule's 8 B per element (4 x (32, 256) whole blocks: 1,212,416 reported)."""
+    from test_engine_accounting import _allocated_peak
+
+    from lowmem.optim.registry import get_entry
+
+    if device_forms:
+        monkeypatch.setattr(Q, "launch_bound", lambda device: True)
+    shapes, block = FOUR_BIT_BUCKETS[case]
+    rule = get_entry(name).recipe.moment
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "block_size": block, "min_quant_size": 16,
+             "lr": 1e-3, "v_normalization": v_normalization}
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=gen) for s in shapes]
+    gs = [torch.randn(s, generator=gen) for s in shapes]
+    states = []
+    for g in gs:
+        states.append({})
+        rule.init_state(states[-1], g.shape, group, g)
+    if not all(rule.supports_foreach_for(g.shape, group, st) for g, st in zip(gs, states)):
+        pytest.skip("a member outside the multi-tensor step (3-D rank-1: per tensor)")
+    rule.foreach_step_(ps, gs, states, group, 1, 1e-3)  # (non-zero moments; the per-device tables made)
+    measured = _allocated_peak(lambda: rule.foreach_step_(ps, gs, states, group, 2, 1e-3),
+                               ps + gs + [t for st in states for t in st.values()])
+    members = [(g.numel(), st) for g, st in zip(gs, states)]
+    report = rule.foreach_bucket_transient_bytes(sum(g.numel() for g in gs), members, group)
+    assert measured == report, (measured, report)
+    assert report <= rule.foreach_bucket_transient_bytes(sum(g.numel() for g in gs), members)  # (the bound)

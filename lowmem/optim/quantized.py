@@ -331,8 +331,9 @@ class Quantized(MomentRule):
 
     def foreach_direction_bucket_transient_bytes(self, members):
         """What :meth:`foreach_direction` allocates for a bucket of ``(shape, state)`` members whose quantized
-        moments are all 8-bit blockwise, or all 4-bit (blockwise or rank-1) on the CPU
-        (:meth:`_four_bit_bucket_bytes`); otherwise :meth:`foreach_direction_transient_bytes`, a bound. 8-bit, in its
+        moments are all 8-bit blockwise, or all 4-bit (blockwise or rank-1): on the CPU
+        :meth:`_four_bit_bucket_bytes`, elsewhere :meth:`_four_bit_joint_bytes`; otherwise
+        :meth:`foreach_direction_transient_bytes`, a bound. 8-bit, in its
         phases (:meth:`_decoded_many`): the decoded moments (4 B per quantized element and moment) are alive
         throughout; next to them the inner rule's multi-tensor direction
         (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction_bucket_transient_bytes`), then, beside the
@@ -343,8 +344,11 @@ class Quantized(MomentRule):
         (:func:`~lowmem.optim.functional.quant.table_workspace_bytes` of ``n_k`` values in whole blocks:
         ``TABLE_PIECE_BYTES min(TABLE_PIECE, n_k)``; on CUDA bitsandbytes' kernel needs none, a bound there)."""
         quantized = [(shape, st, k) for shape, st in members for k in self.specs if is_quantized(st, k)]
-        if quantized and all(self.specs[k].bits == 4 and st[k].device.type == "cpu" for _, st, k in quantized):
-            return self._four_bit_bucket_bytes(members)
+        if quantized and all(self.specs[k].bits == 4 for _, st, k in quantized):
+            if all(Q.launch_bound(st[k].device) for _, st, k in quantized):
+                return self._four_bit_joint_bytes(members)
+            if all(st[k].device.type == "cpu" for _, st, k in quantized):
+                return self._four_bit_bucket_bytes(members)
         if any(self.specs[k].bits != 8 or is_rank1(st, k) for _, st, k in quantized):
             return self.foreach_direction_transient_bytes(sum(math.prod(shape) for shape, _ in members))
         total = sum(math.prod(shape) for shape, _ in members)
@@ -440,6 +444,86 @@ class Quantized(MomentRule):
         for (k, shape), idx in stacked.items():
             n = len(idx) * shape.numel()
             led.keep(_quantize_rank1_bytes(led, n, len(idx) * shape[0], len(idx) * shape[1], self.specs[k].code))
+        return led.peak
+
+    def _four_bit_joint_bytes(self, members) -> int:
+        """:meth:`foreach_direction_bucket_transient_bytes` of a bucket whose quantized moments are all 4-bit off the
+        CPU (:func:`~lowmem.optim.functional.quant.launch_bound`: :meth:`_decoded_joint`'s forms), walked on a
+        ledger in :meth:`_decoded_many`'s order: the members alone decoded (as on the CPU); the one buffer of every
+        other member's codes and scales, their ``int32`` lookup index, the blockwise moments' decoded values (one
+        buffer, multiplied in place) and the rank-1 stacks' (one lookup; each stack's scale in turn), the buffer
+        and index then freed; the inner rule's multi-tensor direction beside the decoded moments; then, beside
+        them and the directions (``4 N``), the encodes with the device's codec forms (no ``|x|`` copy, the
+        search's ``int32`` indices packed straight into ``uint8``): the members alone written back in turn, the
+        blockwise moments' block absmax and clamp once and per moment the normalized values, the indices and
+        the new codes (kept for the one write-back), the stacks' maxima (kept), one scale buffer divided in
+        place, the indices and the codes. Measured on the CPU with the device's forms forced
+        (tests/test_quant_bucket_joint.py)."""
+        led = _Ledger()
+        block = _bucket_block_size([(math.prod(shape), st[k + "_absmax"].numel()) for shape, st in members
+                                    for k in self.specs if is_quantized(st, k) and not is_rank1(st, k)])
+        alone, batched, stacked = [], {}, {}
+        for shape, st in members:
+            shape = torch.Size(shape)
+            n = shape.numel()
+            for k in self.specs:
+                if not is_quantized(st, k):
+                    continue
+                if is_rank1(st, k) and len(shape) == 2 and n % 2 == 0:
+                    stacked.setdefault((k, shape), []).append(n)
+                elif is_rank1(st, k):
+                    led.keep(_dequantize_rank1_bytes(led, n))
+                    alone.append((k, n, 0, 0, shape))
+                elif n % block:
+                    nb = st[k + "_absmax"].numel()
+                    led.keep(_dequantize_4bit_bytes(led, n, nb, block))
+                    alone.append((k, n, nb, block, None))
+                else:
+                    batched.setdefault(k, []).append(n)
+        n4 = sum(sum(v) for v in batched.values())
+        nr = sum(sum(v) for v in stacked.values())
+        scales = 4 * (n4 // block) + 4 * sum(len(v) * (shape[0] + shape[1]) for (_, shape), v in stacked.items())
+        if batched or stacked:
+            buf = led.alloc(scales + (n4 + nr) // 2)
+            ints = led.alloc(4 * ((n4 + nr) // 2))
+            led.keep(led.alloc(4 * n4))  # (the blockwise moments' values, multiplied in place)
+            led.keep(led.alloc(4 * nr))  # (the stacks' values)
+            for (_, shape), v in stacked.items():
+                led.free(led.alloc(4 * sum(v)))  # (each stack's scale)
+            led.free(buf)
+            led.free(ints)
+        total = sum(math.prod(shape) for shape, _ in members)
+        inner = self.inner.foreach_direction_bucket_transient_bytes(
+            [(shape, {k: v for k, v in st.items() if not is_quantized(st, k)}) for shape, st in members])
+        led.peak = max(led.peak, led.live + inner)
+        led.keep(led.alloc(4 * total))  # (the directions)
+        for k, n, nb, b, shape in alone:
+            if shape is None:
+                _quantize_4bit_bytes_joint(led, n, nb, b)
+            else:
+                rows, cols = n // shape[-1], n // shape[-2]
+                maxima = led.alloc(4 * rows + 4 * cols)
+                scale = led.alloc(4 * n)  # (min(r_i, c_j), then its clamp)
+                clamp = led.alloc(4 * n)
+                led.free(scale)
+                normalized = led.alloc(4 * n)
+                led.free(_packed_bytes_joint(led, n, None))
+                led.free(normalized)
+                led.free(clamp)
+                led.free(maxima)
+        if batched:
+            led.keep(led.alloc(4 * (n4 // block)))  # (the block absmax, kept for the write-back)
+            led.keep(led.alloc(4 * (n4 // block)))  # (its clamp)
+            for k, v in batched.items():
+                normalized = led.alloc(4 * sum(v))
+                led.keep(_packed_bytes_joint(led, sum(v), None))
+                led.free(normalized)
+        if stacked:
+            scale = led.alloc(4 * nr)
+            for (_, shape), v in stacked.items():
+                led.keep(led.alloc(4 * len(v) * (shape[0] + shape[1])))  # (the maxima, kept for the write-back)
+            led.keep(_packed_bytes_joint(led, nr, None))
+            led.free(scale)
         return led.peak
 
     # ---- the full-rank multi-tensor step (LowMemOptimizer's foreach buckets) ----
@@ -639,9 +723,9 @@ class Quantized(MomentRule):
         values whatever the rows around it), then per moment the division, the search and the pack, as
         :func:`~lowmem.optim.functional.quant.quantize_blockwise_4bit`. 8-bit moments keep bitsandbytes' codec
         per moment. Transient: the decode phase holds the codes buffer, its ``int32`` index (2 B per 4-bit
-        code value) and the decoded values (no separate product: ``mul_`` in place), at most about 13 B per
-        element of a bucket of Adam's two 4-bit moments, below the direction and encode phases that
-        :meth:`foreach_direction_transient_bytes` bounds."""
+        code value) and the decoded values (no separate product: ``mul_`` in place), about 13 B per element of a
+        bucket of Adam's two 4-bit moments, below the direction and encode phases; all of it walked by
+        :meth:`_four_bit_joint_bytes` (4-bit buckets)."""
         dev = gs[0].device
         four = [k for k in batched if self.specs[k].bits == 4]
         eight = [k for k in batched if self.specs[k].bits == 8]
@@ -748,15 +832,25 @@ class Quantized(MomentRule):
         return self._decoded_bytes(numel) + self.inner.foreach_direction_transient_bytes(numel)
 
     def foreach_bucket_transient_bytes(self, numel, members, group=None):
-        """:meth:`foreach_transient_bytes` for the members with quantized moments (decoded, and the
-        codec's workspace); members below ``min_quant_size`` (float32 moments, nothing decoded or
-        encoded) allocate only the inner rule's multi-tensor direction, which counts every element."""
+        """What :meth:`foreach_step_` allocates for a bucket: with ``group`` and every quantized moment 4-bit
+        (blockwise or rank-1), exactly, by :meth:`foreach_direction_bucket_transient_bytes`'s walk of the codec
+        calls (the CPU's forms, :meth:`_four_bit_bucket_bytes`, or the device's, :meth:`_four_bit_joint_bytes`;
+        tests/test_quant_bucket_joint.py); otherwise the bound :meth:`foreach_transient_bytes` for the members
+        with quantized moments (decoded, and the codec's workspace); members below ``min_quant_size`` (float32
+        moments, nothing decoded or encoded) allocate only the inner rule's multi-tensor direction, which counts
+        every element."""
         fused = [(n, b) for n, state in members if (b := self._fused_bytes(n, state, group)) is not None]
         if fused:  # (each fused member alone, then the rest of the bucket together)
             rest = [(n, state) for n, state in members if self._fused_bytes(n, state, group) is None]
             return max(max(b for _, b in fused), self.foreach_bucket_transient_bytes(sum(n for n, _ in rest), rest, None)
                        if rest else 0)
         coded = sum(n for n, state in members if any(is_quantized(state, k) for k in self.specs))
+        quantized = [k for _, st in members for k in self.specs if is_quantized(st, k)]
+        if group is not None and quantized and all(self.specs[k].bits == 4 for k in quantized):
+            # 4-bit moments: foreach_step_ is _decoded_many, the inner rule's multi-tensor direction and the encode
+            # (then the update, in place), what foreach_direction_bucket_transient_bytes walks; each member's shape
+            # from its state (rank-1 maxima: shape[:-1] and shape[-1]; the others' flat size is all that counts)
+            return self.foreach_direction_bucket_transient_bytes([(_state_shape(n, st, self.specs), st) for n, st in members])
         return self._decoded_bytes(coded) + self.inner.foreach_direction_transient_bytes(numel)
 
     def _decoded_bytes(self, numel: int) -> int:
@@ -857,6 +951,16 @@ class Quantized(MomentRule):
         if is_quantized(state, key):
             return decode(state, key, self.specs[key], group["block_size"], shape)
         return state[key].float()
+
+
+def _state_shape(numel: int, state: dict[str, Tensor], specs: dict[str, QuantSpec]) -> tuple[int, ...]:
+    """The shape of a bucket member of ``numel`` elements as far as its quantized step depends on it: a rank-1
+    moment's matrix from its maxima (``rowmax``: ``shape[:-1]``, ``colmax``: ``shape[:-2] + shape[-1:]``), else
+    flat."""
+    for k in specs:
+        if is_rank1(state, k):
+            return tuple(state[k + "_rowmax"].shape) + (state[k + "_colmax"].shape[-1],)
+    return (numel,)
 
 
 # ---- the 4-bit codecs' CPU allocations, step by step (Quantized._four_bit_bucket_bytes) --------------------------
@@ -977,6 +1081,41 @@ def _quantize_4bit_bytes(led: _Ledger, n: int, nb: int, b: int, code: str, out: 
     kept = led.alloc(0)
     led._sizes[kept] = led._sizes.pop(packed) + led._sizes.pop(absmax)
     return kept
+
+
+def _packed_bytes_joint(led: _Ledger, n: int, out: Tensor | None) -> int | None:
+    """:func:`~lowmem.optim.functional.quant.nearest_packed` of ``n`` normalized values off the CPU: the search's
+    ``int32`` indices packed by one add into ``uint8`` (new unless ``out``) for an even count; an odd one converts
+    them to ``uint8`` first (the ``int32`` ones then freed: :func:`~lowmem.optim.functional.quant.pack_4bit` holds
+    the only reference) and appends a zero byte. Returns the new codes' token (``None`` when written into ``out``)."""
+    idx = led.alloc(4 * n)
+    if n % 2:
+        small = led.alloc(n)
+        led.free(idx)
+        zero = led.alloc(1)
+        joined = led.alloc(n + 1)
+        led.free(zero)
+        led.free(small)
+        packed = None if out is not None else led.alloc((n + 1) // 2)
+        led.free(joined)
+    else:
+        packed = None if out is not None else led.alloc(n // 2)
+        led.free(idx)
+    return packed
+
+
+def _quantize_4bit_bytes_joint(led: _Ledger, n: int, nb: int, b: int) -> None:
+    """:func:`~lowmem.optim.functional.quant.quantize_blockwise_4bit` of a member alone off the CPU, written into
+    its state: the zero-padded blocks of a partial last block, the absmax into the state (``vector_norm``: no
+    ``|x|`` copy), its clamp, the normalized blocks, then :func:`_packed_bytes_joint` into the state's codes."""
+    padded = led.alloc(4 * nb * b) if n % b else None
+    clamp = led.alloc(4 * nb)
+    normalized = led.alloc(4 * nb * b)
+    led.free(clamp)
+    _packed_bytes_joint(led, n, out=True)
+    led.free(normalized)
+    if padded is not None:
+        led.free(padded)
 
 
 def _quantize_rank1_bytes(led: _Ledger, n: int, rows: int, cols: int, code: str) -> int:
