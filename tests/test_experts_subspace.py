@@ -109,9 +109,10 @@ def test_batch_of_matrices_equals_separate_2d_parameters(case, shape, foreach):
     assert all(v.shape[0] == E for k, v in ob.state[batch].items() if k not in MATRIX_SHARED_KEYS)
 
 
-def test_bf16_batch_equals_separate():
+@pytest.mark.parametrize("foreach", [False, None], ids=["per_parameter", "buckets"])
+def test_bf16_batch_equals_separate(foreach):
     """A bf16 batch (low-precision gradients projected a block of rows at a time) equals separate bf16 matrices."""
-    batch, mats, ob, os_ = _pair("galore_adamw", GAP, (12, 7), torch.bfloat16)
+    batch, mats, ob, os_ = _pair("galore_adamw", GAP, (12, 7), torch.bfloat16, foreach=foreach)
     for g in _grads((12, 7), 4, torch.bfloat16):
         _step(batch, mats, ob, os_, g)
     _assert_equal(batch, mats, ob, os_)
