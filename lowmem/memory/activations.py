@@ -283,6 +283,36 @@ def traced_experts(model: Any):
             del mod.forward
 
 
+@contextlib.contextmanager
+def trl_fused_head(model: Any):
+    """TRL's fused LM head on ``model`` for the duration of the block (``trl.trainer.utils.add_fused_lm_head``, as
+    lowmem's TRL trainers add it: ``model(..., labels=..., fused_lm_head=True)`` returns per-token log-probabilities,
+    the logits never formed), with the tile width lowmem's trainers use, ``min(vocab, 32768)``
+    (``trainers.hf.fused_head_tiles``). On a CPU (fake CPU tensors too) TRL folds each tile in torch; on a device with
+    Triton it runs a kernel that the trace cannot run (and scores only the labelled positions: a data-dependent shape).
+
+    Raises:
+        ValueError: TRL is not installed, or has no fused head (another version than lowmem's trainers use)."""
+    try:
+        import trl.trainer.utils as trl_utils
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError as exc:
+        raise ValueError(f"trainer=... estimates TRL's fused LM head, which this TRL does not have ({exc})") from exc
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the head is added beneath
+    had = lm.__dict__.get("forward")
+    default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    add_fused_lm_head(lm)
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(default, lm.config.get_text_config().vocab_size)
+    try:
+        yield
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
+        if had is None:
+            del lm.forward
+        else:
+            lm.forward = had
+
+
 def _balanced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """A transformers fused-experts forward (``gate_up_proj`` / ``down_proj`` of shape ``(E, ., .)``, the eager
     loop of ``MixtralExperts.forward``) with the routing replaced by an even split: each expert takes
@@ -314,6 +344,7 @@ def traced_activation_bytes(
     gradient_checkpointing: bool = False,
     cache: dict | None = None,
     head_parts: dict[str, int] | None = None,
+    fused_head: bool = False,
 ) -> dict[str, int]:
     """Activation bytes of any decoder-only causal LM, from the tensors autograd saves in one forward pass of
     ``model`` on fake CPU tensors (the meta ``model``'s parameters are made fake CPU ones: nothing is allocated, and
@@ -331,7 +362,8 @@ def traced_activation_bytes(
     Mixture-of-experts layers (transformers' fused ``gate_up_proj`` / ``down_proj`` experts) run the kernel the model
     dispatches to (:func:`traced_experts`: ``grouped_mm`` by default; the eager loop with an even routing).
 
-    That is the path of TRL's fused head (``head_parts``). Otherwise (the model's own loss, MoE models too) the
+    That is the path of TRL's fused head counted by formula (``head_parts``). Otherwise (the model's own loss, MoE
+    models too, or TRL's fused head itself with ``fused_head``) the
     training step itself is traced (:func:`_traced_step_bytes`: forward and ``loss.backward()`` with the weights'
     gradients and the model's own checkpointing, every live storage followed), and the parts are ``layers``,
     ``other``, ``backward`` (the rest at the activations' peak), ``total``, ``backward_peak`` (activations and
@@ -350,6 +382,8 @@ def traced_activation_bytes(
             trace: above 3, from 2 and 3).
         head_parts (`dict` or `None`, defaults to `None`): ``logits`` and ``loss_backward`` of TRL's fused LM head
             (:func:`fused_head_bytes`): the traced float32 ``log_softmax`` is replaced by its ``logits``.
+        fused_head (`bool`, defaults to `False`): The step is traced with TRL's fused LM head itself
+            (:func:`trl_fused_head`, CPU's torch fold) instead of the model's loss; not with ``head_parts``.
 
     Returns:
         `dict[str, int]`: ``layers``, ``other`` (outside the decoder layers: embeddings, final norm, logits,
@@ -361,7 +395,9 @@ def traced_activation_bytes(
     layers = decoder_layers(model, config.num_hidden_layers)
     cache = {} if cache is None else cache
     if head_parts is None:
-        return _traced_step_bytes(model, config, layers, batch_size, seq_len, gradient_checkpointing, cache)
+        return _traced_step_bytes(model, config, layers, batch_size, seq_len, gradient_checkpointing, cache, fused_head)
+    if fused_head:
+        raise ValueError("fused_head=True traces TRL's fused head itself: head_parts must be None")
 
     def saved_at(b: int) -> tuple[list[int], int, list[int]]:
         key = (b, seq_len, "backward") if gradient_checkpointing else (b, seq_len)
@@ -547,7 +583,7 @@ def _layers_parent(model: Any, layers: Any) -> tuple[Any, str]:
 
 
 def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int, checkpointed: bool,
-                       cache: dict) -> dict[str, int]:
+                       cache: dict, fused_head: bool = False) -> dict[str, int]:
     """:func:`traced_activation_bytes` with the model's own loss: the step traced as a device runs it (forward, then
     ``loss.backward()`` with the weights' gradients, the model's own checkpointing), every live storage followed
     (:func:`_trace_saved`'s fourth item). ``total`` is the most bytes of activations live at once; ``backward_peak``
@@ -565,7 +601,7 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     parent, attr = _layers_parent(model, layers)
 
     def whole_at(b: int) -> tuple[list, int, list, int]:
-        key = (b, seq_len, "step", checkpointed)
+        key = (b, seq_len, "step", checkpointed, "fused head") if fused_head else (b, seq_len, "step", checkpointed)
         if key not in cache:
             m = cache.get("step layers", truncated_layers(kinds))
             while True:
@@ -573,7 +609,8 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
                 setattr(parent, attr, sub)
                 try:
                     per_layer, other, _, whole = _trace_saved(model, config, sub, b, seq_len, backward=True,
-                                                              checkpointed=checkpointed, whole_step=True)
+                                                              checkpointed=checkpointed, whole_step=True,
+                                                              fused_head=fused_head)
                 finally:
                     setattr(parent, attr, layers)
                 if m == len(layers) or _stitch_layers(whole["steps"], kinds, m) is not None:
@@ -619,12 +656,14 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     # what the forward saves and the loss's two gradients: the activations layerwise mode counts with a tied model's
     # steps, as before the step was traced (the trace also holds the tied head's gradient through the backward, and
     # the per-parameter transient is a bound: with both, GPT-2 layerwise adamw8bit was 1.078 of the measured peak)
-    parts["forward_saved"] = act if checkpointed else saved + other + tokens * config.vocab_size * 8
+    # (TRL's fused head: no logit-sized gradient; its backward's tiles counted by the trace)
+    parts["forward_saved"] = act if checkpointed or fused_head else saved + other + tokens * config.vocab_size * 8
     return parts
 
 
 def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int,
-                 backward: bool = False, checkpointed: bool = False, whole_step: bool = False) -> tuple:
+                 backward: bool = False, checkpointed: bool = False, whole_step: bool = False,
+                 fused_head: bool = False) -> tuple:
     """``(bytes saved by each decoder layer, bytes saved outside them, each layer's backward peak)`` in one meta
     forward of ``model`` (and, with ``backward``, its backward down to the input embeddings).
 
@@ -643,7 +682,8 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     backward]}``. It counts what the formulas miss: the weight gradient a
     linear layer's backward forms before it is accumulated, the tensors saved outside the layers and still live,
     and the gradients already formed when an early layer's backward runs (the step's peak for small activations).
-    With ``checkpointed`` the first three items are not meaningful (the checkpoints replace the saved tensors)."""
+    With ``checkpointed`` the first three items are not meaningful (the checkpoints replace the saved tensors). With
+    ``fused_head`` the loss is TRL's fused LM head's (:func:`trl_fused_head`) instead of the model's own."""
     import contextlib
 
     import torch
@@ -802,10 +842,11 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
 
             enable_activation_checkpointing(model)
     try:
-        with mode, traced_experts(model), (_Live() if backward else contextlib.nullcontext()):
+        head = trl_fused_head(model) if fused_head else contextlib.nullcontext()
+        with mode, traced_experts(model), head, (_Live() if backward else contextlib.nullcontext()):
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused_head else {})).loss
             if backward:
                 # the embeddings' output is kept here only (a scaled copy enters the layers, e.g. Gemma's): not one of the
                 # backward's storages; and not held for the whole step (live as long as a layer keeps it)

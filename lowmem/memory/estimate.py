@@ -1178,6 +1178,8 @@ def estimate_memory(
         if traced:  # any other architecture: what its own forward saves, traced on fake tensors
             if not trace_model:
                 trace_model.append(_meta_model_like(meta, config, param_dtype, spec is not None, lcfg))
+            if head_parts is not None and device == "cpu":  # TRL's fused head itself, in its step (CPU's torch fold)
+                return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, fused_head=True)
             return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, head_parts=head_parts)
         return llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs, head_parts=head_parts)
 
@@ -1195,7 +1197,8 @@ def estimate_memory(
         parts = saved_parts(seqs, s, ckpt, head_parts)
         if trainer == "dpo" and reference != "none" and not ckpt:
             # the reference's no-grad forward runs while the policy's activations are live (before the loss backward)
-            parts["reference_forward"] = max(0, one_layer(seqs, s) - parts["loss_backward"])
+            # (the traced step: in place of the backward's tensors at the activations' peak)
+            parts["reference_forward"] = max(0, one_layer(seqs, s) - parts.get("loss_backward", parts.get("backward", 0)))
             parts["total"] += parts["reference_forward"]
         if dequantized:
             parts["dequantized_weight"] = dequantized
