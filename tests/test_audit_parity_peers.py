@@ -5,18 +5,23 @@ test_subset_norm.py, test_optim_parity.py, test_normalized.py, test_lomo.py) lea
 - apollo-torch 1.0.3: ``scale_front=True``, ``disable_nl`` with ``scale_front``, tensor scaling on the
   ``reverse_std`` / ``left`` / ``right`` sides (random and SVD bases);
 - galore-torch 1.0: GaLore-Adafactor's ``warmup_init`` / ``scale_parameter`` / relative step with a
-  clip threshold on the ``reverse_std`` side; ``GaLoreAdamW8bit`` (bitsandbytes' CPU kernels);
-  ``correct_bias=False`` refused by name (galore-torch, fira);
+  clip threshold on the ``reverse_std`` side, bf16 parameters (bit for bit); ``GaLoreAdamW8bit``
+  (bitsandbytes' CPU kernels) and its size rule; ``correct_bias=False`` refused by name (galore-torch, fira);
+- transformers' layerwise GaLore / APOLLO (one peer optimizer per parameter in its gradient hook) against
+  lowmem's layerwise mode;
 - adam-mini 1.1.1: multi-head (tied head), multi-query, Qwen2 untied, Llama with attention / MLP biases,
   and ``head_dim != hidden / heads`` (the documented difference);
 - pytorch_optimizer 4.1.0: Stable-SPAM's defaults and other gammas / theta / t_max, SPAM without
   clipping / warm-up / accumulation, ``AdamWSN``'s groups without ``sn``;
-- the Hugging Face Trainer route (``LowMemTrainingArguments(lowmem_optim=..., optim_args="k=v,...")``):
-  every documented key reaches the optimizer's groups; invalid values and unknown keys are errors
-  naming the field and the valid values.
+- lomo-optim 0.1.1: LOMO / AdaLomo on bf16 parameters (bit for bit);
+- the Hugging Face Trainer route (``LowMemTrainingArguments(lowmem_optim=..., optim_args="k=v,...")``,
+  ``optimizer_cls_and_kwargs``): every documented key reaches the optimizer's groups, HF ``optim`` names get
+  what transformers' own Trainer builds, invalid values and unknown keys are errors naming the field and
+  the valid values.
 
-Each check is a few steps on small tensors (< 2 s). Checks marked ``xfail(strict=True)`` expose the
-discrepancies listed in the audit's FOUND file (FOUND_AUDITMATH #n); they turn red once fixed.
+Each check is a few steps on small tensors (< 2 s once the peers are imported). Checks marked
+``xfail(strict=True)`` expose the discrepancies listed in the audit's FOUND file (FOUND_AUDITMATH #n); they
+turn red once fixed (then remove the marker).
 """
 
 from __future__ import annotations
@@ -360,7 +365,8 @@ def _authors_cosine(self, t):
 
 
 @pytest.mark.parametrize("cfg", [{}, dict(gamma1=0.5, gamma2=0.99, theta=0.9, reset_interval=4),
-                                 dict(t_max=5, reset_interval=3), dict(gamma1=0.9, gamma2=0.999, theta=0.99, t_max=30, reset_interval=7)],
+                                 dict(t_max=5, reset_interval=3),
+                                 dict(gamma1=0.9, gamma2=0.999, theta=0.99, t_max=30, reset_interval=7)],
                          ids=["defaults", "gammas_theta_resets", "t_max_short", "gammas_t_max"])
 def test_stable_spam_settings_match_pytorch_optimizer(cfg, monkeypatch):
     """Stable-SPAM (Huang et al. 2025, Algorithm 1: AdaClip with gamma1 / gamma2, AdaGN with theta, momentum
@@ -374,7 +380,8 @@ def test_stable_spam_settings_match_pytorch_optimizer(cfg, monkeypatch):
     monkeypatch.setattr(po_spam.CosineDecay, "get_death_rate", _authors_cosine)
     kw = dict(lr=5e-3, betas=(0.85, 0.98), eps=1e-6, weight_decay=0.1)
     peer_cfg = {("update_proj_gap" if k == "reset_interval" else k): v for k, v in cfg.items()}
-    diff = run_pair(lambda ps: StableSPAM(_spam_groups(ps), **kw, **cfg), lambda ps: po.StableSPAM(_spam_groups(ps), **kw, **peer_cfg),
+    diff = run_pair(lambda ps: StableSPAM(_spam_groups(ps), **kw, **cfg),
+                    lambda ps: po.StableSPAM(_spam_groups(ps), **kw, **peer_cfg),
                     SPAM_SHAPES, steps=20)
     assert diff < 1e-4
 
@@ -395,7 +402,8 @@ def test_spam_edge_settings_match_pytorch_optimizer(cfg, monkeypatch):
     kw = dict(lr=5e-3, betas=(0.85, 0.98), eps=1e-6, weight_decay=0.1)
     peer_kw = dict(threshold=cfg["threshold"], update_proj_gap=cfg["reset_interval"], warmup_epoch=cfg["warmup_steps"],
                    grad_accu_steps=cfg["grad_accu_steps"])
-    diff = run_pair(lambda ps: SPAM(_spam_groups(ps), **kw, **cfg), lambda ps: po.SPAM(_spam_groups(ps), **kw, **peer_kw, foreach=False),
+    diff = run_pair(lambda ps: SPAM(_spam_groups(ps), **kw, **cfg),
+                    lambda ps: po.SPAM(_spam_groups(ps), **kw, **peer_kw, foreach=False),
                     SPAM_SHAPES, steps=20)
     assert diff < 1e-4
 
@@ -471,7 +479,8 @@ TRAINER_CASES = {
                dict(adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-5),
                dict(rank=1, scale=128, scale_type="tensor", update_proj_gap=30, proj_type="reverse_std",
                     projection="gaussian", betas=(0.8, 0.9), eps=1e-5)),
-    "apollo_svd": ("apollo_adamw", "proj=svd,rank=2,scale_type=channel", {}, dict(rank=2, projection="svd", scale_type="channel")),
+    "apollo_svd": ("apollo_adamw", "proj=svd,rank=2,scale_type=channel", {},
+                   dict(rank=2, projection="svd", scale_type="channel")),
     "adamw_torch_8bit": ("adamw_torch_8bit", "block_size=128,min_quant_size=64", {}, dict(block_size=128, min_quant_size=64)),
     "spam": ("spam", "warmup_steps=3,threshold=2.0,reset_interval=10,grad_accu_steps=2", {},
              dict(warmup_steps=3, threshold=2.0, reset_interval=10, grad_accu_steps=2)),
@@ -549,7 +558,8 @@ def test_trainer_relative_step_in_optim_args_is_refused_with_the_arguments(name,
     ("galore_adamw", "rank=16,scale=0.5,proj_type=reverse_std"),
     ("apollo_adamw", "rank=16,proj=svd,scale_type=tensor"),
     pytest.param("apollo_adamw", None, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #1: rank 256 vs 128")),
-    pytest.param("adamw_torch_4bit", None, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #1: block_size 128 vs 256")),
+    pytest.param("adamw_torch_4bit", None,
+                 marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITMATH #1: block_size 128 vs 256")),
 ])
 def test_trainer_hf_optim_names_take_what_the_hf_trainer_builds(optim, optim_args):
     """An HF ``optim`` name (and HF ``optim_args`` string) mapped onto lowmem (docs/training.md) gets the
