@@ -1,6 +1,7 @@
 """Shared fixtures. Everything runs offline: the Hub is disabled for the whole session."""
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -46,6 +47,38 @@ def tiny_model():
     from lowmem.kit import build_tiny_model
 
     return build_tiny_model(seed=0)
+
+
+# a fixture shared by a file's tests: a process group spawned once, a built wheel, a fresh-process measurement
+_SHARED_FIXTURE = re.compile(r"""scope\s*=\s*["'](?:module|class|package)["']""")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` (pyproject's addopts): xdist's loadgroup scheduling, and the tests of a file that
+    defines a module- (class-, package-) scoped fixture are one group, run on one worker, so the fixture runs
+    once (under ``load`` each worker that got some of them ran it: test_fsdp.py's 2-process spawn twice). Every
+    other test is handed out on its own, as under ``load``; the groups, largest first, start the run. (xdist's
+    ``xdist_group`` marks are not seen under pytest 9, whose node ids xdist cannot append the group to.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    root, shared = config.rootpath, {}
+
+    class FileFixtureGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            if scope != nodeid:  # an xdist_group mark
+                return scope
+            path = nodeid.split("::", 1)[0]
+            if path not in shared:
+                try:
+                    shared[path] = bool(_SHARED_FIXTURE.search((root / path).read_text()))
+                except OSError:
+                    shared[path] = False
+            return path if shared[path] else nodeid
+
+    return FileFixtureGroups(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
