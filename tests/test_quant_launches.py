@@ -320,11 +320,12 @@ def test_steps_equal_the_replaced_forms(name, monkeypatch):
             assert a.dtype == b.dtype and torch.equal(a, b), (c, a.shape)
 
 
-@pytest.mark.parametrize("name", ["adamw4bit", "adamw4bit_rank1"])
+@pytest.mark.parametrize("name", ["adamw4bit", "adamw4bit_rank1", "microadam"])
 def test_steps_with_the_devices_forms_equal_the_cpu_forms(name, monkeypatch):
     """Off the CPU a named 4-bit map's nearest code is searched (one kernel; the CPU's arithmetic and cell-table
     forms are 5 and 10) and a block's absmax is one vector_norm(inf) (the CPU's abs().amax() is 16x faster
-    there): whole steps with the device's forms forced on the CPU give the same bits."""
+    there); a bucket's codes and scales are joined by one cat (Quantized._decoded_joint, MicroAdam's error
+    feedback: session 10): whole steps with the device's forms forced on the CPU give the same bits."""
     configs = [(None, torch.float32, None), (2048, torch.bfloat16, None)]
     cpu = {c: _run(name, *c) for c in configs}
     monkeypatch.setattr(Q, "launch_bound", lambda device: True)
