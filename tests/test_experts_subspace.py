@@ -409,3 +409,14 @@ def test_batch_with_two_leading_dims_equals_separate(foreach):
         os_.step()
     for e, p in enumerate(mats):
         assert torch.equal(batch.detach()[e // 3, e % 3], p.detach()), e
+
+
+def test_checkpoint_of_full_size_expert_state_refuses():
+    """A checkpoint saved before experts were projected (a rank group whose 3-D weight kept AdamW's full-size
+    exp_avg / exp_avg_sq) does not load into the per-matrix state: a ValueError naming the parameter and entry."""
+    p = torch.nn.Parameter(torch.randn(3, 12, 7))
+    opt = create_optimizer([{"params": [p], **GAP}], "galore_adamw")
+    sd = opt.state_dict()
+    sd["state"] = {0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(3, 12, 7), "exp_avg_sq": torch.zeros(3, 12, 7)}}
+    with pytest.raises(ValueError, match=r"parameter 0 of shape \(3, 12, 7\).*(proj_meta|exp_avg)"):
+        opt.load_state_dict(sd)
