@@ -43,47 +43,76 @@ def _run_in(site: Path, cwd: Path, code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
-def test_built_wheel_imports_lowmem_trainers(wheel_site, tmp_path):
+# What the tests below ask of the installed wheel, in ONE fresh process (its imports of torch, transformers and
+# TRL are most of each check's time): a JSON object per line, {"check": [...]}.
+_WHEEL_CHECKS = """
+import contextlib, io, json
+def emit(key, value):
+    print(json.dumps({key: value}), flush=True)
+
+import lowmem.trainers, lowmem.optim
+emit("trainers_file", lowmem.trainers.__file__)
+
+import lowmem.train as t
+from lowmem.kit.shipped import shipped_recipe
+r = t.load_recipe(None)
+emit("recipes", [str(t.DEFAULT_RECIPE), str(shipped_recipe("qlora")), f"{r.optim} {r.steps}"])
+from lowmem.cli import build_parser
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    build_parser().parse_args(["train", "--help"])
+emit("train_help", out.getvalue())
+
+from lowmem.train import load_recipe
+from lowmem.data import recipe_data
+rows = []
+for name in ("sft_jsonl", "dpo_jsonl", "grpo_jsonl"):
+    r = load_recipe(shipped_recipe(name)); d = recipe_data(r)
+    rows.append([r.dataset, r.eval_dataset, r.chat_template, r.reward_funcs, len(d.train), d.format.name])
+emit("data_recipes", rows)
+"""
+
+
+@pytest.fixture(scope="module")
+def wheel_checks(wheel_site, tmp_path_factory):
+    """_WHEEL_CHECKS's answers, run from a folder outside the checkout with only the wheel on PYTHONPATH."""
+    out = _run_in(wheel_site[1], tmp_path_factory.mktemp("wheel_run"), _WHEEL_CHECKS)
+    answers = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            answers.update(json.loads(line))
+    return answers
+
+
+def test_built_wheel_imports_lowmem_trainers(wheel_site, wheel_checks):
     names, site = wheel_site
     assert "lowmem/trainers/hf.py" in names and "lowmem/trainers/gvpo.py" in names
-    out = _run_in(site, tmp_path, "import lowmem.trainers, lowmem.optim; print(lowmem.trainers.__file__)")
-    assert Path(out.strip()).is_relative_to(site)  # the wheel's copy, not the checkout
+    assert Path(wheel_checks["trainers_file"]).is_relative_to(site)  # the wheel's copy, not the checkout
 
 
-def test_built_wheel_ships_the_recipes(wheel_site, tmp_path):
+def test_built_wheel_ships_the_recipes(wheel_site, wheel_checks):
     """`lowmem train` without a recipe runs configs/default.yaml from a regular (non-editable) install too."""
     names, site = wheel_site
     shipped = {f"lowmem/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
     assert "lowmem/configs/default.yaml" in shipped and shipped <= set(names)
-    code = ("import lowmem.train as t; from lowmem.kit.shipped import shipped_recipe; "
-            "r = t.load_recipe(None); print(t.DEFAULT_RECIPE); print(shipped_recipe('qlora')); print(r.optim, r.steps)")
-    default, qlora, fields = _run_in(site, tmp_path, code).strip().splitlines()
+    default, qlora, fields = wheel_checks["recipes"]
     assert Path(default) == site / "lowmem" / "configs" / "default.yaml"
     assert Path(qlora) == site / "lowmem" / "configs" / "qlora.yaml"
     import yaml
 
     want = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     assert fields == f"{want['optim']} {want['steps']}"  # the recipe's values, not TrainRecipe's defaults
-    out = _run_in(site, tmp_path, "from lowmem.cli import build_parser; build_parser().parse_args(['train', '--help'])")
-    assert "default.yaml" in out
+    assert "default.yaml" in wheel_checks["train_help"]
 
 
-def test_built_wheel_recipes_find_their_data(wheel_site, tmp_path):
+def test_built_wheel_recipes_find_their_data(wheel_site, wheel_checks):
     """The *_jsonl recipes of an installed wheel name data shipped beside them (lowmem/configs/data), found
     from any directory: relative paths in a recipe are from the recipe's folder."""
     names, site = wheel_site
     shipped = {f"lowmem/configs/data/{p.name}" for p in (ROOT / "configs" / "data").iterdir()}
     assert "lowmem/configs/data/addition_chat.jsonl" in shipped and shipped <= set(names)
-    code = (
-        "import json; from lowmem.train import load_recipe; from lowmem.data import recipe_data; "
-        "from lowmem.kit.shipped import shipped_recipe\n"
-        "for name in ('sft_jsonl', 'dpo_jsonl', 'grpo_jsonl'):\n"
-        "    r = load_recipe(shipped_recipe(name)); d = recipe_data(r)\n"
-        "    print(json.dumps([r.dataset, r.eval_dataset, r.chat_template, r.reward_funcs, len(d.train), d.format.name]))"
-    )
-    rows = [json.loads(line) for line in _run_in(site, tmp_path, code).strip().splitlines()]
     data = site / "lowmem" / "configs" / "data"
-    (sft, sft_eval, sft_tmpl, _, sft_rows, sft_fmt), dpo, grpo = rows
+    (sft, sft_eval, sft_tmpl, _, sft_rows, sft_fmt), dpo, grpo = wheel_checks["data_recipes"]
     assert (Path(sft), Path(sft_eval), Path(sft_tmpl)) == (data / "addition_chat.jsonl", data / "addition_chat_eval.jsonl",
                                                            data / "tiny_chat_template.jinja")
     assert sft_rows > 0 and sft_fmt == "messages" and Path(dpo[0]) == data / "addition_prefs.jsonl" and dpo[4] > 0
