@@ -493,6 +493,22 @@ def test_peer_spellings_are_named_in_the_errors():
         create_optimizer(p, "galore_adamw", rnak=3)
     with pytest.raises(ValueError, match=r"gamma1=-1.0.*-1, meaning beta1, is not taken: give betas\[0\]"):
         create_optimizer(p, "stable_spam", gamma1=-1.0)  # the authors' 'gamma1 = beta1' spelling
+    with pytest.raises(ValueError, match=r"'disable_nl' -> 'gamma' \('disable_nl' is apollo-torch's name; disable_nl=True is gamma=None"):
+        create_optimizer(p, "apollo_adamw", rank=2, disable_nl=True)
+    # a peer's setting that changes nothing here: said so, not pointed at 'scale_type' (which changes the update)
+    with pytest.raises(ValueError, match=r"'scale_front' -> nothing \(apollo-torch's setting") as err:
+        create_optimizer(p, "apollo_adamw", rank=2, scale_front=True)
+    assert "-> 'scale_type'" not in str(err.value)
+
+
+def test_peer_spellings_are_named_under_the_trainer():
+    """The Trainer's optim_args go through the same hints as create_optimizer (they used difflib alone)."""
+    from lowmem.trainers.hf import trainer_hparams
+
+    with pytest.raises(ValueError, match=r"'warmup_epoch' -> 'warmup_steps' \('warmup_epoch' is pytorch_optimizer's SPAM name"):
+        trainer_hparams("spam", None, "warmup_epoch=3")
+    with pytest.raises(ValueError, match=r"'alpha' -> 'scale' \('alpha' is fira's name"):
+        trainer_hparams("fira_adamw", None, {"alpha": 0.5})
 
 
 # ---- transformers' Adafactor --------------------------------------------------------------------------

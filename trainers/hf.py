@@ -44,6 +44,43 @@ TRAINING_ARGS_MAP: tuple[tuple[tuple[str, ...], str], ...] = (
 # scheduler drive the step size.
 TRAINER_OVERRIDES = {"relative_step": False, "scale_parameter": False}
 
+# transformers' own Trainer builds these ``optim`` names with defaults of its own for what its ``optim_args``
+# string leaves out (``trainer_optimizer._get_apollo_optimizer``: ``rank`` 128; ``_get_torchao_optimizer``:
+# ``block_size`` 256 for the 4-bit class too), which differ from the lowmem recipe's (256 and 128). A config
+# written for the HF Trainer (``TrainingArguments.optim`` naming one of them) gets the run it was tuned for.
+# GaLore's HF defaults (rank 128, gap 200, scale 0.25, std) and APOLLO's others are lowmem's already
+# (tests/test_audit_parity_peers.py reads them from transformers itself).
+HF_OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "apollo_adamw": {"rank": 128},
+    "apollo_adamw_layerwise": {"rank": 128},
+    "adamw_torch_4bit": {"block_size": 256},
+}
+
+# Settings a Trainer can never apply: its scheduler drives ``learning_rate``, so Adafactor's own step size
+# cannot run under it (refused with the arguments, before any model loads).
+TRAINER_REFUSED = {
+    "relative_step": (True, "the Trainer drives the step size (learning_rate and its scheduler), so Adafactor's "
+                            "relative step cannot apply under a Trainer; remove it (relative_step=False is set for you)"),
+    "warmup_init": (True, "it needs relative_step=True, which cannot apply under a Trainer (the Trainer drives the "
+                          "step size: learning_rate and its scheduler); remove it"),
+}
+
+
+def hf_optim_defaults(name: str, args: Any) -> dict[str, Any]:
+    """The Hugging Face Trainer's own defaults (:data:`HF_OPTIM_DEFAULTS`) when ``args.optim`` names one of its
+    optimizers that maps onto lowmem's ``name``; ``{}`` otherwise (``lowmem_optim`` alone keeps lowmem's)."""
+    optim = getattr(args, "optim", None)
+    optim = getattr(optim, "value", optim)
+    if not isinstance(optim, str) or optim not in HF_OPTIM_DEFAULTS:
+        return {}
+    from lowmem.train import resolve_optim_name
+
+    try:
+        base, _ = resolve_optim_name(optim)
+    except ValueError:
+        return {}
+    return dict(HF_OPTIM_DEFAULTS[optim]) if base == name else {}
+
 _TA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
 
 
@@ -94,11 +131,11 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
     valid = entry.valid_hparams()
     unknown = sorted(set(explicit) - set(valid))
     if unknown:
-        import difflib
+        from lowmem.optim.hparams import unknown_key_hints
 
-        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)})
+        hints = unknown_key_hints(unknown, list(valid))
         raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'"
-                         + (f" (did you mean {close}?)" if close else "") + f"; valid: {valid}")
+                         + (f" (did you mean: {'; '.join(hints)}?)" if hints else "") + f"; valid: {valid}")
     specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
     hp: dict[str, Any] = {}
     if args is not None:
@@ -127,6 +164,7 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
                 entry.name, reason, target, shown, valid,
             )
         hp.update({k: v for k, v in TRAINER_OVERRIDES.items() if k in valid})
+        hp.update({k: v for k, v in hf_optim_defaults(entry.name, args).items() if k in valid})
     hp.update(explicit)
     return hp
 
@@ -182,6 +220,8 @@ def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, A
             specs[key].validate(value)
         except ValueError as err:
             raise ValueError(f"optim_args.{key}={explicit[key]!r}: {err}") from None
+        if key in TRAINER_REFUSED and value is TRAINER_REFUSED[key][0]:
+            raise ValueError(f"optim_args.{key}={explicit[key]!r} for optimizer '{entry.name}': {TRAINER_REFUSED[key][1]}")
         out[key] = value
     return out
 

@@ -266,7 +266,7 @@ def valid_group_keys(recipe: Any, extra: tuple[str, ...] = ()) -> list[str]:
 #: the error when one reaches a recipe that has the lowmem setting (a migrated parameter group or
 #: ``create_optimizer`` keyword): difflib's closest match can be another setting (``projection_type``
 #: is closest to ``projection``, GaLore's basis method, not to ``proj_type``, its side).
-PEER_SPELLINGS: dict[str, tuple[str, str]] = {
+PEER_SPELLINGS: dict[str, tuple[str, ...]] = {
     "projection_type": ("proj_type", "pytorch_optimizer's GaLore / Fira"),
     "warmup_epoch": ("warmup_steps", "pytorch_optimizer's SPAM"),
     "update_proj_gap": ("reset_interval", "pytorch_optimizer's SPAM / StableSPAM"),
@@ -276,6 +276,17 @@ PEER_SPELLINGS: dict[str, tuple[str, str]] = {
     "sn": ("subset_norm", "the Subset-Norm authors' / pytorch_optimizer's AdamWSN"),
     "ns_coeffs": ("ns_coefficients", "pytorch_optimizer's Muon"),
     "min_8bit_size": ("min_quant_size", "bitsandbytes'"),
+    "disable_nl": ("gamma", "apollo-torch's", "disable_nl=True is gamma=None: no norm-growth limiter"),
+    "alpha": ("scale", "fira's"),
+    "n_heads": ("head_dim", "adam-mini's", "head_dim = dim // n_heads"),
+    "n_kv_heads": ("head_dim", "adam-mini's", "head_dim = dim // n_heads; the key/value heads have the same head_dim"),
+    "dim": ("head_dim", "adam-mini's", "head_dim = dim // n_heads"),
+}
+
+#: Other packages' settings that lowmem's recipe accepts nowhere because they change nothing there (the key,
+#: whose, why): the error says so rather than pointing at a similarly spelled setting that does change the update.
+PEER_NO_OPS: dict[str, tuple[str, str]] = {
+    "scale_front": ("apollo-torch's", "lowmem's APOLLO gives the same update either way: remove it"),
 }
 
 
@@ -288,7 +299,11 @@ def unknown_key_hints(unknown: list[Any], valid: list[str]) -> list[str]:
     for k in unknown:
         peer = PEER_SPELLINGS.get(str(k))
         if peer is not None and peer[0] in valid:
-            hints.append(f"{k!r} -> {peer[0]!r} ({k!r} is {peer[1]} name)")
+            note = f"; {peer[2]}" if len(peer) > 2 else ""
+            hints.append(f"{k!r} -> {peer[0]!r} ({k!r} is {peer[1]} name{note})")
+        elif str(k) in PEER_NO_OPS:
+            whose, why = PEER_NO_OPS[str(k)]
+            hints.append(f"{k!r} -> nothing ({whose} setting; {why})")
         elif m := difflib.get_close_matches(str(k), valid, n=1):
             hints.append(f"{k!r} -> {m[0]!r}")
     return hints
