@@ -145,6 +145,34 @@ def test_apollo_settings_match_apollo_torch(case, apollo_draws):
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("shape,rank", [((512, 4096), 16), ((4096, 512), 4), ((512, 4096), 1)])
+def test_apollo_own_gaussian_basis_has_apollo_torch_s_distribution(shape, rank):
+    """The parity tests above inject apollo-torch's draws, so lowmem's own random basis is never compared.
+    Its scale matters: APOLLO's channel factor ``||R~_j|| / ||R_j||`` is inversely proportional to the scale of
+    ``R = P^T G`` (``R~`` is scale-free), so the basis' variance is the update's size. Both draw
+    ``N(0, 1/r)`` entries (apollo-torch: ``stable_randn(...) / sqrt(r)``, the paper's random projection):
+    the sample mean and standard deviation agree with ``0`` and ``1/sqrt(r)`` within 4 standard errors
+    (an orthonormal basis, lowmem's ``projection="random"``, has 1/sqrt(m): far outside)."""
+    pytest.importorskip("apollo_torch")
+    from apollo_torch.random_projector import GradientProjector
+
+    from lowmem.optim import APOLLOAdamW
+
+    side = "left" if shape[0] < shape[1] else "right"
+    theirs = GradientProjector(rank).get_orthogonal_matrix(torch.zeros(shape), rank, side, 7)
+    p = nn.Parameter(torch.zeros(shape))
+    opt = APOLLOAdamW([{"params": [p], "rank": rank, "proj": "random", "scale_type": "channel", "update_proj_gap": 10,
+                        "scale": 1.0, "proj_type": "std"}])
+    p.grad = torch.randn(shape)
+    opt.step()
+    ours = opt.state[p]["proj_left" if side == "left" else "proj_right"]
+    assert ours.shape == theirs.shape
+    sigma, n = rank ** -0.5, ours.numel()
+    for basis in (ours, theirs):  # 4 standard errors of the sample's mean and standard deviation
+        assert basis.std().item() == pytest.approx(sigma, rel=4 / (2 * n) ** 0.5)
+        assert abs(basis.mean().item()) < 4 * sigma / n ** 0.5
+
+
 # ---- galore-torch 1.0 -----------------------------------------------------------------------------------
 
 GALORE_SHAPES = [(24, 16), (12, 40), (40, 12), (20, 20), (16,), (3, 4, 5)]
