@@ -332,3 +332,41 @@ def test_steps_with_the_devices_forms_equal_the_cpu_forms(name, monkeypatch):
     for c in configs:
         for a, b in zip(_run(name, *c), cpu[c]):
             assert a.dtype == b.dtype and torch.equal(a, b), (c, a.shape)
+
+
+def _old_ada_gn_scale_(norm, norm_m, norm_v, gamma1, gamma2, t, eps, tiny):
+    """Stable-SPAM's AdaGN factor before session 10: each statistic's ``where`` copied back (``copy_``)."""
+    nonzero = norm > 0
+    norm_m.copy_(torch.where(nonzero, torch.lerp(norm_m, norm, 1.0 - gamma1), norm_m))
+    norm_v.copy_(torch.where(nonzero, torch.lerp(norm_v, norm.square(), 1.0 - gamma2), norm_v))
+    m_hat = norm_m / (1.0 - gamma1**t)
+    v_hat = norm_v / (1.0 - gamma2**t)
+    return torch.where(nonzero, m_hat / (v_hat.sqrt() + eps) / norm.clamp(min=tiny), 0.0)
+
+
+def test_ada_gn_statistics_are_selected_in_place():
+    """``functional.spam.ada_gn_scale_`` selects each norm statistic into itself (``where(..., out=)``): one kernel
+    per statistic fewer than a ``where`` copied back (on meta: no ``copy_``), the same factor and statistics bit for
+    bit, zero norms, tiny and huge norms included, on the strided views ``transform_many`` hands it and on 0-dim
+    per-tensor statistics."""
+    from lowmem.optim.functional import spam as S
+
+    tiny = torch.finfo(torch.float32).tiny
+    norm = torch.tensor([0.0, 1e-30, 3.5, 7e4, 1e30, 0.0, 2.0], dtype=torch.float32)
+    base = torch.rand(norm.numel(), 3, generator=torch.Generator().manual_seed(0)) * 10
+    for t in (1, 2, 50):
+        a, b = base.clone(), base.clone()
+        got = S.ada_gn_scale_(norm, a[:, 1], a[:, 2], 0.7, 0.9, t, 1e-8, tiny)
+        ref = _old_ada_gn_scale_(norm, b[:, 1], b[:, 2], 0.7, 0.9, t, 1e-8, tiny)
+        assert torch.equal(got, ref) and torch.equal(a, b)
+    m0, v0, m1, v1 = (torch.tensor(2.0) for _ in range(4))
+    for n in (torch.tensor(0.0), torch.tensor(5.0)):
+        assert torch.equal(S.ada_gn_scale_(n, m0, v0, 0.7, 0.9, 3, 1e-8, tiny),
+                           _old_ada_gn_scale_(n, m1, v1, 0.7, 0.9, 3, 1e-8, tiny))
+        assert torch.equal(m0, m1) and torch.equal(v0, v1)
+    meta = [torch.zeros(4, device="meta") for _ in range(3)]
+    with _Launches() as new:
+        S.ada_gn_scale_(meta[0], meta[1], meta[2], 0.7, 0.9, 3, 1e-8, tiny)
+    with _Launches() as old:
+        _old_ada_gn_scale_(meta[0], meta[1], meta[2], 0.7, 0.9, 3, 1e-8, tiny)
+    assert new.kernels == old.kernels - 2 and new.h2d == new.syncs == 0

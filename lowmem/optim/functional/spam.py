@@ -161,8 +161,9 @@ def ada_gn_scale_(
     statistics in place: ``m_hat_n / (sqrt(v_hat_n) + eps) / ||g||`` (0 for a zero gradient), a 0-d
     tensor that multiplies every chunk of ``g``."""
     nonzero = norm > 0
-    norm_m.copy_(torch.where(nonzero, torch.lerp(norm_m, norm, 1.0 - gamma1), norm_m))
-    norm_v.copy_(torch.where(nonzero, torch.lerp(norm_v, norm.square(), 1.0 - gamma2), norm_v))
+    # (each statistic selected into itself, ``out=``: the same values as a ``where`` copied back, one kernel fewer)
+    torch.where(nonzero, torch.lerp(norm_m, norm, 1.0 - gamma1), norm_m, out=norm_m)
+    torch.where(nonzero, torch.lerp(norm_v, norm.square(), 1.0 - gamma2), norm_v, out=norm_v)
     m_hat = norm_m / (1.0 - gamma1**t)
     v_hat = norm_v / (1.0 - gamma2**t)
     return torch.where(nonzero, m_hat / (v_hat.sqrt() + eps) / norm.clamp(min=tiny), 0.0)
