@@ -306,13 +306,18 @@ ADAM_MINI_MODELS = {
     "llama_mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)),
     "llama_biases": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
     "qwen2_untied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    # fused c_attn (no query / key name: adam-mini's and lowmem's row / tensor blocks), Conv1D [in, out], tied wte
+    "gpt2": ("gpt2", dict(num_attention_heads=4, num_key_value_heads=4)),
 }
 
 
 def _adam_mini_model(kind, extra):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=extra["num_attention_heads"],
+                                          n_positions=32, bos_token_id=0, eos_token_id=0))
     sizes = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, **extra)
     return LlamaForCausalLM(LlamaConfig(**sizes)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**sizes))
 
@@ -332,9 +337,9 @@ def _adam_mini_runs(base, makers, steps=8):
 
 @pytest.mark.parametrize("case", sorted(ADAM_MINI_MODELS))
 def test_adam_mini_attention_layouts_match_adam_mini(case):
-    """Multi-head attention with a tied head, multi-query attention, Llama's attention / MLP biases and
-    Qwen2 untied: ``create_optimizer`` and ``AdamMini`` against adam-mini's partition and step (7.7e-7 -
-    1.9e-6 of the update measured)."""
+    """Multi-head attention with a tied head, multi-query attention, Llama's attention / MLP biases, Qwen2
+    untied, GPT-2 (fused ``c_attn``, Conv1D weights, tied ``wte``): ``create_optimizer`` and ``AdamMini``
+    against adam-mini's partition and step (7.7e-7 - 1.9e-6 of the update measured)."""
     adam_mini = pytest.importorskip("adam_mini")
     from lowmem.optim import AdamMini, create_optimizer
 
