@@ -119,13 +119,13 @@ def test_scale_nd_steps_in_chunks_equal_to_the_whole_step(shape, role, state_dty
 
 
 def test_scale_moe_weight_transient_is_the_chunk():
-    """A [8, 1024, 2048] expert weight (one row of its [8, 2^21] view is 4 chunks of 2^19): the report is the chunk's
-    (4 x 2^19 and the 8 rows' sums and RMS), not the tensor's 64 MiB (before: 4 numel + 4 rows)."""
+    """A [8, 1024, 2048] expert weight in chunks of 2^19 (256 rows of one expert: SCALE steps fused experts per
+    matrix): the report is the chunk's step and its rows' RMS (4 x 2^19 + 4 x 256), not the tensor's 64 MiB."""
     p = torch.nn.Parameter(torch.empty(8, 1024, 2048, device="meta"))
     opt = create_optimizer([p], "scale")
     opt.chunk_numel = 2**19
     opt.materialize_state()
-    assert opt.step_transient_bytes(per_parameter=True) == 4 * 8 + 4 * 2**19 + 4
+    assert opt.step_transient_bytes(per_parameter=True) == 4 * 2**19 + 4 * 256
 
 
 @pytest.mark.parametrize("role", ["hidden", "head"])

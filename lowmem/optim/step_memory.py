@@ -127,15 +127,16 @@ def _child(name: str, shape: tuple[int, ...], hparams: dict[str, Any], mode: str
             v.copy_(v.clone()) if v.dtype == torch.int64 else v.zero_()  # touch every page
     if mode == "plain" and "proj_meta" in state:
         # a step that does not refresh: a random orthonormal basis as if refreshed at step 1
+        # (a batch of matrices [..., A, B], fused experts, holds one basis / index / meta row per matrix)
         for key in ("proj_left", "proj_right"):
             if key in state:
-                b = state[key]
-                q = torch.linalg.qr(torch.randn(max(b.shape), min(b.shape))).Q
-                b.copy_(q if b.shape[0] >= b.shape[1] else q.t())
+                for b in state[key].view(-1, *state[key].shape[-2:]):
+                    q = torch.linalg.qr(torch.randn(max(b.shape), min(b.shape))).Q
+                    b.copy_(q if b.shape[0] >= b.shape[1] else q.t())
         if "proj_index" in state:
-            k = state["proj_index"].numel()
-            state["proj_index"].copy_(torch.arange(k))
-        state["proj_meta"][2] = 1
+            idx = state["proj_index"]
+            idx.copy_(torch.arange(idx.shape[-1]).expand_as(idx))
+        state["proj_meta"][..., 2] = 1
         state["step"].fill_(1)
     transient = opt.step_transient_bytes() if hasattr(opt, "step_transient_bytes") else None
     state_bytes = opt.state_bytes()
