@@ -28,10 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, model_path: str, out_dir: str, kind: str) -> None:
+def _worker(rank: int, port: int, model_path: str, out_dir: str, kinds: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    for kind in kinds:  # one spawn for every kind (each process's imports are most of the time)
+        _train_one(rank, model_path, out_dir, kind)
+
+
+def _train_one(rank: int, model_path: str, out_dir: str, kind: str) -> None:
     from trl_helpers import make_trainer
 
     trainer = make_trainer(kind, model_path, os.path.join(out_dir, f"{kind}-{rank}"), 2, use_cpu=True)
@@ -55,10 +60,20 @@ def _worker(rank: int, port: int, model_path: str, out_dir: str, kind: str) -> N
                os.path.join(out_dir, f"{kind}-{rank}.pt"))
 
 
-@pytest.mark.parametrize("kind", ["bnpo", "gvpo"])
-def test_two_processes_train_on_their_slice_of_whole_groups(kind, tiny_model_path, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), tiny_model_path, str(tmp_path), kind), nprocs=WORLD, join=True)
-    runs = [torch.load(tmp_path / f"{kind}-{rank}.pt", weights_only=True) for rank in range(WORLD)]
+KINDS = ["bnpo", "gvpo"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_path, tmp_path_factory):
+    """Both kinds trained one after the other by the same two processes: the folder of their records."""
+    out = tmp_path_factory.mktemp("trl_distributed")
+    mp.spawn(_worker, args=(_free_port(), tiny_model_path, str(out), KINDS), nprocs=WORLD, join=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_processes_train_on_their_slice_of_whole_groups(kind, trained):
+    runs = [torch.load(trained / f"{kind}-{rank}.pt", weights_only=True) for rank in range(WORLD)]
     for key, value in runs[0]["weights"].items():
         assert torch.equal(value, runs[1]["weights"][key]), key
     assert len(runs[0]["records"]) == len(runs[1]["records"]) == 2
