@@ -558,7 +558,9 @@ class Quantized(MomentRule):
           one tensor at a time), the inner rule's multi-tensor direction
           (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction`), every moment encoded again (one
           call per moment, :func:`~lowmem.optim.functional.quant.quantize_blockwise_split`, written back
-          by one ``torch._foreach_copy_``), then the decoupled decay and the update as multi-tensor ops."""
+          by one ``torch._foreach_copy_``; off the CPU every code and scale tensor copied by one ``cat`` and
+          the 4-bit codecs' common work done once for the bucket, :meth:`_decoded_joint`), then the decoupled
+          decay and the update as multi-tensor ops."""
         ps, gs, ss = [], [], []
         for p, g, st in zip(params, grads, states):
             if self._fused_member_(p, g, st, group, t, lr):
@@ -733,7 +735,8 @@ class Quantized(MomentRule):
         floats = [states[i][k + "_absmax"] for k in four + eight for i in batched[k]]
         for (k, _), idx in stacks:
             floats += [states[i][k + "_rowmax"] for i in idx] + [states[i][k + "_colmax"] for i in idx]
-        codes4 = [states[i][k] for k in four for i in batched[k]] + [states[i][k] for (k, _), idx in stacks for i in idx]
+        codes4 = ([states[i][k] for k in four for i in batched[k]]
+                  + [states[i][k] for (k, _), idx in stacks for i in idx])
         codes8 = [states[i][k] for k in eight for i in batched[k]]
         fl, c4, c8 = Q.joint_codes(floats, codes4, codes8)
         ints = c4.int() if c4.numel() else None
