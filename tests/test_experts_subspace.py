@@ -31,6 +31,8 @@ CASES = {
     "apollo_random": ("apollo_adamw", {**GAP, "projection": "random"}),
     "apollo_mini": ("apollo_mini", {"rank": 1, "update_proj_gap": 3}),
     "galore8bit": ("galore_adamw8bit", {**GAP, "block_size": 64, "min_quant_size": 16}),
+    "fira8bit": ("fira_adamw8bit", {**GAP, "block_size": 64, "min_quant_size": 16}),
+    "frugal8bit": ("frugal8bit", {**GAP, "block_size": 64, "min_quant_size": 16, "projection": "columns"}),
     "adamw_sn": ("adamw_sn", {"subset_norm": True}),
     "adagrad_sn": ("adagrad_sn", {"subset_norm": True}),
     "adamw_snsm": ("adamw_snsm", GAP),
