@@ -165,7 +165,22 @@ def newton_schulz_transient_bytes(shape: torch.Size | tuple[int, int],
     return max(4 * rows * rows, 2 * rows * rows + 2 * rows * widest) + bf16_gemm_workspace_bytes(rows, threads)
 
 
-def newton_schulz_batched(x: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
+def muon_whole_step_bytes(shape: torch.Size | tuple[int, int], nesterov: bool, low_buffer: bool, threads: int = 1) -> int:
+    """Bytes Muon's whole-tensor step of one ``m x n`` matrix allocates (:func:`muon_momentum_`, :func:`newton_schulz`,
+    the float32 step ``O.to(float32) * scale``): during the iteration the Nesterov matrix (float32, ``4 m n``), two
+    bfloat16 iterates (``4 m n``) and the two ``r x r`` bfloat16 Gram products (``4 r^2``, ``r`` the smaller side),
+    beside a low-precision momentum buffer's float32 copy (``low_buffer``, ``4 m n``, freed before the step); after
+    it the float32 step next to the last iterate (``6 m n``): exactly the traced tensors. Plus the bfloat16 products'
+    workspace (:func:`bf16_gemm_workspace_bytes`, ``threads`` CPU threads), which the BLAS keeps after a shape's
+    first step."""
+    m, n = shape
+    numel, r = m * n, min(m, n)
+    during = 4 * numel * nesterov + 2 * 2 * numel + 2 * 2 * r * r
+    return max(4 * numel * low_buffer + during, 6 * numel) + bf16_gemm_workspace_bytes(r, threads)
+
+
+def newton_schulz_batched(x: Tensor | list[Tensor], coefficients: tuple[float, float, float], steps: int,
+                          eps: float) -> Tensor:
     """:func:`newton_schulz_` of every matrix of a stack ``x`` (bfloat16, ``k x rows x cols``,
     ``rows <= cols``: :func:`ns_shape`), with batched products::
 
@@ -177,8 +192,13 @@ def newton_schulz_batched(x: Tensor, coefficients: tuple[float, float, float], s
     do): on the CPU every slice equals :func:`newton_schulz` of it bit for bit (tested,
     tests/test_foreach_normalized.py). ``x`` is normalised in place; the result is a new stack after the
     first iteration (``x`` itself for ``steps=0``). Live memory: ``X``, then ``A`` and ``P``
-    (``2 k r^2`` bytes each), or ``P`` and the next iterate (:func:`muon_foreach_transient_bytes`).
+    (``2 k r^2`` bytes each), or ``P`` and the next iterate (:func:`muon_foreach_transient_bytes`). ``x`` given as a
+    one-element list ``[stack]`` is taken out of it (the list is emptied): the caller then holds no reference to
+    the stack, which is freed after the first iteration instead of staying beside every later one (a caller's
+    reference kept it: ``muon_foreach_`` of square matrices allocated 8 bytes per element, not 6).
     """
+    if isinstance(x, list):
+        x = x.pop()
     if x.dtype != torch.bfloat16 or x.dim() != 3 or x.size(1) > x.size(2):
         raise ValueError(f"x must be a bfloat16 stack k x rows x cols with rows <= cols, got {x.dtype} {tuple(x.shape)}")
     a, b, c = coefficients
@@ -220,7 +240,9 @@ def muon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     else:
         torch._foreach_copy_(xs, bufs)
     del xs
-    x = newton_schulz_batched(x, coefficients, steps, eps)
+    stack = [x]
+    del x
+    x = newton_schulz_batched(stack, coefficients, steps, eps)  # (the stack handed over: freed after its first iteration)
     d = x.to(torch.float32)
     del x
     d.mul_(scale)
@@ -232,9 +254,9 @@ def muon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
 def muon_foreach_transient_bytes(numel: int, threads: int = 1) -> int:
     """Bytes :func:`muon_foreach_` allocates for matrices of ``numel`` elements in all: the bfloat16
     stack (``2 numel``) and at most one of: the Nesterov matrices (float32, ``4 numel``); ``A`` and
-    ``P`` (``4 k r^2 <= 4 numel``); ``P`` and the next iterate; the float32 step (``4 numel``); plus
-    the bfloat16 products' workspace (:func:`bf16_gemm_workspace_bytes` of ``r <= sqrt(numel)``, per
-    CPU thread)."""
+    ``P`` (``4 k r^2 <= 4 numel``); ``P`` and the next iterate; the float32 step (``4 numel``) (6 bytes per
+    element, exactly as traced for every shape); plus the bfloat16 products' workspace
+    (:func:`bf16_gemm_workspace_bytes` of ``r <= sqrt(numel)``, per CPU thread)."""
     return 6 * numel + bf16_gemm_workspace_bytes(math.isqrt(numel), threads)
 
 

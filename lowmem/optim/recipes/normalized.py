@@ -40,7 +40,8 @@ from ..._warn import warn_user
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, matrices, matrix_index, muon_foreach_,
-                              muon_foreach_transient_bytes, muon_lr_ratio, muon_momentum_, newton_schulz, newton_schulz_,
+                              muon_foreach_transient_bytes, muon_lr_ratio, muon_momentum_, muon_whole_step_bytes, newton_schulz,
+                              newton_schulz_,
                               newton_schulz_transient_bytes, ns_column_block_numel, ns_rows, ns_shape, row_block_spans)
 from ..functional.scale import (add_squares_, column_normalize, column_rms, column_rms_bytes, flat_chunks_bytes,
                                 last_layer_momentum_, normalize_flat, rms_from_squares_, scale_rows_foreach_)
@@ -471,14 +472,9 @@ class MuonMoments(HybridMoments):
         :func:`~lowmem.optim.functional.muon.ns_column_block_numel`: as large as a block of rows off
         the CPU), with the bfloat16 products' workspace
         (:func:`~lowmem.optim.functional.muon.newton_schulz_transient_bytes`: per CPU thread for a
-        buffer on the CPU, once elsewhere); the block's float32 step. Whole (``chunk_numel=None``, :func:`~lowmem.optim.functional.muon.newton_schulz`): the
-        Nesterov matrix (float32, alive through the iteration), two bfloat16 iterates of the
-        weight's size, the two ``r x r`` bfloat16 Gram products and the bfloat16 GEMMs' float32
-        workspace, bounded by one float32 copy of the weight (measured on CPU: 1.3-2.8
-        bytes/element); then the float32 step next to the last bfloat16 iterate; a low-precision
-        momentum buffer adds its float32 copy. A weight of one chunk (``numel`` its size) may be
-        stepped either way: the larger is reported. A batch of matrices (more than 2 dimensions):
-        :meth:`_batched_transient_bytes`."""
+        buffer on the CPU, once elsewhere); the block's float32 step. Whole: :meth:`_whole_matrix_bytes`. A weight
+        of one chunk (``numel`` its size) may be stepped either way: the larger is reported. A batch of matrices
+        (more than 2 dimensions): :meth:`_batched_transient_bytes`."""
         if len(shape) > 2:
             return self._batched_transient_bytes(numel, shape, group, state)
         total = math.prod(shape)
@@ -489,11 +485,21 @@ class MuonMoments(HybridMoments):
         lean = 2 * total + max(4 * numel * (group["nesterov"] + low), ns, 4 * numel)
         if numel < total:
             return lean
-        r = min(shape)
-        nesterov = 4 * numel if group["nesterov"] else 0
-        during = nesterov + 2 * 2 * numel + 2 * 2 * r * r + 4 * numel
-        after = 2 * numel + 4 * numel
-        return max(lean, 4 * numel * low + max(during, after))
+        return max(lean, self._whole_matrix_bytes(shape, group, state))
+
+    @staticmethod
+    def _whole_matrix_bytes(shape, group, state) -> int:
+        """The whole-tensor step of one ``m x n`` matrix (:meth:`_whole_matrix`):
+        :func:`~lowmem.optim.functional.muon.muon_whole_step_bytes` (the traced tensors exactly, plus the products'
+        workspace bound, per CPU thread for a buffer on the CPU, as the lean step's). Before 2026-11-30 the
+        workspace was bounded by one float32 copy of the weight inside the iteration's phase, and a low-precision
+        buffer's copy was added to the step's phase too: fresh-process peak RSS (two steps, one thread, float32,
+        ``--live``) was 0.78-1.05x the report on sides up to 768 (below it: not a bound) and 1.15-1.52x on
+        1024-4096 sides; now 1.02-1.25x (docs/optimizers.md, Muon)."""
+        buf = state["momentum_buffer"]
+        low = buf.dtype not in (torch.float32, torch.float64)
+        threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
+        return muon_whole_step_bytes(tuple(shape), group["nesterov"], low, threads)
 
     def _batched_transient_bytes(self, numel, shape, group, state) -> int:
         """A batch of matrices ``[..., A, B]``. Chunked (blocks of ``numel`` elements, whole rows): one
@@ -520,9 +526,8 @@ class MuonMoments(HybridMoments):
         form); a batch of matrices its float32 step beside one matrix's whole-tensor step (a bound, as a 2-D
         weight's)."""
         if len(shape) > 2:
-            m, n = shape[-2:]
-            return 4 * math.prod(shape) + self.target_transient_bytes(m * n, torch.Size((m, n)), group, state)
-        return super().target_whole_transient_bytes(shape, group, state)
+            return 4 * math.prod(shape) + self._whole_matrix_bytes(shape[-2:], group, state)
+        return self._whole_matrix_bytes(shape, group, state)
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
         """FSDP2 (:meth:`prepare_chunks` with ``reduce``): the momentum step on the shard, then the
