@@ -130,3 +130,20 @@ def test_mixed_precision_moe_against_a_measured_step():
                 tracker.next_step()
     est = mixed_precision_estimate(config, "bf16", optimizer="adafactor", batch_size=4, seq_len=64, device="cpu")
     assert est.activations == pytest.approx(tracker.maxima["activations"], rel=0.01), est.activations / tracker.maxima["activations"]
+
+
+@pytest.mark.parametrize("name,ckpt,rel", [("qwen2_moe", False, 0.03), pytest.param("mixtral", True, 0.08, marks=pytest.mark.slow)])
+def test_lora_on_the_experts_against_a_measured_step(name, ckpt, rel):
+    """LoRA on the 3-D experts (peft's parameter wrapper, the expert weights frozen): torch's grouped_mm saves no input
+    for a frozen weight, transformers' fallback operator always did (Qwen2-MoE h=128, 2 x 64 tokens, fp32: 1.083 of
+    the measured activations, traced with the fallback; before the step trace 1.040, Mixtral checkpointed 1.593);
+    now 1.000 (Mixtral checkpointed 1.019; here, at h=64, 1.054: the checkpointed trace's few tensors of a hidden
+    state beyond the measured, which a dense traced model shows too, GPT-NeoX 1.071 at this size)."""
+    from lowmem.memory.measure import measure_memory
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = measure_memory(moe_config(name, vocab=200), optimizer="adamw", dtype="fp32", batch_size=2, seq_len=64, steps=1,
+                           device="cpu", gradient_checkpointing=ckpt, lora={"r": 8, "target_modules": "all-linear"})
+    assert r.estimate.optimizer_states == r.measured["optimizer_states"]  # the experts' adapters train
+    assert r.estimate.activations == pytest.approx(r.measured["activations"], rel=rel), r.table()
