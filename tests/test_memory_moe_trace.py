@@ -57,6 +57,7 @@ def _measure(name: str, dtype: str, ckpt: bool, impl: str):
     pytest.param("qwen2_moe", "fp32", True, "grouped_mm", marks=pytest.mark.slow),
     pytest.param("qwen3_moe", "bf16", False, "grouped_mm", marks=pytest.mark.slow),
     pytest.param("qwen3_moe", "fp32", False, "eager", marks=pytest.mark.slow),
+    pytest.param("qwen3_moe", "bf16", True, "batched_mm", marks=pytest.mark.slow),
 ])
 def test_moe_step_trace_against_a_measured_step(name, dtype, ckpt, impl):
     """Before (the per-layer trace, the experts as an even eager loop, whatever the model ran): Mixtral's activations
