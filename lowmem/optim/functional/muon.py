@@ -188,9 +188,11 @@ def newton_schulz_batched(x: Tensor | list[Tensor], coefficients: tuple[float, f
         A = X X^T (bmm) ;  P = b A + c A A (baddbmm) ;  X <- a X + P X (baddbmm)
 
     Each matrix gets the same operations as :func:`newton_schulz` (the norm, its floor and the
-    division per matrix; ``torch.bmm`` / ``torch.baddbmm`` compute each slice as ``mm`` / ``addmm``
-    do): on the CPU every slice equals :func:`newton_schulz` of it bit for bit (tested,
-    tests/test_foreach_normalized.py). ``x`` is normalised in place; the result is a new stack after the
+    division per matrix). On the CPU the products are ``mm`` / ``addmm`` of each slice, written into the
+    stacks (``out=``), so every slice equals :func:`newton_schulz` of it bit for bit (tested,
+    tests/test_foreach_normalized.py): ``torch.baddbmm``'s slices differ from ``addmm``'s in rare bfloat16
+    roundings on the CPU (torch 2.13: one of four 16 x 16 matrices, ``a X + P X`` in the second iteration, 1.2e-4
+    after 4 Muon steps). Elsewhere (a GPU: launch-bound) one ``bmm`` / ``baddbmm`` per product for the stack. ``x`` is normalised in place; the result is a new stack after the
     first iteration (``x`` itself for ``steps=0``). Live memory: ``X``, then ``A`` and ``P``
     (``2 k r^2`` bytes each), or ``P`` and the next iterate (:func:`muon_foreach_transient_bytes`). ``x`` given as a
     one-element list ``[stack]`` is taken out of it (the list is emptied): the caller then holds no reference to
@@ -208,12 +210,33 @@ def newton_schulz_batched(x: Tensor | list[Tensor], coefficients: tuple[float, f
     torch._foreach_div_(xs, norms)
     del xs, norms
     for _ in range(steps):
+        if x.device.type == "cpu":
+            x = _newton_schulz_slices_step(x, a, b, c)
+            continue
         gram = torch.bmm(x, x.mT)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         del gram
         x = torch.baddbmm(x, poly, x, beta=a)
         del poly
     return x
+
+
+def _newton_schulz_slices_step(x: Tensor, a: float, b: float, c: float) -> Tensor:
+    """One iteration of :func:`newton_schulz_batched` with the products of each slice (``mm`` / ``addmm``, as
+    :func:`newton_schulz`), into stacks of the batched form's shapes (the same live memory); returns the next
+    iterate (a new stack)."""
+    k, r, _ = x.shape
+    gram = x.new_empty((k, r, r))
+    for i in range(k):
+        torch.mm(x[i], x[i].T, out=gram[i])
+    poly = x.new_empty((k, r, r))
+    for i in range(k):
+        torch.addmm(gram[i], gram[i], gram[i], beta=b, alpha=c, out=poly[i])
+    del gram
+    nxt = torch.empty_like(x)
+    for i in range(k):
+        torch.addmm(x[i], poly[i], x[i], beta=a, out=nxt[i])
+    return nxt
 
 
 def muon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], shape: tuple[int, int],
