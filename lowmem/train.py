@@ -266,9 +266,10 @@ class TrainRecipe:
             raise ConfigError("merge_adapters=true needs lora or quantization (a full fine-tune saves the whole model)")
         if self.merge_adapters and not self.save_model:
             raise ConfigError("merge_adapters=true needs save_model=true (the merge reads the saved adapter)")
+        given_optim = self.optim
         self.optim, hf_layerwise = resolve_optim_name(self.optim)
         self.layerwise = self.layerwise or hf_layerwise
-        self.optim_args = parse_optim_args(self.optim_args)
+        self.optim_args = {**_hf_only_defaults(given_optim), **parse_optim_args(self.optim_args)}
         _lift_training_args(self)  # recipe fields, optim*, resume_from_checkpoint given in training_args; types of the rest
         _check_run_length(self.steps, self.training_args)
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
@@ -394,6 +395,17 @@ HF_OPTIM_NAMES: dict[str, str] = {
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
 
+# transformers' own Trainer builds these ``optim`` names with defaults of its own for what its ``optim_args``
+# string leaves out (``trainer_optimizer._get_apollo_optimizer``: ``rank`` 128; ``_get_torchao_optimizer``:
+# ``block_size`` 256 for the 4-bit class too), which differ from the lowmem recipe's (256 and 128). A config
+# written for the HF Trainer (``TrainingArguments.optim`` naming one of them) gets the run it was tuned for.
+# GaLore's HF defaults (rank 128, gap 200, scale 0.25, std) and APOLLO's others are lowmem's already
+# (tests/test_audit_parity_peers.py reads them from transformers itself). ``<name>_layerwise`` too.
+HF_OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "apollo_adamw": {"rank": 128},
+    "adamw_torch_4bit": {"block_size": 256},
+}
+
 # Keys of `trl sft` configs (TRL's ModelConfig / ScriptArguments) and LLaMA-Factory that are no
 # TrainingArguments field: an unknown-key error says what lowmem's recipe writes instead.
 FOREIGN_KEYS: dict[str, str] = {
@@ -430,6 +442,24 @@ RECIPE_ALIASES: dict[str, str] = {
     "lr_scheduler_type": "lr_scheduler", "lowmem_optim": "optim", "lowmem_optim_args": "optim_args",
     "lowmem_layerwise": "layerwise", "model_name_or_path": "model",
 }
+
+
+def _hf_optim_defaults(name: str) -> dict[str, Any]:
+    """transformers' Trainer's own defaults for HF ``optim`` name ``name`` where they differ from lowmem's
+    (:data:`HF_OPTIM_DEFAULTS`: ``apollo_adamw`` rank 128, ``adamw_torch_4bit`` block_size 256)."""
+    key = name.strip().lower().replace("-", "_")
+    base = key[: -len(HF_LAYERWISE_SUFFIX)] if key.endswith(HF_LAYERWISE_SUFFIX) else key
+    return dict(HF_OPTIM_DEFAULTS.get(base, {}))
+
+
+def _hf_only_defaults(name: str) -> dict[str, Any]:
+    """:func:`_hf_optim_defaults` of a recipe's ``optim`` when it is an HF name only (``adamw_torch_4bit``); a name
+    that is lowmem's too (``apollo_adamw``) keeps lowmem's defaults there (``training_args.optim`` is HF's)."""
+    from lowmem.optim import list_optimizers
+
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else ""
+    base = key[: -len(HF_LAYERWISE_SUFFIX)] if key.endswith(HF_LAYERWISE_SUFFIX) else key
+    return {} if not base or base in list_optimizers() else _hf_optim_defaults(base)
 
 
 def resolve_optim_name(name: str) -> tuple[str, bool]:
@@ -529,13 +559,16 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
             raise ConfigError(f"resume_from_checkpoint is {recipe.resume_from_checkpoint!r} in the recipe and "
                               f"{value!r} in training_args; give it once")
         recipe.resume_from_checkpoint = value
+    hf_defaults: dict[str, Any] = {}
     if "optim" in ta:
         value = check_value("optim", ta.pop("optim"), str, where="training_args.")
         recipe.optim, layerwise = resolve_optim_name(value)
         recipe.layerwise = recipe.layerwise or layerwise
+        hf_defaults = _hf_optim_defaults(value)  # TrainingArguments.optim: the HF Trainer's meaning, its defaults
     if "optim_args" in ta:
         value = check_value("optim_args", ta.pop("optim_args"), dict[str, Any] | str | None, where="training_args.")
         recipe.optim_args = {**recipe.optim_args, **parse_optim_args(value)}
+    recipe.optim_args = {**hf_defaults, **recipe.optim_args}
     if "optim_target_modules" in ta:
         value = check_value("optim_target_modules", ta.pop("optim_target_modules"), str | list[str] | None,
                             where="training_args.")

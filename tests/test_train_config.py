@@ -327,3 +327,17 @@ def test_hf_argument_parsers_are_not_strict_enough(tmp_path):
             check_fields(TrainingArguments, {key: value})
     assert check_fields(TrainingArguments, {"learning_rate": "3e-4", "max_steps": "1e3"}) == {"learning_rate": 3e-4,
                                                                                             "max_steps": 1000}
+
+
+def test_hf_optim_names_take_the_hf_trainers_own_defaults():
+    """A config written for the HF Trainer gets the run it was tuned for: transformers' Trainer builds
+    ``optim="apollo_adamw"`` at rank 128 and ``adamw_torch_4bit`` with block_size 256 where the string leaves them
+    out (lowmem's recipes: 256 and 128). ``training_args.optim`` is HF's meaning; a recipe's ``optim:`` applies them
+    for an HF-only name; what the user writes wins; lowmem's own names keep lowmem's defaults."""
+    assert TrainRecipe(lr=1e-3, training_args={"optim": "apollo_adamw"}).optim_args == {"rank": 128}
+    assert TrainRecipe(lr=1e-3, training_args={"optim": "apollo_adamw_layerwise"}).optim_args == {"rank": 128}
+    assert TrainRecipe(lr=1e-3, training_args={"optim": "apollo_adamw", "optim_args": "rank=32"}).optim_args == {"rank": 32}
+    assert TrainRecipe(lr=1e-3, optim="adamw_torch_4bit").optim_args == {"block_size": 256}
+    assert TrainRecipe(lr=1e-3, optim="adamw_torch_4bit", optim_args={"block_size": 64}).optim_args == {"block_size": 64}
+    assert TrainRecipe(lr=1e-3, optim="apollo_adamw").optim_args == {}
+    assert TrainRecipe(lr=1e-3, optim="adamw4bit").optim_args == {}

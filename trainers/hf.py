@@ -44,18 +44,6 @@ TRAINING_ARGS_MAP: tuple[tuple[tuple[str, ...], str], ...] = (
 # scheduler drive the step size.
 TRAINER_OVERRIDES = {"relative_step": False, "scale_parameter": False}
 
-# transformers' own Trainer builds these ``optim`` names with defaults of its own for what its ``optim_args``
-# string leaves out (``trainer_optimizer._get_apollo_optimizer``: ``rank`` 128; ``_get_torchao_optimizer``:
-# ``block_size`` 256 for the 4-bit class too), which differ from the lowmem recipe's (256 and 128). A config
-# written for the HF Trainer (``TrainingArguments.optim`` naming one of them) gets the run it was tuned for.
-# GaLore's HF defaults (rank 128, gap 200, scale 0.25, std) and APOLLO's others are lowmem's already
-# (tests/test_audit_parity_peers.py reads them from transformers itself).
-HF_OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "apollo_adamw": {"rank": 128},
-    "apollo_adamw_layerwise": {"rank": 128},
-    "adamw_torch_4bit": {"block_size": 256},
-}
-
 # Settings a Trainer can never apply: its scheduler drives ``learning_rate``, so Adafactor's own step size
 # cannot run under it (refused with the arguments, before any model loads).
 TRAINER_REFUSED = {
@@ -67,19 +55,20 @@ TRAINER_REFUSED = {
 
 
 def hf_optim_defaults(name: str, args: Any) -> dict[str, Any]:
-    """The Hugging Face Trainer's own defaults (:data:`HF_OPTIM_DEFAULTS`) when ``args.optim`` names one of its
+    """The Hugging Face Trainer's own defaults (:data:`lowmem.train.HF_OPTIM_DEFAULTS`) when ``args.optim`` names one of its
     optimizers that maps onto lowmem's ``name``; ``{}`` otherwise (``lowmem_optim`` alone keeps lowmem's)."""
     optim = getattr(args, "optim", None)
     optim = getattr(optim, "value", optim)
-    if not isinstance(optim, str) or optim not in HF_OPTIM_DEFAULTS:
+    from lowmem.train import _hf_optim_defaults, resolve_optim_name
+
+    if not isinstance(optim, str) or not _hf_optim_defaults(optim):
         return {}
-    from lowmem.train import resolve_optim_name
 
     try:
         base, _ = resolve_optim_name(optim)
     except ValueError:
         return {}
-    return dict(HF_OPTIM_DEFAULTS[optim]) if base == name else {}
+    return _hf_optim_defaults(optim) if base == name else {}
 
 _TA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
 
