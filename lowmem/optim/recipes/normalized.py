@@ -1204,7 +1204,10 @@ class Scale(LowMemOptimizer):
     embedding ``"embedding"`` (no state), as the authors' code does; vectors (norms, biases) take
     AdamW with ``lr * adamw_lr_ratio``. Each output unit's weights are divided by their RMS (floored at
     1e-8) and stepped with ``lr``; decoupled weight decay ``p *= 1 - lr * weight_decay`` (the AdamW
-    parameters': ``p *= 1 - lr * adamw_lr_ratio * weight_decay``, as the authors' code).
+    parameters': ``p *= 1 - lr * adamw_lr_ratio * weight_decay``, as the authors' code). Fused MoE experts
+    ``[E, A, B]`` (3-D) are stepped per ``A x B`` matrix, as ``E`` 2-D weights of the group's role, and
+    ``create_optimizer`` puts them in the ``"hidden"`` group; a tensor of more than 3 dimensions (a conv kernel)
+    is normalised as its ``[size(0), -1]`` view.
 
     Args:
         params: Parameters or parameter groups (groups carry ``scale_role``). A flat list is one group
