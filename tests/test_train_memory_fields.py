@@ -26,7 +26,10 @@ def test_qlora_recipe_trains_adapters_of_a_4bit_model(tmp_path):
     assert Path(base) == tmp_path.resolve() / "base_model" and (Path(base) / "config.json").is_file()
 
 
-@pytest.mark.parametrize("trainer", ["dpo", "grpo", "gvpo", "bnpo"])
+# DPO (a reference pass) and GRPO (generation) in the default run; GVPO and BNPO are GRPO's trainer with another
+# loss on the same 4-bit model with adapters: slow (their recipes run in tests/test_trl_recipes.py)
+@pytest.mark.parametrize("trainer", ["dpo", "grpo", pytest.param("gvpo", marks=pytest.mark.slow),
+                                     pytest.param("bnpo", marks=pytest.mark.slow)])
 def test_trl_trainers_run_on_a_4bit_model_with_adapters(tmp_path, trainer):
     extra = {"training_args": {"num_generations": 4, "max_completion_length": 6}} if trainer != "dpo" else {}
     recipe = load_recipe(
