@@ -187,10 +187,9 @@ def test_step_transient_bytes_meta_equals_cpu_and_counts_buckets(monkeypatch):
 
 def _kept(rank: int, cols: int) -> int:
     """MKL's packing buffers a CPU projected step keeps (SubspaceProjection.kept_gemm_bytes)."""
-    from lowmem.optim.functional.galore import gemm_pack_bytes
-    from lowmem.optim.subspace import DOWN_PACK_BYTES
+    from lowmem.optim.functional.galore import kept_pack_bytes  # (as MKL keeps them on the running CPU)
 
-    return (gemm_pack_bytes(rank, cols) + DOWN_PACK_BYTES) * torch.backends.mkl.is_available()
+    return kept_pack_bytes(rank, cols) * torch.backends.mkl.is_available()
 
 
 def test_gemm_packing_buffer_counted_once_on_mkl_cpu_only(monkeypatch):

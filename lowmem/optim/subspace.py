@@ -43,10 +43,9 @@ Fold = Tuple[int, Optional[Tensor], float, Optional[Tensor]]
 
 BASIS_METHODS = ("svd", "rsvd", "random", "gaussian", "online_pca")
 COORDINATE_METHODS = ("columns", "rows", "randk", "blocks")
-#: MKL's packing buffer kept after a basis's first project-down GEMM (``P^T G`` / ``G Q^T``), on CPU
-#: builds with MKL (SubspaceProjection.kept_gemm_bytes; measured 1.4-1.6 MiB at rank 64-256, of which
-#: a real step's earlier GEMMs already hold part)
-DOWN_PACK_BYTES = 2**20
+#: MKL's packing buffer kept after a basis's first project-down GEMM (``P^T G`` / ``G Q^T``) on an Intel
+#: CPU (the running CPU's: :func:`~lowmem.optim.functional.galore.down_pack_bytes`)
+DOWN_PACK_BYTES = GL.DOWN_PACK_BYTES_INTEL
 DATA_DEPENDENT = ("svd", "rsvd", "online_pca")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -496,14 +495,18 @@ class SubspaceProjection(Projection):
     def kept_gemm_bytes(self, shape, group) -> int:
         """A basis's combine-back (``P N`` / ``N Q``: ``r``-deep panels by ``n`` columns) leaves MKL's
         packing buffer, :func:`~lowmem.optim.functional.galore.gemm_pack_bytes` ``(r, n)``, and its
-        project-down (``P^T G`` / ``G Q^T``) a smaller one, :data:`DOWN_PACK_BYTES` (measured in a
-        fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``: the first ``P^T G`` keeps 1.4-1.6 MiB at rank
+        project-down (``P^T G`` / ``G Q^T``) another, :func:`~lowmem.optim.functional.galore.down_pack_bytes`
+        ``(n)``, both as MKL keeps them on the running CPU (measured in a fresh process,
+        ``MALLOC_MMAP_THRESHOLD_=65536``, on an Intel Xeon: the first ``P^T G`` keeps 1.4-1.6 MiB at rank
         64-256 before the combine-back, together 3.8 MiB at 2048 x 2048 rank 256, 9.8 at 8192 x 8192,
         12.5 at 4096 x 11008; a plain step of galore_adamw rank 256 grows 3.2 / 9.0 / 10.2 MiB beyond
-        its other phases); coordinates combine back by indexing (none)."""
+        its other phases; on an AMD EPYC the combine-back keeps 0.19 MiB and the project-down most: a
+        plain step grows 1.2 / 3.1 / 2.2 / 4.8 MiB beyond its other phases at 2048 x 2048 rank 256,
+        1024 x 4096 rank 256, 4096 x 4096 rank 256, 2048 x 8192 rank 128, for 1.75 / 3.25 / 3.25 / 5.1
+        counted); coordinates combine back by indexing (none)."""
         if self.method(group) not in BASIS_METHODS:
             return 0
-        return GL.gemm_pack_bytes(group["rank"], shape[1]) + DOWN_PACK_BYTES
+        return GL.kept_pack_bytes(group["rank"], shape[1])
 
     def refresh_kept_bytes(self, shape, group) -> int:
         """``rsvd``: all of :meth:`kept_gemm_bytes`. Its refresh report bounds a refresh next to MKL's

@@ -9,6 +9,9 @@ direction ``R`` is mapped back to ``left R right`` (GaLore, Algorithm 2, lines 6
 
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 from torch import Tensor
 
@@ -219,15 +222,68 @@ MKL_FIRST_CALL_BYTES = 4 * 2**20
 MKL_FIRST_CALL_BYTES_PER_COLUMN = 4 * 2**10
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The running CPU's vendor string (``/proc/cpuinfo``'s ``vendor_id``, else
+    :func:`platform.processor`), read once: MKL picks its GEMM kernels, and so the packing buffers it
+    keeps, by the CPU it runs on (:func:`gemm_pack_bytes`, :func:`down_pack_bytes`)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mkl_generic_kernels() -> bool:
+    """Whether MKL runs its non-Intel code path here (an ``AuthenticAMD`` / ``HygonGenuine`` CPU),
+    whose GEMM keeps other packing buffers than on an Intel CPU (measured: :func:`gemm_pack_bytes`).
+    Keyed on the vendor string because that is what MKL itself dispatches on: the same build picks
+    its kernels (and their panels) by it, whatever the instruction set (AVX-512 on both machines)."""
+    return cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
+
+
 def gemm_pack_bytes(rank: int, cols: int) -> int:
     """The packing buffer MKL's float32 GEMM keeps for the process after the first product of a
     ``rank``-deep panel by ``cols`` columns (the combine-back's ``P[a:b] N`` / ``N[a:b] Q``, a block of
-    rows times an ``r x n`` matrix): ``4 min(rank, 256) cols`` bytes + 0.7 MiB (MKL packs 256-deep
-    slices; measured 8.7 MiB at rank 256 and 8192 columns, 4.7 at 4096). Counted by
-    :func:`rsvd_refresh_bytes`, and for every step of a projected parameter on the CPU (it is alive
-    through every phase of every step after the first) by the engine's per-step total, once
+    rows times an ``r x n`` matrix). On an Intel CPU ``4 min(rank, 256) cols`` bytes + 0.7 MiB (MKL
+    packs 256-deep slices; measured on a Xeon 8.7 MiB at rank 256 and 8192 columns, 4.7 at 4096); on
+    an AMD CPU (MKL's other code path, :func:`_mkl_generic_kernels`) 0.25 MiB whatever the size
+    (measured on an EPYC, fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``: 0.19 MiB at rank 64-512 and
+    1024-11008 columns). Counted by :func:`rsvd_refresh_bytes`, and for every step of a projected
+    parameter on the CPU (it is alive through every phase of every step after the first) by the
+    engine's per-step total, once, with the project-down's :func:`down_pack_bytes`
     (``SubspaceProjection.kept_gemm_bytes``, ``LowMemOptimizer.step_transient_bytes``; docs/memory.md)."""
+    if _mkl_generic_kernels():
+        return 2**18
     return 4 * min(rank, 256) * cols + 7 * 2**20 // 10
+
+
+#: the project-down's kept packing buffer on an Intel CPU (:func:`down_pack_bytes`)
+DOWN_PACK_BYTES_INTEL = 2**20
+#: on an AMD CPU, bytes per column of ``G`` and the column count where it stops growing
+DOWN_PACK_BYTES_PER_COLUMN_AMD = 768
+DOWN_PACK_COLUMNS_AMD = 6656
+
+
+def down_pack_bytes(cols: int) -> int:
+    """The packing buffer MKL keeps after a basis's first project-down GEMM (``P^T G`` / ``G Q^T`` of a
+    ``rows x cols`` ``G``). Intel CPU: 1 MiB (measured on a Xeon, fresh process: 1.4-1.6 MiB at rank
+    64-256, of which a real step's earlier GEMMs already hold part). AMD CPU: ``768 min(cols, 6656)``
+    bytes, MKL packing ``G`` in 192-deep slices of its columns up to a block of ~6.5k columns (measured
+    on an EPYC, fresh process: 0.94 / 1.55-1.79 / 3.0-3.2 / 4.7-4.9 MiB at 1024 / 2048 / 4096 /
+    8192-11008 columns, rank 32-512)."""
+    if _mkl_generic_kernels():
+        return DOWN_PACK_BYTES_PER_COLUMN_AMD * min(cols, DOWN_PACK_COLUMNS_AMD)
+    return DOWN_PACK_BYTES_INTEL
+
+
+def kept_pack_bytes(rank: int, cols: int) -> int:
+    """All the packing buffers MKL keeps after a basis's first project-down and combine-back on the
+    running CPU: :func:`gemm_pack_bytes` + :func:`down_pack_bytes` (``SubspaceProjection.kept_gemm_bytes``)."""
+    return gemm_pack_bytes(rank, cols) + down_pack_bytes(cols)
 
 
 def rsvd_refresh_bytes(rows: int, cols: int, rank: int, power_iters: int, oversample: int = 4) -> int:
