@@ -1058,7 +1058,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # stepped whole (its direction sees the whole tensor, not a ChunkState): a rule whose whole-tensor
             # form differs from its chunked one of a single chunk (SinkGD's sr_sinkhorn) says which it allocates
             return 2 * copies + stab + whole(p.shape, group, state)
-        return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
+        # a chunked step of a rule whose direction is a new tensor (MomentRule.chunk_direction_is_new): the gradient
+        # chunk's float32 copy is freed when the direction returns, before the parameter chunk's copy is made
+        held = 0 if (bounds is not None and not r.stabilizers
+                     and getattr(r.moment, "chunk_direction_is_new", False)) else copies
+        return copies + held + stab + r.moment.transient_bytes(n, p.shape, group, state)
 
     def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
         """The transient terms of projected ``p``'s step (:class:`_ProjectedBytes`): stepped alone

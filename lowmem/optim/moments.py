@@ -65,6 +65,11 @@ class MomentRule:
     restarts_on_reset: bool = False
     applies_lr: bool = False
     supports_foreach: bool = False  # True if foreach_step_ implements the whole step for plain groups
+    #: Whether the chunked step's ``direction`` returns a new tensor that holds no reference to the gradient
+    #: chunk it was given, so that chunk's float32 copy (a low-precision parameter) is freed before the parameter
+    #: chunk's copy is made: the engine then counts one copy, not two (``_param_transient_bytes``). Only for a rule
+    #: whose chunked :meth:`transient_bytes` counts the direction itself (at least 4 B per element).
+    chunk_direction_is_new: bool = False
     # FSDP2 (lowmem.optim.sharded): True if prepare_chunks takes ``reduce=`` (a ShardReduce) and
     # reduces its whole-tensor statistics over the shards itself; ``reduced_dims`` names state
     # tensors that are the parameter's shape with one dimension reduced away (for checkpoints)
