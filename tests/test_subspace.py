@@ -391,10 +391,21 @@ def test_fira_folded_rows_equal_unfolded_rows(shape, proj_type, limited, scale):
 @pytest.mark.parametrize("name,projection", [("galore_adamw", "svd"), ("galore_adamw", "rsvd"),
                                              ("fira_adamw", "svd"), ("osd_adamw", "online_pca")])
 @pytest.mark.parametrize("proj_type", ["left", "right", "full"])
-def test_bases_are_column_major_and_step_as_row_major_ones_bit_for_bit(name, projection, proj_type):
+def test_bases_are_column_major_and_step_as_row_major_ones(name, projection, proj_type):
     """Issue 15: a basis is stored column by column (GL.basis_zeros: the project-down GEMM's transposed
-    operand contiguous, faster on MKL) and steps to the same bits as the same basis stored row-major
-    (a checkpoint from before the change, or any copy): only the memory order differs."""
+    operand contiguous, faster on MKL) and steps as the same basis stored row-major (a checkpoint from
+    before the change, or any copy): only the memory order differs.
+
+    Equal to float32 GEMM rounding, not bit for bit: no BLAS promises the same bits for the two layouts
+    of an operand (MKL on an Intel Xeon gave them, MKL on an AMD EPYC takes another kernel for the
+    transposed operand and rounds differently). Each float tensor of the two runs agrees within
+    ``steps * gamma_k * max|x|``, ``gamma_k = k u / (1 - k u)`` the worst-case relative error of a
+    ``k``-term float32 dot product (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.4),
+    ``k = 40`` the longest reduction here, ``u = 2^-24``, one such error per step: 1.7e-5 of the
+    tensor's largest entry. Measured on the EPYC: at most 4.8e-6 of it (the rsvd basis, whose power
+    iteration starts from the previous basis), the weights within 2.4e-7 (half an ulp of their largest
+    entry); a basis read as if it were row-major moves the weights by ~lr = 1e-2. Integer state
+    (step counts, refresh bookkeeping) is equal exactly."""
     if name == "fira_adamw" and proj_type == "full" or name == "osd_adamw" and proj_type == "full":
         pytest.skip("fira and online_pca are one-sided")
     torch.manual_seed(0)
@@ -417,9 +428,13 @@ def test_bases_are_column_major_and_step_as_row_major_ones_bit_for_bit(name, pro
                         st[key] = st[key].contiguous()
         runs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
     (w_a, s_a), (w_b, s_b) = runs
-    assert torch.equal(w_a, w_b)
-    for k in s_a:
-        assert torch.equal(s_a[k], s_b[k]), k
+    k, u = 40, 2.0**-24
+    rel = len(gs) * k * u / (1 - k * u)
+    for key, a, b in [("weight", w_a, w_b)] + [(key, s_a[key], s_b[key]) for key in s_a]:
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=0, atol=rel * a.abs().max().item(), msg=lambda m: f"{key}: {m}")
+        else:
+            assert torch.equal(a, b), key
 
 
 # ---- moment_policy="reset": the moments' step count restarts with them -----------------------------
