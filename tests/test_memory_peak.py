@@ -63,7 +63,8 @@ def test_total_is_the_peak_not_the_sum():
     assert estimate_memory(_config(), "adamw4bit", batch_size=4, seq_len=256, dtype="fp32").details["gradients_with_activations"] == 0
     assert peak_total(c, layerwise=True) == base + c["activations"] + c["optimizer_transient"]
     lw = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32", layerwise=True)
-    assert lw.total == peak_total(lw.components(), layerwise=True)
+    # layerwise: the steps run after the loss's moment, a gradient and a step with the later moments' activations
+    assert lw.total == peak_total(lw.components(), **lw.peak_args()) <= peak_total(lw.components(), layerwise=True)
 
 
 def test_tracking_a_layerwise_step_prints_no_torch_warning():

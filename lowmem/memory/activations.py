@@ -694,6 +694,13 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     layer_part = tokens * len(layers) * e * config.hidden_size if checkpointed else saved
     parts = {"layers": layer_part, "other": other, "backward": max(0, act - layer_part - other), "total": act}
     parts["backward_peak"] = max((a + g for a, g in steps), default=act)
+    # layerwise mode (each parameter steps in its hook once its gradient is accumulated, and frees it): the activations
+    # live at the first accumulation (the output head's, right after the loss's moment) and the most live at any later
+    # one (the decoder layers' gradients; with checkpointing, during a layer's recomputation)
+    first = next((k for k, (_, g) in enumerate(steps) if g > 0), None)
+    if first is not None:
+        parts["first_gradient_moment"] = steps[first][0]
+        parts["gradient_moment"] = max((a for a, g in steps[first:] if g > steps[first][1]), default=0)
     # what the forward saves and the loss's two gradients: the activations layerwise mode counts with a tied model's
     # steps, as before the step was traced (the trace also holds the tied head's gradient through the backward, and
     # the per-parameter transient is a bound: with both, GPT-2 layerwise adamw8bit was 1.078 of the measured peak)

@@ -35,7 +35,9 @@ the estimate's state and transient equal what a real optimizer on that device re
 The total is the peak of a step, not the sum of the rows: the optimizer steps after the backward
 pass has freed the activations, so ``total = weights + quant_constants + gradients +
 optimizer_states + max(activations, optimizer_transient)``; in layerwise mode parameters step
-inside the backward pass, while activations are live, and both are added (:func:`peak_total`).
+inside the backward pass, each from its gradient hook after the loss's moment (the activations' peak, no
+gradient yet): a gradient and a step's transient are added to the activations of the later moments
+(``details["forward_activations"]``), the larger of that and the activations' peak counts (:func:`peak_total`).
 """
 
 from __future__ import annotations
@@ -140,17 +142,28 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
             the parameters that step while activations are live (all but the input embedding, whose gradient is
             the backward's last); the input embedding's step is then counted without activations. ``None``:
             the whole ``optimizer_transient`` with the activations.
-        forward_activations (`int` or `None`, defaults to `None`): Layerwise, with a tied embedding: the
-            activations without its backward's tensors (``activations`` is the larger of the two), the ones the
-            other parameters' steps are live with.
+        forward_activations (`int` or `None`, defaults to `None`): Layerwise: the activations the largest step
+            (``gradients`` and the transient) is live with, those of the backward's moments after the loss's (the
+            output head's step, the decoder layers' later; with a tied embedding: what the forward saves, without
+            its backward's tensors). Then ``total = rest - gradients + max(forward_activations + gradients +
+            transient_with_activations, activations, gradients + max(optimizer_transient, tied_backward))``: the
+            activations' peak holds no gradient. ``None``: the gradient and the transient with the activations' peak.
     """
     act, transient = components.get("activations", 0), components.get("optimizer_transient", 0)
     rest = sum(v for k, v in components.items() if k in COMPONENTS and k not in ("activations", "optimizer_transient"))
     if layerwise:
+        if forward_activations is not None:
+            # each parameter steps in its gradient hook and frees its gradient: a gradient (at most the largest) and
+            # a step's transient are live with the activations of the moments after the first gradient
+            # (``forward_activations``), not with the loss's moment (the activations' peak, no gradient yet); the
+            # input embedding's step (and a tied embedding's backward) after the activations are freed
+            grads = components.get("gradients", 0)
+            with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
+            return rest - grads + max(min(forward_activations, act) + grads + with_act, act,
+                                      grads + max(transient, tied_backward))
         if transient_with_activations is None:
             return rest + act + transient
-        live = act if forward_activations is None else min(forward_activations, act)
-        return rest + max(live + min(transient_with_activations, transient), act, transient)
+        return rest + max(act + min(transient_with_activations, transient), act, transient)
     if gradients_with_activations is None:
         return rest + max(act, transient)
     grads = components.get("gradients", 0)
@@ -580,8 +593,11 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
     parts = sized.get("layerwise_parts") if layerwise else None
     transient = _layerwise_transient(parts, max_grad_norm) if parts is not None else sized["transient"][bool(layerwise)]
     before = sized.get("transient_with_activations") if layerwise else None
+    later = sized.get("transient_after_head") if layerwise else None
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
-            "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None}
+            "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None,
+            "transient_after_head": _layerwise_transient(later, max_grad_norm) if later is not None else None,
+            "head_transient": _layerwise_transient(later["head"], max_grad_norm) if later is not None else None}
 
 
 def _transient_before_input_embedding(model: nn.Module, opt: Any, kept_gemm: int) -> dict[str, Any] | None:
@@ -591,20 +607,36 @@ def _transient_before_input_embedding(model: nn.Module, opt: Any, kept_gemm: int
     every other parameter steps while activations are live. ``None``: the input embedding does not train here,
     or the engine's per-parameter report cannot be split (its ``step_transient_bytes(per_parameter=True)`` holds).
     Returned as :func:`_layerwise_parts` (the clipping is applied by :func:`_layerwise_transient`)."""
+    return _transient_without(model, opt, kept_gemm, with_head=True)
+
+
+def _transient_without(model: nn.Module, opt: Any, kept_gemm: int, with_head: bool) -> dict[str, Any] | None:
+    """:func:`_transient_before_input_embedding`, and with ``with_head=False`` without an untied output head's step
+    either (the first in the backward pass, right after the loss's moment: the later parameters' steps are live with
+    the later moments' activations); ``None`` also when there is no such head."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weight = getattr(emb, "weight", None)
     if weight is None or not weight.requires_grad or not hasattr(opt, "_param_transient_bytes"):
         return None
-    worst, found, grads = 0, False, []
+    head = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
+    if not with_head and (head is None or head is weight or not head.requires_grad):
+        return None
+    worst, found, grads, own = 0, False, [], 0
     for group in opt.param_groups:
         for p in group["params"]:
             if p is weight:
                 found = True
+            elif p is head and not with_head:  # its own step, apart
+                own = opt._param_transient_bytes(p, group, opt.state[p]) if opt.state[p] else 0
+                continue
             elif opt.state[p]:
                 worst = max(worst, opt._param_transient_bytes(p, group, opt.state[p]))
                 grads.append((p.numel(), p.dtype, p.is_contiguous()))
     # (with the hook's non-finite check, as LayerwiseOptimizer.step_transient_bytes)
-    return {"per_parameter": kept_gemm + worst, "grads": grads, "kept": kept_gemm, "device_type": weight.device.type} if found else None
+    out = {"per_parameter": kept_gemm + worst, "grads": grads, "kept": kept_gemm, "device_type": weight.device.type}
+    if not with_head:  # the head's own step (the same hook around it)
+        out["head"] = {**out, "per_parameter": kept_gemm + own}
+    return out if found else None
 
 
 def _layerwise_parts(opt: Any) -> dict[str, Any]:
@@ -660,6 +692,7 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
                  "layerwise_parts": _layerwise_parts(opt),
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0}
         sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, sizes["kept_gemm"])
+        sizes["transient_after_head"] = _transient_without(model, opt, sizes["kept_gemm"], with_head=False)
     sizes["transient"][True] = _layerwise_transient(sizes["layerwise_parts"])  # (without clipping)
     caught = [w for w in created if "smaller side" in str(w.message)] + caught
     sizes["frozen"] = tuple(n for n, p in before if not p.requires_grad)
@@ -1183,6 +1216,37 @@ def estimate_memory(
             return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, head_parts=head_parts)
         return llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs, head_parts=head_parts)
 
+    def llama_moments(parts: dict[str, int], tokens: int, ckpt: bool) -> list[int]:
+        """The Llama formula's activations at the backward's moments after the loss's, each with gradients formed:
+        with checkpointing the recomputed last layer's, without the final norm's and the last layer's; and the first
+        layer's (its recomputed checkpoint, or its share of the layers, with its MLP's gate and up gradients)."""
+        if ckpt:
+            checkpoints = tokens * config.num_hidden_layers * act_bytes * config.hidden_size
+            moments = [checkpoints + parts["checkpoint_layer"] + parts["rope"]]
+            first = tokens * act_bytes * config.hidden_size + parts["checkpoint_layer"]  # its checkpoint, recomputed
+        else:
+            moments = [parts["norm_moment"], parts["last_layer_moment"]]
+            first = (parts["layers"] + parts["lora"]) // max(config.num_hidden_layers, 1) + 2 * tokens * act_bytes * config.intermediate_size
+        return moments + [first + parts["rope"]]
+
+    # layerwise: the largest step with the activations (all but the input embedding's) and, when an untied output head
+    # steps first, the later parameters' largest gradient and step
+    with_act = sized["transient_with_activations"]
+    with_act = transient if with_act is None else min(with_act, transient)
+    head_w = getattr(head, "weight", None)
+    later_step = sized.get("transient_after_head")
+    later_grad = max((b for (_, p), b in zip(trainable, grad_sizes) if p is not head_w and p is not emb), default=0)
+    head_grad, head_step = (head_w.numel() * head_w.element_size(), sized["head_transient"]) if later_step is not None else (0, 0)
+
+    def layerwise_live(first: int, later: int) -> int:
+        """The activations layerwise mode's largest step (``gradients + optimizer_transient_with_activations``) is
+        counted with: those of the first gradient's moment (the output head's step, right after the loss's moment),
+        or, when a later parameter's step, with the activations of a later moment (``later``), is the larger, the
+        bytes that make it. Without an untied output head every step counts with ``later``."""
+        if later_step is None:
+            return max(first, later)
+        return max(first + head_grad + min(head_step, with_act), later + later_grad + min(later_step, with_act)) - gradients - with_act
+
     def one_layer(b: int, s: int) -> int:
         """A no-grad forward's working set: inside one decoder layer's MLP (nothing is saved)."""
         return nograd_layer_bytes(config, b * s, act_bytes)
@@ -1214,16 +1278,10 @@ def estimate_memory(
             # one layer's); and the first layer's (every gradient but the input embedding's and that layer's, with its
             # down_proj's: the step's peak when the activations are small beside the gradients). The activations hold
             # the largest moment's tensors; the gradients count for what the moments with them exceed it by
-            tokens = seqs * s
             extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0)
-            if ckpt:
-                checkpoints = tokens * config.num_hidden_layers * act_bytes * config.hidden_size
-                moments = [(checkpoints + parts["checkpoint_layer"] + parts["rope"], head_grads + layer_grads)]
-                first = tokens * act_bytes * config.hidden_size + parts["checkpoint_layer"]  # its checkpoint, recomputed
-            else:
-                moments = [(parts["norm_moment"], head_grads), (parts["last_layer_moment"], head_grads + last_down)]
-                first = (parts["layers"] + parts["lora"]) // max(config.num_hidden_layers, 1) + 2 * tokens * act_bytes * config.intermediate_size
-            moments.append((first + parts["rope"], first_layer_grads))
+            moments = list(zip(llama_moments(parts, seqs * s, ckpt),
+                               ([head_grads + layer_grads] if ckpt else [head_grads, head_grads + last_down])
+                               + [first_layer_grads]))
             over = max(act + extra + g for act, g in moments) - parts["total"]
             parts["gradients_at_peak"] = max(0, min(gradients, over))
         elif early_grads is not None:
@@ -1238,10 +1296,28 @@ def estimate_memory(
                 parts["gradients_at_peak"] = max(0, early_grads - over)
             else:
                 parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
+        if layerwise and not tied_backward and ("gradient_moment" in parts or "rope" in parts):
+            # (a tied head: its gradient's first contribution is held through the traced backward, which the
+            # measured steps do not show: what the forward saves, below, as measured)
+            # layerwise: each parameter steps in its gradient hook, after the loss's moment (the activations' peak,
+            # no gradient yet): its steps are live with the activations of the backward's moments after the first
+            # gradient (the traced step's, or the Llama formula's final norm, layer and first-layer moments)
+            extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0)
+            if "gradient_moment" in parts:
+                first, later = parts.get("first_gradient_moment", 0), parts.get("gradient_moment", 0)
+            else:
+                moments, tokens = llama_moments(parts, seqs * s, ckpt), seqs * s
+                # the head's moment: the final norm's backward (checkpointed: beside the checkpoints)
+                first = parts["norm_moment"] if not ckpt else (
+                    tokens * config.num_hidden_layers * act_bytes * config.hidden_size + parts["rope"] + parts["final_norm"]
+                    + tokens * config.hidden_size * (12 + 4 * (act_bytes != 4)))
+                later = max(moments)
+            parts["forward_activations"] = min(parts["total"], layerwise_live(first, later) + extra)
+            parts.pop("forward_saved", None)
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
             # what is saved before the tied moment (layerwise: its steps)
-            parts["forward_activations"] = min(parts["total"], parts.pop("forward_saved", parts["total"]))
+            parts.setdefault("forward_activations", min(parts["total"], parts.pop("forward_saved", parts["total"])))
             parts["total"] = max(parts["total"], tied_backward)
         if trainer == "grpo":  # generation: its own phase, the gradients freed (zero_grad after the last step)
             gen_batch = generation_batch_size if b == batch_size else b * gradient_accumulation_steps

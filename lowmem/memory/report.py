@@ -109,6 +109,16 @@ def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_wi
     from .estimate import COMPONENTS
 
     out = {c: int(components.get(c, 0)) for c in COMPONENTS}
+    if layerwise and forward_activations is not None:  # the loss's moment (no gradient), a step's, the embedding's
+        grads, transient, act = out["gradients"], out["optimizer_transient"], out["activations"]
+        with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
+        live = min(forward_activations, act)
+        moments = [(live + grads + with_act, {"activations": live, "optimizer_transient": with_act}),
+                   (act, {"gradients": 0, "optimizer_transient": 0}),
+                   (grads + max(transient, tied_backward), {"activations": tied_backward if tied_backward > transient else 0,
+                                                           "optimizer_transient": 0 if tied_backward > transient else transient})]
+        out.update(max(moments, key=lambda m: m[0])[1])
+        return out
     if layerwise and transient_with_activations is not None:  # the larger of the two moments of the backward pass
         with_act = min(transient_with_activations, out["optimizer_transient"])
         live = out["activations"] if forward_activations is None else min(forward_activations, out["activations"])
