@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lowmem.optim import create_optimizer, optimizer_entries
+from lowmem.optim.layerwise import LayerwiseOptimizer
 from toy_problem import hparams_for, loss_fn, make_problem
 
 pytestmark = pytest.mark.distributed
@@ -47,13 +48,61 @@ def _worker(rank, world, init_file, out_dir, names):
                 opt.step()
             if rank == 0:
                 torch.save(model.state_dict(), os.path.join(out_dir, f"{name}.pt"))
+        _layerwise(rank, world, out_dir)  # the same process group (each spawn's start-up is most of its time)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), NAMES), nprocs=2, join=True)
+def _layerwise(rank, world, out_dir):
+    """LayerwiseOptimizer on a DDP model: its hooks step on the all-reduced gradient (GaLore, accumulation 2)."""
+    model, x, y = make_problem()
+    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    ddp = DDP(model)
+    opt = LayerwiseOptimizer(ddp, "galore_adamw", accumulation_steps=2, lr=1e-2, rank=4, update_proj_gap=3)
+    xs, ys = x[shard].chunk(2), y[shard].chunk(2)
+    for _ in range(4):
+        with ddp.no_sync():
+            (loss_fn(ddp, xs[0], ys[0]) / 2).backward()
+        (loss_fn(ddp, xs[1], ys[1]) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(out_dir, "layerwise_ddp.pt"))
+    refused = False  # plain hooks under a 2-rank process group would step on the local gradient
+    m2, _, _ = make_problem()
+    LayerwiseOptimizer(m2, "adamw", lr=1e-2)
+    try:
+        loss_fn(m2, x, y).backward()
+    except RuntimeError as err:
+        refused = "DDP" in str(err) or "DistributedDataParallel" in str(err)
+    torch.save(refused, os.path.join(out_dir, f"layerwise_refused{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Every engine optimizer under DDP, then the layerwise check, in one spawn of 2 processes: their folder."""
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(out / "rendezvous"), str(out), NAMES), nprocs=2, join=True)
+    return out
+
+
+def test_ddp_two_processes_match_single_process(ddp_run):
     for name in NAMES:
-        ddp_state = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        ddp_state = torch.load(ddp_run / f"{name}.pt", weights_only=True)
         for key, ref in run_single(name).items():
             torch.testing.assert_close(ddp_state[key], ref, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+def test_layerwise_ddp_two_processes_step_on_the_reduced_gradient(ddp_run):
+    """(tests/test_layerwise.py's DDP check, run in this file's spawn.) Layerwise GaLore with accumulation 2 under
+    DDP = one process on the global batch; plain layerwise hooks under a 2-rank process group are refused."""
+    ref, x, y = make_problem()
+    opt = create_optimizer(ref, "galore_adamw", lr=1e-2, rank=4, update_proj_gap=3)
+    for _ in range(4):
+        loss_fn(ref, x, y).backward()  # the global batch = the mean of the two ranks' halves
+        opt.step()
+        opt.zero_grad()
+    ddp_state = torch.load(ddp_run / "layerwise_ddp.pt", weights_only=True)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert all(torch.load(ddp_run / f"layerwise_refused{r}.pt", weights_only=True) for r in range(2))

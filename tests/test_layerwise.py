@@ -1,17 +1,14 @@
 """Layerwise updates: same trajectory as an ordinary run (with accumulation), gradients freed in the
-backward pass, clipping, checkpoints, a plain transformers.Trainer, and DDP over two CPU processes."""
+backward pass, clipping, checkpoints, a plain transformers.Trainer. (DDP over two CPU processes: in
+tests/test_distributed.py's spawn, test_layerwise_ddp_two_processes_step_on_the_reduced_gradient.)"""
 
 from __future__ import annotations
 
 import copy
 import io
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lowmem.optim import AdamW, create_optimizer
 from lowmem.optim.layerwise import LayerwiseOptimizer
@@ -161,50 +158,3 @@ def test_trainer_with_optimizer_cls_and_kwargs(tmp_path):
         results[mode] = model.inner
     assert_same_weights(results["layerwise"], results["ordinary"])
     assert not torch.equal(results["ordinary"].fc1.weight, base.fc1.weight)
-
-
-# ---- DDP: step on the all-reduced gradient ------------------------------------------------------
-
-
-def _ddp_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model, x, y = make_problem()
-        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        ddp = DDP(model)
-        opt = LayerwiseOptimizer(ddp, "galore_adamw", accumulation_steps=2, lr=1e-2, rank=4, update_proj_gap=3)
-        xs, ys = x[shard].chunk(2), y[shard].chunk(2)
-        for _ in range(4):
-            with ddp.no_sync():
-                (loss_fn(ddp, xs[0], ys[0]) / 2).backward()
-            (loss_fn(ddp, xs[1], ys[1]) / 2).backward()
-            opt.step()
-            opt.zero_grad()
-        if rank == 0:
-            torch.save(model.state_dict(), os.path.join(out_dir, "ddp.pt"))
-        refused = False  # plain hooks under a 2-rank process group would step on the local gradient
-        m2, _, _ = make_problem()
-        lw = LayerwiseOptimizer(m2, "adamw", lr=1e-2)
-        try:
-            loss_fn(m2, x, y).backward()
-        except RuntimeError as err:
-            refused = "DDP" in str(err) or "DistributedDataParallel" in str(err)
-        torch.save(refused, os.path.join(out_dir, f"refused{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-def test_ddp_two_processes_step_on_the_reduced_gradient(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    ref, x, y = make_problem()
-    opt = create_optimizer(ref, "galore_adamw", lr=1e-2, rank=4, update_proj_gap=3)
-    for _ in range(4):
-        loss_fn(ref, x, y).backward()  # the global batch = the mean of the two ranks' halves
-        opt.step()
-        opt.zero_grad()
-    ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    for k, v in ref.state_dict().items():
-        torch.testing.assert_close(ddp_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
-    assert torch.load(tmp_path / "refused0.pt", weights_only=True) and torch.load(tmp_path / "refused1.pt", weights_only=True)
