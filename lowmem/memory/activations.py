@@ -697,10 +697,11 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     # layerwise mode (each parameter steps in its hook once its gradient is accumulated, and frees it): the activations
     # live at the first accumulation (the output head's, right after the loss's moment) and the most live at any later
     # one (the decoder layers' gradients; with checkpointing, during a layer's recomputation)
-    first = next((k for k, (_, g) in enumerate(steps) if g > 0), None)
-    if first is not None:
-        parts["first_gradient_moment"] = steps[first][0]
-        parts["gradient_moment"] = max((a for a, g in steps[first:] if g > steps[first][1]), default=0)
+    # (the rows where a gradient was accumulated: the weights' gradient bytes grow; the activations then, without it)
+    moments = [a for (a, g), (_, before) in zip(steps[1:], steps) if g > before]
+    if moments:
+        parts["first_gradient_moment"] = moments[0]
+        parts["gradient_moment"] = max(moments[1:], default=0)
     # what the forward saves and the loss's two gradients: the activations layerwise mode counts with a tied model's
     # steps, as before the step was traced (the trace also holds the tied head's gradient through the backward, and
     # the per-parameter transient is a bound: with both, GPT-2 layerwise adamw8bit was 1.078 of the measured peak)
@@ -854,6 +855,10 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
             act[0] -= alive.pop(key, 0)
             alive_keys.pop(key, None)
             born.pop(key, None)
+            if whole_step:  # the moment a weight's gradient is complete (layerwise mode steps it here)
+                for k in [k for k in alive_keys.values() if k.expired()]:
+                    drop(k)
+                whole["steps"].append(("accumulate", act[0], grad_bytes[0], tail[0], segment[0]))
 
     embedded = []
     if backward:
