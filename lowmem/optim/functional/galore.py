@@ -237,7 +237,7 @@ def cpu_vendor() -> str:
     return platform.processor() or "unknown"
 
 
-def _mkl_generic_kernels() -> bool:
+def mkl_generic_kernels() -> bool:
     """Whether MKL runs its non-Intel code path here (an ``AuthenticAMD`` / ``HygonGenuine`` CPU),
     whose GEMM keeps other packing buffers than on an Intel CPU (measured: :func:`gemm_pack_bytes`).
     Keyed on the vendor string because that is what MKL itself dispatches on: the same build picks
@@ -250,13 +250,13 @@ def gemm_pack_bytes(rank: int, cols: int) -> int:
     ``rank``-deep panel by ``cols`` columns (the combine-back's ``P[a:b] N`` / ``N[a:b] Q``, a block of
     rows times an ``r x n`` matrix). On an Intel CPU ``4 min(rank, 256) cols`` bytes + 0.7 MiB (MKL
     packs 256-deep slices; measured on a Xeon 8.7 MiB at rank 256 and 8192 columns, 4.7 at 4096); on
-    an AMD CPU (MKL's other code path, :func:`_mkl_generic_kernels`) 0.25 MiB whatever the size
+    an AMD CPU (MKL's other code path, :func:`mkl_generic_kernels`) 0.25 MiB whatever the size
     (measured on an EPYC, fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``: 0.19 MiB at rank 64-512 and
     1024-11008 columns). Counted by :func:`rsvd_refresh_bytes`, and for every step of a projected
     parameter on the CPU (it is alive through every phase of every step after the first) by the
     engine's per-step total, once, with the project-down's :func:`down_pack_bytes`
     (``SubspaceProjection.kept_gemm_bytes``, ``LowMemOptimizer.step_transient_bytes``; docs/memory.md)."""
-    if _mkl_generic_kernels():
+    if mkl_generic_kernels():
         return 2**18
     return 4 * min(rank, 256) * cols + 7 * 2**20 // 10
 
@@ -275,7 +275,7 @@ def down_pack_bytes(cols: int) -> int:
     bytes, MKL packing ``G`` in 192-deep slices of its columns up to a block of ~6.5k columns (measured
     on an EPYC, fresh process: 0.94 / 1.55-1.79 / 3.0-3.2 / 4.7-4.9 MiB at 1024 / 2048 / 4096 /
     8192-11008 columns, rank 32-512)."""
-    if _mkl_generic_kernels():
+    if mkl_generic_kernels():
         return DOWN_PACK_BYTES_PER_COLUMN_AMD * min(cols, DOWN_PACK_COLUMNS_AMD)
     return DOWN_PACK_BYTES_INTEL
 
