@@ -1138,7 +1138,8 @@ def estimate_memory(
         notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
     notes.append(f"optimizer state and step transient sized for device={device!r}")
     notes.append("total = the step's peak: the optimizer transient "
-                 + ("and the activations are live together (layerwise)" if layerwise else "replaces the activations freed by backward (the larger counts)")
+                 + ("and a gradient are live with the activations of the moment that gradient is complete, after the loss's "
+                    "moment (layerwise: the activations' peak holds no gradient)" if layerwise else "replaces the activations freed by backward (the larger counts)")
                  + ("" if layerwise else "; one micro-batch per step: the gradients fill as backward frees the activations"
                     if gradient_accumulation_steps == 1 else f"; {gradient_accumulation_steps} micro-batches per step: every gradient is live with the activations"))
 
