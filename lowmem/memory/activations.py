@@ -408,7 +408,8 @@ def traced_activation_bytes(
     training step itself is traced (:func:`_traced_step_bytes`: forward and ``loss.backward()`` with the weights'
     gradients and the model's own checkpointing, every live storage followed), and the parts are ``layers``,
     ``other``, ``backward`` (the rest at the activations' peak), ``total``, ``backward_peak`` (activations and
-    gradients at once) and ``forward_saved`` (not in the total).
+    gradients at once), ``first_gradient_moment`` and ``gradient_moment`` (the activations when the first weight's
+    gradient is complete and the most at a later one: layerwise mode's steps) and ``forward_saved`` (not in the total).
 
     Args:
         model (`nn.Module`): The causal LM on the meta device (with its adapters and ``requires_grad`` flags:
@@ -728,7 +729,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     gradients formed and accumulated; with ``checkpointed`` the model's own non-reentrant per-layer checkpointing):
     ``{"steps": [(the operation's name, bytes live that are neither weights nor gradients, bytes of the weights'
     gradients, whether the decoder layers' backward is over) after each operation that allocates, forward and
-    backward]}``. It counts what the formulas miss: the weight gradient a
+    backward, and after each weight's gradient is accumulated (``"accumulate"``)]}``. It counts what the formulas miss: the weight gradient a
     linear layer's backward forms before it is accumulated, the tensors saved outside the layers and still live,
     and the gradients already formed when an early layer's backward runs (the step's peak for small activations).
     With ``checkpointed`` the first three items are not meaningful (the checkpoints replace the saved tensors). With

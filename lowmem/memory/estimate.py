@@ -1004,7 +1004,8 @@ def estimate_memory(
             the trainer's default, ``True`` for TRL's (``SFTConfig``, ``DPOConfig``, ``GRPOConfig`` turn it on),
             ``False`` without ``trainer``.
         layerwise (`bool`, defaults to `False`): Per-parameter stepping in the backward pass; only
-            the largest gradient is live.
+            the largest gradient is live, with a step's transient, at the moment it is complete (after the loss's
+            moment: :func:`peak_total`'s ``forward_activations``).
         native_gqa (`bool`, defaults to `True`): See :func:`~lowmem.memory.activations.llama_activation_bytes`.
         device (`str`, defaults to `"cuda"`): The device the run will use, ``"cpu"`` or ``"cuda"``
             (one of :data:`DEVICES`; ``"cuda:1"`` or a ``torch.device`` count as their type). The
