@@ -298,8 +298,22 @@ def rsvd_refresh_bytes(rows: int, cols: int, rank: int, power_iters: int, oversa
 
     plus MKL's first-call code and packing buffers (:data:`MKL_FIRST_CALL_BYTES` +
     :data:`MKL_FIRST_CALL_BYTES_PER_COLUMN` per column). MKL's pool reuses freed buffers unpredictably,
-    so this is a bound: measured 0.97-1.2x of it (``docs/memory.md``)."""
+    so this is a bound: measured 0.97-1.2x of it on an Intel Xeon (``docs/memory.md``).
+
+    On an AMD CPU (MKL's other code path, :func:`mkl_generic_kernels`) ``gesdd`` keeps no panel: after
+    the first range finder MKL keeps 2.2-2.4 / 4.1 / 5.5-5.6 MiB at 2048 / 4096 / 8192-11008 columns of
+    ``A`` whatever ``k`` (68-260) and the panel (0.5-10.9 MiB), a later refresh 0.12 MiB more (measured on
+    an EPYC, fresh process): there the panels are left out, the later refresh sits next to the
+    combine-back's buffer (:func:`gemm_pack_bytes`), and the first calls keep the project-down-like
+    packing of ``A``'s columns (:func:`down_pack_bytes`) besides the first-call term above. Measured there
+    (a whole refresh run, steps 1-3): 4096 x 11008 rank 256 44.0-44.4 MiB for 47.7 (63.9 by the Intel
+    bound), 2048 x 2048 rank 64 (fira_adamw) 5.9 for 8.1."""
     k = min(rank + oversample, rows, cols)
+    if mkl_generic_kernels():
+        first = range_finder_bytes(rows, cols, rank, power_iters, oversample, first_call=False)
+        later = range_finder_bytes(rows, cols, rank, power_iters, None, first_call=False) + gemm_pack_bytes(rank, cols)
+        return (max(first, later) + MKL_FIRST_CALL_BYTES + MKL_FIRST_CALL_BYTES_PER_COLUMN * k
+                + down_pack_bytes(cols))
     first = range_finder_bytes(rows, cols, rank, power_iters, oversample, first_call=True)
     gemm_pack = gemm_pack_bytes(rank, cols)
     later = (range_finder_bytes(rows, cols, rank, power_iters, None, first_call=False) + 4 * cols * k
