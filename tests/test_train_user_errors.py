@@ -160,7 +160,7 @@ def test_hyperparameter_typo_suggests_the_close_names():
     from lowmem.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"Unknown hyperparameter\(s\) \['rnak'\] for optimizer 'galore_adamw' "
-                                          r"\(did you mean \['rank'\]\?\); valid: \['betas'"):
+                                          r"\(did you mean 'rnak' -> 'rank'\?\); valid: \['betas'"):
         load_recipe(None, optim="galore_adamw", optim_args={"rnak": 4})
 
 

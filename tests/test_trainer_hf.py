@@ -119,13 +119,11 @@ def test_parse_optim_args_and_validation(tmp_path):
         LowMemTrainingArguments(tmp_path, lowmem_optim="no-such-optimizer", **COMMON)
 
 
-def test_relative_step_rejected_under_trainer(tmp_path, train_data):
-    model, _ = build_tiny_model(0)
-    args = LowMemTrainingArguments(tmp_path, lowmem_optim="adafactor", lowmem_optim_args={"relative_step": True, "lr": None},
-                                   max_steps=1, **COMMON)
-    trainer = LowMemTrainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator)
-    with pytest.raises(ValueError, match="relative_step=False"):
-        trainer.create_optimizer()
+def test_relative_step_rejected_under_trainer(tmp_path):
+    """Refused with the arguments, before any model or Trainer exists (the Trainer drives the step size)."""
+    with pytest.raises(ValueError, match=r"lowmem_optim_args\.relative_step=True .*Trainer drives the step size.*relative_step=False"):
+        LowMemTrainingArguments(tmp_path, lowmem_optim="adafactor", lowmem_optim_args={"relative_step": True, "lr": None},
+                                max_steps=1, **COMMON)
 
 
 def _train(out_dir, name, train_data, resume=None, steps=6):

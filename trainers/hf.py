@@ -124,7 +124,7 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
 
         hints = unknown_key_hints(unknown, list(valid))
         raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'"
-                         + (f" (did you mean: {'; '.join(hints)}?)" if hints else "") + f"; valid: {valid}")
+                         + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; valid: {valid}")
     specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
     hp: dict[str, Any] = {}
     if args is not None:
