@@ -3,6 +3,7 @@ bounded on a large tensor (peak RSS in a fresh process), and step_transient_byte
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -163,19 +164,28 @@ def test_step_transient_bytes_meta_equals_cpu_and_counts_buckets(monkeypatch):
     # allocates nothing: test_fused_adamw.py, test_first_foreach_step_in_a_fresh_process_is_the_report)
     from lowmem.optim.functional import adam as FA
 
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     monkeypatch.setattr(FA, "FUSED_ON_CPU", False)
     shapes = [(300, 200), (1000,), (64, 64)]
     for name in ("adamw", "adamw4bit", "galore_adamw", "fira_adamw", "adafactor"):
         hp = {"rank": 8} if name in ("galore_adamw", "fira_adamw") else {}
         values = []
-        for device in ("meta", "cpu"):
-            ps = [torch.nn.Parameter(torch.zeros(s, device=device)) for s in shapes]
-            opt = create_optimizer(ps, name, **hp)
-            opt.materialize_state()
-            values.append(opt.step_transient_bytes())
-        # on the CPU (MKL) a basis's GEMM packing buffers, once: the combine-back's of the widest weight
+        for device in ("meta", "cpu", "fake cpu"):  # the estimator's: fake tensors of the run's device
+            with FakeTensorMode() if device == "fake cpu" else contextlib.nullcontext():
+                ps = [torch.nn.Parameter(torch.zeros(s, device="meta" if device == "meta" else "cpu")) for s in shapes]
+                opt = create_optimizer(ps, name, **hp)
+                opt.materialize_state()
+                values.append(opt.step_transient_bytes())
+        assert values[2] == values[1] > 0, name
+        # meta is the device code path: on the CPU (MKL) a basis's GEMM packing buffers, once (the combine-back's of
+        # the widest weight); 4-bit buckets' codecs take their CPU forms (Quantized._four_bit_bucket_bytes; the
+        # device's joint forms, _four_bit_joint_bytes, allocate less here: 1,493,664 vs 1,793,664 B)
         kept = _kept(8, 200) if name in ("galore_adamw", "fira_adamw") else 0
-        assert values[0] + kept == values[1] > 0, name
+        if name == "adamw4bit":
+            assert 0 < values[0] < values[1], name
+        else:
+            assert values[0] + kept == values[1], name
     # foreach AdamW: one bucket of every small tensor (sqrt(v) of the bucket), capped by chunk_numel
     ps = [torch.nn.Parameter(torch.zeros(1000, device="meta")) for _ in range(10)]
     opt = create_optimizer(ps, "adamw")
