@@ -336,6 +336,9 @@ class AdamMoments(MomentRule):
                 view[k] = state[k].view(-1)[start:stop]
         return view
 
+    # the direction is a new tensor (``denom``); the gradient chunk is only read by the moments' EMA
+    chunk_direction_is_new = True
+
     def transient_bytes(self, numel, shape, group, state):
         """The direction (float32; ``denom`` is reused for it); with low-precision storage also the
         float32 copies of both moments."""
