@@ -80,3 +80,42 @@ def test_a_setting_the_checkpoint_predates_keeps_the_constructors_value():
     opt = _stepped(model, "adamw8bit", fused=False)
     opt.load_state_dict(sd)
     assert all(g["fused"] is False for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name,proj_type", [("galore_adamw", "left"), ("galore_adamw", "full"), ("fira_adamw", "right")])
+def test_loaded_bases_take_the_allocated_layout_and_resume_bit_for_bit(name, proj_type):
+    """A checkpoint whose bases are row-major (a distributed checkpoint loads contiguous tensors; so did lowmem before
+    bases were stored column by column) loads into the layout the optimizer allocates (column-major,
+    galore.basis_zeros), so the resumed run takes the same GEMM kernels and bits as the uninterrupted one on any BLAS
+    (an AMD EPYC's MKL rounds the two layouts differently: tests/test_subspace.py)."""
+    import torch
+    from torch import nn
+
+    from lowmem.optim import create_optimizer
+
+    torch.manual_seed(0)
+    w0 = torch.randn(40, 24)
+    gs = [torch.randn(40, 24) for _ in range(6)]
+
+    def run(steps, p, opt):
+        for g in steps:
+            p.grad = g.clone()
+            opt.step()
+
+    p = nn.Parameter(w0.clone())
+    opt = create_optimizer([p], name, rank=6, update_proj_gap=4, proj_type=proj_type, lr=1e-2)
+    run(gs, p, opt)
+
+    q = nn.Parameter(w0.clone())
+    first = create_optimizer([q], name, rank=6, update_proj_gap=4, proj_type=proj_type, lr=1e-2)
+    run(gs[:2], q, first)
+    saved = first.state_dict()
+    layouts = {k: v.stride() for k, v in saved["state"][0].items() if k.startswith("proj_")}
+    saved["state"][0] = {k: v.contiguous() for k, v in saved["state"][0].items()}  # as a DCP load gives them
+    resumed = create_optimizer([q], name, rank=6, update_proj_gap=4, proj_type=proj_type, lr=1e-2)
+    resumed.load_state_dict(saved)
+    assert {k: resumed.state[q][k].stride() for k in layouts} == layouts
+    run(gs[2:], q, resumed)
+    assert torch.equal(p, q)
+    for k, v in opt.state[p].items():
+        assert torch.equal(v, resumed.state[q][k]), k

@@ -503,6 +503,18 @@ class _ProjectedBytes(NamedTuple):
     state: dict | None = None
 
 
+def _as_allocated(v: Tensor, like: Tensor | None, device: Any) -> Tensor:
+    """A loaded state tensor copied to ``device`` in the memory layout the optimizer allocates for it (``like``: its
+    :meth:`LowMemOptimizer._probe_state` / ``_init_state`` probe; GaLore's bases are column-major,
+    ``galore.basis_zeros``). A checkpoint may hold another layout (distributed checkpoints load contiguous
+    tensors; older checkpoints row-major bases), and a BLAS may pick another kernel for another layout, so the
+    resumed run would round otherwise than the uninterrupted one (seen on an AMD EPYC's MKL)."""
+    if like is None or like.stride() == v.stride() or like.shape != v.shape or v.dim() < 2:
+        return v.to(device=device, copy=True)
+    out = torch.empty_strided(v.shape, like.stride(), dtype=v.dtype, device=device)
+    return out.copy_(v)
+
+
 class LowMemOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Recipe`.
 
@@ -1202,9 +1214,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     # saved before moment_start existed: its moments count from step 1 until their next reset
                     saved = {**saved, "moment_start": torch.zeros((), dtype=torch.float32)}
                 check_loaded_state(saved, probe, where)
+            else:
+                probe = {}
             device = local(p).device
             self.state[p] = {
-                k: v.detach().to(device="cpu" if k in cpu_keys else device, copy=True) if isinstance(v, Tensor) else v
+                k: _as_allocated(v.detach(), probe.get(k), "cpu" if k in cpu_keys else device) if isinstance(v, Tensor) else v
                 for k, v in saved.items()
             }
 
