@@ -83,8 +83,9 @@ def test_cpu_estimate_equals_a_real_cpu_optimizer(case, layerwise):
     assert cpu.settings["device"] == "cpu" and cuda.settings["device"] == "cuda"
     assert cuda.optimizer_states == state  # the state does not depend on the device
     if name in ("galore_adamw", "apollo_adamw") and MKL:
-        # the projected step's kept GEMM packing buffer: CPU only (at least MKL's 0.7 MiB + 4 r n bytes)
-        assert cpu.optimizer_transient - cuda.optimizer_transient > 2**20 if "projection" not in args else \
+        # the projected step's kept GEMM packing buffers: CPU only (galore.kept_pack_bytes, by the CPU's vendor:
+        # 1.7 MiB on an Intel Xeon, 0.34 MiB on an AMD EPYC here; its value: test_measure_table_says_which_part...)
+        assert cpu.optimizer_transient - cuda.optimizer_transient > 0 if "projection" not in args else \
             cpu.optimizer_transient >= cuda.optimizer_transient
     elif name == "adamw8bit" and not layerwise:
         # (the multi-tensor step's 8-bit members take bitsandbytes' fused kernel on CUDA, fused=None: 0 B;
@@ -167,15 +168,17 @@ def test_budget_cli_sizes_for_the_device(capsys):
 @pytest.mark.skipif(not MKL, reason="MKL's packing buffer: CPU builds with MKL")
 def test_measure_table_says_which_part_of_the_transient_is_mkls():
     """``--measure`` on CPU tracks live torch tensors; MKL's GEMM packing buffer, which the CPU estimate counts, is
-    not one: the table names it and the ratio without it (galore_adamw rank 16 on the tiny Llama: 1.71 MiB of a
-    1.94 MiB estimated transient, the rest 240 KiB = measured)."""
+    not one: the table names it and the ratio without it (galore_adamw rank 16 on the tiny Llama: 1.71 MiB (Intel Xeon) / 0.34 MiB (AMD EPYC) of the estimated
+    transient, the rest 240 KiB = measured)."""
     from lowmem.memory.measure import measure_memory
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = measure_memory("tiny", "galore_adamw", optim_args={"rank": 16}, seq_len=16, steps=2, device="cpu")
     mkl = r.mkl_gemm_pack_bytes()
-    assert mkl == r.estimate.details["optimizer_transient_mkl_gemm_pack"] > 2**20
+    from lowmem.optim.functional.galore import kept_pack_bytes  # (MKL's, as on the running CPU)
+
+    assert mkl == r.estimate.details["optimizer_transient_mkl_gemm_pack"] == kept_pack_bytes(16, 128) > 0
     assert r.estimate.optimizer_transient - mkl == estimate_memory(
         "tiny", "galore_adamw", optim_args={"rank": 16}, dtype="fp32", seq_len=16, device="cuda").optimizer_transient
     assert r.ratios()["optimizer_transient_tensors"] == pytest.approx(1.0, abs=0.05), r.table()

@@ -151,8 +151,17 @@ def bf16_gemm_workspace_bytes(r: int, threads: int = 1) -> int:
     (torch 2.13, one thread; ``r`` x ``r`` x ``r``): 1.6 MiB at ``r`` = 1024, 6.1 at 2048, 17.6 at
     3000, 15.8 at 4096, 19.1 at 8192, 29.8 at 12288, 37.5 at 16384 (two threads: 11, 28, 36 MiB at
     2048 / 4096 / 8192); bounded here by ``min(2 r^2 + 2 MiB, 16 MiB + 1600 r)`` per thread (a whole
-    Muon step on 4096 x 11008 measured 1.3 MiB above ``X + A + P`` plus 14 MiB + 1600 r)."""
-    return threads * min(2 * r * r + 2 * 2**20, 16 * 2**20 + 1600 * r)
+    Muon step on 4096 x 11008 measured 1.3 MiB above ``X + A + P`` plus 14 MiB + 1600 r). Those are an Intel
+    Xeon's; MKL picks its kernels by the CPU's vendor (:func:`~lowmem.optim.functional.galore.mkl_generic_kernels`),
+    and on an AMD EPYC the first ``r x r x r`` product's peak above its output was 0.73 / 0.82 / 2.44 / 2.38 MiB at
+    ``r`` = 1024 / 2048 / 4096 / 8192 (fresh process, one thread, 2026-11-30; later calls 0.07-1.6), so there the
+    bound is also capped at 3 MiB per thread."""
+    from .galore import mkl_generic_kernels
+
+    per_thread = min(2 * r * r + 2 * 2**20, 16 * 2**20 + 1600 * r)
+    if mkl_generic_kernels():
+        per_thread = min(per_thread, 3 * 2**20)
+    return threads * per_thread
 
 
 def newton_schulz_transient_bytes(shape: torch.Size | tuple[int, int],
