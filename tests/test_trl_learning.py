@@ -35,19 +35,29 @@ SLOW_PAIRS = {("bnpo", "full"), ("gvpo", "lora")}
 @pytest.mark.parametrize("kind,adapter", [
     pytest.param(k, a, marks=pytest.mark.slow) if (k, a) in SLOW_PAIRS else (k, a) for k in RL_KINDS for a in ("full", "lora")])
 def test_reward_rises(kind, adapter, tiny_model_path, warm_base, tmp_path):
+    """The mean reward of the same 256 held-out prompts (4 sampled completions each) before and after 60 steps.
+    With LoRA on the warm base the reward starts at 0.39 of this task's ~0.5 reachable in 60 steps: measured on an
+    AMD EPYC, lr 0.05, seeds 0-2, GRPO 0.386-0.393 -> 0.476-0.492, BNPO the same to 0.01; from scratch (full) 0.07
+    -> 0.50-0.55. The per-step training reward's first-5 vs last-10 means, which this test read before, rose by
+    only +0.03 for GRPO / LoRA seed 0 there (+0.12-0.34 on an Intel Xeon): a 64-completion batch per step and
+    learning within the first 5 steps made it too noisy a yardstick for a 0.1 margin."""
+    from lowmem.kit import reward_dataset
+
     lora = adapter == "lora"
-    # LoRA at lr 0.05: over seeds 0-2 the reward rises by 0.12-0.34 for every kind (at lr 0.1, GRPO with seed 0
-    # stalled at +0.05 on one CPU, so the learning rate sat at the edge of stability)
     trainer = make_trainer(kind, warm_base if lora else tiny_model_path, str(tmp_path), STEPS, lr=0.05 if lora else 1e-2,
-                           peft_config=_lora() if lora else None, per_device_train_batch_size=16)
+                           peft_config=_lora() if lora else None, per_device_train_batch_size=16,
+                           eval_dataset=True, per_device_eval_batch_size=64, eval_strategy="no")
+    trainer.eval_dataset = reward_dataset(256, 0, "eval")
     with contextlib.redirect_stdout(io.StringIO()):
+        before = trainer.evaluate()["eval_reward"]
         trainer.train()
+        after = trainer.evaluate()["eval_reward"]
     assert_lowmem_optimizer(trainer)
     rewards = metric_series(trainer, "reward")
     assert len(rewards) == STEPS
-    start, end = statistics.mean(rewards[:5]), statistics.mean(rewards[-10:])
-    print(f"{kind}/{adapter}: mean reward first 5 steps {start:.3f} -> last 10 steps {end:.3f}")
-    assert end > start + (0.1 if lora else 0.15), (start, end)
+    print(f"{kind}/{adapter}: held-out reward {before:.3f} -> {after:.3f}; training reward first 5 steps "
+          f"{statistics.mean(rewards[:5]):.3f} -> last 10 {statistics.mean(rewards[-10:]):.3f}")
+    assert after > before + (0.05 if lora else 0.15), (before, after)
 
 
 @pytest.mark.parametrize("adapter", ["full", "lora"])
