@@ -414,6 +414,13 @@ class AdamMoments(MomentRule):
                 and p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and m.dtype == v.dtype == p.dtype
                 and m.device == p.device)
 
+    def fused_step_allocates_nothing(self, p, group, state) -> bool:
+        """Whether :meth:`fused_step_` steps ``p`` (its gradient assumed contiguous and of ``p``'s dtype, as the
+        engine's ``_fused_whole``): then the per-parameter step allocates nothing."""
+        after = self.foreach_decays_after and group.get("weight_decay", 0.0) != 0
+        return (group.get("foreach") is not False and self.fused_whole(p, group, state)
+                and not (after and p.dtype not in (torch.float32, torch.float64)))
+
     def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
         """The per-parameter step of ``p`` by torch's fused AdamW kernel
         (:func:`~lowmem.optim.functional.adam.adamw_fused_`, this rule's ``eps`` placement and decay order:
