@@ -1079,7 +1079,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # chunk's float32 copy is freed when the direction returns, before the parameter chunk's copy is made
         held = 0 if (bounds is not None and not r.stabilizers
                      and getattr(r.moment, "chunk_direction_is_new", False)) else copies
-        return copies + held + stab + r.moment.transient_bytes(n, p.shape, group, state)
+        # a rule whose chunked step allocates other than its whole-tensor direction (Adafactor's two passes over
+        # the row blocks, then the directions beside the factors) says it (MomentRule.chunk_transient_bytes)
+        chunked = getattr(r.moment, "chunk_transient_bytes", None) if bounds is not None else None
+        rule = (chunked or r.moment.transient_bytes)(n, p.shape, group, state)
+        return copies + held + stab + rule
 
     def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
         """The transient terms of projected ``p``'s step (:class:`_ProjectedBytes`): stepped alone

@@ -70,6 +70,11 @@ class MomentRule:
     #: chunk's copy is made: the engine then counts one copy, not two (``_param_transient_bytes``). Only for a rule
     #: whose chunked :meth:`transient_bytes` counts the direction itself (at least 4 B per element).
     chunk_direction_is_new: bool = False
+    #: A rule whose chunked step allocates other than :meth:`transient_bytes` of a chunk (the whole-tensor form: its
+    #: direction and statistics of ``numel`` elements) gives ``chunk_transient_bytes(numel, shape, group, state)``,
+    #: the chunked step's transient with chunks of at most ``numel`` elements (the engine's ``_param_transient_bytes``
+    #: asks it for a chunked step; Adafactor's passes over the row blocks). ``None``: :meth:`transient_bytes`.
+    chunk_transient_bytes: Any = None
     # FSDP2 (lowmem.optim.sharded): True if prepare_chunks takes ``reduce=`` (a ShardReduce) and
     # reduces its whole-tensor statistics over the shards itself; ``reduced_dims`` names state
     # tensors that are the parameter's shape with one dimension reduced away (for checkpoints)
@@ -497,11 +502,58 @@ class FactoredMoments(MomentRule):
         else:
             state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
 
+    @staticmethod
+    def _layout_bytes(shape, group, state) -> tuple[int, int, int, int]:
+        """``(rows, cols, low, m1)`` of the float32 temporaries' sizes: a factored tensor's row and column
+        statistic sizes (``prod(shape[:-1])``, ``prod(shape[:-2]) shape[-1]``; 0, 0 for a full second moment);
+        ``low``: 1 with low-precision statistics (their float32 copies); ``m1``: the float32 tensors the first
+        moment adds to the update (0 without ``beta1``; its clone, and a low-precision moment's copy)."""
+        factored = len(shape) >= 2 and ("exp_avg_sq_row" in state or "exp_avg_sq" not in state)
+        rows = math.prod(shape[:-1]) if factored else 0
+        cols = math.prod(shape[:-2]) * shape[-1] if factored else 0
+        key = "exp_avg_sq_row" if factored else "exp_avg_sq"
+        low = int(key in state and state[key].dtype != torch.float32)
+        m1 = 0
+        if group.get("beta1") is not None:
+            m1 = 1 + int("exp_avg" in state and state["exp_avg"].dtype != torch.float32)
+        return rows, cols, low, m1
+
+    @staticmethod
+    def _lr_bytes(group) -> int:
+        """The step size :func:`adafactor_lr` returns, alive through the step: a float32 0-d tensor with
+        ``scale_parameter`` (a constant ``lr``: nothing)."""
+        return 4 if group.get("scale_parameter") else 0
+
     def transient_bytes(self, numel, shape, group, state):
-        """``g^2 + eps1`` and the update alive together (float32), plus float32 copies of a
-        low-precision first moment (the row and column statistics are small)."""
-        low_precision = "exp_avg" in state and state["exp_avg"].dtype != torch.float32
-        return (8 + 4 * low_precision) * numel
+        """The whole-tensor step (:meth:`direction` of ``numel`` elements of ``shape``), exact on float32 and
+        low-precision statistics: first ``g^2 + eps1`` (kept until the statistics are updated) beside
+        :func:`~lowmem.optim.functional.factored_rsqrt`'s row and column factors (``4 R``, ``4 C``) and their
+        outer product (the update), ``8 n + 4 (R + C)``, with float32 copies of low-precision statistics
+        (``4 (R + C)``; a full second moment: ``g^2`` and ``V^-1/2``, ``8 n``, and its copy ``4 n``); then the
+        update beside the first moment's clone (and copy), ``4 n (1 + m1)``; and the step size's 0-d tensor."""
+        rows, cols, low, m1 = self._layout_bytes(shape, group, state)
+        if rows:
+            first = 8 * numel + 4 * (rows + cols) * (1 + low)
+        else:
+            first = 8 * numel + 4 * numel * low
+        return self._lr_bytes(group) + max(first, 4 * numel * (1 + m1))
+
+    def chunk_transient_bytes(self, numel, shape, group, state):
+        """The chunked step of a matrix (:meth:`prepare_chunks` and :meth:`_chunk_direction`) with chunks of at
+        most ``numel`` elements (whole rows of ``shape (m, n)``), exact: beside the step size's 0-d tensor and
+        float32 copies of low-precision statistics (``4 (m + n)``, in the two passes), the second pass holds
+        the column sums, the row mean, ``(R / mean(R))^-1/2``, ``C^-1/2``, the sum of squares, a chunk's
+        update and its norm (``8 n + 4 m + 12 + 4 c``; the first pass's ``g^2`` and column sums are less);
+        the directions hold the two factors, the clip divisor, the update and the first moment's clone (and
+        copy), ``4 (m + n) + 4 + 4 c (1 + m1)``. A vector (reached only as a sharded parameter's whole
+        shard) or a batched matrix: :meth:`transient_bytes`."""
+        if len(shape) != 2:
+            return self.transient_bytes(numel, shape, group, state)
+        m, n = shape
+        _, _, low, m1 = self._layout_bytes(shape, group, state)
+        prepare = 4 * (m + n) * low + 8 * n + 4 * m + 12 + 4 * numel
+        direction = 4 * (m + n) + 4 + 4 * numel * (1 + m1)
+        return self._lr_bytes(group) + max(prepare, direction)
 
     # ---- the chunked step: blocks of whole rows of a matrix ----
 

@@ -167,15 +167,19 @@ def encode_pending(
     return [state[key], state[key + "_absmax"]], [codes, absmax]
 
 
-def codec_bytes(numel: int, four: bool, rank1: bool) -> int:
+def codec_bytes(numel: int, four: bool, rank1: bool, block_size: int | None = None) -> int:
     """The largest workspace of encoding one moment of ``numel`` values. 4-bit: float32 normalized values,
     then for the dynamic map's table lookup int32 table rows, float32 midpoints and a bool comparison,
     13 B per value; rank-1 normalization adds the broadcast ``min(r_i, c_j)`` scale, 16 B. 8-bit: the codes
-    and absmax returned (at most 2 B per value) and, on CPU, the table quantizer's workspace of one pass
-    (:func:`~lowmem.optim.functional.quant.table_workspace_bytes`, at most 1 MiB; bitsandbytes' CUDA
-    kernel needs none, so a CUDA report is that much high)."""
+    and absmax returned and, on CPU, the table quantizer's workspace (bitsandbytes' CUDA kernel needs none,
+    so a CUDA report is that much high): with the group's ``block_size``, exactly what the CPU quantizer
+    allocates (:func:`~lowmem.optim.functional.quant.table_quantize_bytes`: ``9 n + 4 nb`` in one pass);
+    without it a bound for any block size (the codes and absmax at most 2 B per value, one pass of
+    :func:`~lowmem.optim.functional.quant.table_workspace_bytes`, at most 1 MiB)."""
     if four:
         return (16 if rank1 else 13) * numel
+    if block_size is not None:
+        return Q.table_quantize_bytes(numel, block_size)
     return 2 * numel + Q.table_workspace_bytes(numel)
 
 
@@ -232,6 +236,8 @@ class Quantized(MomentRule):
         self.rank1_key = rank1_key
         self.applies_lr = inner.applies_lr
         self.foreach_decays_after = inner.foreach_decays_after  # the update is the inner rule's
+        # (direction returns the inner rule's direction, after the encode: it holds no reference to the gradient)
+        self.chunk_direction_is_new = inner.chunk_direction_is_new
         self.restarts_on_reset = inner.restarts_on_reset  # (its statistics, stored in fewer bits)
         rank1_keys = (rank1_key + "_rowmax", rank1_key + "_colmax") if rank1_key is not None else ()
         self.state_keys = tuple(inner.state_keys) + tuple(k + "_absmax" for k in specs) + rank1_keys
@@ -938,7 +944,7 @@ class Quantized(MomentRule):
         if fused is not None:  # (fused=True: a tensor in foreach pieces, stepped from its first piece; the
             return fused       # per-parameter step refuses it, and with None it is the chunked step's)
         four = any(self.specs[k].bits == 4 for k in quantized)
-        codec = codec_bytes(numel, four, any(is_rank1(state, k) for k in quantized))
+        codec = codec_bytes(numel, four, any(is_rank1(state, k) for k in quantized), group.get("block_size"))
         return 4 * len(quantized) * numel + codec + self.inner.transient_bytes(numel, shape, group, {})
 
     def reset(self, state):

@@ -121,6 +121,25 @@ def table_workspace_bytes(n: int) -> int:
     return TABLE_PIECE_BYTES * min(TABLE_PIECE, n + max(VALID_BLOCK_SIZES) - 1) if n > 0 else 0
 
 
+def table_quantize_bytes(n: int, block_size: int) -> int:
+    """What :func:`quantize_blockwise_8bit_table` of ``n`` float32 values in blocks of ``block_size`` allocates
+    at most, the codes and absmax it returns included (exact on the CPU; :func:`table_workspace_bytes` is a
+    bound for any block size). One pass (``n <= TABLE_PIECE`` whole blocks): ``|x|`` (float32), the absmax,
+    the int32 point indices and the uint8 codes, ``9 n + 4 nb``. Several passes: the codes and absmax first
+    (``n + 4 nb``), then per pass of ``k`` whole-block values ``|x|`` and the indices (``8 k``; the reciprocal
+    absmax, ``4 k / B``, is freed before the indices), and a partial last block's zero-padded copy beside its
+    own (``12 B``)."""
+    if n <= 0:
+        return 0
+    nb = num_blocks(n, block_size)
+    if n <= TABLE_PIECE and n % block_size == 0:
+        return 9 * n + 4 * nb
+    whole = n - n % block_size
+    step = max(TABLE_PIECE // block_size, 1) * block_size
+    passes = max(8 * min(step, whole), 12 * block_size if whole < n else 0)
+    return n + 4 * nb + passes
+
+
 @lru_cache(maxsize=None)
 def _point_table(name: str) -> Tensor:
     """uint8 [65536]: the code of each of bitsandbytes' 65536 points (build_quantize_lut, in float32 as
