@@ -11,7 +11,8 @@ trace the step itself and are within 2% over.
 One measured step: with more steps, torch's ``MemTracker`` (``measure_memory``'s tracker) keeps the previous step's
 embedding output, a leaf that requires grad under LoRA with checkpointing, and its gradient alive (its module hooks'
 reference cycles; without the tracker nothing survives a step), so a second step's activations are measured that much
-higher (``/tmp/lm/FOUND_LORAACT.md``)."""
+higher (torch's ``ModTracker`` never removes its multi-grad hooks; ``measure.py``'s tracker is to remove them after
+each step, then these can measure two steps)."""
 
 from __future__ import annotations
 
