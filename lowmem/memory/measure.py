@@ -165,11 +165,38 @@ class PeakTracker:
         self.maxima: dict[str, int] = {}
 
     def __enter__(self) -> "PeakTracker":
-        self.tracker.__enter__()
+        # torch's ModTracker (inside MemTracker) puts a multi-grad hook on every module's inputs and outputs and never
+        # removes it; the hook's closure holds the tensor's grad_fn node, a cycle through C++ that gc cannot collect,
+        # and the node holds the graph down to the leaves. Under LoRA with checkpointing the embedding output is such a
+        # leaf (transformers' enable_input_require_grads): it and its .grad stayed alive for every step tracked (two
+        # e-h-per-token tensors a step: measured activations grew by that from step to step, and MemoryCallback's
+        # process kept them). The hooks are recorded here and removed once a step's backward is over.
+        import torch.distributed._tools.mod_tracker as mod_tracker
+
+        self._mod_tracker_module, self._hook_handles = mod_tracker, []
+        self._register = mod_tracker.register_multi_grad_hook
+
+        def register(tensors: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            handle = self._register(tensors, fn, *args, **kwargs)
+            self._hook_handles.append(handle)
+            return handle
+
+        mod_tracker.register_multi_grad_hook = register
+        try:
+            self.tracker.__enter__()
+        except BaseException:
+            mod_tracker.register_multi_grad_hook = self._register
+            raise
         return self
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
 
     def next_step(self) -> None:
         """Call between training steps (MemTracker keeps per-module statistics for one iteration)."""
+        self._remove_hooks()
         self.tracker.reset_mod_stats()
 
     def _for_device(self, snaps: dict) -> dict:
@@ -179,7 +206,11 @@ class PeakTracker:
         return {}
 
     def __exit__(self, *exc: Any) -> None:
-        self.tracker.__exit__(*exc)
+        try:
+            self.tracker.__exit__(*exc)
+        finally:
+            self._mod_tracker_module.register_multi_grad_hook = self._register
+            self._remove_hooks()
         self.peak = snapshot_components(self._for_device(self.tracker.get_tracker_snapshot("peak")))
         best = self._for_device(self.tracker.max_by_type)
         state = [v for st in (self.optimizer.state.values() if self.optimizer is not None else []) for v in st.values()]
