@@ -1015,12 +1015,15 @@ def fsdp4_every_run(tmp_path_factory):
 @pytest.mark.parametrize("name", RUNS)
 def test_every_recipe_on_four_shards_and_hsdp(fsdp4_every_run, name, mesh):
     """Slow (one more 4-process spawn, ~60 s): every run tag of the 2-process suite on a 1-D mesh of
-    4 and on HSDP's 2 x 2 mesh equals the unsharded run (float64 weights, tolerance 1e-6; measured
-    max 5.9e-7 for apollo_left_svd on 4 shards, 3.4e-7 under HSDP, 1.6e-7 / 2.3e-7 adafactor, <= 1.1e-7
-    for the others), the state kept whole identical on the 4 ranks."""
+    4 and on HSDP's 2 x 2 mesh equals the unsharded run (float64 weights, tolerance 1e-6, 2e-6 for the exact-SVD
+    APOLLO run; measured on an Intel Xeon max 5.9e-7 for apollo_left_svd on 4 shards, 3.4e-7 under HSDP,
+    1.6e-7 / 2.3e-7 adafactor, <= 1.1e-7 for the others; on an AMD EPYC apollo_left_svd 1.29e-6 on 4 shards, 17 of
+    262,144 elements above 1e-6: its float32 SVD of the gathered projection rounds otherwise), the state kept whole
+    identical on the 4 ranks."""
     sharded = torch.load(fsdp4_every_run / f"{mesh}_{name}.pt", weights_only=True)
+    tol = 2e-6 if name == "apollo_left_svd" else 1e-6
     for key, ref in run_single(name, net=Net4).items():
-        torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
+        torch.testing.assert_close(sharded[key], ref, rtol=1e-6, atol=tol, msg=lambda m: f"{name}: {key}: {m}")
     assert json.loads((fsdp4_every_run / "every.json").read_text())[f"{mesh}_{name}"] == 0.0
 
 
