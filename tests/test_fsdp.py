@@ -1018,7 +1018,7 @@ def test_every_recipe_on_four_shards_and_hsdp(fsdp4_every_run, name, mesh):
     4 and on HSDP's 2 x 2 mesh equals the unsharded run (float64 weights, tolerance 1e-6, 2e-6 for the exact-SVD
     APOLLO run; measured on an Intel Xeon max 5.9e-7 for apollo_left_svd on 4 shards, 3.4e-7 under HSDP,
     1.6e-7 / 2.3e-7 adafactor, <= 1.1e-7 for the others; on an AMD EPYC apollo_left_svd 1.29e-6 on 4 shards, 17 of
-    262,144 elements above 1e-6: its float32 SVD of the gathered projection rounds otherwise), the state kept whole
+    262,144 elements above 1e-6, another BLAS's rounding, not traced further), the state kept whole
     identical on the 4 ranks."""
     sharded = torch.load(fsdp4_every_run / f"{mesh}_{name}.pt", weights_only=True)
     tol = 2e-6 if name == "apollo_left_svd" else 1e-6
