@@ -198,14 +198,29 @@ def test_foreach_transient_bytes_is_reported():
     opt = create_optimizer(ps, "adafactor")
     opt.materialize_state()
     assert opt.step_transient_bytes() == max(8 * 8 * 64, 8 * 4 * 1024 + 8 * 4 * (32 + 32)) + 16 * 12
-    # a vector in pieces is stepped whole (g^2 + eps1 and its update: 8 bytes an element), a matrix in
-    # chunks of whole rows (20 rows of 100 for pieces of 2000)
-    for shape, expected in (((5000,), 8 * 5000), ((100, 100), 8 * 2000)):
+    # a vector in pieces is stepped whole (g^2 + eps1 and its update: 8 bytes an element, and the step size's 0-d
+    # tensor), a matrix in chunks of whole rows (20 rows of 100 for pieces of 2000: the chunk's step beside the
+    # factors, FactoredMoments.chunk_transient_bytes): the meta report is what a CPU step allocates (traced)
+    from test_transient_per_parameter import _Traced
+
+    for shape, expected in (((5000,), 8 * 5000 + 4), ((100, 100), None)):
         big = [torch.nn.Parameter(torch.zeros(shape, device="meta"))]
         opt = create_optimizer(big, "adafactor")
         opt.materialize_state()
         opt.chunk_numel = 2000
-        assert opt.step_transient_bytes() == expected, shape
+        p = torch.nn.Parameter(torch.randn(shape))
+        real = create_optimizer([p], "adafactor")
+        real.chunk_numel = 2000
+        for _ in range(3):
+            p.grad = torch.randn(shape)
+            if _ == 2:
+                with _Traced() as traced:
+                    real.step()
+            else:
+                real.step()
+        assert opt.step_transient_bytes() == traced.peak == real.step_transient_bytes(), shape
+        if expected is not None:
+            assert traced.peak == expected, shape
 
 
 def test_galore_adafactor_full_rank_parameters_take_the_buckets(monkeypatch):
