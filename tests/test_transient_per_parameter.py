@@ -61,10 +61,12 @@ CHUNKS = ["default", 4096, None]
 
 @pytest.mark.parametrize("chunk", CHUNKS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["adafactor", "adamw8bit", "adamw4bit"])
+@pytest.mark.parametrize("name", ["adafactor", "adamw8bit", "adamw4bit", "adamw4bit_rank1"])
 def test_per_parameter_step_allocates_what_it_reports(name, dtype, chunk):
     """(200, 128): one chunk by default, 32 rows / 16 blocks at 4096, whole. Adafactor's bfloat16 weight is stepped
-    whole at any chunk (its step size reads the whole parameter)."""
+    whole at any chunk (its step size reads the whole parameter). adamw4bit_rank1 reported 3 B per element over
+    (716,800 B for 640,512 chunked, 640,000 whole): the rank-1 second moment's encode counted beside both decoded
+    moments; now each moment's encode beside the decoded moments left, and the kept column maxima chunked."""
     traced, reported = _traced_and_reported(name, dtype, (200, 128), chunk)
     assert traced == reported > 0
 
@@ -107,3 +109,17 @@ def test_adafactor_tensor_in_foreach_pieces_allocates_its_chunked_step():
     with _Traced() as t:
         opt.step()
     assert t.peak == opt.step_transient_bytes() > 4 * opt.chunk_numel
+
+
+@pytest.mark.parametrize("name", ["adamw4bit", "adamw4bit_rank1"])
+@pytest.mark.parametrize("shape,chunk", [((5000, 1), None), ((1, 5000), 4096), ((7, 9), None), ((33, 65), 4096),
+                                         ((3, 5, 64), None), ((8184, 1), 4096), ((4095, 2), 4096)],
+                         ids=["partial_block", "one_row", "odd", "odd_chunked", "batched", "last_chunk", "last_rows"])
+def test_4bit_partial_blocks_odd_counts_and_last_chunk(name, shape, chunk):
+    """4-bit moments on the CPU, the codec calls walked (Quantized._four_bit_direction_bytes): a partial last block's
+    padded copies, an odd count's packing, a (1, n) matrix whose rank-1 row maxima outweigh nothing but whose encode
+    of the second moment is the larger, batched rank-1 scales (stepped whole), and a chunked tensor whose last chunk
+    ends in a partial block padded to the chunk's size (larger than the full chunks': (8184, 1) at 4096 traced
+    118,680 B, reported 102,400 before)."""
+    traced, reported = _traced_and_reported(name, torch.float32, shape, chunk, min_quant_size=1)
+    assert traced == reported > 0

@@ -935,17 +935,102 @@ class Quantized(MomentRule):
                 state[k + "_colmax"].copy_(col)
 
     def transient_bytes(self, numel, shape, group, state):
-        """Every quantized moment decoded to float32 (4 B each per element), the inner rule's own
-        temporaries, and the largest codec workspace (:func:`codec_bytes`), measured."""
+        """What :meth:`direction` of ``numel`` elements of a tensor of ``shape`` allocates, stepped whole: every
+        quantized moment decoded to float32 and the inner rule's direction (its
+        :meth:`~lowmem.optim.moments.MomentRule.transient_bytes`), then the moments encoded in turn, each beside
+        the decoded moments not encoded yet (a decoded copy is freed once it is encoded). 4-bit moments on the
+        CPU: :meth:`_four_bit_direction_bytes`, the codec calls walked on a ledger (exact, partial blocks and odd
+        counts included); otherwise the largest of ``4 n (moments left) + inner + codec`` over the moments
+        (:meth:`_codec_bytes`; 8-bit: exact on the CPU with the group's ``block_size``). Measured
+        (tests/test_transient_per_parameter.py, tests/test_quantexact_transients.py)."""
+        return self._transient_bytes(numel, shape, group, state, chunked=False)
+
+    def chunk_transient_bytes(self, numel, shape, group, state):
+        """:meth:`transient_bytes` of a chunk of ``numel`` elements of the chunked step (the engine's
+        ``_update_chunked``): rank-1 moments keep the whole matrix's new column maxima (:meth:`prepare_chunks`,
+        4 B per column, alive through every chunk; they depend on the matrix's width, not only on the chunk),
+        and its pass over the chunks (the moments decoded, the inner direction, freed, then the chunk's column
+        maxima) comes before the encodes; each chunk of whole rows is encoded with the whole matrix's column
+        maxima (:func:`~lowmem.optim.functional.quant.quantize_rank1_4bit`'s ``col_max``: none of its own)."""
+        return self._transient_bytes(numel, shape, group, state, chunked=True)
+
+    def _transient_bytes(self, numel, shape, group, state, chunked: bool) -> int:
         quantized = [k for k in self.specs if is_quantized(state, k)]
         if not quantized:
-            return self.inner.transient_bytes(numel, shape, group, state)
+            inner = getattr(self.inner, "chunk_transient_bytes", None) if chunked else None
+            return (inner or self.inner.transient_bytes)(numel, shape, group, state)
         fused = self._fused_bytes(numel, state, group) if group.get("fused") is True else None
         if fused is not None:  # (fused=True: a tensor in foreach pieces, stepped from its first piece; the
             return fused       # per-parameter step refuses it, and with None it is the chunked step's)
-        four = any(self.specs[k].bits == 4 for k in quantized)
-        codec = codec_bytes(numel, four, any(is_rank1(state, k) for k in quantized), group.get("block_size"))
-        return 4 * len(quantized) * numel + codec + self.inner.transient_bytes(numel, shape, group, {})
+        if all(self.specs[k].bits == 4 and state[k].device.type == "cpu" for k in quantized):
+            shape = torch.Size(shape)
+            # chunked: the chunks of numel values and the last, shorter one (a partial block's padded copies may
+            # make it the larger)
+            last = shape.numel() % numel if chunked and shape.numel() > numel else 0
+            return max(self._four_bit_direction_bytes(k, shape, group, state, quantized,
+                                                      self.inner.transient_bytes(k, shape, group, {}), chunked)
+                       for k in ((numel, last) if last else (numel,)))
+        inner = self.inner.transient_bytes(numel, shape, group, {})
+        encode = max(4 * (len(quantized) - i) * numel + self._codec_bytes(numel, shape, group, state, k, chunked)
+                     for i, k in enumerate(quantized))
+        cols = 4 * shape[-1] * sum(is_rank1(state, k) for k in quantized) if chunked else 0
+        return cols + inner + encode
+
+    def _codec_bytes(self, numel, shape, group, state, key, chunked: bool) -> int:
+        """The largest workspace of encoding moment ``key`` of ``numel`` elements (:func:`codec_bytes`); a rank-1
+        moment's: ``13 n`` (the blockwise 4-bit encode's) beside its new row maxima and, stepped whole, its new
+        column maxima (off the CPU a bound: :func:`codec_bytes`' form)."""
+        if not is_rank1(state, key):
+            return codec_bytes(numel, self.specs[key].bits == 4, False, group.get("block_size"))
+        return 13 * numel + 4 * (numel // shape[-1]) + (0 if chunked else 4 * (numel // shape[-2]))
+
+    def _four_bit_direction_bytes(self, n: int, shape: torch.Size, group, state, quantized: list[str], inner: int,
+                                  chunked: bool) -> int:
+        """:meth:`transient_bytes` of 4-bit moments (blockwise or rank-1) on the CPU for a tensor or a chunk of
+        ``n`` values (the engine's largest chunk, or the last one), :meth:`direction`'s codec calls walked on a ledger (:class:`_Ledger`, the functions :meth:`_four_bit_bucket_bytes` walks): chunked,
+        the rank-1 moments' column maxima (``4 n_cols`` each) kept and :meth:`prepare_chunks`' pass (the decodes,
+        the inner direction, freed, the chunk's column maxima beside the decoded moments); then the decodes in
+        the specs' order (a blockwise moment of ``n`` values in ``ceil(n / B)`` blocks: a partial last block's
+        padded copies), the inner direction next to them (``inner``; its direction, ``4 n``, kept), and the
+        encodes in turn: a blockwise moment written into its state (contiguous), a rank-1 one's new codes and
+        maxima copied in (each encode's kept until the next one has returned: the loop's variables), each
+        decoded moment freed after its encode."""
+        led = _Ledger()
+        b = group["block_size"]
+        rows = n // shape[-1] if len(shape) >= 2 else 0
+        whole_blocks = n == shape.numel()
+
+        def blocks(k: str) -> int:  # (the tensor's whole block count stepped whole; a chunk's own)
+            return state[k + "_absmax"].numel() if whole_blocks else Q.num_blocks(n, b)
+
+        def decode_all() -> dict[str, int]:
+            return {k: _dequantize_rank1_bytes(led, n) if is_rank1(state, k) else
+                    _dequantize_4bit_bytes(led, n, blocks(k), b) for k in quantized}
+
+        rank1 = [k for k in quantized if is_rank1(state, k)]
+        if chunked and rank1:  # (prepare_chunks)
+            for _ in rank1:
+                led.keep(led.alloc(4 * shape[-1]))
+            decoded = decode_all()
+            led.peak = max(led.peak, led.live + inner)
+            led.free(led.alloc(4 * shape[-1]))  # (a chunk's column maxima, then the running maximum)
+            for token in decoded.values():
+                led.free(token)
+        decoded = decode_all()
+        led.peak = max(led.peak, led.live + inner)
+        led.keep(led.alloc(4 * n))  # (the direction)
+        pending = None
+        for k in quantized:
+            if is_rank1(state, k):
+                cols = 0 if chunked else n // shape[-2]
+                new = _quantize_rank1_bytes(led, n, rows, cols, self.specs[k].code)
+            else:
+                new = _quantize_4bit_bytes(led, n, blocks(k), b, self.specs[k].code, out=True)
+            if pending is not None:
+                led.free(pending)
+            pending = new
+            led.free(decoded[k])
+        return led.peak
 
     def reset(self, state):
         for k in self.state_keys:
