@@ -257,15 +257,55 @@ def test_expert_state_before_and_after_on_a_tiny_mixtral():
             assert st["exp_avg"].shape[0] == e and st["exp_avg"][0].numel() == 4 * max(a, b)
 
 
-def test_sharded_batch_refused_naming_parameter_and_recipe(monkeypatch):
-    """An FSDP2 (DTensor) batch of matrices in a projected group cannot be stepped per matrix: refused at the
-    group, naming the parameter and the recipe (no silent fallback)."""
-    import lowmem.optim.engine as eng
+@pytest.fixture
+def one_process_mesh(tmp_path):
+    """A 1-D device mesh of one gloo process (DTensors without spawning; tests/test_fsdp_experts.py runs two)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
 
-    p = torch.nn.Parameter(torch.randn(3, 12, 7))
-    monkeypatch.setattr(eng, "is_dtensor", lambda t: t is p)
-    with pytest.raises(NotImplementedError, match=r"galore_adamw.*parameter 0.*\(3, 12, 7\).*sharded"):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_sharded_batch_split_inside_its_matrices_refused(one_process_mesh, dim):
+    """An FSDP2 (DTensor) batch of matrices in a projected group sharded on A or B (its matrices split across
+    processes) is refused at the group, naming the parameter, its placements, the recipe and what is supported
+    (no silent fallback); Shard(0) of the experts is stepped (tests/test_fsdp_experts.py)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(3, 12, 7), one_process_mesh, [Shard(dim)]))
+    shown = dim % 3
+    with pytest.raises(NotImplementedError, match=rf"parameter 0.*\(3, 12, 7\).*Shard\(dim={shown}\).*galore_adamw"
+                                                  r".*Shard\(d\) of a leading dimension d < 1"):
         create_optimizer([{"params": [p], "rank": 2}], "galore_adamw")
+
+
+def test_sharded_batch_of_whole_matrices_is_stepped_as_unsharded(one_process_mesh):
+    """Shard(0) on one process (the local shard is the whole batch): the same weights and state as the plain
+    batch, bit for bit, its stacked state a DTensor of the parameter's placements in state_dict()."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    w = torch.randn(3, 12, 7, generator=torch.Generator().manual_seed(0))
+    p = torch.nn.Parameter(distribute_tensor(w.clone(), one_process_mesh, [Shard(0)]))
+    q = torch.nn.Parameter(w.clone())
+    hp = {**GAP, "projection": "random"}
+    op = create_optimizer([{"params": [p], **hp}], "galore_adamw")
+    oq = create_optimizer([{"params": [q], **hp}], "galore_adamw")
+    for g in _grads((12, 7), 4):
+        p.grad = distribute_tensor(g.clone(), one_process_mesh, [Shard(0)])
+        q.grad = g.clone()
+        op.step()
+        oq.step()
+    assert torch.equal(p.to_local(), q.detach())
+    for k, v in oq.state[q].items():
+        assert torch.equal(op.state[p][k], v), k
+    sd = op.state_dict()["state"][0]
+    assert isinstance(sd["exp_avg"], DTensor) and tuple(sd["exp_avg"].placements) == (Shard(0),)
+    assert type(sd["step"]) is torch.Tensor  # (the counters shared by the matrices: plain, equal on every rank)
 
 
 def test_rank_that_applies_to_no_expert_matrix_is_an_error():

@@ -80,6 +80,7 @@ from .sharded import (ShardedProjection, ShardReduce, check_placements, check_su
                       is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
                       sharded_post_update, state_from_dtensor, state_to_dtensor)
 from .sharded import check_loaded_state, check_same_settings, state_layout
+from .sharded import global_matrix, matrices_refusal, matrices_state_to_dtensor, matrix_offsets
 from .stabilizers import Stabilizer
 from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, all_usable_if_finite, rotate_moments
 
@@ -638,7 +639,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 if is_dtensor(p):  # FSDP2: refuse recipes that need the whole matrix (lowmem.optim.sharded)
                     self._refuse_sharded_matrices(p, group, f"{where}, parameter {i}")
-                    check_supported(self.recipe, group, p, where)
+                    if not self._local_matrices(p, group):  # (whole matrices on each shard: stepped as unsharded)
+                        check_supported(self.recipe, group, p, where)
         except (ValueError, NotImplementedError):
             self.param_groups.pop()
             raise
@@ -685,15 +687,29 @@ class LowMemOptimizer(torch.optim.Optimizer):
         per_matrix = getattr(self.recipe.moment, "per_matrix", None)
         return per_matrix is not None and per_matrix(p.shape, group)
 
+    def _local_matrices(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` is a sharded (FSDP2 ``DTensor``) batch of matrices stepped per matrix (:meth:`_matrices`)
+        whose local shard holds whole matrices (sharded on leading dimensions only,
+        :func:`~lowmem.optim.sharded.matrices_refusal`: FSDP2's ``Shard(0)`` of fused MoE experts ``[E, A, B]``):
+        each rank steps its shard's matrices as an unsharded batch (no communication), their random draws
+        seeded by their index in the whole batch (:meth:`_init_matrices`), their stacked state sharded as the
+        parameter (:func:`~lowmem.optim.sharded.matrices_state_to_dtensor`)."""
+        return is_dtensor(p) and self._matrices(p, group) and matrices_refusal(p) is None
+
     def _refuse_sharded_matrices(self, p: Tensor, group: dict[str, Any], where: str) -> None:
-        """A sharded (FSDP2 ``DTensor``) batch of matrices stepped per matrix (:meth:`_matrices`) is not
-        supported (a shard of rows of ``[E, A, B]`` splits the batch, not the matrices): refused naming the
-        parameter and the recipe, never trained otherwise."""
-        if is_dtensor(p) and self._matrices(p, group):
+        """A sharded (FSDP2 ``DTensor``) batch of matrices stepped per matrix (:meth:`_matrices`) whose shards
+        split its matrices (a ``Shard`` of ``A`` or ``B``) or with another placement than ``Shard`` of a
+        leading dimension and ``Replicate`` (:func:`~lowmem.optim.sharded.matrices_refusal`): refused naming
+        the parameter, its placements, the recipe and what is supported, never trained otherwise."""
+        if not (is_dtensor(p) and self._matrices(p, group)):
+            return
+        why = matrices_refusal(p)
+        if why is not None:
             raise NotImplementedError(
-                f"{where}: a sharded (FSDP2 / DTensor) parameter of shape {tuple(p.shape)} is a batch of matrices"
-                f" (fused MoE experts) that '{self.recipe.name}' steps per matrix; sharded batches are not supported:"
-                " put it in a group without the recipe's target key (e.g. no 'rank'), or do not shard it"
+                f"{where}: a sharded (FSDP2 / DTensor) parameter of shape {tuple(p.shape)} with placements"
+                f" {tuple(p.placements)} is a batch of matrices (fused MoE experts) that '{self.recipe.name}' steps"
+                f" per matrix; its {why}. Shard it on a leading dimension (FSDP2's default Shard(0)), put it in a"
+                " group without the recipe's target key (e.g. no 'rank'), or do not shard it"
             )
 
     # ---- state ----------------------------------------------------------------------------
@@ -703,7 +719,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         shard; a projected one keeps its bases whole (replicated) and moments of the shard's
         projected gradient (lowmem.optim.sharded.ShardedProjection)."""
         r = self.recipe
-        if key is not None and is_dtensor(key) and self._is_projected(key, group):
+        local_batch = key is not None and self._local_matrices(key, group)
+        if key is not None and is_dtensor(key) and self._is_projected(key, group) and not local_batch:
             state["step"] = torch.zeros((), dtype=torch.float32)
             r.projection.init_state(state, key, group)  # the whole m x n geometry
             _init_moment_start(state, group, r.moment)
@@ -713,23 +730,48 @@ class LowMemOptimizer(torch.optim.Optimizer):
             r.moment.init_state_sharded(state, self._sharded_projection(key, group, None).low_shape(group),
                                         r.projection.low_shape(key.shape, group), group, p, key=key)
             return
-        if (key is None or not is_dtensor(key)) and self._matrices(p, group):
-            self._init_matrices(p, group, state)
+        if (key is None or not is_dtensor(key) or local_batch) and self._matrices(p, group):
+            self._init_matrices(p, group, state, key=key if local_batch else None)
             return
         self._init_matrix(p, group, state, key=key)
 
-    def _init_matrices(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
+    def _init_matrices(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], key: Tensor | None = None) -> None:
         """The state of a batch of matrices (:meth:`_matrices`): each matrix's, as :meth:`_init_state`
         allocates it for a 2-D parameter (its projection's seed by :meth:`~lowmem.optim.subspace.Projection.init_state`'s
         per-matrix rule), stacked along ``p``'s leading dimensions; :data:`MATRIX_SHARED_KEYS` once. One
-        matrix's state is allocated at a time beside the stacks."""
+        matrix's state is allocated at a time beside the stacks.
+
+        ``key``: the sharded batch (:meth:`_local_matrices`) whose local shard ``p`` is: each matrix numbered by
+        its index in the whole batch (:func:`~lowmem.optim.sharded.matrix_offsets`), so its seed, and every
+        random draw, is the one-process run's whatever the number of processes. A shard with no matrix
+        (fewer matrices than processes) keeps the entries with no matrix in them (empty stacks, the counters);
+        on a meta shard (the checks of a loaded state) the stacks are meta tensors."""
         lead = p.shape[:-2]
+        owner, number = p, (lambda e: e)
+        if key is not None:
+            owner, offsets = key, matrix_offsets(key)
+            number = lambda e: global_matrix(e, lead, offsets, key.shape[:-2])  # noqa: E731
+        meta = key is not None and p.device.type == "meta"
         with torch.no_grad():  # (the estimator's fake CUDA tensors: copies outside no_grad need a CUDA build)
-            for e in range(math.prod(lead)):
-                idx = matrix_index(e, lead)
+            count = math.prod(lead)
+            if count == 0:  # (an empty shard: the layout of one matrix's entries, none allocated but the counters)
                 sub: dict[str, Tensor] = {}
-                self._init_matrix(matrix_of(p, idx), group, sub, matrix=(p, e))
+                self._init_matrix(torch.empty(p.shape[-2:], dtype=p.dtype, device="meta"), group, sub, matrix=(owner, 0))
                 for k, v in sub.items():
+                    if k in MATRIX_SHARED_KEYS:
+                        state[k] = v
+                        continue
+                    like = _stack_like(v.to("meta"), lead)
+                    state[k] = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype,
+                                                   device=p.device if v.device.type == "meta" else v.device)
+                return
+            for e in range(count):
+                idx = matrix_index(e, lead)
+                sub = {}
+                self._init_matrix(matrix_of(p, idx), group, sub, matrix=(owner, number(e)))
+                for k, v in sub.items():
+                    if meta and k not in MATRIX_SHARED_KEYS:
+                        v = v.to("meta")  # (the projection allocates on the parameter's device: a probe holds no data)
                     if e == 0:
                         state[k] = v if k in MATRIX_SHARED_KEYS else _stack_like(v, lead)
                     if k not in MATRIX_SHARED_KEYS and not _no_data(v):
@@ -858,7 +900,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     worst = max(worst, self._param_transient_bytes(p, group, state, steady))
                     continue
                 open_bytes = sum(4 * b.numel + b.held for b in low_bucket)
-                if is_dtensor(key):
+                # (FSDP2, a batch whose shard holds whole matrices: counted as the unsharded batch of them)
+                sharded = is_dtensor(key) and not self._local_matrices(key, group)
+                if is_dtensor(key) and not sharded and p.numel() == 0:
+                    continue  # (an empty shard: no matrix to step)
+                if sharded:
                     shards = math.prod(key.device_mesh.size(i) for i, pl in enumerate(key.placements) if pl.is_shard())
                     if self._is_projected(key, group):
                         # FSDP2, projected: bounded by the unsharded step of the whole matrix (the refresh
@@ -876,7 +922,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         worst = max(worst, open_bytes + gathered + copy
                                     + sum(s.transient_bytes(p.numel(), group) for s in self.recipe.stabilizers))
                         continue
-                batch = not is_dtensor(key) and self._matrices_foreach_ok(p, group, state=state)
+                batch = not sharded and self._matrices_foreach_ok(p, group, state=state)
                 if batch or (not is_dtensor(key) and self._projected_foreach_ok(p, group, state=state)):
                     # as step() fills them: one open bucket, a new one for another group or device or
                     # beyond chunk_numel projected elements; a batch of matrices: each matrix as a 2-D parameter
@@ -1134,6 +1180,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for pid, p in zip(chain.from_iterable(g["params"] for g in sd["param_groups"]), params):
             if is_dtensor(p) and pid in sd["state"]:
                 group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+                if self._local_matrices(p, group):  # the shard's matrices' stacks: sharded as the parameter
+                    sd["state"][pid] = {k: matrices_state_to_dtensor(v, p) for k, v in sd["state"][pid].items()}
+                    continue
                 if self._is_projected(p, group):  # bases replicated; moments row-sharded or replicated
                     rows, dims = low_is_sharded(self.recipe, group, p), self.recipe.moment.reduced_dims
                     sd["state"][pid] = {k: projected_state_to_dtensor(v, p, k, rows, dims) for k, v in sd["state"][pid].items()}
@@ -1276,6 +1325,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if reduce is None:
                 route = self._route(p, grad, group, state, tokens)
                 path = route.path
+            elif self._local_matrices(key, group):  # FSDP2: its shard's whole matrices, as an unsharded batch
+                route = None
+                path = "matrices" if p.numel() and self._matrices_foreach_ok(p, group, grad, state) else "alone"
             else:  # (FSDP2 shards: decided at every step; a projected one is stepped alone)
                 route = None
                 path = "alone" if self._is_projected(key, group) or not self._foreach_ok(p, group, grad, state) else "foreach"
@@ -1292,7 +1344,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 low_bucket.append(self._project_down(p, grad, group, state, t, low=lows.pop(id(p), None) if lows else None))
             elif path == "matrices":  # a batch of matrices: each one joins the projected buckets as a 2-D parameter
                 if "step" not in state:
-                    self._init_state(p, group, state)
+                    self._init_state(p, group, state, key=key)
                 self._complete_shared(state, group)
                 t = self._advance_counter(state, route)
                 lead = p.shape[:-2]
@@ -1431,7 +1483,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         where = f"optimizer '{self.recipe.name}'"
         name = next((f"parameter {i}" for i, q in enumerate(group["params"]) if q is p), "a parameter")
         self._refuse_sharded_matrices(p, group, f"{where}, {name} of its group")  # (sharded after construction)
-        check_supported(self.recipe, group, p, where)  # also here: parameters sharded after construction
+        if not self._local_matrices(p, group):  # (a batch whose shard holds whole matrices: stepped as unsharded)
+            check_supported(self.recipe, group, p, where)  # also here: parameters sharded after construction
         check_placements(p, p.grad, where)
         return p, p.to_local(), p.grad.to_local(), group, shard_reduce(p)
 
@@ -2030,14 +2083,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 " (layerwise mode or step_param); only LowMemOptimizer.step() steps sharded parameters"
             )
         r = self.recipe
-        if reduce is not None and self._is_projected(key, group):  # FSDP2: a projected shard of rows
+        # FSDP2, a batch of matrices whose shard holds whole ones: stepped as an unsharded batch of them
+        local_batch = reduce is not None and self._local_matrices(key, group)
+        if reduce is not None and not local_batch and self._is_projected(key, group):  # FSDP2: a projected shard of rows
             self._update_projected_sharded(key, p, grad, group, reduce)
             return
         state = self.state[p if key is None else key]
         if "step" not in state:  # (a sharded parameter's shard: the rule may read the whole shape)
             self._init_state(p, group, state, key=key if reduce is not None else None)
         t = _advance_step(state["step"])
-        if reduce is None and self._matrices(p, group):
+        if (reduce is None or local_batch) and self._matrices(p, group):
             self._update_matrices(p, grad, group, state, t, projected_grad)
             return
         self._update_state(p, grad, group, state, t, projected_grad, reduce)

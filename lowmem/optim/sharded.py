@@ -17,7 +17,10 @@ parameter RMS;
 rank-1 column maxima; SinkGD's / SCALE's / Subset-Norm's column norms; Adam-mini's whole-tensor
 blocks and heads cut by the shard boundaries), or the whole matrix is gathered (a projection's refresh, Muon's Newton-Schulz), so the
 result equals the unsharded step. Projected parameters: :class:`ShardedProjection` (bases kept
-whole on every rank; right-side projections shard-local, left-side ones all-reduced). Block-wise
+whole on every rank; right-side projections shard-local, left-side ones all-reduced). A batch of
+matrices stepped per matrix (fused MoE experts ``[E, A, B]`` of a projected or Subset-Norm group)
+sharded on its leading dimension (FSDP2's ``Shard(0)``): each rank steps its whole matrices as an
+unsharded batch, no communication (:func:`matrices_refusal`, :func:`matrix_offsets`). Block-wise
 statistics (quantization
 absmax, MicroAdam's top-k and error blocks) are computed per shard: equal to the unsharded run when
 every shard's number of elements is a multiple of the block size (then the blocks are the same);
@@ -369,6 +372,80 @@ def check_supported(recipe: Any, group: dict[str, Any], p: Tensor, where: str) -
             "optimizer works."
         )
     warn_cut_blocks(recipe, group, p, where)
+
+
+# ---- batches of matrices (fused MoE experts [E, A, B]) sharded on a leading dimension ----
+#
+# FSDP2 shards dimension 0. A batch of matrices [..., A, B] stepped per matrix (the engine's
+# LowMemOptimizer._matrices: each matrix its own projection, moments, statistics) sharded on a
+# leading (batch) dimension gives each rank whole matrices: each rank steps its own matrices as the
+# unsharded engine steps a batch, with no communication, and their stacked state is sharded the
+# same way as the parameter. Random draws are seeded by the matrix's index in the whole batch
+# (matrix_offsets), so a run does not depend on the number of processes.
+
+
+def matrices_refusal(p: Tensor) -> str | None:
+    """Why the sharded batch of matrices ``p`` (a ``DTensor`` ``[..., A, B]``) cannot be stepped per
+    matrix on its local shard, or ``None`` when it can: every ``Shard`` placement is a plain
+    ``Shard(d)`` of a leading (batch) dimension ``d < p.ndim - 2``, so the local shard holds whole
+    matrices (uneven and empty shards included). ``Replicate`` placements (HSDP) are fine."""
+    for pl in p.placements:
+        if isinstance(pl, Replicate):
+            continue
+        if type(pl) is not Shard:  # (Partial, _StridedShard of FSDP2 + tensor parallelism, ...)
+            return f"placement {pl} (supported: Shard(d) of a leading dimension d < {p.ndim - 2}, Replicate)"
+        if pl.dim % p.ndim >= p.ndim - 2:
+            return (f"placement {pl} splits its {tuple(p.shape[-2:])} matrices (supported: Shard(d) of a leading"
+                    f" dimension d < {p.ndim - 2}, e.g. FSDP2's default Shard(0) of the experts, and Replicate)")
+    return None
+
+
+def matrix_offsets(p: Tensor) -> tuple[int, ...]:
+    """The index in the whole batch of the first matrix of ``p``'s local shard, per leading dimension
+    (``p``: a ``DTensor`` batch of matrices :func:`matrices_refusal` admits; FSDP2's ``torch.chunk``
+    split, as ``DTensor``'s own layout computes it).
+
+    Raises:
+        ValueError: The local shard's shape is not the one its placements give.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(shape) != tuple(p.to_local().shape):
+        raise ValueError(f"the local shard of a {tuple(p.shape)} parameter with placements {tuple(p.placements)} has"
+                         f" shape {tuple(p.to_local().shape)}; its placements give {tuple(shape)}")
+    return tuple(offset[: p.ndim - 2])
+
+
+def global_matrix(e: int, local_lead: torch.Size, offsets: tuple[int, ...], lead: torch.Size) -> int:
+    """The row-major index in the whole batch (leading dimensions ``lead``) of the ``e``-th matrix (row-major)
+    of a shard whose leading dimensions are ``local_lead``, starting at ``offsets``."""
+    index, idx = 0, []
+    for d in reversed(local_lead):
+        idx.append(e % d)
+        e //= d
+    for i, off, size in zip(reversed(idx), offsets, lead):
+        index = index * size + i + off
+    return index
+
+
+def matrices_state_to_dtensor(v: Any, p: Tensor) -> Any:
+    """A state tensor of a sharded batch of matrices stepped per matrix on its shard (the matrices'
+    entries stacked along the leading dimensions, ``[*local_lead, ...]``) as the ``DTensor`` of the
+    whole batch's stack ``[*lead, ...]`` with the parameter's placements (a ``Shard(d)`` of a leading
+    dimension is the same dimension of the stack): ``torch.distributed.checkpoint`` saves each
+    rank's matrices and loads them onto any number of processes, as the parameter. 0-d entries (the
+    step counters the matrices share, equal on every rank) stay plain."""
+    if not isinstance(v, Tensor) or v.dim() == 0:
+        return v
+    k = p.ndim - 2
+    shape = torch.Size((*p.shape[:k], *v.shape[k:]))
+    stride, acc = [], math.prod(v.shape[k:])
+    for d in reversed(p.shape[:k]):  # (each matrix's entry keeps its layout: the engine's _stack_like)
+        stride.append(acc)
+        acc *= d
+    return DTensor.from_local(v, p.device_mesh, tuple(p.placements), run_check=False, shape=shape,
+                              stride=(*reversed(stride), *v.stride()[k:]))
 
 
 # ---- checkpoints: state of a sharded parameter as DTensors (torch.distributed.checkpoint) ----
