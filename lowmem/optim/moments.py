@@ -244,6 +244,12 @@ class MomentRule:
         of ``shape`` (the returned direction included; state excluded). Default: 3 float32 tensors."""
         return 12 * numel
 
+    def direction_bytes(self, numel: int, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> int:
+        """What of :meth:`transient_bytes` is still alive when :meth:`direction` has returned (a projected
+        parameter's combine-back runs beside it): the float32 direction, ``4 numel``; a rule whose step size
+        is a tensor adds it."""
+        return 4 * numel
+
 
 def sharded_group(group: dict[str, Any]) -> bool:
     """Whether ``group`` holds an FSDP2 (``DTensor``) parameter. A rule whose multi-tensor step
@@ -523,6 +529,10 @@ class FactoredMoments(MomentRule):
         """The step size :func:`adafactor_lr` returns, alive through the step: a float32 0-d tensor with
         ``scale_parameter`` (a constant ``lr``: nothing)."""
         return 4 if group.get("scale_parameter") else 0
+
+    def direction_bytes(self, numel, shape, group, state):
+        """The update and the step size's 0-d tensor (:meth:`_lr_bytes`)."""
+        return 4 * numel + self._lr_bytes(group)
 
     def transient_bytes(self, numel, shape, group, state):
         """The whole-tensor step (:meth:`direction` of ``numel`` elements of ``shape``), exact on float32 and
@@ -892,6 +902,14 @@ def adafactor_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t
     sums = reduce.sum_(torch.stack([torch.linalg.vector_norm(x).square(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)]))
     return (sums[0] / sums[1]).sqrt_().clamp_(min=group["eps"][1]) * rho
 
+
+def adafactor_lr_bytes(group: dict[str, Any]) -> int:
+    """The peak :func:`adafactor_lr` allocates on a float32 parameter (unsharded): with ``scale_parameter``
+    the parameter's norm and the returned 0-d step size alive together, 8 bytes; else nothing (a float)."""
+    return 8 if group["scale_parameter"] else 0
+
+
+adafactor_lr.step_bytes = adafactor_lr_bytes  # (read by subspace.projected_alone_bytes)
 
 # Adafactor's multi-tensor step evaluates its lr rule itself (the parameters' norms in one kernel)
 FactoredMoments.foreach_lr_rule = staticmethod(adafactor_lr)

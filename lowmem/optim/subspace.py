@@ -181,6 +181,21 @@ class Projection:
         """Bytes of the combine-back of ``rows`` rows (the full-size direction when ``rows`` is all)."""
         return 4 * rows * shape[1]
 
+    def down_rows_bytes(self, shape: torch.Size, group: dict[str, Any], bounds: list[tuple[int, int]]) -> int:
+        """The peak of :meth:`down_rows` of a low-precision gradient of ``shape`` in the row blocks ``bounds``
+        (the projected gradient included); default: a block's float32 copy beside the projected gradient."""
+        return 4 * max(b - a for a, b in bounds) * shape[1] + 4 * self.low_shape(shape, group).numel()
+
+    def down_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
+        """The peak of :meth:`down` of a float32 gradient of ``shape``; default: the projected gradient."""
+        return 4 * self.low_shape(shape, group).numel()
+
+    def untraced_refresh_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
+        """The part of :meth:`transient_bytes` (``refresh=True``) that a kernel allocates inside (LAPACK's
+        copy of its input and workspace): counted in the report, invisible to a trace of the dispatched
+        operations' outputs; default: none."""
+        return 0
+
     def kept_gemm_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
         """The packing buffers MKL's float32 GEMM keeps for the process after this projection's first
         project-down and combine-back of a parameter of ``shape`` (CPU builds with MKL only; the engine
@@ -465,8 +480,10 @@ class SubspaceProjection(Projection):
         per projected side of ``d`` rows) its Gaussian draw and the scaled result (``gaussian``,
         ``8 d r`` bytes; measured exactly that) or the draw, the QR factors ``Q`` and ``R``, the
         sign-fixed result and LAPACK's blocked workspace (``random``, ``12 d r + 4 r^2 + 4 d min(r, 128)``;
-        measured 27.1 MiB for 8192 x 256, 51.4 for 8192 x 512, 12 for 16384 x 64); coordinates their
-        index. With ``moment_policy="rotate"`` the old subspace's copy is alive through the refresh, and
+        measured 27.1 MiB for 8192 x 256, 51.4 for 8192 x 512, 12 for 16384 x 64); coordinates the
+        choice of their ``k`` int64 indices: a random one (``columns``, ``rows``, ``randk``) the permutation of the
+        ``size`` it chooses from beside the sorted first ``k`` and their order, ``8 size + 16 k``, ``blocks`` its
+        range and remainder, ``16 k``. With ``moment_policy="rotate"`` the old subspace's copy is alive through the refresh, and
         the rotation adds the transitions and the rotated moment (:meth:`rotate_bytes`)."""
         m, n = shape
         r = group["rank"]
@@ -479,7 +496,11 @@ class SubspaceProjection(Projection):
         if method in ("svd", "online_pca"):
             work = 4 * (m * n + m * k + k * n) + 13 * k * k
         elif method in COORDINATE_METHODS:
-            work = 8 * 2 * max(m, n) * (r + 1) if method != "randk" else 8 * 2 * m * n  # randperm of the size
+            dim, k = self._coordinates(shape, group)
+            size = m * n if dim is None else shape[dim]
+            # random: the int64 permutation of the size beside the sorted first k (values and indices); blocks:
+            # the range and its remainder (functional.frugal.random_indices / block_indices; exact, traced)
+            work = 8 * size + 16 * k if method != "blocks" else 16 * k
         elif method in ("random", "gaussian"):
             side = self._side(shape, group)
             rows = [d for d, s in ((m, ("left", "full")), (n, ("right", "full"))) if side in s]
@@ -491,6 +512,33 @@ class SubspaceProjection(Projection):
             return work
         snapshot, rotation = self.rotate_bytes(shape, group)
         return snapshot + max(work, rotation)
+
+    def down_rows_bytes(self, shape, group, bounds):
+        """A basis: :func:`~lowmem.optim.functional.galore.project_down_rows_bytes` (exact); coordinates: the
+        selection in the gradient's (16-bit) dtype and its float32 copy."""
+        m, n = shape
+        if self.method(group) not in BASIS_METHODS:
+            return 6 * self.low_shape(shape, group).numel()
+        side = self._side(shape, group)
+        return GL.project_down_rows_bytes(n, group["rank"], side in ("left", "full"), side in ("right", "full"), bounds)
+
+    def down_bytes(self, shape, group) -> int:
+        """The peak of :meth:`down` of a float32 gradient: the projected gradient (two-sided: ``P^T G``
+        beside its product with ``Q^T``)."""
+        low = 4 * self.low_shape(shape, group).numel()
+        if self.method(group) in BASIS_METHODS and self._side(shape, group) == "full":
+            return 4 * group["rank"] * shape[1] + low
+        return low
+
+    def untraced_refresh_bytes(self, shape, group):
+        """``svd`` / ``online_pca`` (an exact SVD): of :meth:`transient_bytes`' ``4 (m n + m k + k n) + 13 k^2``,
+        all but the SVD's outputs ``U``, ``S``, ``V^T`` (``4 (m k + k + k n)``): LAPACK's column-major copy of
+        the gradient and its workspace, allocated inside the kernel."""
+        if self.method(group) not in ("svd", "online_pca"):
+            return 0
+        m, n = shape
+        k = min(m, n)
+        return 4 * m * n + 13 * k * k - 4 * k
 
     def kept_gemm_bytes(self, shape, group) -> int:
         """A basis's combine-back (``P N`` / ``N Q``: ``r``-deep panels by ``n`` columns) leaves MKL's
@@ -871,6 +919,21 @@ class ResidualRule:
         """Upper bound of the bytes :meth:`update` allocates for ``rows`` rows (all rows: the whole step)."""
         return 0
 
+    def prepare_bytes(self, shape, group, state, projection, bounds) -> tuple[int, int]:
+        """``(peak, held)`` of :meth:`prepare` and :meth:`fold` over the row blocks ``bounds`` (the per-parameter
+        step's, :func:`projected_alone_bytes`); default: none."""
+        return 0, 0
+
+    def rows_bytes(self, shape, group, state, projection, rows: int) -> int:
+        """The peak of :meth:`update_rows` of ``rows`` rows beside the subspace part's block and :meth:`prepare`'s
+        context (the per-parameter step's, :func:`projected_alone_bytes`); default :meth:`transient_bytes`."""
+        return self.transient_bytes(shape, group, state, projection, rows)
+
+    def whole_bytes(self, shape, group, state, projection) -> int:
+        """The peak of :meth:`update` beside the subspace part's whole-size direction; default :meth:`rows_bytes`
+        of all rows."""
+        return self.rows_bytes(shape, group, state, projection, shape[0])
+
 
 class DropResidual(ResidualRule):
     """GaLore (Zhao et al. 2024, Algorithm 2): the residual is discarded."""
@@ -1058,6 +1121,41 @@ class FiraResidual(ResidualRule):
             return 12 * rows * shape[1]
         return 4 * projection.low_shape(shape, group).numel() + 12 * max(shape)
 
+    @staticmethod
+    def _channels(shape, group, projection) -> int:
+        """The scaling factor's length (:func:`~lowmem.optim.functional.fira.scaling_factor`: per column of an
+        ``r x n`` projected gradient, per row of ``m x r``)."""
+        low = projection.low_shape(shape, group)
+        return low[1] if low[0] < low[1] else low[0]
+
+    def prepare_bytes(self, shape, group, state, projection, bounds):
+        """Exact (traced): ``d_low / c`` beside the scaling factor's two norm vectors and their denominator
+        (``L + 12 C``); beside the factor (``4 C``), the norm pass (a block's scaled residual, its norm and the
+        sum's 0-d tensor) and :func:`~lowmem.optim.functional.fira.growth_limiter_`; then :meth:`fold`'s ``k``
+        (``4 C``) and ``M`` (``L``) beside the factor and the limiter, all held through the blocks."""
+        if not projection.can_add_up_rows(state):
+            return 0, 0
+        low = 4 * projection.low_shape(shape, group).numel()
+        ch = 4 * self._channels(shape, group, projection)
+        block = 4 * max(b - a for a, b in bounds) * shape[1]
+        held = 2 * ch + 4 + low
+        return max(low + 3 * ch, ch + 8 + block, ch + FI.LIMITER_BYTES, held), held
+
+    def rows_bytes(self, shape, group, state, projection, rows):
+        """Folded (a basis): nothing beside the subspace part's block (``addcmul_`` into it)."""
+        if not projection.can_add_up_rows(state):
+            return self.transient_bytes(shape, group, state, projection, rows)
+        return 0
+
+    def whole_bytes(self, shape, group, state, projection):
+        """:meth:`update` beside the subspace part: ``up(low)``, its scaled copy, the residual, then beside the
+        residual ``d_low / c``, the factor and the scaled residual, then the limited one and the norm's 0-d
+        tensor (``12 m n + 4``, the largest but for a rank near the smaller side)."""
+        mn = 4 * shape[0] * shape[1]
+        low = 4 * projection.low_shape(shape, group).numel()
+        ch = 4 * self._channels(shape, group, projection)
+        return max(2 * mn, mn + low + 3 * ch, 2 * mn + low + ch, 3 * mn + 4)
+
 
 class StateFreeResidual(ResidualRule):
     """FRUGAL (Zmushko et al. 2024, Algorithm 1): the residual ``G - P P^T G`` takes a state-free
@@ -1113,6 +1211,11 @@ class StateFreeResidual(ResidualRule):
     def transient_bytes(self, shape, group, state, projection, rows):
         """The subspace part of the rows, the residual and its sign: 3 float32 row blocks."""
         return 12 * rows * shape[1]
+
+    def rows_bytes(self, shape, group, state, projection, rows):
+        """Beside the subspace part's block: the projection of ``low`` (the residual, in place) and its sign
+        (a new block), 2 float32 row blocks (whole: ``g - up(low)`` beside ``up(low)``, then its sign)."""
+        return 8 * rows * shape[1]
 
 
 # ---- combine back: the full-size direction of a projected parameter ------------------------------
@@ -1204,6 +1307,26 @@ class CombineRule:
         direction included; all rows: :meth:`direction`)."""
         raise NotImplementedError
 
+    def prepare_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
+                      projection: Projection, bounds: list[tuple[int, int]]) -> tuple[int, int]:
+        """``(peak, held)``: the bytes :meth:`prepare` allocates at most over the row blocks ``bounds`` and
+        those of its context, alive through the blocks' :meth:`direction_rows` (the per-parameter step,
+        :func:`projected_alone_bytes`); default: none."""
+        return 0, 0
+
+    def rows_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
+                   projection: Projection, rows: int) -> int:
+        """The peak of :meth:`direction_rows` of ``rows`` rows beside :meth:`prepare`'s context, the returned
+        direction included (the per-parameter step, :func:`projected_alone_bytes`); default :meth:`transient_bytes`."""
+        return self.transient_bytes(shape, group, state, projection, rows)
+
+    def whole_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
+                    projection: Projection) -> int:
+        """The peak of :meth:`direction` (the step with ``chunk_numel=None``), the direction included; default:
+        :meth:`prepare_bytes` of one block of all rows, then :meth:`rows_bytes` of all rows beside its context."""
+        peak, held = self.prepare_bytes(shape, group, state, projection, [(0, shape[0])])
+        return max(peak, held + self.rows_bytes(shape, group, state, projection, shape[0]))
+
 
 class ProjectBack(CombineRule):
     """``d = scale * P.up(d_low) + residual(g, low, d_low)`` (GaLore, Algorithm 2 line 10, with the
@@ -1268,6 +1391,92 @@ class ProjectBack(CombineRule):
     def transient_bytes(self, shape, group, state, projection, rows):
         return (self.residual.transient_bytes(shape, group, state, projection, rows)
                 + projection.combine_transient_bytes(shape, group, rows))
+
+    def rows_bytes(self, shape, group, state, projection, rows):
+        return (self.residual.rows_bytes(shape, group, state, projection, rows)
+                + projection.combine_transient_bytes(shape, group, rows))
+
+    def prepare_bytes(self, shape, group, state, projection, bounds):
+        return self.residual.prepare_bytes(shape, group, state, projection, bounds)
+
+    def whole_bytes(self, shape, group, state, projection):
+        """:meth:`direction`: the whole-size ``scale up(d_low)`` beside the residual rule's whole update."""
+        return self.residual.whole_bytes(shape, group, state, projection) + projection.combine_transient_bytes(
+            shape, group, shape[0])
+
+
+# ---- the per-parameter step's peak, phase by phase --------------------------------------------------
+
+
+def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                          steady: bool = False, traced: bool = False) -> int:
+    """The peak bytes the per-parameter step of projected ``p`` (``LowMemOptimizer._update``: layerwise
+    mode's step, ``step_param``) allocates, phase by phase as the engine runs it (``_project_down``, the moment
+    rule's direction, ``_combine_back`` / ``_combine_rows``), for a recipe without stabilizers. ``opt``: the
+    engine optimizer (its ``recipe``, ``_chunk`` and ``_row_bounds``); ``steady``: a step without a refresh;
+    ``traced``: without the refresh's kernel-internal workspace (:meth:`Projection.untraced_refresh_bytes`),
+    what a trace of the dispatched operations sees.
+
+    Phases (``G`` = ``4 m n``, ``L`` = the projected gradient's ``4 r n`` or ``4 m r``):
+
+    * a low-precision gradient, chunked (projected a block of rows at a time): a refresh beside the
+      gradient's whole float32 copy; :meth:`Projection.down_rows_bytes`; a step-size rule that reads the
+      parameter (Adafactor's) beside its float32 copy, ``L + G + step_bytes``;
+    * otherwise: the refresh, then the projection (:meth:`Projection.down_bytes`) beside the float32 copy of
+      a low-precision gradient (and, for the rest of the step, of the parameter unless it is combined back
+      a block of rows at a time with a constant learning rate);
+    * the moment rule's direction beside the projected gradient (``MomentRule.transient_bytes``);
+    * the combine-back beside the projected gradient and what :meth:`MomentRule.direction_bytes` keeps:
+      nothing more when the direction is added to a float32 parameter in place (``addmm_``:
+      :meth:`CombineRule.add_in_place_scale` and a float learning rate); per block of rows, the gradient
+      rows' float32 copy (low precision) beside :meth:`CombineRule.transient_bytes` of the block, then the
+      parameter rows' float32 copy beside the block's direction, each beside the previous block's parameter
+      copy (still bound until the next one is made); unchunked, the whole-tensor combine-back.
+
+    Exact against a trace of the dispatched operations' outputs (tests/test_galoreexact_per_parameter.py)
+    for the recipes whose combine rule and projection count their blocks exactly."""
+    r, P = opt.recipe, opt.recipe.projection
+    m, n = p.shape
+    lowp = p.dtype not in (torch.float32, torch.float64)
+    low_shape = P.low_shape(p.shape, group)
+    low = 4 * low_shape.numel()
+    whole = 4 * m * n
+    chunk = opt._chunk(p.device)
+    bounds = opt._row_bounds(p.shape, chunk) if chunk is not None else None
+    refresh = 0 if steady else P.transient_bytes(p.shape, group, state, refresh=True)
+    if traced:
+        refresh -= P.untraced_refresh_bytes(p.shape, group)
+    constant = getattr(r.lr_rule, "step_bytes", None) is None
+    lr_peak = 0 if constant else r.lr_rule.step_bytes(group)
+    moment = r.moment.transient_bytes(low_shape.numel(), low_shape, group, state)
+    direction = r.moment.direction_bytes(low_shape.numel(), low_shape, group, state)
+    in_rows = lowp and bounds is not None
+    phases = []
+    if in_rows:
+        held = 0
+        phases += [whole + refresh if not steady else 0, P.down_rows_bytes(p.shape, group, bounds),
+                   0 if constant else low + whole + lr_peak]
+    else:
+        g32 = whole * lowp
+        held = g32 + whole * (lowp and not (bounds is not None and constant))  # (and the parameter's copy)
+        phases += [g32 + refresh if not steady else 0, g32 + P.down_bytes(p.shape, group), held + low + lr_peak]
+    phases.append(held + low + moment)
+    base = held + low + direction
+    if bounds is None:
+        phases.append(base + r.combine.whole_bytes(p.shape, group, state, P))
+    elif r.combine.add_in_place_scale(state, group, P) is not None and not lowp and constant:
+        phases.append(base)
+    else:
+        peak, ctx = r.combine.prepare_bytes(p.shape, group, state, P, bounds)
+        phases.append(base + peak)
+        base += ctx
+        prev = 0
+        for a, b in bounds:
+            block = 4 * (b - a) * n
+            phases.append(base + prev + block * lowp + r.combine.rows_bytes(p.shape, group, state, P, b - a))
+            phases.append(base + prev + block + block * lowp)
+            prev = block * lowp
+    return max(phases)
 
 
 # ---- moments when the subspace changes ----------------------------------------------------------

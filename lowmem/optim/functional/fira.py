@@ -36,6 +36,11 @@ def norm_growth_limit(scaled: Tensor, previous_norm: Tensor, gamma: float, eps: 
     return scaled / growth_limiter_(scaled.norm(), previous_norm, gamma, eps)
 
 
+#: The peak bytes :func:`growth_limiter_` allocates beside its float32 0-d ``norm`` (traced): the norm itself, the
+#: first-call flag (1 B), ``ones_like`` and two 0-d temporaries of the clamped ratio.
+LIMITER_BYTES = 4 + 1 + 4 + 4 + 4
+
+
 def growth_limiter_(norm: Tensor, previous_norm: Tensor, gamma: float, eps: float = 1e-8) -> Tensor:
     """The divisor of :func:`norm_growth_limit` from ``||S_t||`` (eq. 9): ``max(||S_t|| / ||S_{t-1}||,
     gamma) / gamma`` (1 on the first call); records ``||S_t|| / limiter`` in ``previous_norm``."""

@@ -94,6 +94,39 @@ def project_down_rows(g: Tensor, left: Tensor | None, right: Tensor | None, boun
     return torch.cat(rows) if left is None else total
 
 
+def project_down_rows_bytes(cols: int, rank: int, left: bool, right: bool, bounds: list[tuple[int, int]]) -> int:
+    """The peak bytes :func:`project_down_rows` allocates for a gradient of ``cols`` columns in the row blocks
+    ``bounds`` (bases of ``rank`` columns or rows on the ``left`` and / or ``right`` side), the result
+    included, as the loop runs: a block's float32 copy is made while the previous one (and on the left side
+    the previous product ``P_b^T G_b``) is still referenced; the right side's ``G_b Q^T`` parts are kept for
+    the final ``cat`` (beside the last block). Exact (traced: tests/test_galoreexact_per_parameter.py)."""
+    live: dict[str, int] = {}  # the loop's variables' tensors, by name
+    peak = parts = 0
+
+    def alloc(nbytes: int) -> None:
+        nonlocal peak
+        peak = max(peak, sum(live.values()) + parts + nbytes)
+
+    for i, (a, b) in enumerate(bounds):
+        block = 4 * (b - a) * cols
+        alloc(block)  # (the previous block is freed when the name is rebound)
+        live["block"] = block
+        if right:
+            part = 4 * (b - a) * rank
+            alloc(part)
+            if left:
+                live["part"] = part
+            else:
+                parts += part  # (kept in the list for the cat)
+        if left:
+            contrib = 4 * rank * (rank if right else cols)
+            alloc(contrib)
+            live["total" if i == 0 else "contrib"] = contrib  # (the first product is the running total)
+    if not left:
+        alloc(parts)  # torch.cat beside the parts and the last block
+    return peak
+
+
 def project_up_rows(r: Tensor, left: Tensor | None, right: Tensor | None, start: int, stop: int) -> Tensor:
     """Rows ``start:stop`` of :func:`project_up`: ``P[a:b] N`` / ``N[a:b] Q`` / ``P[a:b] N Q``."""
     if left is not None:

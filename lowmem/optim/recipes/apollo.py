@@ -140,6 +140,31 @@ class ApolloScaling(CombineRule):
             channels = n if GL.galore_side(tuple(shape), group["proj_type"]) == "left" else m
         return 4 * channels + max(low + 3 * 4 * channels, 4 * rows * n)
 
+    def _channels(self, shape, group) -> int:
+        if group["scale_type"] == "tensor":
+            return 1
+        return shape[1] if GL.galore_side(tuple(shape), group["proj_type"]) == "left" else shape[0]
+
+    def prepare_bytes(self, shape, group, state, projection, bounds):
+        """Exact (traced, the per-parameter step): ``d_low / c`` beside the scaling's norms (channel-wise: the
+        two norm vectors and their denominator, ``L + 12 C``; tensor-wise: four 0-d tensors), then beside the
+        scaling (``4 C``) the limiter's norm pass (its 0-d sum, a block's ``G * s`` and its norm) and
+        :func:`~lowmem.optim.functional.fira.growth_limiter_` (:data:`~lowmem.optim.functional.fira.LIMITER_BYTES`).
+        Held: the scaling and the limiter's 0-d divisor."""
+        m, n = shape
+        channels = self._channels(shape, group)
+        low = 4 * projection.low_shape(shape, group).numel()
+        peak = low + (12 * channels if channels > 1 else 16)
+        held = 4 * channels
+        if group["gamma"] is None:
+            return peak, held
+        block = 4 * max(b - a for a, b in bounds) * n
+        return max(peak, held + 8 + block, held + FI.LIMITER_BYTES), held + 4
+
+    def rows_bytes(self, shape, group, state, projection, rows):
+        """A block's ``G * s`` (divided and scaled in place)."""
+        return 4 * rows * shape[1]
+
 
 def _check_apollo_group(group: dict[str, Any]) -> None:
     """``proj_type='full'`` has no channels; ``proj`` (apollo-torch's and transformers' name) sets
