@@ -68,6 +68,7 @@ def llama_activation_bytes(
     trainable_norms: bool = True,
     trainable_head: bool = True,
     head_parts: dict[str, int] | None = None,
+    down_grad_bytes: int = 0,
 ) -> dict[str, int]:
     """Bytes of activations live at the peak of one training step, by part.
 
@@ -95,13 +96,19 @@ def llama_activation_bytes(
         trainable_head (`bool`, defaults to `True`): A frozen output head does not save its input.
         head_parts (`dict` or `None`, defaults to `None`): ``logits`` and ``loss_backward`` of another loss head
             (TRL's fused LM head, :func:`fused_head_bytes`) in place of the plain ``cross_entropy``'s.
+        down_grad_bytes (`int`, defaults to `0`): Bytes of the MLP ``down_proj`` weight's gradient (``i h`` elements of
+            the weight's dtype; 0 when the weight is frozen, as under LoRA): the first gradient a layer's backward
+            forms, live as a temporary beside the layer's tensors, its incoming gradient and the gradient of its
+            input (``e i`` per token) until autograd hands it to the weight (:func:`down_proj_moment_bytes`).
 
     Returns:
         `dict[str, int]`: ``layers`` (all decoder layers, or the checkpoints plus one recomputed
         layer), ``lora``, ``final_norm``, ``logits``, ``loss_backward``, ``norm_backward`` and (without checkpointing)
         ``layer_backward`` (what the final norm's and the last layer's backward hold beyond the loss's moment), ``rope``
-        and ``total``; not in the total, the backward's moments: with checkpointing ``checkpoint_head`` and
-        ``checkpoint_layer``, without ``norm_moment`` and ``last_layer_moment``.
+        and ``total``; not in the total, the backward's moments: with checkpointing ``checkpoint_head``,
+        ``checkpoint_layer`` (the larger of the recomputed layer's two moments) and ``checkpoint_layer_gates`` (its
+        MLP's gate and up gradients), without ``norm_moment``, ``last_layer_moment`` (the gate and up gradients) and
+        ``last_layer_down_moment`` (the ``down_proj`` weight's gradient being formed).
     """
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     a = config.num_attention_heads
@@ -142,7 +149,9 @@ def llama_activation_bytes(
         # after the head's tensors are freed: the peak is the larger of the two moments. The backward through the
         # recomputed layer holds, beside its tensors, the gradients of the MLP's gate and up outputs (2 e i per token;
         # measured 1154-3045 elements per token for i=688-1376, h=256-512, fp32 and bf16)
-        one_layer = tokens * (per_layer + lora_per_layer + 2 * e * i + recomputed_layer_correction(h, e))
+        gates = tokens * (per_layer + lora_per_layer + 2 * e * i + recomputed_layer_correction(h, e))
+        # and before them, the down_proj weight's gradient being formed (down_proj_moment_bytes)
+        one_layer = max(gates, gates + down_proj_moment_bytes(tokens, i, e, down_grad_bytes))
         layers = tokens * L * e * h + max(0, one_layer - sum(head.values()))
         lora = 0
     else:
@@ -151,16 +160,33 @@ def llama_activation_bytes(
         # bf16, h=256-768, vocabulary 100-1000): activations 0.91-0.96 of the measured before, 0.97-1.00 now
         layers = tokens * L * per_layer
         lora = tokens * lora_per_token
-        head["layer_backward"] = max(0, tokens * 2 * e * i - sum(head.values()))
+        # (or before them, beside the layer's incoming gradient, the down_proj weight's gradient being formed)
+        down = tokens * e * (h + i) + down_grad_bytes if down_grad_bytes else 0
+        head["layer_backward"] = max(0, max(tokens * 2 * e * i, down) - sum(head.values()))
     parts = {"layers": layers, "lora": lora, **head, "rope": 2 * tokens * d * e}
     parts["total"] = sum(parts.values())
     if gradient_checkpointing:  # the two moments of the checkpointed backward (not in the total: it holds the larger)
         parts["checkpoint_head"], parts["checkpoint_layer"] = sum(head.values()), one_layer
+        parts["checkpoint_layer_gates"] = gates
     else:  # the backward's moments after the loss's (not in the total: it holds the largest), for the gradients then live
         rest = layers + lora + parts["rope"]
         parts["norm_moment"] = rest + head["final_norm"] + tokens * h * (12 + 4 * (e != 4))
         parts["last_layer_moment"] = rest + tokens * 2 * e * i
+        parts["last_layer_down_moment"] = rest + down
     return parts
+
+
+def down_proj_moment_bytes(tokens: int, intermediate: int, act_bytes: int, down_grad_bytes: int) -> int:
+    """What a layer's backward holds at its ``down_proj`` (the first linear it differentiates) beyond the moment of its
+    MLP's gate and up gradients (``2 e i`` per token), signed: the weight's gradient being formed (``down_grad_bytes``;
+    ``mm`` writes it as a new tensor, which autograd then hands to ``.grad``) beside the gradient of the ``down_proj``
+    input (``e i`` per token), in place of those two gate and up gradients. Large when the tokens are few beside the
+    weight (``down_grad_bytes > e i`` per token). Measured (every live storage at the activations' peak; Llama fp32,
+    checkpointed, h=768, i=2048, 512 tokens; h=512, i=2048, 128 tokens): the peak is there, the down_proj weight's
+    gradient and its input's gradient live as temporaries beside the recomputed layer's tensors."""
+    if not down_grad_bytes:
+        return -tokens * act_bytes * intermediate  # (frozen: the input's gradient only, below the gate and up moment)
+    return down_grad_bytes - tokens * act_bytes * intermediate
 
 
 def recomputed_layer_correction(hidden: int, act_bytes: int) -> int:

@@ -1163,10 +1163,21 @@ def estimate_memory(
             saved_inputs.add(leaf)
         if leaf.endswith("layernorm") and mod.weight.requires_grad:
             norms_train = True
+    traced = getattr(config, "model_type", None) not in LLAMA_FAMILY
+    # the last layer's down_proj weight's gradient, the first its backward forms (a temporary beside its tensors)
+    down_grad = 0
+    if not traced:
+        from .activations import decoder_layers
+
+        for name, mod in decoder_layers(meta, config.num_hidden_layers)[-1].named_modules():
+            w = getattr(mod, "weight", None)
+            if name.rsplit(".", 1)[-1] == "down_proj" and isinstance(w, torch.Tensor) and w.requires_grad:
+                down_grad = w.numel() * w.element_size()
     act_kwargs = dict(
         head_bytes=head.weight.element_size() if head is not None else None, lora_layers=lora_layers, native_gqa=native_gqa,
         saved_inputs=saved_inputs, trainable_norms=norms_train,
         trainable_head=head is not None and (head.weight.requires_grad or hasattr(head, "lora_A")),
+        down_grad_bytes=down_grad,
     )
     dequantized = 0
     if spec is not None:
@@ -1181,7 +1192,6 @@ def estimate_memory(
     # embedding's and their sum are live together: two weight-sized tensors above the gradient (measured)
     tied = head is not None and head.weight is emb and emb.requires_grad
     tied_backward = 2 * emb.numel() * emb.element_size() if tied else 0
-    traced = getattr(config, "model_type", None) not in LLAMA_FAMILY
     # one micro-batch per step: the gradients made before the activations' peak in the last decoder layer's backward
     # (the output head's or a tied head's contribution, the final norm's, one decoder layer's: the largest)
     early_grads = None
@@ -1220,16 +1230,26 @@ def estimate_memory(
 
     def llama_moments(parts: dict[str, int], tokens: int, ckpt: bool) -> list[int]:
         """The Llama formula's activations at the backward's moments after the loss's, each with gradients formed:
-        with checkpointing the recomputed last layer's, without the final norm's and the last layer's; and the first
-        layer's (its recomputed checkpoint, or its share of the layers, with its MLP's gate and up gradients)."""
+        with checkpointing the recomputed last layer's, without the final norm's and the last layer's (its MLP's gate
+        and up gradients); and the first layer's (its recomputed checkpoint, or its share of the layers, with its MLP's
+        gate and up gradients)."""
         if ckpt:
             checkpoints = tokens * config.num_hidden_layers * act_bytes * config.hidden_size
-            moments = [checkpoints + parts["checkpoint_layer"] + parts["rope"]]
-            first = tokens * act_bytes * config.hidden_size + parts["checkpoint_layer"]  # its checkpoint, recomputed
+            gates = parts["checkpoint_layer_gates"]
+            moments = [checkpoints + gates + parts["rope"]]
+            first = tokens * act_bytes * config.hidden_size + gates  # its checkpoint, recomputed
         else:
             moments = [parts["norm_moment"], parts["last_layer_moment"]]
             first = (parts["layers"] + parts["lora"]) // max(config.num_hidden_layers, 1) + 2 * tokens * act_bytes * config.intermediate_size
         return moments + [first + parts["rope"]]
+
+    def llama_down_moment(parts: dict[str, int], tokens: int, ckpt: bool) -> int:
+        """The last (checkpointed: recomputed) layer's moment at its ``down_proj``, before any of its gradients is
+        formed (the weight's gradient being formed is a temporary, among the activations):
+        :func:`~lowmem.memory.activations.down_proj_moment_bytes`."""
+        if ckpt:
+            return tokens * config.num_hidden_layers * act_bytes * config.hidden_size + parts["checkpoint_layer"] + parts["rope"]
+        return parts["last_layer_down_moment"]
 
     # layerwise: the largest step with the activations (all but the input embedding's) and, when an untied output head
     # steps first, the later parameters' largest gradient and step
@@ -1284,6 +1304,8 @@ def estimate_memory(
             moments = list(zip(llama_moments(parts, seqs * s, ckpt),
                                ([head_grads + layer_grads] if ckpt else [head_grads, head_grads + last_down])
                                + [first_layer_grads]))
+            # the last layer's down_proj, its weight's gradient being formed (in the activations): the head's formed
+            moments.append((llama_down_moment(parts, seqs * s, ckpt), head_grads))
             over = max(act + extra + g for act, g in moments) - parts["total"]
             parts["gradients_at_peak"] = max(0, min(gradients, over))
         elif early_grads is not None:
