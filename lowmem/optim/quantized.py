@@ -1032,6 +1032,20 @@ class Quantized(MomentRule):
             led.free(decoded[k])
         return led.peak
 
+    def cached_bytes(self, states, device) -> int:
+        """Bytes of the code tables the codecs keep for the process once the moments quantized in ``states`` (the
+        state dicts of parameters on ``device``) have been coded there
+        (:func:`~lowmem.optim.functional.quant.kept_table_bytes` of their maps: on the CPU 66,560 B per 8-bit
+        map, the point table and the map; 4-bit maps a few KiB). Made at the first step that codes a moment
+        (with a workspace of at most 18 KiB, below the table quantizer's own for any tensor of more than
+        2,048 values), kept from then on: alive through every phase of every later step, as MKL's packing buffer
+        (the engine's ``_kept_gemm_bytes``), but neither state nor a step's new allocation, so not in
+        :meth:`transient_bytes`. Once per process and device, whatever the number of parameters or optimizers
+        (the caller sums over devices, once). 0 when no moment is quantized (every tensor below
+        ``min_quant_size``)."""
+        names = {self.specs[k].code for st in states for k in self.specs if is_quantized(st, k)}
+        return Q.kept_table_bytes(names, device) if names else 0
+
     def reset(self, state):
         for k in self.state_keys:
             if k in state:

@@ -47,7 +47,7 @@ def _code_map_cpu(name: str) -> Tensor:
     if name == "dynamic4_signed":  # Li et al. 2023, "DE" map for the first moment, 16 values
         return bnbF.create_dynamic_map(signed=True, max_exponent_bits=3, total_bits=4).unique()
     if name == "linear4_nozero":  # Li et al. 2023, Section 4.1: linear map (i + 1) / 16, zero excluded
-        return torch.linspace(0.0, 1.0, 17)[1:]
+        return torch.linspace(0.0, 1.0, 17)[1:].clone()  # (its own 16 values: kept_table_bytes)
     raise ValueError(f"unknown code map {name!r}; valid: dynamic8_signed, dynamic8_unsigned, dynamic4_signed, linear4_nozero")
 
 
@@ -71,6 +71,42 @@ def lookup_pairs(name: str, device: str) -> Tensor:
     if values.numel() != 16:
         raise ValueError(f"lookup_pairs: map {name!r} has {values.numel()} values; a 4-bit map has 16")
     return _pairs(values).to(device)
+
+
+_MAP_VALUES = {"dynamic8_signed": 256, "dynamic8_unsigned": 256, "dynamic4_signed": 16, "linear4_nozero": 16}
+
+
+def kept_table_bytes(names, device: torch.device | str) -> int:
+    """Bytes of the tables the codecs of the code maps ``names`` keep for the process once they have coded on
+    ``device`` (each made at its first use and kept, ``lru_cache``; made once per process, not per step nor
+    per optimizer): per map its float32 values (:func:`code_map`: 4 B per value; on the CPU :func:`_code_map_cpu`'s
+    own tensor, elsewhere a copy on the device; the CPU's copy of a device run's maps is host memory, not
+    counted), and
+
+    * 8-bit maps on the CPU: the point table of :func:`quantize_blockwise_8bit_table` (:func:`_point_table`,
+      :data:`TABLE_POINTS` bytes); elsewhere bitsandbytes' kernel reads the map itself;
+    * 4-bit maps: the ``256 x 2`` float32 lookup pairs of the decode (:func:`lookup_pairs`, 2,048 B); on the CPU
+      ``dynamic4_signed``'s cell table (:func:`_cell_table`: an int32 count per cell and the 15 midpoints and
+      ``+inf``), elsewhere the midpoints the search reads (:func:`_midpoints`, 15 float32).
+
+    ``device``: where the codecs run (a meta device: as off the CPU, :func:`launch_bound`, the forms the step's
+    transient is counted with there). Measured: tests/test_quantexact_cached_tables.py."""
+    cpu = not launch_bound(torch.device(device))
+    total = 0
+    for name in set(names):
+        if name not in _MAP_VALUES:
+            raise ValueError(f"unknown code map {name!r}; valid: {', '.join(_MAP_VALUES)}")
+        values = _MAP_VALUES[name]
+        total += 4 * values
+        if values == 256:
+            total += TABLE_POINTS if cpu else 0
+            continue
+        total += 4 * 2 * 256
+        if not cpu:
+            total += 4 * (values - 1)
+        elif name == "dynamic4_signed":
+            total += 4 * 2 * _CELLS_PER_UNIT + 4 * values
+    return total
 
 
 def num_blocks(n: int, block_size: int) -> int:
@@ -140,14 +176,22 @@ def table_quantize_bytes(n: int, block_size: int) -> int:
     return n + 4 * nb + passes
 
 
+TABLE_BUILD_PIECE = 2048  # points per piece while a point table is made (its workspace: 8 B per point of a piece)
+
+
 @lru_cache(maxsize=None)
 def _point_table(name: str) -> Tensor:
     """uint8 [65536]: the code of each of bitsandbytes' 65536 points (build_quantize_lut, in float32 as
-    there: midpoints ``(c_i + c_{i+1}) * 0.5``, points ``2j / 65535 - 1``, code = midpoints below the point)."""
+    there: midpoints ``(c_i + c_{i+1}) * 0.5``, points ``2j / 65535 - 1``, code = midpoints below the point).
+    Made once per process, :data:`TABLE_BUILD_PIECE` points at a time (their float32 values and int32 codes,
+    16 KiB, and the midpoints beside the table: not 768 KiB of all points' values and int64 codes at once)."""
     code = _code_map_cpu(name)
     midpoints = (code[:-1] + code[1:]) * 0.5
-    points = torch.arange(TABLE_POINTS, dtype=torch.float32).mul_(2.0).div_(TABLE_POINTS - 1).sub_(1.0)
-    return torch.searchsorted(midpoints, points, right=False).to(torch.uint8)
+    table = torch.empty(TABLE_POINTS, dtype=torch.uint8)
+    for start in range(0, TABLE_POINTS, TABLE_BUILD_PIECE):
+        points = torch.arange(start, start + TABLE_BUILD_PIECE, dtype=torch.float32).mul_(2.0).div_(TABLE_POINTS - 1).sub_(1.0)
+        table[start : start + TABLE_BUILD_PIECE] = torch.searchsorted(midpoints, points, right=False, out_int32=True)
+    return table
 
 
 def table_rows_(normalized: Tensor) -> Tensor:
@@ -304,7 +348,8 @@ def _cell_table(name: str, device: str) -> tuple[Tensor, Tensor]:
     cells = _cells(midpoints)
     if torch.bincount(cells.long()).max() > 1:
         raise ValueError(f"code map {name!r}: two midpoints share a cell of width 1/{k}")
-    table = (cells.unsqueeze(0) < torch.arange(2 * k, dtype=torch.int32).unsqueeze(1)).sum(1).to(torch.int32)
+    # (the cells are sorted, as the midpoints: the count below cell c is c's leftmost insertion point)
+    table = torch.searchsorted(cells, torch.arange(2 * k, dtype=torch.int32), right=False, out_int32=True)
     mid_ext = torch.cat([midpoints, midpoints.new_full((1,), math.inf)])
     return table.to(device), mid_ext.to(device)
 
