@@ -462,3 +462,28 @@ def test_checkpoint_of_full_size_expert_state_refuses():
     sd["state"] = {0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(3, 12, 7), "exp_avg_sq": torch.zeros(3, 12, 7)}}
     with pytest.raises(ValueError, match=r"parameter 0 of shape \(3, 12, 7\).*(proj_meta|exp_avg)"):
         opt.load_state_dict(sd)
+
+
+def test_sharded_batch_state_dict_round_trip_and_other_rank_refused(one_process_mesh):
+    """state_dict() -> load_state_dict() of a Shard(0) batch (DTensor stacks back to the shard's plain tensors, the
+    bases' column-major layout kept) continues as the uninterrupted optimizer, bit for bit; a checkpoint of another
+    rank refuses, naming the parameter's group and the entries whose shapes differ."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = torch.randn(3, 12, 7, generator=torch.Generator().manual_seed(0))
+    ps = [torch.nn.Parameter(distribute_tensor(w.clone(), one_process_mesh, [Shard(0)])) for _ in range(2)]
+    opts = [create_optimizer([{"params": [p], **GAP}], "galore_adamw") for p in ps]
+    grads = _grads((12, 7), 5)
+    for i, g in enumerate(grads):
+        if i == 2:
+            opts[1].load_state_dict(opts[0].state_dict())
+            ps[1].data.copy_(ps[0].data)
+        for p, o in zip(ps, opts):
+            p.grad = distribute_tensor(g.clone(), one_process_mesh, [Shard(0)])
+            o.step()
+    assert torch.equal(ps[0].to_local(), ps[1].to_local())
+    for k, v in opts[0].state[ps[0]].items():
+        assert torch.equal(opts[1].state[ps[1]][k], v) and opts[1].state[ps[1]][k].stride() == v.stride(), k
+    other = create_optimizer([{"params": [ps[1]], **GAP, "rank": 3}], "galore_adamw")
+    with pytest.raises(ValueError, match=r"parameter group 0.*rank=2 \(this optimizer: 3\).*exp_avg"):
+        other.load_state_dict(opts[0].state_dict())
