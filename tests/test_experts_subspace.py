@@ -487,3 +487,43 @@ def test_sharded_batch_state_dict_round_trip_and_other_rank_refused(one_process_
     other = create_optimizer([{"params": [ps[1]], **GAP, "rank": 3}], "galore_adamw")
     with pytest.raises(ValueError, match=r"parameter group 0.*rank=2 \(this optimizer: 3\).*exp_avg"):
         other.load_state_dict(opts[0].state_dict())
+
+
+@pytest.mark.cuda
+def test_sharded_batch_checkpoint_on_a_cuda_mesh(tmp_path):
+    """NCCL, one process: a Shard(0) batch's checkpoint through torch.distributed.checkpoint (and a full state
+    dict, gathered over the CUDA mesh) holds every stacked entry on the GPU, proj_meta included, and resumes
+    bit for bit with proj_meta back on the CPU."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        w = torch.randn(3, 12, 7, generator=torch.Generator().manual_seed(0))
+        models = [torch.nn.Module() for _ in range(2)]
+        for m in models:
+            m.w = torch.nn.Parameter(distribute_tensor(w.cuda(), mesh, [Shard(0)]))
+        opts = [create_optimizer([{"params": [m.w], **GAP, "projection": "random"}], "galore_adamw") for m in models]
+        grads = [g.cuda() for g in _grads((12, 7), 4)]
+        for i, g in enumerate(grads):
+            if i == 2:
+                full = get_optimizer_state_dict(models[0], opts[0], options=StateDictOptions(full_state_dict=True))
+                assert full["state"]["w"]["proj_meta"].shape == (3, 6)
+                dcp.save({"optim": get_optimizer_state_dict(models[0], opts[0])}, checkpoint_id=tmp_path / "ckpt")
+                sd = {"optim": get_optimizer_state_dict(models[1], opts[1])}
+                dcp.load(sd, checkpoint_id=tmp_path / "ckpt")
+                set_optimizer_state_dict(models[1], opts[1], sd["optim"])
+                models[1].w.data.copy_(models[0].w.data)
+            for m, o in zip(models, opts):
+                m.w.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                o.step()
+        assert torch.equal(models[0].w.to_local(), models[1].w.to_local())
+        assert opts[1].state[models[1].w]["proj_meta"].device.type == "cpu"
+        for k, v in opts[0].state[models[0].w].items():
+            assert torch.equal(opts[1].state[models[1].w][k], v), k
+    finally:
+        dist.destroy_process_group()

@@ -435,9 +435,13 @@ def matrices_state_to_dtensor(v: Any, p: Tensor) -> Any:
     whole batch's stack ``[*lead, ...]`` with the parameter's placements (a ``Shard(d)`` of a leading
     dimension is the same dimension of the stack): ``torch.distributed.checkpoint`` saves each
     rank's matrices and loads them onto any number of processes, as the parameter. 0-d entries (the
-    step counters the matrices share, equal on every rank) stay plain."""
+    step counters the matrices share, equal on every rank) stay plain. An entry the engine keeps on the
+    CPU (``proj_meta``) is copied to the mesh's device (a CUDA mesh's collectives, e.g. a full state
+    dict's gather, take no CPU tensors); loading puts it back on the CPU."""
     if not isinstance(v, Tensor) or v.dim() == 0:
         return v
+    if v.device.type != p.device_mesh.device_type:
+        v = v.to(p.to_local().device)
     k = p.ndim - 2
     shape = torch.Size((*p.shape[:k], *v.shape[k:]))
     stride, acc = [], math.prod(v.shape[k:])
