@@ -593,7 +593,57 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
                           f"{cls.__mro__[1].__name__ if cls.__name__.startswith('LowMem') else cls.__name__} in the "
                           "transformers / TRL documentation)")
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
+    check_unavailable_fields(recipe.training_args)
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+def _liger_available() -> bool:
+    from transformers.utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
+
+
+def _vllm_available() -> bool:
+    from trl.import_utils import is_vllm_available
+
+    return is_vllm_available()
+
+
+def check_unavailable_fields(ta: dict[str, Any]) -> None:
+    """Config fields (already type-checked, in ``training_args``) that ask for something this run cannot do,
+    refused before the model loads. Passed on, each failed later: ``push_to_hub`` and a GRPO
+    ``log_completions_hub_repo`` (with ``log_completions``) reached the Hub when the Trainer was built
+    ("Cannot reach https://huggingface.co/api/repos/create"; lowmem runs offline and uploads nothing);
+    ``use_liger_kernel`` / ``use_vllm`` without their packages raised an ``ImportError`` traceback after the
+    model loaded; TRL's ``activation_offloading`` without a GPU raised ``AttributeError: 'NoneType' object has
+    no attribute 'type'`` (it offloads activations from an accelerator to the CPU); ``chat_template_path`` (an
+    ``SFTConfig`` field) was not seen by lowmem's template check, and a path that was no file was looked up on
+    the Hub.
+
+    Raises:
+        ConfigError: Naming the field, its value and the fix.
+    """
+    if ta.get("push_to_hub"):
+        raise ConfigError("push_to_hub=true: lowmem train runs offline and uploads nothing; drop push_to_hub and "
+                          "upload OUTPUT_DIR yourself afterwards (huggingface_hub.upload_folder)")
+    if ta.get("log_completions") and ta.get("log_completions_hub_repo"):
+        raise ConfigError(f"log_completions_hub_repo={ta['log_completions_hub_repo']!r}: lowmem train runs offline and "
+                          "uploads nothing; drop log_completions_hub_repo (log_completions alone logs them locally)")
+    if ta.get("use_liger_kernel"):
+        if not _liger_available():
+            raise ConfigError("use_liger_kernel=true needs the liger-kernel package, which is not installed: "
+                              "pip install liger-kernel (or drop use_liger_kernel)")
+    if ta.get("use_vllm"):
+        if not _vllm_available():
+            raise ConfigError("use_vllm=true needs the vllm package, which is not installed: pip install 'trl[vllm]' "
+                              "(or drop use_vllm: TRL then generates with transformers)")
+    if ta.get("activation_offloading") and not _accelerator_visible():
+        raise ConfigError("activation_offloading=true moves activations from a GPU to the CPU, and no GPU is visible; "
+                          "drop it (gradient_checkpointing: true saves activation memory on any device)")
+    if ta.get("chat_template_path") is not None:
+        raise ConfigError(f"chat_template_path={ta['chat_template_path']!r}: write chat_template: <the .jinja path> "
+                          "(lowmem's field: read and compiled before the model loads, relative to the recipe file, "
+                          "saved with the model); a tokenizer folder's template: its chat_template.jinja file")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -1,0 +1,54 @@
+"""A new user's TRL / HF Trainer config fields that lowmem cannot honour here: each is one error naming the
+field before the model loads (before: a traceback after it loaded, or a request to the Hub)."""
+
+import pytest
+
+from lowmem.config import ConfigError
+from lowmem.train import load_recipe
+
+
+def _recipe(tmp_path, trainer="sft", **training_args):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2", "answer": "2"}\n' if trainer == "grpo"
+                    else '{"text": "1+1=2"}\n')
+    kw = dict(trainer=trainer, output_dir=str(tmp_path / "out"), dataset=str(data), batch_size=4)
+    if trainer == "grpo":
+        kw["reward_funcs"] = ["exact_match"]
+        training_args = {"num_generations": 4, **training_args}
+    return load_recipe(None, **kw, **training_args)
+
+
+@pytest.mark.parametrize("trainer, fields, message", [
+    ("sft", {"push_to_hub": True}, r"push_to_hub=true: lowmem train runs offline and uploads nothing"),
+    ("grpo", {"log_completions": True, "log_completions_hub_repo": "me/x"},
+     r"log_completions_hub_repo='me/x': lowmem train runs offline"),
+    ("sft", {"chat_template_path": "chat.jinja"}, r"chat_template_path='chat.jinja': write chat_template"),
+    ("sft", {"activation_offloading": True}, r"activation_offloading=true .* no GPU is visible"),
+    ("sft", {"use_liger_kernel": True}, r"use_liger_kernel=true needs the liger-kernel package"),
+    ("grpo", {"use_vllm": True}, r"use_vllm=true needs the vllm package"),
+])
+def test_fields_that_cannot_apply_are_errors_naming_them(trainer, fields, message, tmp_path, monkeypatch):
+    """Before: push_to_hub / log_completions_hub_repo called the Hub when the Trainer was built ("Cannot reach
+    https://huggingface.co/api/repos/create"); use_liger_kernel / use_vllm were an ImportError traceback after the
+    model loaded (exit 1); activation_offloading on a CPU an AttributeError traceback in TRL; chat_template_path
+    was unseen by lowmem's template check (a missing-template error) or looked up on the Hub."""
+    import lowmem.train
+
+    monkeypatch.setattr(lowmem.train, "_accelerator_visible", lambda: False)
+    monkeypatch.setattr(lowmem.train, "_liger_available", lambda: False)
+    monkeypatch.setattr(lowmem.train, "_vllm_available", lambda: False)
+    with pytest.raises(ConfigError, match=message):
+        _recipe(tmp_path, trainer, **fields)
+
+
+def test_fields_that_can_apply_pass(tmp_path, monkeypatch):
+    """The same fields where they can apply: off, or their package / device present."""
+    import lowmem.train
+
+    _recipe(tmp_path, push_to_hub=False, hub_model_id="me/x", activation_offloading=False, use_liger_kernel=False)
+    _recipe(tmp_path, "grpo", log_completions=True, use_vllm=False)
+    monkeypatch.setattr(lowmem.train, "_accelerator_visible", lambda: True)
+    monkeypatch.setattr(lowmem.train, "_liger_available", lambda: True)
+    monkeypatch.setattr(lowmem.train, "_vllm_available", lambda: True)
+    assert _recipe(tmp_path, activation_offloading=True, use_liger_kernel=True).training_args["use_liger_kernel"]
+    assert _recipe(tmp_path, "grpo", use_vllm=True).training_args["use_vllm"]
