@@ -112,7 +112,7 @@ def _worker(rank, world, init_file, out_dir):
             model, x, y = make()
             _shard(model, mesh)
             opt = build(model, tag)
-            mine = [opt.state_bytes(), opt.step_transient_bytes(),
+            mine = [opt.state_bytes(), [opt.step_transient_bytes(), opt.step_transient_bytes(per_parameter=True)],
                     [tuple(p.to_local().shape) for p in (model.gate_up, model.down, model.lone)]]
             every = [None] * world
             dist.all_gather_object(every, mine)
@@ -196,8 +196,8 @@ def test_two_processes_match_one_on_fused_experts(run, tag):
 def test_state_bytes_are_the_shards_share(run, tag):
     """Each rank's state_bytes() (materialized at construction): its experts' share of each batch's stacked
     state (rank 0: 2 of 3, and the lone expert; rank 1: 1 of 3, and an empty stack of the lone expert's),
-    its rows of the router (AdamW), the counters whole. step_transient_bytes() counts each rank's experts as
-    an unsharded batch of them: at most the one-process bound, an empty shard adding nothing."""
+    its rows of the router (AdamW), the counters whole. step_transient_bytes() (also per_parameter) counts each
+    rank's experts as an unsharded batch of them: at most the one-process bound, an empty shard adding nothing."""
     got = json.loads((run / "out.json").read_text())
     assert [[tuple(s) for s in r] for r in got["local"][tag]] == [[(2, 24, 16), (2, 16, 12), (1, 16, 16)],
                                                                  [(1, 24, 16), (1, 16, 12), (0, 16, 16)]]
@@ -213,7 +213,8 @@ def test_state_bytes_are_the_shards_share(run, tag):
                 size = v.numel() * v.element_size()
                 expected += size if v.dim() == 0 else size * share[id(p)][0] // share[id(p)][1]
         assert got["state_bytes"][tag][rank] == expected, rank
-        assert 0 < got["transient"][tag][rank] <= opt.step_transient_bytes()
+        assert 0 < got["transient"][tag][rank][0] <= opt.step_transient_bytes()
+        assert 0 < got["transient"][tag][rank][1] <= opt.step_transient_bytes(per_parameter=True)
 
 
 @pytest.mark.parametrize("tag", RECIPES)

@@ -1102,6 +1102,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """The transient of :meth:`_update` of ``p`` alone (its per-parameter step; ``steady``: without a refresh).
         A batch of matrices (:meth:`_matrices`): one matrix's, its step's temporaries freed before the next one's."""
         if self._matrices(p, group):
+            if p.numel() == 0:  # (an FSDP2 shard with no matrix: nothing stepped)
+                return 0
             idx = matrix_index(0, p.shape[:-2])
             return self._param_transient_bytes(matrix_of(p, idx), group, matrix_state(state, idx), steady)
         r = self.recipe
