@@ -342,6 +342,13 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     if match is None:
         accepted = "; ".join(desc for _, _, desc in formats)
         hint = _format_hint(columns, trainer)
+        if trainer == "sft" and text_field != "text":  # the hints read FORMATS, whose text column is 'text'
+            import difflib
+
+            close = difflib.get_close_matches(text_field, columns, n=1, cutoff=0.7)
+            hint = (f". dataset_text_field={text_field!r} names no column of the data"
+                    + (" (its default, 'text', is one: drop dataset_text_field)" if "text" in columns
+                       else f"; did you mean dataset_text_field: {close[0]}?" if close else ""))
         strings = [c for c, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
         if not hint and trainer == "sft" and strings:  # plain text under another name (TRL's dataset_text_field)
             hint = (f". To train on the text of column {strings[0]!r} (language modeling), set dataset_text_field: "

@@ -52,3 +52,20 @@ def test_fields_that_can_apply_pass(tmp_path, monkeypatch):
     monkeypatch.setattr(lowmem.train, "_vllm_available", lambda: True)
     assert _recipe(tmp_path, activation_offloading=True, use_liger_kernel=True).training_args["use_liger_kernel"]
     assert _recipe(tmp_path, "grpo", use_vllm=True).training_args["use_vllm"]
+
+
+@pytest.mark.parametrize("columns, text_field, hint", [
+    (["text"], "content", r"dataset_text_field='content' names no column of the data \(its default, 'text', is one: "
+                          r"drop dataset_text_field\)$"),
+    (["body"], "bdy", r"dataset_text_field='bdy' names no column of the data; did you mean dataset_text_field: body\?$"),
+])
+def test_dataset_text_field_naming_no_column(columns, text_field, hint):
+    """Before: "Missing column(s) [] of the 'text' (language modeling) format (found ['text'])" for a text dataset
+    with a dataset_text_field naming no column (the hints read the table's 'text' column, not the field's)."""
+    from datasets import Dataset
+
+    from lowmem.data import detect_format
+
+    with pytest.raises(ValueError, match=hint) as err:
+        detect_format(Dataset.from_list([{c: "1+1=2" for c in columns}]), "sft", text_field=text_field)
+    assert "Missing column(s) []" not in str(err.value)
