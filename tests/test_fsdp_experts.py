@@ -7,7 +7,7 @@ weights, float32 subspace math): the weights, and every state entry (bases, mome
 ``proj_meta`` with its seed by the expert's index in the whole batch), equal the one-process run's; the experts
 split unevenly (3 over 2 ranks: 2 / 1) and one batch leaves rank 1 no expert at all. Checkpoints through
 ``torch.distributed.checkpoint``: resumed on 2 processes, and on one process (another world size). One spawn
-of 2 processes runs everything (~10 s); the test process runs the unsharded references.
+of 2 processes runs everything (~12 s of CPU); the test process runs the unsharded references.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ pytestmark = pytest.mark.distributed
 RECIPES = {
     "galore_adamw": ("galore_adamw", {"rank": 4, "update_proj_gap": 2}),
     "galore_rsvd": ("galore_adamw", {"rank": 4, "update_proj_gap": 2, "projection": "rsvd"}),
+    # the per-parameter path (one matrix after another) instead of the projected buckets
+    "galore_loop": ("galore_adamw", {"rank": 4, "update_proj_gap": 2, "foreach": False}),
     "apollo_adamw": ("apollo_adamw", {"rank": 4, "update_proj_gap": 2}),
     "adamw_snsm": ("adamw_snsm", {"rank": 4, "update_proj_gap": 2}),
     # not projected: Subset-Norm's statistics per matrix (each expert's rows or columns)
@@ -138,6 +140,23 @@ def _worker(rank, world, init_file, out_dir):
             out["resumed"][tag] = max((again[k] - straight[k]).abs().max().item() for k in straight)
             if rank == 0:
                 torch.save({"weights": straight, "state": state}, os.path.join(out_dir, f"{tag}.pt"))
+        # a NaN in one expert of rank 1 only: both ranks skip the step, nothing changes
+        model, x, y = make()
+        _shard(model, mesh)
+        opt = build(model, "galore_adamw")
+        train(model, opt, x[half], y[half], 1)
+        opt.zero_grad()
+        (model(x[half]) - y[half]).pow(2).mean().backward()
+        if rank == 1:
+            model.gate_up.grad.to_local()[0, 0, 0] = float("nan")
+        before = [p.to_local().clone() for p in model.parameters()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        unchanged = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+        every = [None] * world
+        dist.all_gather_object(every, [opt.skipped_steps, unchanged])
+        out["nan"] = every
         # the experts' matrices split (their A or B dimension sharded): refused, naming what is supported
         for dim in (1, 2):
             p = nn.Parameter(distribute_tensor(torch.randn(4, 24, 16, dtype=torch.float64), mesh, [Shard(dim)]))
@@ -242,6 +261,11 @@ def test_checkpoint_resumes_on_one_process(run, tag):
     final = torch.load(run / f"{tag}.pt", weights_only=True)["weights"]
     for key, v in model.state_dict().items():
         torch.testing.assert_close(v, final[key], rtol=1e-6, atol=1e-6, msg=lambda m: f"{tag}: {key}: {m}")
+
+
+def test_nonfinite_expert_on_one_rank_skips_on_all(run):
+    """A NaN in rank 1's expert: the non-finite flag is reduced over the mesh, both ranks skip the step."""
+    assert json.loads((run / "out.json").read_text())["nan"] == [[1, True], [1, True]]
 
 
 @pytest.mark.parametrize("dim", ["1", "2"])
