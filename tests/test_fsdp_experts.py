@@ -140,6 +140,19 @@ def _worker(rank, world, init_file, out_dir):
             out["resumed"][tag] = max((again[k] - straight[k]).abs().max().item() for k in straight)
             if rank == 0:
                 torch.save({"weights": straight, "state": state}, os.path.join(out_dir, f"{tag}.pt"))
+        # one process's checkpoint of step 2 (saved by the fixture) resumed on 2 processes
+        for tag in FROM_ONE:
+            model, _, _ = make(seed=1)
+            _shard(model, mesh)
+            opt = build(model, tag)
+            sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(sd, checkpoint_id=os.path.join(out_dir, f"one_{tag}"))
+            set_model_state_dict(model, sd["model"])
+            set_optimizer_state_dict(model, opt, sd["optim"])
+            train(model, opt, x[half], y[half], STEPS - 2)
+            full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            if rank == 0:
+                torch.save(full, os.path.join(out_dir, f"from_one_{tag}.pt"))
         # a NaN in one expert of rank 1 only: both ranks skip the step, nothing changes
         model, x, y = make()
         _shard(model, mesh)
@@ -172,9 +185,27 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+FROM_ONE = ["apollo_adamw", "adamw_snsm"]
+
+
+def _save_one(tag, ckpt):
+    """One unsharded process's checkpoint (torch.distributed.checkpoint) after 2 steps of ``tag``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, x, y = make()
+    opt = build(model, tag)
+    train(model, opt, x, y, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (DCP: no process group, one process)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_experts")
+    for tag in FROM_ONE:
+        _save_one(tag, out / f"one_{tag}")
     mp.spawn(_worker, args=(2, str(out / "rendezvous"), str(out)), nprocs=2, join=True)
     return out
 
@@ -266,6 +297,16 @@ def test_checkpoint_resumes_on_one_process(run, tag):
 def test_nonfinite_expert_on_one_rank_skips_on_all(run):
     """A NaN in rank 1's expert: the non-finite flag is reduced over the mesh, both ranks skip the step."""
     assert json.loads((run / "out.json").read_text())["nan"] == [[1, True], [1, True]]
+
+
+@pytest.mark.parametrize("tag", FROM_ONE)
+def test_one_process_checkpoint_resumes_on_two(run, tag):
+    """One process's checkpoint of step 2 loads onto 2 processes (each takes its experts' rows of the stacks,
+    their seeds included), which continue with half the batch each to the one-process run's weights (1e-6)."""
+    model, _ = _single(tag)
+    got = torch.load(run / f"from_one_{tag}.pt", weights_only=True)
+    for key, ref in model.state_dict().items():
+        torch.testing.assert_close(got[key], ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"{tag}: {key}: {m}")
 
 
 @pytest.mark.parametrize("dim", ["1", "2"])
