@@ -335,7 +335,7 @@ class Quantized(MomentRule):
         four = any(s.bits == 4 for s in self.specs.values())
         return 4 * len(self.specs) * numel + codec_bytes(numel, four, False) + self.inner.foreach_direction_transient_bytes(numel)
 
-    def foreach_direction_bucket_transient_bytes(self, members):
+    def foreach_direction_bucket_transient_bytes(self, members, block_size: int | None = None):
         """What :meth:`foreach_direction` allocates for a bucket of ``(shape, state)`` members whose quantized
         moments are all 8-bit blockwise, or all 4-bit (blockwise or rank-1): on the CPU
         :meth:`_four_bit_bucket_bytes`, elsewhere :meth:`_four_bit_joint_bytes`; otherwise
@@ -348,13 +348,16 @@ class Quantized(MomentRule):
         whole blocks one moment at a time, each moment's new codes and absmax kept until the one
         ``torch._foreach_copy_`` (``n_k + 4 n_k / B`` bytes) beside the next one's and its table pass
         (:func:`~lowmem.optim.functional.quant.table_workspace_bytes` of ``n_k`` values in whole blocks:
-        ``TABLE_PIECE_BYTES min(TABLE_PIECE, n_k)``; on CUDA bitsandbytes' kernel needs none, a bound there)."""
+        ``TABLE_PIECE_BYTES min(TABLE_PIECE, n_k)``; on CUDA bitsandbytes' kernel needs none, a bound there).
+        ``block_size``: the group's (:meth:`foreach_bucket_transient_bytes` knows it), which decides which members
+        are decoded alone and the table pass over their padded blocks; ``None`` (the engine's projected buckets):
+        taken from each member's values and blocks, the largest that fits (a bound for a member of one block)."""
         quantized = [(shape, st, k) for shape, st in members for k in self.specs if is_quantized(st, k)]
         if quantized and all(self.specs[k].bits == 4 for _, st, k in quantized):
             if all(Q.launch_bound(st[k].device) for _, st, k in quantized):
-                return self._four_bit_joint_bytes(members)
+                return self._four_bit_joint_bytes(members, block_size)
             if all(st[k].device.type == "cpu" for _, st, k in quantized):
-                return self._four_bit_bucket_bytes(members)
+                return self._four_bit_bucket_bytes(members, block_size)
         if any(self.specs[k].bits != 8 or is_rank1(st, k) for _, st, k in quantized):
             return self.foreach_direction_transient_bytes(sum(math.prod(shape) for shape, _ in members))
         total = sum(math.prod(shape) for shape, _ in members)
@@ -363,6 +366,8 @@ class Quantized(MomentRule):
             return numel + st[k + "_absmax"].numel() * st[k + "_absmax"].element_size()
 
         def whole_blocks(numel: int, st: dict[str, Tensor], k: str) -> bool:
+            if block_size is not None:
+                return numel % block_size == 0
             # (numel = blocks x a valid block size: the group's, which the state does not hold, is taken to be it)
             blocks = st[k + "_absmax"].numel()
             return blocks > 0 and numel % blocks == 0 and numel // blocks in Q.VALID_BLOCK_SIZES
@@ -376,7 +381,8 @@ class Quantized(MomentRule):
                 batched.setdefault(k, []).append((numel, st))
             else:  # decoded and encoded alone: its table pass over its blocks (the largest block size they fit)
                 blocks = st[k + "_absmax"].numel()
-                size = max((b for b in Q.VALID_BLOCK_SIZES if -(-numel // b) == blocks), default=max(Q.VALID_BLOCK_SIZES))
+                size = block_size or max((b for b in Q.VALID_BLOCK_SIZES if -(-numel // b) == blocks),
+                                         default=max(Q.VALID_BLOCK_SIZES))
                 alone = max(alone, codes_bytes(numel, st, k) + Q.TABLE_PIECE_BYTES * min(Q.TABLE_PIECE, blocks * size))
         pending = 0
         for k in self.specs:  # (_decoded_many's order: the specs', one call per moment)
@@ -390,7 +396,7 @@ class Quantized(MomentRule):
             [(shape, {k: v for k, v in st.items() if not is_quantized(st, k)}) for shape, st in members])
         return decoded + max(inner, 4 * total + max(alone, encode))
 
-    def _four_bit_bucket_bytes(self, members) -> int:
+    def _four_bit_bucket_bytes(self, members, block_size: int | None = None) -> int:
         """:meth:`foreach_direction_bucket_transient_bytes` of a bucket whose quantized moments are all 4-bit
         (blockwise or rank-1) on the CPU: :meth:`_decoded_many`'s calls walked in its order on a ledger of
         what each allocates and frees (:class:`_Ledger`; the codecs' CPU forms, ``Q.launch_bound`` false):
@@ -401,8 +407,8 @@ class Quantized(MomentRule):
         stack's codes and maxima, kept for the one ``torch._foreach_copy_``)."""
         led = _Ledger()
         alone, batched, stacked = [], {}, {}
-        block = _bucket_block_size([(math.prod(shape), st[k + "_absmax"].numel()) for shape, st in members
-                                    for k in self.specs if is_quantized(st, k) and not is_rank1(st, k)])
+        block = block_size or _bucket_block_size([(math.prod(shape), st[k + "_absmax"].numel()) for shape, st in members
+                                                  for k in self.specs if is_quantized(st, k) and not is_rank1(st, k)])
         for i, (shape, st) in enumerate(members):
             shape = torch.Size(shape)
             for k in self.specs:
@@ -452,7 +458,7 @@ class Quantized(MomentRule):
             led.keep(_quantize_rank1_bytes(led, n, len(idx) * shape[0], len(idx) * shape[1], self.specs[k].code))
         return led.peak
 
-    def _four_bit_joint_bytes(self, members) -> int:
+    def _four_bit_joint_bytes(self, members, block_size: int | None = None) -> int:
         """:meth:`foreach_direction_bucket_transient_bytes` of a bucket whose quantized moments are all 4-bit off the
         CPU (:func:`~lowmem.optim.functional.quant.launch_bound`: :meth:`_decoded_joint`'s forms), walked on a
         ledger in :meth:`_decoded_many`'s order: the members alone decoded (as on the CPU); the one buffer of every
@@ -466,8 +472,8 @@ class Quantized(MomentRule):
         place, the indices and the codes. Measured on the CPU with the device's forms forced
         (tests/test_quant_bucket_joint.py)."""
         led = _Ledger()
-        block = _bucket_block_size([(math.prod(shape), st[k + "_absmax"].numel()) for shape, st in members
-                                    for k in self.specs if is_quantized(st, k) and not is_rank1(st, k)])
+        block = block_size or _bucket_block_size([(math.prod(shape), st[k + "_absmax"].numel()) for shape, st in members
+                                                  for k in self.specs if is_quantized(st, k) and not is_rank1(st, k)])
         alone, batched, stacked = [], {}, {}
         for shape, st in members:
             shape = torch.Size(shape)
@@ -855,11 +861,12 @@ class Quantized(MomentRule):
                        if rest else 0)
         coded = sum(n for n, state in members if any(is_quantized(state, k) for k in self.specs))
         quantized = [k for _, st in members for k in self.specs if is_quantized(st, k)]
-        if group is not None and quantized and all(self.specs[k].bits == 4 for k in quantized):
-            # 4-bit moments: foreach_step_ is _decoded_many, the inner rule's multi-tensor direction and the encode
-            # (then the update, in place), what foreach_direction_bucket_transient_bytes walks; each member's shape
+        if group is not None and quantized and len({self.specs[k].bits for k in quantized}) == 1:
+            # 4-bit or 8-bit moments: foreach_step_ is _decoded_many, the inner rule's multi-tensor direction and the
+            # encode (then the update, in place), what foreach_direction_bucket_transient_bytes walks; each member's shape
             # from its state (rank-1 maxima: shape[:-1] and shape[-1]; the others' flat size is all that counts)
-            return self.foreach_direction_bucket_transient_bytes([(_state_shape(n, st, self.specs), st) for n, st in members])
+            return self.foreach_direction_bucket_transient_bytes([(_state_shape(n, st, self.specs), st) for n, st in members],
+                                                                 group["block_size"])
         return self._decoded_bytes(coded) + self.inner.foreach_direction_transient_bytes(numel)
 
     def _decoded_bytes(self, numel: int) -> int:
