@@ -36,6 +36,7 @@ from .functional import fira as FI
 from .functional import osd as OSD
 from .functional.adam import adam_direction, adam_direction_foreach, adam_moments_, adam_moments_foreach_
 from .functional.norms import float_norm
+from .moments import constant_lr
 
 #: one parameter of :meth:`CombineRule.foreach_fold`: ``(index, M, a, k)``, the direction times ``alpha`` is
 #: ``a * P.up(M) + g * k``
@@ -181,6 +182,18 @@ class Projection:
         """Bytes of the combine-back of ``rows`` rows (the full-size direction when ``rows`` is all)."""
         return 4 * rows * shape[1]
 
+    def add_up_rows_bytes(self, shape: torch.Size, group: dict[str, Any], rows: int) -> int:
+        """Bytes :meth:`add_up_rows_` allocates for ``rows`` rows (an in-place ``addmm_``); default: none."""
+        return 0
+
+    def up_rows_bytes(self, shape: torch.Size, group: dict[str, Any], rows: int) -> tuple[int, int]:
+        """``(peak, out)`` of :meth:`up_rows` of ``rows`` rows; default: the rows, ``4 rows n``."""
+        return 4 * rows * shape[1], 4 * rows * shape[1]
+
+    def up_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
+        """The peak of :meth:`up` (the whole direction); default: ``4 m n``."""
+        return 4 * shape[0] * shape[1]
+
     def down_rows_bytes(self, shape: torch.Size, group: dict[str, Any], bounds: list[tuple[int, int]]) -> int:
         """The peak of :meth:`down_rows` of a low-precision gradient of ``shape`` in the row blocks ``bounds``
         (the projected gradient included); default: a block's float32 copy beside the projected gradient."""
@@ -189,6 +202,12 @@ class Projection:
     def down_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
         """The peak of :meth:`down` of a float32 gradient of ``shape``; default: the projected gradient."""
         return 4 * self.low_shape(shape, group).numel()
+
+    def post_update_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
+                          low_precision: bool, low_given: bool) -> int:
+        """The peak of :meth:`post_update` of a gradient of ``shape`` (``low_precision``: the gradient as stored in
+        16 bits; ``low_given``: its projection passed as ``low``), not checked by :meth:`pre_check`; default: none."""
+        return 0
 
     def untraced_refresh_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
         """The part of :meth:`transient_bytes` (``refresh=True``) that a kernel allocates inside (LAPACK's
@@ -479,7 +498,7 @@ class SubspaceProjection(Projection):
         :func:`~lowmem.optim.functional.galore.rsvd_refresh_bytes`); a random basis (:func:`~lowmem.optim.functional.galore.random_basis`,
         per projected side of ``d`` rows) its Gaussian draw and the scaled result (``gaussian``,
         ``8 d r`` bytes; measured exactly that) or the draw, the QR factors ``Q`` and ``R``, the
-        sign-fixed result and LAPACK's blocked workspace (``random``, ``12 d r + 4 r^2 + 4 d min(r, 128)``;
+        signs and sign-fixed result and LAPACK's blocked workspace (``random``, ``12 d r + 4 r^2 + 4 r + 4 d min(r, 128)``;
         measured 27.1 MiB for 8192 x 256, 51.4 for 8192 x 512, 12 for 16384 x 64); coordinates the
         choice of their ``k`` int64 indices: a random one (``columns``, ``rows``, ``randk``) the permutation of the
         ``size`` it chooses from beside the sorted first ``k`` and their order, ``8 size + 16 k``, ``blocks`` its
@@ -504,7 +523,8 @@ class SubspaceProjection(Projection):
         elif method in ("random", "gaussian"):
             side = self._side(shape, group)
             rows = [d for d, s in ((m, ("left", "full")), (n, ("right", "full"))) if side in s]
-            draw = [8 * d * r if method == "gaussian" else 12 * d * r + 4 * r * r + 4 * d * min(r, 128) for d in rows]
+            draw = [8 * d * r if method == "gaussian" else 12 * d * r + 4 * r * r + 4 * r + 4 * d * min(r, 128)
+                    for d in rows]
             work = draw[0] if len(draw) == 1 else max(draw[0], 4 * m * r + draw[1])  # "full": left kept while right is drawn
         else:  # rsvd
             work = self._rsvd_bytes(shape, group)
@@ -512,6 +532,40 @@ class SubspaceProjection(Projection):
             return work
         snapshot, rotation = self.rotate_bytes(shape, group)
         return snapshot + max(work, rotation)
+
+    def _two_sided(self, shape, group) -> bool:
+        return self.method(group) in BASIS_METHODS and self._side(shape, group) == "full"
+
+    def up_rows_bytes(self, shape, group, rows) -> tuple[int, int]:
+        """``(peak, out)`` of :meth:`up_rows` of ``rows`` rows: a basis's product (two-sided beside ``P[a:b] N``,
+        ``rows x r``); columns the zero rows and the copy of their columns (exact); rows and ``randk`` also the
+        masks of the indices that fall in the block (3 bool vectors of the ``k`` indices), the chosen indices
+        (int64, twice) and values: a bound, the count ``c`` of indices in a block (at most ``rows`` or
+        ``rows n``) being data-dependent."""
+        m, n = shape
+        out = 4 * rows * n
+        if self.method(group) in BASIS_METHODS:
+            return out + 4 * rows * group["rank"] * self._two_sided(shape, group), out
+        dim, k = self._coordinates(shape, group)
+        if dim == 1:
+            return out, out
+        c = min(k, rows if dim == 0 else rows * n)
+        width = n if dim == 0 else 1
+        return out + max(3 * k, k + 16 * c, k + 8 * c + 4 * c * width), out
+
+    def up_bytes(self, shape, group) -> int:
+        """The peak of :meth:`up` (the whole direction): the scattered or projected-back tensor, two-sided
+        beside ``P N`` (``m x r``)."""
+        m, n = shape
+        return 4 * m * n + 4 * m * group["rank"] * self._two_sided(shape, group)
+
+    def combine_transient_bytes(self, shape, group, rows):
+        """:meth:`up_rows_bytes`' peak."""
+        return self.up_rows_bytes(shape, group, rows)[0]
+
+    def add_up_rows_bytes(self, shape, group, rows):
+        """Two-sided: ``P[a:b] N`` (``rows x r``), the ``addmm_``'s left factor."""
+        return 4 * rows * group["rank"] * self._two_sided(shape, group)
 
     def down_rows_bytes(self, shape, group, bounds):
         """A basis: :func:`~lowmem.optim.functional.galore.project_down_rows_bytes` (exact); coordinates: the
@@ -521,6 +575,22 @@ class SubspaceProjection(Projection):
             return 6 * self.low_shape(shape, group).numel()
         side = self._side(shape, group)
         return GL.project_down_rows_bytes(n, group["rank"], side in ("left", "full"), side in ("right", "full"), bounds)
+
+    def post_update_bytes(self, shape, group, state, low_precision, low_given):
+        """``online_pca``'s basis step (exact, traced): the gradient's norm
+        (:func:`~lowmem.optim.functional.norms.float_norm`: a 16-bit gradient of more than ``2^19`` elements in
+        float32 blocks), the usability flags beside it (7 bytes), the PCA gradient
+        (:func:`~lowmem.optim.functional.osd.pca_loss_grad_bytes`), then Adam's direction of it (its size)."""
+        if self.method(group) != "online_pca":
+            return 0
+        m, n = shape
+        block = 2**19
+        norm = 8 + 4 * min(m * n, block) if low_precision and m * n > block else 4
+        key = "proj_left" if "proj_left" in state else "proj_right"
+        pca, grad = OSD.pca_loss_grad_bytes(m, n, group["rank"], "left" if key == "proj_left" else "right",
+                                            low_precision, low_given and not low_precision)
+        adam = 2 * grad if group["proj_optimizer"] == "adam" else grad
+        return max(norm, 4 + 7, 4 + pca, 4 + adam)
 
     def down_bytes(self, shape, group) -> int:
         """The peak of :meth:`down` of a float32 gradient: the projected gradient (two-sided: ``P^T G``
@@ -533,10 +603,15 @@ class SubspaceProjection(Projection):
     def untraced_refresh_bytes(self, shape, group):
         """``svd`` / ``online_pca`` (an exact SVD): of :meth:`transient_bytes`' ``4 (m n + m k + k n) + 13 k^2``,
         all but the SVD's outputs ``U``, ``S``, ``V^T`` (``4 (m k + k + k n)``): LAPACK's column-major copy of
-        the gradient and its workspace, allocated inside the kernel."""
+        the gradient and its workspace, allocated inside the kernel; ``random``: QR's workspace, ``4 d min(r, 128)``
+        (the larger side drawn); ``rsvd`` is not split (its count is MKL's, measured by peak RSS)."""
+        m, n = shape
+        if self.method(group) == "random":  # QR's blocked workspace, per side drawn
+            side = self._side(shape, group)
+            return max(4 * d * min(group["rank"], 128) for d, sides in ((m, ("left", "full")), (n, ("right", "full")))
+                       if side in sides)
         if self.method(group) not in ("svd", "online_pca"):
             return 0
-        m, n = shape
         k = min(m, n)
         return 4 * m * n + 13 * k * k - 4 * k
 
@@ -919,9 +994,9 @@ class ResidualRule:
         """Upper bound of the bytes :meth:`update` allocates for ``rows`` rows (all rows: the whole step)."""
         return 0
 
-    def prepare_bytes(self, shape, group, state, projection, bounds) -> tuple[int, int]:
+    def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False) -> tuple[int, int]:
         """``(peak, held)`` of :meth:`prepare` and :meth:`fold` over the row blocks ``bounds`` (the per-parameter
-        step's, :func:`projected_alone_bytes`); default: none."""
+        step's, :func:`projected_alone_bytes`; ``low_precision``: ``g`` as stored in 16 bits); default: none."""
         return 0, 0
 
     def rows_bytes(self, shape, group, state, projection, rows: int) -> int:
@@ -1128,7 +1203,7 @@ class FiraResidual(ResidualRule):
         low = projection.low_shape(shape, group)
         return low[1] if low[0] < low[1] else low[0]
 
-    def prepare_bytes(self, shape, group, state, projection, bounds):
+    def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
         """Exact (traced): ``d_low / c`` beside the scaling factor's two norm vectors and their denominator
         (``L + 12 C``); beside the factor (``4 C``), the norm pass (a block's scaled residual, its norm and the
         sum's 0-d tensor) and :func:`~lowmem.optim.functional.fira.growth_limiter_`; then :meth:`fold`'s ``k``
@@ -1213,9 +1288,15 @@ class StateFreeResidual(ResidualRule):
         return 12 * rows * shape[1]
 
     def rows_bytes(self, shape, group, state, projection, rows):
-        """Beside the subspace part's block: the projection of ``low`` (the residual, in place) and its sign
-        (a new block), 2 float32 row blocks (whole: ``g - up(low)`` beside ``up(low)``, then its sign)."""
-        return 8 * rows * shape[1]
+        """Beside the subspace part's block: the projection of ``low``'s rows (:meth:`Projection.up_rows_bytes`,
+        then the residual in place) and its sign or copy (a new block)."""
+        peak, out = projection.up_rows_bytes(shape, group, rows)
+        return max(peak, out + 4 * rows * shape[1])
+
+    def whole_bytes(self, shape, group, state, projection):
+        """:meth:`update`: ``g - up(low)`` beside ``up(low)``, then its sign or copy beside it (``8 m n``;
+        two-sided, ``up`` beside ``P low``)."""
+        return max(projection.up_bytes(shape, group) + 4 * shape[0] * shape[1], 8 * shape[0] * shape[1])
 
 
 # ---- combine back: the full-size direction of a projected parameter ------------------------------
@@ -1308,10 +1389,11 @@ class CombineRule:
         raise NotImplementedError
 
     def prepare_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
-                      projection: Projection, bounds: list[tuple[int, int]]) -> tuple[int, int]:
+                      projection: Projection, bounds: list[tuple[int, int]], low_precision: bool = False
+                      ) -> tuple[int, int]:
         """``(peak, held)``: the bytes :meth:`prepare` allocates at most over the row blocks ``bounds`` and
         those of its context, alive through the blocks' :meth:`direction_rows` (the per-parameter step,
-        :func:`projected_alone_bytes`); default: none."""
+        :func:`projected_alone_bytes`; ``low_precision``: ``g`` as stored in 16 bits); default: none."""
         return 0, 0
 
     def rows_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
@@ -1393,29 +1475,31 @@ class ProjectBack(CombineRule):
                 + projection.combine_transient_bytes(shape, group, rows))
 
     def rows_bytes(self, shape, group, state, projection, rows):
-        return (self.residual.rows_bytes(shape, group, state, projection, rows)
-                + projection.combine_transient_bytes(shape, group, rows))
+        """``up_rows(d_low)`` (or the fold's ``up_rows(M)``; :meth:`Projection.up_rows_bytes`), then the residual
+        rule's rows beside its block."""
+        peak, out = projection.up_rows_bytes(shape, group, rows)
+        return max(peak, out + self.residual.rows_bytes(shape, group, state, projection, rows))
 
-    def prepare_bytes(self, shape, group, state, projection, bounds):
-        return self.residual.prepare_bytes(shape, group, state, projection, bounds)
+    def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
+        return self.residual.prepare_bytes(shape, group, state, projection, bounds, low_precision)
 
     def whole_bytes(self, shape, group, state, projection):
         """:meth:`direction`: the whole-size ``scale up(d_low)`` beside the residual rule's whole update."""
-        return self.residual.whole_bytes(shape, group, state, projection) + projection.combine_transient_bytes(
-            shape, group, shape[0])
+        return self.residual.whole_bytes(shape, group, state, projection) + projection.up_bytes(shape, group)
 
 
 # ---- the per-parameter step's peak, phase by phase --------------------------------------------------
 
 
 def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
-                          steady: bool = False, traced: bool = False) -> int:
+                          steady: bool = False, traced: bool = False, kept: bool = False) -> int:
     """The peak bytes the per-parameter step of projected ``p`` (``LowMemOptimizer._update``: layerwise
     mode's step, ``step_param``) allocates, phase by phase as the engine runs it (``_project_down``, the moment
     rule's direction, ``_combine_back`` / ``_combine_rows``), for a recipe without stabilizers. ``opt``: the
     engine optimizer (its ``recipe``, ``_chunk`` and ``_row_bounds``); ``steady``: a step without a refresh;
     ``traced``: without the refresh's kernel-internal workspace (:meth:`Projection.untraced_refresh_bytes`),
-    what a trace of the dispatched operations sees.
+    what a trace of the dispatched operations sees; ``kept``: without the part of the refresh that is MKL's kept
+    GEMM buffer (:meth:`Projection.refresh_kept_bytes`: the engine counts that buffer once for the whole step).
 
     Phases (``G`` = ``4 m n``, ``L`` = the projected gradient's ``4 r n`` or ``4 m r``):
 
@@ -1444,9 +1528,13 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
     chunk = opt._chunk(p.device)
     bounds = opt._row_bounds(p.shape, chunk) if chunk is not None else None
     refresh = 0 if steady else P.transient_bytes(p.shape, group, state, refresh=True)
-    if traced:
+    if traced and not steady:
         refresh -= P.untraced_refresh_bytes(p.shape, group)
-    constant = getattr(r.lr_rule, "step_bytes", None) is None
+    if kept and not steady:
+        refresh -= P.refresh_kept_bytes(p.shape, group)
+    # the engine reads the parameter (its float32 copy, if 16-bit) for any rule but moments.constant_lr; the
+    # rule says what it allocates (step_bytes: Adafactor's 0-d norm and step size, none when it returns a float)
+    constant = r.lr_rule is constant_lr
     lr_peak = 0 if constant else r.lr_rule.step_bytes(group)
     moment = r.moment.transient_bytes(low_shape.numel(), low_shape, group, state)
     direction = r.moment.direction_bytes(low_shape.numel(), low_shape, group, state)
@@ -1462,12 +1550,17 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
         phases += [g32 + refresh if not steady else 0, g32 + P.down_bytes(p.shape, group), held + low + lr_peak]
     phases.append(held + low + moment)
     base = held + low + direction
+    # the projection's post_update (Online Subspace Descent's basis step) after the update: of the gradient as
+    # the combine-back reads it (16-bit when projected a block of rows at a time), its projection given if float32
+    post = P.post_update_bytes(p.shape, group, state, in_rows, True)
     if bounds is None:
         phases.append(base + r.combine.whole_bytes(p.shape, group, state, P))
-    elif r.combine.add_in_place_scale(state, group, P) is not None and not lowp and constant:
-        phases.append(base)
+        # beside the whole direction, which replaced the moment rule's (its step size stays)
+        phases.append(base - low + whole + post)
+    elif r.combine.add_in_place_scale(state, group, P) is not None and not lowp and lr_peak == 0:  # (a float lr)
+        phases += [base + P.add_up_rows_bytes(p.shape, group, m), base + post]
     else:
-        peak, ctx = r.combine.prepare_bytes(p.shape, group, state, P, bounds)
+        peak, ctx = r.combine.prepare_bytes(p.shape, group, state, P, bounds, in_rows)
         phases.append(base + peak)
         base += ctx
         prev = 0
@@ -1476,6 +1569,7 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
             phases.append(base + prev + block * lowp + r.combine.rows_bytes(p.shape, group, state, P, b - a))
             phases.append(base + prev + block + block * lowp)
             prev = block * lowp
+        phases.append(base + prev + post)  # (the last block's parameter copy still bound)
     return max(phases)
 
 

@@ -50,6 +50,99 @@ def pca_loss_grad(basis: Tensor, g: Tensor, side: str, g_norm: Tensor | None = N
     return 2 * ((basis @ basis.t() - 2 * eye) @ d + (c.t() @ c) @ basis)
 
 
+class _Live:
+    """Bytes of named tensors alive together and the peak while they come and go (for :func:`pca_loss_grad_bytes`)."""
+
+    def __init__(self, **live: int):
+        self.live = dict(live)
+        self.peak = sum(self.live.values())
+
+    def new(self, name: str, nbytes: int) -> None:
+        """``name`` bound to a new tensor of ``nbytes`` (the one it named is freed after)."""
+        self.peak = max(self.peak, sum(self.live.values()) + nbytes)
+        self.live[name] = nbytes
+
+    def free(self, *names: str) -> None:
+        for name in names:
+            self.live.pop(name, None)
+
+
+def pca_loss_grad_bytes(rows: int, cols: int, rank: int, side: str, low_precision: bool, proj_given: bool,
+                        block_rows: int = 512) -> tuple[int, int]:
+    """``(peak, out)``: the bytes :func:`pca_loss_grad` of a float32 basis allocates at most (its result
+    included) and its result's (the basis's size), for a ``rows x cols`` gradient (``low_precision``: converted
+    ``block_rows`` rows at a time; else float32, ``proj_given``: its projection passed as ``g_proj``), as its
+    operations run (traced: tests/test_galoreexact_per_parameter.py)."""
+    m, n, r = rows, cols, rank
+    basis = 4 * (m * r if side == "left" else r * n)
+    low = 4 * (r * n if side == "left" else m * r)
+    rr = 4 * r * r
+    t = _Live()
+    t.new("recip", 4)  # 1 / norm: a reciprocal and its product
+    t.new("inv", 4)
+    t.free("recip")
+    t.new("eye", rr)
+    first, second = ("a", "b") if side == "left" else ("c", "d")
+    if not low_precision:
+        t.new(first, low)  # g_proj * inv_norm, or the product (scaled in place)
+        t.new(second, basis)  # G a^T (left) / c^T G (right), scaled in place
+    else:
+        bounds = [(i, min(i + block_rows, m)) for i in range(0, m, block_rows)]
+        blocks = [4 * (j - i) * n for i, j in bounds]
+        if side == "left":  # a = sum of r x n products (Python's sum: a new tensor each), b = cat of b x r parts
+            for i, blk in enumerate(blocks):
+                t.new("copy", blk)
+                t.new("prod", low)
+                t.free("copy")
+                t.new("acc" if i else "acc0", low)  # (0 + the first product: a new tensor too)
+                t.free("prod", "acc0")
+            t.live["a"] = t.live.pop("acc", low)
+            for i, ((lo, hi), blk) in enumerate(zip(bounds, blocks)):
+                t.new("copy", blk)
+                t.new(f"part{i}", 4 * (hi - lo) * r)
+                t.free("copy")
+            t.new("b", basis)
+            t.free(*[f"part{i}" for i in range(len(bounds))])
+        else:  # c = cat of b x r parts, d = sum of r x n products
+            for i, ((lo, hi), blk) in enumerate(zip(bounds, blocks)):
+                t.new("copy", blk)
+                t.new(f"part{i}", 4 * (hi - lo) * r)
+                t.free("copy")
+            t.new("c", low)
+            t.free(*[f"part{i}" for i in range(len(bounds))])
+            for i, blk in enumerate(blocks):
+                t.new("copy", blk)
+                t.new("prod", basis)
+                t.free("copy")
+                t.new("acc" if i else "acc0", basis)
+                t.free("prod", "acc0")
+            t.live["d"] = t.live.pop("acc", basis)
+    if side == "left":  # 2 (P (a a^T) + b (P^T P - 2 I))
+        t.new("aa", rr)
+        t.new("x", basis)
+        t.free("aa")
+        t.new("pp", rr)
+        t.new("two_eye", rr)
+        t.new("sub", rr)
+        t.free("pp", "two_eye")
+        t.new("y", basis)
+        t.free("sub")
+    else:  # 2 ((Q Q^T - 2 I) d + (c^T c) Q)
+        t.new("qq", rr)
+        t.new("two_eye", rr)
+        t.new("sub", rr)
+        t.free("qq", "two_eye")
+        t.new("x", basis)
+        t.free("sub")
+        t.new("cc", rr)
+        t.new("y", basis)
+        t.free("cc")
+    t.new("sum", basis)
+    t.free("x", "y")
+    t.new("out", basis)
+    return t.peak, basis
+
+
 #: ``torch.optim.AdamW``'s default ``weight_decay``: the authors' basis optimizer
 #: (kyleliang919/Online-Subspace-Descent ``galore_projector.py``: ``torch.optim.AdamW([P], lr=1/update_proj_gap)``)
 #: decays the basis with it; their ``torch.optim.SGD`` basis has none.

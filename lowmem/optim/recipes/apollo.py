@@ -145,7 +145,7 @@ class ApolloScaling(CombineRule):
             return 1
         return shape[1] if GL.galore_side(tuple(shape), group["proj_type"]) == "left" else shape[0]
 
-    def prepare_bytes(self, shape, group, state, projection, bounds):
+    def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
         """Exact (traced, the per-parameter step): ``d_low / c`` beside the scaling's norms (channel-wise: the
         two norm vectors and their denominator, ``L + 12 C``; tensor-wise: four 0-d tensors), then beside the
         scaling (``4 C``) the limiter's norm pass (its 0-d sum, a block's ``G * s`` and its norm) and

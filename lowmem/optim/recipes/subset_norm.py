@@ -432,6 +432,25 @@ class SubspaceMomentumResidual(StateFreeResidual):
             return super().transient_bytes(shape, group, state, projection, rows)
         return 8 * projection.low_shape(shape, group).numel() + 4
 
+    def _folds(self, group, projection, state) -> bool:
+        return group["free_rule"] == "sgd" and projection.can_add_up_rows(state)
+
+    def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
+        """:meth:`fold` (exact, traced): ``scale d_low`` (unless ``scale`` is 1) beside ``M``, then ``k``
+        (4 bytes); ``M`` and ``k`` held through the blocks."""
+        if not self._folds(group, projection, state):
+            return 0, 0
+        low = 4 * projection.low_shape(shape, group).numel()
+        return max(low * (1 + (group["scale"] != 1.0)), low + 4), low + 4
+
+    def rows_bytes(self, shape, group, state, projection, rows):
+        """Folded: nothing beside the subspace part's block (``addcmul_`` into it); else FRUGAL's."""
+        return 0 if self._folds(group, projection, state) else super().rows_bytes(shape, group, state, projection, rows)
+
+    def whole_bytes(self, shape, group, state, projection):
+        """The unfolded :meth:`update` (FRUGAL's)."""
+        return StateFreeResidual.whole_bytes(self, shape, group, state, projection)
+
 
 class SubsetNormStep(CombineRule):
     """The Subset-Norm step size on a projected parameter's combined direction (SNSM): ``inner``'s
@@ -594,6 +613,60 @@ class SubsetNormStep(CombineRule):
         for a, b in bounds:
             sq.add_(SN.subset_sq_norms_by_norm(g[a:b], 0))
         return sq
+
+    def _sn_bytes(self, shape, state, rows: int) -> tuple[int, int]:
+        """``(peak, denominator)`` of :func:`_sn_update_` of ``rows`` rows of a gradient of ``shape`` (the
+        squared norms, the float32 copy of a low-precision ``v``'s rows, then ``sqrt(v) + eps``), per row or
+        element (a column statistic is :meth:`prepare`'s)."""
+        n = shape[1]
+        v = state["sn_exp_avg_sq"]
+        size = rows * n if _subset_layout(v, math.prod(shape)) == "element" else rows
+        return 4 * size * (1 + _low_precision(v)), 4 * size
+
+    def _div_bytes(self, shape, state, group, rows: int) -> int:
+        """:func:`_div_scaled_`'s ``denom / scale`` (a statistic smaller than the direction, scale not 1)."""
+        if self.accumulate:
+            return 0
+        v = state["sn_exp_avg_sq"]
+        layout = _subset_layout(v, math.prod(shape))
+        return 0 if layout == "element" else 4 * (rows if layout == "row" else shape[1])
+
+    def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
+        """The inner rule's, then per column (exact, traced): beside its context, the column sums (``4 n``)
+        and a block's norms (``4 n``, of its float32 copy when the gradient is 16-bit), then
+        ``sqrt(v) + eps`` (held) beside the sums and a low-precision ``v``'s float32 copy."""
+        peak, held = self.inner.prepare_bytes(shape, group, state, projection, bounds, low_precision)
+        v = state["sn_exp_avg_sq"]
+        if _subset_layout(v, math.prod(shape)) != "column":
+            return peak, held
+        n = shape[1]
+        block = 4 * max(b - a for a, b in bounds) * n if low_precision else 0
+        return max(peak, held + 8 * n + block, held + 8 * n + 4 * n * _low_precision(v)), held + 4 * n
+
+    def rows_bytes(self, shape, group, state, projection, rows):
+        """The inner rule's rows (the direction ``u``), then beside ``u`` the rows' statistic
+        (:meth:`_sn_bytes`, per row or element) and the division's scaled denominator."""
+        inner = self.inner.rows_bytes(shape, group, state, projection, rows)
+        u = 4 * rows * shape[1]
+        v = state["sn_exp_avg_sq"]
+        if _subset_layout(v, math.prod(shape)) == "column":
+            return max(inner, u + self._div_bytes(shape, state, group, rows))
+        sn, denom = self._sn_bytes(shape, state, rows)
+        return max(inner, u + sn, u + denom + self._div_bytes(shape, state, group, rows))
+
+    def whole_bytes(self, shape, group, state, projection):
+        """:meth:`direction`: the inner rule's whole direction ``u``, then beside it the statistic of all of
+        ``G`` (per column: the column norms and a low-precision ``v``'s copy, then the denominator) and the
+        division's scaled denominator."""
+        inner = self.inner.whole_bytes(shape, group, state, projection)
+        m, n = shape
+        u = 4 * m * n
+        v = state["sn_exp_avg_sq"]
+        if _subset_layout(v, math.prod(shape)) == "column":
+            sn, denom = 4 * n * (1 + _low_precision(v)), 4 * n
+        else:
+            sn, denom = self._sn_bytes(shape, state, m)
+        return max(inner, u + sn, u + denom + self._div_bytes(shape, state, group, m))
 
     def transient_bytes(self, shape, group, state, projection, rows):
         """``inner``'s, plus the statistics' own: per row or column the squared norms and
