@@ -643,6 +643,15 @@ class Quantized(MomentRule):
         bnb_fused.fused_adam8bit_step_(p, grad, state, group, t, lr, codes, chunk_numel)
         return True
 
+    def fused_step_allocates_nothing(self, p, group, state) -> bool:
+        """Whether :meth:`fused_step_` steps ``p`` with bitsandbytes' CUDA kernel (its gradient assumed contiguous
+        and of ``p``'s dtype, as the engine's ``_fused_whole``): the moments updated in registers, so the
+        per-parameter step allocates nothing (the engine's ``_param_transient_bytes`` then reports 0, as for
+        torch's fused AdamW kernel). bitsandbytes' CPU implementation (``fused=True`` on the CPU) allocates
+        (:func:`~lowmem.optim.bnb_fused.fused_cpu_transient_bytes`): not this."""
+        return ("fused" in group and group["fused"] is not False and p.device.type == "cuda" and self._fusable(state)
+                and bnb_fused.ineligible_reason(p, p, state, group) is None)
+
     def _fused_bytes(self, numel, state, group) -> int | None:
         """The transient of a fused member of ``numel`` elements (float32 parameter, the foreach path),
         ``None`` when it is not fused: bitsandbytes' CPU implementation's float32 temporaries, or 0 (CUDA)."""
