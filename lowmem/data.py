@@ -88,11 +88,16 @@ class DatasetFormat:
 
 
 def _data_files(folder: Path) -> list[Path]:
-    """Data files under ``folder`` (recursively, hidden files and folders skipped), sorted."""
+    """Data files under ``folder`` (recursively, hidden files and folders skipped), sorted. The dataset
+    card of a Hub snapshot (``README.md`` at the top, beside ``data/train-*.parquet``; what
+    ``huggingface-cli download --repo-type dataset --local-dir`` writes) is no data file: skipped, as
+    ``datasets.load_dataset(folder)`` skips it (before, it was an unknown extension or "a file of no split")."""
     files = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if rel.as_posix().lower() == "readme.md":
             continue
         files.append(path)
     return files

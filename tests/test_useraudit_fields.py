@@ -69,3 +69,25 @@ def test_dataset_text_field_naming_no_column(columns, text_field, hint):
     with pytest.raises(ValueError, match=hint) as err:
         detect_format(Dataset.from_list([{c: "1+1=2" for c in columns}]), "sft", text_field=text_field)
     assert "Missing column(s) []" not in str(err.value)
+
+
+@pytest.mark.parametrize("split_named", [True, False])
+def test_hub_snapshot_folder_with_dataset_card(tmp_path, split_named):
+    """A dataset downloaded from the Hub (``huggingface-cli download --local-dir``) is ``README.md`` (the dataset
+    card) + ``data/*.parquet``; ``datasets.load_dataset(folder)`` reads it. Before: "files of no split
+    ['README.md']" (split-named files) or "unknown file extension(s) ['.md']"."""
+    import json
+
+    from lowmem.data import load_local_dataset
+
+    folder = tmp_path / "snapshot"
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# my data\n")
+    (folder / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    names = ["train-00000-of-00001.jsonl", "test-00000-of-00001.jsonl"] if split_named else ["part-0.jsonl", "part-1.jsonl"]
+    for name, rows in zip(names, (["1+1=2", "2+2=4", "3+3=6"], ["4+4=8"])):
+        (folder / "data" / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    train = load_local_dataset(folder)
+    assert len(train) == (3 if split_named else 4)
+    if split_named:
+        assert load_local_dataset(folder, split="eval", field_name="eval_dataset")["text"] == ["4+4=8"]
