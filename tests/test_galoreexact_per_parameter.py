@@ -9,7 +9,8 @@ workspace (inside the SVD kernel) is counted in the report but invisible to the 
 
 Before: the engine's per-parameter report summed the phases (a (200, 128) float32 galore_adafactor weight at
 rank 16: 843,776 B reported, 483,328 of them the SVD refresh and 360,448 MKL's kept GEMM buffer, for a
-traced steady step of 128,004 B and a traced refresh step of 168,448 B)."""
+traced steady step of 128,004 B and a traced refresh step of 168,448 B). The engine reports it
+for a parameter stepped alone (``LowMemOptimizer._projected_bytes``, no stabilizers)."""
 
 import warnings
 
@@ -106,6 +107,15 @@ def test_projected_step_variants(name, extra, shape, dtype, chunk):
     _check(name, peaks, steady, any_step)
 
 
+@pytest.mark.parametrize("chunk", ["default", 4096, None], ids=str)
+@pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw", "frugal", "apollo_adamw", "adamw_snsm", "osd_adamw"])
+def test_float64_parameter(name, chunk):
+    """A float64 parameter: its gradient's float32 copy lives through the step (the subspace math is float32),
+    the parameter is updated in float64 (no copy, no in-place addmm_)."""
+    peaks, steady, any_step, _ = _traced_steps(name, (200, 128), 16, torch.float64, chunk)
+    _check(name, peaks, steady, any_step)
+
+
 @pytest.mark.parametrize("chunk", ["default", 4096], ids=str)
 def test_randk_rows_are_bounded(chunk):
     """FRUGAL's RandK: how many chosen indices fall in a block of rows is data-dependent (the rows' scatter's
@@ -143,12 +153,13 @@ def test_svd_refresh_untraced_part_is_the_kernel_workspace():
     assert full - P.untraced_refresh_bytes(p.shape, group) == 4 * (200 * 128 + 128 + 128 * 128)
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_GALOREEXACT 1: the engine's per-parameter report of a projected"
-                   " parameter (LowMemOptimizer._projected_bytes(...).alone) does not call projected_alone_bytes yet")
-def test_engine_per_parameter_report_is_projected_alone_bytes():
-    """On meta (no MKL buffer), the engine's per-parameter report of a steady step is projected_alone_bytes'
-    (a (300, 40) float32 galore_adafactor weight at rank 39, whose steady step outweighs its refresh)."""
-    _, _, _, (meta, mp) = _traced_steps("galore_adafactor", (300, 40), 39, torch.float32, "default", steps=0)
-    group, state = meta.param_groups[0], meta.state[mp]
-    assert meta._transient_bytes(True, steady=True) == projected_alone_bytes(meta, mp, group, state, steady=True)
-    assert meta.step_transient_bytes(per_parameter=True) == projected_alone_bytes(meta, mp, group, state)
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_engine_per_parameter_report_is_projected_alone_bytes(name):
+    """On meta (no MKL buffer), the engine's per-parameter report of a projected parameter is
+    projected_alone_bytes' (steady and any step; a (300, 40) float32 weight at rank 39, whose steady step
+    outweighs its refresh for most recipes, and a bfloat16 (200, 128) one at rank 16 in row blocks)."""
+    for shape, rank, dtype, chunk in [((300, 40), 39, torch.float32, "default"), ((200, 128), 16, torch.bfloat16, 4096)]:
+        _, _, _, (meta, mp) = _traced_steps(name, shape, rank, dtype, chunk, steps=0)
+        group, state = meta.param_groups[0], meta.state[mp]
+        assert meta._transient_bytes(True, steady=True) == projected_alone_bytes(meta, mp, group, state, steady=True)
+        assert meta.step_transient_bytes(per_parameter=True) == projected_alone_bytes(meta, mp, group, state)

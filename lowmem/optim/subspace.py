@@ -1544,8 +1544,8 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
         held = 0
         phases += [whole + refresh if not steady else 0, P.down_rows_bytes(p.shape, group, bounds),
                    0 if constant else low + whole + lr_peak]
-    else:
-        g32 = whole * lowp
+    else:  # (a float64 gradient too: the subspace math is float32; the parameter stays float64)
+        g32 = whole * (lowp or p.dtype == torch.float64)
         held = g32 + whole * (lowp and not (bounds is not None and constant))  # (and the parameter's copy)
         phases += [g32 + refresh if not steady else 0, g32 + P.down_bytes(p.shape, group), held + low + lr_peak]
     phases.append(held + low + moment)
@@ -1557,7 +1557,7 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
         phases.append(base + r.combine.whole_bytes(p.shape, group, state, P))
         # beside the whole direction, which replaced the moment rule's (its step size stays)
         phases.append(base - low + whole + post)
-    elif r.combine.add_in_place_scale(state, group, P) is not None and not lowp and lr_peak == 0:  # (a float lr)
+    elif r.combine.add_in_place_scale(state, group, P) is not None and p.dtype == torch.float32 and lr_peak == 0:
         phases += [base + P.add_up_rows_bytes(p.shape, group, m), base + post]
     else:
         peak, ctx = r.combine.prepare_bytes(p.shape, group, state, P, bounds, in_rows)
