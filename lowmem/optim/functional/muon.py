@@ -147,21 +147,27 @@ def ns_column_blocks(shape: torch.Size | tuple[int, int], column_block_numel: in
 
 def bf16_gemm_workspace_bytes(r: int, threads: int = 1) -> int:
     """Workspace of a bfloat16 matrix product with inner dimension ``r`` (the iteration's ``A A`` and
-    ``P X_j``) beyond its output, per CPU thread (packed panels of the operands). Measured on CPU
-    (torch 2.13, one thread; ``r`` x ``r`` x ``r``): 1.6 MiB at ``r`` = 1024, 6.1 at 2048, 17.6 at
+    ``P X_j``) beyond its output, per CPU thread (packed panels of the operands): the BLAS's, not traced, so a
+    bound, by the CPU's vendor (MKL and oneDNN pick their kernels by it:
+    :func:`~lowmem.optim.functional.galore.mkl_generic_kernels`).
+
+    Intel Xeon (torch 2.13, one thread; ``r`` x ``r`` x ``r``): 1.6 MiB at ``r`` = 1024, 6.1 at 2048, 17.6 at
     3000, 15.8 at 4096, 19.1 at 8192, 29.8 at 12288, 37.5 at 16384 (two threads: 11, 28, 36 MiB at
-    2048 / 4096 / 8192); bounded here by ``min(2 r^2 + 2 MiB, 16 MiB + 1600 r)`` per thread (a whole
-    Muon step on 4096 x 11008 measured 1.3 MiB above ``X + A + P`` plus 14 MiB + 1600 r). Those are an Intel
-    Xeon's; MKL picks its kernels by the CPU's vendor (:func:`~lowmem.optim.functional.galore.mkl_generic_kernels`),
-    and on an AMD EPYC the first ``r x r x r`` product's peak above its output was 0.73 / 0.82 / 2.44 / 2.38 MiB at
-    ``r`` = 1024 / 2048 / 4096 / 8192 (fresh process, one thread, 2026-11-30; later calls 0.07-1.6), so there the
-    bound is also capped at 3 MiB per thread."""
+    2048 / 4096 / 8192); bounded by ``min(2 r^2 + 2 MiB, 16 MiB + 1600 r)`` per thread (a whole
+    Muon step on 4096 x 11008 measured 1.3 MiB above ``X + A + P`` plus 14 MiB + 1600 r).
+
+    AMD EPYC: 3 MiB per thread whatever ``r``. A whole Muon step's first step of a shape in a fresh process (one
+    thread, ``MALLOC_MMAP_THRESHOLD_=65536``, 2026-11-30, 33 shapes from 256 x 512 to 4096 x 4096, Nesterov and
+    plain, per parameter and in buckets) grew 0.4-2.8 MiB above its traced tensors: 0.4-1.7 MiB for wide and
+    square weights up to ``r`` = 2048, 2.6-2.8 at 4096 x 4096, and 1.5-2.6 MiB for tall ones of any size (the
+    reference iteration's first products read the transposed iterate: 1024 x 256 2.30, 2048 x 512 2.56, 1280 x
+    640 2.60, 4096 x 1024 2.38); later steps of the shape 0-1.6 (the BLAS keeps part of it). The former
+    ``min(2 r^2 + 2 MiB, 3 MiB)`` was below the tall weights' (1024 x 256 reported 4.38 MiB for 4.55 grown)."""
     from .galore import mkl_generic_kernels
 
-    per_thread = min(2 * r * r + 2 * 2**20, 16 * 2**20 + 1600 * r)
     if mkl_generic_kernels():
-        per_thread = min(per_thread, 3 * 2**20)
-    return threads * per_thread
+        return threads * 3 * 2**20
+    return threads * min(2 * r * r + 2 * 2**20, 16 * 2**20 + 1600 * r)
 
 
 def newton_schulz_transient_bytes(shape: torch.Size | tuple[int, int],
