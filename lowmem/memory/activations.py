@@ -367,17 +367,51 @@ def _frozen_weight_grouped_mm(input: Any, weight: Any, offs: Any) -> Any:
 _FrozenWeightGroupedMM = None
 
 
+def _fold_in_place(*args: Any, **kwargs: Any) -> None:
+    """Stands for TRL's Triton tile kernels (``_forward_kernel`` / ``_backward_kernel``) in a trace for a CUDA target:
+    they fold a tile into the per-token statistics, or turn it into the logits' gradient, in place (nothing
+    allocated)."""
+
+
+def _addmm_fp32_on_device(acc: Any, a: Any, b: Any) -> None:
+    """TRL's ``_addmm_fp32`` as it runs on CUDA, for a trace on fake CPU tensors: a 16-bit tile's product accumulated
+    into the float32 gradient by ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` (nothing allocated, when this
+    torch has ``out_dtype``); otherwise TRL's own (float32 operands: ``.float()`` returns them, nothing allocated; a
+    torch without ``out_dtype``: the float32 copies, as on CUDA)."""
+    import torch
+    import trl.kernels.chunked_logprob as kernels
+
+    if kernels._MM_OUT_DTYPE and a.dtype in (torch.float16, torch.bfloat16):
+        return None
+    return _TRL_ADDMM_FP32[0](acc, a, b)
+
+
+_TRL_ADDMM_FP32: list = []
+
+
 @contextlib.contextmanager
-def trl_fused_head(model: Any):
+def trl_fused_head(model: Any, device: str = "cpu"):
     """TRL's fused LM head on ``model`` for the duration of the block (``trl.trainer.utils.add_fused_lm_head``, as
     lowmem's TRL trainers add it: ``model(..., labels=..., fused_lm_head=True)`` returns per-token log-probabilities,
     the logits never formed), with the tile width lowmem's trainers use, ``min(vocab, 32768)``
-    (``trainers.hf.fused_head_tiles``). On a CPU (fake CPU tensors too) TRL folds each tile in torch; on a device with
-    Triton it runs a kernel that the trace cannot run (and scores only the labelled positions: a data-dependent shape).
+    (``trainers.hf.fused_head_tiles``). On a CPU (fake CPU tensors too) TRL folds each tile in torch.
+
+    ``device="cuda"``: the head as it runs on a CUDA device with Triton, traced on fake CPU tensors. Only TRL's
+    device-specific kernels differ, and they allocate nothing: the tile folds (Triton kernels, in place on the tile
+    and the per-token statistics: :func:`_fold_in_place`) and the float32 accumulation of a 16-bit tile's products
+    (``addmm`` with ``out_dtype``: :func:`_addmm_fp32_on_device`); the tile buffer, the hidden states' copy, the
+    float32 gradients and statistics are the same tensors. On CUDA TRL scores only the labelled positions
+    (``hidden[mask]``, a gathered copy, where the CPU path copies by ``reshape`` a sliced, non-contiguous
+    ``[:, :-1]``): with every position labelled (as estimated) the same bytes, up to the boolean index's 16 B per
+    token inside the forward.
 
     Raises:
-        ValueError: TRL is not installed, or has no fused head (another version than lowmem's trainers use)."""
+        ValueError: TRL is not installed, or has no fused head (another version than lowmem's trainers use), or
+            ``device`` is not ``"cpu"`` or ``"cuda"``."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device={device!r} for TRL's fused head: expected 'cpu' or 'cuda'")
     try:
+        import trl.kernels.chunked_logprob as kernels
         import trl.trainer.utils as trl_utils
         from trl.trainer.utils import add_fused_lm_head
     except ImportError as exc:
@@ -385,11 +419,20 @@ def trl_fused_head(model: Any):
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the head is added beneath
     had = lm.__dict__.get("forward")
     default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    on_device = {"_forward_tile": _fold_in_place, "_backward_tile": _fold_in_place,
+                 "_addmm_fp32": _addmm_fp32_on_device} if device == "cuda" else {}
+    kept = {name: getattr(kernels, name) for name in on_device}
     add_fused_lm_head(lm)
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(default, lm.config.get_text_config().vocab_size)
+    if on_device:
+        _TRL_ADDMM_FP32[:] = [kept["_addmm_fp32"]]
+    for name, fn in on_device.items():
+        setattr(kernels, name, fn)
     try:
         yield
     finally:
+        for name, fn in kept.items():
+            setattr(kernels, name, fn)
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
         if had is None:
             del lm.forward
@@ -429,6 +472,7 @@ def traced_activation_bytes(
     cache: dict | None = None,
     head_parts: dict[str, int] | None = None,
     fused_head: bool = False,
+    fused_head_device: str = "cpu",
 ) -> dict[str, int]:
     """Activation bytes of any decoder-only causal LM, from the tensors autograd saves in one forward pass of
     ``model`` on fake CPU tensors (the meta ``model``'s parameters are made fake CPU ones: nothing is allocated, and
@@ -468,7 +512,9 @@ def traced_activation_bytes(
         head_parts (`dict` or `None`, defaults to `None`): ``logits`` and ``loss_backward`` of TRL's fused LM head
             (:func:`fused_head_bytes`): the traced float32 ``log_softmax`` is replaced by its ``logits``.
         fused_head (`bool`, defaults to `False`): The step is traced with TRL's fused LM head itself
-            (:func:`trl_fused_head`, CPU's torch fold) instead of the model's loss; not with ``head_parts``.
+            (:func:`trl_fused_head`) instead of the model's loss; not with ``head_parts``.
+        fused_head_device (`str`, defaults to `"cpu"`): The device the fused head runs on: ``"cpu"`` (TRL's torch fold
+            of each tile) or ``"cuda"`` (its Triton kernels, which allocate nothing; traced on fake CPU tensors).
 
     Returns:
         `dict[str, int]`: ``layers``, ``other`` (outside the decoder layers: embeddings, final norm, logits,
@@ -480,7 +526,8 @@ def traced_activation_bytes(
     layers = decoder_layers(model, config.num_hidden_layers)
     cache = {} if cache is None else cache
     if head_parts is None:
-        return _traced_step_bytes(model, config, layers, batch_size, seq_len, gradient_checkpointing, cache, fused_head)
+        return _traced_step_bytes(model, config, layers, batch_size, seq_len, gradient_checkpointing, cache,
+                                  fused_head and fused_head_device)
     if fused_head:
         raise ValueError("fused_head=True traces TRL's fused head itself: head_parts must be None")
 
@@ -668,7 +715,7 @@ def _layers_parent(model: Any, layers: Any) -> tuple[Any, str]:
 
 
 def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int, checkpointed: bool,
-                       cache: dict, fused_head: bool = False) -> dict[str, int]:
+                       cache: dict, fused_head: str | bool = False) -> dict[str, int]:
     """:func:`traced_activation_bytes` with the model's own loss: the step traced as a device runs it (forward, then
     ``loss.backward()`` with the weights' gradients, the model's own checkpointing), every live storage followed
     (:func:`_trace_saved`'s fourth item). ``total`` is the most bytes of activations live at once; ``backward_peak``
@@ -686,7 +733,8 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     parent, attr = _layers_parent(model, layers)
 
     def whole_at(b: int) -> tuple[list, int, list, int]:
-        key = (b, seq_len, "step", checkpointed, "fused head") if fused_head else (b, seq_len, "step", checkpointed)
+        # (fused_head: the device TRL's fused head runs on, "cpu" / "cuda"; False: the model's own loss)
+        key = (b, seq_len, "step", checkpointed, "fused head", fused_head) if fused_head else (b, seq_len, "step", checkpointed)
         if key not in cache:
             m = cache.get("step layers", truncated_layers(kinds))
             while True:
@@ -756,7 +804,7 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
 
 def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int,
                  backward: bool = False, checkpointed: bool = False, whole_step: bool = False,
-                 fused_head: bool = False) -> tuple:
+                 fused_head: str | bool = False) -> tuple:
     """``(bytes saved by each decoder layer, bytes saved outside them, each layer's backward peak)`` in one meta
     forward of ``model`` (and, with ``backward``, its backward down to the input embeddings).
 
@@ -776,7 +824,8 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     linear layer's backward forms before it is accumulated, the tensors saved outside the layers and still live,
     and the gradients already formed when an early layer's backward runs (the step's peak for small activations).
     With ``checkpointed`` the first three items are not meaningful (the checkpoints replace the saved tensors). With
-    ``fused_head`` the loss is TRL's fused LM head's (:func:`trl_fused_head`) instead of the model's own."""
+    ``fused_head`` (the device it runs on, ``"cpu"`` / ``"cuda"``; ``True``: ``"cpu"``) the loss is TRL's fused LM
+    head's (:func:`trl_fused_head`) instead of the model's own."""
     import contextlib
 
     import torch
@@ -939,7 +988,8 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
 
             enable_activation_checkpointing(model)
     try:
-        head = trl_fused_head(model) if fused_head else contextlib.nullcontext()
+        head = (trl_fused_head(model, "cpu" if fused_head is True else fused_head) if fused_head
+                else contextlib.nullcontext())
         with mode, traced_experts(model), head, (_Live() if backward else contextlib.nullcontext()):
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

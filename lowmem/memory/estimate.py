@@ -119,7 +119,7 @@ def _sizing_mode(model: nn.Module):
 
 def peak_total(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
-               forward_activations: int | None = None) -> int:
+               forward_activations: int | None = None, kept_with_activations: int = 0) -> int:
     """The peak bytes of a training step from its components (see the module docstring).
 
     The optimizer's step transient and the activations are live at the same time only in layerwise
@@ -148,8 +148,12 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
             its backward's tensors). Then ``total = rest - gradients + max(forward_activations + gradients +
             transient_with_activations, activations, gradients + max(optimizer_transient, tied_backward))``: the
             activations' peak holds no gradient. ``None``: the gradient and the transient with the activations' peak.
+        kept_with_activations (`int`, defaults to `0`): The part of ``optimizer_transient`` that the first step makes
+            and the process keeps (the quantized codecs' tables, ``details["optimizer_kept_tables"]``): live at every
+            later moment, the activations' peak included, where the rest of the transient is not.
     """
     act, transient = components.get("activations", 0), components.get("optimizer_transient", 0)
+    kept = min(kept_with_activations, transient)
     rest = sum(v for k, v in components.items() if k in COMPONENTS and k not in ("activations", "optimizer_transient"))
     if layerwise:
         if forward_activations is not None:
@@ -159,16 +163,16 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
             # input embedding's step (and a tied embedding's backward) after the activations are freed
             grads = components.get("gradients", 0)
             with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
-            return rest - grads + max(min(forward_activations, act) + grads + with_act, act,
-                                      grads + max(transient, tied_backward))
+            return rest - grads + max(min(forward_activations, act) + grads + with_act, act + kept,
+                                      grads + max(transient, tied_backward + kept))
         if transient_with_activations is None:
             return rest + act + transient
-        return rest + max(act + min(transient_with_activations, transient), act, transient)
+        return rest + max(act + min(transient_with_activations, transient), act + kept, transient)
     if gradients_with_activations is None:
-        return rest + max(act, transient)
+        return rest + max(act + kept, transient)
     grads = components.get("gradients", 0)
     early = min(gradients_with_activations, grads)
-    return rest - grads + max(act + early, grads + max(transient, tied_backward))
+    return rest - grads + max(act + early + kept, grads + max(transient, tied_backward + kept))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -265,7 +269,8 @@ class MemoryEstimate:
                 "gradients_with_activations": self.details.get("gradients_with_activations"),
                 "transient_with_activations": self.details.get("optimizer_transient_with_activations"),
                 "forward_activations": self.details.get("forward_activations"),
-                "tied_backward": int(self.details.get("activation_parts", {}).get("tied_embedding_backward", 0))}
+                "tied_backward": int(self.details.get("activation_parts", {}).get("tied_embedding_backward", 0)),
+                "kept_with_activations": int(self.details.get("optimizer_kept_tables") or 0)}
 
     def components(self) -> dict[str, int]:
         return {c: int(getattr(self, c)) for c in COMPONENTS}
@@ -595,6 +600,7 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
     before = sized.get("transient_with_activations") if layerwise else None
     later = sized.get("transient_after_head") if layerwise else None
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
+            "kept_tables": sized.get("kept_tables", 0),
             "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None,
             "transient_after_head": _layerwise_transient(later, max_grad_norm) if later is not None else None,
             "head_transient": _layerwise_transient(later["head"], max_grad_norm) if later is not None else None}
@@ -639,15 +645,32 @@ def _transient_without(model: nn.Module, opt: Any, kept_gemm: int, with_head: bo
     return out if found else None
 
 
-def _layerwise_parts(opt: Any) -> dict[str, Any]:
+def _kept_table_bytes(opt: Any) -> int:
+    """The tables the moment rule's codecs make at the first step that codes a moment and keep for the process
+    (:meth:`~lowmem.optim.quantized.Quantized.cached_bytes`: on the CPU the 8-bit table quantizer's 64 KiB point
+    table and the map, 4-bit the maps and lookup tables; a few KiB elsewhere), once per device. Not state, and not in
+    ``step_transient_bytes()`` (a later step allocates none of them): counted with the step's transient (the tracker
+    sees them made inside ``optimizer.step()``) and, being kept, at every later moment (:func:`peak_total`'s
+    ``kept_with_activations``). 0 for a moment rule without codecs."""
+    cached = getattr(getattr(getattr(opt, "recipe", None), "moment", None), "cached_bytes", None)
+    if cached is None:
+        return 0
+    by_device: dict[Any, list] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            by_device.setdefault(p.device, []).append(opt.state[p])
+    return sum(cached(states, device) for device, states in by_device.items())
+
+
+def _layerwise_parts(opt: Any, tables: int = 0) -> dict[str, Any]:
     """What :meth:`~lowmem.optim.layerwise.LayerwiseOptimizer.step_transient_bytes` computes its answer from, for the
     engine optimizer ``opt``: its per-parameter step (``step_transient_bytes(per_parameter=True)``), the gradients
     ``(numel, dtype, contiguous)``, MKL's kept buffer and the parameters' device type (the clipping coefficient's
-    device copy)."""
+    device copy); with the codecs' kept ``tables`` (:func:`_kept_table_bytes`) in every phase."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    return {"per_parameter": opt.step_transient_bytes(per_parameter=True),
+    return {"per_parameter": opt.step_transient_bytes(per_parameter=True) + tables,
             "grads": [(p.numel(), p.dtype, p.is_contiguous()) for p in params],
-            "kept": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0,
+            "kept": (opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0) + tables,
             "device_type": params[0].device.type if params else "cpu"}
 
 
@@ -670,7 +693,8 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
     ``messages`` (its warnings, summarized; not yet emitted). The state does not depend on the stepping
     mode (``create_optimizer`` is not told it), so one sizing serves both."""
     if optimizer is None:
-        return {"state": 0, "transient": {False: 0, True: 0}, "how": "none", "kept_gemm": 0, "frozen": (), "messages": []}
+        return {"state": 0, "transient": {False: 0, True: 0}, "how": "none", "kept_gemm": 0, "kept_tables": 0, "frozen": (),
+                "messages": []}
     from ..optim import create_optimizer, get_entry
 
     entry = get_entry(optimizer)
@@ -679,7 +703,7 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
 
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
         return {"state": state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), "transient": {False: 0, True: 0},
-                "how": "closed form", "kept_gemm": 0, "frozen": (), "messages": []}
+                "how": "closed form", "kept_gemm": 0, "kept_tables": 0, "frozen": (), "messages": []}
     before = [(n, p) for n, p in _unique_params(model) if p.requires_grad]
     with warnings.catch_warnings(record=True) as created:  # (the engine's "rank >= smaller side": kept below)
         warnings.simplefilter("always")
@@ -687,12 +711,15 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
     with warnings.catch_warnings(record=True) as caught, _sizing_mode(model):  # the engine warns per parameter
         warnings.simplefilter("always")
         opt.materialize_state()
+        tables = _kept_table_bytes(opt)  # (the codecs' tables, kept from the first step on: in every phase)
         sizes = {"state": opt.state_bytes(),
-                 "transient": {False: opt.step_transient_bytes(per_parameter=False)},
-                 "layerwise_parts": _layerwise_parts(opt),
-                 "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0}
-        sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, sizes["kept_gemm"])
-        sizes["transient_after_head"] = _transient_without(model, opt, sizes["kept_gemm"], with_head=False)
+                 "transient": {False: opt.step_transient_bytes(per_parameter=False) + tables},
+                 "layerwise_parts": _layerwise_parts(opt, tables),
+                 "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0,
+                 "kept_tables": tables}
+        kept = sizes["kept_gemm"] + tables
+        sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, kept)
+        sizes["transient_after_head"] = _transient_without(model, opt, kept, with_head=False)
     sizes["transient"][True] = _layerwise_transient(sizes["layerwise_parts"])  # (without clipping)
     caught = [w for w in created if "smaller side" in str(w.message)] + caught
     sizes["frozen"] = tuple(n for n, p in before if not p.requires_grad)
@@ -1223,8 +1250,9 @@ def estimate_memory(
         if traced:  # any other architecture: what its own forward saves, traced on fake tensors
             if not trace_model:
                 trace_model.append(_meta_model_like(meta, config, param_dtype, spec is not None, lcfg))
-            if head_parts is not None and device == "cpu":  # TRL's fused head itself, in its step (CPU's torch fold)
-                return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, fused_head=True)
+            if head_parts is not None:  # TRL's fused head itself, in its step (the target device's kernels)
+                return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, fused_head=True,
+                                               fused_head_device=device)
             return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, head_parts=head_parts)
         return llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs, head_parts=head_parts)
 
@@ -1374,6 +1402,7 @@ def estimate_memory(
             "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
             "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},
             "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
+            "optimizer_kept_tables": sized["kept_tables"],
             "gradients_with_activations": parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),

@@ -100,44 +100,49 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
 
 def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
-               forward_activations: int | None = None) -> dict[str, int]:
+               forward_activations: int | None = None, kept_with_activations: int = 0) -> dict[str, int]:
     """The components live at the step's peak, as :func:`~lowmem.memory.estimate.peak_total` counts them:
     without layerwise stepping the optimizer's transient replaces the activations freed by backward, so
     only the larger of the two is kept; with ``gradients_with_activations`` (one micro-batch per step) the
     backward's moment shows those gradients, the step's all of them. The values sum to
-    ``peak_total(components, ...)`` with the same arguments (the table's total)."""
+    ``peak_total(components, ...)`` with the same arguments (the table's total). The transient's kept part
+    (``kept_with_activations``, the codecs' tables) stays at the activations' moments."""
     from .estimate import COMPONENTS
 
     out = {c: int(components.get(c, 0)) for c in COMPONENTS}
+    kept = min(kept_with_activations, out["optimizer_transient"])
     if layerwise and forward_activations is not None:  # the loss's moment (no gradient), a step's, the embedding's
         grads, transient, act = out["gradients"], out["optimizer_transient"], out["activations"]
         with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
         live = min(forward_activations, act)
         moments = [(live + grads + with_act, {"activations": live, "optimizer_transient": with_act}),
-                   (act, {"gradients": 0, "optimizer_transient": 0}),
-                   (grads + max(transient, tied_backward), {"activations": tied_backward if tied_backward > transient else 0,
-                                                           "optimizer_transient": 0 if tied_backward > transient else transient})]
+                   (act + kept, {"gradients": 0, "optimizer_transient": kept}),
+                   (grads + max(transient, tied_backward + kept),
+                    {"activations": tied_backward, "optimizer_transient": kept} if tied_backward + kept > transient
+                    else {"activations": 0, "optimizer_transient": transient})]
         out.update(max(moments, key=lambda m: m[0])[1])
         return out
     if layerwise and transient_with_activations is not None:  # the larger of the two moments of the backward pass
         with_act = min(transient_with_activations, out["optimizer_transient"])
         live = out["activations"] if forward_activations is None else min(forward_activations, out["activations"])
         moments = [(live + with_act, {"activations": live, "optimizer_transient": with_act}),
-                   (out["activations"], {"optimizer_transient": 0}), (out["optimizer_transient"], {"activations": 0})]
+                   (out["activations"] + kept, {"optimizer_transient": kept}), (out["optimizer_transient"], {"activations": 0})]
         out.update(max(moments, key=lambda m: m[0])[1])
         return out
     if not layerwise and gradients_with_activations is not None:
         act, transient, grads = out["activations"], out["optimizer_transient"], out["gradients"]
         early = min(gradients_with_activations, grads)
-        if act + early >= grads + max(transient, tied_backward):
-            out.update(gradients=early, optimizer_transient=0)
+        if act + early + kept >= grads + max(transient, tied_backward + kept):
+            out.update(gradients=early, optimizer_transient=kept)
         else:
-            out.update(activations=tied_backward if tied_backward > transient else 0,
-                       optimizer_transient=0 if tied_backward > transient else transient)
+            out.update(activations=tied_backward if tied_backward + kept > transient else 0,
+                       optimizer_transient=kept if tied_backward + kept > transient else transient)
         return out
     if not layerwise:
-        smaller = "optimizer_transient" if out["activations"] >= out["optimizer_transient"] else "activations"
-        out[smaller] = 0
+        if out["activations"] + kept >= out["optimizer_transient"]:
+            out["optimizer_transient"] = kept
+        else:
+            out["activations"] = 0
     return out
 
 
