@@ -2032,7 +2032,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._apply(p32, d, lr, lr_scale, wd)
             if p32 is not pr:
                 pr.copy_(p32)
-            del d
+            del d, p32  # (the block's float32 copy freed before the next block's are made)
         P.post_update(g, state, group, down_of_g, checked)
 
     def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
