@@ -141,8 +141,9 @@ def test_step_transient_bytes_on_meta_is_bounded_by_the_chunk(name):
     chunk, not on the tensor, and the whole-tensor path (chunk_numel=None) scales with the tensor. At the
     CPU's chunk (set) within 32 MiB; at the meta device's default (the GPU's chunk, 32 x larger) within 1 GiB.
     Rank-1 scales (adamw4bit_rank1): the chunked step keeps the whole matrix's new column maxima through its
-    chunks (Quantized.prepare_chunks, 4 B per column, Quantized.chunk_transient_bytes), so a wider matrix adds
-    exactly 4 B per column; the rest depends on the chunk only."""
+    chunks (Quantized.prepare_chunks, 4 B per column, Quantized.chunk_transient_bytes), so a wider matrix adds up
+    to 4 B per column (exactly that at the CPU's codec forms; on meta, the device's, the second moment's encode is
+    the peak, beside its chunk's row maxima: 4 B per row, fewer rows in a chunk of a wider matrix)."""
     from lowmem.optim.engine import DEFAULT_CHUNK_NUMEL, DEVICE_CHUNK_NUMEL
 
     for chunk, shapes, bound in ((DEFAULT_CHUNK_NUMEL, ((4096, 4096), (8192, 8192)), 32 * MiB),
@@ -159,7 +160,7 @@ def test_step_transient_bytes_on_meta_is_bounded_by_the_chunk(name):
             whole = opt.step_transient_bytes()
             assert whole >= 4 * p.numel()  # at least one full-size float32 temporary unchunked
         cols = 4 * (shapes[1][-1] - shapes[0][-1]) if name == "adamw4bit_rank1" else 0
-        assert sizes[shapes[0]] + cols == sizes[shapes[1]] <= bound, (chunk, sizes)
+        assert sizes[shapes[0]] <= sizes[shapes[1]] <= min(sizes[shapes[0]] + cols, bound), (chunk, sizes)
         assert sizes[shapes[1]] > 0
 
 

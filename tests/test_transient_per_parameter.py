@@ -123,3 +123,32 @@ def test_4bit_partial_blocks_odd_counts_and_last_chunk(name, shape, chunk):
     118,680 B, reported 102,400 before)."""
     traced, reported = _traced_and_reported(name, torch.float32, shape, chunk, min_quant_size=1)
     assert traced == reported > 0
+
+
+@pytest.mark.parametrize("name", ["adamw4bit", "adamw4bit_rank1"])
+@pytest.mark.parametrize("shape,chunk", [((200, 128), 4096), ((200, 128), None), ((5000, 1), None), ((7, 9), None),
+                                         ((33, 65), 4096), ((3, 5, 64), None), ((64, 1000), 4096)],
+                         ids=["chunked", "whole", "partial_block", "odd", "odd_chunked", "batched", "wide"])
+def test_4bit_device_forms_per_parameter_step(monkeypatch, name, shape, chunk):
+    """Off the CPU (Q.launch_bound, forced here on the CPU) the encodes take the device's forms (the block absmax
+    written into the state without a |x| copy, the search's int32 indices packed by one add) and every moment's new
+    codes are written back by one copy at the end (rank-1 codes and maxima kept till then): walked with
+    _quantize_4bit_bytes_joint / _quantize_rank1_bytes_joint. (200, 128) whole: 20 B per value, reported 25 before
+    (the CPU's codec forms), also on meta tensors (the estimator's): 8192 x 8192 at the GPU's chunk 400 -> 320 MiB."""
+    monkeypatch.setattr(Q, "launch_bound", lambda device: True)
+    traced, reported = _traced_and_reported(name, torch.float32, shape, chunk, min_quant_size=1)
+    assert traced == reported > 0
+
+
+@pytest.mark.parametrize("name", ["adamw4bit", "adamw4bit_rank1"])
+def test_4bit_meta_report_takes_the_device_forms(monkeypatch, name):
+    def report(device):
+        p = torch.nn.Parameter(torch.empty(200, 128, device=device))
+        opt = create_optimizer([p], name)
+        opt.chunk_numel = 4096
+        opt.materialize_state()
+        return opt.step_transient_bytes(per_parameter=True)
+
+    cpu = report("cpu")
+    monkeypatch.setattr(Q, "launch_bound", lambda device: True)
+    assert report("meta") == report("cpu") < cpu

@@ -978,7 +978,7 @@ class Quantized(MomentRule):
         fused = self._fused_bytes(numel, state, group) if group.get("fused") is True else None
         if fused is not None:  # (fused=True: a tensor in foreach pieces, stepped from its first piece; the
             return fused       # per-parameter step refuses it, and with None it is the chunked step's)
-        if all(self.specs[k].bits == 4 and state[k].device.type == "cpu" for k in quantized):
+        if all(self.specs[k].bits == 4 for k in quantized):
             shape = torch.Size(shape)
             # chunked: the chunks of numel values and the last, shorter one (a partial block's padded copies may
             # make it the larger)
@@ -1035,16 +1035,23 @@ class Quantized(MomentRule):
         decoded = decode_all()
         led.peak = max(led.peak, led.live + inner)
         led.keep(led.alloc(4 * n))  # (the direction)
+        device = Q.launch_bound(state[quantized[0]].device)
         pending = None
         for k in quantized:
-            if is_rank1(state, k):
-                cols = 0 if chunked else n // shape[-2]
-                new = _quantize_rank1_bytes(led, n, rows, cols, self.specs[k].code)
+            cols = 0 if chunked else n // shape[-2]
+            if device:  # (every moment's new codes and maxima kept for the one write-back at the end)
+                if is_rank1(state, k):
+                    led.keep(_quantize_rank1_bytes_joint(led, n, rows, cols))
+                else:
+                    _quantize_4bit_bytes_joint(led, n, blocks(k), b)
             else:
-                new = _quantize_4bit_bytes(led, n, blocks(k), b, self.specs[k].code, out=True)
-            if pending is not None:
-                led.free(pending)
-            pending = new
+                if is_rank1(state, k):
+                    new = _quantize_rank1_bytes(led, n, rows, cols, self.specs[k].code)
+                else:
+                    new = _quantize_4bit_bytes(led, n, blocks(k), b, self.specs[k].code, out=True)
+                if pending is not None:
+                    led.free(pending)
+                pending = new
             led.free(decoded[k])
         return led.peak
 
@@ -1240,6 +1247,24 @@ def _quantize_4bit_bytes_joint(led: _Ledger, n: int, nb: int, b: int) -> None:
     led.free(normalized)
     if padded is not None:
         led.free(padded)
+
+
+def _quantize_rank1_bytes_joint(led: _Ledger, n: int, rows: int, cols: int) -> int:
+    """:func:`~lowmem.optim.functional.quant.quantize_rank1_4bit` of ``n`` values off the CPU (``cols`` 0: the
+    column maxima given): the maxima, the scale and its clamp, the normalized values, then
+    :func:`_packed_bytes_joint` (the search's ``int32`` indices packed by one add). Returns the token of the codes
+    and maxima (kept for the write-back)."""
+    maxima = led.alloc(4 * rows + 4 * cols)
+    scale = led.alloc(4 * n)
+    clamp = led.alloc(4 * n)
+    led.free(scale)
+    normalized = led.alloc(4 * n)
+    packed = _packed_bytes_joint(led, n, None)
+    led.free(normalized)
+    led.free(clamp)
+    kept = led.alloc(0)
+    led._sizes[kept] = led._sizes.pop(packed) + led._sizes.pop(maxima)
+    return kept
 
 
 def _quantize_rank1_bytes(led: _Ledger, n: int, rows: int, cols: int, code: str) -> int:
