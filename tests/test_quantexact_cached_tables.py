@@ -19,6 +19,21 @@ _CACHES = (Q._code_map_cpu, Q._code_map_on, Q.lookup_pairs, Q._point_table, Q._m
            bnb_fused.code_maps)
 
 
+@pytest.fixture(autouse=True)
+def _tables_made_again():
+    """These tests clear the process's tables; afterwards the CPU's are made again, so that a later test in this
+    process finds them as a process that stepped a quantized optimizer before does."""
+    yield
+    for name in ("dynamic8_signed", "dynamic8_unsigned"):
+        Q._point_table(name)
+    for name in ("dynamic8_signed", "dynamic8_unsigned", "dynamic4_signed", "linear4_nozero"):
+        Q.code_map(name, "cpu")
+    for name in ("dynamic4_signed", "linear4_nozero"):
+        Q.lookup_pairs(name, "cpu")
+    Q._cell_table("dynamic4_signed", "cpu")
+    bnb_fused.code_maps("cpu")
+
+
 class _WithFresh(_Traced):
     """:class:`_Traced`, with the storages ``torch.tensor`` fills (``lift_fresh``: its input is the new tensor
     itself) counted as new too (bitsandbytes' dynamic maps are made so)."""
