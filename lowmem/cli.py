@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .threads import set_train_threads
 
@@ -28,7 +28,9 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         description="Fine-tune a model with a low-memory optimizer. Without RECIPE, configs/default.yaml "
         "(the embedded tiny Llama on synthetic addition). Flags override recipe keys; the TrainingArguments / "
         "`trl sft` spellings of the flags (--max_steps, --learning_rate, --per_device_train_batch_size, "
-        "--model_name_or_path, --output_dir, ...) work too.",
+        "--model_name_or_path, --output_dir, ...) work too, and any other recipe key or TrainingArguments / TRL "
+        "config field is a flag as in `trl sft` (--num_train_epochs 1, --gradient_accumulation_steps 4, "
+        "--max_length 512, --packing): checked as the recipe's top-level key.",
     )
     p.add_argument("recipe", nargs="?", help="YAML recipe (keys: see docs/training.md)")
     p.add_argument("--trainer", help="training method: sft, dpo, grpo, gvpo or bnpo (the recipe's trainer; default sft)")
@@ -96,8 +98,59 @@ def recipe_from_args(args: argparse.Namespace):
         output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size,
         dataset=_one_or_list(args.dataset), eval_dataset=_one_or_list(args.eval_dataset),
         chat_template=args.chat_template, reward_funcs=rewards or None, reward_weights=weights or None,
+        **getattr(args, "fields", {}),
     )
     return recipe
+
+
+def _scalar(value: str, yaml: Any) -> Any:
+    """A flag's value as YAML reads it (``1`` -> 1, ``true`` -> True, ``{a: 1}`` -> a mapping); text that is
+    no YAML value (``{a``), or blank, stays the string given."""
+    try:
+        return yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value
+
+
+def split_field_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, Any]]:
+    """``lowmem train``'s flags that are no option of its parser, as recipe keys: ``--num_train_epochs 1``
+    (or ``--num-train-epochs=1``) -> ``{"num_train_epochs": 1}``, the way ``trl sft`` takes every config field
+    as a flag. A flag followed by nothing (or by another flag, or the ``*.yaml`` recipe) is ``true``
+    (``--packing``); several values make a list (``--optim_target_modules q_proj v_proj``); each value is read
+    as a YAML scalar (``1`` -> 1, ``true`` -> True). :func:`lowmem.train.load_recipe` then maps and checks
+    them as top-level recipe keys: an unknown one is an error with its close matches and lowmem's spelling of
+    ``trl sft``'s model arguments (``--lora_r 8`` -> ``lora: {r: ...}``). Before, such a flag was argparse's
+    "unrecognized arguments", and the value after it was taken for the recipe.
+
+    Returns:
+        The remaining arguments for the parser, and the keys with their values.
+    """
+    import yaml
+
+    train = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    known = {s.split("=")[0] for a in train._actions for s in a.option_strings}
+    rest: list[str] = argv[:1]
+    fields: dict[str, Any] = {}
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if not arg.startswith("--") or arg == "--" or name in known:
+            rest.append(arg)
+            i += 1
+            continue
+        key = name[2:].replace("-", "_")
+        values: list[str] = [arg.split("=", 1)[1]] if "=" in arg else []
+        i += 1
+        while "=" not in arg and i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2) \
+                and not argv[i].endswith((".yaml", ".yml")):
+            values.append(argv[i])
+            i += 1
+        if key in fields:
+            raise ValueError(f"--{key} is given twice; give it once")
+        parsed = [_scalar(v, yaml) for v in values]
+        fields[key] = True if not parsed else parsed[0] if len(parsed) == 1 else parsed
+    return rest, fields
 
 
 def _one_or_list(paths: list[str] | None) -> str | list[str] | None:
@@ -302,7 +355,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     :func:`report_error`); ``LOWMEM_DEBUG=1`` shows the traceback instead.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields: dict[str, Any] = {}
+    if argv[:1] == ["train"]:
+        try:
+            argv, fields = split_field_flags(argv, parser)
+        except ValueError as err:
+            report_error(err)
+            return 2
     args = parser.parse_args(argv)
+    if fields:
+        args.fields = fields
     if not os.environ.get("LOWMEM_DEBUG"):
         # bitsandbytes warns on CPU that an optional hub-downloaded kernel is missing; lowmem never
         # downloads, and its CPU fallback is what we test
