@@ -9,8 +9,8 @@ workspace (inside the SVD kernel) is counted in the report but invisible to the 
 
 Before: the engine's per-parameter report summed the phases (a (200, 128) float32 galore_adafactor weight at
 rank 16: 843,776 B reported, 483,328 of them the SVD refresh and 360,448 MKL's kept GEMM buffer, for a
-traced steady step of 128,004 B and a traced refresh step of 168,448 B). The engine reports it
-for a parameter stepped alone (``LowMemOptimizer._projected_bytes``, no stabilizers)."""
+traced steady step of 128,004 B and a traced refresh step of 168,448 B). The engine is to report it
+for a parameter stepped alone (``LowMemOptimizer._projected_bytes``, no stabilizers: FOUND_GALOREEXACT 1)."""
 
 import warnings
 
@@ -153,6 +153,8 @@ def test_svd_refresh_untraced_part_is_the_kernel_workspace():
     assert full - P.untraced_refresh_bytes(p.shape, group) == 4 * (200 * 128 + 128 + 128 * 128)
 
 
+@pytest.mark.xfail(strict=True, reason="FOUND_GALOREEXACT 1 (with 3): the engine's per-parameter report of a projected"
+                   " parameter (LowMemOptimizer._projected_bytes(...).alone) does not call projected_alone_bytes yet")
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_engine_per_parameter_report_is_projected_alone_bytes(name):
     """On meta (no MKL buffer), the engine's per-parameter report of a projected parameter is
@@ -163,3 +165,52 @@ def test_engine_per_parameter_report_is_projected_alone_bytes(name):
         group, state = meta.param_groups[0], meta.state[mp]
         assert meta._transient_bytes(True, steady=True) == projected_alone_bytes(meta, mp, group, state, steady=True)
         assert meta.step_transient_bytes(per_parameter=True) == projected_alone_bytes(meta, mp, group, state)
+
+
+WHOLE_SHAPES = [(96, 64), (64, 96), (96, 64), (64,), (160, 64), (200, 40)]
+
+
+def _whole_step(name, dtype, chunk):
+    """The traced third step (no refresh: update_proj_gap=1000) of a small model's parameters in one optimizer
+    (the projected multi-tensor buckets) and the meta report of a step without a refresh."""
+    kw = dict(RECIPES[name])
+    base = name.split("_columns")[0]
+    if base != "apollo_mini":
+        kw["rank"] = 8
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in WHOLE_SHAPES]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer(ps, base, update_proj_gap=1000, **kw)
+        opt.chunk_numel = opt.chunk_numel if chunk == "default" else chunk
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            with _Traced() as t:
+                opt.step()
+        metas = [torch.nn.Parameter(torch.empty(s, dtype=dtype, device="meta")) for s in WHOLE_SHAPES]
+        meta = create_optimizer(metas, base, update_proj_gap=1000, **kw)
+    meta.chunk_numel = opt.chunk_numel
+    meta.materialize_state()
+    return t.peak, meta._transient_bytes(False, steady=True)
+
+
+WHOLE_CASES = ([(n, torch.float32) for n in ("galore_adamw", "galore_adafactor", "galore_adamw8bit")]
+               + [(n, torch.bfloat16) for n in sorted(RECIPES)])
+# exact before the engine counts the buckets this way (the fold of an 8-bit GaLore bucket, bf16 unchunked GaLore)
+ALREADY = {("galore_adamw8bit", torch.float32, "default"), ("galore_adamw8bit", torch.float32, None),
+           ("galore_adamw", torch.bfloat16, None), ("galore_adamw8bit", torch.bfloat16, None)}
+PENDING = pytest.mark.xfail(strict=True, reason="FOUND_GALOREEXACT 3: the engine's projected buckets count a row block"
+                            " for an in-place fold, the step sizes only in the moment's phase, the summed phases")
+
+
+@pytest.mark.parametrize("name,dtype,chunk", [
+    pytest.param(n, d, c, id=f"{n}-{str(d)[6:]}-{c}", marks=() if (n, d, c) in ALREADY else PENDING)
+    for n, d in WHOLE_CASES for c in ("default", None)])
+def test_whole_step_buckets_allocate_what_they_report(name, dtype, chunk):
+    """The whole step's projected buckets (one optimizer, a small model's parameters): GaLore's float32 buckets
+    fold in place (CombineRule.fold_bytes), the others combine each parameter back as it is stepped alone
+    (subspace.projected_back_bytes), Adafactor's step sizes live to the bucket's end."""
+    traced, reported = _whole_step(name, dtype, chunk)
+    assert traced == reported

@@ -1402,6 +1402,14 @@ class CombineRule:
         direction included (the per-parameter step, :func:`projected_alone_bytes`); default :meth:`transient_bytes`."""
         return self.transient_bytes(shape, group, state, projection, rows)
 
+    def fold_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
+                   projection: Projection) -> int | None:
+        """The bytes one parameter's :meth:`foreach_fold` term and its in-place update (``addmm_`` of
+        ``up(M)``, ``addcmul_``) allocate beside the bucket's projected gradients and directions (the engine's
+        multi-tensor combine-back of float32 parameters at a float learning rate); ``None`` (default): not
+        counted here (the engine counts :meth:`transient_bytes` of a block of rows)."""
+        return None
+
     def whole_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
                     projection: Projection) -> int:
         """The peak of :meth:`direction` (the step with ``chunk_numel=None``), the direction included; default:
@@ -1470,6 +1478,13 @@ class ProjectBack(CombineRule):
             return group["scale"]
         return None
 
+    def fold_bytes(self, shape, group, state, projection):
+        """GaLore's (no residual, a basis): ``p += a up(d_low)`` in place, nothing but a two-sided basis's
+        ``P N`` (:meth:`Projection.add_up_rows_bytes` of all rows); other residual rules: not counted here."""
+        if isinstance(self.residual, DropResidual) and projection.can_add_up_rows(state):
+            return projection.add_up_rows_bytes(shape, group, shape[0])
+        return None
+
     def transient_bytes(self, shape, group, state, projection, rows):
         return (self.residual.transient_bytes(shape, group, state, projection, rows)
                 + projection.combine_transient_bytes(shape, group, rows))
@@ -1513,9 +1528,8 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
     * the combine-back beside the projected gradient and what :meth:`MomentRule.direction_bytes` keeps:
       nothing more when the direction is added to a float32 parameter in place (``addmm_``:
       :meth:`CombineRule.add_in_place_scale` and a float learning rate); per block of rows, the gradient
-      rows' float32 copy (low precision) beside :meth:`CombineRule.transient_bytes` of the block, then the
-      parameter rows' float32 copy beside the block's direction, each beside the previous block's parameter
-      copy (still bound until the next one is made); unchunked, the whole-tensor combine-back.
+      rows' float32 copy (low precision) beside :meth:`CombineRule.rows_bytes` of the block, then the
+      parameter rows' float32 copy beside the block's direction; unchunked, the whole-tensor combine-back.
 
     Exact against a trace of the dispatched operations' outputs (tests/test_galoreexact_per_parameter.py)
     for the recipes whose combine rule and projection count their blocks exactly."""
@@ -1549,27 +1563,44 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
         held = g32 + whole * (lowp and not (bounds is not None and constant))  # (and the parameter's copy)
         phases += [g32 + refresh if not steady else 0, g32 + P.down_bytes(p.shape, group), held + low + lr_peak]
     phases.append(held + low + moment)
-    base = held + low + direction
+    phases.append(held + low + direction + projected_back_bytes(opt, p, group, state))
+    return max(phases)
+
+
+def projected_back_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> int:
+    """The peak of projected ``p``'s combine-back (``LowMemOptimizer._combine_back`` / ``_combine_rows``) beside
+    its held float32 copies, its projected gradient and the moment rule's direction (and step size): nothing for
+    an in-place ``addmm_`` (a float32 parameter, a float learning rate, ``scale * up(d_low)``; a two-sided
+    basis's ``P N``), else the combine rule's context (:meth:`CombineRule.prepare_bytes`) and per block of rows
+    the gradient rows' float32 copy (16-bit) beside :meth:`CombineRule.rows_bytes`, then the parameter rows'
+    copy beside the block's direction (both freed before the next block's); unchunked
+    :meth:`CombineRule.whole_bytes`; then the projection's post_update (Online Subspace Descent's basis step,
+    :meth:`Projection.post_update_bytes`). Part of :func:`projected_alone_bytes`; the engine's multi-tensor
+    step combines each parameter of a bucket back the same way unless the bucket folds
+    (:meth:`CombineRule.fold_bytes`)."""
+    r, P = opt.recipe, opt.recipe.projection
+    m, n = p.shape
+    lowp = p.dtype not in (torch.float32, torch.float64)
+    low = 4 * P.low_shape(p.shape, group).numel()
+    chunk = opt._chunk(p.device)
+    bounds = opt._row_bounds(p.shape, chunk) if chunk is not None else None
+    lr_peak = 0 if r.lr_rule is constant_lr else r.lr_rule.step_bytes(group)
+    in_rows = lowp and bounds is not None
     # the projection's post_update (Online Subspace Descent's basis step) after the update: of the gradient as
     # the combine-back reads it (16-bit when projected a block of rows at a time), its projection given if float32
     post = P.post_update_bytes(p.shape, group, state, in_rows, True)
     if bounds is None:
-        phases.append(base + r.combine.whole_bytes(p.shape, group, state, P))
-        # beside the whole direction, which replaced the moment rule's (its step size stays)
-        phases.append(base - low + whole + post)
-    elif r.combine.add_in_place_scale(state, group, P) is not None and p.dtype == torch.float32 and lr_peak == 0:
-        phases += [base + P.add_up_rows_bytes(p.shape, group, m), base + post]
-    else:
-        peak, ctx = r.combine.prepare_bytes(p.shape, group, state, P, bounds, in_rows)
-        phases.append(base + peak)
-        base += ctx
-        prev = 0
-        for a, b in bounds:
-            block = 4 * (b - a) * n
-            phases.append(base + prev + block * lowp + r.combine.rows_bytes(p.shape, group, state, P, b - a))
-            phases.append(base + prev + block + block * lowp)
-            prev = block * lowp
-        phases.append(base + prev + post)  # (the last block's parameter copy still bound)
+        # the whole direction, then beside it (it replaced the moment rule's; the step size stays) the post_update
+        return max(r.combine.whole_bytes(p.shape, group, state, P), 4 * m * n - low + post)
+    if r.combine.add_in_place_scale(state, group, P) is not None and p.dtype == torch.float32 and lr_peak == 0:
+        return max(P.add_up_rows_bytes(p.shape, group, m), post)
+    peak, ctx = r.combine.prepare_bytes(p.shape, group, state, P, bounds, in_rows)
+    phases = [peak]
+    for a, b in bounds:  # (each block's copies and direction freed before the next block's are made)
+        block = 4 * (b - a) * n
+        phases.append(ctx + block * lowp + r.combine.rows_bytes(p.shape, group, state, P, b - a))
+        phases.append(ctx + block + block * lowp)
+    phases.append(ctx + post)
     return max(phases)
 
 
