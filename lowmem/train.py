@@ -258,6 +258,16 @@ class TrainRecipe:
         validate_data_fields(self)  # dataset, eval_*, chat_template, reward_* (lowmem.data, lowmem.rewards)
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"Unknown task {self.task!r}; valid: {list(TASKS)}")
+        from transformers import SchedulerType
+
+        schedulers = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in schedulers:  # (the config class said "'x' is not a valid SchedulerType", no field)
+            import difflib
+
+            close = difflib.get_close_matches(self.lr_scheduler, schedulers, n=2)
+            raise ConfigError(f"lr_scheduler={self.lr_scheduler!r} (TrainingArguments.lr_scheduler_type): unknown "
+                              + (f"scheduler, did you mean {close}? " if close else "scheduler; ")
+                              + f"valid: {schedulers}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"Invalid dtype {self.dtype!r}; valid: ['float32', 'bfloat16', 'float16']")
         if self.model is not None:

@@ -91,3 +91,12 @@ def test_hub_snapshot_folder_with_dataset_card(tmp_path, split_named):
     assert len(train) == (3 if split_named else 4)
     if split_named:
         assert load_local_dataset(folder, split="eval", field_name="eval_dataset")["text"] == ["4+4=8"]
+
+
+@pytest.mark.parametrize("key", ["lr_scheduler", "lr_scheduler_type"])
+def test_unknown_lr_scheduler_names_the_field(key, tmp_path):
+    """Before: "LowMemSFTConfig: cosine_warmup is not a valid SchedulerType, ..." (no field named)."""
+    with pytest.raises(ConfigError, match=r"lr_scheduler='cosine_warmup' \(TrainingArguments.lr_scheduler_type\): "
+                                          r"unknown scheduler, did you mean \['cosine_warmup_with_min_lr'.*valid: \["):
+        load_recipe(None, output_dir=str(tmp_path), **{key: "cosine_warmup"})
+    assert load_recipe(None, output_dir=str(tmp_path), **{key: "cosine"}).lr_scheduler == "cosine"
