@@ -214,3 +214,43 @@ def test_whole_step_buckets_allocate_what_they_report(name, dtype, chunk):
     (subspace.projected_back_bytes), Adafactor's step sizes live to the bucket's end."""
     traced, reported = _whole_step(name, dtype, chunk)
     assert traced == reported
+
+
+# tests/test_foreach_projected.py::test_step_transient_bytes_counts_the_bucket_phases's setups, against a trace
+PHASES = [("apollo_adamw", {}), ("galore_adamw", {"projection": "random"}), ("fira_adamw", {"projection": "random"}),
+          ("frugal", {"projection": "random"}), ("galore_adamw", {"projection": "random", "proj_type": "left"})]
+
+
+def _bucket(name, hp, k, chunk):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 256)) for _ in range(k)]
+    opt = create_optimizer(ps, name, rank=16, update_proj_gap=1000, **hp)
+    opt.chunk_numel = chunk
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(64, 256)
+        with _Traced() as t:
+            opt.step()
+    metas = [torch.nn.Parameter(torch.zeros(64, 256, device="meta")) for _ in range(k)]
+    meta = create_optimizer(metas, name, rank=16, update_proj_gap=1000, **hp)
+    meta.chunk_numel = chunk
+    meta.materialize_state()
+    return t.peak, meta._transient_bytes(False, steady=True)
+
+
+@pytest.mark.parametrize("name,hp,chunk,k", [
+    pytest.param(n, h, c, k, id=f"{n}-{'-'.join(h.values())}-{c}-{k}",
+                 # (exact already: two of three at chunk 8192, whose bucket's direction outweighs a combine-back)
+                 marks=PENDING if n == "galore_adamw" and not (c == 8192 and k == 3) else ())
+    for n, h in PHASES for c in (None, 8192) for k in (1, 3)])
+def test_float32_bucket_of_same_shapes(name, hp, chunk, k):
+    """``k`` (64, 256) float32 weights at rank 16 in one bucket (two at chunk 8192), a step without refresh:
+    GaLore's bucket folds in place, its peak is the multi-tensor direction's ``12 k n`` (traced 49,152 for one,
+    147,456 for three, 98,304 for two), which the engine is to report exactly (FOUND 3; it reports the unfolded
+    per-parameter combine-back: 98,304 / 65,536 for one); APOLLO's, Fira's and FRUGAL's float32 folds are not
+    counted by their rules yet (CombineRule.fold_bytes None): a bound."""
+    traced, reported = _bucket(name, hp, k, chunk)
+    if name == "galore_adamw":
+        assert traced == reported == 12 * min(k, 2 if chunk else k) * 4096
+    else:
+        assert reported >= traced
