@@ -871,11 +871,12 @@ class Quantized(MomentRule):
         coded = sum(n for n, state in members if any(is_quantized(state, k) for k in self.specs))
         quantized = [k for _, st in members for k in self.specs if is_quantized(st, k)]
         if group is not None and quantized and len({self.specs[k].bits for k in quantized}) == 1:
-            # 4-bit or 8-bit moments: foreach_step_ is _decoded_many, the inner rule's multi-tensor direction and the
-            # encode (then the update, in place), what foreach_direction_bucket_transient_bytes walks; each member's shape
-            # from its state (rank-1 maxima: shape[:-1] and shape[-1]; the others' flat size is all that counts)
-            return self.foreach_direction_bucket_transient_bytes([(_state_shape(n, st, self.specs), st) for n, st in members],
-                                                                 group["block_size"])
+            # 4-bit or 8-bit moments: foreach_step_ is _decoded_many, the inner rule's multi-tensor direction and
+            # the encode (then the update, in place), what foreach_direction_bucket_transient_bytes walks; each
+            # member's shape from its state (rank-1 maxima: shape[:-1] and shape[-1]; the others' flat size is all
+            # that counts)
+            shaped = [(_state_shape(n, st, self.specs), st) for n, st in members]
+            return self.foreach_direction_bucket_transient_bytes(shaped, group["block_size"])
         return self._decoded_bytes(coded) + self.inner.foreach_direction_transient_bytes(numel)
 
     def _decoded_bytes(self, numel: int) -> int:
@@ -954,11 +955,11 @@ class Quantized(MomentRule):
         """What :meth:`direction` of ``numel`` elements of a tensor of ``shape`` allocates, stepped whole: every
         quantized moment decoded to float32 and the inner rule's direction (its
         :meth:`~lowmem.optim.moments.MomentRule.transient_bytes`), then the moments encoded in turn, each beside
-        the decoded moments not encoded yet (a decoded copy is freed once it is encoded). 4-bit moments on the
-        CPU: :meth:`_four_bit_direction_bytes`, the codec calls walked on a ledger (exact, partial blocks and odd
-        counts included); otherwise the largest of ``4 n (moments left) + inner + codec`` over the moments
-        (:meth:`_codec_bytes`; 8-bit: exact on the CPU with the group's ``block_size``). Measured
-        (tests/test_transient_per_parameter.py, tests/test_quantexact_transients.py)."""
+        the decoded moments not encoded yet (a decoded copy is freed once it is encoded). 4-bit moments:
+        :meth:`_four_bit_direction_bytes`, the codec calls walked on a ledger in the CPU's forms or, off the CPU and
+        on meta tensors, the device's (exact, partial blocks and odd counts included); otherwise the largest of
+        ``4 n (moments left) + inner + codec`` over the moments (:meth:`_codec_bytes`; 8-bit: exact on the CPU with
+        the group's ``block_size``, a bound off it). Traced: tests/test_transient_per_parameter.py."""
         return self._transient_bytes(numel, shape, group, state, chunked=False)
 
     def chunk_transient_bytes(self, numel, shape, group, state):
@@ -993,24 +994,27 @@ class Quantized(MomentRule):
         return cols + inner + encode
 
     def _codec_bytes(self, numel, shape, group, state, key, chunked: bool) -> int:
-        """The largest workspace of encoding moment ``key`` of ``numel`` elements (:func:`codec_bytes`); a rank-1
-        moment's: ``13 n`` (the blockwise 4-bit encode's) beside its new row maxima and, stepped whole, its new
-        column maxima (off the CPU a bound: :func:`codec_bytes`' form)."""
+        """The largest workspace of encoding moment ``key`` of ``numel`` elements (:func:`codec_bytes`), for a rule
+        whose moments are not all 4-bit (all 4-bit: :meth:`_four_bit_direction_bytes`); a rank-1 moment's: ``13 n``
+        (the blockwise 4-bit encode's on the CPU) beside its new row maxima and, stepped whole, its new column
+        maxima."""
         if not is_rank1(state, key):
             return codec_bytes(numel, self.specs[key].bits == 4, False, group.get("block_size"))
         return 13 * numel + 4 * (numel // shape[-1]) + (0 if chunked else 4 * (numel // shape[-2]))
 
     def _four_bit_direction_bytes(self, n: int, shape: torch.Size, group, state, quantized: list[str], inner: int,
                                   chunked: bool) -> int:
-        """:meth:`transient_bytes` of 4-bit moments (blockwise or rank-1) on the CPU for a tensor or a chunk of
-        ``n`` values (the engine's largest chunk, or the last one), :meth:`direction`'s codec calls walked on a ledger (:class:`_Ledger`, the functions :meth:`_four_bit_bucket_bytes` walks): chunked,
+        """:meth:`transient_bytes` of 4-bit moments (blockwise or rank-1) for a tensor or a chunk of ``n`` values
+        (the engine's largest chunk, or the last one), :meth:`direction`'s codec calls walked on a ledger
+        (:class:`_Ledger`, the functions :meth:`_four_bit_bucket_bytes` / :meth:`_four_bit_joint_bytes` walk): chunked,
         the rank-1 moments' column maxima (``4 n_cols`` each) kept and :meth:`prepare_chunks`' pass (the decodes,
         the inner direction, freed, the chunk's column maxima beside the decoded moments); then the decodes in
         the specs' order (a blockwise moment of ``n`` values in ``ceil(n / B)`` blocks: a partial last block's
         padded copies), the inner direction next to them (``inner``; its direction, ``4 n``, kept), and the
         encodes in turn: a blockwise moment written into its state (contiguous), a rank-1 one's new codes and
-        maxima copied in (each encode's kept until the next one has returned: the loop's variables), each
-        decoded moment freed after its encode."""
+        maxima copied in (on the CPU each encode's kept until the next one has returned: the loop's variables; off
+        the CPU, :func:`~lowmem.optim.functional.quant.launch_bound`, all kept for the one write-back at the end,
+        with the device's codec forms), each decoded moment freed after its encode."""
         led = _Ledger()
         b = group["block_size"]
         rows = n // shape[-1] if len(shape) >= 2 else 0

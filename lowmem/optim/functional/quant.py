@@ -189,7 +189,8 @@ def _point_table(name: str) -> Tensor:
     midpoints = (code[:-1] + code[1:]) * 0.5
     table = torch.empty(TABLE_POINTS, dtype=torch.uint8)
     for start in range(0, TABLE_POINTS, TABLE_BUILD_PIECE):
-        points = torch.arange(start, start + TABLE_BUILD_PIECE, dtype=torch.float32).mul_(2.0).div_(TABLE_POINTS - 1).sub_(1.0)
+        points = torch.arange(start, start + TABLE_BUILD_PIECE, dtype=torch.float32)
+        points.mul_(2.0).div_(TABLE_POINTS - 1).sub_(1.0)
         table[start : start + TABLE_BUILD_PIECE] = torch.searchsorted(midpoints, points, right=False, out_int32=True)
     return table
 
