@@ -42,30 +42,52 @@ EAGER_NUMERICS = {"emulate_precision_casts": True, "eager_numerics.division_roun
                   "eager_numerics.disable_ftz": True}
 
 
-def _compress_rows(g, error, lo, hi, top, block, k_block, k_last, quant_block_size):
-    """:func:`MA.compress_rows_` with the layout's numbers as arguments (symbolic under ``dynamic=True``: one
-    graph for every size of joined row, instead of a recompile per :class:`MA.TopKLayout`)."""
-    d = g.shape[1]
-    return MA.compress_rows_(g, error, lo, hi, MA.TopKLayout(d, block, d // block, k_block, k_last), quant_block_size, top)
+def _error_sum_rows(g, error, lo, hi, top, quant_block_size):
+    """:func:`MA.error_sum_rows` (line 4), compiled on its own: its inputs, the stacked gradients among them,
+    are released when it returns (:func:`_compiled`)."""
+    return MA.error_sum_rows(g, error, lo, hi, quant_block_size, top)
+
+
+def _sparsify_rows(a, top, d, block, k_block, k_last, quant_block_size):
+    """:func:`MA.sparsify_rows_` (lines 5-8) with the layout's numbers as arguments (symbolic under
+    ``dynamic=True``: one graph for every size of joined row, instead of a recompile per :class:`MA.TopKLayout`)."""
+    return MA.sparsify_rows_(a, MA.TopKLayout(d, block, d // block, k_block, k_last), quant_block_size, top)
 
 
 def _window_sums_rows(indices, values, w1, w2, d, block, k_block, k_last):
-    """:func:`MA.window_sums_rows` with the layout's numbers as arguments (as :func:`_compress_rows`)."""
+    """:func:`MA.window_sums_rows` with the layout's numbers as arguments (as :func:`_sparsify_rows`)."""
     return MA.window_sums_rows(indices, values, w1, w2, MA.TopKLayout(d, block, d // block, k_block, k_last))
 
 
 @lru_cache(maxsize=None)
 def _compiled(device_type: str):
-    """The fused path: the row functions (a tensor alone is a group of one row) under :func:`torch.compile`
-    with :data:`EAGER_NUMERICS`, the quotient of line 12 left eager (:func:`MA.direction_from_sums_`).
+    """The fused path: ``(compress, window_sums)``, the row functions (a tensor alone is a group of one row)
+    under :func:`torch.compile` with :data:`EAGER_NUMERICS`, the quotient of line 12 left eager
+    (:func:`MA.direction_from_sums_`).
+
+    ``compress(g, error, lo, hi, top, block, k_block, k_last, quant_block_size)`` is
+    :func:`MA.compress_rows_` as two compiled functions, line 4 (:func:`_error_sum_rows`) and lines 5-8
+    (:func:`_sparsify_rows`, in place in line 4's sum), with ``g`` the stacked gradients or a function that makes
+    them (as :func:`MA.compress_rows_` takes them): they are dropped between the two calls. One compiled function
+    of both held the joined gradients through the whole compression (4 B per element; the caller made them, since a
+    compiled function takes tensors) and its sum next to the scattered copy the inductor made of it.
 
     Symbolic shapes (``dynamic=True``) on every device: the joined rows of the buckets have many sizes.
     On CPU they are needed anyway: with static shapes torch 2.13's C++ inductor splits a loop over
     ``i // block_size`` without its remainder when a tensor's length is not a multiple of the block
     (``try_loop_split``), leaving the last partial block unwritten.
     """
-    return (torch.compile(_compress_rows, dynamic=True, options=EAGER_NUMERICS),
-            torch.compile(_window_sums_rows, dynamic=True, options=EAGER_NUMERICS))
+    error_sum = torch.compile(_error_sum_rows, dynamic=True, options=EAGER_NUMERICS)
+    sparsify = torch.compile(_sparsify_rows, dynamic=True, options=EAGER_NUMERICS)
+
+    def compress(g, error, lo, hi, top, block, k_block, k_last, quant_block_size):
+        g = g() if callable(g) else g
+        d = g.shape[1]
+        a = error_sum(g, error, lo, hi, top, quant_block_size)
+        del g  # (the caller's function made it: freed here, before the top-k and the quantization)
+        return sparsify(a, top, d, block, k_block, k_last, quant_block_size)
+
+    return compress, torch.compile(_window_sums_rows, dynamic=True, options=EAGER_NUMERICS)
 
 
 @lru_cache(maxsize=None)
@@ -151,45 +173,81 @@ def stacked_window_bytes(numel: int, ring_entries: int) -> int:
     return 8 * numel + 20 * ring_entries
 
 
-def compiled_compress_bytes(numel: int, width: int, kept: int) -> int:
-    """Bytes of the compiled :func:`~lowmem.optim.functional.microadam.compress_rows_` per row (the compiled
-    path, :func:`_compiled`): :func:`stacked_compress_bytes` plus 6 B per element, the joined gradients the
-    caller makes and holds through the call (4 B: a compiled function takes tensors, not the eager path's
-    function that makes them) and the inductor's buffers (about 2 B more: it does not reuse ``a``'s storage
-    as the eager path's in-place operations do). Measured on CPU (peak RSS above the state in a fresh process,
-    torch 2.13, 2026-11-30): a bucket of one joined row of 2^19 elements at the defaults 16.2-16.4 B per
-    element for 16.6 counted; 14.8 with ``k = d / 4`` (21.5 counted); 11.1-13.8 for mixed layouts."""
-    return stacked_compress_bytes(numel, width, kept) + 6 * numel
+#: The 256 x 2 float32 table of the 4-bit levels' pairs that the compiled line 4 builds per call (its output code:
+#: a buffer of the graph, not the eager path's cached ``Q.lookup_pairs``).
+COMPILED_TABLE_BYTES = 2048
 
 
-def stacked_bucket_transient_bytes(layouts: list[tuple[int, int, int, int, int]], compiled: bool = False) -> int:
+def compiled_compress_bytes(rows: int, lay: MA.TopKLayout, width: int, quant_blocks: int, joined: bool = True) -> int:
+    """Bytes the compiled compression (:func:`_compiled`'s ``compress``: line 4, :func:`_error_sum_rows`, then
+    lines 5-8, :func:`_sparsify_rows`) allocates for ``rows`` rows of top-k layout ``lay`` (``d`` elements, ``k``
+    kept, ``k_last`` of them in a partial last block of ``rest`` elements), each padded to ``width`` (whole
+    quantization blocks, ``quant_blocks`` of them), buffer by buffer as torch 2.13's inductor allocates and frees
+    them (its output code on the CPU, dynamic shapes; dynamo specializes a size of 1, so one row and a stack of
+    rows are different graphs):
+
+    * ``joined`` (the bucket path): the error codes and minima / maxima joined by the caller (``ceil(d / 2)`` and
+      ``8 nb`` per row), alive throughout, and the joined gradients (``4 d``), dropped once line 4 returns;
+    * line 4: the sum ``a`` (``4 width``; one fused kernel) and the levels' pairs table (2 KiB); a stack of rows
+      of several quantization blocks also writes the levels, in blocks, beside it (``4 width``);
+    * the top-k: ``a``, ``|a|`` of the full blocks (``4 (d - rest)``; a stack of rows of several full blocks
+      reshapes it by a copy, beside it), then the top-k's values and int64 indices (12 B per entry); with a
+      partial last block, then ``|a|`` of it and its top-k beside the first one's indices;
+    * the quantization (one fused kernel): ``a``, the int64 indices (``8 k``; with a partial last block both
+      top-k's and their concatenation, ``16 k``), the scattered copy of ``a`` (``4 d``), the kept entries' int16
+      indices and bfloat16 values (``4 k``), the new codes (``ceil(d / 2)``) and minima / maxima (``8 nb``).
+
+    Before, one compiled function of lines 4-8 took the joined gradients from the caller, who held them through the
+    whole compression, and kept the levels beside the sum: 6 B per element above the eager count (16.2-16.4 B per
+    element measured on a bucket at the defaults)."""
+    d, k, k_last = lay.d, lay.k, lay.k_last
+    kf, full_end, stacked = k - k_last, d - lay.rest, rows > 1
+    inputs = rows * (-(-d // 2) + 8 * quant_blocks) if joined else 0
+    line4 = rows * (4 * d * joined + 4 * width * (1 + (stacked and quant_blocks > 1))) + COMPILED_TABLE_BYTES
+    abs_copy = stacked and lay.full_blocks > 1 and full_end < width
+    topk = rows * (4 * width + max(4 * full_end * (1 + abs_copy), 4 * full_end + 12 * kf))
+    last = rows * (4 * width + 8 * kf + 4 * lay.rest + 12 * k_last) if k_last else 0
+    quantize = rows * (4 * width + 8 * k * (1 + (k_last > 0)) + 4 * d + 4 * k + -(-d // 2) + 8 * quant_blocks)
+    return inputs + max(line4, topk, last, quantize)
+
+
+def compiled_window_bytes(rows: int, numel: int, ring_entries: int, joined: bool = True) -> int:
+    """Bytes of the compiled window (:func:`_window_sums_rows`, lines 10-11, and the eager in-place quotient of
+    line 12) for ``rows`` rows: the two sums (``8 d``; the direction is one of them) beside the ring rows the caller
+    joined (``joined``, the bucket path: 4 B per entry, int16 indices and bfloat16 values). The global indices and
+    weighted values are computed inside the one fused kernel (no buffer)."""
+    return rows * (8 * numel + 4 * ring_entries * joined)
+
+
+def stacked_bucket_transient_bytes(layouts: list[tuple[int, ...]], compiled: bool = False) -> int:
     """Bytes of :meth:`MicroAdamMoments.foreach_step_`'s stacked path on a bucket whose tensors of one top-k
     layout are stacked as rows, a layout at a time in the order they first appear: ``layouts`` gives
-    ``(rows, elements, padded width, kept k, ring entries m k)`` per layout (the last three per row). Each
-    layout's compression (:func:`stacked_compress_bytes`; ``compiled``: :func:`compiled_compress_bytes`) or
-    window (:func:`stacked_window_bytes`, the compiled sums and the eager quotient alike) next
+    ``(rows, elements, padded width, kept k, ring entries m k)`` per layout (the last four per row), and for the
+    ``compiled`` path also ``(top-k layout, quantization blocks)`` of a row. Each layout's compression (:func:`stacked_compress_bytes`; ``compiled``:
+    :func:`compiled_compress_bytes`) or window (:func:`stacked_window_bytes`; :func:`compiled_window_bytes`) next
     to the directions of the layouts done before it (4 B per element, kept for the multi-tensor update);
     then all the directions (the update itself is in place). 64 B per layout: the step's scalars."""
-    compress = compiled_compress_bytes if compiled else stacked_compress_bytes
     worst = alive = 0
-    for rows, numel, width, kept, ring_entries in layouts:
-        phase = max(compress(numel, width, kept), stacked_window_bytes(numel, ring_entries))
-        worst = max(worst, alive + rows * phase + 64)
+    for rows, numel, width, kept, ring_entries, *compiled_layout in layouts:
+        if compiled:
+            lay, quant_blocks = compiled_layout
+            phase = max(compiled_compress_bytes(rows, lay, width, quant_blocks),
+                        compiled_window_bytes(rows, numel, ring_entries))
+        else:
+            phase = rows * max(stacked_compress_bytes(numel, width, kept), stacked_window_bytes(numel, ring_entries))
+        worst = max(worst, alive + phase + 64)
         alive += 4 * rows * numel
     return max(worst, alive)
 
 
-def compiled_direction_bytes(numel: int, width: int, kept: int, ring_entries: int, quant_blocks: int) -> int:
-    """Bytes the compiled :meth:`MicroAdamMoments.direction` (:func:`torch.compile` of the same functions)
-    allocates: :func:`eager_direction_bytes` plus the new error codes (0.5 B per element) and 12 B per kept
-    entry, as measured on CUDA (H200, torch 2.11, ``torch.cuda.max_memory_allocated``, 2026-11-29): a 2^19 chunk
-    6,578,176 for 6,619,648 (the eager count alone 6,294,528, below it); 1000 x 300 3,765,760 / 3,838,084;
-    a 300-element bias 12,288 / 25,838. The inductor's kernels keep the decoding's 12 B per padded element
-    and hold the compression's outputs longer. Measured so for the compiled ``compress_`` before session 9;
-    the compiled path now runs :func:`~lowmem.optim.functional.microadam.compress_rows_` on the tensor as one
-    row (a view: no joined copy), measured on CPU (peak RSS, 1024 x 1024 weights in chunks of 2^19) 5.97 MB
-    for 6.62 counted (not re-measured on CUDA)."""
-    return eager_direction_bytes(numel, width, kept, ring_entries, quant_blocks) + -(-numel // 2) + 12 * kept
+def compiled_direction_bytes(lay: MA.TopKLayout, width: int, ring_entries: int, quant_blocks: int) -> int:
+    """Bytes the compiled :meth:`MicroAdamMoments.direction` of a tensor (or chunk) allocates: its compression as
+    one row of views (:func:`compiled_compress_bytes`, nothing joined) or its window (:func:`compiled_window_bytes`
+    on the ring's views), and 1 KiB for the step's small tensors (the age weights), as
+    :func:`eager_direction_bytes` counts them. Before (one compiled function of lines 4-8, measured on an H200,
+    2026-11-29): the eager count + 0.5 B per element + 12 B per kept entry."""
+    return max(compiled_compress_bytes(1, lay, width, quant_blocks, joined=False),
+               compiled_window_bytes(1, lay.d, ring_entries, joined=False)) + 1024
 
 
 def use_compiled(device: torch.device, mode: str) -> bool:
@@ -258,9 +316,9 @@ class MicroAdamMoments(MomentRule):
         the estimator's fake CUDA tensors too) :func:`compiled_direction_bytes`."""
         lay, qbs = self.layout(numel, group), group["quant_block_size"]
         nq = -(-numel // qbs)
-        counted = (compiled_direction_bytes if state and use_compiled(state["microadam_indices"].device, self.compile)
-                   else eager_direction_bytes)
-        return counted(numel, nq * qbs, lay.k, group["m"] * lay.k, nq)
+        if state and use_compiled(state["microadam_indices"].device, self.compile):
+            return compiled_direction_bytes(lay, nq * qbs, group["m"] * lay.k, nq)
+        return eager_direction_bytes(numel, nq * qbs, lay.k, group["m"] * lay.k, nq)
 
     def direction(self, g, state, group, t, lr):
         t = int(t)
@@ -327,8 +385,9 @@ class MicroAdamMoments(MomentRule):
         :func:`~lowmem.optim.functional.microadam.window_direction_rows` once (the age weights once per
         bucket), the ring rows and error feedback written back by one ``torch._foreach_copy_``;
         then the decay and update as multi-tensor ops. Where the compiled path is on (CUDA by default), each
-        group goes through the same row functions compiled (:func:`_compiled`: one call of each per group, the
-        group's gradients joined before the call) and the quotient of line 12 eager, the same bits."""
+        group goes through the same row functions compiled (:func:`_compiled`: one compression and one window call
+        per group, the group's gradients joined inside the compression and dropped after line 4, as the eager path
+        does) and the quotient of line 12 eager, the same bits."""
         t = int(t)
         m, qbs, eps = group["m"], group["quant_block_size"], group["eps"]
         beta1, beta2 = group["betas"]
@@ -358,9 +417,9 @@ class MicroAdamMoments(MomentRule):
             else:  # (eager off the CPU: the three joined by one torch.cat of their bytes, read-only views of it;
                 # on the CPU the three joins, ~30 us faster a group)
                 errors = _joined_errors(ss, 1 if sizes is not None else len(ss))
-            if compiled:  # (the joined gradients made here: a compiled function takes tensors)
+            if compiled:  # (the joined gradients made inside and dropped after line 4, as the plain path does)
                 idx, vals, codes, lo, hi = _compiled(device.type)[0](
-                    join([g.reshape(-1) for _, g, _ in items]), *errors, _top(str(device)),
+                    lambda: join([g.reshape(-1) for _, g, _ in items]), *errors, _top(str(device)),
                     lay.block, lay.k_block, lay.k_last, qbs)
             else:
                 idx, vals, codes, lo, hi = MA.compress_rows_(lambda: join([g.reshape(-1) for _, g, _ in items]),
@@ -403,13 +462,13 @@ class MicroAdamMoments(MomentRule):
     def foreach_bucket_transient_bytes(self, numel, members, group=None):
         """With the bucket's ``group`` (its block sizes give each layout's padded width):
         :func:`stacked_bucket_transient_bytes` of its groups (:meth:`joint_key`) in bucket order, with the
-        compiled compression (:func:`compiled_compress_bytes`) where the compiled path is on for the members'
-        device (:func:`use_compiled`: CUDA by default; the state's device, so that the estimator's fake CUDA
-        tensors count it too). Without it, the bound :meth:`foreach_transient_bytes` (which padded rows
-        exceed), 6 B per element more on the compiled path."""
-        compiled = bool(members) and use_compiled(members[0][1]["microadam_indices"].device, self.compile)
+        compiled compression and window (:func:`compiled_compress_bytes`, :func:`compiled_window_bytes`) where the
+        compiled path is on for the members' device (:func:`use_compiled`: CUDA by default; the state's device, so
+        that the estimator's fake CUDA tensors count it too). Without it, the bound :meth:`foreach_transient_bytes`
+        (which padded rows exceed; the compiled path allocates less than the eager one since 2026-11-30)."""
         if not members or group is None:
-            return self.foreach_transient_bytes(numel) + (6 * numel if compiled else 0)
+            return self.foreach_transient_bytes(numel)
+        compiled = use_compiled(members[0][1]["microadam_indices"].device, self.compile)
         qbs = group["quant_block_size"]
         # as foreach_step_ groups them (joint_key), in the order they first appear: a layout's stacked rows
         # (rows, elements, padded width, kept k, ring entries per row), or whole-block tensors in one row
@@ -418,11 +477,14 @@ class MicroAdamMoments(MomentRule):
             lay = self.layout(n, group)
             key = self.joint_key(lay, qbs)
             if isinstance(key, MA.TopKLayout):
-                layouts.setdefault(key, [0, n, -(-n // qbs) * qbs, lay.k, st["microadam_indices"].numel()])[0] += 1
+                layouts.setdefault(key, [0, n, -(-n // qbs) * qbs, lay.k, st["microadam_indices"].numel(), lay,
+                                         -(-n // qbs)])[0] += 1
             else:
-                row = layouts.setdefault(key, [1, 0, 0, 0, 0])
+                row = layouts.setdefault(key, [1, 0, 0, 0, 0, None, 0])
                 row[1] += n
                 row[2] += n
                 row[3] += lay.k
                 row[4] += st["microadam_indices"].numel()
+                row[6] += n // qbs
+                row[5] = MA.TopKLayout(row[1], key[1], row[1] // key[1], key[2], 0)  # (MA.joint_layout of them)
         return stacked_bucket_transient_bytes([tuple(v) for v in layouts.values()], compiled)

@@ -225,21 +225,49 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
     [T, k], values bf16 [T, k], codes, min, max)``, each row equal to :func:`compress_` of its tensor.
 
     ``g`` may be a function that returns the stacked gradients (made here and dropped once added: the
-    caller holds no copy through the top-k and the quantization). The decoded error ``delta + q u`` and then
-    ``a = g + Q^{-1}(e)`` are computed in place in the levels (a tensor of this function's own; addition
-    commutes: the same bits as ``lo + q u`` and ``g + decoded``)."""
+    caller holds no copy through the top-k and the quantization). Line 4 is :func:`error_sum_rows`, lines 5-8
+    :func:`sparsify_rows_` (the compiled path compiles the two apart, so that the gradients are dropped between
+    them: ``lowmem.optim.microadam._compiled``)."""
+    a = error_sum_rows(g, error, err_lo, err_hi, quant_block_size, top)
+    return sparsify_rows_(a, layout, quant_block_size, top)
+
+
+def error_sum_rows(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, quant_block_size: int,
+                   top: Tensor | float = 15.0) -> Tensor:
+    """Line 4 of :func:`compress_rows_`, ``a = g + Q^{-1}(e)`` for ``T`` rows, as ``[T, width]`` float32
+    (``width``: whole quantization blocks; past ``d`` the padding's decoded error, which
+    :func:`sparsify_rows_` does not read). ``g``: the stacked gradients ``[T, d]``, or a function that returns
+    them (made here and dropped once added).
+
+    Eager, the decoded error ``delta + q u`` and then the sum are computed in place in the levels (a tensor of
+    this function's own; addition commutes: the same bits as ``lo + q u`` and ``g + decoded``). Compiled
+    (``lowmem.optim.microadam._compiled``), out of place with every operand padded to whole blocks, the same
+    roundings in the same order: the inductor then writes the sum alone (one fused kernel); the in-place form made
+    it keep the levels, reshaped to blocks, beside the sum (4 B per element more)."""
     g = g() if callable(g) else g
     rows, d = g.shape
     b = quant_block_size
     width = -(-d // b) * b
     levels = Q.lookup_4bit_pairs(error.reshape(-1), Q.lookup_pairs("levels", str(error.device)),
                                  error.numel() * 2).view(rows, -1)[:, :d]
+    unit = (err_hi - err_lo).reshape(-1) / top  # (top: 15, :func:`minmax_levels`)
+    if torch.compiler.is_compiling():
+        def blocks(x):
+            return torch.nn.functional.pad(x, (0, width - d)).reshape(-1, b)
+        return (blocks(levels) * unit.unsqueeze(1) + err_lo.reshape(-1).unsqueeze(1) + blocks(g)).view(rows, width)
     a = _padded_rows(levels, width).reshape(-1, b)  # (the lookup's new tensor, or a padded / reshaped copy)
     del levels
-    unit = (err_hi - err_lo).reshape(-1) / top  # (top: 15, :func:`minmax_levels`)
     a = a.mul_(unit.unsqueeze(1)).add_(err_lo.reshape(-1).unsqueeze(1)).add_(_padded_rows(g, width).reshape(-1, b))
-    del g
-    a = a.view(rows, width)[:, :d]
+    return a.view(rows, width)
+
+
+def sparsify_rows_(a: Tensor, layout: TopKLayout, quant_block_size: int, top: Tensor | float = 15.0):
+    """Lines 5-8 of :func:`compress_rows_` on ``a`` (:func:`error_sum_rows`, ``[T, width]``, its first
+    ``layout.d`` columns read; modified in place): the blockwise top-k, the kept entries zeroed, the rest
+    quantized as the new error feedback. Returns ``(indices int16 [T, k], values bf16 [T, k], codes, min,
+    max)``."""
+    rows, d = a.shape[0], layout.d
+    a = a[:, :d]
     full_end = layout.full_blocks * layout.block
     idx = torch.topk(a[:, :full_end].abs().reshape(rows * layout.full_blocks, layout.block), layout.k_block,
                      dim=1, sorted=False).indices.reshape(rows, -1)
@@ -250,7 +278,7 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
     del idx
     values = a.gather(1, flat).to(torch.bfloat16)
     a.scatter_(1, flat, 0.0)  # (in place, as compress_)
-    codes, lo, hi = quantize_minmax_4bit_rows(a, b, top)
+    codes, lo, hi = quantize_minmax_4bit_rows(a, quant_block_size, top)
     return local, values, codes, lo, hi
 
 
