@@ -37,6 +37,9 @@ VARIANTS = [
     ("frugal", {"projection": "rows"}), ("frugal", {"projection": "blocks"}), ("frugal", {"free_rule": "sgd"}),
     ("adamw_snsm", {"free_rule": "signsgd"}), ("sgd_sm", {"projection": "columns"}), ("sgd_sm", {"projection": "rows"}),
     ("apollo_adamw", {"gamma": None}), ("osd_adamw", {"proj_optimizer": "sgd"}),
+    # (the first refresh, the range finder, outweighs a later one, the subspace iteration: steps 1 and 3)
+    ("galore_adamw", {"projection": "rsvd"}), ("galore_adamw", {"projection": "rsvd", "proj_type": "full"}),
+    ("fira_adamw", {"projection": "rsvd"}),
 ]
 
 
@@ -101,9 +104,13 @@ def test_projected_step_allocates_what_it_reports(name, shape, dtype, chunk):
 @pytest.mark.parametrize("shape", ["tall", "rank_near_side"])
 @pytest.mark.parametrize("name,extra", VARIANTS, ids=[f"{n}-{'-'.join(map(str, e.values()))}" for n, e in VARIANTS])
 def test_projected_step_variants(name, extra, shape, dtype, chunk):
-    """Two-sided bases, rotated moments, random and Gaussian bases, coordinates, the folded and unfolded
-    complements, APOLLO without its limiter, Adafactor's first moment and constant step, OSD's SGD basis step."""
+    """Two-sided bases, rotated moments, random, Gaussian and randomized-SVD bases, coordinates, the folded and
+    unfolded complements, APOLLO without its limiter, Adafactor's first moment and constant step, OSD's SGD basis
+    step."""
     peaks, steady, any_step, _ = _traced_steps(name, *SHAPES[shape], dtype, chunk, **extra)
+    if extra.get("projection") == "rsvd":
+        assert peaks[1] == steady and any_step == max(peaks)
+        return
     _check(name, peaks, steady, any_step)
 
 
@@ -124,6 +131,22 @@ def test_randk_rows_are_bounded(chunk):
     assert steady >= peaks[1] and any_step >= max(peaks)
     if chunk == "default":
         assert steady == peaks[1]
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(200, 128, 16), (128, 200, 16), (300, 40, 39), (64, 64, 8)])
+def test_range_finder_traced_bytes(shape, iters):
+    """functional.galore.range_finder_traced_bytes == the traced peak of range_finder and of subspace_iteration."""
+    d, e, r = shape
+    a = torch.randn(d, e)
+    gen = torch.Generator().manual_seed(0)
+    GL.range_finder(a, r, gen, iters)  # (a first call: MKL's one-time buffers are not traced anyway)
+    with _Traced() as t:
+        q = GL.range_finder(a, r, gen, iters)
+    assert t.peak == GL.range_finder_traced_bytes(d, e, r, iters)
+    with _Traced() as t:
+        GL.subspace_iteration(a, q, max(iters, 1))
+    assert t.peak == GL.range_finder_traced_bytes(d, e, r, max(iters, 1), None)
 
 
 @pytest.mark.parametrize("rows", [None, 1, 7, 20])

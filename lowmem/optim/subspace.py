@@ -604,8 +604,18 @@ class SubspaceProjection(Projection):
         """``svd`` / ``online_pca`` (an exact SVD): of :meth:`transient_bytes`' ``4 (m n + m k + k n) + 13 k^2``,
         all but the SVD's outputs ``U``, ``S``, ``V^T`` (``4 (m k + k + k n)``): LAPACK's column-major copy of
         the gradient and its workspace, allocated inside the kernel; ``random``: QR's workspace, ``4 d min(r, 128)``
-        (the larger side drawn); ``rsvd`` is not split (its count is MKL's, measured by peak RSS)."""
+        (the larger side drawn); ``rsvd``: all of its peak-RSS count (:meth:`_rsvd_bytes`) but the larger of its
+        refreshes' traced tensors (:func:`~lowmem.optim.functional.galore.range_finder_traced_bytes`)."""
         m, n = shape
+        if self.method(group) == "rsvd":  # all but the tensors its operations return (LAPACK's, MKL's buffers)
+            r, iters = group["rank"], group["power_iters"]
+            side = self._side(shape, group)
+
+            def seen(d, e):  # the range finder (the first refresh) or the subspace iteration (a later one)
+                return max(GL.range_finder_traced_bytes(d, e, r, iters), GL.range_finder_traced_bytes(d, e, r, iters, None))
+
+            visible = {"left": seen(m, n), "right": seen(n, m), "full": max(seen(m, n), 4 * m * r + seen(n, m))}[side]
+            return self._rsvd_bytes(shape, group) - visible
         if self.method(group) == "random":  # QR's blocked workspace, per side drawn
             side = self._side(shape, group)
             return max(4 * d * min(group["rank"], 128) for d, sides in ((m, ("left", "full")), (n, ("right", "full")))

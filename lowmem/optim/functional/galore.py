@@ -247,6 +247,27 @@ def range_finder_bytes(rows: int, cols: int, rank: int, power_iters: int, oversa
     return max(phases) + ek * first_call
 
 
+def range_finder_traced_bytes(rows: int, cols: int, rank: int, power_iters: int, oversample: int | None = 4) -> int:
+    """The peak of the tensors :func:`range_finder` (``oversample=None``: :func:`subspace_iteration` from a kept
+    basis) returns from its operations, alive together (what a trace of the dispatched operations sees: not
+    LAPACK's copies and workspace, nor MKL's kept buffers, which :func:`range_finder_bytes` bounds from peak-RSS
+    measurements): the probes ``Omega`` and ``Y``; ``qr``'s ``Q`` and ``R`` beside ``Y``; per iteration ``A^T Q``,
+    ``A A^T Q``, then the new ``Q`` and ``R`` beside it and the old ``Q``; ``B = Q^T A`` beside its SVD's ``U``,
+    ``S``, ``V^T``; the result ``Q U[:, :rank]`` beside ``Q`` and ``U``. Exact (traced)."""
+    d, e = rows, cols
+    k = min(rank, d, e) if oversample is None else min(rank + oversample, d, e)
+    dk, ek, kk = 4 * d * k, 4 * e * k, 4 * k * k
+    phases = []
+    q = 0 if oversample is None else dk  # (the kept basis is not new)
+    if oversample is not None:
+        phases += [ek + dk, 2 * dk + kk]  # Omega and Y; Y, Q and R
+    for _ in range(power_iters):
+        phases += [q + ek + dk, q + 2 * dk + kk]  # A^T Q and A A^T Q; the old Q, Y, the new Q and R
+        q = dk
+    phases += [q + 2 * ek + kk + 4 * k, q + kk + 4 * d * min(rank, k)]  # B, U, S, V^T; Q, U and the result
+    return max(phases)
+
+
 # MKL's one-time cost at the first range finder of a size in a process, besides the SVD's kept panel:
 # LAPACK / BLAS code paged in and the packing buffers of its first GEMMs and QR (measured, fresh
 # process after a small warm-up: 2.2-3.3 MiB at k = 68 and 132 columns, 2.6-4.5 MiB at k = 260),
