@@ -495,7 +495,10 @@ class MuonMoments(HybridMoments):
         workspace was bounded by one float32 copy of the weight inside the iteration's phase, and a low-precision
         buffer's copy was added to the step's phase too: fresh-process peak RSS (two steps, one thread, float32,
         ``--live``) was 0.78-1.05x the report on sides up to 768 (below it: not a bound) and 1.15-1.52x on
-        1024-4096 sides; now 1.02-1.25x (docs/optimizers.md, Muon)."""
+        1024-4096 sides; then 1.02-1.25x (docs/optimizers.md, Muon). On an AMD EPYC, with its workspace bound of
+        3 MiB per thread (2026-11-30, first step of a shape): report / growth 1.00-1.07 for weights of 1024 x 1024 and
+        more; up to 1.2-2.4 under 8 MiB of tensors, where the BLAS's 0.4-2.6 MiB of buffers dominate and vary by
+        layout (tall weights the most) and run (tests/test_muonmicro_muon_workspace.py)."""
         buf = state["momentum_buffer"]
         low = buf.dtype not in (torch.float32, torch.float64)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
