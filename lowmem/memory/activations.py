@@ -373,20 +373,20 @@ def _fold_in_place(*args: Any, **kwargs: Any) -> None:
     allocated)."""
 
 
-def _addmm_fp32_on_device(acc: Any, a: Any, b: Any) -> None:
-    """TRL's ``_addmm_fp32`` as it runs on CUDA, for a trace on fake CPU tensors: a 16-bit tile's product accumulated
-    into the float32 gradient by ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` (nothing allocated, when this
-    torch has ``out_dtype``); otherwise TRL's own (float32 operands: ``.float()`` returns them, nothing allocated; a
-    torch without ``out_dtype``: the float32 copies, as on CUDA)."""
+def _addmm_fp32_on_device(trl_addmm_fp32: Any) -> Any:
+    """TRL's ``_addmm_fp32`` (``trl_addmm_fp32``) as it runs on CUDA, for a trace on fake CPU tensors: a 16-bit tile's
+    product accumulated into the float32 gradient by ``torch.addmm(..., out_dtype=torch.float32, out=acc)`` (nothing
+    allocated, when this torch has ``out_dtype``); otherwise TRL's own (float32 operands: ``.float()`` returns them,
+    nothing allocated; a torch without ``out_dtype``: the float32 copies, as on CUDA)."""
     import torch
     import trl.kernels.chunked_logprob as kernels
 
-    if kernels._MM_OUT_DTYPE and a.dtype in (torch.float16, torch.bfloat16):
-        return None
-    return _TRL_ADDMM_FP32[0](acc, a, b)
+    def addmm(acc: Any, a: Any, b: Any) -> None:
+        if kernels._MM_OUT_DTYPE and a.dtype in (torch.float16, torch.bfloat16):
+            return None
+        return trl_addmm_fp32(acc, a, b)
 
-
-_TRL_ADDMM_FP32: list = []
+    return addmm
 
 
 @contextlib.contextmanager
@@ -420,12 +420,10 @@ def trl_fused_head(model: Any, device: str = "cpu"):
     had = lm.__dict__.get("forward")
     default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     on_device = {"_forward_tile": _fold_in_place, "_backward_tile": _fold_in_place,
-                 "_addmm_fp32": _addmm_fp32_on_device} if device == "cuda" else {}
+                 "_addmm_fp32": _addmm_fp32_on_device(kernels._addmm_fp32)} if device == "cuda" else {}
     kept = {name: getattr(kernels, name) for name in on_device}
     add_fused_lm_head(lm)
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(default, lm.config.get_text_config().vocab_size)
-    if on_device:
-        _TRL_ADDMM_FP32[:] = [kept["_addmm_fp32"]]
     for name, fn in on_device.items():
         setattr(kernels, name, fn)
     try:
