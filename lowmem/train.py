@@ -1339,12 +1339,38 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
     ckpt = _find_checkpoint(recipe, warn)
     if ckpt is not None:
         _check_fsdp_matches(ckpt, recipe.training_args)
+        _check_adapters_match(ckpt, recipe)
         state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
         done = state.get("global_step")
         if isinstance(done, int) and recipe.steps is not None and done >= recipe.steps:
             raise ConfigError(f"steps={recipe.steps}: the checkpoint to resume, {ckpt}, is already at step {done}; "
                               f"steps is the total to reach (not the steps to add): set steps > {done}")
     return ckpt
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _check_adapters_match(ckpt: str, recipe: TrainRecipe) -> None:
+    """A checkpoint of LoRA adapters resumes a run that trains adapters (``lora`` / ``quantization``), one of
+    the whole model a run that does not. Crossed, the Trainer failed after the model loaded: a whole-model
+    checkpoint under ``lora`` with ``TypeError: PeftModel.from_pretrained() missing 1 required positional
+    argument`` (exit 1), an adapter checkpoint without ``lora`` with "Can't find a checkpoint index".
+
+    Raises:
+        ConfigError: Naming the checkpoint, what it holds and the recipe fields.
+    """
+    p = Path(ckpt)
+    adapter = any((p / n).is_file() for n in ADAPTER_FILES)
+    whole = any((p / n).exists() for n in CHECKPOINT_FILES[1] if n not in ADAPTER_FILES)
+    adapters_train = recipe.lora is not None or recipe.quantization is not None
+    if adapters_train and not adapter:
+        raise ConfigError(f"checkpoint {ckpt!r} holds the whole model (a full fine-tune), but this run trains LoRA "
+                          "adapters (lora / quantization is set): resume without lora and quantization, or train the "
+                          "adapters into another output_dir (or without --resume)")
+    if not adapters_train and adapter and not whole:
+        raise ConfigError(f"checkpoint {ckpt!r} holds LoRA adapters ({next(n for n in ADAPTER_FILES if (p / n).is_file())}), "
+                          "but this run trains the whole model: resume with the lora (and quantization) that wrote it")
 
 
 # what the Trainer writes under FSDP (accelerate's names), and what it writes without

@@ -100,3 +100,28 @@ def test_unknown_lr_scheduler_names_the_field(key, tmp_path):
                                           r"unknown scheduler, did you mean \['cosine_warmup_with_min_lr'.*valid: \["):
         load_recipe(None, output_dir=str(tmp_path), **{key: "cosine_warmup"})
     assert load_recipe(None, output_dir=str(tmp_path), **{key: "cosine"}).lr_scheduler == "cosine"
+
+
+def _checkpoint(folder, weights):
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"global_step": 1}')
+    for name in ("optimizer.pt", "scheduler.pt", weights):
+        (folder / name).write_bytes(b"x")
+
+
+@pytest.mark.parametrize("weights, lora, message", [
+    ("model.safetensors", {"r": 4}, r"holds the whole model \(a full fine-tune\), but this run trains LoRA adapters"),
+    ("adapter_model.safetensors", None, r"holds LoRA adapters \(adapter_model.safetensors\), but this run trains the "
+                                        r"whole model"),
+])
+def test_resume_checkpoint_of_the_other_kind(weights, lora, message, tmp_path):
+    """Before: a whole-model checkpoint resumed under lora was `TypeError: PeftModel.from_pretrained() missing 1
+    required positional argument: 'model_id'` (exit 1) and an adapter checkpoint without lora "Can't find a checkpoint
+    index", both after the model loaded; now one error before it (resolve_checkpoint, which run() calls first)."""
+    from lowmem.train import resolve_checkpoint
+
+    _checkpoint(tmp_path / "checkpoint-1", weights)
+    kw = dict(output_dir=str(tmp_path), steps=5, resume_from_checkpoint=True)
+    with pytest.raises(ConfigError, match=message):
+        resolve_checkpoint(load_recipe(None, lora=lora, **kw))
+    assert resolve_checkpoint(load_recipe(None, lora=None if lora else {"r": 4}, **kw)).endswith("checkpoint-1")
