@@ -952,8 +952,27 @@ def _memory_metrics(trainer: Any) -> dict[str, Any]:
     return {"memory": dict(cb.peak)} if cb is not None else {}
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (same tags refused) that also refuses a key given twice in one mapping:
+    PyYAML keeps the last value silently (``lr: 1e-4`` ... ``lr: 1e-2`` trained at 1e-2; so do ``trl``'s
+    ``TrlParser`` and LLaMA-Factory, which read YAML with it)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: the keys after it override, as YAML says
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); give it once", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe:
-    """Read a YAML recipe (``yaml.safe_load``) and apply ``overrides`` (``None`` values are skipped).
+    """Read a YAML recipe (``yaml.safe_load``; a key given twice in a mapping is an error) and apply ``overrides`` (``None`` values are skipped).
 
     ``overrides`` take the same keys as the YAML file, mapped the same way (``learning_rate=1e-3``
     sets ``lr``; ``max_length=64`` joins ``training_args``), with the same errors (``lr`` and
@@ -987,7 +1006,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{where}cannot read the recipe as YAML text: {err}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_RecipeLoader) or {}  # yaml.safe_load, duplicate keys refused
         except yaml.YAMLError as err:  # malformed YAML, or a tag safe_load refuses (!!python/object)
             raise ConfigError(f"{where}invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):

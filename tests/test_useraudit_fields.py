@@ -125,3 +125,20 @@ def test_resume_checkpoint_of_the_other_kind(weights, lora, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         resolve_checkpoint(load_recipe(None, lora=lora, **kw))
     assert resolve_checkpoint(load_recipe(None, lora=None if lora else {"r": 4}, **kw)).endswith("checkpoint-1")
+
+
+def test_recipe_key_given_twice_is_an_error(tmp_path):
+    """PyYAML keeps a repeated key's last value silently (before: `lr: 1e-4` ... `lr: 1e-2` trained at 1e-2)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}\nlr: 1.0e-4\nsteps: 3\nlr: 1.0e-2\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: invalid YAML: key 'lr' is given twice \(lines 2 and 4\); give it once"):
+        load_recipe(recipe)
+    recipe.write_text(f"output_dir: {tmp_path}\nlora:\n  r: 4\n  r: 8\n")
+    with pytest.raises(ConfigError, match=r"key 'r' is given twice \(lines 3 and 4\)"):
+        load_recipe(recipe)
+    # a YAML merge key's values may be overridden (YAML's meaning); safe_load's refusals stay
+    recipe.write_text(f"output_dir: {tmp_path}\nlora:\n  <<: {{r: 4, lora_alpha: 8}}\n  r: 8\n")
+    assert load_recipe(recipe).lora == {"r": 8, "lora_alpha": 8}
+    recipe.write_text("x: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML: could not determine a constructor for the tag"):
+        load_recipe(recipe)
