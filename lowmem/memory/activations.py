@@ -792,6 +792,8 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     if moments:
         parts["first_gradient_moment"] = moments[0]
         parts["gradient_moment"] = max(moments[1:], default=0)
+        # each accumulation's activations and the bytes of the gradient it completed (layerwise: that parameter steps)
+        parts["gradient_moments"] = [(a, g - before) for (a, g), (_, before) in zip(steps[1:], steps) if g > before]
     # what the forward saves and the loss's two gradients: the activations layerwise mode counts with a tied model's
     # steps, as before the step was traced (the trace also holds the tied head's gradient through the backward, and
     # the per-parameter transient is a bound: with both, GPT-2 layerwise adamw8bit was 1.078 of the measured peak)

@@ -599,8 +599,11 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
     transient = _layerwise_transient(parts, max_grad_norm) if parts is not None else sized["transient"][bool(layerwise)]
     before = sized.get("transient_with_activations") if layerwise else None
     later = sized.get("transient_after_head") if layerwise else None
+    # layerwise: each parameter's step (as the hook runs it) by its gradient's bytes, for the traced moments
+    by_size = ({size: _layerwise_transient({**before, "per_parameter": v}, max_grad_norm) for size, v in before["by_size"].items()}
+               if before is not None and "by_size" in before else None)
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
-            "kept_tables": sized.get("kept_tables", 0),
+            "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
             "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None,
             "transient_after_head": _layerwise_transient(later, max_grad_norm) if later is not None else None,
             "head_transient": _layerwise_transient(later["head"], max_grad_norm) if later is not None else None}
@@ -628,6 +631,7 @@ def _transient_without(model: nn.Module, opt: Any, kept_gemm: int, with_head: bo
     if not with_head and (head is None or head is weight or not head.requires_grad):
         return None
     worst, found, grads, own = 0, False, [], 0
+    by_size: dict[int, int] = {}  # gradient bytes -> the largest step of a parameter with a gradient of that size
     for group in opt.param_groups:
         for p in group["params"]:
             if p is weight:
@@ -636,10 +640,14 @@ def _transient_without(model: nn.Module, opt: Any, kept_gemm: int, with_head: bo
                 own = opt._param_transient_bytes(p, group, opt.state[p]) if opt.state[p] else 0
                 continue
             elif opt.state[p]:
-                worst = max(worst, opt._param_transient_bytes(p, group, opt.state[p]))
+                step = opt._param_transient_bytes(p, group, opt.state[p])
+                worst = max(worst, step)
+                size = p.numel() * p.element_size()
+                by_size[size] = max(by_size.get(size, 0), step)
                 grads.append((p.numel(), p.dtype, p.is_contiguous()))
     # (with the hook's non-finite check, as LayerwiseOptimizer.step_transient_bytes)
-    out = {"per_parameter": kept_gemm + worst, "grads": grads, "kept": kept_gemm, "device_type": weight.device.type}
+    out = {"per_parameter": kept_gemm + worst, "grads": grads, "kept": kept_gemm, "device_type": weight.device.type,
+           "by_size": {size: kept_gemm + step for size, step in by_size.items()}}
     if not with_head:  # the head's own step (the same hook around it)
         out["head"] = {**out, "per_parameter": kept_gemm + own}
     return out if found else None
@@ -1355,6 +1363,14 @@ def estimate_memory(
             # no gradient yet): its steps are live with the activations of the backward's moments after the first
             # gradient (the traced step's, or the Llama formula's final norm, layer and first-layer moments)
             extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0)
+            steps_by_size = sized.get("steps_by_gradient_bytes")
+            if parts.get("gradient_moments") and steps_by_size:
+                # the traced step: each gradient's moment (the activations when it is complete) with that gradient and
+                # its own parameter's step (by the gradient's bytes), not the largest step with the most activations
+                live = max(a + g + min(steps_by_size.get(g, with_act), with_act) for a, g in parts["gradient_moments"])
+                parts["forward_activations"] = min(parts["total"], max(0, live - gradients - with_act) + extra)
+                parts.pop("forward_saved", None)
+                return finish(parts, b, s)
             if "gradient_moment" in parts:
                 first, later = parts.get("first_gradient_moment", 0), parts.get("gradient_moment", 0)
             else:
@@ -1366,6 +1382,10 @@ def estimate_memory(
                 later = max(moments)
             parts["forward_activations"] = min(parts["total"], layerwise_live(first, later) + extra)
             parts.pop("forward_saved", None)
+        return finish(parts, b, s)
+
+    def finish(parts: dict[str, int], b: int, s: int) -> dict[str, int]:
+        """:func:`activation_model`'s last terms: a tied embedding's backward moment and GRPO's generation phase."""
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
             # what is saved before the tied moment (layerwise: its steps)
