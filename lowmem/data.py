@@ -358,6 +358,12 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
         if not hint and trainer == "sft" and strings:  # plain text under another name (TRL's dataset_text_field)
             hint = (f". To train on the text of column {strings[0]!r} (language modeling), set dataset_text_field: "
                     f"{strings[0]} (a top-level recipe key)")
+        if len(dataset) == 1:  # one JSON object holding the rows: {"version": 1, "data": [{...}, ...]}
+            nested = [c for c in columns if isinstance(dataset[0][c], list) and dataset[0][c]
+                      and all(isinstance(r, dict) for r in dataset[0][c]) and not is_messages(dataset[0][c])]
+            if nested:
+                hint = (f". It is one row whose {nested[0]!r} holds a list of {len(dataset[0][nested[0]])} objects: write "
+                        f"those rows themselves (a JSON array, or JSON Lines: one object per line)")
         raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}" + hint)
     name, cols = match
     rows = dataset.select(range(min(len(dataset), CHECKED_ROWS)))

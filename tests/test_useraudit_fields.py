@@ -142,3 +142,19 @@ def test_recipe_key_given_twice_is_an_error(tmp_path):
     recipe.write_text("x: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match=r"invalid YAML: could not determine a constructor for the tag"):
         load_recipe(recipe)
+
+
+def test_json_object_wrapping_the_rows(tmp_path):
+    """A JSON file `{"version": 1, "data": [{"prompt": ..., "completion": ...}, ...]}` (a common export) reads as one
+    row; before, the error listed its columns ['version', 'data'] and the formats, not that the rows were inside."""
+    import json
+
+    from lowmem.data import load_train_data
+
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps({"version": 1, "data": rows}))
+    with pytest.raises(ValueError, match=r"It is one row whose 'data' holds a list of 3 objects: write those rows "
+                                         r"themselves \(a JSON array, or JSON Lines"):
+        load_train_data(str(tmp_path / "d.json"), "sft")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert len(load_train_data(str(tmp_path / "d.json"), "sft").train) == 3
