@@ -305,8 +305,12 @@ def is_messages(value: Any) -> bool:
 def _check_cell(value: Any, column: str, conversational: bool, source: str, row: int) -> None:
     if conversational:
         if not is_messages(value):
+            sharegpt = (isinstance(value, list) and value
+                        and all(isinstance(m, dict) and "from" in m and "value" in m for m in value))
             raise ValueError(f"{source}: column {column!r} of row {row} is {_short(value)}; expected a list of "
-                             "{'role': ..., 'content': ...} messages like the other conversational columns")
+                             "{'role': ..., 'content': ...} messages like the other conversational columns"
+                             + (" (these are sharegpt-style {from, value} turns: write from/value -> role/content, "
+                                "human -> user, gpt -> assistant)" if sharegpt else ""))
     elif not isinstance(value, str):
         raise ValueError(f"{source}: column {column!r} of row {row} is {_short(value)}; expected a string "
                          "(standard format) or a list of {'role', 'content'} messages (conversational)")

@@ -158,3 +158,16 @@ def test_json_object_wrapping_the_rows(tmp_path):
         load_train_data(str(tmp_path / "d.json"), "sft")
     (tmp_path / "d.json").write_text(json.dumps(rows))
     assert len(load_train_data(str(tmp_path / "d.json"), "sft").train) == 3
+
+
+def test_sharegpt_turns_in_a_messages_column():
+    """`messages` holding sharegpt {from, value} turns (LLaMA-Factory's sharegpt with a renamed column): the error
+    says how to write them; before only "expected a list of {'role': ..., 'content': ...} messages"."""
+    from datasets import Dataset
+
+    from lowmem.data import detect_format
+
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    with pytest.raises(ValueError, match=r"sharegpt-style \{from, value\} turns: write from/value -> role/content, "
+                                         r"human -> user, gpt -> assistant"):
+        detect_format(Dataset.from_list([{"messages": turns}]), "sft")
