@@ -513,7 +513,14 @@ def ensure_chat_template(tokenizer, fmt: DatasetFormat, chat_template: str | Non
         ValueError: ``fmt`` is conversational and neither the tokenizer nor the recipe has a chat template.
     """
     if chat_template is not None:
-        tokenizer.chat_template = read_chat_template(chat_template)
+        template, own = read_chat_template(chat_template), getattr(tokenizer, "chat_template", None)
+        if fmt.conversational and model and isinstance(own, str) and own.strip() and own != template:
+            from lowmem._warn import warn_user
+
+            warn_user(f"chat_template ({chat_template if len(chat_template) < 80 else chat_template[:77] + '...'}) "
+                      f"replaces the chat template of the tokenizer of model {model!r}: the data is rendered with it and the "
+                      "trained model is saved with it; drop chat_template to keep the model's own")
+        tokenizer.chat_template = template
     if fmt.conversational and not getattr(tokenizer, "chat_template", None):
         where = f"model {model!r}" if model else "the embedded tiny model"
         raise ValueError(f"{source}: the {fmt.describe()} data is conversational, but the tokenizer of {where} has "

@@ -171,3 +171,24 @@ def test_sharegpt_turns_in_a_messages_column():
     with pytest.raises(ValueError, match=r"sharegpt-style \{from, value\} turns: write from/value -> role/content, "
                                          r"human -> user, gpt -> assistant"):
         detect_format(Dataset.from_list([{"messages": turns}]), "sft")
+
+
+def test_recipe_chat_template_replacing_the_models_own_warns():
+    """A shipped recipe (configs/sft_jsonl.yaml: the tiny tokenizer's template) run with --model on a model that has its
+    own template replaced it silently, and the trained model was saved with the tiny template."""
+    import types
+    import warnings
+
+    from lowmem.data import DatasetFormat, ensure_chat_template
+
+    chat = DatasetFormat(name="messages", columns=("messages",), conversational=True, extra_columns=())
+    own, other = "{{ messages[0]['content'] }}", "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok = types.SimpleNamespace(chat_template=own)
+    with pytest.warns(UserWarning, match=r"replaces the chat template of the tokenizer of model 'my-model': the data is "
+                                         r"rendered with it and the trained model is saved with it"):
+        ensure_chat_template(tok, chat, other, model="my-model")
+    assert tok.chat_template == other
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensure_chat_template(types.SimpleNamespace(chat_template=own), chat, own, model="my-model")  # the same one
+        ensure_chat_template(types.SimpleNamespace(chat_template=None), chat, other, model="my-model")  # it had none
