@@ -408,8 +408,11 @@ def measure_memory(
         else:
             opt = create_optimizer(m, optimizer, **(optim_args or {}))
 
-    if hasattr(opt, "materialize_state"):  # state exists before tracking: labelled optimizer state, not temporaries
-        opt.materialize_state()
+    # state exists before tracking: labelled optimizer state, not temporaries (layerwise: the inner engine optimizer's,
+    # which its hooks would otherwise create in the first backward, after that step's activations' peak)
+    sized = opt.inner if isinstance(opt, LayerwiseOptimizer) else opt
+    if hasattr(sized, "materialize_state"):
+        sized.materialize_state()
     # bitsandbytes' first import (the quantized codecs import it lazily, inside the step) logs a
     # warning with a traceback on CPU; a handler that keeps records (pytest's, a user's) would keep
     # that traceback's frames, and with them the step's gradients, alive: import it before tracking
