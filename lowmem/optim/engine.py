@@ -82,7 +82,8 @@ from .sharded import (ShardedProjection, ShardReduce, check_placements, check_su
 from .sharded import check_loaded_state, check_same_settings, state_layout
 from .sharded import global_matrix, matrices_refusal, matrices_state_to_dtensor, matrix_offsets
 from .stabilizers import Stabilizer
-from .subspace import CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, all_usable_if_finite, rotate_moments
+from .subspace import (CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, all_usable_if_finite,
+                       projected_alone_bytes, projected_back_bytes, rotate_moments)
 
 LRRule = Callable[[dict, dict, Tensor, float], "float | Tensor"]
 
@@ -493,7 +494,9 @@ class _ProjectedBytes(NamedTuple):
     project-down to its combine-back (the unchunked multi-tensor path); ``down``, the peak of its
     project-down (the refresh, or the projected gradient), ``held`` included; ``back``, the peak of its
     combine-back beyond its projected gradient, direction and held copies; ``alone``, the peak of its
-    per-parameter step (:meth:`LowMemOptimizer._update`)."""
+    per-parameter step (:meth:`LowMemOptimizer._update`); ``step_size``, what its step size holds from its
+    project-down to its bucket's end beyond the direction (Adafactor's 0-d learning rate,
+    :meth:`~lowmem.optim.moments.MomentRule.direction_bytes`)."""
 
     numel: int
     held: int
@@ -502,6 +505,7 @@ class _ProjectedBytes(NamedTuple):
     alone: int
     low_shape: torch.Size = torch.Size()
     state: dict | None = None
+    step_size: int = 0
 
 
 def _as_allocated(v: Tensor, like: Tensor | None, device: Any) -> Tensor:
@@ -1088,14 +1092,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         worst = alive = 0
         for b in items:
             worst = max(worst, alive + b.down)
-            alive += 4 * b.numel + b.held
+            alive += 4 * b.numel + b.held + b.step_size  # (its step size, from its project-down to the bucket's end)
         numel = sum(b.numel for b in items)
         members = [(b.low_shape, b.state if b.state is not None else {}) for b in items]
         worst = max(worst, alive + self.recipe.moment.foreach_direction_bucket_transient_bytes(members))
         alive += 4 * numel  # the directions, float32 of the projected gradients' sizes
         for b in items:
             worst = max(worst, alive + b.back)
-            alive -= 8 * b.numel + b.held
+            alive -= 8 * b.numel + b.held  # (the bucket's step sizes stay until its end)
         return worst
 
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> int:
@@ -1161,14 +1165,28 @@ class LowMemOptimizer(torch.optim.Optimizer):
             refresh = 0
         p_copy = 4 * rows * p.shape[1] * lowp  # a block of rows in float32 (all rows: the parameter's copy)
         alone = copies + p_copy + stab + max(step + combine, refresh)
+        if not r.stabilizers:  # exact, phase by phase (issue 12); MKL's kept buffer is counted once by the caller
+            alone = projected_alone_bytes(self, p, group, state, steady, kept=self._mkl_keeps_packs(p))
         # the multi-tensor path (no stabilizers): unchunked, the float32 copies of the gradient and the
         # parameter live from the project-down to the combine-back; chunked, a block of rows is converted
         extra = max(0, plain - 4 * numel)  # the projection's beyond the projected gradient (online PCA's basis step)
+        back = combine + extra if chunk is None else copies + p_copy + combine + extra
+        # the combine-back of the bucket as _step_low_bucket runs it (issue 12): a float32 bucket with one float
+        # step size folds (_fold_low_bucket: the rule's fold_bytes, GaLore's in place); otherwise each parameter's
+        # combine-back phase by phase (subspace.projected_back_bytes); a rule whose fold is not counted yet (Fira,
+        # FRUGAL, APOLLO, SNSM float32) keeps the per-phase sum above, a bound
+        folds = (p.dtype == torch.float32 and r.lr_rule is constant_lr and not r.moment.applies_lr
+                 and not r.moment.foreach_direction_lrs and not r.stabilizers)
+        fold = r.combine.fold_bytes(p.shape, group, state, P) if folds else None
+        if fold is not None:
+            back = fold + extra
+        elif not folds:
+            back = projected_back_bytes(self, p, group, state)
+        step_size = r.moment.direction_bytes(numel, low_shape, group, state) - 4 * numel
         if chunk is None:
             held = copies + p_copy
-            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), combine + extra, alone, low_shape, state)
-        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), copies + p_copy + combine + extra, alone,
-                               low_shape, state)
+            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), back, alone, low_shape, state, step_size)
+        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), back, alone, low_shape, state, step_size)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as
