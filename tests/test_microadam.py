@@ -251,6 +251,16 @@ def test_compiled_bucket_transient_is_the_stacked_count_with_the_compiled_compre
     # the compiled direction (a tensor alone): its compression or its window, and the step's small tensors
     assert compiled_direction_bytes(small, 2048, 30, 1) == max(compiled_compress_bytes(1, small, 2048, 1, joined=False),
                                                                8 * 300) + 1024
+    # off the CPU (the CUDA graphs not measured yet: microadam.CUDA_UNMEASURED) at least the former single graph's
+    # count, measured on an H200: the eager count + 0.5 B per element + 12 B per kept entry (a 2^19 chunk 6,619,648
+    # for the CPU graphs' 4,522,496); the bucket's likewise (the eager compression + 6 B per element)
+    from lowmem.optim.microadam import eager_direction_bytes, stacked_compress_bytes
+
+    assert compiled_direction_bytes(lay, 2**19, 10 * k, nb) == 4_522_496
+    assert compiled_direction_bytes(lay, 2**19, 10 * k, nb, on_cpu=False) == eager_direction_bytes(
+        2**19, 2**19, k, 10 * k, nb) + 2**18 + 12 * k == 6_619_648
+    assert stacked_bucket_transient_bytes(layouts[:1], True, on_cpu=False) == stacked_compress_bytes(
+        2**19, 2**19, k) + 6 * 2**19 + 64
 
 
 def _bucket_optimizer(mode, shapes=((64, 64),) * 6 + ((128,),) * 3):
@@ -292,19 +302,27 @@ def test_compiled_bucket_path_counts_its_groups():
 
 def test_cuda_estimate_counts_the_compiled_path():
     """``estimate_memory(device="cuda")`` sizes MicroAdam on fake CUDA tensors, where ``compile="auto"``
-    takes the compiled path: the same transient as a CPU optimizer forced onto that path, and not the
-    CPU estimate's (stacked buckets), on the kit's tiny Llama (whose buckets set the transient)."""
+    takes the compiled path: the same transient as an optimizer forced onto that path whose state is off the CPU
+    (meta here), and not the CPU estimate's (stacked buckets), on the kit's tiny Llama (whose buckets set the
+    transient). Off the CPU the compiled count is at least the former single graph's (microadam.CUDA_UNMEASURED: the
+    CUDA graphs are not measured yet), so not below the CPU's compiled count."""
     from lowmem.kit import build_tiny_model
     from lowmem.memory import estimate_memory
     from lowmem.optim import create_optimizer
 
+    def compiled(model):
+        opt = create_optimizer(model, "microadam")
+        opt.recipe = type(opt.recipe)(**{**opt.recipe.__dict__, "moment": MicroAdamMoments(compile="always")})
+        opt.materialize_state()
+        return opt.step_transient_bytes()
+
     model, _ = build_tiny_model(seed=0)
-    opt = create_optimizer(model, "microadam")
-    opt.recipe = type(opt.recipe)(**{**opt.recipe.__dict__, "moment": MicroAdamMoments(compile="always")})
-    opt.materialize_state()
+    on_cpu = compiled(model)
+    off_cpu = compiled(model.to("meta"))
     cuda = estimate_memory("tiny", "microadam", dtype="fp32", seq_len=16, device="cuda")
     cpu = estimate_memory("tiny", "microadam", dtype="fp32", seq_len=16, device="cpu")
-    assert cuda.optimizer_transient == opt.step_transient_bytes() != cpu.optimizer_transient
+    assert cuda.optimizer_transient == off_cpu != cpu.optimizer_transient
+    assert off_cpu >= on_cpu
 
 
 # compiled path, one float32 step in a fresh process: (parameter shapes, foreach)

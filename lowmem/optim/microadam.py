@@ -219,12 +219,13 @@ def compiled_window_bytes(rows: int, numel: int, ring_entries: int, joined: bool
     return rows * (8 * numel + 4 * ring_entries * joined)
 
 
-def stacked_bucket_transient_bytes(layouts: list[tuple[int, ...]], compiled: bool = False) -> int:
+def stacked_bucket_transient_bytes(layouts: list[tuple[int, ...]], compiled: bool = False, on_cpu: bool = True) -> int:
     """Bytes of :meth:`MicroAdamMoments.foreach_step_`'s stacked path on a bucket whose tensors of one top-k
     layout are stacked as rows, a layout at a time in the order they first appear: ``layouts`` gives
     ``(rows, elements, padded width, kept k, ring entries m k)`` per layout (the last four per row), and for the
     ``compiled`` path also ``(top-k layout, quantization blocks)`` of a row. Each layout's compression (:func:`stacked_compress_bytes`; ``compiled``:
-    :func:`compiled_compress_bytes`) or window (:func:`stacked_window_bytes`; :func:`compiled_window_bytes`) next
+    :func:`compiled_compress_bytes`; off the CPU, ``on_cpu=False``, at least the former count, :data:`CUDA_UNMEASURED`)
+    or window (:func:`stacked_window_bytes`; :func:`compiled_window_bytes`) next
     to the directions of the layouts done before it (4 B per element, kept for the multi-tensor update);
     then all the directions (the update itself is in place). 64 B per layout: the step's scalars."""
     worst = alive = 0
@@ -233,6 +234,9 @@ def stacked_bucket_transient_bytes(layouts: list[tuple[int, ...]], compiled: boo
             lay, quant_blocks = compiled_layout
             phase = max(compiled_compress_bytes(rows, lay, width, quant_blocks),
                         compiled_window_bytes(rows, numel, ring_entries))
+            if not on_cpu and CUDA_UNMEASURED:  # (the former single graph's count: a bound of the new graphs' buffers)
+                phase = max(phase, rows * max(stacked_compress_bytes(numel, width, kept) + 6 * numel,
+                                              stacked_window_bytes(numel, ring_entries)))
         else:
             phase = rows * max(stacked_compress_bytes(numel, width, kept), stacked_window_bytes(numel, ring_entries))
         worst = max(worst, alive + phase + 64)
@@ -240,14 +244,27 @@ def stacked_bucket_transient_bytes(layouts: list[tuple[int, ...]], compiled: boo
     return max(worst, alive)
 
 
-def compiled_direction_bytes(lay: MA.TopKLayout, width: int, ring_entries: int, quant_blocks: int) -> int:
+#: The compiled counts (:func:`compiled_compress_bytes`, :func:`compiled_window_bytes`) are the CPU inductor's
+#: buffers, measured there; the CUDA graphs (Triton) are not measured yet (no GPU since the two-graph form of
+#: 2026-11-30). Off the CPU the report is therefore at least the former single graph's count, measured on an H200
+#: (2026-11-29: a 2^19 chunk 6,578,176 B for 6,619,648 counted), whose buffers include the new graphs' (the same
+#: operations, less the levels and the caller's joined gradients): a bound, as before, until a GPU measures them.
+CUDA_UNMEASURED = True
+
+
+def compiled_direction_bytes(lay: MA.TopKLayout, width: int, ring_entries: int, quant_blocks: int,
+                             on_cpu: bool = True) -> int:
     """Bytes the compiled :meth:`MicroAdamMoments.direction` of a tensor (or chunk) allocates: its compression as
     one row of views (:func:`compiled_compress_bytes`, nothing joined) or its window (:func:`compiled_window_bytes`
     on the ring's views), and 1 KiB for the step's small tensors (the age weights), as
-    :func:`eager_direction_bytes` counts them. Before (one compiled function of lines 4-8, measured on an H200,
-    2026-11-29): the eager count + 0.5 B per element + 12 B per kept entry."""
-    return max(compiled_compress_bytes(1, lay, width, quant_blocks, joined=False),
-               compiled_window_bytes(1, lay.d, ring_entries, joined=False)) + 1024
+    :func:`eager_direction_bytes` counts them. Off the CPU (``on_cpu=False``) at least the former count
+    (:data:`CUDA_UNMEASURED`): the eager count + 0.5 B per element + 12 B per kept entry."""
+    counted = max(compiled_compress_bytes(1, lay, width, quant_blocks, joined=False),
+                  compiled_window_bytes(1, lay.d, ring_entries, joined=False)) + 1024
+    if on_cpu or not CUDA_UNMEASURED:
+        return counted
+    eager = eager_direction_bytes(lay.d, width, lay.k, ring_entries, quant_blocks)
+    return max(counted, eager + -(-lay.d // 2) + 12 * lay.k)
 
 
 def use_compiled(device: torch.device, mode: str) -> bool:
@@ -317,7 +334,8 @@ class MicroAdamMoments(MomentRule):
         lay, qbs = self.layout(numel, group), group["quant_block_size"]
         nq = -(-numel // qbs)
         if state and use_compiled(state["microadam_indices"].device, self.compile):
-            return compiled_direction_bytes(lay, nq * qbs, group["m"] * lay.k, nq)
+            return compiled_direction_bytes(lay, nq * qbs, group["m"] * lay.k, nq,
+                                            on_cpu=state["microadam_indices"].device.type == "cpu")
         return eager_direction_bytes(numel, nq * qbs, lay.k, group["m"] * lay.k, nq)
 
     def direction(self, g, state, group, t, lr):
@@ -487,4 +505,5 @@ class MicroAdamMoments(MomentRule):
                 row[4] += st["microadam_indices"].numel()
                 row[6] += n // qbs
                 row[5] = MA.TopKLayout(row[1], key[1], row[1] // key[1], key[2], 0)  # (MA.joint_layout of them)
-        return stacked_bucket_transient_bytes([tuple(v) for v in layouts.values()], compiled)
+        on_cpu = members[0][1]["microadam_indices"].device.type == "cpu"
+        return stacked_bucket_transient_bytes([tuple(v) for v in layouts.values()], compiled, on_cpu)
