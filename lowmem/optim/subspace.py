@@ -526,8 +526,11 @@ class SubspaceProjection(Projection):
             draw = [8 * d * r if method == "gaussian" else 12 * d * r + 4 * r * r + 4 * r + 4 * d * min(r, 128)
                     for d in rows]
             work = draw[0] if len(draw) == 1 else max(draw[0], 4 * m * r + draw[1])  # "full": left kept while right is drawn
-        else:  # rsvd
-            work = self._rsvd_bytes(shape, group)
+        else:  # rsvd, sized for the device its basis is on (a CUDA step's does not read the host CPU's vendor)
+            basis = state.get("proj_left", state.get("proj_right"))
+            device = basis.device.type if isinstance(basis, Tensor) else "cpu"
+            with GL.blas_device(device):
+                work = self._rsvd_bytes(shape, group)
         if group.get("moment_policy") != "rotate":
             return work
         snapshot, rotation = self.rotate_bytes(shape, group)

@@ -9,6 +9,8 @@ direction ``R`` is mapped back to ``left R right`` (GaLore, Algorithm 2, lines 6
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import platform
 
@@ -291,12 +293,32 @@ def cpu_vendor() -> str:
     return platform.processor() or "unknown"
 
 
+#: the device type of the step whose BLAS / LAPACK terms are being sized (:func:`blas_device`)
+_BLAS_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("lowmem_blas_device", default="cpu")
+
+
+@contextlib.contextmanager
+def blas_device(device_type: str):
+    """Within it, the BLAS / LAPACK terms of a step (MKL's kept buffers, its rsvd refresh bound, Muon's bfloat16 GEMM
+    workspace) are sized for a step on ``device_type``: off the CPU no MKL runs the step, so
+    :func:`mkl_generic_kernels` does not read the host CPU's vendor (it is ``False``: the vendor-free bounds,
+    measured on an Intel Xeon, conservative for CUDA and not measured there). A CUDA optimizer's report, or an
+    estimate for a CUDA target computed on an AMD host, is then the same as on an Intel host. ``"meta"`` (the
+    device is not known) keeps the host's, as ``"cpu"``."""
+    token = _BLAS_DEVICE.set(device_type)
+    try:
+        yield
+    finally:
+        _BLAS_DEVICE.reset(token)
+
+
 def mkl_generic_kernels() -> bool:
     """Whether MKL runs its non-Intel code path here (an ``AuthenticAMD`` / ``HygonGenuine`` CPU),
     whose GEMM keeps other packing buffers than on an Intel CPU (measured: :func:`gemm_pack_bytes`).
     Keyed on the vendor string because that is what MKL itself dispatches on: the same build picks
-    its kernels (and their panels) by it, whatever the instruction set (AVX-512 on both machines)."""
-    return cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
+    its kernels (and their panels) by it, whatever the instruction set (AVX-512 on both machines).
+    ``False`` for a step sized for another device (:func:`blas_device`)."""
+    return _BLAS_DEVICE.get() in ("cpu", "meta") and cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
 
 
 def gemm_pack_bytes(rank: int, cols: int) -> int:

@@ -39,6 +39,7 @@ from torch import Tensor
 from ..._warn import warn_user
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
+from ..functional.galore import blas_device
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, matrices, matrix_index, muon_foreach_,
                               muon_foreach_transient_bytes, muon_lr_ratio, muon_momentum_, muon_whole_step_bytes, newton_schulz,
                               newton_schulz_,
@@ -481,7 +482,8 @@ class MuonMoments(HybridMoments):
         buf = state["momentum_buffer"]
         low = buf.dtype not in (torch.float32, torch.float64)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1  # CPU GEMMs pack panels per thread
-        ns = newton_schulz_transient_bytes(shape, ns_column_block_numel(buf.device, numel), threads=threads)
+        with blas_device(buf.device.type):  # (a CUDA buffer's workspace does not read the host CPU's vendor)
+            ns = newton_schulz_transient_bytes(shape, ns_column_block_numel(buf.device, numel), threads=threads)
         lean = 2 * total + max(4 * numel * (group["nesterov"] + low), ns, 4 * numel)
         if numel < total:
             return lean
@@ -502,7 +504,8 @@ class MuonMoments(HybridMoments):
         buf = state["momentum_buffer"]
         low = buf.dtype not in (torch.float32, torch.float64)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
-        return muon_whole_step_bytes(tuple(shape), group["nesterov"], low, threads)
+        with blas_device(buf.device.type):
+            return muon_whole_step_bytes(tuple(shape), group["nesterov"], low, threads)
 
     def _batched_transient_bytes(self, numel, shape, group, state) -> int:
         """A batch of matrices ``[..., A, B]``. Chunked (blocks of ``numel`` elements, whole rows): one
@@ -519,7 +522,8 @@ class MuonMoments(HybridMoments):
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
         size = max(n, numel // n * n)
         piece = min(size, mat)
-        ns = newton_schulz_transient_bytes((m, n), ns_column_block_numel(buf.device, piece), threads=threads)
+        with blas_device(buf.device.type):
+            ns = newton_schulz_transient_bytes((m, n), ns_column_block_numel(buf.device, piece), threads=threads)
         iterate = 2 * mat + max(4 * piece * (group["nesterov"] + low), ns)
         within, spanning = row_block_spans(shape, size)
         return max(iterate, 2 * mat + 4 * within, 4 * spanning + iterate if spanning else 0)
