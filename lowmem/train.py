@@ -602,6 +602,9 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
                           + (f"; did you mean {close}?" if close else "") + " (the valid fields are those of "
                           f"{cls.__mro__[1].__name__ if cls.__name__.startswith('LowMem') else cls.__name__} in the "
                           "transformers / TRL documentation)")
+    for key in STRING_AS_LIST:  # DPOConfig's `loss_type: ipo`: TRL's __post_init__ makes a string a one-item list
+        if isinstance(ta.get(key), str) and key in types_ and not isinstance(cls.__dataclass_fields__[key].default, str):
+            ta[key] = [ta[key]]
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     check_unavailable_fields(recipe.training_args)
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
@@ -655,6 +658,10 @@ def check_unavailable_fields(ta: dict[str, Any]) -> None:
                           "(lowmem's field: read and compiled before the model loads, relative to the recipe file, "
                           "saved with the model); a tokenizer folder's template: its chat_template.jinja file")
 
+
+# list-typed config fields that TRL also takes as one string (DPOConfig.__post_init__: `loss_type="ipo"` ->
+# ["ipo"]); the strict checker refused `loss_type: ipo`, the way every DPO recipe writes it
+STRING_AS_LIST: tuple[str, ...] = ("loss_type",)
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -192,3 +192,16 @@ def test_recipe_chat_template_replacing_the_models_own_warns():
         warnings.simplefilter("error")
         ensure_chat_template(types.SimpleNamespace(chat_template=own), chat, own, model="my-model")  # the same one
         ensure_chat_template(types.SimpleNamespace(chat_template=None), chat, other, model="my-model")  # it had none
+
+
+def test_dpo_loss_type_as_one_string(tmp_path):
+    """TRL's DPOConfig takes `loss_type: ipo` (its __post_init__ makes it ["ipo"]); before, the strict checker refused
+    it ("training_args.loss_type='ipo': expected a list"). SFT / GRPO's loss_type stays a string."""
+    from lowmem.train import build_training_args
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    recipe = load_recipe(None, trainer="dpo", dataset=str(data), output_dir=str(tmp_path), loss_type="ipo", batch_size=2)
+    assert recipe.training_args["loss_type"] == ["ipo"] and build_training_args(recipe).loss_type == ["ipo"]
+    recipe = load_recipe(None, trainer="grpo", output_dir=str(tmp_path), loss_type="bnpo", batch_size=8)
+    assert recipe.training_args["loss_type"] == "bnpo"
