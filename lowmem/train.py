@@ -432,6 +432,13 @@ FOREIGN_KEYS: dict[str, str] = {
     "quantization_bit": "quantization: nf4", "cutoff_len": "max_length", "max_seq_length": "max_length",
     "template": "chat_template (a Jinja text or .jinja file; the tokenizer's own is used by default)",
     "trust_remote_code": "nothing: lowmem never runs a model's remote code",
+    "use_rslora": "lora: {use_rslora: true}", "lora_modules_to_save": "lora: {modules_to_save: [...]}",
+    "use_dora": "lora: {use_dora: true}", "model_revision": "nothing: a local model directory has no revisions",
+    "dataset_config": "dataset (a local file or folder; there are no Hub dataset configurations to choose)",
+    "dataset_streaming": "nothing: lowmem reads local files (Arrow memory-maps them; nothing streams from the Hub)",
+    "ref_model": "nothing: DPO / GRPO's reference model is the policy as loaded from model (TRL loads it again); "
+                 "with lora / quantization, the base with adapters disabled",
+    "rpo_alpha": "loss_type: [sigmoid, sft] and loss_weights: [1.0, <rpo_alpha>] (TRL 1.16's DPOConfig dropped rpo_alpha)",
     # TrainingArguments fields of transformers 4 that transformers 5 renamed or dropped
     "evaluation_strategy": "eval_strategy (transformers 5's name)", "no_cuda": "use_cpu (transformers 5's name)",
     "group_by_length": "train_sampling_strategy: group_by_length (transformers 5)",

@@ -205,3 +205,16 @@ def test_dpo_loss_type_as_one_string(tmp_path):
     assert recipe.training_args["loss_type"] == ["ipo"] and build_training_args(recipe).loss_type == ["ipo"]
     recipe = load_recipe(None, trainer="grpo", output_dir=str(tmp_path), loss_type="bnpo", batch_size=8)
     assert recipe.training_args["loss_type"] == "bnpo"
+
+
+@pytest.mark.parametrize("trainer, key, value, hint", [
+    ("sft", "use_rslora", True, "use_rslora -> lora: {use_rslora: true}"),
+    ("sft", "lora_modules_to_save", ["lm_head"], "lora_modules_to_save -> lora: {modules_to_save: [...]}"),
+    ("sft", "model_revision", "main", "model_revision -> nothing: a local model directory has no revisions"),
+    ("dpo", "rpo_alpha", 0.5, "rpo_alpha -> loss_type: [sigmoid, sft] and loss_weights: [1.0, <rpo_alpha>]"),
+    ("dpo", "ref_model", "path/to/model", "ref_model -> nothing: DPO / GRPO's reference model is the policy"),
+])
+def test_trl_and_older_keys_get_lowmems_spelling(trainer, key, value, hint, tmp_path):
+    """Before: "did you mean ['hub_revision']?" for model_revision, ['ld_alpha'] for rpo_alpha, nothing for use_rslora."""
+    with pytest.raises(ConfigError, match=r"lowmem's spelling: " + __import__("re").escape(hint)):
+        load_recipe(None, trainer=trainer, output_dir=str(tmp_path), **{key: value})
