@@ -527,3 +527,23 @@ def test_sharded_batch_checkpoint_on_a_cuda_mesh(tmp_path):
             assert torch.equal(opts[1].state[models[1].w][k], v), k
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name,hp,key", [
+    ("galore_adamw", {"rank": 2, "projection": "random"}, "proj_right"),
+    ("galore_adamw", {"rank": 2, "projection": "rsvd"}, "proj_right"),
+    ("apollo_adamw", {"rank": 2}, "proj_right"),
+    ("frugal", {"rank": 2, "projection": "randk"}, "proj_index"),
+    ("frugal", {"rank": 2, "projection": "columns"}, "proj_index"),
+])
+def test_the_matrices_of_a_batch_draw_different_random_projections(name, hp, key):
+    """Each matrix of a batch draws its own random basis / selection (its seed, ``matrix_seed``, differs in the
+    low 32 bits torch's CPU generator keeps: with the old stride 2^32 every matrix drew matrix 0's)."""
+    p = torch.nn.Parameter(torch.randn(E, 12, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer([{"params": [p], **hp}], name)
+    p.grad = torch.randn(E, 12, 7)
+    opt.step()
+    drawn = opt.state[p][key]
+    assert all(not torch.equal(drawn[0], drawn[e]) for e in range(1, E))

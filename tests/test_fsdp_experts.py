@@ -223,8 +223,7 @@ def test_two_processes_match_one_on_fused_experts(run, tag):
     float64 weights, as tests/test_fsdp.py; the float32 state to 1e-5 relative: the halves' gradients are
     summed by the all-reduce in another order; measured 0.0 for all). ``proj_meta`` (seed, phase, refreshes of
     each expert) exactly: red when a rank seeds its experts by their local index (rank 1's expert 0 taking expert
-    0's seed; the weights do not show it yet: the CPU generator keeps 32 bits of the seed, so every matrix of a
-    batch draws matrix 0's random basis: subspace.MATRIX_SEED_STRIDE)."""
+    0's seed)."""
     got = torch.load(run / f"{tag}.pt", weights_only=True)
     model, opt = _single(tag)
     for key, ref in model.state_dict().items():

@@ -257,17 +257,20 @@ def refresh_phase_offset(refresh_phase: str, gap: int, index: int, count: int) -
     return index * gap // count if refresh_phase == "staggered" else 0
 
 
-#: the seeds of the matrices of a batch (:func:`matrix_seed`) step by this, above any parameter's index
-MATRIX_SEED_STRIDE = 2**32
+#: the seeds of the matrices of a batch (:func:`matrix_seed`) step by this, above any parameter's index. Odd,
+#: and not a multiple of 2^32: torch's CPU generator keeps the low 32 bits of a seed, so the stride must stay
+#: distinct there after the refresh's ``* 7919`` (2^32 did not: every matrix drew matrix 0's basis)
+MATRIX_SEED_STRIDE = 2**20 + 1
 
 
 def matrix_seed(seed: int, index: int, matrix: int | None = None) -> int:
     """The seed of a projection's random draws (``random`` / ``gaussian`` bases, ``rsvd``'s first range
     finder, ``randk`` / ``rows`` / ``columns`` selections; a refresh's generator is seeded with
     ``seed * 7919 + refreshes``): ``seed * 1_000_003 + index`` for the ``index``-th parameter of its
-    group, plus ``matrix * 2^32`` for matrix ``matrix`` of a batch ``[..., A, B]`` (row-major over the
+    group, plus ``matrix * (2^20 + 1)`` for matrix ``matrix`` of a batch ``[..., A, B]`` (row-major over the
     leading dimensions; matrix 0 draws what the 2-D parameter at that index would, the others draw
-    apart from every parameter's as long as a group holds fewer than 2^32 parameters)."""
+    apart from every parameter's as long as a group holds fewer than 2^20 parameters and a batch fewer than
+    2^11 matrices: distinct modulo 2^32, the bits torch's CPU generator keeps, and so after ``* 7919``, odd)."""
     return seed * 1_000_003 + index + (matrix or 0) * MATRIX_SEED_STRIDE
 
 
