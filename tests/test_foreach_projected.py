@@ -171,13 +171,12 @@ PHASES = [("apollo_adamw", {}), ("galore_adamw", {"projection": "random"}), ("fi
 @pytest.mark.parametrize("chunk_numel", [None, 8192])
 def test_step_transient_bytes_counts_the_bucket_phases(name, hp, chunk_numel):
     """Issue 12: a bucket of ``k`` projected parameters of ``n`` projected elements each is counted
-    phase by phase as the step runs it, not as a parameter's own step plus the bucket (which counted
-    the projected gradient and direction twice: 48.1 MiB reported for 24.7 measured, APOLLO rank 256
-    on 8192 x 8192). The multi-tensor direction holds the bucket's projected gradients, directions
-    and ``sqrt(v)`` (``12 k n`` bytes); the first combine-back every projected gradient and direction
-    (``8 k n``) next to its own temporaries, which are the per-parameter step's (``ref``, the
-    ``foreach=False`` report) less its projected gradient and direction (``8 n``). One parameter
-    alone: ``max(ref, 12 n)``. ``chunk_numel=8192``: buckets of two parameters (4096 elements each)."""
+    phase by phase as the step runs it (exact against a traced step: tests/test_galoreexact_per_parameter.py's
+    ``test_float32_bucket_of_same_shapes`` runs these setups). Here, on meta: the multi-tensor direction holds the
+    bucket's projected gradients, directions and ``sqrt(v)`` (``12 k n`` bytes), a lower bound of every bucket's
+    report; a float32 GaLore bucket folds in place, so that is its whole report; ``foreach=False`` reports the
+    per-parameter step (``ref``) whatever the number of parameters. ``chunk_numel=8192``: buckets of two
+    parameters (4096 elements each)."""
     def report(k, foreach):
         ps = [torch.nn.Parameter(torch.zeros(64, 256, device="meta")) for _ in range(k)]
         opt = create_optimizer(ps, name, rank=16, **hp)
@@ -193,8 +192,10 @@ def test_step_transient_bytes_counts_the_bucket_phases(name, hp, chunk_numel):
     n = opt.recipe.projection.low_shape(torch.Size((64, 256)), group).numel()
     assert n == 4096 and opt._projected_foreach_ok(group["params"][0], group)
     k = 3 if chunk_numel is None else 2  # the largest bucket of 3 parameters
-    assert one == max(ref, 12 * n)
-    assert report(3, None)[0] == max(12 * k * n, 8 * k * n + ref - 8 * n)
+    three = report(3, None)[0]
+    assert one >= 12 * n and three >= 12 * k * n
+    if name == "galore_adamw":
+        assert one == 12 * n and three == 12 * k * n
     assert report(3, False)[0] == ref
 
 

@@ -176,8 +176,6 @@ def test_svd_refresh_untraced_part_is_the_kernel_workspace():
     assert full - P.untraced_refresh_bytes(p.shape, group) == 4 * (200 * 128 + 128 + 128 * 128)
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_GALOREEXACT 1 (with 3): the engine's per-parameter report of a projected"
-                   " parameter (LowMemOptimizer._projected_bytes(...).alone) does not call projected_alone_bytes yet")
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_engine_per_parameter_report_is_projected_alone_bytes(name):
     """On meta (no MKL buffer), the engine's per-parameter report of a projected parameter is
@@ -221,16 +219,10 @@ def _whole_step(name, dtype, chunk):
 
 WHOLE_CASES = ([(n, torch.float32) for n in ("galore_adamw", "galore_adafactor", "galore_adamw8bit")]
                + [(n, torch.bfloat16) for n in sorted(RECIPES)])
-# exact before the engine counts the buckets this way (the fold of an 8-bit GaLore bucket, bf16 unchunked GaLore)
-ALREADY = {("galore_adamw8bit", torch.float32, "default"), ("galore_adamw8bit", torch.float32, None),
-           ("galore_adamw", torch.bfloat16, None), ("galore_adamw8bit", torch.bfloat16, None)}
-PENDING = pytest.mark.xfail(strict=True, reason="FOUND_GALOREEXACT 3: the engine's projected buckets count a row block"
-                            " for an in-place fold, the step sizes only in the moment's phase, the summed phases")
 
 
 @pytest.mark.parametrize("name,dtype,chunk", [
-    pytest.param(n, d, c, id=f"{n}-{str(d)[6:]}-{c}", marks=() if (n, d, c) in ALREADY else PENDING)
-    for n, d in WHOLE_CASES for c in ("default", None)])
+    pytest.param(n, d, c, id=f"{n}-{str(d)[6:]}-{c}") for n, d in WHOLE_CASES for c in ("default", None)])
 def test_whole_step_buckets_allocate_what_they_report(name, dtype, chunk):
     """The whole step's projected buckets (one optimizer, a small model's parameters): GaLore's float32 buckets
     fold in place (CombineRule.fold_bytes), the others combine each parameter back as it is stepped alone
@@ -262,10 +254,7 @@ def _bucket(name, hp, k, chunk):
 
 
 @pytest.mark.parametrize("name,hp,chunk,k", [
-    pytest.param(n, h, c, k, id=f"{n}-{'-'.join(h.values())}-{c}-{k}",
-                 # (exact already: two of three at chunk 8192, whose bucket's direction outweighs a combine-back)
-                 marks=PENDING if n == "galore_adamw" and not (c == 8192 and k == 3) else ())
-    for n, h in PHASES for c in (None, 8192) for k in (1, 3)])
+    pytest.param(n, h, c, k, id=f"{n}-{'-'.join(h.values())}-{c}-{k}") for n, h in PHASES for c in (None, 8192) for k in (1, 3)])
 def test_float32_bucket_of_same_shapes(name, hp, chunk, k):
     """``k`` (64, 256) float32 weights at rank 16 in one bucket (two at chunk 8192), a step without refresh:
     GaLore's bucket folds in place, its peak is the multi-tensor direction's ``12 k n`` (traced 49,152 for one,
