@@ -736,8 +736,10 @@ def test_range_finder_bytes_counts_the_live_phases():
             counted = GL.range_finder_bytes(d, e, r, 2, oversample, first_call=False)
             # (+ 64 KiB: RSS noise of a few pages, seen once in CI under load: 4,632,576 for 4,604,160;
             # every term of the count is at least r d 4 B = 1 MiB here. Below: 0.88, the count may be over by the
-            # pages a phase's tensor has not touched yet; 4,141,056 of 4,604,160 = 0.8994 seen once, 2026-11-30)
-            assert 0.88 * counted <= peaks[2 * i + j] <= counted + 65536, ((d, e, r, oversample), peaks[2 * i + j], counted)
+            # pages a phase's tensor has not touched yet; 4,141,056 of 4,604,160 = 0.8994 seen once, 2026-11-30,
+            # 4,046,848 = 0.879 once under a load of 6 on 2 cores: 0.85; the exact, traced count of the phases is
+            # tests/test_galoreexact_per_parameter.py's, galore.range_finder_traced_bytes)
+            assert 0.85 * counted <= peaks[2 * i + j] <= counted + 65536, ((d, e, r, oversample), peaks[2 * i + j], counted)
 
 
 @pytest.mark.slow  # about 60 s: 4096 x 11008 and 8192 x 8192 weights, three steps each
