@@ -267,11 +267,20 @@ def _import_file(path: str, ref: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses, pickling and relative lookups inside the file need it
+    # the file's folder first on sys.path while it runs, as for `python file.py`: its imports of the modules beside
+    # it (`from helpers import extract_answer`) work (before: ModuleNotFoundError unless run from that folder)
+    folder = str(file.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # the user's file fails to import: a syntax error, an exception at import time
         del sys.modules[name]
         raise ValueError(f"reward function {ref!r}: importing {path!r} failed: {_import_failure(err)}") from err
+    finally:
+        if added:
+            sys.path.remove(folder)
     return module
 
 

@@ -218,3 +218,23 @@ def test_trl_and_older_keys_get_lowmems_spelling(trainer, key, value, hint, tmp_
     """Before: "did you mean ['hub_revision']?" for model_revision, ['ld_alpha'] for rpo_alpha, nothing for use_rslora."""
     with pytest.raises(ConfigError, match=r"lowmem's spelling: " + __import__("re").escape(hint)):
         load_recipe(None, trainer=trainer, output_dir=str(tmp_path), **{key: value})
+
+
+def test_reward_file_imports_a_module_beside_it(tmp_path, monkeypatch):
+    """A reward file importing its helper module from the same folder (`from helpers import norm`), run from another
+    folder: before, "ModuleNotFoundError: No module named 'helpers'"; the folder is on sys.path only while it imports."""
+    import sys
+
+    from lowmem.rewards import resolve_reward
+
+    folder = tmp_path / "rw_useraudit"
+    folder.mkdir()
+    (folder / "helpers_useraudit.py").write_text("def norm(t):\n    return t.strip()\n")
+    (folder / "rew.py").write_text("from helpers_useraudit import norm\n\n"
+                                   "def r(completions, **kwargs):\n    return [float(norm(c) == '2') for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "helpers_useraudit", raising=False)
+    fn = resolve_reward(f"{folder / 'rew.py'}:r")
+    assert fn(prompts=["1+1="] * 2, completions=[" 2 ", "3"]) == [1.0, 0.0]
+    assert str(folder) not in sys.path
+    sys.modules.pop("helpers_useraudit", None)
