@@ -135,7 +135,7 @@ def split_field_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
     while i < len(argv):
         arg = argv[i]
         name = arg.split("=", 1)[0]
-        if not arg.startswith("--") or arg == "--" or name in known:
+        if not arg.startswith("--") or arg == "--" or any(k.startswith(name) for k in known):  # (argparse's prefixes)
             rest.append(arg)
             i += 1
             continue

@@ -45,3 +45,11 @@ def test_flag_given_twice_and_recipe_after_a_bool_flag(tmp_path, capsys):
     assert _recipe(["train", "--gradient_checkpointing", str(recipe)]).gradient_checkpointing is True
     with pytest.raises(ValueError, match=r"training_args.gradient_accumulation_steps=0: expected an integer > 0"):
         _recipe(["train", str(recipe), "--gradient_accumulation_steps", "0"])
+
+
+def test_prefix_of_a_flag_stays_argparse(tmp_path):
+    """argparse's abbreviations of lowmem train's own flags keep working (`--batch` for --batch-size)."""
+    parser = build_parser()
+    argv, fields = split_field_flags(["train", "--batch", "4", "--num_train_epochs", "1"], parser)
+    assert argv == ["train", "--batch", "4"] and fields == {"num_train_epochs": 1}
+    assert parser.parse_args(argv).batch_size == 4
