@@ -15,9 +15,6 @@ from lowmem.optim import bnb_fused, create_optimizer
 from lowmem.optim.functional import quant as Q
 from test_transient_per_parameter import _Traced
 
-_CACHES = (Q._code_map_cpu, Q._code_map_on, Q.lookup_pairs, Q._point_table, Q._midpoints, Q._cell_table,
-           bnb_fused.code_maps)
-
 
 @pytest.fixture(autouse=True)
 def _tables_made_again():
@@ -58,8 +55,7 @@ class _WithFresh(_Traced):
 
 def _left_after_steps(name, shape=(200, 128), steps=1, **kw):
     """Bytes the first ``steps`` steps leave alive beyond the state, from a process state without tables."""
-    for cache in _CACHES:
-        cache.cache_clear()
+    Q.clear_kept_tables()
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape))
     opt = create_optimizer([p], name, **kw)
@@ -109,8 +105,7 @@ def test_kept_table_bytes_names_the_valid_maps():
 def test_cached_bytes_on_cuda():
     """CUDA: the maps copied to the device (bitsandbytes' kernels read them; no point table), measured with the
     allocator."""
-    for cache in _CACHES:
-        cache.cache_clear()
+    Q.clear_kept_tables()
     p = torch.nn.Parameter(torch.randn(200, 128, device="cuda"))
     opt = create_optimizer([p], "adamw8bit")
     p.grad = torch.randn_like(p)
@@ -129,8 +124,7 @@ def test_point_table_is_made_in_pieces(name):
     """The first 8-bit CPU encode makes the point table beside the step's own temporaries: a piece of
     TABLE_BUILD_PIECE points at a time (float32 values, int32 codes) and the 255 midpoints, 17,404 B beyond the
     table and the map it keeps (was 787,452: all 65,536 points' values and int64 codes at once)."""
-    for cache in _CACHES:
-        cache.cache_clear()
+    Q.clear_kept_tables()
     with _WithFresh() as t:
         Q._point_table(name)
         gc.collect()
