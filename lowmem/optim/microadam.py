@@ -326,6 +326,28 @@ class MicroAdamMoments(MomentRule):
         view["microadam_error_max"] = state["microadam_error_max"][start // qbs : -(-stop // qbs)]
         return view
 
+    def cached_bytes(self, states, device) -> int:
+        """Bytes the step keeps for the process once the parameters of ``states`` (their state dicts, on ``device``)
+        have been stepped there, as :meth:`~lowmem.optim.quantized.Quantized.cached_bytes` (neither state nor a
+        later step's allocation; the estimator adds them once per device, ``estimate._kept_table_bytes``):
+
+        * the eager path's 4-bit levels' lookup pairs (``Q.lookup_pairs("levels", device)``, ``256 x 2`` float32,
+          2,048 B: the error feedback's decode, line 4); where the compiled path is on (:func:`use_compiled`), its
+          divisor :func:`_top` (a float32 scalar, 4 B) instead (its graph builds the pairs per call,
+          :data:`COMPILED_TABLE_BYTES`, a transient);
+        * the age weights (:func:`~lowmem.optim.functional.microadam.age_weights`: two ``m``-float32 vectors per
+          step, the last :data:`~lowmem.optim.functional.microadam.AGE_WEIGHTS_KEPT` kept), counted full
+          (``16 x 4 m`` bytes, ``m`` the largest ring: 640 B at ``m = 10``; a run's first 7 steps keep fewer).
+
+        0 when no state is MicroAdam's. Measured on the CPU (eager): tests/test_kept_microadam.py (the compiled
+        path's graphs' own constants are not measured)."""
+        rings = [st["microadam_indices"].shape[0] for st in states if "microadam_indices" in st]
+        if not rings:
+            return 0
+        dev = torch.device(device)
+        table = 4 if use_compiled(dev, self.compile) else 4 * 2 * 256
+        return table + MA.AGE_WEIGHTS_KEPT * 4 * max(rings)
+
     def transient_bytes(self, numel, shape, group, state):
         """:meth:`direction` of a chunk of ``numel`` elements (its ``m k`` ring entries): the eager
         path's phases (:func:`eager_direction_bytes`, the chunk padded to whole quantization blocks),

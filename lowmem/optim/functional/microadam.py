@@ -126,12 +126,18 @@ def age_weights(t: int, m: int, beta: float, device) -> Tensor:
     Row ``i`` was written at the last step ``s <= t`` with ``(s - 1) mod m = i``; its age is
     ``r_i = (t - 1 - i) mod m`` (the reference kernel's exponent). Lines 10-11's coefficients.
     Computed on ``device`` from Python numbers (no host-to-device copy) and kept for the step's other
-    tensors and chunks (the last few ``(t, m, beta, device)``; read-only).
+    tensors and chunks (the last :data:`AGE_WEIGHTS_KEPT` ``(t, m, beta, device)``, for the process: ``4 m`` bytes
+    each, two per step; read-only).
     """
     return _age_weights(int(t), int(m), float(beta), str(torch.device(device)))
 
 
-@lru_cache(maxsize=16)
+#: How many age-weight vectors :func:`age_weights` keeps (its cache; kept for the process, full after 8 steps of
+#: one ``(m, betas)``: ``MicroAdamMoments.cached_bytes``).
+AGE_WEIGHTS_KEPT = 16
+
+
+@lru_cache(maxsize=AGE_WEIGHTS_KEPT)
 def _age_weights(t: int, m: int, beta: float, device: str) -> Tensor:
     rows = torch.arange(m, device=device, dtype=torch.float64)
     age = torch.remainder(t - 1 - rows, m)

@@ -112,14 +112,16 @@ def kept_table_bytes(names, device: torch.device | str) -> int:
 def clear_kept_tables() -> None:
     """Forget every table the codecs keep for the process (:func:`kept_table_bytes`'s: the code maps on each
     device, the 8-bit CPU point tables, the 4-bit lookup pairs (MicroAdam's ``"levels"`` too), cell tables and
-    midpoints, and :func:`lowmem.optim.bnb_fused.code_maps`' references to the maps): the next step that codes a
-    moment makes them again, as a process's first does. ``measure_memory`` calls it before it measures, so that a
-    second measurement in one process counts them as a fresh process does. Tensors a caller still holds stay
-    alive (the tables are read-only; a step fetches them anew)."""
-    from .. import bnb_fused
+    midpoints, and :func:`lowmem.optim.bnb_fused.code_maps`' references to the maps; MicroAdam's kept age weights
+    and compiled divisor, ``MicroAdamMoments.cached_bytes``): the next step that codes a moment makes them again,
+    as a process's first does. ``measure_memory`` calls it before it measures, so that a second measurement in one
+    process counts them as a fresh process does. Tensors a caller still holds stay alive (the tables are
+    read-only; a step fetches them anew)."""
+    from .. import bnb_fused, microadam
+    from . import microadam as MA
 
     for cache in (_code_map_cpu, _code_map_on, lookup_pairs, _point_table, _midpoints, _cell_table,
-                  bnb_fused.code_maps):
+                  bnb_fused.code_maps, MA._age_weights, microadam._top):
         cache.cache_clear()
 
 
