@@ -272,6 +272,10 @@ class TrainRecipe:
             raise ValueError(f"Invalid dtype {self.dtype!r}; valid: ['float32', 'bfloat16', 'float16']")
         if self.model is not None:
             check_model_dir(self.model)
+            if self.save_model and Path(self.output_dir).expanduser().resolve() == Path(self.model).expanduser().resolve():
+                raise ConfigError(f"output_dir={self.output_dir!r} is the model directory (model={self.model!r}): saving the "
+                                  "trained model would overwrite the one it started from (a run stopped while saving "
+                                  "leaves neither); set another output_dir")
         if self.merge_adapters and self.lora is None and self.quantization is None:
             raise ConfigError("merge_adapters=true needs lora or quantization (a full fine-tune saves the whole model)")
         if self.merge_adapters and not self.save_model:

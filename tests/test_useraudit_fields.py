@@ -238,3 +238,12 @@ def test_reward_file_imports_a_module_beside_it(tmp_path, monkeypatch):
     assert fn(prompts=["1+1="] * 2, completions=[" 2 ", "3"]) == [1.0, 0.0]
     assert str(folder) not in sys.path
     sys.modules.pop("helpers_useraudit", None)
+
+
+def test_output_dir_that_is_the_model_directory(own_model_dir, tmp_path):
+    """Before: the run saved the trained model over the user's model (`--output-dir` = `--model`), silently."""
+    with pytest.raises(ConfigError, match=r"output_dir=.* is the model directory .*would overwrite the one it started "
+                                          r"from.*set another output_dir"):
+        load_recipe(None, model=str(own_model_dir), output_dir=str(own_model_dir) + "/", lr=1e-4)
+    load_recipe(None, model=str(own_model_dir), output_dir=str(own_model_dir), lr=1e-4, save_model=False)
+    load_recipe(None, model=str(own_model_dir), output_dir=str(tmp_path), lr=1e-4)
