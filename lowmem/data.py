@@ -307,6 +307,15 @@ def _check_cell(value: Any, column: str, conversational: bool, source: str, row:
         if not is_messages(value):
             sharegpt = (isinstance(value, list) and value
                         and all(isinstance(m, dict) and "from" in m and "value" in m for m in value))
+            if isinstance(value, str) and value.lstrip().startswith("["):
+                try:
+                    encoded = is_messages(json.loads(value))
+                except ValueError:
+                    encoded = False
+                if encoded:  # a CSV / text cell holding the messages as JSON text
+                    raise ValueError(f"{source}: column {column!r} of row {row} is JSON text of messages, not a list: "
+                                     "CSV cells are strings only; write the rows as JSON Lines (one object per line, "
+                                     "where messages stay a list) or Parquet")
             raise ValueError(f"{source}: column {column!r} of row {row} is {_short(value)}; expected a list of "
                              "{'role': ..., 'content': ...} messages like the other conversational columns"
                              + (" (these are sharegpt-style {from, value} turns: write from/value -> role/content, "

@@ -247,3 +247,20 @@ def test_output_dir_that_is_the_model_directory(own_model_dir, tmp_path):
         load_recipe(None, model=str(own_model_dir), output_dir=str(own_model_dir) + "/", lr=1e-4)
     load_recipe(None, model=str(own_model_dir), output_dir=str(own_model_dir), lr=1e-4, save_model=False)
     load_recipe(None, model=str(own_model_dir), output_dir=str(tmp_path), lr=1e-4)
+
+
+def test_messages_as_json_text_in_a_csv(tmp_path):
+    """A CSV whose `messages` cells hold the messages as JSON text (pandas' to_csv of a chat dataset): before, only
+    "column 'messages' of row 0 is str '[{...'; expected a list of {role, content} messages"."""
+    import csv
+    import json
+
+    from lowmem.data import load_train_data
+
+    with open(tmp_path / "chat.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["messages"])
+        w.writerow([json.dumps([{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}])])
+    with pytest.raises(ValueError, match=r"column 'messages' of row 0 is JSON text of messages, not a list: CSV cells "
+                                         r"are strings only; write the rows as JSON Lines"):
+        load_train_data(str(tmp_path / "chat.csv"), "sft")
