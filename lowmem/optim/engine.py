@@ -1112,10 +1112,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return self._param_transient_bytes(matrix_of(p, idx), group, matrix_state(state, idx), steady)
         r = self.recipe
         fused = getattr(r.moment, "fused_step_allocates_nothing", None)
-        if (fused is not None and not r.stabilizers and not self._is_projected(p, group) and not is_dtensor(p)
-                and p.device.type != "meta" and r.decay_after_update == r.moment.foreach_decays_after
-                and fused(p, group, state)):
+        fused_bytes = getattr(r.moment, "fused_step_transient_bytes", None)
+        plain = (not r.stabilizers and not self._is_projected(p, group) and not is_dtensor(p)
+                 and p.device.type != "meta" and r.decay_after_update == r.moment.foreach_decays_after)
+        if plain and fused is not None and fused(p, group, state):
             return 0  # (_update_state: torch's fused AdamW kernel steps it, AdamMoments.fused_step_)
+        if plain and fused_bytes is not None:  # (a fused kernel that allocates: bitsandbytes' CPU implementation,
+            b = fused_bytes(p, group, state, self._chunk(p.device))  # before any float32 copy is made)
+            if b is not None:
+                return b
         bounds = self._chunk_bounds(p, group, state)
         if bounds is None and self._is_projected(p, group):
             return self._projected_bytes(p, group, state, steady).alone

@@ -652,6 +652,25 @@ class Quantized(MomentRule):
         return ("fused" in group and group["fused"] is not False and p.device.type == "cuda" and self._fusable(state)
                 and bnb_fused.ineligible_reason(p, p, state, group) is None)
 
+    def fused_step_transient_bytes(self, p, group, state, chunk_numel) -> int | None:
+        """What :meth:`fused_step_` allocates stepping ``p`` alone (the engine's per-parameter step; its gradient
+        assumed contiguous and of ``p``'s dtype), or ``None`` when it does not step ``p``: bitsandbytes' CUDA
+        kernel nothing; its CPU implementation (``fused=True`` on the CPU) its temporaries of the largest slice it
+        is handed (:func:`~lowmem.optim.bnb_fused.fused_cpu_transient_bytes` with ``p``'s dtype: ``chunk_numel``
+        rounded down to whole blocks, at least one, at most the tensor; ``None``: the whole tensor). The engine
+        makes no float32 copy of the gradient or parameter around it (``_update_state`` calls :meth:`fused_step_`
+        first), so its report is this alone: a bfloat16 weight stepped whole was reported 28 B per value (the
+        engine's two float32 copies beside a float32 weight's 20 B) for 24 traced (tests/test_kept_fused.py)."""
+        if ("fused" not in group or group["fused"] is False or not self._fusable(state)
+                or (group["fused"] is None and p.device.type != "cuda")
+                or bnb_fused.ineligible_reason(p, p, state, group) is not None):
+            return None
+        if p.device.type == "cuda":
+            return 0
+        n, b = p.numel(), bnb_fused.BNB_BLOCK_SIZE
+        size = n if chunk_numel is None else min(n, max(b, chunk_numel // b * b))
+        return bnb_fused.fused_cpu_transient_bytes(size, p.dtype)
+
     def _fused_bytes(self, numel, state, group) -> int | None:
         """The transient of a fused member of ``numel`` elements (float32 parameter, the foreach path),
         ``None`` when it is not fused: bitsandbytes' CPU implementation's float32 temporaries, or 0 (CUDA)."""
