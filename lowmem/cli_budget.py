@@ -31,8 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--optim-args", default="", metavar="k=v,...",
                    help="optimizer hyperparameters: 'k=v,k=v' (e.g. rank=128,betas=[0.9,0.95]) or a JSON object")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default 512, or a local model's context when that is shorter; longer than "
+                   "a local model's context is an error)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="weights' dtype (default bf16; note: lowmem train loads float32 unless the recipe's dtype is "
+                   "bfloat16, which the output says when --dtype is not given)")
     p.add_argument("--precision", default="pure", choices=["pure", "mixed"],
                    help="with --dtype bf16/fp16: 'pure' (default) = weights and gradients in that dtype, no float32 copy; "
                    "'mixed' = float32 master weights, gradients and optimizer state with autocast activations "
@@ -157,6 +161,41 @@ def _precision_note(est, other_total: int, precision: str, dtype: str) -> str:
     return f"precision: mixed (--precision pure, everything in {dtype}: total {fmt_bytes(other_total)})"
 
 
+def _context_length(model: str) -> tuple[int, str] | None:
+    """``(positions, where)`` of a local model directory (:func:`lowmem.train.model_context_length`: the user's model,
+    whose context a run cannot exceed); `None` for a named shape (a sizing exercise: a longer ``--seq-len`` is the
+    user's what-if, e.g. with RoPE scaling) or when the config says nothing."""
+    import os
+
+    if not os.path.isdir(model):
+        return None
+    from .train import model_context_length
+
+    return model_context_length(model)
+
+
+def _resolve_seq_len_and_dtype(args: argparse.Namespace) -> list[str]:
+    """Fill ``--seq-len`` (512, or the model's context when shorter) and ``--dtype`` (bf16) when not given, and
+    refuse a ``--seq-len`` longer than the model's context (a run the model cannot do: ``lowmem train`` refuses the
+    same ``max_length``). Returns the notes saying what was chosen for the user."""
+    notes = []
+    context = _context_length(args.model)
+    if args.seq_len is None:
+        args.seq_len = 512 if context is None else min(512, context[0])
+        if context is not None and context[0] < 512:
+            notes.append(f"seq {args.seq_len}: the model's context ({context[1]}), shorter than the default 512")
+    elif args.seq_len < 1:
+        raise ValueError(f"--seq-len={args.seq_len}: expected an integer >= 1")
+    elif context is not None and args.seq_len > context[0]:
+        raise ValueError(f"--seq-len={args.seq_len} is longer than the model's context ({context[1]}); expected "
+                         f"1 .. {context[0]}")
+    if args.dtype is None:
+        args.dtype = "bf16"
+        notes.append("dtype bf16 (the default here); lowmem train loads the model in float32 unless the recipe sets "
+                     "dtype: bfloat16: size that run with --dtype fp32")
+    return notes
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -166,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
                          "save_pretrained, or a named shape (llama-2-7b, llama-3-8b, tiny, ...)")
     if args.png:
         require_matplotlib()
+    chosen = _resolve_seq_len_and_dtype(args)
     if args.precision == "mixed" and args.dtype == "fp32":
         raise ValueError("--precision mixed needs --dtype bf16 or fp16 (the autocast dtype); fp32 is one precision")
     if args.precision == "mixed" and (args.budget or args.measure):
@@ -269,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
         est = pure if args.precision == "pure" else mixed
         est.notes.append(_precision_note(est, other.total, args.precision, args.dtype))
         est.details["total_other_precision"] = other.total
+    est.notes.extend(chosen)
     if args.png:
         bar_chart([est], args.png)
     if args.json:

@@ -217,3 +217,25 @@ def test_budget_without_a_unit_is_an_error(capsys):
     assert "--budget 40: a number without a unit is bytes (40 B, below 1 MiB" in err and "--budget 40GiB" in err, err
     with pytest.raises(ValueError, match="Cannot read a size"):
         parse_bytes("40 parsecs")
+
+
+def test_budget_seq_len_follows_a_local_models_context(tiny_model_path, capsys):
+    """A local model's context (the tiny Llama's max_position_embeddings=128) bounds --seq-len: longer is an error
+    naming the flag, the value and where the context comes from (lowmem train refuses the same max_length); not given,
+    it is min(512, context), and the output says so. --dtype not given: the output says lowmem train loads float32."""
+    from lowmem.cli import main
+
+    assert main(["budget", str(tiny_model_path), "--seq-len", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len=4096 is longer than the model's context (max_position_embeddings=128" in err and "1 .. 128" in err
+    assert main(["budget", str(tiny_model_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["seq_len"] == 128
+    notes = " ".join(report["notes"])
+    assert "seq 128: the model's context (max_position_embeddings=128" in notes
+    assert "lowmem train loads the model in float32" in notes
+    assert main(["budget", str(tiny_model_path), "--json", "--dtype", "bf16", "--seq-len", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["seq_len"] == 64 and "lowmem train loads" not in " ".join(report["notes"])
+    assert main(["budget", "tiny", "--seq-len", "1024", "--json", "--dtype", "fp32"]) == 0  # a named shape: a what-if
+    capsys.readouterr()
