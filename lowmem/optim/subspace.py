@@ -495,7 +495,9 @@ class SubspaceProjection(Projection):
         A refresh: ``svd`` (exact, as galore-torch) runs LAPACK's divide-and-conquer SVD of the whole
         gradient: its copy, ``U`` (``m x k``), ``V^T`` (``k x n``) and about ``3.25 k^2`` floats of
         workspace, ``4 (m n + m k + k n) + 13 k^2`` bytes (``k = min(m, n)``; measured 1547 MiB for
-        8192 x 8192, 390 MiB for 4096 x 4096, 59 MiB for 4096 x 1024, each within 4% below this);
+        8192 x 8192, 390 MiB for 4096 x 4096, each within 4% below this), on LAPACK's tall path
+        (``m >= 11 n / 6``: QR first) ``3 k^2`` more and, on an AMD CPU, MKL's QR and product buffers
+        (:func:`~lowmem.optim.functional.galore.svd_refresh_bytes`);
         ``rsvd`` the larger of its first refresh (the range finder) and a later one (the subspace
         iteration) phase by phase, with the buffers MKL keeps (:meth:`_rsvd_bytes`,
         :func:`~lowmem.optim.functional.galore.rsvd_refresh_bytes`); a random basis (:func:`~lowmem.optim.functional.galore.random_basis`,
@@ -515,8 +517,9 @@ class SubspaceProjection(Projection):
         low = 4 * self.low_shape(shape, group).numel()
         if not refresh:
             return small if method == "online_pca" else low
-        if method in ("svd", "online_pca"):
-            work = 4 * (m * n + m * k + k * n) + 13 * k * k
+        if method in ("svd", "online_pca"):  # sized for the device its basis is on, as rsvd's below
+            with GL.blas_device(self._basis_device(state)):
+                work = GL.svd_refresh_bytes(m, n)
         elif method in COORDINATE_METHODS:
             dim, k = self._coordinates(shape, group)
             size = m * n if dim is None else shape[dim]
@@ -530,14 +533,17 @@ class SubspaceProjection(Projection):
                     for d in rows]
             work = draw[0] if len(draw) == 1 else max(draw[0], 4 * m * r + draw[1])  # "full": left kept while right is drawn
         else:  # rsvd, sized for the device its basis is on (a CUDA step's does not read the host CPU's vendor)
-            basis = state.get("proj_left", state.get("proj_right"))
-            device = basis.device.type if isinstance(basis, Tensor) else "cpu"
-            with GL.blas_device(device):
+            with GL.blas_device(self._basis_device(state)):
                 work = self._rsvd_bytes(shape, group)
         if group.get("moment_policy") != "rotate":
             return work
         snapshot, rotation = self.rotate_bytes(shape, group)
         return snapshot + max(work, rotation)
+
+    @staticmethod
+    def _basis_device(state) -> str:
+        basis = state.get("proj_left", state.get("proj_right"))
+        return basis.device.type if isinstance(basis, Tensor) else "cpu"
 
     def _two_sided(self, shape, group) -> bool:
         return self.method(group) in BASIS_METHODS and self._side(shape, group) == "full"
@@ -607,9 +613,10 @@ class SubspaceProjection(Projection):
         return low
 
     def untraced_refresh_bytes(self, shape, group):
-        """``svd`` / ``online_pca`` (an exact SVD): of :meth:`transient_bytes`' ``4 (m n + m k + k n) + 13 k^2``,
-        all but the SVD's outputs ``U``, ``S``, ``V^T`` (``4 (m k + k + k n)``): LAPACK's column-major copy of
-        the gradient and its workspace, allocated inside the kernel; ``random``: QR's workspace, ``4 d min(r, 128)``
+        """``svd`` / ``online_pca`` (an exact SVD): of :func:`~lowmem.optim.functional.galore.svd_refresh_bytes`
+        (``4 (m n + m k + k n) + 13 k^2``, more on LAPACK's tall path), all but the SVD's outputs ``U``, ``S``,
+        ``V^T`` (``4 (m k + k + k n)``): LAPACK's column-major copy of the gradient and its workspace (and MKL's
+        buffers), allocated inside the kernel; ``random``: QR's workspace, ``4 d min(r, 128)``
         (the larger side drawn); ``rsvd``: all of its peak-RSS count (:meth:`_rsvd_bytes`) but the larger of its
         refreshes' traced tensors (:func:`~lowmem.optim.functional.galore.range_finder_traced_bytes`)."""
         m, n = shape
@@ -629,7 +636,7 @@ class SubspaceProjection(Projection):
         if self.method(group) not in ("svd", "online_pca"):
             return 0
         k = min(m, n)
-        return 4 * m * n + 13 * k * k - 4 * k
+        return GL.svd_refresh_bytes(m, n) - 4 * (m * k + k + k * n)
 
     def kept_gemm_bytes(self, shape, group) -> int:
         """A basis's combine-back (``P N`` / ``N Q``: ``r``-deep panels by ``n`` columns) leaves MKL's

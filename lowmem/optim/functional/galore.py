@@ -397,6 +397,46 @@ def rsvd_refresh_bytes(rows: int, cols: int, rank: int, power_iters: int, oversa
     return max(first, later) + MKL_FIRST_CALL_BYTES + MKL_FIRST_CALL_BYTES_PER_COLUMN * k
 
 
+def svd_qr_path(rows: int, cols: int) -> bool:
+    """Whether LAPACK's ``gesdd`` of a ``rows x cols`` matrix (as :func:`svd_basis` runs it: torch copies
+    the input column-major whatever its strides, so LAPACK sees ``rows x cols``) takes its tall path:
+    ``rows >= MNTHR = int(11 cols / 6)`` (``sgesdd``'s crossover), a QR factorization first, then the SVD
+    of ``R`` (paths 1-4 of ``sgesdd``). MKL's workspace query there returns ``4 k^2`` floats (``R``'s copy
+    ``k x k`` beside ``bdsdc``'s ``3 k^2``), ``3 k^2`` elsewhere: square, mildly tall and every wide
+    matrix, whose ``gesdd`` MKL runs without an LQ step (queried on an EPYC through torch's own ``sgesdd_``:
+    4.007 k^2 at 1900-8192 x 1024, 3.007 k^2 at 1500 x 1024 and 1024 x 1500-4096)."""
+    return rows >= int(min(rows, cols) * 11 / 6) and rows > cols
+
+
+def svd_refresh_bytes(rows: int, cols: int) -> int:
+    """Peak bytes of an exact SVD refresh (:func:`svd_basis`, ``torch.linalg.svd(G, full_matrices=False)``,
+    LAPACK's divide-and-conquer ``gesdd``, ``jobz='S'``) of a float32 ``rows x cols`` ``G``, ``k = min``:
+    LAPACK's column-major copy of ``G``, ``U`` (``m x k``), ``V^T`` (``k x n``) and its workspace,
+    ``4 (m n + m k + k n) + 13 k^2``; on the tall path (:func:`svd_qr_path`) ``3 k^2`` more (the copy of
+    ``R``: a ``16 k^2`` workspace). With MKL's non-Intel kernels (:func:`mkl_generic_kernels`) 1 MiB more
+    on every path (MKL's own buffers: measured up to 0.3 MiB beyond the count on wide matrices, alone and
+    within a recipe's step) and on the tall path those of its QR and the ``Q U_R`` product, bounded by
+    ``0.5 MiB + 1 KiB`` per row (measured on an AMD EPYC, fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``,
+    beyond the ``16 k^2`` workspace: 2.0-2.2 MiB at 1900-2048 rows, 2.7 at 3000, 3.6 at 4096 (4.9 within a
+    recipe's step), 5.2 at 8192). The ``3 k^2`` follows ``sgesdd``'s tall path (``R``'s copy beside
+    ``bdsdc``'s workspace, LAPACK's algorithm, whoever's library) and is counted on every device; MKL's own
+    buffers were not measured on an Intel CPU and are left out there (its count otherwise unchanged). Measured,
+    the SVD alone (``docs/subspace.md`` for whole refresh steps): 2048 x 1024 38.1 MiB (counted 33.0 before,
+    39.5 now), 4096 x 512 24.5 (20.2 before, 26.5 now); wide and square 0-3.4% below the count."""
+    m, n = rows, cols
+    k = min(m, n)
+    return 4 * (m * n + m * k + k * n) + (16 if svd_qr_path(m, n) else 13) * k * k + svd_mkl_bytes(m, n)
+
+
+def svd_mkl_bytes(rows: int, cols: int) -> int:
+    """The part of :func:`svd_refresh_bytes` that is MKL's own buffers (not torch tensors: a live-tensor
+    tracker does not see them), counted with its non-Intel kernels only (:func:`mkl_generic_kernels`):
+    1 MiB, and on the tall path (:func:`svd_qr_path`) ``0.5 MiB + 1 KiB`` per row."""
+    if not mkl_generic_kernels():
+        return 0
+    return 2**20 + (2**19 + 1024 * rows) * svd_qr_path(rows, cols)
+
+
 def random_basis(rows: int, rank: int, generator: torch.Generator, orthogonal: bool) -> Tensor:
     """A random ``rows x rank`` basis independent of the gradient.
 
