@@ -413,16 +413,13 @@ def svd_refresh_bytes(rows: int, cols: int) -> int:
     LAPACK's divide-and-conquer ``gesdd``, ``jobz='S'``) of a float32 ``rows x cols`` ``G``, ``k = min``:
     LAPACK's column-major copy of ``G``, ``U`` (``m x k``), ``V^T`` (``k x n``) and its workspace,
     ``4 (m n + m k + k n) + 13 k^2``; on the tall path (:func:`svd_qr_path`) ``3 k^2`` more (the copy of
-    ``R``: a ``16 k^2`` workspace). With MKL's non-Intel kernels (:func:`mkl_generic_kernels`) 1 MiB more
-    on every path (MKL's own buffers: measured up to 0.3 MiB beyond the count on wide matrices, alone and
-    within a recipe's step) and on the tall path those of its QR and the ``Q U_R`` product, bounded by
-    ``0.5 MiB + 1 KiB`` per row (measured on an AMD EPYC, fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``,
-    beyond the ``16 k^2`` workspace: 2.0-2.2 MiB at 1900-2048 rows, 2.7 at 3000, 3.6 at 4096 (4.9 within a
-    recipe's step), 5.2 at 8192). The ``3 k^2`` follows ``sgesdd``'s tall path (``R``'s copy beside
+    ``R``: a ``16 k^2`` workspace). With MKL's non-Intel kernels (:func:`mkl_generic_kernels`) MKL's own
+    buffers, :func:`svd_mkl_bytes` (measured on an AMD EPYC, fresh process, ``MALLOC_MMAP_THRESHOLD_=65536``).
+    The ``3 k^2`` follows ``sgesdd``'s tall path (``R``'s copy beside
     ``bdsdc``'s workspace, LAPACK's algorithm, whoever's library) and is counted on every device; MKL's own
     buffers were not measured on an Intel CPU and are left out there (its count otherwise unchanged). Measured,
     the SVD alone (``docs/subspace.md`` for whole refresh steps): 2048 x 1024 38.1 MiB (counted 33.0 before,
-    39.5 now), 4096 x 512 24.5 (20.2 before, 26.5 now); wide and square 0-3.4% below the count."""
+    39.25 now), 4096 x 512 24.5 (20.2 before, 26.6 now); wide and square within 4% below the count."""
     m, n = rows, cols
     k = min(m, n)
     return 4 * (m * n + m * k + k * n) + (16 if svd_qr_path(m, n) else 13) * k * k + svd_mkl_bytes(m, n)
@@ -431,10 +428,17 @@ def svd_refresh_bytes(rows: int, cols: int) -> int:
 def svd_mkl_bytes(rows: int, cols: int) -> int:
     """The part of :func:`svd_refresh_bytes` that is MKL's own buffers (not torch tensors: a live-tensor
     tracker does not see them), counted with its non-Intel kernels only (:func:`mkl_generic_kernels`):
-    1 MiB, and on the tall path (:func:`svd_qr_path`) ``0.5 MiB + 1 KiB`` per row."""
+    ``256 (m + n)`` bytes, and on the tall path (:func:`svd_qr_path`) those of its QR and ``Q U_R`` product,
+    ``min(2.75 m k, 0.5 MiB + 1 KiB m)``. Measured (AMD EPYC, the SVD alone, fresh process) beyond
+    ``4 (m n + m k + k n) + 13 k^2``, ``16 k^2`` on the tall path: wide and square at most 0.33 MiB (512 x 4096;
+    0.19 at 512 x 512, none at 96 x 32 - 256 x 1024), 0.28 more within 1024 x 2048's refresh step; tall
+    0.16 / 0.66 / 1.36 MB at 512 x 128 / 1024 x 256 / 1024 x 512 (2.4-2.6 B per ``m k``), then about
+    1 KiB a row: 2.0-2.2 MB at 1900-2048 rows, 2.9 at 3000, 3.8 at 4096, 5.5 at 8192."""
     if not mkl_generic_kernels():
         return 0
-    return 2**20 + (2**19 + 1024 * rows) * svd_qr_path(rows, cols)
+    k = min(rows, cols)
+    tall = min(11 * rows * k // 4, 2**19 + 1024 * rows) if svd_qr_path(rows, cols) else 0
+    return 256 * (rows + cols) + tall
 
 
 def random_basis(rows: int, rank: int, generator: torch.Generator, orthogonal: bool) -> Tensor:
