@@ -604,6 +604,7 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
                if before is not None and "by_size" in before else None)
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
             "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
+            "svd_mkl": 0 if layerwise else sized.get("svd_mkl", 0),
             "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None,
             "transient_after_head": _layerwise_transient(later, max_grad_norm) if later is not None else None,
             "head_transient": _layerwise_transient(later["head"], max_grad_norm) if later is not None else None}
@@ -725,6 +726,10 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
                  "layerwise_parts": _layerwise_parts(opt, tables),
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0,
                  "kept_tables": tables}
+        from ..optim.functional.galore import svd_mkl_left_out
+
+        with svd_mkl_left_out():  # MKL's SVD buffers (AMD CPU): in the transient, not torch tensors
+            sizes["svd_mkl"] = sizes["transient"][False] - opt.step_transient_bytes(per_parameter=False) - tables
         kept = sizes["kept_gemm"] + tables
         sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, kept)
         sizes["transient_after_head"] = _transient_without(model, opt, kept, with_head=False)
@@ -1422,6 +1427,7 @@ def estimate_memory(
             "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
             "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},
             "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
+            "optimizer_transient_mkl_svd": sized.get("svd_mkl", 0),
             "optimizer_kept_tables": sized["kept_tables"],
             "gradients_with_activations": parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),

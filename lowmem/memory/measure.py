@@ -292,9 +292,11 @@ class MemoryMeasurement:
         return out
 
     def mkl_gemm_pack_bytes(self) -> int:
-        """The part of the estimated transient that is MKL's GEMM packing buffer (CPU, projected steps):
-        memory of the process, but not a torch tensor, so the tracker's measurement leaves it out."""
-        return int(self.estimate.details.get("optimizer_transient_mkl_gemm_pack", 0))
+        """The part of the estimated transient that is MKL's GEMM packing buffer (CPU, projected steps) and its
+        SVD buffers (an AMD CPU's exact-SVD refresh, bucketed steps: ``optimizer_transient_mkl_svd``): memory of
+        the process, but not torch tensors, so the tracker's measurement leaves them out."""
+        details = self.estimate.details
+        return int(details.get("optimizer_transient_mkl_gemm_pack", 0)) + int(details.get("optimizer_transient_mkl_svd") or 0)
 
     def table(self) -> str:
         from .report import estimate_table, fmt_bytes
@@ -304,8 +306,10 @@ class MemoryMeasurement:
         if mkl:
             m = self.measured.get("optimizer_transient", 0)
             rest = self.estimate.optimizer_transient - mkl
-            text += (f"measured: live torch tensors; the estimated optimizer_transient includes MKL's GEMM packing buffer "
-                     f"({fmt_bytes(mkl)}, kept by the library on CPU, not a tensor): without it {fmt_bytes(rest)}"
+            what = ("MKL's GEMM packing buffer" if not self.estimate.details.get("optimizer_transient_mkl_svd")
+                    else "MKL's GEMM packing buffer and SVD buffers")
+            text += (f"measured: live torch tensors; the estimated optimizer_transient includes {what} "
+                     f"({fmt_bytes(mkl)}, the library's on CPU, not tensors): without them {fmt_bytes(rest)}"
                      + (f" (est/meas {rest / m:.3f})" if m else "") + "\n")
         if self.peak_allocated is not None:
             text += f"CUDA max_memory_allocated: {fmt_bytes(self.peak_allocated)} (estimate/peak {self.estimate.total / self.peak_allocated:.3f})\n"

@@ -425,6 +425,22 @@ def svd_refresh_bytes(rows: int, cols: int) -> int:
     return 4 * (m * n + m * k + k * n) + (16 if svd_qr_path(m, n) else 13) * k * k + svd_mkl_bytes(m, n)
 
 
+#: whether :func:`svd_mkl_bytes` counts MKL's SVD buffers (:func:`svd_mkl_left_out`)
+_SVD_MKL_COUNTED: contextvars.ContextVar[bool] = contextvars.ContextVar("lowmem_svd_mkl_counted", default=True)
+
+
+@contextlib.contextmanager
+def svd_mkl_left_out():
+    """Within it :func:`svd_mkl_bytes` is 0: the estimator sizes a step with and without MKL's SVD buffers to name
+    the part of the transient that is not a torch tensor (``optimizer_transient_mkl_svd``), which a live-tensor
+    measurement cannot see."""
+    token = _SVD_MKL_COUNTED.set(False)
+    try:
+        yield
+    finally:
+        _SVD_MKL_COUNTED.reset(token)
+
+
 def svd_mkl_bytes(rows: int, cols: int) -> int:
     """The part of :func:`svd_refresh_bytes` that is MKL's own buffers (not torch tensors: a live-tensor
     tracker does not see them), counted with its non-Intel kernels only (:func:`mkl_generic_kernels`):
@@ -434,7 +450,7 @@ def svd_mkl_bytes(rows: int, cols: int) -> int:
     0.19 at 512 x 512, none at 96 x 32 - 256 x 1024), 0.28 more within 1024 x 2048's refresh step; tall
     0.16 / 0.66 / 1.36 MB at 512 x 128 / 1024 x 256 / 1024 x 512 (2.4-2.6 B per ``m k``), then about
     1 KiB a row: 2.0-2.2 MB at 1900-2048 rows, 2.9 at 3000, 3.8 at 4096, 5.5 at 8192."""
-    if not mkl_generic_kernels():
+    if not (_SVD_MKL_COUNTED.get() and mkl_generic_kernels()):
         return 0
     k = min(rows, cols)
     tall = min(11 * rows * k // 4, 2**19 + 1024 * rows) if svd_qr_path(rows, cols) else 0
