@@ -173,9 +173,10 @@ def test_a_first_moment_missing_from_the_state_still_raises(name, shape, rank):
 
 
 def test_step_transient_bytes_counts_the_projected_bucket(monkeypatch):
-    """The report of the bucketed step exceeds the per-parameter step's (the bucket's projected
-    gradients and directions are alive next to one parameter's own step), by at most 8 bytes per
-    element of the largest projected bucket (how the engine overlaps the phases is its own:
+    """The report of the bucketed step is at least the per-parameter step's and exceeds it by at most 8 bytes per
+    element of the largest projected bucket (the bucket's projected gradients and directions alive next to one
+    parameter's own step; equal when the SVD refresh, counted alike in both, is the larger phase: since the tall
+    path's LAPACK terms, aac3a2e) (how the engine overlaps the phases is its own:
     tests/test_foreach_projected.py; the measured peaks: tests/test_step_memory.py)."""
     fast = _run("sgd_sm", {}, None, 160, steps=1, monkeypatch=monkeypatch, full_rank=[])[4]
     ref = _run("sgd_sm", {}, False, 160, steps=1, monkeypatch=monkeypatch, full_rank=[])[4]
@@ -186,7 +187,7 @@ def test_step_transient_bytes_counts_the_projected_bucket(monkeypatch):
             cur = 0
         cur += n
     buckets.append(cur)
-    assert ref.step_transient_bytes() < fast.step_transient_bytes() <= ref.step_transient_bytes() + 8 * max(buckets)
+    assert ref.step_transient_bytes() <= fast.step_transient_bytes() <= ref.step_transient_bytes() + 8 * max(buckets)
 
 
 def test_sgd_momentum_buckets_allocate_nothing(monkeypatch):
