@@ -1124,23 +1124,32 @@ class LowMemOptimizer(torch.optim.Optimizer):
         bounds = self._chunk_bounds(p, group, state)
         if bounds is None and self._is_projected(p, group):
             return self._projected_bytes(p, group, state, steady).alone
-        n = p.numel() if bounds is None else max((b - a for a, b in bounds), default=0)
-        copies = 4 * n * (p.dtype not in (torch.float32, torch.float64))  # float32 copy of the gradient (and of the parameter)
-        stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
+        lowp = p.dtype not in (torch.float32, torch.float64)
         whole = getattr(r.moment, "whole_transient_bytes", None)
-        if bounds is None and whole is not None:
-            # stepped whole (its direction sees the whole tensor, not a ChunkState): a rule whose whole-tensor
-            # form differs from its chunked one of a single chunk (SinkGD's sr_sinkhorn) says which it allocates
-            return 2 * copies + stab + whole(p.shape, group, state)
+        if bounds is None:
+            n = p.numel()
+            copies = 4 * n * lowp  # float32 copy of the gradient (and of the parameter)
+            stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
+            if whole is not None:
+                # stepped whole (its direction sees the whole tensor, not a ChunkState): a rule whose whole-tensor
+                # form differs from its chunked one of a single chunk (SinkGD's sr_sinkhorn) says which it allocates
+                return 2 * copies + stab + whole(p.shape, group, state)
+            return 2 * copies + stab + r.moment.transient_bytes(n, p.shape, group, state)
         # a chunked step of a rule whose direction is a new tensor (MomentRule.chunk_direction_is_new): the gradient
         # chunk's float32 copy is freed when the direction returns, before the parameter chunk's copy is made
-        held = 0 if (bounds is not None and not r.stabilizers
-                     and getattr(r.moment, "chunk_direction_is_new", False)) else copies
+        new = not r.stabilizers and getattr(r.moment, "chunk_direction_is_new", False)
         # a rule whose chunked step allocates other than its whole-tensor direction (Adafactor's two passes over
         # the row blocks, then the directions beside the factors) says it (MomentRule.chunk_transient_bytes)
-        chunked = getattr(r.moment, "chunk_transient_bytes", None) if bounds is not None else None
-        rule = (chunked or r.moment.transient_bytes)(n, p.shape, group, state)
-        return copies + held + stab + rule
+        rule = getattr(r.moment, "chunk_transient_bytes", None) or r.moment.transient_bytes
+        # every chunk size the step visits (the full chunks and the last, shorter one, whose partial quantization
+        # block's padded copies may make its rule's term the larger while its float32 copies are the smaller):
+        # the copies and the rule's transient of the same chunk
+        worst = 0
+        for n in sorted({b - a for a, b in bounds}, reverse=True) or [0]:
+            copies = 4 * n * lowp
+            stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
+            worst = max(worst, copies + (0 if new else copies) + stab + rule(n, p.shape, group, state))
+        return worst
 
     def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
         """The transient terms of projected ``p``'s step (:class:`_ProjectedBytes`): stepped alone

@@ -987,7 +987,10 @@ class Quantized(MomentRule):
         4 B per column, alive through every chunk; they depend on the matrix's width, not only on the chunk),
         and its pass over the chunks (the moments decoded, the inner direction, freed, then the chunk's column
         maxima) comes before the encodes; each chunk of whole rows is encoded with the whole matrix's column
-        maxima (:func:`~lowmem.optim.functional.quant.quantize_rank1_4bit`'s ``col_max``: none of its own)."""
+        maxima (:func:`~lowmem.optim.functional.quant.quantize_rank1_4bit`'s ``col_max``: none of its own).
+        Of one chunk size: the engine (``_param_transient_bytes``) asks for every size its chunks have, the last,
+        shorter chunk's too (a partial block padded to the chunk's size may make that chunk's term the larger,
+        while its float32 copies are the smaller), and adds each one's copies to its own."""
         return self._transient_bytes(numel, shape, group, state, chunked=True)
 
     def _transient_bytes(self, numel, shape, group, state, chunked: bool) -> int:
@@ -999,13 +1002,10 @@ class Quantized(MomentRule):
         if fused is not None:  # (fused=True: a tensor in foreach pieces, stepped from its first piece; the
             return fused       # per-parameter step refuses it, and with None it is the chunked step's)
         if all(self.specs[k].bits == 4 for k in quantized):
-            shape = torch.Size(shape)
-            # chunked: the chunks of numel values and the last, shorter one (a partial block's padded copies may
-            # make it the larger)
-            last = shape.numel() % numel if chunked and shape.numel() > numel else 0
-            return max(self._four_bit_direction_bytes(k, shape, group, state, quantized,
-                                                      self.inner.transient_bytes(k, shape, group, {}), chunked)
-                       for k in ((numel, last) if last else (numel,)))
+            # (chunked: a chunk of numel values; the engine asks for each chunk size it visits, the last, shorter
+            # one too, whose partial block's padded copies may make it the larger beside its smaller copies)
+            return self._four_bit_direction_bytes(numel, torch.Size(shape), group, state, quantized,
+                                                  self.inner.transient_bytes(numel, shape, group, {}), chunked)
         inner = self.inner.transient_bytes(numel, shape, group, {})
         encode = max(4 * (len(quantized) - i) * numel + self._codec_bytes(numel, shape, group, state, k, chunked)
                      for i, k in enumerate(quantized))
