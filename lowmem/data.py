@@ -180,6 +180,139 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
                            or (p / "dataset_dict.json").is_file())
 
 
+def _json_records(file: Path, objects_only: bool = True):
+    """``(where, value)`` for each record of a JSON file as ``datasets``' ``json`` builder reads it: every
+    non-blank line of a JSON Lines file (``where`` = ``"line N"``, 1-based), or each item of a file holding
+    one JSON array (``"item N"``, 0-based). Raises ``ValueError`` naming the file and the line (column) of
+    the first line that is not JSON, not UTF-8 text, or (JSON Lines, ``objects_only``) not an object (a ``null``
+    line ``datasets`` reads as a row of missing values; ``objects_only=False`` yields it)."""
+    data = file.read_bytes()
+    head = data.lstrip()[:1]
+    if head in (b"[", b"{"):  # one JSON document (an array, or one pretty-printed object)?
+        try:
+            whole = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as err:
+            if head == b"[":  # an array that does not parse: where
+                if isinstance(err, json.JSONDecodeError):
+                    raise ValueError(f"{file} line {err.lineno} column {err.colno}: {err.msg}; expected one JSON array "
+                                     "of objects (or JSON Lines: one object per line)") from None
+                raise ValueError(f"{file} is not UTF-8 text ({err}); expected JSON") from None
+            whole = None  # JSON Lines: read line by line below
+        if whole is not None:
+            items = whole if isinstance(whole, list) else [whole]
+            yield from ((f"item {i}", v) for i, v in enumerate(items))
+            return
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file} line {n} is not UTF-8 text ({err.reason} at byte {err.start}); expected "
+                             "one JSON object per line (JSON Lines)") from None
+        except json.JSONDecodeError as err:
+            text = raw.decode("utf-8").strip()
+            raise ValueError(f"{file} line {n} column {err.colno}: {err.msg} in {text[:80] + '...' if len(text) > 80 else text}; "
+                             "expected one JSON object per line (JSON Lines)") from None
+        if objects_only and not isinstance(value, dict):
+            raise ValueError(f"{file} line {n} is {_short(value)}, not a JSON object; expected one object per line "
+                             "(JSON Lines: {\"column\": value, ...})")
+        yield f"line {n}", value
+
+
+def json_row_line(path: str | os.PathLike, row: int) -> int | None:
+    """The 1-based line of row ``row`` (0-based) of a JSON Lines file as ``datasets`` reads it (blank lines
+    skipped), or ``None``: not a JSON Lines file, a folder, a JSON array file, or no such row."""
+    p = Path(path).expanduser()
+    if not (p.is_file() and EXTENSIONS.get(p.suffix.lower()) == "json"):
+        return None
+    try:
+        for i, (where, _) in enumerate(_json_records(p, objects_only=False)):
+            if not where.startswith("line "):
+                return None
+            if i == row:
+                return int(where.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _row_where(source: str, row: int) -> str:
+    """``"3 (line 4)"`` for row 3 of a JSON Lines file ``source``, else ``"3"``."""
+    line = json_row_line(source, row)
+    return f"{row} (line {line})" if line is not None else f"{row}"
+
+
+def _json_feature_paths(feature, path=()):
+    """The paths (column, then dict keys and ``[]`` for list items) of the ``datasets.Json`` features in
+    ``feature``: the columns, or parts of them, whose values differed in type between rows."""
+    import datasets
+
+    if isinstance(feature, (dict, datasets.Features)):
+        for key, sub in feature.items():
+            yield from _json_feature_paths(sub, path + (key,))
+    elif isinstance(feature, getattr(datasets, "Json", ())):
+        yield path
+    elif hasattr(feature, "feature"):  # List, LargeList, Sequence
+        yield from _json_feature_paths(feature.feature, path + ("[]",))
+
+
+def _values_at(value, path):
+    if not path:
+        yield value
+    elif path[0] == "[]":
+        for item in value if isinstance(value, list) else ():
+            yield from _values_at(item, path[1:])
+    elif isinstance(value, dict) and path[0] in value:
+        yield from _values_at(value[path[0]], path[1:])
+
+
+def check_json_types(files: list[Path], ds, field_name: str = "dataset") -> None:
+    """Refuse a JSON column that mixes strings with other values where ``datasets`` would change the strings.
+
+    ``datasets`` (5.x) reads a JSON column whose type differs between rows (``"answer": "19"`` in one row,
+    ``"answer": 19`` in another) as its ``Json`` feature, which decodes every string that is itself JSON
+    text: ``"19"`` becomes the number 19, ``"true"`` True, ``"[1, 2]"`` a list, silently, in every row.
+    A reward function comparing strings then never matches, a template sees numbers. Strings that are not
+    JSON text (``"abc"``) survive, so a column mixing them with other values is left alone.
+
+    Raises:
+        ValueError: Names the file, the column (``messages[].content`` for a part of one), the line of the
+            first string that would change and of the first value that is no string, and what to write.
+    """
+    paths = list(_json_feature_paths(ds.features))
+    if not paths:
+        return
+    for path in paths:
+        name = path[0] + "".join("[]" if k == "[]" else f".{k}" for k in path[1:])
+        changed = other = None
+        for file in files:
+            for where, record in _json_records(file):
+                for v in _values_at(record, path):
+                    if isinstance(v, str):
+                        if changed is None:
+                            try:
+                                decoded = json.loads(v)
+                            except ValueError:
+                                continue
+                            changed = (file, where, v, decoded)
+                    elif v is not None and other is None:
+                        other = (file, where, v)
+                if changed and other:
+                    break
+            if changed and other:
+                break
+        if changed and other:
+            (cf, cw, cv, dv), (of, ow, ov) = changed, other
+            at = (lambda f, w: w if len(files) == 1 else f"{f} {w}")
+            raise ValueError(
+                f"{field_name}: column {name!r} of {str(files[0]) if len(files) == 1 else 'the files'} holds strings and "
+                f"other values ({at(cf, cw)}: {cv!r}; {at(of, ow)}: {_short(ov)}), so datasets reads it as JSON and "
+                f"turns the string {cv!r} into {_short(dv)} (every such string, silently); expected one type in "
+                f"every row: write {name!r} as strings everywhere (\"{ov}\" if it is text) or as "
+                f"{type(ov).__name__} everywhere")
+
+
 @contextmanager
 def _quiet_datasets():
     """No ``datasets`` progress bars while a local file is read (an error then stays one line)."""
@@ -265,8 +398,27 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
             cause = err.__cause__ or err
             if "corresponds to no data" in str(cause):  # e.g. a CSV with a header row only
                 raise ValueError(f"{field_name}: {str(path)!r} is empty (no rows); expected at least one row") from err
+            if builders[0] == "json":  # pyarrow's "in row 3" counts rows of a block, not lines: find the line
+                for f in files:
+                    try:
+                        for _ in _json_records(f):
+                            pass
+                    except ValueError as located:
+                        raise ValueError(f"{field_name}: could not read {str(path)!r} as json: {located}") from err
             raise ValueError(f"{field_name}: could not read {str(path)!r} as {builders[0]}: "
                              f"{type(cause).__name__}: {cause}") from err
+        if builders[0] == "json":
+            try:  # pyarrow's JSON reader keeps bytes that are no UTF-8 in string columns; reading the row then fails
+                ds.data.table.validate(full=True)
+            except Exception as err:
+                for f in files:
+                    try:
+                        for _ in _json_records(f):
+                            pass
+                    except ValueError as located:
+                        raise ValueError(f"{field_name}: could not read {str(path)!r} as json: {located}") from err
+                raise ValueError(f"{field_name}: could not read {str(path)!r} as json: {err}") from err
+            check_json_types(files, ds, field_name)
     if len(ds) == 0:
         raise ValueError(f"{field_name}: {str(path)!r} is empty (columns {ds.column_names}); expected at least one row")
     return ds
@@ -303,6 +455,8 @@ def is_messages(value: Any) -> bool:
 
 
 def _check_cell(value: Any, column: str, conversational: bool, source: str, row: int) -> None:
+    if not (is_messages(value) if conversational else isinstance(value, str)):
+        row = _row_where(source, row)  # "of row 3 (line 4)": the line a user's editor shows
     if conversational:
         if not is_messages(value):
             sharegpt = (isinstance(value, list) and value
@@ -418,8 +572,10 @@ def check_nonempty(dataset, fmt: DatasetFormat, trainer: str, *, source: str = "
             [i for i, e in enumerate(empty.to_pylist()) if e]
         if rows:
             shown = rows[:5] + (["..."] if len(rows) > 5 else [])
+            lines = [json_row_line(source, r) for r in rows[:5]] if dataset._indices is None else [None]
+            at = f"; lines {lines + (['...'] if len(rows) > 5 else [])}" if None not in lines else ""
             raise ValueError(f"{source}: {len(rows)} of {len(dataset)} rows have an empty or missing {column!r} "
-                             f"(rows {shown}, 0-based); {trainer} would train on them as empty sequences. "
+                             f"(rows {shown}, 0-based{at}); {trainer} would train on them as empty sequences. "
                              f"Remove those rows (or fill {column!r}) and run again")
 
 

@@ -1,0 +1,90 @@
+"""A user's own JSON Lines files with a bad line: each is one error naming the file and the line a text editor
+shows (before: pyarrow's "in row 3", which counts rows of a read block, or a row index of the loaded table),
+and a column that mixes strings with numbers, which ``datasets`` 5 reads as JSON, turning ``"19"`` into 19."""
+
+import re
+
+import pytest
+
+from lowmem.data import load_sources
+
+GOOD = '{"prompt": "1+1=", "completion": "2"}\n'
+
+
+def _file(tmp_path, *lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(b"".join(line.encode() if isinstance(line, str) else line for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ('{"prompt": "1+1=", "completion": "2"\n', r"line 4 column 37: Expecting ',' delimiter in \{\"prompt\""),
+    ('{"prompt": "1+1=", "completion": "2"} trailing\n', r"line 4 column 39: Extra data"),
+    ('["1+1=", "2"]\n', r"line 4 is list \['1\+1=', '2'\], not a JSON object; expected one object per line"),
+    (b'{"prompt": "1+1=", "completion": "\xff"}\n', r"line 4 is not UTF-8 text"),
+])
+def test_a_malformed_line_names_file_and_line(tmp_path, bad, says):
+    """Lines 1-2 good, line 3 blank (skipped, as datasets and TRL skip it), line 4 bad. Before: "JSON parse error:
+    ... in row 3" / "Column() changed from object to string in row 0", or for bytes that are no UTF-8 no file at all
+    ("'utf-8' codec can't decode byte 0xff")."""
+    path = _file(tmp_path, GOOD, GOOD, "\n", bad, GOOD)
+    with pytest.raises(ValueError, match=f"^dataset: could not read '{re.escape(path)}' as json: {re.escape(path)} {says}"):
+        load_sources(path, "sft")
+
+
+def test_a_malformed_json_array_names_line_and_column(tmp_path):
+    path = _file(tmp_path, '[{"prompt": "1+1=", "completion": "2"},\n {"prompt": "1+1=" "completion": "2"}]\n',
+                 name="d.json")
+    with pytest.raises(ValueError, match=f"^dataset: could not read '{re.escape(path)}' as json: {re.escape(path)} line 2 column 20: Expecting ',' delimiter; expected one "
+                                         "JSON array of objects"):
+        load_sources(path, "sft")
+
+
+@pytest.mark.parametrize("bad, column", [('{"prompt": "1+1="}\n', "completion"), ("null\n", "prompt"),
+                                         ("{}\n", "prompt")])
+def test_a_missing_value_names_row_and_line(tmp_path, bad, column):
+    """A blank line before the bad one: the row (0-based, of the table) and the line differ."""
+    path = _file(tmp_path, GOOD, "\n", "   \n", bad)
+    with pytest.raises(ValueError, match=rf"column '{column}' of row 1 \(line 4\) is NoneType None"):
+        load_sources(path, "sft")
+
+
+def test_an_empty_text_names_its_lines(tmp_path):
+    path = _file(tmp_path, GOOD, "\n", '{"prompt": "1+1=", "completion": "  "}\n')
+    with pytest.raises(ValueError, match=r"rows \[1\], 0-based; lines \[3\]\)"):
+        load_sources(path, "sft")
+
+
+@pytest.mark.parametrize("lines, says", [
+    (['{"prompt": "1+1=", "answer": "2"}\n', '{"prompt": "2+2=", "answer": 4}\n'],
+     r"column 'answer' of .* holds strings and other values \(line 1: '2'; line 2: int 4\), so datasets reads it as "
+     r"JSON and turns the string '2' into int 2"),
+    (['{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}\n',
+      '{"messages": [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": 3}]}\n'],
+     r"column 'messages\[\].content' of .* \(line 1: '2'; line 2: int 3\)"),
+])
+def test_strings_mixed_with_numbers_are_refused(tmp_path, lines, says):
+    """datasets 5.2 read the first file's answer column as [2, 4] (ints; the reward functions compared them with
+    strings and never matched), the second's contents as 2 and 3, silently."""
+    path = _file(tmp_path, *lines)
+    trainer = "grpo" if "answer" in lines[0] else "sft"
+    with pytest.raises(ValueError, match=says):
+        load_sources(path, trainer)
+
+
+def test_mixed_values_that_survive_reading_pass(tmp_path):
+    """Strings that are no JSON text are read back as they are: a column mixing them with numbers or objects is
+    the user's choice (a reward function may take both)."""
+    path = _file(tmp_path, '{"prompt": "1+1=", "meta": "none", "answer": "two"}\n',
+                 '{"prompt": "2+2=", "meta": {"a": 1}, "answer": 4}\n')
+    ds, fmt = load_sources(path, "grpo")
+    assert ds["meta"] == ["none", {"a": 1}] and ds["answer"] == ["two", 4] and fmt.extra_columns == ("meta", "answer")
+
+
+def test_cli_prints_the_line(tmp_path, capsys):
+    from lowmem.cli import main
+
+    path = _file(tmp_path, GOOD, '{"prompt": "1+1=", "completion": "2",}\n')
+    assert main(["train", "--dataset", path, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} line 2 column 38: Expecting property name" in err and "in row" not in err
