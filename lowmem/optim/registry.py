@@ -431,9 +431,13 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     group_only: dict[str, Any] = {}
     if entry.recipe is not None:
         group_names = {h.name: h for h in entry.recipe.group_hparams}
+        given = {k for k in group_names if k in hparams}
         group_only = {h.name: hparams.pop(h.name, h.default) for h in group_names.values()}
         for k, v in group_only.items():
-            if v is not None:
+            # a default of None is "not set"; a None the caller gives is a value like any other: a setting
+            # whose valid values exclude it (fira's gamma, proj_type, update_proj_gap, ...) is an error naming
+            # it here, not a TypeError in the middle of a step or a silent default (moment_policy=None)
+            if v is not None or k in given:
                 group_names[k].validate(v, where=f"optimizer '{entry.name}'")
     if entry.group_builder is not None and isinstance(model_or_params, nn.Module):
         # the optimizer partitions the model itself (Adam-mini: blocks from names and the head size)
