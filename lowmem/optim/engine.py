@@ -496,7 +496,9 @@ class _ProjectedBytes(NamedTuple):
     combine-back beyond its projected gradient, direction and held copies; ``alone``, the peak of its
     per-parameter step (:meth:`LowMemOptimizer._update`); ``step_size``, what its step size holds from its
     project-down to its bucket's end beyond the direction (Adafactor's 0-d learning rate,
-    :meth:`~lowmem.optim.moments.MomentRule.direction_bytes`)."""
+    :meth:`~lowmem.optim.moments.MomentRule.direction_bytes`); ``shape``, the parameter's; ``bounds``, the row
+    blocks its combine-back visits; ``folds``, whether the engine may fold its bucket's combine-back
+    (:meth:`LowMemOptimizer._fold_low_bucket`: float32, a float learning rate)."""
 
     numel: int
     held: int
@@ -506,6 +508,9 @@ class _ProjectedBytes(NamedTuple):
     low_shape: torch.Size = torch.Size()
     state: dict | None = None
     step_size: int = 0
+    shape: torch.Size = torch.Size()
+    bounds: list | None = None
+    folds: bool = False
 
 
 def _as_allocated(v: Tensor, like: Tensor | None, device: Any) -> Tensor:
@@ -893,6 +898,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         many: set[tuple] = set()  # buckets whose whole tensors are stabilized together (_stabilizes_many)
         low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
         low_key: tuple | None = None
+        low_where: tuple = (None, None)  # (the open bucket's group and device)
         for group in self.param_groups:
             for key in group["params"]:
                 state, p = self.state[key], local(key)  # a sharded parameter: its local shard
@@ -940,9 +946,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     for item in items:
                         if low_bucket and (low_key != (id(group), p.device) or (
                                 chunk is not None and sum(b.numel for b in low_bucket) + item.numel > chunk)):
-                            worst = max(worst, self._low_bucket_bytes(low_bucket))
+                            worst = max(worst, self._low_bucket_bytes(low_bucket, *low_where))
                             low_bucket = []
-                        low_key = (id(group), p.device)
+                        low_key, low_where = (id(group), p.device), (group, p.device)
                         low_bucket.append(item)
                     continue
                 if self._foreach_ok(p, group, state=state):
@@ -975,7 +981,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     continue
                 worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
         if low_bucket:
-            worst = max(worst, self._low_bucket_bytes(low_bucket))
+            worst = max(worst, self._low_bucket_bytes(low_bucket, *low_where))
         # the foreach step allocates for its whole bucket (AdamW: sqrt(v), torch._foreach_sqrt; a
         # quantized rule decodes its members with quantized moments), after the projected buckets are
         # done; a stabilized bucket holds its stabilized gradients, float32, next to the foreach step's own
@@ -1080,15 +1086,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     kept = max(kept, P.kept_gemm_bytes(key.shape[-2:], group))  # (a batch: each matrix's)
         return kept
 
-    def _low_bucket_bytes(self, items: list[_ProjectedBytes]) -> int:
+    def _low_bucket_bytes(self, items: list[_ProjectedBytes], group: dict[str, Any] | None = None,
+                          device: torch.device | None = None) -> int:
         """The peak of one bucket of the projected multi-tensor step, from its parameters' terms
         (:meth:`_projected_bytes`) in the order :meth:`step` fills it: each project-down (``down``)
         next to the projected gradients (and held copies) of the parameters before it; the moment
         rule's :meth:`~lowmem.optim.moments.MomentRule.foreach_direction` next to all of them
         (:meth:`~lowmem.optim.moments.MomentRule.foreach_direction_bucket_transient_bytes`, the directions
-        included); each combine-back (``back``) next to the projected gradients, directions and held
-        copies of itself and the parameters after it (:meth:`_step_low_bucket` frees each one's as it
-        is combined back)."""
+        included); then a bucket the engine folds (:meth:`_fold_low_bucket`) whose combine rule counts its fold
+        (:meth:`~lowmem.optim.subspace.CombineRule.foreach_fold_bytes`): the fold next to every projected
+        gradient and direction, then, the directions freed, the projection's
+        :meth:`~lowmem.optim.subspace.Projection.foreach_post_update_bytes` (Online Subspace Descent's basis
+        steps) next to the projected gradients; otherwise each combine-back (``back``) next to the projected
+        gradients, directions and held copies of itself and the parameters after it (:meth:`_step_low_bucket`
+        frees each one's as it is combined back)."""
         worst = alive = 0
         for b in items:
             worst = max(worst, alive + b.down)
@@ -1096,6 +1107,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         numel = sum(b.numel for b in items)
         members = [(b.low_shape, b.state if b.state is not None else {}) for b in items]
         worst = max(worst, alive + self.recipe.moment.foreach_direction_bucket_transient_bytes(members))
+        r, P = self.recipe, self.recipe.projection
+        if group is not None and items and all(b.folds for b in items):
+            folded = [(b.shape, b.low_shape, b.state if b.state is not None else {}, b.bounds) for b in items]
+            fold = r.combine.foreach_fold_bytes(folded, group, P, device)
+            if fold is not None:
+                post = P.foreach_post_update_bytes(folded, group, self._pre_check_bytes()[1] > 0)
+                return max(worst, alive + 4 * numel + fold, alive + post)
         alive += 4 * numel  # the directions, float32 of the projected gradients' sizes
         for b in items:
             worst = max(worst, alive + b.back)
@@ -1186,21 +1204,28 @@ class LowMemOptimizer(torch.optim.Optimizer):
         extra = max(0, plain - 4 * numel)  # the projection's beyond the projected gradient (online PCA's basis step)
         back = combine + extra if chunk is None else copies + p_copy + combine + extra
         # the combine-back of the bucket as _step_low_bucket runs it (issue 12): a float32 bucket with one float
-        # step size folds (_fold_low_bucket: the rule's fold_bytes, GaLore's in place); otherwise each parameter's
-        # combine-back phase by phase (subspace.projected_back_bytes); a rule whose fold is not counted yet (Fira,
-        # FRUGAL, APOLLO, SNSM float32) keeps the per-phase sum above, a bound
+        # step size folds (_fold_low_bucket: the rule's foreach_fold_bytes for the whole bucket, _low_bucket_bytes;
+        # GaLore's, Fira's, FRUGAL's, Online Subspace Descent's); otherwise each parameter's combine-back phase by
+        # phase (subspace.projected_back_bytes); a rule whose fold is not counted (foreach_fold_offered None:
+        # APOLLO's and the Subspace-Momentum recipes' float32 folds) keeps the per-phase sum above, a bound
         folds = (p.dtype == torch.float32 and r.lr_rule is constant_lr and not r.moment.applies_lr
                  and not r.moment.foreach_direction_lrs and not r.stabilizers)
         fold = r.combine.fold_bytes(p.shape, group, state, P) if folds else None
+        # (whether the rule folds its bucket: False, each parameter combined back alone; None, not known)
+        offered = r.combine.foreach_fold_offered([state], group, P) if folds else False
         if fold is not None:
             back = fold + extra
-        elif not folds:
+        elif offered is False:
             back = projected_back_bytes(self, p, group, state)
+        folds = folds and offered is True  # (its bucket's fold counted by the rule: foreach_fold_bytes)
         step_size = r.moment.direction_bytes(numel, low_shape, group, state) - 4 * numel
+        bounds = self._row_bounds(p.shape, chunk) if chunk is not None else [(0, p.shape[0])]
         if chunk is None:
             held = copies + p_copy
-            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), back, alone, low_shape, state, step_size)
-        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), back, alone, low_shape, state, step_size)
+            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), back, alone, low_shape, state, step_size,
+                                   p.shape, bounds, folds)
+        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), back, alone, low_shape, state, step_size,
+                               p.shape, bounds, folds)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as

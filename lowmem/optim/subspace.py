@@ -209,6 +209,12 @@ class Projection:
         16 bits; ``low_given``: its projection passed as ``low``), not checked by :meth:`pre_check`; default: none."""
         return 0
 
+    def foreach_post_update_bytes(self, members: list[tuple], group: dict[str, Any], checked: bool) -> int:
+        """The peak of :meth:`foreach_post_update` of a folded bucket's members ``(shape, low_shape, state,
+        bounds)`` (float32 gradients, their projections given) beside the bucket's projected gradients;
+        ``checked``: the engine read :meth:`pre_check`'s flag with the non-finite check; default: none."""
+        return 0
+
     def untraced_refresh_bytes(self, shape: torch.Size, group: dict[str, Any]) -> int:
         """The part of :meth:`transient_bytes` (``refresh=True``) that a kernel allocates inside (LAPACK's
         copy of its input and workspace): counted in the report, invisible to a trace of the dispatched
@@ -817,6 +823,65 @@ class SubspaceProjection(Projection):
                                                            projs).unbind(0))
                 self._basis_step_foreach(bases, grads, sts, group, t, lr, wd)
 
+    def foreach_post_update_bytes(self, members, group, checked):
+        """:meth:`foreach_post_update` of a folded bucket (float32 gradients, their projections given) walked
+        (``online_pca``; other methods: none): without ``checked`` the gradients' 0-d norms and their stack (kept)
+        beside them, then the usability flags (``isfinite``, ``> 0``, their ``&``, kept, and ``all``); with it, the
+        engine's kept norms (counted by the engine); then per batch of one PCA step count, side and shape (within
+        :func:`fold_budget`, as the step cuts them): one parameter's basis gradient
+        (:func:`~lowmem.optim.functional.osd.pca_loss_grad_bytes`) or, stacked, the norms' stack (bound until the
+        next stacked batch's is made), the bases', the projected gradients', ``B`` / ``D`` and the two ``r x r``
+        products' stacks and the result (:func:`~lowmem.optim.functional.osd.pca_loss_grad_stacked`), then the
+        basis optimizer's step: SGD in place; AdamW's ``sqrt(v)`` and direction once the gradients are freed.
+        Every member is taken as due (a steady step; the refresh's own step takes none). Exact against a trace
+        (tests/test_folds_buckets.py)."""
+        if self.method(group) != "online_pca" or not members:
+            return 0
+        w = _Walk()
+        k = len(members)
+        if not checked:
+            w.free(w.new(4 * k))  # (the 0-d norms, then their stack)
+            w.new(4 * k)
+            a, b = w.new(k), w.new(k)
+            w.new(k)
+            w.free(a, b)
+            w.free(w.new(1))  # (flags.all())
+        lows = [shape_low.numel() for _, shape_low, _, _ in members]
+        budget = OSD_BUDGET_SCALE * 4 * sum(lows)
+        groups: dict[tuple, list[int]] = {}
+        for i, (shape, _, state, _) in enumerate(members):
+            groups.setdefault(("proj_left" in state, tuple(shape)), []).append(i)
+        picked = 0  # (the last stacked batch's norms, bound until the next one's)
+        r = group["rank"]
+        for (left, shape), idx in groups.items():
+            m, n = shape
+            side = "left" if left else "right"
+            basis, low, rr = 4 * (m * r if left else r * n), 4 * lows[idx[0]], 4 * r * r
+            size = max(1, budget // OSD.stacked_grad_bytes(basis // 4, low // 4, r))
+            for start in range(0, len(idx), size):
+                kb = min(size, len(idx) - start)
+                if kb == 1:
+                    peak, out = OSD.pca_loss_grad_bytes(m, n, r, side, False, True)
+                    w.peak = max(w.peak, w.live + peak)
+                    grads = w.new(out)
+                else:
+                    new_picked = w.new(4 * kb)
+                    w.free(picked)
+                    picked = new_picked
+                    stack, inv = w.new(kb * basis), w.new(4 * kb)
+                    a = w.new(kb * low)
+                    bd, prod = w.new(kb * basis), w.new(kb * rr)
+                    w.free(a)
+                    prod2 = w.new(kb * rr)
+                    grads = w.new(kb * basis)
+                    w.free(stack, inv, bd, prod, prod2)
+                if group["proj_optimizer"] == "sgd":
+                    w.free(grads)
+                else:
+                    w.free(grads)
+                    w.free(w.new(kb * basis), w.new(kb * basis))  # (sqrt(v), then the direction)
+        return w.peak
+
     @staticmethod
     def _low_numel(g: Tensor, state: dict[str, Tensor]) -> int:
         """Elements of the projected gradient ``P^T G`` / ``G Q^T`` of a basis-projected ``g``."""
@@ -934,6 +999,27 @@ def shape_batches(lows: list[Tensor], gs: list[Tensor], budget: int, cost: Calla
     return [b for bs in groups.values() for b in bs]
 
 
+class _Walk:
+    """Bytes of the tensors alive while a piece of code runs, and their peak: the count a ``*_bytes`` function
+    walks along the code it mirrors (``new`` a tensor, ``free`` it)."""
+
+    def __init__(self, live: int = 0):
+        self.live = self.peak = live
+
+    def new(self, nbytes: int) -> int:
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        return nbytes
+
+    def free(self, *sizes: int) -> None:
+        self.live -= sum(sizes)
+
+
+def _metas(shapes: list[torch.Size]) -> list[Tensor]:
+    """Meta tensors of ``shapes``: :func:`shape_batches`' arguments for a count (nothing allocated)."""
+    return [torch.empty(s, device="meta") for s in shapes]
+
+
 #: Online Subspace Descent's stacked basis gradients: a batch's bytes at most this times :func:`fold_budget`
 #: of the bucket's basis steps (1: within the bucket's freed directions)
 OSD_BUDGET_SCALE = 1
@@ -1013,6 +1099,14 @@ class ResidualRule:
     def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds) -> None:
         """:meth:`CombineRule.foreach_fold_rest` of :class:`ProjectBack` with this residual; default: nothing."""
 
+    def foreach_fold_offered(self, group) -> bool | None:
+        """Whether :meth:`foreach_fold` folds a bucket on a basis projection (``None``: not known here)."""
+        return None
+
+    def foreach_fold_bytes(self, members, group, projection, device) -> int | None:
+        """:meth:`CombineRule.foreach_fold_bytes` of :class:`ProjectBack` with this residual; default ``None``."""
+        return None
+
     def transient_bytes(self, shape, group, state, projection, rows: int) -> int:
         """Upper bound of the bytes :meth:`update` allocates for ``rows`` rows (all rows: the whole step)."""
         return 0
@@ -1043,6 +1137,13 @@ class DropResidual(ResidualRule):
         """``alpha scale up(d_low)``: ``(i, d_low, alpha * scale, None)`` (no statistics)."""
         a = alpha * group["scale"]
         return ((i, d, a, None) for i, d in enumerate(d_lows))
+
+    def foreach_fold_offered(self, group):
+        return True
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """Each ``p += a up(d_low)`` in place: a two-sided basis's ``P N`` (:meth:`Projection.add_up_rows_bytes`)."""
+        return max(projection.add_up_rows_bytes(shape, group, shape[0]) for shape, *_ in members)
 
 
 class FiraResidual(ResidualRule):
@@ -1207,6 +1308,128 @@ class FiraResidual(ResidualRule):
 
         return folds()
 
+    def foreach_fold_offered(self, group):
+        return True
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """The peak of :meth:`foreach_fold` of a bucket (``members``: ``(shape, low_shape, state, bounds)`` of each
+        parameter) and of the engine's in-place updates with its terms (``addmm_`` of ``up(M)``: a two-sided
+        basis's ``P N``; ``addcmul_``), beyond the bucket's projected gradients and directions, walked along
+        :meth:`foreach_fold` batch by batch (nothing of a batch outlives it): the residuals' channel norms (one
+        parameter and block of rows at a time: a block's residual beside its norm, the norms of the batch's
+        earlier parameters kept, then their stack; or, where :func:`stacks_by_shape` on ``device``, stacked
+        :data:`MIN_STACK` or more at a time: the projected gradients', the bases' and the gradients' stacks beside
+        the batch's norms), the stacks of the batch's projected gradients and directions (a batch of one: views),
+        the factor's four ``[B, C]`` vectors, the scaled norms, the limiters
+        (:func:`~lowmem.optim.functional.fira.growth_limiter_foreach_`: ``17 B`` bytes), ``c / l``, and ``M`` (a
+        batch of one: a new tensor; else in place in the directions' stack) beside the update's ``P N``. Exact
+        against a trace (tests/test_folds_buckets.py)."""
+        lows = _metas([low for _, low, _, _ in members])
+        gs = _metas([shape for shape, _, _, _ in members])
+        budget = fold_budget(lows)
+        batches = shape_batches(lows, gs, budget, lambda low: 8 * low.numel() + 20 * max(low.shape),
+                                lambda low: min(low.shape) + 3)
+        stack = bool(members) and device is not None and stacks_by_shape(torch.device(device))
+        worst = 0
+        for idx in batches:
+            shape, low_shape, state0, _ = members[idx[0]]
+            m, n = shape
+            k, size_l = len(idx), 4 * low_shape.numel()
+            dim = 0 if low_shape[0] < low_shape[1] else 1
+            ch = 4 * (n if dim == 0 else m)  # (a channel vector's bytes: columns' or rows' norms)
+            w = _Walk()
+            # the residuals' channel norms
+            one = [(0, m)]
+            stacked_form = False
+            if stack and k >= MIN_STACK and all(members[i][3] == one and projection.can_stack_residuals(members[i][2])
+                                                for i in idx):
+                room = budget - 4 * max(low_shape) * k
+                size = room // (projection.stacked_residual_bytes(shape, group) + size_l)
+                if size >= MIN_STACK:
+                    stacked_form = True
+                    rn = w.new(k * ch)
+                    for a in range(0, k, size):
+                        part = min(size, k - a)
+                        if part >= MIN_STACK:
+                            w.free(w.new(part * (size_l + projection.stacked_residual_bytes(shape, group))))
+                        else:  # (a rest of one or two: each residual made while the one before is bound)
+                            res = [w.new(4 * m * n) for _ in range(part)]
+                            w.free(*res)
+            if not stacked_form:
+                kept = []
+                for i in idx:
+                    kept.append(self._residual_norms_walk(w, members[i][0], members[i][1], members[i][3], dim,
+                                                          projection, group))
+                rn = w.new(k * ch) if k > 1 else 0
+                w.free(*(kept if k > 1 else []))
+                rn = rn or kept[0]
+            # the stacks, the factor (eq. 7-8), the scaled norms and the limiters (eq. 9)
+            stacks = w.new(2 * k * size_l) if k > 1 else 0
+            vec, kb = 4 * k * (ch // 4), 4 * k
+            nd, nl = w.new(vec), w.new(vec)
+            eps = w.new(vec)  # (grad_norms + eps, beside the quotient)
+            factor = w.new(vec)
+            w.free(eps, nd, nl)
+            tmp = w.new(vec)
+            norms = w.new(kb)
+            w.free(tmp, rn)
+            prev, first, ones = w.new(kb), w.new(k), w.new(kb)
+            a = w.new(kb)
+            b = w.new(kb)
+            w.free(a)
+            c = w.new(kb)
+            w.free(b)
+            d = w.new(kb)
+            w.free(c)
+            limiter = w.new(kb)
+            w.free(ones, d)
+            w.free(w.new(kb))  # (norms / limiter, copied into the previous norms)
+            w.free(prev, first)
+            w.free(w.new(kb))  # (c / limiter)
+            if k == 1:
+                w.new(size_l)  # (M: a new tensor; the stack of one is a view of its direction)
+            else:
+                w.free(stacks // 2)  # (the projected gradients' stack; M is written into the directions')
+            # the engine's update with each term: addmm_ (two-sided: P N), addcmul_ in place
+            w.free(w.new(max(projection.add_up_rows_bytes(members[i][0], group, members[i][0][0]) for i in idx)))
+            worst = max(worst, w.peak)
+            del factor, norms, limiter
+        return worst
+
+    @staticmethod
+    def _residual_norms_walk(w: _Walk, shape, low_shape, bounds, dim, projection, group) -> int:
+        """:meth:`_residual_norms` walked on ``w`` (a block's residual, a two-sided basis's ``P N`` first, beside
+        its norm); returns the bytes of the norms it leaves."""
+        n = shape[1]
+        sided = projection.add_up_rows_bytes(shape, group, 1)  # (two-sided: a row of P N)
+
+        def residual(rows: int) -> int:
+            t = w.new(sided * rows)
+            r = w.new(4 * rows * n)
+            w.free(t)
+            return r
+
+        if len(bounds) == 1:
+            a, b = bounds[0]
+            r = residual(b - a)
+            v = w.new(4 * (n if dim == 0 else b - a))
+            w.free(r)
+            return v
+        if dim == 1:
+            parts = []
+            for a, b in bounds:
+                r = residual(b - a)
+                parts.append(w.new(4 * (b - a)))
+                w.free(r)
+            v = w.new(4 * shape[0])
+            w.free(*parts)
+            return v
+        sq = w.new(4 * n)
+        for a, b in bounds:
+            r = residual(b - a)
+            w.free(w.new(4 * n), r)
+        return sq
+
     def transient_bytes(self, shape, group, state, projection, rows):
         """All rows at once (the whole-tensor :meth:`update`): the subspace part, the residual and its
         scaled form, 3 float32 blocks. A block of fewer rows is folded (:meth:`fold`): no row block of
@@ -1306,6 +1529,36 @@ class StateFreeResidual(ResidualRule):
         if batch_r:
             FR.state_free_step_foreach_(batch_p, batch_r, group["free_rule"], alpha * f)
 
+    def foreach_fold_offered(self, group):
+        """FRUGAL's own fold (a subclass folding otherwise says so itself)."""
+        ours = (type(self).foreach_fold is StateFreeResidual.foreach_fold
+                and type(self).foreach_fold_rest is StateFreeResidual.foreach_fold_rest)
+        return True if ours else None
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """:meth:`foreach_fold`'s in-place ``addmm_`` of each parameter (a two-sided basis's ``P N``), then
+        :meth:`foreach_fold_rest` walked: each block's ``up_rows`` (:meth:`Projection.up_rows_bytes`; the residual
+        written into it) beside the blocks of its batch (at most 3 blocks' elements of the smallest parameter's
+        largest block), ``sign`` and the update in place, the batch freed at once. Exact against a trace
+        (tests/test_folds_buckets.py)."""
+        if self.foreach_fold_offered(group) is not True:
+            return None
+        worst = max(projection.add_up_rows_bytes(shape, group, shape[0]) for shape, *_ in members)
+        if group["free_lr_scale"] == 0:
+            return worst
+        cap = 3 * min(max((b - a for a, b in bs), default=0) * shape[1] for shape, _, _, bs in members)
+        batch = used = 0
+        for shape, _, _, bs in members:
+            for a, b in bs:
+                numel = (b - a) * shape[1]
+                if batch and used + numel > cap:
+                    batch = used = 0
+                peak, out = projection.up_rows_bytes(shape, group, b - a)
+                worst = max(worst, batch + peak)
+                batch += out
+                used += numel
+        return worst
+
     def transient_bytes(self, shape, group, state, projection, rows):
         """The subspace part of the rows, the residual and its sign: 3 float32 row blocks."""
         return 12 * rows * shape[1]
@@ -1317,9 +1570,9 @@ class StateFreeResidual(ResidualRule):
         return max(peak, out + 4 * rows * shape[1])
 
     def whole_bytes(self, shape, group, state, projection):
-        """:meth:`update`: ``g - up(low)`` beside ``up(low)``, then its sign or copy beside it (``8 m n``;
-        two-sided, ``up`` beside ``P low``)."""
-        return max(projection.up_bytes(shape, group) + 4 * shape[0] * shape[1], 8 * shape[0] * shape[1])
+        """:meth:`update`: ``up(low)`` (two-sided: beside ``P low``, freed before the residual), then ``g - up(low)``
+        beside it, then its sign or copy beside the residual (``8 m n``)."""
+        return max(projection.up_bytes(shape, group), 8 * shape[0] * shape[1])
 
 
 # ---- combine back: the full-size direction of a projected parameter ------------------------------
@@ -1433,6 +1686,22 @@ class CombineRule:
         counted here (the engine counts :meth:`transient_bytes` of a block of rows)."""
         return None
 
+    def foreach_fold_offered(self, states: list[dict[str, Tensor]], group: dict[str, Any],
+                             projection: Projection) -> bool | None:
+        """Whether :meth:`foreach_fold` folds a bucket of parameters with ``states`` (``False``: each is combined
+        back alone, counted by :func:`projected_back_bytes`); ``None`` (default): not known here (the engine
+        then counts a bound)."""
+        return None
+
+    def foreach_fold_bytes(self, members: list[tuple], group: dict[str, Any], projection: Projection,
+                           device: torch.device | None) -> int | None:
+        """The peak bytes of :meth:`foreach_fold` of a bucket, the engine's in-place updates with its terms and
+        :meth:`foreach_fold_rest`, beyond the bucket's projected gradients and directions (alive through the
+        fold); ``members``: ``(shape, low_shape, state, row bounds)`` of each parameter in bucket order;
+        ``device``: the parameters' (its form of the fold: :func:`stacks_by_shape`). ``None`` (default): not
+        counted (the engine counts a bound)."""
+        return None
+
     def whole_bytes(self, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor],
                     projection: Projection) -> int:
         """The peak of :meth:`direction` (the step with ``chunk_numel=None``), the direction included; default:
@@ -1496,6 +1765,19 @@ class ProjectBack(CombineRule):
     def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds):
         self.residual.foreach_fold_rest(ps, gs, lows, states, group, projection, alpha, bounds)
 
+    def foreach_fold_offered(self, states, group, projection):
+        """A basis projection (:meth:`Projection.can_add_up_rows`) and the residual rule's word
+        (:meth:`ResidualRule.foreach_fold_offered`); coordinates: ``False``."""
+        if not all(projection.can_add_up_rows(st) for st in states):
+            return False
+        return self.residual.foreach_fold_offered(group)
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """The residual rule's (:meth:`ResidualRule.foreach_fold_bytes`) where it folds."""
+        if self.foreach_fold_offered([st for _, _, st, _ in members], group, projection) is not True:
+            return None
+        return self.residual.foreach_fold_bytes(members, group, projection, device)
+
     def add_in_place_scale(self, state, group, projection):
         if isinstance(self.residual, DropResidual) and projection.can_add_up_rows(state):
             return group["scale"]
@@ -1522,8 +1804,10 @@ class ProjectBack(CombineRule):
         return self.residual.prepare_bytes(shape, group, state, projection, bounds, low_precision)
 
     def whole_bytes(self, shape, group, state, projection):
-        """:meth:`direction`: the whole-size ``scale up(d_low)`` beside the residual rule's whole update."""
-        return self.residual.whole_bytes(shape, group, state, projection) + projection.up_bytes(shape, group)
+        """:meth:`direction`: ``up(d_low)`` (two-sided: beside ``P d_low``, freed after the product), then the
+        whole-size ``scale up(d_low)`` beside the residual rule's whole update."""
+        return max(projection.up_bytes(shape, group),
+                   4 * shape[0] * shape[1] + self.residual.whole_bytes(shape, group, state, projection))
 
 
 # ---- the per-parameter step's peak, phase by phase --------------------------------------------------
