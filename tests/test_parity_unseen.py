@@ -193,3 +193,60 @@ def test_transposed_parameters_match_the_peers(label):
             trajectory(ours(mine), mine, transposed_grads=grads)
             diff = max_rel_diff(mine, ref, init)
             assert diff < bound, f"{label} (gradients column-major: {grads}): {diff:.3g} >= {bound}"
+
+
+# ---- a parameter group added during the run ---------------------------------------------------------
+
+
+def _add_at(make, shapes, add_at=3, steps=8, seed=1):
+    """``make`` on the first two parameters, the others added as one group (``lr=2e-2``) before step ``add_at``."""
+    params = zoo(shapes)
+    init = copy.deepcopy(params)
+    opt = make(params[:2])
+    g = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        if t == add_at:
+            opt.add_param_group({"params": params[2:], "lr": 2e-2})
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g) * (1 + t % 3)
+            p.grad = grad if (t >= add_at or i < 2) else None
+        opt.step()
+    return params, init, opt
+
+
+@pytest.mark.parametrize("how", ["class", "create_optimizer", "class_groups"])
+def test_muon_group_added_later_takes_muon_as_torch_muon(how):
+    """``torch.optim.Muon(ps).add_param_group({"params": more})`` (progressive unfreezing) steps ``more`` by Muon.
+    lowmem's Muon gave the added group no ``use_muon``, so its weights took AdamW, silently: 1.68 of the update
+    apart after 5 steps. A group added to an optimizer whose groups took the default (a flat list, or groups none
+    of which set ``use_muon``) takes it too, as the groups given at construction did (measured after: 2.8e-6)."""
+    from lowmem.optim import Muon
+
+    kw = dict(lr=1e-2, weight_decay=0.1, adjust_lr_fn="original")
+    make = {"class": lambda ps: Muon(ps, **kw), "create_optimizer": lambda ps: create_optimizer(ps, "muon", **kw),
+            "class_groups": lambda ps: Muon([{"params": ps}], **kw)}[how]
+    shapes = [(24, 16), (16, 40), (40, 16), (32, 32)]
+    ours, init, opt = _add_at(make, shapes)
+    theirs, _, _ = _add_at(lambda ps: torch.optim.Muon(ps, **kw), shapes)
+    assert opt.param_groups[1]["use_muon"] is True
+    assert max_rel_diff(ours, theirs, init) < 1e-4
+
+
+def test_group_added_later_keeps_the_rule_of_the_groups_given():
+    """When a group given at construction sets the key, a group without it is the untargeted one (galore-torch's
+    rule for ``rank``), added later or not; SinkGD and SCALE fill their defaults as Muon does."""
+    from lowmem.optim import Muon, Scale, SinkGD
+
+    a, b, c = zoo([(8, 8), (8, 8), (8, 8)])
+    opt = Muon([{"params": [a], "use_muon": True}, {"params": [b]}])
+    opt.add_param_group({"params": [c]})
+    assert "use_muon" not in opt.param_groups[2]
+    for cls, key, value in ((SinkGD, "use_sinkgd", True), (Scale, "scale_role", "hidden")):
+        a, b = zoo([(8, 8), (8, 8)])
+        opt = cls([a])
+        opt.add_param_group({"params": [b]})
+        assert opt.param_groups[1][key] == value
+    a, b = zoo([(8, 8), (8, 8)])
+    opt = create_optimizer([a], "galore_adamw", rank=4)  # galore-torch: a group without rank is AdamW
+    opt.add_param_group({"params": [b]})
+    assert opt.param_groups[1].get("rank") is None

@@ -454,8 +454,19 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
             raise ValueError("target_modules needs a model (nn.Module), not a parameter list")
         params = list(model_or_params)
         if targeted and group_only.get(entry.target_key) is not None:
+            fills = target_given or takes_the_default(params, entry.target_key)
             params = _apply_group_defaults(params, group_only, entry.target_key, target_given)
+            opt = entry.factory(params, **hparams)
+            if fills and hasattr(opt, "target_default"):  # a group added later takes it too (Muon, SinkGD, SCALE)
+                opt.target_default = {entry.target_key: group_only[entry.target_key]}
+            return opt
     return entry.factory(params, **hparams)
+
+
+def takes_the_default(params: list[Any], target_key: str) -> bool:
+    """Whether parameters given as ``params`` take the default of ``target_key``: a flat list, or dict groups
+    none of which sets it (:func:`_apply_group_defaults`; the classes' ``flat_as_targeted``)."""
+    return bool(params) and (not isinstance(params[0], dict) or not any(target_key in g for g in params))
 
 
 def _apply_group_defaults(params: list[Any], group_only: dict[str, Any], target_key: str,

@@ -50,7 +50,7 @@ from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkhorn
                                  sr_sinkhorn_bytes)
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
-from ..registry import register
+from ..registry import register, takes_the_default
 from ..sharded import local
 
 
@@ -70,6 +70,23 @@ def flat_as_targeted(params: Iterable[Any], key: str, value: Any) -> list[Any]:
             return params
         return [{**g, key: value} for g in params]
     return [{"params": params, key: value}]
+
+
+class DefaultTargetGroups:
+    """Mixin of :class:`Muon`, :class:`SinkGD` and :class:`Scale`: a parameter group added later
+    (``add_param_group``, e.g. layers unfrozen during training) without the key takes the default the groups
+    given at construction took (``target_default``, set when they took it: a flat list, or groups none of
+    which had the key; ``create_optimizer`` sets it the same way), as ``torch.optim.Muon`` steps every group it
+    is given. When some group set the key itself, a group without it stays untargeted (AdamW), the rule of
+    :func:`flat_as_targeted`. Before 2026-11-30 an added group always took AdamW."""
+
+    target_default: dict[str, Any] | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        default = self.target_default
+        if default is not None and isinstance(param_group, dict) and not set(default) & set(param_group):
+            param_group = {**param_group, **default}
+        super().add_param_group(param_group)  # type: ignore[misc]
 
 
 _NO_CLASS = object()  # (HybridMoments.foreach_bucket_transient_bytes not told its bucket's class)
@@ -592,7 +609,7 @@ MUON = Recipe(
 )
 
 
-class Muon(LowMemOptimizer):
+class Muon(DefaultTargetGroups, LowMemOptimizer):
     """Muon (Jordan et al. 2024) for 2-D hidden weights with AdamW for everything else, on the engine.
 
     On a parameter of a group with ``use_muon=True`` and two dimensions the step equals
@@ -637,10 +654,13 @@ class Muon(LowMemOptimizer):
                  ns_eps: float = 1e-7, adjust_lr_fn: str = "match_rms_adamw", betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, adamw_lr_ratio: float = 1.0, *, state_dtype: str = "float32",
                  foreach: bool | None = None):
+        params = list(params)
+        default = {"use_muon": True} if takes_the_default(params, "use_muon") else None
         super().__init__(flat_as_targeted(params, "use_muon", True), lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                          ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_eps=ns_eps,
                          adjust_lr_fn=adjust_lr_fn, betas=betas, eps=eps, adamw_lr_ratio=adamw_lr_ratio,
                          state_dtype=state_dtype, foreach=foreach)
+        self.target_default = default
         if eps != 1e-8 and all(g.get("use_muon") and p.ndim >= 2 for g in self.param_groups for p in g["params"]):
             # torch.optim.Muon's eps is the Newton-Schulz floor; here it is AdamW's, which no parameter takes
             warn_user(f"eps={eps!r} is AdamW's eps in lowmem's Muon and every parameter here takes Muon, so it"
@@ -867,7 +887,7 @@ SINKGD = Recipe(
 )
 
 
-class SinkGD(LowMemOptimizer):
+class SinkGD(DefaultTargetGroups, LowMemOptimizer):
     """SinkGD (Scetbon et al. 2025) for 2-D hidden weights with AdamW for everything else.
 
     A 2-D parameter of a group with ``use_sinkgd=True`` keeps no state: its gradient is normalised
@@ -896,9 +916,12 @@ class SinkGD(LowMemOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, sinkhorn_iters: int = 5,
                  scale: float = 0.05, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
                  state_dtype: str = "float32", foreach: bool | None = None):
+        params = list(params)
+        default = {"use_sinkgd": True} if takes_the_default(params, "use_sinkgd") else None
         super().__init__(flat_as_targeted(params, "use_sinkgd", True), lr=lr, weight_decay=weight_decay,
                          sinkhorn_iters=sinkhorn_iters, scale=scale,
                          betas=betas, eps=eps, state_dtype=state_dtype, foreach=foreach)
+        self.target_default = default
 
 
 # ---- SCALE -----------------------------------------------------------------------------------
@@ -1203,7 +1226,7 @@ SCALE = Recipe(
 )
 
 
-class Scale(LowMemOptimizer):
+class Scale(DefaultTargetGroups, LowMemOptimizer):
     """SCALE (Glentis et al. 2025): column-normalised SGD with momentum only on the output layer.
 
     ``create_optimizer(model, "scale")`` gives the hidden linear weights ``scale_role="hidden"``
@@ -1238,9 +1261,12 @@ class Scale(LowMemOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.9,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, adamw_lr_ratio: float = 1.0, *,
                  state_dtype: str = "float32", foreach: bool | None = None):
+        params = list(params)
+        default = {"scale_role": "hidden"} if takes_the_default(params, "scale_role") else None
         super().__init__(flat_as_targeted(params, "scale_role", "hidden"), lr=lr, weight_decay=weight_decay,
                          momentum=momentum, betas=betas, eps=eps, adamw_lr_ratio=adamw_lr_ratio,
                          state_dtype=state_dtype, foreach=foreach)
+        self.target_default = default
 
 
 register(MUON, Muon, state_precision="fp32", second_moment="none", target_key="use_muon", batched_targets=True,
