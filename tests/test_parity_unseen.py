@@ -250,3 +250,12 @@ def test_group_added_later_keeps_the_rule_of_the_groups_given():
     opt = create_optimizer([a], "galore_adamw", rank=4)  # galore-torch: a group without rank is AdamW
     opt.add_param_group({"params": [b]})
     assert opt.param_groups[1].get("rank") is None
+
+
+def test_torch_muons_default_adjust_lr_fn_is_named():
+    """``torch.optim.Muon(params, adjust_lr_fn=None)`` (its default) is ``"original"``; lowmem's default is
+    ``"match_rms_adamw"`` and ``None`` is refused: the error says which value is torch's ``None``."""
+    from lowmem.optim import Muon
+
+    with pytest.raises(ValueError, match=r"Invalid adjust_lr_fn=None.*torch.optim.Muon's adjust_lr_fn=None is 'original'"):
+        Muon(zoo([(8, 8)]), adjust_lr_fn=None)
