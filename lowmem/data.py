@@ -916,9 +916,70 @@ def _tokenizer_of(model: str | None):
     return AutoTokenizer.from_pretrained(model, local_files_only=True)
 
 
+def check_tokenizer_fits(tokenizer, model: str) -> None:
+    """The tokenizer of a user's model directory can train it: it has an ``eos_token`` and no special token
+    beyond the model's embedding rows.
+
+    A ``tokenizer.json`` saved with the ``tokenizers`` library alone (no ``tokenizer_config.json``) names no
+    special tokens: transformers then either gives none (``TokenizersBackend``: no eos, no pad; TRL's DPO failed
+    with "The specified `pad_token` ('None') is not found", GRPO/BNPO with ``TypeError: full(): argument
+    'fill_value' ... NoneType`` at the first step, and GRPO would not know where a completion ends) or adds its
+    class defaults as new tokens (``GemmaTokenizer``: ``<bos>``, ``<eos>``, ``<pad>`` at ids 300-303 of a
+    300-row embedding; ``GPTNeoXTokenizer``: ``<|padding|>``), which failed mid-training with ``IndexError: index
+    out of range in self``. Both are errors here, before training, naming the tokens and the fix; the model's
+    ``config.json`` ``eos_token_id`` is named as the eos to write.
+
+    Args:
+        tokenizer: The loaded tokenizer (after ``pad_token = eos_token`` where it had no pad token).
+        model (`str`): The model directory (its ``config.json`` gives the embedding rows, ``vocab_size``).
+
+    Raises:
+        ValueError: Naming the directory, the tokenizer class, the tokens and what to write.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except (OSError, ValueError):
+        config = None
+    rows = getattr(config, "vocab_size", None)
+    eos_id = getattr(config, "eos_token_id", None)
+    eos_id = eos_id[0] if isinstance(eos_id, (list, tuple)) and eos_id else eos_id
+    cls = type(tokenizer).__name__
+    eos = (tokenizer.convert_ids_to_tokens(eos_id) if isinstance(eos_id, int) and isinstance(rows, int)
+           and 0 <= eos_id < min(rows, len(tokenizer)) else None)
+    fix = ("save the tokenizer with its special tokens, which also sets tokenizer_config.json's tokenizer_class: "
+           f"PreTrainedTokenizerFast(tokenizer_file={str(Path(model) / 'tokenizer.json')!r}, "
+           f"eos_token={eos if eos is not None else '...'!r}).save_pretrained({str(model)!r})"
+           + (f" ({eos!r} is config.json's eos_token_id {eos_id}" if eos is not None else " (")
+           + "; add pad_token=... if your vocabulary has one)")
+    if tokenizer.eos_token is None:
+        raise ValueError(f"model={model!r}: its tokenizer ({cls}) has no eos_token (its files name no special "
+                         "tokens): TRL ends every sequence with it, pads with it when there is no pad_token, and GRPO "
+                         f"stops generating at it; {fix}")
+    if isinstance(rows, int):
+        specials = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token",
+                                                                  "sep_token", "cls_token", "mask_token")}
+        beyond = {name: (tok, tokenizer.convert_tokens_to_ids(tok)) for name, tok in specials.items()
+                  if isinstance(tok, str) and tokenizer.convert_tokens_to_ids(tok) is not None
+                  and tokenizer.convert_tokens_to_ids(tok) >= rows}
+        if beyond:
+            named = ", ".join(f"{name} {tok!r} (id {i})" for name, (tok, i) in beyond.items())
+            raise ValueError(f"model={model!r}: its tokenizer ({cls}, {len(tokenizer)} tokens) has special tokens beyond "
+                             f"the model's {rows} embedding rows (config.json vocab_size): {named}; every batch would "
+                             f"index past the embedding (IndexError: index out of range in self). {cls} adds its "
+                             f"default special tokens when the tokenizer files do not name them: {fix}; or resize the "
+                             "model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and "
+                             "save both")
+
+
 def prepare_tokenizer(recipe: Any, data: TrainData | None, tokenizer) -> None:
     """Set the recipe's ``chat_template`` on ``tokenizer`` and check that conversational data has one
-    (:func:`ensure_chat_template`); nothing to do for the synthetic task without ``chat_template``."""
+    (:func:`ensure_chat_template`); nothing to do for the synthetic task without ``chat_template``.
+    A user's model directory's tokenizer is checked first (:func:`check_tokenizer_fits`)."""
+    if recipe.model is not None:
+        check_tokenizer_fits(tokenizer, recipe.model)
     if data is None:
         if recipe.chat_template is not None:
             tokenizer.chat_template = read_chat_template(recipe.chat_template)
