@@ -1,4 +1,5 @@
-"""Test-only: let accelerate run FSDP on CPU processes (gloo), so the Trainer's FSDP2 path is tested here.
+"""Test-only helpers of the processes the distributed tests start: accelerate's FSDP on CPU processes (gloo),
+so the Trainer's FSDP2 path is tested here, and an exit that cannot abort in gloo's threads.
 
 accelerate (1.15) switches ``AcceleratorState.distributed_type`` to ``FSDP`` only for GPU / accelerator
 processes (``MULTI_GPU``, ``MULTI_NPU``, ...: the branch in ``AcceleratorState.__init__`` that reads
@@ -12,6 +13,10 @@ sharded ones), gradient clipping and the checkpoints (``torch.distributed.checkp
 """
 
 from __future__ import annotations
+
+import atexit
+import os
+import sys
 
 
 def fsdp_on_cpu_processes() -> None:
@@ -35,3 +40,29 @@ def fsdp_on_cpu_processes() -> None:
 
     __init__._lowmem_fsdp_on_cpu = True
     AcceleratorState.__init__ = __init__
+
+
+def exit_without_finalizing(code: int = 0) -> None:
+    """End a process of a gloo process group without interpreter finalization: ``destroy_process_group()``, the
+    ``atexit`` handlers (as a normal exit runs them: logging's flush, ...), flush, ``os._exit(code)``.
+
+    Why: a gloo collective's worker thread (``pt_gloo_runloop``) drops its ``Work`` after ``wait()`` has
+    returned; when it holds the last C++ reference, the ``Work``'s tensors decref their Python objects
+    (c10's ``TensorImpl::decref_pyobject``, ``noexcept``), which takes the GIL. If the main thread has meanwhile
+    reached interpreter finalization (the script's end, under CPU load), the worker's ``take_gil`` calls
+    ``pthread_exit``, whose forced unwind through that ``noexcept`` frame is ``std::terminate``: "terminate called
+    without an active exception", SIGABRT (-6) after the run passed (core dump backtrace: ``runLoop`` ->
+    ``~AsyncWork`` -> ``decref_pyobject`` -> ``gil_scoped_acquire`` -> ``PyThread_exit_thread``). Without
+    finalization no thread is made to exit that way. ``destroy_process_group()`` alone narrows the window only
+    (it releases the GIL once, to a worker already waiting for it; gloo's ``shutdown`` does not wait for the
+    workers, and the process group lives on while FSDP2's device mesh holds it). Call it on the success path
+    only: an exception should still end the process with its traceback (tests/test_experts_gloo_exit.py).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

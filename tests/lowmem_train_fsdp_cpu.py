@@ -11,7 +11,7 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    from accelerate_fsdp_cpu import fsdp_on_cpu_processes
+    from accelerate_fsdp_cpu import exit_without_finalizing, fsdp_on_cpu_processes
 
     fsdp_on_cpu_processes()
     import lowmem.train
@@ -19,4 +19,11 @@ if __name__ == "__main__":
     lowmem.train._refuse_fsdp_on_cpu = lambda training_args: None
     from lowmem.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as stop:  # (lowmem: error: ... and argparse's exits)
+        if not isinstance(stop.code, (int, type(None))):
+            raise
+        code = stop.code
+    # no interpreter finalization: a gloo worker thread could abort it (accelerate_fsdp_cpu.exit_without_finalizing)
+    exit_without_finalizing(code or 0)

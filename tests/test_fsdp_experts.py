@@ -183,6 +183,9 @@ def _worker(rank, world, init_file, out_dir):
                 json.dump(out, f)
     finally:
         dist.destroy_process_group()
+    from accelerate_fsdp_cpu import exit_without_finalizing
+
+    exit_without_finalizing(0)  # (no interpreter finalization: a gloo worker thread could abort it)
 
 
 FROM_ONE = ["apollo_adamw", "adamw_snsm"]

@@ -79,6 +79,9 @@ def _worker(rank, world, init_file, out_dir):
                 torch.save({"weights": full, "seeds": seeds}, os.path.join(out_dir, f"{name}.pt"))
     finally:
         dist.destroy_process_group()
+    from accelerate_fsdp_cpu import exit_without_finalizing
+
+    exit_without_finalizing(0)  # (no interpreter finalization: a gloo worker thread could abort it)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +136,9 @@ def _hsdp_worker(rank, world, init_file, out_dir):
                 json.dump(out, f)
     finally:
         dist.destroy_process_group()
+    from accelerate_fsdp_cpu import exit_without_finalizing
+
+    exit_without_finalizing(0)  # (no interpreter finalization: a gloo worker thread could abort it)
 
 
 @pytest.fixture(scope="module")
