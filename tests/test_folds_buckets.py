@@ -31,6 +31,7 @@ CASES = {  # name, hyperparameters, rank
     "fira": ("fira_adamw", {}, 8), "fira_near": ("fira_adamw", {}, 36),
     "frugal": ("frugal", {}, 8), "frugal_full": ("frugal", {"proj_type": "full"}, 8),
     "frugal_sgd": ("frugal", {"free_rule": "sgd"}, 8),
+    "galore_full": ("galore_adamw", {"proj_type": "full"}, 8), "galore_full_near": ("galore_adamw", {"proj_type": "full"}, 36),
     "osd": ("osd_adamw", {}, 8), "osd_sgd": ("osd_adamw", {"proj_optimizer": "sgd"}, 8), "osd_near": ("osd_adamw", {}, 30),
 }
 
@@ -78,7 +79,9 @@ def _step(case, shapes, dtype, chunk, phases=None, skip_nonfinite=True):
         metas = [torch.nn.Parameter(torch.empty(s, dtype=dtype, device="meta")) for s in shapes]
         meta = create_optimizer(metas, name, rank=rank, update_proj_gap=1000, **hp)
     for o in (opt, meta):
-        o.skip_nonfinite = skip_nonfinite
+        # (GaLore's non-finite check may hold projected gradients within the room of the refresh phases, which a
+        # steady report leaves out: LowMemOptimizer._checked_lows; its check is tested in test_nonfinite_projected)
+        o.skip_nonfinite = skip_nonfinite and name != "galore_adamw"
         if chunk != "default":
             o.chunk_numel = chunk
     meta.chunk_numel = opt.chunk_numel

@@ -1220,11 +1220,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
         folds = folds and offered is True  # (its bucket's fold counted by the rule: foreach_fold_bytes)
         step_size = r.moment.direction_bytes(numel, low_shape, group, state) - 4 * numel
         bounds = self._row_bounds(p.shape, chunk) if chunk is not None else [(0, p.shape[0])]
+        # the project-down: a low-precision gradient a block of rows at a time (_down_in_rows), else the float32
+        # gradient's P^T G / G Q^T (a two-sided basis's beside its first product: Projection.down_bytes)
+        in_rows = chunk is not None and lowp and not r.stabilizers
+        down = P.down_rows_bytes(p.shape, group, bounds) if in_rows else P.down_bytes(p.shape, group) + copies
         if chunk is None:
             held = copies + p_copy
-            return _ProjectedBytes(numel, held, held + max(refresh, 4 * numel), back, alone, low_shape, state, step_size,
-                                   p.shape, bounds, folds)
-        return _ProjectedBytes(numel, 0, max(refresh, 4 * numel + copies), back, alone, low_shape, state, step_size,
+            return _ProjectedBytes(numel, held, held + max(refresh, P.down_bytes(p.shape, group)), back, alone,
+                                   low_shape, state, step_size, p.shape, bounds, folds)
+        return _ProjectedBytes(numel, 0, max(refresh, down), back, alone, low_shape, state, step_size,
                                p.shape, bounds, folds)
 
     def state_dict(self) -> dict[str, Any]:
