@@ -9,6 +9,9 @@ made FSDP by :func:`accelerate_fsdp_cpu.fsdp_on_cpu_processes`), for each run ta
 4. ``reshard:SOURCE:TAG``: ``SOURCE/TAG/checkpoint-2``, written by another number of processes,
    resumed here to step 4.
 
+Run tags starting ``moe_`` train a tiny Mixtral (:func:`build_moe`: fused experts ``gate_up_proj [4, 64, 64]``,
+``down_proj [4, 64, 32]`` per layer, built from a config) instead of the tiny Llama.
+
 Rank 0 writes ``OUT/<tag>.json`` and ``OUT/<tag>_final.pt`` / ``<tag>_resumed.pt``.
 
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 tests/trainer_fsdp_script.py OUT adamw ...
@@ -62,6 +65,17 @@ RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
     "galore_accum_clip": ("galore_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
     "muon_accum_clip": ("muon", {}, torch.float64),
     "adafactor_accum_clip": ("adafactor", {}, torch.float64),
+    # the tiny Mixtral (build_moe): GaLore projects each expert's matrices (its state stacked per expert, FSDP2's
+    # Shard(0) giving each rank whole experts); 8-bit moments / MicroAdam on the experts' local shards (whole blocks).
+    # Rank 2: at the refresh of step 3 one expert (layer 1, expert 2) has a gradient of rank 2 (few tokens routed
+    # to it: singular values 1, 0.16, 2e-7, ...), so a rank-4 SVD basis takes 2 directions from rounding noise, which
+    # the reduce-scatter's summation order (1e-11 in the gradient) turns elsewhere (measured: a basis row 0.86 away,
+    # the expert's weights 1.9e-3 from one process after step 4); at rank 2 every refresh's subspace is set by the
+    # data (test_trainer_fsdp checks sigma_2 >= 1e-3 sigma_1 in the one-process run)
+    "moe_galore_adamw": ("galore_adamw", {"rank": 2, "update_proj_gap": 2}, torch.float64),
+    "moe_apollo_adamw": ("apollo_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
+    "moe_adamw8bit": ("adamw8bit", QUANT, torch.float64),
+    "moe_microadam": ("microadam", {"topk_block_size": 32, "quant_block_size": 32}, torch.float64),
 }
 PLAIN = {"plain_galore"}
 # TrainingArguments of a run tag beyond training_args' own (the one-process reference takes them too)
@@ -98,16 +112,40 @@ def batch_per_step(tag: str, processes: int) -> int:
     return GLOBAL_BATCH // processes // TAG_ARGS.get(tag, {}).get("gradient_accumulation_steps", 1)
 
 
+def build_moe(seed: int, dtype: torch.dtype):
+    """A tiny transformers Mixtral with fused experts (2 layers of 4 experts, top-2 routing, hidden 64 as the tiny
+    Llama's) from a config, offline, and the kit's tokenizer; vocabulary 80 (73 tokens padded: even shards).
+    The eager experts loop (``grouped_mm``, the default where it dispatches, takes no float64); identical weights
+    for identical ``seed``, the global RNG untouched."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lowmem.kit.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = MixtralConfig(vocab_size=80, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id)
+    cfg._experts_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MixtralForCausalLM(cfg)
+    return model.to(dtype), tok
+
+
 def make_trainer(out, tag: str, per_device_batch: int, seed: int = 0, **extra):
     from transformers import default_data_collator
 
     from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
     from lowmem.trainers import LowMemTrainer
 
-    model, tok = build_tiny_model(seed, dtype=RUNS[tag][2])
-    with torch.random.fork_rng(devices=[]):  # 73 -> 80 rows: even shards (per-shard codes checkpoint only those)
-        torch.manual_seed(seed)
-        model.resize_token_embeddings(len(tok), pad_to_multiple_of=8, mean_resizing=False)
+    if tag.startswith("moe_"):
+        model, tok = build_moe(seed, RUNS[tag][2])
+    else:
+        model, tok = build_tiny_model(seed, dtype=RUNS[tag][2])
+        with torch.random.fork_rng(devices=[]):  # 73 -> 80 rows: even shards (per-shard codes checkpoint only those)
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(len(tok), pad_to_multiple_of=8, mean_resizing=False)
     data = tokenize_sft(sft_dataset(64, seed=0), tok)
     if tag in PLAIN:
         from transformers import Trainer
@@ -148,7 +186,14 @@ def layout(trainer, tag: str) -> dict:
             state.append((p.numel(), local.numel(),
                           max((v.to_local() if isinstance(v, DTensor) else v).numel() for v in tensors),
                           sorted({type(v).__name__ for v in tensors})))
+    experts = []  # per fused experts weight [E, A, B]: (E, this rank's E, {state entry: its leading size})
+    for p in params:
+        if p.dim() == 3 and opt.state.get(p):
+            local = p.to_local() if isinstance(p, DTensor) else p
+            experts.append((p.shape[0], local.shape[0], {k: (v.to_local() if isinstance(v, DTensor) else v).shape[0]
+                                                         for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim() > 0}))
     return {
+        "experts": experts,
         "fsdp": trainer.is_fsdp_enabled, "distributed_type": str(trainer.accelerator.distributed_type),
         "dtensor": all(isinstance(p, DTensor) for p in params),
         "shard0": all(isinstance(p, DTensor) and tuple(p.placements) == (Shard(0),) for p in params),
@@ -221,7 +266,7 @@ def reshard(out: Path, source: Path, tag: str, rank: int) -> None:
 
 def main(argv: list[str]) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from accelerate_fsdp_cpu import fsdp_on_cpu_processes
+    from accelerate_fsdp_cpu import exit_without_finalizing, fsdp_on_cpu_processes
 
     fsdp_on_cpu_processes()
     torch.set_num_threads(1)
@@ -235,6 +280,7 @@ def main(argv: list[str]) -> None:
             reshard(out, Path(source), name, rank)
         else:
             run(out, tag, rank)
+    exit_without_finalizing(0)  # (not Python's finalization: a gloo worker thread could abort it, see there)
 
 
 if __name__ == "__main__":
