@@ -1937,10 +1937,11 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
                               eval_dataset=evals, callbacks=_memory_callbacks(recipe))
         _eval_on_start(trainer, recipe, evals is not None)  # the held-out reward before training (see _train)
         out = _train(trainer, recipe)
+        # None: a step in which every reward function returned None for every completion (TRL logs None then)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         result = {
-            "initial_reward": sum(rewards[:5]) / max(len(rewards[:5]), 1),
-            "final_reward": sum(rewards[-10:]) / max(len(rewards[-10:]), 1), "reward_history": rewards,
+            "initial_reward": mean_reward(rewards[:5]), "final_reward": mean_reward(rewards[-10:]),
+            "reward_history": rewards,
             "reward_func_histories": reward_histories(trainer.state.log_history),  # each function's mean per step
         }
         if evals is not None:  # mean reward of completions sampled for the held-out prompts, before and after
@@ -1956,6 +1957,14 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         **_run_metrics(trainer), **saved,
         **({"data": data.summary()} if data is not None else {}),
     }
+
+
+def mean_reward(values: list[float | None]) -> float | None:
+    """The mean of the steps' rewards that were given (``None`` left out); ``None`` when no step had one.
+    Before, ``sum`` over a ``None`` (TRL allows a reward function to return ``None`` for a completion, and every
+    function did for a whole step) failed after training with ``TypeError``, and ``metrics.json`` was not written."""
+    given = [v for v in values if v is not None]
+    return sum(given) / len(given) if given else None
 
 
 def rl_eval_prompts(recipe: TrainRecipe, data: Any) -> Any:
@@ -2035,8 +2044,13 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     ours, adamw = metrics["optimizer_state_bytes"], metrics["adamw_state_bytes"]
     if "initial_reward" in metrics:
-        console.print(f"mean reward: first 5 steps {metrics['initial_reward']:.4f} -> last 10 steps "
-                      f"{metrics['final_reward']:.4f} after {metrics['steps']} steps")
+        given = lambda v: "none given" if v is None else f"{v:.4f}"  # noqa: E731
+        console.print(f"mean reward: first 5 steps {given(metrics['initial_reward'])} -> last 10 steps "
+                      f"{given(metrics['final_reward'])} after {metrics['steps']} steps")
+        missing = sum(r is None for r in metrics["reward_history"])
+        if missing:
+            console.print(f"note: in {missing} of {len(metrics['reward_history'])} logged steps every reward function "
+                          "returned None for every completion (no reward signal in those steps)")
         if metrics.get("final_eval_reward") is not None:
             console.print(f"held-out prompts' mean reward: initial {_num(metrics['initial_eval_reward'])} -> final "
                           f"{metrics['final_eval_reward']:.4f}")

@@ -1,0 +1,41 @@
+"""A user's own reward functions under GRPO / GVPO / BNPO: TRL allows a function to return ``None`` for a
+completion it does not score; a step in which every function did so for every completion is logged without a
+reward. Before, ``lowmem train`` failed after training (``TypeError: unsupported operand type(s) for +: 'int' and
+'NoneType'`` in the summary's mean) and wrote no ``metrics.json``."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from lowmem.train import TrainRecipe, mean_reward, run
+
+
+def test_mean_reward_leaves_out_missing_steps():
+    assert mean_reward([0.5, None, 1.0]) == 0.75
+    assert mean_reward([None, None]) is None and mean_reward([]) is None
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "bnpo"])
+def test_steps_without_any_reward_finish_the_run(own_model_dir, tmp_path, trainer):
+    (tmp_path / "my_rewards.py").write_text(
+        "def odd_only(completions, n, **kwargs):\n"          # None for the even rows: never a reward in step 1
+        "    return [1.0 if k % 2 else None for k in n]\n")
+    rows = [{"prompt": f"{k}+1=", "n": k} for k in (0, 2, 1, 3, 5, 7)]  # step 1: rows 0, 2; step 2: 1, 3
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = io.StringIO()
+    m = run(TrainRecipe(trainer=trainer, model=own_model_dir, dataset=str(tmp_path / "p.jsonl"), lr=1e-3, steps=2,
+                        batch_size=4, logging_steps=1, output_dir=str(tmp_path / "out"), save_model=False,
+                        track_memory=False, reward_funcs=[f"{tmp_path / 'my_rewards.py'}:odd_only"],
+                        training_args={"num_generations": 2, "max_completion_length": 3, "shuffle_dataset": False}),
+            console=Console(file=out, width=200))
+    assert m["reward_history"] == [None, 1.0], m["reward_history"]
+    assert m["initial_reward"] == m["final_reward"] == 1.0
+    assert m["reward_func_histories"] == {"odd_only": [None, 1.0]}
+    saved = json.loads((Path(tmp_path / "out" / "metrics.json")).read_text())  # strict JSON: no NaN
+    assert saved["reward_history"] == [None, 1.0] and not any(isinstance(v, float) and math.isnan(v)
+                                                              for v in saved["reward_history"])
+    assert "in 1 of 2 logged steps every reward function returned None" in out.getvalue()
