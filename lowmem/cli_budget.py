@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
                                     details={"gradients_with_activations": c.peak_args.get("gradients_with_activations"),
                                              "optimizer_transient_with_activations": c.peak_args.get("transient_with_activations"),
                                              "forward_activations": c.peak_args.get("forward_activations"),
-                                             "activation_parts": {"tied_embedding_backward": c.peak_args.get("tied_backward", 0)},
+                                             "activation_parts": {"tied_embedding_backward": c.peak_args.get("tied_backward", 0),
+                                                                  "embedding_backward": c.peak_args.get("embedding_backward", 0)},
                                              "optimizer_kept_tables": c.peak_args.get("kept_with_activations", 0)})
                      for c in found[:6]]
             bar_chart({f"#{i + 1}": e for i, e in enumerate(shown)}, args.png, budget=limit,

@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import (LINEARS, LLAMA_FAMILY, LoraShape, fused_head_bytes, llama_activation_bytes, nograd_layer_bytes,
-                          traced_activation_bytes)
+from .activations import (LINEARS, LoraShape, fused_head_bytes, llama_activation_bytes, llama_formula_applies,
+                          nograd_layer_bytes, traced_activation_bytes)
 from .shapes import shape_config
 
 DTYPES = {
@@ -119,7 +119,7 @@ def _sizing_mode(model: nn.Module):
 
 def peak_total(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
-               forward_activations: int | None = None, kept_with_activations: int = 0) -> int:
+               forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0) -> int:
     """The peak bytes of a training step from its components (see the module docstring).
 
     The optimizer's step transient and the activations are live at the same time only in layerwise
@@ -151,6 +151,10 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
         kept_with_activations (`int`, defaults to `0`): The part of ``optimizer_transient`` that the first step makes
             and the process keeps (the quantized codecs' tables, ``details["optimizer_kept_tables"]``): live at every
             later moment, the activations' peak included, where the rest of the transient is not.
+        embedding_backward (`int`, defaults to `0`): An untied input embedding's backward, the backward pass's last
+            operation: the gradient of the embeddings' output (``e h`` per token), the token ids it indexes by and the
+            loss with its backward's scalars, live with every gradient (the embedding's own being formed). Like
+            ``tied_backward``, a moment of every gradient (``activation_parts["embedding_backward"]``).
     """
     act, transient = components.get("activations", 0), components.get("optimizer_transient", 0)
     kept = min(kept_with_activations, transient)
@@ -164,7 +168,7 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
             grads = components.get("gradients", 0)
             with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
             return rest - grads + max(min(forward_activations, act) + grads + with_act, act + kept,
-                                      grads + max(transient, tied_backward + kept))
+                                      grads + max(transient, tied_backward + kept, embedding_backward + kept))
         if transient_with_activations is None:
             return rest + act + transient
         return rest + max(act + min(transient_with_activations, transient), act + kept, transient)
@@ -172,7 +176,7 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
         return rest + max(act + kept, transient)
     grads = components.get("gradients", 0)
     early = min(gradients_with_activations, grads)
-    return rest - grads + max(act + early + kept, grads + max(transient, tied_backward + kept))
+    return rest - grads + max(act + early + kept, grads + max(transient, tied_backward + kept, embedding_backward + kept))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -270,6 +274,7 @@ class MemoryEstimate:
                 "transient_with_activations": self.details.get("optimizer_transient_with_activations"),
                 "forward_activations": self.details.get("forward_activations"),
                 "tied_backward": int(self.details.get("activation_parts", {}).get("tied_embedding_backward", 0)),
+                "embedding_backward": int(self.details.get("activation_parts", {}).get("embedding_backward", 0)),
                 "kept_with_activations": int(self.details.get("optimizer_kept_tables") or 0)}
 
     def components(self) -> dict[str, int]:
@@ -1203,7 +1208,7 @@ def estimate_memory(
             saved_inputs.add(leaf)
         if leaf.endswith("layernorm") and mod.weight.requires_grad:
             norms_train = True
-    traced = getattr(config, "model_type", None) not in LLAMA_FAMILY
+    traced = not llama_formula_applies(config)  # other blocks, and a Llama-family block with a sliding window
     # the last layer's down_proj weight's gradient, the first its backward forms (a temporary beside its tensors)
     down_grad = 0
     if not traced:
@@ -1232,6 +1237,12 @@ def estimate_memory(
     # embedding's and their sum are live together: two weight-sized tensors above the gradient (measured)
     tied = head is not None and head.weight is emb and emb.requires_grad
     tied_backward = 2 * emb.numel() * emb.element_size() if tied else 0
+    # an untied input embedding's backward (the backward pass's last operation), with every gradient: its output's
+    # gradient (e h per token), the int64 token ids it indexes by, the loss and its backward's scalars (16 B: measured 8-12).
+    # Traced steps stop before it and the Llama formula's moments end at the first layer: without this term the step's
+    # moment (every gradient + the transient) was the peak, e h per token under it for a transient below that
+    # (Qwen2 / Mistral / Phi3 h=384, 1 x 128 tokens fp32 AdamW: 197,488 B under the measured peak)
+    emb_backward_per_token = config.hidden_size * act_bytes + 8 if emb.requires_grad and not tied else 0
     # one micro-batch per step: the gradients made before the activations' peak in the last decoder layer's backward
     # (the output head's or a tied head's contribution, the final norm's, one decoder layer's: the largest)
     early_grads = None
@@ -1390,7 +1401,10 @@ def estimate_memory(
         return finish(parts, b, s)
 
     def finish(parts: dict[str, int], b: int, s: int) -> dict[str, int]:
-        """:func:`activation_model`'s last terms: a tied embedding's backward moment and GRPO's generation phase."""
+        """:func:`activation_model`'s last terms: a tied or untied embedding's backward moment and GRPO's generation
+        phase."""
+        if emb_backward_per_token:  # (DPO: the chosen and rejected sequences, one forward)
+            parts["embedding_backward"] = (2 * b if trainer == "dpo" else b) * s * emb_backward_per_token + 16
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
             # what is saved before the tied moment (layerwise: its steps)

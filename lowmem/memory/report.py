@@ -100,7 +100,7 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
 
 def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
-               forward_activations: int | None = None, kept_with_activations: int = 0) -> dict[str, int]:
+               forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0) -> dict[str, int]:
     """The components live at the step's peak, as :func:`~lowmem.memory.estimate.peak_total` counts them:
     without layerwise stepping the optimizer's transient replaces the activations freed by backward, so
     only the larger of the two is kept; with ``gradients_with_activations`` (one micro-batch per step) the
@@ -111,14 +111,15 @@ def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_wi
 
     out = {c: int(components.get(c, 0)) for c in COMPONENTS}
     kept = min(kept_with_activations, out["optimizer_transient"])
+    backward = max(tied_backward, embedding_backward)  # the embedding's backward (tied or not), with every gradient
     if layerwise and forward_activations is not None:  # the loss's moment (no gradient), a step's, the embedding's
         grads, transient, act = out["gradients"], out["optimizer_transient"], out["activations"]
         with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
         live = min(forward_activations, act)
         moments = [(live + grads + with_act, {"activations": live, "optimizer_transient": with_act}),
                    (act + kept, {"gradients": 0, "optimizer_transient": kept}),
-                   (grads + max(transient, tied_backward + kept),
-                    {"activations": tied_backward, "optimizer_transient": kept} if tied_backward + kept > transient
+                   (grads + max(transient, backward + kept),
+                    {"activations": backward, "optimizer_transient": kept} if backward + kept > transient
                     else {"activations": 0, "optimizer_transient": transient})]
         out.update(max(moments, key=lambda m: m[0])[1])
         return out
@@ -132,11 +133,11 @@ def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_wi
     if not layerwise and gradients_with_activations is not None:
         act, transient, grads = out["activations"], out["optimizer_transient"], out["gradients"]
         early = min(gradients_with_activations, grads)
-        if act + early + kept >= grads + max(transient, tied_backward + kept):
+        if act + early + kept >= grads + max(transient, backward + kept):
             out.update(gradients=early, optimizer_transient=kept)
         else:
-            out.update(activations=tied_backward if tied_backward + kept > transient else 0,
-                       optimizer_transient=kept if tied_backward + kept > transient else transient)
+            out.update(activations=backward if backward + kept > transient else 0,
+                       optimizer_transient=kept if backward + kept > transient else transient)
         return out
     if not layerwise:
         if out["activations"] + kept >= out["optimizer_transient"]:
