@@ -112,14 +112,7 @@ def test_folded_bucket_step_allocates_what_it_reports(monkeypatch, case, shapes,
     assert traced == reported > 0
 
 
-@pytest.mark.parametrize("stack", [False, True], ids=["cpu_form", "stacked_form"])
-@pytest.mark.parametrize("chunk", ["default", 4096], ids=str)
-@pytest.mark.parametrize("shapes", ["mixed", "same6", "near_side8", "tall_wide"])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_fold_phase_is_the_rules_count(monkeypatch, case, shapes, chunk, stack):
-    """Each fold of the step (beyond the bucket's projected gradients and directions) == the combine rule's
-    foreach_fold_bytes of its members; each multi-tensor basis step == foreach_post_update_bytes; both forms of
-    Fira's residual norms (stacked: off the CPU, and on the meta / fake CUDA tensors of a CUDA estimate)."""
+def _check_fold_phases(monkeypatch, case, shapes, chunk, stack):
     monkeypatch.setattr(S, "STACK_BY_SHAPE", stack)
     phases = _Phases(monkeypatch)
     _, _, opt = _step(case, SETS[shapes], torch.float32, chunk, phases)
@@ -134,6 +127,37 @@ def test_fold_phase_is_the_rules_count(monkeypatch, case, shapes, chunk, stack):
         # (the basis steps run after the directions are freed: 4 B per projected element)
         directions = 4 * sum(low.numel() for _, low, _, _ in members)
         assert peak == max(fold, post - directions, 0)
+
+
+@pytest.mark.parametrize("stack", [False, True], ids=["cpu_form", "stacked_form"])
+@pytest.mark.parametrize("chunk", ["default", 4096], ids=str)
+@pytest.mark.parametrize("shapes", ["mixed", "same6", "near_side8", "tall_wide"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fold_phase_is_the_rules_count(monkeypatch, case, shapes, chunk, stack):
+    """Each fold of the step (beyond the bucket's projected gradients and directions) == the combine rule's
+    foreach_fold_bytes of its members; each multi-tensor basis step == foreach_post_update_bytes; both forms of
+    Fira's residual norms (stacked: off the CPU, and on the meta / fake CUDA tensors of a CUDA estimate)."""
+    _check_fold_phases(monkeypatch, case, shapes, chunk, stack)
+
+
+PENDING = {  # the rules in lowmem/optim/recipes (another engineer's files): their counts are FOUND_FOLDS 1 and 2
+    "apollo": ("apollo_adamw", {}, 8), "apollo_right": ("apollo_adamw", {"proj_type": "right"}, 8),
+    "apollo_mini": ("apollo_mini", {}, 8), "adamw_snsm": ("adamw_snsm", {}, 8), "sgd_sm": ("sgd_sm", {}, 8),
+    "adagrad_snsm": ("adagrad_snsm", {}, 8),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="FOUND_FOLDS 1 (ApolloScaling) / 2 (SubsetNormStep, SubspaceMomentumResidual):"
+                   " foreach_fold_offered / foreach_fold_bytes not placed yet; remove this mark once they are")
+@pytest.mark.parametrize("stack", [False, True], ids=["cpu_form", "stacked_form"])
+@pytest.mark.parametrize("shapes", ["mixed", "same6"])
+@pytest.mark.parametrize("case", sorted(PENDING))
+def test_pending_rules_fold_phase_is_their_count(monkeypatch, case, shapes, stack):
+    """APOLLO's, APOLLO-Mini's and the Subspace-Momentum recipes' folds, once their rules count them (drafted and
+    traced equal in FOUND_FOLDS.md; until then the engine counts a bound, e.g. adamw_snsm six (64, 256) weights
+    428,032 B for 110,592 traced)."""
+    monkeypatch.setitem(CASES, case, PENDING[case])
+    _check_fold_phases(monkeypatch, case, shapes, "default", stack)
 
 
 @pytest.mark.parametrize("case", ["osd", "osd_sgd"])
