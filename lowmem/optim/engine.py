@@ -1212,14 +1212,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
                  and not r.moment.foreach_direction_lrs and not r.stabilizers)
         fold = r.combine.fold_bytes(p.shape, group, state, P) if folds else None
         # (whether the rule folds its bucket: False, each parameter combined back alone; None, not known)
-        offered = r.combine.foreach_fold_offered([state], group, P) if folds else False
+        bounds = self._row_bounds(p.shape, chunk) if chunk is not None else [(0, p.shape[0])]
+        offered = r.combine.foreach_fold_offered([(p.shape, low_shape, state, bounds)], group, P) if folds else False
         if fold is not None:
             back = fold + extra
         elif offered is False:
             back = projected_back_bytes(self, p, group, state)
         folds = folds and offered is True  # (its bucket's fold counted by the rule: foreach_fold_bytes)
         step_size = r.moment.direction_bytes(numel, low_shape, group, state) - 4 * numel
-        bounds = self._row_bounds(p.shape, chunk) if chunk is not None else [(0, p.shape[0])]
         # the project-down: a low-precision gradient a block of rows at a time (_down_in_rows), else the float32
         # gradient's P^T G / G Q^T (a two-sided basis's beside its first product: Projection.down_bytes)
         in_rows = chunk is not None and lowp and not r.stabilizers

@@ -1686,11 +1686,10 @@ class CombineRule:
         counted here (the engine counts :meth:`transient_bytes` of a block of rows)."""
         return None
 
-    def foreach_fold_offered(self, states: list[dict[str, Tensor]], group: dict[str, Any],
-                             projection: Projection) -> bool | None:
-        """Whether :meth:`foreach_fold` folds a bucket of parameters with ``states`` (``False``: each is combined
-        back alone, counted by :func:`projected_back_bytes`); ``None`` (default): not known here (the engine
-        then counts a bound)."""
+    def foreach_fold_offered(self, members: list[tuple], group: dict[str, Any], projection: Projection) -> bool | None:
+        """Whether :meth:`foreach_fold` folds a float32 bucket of ``members`` (``(shape, low_shape, state, row
+        bounds)`` of each parameter; ``False``: each is combined back alone, counted by :func:`projected_back_bytes`);
+        ``None`` (default): not known here (the engine then counts a bound)."""
         return None
 
     def foreach_fold_bytes(self, members: list[tuple], group: dict[str, Any], projection: Projection,
@@ -1765,16 +1764,16 @@ class ProjectBack(CombineRule):
     def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds):
         self.residual.foreach_fold_rest(ps, gs, lows, states, group, projection, alpha, bounds)
 
-    def foreach_fold_offered(self, states, group, projection):
+    def foreach_fold_offered(self, members, group, projection):
         """A basis projection (:meth:`Projection.can_add_up_rows`) and the residual rule's word
         (:meth:`ResidualRule.foreach_fold_offered`); coordinates: ``False``."""
-        if not all(projection.can_add_up_rows(st) for st in states):
+        if not all(projection.can_add_up_rows(st) for _, _, st, _ in members):
             return False
         return self.residual.foreach_fold_offered(group)
 
     def foreach_fold_bytes(self, members, group, projection, device):
         """The residual rule's (:meth:`ResidualRule.foreach_fold_bytes`) where it folds."""
-        if self.foreach_fold_offered([st for _, _, st, _ in members], group, projection) is not True:
+        if self.foreach_fold_offered(members, group, projection) is not True:
             return None
         return self.residual.foreach_fold_bytes(members, group, projection, device)
 
