@@ -296,3 +296,32 @@ def test_adamw_param_state_on_low_precision_is_torch_fused_adamw_bit_for_bit(dty
     for a, b, c in zip(ours, ref, init):
         assert (b.float() - c.float()).abs().max() > 0.05
         assert torch.equal(a, b), (tuple(a.shape), (a.float() - b.float()).abs().max().item())
+
+
+# ---- pytorch_optimizer's AdaFactor: the bench's peer row for adafactor ------------------------------
+
+
+@pytest.mark.parametrize("relative_step", [False, True], ids=["external_lr", "relative_step"])
+def test_adafactor_matches_pytorch_optimizer_adafactor_as_the_bench_maps_it(relative_step):
+    """``lowmem bench``'s ``po_adafactor`` row (lowmem/bench_peers.py) runs pytorch_optimizer 4.1.0's ``AdaFactor``
+    as lowmem's ``adafactor``: ``betas=(None, 0.999)`` (no first moment), ``eps1=1e-30, eps2=1e-3``, decay rate
+    -0.8, clip 1.0. Measured 2.4e-6 of the update over 10 steps with an external lr, 2.2e-6 with the relative
+    step and parameter scaling, with weight decay (1-D to 3-D parameters)."""
+    po = pytest.importorskip("pytorch_optimizer")
+    from lowmem.optim import Adafactor
+
+    kw = dict(decay_rate=-0.8, clip_threshold=1.0, weight_decay=0.05, warmup_init=False)
+    if relative_step:
+        ours = lambda ps: Adafactor(ps, **kw)  # noqa: E731
+        peer = lambda ps: po.AdaFactor(ps, lr=None, betas=(None, 0.999), eps1=1e-30, eps2=1e-3, relative_step=True,  # noqa: E731
+                                       scale_parameter=True, **kw)
+    else:
+        ours = lambda ps: Adafactor(ps, lr=1e-2, relative_step=False, scale_parameter=False, **kw)  # noqa: E731
+        peer = lambda ps: po.AdaFactor(ps, lr=1e-2, betas=(None, 0.999), eps1=1e-30, eps2=1e-3,  # noqa: E731
+                                       relative_step=False, scale_parameter=False, **kw)
+    shapes = [(24, 16), (16, 40), (16,), (3, 8, 10)]
+    init = zoo(shapes)
+    a, b = copy.deepcopy(init), copy.deepcopy(init)
+    trajectory(ours(a), a)
+    trajectory(peer(b), b)
+    assert max_rel_diff(a, b, init) < 2e-5
