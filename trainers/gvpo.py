@@ -168,7 +168,8 @@ class GVPOTrainer(LowMemGRPOTrainer):
     TRL generates and scores the completions (reward functions, ``reward_weights``: ``R_i`` is the
     weighted sum, as in GRPO); this trainer keeps every group whole inside a micro-batch
     (group-wise shuffle of the buffered generation batch; each micro-batch is checked) and
-    replaces the loss. Works with lowmem optimizers, ``peft_config``, gradient accumulation,
+    replaces the loss (plus, on a Mixture-of-Experts model, TRL's router load-balancing loss times
+    ``router_aux_loss_coef``, as TRL's GRPO adds it). Works with lowmem optimizers, ``peft_config``, gradient accumulation,
     evaluation and checkpoints like :class:`~lowmem.trainers.LowMemGRPOTrainer`. Logs
     ``gvpo/implicit_reward_std`` (spread of ``r_i`` within groups).
     """
@@ -256,8 +257,11 @@ class GVPOTrainer(LowMemGRPOTrainer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         multimodal = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                       "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-        per_token_logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), **{k: inputs.get(k) for k in multimodal}
+        # an MoE model's load-balancing loss (TRL's GRPO adds it whenever the model's config has output_router_logits
+        # and a router_aux_loss_coef, the architecture's own or GRPOConfig's; BNPO keeps TRL's loss, so it has it too)
+        per_token_logps, _, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in multimodal}
         )
         if self.args.reference_policy == "model":
             ref_per_token_logps = inputs["ref_per_token_logps"]
@@ -274,4 +278,7 @@ class GVPOTrainer(LowMemGRPOTrainer):
         )
         self._metrics[mode]["gvpo/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.aux_loss_enabled:  # as TRL's GRPO: scaled for gradient accumulation like the policy loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
+            return (loss + self.router_aux_loss_coef * aux_loss) / normalizer
         return loss / normalizer
