@@ -325,3 +325,18 @@ def test_adafactor_matches_pytorch_optimizer_adafactor_as_the_bench_maps_it(rela
     trajectory(ours(a), a)
     trajectory(peer(b), b)
     assert max_rel_diff(a, b, init) < 2e-5
+
+
+# ---- an empty parameter list ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["muon", "galore_adamw", "adamw_sn", "sinkgd", "apollo_adamw"])
+def test_an_empty_parameter_list_is_refused_as_torch_refuses_it(name):
+    """``torch.optim.AdamW([])`` raises "optimizer got an empty parameter list", and so did
+    ``create_optimizer([], "adamw")``; a recipe with a targeted group (``rank``, ``use_muon``, ...) wrapped the
+    empty list in a group and returned an optimizer that trains nothing, silently (e.g. a filter on
+    ``requires_grad`` over a model frozen by mistake)."""
+    with pytest.raises(ValueError, match="empty parameter list"):
+        create_optimizer([], name)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        create_optimizer((p for p in nn.Linear(4, 4).parameters() if not p.requires_grad), name)

@@ -474,7 +474,9 @@ def _apply_group_defaults(params: list[Any], group_only: dict[str, Any], target_
     """Per-group defaults for parameters given as a list: a flat list is one targeted group of them all;
     dict groups take the defaults they lack, except that when some group sets ``target_key`` itself
     (and the caller did not pass it) the groups without it stay untargeted (galore-torch's rule)."""
-    if params and isinstance(params[0], dict):
+    if not params:  # torch's "optimizer got an empty parameter list", not a group that trains nothing
+        return params
+    if isinstance(params[0], dict):
         marked = not target_given and any(target_key in g for g in params)
         return [g if marked and target_key not in g else {**group_only, **g} for g in params]
     return [{"params": params, **group_only}]
