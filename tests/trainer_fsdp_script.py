@@ -76,6 +76,11 @@ RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
     "moe_apollo_adamw": ("apollo_adamw", {"rank": 4, "update_proj_gap": 2}, torch.float64),
     "moe_adamw8bit": ("adamw8bit", QUANT, torch.float64),
     "moe_microadam": ("microadam", {"topk_block_size": 32, "quant_block_size": 32}, torch.float64),
+    # float32: the experts kernel transformers chooses by default (grouped_mm), as a user runs it; the Trainer's own
+    # torch.optim.AdamW under the same FSDP2 run measures what float32 reaches
+    "moe_torch_adamw_fp32": (None, {}, torch.float32),
+    "moe_galore_fp32": ("galore_adamw", {"rank": 2, "update_proj_gap": 2}, torch.float32),
+    "moe_adamw8bit_fp32": ("adamw8bit", QUANT, torch.float32),
 }
 PLAIN = {"plain_galore"}
 # TrainingArguments of a run tag beyond training_args' own (the one-process reference takes them too)
@@ -115,7 +120,8 @@ def batch_per_step(tag: str, processes: int) -> int:
 def build_moe(seed: int, dtype: torch.dtype):
     """A tiny transformers Mixtral with fused experts (2 layers of 4 experts, top-2 routing, hidden 64 as the tiny
     Llama's) from a config, offline, and the kit's tokenizer; vocabulary 80 (73 tokens padded: even shards).
-    The eager experts loop (``grouped_mm``, the default where it dispatches, takes no float64); identical weights
+    float64: the eager experts loop (``grouped_mm``, the default where it dispatches, takes no float64); float32:
+    transformers' default (``grouped_mm``); identical weights
     for identical ``seed``, the global RNG untouched."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -126,7 +132,8 @@ def build_moe(seed: int, dtype: torch.dtype):
                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id)
-    cfg._experts_implementation = "eager"
+    if dtype == torch.float64:
+        cfg._experts_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MixtralForCausalLM(cfg)
