@@ -328,10 +328,24 @@ def check_reward_signature(fn: Callable[..., Any], ref: str, columns: list[str] 
     try:
         sig.bind(**dict.fromkeys(keywords))
     except TypeError as err:
+        withheld = [p.name for p in sig.parameters.values() if p.name in WITHHELD_COLUMNS and p.name in (columns or [])
+                    and p.name not in keywords]
         raise ValueError(
             f"reward function {ref!r} {sig}: {err}; TRL calls it with the keywords {keywords} and takes one float "
             "(or None) per completion back: def reward(prompts, completions, **kwargs)"
+            + (f". {_withheld_hint(withheld[0])}" if withheld else "")
         ) from None
+
+
+# Dataset columns TRL's GRPOTrainer (1.16, ``_calculate_rewards``) does not pass to reward functions: a prompt-completion
+# dataset's reference ``completion`` (the name is the generated one's; ``completions`` holds those).
+WITHHELD_COLUMNS = ("completion",)
+
+
+def _withheld_hint(column: str) -> str:
+    return (f"The dataset's {column!r} column is not passed to reward functions: TRL withholds it (in GRPO a completion "
+            f"is a generated one, given as completions); rename the column (e.g. reference, or answer for exact_match) "
+            "to receive it")
 
 
 def checked_outputs(fn: Callable[..., Any], ref: str) -> Callable[..., Any]:
@@ -350,7 +364,9 @@ def checked_outputs(fn: Callable[..., Any], ref: str) -> Callable[..., Any]:
         try:
             out = fn(*args, **kwargs)
         except Exception as err:  # the user's code failed inside TRL's step: one line naming it and its line
+            withheld = isinstance(err, KeyError) and err.args and err.args[0] in WITHHELD_COLUMNS
             raise ValueError(f"reward function {ref!r} raised {_call_failure(err, fn)}"
+                             + (f". {_withheld_hint(err.args[0])}" if withheld else "")
                              + _conversational_hint(err, kwargs.get("completions"))) from err
         n = len(kwargs["completions"]) if "completions" in kwargs else None
         expected = f"a list of {n if n is not None else 'one'} float(s) or None, one per completion"

@@ -39,3 +39,28 @@ def test_steps_without_any_reward_finish_the_run(own_model_dir, tmp_path, traine
     assert saved["reward_history"] == [None, 1.0] and not any(isinstance(v, float) and math.isnan(v)
                                                               for v in saved["reward_history"])
     assert "in 1 of 2 logged steps every reward function returned None" in out.getvalue()
+
+
+def _ref_named(completions, completion, **kwargs):
+    return [float(c == r) for c, r in zip(completions, completion)]
+
+
+def _ref_in_kwargs(completions, **kwargs):
+    return [float(c == r) for c, r in zip(completions, kwargs["completion"])]
+
+
+def test_a_prompt_completion_datasets_completion_column_is_withheld():
+    """GRPO on prompt + completion rows (an SFT file's reference answers): TRL 1.16 passes every column but
+    'completion' to the reward functions. Before, only "missing a required argument: 'completion'" (the column
+    is right there in the file) or, through **kwargs, "raised KeyError: 'completion'" mid-training."""
+    from lowmem.rewards import check_reward_signature, checked_outputs
+
+    with pytest.raises(ValueError, match=r"missing a required argument: 'completion'.*The dataset's 'completion' column "
+                                         r"is not passed to reward functions: TRL withholds it .* rename the column"):
+        check_reward_signature(_ref_named, "r.py:_ref_named", ["prompt", "completion"])
+    with pytest.raises(ValueError, match=r"missing a required argument: 'completion'.*completions, \*\*kwargs\)$") as err:
+        check_reward_signature(_ref_named, "r.py:_ref_named", ["prompt", "reference"])
+    assert "withholds" not in str(err.value)  # no such column: the plain message
+    with pytest.raises(ValueError, match=r"raised KeyError: 'completion' .*The dataset's 'completion' column is not "
+                                         r"passed"):
+        checked_outputs(_ref_in_kwargs, "r.py:_ref_in_kwargs")(prompts=["1+1="], completions=["2"])
