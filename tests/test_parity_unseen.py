@@ -6,7 +6,13 @@ test_audit_parity_peers.py, test_optim_parity.py, test_subspace_parity.py) leave
   or a silent default (``moment_policy=None`` trained as ``keep``);
 - bitsandbytes' ``AdamW8bit`` (CPU) on bfloat16 / float16 parameters, fused and not;
 - non-contiguous (transposed) parameters and gradients against torch's AdamW, galore-torch (every side),
-  fira, transformers' Adafactor and torch's Muon.
+  fira, transformers' Adafactor and torch's Muon;
+- a parameter group added during the run (Muon as ``torch.optim.Muon``; the untargeted rule kept);
+- ``adjust_lr_fn=None`` (torch's Muon default) named; an empty parameter list refused as torch refuses it;
+- ``AdamW(state_dtype="param")`` on bf16 / fp16 parameters resumed from ``torch.optim.AdamW(fused=True)``'s
+  checkpoint, bit for bit;
+- pytorch_optimizer's ``AdaFactor`` as ``lowmem bench`` maps it;
+- every group value torch reads at each step changed before every step (torch AdamW / Muon, bitsandbytes).
 
 Small tensors, a few steps each (< 2 s once the peers are imported)."""
 
