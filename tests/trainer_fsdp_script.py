@@ -10,7 +10,7 @@ made FSDP by :func:`accelerate_fsdp_cpu.fsdp_on_cpu_processes`), for each run ta
    resumed here to step 4.
 
 Run tags starting ``moe_`` train a tiny Mixtral (:func:`build_moe`: fused experts ``gate_up_proj [4, 64, 64]``,
-``down_proj [4, 64, 32]`` per layer, built from a config) instead of the tiny Llama.
+``down_proj [4, 64, 32]`` per layer, built from a config) instead of the tiny Llama, ``qwen_moe_`` a tiny Qwen2-MoE.
 
 Rank 0 writes ``OUT/<tag>.json`` and ``OUT/<tag>_final.pt`` / ``<tag>_resumed.pt``.
 
@@ -81,6 +81,10 @@ RUNS: dict[str, tuple[str | None, dict, torch.dtype]] = {
     "moe_torch_adamw_fp32": (None, {}, torch.float32),
     "moe_galore_fp32": ("galore_adamw", {"rank": 2, "update_proj_gap": 2}, torch.float32),
     "moe_adamw8bit_fp32": ("adamw8bit", QUANT, torch.float32),
+    # a tiny Qwen2-MoE (build_moe(kind="qwen2_moe")): fused experts beside a shared expert and its 1-row gate, whose
+    # shard on rank 1 is empty
+    "qwen_moe_galore_adamw": ("galore_adamw", {"rank": 2, "update_proj_gap": 2}, torch.float64),
+    "qwen_moe_adamw8bit": ("adamw8bit", QUANT, torch.float64),
 }
 PLAIN = {"plain_galore"}
 # TrainingArguments of a run tag beyond training_args' own (the one-process reference takes them too)
@@ -117,26 +121,32 @@ def batch_per_step(tag: str, processes: int) -> int:
     return GLOBAL_BATCH // processes // TAG_ARGS.get(tag, {}).get("gradient_accumulation_steps", 1)
 
 
-def build_moe(seed: int, dtype: torch.dtype):
+def build_moe(seed: int, dtype: torch.dtype, kind: str = "mixtral"):
     """A tiny transformers Mixtral with fused experts (2 layers of 4 experts, top-2 routing, hidden 64 as the tiny
     Llama's) from a config, offline, and the kit's tokenizer; vocabulary 80 (73 tokens padded: even shards).
     float64: the eager experts loop (``grouped_mm``, the default where it dispatches, takes no float64); float32:
     transformers' default (``grouped_mm``); identical weights
-    for identical ``seed``, the global RNG untouched."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    for identical ``seed``, the global RNG untouched. ``kind="qwen2_moe"``: a Qwen2-MoE of the same sizes (experts
+    ``[4, 64, 64]`` / ``[4, 64, 32]``, a shared expert of 64, its gate ``[1, 64]``, attention biases)."""
+    import transformers
 
     from lowmem.kit.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = MixtralConfig(vocab_size=80, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id)
+    common = dict(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False,
+                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "mixtral":
+        cfg, cls = transformers.MixtralConfig(intermediate_size=32, num_local_experts=4, **common), transformers.MixtralForCausalLM
+    else:
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                          num_experts=4, **common)
+        cls = transformers.Qwen2MoeForCausalLM
     if dtype == torch.float64:
         cfg._experts_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MixtralForCausalLM(cfg)
+        model = cls(cfg)
     return model.to(dtype), tok
 
 
@@ -146,8 +156,8 @@ def make_trainer(out, tag: str, per_device_batch: int, seed: int = 0, **extra):
     from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
     from lowmem.trainers import LowMemTrainer
 
-    if tag.startswith("moe_"):
-        model, tok = build_moe(seed, RUNS[tag][2])
+    if tag.startswith(("moe_", "qwen_moe_")):
+        model, tok = build_moe(seed, RUNS[tag][2], "qwen2_moe" if tag.startswith("qwen_") else "mixtral")
     else:
         model, tok = build_tiny_model(seed, dtype=RUNS[tag][2])
         with torch.random.fork_rng(devices=[]):  # 73 -> 80 rows: even shards (per-shard codes checkpoint only those)
@@ -184,7 +194,7 @@ def layout(trainer, tag: str) -> dict:
 
     model, opt = trainer.model, trainer.optimizer.optimizer
     params = list(model.parameters())
-    state = []  # per parameter with state: (global numel, local numel, largest state tensor's local numel, types)
+    state = []  # per parameter with state: (global numel, local numel, largest state tensor's local numel, types, rows)
     for p in params:
         st = opt.state.get(p, {})
         tensors = [v for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
@@ -192,7 +202,7 @@ def layout(trainer, tag: str) -> dict:
             local = p.to_local() if isinstance(p, DTensor) else p
             state.append((p.numel(), local.numel(),
                           max((v.to_local() if isinstance(v, DTensor) else v).numel() for v in tensors),
-                          sorted({type(v).__name__ for v in tensors})))
+                          sorted({type(v).__name__ for v in tensors}), p.shape[0] if p.dim() else 1))
     experts = []  # per fused experts weight [E, A, B]: (E, this rank's E, {state entry: its leading size})
     for p in params:
         if p.dim() == 3 and opt.state.get(p):
