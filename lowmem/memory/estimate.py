@@ -1409,6 +1409,12 @@ def estimate_memory(
             parts["tied_embedding_backward"] = tied_backward
             # what is saved before the tied moment (layerwise: its steps)
             parts.setdefault("forward_activations", min(parts["total"], parts.pop("forward_saved", parts["total"])))
+            if layerwise:
+                # layerwise: the tied embedding's gradient completes last, after the activations are freed (its moment is
+                # the tied one); the gradient a step holds with them is the largest other one (peak_total counts the
+                # largest gradient there: the difference comes off). Before, gemma2 (h=384, 4 layers, 1 x 128 tokens)
+                # layerwise microadam was 1.179 of the measured peak, GPT-2 layerwise adamw8bit 1.069
+                parts["forward_activations"] = max(0, parts["forward_activations"] - (gradients - later_grad))
             parts["total"] = max(parts["total"], tied_backward)
         if trainer == "grpo":  # generation: its own phase, the gradients freed (zero_grad after the last step)
             gen_batch = generation_batch_size if b == batch_size else b * gradient_accumulation_steps
