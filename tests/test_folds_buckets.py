@@ -5,7 +5,7 @@ report (Fira's residual norms, stacks, factor and limiters; FRUGAL's batches of 
 returns): the fold phase alone against the rule's count, and the whole step against ``step_transient_bytes()``, over
 buckets of mixed, same-shape, tall and wide weights, a rank near the smaller side, a weight whose rank exceeds its
 side (trained full-rank beside the bucket), a two-sided basis, the default chunk, 4096 (several buckets and row
-blocks) and whole tensors; bfloat16 weights (not folded: each combined back alone) too.
+blocks) and whole tensors (bfloat16); bfloat16 weights (not folded: each combined back alone) too.
 
 Before (the engine's bound: each parameter's per-phase combine-back summed): Fira three (64, 256) weights at rank 8
 311,296 B reported for 115,712 traced, FRUGAL 311,296 for 245,760, OSD 117,772 for 73,740."""
@@ -101,12 +101,13 @@ def _step(case, shapes, dtype, chunk, phases=None, skip_nonfinite=True):
     return t.peak, meta._transient_bytes(False, steady=True), opt
 
 
-@pytest.mark.parametrize("chunk", ["default", 4096, None], ids=str)
+@pytest.mark.parametrize("chunk", ["default", 4096], ids=str)
 @pytest.mark.parametrize("shapes", sorted(SETS))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_folded_bucket_step_allocates_what_it_reports(monkeypatch, case, shapes, chunk):
     """The whole step (float32: folded) traced == step_transient_bytes() of meta tensors (the CPU's unstacked
-    residual norms: STACK_BY_SHAPE False, as on the CPU)."""
+    residual norms: STACK_BY_SHAPE False, as on the CPU). (``chunk_numel=None`` steps these weights as the default
+    chunk does, one row block each in one bucket; the bfloat16 test below takes it, where it differs.)"""
     monkeypatch.setattr(S, "STACK_BY_SHAPE", False)
     traced, reported, _ = _step(case, SETS[shapes], torch.float32, chunk)
     assert traced == reported > 0
