@@ -1015,6 +1015,26 @@ class _Walk:
         self.live -= sum(sizes)
 
 
+def limiter_walk(w: _Walk, k: int) -> int:
+    """:func:`~lowmem.optim.functional.fira.growth_limiter_foreach_` of ``k`` norms walked on ``w`` (the previous
+    norms' stack, the first-step mask, ones, ``prev + eps``, the quotient, the clamp, ``/ gamma``, ``where``; then
+    ``norms / limiter``, copied into the previous norms): ``17 k`` bytes at its peak; returns the limiters' bytes,
+    kept (alive on ``w``)."""
+    prev, first, ones = w.new(4 * k), w.new(k), w.new(4 * k)
+    a = w.new(4 * k)
+    b = w.new(4 * k)
+    w.free(a)
+    c = w.new(4 * k)
+    w.free(b)
+    d = w.new(4 * k)
+    w.free(c)
+    limiter = w.new(4 * k)
+    w.free(ones, d)
+    w.free(w.new(4 * k))
+    w.free(prev, first)
+    return limiter
+
+
 def _metas(shapes: list[torch.Size]) -> list[Tensor]:
     """Meta tensors of ``shapes``: :func:`shape_batches`' arguments for a count (nothing allocated)."""
     return [torch.empty(s, device="meta") for s in shapes]
@@ -1332,7 +1352,7 @@ class FiraResidual(ResidualRule):
         stack = bool(members) and device is not None and stacks_by_shape(torch.device(device))
         worst = 0
         for idx in batches:
-            shape, low_shape, state0, _ = members[idx[0]]
+            shape, low_shape = members[idx[0]][0], members[idx[0]][1]
             m, n = shape
             k, size_l = len(idx), 4 * low_shape.numel()
             dim = 0 if low_shape[0] < low_shape[1] else 1
@@ -1365,27 +1385,16 @@ class FiraResidual(ResidualRule):
                 rn = rn or kept[0]
             # the stacks, the factor (eq. 7-8), the scaled norms and the limiters (eq. 9)
             stacks = w.new(2 * k * size_l) if k > 1 else 0
-            vec, kb = 4 * k * (ch // 4), 4 * k
+            vec = k * ch
             nd, nl = w.new(vec), w.new(vec)
             eps = w.new(vec)  # (grad_norms + eps, beside the quotient)
-            factor = w.new(vec)
+            w.new(vec)  # (the factor, then k and the coefficients in place: to the batch's end)
             w.free(eps, nd, nl)
             tmp = w.new(vec)
-            norms = w.new(kb)
+            w.new(4 * k)  # (the scaled norms)
             w.free(tmp, rn)
-            prev, first, ones = w.new(kb), w.new(k), w.new(kb)
-            a = w.new(kb)
-            b = w.new(kb)
-            w.free(a)
-            c = w.new(kb)
-            w.free(b)
-            d = w.new(kb)
-            w.free(c)
-            limiter = w.new(kb)
-            w.free(ones, d)
-            w.free(w.new(kb))  # (norms / limiter, copied into the previous norms)
-            w.free(prev, first)
-            w.free(w.new(kb))  # (c / limiter)
+            limiter_walk(w, k)  # (the limiters, kept)
+            w.free(w.new(4 * k))  # (c / limiter)
             if k == 1:
                 w.new(size_l)  # (M: a new tensor; the stack of one is a view of its direction)
             else:
@@ -1393,7 +1402,6 @@ class FiraResidual(ResidualRule):
             # the engine's update with each term: addmm_ (two-sided: P N), addcmul_ in place
             w.free(w.new(max(projection.add_up_rows_bytes(members[i][0], group, members[i][0][0]) for i in idx)))
             worst = max(worst, w.peak)
-            del factor, norms, limiter
         return worst
 
     @staticmethod
