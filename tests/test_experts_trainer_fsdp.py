@@ -14,7 +14,8 @@ tests/test_trainer_fsdp.py). The tolerance: float64 weights and float32 optimize
 summation order of the two halves' gradients (FSDP2's reduce-scatter, ~1e-11 in a gradient here) and of the per-shard
 reductions; measured as below. A routing decision taken otherwise (a top-2 choice flipped) or a state entry of another
 rank's expert would be off by 1e-3 or more. The default suite runs ``moe_galore_adamw`` in test_trainer_fsdp.py's one
-launch (the shipped ``FULL_STATE_DICT`` configuration); this file is ``slow`` (one more launch, ~60 s on 2 busy cores).
+launch (the shipped ``FULL_STATE_DICT`` configuration); this file is ``slow`` (one launch of 9 runs, ~90 s on 2 busy
+cores; `lowmem train` on a MoE model directory, 3 launches, ~85 s).
 """
 
 from __future__ import annotations
@@ -68,3 +69,59 @@ def test_moe_trainer_fsdp2_float32_grouped_mm(moe_run, reference):
     galore = check_run(moe_run, "moe_galore_fp32", reference, loss_rtol=1e-5, weight_atol=1e-3, bytes_ratio=0.56)
     assert galore["weight_diff"] <= 1.5 * torch_run["weight_diff"], (galore["weight_diff"], torch_run["weight_diff"])
     check_run(moe_run, "moe_adamw8bit_fp32", reference, loss_rtol=1e-5, weight_atol=1e-3)
+
+
+LOWMEM_RECIPE = ("model: {model}\noptim: galore_adamw\noptim_args: {{rank: 2, update_proj_gap: 2}}\nlr: 0.01\ntrain_size: 32\n"
+                 "eval_size: 8\nsteps: 4\nsave_steps: 2\nlogging_steps: 1\ntrack_memory: false\n")
+
+
+def test_lowmem_train_moe_under_fsdp2(tmp_path):
+    """`lowmem train` on a local MoE model directory (the tiny Mixtral saved with ``save_pretrained``: float32,
+    transformers' default experts kernel, written in Mixtral's per-expert layout ``block_sparse_moe.experts.N.w1``)
+    under the shipped configuration and under ``SHARDED_STATE_DICT`` (where `lowmem train` gathers and saves the final
+    model itself): the final model has one process's keys and weights (measured 1.05e-6; the float32 tolerance of
+    test_trainer_fsdp's `lowmem train` tests) and loads back with ``from_pretrained``; checkpoints complete;
+    process 0 holds 0.53 of one process's state; ``--resume`` from checkpoint-2 ends bit for bit."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.train import checkpoint_missing, load_recipe, run
+    from test_trainer_fsdp import CONFIG
+    from trainer_fsdp_script import build_moe
+
+    model, tok = build_moe(0, torch.float32)
+    model.save_pretrained(tmp_path / "mixtral")
+    tok.save_pretrained(tmp_path / "mixtral")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(LOWMEM_RECIPE.format(model=tmp_path / "mixtral"))
+    run(load_recipe(recipe, batch_size=8, output_dir=str(tmp_path / "one")))
+    one_w = load_file(tmp_path / "one" / "model.safetensors")
+    assert any(".block_sparse_moe.experts.0.w1." in k for k in one_w), sorted(one_w)[:5]
+    for config, name in ((CONFIG, "two"), (sharded_config(tmp_path), "sharded")):
+        out = tmp_path / name
+        accelerate_launch(config, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--batch-size", "4", "--output-dir", str(out))
+        assert checkpoint_missing(out / "checkpoint-2") == [] and checkpoint_missing(out / "checkpoint-4") == []
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == one_w.keys()
+        for k in one_w:
+            torch.testing.assert_close(got[k], one_w[k], rtol=1e-4, atol=5e-5, msg=k)
+        one_m, two_m = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", out))
+        assert two_m["optimizer_state_bytes"] < 0.56 * one_m["optimizer_state_bytes"], (two_m, one_m)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    reference_model = AutoModelForCausalLM.from_pretrained(tmp_path / "one")
+    for (k, a), b in zip(loaded.state_dict().items(), reference_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5, msg=k)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
+    accelerate_launch(CONFIG, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--resume", "--batch-size", "4",
+                      "--output-dir", str(resumed))
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"] == str(resumed / "checkpoint-2")
+    two_w, res_w = load_file(tmp_path / "two" / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for k in two_w:
+        assert torch.equal(res_w[k], two_w[k]), k
