@@ -229,10 +229,17 @@ def check_value(name: str, value: Any, tp: Any, *, where: str = "", ranges: dict
     return out
 
 
+# Fields whose annotation is narrower than what their class takes: TRL's ``GRPOConfig.scale_rewards`` is annotated
+# ``str`` but documented (and converted in ``__post_init__``) as ``str`` or ``bool`` (``True`` -> ``"group"``, ``False`` ->
+# ``"none"``; older TRL's field was a bool, and Dr. GRPO configs write ``scale_rewards: false``).
+ACCEPTED_TYPES: dict[str, Any] = {"scale_rewards": str | bool}
+
+
 def field_types(cls: type) -> dict[str, Any]:
-    """``{field name: resolved type}`` of dataclass ``cls`` (string annotations resolved)."""
+    """``{field name: resolved type}`` of dataclass ``cls`` (string annotations resolved; :data:`ACCEPTED_TYPES`
+    where the class takes more than its annotation says)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+    return {f.name: ACCEPTED_TYPES.get(f.name, hints.get(f.name, Any)) for f in dataclasses.fields(cls)}
 
 
 def check_fields(cls: type, values: dict[str, Any], *, where: str = "") -> dict[str, Any]:

@@ -49,14 +49,60 @@ class LowMemSFTConfig(LowMemArguments, SFTConfig):
     __doc__ = "TRL's ``SFTConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
 
 
+# TRL 1.16's string fields whose values its docs list but its configs do not check: a value outside (a typo) failed
+# only at the first training step, after the model loaded (and for GRPO after the first generation), with "Unknown loss
+# type" / "Invalid value for scale_rewards" / "Unknown importance sampling level" / "Unknown f_divergence_type".
+DPO_CHOICES: dict[str, tuple[str, ...]] = {
+    "loss_type": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+    "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+}
+GRPO_CHOICES: dict[str, tuple[str, ...]] = {
+    "loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+    "scale_rewards": ("group", "batch", "none"),  # GRPOConfig turns True / False into "group" / "none"
+    "importance_sampling_level": ("token", "sequence"),
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+    "vllm_mode": ("server", "colocate"),
+}
+
+
+def check_choices(config: Any, choices: dict[str, tuple[str, ...]]) -> None:
+    """Refuse a value of ``config``'s fields outside ``choices`` (:data:`DPO_CHOICES`, :data:`GRPO_CHOICES`; a list
+    field, DPO's ``loss_type``, item by item) when the config is built.
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) ``<Config>.<field>=<value>: expected one of [...]``.
+    """
+    from lowmem.config import ConfigError
+
+    for name, valid in choices.items():
+        value = getattr(config, name, None)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in items if v is not None and v not in valid]
+        if bad:
+            raise ConfigError(f"{type(config).__name__}.{name}={value!r}: expected {'items ' if value is not items[0] else ''}"
+                              f"one of {list(valid)}")
+
+
 @dataclass
 class LowMemDPOConfig(LowMemArguments, DPOConfig):
-    __doc__ = "TRL's ``DPOConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
+    __doc__ = ("TRL's ``DPOConfig`` plus lowmem's optimizer selection; ``loss_type`` and ``f_divergence_type`` must be "
+               "among TRL's values (:data:`DPO_CHOICES`).\n" + _FIELDS_DOC)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choices(self, DPO_CHOICES)
 
 
 @dataclass
 class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
-    __doc__ = "TRL's ``GRPOConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
+    __doc__ = ("TRL's ``GRPOConfig`` plus lowmem's optimizer selection; ``loss_type``, ``scale_rewards``, "
+               "``importance_sampling_level``, ``multi_objective_aggregation`` and ``vllm_mode`` must be among TRL's "
+               "values (:data:`GRPO_CHOICES`).\n" + _FIELDS_DOC)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choices(self, GRPO_CHOICES)
 
 
 def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, instead: str) -> None:

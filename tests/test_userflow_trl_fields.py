@@ -1,0 +1,59 @@
+"""TRL config fields a user's `trl grpo` / `trl dpo` config sets, through `lowmem train` and the configs of
+lowmem.trainers: TRL's documented spellings are taken (``scale_rewards: false``, refused before as "expected a
+string"), and a value outside TRL's list (a typo) is an error when the config is built, where TRL 1.16 failed at
+the first training step, after the model loaded and (GRPO) generated."""
+
+import dataclasses
+import re
+
+import pytest
+
+from lowmem.config import ConfigError
+from lowmem.trainers import BNPOConfig, GVPOConfig, LowMemDPOConfig, LowMemGRPOConfig
+from lowmem.trainers.trl import DPO_CHOICES, GRPO_CHOICES
+
+COMMON = dict(report_to="none", bf16=False, use_cpu=True)
+
+
+@pytest.mark.parametrize("value, built", [(False, "none"), (True, "group"), ("batch", "batch")])
+def test_scale_rewards_takes_trls_bool_spelling(tmp_path, value, built):
+    """TRL documents ``scale_rewards`` as ``str`` or ``bool`` (GRPOConfig maps True / False to "group" / "none"),
+    and Dr. GRPO configs write ``scale_rewards: false``; its annotation says ``str``."""
+    from lowmem.train import build_training_args, load_recipe
+
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    recipe = load_recipe(None, trainer="grpo", dataset=str(data), reward_funcs=["exact_match"], batch_size=4,
+                         output_dir=str(tmp_path / "out"), num_generations=2, scale_rewards=value)
+    assert build_training_args(recipe).scale_rewards == built
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (LowMemGRPOConfig, "loss_type", "dr-grpo"), (LowMemGRPOConfig, "scale_rewards", "gruop"),
+    (LowMemGRPOConfig, "importance_sampling_level", "seq"), (LowMemGRPOConfig, "multi_objective_aggregation", "sum"),
+    (LowMemGRPOConfig, "vllm_mode", "local"), (BNPOConfig, "loss_type", "dapo_"),
+    (GVPOConfig, "importance_sampling_level", "seq"),
+    (LowMemDPOConfig, "loss_type", ["sigmoid", "sfft"]), (LowMemDPOConfig, "f_divergence_type", "kl"),
+])
+def test_a_value_outside_trls_list_is_refused_when_built(tmp_path, cls, field, value):
+    kw = dict(per_device_train_batch_size=4, num_generations=2) if cls is not LowMemDPOConfig else {}
+    with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{field}=.*: expected (items )?one of \["):
+        cls(output_dir=str(tmp_path), **COMMON, **kw, **{field: value})
+
+
+def test_trls_own_values_pass(tmp_path):
+    LowMemGRPOConfig(output_dir=str(tmp_path), **COMMON, loss_type="dr_grpo", scale_rewards="batch",
+                     importance_sampling_level="token", multi_objective_aggregation="normalize_then_sum")
+    assert LowMemDPOConfig(output_dir=str(tmp_path), **COMMON, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                           f_divergence_type="js_divergence").loss_type == ["sigmoid", "sft"]
+
+
+@pytest.mark.parametrize("config, choices", [("GRPOConfig", GRPO_CHOICES), ("DPOConfig", DPO_CHOICES)])
+def test_the_lists_are_trls(config, choices):
+    """Each value lowmem lets through is one TRL's field documents (its help text): red if TRL renames one."""
+    import trl
+
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(getattr(trl, config))}
+    for name, values in choices.items():
+        missing = [v for v in values if not re.search(rf"[`']{v}[`']", helps[name])]  # TRL writes `group' too
+        assert not missing, (config, name, missing, helps[name][:300])
