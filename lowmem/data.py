@@ -187,6 +187,7 @@ def _json_records(file: Path, objects_only: bool = True):
     the first line that is not JSON, not UTF-8 text, or (JSON Lines, ``objects_only``) not an object (a ``null``
     line ``datasets`` reads as a row of missing values; ``objects_only=False`` yields it)."""
     data = file.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 BOM (Windows editors), as datasets reads it
     head = data.lstrip()[:1]
     if head in (b"[", b"{"):  # one JSON document (an array, or one pretty-printed object)?
         try:

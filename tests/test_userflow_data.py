@@ -88,3 +88,13 @@ def test_cli_prints_the_line(tmp_path, capsys):
     assert main(["train", "--dataset", path, "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{path} line 2 column 38: Expecting property name" in err and "in row" not in err
+
+
+def test_a_byte_order_mark_is_not_line_1s_error(tmp_path):
+    """A file saved by a Windows editor starts with a UTF-8 BOM, which datasets reads; the line is still found."""
+    path = _file(tmp_path, b"\xef\xbb\xbf" + GOOD.encode(), '{"prompt": "1+1="}\n')
+    with pytest.raises(ValueError, match=r"column 'completion' of row 1 \(line 2\) is NoneType None"):
+        load_sources(path, "sft")
+    path = _file(tmp_path, b"\xef\xbb\xbf" + GOOD.encode(), '{"prompt": "1+1=", "completion": "2",}\n', name="e.jsonl")
+    with pytest.raises(ValueError, match=r"e.jsonl line 2 column 38: Expecting property name"):
+        load_sources(path, "sft")
