@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -51,8 +50,7 @@ import json, os, sys, warnings, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from lowmem.optim.recipes.normalized import Muon
 from lowmem.optim.registry import create_optimizer
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)  # no port to collide under -n 2
 
 def kib(field):
     with open("/proc/self/status") as f:
@@ -117,14 +115,13 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def sharded():
+def sharded(tmp_path_factory):
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux /proc/self/clear_refs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    rendezvous = tmp_path_factory.mktemp("sharded") / "rendezvous"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    res = subprocess.run([sys.executable, "-c", _SHARDED, str(port)], capture_output=True, text=True, timeout=180, env=env)
+    res = subprocess.run([sys.executable, "-c", _SHARDED, str(rendezvous)], capture_output=True, text=True, timeout=180,
+                         env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -134,11 +131,13 @@ def test_sharded_muon_reports_the_gathered_newton_schulz(sharded):
     """FSDP2 Muon (1 process): the shard's step gathers the whole momentum matrix (bfloat16) and runs
     the unsharded Newton-Schulz iteration, so the report is the whole matrix's unchunked step plus the
     gather's buffers (the whole padded matrix and the shard's padded rows, bfloat16), and it bounds the
-    measured peak; the shard's own chunked report (what was counted before) is below the measurement."""
+    measured peak; the shard's own chunked report (what was counted before) is below the measurement. The report
+    within 2x + 1 MiB of the peak is a sanity floor (measured 26.9-27.2 MiB for 31.0 reported, AMD EPYC, also with 3
+    busy processes; 1.6x before: RSS on another machine may read lower)."""
     r = sharded
     assert r["reported"] == r["whole"] + 2 * (2048 + 2048) * 1024
-    assert r["shard"] < r["measured"] <= 1.1 * r["reported"] + MiB, {k: v / MiB for k, v in r.items() if k != "warnings"}
-    assert r["reported"] <= 1.6 * r["measured"] + MiB, {k: v / MiB for k, v in r.items() if k != "warnings"}
+    assert r["shard"] < r["measured"] <= 1.1 * r["reported"] + MiB, {k: v / MiB for k, v in r.items() if isinstance(v, int)}
+    assert r["reported"] <= 2 * r["measured"] + MiB, {k: v / MiB for k, v in r.items() if isinstance(v, int)}
 
 
 @pytest.mark.distributed
