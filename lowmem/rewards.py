@@ -310,16 +310,37 @@ def reward_call_keywords(columns: list[str] | None) -> list[str]:
     return list(TRL_REWARD_KEYWORDS) + [c for c in extra if c not in TRL_REWARD_KEYWORDS]
 
 
+def check_reward_columns(columns: list[str] | None) -> None:
+    """Refuse dataset columns named like the keywords TRL gives every reward function besides the columns: TRL 1.16
+    calls ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` after setting ``trainer_state``,
+    ``log_extra`` and ``log_metric`` in that mapping, so a ``prompts`` / ``completions`` column failed at the first step
+    (``TypeError: fn() got multiple values for keyword argument 'completions'``, after the model loaded and generated)
+    and a ``trainer_state`` / ``log_extra`` / ``log_metric`` column reached no function (TRL's object replaced it).
+
+    Raises:
+        ValueError: Naming the columns, what TRL passes under those names, and to rename them.
+    """
+    clash = [c for c in (columns or []) if c in TRL_REWARD_KEYWORDS and c != "completion_ids"]
+    if clash:
+        raise ValueError(
+            f"dataset column(s) {clash} have the name(s) of keywords TRL gives every reward function itself (prompts, "
+            "completions: the prompts and the generated completions; trainer_state, log_extra, log_metric: its "
+            "objects), so TRL would fail with \"got multiple values for keyword argument\" (prompts, completions) or "
+            "replace the column (the others); rename the column(s) in the data (e.g. reference_completions)")
+
+
 def check_reward_signature(fn: Callable[..., Any], ref: str, columns: list[str] | None, bound: dict[str, Any] | None = None) -> None:
     """Check, before any model loads, that ``fn`` can take TRL's call (all keywords:
     :func:`reward_call_keywords` of the dataset's ``columns``, plus the ``bound`` ones): every required
-    parameter is among them and every one of them is a parameter or goes into ``**kwargs``.
+    parameter is among them and every one of them is a parameter or goes into ``**kwargs``; and that no column
+    has the name of one of TRL's own keywords (:func:`check_reward_columns`).
 
     Raises:
         ValueError: Naming the function, what does not fit, and the keywords it is called with.
     """
     import inspect
 
+    check_reward_columns(columns)
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # no introspectable signature (a C function): TRL's call decides

@@ -64,3 +64,27 @@ def test_a_prompt_completion_datasets_completion_column_is_withheld():
     with pytest.raises(ValueError, match=r"raised KeyError: 'completion' .*The dataset's 'completion' column is not "
                                          r"passed"):
         checked_outputs(_ref_in_kwargs, "r.py:_ref_in_kwargs")(prompts=["1+1="], completions=["2"])
+
+
+def _any(completions, **kwargs):
+    return [1.0 for _ in completions]
+
+
+@pytest.mark.parametrize("column", ["completions", "prompts", "trainer_state", "log_metric"])
+def test_a_column_named_like_trls_own_keywords_is_refused(column):
+    """TRL 1.16 calls fn(prompts=, completions=, completion_ids=, **columns) with trainer_state / log_extra /
+    log_metric set in that mapping: a 'completions' column (say, reference completions) failed at the first step
+    with "got multiple values for keyword argument 'completions'" (a traceback, after generation); a 'trainer_state'
+    column was replaced by TRL's object. Checked for lowmem train (load_reward_funcs) and the Python API
+    (LowMemGRPOTrainer's check_reward_signatures) alike."""
+    from datasets import Dataset
+
+    from lowmem.rewards import load_reward_funcs
+    from lowmem.trainers.trl import check_reward_signatures
+
+    says = rf"dataset column\(s\) \['{column}'\] have the name\(s\) of keywords TRL gives every reward function .* rename"
+    with pytest.raises(ValueError, match=says):
+        load_reward_funcs(["format"], ["prompt", column])
+    with pytest.raises(ValueError, match=says):
+        check_reward_signatures([_any], Dataset.from_list([{"prompt": "1+1=", column: "x"}]))
+    check_reward_signatures([_any], Dataset.from_list([{"prompt": "1+1=", "completion_ids": [1]}]))  # TRL withholds it
