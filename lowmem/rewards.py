@@ -447,11 +447,15 @@ def _shown(value: Any) -> str:
     return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
 
 
-def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None) -> Callable[..., list[float]] | str:
+def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None,
+                   eval_columns: list[str] | None = None) -> Callable[..., list[float]] | str:
     """The reward function of one ``reward_funcs`` entry (see the module docstring), imported now.
 
     With ``columns`` (the training dataset's) the function's signature is checked against TRL's call
-    (:func:`check_reward_signature`) and its outputs are checked when called (:func:`checked_outputs`).
+    (:func:`check_reward_signature`) and its outputs are checked when called (:func:`checked_outputs`);
+    with ``eval_columns`` (the eval set's, which TRL scores before, during and after training) against that
+    call too: an eval file without a column a function needs failed at the evaluation before training, after
+    the model loaded.
 
     Returns:
         `Callable` or `str`: The path of a reward-model directory as is (TRL's ``GRPOTrainer`` loads
@@ -485,12 +489,20 @@ def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None)
         fn, name = getattr(module, func), func
         if not callable(fn):
             raise ValueError(f"reward function {ref!r}: {func!r} is a {type(fn).__name__}, not a function")
+    needs = BUILTIN_NEEDS_ONE_OF.get(ref if ref in BUILTIN_REWARDS else "", ())
+    for which, cols in (("dataset", columns), ("eval_dataset", eval_columns)):
+        if cols is None:
+            continue
+        try:
+            check_reward_signature(fn, ref, cols, bound)
+        except ValueError as err:
+            if which == "dataset":
+                raise
+            raise ValueError(f"eval_dataset (columns {list(cols)}): {err}") from None
+        if needs and not set(needs) & (set(cols) | set(bound)):
+            raise ValueError(f"reward {ref!r} (reward_funcs[{index}]) needs {'a dataset' if which == 'dataset' else 'an eval_dataset'} "
+                             f"column {' or '.join(map(repr, needs))}; the {which} has {sorted(cols)}")
     if columns is not None:
-        check_reward_signature(fn, ref, columns, bound)
-        needs = BUILTIN_NEEDS_ONE_OF.get(ref if ref in BUILTIN_REWARDS else "", ())
-        if needs and not set(needs) & (set(columns) | set(bound)):
-            raise ValueError(f"reward {ref!r} (reward_funcs[{index}]) needs a dataset column {' or '.join(map(repr, needs))}; "
-                             f"the dataset has {sorted(columns)}")
         fn = checked_outputs(fn, ref)
     if not bound and getattr(fn, "__name__", None) == name:
         return fn
@@ -503,11 +515,12 @@ def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None)
     return with_bound
 
 
-def load_reward_funcs(entries: list[Any], columns: list[str] | None = None) -> list[Callable[..., list[float]] | str]:
+def load_reward_funcs(entries: list[Any], columns: list[str] | None = None,
+                      eval_columns: list[str] | None = None) -> list[Callable[..., list[float]] | str]:
     """:func:`resolve_reward` of every entry, in order (what ``GRPOTrainer(reward_funcs=...)`` takes);
     with ``columns`` (the training dataset's) each function's signature is checked against TRL's call
-    and its outputs when called."""
-    return [resolve_reward(e, i, columns) for i, e in enumerate(entries)]
+    and its outputs when called; with ``eval_columns`` (the eval set's) the signature against its call too."""
+    return [resolve_reward(e, i, columns, eval_columns) for i, e in enumerate(entries)]
 
 
 def reward_histories(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:

@@ -1902,7 +1902,9 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     synthetic = reward_dataset(recipe.train_size, recipe.seed) if data is None and recipe.trainer != "dpo" else None
     columns = (data.train if data is not None else synthetic).column_names if recipe.trainer != "dpo" else None
     # each function's signature checked against TRL's call (and its outputs when called) before the model loads
-    reward_funcs = load_reward_funcs(recipe.reward_funcs, columns) if recipe.reward_funcs is not None else reward_fn
+    eval_columns = data.eval.column_names if data is not None and data.eval is not None and columns is not None else None
+    reward_funcs = load_reward_funcs(recipe.reward_funcs, columns, eval_columns) if recipe.reward_funcs is not None \
+        else reward_fn
     if recipe.quantization is not None or recipe.lora is not None:
         model, tok, model_dir = load_policy(recipe)
     else:  # TRL loads the policy and the reference by path (model_init_kwargs: dtype): not a second copy here

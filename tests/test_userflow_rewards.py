@@ -88,3 +88,31 @@ def test_a_column_named_like_trls_own_keywords_is_refused(column):
     with pytest.raises(ValueError, match=says):
         check_reward_signatures([_any], Dataset.from_list([{"prompt": "1+1=", column: "x"}]))
     check_reward_signatures([_any], Dataset.from_list([{"prompt": "1+1=", "completion_ids": [1]}]))  # TRL withholds it
+
+
+def test_the_eval_sets_columns_are_checked_too(tmp_path):
+    """An eval file without a column a reward function needs (TRL scores the eval prompts before, during and after
+    training): before, "ans() missing 1 required positional argument: 'answer'" at the evaluation before training,
+    after the model loaded; now one error before, naming the eval set's columns."""
+    from lowmem.rewards import load_reward_funcs
+
+    (tmp_path / "r.py").write_text("def ans(completions, answer, **kwargs):\n    return [1.0 for _ in completions]\n")
+    ref = f"{tmp_path / 'r.py'}:ans"
+    with pytest.raises(ValueError, match=r"^eval_dataset \(columns \['prompt'\]\): reward function .*missing a required "
+                                         r"argument: 'answer'"):
+        load_reward_funcs([ref], ["prompt", "answer"], ["prompt"])
+    with pytest.raises(ValueError, match=r"needs an eval_dataset column 'answer' or 'solution'; the eval_dataset has"):
+        load_reward_funcs(["exact_match"], ["prompt", "answer"], ["prompt", "id"])
+    assert len(load_reward_funcs([ref, "exact_match"], ["prompt", "answer"], ["prompt", "answer", "id"])) == 2
+
+
+def test_lowmem_train_checks_the_eval_set_before_the_model_loads(own_model_dir, tmp_path, capsys):
+    from lowmem.cli import main
+
+    (tmp_path / "r.py").write_text("def ans(completions, answer, **kwargs):\n    return [1.0 for _ in completions]\n")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n' * 4)
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "1+2="}\n' * 2)
+    assert main(["train", "--trainer", "grpo", "--model", own_model_dir, "--dataset", str(tmp_path / "train.jsonl"),
+                 "--eval-dataset", str(tmp_path / "eval.jsonl"), "--lr", "1e-3", "--output-dir", str(tmp_path / "out"),
+                 "--reward-funcs", f"{tmp_path / 'r.py'}:ans"]) == 2
+    assert "eval_dataset (columns ['prompt']): reward function" in capsys.readouterr().err
