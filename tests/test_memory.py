@@ -34,7 +34,8 @@ def adamw_7b():
 def test_llama2_7b_adamw_closed_form(adamw_7b):
     n, _, n_lin, n_other = _counts("llama-2-7b")
     assert n == 6_738_415_616 == adamw_7b.details["parameters"]
-    assert adamw_7b.weights == 2 * n and adamw_7b.gradients == 2 * n
+    # weights: the parameters and the buffers (the rotary tables)
+    assert adamw_7b.weights == 2 * n + adamw_7b.details["buffer_bytes"] and adamw_7b.gradients == 2 * n
     # fp32 moments: 8 bytes per trained parameter, plus a 4-byte step counter per tensor
     assert adamw_7b.optimizer_states == 8 * n + 4 * (n_lin + n_other)
 
@@ -52,7 +53,7 @@ def test_llama3_8b_nf4_weights_half_byte_plus_overheads():
     c = shape_config("llama-3-8b")
     rest = n - n_lin
     lora = est.details["trainable_parameters"]
-    assert est.weights == n_lin // 2 + 4 * rest + 4 * lora
+    assert est.weights == n_lin // 2 + 4 * rest + 4 * lora + est.details["buffer_bytes"]  # + the rotary tables
     # double quantization: 1 byte per 64 weights + fp32 per 256 blocks + code books: ~0.127 bits/param
     per_param_bits = 8 * est.quant_constants / n_lin
     assert 0.125 < per_param_bits < 0.135
