@@ -8,7 +8,9 @@ side (trained full-rank beside the bucket), a two-sided basis, the default chunk
 blocks) and whole tensors (bfloat16); bfloat16 weights (not folded: each combined back alone) too.
 
 Before (the engine's bound: each parameter's per-phase combine-back summed): Fira three (64, 256) weights at rank 8
-311,296 B reported for 115,712 traced, FRUGAL 311,296 for 245,760, OSD 117,772 for 73,740."""
+311,296 B reported for 115,712 traced, FRUGAL 311,296 for 245,760, OSD 117,772 for 73,740; six (64, 256) weights at
+rank 8: APOLLO 164,864 for 147,456, APOLLO-Mini 163,844 for 147,456, AdamW-SNSM 428,032 for 110,592 (its signSGD
+complement, not folded, 428,032 for 295,936)."""
 
 import warnings
 
@@ -116,7 +118,7 @@ def test_folded_bucket_step_allocates_what_it_reports(monkeypatch, case, shapes,
 def _check_fold_phases(monkeypatch, case, shapes, chunk, stack):
     monkeypatch.setattr(S, "STACK_BY_SHAPE", stack)
     phases = _Phases(monkeypatch)
-    _, _, opt = _step(case, SETS[shapes], torch.float32, chunk, phases)
+    traced, reported, opt = _step(case, SETS[shapes], torch.float32, chunk, phases)
     r = opt.recipe
     assert phases.folds
     posts = iter(phases.posts)
@@ -128,6 +130,7 @@ def _check_fold_phases(monkeypatch, case, shapes, chunk, stack):
         # (the basis steps run after the directions are freed: 4 B per projected element)
         directions = 4 * sum(low.numel() for _, low, _, _ in members)
         assert peak == max(fold, post - directions, 0)
+    return traced, reported
 
 
 @pytest.mark.parametrize("stack", [False, True], ids=["cpu_form", "stacked_form"])
@@ -141,24 +144,39 @@ def test_fold_phase_is_the_rules_count(monkeypatch, case, shapes, chunk, stack):
     _check_fold_phases(monkeypatch, case, shapes, chunk, stack)
 
 
-PENDING = {  # the rules in lowmem/optim/recipes (another engineer's files): their counts are FOUND_FOLDS 1 and 2
+RECIPE_RULES = {  # the combine rules of lowmem/optim/recipes (ApolloScaling, SubsetNormStep, SubspaceMomentumResidual)
     "apollo": ("apollo_adamw", {}, 8), "apollo_right": ("apollo_adamw", {"proj_type": "right"}, 8),
     "apollo_mini": ("apollo_mini", {}, 8), "adamw_snsm": ("adamw_snsm", {}, 8), "sgd_sm": ("sgd_sm", {}, 8),
     "adagrad_snsm": ("adagrad_snsm", {}, 8),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_FOLDS 1 (ApolloScaling) / 2 (SubsetNormStep, SubspaceMomentumResidual):"
-                   " foreach_fold_offered / foreach_fold_bytes not placed yet; remove this mark once they are")
 @pytest.mark.parametrize("stack", [False, True], ids=["cpu_form", "stacked_form"])
+@pytest.mark.parametrize("shapes", ["mixed", "same6", "distinct"])
+@pytest.mark.parametrize("case", sorted(RECIPE_RULES))
+def test_recipe_rules_fold_phase_is_their_count(monkeypatch, case, shapes, stack):
+    """APOLLO's, APOLLO-Mini's and the Subspace-Momentum recipes' folds == their rules' foreach_fold_bytes, and the
+    whole step == step_transient_bytes() (before these rules counted their folds the engine counted a bound, e.g.
+    adamw_snsm six (64, 256) weights 428,032 B for 110,592 traced, apollo_adamw 164,864 for 147,456). ``distinct``:
+    APOLLO's batches of one weight each, where a gradient's channel norms beside the factor are the fold's peak."""
+    monkeypatch.setitem(CASES, case, RECIPE_RULES[case])
+    monkeypatch.setitem(SETS, "distinct", [(96, 64), (64, 96), (160, 64), (200, 40), (64,)])
+    traced, reported = _check_fold_phases(monkeypatch, case, shapes, "default", stack)
+    assert traced == reported > 0
+
+
 @pytest.mark.parametrize("shapes", ["mixed", "same6"])
-@pytest.mark.parametrize("case", sorted(PENDING))
-def test_pending_rules_fold_phase_is_their_count(monkeypatch, case, shapes, stack):
-    """APOLLO's, APOLLO-Mini's and the Subspace-Momentum recipes' folds, once their rules count them (drafted and
-    traced equal in FOUND_FOLDS.md; until then the engine counts a bound, e.g. adamw_snsm six (64, 256) weights
-    428,032 B for 110,592 traced)."""
-    monkeypatch.setitem(CASES, case, PENDING[case])
-    _check_fold_phases(monkeypatch, case, shapes, "default", stack)
+@pytest.mark.parametrize("name", ["adamw_snsm", "sgd_sm"])
+def test_subspace_momentum_signsgd_combines_each_back(monkeypatch, name, shapes):
+    """Subspace-Momentum's signSGD complement does not fold (foreach_fold_offered False): each parameter's
+    combine-back counted alone, exactly (projected_back_bytes; the bound was, mixed: adamw_snsm 188,160 B for 145,920
+    traced, sgd_sm 186,880 for 145,920)."""
+    monkeypatch.setattr(S, "STACK_BY_SHAPE", False)
+    monkeypatch.setitem(CASES, "sm_sign", (name, {"free_rule": "signsgd"}, 8))
+    phases = _Phases(monkeypatch)
+    traced, reported, _ = _step("sm_sign", SETS[shapes], torch.float32, "default", phases)
+    assert [peak for peak, _ in phases.folds] == [0]  # (offered, nothing folded)
+    assert traced == reported > 0
 
 
 @pytest.mark.parametrize("case", ["osd", "osd_sgd"])

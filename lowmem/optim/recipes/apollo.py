@@ -24,7 +24,8 @@ from ..functional import galore as GL
 from ..hparams import HParam, optional, positive
 from ..moments import AdamMoments
 from ..registry import register
-from ..subspace import CombineRule, SubspaceProjection, fold_budget, shape_batches, stacked
+from ..subspace import (CombineRule, SubspaceProjection, _metas, _Walk, fold_budget, limiter_walk, shape_batches,
+                         stacked)
 from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, check_rank_applies, subspace_hparams
 
 #: Projections APOLLO supports: random Gaussian (the paper's and apollo-torch's ``proj="random"``),
@@ -123,6 +124,66 @@ class ApolloScaling(CombineRule):
                 del k, factor, nd, norms  # (before the next batch's stacks)
 
         return folds()
+
+    def foreach_fold_offered(self, members, group, projection):
+        """Every float32 bucket (:meth:`foreach_fold`'s term is ``G * k`` alone, on any projection)."""
+        return True
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """The peak of :meth:`foreach_fold` and the engine's ``addcmul_`` in place, beyond the bucket's projected
+        gradients and directions, walked along it. Tensor-wise (APOLLO-Mini): the directions' 0-d norms then their
+        stack, the projected gradients' likewise, the factor beside ``+ eps``, the gradients' norms and their stack
+        (multiplied by the factor in place), the limiters (:func:`~lowmem.optim.subspace.limiter_walk`).
+        Channel-wise, per batch of one shape (:func:`~lowmem.optim.subspace.shape_batches` within
+        :func:`~lowmem.optim.subspace.fold_budget`; nothing of a batch outlives it): the directions' stack (a batch
+        of one: a view) and their channel norms (kept to the batch's end), the projected gradients' stack and
+        norms, the factor beside ``+ eps``, each gradient's channel norms and their stack, the scaled norms, the
+        limiters. Exact against a trace (tests/test_folds_buckets.py); ``device`` does not change it."""
+        k = len(members)
+        limited = group["gamma"] is not None
+        if group["scale_type"] == "tensor":
+            w = _Walk()
+            w.free(w.new(4 * k))  # (the directions' 0-d norms, then their stack)
+            nd = w.new(4 * k)
+            w.free(w.new(4 * k))
+            nl = w.new(4 * k)
+            eps = w.new(4 * k)
+            w.new(4 * k)  # (the factor)
+            w.free(eps, nd, nl)
+            if limited:
+                w.free(w.new(4 * k))
+                w.new(4 * k)  # (the gradients' norms, then their stack, multiplied by the factor in place)
+                limiter_walk(w, k)
+            return w.peak
+        lows = _metas([low for _, low, _, _ in members])
+        gs = _metas([shape for shape, _, _, _ in members])
+        worst = 0
+        for idx in shape_batches(lows, gs, fold_budget(lows), lambda low: 4 * low.numel() + 20 * max(low.shape)):
+            shape, low_shape = members[idx[0]][0], members[idx[0]][1]
+            b, low = len(idx), 4 * low_shape.numel()
+            ch = 4 * self._channels(shape, group)
+            w = _Walk()
+            stack = w.new(b * low) if b > 1 else 0  # (stacked: a batch of one is a view)
+            w.new(b * ch)  # (the directions' channel norms, kept to the batch's end)
+            w.free(stack)
+            stack = w.new(b * low) if b > 1 else 0
+            nl = w.new(b * ch)
+            w.free(stack)
+            eps = w.new(b * ch)
+            w.new(b * ch)  # (the factor)
+            w.free(eps, nl)
+            if limited:
+                vecs = [w.new(ch) for _ in idx]
+                st = w.new(b * ch) if b > 1 else 0
+                if b > 1:
+                    w.free(*vecs)
+                tmp = w.new(b * ch)
+                w.new(4 * b)  # (the scaled norms)
+                w.free(tmp)
+                w.free(st if b > 1 else sum(vecs))
+                w.free(limiter_walk(w, b))
+            worst = max(worst, w.peak)
+        return worst
 
     def direction(self, g, low, d_low, state, group, projection):
         ctx = self.prepare(g, low, d_low, state, group, projection, [(0, g.shape[0])])

@@ -50,7 +50,7 @@ from .. import moments
 from ..moments import ChunkState, MomentRule, sharded_group, state_dtype
 from ..registry import register
 from .. import subspace
-from ..subspace import COORDINATE_METHODS, CombineRule, ProjectBack, StateFreeResidual, SubspaceProjection
+from ..subspace import COORDINATE_METHODS, CombineRule, ProjectBack, StateFreeResidual, SubspaceProjection, _Walk
 from .subspace import SVD_LIKE, _check_subspace_group, _choice, subspace_hparams
 
 SUBSET_NORM = HParam(
@@ -421,6 +421,20 @@ class SubspaceMomentumResidual(StateFreeResidual):
         k = torch.full((), alpha * f, dtype=torch.float32, device=lows[0].device) if f != 0 else None
         return ((i, m, alpha, k) for i, m in enumerate(ms))
 
+    def foreach_fold_offered(self, group):
+        """:meth:`foreach_fold` folds with the SGD complement; signSGD does not (each parameter combined back
+        alone). (:class:`ProjectBack` asks on a basis projection only.)"""
+        return group["free_rule"] == "sgd"
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """:meth:`foreach_fold` (exact, traced): ``M`` written into the directions (nothing allocated), the 0-d
+        ``k`` (none when ``free_lr_scale`` is 0), beside each update's ``addmm_`` (a two-sided basis's ``P N``,
+        :meth:`~lowmem.optim.subspace.Projection.add_up_rows_bytes`) and ``addcmul_`` in place."""
+        if not self.foreach_fold_offered(group):
+            return None
+        k = 4 * (group["free_lr_scale"] != 0)
+        return k + max(projection.add_up_rows_bytes(shape, group, shape[0]) for shape, *_ in members)
+
     def foreach_fold_rest(self, ps, gs, lows, states, group, projection, alpha, bounds):
         """Nothing: :meth:`foreach_fold`'s ``M`` and ``k`` hold the whole state-free part (FRUGAL's batched
         ``sign`` step, :meth:`StateFreeResidual.foreach_fold_rest`, is not this rule's)."""
@@ -529,21 +543,11 @@ class SubsetNormStep(CombineRule):
         ``alpha (P M + f G) / d`` is one ``addmm_`` and one ``addcmul_`` per parameter. Beyond the
         arguments: two vectors per parameter (a side's length). ``None`` otherwise (each parameter
         combined back alone, :meth:`direction_rows`, the reference)."""
-        inner = self.inner
-        if not (isinstance(inner, ProjectBack) and isinstance(inner.residual, SubspaceMomentumResidual)
-                and group["free_rule"] == "sgd" and all(projection.can_add_up_rows(st) for st in states)):
+        dims = self._fold_dims([(g.shape, low.shape, st, b) for g, low, st, b in zip(gs, lows, states, bounds)],
+                               group, projection)
+        if dims is None:
             return None
-        vs, dims = [st["sn_exp_avg_sq"] for st in states], []
-        for g, low, v in zip(gs, lows, vs):
-            if v.dtype != torch.float32 or g.dim() != 2:
-                return None
-            layout = _subset_layout(v, g.numel())
-            if layout == "column" and low.shape[1] == g.shape[1] and low.shape[0] != g.shape[0]:
-                dims.append(0)
-            elif layout == "row" and v.shape[0] == g.shape[0] == low.shape[0] and low.shape[1] != g.shape[1]:
-                dims.append(1)
-            else:
-                return None
+        vs = [st["sn_exp_avg_sq"] for st in states]
         stacked = self._stacked_norms(gs, dims, bounds, states, group, projection)
         sq, norms = [], []
         for i, (g, dim, b) in enumerate(zip(gs, dims, bounds)):
@@ -568,6 +572,78 @@ class SubsetNormStep(CombineRule):
         del denom
         return ((i, m, alpha, None if ks is None else ks[i].view(-1) if dims[i] == 0 else ks[i])
                 for i, m in enumerate(ms))
+
+    def _fold_dims(self, members, group, projection) -> list[int] | None:
+        """:meth:`foreach_fold`'s conditions on a bucket (``members``: ``(shape, low_shape, state, row bounds)`` of
+        each parameter): the side of each member's statistic (0: per column of a left-projected gradient, 1: per
+        row of a right-projected one), or ``None`` when it does not fold (each parameter combined back alone)."""
+        inner = self.inner
+        if not (isinstance(inner, ProjectBack) and isinstance(inner.residual, SubspaceMomentumResidual)
+                and group["free_rule"] == "sgd" and all(projection.can_add_up_rows(st) for _, _, st, _ in members)):
+            return None
+        dims = []
+        for shape, low, st, _ in members:
+            v = st["sn_exp_avg_sq"]
+            if v.dtype != torch.float32 or len(shape) != 2:
+                return None
+            layout = _subset_layout(v, math.prod(shape))
+            if layout == "column" and low[1] == shape[1] and low[0] != shape[0]:
+                dims.append(0)
+            elif layout == "row" and v.shape[0] == shape[0] == low[0] and low[1] != shape[1]:
+                dims.append(1)
+            else:
+                return None
+        return dims
+
+    def foreach_fold_offered(self, members, group, projection):
+        """Whether :meth:`foreach_fold` folds the bucket (its conditions: :meth:`_fold_dims`)."""
+        return self._fold_dims(members, group, projection) is not None
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """:meth:`foreach_fold` walked (exact against a trace, tests/test_folds_buckets.py): where
+        :func:`~lowmem.optim.subspace.stacks_by_shape` on ``device`` (:meth:`_stacked_norms`), each part's stack of
+        whole gradients of one shape and side beside its norms (kept); per parameter its norms (per column over
+        several row blocks: the running sums beside each block's); the denominators (one per statistic); then, the
+        norms freed, ``k`` beside them (none when ``free_lr_scale`` is 0); ``M`` and the updates in place."""
+        dims = self._fold_dims(members, group, projection)
+        if dims is None:
+            return None
+        w = _Walk()
+        kept, stacked = [], set()
+        if device is not None and subspace.stacks_by_shape(torch.device(device)):  # (_stacked_norms' parts)
+            shape0, _, st0, b0 = members[0]
+            rows = max(b - a for a, b in b0)
+            room = self.transient_bytes(shape0, group, st0, projection, rows) - 16 * sum(max(s) for s, *_ in members)
+            shapes: dict[tuple, list[int]] = {}
+            for i, ((shape, _, _, b), dim) in enumerate(zip(members, dims)):
+                if b == [(0, shape[0])]:
+                    shapes.setdefault((tuple(shape), dim), []).append(i)
+            for (shape, dim), idx in shapes.items():
+                size = room // (4 * math.prod(shape) + 4 * shape[1 - dim]) if len(idx) >= subspace.MIN_STACK else 0
+                if size < subspace.MIN_STACK:
+                    continue
+                for a in range(0, len(idx), size):
+                    part = idx[a:a + size]
+                    if len(part) < subspace.MIN_STACK:
+                        continue
+                    stack = w.new(4 * len(part) * math.prod(shape))
+                    kept.append(w.new(4 * len(part) * shape[1 - dim]))
+                    w.free(stack)
+                    stacked.update(part)
+        for i, ((shape, _, _, b), dim) in enumerate(zip(members, dims)):
+            n = shape[1]
+            if dim == 0 and (len(b) > 1 or b[0] != (0, shape[0])):  # (_column_sq_norms: the sums beside a block's)
+                kept.append(w.new(4 * n))
+                for _ in b:
+                    w.free(w.new(4 * n))
+            elif i not in stacked:
+                kept.append(w.new(4 * (n if dim == 0 else shape[0])))
+        denom = [w.new(4 * st["sn_exp_avg_sq"].numel()) for _, _, st, _ in members]
+        w.free(*kept)
+        if group["free_lr_scale"] != 0:
+            for d in denom:
+                w.new(d)  # (k: the reciprocals of the denominators)
+        return w.peak
 
     def _stacked_norms(self, gs, dims, bounds, states, group, projection) -> dict[int, Tensor]:
         """Off the CPU (:func:`~lowmem.optim.subspace.stacks_by_shape`; issue 15): the norms :meth:`foreach_fold`
