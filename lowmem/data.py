@@ -536,6 +536,17 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     name, cols = match
     rows = dataset.select(range(min(len(dataset), CHECKED_ROWS)))
     first = rows[0]
+    def column_wise(value: Any) -> bool:  # a column's values: a list of non-objects, or pandas' {"0": ..., "1": ...}
+        return (isinstance(value, list) and not any(isinstance(v, dict) for v in value)
+                or isinstance(value, dict) and bool(value) and all(str(k).isdigit() for k in value))
+
+    if len(dataset) == 1 and all(column_wise(first[c]) for c in cols):
+        sizes = {len(first[c]) for c in cols}
+        if len(sizes) == 1 and sizes != {0}:  # {"prompt": [...], "completion": [...]}: pandas' to_json(), to_dict("list")
+            raise ValueError(f"{source}: one row whose columns {list(cols)} each hold {sizes.pop()} values: the file is "
+                             "column-wise JSON (one object of columns, as pandas' DataFrame.to_json() / to_dict('list') "
+                             "write it); expected one object per row: JSON Lines (pandas: df.to_json(path, "
+                             "orient='records', lines=True)) or a JSON array of row objects")
     conversational = any(is_messages(first[c]) for c in cols) or (name == "messages")
     for i, row in enumerate(rows):
         for c in cols:

@@ -98,3 +98,24 @@ def test_a_byte_order_mark_is_not_line_1s_error(tmp_path):
     path = _file(tmp_path, b"\xef\xbb\xbf" + GOOD.encode(), '{"prompt": "1+1=", "completion": "2",}\n', name="e.jsonl")
     with pytest.raises(ValueError, match=r"e.jsonl line 2 column 38: Expecting property name"):
         load_sources(path, "sft")
+
+
+@pytest.mark.parametrize("columns", [{"prompt": ["1+1=", "1+2="], "completion": ["2", "3"]},
+                                     {"prompt": {"0": "1+1=", "1": "1+2="}, "completion": {"0": "2", "1": "3"}}])
+def test_column_wise_json_says_to_write_rows(tmp_path, columns):
+    """pandas' DataFrame.to_json() (orient='columns') / json.dump(df.to_dict('list')) write one object of columns;
+    datasets reads it as one row of lists / dicts. Before: "column 'prompt' of row 0 is list ['1+1=', '1+2=']"."""
+    import json
+
+    path = _file(tmp_path, json.dumps(columns), name="d.json")
+    with pytest.raises(ValueError, match=r"one row whose columns \['prompt', 'completion'\] each hold 2 values: the file "
+                                         r"is column-wise JSON .*orient='records', lines=True"):
+        load_sources(path, "sft")
+
+
+def test_one_conversational_row_is_no_column_wise_json(tmp_path):
+    import json
+
+    row = {"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}
+    path = _file(tmp_path, json.dumps([row]), name="d.json")
+    assert load_sources(path, "sft")[1].name == "prompt-completion"
