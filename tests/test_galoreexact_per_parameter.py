@@ -260,12 +260,9 @@ def test_float32_bucket_of_same_shapes(name, hp, chunk, k):
     GaLore's bucket folds in place, its peak is the multi-tensor direction's ``12 k n`` (traced 49,152 for one,
     147,456 for three, 98,304 for two), which the engine is to report exactly (FOUND 3; it reports the unfolded
     per-parameter combine-back: 98,304 / 65,536 for one); Fira's and FRUGAL's folds are counted by their rules
-    (CombineRule.foreach_fold_bytes, since FOLDS' commit: tests/test_folds_buckets.py); APOLLO's is not counted by
-    its rule yet (foreach_fold_offered None: FOUND_FOLDS 1): a bound."""
+    (CombineRule.foreach_fold_bytes, since FOLDS' commit: tests/test_folds_buckets.py), APOLLO's too (9f37672)."""
     traced, reported = _bucket(name, hp, k, chunk)
     if name == "galore_adamw":
         assert traced == reported == 12 * min(k, 2 if chunk else k) * 4096
-    elif name == "apollo_adamw":
-        assert reported >= traced
     else:
         assert traced == reported

@@ -1205,9 +1205,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         back = combine + extra if chunk is None else copies + p_copy + combine + extra
         # the combine-back of the bucket as _step_low_bucket runs it (issue 12): a float32 bucket with one float
         # step size folds (_fold_low_bucket: the rule's foreach_fold_bytes for the whole bucket, _low_bucket_bytes;
-        # GaLore's, Fira's, FRUGAL's, Online Subspace Descent's); otherwise each parameter's combine-back phase by
-        # phase (subspace.projected_back_bytes); a rule whose fold is not counted (foreach_fold_offered None:
-        # APOLLO's and the Subspace-Momentum recipes' float32 folds) keeps the per-phase sum above, a bound
+        # GaLore's, Fira's, FRUGAL's, Online Subspace Descent's, APOLLO's, Subset-Norm's); otherwise each parameter's
+        # combine-back phase by phase (subspace.projected_back_bytes); a rule that does not say (foreach_fold_offered
+        # None, the base classes' default) keeps the per-phase sum above, a bound
         folds = (p.dtype == torch.float32 and r.lr_rule is constant_lr and not r.moment.applies_lr
                  and not r.moment.foreach_direction_lrs and not r.stabilizers)
         fold = r.combine.fold_bytes(p.shape, group, state, P) if folds else None
