@@ -14,10 +14,6 @@ sharded ones), gradient clipping and the checkpoints (``torch.distributed.checkp
 
 from __future__ import annotations
 
-import atexit
-import os
-import sys
-
 
 def fsdp_on_cpu_processes() -> None:
     """Patch ``accelerate.state.AcceleratorState.__init__`` in this process (idempotent)."""
@@ -43,26 +39,16 @@ def fsdp_on_cpu_processes() -> None:
 
 
 def exit_without_finalizing(code: int = 0) -> None:
-    """End a process of a gloo process group without interpreter finalization: ``destroy_process_group()``, the
-    ``atexit`` handlers (as a normal exit runs them: logging's flush, ...), flush, ``os._exit(code)``.
+    """End a process of a gloo process group without interpreter finalization: ``lowmem.dist_exit.exit_process``
+    with ``distributed=True`` (``destroy_process_group()`` if still initialized, the ``atexit`` handlers, flush,
+    ``os._exit(code)``), also after the caller's own ``finally: dist.destroy_process_group()``.
 
-    Why: a gloo collective's worker thread (``pt_gloo_runloop``) drops its ``Work`` after ``wait()`` has
-    returned; when it holds the last C++ reference, the ``Work``'s tensors decref their Python objects
-    (c10's ``TensorImpl::decref_pyobject``, ``noexcept``), which takes the GIL. If the main thread has meanwhile
-    reached interpreter finalization (the script's end, under CPU load), the worker's ``take_gil`` calls
-    ``pthread_exit``, whose forced unwind through that ``noexcept`` frame is ``std::terminate``: "terminate called
-    without an active exception", SIGABRT (-6) after the run passed (core dump backtrace: ``runLoop`` ->
-    ``~AsyncWork`` -> ``decref_pyobject`` -> ``gil_scoped_acquire`` -> ``PyThread_exit_thread``). Without
-    finalization no thread is made to exit that way. ``destroy_process_group()`` alone narrows the window only
-    (it releases the GIL once, to a worker already waiting for it; gloo's ``shutdown`` does not wait for the
-    workers, and the process group lives on while FSDP2's device mesh holds it). Call it on the success path
-    only: an exception should still end the process with its traceback (tests/test_experts_gloo_exit.py).
+    Why (the module docstring of lowmem/dist_exit.py has the whole backtrace): a gloo worker thread dropping a
+    finished collective's ``Work`` takes the GIL; if the main thread has entered interpreter finalization, that
+    thread is made to ``pthread_exit`` through a ``noexcept`` frame: ``std::terminate``, SIGABRT (-6) after the
+    run passed. Call it on the success path only: an exception should still end the process with its traceback
+    (tests/test_experts_gloo_exit.py).
     """
-    import torch.distributed as dist
+    from lowmem.dist_exit import exit_process
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_process(code, distributed=True)
