@@ -199,10 +199,9 @@ def _json_records(file: Path, objects_only: bool = True):
                                      "of objects (or JSON Lines: one object per line)") from None
                 raise ValueError(f"{file} is not UTF-8 text ({err}); expected JSON") from None
             whole = None  # JSON Lines: read line by line below
-        if whole is not None:
-            items = whole if isinstance(whole, list) else [whole]
-            yield from ((f"item {i}", v) for i, v in enumerate(items))
-            return
+        if isinstance(whole, list):
+            yield from ((f"item {i}", v) for i, v in enumerate(whole))
+            return  # else one object: a one-line JSON Lines file (its line below)
     for n, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
@@ -705,6 +704,46 @@ def ensure_chat_template(tokenizer, fmt: DatasetFormat, chat_template: str | Non
                          "path of a .jinja file)")
 
 
+def _conversations(row: dict[str, Any], fmt: DatasetFormat) -> list[tuple[list[dict[str, Any]], bool]]:
+    """The message lists TRL renders for one conversational row: ``(messages, add_generation_prompt)``."""
+    cols = fmt.columns
+    if cols == ("prompt",):  # GRPO / GVPO / BNPO: the prompt, opened for the completion
+        return [(row["prompt"], True)]
+    if "prompt" in cols:  # prompt + completion / chosen / rejected
+        return [(row["prompt"] + row[c], False) for c in cols if c != "prompt"]
+    return [(row[c], False) for c in cols]
+
+
+def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset", eval_source: str = "eval_dataset") -> None:
+    """Render the first :data:`CHECKED_ROWS` conversational rows of the training and eval data with ``tokenizer``'s
+    chat template, as TRL will (``apply_chat_template``, text only).
+
+    A template that refuses a row (``raise_exception``: Gemma's "System role not supported", Mistral's
+    "Conversation roles must alternate user/assistant/user/assistant/...") was a ``jinja2`` traceback when TRL
+    prepared the dataset (SFT, DPO) or at the first generation (GRPO), after the model loaded.
+
+    Raises:
+        ValueError: Naming the file, the row (and line, for JSON Lines), the template's message and the roles of
+            that row.
+    """
+    import jinja2
+
+    if not data.format.conversational:
+        return
+    for rows, where in ((data.train, source), (data.eval, eval_source)):
+        if rows is None:
+            continue
+        for i, row in enumerate(rows.select(range(min(len(rows), CHECKED_ROWS)))):
+            for messages, open_turn in _conversations(row, data.format):
+                try:
+                    tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+                except jinja2.TemplateError as err:
+                    roles = [m.get("role") for m in messages]
+                    raise ValueError(f"{where}: the chat template refuses row {_row_where(where, i)} (roles {roles}): "
+                                     f"{type(err).__name__}: {err}; change the row (e.g. fold a system message into the "
+                                     "first user turn) or set chat_template to one that takes it") from None
+
+
 @dataclass
 class TrainData:
     """The datasets of one run, as :func:`load_train_data` returns them.
@@ -997,6 +1036,7 @@ def prepare_tokenizer(recipe: Any, data: TrainData | None, tokenizer) -> None:
             tokenizer.chat_template = read_chat_template(recipe.chat_template)
         return
     ensure_chat_template(tokenizer, data.format, recipe.chat_template, model=recipe.model, source=str(recipe.dataset))
+    check_template_renders(tokenizer, data, source=str(recipe.dataset), eval_source=str(recipe.eval_dataset or "eval_split"))
 
 
 def dpo_eval_rows(data: TrainData, n: int = 64):

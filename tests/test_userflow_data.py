@@ -119,3 +119,57 @@ def test_one_conversational_row_is_no_column_wise_json(tmp_path):
     row = {"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}
     path = _file(tmp_path, json.dumps([row]), name="d.json")
     assert load_sources(path, "sft")[1].name == "prompt-completion"
+
+
+STRICT = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+          "{% endif %}{{ m['role'][0] }}:{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}a:{% endif %}")
+
+
+@pytest.mark.parametrize("trainer, row", [
+    ("sft", {"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": "1+1="},
+                          {"role": "assistant", "content": "2"}]}),
+    ("grpo", {"prompt": [{"role": "system", "content": "add"}, {"role": "user", "content": "1+1="}], "answer": "2"}),
+    ("dpo", {"prompt": [{"role": "system", "content": "add"}], "chosen": [{"role": "assistant", "content": "2"}],
+             "rejected": [{"role": "assistant", "content": "3"}]}),
+])
+def test_a_row_the_chat_template_refuses_names_it(tmp_path, trainer, row):
+    """A template that raises on a row (Gemma's "System role not supported", Mistral's alternation rule): before, a
+    jinja2 TemplateError traceback when TRL prepared the data (SFT, DPO) or at the first generation (GRPO), after the
+    model loaded (exit 1)."""
+    import json
+
+    from lowmem.data import check_template_renders, load_train_data
+    from lowmem.kit import build_tokenizer
+
+    ok = {k: ([m for m in v if m["role"] != "system"] or [{"role": "user", "content": "1+1="}])
+          if isinstance(v, list) else v for k, v in row.items()}
+    path = _file(tmp_path, json.dumps(ok) + "\n", "\n", json.dumps(row) + "\n")
+    data = load_train_data(path, trainer)
+    tok = build_tokenizer()
+    tok.chat_template = STRICT
+    with pytest.raises(ValueError, match=rf"^{re.escape(path)}: the chat template refuses row 1 \(line 3\) "
+                                         r"\(roles \['system', .*TemplateError: System role not supported"):
+        check_template_renders(tok, data, source=path)
+    check_template_renders(tok, load_train_data(_file(tmp_path, json.dumps(ok) + "\n", name="ok.jsonl"), trainer))
+
+
+def test_lowmem_train_checks_the_rows_with_the_template(tmp_path, own_model_dir, capsys):
+    import json
+
+    from lowmem.cli import main
+
+    row = {"prompt": [{"role": "system", "content": "add"}, {"role": "user", "content": "1+1="}], "answer": "2"}
+    path = _file(tmp_path, json.dumps(row) + "\n")
+    (tmp_path / "strict.jinja").write_text(STRICT)
+    assert main(["train", "--trainer", "grpo", "--model", own_model_dir, "--dataset", path, "--lr", "1e-3",
+                 "--output-dir", str(tmp_path / "out"), "--chat-template", str(tmp_path / "strict.jinja"),
+                 "--reward-funcs", "exact_match"]) == 2
+    err = capsys.readouterr().err
+    assert "the chat template refuses row 0 (line 1)" in err, err
+
+
+def test_a_one_row_file_names_its_line(tmp_path):
+    """A one-line JSON Lines file is also one JSON document: its row still has its line (after blank lines)."""
+    path = _file(tmp_path, "\n", "\n", '{"prompt": "1+1=", "completion": null}\n')
+    with pytest.raises(ValueError, match=r"column 'completion' of row 0 \(line 3\) is NoneType None"):
+        load_sources(path, "sft")
