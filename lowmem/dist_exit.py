@@ -25,7 +25,7 @@ import os
 import sys
 from typing import NoReturn
 
-__all__ = ["exit_process"]
+__all__ = ["exit_if_distributed", "exit_process"]
 
 
 def _process_group_initialized() -> bool:
@@ -68,3 +68,12 @@ def exit_process(code: int | None = 0, *, distributed: bool | None = None) -> No
         except (AttributeError, OSError, ValueError):  # closed or replaced streams: nothing left to flush
             pass
     os._exit(code)
+
+
+def exit_if_distributed(code: int | None) -> int | None:
+    """For an entry point that returns its exit status (``sys.exit(main())``, a console script): in a process of
+    an initialized process group, :func:`exit_process` (``code``; never returns); otherwise ``code`` unchanged, so a
+    caller in the same process (a test calling ``main([...])``) still gets the status back."""
+    if _process_group_initialized():
+        exit_process(code, distributed=True)
+    return code
