@@ -51,6 +51,9 @@ def _worker(rank, world, init_file, out_dir, names):
         _layerwise(rank, world, out_dir)  # the same process group (each spawn's start-up is most of its time)
     finally:
         dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 def _layerwise(rank, world, out_dir):

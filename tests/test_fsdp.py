@@ -466,6 +466,9 @@ def _worker(rank, world, init_file, out_dir):
                            "consistent": consistent, "heads_gap": heads_gap}, f)
     finally:
         dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 @pytest.fixture(scope="module")
@@ -966,6 +969,9 @@ def _worker4(rank, world, init_file, out_dir):
                 json.dump(out, f)
     finally:
         dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 @pytest.fixture(scope="module")
@@ -1001,6 +1007,9 @@ def _worker4_every(rank, world, init_file, out_dir):
                 json.dump(consistent, f)
     finally:
         dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 @pytest.fixture(scope="module")
@@ -1110,6 +1119,8 @@ assert {v["step"].item() for v in sd["state"].values()} == {0.0}, sd["state"]
 assert all(torch.equal(a, p.full_tensor()) for a, p in zip(before, m.parameters()))
 dist.destroy_process_group()
 print("ok")
+from lowmem.dist_exit import exit_process
+exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 """
 
 

@@ -195,6 +195,9 @@ def worker(rank, world, port, tmp):
     torch.save(res, os.path.join(tmp, f"out.{rank}"))
     dist.barrier()
     dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ def worker(rank, world, port, tmp):
         checkpoint(rank, os.path.join(tmp, "ckpt"), os.path.join(tmp, "ckpt_run"))
     finally:
         dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 if __name__ == "__main__":

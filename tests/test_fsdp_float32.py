@@ -195,6 +195,9 @@ def _worker(rank, world, init_file, out_dir, tags):
             torch.save(out, os.path.join(out_dir, "float32.pt"))
     finally:
         dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 def _spawn(tmp_path_factory, tags):

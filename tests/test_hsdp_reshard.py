@@ -69,6 +69,9 @@ def _worker(rank, world, init_file, out_dir):
                 json.dump(out, f)
     finally:
         dist.destroy_process_group()
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 @pytest.fixture(scope="module")

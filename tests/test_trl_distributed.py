@@ -34,6 +34,9 @@ def _worker(rank: int, port: int, model_path: str, out_dir: str, kinds: list[str
     torch.set_num_threads(1)
     for kind in kinds:  # one spawn for every kind (each process's imports are most of the time)
         _train_one(rank, model_path, out_dir, kind)
+    from lowmem.dist_exit import exit_process
+
+    exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 
 
 def _train_one(rank: int, model_path: str, out_dir: str, kind: str) -> None:
