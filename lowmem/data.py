@@ -479,6 +479,23 @@ def _check_cell(value: Any, column: str, conversational: bool, source: str, row:
                          "(standard format) or a list of {'role', 'content'} messages (conversational)")
 
 
+def _check_prompt_not_repeated(row: dict[str, Any], cols: tuple[str, ...], conversational: bool, source: str,
+                               i: int) -> None:
+    """Refuse a conversational row whose ``completion`` / ``chosen`` / ``rejected`` messages start with the row's
+    ``prompt`` messages: TRL renders ``prompt + completion``, so the prompt turns would be trained on twice (a
+    dataset converted from the implicit-prompt form with the prompt kept in both)."""
+    if not conversational or "prompt" not in cols or len(cols) < 2:
+        return
+    prompt = row["prompt"]
+    rest = [c for c in cols if c != "prompt"]
+    if prompt and all(isinstance(row[c], list) and len(row[c]) > len(prompt) and row[c][:len(prompt)] == prompt
+                      for c in rest):
+        raise ValueError(f"{source}: row {_row_where(source, i)}: {' and '.join(map(repr, rest))} start with the "
+                         f"{len(prompt)} message(s) of 'prompt'; TRL appends them to the prompt, so those turns would "
+                         f"appear twice. Remove the prompt's messages from {' and '.join(map(repr, rest))}, or drop the "
+                         "'prompt' column (the implicit-prompt form: TRL then extracts the shared start itself)")
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
@@ -550,6 +567,7 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     for i, row in enumerate(rows):
         for c in cols:
             _check_cell(row[c], c, conversational, source, i)
+        _check_prompt_not_repeated(row, cols, conversational, source, i)
     extra = tuple(c for c in columns if c not in cols)
     return DatasetFormat(name=name, columns=tuple(cols), conversational=conversational, extra_columns=extra)
 

@@ -173,3 +173,19 @@ def test_a_one_row_file_names_its_line(tmp_path):
     path = _file(tmp_path, "\n", "\n", '{"prompt": "1+1=", "completion": null}\n')
     with pytest.raises(ValueError, match=r"column 'completion' of row 0 \(line 3\) is NoneType None"):
         load_sources(path, "sft")
+
+
+@pytest.mark.parametrize("trainer, others", [("dpo", ("chosen", "rejected")), ("sft", ("completion",))])
+def test_a_prompt_repeated_in_its_answers_is_refused(tmp_path, trainer, others):
+    """Implicit-prompt pairs converted to the explicit form with the prompt kept in chosen / rejected: TRL renders
+    prompt + chosen, so the user turn was trained on twice, silently."""
+    import json
+
+    user = [{"role": "user", "content": "1+1="}]
+    good = {"prompt": user, **{c: [{"role": "assistant", "content": "2"}] for c in others}}
+    bad = {"prompt": user, **{c: user + [{"role": "assistant", "content": "2"}] for c in others}}
+    path = _file(tmp_path, json.dumps(good) + "\n", json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"row 1 \(line 2\): .* start with the 1 message\(s\) of 'prompt'; TRL appends "
+                                         r"them to the prompt, so those turns would appear twice"):
+        load_sources(path, trainer)
+    assert load_sources(_file(tmp_path, json.dumps(good) + "\n", name="ok.jsonl"), trainer)[0].num_rows == 1
