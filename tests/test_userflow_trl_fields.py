@@ -57,3 +57,26 @@ def test_the_lists_are_trls(config, choices):
     for name, values in choices.items():
         missing = [v for v in values if not re.search(rf"[`']{v}[`']", helps[name])]  # TRL writes `group' too
         assert not missing, (config, name, missing, helps[name][:300])
+
+
+def _any_reward(completions, **kwargs):
+    return [1.0 for _ in completions]
+
+
+@pytest.mark.parametrize("cls", [LowMemGRPOConfig, GVPOConfig, BNPOConfig])
+def test_remove_unused_columns_true_with_reward_columns_is_refused(tmp_path, cls):
+    """The HF Trainer's default remove_unused_columns=True in a config written for it drops the columns TRL would
+    pass to the reward functions: before, "missing 1 required positional argument: 'answer'" at the first step,
+    after the model loaded and generated (or, through **kwargs, the columns silently gone). Checked before the model
+    loads (the path below is never read)."""
+    from datasets import Dataset
+
+    from lowmem.trainers import BNPOTrainer, GVPOTrainer, LowMemGRPOTrainer
+
+    trainer = {LowMemGRPOConfig: LowMemGRPOTrainer, GVPOConfig: GVPOTrainer, BNPOConfig: BNPOTrainer}[cls]
+    data = Dataset.from_list([{"prompt": "1+1=", "answer": "2"}] * 4)
+    args = cls(output_dir=str(tmp_path), **COMMON, per_device_train_batch_size=4, num_generations=2,
+               remove_unused_columns=True)
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.remove_unused_columns=True would drop the dataset's columns "
+                                         r"\['answer'\] .*set remove_unused_columns=False"):
+        trainer(model=str(tmp_path / "never-read"), reward_funcs=_any_reward, args=args, train_dataset=data)

@@ -207,6 +207,25 @@ def check_reward_signatures(reward_funcs: Any, train_dataset: Any) -> None:
             check_reward_signature(fn, getattr(fn, "__name__", f"reward_funcs[{i}]"), columns)
 
 
+def check_kept_columns(config: Any, *datasets: Any) -> None:
+    """Refuse ``remove_unused_columns=True`` (the HF Trainer's default, which TRL's ``GRPOConfig`` turns off) on a
+    GRPO dataset with columns besides ``prompt``: the Trainer then drops them before TRL calls the reward functions,
+    which fail at the first step (``missing 1 required positional argument: 'answer'``, after the model loaded and
+    generated) or, taking ``**kwargs``, silently lose them.
+
+    Raises:
+        ValueError: Naming the columns and the fix (``remove_unused_columns=False``).
+    """
+    if config is None or not getattr(config, "remove_unused_columns", False):
+        return
+    for dataset in datasets:
+        extra = [c for c in (dataset_columns(dataset) or []) if c != "prompt"]
+        if extra:
+            raise ValueError(f"{type(config).__name__}.remove_unused_columns=True would drop the dataset's columns {extra} "
+                             "before TRL passes them to the reward functions as keyword arguments; set "
+                             "remove_unused_columns=False (GRPOConfig's default)")
+
+
 def _bound(trainer_cls: type, model: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return inspect.signature(trainer_cls.__init__).bind(None, model, *args, **kwargs).arguments
 
@@ -257,6 +276,7 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
         bound = _bound(GRPOTrainer, model, args, kwargs)
         config = bound.get("args")
         check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"))
+        check_kept_columns(config, bound.get("train_dataset"), bound.get("eval_dataset"))
         if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
             check_reference_reloadable(self._name, model, self._reference_alternative)
         super().__init__(model, *args, **kwargs)
