@@ -636,8 +636,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 for h in self.recipe.group_hparams:
                     if h.default is not None:
                         group.setdefault(h.name, h.default)
-            for h in self.recipe.group_hparams:
-                if group.get(h.name) is not None:
+            for h in self.recipe.group_hparams:  # (any value given, None too: where None is valid, the check accepts it)
+                if h.name in group:
                     h.validate(group[h.name], where=where)
             if self.recipe.validate_group is not None:
                 try:
