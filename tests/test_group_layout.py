@@ -245,3 +245,33 @@ def test_layerwise_refuses_before_any_parameter_is_stepped():
     with pytest.raises(ValueError, match=r"setting 'rank' changed from 4 to 2"):
         model(x).square().mean().backward()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_sharded_parameters_are_covered(tmp_path):
+    """FSDP2 DTensor parameters (one process, a gloo group of one): the layout of their local shards is probed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        ps = [nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)])) for s in SHAPES[:3]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = create_optimizer(ps, "galore_adamw", rank=4)
+        for t in range(3):
+            if t == 2:
+                opt.param_groups[0]["rank"] = 2
+            for p in ps:
+                p.grad = distribute_tensor(torch.randn(p.shape), mesh, [Shard(0)])
+            if t < 2:
+                opt.step()
+        before = [p.detach().full_tensor().clone() for p in ps]
+        with pytest.raises(ValueError, match=r"parameter group 0: setting 'rank' changed from 4 to 2 .*\(this shard\)"):
+            opt.step()
+        assert all(torch.equal(p.detach().full_tensor(), q) for p, q in zip(ps, before))
+    finally:
+        dist.destroy_process_group()
