@@ -227,6 +227,31 @@ def test_load_state_dict_then_continue_and_a_change_after_it():
         other.step()
 
 
+@pytest.mark.parametrize("name,setting,new", [("galore_adamw", "rank", 2), ("adam_mini", "block", "row"),
+                                              ("adamw_sn", "subset_size", 4)])
+def test_a_layout_setting_changed_between_load_state_dict_and_the_first_step(name, setting, new):
+    """State that exists before the group's first step (loaded, or materialized): checked against the settings then."""
+    ps = _params()
+    hp = {"rank": 4} if setting == "rank" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer(ps, name, **hp)
+        _grads(ps, 0)
+        opt.step()
+        other = create_optimizer(ps, name, **hp)
+    other.load_state_dict(opt.state_dict())
+    other.param_groups[0][setting] = new
+    params = [p.detach().clone() for p in ps]
+    _grads(ps, 1)
+    with pytest.raises(ValueError, match=rf"{name}: parameter group 0: the state of a .* made before this step .*"
+                                         rf"{setting}={re.escape(repr(new))}.*load a checkpoint saved with these settings"):
+        other.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, params))
+    other.param_groups[0][setting] = opt.param_groups[0][setting]  # (back to the state's: the run continues)
+    other.step()
+    assert any(not torch.equal(p, q) for p, q in zip(ps, params))
+
+
 def test_layerwise_refuses_before_any_parameter_is_stepped():
     from lowmem.optim.layerwise import LayerwiseOptimizer
 

@@ -16,7 +16,9 @@ the group's candidates, and their values are kept. At every step each group's ca
 the kept ones (a tuple compare, no tensor work); only when one differs is the layout probed, under the kept and
 the new settings, for each parameter with state: equal layouts (e.g. GaLore's ``projection`` ``svd`` ->
 ``random``, ``moment_policy``: read when the state is made, the same state) make the new values the kept ones;
-another layout raises. The same settings are what ``load_state_dict`` compares
+another layout raises. A group first seen whose parameters already have state (loaded by ``load_state_dict``,
+materialized) is checked once against the layout its settings give (a setting changed after the load). The same
+settings are what ``load_state_dict`` compares
 (:func:`~lowmem.optim.sharded.check_same_settings`: a checkpoint of another layout is refused there).
 """
 
@@ -148,7 +150,9 @@ def check_group_layouts(opt: Any) -> None:
     for i, group in enumerate(opt.param_groups):
         entry = known.get(id(group))
         if entry is None or entry[0] is not group:  # (the entry keeps its group alive: its id is not reused)
-            known[id(group)] = _snapshot(opt, group)
+            new = _snapshot(opt, group)
+            _refuse_state_made_otherwise(opt, i, group, new)
+            known[id(group)] = new
             continue
         _, keys, values, layouts = entry
         now = _kept(group, keys)
@@ -165,6 +169,37 @@ def check_group_layouts(opt: Any) -> None:
         new = _snapshot(opt, group)
         _refuse_layout_change(opt, i, group, dict(zip(keys, values)), changed, layouts, new[3])
         known[id(group)] = new
+
+
+def _held(opt: Any, p: Tensor) -> dict[str, tuple]:
+    """``{entry: (shape, dtype)}`` of ``p``'s state as it is, named as :func:`layout` names them."""
+    suffix = " (this shard)" if is_dtensor(p) else ""
+    return _fixed({k + suffix: (tuple(v.shape), v.dtype) for k, v in opt.state[p].items() if isinstance(v, Tensor)})
+
+
+def _refuse_state_made_otherwise(opt: Any, i: int, group: dict[str, Any], snapshot: tuple) -> None:
+    """A group first seen whose parameters already have state (loaded by ``load_state_dict``, made by
+    ``materialize_state`` or for a sharded parameter at construction): its state must have the layout the group's
+    settings give it now (a setting changed between the load and this step would otherwise go unseen)."""
+    _, keys, values, layouts = snapshot
+    seen: set[tuple] = set()
+    for p in group["params"]:
+        kind = _kind(p)
+        if not opt.state.get(p) or kind in seen:
+            continue
+        seen.add(kind)
+        held = _held(opt, p)
+        want = {k: v for k, v in layouts[kind].items() if not k.endswith(" (whole tensor)")}
+        if held == want:
+            continue
+        diff = "; ".join(f"{e}: {held.get(e, 'none')} held, {want.get(e, 'none')} under these settings"
+                         for e in sorted(set(held) | set(want)) if held.get(e) != want.get(e))
+        raise ValueError(
+            f"{opt.recipe.name}: parameter group {i}: the state of a {tuple(p.shape)} parameter, made before this step"
+            f" (loaded, or materialized), does not have the layout its group's settings give it ({diff}): one of the"
+            " settings that fix it was changed after the state was made ("
+            + ", ".join(f"{k}={_value(v)}" for k, v in zip(keys, values))
+            + "). Put the old value back, or make a new optimizer, or load a checkpoint saved with these settings")
 
 
 def _refuse_layout_change(opt: Any, i: int, group: dict[str, Any], old: dict[str, Any], changed: list[str],
