@@ -100,8 +100,6 @@ def test_none_where_none_is_a_value_is_still_accepted():
         opt.step()
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_PARITY 1: LowMemOptimizer.add_param_group validates a group setting "
-                                       "only when it is not None (engine.py), so a group's explicit None reaches the step")
 def test_none_in_a_parameter_group_is_refused_by_name():
     from lowmem.optim import FiraAdamW
 

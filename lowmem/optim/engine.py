@@ -73,6 +73,7 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
+from .group_layout import check_group_layouts
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -636,8 +637,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 for h in self.recipe.group_hparams:
                     if h.default is not None:
                         group.setdefault(h.name, h.default)
-            for h in self.recipe.group_hparams:
-                if group.get(h.name) is not None:
+            for h in self.recipe.group_hparams:  # (any value given, None too: where None is valid, the check accepts it)
+                if h.name in group:
                     h.validate(group[h.name], where=where)
             if self.recipe.validate_group is not None:
                 try:
@@ -1352,6 +1353,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_group_layouts(self)  # a setting that fixes the state's layout changed since: refused (lowmem.optim.group_layout)
         # (key, tensor, gradient, group, reduce): a sharded (FSDP2 DTensor) parameter is stepped on
         # its local shard, its state keyed by the parameter; ``reduce`` all-reduces per-tensor statistics
         work = []

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .._warn import warn_user
 from .engine import LowMemOptimizer
 from .functional.norms import float_norm
+from .group_layout import check_group_layouts
 from .registry import create_optimizer
 from .sharded import is_dtensor
 
@@ -229,6 +230,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """A complete gradient of ``p`` for one backward pass. ``owned``: ``grad`` is ``p.grad``
         (hook mode), which we may free or leave to accumulate."""
         self.inner._check_dense(grad)  # before any state is touched
+        if not self._handled:  # the step's first parameters: a setting fixing the state's layout changed is refused
+            check_group_layouts(self.inner)  # before any is stepped (lowmem.optim.group_layout)
         group = self._group_of[p]
         k = self._micro.get(p, 0) + 1
         self._micro[p] = k

@@ -1,0 +1,236 @@
+"""Settings that fix the state's layout, changed in ``param_groups`` between steps: refused at the next step.
+
+A parameter's state is allocated from its group's settings (:meth:`LowMemOptimizer._init_state`): GaLore's
+``rank`` and ``proj_type`` shape its basis and moments, 8-bit ``block_size`` / ``min_quant_size`` its codes,
+Adam-mini's ``block`` and Subset-Norm's ``subset_size`` its second moment, MicroAdam's ``m`` its window, Muon's
+``use_muon`` which state it has at all. torch's optimizers read every group value at each step, so a scheduler or a
+callback may change ``lr``, ``betas``, ... in ``param_groups`` (those stay live here too); a change of a layout
+setting would otherwise be ignored (the state keeps the old layout and the old meaning) or crash in the middle of
+a step, after earlier parameters were updated. :func:`check_group_layouts` refuses it first, with a
+``ValueError`` naming the group, the setting, the old and the new value.
+
+Which settings fix the layout is not a list: it is read off the code that builds the state. The first time a
+group is seen, :meth:`_init_state` runs on fake tensors (nothing allocated; :meth:`LowMemOptimizer._probe_state`)
+over a dict that records the keys it reads (:class:`_Reads`), once per distinct parameter shape: those keys are
+the group's candidates, and their values are kept. At every step each group's candidate values are compared with
+the kept ones (a tuple compare, no tensor work); only when one differs is the layout probed, under the kept and
+the new settings, for each parameter with state: equal layouts (e.g. GaLore's ``projection`` ``svd`` ->
+``random``, ``moment_policy``: read when the state is made, the same state) make the new values the kept ones;
+another layout raises. A group first seen whose parameters already have state (loaded by ``load_state_dict``,
+materialized) is checked once against the layout its settings give (a setting changed after the load). The same
+settings are what ``load_state_dict`` compares
+(:func:`~lowmem.optim.sharded.check_same_settings`: a checkpoint of another layout is refused there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .sharded import is_dtensor, state_layout
+
+_MISSING = object()  # (a key the group does not have)
+
+
+class _Reads(dict):
+    """A copy of a group's dict that records the keys read from it (``read``); iterating it, or copying it
+    with ``dict(...)`` / ``{**...}``, counts as reading every key."""
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        super().__init__(group)
+        self.read: set[str] = set()
+
+    def __getitem__(self, k: str) -> Any:
+        self.read.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k: str, default: Any = None) -> Any:
+        self.read.add(k)
+        return super().get(k, default)
+
+    def __contains__(self, k: object) -> bool:
+        self.read.add(k)  # type: ignore[arg-type]
+        return super().__contains__(k)
+
+    def setdefault(self, k: str, default: Any = None) -> Any:
+        self.read.add(k)
+        return super().setdefault(k, default)
+
+    def _all(self) -> None:
+        self.read.update(super().keys())
+
+    def __iter__(self):  # type: ignore[override]
+        self._all()
+        return super().__iter__()
+
+    def keys(self):  # type: ignore[override]
+        self._all()
+        return super().keys()
+
+    def items(self):  # type: ignore[override]
+        self._all()
+        return super().items()
+
+    def values(self):  # type: ignore[override]
+        self._all()
+        return super().values()
+
+
+def layout(opt: Any, p: Tensor, group: dict[str, Any]) -> dict[str, tuple]:
+    """``{entry: (shape, dtype)}`` of what ``opt`` allocates for ``p`` under ``group``'s settings, on fake
+    tensors (the layout ``load_state_dict`` compares)."""
+    if is_dtensor(p):
+        return state_layout(opt._init_state, p, group, opt._is_projected(p, group))
+    return {k: (tuple(v.shape), v.dtype) for k, v in opt._probe_state(p, group).items() if isinstance(v, Tensor)}
+
+
+#: State entries the step makes itself when they are missing: GaLore's ``moment_start`` under
+#: ``moment_policy="reset"`` (``LowMemOptimizer._on_subspace_change`` / ``_complete_shared``; a checkpoint that
+#: predates it loads too). Present on one side only, they are no other layout: ``moment_policy`` stays live.
+MADE_BY_THE_STEP = frozenset({"moment_start"})
+
+
+def _fixed(entries: dict[str, tuple]) -> dict[str, tuple]:
+    return {k: v for k, v in entries.items() if k.split(" (")[0] not in MADE_BY_THE_STEP}
+
+
+def _kind(p: Tensor) -> tuple:
+    """Parameters whose state is made alike (one probe for each)."""
+    return (tuple(p.shape), p.dtype, is_dtensor(p), getattr(p, "placements", None))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # (a value whose == is not a truth value)
+        return False
+
+
+def _kept(group: dict[str, Any], keys: tuple[str, ...]) -> tuple:
+    return tuple(group.get(k, _MISSING) for k in keys)
+
+
+def _snapshot(opt: Any, group: dict[str, Any]) -> tuple:
+    """``(group, keys, values, layouts)``: the settings of ``group`` that the code building its parameters' state
+    reads (sorted), their values (lists and dicts copied: one changed in place must still differ), and the layout
+    of each kind of its parameters (:func:`_kind`) under them: one probe per kind, recording the keys it reads."""
+    read: set[str] = set()
+    layouts: dict[tuple, dict] = {}
+    for p in group["params"]:
+        kind = _kind(p)
+        if kind in layouts:
+            continue
+        probe = _Reads(group)
+        layouts[kind] = _fixed(layout(opt, p, probe))
+        read |= probe.read
+    read.discard("params")
+    keys = tuple(sorted(read))
+    values = tuple(type(v)(v) if isinstance(v, (list, dict)) else v for v in _kept(group, keys))
+    return group, keys, values, layouts
+
+
+def _value(v: Any) -> str:
+    return "(not set)" if v is _MISSING else repr(v)
+
+
+def check_group_layouts(opt: Any) -> None:
+    """Refuse a setting that fixes the state's layout changed in ``opt.param_groups`` since its parameters'
+    state was made (module docstring). Call it before anything of a step touches a parameter or its state.
+
+    Raises:
+        ValueError: Naming the group's index, the setting, its old and new value, a parameter whose state it
+            changes, and what to do instead.
+    """
+    known = opt.__dict__.setdefault("_layout_sigs", {})  # (not pickled: torch's __getstate__ drops it)
+    for i, group in enumerate(opt.param_groups):
+        entry = known.get(id(group))
+        if entry is None or entry[0] is not group:  # (the entry keeps its group alive: its id is not reused)
+            new = _snapshot(opt, group)
+            _refuse_state_made_otherwise(opt, i, group, new)
+            known[id(group)] = new
+            continue
+        _, keys, values, layouts = entry
+        now = _kept(group, keys)
+        try:
+            if now == values:
+                continue
+        except Exception:  # (a tensor value: compared one by one below)
+            pass
+        changed = [k for k, a, b in zip(keys, values, now) if not _same(a, b)]
+        if not changed:
+            continue
+        # the same layout: the new values are the kept ones (a scheduler changing a value read when the state
+        # is made, e.g. adamw_sn's betas, costs one probe per kind of parameter at each change)
+        new = _snapshot(opt, group)
+        _refuse_layout_change(opt, i, group, dict(zip(keys, values)), changed, layouts, new[3])
+        known[id(group)] = new
+
+
+def _held(opt: Any, p: Tensor) -> dict[str, tuple]:
+    """``{entry: (shape, dtype)}`` of ``p``'s state as it is, named as :func:`layout` names them."""
+    suffix = " (this shard)" if is_dtensor(p) else ""
+    return _fixed({k + suffix: (tuple(v.shape), v.dtype) for k, v in opt.state[p].items() if isinstance(v, Tensor)})
+
+
+def _refuse_state_made_otherwise(opt: Any, i: int, group: dict[str, Any], snapshot: tuple) -> None:
+    """A group first seen whose parameters already have state (loaded by ``load_state_dict``, made by
+    ``materialize_state`` or for a sharded parameter at construction): its state must have the layout the group's
+    settings give it now (a setting changed between the load and this step would otherwise go unseen)."""
+    _, keys, values, layouts = snapshot
+    seen: set[tuple] = set()
+    for p in group["params"]:
+        kind = _kind(p)
+        if not opt.state.get(p) or kind in seen:
+            continue
+        seen.add(kind)
+        held = _held(opt, p)
+        want = {k: v for k, v in layouts[kind].items() if not k.endswith(" (whole tensor)")}
+        if held == want:
+            continue
+        diff = "; ".join(f"{e}: {held.get(e, 'none')} held, {want.get(e, 'none')} under these settings"
+                         for e in sorted(set(held) | set(want)) if held.get(e) != want.get(e))
+        raise ValueError(
+            f"{opt.recipe.name}: parameter group {i}: the state of a {tuple(p.shape)} parameter, made before this step"
+            f" (loaded, or materialized), does not have the layout its group's settings give it ({diff}): one of the"
+            " settings that fix it was changed after the state was made ("
+            + ", ".join(f"{k}={_value(v)}" for k, v in zip(keys, values))
+            + "). Put the old value back, or make a new optimizer, or load a checkpoint saved with these settings")
+
+
+def _refuse_layout_change(opt: Any, i: int, group: dict[str, Any], old: dict[str, Any], changed: list[str],
+                          layouts: dict, new: dict) -> None:
+    """Raise when the settings ``changed`` (from ``old``) give a parameter of ``group`` with state another layout:
+    ``new`` (by :func:`_kind`) than ``layouts`` (probed under ``old`` where missing)."""
+    before = dict(group)  # the settings the state was made with
+    for k, v in old.items():
+        if v is _MISSING:
+            before.pop(k, None)
+        else:
+            before[k] = v
+    seen: set[tuple] = set()
+    for p in group["params"]:
+        kind = _kind(p)
+        if not opt.state.get(p) or kind in seen:
+            continue
+        seen.add(kind)
+        was = layouts[kind] if kind in layouts else _fixed(layout(opt, p, before))
+        now = new[kind]
+        if was == now:
+            continue
+        # the settings that change it on their own (else all of them, together)
+        alone = [k for k in changed if _fixed(layout(opt, p, {**before, k: group[k]} if k in group
+                                                     else {q: v for q, v in before.items() if q != k})) != was]
+        names = alone or changed
+        diff = "; ".join(f"{e}: {was.get(e, 'none')} -> {now.get(e, 'none')}" for e in sorted(set(was) | set(now))
+                         if was.get(e) != now.get(e))
+        raise ValueError(
+            f"{opt.recipe.name}: parameter group {i}: "
+            + ", ".join(f"setting '{k}' changed from {_value(old[k])} to {_value(group.get(k, _MISSING))}" for k in names)
+            + f" after its parameters' state was made; it fixes the state's layout (a {tuple(p.shape)} parameter:"
+            f" {diff}), so it cannot change during a run. Put the old value back, or make a new optimizer, or load a"
+            " checkpoint saved with these settings")
