@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
+from .dist_exit import exit_if_distributed
 from .threads import set_train_threads
 
 LIST_SHAPE = (4096, 4096)
@@ -374,12 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.handler(args)
+        # a process of a torch.distributed group (torchrun / accelerate launch) ends without interpreter
+        # finalization, which can abort a gloo process after the run (lowmem/dist_exit.py)
+        return exit_if_distributed(args.handler(args))
     except Exception as err:
         if os.environ.get("LOWMEM_DEBUG") or not is_user_error(err):
             raise
         report_error(err)
-        return 2
+        return exit_if_distributed(2)
 
 
 def report_error(err: BaseException) -> None:
