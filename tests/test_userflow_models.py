@@ -85,6 +85,21 @@ def test_the_fix_the_error_gives_works(tmp_path, bpe, arch):
     assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 1, VOCAB)
 
 
+@pytest.mark.parametrize("arch, match", [("mistral", "has no eos_token"), ("gemma2", "beyond the model's 300 embedding rows")])
+def test_python_api_loader_refuses_the_tokenizer(tmp_path, bpe, arch, match):
+    """lowmem.kit.load_model_and_tokenizer (the Python API) checks what lowmem train checks (it returned pad None
+    or out-of-range special tokens silently), and the fixed tokenizer then loads with its model."""
+    from lowmem.kit import load_model_and_tokenizer
+
+    path = _model_dir(tmp_path, bpe, arch, weights=True)
+    with pytest.raises(ValueError, match=match):
+        load_model_and_tokenizer(path)
+    transformers.PreTrainedTokenizerFast(tokenizer_file=f"{path}/tokenizer.json",
+                                         eos_token="<|endoftext|>").save_pretrained(path)
+    model, tok = load_model_and_tokenizer(path)
+    assert (tok.eos_token_id, tok.pad_token_id, model.config.vocab_size) == (1, 1, VOCAB)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_class_defaults_inside_the_vocabulary_pass(tmp_path, bpe, arch):
     """Qwen2's and GPT-2's tokenizer classes default to <|endoftext|>, which the vocabulary has."""

@@ -112,7 +112,9 @@ def load_model_and_tokenizer(
         trust_remote_code (`bool`, defaults to `False`): Forwarded to ``from_pretrained``; only set it
             for checkpoints whose code you trust.
 
-    A tokenizer without a pad token gets ``pad_token = eos_token``.
+    A tokenizer without a pad token gets ``pad_token = eos_token``. A tokenizer that cannot train the model (no
+    ``eos_token``, or special tokens beyond its embedding rows: a ``tokenizer.json`` saved with ``tokenizers``
+    alone) is a ``ValueError`` naming the fix (:func:`lowmem.data.check_tokenizer_fits`), before the weights load.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -122,7 +124,10 @@ def load_model_and_tokenizer(
         raise FileNotFoundError(f"model path {str(path)!r} is not a local directory (lowmem never downloads models)")
     kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    from lowmem.data import check_tokenizer_fits
+
+    check_tokenizer_fits(tok, str(path))  # an eos token, and no special token beyond the embedding: before the weights load
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     return model, tok
