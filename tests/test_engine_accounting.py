@@ -111,6 +111,8 @@ fully_shard(pnet)
 create_optimizer(pnet, "galore_adamw", rank=4)
 dist.destroy_process_group()
 print(json.dumps(out))
+from lowmem.dist_exit import exit_process
+exit_process(0, distributed=True)  # no finalization: a gloo thread could abort it (lowmem/dist_exit.py)
 """
 
 

@@ -1104,8 +1104,7 @@ import os, sys, warnings, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 from lowmem.optim import create_optimizer
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)  # no port to collide under -n 2
 torch.manual_seed(0)
 m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
 fully_shard(m)
@@ -1128,12 +1127,9 @@ def test_fresh_sharded_optimizer_is_not_stepped_by_dcp(tmp_path):
     """torch.distributed.checkpoint 'initialises' an optimizer with empty state by one zero-gradient
     step at lr 0; lowmem allocates sharded state at construction instead, so a checkpoint saved before
     training holds step 0 (not 1: bias corrections would be off by one) and no refresh is attempted."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-c", _FRESH_DCP, str(port)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _FRESH_DCP, str(tmp_path / "rendezvous")], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
