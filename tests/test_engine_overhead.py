@@ -2,11 +2,13 @@
 
 :meth:`LowMemOptimizer.step` decides once per parameter whether it takes the projected multi-tensor
 step, the foreach buckets or its per-parameter step, and reuses the decision while nothing it depends
-on changed (``LowMemOptimizer._route``): the group's settings except ``lr``, the parameter's state dict,
-the dtype / shape / device / contiguity of the parameter and its gradient, ``chunk_numel``. These tests
-change each of them between steps and check that the step is the one an optimizer deciding afresh at
-every step takes (bit for bit), that the counters advance in a loaded state, and that no path decision
-of any recipe reads ``lr`` (which is not part of the key)."""
+on changed (``LowMemOptimizer._route``): the group's settings that its decisions read (recorded when a
+path is decided, ``engine._GroupEntry``; ``lr`` by its type only), the parameter's state dict, the dtype /
+shape / device / contiguity of the parameter and its gradient, ``chunk_numel``. These tests change each of
+them between steps (and cycle ``betas`` / ``momentum`` with torch's ``OneCycleLR``) and check that the step
+is the one an optimizer deciding afresh at every step takes (bit for bit), that settings no decision reads
+decide nothing again while a read one does, that the counters advance in a loaded state, and that no path
+decision of any recipe reads ``lr``'s value."""
 
 from __future__ import annotations
 
@@ -220,10 +222,31 @@ class _Recording(dict):
         return super().__contains__(key)
 
 
+class _WatchedLr(float):
+    """An ``lr`` that records any use of its value (``isinstance`` is not a use: the route keys ``lr`` by its
+    type, float or tensor)."""
+
+    used: list[str]
+
+    def _use(name):  # noqa: N805
+        def method(self, *args):
+            self.used.append(name)
+            return getattr(float, name)(self, *args)
+        return method
+
+    for _n in ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__float__", "__int__",
+               "__hash__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+               "__rtruediv__", "__pow__", "__rpow__", "__neg__", "__abs__", "__round__", "__repr__", "__str__",
+               "__format__", "__trunc__", "__floor__", "__ceil__", "__mod__", "__divmod__", "__floordiv__"):
+        locals()[_n] = _use(_n)
+    del _n, _use
+
+
 @pytest.mark.parametrize("name", [n for n in list_optimizers() if get_entry(n).recipe is not None])
 def test_no_path_decision_reads_lr(name):
-    """``lr`` is left out of the cached decision's key (schedulers change it at every step): no
-    recipe's decision may read it, before or after the state exists, projected or not."""
+    """``lr`` is compared by its type only in the cached decision's key (schedulers change it at every
+    step): no recipe's decision (:meth:`_route`'s: projected, batched, foreach, fused, bucket class) may
+    read its value, before or after the state exists."""
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(24, 16)), torch.nn.Parameter(torch.randn(16)),
           torch.nn.Parameter(torch.randn(2, 8, 8))]
@@ -233,14 +256,121 @@ def test_no_path_decision_reads_lr(name):
     for stepped in (False, True):
         for group in opt.param_groups:
             for p in group["params"]:
-                rec = _Recording(group)
+                lr = _WatchedLr(1e-3 if group["lr"] is None else group["lr"])  # (None: Adafactor's relative step)
+                lr.used = []
+                rec = _Recording(group, lr=lr)
                 state = opt.state[p] if stepped else {}
                 opt._projected_foreach_ok(p, rec, p, state)
+                opt._matrices_foreach_ok(p, rec, p, state)
                 opt._foreach_ok(p, rec, p, state)
-                assert "lr" not in rec.read, (name, tuple(p.shape), sorted(rec.read))
+                opt._fused_whole(p, rec, state, p)
+                opt.recipe.moment.foreach_bucket_class(p.shape, rec, state)
+                assert not lr.used, (name, tuple(p.shape), lr.used)
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.step()
+
+
+def test_lr_turned_tensor_decides_again():
+    """A float ``lr`` replaced by a tensor (torch's schedulers take either) leaves AdamW's fused kernel
+    (which takes a float): the parameters it stepped whole, uncapped by ``chunk_numel``, join the capped
+    buckets again, as deciding afresh does (before, the cached route kept them whole: a bucket of 576
+    elements under ``chunk_numel=100``)."""
+
+    def run(cached: bool) -> list[list[int]]:
+        ps = _params()[:2]
+        opt = create_optimizer(ps, "adamw", lr=1e-2)
+        opt.chunk_numel = 100
+        if not cached:
+            _uncached(opt)
+        sizes, bucket = [], opt.recipe.moment.foreach_step_
+        opt.recipe.moment.foreach_step_ = lambda params, *a, **k: (sizes.append([p.numel() for p in params]),
+                                                                    bucket(params, *a, **k))[1]
+        try:
+            for step in range(4):
+                if step == 2:
+                    opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+                for p, g in zip(ps, _grads(ps, step)):
+                    p.grad = g
+                opt.step()
+                sizes.append([])
+        finally:
+            del opt.recipe.moment.foreach_step_
+        return sizes
+
+    cached = run(True)
+    assert cached == run(False)
+    assert max(max(s, default=0) for s in cached[-4:]) <= 100  # (after the change: capped)
+
+
+def _cycling(name: str, cached: bool, spy_steps: list | None = None, monkeypatch=None, **hp):
+    """``name`` stepped 6 times under torch's ``OneCycleLR`` with ``cycle_momentum=True`` (it writes
+    ``betas`` or ``momentum`` and ``lr`` at every step); the decisions of each step in ``spy_steps``."""
+    ps = _params()
+    opt = create_optimizer(ps, name, lr=1e-2, weight_decay=0.1, **hp)
+    opt.chunk_numel = 100
+    if not cached:
+        _uncached(opt)
+    spy = _Spy(opt, monkeypatch) if spy_steps is not None else None
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=True)
+    for step in range(6):
+        for p, g in zip(ps, _grads(ps, step)):
+            p.grad = g
+        if spy is not None:
+            spy.decisions = 0
+        opt.step()
+        sched.step()
+        if spy is not None:
+            spy_steps.append(spy.decisions)
+    return [p.detach().clone() for p in ps], opt
+
+
+@pytest.mark.parametrize("name, hp", [("adamw", {}), ("adamw_sn", {}), ("galore_adamw", {"rank": 4}),
+                                      ("muon", {}), ("sgd_sm", {"rank": 4}), ("adamw8bit", {})])
+def test_cycled_settings_step_as_deciding_afresh(name, hp):
+    """Under a scheduler cycling ``betas`` / ``momentum`` the cached paths step bit for bit as paths decided
+    afresh at every step (the settings a decision reads, adamw_sn's ``betas[0] > 0``, still decide again)."""
+    cached, opt = _cycling(name, True, **hp)
+    fresh, _ = _cycling(name, False, **hp)
+    assert opt.param_groups[0].get("betas", (None,))[0] != 0.95 or opt.param_groups[0].get("momentum") is not None
+    for a, b in zip(cached, fresh):
+        assert a.dtype == b.dtype and torch.equal(a, b), (name, (a - b).abs().max())
+
+
+def test_scheduled_settings_decide_no_path_again(monkeypatch):
+    """AdamW's decisions read neither ``betas`` nor ``lr``'s value: under ``OneCycleLR`` with momentum cycling
+    the paths are decided at the first two steps (before and after the state exists), then never again;
+    adamw_sn's read ``betas`` (no first moment when ``betas[0]`` is 0), so they are decided at every step."""
+    steps: list[int] = []
+    _cycling("adamw", True, steps, monkeypatch)
+    assert steps == [5, 5, 0, 0, 0, 0]
+    steps = []
+    _cycling("adamw_sn", True, steps, monkeypatch)
+    assert steps == [5] * 6
+
+
+def test_a_setting_read_later_joins_the_key(monkeypatch):
+    """``foreach=False`` ends the decisions before they read anything else; after ``foreach`` comes back
+    they read adamw_sn's ``betas``, which then decides again when it changes (the recorded settings grow,
+    ``engine._GroupEntry.add_route_keys``)."""
+    ps = _params()[:4]
+    opt = create_optimizer(ps, "adamw_sn", lr=1e-2, foreach=False)
+    spy = _Spy(opt, monkeypatch)
+
+    def step():
+        spy.decisions = 0
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        opt.step()
+        return spy.decisions
+
+    assert [step(), step(), step()] == [4, 4, 0]
+    opt.param_groups[0]["betas"] = (0.8, 0.99)  # not read by these decisions
+    assert step() == 0
+    opt.param_groups[0]["foreach"] = None
+    assert [step(), step()] == [4, 0]
+    opt.param_groups[0]["betas"] = (0.7, 0.99)  # read now
+    assert [step(), step()] == [4, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

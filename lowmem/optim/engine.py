@@ -73,7 +73,7 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .group_layout import check_group_layouts
+from .group_layout import _MISSING, _Reads, check_group_layouts
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -465,6 +465,47 @@ def _frozen(value: Any, keep: list) -> Any:
         keep.append(value)
         return (Tensor, id(value), value._version)
     return value
+
+
+class _GroupEntry:
+    """A parameter group's tokens (:meth:`LowMemOptimizer._group_tokens`): ``token``, new when any setting
+    but ``lr`` changed (``sig``), and ``route_token``, the cached paths' (:meth:`LowMemOptimizer._route`),
+    new only when one of ``keys`` changed: the settings the group's path decisions read so far (recorded
+    when a path is decided; a key first read then joins with the value it was decided on, so every cached
+    path read only keys whose values are compared). ``lr`` is compared by its type only (a float, a tensor
+    or ``None``: AdamW's fused kernel takes a float); no decision reads its value
+    (``tests/test_engine_overhead.py`` checks every recipe)."""
+
+    __slots__ = ("group", "sig", "token", "keep", "keys", "route_sig", "route_token", "route_keep")
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group, self.sig, self.token, self.keep = group, None, None, []
+        self.keys: tuple[str, ...] = ()
+        self.route_sig, self.route_token, self.route_keep = None, None, []
+
+    def _route_sig(self, base: tuple, keep: list) -> tuple:
+        group = self.group
+        return (base, type(group.get("lr")),
+                tuple(_frozen(group.get(k, _MISSING), keep) for k in self.keys))
+
+    def check_route(self, base: tuple) -> None:
+        """A new ``route_token`` if a read setting, the parameters, ``chunk_numel`` or the distributed
+        state (``base``) changed since the last step."""
+        keep: list = []
+        sig = self._route_sig(base, keep)
+        if sig != self.route_sig:
+            self.route_sig, self.route_token, self.route_keep = sig, object(), keep
+
+    def add_route_keys(self, read: set[str]) -> None:
+        """Settings a decision just read: the new ones join ``keys`` with their values now (the ones it
+        was decided on; the paths cached before did not read them, so the token is kept)."""
+        new = read - {"params", "lr"}
+        if new.issubset(self.keys):
+            return
+        self.keys = tuple(sorted(new.union(self.keys)))
+        keep: list = []
+        self.route_sig = self._route_sig(self.route_sig[0], keep)
+        self.route_keep = keep
 
 
 class _Projected(NamedTuple):
@@ -1556,13 +1597,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
     # ---- the cached path of each parameter (issue 15: the engine's own time on many small tensors) ----
 
     def _group_tokens(self) -> dict[int, object] | None:
-        """One token per parameter group (by ``id``), new whenever anything a parameter's path
-        (:meth:`_route`) may depend on changed in the group: every setting except ``lr`` (which
-        schedulers change every step and no path decision reads; ``tests/test_engine_overhead.py``
-        checks every recipe), its list of parameters, ``chunk_numel``, whether ``torch.distributed``
-        is initialized (:func:`~lowmem.optim.moments.sharded_group`). ``None`` for a subclass that
-        overrides the decisions (:meth:`_foreach_ok`, :meth:`_projected_foreach_ok`: BAdam's active
-        block): its paths are decided at every step."""
+        """One token per parameter group (by ``id``), new whenever any setting of the group but ``lr``
+        changed, its list of parameters, ``chunk_numel``, or whether ``torch.distributed`` is initialized
+        (:func:`~lowmem.optim.moments.sharded_group`): what is cached with them (:meth:`_hold_budget`) may
+        read any setting. The cached paths (:meth:`_route`) have a token of their own (:class:`_GroupEntry`),
+        new only when a setting that a path decision of the group read changed (so a scheduler writing
+        ``betas`` or ``momentum`` at every step, torch's ``OneCycleLR``, does not decide every path again
+        where no decision reads them). ``None`` for a subclass that overrides the decisions
+        (:meth:`_foreach_ok`, :meth:`_projected_foreach_ok`: BAdam's active block): its paths are decided
+        at every step."""
         cls = type(self)
         if cls._foreach_ok is not LowMemOptimizer._foreach_ok or cls._projected_foreach_ok is not LowMemOptimizer._projected_foreach_ok:
             return None
@@ -1571,36 +1614,44 @@ class LowMemOptimizer(torch.optim.Optimizer):
         tokens = {}
         for group in self.param_groups:
             keep: list = [tuple(group["params"])]  # (their ids are in the signature: kept alive, not reused)
-            sig = (self._chunk_numel, dist, tuple(map(id, group["params"])),
-                   tuple((k, _frozen(v, keep)) for k, v in group.items() if k != "params" and k != "lr"))
+            base = (self._chunk_numel, dist, tuple(map(id, group["params"])))
+            sig = (base, tuple((k, _frozen(v, keep)) for k, v in group.items() if k != "params" and k != "lr"))
             entry = known.get(id(group))
-            if entry is None or entry[0] is not group or entry[1] != sig:
-                entry = known[id(group)] = (group, sig, object(), keep)
-            tokens[id(group)] = entry[2]
+            if entry is None or entry.group is not group:
+                entry = known[id(group)] = _GroupEntry(group)
+            if entry.sig != sig:
+                entry.sig, entry.token, entry.keep = sig, object(), keep
+            entry.check_route(base)
+            tokens[id(group)] = entry.token
         return tokens
 
     def _route(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor],
                tokens: dict[int, object] | None) -> _Route:
         """The path of unsharded ``p`` in this :meth:`step` (:class:`_Route`): :meth:`_projected_foreach_ok`
         (``"low"``), else :meth:`_foreach_ok` (``"foreach"``), else ``"alone"``, decided again only
-        when its group's token (:meth:`_group_tokens`), its state dict, the presence of its state,
-        or the dtype, shape, device or contiguity of ``p`` or ``grad`` changed (its state's tensors
-        are the rule's, fixed from their allocation; :meth:`load_state_dict` and
-        :meth:`add_param_group` start afresh)."""
+        when its group's route token (:class:`_GroupEntry`: the settings the group's decisions read), its
+        state dict, the presence of its state, or the dtype, shape, device or contiguity of ``p`` or
+        ``grad`` changed (its state's tensors are the rule's, fixed from their allocation;
+        :meth:`load_state_dict` and :meth:`add_param_group` start afresh). The decisions read the group
+        through a mapping that records the keys they read (:class:`~lowmem.optim.group_layout._Reads`);
+        those are added to the group's route keys."""
         key = (p.dtype, p.shape, p.device, p.is_contiguous(), grad.dtype, grad.is_contiguous(), "step" in state)
         routes = self.__dict__.setdefault("_routes", {})
-        token = None if tokens is None else tokens[id(group)]
+        entry = None if tokens is None else self.__dict__["_group_sigs"][id(group)]
+        token = None if entry is None else entry.route_token
         route = routes.get(id(p)) if token is not None else None  # (by id: a tensor's __hash__ is Python code)
         if route is not None and route.p is p and route.token is token and route.state is state and route.key == key:
             return route
-        path = ("low" if self._projected_foreach_ok(p, group, grad, state)
-                else "matrices" if self._matrices_foreach_ok(p, group, grad, state)
-                else "foreach" if self._foreach_ok(p, group, grad, state) else "alone")
-        fused = path == "foreach" and self._fused_whole(p, group, state, grad)
-        cls = self.recipe.moment.foreach_bucket_class(p.shape, group, state) if path == "foreach" else None
+        seen = group if entry is None else _Reads(group)
+        path = ("low" if self._projected_foreach_ok(p, seen, grad, state)
+                else "matrices" if self._matrices_foreach_ok(p, seen, grad, state)
+                else "foreach" if self._foreach_ok(p, seen, grad, state) else "alone")
+        fused = path == "foreach" and self._fused_whole(p, seen, state, grad)
+        cls = self.recipe.moment.foreach_bucket_class(p.shape, seen, state) if path == "foreach" else None
         route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device,
                        self._chunk(p.device), fused, cls)
-        if token is not None:
+        if entry is not None:
+            entry.add_route_keys(seen.read)
             routes[id(p)] = route
         return route
 
