@@ -185,8 +185,11 @@ def test_budget_cli_gradient_accumulation(capsys):
         data = json.loads(capsys.readouterr().out)
         totals[ga] = data["total"]
         assert data["settings"]["gradient_accumulation_steps"] == int(ga)
-    # four micro-batches: every gradient is live with the activations
-    assert totals["4"] == data["weights"] + data["gradients"] + data["optimizer_states"] + max(data["activations"], data["optimizer_transient"])
+    # four micro-batches: every gradient is live with the activations; the loop holds the four micro-batches'
+    # input_ids, attention_mask and labels through the step (24 B per token)
+    assert data["details"]["batch_input_bytes"] == 24 * 4 * 256 * 4
+    assert totals["4"] == (data["weights"] + data["gradients"] + data["optimizer_states"]
+                           + max(data["activations"], data["optimizer_transient"]) + data["details"]["batch_input_bytes"])
     assert totals["1"] < totals["4"]
 
 

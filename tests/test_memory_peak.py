@@ -52,19 +52,23 @@ def test_total_is_the_peak_not_the_sum():
     est = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32", gradient_accumulation_steps=2)
     c = est.components()
     base = c["weights"] + c["quant_constants"] + c["gradients"] + c["optimizer_states"]
-    assert est.total == base + max(c["activations"], c["optimizer_transient"])
+    # + the batch the loop holds through the step (input_ids, attention_mask, labels of each micro-batch: 24 B per token)
+    assert est.details["batch_input_bytes"] == 24 * 16 * 2
+    assert est.total == base + max(c["activations"], c["optimizer_transient"]) + est.details["batch_input_bytes"]
     # one micro-batch per step: the backward's moment (activations + the gradients made before its peak) or the step's
     one = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32")
     c, early = one.components(), one.details["gradients_with_activations"]
     assert 0 < early < c["gradients"]
-    assert one.total == base + max(c["activations"] + early - c["gradients"], c["optimizer_transient"])
-    assert one.total <= peak_total(c)  # every gradient live with the activations: at least as high
+    inputs = one.details["batch_input_bytes"]
+    assert one.total == base + max(c["activations"] + early - c["gradients"], c["optimizer_transient"]) + inputs
+    assert one.total <= peak_total(c, inputs=inputs)  # every gradient live with the activations: at least as high
     # a long sequence: the loss's logit-sized tensors are freed before the head's gradient exists
     assert estimate_memory(_config(), "adamw4bit", batch_size=4, seq_len=256, dtype="fp32").details["gradients_with_activations"] == 0
     assert peak_total(c, layerwise=True) == base + c["activations"] + c["optimizer_transient"]
     lw = estimate_memory(_config(), "adamw4bit", batch_size=1, seq_len=16, dtype="fp32", layerwise=True)
     # layerwise: the steps run after the loss's moment, a gradient and a step with the later moments' activations
-    assert lw.total == peak_total(lw.components(), **lw.peak_args()) <= peak_total(lw.components(), layerwise=True)
+    assert lw.total == peak_total(lw.components(), **lw.peak_args()) <= peak_total(lw.components(), layerwise=True,
+                                                                                   inputs=lw.details["batch_input_bytes"])
 
 
 def test_tracking_a_layerwise_step_prints_no_torch_warning():

@@ -119,7 +119,8 @@ def _sizing_mode(model: nn.Module):
 
 def peak_total(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
-               forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0) -> int:
+               forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0,
+               inputs: int = 0) -> int:
     """The peak bytes of a training step from its components (see the module docstring).
 
     The optimizer's step transient and the activations are live at the same time only in layerwise
@@ -155,7 +156,29 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
             operation: the gradient of the embeddings' output (``e h`` per token), the token ids it indexes by and the
             loss with its backward's scalars, live with every gradient (the embedding's own being formed). Like
             ``tied_backward``, a moment of every gradient (``activation_parts["embedding_backward"]``).
+        inputs (`int`, defaults to `0`): The batch's tensors the training loop holds through the whole step
+            (:func:`batch_input_bytes`, ``details["batch_input_bytes"]``): live at every moment, the optimizer's step
+            included, where no component holds them; added to the peak.
     """
+    return inputs + _peak_of_components(components, layerwise, gradients_with_activations, tied_backward,
+                                        transient_with_activations, forward_activations, kept_with_activations,
+                                        embedding_backward)
+
+
+def batch_input_bytes(sequences: int, seq_len: int, gradient_accumulation_steps: int = 1) -> int:
+    """Bytes of the batches a training loop holds through an optimizer step: per sequence token the collator's
+    three int64 tensors, ``input_ids``, ``attention_mask`` and ``labels`` (``DataCollatorForSeq2Seq``,
+    ``DataCollatorForLanguageModeling``: 24 B), for each of the step's ``gradient_accumulation_steps`` micro-batches
+    (transformers' ``Trainer`` keeps the step's micro-batches in ``batch_samples`` until the next step fetches
+    its own; on the device with accelerate's device placement). :func:`~lowmem.memory.measure_memory` holds one
+    (its ids are its labels): 8 B per token, so the estimate is over it by 16 B per token."""
+    return 3 * 8 * sequences * seq_len * gradient_accumulation_steps
+
+
+def _peak_of_components(components: dict[str, int], layerwise: bool, gradients_with_activations: int | None,
+                        tied_backward: int, transient_with_activations: int | None, forward_activations: int | None,
+                        kept_with_activations: int, embedding_backward: int) -> int:
+    """:func:`peak_total` without the batch's inputs."""
     act, transient = components.get("activations", 0), components.get("optimizer_transient", 0)
     kept = min(kept_with_activations, transient)
     rest = sum(v for k, v in components.items() if k in COMPONENTS and k not in ("activations", "optimizer_transient"))
@@ -275,7 +298,8 @@ class MemoryEstimate:
                 "forward_activations": self.details.get("forward_activations"),
                 "tied_backward": int(self.details.get("activation_parts", {}).get("tied_embedding_backward", 0)),
                 "embedding_backward": int(self.details.get("activation_parts", {}).get("embedding_backward", 0)),
-                "kept_with_activations": int(self.details.get("optimizer_kept_tables") or 0)}
+                "kept_with_activations": int(self.details.get("optimizer_kept_tables") or 0),
+                "inputs": int(self.details.get("batch_input_bytes") or 0)}
 
     def components(self) -> dict[str, int]:
         return {c: int(getattr(self, c)) for c in COMPONENTS}
@@ -1197,7 +1221,9 @@ def estimate_memory(
                  + ("and a gradient are live with the activations of the moment that gradient is complete, after the loss's "
                     "moment (layerwise: the activations' peak holds no gradient)" if layerwise else "replaces the activations freed by backward (the larger counts)")
                  + ("" if layerwise else "; one micro-batch per step: the gradients fill as backward frees the activations"
-                    if gradient_accumulation_steps == 1 else f"; {gradient_accumulation_steps} micro-batches per step: every gradient is live with the activations"))
+                    if gradient_accumulation_steps == 1 else f"; {gradient_accumulation_steps} micro-batches per step: every gradient is live with the activations")
+                 + "; plus the batch inputs (the step's micro-batches' input_ids, attention_mask and labels, int64, which the "
+                 "training loop holds through the step)")
 
     # activations: the hidden states' dtype is the embedding's (float32 after k-bit preparation)
     emb = meta.get_input_embeddings().weight
@@ -1413,6 +1439,8 @@ def estimate_memory(
     def finish(parts: dict[str, int], b: int, s: int) -> dict[str, int]:
         """:func:`activation_model`'s last terms: a tied or untied embedding's backward moment and GRPO's generation
         phase."""
+        # the batch the loop holds through the step (DPO: the chosen and rejected sequences); not an activation
+        parts["batch_inputs"] = batch_input_bytes(2 * b if trainer == "dpo" else b, s, gradient_accumulation_steps)
         if emb_backward_per_token:  # (DPO: the chosen and rejected sequences, one forward)
             parts["embedding_backward"] = (2 * b if trainer == "dpo" else b) * s * emb_backward_per_token + 16
         if tied_backward:  # not live with the other activations: the larger of the two moments
@@ -1456,7 +1484,8 @@ def estimate_memory(
         details={
             "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
             "buffer_bytes": buffer_bytes,
-            "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k != "total"},
+            "optimizer_state_source": how, "activation_parts": {k: v for k, v in parts.items() if k not in ("total", "batch_inputs")},
+            "batch_input_bytes": parts["batch_inputs"],
             "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
             "optimizer_transient_mkl_svd": sized.get("svd_mkl", 0),
             "optimizer_kept_tables": sized["kept_tables"],

@@ -81,7 +81,8 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
     if measured is not None:
         table.add_column("measured", justify="right")
         table.add_column("est/meas", justify="right")
-    rows = {**est.components(), "total": est.total}
+    rows = {**est.components(), **({"batch inputs": est.details["batch_input_bytes"]} if est.details.get("batch_input_bytes")
+                                   else {}), "total": est.total}
     for name, value in rows.items():
         if name == "quant_constants" and not value and not (measured or {}).get(name):
             continue
@@ -100,13 +101,25 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
 
 def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
-               forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0) -> dict[str, int]:
+               forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0,
+               inputs: int = 0) -> dict[str, int]:
     """The components live at the step's peak, as :func:`~lowmem.memory.estimate.peak_total` counts them:
     without layerwise stepping the optimizer's transient replaces the activations freed by backward, so
     only the larger of the two is kept; with ``gradients_with_activations`` (one micro-batch per step) the
     backward's moment shows those gradients, the step's all of them. The values sum to
     ``peak_total(components, ...)`` with the same arguments (the table's total). The transient's kept part
-    (``kept_with_activations``, the codecs' tables) stays at the activations' moments."""
+    (``kept_with_activations``, the codecs' tables) stays at the activations' moments. The batch's ``inputs``, live
+    at every moment, are shown in ``activations`` (torch's tracker labels them so)."""
+    out = _stack_of_components(components, layerwise, gradients_with_activations, tied_backward,
+                               transient_with_activations, forward_activations, kept_with_activations, embedding_backward)
+    out["activations"] += int(inputs)
+    return out
+
+
+def _stack_of_components(components: dict[str, int], layerwise: bool, gradients_with_activations: int | None,
+                         tied_backward: int, transient_with_activations: int | None, forward_activations: int | None,
+                         kept_with_activations: int, embedding_backward: int) -> dict[str, int]:
+    """:func:`peak_stack` without the batch's inputs."""
     from .estimate import COMPONENTS
 
     out = {c: int(components.get(c, 0)) for c in COMPONENTS}

@@ -229,7 +229,7 @@ def search_budget(
                 components = {**est.components(), "activations": parts["total"]}
                 peak_args = {**est.peak_args(), "gradients_with_activations": parts.get("gradients_at_peak"),
                              "forward_activations": parts.get("forward_activations"),
-                             "embedding_backward": parts.get("embedding_backward", 0)}
+                             "embedding_backward": parts.get("embedding_backward", 0), "inputs": parts.get("batch_inputs", 0)}
                 total = peak_total(components, **peak_args)
                 if total <= limit:
                     extra = (COSTS["checkpointing"] if ckpt else 0) + math.log2(batch_size / b)
