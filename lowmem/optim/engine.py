@@ -1648,11 +1648,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 else "foreach" if self._foreach_ok(p, seen, grad, state) else "alone")
         fused = path == "foreach" and self._fused_whole(p, seen, state, grad)
         cls = self.recipe.moment.foreach_bucket_class(p.shape, seen, state) if path == "foreach" else None
+        old = route
         route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device,
                        self._chunk(p.device), fused, cls)
         if entry is not None:
             entry.add_route_keys(seen.read)
             routes[id(p)] = route
+            if old is not None and old.p is p and old.state is state:  # (its counter's view: checked against the counter)
+                route.step, route.step_view = old.step, old.step_view
         return route
 
     def _advance_counter(self, state: dict[str, Tensor], route: _Route | None) -> float:
