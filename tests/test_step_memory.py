@@ -517,6 +517,31 @@ def test_step_peak_is_bounded_and_reported(measured, label):
         assert reported - _shared_kept(label) <= TIGHT[label] * grown + MiB, (label, grown / MiB, reported / MiB)
     if label.endswith("_rsvd"):  # the range finder's phases and MKL's kept buffers: at least the measurement
         assert grown <= reported, (label, grown / MiB, reported / MiB)
+    # (reports under 1 MiB, adamw's / badam's 12 B and lomo's 8 B: torch's fused kernel and in-place updates, measured
+    # 0 here, are held to the claim above only: growth <= 1.1 x + 1 MiB, which a kept copy of a 2 MiB chunk fails)
+    if label not in NO_FLOOR and reported >= MiB and (("rank" not in hp or mode == "refresh" or label in TIGHT)
+                                                      and not label.endswith("_rsvd")):
+        assert grown >= FLOOR * reported, (label, grown / MiB, reported / MiB)
+
+
+# A sanity floor for the rows of test_step_peak_is_bounded_and_reported whose report is the step's own allocations and at
+# least 1 MiB (not a plain subspace step's exact-SVD workspace, which it does not reach, nor the rsvd rows' MKL first
+# calls, measured in a process of their own: test_rsvd_refresh_transient_in_a_fresh_process): growth >= FLOOR x the
+# report. Measured 0.42 (stable_spam, 1.87 / 4.5 MiB) to 0.99 (adalomo) of the report here (AMD EPYC, 2026-11-30, load
+# ~5 on 2 cores; adamw_sn 0.48, adagrad_sn 0.50, spam 0.53, the others 0.76-0.99): 0.2 leaves 2x under the lowest
+# for another machine's RSS (the project's CI read 0.68 of a count) and fails a step whose growth the measurement does
+# not see (0: what the earlier `2 x + 4 MiB` let through for every report under 4 MiB: 8 of these rows).
+FLOOR = 0.2
+# Rows of at least 1 MiB reported that no floor can hold, and why:
+NO_FLOOR = {
+    # APOLLO-Mini (rank 1): 1.77 MiB reported = 24 KiB of its own tensors (three 2048-vectors: heap chunks under the
+    # mmap threshold, reused) + 1.75 MiB of MKL packing buffers (galore.kept_pack_bytes(1, 2048)) that a rank-1
+    # product does not keep on this CPU: growth 0 in the shared process and in a fresh process of its own alike (5 of
+    # 5 runs, refresh and plain steps; 4096 x 4096 and 8192 x 8192 refreshes, 3.30 / 5.22 MiB reported: 0 too; a bare
+    # 2048 x 2048 @ 2048 x 1 product after MKL's code is paged in: 0 B, rank 64: 0.35 MiB kept). So its
+    # report is no measurement's bound from below (reported to the coordinator, FOUND_ROWS 1); halving it is not caught here.
+    "apollo_mini": "report = MKL buffers a rank-1 product does not keep",
+}
 
 
 @pytest.mark.parametrize("shape,chunk,iters", [((256, 512), 2**14, 5), ((512, 256), 2**14, 1), ((256, 512), 2**20, 2),
