@@ -270,7 +270,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # the norm is a reduction (no full-size temporary); a finite squared norm (in float32 at least)
         # proves every entry finite and the second-moment statistics safe from overflow
         norm_sq = float_norm(clipped, NORM_BLOCK).float().square()  # (check_bytes)
-        if not bool(torch.isfinite(norm_sq)):
+        if not math.isfinite(norm_sq.item()):  # (one host read, as bool() of a tensor; no temporaries: check_bytes)
             self._nonfinite = True
             self.inner.skipped_steps += 1
             warn_user(
