@@ -1291,15 +1291,37 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         _refuse_fsdp_on_cpu(recipe.training_args)
     # training_args win, except model_init_kwargs: fields holds it merged with the recipe's dtype
     kwargs = {**fields, **{k: v for k, v in recipe.training_args.items() if not (k == "model_init_kwargs" and k in fields)}}
-    if kwargs.get("bf16") and "use_cpu" not in recipe.training_args and not _accelerator_visible():
-        # bf16 autocast on a machine without a GPU: transformers refuses it ("Your setup doesn't support
-        # bf16/gpu. You need to assign use_cpu") unless use_cpu is set, which here changes no device
+    if ((kwargs.get("bf16") or kwargs.get("bf16_full_eval")) and "use_cpu" not in recipe.training_args
+            and not _accelerator_visible()):
+        # bf16 autocast (bf16_full_eval: the model cast for evaluation) on a machine without a GPU: transformers
+        # refuses it ("Your setup doesn't support bf16/gpu. You need to assign use_cpu") unless use_cpu is set,
+        # which here changes no device
         kwargs["use_cpu"] = True
+    check_half_precision(kwargs)
     _check_generation_groups(recipe, cls, kwargs)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def check_half_precision(kwargs: dict[str, Any]) -> None:
+    """``fp16: true`` (float16 mixed precision: autocast and a gradient scaler) where training runs on the CPU (no
+    GPU visible, or ``use_cpu: true``): accelerate sets ``mixed_precision="fp16"`` there but no autocast (its
+    ``native_amp`` stays false), so the run trained in float32 and said nothing (transformers 5.23, accelerate;
+    a forward hook saw float32 outputs). ``bf16`` applies on the CPU (CPU autocast in bfloat16); ``fp16_full_eval``
+    casts the model to float16 for evaluation, which the CPU does.
+
+    Raises:
+        ConfigError: Naming ``fp16``, why it cannot apply, and what can (``bf16: true``, ``dtype``).
+    """
+    if not kwargs.get("fp16"):
+        return
+    where = "use_cpu=true" if kwargs.get("use_cpu") else "no GPU is visible"
+    if kwargs.get("use_cpu") or not _accelerator_visible():
+        raise ConfigError(f"fp16=true (float16 mixed precision) applies on a GPU only, and this run trains on the CPU "
+                          f"({where}): transformers would train in float32 without a word. Drop fp16, or set bf16: true "
+                          "(bfloat16 autocast, which the CPU runs) or dtype: bfloat16")
 
 
 def _check_generation_groups(recipe: TrainRecipe, cls: type, kwargs: dict[str, Any]) -> None:
