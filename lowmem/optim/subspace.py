@@ -793,6 +793,9 @@ class SubspaceProjection(Projection):
             else:  # one device read for the bucket (all usable: the common case); else one per parameter
                 flags = usable_flags(norm_t)
                 usable = [True] * len(todo) if bool(flags.all()) else [bool(f) for f in flags]
+                # (read: freed before the basis steps, which then hold the norms' stack alone, the 4 bytes per
+                # gradient the engine keeps when the pre-check's flag holds: foreach_post_update_bytes)
+                del flags
         lr, wd = OSD.basis_step_settings(group["proj_lr"], group.get("proj_weight_decay"), group["proj_optimizer"],
                                          group.get("lr"), group.get("initial_lr"))
         # the parameters at one PCA step count, side and shape: their basis gradients stacked a batch at a
@@ -823,18 +826,26 @@ class SubspaceProjection(Projection):
                                                            projs).unbind(0))
                 self._basis_step_foreach(bases, grads, sts, group, t, lr, wd)
 
-    def foreach_post_update_bytes(self, members, group, checked):
+    def foreach_post_update_bytes(self, members, group, checked, usable=None):
         """:meth:`foreach_post_update` of a folded bucket (float32 gradients, their projections given) walked
         (``online_pca``; other methods: none): without ``checked`` the gradients' 0-d norms and their stack (kept)
-        beside them, then the usability flags (``isfinite``, ``> 0``, their ``&``, kept, and ``all``); with it, the
-        engine's kept norms (counted by the engine); then per batch of one PCA step count, side and shape (within
-        :func:`fold_budget`, as the step cuts them): one parameter's basis gradient
+        beside them, then the usability flags (``isfinite``, ``> 0``, their ``&``, and ``all``; freed once read);
+        with it, the engine's kept norms (counted by the engine); then per batch of one PCA step count, side and
+        shape (within :func:`fold_budget`, as the step cuts them): one parameter's basis gradient
         (:func:`~lowmem.optim.functional.osd.pca_loss_grad_bytes`) or, stacked, the norms' stack (bound until the
         next stacked batch's is made), the bases', the projected gradients', ``B`` / ``D`` and the two ``r x r``
         products' stacks and the result (:func:`~lowmem.optim.functional.osd.pca_loss_grad_stacked`), then the
         basis optimizer's step: SGD in place; AdamW's ``sqrt(v)`` and direction once the gradients are freed.
-        Every member is taken as due (a steady step; the refresh's own step takes none). Exact against a trace
-        (tests/test_folds_buckets.py)."""
+        Every member is taken as due (a steady step; the refresh's own step takes none); ``usable`` (a bool per
+        member, default all): the members whose gradient is usable, the others take no basis step (a zero
+        gradient). Exact against a trace (tests/test_folds_buckets.py, tests/test_bounds_osd_zero.py).
+
+        ``checked``: the pre-check's flag held (every gradient usable): the engine's norms, kept by the engine (4 bytes
+        per float32 gradient beside every phase of the step). When it fails (a zero gradient: :meth:`pre_check`) the
+        engine keeps none and the bucket computes its own as without ``checked``: their stack (the same 4 bytes per
+        gradient) replaces the engine's, the flags are freed once read, and the unusable gradients take no basis
+        step, so that step allocates at most this count (traced: tests/test_bounds_osd_zero.py); the all-usable step
+        allocates it."""
         if self.method(group) != "online_pca" or not members:
             return 0
         w = _Walk()
@@ -843,14 +854,16 @@ class SubspaceProjection(Projection):
             w.free(w.new(4 * k))  # (the 0-d norms, then their stack)
             w.new(4 * k)
             a, b = w.new(k), w.new(k)
-            w.new(k)
+            flags = w.new(k)
             w.free(a, b)
             w.free(w.new(1))  # (flags.all())
+            w.free(flags)  # (read, then freed before the basis steps)
         lows = [shape_low.numel() for _, shape_low, _, _ in members]
         budget = OSD_BUDGET_SCALE * 4 * sum(lows)
         groups: dict[tuple, list[int]] = {}
         for i, (shape, _, state, _) in enumerate(members):
-            groups.setdefault(("proj_left" in state, tuple(shape)), []).append(i)
+            if usable is None or usable[i]:
+                groups.setdefault(("proj_left" in state, tuple(shape)), []).append(i)
         picked = 0  # (the last stacked batch's norms, bound until the next one's)
         r = group["rank"]
         for (left, shape), idx in groups.items():
