@@ -80,3 +80,17 @@ def scatter_rows(low: Tensor, dim: int | None, index: Tensor, shape: torch.Size,
     keep = (index >= start * n) & (index < stop * n)
     out.view(-1).index_copy_(0, index[keep] - start * n, low[keep])
     return out
+
+
+def scatter_rows_bytes(k: int, count: int, rows: int, n: int, dim: int | None) -> int:
+    """The peak of :func:`scatter_rows` (float32 ``low``) of a block of ``rows`` rows of ``n`` columns holding
+    ``count`` of the ``k`` indices (exact, traced: every new storage a dispatched operation returns): the block
+    ``4 rows n``; along rows (``dim=0``) or flattened (``None``) also the masks of the indices in the block (two
+    comparisons and their ``&``, ``k`` bytes each), the chosen indices (int64) and their offsets from the block's
+    start, then the offsets beside the chosen values (``n`` per index along rows, one flattened). ``count`` depends
+    on the selection: how many of the ``k`` indices fall in the block."""
+    out = 4 * rows * n
+    if dim == 1:
+        return out
+    width = n if dim == 0 else 1
+    return out + max(3 * k, k + 16 * count, k + 8 * count + 4 * count * width)
