@@ -1,0 +1,128 @@
+"""Every row of a user's dataset is checked before training, not the first 1,000 (before: a bad row 1,500 reached
+TRL: a traceback mid-run, a row trained on as the text "None", or a chat template's refusal after the model loaded).
+Each error names the file, the row (and its line for JSON Lines) and the column."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from lowmem.data import TrainData, check_embedded_alphabet, check_template_renders, detect_format, load_train_data
+
+N, BAD = 1500, 1234  # a bad row past the first 1,000
+
+
+def _chat(i):
+    return [{"role": "system", "content": "add"}, {"role": "user", "content": f"{i}+{i}"},
+            {"role": "assistant", "content": str(2 * i)}]
+
+
+def _rows(kind):
+    if kind == "messages":
+        return [{"messages": _chat(i)} for i in range(N)]
+    if kind == "prompt-completion":
+        return [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(N)]
+    return [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(N)]
+
+
+def _jsonl(tmp_path, rows):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("trainer, kind, change, message", [
+    ("sft", "messages", lambda r: r.pop("messages"), r"column 'messages' of row 1234 \(line 1235\) is NoneType None"),
+    ("sft", "messages", lambda r: r.update(messages=[]), r"column 'messages' of row 1234 \(line 1235\) is list \[\]; "
+                                                         r"expected a list of .* messages \(at least one\)"),
+    ("sft", "messages", lambda r: r["messages"][1].pop("content"),
+     r"column 'messages' of row 1234 \(line 1235\) is list \[.*\{'role': 'user'\}"),
+    ("sft", "prompt-completion", lambda r: r.update(prompt=5), r"column 'prompt' of row 1234 \(line 1235\) is int 5; "
+                                                               r"expected a string"),
+    ("sft", "prompt-completion", lambda r: r.pop("completion"),
+     r"column 'completion' of row 1234 \(line 1235\) is NoneType None; expected a string"),
+    ("grpo", "prompt-only", lambda r: r.update(prompt=["1+1="]), r"column 'prompt' of row 1234 \(line 1235\) is list"),
+])
+def test_a_bad_row_past_the_first_thousand_is_named(tmp_path, trainer, kind, change, message):
+    rows = _rows(kind)
+    change(rows[BAD])
+    path = _jsonl(tmp_path, rows)
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        load_train_data(path, trainer)
+
+
+@pytest.mark.parametrize("message, problem", [
+    ({"role": "user", "content": None}, r"message 1 \(role 'user'\) has no content \(None"),
+    ({"role": None, "content": "1+1"}, r"message 1 has role None; expected a role string"),
+])
+def test_a_message_without_content_or_role_is_named(message, problem):
+    """Arrow fills a key a message lacks with None where others have it (a list of structs): the row passed the
+    {role, content} check and the template rendered the text "None"."""
+    rows = [{"messages": _chat(i)} for i in range(N)]
+    rows[BAD]["messages"][1] = message
+    with pytest.raises(ValueError, match=rf"^d.jsonl: column 'messages' of row 1234: {problem}"):
+        detect_format(Dataset.from_list(rows), "sft", source="d.jsonl")
+    rows[BAD]["messages"][1] = {"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]}
+    detect_format(Dataset.from_list(rows), "sft")  # a tool call's turn may have no content
+
+
+def test_a_repeated_prompt_past_the_first_thousand_is_named():
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}"}],
+             "completion": [{"role": "assistant", "content": str(2 * i)}]} for i in range(N)]
+    rows[BAD]["completion"] = rows[BAD]["prompt"] + rows[BAD]["completion"]
+    with pytest.raises(ValueError, match=r"^d: row 1234: 'completion' start with the 1 message\(s\) of 'prompt'"):
+        detect_format(Dataset.from_list(rows), "sft", source="d")
+
+
+ALTERNATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 1) %}"
+             "{{ raise_exception('Conversation roles must alternate system/user/assistant') }}{% endif %}"
+             "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lowmem.kit import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = ALTERNATE
+    return tok
+
+
+def test_template_refusing_the_roles_of_row_past_the_first_thousand(tmp_path, tokenizer):
+    rows = _rows("messages")
+    system, user, assistant = rows[BAD]["messages"]
+    rows[BAD]["messages"] = [system, assistant, user]
+    path = _jsonl(tmp_path, rows)
+    data = load_train_data(path, "sft")
+    with pytest.raises(ValueError, match=rf"^{path}: the chat template refuses row 1234 \(line 1235\) \(roles "
+                                         r"\['system', 'assistant', 'user'\]\): TemplateError: Conversation roles"):
+        check_template_renders(tokenizer, data, source=path)
+    prompts = [{"prompt": _chat(i)[:2], "answer": "1"} for i in range(N)]
+    prompts[BAD]["prompt"] = [_chat(0)[0], _chat(0)[2]]
+    ds = Dataset.from_list(prompts)
+    data = TrainData(ds, None, detect_format(ds, "grpo"))
+    with pytest.raises(ValueError, match=r"refuses row 1234 \(roles \['system', 'assistant'\]\)"):
+        check_template_renders(tokenizer, data, source="p")
+
+
+def test_one_render_per_role_sequence_past_the_first_thousand():
+    from lowmem.data import _rows_to_render
+
+    rows = _rows("messages")
+    rows[1100]["messages"] = rows[1100]["messages"][1:]  # a new sequence (user, assistant)
+    rows[1300]["messages"] = rows[1300]["messages"][1:]  # seen
+    ds = Dataset.from_list(rows)
+    assert _rows_to_render(ds, detect_format(ds, "sft")) == list(range(1000)) + [1100]
+    pairs = [{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "assistant", "content": "b"}],
+              "rejected": [{"role": "assistant", "content": "c"}]} for _ in range(N)]
+    pairs[1400]["rejected"] = pairs[1400]["rejected"] * 2
+    ds = Dataset.from_list(pairs)
+    assert _rows_to_render(ds, detect_format(ds, "dpo")) == list(range(1000)) + [1400]
+
+
+def test_embedded_alphabet_checked_past_the_first_thousand():
+    rows = _rows("prompt-completion")
+    rows[BAD]["completion"] = "Done."
+    ds = Dataset.from_list(rows)
+    with pytest.raises(ValueError, match=r"lacks 1 characters of this data \(1 kinds, e.g. \['D'\]\)"):
+        check_embedded_alphabet(TrainData(ds, None, detect_format(ds, "sft")), source="d")
