@@ -1411,9 +1411,13 @@ def estimate_memory(
                 parts["gradients_at_peak"] = max(0, early_grads - over)
             else:
                 parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
-        if layerwise and not tied_backward and ("gradient_moment" in parts or "rope" in parts):
-            # (a tied head: its gradient's first contribution is held through the traced backward, which the
-            # measured steps do not show: what the forward saves, below, as measured)
+        if layerwise and (not tied_backward or parts.get("gradient_moments")) and ("gradient_moment" in parts or "rope" in parts):
+            # (a tied head with the Llama formula: what the forward saves, below, as measured. The traced step's
+            # moments hold what the measured steps do: the tied head's first contribution, held until the embedding's
+            # is summed at the end, is a temporary of those moments in both (gemma2 h=384, 4 layers, 1 x 128 tokens,
+            # layerwise microadam: the moment of the peak, 34,733,064 B of activations with a 1,572,864 B gradient,
+            # traced and measured alike; the forward's saved tensors with the largest later gradient instead were
+            # 1.056 of the measured peak))
             # layerwise: each parameter steps in its gradient hook, after the loss's moment (the activations' peak,
             # no gradient yet): its steps are live with the activations of the backward's moments after the first
             # gradient (the traced step's, or the Llama formula's final norm, layer and first-layer moments)
@@ -1448,9 +1452,10 @@ def estimate_memory(
             parts["embedding_backward"] = (2 * b if trainer == "dpo" else b) * s * emb_backward_per_token + 16
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
-            # what is saved before the tied moment (layerwise: its steps)
+            # what is saved before the tied moment (layerwise: its steps; unless the traced step's gradient moments gave them)
+            from_saved = "forward_activations" not in parts
             parts.setdefault("forward_activations", min(parts["total"], parts.pop("forward_saved", parts["total"])))
-            if layerwise:
+            if layerwise and from_saved:
                 # layerwise: the tied embedding's gradient completes last, after the activations are freed (its moment is
                 # the tied one); the gradient a step holds with them is the largest other one (peak_total counts the
                 # largest gradient there: the difference comes off). Before, gemma2 (h=384, 4 layers, 1 x 128 tokens)
