@@ -326,12 +326,54 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer (validated there: its hyperparameters, unknown keys) and hook its
+        parameters, so they are stepped from their gradients like the others.
+
+        Raises:
+            ValueError: What the wrapped optimizer's ``add_param_group`` refuses (nothing is added then).
+            NotImplementedError: With a ``DistributedDataParallel`` module attached: DDP reduces the parameters it
+                had when it wrapped the model, so a parameter added later would never be stepped.
+        """
+        if "_group_of" not in self.__dict__:  # torch's __init__ adding the placeholder group (replaced by the inner one's)
+            super().add_param_group(param_group)
+            return
+        if self._ddp is not None:
+            raise NotImplementedError(
+                "LayerwiseOptimizer.add_param_group with a DistributedDataParallel module attached: DDP reduces only"
+                " the parameters it wrapped, so the new ones would never be stepped; build the optimizer with them"
+            )
+        self.inner.add_param_group(param_group)
+        group = self.inner.param_groups[-1]
+        for p in group["params"]:
+            self._group_of[p] = group
+            self._handles.append(_register_hook(p, self._hook))
+
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's ``state_dict()`` plus ``"layerwise"`` (the clipping coefficient); the hooks
+        registered with ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` run as in torch's."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.inner.state_dict()
         sd["layerwise"] = {"clip_coef": self._clip_coef.clone()}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` gave; the hooks registered with ``register_load_state_dict_pre_hook`` /
+        ``register_load_state_dict_post_hook`` run as in torch's (a pre-hook may return a replacement)."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("layerwise", None)
         self.inner.load_state_dict(state_dict)

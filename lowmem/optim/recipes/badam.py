@@ -106,6 +106,14 @@ def _check_freeze_allowed(freeze_inactive: bool) -> None:
                          "block is stepped)")
 
 
+def _unhooked(step: Any) -> Any:
+    """``step`` without torch's hook wrapper: ``Optimizer._patch_step_function`` wraps a class's ``step`` in
+    ``profile_hook_step`` (which runs the step pre / post hooks) when the first instance of that class is built, so
+    ``LowMemOptimizer.step`` is wrapped once any plain ``LowMemOptimizer`` exists in the process; called through
+    ``super()`` from :meth:`BAdam.step` (itself wrapped) it would run every hook twice."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
 class BAdam(LowMemOptimizer):
     """BAdam (Luo et al. 2024): Adam on one block of parameters at a time.
 
@@ -277,7 +285,7 @@ class BAdam(LowMemOptimizer):
         """The engine's step on the active block (gradients of other blocks are ignored, but a
         non-finite one still skips the step); a skipped step does not count towards ``switch_every``."""
         skipped = self.skipped_steps
-        loss = super().step(closure)
+        loss = _unhooked(LowMemOptimizer.step)(self, closure)
         if self.skipped_steps == skipped:
             self._advance()
         return loss
