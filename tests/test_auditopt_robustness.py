@@ -314,3 +314,36 @@ def test_out_of_range_hyperparameters_raise_naming_field_and_range(name):
             assert "expected" in str(err.value) or "valid" in str(err.value), str(err.value)
             checked += 1
     assert checked >= 4  # lr, eps / betas, weight_decay, state_dtype, foreach at least
+
+
+# ---- checkpoints onto parameters of another dtype -----------------------------------------------------------
+
+
+def _layout(opt, model):
+    return {(i, k): (v.dtype, tuple(v.shape)) for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32-to-bf16", "bf16-to-fp32"])
+@pytest.mark.parametrize("name", ENGINE)
+def test_checkpoint_loads_onto_parameters_of_another_dtype(name, dtypes):
+    """torch casts a loaded state to its parameter's dtype: a weights_only checkpoint of a float32 run loads into
+    the same model in bfloat16 (and back) with the state a fresh optimizer of that dtype would hold, and trains on
+    (BAdam refused it: its bf16 parameters' float32 ``master`` copy was missing from a float32 run's state)."""
+    saved_dtype, dtype = dtypes
+    model, x, y = make_problem(dtype=saved_dtype)
+    opt = create_optimizer(model, name, **hparams_for(name))
+    train(model, opt, x, y, 3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    target = copy.deepcopy(model).to(dtype)
+    loaded = create_optimizer(target, name, **hparams_for(name))
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    fresh_model = copy.deepcopy(model).to(dtype)
+    fresh = create_optimizer(fresh_model, name, **hparams_for(name))
+    train(fresh_model, fresh, x.to(dtype), y.to(dtype), 1)
+    assert _layout(loaded, target) == _layout(fresh, fresh_model)
+    losses = train(target, loaded, x.to(dtype), y.to(dtype), 3)
+    assert all(torch.isfinite(p).all() for p in target.parameters()) and loaded.skipped_steps == 0, losses
+    assert loaded.state_bytes() == sum(v.untyped_storage().nbytes() for st in loaded.state.values() for v in st.values())

@@ -355,6 +355,27 @@ class BAdam(LowMemOptimizer):
             group.update({k: getattr(self, a) for k, a in _SCHEDULE_KEYS.items()})
         return sd
 
+    def _masters_for_dtypes(self, state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[Any, Any]:
+        """The saved state fitted to the parameters' dtypes now, as torch casts a state to its parameter's dtype on
+        load: a low-precision parameter (with ``master_weights``) whose saved state has no ``"master"`` (saved
+        from float32 parameters) gets its float32 copy of the parameter as loaded, what a fresh visit starts
+        from; a float32 parameter drops a saved ``"master"`` (saved from bf16 / fp16 parameters; the parameter
+        itself is the float32 copy). Other dtypes are cast by the engine's load."""
+        out = dict(state)
+        for saved, mine in zip(groups, self.param_groups):
+            if any(is_dtensor(q) for q in mine["params"]):
+                continue  # (FSDP2 shards keep no master copy)
+            for pid, p in zip(saved.get("params", []), mine["params"]):
+                entry = out.get(pid)
+                if not entry:
+                    continue
+                wants = mine["master_weights"] and p.dtype in _LOW_PRECISION
+                if wants and "master" not in entry:
+                    out[pid] = {**entry, "master": p.detach().float()}
+                elif not wants and "master" in entry:
+                    out[pid] = {k: v for k, v in entry.items() if k != "master"}
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         schedule = state_dict.pop("badam", None)
@@ -387,6 +408,7 @@ class BAdam(LowMemOptimizer):
                 if self._block_of(mine) == active:
                     kept.update(saved.get("params", []))
         state_dict["state"] = {k: v for k, v in state_dict.get("state", {}).items() if k in kept}
+        state_dict["state"] = self._masters_for_dtypes(state_dict["state"], groups)
         try:
             super().load_state_dict(state_dict)
         except Exception:
