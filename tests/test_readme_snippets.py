@@ -4,6 +4,8 @@ computes. The install and test commands are .ci/run's: tests/test_doctruth_insta
 
 import json
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -59,8 +61,10 @@ def test_use_snippet_comments_hold():
 
 # ---- every flag README names exists ----------------------------------------------------------------------------
 
-# flags of the tools README launches lowmem with (accelerate launch, torchrun) and of pytest (pyproject's addopts)
-EXTERNAL = {"--num_processes", "--multi_gpu", "--config_file", "--standalone", "--nproc_per_node", "--dist"}
+# flags of the tools README launches lowmem with (accelerate launch, torchrun), of pip install (the CPU torch
+# index) and of pytest (pyproject's addopts)
+EXTERNAL = {"--num_processes", "--multi_gpu", "--config_file", "--standalone", "--nproc_per_node", "--dist",
+            "--index-url", "--extra-index-url"}
 
 
 def _lowmem_options() -> set[str]:
@@ -88,6 +92,8 @@ def test_every_flag_readme_names_exists():
     lowmem_opts = _lowmem_options()
     external = {o for a in launch_command_parser()._actions for o in a.option_strings}
     external |= {o for a in get_args_parser()._actions for o in a.option_strings}
+    pip_help = subprocess.run([sys.executable, "-m", "pip", "install", "--help"], capture_output=True, text=True).stdout
+    external |= set(re.findall(r"(?<![\w-])--[a-z][\w-]*", pip_help))
     for flag in sorted(flags - lowmem_opts):
         if flag == "--dist":  # pytest-xdist's, in pyproject's addopts
             assert "--dist loadgroup" in (ROOT / "pyproject.toml").read_text()
