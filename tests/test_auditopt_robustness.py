@@ -137,11 +137,11 @@ def test_layerwise_nonfinite_leaves_that_and_later_parameters_untouched(name):
 # ---- shapes, layouts and dtypes ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(0, 4), (0,)], ids=["0x4", "0"])
+@pytest.mark.parametrize("shape", [(0, 4), (0,), (), (1, 1)], ids=["0x4", "0", "0-d", "1x1"])
 @pytest.mark.parametrize("name", ENGINE)
-def test_zero_size_parameter_steps_saves_and_loads(name, shape):
-    """A zero-size parameter next to a real one: the step runs (Stable-SPAM's max |g| of an empty tensor
-    raised in aminmax), nothing becomes non-finite, state_bytes is exact and the state round-trips."""
+def test_degenerate_parameter_steps_saves_and_loads(name, shape):
+    """A zero-size, 0-d or 1 x 1 parameter next to a real one: the step runs (Stable-SPAM's max |g| of an empty
+    tensor raised in aminmax), nothing becomes non-finite, state_bytes is exact and the state round-trips."""
     g = torch.Generator().manual_seed(0)
     ps = [nn.Parameter(torch.randn(shape, generator=g)), nn.Parameter(torch.randn(6, 5, generator=g))]
     opt = create_optimizer(ps, name, **_hp(name))
