@@ -31,6 +31,7 @@ from ..stabilizers import (
     RestartBiasCorrection,
     SPAMStabilizer,
     StableSPAMStabilizer,
+    check_spam_state_dtype,
 )
 
 # ---- 8-bit and 4-bit AdamW ------------------------------------------------------------------
@@ -228,6 +229,7 @@ SPAM_RECIPE = Recipe(
     hparams=(LR(1e-3), BETAS(), EPS(1e-6), WEIGHT_DECAY(0.0), *SPAM_HPARAMS),
     stabilizers=(SPAMStabilizer(),),
     decay_after_update=True,
+    validate_group=check_spam_state_dtype,
 )
 
 STABLE_SPAM_RECIPE = Recipe(
