@@ -1,6 +1,7 @@
 """A plain ``transformers.Trainer`` with a lowmem optimizer via ``optimizer_cls_and_kwargs``.
 
-Runs offline on CPU in a few seconds: the embedded tiny Llama on synthetic addition.
+Runs offline on CPU: the embedded tiny Llama on synthetic addition, 150 steps (20 s with its imports on a
+2-core machine shared at a load of 5).
 
     python examples/hf_trainer.py
 """
