@@ -908,6 +908,9 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
 
     if not data.format.conversational:
         return
+    template = getattr(tokenizer, "chat_template", None)
+    if template is not None and template == data.rendered_with:
+        return  # these rows, this template: checked before the model loaded (recipe_data)
     for rows, where in ((data.train, source), (data.eval, eval_source)):
         if rows is None:
             continue
@@ -920,6 +923,7 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
                     raise ValueError(f"{where}: the chat template refuses row {_row_where(where, i)} (roles {roles}): "
                                      f"{type(err).__name__}: {err}; change the row (e.g. fold a system message into the "
                                      "first user turn) or set chat_template to one that takes it") from None
+    data.rendered_with = template
 
 
 @dataclass
@@ -935,6 +939,7 @@ class TrainData:
     train: Any
     eval: Any
     format: DatasetFormat
+    rendered_with: str | None = None  # the chat template check_template_renders found rendering every checked row
 
     def summary(self) -> dict[str, Any]:
         """What ``metrics.json`` records under ``data``."""
@@ -1076,8 +1081,9 @@ def recipe_data(recipe: Any) -> TrainData | None:
     ``training_args["dataset_text_field"]`` when set.
 
     The recipe's ``chat_template`` file is read here (a missing one is an error), and conversational
-    data without it has the model's tokenizer (only the tokenizer) loaded to check it has one, so
-    that these errors come before the model loads.
+    data has the model's tokenizer (only the tokenizer) loaded to check it has a template (the recipe's, or its
+    own) and that the template renders the rows (:func:`check_template_renders`), so that these errors come
+    before the model loads (before, a refusal came after the weights loaded).
     """
     if recipe.chat_template is not None:
         read_chat_template(recipe.chat_template)
@@ -1088,9 +1094,13 @@ def recipe_data(recipe: Any) -> TrainData | None:
                            eval_split=recipe.eval_split, seed=recipe.seed, text_field=text_field)
     if recipe.model is None:
         check_embedded_alphabet(data, source=str(recipe.dataset))
-    if data.format.conversational and recipe.chat_template is None:
-        ensure_chat_template(_tokenizer_of(recipe.model), data.format, None, model=recipe.model,
-                             source=str(recipe.dataset))
+    if data.format.conversational:  # the template's refusals too, before the model loads (its tokenizer only)
+        tokenizer = _tokenizer_of(recipe.model)
+        if recipe.chat_template is not None:
+            tokenizer.chat_template = read_chat_template(recipe.chat_template)
+        ensure_chat_template(tokenizer, data.format, None, model=recipe.model, source=str(recipe.dataset))
+        check_template_renders(tokenizer, data, source=str(recipe.dataset),
+                               eval_source=str(recipe.eval_dataset or "eval_split"))
     return data
 
 
