@@ -359,3 +359,23 @@ def test_spam_refuses_a_float16_second_moment_and_trains_with_float32_state():
     opt = create_optimizer(model, "spam", **hparams_for("spam"))
     losses = train(model, opt, x, y, 6)
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+_PARAM_FP64_BROKEN = {"adagrad_snsm", "adamw_snsm", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITOPT 4", raises=RuntimeError))
+    if n in _PARAM_FP64_BROKEN else n for n in ENGINE])
+def test_state_dtype_param_on_float64_parameters_trains_or_is_refused(name):
+    """``state_dtype="param"`` on float64 parameters: the run trains in float64 (finite, dtype kept, loss falls), or
+    the setting is refused naming it; never an error from inside the step (GaLore's projected moments became
+    float64 while the basis stayed float32: a matmul dtype mismatch at the first step)."""
+    model, x, y = make_problem(dtype=torch.float64)
+    try:
+        opt = create_optimizer(model, name, state_dtype="param", **hparams_for(name))
+    except ValueError as err:
+        assert "state_dtype" in str(err)
+        return
+    losses = train(model, opt, x, y, 5)
+    assert losses[-1] < losses[0] and all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in model.parameters())
