@@ -106,6 +106,29 @@ def test_every_flag_readme_names_exists():
             f"README names {flag}: neither a lowmem option nor a field lowmem train takes"
 
 
+def test_bench_shape_sets_and_plot_extra_exist():
+    """The `--shapes` sets README names are choices of `lowmem bench --shapes`; `pip install -e ".[plot]"` names
+    an extra of pyproject that brings matplotlib (for `lowmem budget --png`), also in `.[dev]`."""
+    import tomllib
+
+    text = README.read_text()
+    named = set()
+    for group in re.findall(r"--shapes ([\w|-]+)", text):
+        named |= set(group.split("|"))
+    assert {"hidden-1024", "llama-7b-layer", "small-tensors", "llama-8x256"} <= named
+    shapes = next(a for a in _subparser("bench")._actions if "--shapes" in a.option_strings)
+    assert named <= set(shapes.choices)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert 'pip install -e ".[plot]"' in text
+    assert any(r.startswith("matplotlib") for r in extras["plot"]) and any(r.startswith("matplotlib") for r in extras["dev"])
+
+
+def _subparser(name: str):
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return subparsers.choices[name]
+
+
 # ---- the commands README shows, run ------------------------------------------------------------------------------
 
 
@@ -196,6 +219,19 @@ def test_budget_command(tmp_path):
     pytest.importorskip("matplotlib")  # --png needs the plot extra (in .[dev])
     png = tmp_path / "b.png"
     assert main(["budget", "llama-2-7b", "--optim", "adamw", "--png", str(png)]) == 0 and png.stat().st_size > 0
+
+
+def test_fsdp2_row_names_every_engine_optimizer():
+    """README's `examples/fsdp2.py` row lists the optimizers that step each rank's FSDP2 shard: every engine
+    optimizer (tests/test_fsdp.py::test_every_engine_optimizer_is_supported runs each against one process)."""
+    from lowmem.optim import optimizer_entries
+
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `torchrun --standalone"))
+    cell = row.split("|")[2].split("step each rank's shard")[0]
+    named = set(re.findall(r"`(\w+)`", cell.split("):", 1)[1]))  # after "FSDP2 (`fully_shard`):"
+    if "their 8-bit variants" in cell:
+        named |= {"galore_adamw8bit", "fira_adamw8bit", "frugal8bit"}
+    assert named == {e.name for e in optimizer_entries() if e.recipe is not None}
 
 
 # ---- the optimizer table is what `lowmem list --shape llama-2-7b` computes ------------------------------------------
