@@ -403,6 +403,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                          self.max_grad_norm, self.clip_mode,
                                          params[0].device.type if params else "cpu", ddp=self._ddp is not None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused (``copy.deepcopy``, ``pickle``): the optimizer lives in hooks registered on the parameters, which a
+        copy would neither move to the copied parameters nor keep (torch's ``__getstate__`` keeps only ``defaults``,
+        ``state`` and ``param_groups``: the copy failed at its first step with an ``AttributeError``)."""
+        raise TypeError(
+            "LayerwiseOptimizer cannot be copied or pickled: it steps from hooks on the parameters. Copy the model,"
+            " build a LayerwiseOptimizer on the copy and load_state_dict(optimizer.state_dict()) into it (a checkpoint"
+            " continues bit for bit)"
+        )
+
     def remove_hooks(self) -> None:
         """Detach from the parameters (the optimizer can no longer step)."""
         for h in self._handles:
