@@ -238,10 +238,51 @@ def json_row_line(path: str | os.PathLike, row: int) -> int | None:
     return None
 
 
+def folder_row_file(path: str | os.PathLike, row: int) -> tuple[Path, int] | None:
+    """``(file, row within it)`` for row ``row`` (0-based) of a folder of JSON / Parquet files without split names,
+    read in :func:`_data_files`' order as :func:`load_local_dataset` reads them; ``None`` otherwise (a file, a saved
+    dataset, a folder with split names or of other files, no such row)."""
+    p = Path(path).expanduser()
+    if not p.is_dir() or is_saved_dataset(p):
+        return None
+    try:
+        from datasets.data_files import get_data_patterns
+
+        patterns = {str(k): v for k, v in get_data_patterns(str(p)).items()}
+        files = _data_files(p)
+        if list(patterns) != ["train"] or patterns["train"] != ["**"]:
+            return None  # which split's files the row counts is not known here
+        for f in files:
+            kind = EXTENSIONS.get(f.suffix.lower())
+            if kind == "json":
+                count = sum(1 for _ in _json_records(f, objects_only=False))
+            elif kind == "parquet":
+                import pyarrow.parquet as pq
+
+                count = pq.ParquetFile(f).metadata.num_rows
+            else:
+                return None
+            if row < count:
+                return f, row
+            row -= count
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _row_where(source: str, row: int) -> str:
-    """``"3 (line 4)"`` for row 3 of a JSON Lines file ``source``, else ``"3"``."""
+    """``"3 (line 4)"`` for row 3 of a JSON Lines file ``source``; ``"2700 (file part-1.jsonl row 1200, line 1201)"``
+    for a folder of files (:func:`folder_row_file`); else ``"3"``."""
     line = json_row_line(source, row)
-    return f"{row} (line {line})" if line is not None else f"{row}"
+    if line is not None:
+        return f"{row} (line {line})"
+    found = folder_row_file(source, row)
+    if found is not None:
+        file, inner = found
+        line = json_row_line(file, inner)
+        return (f"{row} (file {file.relative_to(Path(source).expanduser()).as_posix()} row {inner}"
+                + (f", line {line})" if line is not None else ")"))
+    return f"{row}"
 
 
 def _json_feature_paths(feature, path=()):

@@ -126,3 +126,22 @@ def test_embedded_alphabet_checked_past_the_first_thousand():
     ds = Dataset.from_list(rows)
     with pytest.raises(ValueError, match=r"lacks 1 characters of this data \(1 kinds, e.g. \['D'\]\)"):
         check_embedded_alphabet(TrainData(ds, None, detect_format(ds, "sft")), source="d")
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_a_bad_row_in_a_folders_second_file_names_the_file(tmp_path, suffix):
+    """Before: "shards: column 'prompt' of row 1534": the folder's row, in which file the user had to work out."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(2):
+        rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(20 + k)]
+        if k == 1:
+            rows[14]["prompt"] = None
+        if suffix == "jsonl":
+            _jsonl(tmp_path, rows)
+            (tmp_path / "d.jsonl").rename(folder / f"part-{k}.jsonl")
+        else:
+            Dataset.from_list(rows).to_parquet(str(folder / f"part-{k}.parquet"))
+    line = ", line 15" if suffix == "jsonl" else ""
+    with pytest.raises(ValueError, match=rf"column 'prompt' of row 34 \(file part-1.{suffix} row 14{line}\) is NoneType"):
+        load_train_data(str(folder), "sft")
