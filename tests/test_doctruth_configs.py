@@ -81,6 +81,14 @@ def test_recipe_comments_name_real_keys(path):
     for field in re.findall(r"any SFTConfig field: ([\w, ]+)", text):
         for name in (f.strip() for f in field.split(",") if f.strip()):
             assert name in SFTConfig.__dataclass_fields__, f"{path.name}: {name!r} is not an SFTConfig field"
+    # a commented-out setting (a whole comment line `# key: value  # why`) is one the recipe accepts when uncommented
+    from lowmem.train import load_recipe
+
+    for line in text.splitlines():
+        setting = re.match(r"\s*#\s*([a-z][a-z0-9_]*): (.+?)(?:\s{2,}#.*)?$", line)
+        if setting and setting.group(1) in RECIPE_KEYS:
+            value = yaml.safe_load(setting.group(2))
+            assert getattr(load_recipe(path, **{setting.group(1): value}), setting.group(1)) == value, line
     # default.yaml's inline claims: the embedded model (model null), the recipe `lowmem train` runs without one
     if path.name == "default.yaml":
         import lowmem.train
