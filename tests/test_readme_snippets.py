@@ -109,7 +109,7 @@ def test_every_flag_readme_names_exists():
 def test_bench_shape_sets_and_plot_extra_exist():
     """The `--shapes` sets README names are choices of `lowmem bench --shapes`; `pip install -e ".[plot]"` names
     an extra of pyproject that brings matplotlib (for `lowmem budget --png`), also in `.[dev]`."""
-    import tomllib
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
     text = README.read_text()
     named = set()
