@@ -158,6 +158,7 @@ def test_own_data_command_sft_with_trainer_fields(tmp_path, tiny_model_path):
     assert fields == {"num_train_epochs": 1, "gradient_accumulation_steps": 4, "max_length": 512, "packing": True}
 
 
+@pytest.mark.slow  # 2.6 s under load; DPO on a local model dir and data also runs by default: test_own_work_audit.py
 def test_own_data_command_dpo(tmp_path, tiny_model_path):
     out = tmp_path / "dpo"
     rc = main(["train", "--model", tiny_model_path, "--dataset", str(DATA / "addition_prefs.jsonl"), "--lr", "1e-3",
@@ -178,6 +179,7 @@ def test_own_data_command_grpo_rewards(tmp_path, tiny_model_path):
     assert set(_metrics(out)["reward_func_histories"]) == {"digits_and_prefix", "exact_match"}
 
 
+@pytest.mark.slow  # 3.3 s under load (two runs); the exact resume runs by default in tests/test_train_run.py
 def test_resume_command(tmp_path):
     """`lowmem train RECIPE.yaml --resume` after `--save-steps N` continues from the latest checkpoint;
     `--eval-steps N` evaluates on the way."""
