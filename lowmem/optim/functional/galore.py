@@ -356,6 +356,33 @@ def down_pack_bytes(cols: int) -> int:
     return DOWN_PACK_BYTES_INTEL
 
 
+#: the largest rank whose project-down keeps no packing buffer on an AMD CPU (:func:`down_only_pack_bytes`)
+SKINNY_DOWN_RANK = 3
+#: what a right basis's project-down (``G Q^T``) keeps there at a larger rank
+RIGHT_DOWN_PACK_BYTES_AMD = 2**18
+
+
+def down_only_pack_bytes(rank: int, cols: int, side: str) -> int:
+    """The packing buffers MKL keeps after a basis's project-down when no combine-back GEMM follows (APOLLO: its
+    update scales ``G``; ``ApolloProjection.kept_gemm_bytes``), of a ``rows x cols`` ``G`` on the running CPU.
+
+    AMD CPU (MKL's other code path, :func:`mkl_generic_kernels`), measured in a fresh process (APOLLO's steps,
+    ``lowmem.optim.step_memory.measure_steps``, ``MALLOC_MMAP_THRESHOLD_=65536``, growth beyond the step's own
+    tensors): nothing at rank 1-3 (a product of at most 3 columns: 0 B at 2048 x 2048 - 8192 x 8192, left and right
+    bases, plain and refresh steps); a left basis (``P^T G``, ``G`` packed by its columns) :func:`down_pack_bytes`
+    (``cols``) from rank 4 (2.9-3.0 MiB at 1024 x 4096 rank 128 for 3.0; 4.3-4.6 MiB at 2048 x 8192 rank 4-128
+    for 4.9); a right basis (``G Q^T``) at most :data:`RIGHT_DOWN_PACK_BYTES_AMD` (plain steps -0.16 to +0.25 MiB
+    at rank 64-512, 2048 x 2048 - 8192 x 8192; refresh steps up to 0.59 MiB at 4096 x 4096 rank 512, the Gaussian
+    draw's 16 MiB freed before). Intel CPU: not measured for this product alone; the project-down's
+    :data:`DOWN_PACK_BYTES_INTEL` at every rank and side (GaLore's first ``P^T G`` on a Xeon kept 1.4-1.6 MiB at
+    rank 64-256), a bound."""
+    if not mkl_generic_kernels():
+        return DOWN_PACK_BYTES_INTEL
+    if rank <= SKINNY_DOWN_RANK:
+        return 0
+    return down_pack_bytes(cols) if side in ("left", "full") else RIGHT_DOWN_PACK_BYTES_AMD
+
+
 def kept_pack_bytes(rank: int, cols: int) -> int:
     """All the packing buffers MKL keeps after a basis's first project-down and combine-back on the
     running CPU: :func:`gemm_pack_bytes` + :func:`down_pack_bytes` (``SubspaceProjection.kept_gemm_bytes``)."""

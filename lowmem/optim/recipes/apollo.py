@@ -2,7 +2,8 @@
 of adding an optimizer without touching the loop (docs/ARCHITECTURE.md, "Adding an optimizer").
 
 The chain: a random Gaussian projection ``R = P^T G`` (the existing
-:class:`~lowmem.optim.subspace.SubspaceProjection`, ``projection="gaussian"``), Adam's moments of
+:class:`~lowmem.optim.subspace.SubspaceProjection`, ``projection="gaussian"``, as :class:`ApolloProjection`: MKL's
+kept buffers without a combine-back GEMM), Adam's moments of
 ``R`` (the existing :class:`~lowmem.optim.moments.AdamMoments`), and one new combine-back step,
 :class:`ApolloScaling`: the raw gradient ``G`` scaled channel-wise (or tensor-wise) by how much Adam
 rescaled ``R``, passed through Fira's norm-growth limiter and multiplied by ``sqrt(scale)``. Weight
@@ -33,6 +34,17 @@ from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, check_ra
 APOLLO_PROJECTIONS = ("gaussian", "random", "svd", "rsvd")
 #: apollo-torch's / transformers' ``proj`` values -> lowmem's ``projection``.
 APOLLO_PROJ = {"random": "gaussian", "svd": "svd"}
+
+
+class ApolloProjection(SubspaceProjection):
+    """:class:`~lowmem.optim.subspace.SubspaceProjection` for APOLLO, whose update scales ``G``
+    (:class:`ApolloScaling`): no combine-back GEMM, so MKL keeps only its project-down's packing buffers
+    (:func:`~lowmem.optim.functional.galore.down_only_pack_bytes`: none at rank 1-3, APOLLO-Mini's rank 1 included,
+    on an AMD CPU; the base class's count adds the combine-back's buffer, 1.75 MiB for APOLLO-Mini at
+    2048 x 2048 that the step does not keep: growth 0 in a fresh process, 2048 x 2048 - 8192 x 8192)."""
+
+    def kept_gemm_bytes(self, shape, group) -> int:
+        return GL.down_only_pack_bytes(group["rank"], shape[1], self._side(shape, group))
 
 
 class ApolloScaling(CombineRule):
@@ -262,7 +274,7 @@ APOLLO_ADAMW = Recipe(
     moment=AdamMoments(eps_placement="hf"),
     hparams=GALORE_ADAM_HPARAMS,
     group_hparams=apollo_hparams(rank=256, scale=1.0, scale_type="channel"),
-    projection=SubspaceProjection(),
+    projection=ApolloProjection(),
     combine=ApolloScaling(unit_scale=adam_hf_unit_scale),
     decay_after_update=True,
     validate_group=_check_apollo_group,
