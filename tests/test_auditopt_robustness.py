@@ -13,6 +13,7 @@ import copy
 import io
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -400,3 +401,19 @@ def test_layerwise_copy_is_refused_clearly_and_its_state_dict_is_the_way():
             loss_fn(m, x, y).backward()
             o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("value", [np.float32(1e-3), torch.tensor(1e-3), (np.float32(0.9), 0.999)],
+                         ids=["np.float32", "tensor", "np-beta"])
+def test_numpy_and_tensor_settings_are_refused_naming_their_type(value):
+    """torch.optim takes ``lr=np.float32(1e-3)`` or a tensor lr; lowmem's checks take Python numbers. The refusal
+    said ``Invalid lr=np.float32(0.001): expected a finite float >= 0``, which reads as a contradiction: it names the
+    type and the fix."""
+    field = "betas" if isinstance(value, tuple) else "lr"
+    with pytest.raises(ValueError, match=rf"Invalid {field}=.*got a (numpy\.float32|torch\.Tensor).*float\(x\)"):
+        create_optimizer([nn.Parameter(torch.zeros(3))], "adamw", **{field: value})
+    create_optimizer([nn.Parameter(torch.zeros(3))], "adamw", **{field: _plain(value)})  # the plain number is taken
+
+
+def _plain(value):
+    return tuple(float(v) for v in value) if isinstance(value, tuple) else float(value)

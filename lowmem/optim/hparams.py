@@ -44,7 +44,22 @@ class HParam:
             ok = False
         if not ok:
             loc = f" in {where}" if where else ""
-            raise ValueError(f"Invalid {self.name}={value!r}{loc}: expected {self.valid}.")
+            foreign = _foreign_scalar(value)
+            hint = (f" (got a {foreign}: give Python numbers, e.g. float(x) / int(x); torch.optim would take it, the"
+                    " checks and the step here read plain numbers)") if foreign else ""
+            raise ValueError(f"Invalid {self.name}={value!r}{loc}: expected {self.valid}{hint}.")
+
+
+def _foreign_scalar(value: Any) -> str:
+    """The type of a NumPy or torch value in ``value`` (itself, or an item of a tuple / list: ``betas``), e.g.
+    ``"numpy.float32"`` or ``"torch.Tensor"``; ``""`` when there is none. ``np.float32(1e-3)`` and
+    ``torch.tensor(1e-3)`` are no Python float, and ``Invalid lr=np.float32(0.001): expected a finite float >= 0``
+    alone reads as a contradiction."""
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+        module = type(v).__module__.split(".")[0]
+        if module in ("numpy", "torch"):
+            return f"{module}.{type(v).__name__}"
+    return ""
 
 
 # ---- predicates -----------------------------------------------------------------------------
