@@ -1305,6 +1305,12 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         # which here changes no device
         kwargs["use_cpu"] = True
     check_half_precision(kwargs)
+    if kwargs.get("fp16") and recipe.dtype == "bfloat16" and "bf16" not in recipe.training_args:
+        # bf16 above came from dtype: transformers' "At most one of fp16 and bf16 can be True" names a field the
+        # user never wrote
+        raise ConfigError("fp16=true (float16 mixed precision) and dtype='bfloat16' (bfloat16 weights, which sets bf16: "
+                          "true) conflict; give one: dtype: bfloat16 without fp16, or fp16: true with dtype float32 "
+                          "(or float16 for a LoRA / QLoRA base)")
     _check_generation_groups(recipe, cls, kwargs)
     try:
         return cls(**kwargs)

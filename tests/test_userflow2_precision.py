@@ -71,3 +71,13 @@ def _data(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     return str(data)
+
+
+def test_fp16_with_bfloat16_weights_names_both_fields(tmp_path, monkeypatch):
+    """On a GPU: dtype bfloat16 sets bf16, and transformers said "At most one of fp16 and bf16 can be True", a field
+    the user never wrote."""
+    import lowmem.train
+
+    monkeypatch.setattr(lowmem.train, "_accelerator_visible", lambda: True)
+    with pytest.raises(ConfigError, match=r"^fp16=true \(float16 mixed precision\) and dtype='bfloat16' .* conflict"):
+        build_training_args(_recipe(tmp_path, fp16=True, dtype="bfloat16"))
