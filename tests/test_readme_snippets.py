@@ -3,7 +3,9 @@ embedded tiny model, a step or two), every flag it names exists, and its optimiz
 computes. The install and test commands are .ci/run's: tests/test_doctruth_install.py."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -134,6 +136,19 @@ def _subparser(name: str):
 
 def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow  # ~30 s: a fresh process with its imports, 200 steps
+def test_setup_runs_lowmem_train_verbatim(tmp_path):
+    """The "Set up" block ends with `lowmem train`: the installed console script, no arguments, trains the
+    embedded tiny model (configs/default.yaml) and writes outputs/lowmem-train/metrics.json in the current folder."""
+    exe = shutil.which("lowmem") or str(Path(sys.executable).with_name("lowmem"))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # README: you need not set it
+    proc = subprocess.run([exe, "train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = _metrics(tmp_path / "outputs" / "lowmem-train")
+    assert (m["optimizer"], m["steps"], m["model"]) == ("adafactor", 200, None)
+    assert m["final_loss"] < 0.5 * m["initial_loss"]
 
 
 def test_own_data_command_sft_with_trainer_fields(tmp_path, tiny_model_path):
