@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
                                              "activation_parts": {"tied_embedding_backward": c.peak_args.get("tied_backward", 0),
                                                                   "embedding_backward": c.peak_args.get("embedding_backward", 0)},
                                              "optimizer_kept_tables": c.peak_args.get("kept_with_activations", 0),
+                                             "optimizer_kept_step_count": c.peak_args.get("kept_step_count", 0),
                                              "batch_input_bytes": c.peak_args.get("inputs", 0)})
                      for c in found[:6]]
             bar_chart({f"#{i + 1}": e for i, e in enumerate(shown)}, args.png, budget=limit,

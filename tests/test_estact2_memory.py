@@ -8,13 +8,13 @@ import warnings
 import pytest
 
 
-def _measure(config, optimizer="adafactor", batch=1, seq=32, **kw):
+def _measure(config, optimizer="adafactor", batch=1, seq=32, steps=1, **kw):
     from lowmem.memory.measure import measure_memory
 
     oa = {"lr": 1e-3, "relative_step": False} if optimizer == "adafactor" else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return measure_memory(config, optimizer, optim_args=oa, batch_size=batch, seq_len=seq, dtype="fp32", steps=1,
+        return measure_memory(config, optimizer, optim_args=oa, batch_size=batch, seq_len=seq, dtype="fp32", steps=steps,
                               device="cpu", **kw)
 
 
@@ -57,3 +57,23 @@ def test_layerwise_tied_head_peak_is_the_traced_gradient_moment(optimizer):
     # never under; over by at most the batch inputs the measurement does not hold (16 B per token) and the step
     # transient's bound (microadam: a few KiB)
     assert 0 <= r.estimate.total - r.measured["total"] <= 16 * 32 + 4096, r.table()
+
+
+def test_fused_adamw_step_count_is_kept_with_the_activations():
+    """torch's fused AdamW kernel reads the step count from a float32 0-d tensor per device that the step makes and
+    ``lowmem.optim.functional.adam._step_tensor`` keeps to the next step: live at the second step's activations' peak,
+    labelled optimizer memory there (4 B above the state). Mamba2 (h=64, 2 layers), AdamW fp32, 1 x 64 tokens, two
+    steps: estimate - measured total +1,532 B before (the batch inputs less those 4 B), +1,536 now (Falcon-Mamba 2 x 64:
+    +3,068 -> +3,072): the batch inputs
+    (24 B per token) exactly, every other byte counted."""
+    from transformers import Mamba2Config
+
+    config = Mamba2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=32, state_size=8,
+                          n_groups=1, chunk_size=16)
+    r = _measure(config, "adamw", seq=64, steps=2)
+    kept = r.estimate.details["optimizer_kept_step_count"]
+    assert kept == 4  # one float32 scalar on the one device
+    assert r.at_peak["optimizer_states"] - r.estimate.optimizer_states == kept, r.table()
+    # the estimate counts the Trainer's three int64 tensors per token; the measurement holds its ids, which the trace
+    # counts among the activations
+    assert r.estimate.total - r.measured["total"] == r.estimate.details["batch_input_bytes"], r.table()

@@ -120,7 +120,7 @@ def _sizing_mode(model: nn.Module):
 def peak_total(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
                forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0,
-               inputs: int = 0) -> int:
+               inputs: int = 0, kept_step_count: int = 0) -> int:
     """The peak bytes of a training step from its components (see the module docstring).
 
     The optimizer's step transient and the activations are live at the same time only in layerwise
@@ -159,10 +159,13 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
         inputs (`int`, defaults to `0`): The batch's tensors the training loop holds through the whole step
             (:func:`batch_input_bytes`, ``details["batch_input_bytes"]``): live at every moment, the optimizer's step
             included, where no component holds them; added to the peak.
+        kept_step_count (`int`, defaults to `0`): Like ``kept_with_activations``: the part of ``optimizer_transient``
+            that is torch's fused AdamW kernel's step count, a float32 0-d tensor per device that each step makes and
+            ``lowmem.optim.functional.adam`` keeps to the next (``details["optimizer_kept_step_count"]``, 4 B per device).
     """
     return inputs + _peak_of_components(components, layerwise, gradients_with_activations, tied_backward,
-                                        transient_with_activations, forward_activations, kept_with_activations,
-                                        embedding_backward)
+                                        transient_with_activations, forward_activations,
+                                        kept_with_activations + kept_step_count, embedding_backward)
 
 
 def batch_input_bytes(sequences: int, seq_len: int, gradient_accumulation_steps: int = 1) -> int:
@@ -299,6 +302,7 @@ class MemoryEstimate:
                 "tied_backward": int(self.details.get("activation_parts", {}).get("tied_embedding_backward", 0)),
                 "embedding_backward": int(self.details.get("activation_parts", {}).get("embedding_backward", 0)),
                 "kept_with_activations": int(self.details.get("optimizer_kept_tables") or 0),
+                "kept_step_count": int(self.details.get("optimizer_kept_step_count") or 0),
                 "inputs": int(self.details.get("batch_input_bytes") or 0)}
 
     def components(self) -> dict[str, int]:
@@ -633,6 +637,7 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
                if before is not None and "by_size" in before else None)
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
             "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
+            "kept_step_count": sized.get("kept_step_count", 0),
             "svd_mkl": 0 if layerwise else sized.get("svd_mkl", 0),
             "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None,
             "transient_after_head": _layerwise_transient(later, max_grad_norm) if later is not None else None,
@@ -754,7 +759,11 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
                  "transient": {False: opt.step_transient_bytes(per_parameter=False) + tables},
                  "layerwise_parts": _layerwise_parts(opt, tables),
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0,
-                 "kept_tables": tables}
+                 "kept_tables": tables,
+                 # torch's fused AdamW kernel's step count, a float32 0-d tensor per device that the step makes and
+                 # functional.adam keeps to the next step (_step_tensor): in the transient (kept and new), and live at
+                 # every later moment, the activations' included
+                 "kept_step_count": opt._fused_step_bytes() if hasattr(opt, "_fused_step_bytes") else 0}
         from ..optim.functional.galore import svd_mkl_left_out
 
         with svd_mkl_left_out():  # MKL's SVD buffers (AMD CPU): in the transient, not torch tensors
@@ -1497,6 +1506,7 @@ def estimate_memory(
             "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
             "optimizer_transient_mkl_svd": sized.get("svd_mkl", 0),
             "optimizer_kept_tables": sized["kept_tables"],
+            "optimizer_kept_step_count": sized["kept_step_count"],
             "gradients_with_activations": parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),

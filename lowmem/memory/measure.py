@@ -401,8 +401,8 @@ def measure_memory(
     Steps use random token ids as inputs and labels (``labels = input_ids``), no padding mask;
     ``layerwise=True`` steps each parameter in its post-accumulate-grad hook and frees its gradient.
     The quantized codecs' process-wide tables are forgotten first
-    (:func:`~lowmem.optim.functional.quant.clear_kept_tables`): every measurement in a process sees them made, as
-    a fresh process's first step makes them.
+    (:func:`~lowmem.optim.functional.quant.clear_kept_tables`), and the fused AdamW kernel's kept step count: every
+    measurement in a process sees them made, as a fresh process's first step makes them.
     """
     from ..optim import create_optimizer, get_entry
     from ..optim.layerwise import LayerwiseOptimizer
@@ -435,6 +435,12 @@ def measure_memory(
     # forgotten, the measured steps make them as a fresh process's first step does (a second measurement in one
     # process read 133,120 B lower for adamw8bit on the CPU without this)
     clear_kept_tables()
+    # and torch's fused AdamW kernel's step count (functional.adam._step_tensor, kept per device from one step to the
+    # next): an earlier run's count of the same value was re-used by the first measured step, made outside the
+    # tracker, so unseen at the second step's peak (4 B lower after a one-step AdamW run in the same process)
+    from ..optim.functional import adam as _adam
+
+    _adam._STEP_TENSORS.clear()
     gen = torch.Generator().manual_seed(seed)
     losses = []
     if device.startswith("cuda"):

@@ -102,16 +102,18 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
 def peak_stack(components: dict[str, int], layerwise: bool = False, gradients_with_activations: int | None = None,
                tied_backward: int = 0, transient_with_activations: int | None = None,
                forward_activations: int | None = None, kept_with_activations: int = 0, embedding_backward: int = 0,
-               inputs: int = 0) -> dict[str, int]:
+               inputs: int = 0, kept_step_count: int = 0) -> dict[str, int]:
     """The components live at the step's peak, as :func:`~lowmem.memory.estimate.peak_total` counts them:
     without layerwise stepping the optimizer's transient replaces the activations freed by backward, so
     only the larger of the two is kept; with ``gradients_with_activations`` (one micro-batch per step) the
     backward's moment shows those gradients, the step's all of them. The values sum to
     ``peak_total(components, ...)`` with the same arguments (the table's total). The transient's kept part
-    (``kept_with_activations``, the codecs' tables) stays at the activations' moments. The batch's ``inputs``, live
+    (``kept_with_activations``, the codecs' tables; ``kept_step_count``, the fused AdamW kernel's step count) stays at
+    the activations' moments. The batch's ``inputs``, live
     at every moment, are shown in ``activations`` (torch's tracker labels them so)."""
     out = _stack_of_components(components, layerwise, gradients_with_activations, tied_backward,
-                               transient_with_activations, forward_activations, kept_with_activations, embedding_backward)
+                               transient_with_activations, forward_activations, kept_with_activations + kept_step_count,
+                               embedding_backward)
     out["activations"] += int(inputs)
     return out
 
