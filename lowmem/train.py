@@ -1305,6 +1305,13 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         # which here changes no device
         kwargs["use_cpu"] = True
     check_half_precision(kwargs)
+    if (kwargs.get("bf16") or kwargs.get("bf16_full_eval")) and not kwargs.get("use_cpu") and torch.cuda.is_available() \
+            and not _cuda_bf16_supported():
+        # transformers: "Your setup doesn't support bf16/gpu. You need to assign use_cpu ... Ampere+": use_cpu is no fix
+        given = [k for k in ("bf16", "bf16_full_eval") if recipe.training_args.get(k)]
+        raise ConfigError(f"{' and '.join(f'{k}=true' for k in given) or repr(recipe.dtype).join(('dtype=', ' (which sets bf16: true)'))}: "
+                          f"this GPU ({torch.cuda.get_device_name()}) has no bfloat16 support (an Ampere or newer GPU has); "
+                          "use fp16: true with dtype float32 (float16 mixed precision), or dtype float32 alone")
     if kwargs.get("fp16") and recipe.dtype == "bfloat16" and "bf16" not in recipe.training_args:
         # bf16 above came from dtype: transformers' "At most one of fp16 and bf16 can be True" names a field the
         # user never wrote
@@ -1316,6 +1323,10 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+def _cuda_bf16_supported() -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def check_half_precision(kwargs: dict[str, Any]) -> None:

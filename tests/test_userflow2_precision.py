@@ -81,3 +81,20 @@ def test_fp16_with_bfloat16_weights_names_both_fields(tmp_path, monkeypatch):
     monkeypatch.setattr(lowmem.train, "_accelerator_visible", lambda: True)
     with pytest.raises(ConfigError, match=r"^fp16=true \(float16 mixed precision\) and dtype='bfloat16' .* conflict"):
         build_training_args(_recipe(tmp_path, fp16=True, dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("fields, named", [({"dtype": "bfloat16"}, r"dtype='bfloat16' \(which sets bf16: true\)"),
+                                           ({"bf16": True}, r"bf16=true")])
+def test_bf16_on_a_gpu_without_it_names_the_field(tmp_path, monkeypatch, fields, named):
+    """A pre-Ampere GPU (T4, V100): transformers' "Your setup doesn't support bf16/gpu. You need to assign use_cpu"
+    (use_cpu is no fix there); counted here with torch.cuda's answers patched (no GPU on this machine)."""
+    import torch
+
+    import lowmem.train
+
+    monkeypatch.setattr(lowmem.train, "_accelerator_visible", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(lowmem.train, "_cuda_bf16_supported", lambda: False)
+    with pytest.raises(ConfigError, match=rf"^{named}: this GPU \(Tesla T4\) has no bfloat16 support .* fp16: true"):
+        build_training_args(_recipe(tmp_path, **fields))
