@@ -315,6 +315,10 @@ def test_out_of_range_hyperparameters_raise_naming_field_and_range(name):
             assert "expected" in str(err.value) or "valid" in str(err.value), str(err.value)
             checked += 1
     assert checked >= 4  # lr, eps / betas, weight_decay, state_dtype, foreach at least
+    # torch.optim's maximize / capturable / differentiable are no setting here: refused by name, never ignored
+    for field in ("maximize", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=rf"Unknown hyperparameter.*{field}.*valid"):
+            create_optimizer(model, name, **{**hparams_for(name), field: True})
 
 
 # ---- checkpoints onto parameters of another dtype -----------------------------------------------------------
