@@ -162,7 +162,13 @@ def bf16_gemm_workspace_bytes(r: int, threads: int = 1) -> int:
     square weights up to ``r`` = 2048, 2.6-2.8 at 4096 x 4096, and 1.5-2.6 MiB for tall ones of any size (the
     reference iteration's first products read the transposed iterate: 1024 x 256 2.30, 2048 x 512 2.56, 1280 x
     640 2.60, 4096 x 1024 2.38); later steps of the shape 0-1.6 (the BLAS keeps part of it). The former
-    ``min(2 r^2 + 2 MiB, 3 MiB)`` was below the tall weights' (1024 x 256 reported 4.38 MiB for 4.55 grown)."""
+    ``min(2 r^2 + 2 MiB, 3 MiB)`` was below the tall weights' (1024 x 256 reported 4.38 MiB for 4.55 grown).
+    Measured again 2026-11-30 (session 13; ``step_memory.measure_steps``, its small Muon step first, three steps of
+    one shape, a fresh process each): 0.34-1.18 MiB above the traced tensors at 10 shapes from 256 x 512 to
+    4096 x 1024 (1024 x 256 0.34, 256 x 512 0.70, 2048 x 2048 1.07, 4096 x 1024 1.18), so the report is 1.08-2.6x
+    the growth (2.4-2.6x where the step's tensors are under 1 MiB). It stays a bound, not tightened: what the BLAS
+    keeps depends on the process's earlier products (the measurement above read up to 2.8 MiB, tall weights 2.3-2.6,
+    with another history), and an estimate must hold for the first step of a shape in a training process."""
     from .galore import mkl_generic_kernels
 
     if mkl_generic_kernels():
