@@ -443,3 +443,14 @@ def test_load_state_dict_post_hook_sees_the_final_state():
     with pytest.raises(ValueError):
         other.load_state_dict(sd)
     assert calls == []
+
+
+@pytest.mark.parametrize("setting", [{"accumulation_steps": True}, {"accumulation_steps": 0}, {"max_grad_norm": True},
+                                     {"max_grad_norm": "1.0"}, {"max_grad_norm": float("inf")}, {"clip_mode": "global"}],
+                         ids=["accum-True", "accum-0", "clip-True", "clip-str", "clip-inf", "mode"])
+def test_layerwise_settings_out_of_range_raise_naming_them(setting):
+    """``True`` passed for a number is no silent 1 (bool is an int in Python); a string is a ValueError naming the
+    setting, not a TypeError from a comparison."""
+    (field, _), = setting.items()
+    with pytest.raises(ValueError, match=field):
+        LayerwiseOptimizer(make_problem()[0], "adamw", **setting)
