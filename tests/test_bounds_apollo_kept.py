@@ -51,7 +51,8 @@ def test_apollo_counts_only_its_project_down_buffers(monkeypatch, vendor, name, 
 # (name, shape, hyperparameters): APOLLO-Mini on a wide weight (a left basis: rank 1, none kept), APOLLO rank 8 on it
 # (the project-down's G packed by columns: 3.0 MiB counted beyond its own 0.375), rank 128 on a square one (a right
 # basis: 0.25 MiB counted beside its own 0.75)
-FRESH = [("apollo_mini", (1024, 4096), {"update_proj_gap": 200}), ("apollo_adamw", (1024, 4096), {"rank": 8, "update_proj_gap": 200}),
+FRESH = [("apollo_mini", (1024, 4096), {"update_proj_gap": 200}),
+         ("apollo_adamw", (1024, 4096), {"rank": 8, "update_proj_gap": 200}),
          ("apollo_adamw", (1024, 1024), {"rank": 128, "update_proj_gap": 200})]
 
 
@@ -60,8 +61,8 @@ FRESH = [("apollo_mini", (1024, 4096), {"update_proj_gap": 200}), ("apollo_adamw
 def test_apollo_kept_buffers_measured_in_a_fresh_process():
     """Plain steps in a fresh process (the peak reset before each weight): the report at least the growth (+ 64 KiB
     of RSS noise), and a sanity floor, the report within 2x + 0.5 MiB of the growth (the old count failed it:
-    APOLLO-Mini's 3.3 MiB reported at 1024 x 4096 for 0 grown). Measured on an AMD EPYC (2026-11-30, 3 runs): 0 / 0.047,
-    3.11-3.23 / 3.375, 1.26-1.44 / 1.75 MiB grown / reported. An Intel CPU's MKL was not measured for APOLLO's products (its
+    APOLLO-Mini's 3.3 MiB reported at 1024 x 4096 for 0 grown). Measured on an AMD EPYC (2026-11-30, 3 runs):
+    0 / 0.047, 3.11-3.23 / 3.375, 1.26-1.44 / 1.75 MiB grown / reported. An Intel CPU's MKL was not measured for APOLLO's products (its
     count, 1 MiB, is a bound): skipped there."""
     if not torch.backends.mkl.is_available() or not GL.mkl_generic_kernels():
         pytest.skip("measured with MKL on an AMD CPU only")

@@ -30,9 +30,9 @@ SETS = {
 }
 
 
-def _run(shapes, zero, hp, posts=None):
+def _run(shapes, zero, hp):
     """The traced third step (no refresh) with the gradients of ``zero`` all zero, and the meta report of a steady
-    step. ``posts``: a list collecting (traced peak of each foreach_post_update, its members and group)."""
+    step."""
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     with warnings.catch_warnings():
@@ -47,7 +47,6 @@ def _run(shapes, zero, hp, posts=None):
                 if i == 2 and j in zero:
                     p.grad.zero_()
             with _Traced() as t:
-                tracer = t
                 opt.step()
     meta.materialize_state()
     return t.peak, meta._transient_bytes(False, steady=True), opt
