@@ -62,8 +62,8 @@ def test_apollo_kept_buffers_measured_in_a_fresh_process():
     """Plain steps in a fresh process (the peak reset before each weight): the report at least the growth (+ 64 KiB
     of RSS noise), and a sanity floor, the report within 2x + 0.5 MiB of the growth (the old count failed it:
     APOLLO-Mini's 3.3 MiB reported at 1024 x 4096 for 0 grown). Measured on an AMD EPYC (2026-11-30, 3 runs):
-    0 / 0.047, 3.11-3.23 / 3.375, 1.26-1.44 / 1.75 MiB grown / reported. An Intel CPU's MKL was not measured for APOLLO's products (its
-    count, 1 MiB, is a bound): skipped there."""
+    0 / 0.047, 3.11-3.23 / 3.375, 1.26-1.44 / 1.75 MiB grown / reported. An Intel CPU's MKL was not measured for
+    APOLLO's products (its count, 1 MiB, is a bound): skipped there."""
     if not torch.backends.mkl.is_available() or not GL.mkl_generic_kernels():
         pytest.skip("measured with MKL on an AMD CPU only")
     from lowmem.optim.step_memory import LIVE_ENV, measure_steps
