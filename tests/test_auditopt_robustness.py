@@ -83,6 +83,35 @@ def test_nonfinite_in_one_tensor_of_a_bucket_keeps_every_parameter_and_state(nam
 
 
 @pytest.mark.parametrize("name", ENGINE)
+def test_inf_in_a_float16_tensor_among_mixed_dtypes_skips_the_step(name):
+    """Same-shape parameters of four dtypes (float32 twice, bfloat16, float16, float64): an Inf in the float16
+    gradient skips the step for all of them (the check converts each dtype's norm, none is missed)."""
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32)
+    ps = [nn.Parameter(torch.randn(8, 8, generator=g).to(dt)) for dt in dtypes]
+    opt = create_optimizer(ps, name, **_hp(name))
+    for s in range(2):
+        _grads_like(ps, s)
+        opt.step()
+    before, weights = _snapshot(opt, ps), [p.detach().clone() for p in ps]
+    _grads_like(ps, 2)
+    ps[2].grad[0, 0] = float("inf")
+    with pytest.warns(UserWarning, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(w, p) for w, p in zip(weights, ps))
+    _assert_same_state(before, _snapshot(opt, ps), name)
+    _grads_like(ps, 3)
+    opt.step()
+    assert opt.skipped_steps == 1 and all(torch.isfinite(p).all() for p in ps)
+
+
+def _grads_like(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+@pytest.mark.parametrize("name", ENGINE)
 def test_nonfinite_first_step_allocates_and_counts_nothing(name):
     """A non-finite gradient at the very first step: no state appears (state_bytes stays 0), so the first
     finite step is step 1 (bias corrections) exactly as in a run without the bad step."""
