@@ -63,3 +63,36 @@ def test_lowmem_train_layerwise_under_accelerate_multi_gpu_matches_one_process(t
     worst = max((two[k] - one[k]).abs().max().item() for k in one)
     assert worst <= 5e-5, worst
     print(f"max |weight difference| from one process: {worst:.2e}")
+
+
+def test_fsdp2_wrap_policies_as_documented(tmp_path):
+    """docs/distributed.md, "Wrap policies": `NO_WRAP` (the whole model one unit) trains and resumes under the
+    Trainer's FSDP2 like `TRANSFORMER_BASED_WRAP`; `SIZE_BASED_WRAP` fails inside accelerate 1.15 before any
+    optimizer runs ("fully_shard does not support containers that do not implement forward: ModuleList", the
+    tiny Llama with fsdp_min_num_params: 2000). Launched as tests/test_trainer_fsdp.py does (CPU processes
+    made FSDP by tests/accelerate_fsdp_cpu.py); ~2 launches of 2 processes."""
+    from test_trainer_fsdp import CONFIG, accelerate_launch
+
+    text = CONFIG.read_text()
+    assert "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP" in text
+    no_wrap = tmp_path / "no_wrap.yaml"
+    no_wrap.write_text(text.replace("TRANSFORMER_BASED_WRAP", "NO_WRAP"))
+    out = tmp_path / "no_wrap"
+    out.mkdir()
+    accelerate_launch(no_wrap, "trainer_fsdp_script.py", str(out), "adamw8bit")
+    import torch
+
+    got = json.loads((out / "adamw8bit.json").read_text())
+    assert got["losses"] and got["resumed_losses"] == got["losses"]  # resumed from checkpoint-2 with other weights
+    final = torch.load(out / "adamw8bit_final.pt", weights_only=True)
+    resumed = torch.load(out / "adamw8bit_resumed.pt", weights_only=True)
+    assert final and all(torch.equal(resumed[n], v) for n, v in final.items())  # bit for bit
+
+    size = tmp_path / "size.yaml"
+    size.write_text(text.replace("fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+                                 "fsdp_auto_wrap_policy: SIZE_BASED_WRAP\n  fsdp_min_num_params: 2000"))
+    out = tmp_path / "size"
+    out.mkdir()
+    proc = accelerate_launch(size, "trainer_fsdp_script.py", str(out), "adamw8bit", check=False)
+    assert proc.returncode != 0
+    assert "fully_shard does not support containers that do not implement forward" in proc.stderr, proc.stderr[-2000:]
