@@ -483,3 +483,29 @@ def test_layerwise_settings_out_of_range_raise_naming_them(setting):
     (field, _), = setting.items()
     with pytest.raises(ValueError, match=field):
         LayerwiseOptimizer(make_problem()[0], "adamw", **setting)
+
+
+_DEFAULT_DTYPE_DEPENDENT = {"apollo_adamw", "apollo_mini"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITOPT 6")) if n in _DEFAULT_DTYPE_DEPENDENT
+    else n for n in ENGINE])
+def test_trajectory_does_not_depend_on_the_global_default_dtype(name):
+    """A float32 model trains bit for bit the same under ``torch.set_default_dtype(torch.float64)`` (a setting of the
+    user's script): nothing the step allocates or draws may follow the global default (APOLLO's random basis did)."""
+    runs = []
+    for default in (torch.float32, torch.float64):
+        model, x, y = make_problem()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            opt = create_optimizer(model, name, **hparams_for(name))
+            train(model, opt, x, y, 2)
+        finally:
+            torch.set_default_dtype(previous)
+        runs.append(([p.detach().clone() for p in model.parameters()],
+                     {(i, k): v.dtype for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items()}))
+    (w32, s32), (w64, s64) = runs
+    assert s32 == s64
+    assert all(torch.equal(a, b) for a, b in zip(w32, w64))
