@@ -262,26 +262,6 @@ def test_plain_trainer_takes_hf_names_and_says_what_replaces_its_optim(tmp_path,
         optimizer_cls_and_kwargs(model, "galore_adamw_layerwise", rank=8)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["default", "adamw", "adafactor", "microadam", "qlora", "sft", "sft_jsonl", "dpo_jsonl",
-                                  "grpo_jsonl"])
-def test_every_shipped_recipe_runs_two_steps(name, tmp_path):
-    """configs/*.yaml load in test_cli and dpo/grpo/gvpo/bnpo run in test_trl_recipes; the rest run here (slow:
-    9 recipes, 45-105 s each under `lowmem train` on the loaded 2-core machine, 2026-11-30)."""
-    import io
-    import json
-    from pathlib import Path
-
-    from rich.console import Console
-
-    from lowmem.train import load_recipe, run
-
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml", steps=2,
-                         output_dir=str(tmp_path), save_model=False)
-    run(recipe, console=Console(file=io.StringIO(), width=200))
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
-
-
 def test_optim_args_winning_over_a_field_the_user_set_is_named(tmp_path, caplog):
     """optim_args / lowmem_optim_args win over the mapped TrainingArguments fields (documented); a field the user
     changed from its default and that loses is named, not dropped without a word."""
