@@ -470,27 +470,34 @@ def _frozen(value: Any, keep: list) -> Any:
 class _GroupEntry:
     """A parameter group's tokens (:meth:`LowMemOptimizer._group_tokens`): ``token``, new when any setting
     but ``lr`` changed (``sig``), and ``route_token``, the cached paths' (:meth:`LowMemOptimizer._route`),
-    new only when one of ``keys`` changed: the settings the group's path decisions read so far (recorded
-    when a path is decided; a key first read then joins with the value it was decided on, so every cached
-    path read only keys whose values are compared). ``lr`` is compared by its type only (a float, a tensor
-    or ``None``: AdamW's fused kernel takes a float); no decision reads its value
-    (``tests/test_engine_overhead.py`` checks every recipe)."""
+    new only when what the group's path decisions read changed: the settings in ``keys`` by their values
+    (recorded when a path is decided; a key first read then joins with the value it was decided on, so every
+    cached path read only keys whose values are compared), ``lr`` by its type only (a float, a tensor or
+    ``None``: AdamW's fused kernel takes a float; no decision reads its value, ``tests/test_engine_overhead.py``
+    checks every recipe), and the settings the moment rule summarizes (``covered``) by its summary,
+    :meth:`~lowmem.optim.moments.MomentRule.route_settings` (Subset-Norm's ``betas[0] > 0``: a scheduler
+    cycling ``betas`` within ``(0, 1)`` decides no path again); a covered setting is not recorded."""
 
-    __slots__ = ("group", "sig", "token", "keep", "keys", "route_sig", "route_token", "route_keep")
+    __slots__ = ("group", "rule", "sig", "token", "keep", "keys", "covered", "route_sig", "route_token", "route_keep")
 
-    def __init__(self, group: dict[str, Any]) -> None:
-        self.group, self.sig, self.token, self.keep = group, None, None, []
+    def __init__(self, group: dict[str, Any], rule: MomentRule) -> None:
+        self.group, self.rule, self.sig, self.token, self.keep = group, rule, None, None, []
         self.keys: tuple[str, ...] = ()
+        self.covered: frozenset[str] = frozenset()
         self.route_sig, self.route_token, self.route_keep = None, None, []
 
     def _route_sig(self, base: tuple, keep: list) -> tuple:
         group = self.group
-        return (base, type(group.get("lr")),
-                tuple(_frozen(group.get(k, _MISSING), keep) for k in self.keys))
+        settings = self.rule.route_settings(group)
+        covered = self.covered = frozenset(settings or ())
+        # (a key recorded while no summary covered it: by the summary while one does; the token is new when
+        # the summary comes or goes, so no path cached under the one is kept under the other)
+        return (base, type(group.get("lr")), None if settings is None else _frozen(settings, keep),
+                tuple(_frozen(group.get(k, _MISSING), keep) for k in self.keys if k not in covered))
 
     def check_route(self, base: tuple) -> None:
-        """A new ``route_token`` if a read setting, the parameters, ``chunk_numel`` or the distributed
-        state (``base``) changed since the last step."""
+        """A new ``route_token`` if a read setting, the rule's summary of the settings it covers, the
+        parameters, ``chunk_numel`` or the distributed state (``base``) changed since the last step."""
         keep: list = []
         sig = self._route_sig(base, keep)
         if sig != self.route_sig:
@@ -498,8 +505,9 @@ class _GroupEntry:
 
     def add_route_keys(self, read: set[str]) -> None:
         """Settings a decision just read: the new ones join ``keys`` with their values now (the ones it
-        was decided on; the paths cached before did not read them, so the token is kept)."""
-        new = read - {"params", "lr"}
+        was decided on; the paths cached before did not read them, so the token is kept); ``lr`` and the
+        settings the rule's summary covers are keyed as they are (``route_sig``)."""
+        new = read - {"params", "lr"} - self.covered
         if new.issubset(self.keys):
             return
         self.keys = tuple(sorted(new.union(self.keys)))
@@ -1603,7 +1611,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         read any setting. The cached paths (:meth:`_route`) have a token of their own (:class:`_GroupEntry`),
         new only when a setting that a path decision of the group read changed (so a scheduler writing
         ``betas`` or ``momentum`` at every step, torch's ``OneCycleLR``, does not decide every path again
-        where no decision reads them). ``None`` for a subclass that overrides the decisions
+        where no decision reads them, nor where the moment rule summarizes what its decisions take from them:
+        :meth:`~lowmem.optim.moments.MomentRule.route_settings`). ``None`` for a subclass that overrides the decisions
         (:meth:`_foreach_ok`, :meth:`_projected_foreach_ok`: BAdam's active block): its paths are decided
         at every step."""
         cls = type(self)
@@ -1618,7 +1627,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             sig = (base, tuple((k, _frozen(v, keep)) for k, v in group.items() if k != "params" and k != "lr"))
             entry = known.get(id(group))
             if entry is None or entry.group is not group:
-                entry = known[id(group)] = _GroupEntry(group)
+                entry = known[id(group)] = _GroupEntry(group, self.recipe.moment)
             if entry.sig != sig:
                 entry.sig, entry.token, entry.keep = sig, object(), keep
             entry.check_route(base)
@@ -1634,7 +1643,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ``grad`` changed (its state's tensors are the rule's, fixed from their allocation;
         :meth:`load_state_dict` and :meth:`add_param_group` start afresh). The decisions read the group
         through a mapping that records the keys they read (:class:`~lowmem.optim.group_layout._Reads`);
-        those are added to the group's route keys."""
+        those are added to the group's route keys, but the settings the moment rule's
+        :meth:`~lowmem.optim.moments.MomentRule.route_settings` covers, which the token keys by that summary."""
         key = (p.dtype, p.shape, p.device, p.is_contiguous(), grad.dtype, grad.is_contiguous(), "step" in state)
         routes = self.__dict__.setdefault("_routes", {})
         entry = None if tokens is None else self.__dict__["_group_sigs"][id(group)]

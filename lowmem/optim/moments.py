@@ -92,6 +92,21 @@ class MomentRule:
         state's tensors (their dtypes and shapes are fixed at allocation). Default: :attr:`supports_foreach`."""
         return self.supports_foreach
 
+    def route_settings(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        """What this rule's path decisions (:meth:`supports_foreach_for`, :meth:`supports_foreach_direction`,
+        :meth:`foreach_bucket_class`, :meth:`steps_pieces_whole`, ``fused_whole``, ``per_matrix``) take from
+        settings a scheduler may write at every step (torch's ``OneCycleLR`` / ``CyclicLR`` with
+        ``cycle_momentum``: ``betas``, ``momentum``): ``{setting: value}``, each value (compared with ``==``)
+        determining every answer of those decisions as far as they read that setting. The engine keys a
+        group's cached paths on these values instead of the settings themselves (``LowMemOptimizer._route``,
+        ``engine._GroupEntry``), so a path is decided again only when a value changes (Subset-Norm's
+        ``betas[0] > 0``: ``0.95 -> 0.85`` keeps the paths, ``0.9 -> 0`` decides them again); the decisions'
+        other reads are recorded by key as for any rule. ``None`` (default): no setting is summarized, every
+        setting a decision reads is compared by its value. A rule returning a setting here must not read
+        anything else of it in those decisions (``tests/test_route2_settings.py`` compares the cached paths with
+        paths decided at every step under such a scheduler)."""
+        return None
+
     def fused_step_(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
                     lr: Any, chunk_numel: int | None) -> bool:
         """The whole per-parameter step of ``p`` (moments, decay, update) by a fused kernel, in place;

@@ -157,6 +157,21 @@ class SubsetNormMoments(MomentRule):
     def _beta1(self, group: dict[str, Any]) -> float:
         return group["betas"][0] if self.adaptive and not self.accumulate else group["momentum"]
 
+    def route_settings(self, group: dict[str, Any]) -> dict[str, Any] | None:
+        """The engine's cached paths (:meth:`~lowmem.optim.moments.MomentRule.route_settings`): this rule's
+        decisions (:meth:`supports_foreach_for`, :meth:`supports_foreach_direction`) read ``b1`` (``betas[0]``;
+        ``momentum`` for ``sgd_sm`` and the AdaGrad rules) only as ``b1 > 0`` and ``b1 == 0`` (whether there is a
+        first moment), so a scheduler cycling it within ``(0, 1)`` (``OneCycleLR``'s ``cycle_momentum``) keeps
+        the paths and one switching it to 0 or back decides them again. ``None`` (the setting compared by its
+        value) when ``b1`` is not a plain number (a tensor) or the group lacks it."""
+        key = "betas" if self.adaptive and not self.accumulate else "momentum"
+        b1 = group.get(key)
+        if key == "betas":
+            b1 = b1[0] if isinstance(b1, (tuple, list)) and b1 else None
+        if isinstance(b1, bool) or not isinstance(b1, (int, float)):
+            return None
+        return {key: (b1 > 0, b1 == 0)}
+
     def _beta2(self, group: dict[str, Any]) -> float | None:
         return None if self.accumulate else group["betas"][1]
 
