@@ -87,9 +87,10 @@ class MomentRule:
         """Whether :meth:`foreach_step_` steps a plain full-rank float32 parameter of ``shape`` with
         this ``state`` (empty before its first step). The engine decides per parameter, so a hybrid
         rule can bucket the parameters of its element-wise part, and keeps the answer while the group's
-        settings other than ``lr``, the state dict and the parameter's dtype / shape are unchanged
-        (``LowMemOptimizer._route``): the answer must not read ``lr`` nor change with the values of the
-        state's tensors (their dtypes and shapes are fixed at allocation). Default: :attr:`supports_foreach`."""
+        settings it read (those :meth:`route_settings` covers: their summary), the state dict and the
+        parameter's dtype / shape are unchanged (``LowMemOptimizer._route``): the answer must not read ``lr``
+        nor change with the values of the state's tensors (their dtypes and shapes are fixed at allocation).
+        Default: :attr:`supports_foreach`."""
         return self.supports_foreach
 
     def route_settings(self, group: dict[str, Any]) -> dict[str, Any] | None:
