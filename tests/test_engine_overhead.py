@@ -340,19 +340,22 @@ def test_cycled_settings_step_as_deciding_afresh(name, hp):
 def test_scheduled_settings_decide_no_path_again(monkeypatch):
     """AdamW's decisions read neither ``betas`` nor ``lr``'s value: under ``OneCycleLR`` with momentum cycling
     the paths are decided at the first two steps (before and after the state exists), then never again;
-    adamw_sn's read ``betas`` (no first moment when ``betas[0]`` is 0), so they are decided at every step."""
+    adamw_sn's read ``betas`` only as ``betas[0] > 0`` (no first moment when it is 0), the summary its rule
+    gives (``MomentRule.route_settings``), so theirs too (tests/test_route2_settings.py: the other
+    Subset-Norm recipes, and a switch to 0 deciding again)."""
     steps: list[int] = []
     _cycling("adamw", True, steps, monkeypatch)
     assert steps == [5, 5, 0, 0, 0, 0]
     steps = []
     _cycling("adamw_sn", True, steps, monkeypatch)
-    assert steps == [5] * 6
+    assert steps == [5, 5, 0, 0, 0, 0]
 
 
 def test_a_setting_read_later_joins_the_key(monkeypatch):
     """``foreach=False`` ends the decisions before they read anything else; after ``foreach`` comes back
     they read adamw_sn's ``betas``, which then decides again when it changes (the recorded settings grow,
-    ``engine._GroupEntry.add_route_keys``)."""
+    ``engine._GroupEntry.add_route_keys``). (A tensor ``betas[0]``: its rule has no summary of it,
+    ``MomentRule.route_settings``, so it is compared by key; a float one is summarized as ``> 0``.)"""
     ps = _params()[:4]
     opt = create_optimizer(ps, "adamw_sn", lr=1e-2, foreach=False)
     spy = _Spy(opt, monkeypatch)
@@ -365,11 +368,13 @@ def test_a_setting_read_later_joins_the_key(monkeypatch):
         return spy.decisions
 
     assert [step(), step(), step()] == [4, 4, 0]
-    opt.param_groups[0]["betas"] = (0.8, 0.99)  # not read by these decisions
+    opt.param_groups[0]["betas"] = (torch.tensor(0.8), 0.99)  # the summary gone: decided again
+    assert [step(), step()] == [4, 0]
+    opt.param_groups[0]["betas"] = (torch.tensor(0.75), 0.99)  # not read by these decisions
     assert step() == 0
     opt.param_groups[0]["foreach"] = None
     assert [step(), step()] == [4, 0]
-    opt.param_groups[0]["betas"] = (0.7, 0.99)  # read now
+    opt.param_groups[0]["betas"] = (torch.tensor(0.7), 0.99)  # read now
     assert [step(), step()] == [4, 0]
 
 
