@@ -144,12 +144,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         clip_mode: str = "per_param",
         **hparams: Any,
     ):
-        if not (isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool) and accumulation_steps >= 1):
+        if isinstance(accumulation_steps, bool) or not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
             raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
         if clip_mode not in ("per_param", "global_prev"):
             raise ValueError(f"clip_mode must be 'per_param' or 'global_prev', got {clip_mode!r}")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
-                                              and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not (
+                isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm))):
             raise ValueError(f"max_grad_norm must be None or a finite float > 0, got {max_grad_norm!r}")
         ddp = model_or_params if isinstance(model_or_params, nn.parallel.DistributedDataParallel) else None
         target = ddp.module if ddp is not None else model_or_params
@@ -336,7 +336,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             NotImplementedError: With a ``DistributedDataParallel`` module attached: DDP reduces the parameters it
                 had when it wrapped the model, so a parameter added later would never be stepped.
         """
-        if "_group_of" not in self.__dict__:  # torch's __init__ adding the placeholder group (replaced by the inner one's)
+        if "_group_of" not in self.__dict__:  # torch's __init__ adding its placeholder group (replaced by the inner's)
             super().add_param_group(param_group)
             return
         if self._ddp is not None:

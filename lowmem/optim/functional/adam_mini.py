@@ -133,7 +133,8 @@ def adam_mini_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     for length, idx in by_length.items():
         shape = grads[idx[0]].shape  # tensors of one shape (norm weights, equal layers): stacked as they are
         if all(grads[i].shape == shape for i in idx):
-            sq = torch.stack([grads[i] for i in idx]).reshape(-1, length).square_()  # (a view; a copy for channels_last grads)
+            # (reshape: a view, or a copy for a stack of channels_last gradients)
+            sq = torch.stack([grads[i] for i in idx]).reshape(-1, length).square_()
         else:
             sq = torch.cat([grads[i].reshape(-1) for i in idx]).view(-1, length).square_()
         means = sq.mean(dim=1)
