@@ -651,18 +651,41 @@ def check_all_rows(dataset, cols: tuple[str, ...], conversational: bool, source:
         elif not (conversational and _messages_ok_in_arrow(dataset, c, source, conversational)):
             python_cols.append(c)
     repeated = conversational and "prompt" in cols and len(cols) >= 2
-    if not python_cols and not repeated:
+    implicit = conversational and tuple(cols) == ("chosen", "rejected")
+    if not python_cols and not repeated and not implicit:
         return
-    read = list(cols) if repeated else python_cols
+    read = list(cols) if repeated or implicit else python_cols
     for start in range(0, len(dataset), ROW_BATCH):
         batch = dataset.select_columns(read)[start:start + ROW_BATCH]
         for c in python_cols:
             for j, value in enumerate(batch[c]):
                 if not _cell_ok(value, conversational):
                     _check_cell(value, c, conversational, source, start + j)
-        if repeated:
-            for j in range(len(batch[read[0]])):
-                _check_prompt_not_repeated({c: batch[c][j] for c in cols}, cols, conversational, source, start + j)
+        for j in range(len(batch[read[0]])) if repeated or implicit else ():
+            row = {c: batch[c][j] for c in cols}
+            if repeated:
+                _check_prompt_not_repeated(row, cols, conversational, source, start + j)
+            if implicit:
+                _check_implicit_prompt(row, source, start + j)
+
+
+def _check_implicit_prompt(row: dict[str, Any], source: str, i: int) -> None:
+    """A conversational implicit-prompt pair as TRL's ``extract_prompt`` splits it: the shared leading messages are
+    the prompt, the rest are the answers. Refused: an empty prompt (no shared leading message: TRL's DPO failed
+    mid-preparation with "Cannot apply chat template to an empty conversation", naming no row), or ``chosen`` equal
+    to ``rejected`` (TRL splits them into two equal answers; the pair's loss has no gradient)."""
+    from trl.data_utils import extract_prompt
+
+    split = extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})
+    problem = ("'chosen' and 'rejected' are the same messages: DPO learns nothing from the pair"
+               if row["chosen"] == row["rejected"] else
+               "the implicit prompt TRL extracts (the leading messages 'chosen' and 'rejected' share, with an answer "
+               "left in each: trl.extract_prompt) is empty" if not split["prompt"] else None)
+    if problem:
+        roles = {c: [m.get("role") for m in row[c]] for c in ("chosen", "rejected")}
+        raise ValueError(f"{source}: row {_row_where(source, i)}: {problem} (roles {roles}); expected both to start with "
+                         "the same prompt messages and end with different answers, or a 'prompt' column (the explicit "
+                         "preference format)")
 
 
 def _messages_ok_in_arrow(dataset, column: str, source: str, conversational: bool) -> bool:

@@ -145,3 +145,27 @@ def test_a_bad_row_in_a_folders_second_file_names_the_file(tmp_path, suffix):
     line = ", line 15" if suffix == "jsonl" else ""
     with pytest.raises(ValueError, match=rf"column 'prompt' of row 34 \(file part-1.{suffix} row 14{line}\) is NoneType"):
         load_train_data(str(folder), "sft")
+
+
+def _pair(i, chosen=None, rejected=None):
+    user = {"role": "user", "content": f"{i}+1="}
+    return {"chosen": chosen or [user, {"role": "assistant", "content": str(i + 1)}],
+            "rejected": rejected or [user, {"role": "assistant", "content": str(i + 2)}]}
+
+
+@pytest.mark.parametrize("chosen, rejected, problem", [
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "1"}],
+     [{"role": "user", "content": "b"}, {"role": "assistant", "content": "2"}], r"the implicit prompt TRL extracts .* is empty"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "1"}],
+     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "1"}], r"'chosen' and 'rejected' are the same messages"),
+    ([{"role": "user", "content": "a"}], [{"role": "user", "content": "a"}, {"role": "assistant", "content": "2"}],
+     r"the implicit prompt TRL extracts .* is empty"),
+])
+def test_implicit_prompt_pairs_checked_on_every_row(chosen, rejected, problem):
+    """Before: TRL's DPOTrainer, after the model loaded: "Cannot apply chat template to an empty conversation. Provide
+    at least one message." (no row named) for a pair sharing no leading message."""
+    rows = [_pair(i) for i in range(N)]
+    rows[BAD] = _pair(0, chosen, rejected)
+    with pytest.raises(ValueError, match=rf"^d: row 1234: .*{problem}"):
+        detect_format(Dataset.from_list(rows), "dpo", source="d")
+    assert detect_format(Dataset.from_list(rows[:BAD]), "dpo").name == "implicit-prompt preference"
