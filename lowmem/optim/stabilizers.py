@@ -145,7 +145,8 @@ def check_spam_state_dtype(group: dict[str, Any]) -> None:
                 f"Invalid state_dtype='param' with float16 parameters {half[:3]}{' ...' if len(half) > 3 else ''}:"
                 " SPAM's second moment would be stored in float16, where it underflows to 0 for |g| < ~7.7e-3"
                 " (beta2 0.999), and the spike clipping then zeroes those gradients while Adam divides the momentum by"
-                " eps (divergence); expected 'float32' or 'bfloat16' for float16 parameters (or threshold=0: no clipping)"
+                " eps (divergence); expected 'float32' or 'bfloat16' for float16 parameters"
+                " (or threshold=0: no clipping)"
             )
 
 
