@@ -745,6 +745,9 @@ def _message_problem(messages: list[dict[str, Any]]) -> str | None:
         if m["content"] is None and not m.get("tool_calls"):
             return (f"message {k} (role {m['role']!r}) has no content (None: a message without 'content' where "
                     "others have one); expected a string (the chat template would render it as the text None)")
+        if m["content"] is not None and not isinstance(m["content"], (str, list)):
+            return (f"message {k} (role {m['role']!r}) has content {_short(m['content'])}; expected a string (or a list "
+                    "of content parts)")
     return None
 
 
@@ -955,6 +958,19 @@ def _rows_to_render(dataset, fmt: DatasetFormat) -> list[int]:
     return head
 
 
+def _check_parts_rendered(messages: list[dict[str, Any]], text: str, where: str, i: int) -> None:
+    """Refuse a rendering that holds a content part's Python text: a message whose ``content`` is a list of parts
+    (``[{"type": "text", "text": ...}]``, the multimodal form) under a template that prints ``content`` as it is
+    trained on ``[{'type': 'text', 'text': ...}]`` literally, without a word."""
+    for m in messages:
+        parts = m.get("content")
+        if isinstance(parts, list) and any(isinstance(p, dict) and str(p) in text for p in parts):
+            raise ValueError(f"{where}: row {_row_where(where, i)}: the chat template renders the content parts of a "
+                             f"{m.get('role')!r} message as Python text ({str(parts)[:80]}...): it takes a string content "
+                             "only; write each message's content as a string (the parts' text joined), or set "
+                             "chat_template to one that takes content parts")
+
+
 def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset", eval_source: str = "eval_dataset") -> None:
     """Render conversational rows of the training and eval data with ``tokenizer``'s chat template, as TRL will
     (``apply_chat_template``, text only): the first :data:`CHECKED_ROWS` and one row of each further sequence of
@@ -981,7 +997,8 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
         for i in _rows_to_render(rows, data.format):
             for messages, open_turn in _conversations(rows[i], data.format):
                 try:
-                    tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+                    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+                    _check_parts_rendered(messages, text, where, i)
                 except jinja2.TemplateError as err:
                     roles = [m.get("role") for m in messages]
                     raise ValueError(f"{where}: the chat template refuses row {_row_where(where, i)} (roles {roles}): "

@@ -169,3 +169,29 @@ def test_implicit_prompt_pairs_checked_on_every_row(chosen, rejected, problem):
     with pytest.raises(ValueError, match=rf"^d: row 1234: .*{problem}"):
         detect_format(Dataset.from_list(rows), "dpo", source="d")
     assert detect_format(Dataset.from_list(rows[:BAD]), "dpo").name == "implicit-prompt preference"
+
+
+def test_content_parts_printed_as_python_text_and_non_string_content(tokenizer, tmp_path):
+    """A template that prints ``content`` as it is (ChatML's ``{{ m['content'] }}``) on the multimodal parts form
+    trained on "[{'type': 'text', 'text': '1+1'}]" literally; a number as content passed every check."""
+    from lowmem.kit import build_tokenizer
+
+    rows = [{"messages": [{"role": "system", "content": [{"type": "text", "text": "add"}]},
+                          {"role": "user", "content": [{"type": "text", "text": f"{i}+{i}"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": str(2 * i)}]}]} for i in range(3)]
+    ds = Dataset.from_list(rows)
+    data = TrainData(ds, None, detect_format(ds, "sft"))
+    with pytest.raises(ValueError, match=r"^d: row 0: the chat template renders the content parts of a 'system' message "
+                                         r"as Python text"):
+        check_template_renders(tokenizer, data, source="d")
+    joins = build_tokenizer()
+    joins.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{{ p['text'] }}"
+                           "{% endfor %}\n{% endfor %}")
+    check_template_renders(joins, data, source="d")  # a template that takes parts
+    bad = [{"messages": [{"role": "user", "content": f"add {i} and {i}"}, {"role": "assistant", "content": f"it is {i}"}]}
+           for i in range(3)]
+    bad[2]["messages"][1]["content"] = 4
+    path = _jsonl(tmp_path, bad)
+    with pytest.raises(ValueError, match=r"row 2 \(line 3\): message 1 \(role 'assistant'\) has content int 4; expected "
+                                         r"a string"):
+        load_train_data(path, "sft")
