@@ -26,10 +26,12 @@ def muon_momentum_(buf: Tensor, g: Tensor, momentum: float, nesterov: bool) -> T
         B_t = mu B_{t-1} + (1 - mu) g_t                 (the EMA form of Keller Jordan's code)
         U_t = g_t + mu (B_t - g_t)  if nesterov  else  B_t
 
-    ``buf`` is updated in place; with ``nesterov`` a new tensor is returned, otherwise ``buf`` itself.
+    ``buf`` is updated in place; with ``nesterov`` a new tensor in ``buf``'s layout is returned (not ``g``'s: a
+    non-contiguous gradient, e.g. a matrix of a channels_last weight, gives the same ``U`` in the same layout as a
+    contiguous one, so the iteration reads it in the same order), otherwise ``buf`` itself.
     """
     buf.lerp_(g, 1.0 - momentum)
-    return g.lerp(buf, momentum) if nesterov else buf
+    return torch.lerp(g, buf, momentum, out=torch.empty_like(buf)) if nesterov else buf
 
 
 def newton_schulz(u: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
@@ -328,15 +330,28 @@ def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> flo
 
 
 def matrices(x: Tensor) -> list[Tensor]:
-    """The ``A x B`` matrices of ``x`` (``[..., A, B]``, contiguous when more than 2-D) as views, in order;
-    ``[x]`` for a matrix."""
-    return [x] if x.dim() == 2 else list(x.view(-1, *x.shape[-2:]).unbind(0))
+    """The ``A x B`` matrices of ``x`` (``[..., A, B]``) as views, in row-major order of the leading dimensions;
+    ``[x]`` for a matrix. Views in every layout (a channels_last conv weight ``[O, I, H, W]``, whose leading
+    dimensions cannot be flattened into one without a copy, included): the multi-tensor steps write the
+    parameters through them (FOUND_AUDITOPT 2: ``x.view(-1, A, B)`` raised for channels_last)."""
+    if x.dim() == 2:
+        return [x]
+    if x.dim() == 3:
+        return list(x.unbind(0))
+    return [m for sub in x.unbind(0) for m in matrices(sub)]
 
 
 def matrix_index(x: Tensor, e: int) -> Tensor:
-    """Matrix ``e`` of ``x`` (``[..., A, B]``, its leading dimensions flattened in order): a view when
-    ``x`` is contiguous (the momentum buffer, the step), a copy of that matrix otherwise."""
-    return x if x.dim() == 2 else x.flatten(0, -3)[e]
+    """Matrix ``e`` of ``x`` (``[..., A, B]``, its leading dimensions in row-major order, as :func:`matrices`):
+    a view in every layout, never a copy (before, ``x.flatten(0, -3)[e]`` copied the whole of a channels_last
+    gradient for each of its matrices, beside what the step reports)."""
+    if x.dim() == 2:
+        return x
+    idx = []
+    for n in reversed(x.shape[:-2]):
+        e, i = divmod(e, n)
+        idx.append(i)
+    return x[tuple(reversed(idx))]
 
 
 def row_block_spans(shape: torch.Size | tuple[int, ...], size: int) -> tuple[int, int]:
