@@ -1947,10 +1947,10 @@ def dropped_rows(before: Any, after: Any, columns: tuple[str, ...]) -> list[int]
 
 
 def check_dropped_rows(trainer: Any, data: Any, args: Any) -> None:
-    """TRL's ``SFTTrainer`` drops the rows that truncation to ``max_length`` left without a trained token (a prompt
-    filling ``max_length`` under ``completion_only_loss`` / ``assistant_only_loss``, ``truncation_mode:
-    keep_start``), without a word: on a 12-row file with 3 long prompts it trained on 9 and ``metrics.json`` said
-    12. Refused here, after TRL prepared the data and before training, naming the rows (0-based) and the fixes.
+    """TRL's ``SFTTrainer`` and ``DPOTrainer`` drop the rows that truncation to ``max_length`` left without a trained
+    token (a prompt filling ``max_length`` under ``truncation_mode: keep_start``; SFT with ``completion_only_loss`` /
+    ``assistant_only_loss``), without a word: on a 12-row file with 3 long prompts SFT trained on 9 and
+    ``metrics.json`` said 12; DPO on 8 pairs with 4 long prompts trained on 4. Refused here, after TRL prepared the data and before training, naming the rows (0-based) and the fixes.
 
     Raises:
         ConfigError: Naming ``max_length``, the dataset, how many rows and which.
@@ -1963,12 +1963,20 @@ def check_dropped_rows(trainer: Any, data: Any, args: Any) -> None:
             continue
         lost = dropped_rows(before, after, data.format.columns)
         count = len(before) - len(after)
+        if lost is not None and len(lost) != count:  # TRL rewrote the columns (an implicit prompt extracted)
+            lost = None
         shown = f" (rows {lost[:5] + (['...'] if len(lost) > 5 else [])}, 0-based)" if lost else ""
         raise ConfigError(
             f"max_length={args.max_length}: {count} of {len(before)} rows of {name}{shown} keep no trained token after "
             f"truncation (their prompt fills max_length; truncation_mode={getattr(args, 'truncation_mode', None)!r}), and "
-            "TRL's SFTTrainer would drop them without a word; raise max_length, set truncation_mode: keep_end, or "
+            f"TRL's {_trl_class_name(trainer)} would drop them without a word; raise max_length, set truncation_mode: "
+            "keep_end, or "
             "shorten or remove those rows")
+
+
+def _trl_class_name(trainer: Any) -> str:
+    """The TRL class a lowmem trainer derives from (``SFTTrainer``, ``DPOTrainer``), for messages."""
+    return next((c.__name__ for c in type(trainer).__mro__ if c.__module__.startswith("trl.")), type(trainer).__name__)
 
 
 def _trl_config_and_trainer(kind: str) -> tuple[type, type]:
@@ -2015,6 +2023,8 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
                         if data is None else (data.train, dpo_eval_rows(data)))
         trainer = trainer_cls(model=policy_arg, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
                               callbacks=_memory_callbacks(recipe))
+        if data is not None:
+            check_dropped_rows(trainer, data, args)
         _eval_on_start(trainer, recipe, True)  # margins before training (see _train)
         out = _train(trainer, recipe)
         before = _first_eval(trainer)

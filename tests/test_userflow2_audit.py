@@ -100,3 +100,22 @@ def test_rows_truncation_empties_are_an_error_naming_them(tmp_path, qwen2, capsy
     recipe.write_text(text + "truncation_mode: keep_end\n")
     assert main(["train", str(recipe)]) == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["data"]["train_rows"] == 8
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_dpo_pairs_truncation_empties_are_an_error(tmp_path, qwen2, capsys, implicit):
+    """TRL's DPOTrainer drops the pairs whose prompt alone fills max_length (keep_start) without a word: 2 of 4 here.
+    With an implicit prompt TRL rewrites the columns, so the rows are counted, not named."""
+    from lowmem.cli import main
+
+    long = "the sum of two numbers is " * 4
+    rows = [{"prompt": (long if i % 2 == 0 else "") + f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)}
+            for i in range(4)]
+    if implicit:
+        rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]
+    data = _jsonl(tmp_path / "p.jsonl", rows)
+    assert main(["train", "--trainer", "dpo", "--model", qwen2, "--dataset", data, "--lr", "1e-6", "--steps", "1",
+                 "--batch-size", "2", "--output-dir", str(tmp_path / "o"), "--max_length", "24"]) == 2
+    rows_named = "" if implicit else " (rows [0, 2], 0-based)"
+    assert (f"max_length=24: 2 of 4 rows of dataset{rows_named} keep no trained token after truncation" in
+            capsys.readouterr().err)
