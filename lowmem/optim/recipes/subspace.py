@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import torch
+
 from ..engine import LowMemOptimizer, Recipe, moment_step
+from ..functional import galore as GL
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, nonneg, one_of, optional, positive, positive_int
 from ..moments import AdamMoments, FactoredMoments, adafactor_lr
 from ..registry import register
@@ -117,7 +120,43 @@ def check_rank_applies(group: dict[str, Any]) -> None:
     )
 
 
-def _check_subspace_group(group: dict[str, Any]) -> None:
+def check_projected_state_dtype(group: dict[str, Any]) -> None:
+    """Refuse ``state_dtype="param"`` on float64 parameters projected through a basis.
+
+    A projected parameter's moments live in the subspace, where the state and math stay float32
+    (docs/ARCHITECTURE.md, "float64 parameters stay float64"): the projection's basis is float32 and the
+    projected gradient is float32 for every parameter dtype. ``state_dtype="param"`` on a float64 parameter
+    asks float64 projected moments; their float64 direction then met the float32 basis in the combine-back
+    (``RuntimeError: expected m1 and m2 to have the same dtype`` at the first step: GaLore, Fira, OSD,
+    FRUGAL with ``projection`` in :data:`~lowmem.optim.subspace.BASIS_METHODS`, the Subset-Norm /
+    Subspace-Momentum recipes, and their 8-bit variants for a projected moment left unquantized, below
+    ``min_quant_size``: FOUND_AUDITOPT 4). Refused here, before any state exists, naming ``state_dtype`` and what
+    is valid: ``"float32"`` (the default) or ``"bfloat16"``, which store the projected moments as a float32 or
+    bfloat16 parameter's ``"param"`` does (the float64 parameter itself stays float64, its update applied in
+    float64). Coordinate projections (:data:`~lowmem.optim.subspace.COORDINATE_METHODS`: a selection, no basis),
+    8-bit moments that are quantized (decoded to float32), Adafactor's factored statistics (GaLore-Adafactor does
+    not call this) and groups without float64 projected parameters keep ``"param"``."""
+    rank = group.get("rank")
+    if rank is None or group.get("state_dtype") != "param" or group.get("projection") not in BASIS_METHODS:
+        return
+
+    def unquantized(shape: tuple[int, int]) -> bool:  # (8-bit variants: Quantized's rule, on one matrix's moments)
+        if "min_quant_size" not in group:
+            return True
+        low = GL.low_rank_shape(shape, GL.galore_side(shape, group["proj_type"]), rank)
+        return math.prod(low) < group["min_quant_size"]
+
+    shapes = [tuple(p.shape) for p in group.get("params", ())
+              if p.dtype == torch.float64 and p.ndim >= 2 and rank < min(p.shape[-2:]) and unquantized(tuple(p.shape[-2:]))]
+    if shapes:
+        raise ValueError(
+            f"state_dtype='param' on float64 parameters projected through a {group['projection']!r} basis"
+            f" ({_shapes_summary(shapes)}) would make their projected moments float64, but the subspace state and"
+            " math stay float32 (the basis and the projected gradient are float32); valid for them:"
+            " state_dtype='float32' (the default) or 'bfloat16' (the parameters themselves stay float64)")
+
+
+def _check_subspace_settings(group: dict[str, Any]) -> None:
     if group.get("rank") is None:
         return
     check_rank_applies(group)
@@ -126,6 +165,11 @@ def _check_subspace_group(group: dict[str, Any]) -> None:
             f"proj_type='full' (two-sided) needs projection in ['svd', 'rsvd', 'random', 'gaussian'],"
             f" got projection={group.get('projection')!r}"
         )
+
+
+def _check_subspace_group(group: dict[str, Any]) -> None:
+    _check_subspace_settings(group)
+    check_projected_state_dtype(group)
 
 
 def _check_fira_group(group: dict[str, Any]) -> None:
@@ -163,7 +207,7 @@ GALORE_ADAMW = Recipe(
 
 def _check_galore_adafactor_group(group: dict[str, Any]) -> None:
     _check_adafactor_group(group)
-    _check_subspace_group(group)
+    _check_subspace_settings(group)  # (factored statistics: float64 ones under state_dtype="param" step, as before)
 
 
 GALORE_ADAFACTOR = Recipe(
