@@ -147,7 +147,8 @@ def check_projected_state_dtype(group: dict[str, Any]) -> None:
         return math.prod(low) < group["min_quant_size"]
 
     shapes = [tuple(p.shape) for p in group.get("params", ())
-              if p.dtype == torch.float64 and p.ndim >= 2 and rank < min(p.shape[-2:]) and unquantized(tuple(p.shape[-2:]))]
+              if p.dtype == torch.float64 and p.ndim >= 2 and rank < min(p.shape[-2:])
+              and unquantized(tuple(p.shape[-2:]))]
     if shapes:
         raise ValueError(
             f"state_dtype='param' on float64 parameters projected through a {group['projection']!r} basis"
