@@ -125,8 +125,9 @@ def test_float64_parameter(name, chunk):
 
 @pytest.mark.parametrize("chunk", ["default", 4096], ids=str)
 def test_randk_rows_are_bounded(chunk):
-    """FRUGAL's RandK: how many chosen indices fall in a block of rows is data-dependent (the rows' scatter's
-    masks and gathered indices): the report is a bound (exact for one block holding all of them)."""
+    """FRUGAL's RandK: how many chosen indices fall in a block of rows is the selection's: the report is the exact
+    maximum over selections (traced equal with the first k coordinates selected: tests/test_bounds_frugal_rows.py);
+    a drawn selection allocates at most it."""
     peaks, steady, any_step, _ = _traced_steps("frugal", (200, 128), 16, torch.float32, chunk, projection="randk")
     assert steady >= peaks[1] and any_step >= max(peaks)
     if chunk == "default":
