@@ -1329,22 +1329,23 @@ def _cuda_bf16_supported() -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def check_half_precision(kwargs: dict[str, Any]) -> None:
+def check_half_precision(kwargs: dict[str, Any], where: str = "") -> None:
     """``fp16: true`` (float16 mixed precision: autocast and a gradient scaler) where training runs on the CPU (no
     GPU visible, or ``use_cpu: true``): accelerate sets ``mixed_precision="fp16"`` there but no autocast (its
     ``native_amp`` stays false), so the run trained in float32 and said nothing (transformers 5.23, accelerate;
     a forward hook saw float32 outputs). ``bf16`` applies on the CPU (CPU autocast in bfloat16); ``fp16_full_eval``
-    casts the model to float16 for evaluation, which the CPU does.
+    casts the model to float16 for evaluation, which the CPU does. ``where`` prefixes the field
+    (``"LowMemSFTConfig."``: the configs of :mod:`lowmem.trainers` check it too).
 
     Raises:
         ConfigError: Naming ``fp16``, why it cannot apply, and what can (``bf16: true``, ``dtype``).
     """
     if not kwargs.get("fp16"):
         return
-    where = "use_cpu=true" if kwargs.get("use_cpu") else "no GPU is visible"
+    device = "use_cpu=true" if kwargs.get("use_cpu") else "no GPU is visible"
     if kwargs.get("use_cpu") or not _accelerator_visible():
-        raise ConfigError(f"fp16=true (float16 mixed precision) applies on a GPU only, and this run trains on the CPU "
-                          f"({where}): transformers would train in float32 without a word. Drop fp16, or set bf16: true "
+        raise ConfigError(f"{where}fp16=true (float16 mixed precision) applies on a GPU only, and this run trains on the CPU "
+                          f"({device}): transformers would train in float32 without a word. Drop fp16, or set bf16: true "
                           "(bfloat16 autocast, which the CPU runs) or dtype: bfloat16")
 
 

@@ -98,3 +98,14 @@ def test_bf16_on_a_gpu_without_it_names_the_field(tmp_path, monkeypatch, fields,
     monkeypatch.setattr(lowmem.train, "_cuda_bf16_supported", lambda: False)
     with pytest.raises(ConfigError, match=rf"^{named}: this GPU \(Tesla T4\) has no bfloat16 support .* fp16: true"):
         build_training_args(_recipe(tmp_path, **fields))
+
+
+def test_the_python_configs_refuse_fp16_on_the_cpu(tmp_path, monkeypatch):
+    """The same check for a Python user of lowmem.trainers' configs (before: float32 training, no word)."""
+    import lowmem.train
+    from lowmem.trainers import LowMemTrainingArguments
+
+    monkeypatch.setattr(lowmem.train, "_accelerator_visible", lambda: False)
+    with pytest.raises(ConfigError, match=r"^LowMemTrainingArguments.fp16=true \(float16 mixed precision\) applies on a GPU"):
+        LowMemTrainingArguments(output_dir=str(tmp_path), fp16=True, report_to=[])
+    assert LowMemTrainingArguments(output_dir=str(tmp_path), report_to=[]).fp16 is False

@@ -384,6 +384,11 @@ class LowMemArguments:
                     self.lowmem_optim_args = checked
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
+        from lowmem.train import check_half_precision
+
+        # fp16 on the CPU: accelerate sets no autocast there, the run trains in float32 without a word
+        check_half_precision({"fp16": getattr(self, "fp16", False), "use_cpu": getattr(self, "use_cpu", False)},
+                             where=f"{type(self).__name__}.")
         targets = getattr(self, "optim_target_modules", None)
         if self.lowmem_optim is not None and targets is not None and get_entry(self.lowmem_optim).target_key is None:
             raise ValueError(_targets_refused(targets, self.lowmem_optim))
