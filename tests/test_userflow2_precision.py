@@ -109,3 +109,14 @@ def test_the_python_configs_refuse_fp16_on_the_cpu(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^LowMemTrainingArguments.fp16=true \(float16 mixed precision\) applies on a GPU"):
         LowMemTrainingArguments(output_dir=str(tmp_path), fp16=True, report_to=[])
     assert LowMemTrainingArguments(output_dir=str(tmp_path), report_to=[]).fp16 is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_the_python_grpo_configs_refuse_use_vllm_without_vllm(tmp_path):
+    """Before: TRL's ImportError when the trainer was built, after the model loaded."""
+    from lowmem.trainers import BNPOConfig, GVPOConfig, LowMemGRPOConfig
+
+    for cls in (LowMemGRPOConfig, GVPOConfig, BNPOConfig):
+        with pytest.raises(ConfigError, match=rf"^{cls.__name__}.use_vllm=True needs the vllm package"):
+            cls(output_dir=str(tmp_path), use_vllm=True, use_cpu=True, bf16=False, report_to=[], num_generations=2,
+                per_device_train_batch_size=2)

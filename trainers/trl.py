@@ -103,6 +103,13 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self, GRPO_CHOICES)
+        if self.use_vllm:  # else TRL's ImportError when the trainer is built, after the model loaded
+            from lowmem.config import ConfigError
+            from lowmem.train import _vllm_available
+
+            if not _vllm_available():
+                raise ConfigError(f"{type(self).__name__}.use_vllm=True needs the vllm package, which is not installed: "
+                                  "pip install 'trl[vllm]' (or use_vllm=False: TRL then generates with transformers)")
 
 
 def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, instead: str) -> None:
