@@ -189,10 +189,7 @@ def test_degenerate_parameter_steps_saves_and_loads(name, shape):
     assert again.state_bytes() == opt.state_bytes()
 
 
-_MUON_CL = pytest.mark.xfail(strict=True, reason="FOUND_AUDITOPT 2", raises=RuntimeError)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_MUON_CL) if n == "muon" else n for n in ENGINE])
+@pytest.mark.parametrize("name", ENGINE)
 def test_channels_last_conv_weight_equals_its_contiguous_twin(name):
     """Two channels_last 4-D weights (one bucket) step as their contiguous twins (to the last bits) and stay
     channels_last (Adam-mini's multi-tensor block means viewed a channels_last stack: a RuntimeError)."""
@@ -398,12 +395,7 @@ def test_spam_refuses_a_float16_second_moment_and_trains_with_float32_state():
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-_PARAM_FP64_BROKEN = {"adagrad_snsm", "adamw_snsm", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITOPT 4", raises=RuntimeError))
-    if n in _PARAM_FP64_BROKEN else n for n in ENGINE])
+@pytest.mark.parametrize("name", ENGINE)
 def test_state_dtype_param_on_float64_parameters_trains_or_is_refused(name):
     """``state_dtype="param"`` on float64 parameters: the run trains in float64 (finite, dtype kept, loss falls), or
     the setting is refused naming it; never an error from inside the step (GaLore's projected moments became
@@ -490,12 +482,7 @@ def test_layerwise_settings_out_of_range_raise_naming_them(setting):
         LayerwiseOptimizer(make_problem()[0], "adamw", **setting)
 
 
-_DEFAULT_DTYPE_DEPENDENT = {"apollo_adamw", "apollo_mini"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="FOUND_AUDITOPT 6")) if n in _DEFAULT_DTYPE_DEPENDENT
-    else n for n in ENGINE])
+@pytest.mark.parametrize("name", ENGINE)
 def test_trajectory_does_not_depend_on_the_global_default_dtype(name):
     """A float32 model trains bit for bit the same under ``torch.set_default_dtype(torch.float64)`` (a setting of the
     user's script): nothing the step allocates or draws may follow the global default (APOLLO's random basis did)."""

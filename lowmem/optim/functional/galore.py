@@ -187,7 +187,7 @@ def range_finder(a: Tensor, rank: int, generator: torch.Generator, power_iters: 
     soon as it is used (the test matrix before the first QR): :func:`range_finder_bytes`.
     """
     k = min(rank + oversample, min(a.shape))
-    omega = torch.randn(a.shape[1], k, generator=generator, device="cpu").to(a)
+    omega = torch.randn(a.shape[1], k, generator=generator, device="cpu", dtype=torch.float32).to(a)
     y = a @ omega
     del omega
     q = torch.linalg.qr(y).Q
@@ -491,7 +491,7 @@ def random_basis(rows: int, rank: int, generator: torch.Generator, orthogonal: b
     subspaces). Otherwise Gaussian entries ``N(0, 1/rank)`` as in APOLLO (Zhu et al. 2024,
     Section 3), for which ``E[P P^T] = I``.
     """
-    gauss = torch.randn(rows, rank, generator=generator)
+    gauss = torch.randn(rows, rank, generator=generator, dtype=torch.float32)
     if orthogonal:
         q, r = torch.linalg.qr(gauss)
         return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # sign fix: uniform (Haar) distribution
