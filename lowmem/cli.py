@@ -34,6 +34,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "--max_length 512, --packing): checked as the recipe's top-level key.",
     )
     p.add_argument("recipe", nargs="?", help="YAML recipe (keys: see docs/training.md)")
+    p.add_argument("--config", dest="config", metavar="RECIPE",
+                   help="the YAML recipe, as `trl sft --config x.yaml` spells it (the same as the positional RECIPE)")
     p.add_argument("--trainer", help="training method: sft, dpo, grpo, gvpo or bnpo (the recipe's trainer; default sft)")
     p.add_argument("--optim", help="registered optimizer (see `lowmem list`)")
     p.add_argument("--optim-args", "--optim_args", dest="optim_args", help="optimizer hyperparameters: 'k=v,k=v' or a JSON object")
@@ -85,6 +87,13 @@ def recipe_from_args(args: argparse.Namespace):
     from .train import load_recipe
 
     recipe_path, resume = args.recipe, args.resume
+    config = getattr(args, "config", None)
+    if config is not None:  # `trl sft --config x.yaml`'s spelling
+        if recipe_path is not None and recipe_path != config:
+            from .config import ConfigError
+
+            raise ConfigError(f"two recipes: {recipe_path!r} and --config {config!r}; give one")
+        recipe_path = config
     if recipe_path is None and isinstance(resume, str) and resume.endswith((".yaml", ".yml")):
         recipe_path, resume = resume, True  # `lowmem train --resume recipe.yaml`: the flag took the recipe
     rewards, weights = args.reward_funcs, args.reward_weights

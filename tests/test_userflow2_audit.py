@@ -119,3 +119,18 @@ def test_dpo_pairs_truncation_empties_are_an_error(tmp_path, qwen2, capsys, impl
     rows_named = "" if implicit else " (rows [0, 2], 0-based)"
     assert (f"max_length=24: 2 of 4 rows of dataset{rows_named} keep no trained token after truncation" in
             capsys.readouterr().err)
+
+
+def test_train_takes_trls_config_flag(tmp_path):
+    """`lowmem train --config x.yaml` (`trl sft --config`'s spelling) was "unknown recipe key(s) ['config']; did you
+    mean ['fsdp_config']?"."""
+    from lowmem.cli import build_parser, recipe_from_args
+
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": "1+1=2"}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"dataset: {data}\nmax_steps: 3\noutput_dir: {tmp_path / 'o'}\nmax_length: 16\n")
+    parser = build_parser()
+    loaded = recipe_from_args(parser.parse_args(["train", "--config", str(recipe)]))
+    assert (loaded.steps, loaded.dataset, loaded.training_args["max_length"]) == (3, data, 16)
+    with pytest.raises(ConfigError, match=r"two recipes: .* and --config .*; give one"):
+        recipe_from_args(parser.parse_args(["train", str(tmp_path / "other.yaml"), "--config", str(recipe)]))
