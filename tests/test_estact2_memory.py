@@ -82,3 +82,13 @@ def test_fused_adamw_step_count_is_kept_with_the_activations():
     # the estimate counts the Trainer's three int64 tensors per token; the measurement holds its ids, which the trace
     # counts among the activations
     assert r.estimate.total - r.measured["total"] == r.estimate.details["batch_input_bytes"], r.table()
+
+
+def test_tied_moment_activations_without_layerwise():
+    """A tied head, a short sequence, no layerwise: the activations' maximum is the tied moment (the head's and the
+    embedding's contributions and their sum before accumulation, three weight-sized temporaries), whose gradients the
+    backward's moment gives up; the total is unchanged. GPT-2 h=384 tied 1 x 32 adamw activations 24,576,000 B for
+    36,864,264 measured (0.667) -> 36,864,000; total 250,381,364 / 250,380,860 before and after."""
+    r = _measure(_gemma2_tied(), "adamw", seq=32)
+    assert 0 <= r.measured["activations"] - r.estimate.activations <= 512, r.table()
+    assert 0 <= r.estimate.total - r.measured["total"] <= 16 * 32 + 64, r.table()

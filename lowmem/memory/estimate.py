@@ -1470,14 +1470,22 @@ def estimate_memory(
                 # largest gradient there: the difference comes off). Before, gemma2 (h=384, 4 layers, 1 x 128 tokens)
                 # layerwise microadam was 1.179 of the measured peak, GPT-2 layerwise adamw8bit 1.069
                 parts["forward_activations"] = max(0, parts["forward_activations"] - (gradients - later_grad))
-            # the tied moment's temporaries: the head's contribution and the embedding's (tied_backward) and, layerwise,
-            # their sum until autograd hands it to .grad (a third weight-sized tensor; the tracker and the traced
-            # steps count a gradient being formed among the activations). Layerwise the gradient this moment is counted
-            # with is the largest one, at least the sum's size, so peak_total's total is the same: the activations'
-            # maximum of a short sequence, GPT-2 h=384 tied 1 x 32 layerwise adamw 24,576,000 B for 36,864,264
-            # measured (0.667) before, 36,864,000 now. (Without layerwise the loss's moment's gradients would count
-            # it twice: left with the gradients there.)
-            parts["total"] = max(parts["total"], tied_backward + (tied_backward // 2 if layerwise else 0))
+            # the tied moment's temporaries: the head's contribution, the embedding's (tied_backward) and their sum until
+            # autograd hands it to .grad (a third weight-sized tensor; the tracker and the traced steps count a gradient
+            # being formed among the activations): the activations' maximum of a short sequence, GPT-2 h=384 tied
+            # 1 x 32 adamw 24,576,000 B for 36,864,264 measured (0.667) before, 36,864,000 now, layerwise or not.
+            # The total is the same: that moment is counted with every other gradient (tied_backward in peak_total),
+            # and the activations' moment's gradients give up what it adds (gradients_at_peak: the backward's moments
+            # with their gradients, traced or the Llama formula's; with gradient accumulation, unmeasured, left as it was)
+            raised = tied_backward + tied_backward // 2
+            if layerwise:  # (its gradient counted with the largest one, at least the sum's size)
+                parts["total"] = max(parts["total"], raised)
+            elif "gradients_at_peak" in parts and ("backward_peak" in parts or "rope" in parts):
+                if raised > parts["total"]:
+                    parts["gradients_at_peak"] = max(0, parts["total"] + parts["gradients_at_peak"] - raised)
+                    parts["total"] = raised
+            else:
+                parts["total"] = max(parts["total"], tied_backward)
         if trainer == "grpo":  # generation: its own phase, the gradients freed (zero_grad after the last step)
             gen_batch = generation_batch_size if b == batch_size else b * gradient_accumulation_steps
             parts.update(generation_parts(config, gen_batch, s, s - max_completion_length, act_bytes, one_layer))
