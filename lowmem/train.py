@@ -436,6 +436,9 @@ FOREIGN_KEYS: dict[str, str] = {
     "quantization_bit": "quantization: nf4", "cutoff_len": "max_length", "max_seq_length": "max_length",
     "template": "chat_template (a Jinja text or .jinja file; the tokenizer's own is used by default)",
     "trust_remote_code": "nothing: lowmem never runs a model's remote code",
+    "attn_implementation": "model_init_kwargs: {attn_implementation: ...} for trainer: dpo / grpo / gvpo / bnpo without "
+                           "lora or quantization (TRL loads the model there); sft and adapter runs load it in lowmem with "
+                           "transformers' default attention (sdpa where the model supports it)",
     "use_rslora": "lora: {use_rslora: true}", "lora_modules_to_save": "lora: {modules_to_save: [...]}",
     "use_dora": "lora: {use_dora: true}", "model_revision": "nothing: a local model directory has no revisions",
     "dataset_config": "dataset (a local file or folder; there are no Hub dataset configurations to choose)",
@@ -1305,6 +1308,11 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         # which here changes no device
         kwargs["use_cpu"] = True
     check_half_precision(kwargs)
+    if kwargs.get("load_best_model_at_end") and _strategy(kwargs.get("eval_strategy", "no")) == "no":
+        # the Trainer keeps the last weights and says nothing: no evaluation ever picks a best checkpoint
+        raise ConfigError("load_best_model_at_end=true needs evaluations to pick the best checkpoint from, and this run "
+                          "evaluates never: set eval_steps (with eval_dataset or eval_split, and save_steps a multiple of "
+                          "it), or drop load_best_model_at_end")
     if (kwargs.get("bf16") or kwargs.get("bf16_full_eval")) and not kwargs.get("use_cpu") and torch.cuda.is_available() \
             and not _cuda_bf16_supported():
         # transformers: "Your setup doesn't support bf16/gpu. You need to assign use_cpu ... Ampere+": use_cpu is no fix

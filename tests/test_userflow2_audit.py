@@ -134,3 +134,23 @@ def test_train_takes_trls_config_flag(tmp_path):
     assert (loaded.steps, loaded.dataset, loaded.training_args["max_length"]) == (3, data, 16)
     with pytest.raises(ConfigError, match=r"two recipes: .* and --config .*; give one"):
         recipe_from_args(parser.parse_args(["train", str(tmp_path / "other.yaml"), "--config", str(recipe)]))
+
+
+def test_load_best_model_at_end_without_evaluations_is_an_error(tmp_path):
+    """Before: trained, kept the last weights, said nothing (no evaluation ever picks a best checkpoint)."""
+    from lowmem.train import build_training_args, load_recipe
+
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": f"{i}+1"} for i in range(10)])
+    kw = dict(dataset=data, output_dir=str(tmp_path / "o"), load_best_model_at_end=True)
+    with pytest.raises(ConfigError, match=r"^load_best_model_at_end=true needs evaluations .* evaluates never"):
+        build_training_args(load_recipe(None, **kw))
+    args = build_training_args(load_recipe(None, **kw, eval_split=0.2, eval_steps=2, save_steps=4))
+    assert args.load_best_model_at_end
+
+
+def test_attn_implementation_gets_lowmems_spelling():
+    from lowmem.train import _recipe_keys
+
+    with pytest.raises(ConfigError, match=r"attn_implementation -> model_init_kwargs: \{attn_implementation: ...\} for "
+                                          r"trainer: dpo"):
+        _recipe_keys({"attn_implementation": "eager", "dataset": "d.jsonl"}, "")
