@@ -782,6 +782,9 @@ def check_nonempty(dataset, fmt: DatasetFormat, trainer: str, *, source: str = "
             shown = rows[:5] + (["..."] if len(rows) > 5 else [])
             lines = [json_row_line(source, r) for r in rows[:5]] if dataset._indices is None else [None]
             at = f"; lines {lines + (['...'] if len(rows) > 5 else [])}" if None not in lines else ""
+            found = folder_row_file(source, rows[0]) if dataset._indices is None and not at else None
+            if found is not None:  # a folder of files: where the first one is
+                at = f"; the first is {_row_where(source, rows[0]).split(' (', 1)[1][:-1]}"
             raise ValueError(f"{source}: {len(rows)} of {len(dataset)} rows have an empty or missing {column!r} "
                              f"(rows {shown}, 0-based{at}); {trainer} would train on them as empty sequences. "
                              f"Remove those rows (or fill {column!r}) and run again")

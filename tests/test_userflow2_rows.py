@@ -195,3 +195,14 @@ def test_content_parts_printed_as_python_text_and_non_string_content(tokenizer, 
     with pytest.raises(ValueError, match=r"row 2 \(line 3\): message 1 \(role 'assistant'\) has content int 4; expected "
                                          r"a string"):
         load_train_data(path, "sft")
+
+
+def test_empty_rows_of_a_folder_name_the_first_ones_file(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(2):
+        rows = [{"prompt": f"{i}+{i}=", "completion": "  " if (k, i) in ((1, 3), (1, 5)) else str(2 * i)} for i in range(10)]
+        (folder / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"2 of 20 rows have an empty or missing 'completion' \(rows \[13, 15\], 0-based; "
+                                         r"the first is file part-1.jsonl row 3, line 4\)"):
+        load_train_data(str(folder), "sft")
