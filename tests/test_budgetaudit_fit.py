@@ -1,0 +1,156 @@
+"""Outside-in audit of the budget search (BUDGETAUDIT, session 13): does the configuration the search picks for a
+budget fit when it is measured, and did it reject only configurations that really do not?
+
+Tiny Llama / Qwen2 (untied head) / OLMoE (4 experts, 2 per token) built offline from transformers configs and written
+with ``save_pretrained``, so the search reads a local directory as a user's would. The measurement is the project's own
+(``measure_memory``: live torch tensors on CPU, MemTracker), a tensor count, not the process's RSS: the claim is
+"measured peak <= budget" (with the 64 B of scalars the estimate leaves out, tests/test_estout_archs.py), and the
+rejected next-larger batch measures above the budget divided by the documented margin (docs/memory.md: the estimated
+total is 1.0-1.2x the measured peak on the tiny models).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+SEQ = 64
+NOISE = 64  # scalars the estimate leaves out (tests/test_estout_archs.py)
+MARGIN = 1.2  # docs/memory.md: the estimated total is 1.0-1.2x the measured peak on the tiny model
+
+
+def _config(arch: str):
+    from transformers import LlamaConfig, OlmoeConfig, Qwen2Config
+
+    if arch == "llama":
+        return LlamaConfig(**TINY)
+    if arch == "qwen2":
+        return Qwen2Config(**TINY, tie_word_embeddings=False)
+    return OlmoeConfig(**TINY, num_experts=4, num_experts_per_tok=2, eos_token_id=None, pad_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """``arch -> directory`` written by ``save_pretrained`` (made on first use)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in made:
+            path = tmp_path_factory.mktemp(f"budgetaudit-{arch}")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                AutoModelForCausalLM.from_config(_config(arch)).save_pretrained(path)
+            made[arch] = str(path)
+        return made[arch]
+
+    return get
+
+
+def _measure(path: str, settings: dict, batch: int | None = None):
+    from lowmem.memory.measure import measure_memory
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return measure_memory(path, settings["optimizer"], optim_args=settings.get("optim_args") or None,
+                              batch_size=batch or settings["batch_size"], seq_len=SEQ, dtype="fp32",
+                              gradient_checkpointing=settings["gradient_checkpointing"], layerwise=settings["layerwise"],
+                              steps=2, device="cpu")
+
+
+def _search(path: str, limit: int, **kw):
+    from lowmem.memory.search import search_budget
+
+    kw = {"optimizers": ["adamw", "adamw8bit"], "lora_ranks": (), "quantization": (None,), **kw}
+    return search_budget(path, limit, seq_len=SEQ, batch_size=4, dtype="fp32", device="cpu", **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", pytest.param("olmoe", marks=pytest.mark.slow)])
+def test_the_pick_fits_measured_and_the_rejected_larger_batch_does_not(arch, model_dir):
+    """The budget is set between what AdamW needs at batch 2 and at batch 4 (no checkpointing): the first-ranked
+    configuration (ties at cost 1 prefer the larger batch: checkpointing at batch 4 over batch 2 without) measures within
+    the budget, and the batch twice as large that the search rejected for the same settings measures above it (up to the
+    documented margin), so the search took the largest batch that fits, not something much smaller.
+    Measured (B, budget = AdamW batch-2 estimate + 1 KiB): Llama budget 3,701,144, pick adamw + checkpointing batch 4
+    3,587,488 (estimate 3,615,640); AdamW batch 4 without checkpointing 5,696,416. OLMoE: budget 6,479,568, pick adamw
+    layerwise + checkpointing batch 4 6,116,036; checkpointing alone at batch 4 (rejected) 6,753,088."""
+    from lowmem.memory import estimate_memory
+
+    path = model_dir(arch)
+    limit = estimate_memory(path, optimizer="adamw", batch_size=2, seq_len=SEQ, dtype="fp32", device="cpu").total + 1024
+    found = _search(path, limit)
+    assert found, f"{arch}: nothing fits {limit:,} B, yet AdamW at batch 2 is estimated under it"
+    pick = found[0]
+    assert pick.cost <= 1.0, [(c.settings, c.cost) for c in found[:3]]
+    r = _measure(path, pick.settings)
+    assert r.measured["total"] <= limit + NOISE, (pick.settings, r.table())
+    assert r.measured["total"] <= pick.total + NOISE, (pick.settings, r.table())  # the estimate is not under
+    # the same settings at twice the batch were rejected: estimated over the budget, and really over it
+    b = pick.settings["batch_size"]
+    key = {k: v for k, v in pick.settings.items() if k != "batch_size"}
+    if b < 4:
+        bigger = estimate_memory(path, **{**key, "batch_size": 2 * b}, max_grad_norm=1.0)
+        assert bigger.total > limit
+        r2 = _measure(path, pick.settings, batch=2 * b)
+        assert r2.measured["total"] > limit / MARGIN, r2.table()
+    # and the configuration that gives up nothing (AdamW, full batch, no checkpointing), which the budget excludes,
+    # measures above it: the search did not throw away a fit
+    assert not any(c.cost == 0 for c in found)
+    full = _measure(path, {"optimizer": "adamw", "batch_size": 4, "gradient_checkpointing": False, "layerwise": False})
+    assert full.measured["total"] > limit / MARGIN, full.table()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_listed_candidate_fits_when_measured(arch, model_dir):
+    """Not only the first one: every distinct engine configuration the search lists within a tight budget (AdamW's
+    batch-1 estimate + 1 KiB, batch up to 4) measures within the budget. 8-bit states on CPU carry the codecs' tables,
+    layerwise steps the per-parameter transient: each is a different estimate path."""
+    from lowmem.memory import estimate_memory
+
+    path = model_dir(arch)
+    limit = estimate_memory(path, optimizer="adamw", batch_size=1, seq_len=SEQ, dtype="fp32", device="cpu").total + 1024
+    found = _search(path, limit, optimizers=["adamw", "adamw8bit", "adafactor"])
+    assert len(found) >= 4
+    for c in found[:5]:
+        r = _measure(path, c.settings)
+        assert r.measured["total"] <= limit + NOISE, (c.settings, c.total, r.table())
+
+
+@pytest.mark.xfail(strict=True, reason="FOUND_BUDGETAUDIT 1")
+def test_search_layerwise_candidate_with_accumulation_fits_when_measured(model_dir):
+    """With two micro-batches per step the search still offers layerwise stepping at the one-gradient total; the
+    LayerwiseOptimizer (as the Trainer builds it, ``accumulation_steps`` = the Trainer's) keeps every full-rank gradient
+    over the window. Measured: 3,244,960 B for the 2,689,176 listed (budget 2,700,000)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.memory.measure import PeakTracker
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    path = model_dir("llama")
+    found = _search(path, 2_700_000, optimizers=["adamw"], checkpointing=(False,), gradient_accumulation_steps=2)
+    lw = [c for c in found if c.settings["layerwise"] and c.settings["batch_size"] == 1]
+    if not lw:
+        return  # (fixed: not offered at this budget)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m.train()
+    opt = LayerwiseOptimizer(m, "adamw", accumulation_steps=2)
+    opt.inner.materialize_state()
+    gen = torch.Generator().manual_seed(0)
+    tracker = PeakTracker(m, opt, device="cpu")
+    with tracker:
+        for _ in range(2):
+            for _ in range(2):
+                ids = torch.randint(0, 512, (1, SEQ), generator=gen)
+                m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tracker.next_step()
+    opt.remove_hooks()
+    assert tracker.peak["total"] <= lw[0].total + NOISE, (tracker.peak, lw[0].total)
