@@ -18,8 +18,11 @@ Trainer's built-in layerwise GaLore, :class:`LayerwiseOptimizer` supports
   step's gradients (the current one is unknown until the backward pass ends). In the subspace
   accumulation mode both see the projected gradient.
 * **checkpoints**: ``state_dict()`` / ``load_state_dict()`` hold the whole state (the wrapped
-  optimizer's plus the clipping norm), plain tensors; ``step()`` and ``zero_grad()`` exist so that
-  ``transformers.Trainer`` treats it as an ordinary optimizer.
+  optimizer's plus the clipping norm and the accumulation window in progress: the micro-batch counts
+  and the subspace accumulators), plain tensors; ``step()`` and ``zero_grad()`` exist so that
+  ``transformers.Trainer`` treats it as an ordinary optimizer. A checkpoint taken inside a window
+  resumes it exactly together with the weights and the parameters' ``.grad`` (full-rank parameters
+  accumulate there, as with any torch optimizer); loading drops the window the optimizer was in.
 * **non-finite gradients**: parameters are stepped as their gradients arrive, so a NaN/Inf cannot
   skip the whole step as :meth:`LowMemOptimizer.step` does: the step ends where it arrives (that
   parameter and every later one are not stepped until the next step; the ones already stepped
@@ -356,7 +359,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.inner.state_dict()
-        sd["layerwise"] = {"clip_coef": self._clip_coef.clone()}
+        sd["layerwise"] = {"clip_coef": self._clip_coef.clone(), **self._window_state()}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -377,6 +380,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("layerwise", None)
+        micro = (extra or {}).get("micro")
+        if micro is not None and micro.numel() != len(self._params()):  # (before anything loads)
+            raise ValueError(f"LayerwiseOptimizer.load_state_dict: the checkpoint's accumulation window counts "
+                             f"{micro.numel()} parameters, this optimizer has {len(self._params())}")
         self.inner.load_state_dict(state_dict)
         # torch's load_state_dict gives the inner optimizer new group dicts (with the saved lr):
         # route parameters and schedulers to those, not to the dicts we held before
@@ -385,6 +392,40 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.state = self.inner.state
         if extra is not None:
             self._clip_coef = extra["clip_coef"].clone()
+        self._load_window(extra or {})
+
+    def _params(self) -> list[Tensor]:
+        """The parameters in the order of the state dict's indices."""
+        return [p for g in self.inner.param_groups for p in g["params"]]
+
+    def _window_state(self) -> dict[str, Any]:
+        """The accumulation window in progress, as tensors keyed by the state dict's parameter index: the
+        micro-batches each parameter has seen (``micro``), the subspace accumulators (``low``) and the running
+        squared gradient norm of the step (``sq_norm_sum``, only while a step is being taken). Between windows
+        (where the Trainer saves): zero counts and nothing else."""
+        params = self._params()
+        index = {p: i for i, p in enumerate(params)}
+        out: dict[str, Any] = {"micro": torch.tensor([self._micro.get(p, 0) for p in params], dtype=torch.int64)}
+        if self._low:
+            out["low"] = {str(index[p]): t.clone() for p, t in self._low.items()}
+        if self._sq_norm_sum is not None:
+            out["sq_norm_sum"] = self._sq_norm_sum.clone()
+        return out
+
+    def _load_window(self, extra: dict[str, Any]) -> None:
+        """Restore the window :meth:`_window_state` saved; the window this optimizer was in is dropped (a checkpoint
+        without one, e.g. an older one, leaves none: the next backward pass starts a window)."""
+        params = self._params()
+        micro = extra.get("micro")  # (its length is checked before the inner optimizer loads)
+        self._micro = {p: int(k) for p, k in zip(params, micro.tolist())} if micro is not None else {}
+        self._low = {}
+        for i, t in (extra.get("low") or {}).items():
+            p = params[int(i)]
+            self._low[p] = t.to(device=p.device, copy=True)
+        sq = extra.get("sq_norm_sum")
+        self._sq_norm_sum = sq.clone() if sq is not None else None
+        self._handled.clear()
+        self._nonfinite = False
 
     def state_bytes(self) -> int:
         return self.inner.state_bytes()
