@@ -70,6 +70,26 @@ BADAM = Recipe(
 )
 
 
+def _check_same_schedule(defaults: dict[str, Any], saved_groups: list[dict[str, Any]]) -> None:
+    """A checkpoint's optimizer-wide settings (:data:`OPTIMIZER_WIDE`: the block order, its seed, the switch interval,
+    ...) are this optimizer's. torch's ``load_state_dict`` would put the saved values in the groups while the
+    schedule reads ``defaults`` (the constructor's), so the resumed run followed neither; with another ``seed`` or
+    ``switch_mode`` the active block changed under the saved Adam state. A group without the key (a checkpoint
+    from before it existed) is not checked.
+
+    Raises:
+        ValueError: Naming each setting, the checkpoint's value and this optimizer's."""
+    differ = {}
+    for g in saved_groups:
+        for k in OPTIMIZER_WIDE:
+            if k in g and g[k] != defaults[k]:
+                differ.setdefault(k, g[k])
+    if differ:
+        listed = ", ".join(f"{k}={v!r} (this optimizer: {defaults[k]!r})" for k, v in differ.items())
+        raise ValueError(f"badam: the checkpoint was saved with {listed}; these settings fix the block schedule and "
+                         "the state it holds: build the optimizer with the checkpoint's values to resume it")
+
+
 def _check_active_block_state(opt: "BAdam") -> None:
     """After a load: a block stepped since its switch (``steps > 0``) holds Adam's state. Without it
     the resumed run would restart the block's moments silently; that is what ``torch.distributed.checkpoint``
@@ -386,6 +406,7 @@ class BAdam(LowMemOptimizer):
                 f"{sorted({self._block_of(g) for g in groups})}), this optimizer {len(self.param_groups)} (blocks "
                 f"{self.block_ids()}): build it as the saved one was built, e.g. create_optimizer(model, 'badam', ...) "
                 "on the same model (block_groups: a decayed and an undecayed group per block)")
+        _check_same_schedule(self.defaults, groups)
         in_groups = {(g.pop("badam_period", None), g.pop("badam_steps", None)) for g in groups}
         state_dict["param_groups"] = groups
         if schedule is not None:
@@ -409,12 +430,14 @@ class BAdam(LowMemOptimizer):
                     kept.update(saved.get("params", []))
         state_dict["state"] = {k: v for k, v in state_dict.get("state", {}).items() if k in kept}
         state_dict["state"] = self._masters_for_dtypes(state_dict["state"], groups)
+        kept = self.param_groups, self.state
         try:
             super().load_state_dict(state_dict)
-        except Exception:
+            _check_active_block_state(self)
+        except Exception:  # (the engine restores its groups and state on its own errors; this check's too)
+            self.param_groups, self.state = kept
             (self._period, self._steps), self._active = kept_schedule, None
             raise
-        _check_active_block_state(self)
         self._apply_freeze()
 
 
