@@ -53,12 +53,13 @@ def model_dir(tmp_path_factory):
 
 
 def _measure(path: str, settings: dict, batch: int | None = None):
+    dtype = settings.get("dtype", "fp32")
     from lowmem.memory.measure import measure_memory
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return measure_memory(path, settings["optimizer"], optim_args=settings.get("optim_args") or None,
-                              batch_size=batch or settings["batch_size"], seq_len=SEQ, dtype="fp32",
+                              batch_size=batch or settings["batch_size"], seq_len=SEQ, dtype=dtype,
                               gradient_checkpointing=settings["gradient_checkpointing"], layerwise=settings["layerwise"],
                               steps=2, device="cpu")
 
@@ -66,24 +67,26 @@ def _measure(path: str, settings: dict, batch: int | None = None):
 def _search(path: str, limit: int, **kw):
     from lowmem.memory.search import search_budget
 
-    kw = {"optimizers": ["adamw", "adamw8bit"], "lora_ranks": (), "quantization": (None,), **kw}
-    return search_budget(path, limit, seq_len=SEQ, batch_size=4, dtype="fp32", device="cpu", **kw)
+    kw = {"optimizers": ["adamw", "adamw8bit"], "lora_ranks": (), "quantization": (None,), "dtype": "fp32", **kw}
+    return search_budget(path, limit, seq_len=SEQ, batch_size=4, device="cpu", **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", pytest.param("olmoe", marks=pytest.mark.slow)])
-def test_the_pick_fits_measured_and_the_rejected_larger_batch_does_not(arch, model_dir):
+@pytest.mark.parametrize("arch, dtype", [("llama", "fp32"), ("qwen2", "fp32"), ("llama", "bf16"),
+                                         pytest.param("olmoe", "fp32", marks=pytest.mark.slow)])
+def test_the_pick_fits_measured_and_the_rejected_larger_batch_does_not(arch, dtype, model_dir):
     """The budget is set between what AdamW needs at batch 2 and at batch 4 (no checkpointing): the first-ranked
     configuration (ties at cost 1 prefer the larger batch: checkpointing at batch 4 over batch 2 without) measures within
     the budget, and the batch twice as large that the search rejected for the same settings measures above it (up to the
     documented margin), so the search took the largest batch that fits, not something much smaller.
     Measured (B, budget = AdamW batch-2 estimate + 1 KiB): Llama budget 3,701,144, pick adamw + checkpointing batch 4
     3,587,488 (estimate 3,615,640); AdamW batch 4 without checkpointing 5,696,416. OLMoE: budget 6,479,568, pick adamw
-    layerwise + checkpointing batch 4 6,116,036; checkpointing alone at batch 4 (rejected) 6,753,088."""
+    layerwise + checkpointing batch 4 6,116,036; checkpointing alone at batch 4 (rejected) 6,753,088. Llama bf16
+    (pure): budget 2,889,496, pick adamw8bit + checkpointing batch 4 2,523,932 (estimate 2,539,796)."""
     from lowmem.memory import estimate_memory
 
     path = model_dir(arch)
-    limit = estimate_memory(path, optimizer="adamw", batch_size=2, seq_len=SEQ, dtype="fp32", device="cpu").total + 1024
-    found = _search(path, limit)
+    limit = estimate_memory(path, optimizer="adamw", batch_size=2, seq_len=SEQ, dtype=dtype, device="cpu").total + 1024
+    found = _search(path, limit, dtype=dtype)
     assert found, f"{arch}: nothing fits {limit:,} B, yet AdamW at batch 2 is estimated under it"
     pick = found[0]
     assert pick.cost <= 1.0, [(c.settings, c.cost) for c in found[:3]]
@@ -101,7 +104,8 @@ def test_the_pick_fits_measured_and_the_rejected_larger_batch_does_not(arch, mod
     # and the configuration that gives up nothing (AdamW, full batch, no checkpointing), which the budget excludes,
     # measures above it: the search did not throw away a fit
     assert not any(c.cost == 0 for c in found)
-    full = _measure(path, {"optimizer": "adamw", "batch_size": 4, "gradient_checkpointing": False, "layerwise": False})
+    full = _measure(path, {"optimizer": "adamw", "batch_size": 4, "gradient_checkpointing": False, "layerwise": False,
+                           "dtype": dtype})
     assert full.measured["total"] > limit / MARGIN, full.table()
 
 
