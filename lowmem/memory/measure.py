@@ -440,7 +440,7 @@ def measure_memory(
     # tracker, so unseen at the second step's peak (4 B lower after a one-step AdamW run in the same process)
     from ..optim.functional import adam as _adam
 
-    _adam._STEP_TENSORS.clear()
+    _adam.clear_step_tensors()
     gen = torch.Generator().manual_seed(seed)
     losses = []
     if device.startswith("cuda"):

@@ -136,6 +136,12 @@ def _step_tensor(t: float, device: torch.device) -> Tensor:
     return step
 
 
+def clear_step_tensors() -> None:
+    """Forget the kept step-count tensors (:data:`_STEP_TENSORS`): the next fused step makes its own, as a fresh
+    process's first step does (``lowmem.memory.measure_memory`` calls it before measuring)."""
+    _STEP_TENSORS.clear()
+
+
 def adamw_fused_(
     params: list[Tensor],
     grads: list[Tensor],
