@@ -120,6 +120,25 @@ def test_badam_checkpoint_without_the_active_blocks_state_is_refused_and_changes
     assert (topt._period, topt._steps) == (1, 1)
 
 
+def test_badam_checkpoint_resumes_with_another_freeze_inactive():
+    """freeze_inactive only says whether the inactive blocks' gradients are computed (DDP needs it off): a
+    checkpoint of a single-process run (on) resumes with it off and continues as the uninterrupted run."""
+    m = _model()
+    opt = create_optimizer(m, "badam", switch_every=3, freeze_inactive=True)
+    _train(m, opt, 2)
+    sd = _roundtrip(opt.state_dict())
+    target = _model()
+    target.load_state_dict(m.state_dict())
+    topt = create_optimizer(target, "badam", switch_every=3, freeze_inactive=False)
+    topt.load_state_dict(sd)
+    assert all(g["freeze_inactive"] is False for g in topt.param_groups)
+    assert all(p.requires_grad for p in target.parameters())
+    _train(m, opt, 3)
+    _train(target, topt, 3)  # across the switch at step 3
+    for (k, a), b in zip(m.named_parameters(), target.parameters()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.xfail(strict=True, reason="FOUND_RESUMEAUDIT 1")
 def test_another_number_of_parameters_names_the_counts():
     """A checkpoint of a model with another number of parameters (other target modules, another layer count):

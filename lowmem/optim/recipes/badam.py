@@ -75,12 +75,16 @@ def _check_same_schedule(defaults: dict[str, Any], saved_groups: list[dict[str, 
     ...) are this optimizer's. torch's ``load_state_dict`` would put the saved values in the groups while the
     schedule reads ``defaults`` (the constructor's), so the resumed run followed neither; with another ``seed`` or
     ``switch_mode`` the active block changed under the saved Adam state. A group without the key (a checkpoint
-    from before it existed) is not checked.
+    from before it existed) is not checked. ``freeze_inactive`` changes neither the math nor the state (only whether
+    inactive gradients are computed; DDP needs it off): the constructor's value is put in ``saved_groups``, so a
+    checkpoint of one process resumes on several.
 
     Raises:
         ValueError: Naming each setting, the checkpoint's value and this optimizer's."""
     differ = {}
     for g in saved_groups:
+        if "freeze_inactive" in g:
+            g["freeze_inactive"] = defaults["freeze_inactive"]
         for k in OPTIMIZER_WIDE:
             if k in g and g[k] != defaults[k]:
                 differ.setdefault(k, g[k])
