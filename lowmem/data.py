@@ -727,6 +727,38 @@ def _messages_ok_in_arrow(dataset, column: str, source: str, conversational: boo
     return True
 
 
+def _empty_answer_rows(dataset, column: str) -> list[int]:
+    """The rows of conversational ``column`` holding an assistant message whose content is empty or whitespace (and
+    no ``tool_calls``): Arrow compute over a list of ``{role, content}`` structs, else read into Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = _arrow_column(dataset, column)
+    kind = values.type
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type):
+        item = kind.value_type
+        names = [item.field(k).name for k in range(item.num_fields)]
+        if "role" in names and "content" in names and all(pa.types.is_string(item.field(n).type)
+                                                          for n in ("role", "content")):
+            flat = values.flatten()
+            empty = pc.and_(pc.equal(flat.field("role"), "assistant"),
+                            pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(flat.field("content"))), 0))
+            if "tool_calls" in names:
+                empty = pc.and_(empty, pc.is_null(flat.field("tool_calls")))
+            empty = empty.fill_null(False)
+            if not pc.any(empty).as_py():
+                return []
+            parents = pc.list_parent_indices(values)
+            return sorted(set(pc.filter(parents, empty).to_pylist()))
+    out = []
+    for start in range(0, len(dataset), ROW_BATCH):
+        for j, messages in enumerate(dataset.select_columns([column])[start:start + ROW_BATCH][column]):
+            if any(isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("content"), str)
+                   and not m["content"].strip() and not m.get("tool_calls") for m in messages or ()):
+                out.append(start + j)
+    return out
+
+
 def _cell_ok(value: Any, conversational: bool) -> bool:
     """Whether :func:`_check_cell` accepts ``value`` (the quick test; the message comes from it)."""
     if not conversational:
@@ -756,8 +788,9 @@ def check_nonempty(dataset, fmt: DatasetFormat, trainer: str, *, source: str = "
 
     An empty ``text`` / ``completion`` (SFT), ``chosen`` / ``rejected`` (DPO) or ``prompt`` (GRPO, GVPO,
     BNPO) would be trained on as an empty sequence, without a word from TRL. A prompt may be empty for
-    SFT and DPO (unconditional text). Only string (standard-format) columns are scanned; a
-    conversational cell that is not a non-empty message list is refused by :func:`detect_format`.
+    SFT and DPO (unconditional text). Conversational columns (not ``prompt``): an assistant message whose content
+    is empty or whitespace, without ``tool_calls`` (:func:`_empty_answer_rows`); a cell that is not a non-empty
+    message list is refused by :func:`detect_format`.
 
     Raises:
         ValueError: Names the column, how many rows, and the first row numbers (0-based).
@@ -766,6 +799,16 @@ def check_nonempty(dataset, fmt: DatasetFormat, trainer: str, *, source: str = "
     import pyarrow.compute as pc
 
     if fmt.conversational:
+        for column in fmt.columns:
+            if column == "prompt":
+                continue
+            rows = _empty_answer_rows(dataset, column)
+            if rows:
+                shown = rows[:5] + (["..."] if len(rows) > 5 else [])
+                raise ValueError(f"{source}: {len(rows)} of {len(dataset)} rows have an assistant message with empty "
+                                 f"content in {column!r} (rows {shown}, 0-based; the first is row "
+                                 f"{_row_where(source, rows[0])}); {trainer} would train the model to answer with "
+                                 "nothing there. Remove those rows (or write the answers) and run again")
         return
     for column in fmt.columns:
         if column == "prompt" and trainer in ("sft", "dpo"):

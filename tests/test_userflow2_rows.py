@@ -206,3 +206,32 @@ def test_empty_rows_of_a_folder_name_the_first_ones_file(tmp_path):
     with pytest.raises(ValueError, match=r"2 of 20 rows have an empty or missing 'completion' \(rows \[13, 15\], 0-based; "
                                          r"the first is file part-1.jsonl row 3, line 4\)"):
         load_train_data(str(folder), "sft")
+
+
+@pytest.mark.parametrize("via", ["arrow", "python"])
+def test_empty_assistant_answers_are_named(tmp_path, via):
+    """The conversational counterpart of an empty completion: an assistant turn with content "" (or whitespace)
+    trained the model to answer with nothing, without a word."""
+    import datasets
+
+    from lowmem.data import check_nonempty
+
+    rows = [{"messages": _chat(i)} for i in range(N)]
+    rows[BAD]["messages"][2]["content"] = "  "
+    rows[1400]["messages"][2]["content"] = ""
+    if via == "arrow":
+        path = _jsonl(tmp_path, rows)
+        with pytest.raises(ValueError, match=rf"^{path}: 2 of 1500 rows have an assistant message with empty content in "
+                                             r"'messages' \(rows \[1234, 1400\], 0-based; the first is row 1234 \(line "
+                                             r"1235\)\)"):
+            load_train_data(path, "sft")
+    else:  # a column datasets reads as Json (types differing between rows): read into Python
+        ds = Dataset.from_list(rows, features=datasets.Features({"messages": datasets.Json()}))
+        fmt = detect_format(ds, "sft")
+        with pytest.raises(ValueError, match=r"^d: 2 of 1500 rows .* \(rows \[1234, 1400\], 0-based"):
+            check_nonempty(ds, fmt, "sft", source="d")
+    rows[BAD]["messages"][2] = {"role": "assistant", "content": "", "tool_calls": [{"name": "add"}]}
+    del rows[1400]
+    load_train_data(_jsonl(tmp_path, rows), "sft")  # a tool call's turn may be empty (datasets: items as Json, Python)
+    ds = Dataset.from_list(rows)  # a struct with tool_calls: Arrow
+    check_nonempty(ds, detect_format(ds, "sft"), "sft")
