@@ -575,6 +575,23 @@ def _as_allocated(v: Tensor, like: Tensor | None, device: Any) -> Tensor:
     return out.copy_(v)
 
 
+def _refuse_complex(p: Tensor, where: str) -> None:
+    """A complex parameter is refused (``add_param_group``, before it has state): the state is allocated real and
+    the math is real (``exp_avg.lerp_`` of a complex gradient, ``g * g`` for ``|g|^2``, real projections,
+    quantization), so it would train silently wrong. torch.optim steps one as ``torch.view_as_real``; so can the
+    user, with a real parameter (``[..., 2]``: real and imaginary parts) viewed as complex in the forward.
+
+    Raises:
+        ValueError: Naming the parameter, its dtype and ``torch.view_as_real``.
+    """
+    if p.is_complex():
+        raise ValueError(
+            f"{where} of shape {tuple(p.shape)} is complex ({p.dtype}): lowmem's optimizer state and math are real,"
+            " so it would train silently wrong. Keep the parameter real instead, torch.view_as_real(weight) (a"
+            f" {(*p.shape, 2)} tensor of its real and imaginary parts), and take torch.view_as_complex of it in the"
+            " forward")
+
+
 class LowMemOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Recipe`.
 
@@ -680,6 +697,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         where = f"parameter group {len(self.param_groups) - 1} of optimizer '{self.recipe.name}'"
         try:
+            for i, p in enumerate(group["params"]):
+                _refuse_complex(p, f"{where}, parameter {i}")
             for h in (*self.recipe.hparams, *ENGINE_HPARAMS):
                 h.validate(group[h.name], where=where)
             if group.get("rank") is not None:  # a projected group: its other settings get defaults
