@@ -4,11 +4,18 @@ load (FOUND_AUDITOPT 1, 3, 5)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from lowmem.optim import create_optimizer
+from lowmem.optim import LowMemOptimizer, create_optimizer, get_entry
+from lowmem.optim.engine import BY_DEVICE, Recipe
+from toy_problem import hparams_for, make_problem, train
 
 # ---- complex parameters -------------------------------------------------------------------------------------------
 
@@ -40,3 +47,108 @@ def test_the_refusal_names_the_way_that_trains_like_torch():
         o1.step()
         o2.step()
     torch.testing.assert_close(torch.view_as_complex(p.detach()), q.detach(), rtol=1e-6, atol=1e-6)
+
+
+# ---- copies -------------------------------------------------------------------------------------------------------
+
+
+def _nan_step(model, opt, x, y):
+    opt.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    model.fc1.weight.grad[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite"):
+        opt.step()
+
+
+def _same(m1, m2):
+    return all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def _objects(x, seen=None):
+    """Every object reachable from ``x`` through dicts, lists, tuples, sets and attributes."""
+    seen = {} if seen is None else seen
+    if id(x) in seen or isinstance(x, (str, int, float, bool, type(None), torch.dtype, torch.device)):
+        return seen
+    seen[id(x)] = x
+    items = (x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple, set, frozenset)) else ())
+    for v in (*items, *(x.keys() if isinstance(x, dict) else ())):
+        _objects(v, seen)
+    if not isinstance(x, torch.Tensor) and hasattr(x, "__dict__") and not isinstance(x, type):
+        _objects(vars(x), seen)
+    for slot in getattr(type(x), "__slots__", ()):
+        if hasattr(x, slot):
+            _objects(getattr(x, slot), seen)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["adam_mini", "galore_adamw", "sgd_sm"])
+def test_a_deepcopy_shares_nothing_mutable_with_the_original(name):
+    """After a copy and a step of each: no tensor, dict or cache of one optimizer is the other's (the caches keyed by
+    the original's parameters and groups are rebuilt, not copied), the settings and attributes are equal, and the
+    registered recipe (configuration) is shared as the class's is."""
+    model, x, y = make_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer(model, name, **hparams_for(name))
+    opt.chunk_numel = 64
+    train(model, opt, x, y, 2)
+    _nan_step(model, opt, x, y)
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert not set(opt2.__dict__) & LowMemOptimizer._NOT_COPIED
+    assert (opt2.skipped_steps, opt2.chunk_numel, opt2.defaults) == (1, 64, opt.defaults)
+    assert opt2.recipe is opt.recipe is get_entry(name).recipe
+    train(model, opt, x, y, 2)
+    train(model2, opt2, x, y, 2)
+    assert _same(model, model2)
+    config = _objects((opt.recipe, BY_DEVICE))  # (shared configuration: the recipe's parts, the default chunk's mark)
+    mine = _objects(opt.__dict__)
+    shared = [type(v).__name__ for k, v in _objects(opt2.__dict__).items()
+              if k in mine and k not in config and isinstance(v, (torch.Tensor, dict, list, set))]
+    assert shared == []
+    # (the caches the copy made are keyed by its own parameters and groups: none was copied from the original's)
+    params2, groups2 = set(map(id, model2.parameters())), set(map(id, opt2.param_groups))
+    assert opt2.__dict__["_routes"] and all(k in params2 and id(r.p) == k for k, r in opt2.__dict__["_routes"].items())
+    assert set(opt2.__dict__["_layout_sigs"]) == set(opt2.__dict__["_group_sigs"]) == groups2
+
+
+@pytest.mark.parametrize("name", ["adam_mini", "adamw4bit_rank1", "badam"])
+def test_pickle_round_trip_continues_bit_for_bit(name):
+    """``pickle`` of (model, optimizer): a recipe whose settings' checks are local functions (adam_mini's) is stored
+    by its registry name; BAdam's schedule (``switch_every=2``: the copy switches blocks as the original)."""
+    model, x, y = make_problem()
+    hp = {**hparams_for(name), **({"switch_every": 2} if name == "badam" else {})}
+    opt = create_optimizer(model, name, **hp)
+    train(model, opt, x, y, 3)
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert type(opt2) is type(opt) and opt2.recipe is opt.recipe and opt2.skipped_steps == 0
+    train(model, opt, x, y, 4)
+    train(model2, opt2, x, y, 4)
+    assert _same(model, model2)
+    if name == "badam":
+        assert (opt2._period, opt2._steps) == (opt._period, opt._steps) == (3, 1)
+
+
+def test_a_recipe_not_registered_is_copied_by_value():
+    recipe = dataclasses.replace(get_entry("adamw").recipe, name="my_adamw")
+    model, x, y = make_problem()
+    opt = LowMemOptimizer(model.parameters(), recipe, lr=1e-2)
+    train(model, opt, x, y, 2)
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.recipe is not recipe and opt2.recipe.name == "my_adamw"
+    train(model, opt, x, y, 2)
+    train(model2, opt2, x, y, 2)
+    assert _same(model, model2)
+
+
+def test_a_copy_s_state_dict_loads_into_a_fresh_optimizer():
+    """torch's ``__setstate__`` adds ``differentiable`` to the defaults (and so to every group added later): a
+    setting no recipe has, which a checkpoint would carry into a load that refuses it."""
+    model, x, y = make_problem()
+    opt = create_optimizer(model, "adamw", lr=1e-2)
+    train(model, opt, x, y, 1)
+    model2, opt2 = copy.deepcopy((model, opt))
+    opt2.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    assert "differentiable" not in opt2.defaults and "differentiable" not in opt2.param_groups[-1]
+    fresh = create_optimizer(model2, "adamw", lr=1e-2)
+    fresh.add_param_group({"params": [opt2.param_groups[-1]["params"][0]]})
+    fresh.load_state_dict(opt2.state_dict())

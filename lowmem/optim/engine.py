@@ -188,6 +188,30 @@ class Recipe:
     def all_hparams(self) -> dict[str, HParam]:
         return {h.name: h for h in (*self.hparams, *ENGINE_HPARAMS, *self.group_hparams)}
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled, and deep-copied (``copy.deepcopy`` of a ``LowMemOptimizer(params, recipe)``), by its registry
+        name when it is the recipe registered under that name: a recipe is configuration (frozen, its parts hold no
+        tensors), the registered one is shared by every optimizer made from it, and its settings' checks may be
+        local functions, which pickle cannot store. Any other recipe: by value, as a dataclass."""
+        from .registry import get_entry  # (lowmem.optim.registry imports this module)
+
+        try:
+            registered = get_entry(self.name).recipe is self
+        except ValueError:  # (not registered)
+            registered = False
+        if registered:
+            return _registered_recipe, (self.name,)
+        return super().__reduce_ex__(protocol)
+
+
+def _registered_recipe(name: str) -> Recipe:
+    """The recipe registered as ``name`` (:meth:`Recipe.__reduce_ex__`)."""
+    from .registry import get_entry
+
+    recipe = get_entry(name).recipe
+    assert recipe is not None
+    return recipe
+
 
 # A gradient whose L2 norm reaches this has a squared norm that overflows float32: second-moment
 # statistics (Adam's v, Adafactor's row / column sums, Stable-SPAM's moments) would become inf for good.
@@ -730,6 +754,34 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     f"{self.recipe.name}: rank {group['rank']} >= smaller side of a {tuple(p.shape)} parameter;"
                     " training it full-rank instead"
                 )
+
+    #: attributes left out of a copy (:meth:`__getstate__`): caches keyed by ``id`` of the original's groups and
+    #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
+    #: hands to its own phases
+    _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_checked", "_usable"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every
+        other attribute of the instance (``skipped_steps``, ``chunk_numel`` when set, the ``recipe`` given to the
+        constructor, a subclass's own: BAdam's schedule), but the caches of :data:`_NOT_COPIED` (the copy rebuilds
+        them from its own groups and state, so it shares nothing mutable with the original) and torch's hooks (torch
+        drops those too). A recipe that is the class's own is the class's (not copied)."""
+        state = super().__getstate__()
+        for k, v in self.__dict__.items():
+            if k in state or k in self._NOT_COPIED or k.startswith("_optimizer_"):
+                continue
+            if k == "recipe" and v is getattr(type(self), "recipe", None):
+                continue
+            state[k] = v
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # (torch's adds "differentiable" to the defaults, and then to every group added later: a setting no recipe
+        # has, which a checkpoint would carry; torch's load_state_dict calls this with state and groups only)
+        added = "defaults" in state and "differentiable" not in state["defaults"]
+        super().__setstate__(state)
+        if added:
+            self.defaults.pop("differentiable", None)
 
     def _forget_routes(self) -> None:
         """Drop the cached paths of the parameters (:meth:`_route`) and the groups' tokens."""
