@@ -152,3 +152,64 @@ def test_a_copy_s_state_dict_loads_into_a_fresh_optimizer():
     fresh = create_optimizer(model2, "adamw", lr=1e-2)
     fresh.add_param_group({"params": [opt2.param_groups[-1]["params"][0]]})
     fresh.load_state_dict(opt2.state_dict())
+
+
+# ---- load_state_dict hooks ----------------------------------------------------------------------------------------
+
+
+def _trained(name="adamw"):
+    model, x, y = make_problem()
+    opt = create_optimizer(model, name, lr=1e-2)
+    train(model, opt, x, y, 2)
+    return model, opt
+
+
+def test_a_pre_hook_s_state_dict_is_what_loads():
+    """torch loads what a load-state-dict pre-hook returns; so does the engine's state rebuild."""
+    model, opt = _trained()
+    p = next(model.parameters())
+    sd = opt.state_dict()
+
+    def halve(o, state_dict):
+        state = {k: {n: v / 2 if n == "exp_avg" else v for n, v in s.items()} for k, s in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    again = create_optimizer(model, "adamw", lr=1e-2)
+    again.register_load_state_dict_pre_hook(halve)
+    again.load_state_dict(sd)
+    assert torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"] / 2)
+    assert torch.equal(sd["state"][0]["exp_avg"], opt.state[p]["exp_avg"])  # (the caller's dict untouched)
+
+
+def test_hooks_stay_registered_and_removable_after_a_refused_load():
+    """The hooks are set aside during torch's part of the load and put back, also when it raises: they run at the
+    next load, and their handles still remove them."""
+    model, opt = _trained()
+    calls = []
+    pre = opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre"))
+    post = opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    bad = opt.state_dict()
+    bad["param_groups"] = bad["param_groups"][:1]
+    with pytest.raises(ValueError, match="number of parameter groups"):
+        opt.load_state_dict(bad)
+    assert calls == ["pre"]
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["pre", "pre", "post"]
+    pre.remove()
+    post.remove()
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["pre", "pre", "post"]
+
+
+def test_a_post_hook_sees_the_loaded_state_of_badam():
+    """BAdam loads through the engine's load: the post-hook sees the rebuilt state (its writes kept)."""
+    model, x, y = make_problem()
+    opt = create_optimizer(model, "badam", lr=1e-2, switch_every=5)
+    train(model, opt, x, y, 2)
+    seen = []
+    again = create_optimizer(model, "badam", lr=1e-2, switch_every=5)
+    again.register_load_state_dict_post_hook(lambda o: seen.append({id(p): dict(s) for p, s in o.state.items() if s}))
+    again.load_state_dict(opt.state_dict())
+    assert seen and seen[0].keys() == {id(p) for p, s in again.state.items() if s}
+    assert all(s["exp_avg"] is again.state[p]["exp_avg"] for p in again.state if again.state[p]
+               for s in [seen[0][id(p)]])

@@ -63,6 +63,7 @@ CPU, 2^24 elsewhere, where smaller chunks make the step launch-bound).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple
@@ -1391,7 +1392,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         own settings (another rank, head_dim, quantization, state dtype) or come from another
         optimizer refuses (:func:`~lowmem.optim.sharded.check_same_settings`). A setting of this
         recipe the checkpoint's group lacks (it predates the setting) keeps the constructor's value.
-        On an error the optimizer keeps its groups and state as they were.
+        On an error the optimizer keeps its groups and state as they were. torch's hooks
+        (``register_load_state_dict_pre_hook`` / ``_post_hook``) run as torch runs them: the pre-hooks first (a dict
+        one returns is the one loaded), the post-hooks last, on the rebuilt and checked state (what one writes there
+        stays), and not after a refused load.
 
         Raises:
             ValueError: A parameter's loaded state lacks an entry, holds one of another shape or dtype
@@ -1401,12 +1405,27 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """
         kept = self.param_groups, self.state
         before = [dict(g) for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        # torch's hooks, in torch's order around the whole load: the pre-hooks on a shallow copy (what one returns
+        # is what loads, here too), the post-hooks once the state is rebuilt and checked (not for a refused load)
+        state_dict = state_dict.copy()
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        for hook in pre.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:  # (the same dicts: the hooks' handles remove from them)
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         try:
             self._load_state(state_dict, before)
         except Exception:
             self.param_groups, self.state = kept
             raise
+        for hook in post.values():
+            hook(self)
 
     def _probe_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """What :meth:`_init_state` allocates for the unsharded parameter ``p`` under ``group``'s
