@@ -111,9 +111,9 @@ def test_a_deepcopy_shares_nothing_mutable_with_the_original(name):
     assert set(opt2.__dict__["_layout_sigs"]) == set(opt2.__dict__["_group_sigs"]) == groups2
 
 
-@pytest.mark.parametrize("name", ["adam_mini", "adamw4bit_rank1", "badam"])
+@pytest.mark.parametrize("name", ["adam_mini", "apollo_mini", "badam"])
 def test_pickle_round_trip_continues_bit_for_bit(name):
-    """``pickle`` of (model, optimizer): a recipe whose settings' checks are local functions (adam_mini's) is stored
+    """``pickle`` of (model, optimizer): a recipe whose settings' checks are local functions (adam_mini's, apollo_mini's) is stored
     by its registry name; BAdam's schedule (``switch_every=2``: the copy switches blocks as the original)."""
     model, x, y = make_problem()
     hp = {**hparams_for(name), **({"switch_every": 2} if name == "badam" else {})}
