@@ -113,8 +113,9 @@ def test_a_deepcopy_shares_nothing_mutable_with_the_original(name):
 
 @pytest.mark.parametrize("name", ["adam_mini", "apollo_mini", "badam"])
 def test_pickle_round_trip_continues_bit_for_bit(name):
-    """``pickle`` of (model, optimizer): a recipe whose settings' checks are local functions (adam_mini's, apollo_mini's) is stored
-    by its registry name; BAdam's schedule (``switch_every=2``: the copy switches blocks as the original)."""
+    """``pickle`` of (model, optimizer): a recipe whose settings' checks are local functions (adam_mini's,
+    apollo_mini's) is stored by its registry name; BAdam's schedule (``switch_every=2``: the copy switches blocks as
+    the original)."""
     model, x, y = make_problem()
     hp = {**hparams_for(name), **({"switch_every": 2} if name == "badam" else {})}
     opt = create_optimizer(model, name, **hp)
