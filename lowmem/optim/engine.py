@@ -63,6 +63,7 @@ CPU, 2^24 elsewhere, where smaller chunks make the step launch-bound).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple
@@ -187,6 +188,30 @@ class Recipe:
 
     def all_hparams(self) -> dict[str, HParam]:
         return {h.name: h for h in (*self.hparams, *ENGINE_HPARAMS, *self.group_hparams)}
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled, and deep-copied (``copy.deepcopy`` of a ``LowMemOptimizer(params, recipe)``), by its registry
+        name when it is the recipe registered under that name: a recipe is configuration (frozen, its parts hold no
+        tensors), the registered one is shared by every optimizer made from it, and its settings' checks may be
+        local functions, which pickle cannot store. Any other recipe: by value, as a dataclass."""
+        from .registry import get_entry  # (lowmem.optim.registry imports this module)
+
+        try:
+            registered = get_entry(self.name).recipe is self
+        except ValueError:  # (not registered)
+            registered = False
+        if registered:
+            return _registered_recipe, (self.name,)
+        return super().__reduce_ex__(protocol)
+
+
+def _registered_recipe(name: str) -> Recipe:
+    """The recipe registered as ``name`` (:meth:`Recipe.__reduce_ex__`)."""
+    from .registry import get_entry
+
+    recipe = get_entry(name).recipe
+    assert recipe is not None
+    return recipe
 
 
 # A gradient whose L2 norm reaches this has a squared norm that overflows float32: second-moment
@@ -575,6 +600,23 @@ def _as_allocated(v: Tensor, like: Tensor | None, device: Any) -> Tensor:
     return out.copy_(v)
 
 
+def _refuse_complex(p: Tensor, where: str) -> None:
+    """A complex parameter is refused (``add_param_group``, before it has state): the state is allocated real and
+    the math is real (``exp_avg.lerp_`` of a complex gradient, ``g * g`` for ``|g|^2``, real projections,
+    quantization), so it would train silently wrong. torch.optim steps one as ``torch.view_as_real``; so can the
+    user, with a real parameter (``[..., 2]``: real and imaginary parts) viewed as complex in the forward.
+
+    Raises:
+        ValueError: Naming the parameter, its dtype and ``torch.view_as_real``.
+    """
+    if p.is_complex():
+        raise ValueError(
+            f"{where} of shape {tuple(p.shape)} is complex ({p.dtype}): lowmem's optimizer state and math are real,"
+            " so it would train silently wrong. Keep the parameter real instead, torch.view_as_real(weight) (a"
+            f" {(*p.shape, 2)} tensor of its real and imaginary parts), and take torch.view_as_complex of it in the"
+            " forward")
+
+
 class LowMemOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Recipe`.
 
@@ -680,6 +722,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         where = f"parameter group {len(self.param_groups) - 1} of optimizer '{self.recipe.name}'"
         try:
+            for i, p in enumerate(group["params"]):
+                _refuse_complex(p, f"{where}, parameter {i}")
             for h in (*self.recipe.hparams, *ENGINE_HPARAMS):
                 h.validate(group[h.name], where=where)
             if group.get("rank") is not None:  # a projected group: its other settings get defaults
@@ -711,6 +755,34 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     f"{self.recipe.name}: rank {group['rank']} >= smaller side of a {tuple(p.shape)} parameter;"
                     " training it full-rank instead"
                 )
+
+    #: attributes left out of a copy (:meth:`__getstate__`): caches keyed by ``id`` of the original's groups and
+    #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
+    #: hands to its own phases
+    _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_checked", "_usable"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every
+        other attribute of the instance (``skipped_steps``, ``chunk_numel`` when set, the ``recipe`` given to the
+        constructor, a subclass's own: BAdam's schedule), but the caches of :data:`_NOT_COPIED` (the copy rebuilds
+        them from its own groups and state, so it shares nothing mutable with the original) and torch's hooks (torch
+        drops those too). A recipe that is the class's own is the class's (not copied)."""
+        state = super().__getstate__()
+        for k, v in self.__dict__.items():
+            if k in state or k in self._NOT_COPIED or k.startswith("_optimizer_"):
+                continue
+            if k == "recipe" and v is getattr(type(self), "recipe", None):
+                continue
+            state[k] = v
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # (torch's adds "differentiable" to the defaults, and then to every group added later: a setting no recipe
+        # has, which a checkpoint would carry; torch's load_state_dict calls this with state and groups only)
+        added = "defaults" in state and "differentiable" not in state["defaults"]
+        super().__setstate__(state)
+        if added:
+            self.defaults.pop("differentiable", None)
 
     def _forget_routes(self) -> None:
         """Drop the cached paths of the parameters (:meth:`_route`) and the groups' tokens."""
@@ -1320,7 +1392,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         own settings (another rank, head_dim, quantization, state dtype) or come from another
         optimizer refuses (:func:`~lowmem.optim.sharded.check_same_settings`). A setting of this
         recipe the checkpoint's group lacks (it predates the setting) keeps the constructor's value.
-        On an error the optimizer keeps its groups and state as they were.
+        On an error the optimizer keeps its groups and state as they were. torch's hooks
+        (``register_load_state_dict_pre_hook`` / ``_post_hook``) run as torch runs them: the pre-hooks first (a dict
+        one returns is the one loaded), the post-hooks last, on the rebuilt and checked state (what one writes there
+        stays), and not after a refused load.
 
         Raises:
             ValueError: A parameter's loaded state lacks an entry, holds one of another shape or dtype
@@ -1330,12 +1405,27 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """
         kept = self.param_groups, self.state
         before = [dict(g) for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        # torch's hooks, in torch's order around the whole load: the pre-hooks on a shallow copy (what one returns
+        # is what loads, here too), the post-hooks once the state is rebuilt and checked (not for a refused load)
+        state_dict = state_dict.copy()
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        for hook in pre.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:  # (the same dicts: the hooks' handles remove from them)
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         try:
             self._load_state(state_dict, before)
         except Exception:
             self.param_groups, self.state = kept
             raise
+        for hook in post.values():
+            hook(self)
 
     def _probe_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """What :meth:`_init_state` allocates for the unsharded parameter ``p`` under ``group``'s

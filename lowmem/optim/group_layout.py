@@ -13,7 +13,11 @@ Which settings fix the layout is not a list: it is read off the code that builds
 group is seen, :meth:`_init_state` runs on a meta-device twin of the parameter (nothing allocated, :func:`meta_layout`;
 a sharded one on fake tensors) over a dict that records the keys it reads (:class:`_Reads`), once per distinct
 parameter shape: those keys are the group's candidates, and their values are kept. At every step each group's candidate values are compared with
-the kept ones (a tuple compare, no tensor work); only when one differs is the layout probed, under the kept and
+the kept ones (a tuple compare, no tensor work). A candidate that the recipe's moment rule summarizes
+(:meth:`~lowmem.optim.moments.MomentRule.route_settings`: Subset-Norm's ``betas`` / ``momentum`` as
+``(b1 > 0, b1 == 0)``, which is all its state is made from) is compared by that summary when its value differs, so
+a scheduler cycling ``b1`` within ``(0, 1)`` (``OneCycleLR``'s ``cycle_momentum``) probes nothing; ``b1`` crossing 0
+changes the summary. Only when a value (or summary) differs is the layout probed, under the kept and
 the new settings, for each parameter with state: equal layouts (e.g. GaLore's ``projection`` ``svd`` ->
 ``random``, ``moment_policy``: read when the state is made, the same state) make the new values the kept ones;
 another layout raises. A group first seen whose parameters already have state (loaded by ``load_state_dict``,
@@ -24,7 +28,7 @@ settings are what ``load_state_dict`` compares
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -130,7 +134,9 @@ def _fixed(entries: dict[str, tuple]) -> dict[str, tuple]:
 
 def _kind(p: Tensor) -> tuple:
     """Parameters whose state is made alike (one probe for each)."""
-    return (tuple(p.shape), p.dtype, is_dtensor(p), getattr(p, "placements", None))
+    if is_dtensor(p):
+        return (tuple(p.shape), p.dtype, True, p.placements)
+    return (tuple(p.shape), p.dtype, False, None)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -148,14 +154,41 @@ def _kept(group: dict[str, Any], keys: tuple[str, ...]) -> tuple:
     return tuple(group.get(k, _MISSING) for k in keys)
 
 
-def _snapshot(opt: Any, group: dict[str, Any]) -> tuple:
-    """``(group, keys, values, layouts)``: the settings of ``group`` that the code building its parameters' state
-    reads (sorted), their values (lists and dicts copied: one changed in place must still differ), and the layout
-    of each kind of its parameters (:func:`_kind`) under them: one probe per kind, recording the keys it reads."""
+def _copied(values: tuple) -> tuple:
+    """``values`` with lists and dicts copied (one changed in place must still differ)."""
+    return tuple(type(v)(v) if isinstance(v, (list, dict)) else v for v in values)
+
+
+def _summarized(opt: Any, group: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``{setting: summary}`` of the settings among ``keys`` that the recipe's moment rule summarizes
+    (:meth:`~lowmem.optim.moments.MomentRule.route_settings`: Subset-Norm's ``betas`` / ``momentum`` as
+    ``(b1 > 0, b1 == 0)``); empty when it summarizes none (a tensor ``b1``: ``None``). By the hook's contract the
+    state is made from such a setting through its summary only, so a change of its value that keeps the summary
+    keeps every parameter's layout (``tests/test_engfix_layout_summary.py`` traces the reads of every registered
+    recipe whose rule summarizes)."""
+    settings = opt.recipe.moment.route_settings(group)
+    return {k: v for k, v in settings.items() if k in keys} if settings else {}
+
+
+class _Snapshot(NamedTuple):
+    """What :func:`check_group_layouts` keeps of a group (:func:`_snapshot`)."""
+
+    group: dict[str, Any]  # (kept alive: its id is not reused)
+    keys: tuple[str, ...]  # the settings the code building its parameters' state reads, sorted
+    values: tuple  # their values (:func:`_copied`)
+    layouts: dict[tuple, dict]  # the layout of each kind of parameter (:func:`_kind`) under them
+    kinds: tuple[tuple, ...]  # the kind of each parameter of the group, in order
+    summary: dict[str, Any]  # the settings among ``keys`` the moment rule summarizes (:func:`_summarized`)
+
+
+def _snapshot(opt: Any, group: dict[str, Any]) -> _Snapshot:
+    """The settings of ``group`` that the code building its parameters' state reads, their values, and the layout
+    of each kind of its parameters (:func:`_kind`, once per parameter) under them: one probe per kind, recording the
+    keys it reads."""
     read: set[str] = set()
     layouts: dict[tuple, dict] = {}
-    for p in group["params"]:
-        kind = _kind(p)
+    kinds = tuple(map(_kind, group["params"]))
+    for p, kind in zip(group["params"], kinds):
         if kind in layouts:
             continue
         probe = _Reads(group)
@@ -163,8 +196,7 @@ def _snapshot(opt: Any, group: dict[str, Any]) -> tuple:
         read |= probe.read
     read.discard("params")
     keys = tuple(sorted(read))
-    values = tuple(type(v)(v) if isinstance(v, (list, dict)) else v for v in _kept(group, keys))
-    return group, keys, values, layouts
+    return _Snapshot(group, keys, _copied(_kept(group, keys)), layouts, kinds, _summarized(opt, group, keys))
 
 
 def _value(v: Any) -> str:
@@ -179,15 +211,15 @@ def check_group_layouts(opt: Any) -> None:
         ValueError: Naming the group's index, the setting, its old and new value, a parameter whose state it
             changes, and what to do instead.
     """
-    known = opt.__dict__.setdefault("_layout_sigs", {})  # (not pickled: torch's __getstate__ drops it)
+    known = opt.__dict__.setdefault("_layout_sigs", {})  # (not copied: LowMemOptimizer._NOT_COPIED)
     for i, group in enumerate(opt.param_groups):
         entry = known.get(id(group))
-        if entry is None or entry[0] is not group:  # (the entry keeps its group alive: its id is not reused)
+        if entry is None or entry.group is not group:  # (the entry keeps its group alive: its id is not reused)
             new = _snapshot(opt, group)
             _refuse_state_made_otherwise(opt, i, group, new)
             known[id(group)] = new
             continue
-        _, keys, values, layouts = entry
+        keys, values = entry.keys, entry.values
         now = _kept(group, keys)
         try:
             if now == values:
@@ -197,10 +229,16 @@ def check_group_layouts(opt: Any) -> None:
         changed = [k for k, a, b in zip(keys, values, now) if not _same(a, b)]
         if not changed:
             continue
-        # the same layout: the new values are the kept ones (a scheduler changing a value read when the state
-        # is made, e.g. adamw_sn's betas under OneCycleLR, costs one meta probe per kind of parameter at each change)
+        summary = entry.summary
+        if summary and all(k in summary for k in changed) and _summarized(opt, group, keys) == summary:
+            # only settings the moment rule summarizes, each with its summary as before (a scheduler cycling
+            # betas[0] / momentum within (0, 1): OneCycleLR's cycle_momentum): the same layouts, no probe
+            known[id(group)] = entry._replace(values=_copied(now))
+            continue
+        # the same layout: the new values are the kept ones (a scheduler changing another value read when the
+        # state is made costs one meta probe per kind of parameter at each change)
         new = _snapshot(opt, group)
-        _refuse_layout_change(opt, i, group, dict(zip(keys, values)), changed, layouts, new[3])
+        _refuse_layout_change(opt, i, group, dict(zip(keys, values)), changed, entry.layouts, new)
         known[id(group)] = new
 
 
@@ -210,14 +248,13 @@ def _held(opt: Any, p: Tensor) -> dict[str, tuple]:
     return _fixed({k + suffix: (tuple(v.shape), v.dtype) for k, v in opt.state[p].items() if isinstance(v, Tensor)})
 
 
-def _refuse_state_made_otherwise(opt: Any, i: int, group: dict[str, Any], snapshot: tuple) -> None:
+def _refuse_state_made_otherwise(opt: Any, i: int, group: dict[str, Any], snapshot: _Snapshot) -> None:
     """A group first seen whose parameters already have state (loaded by ``load_state_dict``, made by
     ``materialize_state`` or for a sharded parameter at construction): its state must have the layout the group's
     settings give it now (a setting changed between the load and this step would otherwise go unseen)."""
-    _, keys, values, layouts = snapshot
+    keys, values, layouts = snapshot.keys, snapshot.values, snapshot.layouts
     seen: set[tuple] = set()
-    for p in group["params"]:
-        kind = _kind(p)
+    for p, kind in zip(group["params"], snapshot.kinds):
         if not opt.state.get(p) or kind in seen:
             continue
         seen.add(kind)
@@ -236,9 +273,9 @@ def _refuse_state_made_otherwise(opt: Any, i: int, group: dict[str, Any], snapsh
 
 
 def _refuse_layout_change(opt: Any, i: int, group: dict[str, Any], old: dict[str, Any], changed: list[str],
-                          layouts: dict, new: dict) -> None:
+                          layouts: dict, new: _Snapshot) -> None:
     """Raise when the settings ``changed`` (from ``old``) give a parameter of ``group`` with state another layout:
-    ``new`` (by :func:`_kind`) than ``layouts`` (probed under ``old`` where missing)."""
+    ``new.layouts`` (by :func:`_kind`) than ``layouts`` (probed under ``old`` where missing)."""
     before = dict(group)  # the settings the state was made with
     for k, v in old.items():
         if v is _MISSING:
@@ -246,13 +283,12 @@ def _refuse_layout_change(opt: Any, i: int, group: dict[str, Any], old: dict[str
         else:
             before[k] = v
     seen: set[tuple] = set()
-    for p in group["params"]:
-        kind = _kind(p)
+    for p, kind in zip(group["params"], new.kinds):
         if not opt.state.get(p) or kind in seen:
             continue
         seen.add(kind)
         was = layouts[kind] if kind in layouts else _fixed(layout(opt, p, before))
-        now = new[kind]
+        now = new.layouts[kind]
         if was == now:
             continue
         # the settings that change it on their own (else all of them, together)
