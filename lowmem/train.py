@@ -646,7 +646,7 @@ def check_unavailable_fields(ta: dict[str, Any]) -> None:
     ``log_completions_hub_repo`` (with ``log_completions``) reached the Hub when the Trainer was built
     ("Cannot reach https://huggingface.co/api/repos/create"; lowmem runs offline and uploads nothing);
     ``use_liger_kernel`` / ``use_vllm`` without their packages raised an ``ImportError`` traceback after the
-    model loaded; TRL's ``activation_offloading`` without a GPU raised ``AttributeError: 'NoneType' object has
+    model loaded; a ``vllm_*`` setting away from TRL's default without ``use_vllm`` was ignored without a word; TRL's ``activation_offloading`` without a GPU raised ``AttributeError: 'NoneType' object has
     no attribute 'type'`` (it offloads activations from an accelerator to the CPU); ``chat_template_path`` (an
     ``SFTConfig`` field) was not seen by lowmem's template check, and a path that was no file was looked up on
     the Hub.
@@ -668,6 +668,16 @@ def check_unavailable_fields(ta: dict[str, Any]) -> None:
         if not _vllm_available():
             raise ConfigError("use_vllm=true needs the vllm package, which is not installed: pip install 'trl[vllm]' "
                               "(or drop use_vllm: TRL then generates with transformers)")
+    vllm_fields = sorted(k for k in ta if k.startswith("vllm_"))
+    if vllm_fields and not ta.get("use_vllm"):  # TRL generates with transformers and reads none of them
+        from trl import GRPOConfig
+
+        defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+        changed = [k for k in vllm_fields if k in defaults and ta[k] != defaults[k]]
+        if changed:
+            raise ConfigError(f"{', '.join(f'{k}={ta[k]!r}' for k in changed)}: vLLM generation settings, and use_vllm is "
+                              "not set: TRL generates with transformers and ignores them; set use_vllm: true (needs the "
+                              "vllm package: pip install 'trl[vllm]') or drop them")
     if ta.get("activation_offloading") and not _accelerator_visible():
         raise ConfigError("activation_offloading=true moves activations from a GPU to the CPU, and no GPU is visible; "
                           "drop it (gradient_checkpointing: true saves activation memory on any device)")

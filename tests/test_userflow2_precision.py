@@ -120,3 +120,13 @@ def test_the_python_grpo_configs_refuse_use_vllm_without_vllm(tmp_path):
         with pytest.raises(ConfigError, match=rf"^{cls.__name__}.use_vllm=True needs the vllm package"):
             cls(output_dir=str(tmp_path), use_vllm=True, use_cpu=True, bf16=False, report_to=[], num_generations=2,
                 per_device_train_batch_size=2)
+
+
+def test_vllm_settings_without_use_vllm_are_an_error(tmp_path):
+    """A TRL GRPO example's vllm_mode: server / vllm_gpu_memory_utilization with use_vllm dropped (vllm not installed
+    here): TRL generated with transformers and ignored them, without a word. TRL's defaults (a saved GRPOConfig
+    holds every vllm_ field) pass."""
+    with pytest.raises(ConfigError, match=r"^vllm_gpu_memory_utilization=0.5, vllm_mode='server': vLLM generation "
+                                          r"settings, and use_vllm is not set"):
+        _recipe(tmp_path, "grpo", vllm_mode="server", vllm_gpu_memory_utilization=0.5, vllm_server_port=8000)
+    assert _recipe(tmp_path, "grpo", vllm_mode="colocate", vllm_server_port=8000).training_args["vllm_mode"] == "colocate"
