@@ -23,12 +23,16 @@ MARGIN = 1.2  # docs/memory.md: the estimated total is 1.0-1.2x the measured pea
 
 
 def _config(arch: str):
-    from transformers import LlamaConfig, OlmoeConfig, Qwen2Config
+    from transformers import LlamaConfig, MixtralConfig, OlmoeConfig, Qwen2Config
 
     if arch == "llama":
         return LlamaConfig(**TINY)
     if arch == "qwen2":
         return Qwen2Config(**TINY, tie_word_embeddings=False)
+    if arch == "qwen2_tied":
+        return Qwen2Config(**TINY, tie_word_embeddings=True)
+    if arch == "mixtral":
+        return MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
     return OlmoeConfig(**TINY, num_experts=4, num_experts_per_tok=2, eos_token_id=None, pad_token_id=None)
 
 
@@ -210,3 +214,33 @@ def test_search_layerwise_candidate_with_accumulation_fits_when_measured(model_d
         return  # (fixed: not offered at this budget)
     measured = _measure_accumulated(path, "adamw", True, 1)
     assert measured <= lw[0].total + NOISE, (measured, lw[0].total)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen2_tied"])
+def test_default_cli_search_picks_fit_when_measured(arch, model_dir, capsys):
+    """The user's path: ``lowmem budget DIR --budget 4MiB --batch-size 4 --json`` (every default optimizer, LoRA r=64 / 16
+    with and without NF4, checkpointing, layerwise) on MoE models (3-D experts: OLMoE, Mixtral) and a tied head: the first
+    two candidates and the first two LoRA ones measure within the budget and their estimates. Measured / estimated (B):
+    OLMoE LoRA r=16 + ckpt 3,979,724 / 4,018,140, NF4 3,902,860 / 3,941,276; Mixtral LoRA 3,954,636 / 3,993,052, NF4
+    3,877,772 / 3,916,188, adafactor batch 2 4,003,548 / 4,006,620; tied Qwen2 LoRA r=64 batch 4 4,033,468 / 4,143,540."""
+    import json
+
+    from lowmem.cli import main
+    from lowmem.memory.measure import measure_memory
+
+    path = model_dir(arch)
+    assert main(["budget", path, "--device", "cpu", "--dtype", "fp32", "--seq-len", str(SEQ), "--batch-size", "4",
+                 "--budget", "4MiB", "--top", "40", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    lora = [c for c in data["candidates"] if c["settings"].get("lora")]
+    assert lora and data["candidates"][0]["total"] <= data["budget"]
+    for c in data["candidates"][:2] + lora[:2]:
+        s = c["settings"]
+        quant = {"quant_type": s["quantization"], "double_quant": True} if s.get("quantization") else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = measure_memory(path, s["optimizer"], optim_args=s["optim_args"] or None, batch_size=s["batch_size"], seq_len=SEQ,
+                               dtype="fp32", lora=s.get("lora"), quantization=quant, gradient_checkpointing=s["gradient_checkpointing"],
+                               layerwise=s["layerwise"], steps=2, device="cpu")
+        assert r.measured["total"] <= data["budget"] and r.measured["total"] <= c["total"] + NOISE, (s, c["total"], r.table())
