@@ -105,7 +105,11 @@ class MomentRule:
         other reads are recorded by key as for any rule. ``None`` (default): no setting is summarized, every
         setting a decision reads is compared by its value. A rule returning a setting here must not read
         anything else of it in those decisions (``tests/test_route2_settings.py`` compares the cached paths with
-        paths decided at every step under such a scheduler)."""
+        paths decided at every step under such a scheduler), nor when the state is made: its :meth:`init_state` /
+        ``init_state_sharded``, and every other part of a recipe using it, read such a setting only through the
+        summary (``lowmem.optim.group_layout`` compares a setting that fixes the state's layout by the summary
+        when the rule gives one; ``tests/test_engfix_layout_summary.py`` traces the reads of every registered
+        recipe whose rule summarizes)."""
         return None
 
     def fused_step_(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
