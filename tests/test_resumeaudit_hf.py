@@ -26,9 +26,11 @@ def train_data(tokenizer):
     return tokenize_sft(sft_dataset(64, seed=0), tokenizer)
 
 
-def _train(out_dir, train_data, name, optim_args, steps, save_steps=None, resume=None, **extra):
+def _train(out_dir, train_data, name, optim_args, steps, save_steps=None, resume=None, dtype=None, **extra):
     torch.manual_seed(0)
     model, _ = build_tiny_model(0)
+    if dtype is not None:
+        model.to(dtype)
     args = LowMemTrainingArguments(
         str(out_dir), lowmem_optim=name, lowmem_optim_args=dict(optim_args), max_steps=steps,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, **{**COMMON, **extra})
@@ -99,3 +101,31 @@ def test_resume_inside_the_schedule_window_is_bit_exact(tmp_path, train_data, na
     ckpt = load_file(tmp_path / "full" / f"checkpoint-{at}" / "model.safetensors")
     final = dict(resumed.named_parameters())
     assert any(not torch.equal(final[k], v) for k, v in ckpt.items() if k in final)
+
+
+# Layerwise (stepped in the gradient hooks) with accumulation, and bfloat16 weights (state dtypes must survive the
+# Trainer's optimizer.pt: float32 moments / BAdam's float32 master copy beside bf16 weights)
+VARIANTS = {
+    "badam-layerwise-accumulation": ("badam", {"switch_every": 3}, dict(lowmem_layerwise=True, gradient_accumulation_steps=2)),
+    "apollo-layerwise-accumulation": ("apollo_adamw", {"rank": 4, "update_proj_gap": 4},
+                                      dict(lowmem_layerwise=True, gradient_accumulation_steps=2)),
+    "badam-bf16-master": ("badam", {"switch_every": 3, "master_weights": True}, dict(dtype=torch.bfloat16)),
+    "galore8bit-bf16": ("galore_adamw8bit", {"rank": 4, "update_proj_gap": 4, "min_quant_size": 16, "block_size": 64},
+                        dict(dtype=torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("variant", [v if v.startswith("badam") else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
+def test_resume_inside_the_window_layerwise_and_bf16(tmp_path, train_data, variant):
+    name, optim_args, extra = VARIANTS[variant]
+    full, full_opt = _train(tmp_path / "full", train_data, name, optim_args, 6, save_steps=2, **extra)
+    resumed, resumed_opt = _train(tmp_path / "resumed", train_data, name, optim_args, 6,
+                                  resume=str(tmp_path / "full" / "checkpoint-2"), **extra)
+    _assert_same_run(full, full_opt, resumed, resumed_opt)
+    if "dtype" in extra:
+        assert all(p.dtype == torch.bfloat16 for p in resumed.parameters())
+        dtypes = {k: v.dtype for st in resumed_opt.state_dict()["state"].values() for k, v in st.items()}
+        # (and _assert_same_run compared every state tensor's dtype with the uninterrupted run's)
+        want = ({"master": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32} if name == "badam" else
+                {"exp_avg": torch.uint8, "exp_avg_absmax": torch.float32, "proj_right": torch.float32})
+        assert {k: dtypes[k] for k in want} == want
