@@ -199,7 +199,6 @@ def test_search_argument_errors_name_the_field(llama_dir, capsys, flag, field):
     assert field in err and "math domain" not in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_BUDGETAUDIT 1")
 def test_layerwise_accumulation_counts_the_accumulated_gradients(llama_dir):
     """LayerwiseOptimizer with ``accumulation_steps=2`` (the Trainer's gradient_accumulation_steps) keeps every full-rank
     gradient in ``.grad`` after the first micro-batch; the estimate counts the largest one (131,072 of 558,336 B)."""
