@@ -129,3 +129,26 @@ def test_resume_inside_the_window_layerwise_and_bf16(tmp_path, train_data, varia
         want = ({"master": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32} if name == "badam" else
                 {"exp_avg": torch.uint8, "exp_avg_absmax": torch.float32, "proj_right": torch.float32})
         assert {k: dtypes[k] for k in want} == want
+
+
+def test_plain_trainer_with_optimizer_cls_and_kwargs_resumes_inside_the_window(tmp_path, train_data):
+    """transformers.Trainer (not LowMemTrainer) given ``optimizer_cls_and_kwargs``: the optimizer is rebuilt from
+    cls(**kwargs) in the resumed process and must draw the same random basis (APOLLO) as the uninterrupted run."""
+    from transformers import Trainer, TrainingArguments
+
+    from lowmem.trainers import optimizer_cls_and_kwargs
+
+    def train(out, save_steps=None, resume=None):
+        torch.manual_seed(0)
+        model, _ = build_tiny_model(0)
+        args = TrainingArguments(str(out), max_steps=6, save_strategy="steps" if save_steps else "no",
+                                 save_steps=save_steps or 500, **COMMON)
+        trainer = Trainer(model=model, args=args, train_dataset=train_data, data_collator=default_data_collator,
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, "apollo_adamw", args=args, rank=4,
+                                                                            update_proj_gap=4))
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer.optimizer.optimizer
+
+    full, full_opt = train(tmp_path / "full", save_steps=2)
+    resumed, resumed_opt = train(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
+    _assert_same_run(full, full_opt, resumed, resumed_opt)
