@@ -118,3 +118,30 @@ def test_loading_into_an_optimizer_inside_a_window_drops_that_window(batches, hp
         if k % acc == acc - 1:
             fopt.step()
     _assert_same(fresh, fopt, model, opt)
+
+
+def test_a_layerwise_checkpoint_of_another_parameter_count_is_refused_and_changes_nothing(batches):
+    model = _model()
+    opt = LayerwiseOptimizer([p for p in model.parameters()], accumulation_steps=2, **GALORE)
+    for ids in batches[:3]:  # a step, and a window begun
+        _backward(model, ids)
+        if ids is batches[1]:
+            opt.step()
+    sd = _roundtrip(opt.state_dict())
+    target = _model()
+    topt = LayerwiseOptimizer([p for n, p in target.named_parameters() if "layers.1." not in n], accumulation_steps=2,
+                              **GALORE)
+    for ids in batches[:3]:
+        _backward(target, ids)
+        if ids is batches[1]:
+            topt.step()
+    before = _roundtrip(topt.state_dict())
+    n_saved, n_here = sd["layerwise"]["micro"].numel(), before["layerwise"]["micro"].numel()
+    with pytest.raises(ValueError, match=rf"window counts {n_saved} parameters, this optimizer has {n_here}"):
+        topt.load_state_dict(sd)
+    after = topt.state_dict()
+    assert torch.equal(after["layerwise"]["micro"], before["layerwise"]["micro"])
+    assert after["layerwise"]["low"].keys() == before["layerwise"]["low"].keys()
+    assert all(torch.equal(after["layerwise"]["low"][k], before["layerwise"]["low"][k]) for k in before["layerwise"]["low"])
+    for i, st in before["state"].items():
+        assert all(torch.equal(after["state"][i][k], v) for k, v in st.items())
