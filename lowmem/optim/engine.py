@@ -938,10 +938,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         On meta-device parameters this allocates nothing and lets :meth:`state_bytes` report the
         exact state size of a model that was never built: the memory estimator uses it.
         """
+        made = False
         for group in self.param_groups:
             for p in group["params"]:
                 if not self.state[p]:
                     self._init_state(local(p), group, self.state[p], key=p)
+                    made = True
+        if made:  # (made for the parameters' shapes now, perhaps not those group_layout kept: checked afresh)
+            self.__dict__.pop("_layout_sigs", None)
 
     def state_bytes(self) -> int:
         """Exact bytes held by the optimizer state (every tensor in ``self.state``)."""
