@@ -109,13 +109,17 @@ VARIANTS = {
     "badam-layerwise-accumulation": ("badam", {"switch_every": 3}, dict(lowmem_layerwise=True, gradient_accumulation_steps=2)),
     "apollo-layerwise-accumulation": ("apollo_adamw", {"rank": 4, "update_proj_gap": 4},
                                       dict(lowmem_layerwise=True, gradient_accumulation_steps=2)),
+    # the clipping coefficient of global_prev (the previous step's global norm) must travel in the checkpoint
+    "badam-layerwise-clip": ("badam", {"switch_every": 3},
+                             dict(lowmem_layerwise=True, gradient_accumulation_steps=2, max_grad_norm=0.05)),
     "badam-bf16-master": ("badam", {"switch_every": 3, "master_weights": True}, dict(dtype=torch.bfloat16)),
     "galore8bit-bf16": ("galore_adamw8bit", {"rank": 4, "update_proj_gap": 4, "min_quant_size": 16, "block_size": 64},
                         dict(dtype=torch.bfloat16)),
 }
 
 
-@pytest.mark.parametrize("variant", [v if v.startswith("badam") else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
+@pytest.mark.parametrize("variant", [v if v in ("badam-layerwise-accumulation", "badam-bf16-master") else
+                                     pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
 def test_resume_inside_the_window_layerwise_and_bf16(tmp_path, train_data, variant):
     name, optim_args, extra = VARIANTS[variant]
     full, full_opt = _train(tmp_path / "full", train_data, name, optim_args, 6, save_steps=2, **extra)
