@@ -111,3 +111,21 @@ def test_a_dtype_change_is_refused_only_where_the_state_depends_on_it():
     qs[0].grad = torch.randn(8, 8, dtype=torch.float64)
     opt.step()
     assert opt.state[qs[0]]["exp_avg"].dtype == torch.float32
+
+
+def test_a_copy_whose_parameter_is_resized_before_its_first_step_names_the_resize():
+    """A deep copy keeps no snapshot (lowmem.optim.group_layout): its first step compares the state it holds with
+    the layout the resized parameter gives it, and the message names the resize too."""
+    import copy
+
+    ps = _two()
+    opt = create_optimizer(ps, "adamw", lr=1e-2)
+    _grads(ps, 0)
+    opt.step()
+    qs, twin = copy.deepcopy((ps, opt))
+    qs[1].data = torch.randn(10, 8)
+    _grads(qs, 1)
+    weights = [q.detach().clone() for q in qs]
+    with pytest.raises(ValueError, match=r"resized after its state was made.*optimizer\.state\.pop\(p\)"):
+        twin.step()
+    assert all(torch.equal(w, q) for w, q in zip(weights, qs))

@@ -325,7 +325,9 @@ def _refuse_state_made_otherwise(opt: Any, i: int, group: dict[str, Any], snapsh
             f" (loaded, or materialized), does not have the layout its group's settings give it ({diff}): one of the"
             " settings that fix it was changed after the state was made ("
             + ", ".join(f"{k}={_value(v)}" for k, v in zip(keys, values))
-            + "). Put the old value back, or make a new optimizer, or load a checkpoint saved with these settings")
+            + "). Put the old value back, or make a new optimizer, or load a checkpoint saved with these settings."
+            " Or the parameter was resized after its state was made (e.g. by resize_token_embeddings, after a copy"
+            " of the optimizer): build the optimizer after resizing, or drop its state: optimizer.state.pop(p)")
 
 
 def _refuse_layout_change(opt: Any, i: int, group: dict[str, Any], old: dict[str, Any], changed: list[str],
