@@ -25,9 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "ranked by what they give up. See docs/memory.md.",
     )
     p.add_argument("model", help="named shape (llama-2-7b, llama-3-8b, tiny, ...) or a local model directory")
-    p.add_argument("--optimizer", "--optim", default="adamw",
+    p.add_argument("--optimizer", "--optim", default=None,
                    help="registered optimizer, or a Hugging Face optim name as lowmem train maps it (adamw_torch_8bit, "
-                   "galore_adamw_layerwise, ...; default adamw)")
+                   "galore_adamw_layerwise, ...; default adamw). With --budget: search only this optimizer (default: "
+                   "every default one)")
     p.add_argument("--optim-args", default="", metavar="k=v,...",
                    help="optimizer hyperparameters: 'k=v,k=v' (e.g. rank=128,betas=[0.9,0.95]) or a JSON object")
     p.add_argument("--batch-size", type=int, default=1)
@@ -66,8 +67,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="with --trainer grpo: completions generated together on a device (default batch x accumulation)")
     p.add_argument("--max-completion-length", type=int, default=None, metavar="N",
                    help="with --trainer grpo: generated tokens per completion, within --seq-len (default TRL's 256)")
-    p.add_argument("--budget", default=None, help="e.g. 24GiB: search optimizer, rank, quantization, checkpointing, batch")
-    p.add_argument("--top", type=int, default=15, help="with --budget: how many configurations to show")
+    p.add_argument("--budget", default=None,
+                   help="e.g. 24GiB: search optimizer, rank, quantization, checkpointing, batch. --optimizer, --optim-args, "
+                   "--lora-r, --quantization, --layerwise and --(no-)gradient-checkpointing narrow the search to what they "
+                   "say; --measure, --no-double-quant and --lora-targets are refused with it")
+    p.add_argument("--top", type=int, default=15, help="with --budget: how many configurations to show (>= 1)")
     p.add_argument("--measure", action="store_true", help="also run real steps and report what was live (CPU or CUDA)")
     p.add_argument("--steps", type=int, default=2, help="with --measure: training steps")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
@@ -196,6 +200,53 @@ def _resolve_seq_len_and_dtype(args: argparse.Namespace) -> list[str]:
     return notes
 
 
+def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_args: dict) -> dict:
+    """:func:`~lowmem.memory.search.search_budget`'s arguments for what the user gave beside ``--budget``: each flag
+    narrows the search to what it says (``--optimizer``: that optimizer only; ``--optim-args``: those hyperparameters,
+    a ``rank`` the only rank; ``--lora-r``: LoRA candidates of that rank only; ``--quantization``: those base weights;
+    ``--layerwise``: layerwise stepping only; ``--(no-)gradient-checkpointing``: that choice only). A flag the search
+    cannot apply is an error naming it (no silent ignoring)."""
+    if args.measure:
+        raise ValueError("--measure is not used with --budget (the search estimates every configuration); measure a "
+                         "candidate with lowmem budget MODEL --measure and its settings (--optimizer, --batch-size, ...)")
+    if args.no_double_quant:
+        raise ValueError("--no-double-quant is not used with --budget (the search's 4-bit candidates use double quantization)")
+    if args.lora_targets != "all-linear":
+        raise ValueError(f"--lora-targets {args.lora_targets}: not used with --budget (the search's LoRA candidates target "
+                         "all-linear); drop it")
+    if optim_args and not optimizer_given:
+        raise ValueError("--optim-args with --budget needs --optimizer (the optimizer they are for): the search tries "
+                         "several optimizers, whose hyperparameters differ")
+    if args.quantization and not args.lora_r:
+        raise ValueError(f"--quantization {args.quantization} needs --lora-r (4-bit base weights are trained through LoRA)")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise ValueError(f"--lora-r {args.lora_r}: expected an integer >= 1")
+    if args.layerwise and args.lora_r:
+        raise ValueError("--layerwise with --lora-r and --budget: the search's LoRA candidates step normally (layerwise "
+                         "stepping is tried for full fine-tuning); drop one of them")
+    kw: dict = {}
+    if optimizer_given:
+        from .optim import get_entry
+
+        kw["optimizers"] = [args.optimizer]
+        if get_entry(args.optimizer).subspace:  # (the search's LoRA candidates use a full-rank optimizer)
+            if args.lora_r:
+                raise ValueError(f"--optimizer {args.optimizer} with --lora-r and --budget: the search trains LoRA adapters "
+                                 "with a full-rank optimizer; give one (adamw, adamw8bit, ...) or drop --lora-r")
+            kw["lora_ranks"] = []
+    if optim_args:
+        kw["optim_args"] = optim_args
+    if args.lora_r:
+        kw.update(lora_ranks=[args.lora_r], full_finetuning=False)
+    if args.quantization:
+        kw["quantization"] = [args.quantization]
+    if args.layerwise:
+        kw["layerwise"] = [True]
+    if args.gradient_checkpointing is not None:
+        kw["checkpointing"] = [args.gradient_checkpointing]
+    return kw
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -226,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
     from .optim.hparams import parse_optim_args
     from .train import resolve_optim_name
 
-    args.optimizer, hf_layerwise = resolve_optim_name(args.optimizer)  # lowmem train's names: adamw_torch_4bit, ...
+    optimizer_given = args.optimizer is not None
+    args.optimizer, hf_layerwise = resolve_optim_name(args.optimizer or "adamw")  # lowmem train's names: adamw_torch_4bit, ...
     args.layerwise = args.layerwise or hf_layerwise
     common = dict(
         optimizer=args.optimizer, optim_args=parse_optim_args(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
@@ -242,17 +294,26 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--gradient-accumulation-steps above 1 is estimated only: --measure runs one micro-batch per step")
         common["gradient_accumulation_steps"] = args.gradient_accumulation_steps
 
-    if args.budget:
+    if args.budget is not None:
         from .memory.search import BYTE_FORMS, parse_bytes, search_budget
 
-        limit = parse_bytes(args.budget)
+        try:
+            limit = parse_bytes(args.budget)
+        except ValueError as e:
+            raise ValueError(f"--budget {args.budget!r}: {e}") from None
+        if limit <= 0:
+            raise ValueError(f"--budget {args.budget}: expected a size > 0 ({BYTE_FORMS})")
         if limit < 2**20 and not any(c.isalpha() for c in str(args.budget)):
             # (a number without a unit is bytes: --budget 40 searched for 40 bytes and printed "nothing fits")
             raise ValueError(f"--budget {args.budget}: a number without a unit is bytes ({limit:,} B, below 1 MiB, which "
                              f"nothing fits); give the unit, e.g. --budget {args.budget}GiB ({BYTE_FORMS})")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: expected an integer >= 1 (with --budget: the largest batch tried)")
+        if args.top < 1:
+            raise ValueError(f"--top {args.top}: expected an integer >= 1 (how many configurations to show)")
         found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top,
                               device=args.device or "cuda", gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              max_grad_norm=args.max_grad_norm)
+                              max_grad_norm=args.max_grad_norm, **_search_narrowing(args, optimizer_given, common["optim_args"]))
         if args.png and found:
             from .memory.estimate import COMPONENTS, MemoryEstimate
 
@@ -284,7 +345,18 @@ def run(args: argparse.Namespace) -> int:
                           str(s["batch_size"]), fmt_bytes(c.total), "; ".join(c.gives_up) or "nothing")
         Console(width=160).print(table)
         if not found:
-            print("nothing fits: try a shorter --seq-len, or a larger budget", file=sys.stderr)
+            small = found.smallest
+            if small is None:
+                print(f"nothing fits in {fmt_bytes(limit)}: try a shorter --seq-len, or a larger budget", file=sys.stderr)
+                return 1
+            s = small.settings
+            what = ", ".join([s["optimizer"]] + ([f"rank {s['optim_args']['rank']}"] if s["optim_args"].get("rank") else [])
+                             + ([f"LoRA r={s['lora']['r']}"] if s.get("lora") else []) + ([f"{s['quantization']}"] if s.get("quantization") else [])
+                             + (["layerwise"] if s["layerwise"] else []) + ["batch 1"]
+                             + (["checkpointing"] if s["gradient_checkpointing"] else []))
+            print(f"nothing fits in {fmt_bytes(limit)} ({limit:,} B): the smallest configuration ({what}) needs "
+                  f"{fmt_bytes(small.total)} ({small.total:,} B), {fmt_bytes(small.total - limit)} more than the budget; "
+                  "try a shorter --seq-len, or a budget of at least that", file=sys.stderr)
             return 1
         return 0
 

@@ -38,6 +38,15 @@ COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_se
          "checkpointing": 1.0, "quantization": 1.5}
 
 
+class SearchResult(list):
+    """:func:`search_budget`'s candidates (a list, best first) and ``smallest``: the :class:`Candidate` of least total
+    among those the search computed at batch 1, fitting or not. When nothing fits every configuration was computed at
+    batch 1 with each checkpointing choice, so it is the smallest configuration, and "nothing fits" says how much it
+    needs (when something fits, a configuration that fits at a larger batch is not computed at batch 1)."""
+
+    smallest: "Candidate | None" = None
+
+
 @dataclass
 class Candidate:
     """One configuration that fits: its settings, estimated bytes by component and total, and cost."""
@@ -157,7 +166,9 @@ def search_budget(
     device: str = "cuda",
     gradient_accumulation_steps: int = 1,
     max_grad_norm: float | None = 1.0,
-) -> list[Candidate]:
+    optim_args: dict[str, Any] | None = None,
+    full_finetuning: bool = True,
+) -> SearchResult:
     """Configurations whose estimated total fits ``budget``, best (least given up) first.
 
     Args:
@@ -175,7 +186,8 @@ def search_budget(
         checkpointing (`Iterable[bool]`, defaults to `(False, True)`): Gradient-checkpointing options.
         layerwise (`Iterable[bool]`, defaults to `(False, True)`): Layerwise stepping (engine
             optimizers, full fine-tuning only).
-        top (`int` or `None`, defaults to `None`): Keep the best ``top`` candidates.
+        top (`int` or `None`, defaults to `None`): Keep the best ``top`` candidates; ``None`` or ``0``: every one
+            (``lowmem budget --top`` is an integer >= 1).
         device (`str`, defaults to `"cuda"`): The device the run will use (``"cpu"`` or ``"cuda"``):
             the optimizer's step transient is sized for it (:func:`~lowmem.memory.estimate_memory`).
         gradient_accumulation_steps (`int`, defaults to `1`): Micro-batches per optimizer step; above one, every
@@ -183,62 +195,100 @@ def search_budget(
         max_grad_norm (`float` or `None`, defaults to `1.0`): The Trainer's gradient clipping threshold; sizes the
             layerwise candidates' step transient with the hooks' clipping (:func:`~lowmem.memory.estimate_memory`).
             ``None`` or ``0``: no clipping.
+        optim_args (`dict` or `None`, defaults to `None`): Hyperparameters given to every optimizer tried (full
+            fine-tuning and LoRA; ``lowmem budget --optim-args``); a ``rank`` among them replaces ``ranks``.
+        full_finetuning (`bool`, defaults to `True`): Try full fine-tuning; ``False``: LoRA candidates only
+            (``lowmem budget --lora-r``). LoRA candidates are tried when ``layerwise`` holds ``False`` (they step
+            normally) and ``lora_ranks`` is not empty.
+
+    Returns:
+        :class:`SearchResult`: the candidates that fit, best first (at most ``top``), and ``smallest``.
+
+    Raises:
+        ValueError: ``budget`` not a size > 0; ``batch_size`` not an integer >= 1; ``top`` neither ``None`` nor an
+            integer >= 0; nothing to search (e.g. only layerwise stepping with bitsandbytes optimizers).
     """
     from ..optim import get_entry
 
     limit = parse_bytes(budget)
+    if limit <= 0:
+        raise ValueError(f"budget={budget!r}: expected a size > 0 ({BYTE_FORMS})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
+        raise ValueError(f"top={top!r}: expected None or 0 (every candidate), or an integer >= 1")
     device = check_device(device)
+    optim_args = dict(optim_args or {})
     max_grad_norm = check_max_grad_norm(max_grad_norm)
     config = resolve_config(model)
     hidden = config.hidden_size
     optimizers = list(optimizers) if optimizers is not None else default_optimizers()
     ranks = list(ranks) if ranks is not None else [hidden // 4, hidden // 8, hidden // 16]
+    if "rank" in optim_args:
+        ranks = [optim_args["rank"]]
+    layerwise = list(layerwise)
     batches = sorted({2**k for k in range(int(math.log2(batch_size)) + 1)} | {batch_size})
 
     statics: list[tuple[dict[str, Any], float, list[str]]] = []
-    for name in optimizers:
+    extra_args = {k: v for k, v in optim_args.items() if k != "rank"}
+    for name in optimizers if full_finetuning else []:
         entry = get_entry(name)
         for r in ranks if entry.subspace else [None]:
             base_cost, gives = _optimizer_cost(entry.name, entry, r, hidden)
             for lw in layerwise:
                 if lw and entry.recipe is None:
                     continue
-                statics.append((dict(optimizer=entry.name, optim_args={"rank": r} if r else {}, layerwise=lw),
+                statics.append((dict(optimizer=entry.name, optim_args={**extra_args, **({"rank": r} if r else {})}, layerwise=lw),
                                 base_cost + (COSTS["layerwise"] if lw else 0), gives + (["layerwise stepping"] if lw else [])))
     lora_opt = next((n for n in optimizers if not get_entry(n).subspace), "adamw")
-    for lr in lora_ranks:
+    for lr in lora_ranks if False in layerwise else []:
         for q in quantization:
             cost = 3 + max(0.0, math.log2(64 / lr)) / 2 + (COSTS["quantization"] if q else 0)
-            statics.append((dict(optimizer=lora_opt, optim_args={}, lora={"r": lr, "target_modules": "all-linear"}, quantization=q, layerwise=False),
+            statics.append((dict(optimizer=lora_opt, optim_args=dict(extra_args), lora={"r": lr, "target_modules": "all-linear"},
+                                 quantization=q, layerwise=False),
                             cost, [f"LoRA r={lr}"] + ([f"{q} base weights"] if q else [])))
+    if not statics:
+        raise ValueError(f"nothing to search: optimizers={optimizers}, layerwise={layerwise}, lora_ranks={list(lora_ranks)}, "
+                         f"full_finetuning={full_finetuning} give no configuration (layerwise stepping needs an engine "
+                         "optimizer, not a bitsandbytes one; LoRA candidates step normally)")
 
-    out: list[Candidate] = []
+    out = SearchResult()
     # one optimizer sizing per optimizer config and trainable set, shared by layerwise / quantization variants
     with sizing_cache():
         ests: list[MemoryEstimate] = [estimate_memory(config, batch_size=1, seq_len=seq_len, dtype=dtype, device=device,
                                                       gradient_accumulation_steps=gradient_accumulation_steps,
                                                       max_grad_norm=max_grad_norm, **static)
                                       for static, _, _ in statics]
+    def candidate(static: dict[str, Any], est: MemoryEstimate, cost: float, gives: list[str], b: int, ckpt: bool) -> Candidate:
+        parts = est.activation_model(b, seq_len, ckpt)
+        components = {**est.components(), "activations": parts["total"]}
+        peak_args = {**est.peak_args(), "gradients_with_activations": parts.get("gradients_at_peak"),
+                     "forward_activations": parts.get("forward_activations"),
+                     "embedding_backward": parts.get("embedding_backward", 0), "inputs": parts.get("batch_inputs", 0)}
+        extra = (COSTS["checkpointing"] if ckpt else 0) + math.log2(batch_size / b)
+        return Candidate(
+            settings={**static, "batch_size": b, "seq_len": seq_len, "dtype": dtype, "gradient_checkpointing": ckpt,
+                      "device": device},
+            components=components, total=peak_total(components, **peak_args), cost=cost + extra, peak_args=peak_args,
+            gives_up=gives + (["checkpointing (~30% compute)"] if ckpt else []) + ([f"batch {b} < {batch_size}"] if b < batch_size else []),
+        )
+
     for (static, cost, gives), est in zip(statics, ests):
         fixed = est.weights + est.quant_constants + est.gradients + est.optimizer_states
-        if fixed >= limit:
-            continue
         for ckpt in checkpointing:
+            if fixed >= limit:  # (only the smallest batch, for ``smallest``)
+                c = candidate(static, est, cost, gives, 1, ckpt)
+                if out.smallest is None or c.total < out.smallest.total:
+                    out.smallest = c
+                continue
             for b in reversed(batches):  # the largest batch that fits
-                parts = est.activation_model(b, seq_len, ckpt)
-                components = {**est.components(), "activations": parts["total"]}
-                peak_args = {**est.peak_args(), "gradients_with_activations": parts.get("gradients_at_peak"),
-                             "forward_activations": parts.get("forward_activations"),
-                             "embedding_backward": parts.get("embedding_backward", 0), "inputs": parts.get("batch_inputs", 0)}
-                total = peak_total(components, **peak_args)
-                if total <= limit:
-                    extra = (COSTS["checkpointing"] if ckpt else 0) + math.log2(batch_size / b)
-                    out.append(Candidate(
-                        settings={**static, "batch_size": b, "seq_len": seq_len, "dtype": dtype, "gradient_checkpointing": ckpt,
-                                  "device": device},
-                        components=components, total=total, cost=cost + extra, peak_args=peak_args,
-                        gives_up=gives + (["checkpointing (~30% compute)"] if ckpt else []) + ([f"batch {b} < {batch_size}"] if b < batch_size else []),
-                    ))
+                c = candidate(static, est, cost, gives, b, ckpt)
+                if b == 1 and (out.smallest is None or c.total < out.smallest.total):
+                    out.smallest = c
+                if c.total <= limit:
+                    out.append(c)
                     break
     out.sort(key=lambda c: (c.cost, -c.settings["batch_size"], c.total))
-    return out[:top] if top else out
+    if top:
+        del out[top:]
+    return out
