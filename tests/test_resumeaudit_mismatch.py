@@ -139,7 +139,6 @@ def test_badam_checkpoint_resumes_with_another_freeze_inactive():
         assert torch.equal(a, b), k
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_RESUMEAUDIT 1")
 def test_another_number_of_parameters_names_the_counts():
     """A checkpoint of a model with another number of parameters (other target modules, another layer count):
     torch's message 'loaded state dict contains a parameter group that doesn't match the size of optimizer's group'

@@ -1402,7 +1402,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         stays), and not after a refused load.
 
         Raises:
-            ValueError: A parameter's loaded state lacks an entry, holds one of another shape or dtype
+            ValueError: The checkpoint has another number of parameter groups or of parameters in a group
+                (the message names the group and both counts, before anything changes); a parameter's loaded
+                state lacks an entry, holds one of another shape or dtype
                 (or ``None``) or one this optimizer does not keep, or was saved with settings that
                 change its layout or by another optimizer; the message names the parameter (or
                 group) and the entry.
@@ -1417,6 +1419,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
+        self._check_group_sizes(state_dict)
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
@@ -1430,6 +1433,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
             raise
         for hook in post.values():
             hook(self)
+
+    def _check_group_sizes(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint with another number of parameter groups, or of parameters in a group, naming the
+        optimizer, the group and both counts (torch's own check names neither); nothing has changed yet."""
+        saved = state_dict.get("param_groups", [])
+        fix = ("build the optimizer on the model, target modules and frozen parameters that wrote the checkpoint"
+               " (or start without it)")
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"optimizer '{self.recipe.name}': the checkpoint has {len(saved)} parameter groups, this"
+                             f" optimizer {len(self.param_groups)}: {fix}")
+        for i, (s, g) in enumerate(zip(saved, self.param_groups)):
+            if len(s["params"]) != len(g["params"]):
+                raise ValueError(f"optimizer '{self.recipe.name}': parameter group {i}: the checkpoint holds"
+                                 f" {len(s['params'])} parameters, this optimizer {len(g['params'])}: {fix}")
 
     def _probe_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """What :meth:`_init_state` allocates for the unsharded parameter ``p`` under ``group``'s
