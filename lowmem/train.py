@@ -452,7 +452,8 @@ FOREIGN_KEYS: dict[str, str] = {
     "logging_dir": "nothing: transformers 5 dropped it; TensorBoard logs go to output_dir/runs, or to the "
                    "TENSORBOARD_LOGGING_DIR environment variable",
     "overwrite_output_dir": "nothing: transformers 5 dropped it; lowmem train writes into output_dir (an earlier run's "
-                            "checkpoints there are named in a warning; --resume continues them)",
+                            "checkpoints there are moved to output_dir/earlier-run-K, named in a warning; --resume "
+                            "continues them instead)",
     # TRL before 1.0; TRL 1.16's configs have neither (GRPO does not truncate prompts)
     "max_prompt_length": "nothing in TRL 1.16 (its configs dropped it): max_length bounds SFT / DPO prompt + completion "
                          "(truncation_mode keeps its start or end); GRPO prompts are not truncated, shorten them in the data",
@@ -1425,6 +1426,27 @@ def checkpoint_missing(path: str | Path) -> list[str]:
     return [names[0] for names in CHECKPOINT_FILES if not any(present(n) for n in names)]
 
 
+def move_earlier_checkpoints(output_dir: str | Path, names: list[str]) -> Path:
+    """Move an earlier run's ``checkpoint-N`` directories ``names`` into ``output_dir/earlier-run-K`` (the first
+    free K) before a run that starts from step 0 writes its own; returns that folder.
+
+    The Trainer writes a checkpoint into an existing directory file by file (``trainer_state.json`` last), so a
+    new run killed while overwriting one would leave its weights and half an ``optimizer.pt`` next to the earlier
+    run's ``trainer_state.json``: a directory :func:`checkpoint_missing` takes as complete, which ``--resume``
+    would pick (and die in ``torch.load``, or resume a mix of both runs). Moved aside, the earlier checkpoints
+    stay intact (nothing is lost; move one back to resume that run) and the new run's checkpoints are complete
+    only once written whole. (A rename on the same file system: no copy.)"""
+    out = Path(output_dir)
+    k = 1
+    while (out / f"earlier-run-{k}").exists():
+        k += 1
+    aside = out / f"earlier-run-{k}"
+    aside.mkdir()
+    for name in names:
+        (out / name).rename(aside / name)
+    return aside
+
+
 def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None = None) -> str | None:
     """The checkpoint directory ``recipe.resume_from_checkpoint`` designates, or `None`.
 
@@ -2144,8 +2166,10 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     resumed_from = resolve_checkpoint(recipe, warn=lambda m: main and console.print(f"[yellow]warning[/]: {m}"))
     earlier = sorted(p.name for p in Path(recipe.output_dir).glob("checkpoint-*") if p.is_dir())
     if main and resumed_from is None and earlier:
+        aside = move_earlier_checkpoints(recipe.output_dir, earlier)
         console.print(f"[yellow]warning[/]: {recipe.output_dir} holds {earlier} from an earlier run; this run starts "
-                      "from step 0 and overwrites them (resume_from_checkpoint: true / --resume continues instead)")
+                      f"from step 0 and moved them to {aside} (delete it when not needed; "
+                      "resume_from_checkpoint: true / --resume continues the earlier run instead)")
     if main:
         console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
                       f"model={recipe.model or 'embedded tiny Llama'} "

@@ -72,7 +72,6 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="FOUND_RESUMEAUDIT 2")
 def test_a_run_killed_while_overwriting_an_earlier_runs_checkpoint_resumes_from_an_intact_one(tmp_path, monkeypatch,
                                                                                               uninterrupted):
     """An earlier run left checkpoint-2 and -4; a new run into the same output_dir (no --resume: 'starts from step
