@@ -1403,7 +1403,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: The checkpoint has another number of parameter groups or of parameters in a group
-                (the message names the group and both counts, before anything changes); a parameter's loaded
+                (the message names the group and both counts, before anything changes); a
+                :class:`~lowmem.optim.layerwise.LayerwiseOptimizer` checkpoint taken inside an accumulation
+                window (its partial sums would be dropped); a parameter's loaded
                 state lacks an entry, holds one of another shape or dtype
                 (or ``None``) or one this optimizer does not keep, or was saved with settings that
                 change its layout or by another optimizer; the message names the parameter (or
@@ -1419,10 +1421,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        self._check_group_sizes(state_dict)
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
+            self._check_group_sizes(state_dict)  # (before torch's: its message names neither group nor counts)
+            self._check_no_layerwise_window(state_dict)
             super().load_state_dict(state_dict)
         finally:  # (the same dicts: the hooks' handles remove from them)
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
@@ -1441,12 +1444,33 @@ class LowMemOptimizer(torch.optim.Optimizer):
         fix = ("build the optimizer on the model, target modules and frozen parameters that wrote the checkpoint"
                " (or start without it)")
         if len(saved) != len(self.param_groups):
-            raise ValueError(f"optimizer '{self.recipe.name}': the checkpoint has {len(saved)} parameter groups, this"
-                             f" optimizer {len(self.param_groups)}: {fix}")
+            raise ValueError(f"optimizer '{self.recipe.name}': another number of parameter groups: the checkpoint has"
+                             f" {len(saved)}, this optimizer {len(self.param_groups)}: {fix}")
         for i, (s, g) in enumerate(zip(saved, self.param_groups)):
             if len(s["params"]) != len(g["params"]):
                 raise ValueError(f"optimizer '{self.recipe.name}': parameter group {i}: the checkpoint holds"
                                  f" {len(s['params'])} parameters, this optimizer {len(g['params'])}: {fix}")
+
+    def _check_no_layerwise_window(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer` checkpoint taken inside a gradient
+        accumulation window: its ``"layerwise"`` entry holds the window's partial sums (micro-batch counts, the
+        subspace accumulators of basis-projected parameters, the step's running squared norm), which this plain
+        optimizer has no place for and would drop. A checkpoint at a window boundary (zero counts, nothing else)
+        loads; its ``clip_coef`` (``clip_mode='global_prev'``) does not apply to a plain optimizer."""
+        window = state_dict.get("layerwise")
+        if not window:
+            return
+        micro = window.get("micro")
+        seen = int((micro > 0).sum()) if micro is not None else 0
+        low = len(window.get("low") or {})
+        if seen or low or window.get("sq_norm_sum") is not None:
+            total = micro.numel() if micro is not None else "?"
+            raise ValueError(
+                f"optimizer '{self.recipe.name}': the checkpoint was saved by a LayerwiseOptimizer inside a gradient"
+                f" accumulation window ({seen} of {total} parameters have seen micro-batches since its last step,"
+                f" {low} subspace accumulators): this plain optimizer would drop those partial sums. Load it into a"
+                " LayerwiseOptimizer (lowmem.optim.layerwise) with the same accumulation_steps, or save the"
+                " checkpoint at a window boundary (after step())")
 
     def _probe_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """What :meth:`_init_state` allocates for the unsharded parameter ``p`` under ``group``'s
