@@ -114,7 +114,8 @@ def llama_activation_bytes(
         and ``total``; not in the total, the backward's moments: with checkpointing ``checkpoint_head``,
         ``checkpoint_layer`` (the larger of the recomputed layer's two moments) and ``checkpoint_layer_gates`` (its
         MLP's gate and up gradients), without ``norm_moment``, ``last_layer_moment`` (the gate and up gradients) and
-        ``last_layer_down_moment`` (the ``down_proj`` weight's gradient being formed).
+        ``last_layer_down_moment`` (the ``down_proj`` weight's gradient being formed) and ``head_step_moment`` (the head
+        weight's gradient complete, before the final norm's backward: layerwise mode's head step).
     """
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     a = config.num_attention_heads
@@ -182,6 +183,10 @@ def llama_activation_bytes(
     else:  # the backward's moments after the loss's (not in the total: it holds the largest), for the gradients then live
         rest = layers + lora + parts["rope"]
         parts["norm_moment"] = rest + head["final_norm"] + tokens * h * (12 + 4 * (e != 4))
+        # the output head's weight gradient complete (layerwise: its step): autograd runs a leaf's AccumulateGrad before
+        # the next backward node, so the final norm's backward temporaries are not made yet; the head's backward has
+        # freed its saved input and made its input's gradient, the same e h per token (``final_norm`` holds it)
+        parts["head_step_moment"] = rest + head["final_norm"]
         parts["last_layer_moment"] = rest + tokens * 2 * e * i
         parts["last_layer_down_moment"] = rest + down
     return parts
