@@ -4,8 +4,10 @@
     lowmem budget llama-3-8b --quantization nf4 --lora-r 16 --gradient-checkpointing --json
     lowmem budget llama-2-7b --budget 24GiB            # search configurations that fit
     lowmem budget ./my-model --measure --dtype fp32     # run real steps and compare
+    lowmem budget ./my-model --budget 8GiB --measure    # search, then run the top pick and check it fits
 
-Prints a table (estimate by component; with ``--measure`` also measured), writes a PNG bar chart
+Prints a table (estimate by component; with ``--measure`` also measured; with ``--budget --measure`` the pick's
+estimate beside its measurement and the verdict, exit 1 when it measures over the budget), writes a PNG bar chart
 (``--png``), and ``--json`` prints machine-readable output instead of the table. Torch is only
 imported inside the handler.
 """
@@ -70,14 +72,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--budget", default=None,
                    help="e.g. 24GiB: search optimizer, rank, quantization, checkpointing, batch. --optimizer, --optim-args, "
                    "--lora-r, --quantization, --layerwise and --(no-)gradient-checkpointing narrow the search to what they "
-                   "say; --measure, --no-double-quant and --lora-targets are refused with it")
-    p.add_argument("--top", type=int, default=15, help="with --budget: how many configurations to show (>= 1)")
+                   "say; --no-double-quant and --lora-targets are refused with it. With --measure: the top pick (--top K: the top K) "
+                   "is run with its own settings and its measured peak checked against the budget (exit 1 when over)")
+    p.add_argument("--top", type=int, default=None,
+                   help="with --budget: how many configurations to show (>= 1, default 15); with --measure also how many "
+                   "of them to measure (default: the top pick only)")
     p.add_argument("--measure", action="store_true", help="also run real steps and report what was live (CPU or CUDA)")
     p.add_argument("--steps", type=int, default=2, help="with --measure: training steps")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="the device the run will use; the optimizer's step transient is sized for it (on cpu, MKL's GEMM "
-                   "packing buffer of projected steps; on cuda, MicroAdam's compiled path). Default: cuda (estimate, --budget); with --measure, "
-                   "cuda when available, else cpu (the estimate beside the measurement is for the measured device)")
+                   "packing buffer of projected steps; on cuda, MicroAdam's compiled path). Default: cuda (estimate, --budget); with --measure "
+                   "(also with --budget), cuda when available, else cpu (the estimate beside the measurement, and the "
+                   "search, are for the measured device)")
     p.add_argument("--png", default=None, metavar="PATH",
                    help='write a bar chart of the components (needs matplotlib: pip install -e ".[plot]")')
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -206,9 +212,6 @@ def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_arg
     a ``rank`` the only rank; ``--lora-r``: LoRA candidates of that rank only; ``--quantization``: those base weights;
     ``--layerwise``: layerwise stepping only; ``--(no-)gradient-checkpointing``: that choice only). A flag the search
     cannot apply is an error naming it (no silent ignoring)."""
-    if args.measure:
-        raise ValueError("--measure is not used with --budget (the search estimates every configuration); measure a "
-                         "candidate with lowmem budget MODEL --measure and its settings (--optimizer, --batch-size, ...)")
     if args.no_double_quant:
         raise ValueError("--no-double-quant is not used with --budget (the search's 4-bit candidates use double quantization)")
     if args.lora_targets != "all-linear":
@@ -245,6 +248,108 @@ def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_arg
     if args.gradient_checkpointing is not None:
         kw["checkpointing"] = [args.gradient_checkpointing]
     return kw
+
+
+def measure_kwargs(settings: dict) -> dict:
+    """:func:`~lowmem.memory.measure_memory`'s arguments for a search candidate's ``settings`` (``Candidate.settings``):
+    every setting the pick was estimated with, none dropped (optimizer and its arguments, LoRA, 4-bit base weights,
+    layerwise stepping, checkpointing, batch, sequence length, dtype, device). The search's 4-bit candidates use
+    double quantization (``lowmem.quant.bnb_config``'s default for a name)."""
+    return dict(optimizer=settings["optimizer"], optim_args=dict(settings.get("optim_args") or {}),
+                batch_size=settings["batch_size"], seq_len=settings["seq_len"], dtype=settings["dtype"],
+                quantization=settings.get("quantization"), lora=settings.get("lora"),
+                gradient_checkpointing=bool(settings["gradient_checkpointing"]), layerwise=bool(settings["layerwise"]),
+                device=settings["device"])
+
+
+def pick_verdict(peak: int, limit: int) -> tuple[bool, str]:
+    """``(fits, words)``: a measured ``peak`` against the budget ``limit`` (bytes), and by how much."""
+    from .memory.report import fmt_bytes
+
+    if peak <= limit:
+        return True, (f"fits the budget: measured peak {fmt_bytes(peak)} ({peak:,} B), {fmt_bytes(limit - peak)} "
+                      f"({limit - peak:,} B) under {fmt_bytes(limit)}")
+    return False, (f"does not fit the budget: measured peak {fmt_bytes(peak)} ({peak:,} B) is {fmt_bytes(peak - limit)} "
+                   f"({peak - limit:,} B) over {fmt_bytes(limit)}; the estimate was too low")
+
+
+def measure_picks(model: str, picks: list, limit: int, steps: int = 2) -> list[dict]:
+    """Run ``steps`` real training steps of each candidate in ``picks`` (:func:`~lowmem.memory.measure_memory`, with
+    :func:`measure_kwargs`: the candidate's own settings) and check the measured peak against ``limit``.
+
+    The peak is CUDA's ``max_memory_allocated`` on CUDA, else the tracker's highest total of live torch tensors (on
+    CPU, MKL's buffers are not tensors and are not in it). A 4-bit candidate the device cannot build (bitsandbytes
+    without 4-bit support there) is skipped with the reason (``fits: None``), never passed. Progress (one status line
+    per pick) goes to stderr.
+
+    Returns one dict per pick: ``rank`` (1-based), ``settings`` (what was measured, ``measure_kwargs``), ``estimate``
+    (the pick's components and ``total`` as the search estimated them), ``measured`` (each component's own maximum and
+    ``total``), ``peak`` (bytes checked against the budget), ``fits``, ``margin`` (``limit - peak``), ``verdict``,
+    ``notes``."""
+    import warnings
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .memory.measure import measure_memory
+
+    out = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("measuring", total=len(picks))
+        for i, c in enumerate(picks):
+            kw = measure_kwargs(c.settings)
+            progress.update(task, description=f"measuring #{i + 1} ({c.settings['optimizer']}, batch {kw['batch_size']}, "
+                            f"{steps} steps on {kw['device']})")
+            record = {"rank": i + 1, "settings": kw, "estimate": {**c.components, "total": c.total}, "notes": []}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = measure_memory(model, steps=steps, **kw)
+            except (ImportError, RuntimeError, NotImplementedError) as e:
+                if not kw["quantization"]:
+                    raise
+                record.update(measured=None, peak=None, fits=None, margin=None,
+                              verdict=f"not measured: {kw['quantization']} base weights cannot be built on "
+                              f"{kw['device']} here ({type(e).__name__}: {e})")
+                out.append(record)
+                progress.advance(task)
+                continue
+            peak = res.peak_allocated if res.peak_allocated is not None else res.measured["total"]
+            fits, verdict = pick_verdict(peak, limit)
+            record.update(measured=res.measured, peak=peak, fits=fits, margin=limit - peak, verdict=f"#{i + 1} {verdict}",
+                          losses=res.losses)
+            if kw["device"] == "cpu":
+                record["notes"].append("peak: live torch tensors (MemTracker); MKL's buffers are not tensors")
+            if kw["layerwise"]:
+                record["notes"].append("measured without gradient clipping (the estimate counts the hooks' clipping)")
+            out.append(record)
+            progress.advance(task)
+    return out
+
+
+def measured_table(check: dict) -> str:
+    """A pick's measurement (:func:`measure_picks`) as text: estimated beside measured per component, and the verdict."""
+    from .memory.estimate import COMPONENTS
+    from .memory.report import fmt_bytes
+
+    s = check["settings"]
+    what = ", ".join([s["optimizer"]] + [f"{k}={v}" for k, v in (s["optim_args"] or {}).items()]
+                     + ([f"LoRA r={s['lora']['r']}"] if s["lora"] else []) + ([s["quantization"]] if s["quantization"] else [])
+                     + (["layerwise"] if s["layerwise"] else []) + (["checkpointing"] if s["gradient_checkpointing"] else [])
+                     + [f"batch {s['batch_size']}", f"seq {s['seq_len']}", s["dtype"], s["device"]])
+    lines = [f"measured #{check['rank']} ({what}):"]
+    if check["measured"] is None:
+        return "\n".join(lines + [f"  {check['verdict']}"]) + "\n"
+    est, meas = check["estimate"], check["measured"]
+    lines.append(f"  {'component':<22}{'estimated':>14}{'measured':>14}{'est/meas':>10}")
+    for k in (*COMPONENTS, "total"):
+        m = meas.get(k, 0)
+        ratio = f"{est.get(k, 0) / m:.3f}" if m else "-"
+        lines.append(f"  {k:<22}{fmt_bytes(est.get(k, 0)):>14}{fmt_bytes(m):>14}{ratio:>10}")
+    lines.append(f"  {check['verdict']}")
+    lines.extend(f"  note: {n}" for n in check["notes"])
+    return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -309,10 +414,17 @@ def run(args: argparse.Namespace) -> int:
                              f"nothing fits); give the unit, e.g. --budget {args.budget}GiB ({BYTE_FORMS})")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: expected an integer >= 1 (with --budget: the largest batch tried)")
-        if args.top < 1:
+        if args.top is not None and args.top < 1:
             raise ValueError(f"--top {args.top}: expected an integer >= 1 (how many configurations to show)")
-        found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype, top=args.top,
-                              device=args.device or "cuda", gradient_accumulation_steps=args.gradient_accumulation_steps,
+        device = args.device or "cuda"
+        if args.measure:  # the search sizes for the device the picks are measured on (as --measure's estimate does)
+            import torch
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if device == "cuda" and not torch.cuda.is_available():
+                raise ValueError("--measure --device cuda: CUDA is not available here; use --device cpu")
+        found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
+                              top=args.top or 15, device=device, gradient_accumulation_steps=args.gradient_accumulation_steps,
                               max_grad_norm=args.max_grad_norm, **_search_narrowing(args, optimizer_given, common["optim_args"]))
         if args.png and found:
             from .memory.estimate import COMPONENTS, MemoryEstimate
@@ -329,9 +441,19 @@ def run(args: argparse.Namespace) -> int:
                      for c in found[:6]]
             bar_chart({f"#{i + 1}": e for i, e in enumerate(shown)}, args.png, budget=limit,
                       title=f"{args.model}: the {len(shown)} configurations that give up least within {fmt_bytes(limit)}")
+        checks = measure_picks(args.model, found[:args.top or 1], limit, steps=args.steps) if args.measure and found else []
+        over = [ch for ch in checks if ch["fits"] is False]
+        for ch in checks:
+            if ch["fits"] is None:
+                print(f"warning: #{ch['rank']} {ch['verdict']}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"budget": limit, "candidates": [c.to_dict() for c in found]}, indent=2))
-            return 0
+            out = {"budget": limit, "candidates": [c.to_dict() for c in found]}
+            if args.measure:
+                out["measured"] = checks
+            print(json.dumps(out, indent=2))
+            for ch in over:
+                print(f"error: {ch['verdict']}", file=sys.stderr)
+            return 1 if over else 0
         from rich.console import Console
         from rich.table import Table
 
@@ -344,6 +466,12 @@ def run(args: argparse.Namespace) -> int:
                           s.get("quantization") or "", "yes" if s["gradient_checkpointing"] else "", "yes" if s["layerwise"] else "",
                           str(s["batch_size"]), fmt_bytes(c.total), "; ".join(c.gives_up) or "nothing")
         Console(width=160).print(table)
+        for ch in checks:
+            print(measured_table(ch), end="")
+        for ch in over:
+            print(f"error: {ch['verdict']}", file=sys.stderr)
+        if over:
+            return 1
         if not found:
             small = found.smallest
             if small is None:

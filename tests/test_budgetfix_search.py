@@ -37,11 +37,11 @@ def test_subspace_optimizer_and_its_rank_narrow_the_search(llama_dir, capsys):
     assert not any(c["settings"].get("lora") for c in cands)
 
 
-@pytest.mark.parametrize("flags, named", [(["--measure"], "--measure"), (["--optim-args", "betas=[0.8,0.9]"], "--optimizer"),
+@pytest.mark.parametrize("flags, named", [(["--optim-args", "betas=[0.8,0.9]"], "--optimizer"),
                                           (["--layerwise", "--lora-r", "8"], "--layerwise"),
                                           (["--quantization", "nf4"], "--lora-r"), (["--no-double-quant"], "--no-double-quant"),
                                           (["--lora-targets", "q_proj"], "--lora-targets")],
-                         ids=["measure", "optim-args-alone", "layerwise-lora", "quant-alone", "double-quant", "targets"])
+                         ids=["optim-args-alone", "layerwise-lora", "quant-alone", "double-quant", "targets"])
 def test_flags_the_search_cannot_apply_are_errors_naming_them(llama_dir, capsys, flags, named):
     assert main(["budget", llama_dir, *CPU, "--budget", "8MiB", *flags]) == 2
     assert named in capsys.readouterr().err
