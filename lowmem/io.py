@@ -12,14 +12,18 @@ is left behind, even when writing fails.
   so a failure while writing leaves all the old files in place.
 * A plot: ``fig.savefig(buf := io.BytesIO(), format="png")`` then
   ``write_bytes_atomic(path, buf.getvalue())``.
+* :func:`install_staged`: a set of files written by another library (``save_pretrained``: the
+  final model of ``lowmem train``) into a staging directory, moved into their directory by
+  renames, the files they replace kept in ``previous-K`` until every new one is in place.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 
 def _new_file_mode(path: Path) -> int:
@@ -90,3 +94,44 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically: a reader (or a crash) sees the old file or the
     new one, never half of one."""
     return write_files_atomic({path: text})[0]
+
+
+def free_name(directory: str | os.PathLike, stem: str) -> Path:
+    """``directory/stem-K`` for the first K >= 1 that does not exist."""
+    k = 1
+    while (Path(directory) / f"{stem}-{k}").exists():
+        k += 1
+    return Path(directory) / f"{stem}-{k}"
+
+
+def install_staged(staged: str | os.PathLike, target: str | os.PathLike, aside_stem: str = "previous",
+                   order: Callable[[str], int] | None = None) -> Path | None:
+    """Move every entry of the directory ``staged`` into ``target`` (created if missing) by renames
+    (same file system, no copy), then remove ``staged``. Returns the folder the replaced entries
+    were kept in while installing (already deleted), or `None` when nothing was replaced.
+
+    Nothing is written in place: ``staged`` holds the complete new files before this is called (a
+    kill before that leaves ``target`` untouched). The entries of ``target`` the new ones replace
+    are first renamed into ``target/<aside_stem>-K`` (the first free K; in descending ``order``, so
+    the old weights leave first), then the new entries are
+    renamed in, in ascending ``order(name)`` (e.g. the weights last, so that a directory a kill left
+    half-installed lacks them and no loader takes it as complete), and only then is the aside
+    folder deleted: until the new set is whole, the old one is recoverable from it. Other entries
+    of ``target`` (checkpoints, logs) are not touched."""
+    staged, target = Path(staged), Path(target)
+    names = sorted((p.name for p in staged.iterdir()), key=lambda n: (order(n) if order else 0, n))
+    target.mkdir(parents=True, exist_ok=True)
+    replaced = [n for n in names if os.path.lexists(target / n)]
+    aside = None
+    if replaced:
+        aside = free_name(target, aside_stem)
+        aside.mkdir()
+        for n in reversed(replaced):  # the last-installed (the weights) leave first
+            os.replace(target / n, aside / n)
+    for n in names:
+        os.replace(staged / n, target / n)
+    _sync_dir(target)
+    staged.rmdir()
+    if aside is not None:
+        shutil.rmtree(aside)
+    return aside

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import yaml
 from torch import nn
 
 from .config import RANGES, ConfigError, Range, check_dataclass, check_value, field_types
-from .io import write_text_atomic
+from .io import install_staged, write_text_atomic
 from .optim import create_optimizer, get_entry
 
 AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
@@ -1426,6 +1427,61 @@ def checkpoint_missing(path: str | Path) -> list[str]:
     return [names[0] for names in CHECKPOINT_FILES if not any(present(n) for n in names)]
 
 
+def file_damage(path: str | Path) -> str | None:
+    """Why the file ``path`` is not whole as written (truncated by a kill mid-write, unreadable), or
+    `None`. Cheap, nothing is loaded: ``*.pt`` / ``*.bin`` (``torch.save``'s zip format) must be a
+    zip archive with its central directory (written last; :func:`zipfile.is_zipfile` reads the end
+    of the file), ``*.safetensors`` must open with ``safetensors.safe_open`` (a header whose tensors
+    cover the file exactly), ``*.json`` must parse; a sharded weights index
+    (``*.index.json``) must name shards that are each whole."""
+    import zipfile
+
+    p = Path(path)
+    try:
+        if p.suffix in (".pt", ".bin", ".pth"):
+            if not zipfile.is_zipfile(p):
+                return "truncated or unreadable: not a complete zip archive (torch.save's format)"
+            with zipfile.ZipFile(p) as z:  # the central directory, not the contents
+                z.namelist()
+        elif p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt"):
+                pass
+        elif p.suffix == ".json":
+            data = json.loads(p.read_text())
+            if p.name.endswith(".index.json"):
+                for shard in sorted(set((data.get("weight_map") or {}).values())):
+                    why = file_damage(p.parent / shard) if (p.parent / shard).is_file() else "missing"
+                    if why is not None:
+                        return f"its shard {shard} is {why}"
+    except Exception as err:  # noqa: BLE001 - any failure to read the header is damage
+        line = str(err).strip().splitlines()
+        return f"truncated or unreadable ({type(err).__name__}: {line[0] if line else ''})"
+    return None
+
+
+def checkpoint_damaged(path: str | Path) -> dict[str, str]:
+    """``{file: why}`` for the files of :data:`CHECKPOINT_FILES` present in ``path`` that are not
+    whole (:func:`file_damage`): a run killed while the Trainer wrote ``optimizer.pt`` left half of
+    it (and, overwriting a checkpoint, the earlier ``trainer_state.json`` beside it). Sharded
+    directories are judged by :func:`checkpoint_missing` (their ``.metadata``)."""
+    p = Path(path)
+    damaged = {}
+    for names in CHECKPOINT_FILES:
+        for n in names:
+            if not n.endswith("/") and (p / n).is_file() and (why := file_damage(p / n)) is not None:
+                damaged[n] = why
+    return damaged
+
+
+def checkpoint_problems(path: str | Path) -> str | None:
+    """What makes ``path`` an incomplete checkpoint (missing files, damaged ones), or `None`."""
+    missing, damaged = checkpoint_missing(path), checkpoint_damaged(path)
+    parts = ([f"missing {missing}"] if missing else []) + [f"{n} {why}" for n, why in damaged.items()]
+    return "; ".join(parts) or None
+
+
 def move_earlier_checkpoints(output_dir: str | Path, names: list[str]) -> Path:
     """Move an earlier run's ``checkpoint-N`` directories ``names`` into ``output_dir/earlier-run-K`` (the first
     free K) before a run that starts from step 0 writes its own; returns that folder.
@@ -1451,7 +1507,8 @@ def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None =
     """The checkpoint directory ``recipe.resume_from_checkpoint`` designates, or `None`.
 
     `True`: the highest-numbered complete ``output_dir/checkpoint-N``; incomplete ones (a run killed
-    while writing) are reported to ``warn`` and skipped. A path must be a complete checkpoint.
+    while writing: a file missing, or truncated, :func:`checkpoint_problems`) are reported to
+    ``warn`` and skipped. A path must be a complete checkpoint.
     (``Trainer.train`` itself would resume from an incomplete directory, silently with a fresh
     optimizer when ``optimizer.pt`` is missing.) The checkpoint must be before ``steps``.
 
@@ -1531,12 +1588,12 @@ def _find_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None) ->
         found = [d for d in out.glob("checkpoint-*") if d.is_dir() and d.name[len("checkpoint-"):].isdigit()]
         skipped = []
         for d in sorted(found, key=lambda d: int(d.name[len("checkpoint-"):]), reverse=True):
-            missing = checkpoint_missing(d)
-            if not missing:
+            problems = checkpoint_problems(d)
+            if problems is None:
                 return str(d)
             skipped.append(d.name)
             if warn is not None:
-                warn(f"skipping incomplete checkpoint {d} (missing {missing}; an interrupted run?)")
+                warn(f"skipping incomplete checkpoint {d} ({problems}; an interrupted run?)")
         raise ConfigError(
             f"resume_from_checkpoint=true: no complete checkpoint-N directory in {out}"
             + (f" (incomplete: {skipped})" if skipped else "")
@@ -1545,9 +1602,9 @@ def _find_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None) ->
     p = Path(value)
     if not p.is_dir():
         raise ConfigError(f"resume_from_checkpoint={value!r}: no such directory")
-    missing = checkpoint_missing(p)
-    if missing:
-        raise ConfigError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: missing {missing}")
+    problems = checkpoint_problems(p)
+    if problems is not None:
+        raise ConfigError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: {problems}")
     return str(p)
 
 
@@ -1887,16 +1944,41 @@ def merge_adapter(recipe: TrainRecipe, adapter_dir: str | Path, out_dir: str | P
     if (Path(adapter_dir) / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(adapter_dir))  # as trained (e.g. with a chat template)
     out = Path(out_dir)
-    merged.save_pretrained(out)
-    tok.save_pretrained(out)
+    staging = _staging(out.parent, f"saving-{out.name}")
+    merged.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    install_staged(staging, out, aside_stem=f".lowmem-previous-{out.name}", order=_weights_last)
     return out
+
+
+def _weights_last(name: str) -> int:
+    """Install order of a saved model's files: the weights after the rest, a shard index after its shards,
+    so that a directory a kill left half-installed has no (complete) weights and no loader takes it."""
+    return 2 if name.endswith(".index.json") else 1 if name.endswith((".safetensors", ".bin", ".pt")) else 0
+
+
+def _staging(parent: Path, what: str) -> Path:
+    """An empty ``parent/.lowmem-<what>`` (a leftover of a killed save removed: it never became the model)."""
+    staging = parent / f".lowmem-{what}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
 
 
 def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:
     """Save the model (the adapter for LoRA / QLoRA) and tokenizer to ``output_dir``, and with
-    ``merge_adapters`` the merged model to ``output_dir/merged``."""
+    ``merge_adapters`` the merged model to ``output_dir/merged``.
+
+    Atomically: the Trainer writes into ``output_dir/.lowmem-saving-model`` (same path on every process),
+    then process 0 renames the files into ``output_dir`` (:func:`lowmem.io.install_staged`: the files they
+    replace kept in ``output_dir/.lowmem-previous-model-K`` until every new one is in, the weights last).
+    A run killed while saving leaves the earlier model in ``output_dir`` as it was."""
     if not recipe.save_model:
         return {}
+    out = Path(recipe.output_dir)
+    staging = out / ".lowmem-saving-model"
+    if trainer.args.should_save:
+        _staging(out, "saving-model")
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
         # FSDP with sharded state dicts: Trainer.save_model writes no model at all (transformers 5.23 saves
@@ -1904,9 +1986,11 @@ def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:
         # every process takes part; FSDP2 returns it on process 0) and save it as save_model would.
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if trainer.args.should_save:
-            trainer._save(recipe.output_dir, state_dict=state_dict)
+            trainer._save(str(staging), state_dict=state_dict)
     else:
-        trainer.save_model()  # main process only; PEFT models save adapter_model.safetensors + adapter_config.json
+        trainer.save_model(str(staging))  # main process only; PEFT models save adapter_model.safetensors + adapter_config.json
+    if trainer.args.should_save:
+        install_staged(staging, out, aside_stem=".lowmem-previous-model", order=_weights_last)
     saved: dict[str, Any] = {"saved_model": recipe.output_dir}
     if recipe.merge_adapters:
         saved["merged_model"] = str(Path(recipe.output_dir) / "merged")

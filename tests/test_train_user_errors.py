@@ -145,8 +145,12 @@ def test_resume_from_a_checkpoint_at_or_past_steps_is_an_error(tmp_path):
 
     ckpt = tmp_path / "checkpoint-9"
     ckpt.mkdir()
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
-        (ckpt / name).write_bytes(b"")
+    import torch
+    from safetensors.torch import save_file
+
+    for name in ("optimizer.pt", "scheduler.pt"):  # whole files: --resume skips truncated ones
+        torch.save({}, ckpt / name)
+    save_file({"w": torch.zeros(1)}, ckpt / "model.safetensors")
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 9}))
     for steps in (3, 9):
         recipe = load_recipe(None, output_dir=str(tmp_path), steps=steps, resume_from_checkpoint=True)

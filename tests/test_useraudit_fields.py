@@ -103,10 +103,15 @@ def test_unknown_lr_scheduler_names_the_field(key, tmp_path):
 
 
 def _checkpoint(folder, weights):
+    """A complete checkpoint (small, whole files: --resume skips truncated ones)."""
+    import torch
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text('{"global_step": 1}')
-    for name in ("optimizer.pt", "scheduler.pt", weights):
-        (folder / name).write_bytes(b"x")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, folder / name)
+    save_file({"w": torch.zeros(1)}, folder / weights)
 
 
 @pytest.mark.parametrize("weights, lora, message", [
