@@ -287,3 +287,55 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
         if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
             check_reference_reloadable(self._name, model, self._reference_alternative)
         super().__init__(model, *args, **kwargs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's, with each Python reward function's output checked (:func:`checked_reward_func`): a function that
+        returns ``None``, a number, strings or the wrong count, or raises, is a ``ValueError`` naming it."""
+        funcs = self.reward_funcs
+        self.reward_funcs = [checked_reward_func(f, name) for f, name in zip(funcs, self.reward_func_names)]
+        try:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self.reward_funcs = funcs
+
+
+def checked_reward_func(fn: Any, name: str) -> Any:
+    """``fn`` (a reward function TRL's GRPO calls) with its outputs checked as ``lowmem train`` checks them
+    (:func:`lowmem.rewards.checked_outputs`): one real number or ``None`` per completion, else a ``ValueError``
+    naming the function and what it returned; an exception it raises becomes a ``ValueError`` naming it and its line.
+    Before, through the Python API, TRL failed with a bare ``TypeError: 'NoneType' object is not iterable`` (a
+    function returning ``None``), ``'float' object is not iterable``, ``too many dimensions 'str'``, or the user's
+    exception without the function's name. What TRL accepts is kept: a generator or other iterator is read into a
+    list, a 1-D numpy array or tensor passed as a list; ``async`` functions (TRL awaits them) are checked too.
+    A reward model (``nn.Module``) is returned as it is.
+    """
+    import collections.abc
+    import functools
+
+    from torch import nn
+
+    from lowmem.rewards import checked_outputs
+    from trl.trainer.utils import is_async_callable
+
+    if isinstance(fn, nn.Module):
+        return fn
+
+    def listed(out: Any) -> Any:  # TRL iterates what a function returns: an iterator (generator, map) is a list to it
+        return list(out) if isinstance(out, collections.abc.Iterator) else out
+
+    if is_async_callable(fn):
+        @functools.wraps(fn)
+        async def checked_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                out = await fn(*args, **kwargs)
+            except Exception as err:
+                raise ValueError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
+            return checked_outputs(lambda *a, **k: listed(out), name)(*args, **kwargs)
+
+        return checked_async
+
+    @functools.wraps(fn)
+    def called(*args: Any, **kwargs: Any) -> Any:
+        return listed(fn(*args, **kwargs))
+
+    return checked_outputs(called, name)
