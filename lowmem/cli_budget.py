@@ -392,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
     trainer_fields = dict(trainer=args.trainer, reference=args.reference, generation_batch_size=args.generation_batch_size,
                           max_completion_length=args.max_completion_length)
     common.update({k: v for k, v in trainer_fields.items() if v is not None})
+    if args.measure and args.steps < 1:  # (no step measured: a peak of nothing, which "fits" any budget)
+        raise ValueError(f"--steps {args.steps}: expected an integer >= 1 (training steps measured)")
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient-accumulation-steps {args.gradient_accumulation_steps}: expected an integer >= 1")
     if args.gradient_accumulation_steps > 1:

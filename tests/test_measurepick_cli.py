@@ -129,3 +129,11 @@ def test_a_quantized_pick_the_device_cannot_build_is_said_not_passed(llama_dir, 
     (m,) = json.loads(captured.out)["measured"]
     assert m["fits"] is None and m["measured"] is None and m["settings"]["quantization"] == "nf4"
     assert "warning: #1 not measured: nf4 base weights" in captured.err and "no 4-bit kernels" in captured.err
+
+
+@pytest.mark.parametrize("with_budget", [["--budget", "3MiB"], []], ids=["budget", "no-budget"])
+def test_measuring_no_step_is_an_error_naming_steps(llama_dir, capsys, with_budget):
+    """``--steps 0`` measured nothing (a peak of 0 B, which "fits" every budget): an error naming ``--steps``."""
+    assert main(["budget", llama_dir, *CPU, "--optimizer", "adamw", "--no-gradient-checkpointing", "--top", "1", *with_budget,
+                 "--measure", "--steps", "0", "--json"]) == 2
+    assert "--steps 0: expected an integer >= 1" in capsys.readouterr().err
