@@ -22,9 +22,19 @@ LAYOUTS = {  # what accelerate / the Trainer write
 
 def _checkpoint(tmp_path, layout):
     ckpt = tmp_path / "out" / "checkpoint-2"
-    for name in COMMON + LAYOUTS[layout]:
+    import torch
+    from safetensors.torch import save_file
+
+    for name in COMMON + LAYOUTS[layout]:  # whole small files: --resume skips a truncated one (5886e83)
         (ckpt / name).parent.mkdir(parents=True, exist_ok=True)
-        (ckpt / name).write_text(json.dumps({"global_step": 2}) if name == "trainer_state.json" else "")
+        if name == "trainer_state.json":
+            (ckpt / name).write_text(json.dumps({"global_step": 2}))
+        elif name.endswith(".safetensors"):
+            save_file({"w": torch.zeros(1)}, ckpt / name)
+        elif name.endswith((".pt", ".bin")):
+            torch.save({}, ckpt / name)
+        else:  # .metadata of a sharded directory
+            (ckpt / name).write_text("")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim: adamw\nsteps: 4\nresume_from_checkpoint: true\n")
     return load_recipe(recipe, output_dir=str(tmp_path / "out")), str(ckpt)
