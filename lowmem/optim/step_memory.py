@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | {r['state_bytes'] / MiB:.0f} | {r['growth_bytes'] / MiB:.0f} | {tr} | {cpu_s:.2f} | {step_s:.2f} |",
               flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from ..io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
