@@ -319,7 +319,9 @@ def measure_picks(model: str, picks: list, limit: int, steps: int = 2) -> list[d
             fits, verdict = pick_verdict(peak, limit)
             record.update(measured=res.measured, peak=peak, fits=fits, margin=limit - peak, verdict=f"#{i + 1} {verdict}",
                           losses=res.losses)
-            if kw["device"] == "cpu":
+            if res.peak_allocated is not None:
+                record["notes"].append("peak: CUDA max_memory_allocated (the total row: live tensors, MemTracker)")
+            else:
                 record["notes"].append("peak: live torch tensors (MemTracker); MKL's buffers are not tensors")
             if kw["layerwise"]:
                 record["notes"].append("measured without gradient clipping (the estimate counts the hooks' clipping)")

@@ -137,3 +137,22 @@ def test_measuring_no_step_is_an_error_naming_steps(llama_dir, capsys, with_budg
     assert main(["budget", llama_dir, *CPU, "--optimizer", "adamw", "--no-gradient-checkpointing", "--top", "1", *with_budget,
                  "--measure", "--steps", "0", "--json"]) == 2
     assert "--steps 0: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_on_cuda_the_allocator_peak_is_the_verdict(llama_dir, capsys, monkeypatch):
+    """Where the measurement has CUDA's ``max_memory_allocated`` (the ground truth: the caching allocator's peak,
+    above the tracker's live tensors), that is the peak checked against the budget, not the tracker's total. A
+    stand-in measurement (no GPU here): tracker total 1 MiB under the budget, allocator peak 1 B over it."""
+    from types import SimpleNamespace
+
+    import lowmem.memory.measure as measure
+
+    limit = 3 * 2**20
+    fake = SimpleNamespace(measured={"total": limit - 2**20}, peak_allocated=limit + 1, losses=[])
+    monkeypatch.setattr(measure, "measure_memory", lambda model, **kw: fake)
+    assert main(["budget", llama_dir, *CPU, "--optimizer", "adamw", "--no-gradient-checkpointing", "--top", "1",
+                 "--budget", "3MiB", "--measure", "--json"]) == 1
+    captured = capsys.readouterr()
+    (m,) = json.loads(captured.out)["measured"]
+    assert (m["peak"], m["fits"], m["margin"]) == (limit + 1, False, -1)
+    assert "(1 B) over" in captured.err and "max_memory_allocated" in m["notes"][0]
