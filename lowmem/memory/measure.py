@@ -275,7 +275,7 @@ class MemoryMeasurement:
         estimate: :func:`~lowmem.memory.estimate_memory` for the same settings.
         device: ``"cpu"`` or ``"cuda"``.
         peak_allocated: CUDA only: ``torch.cuda.max_memory_allocated()`` over the steps.
-        losses: The training losses of the steps.
+        losses: The training losses of the steps (of each micro-batch, with gradient accumulation).
     """
 
     measured: dict[str, int]
@@ -385,6 +385,7 @@ def measure_memory(
     steps: int = 2,
     device: str | None = None,
     seed: int = 0,
+    gradient_accumulation_steps: int = 1,
 ) -> MemoryMeasurement:
     """Run ``steps`` real training steps and report the live memory at the peak, by component,
     beside :func:`~lowmem.memory.estimate_memory` for the same settings.
@@ -397,6 +398,9 @@ def measure_memory(
             the optimizer state exists).
         device (`str` or `None`, defaults to `None`): ``"cuda"`` when available, else ``"cpu"``.
         seed (`int`, defaults to `0`): Seeds the random weights (shapes and configs) and the tokens.
+        gradient_accumulation_steps (`int`, defaults to `1`): Micro-batches (forward and backward) per optimizer
+            step, as the Trainer runs them (layerwise: ``LayerwiseOptimizer(accumulation_steps=...)``, which steps
+            each parameter at its last micro-batch's gradient and keeps the earlier ones' between micro-batches).
 
     Steps use random token ids as inputs and labels (``labels = input_ids``), no padding mask;
     ``layerwise=True`` steps each parameter in its post-accumulate-grad hook and frees its gradient.
@@ -407,6 +411,9 @@ def measure_memory(
     from ..optim import create_optimizer, get_entry
     from ..optim.layerwise import LayerwiseOptimizer
 
+    accumulation = gradient_accumulation_steps
+    if isinstance(accumulation, bool) or not (isinstance(accumulation, int) and accumulation >= 1):
+        raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {accumulation!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pdtype = parse_dtype(dtype)
     m, config = _build_model(model, pdtype, quantization, lora, gradient_checkpointing, device, seed)
@@ -416,7 +423,7 @@ def measure_memory(
         if layerwise:  # what `lowmem train` / the Trainer run: the same LayerwiseOptimizer, its own hooks
             if get_entry(optimizer).recipe is None:
                 raise ValueError(f"layerwise needs an engine optimizer; {optimizer!r} is not one")
-            opt = LayerwiseOptimizer(m, optimizer, **(optim_args or {}))
+            opt = LayerwiseOptimizer(m, optimizer, accumulation_steps=accumulation, **(optim_args or {}))
         else:
             opt = create_optimizer(m, optimizer, **(optim_args or {}))
 
@@ -449,11 +456,12 @@ def measure_memory(
     tracker = PeakTracker(m, opt, device=device)
     with tracker:
         for _ in range(steps):
-            ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
-            losses.append(float(loss.detach()))
-            del loss
+            for _ in range(accumulation):
+                ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
+                loss = m(input_ids=ids, labels=ids).loss
+                (loss / accumulation if accumulation > 1 else loss).backward()
+                losses.append(float(loss.detach()))
+                del loss
             opt.step()  # layerwise: ends the window (parameters were stepped in their hooks)
             opt.zero_grad(set_to_none=True)
             tracker.next_step()
@@ -467,6 +475,7 @@ def measure_memory(
         config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
         device=torch.device(device).type, max_grad_norm=None,  # its LayerwiseOptimizer does not clip
+        gradient_accumulation_steps=accumulation,
     )
     from .estimate import model_label
 
