@@ -22,6 +22,7 @@ equals two of 2 groups, as the objective's mean over groups requires); k = 1 ref
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -201,3 +202,25 @@ def test_a_micro_batch_that_splits_a_group_is_refused(gvpo_trainer):
     batch["gvpo_group_ids"] = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])
     with pytest.raises(RuntimeError, match="whole groups"):
         trainer._compute_loss(trainer.model, batch)
+
+
+def test_rewards_are_the_weighted_sum_and_an_unscored_completion_gets_its_groups_mean(gvpo_trainer, monkeypatch):
+    # R_i = sum_j w_j R_ij over the functions that scored it (TRL's nansum); a completion no function scored gets its
+    # group's mean R (a zero centred reward); a group nobody scored gets 0 everywhere
+    from trl import GRPOTrainer
+
+    nan = math.nan
+    per_func = torch.tensor([[1.0, 0.0], [0.0, nan], [nan, nan], [1.0, 1.0],
+                             [nan, nan], [nan, nan], [nan, nan], [nan, nan]])
+
+    def generated(self, inputs):
+        self._gvpo_rewards_per_func = per_func
+        return {"advantages": torch.zeros(len(inputs))}
+
+    trainer = gvpo_trainer
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", generated)
+    monkeypatch.setattr(trainer, "reward_weights", torch.tensor([2.0, 0.5]))
+    monkeypatch.setattr(trainer, "reward_func_names", ["f", "g"])
+    out = trainer._generate_and_score_completions([{}] * 8)
+    torch.testing.assert_close(out["gvpo_rewards"], torch.tensor([2.0, 0.0, 1.5, 2.5, 0.0, 0.0, 0.0, 0.0]))
+    assert out["gvpo_group_ids"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
