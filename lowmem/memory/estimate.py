@@ -138,7 +138,9 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
             with the activations (gradient accumulation: the earlier micro-batches' gradients are kept).
         tied_backward (`int`, defaults to `0`): With ``gradients_with_activations``: the two weight-sized tensors
             of a tied embedding's backward, live with every gradient at the end of the backward pass (also in
-            ``components["activations"]``, which is at least this).
+            ``components["activations"]``, which is at least this). Layerwise with gradient accumulation: what the
+            tied moment adds to every kept gradient, the largest over the micro-batches (3 W temporaries of the weight's
+            size with the first's other gradients, a middle one's every gradient, the last one's W alone).
         transient_with_activations (`int` or `None`, defaults to `None`): Layerwise: the largest step transient of
             the parameters that step while activations are live (all but the input embedding, whose gradient is
             the backward's last); the input embedding's step is then counted without activations. ``None``:
