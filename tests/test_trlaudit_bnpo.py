@@ -135,3 +135,40 @@ def test_a_bimodal_batch_clamps_the_parameters_at_one():
     got = bnpo_advantages(_as_tensor(rows), 4)
     torch.testing.assert_close(got, torch.tensor(paper_advantages(rows, 4, [(0.0, 1.0)]), dtype=torch.float64))
     torch.testing.assert_close(got[16:], torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64))
+
+
+def test_the_trainer_hands_trl_the_papers_advantages_and_logs_its_parameters(tmp_path, monkeypatch):
+    # BNPOTrainer._generate_and_score_completions over TRL's (stubbed: it scored two functions and logged its own
+    # advantages): the advantages TRL's loss gets, the logged advantages and bnpo/alpha, bnpo/beta are the paper's
+    import sys
+    from pathlib import Path
+
+    from trl import GRPOTrainer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lowmem.kit import save_tiny_model
+    from trl_helpers import make_trainer
+
+    trainer = make_trainer("bnpo", save_tiny_model(tmp_path / "m", seed=0), str(tmp_path / "o"), 1, optim=None,
+                           per_device_train_batch_size=16)
+    trainer.model.train()
+    rng = random.Random(3)
+    rows = [[float(rng.random() < 0.3 + 0.15 * (i // 4)), rng.uniform(-1.0, 2.0)] for i in range(16)]
+
+    def generated(self, inputs):
+        self._bnpo_rewards_per_func = _as_tensor(rows).float()
+        self._logs["advantages"].extend([123.0] * len(inputs))  # TRL's own, to be replaced
+        return {"advantages": torch.zeros(len(inputs))}
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", generated)
+    monkeypatch.setattr(trainer, "reward_func_names", ["acc", "score"])
+    monkeypatch.setattr(trainer.args, "reward_range", [[0.0, 1.0], [-1.0, 2.0]])
+    out = trainer._generate_and_score_completions([{}] * 16)
+    float_rows = [[float(torch.tensor(x, dtype=torch.float32)) for x in r] for r in rows]
+    want = torch.tensor(paper_advantages(float_rows, 4, [(0.0, 1.0), (-1.0, 2.0)]))
+    torch.testing.assert_close(out["advantages"], want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(list(trainer._logs["advantages"])), want, rtol=1e-6, atol=1e-6)
+    params = [paper_params([sum((r[j] - lo) / (hi - lo) for r in float_rows[g * 4 : g * 4 + 4]) / 4 for g in range(4)])
+              for j, (lo, hi) in enumerate([(0.0, 1.0), (-1.0, 2.0)])]
+    assert trainer._metrics["train"]["bnpo/alpha"][-1] == pytest.approx(sum(a for a, _ in params) / 2, rel=1e-6)
+    assert trainer._metrics["train"]["bnpo/beta"][-1] == pytest.approx(sum(b for _, b in params) / 2, rel=1e-6)
