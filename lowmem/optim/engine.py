@@ -74,7 +74,7 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .group_layout import _MISSING, _Reads, check_group_layouts
+from .group_layout import _MISSING, _Reads, check_group_layouts, check_resized
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -759,7 +759,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: attributes left out of a copy (:meth:`__getstate__`): caches keyed by ``id`` of the original's groups and
     #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
     #: hands to its own phases
-    _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_checked", "_usable"})
+    _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_checked", "_usable", "_decided"})
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every
@@ -1537,27 +1537,45 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        check_group_layouts(self)  # a setting that fixes the state's layout changed since: refused (lowmem.optim.group_layout)
-        # (key, tensor, gradient, group, reduce): a sharded (FSDP2 DTensor) parameter is stepped on
-        # its local shard, its state keyed by the parameter; ``reduce`` all-reduces per-tensor statistics
-        work = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.layout is not torch.strided:  # before any state is touched
-                    self._check_dense(grad)
-                work.append(self._work_item(p, group) if _DTensor is not None and isinstance(p, _DTensor)
-                            else (p, p, grad, group, None))
-        for item in work:
-            if item[4] is not None:
-                self._check_dense(item[2])  # (a sharded parameter's local gradient)
-        tokens = self._group_tokens()
+        # the path of each unsharded parameter (_route), decided before anything is stepped: a path decided
+        # again (its parameter's shape or dtype among what changed) names its group in ``decided``, whose
+        # parameters are then compared with the shapes their state was made for (group_layout.check_resized: a
+        # resized one is refused, nothing stepped); a cached path means neither changed since that compare
+        decided = self.__dict__["_decided"] = []
+        try:
+            # a setting that fixes the state's layout changed since: refused (lowmem.optim.group_layout; the
+            # shapes are left to check_resized while ``_decided`` is set)
+            check_group_layouts(self)
+            tokens = self._group_tokens()
+            # (key, tensor, gradient, group, reduce, state, route): a sharded (FSDP2 DTensor) parameter is stepped
+            # on its local shard, its state keyed by the parameter; ``reduce`` all-reduces per-tensor statistics
+            work = []
+            for group in self.param_groups:
+                for p in group["params"]:
+                    grad = p.grad
+                    if grad is None:
+                        continue
+                    if grad.layout is not torch.strided:  # before any state is touched
+                        self._check_dense(grad)
+                    if _DTensor is not None and isinstance(p, _DTensor):
+                        item = self._work_item(p, group)
+                        self._check_dense(item[2])  # (its local gradient)
+                        decided.append(group)  # (a sharded parameter has no cached path: compared at every step)
+                        work.append((*item, self.state[p], None))
+                    else:
+                        state = self.state[p]
+                        work.append((p, p, grad, group, None, state, self._route(p, grad, group, state, tokens)))
+        finally:
+            del self.__dict__["_decided"]
+        if decided:
+            check_resized(self, decided)
         # projected gradients computed before the check, which reads them instead of their gradients
         # (_checked_lows: no state is touched before the check)
         lows = self._checked_lows(work, tokens) if self.skip_nonfinite else {}
         if self.skip_nonfinite and not self._all_finite(work, lows, tokens):
+            for w in work:  # (the empty state dicts the pass above made)
+                if not w[5] and self.state.get(w[0]) is w[5]:
+                    del self.state[w[0]]
             self.skipped_steps += 1
             warn_user(
                 f"{self.recipe.name}: non-finite gradient (or a gradient norm >= {MAX_GRAD_NORM:.3g}, whose square"
@@ -1568,11 +1586,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         low_bucket: list[_Projected] = []  # projected parameters waiting for their multi-tensor moment step
-        for key, p, grad, group, reduce in work:
+        for key, p, grad, group, reduce, state, route in work:
             # (a sharded projected parameter: projected by its whole shape, not its shard's)
-            state = self.state[key]
             if reduce is None:
-                route = self._route(p, grad, group, state, tokens)
                 path = route.path
             elif self._local_matrices(key, group):  # FSDP2: its shard's whole matrices, as an unsharded batch
                 route = None
@@ -1779,7 +1795,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         :meth:`load_state_dict` and :meth:`add_param_group` start afresh). The decisions read the group
         through a mapping that records the keys they read (:class:`~lowmem.optim.group_layout._Reads`);
         those are added to the group's route keys, but the settings the moment rule's
-        :meth:`~lowmem.optim.moments.MomentRule.route_settings` covers, which the token keys by that summary."""
+        :meth:`~lowmem.optim.moments.MomentRule.route_settings` covers, which the token keys by that summary.
+        A path decided within :meth:`step`'s pass before anything is stepped names its group in ``_decided``:
+        its parameters' shapes are compared then (:func:`~lowmem.optim.group_layout.check_resized`)."""
         key = (p.dtype, p.shape, p.device, p.is_contiguous(), grad.dtype, grad.is_contiguous(), "step" in state)
         routes = self.__dict__.setdefault("_routes", {})
         entry = None if tokens is None else self.__dict__["_group_sigs"][id(group)]
@@ -1796,6 +1814,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         old = route
         route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device,
                        self._chunk(p.device), fused, cls)
+        decided = self.__dict__.get("_decided")
+        if decided is not None:  # (step's pass before anything is stepped: the group's shapes are compared)
+            decided.append(group)
         if entry is not None:
             entry.add_route_keys(seen.read)
             routes[id(p)] = route
@@ -1828,12 +1849,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """:func:`_all_finite` of the local gradients, or of a parameter's projected gradient where
         ``lows`` (:meth:`_checked_lows`, by ``id`` of the parameter) has it; with sharded parameters
         the flag is reduced over their meshes (every rank skips together, or none does)."""
-        tensors = [lows.get(id(p), grad) for _, p, grad, _, _ in work] if lows else [grad for _, _, grad, _, _ in work]
+        tensors = [lows.get(id(w[1]), w[2]) for w in work] if lows else [w[2] for w in work]
         finite = self._finite_and_pre_check(work, tensors, tokens) or _all_finite(tensors)
-        reduces = {id(r.groups[0]) if r.groups else None: r for *_, r in work if r is not None}
+        reduces = {id(w[4].groups[0]) if w[4].groups else None: w[4] for w in work if w[4] is not None}
         if not reduces:
             return finite
-        device = next(grad.device for _, _, grad, _, r in work if r is not None)
+        device = next(w[2].device for w in work if w[4] is not None)
         flag = torch.tensor(1.0 if finite else 0.0, device=device)
         for r in reduces.values():
             r.min_(flag)
@@ -1855,7 +1876,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         P = self.recipe.projection
         if P is None or not tensors:
             return False
-        pre = P.pre_check([(grad, self.state[key], group) for key, _, grad, group, r in work
+        pre = P.pre_check([(grad, self.state[key], group) for key, _, grad, group, r, _, _ in work
                            if r is None and key in self.state and grad.ndim == 2])  # (a batch: _update_matrices)
         due = self._refresh_checks(work, tensors, tokens)
         if pre is None and not due:
@@ -1894,7 +1915,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if r.stabilizers:
             return []
         due = []
-        for i, (key, p, grad, group, reduce) in enumerate(work):
+        for i, (key, p, grad, group, reduce, _, _) in enumerate(work):
             if (reduce is not None or tensors[i] is not grad or grad.dtype == torch.float64 or p.ndim != 2
                     or not self._is_projected(p, group) or not P.refresh_checks_usable(group)):
                 continue
@@ -1931,7 +1952,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if P is None or tokens is None or r.combine.needs_full_gradient or r.stabilizers:
             return {}
         todo = []
-        for key, p, grad, group, reduce in work:
+        for key, p, grad, group, reduce, _, _ in work:
             if reduce is not None:
                 return {}
             if not self._is_projected(p, group) or p.ndim != 2:  # (a batch of matrices: checked through its gradient)
