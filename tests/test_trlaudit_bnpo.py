@@ -172,3 +172,23 @@ def test_the_trainer_hands_trl_the_papers_advantages_and_logs_its_parameters(tmp
               for j, (lo, hi) in enumerate([(0.0, 1.0), (-1.0, 2.0)])]
     assert trainer._metrics["train"]["bnpo/alpha"][-1] == pytest.approx(sum(a for a, _ in params) / 2, rel=1e-6)
     assert trainer._metrics["train"]["bnpo/beta"][-1] == pytest.approx(sum(b for _, b in params) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights, says", [
+    ([-1.0], "a weight <= 0 would be ignored"), ([0.0, 0.0], "a weight <= 0 would be ignored"),
+    ([-2.0, -2.0], "return its negation"), ([1.0, 2.0], "equal weight; got reward_weights=\\[1.0, 2.0\\]"),
+])
+def test_reward_weights_bnpo_would_ignore_are_refused(weights, says, tmp_path):
+    # bnpo_advantages never sees the weights (each function is mapped to [0, 1] by reward_range): a negative common
+    # weight (meant to minimize a cost) was accepted and the function maximized; 0 (meant to switch it off) trained
+    from lowmem.trainers import BNPOConfig, BNPOTrainer
+
+    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, bf16=False, report_to="none")
+    with pytest.raises(ValueError, match=f"BNPOConfig.reward_weights=.*{says}"):
+        BNPOConfig(**common, reward_weights=weights)
+    args = BNPOConfig(**common)
+    args.reward_weights = weights  # set after the config's own check: the trainer refuses it before loading the model
+    funcs = [lambda prompts, completions, **kw: [0.0] * len(completions)] * len(weights)
+    with pytest.raises(ValueError, match=says):
+        BNPOTrainer(model=str(tmp_path / "no-such-model"), reward_funcs=funcs, args=args)
+    BNPOConfig(**common, reward_weights=[0.5] * len(weights))  # equal and positive: fine (the value changes nothing)

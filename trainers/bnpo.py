@@ -171,7 +171,7 @@ class BNPOConfig(LowMemGRPOConfig):
 
     BNPO replaces only the advantages: ``scale_rewards`` and ``multi_objective_aggregation`` are
     not used (a value other than TRL's default raises ``ValueError``), ``num_generations`` must be at
-    least 2 (``p`` is the mean over a prompt's completions), and ``reward_weights`` must be equal
+    least 2 (``p`` is the mean over a prompt's completions), and ``reward_weights`` must be equal and ``> 0``
     (the decomposition is a plain mean over reward functions). The policy loss is TRL's clipped surrogate of ``loss_type`` (default ``"dapo"``:
     token losses summed over the batch and divided by its token count) with the BNPO advantages;
     ``beta`` stays TRL's KL coefficient (default 0: no reference model).
@@ -198,10 +198,29 @@ class BNPOConfig(LowMemGRPOConfig):
             raise ValueError(f"BNPOConfig.reward_range={value!r}: expected a pair [low, high] of numbers, or a list of such "
                              "pairs, one per reward function")
         _ranges(value, 1 if _is_pair(value) else len(value))
-        if self.reward_weights is not None and len(set(map(float, self.reward_weights))) > 1:  # also in BNPOTrainer
-            raise ValueError(f"BNPOConfig.reward_weights={list(self.reward_weights)}: BNPO averages one advantage per reward "
-                             "function with equal weight (the authors' advantage decomposition); give equal weights or leave "
-                             "reward_weights unset")
+        if self.reward_weights is not None:  # also in BNPOTrainer
+            check_reward_weights(self.reward_weights)
+
+
+def check_reward_weights(weights: Sequence[float]) -> None:
+    """Refuse ``reward_weights`` that BNPO would ignore: unequal ones (the advantage decomposition is a plain mean over
+    reward functions), and equal ones that are not ``> 0``. BNPO maps each function's rewards to ``[0, 1]`` with
+    ``reward_range``, so a common weight changes nothing; a negative one (meant to minimize a cost) would silently be
+    maximized, and ``0`` (meant to switch rewards off) would still train.
+
+    Raises:
+        ValueError: ``BNPOConfig.reward_weights=[...]``, what BNPO does with them and the fix.
+    """
+    values = [float(w) for w in weights]
+    if len(set(values)) > 1:
+        raise ValueError(f"BNPOConfig.reward_weights={values}: BNPO averages one advantage per reward function with equal "
+                         f"weight; got reward_weights={values} (the authors' advantage decomposition is a plain mean); give equal weights "
+                         "or leave reward_weights unset")
+    if values and not (math.isfinite(values[0]) and values[0] > 0):
+        raise ValueError(f"BNPOConfig.reward_weights={values}: BNPO rescales each function's rewards to [0, 1] with "
+                         "reward_range and does not use the weights' common value, so a weight <= 0 would be ignored (a "
+                         "negative one would maximize what it was meant to minimize); leave reward_weights unset, and to "
+                         "minimize a function return its negation (with reward_range [-high, -low])")
 
 
 def _is_pair(value: Any) -> bool:
@@ -231,18 +250,12 @@ class BNPOTrainer(LowMemGRPOTrainer):
         config, funcs = bound.get("args"), bound.get("reward_funcs")
         if not isinstance(config, BNPOConfig):
             raise TypeError(f"BNPOTrainer needs args=BNPOConfig(...); got {type(config).__name__}")
-        if config.reward_weights is not None and len(set(map(float, config.reward_weights))) > 1:
-            raise ValueError(
-                f"BNPO averages one advantage per reward function with equal weight; got reward_weights={config.reward_weights}"
-            )
+        if config.reward_weights is not None:
+            check_reward_weights(config.reward_weights)
         if funcs is not None:
             _ranges(config.reward_range, len(funcs) if isinstance(funcs, (list, tuple)) else 1)
         super().__init__(*args, **kwargs)
-        weights = self.reward_weights
-        if not torch.allclose(weights, weights[0].expand_as(weights)):
-            raise ValueError(
-                f"BNPO averages one advantage per reward function with equal weight; got reward_weights={weights.tolist()}"
-            )
+        check_reward_weights(self.reward_weights.tolist())
         _ranges(self.args.reward_range, len(self.reward_funcs))
         self._bnpo_rewards_per_func: torch.Tensor | None = None
 
