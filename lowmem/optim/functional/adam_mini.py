@@ -96,6 +96,30 @@ def adam_mini_direction(m: Tensor, v: Tensor, t: float, beta1: float, beta2: flo
     return (m.reshape(n_blocks, -1) * scale.reshape(n_blocks, 1)).reshape(m.shape)
 
 
+def adam_mini_foreach_bytes(sizes: list[tuple[int, int]], itemsize: int = 4) -> int:
+    """Bytes :func:`adam_mini_foreach_` allocates, at most alive together, for tensors of ``sizes``
+    (``(elements, blocks)`` each: ``p.numel()``, ``v.numel()``) whose moments are ``itemsize`` bytes
+    an element (4: float32), walked as it runs (contiguous gradients):
+
+    * per block length ``L`` (the tensors with ``1 < elements / blocks``, or one whole-tensor block):
+      their stacked or concatenated gradients, squared in place, and their block means,
+      ``E_L + B_L`` elements, freed before the next length;
+    * then the factors of every block of the list (one ``cat``, ``sum(blocks)``, split into views
+      that stay alive) beside the direction of every tensor (``sum(elements)``).
+
+    Empty tensors are left out (no blocks, no step). The second phase holds every length's first
+    one's elements and blocks, so it is the peak; both are counted as the code runs."""
+    items = [(n, b) for n, b in sizes if n > 0]
+    by_length: dict[int, list[int]] = {}
+    for n, b in items:
+        if b != n:
+            acc = by_length.setdefault(n // b, [0, 0])
+            acc[0] += n
+            acc[1] += b
+    reduce = max((e + nb for e, nb in by_length.values()), default=0)
+    return itemsize * max(reduce, sum(n + b for n, b in items))
+
+
 def adam_mini_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        t: float, beta1: float, beta2: float, lr: float, weight_decay: float, eps: float) -> None:
     """Multi-tensor Adam-mini step (Algorithm 1) of float32 tensors sharing the step count ``t``,
@@ -110,7 +134,7 @@ def adam_mini_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     ``addcmul_`` as :func:`block_second_moment_` does.
 
     Transient (float32): the concatenated gradients of one block length with their block means,
-    then every tensor's block factors and the direction: at most two tensors of the list's size.
+    then every tensor's block factors and the direction, :func:`adam_mini_foreach_bytes`.
     """
     items = [i for i, p in enumerate(params) if p.numel() > 0]  # an empty tensor has no blocks and no step
     if not items:
