@@ -8,6 +8,8 @@ Notation as in ``torch.optim.Muon`` (torch 2.13, the implementation lowmem is te
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -147,6 +149,24 @@ def ns_column_blocks(shape: torch.Size | tuple[int, int], column_block_numel: in
     return out
 
 
+#: whether :func:`bf16_gemm_workspace_bytes` counts the BLAS's workspace (:func:`bf16_workspace_left_out`)
+_BF16_WORKSPACE_COUNTED: contextvars.ContextVar[bool] = contextvars.ContextVar("lowmem_bf16_workspace_counted",
+                                                                               default=True)
+
+
+@contextlib.contextmanager
+def bf16_workspace_left_out():
+    """Within it :func:`bf16_gemm_workspace_bytes` is 0: the estimator sizes a step with and without the bfloat16
+    products' BLAS workspace to name the part of the transient that is process memory, not torch tensors
+    (``optimizer_transient_blas_workspace``), which a live-tensor measurement cannot see (as
+    :func:`~lowmem.optim.functional.galore.svd_mkl_left_out` for MKL's SVD buffers)."""
+    token = _BF16_WORKSPACE_COUNTED.set(False)
+    try:
+        yield
+    finally:
+        _BF16_WORKSPACE_COUNTED.reset(token)
+
+
 def bf16_gemm_workspace_bytes(r: int, threads: int = 1) -> int:
     """Workspace of a bfloat16 matrix product with inner dimension ``r`` (the iteration's ``A A`` and
     ``P X_j``) beyond its output, per CPU thread (packed panels of the operands): the BLAS's, not traced, so a
@@ -170,9 +190,12 @@ def bf16_gemm_workspace_bytes(r: int, threads: int = 1) -> int:
     4096 x 1024 (1024 x 256 0.34, 256 x 512 0.70, 2048 x 2048 1.07, 4096 x 1024 1.18), so the report is 1.08-2.6x
     the growth (2.4-2.6x where the step's tensors are under 1 MiB). It stays a bound, not tightened: what the BLAS
     keeps depends on the process's earlier products (the measurement above read up to 2.8 MiB, tall weights 2.3-2.6,
-    with another history), and an estimate must hold for the first step of a shape in a training process."""
+    with another history), and an estimate must hold for the first step of a shape in a training process.
+    0 within :func:`bf16_workspace_left_out`."""
     from .galore import mkl_generic_kernels
 
+    if not _BF16_WORKSPACE_COUNTED.get():
+        return 0
     if mkl_generic_kernels():
         return threads * 3 * 2**20
     return threads * min(2 * r * r + 2 * 2**20, 16 * 2**20 + 1600 * r)
