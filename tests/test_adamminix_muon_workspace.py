@@ -53,7 +53,8 @@ def test_the_step_without_the_workspace_is_its_traced_tensors(shape, chunk, iter
     with M.bf16_workspace_left_out():
         tensors = opt.step_transient_bytes()
     assert t.peak == tensors
-    named, ws = opt.step_transient_bytes() - tensors, M.bf16_gemm_workspace_bytes(min(shape[-2:]), torch.get_num_threads())
+    named = opt.step_transient_bytes() - tensors
+    ws = M.bf16_gemm_workspace_bytes(min(shape[-2:]), torch.get_num_threads())
     assert named == ws if iteration_peak else 0 < named < ws
 
 
@@ -65,8 +66,8 @@ def test_the_estimate_names_the_workspace():
 
     from lowmem.memory.estimate import estimate_memory
 
-    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
     kw = dict(batch_size=1, seq_len=32, dtype="fp32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
