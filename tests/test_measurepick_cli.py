@@ -62,7 +62,8 @@ def test_the_pick_is_measured_with_its_own_settings_and_fits(llama_dir, capsys, 
     (kw,) = calls
     expected = dict(optimizer=s["optimizer"], optim_args=s["optim_args"], batch_size=s["batch_size"], seq_len=s["seq_len"],
                     dtype=s["dtype"], quantization=s.get("quantization"), lora=s.get("lora"),
-                    gradient_checkpointing=s["gradient_checkpointing"], layerwise=s["layerwise"], device=s["device"])
+                    gradient_checkpointing=s["gradient_checkpointing"], layerwise=s["layerwise"], device=s["device"],
+                    gradient_accumulation_steps=1)
     assert {k: kw[k] for k in expected} == expected == out["measured"][0]["settings"]
     (m,) = out["measured"]
     assert m["estimate"] == {**pick["components"], "total": pick["total"]}
