@@ -298,10 +298,12 @@ class MemoryMeasurement:
 
     def mkl_gemm_pack_bytes(self) -> int:
         """The part of the estimated transient that is MKL's GEMM packing buffer (CPU, projected steps) and its
-        SVD buffers (an AMD CPU's exact-SVD refresh, bucketed steps: ``optimizer_transient_mkl_svd``): memory of
-        the process, but not torch tensors, so the tracker's measurement leaves them out."""
+        SVD buffers (an AMD CPU's exact-SVD refresh, bucketed steps: ``optimizer_transient_mkl_svd``) and Muon's
+        bfloat16 products' BLAS workspace (``optimizer_transient_blas_workspace``): memory of the process, but not
+        torch tensors, so the tracker's measurement leaves them out."""
         details = self.estimate.details
-        return int(details.get("optimizer_transient_mkl_gemm_pack", 0)) + int(details.get("optimizer_transient_mkl_svd") or 0)
+        return (int(details.get("optimizer_transient_mkl_gemm_pack", 0)) + int(details.get("optimizer_transient_mkl_svd") or 0)
+                + int(details.get("optimizer_transient_blas_workspace") or 0))
 
     def table(self) -> str:
         from .report import estimate_table, fmt_bytes
@@ -311,8 +313,11 @@ class MemoryMeasurement:
         if mkl:
             m = self.measured.get("optimizer_transient", 0)
             rest = self.estimate.optimizer_transient - mkl
-            what = ("MKL's GEMM packing buffer" if not self.estimate.details.get("optimizer_transient_mkl_svd")
-                    else "MKL's GEMM packing buffer and SVD buffers")
+            parts = [name for key, name in (("optimizer_transient_mkl_gemm_pack", "MKL's GEMM packing buffer"),
+                                             ("optimizer_transient_mkl_svd", "MKL's SVD buffers"),
+                                             ("optimizer_transient_blas_workspace", "the BLAS workspace of bfloat16 products"))
+                     if self.estimate.details.get(key)]
+            what = " and ".join(parts)
             text += (f"measured: live torch tensors; the estimated optimizer_transient includes {what} "
                      f"({fmt_bytes(mkl)}, the library's on CPU, not tensors): without them {fmt_bytes(rest)}"
                      + (f" (est/meas {rest / m:.3f})" if m else "") + "\n")
