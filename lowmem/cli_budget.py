@@ -399,9 +399,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps {args.steps}: expected an integer >= 1 (training steps measured)")
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient-accumulation-steps {args.gradient_accumulation_steps}: expected an integer >= 1")
-    if args.gradient_accumulation_steps > 1:
-        if args.measure:  # (measure_memory runs them since 909e397: lifting this waits on tests/test_memory_archs.py)
-            raise ValueError("--gradient-accumulation-steps above 1 is estimated only: --measure runs one micro-batch per step")
+    if args.gradient_accumulation_steps > 1:  # (--measure runs them too: measure_memory, 909e397)
         common["gradient_accumulation_steps"] = args.gradient_accumulation_steps
 
     if args.budget is not None:
