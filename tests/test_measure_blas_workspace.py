@@ -20,3 +20,15 @@ def test_muon_blas_workspace_is_named_and_left_out_of_the_tensor_ratio():
                                        + (d.get("optimizer_transient_mkl_svd") or 0) + blas)
     assert "the BLAS workspace of bfloat16 products" in r.table()
     assert "optimizer_transient_tensors" in r.ratios()
+
+
+def test_measure_memory_refuses_steps_that_measure_nothing():
+    """``steps=0`` ran no step and measured weights and state alone (a peak that "fits" anything); 1.5 / True are
+    no step counts either (FOUND_MEASUREPICK 4)."""
+    import pytest
+
+    from lowmem.memory.measure import measure_memory
+
+    for steps in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"steps must be an int >= 1"):
+            measure_memory("tiny", "adamw", seq_len=8, steps=steps, device="cpu")

@@ -419,6 +419,8 @@ def measure_memory(
     accumulation = gradient_accumulation_steps
     if isinstance(accumulation, bool) or not (isinstance(accumulation, int) and accumulation >= 1):
         raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {accumulation!r}")
+    if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 1):  # (0: no step, a peak of nothing)
+        raise ValueError(f"steps must be an int >= 1 (training steps measured), got {steps!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pdtype = parse_dtype(dtype)
     m, config = _build_model(model, pdtype, quantization, lora, gradient_checkpointing, device, seed)
