@@ -1140,10 +1140,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
         (its ``foreach_counts_outside``; full-rank, a float ``lr``, a device of
         :func:`~lowmem.optim.functional.adam.fused_device`, not meta): the kernel's step-count tensor
         (:func:`~lowmem.optim.functional.adam._step_tensor`)."""
-        if not getattr(self.recipe.moment, "foreach_counts_outside", False):
+        moment = self.recipe.moment
+        if not getattr(moment, "foreach_counts_outside", False):
             return 0
+        # (a rule whose AdamW parameters are some of its buckets' only, fused_kernel_buckets_only: the hybrids'; the
+        # kernel steps their buckets of class None, foreach_bucket_class, on the multi-tensor path alone)
+        only = getattr(moment, "fused_kernel_buckets_only", False)
         devices = {local(key).device for group in self.param_groups if not isinstance(group.get("lr"), Tensor)
-                   for key in group["params"] if not self._is_projected(key, group)}
+                   for key in group["params"] if not self._is_projected(key, group)
+                   and (not only or (self._foreach_ok(local(key), group, state=self.state[key])
+                                     and moment.foreach_bucket_class(local(key).shape, group, self.state[key]) is None))}
         return 4 * sum(d.type != "meta" and _FA.fused_device(d) for d in devices)
 
     def _check_bytes(self) -> int:

@@ -219,13 +219,28 @@ class HybridMoments(MomentRule):
 
     #: the engine hands :meth:`foreach_bucket_transient_bytes` each bucket's class (:meth:`foreach_bucket_class`)
     foreach_counts_class = True
+    #: and the elements of each bucket's non-contiguous members (``outside``), which torch's fused AdamW kernel
+    #: leaves to the multi-tensor operations (:meth:`~lowmem.optim.moments.AdamMoments.foreach_bucket_transient_bytes`;
+    #: the engine then also counts the kernel's step-count tensor, ``_fused_step_bytes``)
+    foreach_counts_outside = True
+    #: torch's fused kernel (its step-count tensor, the engine's ``_fused_step_bytes``) steps only the buckets of
+    #: AdamW parameters (class ``None``) on the multi-tensor path, not the targets' nor a bfloat16 parameter's step
+    fused_kernel_buckets_only = True
 
-    def foreach_bucket_transient_bytes(self, numel, members, group=None, bucket_class=_NO_CLASS):
+    def foreach_bucket_transient_bytes(self, numel, members, group=None, bucket_class=_NO_CLASS, outside=None):
         """A bucket of targets (``bucket_class`` ``("target", shape)``: every member a whole target of that shape,
         :meth:`foreach_bucket_class`) allocates :meth:`target_foreach_bucket_transient_bytes`; a bucket of AdamW
-        parameters (``bucket_class`` ``None``; torch's fused kernel where it fits, else ``sqrt(v)``) and a bucket
-        whose class is not told: :meth:`foreach_transient_bytes`, the bound of both."""
-        if bucket_class is _NO_CLASS or bucket_class is None or group is None:
+        parameters (``bucket_class`` ``None``), which :meth:`foreach_step_` steps with
+        :func:`~lowmem.optim.functional.adamw_foreach_` alone, AdamW's own count
+        (:meth:`~lowmem.optim.moments.AdamMoments.foreach_bucket_transient_bytes`: nothing where torch's fused kernel
+        steps it, else ``sqrt(v)`` of the ``outside`` elements, or of all of them when ``outside`` is not told); a
+        bucket whose class is not told: :meth:`foreach_transient_bytes`, the bound of both. (Before 2026-11-30 an
+        AdamW bucket was counted at the targets' bound too: Muon's 6 B per element, for a tiny Qwen2's embedding
+        and head 393,216 B where the step allocated nothing.)"""
+        if bucket_class is None:
+            return self.adam.foreach_bucket_transient_bytes(numel, members, group, outside=numel if outside is None
+                                                            else outside)
+        if bucket_class is _NO_CLASS or group is None:
             return self.foreach_transient_bytes(numel)
         return self.target_foreach_bucket_transient_bytes(numel, torch.Size(bucket_class[1]), group)
 
@@ -685,6 +700,12 @@ class SinkGDMoments(HybridMoments):
     over its last two: each ``A x B`` matrix is normalized on its own, exactly as a 2-D parameter of its own
     (its scalings from blocks of its own rows; ``r`` of every row and ``c`` per matrix kept for the blocks;
     whole: one matrix after the other; foreach buckets: stacked with the 2-D weights of their shape)."""
+
+    #: the chunked step's direction is a new float32 tensor of the chunk holding no reference to the gradient chunk
+    #: (AdamW's; a block of the targets' step from the scalings prepare_chunks computed): a low-precision
+    #: gradient chunk's float32 copy is freed before the parameter chunk's is made
+    #: (:meth:`~lowmem.optim.engine.LowMemOptimizer._param_transient_bytes`)
+    chunk_direction_is_new = True
 
     lr_ratio_key = None
 
