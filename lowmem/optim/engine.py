@@ -1146,10 +1146,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # (a rule whose AdamW parameters are some of its buckets' only, fused_kernel_buckets_only: the hybrids'; the
         # kernel steps their buckets of class None, foreach_bucket_class, on the multi-tensor path alone)
         only = getattr(moment, "fused_kernel_buckets_only", False)
+
+        def steps_in_kernel(key: Tensor, group: dict[str, Any]) -> bool:
+            p, state = local(key), self.state[key]
+            return not only or (self._foreach_ok(p, group, state=state)
+                                and moment.foreach_bucket_class(p.shape, group, state) is None)
+
         devices = {local(key).device for group in self.param_groups if not isinstance(group.get("lr"), Tensor)
-                   for key in group["params"] if not self._is_projected(key, group)
-                   and (not only or (self._foreach_ok(local(key), group, state=self.state[key])
-                                     and moment.foreach_bucket_class(local(key).shape, group, self.state[key]) is None))}
+                   for key in group["params"] if not self._is_projected(key, group) and steps_in_kernel(key, group)}
         return 4 * sum(d.type != "meta" and _FA.fused_device(d) for d in devices)
 
     def _check_bytes(self) -> int:
