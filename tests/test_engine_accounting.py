@@ -230,7 +230,7 @@ def test_element_wise_pieces_stay_in_the_buckets():
         p = opt.param_groups[0]["params"][0]
         assert "exp_avg" in opt.state[p] and opt._foreach_ok(p, opt.param_groups[0], state=opt.state[p])
         assert not opt.recipe.moment.steps_pieces_whole(p.shape, opt.param_groups[0], opt.state[p]), name
-        assert opt.step_transient_bytes() == opt.recipe.moment.foreach_transient_bytes(2**19), name
+        assert opt.step_transient_bytes() == 4 * 2**19 <= opt.recipe.moment.foreach_transient_bytes(2**19), name  # AdamW's own count (6163679)
 
 
 # ---- Adafactor's multi-tensor transients against the tensors they allocate (issue 12) ------------
