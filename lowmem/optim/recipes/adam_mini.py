@@ -416,8 +416,8 @@ class AdamMiniMoments(MomentRule):
         sizes = []
         for n, st in members:
             m, v = st.get("exp_avg"), st.get("exp_avg_sq")
-            if m is None or v is None or n != m.numel():
-                return self.foreach_transient_bytes(numel)
+            if m is None or v is None or n != m.numel() or (n and not v.numel()):
+                return self.foreach_transient_bytes(numel)  # (a shard holding no whole block: FSDP2's uneven split)
             sizes.append((n, v.numel()))
         if not sizes:
             return self.foreach_transient_bytes(numel)
