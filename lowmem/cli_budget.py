@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
             if device == "cuda" and not torch.cuda.is_available():
                 raise ValueError("--measure --device cuda: CUDA is not available here; use --device cpu")
         found = search_budget(args.model, limit, seq_len=args.seq_len, batch_size=args.batch_size, dtype=args.dtype,
-                              top=args.top or 15, device=device, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              top=15 if args.top is None else args.top, device=device, gradient_accumulation_steps=args.gradient_accumulation_steps,
                               max_grad_norm=args.max_grad_norm, **_search_narrowing(args, optimizer_given, common["optim_args"]))
         if args.png and found:
             from .memory.estimate import COMPONENTS, MemoryEstimate
@@ -444,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
                      for c in found[:6]]
             bar_chart({f"#{i + 1}": e for i, e in enumerate(shown)}, args.png, budget=limit,
                       title=f"{args.model}: the {len(shown)} configurations that give up least within {fmt_bytes(limit)}")
-        checks = (measure_picks(args.model, found[:args.top or 1], limit, steps=args.steps,
+        checks = (measure_picks(args.model, found[:1 if args.top is None else args.top], limit, steps=args.steps,
                                 gradient_accumulation_steps=args.gradient_accumulation_steps) if args.measure and found else [])
         over = [ch for ch in checks if ch["fits"] is False]
         for ch in checks:

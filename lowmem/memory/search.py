@@ -186,8 +186,8 @@ def search_budget(
         checkpointing (`Iterable[bool]`, defaults to `(False, True)`): Gradient-checkpointing options.
         layerwise (`Iterable[bool]`, defaults to `(False, True)`): Layerwise stepping (engine
             optimizers, full fine-tuning only).
-        top (`int` or `None`, defaults to `None`): Keep the best ``top`` candidates; ``None`` or ``0``: every one
-            (``lowmem budget --top`` is an integer >= 1).
+        top (`int` or `None`, defaults to `None`): Keep the best ``top`` candidates (an integer >= 1); ``None``:
+            every one. ``0`` or a negative number is a ``ValueError`` (as ``lowmem budget --top``).
         device (`str`, defaults to `"cuda"`): The device the run will use (``"cpu"`` or ``"cuda"``):
             the optimizer's step transient is sized for it (:func:`~lowmem.memory.estimate_memory`).
         gradient_accumulation_steps (`int`, defaults to `1`): Micro-batches per optimizer step; above one, every
@@ -206,7 +206,7 @@ def search_budget(
 
     Raises:
         ValueError: ``budget`` not a size > 0; ``batch_size`` not an integer >= 1; ``top`` neither ``None`` nor an
-            integer >= 0; nothing to search (e.g. only layerwise stepping with bitsandbytes optimizers).
+            integer >= 1; nothing to search (e.g. only layerwise stepping with bitsandbytes optimizers).
     """
     from ..optim import get_entry
 
@@ -215,8 +215,8 @@ def search_budget(
         raise ValueError(f"budget={budget!r}: expected a size > 0 ({BYTE_FORMS})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
-        raise ValueError(f"top={top!r}: expected None or 0 (every candidate), or an integer >= 1")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ValueError(f"top={top!r}: expected None (every candidate) or an integer >= 1 (the best top)")
     device = check_device(device)
     optim_args = dict(optim_args or {})
     max_grad_norm = check_max_grad_norm(max_grad_norm)
@@ -289,6 +289,6 @@ def search_budget(
                     out.append(c)
                     break
     out.sort(key=lambda c: (c.cost, -c.settings["batch_size"], c.total))
-    if top:
+    if top is not None:
         del out[top:]
     return out
