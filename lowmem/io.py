@@ -14,7 +14,9 @@ is left behind, even when writing fails.
   ``write_bytes_atomic(path, buf.getvalue())``.
 * :func:`install_staged`: a set of files written by another library (``save_pretrained``: the
   final model of ``lowmem train``) into a staging directory, moved into their directory by
-  renames, the files they replace kept in ``previous-K`` until every new one is in place.
+  renames, the files they replace kept in ``previous-K`` until every new one is in place;
+  :func:`staging_dir` gives the staging folder, :func:`weights_last` the install order of a saved model
+  (``lowmem train``'s final model, ``lowmem.kit.save_tiny_model``).
 """
 
 from __future__ import annotations
@@ -135,3 +137,19 @@ def install_staged(staged: str | os.PathLike, target: str | os.PathLike, aside_s
     if aside is not None:
         shutil.rmtree(aside)
     return aside
+
+
+def weights_last(name: str) -> int:
+    """Install order (``install_staged(order=...)``) of a saved model's files: the weights after the rest, a shard
+    index after its shards, so that a directory a kill left half-installed has no (complete) weights and no loader
+    takes it."""
+    return 2 if name.endswith(".index.json") else 1 if name.endswith((".safetensors", ".bin", ".pt")) else 0
+
+
+def staging_dir(parent: str | os.PathLike, what: str) -> Path:
+    """An empty ``parent/.lowmem-<what>`` to stage a save in (a leftover of a killed save removed: it never became
+    the model)."""
+    staging = Path(parent) / f".lowmem-{what}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging

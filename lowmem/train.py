@@ -33,7 +33,7 @@ import yaml
 from torch import nn
 
 from .config import RANGES, ConfigError, Range, check_dataclass, check_value, field_types
-from .io import install_staged, write_text_atomic
+from .io import install_staged, staging_dir, weights_last, write_text_atomic
 from .optim import create_optimizer, get_entry
 
 AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
@@ -1951,18 +1951,7 @@ def merge_adapter(recipe: TrainRecipe, adapter_dir: str | Path, out_dir: str | P
     return out
 
 
-def _weights_last(name: str) -> int:
-    """Install order of a saved model's files: the weights after the rest, a shard index after its shards,
-    so that a directory a kill left half-installed has no (complete) weights and no loader takes it."""
-    return 2 if name.endswith(".index.json") else 1 if name.endswith((".safetensors", ".bin", ".pt")) else 0
-
-
-def _staging(parent: Path, what: str) -> Path:
-    """An empty ``parent/.lowmem-<what>`` (a leftover of a killed save removed: it never became the model)."""
-    staging = parent / f".lowmem-{what}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
+_weights_last, _staging = weights_last, staging_dir  # (lowmem.io)
 
 
 def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:

@@ -50,10 +50,20 @@ def save_tiny_model(path: str | os.PathLike, seed: int = 0) -> str:
 
     Anything that loads by path works offline on the result: ``AutoModelForCausalLM.from_pretrained``,
     ``AutoTokenizer.from_pretrained``, TRL trainers given a model name or a reference-model path.
+
+    Nothing is written in place: the files go to ``PARENT/.lowmem-saving-<name>`` first and are renamed into
+    ``path`` once all are written (:func:`lowmem.io.install_staged`, the weights last), so a save interrupted while
+    writing leaves no half-written model in ``path`` (an earlier model there stays as it was; the next save removes
+    the leftover staging folder). Files of ``path`` the model does not write are kept.
     """
+    from lowmem.io import install_staged, staging_dir, weights_last
+
     model, tok = build_tiny_model(seed)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    out = Path(path)
+    staging = staging_dir(out.parent, f"saving-{out.name}")
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    install_staged(staging, out, aside_stem=f".lowmem-previous-{out.name}", order=weights_last)
     return str(path)
 
 
