@@ -1503,6 +1503,32 @@ def move_earlier_checkpoints(output_dir: str | Path, names: list[str]) -> Path:
     return aside
 
 
+def interrupted_saves(output_dir: str | Path) -> list[str]:
+    """One message per folder an interrupted final save left: ``OUTPUT_DIR/.lowmem-previous-model-K`` (and
+    ``OUTPUT_DIR/merged/.lowmem-previous-merged-K``), where :func:`lowmem.io.install_staged` keeps the files a save
+    replaces until the new set is whole and then deletes it. Still there, the save was interrupted between its
+    renames: it holds (part of) the earlier model, and the model files in the directory above it may be a mix of
+    both saves. Each message names the folder, its files, whether the directory above holds weights, and what to
+    do (move the files back to restore the earlier model, or delete the folder). Nothing is deleted here: these
+    are the user's files (``lowmem train`` prints them as warnings at its start, ``--resume`` included)."""
+    out = Path(output_dir)
+    found = []
+    for d, stem in ((out, ".lowmem-previous-model-"), (out / "merged", ".lowmem-previous-merged-")):
+        if not d.is_dir():
+            continue
+        for aside in sorted(p for p in d.glob(f"{stem}*") if p.is_dir() and p.name[len(stem):].isdigit()):
+            files = sorted(p.name for p in aside.iterdir())
+            weights = [p.name for p in d.iterdir() if p.is_file() and weights_last(p.name) > 0]
+            has = (f"{d} holds weights ({', '.join(sorted(weights))}) that may be the interrupted save's"
+                   if weights else f"{d} holds no model weights: the interrupted save's never came in")
+            found.append(
+                f"{aside} holds files of the earlier model that a final save moved aside and was interrupted before "
+                f"finishing ({', '.join(files) or 'empty'}); {has}. To restore the earlier model, move the files of "
+                f"{aside} back into {d} (replacing those there) and delete the empty folder; if the model in {d} is "
+                f"the one you want (it loads), delete {aside}. lowmem leaves it as it is")
+    return found
+
+
 def resolve_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None = None) -> str | None:
     """The checkpoint directory ``recipe.resume_from_checkpoint`` designates, or `None`.
 
@@ -2236,6 +2262,11 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         raise ConfigError(str(err)) from None
     finally:
         hf_logger.setLevel(level)
+    if main:  # a final save interrupted between its renames: its aside folder named, never deleted
+        from rich.markup import escape
+
+        for m in interrupted_saves(recipe.output_dir):
+            console.print(f"[yellow]warning[/]: {escape(m)}")
     resumed_from = resolve_checkpoint(recipe, warn=lambda m: main and console.print(f"[yellow]warning[/]: {m}"))
     earlier = sorted(p.name for p in Path(recipe.output_dir).glob("checkpoint-*") if p.is_dir())
     if main and resumed_from is None and earlier:
