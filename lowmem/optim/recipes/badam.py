@@ -19,6 +19,7 @@ Trainer save under FSDP2) keeps only ``state`` and ``param_groups`` and drops th
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from typing import Any, Iterable
 
 import torch
@@ -401,6 +402,29 @@ class BAdam(LowMemOptimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The engine's load (:meth:`LowMemOptimizer.load_state_dict`) of the checkpoint's active block's state and
+        schedule, then the check of that state and the freezing of the inactive blocks. torch's hooks run around
+        the whole of it, as torch runs them: the pre-hooks first on the dict as given (its ``"badam"`` entry
+        included; a dict one returns is the one loaded), the post-hooks last, on the fully loaded BAdam (the
+        checkpoint's active block, ``requires_grad`` set), and not after a refused load
+        (``tests/test_ckptleft_badam_hooks.py``; run inside the engine's load, a post-hook saw the old block's
+        ``requires_grad``)."""
+        state_dict = state_dict.copy()
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        for hook in pre.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # (the engine's load runs none of them)
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            self._load_badam(state_dict)
+        finally:  # (the same dicts: the hooks' handles remove from them)
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
+        for hook in post.values():
+            hook(self)
+
+    def _load_badam(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         schedule = state_dict.pop("badam", None)
         groups = [dict(g) for g in state_dict.get("param_groups", [])]
