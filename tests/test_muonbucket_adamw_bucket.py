@@ -1,8 +1,9 @@
 """Issue 12: the hybrids' (Muon, SinkGD, SCALE) bucket of AdamW parameters (embeddings, head, norms, biases:
 ``foreach_bucket_class`` ``None``) is counted with AdamW's own rule (``AdamMoments.foreach_bucket_transient_bytes``:
 nothing on torch's fused kernel, ``sqrt(v)`` on the multi-tensor operations), not the targets' bound (Muon's
-6 B per element); and SinkGD's chunked direction is a new tensor (``chunk_direction_is_new``), so a
-bfloat16 parameter's gradient-chunk copy is counted once, not twice. Before, on the tiny Qwen2 below (the embedding
+6 B per element); and SinkGD's chunked direction is a new tensor (``chunk_direction_is_new``; Muon counts its
+chunks' copies itself, ``chunk_counts_copies``, since MUONFIX), so a bfloat16 parameter's gradient-chunk copy is
+counted once, not twice. Before, on the tiny Qwen2 below (the embedding
 and untied head, 65,536 elements, one AdamW bucket): muon float32 reported 393,216 for 196,608 traced, sinkgd
 458,752 for 140,804; bfloat16 393,216 for 262,144 (both).
 
@@ -35,10 +36,6 @@ def _qwen2(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["muon", "sinkgd", "scale"])
 def test_hybrid_step_allocates_what_it_reports(name, dtype, fused, monkeypatch):
-    if name == "muon" and dtype == torch.bfloat16:
-        # (Muon's chunked direction is new too, but its chunk_direction_is_new stays off until
-        # tests/test_normalized_launches.py's formula counts one gradient copy: 393,216 reported, 262,144 traced)
-        pytest.xfail("Muon's bf16 AdamW step counts two float32 gradient copies (MuonMoments.chunk_direction_is_new is False: 393,216 reported / 262,144 traced; docs/benchmarks.md, MUONBUCKET)")
     monkeypatch.setattr(FA, "FUSED_ON_CPU", fused)
     FA.clear_step_tensors()
     opt = create_optimizer(_qwen2(dtype), name)

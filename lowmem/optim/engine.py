@@ -1292,6 +1292,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # a chunked step of a rule whose direction is a new tensor (MomentRule.chunk_direction_is_new): the gradient
         # chunk's float32 copy is freed when the direction returns, before the parameter chunk's copy is made
         new = not r.stabilizers and getattr(r.moment, "chunk_direction_is_new", False)
+        # a rule that counts those copies itself, phase by phase (MomentRule.chunk_counts_copies: Muon, whose
+        # Newton-Schulz phase holds no gradient chunk): asked with copy=, the bytes per element of a float32 copy
+        counts = not r.stabilizers and getattr(r.moment, "chunk_counts_copies", False)
         # a rule whose chunked step allocates other than its whole-tensor direction (Adafactor's two passes over
         # the row blocks, then the directions beside the factors) says it (MomentRule.chunk_transient_bytes)
         rule = getattr(r.moment, "chunk_transient_bytes", None) or r.moment.transient_bytes
@@ -1300,6 +1303,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # the copies and the rule's transient of the same chunk
         worst = 0
         for n in sorted({b - a for a, b in bounds}, reverse=True) or [0]:
+            if counts:
+                worst = max(worst, rule(n, p.shape, group, state, copy=4 * lowp))
+                continue
             copies = 4 * n * lowp
             stab = sum(s.transient_bytes(n, group) for s in r.stabilizers)
             worst = max(worst, copies + (0 if new else copies) + stab + rule(n, p.shape, group, state))

@@ -70,6 +70,12 @@ class MomentRule:
     #: chunk's copy is made: the engine then counts one copy, not two (``_param_transient_bytes``). Only for a rule
     #: whose chunked :meth:`transient_bytes` counts the direction itself (at least 4 B per element).
     chunk_direction_is_new: bool = False
+    #: Whether the chunked step's transient (:meth:`transient_bytes`, or ``chunk_transient_bytes``) counts the float32
+    #: copies of a low-precision parameter's gradient and parameter chunks itself, phase by phase: the engine then
+    #: calls it with ``copy=`` (4 bytes per element for such a parameter, 0 otherwise) and adds no copies of its own
+    #: (``_param_transient_bytes``; Muon: its Newton-Schulz phase holds no gradient chunk, a batch's iterate is
+    #: computed beside the block's gradient copy). Not with stabilizers (their chunks are counted by the engine).
+    chunk_counts_copies: bool = False
     #: A rule whose chunked step allocates other than :meth:`transient_bytes` of a chunk (the whole-tensor form: its
     #: direction and statistics of ``numel`` elements) gives ``chunk_transient_bytes(numel, shape, group, state)``,
     #: the chunked step's transient with chunks of at most ``numel`` elements (the engine's ``_param_transient_bytes``

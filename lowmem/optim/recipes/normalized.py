@@ -320,6 +320,27 @@ class MuonMoments(HybridMoments):
 
     target_keys = ("momentum_buffer",)
 
+    #: the chunked step's transient counts the float32 copies of a low-precision parameter's chunks itself
+    #: (:meth:`transient_bytes` with ``copy=4``; the engine's ``_param_transient_bytes`` adds none then): every chunked
+    #: direction is a new tensor holding no reference to the gradient chunk (AdamW's; a block of rows read from the
+    #: iterate, :meth:`target_direction`; a batch's rows, :meth:`_batched_rows`), so the gradient chunk's copy is freed
+    #: before the parameter chunk's is made (what ``chunk_direction_is_new`` says for SinkGD and SCALE), the lean
+    #: step's Newton-Schulz phase holds no gradient chunk, and a batch's iterate is computed inside the direction,
+    #: beside the block's gradient copy, with copies of its own rows. (Before 2026-11-30 two copies were counted in
+    #: every phase: a bfloat16 tiny Qwen2's embedding chunk 393,216 B reported for 262,144 traced;
+    #: ``chunk_direction_is_new`` alone would under-report a bfloat16 batch of matrices, 11,840 B for 14,400 traced.)
+    chunk_counts_copies = True
+
+    def transient_bytes(self, numel, shape, group, state, copy: int = 0):
+        """The chunked step of ``numel`` elements, with ``copy`` bytes per element of the float32 copies of a
+        low-precision parameter's gradient and parameter chunks (``chunk_counts_copies``): an AdamW parameter's
+        gradient copy freed when its new direction returns, before the parameter's copy is made (one copy beside
+        AdamW's transient); a target's lean step (:meth:`_lean_bytes`: the engine's chunked step of a target is
+        always the lean one, a weight of one chunk too)."""
+        if self._is_adam(state):
+            return copy * numel + self.adam.transient_bytes(numel, shape, group, state)
+        return self._lean_bytes(numel, shape, group, state, copy)
+
     def targets(self, shape, group):
         """The 2-D parameters of a ``use_muon`` group, and those of more dimensions (batches of matrices over
         the last two) except in FSDP2 groups (a shard of a batch is not stepped by Muon: AdamW there)."""
@@ -498,28 +519,39 @@ class MuonMoments(HybridMoments):
         return o.to(g.dtype).mul_(lr * muon_lr_ratio(g.shape, group["adjust_lr_fn"]))
 
     def target_transient_bytes(self, numel, shape, group, state):
+        """A target's step of blocks of ``numel`` elements: the lean step (:meth:`_lean_bytes`); a weight of one chunk
+        (``numel`` its size) may be stepped either way (an FSDP2 shard's gathered step, :meth:`sharded_transient_bytes`,
+        runs the whole-tensor form): the larger of the lean and :meth:`_whole_matrix_bytes` is reported. The engine's
+        chunked step asks :meth:`transient_bytes`, the lean step alone."""
+        lean = self._lean_bytes(numel, shape, group, state)
+        if len(shape) > 2 or numel < math.prod(shape):
+            return lean
+        return max(lean, self._whole_matrix_bytes(shape, group, state))
+
+    def _lean_bytes(self, numel, shape, group, state, copy: int = 0) -> int:
         """Chunked (``numel`` a block of rows; the lean step): the bfloat16 iterate (``2 m n``) for the
         whole step, and at most one of: the momentum pass's block of ``U`` (float32, with Nesterov)
-        and a low-precision buffer's float32 rows; the iteration's ``A`` and ``P`` (``4 r^2``, ``r``
-        the smaller side) or ``P`` and a column block's result (the blocks of
+        and a low-precision buffer's float32 rows, beside the block's gradient copy; the iteration's ``A`` and
+        ``P`` (``4 r^2``, ``r`` the smaller side) or ``P`` and a column block's result (the blocks of
         :func:`~lowmem.optim.functional.muon.ns_column_block_numel`: as large as a block of rows off
         the CPU), with the bfloat16 products' workspace
         (:func:`~lowmem.optim.functional.muon.newton_schulz_transient_bytes`: per CPU thread for a
-        buffer on the CPU, once elsewhere); the block's float32 step. Whole: :meth:`_whole_matrix_bytes`. A weight
-        of one chunk (``numel`` its size) may be stepped either way: the larger is reported. A batch of matrices
-        (more than 2 dimensions): :meth:`_batched_transient_bytes`."""
+        buffer on the CPU, once elsewhere), no gradient chunk alive; the block's float32 step beside its gradient
+        copy, then beside the parameter's. ``copy``: bytes per element of a low-precision parameter's float32
+        chunk copies (4; 0 for float32, ``chunk_counts_copies``). A batch of matrices (more than 2 dimensions):
+        :meth:`_batched_transient_bytes`. (Before 2026-11-30 the engine added its gradient copy to every phase, the
+        iteration's too: 16,384 B over for a bfloat16 8 x 4096 weight in rows of 4096; and the engine's step of a
+        weight of one chunk was reported at the larger of the lean and the whole step: a float32 64 x 96 weight,
+        Nesterov, 65,536 B for 36,864 traced.)"""
         if len(shape) > 2:
-            return self._batched_transient_bytes(numel, shape, group, state)
+            return self._batched_transient_bytes(numel, shape, group, state, copy)
         total = math.prod(shape)
         buf = state["momentum_buffer"]
         low = buf.dtype not in (torch.float32, torch.float64)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1  # CPU GEMMs pack panels per thread
         with blas_device(buf.device.type):  # (a CUDA buffer's workspace does not read the host CPU's vendor)
             ns = newton_schulz_transient_bytes(shape, ns_column_block_numel(buf.device, numel), threads=threads)
-        lean = 2 * total + max(4 * numel * (group["nesterov"] + low), ns, 4 * numel)
-        if numel < total:
-            return lean
-        return max(lean, self._whole_matrix_bytes(shape, group, state))
+        return 2 * total + max(numel * (copy + 4 * (group["nesterov"] + low)), ns, numel * (copy + 4))
 
     @staticmethod
     def _whole_matrix_bytes(shape, group, state) -> int:
@@ -539,14 +571,16 @@ class MuonMoments(HybridMoments):
         with blas_device(buf.device.type):
             return muon_whole_step_bytes(tuple(shape), group["nesterov"], low, threads)
 
-    def _batched_transient_bytes(self, numel, shape, group, state) -> int:
+    def _batched_transient_bytes(self, numel, shape, group, state, copy: int = 0) -> int:
         """A batch of matrices ``[..., A, B]``. Chunked (blocks of ``numel`` elements, whole rows): one
         matrix's lean step (:meth:`_matrix_iterate`: its bfloat16 iterate ``2 A B`` and at most one of the
-        momentum pass's float32 rows and the iteration's temporaries, as a 2-D weight's) beside, in a block
-        over several matrices, the block's float32 step (``4 numel``; after the iteration in a block within one
-        matrix); exact in the tensors (:func:`~lowmem.optim.functional.muon.row_block_spans`), the products'
-        workspace a bound as for a 2-D weight. Stepped whole (``chunk_numel=None``) the engine asks
-        :meth:`target_whole_transient_bytes`."""
+        momentum pass's float32 rows with their gradient copy and the iteration's temporaries, as a 2-D weight's)
+        computed inside the block's direction, beside the block's gradient copy (``copy`` bytes per element: a
+        low-precision parameter's) and, in a block over several matrices, the block's float32 step (``4 numel``;
+        after the iteration in a block within one matrix); exact in the tensors
+        (:func:`~lowmem.optim.functional.muon.row_block_spans`; a bound by the block's gradient copy where no
+        block inside one matrix computes an iterate), the products' workspace a bound as for a 2-D weight. Stepped
+        whole (``chunk_numel=None``) the engine asks :meth:`target_whole_transient_bytes`."""
         m, n = shape[-2:]
         mat, total = m * n, math.prod(shape)
         buf = state["momentum_buffer"]
@@ -556,9 +590,10 @@ class MuonMoments(HybridMoments):
         piece = min(size, mat)
         with blas_device(buf.device.type):
             ns = newton_schulz_transient_bytes((m, n), ns_column_block_numel(buf.device, piece), threads=threads)
-        iterate = 2 * mat + max(4 * piece * (group["nesterov"] + low), ns)
+        iterate = 2 * mat + max(piece * (copy + 4 * (group["nesterov"] + low)), ns)
         within, spanning = row_block_spans(shape, size)
-        return max(iterate, 2 * mat + 4 * within, 4 * spanning + iterate if spanning else 0)
+        return max(copy * within + iterate, 2 * mat + (4 + copy) * within,
+                   (4 + copy) * spanning + iterate if spanning else 0)
 
     def target_whole_transient_bytes(self, shape, group, state):
         """Stepped whole (``chunk_numel=None``): a 2-D weight's :meth:`target_transient_bytes` of all of it (either
