@@ -8,6 +8,7 @@
 * :mod:`.apollo` - APOLLO, APOLLO-Mini (a new combine-back step on the subspace parts).
 * :mod:`.lomo` - LOMO, AdaLomo (update rules fused into the backward pass by layerwise mode).
 * :mod:`.badam` - BAdam (block coordinate descent over layers, Adam on the active block).
+* :mod:`.lion` - Lion, Lion with an 8-bit momentum (sign of an interpolated momentum).
 
 Importing this package registers every recipe.
 """
@@ -18,5 +19,6 @@ from . import normalized  # noqa: F401, E402  (Muon, SCALE, SinkGD)
 from . import lomo  # noqa: F401, E402  (LOMO, AdaLomo)
 from . import badam  # noqa: F401, E402  (BAdam)
 from . import subset_norm  # noqa: F401, E402  (AdamSN, AdamSNSM, SGD with Subspace-Momentum)
+from . import lion  # noqa: F401, E402  (Lion, Lion8bit)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

@@ -1,0 +1,45 @@
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2 / Program 1).
+
+Lion keeps one moment ``m`` and steps every coordinate by the same magnitude, the sign of an
+interpolation between ``m`` and the gradient::
+
+    c_t     = beta1 m_{t-1} + (1 - beta1) g_t                         (Algorithm 2, line 5)
+    theta_t = theta_{t-1} - lr (sign(c_t) + lambda theta_{t-1})      (line 6: decoupled decay)
+    m_t     = beta2 m_{t-1} + (1 - beta2) g_t                         (line 7)
+
+The interpolation ``c_t`` is computed before ``m`` is updated (two different decay rates: ``beta1``
+for the step, ``beta2`` for the memory). The decay and the parameter step are the engine's
+(:func:`~lowmem.optim.functional.adam.decoupled_weight_decay_`, ``apply_update_``): the functions
+here return the unitless direction ``sign(c_t)``.
+
+Both EMAs are written ``x * beta + g * (1 - beta)`` (``mul`` then ``add(alpha=...)``), the form of
+Program 1 and of bitsandbytes' and pytorch-optimizer's Lion, so a moment stored in 8 bits is rounded
+from the same float32 value as bitsandbytes' ``Lion8bit`` computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lion_direction_(m: Tensor, g: Tensor, beta1: float, beta2: float) -> Tensor:
+    """Lion's direction ``sign(beta1 m + (1 - beta1) g)`` (Algorithm 2, line 5, and the sign of
+    line 6) as a new tensor of ``m``'s dtype, then ``m <- beta2 m + (1 - beta2) g`` in place
+    (line 7). ``g`` is read in ``m``'s dtype. Allocates the direction only (``m.numel()`` values)."""
+    g = g.to(m.dtype)
+    c = torch.mul(m, beta1).add_(g, alpha=1.0 - beta1).sign_()
+    m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    return c
+
+
+def lion_direction_foreach(ms: list[Tensor], gs: list[Tensor], beta1: float, beta2: float) -> list[Tensor]:
+    """:func:`lion_direction_` of float32 tensors, one multi-tensor kernel per operation (the same
+    operations in the same order: equal to the per-tensor form bit for bit on the CPU). Returns the
+    new directions; the moments are updated in place."""
+    cs = torch._foreach_mul(ms, beta1)
+    torch._foreach_add_(cs, gs, alpha=1.0 - beta1)
+    torch._foreach_sign_(cs)
+    torch._foreach_mul_(ms, beta2)
+    torch._foreach_add_(ms, gs, alpha=1.0 - beta2)
+    return cs
