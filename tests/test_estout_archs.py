@@ -103,7 +103,7 @@ def test_budget_search_counts_the_embedding_moment_per_batch():
     from lowmem.memory.report import peak_stack
     from lowmem.memory.search import search_budget
 
-    found = search_budget(_qwen2(), 10**9, seq_len=64, batch_size=4, dtype="fp32", device="cpu", top=0)
+    found = search_budget(_qwen2(), 10**9, seq_len=64, batch_size=4, dtype="fp32", device="cpu", top=None)
     adamw = [c for c in found if c.settings.get("optimizer") == "adamw" and not c.settings.get("lora")
              and not c.settings.get("layerwise") and not c.settings.get("quantization")]
     assert adamw, [c.settings for c in found[:5]]
