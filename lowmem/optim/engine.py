@@ -1083,13 +1083,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     whole = False
                     if (len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers
                             and not getattr(self.recipe.moment, "pieces_elementwise", False)):
-                        # a tensor in pieces may be stepped whole from its first one by the rule's
-                        # per-parameter step (moments.step_whole_from_piece_: Adafactor, Adam-mini,
-                        # the hybrids' targets, quantized moments, MicroAdam, subset norms): that
-                        # transient, and then its pieces allocate nothing of their buckets' step
-                        # (a rule that never does, pieces_elementwise: AdamW, not counted)
-                        worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
+                        # a tensor in pieces that the rule steps whole from its first one by its
+                        # per-parameter step (steps_pieces_whole; moments.step_whole_from_piece_: Adafactor,
+                        # Adam-mini, the hybrids' targets, quantized moments, MicroAdam, subset norms): that
+                        # transient, and then its pieces allocate nothing of their buckets' step; pieces the
+                        # rule steps element-wise (a hybrid's AdamW parameter) only their buckets' (before
+                        # 2026-11-30 the per-parameter term was added for them too: 2,097,152 B over for a
+                        # 2**21-element vector on torch's fused kernel)
                         whole = self.recipe.moment.steps_pieces_whole(p.shape, group, state)
+                        if whole:
+                            worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
                     cls = self.recipe.moment.foreach_bucket_class(p.shape, group, state)
                     for start, stop in self._foreach_pieces(p):
                         # (the pieces still fill the buckets as step() fills them, by class)
