@@ -70,6 +70,7 @@ def llama_activation_bytes(
     head_parts: dict[str, int] | None = None,
     down_grad_bytes: int = 0,
     head_grad_bytes: int = 0,
+    position_ids_per_sequence: bool = False,
 ) -> dict[str, int]:
     """Bytes of activations live at the peak of one training step, by part.
 
@@ -105,6 +106,12 @@ def llama_activation_bytes(
             weight's dtype; 0 when the head is frozen): the first gradient the backward forms, a temporary beside the
             gradient of the logits and of the head's input until autograd hands it to the weight
             (:func:`head_moment_bytes`; the activations' peak when the tokens are few beside the vocabulary's rows).
+        position_ids_per_sequence (`bool`, defaults to `False`): The batch comes with position ids of its own, one
+            row per sequence (``(batch_size, seq_len)``: a collator's ``position_ids``). ``False``: transformers'
+            default ``position_ids = arange(seq_len)[None]``, ``(1, seq_len)`` whatever the batch, so the rotary
+            tables (``rope``: the cos and sin every layer's attention saves, one pair shared by the layers) are
+            ``2 s d e``, not ``2 b s d e``. A padding-free batch (TRL's ``padding_free``, and ``packing`` with
+            ``"bfd"``: one row of ``b s`` tokens) is ``batch_size=1, seq_len=b s`` either way.
 
     Returns:
         `dict[str, int]`: ``layers`` (all decoder layers, or the checkpoints plus one recomputed
@@ -175,7 +182,10 @@ def llama_activation_bytes(
         # (or before them, beside the layer's incoming gradient, the down_proj weight's gradient being formed)
         down = tokens * e * (h + i) + down_grad_bytes if down_grad_bytes else 0
         head["layer_backward"] = max(0, max(tokens * 2 * e * i, down) - sum(head.values()))
-    parts = {"layers": layers, "lora": lora, **head, "rope": 2 * tokens * d * e}
+    # the rotary tables: cos and sin of the position ids' shape (transformers' default ids are (1, s), shared by the
+    # batch; measured at b = 2, 4: the activations (b - 1) 2 s d e under the per-token count, ESTFIX)
+    rope_positions = tokens if position_ids_per_sequence else seq_len
+    parts = {"layers": layers, "lora": lora, **head, "rope": 2 * rope_positions * d * e}
     parts["total"] = sum(parts.values())
     if gradient_checkpointing:  # the two moments of the checkpointed backward (not in the total: it holds the larger)
         parts["checkpoint_head"], parts["checkpoint_layer"] = sum(head.values()), one_layer

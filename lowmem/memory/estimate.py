@@ -201,7 +201,9 @@ def _peak_of_components(components: dict[str, int], layerwise: bool, gradients_w
             return rest + act + transient
         return rest + max(act + min(transient_with_activations, transient), act + kept, transient)
     if gradients_with_activations is None:
-        return rest + max(act + kept, transient)
+        # gradient accumulation: every gradient kept, live with the activations; the untied embedding's backward (with
+        # a later micro-batch's embedding gradient being added to the kept one) is a moment of its own
+        return rest + max(act + kept, transient, embedding_backward + kept)
     grads = components.get("gradients", 0)
     early = min(gradients_with_activations, grads)
     return rest - grads + max(act + early + kept, grads + max(transient, tied_backward + kept, embedding_backward + kept))
@@ -1088,6 +1090,7 @@ def estimate_memory(
     generation_batch_size: int | None = None,
     max_completion_length: int | None = None,
     max_grad_norm: float | None = 1.0,
+    padding_free: bool = False,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step, by component, allocating nothing.
 
@@ -1160,6 +1163,12 @@ def estimate_memory(
             dtype other than float32 (e.g. 2 bytes for bfloat16) during each step; the estimate's transient is that
             optimizer's ``step_transient_bytes()``. ``None`` or ``0``: no clipping (``lowmem budget --measure`` and
             :func:`~lowmem.memory.measure.measure_memory` run without it).
+        padding_free (`bool`, defaults to `False`): TRL's ``SFTConfig.padding_free`` (which ``packing=True`` with
+            ``packing_strategy="bfd"``, TRL's default, turns on): the collator flattens the micro-batch's sequences into
+            one row of ``batch_size x seq_len`` tokens with position ids restarting at each sequence, so the model runs
+            on ``(1, batch_size x seq_len)``: the rotary tables (cos and sin, built from the position ids' shape) are
+            per token. ``False``: padded batches without position ids, transformers' default ``(1, seq_len)`` ids
+            shared by the batch (rotary tables of one sequence). With the plain loss or ``trainer="sft"`` only.
 
     Returns:
         `MemoryEstimate`: bytes by component, with ``.total``, ``.table()`` and ``.to_dict()``.
@@ -1174,6 +1183,11 @@ def estimate_memory(
             raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1")
     device = check_device(device)
     max_grad_norm = check_max_grad_norm(max_grad_norm)
+    if not isinstance(padding_free, bool):
+        raise ValueError(f"Invalid padding_free={padding_free!r}: expected True or False (TRL's SFTConfig.padding_free)")
+    if padding_free and trainer not in (None, "sft"):
+        raise ValueError(f"padding_free=True is modelled for the plain loss and trainer='sft' (TRL's SFTConfig), not "
+                         f"trainer={trainer!r}: valid trainers with it are [None, 'sft']")
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
     spec = QuantSpec.parse(quantization)
@@ -1258,6 +1272,13 @@ def estimate_memory(
     # projects and frees it). Before, the largest gradient only: tiny Llama adamw, 2 micro-batches of 1 x 64 fp32,
     # 2,689,176 B estimated for 3,244,960 measured (FOUND_BUDGETAUDIT 1)
     layerwise_accumulating = layerwise and gradient_accumulation_steps > 1
+    # plain stepping with gradient accumulation: a later micro-batch forms each gradient as a new tensor beside the kept
+    # .grad before AccumulateGrad adds it in place: the largest such (the input embedding's or the output head's, V x h)
+    # is live with every kept gradient for a moment. Not in `gradients` (what lives through the step); the moments
+    # that hold it count it (the embedding's backward: `embedding_backward`; the head's: the activations' head moment;
+    # a tied one: its three temporaries). torch's tracker labels it a gradient: its maximum is gradients + this
+    accumulating = gradient_accumulation_steps > 1 and not layerwise
+    gradients_accumulating = max(grad_sizes, default=0) if accumulating else 0
     if layerwise_accumulating:
         kept = sizing.get("accumulated") or {}
         full = {n: p.numel() * p.element_size() for n, p in trainable}
@@ -1367,6 +1388,8 @@ def estimate_memory(
     trace_cache: dict = cache.setdefault(trace_key, {}) if traced and cache is not None else {}
 
     def saved_parts(b: int, s: int, ckpt: bool, head_parts: dict | None = None) -> dict[str, int]:
+        if padding_free:  # TRL's padding-free batch: one row of b s tokens, position ids per token
+            b, s = 1, b * s
         if traced:  # any other architecture: what its own forward saves, traced on fake tensors
             if not trace_model:
                 trace_model.append(_meta_model_like(meta, config, param_dtype, spec is not None, lcfg))
@@ -1510,6 +1533,11 @@ def estimate_memory(
         parts["batch_inputs"] = batch_input_bytes(2 * b if trainer == "dpo" else b, s, gradient_accumulation_steps)
         if emb_backward_per_token:  # (DPO: the chosen and rejected sequences, one forward)
             parts["embedding_backward"] = (2 * b if trainer == "dpo" else b) * s * emb_backward_per_token + 16
+            if accumulating:
+                # a later micro-batch's: its embedding gradient (embedding_dense_backward, V x h) is a new tensor beside
+                # the kept .grad until AccumulateGrad adds it in place (torch's tracker labels it a gradient at the
+                # parameter's hook): every kept gradient + W + the e h per token above (details["gradients_accumulating"])
+                parts["embedding_backward"] += emb.numel() * emb.element_size()
         if tied_backward:  # not live with the other activations: the larger of the two moments
             parts["tied_embedding_backward"] = tied_backward
             # what is saved before the tied moment (layerwise: its steps; unless the traced step's gradient moments gave them)
@@ -1553,6 +1581,11 @@ def estimate_memory(
                 if raised > parts["total"]:
                     parts["gradients_at_peak"] = max(0, parts["total"] + parts["gradients_at_peak"] - raised)
                     parts["total"] = raised
+            elif accumulating:
+                # a later micro-batch's tied moment: the head's contribution, the embedding's and their sum (added in
+                # place to the kept .grad) beside every kept gradient. Tiny Qwen2 tied (vocabulary 2000, h=64), 2 x (1 x
+                # 32), adamw: the total was 416,908 B under the measured peak with 2 W (ESTFIX)
+                parts["total"] = max(parts["total"], raised)
             else:
                 parts["total"] = max(parts["total"], tied_backward)
         return grpo(parts, b, s)
@@ -1600,6 +1633,7 @@ def estimate_memory(
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),
             "reference_weights": reference_weights,
+            "gradients_accumulating": gradients_accumulating,
         },
         notes=notes,
         settings=dict(
@@ -1610,7 +1644,7 @@ def estimate_memory(
             gradient_checkpointing=gradient_checkpointing, layerwise=layerwise, device=device,
             gradient_accumulation_steps=gradient_accumulation_steps,
             trainer=trainer, reference=reference, generation_batch_size=generation_batch_size,
-            max_completion_length=max_completion_length, max_grad_norm=max_grad_norm,
+            max_completion_length=max_completion_length, max_grad_norm=max_grad_norm, padding_free=padding_free,
         ),
         activation_model=activation_model,
     )

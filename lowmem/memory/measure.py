@@ -391,6 +391,7 @@ def measure_memory(
     device: str | None = None,
     seed: int = 0,
     gradient_accumulation_steps: int = 1,
+    padding_free: bool = False,
 ) -> MemoryMeasurement:
     """Run ``steps`` real training steps and report the live memory at the peak, by component,
     beside :func:`~lowmem.memory.estimate_memory` for the same settings.
@@ -406,6 +407,9 @@ def measure_memory(
         gradient_accumulation_steps (`int`, defaults to `1`): Micro-batches (forward and backward) per optimizer
             step, as the Trainer runs them (layerwise: ``LayerwiseOptimizer(accumulation_steps=...)``, which steps
             each parameter at its last micro-batch's gradient and keeps the earlier ones' between micro-batches).
+        padding_free (`bool`, defaults to `False`): Each micro-batch as TRL's padding-free collator gives it (``SFTConfig
+            .padding_free``; ``packing`` with ``"bfd"``): its ``batch_size`` sequences flattened into one row of
+            ``batch_size x seq_len`` tokens, with ``position_ids`` restarting at each sequence (no attention mask).
 
     Steps use random token ids as inputs and labels (``labels = input_ids``), no padding mask;
     ``layerwise=True`` steps each parameter in its post-accumulate-grad hook and frees its gradient.
@@ -419,6 +423,8 @@ def measure_memory(
     accumulation = gradient_accumulation_steps
     if isinstance(accumulation, bool) or not (isinstance(accumulation, int) and accumulation >= 1):
         raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {accumulation!r}")
+    if not isinstance(padding_free, bool):
+        raise ValueError(f"padding_free must be True or False (TRL's SFTConfig.padding_free), got {padding_free!r}")
     if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 1):  # (0: no step, a peak of nothing)
         raise ValueError(f"steps must be an int >= 1 (training steps measured), got {steps!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -465,7 +471,13 @@ def measure_memory(
         for _ in range(steps):
             for _ in range(accumulation):
                 ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
-                loss = m(input_ids=ids, labels=ids).loss
+                if padding_free:  # one row, position ids per sequence (TRL's DataCollatorForLanguageModeling)
+                    ids = ids.view(1, batch_size * seq_len)
+                    positions = torch.arange(seq_len, device=device).repeat(batch_size).view(1, -1)
+                    loss = m(input_ids=ids, labels=ids, position_ids=positions).loss
+                    del positions
+                else:
+                    loss = m(input_ids=ids, labels=ids).loss
                 (loss / accumulation if accumulation > 1 else loss).backward()
                 losses.append(float(loss.detach()))
                 del loss
@@ -482,7 +494,7 @@ def measure_memory(
         config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
         device=torch.device(device).type, max_grad_norm=None,  # its LayerwiseOptimizer does not clip
-        gradient_accumulation_steps=accumulation,
+        gradient_accumulation_steps=accumulation, padding_free=padding_free,
     )
     from .estimate import model_label
 

@@ -154,11 +154,11 @@ def _stack_of_components(components: dict[str, int], layerwise: bool, gradients_
             out.update(activations=backward if backward + kept > transient else 0,
                        optimizer_transient=kept if backward + kept > transient else transient)
         return out
-    if not layerwise:
-        if out["activations"] + kept >= out["optimizer_transient"]:
-            out["optimizer_transient"] = kept
-        else:
-            out["activations"] = 0
+    if not layerwise:  # (gradient accumulation: the embedding's backward, with every gradient, a moment too)
+        moments = [(out["activations"] + kept, {"optimizer_transient": kept}),
+                   (out["optimizer_transient"], {"activations": 0}),
+                   (embedding_backward + kept, {"activations": embedding_backward, "optimizer_transient": kept})]
+        out.update(max(moments, key=lambda m: m[0])[1])
     return out
 
 
