@@ -197,3 +197,24 @@ def test_defaults_are_the_papers_and_bad_values_name_the_field():
         create_optimizer([p], "lion", betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="weight_decay"):
         create_optimizer([p], "lion8bit", weight_decay=-0.1)
+
+
+@pytest.mark.parametrize("bnb_name, cls, ours", [("bnb_lion8bit", "Lion8bit", "lion8bit"),
+                                                 ("bnb_paged_lion8bit", "PagedLion8bit", "lion8bit"),
+                                                 ("bnb_paged_lion", "PagedLion", "lion")])
+def test_registered_bitsandbytes_lions_equal_the_engines(bnb_name, cls, ours):
+    """bitsandbytes' own Lions by registry name (recipes/bnb.py; the Hugging Face ``paged_lion_*`` names): on the
+    CPU the paged ones warn and run unpaged; each equals the engine's recipe of the same format."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    cfg = {"lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 0.5}
+    init, grads = _problem(4, seed=7, shapes=((64, 80), (40,)))
+    extra = {"min_quant_size": 4096} if ours == "lion8bit" else {}
+    engine, _ = _run(lambda ps: create_optimizer(ps, ours, **cfg, **extra), init, grads)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        theirs, opt = _run(lambda ps: create_optimizer(ps, bnb_name, **cfg), init, grads)
+    assert type(opt).__name__ == cls
+    for p, q in zip(engine, theirs):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

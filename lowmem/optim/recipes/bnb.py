@@ -4,8 +4,10 @@ These are not engine optimizers (no meta-device accounting, no generic suite); t
 sized by :func:`state_bytes_closed_form`, which follows ``bitsandbytes.optim.optimizer.
 Optimizer2State.init_state`` (0.50): two uint8 states plus one float32 absmax per 256-element
 block for tensors of at least ``min_8bit_size`` elements (two float32 states below it), and the
-two shared 256-entry quantization maps. Paged variants allocate the same bytes in unified
-(pageable) memory on CUDA.
+two shared 256-entry quantization maps; Lion (``Optimizer1State``, Chen et al. 2023) keeps one state
+and one map. Paged variants allocate the same bytes in unified (pageable) memory on CUDA (on the CPU
+bitsandbytes warns and allocates ordinary memory). The engine's own ``lion`` / ``lion8bit``
+(:mod:`.lion`) store the same format and are tested equal to bitsandbytes' on the CPU.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import torch
 from ..registry import register
 
 _HPARAMS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "min_8bit_size", "percentile_clipping", "block_wise")
+_LION_HPARAMS = ("lr", "betas", "weight_decay", "min_8bit_size", "percentile_clipping", "block_wise")
 
-# name -> (bitsandbytes class name, state bits, paged)
+# name -> (bitsandbytes class name, state bits, paged, states per parameter)
 BNB_OPTIMIZERS = {
-    "bnb_adamw8bit": ("AdamW8bit", 8, False),
-    "bnb_paged_adamw8bit": ("PagedAdamW8bit", 8, True),
-    "bnb_paged_adamw": ("PagedAdamW", 32, True),
+    "bnb_adamw8bit": ("AdamW8bit", 8, False, 2),
+    "bnb_paged_adamw8bit": ("PagedAdamW8bit", 8, True, 2),
+    "bnb_paged_adamw": ("PagedAdamW", 32, True, 2),
+    "bnb_lion8bit": ("Lion8bit", 8, False, 1),
+    "bnb_paged_lion": ("PagedLion", 32, True, 1),
+    "bnb_paged_lion8bit": ("PagedLion8bit", 8, True, 1),
 }
 
 
@@ -48,26 +54,28 @@ def state_bytes_closed_form(name: str, params: Iterable[torch.Tensor], min_8bit_
     """
     if name not in BNB_OPTIMIZERS:
         raise ValueError(f"Unknown bitsandbytes optimizer {name!r}; valid: {sorted(BNB_OPTIMIZERS)}")
-    bits = BNB_OPTIMIZERS[name][1]
+    _, bits, _, states = BNB_OPTIMIZERS[name]
     total, any_8bit = 0, False
     for p in params:
         n = p.numel()
         if bits == 8 and n >= min_8bit_size:
-            total += 2 * n + 2 * 4 * math.ceil(n / 256)
+            total += states * (n + 4 * math.ceil(n / 256))
             any_8bit = True
         else:
-            total += 8 * n
-    return total + (2 * 256 * 4 if any_8bit else 0)
+            total += states * 4 * n
+    return total + (states * 256 * 4 if any_8bit else 0)
 
 
-for _name, (_cls, _bits, _paged) in BNB_OPTIMIZERS.items():
+for _name, (_cls, _bits, _paged, _states) in BNB_OPTIMIZERS.items():
+    _lion = _cls.endswith(("Lion", "Lion8bit"))
     register(
         _name,
         _factory(_cls),
-        summary=f"bitsandbytes {_cls} ({_bits}-bit states{', paged' if _paged else ''}), for comparison",
-        reference="Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization (bitsandbytes)",
-        hparams=_HPARAMS,
+        summary=f"bitsandbytes {_cls} ({_bits}-bit state{'s' if _states > 1 else ''}{', paged' if _paged else ''}), for comparison",
+        reference=("Chen et al. 2023, Symbolic Discovery of Optimization Algorithms; " if _lion else "")
+        + "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization (bitsandbytes)",
+        hparams=_LION_HPARAMS if _lion else _HPARAMS,
         generic_tests=False,
         state_precision="8bit" if _bits == 8 else "fp32",
-        second_moment="full",
+        second_moment="none" if _lion else "full",
     )
