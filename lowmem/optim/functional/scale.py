@@ -24,21 +24,29 @@ def column_normalize(m: Tensor, dim: int, column_sq=None, rows: int | None = Non
     A batch of matrices ``[E, A, B]`` (3 dimensions: fused MoE experts) is normalised per matrix, each
     ``A x B`` matrix as a 2-D weight of its own (its rows over ``B``, or its columns over ``A``): the RMS
     ``[E, A, 1]`` or ``[E, 1, B]``. A tensor of more than 3 dimensions (a conv kernel ``[out, in, k, k]``) is
-    flattened to ``[size(0), -1]`` first. Returns a new tensor.
+    flattened to ``[size(0), -1]`` first. Returns a new tensor (contiguous for a non-contiguous ``m``: the bits of its
+    contiguous twin).
 
     ``column_sq`` (``dim=0`` on a block of rows of the matrix, e.g. an FSDP2 shard): sums the
     columns' squared norms over the blocks in place (an all-reduce); ``rows``: the whole row count."""
+    # a strided m (a transposed weight, a channels_last kernel): its RMS would be reduced in another order than a
+    # contiguous twin's (float32 rounding, up to 2.4e-7 apart after 3 steps), so the result is first a contiguous
+    # copy of it, divided in place: the same bits, and no more memory (the copy is the result; a kernel's reshape
+    # copied it before, beside the quotient)
+    own = not m.is_contiguous()
+    if own:
+        m = m.contiguous()
     if m.dim() == 3 and column_sq is None:
         d = dim + 1
         rms = torch.linalg.vector_norm(m, dim=d, keepdim=True).div_(math.sqrt(m.size(d))).clamp_(min=RMS_FLOOR)
-        return m / rms
+        return m.div_(rms) if own else m / rms
     shape = m.shape
-    x = m.reshape(m.size(0), -1) if m.dim() > 2 else m
+    x = m.view(m.size(0), -1) if m.dim() > 2 else m
     if column_sq is not None and dim == 0:
         rms = column_sq(x.square().sum(dim=0, keepdim=True)).div_(rows).sqrt_().clamp_(min=RMS_FLOOR)
     else:
         rms = torch.linalg.vector_norm(x, dim=dim, keepdim=True).div_(math.sqrt(x.size(dim))).clamp_(min=RMS_FLOOR)
-    return (x / rms).view(shape)
+    return (x.div_(rms) if own else x / rms).view(shape)
 
 
 def column_rms(blocks: Iterable[Tensor], n: int, rows: int, column_sq=None) -> Tensor:
