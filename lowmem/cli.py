@@ -18,6 +18,8 @@ from .dist_exit import exit_if_distributed
 from .threads import set_train_threads
 
 LIST_SHAPE = (4096, 4096)
+# narrower consoles list the optimizers' descriptions below the table (run_list)
+LIST_MIN_WIDTH = 110
 
 
 # ---- lowmem train ---------------------------------------------------------------------------
@@ -37,7 +39,10 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", dest="config", metavar="RECIPE",
                    help="the YAML recipe, as `trl sft --config x.yaml` spells it (the same as the positional RECIPE)")
     p.add_argument("--trainer", help="training method: sft, dpo, grpo, gvpo or bnpo (the recipe's trainer; default sft)")
-    p.add_argument("--optim", help="registered optimizer (see `lowmem list`)")
+    p.add_argument("--optim", help="optimizer: a name of `lowmem list`, or a Hugging Face Trainer `optim` name lowmem "
+                   "implements (adamw_torch, galore_adamw_8bit, adamw_torch_4bit, ...; docs/training.md). Default: the "
+                   "recipe's, else adafactor (lowmem's default, which a note names; `trl sft` and the HF Trainer "
+                   "default to adamw_torch)")
     p.add_argument("--optim-args", "--optim_args", dest="optim_args", help="optimizer hyperparameters: 'k=v,k=v' or a JSON object")
     p.add_argument("--steps", "--max-steps", "--max_steps", dest="steps", type=int, help="optimizer steps")
     p.add_argument("--lr", "--learning-rate", "--learning_rate", dest="lr", type=float, help="learning rate")
@@ -75,9 +80,56 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import run
 
     recipe = recipe_from_args(args)
+    note = default_optim_note(args, recipe.optim)
+    if note is not None and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"note: {note}", flush=True)
     set_train_threads(recipe.model)  # lowmem/threads.py: OMP_NUM_THREADS, else 1 for the tiny model, else cores/procs
     run(recipe)
     return 0
+
+
+# the recipe keys (and TrainingArguments / LowMemTrainingArguments fields) that name the optimizer
+OPTIM_KEYS = ("optim", "lowmem_optim")
+
+
+def optim_named(args: argparse.Namespace) -> bool:
+    """Whether ``lowmem train``'s arguments name the optimizer: ``--optim``, a field flag ``--lowmem_optim``
+    or ``--training_args '{optim: ...}'``, or the recipe file's ``optim`` / ``lowmem_optim`` /
+    ``training_args: {optim: ...}``. ``False``: the optimizer is lowmem's default (configs/default.yaml's
+    without a recipe, :class:`~lowmem.train.TrainRecipe`'s in a recipe that sets none). A recipe that cannot be
+    read counts as naming one (:func:`lowmem.train.load_recipe` has reported it before this is asked)."""
+    import yaml
+
+    def names(keys: Any) -> bool:
+        if not isinstance(keys, dict):
+            return False
+        ta = keys.get("training_args")
+        return any(k in keys for k in OPTIM_KEYS) or (isinstance(ta, dict) and "optim" in ta)
+
+    if args.optim is not None or names(getattr(args, "fields", {})):
+        return True
+    path = getattr(args, "config", None) or args.recipe
+    if path is None:  # --resume recipe.yaml / --reward-funcs f.py:r recipe.yaml: recipe_from_args moved it
+        path = next((str(v) for v in [args.resume, *(args.reward_funcs or []), *(args.reward_weights or [])]
+                     if isinstance(v, str) and v.strip().endswith((".yaml", ".yml"))), None)
+    if path is None:
+        return False
+    try:
+        return names(yaml.safe_load(open(path, encoding="utf-8").read()))
+    except (OSError, ValueError, yaml.YAMLError):
+        return True
+
+
+def default_optim_note(args: argparse.Namespace, optim: str) -> str | None:
+    """The line ``lowmem train`` prints before the model loads when no argument names the optimizer
+    (:func:`optim_named`): which one runs and that it is lowmem's default, not the AdamW (``adamw_torch``) that
+    ``trl sft`` and the Hugging Face Trainer run for the same config. ``None`` when one is named (the startup
+    line names it). A config pasted from TRL sets no ``optim``; before, nothing said that its run used Adafactor."""
+    if optim_named(args):
+        return None
+    return (f"optim={optim} is lowmem's default (neither the recipe nor a flag names an optimizer); `trl sft` and "
+            "the Hugging Face Trainer default to AdamW: set optim: adamw_torch (--optim adamw_torch) to train as "
+            "they would, or any name of `lowmem list`")
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -186,6 +238,10 @@ def run_list(args: argparse.Namespace) -> int:
     from .optim import bytes_per_param, optimizer_entries
 
     shape = "x".join(map(str, LIST_SHAPE))
+    console = Console()
+    # an 80-column terminal (or a pipe, which rich sizes at 80) left the description 4 characters wide, one word
+    # per line: there the descriptions follow the table, one line each
+    narrow = console.width < LIST_MIN_WIDTH
     table = Table(
         title="lowmem optimizers",
         caption=f"optimizer-state bytes per parameter of one {shape} weight at each optimizer's default "
@@ -193,10 +249,11 @@ def run_list(args: argparse.Namespace) -> int:
         "meta device; AdamW float32 = 8",
     )
     table.add_column("name", no_wrap=True, style="bold")
-    table.add_column(f"state B/param ({shape})", justify="right", no_wrap=True)
+    table.add_column("state B/param" if narrow else f"state B/param ({shape})", justify="right", no_wrap=True)
     table.add_column("vs AdamW", justify="right", no_wrap=True)
     table.add_column("at", no_wrap=True)
-    table.add_column("description")
+    if not narrow:
+        table.add_column("description")
     at_scale, unsized = {}, {}
     if args.shape:
         from .memory import state_bytes_at_scale
@@ -207,7 +264,7 @@ def run_list(args: argparse.Namespace) -> int:
                 at_scale[e.name] = state_bytes_at_scale(e.name, args.shape)
             except RankError as err:  # the default rank applies to none of the model's weights: not sized
                 unsized.setdefault((err.rank, err.side), []).append(e.name)
-        table.add_column(f"state on {args.shape}", justify="right", no_wrap=True)
+        table.add_column(f"on {args.shape}" if narrow else f"state on {args.shape}", justify="right", no_wrap=True)
     adamw = bytes_per_param("adamw", LIST_SHAPE)
     for e in optimizer_entries():
         scale = []
@@ -215,15 +272,25 @@ def run_list(args: argparse.Namespace) -> int:
             scale = ["n/a (rank)"]
         elif at_scale:
             r = at_scale[e.name]
-            scale = [f"{r['state_bytes'] / 2**30:.2f} GiB" + (" (closed form)" if r["how"] != "exact" else "")]
+            closed = (" *" if narrow else " (closed form)") if r["how"] != "exact" else ""
+            scale = [f"{r['state_bytes'] / 2**30:.2f} GiB{closed}"]
+        about = [] if narrow else [e.summary]
         if e.recipe is None:  # not an engine optimizer: its state cannot be sized on the meta device
-            table.add_row(e.name, "n/a", "", "", e.summary, *scale)
+            table.add_row(e.name, "n/a", "", "", *about, *scale)
             continue
         size = bytes_per_param(e.name, LIST_SHAPE)
         rank = {h.name: h.default for h in e.recipe.group_hparams}.get("rank")
-        table.add_row(e.name, f"{size:.3g}", f"{100 * size / adamw:.3g}%", f"rank {rank}" if rank else "", e.summary,
+        table.add_row(e.name, f"{size:.3g}", f"{100 * size / adamw:.3g}%", f"rank {rank}" if rank else "", *about,
                       *scale)
-    Console().print(table)
+    console.print(table)
+    if narrow and any(r["how"] != "exact" for r in at_scale.values()):
+        console.print("* closed form (not sized by the optimizer itself on the meta device)")
+    if narrow:
+        from rich.markup import escape
+
+        console.print(f"descriptions (in the table on a terminal of {LIST_MIN_WIDTH}+ columns):")
+        for e in optimizer_entries():
+            console.print(f"  [bold]{e.name}[/]: {escape(e.summary)}")
     for (rank, side), names in unsized.items():
         print(f"n/a (rank): the default rank {rank} of {', '.join(names)} applies to none of {args.shape}'s weights"
               f" (valid: rank 1 .. {side - 1}); size one at a valid rank with `lowmem budget {args.shape} --optimizer"
