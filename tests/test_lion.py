@@ -218,3 +218,32 @@ def test_registered_bitsandbytes_lions_equal_the_engines(bnb_name, cls, ours):
     assert type(opt).__name__ == cls
     for p, q in zip(engine, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk", ["default", 4096, None], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["lion", "lion8bit"])
+def test_transient_bytes_equal_the_traced_step(name, dtype, chunk, state_dtype):
+    """What a step allocates (every dispatched output alive together: tests/test_transient_per_parameter.py's
+    trace) equals ``step_transient_bytes()``: a parameter stepped alone (``per_parameter=True``: the sign, a
+    low-precision moment's float32 copy, the 8-bit codec) and a whole ``step()`` (the buckets' directions, the
+    non-finite check), the default chunk, 4096 and whole tensors."""
+    from test_nonfinite_check_bytes import _AllLive
+    from test_transient_per_parameter import _traced_and_reported
+
+    traced, reported = _traced_and_reported(name, dtype, (200, 128), chunk, state_dtype=state_dtype)
+    assert traced == reported > 0
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in [(200, 128), (300,), (64, 64), (5000,)]]
+    opt = create_optimizer(ps, name, state_dtype=state_dtype)
+    if chunk != "default":
+        opt.chunk_numel = chunk
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        if step < 2:
+            opt.step()
+    with _AllLive() as t:
+        opt.step()
+    assert t.peak == opt.step_transient_bytes() > 0
