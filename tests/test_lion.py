@@ -247,3 +247,22 @@ def test_transient_bytes_equal_the_traced_step(name, dtype, chunk, state_dtype):
     with _AllLive() as t:
         opt.step()
     assert t.peak == opt.step_transient_bytes() > 0
+
+
+def test_lion8bit_bucket_of_a_chunk_counts_the_inner_direction():
+    """A bucket of 2**19 quantized values (the CPU chunk): past 2**17 values the codec's table pass stops growing,
+    so the decoded moment beside the inner rule's directions (4 B per value each) and the encode are what the
+    count must get right; traced equal."""
+    from test_nonfinite_check_bytes import _AllLive
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(1024, 512)), torch.nn.Parameter(torch.randn(512))]
+    opt = create_optimizer(ps, "lion8bit")
+    for step in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        if step == 0:
+            opt.step()
+    with _AllLive() as t:
+        opt.step()
+    assert t.peak == opt.step_transient_bytes() > 0
