@@ -322,7 +322,8 @@ class LowMemArguments:
             the optimizer has them; a field that cannot apply is logged (a warning if it was changed
             from its default). Adafactor-style optimizers run with ``relative_step=False`` and
             ``scale_parameter=False``, as with ``optim="adafactor"``. `None` keeps the Trainer's own
-            optimizer.
+            optimizer (an ``optim`` that lowmem implements too, ``galore_adamw``, ``adafactor``, ..., is logged as a
+            warning naming ``lowmem_optim``: :func:`hf_optim_lowmem_implements`).
         lowmem_optim_args (`dict`, `str` or `None`, *optional*, defaults to `None`):
             Extra hyperparameters for ``lowmem_optim``: a dict, a JSON object, or ``"k=v,k=v"``
             (e.g. ``"rank=64,update_proj_gap=200"``). They win over values mapped from the fields
@@ -404,6 +405,11 @@ class LowMemArguments:
         if (self.lowmem_optim is not None and optim is not None and optim != default
                 and _same_optimizer(optim, self.lowmem_optim, self.lowmem_layerwise) is False):
             logger.warning("lowmem_optim=%r replaces optim=%r, which is ignored", self.lowmem_optim, optim)
+        ours = hf_optim_lowmem_implements(optim) if self.lowmem_optim is None else None
+        if ours is not None:
+            logger.warning("%s(optim=%r) without lowmem_optim runs transformers' own %r, not lowmem's %r; set "
+                           "lowmem_optim=%r for lowmem's (it takes the same name, optim_args and optim_target_modules)",
+                           type(self).__name__, optim, optim, ours, optim)
 
     def _resolve_lowmem_optim(self) -> None:
         """``lowmem_optim`` as a lowmem registry name: a Hugging Face ``optim`` name (``galore_adamw_8bit``,
@@ -426,6 +432,26 @@ class LowMemArguments:
                         " with lowmem_layerwise=True" if layerwise else "")
         self.lowmem_optim = name
         self.lowmem_layerwise = self.lowmem_layerwise or layerwise
+
+
+def hf_optim_lowmem_implements(optim: Any) -> str | None:
+    """The lowmem name of a Hugging Face ``TrainingArguments.optim`` that lowmem implements itself
+    (:data:`lowmem.train.HF_OPTIM_NAMES`: ``galore_adamw``, ``adafactor``, ``adamw_torch_8bit``, ``*_layerwise``, ...),
+    which a :class:`LowMemArguments` config without ``lowmem_optim`` leaves to transformers (galore-torch, its own
+    Adafactor, torchao, bitsandbytes); `None` for another name and for AdamW (``adamw_torch``: torch's AdamW, which
+    lowmem's equals). A newcomer's ``LowMemTrainingArguments(optim="galore_adamw", optim_target_modules=[...])``
+    trained with galore-torch without a word (NEWCOMER audit)."""
+    from lowmem.train import resolve_optim_name
+
+    if not isinstance(optim, str):
+        return None
+    try:
+        name, layerwise = resolve_optim_name(optim)
+    except ValueError:
+        return None
+    if name == "adamw" and not layerwise:
+        return None
+    return f"{name}_layerwise" if layerwise else name
 
 
 def _same_optimizer(optim: str, name: str, layerwise: bool) -> bool:
