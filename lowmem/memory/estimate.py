@@ -643,6 +643,7 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
             "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
             "kept_step_count": sized.get("kept_step_count", 0),
             "svd_mkl": 0 if layerwise else sized.get("svd_mkl", 0),
+            "svd_lapack": 0 if layerwise else sized.get("svd_lapack", 0),
             "blas_workspace": 0 if layerwise else sized.get("blas_workspace", 0),
             "transient_with_activations": _layerwise_transient(before, max_grad_norm) if before is not None else None,
             "transient_after_head": _layerwise_transient(later, max_grad_norm) if later is not None else None,
@@ -772,7 +773,12 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         from ..optim.functional.galore import svd_mkl_left_out
 
         with svd_mkl_left_out():  # MKL's SVD buffers (AMD CPU): in the transient, not torch tensors
-            sizes["svd_mkl"] = sizes["transient"][False] - opt.step_transient_bytes(per_parameter=False) - tables
+            without_mkl = opt.step_transient_bytes(per_parameter=False)
+            sizes["svd_mkl"] = sizes["transient"][False] - without_mkl - tables
+            from ..optim.functional.galore import svd_workspace_left_out
+
+            with svd_workspace_left_out():  # LAPACK's copy of G and its workspace, inside the SVD kernel: not tensors
+                sizes["svd_lapack"] = without_mkl - opt.step_transient_bytes(per_parameter=False)
         from ..optim.functional.muon import bf16_workspace_left_out
 
         with bf16_workspace_left_out():  # the bfloat16 products' BLAS workspace (Muon): not torch tensors
@@ -1626,6 +1632,7 @@ def estimate_memory(
             "batch_input_bytes": parts["batch_inputs"],
             "activation_bytes_per_element": act_bytes, "optimizer_transient_mkl_gemm_pack": sized["kept_gemm"],
             "optimizer_transient_mkl_svd": sized.get("svd_mkl", 0),
+            "optimizer_transient_lapack_svd": sized.get("svd_lapack", 0),
             "optimizer_transient_blas_workspace": sized.get("blas_workspace", 0),
             "optimizer_kept_tables": sized["kept_tables"],
             "optimizer_kept_step_count": sized["kept_step_count"],

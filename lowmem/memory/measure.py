@@ -321,6 +321,10 @@ class MemoryMeasurement:
             text += (f"measured: live torch tensors; the estimated optimizer_transient includes {what} "
                      f"({fmt_bytes(mkl)}, the library's on CPU, not tensors): without them {fmt_bytes(rest)}"
                      + (f" (est/meas {rest / m:.3f})" if m else "") + "\n")
+        lapack = int(self.estimate.details.get("optimizer_transient_lapack_svd") or 0)
+        if lapack:  # (real memory on any vendor: not in mkl_gemm_pack_bytes, which names the library's own buffers)
+            text += (f"the estimated optimizer_transient also includes the SVD refresh's LAPACK copy of the gradient and "
+                     f"workspace ({fmt_bytes(lapack)}, allocated inside the kernel, not tensors the tracker sees)\n")
         if self.peak_allocated is not None:
             text += f"CUDA max_memory_allocated: {fmt_bytes(self.peak_allocated)} (estimate/peak {self.estimate.total / self.peak_allocated:.3f})\n"
         return text
