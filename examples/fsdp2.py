@@ -63,7 +63,10 @@ for step in range(30):
     optimizer.zero_grad(set_to_none=True)
     losses.append(loss.item())
 
-checkpoint = os.path.join(tempfile.gettempdir(), "lowmem_fsdp2_example")
+# a new folder for each run, chosen on rank 0 (a fixed /tmp path was overwritten by the next run, with torch's warning)
+checkpoint = [tempfile.mkdtemp(prefix="lowmem_fsdp2_example_") if rank == 0 else None]
+dist.broadcast_object_list(checkpoint, src=0)
+checkpoint = checkpoint[0]
 dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=checkpoint)
 if rank == 0:
     print(f"loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}; state of this rank's shards: "
