@@ -1,9 +1,9 @@
 """Issue 12: the hybrids' (Muon, SinkGD, SCALE) bucket of AdamW parameters (embeddings, head, norms, biases:
 ``foreach_bucket_class`` ``None``) is counted with AdamW's own rule (``AdamMoments.foreach_bucket_transient_bytes``:
 nothing on torch's fused kernel, ``sqrt(v)`` on the multi-tensor operations), not the targets' bound (Muon's
-6 B per element); and SinkGD's chunked direction is a new tensor (``chunk_direction_is_new``; Muon counts its
-chunks' copies itself, ``chunk_counts_copies``, since MUONFIX), so a bfloat16 parameter's gradient-chunk copy is
-counted once, not twice. Before, on the tiny Qwen2 below (the embedding
+6 B per element); and SinkGD's chunked direction is a new tensor (then ``chunk_direction_is_new``; since MUONFIX
+SinkGD and Muon count their chunks' copies themselves, ``chunk_counts_copies``), so a bfloat16 parameter's
+gradient-chunk copy is counted once, not twice. Before, on the tiny Qwen2 below (the embedding
 and untied head, 65,536 elements, one AdamW bucket): muon float32 reported 393,216 for 196,608 traced, sinkgd
 458,752 for 140,804; bfloat16 393,216 for 262,144 (both).
 

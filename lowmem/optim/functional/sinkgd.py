@@ -83,7 +83,7 @@ def sinkhorn_scalings(rows_of, row_bounds: list[tuple[int, int]], m_local: int, 
             # rather than sqrt(n) / NORM_FLOOR, whose square would overflow float32
             r[a:b].mul_(torch.where(norms > 0, norms.clamp(min=NORM_FLOOR).reciprocal_().mul_(math.sqrt(n)), 0.0))
             col.addmv_(sq.t(), r[a:b].square())
-            del sq
+            del sq, norms  # (the block's norms too: not beside the next block's copy and squares)
         del c2  # (freed before the column phase and the next iteration: sinkhorn_scalings_bytes)
         if column_sq is not None:
             col = column_sq(col)
@@ -93,7 +93,7 @@ def sinkhorn_scalings(rows_of, row_bounds: list[tuple[int, int]], m_local: int, 
     return r, c
 
 
-def sinkhorn_scalings_bytes(m: int, n: int, block_rows: int, batched: bool) -> int:
+def sinkhorn_scalings_bytes(m: int, n: int, block_rows: int, batched: bool, copy: int = 0) -> int:
     """The most memory :func:`sinkhorn_scalings` allocates alive together for an ``m x n`` float32 matrix in
     blocks of ``block_rows`` rows (``iters >= 1``), its returned ``(r, c)`` included (``4 (m + n)``):
 
@@ -101,11 +101,13 @@ def sinkhorn_scalings_bytes(m: int, n: int, block_rows: int, batched: bool) -> i
       (``4 b n``), its row norms, their mask, clamp and scaling (``13 b``) and ``torch.where``'s 0-d ``0.0`` (4);
       in the column phase the column norms, their mask, clamp and scaling (``13 n + 4``);
     * ``batched=True`` (:func:`_squared_scalings_rows`): the column sums and a block's squares (``4 n + 4 b n``).
-    """
+
+    ``copy``: bytes per element of the block ``rows_of`` returns when it is a new tensor (the float32 copy of a
+    low-precision gradient's rows: 4), alive beside the block's squares until they are made."""
     b = block_rows
     if batched:
-        return 4 * (m + n) + 4 * n + 4 * b * n
-    return 4 * (m + n) + max(8 * n + 4 * b * n + 13 * b + 4, 13 * n + 4)
+        return 4 * (m + n) + 4 * n + (4 + copy) * b * n
+    return 4 * (m + n) + max(8 * n + (4 + copy) * b * n, 8 * n + 4 * b * n + 13 * b + 4, 13 * n + 4)
 
 
 def sr_sinkhorn_bytes(m: int, n: int, iters: int) -> int:

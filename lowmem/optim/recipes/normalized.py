@@ -736,11 +736,23 @@ class SinkGDMoments(HybridMoments):
     (its scalings from blocks of its own rows; ``r`` of every row and ``c`` per matrix kept for the blocks;
     whole: one matrix after the other; foreach buckets: stacked with the 2-D weights of their shape)."""
 
-    #: the chunked step's direction is a new float32 tensor of the chunk holding no reference to the gradient chunk
-    #: (AdamW's; a block of the targets' step from the scalings prepare_chunks computed): a low-precision
-    #: gradient chunk's float32 copy is freed before the parameter chunk's is made
-    #: (:meth:`~lowmem.optim.engine.LowMemOptimizer._param_transient_bytes`)
-    chunk_direction_is_new = True
+    #: the chunked step's transient counts the float32 copies of a low-precision parameter's chunks itself
+    #: (:meth:`transient_bytes` with ``copy=4``; the engine's ``_param_transient_bytes`` adds none then): every chunked
+    #: direction is a new float32 tensor holding no reference to the gradient chunk (AdamW's; a block of the
+    #: targets' step from the scalings prepare_chunks computed), so the gradient chunk's copy is freed before the
+    #: parameter chunk's is made, and the scalings' passes hold a block's copy only until its squares are made
+    #: (:func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings_bytes`). (Before 2026-11-30 the engine added the copy
+    #: beside the whole pass, ``chunk_direction_is_new``: a bfloat16 48 x 24 weight in blocks of 25 rows 5,609 B
+    #: reported for 5,280 traced.)
+    chunk_counts_copies = True
+
+    def transient_bytes(self, numel, shape, group, state, copy: int = 0):
+        """The chunked step of ``numel`` elements with ``copy`` bytes per element of a low-precision parameter's
+        float32 chunk copies (``chunk_counts_copies``): an AdamW parameter's gradient copy freed before its
+        parameter's (one copy beside AdamW's transient); a target's :meth:`target_transient_bytes`."""
+        if self._is_adam(state):
+            return copy * numel + self.adam.transient_bytes(numel, shape, group, state)
+        return self.target_transient_bytes(numel, shape, group, state, copy)
 
     lr_ratio_key = None
 
@@ -883,34 +895,38 @@ class SinkGDMoments(HybridMoments):
             del r, c
         return r_all, c_all
 
-    def _batched_transient_bytes(self, numel, shape, group) -> int:
+    def _batched_transient_bytes(self, numel, shape, group, copy: int = 0) -> int:
         """A batch ``[..., m, n]`` in blocks of ``numel`` elements (:meth:`_batched_scalings`): one matrix's
         scalings' passes (as a 2-D weight's at this chunk) beside the batch's ``r`` and ``c`` (``4 E (m + n)``,
-        allocated after the first matrix's), then a block's step beside them. Stepped whole (``chunk_numel=None``)
-        the engine asks :meth:`target_whole_transient_bytes`."""
+        allocated after the first matrix's), then a block's step beside them, with its gradient copy (``copy``
+        bytes per element, as :meth:`target_transient_bytes`). Stepped whole (``chunk_numel=None``) the engine asks
+        :meth:`target_whole_transient_bytes`."""
         m, n = shape[-2:]
         count, total = math.prod(shape[:-2]), math.prod(shape)
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
         step = max(n, numel // n * n)
-        one = sinkhorn_scalings_bytes(m, n, max(1, min(step, m * n) // n), off_cpu and not sharded_group(group))
+        one = sinkhorn_scalings_bytes(m, n, max(1, min(step, m * n) // n), off_cpu and not sharded_group(group), copy)
         kept = 4 * count * (m + n)
-        return max(one, kept + 4 * (m + n), kept + 4 * min(numel, total), kept + one if count > 1 else 0)
+        return max(one, kept + 4 * (m + n), kept + (4 + copy) * min(numel, total), kept + one if count > 1 else 0)
 
-    def target_transient_bytes(self, numel, shape, group, state):
+    def target_transient_bytes(self, numel, shape, group, state, copy: int = 0):
         """A block of rows (``numel`` its elements; the chunked step): the scalings' passes
         (:func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings_bytes`, in the closed form off the CPU as
         :func:`~lowmem.optim.functional.sinkgd.sinkhorn_scalings` chooses it from the device, the group's
         parameters'; a meta parameter counts as one off the CPU; not for FSDP2 shards), then each block's step
-        next to ``r`` and ``c`` (``4 numel + 4 (m + n)``). Stepped whole (``chunk_numel=None``), the engine
-        asks :meth:`target_whole_transient_bytes` instead. A batch of matrices: :meth:`_batched_transient_bytes`."""
+        next to ``r`` and ``c`` (``4 numel + 4 (m + n)``). ``copy``: bytes per element of a low-precision
+        parameter's float32 chunk copies (4; 0 for float32): a block's gradient copy in the passes until its
+        squares are made, and beside its step (then the parameter's copy, the gradient's freed). Stepped whole
+        (``chunk_numel=None``), the engine asks :meth:`target_whole_transient_bytes` instead. A batch of matrices:
+        :meth:`_batched_transient_bytes`."""
         if len(shape) > 2:
-            return self._batched_transient_bytes(numel, shape, group)
+            return self._batched_transient_bytes(numel, shape, group, copy)
         m, n = shape
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
-        block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group))
-        return max(block, 4 * numel + 4 * (m + n))
+        block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group), copy)
+        return max(block, (4 + copy) * numel + 4 * (m + n))
 
     def target_whole_transient_bytes(self, shape, group, state):
         """The whole-tensor step (:func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, ``chunk_numel=None``):
