@@ -37,10 +37,22 @@ decided again names its group, whose parameters are then compared (:func:`check_
 the parameter's shape and dtype are those it had when they were compared, so a step whose paths are all cached
 compares nothing (issue 15: the compare at every step cost about 0.15 us per parameter, 14 us a step on 100
 parameters). A sharded parameter (no cached path) or a subclass that decides its paths at every step (BAdam) has
-its group compared at every step. A parameter without a gradient is not stepped and not compared: resized, it is
-refused at the first step it has a gradient. :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s hooks compare
+its group compared at every step. A parameter without a gradient is not stepped and not compared by the step:
+resized, it is refused at the first step it has a gradient, or by :func:`check_state_fits` (below). :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s hooks compare
 every parameter at the step's first one (:func:`check_group_layouts`). A group's snapshot taken again after a
 setting changed (the same layout) keeps the shapes and dtypes, so a parameter resized in that step is still refused.
+
+A sharded parameter re-sharded at the same global shape (another device mesh or placements: ``Shard(0)`` ->
+``Shard(1)`` / ``Replicate()``, ``fully_shard`` applied again) is refused the same way, naming both placements: the
+snapshot of a group with sharded parameters keeps their ``(device mesh, placements)`` and local shapes too, compared
+where the shapes are (a sharded parameter's group: at every step; about 0.4 us a parameter, docs/distributed.md
+"Re-sharded parameters").
+
+:func:`check_state_fits` compares every parameter with state, gradient or not, and the settings: for
+``LowMemOptimizer.state_dict()``, so that a checkpoint never holds state of a parameter's old shape or placement
+(every later load would refuse it; a load itself needs no such check, ``load_state_dict`` checks every loaded entry
+against the parameter it is loaded for). Its cost is that of the compare (about 0.3 us a parameter), at a
+checkpoint, nothing at a step.
 """
 
 from __future__ import annotations
@@ -51,7 +63,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .sharded import is_dtensor, state_layout
+from .sharded import is_dtensor, local, state_layout
 
 _MISSING = object()  # (a key the group does not have)
 
@@ -199,6 +211,10 @@ class _Snapshot(NamedTuple):
     summary: dict[str, Any]  # the settings among ``keys`` the moment rule summarizes (:func:`_summarized`)
     shapes: list  # the shape (``torch.Size``) each parameter's state was made for, in order (:func:`_check_resized`)
     dtypes: list  # and its dtype
+    specs: list | None  # a sharded parameter's (device mesh, placements) its state was made for (:func:`_spec`), else
+    # None; None for a group without sharded parameters
+    locals: list | None  # and its local shard's shape
+    all_sharded: bool  # every parameter of the group sharded: the placements read by :data:`_SPEC` (C-level)
 
 
 def _snapshot(opt: Any, group: dict[str, Any]) -> _Snapshot:
@@ -217,32 +233,82 @@ def _snapshot(opt: Any, group: dict[str, Any]) -> _Snapshot:
     read.discard("params")
     keys = tuple(sorted(read))
     params = group["params"]
+    sharded = any(k[2] for k in kinds)
     return _Snapshot(group, keys, _copied(_kept(group, keys)), layouts, kinds, _summarized(opt, group, keys),
-                     list(map(_SHAPE, params)), list(map(_DTYPE, params)))
+                     list(map(_SHAPE, params)), list(map(_DTYPE, params)),
+                     list(map(_spec, params)) if sharded else None, list(map(_local_shape, params)) if sharded else None,
+                     all(k[2] for k in kinds))
 
 
 _SHAPE, _DTYPE = attrgetter("shape"), attrgetter("dtype")  # (C-level reads: the per-step compare of the shapes)
 
 
-def _check_resized(opt: Any, i: int, group: dict[str, Any], entry: _Snapshot) -> _Snapshot:
+def _spec(p: Tensor) -> tuple | None:
+    """A sharded parameter's ``(device mesh, placements)`` (which piece of it this rank holds, with its global
+    shape), else `None`."""
+    return _SPEC(p) if is_dtensor(p) else None
+
+
+_SPEC = attrgetter("device_mesh", "placements")  # (a DTensor's placements: a tuple)
+
+
+def _local_shape(p: Tensor) -> tuple:
+    return tuple(local(p).shape)
+
+
+def _moved(params: list, entry: "_Snapshot") -> bool:
+    """Whether a parameter of the group has another shape, dtype or (sharded) placement than its state was made
+    for: the compare :func:`check_resized` makes at each step for the groups it is given (C-level list compares;
+    the placements only for a group with sharded parameters)."""
+    return (list(map(_SHAPE, params)) != entry.shapes or list(map(_DTYPE, params)) != entry.dtypes
+            or (entry.specs is not None and list(map(_SPEC if entry.all_sharded else _spec, params)) != entry.specs))
+
+
+#: What the resize check's error says of the step (:func:`check_state_fits` says it of the checkpoint).
+_NOTHING_STEPPED = "Nothing was stepped."
+
+
+def _check_resized(opt: Any, i: int, group: dict[str, Any], entry: _Snapshot, done: str = _NOTHING_STEPPED) -> _Snapshot:
     """Refuse a parameter of ``group`` (index ``i``) resized (``p.data = ...`` of another shape, as
     ``resize_token_embeddings`` does) after its state was made for ``entry.shapes``: its state no longer fits it, and
     the step would fail inside a kernel after earlier buckets were stepped (or, with no per-element state: ``lomo``,
     ``scale``, ``sinkgd``, step on silently). A changed dtype (``model.half()``) is refused only where it gives the
-    state another layout (``state_dtype="param"``). A parameter without state takes its new shape and dtype: its
-    state will be made for them. Returns the entry with the shapes and dtypes its parameters' state is made for."""
+    state another layout (``state_dtype="param"``). A sharded parameter re-sharded at the same global shape (another
+    placement or device mesh: ``fully_shard`` applied again, ``Shard(0)`` -> ``Shard(1)`` or ``Replicate()``) is
+    refused too, its state being that of another piece of it, unless its local shard was the whole parameter before
+    and after (one process). A parameter without state takes its new shape, dtype and placement: its state will be
+    made for them. ``done``: what the error says was left undone. Returns the entry with the shapes, dtypes and
+    placements its parameters' state is made for."""
     params = group["params"]
     shapes, dtypes = list(entry.shapes), list(entry.dtypes)
+    specs = list(entry.specs) if entry.specs is not None else None
+    locs = list(entry.locals) if entry.locals is not None else None
     for j, p in enumerate(params):
         shape, dtype = p.shape, p.dtype
-        if shape == shapes[j] and dtype == dtypes[j]:
+        spec = _spec(p) if specs is not None else None
+        if shape == shapes[j] and dtype == dtypes[j] and (specs is None or spec == specs[j]):
             continue
         if not opt.state.get(p):  # (no state yet, or dropped: made for its shape now)
             shapes[j], dtypes[j] = shape, dtype
+            if specs is not None:
+                specs[j], locs[j] = spec, _local_shape(p)
             continue
+        advice = "Build the optimizer after resizing, or drop its state: optimizer.state.pop(p)"
         if shape != shapes[j]:
             what = (f"is {tuple(shape)} but its state was made for {tuple(shapes[j])}: it was resized after its"
-                    " state was made")
+                    " state was made (e.g. by resize_token_embeddings or p.data = ...)")
+        elif specs is not None and spec != specs[j]:
+            now = _local_shape(p)
+            if now == locs[j] == tuple(shape):  # (the whole parameter before and after: one process)
+                specs[j] = spec
+                continue
+            old = specs[j]
+            what = (f"of shape {tuple(shape)} is sharded as {_placed(spec)} (local shard {now}) but its state was made"
+                    f" for {_placed(old)} (local shard {locs[j]}): it was re-sharded after its state was made (fully_shard"
+                    " applied again, or another placement), and its state is that of another piece of it")
+            advice = ("Load the optimizer's checkpoint after re-sharding (torch.distributed.checkpoint reshards the"
+                      " state with the parameter; load_state_dict redistributes a state saved under other"
+                      " placements), or drop its state: optimizer.state.pop(p)")
         else:
             held = _held(opt, p)
             want = {k: v for k, v in _fixed(layout(opt, p, group)).items() if not k.endswith(" (whole tensor)")}
@@ -252,12 +318,14 @@ def _check_resized(opt: Any, i: int, group: dict[str, Any], entry: _Snapshot) ->
             diff = "; ".join(f"{e}: {held.get(e, 'none')} held, {want.get(e, 'none')} for {dtype}"
                              for e in sorted(set(held) | set(want)) if held.get(e) != want.get(e))
             what = (f"is {dtype} but its state was made for {dtypes[j]} ({diff}): its dtype was changed after its"
-                    " state was made")
-        raise ValueError(
-            f"{opt.recipe.name}: parameter {j} of parameter group {i} {what} (e.g. by resize_token_embeddings or"
-            " p.data = ...). Nothing was stepped. Build the optimizer after resizing, or drop its state:"
-            " optimizer.state.pop(p)")
-    return entry._replace(shapes=shapes, dtypes=dtypes)
+                    " state was made (e.g. by model.half() or p.data = ...)")
+        raise ValueError(f"{opt.recipe.name}: parameter {j} of parameter group {i} {what}. {done} {advice}")
+    return entry._replace(shapes=shapes, dtypes=dtypes, specs=specs, locals=locs)
+
+
+def _placed(spec: tuple) -> str:
+    mesh, placements = spec
+    return f"{placements} over a mesh of shape {tuple(mesh.shape)}"
 
 
 def _value(v: Any) -> str:
@@ -279,13 +347,32 @@ def check_resized(opt: Any, groups: list[dict[str, Any]]) -> None:
         entry = known.get(id(group))
         if entry is None or entry.group is not group:  # (not a group of opt.param_groups)
             continue
-        params = group["params"]
-        if list(map(_SHAPE, params)) != entry.shapes or list(map(_DTYPE, params)) != entry.dtypes:
+        if _moved(group["params"], entry):
             i = next(i for i, g in enumerate(opt.param_groups) if g is group)
             known[id(group)] = _check_resized(opt, i, group, entry)  # (a parameter resized: refused)
 
 
-def check_group_layouts(opt: Any, resized: bool | None = None) -> None:
+def check_state_fits(opt: Any) -> None:
+    """Refuse a parameter whose state no longer fits it: resized, its dtype changed where the state depends on it,
+    or re-sharded (:func:`_check_resized`), and a setting that fixes the layout changed since its state was made
+    (:func:`check_group_layouts` with every parameter compared, gradient or not). For
+    :meth:`LowMemOptimizer.state_dict`: a step compares only the parameters it steps (a resized parameter without a
+    gradient is refused at its next step with one), so without this a checkpoint taken in between holds state of
+    the old shape, which every later load refuses (``load_state_dict`` checks each loaded entry against the
+    parameter it is loaded for, so a load needs no such check). Its cost, once the groups' snapshots exist: a list
+    compare of the parameters' shapes and dtypes per group (about 0.1 us a parameter: measured in
+    /tmp/lm/CKPTLEFT_bench.md), nothing at a step.
+
+    Raises:
+        ValueError: As :func:`check_group_layouts`, saying that nothing was saved.
+    """
+    if "_decided" in opt.__dict__:  # (within a step's pass: the step compares what it steps)
+        return
+    check_group_layouts(opt, resized=True, done="Nothing was saved: its state would not load into an optimizer of"
+                        " this parameter.")
+
+
+def check_group_layouts(opt: Any, resized: bool | None = None, done: str = _NOTHING_STEPPED) -> None:
     """Refuse a setting that fixes the state's layout changed in ``opt.param_groups`` since its parameters'
     state was made (module docstring). Call it before anything of a step touches a parameter or its state.
     ``resized``: compare every parameter's shape and dtype with those its state was made for too
@@ -310,8 +397,8 @@ def check_group_layouts(opt: Any, resized: bool | None = None) -> None:
             _refuse_state_made_otherwise(opt, i, group, new)
             known[id(group)] = new
             continue
-        if resized and (list(map(_SHAPE, params)) != entry.shapes or list(map(_DTYPE, params)) != entry.dtypes):
-            entry = known[id(group)] = _check_resized(opt, i, group, entry)  # (a parameter resized: refused)
+        if resized and _moved(params, entry):
+            entry = known[id(group)] = _check_resized(opt, i, group, entry, done)  # (a parameter resized: refused)
         keys, values = entry.keys, entry.values
         now = _kept(group, keys)
         try:
@@ -333,7 +420,7 @@ def check_group_layouts(opt: Any, resized: bool | None = None) -> None:
         new = _snapshot(opt, group)
         _refuse_layout_change(opt, i, group, dict(zip(keys, values)), changed, entry.layouts, new)
         # (the shapes and dtypes the state was made for are kept: a parameter resized too is still compared)
-        known[id(group)] = new._replace(shapes=entry.shapes, dtypes=entry.dtypes)
+        known[id(group)] = new._replace(shapes=entry.shapes, dtypes=entry.dtypes, specs=entry.specs, locals=entry.locals)
 
 
 def _held(opt: Any, p: Tensor) -> dict[str, tuple]:

@@ -583,6 +583,12 @@ def state_from_dtensor(v: Any, p: Tensor, local_shape: torch.Size, key: str) -> 
     """
     if not is_dtensor(v):
         return v
+    if (v.shape == p.shape and tuple(v.placements) != tuple(p.placements) and is_dtensor(p)
+            and v.device_mesh == p.device_mesh):
+        # a state of the parameter's own layout (moments) saved under other placements (re-sharded between save and
+        # load: Shard(0) -> Shard(1) or Replicate(), fully_shard applied again): exactly this shard's piece of it
+        # (a collective: every rank loads the same entries in the same order)
+        v = v.redistribute(p.device_mesh, p.placements)
     t = v.to_local()
     lp = local(p)
     if t.shape != local_shape:
@@ -591,9 +597,14 @@ def state_from_dtensor(v: Any, p: Tensor, local_shape: torch.Size, key: str) -> 
             and 0 < local_shape[0] < t.shape[0] and t.shape[0] % local_shape[0] == 0):
         t = blocks_of_rows(t, local_shape[0], key, p)  # one number per row -> one per block of rows
     if t.shape != local_shape:
+        placed = ""
+        if is_dtensor(p) and tuple(v.placements) != tuple(p.placements):
+            placed = (f"; saved under placements {tuple(v.placements)} over a mesh of shape {tuple(v.device_mesh.shape)},"
+                      f" the parameter is {tuple(p.placements)} over {tuple(p.device_mesh.shape)}: re-sharded between"
+                      " save and load")
         raise ValueError(
             f"state '{key}' of a sharded parameter of shape {tuple(p.shape)}: loaded piece {tuple(t.shape)},"
-            f" expected {tuple(local_shape)} (per-shard state loads onto the same number of shards only)"
+            f" expected {tuple(local_shape)} (per-shard state loads onto the same number of shards only{placed})"
         )
     return t
 
