@@ -266,3 +266,39 @@ def test_lion8bit_bucket_of_a_chunk_counts_the_inner_direction():
     with _AllLive() as t:
         opt.step()
     assert t.peak == opt.step_transient_bytes() > 0
+
+
+@pytest.mark.parametrize("optim, name", [("lion_32bit", "lion"), ("lion_8bit", "lion8bit")])
+def test_under_training_arguments_equal_what_the_hf_trainer_builds(optim, name, tmp_path):
+    """The Hugging Face Trainer's ``optim="lion_32bit"`` / ``"lion_8bit"`` builds bitsandbytes' ``Lion`` with
+    ``optim_bits`` 32 / 8 and ``betas=(adam_beta1, adam_beta2)`` (transformers' ``_get_bitsandbytes_optimizer``);
+    lowmem's ``lion`` / ``lion8bit`` under the same ``TrainingArguments`` (lr, betas, weight decay on the Trainer's
+    decay groups) steps the same weights (the names' mapping: /tmp/lm/FOUND_LION.md, lowmem/train.py)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import Trainer, TrainingArguments
+
+    from lowmem.trainers.hf import optimizer_cls_and_kwargs
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+    args = TrainingArguments(str(tmp_path), optim=optim, learning_rate=3e-3, weight_decay=0.3, adam_beta2=0.95,
+                             report_to=[], use_cpu=True)
+    hf_cls, hf_kw = Trainer.get_optimizer_cls_and_kwargs(args, base)
+    models = {}
+    for who in ("hf", "lowmem"):
+        model = __import__("copy").deepcopy(base)
+        cls, kw = optimizer_cls_and_kwargs(model, name, args=args)
+        if who == "hf":  # the Trainer's decay groups (lowmem's are the same rule, tested in test_registry.py)
+            opt = hf_cls([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in kw["params"]], **hf_kw)
+        else:
+            opt = cls(**kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = torch.randn(16, 96, generator=gen)
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        models[who] = model
+    assert hf_kw["betas"] == (0.9, 0.95) and hf_kw["optim_bits"] == (8 if optim == "lion_8bit" else 32)
+    for p, q in zip(models["hf"].parameters(), models["lowmem"].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
