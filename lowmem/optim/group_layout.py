@@ -48,8 +48,9 @@ snapshot of a group with sharded parameters keeps their ``(device mesh, placemen
 where the shapes are (a sharded parameter's group: at every step; about 0.4 us a parameter, docs/distributed.md
 "Re-sharded parameters").
 
-:func:`check_state_fits` compares every parameter with state, gradient or not, and the settings: for
-``LowMemOptimizer.state_dict()``, so that a checkpoint never holds state of a parameter's old shape or placement
+:func:`check_state_fits` compares every parameter with state, gradient or not, and the settings: meant for
+``LowMemOptimizer.state_dict()`` (not called there yet), so that a checkpoint never holds state of a parameter's old
+shape or placement
 (every later load would refuse it; a load itself needs no such check, ``load_state_dict`` checks every loaded entry
 against the parameter it is loaded for). Its cost is that of the compare (about 0.3 us a parameter), at a
 checkpoint, nothing at a step.
@@ -260,8 +261,11 @@ def _moved(params: list, entry: "_Snapshot") -> bool:
     """Whether a parameter of the group has another shape, dtype or (sharded) placement than its state was made
     for: the compare :func:`check_resized` makes at each step for the groups it is given (C-level list compares;
     the placements only for a group with sharded parameters)."""
-    return (list(map(_SHAPE, params)) != entry.shapes or list(map(_DTYPE, params)) != entry.dtypes
-            or (entry.specs is not None and list(map(_SPEC if entry.all_sharded else _spec, params)) != entry.specs))
+    try:
+        return (list(map(_SHAPE, params)) != entry.shapes or list(map(_DTYPE, params)) != entry.dtypes
+                or (entry.specs is not None and list(map(_SPEC if entry.all_sharded else _spec, params)) != entry.specs))
+    except AttributeError:  # (a parameter of an all-sharded group replaced by a plain tensor: compared one by one)
+        return True
 
 
 #: What the resize check's error says of the step (:func:`check_state_fits` says it of the checkpoint).
@@ -355,8 +359,8 @@ def check_resized(opt: Any, groups: list[dict[str, Any]]) -> None:
 def check_state_fits(opt: Any) -> None:
     """Refuse a parameter whose state no longer fits it: resized, its dtype changed where the state depends on it,
     or re-sharded (:func:`_check_resized`), and a setting that fixes the layout changed since its state was made
-    (:func:`check_group_layouts` with every parameter compared, gradient or not). For
-    :meth:`LowMemOptimizer.state_dict`: a step compares only the parameters it steps (a resized parameter without a
+    (:func:`check_group_layouts` with every parameter compared, gradient or not). Meant for
+    :meth:`LowMemOptimizer.state_dict` (not called there yet): a step compares only the parameters it steps (a resized parameter without a
     gradient is refused at its next step with one), so without this a checkpoint taken in between holds state of
     the old shape, which every later load refuses (``load_state_dict`` checks each loaded entry against the
     parameter it is loaded for, so a load needs no such check). Its cost, once the groups' snapshots exist: a list
