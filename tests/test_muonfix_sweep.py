@@ -1,0 +1,125 @@
+"""Issue 12 (MUONFIX): every engine optimizer's ``step_transient_bytes()`` against what its steps allocate, on a tiny
+mixed model (an embedding, two linears with biases, a LayerNorm, an untied head; 64 x 24 at most) in float32, bfloat16
+and mixed (two weights bfloat16), with a chunk (600 elements) that splits the weights, foreach on and off.
+
+Every dispatched output on a real device is traced (``_AllLive`` without the meta tensors some steps make to read a
+layout); steps 2 to 6 (the first makes the codecs' tables the rules keep for the process, ``cached_bytes``; step 6
+refreshes the projected recipes' bases, ``update_proj_gap=5``). The report leaves out what no tensor holds: MKL's kept
+GEMM buffer (``_kept_gemm_bytes``), Muon's bf16 workspace and MKL's SVD buffers (their ``*_left_out`` contexts); torch's
+fused AdamW kernel's step count is counted kept and new (4 B each), the trace sees the new one at most.
+
+``EXACT``: reported == traced in every configuration. The others are asserted never under the trace, except the
+known under-counts in ``UNDER`` (xfail, numbers in their reasons: /tmp/lm/FOUND_MUONFIX.md, files of other owners).
+Measured over-counts of the rest (2026-11-30): the projected recipes 15,264 B at the refresh (the SVD's bound,
+``svd_refresh_bytes``); subset-norm 2,300-4,800; adam_mini bf16 2,396; microadam 1,968-4,016; spam 6,600-11,404;
+stable_spam 172-7,184; frugal8bit 356-1,068; galore_adafactor bf16 4,000-5,024."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from test_nonfinite_check_bytes import _AllLive
+from torch import nn
+
+import lowmem.optim.functional.adam as FA
+from lowmem.optim.engine import LowMemOptimizer
+from lowmem.optim.functional.galore import svd_mkl_left_out
+from lowmem.optim.functional.muon import bf16_workspace_left_out
+from lowmem.optim.registry import create_optimizer, optimizer_entries
+
+EXACT = {"adafactor", "adamw", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "lion", "lion8bit", "lomo", "muon",
+         "scale", "sinkgd"}
+_ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
+UNDER = {  # (name, dtype, path): why and by how much (other owners' files: /tmp/lm/FOUND_MUONFIX.md)
+    **{("adalomo", d, f): "AdaLomo's 0-d step size (adalomo_lr, always a tensor) not in FactoredMoments._lr_bytes: "
+       "4 B under" for d, f in _ALL},
+    **{("adam_mini", "fp32", f): "a 0-d zeros and sum beside a chunk's squares not counted: 4 B under"
+       for f in ("foreach", "per-parameter")},
+    **{("adamw4bit", d, f): "the chunked 4-bit step of a 64 x 24 weight in chunks of 576: 96 B under" for d, f in _ALL},
+    **{("adamw4bit_rank1", d, f): "the chunked rank-1 4-bit step: 72-96 B under" for d, f in _ALL},
+    ("badam", "fp32", "foreach"): "the non-finite check of every gradient (freeze_inactive=False) counted for the "
+                                  "active block only: 12 B reported, 64 traced",
+}
+NAMES = [e.name for e in optimizer_entries() if not e.name.startswith("bnb_")]
+
+
+class _RealLive(_AllLive):
+    """_AllLive without meta outputs (layout probes allocate nothing)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        flat = [a for a in args if isinstance(a, torch.Tensor)]
+        flat += [x for a in args if isinstance(a, (list, tuple)) for x in a if isinstance(x, torch.Tensor)]
+        inputs = {a.untyped_storage().data_ptr() for a in flat}
+        for t in outs:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in inputs or ptr in self.seen:
+                continue
+            nbytes = t.untyped_storage().nbytes()
+            self.seen.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._drop, nbytes, ptr)
+        return out
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 24)
+        self.l1 = nn.Linear(24, 48)
+        self.norm = nn.LayerNorm(48)
+        self.l2 = nn.Linear(48, 24)
+        self.head = nn.Linear(24, 64, bias=False)
+
+
+def _measure(name, dtype, foreach, monkeypatch):
+    monkeypatch.setattr(FA, "FUSED_ON_CPU", True)
+    FA.clear_step_tensors()
+    entry = next(e for e in optimizer_entries() if e.name == name)
+    torch.manual_seed(0)
+    model = _Tiny()
+    if dtype == "mixed":
+        model.l1.to(torch.bfloat16)
+        model.head.to(torch.bfloat16)
+    else:
+        model.to(dtype)
+    opt = create_optimizer(model, name, foreach=foreach, **entry.example_hparams)
+    assert isinstance(opt, LowMemOptimizer)
+    opt.chunk_numel = 600
+    params = [p for g in opt.param_groups for p in g["params"]]
+    gen = torch.Generator().manual_seed(1)
+    steps = 3 if name == "badam" else 6  # (badam: before its block switch, whose new block has no state yet)
+    peak = 0
+    with bf16_workspace_left_out(), svd_mkl_left_out():
+        opt.materialize_state()
+        for step in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            with _RealLive() as t:
+                opt.step()
+            if step > 0:
+                peak = max(peak, t.peak)
+        reported = opt.step_transient_bytes() - opt._kept_gemm_bytes()
+    return reported, peak, opt._fused_step_bytes()
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["foreach", "per-parameter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "mixed"], ids=["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("name", NAMES)
+def test_step_transient_bytes_against_the_traced_step(name, dtype, foreach, monkeypatch):
+    case = (name, {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, dtype),
+            "foreach" if foreach is None else "per-parameter")
+    reported, traced, steps = _measure(name, dtype, foreach, monkeypatch)
+    assert traced > 0
+    if case in UNDER and traced > reported - steps:
+        pytest.xfail(UNDER[case])
+    if name in EXACT:
+        assert reported - 2 * steps <= traced <= reported - steps, (reported, traced, steps)
+    else:
+        assert traced <= reported - steps, (reported, traced, steps)
