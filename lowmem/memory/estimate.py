@@ -1343,6 +1343,8 @@ def estimate_memory(
         saved_inputs=saved_inputs, trainable_norms=norms_train,
         trainable_head=head is not None and (head.weight.requires_grad or hasattr(head, "lora_A")),
         down_grad_bytes=down_grad,
+        # the first layer's input needs a gradient: the embedding trains, or checkpointing makes it (LoRA, k-bit)
+        embeddings_require_grad=emb.requires_grad,
         # the output head weight's gradient, the first the backward forms (a temporary beside the logits' gradient)
         head_grad_bytes=(head.weight.numel() * head.weight.element_size()
                          if head is not None and head.weight.requires_grad else 0),
