@@ -610,6 +610,8 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     conversational = any(is_messages(first[c]) for c in cols) or (name == "messages")
     check_all_rows(dataset, cols, conversational, source)
     extra = tuple(c for c in columns if c not in cols)
+    if name == "implicit-prompt preference":
+        _check_prompt_column_not_left_out(first, extra, conversational, source)
     return DatasetFormat(name=name, columns=tuple(cols), conversational=conversational, extra_columns=extra)
 
 
@@ -843,6 +845,45 @@ FOREIGN_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("question", "answer"), "'question' / 'answer': rename them 'prompt' / 'completion' (SFT) or 'prompt' + "
                              "'answer' (GRPO with exact_match)"),
 )
+
+
+# Columns that hold a preference pair's prompt in other tools' formats: Intel/orca_dpo_pairs (system, question, chosen,
+# rejected), LLaMA-Factory's alpaca pairwise (instruction, input, chosen, rejected), query / context / history ones.
+PROMPT_LIKE_COLUMNS = ("question", "instruction", "query", "prompt_text", "user", "human", "conversation",
+                       "conversations", "input", "context", "history", "system")  # the question first: named first
+
+
+def _check_prompt_column_not_left_out(first: dict[str, Any], extra: tuple[str, ...], conversational: bool,
+                                      source: str) -> None:
+    """DPO rows of ``chosen`` + ``rejected`` and no ``prompt`` are TRL's implicit-prompt format: the prompt is the
+    start that both share. A prompt held in a column of another name (:data:`PROMPT_LIKE_COLUMNS`: orca_dpo_pairs'
+    ``question``, LLaMA-Factory's ``instruction`` / ``input``) was not read: the pair trained without its prompt (on
+    the tiny Qwen3 of the NEWCOMER audit, chosen 'Four.' / rejected 'Five.' shared the "prompt" 'F'; TRL's only word
+    was a tokenization warning). Such a column is an error naming it and the rename.
+
+    Raises:
+        ValueError: A prompt-like column beside an implicit-prompt pair; the message shows the shared start of
+            row 0 and says to name the prompt column ``prompt``.
+    """
+    import os
+
+    if conversational:
+        chosen, rejected = first["chosen"] or [], first["rejected"] or []
+        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        start, text = f"{shared} shared leading message(s)", " ".join(str(m.get("content", "")) for m in chosen[:shared])
+    else:
+        text = os.path.commonprefix([str(first["chosen"]), str(first["rejected"])])
+        start = repr(text[:40] + "..." if len(text) > 40 else text)
+    # a prompt-like column whose row-0 text the shared start holds is a copy (the prompt is inside both): no error
+    unread = sorted((c for c in extra if c.strip().lower() in PROMPT_LIKE_COLUMNS
+                     and str(first[c] or "").strip() and str(first[c]).strip() not in text),
+                    key=lambda c: PROMPT_LIKE_COLUMNS.index(c.strip().lower()))
+    if not unread:
+        return
+    raise ValueError(
+        f"{source}: column(s) {unread} are not read: 'chosen' + 'rejected' without 'prompt' is DPO's implicit-prompt "
+        f"format, whose prompt is what both start with (row 0: {start}). Name the prompt column 'prompt' (rename "
+        f"{unread[0]!r}" + (f" and join {unread[1:]} into it" if len(unread) > 1 else "") + ")")
 
 
 def _format_hint(columns: list[str], trainer: str) -> str:

@@ -1,0 +1,39 @@
+"""DPO pairs in other tools' spellings (NEWCOMER audit): Intel/orca_dpo_pairs' `system` + `question` + `chosen` +
+`rejected` and LLaMA-Factory's alpaca pairwise `instruction` + `input` + `chosen` + `rejected` fit TRL's implicit-
+prompt format (no `prompt` column), whose prompt is the start chosen and rejected share. The question column was not
+read and every pair trained without its prompt (tiny Qwen3: chosen 'Four.' / rejected 'Five.' shared 'F'); now that
+is an error naming the column and the rename. A copy of a prompt that both already hold is no error."""
+
+import pytest
+import trl.data_utils  # noqa: F401 - imported at collection (the implicit-prompt check reads TRL's extract_prompt)
+from datasets import Dataset
+
+from lowmem.data import detect_format
+
+
+def _msgs(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+@pytest.mark.parametrize("row, named", [
+    ({"system": "Be terse.", "question": "2+2?", "chosen": "Four.", "rejected": "Five."}, ["question", "system"]),
+    ({"instruction": "2+2?", "input": "", "chosen": "Four.", "rejected": "Five."}, ["instruction"]),  # empty: unread ok
+    ({"question": "3+3?", "chosen": _msgs("2+2?", "4"), "rejected": _msgs("2+2?", "5")}, ["question"]),
+])
+def test_a_prompt_column_beside_an_implicit_pair_is_refused(row, named):
+    with pytest.raises(ValueError) as err:
+        detect_format(Dataset.from_list([row] * 3), "dpo", source="pairs.jsonl")
+    text = str(err.value)
+    assert text.startswith(f"pairs.jsonl: column(s) {named} are not read: 'chosen' + 'rejected' without 'prompt'"), text
+    assert f"Name the prompt column 'prompt' (rename {named[0]!r}" in text
+
+
+@pytest.mark.parametrize("row, columns", [
+    ({"question": "2+2?", "chosen": _msgs("2+2?", "4"), "rejected": _msgs("2+2?", "5")}, ("chosen", "rejected")),
+    ({"question": "hi", "chosen": "Human: hi Assistant: a", "rejected": "Human: hi Assistant: b"}, ("chosen", "rejected")),
+    ({"source": "hh", "chosen": "Human: hi Assistant: a", "rejected": "Human: hi Assistant: b"}, ("chosen", "rejected")),
+    ({"system": "s", "prompt": "2+2?", "chosen": "Four.", "rejected": "Five."}, ("prompt", "chosen", "rejected")),
+])
+def test_pairs_whose_prompt_is_read_still_load(row, columns):
+    """The prompt inside both (a prompt-like column is then a copy), metadata columns, an explicit prompt."""
+    assert detect_format(Dataset.from_list([row] * 3), "dpo", source="pairs.jsonl").columns == columns
