@@ -130,9 +130,12 @@ class MomentRule:
         (:func:`step_whole_from_piece_`, or unchunked) and skips the others: its pieces then allocate
         nothing of the bucket's multi-tensor step, whose transient
         (:meth:`foreach_transient_bytes`) the engine sums without them; the whole step's transient is
-        the per-parameter one, which it reports on its own (``step_transient_bytes``). Default: no (the
-        pieces are stepped element-wise with the bucket). Answering no where the pieces are stepped
-        whole only over-reports; answering yes where they are not under-reports."""
+        the per-parameter one, which it reports on its own (``step_transient_bytes``); a tensor in pieces
+        this answers no for is counted by its pieces' share of the buckets alone (since 2026-11-30: before,
+        its per-parameter step was added too, 2,097,152 B over for a hybrid's 2**21-element AdamW vector).
+        Default: no (the pieces are stepped element-wise with the bucket). The answer must be exact: no
+        where the pieces are stepped whole leaves the whole step uncounted, yes where they are not leaves
+        the pieces out of their buckets' sums; both under-report."""
         return False
 
     # True if foreach_step_ applies the decoupled weight decay after the update (the recipes with
