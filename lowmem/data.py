@@ -844,6 +844,17 @@ FOREIGN_FORMATS: tuple[tuple[tuple[str, ...], str], ...] = (
                          "(from/value -> role/content, human -> user, gpt -> assistant)"),
     (("question", "answer"), "'question' / 'answer': rename them 'prompt' / 'completion' (SFT) or 'prompt' + "
                              "'answer' (GRPO with exact_match)"),
+    (("question", "response_j", "response_k"), "StackExchange-paired 'question' / 'response_j' / 'response_k' "
+                                               "(response_j the preferred answer): rename them 'prompt' / 'chosen' / "
+                                               "'rejected'"),
+)
+
+# Parts of preference-pair column names in other datasets' spellings (chosen_response, response_rejected, preferred /
+# dispreferred, accepted, better / worse, positive / negative, ...) -> TRL's column: the DPO hint's renames.
+PAIR_COLUMN_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("rejected", ("reject", "dispref", "worse", "negative", "loser", "lose", "bad")),  # before 'chosen': dispreferred
+    ("chosen", ("chosen", "prefer", "accept", "better", "positive", "winner", "win", "good")),
+    ("prompt", ("prompt", "question", "instruction", "query")),
 )
 
 
@@ -894,6 +905,10 @@ def _format_hint(columns: list[str], trainer: str) -> str:
     missing = _missing_columns(columns, trainer)
     if missing:
         return missing
+    if trainer == "dpo":
+        renames = _pair_renames(columns)
+        if renames:  # before "the format of trainer: grpo", which a lone prompt column fits
+            return f". Did you mean to name the column(s) {', '.join(f'{c!r} -> {m!r}' for c, m in renames)}?"
     fits = sorted({t for t, formats in FORMATS.items() if t != trainer
                    and any(set(cols) <= set(columns) for _, cols, _ in formats)})
     if fits:  # (sft first when it fits: text / messages / prompt + completion given to dpo)
@@ -910,6 +925,20 @@ def _format_hint(columns: list[str], trainer: str) -> str:
                 if trainer == "sft" and [m for _, m in pairs] == ["text"] else "")
         return f". Did you mean to name the column(s) {', '.join(f'{c!r} -> {m!r}' for c, m in pairs)}{text}?"
     return ""
+
+
+def _pair_renames(columns: list[str]) -> list[tuple[str, str]]:
+    """``[(column, TRL's name)]`` for preference columns of other spellings (:data:`PAIR_COLUMN_PARTS`), when they
+    name one chosen and one rejected column (and at most one prompt column); else ``[]``."""
+    found: dict[str, list[str]] = {}
+    for c in columns:
+        name = c.strip().lower()
+        trl = next((t for t, parts in PAIR_COLUMN_PARTS if any(part in name for part in parts)), None)
+        if trl is not None and c != trl:
+            found.setdefault(trl, []).append(c)
+    if [len(found.get(t, [])) for t in ("chosen", "rejected")] != [1, 1] or len(found.get("prompt", [])) > 1:
+        return []
+    return [(found[t][0], t) for t in ("prompt", "chosen", "rejected") if t in found]
 
 
 def _missing_columns(columns: list[str], trainer: str) -> str:

@@ -37,3 +37,21 @@ def test_a_prompt_column_beside_an_implicit_pair_is_refused(row, named):
 def test_pairs_whose_prompt_is_read_still_load(row, columns):
     """The prompt inside both (a prompt-like column is then a copy), metadata columns, an explicit prompt."""
     assert detect_format(Dataset.from_list([row] * 3), "dpo", source="pairs.jsonl").columns == columns
+
+
+@pytest.mark.parametrize("row, hint", [
+    ({"question": "q", "response_j": "a", "response_k": "b"},
+     "StackExchange-paired 'question' / 'response_j' / 'response_k' (response_j the preferred answer): rename them "
+     "'prompt' / 'chosen' / 'rejected'"),
+    ({"prompt": "q", "chosen_response": "a", "rejected_response": "b"},  # was "the format of trainer: grpo"
+     "Did you mean to name the column(s) 'chosen_response' -> 'chosen', 'rejected_response' -> 'rejected'?"),
+    ({"instruction": "q", "preferred": "a", "dispreferred": "b"},
+     "Did you mean to name the column(s) 'instruction' -> 'prompt', 'preferred' -> 'chosen', 'dispreferred' -> "
+     "'rejected'?"),
+])
+def test_preference_columns_of_other_spellings_get_their_renames(row, hint):
+    """`lowmem train --trainer dpo` on pairs spelt as other datasets spell them: the error said only which formats
+    are accepted (StackExchange-paired, TRL's own former example), or pointed at GRPO for a lone 'prompt'."""
+    with pytest.raises(ValueError, match="fit no dpo dataset format") as err:
+        detect_format(Dataset.from_list([row]), "dpo", source="pairs.jsonl")
+    assert str(err.value).endswith(hint), str(err.value)
