@@ -12,7 +12,8 @@ fused AdamW kernel's step count is counted kept and new (4 B each), the trace se
 known under-counts in ``UNDER`` (xfail, numbers in their reasons: /tmp/lm/FOUND_MUONFIX.md, files of other owners).
 Measured over-counts of the rest (2026-11-30): the projected recipes 15,264 B at the refresh (the SVD's bound,
 ``svd_refresh_bytes``); subset-norm 2,300-4,800; adam_mini bf16 2,396; microadam 1,968-4,016; spam 6,600-11,404;
-stable_spam 172-7,184; frugal8bit 356-1,068; galore_adafactor bf16 4,000-5,024."""
+stable_spam 172-7,184; galore_adafactor bf16 4,000-5,024. (frugal8bit: its embedding, stepped whole from its first
+piece, was counted beside the open projected bucket, 1,068 B over; the foreach buckets run after the projected ones.)"""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from lowmem.optim.functional.galore import svd_mkl_left_out
 from lowmem.optim.functional.muon import bf16_workspace_left_out
 from lowmem.optim.registry import create_optimizer, optimizer_entries
 
-EXACT = {"adafactor", "adamw", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "lion", "lion8bit", "lomo", "muon",
-         "scale", "sinkgd"}
+EXACT = {"adafactor", "adamw", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "frugal8bit", "lion", "lion8bit",
+         "lomo", "muon", "scale", "sinkgd"}
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
 UNDER = {  # (name, dtype, path): why and by how much (other owners' files: /tmp/lm/FOUND_MUONFIX.md)
     **{("adalomo", d, f): "AdaLomo's 0-d step size (adalomo_lr, always a tensor) not in FactoredMoments._lr_bytes: "

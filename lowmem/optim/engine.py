@@ -1090,9 +1090,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         # rule steps element-wise (a hybrid's AdamW parameter) only their buckets' (before
                         # 2026-11-30 the per-parameter term was added for them too: 2,097,152 B over for a
                         # 2**21-element vector on torch's fused kernel)
+                        # (its whole step runs in its bucket's step, after the projected buckets are stepped and
+                        # their projected gradients freed: not beside an open one; before 2026-11-30 counted beside
+                        # it, frugal8bit's tiny-model step 1,068 B over)
                         whole = self.recipe.moment.steps_pieces_whole(p.shape, group, state)
                         if whole:
-                            worst = max(worst, open_bytes + self._param_transient_bytes(p, group, state, steady))
+                            worst = max(worst, self._param_transient_bytes(p, group, state, steady))
                     cls = self.recipe.moment.foreach_bucket_class(p.shape, group, state)
                     for start, stop in self._foreach_pieces(p):
                         # (the pieces still fill the buckets as step() fills them, by class)
