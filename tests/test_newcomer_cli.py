@@ -4,6 +4,7 @@ TRL's and the HF Trainer's is AdamW), and `lowmem list` stays readable in an 80-
 
 import pytest
 
+import lowmem.cli
 import lowmem.train  # noqa: F401 - imported once at collection (torch, transformers, TRL)
 import lowmem.trainers.hf  # noqa: F401
 from lowmem.cli import build_parser, default_optim_note, main, split_field_flags
@@ -62,6 +63,7 @@ def test_recipe_moved_by_resume_flag_is_read(tmp_path):
 def test_main_prints_the_note_before_the_run(tmp_path, monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(lowmem.train, "run", lambda recipe, *a, **k: seen.append(recipe.optim) or {})
+    monkeypatch.setattr(lowmem.cli, "set_train_threads", lambda model: 1)  # the worker's torch threads stay as they are
     assert main(["train", _recipe(tmp_path, TRL_CONFIG + f"output_dir: {tmp_path / 'o'}\n")]) == 0
     assert seen == ["adafactor"]
     assert "note: optim=adafactor is lowmem's default" in capsys.readouterr().out
