@@ -1299,7 +1299,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # chunk's float32 copy is freed when the direction returns, before the parameter chunk's copy is made
         new = not r.stabilizers and getattr(r.moment, "chunk_direction_is_new", False)
         # a rule that counts those copies itself, phase by phase (MomentRule.chunk_counts_copies: Muon, whose
-        # Newton-Schulz phase holds no gradient chunk): asked with copy=, the bytes per element of a float32 copy
+        # Newton-Schulz phase holds no gradient chunk; SinkGD, whose scalings' passes hold a block's copy only until
+        # its squares are made): asked with copy=, the bytes per element of a float32 copy
         counts = not r.stabilizers and getattr(r.moment, "chunk_counts_copies", False)
         # a rule whose chunked step allocates other than its whole-tensor direction (Adafactor's two passes over
         # the row blocks, then the directions beside the factors) says it (MomentRule.chunk_transient_bytes)
