@@ -7,8 +7,8 @@ no more memory; before, the strided view's norms were reduced in another order, 
 With a chunk (the default), a non-contiguous weight is still stepped whole (the chunked step needs flat views) while
 its contiguous twin takes the chunked or bucket form (SinkGD's row-block scalings, SCALE's flat segment sums), equal
 to the whole form up to float32 rounding: measured at most 2.4e-7 apart over 10 steps (weights ~N(0, 1), lr 1e-2),
-asserted under 5e-7 here. Bit-equality there would need the chunked form on a contiguous copy of the gradient and
-the parameter (8 B per element beyond the whole step's count)."""
+asserted under 5e-7 here. Bit-equality there would need the chunked form on contiguous copies of the gradient and
+the parameter (8 B per element beside the chunks, where the whole step holds its 4 B per element result)."""
 
 from __future__ import annotations
 
