@@ -115,6 +115,8 @@ def plan(device: str, smoke: bool, only: list[str] | None = None, budget_s: floa
     else:
         model, layer, eq_set, rounds, rank = "model:llama-350m", "set:llama-7b-layer", "set:llama-8x128", 5, None
         model_name, layer_name = "llama-350m", "llama-7b-layer"
+    # the equality check's 128-wide weights take no default rank (128 or 256): rank 32 applies to every subspace recipe
+    eq_rank = rank if rank is not None else 32
     alone = budget_s * 0.55  # the shared checks then run until the overall deadline
     shared = budget_s
     return [
@@ -125,7 +127,7 @@ def plan(device: str, smoke: bool, only: list[str] | None = None, budget_s: floa
         Check(f"memory:{layer_name}", "cells", "shared", shared,
               {"module": layer, "device": device, "optimizers": names, "timing": False, "rank": rank}),
         Check("equal:cuda-vs-cpu", "equal", "shared", shared,
-              {"module": eq_set, "device": device, "optimizers": names, "steps": 5, "rank": rank}),
+              {"module": eq_set, "device": device, "optimizers": names, "steps": 5, "rank": eq_rank}),
         Check("pytest:cuda", "pytest", "shared", shared, {}),
     ]
 
