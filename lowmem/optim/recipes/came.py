@@ -177,10 +177,12 @@ class CameMoments(MomentRule):
         row statistics of the shard's rows are local; the column sums, the row statistic's sum (its mean in lines 3
         and 10) and the row count are summed over the shards (one all-reduce of ``n + 2`` numbers for ``v``, one of
         ``n + 1`` for the instability), the update's sum of squares too (one number), so the step equals the
-        unsharded one. A vector or a batch of whole matrices (a shard stepped whole): :meth:`_whole_direction`
-        with the update's RMS reduced, its direction handed to the chunk (``{"d": ...}``)."""
-        if len(shape) != 2:
-            numel = math.prod(shape)
+        unsharded one. A vector or a batch of whole matrices (a shard stepped whole: the update's RMS reduced), and
+        an unsharded matrix in one block: :meth:`_whole_direction`, its direction handed to the chunk
+        (``{"d": ...}``)."""
+        numel = math.prod(shape)
+        if len(shape) != 2 or (reduce is None and [tuple(b) for b in bounds] == [(0, numel)]):
+            # a vector's or a batch's shard, or a matrix in one block: stepped whole (fewer operations)
             if [tuple(b) for b in bounds] not in ([], [(0, numel)]):
                 raise ValueError(f"CAME: a {len(shape)}-D tensor is stepped whole, got chunks {bounds}")
             g = stabilized(0, numel, self.chunk_state(state, 0, numel, shape, group)).view(shape)
@@ -277,7 +279,7 @@ class CameMoments(MomentRule):
         float32 copies of the instability's statistics ``4 (m + n)``. A low-precision gradient's block copy is held
         through the block (the engine adds it). The first two passes and the directions (the confidence's
         factors, the block's direction and the copy of its first moment) hold less."""
-        if len(shape) != 2:
+        if len(shape) != 2 or numel >= math.prod(shape):  # (one block: the whole step, prepare_chunks)
             return self.transient_bytes(numel, shape, group, state)
         m, n = shape
         _, _, low = self._layout(shape, state)
