@@ -131,3 +131,49 @@ def test_shard_path_with_one_shard_equals_the_plain_step(shape):
                 opt.step_param(p, g.clone())
         out.append(p.detach().clone())
     torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-7)
+
+
+STACKED = [(24, 40)] * 3 + [(40,)] * 3 + [(3, 8, 10)] * 2 + [(128, 300)]
+
+
+@pytest.mark.parametrize("chunk", [4096, None], ids=["pieces", "whole"])
+def test_multi_tensor_step_equals_the_per_parameter_step(chunk):
+    """The foreach buckets (same-shape tensors stacked: three matrices, three vectors, two batches; a 128 x 300
+    matrix above chunk_numel=4096 stepped from its first piece in row blocks) give the weights and every state
+    tensor of foreach=False bit for bit, 10 steps with decay and clipping."""
+    out = []
+    for foreach in (None, False):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in STACKED]
+        gen = torch.Generator().manual_seed(1)
+        opt = create_optimizer(ps, "came", lr=1e-2, weight_decay=0.1, clip_threshold=0.5, foreach=foreach)
+        opt.chunk_numel = chunk
+        for _ in range(10):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out.append([p.detach() for p in ps] + [v for p in ps for v in opt.state[p].values()])
+    assert len(out[0]) == len(out[1]) and all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@pytest.mark.parametrize("chunk", ["default", 4096, None], ids=str)
+@pytest.mark.parametrize("shapes", [STACKED, [(40,)] * 4, [(64, 64)] * 5 + [(1024,)] * 3, [(600, 1000), (300, 128), (128,)]],
+                         ids=["mixed", "vectors", "matrices_vectors", "pieces"])
+def test_bucket_step_allocates_what_it_reports(shapes, chunk):
+    """step() on the multi-tensor path allocates step_transient_bytes() (traced, every new storage): stacked
+    groups of matrices, vectors and batches, a lone tensor of each kind, a matrix in pieces stepped by rows."""
+    from test_transient_per_parameter import _Traced
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = create_optimizer(ps, "came", lr=1e-3, weight_decay=0.1)
+    if chunk != "default":
+        opt.chunk_numel = chunk
+    for i in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        if i < 2:
+            opt.step()
+    with _Traced() as t:
+        opt.step()
+    assert t.peak == opt.step_transient_bytes() > 0

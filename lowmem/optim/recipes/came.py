@@ -23,7 +23,8 @@ from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.came import came_direction, came_first_moment_, came_instability_
 from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, nonneg, positive
-from ..moments import ChunkState, MomentRule, state_dtype
+from ..functional.adafactor import STACK_NUMEL, group_cap, stack_groups, stacks_large
+from ..moments import ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
 
 
@@ -53,7 +54,8 @@ class CameMoments(MomentRule):
     ``exp_avg`` and the row / column statistics ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (``v``, ``b2``)
     and ``exp_avg_res_row`` / ``exp_avg_res_col`` (the instability, ``b3``); vectors ``exp_avg`` and a
     full ``exp_avg_sq``. A 2-D matrix is stepped in blocks of whole rows (:meth:`prepare_chunks`: three
-    passes, then each block's direction); vectors and batched matrices whole.
+    passes, then each block's direction); vectors and batched matrices whole. The multi-tensor step
+    (:meth:`foreach_step_`) stacks same-shape tensors of a bucket and runs each operation once per stack.
 
     Group keys used: ``betas`` ``(b1, b2, b3)``, ``eps`` ``(eps1, eps2)``, ``clip_threshold``.
     """
@@ -162,7 +164,7 @@ class CameMoments(MomentRule):
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         rows = (start // shape[1], stop // shape[1]) if len(shape) == 2 else None  # (an FSDP2 shard stepped whole)
-        view = ChunkState(state, start, stop, {"rows": rows, "factors": ctx})
+        view = ChunkState(state, start, stop, {"rows": rows, "factors": ctx, "parent": state, "shape": shape})
         view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         return view
 
@@ -286,6 +288,154 @@ class CameMoments(MomentRule):
         k = max(1, numel // n)
         return 4 * (m + n) * (1 + low) + 4 * n + 4 + 4 * numel + max(4 * numel * low, 4 * max(k, n))
 
+    # ---- the multi-tensor step (float32 parameters and state; the engine's foreach buckets) ----
+
+    def supports_foreach_for(self, shape, group, state):
+        """Every shape, not in an FSDP2 group (its column sums and update RMS need the shards' sums: the
+        per-parameter step reduces them)."""
+        return not sharded_group(group)
+
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: a tensor larger than ``chunk_numel`` is stepped from its first piece, a matrix in row blocks,
+        a vector or a batch of matrices whole (:meth:`foreach_step_`)."""
+        return True
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """A bucket's step: tensors of one shape stacked and stepped together, one group at a time
+        (:func:`~lowmem.optim.functional.adafactor.stack_groups`: on the CPU tensors under 32,768 elements, at
+        most 2^18 elements a group; elsewhere every same-shape set), each operation of :meth:`_whole_direction`
+        once on the stacks (the statistics along the last dimensions, the update's RMS per stacked tensor), the
+        state written back, then the decay and the update per tensor (``torch._foreach_*``). A tensor larger
+        than ``chunk_numel`` arrives in flat pieces and is stepped from its first one as the per-parameter step
+        does (:func:`~lowmem.optim.moments.step_whole_from_piece_` for a matrix, whole otherwise)."""
+        wd = group.get("weight_decay", 0.0)
+        whole = []
+        for p, g, st in zip(params, grads, states):
+            if not isinstance(st, ChunkState):
+                whole.append((p, g, st))
+                continue
+            if st.start != 0:
+                continue
+            state, shape = st.extra["parent"], st.extra["shape"]
+            if len(shape) == 2:
+                step_whole_from_piece_(self, p, g, st, group, t, lr, decay_after=False)
+                continue
+            numel = math.prod(shape)
+            pw = p.as_strided((numel,), (1,), p.storage_offset())
+            d = self._whole_direction(g.as_strided((numel,), (1,), g.storage_offset()).view(shape), state, group)
+            F.decoupled_weight_decay_(pw, lr, wd)
+            pw.add_(d.view(-1), alpha=-lr)
+            del d
+        if not whole:
+            return
+        ps, gs, ss = (list(x) for x in zip(*whole))
+        for idx in stack_groups(gs, [2 if "exp_avg_sq_row" in st else 1 for st in ss]):
+            d = self._group_direction([gs[i] for i in idx], [ss[i] for i in idx], group)
+            group_ps = [ps[i] for i in idx]
+            if wd != 0:
+                torch._foreach_mul_(group_ps, 1.0 - lr * wd)
+            torch._foreach_add_(group_ps, list(d.unbind(0)), alpha=-lr)
+            del d
+
+    @staticmethod
+    def _group_direction(grads, states, group):
+        """Lines 1-11 (without ``lr``) of a group of same-shape float32 tensors, stacked along a new first
+        dimension: the directions, a new tensor (for a group of vectors: the stacked first moments; a lone
+        vector's is a view of its state, which the update only reads)."""
+        b1, b2, b3 = group["betas"]
+        eps1, eps2 = group["eps"]
+        k = len(grads)
+
+        def stacked(key):
+            xs = [st[key] for st in states]
+            return xs, (xs[0].unsqueeze(0) if k == 1 else torch.stack(xs))
+
+        def write_back(xs, x):
+            if k > 1:
+                torch._foreach_copy_(xs, list(x.unbind(0)))
+
+        if "exp_avg_sq_row" in states[0]:  # lines 1-4 on the stack: U = (R / mean(R))^-1/2 C^-1/2 G
+            g = grads[0].unsqueeze(0) if k == 1 else torch.stack(grads)
+            w = torch.mul(g, g).add_(eps1)
+            rows, r = stacked("exp_avg_sq_row")
+            cols, c = stacked("exp_avg_sq_col")
+            F.factored_second_moment_(r, c, w, b2)
+            write_back(rows, r)
+            write_back(cols, c)
+            del w
+            u = F.factored_rsqrt(r, c).mul_(g)
+            del g, r, c
+        else:  # vectors: V <- b2 V + (1 - b2)(G^2 + eps1); U = V^-1/2 G, in the memory of G^2
+            w = (grads[0] * grads[0]) if k == 1 else torch.stack(grads)
+            if k > 1:
+                w.mul_(w)
+            w.add_(eps1)
+            vs, v = stacked("exp_avg_sq")
+            v.mul_(b2).add_(w, alpha=1.0 - b2)
+            write_back(vs, v)
+            u = torch.rsqrt(v, out=w.unsqueeze(0) if k == 1 else w)
+            del v, w
+            u.mul_(grads[0] if k == 1 else torch.stack(grads))
+        # line 5, per tensor: U / max(1, RMS(U) / d)
+        lead = (-1,) + (1,) * (u.dim() - 1)
+        clip = torch.linalg.vector_norm(u.view(k, -1), dim=1)
+        clip.div_(math.sqrt(u[0].numel())).div_(group["clip_threshold"]).clamp_(min=1.0)
+        u.div_(clip.view(lead))
+        del clip
+        ms, m = stacked("exp_avg")
+        came_first_moment_(m, u, b1)  # line 6
+        write_back(ms, m)
+        if "exp_avg_res_row" not in states[0]:  # a vector: the step is lr m (no confidence)
+            return m
+        came_instability_(u, m, eps2)  # line 7 (+ eps2)
+        rrs, rr = stacked("exp_avg_res_row")
+        rcs, rc = stacked("exp_avg_res_col")
+        F.factored_second_moment_(rr, rc, u, b3)  # lines 8-9
+        write_back(rrs, rr)
+        write_back(rcs, rc)
+        del u
+        return came_direction(rr, rc, m)  # lines 10-11 (without lr)
+
+    def foreach_transient_bytes(self, numel):
+        """Without the states at hand: two float32 tensors of the bucket (the statistics left out:
+        :meth:`foreach_bucket_transient_bytes` counts them)."""
+        return 8 * numel
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """:meth:`foreach_step_` of a bucket whose ``members`` are ``(elements, state)``: its largest group's
+        (:meth:`_group_bytes`; each group's temporaries are freed before the next one's), grouped as on the
+        state's device (every same-shape set stacked off the CPU; both groupings on meta tensors: the larger)."""
+        shapes = [(tuple(st["exp_avg"].shape) if "exp_avg" in st else (n,), n) for n, st in members]
+        devices = {st["exp_avg"].device for _, st in members if "exp_avg" in st}
+        device = next(iter(devices)) if len(devices) == 1 else None
+        larges = (stacks_large(device),) if device is not None and device.type != "meta" else (False, True)
+        out = 0
+        for large in larges:
+            cap = group_cap([n for _, n in shapes], large)
+            groups: dict[tuple, list[int]] = {}
+            for i, (shape, n) in enumerate(shapes):
+                groups.setdefault((shape,) if large or n < STACK_NUMEL else (i,), []).append(i)
+            for idx in groups.values():
+                shape, n = shapes[idx[0]]
+                per = max(1, cap // max(1, n))
+                for a in range(0, len(idx), per):
+                    out = max(out, self._group_bytes(shape, len(idx[a:a + per])))
+        return out
+
+    @staticmethod
+    def _group_bytes(shape, k) -> int:
+        """:meth:`_group_direction` of ``k`` float32 tensors of ``shape`` (contiguous; a lone one allocates no
+        stacks), exact: a matrix group's peak holds the stacked gradients and update (``8 k n``), the stacked
+        statistics and the factors of :func:`~lowmem.optim.functional.factored_rsqrt` (``8 k (R + C)``); a lone
+        matrix the whole step's ``4 (n + R + C)``; a group of vectors its ``G^2`` turned into the update and the
+        stacked first moments or gradients (``8 k n``), a lone vector ``G^2`` / the update and the clip's
+        ``4 k`` beside it."""
+        n = math.prod(shape)
+        if len(shape) >= 2:
+            rows, cols = math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+            return 4 * (n + rows + cols) if k == 1 else 8 * k * (n + rows + cols)
+        return 4 * n + 4 if k == 1 else 8 * k * n
+
 
 CAME_RECIPE = Recipe(
     name="came",
@@ -321,8 +471,9 @@ class CAME(LowMemOptimizer):
             first moment, the second moment and the instability, each in [0, 1).
         weight_decay (`float`, defaults to `0.0`): Decoupled, ``p *= 1 - lr * wd`` before the update.
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments and statistics.
-        foreach (`bool` or `None`, defaults to `None`): Accepted for uniformity (no multi-tensor path:
-            each parameter is stepped alone, a 2-D one in blocks of rows).
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters in multi-tensor
+            buckets (same-shape tensors stacked; equal bit for bit to the per-parameter step); `False` forces
+            the per-parameter step (a 2-D matrix above ``chunk_numel`` in blocks of rows).
     """
 
     recipe = CAME_RECIPE
