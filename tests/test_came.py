@@ -133,14 +133,14 @@ def test_shard_path_with_one_shard_equals_the_plain_step(shape):
     torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-7)
 
 
-STACKED = [(24, 40)] * 3 + [(40,)] * 3 + [(3, 8, 10)] * 2 + [(128, 300)]
+STACKED = [(24, 40)] * 3 + [(40,)] * 3 + [(3, 8, 10)] * 2 + [(128, 300), (5000,), (2, 50, 60)]
 
 
 @pytest.mark.parametrize("chunk", [4096, None], ids=["pieces", "whole"])
 def test_multi_tensor_step_equals_the_per_parameter_step(chunk):
-    """The foreach buckets (same-shape tensors stacked: three matrices, three vectors, two batches; a 128 x 300
-    matrix above chunk_numel=4096 stepped from its first piece in row blocks) give the weights and every state
-    tensor of foreach=False bit for bit, 10 steps with decay and clipping."""
+    """The foreach buckets (same-shape tensors stacked: three matrices, three vectors, two batches; above
+    chunk_numel=4096 a 128 x 300 matrix stepped from its first piece in row blocks, a vector and a batch whole)
+    give the weights and every state tensor of foreach=False bit for bit, 10 steps with decay and clipping."""
     out = []
     for foreach in (None, False):
         torch.manual_seed(0)
