@@ -177,3 +177,33 @@ def test_bucket_step_allocates_what_it_reports(shapes, chunk):
     with _Traced() as t:
         opt.step()
     assert t.peak == opt.step_transient_bytes() > 0
+
+
+def test_stacks_of_any_size_as_off_the_cpu(monkeypatch):
+    """The grouping of every device but the CPU (``functional.adafactor.stacks_large``: every same-shape set of a
+    bucket stacked, whatever its size), run on the CPU with ``STACK_LARGE_ON_CPU``: the weights of foreach=False
+    (rtol 1e-6: a stack's reductions may add in another order) and step_transient_bytes() == the traced step."""
+    from lowmem.optim.functional import adafactor as FA
+    from test_transient_per_parameter import _Traced
+
+    monkeypatch.setattr(FA, "STACK_LARGE_ON_CPU", True)
+    shapes = [(200, 180)] * 3 + [(40000,)] * 2 + [(24, 40)]  # (36,000 and 40,000 elements: above STACK_NUMEL)
+    out = []
+    for foreach in (None, False):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        gen = torch.Generator().manual_seed(1)
+        opt = create_optimizer(ps, "came", lr=1e-2, weight_decay=0.1, foreach=foreach)
+        opt.chunk_numel = None
+        for i in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if foreach is None and i == 3:
+                with _Traced() as t:
+                    opt.step()
+                assert t.peak == opt.step_transient_bytes() >= 8 * 3 * (200 * 180 + 380)
+            else:
+                opt.step()
+        out.append([p.detach() for p in ps])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
