@@ -207,3 +207,31 @@ def test_stacks_of_any_size_as_off_the_cpu(monkeypatch):
         out.append([p.detach() for p in ps])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", ["default", 100], ids=str)
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(200, 128), (37, 53), (128,), (3, 8, 10)], ids=str)
+def test_shard_step_allocates_at_most_what_it_reports(shape, state_dtype, chunk):
+    """The FSDP2 step of a shard (its all-reduces over no group: the same allocations, the sums' buffers
+    included) against ``sharded_transient_bytes``: equal when the shard fits in one chunk (a matrix's shard
+    takes the three row-block passes even then), never below with smaller chunks."""
+    from lowmem.optim.sharded import ShardReduce
+    from test_transient_per_parameter import _Traced
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = create_optimizer([p], "came", state_dtype=state_dtype)
+    if chunk != "default":
+        opt.chunk_numel = chunk
+    group = opt.param_groups[0]
+    with torch.no_grad():
+        for i in range(3):
+            g = torch.randn(shape)
+            with _Traced() as t:
+                opt._update(p, g, group, key=p, reduce=ShardReduce([]))
+    reported = opt.recipe.moment.sharded_transient_bytes(p.shape, p.shape, 2, group, opt.state[p])
+    if chunk == "default" or len(shape) != 2:
+        assert t.peak == reported
+    else:
+        assert t.peak < reported

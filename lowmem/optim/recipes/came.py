@@ -209,7 +209,7 @@ class CameMoments(MomentRule):
             col32.mul_(b2).add_(col_sum.div_(m), alpha=1.0 - b2)
         else:  # sums over every shard's rows: [column sums, sum of R, number of rows]
             sums = reduce.sum_(torch.cat([col_sum, row32.sum().view(1), col_sum.new_full((1,), m)]))
-            rows = sums[n + 1]
+            rows = sums[n + 1].clone()  # (a 0-d copy: the sums' buffer is freed below)
             row_mean = sums[n : n + 1] / rows
             col32.mul_(b2).add_(sums[:n] / rows, alpha=1.0 - b2)
             del sums
@@ -283,10 +283,24 @@ class CameMoments(MomentRule):
         factors, the block's direction and the copy of its first moment) hold less."""
         if len(shape) != 2 or numel >= math.prod(shape):  # (one block: the whole step, prepare_chunks)
             return self.transient_bytes(numel, shape, group, state)
+        return self._row_blocks_bytes(numel, shape, state)
+
+    def _row_blocks_bytes(self, numel, shape, state) -> int:
+        """The three passes over row blocks of at most ``numel`` elements (:meth:`chunk_transient_bytes`)."""
         m, n = shape
         _, _, low = self._layout(shape, state)
         k = max(1, numel // n)
         return 4 * (m + n) * (1 + low) + 4 * n + 4 + 4 * numel + max(4 * numel * low, 4 * max(k, n))
+
+    def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
+        """FSDP2, a shard of ``shape``: a matrix's shard always takes the three passes (its column sums are
+        all-reduced), bounded by blocks of the whole shard (exact when it fits in one chunk, above the count of
+        smaller chunks), plus the row count kept as a 0-d tensor (4 B); a vector's or a batch's shard the whole
+        step, whose reduced RMS holds ``u`` beside its stacked sums (``4 n + 16``)."""
+        numel = math.prod(shape)
+        if len(shape) == 2:
+            return self._row_blocks_bytes(max(numel, 1), shape, state) + 4
+        return max(self.transient_bytes(numel, shape, group, state), 4 * numel + 16)
 
     # ---- the multi-tensor step (float32 parameters and state; the engine's foreach buckets) ----
 
