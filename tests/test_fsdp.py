@@ -197,7 +197,7 @@ class Heads(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
-        "osd_adamw", "muon", "sinkgd", "scale_embedding", "lomo", "adalomo"]
+        "osd_adamw", "muon", "sinkgd", "scale_embedding", "lomo", "adalomo", "came"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -684,6 +684,13 @@ def _adafactor_bytes(model, scale_parameter):
     return 4 * numbers
 
 
+def _came_bytes(model):
+    """CAME's all-reduce payload per step (float32): per m x n matrix Adafactor's (n + 2 numbers, then the
+    update's sum of squares, 1) and the instability's column sums with its row statistic's sum (n + 1); per
+    vector the update's sum of squares and element count (2); plus the non-finite flag (1)."""
+    return 4 * (1 + sum(2 * p.shape[1] + 4 if p.dim() == 2 else 2 for p in model.parameters()))
+
+
 def _expected_comm(name):
     """The collectives of steps 1 and 2 by docs/distributed.md's formulas, on Net (2 ranks, float32,
     rank 4): the non-finite flag (1 number) every step; Adafactor's reductions (_adafactor_bytes);
@@ -703,6 +710,7 @@ def _expected_comm(name):
         "adafactor_relative": ([15, _adafactor_bytes(model, True)], False),
         "lomo": (flag, False),  # element-wise
         "adalomo": ([15, _adafactor_bytes(model, True)], False),  # Adafactor's, with the parameter's RMS
+        "came": ([1 + 3 * len(mats) + (len(list(model.parameters())) - len(mats)), _came_bytes(model)], False),
         "galore_adamw": (flag, True),
         "galore_left_rotate": (left, True),
         "fira_adamw": (fira, True),
