@@ -36,7 +36,7 @@ pytestmark = pytest.mark.distributed
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
              "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm",
-             "lomo", "adalomo"]
+             "lomo", "adalomo", "came", "lion", "lion8bit"]
 # configurations that must still refuse sharded parameters: tag -> (recipe, hyperparameters over the
 # registry's example, a fragment of the reason). Every registered recipe steps FSDP2 parameters with
 # its defaults (test_every_engine_optimizer_is_supported); these settings need what a shard lacks.
@@ -92,7 +92,7 @@ STEPS = 3
 DCP = ["adamw", "stable_spam", "adamw4bit", "microadam", "adafactor_relative", "galore_adamw", "galore_left_rotate",
        "adam_mini_straddle",
        "fira_adamw8bit", "galore_adafactor", "adamw4bit_rank1", "muon", "adam_mini", "adam_mini_blocks", "adamw_snsm",
-       "adalomo", "adamw_sn_flat"]
+       "adalomo", "adamw_sn_flat", "came"]
 
 
 def build(model, tag, **extra):
@@ -197,7 +197,7 @@ class Heads(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
-        "osd_adamw", "muon", "sinkgd", "scale_embedding", "lomo", "adalomo"]
+        "osd_adamw", "muon", "sinkgd", "scale_embedding", "lomo", "adalomo", "came"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -540,7 +540,7 @@ def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
                 assert k.startswith(("proj_", "pca_")) or k in REPLICATED.get(name, ()), (name, k, type(v))
                 assert v.shape == full[pid][k].shape, (name, k)
                 continue
-            if k in ("exp_avg_sq_col", "exp_avg_sq_colmax"):  # statistics over every row
+            if k in ("exp_avg_sq_col", "exp_avg_sq_colmax", "exp_avg_res_col"):  # statistics over every row
                 assert tuple(v.placements) == (Replicate(),) and v.to_local().shape == full[pid][k].shape
                 continue
             if name == "adam_mini_straddle" and k == "exp_avg_sq" and full[pid][k].numel() == 1:
@@ -552,7 +552,7 @@ def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
                 assert v.shape == full[pid]["exp_avg"].shape[:1] and v.to_local().numel() * 2 == v.shape[0], (pid, v.shape)
                 continue
             assert v.to_local().numel() * 2 == full[pid][k].numel(), (name, pid, k, v.shape, full[pid][k].shape)
-            if k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row") and v.dtype == torch.float32:
+            if k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_res_row") and v.dtype == torch.float32:
                 assert v.shape == full[pid][k].shape, (name, k)
 
 
@@ -684,6 +684,13 @@ def _adafactor_bytes(model, scale_parameter):
     return 4 * numbers
 
 
+def _came_bytes(model):
+    """CAME's all-reduce payload per step (float32): per m x n matrix Adafactor's (n + 2 numbers, then the
+    update's sum of squares, 1) and the instability's column sums with its row statistic's sum (n + 1); per
+    vector the update's sum of squares and element count (2); plus the non-finite flag (1)."""
+    return 4 * (1 + sum(2 * p.shape[1] + 4 if p.dim() == 2 else 2 for p in model.parameters()))
+
+
 def _expected_comm(name):
     """The collectives of steps 1 and 2 by docs/distributed.md's formulas, on Net (2 ranks, float32,
     rank 4): the non-finite flag (1 number) every step; Adafactor's reductions (_adafactor_bytes);
@@ -703,6 +710,7 @@ def _expected_comm(name):
         "adafactor_relative": ([15, _adafactor_bytes(model, True)], False),
         "lomo": (flag, False),  # element-wise
         "adalomo": ([15, _adafactor_bytes(model, True)], False),  # Adafactor's, with the parameter's RMS
+        "came": ([1 + 3 * len(mats) + (len(list(model.parameters())) - len(mats)), _came_bytes(model)], False),
         "galore_adamw": (flag, True),
         "galore_left_rotate": (left, True),
         "fira_adamw": (fira, True),

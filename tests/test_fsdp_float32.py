@@ -70,14 +70,14 @@ FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini
             "adamw_sn_flat": ("adamw_sn_flat", Net),  # (Subset-Norm's flat subsets, k of the whole size)
             "adam_mini_straddle": ("adam_mini_straddle", Net)}  # (heads cut by the shards: off the buckets)
 # recipes whose foreach paths are all off on the shards: Adafactor's factored statistics (column sums
-# over every shard) refuse FSDP2 groups, also for galore_adafactor's full-rank parameters and AdaLomo's, and so do
+# over every shard) refuse FSDP2 groups, also for galore_adafactor's full-rank parameters, AdaLomo's and CAME's, and so do
 # Stable-SPAM's (the gradient norm and max |g| over every shard); the 8-bit projected recipes bucket
 # only projected parameters, which take the per-parameter sharded step; quantized full-rank moments
 # (Quantized.supports_foreach_for) refuse FSDP2 groups (min_quant_size and rank-1 column maxima are the
 # whole tensor's). On the shards they take no bucket (checked) and must still match (stable_spam:
 # 4.3e-6 from one process, 3.1e-7 from the half-batches' mean)
 NO_SHARD_FOREACH = ["adafactor", "galore_adafactor", "stable_spam", "galore_adamw8bit", "fira_adamw8bit", "frugal8bit",
-                    "adalomo", "adamw8bit", "adamw4bit", "adamw4bit_rank1"]
+                    "adalomo", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "came"]
 FLOAT32 |= {name: (name, Net) for name in NO_SHARD_FOREACH}
 # uneven and empty shards (fc1's 255 rows split 128 / 127, head's single row leaves rank 1 empty):
 # Adam-mini's registry partition gives head.weight and head.bias whole-tensor blocks (one v on

@@ -115,6 +115,9 @@ COSTS_4096 = {
     "bnb_adamw8bit": 1.0, "bnb_paged_adamw8bit": 1.0,
     "spam": 0.0, "stable_spam": 0.0, "bnb_paged_adamw": 0.0,  # fp32 full state (were 1.0 when names were read)
     "adam_mini": 1.5,  # blockwise second moment, priced like a factored one
+    "came": 1.5,  # fp32, factored like Adafactor (its first moment and instability statistics are not priced)
+    "lion": 1.5, "lion8bit": 2.5,  # second_moment 'none' (sign updates), + 1.0 for 8-bit states
+    "bnb_lion8bit": 2.5, "bnb_paged_lion": 1.5, "bnb_paged_lion8bit": 2.5,
     "muon": 1.5, "scale": 1.5, "sinkgd": 1.5,  # fp32, second_moment 'none': no per-coordinate adaptivity
     "lomo": 1.5, "adalomo": 1.5,  # SGD (no state, no second moment); AdaLomo factored like Adafactor
     "badam": 0.0,  # Adam (fp32, full) on the active block

@@ -43,6 +43,8 @@ from .recipes.subspace import FiraAdamW, Frugal, GaLoreAdafactor, GaLoreAdamW, O
 from .recipes.apollo import APOLLOAdamW  # noqa: E402
 from .recipes.adam_mini import AdamMini  # noqa: E402
 from .recipes.normalized import Muon, Scale, SinkGD  # noqa: E402
+from .recipes.lion import Lion, Lion8bit  # noqa: E402
+from .recipes.came import CAME  # noqa: E402
 
 __all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent",
-            "APOLLOAdamW", "AdamMini", "Muon", "Scale", "SinkGD"]
+            "APOLLOAdamW", "AdamMini", "Muon", "Scale", "SinkGD", "Lion", "Lion8bit", "CAME"]

@@ -211,7 +211,10 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
     if hybrid and moment.targets(p.shape, group) and (p.ndim > 2 or len([pl for pl in p.placements if pl.is_shard()]) != 1):
         return f"{type(moment).__name__} on a shard needs a matrix sharded by rows over one mesh dimension"
-    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments, SGDMoments)) and not hybrid:
+    from .recipes.came import CameMoments  # (Adafactor's reductions, and the instability's column sums)
+    from .recipes.lion import LionMoments  # element-wise: one moment of the gradient's shape
+
+    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments, SGDMoments, CameMoments, LionMoments)) and not hybrid:
         return f"its moment rule {type(moment).__name__} uses statistics of the whole tensor (e.g. row/column sums)"
     for s in recipe.stabilizers:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):

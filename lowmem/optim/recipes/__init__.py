@@ -15,6 +15,7 @@ Importing this package registers every recipe.
 
 from . import adam_mini, apollo, bnb, compressed, full_rank, subspace  # noqa: F401  (registration happens on import)
 from .full_rank import ADAFACTOR, ADAMW, Adafactor, AdamW
+from . import came  # noqa: F401, E402  (CAME)
 from . import normalized  # noqa: F401, E402  (Muon, SCALE, SinkGD)
 from . import lomo  # noqa: F401, E402  (LOMO, AdaLomo)
 from . import badam  # noqa: F401, E402  (BAdam)
