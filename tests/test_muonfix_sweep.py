@@ -30,14 +30,10 @@ from lowmem.optim.functional.galore import svd_mkl_left_out
 from lowmem.optim.functional.muon import bf16_workspace_left_out
 from lowmem.optim.registry import create_optimizer, optimizer_entries
 
-EXACT = {"adafactor", "adamw", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "frugal8bit", "lion", "lion8bit",
+EXACT = {"adafactor", "adalomo", "adam_mini", "adamw", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "frugal8bit", "lion", "lion8bit",
          "lomo", "muon", "scale", "sinkgd"}
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
 UNDER = {  # (name, dtype, path): why and by how much (other owners' files: /tmp/lm/FOUND_MUONFIX.md)
-    **{("adalomo", d, f): "AdaLomo's 0-d step size (adalomo_lr, always a tensor) not in FactoredMoments._lr_bytes: "
-       "4 B under" for d, f in _ALL},
-    **{("adam_mini", "fp32", f): "a 0-d zeros and sum beside a chunk's squares not counted: 4 B under"
-       for f in ("foreach", "per-parameter")},
     **{("adamw4bit", d, f): "the chunked 4-bit step of a 64 x 24 weight in chunks of 576: 96 B under" for d, f in _ALL},
     **{("adamw4bit_rank1", d, f): "the chunked rank-1 4-bit step: 72-96 B under" for d, f in _ALL},
     ("badam", "fp32", "foreach"): "the non-finite check of every gradient (freeze_inactive=False) counted for the "

@@ -366,6 +366,34 @@ class AdamMiniMoments(MomentRule):
             work += 4 * (numel + nb)
         return work
 
+    #: The chunked step's phases count a low-precision parameter's float32 gradient and parameter chunks
+    #: themselves (:meth:`chunk_transient_bytes` with ``copy=4``): a whole-tensor block's sum of squares holds
+    #: the gradient chunk's copy alone, and the direction frees it before the parameter chunk's copy is made.
+    chunk_counts_copies = True
+
+    def chunk_transient_bytes(self, numel, shape, group, state, copy: int = 0):
+        """The chunked step (the engine's ``_update_chunked``) with chunks of at most ``numel`` elements in
+        ``nb`` blocks, exact, phase by phase (``copy``: bytes per element of the gradient and parameter chunks'
+        float32 copies, 4 for a low-precision parameter, else 0; ``s``: 8 for float64 moments, else 4):
+
+        * a whole-tensor block's :meth:`prepare_chunks`: a chunk's gradient copy and ``g^2`` beside the running
+          0-d sum and the chunk's (``c n + s n + 2 s``);
+        * the statistics (other blocks): the gradient copy, low-precision moments' float32 copies
+          (``4 (n + nb)``), ``g^2`` and its block means (``s (n + nb)``; none for one block per element);
+        * the direction (:func:`~lowmem.optim.functional.adam_mini.adam_mini_direction`): the same copies, the
+          blocks' ``denom``, its reciprocal and the factors (``3 s nb``) or the direction beside the factors (``s (n + nb)``);
+        * the update: the direction beside the parameter chunk's copy (``s n + c n``; the gradient's is freed)."""
+        dtype = state["exp_avg"].dtype if "exp_avg" in state else torch.float32
+        s = 8 if dtype == torch.float64 else 4
+        b = _local_block_numel(shape, group, state)
+        tensor = group["block"] == "tensor"
+        nb = 1 if tensor else (numel // b if b else 0)
+        held = copy * numel + (4 * (numel + nb) if dtype not in (torch.float32, torch.float64) else 0)
+        prepare = copy * numel + s * numel + 2 * s if tensor else 0
+        stats = 0 if tensor or nb == numel else s * (numel + nb)
+        direction = max(3 * s * nb, s * (numel + nb))
+        return max(prepare, held + stats, held + direction, s * numel + copy * numel)
+
     # ---- the multi-tensor step ----
 
     def supports_foreach_for(self, shape, group, state):

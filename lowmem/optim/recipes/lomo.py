@@ -95,6 +95,12 @@ class AdaLomoMoments(FactoredMoments):
 
     foreach_lr_rule = staticmethod(adalomo_lr)
 
+    @staticmethod
+    def _lr_bytes(group) -> int:
+        """The step size :func:`adalomo_lr` returns, alive through the step: always a float32 0-d tensor
+        (``lr * max(eps2, RMS(theta))``; AdaLomo's groups have no ``scale_parameter``)."""
+        return 4
+
     def foreach_lr_form(self, group, t):
         """``lr * max(eps2, RMS(theta_{t-1}))``: ``rho = lr`` with the parameter scale."""
         return group["lr"], True

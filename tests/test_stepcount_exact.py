@@ -1,0 +1,53 @@
+"""Issue 12 (STEPCOUNT): ``step_transient_bytes()`` / the per-parameter transient equal what a traced step allocates,
+for the rules whose counts were off (tests/test_muonfix_sweep.py's sweep found them; here each on shapes, dtypes and
+chunk sizes of its own). The trace (``_RealLive``: every dispatched output on a real device, alive together at most) is
+machine-independent; the fused AdamW kernel and MKL's buffers are not involved in these rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_muonfix_sweep import _RealLive
+
+from lowmem.optim.registry import create_optimizer
+
+
+def _per_param(name, shape, dtype, chunk, steps=2, **hp):
+    """(reported, traced) of one parameter's step (``step_param``) after ``steps`` steps."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape).to(dtype))
+    opt = create_optimizer([p], name, **hp)
+    opt.chunk_numel = chunk
+    for _ in range(steps):
+        p.grad = torch.randn(shape).to(dtype)
+        opt.step()
+    g = torch.randn(shape).to(dtype)
+    group = opt.param_groups[0]
+    reported = opt._param_transient_bytes(p, group, opt.state[p])
+    with _RealLive() as t:
+        opt.step_param(p, g)
+    return reported, t.peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,chunk", [((48, 24), 600), ((40,), None), ((16, 8), 64)])
+def test_adalomo_counts_its_step_size_tensor(shape, chunk, dtype):
+    """AdaLomo's step size (``adalomo_lr``) is always a 0-d float32 tensor alive through the step (4 B)."""
+    reported, traced = _per_param("adalomo", shape, dtype, chunk)
+    assert reported == traced
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block,shape,chunk", [
+    ("tensor", (48, 24), 600), ("tensor", (48,), 600), ("tensor", (40, 24), None), ("row", (48, 24), 600),
+    ("element", (48, 24), 600), ("element", (48,), 600), ("head", (48, 24), 192), ("row", (16, 8), None),
+])
+def test_adam_mini_chunked_step_is_counted_phase_by_phase(block, shape, chunk, dtype, state_dtype):
+    """Adam-mini's chunked step: a whole-tensor block's sum of squares (two 0-d sums beside a chunk's ``g^2`` and
+    gradient copy), the blocks' factors, the update beside the parameter chunk's copy (the gradient's freed)."""
+    hp = {"block": block, "state_dtype": state_dtype}
+    if block == "head":
+        hp["head_dim"] = 8
+    reported, traced = _per_param("adam_mini", shape, dtype, chunk, **hp)
+    assert reported == traced
