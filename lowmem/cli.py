@@ -80,7 +80,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .train import run
 
     recipe = recipe_from_args(args)
-    note = default_optim_note(args, recipe.optim)
+    note = default_optim_note(recipe)
     if note is not None and int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"note: {note}", flush=True)
     set_train_threads(recipe.model)  # lowmem/threads.py: OMP_NUM_THREADS, else 1 for the tiny model, else cores/procs
@@ -88,48 +88,20 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# the recipe keys (and TrainingArguments / LowMemTrainingArguments fields) that name the optimizer
-OPTIM_KEYS = ("optim", "lowmem_optim")
-
-
-def optim_named(args: argparse.Namespace) -> bool:
-    """Whether ``lowmem train``'s arguments name the optimizer: ``--optim``, a field flag ``--lowmem_optim``
-    or ``--training_args '{optim: ...}'``, or the recipe file's ``optim`` / ``lowmem_optim`` /
-    ``training_args: {optim: ...}``. ``False``: the optimizer is lowmem's default (configs/default.yaml's
-    without a recipe, :class:`~lowmem.train.TrainRecipe`'s in a recipe that sets none). A recipe that cannot be
-    read counts as naming one (:func:`lowmem.train.load_recipe` has reported it before this is asked)."""
-    import yaml
-
-    def names(keys: Any) -> bool:
-        if not isinstance(keys, dict):
-            return False
-        ta = keys.get("training_args")
-        return any(k in keys for k in OPTIM_KEYS) or (isinstance(ta, dict) and "optim" in ta)
-
-    if args.optim is not None or names(getattr(args, "fields", {})):
-        return True
-    path = getattr(args, "config", None) or args.recipe
-    if path is None:  # --resume recipe.yaml / --reward-funcs f.py:r recipe.yaml: recipe_from_args moved it
-        path = next((str(v) for v in [args.resume, *(args.reward_funcs or []), *(args.reward_weights or [])]
-                     if isinstance(v, str) and v.strip().endswith((".yaml", ".yml"))), None)
-    if path is None:
-        return False
-    try:
-        return names(yaml.safe_load(open(path, encoding="utf-8").read()))
-    except (OSError, ValueError, yaml.YAMLError):
-        return True
-
-
-def default_optim_note(args: argparse.Namespace, optim: str) -> str | None:
-    """The line ``lowmem train`` prints before the model loads when no argument names the optimizer
-    (:func:`optim_named`): which one runs and that it is lowmem's default, not the AdamW (``adamw_torch``) that
-    ``trl sft`` and the Hugging Face Trainer run for the same config. ``None`` when one is named (the startup
-    line names it). A config pasted from TRL sets no ``optim``; before, nothing said that its run used Adafactor."""
-    if optim_named(args):
+def default_optim_note(args: Any, optim: str | None = None) -> str | None:
+    """The line ``lowmem train`` prints before the model loads when no argument names the optimizer: which one
+    runs and that it is lowmem's default, not the AdamW (``adamw_torch``) that ``trl sft`` and the Hugging Face
+    Trainer run for the same config. ``None`` when one is named (the startup line names it and where from).
+    ``args``: a :class:`~lowmem.train.TrainRecipe` (its ``optim_source``, set by :func:`lowmem.train.load_recipe`:
+    the one source of truth, which ``run()``'s startup line and ``metrics.json`` read too), or parsed
+    ``lowmem train`` arguments (their recipe is loaded: nothing else). ``optim``: the name to print (default: the
+    recipe's). A config pasted from TRL sets no ``optim``; before, nothing said that its run used Adafactor."""
+    recipe = args if hasattr(args, "optim_source") else recipe_from_args(args)
+    if recipe.optim_source != "default":
         return None
-    return (f"optim={optim} is lowmem's default (neither the recipe nor a flag names an optimizer); `trl sft` and "
-            "the Hugging Face Trainer default to AdamW: set optim: adamw_torch (--optim adamw_torch) to train as "
-            "they would, or any name of `lowmem list`")
+    return (f"optim={optim or recipe.optim} is lowmem's default (neither the recipe nor a flag names an optimizer); "
+            "`trl sft` and the Hugging Face Trainer default to AdamW: set optim: adamw_torch (--optim adamw_torch) to "
+            "train as they would, or any name of `lowmem list`")
 
 
 def recipe_from_args(args: argparse.Namespace):

@@ -108,7 +108,10 @@ class TrainRecipe:
         > Optimizer
 
         optim (`str`, defaults to `"adafactor"`):
-            Registered lowmem optimizer (``lowmem list``; ``--optim``).
+            Registered lowmem optimizer (``lowmem list``; ``--optim``). The recipe's ``optim_source``
+            attribute (not a key) records where it was named (:data:`OPTIM_SOURCES`: ``"recipe"``, ``"override"``,
+            ``"default"``, ...; set by :func:`load_recipe`, else ``"default"`` when ``optim`` is left at
+            ``"adafactor"``); the startup line and ``metrics.json`` say it (TRL's default is AdamW, lowmem's Adafactor).
         optim_args (`dict`, `str` or `None`, defaults to `{}`):
             Extra hyperparameters of ``optim``: mapping, JSON object or ``"k=v,k=v"``
             (``--optim-args``); `None` is none (the ``TrainingArguments`` default, as a saved
@@ -281,6 +284,10 @@ class TrainRecipe:
         if self.merge_adapters and not self.save_model:
             raise ConfigError("merge_adapters=true needs save_model=true (the merge reads the saved adapter)")
         given_optim = self.optim
+        if not hasattr(self, "optim_source"):  # built directly (not by load_recipe): the default only if unchanged
+            ta = self.training_args if isinstance(self.training_args, dict) else {}
+            self.optim_source = ("default" if given_optim == "adafactor" and not any(k in ta for k in OPTIM_KEYS)
+                                 else "recipe")
         self.optim, hf_layerwise = resolve_optim_name(self.optim)
         self.layerwise = self.layerwise or hf_layerwise
         self.optim_args = {**_hf_only_defaults(given_optim), **parse_optim_args(self.optim_args)}
@@ -1053,7 +1060,8 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     # the config class (for top-level TRL fields) follows the trainer and dataset in effect: --dataset makes
     # SFT TRL's SFTTrainer, so SFTConfig's fields are valid in the file too
     context = {k: given.get(k, data.get(k)) for k in ("trainer", "dataset")}
-    data = _recipe_keys(data, where, **context)
+    source = optim_source(data if where else {}, given)  # configs/default.yaml's optim is lowmem's default
+    data = _recipe_keys(data, where, base=Path(path).resolve().parent if path is not None else None, **context)
     _drop_inert_steps(data)
     if path is not None:  # the recipe's relative input paths are relative to its folder (overrides: to the cwd)
         data = resolve_recipe_paths(data, Path(path).resolve().parent)
@@ -1065,9 +1073,38 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
         extra["training_args"] = {**data["training_args"], **extra["training_args"]}  # merged, overrides win
     data.update(extra)
     try:
-        return TrainRecipe(**data)
+        recipe = TrainRecipe(**data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+    recipe.optim_source = source
+    return recipe
+
+
+# the recipe keys (and TrainingArguments / LowMemTrainingArguments fields) that name the optimizer
+OPTIM_KEYS = ("optim", "lowmem_optim")
+
+# TrainRecipe.optim_source: where the optimizer of a run was named, as the startup line and metrics.json say it
+OPTIM_SOURCES = {
+    "override": "a flag / keyword override", "override training_args": "training_args.optim of a flag / override",
+    "recipe": "the recipe", "recipe training_args": "the recipe's training_args.optim (the HF Trainer's optim)",
+    "default": "lowmem's default; TRL's and the HF Trainer's is adamw_torch",
+}
+
+
+def optim_source(data: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """Where a recipe's optimizer is named (a key of :data:`OPTIM_SOURCES`): an override (a ``lowmem train``
+    flag, a keyword of :func:`load_recipe`) wins over the recipe file ``data``; in each, ``optim`` /
+    ``lowmem_optim`` or ``training_args: {optim: ...}`` (the HF Trainer's field, which wins there, as
+    :func:`_lift_training_args` applies it last). ``"default"`` when neither names one: lowmem's default
+    optimizer (``adafactor``; ``configs/default.yaml``'s when no recipe is given) runs, where ``trl sft`` and the
+    Hugging Face Trainer run AdamW for the same config."""
+    for name, keys in (("override", overrides), ("recipe", data)):
+        ta = keys.get("training_args")
+        if isinstance(ta, dict) and any(k in ta for k in OPTIM_KEYS):
+            return f"{name} training_args"
+        if any(keys.get(k) is not None for k in OPTIM_KEYS):
+            return name
+    return "default"
 
 
 def _drop_inert_steps(data: dict[str, Any]) -> None:
@@ -1175,27 +1212,47 @@ def resolve_recipe_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k in data}
 
 
+def _local_path(value: Any, base: Path | None) -> bool:
+    """Whether ``value`` names an existing local file or folder (a relative one from ``base``, the recipe's folder,
+    else the current directory): ``trl sft``'s ``dataset_name`` that lowmem reads as ``dataset``; a Hub id names none."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    p = Path(value.strip()).expanduser()
+    return (p if p.is_absolute() or base is None else base / p).exists()
+
+
 def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
-                 dataset: str | list[str] | None = None) -> dict[str, Any]:
+                 dataset: str | list[str] | None = None, base: Path | None = None) -> dict[str, Any]:
     """Recipe fields of ``data``; aliases (``learning_rate``) renamed, fields of the trainer's
-    config class moved into ``training_args``, anything else an error. ``trainer`` and ``dataset``
+    config class moved into ``training_args``, anything else an error: every refused key in one error
+    (a pasted TRL config's ``warmup_ratio``, ``dataset_name`` of a Hub id, ... together), each with its fix.
+    ``dataset_name`` naming an existing local file or folder (relative: from ``base``, the recipe's folder;
+    else the current directory) is ``dataset``, as TRL reads it. ``trainer`` and ``dataset``
     (those in effect, overrides included) choose the config class; default: ``data``'s own."""
     out: dict[str, Any] = {}
     extra: dict[str, Any] = {}
+    refused: dict[str, str] = {}  # keys refused with their fix (warmup_ratio), reported with the unknown keys in one error
     for key, value in data.items():
         if not isinstance(key, str):
             raise ConfigError(f"{where}recipe keys are names; got {key!r}")
         if key in RECIPE_KEYS:
             out[key] = value
         elif key == "warmup_ratio":  # HF configs before transformers 5; TrainingArguments has no such field now
-            raise ConfigError(f"{where}warmup_ratio={value!r}: transformers 5 has no warmup_ratio; write warmup_steps: "
-                              f"{value!r} (a warmup_steps below 1 is a fraction of the steps)")
+            warmup = (f"transformers 5 has no warmup_ratio; write warmup_steps: {value!r} (a warmup_steps below 1 is a "
+                      "fraction of the steps)")
+            refused[key] = f"warmup_ratio -> warmup_steps: {value!r} ({warmup.split('; ', 1)[0]}; below 1 is a fraction)"
+        elif key == "dataset_name" and _local_path(value, base):  # `trl sft`'s local dataset_name (TRL loads the folder)
+            if "dataset" in data:
+                raise ConfigError(f"{where}'dataset_name' and 'dataset' set the same value; give one")
+            out["dataset"] = value
         elif key in RECIPE_ALIASES:
             if RECIPE_ALIASES[key] in data:
                 raise ConfigError(f"{where}{key!r} and {RECIPE_ALIASES[key]!r} set the same value; give one")
             out[RECIPE_ALIASES[key]] = value
         else:
             extra[key] = value
+    if not extra and refused:
+        raise ConfigError(f"{where}warmup_ratio={data['warmup_ratio']!r}: {warmup}")
     if not extra:
         return out
     trainer = trainer if trainer is not None else out.get("trainer", TrainRecipe.trainer)
@@ -1207,6 +1264,8 @@ def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
     cls = config_class(trainer, given)
     valid = set(field_types(cls))
     unknown = sorted(set(extra) - valid)
+    if refused and not unknown:  # every other key is the trainer's: warmup_ratio's own message
+        raise ConfigError(f"{where}warmup_ratio={data['warmup_ratio']!r}: {warmup}")
     if unknown:
         import difflib
 
@@ -1223,14 +1282,16 @@ def _recipe_keys(data: dict[str, Any], where: str, trainer: str | None = None,
                 f"{trainer} trainer's {cls.__name__}" + (" (trainer: sft is the default)" if "trainer" not in out else "")
                 + f"; they are fields of {', '.join(config_class(t, True).__name__ for t in others)}: set trainer: "
                 f"{' / '.join(others)} in the recipe (or --trainer {others[0]})"
+                + (f"; and {'; '.join(refused.values())}" if refused else "")
             )
-        foreign = [f"{k} -> {FOREIGN_KEYS[k]}" for k in unknown if k in FOREIGN_KEYS]
+        foreign = [f"{k} -> {FOREIGN_KEYS[k]}" for k in unknown if k in FOREIGN_KEYS] + list(refused.values())
         close = sorted({m for k in unknown if k not in FOREIGN_KEYS
                         for m in difflib.get_close_matches(k, list(RECIPE_KEYS) + sorted(valid), n=3)})
         raise ConfigError(
-            f"{where}unknown recipe key(s) {unknown}" + (f"; lowmem's spelling: {'; '.join(foreign)}" if foreign else "")
+            f"{where}unknown recipe key(s) {sorted(unknown + list(refused))}"
+            + (f"; lowmem's spelling: {'; '.join(foreign)}" if foreign else "")
             + (f"; did you mean {close}?" if close else "")
-            + f" valid keys: {list(RECIPE_KEYS)}, or any field of the {trainer} trainer's {cls.__name__}"
+            + f"; valid keys: {list(RECIPE_KEYS)}, or any field of the {trainer} trainer's {cls.__name__}"
         )
     ta = out.get("training_args") or {}
     if not isinstance(ta, dict):
@@ -2232,7 +2293,7 @@ TRAINERS: dict[str, Callable[[TrainRecipe], dict[str, Any]]] = {
 def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     """Run a recipe; print the losses and optimizer-state memory; write ``output_dir/metrics.json``.
 
-    Returns the metrics: ``optimizer``, ``optim_args``, ``trainer``, ``model``, ``seed``,
+    Returns the metrics: ``optimizer``, ``optim_source`` (where it was named: :data:`OPTIM_SOURCES`), ``optim_args``, ``trainer``, ``model``, ``seed``,
     ``initial_loss`` and ``final_loss`` (held-out eval loss before and after training), ``steps``,
     ``optimizer_state_bytes`` (measured after training; under FSDP2 process 0's part,
     ``optimizer_state_sharded``), ``adamw_state_bytes`` (exact, for the same parameters, unsharded), ``trainable_params``, ``train_runtime_s``, ``wall_time_s``,
@@ -2276,7 +2337,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
                       f"from step 0 and moved them to {aside} (delete it when not needed; "
                       "resume_from_checkpoint: true / --resume continues the earlier run instead)")
     if main:
-        console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} {recipe.optim_args or ''} "
+        console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} "
+                      f"({OPTIM_SOURCES[recipe.optim_source]}) {recipe.optim_args or ''} "
                       f"model={recipe.model or 'embedded tiny Llama'} "
                       + (f"steps={recipe.steps}" if recipe.steps is not None else f"epochs={args.num_train_epochs:g}")
                       + (f" resuming from {resumed_from}" if resumed_from else ""))
@@ -2285,7 +2347,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         console.print(f"[yellow]note[/]: no eval set{hint}")
     result = TRAINERS[recipe.trainer](recipe)
     metrics = {
-        "optimizer": get_entry(recipe.optim).name, "optim_args": recipe.optim_args, "trainer": recipe.trainer,
+        "optimizer": get_entry(recipe.optim).name, "optim_source": recipe.optim_source, "optim_args": recipe.optim_args,
+        "trainer": recipe.trainer,
         "model": recipe.model, "seed": recipe.seed, "quantization": recipe.quantization, "lora": recipe.lora,
         "layerwise": recipe.layerwise, "resumed_from": resumed_from, "processes": launched_processes(), **result,
         "wall_time_s": round(time.perf_counter() - start, 3),
