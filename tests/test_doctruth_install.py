@@ -49,7 +49,7 @@ def test_ci_extracts_readmes_test_command():
 
 def test_setup_command_installs_as_ci_does():
     """README's first command installs with the same constraints, without the test extra, then runs the demo."""
-    block = re.search(r"## Set up.*?```bash\n(.*?)\n```", README, re.DOTALL).group(1)
+    block = re.search(r"## Install.*?```bash\n(.*?)\n```", README, re.DOTALL).group(1)
     assert block == "python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e . && lowmem train"
     assert CI_INSTALL in (ROOT / "constraints.txt").read_text()  # the file's own header says the same
 
