@@ -159,8 +159,9 @@ def test_compiled_path_equals_plain(device, dtype, monkeypatch):
     60 000 entries are not a multiple of the 2048-entry quantization block nor of the 4096-entry top-k block:
     the shapes on which torch 2.13's CPU inductor drops a partial block under static shapes (microadam._compiled).
 
-    On CUDA (the first GPU run: 169 bf16 weights one ulp apart; microadam.EAGER_NUMERICS) the state must be equal
-    bit for bit (no atomics in lines 4-9); the window's ``index_add_`` adds a position's ring entries with
+    On CUDA (the first GPU run: 169 bf16 weights one ulp apart; microadam.EAGER_NUMERICS; session 14's run: the
+    state unequal, the plain path's ``/ 15.0`` a reciprocal product on CUDA, now a device tensor: quant.minmax_top,
+    tests/test_gpufix_microadam_divisor.py) the state must be equal bit for bit (no atomics in lines 4-9); the window's ``index_add_`` adds a position's ring entries with
     atomics in both paths, in no fixed order, so a weight may move by an ulp: float32 within 1e-6, bf16 at most
     one bf16 ulp on at most 0.01% of the weights."""
     calls = _counting_compiled(monkeypatch)

@@ -90,11 +90,11 @@ def _compiled(device_type: str):
     return compress, torch.compile(_window_sums_rows, dynamic=True, options=EAGER_NUMERICS)
 
 
-@lru_cache(maxsize=None)
 def _top(device: str) -> Tensor:
     """15 (the 4-bit levels' top) as a 0-dim float32 tensor per device, the compiled path's divisor
-    (:func:`MA.minmax_levels`); read-only."""
-    return torch.tensor(15.0, dtype=torch.float32, device=device)
+    (:func:`MA.minmax_levels`): the one the plain path divides by off the CPU
+    (:func:`~lowmem.optim.functional.quant.minmax_top`), kept per device; read-only."""
+    return Q._minmax_top_on(str(torch.device(device)))
 
 
 def _stacked(xs: list[Tensor], dim: int = 0) -> Tensor:
@@ -332,9 +332,11 @@ class MicroAdamMoments(MomentRule):
         later step's allocation; the estimator adds them once per device, ``estimate._kept_table_bytes``):
 
         * the eager path's 4-bit levels' lookup pairs (``Q.lookup_pairs("levels", device)``, ``256 x 2`` float32,
-          2,048 B: the error feedback's decode, line 4); where the compiled path is on (:func:`use_compiled`), its
-          divisor :func:`_top` (a float32 scalar, 4 B) instead (its graph builds the pairs per call,
-          :data:`COMPILED_TABLE_BYTES`, a transient);
+          2,048 B: the error feedback's decode, line 4), and on a device other than the CPU (and meta, which allocates
+          nothing) the divisor 15 as a float32 scalar there (4 B, ``Q.minmax_top``: CUDA's eager division by a number
+          multiplies by its reciprocal); where the
+          compiled path is on (:func:`use_compiled`), that divisor alone (:func:`_top`; its graph builds the pairs
+          per call, :data:`COMPILED_TABLE_BYTES`, a transient);
         * the age weights (:func:`~lowmem.optim.functional.microadam.age_weights`: two ``m``-float32 vectors per
           step, the last :data:`~lowmem.optim.functional.microadam.AGE_WEIGHTS_KEPT` kept), counted full
           (``16 x 4 m`` bytes, ``m`` the largest ring: 640 B at ``m = 10``; a run's first 7 steps keep fewer).
@@ -345,7 +347,7 @@ class MicroAdamMoments(MomentRule):
         if not rings:
             return 0
         dev = torch.device(device)
-        table = 4 if use_compiled(dev, self.compile) else 4 * 2 * 256
+        table = 4 if use_compiled(dev, self.compile) else 4 * 2 * 256 + 4 * (dev.type not in ("cpu", "meta"))
         return table + MA.AGE_WEIGHTS_KEPT * 4 * max(rings)
 
     def transient_bytes(self, numel, shape, group, state):

@@ -199,18 +199,20 @@ def _padded_rows(x: Tensor, width: int, value: float = 0.0) -> Tensor:
     return x if x.shape[1] == width else torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
-def minmax_levels(blocks: Tensor, lo: Tensor, hi: Tensor, top: Tensor | float = 15.0) -> Tensor:
+def minmax_levels(blocks: Tensor, lo: Tensor, hi: Tensor, top: Tensor | float | None = None) -> Tensor:
     """:func:`~lowmem.optim.functional.quant.minmax_levels` (``q = round((x - delta) / u)``, ``u = (Delta -
-    delta) / 15``, clamped to ``[0, 15]``, 0 where ``u = 0``) with the 15 given as ``top``: the compiled path
-    passes it as a 0-dim tensor, because off the CPU the inductor turns a division by a constant into a
-    multiplication by its reciprocal (``torch._inductor.lowering.div_prim``), which rounds ``u`` differently
-    (the same bits as ``15.0`` in eager: both a true float32 division)."""
+    delta) / 15``, clamped to ``[0, 15]``, 0 where ``u = 0``) with the 15 given as ``top`` (``None``:
+    :func:`~lowmem.optim.functional.quant.minmax_top` of the device, a 0-dim tensor off the CPU). Never a number
+    off the CPU: there the inductor turns a division by a constant into a multiplication by its reciprocal
+    (``torch._inductor.lowering.div_prim``), and CUDA's eager division by a number is one too (ATen's
+    ``div_true_kernel_cuda``); by a tensor both divide, with the CPU's bits."""
+    top = Q.minmax_top(hi.device) if top is None else top
     unit = ((hi - lo) / top).unsqueeze(1)
     q = (blocks - lo.unsqueeze(1)).div_(unit.clamp(min=torch.finfo(torch.float32).tiny))
     return q.add_(0.5).floor_().clamp_(0, 15).masked_fill_(~(unit > 0), 0.0)
 
 
-def quantize_minmax_4bit_rows(x: Tensor, block_size: int, top: Tensor | float = 15.0) -> tuple[Tensor, Tensor, Tensor]:
+def quantize_minmax_4bit_rows(x: Tensor, block_size: int, top: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`~lowmem.optim.functional.quant.quantize_minmax_4bit` of every row of ``x [T, d]``: returns
     ``(packed uint8 [T, ceil(d / 2)], delta float32 [T, nb], Delta float32 [T, nb])``, ``nb = ceil(d / B)``
     (``top``: :func:`minmax_levels`)."""
@@ -225,7 +227,7 @@ def quantize_minmax_4bit_rows(x: Tensor, block_size: int, top: Tensor | float = 
 
 
 def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, layout: TopKLayout,
-                   quant_block_size: int, top: Tensor | float = 15.0):
+                   quant_block_size: int, top: Tensor | float | None = None):
     """:func:`compress_` (lines 4-8) of ``T`` tensors of one ``layout`` stacked as rows: ``g [T, d]``
     float32, ``error [T, ceil(d / 2)]``, ``err_lo`` / ``err_hi [T, nb]``. Returns ``(indices int16
     [T, k], values bf16 [T, k], codes, min, max)``, each row equal to :func:`compress_` of its tensor.
@@ -239,7 +241,7 @@ def compress_rows_(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, lay
 
 
 def error_sum_rows(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, quant_block_size: int,
-                   top: Tensor | float = 15.0) -> Tensor:
+                   top: Tensor | float | None = None) -> Tensor:
     """Line 4 of :func:`compress_rows_`, ``a = g + Q^{-1}(e)`` for ``T`` rows, as ``[T, width]`` float32
     (``width``: whole quantization blocks; past ``d`` the padding's decoded error, which
     :func:`sparsify_rows_` does not read). ``g``: the stacked gradients ``[T, d]``, or a function that returns
@@ -256,6 +258,7 @@ def error_sum_rows(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, qua
     width = -(-d // b) * b
     levels = Q.lookup_4bit_pairs(error.reshape(-1), Q.lookup_pairs("levels", str(error.device)),
                                  error.numel() * 2).view(rows, -1)[:, :d]
+    top = Q.minmax_top(error.device) if top is None else top
     unit = (err_hi - err_lo).reshape(-1) / top  # (top: 15, :func:`minmax_levels`)
     if torch.compiler.is_compiling():
         def blocks(x):
@@ -267,7 +270,7 @@ def error_sum_rows(g: Tensor, error: Tensor, err_lo: Tensor, err_hi: Tensor, qua
     return a.view(rows, width)
 
 
-def sparsify_rows_(a: Tensor, layout: TopKLayout, quant_block_size: int, top: Tensor | float = 15.0):
+def sparsify_rows_(a: Tensor, layout: TopKLayout, quant_block_size: int, top: Tensor | float | None = None):
     """Lines 5-8 of :func:`compress_rows_` on ``a`` (:func:`error_sum_rows`, ``[T, width]``, its first
     ``layout.d`` columns read; modified in place): the blockwise top-k, the kept entries zeroed, the rest
     quantized as the new error feedback. Returns ``(indices int16 [T, k], values bf16 [T, k], codes, min,

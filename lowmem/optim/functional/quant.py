@@ -121,7 +121,7 @@ def clear_kept_tables() -> None:
     from . import microadam as MA
 
     for cache in (_code_map_cpu, _code_map_on, lookup_pairs, _point_table, _midpoints, _cell_table,
-                  bnb_fused.code_maps, MA._age_weights, microadam._top):
+                  bnb_fused.code_maps, MA._age_weights, _minmax_top_on):
         cache.cache_clear()
 
 
@@ -613,11 +613,30 @@ def quantize_minmax_4bit(x: Tensor, block_size: int) -> tuple[Tensor, Tensor, Te
     return pack_4bit(q.reshape(-1)[:n]), lo, hi
 
 
+def minmax_top(device: torch.device | str) -> Tensor | float:
+    """The ``15`` of ``u = (Delta - delta) / 15`` (:func:`minmax_levels`, :func:`dequantize_minmax_4bit_blocks`) as
+    the divisor of tensors on ``device``: the number on the CPU; on any other device a 0-dim float32 tensor there
+    (made once per device and kept, 4 B; read-only). CUDA's eager division by a number (a CPU scalar) is not a
+    division: ATen's ``div_true_kernel_cuda`` multiplies by the reciprocal, ``fl(x fl(1/15))``, which differs from
+    the correctly rounded ``x / 15`` by an ulp for part of the inputs, while the CPU's eager division and
+    ``torch.compile``'d code (Triton with ``division_rounding``) divide. So MicroAdam's plain path on an H200 chose
+    other error codes and top-k entries than its compiled path (the first session-14 run: state not equal,
+    ``tests/test_microadam.py::test_compiled_path_equals_plain[*-cuda]``). By a tensor on the device every path
+    divides (the CPU's bits are unchanged: the number is kept there)."""
+    d = torch.device(device)
+    return 15.0 if d.type == "cpu" else _minmax_top_on(str(d))
+
+
+@lru_cache(maxsize=None)
+def _minmax_top_on(device: str) -> Tensor:
+    return torch.tensor(15.0, dtype=torch.float32, device=device)
+
+
 def minmax_levels(blocks: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """The levels ``q = round((x - delta) / u)`` clamped to ``[0, 15]`` (``0`` where ``u = 0``) of
     ``blocks [nb, B]`` with their per-block ``delta = lo``, ``Delta = hi`` (:func:`quantize_minmax_4bit`),
     float32 ``[nb, B]``: one new tensor, every later operation in place."""
-    unit = ((hi - lo) / 15.0).unsqueeze(1)
+    unit = ((hi - lo) / minmax_top(hi.device)).unsqueeze(1)
     q = (blocks - lo.unsqueeze(1)).div_(unit.clamp(min=torch.finfo(torch.float32).tiny))
     return q.add_(0.5).floor_().clamp_(0, 15).masked_fill_(~(unit > 0), 0.0)
 
@@ -625,7 +644,7 @@ def minmax_levels(blocks: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 def dequantize_minmax_4bit_blocks(packed: Tensor, lo: Tensor, hi: Tensor, block_size: int, n: int) -> Tensor:
     """:func:`dequantize_minmax_4bit` as ``[num_blocks, block_size]`` (the padding reads ``delta``)."""
     q = _blocks(lookup_4bit_pairs(packed, lookup_pairs("levels", str(packed.device)), n), block_size)  # 0..15, float32
-    unit = (hi - lo) / 15.0
+    unit = (hi - lo) / minmax_top(hi.device)
     return lo.unsqueeze(1) + q * unit.unsqueeze(1)
 
 
