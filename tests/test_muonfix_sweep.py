@@ -30,12 +30,10 @@ from lowmem.optim.functional.galore import svd_mkl_left_out
 from lowmem.optim.functional.muon import bf16_workspace_left_out
 from lowmem.optim.registry import create_optimizer, optimizer_entries
 
-EXACT = {"adafactor", "adalomo", "adam_mini", "adamw", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "frugal8bit", "lion", "lion8bit",
+EXACT = {"adafactor", "adalomo", "adam_mini", "adamw", "adamw4bit", "adamw4bit_rank1", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "frugal8bit", "lion", "lion8bit",
          "lomo", "muon", "scale", "sinkgd"}
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
 UNDER = {  # (name, dtype, path): why and by how much (other owners' files: /tmp/lm/FOUND_MUONFIX.md)
-    **{("adamw4bit", d, f): "the chunked 4-bit step of a 64 x 24 weight in chunks of 576: 96 B under" for d, f in _ALL},
-    **{("adamw4bit_rank1", d, f): "the chunked rank-1 4-bit step: 72-96 B under" for d, f in _ALL},
     ("badam", "fp32", "foreach"): "the non-finite check of every gradient (freeze_inactive=False) counted for the "
                                   "active block only: 12 B reported, 64 traced",
 }
@@ -50,6 +48,7 @@ class _RealLive(_AllLive):
         outs = out if isinstance(out, (tuple, list)) else (out,)
         flat = [a for a in args if isinstance(a, torch.Tensor)]
         flat += [x for a in args if isinstance(a, (list, tuple)) for x in a if isinstance(x, torch.Tensor)]
+        flat += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]  # (out=: written, not new)
         inputs = {a.untyped_storage().data_ptr() for a in flat}
         for t in outs:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":

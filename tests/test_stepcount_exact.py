@@ -51,3 +51,13 @@ def test_adam_mini_chunked_step_is_counted_phase_by_phase(block, shape, chunk, d
         hp["head_dim"] = 8
     reported, traced = _per_param("adam_mini", shape, dtype, chunk, **hp)
     assert reported == traced
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["adamw4bit", "adamw4bit_rank1"])
+@pytest.mark.parametrize("shape,chunk", [((64, 24), 600), ((48, 24), 600), ((40, 24), 200), ((64, 24), None)])
+def test_four_bit_chunked_step_writes_its_absmax_in_place(name, shape, chunk, dtype):
+    """The 4-bit encode writes a chunk's block maxima into the state (``torch.amax(..., out=)``): nothing new. (The
+    sweep's trace took an ``out=`` keyword for a new tensor of its whole storage, 72-96 B: FOUND_MUONFIX 3 was that.)"""
+    reported, traced = _per_param(name, shape, dtype, chunk, min_quant_size=64, block_size=64)
+    assert reported == traced
