@@ -2290,6 +2290,47 @@ TRAINERS: dict[str, Callable[[TrainRecipe], dict[str, Any]]] = {
 }
 
 
+def check_optimizer_on_meta(recipe: TrainRecipe, args: Any) -> None:
+    """Build the run's optimizer, as the trainer will (:class:`~lowmem.trainers.hf.LowMemOptimizerMixin`: the same
+    hyperparameters, ``optim_target_modules``, layerwise mode), over the model built on the meta device from its
+    ``config.json`` (the embedded tiny Llama's config without ``model``), before the model and the data load: the
+    optimizer's own checks of shape-dependent values then fail here, with their own messages (a subspace ``rank``
+    that applies to none of the weights: :func:`~lowmem.optim.recipes.subspace.check_rank_applies`; target modules
+    that match no layer). Nothing is allocated (meta tensors). A full fine-tune only: with ``lora`` or
+    ``quantization`` the trained parameters are the adapters peft adds, checked when the optimizer is built.
+    Warnings of this build are dropped (the real build gives them once).
+
+    Raises:
+        ValueError: The optimizer refuses a value for this model's shapes (the run would fail after loading)."""
+    if recipe.lora is not None or recipe.quantization is not None:
+        return
+    import warnings
+
+    from transformers import AutoConfig
+
+    from lowmem.kit import tiny_config
+    from lowmem.memory.estimate import build_meta_model
+    from lowmem.trainers.hf import _explain_targets, target_modules_hparam, trainer_hparams
+
+    config = tiny_config() if recipe.model is None else AutoConfig.from_pretrained(recipe.model)
+    name = recipe.optim
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = build_meta_model(config, getattr(torch, recipe.dtype))
+        except ValueError:  # a model build_meta_model does not cover: the optimizer checks it when it is built
+            return
+        hp = target_modules_hparam(name, args, trainer_hparams(name, args, recipe.optim_args))
+        with _explain_targets(model, hp, get_entry(name).batched_targets):
+            if recipe.layerwise:
+                from lowmem.optim.layerwise import LayerwiseOptimizer
+
+                LayerwiseOptimizer(model, name, accumulation_steps=args.gradient_accumulation_steps,
+                                   max_grad_norm=args.max_grad_norm or None, clip_mode="global_prev", **hp)
+            else:
+                create_optimizer(model, name, **hp)
+
+
 def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     """Run a recipe; print the losses and optimizer-state memory; write ``output_dir/metrics.json``.
 
@@ -2320,6 +2361,7 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     hf_logger.setLevel(logging.ERROR)  # its warnings come once, when the trainer builds the optimizer
     try:  # TrainingArguments values the optimizer rejects (adam_epsilon with Adafactor's pair), also early
         trainer_hparams(recipe.optim, args, recipe.optim_args)
+        check_optimizer_on_meta(recipe, args)  # shape-dependent values (a rank too large for every weight), also early
     except ValueError as err:
         raise ConfigError(str(err)) from None
     finally:

@@ -46,8 +46,6 @@ def test_dataset_name_of_a_local_folder_is_the_dataset(tmp_path):
     assert recipe.dataset == str(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_NEWCOMER 4: a subspace rank that fits none of the model's weights is "
-                   "refused only after the model and the data are loaded (README: checked before the model loads)")
 def test_rank_too_large_for_the_model_is_refused_before_it_loads(tmp_path, own_model_dir, monkeypatch, capsys):
     import lowmem.kit
     from lowmem.cli import main
