@@ -315,3 +315,23 @@ def test_optimizer_table_llama_state_is_lowmem_list():
         for name, want in zip(names, _cell_numbers(cell, len(names))):
             got = state_bytes_at_scale(name, "llama-2-7b")["state_bytes"] / 2**30
             assert f"{got:.2f}" == want, (name, got, want)
+
+
+def test_optimizer_table_papers_are_the_registered_references():
+    """Each "Author et al. YEAR" / "A & B YEAR" in the table's paper column names the first author and year of the
+    paper the optimizer registers as its reference (`lowmem list`'s descriptions)."""
+    from lowmem.optim import get_entry
+
+    text = README.read_text()
+    table = text[text.index("| name | paper |"):]
+    checked = 0
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for surname, year in re.findall(r"\b([A-Z][a-z]+) (?:et al\.|& [A-Z][a-z]+) (\d{4})", cells[1]):
+            for name in re.findall(r"`(\w+)`", cells[0]):
+                ref = get_entry(name).reference or ""
+                assert surname in ref and year in ref, (name, surname, year, ref[:120])
+                checked += 1
+    assert checked >= 20  # 24 citations on 2026-11-30
