@@ -61,3 +61,41 @@ def test_four_bit_chunked_step_writes_its_absmax_in_place(name, shape, chunk, dt
     sweep's trace took an ``out=`` keyword for a new tensor of its whole storage, 72-96 B: FOUND_MUONFIX 3 was that.)"""
     reported, traced = _per_param(name, shape, dtype, chunk, min_quant_size=64, block_size=64)
     assert reported == traced
+
+
+def _badam_step(opt, params, gen):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) if p.requires_grad else None
+    with _RealLive() as t:
+        opt.step()
+    return t.peak
+
+
+@pytest.mark.parametrize("freeze", [False, True], ids=["all-grads", "frozen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_badam_counts_every_checked_gradient_and_a_new_block(dtype, freeze):
+    """BAdam's step: the non-finite check reads every gradient the step gets (``freeze_inactive=False``: the
+    inactive blocks' too), and right after a switch (the new block has no state until it steps) the report is the
+    new block's step, counted from the state its first step makes (no 'call materialize_state() first')."""
+    from test_muonfix_sweep import _Tiny
+
+    torch.manual_seed(0)
+    model = _Tiny().to(dtype)
+    opt = create_optimizer(model, "badam", switch_every=3, freeze_inactive=freeze, switch_mode="ascending", foreach=None)
+    opt.chunk_numel = 600
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for period in range(3):
+        block = opt.active_block
+        assert not any(opt.state.get(p) for g in opt._active_groups() for p in g["params"])  # (a new block)
+        first = opt.step_transient_bytes()  # (before the block's state exists: its first step's)
+        assert not any(opt.state.get(p) for g in opt._active_groups() for p in g["params"])  # (none left made)
+        traced_first = _badam_step(opt, params, gen)
+        traced_first -= opt.state_bytes()  # (its first step makes the block's state: kept, not a transient)
+        reported = opt.step_transient_bytes()
+        traced = max(_badam_step(opt, params, gen), _badam_step(opt, params, gen))
+        assert opt.active_block != block  # (switched after 3 steps)
+        steps = opt._fused_step_bytes()  # (torch's fused AdamW kernel's 0-d step count: kept, and a new one at most)
+        assert first == reported, (period, block)  # (the block's first step is counted as its later ones)
+        assert traced_first <= first - steps, (period, block, first, traced_first)  # (its check is before the state)
+        assert reported - 2 * steps <= traced <= reported - steps, (period, block, reported, traced)

@@ -18,9 +18,10 @@ Trainer save under FSDP2) keeps only ``state`` and ``param_groups`` and drops th
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -330,13 +331,51 @@ class BAdam(LowMemOptimizer):
                     self._init_state(local(p), group, self.state[p], key=p)
 
     def step_transient_bytes(self, per_parameter: bool = False) -> int:
-        """The largest transient of a step of the active block (:meth:`LowMemOptimizer.step_transient_bytes`)."""
+        """The largest transient of a step of the active block (:meth:`LowMemOptimizer.step_transient_bytes`), its
+        non-finite check over every gradient the step reads (:meth:`_check_bytes`). Right after a switch the new
+        block has no state until its first step: its step is counted with the state that step makes, allocated
+        for the count and freed again (:meth:`_fresh_block_state`, as :meth:`state_dict` does; on meta tensors
+        torch's fused AdamW kernel, which the first step takes, would not be seen to apply)."""
         groups = self.param_groups
-        self.param_groups = self._active_groups()
+        with self._fresh_block_state():
+            self.param_groups = self._active_groups()
+            self._checked_groups = None if self.defaults["freeze_inactive"] else groups
+            try:
+                return super().step_transient_bytes(per_parameter)
+            finally:
+                self.param_groups, self._checked_groups = groups, None
+
+    @contextlib.contextmanager
+    def _fresh_block_state(self) -> Iterator[None]:
+        """Right at a switch (no step taken on the active block): its state as its first step makes it
+        (:meth:`materialize_state`) for the body, then removed again (an entry that was empty is left empty)."""
+        fresh = {}  # parameter -> whether it had an (empty) entry
+        if self._steps == 0:
+            fresh = {p: p in self.state for g in self._active_groups() for p in g["params"] if not self.state.get(p)}
+            self.materialize_state()
         try:
-            return super().step_transient_bytes(per_parameter)
+            yield
         finally:
-            self.param_groups = groups
+            for p, had_entry in fresh.items():
+                if had_entry:
+                    self.state[p] = {}
+                else:
+                    self.state.pop(p, None)
+
+    _checked_groups: list[dict[str, Any]] | None = None
+
+    def _check_bytes(self) -> int:
+        """The non-finite check (:meth:`LowMemOptimizer._check_bytes`) of every gradient :meth:`step` reads: with
+        ``freeze_inactive=False`` the inactive blocks' too (they are computed, and a non-finite one skips the
+        step), not only the active block's whose step :meth:`step_transient_bytes` counts."""
+        if self._checked_groups is None:
+            return super()._check_bytes()
+        active = self.param_groups
+        self.param_groups = self._checked_groups
+        try:
+            return super()._check_bytes()
+        finally:
+            self.param_groups = active
 
     def prepare_load(self, period: int, steps: int) -> None:
         """Before a ``torch.distributed.checkpoint`` load of a checkpoint saved at schedule ``(period, steps)``
@@ -355,18 +394,8 @@ class BAdam(LowMemOptimizer):
         # Right at a switch the active block has no state yet (it is allocated at its first step); a DCP load
         # asks for the entries the new optimizer has after DCP's initialising step, which allocates them: so
         # the returned dict holds them too (as _init_state makes them), and load_state_dict drops them again.
-        fresh = {}  # parameter -> whether it had an (empty) entry
-        if self._steps == 0:
-            fresh = {p: p in self.state for g in self._active_groups() for p in g["params"] if not self.state.get(p)}
-            self.materialize_state()
-        try:
+        with self._fresh_block_state():
             sd = super().state_dict()
-        finally:
-            for p, had_entry in fresh.items():
-                if had_entry:
-                    self.state[p] = {}
-                else:
-                    self.state.pop(p, None)
         # an (empty) entry for every parameter without state (the inactive blocks): torch.distributed.checkpoint's
         # set_optimizer_state_dict refuses a parameter that requires gradients without one ("Missing optimizer
         # state for parameter"). Only in the returned dict: self.state keeps no entry (accelerate's prepare
