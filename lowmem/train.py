@@ -2192,7 +2192,8 @@ def _trl_config_and_trainer(kind: str) -> tuple[type, type]:
 
 def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     """DPO: margin and accuracy on a fixed set of 64 training pairs before and after training.
-    GRPO/GVPO/BNPO: mean reward of the first 5 and the last 10 training steps (and every step's)."""
+    GRPO/GVPO/BNPO: mean reward of the first 5 and the last 10 logged rewards (:data:`REWARD_WINDOWS`; and every
+    logged one's, ``reward_history``, at the steps of ``reward_steps``)."""
     from transformers import set_seed
 
     from lowmem.data import dpo_eval_rows, prepare_tokenizer, recipe_data
@@ -2246,9 +2247,10 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         out = _train(trainer, recipe)
         # None: a step in which every reward function returned None for every completion (TRL logs None then)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+        head, tail = REWARD_WINDOWS
         result = {
-            "initial_reward": mean_reward(rewards[:5]), "final_reward": mean_reward(rewards[-10:]),
-            "reward_history": rewards,
+            "initial_reward": mean_reward(rewards[:head]), "final_reward": mean_reward(rewards[-tail:]),
+            "reward_history": rewards, "reward_steps": [h["step"] for h in trainer.state.log_history if "reward" in h],
             "reward_func_histories": reward_histories(trainer.state.log_history),  # each function's mean per step
         }
         if evals is not None:  # mean reward of completions sampled for the held-out prompts, before and after
@@ -2264,6 +2266,35 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         **_run_metrics(trainer), **saved,
         **({"data": data.summary()} if data is not None else {}),
     }
+
+
+# how many logged rewards initial_reward / final_reward average: the first 5 and the last 10
+REWARD_WINDOWS = (5, 10)
+
+
+def _step_range(first: int, last: int) -> str:
+    return f"step {last}" if first >= last else f"steps {first}-{last}"
+
+
+def reward_summary(metrics: dict[str, Any]) -> str:
+    """The summary line of a GRPO/GVPO/BNPO run: ``initial_reward`` and ``final_reward`` with the training steps they
+    average (:data:`REWARD_WINDOWS` logged rewards, each the mean over its ``logging_steps`` steps; ``reward_steps``:
+    the step of each), e.g. ``mean reward: steps 1-5 0.1 -> steps 191-200 0.6 after 200 steps``. A run shorter than
+    the windows averages what it logged: one range when the two windows are the same logged rewards (before, a 2-step
+    run said "first 5 steps ... -> last 10 steps")."""
+    rewards, at, steps = metrics["reward_history"], metrics.get("reward_steps"), metrics["steps"]
+    if not rewards:
+        return f"mean reward: none logged in {steps} steps (logging_steps is more than the steps)"
+    at = at if at and len(at) == len(rewards) else list(range(1, len(rewards) + 1))
+    given = lambda v: "none given" if v is None else f"{v:.4f}"  # noqa: E731
+    n = len(rewards)
+    k, m = min(REWARD_WINDOWS[0], n), min(REWARD_WINDOWS[1], n)
+    first = _step_range(1, at[k - 1])
+    last = _step_range(at[n - m - 1] + 1 if n > m else 1, at[-1])
+    if k == n and m == n:  # the same logged rewards: one mean, one range
+        return f"mean reward over {first}: {given(metrics['initial_reward'])} after {steps} step{'s' * (steps != 1)}"
+    return (f"mean reward: {first} {given(metrics['initial_reward'])} -> {last} {given(metrics['final_reward'])} "
+            f"after {steps} steps")
 
 
 def mean_reward(values: list[float | None]) -> float | None:
@@ -2402,9 +2433,7 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     ours, adamw = metrics["optimizer_state_bytes"], metrics["adamw_state_bytes"]
     if "initial_reward" in metrics:
-        given = lambda v: "none given" if v is None else f"{v:.4f}"  # noqa: E731
-        console.print(f"mean reward: first 5 steps {given(metrics['initial_reward'])} -> last 10 steps "
-                      f"{given(metrics['final_reward'])} after {metrics['steps']} steps")
+        console.print(reward_summary(metrics))
         missing = sum(r is None for r in metrics["reward_history"])
         if missing:
             console.print(f"note: in {missing} of {len(metrics['reward_history'])} logged steps every reward function "

@@ -61,8 +61,6 @@ def test_rank_too_large_for_the_model_is_refused_before_it_loads(tmp_path, own_m
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="FOUND_NEWCOMER 5: the reward summary says 'first 5 steps ... -> last 10 "
-                   "steps ... after 2 steps' when the run is shorter than its windows (both are the same 2 steps)")
 def test_reward_summary_names_the_steps_it_averaged(tmp_path, capsys):
     from lowmem.kit.shipped import shipped_recipe
     from lowmem.train import run
