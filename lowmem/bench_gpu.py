@@ -26,7 +26,9 @@ The checks (:func:`plan`):
    ``state_bytes() + step_transient_bytes()`` (live, and through
    :func:`lowmem.memory.estimate.optimizer_memory` on fake tensors of the run's device, what
    ``estimate_memory(device=)`` adds), and
-   the ratio estimate / measured (target within 10%).
+   the ratio estimate / measured (target within 10%; a recipe with a refresh gap judged on the first step, the one
+   its estimate describes). A third step is recorded with the allocator's history: the sites alive at its peak
+   (:func:`alive_at_peak`), so a row whose estimate is off names the tensors it missed.
 4. ``equal:cuda-vs-cpu``: every optimizer's CUDA path against its CPU path on the same weights and
    gradients (bitsandbytes' CUDA codec of the 8-bit moments against its CPU one, MicroAdam's
    ``torch.compile``'d functions on CUDA against the plain ones on CPU, ...): the relative difference
@@ -148,6 +150,13 @@ def estimate_ratio(estimate: int | None, measured: int | None) -> float | None:
     if estimate is None or not measured:
         return None
     return estimate / measured
+
+
+def estimate_within(first: float, later: float, refreshes: bool, tolerance: float = ESTIMATE_TOLERANCE) -> bool:
+    """Whether est / measured is within ``tolerance`` of 1 on the first and the later step; for a recipe with a
+    refresh gap (``refreshes``) on the first step alone: its estimate is its worst step, the refresh, which only the
+    first step takes, so a later step measures less by construction (session 14, the 7B layer: est / later 2.4-8.3)."""
+    return max(abs(r - 1) for r in ([first] if refreshes else [first, later])) <= tolerance
 
 
 def relative_update_difference(w_dev: list, w_ref: list, w0: list) -> tuple[float, float]:
@@ -321,20 +330,93 @@ def timed_steps(opt, params, fixed, device: str, n: int = 1) -> float:
     return total / n
 
 
-def measured_step(opt, params, fixed, device: str) -> dict[str, Any]:
+def _requested(device: str) -> tuple[int, int] | None:
+    """``(current, peak)`` of the allocator's requested bytes (the tensors' own sizes: no 512 B rounding, no
+    cached block reused whole), or ``None`` off CUDA."""
+    import torch
+
+    if device != "cuda":
+        return None
+    stats = torch.cuda.memory_stats()
+    return stats.get("requested_bytes.all.current", 0), stats.get("requested_bytes.all.peak", 0)
+
+
+#: the frames of an allocation named in :func:`alive_at_peak`: the first one in lowmem's own code
+SITE_ROOT = "lowmem/"
+
+
+def _site(frames: list[dict[str, Any]]) -> str:
+    """Where an allocation was made: the innermost frame in lowmem's code as ``file:line function`` (the path from
+    ``lowmem/`` on), else the innermost frame, else ``?``."""
+    for f in frames or []:
+        name = str(f.get("filename", ""))
+        if SITE_ROOT in name and "bench_gpu" not in name:
+            return f"{name[name.rindex(SITE_ROOT):]}:{f.get('line')} {f.get('name')}"
+    if frames:
+        f = frames[0]
+        return f"{Path(str(f.get('filename', '?'))).name}:{f.get('line')} {f.get('name')}"
+    return "?"
+
+
+def alive_at_peak(trace: list[dict[str, Any]], top: int = 5) -> tuple[int, list[tuple[str, int]]]:
+    """Replay an allocator trace (``torch.cuda.memory._snapshot()["device_traces"][device]``: ``alloc`` and
+    ``free_requested`` events with ``addr``, ``size`` and ``frames``) recorded over one step: ``(peak, sites)``,
+    the largest sum of the bytes the step had allocated and not yet freed, and the ``top`` allocation sites
+    (:func:`_site`) by bytes alive at that moment, as ``(site, bytes)``. What the step's memory columns measure,
+    named by the lines that allocated it, so a row whose estimate is off shows which tensors it missed."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for ev in trace:
+        action, addr = ev.get("action"), ev.get("addr")
+        if action == "alloc":
+            live[addr] = (int(ev.get("size", 0)), _site(ev.get("frames", [])))
+            total += live[addr][0]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif action == "free_requested" and addr in live:
+            total -= live.pop(addr)[0]
+    sites: dict[str, int] = {}
+    for size, site in at_peak.values():
+        sites[site] = sites.get(site, 0) + size
+    return peak, sorted(sites.items(), key=lambda kv: -kv[1])[:top]
+
+
+def measured_step(opt, params, fixed, device: str, trace: bool = False) -> dict[str, Any]:
     """One step, timed, with its memory: ``peak`` (allocator peak during the step above what was allocated
-    before it) and ``kept`` (allocated after it minus before: the state a first step allocates)."""
+    before it), ``kept`` (allocated after it minus before: the state a first step allocates),
+    ``peak_requested`` (the same peak in requested bytes, :func:`_requested`) and, with ``trace`` on CUDA, the
+    allocation sites alive at the step's peak (:func:`alive_at_peak`; the allocator's history is recorded
+    through the step, which slows it: not for a timed step)."""
+    import torch
+
     _load_grads(params, fixed)
     _sync(device)
     before = _allocated(device)
     _reset_peak(device)
+    req0 = _requested(device)
+    recording = trace and device == "cuda"
+    if recording:
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=500_000)
     t0 = time.perf_counter()
     opt.step()
     _sync(device)
     seconds = time.perf_counter() - t0
-    after, peak = _allocated(device), _peak(device)
-    return {"s": seconds, "peak": None if before is None else peak - before,
-            "kept": None if before is None else after - before}
+    out: dict[str, Any] = {}
+    if recording:
+        try:
+            snap = torch.cuda.memory._snapshot()
+            traces = snap.get("device_traces") or []
+            index = torch.cuda.current_device()
+            traced_peak, sites = alive_at_peak(traces[index] if index < len(traces) else [])
+            out.update(traced_peak=traced_peak, peak_sites=sites)
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+    after, peak, req1 = _allocated(device), _peak(device), _requested(device)
+    out.update({"s": seconds, "peak": None if before is None else peak - before,
+                "kept": None if before is None else after - before,
+                "peak_requested": None if req0 is None else req1[1] - req0[0]})
+    return out
 
 
 def measure_cell(name: str, module, meta, params, fixed, device: str, rank: int | None,
@@ -370,10 +452,17 @@ def measure_cell(name: str, module, meta, params, fixed, device: str, rank: int 
     opt = create_optimizer(module, name, **hp)
     first = measured_step(opt, params, fixed, device)
     steady = measured_step(opt, params, fixed, device)
+    try:  # (a third step: the allocation sites alive at its peak; recorded, never fatal to the row)
+        traced = measured_step(opt, params, fixed, device, trace=True)
+    except Exception as err:
+        traced = {}
+        row["trace_error"] = f"{type(err).__name__}: {err}"[:200]
     live_state = opt.state_bytes() if hasattr(opt, "state_bytes") else None
     live_transient = opt.step_transient_bytes() if hasattr(opt, "step_transient_bytes") else None
     row.update(first_step_s=first["s"], peak_first=first["peak"], state_measured=first["kept"],
-               peak_steady=steady["peak"], state_bytes=live_state, step_transient_bytes=live_transient)
+               peak_steady=steady["peak"], state_bytes=live_state, step_transient_bytes=live_transient,
+               peak_first_requested=first["peak_requested"], peak_steady_requested=steady["peak_requested"],
+               traced_peak=traced.get("traced_peak"), peak_sites=traced.get("peak_sites"))
     if first["peak"] is not None and steady["peak"] is not None:
         measured_steady = first["kept"] + steady["peak"]  # state + the step's peak above it
         row["measured_steady"] = measured_steady
@@ -385,8 +474,8 @@ def measure_cell(name: str, module, meta, params, fixed, device: str, rank: int 
             est = row["estimate_state"] + row["estimate_transient"]
             row["ratio_estimate_steady"] = estimate_ratio(est, measured_steady)
             row["ratio_estimate_first"] = estimate_ratio(est, first["peak"])
-            worst = max(abs(row["ratio_estimate_steady"] - 1), abs(row["ratio_estimate_first"] - 1))
-            row["estimate_within_10pct"] = worst <= ESTIMATE_TOLERANCE
+            row["estimate_within_10pct"] = estimate_within(row["ratio_estimate_first"], row["ratio_estimate_steady"],
+                                                           entry.subspace)
     if baseline is not None and rounds > 0:
         bt, xt = [], []
         for r in range(rounds):
@@ -726,6 +815,14 @@ def _num(x: Any, fmt: str = "{:.3f}") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
+def _sites_note(row: dict[str, Any]) -> str:
+    """A later step's peak (:func:`alive_at_peak`) and its largest allocation sites, in MiB."""
+    if not row.get("peak_sites"):
+        return ""
+    sites = "; ".join(f"{_mib(b)} {site}" for site, b in row["peak_sites"][:3])
+    return f"peak {_mib(row.get('traced_peak'))}: {sites}"
+
+
 def rows_markdown(check: dict[str, Any]) -> list[str]:
     """A table of ``check``'s rows, its columns chosen by the check's kind."""
     rows = [r for r in check["rows"] if r.get("status") != "info"]
@@ -744,7 +841,7 @@ def rows_markdown(check: dict[str, Any]) -> list[str]:
                 f"{_mib(r.get('measured_first'))} | {_mib(r.get('measured_steady'))} | {_mib(est)} | "
                 f"{_num(r.get('ratio_estimate_first'))}, {_num(r.get('ratio_estimate_steady'))} | "
                 f"{_num(r.get('step_time_ratio'), '{:.2f}x')} | {_num(r.get('amortised_ratio'), '{:.2f}x')} | "
-                f"{r.get('error', r.get('estimate_error', ''))[:120]} |")
+                f"{r.get('error', r.get('estimate_error', ''))[:120] or _sites_note(r)} |")
         return lines
     if check["kind"] == "equal":
         lines += ["", "| optimizer | status | relative update difference | max abs difference | note |", "|---|---|---:|---:|---|"]
@@ -772,6 +869,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 lines.append(f"{r['optimizer']:<22} {r.get('status', ''):<11} est/meas first {_num(r.get('ratio_estimate_first'), '{:.2f}')} "
                              f"later {_num(r.get('ratio_estimate_steady'), '{:.2f}')} peak {_mib(r.get('measured_steady'))} MiB "
                              f"step {_num(r.get('step_time_ratio'), '{:.2f}x')} amort {_num(r.get('amortised_ratio'), '{:.2f}x')}")
+                if r.get("peak_sites"):
+                    lines.append("    " + _sites_note(r)[:300])
             elif c["kind"] == "equal":
                 lines.append(f"{r['optimizer']:<22} {r.get('status', ''):<11} rel {_num(r.get('relative_difference'), '{:.1e}')}")
             else:
@@ -787,7 +886,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Memory: allocator peak (`torch.cuda.max_memory_allocated`) during a step above what was allocated "
               "before it; *peak first* = the first step (allocates the state, computes the first projection), *peak "
               "later* = state + the second step's peak; *estimate* = `optimizer_memory` on fake tensors of the device (what "
-              "`estimate_memory` adds: state + step transient); target est / measured within 10% (issue 12). Step ratio: "
+              "`estimate_memory` adds: state + step transient); target est / measured within 10% (issue 12; a recipe "
+              "with a refresh gap is judged on its first step alone: its estimate is the refresh step's, which a later "
+              "step does not take). *note*: a third step's peak and its largest allocation sites (the allocator's "
+              "history, `alive_at_peak`, MiB). The JSON rows also hold the peaks in requested bytes (no block rounding). Step ratio: "
               "median over interleaved rounds of the step time / `torch.optim.AdamW(fused=True)`'s; amortised: the "
               f"first step's extra time spread over {REFRESH_GAP} steps (issue 15: at most 1.05x subspace, 1.10x 8-/4-bit "
               "and MicroAdam). Equality: ||w_cuda - w_cpu|| / ||w_cpu - w0|| after the same steps "

@@ -120,9 +120,38 @@ def test_pure_pieces():
     assert rel == pytest.approx(1e-4, rel=1e-6) and worst == pytest.approx(1e-4)
     assert BG.equal_status(rel) == "ok" and BG.equal_status(1e-2) == "check" and BG.equal_status(0.1) == "FAIL"
     assert BG.equal_status(math.nan) == "FAIL"
+    # a recipe with a refresh gap is judged on its first step (the refresh its estimate describes)
+    assert BG.estimate_within(0.95, 5.5, refreshes=True) and not BG.estimate_within(0.95, 5.5, refreshes=False)
+    assert not BG.estimate_within(0.80, 1.0, refreshes=True) and BG.estimate_within(1.05, 0.92, refreshes=False)
     assert BG.check_status(None, True, []) == "timeout" and BG.check_status(1, False, []) == "error"
     assert BG.check_status(0, False, [{"status": "ok", "estimate_within_10pct": False}]) == "failed rows"
     assert BG.check_status(0, False, [{"status": "not reached"}]) == "partial"
+
+
+def test_alive_at_peak_names_what_a_step_held_at_its_peak():
+    """The replay of an allocator trace (what the memory rows record of a later CUDA step, measure_cell): the peak
+    of the bytes allocated and not yet freed during the step, and the sites alive then, by bytes (the innermost
+    frame in lowmem's code; a free before the peak does not count, an allocation after it neither)."""
+    def frame(f, line, name):
+        return {"filename": f, "line": line, "name": name}
+
+    ada = [frame("/x/torch/functional.py", 9, "norm"), frame("/w/lowmem/optim/moments.py", 640, "prepare_chunks"),
+           frame("/w/lowmem/bench_gpu.py", 1, "measured_step")]
+    sq = [frame("/w/lowmem/optim/moments.py", 633, "prepare_chunks")]
+    trace = [{"action": "alloc", "addr": 1, "size": 64, "frames": sq},
+             {"action": "free_requested", "addr": 1, "size": 64, "frames": sq},
+             {"action": "free_completed", "addr": 1, "size": 64, "frames": sq},
+             {"action": "alloc", "addr": 2, "size": 40, "frames": ada},
+             {"action": "alloc", "addr": 3, "size": 30, "frames": ada},
+             {"action": "alloc", "addr": 4, "size": 8, "frames": [frame("/x/torch/cuda.py", 5, "k")]},
+             {"action": "free_requested", "addr": 3, "size": 30, "frames": ada},
+             {"action": "alloc", "addr": 5, "size": 20, "frames": sq}]
+    peak, sites = BG.alive_at_peak(trace)
+    assert peak == 78
+    assert sites == [("lowmem/optim/moments.py:640 prepare_chunks", 70), ("cuda.py:5 k", 8)]
+    assert BG.alive_at_peak([]) == (0, [])
+    note = BG._sites_note({"traced_peak": 3 * 2**20, "peak_sites": [("a.py:1 f", 2**20)]})
+    assert note == "peak 3.0: 1.0 a.py:1 f"
 
 
 def test_cli_refuses_unknown_names(tmp_path):
