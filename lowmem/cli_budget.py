@@ -15,8 +15,10 @@ imported inside the handler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from typing import Callable, Iterator
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -274,14 +276,34 @@ def pick_verdict(peak: int, limit: int) -> tuple[bool, str]:
                    f"({peak - limit:,} B) over {fmt_bytes(limit)}; the estimate was too low")
 
 
+@contextlib.contextmanager
+def measuring_progress(total: int) -> Iterator[Callable[[int, str], None]]:
+    """Progress of ``lowmem budget --measure`` on stderr (loading a model and stepping it takes minutes on a real one):
+    yields ``show(i, what)``, called before measurement ``i`` (0-based) of ``total``. In a terminal a transient rich
+    bar (spinner, ``i/total``, elapsed time, refreshed while a measurement runs); otherwise (a log, a pipe) one line per
+    measured configuration, ``lowmem budget: measuring #1/2 (adamw, batch 1, 2 steps on cpu) ...``, as rich draws no
+    live bar there."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda i, what: print(f"lowmem budget: measuring #{i + 1}/{total} ({what}) ...", file=sys.stderr, flush=True)
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("measuring", total=total)
+        yield lambda i, what: progress.update(task, description=f"measuring #{i + 1} ({what})", completed=i)
+
+
 def measure_picks(model: str, picks: list, limit: int, steps: int = 2, gradient_accumulation_steps: int = 1) -> list[dict]:
     """Run ``steps`` real training steps of each candidate in ``picks`` (:func:`~lowmem.memory.measure_memory`, with
     :func:`measure_kwargs`: the candidate's own settings) and check the measured peak against ``limit``.
 
     The peak is CUDA's ``max_memory_allocated`` on CUDA, else the tracker's highest total of live torch tensors (on
     CPU, MKL's buffers are not tensors and are not in it). A 4-bit candidate the device cannot build (bitsandbytes
-    without 4-bit support there) is skipped with the reason (``fits: None``), never passed. Progress (one status line
-    per pick) goes to stderr.
+    without 4-bit support there) is skipped with the reason (``fits: None``), never passed. Progress goes to stderr
+    (:func:`measuring_progress`: a bar in a terminal, else one line per pick).
 
     Returns one dict per pick: ``rank`` (1-based), ``settings`` (what was measured, ``measure_kwargs``), ``estimate``
     (the pick's components and ``total`` as the search estimated them), ``measured`` (each component's own maximum and
@@ -289,19 +311,13 @@ def measure_picks(model: str, picks: list, limit: int, steps: int = 2, gradient_
     ``notes``."""
     import warnings
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from .memory.measure import measure_memory
 
     out = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("measuring", total=len(picks))
+    with measuring_progress(len(picks)) as show:
         for i, c in enumerate(picks):
             kw = measure_kwargs(c.settings, gradient_accumulation_steps)
-            progress.update(task, description=f"measuring #{i + 1} ({c.settings['optimizer']}, batch {kw['batch_size']}, "
-                            f"{steps} steps on {kw['device']})")
+            show(i, f"{c.settings['optimizer']}, batch {kw['batch_size']}, {steps} steps on {kw['device']}")
             record = {"rank": i + 1, "settings": kw, "estimate": {**c.components, "total": c.total}, "notes": []}
             try:
                 with warnings.catch_warnings():
@@ -314,7 +330,6 @@ def measure_picks(model: str, picks: list, limit: int, steps: int = 2, gradient_
                               verdict=f"not measured: {kw['quantization']} base weights cannot be built on "
                               f"{kw['device']} here ({type(e).__name__}: {e})")
                 out.append(record)
-                progress.advance(task)
                 continue
             peak = res.peak_allocated if res.peak_allocated is not None else res.measured["total"]
             fits, verdict = pick_verdict(peak, limit)
@@ -327,7 +342,6 @@ def measure_picks(model: str, picks: list, limit: int, steps: int = 2, gradient_
             if kw["layerwise"]:
                 record["notes"].append("measured without gradient clipping (the estimate counts the hooks' clipping)")
             out.append(record)
-            progress.advance(task)
     return out
 
 
@@ -495,8 +509,11 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         from .memory.measure import measure_memory
 
-        res = measure_memory(args.model, steps=args.steps, device=args.device,
-                             **{**common, "gradient_checkpointing": bool(args.gradient_checkpointing)})
+        with measuring_progress(1) as show:
+            show(0, f"{args.optimizer}, batch {args.batch_size}, {args.steps} steps on "
+                 f"{args.device or 'cuda when available, else cpu'}")
+            res = measure_memory(args.model, steps=args.steps, device=args.device,
+                                 **{**common, "gradient_checkpointing": bool(args.gradient_checkpointing)})
         est = res.estimate
         if args.png:
             bar_chart([est], args.png, measured=res.measured, at_peak=res.at_peak)
