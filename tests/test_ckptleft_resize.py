@@ -73,8 +73,6 @@ def test_check_state_fits_compares_each_parameter_once_and_probes_nothing(monkey
     assert reads == []
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_CKPTLEFT 2: LowMemOptimizer.state_dict() does not call "
-                                       "group_layout.check_state_fits yet (lowmem/optim/engine.py)")
 def test_state_dict_refuses_a_resized_parameter_with_state():
     m = _model()
     opt = create_optimizer(_groups(m), "adamw", lr=1e-2)

@@ -74,7 +74,7 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .group_layout import _MISSING, _Reads, check_group_layouts, check_resized
+from .group_layout import _MISSING, _Reads, check_group_layouts, check_resized, check_state_fits
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -1384,7 +1384,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as
         plain tensors of its local shard, is returned as ``DTensor`` s
         (:func:`~lowmem.optim.sharded.state_to_dtensor`) so that ``torch.distributed.checkpoint``
-        saves every rank's piece. Unsharded parameters: plain tensors, as always."""
+        saves every rank's piece. Unsharded parameters: plain tensors, as always. A parameter whose state no
+        longer fits it (resized or re-sharded since its state was made, without a step since: a step compares
+        only the parameters it steps) is refused, nothing saved (:func:`~lowmem.optim.group_layout.check_state_fits`:
+        every later load would refuse that state)."""
+        check_state_fits(self)
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
         if not any(is_dtensor(p) for p in params):

@@ -359,13 +359,13 @@ def check_resized(opt: Any, groups: list[dict[str, Any]]) -> None:
 def check_state_fits(opt: Any) -> None:
     """Refuse a parameter whose state no longer fits it: resized, its dtype changed where the state depends on it,
     or re-sharded (:func:`_check_resized`), and a setting that fixes the layout changed since its state was made
-    (:func:`check_group_layouts` with every parameter compared, gradient or not). Meant for
-    :meth:`LowMemOptimizer.state_dict` (not called there yet): a step compares only the parameters it steps (a resized parameter without a
+    (:func:`check_group_layouts` with every parameter compared, gradient or not). Called first by
+    :meth:`LowMemOptimizer.state_dict` (``BAdam.state_dict`` too, through it): a step compares only the parameters it steps (a resized parameter without a
     gradient is refused at its next step with one), so without this a checkpoint taken in between holds state of
     the old shape, which every later load refuses (``load_state_dict`` checks each loaded entry against the
     parameter it is loaded for, so a load needs no such check). Its cost, once the groups' snapshots exist: a list
-    compare of the parameters' shapes and dtypes per group (about 0.1 us a parameter: measured in
-    /tmp/lm/CKPTLEFT_bench.md), nothing at a step.
+    compare of the parameters' shapes and dtypes per group (about 0.14 us a parameter: 14 us for 100 parameters
+    against torch's ``state_dict()``'s own 48 us, 2026-11-30), nothing at a step.
 
     Raises:
         ValueError: As :func:`check_group_layouts`, saying that nothing was saved.
