@@ -33,6 +33,7 @@ class _AllLive(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         flat = [a for a in args if isinstance(a, torch.Tensor)]
         flat += [x for a in args if isinstance(a, (list, tuple)) for x in a if isinstance(x, torch.Tensor)]
+        flat += [a for a in (kwargs or {}).values() if isinstance(a, torch.Tensor)]  # an out= tensor is written, not new
         inputs = {a.untyped_storage().data_ptr() for a in flat}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if not isinstance(t, torch.Tensor):
