@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "every default one)")
     p.add_argument("--optim-args", default="", metavar="k=v,...",
                    help="optimizer hyperparameters: 'k=v,k=v' (e.g. rank=128,betas=[0.9,0.95]) or a JSON object")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence (default 512, or a local model's context when that is shorter; longer than "
                    "a local model's context is an error)")

@@ -359,7 +359,8 @@ def _resolve_lr(recipe: TrainRecipe) -> None:
     else:
         raise ConfigError(
             f"lr: no learning rate given for model={recipe.model!r}; set one with --lr or `lr:` in the recipe "
-            f"(a positive float; e.g. 2e-5 for a full fine-tune with AdamW, 1e-4 for LoRA, 1e-6 for DPO/GRPO). "
+            f"(a positive float; e.g. 2e-5 for a full fine-tune with AdamW, 1e-4 for LoRA, 1e-6 for DPO/GRPO; this run's "
+            f"optimizer is optim={recipe.optim}{', lowmem default' if recipe.optim_source == 'default' else ''}). "
             f"The demo's {DEMO_LR:g} is for the embedded tiny model trained from scratch")
 
 
@@ -1072,11 +1073,12 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     if isinstance(data.get("training_args"), dict) and isinstance(extra.get("training_args"), dict):
         extra["training_args"] = {**data["training_args"], **extra["training_args"]}  # merged, overrides win
     data.update(extra)
+    recipe = TrainRecipe.__new__(TrainRecipe)
+    recipe.optim_source = source  # known before __post_init__'s checks, whose messages may name it
     try:
-        recipe = TrainRecipe(**data)
+        recipe.__init__(**data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
-    recipe.optim_source = source
     return recipe
 
 

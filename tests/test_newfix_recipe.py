@@ -86,3 +86,28 @@ def test_dataset_name_and_dataset_together_are_refused(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "1+1=2"}) + "\n")
     with pytest.raises(ConfigError, match="'dataset_name' and 'dataset' set the same value; give one"):
         load_recipe(_file(tmp_path, TRL_CONFIG + "dataset_name: d.jsonl\ndataset: d.jsonl\n"))
+
+
+def test_missing_lr_names_the_optimizer_in_effect(own_model_dir):
+    """The advice names AdamW's usual lr; the message says which optimizer this run has (lowmem's default here)."""
+    with pytest.raises(ConfigError, match=r"this run's optimizer is optim=adafactor, lowmem default\)"):
+        load_recipe(None, model=own_model_dir)
+    with pytest.raises(ConfigError, match=r"this run's optimizer is optim=lion\)"):
+        load_recipe(None, model=own_model_dir, optim="lion")
+
+
+def test_budget_help_states_every_option(capsys):
+    """`lowmem budget --help`: --batch-size was the only option without a help text (its default unstated)."""
+    from lowmem.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["budget", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--batch-size BATCH_SIZE sequences per micro-batch (default 1)" in out
+
+
+def test_missing_lr_with_the_default_named_in_the_file(tmp_path, own_model_dir):
+    """`optim: adafactor` written in the recipe is the user's choice, not lowmem's default (load_recipe's source is
+    known to the checks of TrainRecipe.__post_init__)."""
+    with pytest.raises(ConfigError, match=r"this run's optimizer is optim=adafactor\)"):
+        load_recipe(_file(tmp_path, f"model: {own_model_dir}\noptim: adafactor\n"))
