@@ -2345,13 +2345,13 @@ def check_optimizer_on_meta(recipe: TrainRecipe, args: Any) -> None:
     from lowmem.memory.estimate import build_meta_model
     from lowmem.trainers.hf import _explain_targets, target_modules_hparam, trainer_hparams
 
-    config = tiny_config() if recipe.model is None else AutoConfig.from_pretrained(recipe.model)
     name = recipe.optim
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            config = tiny_config() if recipe.model is None else AutoConfig.from_pretrained(recipe.model)
             model = build_meta_model(config, getattr(torch, recipe.dtype))
-        except ValueError:  # a model build_meta_model does not cover: the optimizer checks it when it is built
+        except Exception:  # a model the meta build does not cover (multimodal, remote code): the real build checks it
             return
         hp = target_modules_hparam(name, args, trainer_hparams(name, args, recipe.optim_args))
         with _explain_targets(model, hp, get_entry(name).batched_targets):
