@@ -402,6 +402,41 @@ class SubsetNormMoments(MomentRule):
         return (12 if element else 8) * numel + low_m + low_v
 
 
+    #: The chunked step's phases count a low-precision parameter's float32 gradient and parameter chunks
+    #: themselves (:meth:`chunk_transient_bytes` with ``copy=4``): the direction is a new tensor, the gradient
+    #: chunk's copy freed before the parameter chunk's is made.
+    chunk_counts_copies = True
+
+    def chunk_transient_bytes(self, numel, shape, group, state, copy: int = 0):
+        """The chunked step (the engine's ``_update_chunked``) with chunks of at most ``numel`` elements, exact,
+        phase by phase (``copy``: bytes per element of the gradient and parameter chunks' float32 copies, 4 for a
+        low-precision parameter, else 0; ``m``: a low-precision first moment's float32 copy, ``4 n``):
+
+        * subsets of whole rows or flat runs (``r`` of them in the chunk): the gradient copy, ``m``, ``g^2`` and
+          its subset sums (``c n + m + 4 n + 4 r``; the denominators beside the direction, ``4 r + 4 n``, no more);
+        * one statistic per column (``C`` columns): :meth:`prepare_chunks`' column sums beside a chunk's gradient
+          copy, ``g^2`` and its sums (``c n + 4 n + 8 C``), then the kept denominators beside the gradient copy,
+          ``m`` and the direction (``c n + m + 4 C + 4 n``);
+        * one per element: ``g^2``, then ``sqrt(v) + eps`` beside the direction (``c n + m + 8 n``; a low-precision
+          ``v``'s copy is freed before the direction is made);
+        * momentum only (no second moment): the direction, a clone (``c n + m + 4 n``);
+        * then the direction beside the parameter chunk's copy (``4 n + c n``, the column denominators too)."""
+        m = state.get("exp_avg")
+        low_m = 4 * numel if m is not None and _low_precision(m) and self._beta1(group) != 0 else 0
+        v = state.get("exp_avg_sq")
+        held = copy * numel + low_m
+        if v is None:
+            return max(held + 4 * numel, 4 * numel + copy * numel)
+        layout = _subset_layout(v, math.prod(shape))
+        if layout == "element":
+            return max(held + 8 * numel, 4 * numel + copy * numel)
+        if layout == "row":
+            rows = numel // (math.prod(shape) // v.shape[0])
+            return max(held + 4 * numel + 4 * rows, 4 * numel + copy * numel)
+        cols = shape[1]
+        return max(copy * numel + 4 * numel + 8 * cols, held + 4 * cols + 4 * numel, 4 * cols + 4 * numel + copy * numel)
+
+
 class SubspaceMomentumResidual(StateFreeResidual):
     """Subspace-Momentum's complement step (Section 4): FRUGAL's state-free rule on ``G - P P^T G``
     (:class:`~lowmem.optim.subspace.StateFreeResidual`), with the SGD rule folded into the subspace's
