@@ -60,7 +60,32 @@ def test_run_refuses_before_the_trainer_loads_anything(tmp_path, monkeypatch):
         lowmem.train.run(recipe)
 
 
-def test_adapters_are_not_checked_on_the_base():
-    """With lora the trained parameters are peft's adapters, not the base's weights: no meta check of the base."""
-    recipe = TrainRecipe(optim="galore_adamw", lr=1e-3, steps=1, lora={"r": 8})
-    check_optimizer_on_meta(recipe, build_training_args(recipe))  # rank 128 > every base side: not refused here
+def test_lora_adapters_are_checked_as_they_train():
+    """With lora the trained parameters are peft's adapters (r x 64 and 64 x r on the tiny Llama): a rank for the
+    base's weights (32) is refused for r=8 adapters, as the build over the loaded model with adapters refuses it."""
+    from lowmem.kit import build_tiny_model
+    from lowmem.quant import attach_lora
+    from lowmem.train import lora_config
+
+    for r, rank in [(8, 4), (8, 8), (8, 32), (16, 8)]:
+        lora = {"r": r, "lora_alpha": 2 * r, "target_modules": "all-linear"}
+        recipe = TrainRecipe(optim="galore_adamw", optim_args={"rank": rank}, lr=1e-3, steps=1, lora=lora)
+        model = attach_lora(build_tiny_model(seed=0)[0], lora_config(lora))
+        real = _error(lambda: create_optimizer(model, "galore_adamw", lr=1e-3, rank=rank))
+        meta = _error(lambda: check_optimizer_on_meta(recipe, build_training_args(recipe)))
+        assert meta == real and (real is None) == (rank < r), (r, rank, meta, real)
+
+
+def test_adapters_matching_no_layer_are_left_to_the_real_build():
+    """lora.target_modules naming no layer: peft's error on the meta model is not raised here (the real build turns
+    it into lowmem's message naming the model's layers)."""
+    recipe = TrainRecipe(optim="adamw", lr=1e-3, steps=1, lora={"r": 8, "target_modules": ["c_attn"]})
+    check_optimizer_on_meta(recipe, build_training_args(recipe))
+
+
+def test_quantized_base_without_lora_is_not_checked(monkeypatch):
+    import lowmem.memory.estimate
+
+    monkeypatch.setattr(lowmem.memory.estimate, "build_meta_model", lambda *a: pytest.fail("checked"))
+    recipe = TrainRecipe(optim="galore_adamw", lr=1e-3, steps=1, quantization="nf4")
+    check_optimizer_on_meta(recipe, build_training_args(recipe))
