@@ -30,8 +30,9 @@ from lowmem.optim.functional.galore import svd_mkl_left_out
 from lowmem.optim.functional.muon import bf16_workspace_left_out
 from lowmem.optim.registry import create_optimizer, optimizer_entries
 
-EXACT = {"adafactor", "adalomo", "adam_mini", "adamw", "adamw4bit", "adamw4bit_rank1", "adagrad_sn", "adamw_sn", "badam", "adamw8bit", "apollo_adamw", "apollo_mini", "frugal", "frugal8bit", "lion", "lion8bit",
-         "lomo", "muon", "scale", "sinkgd"}
+EXACT = {"adafactor", "adagrad_sn", "adalomo", "adam_mini", "adamw", "adamw4bit", "adamw4bit_rank1", "adamw8bit",
+         "adamw_sn", "apollo_adamw", "apollo_mini", "badam", "frugal", "frugal8bit", "lion", "lion8bit", "lomo",
+         "muon", "scale", "sinkgd", "spam"}
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
 UNDER = {  # (name, dtype, path): why and by how much (other owners' files: /tmp/lm/FOUND_MUONFIX.md)
 }

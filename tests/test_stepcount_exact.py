@@ -115,3 +115,16 @@ def test_subset_norm_chunked_step_is_counted_phase_by_phase(name, hp, shape, chu
     assert traced <= reported
     if chunk is not None:  # (the whole-tensor step: the rule's transient_bytes, a bound)
         assert reported == traced
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,hp", [
+    ("spam", {"reset_interval": 8, "warmup_steps": 3, "grad_accu_steps": 2, "threshold": 50.0}),
+    ("stable_spam", {"reset_interval": 8, "t_max": 40}),
+])
+@pytest.mark.parametrize("shape,chunk", [((64, 24), 600), ((48, 24), 200), ((40,), 16)])
+def test_stabilized_chunks_are_counted_phase_by_phase(name, hp, shape, chunk, dtype):
+    """A stabilized chunk (SPAM's spike clipping: 13 B per element; Stable-SPAM's AdaClip: 5, and its 0-d statistics)
+    beside the gradient chunk's copy, then the rule's direction beside the stabilized chunk: the larger, not the sum."""
+    reported, traced = _per_param(name, shape, dtype, chunk, steps=3, lr=1e-3, **hp)
+    assert reported == traced

@@ -55,6 +55,15 @@ class Stabilizer:
         ``numel`` elements, the transformed gradient included."""
         return 0
 
+    def chunk_bytes(self, numel: int, group: dict[str, Any], bounds: list[tuple[int, int]],
+                    device: torch.device) -> tuple[int, int]:
+        """``(transient, kept)`` of the engine's chunked step in ``bounds`` for a chunk of ``numel`` elements:
+        :meth:`transient` of :meth:`prepare` and one :meth:`transform_chunk` (the result included, the gradient
+        chunk's float32 copy not: the engine's), and the bytes of :meth:`prepare`'s context alive through every
+        chunk's step (the engine's ``_param_transient_bytes`` counts it beside the rule's direction too).
+        Default: :meth:`transient_bytes` and nothing kept."""
+        return self.transient_bytes(numel, group), 0
+
     # ---- the multi-tensor step (whole tensors of one foreach bucket) ----
 
     def transform_many(self, grads: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any], t: int,
@@ -188,9 +197,13 @@ class SPAMStabilizer(Stabilizer):
         return S.spike_clip(g, _second_moment(moment, state, g, group), group["threshold"])
 
     def transient_bytes(self, numel, group):
-        """Spike clipping: ``v`` decoded (float32), the bound, ``g^2``, ``theta v``, ``sign(g)`` and
-        the result alive together at most: 6 float32 tensors (measured)."""
-        return 24 * numel if group["threshold"] > 0 else 0
+        """Spike clipping (:func:`~lowmem.optim.functional.spam.spike_clip`), exact on a float32 second moment:
+        the bound ``sqrt(theta v)`` beside ``g^2``, ``theta v`` and their boolean mask, then beside the mask,
+        ``sign(g)`` and ``sign(g) bound``, then the result: 13 bytes per element (the gradient chunk's float32
+        copy is the engine's). A second moment that is not float32 (a low-precision ``state_dtype``) adds its
+        float32 copy, 4 more, alive through the clip. (24, "6 float32 tensors, measured", before 2026-11-30:
+        a traced 64 x 24 step in chunks of 600 holds 7,800 B, 13 per element.)"""
+        return 13 * numel if group["threshold"] > 0 else 0
 
 
 #: Stable-SPAM's chunked step on the CPU: a chunk of at least this many elements whose own ``max|g|`` is
@@ -298,6 +311,15 @@ class StableSPAMStabilizer(Stabilizer):
         gradient, 8). It was 16 (four float32 temporaries) before issue 15's in-place AdaClip."""
         return 9 * numel
 
+    def chunk_bytes(self, numel, group, bounds, device):
+        """The chunked step, exact: :meth:`prepare`'s norm pass or a chunk's AdaClip, ``|g|`` written into the
+        result and its boolean mask (5 bytes per element; a low-precision chunk's float32 copy is the engine's)
+        beside the 0-d statistics (the running ``max|g|``, a chunk's, the bound, the squared norms' sum and a
+        chunk's norm: 16 B at most) and, on the CPU with chunks of :data:`CLEAN_CHUNK_MIN` or more, every
+        chunk's ``max|g|`` (4 B each); kept through the chunks: ``max|g|``, the bound and AdaGN's factor (12)."""
+        maxima = 4 * len(bounds) if device.type == "cpu" and any(b - a >= CLEAN_CHUNK_MIN for a, b in bounds) else 0
+        return 5 * numel + 16 + maxima, 12
+
 
     def transform_many(self, grads, states, group, t, moment):
         """AdaClip and AdaGN of whole tensors at once (issue 15), the tensors of one size stacked into a
@@ -399,6 +421,12 @@ class RestartBiasCorrection(MomentRule):
         # the multi-tensor step: the inner rule's, at the restarted step count (a bucket shares t)
         self.foreach_decays_after = inner.foreach_decays_after
         self.foreach_step_lr = inner.foreach_step_lr
+        # the chunked step's direction is the inner rule's (a new tensor for AdamW: the engine's
+        # _param_transient_bytes then counts the parameter chunk's copy beside it alone)
+        self.chunk_direction_is_new = inner.chunk_direction_is_new
+        # its buckets are the inner rule's multi-tensor step: torch's fused AdamW kernel for AdamW (its 0-d step
+        # count, the engine's _fused_step_bytes)
+        self.foreach_uses_fused_kernel = getattr(inner, "foreach_counts_outside", False)
 
     def init_state(self, state, shape, group, param):
         self.inner.init_state(state, shape, group, param)
