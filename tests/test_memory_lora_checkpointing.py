@@ -46,14 +46,21 @@ def _ratio(name: str, dtype: str, r: int) -> tuple[float, object]:
 
 
 def _assert_within(ratio: float, m) -> None:
-    # never under (a low estimate makes runs that do not fit), at most 3% over
-    assert 1.0 <= ratio <= 1.03, f"estimate / measured activations {ratio:.4f}\n{m.table()}"
+    # never under (a low estimate makes runs that do not fit) but by what the activations' estimate does not hold by
+    # design: the loss's int64 labels and scalars (8 B per token + 8; the total holds them in its batch inputs) and the
+    # checkpoints' int64 position ids (8 B per position); at most 3% over
+    tokens, seq = 2 * 64, 64
+    under = m.measured["activations"] - m.estimate.activations
+    assert under <= 8 * tokens + 8 + 8 * seq and ratio <= 1.03, f"estimate / measured activations {ratio:.4f}\n{m.table()}"
 
 
 @pytest.mark.parametrize("dtype,r", [("fp32", 8), ("bf16", 16)])
 def test_llama_formula_counts_the_recomputed_layers_output_gradient(dtype, r):
     """The Llama formula's checkpointed layer moment (:func:`recomputed_layer_correction`): bf16 0.982 of the measured
-    activations without the output's gradient, fp32 1.031 with it but with the upcast counted beside the checkpoint."""
+    activations without the output's gradient, fp32 1.031 with it but with the upcast counted beside the checkpoint.
+    bf16 r=16 read 0.9977 once the rotary tables were counted once per batch (ad1b532): the peak is the recomputation's
+    forward at peft's adapted linear (:func:`recomputed_layer_bytes`), now counted: exact but the labels and position
+    ids (tests/test_estlora_recompute.py for more shapes)."""
     ratio, m = _ratio("llama", dtype, r)
     assert "traced on fake tensors" not in " ".join(m.estimate.notes)  # the formula, not the trace
     _assert_within(ratio, m)

@@ -53,6 +53,10 @@ class LoraShape:
     rank: int
     adapter_bytes: int
     dropout: float = 0.0
+    #: the adapted linear's name in its block (``q_proj``, ..., ``down_proj``; ``""``: not one of :data:`LINEARS`) and
+    #: its output features (0: unknown), for the checkpointed layer's recomputation (:func:`recomputed_layer_bytes`)
+    name: str = ""
+    out_features: int = 0
 
 
 def llama_activation_bytes(
@@ -162,21 +166,33 @@ def llama_activation_bytes(
     if head_parts is not None:
         head.update(logits=head_parts["logits"], loss_backward=head_parts["loss_backward"])
     # the final RMSNorm's backward (after the loss's tensors are freed) forms float32 temporaries of the hidden states:
-    # 3, and the upcast incoming gradient when the activations are not float32 (measured: 3.0 fp32, 3.8-3.9 bf16)
-    head["norm_backward"] = max(0, tokens * h * (12 + 4 * (e != 4)) - head["logits"] - head["loss_backward"])
+    # with a trainable weight 3, and the upcast incoming gradient when the activations are not float32 (measured: 3.0
+    # fp32, 3.8-3.9 bf16); with a frozen one (LoRA) NORM_BACKWARD_TEMPS in both (every live storage at the peak, llama
+    # h=128-256, LoRA q/v and all-linear, 2 x 64: fp32 and bf16 alike; 3 / 4 counted, the estimate 0.97 / 0.96 of the
+    # measured activations once the adapters' uncast inputs were no longer counted as saved)
+    norm_temps = (3 + (e != 4)) if trainable_norms else NORM_BACKWARD_TEMPS
+    head["norm_backward"] = max(0, tokens * h * 4 * norm_temps - head["logits"] - head["loss_backward"])
     # the output head's backward (before the final norm's: the loss's tensors freed) forms its weight's gradient beside
     # the logits' gradient and its input's (head_moment_bytes)
     if head_parts is None:
         head["head_backward"] = max(0, head_moment_bytes(tokens, V, h, e, head_bytes or e, head_grad_bytes)
                                     - head["logits"] - head["loss_backward"] - head["norm_backward"])
+    layer_lora: dict[str, LoraShape] = {}  # one layer's adapted linears by name
+    for m in lora_layers:
+        if m.name in LINEARS and m.out_features:
+            layer_lora.setdefault(m.name, m)
     if gradient_checkpointing:
         # each layer keeps its input; in the backward pass one layer at a time is recomputed,
         # after the head's tensors are freed: the peak is the larger of the two moments. The backward through the
         # recomputed layer holds, beside its tensors, the gradients of the MLP's gate and up outputs (2 e i per token;
         # measured 1154-3045 elements per token for i=688-1376, h=256-512, fp32 and bf16)
-        gates = tokens * (per_layer + lora_per_layer + 2 * e * i + recomputed_layer_correction(h, e))
-        # and before them, the down_proj weight's gradient being formed (down_proj_moment_bytes)
-        one_layer = max(gates, gates + down_proj_moment_bytes(tokens, i, e, down_grad_bytes))
+        # (and the gradient of the product, e i, when down_proj saved no input: otherwise its backward freed the product)
+        gates = tokens * (per_layer + lora_per_layer + 2 * e * i + e * i * ("down_proj" not in saves)
+                          + recomputed_layer_correction(h, e))
+        # and before them, the down_proj weight's gradient being formed (down_proj_moment_bytes), and before any of its
+        # gradients, its recomputation at an adapted linear (peft's float32 temporaries: recomputed_layer_bytes)
+        recompute = tokens * recomputed_layer_bytes(h, i, a, kv * d, d, e, layer_lora, saves, trainable_norms)
+        one_layer = max(gates, gates + down_proj_moment_bytes(tokens, i, e, down_grad_bytes), recompute)
         layers = tokens * L * e * h + max(0, one_layer - sum(head.values()))
         lora = 0
     else:
@@ -188,7 +204,17 @@ def llama_activation_bytes(
         lora = tokens * lora_per_token
         # (or before them, beside the layer's incoming gradient, the down_proj weight's gradient being formed)
         down = tokens * e * (h + i) + down_grad_bytes if down_grad_bytes else 0
-        head["layer_backward"] = max(0, max(tokens * 2 * e * i, down) - sum(head.values()))
+        # (the gradient of the MLP's product beside them when down_proj saved no input: its backward frees no product),
+        # and the gradient of the layer's output (the final norm's tensors are freed by then: llama fp32 h=128, LoRA
+        # q/v, 2 x 64: 0.973 of the measured activations without these two, the peak at that moment)
+        gate_grads = tokens * (e * i * (2 + ("down_proj" not in saves)) + e * h)
+        head["layer_backward"] = max(0, max(gate_grads, down) - sum(head.values()))
+        # the last layer's forward at an adapted linear (peft's temporaries: recomputed_layer_bytes(forward=True)),
+        # beside every earlier layer's tensors, the embeddings' output and the last layer's input (held by Python)
+        last = recomputed_layer_bytes(h, i, a, kv * d, d, e, layer_lora, saves, trainable_norms, forward=True)
+        if last:
+            ahead = tokens * (last + e * h * (1 + (L > 1)) - per_layer - lora_per_layer)
+            head["layer_forward"] = max(0, ahead - sum(head.values()))
     # the rotary tables: cos and sin of the position ids' shape (transformers' default ids are (1, s), shared by the
     # batch; measured at b = 2, 4: the activations (b - 1) 2 s d e under the per-token count, ESTFIX)
     rope_positions = tokens if position_ids_per_sequence else seq_len
@@ -197,13 +223,15 @@ def llama_activation_bytes(
     if gradient_checkpointing:  # the two moments of the checkpointed backward (not in the total: it holds the larger)
         parts["checkpoint_head"], parts["checkpoint_layer"] = sum(head.values()), one_layer
         parts["checkpoint_layer_gates"] = gates
+        parts["checkpoint_layer_recompute"] = recompute
     else:  # the backward's moments after the loss's (not in the total: it holds the largest), for the gradients then live
         rest = layers + lora + parts["rope"]
-        parts["norm_moment"] = rest + head["final_norm"] + tokens * h * (12 + 4 * (e != 4))
+        parts["norm_moment"] = rest + head["final_norm"] + tokens * h * 4 * norm_temps
         # the output head's weight gradient complete (layerwise: its step): autograd runs a leaf's AccumulateGrad before
         # the next backward node, so the final norm's backward temporaries are not made yet; the head's backward has
         # freed its saved input and made its input's gradient, the same e h per token (``final_norm`` holds it)
         parts["head_step_moment"] = rest + head["final_norm"]
+        # (without the gradient of the layer's output and the product's, which layer_backward counts: FOUND_ESTLORA 1)
         parts["last_layer_moment"] = rest + tokens * 2 * e * i
         parts["last_layer_down_moment"] = rest + down
     return parts
@@ -248,6 +276,90 @@ def recomputed_layer_correction(hidden: int, act_bytes: int) -> int:
     4 x 64): fp32 29,978 B per token, bf16 16,538, bf16 with LoRA r=8 (float32 adapters) 24,762; the formula without
     this term 30,360, 16,216 (0.980 of the measured activations), 24,312 (0.982), with it 30,360, 16,728, 24,824."""
     return act_bytes * hidden - 4 * hidden * (act_bytes == 4)
+
+
+#: float32 hidden-sized temporaries of a frozen RMSNorm's backward (its ``pow``, ``mul`` and ``div`` results and the
+#: float32 incoming gradient; measured fp32 and bf16, llama h=128-256 under LoRA: 5): the final norm's, and a
+#: recomputed layer's post-attention norm's
+NORM_BACKWARD_TEMPS = 5
+
+
+def recomputed_layer_bytes(hidden: int, intermediate: int, heads: int, kv_dim: int, head_dim: int, act_bytes: int,
+                           lora: dict[str, LoraShape], saved_inputs: set[str] | frozenset[str],
+                           trainable_norms: bool, forward: bool = False) -> int:
+    """Bytes per token the checkpointed last layer's recomputation holds beside the checkpoints at its largest moment:
+    its post-attention RMSNorm's backward (the layer's attention tensors, the layer's output gradient and
+    :data:`NORM_BACKWARD_TEMPS` float32 temporaries) or peft's forward of an adapted linear (``base(x) + lora_B(lora_A(dropout(x))) * scaling``, then the cast back to the
+    base result's dtype), before any of that layer's gradients is formed. ``lora``: the layer's adapted linears by
+    name (:data:`LINEARS`); the moment of each in forward order is
+
+    * the recomputed layer's tensors saved so far: each RMSNorm's ``rsqrt`` (4 B) and float32 upcast (``4 h`` when the
+      activations are not float32: otherwise the upcast is the norm's input itself), the normalized value when the
+      norm trains (``e h``), each adapted linear's saved adapter tensors (its input cast to the adapter's dtype
+      ``in a``, when that differs from ``e``, and the rank-``r`` output ``r a``), the rotated queries and keys, the
+      values, the kernel's output and log-sum-exp, the MLP's gate, ``silu(gate)`` and up outputs (``e i`` each);
+    * what the layer's Python code holds without autograd saving it: the input norm's output (``e h``, until the
+      values), the residual after the attention and the second norm's output (``e h`` each, through the MLP: the MLP's
+      argument), the MLP's product (``e i``, the ``down_proj`` input);
+    * the adapted linear's own temporaries: the base result (``e out``), ``lora_B``'s output and its product with
+      ``scaling`` (or that product and the sum with the base result): ``(e + 2 a) out``. At ``down_proj``, the last
+      linear, the non-reentrant checkpoint stops the recomputation when ``lora_B`` saves its input, before its output:
+      the base result and the adapter's saved tensors only;
+    * the backward's tensors then live (measured, not derived: every storage live at the moment): the gradient of the
+      layer's output and the final norm's backward's, ``2 e h``, and in bf16 / fp16 that backward's float32 gradient of
+      its input, ``4 h``.
+
+    ``forward``: the layer's own forward instead (no checkpointing: the last layer's, beside every earlier layer's
+    tensors), which holds no gradient, has no norm backward and runs ``down_proj`` to its end.
+
+    Measured (every live storage at the step's peak, llama 2 layers, 2 x 64 tokens, LoRA all-linear: bf16 h=256, i=344,
+    r=8, the peak at ``up_proj``'s moment, 17,832 B per token = this count; the gate and up gradients' moment of the
+    formula without it: 16,768 B, the estimate 0.956 of the measured activations)."""
+    h, i, e = hidden, intermediate, act_bytes
+    outs = {"q_proj": heads * head_dim, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": h,
+            "gate_proj": i, "up_proj": i, "down_proj": h}
+
+    def kept(name: str) -> int:  # the adapter's tensors the recomputation saves
+        m = lora.get(name)
+        if m is None:
+            return 0
+        cast = m.adapter_bytes != e or m.dropout > 0
+        return m.rank * m.adapter_bytes + m.in_features * m.adapter_bytes * cast + m.in_features * (m.dropout > 0)
+
+    def input_saved(names: tuple[str, ...]) -> bool:  # one of these linears saves its input itself (not a cast copy)
+        return any(n in saved_inputs and (n not in lora or not (lora[n].adapter_bytes != e or lora[n].dropout > 0))
+                   for n in names)
+
+    def moment(name: str, held: int) -> int:
+        m = lora[name]
+        temporaries = e * outs[name] + (2 * m.adapter_bytes * outs[name] if name != "down_proj" or forward else 0)
+        return saved + kept(name) + held + temporaries + forward_gradients
+
+    norm = 4 * h * (e != 4) + 4 + e * h * trainable_norms
+    forward_gradients = 0 if forward else 2 * e * h + 4 * h * (e != 4)  # the backward's, live through the recomputation
+    moments = []
+    saved = norm  # the input norm's
+    for name in ("q_proj", "k_proj", "v_proj"):
+        if name in lora:
+            moments.append(moment(name, e * h))
+        saved += kept(name) + e * outs[name]  # (the queries and keys replaced by their rotations, the same size)
+    saved += e * heads * head_dim + 4 * heads + e * h * input_saved(("q_proj", "k_proj", "v_proj"))  # kernel output, lse
+    if "o_proj" in lora:
+        moments.append(moment("o_proj", 0))
+    saved += kept("o_proj") + norm  # then the residual after the attention and the second norm's output, held
+    # the second norm's backward (the MLP's tensors freed): its float32 temporaries beside the layer's output gradient
+    # (float32 activations: the residual is the norm's saved upcast)
+    if not forward:
+        moments.append(saved + e * h * (e == 4) + e * h + NORM_BACKWARD_TEMPS * 4 * h)
+    for name in ("gate_proj", "up_proj"):
+        if name in lora:
+            moments.append(moment(name, 2 * e * h))
+        saved += kept(name) + e * i * (2 if name == "gate_proj" else 1)  # gate and silu(gate); up
+    mlp_input_saved = input_saved(("gate_proj", "up_proj"))
+    saved += e * h * mlp_input_saved
+    if "down_proj" in lora:  # the residual, the MLP's input (its argument) unless saved, the product
+        moments.append(moment("down_proj", e * h + e * h * (not mlp_input_saved) + e * i))
+    return max(moments, default=0)
 
 
 #: TRL 1.16's fused LM head (``trl.kernels.ChunkedLogProbFunction``): tokens per tile row block, and the tile width

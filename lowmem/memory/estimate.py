@@ -1318,13 +1318,19 @@ def estimate_memory(
         for name, mod in meta.named_modules():
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
                 a = mod.lora_A["default"]
-                lora_layers.append(LoraShape(a.in_features, a.out_features, a.weight.element_size(), float(lcfg.lora_dropout or 0.0)))
+                lora_layers.append(LoraShape(a.in_features, a.out_features, a.weight.element_size(), float(lcfg.lora_dropout or 0.0),
+                                             name.rsplit(".", 1)[-1], mod.lora_B["default"].out_features))
     saved_inputs, norms_train = set(), False
     for name, mod in meta.named_modules():  # layer 0 stands for all layers
         leaf = name.rsplit(".", 1)[-1]
         if ".layers.0." not in f"{name}.":
             continue
-        if leaf in LINEARS and (hasattr(mod, "lora_A") or getattr(getattr(mod, "weight", None), "requires_grad", False)):
+        # a linear saves its input for its weight's gradient, or for its adapter's when peft hands the adapter that
+        # input itself: an adapter of another dtype (float32 in a bf16 model) or with dropout saves its own copy
+        # (LoraShape), and the input is freed once the forward has used it
+        adapter = mod.lora_A["default"] if hasattr(mod, "lora_A") and "default" in mod.lora_A else None
+        direct = adapter is not None and adapter.weight.element_size() == act_bytes and not float(lcfg.lora_dropout or 0.0)
+        if leaf in LINEARS and (direct or getattr(getattr(mod, "weight", None), "requires_grad", False)):
             saved_inputs.add(leaf)
         if leaf.endswith("layernorm") and mod.weight.requires_grad:
             norms_train = True
@@ -1416,7 +1422,9 @@ def estimate_memory(
             checkpoints = tokens * config.num_hidden_layers * act_bytes * config.hidden_size
             gates = parts["checkpoint_layer_gates"]
             moments = [checkpoints + gates + parts["rope"]]
-            first = tokens * act_bytes * config.hidden_size + gates  # its checkpoint, recomputed
+            # its checkpoint, recomputed: its MLP's gate and up gradients, or before them its recomputation's largest
+            # moment (activations.recomputed_layer_bytes: peft's temporaries at an adapted linear, its norm's backward)
+            first = tokens * act_bytes * config.hidden_size + max(gates, parts.get("checkpoint_layer_recompute", 0))
         else:
             moments = [parts["norm_moment"], parts["last_layer_moment"]]
             first = (parts["layers"] + parts["lora"]) // max(config.num_hidden_layers, 1) + 2 * tokens * act_bytes * config.intermediate_size
