@@ -128,3 +128,25 @@ def test_stabilized_chunks_are_counted_phase_by_phase(name, hp, shape, chunk, dt
     beside the gradient chunk's copy, then the rule's direction beside the stabilized chunk: the larger, not the sum."""
     reported, traced = _per_param(name, shape, dtype, chunk, steps=3, lr=1e-3, **hp)
     assert reported == traced
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,rank", [((48, 24), 4), ((24, 48), 8)])
+def test_online_pca_reports_no_refresh_after_its_first_svd(shape, rank, dtype):
+    """Online Subspace Descent's basis is an SVD at the first step only (then learned online: refresh_due): once it
+    is made the per-parameter report is the traced plain step, not the SVD's bound (20,736 B for 48 x 24 before)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape).to(dtype))
+    opt = create_optimizer([p], "osd_adamw", rank=rank, proj_lr=0.01)
+    opt.chunk_numel = 600
+    group = opt.param_groups[0]
+    opt.materialize_state()
+    fresh = opt._param_transient_bytes(p, group, opt.state[p])  # (its first step: the SVD)
+    traced = []
+    for _ in range(4):
+        g = torch.randn(shape).to(dtype)
+        with _RealLive() as t:
+            opt.step_param(p, g)
+        traced.append(t.peak)
+    reported = opt._param_transient_bytes(p, group, opt.state[p])
+    assert reported == max(traced[1:]) < fresh

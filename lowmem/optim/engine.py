@@ -1335,8 +1335,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
         """The transient terms of projected ``p``'s step (:class:`_ProjectedBytes`): stepped alone
         (:meth:`_update`), or its phases on the multi-tensor path (:meth:`_low_bucket_bytes`);
-        ``steady``: of a step without a refresh (:meth:`_hold_budget`)."""
+        ``steady``: of a step without a refresh (:meth:`_hold_budget`); also when the projection refreshes this
+        parameter's basis no more (:meth:`~lowmem.optim.subspace.Projection.refreshes_again`: Online Subspace
+        Descent's basis, learned online after its first SVD; before 2026-11-30 every report held that SVD,
+        osd_adamw's 48 x 24 weight 20,736 B for a traced 3,912)."""
         r, P = self.recipe, self.recipe.projection
+        steady = steady or not P.refreshes_again(state, group)
         lowp = p.dtype != torch.float32
         stab = sum(s.transient_bytes(p.numel(), group) for s in r.stabilizers)
         copies = 4 * p.numel() * lowp  # float32 copy of the gradient

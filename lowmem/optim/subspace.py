@@ -85,6 +85,11 @@ class Projection:
         gap = group["update_proj_gap"]
         return (t - 1) % gap == 0
 
+    def refreshes_again(self, state: dict[str, Tensor], group: dict[str, Any]) -> bool:
+        """Whether a later step may still refresh this parameter's basis (:meth:`refresh_due`); ``False`` lets the
+        engine's ``step_transient_bytes()`` leave the refresh phase out. Default: always."""
+        return True
+
     def refresh(self, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], checked: bool = False) -> bool:
         """Recompute the basis from gradient ``g`` in place; return ``False`` if it was skipped.
         ``checked``: ``g`` is known usable (:meth:`refresh_checks_usable`; the engine read it with its
@@ -368,6 +373,16 @@ class SubspaceProjection(Projection):
         if self.method(group) == "online_pca":
             return False  # learned online after the first SVD
         return (t - 1 - phase) % group["update_proj_gap"] == 0
+
+    def refreshes_again(self, state, group):
+        """``online_pca`` refreshes (an SVD) only until its first refresh (:meth:`refresh_due`); other methods on
+        their schedule. A state holding no values (meta or fake: the estimator's) or not made yet: may refresh."""
+        if self.method(group) != "online_pca":
+            return True
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        meta = state.get("proj_meta")
+        return meta is None or meta.device.type != "cpu" or isinstance(meta, FakeTensor) or _meta(state)[2] == 0
 
     def refresh_checks_usable(self, group):
         return self.method(group) in DATA_DEPENDENT
