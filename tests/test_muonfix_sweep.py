@@ -3,17 +3,21 @@ mixed model (an embedding, two linears with biases, a LayerNorm, an untied head;
 and mixed (two weights bfloat16), with a chunk (600 elements) that splits the weights, foreach on and off.
 
 Every dispatched output on a real device is traced (``_AllLive`` without the meta tensors some steps make to read a
-layout); steps 2 to 6 (the first makes the codecs' tables the rules keep for the process, ``cached_bytes``; step 6
+layout, and with an ``out=`` keyword's tensor taken as an input: written, not new); steps 2 to 6 (the first makes the codecs' tables the rules keep for the process, ``cached_bytes``; step 6
 refreshes the projected recipes' bases, ``update_proj_gap=5``). The report leaves out what no tensor holds: MKL's kept
 GEMM buffer (``_kept_gemm_bytes``), Muon's bf16 workspace and MKL's SVD buffers (their ``*_left_out`` contexts); torch's
 fused AdamW kernel's step count is counted kept and new (4 B each), the trace sees the new one at most.
 
 ``EXACT``: reported == traced in every configuration. The others are asserted never under the trace, except the
-known under-counts in ``UNDER`` (xfail, numbers in their reasons: /tmp/lm/FOUND_MUONFIX.md, files of other owners).
-Measured over-counts of the rest (2026-11-30): the projected recipes 15,264 B at the refresh (the SVD's bound,
-``svd_refresh_bytes``); subset-norm 2,300-4,800; adam_mini bf16 2,396; microadam 1,968-4,016; spam 6,600-11,404;
-stable_spam 172-7,184; galore_adafactor bf16 4,000-5,024. (frugal8bit: its embedding, stepped whole from its first
-piece, was counted beside the open projected bucket, 1,068 B over; the foreach buckets run after the projected ones.)"""
+known under-counts in ``UNDER`` (xfail, numbers in their reasons; none left since STEPCOUNT, 2026-11-30: AdaLomo's
+0-d step size, Adam-mini's chunked phases, BAdam's check of every gradient, and the 4-bit "under-count", which was
+this trace taking ``torch.amax(..., out=)``'s state for a new tensor). Measured over-counts of the rest (2026-11-30,
+after STEPCOUNT): the projected recipes 15,264 B at the refresh (the SVD's bound, ``svd_refresh_bytes``: LAPACK's
+workspace inside the kernel, real but not dispatched; galore_adafactor bf16's 4,000-5,024 is that bound over a
+higher traced phase); microadam 1,968-4,016 (not STEPCOUNT's file); stable_spam fp32 foreach 176 (its bucket's
+4 KiB statistics bound, ``transform_many_transient_bytes``); osd_adamw mixed foreach 2,620 (not analysed).
+(frugal8bit: its embedding, stepped whole from its first piece, was counted beside the open projected bucket,
+1,068 B over; the foreach buckets run after the projected ones.)"""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ EXACT = {"adafactor", "adagrad_sn", "adalomo", "adam_mini", "adamw", "adamw4bit"
          "adamw_sn", "apollo_adamw", "apollo_mini", "badam", "frugal", "frugal8bit", "lion", "lion8bit", "lomo",
          "muon", "scale", "sinkgd", "spam"}
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
-UNDER = {  # (name, dtype, path): why and by how much (other owners' files: /tmp/lm/FOUND_MUONFIX.md)
+UNDER: dict[tuple[str, str, str], str] = {  # (name, dtype, path): why and by how much (none since STEPCOUNT)
 }
 NAMES = [e.name for e in optimizer_entries() if not e.name.startswith("bnb_")]
 
