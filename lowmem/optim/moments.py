@@ -74,7 +74,8 @@ class MomentRule:
     #: copies of a low-precision parameter's gradient and parameter chunks itself, phase by phase: the engine then
     #: calls it with ``copy=`` (4 bytes per element for such a parameter, 0 otherwise) and adds no copies of its own
     #: (``_param_transient_bytes``; Muon: its Newton-Schulz phase holds no gradient chunk, a batch's iterate is
-    #: computed beside the block's gradient copy). Not with stabilizers (their chunks are counted by the engine).
+    #: computed beside the block's gradient copy; SinkGD, Adam-mini, Subset-Norm). Not with stabilizers (their
+    #: chunks are counted by the engine, phase by phase: ``Stabilizer.chunk_bytes``).
     chunk_counts_copies: bool = False
     #: A rule whose chunked step allocates other than :meth:`transient_bytes` of a chunk (the whole-tensor form: its
     #: direction and statistics of ``numel`` elements) gives ``chunk_transient_bytes(numel, shape, group, state)``,
