@@ -103,8 +103,9 @@ def test_nesterov_matrix_takes_the_buffers_layout_not_the_gradients():
 @pytest.mark.parametrize("foreach,chunk", PATHS, ids=[f"foreach={f}-chunk={c}" for f, c in PATHS])
 def test_a_channels_last_sinkgd_weights_step_allocates_what_it_reports(foreach, chunk):
     """SinkGD shares matrix_index: its whole step of a channels_last batch copied the whole gradient for each matrix
-    (traced 92,160 bytes for 50,336 reported on two [4, 3, 24, 40] weights). Its values follow the layout's reduction
-    order (within 1e-6 of the contiguous twin: tests/test_auditopt_robustness.py), not bit for bit as Muon's."""
+    (traced 92,160 bytes for 50,336 reported on two [4, 3, 24, 40] weights). Its values: bit for bit its contiguous
+    twin's when stepped whole (``chunk_numel=None``, since 9978fb7), within 2.4e-7 with a chunk (the twin takes the
+    chunked form): tests/test_muonfix_layouts.py."""
     gen = torch.Generator().manual_seed(2)
     ps = [nn.Parameter(_channels_last(torch.randn(4, 3, 12, 20, generator=gen))) for _ in range(2)]
     opt = create_optimizer(ps, "sinkgd", lr=1e-2, scale=0.5, sinkhorn_iters=3, foreach=foreach)
