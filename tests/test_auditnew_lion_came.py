@@ -198,6 +198,24 @@ def test_lion_float16_parameters_round_once_per_step(name, foreach):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_came_low_precision_parameters_step_within_one_rounding(dtype):
+    """float16 / bfloat16 parameters (float32 state): each of 6 steps, from lowmem's own weights, is the paper's step
+    rounded to the parameter's dtype, within 1 ulp (0 ulp measured) on a tall matrix, a 3-D stack and a vector."""
+    for i, shape in enumerate([(33, 5), (3, 6, 4), (7,)]):
+        gen = torch.Generator().manual_seed(20 + i)
+        p = nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
+        opt = lowmem.create_optimizer([p], "came", **CAME_HP)
+        st = {}
+        for g in grads_for(shape, 6, seed=30 + i, dtype=dtype):
+            start = p.detach().double().clone()
+            p.grad = g.clone()
+            opt.step()
+            want = ref_step("came", start, g.double(), st, CAME_HP).to(dtype).double()
+            ulp = torch.finfo(dtype).eps * want.abs().clamp(min=2.0**-14)
+            assert ((p.double() - want).abs() <= ulp).all(), shape
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. the peers on the shapes they were not compared on
 
@@ -222,13 +240,15 @@ def _run_pair(name, make_peer, shapes, dtype=torch.float32, steps=6, **hp):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lion_and_lion8bit_equal_bitsandbytes_on_expert_tall_wide_and_one_element(dtype):
-    """bitsandbytes 0.50.2 on the CPU, 6 steps with decay: ``Lion`` and ``Lion8bit`` (the 3-D expert stack of 4608
-    and the 5000-vector quantized) bit for bit, float32 and bfloat16 parameters (0.0 measured)."""
+    """bitsandbytes 0.50.2 on the CPU, 6 steps with decay: ``Lion`` and ``Lion8bit`` (the 3-D expert stack of 4608,
+    the 5000-vector and a 64 x 64 quantized, 4095 elements not) bit for bit, float32 and bfloat16 parameters (0.0
+    measured)."""
     bnb = pytest.importorskip("bitsandbytes")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, cls in (("lion", bnb.optim.Lion), ("lion8bit", bnb.optim.Lion8bit)):
-            for a, b in _run_pair(name, lambda ps, cls=cls: cls(ps, **LION_HP), PEER_SHAPES, dtype=dtype, **LION_HP):
+            shapes = PEER_SHAPES + [(4095,), (64, 64)]  # (either side of the 4096-element threshold)
+            for a, b in _run_pair(name, lambda ps, cls=cls: cls(ps, **LION_HP), shapes, dtype=dtype, **LION_HP):
                 assert torch.equal(a, b), (name, a.shape)
 
 
