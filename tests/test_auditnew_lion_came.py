@@ -753,3 +753,24 @@ def test_lowmem_training_arguments_map_the_hf_lion_names():
            for n in ("lion_32bit", "lion_8bit", "paged_lion_32bit", "paged_lion_8bit", "lion", "came")}
     assert got == {"lion_32bit": "lion", "lion_8bit": "lion8bit", "paged_lion_32bit": "bnb_paged_lion",
                    "paged_lion_8bit": "bnb_paged_lion8bit", "lion": "lion", "came": "came"}
+
+
+@pytest.mark.parametrize("field, value", [("adam_beta1", 0.8), ("adam_epsilon", 1e-3)])
+def test_trainer_adam_fields_that_cannot_apply_to_came_name_themselves(field, value):
+    """CAME's ``betas`` is a triple and its ``eps`` a pair: a set ``adam_beta1`` / ``adam_epsilon`` is refused naming the
+    TrainingArguments field and CAME's own setting (the defaults are left alone: CAME's own apply); Lion takes
+    ``adam_beta1`` / ``adam_beta2`` as its pair."""
+    from transformers import TrainingArguments
+
+    from lowmem.trainers import optimizer_cls_and_kwargs
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True, **{field: value})
+    with pytest.raises(ValueError, match=rf"{field}=.*'came'.*lowmem_optim_args"):
+        optimizer_cls_and_kwargs(model, "came", args=args)
+    _, kw = optimizer_cls_and_kwargs(model, "came", args=TrainingArguments(output_dir="unused", report_to=[],
+                                                                          use_cpu=True))
+    assert (kw["betas"], kw["eps"]) == ((0.9, 0.999, 0.9999), (1e-30, 1e-16))
+    if field == "adam_beta1":
+        _, kw = optimizer_cls_and_kwargs(model, "lion", args=args)
+        assert kw["betas"] == (0.8, 0.999)
