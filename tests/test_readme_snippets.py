@@ -335,3 +335,23 @@ def test_optimizer_table_papers_are_the_registered_references():
                 assert surname in ref and year in ref, (name, surname, year, ref[:120])
                 checked += 1
     assert checked >= 20  # 24 citations on 2026-11-30
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation but `-` and `_` dropped, spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    """Every relative link in README names an existing file, and its `#anchor` a heading of that file (or of
+    README itself): a renamed section must not leave the front page pointing nowhere."""
+    links = re.findall(r"\]\(([^)\s]+)\)", README.read_text())
+    relative = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert len(relative) >= 10
+    for link in relative:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else README
+        assert target.exists(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.MULTILINE)
+            assert anchor in {_slug(h) for h in headings}, link
