@@ -15,7 +15,7 @@ this trace taking ``torch.amax(..., out=)``'s state for a new tensor). Measured 
 after STEPCOUNT): the projected recipes 15,264 B at the refresh (the SVD's bound, ``svd_refresh_bytes``: LAPACK's
 workspace inside the kernel, real but not dispatched; galore_adafactor bf16's 4,000-5,024 is that bound over a
 higher traced phase); microadam 1,968-4,016 (not STEPCOUNT's file); stable_spam fp32 foreach 176 (its bucket's
-4 KiB statistics bound, ``transform_many_transient_bytes``); osd_adamw mixed foreach 2,620 (not analysed).
+4 KiB statistics bound, ``transform_many_transient_bytes``).
 (frugal8bit: its embedding, stepped whole from its first piece, was counted beside the open projected bucket,
 1,068 B over; the foreach buckets run after the projected ones.)"""
 
@@ -36,7 +36,7 @@ from lowmem.optim.registry import create_optimizer, optimizer_entries
 
 EXACT = {"adafactor", "adagrad_sn", "adalomo", "adam_mini", "adamw", "adamw4bit", "adamw4bit_rank1", "adamw8bit",
          "adamw_sn", "apollo_adamw", "apollo_mini", "badam", "frugal", "frugal8bit", "lion", "lion8bit", "lomo",
-         "muon", "scale", "sinkgd", "spam"}
+         "muon", "osd_adamw", "scale", "sinkgd", "spam"}
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
 UNDER: dict[tuple[str, str, str], str] = {  # (name, dtype, path): why and by how much (none since STEPCOUNT)
 }

@@ -150,3 +150,29 @@ def test_online_pca_reports_no_refresh_after_its_first_svd(shape, rank, dtype):
         traced.append(t.peak)
     reported = opt._param_transient_bytes(p, group, opt.state[p])
     assert reported == max(traced[1:]) < fresh
+
+
+@pytest.mark.parametrize("first", [torch.bfloat16, torch.float32], ids=["bf16-first", "fp32-first"])
+def test_a_projected_bucket_that_cannot_fold_counts_each_combine_back_alone(first, monkeypatch):
+    """A projected bucket with a bfloat16 member is not folded (``_fold_low_bucket``): every member, its float32 ones
+    too, is combined back alone, and counted so (``back_alone``), not as its share of a fold."""
+    import lowmem.optim.functional.adam as FA
+
+    monkeypatch.setattr(FA, "FUSED_ON_CPU", True)
+    FA.clear_step_tensors()
+    torch.manual_seed(0)
+    other = torch.float32 if first is torch.bfloat16 else torch.bfloat16
+    ps = [torch.nn.Parameter(torch.randn(48, 24).to(first)), torch.nn.Parameter(torch.randn(24, 48).to(other))]
+    opt = create_optimizer(ps, "osd_adamw", rank=4, proj_lr=0.01)
+    opt.chunk_numel = 600
+    gen = torch.Generator().manual_seed(1)
+    traced = 0
+    for step in range(4):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        with _RealLive() as t:
+            opt.step()
+        traced = max(traced, t.peak) if step else 0  # (the first step's SVD: not again)
+    reported = opt.step_transient_bytes() - opt._kept_gemm_bytes()
+    steps = opt._fused_step_bytes()
+    assert reported - 2 * steps <= traced <= reported - steps, (reported, traced)

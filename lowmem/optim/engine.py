@@ -573,7 +573,7 @@ class _ProjectedBytes(NamedTuple):
     project-down to its bucket's end beyond the direction (Adafactor's 0-d learning rate,
     :meth:`~lowmem.optim.moments.MomentRule.direction_bytes`); ``shape``, the parameter's; ``bounds``, the row
     blocks its combine-back visits; ``folds``, whether the engine may fold its bucket's combine-back
-    (:meth:`LowMemOptimizer._fold_low_bucket`: float32, a float learning rate)."""
+    (:meth:`LowMemOptimizer._fold_low_bucket`: float32, a float learning rate); ``back_alone``, below."""
 
     numel: int
     held: int
@@ -586,6 +586,9 @@ class _ProjectedBytes(NamedTuple):
     shape: torch.Size = torch.Size()
     bounds: list | None = None
     folds: bool = False
+    #: its combine-back alone (:func:`~lowmem.optim.subspace.projected_back_bytes`) where ``back`` is its share of a
+    #: folded bucket's: a bucket with a member that cannot fold combines every member back alone (``None``: ``back``)
+    back_alone: int | None = None
 
 
 def _as_allocated(v: Tensor, like: Tensor | None, device: Any) -> Tensor:
@@ -1259,8 +1262,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 post = P.foreach_post_update_bytes(folded, group, self._pre_check_bytes()[1] > 0)
                 return max(worst, alive + 4 * numel + fold, alive + post)
         alive += 4 * numel  # the directions, float32 of the projected gradients' sizes
+        # (a bucket with a member that cannot fold, e.g. a bfloat16 one: every member combined back alone,
+        # _fold_low_bucket; before 2026-11-30 a float32 member's share of a fold was counted, osd_adamw's mixed
+        # tiny model 12,300 B reported for 9,676 traced)
+        alone = not all(b.folds for b in items)
         for b in items:
-            worst = max(worst, alive + b.back)
+            worst = max(worst, alive + (b.back_alone if alone and b.back_alone is not None else b.back))
             alive -= 8 * b.numel + b.held  # (the bucket's step sizes stay until its end)
         return worst
 
@@ -1381,8 +1388,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # (whether the rule folds its bucket: False, each parameter combined back alone; None, not known)
         bounds = self._row_bounds(p.shape, chunk) if chunk is not None else [(0, p.shape[0])]
         offered = r.combine.foreach_fold_offered([(p.shape, low_shape, state, bounds)], group, P) if folds else False
+        back_alone = None
         if fold is not None:
-            back = fold + extra
+            back, back_alone = fold + extra, projected_back_bytes(self, p, group, state)
         elif offered is False:
             back = projected_back_bytes(self, p, group, state)
         folds = folds and offered is True  # (its bucket's fold counted by the rule: foreach_fold_bytes)
@@ -1394,9 +1402,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if chunk is None:
             held = copies + p_copy
             return _ProjectedBytes(numel, held, held + max(refresh, P.down_bytes(p.shape, group)), back, alone,
-                                   low_shape, state, step_size, p.shape, bounds, folds)
+                                   low_shape, state, step_size, p.shape, bounds, folds, back_alone)
         return _ProjectedBytes(numel, 0, max(refresh, down), back, alone, low_shape, state, step_size,
-                               p.shape, bounds, folds)
+                               p.shape, bounds, folds, back_alone)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as
