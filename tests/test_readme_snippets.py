@@ -257,10 +257,16 @@ def test_fsdp2_list_names_every_engine_optimizer():
 # ---- the optimizer table is what `lowmem list --shape llama-2-7b` computes ------------------------------------------
 
 
-def _optimizer_table() -> list[tuple[list[str], str, str]]:
-    """(names, state bytes/param cell, Llama-2-7B cell) of each row of README's optimizer table."""
-    text = README.read_text()
-    table = text[text.index("| name | paper |"):]
+GLANCE = ROOT / "docs" / "optimizers.md"  # its "At a glance" table: the same rows and state columns, longer text
+TABLES = [pytest.param(README, "| name | paper |", id="README"),
+          pytest.param(GLANCE, "| name | what (paper), checked against |", id="optimizers.md")]
+
+
+def _optimizer_table(path: Path = README, header: str = "| name | paper |") -> list[tuple[list[str], str, str]]:
+    """(names, state bytes/param cell, Llama-2-7B cell) of each row of README's optimizer table (or of
+    docs/optimizers.md's "At a glance")."""
+    text = path.read_text()
+    table = text[text.index(header):]
     rows = []
     for line in table.splitlines()[2:]:
         if not line.startswith("|"):
@@ -278,21 +284,23 @@ def _cell_numbers(cell: str, count: int) -> list[str | None]:
     return nums if len(nums) == count else [nums[0]] * count
 
 
-def test_optimizer_table_lists_every_optimizer():
+@pytest.mark.parametrize("path,header", TABLES)
+def test_optimizer_table_lists_every_optimizer(path, header):
     import lowmem
 
-    listed = [n for names, _, _ in _optimizer_table() for n in names]
+    listed = [n for names, _, _ in _optimizer_table(path, header) for n in names]
     assert sorted(listed) == lowmem.list_optimizers()
 
 
-def test_optimizer_table_bytes_per_param_is_lowmem_list():
+@pytest.mark.parametrize("path,header", TABLES)
+def test_optimizer_table_bytes_per_param_is_lowmem_list(path, header):
     """README's "state bytes/param, 4096x4096 weight" column (and each "(rank R)" it names) is `lowmem list`'s,
     sized by each optimizer on the meta device, to the digits README prints."""
     from lowmem.cli import LIST_SHAPE
     from lowmem.optim import bytes_per_param, get_entry
 
     assert LIST_SHAPE == (4096, 4096)
-    for names, cell, _ in _optimizer_table():
+    for names, cell, _ in _optimizer_table(path, header):
         for name, want in zip(names, _cell_numbers(cell, len(names))):
             if want is None:
                 assert get_entry(name).recipe is None, name  # only the bitsandbytes rows are not sized
@@ -307,11 +315,12 @@ def test_optimizer_table_bytes_per_param_is_lowmem_list():
 
 
 @pytest.mark.slow
-def test_optimizer_table_llama_state_is_lowmem_list():
+@pytest.mark.parametrize("path,header", TABLES)
+def test_optimizer_table_llama_state_is_lowmem_list(path, header):
     """The "Llama-2-7B state" column is `lowmem list --shape llama-2-7b` (10-20 s: 33 models on meta tensors)."""
     from lowmem.memory import state_bytes_at_scale
 
-    for names, _, cell in _optimizer_table():
+    for names, _, cell in _optimizer_table(path, header):
         for name, want in zip(names, _cell_numbers(cell, len(names))):
             got = state_bytes_at_scale(name, "llama-2-7b")["state_bytes"] / 2**30
             assert f"{got:.2f}" == want, (name, got, want)
