@@ -774,3 +774,23 @@ def test_trainer_adam_fields_that_cannot_apply_to_came_name_themselves(field, va
     if field == "adam_beta1":
         _, kw = optimizer_cls_and_kwargs(model, "lion", args=args)
         assert kw["betas"] == (0.8, 0.999)
+
+
+@pytest.mark.parametrize("src, dst, kw, says", [
+    ("lion", "came", {}, "no 'exp_avg_sq_row'"), ("came", "lion", {}, "settings ['clip_threshold', 'eps']"),
+    ("lion", "lion8bit", {}, "expected a torch.uint8 tensor"), ("lion8bit", "lion", {}, "['block_size', 'min_quant_size']"),
+    ("lion8bit", "lion8bit", {"block_size": 128}, "block_size=256 (this optimizer: 128)"),
+    ("lion", "adamw", {}, "no 'exp_avg_sq'")],
+    ids=["lion-came", "came-lion", "lion-lion8bit", "lion8bit-lion", "lion8bit-block128", "lion-adamw"])
+def test_a_checkpoint_of_another_optimizer_or_layout_is_refused_by_name(src, dst, kw, says):
+    """Loading lion <-> came <-> lion8bit <-> adamw checkpoints, or lion8bit's at another ``block_size``: a
+    ``ValueError`` naming the optimizer, the parameter / group and what differs, before any state changes."""
+    model = nn.Sequential(nn.Linear(80, 80), nn.Linear(80, 4))
+    opt = lowmem.create_optimizer(model, src)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    target = lowmem.create_optimizer(model, dst, **kw)
+    with pytest.raises(ValueError, match=rf"^{dst}: ") as e:
+        target.load_state_dict(opt.state_dict())
+    assert says in str(e.value) and not target.state
