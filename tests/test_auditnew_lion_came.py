@@ -757,8 +757,8 @@ def test_lowmem_training_arguments_map_the_hf_lion_names():
 
 @pytest.mark.parametrize("field, value", [("adam_beta1", 0.8), ("adam_epsilon", 1e-3)])
 def test_trainer_adam_fields_that_cannot_apply_to_came_name_themselves(field, value):
-    """CAME's ``betas`` is a triple and its ``eps`` a pair: a set ``adam_beta1`` / ``adam_epsilon`` is refused naming the
-    TrainingArguments field and CAME's own setting (the defaults are left alone: CAME's own apply); Lion takes
+    """CAME's ``betas`` is a triple and its ``eps`` a pair: a set ``adam_beta1`` / ``adam_epsilon`` is refused naming
+    the TrainingArguments field and CAME's own setting (the defaults are left alone: CAME's own apply); Lion takes
     ``adam_beta1`` / ``adam_beta2`` as its pair."""
     from transformers import TrainingArguments
 
@@ -778,7 +778,8 @@ def test_trainer_adam_fields_that_cannot_apply_to_came_name_themselves(field, va
 
 @pytest.mark.parametrize("src, dst, kw, says", [
     ("lion", "came", {}, "no 'exp_avg_sq_row'"), ("came", "lion", {}, "settings ['clip_threshold', 'eps']"),
-    ("lion", "lion8bit", {}, "expected a torch.uint8 tensor"), ("lion8bit", "lion", {}, "['block_size', 'min_quant_size']"),
+    ("lion", "lion8bit", {}, "expected a torch.uint8 tensor"),
+    ("lion8bit", "lion", {}, "['block_size', 'min_quant_size']"),
     ("lion8bit", "lion8bit", {"block_size": 128}, "block_size=256 (this optimizer: 128)"),
     ("lion", "adamw", {}, "no 'exp_avg_sq'")],
     ids=["lion-came", "came-lion", "lion-lion8bit", "lion8bit-lion", "lion8bit-block128", "lion-adamw"])
