@@ -436,6 +436,20 @@ class SubsetNormMoments(MomentRule):
         cols = shape[1]
         return max(copy * numel + 4 * numel + 8 * cols, held + 4 * cols + 4 * numel, 4 * cols + 4 * numel + copy * numel)
 
+    def whole_transient_bytes(self, shape, group, state):
+        """The step of the whole tensor (the engine's unchunked step; it adds the float32 copies of a low-precision
+        gradient and parameter), exact: :meth:`chunk_transient_bytes` of one chunk of every element, but one
+        statistic per column takes no pass of its own (``g^2`` and its column sums, then the denominators beside
+        the direction: ``m + 4 n + 4 C``). (:meth:`transient_bytes`, the bound it replaces here, counted 8 bytes
+        per element: 48 x 24 float32 9,216 for 4,800 traced.)"""
+        numel = math.prod(shape)
+        v = state.get("exp_avg_sq")
+        if v is None or len(shape) != 2 or _subset_layout(v, numel) != "column":
+            return self.chunk_transient_bytes(numel, shape, group, state)
+        m = state.get("exp_avg")
+        low_m = 4 * numel if m is not None and _low_precision(m) and self._beta1(group) != 0 else 0
+        return low_m + 4 * numel + 4 * shape[1]
+
 
 class SubspaceMomentumResidual(StateFreeResidual):
     """Subspace-Momentum's complement step (Section 4): FRUGAL's state-free rule on ``G - P P^T G``
