@@ -1,4 +1,5 @@
-"""bitsandbytes' fused blockwise 8-bit Adam step on lowmem's own 8-bit state (``adamw8bit``'s ``fused``).
+"""bitsandbytes' fused blockwise 8-bit Adam and Lion steps on lowmem's own 8-bit state (``adamw8bit``'s and
+``lion8bit``'s ``fused``).
 
 lowmem's 8-bit moments (:mod:`lowmem.optim.quantized`, ``M1_8BIT`` / ``M2_8BIT``) are bitsandbytes'
 blockwise format: ``uint8`` codes of the signed dynamic map for ``m`` and the unsigned one for ``v``
@@ -25,6 +26,25 @@ The step it computes (Dettmers et al. 2022, Section 2: dequantize, update, quant
   ``lr^2 wd |u|`` per step); its encoding is ``quantize_2D`` with a sign fix for ``m`` (a code can differ by
   one from ``quantize_blockwise``'s). Not run in a session without a GPU: tests/test_bnb_fused.py's CUDA
   test and ``lowmem/bench_gpu.py`` check it when one is lent.
+
+Lion (``lion8bit``, Chen et al. 2023 Algorithm 2; :func:`fused_lion8bit_step_`): one moment, ``m``'s
+signed-map codes and absmax as ``state1`` (``optimizer_update_8bit_blockwise("lion", ...)``, ``beta1``
+then ``beta2`` as ``bnb.optim.Lion8bit`` passes them; no second state, ``eps`` unused):
+
+* CPU: decode ``m``; ``p *= 1 - lr wd`` (for ``wd > 0``) *before* the update, as the engine;
+  ``p -= lr sign(beta1 m + (1 - beta1) g)`` (bitsandbytes computes ``m beta1 + g (1 - beta1)`` with two
+  ``mul`` and one ``add``, the engine ``mul`` then ``add(alpha=...)``: an exact tie at zero or a rounding of
+  the sum may differ, in practice equal); ``m = beta2 m + (1 - beta2) g`` (the engine's very operations),
+  encoded by ``quantize_blockwise``: bit for bit the engine's chunked ``lion8bit`` step
+  (tests/test_fusedlion_cpu.py). Temporaries: the decoded ``m``, ``g * gnorm_scale``, and
+  ``m beta1``, ``g (1 - beta1)`` and their sum alive at once: 20 B per value, 24 with a non-float32
+  parameter's float32 copy (:func:`fused_cpu_transient_bytes`, the same count as Adam's, traced).
+* CUDA (``kOptimizerStatic8bit1StateBlockwise``, ``LION``): in registers, no temporaries; decay
+  ``p *= 1 - lr wd`` before the update, as the CPU; the differences are the kernel's float arithmetic
+  (``s1 beta1 + (1 - beta1) g`` may be contracted to an FMA: a sign can differ where the sum is within a
+  rounding of zero), a bfloat16 / float16 parameter rounded after the decay and again after the update
+  (the CPU and the engine round once), and the encoding (``quantize_2D``-style code search: a code can
+  differ by one). Not run here: tests/test_fusedlion_cpu.py's CUDA test checks it when a GPU is lent.
 """
 
 from __future__ import annotations
@@ -40,8 +60,9 @@ from .hparams import HParam
 BNB_BLOCK_SIZE = 256  # bitsandbytes 0.50: BLOCKSIZE_2STATE (csrc/ops.cu), blocksize = 256 (backends/cpu/ops.py)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # cadam_8bit_blockwise_grad_{fp32,fp16,bf16}
 MAX_NUMEL = 2**31 - 1  # the kernel's element count is a c_int32
-# bitsandbytes' CPU op on n values: decoded m and v, g * gnorm_scale, and sqrt(v) with sqrt(v) / c2 alive
-# at once (20 B); a non-float32 parameter adds its float32 copy (4 B).
+# bitsandbytes' CPU op on n values: Adam's decoded m and v, g * gnorm_scale, and sqrt(v) with sqrt(v) / c2 alive
+# at once (20 B); Lion's decoded m, g * gnorm_scale, m * beta1, g * (1 - beta1) and their sum (20 B); a
+# non-float32 parameter adds its float32 copy (4 B).
 CPU_BYTES_PER_VALUE = 20
 CPU_BYTES_PER_VALUE_LOW_PRECISION = 24
 
@@ -52,7 +73,7 @@ def _fused_value(x: Any) -> bool:
 
 FUSED = HParam(
     "fused", None, _fused_value, "None, True or False",
-    "bitsandbytes' fused 8-bit Adam step: None where it applies (CUDA), True required (CPU: its CPU"
+    "bitsandbytes' fused 8-bit step (Adam, Lion): None where it applies (CUDA), True required (CPU: its CPU"
     " implementation), False never",
 )
 
@@ -67,8 +88,8 @@ def code_maps(device: str) -> tuple[Tensor, Tensor]:
 
 
 def fused_cpu_transient_bytes(numel: int, param_dtype: torch.dtype = torch.float32) -> int:
-    """Bytes bitsandbytes' CPU implementation allocates for a slice of ``numel`` values (see the module
-    docstring); the CUDA kernel allocates none."""
+    """Bytes bitsandbytes' CPU implementation allocates for a slice of ``numel`` values, Adam's or Lion's
+    (the same count, see the module docstring); the CUDA kernel allocates none."""
     return (CPU_BYTES_PER_VALUE if param_dtype == torch.float32 else CPU_BYTES_PER_VALUE_LOW_PRECISION) * numel
 
 
@@ -104,7 +125,7 @@ def use_fused(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, A
     if reason is None:
         return True
     if fused is True:
-        raise ValueError(f"fused=True: bitsandbytes' fused 8-bit Adam step does not apply: {reason}")
+        raise ValueError(f"fused=True: bitsandbytes' fused 8-bit step does not apply: {reason}")
     return False
 
 
@@ -120,17 +141,42 @@ def fused_adam8bit_step_(p: Tensor, g: Tensor, state: dict[str, Tensor], group: 
     import bitsandbytes.functional as bnbF
 
     beta1, beta2 = group["betas"]
-    b = BNB_BLOCK_SIZE
     n = p.numel()
     pflat, gflat = p.view(-1), g.view(-1)
     m, v = state["exp_avg"], state["exp_avg_sq"]
     am, av = state["exp_avg_absmax"], state["exp_avg_sq_absmax"]
-    size = n if chunk is None or p.device.type == "cuda" else max(b, chunk // b * b)
     lr_f, wd = float(lr), float(group.get("weight_decay", 0.0))
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        blocks = slice(start // b, -(-stop // b))
+    for start, stop, blocks in _slices(n, chunk, p.device):
         bnbF.optimizer_update_8bit_blockwise(
             "adam", gflat[start:stop], pflat[start:stop], m[start:stop], v[start:stop], float(beta1), float(beta2),
             0.0, 0.0, float(group["eps"]), int(t), lr_f, codes[0], codes[1], am[blocks], av[blocks], wd,
             gnorm_scale=1.0)
+
+
+def _slices(n: int, chunk: int | None, device: torch.device):
+    """``(start, stop, blocks)`` of the slices handed to bitsandbytes: the whole tensor on CUDA or for
+    ``chunk=None``, else ``chunk`` rounded down to whole blocks (at least one); ``blocks`` their absmax."""
+    b = BNB_BLOCK_SIZE
+    size = n if chunk is None or device.type == "cuda" else max(b, chunk // b * b)
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        yield start, stop, slice(start // b, -(-stop // b))
+
+
+def fused_lion8bit_step_(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: float,
+                         lr: float | Tensor, code: Tensor, chunk: int | None = None) -> None:
+    """One Lion step (Chen et al. 2023, Algorithm 2: decay, ``p -= lr sign(beta1 m + (1 - beta1) g)``,
+    ``m = beta2 m + (1 - beta2) g``) of ``p`` (any shape, contiguous) and its 8-bit momentum by
+    ``bitsandbytes.functional.optimizer_update_8bit_blockwise("lion", ...)``, in place: ``state["exp_avg"]``
+    (codes of the signed dynamic map ``code``) and ``state["exp_avg_absmax"]`` are its ``state1`` and
+    ``absmax1``. ``chunk``: as :func:`fused_adam8bit_step_`."""
+    import bitsandbytes.functional as bnbF
+
+    beta1, beta2 = group["betas"]
+    pflat, gflat = p.view(-1), g.view(-1)
+    m, am = state["exp_avg"], state["exp_avg_absmax"]
+    lr_f, wd = float(lr), float(group.get("weight_decay", 0.0))
+    for start, stop, blocks in _slices(p.numel(), chunk, p.device):
+        bnbF.optimizer_update_8bit_blockwise(
+            "lion", gflat[start:stop], pflat[start:stop], m[start:stop], None, float(beta1), float(beta2),
+            0.0, 0.0, 0.0, int(t), lr_f, code, None, am[blocks], None, wd, gnorm_scale=1.0)

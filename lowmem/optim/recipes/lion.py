@@ -3,7 +3,10 @@
 * ``lion`` - Algorithm 2 / Program 1 of "Symbolic Discovery of Optimization Algorithms": one float32
   momentum (4 bytes/param), the update ``sign(beta1 m + (1 - beta1) g)``.
 * ``lion8bit`` - the same with the momentum in blockwise 8-bit codes (signed dynamic map, blocks of
-  256: bitsandbytes' ``Lion8bit`` format), 1 byte/param plus 4 bytes per block.
+  256: bitsandbytes' ``Lion8bit`` format), 1 byte/param plus 4 bytes per block. ``fused`` (as
+  ``adamw8bit``'s) steps it with bitsandbytes' fused blockwise kernel on that same state
+  (:func:`lowmem.optim.bnb_fused.fused_lion8bit_step_`): ``None`` on CUDA, ``True`` also on the CPU
+  (bitsandbytes' CPU implementation, bit for bit the chunked step), ``False`` never.
 
 The one new part is the moment rule :class:`LionMoments` (math in
 :mod:`lowmem.optim.functional.lion`); decay before the update, constant lr and the 8-bit storage
@@ -12,15 +15,18 @@ The one new part is the moment rule :class:`LionMoments` (math in
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 
+from .. import bnb_fused
+from ..bnb_fused import FUSED
 from ..engine import LowMemOptimizer, Recipe
 from ..functional import lion as FL
 from ..hparams import BETAS, LR, WEIGHT_DECAY
 from ..moments import ChunkState, MomentRule, state_dtype
-from ..quantized import M1_8BIT, Quantized, apply_updates_foreach_, quant_hparams
+from ..quantized import M1_8BIT, Quantized, apply_updates_foreach_, is_quantized, is_rank1, quant_hparams
 from ..registry import register
 
 
@@ -90,6 +96,49 @@ class LionMoments(MomentRule):
         apply_updates_foreach_(params, ds, lr, group.get("weight_decay", 0.0), decay_after=False)
 
 
+class Lion8bitQuantized(Quantized):
+    """:class:`~lowmem.optim.quantized.Quantized` Lion with the group's ``fused`` routed to bitsandbytes'
+    fused Lion step (:func:`~lowmem.optim.bnb_fused.fused_lion8bit_step_`) instead of its Adam step: the
+    same conditions (``bnb_fused.use_fused``, pieces stepped whole from the first, CPU slices of whole
+    blocks), the same transient bytes (``fused_cpu_transient_bytes``: Lion's CPU temporaries count as
+    Adam's). :meth:`_fused_member_` and :meth:`fused_step_` are Quantized's with the Lion kernel
+    (FOUND_FUSEDLION 1: a kernel hook in Quantized would leave only :meth:`_fusable` here)."""
+
+    def _fusable(self, state) -> bool:
+        """The momentum in bitsandbytes' blockwise 8-bit format (signed dynamic map, not rank-1)."""
+        return (self.specs == {"exp_avg": M1_8BIT} and is_quantized(state, "exp_avg")
+                and not is_rank1(state, "exp_avg"))
+
+    def _fused_member_(self, p, g, st, group, t, lr) -> bool:
+        if "fused" not in group or group["fused"] is False:
+            return False
+        piece = isinstance(st, ChunkState) and "parent" in st.extra
+        state = st.extra["parent"] if piece else st
+        if not self._fusable(state):
+            return False
+        chunk = None
+        if piece:
+            numel = math.prod(st.extra["shape"])
+            chunk = st.stop - st.start
+            p = p.as_strided((numel,), (1,), p.storage_offset() - st.start)
+            g = g.as_strided((numel,), (1,), g.storage_offset() - st.start)
+        if not bnb_fused.use_fused(p, g, state, group):
+            return False
+        if piece and st.start != 0:
+            return True  # (stepped with the first piece)
+        bnb_fused.fused_lion8bit_step_(p, g, state, group, t, lr, bnb_fused.code_maps(str(p.device))[0], chunk)
+        return True
+
+    def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
+        if "fused" not in group or group["fused"] is False or not self._fusable(state):
+            return False
+        if not bnb_fused.use_fused(p, grad, state, group):
+            return False
+        bnb_fused.fused_lion8bit_step_(p, grad, state, group, t, lr, bnb_fused.code_maps(str(p.device))[0],
+                                       chunk_numel)
+        return True
+
+
 _LION_HPARAMS = (
     LR(1e-4),
     BETAS((0.9, 0.99)),
@@ -108,8 +157,8 @@ LION8BIT = Recipe(
     name="lion8bit",
     summary="Lion with its momentum in blockwise 8-bit codes (bitsandbytes' Lion8bit format); ~1 byte/param",
     reference="Chen et al. 2023, Algorithm 2; Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization",
-    moment=Quantized(LionMoments(), {"exp_avg": M1_8BIT}),
-    hparams=(*_LION_HPARAMS, *quant_hparams(256)),
+    moment=Lion8bitQuantized(LionMoments(), {"exp_avg": M1_8BIT}),
+    hparams=(*_LION_HPARAMS, *quant_hparams(256), FUSED),
 )
 
 
@@ -161,15 +210,20 @@ class Lion8bit(LowMemOptimizer):
         state_dtype (`str`, defaults to `"float32"`): Storage of the moments that stay unquantized.
         foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters together (one decode
             and one encode per bucket), equal bit for bit to `False` (one tensor at a time).
+        fused (`bool` or `None`, defaults to `None`): bitsandbytes' fused blockwise 8-bit Lion step
+            (``optimizer_update_8bit_blockwise("lion", ...)``, :mod:`lowmem.optim.bnb_fused`) on the 8-bit
+            momentum in place: ``None`` where it applies (CUDA, ``block_size=256``), ``True`` required (on the
+            CPU bitsandbytes' CPU implementation; a tensor it cannot take is an error naming the reason),
+            ``False`` never. Tensors under ``min_quant_size`` (float32 momentum) take the plain step.
     """
 
     recipe = LION8BIT
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, block_size: int = 256, min_quant_size: int = 4096,
-                 state_dtype: str = "float32", foreach: bool | None = None):
+                 state_dtype: str = "float32", foreach: bool | None = None, fused: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, block_size=block_size,
-                         min_quant_size=min_quant_size, state_dtype=state_dtype, foreach=foreach)
+                         min_quant_size=min_quant_size, state_dtype=state_dtype, foreach=foreach, fused=fused)
 
 
 register(LION, Lion, state_precision="fp32", second_moment="none", example_hparams={"lr": 1e-3})
