@@ -22,7 +22,7 @@ import torch
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.came import came_direction, came_first_moment_, came_instability_
-from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, nonneg, positive
+from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, positive
 from ..functional.adafactor import STACK_NUMEL, group_cap, stack_groups, stacks_large
 from ..moments import ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
@@ -33,12 +33,15 @@ def _betas3(x: Any) -> bool:
 
 
 def _eps_pair(x: Any) -> bool:
-    return isinstance(x, (tuple, list)) and len(x) == 2 and all(nonneg(e) for e in x)
+    """Both > 0: with ``eps1 = 0`` an all-zero gradient row gives ``r_i = 0`` and ``(R / mean R)^-1/2 = inf``
+    (``u = 0 * inf = NaN``); with ``eps2 = 0`` its instability row is 0 and ``m / sqrt(S) = 0 / 0``."""
+    return isinstance(x, (tuple, list)) and len(x) == 2 and all(positive(e) for e in x)
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as float32 (itself when it is; a low-precision state's copy, written back by :func:`_store`)."""
-    return x.float()
+    """``x`` in its compute precision: itself when float32 or float64 (a float64 state is never rounded to float32,
+    functional/adam.py ``compute_float``); a low-precision state's float32 copy, written back by :func:`_store`."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _store(x: torch.Tensor, x32: torch.Tensor) -> None:
@@ -460,7 +463,7 @@ CAME_RECIPE = Recipe(
         LR(2e-4),
         HParam("betas", (0.9, 0.999, 0.9999), _betas3, "a triple (beta1, beta2, beta3) with 0 <= beta < 1",
                "decay rates of the first moment, the second moment's and the instability's statistics"),
-        HParam("eps", (1e-30, 1e-16), _eps_pair, "a pair (eps1, eps2) of floats >= 0",
+        HParam("eps", (1e-30, 1e-16), _eps_pair, "a pair (eps1, eps2) of floats > 0",
                "regularizers added to g^2 and to the instability (u - m)^2"),
         HParam("clip_threshold", 1.0, positive, "a finite float > 0", "threshold d of the update RMS clipping"),
         WEIGHT_DECAY(0.0),
