@@ -57,6 +57,9 @@ class LoraShape:
     #: its output features (0: unknown), for the checkpointed layer's recomputation (:func:`recomputed_layer_bytes`)
     name: str = ""
     out_features: int = 0
+    #: bytes per element of what dropout saves beside its output: torch's fused ``native_dropout`` (CUDA) a bool mask,
+    #: 1; on the CPU ``F.dropout`` multiplies by a noise tensor of the input's dtype (the adapter's), which it saves
+    mask_bytes: int = 1
 
 
 def llama_activation_bytes(
@@ -155,7 +158,7 @@ def llama_activation_bytes(
         if m.adapter_bytes != e or m.dropout > 0:
             lora_per_token += m.in_features * m.adapter_bytes
         if m.dropout > 0:
-            lora_per_token += m.in_features  # bool mask
+            lora_per_token += m.in_features * m.mask_bytes  # the mask (CUDA) or noise (CPU)
     lora_per_layer = lora_per_token // max(L, 1)
 
     head = {
@@ -200,7 +203,10 @@ def llama_activation_bytes(
         # of its MLP's gate and up outputs (2 e i per token, as above): the larger of the two moments. Measured (fp32 /
         # bf16, h=256-768, vocabulary 100-1000): activations 0.91-0.96 of the measured before, 0.97-1.00 now
         # (a first layer whose input needs no gradient: its input norm saves neither the input nor its rsqrt)
-        layers = tokens * L * per_layer - (tokens * (4 * h + 4) if not embeddings_require_grad and L else 0)
+        # (and its q/k/v adapters' dropout saves no noise: its input needs no gradient either; lora_A saves the output)
+        first_free = 4 * h + 4 + sum(m.in_features * m.mask_bytes for n, m in layer_lora.items()
+                                     if n in ("q_proj", "k_proj", "v_proj") and m.dropout > 0)
+        layers = tokens * L * per_layer - (tokens * first_free if not embeddings_require_grad and L else 0)
         lora = tokens * lora_per_token
         # (or before them, beside the layer's incoming gradient, the down_proj weight's gradient being formed)
         down = tokens * e * (h + i) + down_grad_bytes if down_grad_bytes else 0
@@ -324,7 +330,7 @@ def recomputed_layer_bytes(hidden: int, intermediate: int, heads: int, kv_dim: i
         if m is None:
             return 0
         cast = m.adapter_bytes != e or m.dropout > 0
-        return m.rank * m.adapter_bytes + m.in_features * m.adapter_bytes * cast + m.in_features * (m.dropout > 0)
+        return m.rank * m.adapter_bytes + m.in_features * m.adapter_bytes * cast + m.in_features * m.mask_bytes * (m.dropout > 0)
 
     def input_saved(names: tuple[str, ...]) -> bool:  # one of these linears saves its input itself (not a cast copy)
         return any(n in saved_inputs and (n not in lora or not (lora[n].adapter_bytes != e or lora[n].dropout > 0))
@@ -333,6 +339,8 @@ def recomputed_layer_bytes(hidden: int, intermediate: int, heads: int, kv_dim: i
     def moment(name: str, held: int) -> int:
         m = lora[name]
         temporaries = e * outs[name] + (2 * m.adapter_bytes * outs[name] if name != "down_proj" or forward else 0)
+        # with dropout, peft's forward still holds the input's cast copy beside the dropout's output and noise
+        temporaries += m.in_features * m.adapter_bytes * (m.adapter_bytes != e and m.dropout > 0)
         return saved + kept(name) + held + temporaries + forward_gradients
 
     norm = 4 * h * (e != 4) + 4 + e * h * trainable_norms

@@ -1329,7 +1329,10 @@ def estimate_memory(
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
                 a = mod.lora_A["default"]
                 lora_layers.append(LoraShape(a.in_features, a.out_features, a.weight.element_size(), float(lcfg.lora_dropout or 0.0),
-                                             name.rsplit(".", 1)[-1], mod.lora_B["default"].out_features))
+                                             name.rsplit(".", 1)[-1], mod.lora_B["default"].out_features,
+                                             # dropout's saved mask: bool on CUDA (fused native_dropout), a noise
+                                             # tensor of the adapter's dtype on the CPU
+                                             1 if device.startswith("cuda") else a.weight.element_size()))
     saved_inputs, norms_train = set(), False
     for name, mod in meta.named_modules():  # layer 0 stands for all layers
         leaf = name.rsplit(".", 1)[-1]
