@@ -18,7 +18,10 @@ the Llama block as Hugging Face ``transformers`` runs it, tensor by tensor:
   product (saved by ``down_proj``): ``4 e i``.
 * **LoRA** (peft): each adapted linear saves the rank-``r`` output of ``lora_A``; when the adapter
   dtype differs from the activations' (peft keeps adapters in float32) the input is cast, and the
-  cast copy is saved; dropout saves a mask and its output.
+  cast copy is saved (the input itself then is not, unless the base weight trains); dropout saves its output and
+  a mask (CUDA: bool) or noise (CPU: the adapter's dtype). peft's forward of an adapted linear holds float32
+  temporaries of its output's size (``lora_B``'s output, its scaled copy, the sum): a moment of its own in the
+  last layer's forward and, checkpointed, its recomputation (:func:`recomputed_layer_bytes`).
 * **Head and loss**: the float32 ``log_softmax`` output that ``cross_entropy`` saves and, at the
   start of the backward pass (the moment of the activations' peak), the two float32 gradients of that
   size. The logits in the head's dtype and their float32 copy (``ForCausalLMLoss`` upcasts) are not
