@@ -70,7 +70,7 @@ def test_spam_foreach_equals_the_single_tensor_step(threshold, monkeypatch):
 @pytest.mark.parametrize("threshold", [2.0, 0.0])
 def test_spam_foreach_transient_counts_the_stabilized_bucket(threshold, monkeypatch):
     """The report: a full bucket (128 elements) holds its stabilized gradients and ``sqrt(v)``
-    (8 bytes each); a piece being clipped, its spike-clipping temporaries (24 bytes each, the result
+    (8 bytes each); a piece being clipped, its spike-clipping temporaries (13 bytes each, the result
     included, with the rest of its bucket); clipping off: no temporaries of its own."""
     *_, opt = _run(True, threshold, monkeypatch, steps=1)
-    assert opt.step_transient_bytes() == (24 * 128 if threshold else 8 * 128)
+    assert opt.step_transient_bytes() == (13 * 128 if threshold else 8 * 128)

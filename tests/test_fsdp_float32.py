@@ -158,9 +158,10 @@ def _run(tag, foreach=None, mesh=None, rows=slice(None), halves=False):
         seen["transient"] = opt.step_transient_bytes()
         seen["bucket_transient"] = max(seen["bucket_counts"], default=opt.recipe.moment.foreach_transient_bytes(0))
         # (the non-finite check's norms of the local shards, run before the buckets; AdamW's fused kernel's step count)
-        # (BAdam's: of its active block, as its step_transient_bytes)
+        # (BAdam's: of every gradient the step reads: every block's with freeze_inactive=False)
         groups = opt.param_groups
-        opt.param_groups = opt._active_groups() if hasattr(opt, "_active_groups") else groups
+        if hasattr(opt, "_active_groups") and opt.defaults["freeze_inactive"]:
+            opt.param_groups = opt._active_groups()  # (BAdam, frozen: only the active block's gradients exist)
         seen["check"], seen["steps"] = opt._check_bytes(), opt._fused_step_bytes()
         opt.param_groups = groups
         seen["largest_bucket"] = largest

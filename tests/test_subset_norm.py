@@ -285,7 +285,7 @@ def test_step_transient_on_meta_is_bounded_by_the_chunk():
         sizes[shape] = opt.step_transient_bytes()
         opt.chunk_numel = None
         assert opt.step_transient_bytes() >= 8 * p.numel()  # g^2 and the direction, whole
-    assert sizes[(4096, 4096)] == sizes[(8192, 8192)] == sizes[(2048, 8192)] == 8 * 2**19
+    assert all(4 * 2**19 < s <= 4 * 2**19 + 8 * 8192 for s in sizes.values()), sizes  # g^2 of a chunk + its sums
 
 
 needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
