@@ -176,3 +176,33 @@ def test_a_projected_bucket_that_cannot_fold_counts_each_combine_back_alone(firs
     reported = opt.step_transient_bytes() - opt._kept_gemm_bytes()
     steps = opt._fused_step_bytes()
     assert reported - 2 * steps <= traced <= reported - steps, (reported, traced)
+
+
+class _NoGroup:
+    """A shard's ``ShardReduce`` stand-in in one process: its rows of the whole matrix, the sums over one shard."""
+
+    def __init__(self, rows, shape):
+        self.rows, self.shape = rows, shape
+
+    @staticmethod
+    def sum_(t):
+        return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,first,whole,shards", [((6, 2), 6, (16, 2), 3), ((6, 8), 0, (16, 8), 3), ((10, 8), 10, (20, 8), 2)])
+def test_adam_mini_straddling_heads_shard_is_bounded(shape, first, whole, shards, dtype):
+    """FSDP2, heads cut by the shards (``_prepare_straddling_heads``: the rows' sums, every head's mean, v's update):
+    ``sharded_transient_bytes`` (and the engine's gradient copy) is never under that pass, traced in one process."""
+    from lowmem.optim.recipes.adam_mini import AdamMiniMoments
+
+    rule, group = AdamMiniMoments(), {"block": "head", "head_dim": 4, "betas": (0.9, 0.999)}
+    state = {"exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape[0])}
+    g = torch.randn(shape).to(dtype)
+    bounds = [(0, shape[0] * shape[1] // 2), (shape[0] * shape[1] // 2, shape[0] * shape[1])]
+    with _RealLive() as t:
+        rule._prepare_straddling_heads(state, torch.Size(shape), group, bounds,
+                                       lambda a, b, view: g.view(-1)[a:b].float(), _NoGroup((first, first + shape[0]), whole))
+    copy = 4 * g.numel() * (dtype is not torch.float32)
+    reported = rule.sharded_transient_bytes(torch.Size(shape), torch.Size(whole), shards, group, state)
+    assert 0 < t.peak <= reported + copy, (t.peak, reported, copy)

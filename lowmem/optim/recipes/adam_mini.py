@@ -394,6 +394,20 @@ class AdamMiniMoments(MomentRule):
         direction = max(3 * s * nb, s * (numel + nb))
         return max(prepare, held + stats, held + direction, s * numel + copy * numel)
 
+    def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
+        """FSDP2, a shard of a matrix whose heads the shard boundaries cut (:meth:`_prepare_straddling_heads`): a
+        bound, not traced (the engine adds the shard's float32 gradient copy): the chunked step
+        (:meth:`chunk_transient_bytes`, the whole shard as one chunk at most), the row pass (a chunk's ``g^2`` and
+        its row sums beside the shard's row sums, ``4 n + 8 R``) and the update of ``v`` (the row sums, every
+        head's mean over the shards and the all-reduce's buffers, ``12 H``, the rows' head indices in int64 and
+        their quotients, ``v``'s entries and a low-precision ``v``'s copy: ``32 R + 12 H``). Other shards:
+        ``None`` (their own chunked step, :meth:`chunk_transient_bytes`)."""
+        if (group["block"] != "head" or len(shape) != 2 or len(whole_shape) != 2
+                or -(-whole_shape[0] // shards) % group["head_dim"] == 0):
+            return None
+        numel, rows, heads = math.prod(shape), shape[0], -(-whole_shape[0] // group["head_dim"])
+        return max(self.chunk_transient_bytes(numel, shape, group, state), 4 * numel + 8 * rows, 32 * rows + 12 * heads)
+
     # ---- the multi-tensor step ----
 
     def supports_foreach_for(self, shape, group, state):
