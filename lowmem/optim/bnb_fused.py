@@ -45,6 +45,15 @@ then ``beta2`` as ``bnb.optim.Lion8bit`` passes them; no second state, ``eps`` u
   rounding of zero), a bfloat16 / float16 parameter rounded after the decay and again after the update
   (the CPU and the engine round once), and the encoding (``quantize_2D``-style code search: a code can
   differ by one). Not run here: tests/test_fusedlion_cpu.py's CUDA test checks it when a GPU is lent.
+
+Lion with a float32 momentum (``lion``; :func:`fused_lion32bit_step_`): ``optimizer_update_32bit("lion", ...)``
+on ``state["exp_avg"]`` itself (``state1``; ``beta1`` then ``beta2``, as ``bnb.optim.Lion``), element-wise: no
+blocks, any slice. The CPU implementation is the same three operations as the engine's (decay first,
+``sign(m beta1 + g (1 - beta1))``, ``m beta2 + g (1 - beta2)``): bit for bit. Temporaries per value:
+``g * gnorm_scale``, ``m beta1`` and the sum (12 B), 16 with a non-float32 parameter's float32 copy
+(:func:`fused_lion32_cpu_transient_bytes`, traced). CUDA (``kOptimizer32bit1State``, ``LION``): in
+registers, the decay first; the float arithmetic and the double rounding of a low-precision parameter as
+for 8 bits. The momentum must be float32 (``state_dtype="float32"``: the kernel's state is ``float*``).
 """
 
 from __future__ import annotations
@@ -65,6 +74,10 @@ MAX_NUMEL = 2**31 - 1  # the kernel's element count is a c_int32
 # non-float32 parameter adds its float32 copy (4 B).
 CPU_BYTES_PER_VALUE = 20
 CPU_BYTES_PER_VALUE_LOW_PRECISION = 24
+# optimizer_update_32bit("lion") on the CPU: g * gnorm_scale, m * beta1 and the sum alive at once (12 B; then the
+# sign beside the sum and g * gnorm_scale, 12 B); a non-float32 parameter adds its float32 copy (4 B).
+CPU_LION32_BYTES_PER_VALUE = 12
+CPU_LION32_BYTES_PER_VALUE_LOW_PRECISION = 16
 
 
 def _fused_value(x: Any) -> bool:
@@ -94,11 +107,28 @@ def fused_cpu_transient_bytes(numel: int, param_dtype: torch.dtype = torch.float
 
 
 def ineligible_reason(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any]) -> str | None:
-    """Why the fused step cannot run on ``p`` (``None``: it can). ``state`` must hold both moments as
+    """Why the fused 8-bit step cannot run on ``p`` (``None``: it can). ``state`` must hold the moments as
     8-bit blockwise codes (the caller's check: members below ``min_quant_size`` keep float32 moments
     and take the plain step)."""
     if group["block_size"] != BNB_BLOCK_SIZE:
         return f"block_size={group['block_size']} (bitsandbytes' kernel uses blocks of {BNB_BLOCK_SIZE})"
+    return _tensor_reason(p, g, group)
+
+
+def ineligible_reason_32bit(p: Tensor, g: Tensor, m: Tensor, group: dict[str, Any]) -> str | None:
+    """Why ``optimizer_update_32bit`` cannot step ``p`` and its float32 momentum ``m`` (``None``: it can)."""
+    from .sharded import is_dtensor
+
+    if is_dtensor(p) or is_dtensor(m):
+        return "the parameter is an FSDP2 shard (a DTensor; the kernel takes plain tensors)"
+    if m.dtype != torch.float32:
+        return f"the momentum's dtype {m.dtype} (the kernel keeps a float32 state: state_dtype='float32')"
+    if not m.is_contiguous():
+        return "the momentum is not contiguous"
+    return _tensor_reason(p, g, group)
+
+
+def _tensor_reason(p: Tensor, g: Tensor, group: dict[str, Any]) -> str | None:
     if p.device.type not in ("cuda", "cpu"):
         return f"the parameter is on {p.device.type} (bitsandbytes' kernel: cuda, or its cpu implementation)"
     if p.dtype not in KERNEL_DTYPES:
@@ -118,10 +148,19 @@ def use_fused(p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, A
     """Whether ``group["fused"]`` sends ``p`` (8-bit moments) to the kernel: ``False`` never; ``None`` on
     CUDA where :func:`ineligible_reason` finds nothing; ``True`` always, or a ``ValueError`` naming the
     field and the condition that fails (no silent fallback)."""
+    return _decide(group, p, lambda: ineligible_reason(p, g, state, group))
+
+
+def use_fused_32bit(p: Tensor, g: Tensor, m: Tensor, group: dict[str, Any]) -> bool:
+    """:func:`use_fused` for ``optimizer_update_32bit`` (:func:`ineligible_reason_32bit`)."""
+    return _decide(group, p, lambda: ineligible_reason_32bit(p, g, m, group))
+
+
+def _decide(group: dict[str, Any], p: Tensor, reason_of) -> bool:
     fused = group.get("fused")
     if fused is False or (fused is None and p.device.type != "cuda"):
         return False
-    reason = ineligible_reason(p, g, state, group)
+    reason = reason_of()
     if reason is None:
         return True
     if fused is True:
@@ -180,3 +219,29 @@ def fused_lion8bit_step_(p: Tensor, g: Tensor, state: dict[str, Tensor], group: 
         bnbF.optimizer_update_8bit_blockwise(
             "lion", gflat[start:stop], pflat[start:stop], m[start:stop], None, float(beta1), float(beta2),
             0.0, 0.0, 0.0, int(t), lr_f, code, None, am[blocks], None, wd, gnorm_scale=1.0)
+
+
+def fused_lion32_cpu_transient_bytes(numel: int, param_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes ``optimizer_update_32bit("lion")``'s CPU implementation allocates for ``numel`` values (see the
+    module docstring); the CUDA kernel allocates none."""
+    low = param_dtype != torch.float32
+    return (CPU_LION32_BYTES_PER_VALUE_LOW_PRECISION if low else CPU_LION32_BYTES_PER_VALUE) * numel
+
+
+def fused_lion32bit_step_(p: Tensor, g: Tensor, m: Tensor, group: dict[str, Any], t: float, lr: float | Tensor,
+                          chunk: int | None = None) -> None:
+    """One Lion step (Chen et al. 2023, Algorithm 2) of ``p`` (any shape, contiguous) and its float32
+    momentum ``m`` by ``bitsandbytes.functional.optimizer_update_32bit("lion", ...)``, in place. ``chunk``:
+    on CPU the largest slice handed to it at once (element-wise: any size; ``None``: the whole tensor),
+    which bounds its temporaries; CUDA takes the whole tensor in one launch."""
+    import bitsandbytes.functional as bnbF
+
+    beta1, beta2 = group["betas"]
+    n = p.numel()
+    pflat, gflat, mflat = p.view(-1), g.view(-1), m.view(-1)
+    size = n if chunk is None or p.device.type == "cuda" else max(1, chunk)
+    lr_f, wd = float(lr), float(group.get("weight_decay", 0.0))
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        bnbF.optimizer_update_32bit("lion", gflat[start:stop], pflat[start:stop], mflat[start:stop], float(beta1),
+                                    0.0, int(t), lr_f, None, float(beta2), 0.0, 0.0, wd, 1.0)

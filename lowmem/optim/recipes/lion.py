@@ -38,7 +38,15 @@ class LionMoments(MomentRule):
     (float64 for float64 moments); low-precision storage (``state_dtype="bfloat16"`` / ``"param"``) is
     updated on a float32 copy and stored rounded. Element-wise: chunks of any size, and a multi-tensor
     step for float32 parameters (:meth:`foreach_step_`, equal bit for bit on the CPU).
+
+    ``fused_32bit`` (``lion``'s rule, not ``lion8bit``'s inner one): the group's ``fused`` sends a float32
+    momentum to bitsandbytes' ``optimizer_update_32bit("lion")``
+    (:func:`~lowmem.optim.bnb_fused.fused_lion32bit_step_`): per parameter (:meth:`fused_step_`) and per
+    bucket member (:meth:`foreach_step_`); ``fused=True`` on a step that cannot take it is an error naming why.
     """
+
+    def __init__(self, fused_32bit: bool = False):
+        self.fused_32bit = fused_32bit
 
     state_keys = ("exp_avg",)
     supports_foreach = True
@@ -65,6 +73,9 @@ class LionMoments(MomentRule):
         return (4 if dtype == torch.float32 else 8) * numel
 
     def direction(self, g, state, group, t, lr):
+        if self.fused_32bit and group.get("fused") is True:  # (the engine's step that is not fused_step_'s)
+            raise ValueError("fused=True: this parameter's step has no fused form (an FSDP2 shard stepped per"
+                             " parameter: bitsandbytes' kernel takes plain tensors); use fused=None or fused=False")
         beta1, beta2 = group["betas"]
         m = state["exp_avg"]
         if m.dtype in (torch.float32, torch.float64):
@@ -88,10 +99,74 @@ class LionMoments(MomentRule):
         """The bucket's directions (float32)."""
         return 4 * numel
 
+    # ---- bitsandbytes' fused 32-bit Lion step (lion's ``fused``; lowmem.optim.bnb_fused) ----
+
+    def _fused_here(self, p, g, state, group) -> bool:
+        """Whether ``group["fused"]`` sends ``p`` and its momentum to ``optimizer_update_32bit`` (an error
+        for ``fused=True`` where it cannot: :func:`~lowmem.optim.bnb_fused.use_fused_32bit`)."""
+        if not self.fused_32bit or group.get("fused", False) is False:
+            return False
+        m = state["exp_avg"] if "exp_avg" in state else None
+        if m is None or m.dim() == 0:
+            return False
+        return bnb_fused.use_fused_32bit(p, g, m, group)
+
+    def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
+        """The per-parameter step of ``p`` by :func:`~lowmem.optim.bnb_fused.fused_lion32bit_step_` (on CPU
+        in slices of ``chunk_numel``) where the group's ``fused`` says so; returns whether it ran."""
+        if not self._fused_here(p, grad, state, group):
+            return False
+        bnb_fused.fused_lion32bit_step_(p, grad, state["exp_avg"], group, t, lr, chunk_numel)
+        return True
+
+    def _fused_bytes(self, n, dtype, state, group, device) -> int | None:
+        """What the fused step of ``n`` values allocates (``None``: not fused): 0 on CUDA, bitsandbytes'
+        CPU temporaries (:func:`~lowmem.optim.bnb_fused.fused_lion32_cpu_transient_bytes`) on the CPU.
+        Parameters and gradients assumed contiguous and of one dtype, as the engine's bound assumes."""
+        fused = group.get("fused", False) if group is not None else False
+        if not self.fused_32bit or fused is False or (fused is None and device.type != "cuda"):
+            return None
+        m = state.get("exp_avg")
+        if m is None or m.dim() == 0 or m.dtype != torch.float32 or device.type not in ("cuda", "cpu"):
+            return None
+        return 0 if device.type == "cuda" else bnb_fused.fused_lion32_cpu_transient_bytes(n, dtype)
+
+    def fused_step_allocates_nothing(self, p, group, state) -> bool:
+        """Whether :meth:`fused_step_` steps ``p`` with bitsandbytes' CUDA kernel (no temporaries)."""
+        return self._fused_bytes(p.numel(), p.dtype, state, group, p.device) == 0
+
+    def fused_step_transient_bytes(self, p, group, state, chunk_numel) -> int | None:
+        """What :meth:`fused_step_` allocates stepping ``p`` alone (``None``: it does not): the CPU's temporaries
+        of its largest slice (``chunk_numel``, at most the tensor), 0 on CUDA."""
+        n = p.numel() if chunk_numel is None else min(p.numel(), max(1, chunk_numel))
+        return self._fused_bytes(n, p.dtype, state, group, p.device)
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """Each fused member stepped alone (:meth:`_fused_bytes`, float32 parameters), then the others'
+        directions together (:meth:`foreach_transient_bytes`)."""
+        fused, rest = [], 0
+        for n, state in members:
+            m = state.get("exp_avg")
+            b = None if m is None else self._fused_bytes(n, torch.float32, state, group, m.device)
+            if b is None:
+                rest += n
+            else:
+                fused.append(b)
+        if not fused:
+            return self.foreach_transient_bytes(numel)
+        return max(max(fused), self.foreach_transient_bytes(rest))
+
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """Whole Lion step of float32 tensors: the directions (:meth:`foreach_direction`), then the decoupled
         decay and ``p -= lr d`` as multi-tensor ops (the engine's per-parameter decay and update, the same
-        operations: :func:`~lowmem.optim.quantized.apply_updates_foreach_`)."""
+        operations: :func:`~lowmem.optim.quantized.apply_updates_foreach_`). With ``fused``, each member it
+        applies to (a tensor or a piece: element-wise) by :func:`~lowmem.optim.bnb_fused.fused_lion32bit_step_`
+        first."""
+        if self.fused_32bit and group.get("fused", False) is not False:
+            rest = [(p, g, st) for p, g, st in zip(params, grads, states) if not self.fused_step_(p, g, group, st, t, lr, None)]
+            if not rest:
+                return
+            params, grads, states = (list(x) for x in zip(*rest))
         ds = self.foreach_direction(grads, states, group, t, lr)
         apply_updates_foreach_(params, ds, lr, group.get("weight_decay", 0.0), decay_after=False)
 
@@ -149,8 +224,8 @@ LION = Recipe(
     name="lion",
     summary="Lion: sign of an interpolated momentum, one float32 moment; 4 bytes/param",
     reference="Chen et al. 2023, Symbolic Discovery of Optimization Algorithms, Algorithm 2 / Program 1",
-    moment=LionMoments(),
-    hparams=_LION_HPARAMS,
+    moment=LionMoments(fused_32bit=True),
+    hparams=(*_LION_HPARAMS, FUSED),
 )
 
 LION8BIT = Recipe(
@@ -182,14 +257,20 @@ class Lion(LowMemOptimizer):
             ``"bfloat16"`` or ``"param"``.
         foreach (`bool` or `None`, defaults to `None`): Multi-tensor path for float32 parameters with
             float32 state (``None``: automatically); ``False`` forces the single-tensor reference.
+        fused (`bool` or `None`, defaults to `None`): bitsandbytes' fused 32-bit Lion step
+            (``optimizer_update_32bit("lion", ...)``, :mod:`lowmem.optim.bnb_fused`) on the float32 moment in
+            place: ``None`` where it applies (CUDA), ``True`` required (on the CPU bitsandbytes' CPU
+            implementation, bit for bit the engine's step; a tensor it cannot take, e.g. ``state_dtype`` not
+            float32, is an error naming why), ``False`` never.
     """
 
     recipe = LION
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, state_dtype: str = "float32", foreach: bool | None = None):
+                 weight_decay: float = 0.0, *, state_dtype: str = "float32", foreach: bool | None = None,
+                 fused: bool | None = None):
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, state_dtype=state_dtype,
-                         foreach=foreach)
+                         foreach=foreach, fused=fused)
 
 
 class Lion8bit(LowMemOptimizer):
