@@ -39,8 +39,9 @@ then ``beta2`` as ``bnb.optim.Lion8bit`` passes them; no second state, ``eps`` u
   (tests/test_fusedlion_cpu.py). Temporaries: the decoded ``m``, ``g * gnorm_scale``, and
   ``m beta1``, ``g (1 - beta1)`` and their sum alive at once: 20 B per value, 24 with a non-float32
   parameter's float32 copy (:func:`fused_cpu_transient_bytes`, the same count as Adam's, traced).
-* CUDA (``kOptimizerStatic8bit1StateBlockwise``, ``LION``): in registers, no temporaries; decay
-  ``p *= 1 - lr wd`` before the update, as the CPU; the differences are the kernel's float arithmetic
+* CUDA (``kOptimizerStatic8bit1StateBlockwise``, ``LION``; read in a SYCL port of bitsandbytes' kernels, not
+  in csrc itself): in registers, no temporaries; decay ``p *= 1 - lr wd`` before the update, as the CPU; the
+  differences are the kernel's float arithmetic
   (``s1 beta1 + (1 - beta1) g`` may be contracted to an FMA: a sign can differ where the sum is within a
   rounding of zero), a bfloat16 / float16 parameter rounded after the decay and again after the update
   (the CPU and the engine round once), and the encoding (``quantize_2D``-style code search: a code can
@@ -52,8 +53,8 @@ blocks, any slice. The CPU implementation is the same three operations as the en
 ``sign(m beta1 + g (1 - beta1))``, ``m beta2 + g (1 - beta2)``): bit for bit. Temporaries per value:
 ``g * gnorm_scale``, ``m beta1`` and the sum (12 B), 16 with a non-float32 parameter's float32 copy
 (:func:`fused_lion32_cpu_transient_bytes`, traced). CUDA (``kOptimizer32bit1State``, ``LION``): in
-registers, the decay first; the float arithmetic and the double rounding of a low-precision parameter as
-for 8 bits. The momentum must be float32 (``state_dtype="float32"``: the kernel's state is ``float*``).
+registers, no temporaries; its source was not at hand in this session (its decay order and float arithmetic
+are what tests/test_fusedlion_fp32.py's CUDA test bounds: within 1e-2 of the update). The momentum must be float32 (``state_dtype="float32"``: the kernel's state is ``float*``).
 """
 
 from __future__ import annotations
