@@ -54,7 +54,8 @@ blocks, any slice. The CPU implementation is the same three operations as the en
 ``g * gnorm_scale``, ``m beta1`` and the sum (12 B), 16 with a non-float32 parameter's float32 copy
 (:func:`fused_lion32_cpu_transient_bytes`, traced). CUDA (``kOptimizer32bit1State``, ``LION``): in
 registers, no temporaries; its source was not at hand in this session (its decay order and float arithmetic
-are what tests/test_fusedlion_fp32.py's CUDA test bounds: within 1e-2 of the update). The momentum must be float32 (``state_dtype="float32"``: the kernel's state is ``float*``).
+are what tests/test_fusedlion_fp32.py's CUDA test bounds: within 1e-2 of the update). The momentum must be
+float32 (``state_dtype="float32"``: the kernel's state is ``float*``).
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ class LionMoments(MomentRule):
         applies to (a tensor or a piece: element-wise) by :func:`~lowmem.optim.bnb_fused.fused_lion32bit_step_`
         first."""
         if self.fused_32bit and group.get("fused", False) is not False:
-            rest = [(p, g, st) for p, g, st in zip(params, grads, states) if not self.fused_step_(p, g, group, st, t, lr, None)]
+            rest = [(p, g, st) for p, g, st in zip(params, grads, states)
+                    if not self.fused_step_(p, g, group, st, t, lr, None)]
             if not rest:
                 return
             params, grads, states = (list(x) for x in zip(*rest))
