@@ -288,6 +288,9 @@ class TrainRecipe:
             ta = self.training_args if isinstance(self.training_args, dict) else {}
             self.optim_source = ("default" if given_optim == "adafactor" and not any(k in ta for k in OPTIM_KEYS)
                                  else "recipe")
+        if hf_keeps_embeddings_32bit(given_optim) or not hasattr(self, "hf_embeddings_32bit"):
+            # an HF bitsandbytes 8-bit name (lion_8bit, adamw_8bit, ...): its embeddings' state stays 32-bit
+            self.hf_embeddings_32bit = hf_keeps_embeddings_32bit(given_optim)
         self.optim, hf_layerwise = resolve_optim_name(self.optim)
         self.layerwise = self.layerwise or hf_layerwise
         self.optim_args = {**_hf_only_defaults(given_optim), **parse_optim_args(self.optim_args)}
@@ -418,6 +421,20 @@ HF_OPTIM_NAMES: dict[str, str] = {
     "paged_lion_32bit": "bnb_paged_lion", "paged_lion_8bit": "bnb_paged_lion8bit",  # no engine recipe pages memory
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
+
+# The ``optim`` names transformers' Trainer builds as a bitsandbytes class with ``optim_bits=8``
+# (``trainer_optimizer._get_bitsandbytes_optimizer``), for which ``Trainer.create_optimizer`` keeps every
+# ``nn.Embedding`` weight's state 32-bit (``GlobalOptimManager.register_module_override(module, "weight",
+# {"optim_bits": 32})``). lowmem does the same for them (``LowMemArguments.lowmem_embeddings_32bit``, on by
+# default for these names); lowmem's own names (``lion8bit``, ``bnb_adamw8bit``, ...) quantize the embeddings too.
+HF_EMBEDDINGS_32BIT = frozenset({"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit"})
+
+
+def hf_keeps_embeddings_32bit(name: Any) -> bool:
+    """Whether ``name`` is a Hugging Face ``optim`` name (:data:`HF_EMBEDDINGS_32BIT`) for which transformers' Trainer
+    keeps the ``nn.Embedding`` weights' optimizer state 32-bit."""
+    return isinstance(name, str) and name.strip().lower().replace("-", "_") in HF_EMBEDDINGS_32BIT
+
 
 # transformers' own Trainer builds these ``optim`` names with defaults of its own for what its ``optim_args``
 # string leaves out (``trainer_optimizer._get_apollo_optimizer``: ``rank`` 128; ``_get_torchao_optimizer``:
@@ -603,6 +620,7 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
         value = check_value("optim", ta.pop("optim"), str, where="training_args.")
         recipe.optim, layerwise = resolve_optim_name(value)
         recipe.layerwise = recipe.layerwise or layerwise
+        recipe.hf_embeddings_32bit = hf_keeps_embeddings_32bit(value)
         hf_defaults = _hf_optim_defaults(value)  # TrainingArguments.optim: the HF Trainer's meaning, its defaults
     if "optim_args" in ta:
         value = check_value("optim_args", ta.pop("optim_args"), dict[str, Any] | str | None, where="training_args.")
@@ -1358,6 +1376,8 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         "eval_strategy": "steps" if recipe.eval_steps else "no", "report_to": recipe.report_to,
         "disable_tqdm": False, "dataloader_pin_memory": False, **_memory_args(recipe),
     }
+    if getattr(recipe, "hf_embeddings_32bit", False) and not recipe.layerwise:
+        fields["lowmem_embeddings_32bit"] = True  # as transformers' Trainer for this HF optim name
     if recipe.eval_steps:
         fields["eval_steps"] = recipe.eval_steps
     if recipe.trainer in ("sft", "dpo"):

@@ -233,7 +233,8 @@ def _require_numeric_lr(optimizer: torch.optim.Optimizer, name: str) -> None:
 
 
 def optimizer_cls_and_kwargs(
-    model: nn.Module, name: str, *, args: TrainingArguments | None = None, **hparams: Any
+    model: nn.Module, name: str, *, args: TrainingArguments | None = None, embeddings_32bit: bool | None = None,
+    **hparams: Any
 ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """``(cls, kwargs)`` for ``transformers.Trainer(optimizer_cls_and_kwargs=...)``.
 
@@ -249,6 +250,10 @@ def optimizer_cls_and_kwargs(
             weight decay, betas and epsilon apply as in :func:`trainer_hparams`; ``hparams`` win.
             Without it only ``hparams`` (and the optimizer's defaults) apply, and the Trainer's
             ``learning_rate`` is *not* used: pass ``lr`` yourself.
+        embeddings_32bit (`bool` or `None`, defaults to `None`): Keep every ``nn.Embedding`` weight's state 32-bit
+            (:func:`create_optimizer_embeddings_32bit`). `None`: when ``name`` (or ``args.optim``, meaning the same
+            optimizer) is one of the Hugging Face names transformers' Trainer builds as a bitsandbytes 8-bit
+            optimizer (:data:`lowmem.train.HF_EMBEDDINGS_32BIT`: ``lion_8bit``, ``adamw_8bit``, ...), as it does.
         **hparams: The optimizer's hyperparameters (``target_modules`` for subspace optimizers).
 
     A ``TrainingArguments.optim`` other than the default and other than ``name`` is logged as a warning: the
@@ -257,17 +262,23 @@ def optimizer_cls_and_kwargs(
     Raises:
         ValueError: Unknown name or hyperparameter, a layerwise name, or a configuration without a numeric ``lr``.
     """
-    name = _plain_trainer_name(name)
+    from lowmem.train import hf_keeps_embeddings_32bit
+
+    given, name = name, _plain_trainer_name(name)
     entry = get_entry(name)
+    optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None)) if args is not None else None
+    if embeddings_32bit is None:
+        embeddings_32bit = hf_keeps_embeddings_32bit(given) or (
+            hf_keeps_embeddings_32bit(optim) and _plain_trainer_name(optim, strict=False) == entry.name)
     if args is not None:
-        optim = getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None))
         if optim is not None and optim != _TA_DEFAULTS.get("optim") and _plain_trainer_name(optim, strict=False) != entry.name:
             logger.warning("optimizer_cls_and_kwargs(model, %r) replaces TrainingArguments.optim=%r, which the Trainer "
                            "ignores when optimizer_cls_and_kwargs is given%s", name, optim,
                            " (layerwise mode: LowMemTrainer with lowmem_layerwise=True)" if optim.endswith("_layerwise") else "")
     resolved = target_modules_hparam(name, args, trainer_hparams(name, args, hparams)) if args is not None else dict(hparams)
     with _explain_targets(model, resolved, entry.batched_targets):
-        opt = create_optimizer(model, name, **resolved)
+        opt = (create_optimizer_embeddings_32bit(model, name, **resolved) if embeddings_32bit
+               else create_optimizer(model, name, **resolved))
     _require_numeric_lr(opt, entry.name)
     cls = type(opt)
     if entry.recipe is not None:
@@ -355,6 +366,12 @@ class LowMemArguments:
         default=False,
         metadata={"help": "Step each parameter in its gradient hook and free the gradient at once (lowmem_optim only)."},
     )
+    lowmem_embeddings_32bit: bool | None = field(
+        default=None,
+        metadata={"help": "Keep every nn.Embedding weight's optimizer state 32-bit (an 8-bit lowmem_optim only), as "
+                          "transformers' Trainer does for its bitsandbytes 8-bit optim names. None: on for those names "
+                          "(lion_8bit, paged_lion_8bit, adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit), off otherwise."},
+    )
 
     #: Ranges of this config's fields that differ from :data:`lowmem.config.RANGES` (:func:`check_config_ranges`);
     #: ``None``: the class checks the field itself (GVPO's ``beta > 0``).
@@ -366,11 +383,13 @@ class LowMemArguments:
         ``lowmem_optim``), the optimizer name and its hyperparameters."""
         check_optimizer_fields(self)
         check_config_ranges(self)
+        given = self.lowmem_optim
         if self.lowmem_optim is not None:
             self._resolve_lowmem_optim()
         self.lowmem_optim_args = parse_optim_args(self.lowmem_optim_args)
         if self.lowmem_layerwise and self.lowmem_optim is None:
             raise ValueError("lowmem_layerwise=True requires lowmem_optim")
+        self._resolve_embeddings_32bit(given)
         if self.lowmem_optim is None:
             if self.lowmem_optim_args:
                 raise ValueError("lowmem_optim_args is set but lowmem_optim is not")
@@ -432,6 +451,41 @@ class LowMemArguments:
                         " with lowmem_layerwise=True" if layerwise else "")
         self.lowmem_optim = name
         self.lowmem_layerwise = self.lowmem_layerwise or layerwise
+
+    def _resolve_embeddings_32bit(self, given: Any) -> None:
+        """``lowmem_embeddings_32bit``: `None` becomes `True` when ``lowmem_optim`` was given as one of the Hugging Face
+        names transformers' Trainer builds as a bitsandbytes 8-bit optimizer (:data:`lowmem.train.HF_EMBEDDINGS_32BIT`),
+        or ``optim`` is one and means the same optimizer; `False` otherwise (lowmem's own names keep their documented
+        layout). `True` is checked: it needs an 8-bit ``lowmem_optim`` that can keep them so
+        (:func:`embeddings_32bit_kind`) and no layerwise mode.
+
+        Raises:
+            ValueError: Not a bool / `None`, or `True` where it cannot apply (naming the field and why).
+        """
+        from lowmem.train import HF_EMBEDDINGS_32BIT, hf_keeps_embeddings_32bit
+
+        where, value = f"{type(self).__name__}.lowmem_embeddings_32bit", self.lowmem_embeddings_32bit
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{where}={value!r}: expected True, False or None (None: True for the Hugging Face "
+                             f"names {sorted(HF_EMBEDDINGS_32BIT)}, as transformers' Trainer)")
+        if value is None:
+            optim = getattr(self, "optim", None)
+            optim = getattr(optim, "value", optim)
+            hf = hf_keeps_embeddings_32bit(given) or (
+                hf_keeps_embeddings_32bit(optim) and self.lowmem_optim is not None
+                and _same_optimizer(optim, self.lowmem_optim, self.lowmem_layerwise))
+            self.lowmem_embeddings_32bit = bool(hf and self.lowmem_optim is not None and not self.lowmem_layerwise)
+            return
+        if not value:
+            return
+        if self.lowmem_optim is None:
+            raise ValueError(f"{where}=True requires lowmem_optim (without it transformers' Trainer builds the optimizer)")
+        if self.lowmem_layerwise:
+            raise ValueError(f"{where}=True cannot apply in layerwise mode (lowmem_layerwise=True builds one optimizer "
+                             "per parameter); set it to False or drop lowmem_layerwise")
+        if embeddings_32bit_kind(self.lowmem_optim) is None:
+            raise ValueError(f"{where}=True cannot apply to lowmem_optim={self.lowmem_optim!r}: expected an 8-bit "
+                             f"optimizer that keeps a tensor's state 32-bit by group ({_embeddings_32bit_names()})")
 
 
 def hf_optim_lowmem_implements(optim: Any) -> str | None:
@@ -518,6 +572,64 @@ class LowMemTrainingArguments(LowMemArguments, TrainingArguments):
     """
 
 
+def embeddings_32bit_kind(name: str) -> str | None:
+    """How optimizer ``name`` keeps the ``nn.Embedding`` weights' state 32-bit: ``"bnb"`` (a bitsandbytes 8-bit class:
+    ``GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})``, exactly transformers'
+    ``Trainer.create_optimizer``), ``"groups"`` (an engine 8-bit recipe: the weight in a group of its own whose
+    ``min_quant_size`` exceeds its size, :func:`lowmem.optim.registry.full_precision_embedding_groups`), or `None`."""
+    from lowmem.optim.recipes.bnb import BNB_OPTIMIZERS
+
+    entry = get_entry(name)
+    if entry.name in BNB_OPTIMIZERS:
+        return "bnb" if BNB_OPTIMIZERS[entry.name][1] == 8 else None
+    if (entry.recipe is not None and "min_quant_size" in entry.valid_hparams() and entry.target_key is None
+            and entry.group_builder is None):
+        return "groups"
+    return None
+
+
+def _embeddings_32bit_names() -> str:
+    from lowmem.optim import list_optimizers
+
+    return ", ".join(n for n in list_optimizers() if embeddings_32bit_kind(n) is not None)
+
+
+def create_optimizer_embeddings_32bit(model: nn.Module, name: str, **hparams: Any) -> torch.optim.Optimizer:
+    """:func:`lowmem.create_optimizer` with every ``nn.Embedding`` weight's state kept 32-bit, as transformers'
+    Trainer keeps it for its bitsandbytes 8-bit ``optim`` names (:func:`embeddings_32bit_kind`); the other tensors
+    as ``create_optimizer`` builds them.
+
+    Raises:
+        ValueError: ``name`` cannot keep them so (naming the optimizers that can).
+    """
+    from lowmem.optim.registry import embedding_weights, full_precision_embedding_groups
+
+    kind = embeddings_32bit_kind(name)
+    if kind is None:
+        raise ValueError(f"optimizer {name!r} cannot keep the embeddings' state 32-bit: expected an 8-bit optimizer "
+                         f"({_embeddings_32bit_names()})")
+    if kind == "groups":
+        opt = create_optimizer(full_precision_embedding_groups(model, name, **hparams), name, **hparams)
+    else:
+        opt = create_optimizer(model, name, **hparams)
+        _register_bnb_embedding_overrides(model)
+    logger.info("lowmem optimizer %s: %d nn.Embedding weight(s), %d elements, keep a 32-bit state", name,
+                len(embedding_weights(model)), sum(w.numel() for w in embedding_weights(model)))
+    return opt
+
+
+def _register_bnb_embedding_overrides(model: nn.Module) -> None:
+    """transformers' ``Trainer.create_optimizer`` for a bitsandbytes class built with ``optim_bits=8``: every
+    ``nn.Embedding``'s ``weight`` gets ``{"optim_bits": 32}`` in bitsandbytes' process-wide ``GlobalOptimManager``
+    (read at the optimizer's first step)."""
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+
+
 class LowMemOptimizerMixin:
     """Builds the optimizer from ``args.lowmem_optim`` / ``args.lowmem_optim_args``.
 
@@ -580,7 +692,10 @@ class LowMemOptimizerMixin:
             self.args.max_grad_norm = 0.0
         else:
             with _explain_targets(opt_model, hp, get_entry(name).batched_targets):
-                self.optimizer = create_optimizer(opt_model, name, **hp)
+                if getattr(self.args, "lowmem_embeddings_32bit", False):
+                    self.optimizer = create_optimizer_embeddings_32bit(opt_model, name, **hp)
+                else:
+                    self.optimizer = create_optimizer(opt_model, name, **hp)
         _require_numeric_lr(self.optimizer, name)
         self._lowmem_built_optimizer = True
         logger.info("lowmem optimizer %s with %s", name, hp)

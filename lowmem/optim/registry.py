@@ -389,6 +389,48 @@ def build_param_groups(
     return groups
 
 
+def embedding_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable ``weight`` of every ``nn.Embedding`` in ``model`` (once each, a tied one too): the tensors whose
+    state transformers' Trainer keeps 32-bit for its bitsandbytes 8-bit optimizers (``Trainer.create_optimizer``:
+    ``GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})``)."""
+    out, seen = [], set()
+    for mod in model.modules():
+        w = getattr(mod, "weight", None) if isinstance(mod, nn.Embedding) else None
+        if isinstance(w, torch.Tensor) and w.requires_grad and id(w) not in seen:
+            seen.add(id(w))
+            out.append(w)
+    return out
+
+
+def full_precision_embedding_groups(model: nn.Module, name: str, **hparams: Any) -> list[dict[str, Any]]:
+    """:func:`create_optimizer`'s parameter groups for ``model`` with every ``nn.Embedding`` weight
+    (:func:`embedding_weights`) moved to a group of its own (its former group's settings) whose ``min_quant_size``
+    is one more than its size: the engine's 8-bit recipe keeps that weight's state float32, as transformers' Trainer
+    does for the bitsandbytes 8-bit optimizers its ``optim`` names build. The other groups are unchanged.
+
+    Raises:
+        ValueError: ``name`` has no per-group ``min_quant_size`` it decides quantization by, or builds its groups its
+            own way (a targeted / subspace recipe, a ``group_builder``).
+    """
+    entry = get_entry(name)
+    if (entry.recipe is None or "min_quant_size" not in entry.valid_hparams() or entry.target_key is not None
+            or entry.group_builder is not None):
+        raise ValueError(f"optimizer '{entry.name}' cannot keep the embeddings' state float32 by a group's "
+                         "min_quant_size (an engine 8-bit recipe with whole-model groups: lion8bit, adamw8bit, ...)")
+    groups = build_param_groups(model, weight_decay=hparams.get("weight_decay"),
+                                embedding_groups=entry.embedding_groups, batched_targets=entry.batched_targets)
+    embeds = {id(w): w for w in embedding_weights(model)}
+    out: list[dict[str, Any]] = []
+    for g in groups:
+        kept = [p for p in g["params"] if id(p) not in embeds]
+        if kept:
+            out.append({**g, "params": kept})
+        for p in g["params"]:
+            if id(p) in embeds:
+                out.append({**g, "params": [p], "min_quant_size": p.numel() + 1})
+    return out
+
+
 def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hparams: Any) -> torch.optim.Optimizer:
     """Build a registered optimizer by name.
 
