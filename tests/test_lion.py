@@ -95,12 +95,14 @@ def test_lion_bfloat16_moment_is_updated_in_float32_and_stored_rounded():
         torch.testing.assert_close(ps[i].detach(), p, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["engine", "fused"])
 @pytest.mark.parametrize("config", CONFIGS[1:], ids=["wd0.5", "beta1_0", "wd1"])
-def test_lion_equals_pytorch_optimizer_and_bitsandbytes(config):
+def test_lion_equals_pytorch_optimizer_and_bitsandbytes(config, fused):
+    """``fused=True``: bitsandbytes' optimizer_update_32bit on lowmem's moment (tests/test_fusedlion_fp32.py)."""
     po = pytest.importorskip("pytorch_optimizer")
     bnb = pytest.importorskip("bitsandbytes")
     init, grads = _problem(6, seed=2)
-    ours, opt = _run(lambda ps: create_optimizer(ps, "lion", **config), init, grads)
+    ours, opt = _run(lambda ps: create_optimizer(ps, "lion", fused=fused, **config), init, grads)
     theirs, _ = _run(lambda ps: po.Lion(ps, **config), init, grads)
     bnbs, bopt = _run(lambda ps: bnb.optim.Lion(ps, **config), init, grads)
     for p, q, r, b in zip(ours, theirs, bnbs, bopt.param_groups[0]["params"]):
@@ -109,16 +111,18 @@ def test_lion_equals_pytorch_optimizer_and_bitsandbytes(config):
         torch.testing.assert_close(opt.state[p]["exp_avg"], bopt.state[b]["state1"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [None, True], ids=["engine", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lion8bit_equals_bitsandbytes_lion8bit(dtype):
+def test_lion8bit_equals_bitsandbytes_lion8bit(dtype, fused):
     """Same 8-bit format as bitsandbytes' Lion8bit (signed dynamic map, absmax per block of 256): the codes,
     the block maxima and the parameters equal bnb's CPU step; tensors under the size threshold keep a
-    float32 moment in both."""
+    float32 moment in both. ``fused=True``: bitsandbytes' kernel on lowmem's own codes (tests/test_fusedlion_cpu.py)."""
     bnb = pytest.importorskip("bitsandbytes")
     cfg = {"lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 0.5}
     shapes = ((64, 80), (40,), (16, 33))  # 5120 (quantized, 20 blocks), 40 and 528 (a partial block)
     init, grads = _problem(6, seed=3, shapes=shapes)
-    ours, opt = _run(lambda ps: create_optimizer(ps, "lion8bit", min_quant_size=500, **cfg), init, grads, dtype)
+    ours, opt = _run(lambda ps: create_optimizer(ps, "lion8bit", min_quant_size=500, fused=fused, **cfg), init, grads,
+                     dtype)
     theirs, bopt = _run(lambda ps: bnb.optim.Lion8bit(ps, min_8bit_size=500, **cfg), init, grads, dtype)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
