@@ -284,7 +284,7 @@ class Quantized(MomentRule):
         if group.get("fused") is True and self._fusable(state):
             raise ValueError(
                 "fused=True: this parameter's step has no fused form (an FSDP2 shard, or a recipe with"
-                " stabilizers: the kernel updates the whole local tensor with plain AdamW); use fused=None or"
+                " stabilizers: the kernel updates the whole local tensor with the recipe's plain step); use fused=None or"
                 " fused=False")
         view, quantized = self._decoded(g, state, group)
         d = self.inner.direction(g, view, group, t, lr)
