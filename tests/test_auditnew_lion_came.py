@@ -161,7 +161,7 @@ def test_lion_zero_dim_parameter(name, dtype, foreach):
     for g in grads_for((), 4, dtype=dtype):
         p.grad = g.clone()
         opt.step()
-        ref = lion_ref(ref, g.double(), st, **LION_HP)
+        ref = ref_step(name, ref, g.double(), st, LION_HP)
     tol = 1e-4 if dtype != torch.bfloat16 else 0.6
     assert p.shape == () and max_diff_over_update(p, ref, LION_HP["lr"], 4) < tol
 
@@ -517,8 +517,18 @@ def test_float16_parameters_step_allocates_what_it_reports(name, state_dtype):
         assert traced == reported > 0, shape
 
 
-@pytest.mark.parametrize("name, state_dtype", [("lion", "float32"), ("lion8bit", "float32"), ("came", "float32"),
-                                               ("came", "param")])
+@pytest.mark.parametrize("shape", TRANSIENT_SHAPES, ids=str)
+def test_came_float64_state_step_allocates_what_it_reports(shape):
+    """float64 parameters with float64 state (``state_dtype="param"``), computed in float64 since FOUND_AUDITNEW 5:
+    the whole-tensor step's traced allocation equals ``step_transient_bytes()`` (a vector: 8 n + 16, 336 B for 40;
+    the 200 x 128 matrix 207,424 B, the 3-D stack 2,352)."""
+    from test_transient_per_parameter import _traced_and_reported
+
+    traced, reported = _traced_and_reported("came", torch.float64, shape, chunk=None, state_dtype="param")
+    assert traced == reported > 0
+
+
+@pytest.mark.parametrize("name, state_dtype", [("lion", "float32"), ("lion8bit", "float32"), ("came", "float32")])
 @pytest.mark.xfail(strict=True, reason="FOUND_AUDITNEW 4: float64 parameters: step_transient_bytes() under-reports "
                                        "(lion / lion8bit's unquantized moment with float32 state: the float32 copy "
                                        "of the float64 gradient, g.to(m.dtype), is not counted: 102,400 of 204,800 B "

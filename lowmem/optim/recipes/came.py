@@ -152,9 +152,13 @@ class CameMoments(MomentRule):
         or ``u`` beside the same factors, is no larger), and with low-precision state the float32 copies of the
         first moment and of the instability's statistics, ``4 (n + R + C)``; a vector's the update and the
         clipping's two 0-d tensors (``4 n + 8``), or with low-precision state the update beside the copy of ``v``
-        or of the first moment (``8 n``)."""
+        or of the first moment (``8 n``); a float64 state computes in float64: its vector ``8 n + 16``.
+        (A float64 parameter with a float32 / bfloat16 state is not counted exactly: the rule is not told the
+        parameter's dtype, FOUND_AUDITFIX 4.)"""
         rows, cols, low = self._layout(shape, state)
         if not rows:
+            if "exp_avg" in state and state["exp_avg"].dtype == torch.float64:
+                return 8 * numel + 16  # (the update, and the clipping's two 0-d tensors, in float64)
             return 4 * numel + max(8, 4 * numel * low)
         return 4 * (numel + rows + cols) * (1 + low)
 
