@@ -47,4 +47,5 @@ def test_down_proj_moment_only_with_a_trainable_down_proj():
     assert frozen["checkpoint_layer"] == frozen["checkpoint_layer_gates"] == trained["checkpoint_layer_gates"]
     assert trained["checkpoint_layer"] == frozen["checkpoint_layer"] - tokens * e * i + 4 * i * h
     plain = llama_activation_bytes(config, 1, tokens, e, False, down_grad_bytes=4 * i * h)
-    assert plain["last_layer_down_moment"] - plain["last_layer_moment"] == tokens * e * (h - i) + 4 * i * h
+    # (both moments hold the layer's incoming gradient e h; the gate / up moment adds the product's when down_proj saved none)
+    assert plain["last_layer_down_moment"] - plain["last_layer_moment"] == 4 * i * h - tokens * e * i

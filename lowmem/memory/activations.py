@@ -240,8 +240,8 @@ def llama_activation_bytes(
         # the next backward node, so the final norm's backward temporaries are not made yet; the head's backward has
         # freed its saved input and made its input's gradient, the same e h per token (``final_norm`` holds it)
         parts["head_step_moment"] = rest + head["final_norm"]
-        # (without the gradient of the layer's output and the product's, which layer_backward counts: FOUND_ESTLORA 1)
-        parts["last_layer_moment"] = rest + tokens * 2 * e * i
+        # (with the gradient of the layer's output and, when down_proj saved no input, the product's: layer_backward's)
+        parts["last_layer_moment"] = rest + gate_grads
         parts["last_layer_down_moment"] = rest + down
     return parts
 
