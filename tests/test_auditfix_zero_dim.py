@@ -1,0 +1,33 @@
+"""AUDITFIX: a 0-d parameter (CLIP's ``logit_scale``, a learned temperature, a scalar gate) steps as the same value
+held in a one-element tensor does, for the element-wise recipes whose ``chunk_state`` skipped a 0-d moment
+(``moments.AdamMoments``: adamw, adamw8bit's small tensors, ...; ``LionMoments``: tests/test_auditnew_lion_came.py).
+The engine passes the gradient flattened (``grad.view(-1)[start:stop]``, shape ``[1]``) and the un-viewed 0-d moment
+fails: ``output with shape [] doesn't match the broadcast shape [1]`` on every path but float32 multi-tensor.
+Fix (moments.py ``AdamMoments.chunk_state``, drop ``dim() > 0``): /tmp/lm/FOUND_AUDITFIX.md item 1b; verified in a
+scratch tree (every case below equal to the one-element run bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowmem
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("dtype, foreach", [(torch.float32, False), (torch.float64, None), (torch.bfloat16, None)],
+                         ids=["fp32-single", "fp64", "bf16"])
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="FOUND_AUDITFIX 1b: AdamMoments.chunk_state (moments.py:376) leaves a 0-d moment un-viewed "
+                          "while the engine passes the gradient as [1]")
+def test_zero_dim_parameter_steps_as_a_one_element_tensor(name, dtype, foreach):
+    p = torch.nn.Parameter(torch.tensor(1.5, dtype=dtype))
+    q = torch.nn.Parameter(torch.tensor([1.5], dtype=dtype))
+    op = lowmem.create_optimizer([p], name, lr=0.1, weight_decay=0.1, foreach=foreach)
+    oq = lowmem.create_optimizer([q], name, lr=0.1, weight_decay=0.1, foreach=foreach)
+    for k in range(3):
+        p.grad = torch.tensor(0.3 * (k + 1) - 0.5, dtype=dtype)
+        q.grad = p.grad.view(1).clone()
+        op.step()
+        oq.step()
+    assert p.shape == () and torch.equal(p.view(1), q) and not torch.equal(q, torch.tensor([1.5], dtype=dtype))
