@@ -228,7 +228,7 @@ class CameMoments(MomentRule):
         del row_mean
         c_factor = col32.unsqueeze(-2).rsqrt()
         del row32, col32
-        sq = torch.zeros((), dtype=torch.float32, device=row.device)
+        sq = torch.zeros((), dtype=r_factor.dtype, device=row.device)  # (float64 for a float64 state)
         for start, stop in bounds:  # line 5: the RMS of the whole update
             u = torch.mul(r_factor[start // n : stop // n], c_factor).mul_(grad(start, stop))
             sq.add_(torch.linalg.vector_norm(u).square_())
@@ -293,10 +293,13 @@ class CameMoments(MomentRule):
         return self._row_blocks_bytes(numel, shape, state)
 
     def _row_blocks_bytes(self, numel, shape, state) -> int:
-        """The three passes over row blocks of at most ``numel`` elements (:meth:`chunk_transient_bytes`)."""
+        """The three passes over row blocks of at most ``numel`` elements (:meth:`chunk_transient_bytes`); a float64
+        state is computed in float64 without copies: the same tensors at 8 bytes per element."""
         m, n = shape
         _, _, low = self._layout(shape, state)
         k = max(1, numel // n)
+        if "exp_avg" in state and state["exp_avg"].dtype == torch.float64:  # computed in float64, no copies
+            return 8 * (m + n) + 8 * n + 8 + 8 * numel + 8 * max(k, n)
         return 4 * (m + n) * (1 + low) + 4 * n + 4 + 4 * numel + max(4 * numel * low, 4 * max(k, n))
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
