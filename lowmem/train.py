@@ -417,7 +417,8 @@ HF_OPTIM_NAMES: dict[str, str] = {
     "paged_adamw_32bit": "bnb_paged_adamw", "paged_adamw_8bit": "bnb_paged_adamw8bit",
     "galore_adamw": "galore_adamw", "galore_adamw_8bit": "galore_adamw8bit", "galore_adafactor": "galore_adafactor",
     "apollo_adamw": "apollo_adamw",  # optim_args proj=random|svd, scale_type, rank, scale, update_proj_gap, proj_type
-    "lion_32bit": "lion", "lion_8bit": "lion8bit",  # bnb's Lion(optim_bits=32 / 8): the same state format, tested equal
+    "lion_32bit": "lion", "lion_8bit": "lion8bit",  # bnb's Lion(optim_bits=32 / 8): the same state format, tested
+    # equal (the 8-bit names with the embeddings' state 32-bit, as transformers' Trainer: HF_EMBEDDINGS_32BIT)
     "paged_lion_32bit": "bnb_paged_lion", "paged_lion_8bit": "bnb_paged_lion8bit",  # no engine recipe pages memory
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
