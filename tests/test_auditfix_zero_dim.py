@@ -17,9 +17,6 @@ import lowmem
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
 @pytest.mark.parametrize("dtype, foreach", [(torch.float32, False), (torch.float64, None), (torch.bfloat16, None)],
                          ids=["fp32-single", "fp64", "bf16"])
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="FOUND_AUDITFIX 1b: AdamMoments.chunk_state (moments.py:376) leaves a 0-d moment un-viewed "
-                          "while the engine passes the gradient as [1]")
 def test_zero_dim_parameter_steps_as_a_one_element_tensor(name, dtype, foreach):
     p = torch.nn.Parameter(torch.tensor(1.5, dtype=dtype))
     q = torch.nn.Parameter(torch.tensor([1.5], dtype=dtype))

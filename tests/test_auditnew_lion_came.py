@@ -148,10 +148,6 @@ def test_came_zero_dim_parameter(dtype):
 @pytest.mark.parametrize("name", ["lion", "lion8bit"])
 @pytest.mark.parametrize("dtype, foreach", [(torch.float32, False), (torch.float64, None), (torch.bfloat16, None)],
                          ids=["fp32-single", "fp64", "bf16"])
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="FOUND_AUDITNEW 1: LionMoments.chunk_state leaves a 0-d moment un-viewed while the engine "
-                          "passes the gradient flattened to [1]: 'output with shape [] doesn't match the broadcast "
-                          "shape [1]' on every path but the float32 multi-tensor one")
 def test_lion_zero_dim_parameter(name, dtype, foreach):
     """A 0-d parameter (CLIP's ``logit_scale``, a learned temperature) must step as a one-element tensor does."""
     p0 = torch.tensor(1.5, dtype=torch.float64)
@@ -435,10 +431,6 @@ def test_deepcopy_without_a_scheduler_continues_bit_for_bit(name):
 
 
 @pytest.mark.parametrize("name", ["lion", "came"])
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDITNEW 3: LowMemOptimizer.__getstate__ (engine.py 764-777) keeps every "
-                                       "instance attribute, including the 'step' wrapper torch's LRScheduler installs "
-                                       "on the optimizer (a closure over a weak reference to the ORIGINAL): the copy's "
-                                       "step() steps the original with the original's gradients, the copy never moves")
 def test_deepcopy_with_a_scheduler_attached_steps_the_copy(name):
     """``copy.deepcopy((model, optimizer, scheduler))`` after 3 steps: the copy's steps move the copy, not the
     original (torch.optim.AdamW: the copy moves, the original does not; measured)."""
@@ -452,9 +444,6 @@ def test_deepcopy_with_a_scheduler_attached_steps_the_copy(name):
     assert not all(torch.equal(a, b) for a, b in zip(m3.parameters(), before3)), "the copy did not move"
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="FOUND_AUDITNEW 3: pickle.dumps of an optimizer with a scheduler attached: PicklingError "
-                          "\"Can't pickle <function LowMemOptimizer.step>\" (torch.optim.AdamW pickles)")
 def test_pickle_with_a_scheduler_attached():
     import pickle
 
@@ -535,9 +524,6 @@ def test_came_float64_state_step_allocates_what_it_reports(shape):
 
 
 @pytest.mark.parametrize("name", ["lion", "lion8bit"])
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDITNEW 4 / FOUND_AUDITFIX 4a: functional/lion.py makes a float32 copy "
-                                       "of a float64 gradient (g.to(m.dtype)) that no count includes: 204,800 B "
-                                       "traced, 102,400 reported for 200 x 128 (drop this marker with the patch)")
 def test_float64_parameters_lion_step_allocates_what_it_reports(name):
     from test_transient_per_parameter import _traced_and_reported
 

@@ -774,6 +774,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for k, v in self.__dict__.items():
             if k in state or k in self._NOT_COPIED or k.startswith("_optimizer_"):
                 continue
+            if k == "step":  # torch's LRScheduler wraps step() per instance, closing over the ORIGINAL optimizer:
+                continue     # the copy keeps its class's step (as torch.optim's copies do; a copied scheduler works)
             if k == "recipe" and v is getattr(type(self), "recipe", None):
                 continue
             state[k] = v

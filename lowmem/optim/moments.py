@@ -373,7 +373,7 @@ class AdamMoments(MomentRule):
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         view = ChunkState(state, start, stop)
         for k in self.state_keys:
-            if k in state and state[k].dim() > 0:
+            if k in state:  # (a 0-d moment too: the engine passes its gradient as view(-1)[start:stop], [1])
                 view[k] = state[k].view(-1)[start:stop]
         return view
 

@@ -27,7 +27,8 @@ def lion_direction_(m: Tensor, g: Tensor, beta1: float, beta2: float) -> Tensor:
     """Lion's direction ``sign(beta1 m + (1 - beta1) g)`` (Algorithm 2, line 5, and the sign of
     line 6) as a new tensor of ``m``'s dtype, then ``m <- beta2 m + (1 - beta2) g`` in place
     (line 7). ``g`` is read in ``m``'s dtype. Allocates the direction only (``m.numel()`` values)."""
-    g = g.to(m.dtype)
+    if g.dtype != torch.float64:  # (a float64 gradient is read in place, in float64, by the float32 moment's
+        g = g.to(m.dtype)         # in-place ops: no float32 copy of it; rounded once, into m and the direction)
     c = torch.mul(m, beta1).add_(g, alpha=1.0 - beta1).sign_()
     m.mul_(beta2).add_(g, alpha=1.0 - beta2)
     return c

@@ -61,7 +61,7 @@ class LionMoments(MomentRule):
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         view = ChunkState(state, start, stop)
-        if "exp_avg" in state and state["exp_avg"].dim() > 0:
+        if "exp_avg" in state:  # (a 0-d moment too: the engine passes its gradient as view(-1)[start:stop], [1])
             view["exp_avg"] = state["exp_avg"].view(-1)[start:stop]
         return view
 
