@@ -604,8 +604,8 @@ class Quantized(MomentRule):
                 and all(is_quantized(state, k) and not is_rank1(state, k) for k in self.specs))
 
     def _fused_member_(self, p, g, st, group, t, lr) -> bool:
-        """Step one bucket member with :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_` when the group
-        has ``fused`` (a recipe that declares it) and :func:`~lowmem.optim.bnb_fused.use_fused` says so;
+        """Step one bucket member with :meth:`_fused_kernel_step_` (AdamW's:
+        :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_`) when the group has ``fused`` (a recipe that declares it) and :func:`~lowmem.optim.bnb_fused.use_fused` says so;
         returns whether it did. A piece of a larger tensor: the whole tensor from its first piece (the
         others are skipped), on CPU in slices of the piece's size rounded to whole blocks."""
         if "fused" not in group or group["fused"] is False:
@@ -624,12 +624,11 @@ class Quantized(MomentRule):
             return False
         if piece and st.start != 0:
             return True  # (stepped with the first piece)
-        codes = bnb_fused.code_maps(str(p.device))
-        bnb_fused.fused_adam8bit_step_(p, g, state, group, t, lr, codes, chunk)
+        self._fused_kernel_step_(p, g, state, group, t, lr, chunk)
         return True
 
     def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
-        """The per-parameter step of ``p`` by :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_` (on CPU in
+        """The per-parameter step of ``p`` by :meth:`_fused_kernel_step_` (on CPU in
         slices of ``chunk_numel`` rounded down to whole blocks) when :meth:`_fused_member_`'s conditions
         hold; returns whether it ran. For the engine's per-parameter step (float32 / bf16 / fp16
         parameters, ``foreach=False``, layerwise mode), called by the engine's ``_update`` for a plain
@@ -639,9 +638,15 @@ class Quantized(MomentRule):
             return False
         if not bnb_fused.use_fused(p, grad, state, group):
             return False
-        codes = bnb_fused.code_maps(str(p.device))
-        bnb_fused.fused_adam8bit_step_(p, grad, state, group, t, lr, codes, chunk_numel)
+        self._fused_kernel_step_(p, grad, state, group, t, lr, chunk_numel)
         return True
+
+    def _fused_kernel_step_(self, p, g, state, group, t, lr, chunk) -> None:
+        """bitsandbytes' fused step of the whole of ``p`` (on CPU in slices of ``chunk`` elements rounded down to
+        whole blocks; ``None``: one slice), the one call :meth:`_fused_member_` and :meth:`fused_step_` make once
+        their conditions hold: here :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_`; a recipe whose
+        :meth:`_fusable` state another kernel updates overrides this (lion8bit: ``fused_lion8bit_step_``)."""
+        bnb_fused.fused_adam8bit_step_(p, g, state, group, t, lr, bnb_fused.code_maps(str(p.device)), chunk)
 
     def fused_step_allocates_nothing(self, p, group, state) -> bool:
         """Whether :meth:`fused_step_` steps ``p`` with bitsandbytes' CUDA kernel (its gradient assumed contiguous

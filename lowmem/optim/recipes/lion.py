@@ -15,7 +15,6 @@ The one new part is the moment rule :class:`LionMoments` (math in
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
@@ -177,42 +176,16 @@ class Lion8bitQuantized(Quantized):
     fused Lion step (:func:`~lowmem.optim.bnb_fused.fused_lion8bit_step_`) instead of its Adam step: the
     same conditions (``bnb_fused.use_fused``, pieces stepped whole from the first, CPU slices of whole
     blocks), the same transient bytes (``fused_cpu_transient_bytes``: Lion's CPU temporaries count as
-    Adam's). :meth:`_fused_member_` and :meth:`fused_step_` are Quantized's with the Lion kernel
-    (FOUND_FUSEDLION 1: a kernel hook in Quantized would leave only :meth:`_fusable` here)."""
+    Adam's). Only :meth:`_fusable` and the kernel hook :meth:`_fused_kernel_step_` differ from Quantized's."""
 
     def _fusable(self, state) -> bool:
         """The momentum in bitsandbytes' blockwise 8-bit format (signed dynamic map, not rank-1)."""
         return (self.specs == {"exp_avg": M1_8BIT} and is_quantized(state, "exp_avg")
                 and not is_rank1(state, "exp_avg"))
 
-    def _fused_member_(self, p, g, st, group, t, lr) -> bool:
-        if "fused" not in group or group["fused"] is False:
-            return False
-        piece = isinstance(st, ChunkState) and "parent" in st.extra
-        state = st.extra["parent"] if piece else st
-        if not self._fusable(state):
-            return False
-        chunk = None
-        if piece:
-            numel = math.prod(st.extra["shape"])
-            chunk = st.stop - st.start
-            p = p.as_strided((numel,), (1,), p.storage_offset() - st.start)
-            g = g.as_strided((numel,), (1,), g.storage_offset() - st.start)
-        if not bnb_fused.use_fused(p, g, state, group):
-            return False
-        if piece and st.start != 0:
-            return True  # (stepped with the first piece)
+    def _fused_kernel_step_(self, p, g, state, group, t, lr, chunk) -> None:
+        """bitsandbytes' fused Lion step (the signed map only: Lion has no second moment)."""
         bnb_fused.fused_lion8bit_step_(p, g, state, group, t, lr, bnb_fused.code_maps(str(p.device))[0], chunk)
-        return True
-
-    def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
-        if "fused" not in group or group["fused"] is False or not self._fusable(state):
-            return False
-        if not bnb_fused.use_fused(p, grad, state, group):
-            return False
-        bnb_fused.fused_lion8bit_step_(p, grad, state, group, t, lr, bnb_fused.code_maps(str(p.device))[0],
-                                       chunk_numel)
-        return True
 
 
 _LION_HPARAMS = (
