@@ -277,23 +277,37 @@ def pick_verdict(peak: int, limit: int) -> tuple[bool, str]:
 
 
 @contextlib.contextmanager
-def measuring_progress(total: int) -> Iterator[Callable[[int, str], None]]:
+def measuring_progress(total: int) -> Iterator[Callable[[int, str], Callable[[int, int], None]]]:
     """Progress of ``lowmem budget --measure`` on stderr (loading a model and stepping it takes minutes on a real one):
-    yields ``show(i, what)``, called before measurement ``i`` (0-based) of ``total``. In a terminal a transient rich
-    bar (spinner, ``i/total``, elapsed time, refreshed while a measurement runs); otherwise (a log, a pipe) one line per
-    measured configuration, ``lowmem budget: measuring #1/2 (adamw, batch 1, 2 steps on cpu) ...``, as rich draws no
-    live bar there."""
+    yields ``show(i, what)``, called before measurement ``i`` (0-based) of ``total``; it returns ``step(k, steps)``,
+    :func:`~lowmem.memory.measure_memory`'s ``progress`` (called after each of that measurement's optimizer steps). In
+    a terminal a transient rich bar (spinner, ``i/total``, elapsed time, refreshed while a measurement runs) over a
+    second one counting the steps, ``k/steps``; otherwise (a log, a pipe) one line per measured configuration,
+    ``lowmem budget: measuring #1/2 (adamw, batch 1, 2 steps on cpu) ...``, and a short one per step,
+    ``lowmem budget: measuring #1/2: step 1/2 done``, as rich draws no live bar there."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     if not console.is_terminal:
-        yield lambda i, what: print(f"lowmem budget: measuring #{i + 1}/{total} ({what}) ...", file=sys.stderr, flush=True)
+        def show_line(i: int, what: str) -> Callable[[int, int], None]:
+            print(f"lowmem budget: measuring #{i + 1}/{total} ({what}) ...", file=sys.stderr, flush=True)
+            return lambda k, steps: print(f"lowmem budget: measuring #{i + 1}/{total}: step {k}/{steps} done",
+                                          file=sys.stderr, flush=True)
+
+        yield show_line
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=total)
-        yield lambda i, what: progress.update(task, description=f"measuring #{i + 1} ({what})", completed=i)
+        steps_task = progress.add_task("  steps", total=None, visible=False)
+
+        def show_bar(i: int, what: str) -> Callable[[int, int], None]:
+            progress.update(task, description=f"measuring #{i + 1} ({what})", completed=i)
+            progress.reset(steps_task, total=None, completed=0, visible=False)
+            return lambda k, steps: progress.update(steps_task, total=steps, completed=k, visible=True)
+
+        yield show_bar
 
 
 def measure_picks(model: str, picks: list, limit: int, steps: int = 2, gradient_accumulation_steps: int = 1) -> list[dict]:
@@ -317,12 +331,12 @@ def measure_picks(model: str, picks: list, limit: int, steps: int = 2, gradient_
     with measuring_progress(len(picks)) as show:
         for i, c in enumerate(picks):
             kw = measure_kwargs(c.settings, gradient_accumulation_steps)
-            show(i, f"{c.settings['optimizer']}, batch {kw['batch_size']}, {steps} steps on {kw['device']}")
+            step = show(i, f"{c.settings['optimizer']}, batch {kw['batch_size']}, {steps} steps on {kw['device']}")
             record = {"rank": i + 1, "settings": kw, "estimate": {**c.components, "total": c.total}, "notes": []}
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    res = measure_memory(model, steps=steps, **kw)
+                    res = measure_memory(model, steps=steps, progress=step, **kw)
             except (ImportError, RuntimeError, NotImplementedError) as e:
                 if not kw["quantization"]:
                     raise
@@ -510,9 +524,9 @@ def run(args: argparse.Namespace) -> int:
         from .memory.measure import measure_memory
 
         with measuring_progress(1) as show:
-            show(0, f"{args.optimizer}, batch {args.batch_size}, {args.steps} steps on "
-                 f"{args.device or 'cuda when available, else cpu'}")
-            res = measure_memory(args.model, steps=args.steps, device=args.device,
+            step = show(0, f"{args.optimizer}, batch {args.batch_size}, {args.steps} steps on "
+                        f"{args.device or 'cuda when available, else cpu'}")
+            res = measure_memory(args.model, steps=args.steps, device=args.device, progress=step,
                                  **{**common, "gradient_checkpointing": bool(args.gradient_checkpointing)})
         est = res.estimate
         if args.png:

@@ -74,6 +74,9 @@ def test_budget_measure_shows_progress(capsys):
     from lowmem.cli import main
 
     """The chosen rule (lowmem.cli_budget.measuring_progress): a live bar in a terminal, one line per measured
-    configuration elsewhere (capsys is no terminal); the bar over the steps inside measure_memory is FOUND_NEWFIX 1."""
+    configuration elsewhere (capsys is no terminal), then a short one per step inside measure_memory (its progress
+    callback, FOUND_NEWFIX 1): the original ask, "2/2" on stderr."""
     assert main(["budget", "tiny", "--measure", "--steps", "2", "--device", "cpu"]) == 0
-    assert re.search(r"measuring #1/1 \(adamw, batch 1, 2 steps on cpu\)", capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(r"measuring #1/1 \(adamw, batch 1, 2 steps on cpu\)", err)
+    assert re.findall(r"measuring #1/1: step (\d)/2 done", err) == ["1", "2"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -396,6 +397,7 @@ def measure_memory(
     seed: int = 0,
     gradient_accumulation_steps: int = 1,
     padding_free: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MemoryMeasurement:
     """Run ``steps`` real training steps and report the live memory at the peak, by component,
     beside :func:`~lowmem.memory.estimate_memory` for the same settings.
@@ -414,6 +416,9 @@ def measure_memory(
         padding_free (`bool`, defaults to `False`): Each micro-batch as TRL's padding-free collator gives it (``SFTConfig
             .padding_free``; ``packing`` with ``"bfd"``): its ``batch_size`` sequences flattened into one row of
             ``batch_size x seq_len`` tokens, with ``position_ids`` restarting at each sequence (no attention mask).
+        progress (`Callable[[int, int], None]` or `None`, defaults to `None`): Called as ``progress(step, steps)``
+            (``step`` 1-based) after each optimizer step: after the last micro-batch with ``gradient_accumulation_steps
+            > 1``, once per step in layerwise mode too (``lowmem budget --measure`` shows it as ``k/steps``).
 
     Steps use random token ids as inputs and labels (``labels = input_ids``), no padding mask;
     ``layerwise=True`` steps each parameter in its post-accumulate-grad hook and frees its gradient.
@@ -431,6 +436,8 @@ def measure_memory(
         raise ValueError(f"padding_free must be True or False (TRL's SFTConfig.padding_free), got {padding_free!r}")
     if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 1):  # (0: no step, a peak of nothing)
         raise ValueError(f"steps must be an int >= 1 (training steps measured), got {steps!r}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be a callable progress(step, steps) or None, got {progress!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pdtype = parse_dtype(dtype)
     m, config = _build_model(model, pdtype, quantization, lora, gradient_checkpointing, device, seed)
@@ -472,7 +479,7 @@ def measure_memory(
         torch.cuda.reset_peak_memory_stats()
     tracker = PeakTracker(m, opt, device=device)
     with tracker:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             for _ in range(accumulation):
                 ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
                 if padding_free:  # one row, position ids per sequence (TRL's DataCollatorForLanguageModeling)
@@ -488,6 +495,8 @@ def measure_memory(
             opt.step()  # layerwise: ends the window (parameters were stepped in their hooks)
             opt.zero_grad(set_to_none=True)
             tracker.next_step()
+            if progress is not None:
+                progress(step, steps)
     peak_allocated = None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
