@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
 from .memory.estimate import QuantSpec, lora_config, parse_dtype
+
+#: The adapters of a quantized model loaded without ``lora`` (:func:`load_quantized_model`); read-only: ``dict(DEFAULT_LORA)``
+#: for a copy. lowmem.train.check_optimizer_on_meta attaches the same ones on the meta device.
+DEFAULT_LORA = MappingProxyType({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
 
 
 def bnb_config(quantization: Any = "nf4", double_quant: bool = True, compute_dtype: str | torch.dtype | None = "bf16"):
@@ -67,7 +72,7 @@ def load_quantized_model(
         compute_dtype (`str` or `torch.dtype` or `None`, defaults to `None`): Matmul dtype of the 4-bit
             layers; ``None``: ``dtype`` (what :func:`~lowmem.memory.estimate_memory` assumes too).
         lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): Adapters; ``None`` uses
-            ``r=16, lora_alpha=32, target_modules="all-linear"``.
+            :data:`DEFAULT_LORA` (``r=16, lora_alpha=32, target_modules="all-linear"``).
         dtype (`str` or `torch.dtype`, defaults to `"bf16"`): Dtype of the non-quantized weights at
             loading (peft then upcasts them to float32).
         device (`str` or `None`, defaults to `None`): ``"cuda"`` when available, else ``"cpu"``.
@@ -94,7 +99,7 @@ def load_quantized_model(
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
     keep_4bit_trainable_on_cpu(model)
-    cfg = lora_config(lora if lora is not None else {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
+    cfg = lora_config(lora if lora is not None else dict(DEFAULT_LORA))
     return attach_lora(model, cfg)
 
 

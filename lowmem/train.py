@@ -2352,15 +2352,13 @@ def check_optimizer_on_meta(recipe: TrainRecipe, args: Any) -> None:
     that applies to none of the weights: :func:`~lowmem.optim.recipes.subspace.check_rank_applies`; target modules
     that match no layer). Nothing is allocated (meta tensors). With ``lora`` the adapters peft adds are what trains:
     they are attached on the meta device too (3 s for a 7B shape; a 4-bit base's adapters have the shapes of the
-    unquantized one's). ``quantization`` without ``lora`` (lowmem.quant's default adapters) is not checked here. A
-    model or adapter setting the meta build cannot take (remote code, a multimodal model, ``target_modules`` matching
-    no layer) skips this check: the real build reports it. Warnings of this build are dropped (the real build gives
+    unquantized one's). ``quantization`` without ``lora`` trains lowmem.quant's default adapters
+    (:data:`~lowmem.quant.DEFAULT_LORA`): those are attached. A model or adapter setting the meta build cannot take
+    (remote code, a multimodal model, ``target_modules`` matching no layer) skips this check: the real build reports it. Warnings of this build are dropped (the real build gives
     them once).
 
     Raises:
         ValueError: The optimizer refuses a value for this model's shapes (the run would fail after loading)."""
-    if recipe.quantization is not None and recipe.lora is None:
-        return
     import warnings
 
     from transformers import AutoConfig
@@ -2375,11 +2373,16 @@ def check_optimizer_on_meta(recipe: TrainRecipe, args: Any) -> None:
         try:
             config = tiny_config() if recipe.model is None else AutoConfig.from_pretrained(recipe.model)
             model = build_meta_model(config, getattr(torch, recipe.dtype))
-            if recipe.lora is not None:
+            lora = recipe.lora
+            if lora is None and recipe.quantization is not None:  # what load_quantized_model attaches
+                from lowmem.quant import DEFAULT_LORA
+
+                lora = dict(DEFAULT_LORA)
+            if lora is not None:
                 from lowmem.quant import attach_lora
 
                 with torch.device("meta"):
-                    model = attach_lora(model, lora_config(recipe.lora))
+                    model = attach_lora(model, lora_config(lora))
         except Exception:  # a model the meta build does not cover (multimodal, remote code): the real build checks it
             return
         hp = target_modules_hparam(name, args, trainer_hparams(name, args, recipe.optim_args))
