@@ -1273,14 +1273,33 @@ class LowMemOptimizer(torch.optim.Optimizer):
             alive -= 8 * b.numel + b.held  # (the bucket's step sizes stay until its end)
         return worst
 
+    def _casts_float64_grad(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether :meth:`_update_state` casts ``p``'s float64 gradient to float32 once before the step: a rule that
+        computes in its state's precision (:attr:`MomentRule.computes_in_state_precision`: CAME, Adafactor) with a
+        float32 / bfloat16 state of a float64 parameter (its statistics are float32 at best; the parameter itself
+        stays float64). Unprojected, unstabilized, unsharded parameters only."""
+        r = self.recipe
+        return (p.dtype == torch.float64 and getattr(r.moment, "computes_in_state_precision", False)
+                and not r.stabilizers and not self._is_projected(p, group) and not is_dtensor(p)
+                and state_dtype(group, p) != torch.float64)
+
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> int:
         """The transient of :meth:`_update` of ``p`` alone (its per-parameter step; ``steady``: without a refresh).
-        A batch of matrices (:meth:`_matrices`): one matrix's, its step's temporaries freed before the next one's."""
+        A batch of matrices (:meth:`_matrices`): one matrix's, its step's temporaries freed before the next one's.
+        A float64 gradient cast to float32 (:meth:`_casts_float64_grad`): that copy (4 B per element, held through
+        the step) and the rule's ``float64_param_bytes`` beside the step of a float32 gradient."""
+        cast = (4 * p.numel() + self.recipe.moment.float64_param_bytes(group)
+                if self._casts_float64_grad(p, group) else 0)
+        return cast + self._step_transient_bytes_of(p, group, state, steady)
+
+    def _step_transient_bytes_of(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                                 steady: bool = False) -> int:
+        """:meth:`_param_transient_bytes` less a float64 gradient's float32 copy (:meth:`_casts_float64_grad`)."""
         if self._matrices(p, group):
             if p.numel() == 0:  # (an FSDP2 shard with no matrix: nothing stepped)
                 return 0
             idx = matrix_index(0, p.shape[:-2])
-            return self._param_transient_bytes(matrix_of(p, idx), group, matrix_state(state, idx), steady)
+            return self._step_transient_bytes_of(matrix_of(p, idx), group, matrix_state(state, idx), steady)
         r = self.recipe
         fused = getattr(r.moment, "fused_step_allocates_nothing", None)
         fused_bytes = getattr(r.moment, "fused_step_transient_bytes", None)
@@ -2463,6 +2482,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 and r.decay_after_update == r.moment.foreach_decays_after
                 and r.moment.fused_step_(p, grad, group, state, t, r.lr_rule(group, state, p, t), self._chunk(p.device))):
             return  # (a fused kernel stepped p and its state: adamw8bit's fused, Quantized.fused_step_)
+        if projected_grad is None and reduce is None and self._casts_float64_grad(p, group):
+            grad = grad.float()  # (MomentRule.computes_in_state_precision: once, held through the step; counted)
         if projected_grad is None:
             bounds = self._chunk_bounds(p, group, state, grad)
             if bounds is None and reduce is not None:

@@ -77,6 +77,17 @@ class MomentRule:
     #: computed beside the block's gradient copy; SinkGD, Adam-mini, Subset-Norm). Not with stabilizers (their
     #: chunks are counted by the engine, phase by phase: ``Stabilizer.chunk_bytes``).
     chunk_counts_copies: bool = False
+    #: Whether the rule computes in its state's precision: a float64 parameter's gradient is cast to float32 once by
+    #: the engine when the state is float32 / bfloat16 (``LowMemOptimizer._casts_float64_grad``, counted 4 B per
+    #: element), so the rule's temporaries are those of a float32 gradient, as its ``transient_bytes`` counts (CAME,
+    #: Adafactor: before 2026-11-30 their mixed float64 temporaries were uncounted, came's 200 x 128 206,400 B
+    #: traced for 103,712 reported). A float64 state (``state_dtype="param"``) computes in float64, uncast.
+    computes_in_state_precision: bool = False
+
+    def float64_param_bytes(self, group: dict[str, Any]) -> int:
+        """With :attr:`computes_in_state_precision`: what the step of a float64 parameter (its gradient cast to
+        float32) allocates beyond a float32 parameter's step and the cast, alive through the step."""
+        return 0
     #: A rule whose chunked step allocates other than :meth:`transient_bytes` of a chunk (the whole-tensor form: its
     #: direction and statistics of ``numel`` elements) gives ``chunk_transient_bytes(numel, shape, group, state)``,
     #: the chunked step's transient with chunks of at most ``numel`` elements (the engine's ``_param_transient_bytes``
@@ -519,6 +530,7 @@ class FactoredMoments(MomentRule):
     """
 
     applies_lr = True
+    computes_in_state_precision = True  # (a float64 gradient with a float32 / bf16 state: cast once by the engine)
     state_keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
     restarts_on_reset = True
     # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce`` (all-reduces over the shards of
@@ -559,6 +571,11 @@ class FactoredMoments(MomentRule):
         """The step size :func:`adafactor_lr` returns, alive through the step: a float32 0-d tensor with
         ``scale_parameter`` (a constant ``lr``: nothing)."""
         return 4 if group.get("scale_parameter") else 0
+
+    def float64_param_bytes(self, group):
+        """A float64 parameter's step size (:func:`adafactor_lr` reads the parameter) is a float64 0-d tensor:
+        4 bytes beyond :meth:`_lr_bytes`' float32 one."""
+        return self._lr_bytes(group)
 
     def direction_bytes(self, numel, shape, group, state):
         """The update and the step size's 0-d tensor (:meth:`_lr_bytes`)."""

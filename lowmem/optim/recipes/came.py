@@ -66,6 +66,8 @@ class CameMoments(MomentRule):
     state_keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
     #: the chunked direction is a new tensor (the factors times the first moment), holding nothing of the gradient
     chunk_direction_is_new = True
+    #: a float64 gradient with a float32 / bfloat16 state is cast to float32 once by the engine (counted there)
+    computes_in_state_precision = True
     # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce`` (column sums, row sums and the update's RMS
     # all-reduced over the shards of dimension 0); the row / column statistics are the parameter's shape with one
     # dimension reduced away (checkpoints shard the rows like the parameter and replicate the columns)
@@ -153,8 +155,8 @@ class CameMoments(MomentRule):
         first moment and of the instability's statistics, ``4 (n + R + C)``; a vector's the update and the
         clipping's two 0-d tensors (``4 n + 8``), or with low-precision state the update beside the copy of ``v``
         or of the first moment (``8 n``); a float64 state computes in float64: its vector ``8 n + 16``.
-        (A float64 parameter with a float32 / bfloat16 state is not counted exactly: the rule is not told the
-        parameter's dtype, FOUND_AUDITFIX 4.)"""
+        (A float64 parameter with a float32 / bfloat16 state: the engine casts its gradient to float32 once and
+        counts that copy, ``computes_in_state_precision``; this is then a float32 gradient's step.)"""
         rows, cols, low = self._layout(shape, state)
         if not rows:
             if "exp_avg" in state and state["exp_avg"].dtype == torch.float64:
