@@ -414,10 +414,16 @@ def run(args: argparse.Namespace) -> int:
     from .train import resolve_optim_name
 
     optimizer_given = args.optimizer is not None
-    args.optimizer, hf_layerwise = resolve_optim_name(args.optimizer or "adamw")  # lowmem train's names: adamw_torch_4bit, ...
+    given = args.optimizer or "adamw"
+    args.optimizer, hf_layerwise = resolve_optim_name(given)  # lowmem train's names: adamw_torch_4bit, ...
     args.layerwise = args.layerwise or hf_layerwise
+    from .train import hf_keeps_embeddings_32bit
+
+    # an HF 8-bit name (lion_8bit, adamw_8bit, ...) is estimated and measured as lowmem train runs it: the nn.Embedding
+    # weights' state 32-bit (estimate_memory / measure_memory take the HF name; not layerwise, as lowmem train)
+    hf_embeddings_32bit = hf_keeps_embeddings_32bit(given.removesuffix("_layerwise")) and not args.layerwise
     common = dict(
-        optimizer=args.optimizer, optim_args=parse_optim_args(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
+        optimizer=given.strip().lower().replace("-", "_") if hf_embeddings_32bit else args.optimizer, optim_args=parse_optim_args(args.optim_args), batch_size=args.batch_size, seq_len=args.seq_len,
         dtype=args.dtype, quantization=quant, lora=lora, gradient_checkpointing=args.gradient_checkpointing, layerwise=args.layerwise,
     )
     trainer_fields = dict(trainer=args.trainer, reference=args.reference, generation_batch_size=args.generation_batch_size,

@@ -736,12 +736,17 @@ def _layerwise_transient(parts: dict[str, Any], max_grad_norm: float | None = No
                                      parts["device_type"])
 
 
-def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None) -> dict[str, Any]:
+def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[str, Any] | None,
+                    embeddings_32bit: bool = False) -> dict[str, Any]:
     """Everything :func:`optimizer_sizes` learns from one sizing, for both stepping modes: ``state``,
     ``transient`` (``{False: bucketed step, True: per parameter}``), ``how``, ``kept_gemm``, ``frozen``
     (names of the parameters the optimizer set ``requires_grad=False``: BAdam's inactive blocks) and
     ``messages`` (its warnings, summarized; not yet emitted). The state does not depend on the stepping
-    mode (``create_optimizer`` is not told it), so one sizing serves both."""
+    mode (``create_optimizer`` is not told it), so one sizing serves both. ``embeddings_32bit``: every
+    ``nn.Embedding`` weight's state 32-bit, as the Hugging Face 8-bit ``optim`` names run
+    (:func:`resolve_optimizer_name`): an engine recipe built over
+    :func:`~lowmem.optim.registry.full_precision_embedding_groups`, a bitsandbytes one's closed form with those
+    weights at 32 bits (``register_module_override(..., {"optim_bits": 32})``)."""
     if optimizer is None:
         return {"state": 0, "transient": {False: 0, True: 0}, "how": "none", "kept_gemm": 0, "kept_tables": 0, "frozen": (),
                 "messages": []}
@@ -752,12 +757,27 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         from ..optim.recipes.bnb import state_bytes_closed_form
 
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
-        return {"state": state_bytes_closed_form(entry.name, trainable, **(optim_args or {})), "transient": {False: 0, True: 0},
+        state = state_bytes_closed_form(entry.name, trainable, **(optim_args or {}))
+        if embeddings_32bit:  # those weights' state at 32 bits (no 8-bit block of theirs: min_8bit_size above them)
+            from ..optim.registry import embedding_weights
+
+            embeds = {id(w) for w in embedding_weights(model)}
+            kept = [p for p in trainable if id(p) not in embeds]
+            full = [p for p in trainable if id(p) in embeds]
+            state = (state_bytes_closed_form(entry.name, kept, **(optim_args or {}))
+                     + state_bytes_closed_form(entry.name, full, min_8bit_size=1 + max((p.numel() for p in full), default=0)))
+        return {"state": state, "transient": {False: 0, True: 0},
                 "how": "closed form", "kept_gemm": 0, "kept_tables": 0, "frozen": (), "messages": []}
     before = [(n, p) for n, p in _unique_params(model) if p.requires_grad]
     with warnings.catch_warnings(record=True) as created:  # (the engine's "rank >= smaller side": kept below)
         warnings.simplefilter("always")
-        opt = create_optimizer(model, entry.name, **(optim_args or {}))
+        if embeddings_32bit:
+            from ..optim.registry import full_precision_embedding_groups
+
+            groups = full_precision_embedding_groups(model, entry.name, **(optim_args or {}))
+            opt = create_optimizer(groups, entry.name, **(optim_args or {}))
+        else:
+            opt = create_optimizer(model, entry.name, **(optim_args or {}))
     with warnings.catch_warnings(record=True) as caught, _sizing_mode(model):  # the engine warns per parameter
         warnings.simplefilter("always")
         opt.materialize_state()
@@ -1081,6 +1101,31 @@ def check_trainer(trainer: str | None, reference: str | None, generation_batch_s
     return gradient_checkpointing, reference, generation_batch_size, max_completion_length
 
 
+def resolve_optimizer_name(optimizer: str | None, layerwise: bool = False) -> tuple[str | None, bool, bool]:
+    """``(registered name, layerwise, embeddings_32bit)`` for a registered optimizer name or a Hugging Face ``optim``
+    name as ``lowmem train`` maps it (:func:`lowmem.train.resolve_optim_name`; ``<name>_layerwise`` sets
+    ``layerwise``). ``embeddings_32bit``: the name is one of the Hugging Face 8-bit names whose runs keep every
+    ``nn.Embedding`` weight's state 32-bit (:data:`lowmem.train.HF_EMBEDDINGS_32BIT`, as transformers' Trainer), not
+    in layerwise mode (``lowmem train`` sets ``lowmem_embeddings_32bit`` only without it). A registered name is taken
+    as is (``lion8bit``: the embeddings quantized too)."""
+    if optimizer is None:
+        return None, layerwise, False
+    from ..optim import list_optimizers
+
+    if isinstance(optimizer, str) and optimizer.strip().lower().replace("-", "_") in list_optimizers():
+        return optimizer, layerwise, False
+    from ..config import ConfigError
+    from ..train import hf_keeps_embeddings_32bit, resolve_optim_name
+
+    try:
+        name, hf_layerwise = resolve_optim_name(optimizer)
+    except (ConfigError, AttributeError):  # not a name at all, or neither kind: the registry's own message
+        return optimizer, layerwise, False
+    layerwise = layerwise or hf_layerwise
+    base = optimizer.strip().lower().replace("-", "_").removesuffix("_layerwise")
+    return name, layerwise, hf_keeps_embeddings_32bit(base) and not layerwise
+
+
 def estimate_memory(
     model: Any,
     optimizer: str | None = "adamw",
@@ -1109,7 +1154,10 @@ def estimate_memory(
             :func:`~lowmem.memory.shapes.list_shapes`, e.g. ``"llama-2-7b"``), a local model
             directory (only ``config.json`` is read), a config, or a model (its ``.config``).
         optimizer (`str` or `None`, defaults to `"adamw"`): A registered optimizer name
-            (``lowmem.list_optimizers()``); ``None`` counts no optimizer state.
+            (``lowmem.list_optimizers()``), or a Hugging Face ``optim`` name as ``lowmem train`` maps it
+            (:func:`resolve_optimizer_name`: ``lion_8bit``, ``adamw_8bit``, ... keep the ``nn.Embedding`` weights'
+            state 32-bit, as transformers' Trainer; ``<name>_layerwise`` steps layerwise); ``None`` counts no
+            optimizer state.
         optim_args (`dict` or `None`, defaults to `None`): Its hyperparameters, e.g. ``{"rank": 128}``;
             they change the state size exactly as in training.
         batch_size (`int`, defaults to `1`): Sequences per step per device.
@@ -1198,6 +1246,7 @@ def estimate_memory(
     if padding_free and trainer not in (None, "sft"):
         raise ValueError(f"padding_free=True is modelled for the plain loss and trainer='sft' (TRL's SFTConfig), not "
                          f"trainer={trainer!r}: valid trainers with it are [None, 'sft']")
+    optimizer, layerwise, embeddings_32bit = resolve_optimizer_name(optimizer, layerwise)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
     spec = QuantSpec.parse(quantization)
@@ -1208,6 +1257,9 @@ def estimate_memory(
         trainer, reference, generation_batch_size, max_completion_length, gradient_checkpointing, lcfg is not None,
         batch_size, seq_len, gradient_accumulation_steps)
     notes: list[str] = []
+    if embeddings_32bit:
+        notes.append(f"optimizer {optimizer} as the Hugging Face 8-bit optim name runs it: the nn.Embedding weights' "
+                     "state 32-bit (transformers' Trainer; lowmem_embeddings_32bit)")
 
     meta = build_meta_model(config, param_dtype)
     quantized = quantized_weight_ids(meta) if spec is not None else {}
@@ -1227,13 +1279,13 @@ def estimate_memory(
 
     # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
     cache = _SIZING_CACHE
-    key = sizing_key(meta, optimizer, optim_args, device) if cache is not None else None
+    key = (sizing_key(meta, optimizer, optim_args, device), embeddings_32bit) if cache is not None else None
     sizing = cache.get(key) if cache is not None else None
     if sizing is None:
         # the parameters as fake tensors of the run's device: the optimizer sizes its step for that device
         fake = on_fake_device(meta, device)
         quantized = {id(fake[i]): name for i, name in quantized.items()}
-        sizing = _size_optimizer(meta, optimizer, optim_args)
+        sizing = _size_optimizer(meta, optimizer, optim_args, embeddings_32bit)
         if cache is not None:
             cache[key] = sizing
     else:  # a cached sizing: what the optimizer did to the model, done again

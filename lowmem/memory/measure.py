@@ -403,7 +403,8 @@ def measure_memory(
     beside :func:`~lowmem.memory.estimate_memory` for the same settings.
 
     Arguments are those of :func:`~lowmem.memory.estimate_memory` (``model`` may also be an
-    ``nn.Module``, used as is; the estimate is for the measured ``device``), plus:
+    ``nn.Module``, used as is; the estimate is for the measured ``device``; a Hugging Face 8-bit ``optim`` name
+    builds the optimizer as LowMemTrainer does, the ``nn.Embedding`` weights' state 32-bit), plus:
 
     Args:
         steps (`int`, defaults to `2`): Training steps (the peak usually comes in the second, when
@@ -438,6 +439,10 @@ def measure_memory(
         raise ValueError(f"steps must be an int >= 1 (training steps measured), got {steps!r}")
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be a callable progress(step, steps) or None, got {progress!r}")
+    from .estimate import resolve_optimizer_name
+
+    given_optimizer = optimizer  # a Hugging Face optim name: the estimate below applies its rule too
+    optimizer, layerwise, embeddings_32bit = resolve_optimizer_name(optimizer, layerwise)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pdtype = parse_dtype(dtype)
     m, config = _build_model(model, pdtype, quantization, lora, gradient_checkpointing, device, seed)
@@ -448,6 +453,10 @@ def measure_memory(
             if get_entry(optimizer).recipe is None:
                 raise ValueError(f"layerwise needs an engine optimizer; {optimizer!r} is not one")
             opt = LayerwiseOptimizer(m, optimizer, accumulation_steps=accumulation, **(optim_args or {}))
+        elif embeddings_32bit:  # as LowMemTrainer builds it for this HF name (lowmem_embeddings_32bit)
+            from lowmem.trainers.hf import create_optimizer_embeddings_32bit
+
+            opt = create_optimizer_embeddings_32bit(m, optimizer, **(optim_args or {}))
         else:
             opt = create_optimizer(m, optimizer, **(optim_args or {}))
 
@@ -504,7 +513,7 @@ def measure_memory(
     if layerwise:
         opt.remove_hooks()
     est = estimate_memory(
-        config, optimizer=optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
+        config, optimizer=given_optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
         device=torch.device(device).type, max_grad_norm=None,  # its LayerwiseOptimizer does not clip
         gradient_accumulation_steps=accumulation, padding_free=padding_free,
