@@ -233,7 +233,7 @@ def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_arg
     if optimizer_given:
         from .optim import get_entry
 
-        kw["optimizers"] = [args.optimizer]
+        kw["optimizers"] = [getattr(args, "optimizer_as_given", args.optimizer)]  # (an HF 8-bit name's embeddings: 32-bit)
         if get_entry(args.optimizer).subspace:  # (the search's LoRA candidates use a full-rank optimizer)
             if args.lora_r:
                 raise ValueError(f"--optimizer {args.optimizer} with --lora-r and --budget: the search trains LoRA adapters "
@@ -415,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
 
     optimizer_given = args.optimizer is not None
     given = args.optimizer or "adamw"
+    args.optimizer_as_given = given
     args.optimizer, hf_layerwise = resolve_optim_name(given)  # lowmem train's names: adamw_torch_4bit, ...
     args.layerwise = args.layerwise or hf_layerwise
     from .train import hf_keeps_embeddings_32bit

@@ -81,3 +81,44 @@ def test_budget_cli_prices_lion_8bit_as_it_runs(capsys):
                      "--json"]) == 0
         states[name] = json.loads(capsys.readouterr().out)["optimizer_states"]
     assert states == {"lion_8bit": _real_state("lion8bit", True), "lion8bit": _real_state("lion8bit", False)}
+
+
+@pytest.mark.parametrize("hf, own", [("lion_8bit", "lion8bit"), ("adamw_8bit", "bnb_adamw8bit")])
+def test_budget_search_prices_hf_8bit_names_as_lowmem_train_runs_them(hf, own):
+    """search_budget (``lowmem budget --budget B --optimizer lion_8bit``) keeps the HF name for its full-rank,
+    not-layerwise candidates: their optimizer state is estimate_memory's under that name (embeddings 32-bit); the
+    layerwise ones (lowmem train quantizes the embeddings there) are the registered optimizer's."""
+    from lowmem.memory.search import search_budget
+
+    config = build_tiny_model(seed=0)[0].config
+    kw = dict(batch_size=1, seq_len=8, dtype="fp32", device="cpu")
+    found = search_budget(config, "1GiB", seq_len=8, batch_size=1, dtype="fp32", device="cpu", optimizers=[hf],
+                          lora_ranks=[], checkpointing=[False])
+    by_lw = {c.settings["layerwise"]: c for c in found}
+    assert set(by_lw) == ({False, True} if own != "bnb_adamw8bit" else {False})
+    assert by_lw[False].settings["optimizer"] == hf
+    assert by_lw[False].components["optimizer_states"] == estimate_memory(config, optimizer=hf, **kw).optimizer_states
+    if own != "bnb_adamw8bit":  # (bitsandbytes' classes have no layerwise candidates)
+        assert by_lw[True].settings["optimizer"] == own
+        assert by_lw[True].components["optimizer_states"] == \
+            estimate_memory(config, optimizer=own, layerwise=True, **kw).optimizer_states
+    assert by_lw[False].components["optimizer_states"] > estimate_memory(config, optimizer=own, **kw).optimizer_states
+
+
+def test_budget_cli_search_passes_the_hf_name(capsys):
+    """``lowmem budget tiny --budget B --optimizer lion_8bit --json``: the search's picks are priced under the HF name."""
+    import json
+
+    from lowmem.cli import main
+
+    states = {}
+    for name in ("lion_8bit", "lion8bit"):
+        assert main(["budget", "tiny", "--optimizer", name, "--dtype", "fp32", "--seq-len", "8", "--device", "cpu",
+                     "--budget", "1GiB", "--batch-size", "1", "--no-gradient-checkpointing", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        picks = out["candidates"] if isinstance(out, dict) else out
+        states[name] = {c["settings"]["layerwise"]: c["components"]["optimizer_states"] for c in picks
+                        if not c["settings"].get("lora")}  # (the LoRA candidates: the adapters' state)
+    assert states["lion_8bit"][False] == _real_state("lion8bit", True)
+    assert states["lion8bit"][False] == _real_state("lion8bit", False)
+    assert states["lion_8bit"][True] == states["lion8bit"][True]

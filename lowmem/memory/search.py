@@ -177,8 +177,10 @@ def search_budget(
         seq_len (`int`, defaults to `512`): Tokens per sequence (fixed).
         batch_size (`int`, defaults to `8`): The batch wanted; powers of two up to it are tried.
         dtype (`str`, defaults to `"bf16"`): Parameter dtype.
-        optimizers (`Iterable[str]` or `None`, defaults to `None`): Names to try; ``None``:
-            :func:`default_optimizers`. Full fine-tuning uses each; LoRA uses the first full-rank one.
+        optimizers (`Iterable[str]` or `None`, defaults to `None`): Names to try, registered or the Hugging Face
+            ``optim`` names ``lowmem train`` takes (an 8-bit one, e.g. ``lion_8bit``, keeps the ``nn.Embedding``
+            weights' state 32-bit outside layerwise mode, as ``lowmem train`` runs it; ``<name>_layerwise``: layerwise
+            candidates only); ``None``: :func:`default_optimizers`. Full fine-tuning uses each; LoRA uses the first full-rank one.
         ranks (`Iterable[int]` or `None`, defaults to `None`): Ranks of subspace optimizers;
             ``None``: hidden size / 4, / 8, / 16.
         lora_ranks (`Iterable[int]`, defaults to `(64, 16)`): LoRA ranks (all linear layers).
@@ -209,6 +211,7 @@ def search_budget(
             integer >= 1; nothing to search (e.g. only layerwise stepping with bitsandbytes optimizers).
     """
     from ..optim import get_entry
+    from .estimate import resolve_optimizer_name
 
     limit = parse_bytes(budget)
     if limit <= 0:
@@ -232,15 +235,20 @@ def search_budget(
     statics: list[tuple[dict[str, Any], float, list[str]]] = []
     extra_args = {k: v for k, v in optim_args.items() if k != "rank"}
     for name in optimizers if full_finetuning else []:
-        entry = get_entry(name)
+        registered, hf_layerwise, embeddings_32bit = resolve_optimizer_name(name)
+        entry = get_entry(registered)
         for r in ranks if entry.subspace else [None]:
             base_cost, gives = _optimizer_cost(entry.name, entry, r, hidden)
             for lw in layerwise:
-                if lw and entry.recipe is None:
+                if lw and entry.recipe is None or hf_layerwise and not lw:
                     continue
-                statics.append((dict(optimizer=entry.name, optim_args={**extra_args, **({"rank": r} if r else {})}, layerwise=lw),
+                # an HF 8-bit name (lion_8bit, adamw_8bit, ...) keeps the embeddings' state 32-bit as lowmem train runs
+                # it (not layerwise): the candidate keeps the name, which estimate_memory / measure_memory price so
+                shown = name.strip().lower().replace("-", "_").removesuffix("_layerwise") if embeddings_32bit and not lw else entry.name
+                statics.append((dict(optimizer=shown, optim_args={**extra_args, **({"rank": r} if r else {})}, layerwise=lw),
                                 base_cost + (COSTS["layerwise"] if lw else 0), gives + (["layerwise stepping"] if lw else [])))
-    lora_opt = next((n for n in optimizers if not get_entry(n).subspace), "adamw")
+    lora_opt = next((get_entry(resolve_optimizer_name(n)[0]).name for n in optimizers
+                     if not get_entry(resolve_optimizer_name(n)[0]).subspace), "adamw")
     for lr in lora_ranks if False in layerwise else []:
         for q in quantization:
             cost = 3 + max(0.0, math.log2(64 / lr)) / 2 + (COSTS["quantization"] if q else 0)
