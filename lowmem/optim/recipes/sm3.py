@@ -1,0 +1,253 @@
+"""SM3 (Anil, Gupta, Koren, Singer, NeurIPS 2019, "Memory-Efficient Adaptive Optimization"): SM3-II.
+
+Adagrad's per-coordinate sum of squared gradients, bounded by accumulators of cover sets instead of stored
+per coordinate (math: :mod:`lowmem.optim.functional.sm3`, Algorithm 2). Covers, as the paper's Section 4 and
+the authors' TF code: for a tensor of ``p >= 2`` dimensions, the slices along each dimension (a matrix
+``m x n``: ``m`` row and ``n`` column accumulators, ``4 (m + n)`` bytes); a vector or a scalar one
+accumulator per coordinate (diagonal Adagrad, as the authors' code and pytorch_optimizer's ``SM3``).
+``momentum > 0`` adds a full momentum of the preconditioned gradient (4 B per element); ``momentum = 0``
+(the default, as both) keeps none, so a matrix's whole state is its ``m + n`` accumulators.
+
+Embeddings: their gradients are dense here (``nn.Embedding(sparse=True)`` is refused by the engine, as for
+every recipe), so an embedding is a matrix with row and column covers, as the paper's experiments ran
+(the authors' TF code: "on TPU all the sparse gradients are densified"; its sparse path, row covers only,
+is not reproduced).
+
+:class:`Sm3Moments` steps a tensor whole or in blocks of its leading index (rows): ``nu`` and the update
+are element-wise given the accumulators, the leading dimension's accumulators are per block, and the
+others' new maxima are collected over the blocks (:meth:`Sm3Moments.prepare_chunks` /
+:meth:`Sm3Moments.finish_chunks`) and written after the last one, since every block reads their old values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from ..engine import LowMemOptimizer, Recipe
+from ..functional.sm3 import sm3_cover_max, sm3_momentum_, sm3_nu, sm3_precondition_
+from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, positive
+from ..moments import ChunkState, MomentRule, state_dtype
+from ..registry import register
+
+#: state keys of the per-dimension accumulators (``acc_0`` .. ``acc_{p-1}`` of a ``p``-D tensor; ``reset`` zeroes
+#: those of up to 16 dimensions)
+_DIM_KEYS = tuple(f"acc_{i}" for i in range(16))
+
+
+def _beta2(x: Any) -> bool:
+    """``0 <= beta2 <= 1`` (1: the paper's sums)."""
+    return in_unit_interval(x) or (x == 1 and not isinstance(x, bool))
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a state of ``dtype`` is computed in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its compute precision: itself when float32 / float64; a low-precision state's float32 copy."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class Sm3Moments(MomentRule):
+    """SM3-II's accumulators (Algorithm 2) and an optional momentum of the preconditioned gradient.
+
+    State of a ``p``-D tensor, ``p >= 2``: ``acc_i`` (1-D, ``shape[i]`` values) for each dimension ``i``;
+    of a vector or a 0-d tensor: ``acc`` (its own shape); with ``momentum > 0``: ``momentum`` (the tensor's
+    shape). The direction is ``g / sqrt(nu + eps)``, or the momentum of it.
+
+    Group keys used: ``momentum``, ``beta2``, ``eps``.
+    """
+
+    state_keys = ("momentum", "acc") + _DIM_KEYS
+    #: the direction is ``nu``'s buffer (a new tensor), holding nothing of the gradient chunk
+    chunk_direction_is_new = True
+    #: a float64 gradient with a float32 / bfloat16 state is cast to float32 once by the engine (counted there)
+    computes_in_state_precision = True
+
+    def init_state(self, state, shape, group, param):
+        dtype, device = state_dtype(group, param), param.device
+        if len(shape) >= 2:
+            for i, n in enumerate(shape):
+                state[f"acc_{i}"] = torch.zeros(n, dtype=dtype, device=device)
+        else:
+            state["acc"] = torch.zeros(shape, dtype=dtype, device=device)
+        if group["momentum"] > 0:
+            state["momentum"] = torch.zeros(shape, dtype=dtype, device=device)
+
+    # ---- the step of a block of leading indices (a whole tensor is one block) ----
+
+    @staticmethod
+    def _block(g, state, group, shape, rows, kept):
+        """Lines 6-8 and the momentum on the block ``g`` of a tensor of ``shape``: its leading indices ``rows``
+        (``(start, stop)``; ``None``: a vector's elements, whose accumulator is the state's ``acc`` view).
+        ``kept``: ``{i: running maxima}`` of the dimensions ``i >= 1`` when the tensor is stepped in several
+        blocks (their accumulators are written by :meth:`finish_chunks`); ``None``: written here. Returns the
+        direction, a new tensor of ``g``'s shape."""
+        momentum, beta2, eps = group["momentum"], group["beta2"], group["eps"]
+        if g.numel() == 0:  # (an empty tensor: no coordinate, no cover set changes)
+            return torch.zeros_like(g)
+        if len(shape) >= 2:
+            r0, r1 = rows
+            g = g.view(r1 - r0, *shape[1:])
+            p = len(shape)
+            covers = [state["acc_0"][r0:r1].view(-1, *([1] * (p - 1)))]
+            covers += [state[f"acc_{i}"].view([1] * i + [shape[i]] + [1] * (p - 1 - i)) for i in range(1, p)]
+            nu = sm3_nu(covers, g, beta2)  # line 6
+            del covers
+            state["acc_0"][r0:r1].copy_(sm3_cover_max(nu, 0))  # line 8: the block's own rows
+            for i in range(1, p):
+                top = sm3_cover_max(nu, i)
+                if kept is None:
+                    state[f"acc_{i}"].copy_(top)
+                else:
+                    torch.maximum(kept[i], top, out=kept[i])
+                del top
+        else:  # one cover per coordinate: nu = mu + g^2 (diagonal Adagrad), mu = nu
+            acc = state["acc"]
+            nu = sm3_nu([acc.view(g.shape)], g, beta2)
+            acc.copy_(nu.view(acc.shape))
+        u = sm3_precondition_(nu, g, eps)  # line 7 (without lr), in nu's memory
+        if momentum > 0:
+            m = state["momentum"].view(u.shape)  # (a chunk's flat view, or the whole tensor)
+            m32 = _f32(m)
+            sm3_momentum_(m32, u, momentum)
+            if m32 is not m:
+                m.copy_(m32)
+            u.copy_(m32)
+            del m32
+        return u
+
+    def direction(self, g, state, group, t, lr):
+        if isinstance(state, ChunkState):
+            shape = state.extra["shape"]
+            return self._block(g, state, group, shape, state.extra["rows"], state.extra["kept"]).view(-1)
+        shape = g.shape
+        rows = (0, shape[0]) if len(shape) >= 2 else None
+        return self._block(g, state, group, shape, rows, None).view(shape)
+
+    # ---- the chunked step: blocks of whole leading indices ----
+
+    def chunk_align(self, shape, group, state):
+        if len(shape) < 2:
+            return 1  # element-wise
+        return math.prod(shape[1:])  # whole rows (whole leading indices)
+
+    def chunk_state(self, state, start, stop, shape, group, ctx=None):
+        if len(shape) >= 2:
+            per = math.prod(shape[1:])
+            rows = (start // per, stop // per)
+        else:
+            rows = None
+        view = ChunkState(state, start, stop, {"shape": shape, "rows": rows, "kept": ctx})
+        if "acc" in state:
+            view["acc"] = state["acc"].view(-1)[start:stop]
+        if "momentum" in state:
+            view["momentum"] = state["momentum"].view(-1)[start:stop]
+        return view
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
+        """The running maxima of the dimensions ``i >= 1`` (zeros: ``nu >= 0``) when a tensor of ``p >= 2``
+        dimensions is stepped in more than one block: every block reads those accumulators' old values (line
+        6), so their new ones (line 8) are kept aside and written by :meth:`finish_chunks`. ``None`` for a
+        vector (element-wise) or a single block (written in place)."""
+        if len(shape) < 2 or [tuple(b) for b in bounds] in ([], [(0, math.prod(shape))]):
+            return None
+        dtype = _compute(state["acc_0"].dtype)
+        return {i: torch.zeros(shape[i], dtype=dtype, device=state["acc_0"].device) for i in range(1, len(shape))}
+
+    def finish_chunks(self, state, ctx):
+        if ctx is None:
+            return
+        for i, top in ctx.items():
+            state[f"acc_{i}"].copy_(top)
+
+    # ---- what a step allocates ----
+
+    @staticmethod
+    def _elem(state) -> int:
+        """Bytes per element of the compute dtype (8 for a float64 state, else 4)."""
+        for k in ("acc", "acc_0"):
+            if k in state:
+                return 8 if state[k].dtype == torch.float64 else 4
+        return 4
+
+    def _block_bytes(self, numel, shape, state) -> int:
+        """:meth:`_block` of ``numel`` elements, exact: ``nu`` (the direction), beside the largest cover maxima
+        of the block (a matrix's) or, with a low-precision momentum, its compute copy."""
+        e = self._elem(state)
+        m = state.get("momentum")
+        low_m = m is not None and m.dtype not in (torch.float32, torch.float64)
+        extra = e * numel if low_m else 0
+        if len(shape) >= 2:
+            rows = numel // max(1, math.prod(shape[1:]))
+            extra = max(extra, e * max([rows, *shape[1:]]))
+        return e * numel + extra
+
+    def transient_bytes(self, numel, shape, group, state):
+        """The whole-tensor step (:meth:`direction`): :meth:`_block_bytes` of the whole tensor."""
+        return self._block_bytes(numel, shape, state)
+
+    def chunk_transient_bytes(self, numel, shape, group, state):
+        """A chunk of ``numel`` elements: :meth:`_block_bytes`, beside the running maxima of the dimensions
+        ``i >= 1`` (:meth:`prepare_chunks`) when the tensor takes more than one block."""
+        out = self._block_bytes(numel, shape, state)
+        if len(shape) >= 2 and numel < math.prod(shape):
+            out += self._elem(state) * sum(shape[1:])
+        return out
+
+
+SM3_RECIPE = Recipe(
+    name="sm3",
+    summary="SM3-II: Adagrad bounded by one accumulator per row and per column (per slice of each dimension)",
+    reference="Anil, Gupta, Koren, Singer 2019, Memory-Efficient Adaptive Optimization (NeurIPS), Algorithm 2 (SM3-II)",
+    moment=Sm3Moments(),
+    hparams=(
+        LR(0.1),
+        HParam("momentum", 0.0, in_unit_interval, "a float with 0 <= momentum < 1",
+               "momentum of the preconditioned gradient (0: none, no momentum state)"),
+        HParam("beta2", 1.0, _beta2, "a float with 0 <= beta2 <= 1",
+               "1: the paper's sums of squares; < 1: nu = beta2 min(mu) + (1 - beta2) g^2 (moving averages)"),
+        HParam("eps", 1e-30, positive, "a finite float > 0", "added to nu inside the square root"),
+        WEIGHT_DECAY(0.0),
+    ),
+)
+
+
+class SM3(LowMemOptimizer):
+    """SM3-II (Anil et al., NeurIPS 2019) on the lowmem engine, ``pytorch_optimizer.SM3``'s signature where the
+    two agree (``beta2`` is the authors' TF ``beta2``: pytorch_optimizer's ``beta`` is ``1 - beta2`` at 0 only).
+
+    Each step, for a tensor of ``p >= 2`` dimensions with one accumulator per slice of each dimension:
+    ``nu = min(mu_0[i], mu_1[j], ...) + g^2``; ``mu_k <- max of nu over each slice``; ``u = g / sqrt(nu + eps)``;
+    ``m <- momentum m + (1 - momentum) u`` (``momentum > 0``); ``p <- p (1 - lr wd) - lr m`` (or ``u``).
+    Vectors and scalars: one accumulator per entry (Adagrad).
+
+    Args:
+        params: Parameters or parameter groups.
+        lr (`float`, defaults to `0.1`): Learning rate (pytorch_optimizer's default; Adagrad-like steps shrink
+            as the sums grow).
+        momentum (`float`, defaults to `0.0`): Momentum of the preconditioned gradient, in [0, 1); > 0 keeps a
+            full momentum (4 B per element).
+        beta2 (`float`, defaults to `1.0`): 1: sums of squares (the paper); < 1: the moving-average form.
+        eps (`float`, defaults to `1e-30`): Added to ``nu`` inside the square root; > 0.
+        weight_decay (`float`, defaults to `0.0`): Decoupled, ``p *= 1 - lr * wd`` before the update.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the accumulators and momentum.
+        foreach (`bool` or `None`, defaults to `None`): accepted; SM3 steps one tensor at a time.
+    """
+
+    recipe = SM3_RECIPE
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.1, momentum: float = 0.0, beta2: float = 1.0,
+                 eps: float = 1e-30, weight_decay: float = 0.0, *, state_dtype: str = "float32",
+                 foreach: bool | None = None):
+        super().__init__(params, lr=lr, momentum=momentum, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                         state_dtype=state_dtype, foreach=foreach)
+
+
+register(SM3_RECIPE, SM3, state_precision="fp32", second_moment="factored", example_hparams={"lr": 1e-2})
+
+__all__ = ["SM3", "SM3_RECIPE", "Sm3Moments"]
