@@ -45,6 +45,8 @@ from .recipes.adam_mini import AdamMini  # noqa: E402
 from .recipes.normalized import Muon, Scale, SinkGD  # noqa: E402
 from .recipes.lion import Lion, Lion8bit  # noqa: E402
 from .recipes.came import CAME  # noqa: E402
+from .recipes.normuon import NorMuon  # noqa: E402
 
 __all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent",
             "APOLLOAdamW", "AdamMini", "Muon", "Scale", "SinkGD", "Lion", "Lion8bit", "CAME"]
+__all__ += ["NorMuon"]

@@ -9,6 +9,7 @@
 * :mod:`.lomo` - LOMO, AdaLomo (update rules fused into the backward pass by layerwise mode).
 * :mod:`.badam` - BAdam (block coordinate descent over layers, Adam on the active block).
 * :mod:`.lion` - Lion, Lion with an 8-bit momentum (sign of an interpolated momentum).
+* :mod:`.normuon` - NorMuon (Muon's step with a neuron-wise second moment).
 * :mod:`.sm3` - SM3-II (Adagrad bounded by row / column accumulators).
 
 Importing this package registers every recipe.
@@ -22,6 +23,7 @@ from . import lomo  # noqa: F401, E402  (LOMO, AdaLomo)
 from . import badam  # noqa: F401, E402  (BAdam)
 from . import subset_norm  # noqa: F401, E402  (AdamSN, AdamSNSM, SGD with Subspace-Momentum)
 from . import lion  # noqa: F401, E402  (Lion, Lion8bit)
+from . import normuon  # noqa: F401, E402  (NorMuon)
 from . import sm3  # noqa: F401, E402  (SM3)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

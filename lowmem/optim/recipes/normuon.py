@@ -1,0 +1,406 @@
+"""NorMuon (Li et al. 2025, "NorMuon: Making Muon more efficient and scalable", arXiv 2510.05491).
+
+Muon's step (:class:`~lowmem.optim.recipes.normalized.MuonMoments`: momentum, Newton-Schulz in bfloat16, the
+lean step in blocks of rows, batches of matrices, multi-tensor buckets) followed by one more step with its own
+state: a neuron-wise second moment ``second_momentum_buffer`` (one number per row of each matrix) of the
+orthogonalised update, by which each row is divided before the update is rescaled to a target norm
+(:mod:`lowmem.optim.functional.normuon`, Algorithm 1 lines 3-5). State: Muon's momentum plus ``m`` numbers per
+``m x n`` matrix; AdamW for every other parameter, as ``muon``.
+
+Every path computes the rows' norms of the iterate, updates ``v`` and the per-row factors
+``c_i = lr s / (sqrt(v_i) + eps)`` once per matrix, then steps ``c_i O_i``: the lean step before its blocks of
+rows (:meth:`NorMuonMoments.prepare_chunks`), the whole step (:meth:`NorMuonMoments._whole_normuon`), a batch's
+matrix when its iterate is computed, a bucket of one shape at once (:func:`normuon_foreach_`). Not on FSDP2
+shards (the row factors' norm spans every shard; ``sharded.refusal`` refuses the rule).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from ..engine import LowMemOptimizer, Recipe
+from ..functional.galore import blas_device
+from ..functional.muon import (bf16_gemm_workspace_bytes, matrices, matrix_index, muon_momentum_, newton_schulz,
+                               newton_schulz_batched, ns_rows, ns_shape)
+from ..functional.normuon import (UPDATE_SCALES, neuron_factors_bytes, neuron_row_factors, neuron_second_moment_,
+                                  row_norms, row_norms_bytes)
+from ..hparams import HParam, in_unit_interval, one_of, positive
+from ..moments import ChunkState, state_dtype
+from ..registry import register, takes_the_default
+from .normalized import MUON_HPARAMS, USE_MUON, DefaultTargetGroups, MuonMoments, flat_as_targeted
+
+V_KEY = "second_momentum_buffer"
+
+
+def _vector_index(v: Tensor, e: int) -> Tensor:
+    """Row vector ``e`` of ``v`` (``[..., A]``, one per matrix of a batch ``[..., A, B]``, in row-major order of the
+    leading dimensions as :func:`~lowmem.optim.functional.muon.matrices`): a view."""
+    if v.dim() == 1:
+        return v
+    idx = []
+    for n in reversed(v.shape[:-1]):
+        e, i = divmod(e, n)
+        idx.append(i)
+    return v[tuple(reversed(idx))]
+
+
+def _factors(vs: list[Tensor], norms: list[Tensor], shape: tuple[int, int], group: dict[str, Any], lr,
+             reduce: Any = None) -> list[Tensor]:
+    """Lines 3-5 for matrices whose rows' norms are ``norms`` (in the step's dtype): ``v`` updated (through a copy
+    in that dtype when stored in another, written back) and the per-row factors returned."""
+    dtype = norms[0].dtype
+    work = [v if v.dtype == dtype else v.to(dtype) for v in vs]
+    neuron_second_moment_(work, norms, shape[1], group["beta2"])
+    for v, w in zip(vs, work):
+        if w is not v:
+            v.copy_(w)
+    return neuron_row_factors(work, norms, shape, group["row_eps"], group["update_scale"], lr, reduce)
+
+
+def _itemsize(state) -> int:
+    """Bytes per element of the step's vectors: float64 for a float64 state, else float32."""
+    return 8 if state["momentum_buffer"].dtype == torch.float64 else 4
+
+
+class NorMuonMoments(MuonMoments):
+    """NorMuon on the targets of ``use_muon`` groups (Muon's: 2-D weights, batches of matrices over the last two
+    dimensions), AdamW on the rest. State: ``momentum_buffer`` (the weight's shape) and ``second_momentum_buffer``
+    (``shape[:-1]``: one number per row of each matrix), in the group's ``state_dtype``.
+
+    Muon's step is reused as it is up to the iterate ``O``; what changes is how a block of rows is read from it:
+    ``c_i O_i`` instead of ``lr * ratio * O_i`` (:meth:`target_direction`, :meth:`_batched_rows`)."""
+
+    target_keys = ("momentum_buffer", V_KEY)
+
+    def target_init_state(self, state, shape, group, param):
+        super().target_init_state(state, shape, group, param)
+        state[V_KEY] = torch.zeros(shape[:-1], dtype=state_dtype(group, param), device=param.device)
+
+    # ---- the lean (chunked) step ----
+
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
+        """Muon's lean step (the iterate of the whole matrix, :meth:`MuonMoments._lean_prepare`), then the rows'
+        norms of the iterate a block of rows at a time (the blocks of ``bounds``), ``v`` and the per-row factors
+        (``ctx["factors"]``). A batch of matrices: Muon's context, each matrix's factors computed with its iterate
+        (:meth:`_matrix_iterate`). ``reduce`` (an FSDP2 shard of rows): :meth:`_sharded_step`."""
+        if self._is_adam(state):
+            return None
+        if reduce is not None:
+            return self._sharded_step(state, shape, group, lr, stabilized, reduce)
+        seen: dict[str, torch.dtype] = {}
+
+        def recorded(a, b, view):
+            g = stabilized(a, b, view)
+            seen.setdefault("dtype", torch.float64 if g.dtype == torch.float64 else torch.float32)
+            return g
+
+        muon_group = {**group, "adjust_lr_fn": "original"}  # (Muon's context reads its ratio; NorMuon's are the factors)
+        if len(shape) > 2:
+            ctx = self._batched_prepare(state, shape, muon_group, lr, bounds, recorded)
+            ctx["seen"], ctx["factor_index"] = seen, None
+            return ctx
+        ctx = self._lean_prepare(state, shape, muon_group, lr, bounds, recorded)
+        ctx["factors"] = self._matrix_factors(ctx["x"], tuple(shape), state[V_KEY], group, lr, bounds,
+                                              seen.get("dtype", torch.float32))
+        return ctx
+
+    def _sharded_step(self, state, shape, group, lr, stabilized, reduce) -> Tensor:
+        """An FSDP2 shard of rows: Muon's (the momentum on the shard, the whole ``U`` gathered in bfloat16, the
+        unsharded iteration on every rank, this shard's rows of the iterate), then lines 3-5 on the shard's rows
+        (its ``v``), ``||O^||_F`` and ``||O||_F`` summed over the shards. Returns the shard's step ``c_i O_i``."""
+        numel = math.prod(shape)
+        g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
+        buf = state["momentum_buffer"]
+        buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
+        u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
+        if buf32 is not buf:
+            buf.copy_(buf32)
+        whole = reduce.gather_rows(u.to(torch.bfloat16), reduce.shape[0])
+        del u, buf32
+        o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
+        del whole
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        factors = _factors([state[V_KEY]], [row_norms(o, dtype)], tuple(reduce.shape), group, lr, reduce)[0]
+        return o.to(g.dtype).mul_(factors[:, None])
+
+    @staticmethod
+    def _matrix_factors(x: Tensor, shape: tuple[int, int], v: Tensor, group, lr, bounds, dtype) -> Tensor:
+        """The per-row factors of one matrix from its iterate ``x`` (:func:`ns_shape`), its rows' norms taken a block
+        of ``bounds`` at a time (flat element ranges of whole rows)."""
+        m, n = shape
+        norms = torch.empty(m, dtype=dtype, device=x.device)
+        for a, b in bounds:
+            norms[a // n : b // n] = row_norms(ns_rows(x, shape, a // n, b // n), dtype)
+        return _factors([v], [norms], shape, group, lr)[0]
+
+    def _matrix_iterate(self, ctx: dict[str, Any], e: int) -> Tensor:
+        """Muon's iterate of matrix ``e`` of a batch, and its per-row factors (``ctx["factors"]``) computed with it."""
+        x = super()._matrix_iterate(ctx, e)
+        if ctx["factor_index"] != e:
+            ctx["factors"] = ctx["factor_index"] = None
+            (m, n), size = ctx["batch"], ctx["size"]
+            step = max(n, size // n * n)
+            bounds = [(a, min(a + step, m * n)) for a in range(0, m * n, step)]
+            v = _vector_index(ctx["state"][V_KEY], e)
+            ctx["factors"] = self._matrix_factors(x, (m, n), v, ctx["group"], ctx["lr"], bounds,
+                                                  ctx["seen"].get("dtype", torch.float32))
+            ctx["factor_index"] = e
+        return x
+
+    def _batched_rows(self, g: Tensor, ctx: dict[str, Any], r0: int, r1: int) -> Tensor:
+        """Rows ``r0:r1`` of the ``[-1, B]`` view of a batch's step: each matrix's rows of its iterate times their
+        factors (:meth:`_matrix_iterate`)."""
+        m, n = ctx["batch"]
+        if r0 // m == (r1 - 1) // m:  # within one matrix
+            x = self._matrix_iterate(ctx, r0 // m)
+            o = ns_rows(x, (m, n), r0 % m, r0 % m + r1 - r0)
+            return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(
+                ctx["factors"][r0 % m : r0 % m + r1 - r0, None]).view(-1)
+        out = torch.empty((r1 - r0, n), dtype=g.dtype, device=g.device)
+        r = r0
+        while r < r1:
+            e = r // m
+            stop = min(r1, (e + 1) * m)
+            x = self._matrix_iterate(ctx, e)
+            out[r - r0 : stop - r0].copy_(ns_rows(x, (m, n), r - e * m, stop - e * m)).mul_(
+                ctx["factors"][r - e * m : stop - e * m, None])
+            del x
+            r = stop
+        return out.view(-1)
+
+    def target_direction(self, g, state, group, t, lr):
+        if isinstance(state, ChunkState) and "muon" in state.extra:  # a block of rows of the lean step
+            ctx, (r0, r1) = state.extra["muon"], state.extra["rows"]
+            if "batch" in ctx:
+                return self._batched_rows(g, ctx, r0, r1)
+            o = ns_rows(ctx["x"], ctx["shape"], r0, r1)
+            return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(ctx["factors"][r0:r1, None]).view(-1)
+        if g.dim() > 2:  # a batch of matrices stepped whole: one matrix after the other
+            out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+            buf, v = state["momentum_buffer"], state[V_KEY]
+            for e in range(math.prod(g.shape[:-2])):
+                matrix_index(out, e).copy_(self._whole_normuon(matrix_index(g, e), matrix_index(buf, e),
+                                                               _vector_index(v, e), group, lr))
+            return out
+        return self._whole_normuon(g, state["momentum_buffer"], state[V_KEY], group, lr)
+
+    def _whole_normuon(self, g: Tensor, buf: Tensor, v: Tensor, group, lr) -> Tensor:
+        """The whole-tensor step of one matrix: Muon's momentum and :func:`newton_schulz` (the reference iteration),
+        then lines 3-5 and the step ``c_i O_i``."""
+        buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
+        u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
+        if buf32 is not buf:
+            buf.copy_(buf32)
+        o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+        del u, buf32
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        factors = _factors([v], [row_norms(o, dtype)], tuple(g.shape), group, lr)[0]
+        return o.to(g.dtype).mul_(factors[:, None])
+
+    # ---- the multi-tensor step ----
+
+    def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The targets of a bucket, those of one shape stacked (:func:`normuon_foreach_`); a weight in pieces
+        stepped whole from its first one (Muon's :meth:`_whole_by_shape`)."""
+        for shape, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
+            ps = [mat for i in idx for mat in matrices(params[i])]
+            gs = [mat for i in idx for mat in matrices(grads[i])]
+            bs = [mat for i in idx for mat in matrices(states[i]["momentum_buffer"])]
+            vs = [_vector_index(states[i][V_KEY], e) for i in idx for e in range(math.prod(shape[:-2]))]
+            normuon_foreach_(ps, gs, bs, vs, tuple(shape[-2:]), group, lr)
+
+    # ---- transients ----
+
+    def _normalization_bytes(self, shape, block_rows: int | None, state) -> tuple[int, int]:
+        """``(during, kept)`` of lines 3-5 on one ``m x n`` matrix beside its iterate. ``during``: the rows' norms,
+        taken ``block_rows`` rows at a time into a vector of ``m`` (each block's contiguous copy beside its norms), or
+        all at once (``block_rows`` None: the copy of the whole matrix beside the norms it returns), then the
+        factors' computation beside the norms (with ``v``'s copy when stored in another dtype). ``kept``: the
+        factors, through the step."""
+        m, n = shape
+        isz = _itemsize(state)
+        copy_v = isz * m if state[V_KEY].dtype.itemsize != isz else 0
+        factors = isz * m + copy_v + neuron_factors_bytes(1, m, isz)
+        norms = row_norms_bytes(m, n, isz) if block_rows is None else isz * m + row_norms_bytes(block_rows, n, isz)
+        return max(norms, factors), isz * m
+
+    def _lean_bytes(self, numel, shape, group, state, copy: int = 0) -> int:
+        """Muon's lean step (:meth:`MuonMoments._lean_bytes`) with the normalization's phase beside the bfloat16
+        iterate (``2 m n``) and its factors kept through the blocks' steps (a block's float32 step and gradient
+        copy, ``numel (4 + copy)``). A batch of matrices: :meth:`_batched_transient_bytes`."""
+        if len(shape) > 2:
+            return self._batched_transient_bytes(numel, shape, group, state, copy)
+        muon = super()._lean_bytes(numel, shape, group, state, copy)
+        m, n = shape
+        during, kept = self._normalization_bytes(shape, max(1, min(m, numel // n)), state)
+        return max(muon, 2 * m * n + during, 2 * m * n + kept + numel * (4 + copy))
+
+    def _batched_transient_bytes(self, numel, shape, group, state, copy: int = 0) -> int:
+        """Muon's count of a batch (:meth:`MuonMoments._batched_transient_bytes`) plus one matrix's normalization
+        beside its iterate and the block (a bound: the factors counted with every phase)."""
+        m, n = shape[-2:]
+        size = max(n, numel // n * n)
+        during, kept = self._normalization_bytes((m, n), max(1, min(m, size // n)), state)
+        return super()._batched_transient_bytes(numel, shape, group, state, copy) + max(during, kept) + (4 + copy) * size
+
+    def _whole_matrix_bytes(self, shape, group, state) -> int:
+        """The whole step of one matrix (:meth:`_whole_normuon`): Muon's (the traced tensors and the products'
+        workspace), or the normalization beside the last iterate (``2 m n``), or the step ``c_i O_i`` (``isz m n``)
+        beside the iterate and the factors: the largest."""
+        m, n = shape
+        isz = _itemsize(state)
+        muon = MuonMoments._whole_matrix_bytes(shape, group, state)
+        during, kept = self._normalization_bytes(shape, None, state)
+        return max(muon, 2 * m * n + during, 2 * m * n + kept + isz * m * n)
+
+    def target_whole_transient_bytes(self, shape, group, state):
+        if len(shape) > 2:
+            return 4 * math.prod(shape) + self._whole_matrix_bytes(shape[-2:], group, state)
+        return self._whole_matrix_bytes(shape, group, state)
+
+    def target_foreach_transient_bytes(self, numel):
+        """A bucket of ``numel`` elements of any shape: :func:`normuon_foreach_bytes`'s bound over shapes
+        (``k m <= numel``)."""
+        return normuon_foreach_bytes(numel, (1, numel), False, threads=torch.get_num_threads())
+
+    def target_foreach_bucket_transient_bytes(self, numel, shape, group):
+        low_v = group is not None and group.get("state_dtype", "float32") not in ("float32", "param")
+        return normuon_foreach_bytes(numel, tuple(shape[-2:]), low_v, threads=torch.get_num_threads())
+
+    def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
+        """FSDP2 (:meth:`_sharded_step`): Muon's bound of the gathered step (the whole matrix's unchunked step and
+        the gather's buffers, :meth:`MuonMoments.sharded_transient_bytes`) plus the shard's normalization beside it
+        (its rows' copy and vectors, two summed squares): a bound. ``None`` for AdamW parameters."""
+        muon = super().sharded_transient_bytes(shape, whole_shape, shards, group, state)
+        if muon is None:
+            return None
+        rows, n = shape
+        isz = _itemsize(state)
+        return muon + isz * (rows * n + 5 * rows + 4)
+
+
+def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs: list[Tensor],
+                     shape: tuple[int, int], group: dict[str, Any], lr) -> None:
+    """NorMuon's whole step for ``k`` float32 matrices of one ``shape``, one multi-tensor or batched kernel per
+    operation: Muon's momentum and batched Newton-Schulz
+    (:func:`~lowmem.optim.functional.muon.newton_schulz_batched`), each matrix's rows' norms, lines 3-5 on the ``k``
+    vectors at once, then ``p <- p (1 - lr wd) ;  p <- p - c_i O_i``. The same operations as the per-matrix step
+    (:meth:`NorMuonMoments.prepare_chunks`, a whole matrix as one block of rows). Transient:
+    :func:`normuon_foreach_bytes`."""
+    m = shape[0]
+    torch._foreach_lerp_(bufs, grads, 1.0 - group["momentum"])
+    x = torch.empty((len(params), *ns_shape(shape)), dtype=torch.bfloat16, device=params[0].device)
+    xs = [ns_rows(xi, shape, 0, m) for xi in x.unbind(0)]
+    if group["nesterov"]:
+        us = torch._foreach_lerp(grads, bufs, group["momentum"])
+        torch._foreach_copy_(xs, us)
+        del us
+    else:
+        torch._foreach_copy_(xs, bufs)
+    del xs
+    stack = [x]
+    del x
+    x = newton_schulz_batched(stack, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+    norms = [row_norms(ns_rows(xi, shape, 0, m), torch.float32) for xi in x.unbind(0)]
+    factors = _factors(vs, norms, shape, group, lr)
+    del norms
+    d = x.to(torch.float32)
+    del x
+    ds = [ns_rows(di, shape, 0, m) for di in d.unbind(0)]
+    torch._foreach_mul_(ds, [f[:, None] for f in factors])
+    del factors
+    weight_decay = group.get("weight_decay", 0.0)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params, ds)
+
+
+def normuon_foreach_bytes(numel: int, shape: tuple[int, int], low_v: bool, threads: int = 1) -> int:
+    """Bytes :func:`normuon_foreach_` allocates for ``k`` matrices of ``shape`` (``numel = k m n``): Muon's bucket
+    (the bfloat16 stack and one of the Nesterov matrices, the iteration's temporaries, the float32 step: 6 bytes per
+    element, :func:`~lowmem.optim.functional.muon.muon_foreach_transient_bytes`), the normalization beside the
+    iterate (every matrix's norms, one matrix's rows' copy, or the factors' computation with ``v``'s float32 copies
+    when stored in bfloat16), the float32 step beside the iterate and the factors; plus the products' workspace."""
+    m, n = shape
+    k = max(1, numel // max(1, m * n))
+    copy_v = 4 * k * m if low_v else 0
+    norms = 4 * k * m + 4 * m * n  # the last matrix's rows' copy beside every matrix's norms
+    factors = 4 * k * m + copy_v + neuron_factors_bytes(k, m, 4)
+    body = max(6 * numel, 2 * numel + max(norms, factors), 6 * numel + 4 * k * m)
+    return body + bf16_gemm_workspace_bytes(math.isqrt(numel), threads)
+
+
+def _eps_ok(x: Any) -> bool:
+    return positive(x)
+
+
+NORMUON_HPARAMS = tuple(h for h in MUON_HPARAMS if h.name != "adjust_lr_fn") + (
+    HParam("beta2", 0.95, in_unit_interval, "a float in [0, 1)",
+           "decay of the neuron-wise second moment v <- b2 v + (1 - b2) mean_cols(O * O) (Algorithm 1 line 3)"),
+    HParam("row_eps", 1e-10, _eps_ok, "a finite float > 0",
+           "eps of O / (sqrt(V) + eps) and of the rescaling's ||O^||_F + eps (the authors' code: 1e-10)"),
+    HParam("update_scale", "match_rms", one_of(*UPDATE_SCALES), f"one of {list(UPDATE_SCALES)}",
+           "match_rms: the paper's 0.2 sqrt(m n) / ||O^||_F (AdamW's lr carries over); preserve_norm: the authors'"
+           " code's ||O||_F / ||O^||_F times sqrt(max(1, m / n)) (Muon's lr, ~0.02)"),
+)
+
+NORMUON = Recipe(
+    name="normuon",
+    summary="NorMuon: Muon's orthogonalised momentum with a neuron-wise (per row) second moment; AdamW elsewhere",
+    reference="Li et al. 2025, NorMuon: Making Muon more efficient and scalable (arXiv 2510.05491), Algorithm 1",
+    moment=NorMuonMoments(eps_placement="torch"),
+    hparams=NORMUON_HPARAMS,
+    group_hparams=(USE_MUON,),
+)
+
+
+class NorMuon(DefaultTargetGroups, LowMemOptimizer):
+    """NorMuon (Li et al. 2025) for 2-D hidden weights (and batches of matrices) with AdamW for everything else.
+
+    On a targeted ``m x n`` matrix: Muon's momentum ``B <- mu B + (1 - mu) g`` and the Newton-Schulz iterate ``O``
+    of ``g + mu (B - g)`` (Nesterov) or ``B``; the neuron-wise second moment
+    ``v <- beta2 v + (1 - beta2) mean_cols(O * O)``; ``O^ = O / (sqrt(v) + row_eps)``; decoupled weight decay
+    ``lr * weight_decay``; the step ``lr * s * O^`` with ``s = 0.2 sqrt(m n) / (||O^||_F + row_eps)`` (``update_scale=
+    "match_rms"``, the paper's Algorithm 1) or ``||O||_F sqrt(max(1, m/n)) / (||O^||_F + row_eps)``
+    (``"preserve_norm"``, the authors' code). Other parameters: AdamW as in :class:`~lowmem.optim.Muon`.
+    State: Muon's 4 bytes/param plus 4 bytes per row of each matrix.
+
+    Args:
+        params: Parameters or parameter groups (``create_optimizer(model, "normuon")`` builds them); ``use_muon`` as
+            in :class:`~lowmem.optim.Muon`.
+        lr (`float`, defaults to `1e-3`): Learning rate (AdamW's: ``match_rms`` gives the update an RMS of 0.2).
+        weight_decay (`float`, defaults to `0.1`): Decoupled weight decay ``p *= 1 - lr * weight_decay``.
+        momentum (`float`, defaults to `0.95`): Momentum ``mu`` (the paper's ``beta1``).
+        nesterov (`bool`, defaults to `True`): Orthogonalise ``g + mu (B - g)`` (the authors' code); ``False`` is the
+            paper's Algorithm 1 (``B``).
+        ns_coefficients, ns_steps, ns_eps: Muon's Newton-Schulz iteration.
+        beta2 (`float`, defaults to `0.95`): Decay of the neuron-wise second moment.
+        row_eps (`float`, defaults to `1e-10`): ``eps`` of the row normalization and of the rescaling.
+        update_scale (`str`, defaults to `"match_rms"`): ``"match_rms"`` or ``"preserve_norm"`` (above).
+        betas, eps, adamw_lr_ratio: the AdamW parameters' (as :class:`~lowmem.optim.Muon`).
+        state_dtype (`str`, defaults to `"float32"`): Storage of the buffers and moments.
+        foreach (`bool` or `None`, defaults to `None`): ``False`` steps every parameter one at a time.
+    """
+
+    recipe = NORMUON
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 ns_steps: int = 5, ns_eps: float = 1e-7, beta2: float = 0.95, row_eps: float = 1e-10,
+                 update_scale: str = "match_rms", betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 adamw_lr_ratio: float = 1.0, *, state_dtype: str = "float32", foreach: bool | None = None):
+        params = list(params)
+        default = {"use_muon": True} if takes_the_default(params, "use_muon") else None
+        super().__init__(flat_as_targeted(params, "use_muon", True), lr=lr, weight_decay=weight_decay,
+                         momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
+                         ns_eps=ns_eps, beta2=beta2, row_eps=row_eps, update_scale=update_scale, betas=betas, eps=eps,
+                         adamw_lr_ratio=adamw_lr_ratio, state_dtype=state_dtype, foreach=foreach)
+        self.target_default = default
+
+
+register(NORMUON, NorMuon, state_precision="fp32", second_moment="blockwise", target_key="use_muon",
+         batched_targets=True, example_hparams={"lr": 2e-2})
