@@ -911,6 +911,11 @@ def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
         raise ConfigError(f"lora.target_modules={targets!r} matched no layer of {type(model).__name__}: its linear "
                           f"layers are named {layers} (a list matches these names, a string is a regular expression "
                           f"over the full module name; 'all-linear' takes every one but the output head)") from err
+    if model_dir is not None:
+        for cfg in getattr(model, "peft_config", {}).values():
+            # adapter_config.json names the base: absolute, so AutoPeftModelForCausalLM finds it from any directory
+            # (peft wrote the path as typed, and from elsewhere a relative one was looked up on the Hub)
+            cfg.base_model_name_or_path = str(Path(model_dir).resolve())
     return model, tok, model_dir
 
 

@@ -16,7 +16,6 @@ from lowmem.train import load_recipe, run
 SMALL = dict(train_size=64, eval_size=16, batch_size=8, logging_steps=2, track_memory=False, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 1: adapter_config.json names the base model by the relative path typed")
 def test_the_adapter_names_its_base_model_by_an_absolute_path(tmp_path, tiny_model_path, monkeypatch):
     """``--model base`` (a path relative to the current directory, as users type it): peft wrote
     ``base_model_name_or_path: "base"`` into adapter_config.json, so ``AutoPeftModelForCausalLM`` loaded from
