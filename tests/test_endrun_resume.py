@@ -43,7 +43,6 @@ def test_resume_with_the_same_settings_is_exact(tmp_path, uninterrupted):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 2: a new lr on resume was ignored without a word")
 def test_resume_with_another_lr_is_refused(tmp_path, uninterrupted):
     out = _interrupted(tmp_path, uninterrupted)
     with pytest.raises(ValueError, match=r"learning rate.*0\.01.*0\.005") as err:
@@ -52,7 +51,6 @@ def test_resume_with_another_lr_is_refused(tmp_path, uninterrupted):
     assert not (out / "checkpoint-6").exists()  # refused before any step
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 3: another lr_scheduler on resume mixed two schedules")
 def test_resume_with_another_schedule_is_refused(tmp_path, uninterrupted):
     out = _interrupted(tmp_path, uninterrupted)
     with pytest.raises(ValueError, match=r"lr_scheduler_type") as err:

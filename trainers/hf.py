@@ -710,6 +710,8 @@ class LowMemOptimizerMixin:
         bare size mismatch, re-raised naming the number of processes."""
         name = getattr(self.args, "lowmem_optim", None)
         before = _group_keys(self.optimizer)
+        scheduler = getattr(getattr(self, "lr_scheduler", None), "scheduler", getattr(self, "lr_scheduler", None))
+        own_base = list(scheduler.base_lrs) if getattr(scheduler, "lr_lambdas", None) is not None else None
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
         if checkpoint is not None and getattr(self, "is_fsdp_enabled", False) and hasattr(inner, "prepare_load"):
             # BAdam: torch.distributed.checkpoint fills only the entries the optimizer holds when it asks, which
@@ -743,6 +745,17 @@ class LowMemOptimizerMixin:
                 f"parameter groups hold {sorted(set().union(*after) - set().union(*before))} and lack "
                 f"{sorted(set().union(*before) - set().union(*after))}; resume with the optimizer that wrote it"
             )
+        if checkpoint is not None and own_base is not None and not getattr(self, "is_deepspeed_enabled", False):
+            problem = schedule_mismatch(own_base, list(scheduler.base_lrs), scheduler.lr_lambdas, scheduler.last_epoch,
+                                        scheduler.get_last_lr())
+            if problem is not None:
+                raise ValueError(
+                    f"resuming from {checkpoint}: {problem}; the Trainer restores the checkpoint's base rate and step "
+                    "(scheduler.pt) and keeps this run's schedule function. Resume with the learning_rate (lr), "
+                    "lr_scheduler_type (lr_scheduler), warmup_steps and "
+                    "max_steps (steps) that wrote the checkpoint (a constant schedule may take more steps), or start a "
+                    "new run from its weights (model: the checkpoint folder, without resuming)"
+                )
         return out
 
     def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -769,6 +782,33 @@ class LowMemOptimizerMixin:
         norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
         norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def schedule_mismatch(own_base: list[Any], saved_base: list[Any], lambdas: list[Any], step: int,
+                      saved_lrs: list[Any]) -> str | None:
+    """Why a ``LambdaLR`` restored from a checkpoint does not continue that run's schedule, or ``None``.
+
+    ``load_state_dict`` takes the checkpoint's ``base_lrs``, ``last_epoch`` and last rates, and keeps this run's
+    ``lr_lambdas`` (transformers' schedules are ``functools.partial`` functions: warm-up and total steps are this
+    run's). This run's own configuration gives ``own_base[i] * lambdas[i](step)`` at the checkpoint's step; the
+    checkpoint's run had ``saved_lrs[i]`` there. Another base rate is a changed learning rate (the Trainer would
+    silently keep the checkpoint's), another rate at the same base a changed schedule (type, warm-up, length)."""
+    import math
+
+    several = len({v for v in own_base if isinstance(v, (int, float))}) > 1  # groups of their own rates: name them
+    for i, (own, saved, fn, lr) in enumerate(zip(own_base, saved_base, lambdas, saved_lrs)):
+        if not all(isinstance(v, (int, float)) for v in (own, saved, lr)):
+            continue
+        group = f" (parameter group {i})" if several else ""
+        if not math.isclose(own, saved, rel_tol=1e-9, abs_tol=0.0):
+            return (f"this run's learning rate{group} is {own:g}, the checkpoint's run trained with learning rate "
+                    f"{saved:g} (the Trainer would go on at {saved:g} and ignore {own:g})")
+        ours = own * fn(step)
+        if not math.isclose(ours, lr, rel_tol=1e-6, abs_tol=1e-12):
+            return (f"at its step {step} the checkpoint's schedule had lr {lr:g}{group}, this run's schedule "
+                    f"(lr_scheduler_type, warmup_steps, max_steps) gives {ours:g} there (the Trainer would run the "
+                    f"checkpoint's base rate on this run's schedule, a mix of both)")
+    return None
 
 
 @contextlib.contextmanager
