@@ -2,7 +2,8 @@
 
 **Peers** are the packages lowmem's recipes replace (galore-torch, fira, apollo-torch, adam-mini,
 bitsandbytes, transformers' Adafactor, torchao's 4- and 8-bit AdamW, ``torch.optim.Muon``, and pytorch_optimizer's
-SPAM, StableSPAM, GaLore, Fira, APOLLO and AdaFactor as ``po_*``), put in the same table as rows named
+SPAM, StableSPAM, GaLore, Fira, APOLLO, AdaFactor, CAME and Lion as ``po_*``; the CAME authors' ``came_pytorch``;
+bitsandbytes' ``Lion`` / ``Lion8bit`` as ``bnb_lion*``), put in the same table as rows named
 ``peer:<package>`` when they are installed. They are benchmark extras, never runtime dependencies:
 each is imported only when its row is built, and one that is missing (or cannot run here, e.g. a
 CUDA-only kernel) becomes a "skipped" line with the reason, never an error. ``torch.optim.AdamW`` is
@@ -336,6 +337,65 @@ def _po_adafactor(model, lr, rank, st):
                      eps2=1e-3, weight_decay=0.0)
 
 
+def _po_came(model, lr, rank, st):
+    """pytorch_optimizer's ``CAME`` as lowmem's ``came``: betas (0.9, 0.999, 0.9999), ``eps1=1e-30``,
+    ``eps2=1e-16``, ``clip_threshold=1.0`` (lowmem's recipe defaults, the authors'), the recommended settings'
+    weight decay on the decayed group (none without an entry); ``foreach`` at its default (``None``: on where the
+    group allows, the CPU too). Steps like ``came`` to float32 rounding (tests/test_peers_came_lion.py)."""
+    from pytorch_optimizer import CAME
+
+    from lowmem.optim import build_param_groups
+
+    eps = st.get("eps", (1e-30, 1e-16))
+    return CAME(build_param_groups(model, weight_decay=st.get("weight_decay", 0.0)), lr=lr,
+                betas=st.get("betas", (0.9, 0.999, 0.9999)), eps1=eps[0], eps2=eps[1],
+                clip_threshold=st.get("clip_threshold", 1.0))
+
+
+def _came_pytorch(model, lr, rank, st):
+    """The authors' ``came_pytorch.CAME`` (Luo et al. 2023; ``pip install came-pytorch``) at lowmem's ``came``
+    settings: betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16), ``clip_threshold=1.0``, weight decay as
+    :func:`_po_came`. A plain per-tensor loop."""
+    from came_pytorch import CAME
+
+    from lowmem.optim import build_param_groups
+
+    return CAME(build_param_groups(model, weight_decay=st.get("weight_decay", 0.0)), lr=lr,
+                eps=st.get("eps", (1e-30, 1e-16)), clip_threshold=st.get("clip_threshold", 1.0),
+                betas=st.get("betas", (0.9, 0.999, 0.9999)))
+
+
+def _po_lion(model, lr, rank, st):
+    """pytorch_optimizer's ``Lion`` as lowmem's ``lion``: betas (0.9, 0.99), weight decay as :func:`_po_came`;
+    ``foreach`` at its default (``None``: on, the CPU too)."""
+    from pytorch_optimizer import Lion
+
+    from lowmem.optim import build_param_groups
+
+    return Lion(build_param_groups(model, weight_decay=st.get("weight_decay", 0.0)), lr=lr,
+                betas=st.get("betas", (0.9, 0.99)))
+
+
+def _bnb_lion(bits: int):
+    """bitsandbytes' ``Lion`` (``optim_bits=32``) / ``Lion8bit`` as lowmem's ``lion`` / ``lion8bit``: betas (0.9,
+    0.99), weight decay as :func:`_po_came`; 8-bit: blocks of 256 (its only size) and tensors under
+    ``min_8bit_size=4096`` elements in float32 (lowmem's ``min_quant_size``). bitsandbytes 0.50 steps both on the
+    CPU with its CPU kernels."""
+
+    def build(model, lr, rank, st):
+        import bitsandbytes as bnb
+
+        from lowmem.optim import build_param_groups
+
+        groups = build_param_groups(model, weight_decay=st.get("weight_decay", 0.0))
+        betas = st.get("betas", (0.9, 0.99))
+        if bits == 8:
+            return bnb.optim.Lion8bit(groups, lr=lr, betas=betas, min_8bit_size=st.get("min_quant_size", 4096))
+        return bnb.optim.Lion(groups, lr=lr, betas=betas, optim_bits=32)
+
+    return build
+
+
 #: Every peer the benchmarks know, in table order.
 PEERS: tuple[Peer, ...] = (
     Peer("transformers_adafactor", "transformers", "adafactor", _hf_adafactor),
@@ -354,6 +414,11 @@ PEERS: tuple[Peer, ...] = (
     Peer("po_fira", "pytorch_optimizer", "fira_adamw", _po_projected("Fira", 0.25)),
     Peer("po_apollo", "pytorch_optimizer", "apollo_adamw", _po_projected("APOLLO", 1.0)),
     Peer("po_adafactor", "pytorch_optimizer", "adafactor", _po_adafactor),
+    Peer("po_came", "pytorch_optimizer", "came", _po_came),
+    Peer("came_pytorch", "came_pytorch", "came", _came_pytorch),
+    Peer("po_lion", "pytorch_optimizer", "lion", _po_lion),
+    Peer("bnb_lion", "bitsandbytes", "lion", _bnb_lion(32)),
+    Peer("bnb_lion8bit", "bitsandbytes", "lion8bit", _bnb_lion(8)),
 )
 
 
