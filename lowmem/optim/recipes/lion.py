@@ -162,7 +162,7 @@ class LionMoments(MomentRule):
         applies to (a tensor or a piece: element-wise) by :func:`~lowmem.optim.bnb_fused.fused_lion32bit_step_`
         first."""
         fused = group.get("fused", False) if self.fused_32bit else False
-        if fused is True or (fused is None and any(p.device.type == "cuda" for p in params)):
+        if fused is True or (fused is None and any(p.is_cuda for p in params)):
             # (fused=None fuses CUDA tensors only, bnb_fused.use_fused_32bit: a CPU bucket skips the per-member check)
             rest = [(p, g, st) for p, g, st in zip(params, grads, states)
                     if not self.fused_step_(p, g, group, st, t, lr, None)]
