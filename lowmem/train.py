@@ -1893,16 +1893,35 @@ def effective_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     return groups
 
 
+def best_model_step(trainer: Any) -> int | None:
+    """The step of the checkpoint ``load_best_model_at_end`` loaded at the end of training (the weights then
+    evaluated and saved), or ``None`` when the run does not load the best model or kept none."""
+    args, state = trainer.args, trainer.state
+    if not getattr(args, "load_best_model_at_end", False) or not state.best_model_checkpoint:
+        return None
+    step = getattr(state, "best_global_step", None)
+    return step if isinstance(step, int) else int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+
+
 def _run_metrics(trainer: Any) -> dict[str, Any]:
     """``effective_hparams`` of the trained optimizer and ``eval_history`` (step and eval loss, DPO
     margin and accuracy, GRPO/GVPO/BNPO mean reward, of every evaluation: the one before training,
-    during training and the one after it)."""
+    during training and the one after it). With ``load_best_model_at_end``: ``best_model_step``,
+    ``metric_for_best_model`` and ``best_metric``; when the best checkpoint is not the last step, the
+    evaluations after training are of its weights, so they are not entered under the last step."""
+    logs, best = trainer.state.log_history, best_model_step(trainer)
+    end = max((i for i, h in enumerate(logs) if "train_runtime" in h), default=len(logs))  # train()'s summary
+    reloaded = best is not None and best != trainer.state.global_step
     by_step = {  # the evaluation after training repeats the last step's when eval_steps divides steps
         h["step"]: {"step": h["step"], **{k: h[k] for k in ("eval_loss", "eval_reward", "eval_rewards/margins",
                                                              "eval_rewards/accuracies") if k in h}}
-        for h in trainer.state.log_history if "eval_loss" in h
+        for i, h in enumerate(logs) if "eval_loss" in h and not (reloaded and i > end)
     }
-    return {"effective_hparams": effective_hparams(trainer.optimizer), "eval_history": list(by_step.values())}
+    out = {"effective_hparams": effective_hparams(trainer.optimizer), "eval_history": list(by_step.values())}
+    if getattr(trainer.args, "load_best_model_at_end", False):
+        out.update(best_model_step=best, metric_for_best_model=trainer.args.metric_for_best_model,
+                   best_metric=trainer.state.best_metric)
+    return out
 
 
 def _train(trainer: Any, recipe: TrainRecipe) -> Any:
@@ -2500,6 +2519,10 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
     else:
         console.print(f"optimizer state: {metrics['optimizer']} {ours:,} bytes vs AdamW {adamw:,} bytes "
                       f"({100 * ours / adamw:.1f}% of AdamW) for {metrics['trainable_params']:,} trainable parameters")
+    if metrics.get("best_model_step") is not None and metrics["best_model_step"] != metrics["steps"]:
+        console.print(f"saved model: the best checkpoint, step {metrics['best_model_step']} of {metrics['steps']} "
+                      f"(load_best_model_at_end, {metrics['metric_for_best_model']} {metrics['best_metric']:.4f}); "
+                      "the final values above are its")
     if metrics.get("effective_hparams"):
         groups, key = metrics["effective_hparams"], get_entry(recipe.optim).target_key
         targeted = [g for g in groups if key is not None and g.get(key) not in (None, False)]

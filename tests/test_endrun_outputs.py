@@ -51,7 +51,6 @@ def best_run(tmp_path_factory):
     return out, m, printed.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 4: eval_history put the best model's loss on the last step")
 def test_load_best_model_at_end_keeps_each_steps_own_eval_loss(best_run):
     """``eval_history`` merged the evaluation after training (of the best model, loaded from checkpoint-2) into
     the entry of step 6: it said step 6 had step 2's loss."""
@@ -62,7 +61,6 @@ def test_load_best_model_at_end_keeps_each_steps_own_eval_loss(best_run):
     assert [(h["step"], h["eval_loss"]) for h in m["eval_history"]] == sorted(logged.items())
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 5: which step the saved best model is from is said nowhere")
 def test_load_best_model_at_end_says_which_step_was_saved(best_run):
     """metrics.json and the summary said 'final ... after 6 steps' of a model that was step 2's."""
     out, m, printed = best_run
