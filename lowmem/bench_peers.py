@@ -2,7 +2,7 @@
 
 **Peers** are the packages lowmem's recipes replace (galore-torch, fira, apollo-torch, adam-mini,
 bitsandbytes, transformers' Adafactor, torchao's 4- and 8-bit AdamW, ``torch.optim.Muon``, and pytorch_optimizer's
-SPAM, StableSPAM, GaLore, Fira, APOLLO, AdaFactor, CAME and Lion as ``po_*``; the CAME authors' ``came_pytorch``;
+SPAM, StableSPAM, GaLore, Fira, APOLLO, AdaFactor, CAME, NorMuon and Lion as ``po_*``; the CAME authors' ``came_pytorch``;
 bitsandbytes' ``Lion`` / ``Lion8bit`` as ``bnb_lion*``), put in the same table as rows named
 ``peer:<package>`` when they are installed. They are benchmark extras, never runtime dependencies:
 each is imported only when its row is built, and one that is missing (or cannot run here, e.g. a
@@ -82,6 +82,8 @@ RECOMMENDED: dict[str, Recommended] = {
     "adam_mini": Recommended(1e-3, "adam-mini README: 'use the same hyperparameters as AdamW' (lr, betas, wd)"),
     "muon": Recommended(1e-3, "Moonlight (Liu et al. 2025): adjust_lr_fn='match_rms_adamw' lets Muon reuse AdamW's "
                         "lr and weight decay (lr 1e-3 here, wd 0.1 = torch.optim.Muon's default)"),
+    "normuon": Recommended(1e-3, "NorMuon (Li et al. 2025) Algorithm 1: the update rescaled to RMS 0.2 (update_scale="
+                           "'match_rms') so AdamW's lr carries over, as muon's match_rms_adamw (lr 1e-3 here, wd 0.1)"),
     "scale": Recommended(1e-3, "lowmem's recipe default (Glentis et al. 2025 tune lr per model; none given for "
                          "this size)"),
     "sinkgd": Recommended(1e-3, "lowmem's recipe default (Scetbon et al. 2025 tune lr per model; none given for "
@@ -352,6 +354,24 @@ def _po_came(model, lr, rank, st):
                 clip_threshold=st.get("clip_threshold", 1.0))
 
 
+def _po_normuon(model, lr, rank, st):
+    """pytorch_optimizer's ``NorMuon`` as lowmem's ``normuon`` defaults: the targeted 2-D weights (``use_muon``) with
+    ``update_scale="match_rms"`` (the paper's RMS 0.2), momentum 0.95 (Nesterov), ``beta2=0.95``, ``eps=1e-10``,
+    weight decay 0.1; the rest AdamW at the same lr, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on the decayed
+    group (its ``adamw_*`` settings). Steps like ``normuon`` on 2-D weights to float32 rounding
+    (tests/test_normuon_peers.py); a weight of more than 2 dimensions is its ``[size(0), -1]`` view there, per
+    matrix in lowmem."""
+    from pytorch_optimizer import NorMuon
+
+    groups = _subspace_groups(model, {"use_muon": True}, weight_decay=0.1)
+    for g in groups:
+        g.setdefault("use_muon", False)
+        if not g["use_muon"]:
+            g.update(betas=(0.9, 0.95), eps=1e-8)
+    return NorMuon(groups, lr=lr, momentum=0.95, beta2=0.95, weight_decay=0.1, nesterov=True,
+                   update_scale="match_rms", eps=1e-10, adamw_lr=lr)
+
+
 def _came_pytorch(model, lr, rank, st):
     """The authors' ``came_pytorch.CAME`` (Luo et al. 2023; ``pip install came-pytorch``) at lowmem's ``came``
     settings: betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16), ``clip_threshold=1.0``, weight decay as
@@ -416,6 +436,7 @@ PEERS: tuple[Peer, ...] = (
     Peer("po_adafactor", "pytorch_optimizer", "adafactor", _po_adafactor),
     Peer("po_came", "pytorch_optimizer", "came", _po_came),
     Peer("came_pytorch", "came_pytorch", "came", _came_pytorch),
+    Peer("po_normuon", "pytorch_optimizer", "normuon", _po_normuon),
     Peer("po_lion", "pytorch_optimizer", "lion", _po_lion),
     Peer("bnb_lion", "bitsandbytes", "lion", _bnb_lion(32)),
     Peer("bnb_lion8bit", "bitsandbytes", "lion8bit", _bnb_lion(8)),
