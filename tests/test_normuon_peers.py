@@ -63,3 +63,20 @@ def test_tiny_training_run_against_adamw_and_muon():
         assert losses[-1] < 0.01 * losses[0], (name, losses[0], losses[-1])
     assert final["normuon"] < final["muon"], final
     assert final["normuon"] < 1.5 * final["adamw"], final
+
+
+def test_bench_peer_row_steps_like_normuon():
+    """``lowmem bench``'s ``peer:po_normuon`` row (lowmem/bench_peers.py) builds pytorch_optimizer's NorMuon with
+    lowmem's ``normuon`` defaults and the same groups (the targeted weights, AdamW on the rest, decay on the decayed
+    group): the toy model's weights after 6 steps agree to float32 rounding (the AdamW parameters' eps placement
+    and bias correction agree with torch's form)."""
+    from lowmem.bench_peers import get_peer
+
+    peer = get_peer("po_normuon")
+    final = []
+    for build in (lambda m: create_optimizer(m, "normuon", lr=1e-2), lambda m: peer.build(m, 1e-2, None, {})):
+        model, x, y = make_problem(0)
+        train(model, build(model), x, y, 6)
+        final.append(model.state_dict())
+    for k, v in final[0].items():
+        torch.testing.assert_close(v, final[1][k], rtol=1e-5, atol=1e-6, msg=k)
