@@ -47,11 +47,6 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in its compute precision: itself when float32 / float64; a low-precision state's float32 copy."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 class Sm3Moments(MomentRule):
     """SM3-II's accumulators (Algorithm 2) and an optional momentum of the preconditioned gradient.
 
@@ -104,7 +99,7 @@ class Sm3Moments(MomentRule):
                 if kept is None:
                     state[f"acc_{i}"].copy_(top)
                 else:
-                    torch.maximum(kept[i], top, out=kept[i])
+                    torch.maximum(kept[i], top, out=kept[i])  # (an FSDP2 float64 shard's into float32: rounded)
                 del top
         else:  # one cover per coordinate: nu = mu + g^2 (diagonal Adagrad), mu = nu
             acc = state["acc"]
@@ -113,7 +108,7 @@ class Sm3Moments(MomentRule):
         u = sm3_precondition_(nu, g, eps)  # line 7 (without lr), in nu's memory
         if momentum > 0:
             m = state["momentum"].view(u.shape)  # (a chunk's flat view, or the whole tensor)
-            m32 = _f32(m)
+            m32 = m if m.dtype == u.dtype else m.to(u.dtype)  # (a low-precision momentum's float32 copy)
             sm3_momentum_(m32, u, momentum)
             if m32 is not m:
                 m.copy_(m32)
@@ -142,28 +137,62 @@ class Sm3Moments(MomentRule):
             rows = (start // per, stop // per)
         else:
             rows = None
-        view = ChunkState(state, start, stop, {"shape": shape, "rows": rows, "kept": ctx})
+        view = ChunkState(state, start, stop, {"shape": shape, "rows": rows, "kept": ctx["kept"] if ctx else None})
         if "acc" in state:
             view["acc"] = state["acc"].view(-1)[start:stop]
         if "momentum" in state:
             view["momentum"] = state["momentum"].view(-1)[start:stop]
         return view
 
-    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized):
-        """The running maxima of the dimensions ``i >= 1`` (zeros: ``nu >= 0``) when a tensor of ``p >= 2``
-        dimensions is stepped in more than one block: every block reads those accumulators' old values (line
-        6), so their new ones (line 8) are kept aside and written by :meth:`finish_chunks`. ``None`` for a
-        vector (element-wise) or a single block (written in place)."""
-        if len(shape) < 2 or [tuple(b) for b in bounds] in ([], [(0, math.prod(shape))]):
+    def prepare_chunks(self, state, shape, group, t, lr, bounds, stabilized, reduce=None):
+        """The running maxima of the dimensions ``i >= 1`` (one flat zeroed buffer: ``nu >= 0``) when a tensor of
+        ``p >= 2`` dimensions is stepped in more than one block: every block reads those accumulators' old
+        values (line 6), so their new ones (line 8) are kept aside and written by :meth:`finish_chunks`.
+        ``None`` for a vector (element-wise) or a single block (written in place) of an unsharded tensor.
+
+        ``reduce`` (an FSDP2 shard of rows, :class:`~lowmem.optim.sharded.ShardReduce`): ``acc_0`` holds the
+        shard's rows (local); the maxima of the other dimensions are maxima over every shard's rows, one
+        all-reduce (max) in :meth:`finish_chunks`, of the kept buffer or, for a shard stepped in one block, of
+        the accumulators written with the shard's own maxima (an empty shard's zeroed first: it holds no
+        coordinate of any set)."""
+        if len(shape) < 2:
             return None
-        dtype = _compute(state["acc_0"].dtype)
-        return {i: torch.zeros(shape[i], dtype=dtype, device=state["acc_0"].device) for i in range(1, len(shape))}
+        if [tuple(b) for b in bounds] in ([], [(0, math.prod(shape))]):
+            if reduce is None:
+                return None
+            if not bounds:
+                for i in range(1, len(shape)):
+                    state[f"acc_{i}"].zero_()
+            return {"kept": None, "reduce": reduce, "dims": len(shape)}
+        acc = state["acc_0"]
+        flat = torch.zeros(sum(shape[1:]), dtype=_compute(acc.dtype), device=acc.device)
+        kept, at = {}, 0
+        for i in range(1, len(shape)):
+            kept[i], at = flat[at:at + shape[i]], at + shape[i]
+        return {"kept": kept, "flat": flat, "reduce": reduce}
 
     def finish_chunks(self, state, ctx):
+        """Line 8 of the dimensions ``i >= 1`` after the last block: the kept maxima written (all-reduced first
+        for a shard)."""
         if ctx is None:
             return
-        for i, top in ctx.items():
+        reduce = ctx["reduce"]
+        if ctx["kept"] is None:  # a shard in one block: its accumulators hold the shard's maxima
+            for i in range(1, ctx["dims"]):
+                reduce.max_(state[f"acc_{i}"])
+            return
+        if reduce is not None:
+            reduce.max_(ctx["flat"])
+        for i, top in ctx["kept"].items():
             state[f"acc_{i}"].copy_(top)
+
+    sharded_stats = True  # (prepare_chunks takes reduce=: the maxima of the dimensions i >= 1 over the shards)
+    #: checkpoints of an FSDP2 shard: ``acc_0`` one number per row (sharded like the rows); the other
+    #: dimensions' accumulators are equal on every rank (:meth:`replicated_state`)
+    reduced_dims = {"acc_0": "rows"}
+
+    def replicated_state(self, key, group):
+        return key.startswith("acc_") and key != "acc_0"
 
     # ---- what a step allocates ----
 
