@@ -3,8 +3,9 @@ optimizer of the same parameters re-sharded (``Shard(0)`` -> ``Shard(1)`` / ``Re
 a state of the parameter's own layout (AdamW's moments) is redistributed exactly to the new local shard
 (``sharded.state_from_dtensor``; before, the old shard's piece was taken and refused as "loaded piece (4, 6),
 expected (8, 3)"), and continuing equals continuing the saved optimizer; a per-shard state (8-bit codes) cannot
-follow and is refused naming both placements where its size differs (under Shard(1) of an even split it has the same
-size, and the checkpoint does not record the placement it was saved under: loaded as it is, docs/distributed.md)."""
+follow and is refused naming both placements, by the record of the placements it was saved under
+(``sharded.PLACEMENT_KEY``), also under Shard(1) of an even split, where it has the same size (it loaded as it is
+before that record: tests/test_ckptplace_reshard_dcp.py)."""
 
 from __future__ import annotations
 
@@ -57,17 +58,20 @@ def _worker(rank, world, init_file, out):
             step(a, opt, grads[2]), step(b, opt2, grads[2])
             whole["continued"] = torch.equal(a.full_tensor(), b.full_tensor())
             result[repr(to)] = whole
-        # 8-bit codes are one piece per shard: refused under other placements, naming both
+        # 8-bit codes are one piece per shard: refused under other placements, naming both (under Shard(1) of an
+        # even split as many codes per shard: refused by the record of the placements they were saved under)
         w = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
         a = param(Shard(0))
         opt = create_optimizer([a], "adamw8bit", lr=1e-2, min_quant_size=1, block_size=64)
         step(a, opt, torch.randn(16, 8))
-        b = param(Replicate())  # (Shard(1) of an even split: as many codes per shard, taken silently: docs/distributed.md)
-        try:
-            create_optimizer([b], "adamw8bit", lr=1e-2, min_quant_size=1, block_size=64).load_state_dict(opt.state_dict())
-            result["8bit"] = "loaded"
-        except ValueError as e:
-            result["8bit"] = str(e)
+        for to in (Replicate(), Shard(1)):
+            b = param(to)
+            try:
+                opt2 = create_optimizer([b], "adamw8bit", lr=1e-2, min_quant_size=1, block_size=64)
+                opt2.load_state_dict(opt.state_dict())
+                result["8bit " + repr(to)] = "loaded"
+            except ValueError as e:
+                result["8bit " + repr(to)] = str(e)
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -80,4 +84,7 @@ def test_state_of_the_parameters_layout_reshards_exactly_on_load(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for to in ("Shard(dim=1)", "Replicate()"):
             assert got[to] == {"exp_avg": True, "exp_avg_sq": True, "continued": True}, (rank, to, got)
-        assert "saved under placements" in got["8bit"] and "the parameter is (Replicate(),)" in got["8bit"], got["8bit"]
+        for to in ("Replicate()", "Shard(dim=1)"):
+            said = got["8bit " + to]
+            assert ("saved with the parameter sharded as (Shard(dim=0),) over a mesh of shape (2,), but it is"
+                    f" sharded as ({to},) over a mesh of shape (2,) now" in said), said

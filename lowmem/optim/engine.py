@@ -1431,10 +1431,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """torch's ``state_dict()``; the state of a sharded (FSDP2 ``DTensor``) parameter, kept as
         plain tensors of its local shard, is returned as ``DTensor`` s
         (:func:`~lowmem.optim.sharded.state_to_dtensor`) so that ``torch.distributed.checkpoint``
-        saves every rank's piece. Unsharded parameters: plain tensors, as always. A parameter whose state no
+        saves every rank's piece; next to per-shard state (one piece per shard: quantized codes, MicroAdam's window),
+        the placements and mesh it was saved under (:data:`~lowmem.optim.sharded.PLACEMENT_KEY`,
+        :func:`~lowmem.optim.sharded.record_placement`). Unsharded parameters: plain tensors, as always.
+        A parameter whose state no
         longer fits it (resized or re-sharded since its state was made, without a step since: a step compares
         only the parameters it steps) is refused, nothing saved (:func:`~lowmem.optim.group_layout.check_state_fits`:
         every later load would refuse that state)."""
+        from .sharded import record_placement
+
         check_state_fits(self)
         sd = super().state_dict()
         params = [p for g in self.param_groups for p in g["params"]]
@@ -1443,18 +1448,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         for pid, p in zip(chain.from_iterable(g["params"] for g in sd["param_groups"]), params):
             if is_dtensor(p) and pid in sd["state"]:
                 group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+                state = sd["state"][pid]
                 if self._local_matrices(p, group):  # the shard's matrices' stacks: sharded as the parameter
-                    sd["state"][pid] = {k: matrices_state_to_dtensor(v, p) for k, v in sd["state"][pid].items()}
-                    continue
-                if self._is_projected(p, group):  # bases replicated; moments row-sharded or replicated
+                    saved = {k: matrices_state_to_dtensor(v, p) for k, v in state.items()}
+                elif self._is_projected(p, group):  # bases replicated; moments row-sharded or replicated
                     rows, dims = low_is_sharded(self.recipe, group, p), self.recipe.moment.reduced_dims
-                    sd["state"][pid] = {k: projected_state_to_dtensor(v, p, k, rows, dims) for k, v in sd["state"][pid].items()}
-                    continue
-                # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding;
-                # whole-tensor statistics, equal on every rank, stay plain: saved once)
-                dims, moment = self.recipe.moment.reduced_dims, self.recipe.moment
-                sd["state"][pid] = {k: v if moment.replicated_state(k, group) else state_to_dtensor(v, p, k, dims.get(k))
-                                    for k, v in sd["state"][pid].items()}
+                    saved = {k: projected_state_to_dtensor(v, p, k, rows, dims) for k, v in state.items()}
+                else:
+                    # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding;
+                    # whole-tensor statistics, equal on every rank, stay plain: saved once)
+                    dims, moment = self.recipe.moment.reduced_dims, self.recipe.moment
+                    saved = {k: v if moment.replicated_state(k, group) else state_to_dtensor(v, p, k, dims.get(k))
+                             for k, v in state.items()}
+                # per-shard state (one piece per shard) does not reshard: the placements it was saved under
+                sd["state"][pid] = record_placement(saved, state, p)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1483,7 +1490,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 state lacks an entry, holds one of another shape or dtype
                 (or ``None``) or one this optimizer does not keep, or was saved with settings that
                 change its layout or by another optimizer; the message names the parameter (or
-                group) and the entry.
+                group) and the entry. A sharded parameter's per-shard state saved under other placements than
+                the parameter's now (:func:`~lowmem.optim.sharded.check_saved_placement`; a checkpoint without that
+                record loads unchecked, with one warning naming how many parameters).
         """
         kept = self.param_groups, self.state
         before = [dict(g) for g in self.param_groups]
@@ -1578,14 +1587,33 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 else:
                     layout = lambda g, p=p: {k: (tuple(v.shape), v.dtype) for k, v in self._probe_state(p, g).items()}  # noqa: E731
                 check_same_settings(mine, group, layout, f"{self.recipe.name}: parameter group {i}")
+        from .sharded import PLACEMENT_KEY, check_saved_placement, saved_per_shard
+
+        unrecorded = 0  # sharded parameters with per-shard state and no record of its placements (older checkpoints)
         for pid, saved in state_dict["state"].items():
             p = id_map.get(pid)
             if p is None:
                 continue
             where = f"{self.recipe.name}: parameter {pid!r} of shape {tuple(p.shape)}"
+            record = saved.get(PLACEMENT_KEY) if isinstance(saved, dict) else None
+            if record is not None:  # (not state: read here, for a sharded parameter)
+                saved = {k: v for k, v in saved.items() if k != PLACEMENT_KEY}
             if is_dtensor(p):  # the shapes the recipe allocates for the local shard (nothing allocated)
                 probe: dict[str, Tensor] = {}
                 self._init_state(torch.empty(local(p).shape, dtype=p.dtype, device="meta"), group_of[p], probe, key=p)
+                # per-shard state (one piece per shard) saved under other placements: refused before anything of it
+                # is converted (a state of the parameter's own layout is redistributed below, a collective)
+                pieces = [k for k, v in saved.items() if k in probe and saved_per_shard(v, probe[k])]
+                if record is not None:
+                    i, j = next((i, j) for i, g in enumerate(self.param_groups)
+                                for j, q in enumerate(g["params"]) if q is p)
+                    check_saved_placement(record, p, pieces or sorted(k for k in saved if k in probe),
+                                          f"{self.recipe.name}: parameter {j} of parameter group {i} of shape"
+                                          f" {tuple(p.shape)}", f"remove state_dict['state'][{pid!r}] before"
+                                          " loading; through set_optimizer_state_dict with"
+                                          " StateDictOptions(strict=False)")
+                elif pieces:
+                    unrecorded += 1
                 saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
                 check_loaded_state(saved, probe, where)
             elif saved:  # (an empty state, e.g. BAdam's inactive blocks, is allocated at p's next step)
@@ -1601,6 +1629,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 k: _as_allocated(v.detach(), probe.get(k), "cpu" if k in cpu_keys else device) if isinstance(v, Tensor) else v
                 for k, v in saved.items()
             }
+        if unrecorded:
+            warn_user(
+                f"{self.recipe.name}: load_state_dict: the per-shard state (quantized codes and scales, MicroAdam's"
+                f" window: one piece per shard) of {unrecorded} sharded parameter(s) was loaded from a checkpoint that"
+                f" does not record the placements it was saved under ('{PLACEMENT_KEY}': saved before lowmem recorded"
+                " it, or the entry was removed: torch's set_optimizer_state_dict with flatten_optimizer_state_dict=True"
+                " passes on only the entries the optimizer's state holds), so it loaded unchecked: if such a parameter"
+                " was re-sharded between save and load at the same shard size (Shard(0) -> Shard(1) of an even"
+                " split), its state is that of another piece of it. Save a new checkpoint to have it checked"
+                " (docs/distributed.md, 'Re-sharded parameters')")
 
     # ---- the update -----------------------------------------------------------------------
 

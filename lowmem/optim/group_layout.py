@@ -48,12 +48,12 @@ snapshot of a group with sharded parameters keeps their ``(device mesh, placemen
 where the shapes are (a sharded parameter's group: at every step; about 0.4 us a parameter, docs/distributed.md
 "Re-sharded parameters").
 
-:func:`check_state_fits` compares every parameter with state, gradient or not, and the settings: meant for
-``LowMemOptimizer.state_dict()`` (not called there yet), so that a checkpoint never holds state of a parameter's old
-shape or placement
+:func:`check_state_fits` compares every parameter with state, gradient or not, and the settings: called first by
+``LowMemOptimizer.state_dict()``, so that a checkpoint never holds state of a parameter's old shape or placement
 (every later load would refuse it; a load itself needs no such check, ``load_state_dict`` checks every loaded entry
-against the parameter it is loaded for). Its cost is that of the compare (about 0.3 us a parameter), at a
-checkpoint, nothing at a step.
+against the parameter it is loaded for, and per-shard state against the placements it was saved under:
+:func:`~lowmem.optim.sharded.check_saved_placement`). Its cost is that of the compare (about 0.3 us a parameter), at
+a checkpoint, nothing at a step.
 """
 
 from __future__ import annotations

@@ -612,6 +612,119 @@ def state_from_dtensor(v: Any, p: Tensor, local_shape: torch.Size, key: str) -> 
     return t
 
 
+# ---- the placements a per-shard state was saved under (docs/distributed.md, "Re-sharded parameters") ----
+
+#: The entry of a sharded parameter's state in :meth:`LowMemOptimizer.state_dict` that records the placements and
+#: device mesh its per-shard state was saved under (:func:`placement_record`); written only where the parameter has
+#: per-shard state (:func:`record_placement`), read and removed by ``load_state_dict`` (:func:`check_saved_placement`).
+PLACEMENT_KEY = "shard_placement"
+
+# the kinds of placement in a record (a row's second number)
+_REPLICATE, _SHARD, _STRIDED, _PARTIAL, _OTHER = range(5)
+
+#: The rows of a record (:func:`placement_record`): mesh dimensions at most. One shape for every mesh, so that DCP,
+#: which loads a plain tensor into the target's tensor of the same shape, loads a record saved on another mesh (HSDP's
+#: 2-D one onto a 1-D one) instead of refusing it as a "Size mismatch".
+RECORD_ROWS = 8
+
+
+def placement_record(p: Tensor) -> Tensor:
+    """The placements and device mesh of sharded parameter ``p`` as an int64 tensor of shape ``(RECORD_ROWS, 4)``: one
+    row ``[mesh size, kind, tensor dim, split factor]`` per mesh dimension (kind: 0 ``Replicate``, 1 ``Shard``, 2
+    ``_StridedShard``, 3 ``Partial``, 4 another), then rows of zeros (a mesh size is never 0). A tensor, not a
+    string: ``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint`` take it (its
+    ``flatten_optimizer_state_dict`` takes tensors, ints, floats and dicts only); equal on every rank (DCP saves one
+    copy).
+
+    Raises:
+        NotImplementedError: ``p``'s mesh has more than :data:`RECORD_ROWS` dimensions.
+    """
+    rows = []
+    for size, pl in zip(p.device_mesh.shape, p.placements):
+        factor = getattr(pl, "split_factor", None)
+        if factor is not None or isinstance(pl, Shard):
+            dim = pl.dim % p.dim() if p.dim() else pl.dim
+            rows.append([size, _SHARD if factor is None else _STRIDED, dim, 1 if factor is None else int(factor)])
+        else:
+            rows.append([size, _REPLICATE if pl.is_replicate() else _PARTIAL if pl.is_partial() else _OTHER, 0, 1])
+    if len(rows) > RECORD_ROWS:
+        raise NotImplementedError(f"a sharded parameter of shape {tuple(p.shape)} on a device mesh of {len(rows)}"
+                                  f" dimensions with per-shard state: its checkpoint records at most {RECORD_ROWS}")
+    record = torch.zeros(RECORD_ROWS, 4, dtype=torch.int64)
+    if rows:
+        record[: len(rows)] = torch.tensor(rows, dtype=torch.int64)
+    return record
+
+
+def _rows(record: Tensor) -> list[list[int]]:
+    """The mesh dimensions' rows of ``record`` (without its rows of zeros)."""
+    return [r for r in record.tolist() if r[0] > 0]
+
+
+def _record_text(record: Tensor) -> str:
+    """A record of :func:`placement_record` as the parameter's placements read: ``(Shard(dim=0),) over a mesh of shape
+    (2,)``."""
+    rows = _rows(record)
+    names = [("Replicate()", f"Shard(dim={d})", f"_StridedShard(dim={d}, sf={f})", "Partial()")[k] if 0 <= k < 4
+             else "another placement" for _, k, d, f in rows]
+    return f"({', '.join(names)}{',' if len(names) == 1 else ''}) over a mesh of shape {tuple(r[0] for r in rows)}"
+
+
+def _pieces(record: Tensor) -> list[list[int]]:
+    """The rows of ``record`` that cut the parameter into pieces, in mesh order (a ``Replicate`` mesh dimension, HSDP's
+    outer one, holds copies of the same pieces: ``(Replicate(), Shard(0))`` over ``(2, 2)`` and ``(Shard(0),)``
+    over ``(2,)`` give shard ``i`` the same piece, and DCP loads one checkpoint onto the other); empty when the
+    piece is the whole parameter (every such dimension of size 1: one process)."""
+    rows = [r for r in _rows(record) if r[1] != _REPLICATE]
+    return [] if all(size == 1 for size, kind, _, _ in rows if kind in (_SHARD, _STRIDED)) else rows
+
+
+def saved_per_shard(saved: Any, v: Any) -> bool:
+    """Whether state tensor ``v`` of a sharded parameter was saved by :func:`state_to_dtensor` as one piece per shard
+    (``saved``: a ``DTensor`` of one more dimension than ``v``, the shards stacked: quantized codes and scales,
+    MicroAdam's window), which does not reshard with the parameter."""
+    return is_dtensor(saved) and isinstance(v, Tensor) and saved.to_local().dim() == v.dim() + 1
+
+
+def record_placement(saved: dict[str, Any], state: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """``saved`` (``p``'s ``state`` converted for a checkpoint) with :data:`PLACEMENT_KEY` added when an entry is
+    saved per shard (:func:`saved_per_shard`): what ``load_state_dict`` compares with the parameter's placements
+    then (:func:`check_saved_placement`). State that reshards with the parameter carries its placements itself."""
+    if any(saved_per_shard(saved[k], v) for k, v in state.items() if k in saved):
+        saved[PLACEMENT_KEY] = placement_record(p)
+    return saved
+
+
+def check_saved_placement(record: Any, p: Tensor, entries: list[str], where: str, drop: str) -> None:
+    """Refuse per-shard state (``entries``) of sharded parameter ``p`` saved under other placements or another device
+    mesh (``record``: :func:`placement_record` at the save) than ``p``'s now: re-sharded between save and load
+    (``Shard(0)`` -> ``Shard(1)``, ``fully_shard`` applied again), each shard's piece is that of another piece of the
+    parameter even where it has the same size (an even split), and it cannot be moved onto the new shard exactly
+    (quantization blocks and MicroAdam's window are made from the old piece's elements; rebuilding them would need
+    every rank's piece, and re-quantize). Compared: the mesh dimensions that cut the parameter (:func:`_pieces`: a
+    replicated one, HSDP's, only copies the pieces); a piece that was the whole parameter before and after (one
+    process) is no change. ``where``: the parameter (its group, index and shape); ``drop``: how to drop its saved state.
+
+    Raises:
+        ValueError: ``record`` is not a record (naming what it is), or the placements differ: naming ``where``, the
+            entries, both placements and meshes, and what to do.
+    """
+    if not isinstance(record, Tensor) or record.shape != (RECORD_ROWS, 4) or record.is_floating_point():
+        raise ValueError(f"{where}: the loaded '{PLACEMENT_KEY}' is {_describe(record)}, expected an int64 tensor of"
+                         f" shape ({RECORD_ROWS}, 4) (lowmem.optim.sharded.placement_record)")
+    now = placement_record(p)
+    record = record.detach().to("cpu", torch.int64)
+    if _pieces(record) == _pieces(now):
+        return
+    raise ValueError(
+        f"{where}: its per-shard state {sorted(entries)} (one piece per shard: quantized codes and scales, MicroAdam's"
+        f" window) was saved with the parameter sharded as {_record_text(record)}, but it is sharded as"
+        f" {_record_text(now)} now: it was re-sharded between save and load, and each shard's saved piece is that of"
+        " another piece of it (it cannot be moved onto the new shard: it was made from the old piece's elements)."
+        " Load the checkpoint with the parameter sharded as it was saved (the same placements and"
+        f" mesh), or load it without this parameter's state ({drop}; its state is made afresh at its next step)")
+
+
 def _describe(v: Any) -> str:
     if isinstance(v, Tensor):
         return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
