@@ -25,14 +25,15 @@ Two places where the paper and the authors' code differ, both offered (``update_
 The ``+ eps`` on ``||O^||_F`` is the authors' code's (``vnorm_new.add_(1e-10)``) and pytorch_optimizer's; the
 paper's line 5 has none, which a zero gradient (``O = 0``, so ``O^ = 0``) turns into 0 / 0.
 
-Every function takes lists (one tensor per matrix) and uses ``torch._foreach_*`` operations, so a bucket of
-matrices and a single matrix (a one-element list) run the same kernels and give the same bits.
+Lines 3-5 work on stacks: ``v`` and the rows' norms of ``k`` matrices as ``k x m`` tensors (one matrix: ``1 x m``,
+a view of its state), each operation one kernel whatever ``k``, and every reduction over a row of a stack, so a
+bucket of matrices and a single matrix give the same bits.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,51 +55,51 @@ def row_norms_bytes(rows: int, n: int, itemsize: int) -> int:
     return itemsize * (rows * n + rows)
 
 
-def neuron_second_moment_(vs: Sequence[Tensor], norms: Sequence[Tensor], n: int, beta2: float) -> None:
+def neuron_second_moment_(v: Tensor, norms: Tensor, n: int, beta2: float) -> None:
     """``v_t = b2 v_{t-1} + (1 - b2) mean_cols(O_t * O_t)`` in place (line 3), from the rows' norms
-    (``mean_cols(O * O) = ||O_i||^2 / n``). ``vs`` and ``norms`` in one dtype. Allocates one vector per matrix."""
-    sq = torch._foreach_mul(norms, norms)
-    torch._foreach_div_(sq, float(n))
-    torch._foreach_lerp_(list(vs), sq, 1.0 - beta2)
+    (``mean_cols(O * O) = ||O_i||^2 / n``); ``v`` and ``norms`` are ``k x m`` in one dtype. Allocates ``k m``."""
+    sq = norms * norms
+    sq.div_(float(n))
+    v.lerp_(sq, 1.0 - beta2)
 
 
-def neuron_row_factors(vs: Sequence[Tensor], norms: Sequence[Tensor], shape: tuple[int, int], eps: float,
-                       update_scale: str, lr: float | Tensor, reduce: Any = None) -> list[Tensor]:
+def neuron_row_factors(v: Tensor, norms: Tensor, shape: tuple[int, int], eps: float, update_scale: str,
+                       lr: float | Tensor, reduce: Any = None) -> Tensor:
     """The step's factor of each row, ``c_i = lr * s / (sqrt(v_i) + eps)`` (lines 4-5), from the updated ``v_t`` and
-    the rows' norms ``||O_i||``, for matrices of ``shape = (m, n)``::
+    the rows' norms ``||O_i||`` (both ``k x m``: ``k`` matrices of ``shape = (m, n)``)::
 
         d_i = sqrt(v_i) + eps ;  ||O^||_F = || ||O_i|| / d_i ||_2
         s = 0.2 sqrt(m n) / (||O^||_F + eps)                                         ("match_rms")
         s = ||O||_F sqrt(max(1, m / n)) / (||O^||_F + eps)                           ("preserve_norm")
 
-    Returns one new vector per matrix (the step is ``c_i O_i``). ``reduce`` (an FSDP2 shard's
-    :class:`~lowmem.optim.sharded.ShardReduce`; one matrix, ``vs`` and ``norms`` its shard's rows): ``||O^||_F`` and
+    Returns a new ``k x m`` tensor (the step is ``c_i O_i``). ``reduce`` (an FSDP2 shard's
+    :class:`~lowmem.optim.sharded.ShardReduce`; one matrix, ``v`` and ``norms`` its shard's rows): ``||O^||_F`` and
     ``||O||_F`` from their squares summed over the shards (one all-reduce of two numbers)."""
     if update_scale not in UPDATE_SCALES:
         raise ValueError(f"update_scale must be one of {list(UPDATE_SCALES)}, got {update_scale!r}")
     m, n = shape
-    factors = torch._foreach_sqrt(list(vs))
-    torch._foreach_add_(factors, eps)
-    torch._foreach_reciprocal_(factors)  # 1 / (sqrt(v_i) + eps)
-    hat = torch._foreach_mul(list(norms), factors)  # ||O^_i||
+    factors = v.sqrt()
+    factors.add_(eps)
+    factors.reciprocal_()  # 1 / (sqrt(v_i) + eps)
+    hat = norms * factors  # ||O^_i||
     if reduce is None:
-        hat_norms = torch._foreach_norm(hat)  # ||O^||_F
+        scale = torch.linalg.vector_norm(hat, dim=-1, keepdim=True)  # ||O^||_F
     else:  # sums of squares of the shard's rows, summed over the shards
-        sums = torch.stack([hat[0].square().sum(), norms[0].square().sum()])
+        sums = torch.stack([hat.square().sum(), norms.square().sum()])
         reduce.sum_(sums).sqrt_()
-        hat_norms, whole_norm = [sums[0]], [sums[1]]
+        scale, whole_norm = sums[0].view(1, 1), sums[1].view(1, 1)
     del hat
-    torch._foreach_add_(hat_norms, eps)
+    scale.add_(eps)
     if update_scale == "match_rms":
-        torch._foreach_reciprocal_(hat_norms)
-        torch._foreach_mul_(hat_norms, 0.2 * math.sqrt(m * n))
+        scale.reciprocal_()
+        scale.mul_(0.2 * math.sqrt(m * n))
     else:
-        targets = torch._foreach_norm(list(norms)) if reduce is None else whole_norm  # ||O||_F
-        torch._foreach_div_(targets, hat_norms)
-        hat_norms = targets
-        torch._foreach_mul_(hat_norms, math.sqrt(max(1.0, m / n)))
-    torch._foreach_mul_(hat_norms, lr)
-    torch._foreach_mul_(factors, hat_norms)
+        target = torch.linalg.vector_norm(norms, dim=-1, keepdim=True) if reduce is None else whole_norm  # ||O||_F
+        target.div_(scale)
+        scale = target
+        scale.mul_(math.sqrt(max(1.0, m / n)))
+    scale.mul_(lr)
+    factors.mul_(scale)
     return factors
 
 
@@ -106,5 +107,5 @@ def neuron_factors_bytes(k: int, m: int, itemsize: int) -> int:
     """Bytes :func:`neuron_second_moment_` and :func:`neuron_row_factors` allocate at their peak for ``k`` matrices
     of ``m`` rows (``itemsize`` the vectors' bytes per element): the factors beside the rows' ``||O^_i||`` and the
     0-d ``||O^||_F`` of each matrix, ``k (2 m + 1)`` elements (more than the second moment's ``k m`` squares before
-    them, and than the factors beside two 0-d norms per matrix after)."""
+    them, and than the factors beside two norms per matrix after)."""
     return itemsize * k * (2 * m + 1)

@@ -48,16 +48,15 @@ def _vector_index(v: Tensor, e: int) -> Tensor:
     return v[tuple(reversed(idx))]
 
 
-def _factors(vs: list[Tensor], norms: list[Tensor], shape: tuple[int, int], group: dict[str, Any], lr,
-             reduce: Any = None) -> list[Tensor]:
-    """Lines 3-5 for matrices whose rows' norms are ``norms`` (in the step's dtype): ``v`` updated (through a copy
-    in that dtype when stored in another, written back) and the per-row factors returned."""
-    dtype = norms[0].dtype
-    work = [v if v.dtype == dtype else v.to(dtype) for v in vs]
+def _factors(v: Tensor, norms: Tensor, shape: tuple[int, int], group: dict[str, Any], lr,
+             reduce: Any = None) -> Tensor:
+    """Lines 3-5 for ``k`` matrices (``v``: their ``k x m`` second moments; a stored vector's ``1 x m`` view) whose
+    rows' norms are ``norms`` (``k x m``, in the step's dtype): ``v`` updated (through a copy in that dtype when
+    stored in another, written back) and the ``k x m`` per-row factors returned."""
+    work = v if v.dtype == norms.dtype else v.to(norms.dtype)
     neuron_second_moment_(work, norms, shape[1], group["beta2"])
-    for v, w in zip(vs, work):
-        if w is not v:
-            v.copy_(w)
+    if work is not v:
+        v.copy_(work)
     return neuron_row_factors(work, norms, shape, group["row_eps"], group["update_scale"], lr, reduce)
 
 
@@ -124,7 +123,9 @@ class NorMuonMoments(MuonMoments):
         o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
         del whole
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-        factors = _factors([state[V_KEY]], [row_norms(o, dtype)], tuple(reduce.shape), group, lr, reduce)[0]
+        v = state[V_KEY]
+        factors = _factors(v.view(1, -1), row_norms(o, dtype).view(1, -1), tuple(reduce.shape), group, lr,
+                           reduce).view(-1)
         return o.to(g.dtype).mul_(factors[:, None])
 
     @staticmethod
@@ -135,7 +136,7 @@ class NorMuonMoments(MuonMoments):
         norms = torch.empty(m, dtype=dtype, device=x.device)
         for a, b in bounds:
             norms[a // n : b // n] = row_norms(ns_rows(x, shape, a // n, b // n), dtype)
-        return _factors([v], [norms], shape, group, lr)[0]
+        return _factors(v.view(1, m), norms.view(1, m), shape, group, lr).view(m)
 
     def _matrix_iterate(self, ctx: dict[str, Any], e: int) -> Tensor:
         """Muon's iterate of matrix ``e`` of a batch, and its per-row factors (``ctx["factors"]``) computed with it."""
@@ -198,7 +199,8 @@ class NorMuonMoments(MuonMoments):
         o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
         del u, buf32
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-        factors = _factors([v], [row_norms(o, dtype)], tuple(g.shape), group, lr)[0]
+        m = g.shape[0]
+        factors = _factors(v.view(1, m), row_norms(o, dtype).view(1, m), tuple(g.shape), group, lr).view(m)
         return o.to(g.dtype).mul_(factors[:, None])
 
     # ---- the multi-tensor step ----
@@ -265,11 +267,10 @@ class NorMuonMoments(MuonMoments):
     def target_foreach_transient_bytes(self, numel):
         """A bucket of ``numel`` elements of any shape: :func:`normuon_foreach_bytes`'s bound over shapes
         (``k m <= numel``)."""
-        return normuon_foreach_bytes(numel, (1, numel), False, threads=torch.get_num_threads())
+        return normuon_foreach_bytes(numel, (max(1, numel), 1), threads=torch.get_num_threads())
 
     def target_foreach_bucket_transient_bytes(self, numel, shape, group):
-        low_v = group is not None and group.get("state_dtype", "float32") not in ("float32", "param")
-        return normuon_foreach_bytes(numel, tuple(shape[-2:]), low_v, threads=torch.get_num_threads())
+        return normuon_foreach_bytes(numel, tuple(shape[-2:]), threads=torch.get_num_threads())
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
         """FSDP2 (:meth:`_sharded_step`): Muon's bound of the gathered step (the whole matrix's unchunked step and
@@ -287,8 +288,9 @@ def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tenso
                      shape: tuple[int, int], group: dict[str, Any], lr) -> None:
     """NorMuon's whole step for ``k`` float32 matrices of one ``shape``, one multi-tensor or batched kernel per
     operation: Muon's momentum and batched Newton-Schulz
-    (:func:`~lowmem.optim.functional.muon.newton_schulz_batched`), each matrix's rows' norms, lines 3-5 on the ``k``
-    vectors at once, then ``p <- p (1 - lr wd) ;  p <- p - c_i O_i``. The same operations as the per-matrix step
+    (:func:`~lowmem.optim.functional.muon.newton_schulz_batched`), the rows' norms of the stack, lines 3-5 on the
+    ``k x m`` stack of ``v`` (copied from and back to the state's vectors), then ``p <- p (1 - lr wd) ;
+    p <- p - c_i O_i``. The same operations as the per-matrix step
     (:meth:`NorMuonMoments.prepare_chunks`, a whole matrix as one block of rows). Transient:
     :func:`normuon_foreach_bytes`."""
     m = shape[0]
@@ -305,32 +307,34 @@ def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tenso
     stack = [x]
     del x
     x = newton_schulz_batched(stack, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
-    norms = [row_norms(ns_rows(xi, shape, 0, m), torch.float32) for xi in x.unbind(0)]
-    factors = _factors(vs, norms, shape, group, lr)
-    del norms
+    tall = shape[0] > shape[1]
+    norms = row_norms(x.mT if tall else x, torch.float32)  # k x m: the rows of each matrix (columns of a tall one's x)
+    v = torch.empty(norms.shape, dtype=torch.float32, device=norms.device)
+    torch._foreach_copy_(list(v.unbind(0)), vs)
+    factors = _factors(v, norms, shape, group, lr)
+    torch._foreach_copy_(vs, list(v.unbind(0)))
+    del norms, v
     d = x.to(torch.float32)
     del x
-    ds = [ns_rows(di, shape, 0, m) for di in d.unbind(0)]
-    torch._foreach_mul_(ds, [f[:, None] for f in factors])
+    d.mul_(factors[:, None, :] if tall else factors[:, :, None])
     del factors
     weight_decay = group.get("weight_decay", 0.0)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_sub_(params, ds)
+    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m) for di in d.unbind(0)])
 
 
-def normuon_foreach_bytes(numel: int, shape: tuple[int, int], low_v: bool, threads: int = 1) -> int:
+def normuon_foreach_bytes(numel: int, shape: tuple[int, int], threads: int = 1) -> int:
     """Bytes :func:`normuon_foreach_` allocates for ``k`` matrices of ``shape`` (``numel = k m n``): Muon's bucket
-    (the bfloat16 stack and one of the Nesterov matrices, the iteration's temporaries, the float32 step: 6 bytes per
-    element, :func:`~lowmem.optim.functional.muon.muon_foreach_transient_bytes`), the normalization beside the
-    iterate (every matrix's norms, one matrix's rows' copy, or the factors' computation with ``v``'s float32 copies
-    when stored in bfloat16), the float32 step beside the iterate and the factors; plus the products' workspace."""
+    (the bfloat16 stack and one of the Nesterov matrices, the iteration's temporaries: 6 bytes per element,
+    :func:`~lowmem.optim.functional.muon.muon_foreach_transient_bytes`); the rows' norms (a float32 copy of the
+    stack, ``4 numel``, and ``4 k m``) beside the iterate; the factors' computation (``v``'s float32 stack, the
+    norms and :func:`~lowmem.optim.functional.normuon.neuron_factors_bytes`) beside it; the float32 step beside the
+    iterate and the factors. Plus the products' workspace."""
     m, n = shape
     k = max(1, numel // max(1, m * n))
-    copy_v = 4 * k * m if low_v else 0
-    norms = 4 * k * m + 4 * m * n  # the last matrix's rows' copy beside every matrix's norms
-    factors = 4 * k * m + copy_v + neuron_factors_bytes(k, m, 4)
-    body = max(6 * numel, 2 * numel + max(norms, factors), 6 * numel + 4 * k * m)
+    factors = 8 * k * m + neuron_factors_bytes(k, m, 4)
+    body = max(6 * numel + 4 * k * m, 2 * numel + factors)
     return body + bf16_gemm_workspace_bytes(math.isqrt(numel), threads)
 
 
