@@ -43,9 +43,10 @@ UPDATE_SCALES = ("match_rms", "preserve_norm")
 
 
 def row_norms(o_rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """``||O_i||`` of each row of ``o_rows`` (``r x n``, any layout, e.g. the bfloat16 iterate's rows), computed in
-    ``dtype`` on a contiguous copy of the rows: ``(r,)``. The copy makes every path (a block of rows of the lean
-    step, a whole matrix, a stack's matrix) reduce each row's ``n`` contiguous values in the same order."""
+    """``||O_i||`` of each row of ``o_rows`` (``[..., r, n]``, any layout, e.g. the bfloat16 iterate's rows or a
+    stack of ``k`` matrices' rows), computed in ``dtype`` on a contiguous copy: ``[..., r]``. The copy makes every path
+    (a block of rows of the lean step, a whole matrix, a bucket's stack) reduce each row's ``n`` contiguous values in
+    the same order."""
     rows = o_rows.to(dtype, memory_format=torch.contiguous_format, copy=True)
     return torch.linalg.vector_norm(rows, dim=-1)
 
