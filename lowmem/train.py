@@ -200,9 +200,10 @@ class TrainRecipe:
             (``lowmem_layerwise``; works with gradient accumulation and checkpoints).
         track_memory (`bool`, defaults to `True`):
             Attach :class:`~lowmem.trainers.memory_callback.MemoryCallback` and write the peak bytes
-            of ``weights``, ``gradients``, ``optimizer_states``, ``activations`` and ``peak`` to
-            ``metrics.json`` (``memory``). On CUDA from the allocator's statistics at every step; on
-            CPU the first 2 steps run under a live-tensor tracker (slower), later steps count
+            of ``weights``, ``gradients``, ``optimizer_states``, ``activations``, ``peak`` (of a training
+            step) and ``evaluation`` (the peak of an evaluation) to ``metrics.json`` (``memory``). On CUDA
+            from the allocator's statistics at every step and evaluation; on CPU the first 2 steps and the
+            first batch of each evaluation run under a live-tensor tracker (slower), later steps count
             weights, gradients and optimizer state only.
 
         > Escape hatch
@@ -1016,10 +1017,10 @@ def _batched_weights_note(optim: str) -> Any:
 
 def _memory_metrics(trainer: Any) -> dict[str, Any]:
     """``{"memory": {component: peak bytes}}`` from the run's MemoryCallback, if any."""
-    from lowmem.trainers.memory_callback import MemoryCallback
+    from lowmem.trainers.memory_callback import COMPONENTS, MemoryCallback
 
     cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MemoryCallback)), None)
-    return {"memory": dict(cb.peak)} if cb is not None else {}
+    return {"memory": dict(sorted(cb.peak.items(), key=lambda kv: COMPONENTS.index(kv[0])))} if cb is not None else {}
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -2534,6 +2535,7 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         console.print(f"optimizer hyperparameters in effect ({which}): " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if metrics.get("memory"):
         mem = metrics["memory"]
-        console.print("peak memory (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem.items()))
+        shown = {"peak": "training step peak", "evaluation": "evaluation peak"}  # MemoryCallback's components
+        console.print("peak memory (MiB): " + ", ".join(f"{shown.get(k, k)} {v / 2**20:.2f}" for k, v in mem.items()))
     console.print(f"metrics: {out / 'metrics.json'}  ({metrics['wall_time_s']:.1f} s)")
     return metrics

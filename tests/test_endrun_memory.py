@@ -13,7 +13,6 @@ import pytest
 from lowmem.train import load_recipe, run
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 6: the evaluation's peak memory is not measured or reported")
 def test_the_evaluation_peak_is_measured_and_reported(tmp_path):
     from rich.console import Console
 
@@ -26,7 +25,6 @@ def test_the_evaluation_peak_is_measured_and_reported(tmp_path):
     assert "evaluation" in printed.getvalue().split("peak memory")[1]
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 6: the evaluation's peak memory is not measured or reported")
 def test_the_evaluation_peak_equals_the_live_tensors_of_an_evaluation(tiny_model):
     """The callback's number against PeakTracker around a whole ``evaluate()`` of one batch (the region differs by
     the batch's own input tensors, created before the prediction step: a few KB)."""
@@ -53,3 +51,25 @@ def test_the_evaluation_peak_equals_the_live_tensors_of_an_evaluation(tiny_model
     with tracker:
         plain.evaluate()
     assert 0.95 * tracker.peak["total"] <= cb.peak["evaluation"] <= tracker.peak["total"]
+
+
+@pytest.mark.cuda
+def test_the_evaluation_peak_on_cuda_is_the_allocators_peak_of_the_evaluation(tiny_model):
+    """CUDA: the allocator's peak from the start of training (or the step before) to ``on_evaluate``."""
+    import torch
+
+    from lowmem.kit import sft_collator, sft_dataset, tokenize_sft
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+    from lowmem.trainers.memory_callback import MemoryCallback
+
+    model, tok = tiny_model
+    data = tokenize_sft(sft_dataset(64, 0, "eval"), tok, padding=False)
+    cb = MemoryCallback()
+    args = LowMemTrainingArguments("unused", lowmem_optim="adamw", max_steps=1, per_device_train_batch_size=8,
+                                   per_device_eval_batch_size=64, eval_on_start=True, eval_strategy="steps",
+                                   eval_steps=1, report_to="none", save_strategy="no")
+    trainer = LowMemTrainer(model=model.cuda(), args=args, train_dataset=data, eval_dataset=data,
+                            data_collator=sft_collator(tok), callbacks=[cb])
+    trainer.train()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights < cb.peak["evaluation"] <= torch.cuda.max_memory_allocated() + cb.peak["peak"]

@@ -772,8 +772,13 @@ class LowMemOptimizerMixin:
             return super().training_step(model, *args, **kwargs)
 
     def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's evaluation step, with TRL's fused LM head tiles sized to the vocabulary (:func:`fused_head_tiles`)."""
-        with fused_head_tiles(self.model):
+        """The Trainer's evaluation step, with TRL's fused LM head tiles sized to the vocabulary (:func:`fused_head_tiles`),
+        measured by an attached ``MemoryCallback`` (its ``evaluation`` component)."""
+        from lowmem.trainers.memory_callback import MemoryCallback
+
+        cb = next((c for c in self.callback_handler.callbacks if isinstance(c, MemoryCallback)), None)
+        measured = cb.evaluation_step(self.model, self.optimizer) if cb is not None else contextlib.nullcontext()
+        with measured, fused_head_tiles(self.model):
             return super().prediction_step(*args, **kwargs)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:

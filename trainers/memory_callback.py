@@ -12,13 +12,23 @@ Per optimizer step it records
   hence only a few steps);
 * ``peak`` - CUDA: ``max_memory_allocated`` of the step; CPU: the tracked peak of live tensors.
 
+and per evaluation
+
+* ``evaluation`` - the peak of an evaluation (weights, the optimizer state alive then, the eval batch's
+  activations; ``per_device_eval_batch_size`` rows): CUDA ``max_memory_allocated`` from the end of the step
+  before (or the start of training) to ``on_evaluate``; CPU the live-tensor tracker over the first prediction
+  step of each evaluation, for trainers that call :meth:`MemoryCallback.evaluation_step` (every
+  :class:`~lowmem.trainers.LowMemOptimizerMixin` trainer does). It can exceed ``peak``: 64 eval rows
+  against training batches of 8 did by 41% on the tiny Llama (tests/test_endrun_memory.py).
+
 ``callback.peak`` keeps each component's maximum over the run; every log line gets
 ``memory/<component>_mib`` entries (also added to ``trainer.state.log_history``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from transformers import TrainerCallback
@@ -26,7 +36,7 @@ from transformers import TrainerCallback
 from lowmem.memory.measure import PeakTracker, live_bytes, quant_state_tensors
 
 MIB = 1024**2
-COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "peak")
+COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "peak", "evaluation")
 
 
 class MemoryCallback(TrainerCallback):
@@ -46,6 +56,7 @@ class MemoryCallback(TrainerCallback):
         self._tracker: PeakTracker | None = None
         self._step: dict[str, int] = {}
         self._steps_seen = 0
+        self._eval_tracked = False  # the current evaluation's first prediction step was tracked (CPU)
 
     def _update(self, key: str, value: int) -> None:
         self._step[key] = max(self._step.get(key, 0), int(value))
@@ -67,6 +78,28 @@ class MemoryCallback(TrainerCallback):
             self._tracker = PeakTracker(model, optimizer)
             self._tracker.__enter__()
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self._cuda(model):
+            torch.cuda.reset_peak_memory_stats()  # eval_on_start's peak: from here
+
+    @contextlib.contextmanager
+    def evaluation_step(self, model: torch.nn.Module, optimizer: Any = None) -> Iterator[None]:
+        """Around one prediction step of an evaluation (``LowMemOptimizerMixin.prediction_step``): on CPU the
+        first of each evaluation runs under the live-tensor tracker, and its peak total is ``evaluation``."""
+        if self.track_steps == 0 or self._eval_tracked or self._tracker is not None or self._cuda(model):
+            yield
+            return
+        self._eval_tracked = True
+        tracker = PeakTracker(model, getattr(optimizer, "optimizer", optimizer))
+        with tracker:
+            yield
+        self.peak["evaluation"] = max(self.peak.get("evaluation", 0), int(tracker.peak["total"]))
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self._eval_tracked = False
+        if model is not None and self._cuda(model):
+            self.peak["evaluation"] = max(self.peak.get("evaluation", 0), int(torch.cuda.max_memory_allocated()))
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self._update("gradients", live_bytes(p.grad for p in model.parameters() if p.grad is not None))
@@ -83,6 +116,7 @@ class MemoryCallback(TrainerCallback):
             self._update("peak", peak)
             fixed = sum(self._step.get(k, 0) for k in ("weights", "gradients", "optimizer_states"))
             self._update("activations", max(0, peak - fixed))
+            torch.cuda.reset_peak_memory_stats()  # an evaluation after this step: its own peak (on_evaluate)
         elif self._tracker is not None:
             self._tracker.__exit__(None, None, None)
             self._update("activations", self._tracker.maxima["activations"])
