@@ -437,9 +437,11 @@ def main(args) -> int:
     names = args.optimizers or [e.name for e in optimizer_entries() if e.recipe is not None]
     for n in names:  # fail early, listing valid names
         if n.startswith("peer:"):  # a peer package's row, named explicitly (--task text, --shapes)
-            from lowmem.bench_peers import get_peer
+            from lowmem.bench_peers import get_peer, peer_missing
 
-            get_peer(n)
+            missing = peer_missing(get_peer(n))
+            if missing is not None:  # (named explicitly: an error, not --peers' skipped line)
+                raise ValueError(f"{n!r}: {missing}")
             if not (getattr(args, "shapes", None) or getattr(args, "task", "tiny") == "text"):
                 raise ValueError(f"{n!r}: peer rows need --task text or --shapes")
             continue

@@ -2,7 +2,7 @@
 
 **Peers** are the packages lowmem's recipes replace (galore-torch, fira, apollo-torch, adam-mini,
 bitsandbytes, transformers' Adafactor, torchao's 4- and 8-bit AdamW, ``torch.optim.Muon``, and pytorch_optimizer's
-SPAM, StableSPAM, GaLore, Fira, APOLLO, AdaFactor, CAME, NorMuon and Lion as ``po_*``; the CAME authors' ``came_pytorch``;
+SPAM, StableSPAM, GaLore, Fira, APOLLO, AdaFactor, CAME, NorMuon, Lion and SM3 as ``po_*``; the CAME authors' ``came_pytorch``;
 bitsandbytes' ``Lion`` / ``Lion8bit`` as ``bnb_lion*``), put in the same table as rows named
 ``peer:<package>`` when they are installed. They are benchmark extras, never runtime dependencies:
 each is imported only when its row is built, and one that is missing (or cannot run here, e.g. a
@@ -104,6 +104,9 @@ RECOMMENDED: dict[str, Recommended] = {
     "adalomo": Recommended(3e-2, "lowmem's text-task sweep (docs/benchmarks.md): best of 3.3e-3 / 1e-2 / 3e-2 at 3e-2 "
                            "(0.897 x AdamW's loss) for pre-training from scratch; the authors fine-tune LLaMA-7B at "
                            "5e-4 (OpenLMLab/LOMO adalomo/instruction-tuning/train.py), a fine-tuning rate"),
+    "sm3": Recommended(3e-2, "no value for a small LM in the paper or the authors' code (their README: quadratic lr "
+                       "warm-up, no decay: the sums decay the step); lowmem's tiny task (docs/optimizers.md): 3e-2 with "
+                       "momentum 0.9 (1.00 x AdamW's eval loss), 1e-2 without (1.02 x)", {"momentum": 0.9}),
 }
 
 NO_ENTRY = "recipe default (no entry in RECOMMENDED)"
@@ -396,6 +399,18 @@ def _po_lion(model, lr, rank, st):
                 betas=st.get("betas", (0.9, 0.99)))
 
 
+def _po_sm3(model, lr, rank, st):
+    """pytorch_optimizer's ``SM3`` as lowmem's ``sm3``: ``beta=0`` (sums: lowmem's ``beta2=1``), ``eps=1e-30``, the
+    recommended settings' momentum; no weight decay (it has none; lowmem's entry sets none). Steps like ``sm3`` to
+    float32 rounding (tests/test_sm3_core.py)."""
+    from pytorch_optimizer import SM3
+
+    from lowmem.optim import build_param_groups
+
+    return SM3(build_param_groups(model, weight_decay=0.0), lr=lr, momentum=st.get("momentum", 0.0), beta=0.0,
+               eps=st.get("eps", 1e-30))
+
+
 def _bnb_lion(bits: int):
     """bitsandbytes' ``Lion`` (``optim_bits=32``) / ``Lion8bit`` as lowmem's ``lion`` / ``lion8bit``: betas (0.9,
     0.99), weight decay as :func:`_po_came`; 8-bit: blocks of 256 (its only size) and tensors under
@@ -438,6 +453,7 @@ PEERS: tuple[Peer, ...] = (
     Peer("came_pytorch", "came_pytorch", "came", _came_pytorch),
     Peer("po_normuon", "pytorch_optimizer", "normuon", _po_normuon),
     Peer("po_lion", "pytorch_optimizer", "lion", _po_lion),
+    Peer("po_sm3", "pytorch_optimizer", "sm3", _po_sm3),
     Peer("bnb_lion", "bitsandbytes", "lion", _bnb_lion(32)),
     Peer("bnb_lion8bit", "bitsandbytes", "lion8bit", _bnb_lion(8)),
 )
@@ -456,10 +472,18 @@ def get_peer(label: str) -> Peer:
     raise ValueError(f"unknown peer {label!r}; valid: {', '.join(peer_label(p) for p in PEERS)}")
 
 
-def peer_status(peer: Peer, device: str = "cpu") -> str | None:
-    """``None`` when the peer can run here, else why it is skipped (one line)."""
+def peer_missing(peer: Peer) -> str | None:
+    """``None`` when the peer's package is installed, else the line saying it is not and how to install it."""
     if importlib.util.find_spec(peer.module) is None:
         return f"{peer.module} is not installed (pip install {peer.module.replace('_', '-')})"
+    return None
+
+
+def peer_status(peer: Peer, device: str = "cpu") -> str | None:
+    """``None`` when the peer can run here, else why it is skipped (one line)."""
+    missing = peer_missing(peer)
+    if missing is not None:
+        return missing
     if device == "cpu" and not peer.cpu:
         return f"{peer.module} has no CPU path"
     return None

@@ -197,3 +197,14 @@ def test_lion_engine_multi_tensor_step_equals_the_per_tensor_step():
         out.append(ps)
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def test_a_missing_peer_named_explicitly_is_a_clear_error(capsys, monkeypatch):
+    """``lowmem bench came peer:came_pytorch --shapes ...`` without the package: exit 2 and the install line (was a
+    ModuleNotFoundError traceback from the builder, after the other rows' timing)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "came_pytorch" else real(name, *a))
+    assert main(["bench", "came", "peer:came_pytorch", "--shapes", "hidden-1024"]) == 2
+    assert "'peer:came_pytorch': came_pytorch is not installed (pip install came-pytorch)" in capsys.readouterr().err
