@@ -36,7 +36,7 @@ pytestmark = pytest.mark.distributed
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
              "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm",
-             "lomo", "adalomo", "came", "lion", "lion8bit"]
+             "lomo", "adalomo", "came", "lion", "lion8bit", "normuon"]
 # configurations that must still refuse sharded parameters: tag -> (recipe, hyperparameters over the
 # registry's example, a fragment of the reason). Every registered recipe steps FSDP2 parameters with
 # its defaults (test_every_engine_optimizer_is_supported); these settings need what a shard lacks.
@@ -531,8 +531,14 @@ def test_fsdp2_state_dict_holds_each_shards_piece(fsdp_run, name):
     loss_fn(model, x, y).backward()
     ref.step()
     full = ref.state_dict()["state"]
+    from lowmem.optim.sharded import PLACEMENT_KEY, RECORD_ROWS
+
     for pid, st in sd["state"].items():
         for k, v in st.items():
+            if k == PLACEMENT_KEY:  # the placements its per-shard state was saved under (sharded.placement_record)
+                assert type(v) is torch.Tensor and v.dtype == torch.int64 and v.shape == (RECORD_ROWS, 4), (name, v)
+                assert v[0].tolist() == [2, 1, 0, 1] and not v[1:].any(), (name, v)  # a mesh of 2, Shard(0)
+                continue
             if v.dim() == 0:
                 assert type(v) is torch.Tensor, (name, k, type(v))
                 continue

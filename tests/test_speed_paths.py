@@ -169,7 +169,7 @@ HOST_READS = {
     # usability: the check's read
     "osd_adamw": (8, 1),
     "spam": (3, 1), "stable_spam": (3, 1),
-    "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1),
+    "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1), "normuon": (3, 1),
     "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step
     "adam_mini": (3, 1),
     "came": (3, 1),

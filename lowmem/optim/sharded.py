@@ -184,6 +184,7 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     # gathered for Newton-Schulz in MuonMoments.prepare_chunks; its other parameters AdamW)
     # and SinkGD / SCALE (rows local, column norms all-reduced in their prepare_chunks)
     from .recipes.normalized import MuonMoments, ScaleMoments, SinkGDMoments
+    from .recipes.normuon import NorMuonMoments
 
     from .recipes.adam_mini import AdamMiniMoments
 
@@ -208,7 +209,7 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
         elif group.get("subset_norm") and p.ndim == 2 and subset_dim(p.shape) == 0 and _one_row_shard(p):
             return "a one-row shard of a column-normalised weight would read as element-wise statistics"
         moment = AdamMoments()
-    hybrid = type(moment) in (MuonMoments, ScaleMoments, SinkGDMoments)
+    hybrid = type(moment) in (MuonMoments, NorMuonMoments, ScaleMoments, SinkGDMoments)
     if hybrid and moment.targets(p.shape, group) and (p.ndim > 2 or len([pl for pl in p.placements if pl.is_shard()]) != 1):
         return f"{type(moment).__name__} on a shard needs a matrix sharded by rows over one mesh dimension"
     from .recipes.came import CameMoments  # (Adafactor's reductions, and the instability's column sums)
