@@ -180,7 +180,8 @@ def test_per_parameter_step_allocates_what_it_reports(shape, dtype, chunk, state
     assert t.peak == reported > 0
 
 
-@pytest.mark.parametrize("k,shape", [(3, (24, 40)), (2, (40, 24)), (4, (16, 16)), (3, (16, 2))])  # (16 x 2: the factors phase peaks)
+# (16 x 2: the factors' phase is the peak)
+@pytest.mark.parametrize("k,shape", [(3, (24, 40)), (2, (40, 24)), (4, (16, 16)), (3, (16, 2))])
 def test_bucket_step_allocates_what_it_reports(k, shape):
     """A bucket of ``k`` float32 matrices of one shape (:func:`normuon_foreach_`) traced against the rule's count of
     it without the BLAS workspace: equal."""
@@ -199,7 +200,8 @@ def test_bucket_step_allocates_what_it_reports(k, shape):
         assert t.peak == normuon_foreach_bytes(k * math.prod(shape), shape)
 
 
-@pytest.mark.parametrize("bad", [{"beta2": 1.0}, {"row_eps": 0.0}, {"update_scale": "rms"}, {"adjust_lr_fn": "original"}])
+@pytest.mark.parametrize("bad", [{"beta2": 1.0}, {"row_eps": 0.0}, {"update_scale": "rms"},
+                                 {"adjust_lr_fn": "original"}])
 def test_invalid_settings_name_the_field(bad):
     with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
         create_optimizer([torch.nn.Parameter(torch.zeros(4, 4))], "normuon", **bad)

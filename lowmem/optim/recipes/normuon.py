@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from ..engine import LowMemOptimizer, Recipe
-from ..functional.galore import blas_device
 from ..functional.muon import (bf16_gemm_workspace_bytes, matrices, matrix_index, muon_momentum_, newton_schulz,
                                newton_schulz_batched, ns_rows, ns_shape)
 from ..functional.normuon import (UPDATE_SCALES, neuron_factors_bytes, neuron_row_factors, neuron_second_moment_,
@@ -97,7 +96,8 @@ class NorMuonMoments(MuonMoments):
             seen.setdefault("dtype", torch.float64 if g.dtype == torch.float64 else torch.float32)
             return g
 
-        muon_group = {**group, "adjust_lr_fn": "original"}  # (Muon's context reads its ratio; NorMuon's are the factors)
+        # (Muon's context reads its ratio; NorMuon's step size is the factors')
+        muon_group = {**group, "adjust_lr_fn": "original"}
         if len(shape) > 2:
             ctx = self._batched_prepare(state, shape, muon_group, lr, bounds, recorded)
             ctx["seen"], ctx["factor_index"] = seen, None
@@ -120,7 +120,8 @@ class NorMuonMoments(MuonMoments):
             buf.copy_(buf32)
         whole = reduce.gather_rows(u.to(torch.bfloat16), reduce.shape[0])
         del u, buf32
-        o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
+        o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+        o = o[reduce.rows[0] : reduce.rows[1]]
         del whole
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
         v = state[V_KEY]
@@ -247,7 +248,8 @@ class NorMuonMoments(MuonMoments):
         m, n = shape[-2:]
         size = max(n, numel // n * n)
         during, kept = self._normalization_bytes((m, n), max(1, min(m, size // n)), state)
-        return super()._batched_transient_bytes(numel, shape, group, state, copy) + max(during, kept) + (4 + copy) * size
+        muon = super()._batched_transient_bytes(numel, shape, group, state, copy)
+        return muon + max(during, kept) + (4 + copy) * size
 
     def _whole_matrix_bytes(self, shape, group, state) -> int:
         """The whole step of one matrix (:meth:`_whole_normuon`): Muon's (the traced tensors and the products'
