@@ -10,8 +10,9 @@ orthogonalised update, by which each row is divided before the update is rescale
 Every path computes the rows' norms of the iterate, updates ``v`` and the per-row factors
 ``c_i = lr s / (sqrt(v_i) + eps)`` once per matrix, then steps ``c_i O_i``: the lean step before its blocks of
 rows (:meth:`NorMuonMoments.prepare_chunks`), the whole step (:meth:`NorMuonMoments._whole_normuon`), a batch's
-matrix when its iterate is computed, a bucket of one shape at once (:func:`normuon_foreach_`). Not on FSDP2
-shards (the row factors' norm spans every shard; ``sharded.refusal`` refuses the rule).
+matrix when its iterate is computed, a bucket of one shape at once (:func:`normuon_foreach_`), an FSDP2 shard of
+rows with the two norms' squares all-reduced (:meth:`NorMuonMoments._sharded_step`; ``sharded.refusal``'s
+allow-list does not list the rule yet, so FSDP2 parameters are refused before it runs).
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ class NorMuonMoments(MuonMoments):
         o = o[reduce.rows[0] : reduce.rows[1]]
         del whole
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-        v = state[V_KEY]
-        factors = _factors(v.view(1, -1), row_norms(o, dtype).view(1, -1), tuple(reduce.shape), group, lr,
-                           reduce).view(-1)
+        v, rows = state[V_KEY], o.shape[0]  # (rows may be 0: an empty trailing shard)
+        factors = _factors(v.view(1, rows), row_norms(o, dtype).view(1, rows), tuple(reduce.shape), group, lr,
+                           reduce).view(rows)
         return o.to(g.dtype).mul_(factors[:, None])
 
     @staticmethod
