@@ -1566,6 +1566,21 @@ def checkpoint_damaged(path: str | Path) -> dict[str, str]:
     return damaged
 
 
+def weights_only_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint written with ``save_only_model: true``: whole weights and
+    ``trainer_state.json`` (the Trainer writes it last) and no optimizer, scheduler or RNG state, which that setting
+    leaves out. It cannot resume (transformers: "you can't resume training from a checkpoint saved with
+    save_only_model"), and it is no interrupted save either."""
+    p = Path(path)
+    return (checkpoint_missing(p) == ["optimizer.pt", "scheduler.pt"] and not checkpoint_damaged(p)
+            and not any(p.glob("rng_state*.pth")))
+
+
+SAVE_ONLY_MODEL = ("hold the weights only (save_only_model: true writes no optimizer, scheduler or RNG state), so they "
+                   "cannot resume a run; start a new run from the weights instead (model: {path}, without "
+                   "resume_from_checkpoint)")
+
+
 def checkpoint_problems(path: str | Path) -> str | None:
     """What makes ``path`` an incomplete checkpoint (missing files, damaged ones), or `None`."""
     missing, damaged = checkpoint_missing(path), checkpoint_damaged(path)
@@ -1703,22 +1718,28 @@ def _find_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None) ->
     if value is True:
         out = Path(recipe.output_dir)
         found = [d for d in out.glob("checkpoint-*") if d.is_dir() and d.name[len("checkpoint-"):].isdigit()]
-        skipped = []
+        skipped, weights_only = [], []
         for d in sorted(found, key=lambda d: int(d.name[len("checkpoint-"):]), reverse=True):
             problems = checkpoint_problems(d)
             if problems is None:
                 return str(d)
+            if weights_only_checkpoint(d):
+                weights_only.append(d)
+                continue
             skipped.append(d.name)
             if warn is not None:
                 warn(f"skipping incomplete checkpoint {d} ({problems}; an interrupted run?)")
         raise ConfigError(
             f"resume_from_checkpoint=true: no complete checkpoint-N directory in {out}"
             + (f" (incomplete: {skipped})" if skipped else "")
+            + (f"; {[d.name for d in weights_only]} " + SAVE_ONLY_MODEL.format(path=weights_only[0]) if weights_only else "")
             + "; give a path, or drop resume_from_checkpoint to start from step 0"
         )
     p = Path(value)
     if not p.is_dir():
         raise ConfigError(f"resume_from_checkpoint={value!r}: no such directory")
+    if weights_only_checkpoint(p):
+        raise ConfigError(f"resume_from_checkpoint={value!r}: its files " + SAVE_ONLY_MODEL.format(path=value))
     problems = checkpoint_problems(p)
     if problems is not None:
         raise ConfigError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: {problems}")

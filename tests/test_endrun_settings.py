@@ -17,7 +17,6 @@ def _run(out, **kw):
     return run(load_recipe(None, output_dir=str(out), **{**SMALL, **kw}))
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 7: save_only_model checkpoints were called interrupted on resume")
 def test_save_only_model_checkpoints_are_named_as_such_on_resume(tmp_path, capsys):
     _run(tmp_path, steps=4, save_steps=2, training_args={"save_only_model": True})
     capsys.readouterr()
