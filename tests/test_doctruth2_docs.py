@@ -1,0 +1,245 @@
+"""DOCTRUTH2: claims of README.md, docs/subspace.md, docs/compressed.md, docs/memory.md and docs/post_training.md
+that no test backed, tied to the code (each test reads the sentence or table cell from the page, so a change to
+either side turns it red). The audit's ledger: each claim, what backs it, the verdict."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _text(name: str) -> str:
+    """The page with its lines joined: a cell or a sentence may wrap."""
+    return " ".join((ROOT / name).read_text().split())
+
+
+def _defaults(name: str) -> dict:
+    from lowmem.optim import get_entry
+
+    recipe = get_entry(name).recipe
+    return {h.name: h.default for h in (*recipe.hparams, *recipe.group_hparams)}
+
+
+# ---- README: every loss-column cell is a recorded measurement -------------------------------------------------
+
+
+#: the docs/benchmarks.md sections that README's "how the loss column was measured" names as the cells' runs
+LOSS_RUNS = ("README's optimizer table", "Tiny task, CPU, interleaved with spread", "Muon, SCALE, SinkGD on the tiny task",
+             "LOMO, AdaLomo and BAdam on the tiny task", "Lion and Lion8bit on the tiny task", "CAME on the tiny task")
+#: cells whose run docs/benchmarks.md names (command, commit) without the number: APOLLO-Mini's 1.006 (09898f7, Intel
+#: Xeon). The line for it is in /tmp/lm/DOCTRUTH2_bench.md (session 15); once placed, drop it from here.
+PENDING = {"1.006"}
+
+
+def _sections(text: str, titles: tuple[str, ...]) -> str:
+    heads = list(re.finditer(r"^#+ (.*)$", text, re.MULTILINE))
+    out = []
+    for title in titles:
+        i = next(i for i, m in enumerate(heads) if m.group(1).startswith(title))
+        out.append(text[heads[i].start(): heads[i + 1].start() if i + 1 < len(heads) else len(text)])
+    return "".join(out)
+
+
+def test_readme_loss_cells_are_recorded_in_benchmarks():
+    """README: "each cell's command, commit and machine: docs/benchmarks.md". Every ratio in the table's loss column
+    appears in the docs/benchmarks.md sections of the runs it names, and so does each lr a cell names."""
+    readme = (ROOT / "README.md").read_text()
+    runs = _sections((DOCS / "benchmarks.md").read_text(), LOSS_RUNS)
+    table = readme[readme.index("| name | paper |"):]
+    cells = []
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells.append(line.strip("|").split("|")[-1].strip())
+    ratios = [r for cell in cells for r in re.findall(r"(?<![\w.=])\d\.\d{3}(?![\w.])", cell)]
+    assert len(ratios) >= 30  # 36 on 2026-11-30
+    missing = sorted({r for r in ratios if r not in runs} - PENDING)
+    assert not missing, f"README loss cells recorded in none of the runs docs/benchmarks.md names: {missing}"
+    for cell in cells:  # "at lr 3e-4": the variant of the cell is the recorded run's
+        for lr in re.findall(r"at lr (\S+)", cell):
+            assert f"lr={lr}" in runs or f"lr {lr}" in runs or f"lr` {lr}" in runs, (cell, lr)
+
+
+# ---- docs/subspace.md: the settings tables are the recipes' defaults ------------------------------------------
+
+
+SUBSPACE_SETTINGS = {  # the row's cell as docs/subspace.md "Per-group settings" prints it -> what it claims
+    "| `rank` | 128 |": {"galore_adamw": {"rank": 128}, "fira_adamw": {"rank": 128}, "frugal": {"rank": 128},
+                         "osd_adamw": {"rank": 128}, "galore_adafactor": {"rank": 128}},
+    "| `update_proj_gap` | 200 |": {n: {"update_proj_gap": 200} for n in
+                                     ("galore_adamw", "fira_adamw", "frugal", "osd_adamw", "apollo_adamw", "adamw_snsm")},
+    "| `scale` | 0.25 galore, 1.0 others |": {"galore_adamw": {"scale": 0.25}, "galore_adafactor": {"scale": 0.25},
+                                              "galore_adamw8bit": {"scale": 0.25}, "fira_adamw": {"scale": 1.0},
+                                              "frugal": {"scale": 1.0}, "osd_adamw": {"scale": 1.0}},
+    "| `proj_type` | `std` |": {n: {"proj_type": "std"} for n in ("galore_adamw", "fira_adamw", "frugal", "osd_adamw")},
+    "| `moment_policy` | `keep` (FRUGAL and the Subspace-Momentum recipes `adamw_snsm`, `sgd_sm`, `adagrad_snsm`: `reset`) |":
+        {"galore_adamw": {"moment_policy": "keep"}, "fira_adamw": {"moment_policy": "keep"},
+         "osd_adamw": {"moment_policy": "keep"}, "apollo_adamw": {"moment_policy": "keep"},
+         "frugal": {"moment_policy": "reset"}, "adamw_snsm": {"moment_policy": "reset"},
+         "sgd_sm": {"moment_policy": "reset"}, "adagrad_snsm": {"moment_policy": "reset"}},
+    "| `refresh_phase` | `aligned` (`multiples` for `adamw_snsm`, `sgd_sm`, `adagrad_snsm`) |":
+        {"galore_adamw": {"refresh_phase": "aligned"}, "frugal": {"refresh_phase": "aligned"},
+         "adamw_snsm": {"refresh_phase": "multiples"}, "sgd_sm": {"refresh_phase": "multiples"},
+         "adagrad_snsm": {"refresh_phase": "multiples"}},
+    "| `seed` | 0 |": {n: {"seed": 0} for n in ("galore_adamw", "frugal", "apollo_adamw")},
+    "| `power_iters` | 2 |": {n: {"power_iters": 2} for n in ("galore_adamw", "fira_adamw", "frugal", "osd_adamw")},
+    "| `gamma` (Fira) | 1.01 |": {"fira_adamw": {"gamma": 1.01}},
+    "| `free_rule`, `free_lr_scale` (FRUGAL) | `signsgd`, 1.0 |": {"frugal": {"free_rule": "signsgd", "free_lr_scale": 1.0}},
+    "| `proj_lr`, `proj_optimizer`, `proj_weight_decay` (OSD) | 5e-3, `adam`, `None` |":
+        {"osd_adamw": {"proj_lr": 5e-3, "proj_optimizer": "adam", "proj_weight_decay": None}},
+}
+
+APOLLO_SETTINGS = {  # docs/subspace.md's APOLLO table: `apollo_adamw`, `apollo_mini`
+    "| `rank` | 256 | 1 |": {"rank": (256, 1)},
+    '| `scale_type` | `"channel"` | `"tensor"` |': {"scale_type": ("channel", "tensor")},
+    "| `scale` | 1.0 | 128.0 |": {"scale": (1.0, 128.0)},
+    '| `projection` | `"gaussian"` | `"gaussian"` |': {"projection": ("gaussian", "gaussian")},
+    "| `update_proj_gap` | 200 | 200 |": {"update_proj_gap": (200, 200)},
+    "| `gamma` | 1.01 | 1.01 |": {"gamma": (1.01, 1.01)},
+    '| `proj_type` | `"std"` | `"std"` |': {"proj_type": ("std", "std")},
+}
+
+
+def test_subspace_settings_table_is_the_recipes_defaults():
+    text = _text("docs/subspace.md")
+    for cell, claims in SUBSPACE_SETTINGS.items():
+        assert cell in text, f"docs/subspace.md no longer prints {cell}"
+        for name, want in claims.items():
+            got = _defaults(name)
+            assert {k: got[k] for k in want} == want, (cell, name)
+
+
+def test_apollo_settings_table_is_the_recipes_defaults():
+    text = _text("docs/subspace.md")
+    for cell, claims in APOLLO_SETTINGS.items():
+        assert cell in text, f"docs/subspace.md no longer prints {cell}"
+        for key, (adamw, mini) in claims.items():
+            assert (_defaults("apollo_adamw")[key], _defaults("apollo_mini")[key]) == (adamw, mini), cell
+
+
+SUBSPACE_BYTES = {  # docs/subspace.md's first table, last column (rank 128 unless the cell says otherwise)
+    "galore_adamw": ("0.375", {}), "galore_adafactor": ("0.126", {}), "fira_adamw": ("0.375", {}),
+    "frugal": ("0.375 (columns: 0.250)", {}), "osd_adamw": ("0.625", {}),
+    "apollo_adamw": ("0.375 (r=128; 0.75 at its default r=256)", {"rank": 128}), "apollo_mini": ("0.003 (r=1)", {}),
+}
+
+
+def test_subspace_bytes_per_param_column():
+    """The first table's "bytes/param, 4096x4096, r=128" column, and "48 bytes of bookkeeping (`proj_meta`)"."""
+    import torch
+
+    from lowmem.optim import bytes_per_param, create_optimizer
+
+    text = (DOCS / "subspace.md").read_text()
+    for name, (cell, hp) in SUBSPACE_BYTES.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        assert row.rstrip().endswith(f"| {cell} |"), (name, row)
+        first = cell.split()[0]
+        assert f"{bytes_per_param(name, **hp):.{len(first) - 2}f}" == first, name
+    assert f"{bytes_per_param('frugal', projection='columns'):.3f}" == "0.250"
+    assert f"{bytes_per_param('apollo_adamw'):.2f}" == "0.75"
+    assert "plus 48 bytes of bookkeeping (`proj_meta`)" in _text("docs/subspace.md")
+    p = torch.nn.Parameter(torch.zeros(64, 32, device="meta"))
+    opt = create_optimizer([{"params": [p], "rank": 4}], "galore_adamw")
+    opt.materialize_state()
+    meta = opt.state[p]["proj_meta"]
+    assert meta.numel() * meta.element_size() == 48
+
+
+@pytest.mark.slow  # ~10-20 s: five Llama-2-7B-shaped models on the meta device
+def test_subspace_at_real_scale_table():
+    """docs/subspace.md "At real scale": state and bytes/param of Llama-2-7B (6.74B trainable)."""
+    from lowmem.memory import state_bytes_at_scale
+
+    text = (DOCS / "subspace.md").read_text()
+    rows = {"`adamw`": ("adamw", {}), "`galore_adamw`, rank 1024": ("galore_adamw", {"rank": 1024}),
+            "`frugal`, rank 1024": ("frugal", {"rank": 1024}), "`galore_adamw` / `fira_adamw`, rank 128": ("fira_adamw", {}),
+            "`osd_adamw`, rank 128": ("osd_adamw", {}), "`galore_adafactor`, rank 128": ("galore_adafactor", {})}
+    for label, (name, hp) in rows.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        gib, per = re.findall(r"\| ([\d.]+) GiB \| ([\d.]+) \|", row)[0]
+        got = state_bytes_at_scale(name, "llama-2-7b", **hp)["state_bytes"]
+        assert f"{got / 2**30:.2f}" == gib, (label, got)
+        assert f"{got / 6_738_415_616:.3f}" == per, (label, got)
+
+
+# ---- docs/compressed.md: the table and the defaults ------------------------------------------------------------
+
+
+def test_compressed_table_and_defaults():
+    from lowmem.optim import bytes_per_param
+
+    text = (DOCS / "compressed.md").read_text()
+    table = {"adamw": "8.000", "adamw8bit": "2.031", "adamw4bit": "1.063", "adamw4bit_rank1": "1.033",
+             "microadam": "0.904", "spam": "8.000", "stable_spam": "8.000 (+12 bytes/tensor)"}
+    for name, cell in table.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"| {cell} |" in row, (name, row)
+        assert abs(bytes_per_param(name) - float(cell.split()[0])) <= 5e-4 + 1e-12, name  # 1.0625 prints 1.063
+    # "+12 bytes/tensor": Stable-SPAM's three float32 statistics
+    assert round((bytes_per_param("stable_spam") - 8.0) * 4096 * 4096) == 12
+    # "AdamW, m and v in 8 bits (blocks of 256)", "in 4 bits (blocks of 128)", "fewer than min_quant_size (default 4096)"
+    assert "m and v in 8 bits (blocks of 256)" in text and "m and v in 4 bits (blocks of 128)" in text
+    assert "Tensors with fewer than `min_quant_size` (default 4096) elements" in _text("docs/compressed.md")
+    for name, block in (("adamw8bit", 256), ("adamw4bit", 128), ("adamw4bit_rank1", 128)):
+        d = _defaults(name)
+        assert (d["block_size"], d["min_quant_size"]) == (block, 4096), name
+    # "top-k window (m = 10, 1%)", "quant_block_size defaults to 2048", "the top-k block is a fixed 4096"
+    d = _defaults("microadam")
+    assert (d["m"], d["k_init"], d["quant_block_size"], d["topk_block_size"]) == (10, 0.01, 2048, 4096)
+    # "State at the defaults: 0.4 (window) + 0.5 (error) + 8 / quant_block_size bytes per parameter"
+    assert "`0.4 (window) + 0.5 (error) + 8 / quant_block_size` bytes per parameter" in _text("docs/compressed.md")
+    assert "`4 m ceil(k_init 4096) / 4096` = 0.4004" in _text("docs/compressed.md")
+    assert bytes_per_param("microadam") == 4 * 10 * math.ceil(0.01 * 4096) / 4096 + 0.5 + 8 / 2048
+
+
+def test_spam_and_stable_spam_defaults_as_documented():
+    text = _text("docs/compressed.md")
+    for phrase in ("every `reset_interval` steps (default 500)", "`g^2 > threshold * v` (default 5000)",
+                   "`grad_accu_steps` (20)", "`c < W = warmup_steps` (150)", "AdaClip (`theta` = 0.999)",
+                   "AdaGN (`gamma1` = 0.7, `gamma2` = 0.9)", "every `reset_interval` (1000) steps",
+                   "(`stats_step=\"global\"`)", "Optional `t_max` (default `None` = off)"):
+        assert phrase in text, phrase
+    spam, stable = _defaults("spam"), _defaults("stable_spam")
+    assert (spam["reset_interval"], spam["threshold"], spam["grad_accu_steps"], spam["warmup_steps"]) == (500, 5000, 20, 150)
+    assert (stable["theta"], stable["gamma1"], stable["gamma2"], stable["reset_interval"]) == (0.999, 0.7, 0.9, 1000)
+    assert (stable["stats_step"], stable["t_max"]) == ("global", None)
+
+
+# ---- docs/memory.md: the budget search's prices and default optimizers ------------------------------------------
+
+
+def test_budget_search_prices_and_defaults_as_documented():
+    from lowmem.memory.search import COSTS, default_optimizers
+
+    text = _text("docs/memory.md")
+    assert ("8-bit states 1, 4-bit states 1.25, Adafactor 1.5, no second moment 1.5 (LOMO, Muon, SCALE, SinkGD; "
+            "they were priced 0 before 2026-11-29), layerwise 0.5, checkpointing 1") in text
+    assert "4-bit weights 1.5, halving the batch 1)" in text
+    assert COSTS == {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5,
+                     "layerwise": 0.5, "checkpointing": 1.0, "quantization": 1.5}
+    documented = re.search(r"Default optimizers: ((?:`\w+`(?:, )?)+)\.", text).group(1)
+    assert re.findall(r"`(\w+)`", documented) == default_optimizers()
+
+
+# ---- docs/post_training.md: the defaults it names ---------------------------------------------------------------
+
+
+def test_post_training_defaults_as_documented():
+    from lowmem.trainers import BNPOConfig, GVPOConfig
+
+    text = _text("docs/post_training.md")
+    assert "`GVPOConfig.beta` (default 0.1)" in text and '`reference_policy="sampling"` (default)' in text
+    assert 'keeps TRL\'s clipped policy loss of `loss_type` (default `"dapo"`)' in text
+    assert "`num_generations` (TRL's default 8)" in text and "TRL's default `max_completion_length` (512)" in text
+    gvpo = GVPOConfig.__dataclass_fields__
+    bnpo = BNPOConfig.__dataclass_fields__
+    assert (gvpo["beta"].default, gvpo["reference_policy"].default) == (0.1, "sampling")
+    assert bnpo["loss_type"].default == "dapo"
+    assert (gvpo["num_generations"].default, gvpo["max_completion_length"].default) == (8, 512)
