@@ -205,3 +205,19 @@ def test_bucket_step_allocates_what_it_reports(k, shape):
 def test_invalid_settings_name_the_field(bad):
     with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
         create_optimizer([torch.nn.Parameter(torch.zeros(4, 4))], "normuon", **bad)
+
+
+def test_eps_that_no_parameter_takes_is_said():
+    """``eps`` is AdamW's here (as in lowmem's Muon); pytorch_optimizer's ``NorMuon(eps=...)`` is the row
+    normalization's (``row_eps`` here). Given to a NorMuon whose every parameter takes NorMuon, it would change
+    nothing: a warning names ``row_eps``. With an AdamW parameter present it applies: no warning."""
+    from lowmem.optim import NorMuon
+
+    with pytest.warns(UserWarning, match="row_eps"):
+        NorMuon([torch.nn.Parameter(torch.zeros(4, 4))], eps=1e-6)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NorMuon([torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4))], eps=1e-6)
+        NorMuon([torch.nn.Parameter(torch.zeros(4, 4))], row_eps=1e-6)

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from ..._warn import warn_user
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.muon import (bf16_gemm_workspace_bytes, matrices, matrix_index, muon_momentum_, newton_schulz,
                                newton_schulz_batched, ns_rows, ns_shape)
@@ -407,6 +408,11 @@ class NorMuon(DefaultTargetGroups, LowMemOptimizer):
                          ns_eps=ns_eps, beta2=beta2, row_eps=row_eps, update_scale=update_scale, betas=betas, eps=eps,
                          adamw_lr_ratio=adamw_lr_ratio, state_dtype=state_dtype, foreach=foreach)
         self.target_default = default
+        if eps != 1e-8 and all(g.get("use_muon") and p.ndim >= 2 for g in self.param_groups for p in g["params"]):
+            # pytorch_optimizer's NorMuon(eps=...) is the row normalization's; here AdamW's, which no parameter takes
+            warn_user(f"eps={eps!r} is AdamW's eps in lowmem's NorMuon and every parameter here takes NorMuon, so it"
+                      f" changes nothing; the row normalization's eps (pytorch_optimizer's NorMuon eps) is row_eps here"
+                      f" (row_eps={row_eps!r})")
 
 
 register(NORMUON, NorMuon, state_precision="fp32", second_moment="blockwise", target_key="use_muon",
