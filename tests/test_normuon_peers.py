@@ -53,7 +53,8 @@ def test_tiny_training_run_against_adamw_and_muon():
     """The toy regression (two linears targeted, a LayerNorm and biases on AdamW), 100 steps at lr 3e-2, every
     optimizer from the same weights. Measured (2026-11-30, CPU, one thread): initial loss 0.6865; AdamW 0.00267,
     Muon 0.00371, NorMuon 0.00332 (lr 1e-2: 0.00600 / 0.01411 / 0.01243). Asserted: NorMuon's loss falls below 1% of
-    the initial, under Muon's (by 10% here) and within 1.5x of AdamW's."""
+    the initial, not above Muon's by more than 10% (10% under it here: a margin for another CPU's bfloat16 products)
+    and within 1.5x of AdamW's."""
     final = {}
     for name in ("adamw", "muon", "normuon"):
         model, x, y = make_problem(0)
@@ -61,7 +62,7 @@ def test_tiny_training_run_against_adamw_and_muon():
         losses = train(model, create_optimizer(model, name, lr=3e-2, **kw), x, y, 100)
         final[name] = losses[-1]
         assert losses[-1] < 0.01 * losses[0], (name, losses[0], losses[-1])
-    assert final["normuon"] < final["muon"], final
+    assert final["normuon"] < 1.1 * final["muon"], final  # (10% under it here; a margin for other CPUs' bf16 GEMMs)
     assert final["normuon"] < 1.5 * final["adamw"], final
 
 
