@@ -960,7 +960,8 @@ def _memory_args(recipe: TrainRecipe) -> dict[str, Any]:
 def _memory_callbacks(recipe: TrainRecipe) -> list[Any]:
     from lowmem.trainers.memory_callback import MemoryCallback
 
-    return ([MemoryCallback(track_steps=2)] if recipe.track_memory else []) + [_batched_weights_note(recipe.optim)]
+    return (([MemoryCallback(track_steps=2)] if recipe.track_memory else [])
+            + [_batched_weights_note(recipe.optim), _best_metric_check()])
 
 
 def untargeted_batched_weights(optimizer: torch.optim.Optimizer, model: nn.Module,
@@ -1013,6 +1014,40 @@ def _batched_weights_note(optim: str) -> Any:
                 warn_user(batched_weights_message(get_entry(optim).name, key, found, trainable))
 
     return BatchedWeightsNote()
+
+
+# what every evaluation logs besides its metrics (transformers' speed metrics)
+EVAL_TIMINGS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
+def best_metric_problem(name: str | None, metrics: dict[str, Any]) -> str | None:
+    """Why ``metric_for_best_model`` (``name``; transformers adds the ``eval_`` prefix) names no metric of an
+    evaluation's ``metrics``, or ``None``."""
+    if not name:
+        return None
+    key = name if name.startswith("eval_") else f"eval_{name}"
+    if key in metrics:
+        return None
+    reported = sorted(k for k in metrics if k.startswith("eval_") and k not in EVAL_TIMINGS)
+    example = "eval_loss" if "eval_loss" in reported or not reported else reported[0]
+    return (f"metric_for_best_model={name!r}: the evaluation reports no {key!r}; it reports {reported}: set "
+            f"metric_for_best_model to one of them (the eval_ prefix may be left out: {example[len('eval_'):]!r})")
+
+
+def _best_metric_check() -> Any:
+    from transformers import TrainerCallback
+
+    class BestMetricCheck(TrainerCallback):
+        """At the first evaluation (``eval_on_start``: before any step), a ``metric_for_best_model`` the evaluation
+        does not report is a :class:`ConfigError`: transformers raised a ``KeyError`` at the first checkpoint,
+        after training steps had run (:func:`best_metric_problem`)."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            problem = best_metric_problem(args.metric_for_best_model, metrics or {})
+            if problem is not None:
+                raise ConfigError(problem)
+
+    return BestMetricCheck()
 
 
 def _memory_metrics(trainer: Any) -> dict[str, Any]:

@@ -26,7 +26,6 @@ def test_save_only_model_checkpoints_are_named_as_such_on_resume(tmp_path, capsy
     assert "interrupted" not in capsys.readouterr().out + str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 8: a metric_for_best_model the evaluation lacks failed after training steps")
 def test_a_metric_for_best_model_the_evaluation_lacks_is_an_error_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"metric_for_best_model='accuracy'.*\['eval_loss'\]"):
         _run(tmp_path, steps=4, save_steps=2, eval_steps=2,
