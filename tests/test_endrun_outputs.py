@@ -35,7 +35,17 @@ def test_the_adapter_names_its_base_model_by_an_absolute_path(tmp_path, tiny_mod
                                        str(tmp_path / "out")).eval()
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(auto(ids).logits, manual(ids).logits)
+        want = manual(ids).logits
+        torch.testing.assert_close(auto(ids).logits, want)
+    # docs/training.md "Merging an adapter later": the merge without merge_adapters, as the page writes it
+    from transformers import AutoTokenizer
+
+    auto.merge_and_unload().save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(str(tmp_path / "out")).save_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
