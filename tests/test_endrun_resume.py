@@ -57,3 +57,17 @@ def test_resume_with_another_schedule_is_refused(tmp_path, uninterrupted):
         _run(out, resume_from_checkpoint=True, lr_scheduler="constant", warmup_steps=0)
     assert "step 3" in str(err.value)
     assert not (out / "checkpoint-6").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="ENDRUN 9: another weight_decay / optim_args value on resume was ignored")
+@pytest.mark.parametrize("change, match", [
+    (dict(weight_decay=0.1), r"weight_decay.*0\.0.*0\.1"),
+    (dict(optim_args={"betas": [0.8, 0.99]}), r"betas.*\[0\.9, 0\.999\].*\[0\.8, 0\.99\]"),
+])
+def test_resume_with_other_optimizer_settings_is_refused(tmp_path, uninterrupted, change, match):
+    """torch's ``load_state_dict`` takes the checkpoint's group settings: the run went on with the old
+    weight_decay / betas, and metrics.json's effective_hparams showed the old ones."""
+    out = _interrupted(tmp_path, uninterrupted)
+    with pytest.raises(ValueError, match=match):
+        _run(out, resume_from_checkpoint=True, **change)
+    assert not (out / "checkpoint-6").exists()
