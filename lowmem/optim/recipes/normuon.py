@@ -11,8 +11,8 @@ Every path computes the rows' norms of the iterate, updates ``v`` and the per-ro
 ``c_i = lr s / (sqrt(v_i) + eps)`` once per matrix, then steps ``c_i O_i``: the lean step before its blocks of
 rows (:meth:`NorMuonMoments.prepare_chunks`), the whole step (:meth:`NorMuonMoments._whole_normuon`), a batch's
 matrix when its iterate is computed, a bucket of one shape at once (:func:`normuon_foreach_`), an FSDP2 shard of
-rows with the two norms' squares all-reduced (:meth:`NorMuonMoments._sharded_step`; ``sharded.refusal``'s
-allow-list does not list the rule yet, so FSDP2 parameters are refused before it runs).
+rows with the two norms' squares all-reduced (:meth:`NorMuonMoments._sharded_step`; on ``sharded.refusal``'s
+allow-list beside Muon's rule since 5af7505).
 """
 
 from __future__ import annotations
