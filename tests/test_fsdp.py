@@ -36,7 +36,7 @@ pytestmark = pytest.mark.distributed
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
              "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm",
-             "lomo", "adalomo", "came", "lion", "lion8bit", "normuon"]
+             "lomo", "adalomo", "came", "lion", "lion8bit", "normuon", "sm3"]
 # configurations that must still refuse sharded parameters: tag -> (recipe, hyperparameters over the
 # registry's example, a fragment of the reason). Every registered recipe steps FSDP2 parameters with
 # its defaults (test_every_engine_optimizer_is_supported); these settings need what a shard lacks.
@@ -82,6 +82,7 @@ RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
 # (Adafactor's column statistics of a right-side R, a sum over every row: the same on every rank)
 REPLICATED = {"galore_adafactor": ("exp_avg_sq_col",), "adam_mini": ("exp_avg_sq",)}  # (whole-tensor blocks)
+REPLICATED["sm3"] = ("acc_1",)  # (the column accumulators: maxima over every row, the same on every rank)
 REPLICATED |= {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
               for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
                           "apollo_mini_left", "osd_left")}

@@ -119,7 +119,8 @@ COSTS_4096 = {
     "lion": 1.5, "lion8bit": 2.5,  # second_moment 'none' (sign updates), + 1.0 for 8-bit states
     "bnb_lion8bit": 2.5, "bnb_paged_lion": 1.5, "bnb_paged_lion8bit": 2.5,
     "muon": 1.5, "scale": 1.5, "sinkgd": 1.5,  # fp32, second_moment 'none': no per-coordinate adaptivity
-    "normuon": 1.5,  # fp32, one second moment per row (blockwise, priced as Adam-mini's)
+    "normuon": 1.5,  # (above)
+    "sm3": 1.5,  # fp32, factored: one accumulator per row and per column (its optional momentum is not priced)  # fp32, one second moment per row (blockwise, priced as Adam-mini's)
     "lomo": 1.5, "adalomo": 1.5,  # SGD (no state, no second moment); AdaLomo factored like Adafactor
     "badam": 0.0,  # Adam (fp32, full) on the active block
     "galore_adamw": (2.0, 4.0), "galore_adafactor": (2.0, 4.0), "fira_adamw": (2.0, 4.0), "frugal": (2.0, 4.0),

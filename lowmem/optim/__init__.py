@@ -46,7 +46,8 @@ from .recipes.normalized import Muon, Scale, SinkGD  # noqa: E402
 from .recipes.lion import Lion, Lion8bit  # noqa: E402
 from .recipes.came import CAME  # noqa: E402
 from .recipes.normuon import NorMuon  # noqa: E402
+from .recipes.sm3 import SM3  # noqa: E402
 
 __all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent",
             "APOLLOAdamW", "AdamMini", "Muon", "Scale", "SinkGD", "Lion", "Lion8bit", "CAME"]
-__all__ += ["NorMuon"]
+__all__ += ["NorMuon", "SM3"]
