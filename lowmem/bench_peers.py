@@ -107,6 +107,15 @@ RECOMMENDED: dict[str, Recommended] = {
     "sm3": Recommended(3e-2, "no value for a small LM in the paper or the authors' code (their README: quadratic lr "
                        "warm-up, no decay: the sums decay the step); lowmem's tiny task (docs/optimizers.md): 3e-2 with "
                        "momentum 0.9 (1.00 x AdamW's eval loss), 1e-2 without (1.02 x)", {"momentum": 0.9}),
+    "came": Recommended(2e-4, "the CAME authors' README (yangluo7/CAME, its came_pytorch usage line): lr=2e-4, "
+                        "weight_decay=1e-2, betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16); lowmem's text task (one seed): "
+                        "1.036 x AdamW's held-out loss (1.041 without the decay, 1.090 at 1e-3)", {"weight_decay": 0.01}),
+    "lion": Recommended(1e-3, "Chen et al. 2023 advise an lr 3-10x smaller than AdamW's and a 3-10x larger decay; on "
+                        "lowmem's small tasks that is too small: text task (one seed) 1.343 x AdamW's held-out loss at the "
+                        "recipe default 1e-4, 1.103 at 3e-4 with weight decay 0.03, 1.068 at AdamW's 1e-3; tiny task "
+                        "(docs/benchmarks.md) 0.997 at 1e-3, 1.785 at 1e-4"),
+    "lion8bit": Recommended(1e-3, "lion's (Dettmers et al. 2022: 8-bit states keep the 32-bit hyperparameters); tiny task "
+                            "(docs/benchmarks.md) 0.994 x AdamW's loss at 1e-3, 1.789 at 1e-4"),
 }
 
 NO_ENTRY = "recipe default (no entry in RECOMMENDED)"

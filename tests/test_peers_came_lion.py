@@ -208,3 +208,20 @@ def test_a_missing_peer_named_explicitly_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "came_pytorch" else real(name, *a))
     assert main(["bench", "came", "peer:came_pytorch", "--shapes", "hidden-1024"]) == 2
     assert "'peer:came_pytorch': came_pytorch is not installed (pip install came-pytorch)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, peer", [("came", "peer:po_came"), ("lion", "peer:po_lion"), ("lion8bit", "peer:bnb_lion8bit")])
+def test_text_task_runs_recipe_and_peer_at_the_recommended_settings(recipe, peer):
+    """``--task text``: the recipe and its peer train at RECOMMENDED's lr and decay (came: the authors' 2e-4 with
+    weight decay 0.01; lion / lion8bit: 1e-3) and reach the same held-out loss on the smoke task."""
+    from lowmem import bench_text
+    from lowmem.bench_peers import RECOMMENDED
+
+    pytest.importorskip("pytorch_optimizer" if peer.startswith("peer:po_") else "bitsandbytes")
+    results, _ = bench_text.run_text_bench([recipe, peer], task=bench_text.TEXT_SIZES["smoke"], repeats=2,
+                                           progress=False, threads=1)
+    _, ours, theirs = results
+    rec = RECOMMENDED[recipe]
+    assert ours.lr == theirs.lr == rec.lr and ours.lr_source == rec.source
+    assert ours.hparams.get("weight_decay", 0.0) == theirs.hparams.get("weight_decay", 0.0) == rec.hparams.get("weight_decay", 0.0)
+    assert ours.eval_loss == pytest.approx(theirs.eval_loss, rel=1e-4)
