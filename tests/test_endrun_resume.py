@@ -59,7 +59,6 @@ def test_resume_with_another_schedule_is_refused(tmp_path, uninterrupted):
     assert not (out / "checkpoint-6").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 9: another weight_decay / optim_args value on resume was ignored")
 @pytest.mark.parametrize("change, match", [
     (dict(weight_decay=0.1), r"weight_decay.*0\.0.*0\.1"),
     (dict(optim_args={"betas": [0.8, 0.99]}), r"betas.*\[0\.9, 0\.999\].*\[0\.8, 0\.99\]"),

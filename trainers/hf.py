@@ -713,6 +713,7 @@ class LowMemOptimizerMixin:
         scheduler = getattr(getattr(self, "lr_scheduler", None), "scheduler", getattr(self, "lr_scheduler", None))
         own_base = list(scheduler.base_lrs) if getattr(scheduler, "lr_lambdas", None) is not None else None
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
+        own_settings = _group_settings(inner)
         if checkpoint is not None and getattr(self, "is_fsdp_enabled", False) and hasattr(inner, "prepare_load"):
             # BAdam: torch.distributed.checkpoint fills only the entries the optimizer holds when it asks, which
             # depend on the block schedule: take the checkpoint's schedule first
@@ -744,6 +745,14 @@ class LowMemOptimizerMixin:
                 f"the optimizer state in {checkpoint} was written by another optimizer than lowmem_optim={name!r}: its "
                 f"parameter groups hold {sorted(set().union(*after) - set().union(*before))} and lack "
                 f"{sorted(set().union(*before) - set().union(*after))}; resume with the optimizer that wrote it"
+            )
+        changed = settings_mismatch(own_settings, _group_settings(inner)) if checkpoint is not None else None
+        if changed is not None:
+            raise ValueError(
+                f"resuming from {checkpoint}: {changed}; torch's load_state_dict takes the checkpoint's optimizer "
+                "settings, so the run would go on with the checkpoint's value and ignore this run's. Resume with the "
+                "settings that wrote the checkpoint, or start a new run from its weights (model: the checkpoint "
+                "folder, without resuming)"
             )
         if checkpoint is not None and own_base is not None and not getattr(self, "is_deepspeed_enabled", False):
             problem = schedule_mismatch(own_base, list(scheduler.base_lrs), scheduler.lr_lambdas, scheduler.last_epoch,
@@ -787,6 +796,35 @@ class LowMemOptimizerMixin:
         norm over ``p.grad`` would be 0: the norm :func:`layerwise_grad_norm` accumulated is logged."""
         norm = layerwise_grad_norm(self.optimizer) if grad_norm is None else None
         return norm if norm is not None else super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+# group settings a resume may change: the scheduler's (compared by schedule_mismatch), and implementation choices
+# that leave the update's math alone
+RESUME_FREE_SETTINGS = frozenset({"lr", "initial_lr", "foreach", "fused", "capturable", "differentiable"})
+
+
+def _group_settings(optimizer: Any) -> list[dict[str, Any]] | None:
+    groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        return None
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()
+             if k != "params" and k not in RESUME_FREE_SETTINGS and isinstance(v, (bool, int, float, str, tuple, list))}
+            for g in groups]
+
+
+def settings_mismatch(own: list[dict[str, Any]] | None, loaded: list[dict[str, Any]] | None) -> str | None:
+    """The first optimizer setting (``weight_decay``, ``betas``, ``eps``, an ``optim_args`` value) that this run's
+    optimizer was built with and the checkpoint's groups hold otherwise, or ``None``. torch's ``load_state_dict``
+    adopts the saved groups' settings: resumed with ``weight_decay=0.1`` over a checkpoint of 0.0 the run went on at
+    0.0, without a word. Settings of a layout the state cannot take are refused before (``LowMemOptimizer``)."""
+    if own is None or loaded is None or len(own) != len(loaded):
+        return None
+    for i, (mine, theirs) in enumerate(zip(own, loaded)):
+        for k in sorted(set(mine) & set(theirs)):
+            if mine[k] != theirs[k]:
+                group = f" of parameter group {i}" if len(own) > 1 else ""
+                return f"the checkpoint's run had {k}={theirs[k]!r}{group}, this run {k}={mine[k]!r}"
+    return None
 
 
 def schedule_mismatch(own_base: list[Any], saved_base: list[Any], lambdas: list[Any], step: int,
