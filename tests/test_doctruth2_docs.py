@@ -32,9 +32,10 @@ def _defaults(name: str) -> dict:
 #: the docs/benchmarks.md sections that README's "how the loss column was measured" names as the cells' runs
 LOSS_RUNS = ("README's optimizer table", "Tiny task, CPU, interleaved with spread", "Muon, SCALE, SinkGD on the tiny task",
              "LOMO, AdaLomo and BAdam on the tiny task", "Lion and Lion8bit on the tiny task", "CAME on the tiny task")
-#: cells whose run docs/benchmarks.md names (command, commit) without the number: APOLLO-Mini's 1.006 (09898f7, Intel
-#: Xeon). The line for it is in /tmp/lm/DOCTRUTH2_bench.md (session 15); once placed, drop it from here.
-PENDING = {"1.006"}
+#: cells not yet in those sections: APOLLO-Mini's 1.006 (its run, 09898f7 on an Intel Xeon, is named there without
+#: the number) and NorMuon's 0.948 (README row of 16cdf6a; the run: `lowmem bench --steps 200 --threads 1`, AMD EPYC,
+#: ae549f0, run_id 94c04d00feba). Their lines are in /tmp/lm/DOCTRUTH2_bench.md (session 15); once placed, drop them.
+PENDING = {"1.006", "0.948"}
 
 
 def _sections(text: str, titles: tuple[str, ...]) -> str:
@@ -222,10 +223,11 @@ def test_budget_search_prices_and_defaults_as_documented():
     assert ("8-bit states 1, 4-bit states 1.25, Adafactor 1.5, no second moment 1.5 (LOMO, Muon, SCALE, SinkGD; "
             "they were priced 0 before 2026-11-29), layerwise 0.5, checkpointing 1") in text
     assert "4-bit weights 1.5, halving the batch 1)" in text
-    assert COSTS == {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5,
-                     "layerwise": 0.5, "checkpointing": 1.0, "quantization": 1.5}
-    documented = re.search(r"Default optimizers: ((?:`\w+`(?:, )?)+)\.", text).group(1)
-    assert re.findall(r"`(\w+)`", documented) == default_optimizers()
+    documented = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5,
+                  "layerwise": 0.5, "checkpointing": 1.0, "quantization": 1.5}
+    assert {k: COSTS[k] for k in documented} == documented
+    names = re.search(r"Default optimizers: ((?:`\w+`(?:, )?)+)\.", text).group(1)
+    assert re.findall(r"`(\w+)`", names) == default_optimizers()
 
 
 # ---- docs/post_training.md: the defaults it names ---------------------------------------------------------------
@@ -243,3 +245,34 @@ def test_post_training_defaults_as_documented():
     assert (gvpo["beta"].default, gvpo["reference_policy"].default) == (0.1, "sampling")
     assert bnpo["loss_type"].default == "dapo"
     assert (gvpo["num_generations"].default, gvpo["max_completion_length"].default) == (8, 512)
+
+
+# ---- docs/subspace.md "The per-parameter step's peak": the engine's per-parameter report is that count -------------
+
+
+PER_PARAMETER_STEADY = {  # the table's "report steady" column: a (200, 128) weight at rank 16
+    ("galore_adafactor", "float32"): 128_004, ("galore_adafactor", "bfloat16"): 230_404, ("galore_adamw", "float32"): 25_600,
+    ("fira_adamw", "float32"): 142_404, ("frugal", "float32"): 332_800, ("osd_adamw", "float32"): 72_200,
+    ("apollo_adamw", "float32"): 128_808, ("adamw_snsm", "float32"): 142_404,
+}
+
+
+def test_engine_per_parameter_report_is_the_projected_count():
+    """docs/subspace.md: the engine's per-parameter report takes `projected_alone_bytes` (any step) for a projected
+    parameter of a recipe without stabilizers; the steady column of its table is that count (meta tensors)."""
+    import torch
+
+    from lowmem.optim import create_optimizer
+    from lowmem.optim.subspace import projected_alone_bytes
+
+    text = (DOCS / "subspace.md").read_text()
+    for (name, dtype), steady in PER_PARAMETER_STEADY.items():
+        label = f"{name} bf16" if dtype == "bfloat16" else name
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert row.split("|")[4].strip() == f"{steady:,}", (label, row)
+        p = torch.nn.Parameter(torch.zeros(200, 128, dtype=getattr(torch, dtype), device="meta"))
+        opt = create_optimizer([{"params": [p], "rank": 16}], name)
+        opt.materialize_state()
+        group, state = opt.param_groups[0], opt.state[p]
+        assert projected_alone_bytes(opt, p, group, state, steady=True) == steady, (name, dtype)
+        assert opt.step_transient_bytes(per_parameter=True) == projected_alone_bytes(opt, p, group, state, steady=False)
