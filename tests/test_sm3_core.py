@@ -275,3 +275,77 @@ def test_momentum_switched_on_after_the_first_step_is_refused():
     opt.param_groups[0]["momentum"] = 0.5
     opt.step()
     assert "momentum" in opt.state[q]
+
+
+# ---- the multi-tensor step ---------------------------------------------------------------------------------------
+
+BUCKET = [(16, 24)] * 4 + [(24,)] * 3 + [(3, 8, 10)] * 2 + [(), (40, 300)]
+
+
+STACKS = [(16, 24)] * 8 + [(24,)] * 3 + [(3, 8, 10)] * 2 + [()]  # (a stack of 8 matrices is the largest phase)
+
+
+def _bucket_run(foreach, momentum, steps=6, chunk=4096, shapes=BUCKET):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = create_optimizer(ps, "sm3", lr=1e-2, momentum=momentum, weight_decay=0.1, foreach=foreach)
+    opt.chunk_numel = chunk
+    grads = [_grads(s, steps, 30 + i) for i, s in enumerate(shapes)]
+    for t in range(steps):
+        for p, gs in zip(ps, grads):
+            p.grad = gs[t]
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_foreach_buckets_equal_the_per_parameter_step_bit_for_bit(monkeypatch, momentum):
+    """float32 tensors in multi-tensor buckets (same-shape matrices, vectors, 3-D tensors stacked; a scalar; a
+    40 x 300 matrix above chunk_numel stepped from its first piece in row blocks) reach the per-parameter step's
+    weights and state bit for bit over 6 steps; the buckets really run (their stacks are counted)."""
+    calls = []
+    orig = Sm3Moments._group_direction
+    monkeypatch.setattr(Sm3Moments, "_group_direction",
+                        staticmethod(lambda g, s, grp: calls.append(len(g)) or orig(g, s, grp)))
+    ps, opt = _bucket_run(None, momentum)
+    assert max(calls) >= 4  # (the four 16 x 24 matrices stacked)
+    calls.clear()
+    qs, ref = _bucket_run(False, momentum)
+    assert not calls
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q), p.shape
+        assert all(torch.equal(opt.state[p][k], ref.state[q][k]) for k in ref.state[q]), p.shape
+
+
+@pytest.mark.parametrize("shapes", [STACKS, BUCKET], ids=["stacks", "with-pieces"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_foreach_step_allocates_what_it_reports(momentum, shapes):
+    """step_transient_bytes() of the bucketed step equals the traced step (every new storage a dispatched operation
+    returns): a stack of eight matrices the largest phase (its stacked gradients, nu and accumulators), or the
+    40 x 300 matrix stepped in row blocks from its first piece."""
+    from test_transient_per_parameter import _Traced
+
+    ps, opt = _bucket_run(None, momentum, steps=2, shapes=shapes)
+    for i, p in enumerate(ps):
+        p.grad = _grads(shapes[i], 1, 90 + i)[0]
+    with _Traced() as t:
+        opt.step()
+    assert t.peak == opt.step_transient_bytes() > 0
+
+
+def test_per_parameter_step_allocates_what_it_reports():
+    """step_transient_bytes(per_parameter=True) equals the traced step of one parameter (layerwise mode's): a matrix
+    whole and in blocks (the kept maxima), a 3-D tensor, a vector, a scalar and empty tensors, float32 / bfloat16 /
+    float64 weights (a float64 one's gradient cast to float32 once), with and without momentum, float32 and bfloat16
+    state (the momentum's float32 copy)."""
+    from test_transient_per_parameter import _traced_and_reported
+
+    off = []
+    for shape in [(64, 24), (3, 8, 10), (40,), (), (0, 4), (5, 0, 3)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for chunk in (1000, None):
+                for kw in ({}, {"momentum": 0.9}, {"state_dtype": "bfloat16", "momentum": 0.9}):
+                    traced, reported = _traced_and_reported("sm3", dtype, shape, chunk, **kw)
+                    if traced != reported:
+                        off.append((shape, dtype, chunk, kw, traced, reported))
+    assert not off

@@ -43,10 +43,11 @@ def sm3_nu(covers: Sequence[Tensor], g: Tensor, beta2: float = 1.0) -> Tensor:
     return nu.addcmul_(g, g, value=1.0 - beta2 if beta2 != 1.0 else 1.0)
 
 
-def sm3_cover_max(nu: Tensor, dim: int) -> Tensor:
+def sm3_cover_max(nu: Tensor, dim: int, lead: int = 0) -> Tensor:
     """``mu_t(r) = max_{j in S_r} nu_t(j)`` (line 8) for the covers along dimension ``dim`` (the slices
-    ``nu[..., r, ...]``): the maximum over every other dimension, a 1-D tensor of ``nu.shape[dim]``."""
-    dims = tuple(d for d in range(nu.dim()) if d != dim)
+    ``nu[..., r, ...]``): the maximum over every other dimension, a 1-D tensor of ``nu.shape[dim]``. ``lead``:
+    leading batch dimensions kept (a stack of tensors, ``dim`` counted after them): shape ``(*batch, n_dim)``."""
+    dims = tuple(d for d in range(lead, nu.dim()) if d != dim + lead)
     return nu.amax(dim=dims) if dims else nu.clone()
 
 

@@ -29,7 +29,8 @@ import torch
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.sm3 import sm3_cover_max, sm3_momentum_, sm3_nu, sm3_precondition_
 from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, positive
-from ..moments import ChunkState, MomentRule, state_dtype
+from ..functional.adafactor import STACK_NUMEL, group_cap, stack_groups, stacks_large
+from ..moments import ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
 
 #: state keys of the per-dimension accumulators (``acc_0`` .. ``acc_{p-1}`` of a ``p``-D tensor; ``reset`` zeroes
@@ -129,15 +130,16 @@ class Sm3Moments(MomentRule):
     def chunk_align(self, shape, group, state):
         if len(shape) < 2:
             return 1  # element-wise
-        return math.prod(shape[1:])  # whole rows (whole leading indices)
+        return max(1, math.prod(shape[1:]))  # whole rows (whole leading indices; an empty tensor: any)
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         if len(shape) >= 2:
-            per = math.prod(shape[1:])
+            per = max(1, math.prod(shape[1:]))
             rows = (start // per, stop // per)
         else:
             rows = None
-        view = ChunkState(state, start, stop, {"shape": shape, "rows": rows, "kept": ctx["kept"] if ctx else None})
+        view = ChunkState(state, start, stop, {"shape": shape, "rows": rows, "kept": ctx["kept"] if ctx else None,
+                                               "parent": state})
         if "acc" in state:
             view["acc"] = state["acc"].view(-1)[start:stop]
         if "momentum" in state:
@@ -207,6 +209,8 @@ class Sm3Moments(MomentRule):
     def _block_bytes(self, numel, shape, state) -> int:
         """:meth:`_block` of ``numel`` elements, exact: ``nu`` (the direction), beside the largest cover maxima
         of the block (a matrix's) or, with a low-precision momentum, its compute copy."""
+        if numel == 0:  # (an empty tensor: nothing stepped)
+            return 0
         e = self._elem(state)
         m = state.get("momentum")
         low_m = m is not None and m.dtype not in (torch.float32, torch.float64)
@@ -227,6 +231,140 @@ class Sm3Moments(MomentRule):
         if len(shape) >= 2 and numel < math.prod(shape):
             out += self._elem(state) * sum(shape[1:])
         return out
+
+
+    # ---- the multi-tensor step (float32 parameters and state; the engine's foreach buckets) ----
+
+    def supports_foreach_for(self, shape, group, state):
+        """Float32 state (``state_dtype`` ``"float32"``, or ``"param"`` of the float32 parameters the engine
+        buckets), not in an FSDP2 group (the column maxima need the shards': the per-parameter step reduces them)."""
+        return group.get("state_dtype", "float32") in ("float32", "param") and not sharded_group(group)
+
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: a tensor larger than ``chunk_numel`` is stepped from its first piece with the per-parameter
+        chunked step (:func:`~lowmem.optim.moments.step_whole_from_piece_`)."""
+        return True
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """A bucket's step: tensors of one shape stacked (:func:`~lowmem.optim.functional.adafactor.stack_groups`,
+        as Adafactor's and CAME's buckets), lines 6-8 and the momentum once on each stack
+        (:meth:`_group_direction`: the cover maxima per stacked tensor), the state written back, then the decay and
+        the update per tensor (``torch._foreach_*``); equal bit for bit to the per-parameter step. A tensor larger
+        than ``chunk_numel`` arrives in flat pieces and is stepped from its first one."""
+        wd = group.get("weight_decay", 0.0)
+        whole = []
+        for p, g, st in zip(params, grads, states):
+            if not isinstance(st, ChunkState):
+                whole.append((p, g, st))
+            elif st.start == 0:
+                step_whole_from_piece_(self, p, g, st, group, t, lr, decay_after=False)
+        if not whole:
+            return
+        ps, gs, ss = (list(x) for x in zip(*whole))
+        for idx in stack_groups(gs, [2 if "acc_0" in st else 1 for st in ss]):
+            d = self._group_direction([gs[i] for i in idx], [ss[i] for i in idx], group)
+            group_ps = [ps[i] for i in idx]
+            if wd != 0:
+                torch._foreach_mul_(group_ps, 1.0 - lr * wd)
+            torch._foreach_add_(group_ps, list(d.unbind(0)), alpha=-lr)
+            del d
+
+    @staticmethod
+    def _group_direction(grads, states, group):
+        """Lines 6-8 and the momentum (without ``lr``) of ``k`` same-shape float32 tensors stacked along a new
+        first dimension (a lone tensor: views, nothing stacked): the directions, a new ``(k, *shape)`` tensor."""
+        momentum, beta2, eps = group["momentum"], group["beta2"], group["eps"]
+        k, shape = len(grads), grads[0].shape
+
+        def stacked(xs):
+            return xs[0].unsqueeze(0) if k == 1 else torch.stack(xs)
+
+        def write_back(xs, x):
+            if k > 1:
+                torch._foreach_copy_(xs, list(x.unbind(0)))
+
+        g = stacked(grads)
+        if g.numel() == 0:  # (empty tensors: no coordinate, no cover set changes)
+            return torch.zeros_like(g)
+        if "acc_0" in states[0]:  # one accumulator per slice of each dimension, per stacked tensor
+            p = len(shape)
+            accs = [[st[f"acc_{i}"] for st in states] for i in range(p)]
+            covers = [stacked(a).view(k, *([1] * i), shape[i], *([1] * (p - 1 - i))) for i, a in enumerate(accs)]
+            nu = sm3_nu(covers, g, beta2)  # line 6
+            del covers
+            for i, a in enumerate(accs):  # line 8
+                top = sm3_cover_max(nu, i, lead=1)
+                if k == 1:
+                    a[0].copy_(top[0])
+                else:
+                    torch._foreach_copy_(a, list(top.unbind(0)))
+                del top
+        else:  # one cover per entry (vectors, scalars)
+            accs = [st["acc"] for st in states]
+            nu = sm3_nu([stacked(accs)], g, beta2)
+            if k > 1:
+                write_back(accs, nu)
+            else:
+                accs[0].copy_(nu[0])
+        u = sm3_precondition_(nu, g, eps)  # line 7 (without lr)
+        del g
+        if momentum > 0:
+            ms = [st["momentum"] for st in states]
+            m = stacked(ms)
+            sm3_momentum_(m, u, momentum)
+            write_back(ms, m)
+            u.copy_(m)
+            del m
+        return u
+
+    def foreach_transient_bytes(self, numel):
+        """Without the states at hand: three float32 tensors of the bucket (the accumulators left out:
+        :meth:`foreach_bucket_transient_bytes` counts them)."""
+        return 12 * numel
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """:meth:`foreach_step_` of a bucket whose ``members`` are ``(elements, state)``: its largest group's
+        (:meth:`_group_bytes`; each group's temporaries are freed before the next one's), grouped as on the
+        state's device (every same-shape set stacked off the CPU; both groupings on meta tensors: the larger)."""
+        shapes = [(self._shape_of(st, n), st, n) for n, st in members]
+        devices = {v.device for _, st in members for v in st.values() if isinstance(v, torch.Tensor) and v.dim()}
+        device = next(iter(devices)) if len(devices) == 1 else None
+        larges = (stacks_large(device),) if device is not None and device.type != "meta" else (False, True)
+        out = 0
+        for large in larges:
+            cap = group_cap([n for _, _, n in shapes], large)
+            groups: dict[tuple, list[int]] = {}
+            for i, (shape, st, n) in enumerate(shapes):
+                groups.setdefault((shape, "acc_0" in st) if large or n < STACK_NUMEL else (i,), []).append(i)
+            for idx in groups.values():
+                shape, st, n = shapes[idx[0]]
+                per = max(1, cap // max(1, n))
+                for a in range(0, len(idx), per):
+                    out = max(out, self._group_bytes(shape, st, len(idx[a:a + per])))
+        return out
+
+    @staticmethod
+    def _shape_of(state, n) -> tuple:
+        """The tensor's shape from its state (the accumulators' sizes; ``(n,)`` before the state is made)."""
+        if "acc_0" in state:
+            return tuple(state[f"acc_{i}"].numel() for i in range(len(_DIM_KEYS)) if f"acc_{i}" in state)
+        return tuple(state["acc"].shape) if "acc" in state else (n,)
+
+    @staticmethod
+    def _group_bytes(shape, state, k) -> int:
+        """:meth:`_group_direction` of ``k`` float32 tensors of ``shape``, exact: a lone one the per-parameter
+        step's (``nu``, beside one cover's maxima for a tensor of ``p >= 2`` dimensions); a stack holds the
+        stacked gradients and ``nu`` (``8 k n``) beside the stacked accumulators (``4 k (n_1 + ... + n_p)``, a
+        vector's ``4 k n``); then less (one dimension's maxima; with momentum the stacked momentum beside ``nu``
+        once the gradients are freed, ``8 k n``)."""
+        n = math.prod(shape)
+        dims = len(shape) >= 2 and "acc_0" in state
+        if n == 0:  # (empty tensors: nothing stepped)
+            return 0
+        if k == 1:
+            return 4 * n + (4 * max(shape) if dims else 0)
+        first = 8 * k * n + 4 * k * (sum(shape) if dims else n)
+        return max(first, 8 * k * n if "momentum" in state else 0)
 
 
 SM3_RECIPE = Recipe(
@@ -265,7 +403,9 @@ class SM3(LowMemOptimizer):
         eps (`float`, defaults to `1e-30`): Added to ``nu`` inside the square root; > 0.
         weight_decay (`float`, defaults to `0.0`): Decoupled, ``p *= 1 - lr * wd`` before the update.
         state_dtype (`str`, defaults to `"float32"`): Storage of the accumulators and momentum.
-        foreach (`bool` or `None`, defaults to `None`): accepted; SM3 steps one tensor at a time.
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters with float32 state in
+            multi-tensor buckets (same-shape tensors stacked; equal bit for bit to the per-parameter step); `False`
+            forces the per-parameter step.
     """
 
     recipe = SM3_RECIPE
