@@ -211,18 +211,20 @@ def newton_schulz_transient_bytes(shape: torch.Size | tuple[int, int],
     return max(4 * rows * rows, 2 * rows * rows + 2 * rows * widest) + bf16_gemm_workspace_bytes(rows, threads)
 
 
-def muon_whole_step_bytes(shape: torch.Size | tuple[int, int], nesterov: bool, low_buffer: bool, threads: int = 1) -> int:
+def muon_whole_step_bytes(shape: torch.Size | tuple[int, int], nesterov: bool, low_buffer: bool, threads: int = 1,
+                          width: int = 4) -> int:
     """Bytes Muon's whole-tensor step of one ``m x n`` matrix allocates (:func:`muon_momentum_`, :func:`newton_schulz`,
     the float32 step ``O.to(float32) * scale``): during the iteration the Nesterov matrix (float32, ``4 m n``), two
     bfloat16 iterates (``4 m n``) and the two ``r x r`` bfloat16 Gram products (``4 r^2``, ``r`` the smaller side),
     beside a low-precision momentum buffer's float32 copy (``low_buffer``, ``4 m n``, freed before the step); after
     it the float32 step next to the last iterate (``6 m n``): exactly the traced tensors. Plus the bfloat16 products'
     workspace (:func:`bf16_gemm_workspace_bytes`, ``threads`` CPU threads), which the BLAS keeps after a shape's
-    first step."""
+    first step. ``width``: bytes per element of the gradient, which the Nesterov matrix, the buffer's copy (``low_buffer``:
+    stored in another dtype) and the step take (8 for a float64 gradient: ``buf.to(g.dtype)``, ``o.to(g.dtype)``)."""
     m, n = shape
     numel, r = m * n, min(m, n)
-    during = 4 * numel * nesterov + 2 * 2 * numel + 2 * 2 * r * r
-    return max(4 * numel * low_buffer + during, 6 * numel) + bf16_gemm_workspace_bytes(r, threads)
+    during = width * numel * nesterov + 2 * 2 * numel + 2 * 2 * r * r
+    return max(width * numel * low_buffer + during, (2 + width) * numel) + bf16_gemm_workspace_bytes(r, threads)
 
 
 def newton_schulz_batched(x: Tensor | list[Tensor], coefficients: tuple[float, float, float], steps: int,

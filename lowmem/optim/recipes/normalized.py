@@ -49,7 +49,8 @@ from ..functional.scale import (add_squares_, column_normalize, column_rms, colu
 from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn,
                                  sr_sinkhorn_bytes)
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
-from ..moments import AdamMoments, ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
+from ..moments import (AdamMoments, ChunkState, MomentRule, grad_element_bytes, sharded_group, state_dtype,
+                       step_whole_from_piece_)
 from ..registry import register, takes_the_default
 from ..sharded import local
 
@@ -547,11 +548,20 @@ class MuonMoments(HybridMoments):
             return self._batched_transient_bytes(numel, shape, group, state, copy)
         total = math.prod(shape)
         buf = state["momentum_buffer"]
-        low = buf.dtype not in (torch.float32, torch.float64)
+        w, low = self._widths(group, buf)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1  # CPU GEMMs pack panels per thread
         with blas_device(buf.device.type):  # (a CUDA buffer's workspace does not read the host CPU's vendor)
             ns = newton_schulz_transient_bytes(shape, ns_column_block_numel(buf.device, numel), threads=threads)
-        return 2 * total + max(numel * (copy + 4 * (group["nesterov"] + low)), ns, numel * (copy + 4))
+        return 2 * total + max(numel * (copy + w * (group["nesterov"] + low)), ns, numel * (copy + w))
+
+    @staticmethod
+    def _widths(group, buf: Tensor) -> tuple[int, bool]:
+        """The bytes per element of the step's gradient (:func:`~lowmem.optim.moments.grad_element_bytes`: 8 for a
+        float64 one, 4 else), which ``U``, the rows' step and the buffer's copy take (``buf.to(g.dtype)``,
+        ``o.to(g.dtype)``), and whether the buffer is copied (stored in another dtype: bfloat16, or float32 beside a
+        float64 gradient)."""
+        w = grad_element_bytes(group, buf)
+        return w, buf.element_size() != w
 
     @staticmethod
     def _whole_matrix_bytes(shape, group, state) -> int:
@@ -566,10 +576,10 @@ class MuonMoments(HybridMoments):
         more; up to 1.2-2.4 under 8 MiB of tensors, where the BLAS's 0.4-2.6 MiB of buffers dominate and vary by
         layout (tall weights the most) and run (tests/test_muonmicro_muon_workspace.py)."""
         buf = state["momentum_buffer"]
-        low = buf.dtype not in (torch.float32, torch.float64)
+        w, low = MuonMoments._widths(group, buf)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
         with blas_device(buf.device.type):
-            return muon_whole_step_bytes(tuple(shape), group["nesterov"], low, threads)
+            return muon_whole_step_bytes(tuple(shape), group["nesterov"], low, threads, width=w)
 
     def _batched_transient_bytes(self, numel, shape, group, state, copy: int = 0) -> int:
         """A batch of matrices ``[..., A, B]``. Chunked (blocks of ``numel`` elements, whole rows): one
@@ -584,23 +594,24 @@ class MuonMoments(HybridMoments):
         m, n = shape[-2:]
         mat, total = m * n, math.prod(shape)
         buf = state["momentum_buffer"]
-        low = buf.dtype not in (torch.float32, torch.float64)
+        w, low = self._widths(group, buf)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
         size = max(n, numel // n * n)
         piece = min(size, mat)
         with blas_device(buf.device.type):
             ns = newton_schulz_transient_bytes((m, n), ns_column_block_numel(buf.device, piece), threads=threads)
-        iterate = 2 * mat + max(piece * (copy + 4 * (group["nesterov"] + low)), ns)
+        iterate = 2 * mat + max(piece * (copy + w * (group["nesterov"] + low)), ns)
         within, spanning = row_block_spans(shape, size)
-        return max(copy * within + iterate, 2 * mat + (4 + copy) * within,
-                   (4 + copy) * spanning + iterate if spanning else 0)
+        return max(copy * within + iterate, 2 * mat + (w + copy) * within,
+                   (w + copy) * spanning + iterate if spanning else 0)
 
     def target_whole_transient_bytes(self, shape, group, state):
         """Stepped whole (``chunk_numel=None``): a 2-D weight's :meth:`target_transient_bytes` of all of it (either
         form); a batch of matrices its float32 step beside one matrix's whole-tensor step (a bound, as a 2-D
         weight's)."""
         if len(shape) > 2:
-            return 4 * math.prod(shape) + self._whole_matrix_bytes(shape[-2:], group, state)
+            return (self._widths(group, state["momentum_buffer"])[0] * math.prod(shape)  # (the step: g's dtype)
+                    + self._whole_matrix_bytes(shape[-2:], group, state))
         return self._whole_matrix_bytes(shape, group, state)
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):

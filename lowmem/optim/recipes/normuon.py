@@ -30,7 +30,7 @@ from ..functional.muon import (bf16_gemm_workspace_bytes, matrices, matrix_index
 from ..functional.normuon import (UPDATE_SCALES, neuron_factors_bytes, neuron_row_factors, neuron_second_moment_,
                                   row_norms, row_norms_bytes)
 from ..hparams import HParam, in_unit_interval, one_of, positive
-from ..moments import ChunkState, state_dtype
+from ..moments import ChunkState, grad_element_bytes, state_dtype
 from ..registry import register, takes_the_default
 from .normalized import MUON_HPARAMS, USE_MUON, DefaultTargetGroups, MuonMoments, flat_as_targeted
 
@@ -61,9 +61,11 @@ def _factors(v: Tensor, norms: Tensor, shape: tuple[int, int], group: dict[str, 
     return neuron_row_factors(work, norms, shape, group["row_eps"], group["update_scale"], lr, reduce)
 
 
-def _itemsize(state) -> int:
-    """Bytes per element of the step's vectors: float64 for a float64 state, else float32."""
-    return 8 if state["momentum_buffer"].dtype == torch.float64 else 4
+def _itemsize(state, group) -> int:
+    """Bytes per element of the step's vectors and of its rows' step: the gradient's dtype (float64 for a float64 state
+    or in a group holding a float64 parameter, :func:`~lowmem.optim.moments.grad_element_bytes`; before 2026-11-30 the
+    state's alone: a float64 parameter with a float32 state was counted at float32, FOUND_NORMUON 6), else float32."""
+    return grad_element_bytes(group, state["momentum_buffer"])
 
 
 class NorMuonMoments(MuonMoments):
@@ -220,14 +222,14 @@ class NorMuonMoments(MuonMoments):
 
     # ---- transients ----
 
-    def _normalization_bytes(self, shape, block_rows: int | None, state) -> tuple[int, int]:
+    def _normalization_bytes(self, shape, block_rows: int | None, state, group) -> tuple[int, int]:
         """``(during, kept)`` of lines 3-5 on one ``m x n`` matrix beside its iterate. ``during``: the rows' norms,
         taken ``block_rows`` rows at a time into a vector of ``m`` (each block's contiguous copy beside its norms), or
         all at once (``block_rows`` None: the copy of the whole matrix beside the norms it returns), then the
         factors' computation beside the norms (with ``v``'s copy when stored in another dtype). ``kept``: the
         factors, through the step."""
         m, n = shape
-        isz = _itemsize(state)
+        isz = _itemsize(state, group)
         copy_v = isz * m if state[V_KEY].dtype.itemsize != isz else 0
         factors = isz * m + copy_v + neuron_factors_bytes(1, m, isz)
         norms = row_norms_bytes(m, n, isz) if block_rows is None else isz * m + row_norms_bytes(block_rows, n, isz)
@@ -241,31 +243,31 @@ class NorMuonMoments(MuonMoments):
             return self._batched_transient_bytes(numel, shape, group, state, copy)
         muon = super()._lean_bytes(numel, shape, group, state, copy)
         m, n = shape
-        during, kept = self._normalization_bytes(shape, max(1, min(m, numel // n)), state)
-        return max(muon, 2 * m * n + during, 2 * m * n + kept + numel * (4 + copy))
+        during, kept = self._normalization_bytes(shape, max(1, min(m, numel // n)), state, group)
+        return max(muon, 2 * m * n + during, 2 * m * n + kept + numel * (_itemsize(state, group) + copy))
 
     def _batched_transient_bytes(self, numel, shape, group, state, copy: int = 0) -> int:
         """Muon's count of a batch (:meth:`MuonMoments._batched_transient_bytes`) plus one matrix's normalization
         beside its iterate and the block (a bound: the factors counted with every phase)."""
         m, n = shape[-2:]
         size = max(n, numel // n * n)
-        during, kept = self._normalization_bytes((m, n), max(1, min(m, size // n)), state)
+        during, kept = self._normalization_bytes((m, n), max(1, min(m, size // n)), state, group)
         muon = super()._batched_transient_bytes(numel, shape, group, state, copy)
-        return muon + max(during, kept) + (4 + copy) * size
+        return muon + max(during, kept) + (_itemsize(state, group) + copy) * size
 
     def _whole_matrix_bytes(self, shape, group, state) -> int:
         """The whole step of one matrix (:meth:`_whole_normuon`): Muon's (the traced tensors and the products'
         workspace), or the normalization beside the last iterate (``2 m n``), or the step ``c_i O_i`` (``isz m n``)
         beside the iterate and the factors: the largest."""
         m, n = shape
-        isz = _itemsize(state)
+        isz = _itemsize(state, group)
         muon = MuonMoments._whole_matrix_bytes(shape, group, state)
-        during, kept = self._normalization_bytes(shape, None, state)
+        during, kept = self._normalization_bytes(shape, None, state, group)
         return max(muon, 2 * m * n + during, 2 * m * n + kept + isz * m * n)
 
     def target_whole_transient_bytes(self, shape, group, state):
-        if len(shape) > 2:
-            return 4 * math.prod(shape) + self._whole_matrix_bytes(shape[-2:], group, state)
+        if len(shape) > 2:  # (the batch's step in the gradient's dtype, one matrix's step beside it)
+            return _itemsize(state, group) * math.prod(shape) + self._whole_matrix_bytes(shape[-2:], group, state)
         return self._whole_matrix_bytes(shape, group, state)
 
     def target_foreach_transient_bytes(self, numel):
@@ -284,7 +286,7 @@ class NorMuonMoments(MuonMoments):
         if muon is None:
             return None
         rows, n = shape
-        isz = _itemsize(state)
+        isz = _itemsize(state, group)
         return muon + isz * (rows * n + 5 * rows + 4)
 
 
