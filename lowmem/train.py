@@ -322,7 +322,9 @@ class TrainRecipe:
         if self.quantization is not None:
             from lowmem.quant import bnb_config
 
-            bnb_config(self.quantization)  # 'nf4' / 'fp4' / dict, else a ValueError naming the choices
+            # 'nf4' / 'fp4' (4-bit) / 'int8' (8-bit) / dict, else a ValueError naming the choices, or the field that
+            # does not apply to the type (int8: double_quant, compute_dtype, blocksize; 4-bit: threshold)
+            bnb_config(self.quantization)
         if self.lora is not None:
             lora_config(self.lora)
 
@@ -961,7 +963,7 @@ def _memory_callbacks(recipe: TrainRecipe) -> list[Any]:
     from lowmem.trainers.memory_callback import MemoryCallback
 
     return (([MemoryCallback(track_steps=2)] if recipe.track_memory else [])
-            + [_batched_weights_note(recipe.optim), _best_metric_check()])
+            + [_batched_weights_note(recipe.optim), _best_metric_check(), _run_record_writer()])
 
 
 def untargeted_batched_weights(optimizer: torch.optim.Optimizer, model: nn.Module,
@@ -1987,7 +1989,72 @@ def _train(trainer: Any, recipe: TrainRecipe) -> Any:
     transformers (5.x) skip the DDP wrapping under several processes, which then train apart."""
     check_eval_batches(trainer)
     _load_converted_checkpoints(trainer)
-    return trainer.train(resume_from_checkpoint=resolve_checkpoint(recipe))
+    ckpt = resolve_checkpoint(recipe)
+    if ckpt is not None and is_main_process():
+        _warn_data_order(trainer, ckpt)
+    return trainer.train(resume_from_checkpoint=ckpt)
+
+
+# lowmem train's record of a run in each checkpoint it writes: what decides the order of the training rows
+RUN_RECORD = "lowmem_run.json"
+
+
+def _rows(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # an IterableDataset
+        return None
+
+
+def run_record(args: Any, train_rows: int | None) -> dict[str, Any]:
+    """The settings that decide which rows each step after a checkpoint trains on: the sampler's seeds, the rows
+    (after TRL's processing) and the global batch (per device x accumulation x processes)."""
+    return {"seed": args.seed, "data_seed": args.data_seed, "train_rows": train_rows,
+            "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)}
+
+
+def data_order_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between the checkpoint's :func:`run_record` and this run's (each a phrase; empty: nothing)."""
+    out = [f"{k}={now[k]} (the checkpoint's run: {k}={saved[k]})" for k in ("seed", "data_seed")
+           if k in saved and saved[k] != now[k]]
+    if None not in (saved.get("train_rows"), now["train_rows"]) and saved["train_rows"] != now["train_rows"]:
+        out.append(f"{now['train_rows']} training rows (the checkpoint's run: {saved['train_rows']})")
+    if "global_batch" in saved and saved["global_batch"] != now["global_batch"]:
+        out.append(f"a global batch of {now['global_batch']} rows (the checkpoint's run: {saved['global_batch']})")
+    return out
+
+
+def _warn_data_order(trainer: Any, ckpt: str) -> None:
+    """A ``UserWarning`` when this run's :func:`run_record` differs from the checkpoint's: the new values apply,
+    but the Trainer skips the checkpoint's number of batches of the new order, so the rows after the checkpoint
+    are not the interrupted run's. (Settings the Trainer would ignore are refused instead:
+    :class:`lowmem.trainers.LowMemOptimizerMixin`.) A checkpoint without the record (not written by lowmem
+    train, or before 2026-11-30) is not compared."""
+    path = Path(ckpt) / RUN_RECORD
+    if not path.is_file():
+        return
+    changes = data_order_changes(json.loads(path.read_text()), run_record(trainer.args, _rows(trainer.train_dataset)))
+    if changes:
+        from lowmem._warn import warn_user
+
+        warn_user(f"resuming from {ckpt} with " + "; ".join(changes) + ": these apply, but the Trainer skips the "
+                  "checkpoint's number of batches in the new data order, so the rows trained after the checkpoint are "
+                  "not the ones the interrupted run would have trained on (the result is not the uninterrupted run's)")
+
+
+def _run_record_writer() -> Any:
+    from transformers import TrainerCallback
+
+    class RunRecord(TrainerCallback):
+        """Writes :func:`run_record` into each checkpoint, after the Trainer wrote it (process 0)."""
+
+        def on_save(self, args, state, control, train_dataloader=None, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                rows = _rows(getattr(train_dataloader, "dataset", None)) if train_dataloader is not None else None
+                write_text_atomic(folder / RUN_RECORD, json.dumps(run_record(args, rows), indent=2) + "\n")
+
+    return RunRecord()
 
 
 def checkpoint_weight_names(checkpoint: str | Path) -> set[str] | None:
