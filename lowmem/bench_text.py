@@ -208,7 +208,7 @@ def build_optimizer(entry: Entry, model, rank: int) -> tuple[torch.optim.Optimiz
 
     rec = _settings(entry.name)
     if entry.name == BASELINE:
-        hp = {"lr": entry.lr, "weight_decay": rec.hparams.get("weight_decay", 0.01), "foreach": True}
+        hp = {"lr": entry.lr, "weight_decay": rec.hparams.get("weight_decay", 0.01), "foreach": True, **entry.variant}
         return torch.optim.AdamW(build_param_groups(model), **hp), hp
     if entry.name.startswith("peer:"):
         peer = get_peer(entry.name)
@@ -227,7 +227,8 @@ def build_optimizer(entry: Entry, model, rank: int) -> tuple[torch.optim.Optimiz
 def plan_entries(optimizers: list[str], peers: bool, lr_sweep: bool, lr: float | None = None,
                  device: str = "cpu") -> tuple[list[Entry], dict[str, str]]:
     """The rows to train (baseline first) and the peers skipped with their reasons. ``lr`` replaces
-    every recommended lr (one lr for all)."""
+    every recommended lr (one lr for all); a row's own ``lr=`` (``lion:lr=1e-3``) replaces its recommended
+    lr and is an error beside ``lr`` or ``lr_sweep`` (both would set the lr that row trains at)."""
     names = [BASELINE] + [n for n in optimizers if n != BASELINE]
     skipped: dict[str, str] = {}
     if peers:
@@ -241,7 +242,18 @@ def plan_entries(optimizers: list[str], peers: bool, lr_sweep: bool, lr: float |
     for label in names:
         name, variant = (label, {}) if label.startswith("peer:") else parse_variant(label)
         rec = _settings(name)
-        base_lr, src = (lr, "--lr (one lr for every optimizer)") if lr is not None else (rec.lr, rec.source)
+        if "lr" in variant:  # the row's own lr: Entry.lr is what trains and what the table shows
+            if lr is not None:
+                raise ValueError(f"{label!r} sets lr={variant['lr']} and --lr sets {lr}: give one of them")
+            if lr_sweep:
+                raise ValueError(f"{label!r} sets lr={variant['lr']} and --lr-sweep sweeps the lr: "
+                                 f"drop one of them (the sweep starts from the recommended lr)")
+            variant = dict(variant)
+            base_lr, src = float(variant.pop("lr")), "the row's variant"
+        elif lr is not None:
+            base_lr, src = lr, "--lr (one lr for every optimizer)"
+        else:
+            base_lr, src = rec.lr, rec.source
         rows.append(Entry(label, name, base_lr, src, variant))
         if lr_sweep:
             for f in LR_SWEEP_FACTORS:
@@ -315,7 +327,8 @@ def run_text_bench(
     the model size, skipped peers).
 
     Args:
-        optimizers: Registered names or variants ``NAME:key=value,...``.
+        optimizers: Registered names or variants ``NAME:key=value,...``; a variant's ``lr=`` is the lr that
+            row trains at and shows (an error with ``lr`` or ``lr_sweep``).
         task: The model and data size (:class:`TextTask`).
         seeds: Runs with seeds 0..seeds-1 (initial weights and batches).
         peers: Add the installed peer packages' rows (``peer:NAME``); missing ones are listed as skipped.
