@@ -46,8 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="with --dtype bf16/fp16: 'pure' (default) = weights and gradients in that dtype, no float32 copy; "
                    "'mixed' = float32 master weights, gradients and optimizer state with autocast activations "
                    "(the Trainer's bf16=True). The output states which one it assumes and the other's total")
-    p.add_argument("--quantization", default=None, choices=["nf4", "fp4"], help="4-bit base weights (needs --lora-r)")
-    p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization")
+    p.add_argument("--quantization", default=None, choices=["nf4", "fp4", "int8"],
+                   help="quantized base weights (needs --lora-r): nf4 / fp4 4-bit (QLoRA), int8 8-bit (LLM.int8, "
+                   "bitsandbytes' default outlier threshold 6.0)")
+    p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization (nf4 / fp4 only)")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (all linear layers unless --lora-targets)")
     p.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -109,7 +111,7 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     matmul ops, whatever the module, the float32 normalized values of the float32 residual stream, one ``dtype``
     copy of the hidden states per consuming linear; counted with the activations: the backward frees them).
     With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
-    each layer's checkpointed input in float32 instead of ``dtype``; 4-bit weights are de-quantized by
+    each layer's checkpointed input in float32 instead of ``dtype``; 4-bit and int8 weights are de-quantized by
     bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them. With
     ``trainer="grpo"`` the generation phase is traced under autocast
     (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
@@ -223,7 +225,7 @@ def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_arg
         raise ValueError("--optim-args with --budget needs --optimizer (the optimizer they are for): the search tries "
                          "several optimizers, whose hyperparameters differ")
     if args.quantization and not args.lora_r:
-        raise ValueError(f"--quantization {args.quantization} needs --lora-r (4-bit base weights are trained through LoRA)")
+        raise ValueError(f"--quantization {args.quantization} needs --lora-r (quantized base weights are trained through LoRA)")
     if args.lora_r is not None and args.lora_r < 1:
         raise ValueError(f"--lora-r {args.lora_r}: expected an integer >= 1")
     if args.layerwise and args.lora_r:
@@ -404,8 +406,15 @@ def run(args: argparse.Namespace) -> int:
     from .memory.report import bar_chart, fmt_bytes
 
     quant = None
-    if args.quantization:
+    if args.quantization == "int8":
+        if args.no_double_quant:
+            raise ValueError("--no-double-quant applies to 4-bit base weights (--quantization nf4 / fp4), not int8 (one "
+                             "float32 scale per row, no absmax blocks)")
+        quant = {"quant_type": "int8"}
+    elif args.quantization:
         quant = {"quant_type": args.quantization, "double_quant": not args.no_double_quant}
+    elif args.no_double_quant:
+        raise ValueError("--no-double-quant needs --quantization nf4 or fp4 (4-bit base weights)")
     lora = None
     if args.lora_r:
         targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")

@@ -1,12 +1,19 @@
-"""4-bit training (QLoRA): load a local causal LM in NF4/FP4 with bitsandbytes, prepare it, add LoRA.
+"""Quantized bases with LoRA: load a local causal LM in 4 bits (NF4/FP4, QLoRA) or 8 bits (LLM.int8) with
+bitsandbytes, prepare it, add LoRA.
 
-Works on CPU as well as CUDA: bitsandbytes 0.50 runs 4-bit linear layers (and its 8-bit
-optimizers) on CPU, and ``transformers``' bitsandbytes quantizer accepts ``device_map="cpu"``.
-Dettmers et al. 2023, *QLoRA: Efficient Finetuning of Quantized LLMs* (NF4, double quantization).
+Works on CPU as well as CUDA: bitsandbytes 0.50 runs 4-bit and 8-bit linear layers (and its 8-bit
+optimizers) on CPU, and ``transformers``' bitsandbytes quantizers accept ``device_map="cpu"``.
+Dettmers et al. 2023, *QLoRA: Efficient Finetuning of Quantized LLMs* (NF4, double quantization);
+Dettmers et al. 2022, *LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale* (vector-wise int8
+weights, outlier columns in 16 bits). On the CPU, bitsandbytes trains an 8-bit layer (``Linear8bitLt`` in
+``train()`` mode) through ``MatMul8bitFp``: the weight de-quantized (``int8 * SCB / 127``) and a float matmul in
+the input's dtype, forward and backward; in ``eval()`` mode and on CUDA it runs LLM.int8's int8 matmul
+(``MatMul8bitLt``) with the outlier threshold.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from types import MappingProxyType
@@ -22,22 +29,32 @@ from .memory.estimate import QuantSpec, lora_config, parse_dtype
 DEFAULT_LORA = MappingProxyType({"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
 
 
-def bnb_config(quantization: Any = "nf4", double_quant: bool = True, compute_dtype: str | torch.dtype | None = "bf16"):
-    """A ``transformers.BitsAndBytesConfig`` for 4-bit loading.
+def bnb_config(quantization: Any = "nf4", double_quant: bool | None = None, compute_dtype: str | torch.dtype | None = "bf16"):
+    """A ``transformers.BitsAndBytesConfig`` for 4-bit or 8-bit loading.
 
     Args:
-        quantization (`str`, `dict` or `QuantSpec`, defaults to `"nf4"`): ``"nf4"`` or ``"fp4"``, or a
-            dict with ``quant_type``, ``double_quant``, ``compute_dtype`` (overriding the arguments below).
-        double_quant (`bool`, defaults to `True`): Quantize the block absmax too (~0.37 bits/param saved).
-        compute_dtype (`str` or `torch.dtype`, defaults to `"bf16"`): Dtype of the de-quantized matmuls.
+        quantization (`str`, `dict` or `QuantSpec`, defaults to `"nf4"`): ``"nf4"`` or ``"fp4"`` (4-bit), ``"int8"``
+            (8-bit, ``load_in_8bit=True``), or a dict (:meth:`~lowmem.memory.estimate.QuantSpec.parse`: 4-bit
+            ``quant_type``, ``double_quant``, ``compute_dtype``, overriding the arguments below; int8 ``quant_type``,
+            ``threshold``, bitsandbytes' ``llm_int8_threshold``, default 6.0).
+        double_quant (`bool` or `None`, defaults to `None`): 4-bit only: quantize the block absmax too (~0.37
+            bits/param saved); ``None``: on. With int8 it must stay ``None`` (a ValueError names it).
+        compute_dtype (`str` or `torch.dtype`, defaults to `"bf16"`): 4-bit only: dtype of the de-quantized matmuls.
+            int8 has none (its matmuls run in the input's dtype): ignored there; :func:`load_quantized_model` refuses
+            one given explicitly.
     """
     from transformers import BitsAndBytesConfig
 
     spec = QuantSpec.parse(quantization)
     if spec is None:
-        raise ValueError("quantization must be 'nf4' or 'fp4' (or a dict), not None")
+        raise ValueError("quantization must be 'nf4', 'fp4' or 'int8' (or a dict), not None")
+    if spec.is_int8:
+        if double_quant is not None:
+            raise ValueError(f"double_quant={double_quant!r} does not apply to quantization 'int8' (8-bit weights have one "
+                             "float32 scale per row, no absmax blocks to quantize): leave it unset, or use nf4 / fp4")
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=spec.threshold)
     if isinstance(quantization, str):
-        spec = QuantSpec(spec.quant_type, double_quant)
+        spec = QuantSpec(spec.quant_type, True if double_quant is None else double_quant)
     compute = spec.compute_dtype or (parse_dtype(compute_dtype) if compute_dtype is not None else torch.float32)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type, bnb_4bit_use_double_quant=spec.double_quant,
@@ -48,7 +65,7 @@ def bnb_config(quantization: Any = "nf4", double_quant: bool = True, compute_dty
 def load_quantized_model(
     path: str | os.PathLike,
     quantization: Any = "nf4",
-    double_quant: bool = True,
+    double_quant: bool | None = None,
     compute_dtype: str | torch.dtype | None = None,
     lora: Any = None,
     dtype: str | torch.dtype = "bf16",
@@ -56,10 +73,10 @@ def load_quantized_model(
     gradient_checkpointing: bool = True,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """Load a local causal LM in 4 bits and make it trainable with LoRA.
+    """Load a local causal LM in 4 or 8 bits and make it trainable with LoRA.
 
     Steps: ``from_pretrained(path, quantization_config=BitsAndBytesConfig(...))`` (every linear
-    layer but the output head becomes ``bnb.nn.Linear4bit``), then
+    layer but the output head becomes ``bnb.nn.Linear4bit``, or with ``"int8"`` ``bnb.nn.Linear8bitLt``), then
     ``peft.prepare_model_for_kbit_training`` (freezes everything, upcasts the remaining fp16/bf16
     parameters to float32, enables input gradients and optionally gradient checkpointing), then
     ``peft.get_peft_model`` with the LoRA config. Train the result with any lowmem optimizer:
@@ -67,10 +84,12 @@ def load_quantized_model(
 
     Args:
         path (`str`): A local model directory (nothing is downloaded).
-        quantization (`str` or `dict`, defaults to `"nf4"`): ``"nf4"`` or ``"fp4"``; see :func:`bnb_config`.
-        double_quant (`bool`, defaults to `True`): Double quantization of the absmax.
-        compute_dtype (`str` or `torch.dtype` or `None`, defaults to `None`): Matmul dtype of the 4-bit
-            layers; ``None``: ``dtype`` (what :func:`~lowmem.memory.estimate_memory` assumes too).
+        quantization (`str` or `dict`, defaults to `"nf4"`): ``"nf4"``, ``"fp4"`` or ``"int8"``; see :func:`bnb_config`.
+        double_quant (`bool` or `None`, defaults to `None`): 4-bit only: double quantization of the absmax
+            (``None``: on); given with int8, a ValueError.
+        compute_dtype (`str` or `torch.dtype` or `None`, defaults to `None`): 4-bit only: matmul dtype of the 4-bit
+            layers; ``None``: ``dtype`` (what :func:`~lowmem.memory.estimate_memory` assumes too); given with int8
+            (whose matmuls run in the input's dtype: float32 after k-bit preparation), a ValueError.
         lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): Adapters; ``None`` uses
             :data:`DEFAULT_LORA` (``r=16, lora_alpha=32, target_modules="all-linear"``).
         dtype (`str` or `torch.dtype`, defaults to `"bf16"`): Dtype of the non-quantized weights at
@@ -88,6 +107,9 @@ def load_quantized_model(
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {str(path)!r} is not a local directory (lowmem never downloads models)")
+    if compute_dtype is not None and QuantSpec.parse(quantization).is_int8:
+        raise ValueError(f"compute_dtype={compute_dtype!r} does not apply to quantization 'int8' (its matmuls run in the "
+                         "input's dtype): leave it unset, or use nf4 / fp4")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=bnb_config(quantization, double_quant, compute_dtype or dtype), dtype=parse_dtype(dtype),
@@ -99,6 +121,8 @@ def load_quantized_model(
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
     keep_4bit_trainable_on_cpu(model)
+    if QuantSpec.parse(quantization).is_int8:
+        log_int8_cast_once()
     cfg = lora_config(lora if lora is not None else dict(DEFAULT_LORA))
     return attach_lora(model, cfg)
 
@@ -152,8 +176,39 @@ def keep_4bit_trainable_on_cpu(model: nn.Module) -> int:
     return n
 
 
+class _Once(logging.Filter):
+    """Passes the first record of each message, drops its repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def log_int8_cast_once() -> logging.Filter:
+    """Let bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" warning through once per process.
+
+    bitsandbytes logs it at every 8-bit matmul whose input is not float16 (each layer of each evaluation forward on the
+    CPU, every forward on CUDA: k-bit preparation makes the hidden states float32): once says what happens (LLM.int8
+    quantizes the input from a float16 copy); the repeats drown the training log. Idempotent; returns the filter.
+    """
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    for f in logger.filters:
+        if isinstance(f, _Once):
+            return f
+    f = _Once()
+    logger.addFilter(f)
+    return f
+
+
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The bitsandbytes 4-bit linear layers of ``model``, by name."""
+    """The bitsandbytes quantized linear layers of ``model`` (4-bit ``Linear4bit``, 8-bit ``Linear8bitLt``), by name."""
     import bitsandbytes as bnb
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}

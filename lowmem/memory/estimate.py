@@ -4,10 +4,10 @@ The model is built on the meta device from its config, so shapes, dtypes, which 
 (LoRA, frozen k-bit bases) and the optimizer's state are the real ones; no tensor memory is used,
 so a 70B estimate runs on a laptop. Components:
 
-* ``weights`` - every parameter in its dtype; 4-bit weights at half a byte per element; with
-  ``reference="copy"`` (DPO / GRPO) the reference model's too.
+* ``weights`` - every parameter in its dtype; 4-bit weights at half a byte per element, int8 weights
+  (LLM.int8) at one byte; with ``reference="copy"`` (DPO / GRPO) the reference model's too.
 * ``quant_constants`` - bitsandbytes' block absmax (and, with double quantization, the second-level
-  absmax, code books and offset) of each 4-bit weight.
+  absmax, code books and offset) of each 4-bit weight; an int8 weight's float32 scale per output row (``SCB``).
 * ``gradients`` - trainable parameters only, in their dtype; with ``layerwise=True`` (each gradient
   is consumed by ``step_param`` and freed at once) only the largest one.
 * ``optimizer_states`` - ``create_optimizer(meta_model, ...)``, ``materialize_state()``,
@@ -61,7 +61,13 @@ DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
 }
 COMPONENTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations", "optimizer_transient")
-QUANT_TYPES = ("nf4", "fp4")
+#: bitsandbytes base-weight types (``quantization``): 4-bit NF4 / FP4 (QLoRA), 8-bit LLM.int8
+QUANT_TYPES = ("nf4", "fp4", "int8")
+#: the dict form's fields by type (:meth:`QuantSpec.parse`)
+FOUR_BIT_FIELDS = ("quant_type", "double_quant", "compute_dtype", "blocksize")
+INT8_FIELDS = ("quant_type", "threshold")
+#: bitsandbytes' ``llm_int8_threshold`` default (``BitsAndBytesConfig``, ``Linear8bitLt``)
+INT8_THRESHOLD = 6.0
 #: The devices an estimate is sized for (``estimate_memory(device=...)``)
 DEVICES = ("cpu", "cuda")
 
@@ -220,51 +226,100 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """bitsandbytes 4-bit settings (``BitsAndBytesConfig(load_in_4bit=True, ...)``).
+    """bitsandbytes base-weight settings: 4-bit (``BitsAndBytesConfig(load_in_4bit=True, ...)``, QLoRA) or 8-bit
+    (``BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=...)``, LLM.int8).
 
     Attributes:
-        quant_type: ``"nf4"`` or ``"fp4"``.
-        double_quant: Quantize the block absmax too (``bnb_4bit_use_double_quant``).
-        compute_dtype: Dtype of the de-quantized matmuls (``bnb_4bit_compute_dtype``); ``None``
-            follows the model dtype.
-        blocksize: Elements per absmax block (bitsandbytes: 64).
+        quant_type: One of :data:`QUANT_TYPES`: ``"nf4"`` or ``"fp4"`` (4-bit), ``"int8"`` (8-bit).
+        double_quant: 4-bit only: quantize the block absmax too (``bnb_4bit_use_double_quant``); ``False`` for int8.
+        compute_dtype: 4-bit only: dtype of the de-quantized matmuls (``bnb_4bit_compute_dtype``); ``None``
+            follows the model dtype (int8: always ``None``; its matmuls run in the input's dtype).
+        blocksize: 4-bit only: elements per absmax block (bitsandbytes: 64).
+        threshold: int8 only: LLM.int8's outlier threshold (``llm_int8_threshold``, bitsandbytes' default 6.0; input
+            columns with a larger magnitude go through a 16-bit matmul); ``None`` for 4-bit.
     """
 
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: torch.dtype | None = None
     blocksize: int = 64
+    threshold: float | None = None
+
+    @property
+    def is_int8(self) -> bool:
+        """8-bit base weights (``load_in_8bit``)."""
+        return self.quant_type == "int8"
 
     @classmethod
     def parse(cls, quantization: Any) -> "QuantSpec | None":
-        """``None``, ``"nf4"``/``"fp4"``, a dict of these fields, a ``QuantSpec`` or a ``BitsAndBytesConfig``."""
+        """``None``, one of :data:`QUANT_TYPES` (``"nf4"``/``"fp4"``/``"int8"``), a dict of these fields (4-bit:
+        ``quant_type``, ``double_quant``, ``compute_dtype``, ``blocksize``; int8: ``quant_type``, ``threshold``), a
+        ``QuantSpec`` or a ``BitsAndBytesConfig`` (``load_in_4bit`` or ``load_in_8bit``).
+
+        Raises:
+            ValueError: An unknown type (the message lists :data:`QUANT_TYPES`) or field, a 4-bit field with int8
+                (``double_quant``, ``compute_dtype``, ``blocksize``) or ``threshold`` with a 4-bit type, naming it.
+        """
         if quantization is None or isinstance(quantization, QuantSpec):
             return quantization
         if isinstance(quantization, str):
-            spec = cls(quant_type=quantization.lower())
+            q: dict[str, Any] = {"quant_type": quantization}
         elif isinstance(quantization, dict):
             q = dict(quantization)
-            if "compute_dtype" in q and q["compute_dtype"] is not None:
-                q["compute_dtype"] = parse_dtype(q["compute_dtype"])
-            unknown = sorted(set(q) - {"quant_type", "double_quant", "compute_dtype", "blocksize"})
-            if unknown:
-                raise ValueError(f"Unknown quantization field(s) {unknown}; valid: quant_type, double_quant, compute_dtype, blocksize")
-            spec = cls(**{**q, "quant_type": str(q.get("quant_type", "nf4")).lower()})
         elif hasattr(quantization, "bnb_4bit_quant_type"):
-            if not getattr(quantization, "load_in_4bit", False):
-                raise ValueError("only 4-bit BitsAndBytesConfig (load_in_4bit=True) is supported")
-            spec = cls(quantization.bnb_4bit_quant_type, quantization.bnb_4bit_use_double_quant, quantization.bnb_4bit_compute_dtype)
+            if getattr(quantization, "llm_int8_skip_modules", None):
+                raise ValueError(f"BitsAndBytesConfig llm_int8_skip_modules={quantization.llm_int8_skip_modules!r} is not "
+                                 "supported: lowmem keeps the modules transformers keeps (the output head) in full precision")
+            if getattr(quantization, "load_in_8bit", False):
+                if getattr(quantization, "llm_int8_has_fp16_weight", False):
+                    raise ValueError("BitsAndBytesConfig llm_int8_has_fp16_weight=True is not supported: the base weights "
+                                     "are stored in 8 bits (LoRA trains the adapters)")
+                q = {"quant_type": "int8", "threshold": float(quantization.llm_int8_threshold)}
+            elif getattr(quantization, "load_in_4bit", False):
+                q = {"quant_type": quantization.bnb_4bit_quant_type, "double_quant": quantization.bnb_4bit_use_double_quant,
+                     "compute_dtype": quantization.bnb_4bit_compute_dtype}
+            else:
+                raise ValueError("BitsAndBytesConfig quantizes nothing: set load_in_4bit=True or load_in_8bit=True")
         else:
             raise ValueError(f"quantization={quantization!r}: expected None, one of {list(QUANT_TYPES)}, a dict or a BitsAndBytesConfig")
-        if spec.quant_type not in QUANT_TYPES:
-            raise ValueError(f"Unknown quant_type {spec.quant_type!r}; valid: {list(QUANT_TYPES)}")
-        return spec
+        quant_type = str(q.get("quant_type", "nf4")).lower()
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"Unknown quantization quant_type {q.get('quant_type')!r}; valid: {list(QUANT_TYPES)} "
+                             "(nf4 / fp4: 4-bit, int8: 8-bit LLM.int8)")
+        fields = INT8_FIELDS if quant_type == "int8" else FOUR_BIT_FIELDS
+        unknown = sorted(set(q) - set(FOUR_BIT_FIELDS) - set(INT8_FIELDS))
+        if unknown:
+            raise ValueError(f"Unknown quantization field(s) {unknown}; valid: {list(FOUR_BIT_FIELDS)} (nf4 / fp4), "
+                             f"{list(INT8_FIELDS)} (int8)")
+        misplaced = sorted(k for k in set(q) - set(fields))
+        if misplaced:
+            raise ValueError(f"quantization field(s) {misplaced} do not apply to quant_type={quant_type!r}; valid for it: "
+                             f"{list(fields)}" + (" (8-bit weights have no absmax blocks or double quantization, and their "
+                                                  "matmuls run in the input's dtype)" if quant_type == "int8" else ""))
+        if quant_type == "int8":
+            threshold = q.get("threshold", INT8_THRESHOLD)
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0 or math.isinf(threshold):
+                raise ValueError(f"Invalid quantization threshold={threshold!r}: expected a finite number >= 0 "
+                                 f"(LLM.int8's outlier threshold, llm_int8_threshold; bitsandbytes' default {INT8_THRESHOLD}; "
+                                 "0 turns the outlier decomposition off)")
+            return cls(quant_type="int8", double_quant=False, compute_dtype=None, threshold=float(threshold))
+        if q.get("compute_dtype") is not None:
+            q["compute_dtype"] = parse_dtype(q["compute_dtype"])
+        return cls(**{**q, "quant_type": quant_type})
 
-    def weight_bytes(self, numel: int) -> tuple[int, int]:
-        """``(packed, constants)`` bytes of one 4-bit weight of ``numel`` elements, as bitsandbytes
-        stores it: two codes per byte; per block a float32 absmax, or with double quantization a
-        uint8 absmax plus a float32 absmax per 256 blocks, a 256-entry float32 code book and an
-        offset; and the 16-entry float32 code of the 4-bit type."""
+    def weight_bytes(self, numel: int, rows: int | None = None) -> tuple[int, int]:
+        """``(stored, constants)`` bytes of one quantized weight of ``numel`` elements (``rows`` output rows), as
+        bitsandbytes stores it.
+
+        4-bit: two codes per byte; per block a float32 absmax, or with double quantization a uint8 absmax plus a
+        float32 absmax per 256 blocks, a 256-entry float32 code book and an offset; and the 16-entry float32 code of
+        the 4-bit type. int8 (``Int8Params``: LLM.int8's vector-wise quantization, Dettmers et al. 2022, eq. 4): one
+        int8 code per element and a float32 absmax per output row (``SCB``); ``rows`` is required.
+        """
+        if self.is_int8:
+            if rows is None:
+                raise ValueError("weight_bytes of an int8 weight needs rows (its output rows: one float32 SCB scale each)")
+            return numel, 4 * rows
         packed = math.ceil(numel / 2)
         blocks = math.ceil(numel / self.blocksize)
         if self.double_quant:
@@ -272,6 +327,12 @@ class QuantSpec:
         else:
             constants = 4 * blocks
         return packed, constants + 16 * 4
+
+    def as_dict(self) -> dict[str, Any]:
+        """The dict form (``estimate.settings["quantization"]``; :meth:`parse` reads it back)."""
+        if self.is_int8:
+            return {"quant_type": self.quant_type, "threshold": self.threshold}
+        return {"quant_type": self.quant_type, "double_quant": self.double_quant}
 
 
 @dataclass
@@ -545,6 +606,41 @@ def quantized_weight_ids(model: nn.Module) -> dict[int, str]:
         for name, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep)
     }
+
+
+#: linears fed the same input tensor (one attention's q/k/v, one MLP's gate/up): bitsandbytes' 8-bit layers hold it once
+INT8_SHARED_INPUTS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def int8_held_input_bytes(model: nn.Module, quantized: dict[int, str], act_bytes: int, lora_dropout: float) -> dict[bool, int]:
+    """Bytes per token of the inputs that bitsandbytes' 8-bit layers keep until the step's graph is freed, beyond what
+    the activations count, ``{checkpointed: bytes}``.
+
+    ``MatMul8bitFp`` (the CPU's training path) stores its input as a plain attribute of the autograd context
+    (``ctx.A = A``) and ``MatMul8bitLt`` (CUDA) in ``ctx.tensors``, not through ``save_for_backward``: activation
+    checkpointing cannot drop them, and the context lives with the graph (the loss holds it) to the end of the
+    backward pass. So every quantized linear's input is live from its forward on: one tensor per distinct input
+    (:data:`INT8_SHARED_INPUTS`: q/k/v share one, gate/up one) of ``in_features`` elements per token in the input's
+    dtype. With checkpointing all of them count (the recomputation makes new tensors beside them); without it, only
+    those no LoRA adapter saves already (an adapter of the input's dtype without dropout saves that same tensor).
+    Measured (tiny Llama, 2 layers, LoRA r=8 all-linear, 1 x 64 tokens, checkpointed, CPU): the held inputs are the
+    difference between an int8 base's activations and an NF4 base's.
+    """
+    groups: dict[tuple[str, str], list] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or id(mod.weight) not in quantized:
+            continue
+        path = name.removesuffix(".base_layer")
+        parent, _, leaf = path.rpartition(".")
+        wrapper = model.get_submodule(path) if path != name else mod
+        adapters = getattr(wrapper, "lora_A", None)
+        adapter = adapters["default"] if adapters is not None and "default" in adapters else None
+        saved = adapter is not None and adapter.weight.element_size() == act_bytes and not lora_dropout
+        group = groups.setdefault((parent, INT8_SHARED_INPUTS.get(leaf, leaf)), [0, False])
+        group[0] = max(group[0], mod.in_features)
+        group[1] = group[1] or saved
+    return {True: sum(f for f, _ in groups.values()) * act_bytes,
+            False: sum(f for f, saved in groups.values() if not saved) * act_bytes}
 
 
 def lora_config(lora: Any):
@@ -1165,7 +1261,7 @@ def estimate_memory(
         dtype (`str` or `torch.dtype`, defaults to `"bf16"`): Parameter dtype (``"bf16"``,
             ``"fp16"``, ``"fp32"``); also the activations' dtype, except for quantized models.
         quantization (`str`, `dict`, `QuantSpec`, `BitsAndBytesConfig` or `None`, defaults to `None`):
-            4-bit loading (``"nf4"``/``"fp4"``, see :class:`QuantSpec`). Implies peft's
+            4-bit (``"nf4"``/``"fp4"``) or 8-bit (``"int8"``, LLM.int8) base weights, see :class:`QuantSpec`. Implies peft's
             ``prepare_model_for_kbit_training``: non-quantized float16/bfloat16 parameters become
             float32 (hence float32 hidden states too). Needs ``lora``.
         lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): LoRA adapters (peft's
@@ -1233,7 +1329,7 @@ def estimate_memory(
 
     Raises:
         ValueError: Bad argument values (the message names the field and lists the valid ones), quantization
-            without LoRA (4-bit weights cannot be trained directly), ``reference`` or ``generation_batch_size`` /
+            without LoRA (quantized weights cannot be trained directly), ``reference`` or ``generation_batch_size`` /
             ``max_completion_length`` with a trainer that has none, ``reference="adapter"`` without ``lora``.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("gradient_accumulation_steps", gradient_accumulation_steps)):
@@ -1252,7 +1348,7 @@ def estimate_memory(
     spec = QuantSpec.parse(quantization)
     lcfg = lora_config(lora)
     if spec is not None and lcfg is None:
-        raise ValueError("quantization needs lora: 4-bit weights are frozen; pass lora={'r': 16, 'target_modules': 'all-linear'}")
+        raise ValueError("quantization needs lora: quantized (4-bit, int8) weights are frozen; pass lora={'r': 16, 'target_modules': 'all-linear'}")
     gradient_checkpointing, reference, generation_batch_size, max_completion_length = check_trainer(
         trainer, reference, generation_batch_size, max_completion_length, gradient_checkpointing, lcfg is not None,
         batch_size, seq_len, gradient_accumulation_steps)
@@ -1303,7 +1399,7 @@ def estimate_memory(
     for _, p in params:
         n_params += p.numel()
         if id(p) in quantized:
-            packed, const = spec.weight_bytes(p.numel())
+            packed, const = spec.weight_bytes(p.numel(), p.shape[0])
             weights += packed
             constants += const
             n_quantized += p.numel()
@@ -1421,7 +1517,20 @@ def estimate_memory(
                          if head is not None and head.weight.requires_grad else 0),
     )
     dequantized = 0
-    if spec is not None:
+    int8_held = {True: 0, False: 0}
+    if spec is not None and spec.is_int8:
+        # the 8-bit layers (bitsandbytes MatMul8bitFp on the CPU, forward and backward; MatMul8bitLt's backward on
+        # CUDA) de-quantize the weight in the input's dtype (int8 -> act dtype, times SCB / 127: a float32 scale per
+        # row); the largest such weight and its scales are transient. And they hold their inputs (int8_held_input_bytes)
+        numel, rows = max(((p.numel(), p.shape[0]) for _, p in params if id(p) in quantized), default=(0, 0))
+        dequantized = numel * act_bytes + 4 * rows
+        int8_held = int8_held_input_bytes(meta, quantized, act_bytes, float(lcfg.lora_dropout or 0.0))
+        notes.append("int8 base (LLM.int8): each 8-bit layer's input is held by its autograd context to the end of the "
+                     "backward pass" + (" (not dropped by checkpointing)" if gradient_checkpointing else "")
+                     + "; the largest weight de-quantized in the input's dtype is transient"
+                     + ("; CUDA's forward int8 codes of the input and LLM.int8's outlier columns (data-dependent: 2 B per "
+                        "token per input column above the threshold) are not counted" if device == "cuda" else ""))
+    elif spec is not None:
         # the 4-bit backward de-quantizes a weight in the compute dtype, then casts it to the
         # gradient's dtype (bitsandbytes MatMul4Bit.backward); the largest such weight is transient
         compute_bytes = (spec.compute_dtype or param_dtype).itemsize
@@ -1553,10 +1662,14 @@ def estimate_memory(
         if dequantized:
             parts["dequantized_weight"] = dequantized
             parts["total"] += dequantized
+        held = seqs * s * int8_held[bool(ckpt)]
+        if held:  # live at every moment of the step (the backward's included)
+            parts["int8_held_inputs"] = held
+            parts["total"] += held
         if early_grads is not None and "backward_peak" in parts:
             # traced step (the weights' gradients formed): the backward's peak of activations and gradients, as the
             # gradient bytes that, with the activations' maximum, make it
-            parts["gradients_at_peak"] = max(0, min(gradients, parts["backward_peak"] - parts["total"]))
+            parts["gradients_at_peak"] = max(0, min(gradients, parts["backward_peak"] + held - parts["total"]))
         elif early_grads is not None and "rope" in parts:
             # Llama formula: the backward's moments, each with the gradients formed before it. The loss's (its
             # logit-sized tensors, no gradient yet); without checkpointing, the final norm's and the last layer's (the
@@ -1564,7 +1677,7 @@ def estimate_memory(
             # one layer's); and the first layer's (every gradient but the input embedding's and that layer's, with its
             # down_proj's: the step's peak when the activations are small beside the gradients). The activations hold
             # the largest moment's tensors; the gradients count for what the moments with them exceed it by
-            extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0)
+            extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0) + held
             moments = list(zip(llama_moments(parts, seqs * s, ckpt),
                                ([head_grads + layer_grads] if ckpt else [head_grads, head_grads + last_down])
                                + [first_layer_grads]))
@@ -1597,7 +1710,7 @@ def estimate_memory(
             # layerwise: each parameter steps in its gradient hook, after the loss's moment (the activations' peak,
             # no gradient yet): its steps are live with the activations of the backward's moments after the first
             # gradient (the traced step's, or the Llama formula's final norm, layer and first-layer moments)
-            extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0)
+            extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0) + held
             steps_by_size = sized.get("steps_by_gradient_bytes")
             if parts.get("gradient_moments") and steps_by_size:
                 # the traced step: each gradient's moment (the activations when it is complete) with that gradient and
@@ -1735,7 +1848,7 @@ def estimate_memory(
         settings=dict(
             model=model_label(model),
             optimizer=optimizer, optim_args=dict(optim_args or {}), batch_size=batch_size, seq_len=seq_len, dtype=str(param_dtype).removeprefix("torch."),
-            quantization=None if spec is None else {"quant_type": spec.quant_type, "double_quant": spec.double_quant},
+            quantization=None if spec is None else spec.as_dict(),
             lora=None if lcfg is None else {"r": lcfg.r, "target_modules": sorted(lcfg.target_modules) if isinstance(lcfg.target_modules, (set, list)) else lcfg.target_modules},
             gradient_checkpointing=gradient_checkpointing, layerwise=layerwise, device=device,
             gradient_accumulation_steps=gradient_accumulation_steps,

@@ -4,8 +4,8 @@ Live tensors are tracked with ``torch.distributed._tools.mem_tracker.MemTracker`
 ``TorchDispatchMode`` that follows every storage with a weak reference and labels it parameter,
 buffer, gradient, optimizer state, activation or temporary): on CPU this is the measurement; on
 CUDA it gives the split by component, and the caching allocator's ``max_memory_allocated`` gives
-the ground-truth peak. bitsandbytes' 4-bit constants (``quant_state`` tensors) are registered as
-external tensors and reported as ``quant_constants``.
+the ground-truth peak. bitsandbytes' 4-bit constants (``quant_state`` tensors) and 8-bit row scales (``SCB``)
+are registered as external tensors and reported as ``quant_constants``.
 
 Mapping to :data:`~lowmem.memory.estimate.COMPONENTS`: parameters and buffers -> ``weights``;
 gradients -> ``gradients``; optimizer states -> ``optimizer_states``; activations and temporaries
@@ -45,16 +45,26 @@ def snapshot_components(snap: dict[str, int]) -> dict[str, int]:
 
 
 def quant_state_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The tensors of every bitsandbytes ``quant_state`` in ``model`` (absmax, code books, offsets)."""
+    """The tensors of every bitsandbytes ``quant_state`` in ``model`` (4-bit: absmax, code books, offsets) and the
+    per-row float32 scales of its 8-bit weights (``Int8Params.SCB``, which ``Linear8bitLt``'s first forward moves to
+    the layer's ``state.SCB``)."""
     out, seen = [], set()
+
+    def add(t: Any) -> None:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+
     for p in model.parameters():
+        add(getattr(p, "SCB", None))
         qs = getattr(p, "quant_state", None)
         while qs is not None:
             for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
-                    seen.add(id(t))
-                    out.append(t)
+                add(t)
             qs = getattr(qs, "state2", None)
+    for m in model.modules():
+        if type(getattr(m, "state", None)).__name__ == "MatmulLtState":
+            add(m.state.SCB)
     return out
 
 

@@ -1,10 +1,10 @@
 """Search the configurations that fit a memory budget, ranked by what they give up.
 
-Each candidate is a point of: optimizer (and rank for subspace recipes), LoRA rank, 4-bit
-quantization, gradient checkpointing, layerwise stepping, and batch size. Weights, gradients and
+Each candidate is a point of: optimizer (and rank for subspace recipes), LoRA rank, 8-bit or 4-bit
+base weights, gradient checkpointing, layerwise stepping, and batch size. Weights, gradients and
 optimizer state are estimated once per (optimizer, rank, LoRA, quantization, layerwise) without
 allocating anything, the optimizer itself sized once per :func:`~lowmem.memory.estimate.sizing_key`
-(inside :func:`~lowmem.memory.estimate.sizing_cache`: layerwise and 4-bit variants share it);
+(inside :func:`~lowmem.memory.estimate.sizing_cache`: layerwise and quantized variants share it);
 activations for every batch size and checkpointing choice come from the same activation model, so
 the search is a few seconds per optimizer even for 70B shapes.
 
@@ -21,6 +21,7 @@ layerwise stepping                       0.5   gradient accumulation and clippin
 gradient checkpointing                   1     ~30% more compute (one extra forward)
 subspace optimizer (GaLore...), rank r   2 + log2(h/ (4 r))/2   full-rank moments
 LoRA rank r                              3 + log2(64 / r)/2     full-rank updates
+8-bit base weights (LLM.int8)            0.75  weight precision, less than 4 bits (on top of LoRA)
 4-bit base weights (QLoRA)               1.5   weight precision (on top of LoRA)
 batch below the requested one            log2(requested / batch) throughput per step
 =======================================  ====  =============================================
@@ -35,7 +36,15 @@ from typing import Any, Iterable
 from .estimate import MemoryEstimate, check_device, check_max_grad_norm, estimate_memory, peak_total, resolve_config, sizing_cache
 
 COSTS = {"optimizer_8bit": 1.0, "optimizer_4bit": 1.25, "adafactor": 1.5, "no_second_moment": 1.5, "layerwise": 0.5,
-         "checkpointing": 1.0, "quantization": 1.5}
+         "checkpointing": 1.0, "quantization": 1.5, "quantization_int8": 0.75}
+
+
+def quantization_cost(quantization: str | None) -> float:
+    """What a LoRA candidate's base weights give up: none 0, ``"int8"`` ``COSTS["quantization_int8"]`` (8 bits a
+    weight, LLM.int8's outlier columns in 16 bits), 4-bit (``"nf4"`` / ``"fp4"``) ``COSTS["quantization"]``."""
+    if not quantization:
+        return 0.0
+    return COSTS["quantization_int8"] if str(quantization).lower() == "int8" else COSTS["quantization"]
 
 
 class SearchResult(list):
@@ -159,7 +168,7 @@ def search_budget(
     optimizers: Iterable[str] | None = None,
     ranks: Iterable[int] | None = None,
     lora_ranks: Iterable[int] = (64, 16),
-    quantization: Iterable[str | None] = (None, "nf4"),
+    quantization: Iterable[str | None] = (None, "int8", "nf4"),
     checkpointing: Iterable[bool] = (False, True),
     layerwise: Iterable[bool] = (False, True),
     top: int | None = None,
@@ -184,7 +193,8 @@ def search_budget(
         ranks (`Iterable[int]` or `None`, defaults to `None`): Ranks of subspace optimizers;
             ``None``: hidden size / 4, / 8, / 16.
         lora_ranks (`Iterable[int]`, defaults to `(64, 16)`): LoRA ranks (all linear layers).
-        quantization (`Iterable`, defaults to `(None, "nf4")`): Base-weight options (4-bit only with LoRA).
+        quantization (`Iterable`, defaults to `(None, "int8", "nf4")`): Base-weight options of the LoRA candidates
+            (``None``, ``"int8"``, ``"nf4"``, ``"fp4"``; quantized bases only with LoRA).
         checkpointing (`Iterable[bool]`, defaults to `(False, True)`): Gradient-checkpointing options.
         layerwise (`Iterable[bool]`, defaults to `(False, True)`): Layerwise stepping (engine
             optimizers, full fine-tuning only).
@@ -251,7 +261,7 @@ def search_budget(
                      if not get_entry(resolve_optimizer_name(n)[0]).subspace), "adamw")
     for lr in lora_ranks if False in layerwise else []:
         for q in quantization:
-            cost = 3 + max(0.0, math.log2(64 / lr)) / 2 + (COSTS["quantization"] if q else 0)
+            cost = 3 + max(0.0, math.log2(64 / lr)) / 2 + quantization_cost(q)
             statics.append((dict(optimizer=lora_opt, optim_args=dict(extra_args), lora={"r": lr, "target_modules": "all-linear"},
                                  quantization=q, layerwise=False),
                             cost, [f"LoRA r={lr}"] + ([f"{q} base weights"] if q else [])))
