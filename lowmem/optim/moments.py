@@ -292,9 +292,9 @@ class MomentRule:
         return 4 * numel
 
 
-def grad_element_bytes(group: dict[str, Any], stored: Tensor) -> int:
+def grad_element_bytes(group: dict[str, Any], stored: Tensor | None = None) -> int:
     """Bytes per element of the gradient a rule's step computes in, for a count (``transient_bytes``): 8 (float64)
-    for a float64 state (``state_dtype="param"`` of a float64 parameter) or in a group holding a float64 parameter
+    for a float64 state tensor ``stored`` (``state_dtype="param"`` of a float64 parameter; ``None``: a stateless rule) or in a group holding a float64 parameter
     (its gradient stays float64 beside a float32 / bfloat16 state: a rule's temporaries made in the gradient's
     dtype, ``buf.to(g.dtype)``, ``o.to(g.dtype)``, are float64), else 4 (float32, the engine's copy of a
     low-precision gradient). The engine hands a rule the parameter's state, not the parameter: a float32 state
@@ -302,7 +302,7 @@ def grad_element_bytes(group: dict[str, Any], stored: Tensor) -> int:
     counted at float64 (a bound, never under; exact for groups of one dtype, FOUND_FP64SWEEP 1). Before
     2026-11-30 Muon counted 4 B per element of a float64 gradient: a float64 200 x 128 weight 153,600 B reported,
     460,800 traced."""
-    if stored.dtype == torch.float64:
+    if stored is not None and stored.dtype == torch.float64:
         return 8
     return 8 if any(getattr(p, "dtype", None) == torch.float64 for p in group.get("params", ())) else 4
 

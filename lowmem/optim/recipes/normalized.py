@@ -1251,23 +1251,32 @@ class ScaleMoments(HybridMoments):
         of ``numel`` (:meth:`_flat_prepare`): its RMS vector (``4 rows``, or ``4 cols`` for the embedding) next to
         the most of its chunks' first pass and steps (:func:`~lowmem.optim.functional.scale.flat_chunks_bytes`).
         Stepped whole (``chunk_numel=None``), the engine asks :meth:`target_whole_transient_bytes` instead."""
-        buf = state.get("momentum_buffer")
-        low = buf is not None and buf.dtype not in (torch.float32, torch.float64)
+        w, low = self._widths(group, state)
         embedding = group["scale_role"] == "embedding"
-        if len(shape) > 3:
+        if len(shape) > 3:  # (the summed squares float32; the chunks' squares and steps in the gradient's dtype)
             rows, cols = shape[0], math.prod(shape[1:])
             stats = 4 * (cols if embedding else rows)
             return stats + flat_chunks_bytes(math.prod(shape), max(numel, 1), cols, 0 if embedding else 1,
-                                             group["scale_role"] == "head", low)
+                                             group["scale_role"] == "head", low) * w // 4
         m, n = shape[-2], max(1, shape[-1])
         if not embedding:
-            return 4 * numel * low + 4 * numel + 4 * (numel // n)
+            return w * numel * low + w * numel + w * (numel // n)
         block_rows = max(1, numel // n)
-        first_pass = column_rms_bytes(m, n, block_rows)
+        first_pass = column_rms_bytes(m, n, block_rows) * w // 4  # (column_rms_bytes: of float32 blocks)
         if len(shape) == 2:
-            return max(first_pass, 4 * numel + 4 * n)
-        kept = 4 * shape[0] * n  # the batch's RMS, [E, B]
-        return max(first_pass, kept + 4 * n, kept + first_pass if shape[0] > 1 else 0, kept + 4 * numel)
+            return max(first_pass, w * numel + w * n)
+        kept = w * shape[0] * n  # the batch's RMS, [E, B]
+        return max(first_pass, kept + w * n, kept + first_pass if shape[0] > 1 else 0, kept + w * numel)
+
+    @staticmethod
+    def _widths(group, state) -> tuple[int, bool]:
+        """The bytes per element of the step's gradient (:func:`~lowmem.optim.moments.grad_element_bytes`: 8 for a
+        float64 one, 4 else), which the normalised step, its RMS and the head's buffer copy take (``buf.to(g.dtype)``,
+        ``column_normalize`` of ``g``), and whether the head's buffer is copied (stored in another dtype). (Before
+        2026-11-30 counted at 4 B: a float64 tiny model 2,500 B reported, 5,000 traced.)"""
+        buf = state.get("momentum_buffer")
+        w = grad_element_bytes(group, buf)
+        return w, buf is not None and buf.element_size() != w
 
     def target_whole_transient_bytes(self, shape, group, state):
         """The whole-tensor step (:func:`~lowmem.optim.functional.scale.column_normalize`): the RMS of every row
@@ -1275,14 +1284,13 @@ class ScaleMoments(HybridMoments):
         low-precision momentum buffer's float32 copy (``4 numel``). The rows and columns are those of each
         matrix of a batch ``[E, A, B]`` (``E A`` rows, ``E B`` columns) and of the ``[size(0), -1]`` view of a
         tensor of more than 3 dimensions."""
-        buf = state.get("momentum_buffer")
-        low = buf is not None and buf.dtype not in (torch.float32, torch.float64)
+        w, low = self._widths(group, state)
         numel = math.prod(shape)
         if len(shape) == 3:
             rows, cols = shape[0] * shape[1], shape[0] * shape[2]
         else:
             rows, cols = shape[0], numel // max(shape[0], 1)
-        return 4 * numel * low + 4 * numel + 4 * (cols if group["scale_role"] == "embedding" else rows)
+        return w * numel * low + w * numel + w * (cols if group["scale_role"] == "embedding" else rows)
 
 
 SCALE_HPARAMS = (
