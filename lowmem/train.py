@@ -1721,6 +1721,30 @@ def _check_adapters_match(ckpt: str, recipe: TrainRecipe) -> None:
     if not adapters_train and adapter and not whole:
         raise ConfigError(f"checkpoint {ckpt!r} holds LoRA adapters ({next(n for n in ADAPTER_FILES if (p / n).is_file())}), "
                           "but this run trains the whole model: resume with the lora (and quantization) that wrote it")
+    if adapters_train and adapter and (p / "adapter_config.json").is_file():
+        from lowmem.quant import DEFAULT_LORA
+
+        fields = dict(recipe.lora) if recipe.lora is not None else dict(DEFAULT_LORA)
+        changed = adapter_changes(json.loads((p / "adapter_config.json").read_text()), lora_config(fields))
+        if changed:
+            raise ConfigError(f"checkpoint {ckpt!r} holds adapters of another shape or scaling than this run's lora: "
+                              + "; ".join(changed) + ". peft would load the adapter weights and apply this run's "
+                              "settings to them (another lora_alpha scales every adapter's output by the ratio); "
+                              "resume with the lora that wrote the checkpoint")
+
+
+# LoraConfig fields that fix what trained adapter weights compute: their shapes and their scaling
+ADAPTER_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "bias", "rank_pattern", "alpha_pattern")
+
+
+def adapter_changes(saved: dict[str, Any], config: Any) -> list[str]:
+    """``lora.<field>=<this run's> (the checkpoint's adapters: <saved>)`` for each of :data:`ADAPTER_FIELDS` in
+    which this run's ``peft.LoraConfig`` differs from a checkpoint's ``adapter_config.json``."""
+    out = []
+    for name in ADAPTER_FIELDS:
+        if name in saved and getattr(config, name, saved[name]) != saved[name]:
+            out.append(f"lora.{name}={getattr(config, name)!r} (the checkpoint's adapters: {saved[name]!r})")
+    return out
 
 
 # what the Trainer writes under FSDP (accelerate's names), and what it writes without
