@@ -228,3 +228,17 @@ def test_int8_on_cuda_measured_close_to_estimate(tiny_model_path):
         for comp in ("weights", "quant_constants", "gradients", "optimizer_states"):
             assert ratios[comp] == pytest.approx(1.0, abs=0.05), (ckpt, comp)
         assert ratios["activations"] == pytest.approx(1.0, abs=0.25), ckpt
+
+
+def test_docs_state_the_int8_cost_and_the_accepted_names():
+    import re
+
+    from lowmem.memory.search import COSTS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    memory = " ".join(open(os.path.join(root, "docs", "memory.md")).read().split())
+    cost = float(re.search(r"int8 base weights ([\d.]+), 4-bit weights", memory).group(1))
+    assert cost == COSTS["quantization_int8"] and float(re.search(r"\(cost ([\d.]+), nf4", memory).group(1)) == cost
+    training = open(os.path.join(root, "docs", "training.md")).read()
+    row = next(line for line in training.splitlines() if line.startswith("| `quantization` |"))
+    assert "error listing `" + "`, `".join(QUANT_TYPES) + "`" in row
