@@ -320,3 +320,46 @@ def test_readme_step_transient_on_an_8192_weight():
             assert cpu == gpu and round(cpu / MiB) == 387, (entry.name, cpu / MiB)
         else:
             assert cpu < 50 * MiB and gpu <= 330 * MiB, (entry.name, cpu / MiB, gpu / MiB)
+
+
+# ---- docs/compressed.md: the quantized AdamWs' distance from float32 AdamW, beside the peers ------------------------
+
+
+def _distance_from_adamw(make, shape=(256, 256), steps=30) -> float:
+    """Mean |p - p_AdamW| over the mean |p_AdamW - p0| after ``steps`` steps on N(0, 1) gradients (lr 1e-3)."""
+    import torch
+
+    def run(build):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(shape) * 0.02)
+        p0 = p.detach().clone()
+        opt = build([p])
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            p.grad = torch.randn(shape, generator=g)
+            opt.step()
+        return p0, p.detach()
+
+    p0, ref = run(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0))
+    _, got = run(make)
+    return ((got - ref).abs().mean() / (ref - p0).abs().mean()).item()
+
+
+@pytest.mark.slow  # ~5-15 s: bitsandbytes' and torchao's imports, six optimizers x 30 steps
+def test_quantized_adamw_error_beside_the_peers():
+    """docs/compressed.md: "0.235-0.238 for `adamw4bit`, `adamw4bit_rank1` and torchao's `AdamW4bit` alike, and 0.018
+    for lowmem's, bitsandbytes' and torchao's 8-bit optimizers"."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torchao_optim = pytest.importorskip("torchao.optim")
+    import lowmem
+
+    assert "0.235-0.238 for `adamw4bit`, `adamw4bit_rank1` and torchao's `AdamW4bit` alike, and 0.018" in _text(
+        "docs/compressed.md")
+    kw = dict(lr=1e-3, weight_decay=0.0)
+    four = {n: _distance_from_adamw(lambda ps, n=n: lowmem.create_optimizer(ps, n, **kw)) for n in ("adamw4bit", "adamw4bit_rank1")}
+    four["torchao"] = _distance_from_adamw(lambda ps: torchao_optim.AdamW4bit(ps, **kw))
+    eight = {"adamw8bit": _distance_from_adamw(lambda ps: lowmem.create_optimizer(ps, "adamw8bit", **kw)),
+             "bnb": _distance_from_adamw(lambda ps: bnb.optim.AdamW8bit(ps, **kw)),
+             "torchao": _distance_from_adamw(lambda ps: torchao_optim.AdamW8bit(ps, **kw))}
+    assert all(0.225 <= v <= 0.245 for v in four.values()), four
+    assert all(0.015 <= v <= 0.021 for v in eight.values()), eight
