@@ -88,7 +88,7 @@ class Sm3Moments(MomentRule):
             return torch.zeros_like(g)
         if len(shape) >= 2:
             r0, r1 = rows
-            g = g.view(r1 - r0, *shape[1:])
+            g = g.view(r1 - r0, *shape[1:])  # (a chunk's flat block; a whole, maybe strided, tensor: its own shape)
             p = len(shape)
             covers = [state["acc_0"][r0:r1].view(-1, *([1] * (p - 1)))]
             covers += [state[f"acc_{i}"].view([1] * i + [shape[i]] + [1] * (p - 1 - i)) for i in range(1, p)]
