@@ -137,14 +137,10 @@ REFUSES_FLOAT64_STATE = {  # recipes whose projection refuses a float64 state by
     n: "state_dtype='param' on float64 parameters projected" for n in
     ("adagrad_snsm", "adamw_snsm", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm")}
 UNDER64: dict[tuple[str, str, str], str] = {  # (name, state, path): known under-counts of float64 parameters
-    ("adafactor", "param", "foreach"): "12992 B reported, 19136 traced",
-    ("adafactor", "param", "per-parameter"): "12992 B reported, 19136 traced",
     ("adagrad_sn", "float32", "foreach"): "4800 B reported, 5184 traced",
     ("adagrad_sn", "float32", "per-parameter"): "4800 B reported, 5184 traced",
     ("adagrad_sn", "param", "foreach"): "4800 B reported, 9600 traced",
     ("adagrad_sn", "param", "per-parameter"): "4800 B reported, 9600 traced",
-    ("adalomo", "param", "foreach"): "12996 B reported, 19144 traced",
-    ("adalomo", "param", "per-parameter"): "12996 B reported, 19144 traced",
     ("adam_mini", "float32", "foreach"): "2408 B reported, 4804 traced",
     ("adam_mini", "float32", "per-parameter"): "2408 B reported, 4804 traced",
     ("adamw_sn", "float32", "foreach"): "4800 B reported, 5184 traced",
