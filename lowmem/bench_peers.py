@@ -7,7 +7,9 @@ bitsandbytes' ``Lion`` / ``Lion8bit`` as ``bnb_lion*``), put in the same table a
 ``peer:<package>`` when they are installed. They are benchmark extras, never runtime dependencies:
 each is imported only when its row is built, and one that is missing (or cannot run here, e.g. a
 CUDA-only kernel) becomes a "skipped" line with the reason, never an error. ``torch.optim.AdamW`` is
-the baseline row of every table (``torch_adamw``), so it is not repeated as a peer.
+the baseline row of every table (``torch_adamw``), so it is not repeated as a peer. With ``--shapes``,
+``--peers`` beside named optimizers adds only the peers of those recipes (:func:`peers_for`; the others
+are listed as left out); with none named, every peer.
 
 **Recommended settings** (:data:`RECOMMENDED`): the learning rate (and any other hyperparameter) each
 optimizer's authors recommend for pre-training / training a small LM, with the source of each value.
@@ -479,6 +481,19 @@ def get_peer(label: str) -> Peer:
         if p.name == name:
             return p
     raise ValueError(f"unknown peer {label!r}; valid: {', '.join(peer_label(p) for p in PEERS)}")
+
+
+def peers_for(recipes: set[str] | frozenset[str], peers: tuple[Peer, ...] | list[Peer] = PEERS,
+              ) -> tuple[list[Peer], dict[str, str]]:
+    """The peers ``--peers`` adds beside the rows of ``recipes`` (registered names, variants stripped): those
+    of ``peers`` that stand for one of them (:attr:`Peer.recipe`), or all of them when ``recipes`` is empty
+    (no recipe named). Returns them (in order) and, per ``peer:NAME`` left out, why."""
+    if not recipes:
+        return list(peers), {}
+    chosen = [p for p in peers if p.recipe in recipes]
+    left = {peer_label(p): f"stands for {p.recipe}, not among the named optimizers"
+            for p in peers if p.recipe not in recipes}
+    return chosen, left
 
 
 def peer_missing(peer: Peer) -> str | None:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lowmem.bench import BASELINE, SPREAD_LIMIT, _state_bytes, parse_variant, summarize_ratios
-from lowmem.bench_peers import PEERS, get_peer, peer_label, probe_peer, recommended
+from lowmem.bench_peers import PEERS, get_peer, peer_label, peers_for, probe_peer, recommended
 from lowmem.io import write_files_atomic
 
 #: ``name -> (hidden, intermediate, with the two RMSNorm weights)``: one Llama decoder layer; hidden-N has
@@ -274,7 +274,9 @@ def _import_bitsandbytes() -> None:
 def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: bool = False, rank: int | None = None,
                      repeats: int = 5, threads: int | None = None, progress: bool = True) -> tuple[list[ShapeResult], dict[str, Any]]:
     """Time each optimizer's step on the shapes of ``shapes`` (see the module docstring); returns the rows
-    (``torch_adamw`` first) and the run's metadata (shapes, skipped peers)."""
+    (``torch_adamw`` first) and the run's metadata (shapes, skipped peers). ``peers`` adds the peers of the
+    named recipes (every peer when only the baseline or ``peer:NAME`` rows are named); the others are in
+    ``meta["left_out_peers"]``."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     module = build_set(shapes)  # an unknown name is a ValueError naming the valid sets
@@ -289,8 +291,13 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
     try:
         labels = [n for n in optimizers if n != BASELINE]
         skipped: dict[str, str] = {}
-        if peers:
-            for p in PEERS:
+        left_out: dict[str, str] = {}
+        if peers:  # the named recipes' peers only (all when none is named); a peer row named twice runs once
+            chosen, left_out = peers_for({parse_variant(n)[0] for n in labels if not n.startswith("peer:")}, PEERS)
+            left_out = {k: v for k, v in left_out.items() if k not in labels}
+            for p in chosen:
+                if peer_label(p) in labels:
+                    continue
                 why = probe_peer(p)
                 if why is None:
                     labels.append(peer_label(p))
@@ -368,7 +375,7 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
     finally:
         torch.set_num_threads(prev)
     meta = {"shapes": shapes, "description": describe_set(shapes), "params": n_params, "rank": rank,
-            "repeats": repeats, "steps_per_round": n_steps, "lr": LR, "skipped_peers": skipped, "torch": torch.__version__,
+            "repeats": repeats, "steps_per_round": n_steps, "lr": LR, "skipped_peers": skipped, "left_out_peers": left_out, "torch": torch.__version__,
             "threads": torch.get_num_threads() if threads is None else threads, "wall_s": time.perf_counter() - t_start}
     return results, meta
 
@@ -414,6 +421,9 @@ def to_markdown(results: list[ShapeResult], meta: dict[str, Any]) -> str:
                    f"{meta['threads']} CPU thread(s); torch {meta['torch']}; {meta['wall_s']:.0f} s.")]
     if meta.get("skipped_peers"):
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items()) + "."]
+    if meta.get("left_out_peers"):
+        lines += ["", "Peers left out (their recipe is not among the named optimizers): "
+                  + ", ".join(meta["left_out_peers"]) + "."]
     wide = [r.optimizer for r in results if not r.ratio_spread <= SPREAD_LIMIT]
     if wide:
         lines += ["", f"Spread over {100 * SPREAD_LIMIT:.0f}% (not rankable from this run): {', '.join(wide)}."]
