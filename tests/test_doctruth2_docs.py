@@ -363,3 +363,16 @@ def test_quantized_adamw_error_beside_the_peers():
              "torchao": _distance_from_adamw(lambda ps: torchao_optim.AdamW8bit(ps, **kw))}
     assert all(0.225 <= v <= 0.245 for v in four.values()), four
     assert all(0.015 <= v <= 0.021 for v in eight.values()), eight
+
+
+def test_subspace_rank_error_block_is_the_message():
+    """docs/subspace.md prints the error of the embedded tiny model at the default rank 128 verbatim."""
+    import lowmem
+    from lowmem.kit import build_tiny_model
+
+    block = re.search(r"```\n(parameter group 0 of optimizer 'galore_adamw'.*?)\n```", (DOCS / "subspace.md").read_text(),
+                      re.DOTALL).group(1)
+    model, _ = build_tiny_model()
+    with pytest.raises(ValueError) as err:
+        lowmem.create_optimizer(model, "galore_adamw")
+    assert " ".join(str(err.value).split()) == " ".join(block.split())
