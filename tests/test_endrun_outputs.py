@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 
 import pytest
@@ -79,3 +80,18 @@ def test_load_best_model_at_end_says_which_step_was_saved(best_run):
     assert m["best_metric"] == pytest.approx(m["final_loss"])
     assert json.loads((out / "metrics.json").read_text())["best_model_step"] == 2
     assert "the best checkpoint, step 2" in printed
+
+
+@pytest.mark.xfail(strict=True, reason="ENDRUN 12: saved weights are 0600 whatever the umask (safetensors' writer)")
+def test_saved_weights_get_the_permissions_of_the_umask(tmp_path):
+    """safetensors (0.7) creates its files 0600: the model a run saved, and its checkpoints' weights, were readable by
+    their owner only under umask 022 (a serving process of another user, or a group-shared folder, got 'Permission
+    denied'), while metrics.json and the Trainer's other files are 0644."""
+    old = os.umask(0o022)
+    try:
+        run(load_recipe(None, output_dir=str(tmp_path), optim="adamw", lr=1e-3, steps=2, save_steps=2, **SMALL))
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "model.safetensors", tmp_path / "checkpoint-2" / "model.safetensors",
+              tmp_path / "config.json", tmp_path / "metrics.json"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
