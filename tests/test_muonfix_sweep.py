@@ -141,8 +141,6 @@ UNDER64: dict[tuple[str, str, str], str] = {  # (name, state, path): known under
     ("adagrad_sn", "float32", "per-parameter"): "4800 B reported, 5184 traced",
     ("adagrad_sn", "param", "foreach"): "4800 B reported, 9600 traced",
     ("adagrad_sn", "param", "per-parameter"): "4800 B reported, 9600 traced",
-    ("adam_mini", "float32", "foreach"): "2408 B reported, 4804 traced",
-    ("adam_mini", "float32", "per-parameter"): "2408 B reported, 4804 traced",
     ("adamw_sn", "float32", "foreach"): "4800 B reported, 5184 traced",
     ("adamw_sn", "float32", "per-parameter"): "4800 B reported, 5184 traced",
     ("adamw_sn", "param", "foreach"): "4800 B reported, 9600 traced",
