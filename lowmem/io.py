@@ -28,14 +28,30 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 
+def _umask_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open(path, "w")`` gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _new_file_mode(path: Path) -> int:
     """The mode ``open(path, "w")`` would leave: the existing file's, else ``0o666 & ~umask``."""
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return _umask_mode()
+
+
+def umask_permissions(directory: str | os.PathLike) -> None:
+    """Give every file under ``directory`` (newly written ones: a staged save, a fresh checkpoint) the mode a
+    plain ``open(path, "w")`` gives (``0o666 & ~umask``). safetensors (0.8) creates its files 0600 whatever the
+    umask, so a saved model's weights were readable by their owner only, beside its config at 0644 (a serving
+    process of another user, a group-shared output folder: "Permission denied")."""
+    mode = _umask_mode()
+    for p in Path(directory).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
 
 
 def _write_temp(path: Path, data: bytes) -> Path:
@@ -119,8 +135,10 @@ def install_staged(staged: str | os.PathLike, target: str | os.PathLike, aside_s
     renamed in, in ascending ``order(name)`` (e.g. the weights last, so that a directory a kill left
     half-installed lacks them and no loader takes it as complete), and only then is the aside
     folder deleted: until the new set is whole, the old one is recoverable from it. Other entries
-    of ``target`` (checkpoints, logs) are not touched."""
+    of ``target`` (checkpoints, logs) are not touched. The new files get the mode ``open(path, "w")`` gives
+    (:func:`umask_permissions`)."""
     staged, target = Path(staged), Path(target)
+    umask_permissions(staged)  # safetensors' 0600: the installed files get what open() would give
     names = sorted((p.name for p in staged.iterdir()), key=lambda n: (order(n) if order else 0, n))
     target.mkdir(parents=True, exist_ok=True)
     replaced = [n for n in names if os.path.lexists(target / n)]

@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 
 from .config import RANGES, ConfigError, Range, check_dataclass, check_value, field_types
-from .io import install_staged, staging_dir, weights_last, write_text_atomic
+from .io import install_staged, staging_dir, umask_permissions, weights_last, write_text_atomic
 from .optim import create_optimizer, get_entry
 
 AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
@@ -2070,11 +2070,13 @@ def _run_record_writer() -> Any:
     from transformers import TrainerCallback
 
     class RunRecord(TrainerCallback):
-        """Writes :func:`run_record` into each checkpoint, after the Trainer wrote it (process 0)."""
+        """Writes :func:`run_record` into each checkpoint, after the Trainer wrote it (process 0), and gives its
+        files the umask's permissions (safetensors writes 0600: :func:`lowmem.io.umask_permissions`)."""
 
         def on_save(self, args, state, control, train_dataloader=None, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
+                umask_permissions(folder)
                 rows = _rows(getattr(train_dataloader, "dataset", None)) if train_dataloader is not None else None
                 write_text_atomic(folder / RUN_RECORD, json.dumps(run_record(args, rows), indent=2) + "\n")
 

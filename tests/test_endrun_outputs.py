@@ -82,9 +82,8 @@ def test_load_best_model_at_end_says_which_step_was_saved(best_run):
     assert "the best checkpoint, step 2" in printed
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 12: saved weights are 0600 whatever the umask (safetensors' writer)")
 def test_saved_weights_get_the_permissions_of_the_umask(tmp_path):
-    """safetensors (0.7) creates its files 0600: the model a run saved, and its checkpoints' weights, were readable by
+    """safetensors (0.8) creates its files 0600: the model a run saved, and its checkpoints' weights, were readable by
     their owner only under umask 022 (a serving process of another user, or a group-shared folder, got 'Permission
     denied'), while metrics.json and the Trainer's other files are 0644."""
     old = os.umask(0o022)
@@ -95,3 +94,15 @@ def test_saved_weights_get_the_permissions_of_the_umask(tmp_path):
     for f in (tmp_path / "model.safetensors", tmp_path / "checkpoint-2" / "model.safetensors",
               tmp_path / "config.json", tmp_path / "metrics.json"):
         assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_a_strict_umask_keeps_the_saved_model_private(tmp_path):
+    """The umask decides, as for open(): 077 gives 0600 (nothing is loosened beyond what the user asked)."""
+    from lowmem.kit import save_tiny_model  # through lowmem.io.install_staged too
+
+    old = os.umask(0o077)
+    try:
+        save_tiny_model(tmp_path / "m", seed=0)
+    finally:
+        os.umask(old)
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()} == {0o600}
