@@ -376,3 +376,46 @@ def test_subspace_rank_error_block_is_the_message():
     with pytest.raises(ValueError) as err:
         lowmem.create_optimizer(model, "galore_adamw")
     assert " ".join(str(err.value).split()) == " ".join(block.split())
+
+
+# ---- docs/subspace.md: a rank at a weight's smaller side, lowmem (full-rank) vs galore-torch (projects anyway) ------
+
+
+def _against_galore_torch(shapes, steps, **group):
+    import copy
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_outside_parity import max_rel_diff, trajectory, zoo
+
+    import galore_torch
+
+    from lowmem.optim import GaLoreAdamW
+
+    group = {"proj_type": "std", **group}  # (galore-torch reads the key)
+    init = zoo(shapes)
+    ours, peer = copy.deepcopy(init), copy.deepcopy(init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trajectory(lambda ps: galore_torch.GaLoreAdamW([{"params": ps, **group}], lr=1e-2), peer, steps=steps)
+        trajectory(lambda ps: GaLoreAdamW([{"params": ps, **group}], lr=1e-2), ours, steps=steps)
+    return max_rel_diff(ours[:2], peer[:2], init[:2]), max_rel_diff(ours[2:], peer[2:], init[2:])
+
+
+def test_rank_at_a_small_side_trains_full_rank_unlike_galore_torch():
+    """docs/subspace.md: lowmem trains a weight whose smaller side is <= rank full-rank, galore-torch projects it
+    (a square basis): (3, 40) / (40, 3) at rank 4, scale 0.5, gap 3, 6 steps "1.9 (std), 6.9 (left), 5.0 (right) of
+    the largest update apart, the (24, 16) weight within 1.1e-5"; (8, 40) / (40, 8) at rank 8, 12 steps "0.60 of the
+    largest update at scale=1, 3.0 at scale=0.25; the 24 x 16 weight within 2.6e-6"."""
+    pytest.importorskip("galore_torch")
+    text = _text("docs/subspace.md")
+    assert "1.9 (`std`), 6.9 (`left`), 5.0 (`right`) of the largest update apart" in text
+    assert "0.60 of the largest update at `scale=1`, 3.0 at `scale=0.25`" in text
+    small = {pt: _against_galore_torch([(3, 40), (40, 3), (24, 16)], 6, rank=4, update_proj_gap=3, scale=0.5, proj_type=pt)
+             for pt in ("std", "left", "right")}
+    assert [round(small[pt][0], 1) for pt in ("std", "left", "right")] == [1.9, 6.9, 5.0], small
+    assert all(rest < 2e-5 for _, rest in small.values()), small
+    for scale, want in ((1.0, 0.60), (0.25, 3.0)):
+        diff, rest = _against_galore_torch([(8, 40), (40, 8), (24, 16)], 12, rank=8, update_proj_gap=200, scale=scale)
+        assert diff == pytest.approx(want, abs=0.01 if scale == 1.0 else 0.05) and rest < 1e-5, (scale, diff, rest)
