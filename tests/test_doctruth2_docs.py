@@ -63,7 +63,7 @@ def test_readme_loss_cells_are_recorded_in_benchmarks():
     missing = sorted({r for r in ratios if r not in runs} - PENDING)
     assert not missing, f"README loss cells recorded in none of the runs docs/benchmarks.md names: {missing}"
     for cell in cells:  # "at lr 3e-4": the variant of the cell is the recorded run's
-        for lr in re.findall(r"at lr (\S+)", cell):
+        for lr in re.findall(r"at lr (\d[\d.e-]*)", cell):
             assert f"lr={lr}" in runs or f"lr {lr}" in runs or f"lr` {lr}" in runs, (cell, lr)
 
 
