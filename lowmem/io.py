@@ -122,8 +122,28 @@ def free_name(directory: str | os.PathLike, stem: str) -> Path:
     return Path(directory) / f"{stem}-{k}"
 
 
+# The files ``save_pretrained`` writes for a model, a peft adapter or a tokenizer. An earlier model's that a new save
+# does not overwrite would load with the new one (an adapter_config.json beside a new full model: transformers'
+# from_pretrained attaches that adapter), so installing a saved model replaces them all (install_staged(replaces=)).
+SAVED_MODEL_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+)
+
+
+def saved_model_file(name: str) -> bool:
+    """Whether ``name`` is one of :data:`SAVED_MODEL_FILES`."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SAVED_MODEL_FILES)
+
+
 def install_staged(staged: str | os.PathLike, target: str | os.PathLike, aside_stem: str = "previous",
-                   order: Callable[[str], int] | None = None) -> Path | None:
+                   order: Callable[[str], int] | None = None,
+                   replaces: Callable[[str], bool] | None = None) -> Path | None:
     """Move every entry of the directory ``staged`` into ``target`` (created if missing) by renames
     (same file system, no copy), then remove ``staged``. Returns the folder the replaced entries
     were kept in while installing (already deleted), or `None` when nothing was replaced.
@@ -135,18 +155,22 @@ def install_staged(staged: str | os.PathLike, target: str | os.PathLike, aside_s
     renamed in, in ascending ``order(name)`` (e.g. the weights last, so that a directory a kill left
     half-installed lacks them and no loader takes it as complete), and only then is the aside
     folder deleted: until the new set is whole, the old one is recoverable from it. Other entries
-    of ``target`` (checkpoints, logs) are not touched. The new files get the mode ``open(path, "w")`` gives
-    (:func:`umask_permissions`)."""
+    of ``target`` (checkpoints, logs) are not touched, except the files ``replaces(name)`` selects (e.g.
+    :func:`saved_model_file`: an earlier model's files the new set lacks), which leave with the replaced ones. The
+    new files get the mode ``open(path, "w")`` gives (:func:`umask_permissions`)."""
     staged, target = Path(staged), Path(target)
     umask_permissions(staged)  # safetensors' 0600: the installed files get what open() would give
     names = sorted((p.name for p in staged.iterdir()), key=lambda n: (order(n) if order else 0, n))
     target.mkdir(parents=True, exist_ok=True)
     replaced = [n for n in names if os.path.lexists(target / n)]
+    if replaces is not None:  # an earlier model's files the new set does not overwrite
+        replaced += [p.name for p in target.iterdir() if p.name not in names and p.is_file() and replaces(p.name)]
     aside = None
     if replaced:
         aside = free_name(target, aside_stem)
         aside.mkdir()
-        for n in reversed(replaced):  # the last-installed (the weights) leave first
+        # the last-installed (the weights) leave first
+        for n in sorted(replaced, key=lambda n: (order(n) if order else 0, n), reverse=True):
             os.replace(target / n, aside / n)
     for n in names:
         os.replace(staged / n, target / n)

@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 
 from .config import RANGES, ConfigError, Range, check_dataclass, check_value, field_types
-from .io import install_staged, staging_dir, umask_permissions, weights_last, write_text_atomic
+from .io import install_staged, saved_model_file, staging_dir, umask_permissions, weights_last, write_text_atomic
 from .optim import create_optimizer, get_entry
 
 AVAILABLE_TRAINERS = ("sft", "dpo", "grpo", "gvpo", "bnpo")
@@ -2232,7 +2232,7 @@ def merge_adapter(recipe: TrainRecipe, adapter_dir: str | Path, out_dir: str | P
     staging = _staging(out.parent, f"saving-{out.name}")
     merged.save_pretrained(staging)
     tok.save_pretrained(staging)
-    install_staged(staging, out, aside_stem=f".lowmem-previous-{out.name}", order=_weights_last)
+    install_staged(staging, out, aside_stem=f".lowmem-previous-{out.name}", order=_weights_last, replaces=saved_model_file)
     return out
 
 
@@ -2264,7 +2264,8 @@ def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:
     else:
         trainer.save_model(str(staging))  # main process only; PEFT models save adapter_model.safetensors + adapter_config.json
     if trainer.args.should_save:
-        install_staged(staging, out, aside_stem=".lowmem-previous-model", order=_weights_last)
+        # an earlier model's files the new save lacks leave too (an adapter beside a full model loaded with it)
+        install_staged(staging, out, aside_stem=".lowmem-previous-model", order=_weights_last, replaces=saved_model_file)
     saved: dict[str, Any] = {"saved_model": recipe.output_dir}
     if recipe.merge_adapters:
         saved["merged_model"] = str(Path(recipe.output_dir) / "merged")

@@ -108,7 +108,6 @@ def test_a_strict_umask_keeps_the_saved_model_private(tmp_path):
     assert {f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()} == {0o600}
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 13: the earlier run's model files stay beside the new model")
 @pytest.mark.parametrize("first, second", [("lora", "full"), ("full", "lora")])
 def test_a_run_into_an_output_dir_of_another_kind_of_model_leaves_only_its_own(tmp_path, tiny_model_path, first, second):
     """A full fine-tune into the output_dir of a LoRA run left adapter_config.json / adapter_model.safetensors beside
