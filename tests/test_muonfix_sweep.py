@@ -137,14 +137,6 @@ REFUSES_FLOAT64_STATE = {  # recipes whose projection refuses a float64 state by
     n: "state_dtype='param' on float64 parameters projected" for n in
     ("adagrad_snsm", "adamw_snsm", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm")}
 UNDER64: dict[tuple[str, str, str], str] = {  # (name, state, path): known under-counts of float64 parameters
-    ("adagrad_sn", "float32", "foreach"): "4800 B reported, 5184 traced",
-    ("adagrad_sn", "float32", "per-parameter"): "4800 B reported, 5184 traced",
-    ("adagrad_sn", "param", "foreach"): "4800 B reported, 9600 traced",
-    ("adagrad_sn", "param", "per-parameter"): "4800 B reported, 9600 traced",
-    ("adamw_sn", "float32", "foreach"): "4800 B reported, 5184 traced",
-    ("adamw_sn", "float32", "per-parameter"): "4800 B reported, 5184 traced",
-    ("adamw_sn", "param", "foreach"): "4800 B reported, 9600 traced",
-    ("adamw_sn", "param", "per-parameter"): "4800 B reported, 9600 traced",
     ("apollo_adamw", "float32", "foreach"): "6920 B reported, 14888 traced",
     ("apollo_adamw", "param", "foreach"): "10864 B reported, 14540 traced",
     ("apollo_adamw", "param", "per-parameter"): "10864 B reported, 14540 traced",
