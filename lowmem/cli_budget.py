@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "budget", help="estimate (or measure) training memory by component; --budget searches what fits",
-        description="Estimate the memory of a training step (weights, 4-bit constants, gradients, optimizer state, "
+        description="Estimate the memory of a training step (weights, quantization constants, gradients, optimizer state, "
         "activations) on the meta device, nothing allocated. With --budget, list the configurations that fit, "
         "ranked by what they give up. See docs/memory.md.",
     )
@@ -317,8 +317,8 @@ def measure_picks(model: str, picks: list, limit: int, steps: int = 2, gradient_
     :func:`measure_kwargs`: the candidate's own settings) and check the measured peak against ``limit``.
 
     The peak is CUDA's ``max_memory_allocated`` on CUDA, else the tracker's highest total of live torch tensors (on
-    CPU, MKL's buffers are not tensors and are not in it). A 4-bit candidate the device cannot build (bitsandbytes
-    without 4-bit support there) is skipped with the reason (``fits: None``), never passed. Progress goes to stderr
+    CPU, MKL's buffers are not tensors and are not in it). A quantized (4-bit or int8) candidate the device cannot build (bitsandbytes
+    without support there) is skipped with the reason (``fits: None``), never passed. Progress goes to stderr
     (:func:`measuring_progress`: a bar in a terminal, else one line per pick).
 
     Returns one dict per pick: ``rank`` (1-based), ``settings`` (what was measured, ``measure_kwargs``), ``estimate``
@@ -506,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         table = Table(title=f"{args.model}: configurations within {fmt_bytes(limit)} (seq {args.seq_len}, {args.dtype}), least given up first")
-        for col in ("#", "optimizer", "rank", "LoRA", "4-bit", "ckpt", "layerwise", "batch", "total", "gives up"):
+        for col in ("#", "optimizer", "rank", "LoRA", "base", "ckpt", "layerwise", "batch", "total", "gives up"):
             table.add_column(col, justify="right" if col in ("#", "batch", "total", "rank") else "left")
         for i, c in enumerate(found):
             s = c.settings
