@@ -1,6 +1,6 @@
 """The memory a ``lowmem train`` run reports: evaluations are measured too. ``memory.peak`` is the peak of a
 training step (MemoryCallback); an evaluation runs ``per_device_eval_batch_size`` rows (64 by default, here 8x
-the training batch) with the optimizer state alive, and peaked 41% above it (2.68 vs 1.90 MB of live tensors on
+the training batch) with the optimizer state alive, and peaked 39% above it (2.53 vs 1.82 MiB of live tensors on
 the tiny Llama), which the summary and metrics.json did not show: a run sized by them could run out of memory
 in its last evaluation. Counts of live tensors (PeakTracker), not process measurements."""
 
