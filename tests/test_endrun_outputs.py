@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,18 @@ def test_a_run_into_an_output_dir_of_another_kind_of_model_leaves_only_its_own(t
         assert not any("lora" in n for n, _ in model.named_parameters())
     else:
         assert not names & {"model.safetensors", "config.json"}
+
+
+@pytest.mark.xfail(strict=True, reason="ENDRUN 14: TRL's model card tells the user to load model='None'")
+def test_the_model_card_names_the_saved_model_and_its_base(tmp_path, own_model_dir):
+    """TRL writes README.md (a model card) with the run's hub_model_id, None offline, for a base it calls None when it is
+    a local directory: 'fine-tuned version of [None](https://huggingface.co/None)' and
+    pipeline("text-generation", model="None"), which asked the Hub for 'None' when run."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
+                            for a in range(8) for b in range(2)))
+    out = tmp_path / "out"
+    run(load_recipe(None, model=own_model_dir, dataset=str(data), output_dir=str(out), optim="adamw", lr=1e-3,
+                    steps=1, save_steps=1, **{k: v for k, v in SMALL.items() if k not in ("train_size", "eval_size")}))
+    card = (out / "README.md").read_text()
+    assert "None" not in card and f'model="{out.resolve()}"' in card and str(Path(own_model_dir).resolve()) in card
