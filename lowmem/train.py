@@ -2266,12 +2266,27 @@ def _save_outputs(trainer: Any, recipe: TrainRecipe) -> dict[str, Any]:
     if trainer.args.should_save:
         # an earlier model's files the new save lacks leave too (an adapter beside a full model loaded with it)
         install_staged(staging, out, aside_stem=".lowmem-previous-model", order=_weights_last, replaces=saved_model_file)
+    if trainer.args.should_save:
+        fix_model_card(out / "README.md", recipe.model, out)
     saved: dict[str, Any] = {"saved_model": recipe.output_dir}
     if recipe.merge_adapters:
         saved["merged_model"] = str(Path(recipe.output_dir) / "merged")
         if is_main_process():
             merge_adapter(recipe, recipe.output_dir, saved["merged_model"])
     return saved
+
+
+def fix_model_card(card: Path, model: str | None, out: Path) -> None:
+    """TRL's model card (``README.md``, written into ``output_dir`` at each checkpoint) names a local base model
+    ``[None](https://huggingface.co/None)`` and the model to load ``pipeline(..., model="None")`` (its ``hub_model_id``,
+    ``None`` offline): run as written, the snippet asked the Hub for "None". Both name the local paths instead."""
+    if not card.is_file():
+        return
+    text = card.read_text()
+    base = f"`{Path(model).resolve()}`" if model else "the embedded tiny Llama (`lowmem.kit`)"
+    fixed = text.replace("[None](https://huggingface.co/None)", base).replace('model="None"', f'model="{out.resolve()}"')
+    if fixed != text:
+        write_text_atomic(card, fixed)
 
 
 def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:

@@ -130,7 +130,6 @@ def test_a_run_into_an_output_dir_of_another_kind_of_model_leaves_only_its_own(t
         assert not names & {"model.safetensors", "config.json"}
 
 
-@pytest.mark.xfail(strict=True, reason="ENDRUN 14: TRL's model card tells the user to load model='None'")
 def test_the_model_card_names_the_saved_model_and_its_base(tmp_path, own_model_dir):
     """TRL writes README.md (a model card) with the run's hub_model_id, None offline, for a base it calls None when it is
     a local directory: 'fine-tuned version of [None](https://huggingface.co/None)' and
