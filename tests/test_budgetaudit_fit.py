@@ -236,7 +236,7 @@ def test_default_cli_search_picks_fit_when_measured(arch, model_dir, capsys):
     assert lora and data["candidates"][0]["total"] <= data["budget"]
     for c in data["candidates"][:2] + lora[:2]:
         s = c["settings"]
-        quant = {"quant_type": s["quantization"], "double_quant": True} if s.get("quantization") else None
+        quant = s.get("quantization")  # (the pick's own spelling: nf4 with double quantization, or int8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = measure_memory(path, s["optimizer"], optim_args=s["optim_args"] or None, batch_size=s["batch_size"], seq_len=SEQ,

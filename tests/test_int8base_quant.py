@@ -280,3 +280,17 @@ def test_int8_held_inputs_on_other_architectures(other_arch_dirs, arch, per_toke
     ratios = r.ratios()
     assert ratios["weights"] == ratios["quant_constants"] == 1.0
     assert 0.98 <= ratios["total"] <= 1.10, ratios
+
+
+def test_estimate_table_names_the_base_weights_bits():
+    """The estimate's footer says 8-bit for an int8 base, 4-bit for nf4 (FOUND_INT8BASE 8)."""
+    from lowmem.kit import build_tiny_model
+    from lowmem.memory import estimate_memory
+
+    config = build_tiny_model(seed=0)[0].config
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    for q, word in (("int8", "8-bit"), ("nf4", "4-bit")):
+        e = estimate_memory(config, optimizer="adamw", batch_size=1, seq_len=8, dtype="fp32", device="cpu",
+                            quantization=q, lora=lora)
+        footer = [line for line in e.table().splitlines() if line.startswith("parameters ")]
+        assert footer and f", {word} " in footer[0], (q, footer)

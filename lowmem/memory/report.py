@@ -94,7 +94,8 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
     d = est.details
     footer = f"parameters {d.get('parameters', 0):,}, trainable {d.get('trainable_parameters', 0):,}"
     if d.get("quantized_parameters"):
-        footer += f", 4-bit {d['quantized_parameters']:,}"
+        kind = str(est.settings.get("quantization") or "")
+        footer += f", {'8-bit' if 'int8' in kind else '4-bit'} {d['quantized_parameters']:,}"
     text = title + "\n" + _render(table) + footer + "\n"
     return text + "".join(f"note: {n}\n" for n in est.notes)
 
