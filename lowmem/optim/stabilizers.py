@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .functional import spam as S
 from .hparams import HParam, in_unit_interval, nonneg, optional, positive_int
-from .moments import MomentRule, sharded_group
+from .moments import MomentRule, grad_element_bytes, sharded_group
 
 
 class Stabilizer:
@@ -202,8 +202,19 @@ class SPAMStabilizer(Stabilizer):
         ``sign(g)`` and ``sign(g) bound``, then the result: 13 bytes per element (the gradient chunk's float32
         copy is the engine's). A second moment that is not float32 (a low-precision ``state_dtype``) adds its
         float32 copy, 4 more, alive through the clip. (24, "6 float32 tensors, measured", before 2026-11-30:
-        a traced 64 x 24 step in chunks of 600 holds 7,800 B, 13 per element.)"""
-        return 13 * numel if group["threshold"] > 0 else 0
+        a traced 64 x 24 step in chunks of 600 holds 7,800 B, 13 per element.) A float64 gradient
+        (:func:`~lowmem.optim.moments.grad_element_bytes`): ``g^2``, ``sign(g)``, ``sign(g) bound`` and the result
+        are float64, 21 bytes per element, 25 with a float64 second moment's float32 copy (``v.float()``; before
+        2026-11-30 counted 13: a float64 64 x 24 weight in chunks of 600, 7,800 B reported, 12,600 / 15,000 traced).
+        The stabilizer is not told the second moment's dtype: it is read from the group's ``state_dtype`` and its
+        parameters' dtypes (a copy counted where any parameter's moment is not float32)."""
+        if group["threshold"] <= 0:
+            return 0
+        w = grad_element_bytes(group)
+        choice = group.get("state_dtype", "float32")
+        copy = choice != "float32" and (choice != "param" or any(
+            getattr(p, "dtype", torch.float32) != torch.float32 for p in group.get("params", ())))
+        return (5 + 2 * w + 4 * copy) * numel
 
 
 #: Stable-SPAM's chunked step on the CPU: a chunk of at least this many elements whose own ``max|g|`` is
@@ -318,7 +329,10 @@ class StableSPAMStabilizer(Stabilizer):
         chunk's norm: 16 B at most) and, on the CPU with chunks of :data:`CLEAN_CHUNK_MIN` or more, every
         chunk's ``max|g|`` (4 B each); kept through the chunks: ``max|g|``, the bound and AdaGN's factor (12)."""
         maxima = 4 * len(bounds) if device.type == "cpu" and any(b - a >= CLEAN_CHUNK_MIN for a, b in bounds) else 0
-        return 5 * numel + 16 + maxima, 12
+        # a float64 gradient (moments.grad_element_bytes): the chunk's AdaClip result in float64 (|g|: 9 bytes per
+        # element with the mask), and the norm pass's float32 copy (g[a:b].float()) beside its float32 AdaClip (4 + 5);
+        # before 2026-11-30 counted 5: a float64 64 x 24 weight in chunks of 600, 4,812 B reported, 7,212 traced
+        return (grad_element_bytes(group) + 1) * numel + 16 + maxima, 12
 
 
     def transform_many(self, grads, states, group, t, moment):
