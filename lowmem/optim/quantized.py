@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .functional import quant as Q
+from .functional.subset_norm import foreach_scalar
 from .hparams import HParam, one_of, positive_int
 from . import functional as F
 from .moments import ChunkState, MomentRule, sharded_group, step_whole_from_piece_
@@ -198,10 +199,10 @@ def apply_updates_foreach_(params: list[Tensor], directions: list[Tensor], lr: f
                 F.decoupled_weight_decay_(p, lr, weight_decay)
         return
     if weight_decay != 0 and not decay_after:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
     torch._foreach_add_(params, directions, alpha=-lr)
     if weight_decay != 0 and decay_after:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
 
 
 # ---- the moment-rule wrapper ----------------------------------------------------------------

@@ -103,12 +103,30 @@ def sn_denominator(v: Tensor, eps: float) -> Tensor:
     return v.sqrt().add_(eps)
 
 
+def foreach_scalar(xs: list[Tensor], value: float) -> float | Tensor:
+    """``value`` as the scalar of torch's multi-tensor ``mul`` / ``div`` of ``xs``: on the CPU, when every
+    tensor is float32 (or every one float64), a 0-d tensor of that dtype, else the number itself. torch's CPU
+    ``_foreach_mul_(xs, number)`` steps tensor by tensor and wraps the number in a new 0-d tensor for each one
+    (~1 us a tensor: 3.5x the kernel's time on 1,024-element tensors); with a 0-d tensor nothing is wrapped.
+    The result is the same bit for bit: the kernel rounds the number to the tensors' float32 / float64 as the
+    0-d tensor holds it (half-precision lists keep the number: their kernels compute in float32 and a 0-d
+    tensor of their dtype would round it first). CUDA's fused multi-tensor kernels take the number. The 0-d
+    tensor (4 or 8 B) stands for the wrapped numbers and is made by no dispatched operation: no count includes
+    either (as :func:`~lowmem.optim.functional.lion.lion_direction_foreach`'s)."""
+    if not xs or xs[0].device.type != "cpu":
+        return value
+    dtype = xs[0].dtype
+    if dtype not in (torch.float32, torch.float64) or any(x.dtype != dtype for x in xs):
+        return value
+    return torch.tensor(value, dtype=dtype)
+
+
 def ema_foreach_(xs: list[Tensor], updates: list[Tensor], beta: float) -> None:
     """:func:`ema_` of several float32 tensors, ``x <- beta x + (1 - beta) update``, one multi-tensor
     kernel per operation: the same operations in the same order (bit for bit on the CPU). The
     momentum of every recipe here: ``m_t = b1 m_{t-1} + (1 - b1) g_t`` (Section 3), of ``P^T g_t``
     under a projection (Subspace-Momentum, Section 4)."""
-    torch._foreach_mul_(xs, beta)
+    torch._foreach_mul_(xs, foreach_scalar(xs, beta))
     torch._foreach_add_(xs, updates, alpha=1.0 - beta)
 
 
@@ -123,7 +141,7 @@ def sgd_momentum_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: l
         ema_foreach_(exp_avgs, grads, beta1)
     torch._foreach_add_(params, exp_avgs if exp_avgs is not None else grads, alpha=-lr)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
 
 
 def elementwise_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None,
@@ -142,7 +160,7 @@ def elementwise_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: li
     if beta2 is None:
         torch._foreach_add_(exp_avg_sqs, sq)
     else:
-        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_mul_(exp_avg_sqs, foreach_scalar(exp_avg_sqs, beta2))
         torch._foreach_add_(exp_avg_sqs, sq, alpha=1.0 - beta2)
     del sq
     denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -150,10 +168,10 @@ def elementwise_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: li
     d = torch._foreach_div(exp_avgs if exp_avgs is not None else grads, denom)
     del denom
     if scale != 1.0:
-        torch._foreach_mul_(d, scale)
+        torch._foreach_mul_(d, foreach_scalar(d, scale))
     torch._foreach_add_(params, d, alpha=-lr)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
 
 
 def subset_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor] | None,
@@ -202,7 +220,7 @@ def subset_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
     if beta2 is None:
         torch._foreach_add_(exp_avg_sqs, sq)
     else:
-        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_mul_(exp_avg_sqs, foreach_scalar(exp_avg_sqs, beta2))
         torch._foreach_add_(exp_avg_sqs, sq, alpha=1.0 - beta2)
     del sq
     denom = torch._foreach_sqrt(exp_avg_sqs)
@@ -213,10 +231,10 @@ def subset_foreach_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
                             for x, v in zip(nums, exp_avg_sqs)], denom)
     del denom
     if scale != 1.0:
-        torch._foreach_mul_(d, scale)
+        torch._foreach_mul_(d, foreach_scalar(d, scale))
     torch._foreach_add_(params, [x if x.shape == p.shape else x.view(p.shape) for x, p in zip(d, params)], alpha=-lr)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
 
 
 def sm_fold_foreach_(lows: list[Tensor], d_lows: list[Tensor], scale: float, free_lr_scale: float) -> list[Tensor]:
@@ -225,7 +243,7 @@ def sm_fold_foreach_(lows: list[Tensor], d_lows: list[Tensor], scale: float, fre
     ``d_lows`` (two multi-tensor kernels; one when ``scale = 1``): the per-tensor fold's
     ``torch.add(d_low * scale, low, alpha=-f)``, bit for bit. Returns ``d_lows``."""
     if scale != 1.0:
-        torch._foreach_mul_(d_lows, scale)
+        torch._foreach_mul_(d_lows, foreach_scalar(d_lows, scale))
     torch._foreach_add_(d_lows, lows, alpha=-free_lr_scale)
     return d_lows
 
@@ -244,5 +262,5 @@ def sn_denominators_foreach_(exp_avg_sqs: list[Tensor], sq_norms: list[Tensor], 
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, eps)
     if scale != 1.0:
-        torch._foreach_div_(denom, scale)
+        torch._foreach_div_(denom, foreach_scalar(denom, scale))
     return denom
