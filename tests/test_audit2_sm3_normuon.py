@@ -151,11 +151,11 @@ def test_sm3_bad_settings_name_the_field(kw, field):
         create_optimizer([torch.nn.Parameter(torch.randn(3, 4))], "sm3", **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT2 1: float16 accumulators of sums of squares overflow (inf) silently")
 def test_sm3_float16_state_is_refused_naming_state_dtype():
-    """AUDIT2 1: float16 parameters with state_dtype='param' kept float16 accumulators of sums of squared
+    """AUDIT2 1 (fixed): float16 parameters with state_dtype='param' kept float16 accumulators of sums of squared
     gradients; one gradient entry of 300 (300^2 > 65504) made them inf, and every later step of those coordinates
-    0 (rsqrt(inf)), silently. Wanted: refused at construction and at add_param_group, naming state_dtype."""
+    0 (rsqrt(inf)), silently. Now refused at construction, at add_param_group and when a parameter made float16
+    later gets its state, naming state_dtype."""
     p = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float16))
     with pytest.raises(ValueError, match="state_dtype"):
         SM3([p], lr=0.1, state_dtype="param")
@@ -164,6 +164,12 @@ def test_sm3_float16_state_is_refused_naming_state_dtype():
     opt = SM3([torch.nn.Parameter(torch.randn(3))], lr=0.1, state_dtype="param")
     with pytest.raises(ValueError, match="state_dtype"):
         opt.add_param_group({"params": [p]})
+    q = torch.nn.Parameter(torch.randn(4, 5))
+    opt = SM3([q], lr=0.1, state_dtype="param")
+    q.data = q.data.half()  # (model.half() after construction)
+    q.grad = torch.randn(4, 5).half()
+    with pytest.raises(ValueError, match="state_dtype"):
+        opt.step()
     for ok in ("float32", "bfloat16"):  # (float16 weights with a float32 / bfloat16 state: finite)
         q = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float16))
         opt = SM3([q], lr=0.1, state_dtype=ok)

@@ -43,6 +43,24 @@ def _beta2(x: Any) -> bool:
     return in_unit_interval(x) or (x == 1 and not isinstance(x, bool))
 
 
+def _float16_state_refusal(where: str) -> str:
+    """The error of a float16 state: the accumulators are sums of squared gradients (``beta2 = 1``) or their moving
+    averages, and float16 overflows past 65504 (a gradient entry of 256 is enough), after which ``rsqrt(inf) = 0``
+    freezes those coordinates for good (AUDIT2 1)."""
+    return (f"sm3: {where}: state_dtype='param' of a float16 parameter would keep float16 accumulators of squared "
+            f"gradients, which overflow to inf past 65504 (one gradient entry of 256) and then stop those "
+            f"coordinates' steps for good; use state_dtype='float32' (the default) or 'bfloat16'")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """No float16 state (:func:`_float16_state_refusal`): ``state_dtype='param'`` with a float16 parameter."""
+    if group.get("state_dtype", "float32") != "param":
+        return
+    for i, p in enumerate(group["params"]):
+        if p.dtype == torch.float16:
+            raise ValueError(_float16_state_refusal(f"parameter {i}, {tuple(p.shape)}"))
+
+
 def _compute(dtype: torch.dtype) -> torch.dtype:
     """The dtype a state of ``dtype`` is computed in: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -66,6 +84,8 @@ class Sm3Moments(MomentRule):
 
     def init_state(self, state, shape, group, param):
         dtype, device = state_dtype(group, param), param.device
+        if dtype == torch.float16:  # (a parameter made float16 after construction: model.half())
+            raise ValueError(_float16_state_refusal(f"a {tuple(shape)} parameter"))
         if len(shape) >= 2:
             for i, n in enumerate(shape):
                 state[f"acc_{i}"] = torch.zeros(n, dtype=dtype, device=device)
@@ -381,6 +401,7 @@ SM3_RECIPE = Recipe(
         HParam("eps", 1e-30, positive, "a finite float > 0", "added to nu inside the square root"),
         WEIGHT_DECAY(0.0),
     ),
+    validate_group=_check_group,
 )
 
 
@@ -402,7 +423,9 @@ class SM3(LowMemOptimizer):
         beta2 (`float`, defaults to `1.0`): 1: sums of squares (the paper); < 1: the moving-average form.
         eps (`float`, defaults to `1e-30`): Added to ``nu`` inside the square root; > 0.
         weight_decay (`float`, defaults to `0.0`): Decoupled, ``p *= 1 - lr * wd`` before the update.
-        state_dtype (`str`, defaults to `"float32"`): Storage of the accumulators and momentum.
+        state_dtype (`str`, defaults to `"float32"`): Storage of the accumulators and momentum (`"float32"`,
+            `"bfloat16"`, or `"param"`, the parameter's dtype: refused for float16 parameters, whose accumulators of
+            squared gradients would overflow).
         foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters with float32 state in
             multi-tensor buckets (same-shape tensors stacked; equal bit for bit to the per-parameter step); `False`
             forces the per-parameter step.
