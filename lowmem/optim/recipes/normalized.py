@@ -917,9 +917,20 @@ class SinkGDMoments(HybridMoments):
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
         step = max(n, numel // n * n)
-        one = sinkhorn_scalings_bytes(m, n, max(1, min(step, m * n) // n), off_cpu and not sharded_group(group), copy)
+        w, rows_copy = self._widths(group, copy)
+        one = sinkhorn_scalings_bytes(m, n, max(1, min(step, m * n) // n), off_cpu and not sharded_group(group), rows_copy)
         kept = 4 * count * (m + n)
-        return max(one, kept + 4 * (m + n), kept + (4 + copy) * min(numel, total), kept + one if count > 1 else 0)
+        return max(one, kept + 4 * (m + n), kept + (w + copy) * min(numel, total), kept + one if count > 1 else 0)
+
+    @staticmethod
+    def _widths(group, copy: int) -> tuple[int, int]:
+        """``(bytes per element of the step, of the block the scalings' passes copy)``: a float64 gradient
+        (:func:`~lowmem.optim.moments.grad_element_bytes`; SinkGD's targets keep no state, so read from the group)
+        gives a float64 step (``g * r * c``) and its blocks a float32 copy in the passes (``rows.float()``, as a
+        low-precision parameter's chunk copy ``copy``); else 4 and ``copy``. (Before 2026-11-30 counted at 4: a
+        float64 48 x 24 weight in chunks of 600, 3,209 B reported, 5,280 traced; whole, 5,088 for 10,176.)"""
+        w = grad_element_bytes(group)
+        return w, copy + (4 if w == 8 else 0)
 
     def target_transient_bytes(self, numel, shape, group, state, copy: int = 0):
         """A block of rows (``numel`` its elements; the chunked step): the scalings' passes
@@ -936,16 +947,18 @@ class SinkGDMoments(HybridMoments):
         m, n = shape
         params = group.get("params") or []
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
-        block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group), copy)
-        return max(block, (4 + copy) * numel + 4 * (m + n))
+        w, rows_copy = self._widths(group, copy)
+        block = sinkhorn_scalings_bytes(m, n, max(1, numel // max(n, 1)), off_cpu and not sharded_group(group), rows_copy)
+        return max(block, (w + copy) * numel + 4 * (m + n))
 
     def target_whole_transient_bytes(self, shape, group, state):
         """The whole-tensor step (:func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn`, ``chunk_numel=None``):
         :func:`~lowmem.optim.functional.sinkgd.sr_sinkhorn_bytes` (the step is scaled in place); a batch of
         matrices: its float32 step beside one matrix's."""
+        w = self._widths(group, 0)[0]  # (sr_sinkhorn_bytes: of a float32 g; every tensor is in g's dtype)
         if len(shape) > 2:
-            return 4 * math.prod(shape) + sr_sinkhorn_bytes(shape[-2], shape[-1], group["sinkhorn_iters"])
-        return sr_sinkhorn_bytes(shape[0], shape[1], group["sinkhorn_iters"])
+            return w * math.prod(shape) + sr_sinkhorn_bytes(shape[-2], shape[-1], group["sinkhorn_iters"]) * w // 4
+        return sr_sinkhorn_bytes(shape[0], shape[1], group["sinkhorn_iters"]) * w // 4
 
 
 SINKGD_HPARAMS = (
