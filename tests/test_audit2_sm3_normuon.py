@@ -317,3 +317,36 @@ def test_train_console_names_the_settings_that_apply_to_the_normuon_group(tmp_pa
                     output_dir=str(tmp_path)), console=Console(file=out, width=300))
     line = next(x for x in out.getvalue().splitlines() if "in effect (targeted group" in x)
     assert "betas=" not in line and "eps=" not in line and "momentum=" in line
+
+
+@pytest.mark.slow
+def test_sm3_bfloat16_sums_fall_behind_as_the_docs_say():
+    """docs/optimizers.md's sm3 state_dtype row: bfloat16 sums of squares stop growing once they outgrow 8 bits
+    (2000 steps of N(0, 1) gradients: a 64 x 64 weight's row accumulators 0.35x float32's, a vector's 0.64x)."""
+    gen = torch.Generator().manual_seed(0)
+    for shape, key, lo, hi in (((64, 64), "acc_0", 0.30, 0.40), ((1000,), "acc", 0.58, 0.70)):
+        ps = {sd: torch.nn.Parameter(torch.zeros(shape)) for sd in ("float32", "bfloat16")}
+        opts = {sd: SM3([p], lr=1e-3, state_dtype=sd) for sd, p in ps.items()}
+        for _ in range(2000):
+            g = torch.randn(shape, generator=gen)
+            for sd, p in ps.items():
+                p.grad = g.clone()
+                opts[sd].step()
+        ratio = (opts["bfloat16"].state[ps["bfloat16"]][key].float().mean()
+                 / opts["float32"].state[ps["float32"]][key].mean()).item()
+        assert lo < ratio < hi, (shape, ratio)
+
+
+def test_normuon_flat_parameter_list_is_one_use_muon_group_as_the_docs_say():
+    """docs/optimizers.md's normuon section: NorMuon(model.parameters()) steps every parameter of two or more
+    dimensions with NorMuon (embedding and head included; a conv kernel as a batch of kh x kw matrices), vectors
+    with AdamW; create_optimizer(model, 'normuon') keeps the embedding and the head on AdamW."""
+    emb, conv, lin = torch.nn.Embedding(10, 6), torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(6, 4)
+    params = [*emb.parameters(), *conv.parameters(), *lin.parameters()]
+    opt = NorMuon(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[emb.weight]["second_momentum_buffer"].shape == (10,)
+    assert opt.state[conv.weight]["second_momentum_buffer"].shape == (8, 3, 3)
+    assert "exp_avg" in opt.state[conv.bias] and "exp_avg" in opt.state[lin.bias]
