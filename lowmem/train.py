@@ -183,7 +183,9 @@ class TrainRecipe:
         quantization (`str`, `dict` or `None`, defaults to `None`):
             Load the model in 4 bits through bitsandbytes (``BitsAndBytesConfig``): ``"nf4"``,
             ``"fp4"``, or ``{quant_type, double_quant, compute_dtype}`` (double quantization is on
-            by default). The model is prepared with ``peft.prepare_model_for_kbit_training`` and
+            by default); or in 8 bits (LLM.int8): ``"int8"`` or ``{quant_type: int8, threshold}``
+            (``llm_int8_threshold``, default 6.0; ``double_quant`` / ``compute_dtype`` do not apply and
+            are an error with it). The model is prepared with ``peft.prepare_model_for_kbit_training`` and
             LoRA adapters are attached (``lora``, default ``r=16, lora_alpha=32,
             target_modules="all-linear"``): only the adapters train (QLoRA). The embedded tiny model
             is saved to a temporary directory first, since bitsandbytes quantizes while loading.
@@ -462,9 +464,9 @@ FOREIGN_KEYS: dict[str, str] = {
     "lora_r": "lora: {r: ...}", "lora_rank": "lora: {r: ...}", "lora_alpha": "lora: {lora_alpha: ...}",
     "lora_dropout": "lora: {lora_dropout: ...}", "lora_target_modules": "lora: {target_modules: ...}",
     "lora_target": "lora: {target_modules: ...}", "lora_task_type": "lora (task_type is CAUSAL_LM)",
-    "load_in_4bit": "quantization: nf4", "load_in_8bit": "quantization: nf4 (lowmem loads 4-bit bases only)",
+    "load_in_4bit": "quantization: nf4", "load_in_8bit": "quantization: int8",
     "bnb_4bit_quant_type": "quantization: {quant_type: ...}", "use_bnb_nested_quant": "quantization: {double_quant: ...}",
-    "quantization_bit": "quantization: nf4", "cutoff_len": "max_length", "max_seq_length": "max_length",
+    "quantization_bit": "quantization: nf4 (quantization_bit: 4) or int8 (quantization_bit: 8)", "cutoff_len": "max_length", "max_seq_length": "max_length",
     "template": "chat_template (a Jinja text or .jinja file; the tokenizer's own is used by default)",
     "trust_remote_code": "nothing: lowmem never runs a model's remote code",
     "attn_implementation": "model_init_kwargs: {attn_implementation: ...} for trainer: dpo / grpo / gvpo / bnpo without "

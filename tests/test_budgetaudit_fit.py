@@ -194,7 +194,7 @@ def test_lora_and_nf4_candidates_fit_when_measured(arch, model_dir):
     assert {c.settings["quantization"] for c in found} == {None, "nf4"}
     for c in found:
         s = c.settings
-        quant = {"quant_type": s["quantization"], "double_quant": True} if s["quantization"] else None
+        quant = s["quantization"]  # (the pick's own spelling: nf4 with double quantization, or int8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = measure_memory(path, s["optimizer"], batch_size=s["batch_size"], seq_len=SEQ, dtype="fp32", lora=s["lora"],

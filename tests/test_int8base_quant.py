@@ -294,3 +294,11 @@ def test_estimate_table_names_the_base_weights_bits():
                             quantization=q, lora=lora)
         footer = [line for line in e.table().splitlines() if line.startswith("parameters ")]
         assert footer and f", {word} " in footer[0], (q, footer)
+
+
+def test_foreign_keys_point_8bit_users_at_int8():
+    """A pasted LLaMA-Factory / HF key ``load_in_8bit`` / ``quantization_bit`` names ``quantization: int8`` (FOUND_INT8BASE 1)."""
+    from lowmem.train import FOREIGN_KEYS
+
+    assert FOREIGN_KEYS["load_in_8bit"] == "quantization: int8"
+    assert "int8" in FOREIGN_KEYS["quantization_bit"] and "nf4" in FOREIGN_KEYS["quantization_bit"]
