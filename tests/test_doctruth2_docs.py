@@ -35,7 +35,7 @@ LOSS_RUNS = ("README's optimizer table", "Tiny task, CPU, interleaved with sprea
 #: cells not yet in those sections: APOLLO-Mini's 1.006 (its run, 09898f7 on an Intel Xeon, is named there without
 #: the number) and NorMuon's 0.948 (README row of 16cdf6a; the run: `lowmem bench --steps 200 --threads 1`, AMD EPYC,
 #: ae549f0, run_id 94c04d00feba). Their lines are in /tmp/lm/DOCTRUTH2_bench.md (session 15); once placed, drop them.
-PENDING = {"1.006", "0.948"}
+PENDING: set[str] = set()  # (both placed in session 15: the APOLLO and normuon bullets)
 
 
 def _sections(text: str, titles: tuple[str, ...]) -> str:
