@@ -104,6 +104,31 @@ def require_matplotlib() -> None:
                          "(or pip install matplotlib)") from None
 
 
+def mixed_gradients_with_activations(master_early: int | None, low_early: int | None, quantized: bool) -> int | None:
+    """The gradient bytes the mixed run's backward adds to its activations' peak (``peak_total``'s
+    ``gradients_with_activations``; ``None``: every gradient, gradient accumulation), from the float32 estimate's
+    (``master_early``) and the pure ``dtype`` estimate's (``low_early``).
+
+    Each backward moment of the mixed run is the pure ``dtype`` run's moment (its activations ``a_m`` and the gradients
+    formed before it, ``g_m`` in ``dtype``) with three changes: the autocast extra ``X`` (the ``dtype`` weight copies,
+    the float32 norms' and the per-linear hidden-state copies) joins the activations, the gradients are float32
+    (``2 g_m``: a parameter's float32 gradient is twice its ``dtype`` one), and the ``dtype`` copy of every weight whose
+    gradient is formed is freed with its op's saved tensors when that op's backward is done (``g_m`` bytes: the copy
+    of each formed gradient's weight, in ``dtype``). So the moment is ``a_m + X - g_m + 2 g_m = (a_m + g_m) + X``: the
+    pure run's moment plus ``X``, and with the activations ``a + X`` the moments exceed them by the pure run's
+    ``low_early`` (``max(a_m + g_m) - a``). The float32 estimate's (``max(a32_m + g32_m) - a32``) was sized against the
+    float32 activations: beside ``a + X`` it added the float32 gradients of the first layer's moment to the loss's
+    activations and every weight copy (Llama-2-7B 1 x 512, AdamW: total 109.85 GiB for a step peak of 100.42). The
+    moment is at most that, up to the norms' float32 gradients (not cast: no copy freed; ``h`` elements per norm):
+    what else autocast saved for the formed gradients' ops (norms' inputs, hidden-state copies) is freed too, and with
+    LoRA the frozen weights' copies beside the adapters'. Quantized weights (4-bit, int8:
+    de-quantized, not cast, ``X`` = 0): no copy is freed for the adapters' gradients, so the float32 estimate's
+    (unchanged, unmeasured here) is kept."""
+    if quantized:
+        return master_early
+    return low_early
+
+
 def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     """The estimate for mixed precision: float32 master weights, gradients, optimizer state and its transient
     (the fp32 estimate), with the activations of a ``dtype`` run plus what autocast saves beyond them
@@ -144,16 +169,21 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     name = str(half).removeprefix("torch.")
     activations, details = low.activations + extra, {**master.details}
     low_parts = low.details["activation_parts"]
+    early = mixed_gradients_with_activations(master.details["gradients_with_activations"],
+                                             low.details["gradients_with_activations"], quantized)
+    details["gradients_with_activations"] = early
+    details["activation_parts"] = {**master.details["activation_parts"]}
+    if early is not None:
+        details["activation_parts"]["gradients_at_peak"] = early
     if kwargs.get("trainer") == "grpo" and not quantized:
         # the generation under autocast, traced (float32 KV cache, the weight cache, float32 residual stream), in place
         # of the pure-dtype formula's; the training phase's activations as above
         s = kwargs.get("seq_len", 512)
         gen = generation_trace_bytes(config, half, master.settings["generation_batch_size"], s, s - master.settings["max_completion_length"],
                                      kwargs.get("lora"))
-        live_grads = master.details["gradients_with_activations"]
-        live_grads = master.gradients if live_grads is None else live_grads
+        live_grads = master.gradients if early is None else early
         activations = max(low_parts["training"] + extra, gen["generation"] - live_grads)
-        details["activation_parts"] = {**master.details["activation_parts"], **gen, "training": low_parts["training"] + extra}
+        details["activation_parts"] = {**details["activation_parts"], **gen, "training": low_parts["training"] + extra}
         master.notes.append(f"generation under {name} autocast traced on fake tensors: the weight cache, float32 keys and "
                             "values (KV cache), float32 residual stream (activation_parts['generation'])")
     notes = [n for n in master.notes] + [
