@@ -219,7 +219,7 @@ def _registered_recipe(name: str) -> Recipe:
 MAX_GRAD_NORM = math.sqrt(torch.finfo(torch.float32).max)  # about 1.8e19
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+def _all_finite(tensors: list[Tensor], prepare: Callable[[], Any] | None = None) -> bool:
     """Whether every gradient is finite and its squared norm fits in float32 (norm below
     :data:`MAX_GRAD_NORM`), with one host synchronisation.
 
@@ -228,11 +228,18 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     (float32, bfloat16, float64: its norm is the tensor's, within its rounding), fails the step at once;
     only a norm that overflowed a narrower dtype (float16: 65504) is recomputed in float32 a piece at a
     time (:func:`_norm_below`). What it allocates: :func:`_all_finite_bytes`.
+
+    ``prepare`` (called once, without arguments) runs between the check's kernels and its host read: host
+    work that does not depend on the answer (the engine's planning of the step, issue 15) is done while
+    the device computes the norms instead of after the read, when the device would wait for it.
     """
     if not tensors:
         return True
     norms = _norms(tensors)
-    if bool((norms < MAX_GRAD_NORM).all()):  # NaN compares False
+    ok = (norms < MAX_GRAD_NORM).all()  # NaN compares False
+    if prepare is not None:
+        prepare()
+    if bool(ok):
         return True
     if not any(_narrow(t.dtype) for t in tensors):
         return False
@@ -1646,7 +1653,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # projected gradients computed before the check, which reads them instead of their gradients
         # (_checked_lows: no state is touched before the check)
         lows = self._checked_lows(work, tokens) if self.skip_nonfinite else {}
-        if self.skip_nonfinite and not self._all_finite(work, lows, tokens):
+        # a step of foreach buckets only is planned between the check's kernels and its read (_plan_foreach;
+        # on a GPU the device waits at the read for what the host does after it)
+        plan: list = []
+        if self.skip_nonfinite:
+            self.__dict__["_before_read"] = lambda: plan.append(self._plan_foreach(work))
+            try:
+                finite = self._all_finite(work, lows, tokens)
+            finally:
+                self.__dict__.pop("_before_read", None)
+        if self.skip_nonfinite and not finite:
             for w in work:  # (the empty state dicts the pass above made)
                 if not w[5] and self.state.get(w[0]) is w[5]:
                     del self.state[w[0]]
@@ -1656,6 +1672,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 " overflows float32); step skipped, optimizer state unchanged "
                 f"({self.skipped_steps} skipped so far)"
             )
+            return loss
+        planned = plan[0] if plan else self._plan_foreach(work)
+        if planned is not None:
+            buckets, counters = planned
+            for view, t in counters:  # (the counters' advance, _advance_step_view's write)
+                view[()] = t
+            for bkey in list(buckets):
+                self._step_bucket(bkey, buckets.pop(bkey))
+            self._checked = self._usable = None
             return loss
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
@@ -1760,6 +1785,44 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._step_bucket(bkey, buckets.pop(bkey))
         self._checked = self._usable = None
         return loss
+
+    def _plan_foreach(self, work: list[tuple]) -> tuple[dict[tuple, tuple[dict[str, Any], list]], list[tuple[Any, float]]] | None:
+        """The buckets of a step whose every parameter is on the foreach path with a cached route and step counter
+        view and no stabilizers (a steady step of AdamW, Lion, the 8-bit rules, ...), planned without touching
+        any state: ``(buckets, counters)``, the buckets the step's loop would build, with the same keys, members
+        and order, and each counter's NumPy view with its next value (read with ``item()`` as
+        :func:`_advance_step_view` does), written by the step once the check has passed. ``None`` for any other
+        step (then the loop plans and steps as it goes), or a count not exact in its counter's dtype.
+
+        Called between the non-finite check's kernels and its read (:func:`_all_finite`'s ``prepare``), so
+        that after the read the host only writes the counters and launches the buckets' kernels: on a GPU the
+        device idles from that read until the next kernel (issue 15)."""
+        if self.recipe.stabilizers or not work:
+            return None
+        for key, p, grad, group, reduce, state, route in work:
+            if (reduce is not None or route is None or route.path != "foreach" or route.token is None
+                    or route.step_view is None or route.step is not state.get("step")):
+                return None
+            t = float(route.step_view[0][()]) + 1  # (the next count, read through the view: exact?)
+            if not (abs(t) <= route.step_view[1] and t.is_integer()):
+                return None
+        buckets: dict[tuple, tuple[dict[str, Any], list]] = {}
+        sizes: dict[tuple, tuple[int, int]] = {}
+        counters = []
+        for key, p, grad, group, reduce, state, route in work:
+            t = route.step.item() + 1
+            counters.append((route.step_view[0], t))
+            pieces, device, chunk, cls = route.pieces, route.device, route.chunk, route.cls
+            if route.fused:  # (as step's loop: whole, in its group's uncapped bucket of the fused kernel)
+                buckets.setdefault((id(group), t, device, 1, -1), (group, []))[1].append((p, grad, state))
+                continue
+            for start, stop in pieces:  # (no stabilizers: lr scale 1)
+                bkey = self._bucket_key(sizes, (id(group), t, device, 1, False, cls), stop - start, chunk)
+                piece = (p, grad, state) if stop - start == p.numel() else (
+                    p.view(-1)[start:stop], grad.view(-1)[start:stop],
+                    self.recipe.moment.chunk_state(state, start, stop, p.shape, group))
+                buckets.setdefault(bkey, (group, []))[1].append(piece)
+        return buckets, counters
 
     def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
         """The moment rule's multi-tensor step of one bucket ``(group, pieces)`` (its key: group, step,
@@ -1922,10 +1985,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     tokens: dict[int, object] | None = None) -> bool:
         """:func:`_all_finite` of the local gradients, or of a parameter's projected gradient where
         ``lows`` (:meth:`_checked_lows`, by ``id`` of the parameter) has it; with sharded parameters
-        the flag is reduced over their meshes (every rank skips together, or none does)."""
+        the flag is reduced over their meshes (every rank skips together, or none does). The step's
+        planning (``_before_read``, set by :meth:`step`) is :func:`_all_finite`'s ``prepare``: run between
+        the check's kernels and its read (not at all when the projection's check decides,
+        :meth:`_finite_and_pre_check`: the step then plans after the read)."""
+        prepare = self.__dict__.pop("_before_read", None)
         tensors = [lows.get(id(w[1]), w[2]) for w in work] if lows else [w[2] for w in work]
-        finite = self._finite_and_pre_check(work, tensors, tokens) or _all_finite(tensors)
         reduces = {id(w[4].groups[0]) if w[4].groups else None: w[4] for w in work if w[4] is not None}
+        finite = self._finite_and_pre_check(work, tensors, tokens) or _all_finite(tensors, prepare)
         if not reduces:
             return finite
         device = next(w[2].device for w in work if w[4] is not None)
