@@ -1685,6 +1685,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         low_bucket: list[_Projected] = []  # projected parameters waiting for their multi-tensor moment step
+        low_used = 0  # (the elements of their projected gradients: _joins_low_bucket's running count)
         for key, p, grad, group, reduce, state, route in work:
             # (a sharded projected parameter: projected by its whole shape, not its shard's)
             if reduce is None:
@@ -1702,10 +1703,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 # the open bucket is stepped before this parameter is projected down (its refresh
                 # does not run next to a full bucket's projected gradients: step_transient_bytes)
                 numel = self.recipe.projection.low_shape(p.shape, group).numel()
-                if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
+                if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel, low_used):
                     self._step_low_bucket(low_bucket)
-                    low_bucket = []
+                    low_bucket, low_used = [], 0
                 low_bucket.append(self._project_down(p, grad, group, state, t, low=lows.pop(id(p), None) if lows else None))
+                low_used += low_bucket[-1].low.numel()
             elif path == "matrices":  # a batch of matrices: each one joins the projected buckets as a 2-D parameter
                 if "step" not in state:
                     self._init_state(p, group, state, key=key)
@@ -1715,11 +1717,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 numel = self.recipe.projection.low_shape(p.shape[-2:], group).numel()
                 count, e, chunk = math.prod(lead), 0, self._chunk(p.device)
                 while e < count:
-                    if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
+                    if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel, low_used):
                         self._step_low_bucket(low_bucket)
-                        low_bucket = []
+                        low_bucket, low_used = [], 0
                     # the matrices that fit the open bucket, projected down together where they can be
-                    room = count - e if chunk is None else max(1, (chunk - sum(b.low.numel() for b in low_bucket)) // numel)
+                    room = count - e if chunk is None else max(1, (chunk - low_used) // numel)
                     stop = min(count, e + room)
                     stacked = self._down_batched(p, grad, group, state, t, e, stop)
                     for j in range(e, stop):
@@ -1727,6 +1729,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         low_bucket.append(self._project_down(matrix_of(p, idx), matrix_of(grad, idx), group,
                                                              matrix_state(state, idx), t,
                                                              low=None if stacked is None else stacked[j - e]))
+                        low_used += low_bucket[-1].low.numel()
                     del stacked
                     e = stop
             elif path == "foreach":
@@ -2280,18 +2283,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
             state["moment_start"] = torch.zeros((), dtype=torch.float32)
 
     def _joins_low_bucket(self, bucket: list[_Projected], group: dict[str, Any], t: float, device: torch.device,
-                          numel: int) -> bool:
+                          numel: int, used: int | None = None) -> bool:
         """Whether a parameter of ``group`` at step ``t`` on ``device`` whose projected gradient has
         ``numel`` elements joins the open bucket: the same group, step and device, and the bucket's
         projected gradients stay within ``chunk_numel`` elements (one larger than that fills a bucket
         alone; ``None``: no limit). Decided before the parameter is projected down; one bucket is open
         at a time, so at most one bucket's projected gradients and directions are alive
-        (:meth:`step_transient_bytes`)."""
+        (:meth:`step_transient_bytes`). ``used``: the elements of the bucket's projected gradients, as the
+        step counts them while it fills the bucket (``None``: summed here; the sum at every join made filling
+        a bucket quadratic in its members: issue 15, host time)."""
         first = bucket[0]
         if first.group is not group or first.t != t or first.low.device != device:
             return False
         chunk = self._chunk(device)
-        return chunk is None or sum(b.low.numel() for b in bucket) + numel <= chunk
+        return chunk is None or (sum(b.low.numel() for b in bucket) if used is None else used) + numel <= chunk
 
     def _step_low_bucket(self, bucket: list[_Projected]) -> None:
         """The moment rule on every projected gradient of ``bucket`` at once, then each parameter's
