@@ -161,3 +161,18 @@ def test_filling_a_projected_bucket_is_linear_in_its_members():
     2,636 now)."""
     calls = [_meta_host_work("galore_adamw", n, matrices=True, rank=4, update_proj_gap=1000)[2] for n in (2, 4, 8)]
     assert calls[2] - calls[1] == 2 * (calls[1] - calls[0]) > 0, calls
+
+
+def test_a_counter_shared_by_two_parameters_is_left_to_the_loop():
+    """A step counter tensor shared by two parameters (set by hand) is advanced once per parameter by the step's
+    loop; the plan, which reads every counter before writing any, declines such a step (same result as the loop)."""
+    ps = _params(3)
+    opt = create_optimizer(ps, "adamw", lr=1e-2)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    opt.state[ps[1]]["step"] = opt.state[ps[0]]["step"]
+    for _ in range(2):
+        opt.step()
+    assert float(opt.state[ps[0]]["step"]) == 6.0 and float(opt.state[ps[2]]["step"]) == 4.0

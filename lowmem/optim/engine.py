@@ -1795,7 +1795,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         any state: ``(buckets, counters)``, the buckets the step's loop would build, with the same keys, members
         and order, and each counter's NumPy view with its next value (read with ``item()`` as
         :func:`_advance_step_view` does), written by the step once the check has passed. ``None`` for any other
-        step (then the loop plans and steps as it goes), or a count not exact in its counter's dtype.
+        step (then the loop plans and steps as it goes), a count not exact in its counter's dtype, or a counter
+        tensor shared by two parameters (the loop advances it once for each).
 
         Called between the non-finite check's kernels and its read (:func:`_all_finite`'s ``prepare``), so
         that after the read the host only writes the counters and launches the buckets' kernels: on a GPU the
@@ -1809,6 +1810,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             t = float(route.step_view[0][()]) + 1  # (the next count, read through the view: exact?)
             if not (abs(t) <= route.step_view[1] and t.is_integer()):
                 return None
+        if len({id(w[6].step) for w in work}) != len(work):  # (a counter shared by parameters: advanced once each)
+            return None
         buckets: dict[tuple, tuple[dict[str, Any], list]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         counters = []
