@@ -176,3 +176,84 @@ def test_a_counter_shared_by_two_parameters_is_left_to_the_loop():
     for _ in range(2):
         opt.step()
     assert float(opt.state[ps[0]]["step"]) == 6.0 and float(opt.state[ps[2]]["step"]) == 4.0
+
+
+def _prepared_adamw(params, **hp) -> torch.optim.Optimizer:
+    """AdamW whose moment rule prepares its buckets ahead (``foreach_prepare`` through
+    ``functional.adam.adamw_foreach_prepare``, the form FOUND_HOSTTIME 1 proposes for ``AdamMoments``)."""
+    import copy
+    import dataclasses
+
+    import lowmem.optim.functional.adam as FA
+    from lowmem.optim import get_entry
+
+    recipe = get_entry("adamw").recipe
+
+    class Prepared(type(recipe.moment)):
+        def foreach_prepare(self, params, grads, states, group, t, lr, step_lr=None):
+            if self.foreach_decays_after:
+                return None
+            beta1, beta2 = group["betas"]
+            return FA.adamw_foreach_prepare(params, grads, [s["exp_avg"] for s in states],
+                                            [s["exp_avg_sq"] for s in states], t, beta1, beta2, lr,
+                                            group.get("weight_decay", 0.0), group["eps"],
+                                            eps_placement=self.eps_placement, step_lr=step_lr)
+
+    moment = copy.copy(recipe.moment)
+    moment.__class__ = Prepared
+    return E.LowMemOptimizer(params, recipe=dataclasses.replace(recipe, moment=moment), **hp)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_rule_that_prepares_its_buckets_steps_the_same_and_checks_before_the_read(fused, monkeypatch):
+    """A moment rule with ``foreach_prepare`` (here AdamW's through ``adamw_foreach_prepare``): the same parameters
+    and state bit for bit as AdamW (torch's fused kernel, or the multi-tensor operations), a NaN step skipped;
+    on meta tensors its per-tensor checks (``fused_indices``) run before the read, none after it."""
+    import lowmem.optim.functional.adam as FA
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(FA, "FUSED_ON_CPU", fused)
+    a, b = _params(6), _params(6)
+    pa, pb = _prepared_adamw(a, lr=1e-2, weight_decay=0.1), create_optimizer(b, "adamw", lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(2)
+    for k in range(5):
+        for p, q in zip(a, b):
+            gr = torch.randn(p.shape, generator=g)
+            if k == 2 and p is a[1]:
+                gr.view(-1)[0] = float("inf")
+            p.grad, q.grad = gr, gr.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pa.step()
+            pb.step()
+    assert pa.skipped_steps == pb.skipped_steps == 1
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and all(torch.equal(pa.state[p][k], pb.state[q][k]) for k in pa.state[p])
+
+    ps = _params(6, "meta")
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = _prepared_adamw(ps, lr=1e-2)
+    seen = {"read": False, "before": 0, "after": 0}
+
+    class Read(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type != "cpu":
+                seen["read"] = True
+                return True
+            return func(*args, **(kwargs or {}))
+
+    checks = FA.fused_indices
+
+    def counted(*args, **kwargs):
+        seen["after" if seen["read"] else "before"] += 1
+        return checks(*args, **kwargs)
+
+    monkeypatch.setattr(FA, "fused_indices", counted)
+    with Read():
+        opt.step()  # (the first step: no state yet, stepped by the loop after the read)
+        seen.update(before=0, after=0)
+        for _ in range(2):
+            seen["read"] = False
+            opt.step()
+    assert seen["after"] == 0 and seen["before"] == 2, seen  # (one group, one fused bucket a step)

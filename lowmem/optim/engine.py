@@ -1675,11 +1675,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return loss
         planned = plan[0] if plan else self._plan_foreach(work)
         if planned is not None:
-            buckets, counters = planned
+            buckets, counters, launches = planned
             for view, t in counters:  # (the counters' advance, _advance_step_view's write)
                 view[()] = t
             for bkey in list(buckets):
-                self._step_bucket(bkey, buckets.pop(bkey))
+                bucket, launch = buckets.pop(bkey), launches.pop(bkey, None)
+                if launch is None:
+                    self._step_bucket(bkey, bucket)
+                else:
+                    del bucket
+                    launch()
+                    del launch
             self._checked = self._usable = None
             return loss
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
@@ -1789,12 +1795,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self._checked = self._usable = None
         return loss
 
-    def _plan_foreach(self, work: list[tuple]) -> tuple[dict[tuple, tuple[dict[str, Any], list]], list[tuple[Any, float]]] | None:
+    def _plan_foreach(self, work: list[tuple]) -> tuple[dict[tuple, tuple[dict[str, Any], list]], list[tuple[Any, float]],
+                                                        dict[tuple, Callable[[], None]]] | None:
         """The buckets of a step whose every parameter is on the foreach path with a cached route and step counter
         view and no stabilizers (a steady step of AdamW, Lion, the 8-bit rules, ...), planned without touching
-        any state: ``(buckets, counters)``, the buckets the step's loop would build, with the same keys, members
-        and order, and each counter's NumPy view with its next value (read with ``item()`` as
-        :func:`_advance_step_view` does), written by the step once the check has passed. ``None`` for any other
+        any state: ``(buckets, counters, launches)``, the buckets the step's loop would build, with the same keys,
+        members and order, each counter's NumPy view with its next value (read with ``item()`` as
+        :func:`_advance_step_view` does), written by the step once the check has passed, and the buckets'
+        launches the moment rule prepared (:meth:`_prepare_buckets`). ``None`` for any other
         step (then the loop plans and steps as it goes), a count not exact in its counter's dtype, or a counter
         tensor shared by two parameters (the loop advances it once for each).
 
@@ -1828,7 +1836,24 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     p.view(-1)[start:stop], grad.view(-1)[start:stop],
                     self.recipe.moment.chunk_state(state, start, stop, p.shape, group))
                 buckets.setdefault(bkey, (group, []))[1].append(piece)
-        return buckets, counters
+        return buckets, counters, self._prepare_buckets(buckets)
+
+    def _prepare_buckets(self, buckets: dict[tuple, tuple[dict[str, Any], list]]) -> dict[tuple, Callable[[], None]]:
+        """The launches of a planned step's buckets (:meth:`_plan_foreach`: no stabilizers, lr scale 1) that the
+        moment rule prepares ahead (its optional ``foreach_prepare``, with :meth:`_step_bucket`'s arguments:
+        the per-tensor decisions and argument lists made now, before the non-finite check's read; its returned
+        function launches the kernels), by bucket key; a bucket without one is stepped by :meth:`_step_bucket`."""
+        prepare = getattr(self.recipe.moment, "foreach_prepare", None)
+        if prepare is None:
+            return {}
+        rule = {} if self.recipe.lr_rule is constant_lr else {"lr_rule": self.recipe.lr_rule}
+        launches = {}
+        for bkey, (group, pieces) in buckets.items():
+            ps, gs, ss = (list(x) for x in zip(*pieces))
+            launch = prepare(ps, gs, ss, group, bkey[1], group["lr"], **rule)
+            if launch is not None:
+                launches[bkey] = launch
+        return launches
 
     def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
         """The moment rule's multi-tensor step of one bucket ``(group, pieces)`` (its key: group, step,
