@@ -257,3 +257,28 @@ def test_a_rule_that_prepares_its_buckets_steps_the_same_and_checks_before_the_r
             seen["read"] = False
             opt.step()
     assert seen["after"] == 0 and seen["before"] == 2, seen  # (one group, one fused bucket a step)
+
+
+def test_a_rule_overriding_foreach_step_does_not_inherit_the_preparation():
+    """A rule that overrides ``foreach_step_`` under a base that prepares its buckets is stepped by its own
+    ``foreach_step_`` (the engine does not take the base's ``foreach_prepare`` for it)."""
+    import copy
+    import dataclasses
+
+    ps = _params(3)
+    base = _prepared_adamw(ps, lr=1e-2)
+    calls = []
+
+    class Own(type(base.recipe.moment)):
+        def foreach_step_(self, params, grads, states, group, t, lr, step_lr=None):
+            calls.append(len(params))
+            super().foreach_step_(params, grads, states, group, t, lr, step_lr)
+
+    moment = copy.copy(base.recipe.moment)
+    moment.__class__ = Own
+    opt = E.LowMemOptimizer(ps, recipe=dataclasses.replace(base.recipe, moment=moment), lr=1e-2)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert sum(calls) == 9, calls  # (every step's buckets through Own.foreach_step_)

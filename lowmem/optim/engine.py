@@ -1842,9 +1842,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """The launches of a planned step's buckets (:meth:`_plan_foreach`: no stabilizers, lr scale 1) that the
         moment rule prepares ahead (its optional ``foreach_prepare``, with :meth:`_step_bucket`'s arguments:
         the per-tensor decisions and argument lists made now, before the non-finite check's read; its returned
-        function launches the kernels), by bucket key; a bucket without one is stepped by :meth:`_step_bucket`."""
+        function launches the kernels), by bucket key; a bucket without one is stepped by :meth:`_step_bucket`.
+        Only a ``foreach_prepare`` of the class that defines the rule's ``foreach_step_`` or of a subclass of it:
+        a rule that overrides ``foreach_step_`` does not inherit its base's preparation."""
         prepare = getattr(self.recipe.moment, "foreach_prepare", None)
         if prepare is None:
+            return {}
+        mro = type(self.recipe.moment).__mro__
+        owner = [next(i for i, c in enumerate(mro) if name in c.__dict__) for name in ("foreach_prepare", "foreach_step_")]
+        if owner[0] > owner[1]:
             return {}
         rule = {} if self.recipe.lr_rule is constant_lr else {"lr_rule": self.recipe.lr_rule}
         launches = {}
