@@ -149,7 +149,7 @@ def test_host_work_after_the_read_does_not_grow_with_the_parameters(name):
     few, many = _meta_host_work(name, 4), _meta_host_work(name, 12)
     assert few[0] == many[0] == 1
     assert few[1] == many[1] == 0, (few, many)
-    assert few[2] == many[2] > 0, (few, many)
+    assert few[2] == many[2] and few[3] > 0, (few, many)  # (a rule preparing its buckets: no engine call after it)
     if name == "adamw":
         assert few[3] == many[3], (few, many)
 
