@@ -28,6 +28,19 @@ step** the one with the most kernels (:func:`steady_and_refresh`). The first ste
 refresh) is never counted. A meta device value read on the host answers ``True`` / ``1``: every gradient counts
 as finite.
 
+**Host time** (the ``host ms`` column): the wall time of a steady step on the meta tensors of the default chunk
+(no kernel runs: all of it is the host's work, the engine's Python and the dispatch of its operations), the median
+of :data:`HOST_STEPS` steps after the counted ones, and the part of it **after the sync**, from the non-finite
+check's device read (:class:`SyncClock`: on meta it answers ``True`` at once) to the end of the step. On a GPU
+the device waits at that read for the host, so the host's work after it is added to the step's GPU wall time
+(issue 15: AdamW 1.44x torch's fused AdamW on the H200 with ~9 kernels). Machine-dependent (this machine's
+CPU, its load) and not a GPU time: on meta many operations (multi-tensor and elementwise ones, ``torch.stack``)
+run torch's Python reference implementations, far slower than CUDA's dispatch (most of the time of the steps with
+hundreds of operations: GaLore's, the 8-bit ones), and a CUDA launch costs a few microseconds that meta does not;
+a step with few operations (AdamW's fused kernel) is mostly the engine's own Python.
+The reference, ``torch.optim.AdamW(fused=True)`` on the same meta tensors (:func:`torch_fused_host_ms`; no
+sync), is in the footnote.
+
 What the meta device cannot show is said in the row: a recipe whose CUDA path is not the one meta tensors take
 (:func:`cuda_path_note`: MicroAdam's ``torch.compile`` direction, adamw8bit's bitsandbytes kernel, counted on
 their plain paths) and one that cannot run on meta at all (bitsandbytes' own optimizers: skipped, the reason in
@@ -58,6 +71,9 @@ NO_KERNEL = frozenset({
 #: one (:func:`steady_and_refresh`)
 STEADY_STEP = 4
 REFRESH_GAP = 3
+#: steps timed for the host time (their median): after the counted ones; with a projection refreshing every
+#: REFRESH_GAP steps a third of them refresh, so the median is a steady step's
+HOST_STEPS = 9
 #: ``llama-368m``: the model of the H200 run (docs/benchmarks.md "First GPU run"), as a transformers LlamaConfig
 LLAMA_368M = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                   num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
@@ -123,6 +139,86 @@ class LaunchCounter(TorchDispatchMode):
                       self.ops.most_common(top))
 
 
+class SyncClock:
+    """Within it, a meta tensor read on the host (``bool()``, ``.item()``, ``.tolist()``: the non-finite check's
+    flag) answers at once as :class:`LaunchCounter` does (``True`` / ``1.0`` / ``1``) and its time is kept in
+    :attr:`last` (``perf_counter``): the step's sync. Patches those three methods of ``torch.Tensor`` instead of a
+    dispatch mode, so that every other operation runs at its own cost (a Python dispatch mode adds a few
+    microseconds to each, the step counters' reads included); tensors on other devices read as before."""
+
+    _METHODS = ("__bool__", "item", "tolist")
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def _answer(self, x: torch.Tensor) -> Any:
+        self.last = time.perf_counter()
+        return True if x.dtype is torch.bool else (1.0 if x.is_floating_point() else 1)
+
+    def __enter__(self) -> "SyncClock":
+        self.saved = {m: torch.Tensor.__dict__.get(m) for m in self._METHODS}
+        for m in self._METHODS:
+            orig = getattr(torch.Tensor, m)
+
+            def read(x, *args, _orig=orig, _m=m):
+                if x.device.type != "meta":
+                    return _orig(x, *args)
+                v = self._answer(x)
+                return [v] * x.numel() if _m == "tolist" and x.dim() else v
+
+            setattr(torch.Tensor, m, read)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, orig in self.saved.items():
+            if orig is None:
+                delattr(torch.Tensor, m)
+            else:
+                setattr(torch.Tensor, m, orig)
+
+
+def host_ms(opt: torch.optim.Optimizer, steps: int = HOST_STEPS) -> tuple[float, float]:
+    """The median host wall time of ``steps`` steps of ``opt`` on meta tensors and of their part after the sync
+    (:class:`SyncClock`; 0 for a step without one), in milliseconds."""
+    import statistics
+
+    total, after = [], []
+    with SyncClock() as clock:
+        for _ in range(steps):
+            clock.last = None
+            start = time.perf_counter()
+            opt.step()
+            end = time.perf_counter()
+            total.append(end - start)
+            after.append(0.0 if clock.last is None else end - clock.last)
+    return statistics.median(total) * 1e3, statistics.median(after) * 1e3
+
+
+def torch_fused_host_ms(shapes: str = DEFAULT_SET, steps: int = HOST_STEPS) -> tuple[float | None, str | None]:
+    """:func:`host_ms` of ``torch.optim.AdamW(fused=True)`` on the meta model of ``shapes`` after
+    ``STEADY_STEP - 1`` steps: the reference for the host time. torch refuses ``fused=True`` on meta tensors in
+    its device check (``torch.optim.adam._device_dtype_check_for_fused``), which is bypassed for it (its fused
+    kernel has a meta implementation: step counters on the device, no sync); ``(None, reason)`` where that fails."""
+    import torch.optim.adam as torch_adam
+
+    check = getattr(torch_adam, "_device_dtype_check_for_fused", None)
+    if check is None:
+        return None, "torch.optim.adam has no _device_dtype_check_for_fused to bypass (torch changed)"
+    model = build_meta_model(shapes)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    torch_adam._device_dtype_check_for_fused = lambda p, cuda_unsupported=False: None
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        for _ in range(STEADY_STEP - 1):
+            opt.step()
+        return host_ms(opt, steps)[0], None
+    except Exception as err:  # noqa: BLE001 (reported in the footnote)
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    finally:
+        torch_adam._device_dtype_check_for_fused = check
+
+
 def _tensors(args: Any, kwargs: dict) -> list[torch.Tensor]:
     """The tensors among an operation's arguments, lists of tensors (foreach operations) included."""
     found = []
@@ -182,7 +278,8 @@ def cuda_path_note(name: str, hparams: dict[str, Any]) -> str | None:
 class LaunchRow:
     """One optimizer's row: per steady and refresh step, the counts with the default chunk (``default``) and
     with whole tensors (``whole``); ``transient_*``: ``step_transient_bytes()`` of each; ``skipped``: why it
-    could not run on meta; ``note``: :func:`cuda_path_note`."""
+    could not run on meta; ``note``: :func:`cuda_path_note`; ``host_ms`` / ``host_after_sync_ms``: :func:`host_ms` of
+    the default chunk's steady step (``None`` with ``host_steps=0``)."""
 
     optimizer: str
     hparams: dict[str, Any]
@@ -195,6 +292,8 @@ class LaunchRow:
     transient_whole: int | None = None
     skipped: str | None = None
     note: str | None = None
+    host_ms: float | None = None
+    host_after_sync_ms: float | None = None
 
 
 def _build(label: str, model: nn.Module, rank: int) -> tuple[torch.optim.Optimizer, dict[str, Any], bool]:
@@ -237,8 +336,9 @@ def count_steps(opt: torch.optim.Optimizer, steps: int) -> list[Counts]:
     return out
 
 
-def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK) -> LaunchRow:
-    """The :class:`LaunchRow` of one optimizer (a registered name or ``NAME:key=value`` variant) on ``shapes``."""
+def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK, host_steps: int = HOST_STEPS) -> LaunchRow:
+    """The :class:`LaunchRow` of one optimizer (a registered name or ``NAME:key=value`` variant) on ``shapes``;
+    its host time from ``host_steps`` steps after the counted ones (0: not timed)."""
     from lowmem.bench import parse_variant
     from lowmem.optim import get_entry
 
@@ -259,6 +359,8 @@ def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK) -> La
                 row.chunk = opt.chunk_numel
             counts = count_steps(opt, 2 * REFRESH_GAP + 1 if refreshes else STEADY_STEP)
             transient = opt.step_transient_bytes() if hasattr(opt, "step_transient_bytes") else None
+            if not whole and host_steps:
+                row.host_ms, row.host_after_sync_ms = host_ms(opt, host_steps)
         except Exception as err:  # noqa: BLE001 (reported in the row: the audit goes on)
             row.skipped = f"cannot step on meta tensors: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
             return row
@@ -273,23 +375,28 @@ def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK) -> La
 
 
 def run_launches(optimizers: list[str], shapes: str = DEFAULT_SET, rank: int | None = None,
-                 progress: bool = True) -> tuple[list[LaunchRow], dict[str, Any]]:
-    """:func:`audit` of each optimizer; returns the rows and the run's metadata."""
+                 progress: bool = True, host_steps: int = HOST_STEPS) -> tuple[list[LaunchRow], dict[str, Any]]:
+    """:func:`audit` of each optimizer; returns the rows and the run's metadata (with torch's fused AdamW's host
+    time, :func:`torch_fused_host_ms`, when ``host_steps``)."""
     from lowmem.optim.engine import DEVICE_CHUNK_NUMEL
 
     build_meta_model(shapes)  # an unknown set: the ValueError naming the valid ones
     rank = DEFAULT_RANK if rank is None else rank
     start, rows = time.perf_counter(), []
     for label in optimizers:
-        rows.append(audit(label, shapes, rank))
+        rows.append(audit(label, shapes, rank, host_steps))
         if progress:
             r = rows[-1]
             print(f"  {label}: " + (f"skipped ({r.skipped})" if r.skipped else
-                                    f"{r.steady_default.kernels} kernels / step, {r.steady_whole.kernels} whole"), flush=True)
+                                    f"{r.steady_default.kernels} kernels / step, {r.steady_whole.kernels} whole"
+                                    + ("" if r.host_ms is None else f", host {_host(r)} ms")), flush=True)
     model = build_meta_model(shapes)
     meta = {"shapes": shapes, "params": sum(p.numel() for p in model.parameters()), "tensors": len(list(model.parameters())),
             "rank": rank, "device_chunk": DEVICE_CHUNK_NUMEL, "steady_step": STEADY_STEP, "refresh_gap": REFRESH_GAP,
-            "torch": torch.__version__, "wall_s": time.perf_counter() - start}
+            "torch": torch.__version__, "host_steps": host_steps}
+    meta["torch_fused_host_ms"], meta["torch_fused_host_error"] = (torch_fused_host_ms(shapes, host_steps) if host_steps
+                                                                   else (None, None))
+    meta["wall_s"] = time.perf_counter() - start
     return rows, meta
 
 
@@ -301,16 +408,33 @@ def _mib(b: int | None) -> str:
     return "" if b is None else f"{b / 2**20:,.1f}"
 
 
+def _host(r: LaunchRow) -> str:
+    return "" if r.host_ms is None else f"{r.host_ms:,.2f} / {r.host_after_sync_ms:,.2f}"
+
+
+def _host_note(meta: dict[str, Any]) -> str:
+    """The footnote's sentence on the host time (:func:`host_ms`, :func:`torch_fused_host_ms`)."""
+    if not meta.get("host_steps"):
+        return ""
+    ref = (f"torch.optim.AdamW(fused=True) on the same meta tensors: {meta['torch_fused_host_ms']:.2f} ms (no sync)"
+           if meta.get("torch_fused_host_ms") is not None else
+           f"torch.optim.AdamW(fused=True) could not step on meta ({meta.get('torch_fused_host_error')})")
+    return (f" Host ms: the median wall time of {meta['host_steps']} steady steps of the default chunk on this machine's "
+            "CPU (no kernel runs on meta), and its part after the non-finite check's device read (on a GPU the device "
+            "idles there while the host works); not a GPU time: meta runs Python reference implementations of many "
+            f"operations (multi-tensor, elementwise), which dominate the steps with many operations; {ref}.")
+
+
 def to_markdown(rows: list[LaunchRow], meta: dict[str, Any]) -> str:
     """The table: per steady and refresh step, kernels with the default chunk and with whole tensors, then the
     default chunk's syncs / h2d / host reads; the transient of each; skips and notes below it."""
     lines = ["| optimizer | steady kernels (default / whole) | syncs | h2d | host reads | refresh kernels (default / whole) "
-             "| syncs | h2d | host reads | transient MiB (default / whole) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| syncs | h2d | host reads | transient MiB (default / whole) | host ms (step / after sync) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for r in rows:
         if r.skipped:
-            lines.append(f"| {r.optimizer} | skipped: {r.skipped} | | | | | | | | |")
+            lines.append(f"| {r.optimizer} | skipped: {r.skipped} | | | | | | | | | |")
             continue
         s, rf = _cell(r.steady_default), _cell(r.refresh_default)
         refresh = f"{rf[0]} / {_cell(r.refresh_whole)[0]}" if r.refresh_default is not None else "—"
@@ -319,13 +443,13 @@ def to_markdown(rows: list[LaunchRow], meta: dict[str, Any]) -> str:
         if r.note:
             notes.append(r.note)
         lines.append(f"| {r.optimizer}{mark} | {s[0]} / {_cell(r.steady_whole)[0]} | {s[1]} | {s[2]} | {s[3]} | {refresh} "
-                     f"| {rf[1]} | {rf[2]} | {rf[3]} | {_mib(r.transient_default)} / {_mib(r.transient_whole)} |")
+                     f"| {rf[1]} | {rf[2]} | {rf[3]} | {_mib(r.transient_default)} / {_mib(r.transient_whole)} | {_host(r)} |")
     lines += ["", (f"`{meta['shapes']}`: {meta['params']:,} parameters in {meta['tensors']} tensors on the meta device (the "
                    f"CUDA code path, nothing computed); default chunk = the device's, {meta['device_chunk']:,} elements; "
                    f"steady step: step {meta['steady_step']}, or with a projection (update_proj_gap {meta['refresh_gap']}) "
                    f"the most frequent count of steps 2-{2 * meta['refresh_gap'] + 1}, refresh step: their largest; subspace "
                    f"rank {meta['rank']}; syncs / h2d / host reads of the default chunk's step; kernels: device operations "
-                   f"other than views and allocations; torch {meta['torch']}; {meta['wall_s']:.0f} s.")]
+                   f"other than views and allocations; torch {meta['torch']}; {meta['wall_s']:.0f} s." + _host_note(meta))]
     lines += [f"[{i}] {n}." for i, n in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
 

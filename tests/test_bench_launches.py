@@ -11,8 +11,9 @@ import warnings
 import pytest
 import torch
 
-from lowmem.bench_launches import (LaunchCounter, REFRESH_GAP, STEADY_STEP, _build, audit, build_meta_model,
-                                   count_steps, run_launches, steady_and_refresh, to_markdown)
+from lowmem.bench_launches import (LaunchCounter, REFRESH_GAP, STEADY_STEP, SyncClock, _build, audit, build_meta_model,
+                                   count_steps, host_ms, run_launches, steady_and_refresh, to_markdown,
+                                   torch_fused_host_ms)
 from lowmem.cli import main
 from lowmem.optim import optimizer_entries
 
@@ -101,3 +102,44 @@ def test_a_refresh_is_counted_at_its_step():
     assert refresh is counts[REFRESH_GAP] and counts[2 * REFRESH_GAP].kernels == refresh.kernels > steady.kernels
     assert steady is counts[2 * REFRESH_GAP - 1] and {c.kernels for i, c in enumerate(counts[1:], 2) if (i - 1) % REFRESH_GAP} == {steady.kernels}
     assert steady_and_refresh(counts, False) == (counts[STEADY_STEP - 1], None)
+
+
+def test_the_sync_clock_answers_meta_reads_and_restores_torch():
+    """SyncClock answers a meta tensor's host read as LaunchCounter does, keeps its time, leaves CPU reads alone
+    and puts torch.Tensor's methods back (no timing asserted: only that the read was seen)."""
+    x = torch.zeros(3, device="meta")
+    with SyncClock() as clock:
+        assert clock.last is None
+        assert bool((x > 0).all()) is True and clock.last is not None
+        seen, clock.last = clock.last, None
+        assert x.sum().item() == 1.0 and x.tolist() == [1.0] * 3 and clock.last >= seen
+        clock.last = None
+        assert torch.tensor(2.5).item() == 2.5 and bool(torch.tensor(0.0)) is False and clock.last is None
+    assert all(m not in torch.Tensor.__dict__ for m in ("__bool__", "item", "tolist"))
+    with pytest.raises(RuntimeError):
+        bool(x.sum())  # (meta again refuses to be read)
+
+
+def test_host_time_columns_and_the_torch_reference():
+    """The host time of a step and of its part after the sync (the non-finite check's read): every engine step
+    on meta has one sync, so its part after it is set, at most the step's; torch's fused AdamW steps on meta
+    with no sync (its device check bypassed, then restored)."""
+    import torch.optim.adam as torch_adam
+
+    check = torch_adam._device_dtype_check_for_fused
+    rows, meta = run_launches(["adamw", "bnb_adamw8bit"], "hidden-64", rank=16, progress=False, host_steps=3)
+    adamw, bnb = rows
+    assert adamw.host_ms is not None and 0 < adamw.host_after_sync_ms <= adamw.host_ms
+    assert bnb.host_ms is None and meta["host_steps"] == 3
+    assert meta["torch_fused_host_ms"] is not None and meta["torch_fused_host_error"] is None
+    assert torch_adam._device_dtype_check_for_fused is check
+    md = to_markdown(rows, meta)
+    assert "host ms (step / after sync) |" in md and f"{adamw.host_ms:,.2f} / {adamw.host_after_sync_ms:,.2f} |" in md
+    assert "torch.optim.AdamW(fused=True) on the same meta tensors:" in md
+    model = build_meta_model("hidden-64")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no device read: nothing after a sync
+    assert host_ms(opt, 2)[1] == 0.0
+    rows, meta = run_launches(["adamw"], "hidden-64", rank=16, progress=False, host_steps=0)
+    assert rows[0].host_ms is None and meta["torch_fused_host_ms"] is None and "Host ms" not in to_markdown(rows, meta)

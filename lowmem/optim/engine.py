@@ -219,7 +219,7 @@ def _registered_recipe(name: str) -> Recipe:
 MAX_GRAD_NORM = math.sqrt(torch.finfo(torch.float32).max)  # about 1.8e19
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
+def _all_finite(tensors: list[Tensor], prepare: Callable[[], Any] | None = None) -> bool:
     """Whether every gradient is finite and its squared norm fits in float32 (norm below
     :data:`MAX_GRAD_NORM`), with one host synchronisation.
 
@@ -228,11 +228,18 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     (float32, bfloat16, float64: its norm is the tensor's, within its rounding), fails the step at once;
     only a norm that overflowed a narrower dtype (float16: 65504) is recomputed in float32 a piece at a
     time (:func:`_norm_below`). What it allocates: :func:`_all_finite_bytes`.
+
+    ``prepare`` (called once, without arguments) runs between the check's kernels and its host read: host
+    work that does not depend on the answer (the engine's planning of the step, issue 15) is done while
+    the device computes the norms instead of after the read, when the device would wait for it.
     """
     if not tensors:
         return True
     norms = _norms(tensors)
-    if bool((norms < MAX_GRAD_NORM).all()):  # NaN compares False
+    ok = (norms < MAX_GRAD_NORM).all()  # NaN compares False
+    if prepare is not None:
+        prepare()
+    if bool(ok):
         return True
     if not any(_narrow(t.dtype) for t in tensors):
         return False
@@ -1684,7 +1691,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # projected gradients computed before the check, which reads them instead of their gradients
         # (_checked_lows: no state is touched before the check)
         lows = self._checked_lows(work, tokens) if self.skip_nonfinite else {}
-        if self.skip_nonfinite and not self._all_finite(work, lows, tokens):
+        # a step of foreach buckets only is planned between the check's kernels and its read (_plan_foreach;
+        # on a GPU the device waits at the read for what the host does after it)
+        plan: list = []
+        if self.skip_nonfinite:
+            self.__dict__["_before_read"] = lambda: plan.append(self._plan_foreach(work))
+            try:
+                finite = self._all_finite(work, lows, tokens)
+            finally:
+                self.__dict__.pop("_before_read", None)
+        if self.skip_nonfinite and not finite:
             for w in work:  # (the empty state dicts the pass above made)
                 if not w[5] and self.state.get(w[0]) is w[5]:
                     del self.state[w[0]]
@@ -1695,9 +1711,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 f"({self.skipped_steps} skipped so far)"
             )
             return loss
+        planned = plan[0] if plan else self._plan_foreach(work)
+        if planned is not None:
+            buckets, counters, launches = planned
+            for view, t in counters:  # (the counters' advance, _advance_step_view's write)
+                view[()] = t
+            for bkey in list(buckets):
+                bucket, launch = buckets.pop(bkey), launches.pop(bkey, None)
+                if launch is None:
+                    self._step_bucket(bkey, bucket)
+                else:
+                    del bucket
+                    launch()
+                    del launch
+            self._checked = self._usable = None
+            return loss
         buckets: dict[tuple, tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         low_bucket: list[_Projected] = []  # projected parameters waiting for their multi-tensor moment step
+        low_used = 0  # (the elements of their projected gradients: _joins_low_bucket's running count)
         for key, p, grad, group, reduce, state, route in work:
             # (a sharded projected parameter: projected by its whole shape, not its shard's)
             if reduce is None:
@@ -1715,10 +1747,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 # the open bucket is stepped before this parameter is projected down (its refresh
                 # does not run next to a full bucket's projected gradients: step_transient_bytes)
                 numel = self.recipe.projection.low_shape(p.shape, group).numel()
-                if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
+                if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel, low_used):
                     self._step_low_bucket(low_bucket)
-                    low_bucket = []
+                    low_bucket, low_used = [], 0
                 low_bucket.append(self._project_down(p, grad, group, state, t, low=lows.pop(id(p), None) if lows else None))
+                low_used += low_bucket[-1].low.numel()
             elif path == "matrices":  # a batch of matrices: each one joins the projected buckets as a 2-D parameter
                 if "step" not in state:
                     self._init_state(p, group, state, key=key)
@@ -1728,11 +1761,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 numel = self.recipe.projection.low_shape(p.shape[-2:], group).numel()
                 count, e, chunk = math.prod(lead), 0, self._chunk(p.device)
                 while e < count:
-                    if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel):
+                    if low_bucket and not self._joins_low_bucket(low_bucket, group, t, p.device, numel, low_used):
                         self._step_low_bucket(low_bucket)
-                        low_bucket = []
+                        low_bucket, low_used = [], 0
                     # the matrices that fit the open bucket, projected down together where they can be
-                    room = count - e if chunk is None else max(1, (chunk - sum(b.low.numel() for b in low_bucket)) // numel)
+                    room = count - e if chunk is None else max(1, (chunk - low_used) // numel)
                     stop = min(count, e + room)
                     stacked = self._down_batched(p, grad, group, state, t, e, stop)
                     for j in range(e, stop):
@@ -1740,6 +1773,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         low_bucket.append(self._project_down(matrix_of(p, idx), matrix_of(grad, idx), group,
                                                              matrix_state(state, idx), t,
                                                              low=None if stacked is None else stacked[j - e]))
+                        low_used += low_bucket[-1].low.numel()
                     del stacked
                     e = stop
             elif path == "foreach":
@@ -1798,6 +1832,72 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._step_bucket(bkey, buckets.pop(bkey))
         self._checked = self._usable = None
         return loss
+
+    def _plan_foreach(self, work: list[tuple]) -> tuple[dict[tuple, tuple[dict[str, Any], list]], list[tuple[Any, float]],
+                                                        dict[tuple, Callable[[], None]]] | None:
+        """The buckets of a step whose every parameter is on the foreach path with a cached route and step counter
+        view and no stabilizers (a steady step of AdamW, Lion, the 8-bit rules, ...), planned without touching
+        any state: ``(buckets, counters, launches)``, the buckets the step's loop would build, with the same keys,
+        members and order, each counter's NumPy view with its next value (read with ``item()`` as
+        :func:`_advance_step_view` does), written by the step once the check has passed, and the buckets'
+        launches the moment rule prepared (:meth:`_prepare_buckets`). ``None`` for any other
+        step (then the loop plans and steps as it goes), a count not exact in its counter's dtype, or a counter
+        tensor shared by two parameters (the loop advances it once for each).
+
+        Called between the non-finite check's kernels and its read (:func:`_all_finite`'s ``prepare``), so
+        that after the read the host only writes the counters and launches the buckets' kernels: on a GPU the
+        device idles from that read until the next kernel (issue 15)."""
+        if self.recipe.stabilizers or not work:
+            return None
+        for key, p, grad, group, reduce, state, route in work:
+            if (reduce is not None or route is None or route.path != "foreach" or route.token is None
+                    or route.step_view is None or route.step is not state.get("step")):
+                return None
+            t = float(route.step_view[0][()]) + 1  # (the next count, read through the view: exact?)
+            if not (abs(t) <= route.step_view[1] and t.is_integer()):
+                return None
+        if len({id(w[6].step) for w in work}) != len(work):  # (a counter shared by parameters: advanced once each)
+            return None
+        buckets: dict[tuple, tuple[dict[str, Any], list]] = {}
+        sizes: dict[tuple, tuple[int, int]] = {}
+        counters = []
+        for key, p, grad, group, reduce, state, route in work:
+            t = route.step.item() + 1
+            counters.append((route.step_view[0], t))
+            pieces, device, chunk, cls = route.pieces, route.device, route.chunk, route.cls
+            if route.fused:  # (as step's loop: whole, in its group's uncapped bucket of the fused kernel)
+                buckets.setdefault((id(group), t, device, 1, -1), (group, []))[1].append((p, grad, state))
+                continue
+            for start, stop in pieces:  # (no stabilizers: lr scale 1)
+                bkey = self._bucket_key(sizes, (id(group), t, device, 1, False, cls), stop - start, chunk)
+                piece = (p, grad, state) if stop - start == p.numel() else (
+                    p.view(-1)[start:stop], grad.view(-1)[start:stop],
+                    self.recipe.moment.chunk_state(state, start, stop, p.shape, group))
+                buckets.setdefault(bkey, (group, []))[1].append(piece)
+        return buckets, counters, self._prepare_buckets(buckets)
+
+    def _prepare_buckets(self, buckets: dict[tuple, tuple[dict[str, Any], list]]) -> dict[tuple, Callable[[], None]]:
+        """The launches of a planned step's buckets (:meth:`_plan_foreach`: no stabilizers, lr scale 1) that the
+        moment rule prepares ahead (its optional ``foreach_prepare``, with :meth:`_step_bucket`'s arguments:
+        the per-tensor decisions and argument lists made now, before the non-finite check's read; its returned
+        function launches the kernels), by bucket key; a bucket without one is stepped by :meth:`_step_bucket`.
+        Only a ``foreach_prepare`` of the class that defines the rule's ``foreach_step_`` or of a subclass of it:
+        a rule that overrides ``foreach_step_`` does not inherit its base's preparation."""
+        prepare = getattr(self.recipe.moment, "foreach_prepare", None)
+        if prepare is None:
+            return {}
+        mro = type(self.recipe.moment).__mro__
+        owner = [next(i for i, c in enumerate(mro) if name in c.__dict__) for name in ("foreach_prepare", "foreach_step_")]
+        if owner[0] > owner[1]:
+            return {}
+        rule = {} if self.recipe.lr_rule is constant_lr else {"lr_rule": self.recipe.lr_rule}
+        launches = {}
+        for bkey, (group, pieces) in buckets.items():
+            ps, gs, ss = (list(x) for x in zip(*pieces))
+            launch = prepare(ps, gs, ss, group, bkey[1], group["lr"], **rule)
+            if launch is not None:
+                launches[bkey] = launch
+        return launches
 
     def _step_bucket(self, key: tuple, bucket: tuple[dict[str, Any], list[tuple[Tensor, Tensor, dict[str, Tensor]]]]) -> None:
         """The moment rule's multi-tensor step of one bucket ``(group, pieces)`` (its key: group, step,
@@ -1960,10 +2060,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     tokens: dict[int, object] | None = None) -> bool:
         """:func:`_all_finite` of the local gradients, or of a parameter's projected gradient where
         ``lows`` (:meth:`_checked_lows`, by ``id`` of the parameter) has it; with sharded parameters
-        the flag is reduced over their meshes (every rank skips together, or none does)."""
+        the flag is reduced over their meshes (every rank skips together, or none does). The step's
+        planning (``_before_read``, set by :meth:`step`) is :func:`_all_finite`'s ``prepare``: run between
+        the check's kernels and its read (not at all when the projection's check decides,
+        :meth:`_finite_and_pre_check`: the step then plans after the read)."""
+        prepare = self.__dict__.pop("_before_read", None)
         tensors = [lows.get(id(w[1]), w[2]) for w in work] if lows else [w[2] for w in work]
-        finite = self._finite_and_pre_check(work, tensors, tokens) or _all_finite(tensors)
         reduces = {id(w[4].groups[0]) if w[4].groups else None: w[4] for w in work if w[4] is not None}
+        finite = self._finite_and_pre_check(work, tensors, tokens) or _all_finite(tensors, prepare)
         if not reduces:
             return finite
         device = next(w[2].device for w in work if w[4] is not None)
@@ -2251,18 +2355,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
             state["moment_start"] = torch.zeros((), dtype=torch.float32)
 
     def _joins_low_bucket(self, bucket: list[_Projected], group: dict[str, Any], t: float, device: torch.device,
-                          numel: int) -> bool:
+                          numel: int, used: int | None = None) -> bool:
         """Whether a parameter of ``group`` at step ``t`` on ``device`` whose projected gradient has
         ``numel`` elements joins the open bucket: the same group, step and device, and the bucket's
         projected gradients stay within ``chunk_numel`` elements (one larger than that fills a bucket
         alone; ``None``: no limit). Decided before the parameter is projected down; one bucket is open
         at a time, so at most one bucket's projected gradients and directions are alive
-        (:meth:`step_transient_bytes`)."""
+        (:meth:`step_transient_bytes`). ``used``: the elements of the bucket's projected gradients, as the
+        step counts them while it fills the bucket (``None``: summed here; the sum at every join made filling
+        a bucket quadratic in its members: issue 15, host time)."""
         first = bucket[0]
         if first.group is not group or first.t != t or first.low.device != device:
             return False
         chunk = self._chunk(device)
-        return chunk is None or sum(b.low.numel() for b in bucket) + numel <= chunk
+        return chunk is None or (sum(b.low.numel() for b in bucket) if used is None else used) + numel <= chunk
 
     def _step_low_bucket(self, bucket: list[_Projected]) -> None:
         """The moment rule on every projected gradient of ``bucket`` at once, then each parameter's

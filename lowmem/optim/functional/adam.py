@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -216,19 +217,59 @@ def adamw_foreach_(
     :data:`FUSED_ON_CPU` is off), tensors that fit its layout (:func:`fused_indices`) take it instead
     (:func:`adamw_fused_`): one kernel for the list instead of about eight passes over memory.
     """
+    adamw_foreach_prepare(params, grads, exp_avgs, exp_avg_sqs, t, beta1, beta2, lr, weight_decay, eps,
+                          eps_placement=eps_placement, step_lr=step_lr)()
+
+
+def adamw_foreach_prepare(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    t: float,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    *,
+    eps_placement: str = "torch",
+    step_lr: float | None = None,
+) -> Callable[[], None]:
+    """:func:`adamw_foreach_` in two halves: now what reads no tensor's values and launches nothing (the
+    ``eps_placement`` check, which tensors take torch's fused kernel: :func:`fused_indices`, about 1 us of host
+    time per tensor, and their lists), the kernels when the returned function is called (the same operations in
+    the same order: ``adamw_foreach_(...)`` is ``adamw_foreach_prepare(...)()``). The engine prepares a planned
+    step's buckets before the non-finite check's device read, so that on a GPU the device does not wait for
+    the host's per-tensor checks after it (issue 15); the tensors must not change between the two calls."""
     if eps_placement not in ("torch", "hf"):
         raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
     step_lr = lr if step_lr is None else step_lr
+    lists = (params, grads, exp_avgs, exp_avg_sqs)
     fit = fused_indices(params, grads, exp_avgs, exp_avg_sqs, lr, step_lr) if params else []
-    if fit:  # torch's fused kernel for the tensors in its layout, the operations below for the others
-        lists = (params, grads, exp_avgs, exp_avg_sqs)
-        if len(fit) == len(params):
-            adamw_fused_(*lists, t, beta1, beta2, lr, weight_decay, eps, eps_placement=eps_placement, step_lr=step_lr)
-            return
-        adamw_fused_(*([x[i] for i in fit] for x in lists), t, beta1, beta2, lr, weight_decay, eps,
-                     eps_placement=eps_placement, step_lr=step_lr)
-        rest = sorted(set(range(len(params))) - set(fit))
-        params, grads, exp_avgs, exp_avg_sqs = ([x[i] for i in rest] for x in lists)
+    fused = rest = None
+    if not fit:
+        rest = lists
+    elif len(fit) == len(params):
+        fused = lists
+    else:  # torch's fused kernel for the tensors in its layout, the operations for the others
+        fused = tuple([x[i] for i in fit] for x in lists)
+        others = sorted(set(range(len(params))) - set(fit))
+        rest = tuple([x[i] for i in others] for x in lists)
+
+    def launch() -> None:
+        if fused is not None:
+            adamw_fused_(*fused, t, beta1, beta2, lr, weight_decay, eps, eps_placement=eps_placement, step_lr=step_lr)
+        if rest is not None:
+            _adamw_operations_(*rest, t, beta1, beta2, lr, weight_decay, eps, eps_placement, step_lr)
+
+    return launch
+
+
+def _adamw_operations_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       t: float, beta1: float, beta2: float, lr: float, weight_decay: float, eps: float,
+                       eps_placement: str, step_lr: float) -> None:
+    """:func:`adamw_foreach_`'s multi-tensor operations (the tensors outside torch's fused kernel)."""
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
