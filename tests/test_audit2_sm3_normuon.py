@@ -352,17 +352,18 @@ def test_normuon_flat_parameter_list_is_one_use_muon_group_as_the_docs_say():
     assert "exp_avg" in opt.state[conv.bias] and "exp_avg" in opt.state[lin.bias]
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT2 4: NorMuon's chunked step of a batch of matrices reports 1.4x-1.97x "
-                   "what it allocates (Muon's exact count + a bound of the normalization); FOUND_AUDIT2 4")
-@pytest.mark.parametrize("shape, chunk", [((20, 6, 16), "default"), ((4, 64, 32), 4096), ((3, 32, 64), 700)], ids=str)
-def test_normuon_batched_chunked_step_transient_is_exact(shape, chunk):
-    """A batch of matrices [E, m, n] (fused MoE experts) stepped in row blocks: step_transient_bytes(per_parameter=True)
-    == the traced step, as Muon's is (measured: traced = Muon's traced + 4 m or 8 m bytes; reported 16,368 for
-    8,304 at (20, 6, 16), 53,760 for 29,184 at (4, 64, 32) chunk 4096, 18,088 for 12,928 at (3, 32, 64) chunk 700)."""
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, "float32"), (torch.bfloat16, "bfloat16"),
+                                                 (torch.float16, "float32")], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape, chunk", [((20, 6, 16), "default"), ((4, 64, 32), 4096), ((3, 32, 64), 700),
+                                          ((5, 40, 8), 96)], ids=str)
+def test_normuon_batched_chunked_step_transient_is_exact(shape, chunk, dtype, state_dtype):
+    """AUDIT2 4 (fixed): a batch of matrices [E, m, n] (fused MoE experts) stepped in row blocks: step_transient_bytes(per_parameter=True)
+    == the traced step, as Muon's is. Was a bound (reported 16,368 for 8,304 traced at (20, 6, 16), 53,760 for 29,184
+    at (4, 64, 32) chunk 4096, 18,088 for 12,928 at (3, 32, 64) chunk 700); blocks within one matrix and spanning."""
     from test_transient_per_parameter import _traced_and_reported
 
     from lowmem.optim.functional.muon import bf16_workspace_left_out
 
     with bf16_workspace_left_out():
-        traced, reported = _traced_and_reported("normuon", torch.float32, shape, chunk, lr=1e-2)
+        traced, reported = _traced_and_reported("normuon", dtype, shape, chunk, lr=1e-2, state_dtype=state_dtype)
     assert traced == reported
