@@ -14,7 +14,14 @@ import lowmem.optim.functional.adam as FA
 from lowmem.optim.functional.muon import bf16_workspace_left_out
 from lowmem.optim.registry import create_optimizer, optimizer_entries
 
-FIXED = ["adafactor", "adagrad_sn", "adalomo", "adamw_sn", "muon", "normuon", "scale", "sinkgd"]
+FIXED = ["adafactor", "adagrad_sn", "adalomo", "adamw_sn", "apollo_adamw", "apollo_mini", "frugal", "muon", "normuon", "scale",
+         "sinkgd"]
+
+
+# open: APOLLO at blocks of 2 rows (chunk 48): float64 moments 192 B under (the scaling's prepare phase beside the
+# limiter's pass); APOLLO-Mini 4 B over in both states (a 0-d tensor), never under
+OPEN = {("apollo_adamw", "param", 48): "apollo_adamw, float64 moments, chunk 48: 9,216 B reported, 9,408 traced"}
+BOUND = {("apollo_mini", "float32", 48), ("apollo_mini", "param", 48)}
 
 
 @pytest.mark.parametrize("chunk", [None, 48], ids=["whole", "chunk48"])
@@ -42,6 +49,12 @@ def test_float64_parameter_transient_is_the_traced_step(name, state, chunk, monk
                         peak = max(peak, t.peak)
                 rows.append((tuple(p.shape), opt._param_transient_bytes(p, group, opt.state[p]), peak))
     assert any(peak > 0 for *_, peak in rows)
+    if (name, state, chunk) in OPEN:
+        assert any(r[1] < r[2] for r in rows), f"no longer under ({rows}): remove it from OPEN"
+        pytest.xfail(OPEN[name, state, chunk])
+    if (name, state, chunk) in BOUND:
+        assert all(r[1] >= r[2] for r in rows), rows
+        return
     assert [r[1] for r in rows] == [r[2] for r in rows], rows
 
 

@@ -138,14 +138,8 @@ REFUSES_FLOAT64_STATE = {  # recipes whose projection refuses a float64 state by
     ("adagrad_snsm", "adamw_snsm", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm")}
 UNDER64: dict[tuple[str, str, str], str] = {  # (name, state, path): known under-counts of float64 parameters
     ("apollo_adamw", "float32", "foreach"): "6920 B reported, 14888 traced",
-    ("apollo_adamw", "param", "foreach"): "10864 B reported, 14540 traced",
-    ("apollo_adamw", "param", "per-parameter"): "10864 B reported, 14540 traced",
     ("apollo_mini", "float32", "foreach"): "6728 B reported, 19052 traced",
-    ("apollo_mini", "param", "foreach"): "9076 B reported, 9328 traced",
-    ("apollo_mini", "param", "per-parameter"): "9076 B reported, 9328 traced",
     ("frugal", "float32", "foreach"): "11560 B reported, 26912 traced",
-    ("frugal", "param", "foreach"): "15400 B reported, 18816 traced",
-    ("frugal", "param", "per-parameter"): "15400 B reported, 18816 traced",
     ("frugal8bit", "float32", "foreach"): "14308 B reported, 29668 traced",
     ("osd_adamw", "float32", "foreach"): "6152 B reported, 14688 traced",
     ("stable_spam", "float32", "foreach"): "5,424 B reported, 7,212 traced: the engine counts the stabilized float64 chunk at 4 B per element (FOUND_FP64SWEEP 2)",

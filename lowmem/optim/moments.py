@@ -406,6 +406,13 @@ class AdamMoments(MomentRule):
     # the direction is a new tensor (``denom``); the gradient chunk is only read by the moments' EMA
     chunk_direction_is_new = True
 
+    def direction_bytes(self, numel, shape, group, state):
+        """The direction :meth:`direction` returns: float64 with float64 moments (``state_dtype="param"`` of a
+        float64 parameter; a projected gradient's float32 ``low`` promotes to it), else float32. (Before
+        2026-11-30 counted float32: a float64 APOLLO weight's combine-back ran beside a direction twice as large.)"""
+        m = state.get("exp_avg")
+        return (8 if m is not None and m.dtype == torch.float64 else 4) * numel
+
     def transient_bytes(self, numel, shape, group, state):
         """The direction (float32; ``denom`` is reused for it); with low-precision storage also the
         float32 copies of both moments."""
@@ -530,6 +537,25 @@ class AdamMoments(MomentRule):
         )
         if self.foreach_decays_after and wd != 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
+
+    def foreach_prepare(self, params, grads, states, group, t, lr, step_lr=None):
+        """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read):
+        the per-tensor checks and lists now (:func:`~lowmem.optim.functional.adam.adamw_foreach_prepare`), the
+        kernels when the returned function is called; the same operations in the same order."""
+        beta1, beta2 = group["betas"]
+        wd = group.get("weight_decay", 0.0)
+        launch = FA.adamw_foreach_prepare(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            t, beta1, beta2, lr, 0.0 if self.foreach_decays_after else wd, group["eps"],
+            eps_placement=self.eps_placement, step_lr=step_lr)
+        if not (self.foreach_decays_after and wd != 0):
+            return launch
+
+        def launch_and_decay():
+            launch()
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+
+        return launch_and_decay
 
 
 class FactoredMoments(MomentRule):

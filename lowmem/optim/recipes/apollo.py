@@ -47,6 +47,15 @@ class ApolloProjection(SubspaceProjection):
         return GL.down_only_pack_bytes(group["rank"], shape[1], self._side(shape, group))
 
 
+def _direction_bytes(state: dict[str, Any]) -> int:
+    """Bytes per element of the moment rule's subspace direction and so of the scaling and ``G * s``: 8 with float64
+    moments (``state_dtype="param"`` of a float64 parameter: ``d_low`` float64, the scaling and a block's
+    ``G * s`` promoted to it), else 4. (Before 2026-11-30 counted 4: a float64 48 x 24 weight, 8,744 B reported,
+    12,108 traced.)"""
+    m = state.get("exp_avg")
+    return 8 if m is not None and m.dtype == torch.float64 else 4
+
+
 class ApolloScaling(CombineRule):
     """APOLLO's combine-back (Algorithm 1 lines 8-10): ``d = sqrt(scale) * limit(G * s)``.
 
@@ -226,17 +235,20 @@ class ApolloScaling(CombineRule):
         Held: the scaling and the limiter's 0-d divisor."""
         m, n = shape
         channels = self._channels(shape, group)
-        low = 4 * projection.low_shape(shape, group).numel()
-        peak = low + (12 * channels if channels > 1 else 16)
-        held = 4 * channels
+        w = _direction_bytes(state)
+        low = w * projection.low_shape(shape, group).numel()
+        peak = low + ((w + 8) * channels if channels > 1 else 8 + 2 * w)
+        held = w * channels
         if group["gamma"] is None:
             return peak, held
-        block = 4 * max(b - a for a, b in bounds) * n
-        return max(peak, held + 8 + block, held + FI.LIMITER_BYTES), held + 4
+        wb = w if channels > 1 else 4  # (G * s: a 0-d float64 scaling leaves a float32 block float32)
+        block = wb * max(b - a for a, b in bounds) * n
+        return max(peak, held + 4 + wb + block, held + FI.LIMITER_BYTES), held + 4
 
     def rows_bytes(self, shape, group, state, projection, rows):
-        """A block's ``G * s`` (divided and scaled in place)."""
-        return 4 * rows * shape[1]
+        """A block's ``G * s`` (divided and scaled in place; float64 beside a float64 scaling per channel, not a 0-d one,
+        which does not promote it)."""
+        return (_direction_bytes(state) if self._channels(shape, group) > 1 else 4) * rows * shape[1]
 
 
 def _check_apollo_group(group: dict[str, Any]) -> None:
