@@ -1882,9 +1882,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         the per-tensor decisions and argument lists made now, before the non-finite check's read; its returned
         function launches the kernels), by bucket key; a bucket without one is stepped by :meth:`_step_bucket`.
         Only a ``foreach_prepare`` of the class that defines the rule's ``foreach_step_`` or of a subclass of it:
-        a rule that overrides ``foreach_step_`` does not inherit its base's preparation."""
+        a rule that overrides ``foreach_step_`` does not inherit its base's preparation (nor does a rule object
+        whose own attribute replaces ``foreach_step_``, a wrapped or patched step)."""
         prepare = getattr(self.recipe.moment, "foreach_prepare", None)
-        if prepare is None:
+        if prepare is None or "foreach_step_" in getattr(self.recipe.moment, "__dict__", ()):
             return {}
         mro = type(self.recipe.moment).__mro__
         owner = [next(i for i, c in enumerate(mro) if name in c.__dict__) for name in ("foreach_prepare", "foreach_step_")]
