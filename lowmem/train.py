@@ -2696,7 +2696,10 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         targeted = [g for g in groups if key is not None and g.get(key) not in (None, False)]
         # the targeted group (where rank / use_muon ... apply), else the largest
         g = max(targeted or groups, key=lambda g: g["num_params"])
-        shown = {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "eps", "rank", "update_proj_gap")}
+        keys = ("lr", "weight_decay", "betas", "eps", "rank", "update_proj_gap")
+        if targeted and key == "use_muon":  # the Muon family's group: its own settings, not AdamW's betas / eps
+            keys = ("lr", "weight_decay", "momentum", "nesterov", "beta2", "row_eps", "update_scale", "adjust_lr_fn")
+        shown = {k: v for k, v in g.items() if k in keys}
         which = (f"targeted group, {g['num_params']:,} of {sum(h['num_params'] for h in groups):,} parameters"
                  if targeted else "largest group")
         console.print(f"optimizer hyperparameters in effect ({which}): " + ", ".join(f"{k}={v}" for k, v in shown.items()))
