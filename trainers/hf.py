@@ -29,6 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from lowmem.optim import LowMemOptimizer, create_optimizer, get_entry
 from lowmem.optim.hparams import parse_optim_args  # noqa: F401 - the one k=v reader, re-exported
+from lowmem.optim.sharded import PLACEMENT_KEY, only_placement_missing, without_placement_record
 
 logger = logging.getLogger(__name__)
 
@@ -707,7 +708,12 @@ class LowMemOptimizerMixin:
         and the first step fail on with a ``KeyError``; or another number of groups) is a ``ValueError``
         saying to resume with the optimizer that wrote it; under FSDP a checkpoint written by another
         number of processes whose per-shard state cannot be redistributed fails inside torch with a
-        bare size mismatch, re-raised naming the number of processes."""
+        bare size mismatch, re-raised naming the number of processes. An FSDP ``SHARDED_STATE_DICT`` checkpoint
+        saved before lowmem recorded per-shard state's placements (``shard_placement``), which DCP refuses ("Missing
+        key in checkpoint state_dict: ...shard_placement", and nothing else: ``sharded.only_placement_missing``), is
+        loaded again without the records in the target (``sharded.without_placement_record``): it resumes, its
+        per-shard state loaded unchecked with ``load_state_dict``'s one warning (docs/distributed.md, "Re-sharded
+        parameters")."""
         name = getattr(self.args, "lowmem_optim", None)
         before = _group_keys(self.optimizer)
         scheduler = getattr(getattr(self, "lr_scheduler", None), "scheduler", getattr(self, "lr_scheduler", None))
@@ -720,8 +726,21 @@ class LowMemOptimizerMixin:
             schedule = fsdp_checkpoint_schedule(checkpoint)
             if schedule is not None:
                 inner.prepare_load(*schedule)
+        older = ()  # a DCP checkpoint (SHARDED_STATE_DICT) saved before lowmem recorded per-shard state's placements
+        if checkpoint is not None and getattr(self, "is_fsdp_enabled", False):
+            from torch.distributed.checkpoint.api import CheckpointException as older
         try:
-            out = super()._load_optimizer_and_scheduler(checkpoint)
+            try:
+                out = super()._load_optimizer_and_scheduler(checkpoint)
+            except older as err:
+                if not only_placement_missing(err):
+                    raise
+                # DCP refused it before anything loaded ("Missing key ... shard_placement"): the same load from a
+                # target without the records, which load_state_dict loads unchecked, with its one warning
+                logger.info("resuming from %s: its optimizer state has no '%s' records (saved before lowmem wrote"
+                            " them); loading it unchecked", checkpoint, PLACEMENT_KEY)
+                with without_placement_record(inner):
+                    out = super()._load_optimizer_and_scheduler(checkpoint)
         except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups", ...
             if name is None or checkpoint is None:
                 raise

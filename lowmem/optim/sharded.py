@@ -733,6 +733,88 @@ def _describe(v: Any) -> str:
     return f"{type(v).__name__} {v!r:.60}"
 
 
+# ---- older checkpoints through torch.distributed.checkpoint (saved before PLACEMENT_KEY) ----
+
+_MISSING = "Missing key in checkpoint state_dict: "
+
+
+def only_placement_missing(err: BaseException) -> bool:
+    """Whether ``err``, a ``CheckpointException`` of ``torch.distributed.checkpoint.load``, says only that the
+    checkpoint lacks :data:`PLACEMENT_KEY` entries the target state dict has: every failing rank's failure a
+    ``RuntimeError`` "Missing key in checkpoint state_dict: <key>." whose key's last part is the record (a checkpoint
+    saved before lowmem recorded it). Any other failure (another missing key, a size mismatch) is ``False``.
+    DCP names the first missing key of each rank only: other keys missing as well fail the retry without the
+    records (:func:`without_placement_record`) with their own name."""
+    failures = getattr(err, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return False
+    for failure in failures.values():
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        said = str(exc) if type(exc) is RuntimeError else ""
+        if not (said.startswith(_MISSING) and said.rstrip(".").endswith("." + PLACEMENT_KEY)):
+            return False
+    return True
+
+
+class without_placement_record:  # noqa: N801 - a context manager, named for what it does
+    """``with without_placement_record(optimizer):`` its ``state_dict()`` leaves out :data:`PLACEMENT_KEY` (an
+    instance attribute over the method, removed on exit): what a checkpoint saved before lowmem recorded the
+    placements holds, so that ``torch.distributed.checkpoint`` loads such a checkpoint into a target built in the
+    block (``get_optimizer_state_dict``, accelerate's ``load_fsdp_optimizer``) instead of refusing it ("Missing
+    key"). ``load_state_dict`` then loads that per-shard state unchecked, with its one warning naming how many
+    parameters (docs/distributed.md, "Re-sharded parameters")."""
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+
+    def __enter__(self) -> Any:
+        opt = self.optimizer
+        if "state_dict" in vars(opt):
+            raise RuntimeError(f"{type(opt).__name__}.state_dict is already replaced on this optimizer (nested"
+                               " without_placement_record?)")
+        original = opt.state_dict
+
+        def state_dict() -> dict[str, Any]:
+            sd = original()
+            return {**sd, "state": {k: {e: v for e, v in s.items() if e != PLACEMENT_KEY}
+                                    for k, s in sd["state"].items()}}
+
+        opt.state_dict = state_dict
+        return opt
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.optimizer.__dict__["state_dict"]
+
+
+def load_optimizer_dcp(model: Any, optimizer: Any, checkpoint_id: Any = None, *, key: str = "optimizer",
+                       storage_reader: Any = None, options: Any = None) -> None:
+    """Load ``optimizer``'s state saved with ``dcp.save({key: get_optimizer_state_dict(model, optimizer), ...})``:
+    ``get_optimizer_state_dict`` (the target), ``torch.distributed.checkpoint.load`` of ``{key: target}`` from
+    ``checkpoint_id`` / ``storage_reader``, ``set_optimizer_state_dict`` (``options``: their
+    ``StateDictOptions``). A checkpoint saved before lowmem recorded the placements of per-shard state
+    (:func:`only_placement_missing`) is loaded again from a target without the records
+    (:func:`without_placement_record`): it loads unchecked, with ``load_state_dict``'s one warning. Every rank calls
+    it (collectives); every other failure is raised as DCP raises it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def load() -> dict[str, Any]:
+        target = {key: get_optimizer_state_dict(model, optimizer, options=options)}
+        dcp.load(target, checkpoint_id=checkpoint_id, storage_reader=storage_reader)
+        return target[key]
+
+    try:
+        osd = load()
+    except CheckpointException as err:
+        if not only_placement_missing(err):
+            raise
+        inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's AcceleratedOptimizer)
+        with without_placement_record(inner):
+            osd = load()
+    set_optimizer_state_dict(model, optimizer, osd, options=options)
+
+
 def check_loaded_state(saved: dict[str, Any], expected: dict[str, Tensor], where: str) -> None:
     """A sharded parameter's loaded state, after :func:`state_from_dtensor`, against ``expected``
     (what the optimizer allocates for the shard, with the loaded settings: tensors, or shapes on the
