@@ -18,9 +18,8 @@ FIXED = ["adafactor", "adagrad_sn", "adalomo", "adamw_sn", "apollo_adamw", "apol
          "sinkgd"]
 
 
-# open: APOLLO at blocks of 2 rows (chunk 48): float64 moments 192 B under (the scaling's prepare phase beside the
-# limiter's pass); APOLLO-Mini 4 B over in both states (a 0-d tensor), never under
-OPEN = {("apollo_adamw", "param", 48): "apollo_adamw, float64 moments, chunk 48: 9,216 B reported, 9,408 traced"}
+# open: APOLLO-Mini at blocks of 2 rows (chunk 48) 4 B over in both states (a 0-d tensor), never under
+OPEN: dict[tuple[str, str, int], str] = {}
 BOUND = {("apollo_mini", "float32", 48), ("apollo_mini", "param", 48)}
 
 

@@ -237,7 +237,8 @@ class ApolloScaling(CombineRule):
         channels = self._channels(shape, group)
         w = _direction_bytes(state)
         low = w * projection.low_shape(shape, group).numel()
-        peak = low + ((w + 8) * channels if channels > 1 else 8 + 2 * w)
+        # (the direction's channel norms (w), the gradient's and their denominator (float32), the quotient (w))
+        peak = low + ((2 * w + 4) * channels if channels > 1 else 8 + 2 * w)
         held = w * channels
         if group["gamma"] is None:
             return peak, held
