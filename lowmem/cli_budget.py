@@ -129,6 +129,63 @@ def mixed_gradients_with_activations(master_early: int | None, low_early: int | 
     return low_early
 
 
+def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: int = 512) -> int:
+    """The most bytes live at once (parameters and buffers excluded) in one training forward of the float32 causal LM
+    of ``config`` under ``torch.autocast("cpu", dtype)``, its loss included (the model's own, ``labels`` given), on
+    fake CPU tensors: every storage an op returns counts until it is freed (nothing is allocated). The forward's end,
+    a moment of its own, with no gradient: every saved tensor and the loss's float32 logits and ``nll_loss``'s
+    output live together; the pure ``dtype`` estimate's moments are its backward's, which the mixed run's forward
+    end can exceed (Llama h=512, 3 layers, vocab 256, 1 x 512: 74,483,728 B traced and measured (MemTracker), 70,023,168
+    as the pure run's activations plus the autocast extra)."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from .memory.activations import traced_experts
+    from .memory.estimate import _sizing_mode, build_meta_model, lora_config, on_fake_device
+
+    model = build_meta_model(config, torch.float32)
+    lcfg = lora_config(lora)
+    if lcfg is not None:
+        import warnings
+
+        from peft import get_peft_model
+
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, lcfg)
+    on_fake_device(model, "cpu")
+    params = {StorageWeakRef(p.untyped_storage()) for p in [*model.parameters(), *model.buffers()]}
+    live: dict = {}
+    peak = [0]
+
+    class _LiveBytes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    key = StorageWeakRef(t.untyped_storage())
+                    if key not in params and key not in live:
+                        live[key] = t.untyped_storage().nbytes()
+            for key in [k for k in live if k.expired()]:
+                del live[key]
+            peak[0] = max(peak[0], sum(live.values()))
+            return out
+
+    model.train()
+    try:
+        with _sizing_mode(model), traced_experts(model):
+            ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+            with torch.autocast("cpu", dtype=dtype), _LiveBytes():
+                out = model(input_ids=ids, labels=ids)
+            del out
+    except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
+        raise ValueError(f"the autocast forward of model_type={getattr(config, 'model_type', None)!r} cannot be traced "
+                         f"on fake tensors ({type(exc).__name__}: {exc}); its mixed-precision memory cannot be estimated") from exc
+    return peak[0]
+
+
 def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     """The estimate for mixed precision: float32 master weights, gradients, optimizer state and its transient
     (the fp32 estimate), with the activations of a ``dtype`` run plus what autocast saves beyond them
@@ -140,7 +197,10 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them. With
     ``trainer="grpo"`` the generation phase is traced under autocast
     (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
-    and the larger of it and the training phase counts (4-bit models: the pure-dtype formula)."""
+    and the larger of it and the training phase counts (4-bit models: the pure-dtype formula). The backward's gradient
+    term is the pure-dtype run's (:func:`mixed_gradients_with_activations`); without checkpointing, quantization or a
+    ``trainer`` the forward's end (:func:`autocast_forward_peak_bytes`, no gradient) is a moment too: the activations
+    are the larger of it and the backward's, the gradients what the backward's moment exceeds them by."""
     import dataclasses
 
     import torch
@@ -171,6 +231,15 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     low_parts = low.details["activation_parts"]
     early = mixed_gradients_with_activations(master.details["gradients_with_activations"],
                                              low.details["gradients_with_activations"], quantized)
+    forward_end = 0
+    if not quantized and not master.settings["gradient_checkpointing"] and kwargs.get("trainer") is None:
+        # the forward's end (its loss included), a moment without gradients: the activations are the larger of it and
+        # the backward's moments' maximum, and the gradients count for what the backward's moment exceeds them by
+        forward_end = autocast_forward_peak_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512))
+        if forward_end > activations:
+            if early is not None:
+                early = max(0, activations + early - forward_end)
+            activations = forward_end
     details["gradients_with_activations"] = early
     details["activation_parts"] = {**master.details["activation_parts"]}
     if early is not None:
@@ -191,9 +260,13 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
         f"those of a pure {name} run plus what autocast saves beyond them ({extra / 2**30:.2f} GiB: the {name} copy of "
         f"each weight autocast casts for its matmuls, {copies / 2**30:.2f} GiB, the float32 residual stream's norms, "
         f"a {name} copy of the hidden states per consuming linear)"]
+    if forward_end and activations == forward_end:
+        notes.append(f"activations: the forward's end under {name} autocast, its loss included ({forward_end / 2**30:.2f} GiB, "
+                     "traced on fake tensors: details['autocast_forward_peak']), above the backward's moments")
     return dataclasses.replace(master, activations=activations, notes=notes,
                                settings={**master.settings, "dtype": f"{name} mixed (fp32 master weights)", "precision": "mixed"},
-                               details={**details, "autocast_weight_copies": copies, "autocast_extra_saved": extra})
+                               details={**details, "autocast_weight_copies": copies, "autocast_extra_saved": extra,
+                                        "autocast_forward_peak": forward_end})
 
 
 def _precision_note(est, other_total: int, precision: str, dtype: str) -> str:
