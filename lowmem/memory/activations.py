@@ -82,6 +82,7 @@ def llama_activation_bytes(
     head_grad_bytes: int = 0,
     position_ids_per_sequence: bool = False,
     embeddings_require_grad: bool = True,
+    kept_inputs: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Bytes of activations live at the peak of one training step, by part.
 
@@ -128,6 +129,13 @@ def llama_activation_bytes(
             ``False`` (LoRA, a frozen embedding, no checkpointing): the first layer's input RMSNorm saves neither its
             input nor its ``rsqrt`` (nothing upstream to differentiate), ``4 h + 4`` bytes per token fewer. Mistral
             h=128, 2 layers, LoRA r=8 all-linear, fp32, 2 x 64: 66,048 B over the saved tensors before.
+        kept_inputs (`dict[str, int]` or `None`, defaults to `None`): Without checkpointing: bytes per token, by input
+            (``"qkv"``, ``"o_proj"``, ``"gate_up"``, ``"down_proj"``), of one layer's linear inputs that the count above
+            has saved (by an adapter: freed at that linear's backward) and that a linear's autograd context keeps to the
+            end of the backward pass as well (bitsandbytes' 8-bit matmuls: ``MatMul8bitFp``'s ``ctx.A``;
+            ``estimate.int8_kept_input_bytes``). The last layer's ``down_proj`` input is then live at its MLP's gate and
+            up gradients (``last_layer_moment``, ``layer_backward``), and every later layer's at the first layer's
+            (``kept_inputs_first_layer``). Ignored with checkpointing (the held inputs count at every moment there).
 
     Returns:
         `dict[str, int]`: ``layers`` (all decoder layers, or the checkpoints plus one recomputed
@@ -138,7 +146,8 @@ def llama_activation_bytes(
         ``checkpoint_layer`` (the larger of the recomputed layer's two moments) and ``checkpoint_layer_gates`` (its
         MLP's gate and up gradients), without ``norm_moment``, ``last_layer_moment`` (the gate and up gradients) and
         ``last_layer_down_moment`` (the ``down_proj`` weight's gradient being formed) and ``head_step_moment`` (the head
-        weight's gradient complete, before the final norm's backward: layerwise mode's head step).
+        weight's gradient complete, before the final norm's backward: layerwise mode's head step) and
+        ``kept_inputs_first_layer`` (``kept_inputs``' bytes live at the first layer's moment beyond its own tensors).
     """
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     a = config.num_attention_heads
@@ -147,6 +156,7 @@ def llama_activation_bytes(
     V = config.vocab_size
     e = act_bytes
     tokens = batch_size * seq_len
+    kept = dict(kept_inputs or {})
 
     saves = set(LINEARS if saved_inputs is None else saved_inputs)
     norm = 4 * h + 4 + e * h * trainable_norms
@@ -217,6 +227,11 @@ def llama_activation_bytes(
         # and the gradient of the layer's output (the final norm's tensors are freed by then: llama fp32 h=128, LoRA
         # q/v, 2 x 64: 0.973 of the measured activations without these two, the peak at that moment)
         gate_grads = tokens * (e * i * (2 + ("down_proj" not in saves)) + e * h)
+        # (and its down_proj's input when the 8-bit matmul's context keeps it past the adapter's backward: tiny Llama
+        # int8 LoRA r=8 all-linear, bf16, 4 x 96 tokens: the peak, down_proj's input gradient summed from its base and
+        # adapter branches, 3 e i + e h per token beside the layer's tensors and its input: 0.987 of the measured
+        # total without it)
+        gate_grads += tokens * kept.get("down_proj", 0)
         head["layer_backward"] = max(0, max(gate_grads, down) - sum(head.values()))
         # the last layer's forward at an adapted linear (peft's temporaries: recomputed_layer_bytes(forward=True)),
         # beside every earlier layer's tensors, the embeddings' output and the last layer's input (held by Python)
@@ -243,6 +258,9 @@ def llama_activation_bytes(
         # (with the gradient of the layer's output and, when down_proj saved no input, the product's: layer_backward's)
         parts["last_layer_moment"] = rest + gate_grads
         parts["last_layer_down_moment"] = rest + down
+        # the first layer's moment: every later layer's kept inputs, and its own down_proj's (their adapters' backward ran)
+        if kept:
+            parts["kept_inputs_first_layer"] = tokens * (sum(kept.values()) * max(L - 1, 0) + kept.get("down_proj", 0))
     return parts
 
 
