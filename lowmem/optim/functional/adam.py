@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from .subset_norm import foreach_scalar
+
 
 def compute_float(x: Tensor) -> Tensor:
     """``x`` in the precision the step computes in: float32, or float64 for float64 tensors (a
@@ -181,7 +183,7 @@ def adamw_fused_(
         eps = eps / math.sqrt(1.0 - beta2**t)
     fused_wd = weight_decay
     if weight_decay != 0 and step_lr != lr:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
         fused_wd = 0.0
     step = _step_tensor(float(t), params[0].device)
     torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), lr=float(step_lr),
@@ -271,18 +273,18 @@ def _adamw_operations_(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        eps_placement: str, step_lr: float) -> None:
     """:func:`adamw_foreach_`'s multi-tensor operations (the tensors outside torch's fused kernel)."""
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_mul_(exp_avg_sqs, foreach_scalar(exp_avg_sqs, beta2))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     bias_correction1 = 1.0 - beta1**t
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if eps_placement == "torch":  # m_hat / (sqrt(v_hat) + eps)
-        torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+        torch._foreach_div_(denom, foreach_scalar(denom, math.sqrt(1.0 - beta2**t)))
         value = -step_lr / bias_correction1
     else:  # m / (sqrt(v) + eps) * sqrt(1 - beta2^t) / (1 - beta1^t)
         value = -step_lr * (math.sqrt(1.0 - beta2**t) / bias_correction1)
     torch._foreach_add_(denom, eps)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * weight_decay))
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=value)
 
 
@@ -290,7 +292,7 @@ def adam_moments_foreach_(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], 
     """:func:`adam_moments_` of float32 tensors, one multi-tensor kernel per operation (the same
     operations in the same order: equal to the per-tensor form bit for bit on the CPU)."""
     torch._foreach_lerp_(ms, gs, 1.0 - beta1)
-    torch._foreach_mul_(vs, beta2)
+    torch._foreach_mul_(vs, foreach_scalar(vs, beta2))
     torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
 
 
@@ -303,14 +305,14 @@ def adam_direction_foreach(ms: list[Tensor], vs: list[Tensor], t: float, beta1: 
         raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
     denom = torch._foreach_sqrt(vs)
     if eps_placement == "torch":
-        torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+        torch._foreach_div_(denom, foreach_scalar(denom, math.sqrt(1.0 - beta2**t)))
         torch._foreach_add_(denom, eps)
         d = torch._foreach_div(ms, denom)
         del denom
-        torch._foreach_div_(d, 1.0 - beta1**t)
+        torch._foreach_div_(d, foreach_scalar(d, 1.0 - beta1**t))
         return d
     torch._foreach_add_(denom, eps)
     d = torch._foreach_div(ms, denom)
     del denom
-    torch._foreach_mul_(d, math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+    torch._foreach_mul_(d, foreach_scalar(d, math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)))
     return d
