@@ -308,8 +308,10 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    help="bool: count what optimizer.step() dispatches on the CUDA code path, on meta tensors of the "
                    "--shapes set (default llama-368m; no GPU needed, nothing computed): kernels, device syncs, "
                    "host-to-device copies and host reads per steady step and per projection-refresh step, with the "
-                   "default chunk and with chunk_numel=None side by side (writes bench_launches.json/.md; "
-                   "lowmem/bench_launches.py). Default: off")
+                   "default chunk and with chunk_numel=None side by side, with the host time of a steady step on "
+                   "meta and its part after the non-finite check's device read (host ms column; "
+                   "torch.optim.AdamW(fused=True) on the same meta tensors in the footnote) (writes "
+                   "bench_launches.json/.md; lowmem/bench_launches.py). Default: off")
     p.add_argument("--peers", action="store_true",
                    help="bool: add the installed peer packages as rows peer:NAME (galore-torch, fira, apollo-torch, "
                    "adam-mini, bitsandbytes' 8-bit AdamW / Lion / Lion8bit, transformers' Adafactor, torchao 4- and "
