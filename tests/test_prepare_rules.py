@@ -127,3 +127,95 @@ def test_a_patched_foreach_step_is_not_bypassed_by_the_preparation(monkeypatch):
             p.grad = torch.ones_like(p)
         opt.step()
     assert sum(stepped) == 12, stepped  # (every step's tensors through the wrapper, planned steps included)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_lion_prepared_equals_the_loop_bit_for_bit(fused, monkeypatch):
+    """Lion planned and prepared before the read (``LionMoments.foreach_prepare``) and stepped by the loop: the
+    same parameters and momentum bit for bit, a NaN step skipped by both; ``fused=True`` sends every member to
+    bitsandbytes' 32-bit Lion kernel (on the CPU here), ``None`` none on the CPU."""
+    if fused:
+        pytest.importorskip("bitsandbytes")
+    a, b = _params(6), _params(6)
+    pa, pb = (create_optimizer(x, "lion", lr=1e-2, weight_decay=0.1, fused=fused) for x in (a, b))
+    pa.chunk_numel = pb.chunk_numel = 256
+    monkeypatch.setattr(pb, "_plan_foreach", lambda work: None)
+    prepared = []
+    prepare = E.LowMemOptimizer._prepare_buckets
+    monkeypatch.setattr(E.LowMemOptimizer, "_prepare_buckets",
+                        lambda self, buckets: prepared.append(self is pa) or prepare(self, buckets))
+    g = torch.Generator().manual_seed(4)
+    for k in range(5):
+        for i, (p, q) in enumerate(zip(a, b)):
+            gr = torch.randn(p.shape, generator=g)
+            if k == 2 and i == 3:
+                gr.view(-1)[1] = float("nan")
+            p.grad, q.grad = gr, gr.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pa.step()
+            pb.step()
+    assert pa.skipped_steps == pb.skipped_steps == 1 and prepared.count(True) >= 4, prepared
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and torch.equal(pa.state[p]["exp_avg"], pb.state[q]["exp_avg"])
+
+
+def _after_the_read(opt, seen: dict, steps: int = 2, first=lambda: None) -> int:
+    """lowmem's Python calls after the step's device read (meta tensors; ``sys.setprofile``) over ``steps``
+    steady steps; ``seen["read"]``: whether this step's read has happened (for the caller's counters, which
+    ``first`` resets after the first step)."""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lowmem = E.__file__.rsplit("/optim/", 1)[0]
+    seen.update(read=False, calls=0)
+
+    class Read(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type != "cpu":
+                seen["read"] = True
+                return True
+            return func(*args, **(kwargs or {}))
+
+    def prof(frame, event, arg):
+        if seen["read"] and event == "call" and frame.f_code.co_filename.startswith(lowmem):
+            seen["calls"] += 1
+
+    with Read():
+        opt.step()  # (the first step: no state yet, stepped by the loop)
+        first()
+        for _ in range(steps):
+            seen["read"] = False
+            sys.setprofile(prof)
+            try:
+                opt.step()
+            finally:
+                sys.setprofile(None)
+    return seen["calls"]
+
+
+def test_lion_decides_its_fused_members_before_the_read_on_meta(monkeypatch):
+    """Lion with ``fused=True`` on meta tensors (the CUDA code path; bitsandbytes' eligibility answered "no" here,
+    counted): every member's kernel decision (``bnb_fused.use_fused_32bit``) before the device read, none after
+    it, and lowmem's Python calls after the read are as many for 12 parameters as for 4."""
+    from lowmem.optim import bnb_fused
+
+    asked = {"before": 0, "after": 0}
+    seen = {"read": False}
+
+    def decide(p, g, m, group):
+        asked["after" if seen["read"] else "before"] += 1
+        return False
+
+    monkeypatch.setattr(bnb_fused, "use_fused_32bit", decide)
+    calls = []
+    for n in (4, 12):
+        ps = _params(n, "meta")
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        opt = create_optimizer(ps, "lion", lr=1e-2, weight_decay=0.1)
+        opt.param_groups[0]["fused"] = True
+        calls.append(_after_the_read(opt, seen, first=lambda: asked.update(before=0, after=0)))
+        assert asked == {"before": 2 * n, "after": 0}, (n, asked)
+    assert calls[0] == calls[1], calls

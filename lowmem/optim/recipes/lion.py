@@ -172,6 +172,29 @@ class LionMoments(MomentRule):
         ds = self.foreach_direction(grads, states, group, t, lr)
         apply_updates_foreach_(params, ds, lr, group.get("weight_decay", 0.0), decay_after=False)
 
+    def foreach_prepare(self, params, grads, states, group, t, lr):
+        """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read):
+        which members bitsandbytes' fused kernel steps (:meth:`_fused_here` per member, on CUDA with ``fused=None``:
+        a few host calls per tensor) and the lists of the others now; the kernels when the returned function is
+        called: the fused members first, then the others' directions, decay and update (the same operations in
+        the same order)."""
+        fused = group.get("fused", False) if self.fused_32bit else False
+        members = []
+        if fused is True or (fused is None and any(p.is_cuda for p in params)):
+            rest = []
+            for p, g, st in zip(params, grads, states):
+                (members if self._fused_here(p, g, st, group) else rest).append((p, g, st))
+            params, grads, states = (list(x) for x in zip(*rest)) if rest else ([], [], [])
+
+        def launch() -> None:
+            for p, g, st in members:
+                bnb_fused.fused_lion32bit_step_(p, g, st["exp_avg"], group, t, lr, None)
+            if params:
+                ds = self.foreach_direction(grads, states, group, t, lr)
+                apply_updates_foreach_(params, ds, lr, group.get("weight_decay", 0.0), decay_after=False)
+
+        return launch
+
 
 class Lion8bitQuantized(Quantized):
     """:class:`~lowmem.optim.quantized.Quantized` Lion with the group's ``fused`` routed to bitsandbytes'
