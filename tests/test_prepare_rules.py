@@ -219,3 +219,71 @@ def test_lion_decides_its_fused_members_before_the_read_on_meta(monkeypatch):
         calls.append(_after_the_read(opt, seen, first=lambda: asked.update(before=0, after=0)))
         assert asked == {"before": 2 * n, "after": 0}, (n, asked)
     assert calls[0] == calls[1], calls
+
+
+@pytest.mark.parametrize("name,fused", [("adamw8bit", None), ("adamw8bit", True), ("lion8bit", True),
+                                        ("adamw4bit", None)])
+def test_quantized_prepared_equals_the_loop_bit_for_bit(name, fused, monkeypatch):
+    """The quantized rules planned and prepared before the read (``Quantized.foreach_prepare``) and stepped by
+    the loop: the same parameters and encoded state bit for bit, a NaN step skipped by both; pieces of 256
+    (a quantized tensor stepped whole from its first piece), ``fused=True``: bitsandbytes' kernels (the CPU's)."""
+    if fused:
+        pytest.importorskip("bitsandbytes")
+    hp = dict(lr=1e-2, weight_decay=0.1, min_quant_size=64)
+    if fused is not None:
+        hp["fused"] = fused
+    a, b = _params(8), _params(8)
+    pa, pb = (create_optimizer(x, name, **hp) for x in (a, b))
+    pa.chunk_numel = pb.chunk_numel = 256
+    monkeypatch.setattr(pb, "_plan_foreach", lambda work: None)
+    prepared = []
+    prepare = E.LowMemOptimizer._prepare_buckets
+
+    def counted(self, buckets):
+        out = prepare(self, buckets)
+        prepared.append(len(out) == len(buckets) > 0)
+        return out
+
+    monkeypatch.setattr(E.LowMemOptimizer, "_prepare_buckets", counted)
+    g = torch.Generator().manual_seed(5)
+    for k in range(5):
+        for i, (p, q) in enumerate(zip(a, b)):
+            gr = torch.randn(p.shape, generator=g)
+            if k == 2 and i == 2:
+                gr.view(-1)[7] = float("nan")
+            p.grad, q.grad = gr, gr.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pa.step()
+            pb.step()
+    assert pa.skipped_steps == pb.skipped_steps == 1 and prepared == [True] * 4, prepared
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key, x in pa.state[p].items():
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, pb.state[q][key]), (name, key)
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
+def test_quantized_decides_its_fused_members_before_the_read_on_meta(name, monkeypatch):
+    """The 8-bit rules with ``fused=True`` on meta tensors (the CUDA code path; bitsandbytes' eligibility
+    answered "no" here, counted): every member's kernel decision (``bnb_fused.use_fused``) before the read,
+    none after it."""
+    from lowmem.optim import bnb_fused
+
+    asked = {"before": 0, "after": 0}
+    seen = {"read": False}
+
+    def decide(p, g, state, group):
+        asked["after" if seen["read"] else "before"] += 1
+        return False
+
+    monkeypatch.setattr(bnb_fused, "use_fused", decide)
+    n = 8
+    ps = _params(n, "meta")
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = create_optimizer(ps, name, lr=1e-2, min_quant_size=64)
+    opt.param_groups[0]["fused"] = True
+    _after_the_read(opt, seen, first=lambda: asked.update(before=0, after=0))
+    assert asked["after"] == 0 and asked["before"] >= 2 * n // 2, asked  # (the quantized half: 2 of 4 shapes)

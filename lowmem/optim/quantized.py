@@ -587,11 +587,47 @@ class Quantized(MomentRule):
             ss.append(st)
         if not ps:
             return
+        self._step_rest_(ps, gs, ss, group, t, lr)
+
+    def _step_rest_(self, ps, gs, ss, group, t, lr) -> None:
+        """:meth:`foreach_step_`'s multi-tensor part: decode, the inner direction, encode, decay and update."""
         views, encode = self._decoded_many(gs, ss, group)
         ds = self.inner.foreach_direction(gs, views, group, t, lr)
         encode()
         del views, encode
         apply_updates_foreach_(ps, ds, lr, group.get("weight_decay", 0.0), self.foreach_decays_after)
+
+    def foreach_prepare(self, params, grads, states, group, t, lr):
+        """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read):
+        the per-member decisions now (bitsandbytes' fused kernel: :meth:`_fused_member_plan`; a piece of a
+        quantized tensor stepped whole from its first piece: ``is_quantized`` per moment), the kernels when the
+        returned function is called: those members in the bucket's order, then the others together (the same
+        operations in the same order)."""
+        alone, ps, gs, ss = [], [], [], []
+        for p, g, st in zip(params, grads, states):
+            plan = self._fused_member_plan(p, g, st, group)
+            if plan is not None:
+                if plan:
+                    alone.append((True, plan))
+                continue
+            if isinstance(st, ChunkState) and "parent" in st.extra and any(is_quantized(st, k) for k in self.specs):
+                if st.start == 0:
+                    alone.append((False, (p, g, st)))
+                continue
+            ps.append(p)
+            gs.append(g)
+            ss.append(st)
+
+        def launch() -> None:
+            for fused, args in alone:
+                if fused:
+                    self._fused_kernel_step_(*args[:3], group, t, lr, args[3])
+                else:
+                    step_whole_from_piece_(self, *args, group, t, lr, self.foreach_decays_after)
+            if ps:
+                self._step_rest_(ps, gs, ss, group, t, lr)
+
+        return launch
 
     # ---- bitsandbytes' fused 8-bit Adam step (adamw8bit's ``fused``; lowmem.optim.bnb_fused) ----
 
@@ -609,12 +645,20 @@ class Quantized(MomentRule):
         :func:`~lowmem.optim.bnb_fused.fused_adam8bit_step_`) when the group has ``fused`` (a recipe that declares it) and :func:`~lowmem.optim.bnb_fused.use_fused` says so;
         returns whether it did. A piece of a larger tensor: the whole tensor from its first piece (the
         others are skipped), on CPU in slices of the piece's size rounded to whole blocks."""
+        plan = self._fused_member_plan(p, g, st, group)
+        if plan:
+            self._fused_kernel_step_(*plan[:3], group, t, lr, plan[3])
+        return plan is not None
+
+    def _fused_member_plan(self, p, g, st, group) -> tuple | None:
+        """:meth:`_fused_member_`'s decision: ``None`` when the member is not the fused kernel's, ``()`` for a
+        piece stepped with its tensor's first piece, else the kernel's ``(p, g, state, chunk)``."""
         if "fused" not in group or group["fused"] is False:
-            return False
+            return None
         piece = isinstance(st, ChunkState) and "parent" in st.extra
         state = st.extra["parent"] if piece else st
         if not self._fusable(state):
-            return False
+            return None
         chunk = None
         if piece:
             numel = math.prod(st.extra["shape"])
@@ -622,11 +666,10 @@ class Quantized(MomentRule):
             p = p.as_strided((numel,), (1,), p.storage_offset() - st.start)
             g = g.as_strided((numel,), (1,), g.storage_offset() - st.start)
         if not bnb_fused.use_fused(p, g, state, group):
-            return False
+            return None
         if piece and st.start != 0:
-            return True  # (stepped with the first piece)
-        self._fused_kernel_step_(p, g, state, group, t, lr, chunk)
-        return True
+            return ()  # (stepped with the first piece)
+        return p, g, state, chunk
 
     def fused_step_(self, p, grad, group, state, t, lr, chunk_numel) -> bool:
         """The per-parameter step of ``p`` by :meth:`_fused_kernel_step_` (on CPU in
