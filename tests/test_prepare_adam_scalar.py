@@ -56,3 +56,39 @@ def test_cpu_scalars_are_tensors_and_equal_the_number_form(dtype, monkeypatch):
     assert len(got) == len(ref)
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, ref))
     assert not all(torch.equal(a, b) for a, b in zip(got[:5], _lists(1, dtype)))  # (the steps changed the params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adamw_decay_after_the_update_takes_a_tensor_and_equals_the_number_form(dtype, monkeypatch):
+    """``AdamMoments(eps_placement="hf")``'s decay after the update (``foreach_step_`` and the launch of
+    ``foreach_prepare``): a 0-d tensor on the CPU, equal to the Python-number form bit for bit."""
+    from lowmem.optim import moments
+
+    rule = moments.AdamMoments(eps_placement="hf")
+    group = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    seen = []
+    real = torch._foreach_mul_
+
+    def mul(xs, other):
+        seen.append(type(other).__name__)
+        return real(xs, other)
+
+    def run():
+        out = []
+        for prepared in (False, True):
+            ps, gs = _lists(1, dtype), _lists(2, dtype)
+            ss = [dict(exp_avg=m, exp_avg_sq=v.abs()) for m, v in zip(_lists(3, dtype), _lists(4, dtype))]
+            if prepared:
+                rule.foreach_prepare(ps, gs, ss, group, 3.0, 1e-2)()
+            else:
+                rule.foreach_step_(ps, gs, ss, group, 3.0, 1e-2)
+            out += ps
+        return out
+
+    monkeypatch.setattr(torch, "_foreach_mul_", mul)
+    got = run()
+    assert seen.count("Tensor") >= 2 and "float" not in seen, seen
+    monkeypatch.setattr(moments, "foreach_scalar", lambda xs, value: value)
+    ref = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert not all(torch.equal(a, b) for a, b in zip(got[:5], _lists(1, dtype)))

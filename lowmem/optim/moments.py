@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import functional as F
 from .functional import adam as FA
+from .functional.subset_norm import foreach_scalar
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DISTRIBUTED = torch.distributed.is_available()
@@ -536,7 +537,7 @@ class AdamMoments(MomentRule):
             eps_placement=self.eps_placement, step_lr=step_lr,
         )
         if self.foreach_decays_after and wd != 0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * wd))
 
     def foreach_prepare(self, params, grads, states, group, t, lr, step_lr=None):
         """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read):
@@ -553,7 +554,7 @@ class AdamMoments(MomentRule):
 
         def launch_and_decay():
             launch()
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * wd))
 
         return launch_and_decay
 
