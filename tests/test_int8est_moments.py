@@ -109,15 +109,18 @@ def test_int8_qwen2_without_checkpointing_is_not_under(tmp_path, b, s):
     _never_under(_measure(str(tmp_path), "int8", b, s, False))
 
 
-def test_int8_first_layer_moment_holds_the_later_layers_inputs(tiny_model_path):
-    """Large adapters, few tokens (LoRA r=64 all-linear, 1 x 32, fp32): the peak is in the first layer's backward,
-    most gradients formed, with every later layer's 8-bit inputs still held (``kept_inputs_first_layer``). Traced
-    bytes: 0.995 of the measured total (0.970 without the kept inputs at the first layer's moment). Not yet >= 1: the
-    first layer's moments are counted at its MLP's gate and up gradients, the peak here is later in that layer's
-    backward (NF4 0.998 in the same case; FOUND_INT8EST 1)."""
+@pytest.mark.parametrize("quantization", [None, "nf4", "int8"])
+@pytest.mark.parametrize("rank, b, s", [(64, 1, 32), (128, 1, 16)])
+def test_large_adapters_few_tokens_are_not_under(tiny_model_path, quantization, rank, b, s):
+    """Large adapters, few tokens (LoRA all-linear, fp32): the peak is in the first layer's backward with most gradients
+    formed (r=128, 1 x 16: at its q / k / v adapters' backward, every other gradient formed). Without the layers' last
+    moment (``first_layer_qkv_moment``: every gradient, the gradients of the layer's input and of lora_A's output, the
+    adapters' saved input, an 8-bit base's kept inputs of every layer) the estimate was under: r=64, 1 x 32 full
+    precision 0.992, nf4 0.998, int8 0.995; r=128, 1 x 16 0.997, 0.997, 0.989. Traced bytes."""
     from lowmem.memory.measure import measure_memory
 
-    r = measure_memory(tiny_model_path, quantization="int8", lora={**LORA, "r": 64}, dtype="fp32", device="cpu",
-                       batch_size=1, seq_len=32)
+    r = measure_memory(tiny_model_path, quantization=quantization, lora={**LORA, "r": rank}, dtype="fp32", device="cpu",
+                       batch_size=b, seq_len=s)
     assert r.at_peak["gradients"] > r.at_peak["activations"]  # a gradient-made peak
-    assert 0.99 <= r.ratios()["total"] <= 1.10, r.ratios()
+    assert r.estimate.total >= r.measured["total"], (r.estimate.total, r.measured["total"])
+    assert r.ratios()["total"] <= 1.10, r.ratios()
