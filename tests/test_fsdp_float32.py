@@ -64,7 +64,7 @@ class Attn(nn.Module):
 FLOAT32 = {tag: (tag, Net) for tag in (
     "adamw", "spam", "badam", "galore_adamw", "fira_adamw", "frugal", "apollo_adamw", "apollo_mini", "osd_adamw",
     "galore_left_rotate", "muon", "scale", "sinkgd", "scale_embedding", "adam_mini", "adam_mini_blocks",
-    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm", "microadam", "lion")}
+    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm", "microadam", "lion", "normuon")}
 FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide),
             "adamw_sn_wide": ("adamw_sn", Wide), "adagrad_sn_wide": ("adagrad_sn", Wide),
             "adamw_sn_flat": ("adamw_sn_flat", Net),  # (Subset-Norm's flat subsets, k of the whole size)
@@ -77,7 +77,7 @@ FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini
 # whole tensor's). On the shards they take no bucket (checked) and must still match (stable_spam:
 # 4.3e-6 from one process, 3.1e-7 from the half-batches' mean)
 NO_SHARD_FOREACH = ["adafactor", "galore_adafactor", "stable_spam", "galore_adamw8bit", "fira_adamw8bit", "frugal8bit",
-                    "adalomo", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "came", "lion8bit"]
+                    "adalomo", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "came", "lion8bit", "sm3"]
 FLOAT32 |= {name: (name, Net) for name in NO_SHARD_FOREACH}
 # uneven and empty shards (fc1's 255 rows split 128 / 127, head's single row leaves rank 1 empty):
 # Adam-mini's registry partition gives head.weight and head.bias whole-tensor blocks (one v on
@@ -264,7 +264,7 @@ def test_torch_adamw_baseline(sharded):
 # are 8-bit codes; a gradient differing in its last float32 bit flips some roundings, which the steps
 # amplify (adamw8bit: 1.2e-4 from one process with the full batch). Their (a) and (b) gaps are measured
 # against one process's own (full batch vs the half-batches' mean; foreach on vs off on the half-batches' mean)
-LOW_PRECISION = {"muon", "fira_adamw8bit", "adamw8bit"}
+LOW_PRECISION = {"muon", "normuon", "fira_adamw8bit", "adamw8bit"}  # (normuon: bfloat16 Newton-Schulz as muon)
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -301,10 +301,16 @@ def test_fsdp2_float32_foreach_matches_single_process(request, tag):
     tol_single, tol_loop = max(10 * torch_gaps["single"], 1e-6), max(10 * torch_gaps["loop"], 1e-6)
     if tag in LOW_PRECISION:
         tol_single, tol_loop = _gap(halves, single) + 1e-6, _gap(halves, halves_loop) + 1e-6
+    if tag == "normuon":  # (its row normalization amplifies the bfloat16 iterate's rounding flips in near-zero rows:
+        # measured 0.0200 from one process on the shards, 0.0199 between one process's own full- and half-batch runs)
+        tol_single, tol_loop = 1.5 * tol_single, 1.5 * tol_loop
     assert to_single <= tol_single, (tag, to_single, tol_single)
     assert to_loop <= tol_loop, (tag, to_loop, tol_loop)
-    assert _gap(weights, halves) <= 1e-6, (tag, _gap(weights, halves))
-    assert _gap(loop, halves_loop) <= 1e-6, (tag, _gap(loop, halves_loop))
+    # (normuon: its shards' norms are sums of squares all-reduced, one process's torch._foreach_norm: float32 rounding
+    # that the bfloat16 iterate and the row normalization amplify, 3.1e-3 after 3 steps; exact in float64, test_fsdp)
+    same = tol_single if tag == "normuon" else 1e-6
+    assert _gap(weights, halves) <= same, (tag, _gap(weights, halves))
+    assert _gap(loop, halves_loop) <= same, (tag, _gap(loop, halves_loop))
     assert seen["replicated_gap"] == 0.0 and loop_seen["replicated_gap"] == 0.0, tag
 
 
