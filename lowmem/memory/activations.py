@@ -148,7 +148,8 @@ def llama_activation_bytes(
         ``last_layer_down_moment`` (the ``down_proj`` weight's gradient being formed) and ``head_step_moment`` (the head
         weight's gradient complete, before the final norm's backward: layerwise mode's head step) and
         ``kept_inputs_first_layer`` (``kept_inputs``' bytes live at the first layer's moment beyond its own tensors) and,
-        with adapters on q / k / v, ``first_layer_qkv_moment`` (the layers' last moment, every gradient formed).
+        with adapters on q / k / v or gate / up, ``first_adapters_moment`` (the layers' last moment, every gradient
+        formed).
     """
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     a = config.num_attention_heads
@@ -259,17 +260,19 @@ def llama_activation_bytes(
         # (with the gradient of the layer's output and, when down_proj saved no input, the product's: layer_backward's)
         parts["last_layer_moment"] = rest + gate_grads
         parts["last_layer_down_moment"] = rest + down
-        # the first layer's q / k / v adapters' backward, the last of the layers (its last adapter's weight gradient being
-        # formed, every other gradient formed): the gradient of the layer's input (the residual's, e h), the input the
-        # adapters save (the normed hidden states, e h; with an 8-bit base among every layer's kept inputs) and the
-        # gradient of lora_A's output (e r). Measured (tiny Llama, LoRA all-linear, fp32, CPU; traced): r=128, 1 x 16 the
-        # peak there, estimate 0.997 (full precision, nf4) and 0.989 (int8) of the measured total without this moment,
-        # r=64, 1 x 32 0.992 / 0.998 / 0.995 (int8 minus nf4 there: every layer's kept inputs but the first's q / k / v
-        # input, which both hold)
+        # the first layer's first adapters' backward (q / k / v, or without them gate / up), the layers' last moment (its
+        # last adapter's weight gradient being formed, every other gradient formed): the gradient of the layer's input
+        # (the residual's, e h), the input the adapters save (the normed hidden states, e h; with an 8-bit base among
+        # every layer's kept inputs) and the gradient of lora_A's output (e r; at gate / up their outputs' gradients are
+        # freed by then: measured). Measured (tiny Llama, LoRA all-linear, fp32, CPU; traced): r=128, 1 x 16 the peak there,
+        # estimate 0.997 (full precision, nf4) and 0.989 (int8) of the measured total without this moment, r=64, 1 x 32
+        # 0.992 / 0.998 / 0.995 (int8 minus nf4 there: every layer's kept inputs but the first's q / k / v input, which
+        # both hold); gate / up / down adapters only, r=128, 1 x 16: nf4 0.995, int8 0.984
         qkv = [m.rank for n, m in layer_lora.items() if n in ("q_proj", "k_proj", "v_proj")]
-        if qkv:
-            inputs = sum(kept.values()) * L if kept.get("qkv") else e * h
-            parts["first_layer_qkv_moment"] = tokens * (e * h + inputs + e * max(qkv)) + parts["rope"]
+        gate_up = [m.rank for n, m in layer_lora.items() if n in ("gate_proj", "up_proj")]
+        if qkv or gate_up:
+            inputs = sum(kept.values()) * L if kept.get("qkv" if qkv else "gate_up") else e * h
+            parts["first_adapters_moment"] = tokens * (e * h + inputs + e * max(qkv or gate_up)) + parts["rope"]
         # the first layer's moment: every later layer's kept inputs, and its own down_proj's (their adapters' backward ran)
         if kept:
             parts["kept_inputs_first_layer"] = tokens * (sum(kept.values()) * max(L - 1, 0) + kept.get("down_proj", 0))

@@ -1714,8 +1714,8 @@ def estimate_memory(
                                + [first_layer_grads]))
             # the last layer's down_proj, its weight's gradient being formed (in the activations): the head's formed
             moments.append((llama_down_moment(parts, seqs * s, ckpt), head_grads))
-            if "first_layer_qkv_moment" in parts and not ckpt:  # the layers' last adapters' backward: every gradient
-                moments.append((parts["first_layer_qkv_moment"], all_but_embedding))
+            if "first_adapters_moment" in parts and not ckpt:  # the layers' last adapters' backward: every gradient
+                moments.append((parts["first_adapters_moment"], all_but_embedding))
             if ckpt:  # the first layer's input norm's backward (its checkpoint recomputed), every later gradient formed
                 moments.append((first_norm_moment(seqs * s) + parts["rope"], all_but_embedding))
             over = max(act + extra + g for act, g in moments) - parts["total"]
