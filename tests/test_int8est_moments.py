@@ -126,3 +126,24 @@ def test_large_adapters_few_tokens_are_not_under(tiny_model_path, quantization, 
     assert r.at_peak["gradients"] > r.at_peak["activations"]  # a gradient-made peak
     assert r.estimate.total >= r.measured["total"], (r.estimate.total, r.measured["total"])
     assert r.ratios()["total"] <= 1.10, r.ratios()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="INT8EST left: traced architectures (Phi3, GPT-NeoX) with an int8 base, large "
+                   "adapters, few tokens: the traced step's backward moments come from a model without bitsandbytes' "
+                   "layers, so the inputs its 8-bit matmuls keep past their adapter's backward are not in them "
+                   "(Phi3 r=128 1 x 16 fp32: 3,630,988 estimated, 3,667,468 measured, 0.990; GPT-NeoX 0.989; "
+                   "full precision and nf4 1.0001)")
+def test_int8_traced_architecture_large_adapters_is_not_under(tmp_path):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from lowmem.memory.measure import measure_memory
+
+    torch.manual_seed(0)
+    Phi3ForCausalLM(Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               tie_word_embeddings=False, pad_token_id=0, eos_token_id=0,
+                               bos_token_id=0)).save_pretrained(tmp_path)
+    r = measure_memory(str(tmp_path), quantization="int8", lora={**LORA, "r": 128}, dtype="fp32", device="cpu",
+                       batch_size=1, seq_len=16)
+    assert r.estimate.total >= r.measured["total"], (r.estimate.total, r.measured["total"])
