@@ -121,12 +121,14 @@ def test_projected_bucket_equals_the_per_parameter_step(label, chunk_numel, monk
 @pytest.mark.parametrize("label", ["galore_std", "fira", "apollo", "frugal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_projected_bucket_bf16_and_float64_parameters(label, dtype, monkeypatch):
-    """bf16 parameters and gradients (projected a block of rows at a time) and float64 ones (updated
-    in float64) take the buckets too, with float32 moments, equal bit for bit."""
+    """bf16 parameters and gradients (projected a block of rows at a time) take the buckets too, with float32
+    moments, equal bit for bit; float64 ones take the per-parameter step (session 15, FOUND_FP64SWEEP 3: the bucket's
+    float32 copies made it allocate more than its count, 14,888 B traced for 6,920 reported on apollo_adamw; the
+    per-parameter step 10,856, counted exactly)."""
     name, hp = CONFIGS[label]
     fast = _run(name, hp, None, 160, dtype=dtype, monkeypatch=monkeypatch)
     ref = _run(name, hp, False, 160, dtype=dtype, monkeypatch=monkeypatch)
-    assert fast[2] and not ref[2]
+    assert (bool(fast[2]) if dtype != torch.float64 else not fast[2]) and not ref[2]
     _assert_equal(fast, ref)
 
 

@@ -137,15 +137,8 @@ REFUSES_FLOAT64_STATE = {  # recipes whose projection refuses a float64 state by
     n: "state_dtype='param' on float64 parameters projected" for n in
     ("adagrad_snsm", "adamw_snsm", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm")}
 UNDER64: dict[tuple[str, str, str], str] = {  # (name, state, path): known under-counts of float64 parameters
-    ("apollo_adamw", "float32", "foreach"): "6920 B reported, 14888 traced",
-    ("apollo_mini", "float32", "foreach"): "6728 B reported, 19052 traced",
-    ("frugal", "float32", "foreach"): "11560 B reported, 26912 traced",
-    ("frugal8bit", "float32", "foreach"): "14308 B reported, 29668 traced",
-    ("osd_adamw", "float32", "foreach"): "6152 B reported, 14688 traced",
-    ("stable_spam", "float32", "foreach"): "5,424 B reported, 7,212 traced: the engine counts the stabilized float64 chunk at 4 B per element (FOUND_FP64SWEEP 2)",
-    ("stable_spam", "float32", "per-parameter"): "5,424 B reported, 7,212 traced: the engine counts the stabilized float64 chunk at 4 B per element (FOUND_FP64SWEEP 2)",
-    ("stable_spam", "param", "foreach"): "7,220 B reported, 9,612 traced: the engine counts the stabilized float64 chunk at 4 B per element (FOUND_FP64SWEEP 2)",
-    ("stable_spam", "param", "per-parameter"): "7,220 B reported, 9,612 traced: the engine counts the stabilized float64 chunk at 4 B per element (FOUND_FP64SWEEP 2)",
+    # (none since the engine counts the stabilized float64 chunk at 8 B and keeps float64 projected parameters off
+    # the projected buckets: FOUND_FP64SWEEP 2-3, session 15)
 }
 
 
