@@ -373,22 +373,127 @@ def check_state_fits(opt: Any) -> None:
     if "_decided" in opt.__dict__:  # (within a step's pass: the step compares what it steps)
         return
     check_group_layouts(opt, resized=True, done="Nothing was saved: its state would not load into an optimizer of"
-                        " this parameter.")
+                        " this parameter.", settings=False)
 
 
-def check_group_layouts(opt: Any, resized: bool | None = None, done: str = _NOTHING_STEPPED) -> None:
+class _Validated(NamedTuple):
+    """What :func:`check_group_settings` keeps of a group: the values it last validated."""
+
+    group: dict[str, Any]  # (kept alive: its id is not reused)
+    names: tuple[str, ...]  # the recipe's settings (``Recipe.all_hparams``), in order
+    missing: tuple  # ``_MISSING`` once per name (the default of the C-level ``map(group.get, ...)``)
+    values: tuple  # their values when last validated (:func:`_copied`; ``_MISSING``: not in the group)
+    reads: frozenset | None  # the keys the recipe's ``validate_group`` read (``None``: it has none)
+
+
+def _validate_group(opt: Any, group: dict[str, Any], where: str) -> frozenset:
+    """The recipe's cross-field check (``Recipe.validate_group``) of ``group``, on a copy that records the keys it
+    reads (:class:`_Reads`): its verdict changes only when one of them does. Its error names the group, as
+    :meth:`LowMemOptimizer.add_param_group`'s does."""
+    seen = _Reads(group)
+    try:
+        opt.recipe.validate_group(seen)
+    except ValueError as e:
+        e.args = (f"{where}: {e}", *e.args[1:])
+        raise
+    # (``lr`` is no trigger: torch writes it into every group, schedulers at every step and
+    # torch.distributed.checkpoint's state initialization ``lr = 0.0`` for one zero-gradient step, which Adafactor's
+    # ``relative_step`` check would refuse; ``lr`` alone is validated by its HParam)
+    return frozenset(seen.read - {"params", "lr"})
+
+
+def record_validated(opt: Any, group: dict[str, Any], where: str) -> None:
+    """Keep ``group``'s settings as validated (:func:`check_group_settings`): what
+    :meth:`LowMemOptimizer.add_param_group` calls once it has validated them."""
+    known = opt.__dict__.setdefault("_settings_sigs", {})
+    names = tuple(opt.recipe.all_hparams())
+    reads = None if opt.recipe.validate_group is None else _validate_group(opt, group, where)
+    known[id(group)] = _Validated(group, names, (_MISSING,) * len(names),
+                                  _copied(tuple(group.get(k, _MISSING) for k in names)), reads)
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with its one-element tensors and NumPy scalars (itself, or the items of a tuple / list: ``betas``)
+    as Python numbers: what :func:`check_group_settings` validates of a value written later. Construction takes
+    Python numbers only (:meth:`~lowmem.optim.hparams.HParam.validate`); a tensor written into a group later (a
+    tensor ``lr``, as torch.optim takes it) is stepped with, so its value is what is checked."""
+    if isinstance(value, (tuple, list)):
+        items = [_numbers(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 and not value.is_complex() else value
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def check_group_settings(opt: Any) -> None:
+    """Refuse a setting written into ``opt.param_groups`` after :meth:`LowMemOptimizer.add_param_group` checked it
+    (a scheduler's or a user's ``group["beta2"] = 1.5``, ``group["lr"] = -1.0``): the same ``Invalid <name>=...``
+    error, naming the group and the valid values (:meth:`~lowmem.optim.hparams.HParam.validate`), before anything is
+    stepped. torch.optim checks nothing there; stepped with, such a value turns the weights NaN or ascends without a
+    word. Cheap at every step: one C-level tuple of the recipe's settings per group, compared with the values last
+    validated; only the settings whose value changed are validated again (``OneCycleLR`` writing ``lr`` / ``betas``
+    / ``momentum`` at every step: those two or three), and the recipe's ``validate_group`` only when a key it read
+    changed (but ``lr``: :func:`_validate_group`). A group first seen (its dict replaced by ``load_state_dict``,
+    or appended to ``param_groups`` by hand) is validated whole. A tensor
+    written later (a tensor ``lr``: the step takes it, as torch.optim does) is validated by its value
+    (:func:`_numbers`) when a new tensor is written; one changed in place (torch's schedulers ``fill_`` a tensor
+    ``lr``) is not read back (a device sync at every step).
+
+    Raises:
+        ValueError: ``Invalid <name>=<value> in parameter group <i> of optimizer '<recipe>': expected <valid>``,
+            or the recipe's cross-field error prefixed with the group; nothing is kept, so the next step refuses
+            it again until the value is put right.
+    """
+    known = opt.__dict__.setdefault("_settings_sigs", {})  # (not copied: LowMemOptimizer._NOT_COPIED)
+    recipe = opt.recipe
+    for i, group in enumerate(opt.param_groups):
+        entry = known.get(id(group))
+        if entry is not None and entry.group is group:
+            now = tuple(map(group.get, entry.names, entry.missing))
+            try:
+                if now == entry.values:
+                    continue
+            except Exception:  # (a tensor value: compared one by one below)
+                pass
+            changed = [k for k, a, b in zip(entry.names, entry.values, now) if not _same(a, b)]
+            if not changed:
+                continue
+        else:
+            changed = None
+        where = f"parameter group {i} of optimizer '{recipe.name}'"
+        specs = recipe.all_hparams()
+        names = tuple(specs) if entry is None or entry.group is not group else entry.names
+        now = tuple(group.get(k, _MISSING) for k in names)
+        for k, v in zip(names, now):
+            if v is not _MISSING and (changed is None or k in changed):
+                specs[k].validate(_numbers(v), where=where)
+        if recipe.validate_group is None:
+            reads = None
+        elif changed is not None and entry.reads is not None and entry.reads.isdisjoint(changed):
+            reads = entry.reads  # (nothing it read changed: its verdict stands)
+        else:
+            reads = _validate_group(opt, group, where)
+        known[id(group)] = _Validated(group, names, (_MISSING,) * len(names), _copied(now), reads)
+
+
+def check_group_layouts(opt: Any, resized: bool | None = None, done: str = _NOTHING_STEPPED, settings: bool = True) -> None:
     """Refuse a setting that fixes the state's layout changed in ``opt.param_groups`` since its parameters'
     state was made (module docstring). Call it before anything of a step touches a parameter or its state.
     ``resized``: compare every parameter's shape and dtype with those its state was made for too
     (:func:`_check_resized`); ``False`` where the caller does it for the groups whose parameters' shape or dtype
     may have changed (:func:`check_resized`, after this call); by default ``False`` within
     :meth:`LowMemOptimizer.step`'s pass over the parameters' paths (``opt._decided`` set), else ``True``
-    (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s hooks).
+    (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s hooks). ``settings``: first refuse a setting written
+    into a group with an invalid value (:func:`check_group_settings`; the step's and the hooks' calls do).
 
     Raises:
         ValueError: Naming the group's index, the setting, its old and new value, a parameter whose state it
             changes, and what to do instead.
     """
+    if settings:
+        check_group_settings(opt)
     known = opt.__dict__.setdefault("_layout_sigs", {})  # (not copied: LowMemOptimizer._NOT_COPIED)
     if resized is None:
         resized = "_decided" not in opt.__dict__
