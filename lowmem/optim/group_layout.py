@@ -402,14 +402,20 @@ def _validate_group(opt: Any, group: dict[str, Any], where: str) -> frozenset:
     return frozenset(seen.read - {"params", "lr"})
 
 
-def record_validated(opt: Any, group: dict[str, Any], where: str) -> None:
+def record_validated(opt: Any, group: dict[str, Any], where: str, check: bool = False) -> None:
     """Keep ``group``'s settings as validated (:func:`check_group_settings`): what
-    :meth:`LowMemOptimizer.add_param_group` calls once it has validated them."""
-    known = opt.__dict__.setdefault("_settings_sigs", {})
-    names = tuple(opt.recipe.all_hparams())
+    :meth:`LowMemOptimizer.add_param_group` calls once it has validated them; ``check``: validate each first (a
+    group :func:`check_group_settings` sees first)."""
+    specs = opt.recipe.all_hparams()
+    names = tuple(specs)
+    values = tuple(group.get(k, _MISSING) for k in names)
+    if check:
+        for k, v in zip(names, values):
+            if v is not _MISSING:
+                specs[k].validate(_numbers(v), where=where)
     reads = None if opt.recipe.validate_group is None else _validate_group(opt, group, where)
-    known[id(group)] = _Validated(group, names, (_MISSING,) * len(names),
-                                  _copied(tuple(group.get(k, _MISSING) for k in names)), reads)
+    opt.__dict__.setdefault("_settings_sigs", {})[id(group)] = _Validated(
+        group, names, (_MISSING,) * len(names), _copied(values), reads)
 
 
 def _numbers(value: Any) -> Any:
@@ -447,35 +453,31 @@ def check_group_settings(opt: Any) -> None:
             it again until the value is put right.
     """
     known = opt.__dict__.setdefault("_settings_sigs", {})  # (not copied: LowMemOptimizer._NOT_COPIED)
-    recipe = opt.recipe
     for i, group in enumerate(opt.param_groups):
         entry = known.get(id(group))
-        if entry is not None and entry.group is group:
-            now = tuple(map(group.get, entry.names, entry.missing))
-            try:
-                if now == entry.values:
-                    continue
-            except Exception:  # (a tensor value: compared one by one below)
-                pass
-            changed = [k for k, a, b in zip(entry.names, entry.values, now) if not _same(a, b)]
-            if not changed:
+        if entry is None or entry.group is not group:  # (first seen: every setting)
+            record_validated(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'", check=True)
+            continue
+        now = tuple(map(group.get, entry.names, entry.missing))
+        try:
+            if now == entry.values:
                 continue
-        else:
-            changed = None
-        where = f"parameter group {i} of optimizer '{recipe.name}'"
-        specs = recipe.all_hparams()
-        names = tuple(specs) if entry is None or entry.group is not group else entry.names
-        now = tuple(group.get(k, _MISSING) for k in names)
-        for k, v in zip(names, now):
-            if v is not _MISSING and (changed is None or k in changed):
-                specs[k].validate(_numbers(v), where=where)
-        if recipe.validate_group is None:
-            reads = None
-        elif changed is not None and entry.reads is not None and entry.reads.isdisjoint(changed):
-            reads = entry.reads  # (nothing it read changed: its verdict stands)
-        else:
-            reads = _validate_group(opt, group, where)
-        known[id(group)] = _Validated(group, names, (_MISSING,) * len(names), _copied(now), reads)
+        except Exception:  # (a tensor value: compared one by one below)
+            pass
+        where = f"parameter group {i} of optimizer '{opt.recipe.name}'"
+        changed, specs = [], opt.recipe.all_hparams()  # (the HParams are the recipe's: not kept here, not copied)
+        for k, a, b in zip(entry.names, entry.values, now):
+            if a is b or _same(a, b):
+                continue
+            changed.append(k)
+            if b is not _MISSING:
+                specs[k].validate(_numbers(b), where=where)
+        if not changed:
+            continue
+        reads = entry.reads
+        if reads is not None and not reads.isdisjoint(changed):
+            reads = _validate_group(opt, group, where)  # (a key it read changed)
+        known[id(group)] = _Validated(group, entry.names, entry.missing, _copied(now), reads)
 
 
 def check_group_layouts(opt: Any, resized: bool | None = None, done: str = _NOTHING_STEPPED, settings: bool = True) -> None:
