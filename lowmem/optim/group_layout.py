@@ -433,6 +433,18 @@ def _numbers(value: Any) -> Any:
     return value
 
 
+_SPECS: dict[int, tuple[Any, dict]] = {}  # id(recipe) -> (recipe, its all_hparams()): kept alive, id not reused
+
+
+def _specs(recipe: Any) -> dict:
+    """``recipe.all_hparams()``, made once per recipe (a recipe is frozen configuration; the HParams are not kept
+    in the optimizer's cache, so a deep copy of it shares nothing mutable)."""
+    got = _SPECS.get(id(recipe))
+    if got is None or got[0] is not recipe:
+        got = _SPECS[id(recipe)] = (recipe, recipe.all_hparams())
+    return got[1]
+
+
 def check_group_settings(opt: Any) -> None:
     """Refuse a setting written into ``opt.param_groups`` after :meth:`LowMemOptimizer.add_param_group` checked it
     (a scheduler's or a user's ``group["beta2"] = 1.5``, ``group["lr"] = -1.0``): the same ``Invalid <name>=...``
@@ -464,19 +476,25 @@ def check_group_settings(opt: Any) -> None:
                 continue
         except Exception:  # (a tensor value: compared one by one below)
             pass
-        where = f"parameter group {i} of optimizer '{opt.recipe.name}'"
-        changed, specs = [], opt.recipe.all_hparams()  # (the HParams are the recipe's: not kept here, not copied)
+        changed, specs = [], _specs(opt.recipe)
         for k, a, b in zip(entry.names, entry.values, now):
             if a is b or _same(a, b):
                 continue
             changed.append(k)
             if b is not _MISSING:
-                specs[k].validate(_numbers(b), where=where)
+                spec = specs[k]
+                x = b if type(b) is float else _numbers(b)
+                try:
+                    ok = spec.check(x)
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:  # (the message, naming the group: HParam.validate's)
+                    spec.validate(x, where=f"parameter group {i} of optimizer '{opt.recipe.name}'")
         if not changed:
             continue
         reads = entry.reads
         if reads is not None and not reads.isdisjoint(changed):
-            reads = _validate_group(opt, group, where)  # (a key it read changed)
+            reads = _validate_group(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'")
         known[id(group)] = _Validated(group, entry.names, entry.missing, _copied(now), reads)
 
 
