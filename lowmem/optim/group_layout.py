@@ -54,6 +54,13 @@ where the shapes are (a sharded parameter's group: at every step; about 0.4 us a
 against the parameter it is loaded for, and per-shard state against the placements it was saved under:
 :func:`~lowmem.optim.sharded.check_saved_placement`). Its cost is that of the compare (about 0.3 us a parameter), at
 a checkpoint, nothing at a step.
+
+:func:`check_group_settings`, which :func:`check_group_layouts` calls first (from a step and from the layerwise hooks,
+not from ``state_dict()``), refuses any setting written into a group with a value its recipe's ``HParam`` refuses (a
+user's ``beta2 = 1.5``, ``lr = -1.0``): the construction's ``Invalid <name>=...`` error, naming the group, before
+anything is stepped. It validates only the values that changed since its last check (a steady step: one tuple compare
+per group, about 1.2 us hot / 3 us inside a step; OneCycleLR's ``lr`` + ``betas`` write: about 10 us inside a step,
+100 parameters, 2026-12-01).
 """
 
 from __future__ import annotations
