@@ -188,3 +188,18 @@ def test_a_tensor_written_later_is_validated_by_its_value():
     opt.param_groups[0]["lr"] = 1e-3
     with pytest.raises(ValueError, match=r"Invalid betas=\(0\.\d+, 1\.0\)"):
         opt.step()
+
+
+def test_lr_written_by_torch_dcp_init_is_not_refused_by_adafactors_cross_field_check():
+    """torch.distributed.checkpoint's state initialization writes ``lr = 0.0`` into every group and steps once on
+    zero gradients; relative-step Adafactor's ``validate_group`` refuses a manual lr at construction, so ``lr`` is no
+    trigger of that check at a step (its own range still is: ``lr = -1.0`` refused)."""
+    ps, opt = _opt("adafactor")
+    assert opt.param_groups[0]["relative_step"] and opt.param_groups[0]["lr"] is None
+    opt.param_groups[0]["lr"] = 0.0
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid lr=-1.0 in parameter group 0 of optimizer 'adafactor'"):
+        opt.step()
