@@ -179,9 +179,6 @@ def test_sm3_float16_state_is_refused_naming_state_dtype():
         assert all(bool(torch.isfinite(v).all()) for v in opt.state[q].values())
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT2 2: the engine validates settings at construction only: a value "
-                   "written into param_groups later (beta2=1.5 for sm3) is stepped with, the weights turn NaN "
-                   "(lowmem/optim/engine.py, not AUDIT2's: FOUND_AUDIT2 2)")
 def test_settings_written_into_param_groups_later_are_checked():
     p = torch.nn.Parameter(torch.randn(6, 4))
     opt = SM3([p], lr=0.01)

@@ -74,7 +74,7 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .group_layout import _MISSING, _Reads, check_group_layouts, check_resized, check_state_fits
+from .group_layout import _MISSING, _Reads, check_group_layouts, check_resized, check_state_fits, record_validated
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -757,6 +757,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         except (ValueError, NotImplementedError):
             self.param_groups.pop()
             raise
+        record_validated(self, group, where)  # (a value written into the group later is validated at the next step)
         self._forget_routes()
         # said once per parameter, here (_is_projected is asked at every step, state_dict() and estimate)
         for p in group["params"]:
@@ -769,7 +770,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: attributes left out of a copy (:meth:`__getstate__`): caches keyed by ``id`` of the original's groups and
     #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
     #: hands to its own phases
-    _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_checked", "_usable", "_decided"})
+    _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_settings_sigs", "_checked", "_usable",
+                             "_decided"})
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every

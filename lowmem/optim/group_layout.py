@@ -54,6 +54,13 @@ where the shapes are (a sharded parameter's group: at every step; about 0.4 us a
 against the parameter it is loaded for, and per-shard state against the placements it was saved under:
 :func:`~lowmem.optim.sharded.check_saved_placement`). Its cost is that of the compare (about 0.3 us a parameter), at
 a checkpoint, nothing at a step.
+
+:func:`check_group_settings`, which :func:`check_group_layouts` calls first (from a step and from the layerwise hooks,
+not from ``state_dict()``), refuses any setting written into a group with a value its recipe's ``HParam`` refuses (a
+user's ``beta2 = 1.5``, ``lr = -1.0``): the construction's ``Invalid <name>=...`` error, naming the group, before
+anything is stepped. It validates only the values that changed since its last check (a steady step: one tuple compare
+per group, about 1.2 us hot / 3 us inside a step; OneCycleLR's ``lr`` + ``betas`` write: about 10 us inside a step,
+100 parameters, 2026-12-01).
 """
 
 from __future__ import annotations
@@ -373,22 +380,147 @@ def check_state_fits(opt: Any) -> None:
     if "_decided" in opt.__dict__:  # (within a step's pass: the step compares what it steps)
         return
     check_group_layouts(opt, resized=True, done="Nothing was saved: its state would not load into an optimizer of"
-                        " this parameter.")
+                        " this parameter.", settings=False)
 
 
-def check_group_layouts(opt: Any, resized: bool | None = None, done: str = _NOTHING_STEPPED) -> None:
+class _Validated(NamedTuple):
+    """What :func:`check_group_settings` keeps of a group: the values it last validated."""
+
+    group: dict[str, Any]  # (kept alive: its id is not reused)
+    names: tuple[str, ...]  # the recipe's settings (``Recipe.all_hparams``), in order
+    missing: tuple  # ``_MISSING`` once per name (the default of the C-level ``map(group.get, ...)``)
+    values: tuple  # their values when last validated (:func:`_copied`; ``_MISSING``: not in the group)
+    reads: frozenset | None  # the keys the recipe's ``validate_group`` read (``None``: it has none)
+
+
+def _validate_group(opt: Any, group: dict[str, Any], where: str) -> frozenset:
+    """The recipe's cross-field check (``Recipe.validate_group``) of ``group``, on a copy that records the keys it
+    reads (:class:`_Reads`): its verdict changes only when one of them does. Its error names the group, as
+    :meth:`LowMemOptimizer.add_param_group`'s does."""
+    seen = _Reads(group)
+    try:
+        opt.recipe.validate_group(seen)
+    except ValueError as e:
+        e.args = (f"{where}: {e}", *e.args[1:])
+        raise
+    # (``lr`` is no trigger: torch writes it into every group, schedulers at every step and
+    # torch.distributed.checkpoint's state initialization ``lr = 0.0`` for one zero-gradient step, which Adafactor's
+    # ``relative_step`` check would refuse; ``lr`` alone is validated by its HParam)
+    return frozenset(seen.read - {"params", "lr"})
+
+
+def record_validated(opt: Any, group: dict[str, Any], where: str, check: bool = False) -> None:
+    """Keep ``group``'s settings as validated (:func:`check_group_settings`): what
+    :meth:`LowMemOptimizer.add_param_group` calls once it has validated them; ``check``: validate each first (a
+    group :func:`check_group_settings` sees first)."""
+    specs = opt.recipe.all_hparams()
+    names = tuple(specs)
+    values = tuple(group.get(k, _MISSING) for k in names)
+    if check:
+        for k, v in zip(names, values):
+            if v is not _MISSING:
+                specs[k].validate(_numbers(v), where=where)
+    reads = None if opt.recipe.validate_group is None else _validate_group(opt, group, where)
+    opt.__dict__.setdefault("_settings_sigs", {})[id(group)] = _Validated(
+        group, names, (_MISSING,) * len(names), _copied(values), reads)
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with its one-element tensors and NumPy scalars (itself, or the items of a tuple / list: ``betas``)
+    as Python numbers: what :func:`check_group_settings` validates of a value written later. Construction takes
+    Python numbers only (:meth:`~lowmem.optim.hparams.HParam.validate`); a tensor written into a group later (a
+    tensor ``lr``, as torch.optim takes it) is stepped with, so its value is what is checked."""
+    if isinstance(value, (tuple, list)):
+        items = [_numbers(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 and not value.is_complex() else value
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+_SPECS: dict[int, tuple[Any, dict]] = {}  # id(recipe) -> (recipe, its all_hparams()): kept alive, id not reused
+
+
+def _specs(recipe: Any) -> dict:
+    """``recipe.all_hparams()``, made once per recipe (a recipe is frozen configuration; the HParams are not kept
+    in the optimizer's cache, so a deep copy of it shares nothing mutable)."""
+    got = _SPECS.get(id(recipe))
+    if got is None or got[0] is not recipe:
+        got = _SPECS[id(recipe)] = (recipe, recipe.all_hparams())
+    return got[1]
+
+
+def check_group_settings(opt: Any) -> None:
+    """Refuse a setting written into ``opt.param_groups`` after :meth:`LowMemOptimizer.add_param_group` checked it
+    (a scheduler's or a user's ``group["beta2"] = 1.5``, ``group["lr"] = -1.0``): the same ``Invalid <name>=...``
+    error, naming the group and the valid values (:meth:`~lowmem.optim.hparams.HParam.validate`), before anything is
+    stepped. torch.optim checks nothing there; stepped with, such a value turns the weights NaN or ascends without a
+    word. Cheap at every step: one C-level tuple of the recipe's settings per group, compared with the values last
+    validated; only the settings whose value changed are validated again (``OneCycleLR`` writing ``lr`` / ``betas``
+    / ``momentum`` at every step: those two or three), and the recipe's ``validate_group`` only when a key it read
+    changed (but ``lr``: :func:`_validate_group`). A group first seen (its dict replaced by ``load_state_dict``,
+    or appended to ``param_groups`` by hand) is validated whole. A tensor
+    written later (a tensor ``lr``: the step takes it, as torch.optim does) is validated by its value
+    (:func:`_numbers`) when a new tensor is written; one changed in place (torch's schedulers ``fill_`` a tensor
+    ``lr``) is not read back (a device sync at every step).
+
+    Raises:
+        ValueError: ``Invalid <name>=<value> in parameter group <i> of optimizer '<recipe>': expected <valid>``,
+            or the recipe's cross-field error prefixed with the group; nothing is kept, so the next step refuses
+            it again until the value is put right.
+    """
+    known = opt.__dict__.setdefault("_settings_sigs", {})  # (not copied: LowMemOptimizer._NOT_COPIED)
+    for i, group in enumerate(opt.param_groups):
+        entry = known.get(id(group))
+        if entry is None or entry.group is not group:  # (first seen: every setting)
+            record_validated(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'", check=True)
+            continue
+        now = tuple(map(group.get, entry.names, entry.missing))
+        try:
+            if now == entry.values:
+                continue
+        except Exception:  # (a tensor value: compared one by one below)
+            pass
+        changed, specs = [], _specs(opt.recipe)
+        for k, a, b in zip(entry.names, entry.values, now):
+            if a is b or _same(a, b):
+                continue
+            changed.append(k)
+            if b is not _MISSING:
+                spec = specs[k]
+                x = b if type(b) is float else _numbers(b)
+                try:
+                    ok = spec.check(x)
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:  # (the message, naming the group: HParam.validate's)
+                    spec.validate(x, where=f"parameter group {i} of optimizer '{opt.recipe.name}'")
+        if not changed:
+            continue
+        reads = entry.reads
+        if reads is not None and not reads.isdisjoint(changed):
+            reads = _validate_group(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'")
+        known[id(group)] = _Validated(group, entry.names, entry.missing, _copied(now), reads)
+
+
+def check_group_layouts(opt: Any, resized: bool | None = None, done: str = _NOTHING_STEPPED, settings: bool = True) -> None:
     """Refuse a setting that fixes the state's layout changed in ``opt.param_groups`` since its parameters'
     state was made (module docstring). Call it before anything of a step touches a parameter or its state.
     ``resized``: compare every parameter's shape and dtype with those its state was made for too
     (:func:`_check_resized`); ``False`` where the caller does it for the groups whose parameters' shape or dtype
     may have changed (:func:`check_resized`, after this call); by default ``False`` within
     :meth:`LowMemOptimizer.step`'s pass over the parameters' paths (``opt._decided`` set), else ``True``
-    (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s hooks).
+    (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s hooks). ``settings``: first refuse a setting written
+    into a group with an invalid value (:func:`check_group_settings`; the step's and the hooks' calls do).
 
     Raises:
         ValueError: Naming the group's index, the setting, its old and new value, a parameter whose state it
             changes, and what to do instead.
     """
+    if settings:
+        check_group_settings(opt)
     known = opt.__dict__.setdefault("_layout_sigs", {})  # (not copied: LowMemOptimizer._NOT_COPIED)
     if resized is None:
         resized = "_decided" not in opt.__dict__
