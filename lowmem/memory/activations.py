@@ -592,9 +592,11 @@ def _bnb_linear_functions():
 
 @contextlib.contextmanager
 def kbit_linears(model: Any):
-    """While tracing, ``model``'s quantized linears (``model.lowmem_kbit = (kind, compute dtype, module names, 4-bit
-    absmax block size with double quantization or 0)``, set by the estimate) run :func:`_bnb_linear_functions`' stand-ins: what bitsandbytes' layers de-quantize (the weight,
-    in the forward and again in the backward) and keep (an 8-bit layer's input, ``ctx.A``) at the moments it lives."""
+    """While tracing, ``model``'s quantized linears run :func:`_bnb_linear_functions`' stand-ins: what bitsandbytes'
+    layers de-quantize (the weight, in the forward and again in the backward) and keep (an 8-bit layer's input,
+    ``ctx.A``), at the moments it lives. ``model.lowmem_kbit`` (set by the estimate) is ``(kind: "int8" or "nf4" for
+    any 4-bit type, the 4-bit compute dtype, the quantized linears' names without peft's wrapping, the 4-bit absmax
+    block size with double quantization or 0)``; without it nothing changes."""
     spec = getattr(model, "lowmem_kbit", None)
     if spec is None:
         yield
@@ -609,7 +611,8 @@ def kbit_linears(model: Any):
             def forward(x, mod=mod):
                 if kind == "int8":
                     return int8.apply(x, mod.weight, mod.bias)
-                out = nf4.apply(x.to(compute), mod.weight, None if mod.bias is None else mod.bias.to(compute), compute, blocksize)
+                bias = None if mod.bias is None else mod.bias.to(compute)
+                out = nf4.apply(x.to(compute), mod.weight, bias, compute, blocksize)
                 return out.to(x.dtype)
             mod.forward = forward
             patched.append(mod)
