@@ -549,6 +549,80 @@ def traced_experts(model: Any):
             del mod.forward
 
 
+def _bnb_linear_functions():
+    """The traced stand-ins of bitsandbytes' k-bit matmuls (``MatMul8bitFp``, ``MatMul4Bit``: their CPU training
+    path), allocating what they allocate and keeping what their autograd contexts keep, on the trace's fake tensors."""
+    import torch
+
+    class Int8(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, weight, bias):
+            # the codes de-quantized in the input's dtype (``CB.to(A.dtype)``) times the rows' float32 scales
+            cb = torch.empty(weight.shape, dtype=a.dtype, device=a.device)
+            cb.mul_(torch.empty(weight.shape[0], 1, dtype=torch.float32, device=a.device))
+            out = torch.nn.functional.linear(a, cb, bias)
+            ctx.a, ctx.shape = a, a.shape  # ``ctx.A``: held by the context to the end of the backward pass
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            if grad.dim() == 3:
+                grad = grad.reshape(-1, grad.shape[-1]).contiguous()
+            cb = torch.empty((grad.shape[-1], ctx.shape[-1]), dtype=ctx.a.dtype, device=grad.device)
+            cb.mul_(torch.empty(cb.shape[0], 1, dtype=torch.float32, device=grad.device))
+            return torch.matmul(grad.to(ctx.a.dtype), cb).view(ctx.shape), None, None
+
+    class Nf4(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, weight, bias, compute, blocksize):
+            w = torch.empty(weight.shape, dtype=compute, device=a.device)  # ``dequantize_4bit``
+            out = torch.nn.functional.linear(a, w.to(a.dtype), bias)
+            ctx.shape, ctx.compute, ctx.blocksize = weight.shape, compute, blocksize
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.blocksize:  # double quantization: the blocks' absmax de-quantized (float32) first
+                torch.empty(ctx.shape.numel() // ctx.blocksize, dtype=torch.float32, device=grad.device)
+            w = torch.empty(ctx.shape, dtype=ctx.compute, device=grad.device).to(grad.dtype)
+            return torch.matmul(grad, w), None, None, None, None
+
+    return Int8, Nf4
+
+
+@contextlib.contextmanager
+def kbit_linears(model: Any):
+    """While tracing, ``model``'s quantized linears run :func:`_bnb_linear_functions`' stand-ins: what bitsandbytes'
+    layers de-quantize (the weight, in the forward and again in the backward) and keep (an 8-bit layer's input,
+    ``ctx.A``), at the moments it lives. ``model.lowmem_kbit`` (set by the estimate) is ``(kind: "int8" or "nf4" for
+    any 4-bit type, the 4-bit compute dtype, the quantized linears' names without peft's wrapping, the 4-bit absmax
+    block size with double quantization or 0)``; without it nothing changes."""
+    spec = getattr(model, "lowmem_kbit", None)
+    if spec is None:
+        yield
+        return
+    import torch
+
+    kind, compute, names, blocksize = spec
+    int8, nf4 = _bnb_linear_functions()
+    patched = []
+    for name, mod in model.named_modules():  # (the names without peft's wrapping: its model, base layers)
+        if name.removeprefix("base_model.model.").removesuffix(".base_layer") in names and isinstance(mod, torch.nn.Linear):
+            def forward(x, mod=mod):
+                if kind == "int8":
+                    return int8.apply(x, mod.weight, mod.bias)
+                bias = None if mod.bias is None else mod.bias.to(compute)
+                out = nf4.apply(x.to(compute), mod.weight, bias, compute, blocksize)
+                return out.to(x.dtype)
+            mod.forward = forward
+            patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
 @contextlib.contextmanager
 def unpacked_positions():
     """transformers' packed-sequence detection (``masking_utils.find_packed_sequence_indices``) answers "not packed"
@@ -1230,7 +1304,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     try:
         head = (trl_fused_head(model, "cpu" if fused_head is True else fused_head) if fused_head
                 else contextlib.nullcontext())
-        with mode, traced_experts(model), unpacked_positions(), head, (_Live() if backward else contextlib.nullcontext()):
+        with mode, traced_experts(model), unpacked_positions(), kbit_linears(model), head, (_Live() if backward else contextlib.nullcontext()):
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused_head else {})).loss

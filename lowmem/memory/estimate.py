@@ -1566,6 +1566,13 @@ def estimate_memory(
         largest = max((p.numel() for _, p in params if id(p) in quantized), default=0)
         dequantized = largest * (compute_bytes + (act_bytes if act_bytes != compute_bytes else 0))
 
+    if traced:
+        # the traced step runs bitsandbytes' stand-ins (activations.kbit_linears): its moments hold the de-quantized
+        # weights and an 8-bit layer's kept inputs where they live (Phi3 h64 LoRA r=64 1 x 32 fp32: the largest
+        # de-quantized weight and the held inputs added to every moment instead were int8 0.950 / nf4 0.980 of the
+        # measured peak, the trace's moments 1.0004); the held inputs stay a part (int8_held_inputs), not added
+        dequantized = 0
+
     # a head tied to the input embedding (Gemma, Qwen2 / Llama-3.2 small sizes, GPT-2): autograd sums the weight's
     # two gradients before accumulating them, so at the end of the backward pass the head's contribution, the
     # embedding's and their sum are live together: two weight-sized tensors above the gradient (measured)
@@ -1602,7 +1609,7 @@ def estimate_memory(
         all_but_embedding = sum(b for i, b in by_id.items() if i != id(emb))
     trace_model: list[nn.Module] = []
     # the trace depends on the model, dtype and trainable set, not on the optimizer: shared within a sizing_cache()
-    trace_key = ("activation trace", config.to_json_string(use_diff=False), str(param_dtype), spec is not None, repr(lcfg),
+    trace_key = ("activation trace", config.to_json_string(use_diff=False), str(param_dtype), repr(spec), repr(lcfg),
                  tuple(n for n, p in _unique_params(meta) if not p.requires_grad)) if traced else None
     trace_cache: dict = cache.setdefault(trace_key, {}) if traced and cache is not None else {}
 
@@ -1612,6 +1619,10 @@ def estimate_memory(
         if traced:  # any other architecture: what its own forward saves, traced on fake tensors
             if not trace_model:
                 trace_model.append(_meta_model_like(meta, config, param_dtype, spec is not None, lcfg))
+                if spec is not None:  # the quantized linears run bitsandbytes' stand-ins (activations.kbit_linears)
+                    trace_model[0].lowmem_kbit = ("int8" if spec.is_int8 else "nf4", spec.compute_dtype or param_dtype,
+                                                  frozenset(quantized.values()),
+                                                  spec.blocksize if spec.double_quant and not spec.is_int8 else 0)
             if head_parts is not None:  # TRL's fused head itself, in its step (the target device's kernels)
                 return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, fused_head=True,
                                                fused_head_device=device)
@@ -1696,7 +1707,10 @@ def estimate_memory(
         held = seqs * s * int8_held[bool(ckpt)]
         if held:  # live at every moment of the step (the backward's included)
             parts["int8_held_inputs"] = held
-            parts["total"] += held
+            if traced:  # in the traced moments already (activations.kbit_linears)
+                held = 0
+            else:
+                parts["total"] += held
         if early_grads is not None and "backward_peak" in parts:
             # traced step (the weights' gradients formed): the backward's peak of activations and gradients, as the
             # gradient bytes that, with the activations' maximum, make it
