@@ -35,7 +35,7 @@ from lowmem.bench import (
     BASELINE, SPREAD_LIMIT, _Contender, _rng_state, _state_bytes, parse_variant, round_slices, step_time_ratios,
     summarize_ratios, train_interleaved,
 )
-from lowmem.bench_peers import PEERS, Recommended, get_peer, peer_label, probe_peer, recommended
+from lowmem.bench_peers import PEERS, Recommended, get_peer, peer_label, peers_for, probe_peer, recommended
 from lowmem.io import write_files_atomic
 
 BOS, EOS, PAD = 256, 257, 258
@@ -225,14 +225,23 @@ def build_optimizer(entry: Entry, model, rank: int) -> tuple[torch.optim.Optimiz
 
 
 def plan_entries(optimizers: list[str], peers: bool, lr_sweep: bool, lr: float | None = None,
-                 device: str = "cpu") -> tuple[list[Entry], dict[str, str]]:
+                 device: str = "cpu", left_out: dict[str, str] | None = None) -> tuple[list[Entry], dict[str, str]]:
     """The rows to train (baseline first) and the peers skipped with their reasons. ``lr`` replaces
     every recommended lr (one lr for all); a row's own ``lr=`` (``lion:lr=1e-3``) replaces its recommended
-    lr and is an error beside ``lr`` or ``lr_sweep`` (both would set the lr that row trains at)."""
+    lr and is an error beside ``lr`` or ``lr_sweep`` (both would set the lr that row trains at). ``peers`` adds
+    the peers of the named recipes (:func:`~lowmem.bench_peers.peers_for`; every peer when only the baseline or
+    ``peer:NAME`` rows are named, as ``--shapes`` does), each probed first; a peer row named too runs once. The
+    others are put into ``left_out`` (``peer:NAME`` -> why), when given."""
     names = [BASELINE] + [n for n in optimizers if n != BASELINE]
     skipped: dict[str, str] = {}
     if peers:
-        for p in PEERS:
+        named = {parse_variant(n)[0] for n in names if not n.startswith("peer:")} - {BASELINE}
+        chosen, left = peers_for(named, PEERS)
+        if left_out is not None:
+            left_out.update({k: v for k, v in left.items() if k not in names})
+        for p in chosen:
+            if peer_label(p) in names:
+                continue
             why = probe_peer(p, device)
             if why is None:
                 names.append(peer_label(p))
@@ -331,7 +340,8 @@ def run_text_bench(
             row trains at and shows (an error with ``lr`` or ``lr_sweep``).
         task: The model and data size (:class:`TextTask`).
         seeds: Runs with seeds 0..seeds-1 (initial weights and batches).
-        peers: Add the installed peer packages' rows (``peer:NAME``); missing ones are listed as skipped.
+        peers: Add the installed peer packages' rows (``peer:NAME``) of the named recipes (all of them when none
+            is named; the others in ``meta["left_out_peers"]``); missing ones are listed as skipped.
         lr_sweep: Also train each row at its lr times each factor of :data:`LR_SWEEP_FACTORS`.
         lr: One peak lr for every row instead of the recommended ones.
         rank: Rank of the subspace recipes (and peers); default hidden size / 4.
@@ -357,7 +367,8 @@ def run_text_bench(
     t_start = time.perf_counter()
     try:
         data = load_text(task, root)
-        entries, skipped = plan_entries(optimizers, peers, lr_sweep, lr, device)
+        left_out: dict[str, str] = {}
+        entries, skipped = plan_entries(optimizers, peers, lr_sweep, lr, device, left_out)
         evals = eval_batches(data.heldout, task)
         per_seed: list[dict[str, dict[str, Any]]] = []
         for seed in range(seeds):
@@ -393,7 +404,8 @@ def run_text_bench(
         "threads": torch.get_num_threads() if threads is None else threads,
         "params": results[0].trainable_params, "train_files": len(data.train_files),
         "heldout_files": len(data.heldout_files), "train_bytes": len(data.train), "heldout_bytes": len(data.heldout),
-        "stdlib": str(root or stdlib_root()), "skipped_peers": skipped, "lr_sweep": list(LR_SWEEP_FACTORS) if lr_sweep else None,
+        "stdlib": str(root or stdlib_root()), "skipped_peers": skipped, "left_out_peers": left_out,
+        "lr_sweep": list(LR_SWEEP_FACTORS) if lr_sweep else None,
         "wall_s": time.perf_counter() - t_start, "torch": torch.__version__,
     }
     return results, meta
@@ -454,6 +466,9 @@ def to_markdown(results: list[TextResult], meta: dict[str, Any]) -> str:
                    f"subspace rank {meta['rank']}; {meta['threads']} CPU thread(s), device {meta['device']}.")]
     if meta.get("skipped_peers"):
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items()) + "."]
+    if meta.get("left_out_peers"):
+        lines += ["", "Peers left out (their recipe is not among the named optimizers): "
+                  + ", ".join(meta["left_out_peers"]) + "."]
     lines += ["", "lr sources: " + "; ".join(f"{r.optimizer}: {r.lr_source}" for r in rows) + "."]
     return "\n".join(lines) + "\n"
 
