@@ -1096,9 +1096,12 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
     "Conversation roles must alternate user/assistant/user/assistant/...") was a ``jinja2`` traceback when TRL
     prepared the dataset (SFT, DPO) or at the first generation (GRPO), after the model loaded.
 
+    A ``tools`` column (SFT, DPO) is passed as TRL passes it (JSON text decoded); a template that renders the first row
+    holding tools the same as without them does not render tools, and TRL dropped them without a word.
+
     Raises:
         ValueError: Naming the file, the row (and line, for JSON Lines), the template's message and the roles of
-            that row.
+            that row; a ``tools`` cell that is not JSON, or tools the template does not render.
     """
     import jinja2
 
@@ -1107,20 +1110,56 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
     template = getattr(tokenizer, "chat_template", None)
     if template is not None and template == data.rendered_with:
         return  # these rows, this template: checked before the model loaded (recipe_data)
+    # TRL's SFT and DPO pass a row's ``tools`` column to the template (json.loads of a string); GRPO's reward functions get it
+    with_tools = data.format.columns != ("prompt",) and "tools" in data.format.extra_columns
+    compare = with_tools  # until one row with tools shows that the template renders them
     for rows, where in ((data.train, source), (data.eval, eval_source)):
         if rows is None:
             continue
         for i in _rows_to_render(rows, data.format):
+            tools = _row_tools(rows[i], where, i) if with_tools else None
             for messages, open_turn in _conversations(rows[i], data.format):
                 try:
-                    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+                    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn,
+                                                         tools=tools)
                     _check_parts_rendered(messages, text, where, i)
+                    if compare and tools and text == tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                       add_generation_prompt=open_turn):
+                        raise ValueError(
+                            f"{where}: column 'tools' of row {_row_where(where, i)} holds tool schemas "
+                            f"({', '.join(_tool_names(tools))}), but the chat template does not render tools: the row "
+                            "renders the same without them, so the model would learn the calls without ever seeing the "
+                            "tools (TRL passes the column to the template without a word); set chat_template to one "
+                            "that renders `tools` (your model's tool-calling template), or remove the column")
+                    compare = compare and not tools
                 except jinja2.TemplateError as err:
                     roles = [m.get("role") for m in messages]
                     raise ValueError(f"{where}: the chat template refuses row {_row_where(where, i)} (roles {roles}): "
                                      f"{type(err).__name__}: {err}; change the row (e.g. fold a system message into the "
                                      "first user turn) or set chat_template to one that takes it") from None
     data.rendered_with = template
+
+
+def _row_tools(row: dict[str, Any], where: str, i: int) -> list[Any] | None:
+    """The ``tools`` cell of ``row`` as TRL's SFT and DPO trainers hand it to the chat template: JSON text decoded
+    (a Parquet / CSV cell), a list as it is, an empty value as `None`."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except ValueError as err:
+            raise ValueError(f"{where}: column 'tools' of row {_row_where(where, i)} is not JSON ({err}): TRL decodes "
+                             "a string there with json.loads; write the tool schemas as a JSON list") from None
+    return tools or None
+
+
+def _tool_names(tools: Any) -> list[str]:
+    """The function names of a ``tools`` list (OpenAI's ``{"type": "function", "function": {"name": ...}}``)."""
+    names = []
+    for t in tools if isinstance(tools, list) else [tools]:
+        f = t.get("function", t) if isinstance(t, dict) else t
+        names.append(repr(f.get("name")) if isinstance(f, dict) and f.get("name") else _short(t))
+    return names
 
 
 @dataclass
@@ -1298,7 +1337,58 @@ def recipe_data(recipe: Any) -> TrainData | None:
         ensure_chat_template(tokenizer, data.format, None, model=recipe.model, source=str(recipe.dataset))
         check_template_renders(tokenizer, data, source=str(recipe.dataset),
                                eval_source=str(recipe.eval_dataset or "eval_split"))
+    check_loss_fields(recipe, data)
     return data
+
+
+def check_loss_fields(recipe: Any, data: TrainData) -> None:
+    """SFTConfig's loss-masking fields against the data they mask (SFT on a ``dataset``), before the model loads.
+
+    * ``completion_only_loss: true`` on data without a completion (``text``, ``messages``): TRL applies it to
+      prompt-completion rows only and trained on every token of these (a ``messages`` row's system prompt and user
+      turns included) without a word. Refused unless ``assistant_only_loss: true`` masks the rows instead.
+    * ``assistant_only_loss: true`` on standard data: TRL's ``ValueError`` came after the model loaded.
+    * ``assistant_only_loss: true`` with a row that has no assistant message (every row of the training and eval data,
+      from Arrow's role lists): TRL stopped after the model loaded with a ``RuntimeError`` traceback that blamed the
+      template ("it may be missing the {% generation %} keyword").
+
+    Raises:
+        ConfigError: Naming the field, the data's format or the rows (their lines for JSON Lines) and the fix.
+    """
+    from .config import ConfigError
+
+    ta = getattr(recipe, "training_args", None) or {}
+    if recipe.trainer != "sft" or data is None:
+        return
+    fmt, source = data.format, str(recipe.dataset)
+    assistant = ta.get("assistant_only_loss") is True
+    if ta.get("completion_only_loss") is True and fmt.name != "prompt-completion" and not assistant:
+        fix = ("set assistant_only_loss: true for the loss on the assistant turns only (the chat template marks them "
+               "with {% generation %})" if fmt.conversational else "write the rows as prompt + completion columns")
+        raise ConfigError(f"completion_only_loss=true applies to prompt-completion data (columns 'prompt' and "
+                          f"'completion') only, and {source} is {fmt.describe()}: TRL would train on every token of it "
+                          f"without a word; {fix}, or drop completion_only_loss")
+    if not assistant:
+        return
+    if not fmt.conversational:
+        instead = ("completion_only_loss (on by default for prompt-completion data) trains on the completions only"
+                   if fmt.name == "prompt-completion" else "write the rows as messages or as prompt + completion")
+        raise ConfigError(f"assistant_only_loss=true needs conversational data (lists of role/content messages, the "
+                          f"assistant turns marked by the chat template), and {source} is {fmt.describe()}; "
+                          f"drop assistant_only_loss: {instead}")
+    for rows, where in ((data.train, source), (data.eval, str(recipe.eval_dataset or "eval_split"))):
+        if rows is None:
+            continue
+        roles = [sum(seqs, ()) for seqs in zip(*(_role_sequences(rows, c) for c in fmt.columns))]
+        missing = [i for i, r in enumerate(roles) if "assistant" not in r]
+        if missing:
+            named = ", ".join(f"{_row_where(where, i)} (roles {list(roles[i])})" for i in missing[:3])
+            raise ConfigError(f"assistant_only_loss=true: {len(missing)} row{'s' if len(missing) > 1 else ''} of {where} "
+                              f"{'have' if len(missing) > 1 else 'has'} no assistant message, so nothing of "
+                              f"{'them' if len(missing) > 1 else 'it'} would be trained (TRL stops on such a row after "
+                              f"the model loaded): row{'s' if len(missing) > 1 else ''} {named}"
+                              f"{', ...' if len(missing) > 3 else ''}; add the assistant's answer, remove those rows, "
+                              "or drop assistant_only_loss")
 
 
 def _texts(value: Any) -> list[str]:

@@ -85,7 +85,6 @@ def _data(user, dataset, **fields):
     return recipe_data(load_recipe(None, model=str(user / "model"), dataset=str(user / dataset), lr=1e-3, **fields))
 
 
-@pytest.mark.xfail(strict=True, reason="completion_only_loss=true on data without a completion was ignored by TRL")
 @pytest.mark.parametrize("dataset, says", [("text.csv", "text"), ("chat.parquet", "assistant_only_loss: true")])
 def test_completion_only_loss_without_a_completion_is_refused(user, dataset, says):
     with pytest.raises(ConfigError, match=r"completion_only_loss=true .*prompt-completion") as err:
@@ -99,21 +98,18 @@ def test_completion_only_loss_where_it_applies_passes(user):
     assert _data(user, "chat.parquet", completion_only_loss=False).format.name == "messages"
 
 
-@pytest.mark.xfail(strict=True, reason="TRL's RuntimeError after the model loaded, blaming the template")
 def test_assistant_only_loss_row_without_an_assistant_turn_is_named(user):
     with pytest.raises(ConfigError, match=r"assistant_only_loss=true.* 1 row.* 3 \(line 4\).*\['system', 'user'\]"):
         _data(user, "no_answer.jsonl", assistant_only_loss=True)
     assert _data(user, "no_answer.jsonl").train.num_rows == 6  # without the field the row trains (every token)
 
 
-@pytest.mark.xfail(strict=True, reason="TRL's ValueError came after the model loaded")
 @pytest.mark.parametrize("dataset", ["text.csv", "pc.jsonl"])
 def test_assistant_only_loss_on_standard_data_is_refused_before_the_model_loads(user, dataset):
     with pytest.raises(ConfigError, match=r"assistant_only_loss=true .*conversational .*standard"):
         _data(user, dataset, assistant_only_loss=True)
 
 
-@pytest.mark.xfail(strict=True, reason="a tools column the chat template does not render was dropped without a word")
 def test_a_tools_column_the_template_ignores_is_refused(user):
     with pytest.raises(ValueError, match=r"'tools'.*does not render"):
         _data(user, "tools.jsonl", assistant_only_loss=True)
