@@ -60,7 +60,12 @@ not from ``state_dict()``), refuses any setting written into a group with a valu
 user's ``beta2 = 1.5``, ``lr = -1.0``): the construction's ``Invalid <name>=...`` error, naming the group, before
 anything is stepped. It validates only the values that changed since its last check (a steady step: one tuple compare
 per group, about 1.2 us hot / 3 us inside a step; OneCycleLR's ``lr`` + ``betas`` write: about 10 us inside a step,
-100 parameters, 2026-12-01).
+100 parameters, 2026-12-01). A key added to a group later that reads as a misspelled setting (``betas1``,
+``weight_decy``: :func:`~lowmem.optim.hparams.misspelled_settings`) is refused the same way, with the construction's
+hint; other added keys (schedulers' ``initial_lr``, ``max_momentum``, ..., a library's own tags) are accepted, as
+torch.optim accepts them (the group's keys compared as one tuple: about 0.12 us a group more a step). An optimizer
+that does not step with its ``lr`` (Adafactor's ``relative_step``) checks an ``lr`` written later itself
+(``_check_written_lr``: :func:`_written_lr`).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .hparams import check_written_keys
 from .sharded import is_dtensor, local, state_layout
 
 _MISSING = object()  # (a key the group does not have)
@@ -391,13 +397,14 @@ class _Validated(NamedTuple):
     missing: tuple  # ``_MISSING`` once per name (the default of the C-level ``map(group.get, ...)``)
     values: tuple  # their values when last validated (:func:`_copied`; ``_MISSING``: not in the group)
     reads: frozenset | None  # the keys the recipe's ``validate_group`` read (``None``: it has none)
+    keys: tuple  # the group's keys, in order, when they were last checked (:func:`~lowmem.optim.hparams.check_written_keys`)
 
 
 def _validate_group(opt: Any, group: dict[str, Any], where: str) -> frozenset:
     """The recipe's cross-field check (``Recipe.validate_group``) of ``group``, on a copy that records the keys it
     reads (:class:`_Reads`): its verdict changes only when one of them does. Its error names the group, as
     :meth:`LowMemOptimizer.add_param_group`'s does."""
-    seen = _Reads(group)
+    seen = _Reads(_written_lr(opt, group, where))
     try:
         opt.recipe.validate_group(seen)
     except ValueError as e:
@@ -417,12 +424,23 @@ def record_validated(opt: Any, group: dict[str, Any], where: str, check: bool = 
     names = tuple(specs)
     values = tuple(group.get(k, _MISSING) for k in names)
     if check:
+        check_written_keys(opt.recipe, group, where=where)
         for k, v in zip(names, values):
             if v is not _MISSING:
                 specs[k].validate(_numbers(v), where=where)
     reads = None if opt.recipe.validate_group is None else _validate_group(opt, group, where)
     opt.__dict__.setdefault("_settings_sigs", {})[id(group)] = _Validated(
-        group, names, (_MISSING,) * len(names), _copied(values), reads)
+        group, names, (_MISSING,) * len(names), _copied(values), reads, tuple(group))
+
+
+def _written_lr(opt: Any, group: dict[str, Any], where: str) -> dict[str, Any]:
+    """``group`` as the recipe's cross-field check is to see it, after the optimizer's own check of an ``lr`` it does
+    not step with (``_check_written_lr``: Adafactor's ``relative_step`` groups, where ``None``, ``0.0`` and the
+    step size it reports, transformers' ``AdafactorSchedule``'s write, stand for ``None`` and any other value is
+    refused, :meth:`~lowmem.optim.recipes.full_rank.Adafactor._check_written_lr`); ``group`` itself for the
+    others."""
+    check = getattr(opt, "_check_written_lr", None)
+    return group if check is None else check(group, where)
 
 
 def _numbers(value: Any) -> Any:
@@ -460,7 +478,9 @@ def check_group_settings(opt: Any) -> None:
     word. Cheap at every step: one C-level tuple of the recipe's settings per group, compared with the values last
     validated; only the settings whose value changed are validated again (``OneCycleLR`` writing ``lr`` / ``betas``
     / ``momentum`` at every step: those two or three), and the recipe's ``validate_group`` only when a key it read
-    changed (but ``lr``: :func:`_validate_group`). A group first seen (its dict replaced by ``load_state_dict``,
+    changed (but ``lr``: :func:`_validate_group`; an ``lr`` the optimizer does not step with: :func:`_written_lr`).
+    A key added or renamed that reads as a misspelled setting is refused
+    (:func:`~lowmem.optim.hparams.check_written_keys`). A group first seen (its dict replaced by ``load_state_dict``,
     or appended to ``param_groups`` by hand) is validated whole. A tensor
     written later (a tensor ``lr``: the step takes it, as torch.optim does) is validated by its value
     (:func:`_numbers`) when a new tensor is written; one changed in place (torch's schedulers ``fill_`` a tensor
@@ -477,6 +497,10 @@ def check_group_settings(opt: Any) -> None:
         if entry is None or entry.group is not group:  # (first seen: every setting)
             record_validated(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'", check=True)
             continue
+        keys = tuple(group)
+        if keys != entry.keys:  # (a key added, removed or renamed: a misspelled setting refused; about 0.13 us)
+            check_written_keys(opt.recipe, group, where=f"parameter group {i} of optimizer '{opt.recipe.name}'")
+            entry = known[id(group)] = entry._replace(keys=keys)
         now = tuple(map(group.get, entry.names, entry.missing))
         try:
             if now == entry.values:
@@ -499,10 +523,12 @@ def check_group_settings(opt: Any) -> None:
                     spec.validate(x, where=f"parameter group {i} of optimizer '{opt.recipe.name}'")
         if not changed:
             continue
+        if "lr" in changed:  # (an lr the step would not use: Adafactor's relative_step; _written_lr)
+            _written_lr(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'")
         reads = entry.reads
         if reads is not None and not reads.isdisjoint(changed):
             reads = _validate_group(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'")
-        known[id(group)] = _Validated(group, entry.names, entry.missing, _copied(now), reads)
+        known[id(group)] = _Validated(group, entry.names, entry.missing, _copied(now), reads, entry.keys)
 
 
 def check_group_layouts(opt: Any, resized: bool | None = None, done: str = _NOTHING_STEPPED, settings: bool = True) -> None:

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -348,4 +348,57 @@ def check_group_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "", 
         f"Unknown parameter-group key(s) {unknown}{loc}"
         + ("" if f"optimizer '{recipe.name}'" in where else f" of optimizer '{recipe.name}'")
         + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; valid: {valid}"
+    )
+
+
+#: Prefixes of the keys schedulers add to a group next to a setting they drive (torch's ``initial_lr`` /
+#: ``max_lr`` / ``min_lr`` / ``base_momentum`` / ``max_momentum``, SWALR's ``swa_lr``, timm's
+#: ``initial_<field>``): a key ``<prefix><setting>`` written later is never read as a misspelled setting.
+SCHEDULER_KEY_PREFIXES = ("initial_", "max_", "min_", "base_", "swa_")
+
+
+def misspelled_settings(recipe: Any, keys: Iterable[Any]) -> list[Any]:
+    """The keys of ``keys`` that are not valid group keys of ``recipe`` (:func:`valid_group_keys`) and read as a
+    misspelling of one of its settings: another package's spelling of it (:data:`PEER_SPELLINGS`,
+    :data:`PEER_NO_OPS`), or a close match (``difflib`` ratio >= 0.75: ``betas1`` / ``beta2`` -> ``betas``,
+    ``weight_decy`` -> ``weight_decay``, ``rnak`` -> ``rank``) that is not ``<prefix><setting>`` with a
+    :data:`SCHEDULER_KEY_PREFIXES` prefix. Any other unknown key is some library's own bookkeeping (torch.optim
+    ignores extra keys; schedulers write some) and is not returned."""
+    import difflib
+
+    settings = list(recipe.all_hparams())
+    valid = set(valid_group_keys(recipe))
+    out = []
+    for k in keys:
+        if k in valid or not isinstance(k, str):
+            continue
+        if k in PEER_NO_OPS or (k in PEER_SPELLINGS and PEER_SPELLINGS[k][0] in settings):
+            out.append(k)
+            continue
+        if any(k.startswith(pre) and k[len(pre):] in settings for pre in SCHEDULER_KEY_PREFIXES):
+            continue
+        if difflib.get_close_matches(k, settings, n=1, cutoff=0.75):
+            out.append(k)
+    return out
+
+
+def check_written_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "") -> None:
+    """Refuse a key written into a parameter group after construction that reads as a misspelled setting
+    (:func:`misspelled_settings`: ``group["betas1"] = 0.8``, ``group["weight_decy"] = 0.0``), which the step would
+    ignore, the intended setting unchanged: the construction's message (:func:`check_group_keys`' hints). Other
+    unknown keys are accepted, as torch.optim accepts them (schedulers' and other libraries' bookkeeping).
+
+    Raises:
+        ValueError: Naming the key(s), the setting each is closest to, and every valid key.
+    """
+    wrong = misspelled_settings(recipe, group)
+    if not wrong:
+        return
+    valid = valid_group_keys(recipe)
+    hints = unknown_key_hints(sorted(wrong, key=str), valid)
+    loc = f" in {where}" if where else f" of optimizer '{recipe.name}'"
+    raise ValueError(
+        f"Unknown parameter-group key(s) {sorted(wrong, key=str)} written{loc} after construction"
+        + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+        + f": the step reads only the optimizer's settings, so it would change nothing; valid: {valid}"
     )

@@ -6,10 +6,14 @@ signature users know (``torch.optim.AdamW``, ``transformers.optimization.Adafact
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
+
+import torch
 
 from ..engine import LowMemOptimizer, Recipe
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, is_bool, nonneg, optional, in_unit_interval
+from ..functional.adafactor import adafactor_param_scale, adafactor_relative_lr
 from ..moments import AdamMoments, FactoredMoments, adafactor_lr
 from ..registry import register
 
@@ -103,6 +107,10 @@ class Adafactor(LowMemOptimizer):
     Matrices keep ``rows + cols`` second-moment entries, vectors a full one; with ``beta1`` a full
     first moment is added.
 
+    With ``relative_step=True`` the step does not read ``lr``: one written into such a group later is refused at the
+    next step but ``None``, ``0.0`` and the step size :meth:`_get_lr` reports (transformers' ``AdafactorSchedule``
+    writes it there; :meth:`_check_written_lr`).
+
     Differences from ``torch.optim.Adafactor`` (documented in ``docs/optimizers.md``): torch uses
     ``beta2_decay=-0.8`` with ``eps1=None`` (dtype-based), no update clipping threshold argument,
     no relative step / parameter scaling, no first moment, and weight decay ``lr * wd``.
@@ -147,6 +155,58 @@ class Adafactor(LowMemOptimizer):
             params, foreach=foreach, lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
             weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
             warmup_init=warmup_init, state_dtype=state_dtype,
+        )
+
+    def _get_lr(self, param_group: dict[str, Any], param_state: dict[str, Any]) -> float:
+        """The step size of ``param_group``'s last step, as a float: transformers' ``Adafactor._get_lr(param_group,
+        param_state)``, which ``transformers.optimization.AdafactorSchedule`` calls (with the state of the group's
+        first parameter) to report the relative step size as the scheduler's lr. ``rho_t`` (the relative step size
+        at the state's step count ``t``; 1 before the first step, or ``lr`` without ``relative_step``) times
+        ``max(eps2, RMS(X))`` with ``scale_parameter``, ``X`` the group's first parameter as it is now
+        (transformers keeps ``RMS(X_{t-1})`` as a float in its state; lowmem keeps no float, so after step ``t`` the
+        scale is that of ``X_t``: a report, not what the step uses). One host read of the parameter's RMS."""
+        step = param_state.get("step") if isinstance(param_state, dict) else None
+        t = max(1.0, float(step)) if step is not None else 1.0
+        rho = adafactor_relative_lr(t, param_group["warmup_init"]) if param_group["relative_step"] else param_group["lr"]
+        if not param_group["scale_parameter"]:
+            return float(rho)
+        p = param_group["params"][0]
+        with torch.no_grad():
+            x = p.full_tensor() if hasattr(p, "full_tensor") else p  # (an FSDP2 parameter: the whole one's RMS)
+            scale = float(adafactor_param_scale(x.detach().float(), param_group["eps"][1]))
+        return scale * float(rho)
+
+    def _check_written_lr(self, group: dict[str, Any], where: str) -> dict[str, Any]:
+        """An ``lr`` found in a ``relative_step`` group after construction (written later, or loaded by
+        ``load_state_dict``), which the step does not use (it computes its own step size): accepted when it changes
+        nothing a user meant, ``None``, ``0.0`` (torch.distributed.checkpoint's state initialization steps once
+        with ``lr = 0.0``) or the step size :meth:`_get_lr` reports now (what transformers' ``AdafactorSchedule``
+        writes there after each step; relative tolerance 1e-5, a checkpoint resumed on another device); any other
+        value is refused (a user's ``group["lr"] = 1e-3`` would be ignored without a word). Returns the group as
+        the recipe's cross-field check (:func:`_check_adafactor_group`) is to see it: with ``lr = None`` when the
+        value is such a report. Called by :func:`~lowmem.optim.group_layout.check_group_settings`.
+
+        Raises:
+            ValueError: ``Invalid lr=<value> in <where>: relative_step=True computes its own step size ...``
+                naming the accepted values and ``relative_step=False`` for an external learning rate.
+        """
+        lr = group.get("lr")
+        if lr is None or not group.get("relative_step"):
+            return group
+        x = lr.item() if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            if x == 0:
+                return {**group, "lr": None}
+            params = group.get("params") or []
+            if params:
+                reported = self._get_lr(group, self.state.get(params[0], {}))
+                if math.isclose(float(x), reported, rel_tol=1e-5, abs_tol=0.0):
+                    return {**group, "lr": None}
+        raise ValueError(
+            f"Invalid lr={lr!r} in {where}: relative_step=True computes its own step size and does not use lr; expected "
+            "None (0.0, and the step size Adafactor._get_lr reports, which transformers' AdafactorSchedule writes "
+            "there, are accepted: they change nothing). For an external learning rate set relative_step=False "
+            "(and usually scale_parameter=False) in the group"
         )
 
 
