@@ -129,21 +129,30 @@ def mixed_gradients_with_activations(master_early: int | None, low_early: int | 
     return low_early
 
 
-def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: int = 512) -> int:
+def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: int = 512, scaled: bool = True) -> int:
     """The most bytes live at once (parameters and buffers excluded) in one training forward of the float32 causal LM
     of ``config`` under ``torch.autocast("cpu", dtype)``, its loss included (the model's own, ``labels`` given), on
     fake CPU tensors: every storage an op returns counts until it is freed (nothing is allocated). The forward's end,
     a moment of its own, with no gradient: every saved tensor and the loss's float32 logits and ``nll_loss``'s
     output live together; the pure ``dtype`` estimate's moments are its backward's, which the mixed run's forward
     end can exceed (Llama h=512, 3 layers, vocab 256, 1 x 512: 74,483,728 B traced and measured (MemTracker), 70,023,168
-    as the pure run's activations plus the autocast extra)."""
+    as the pure run's activations plus the autocast extra).
+
+    A uniform stack (``scaled``, :func:`~lowmem.memory.estimate.uniform_decoder_layers`) is traced through its first
+    ``m`` and ``m + 1`` layers (``m`` = :data:`~lowmem.memory.estimate.SCALED_FROM`, 3): each inner layer adds the same
+    bytes ``b`` and repeats the same moments from where it starts, and the head's moments follow the last layer's, so
+    from layer ``m - 1`` on the peak is ``P(L) = P(m + 1) + (L - m - 1) b``, ``b = P(m + 1) - P(m)``; it holds when both
+    truncated peaks come after layer ``m - 1`` has begun (above the most live before it, recorded by a hook) and
+    ``b >= 0``, else the whole stack is traced. Llama-2-7B x 512 tokens: 7 layers traced instead of 32 (3.2 -> 0.4 s),
+    the same bytes."""
     import torch
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     from .memory.activations import traced_experts
-    from .memory.estimate import _sizing_mode, build_meta_model, lora_config, on_fake_device
+    from .memory.estimate import (SCALED_FROM, _sizing_mode, build_meta_model, first_layers, lora_config, on_fake_device,
+                                  uniform_decoder_layers)
 
     model = build_meta_model(config, torch.float32)
     lcfg = lora_config(lora)
@@ -174,16 +183,38 @@ def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, s
             return out
 
     model.train()
+
+    def trace() -> int:
+        live.clear()
+        peak[0] = 0
+        try:
+            with _sizing_mode(model), traced_experts(model):
+                ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+                with torch.autocast("cpu", dtype=dtype), _LiveBytes():
+                    out = model(input_ids=ids, labels=ids)
+                del out
+        except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
+            raise ValueError(f"the autocast forward of model_type={getattr(config, 'model_type', None)!r} cannot be traced "
+                             f"on fake tensors ({type(exc).__name__}: {exc}); its mixed-precision memory cannot be "
+                             "estimated") from exc
+        return peak[0]
+
+    layers = uniform_decoder_layers(model, config) if scaled else None
+    if layers is None:
+        return trace()
+    # the most live before layer m - 1 begins (the embeddings, masks, rotary tables, the first layers)
+    before = []
+    hook = layers[SCALED_FROM - 1].register_forward_pre_hook(lambda *_: before.append(peak[0]))
     try:
-        with _sizing_mode(model), traced_experts(model):
-            ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
-            with torch.autocast("cpu", dtype=dtype), _LiveBytes():
-                out = model(input_ids=ids, labels=ids)
-            del out
-    except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
-        raise ValueError(f"the autocast forward of model_type={getattr(config, 'model_type', None)!r} cannot be traced "
-                         f"on fake tensors ({type(exc).__name__}: {exc}); its mixed-precision memory cannot be estimated") from exc
-    return peak[0]
+        with first_layers(model, layers, SCALED_FROM):
+            short = trace()
+        with first_layers(model, layers, SCALED_FROM + 1):
+            longer = trace()
+    finally:
+        hook.remove()
+    if len(before) != 2 or short <= before[0] or longer <= before[1] or longer < short:
+        return trace()  # (a peak before the repeated layers, or a shrinking one: not their line)
+    return longer + (len(layers) - SCALED_FROM - 1) * (longer - short)
 
 
 def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):

@@ -456,7 +456,62 @@ def _meta_model_like(model: nn.Module, config: Any, dtype: torch.dtype, kbit: bo
     return meta
 
 
-def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_len: int = 8) -> dict[str, int]:
+#: a uniform stack's autocast traces (:func:`layer_scaled_bytes`) run its first ``SCALED_FROM`` and ``SCALED_FROM + 1``
+#: layers: the last two traced are inner layers (each one's predecessor is a layer, not the embeddings)
+SCALED_FROM = 3
+
+
+def uniform_decoder_layers(model: nn.Module, config: Any) -> nn.ModuleList | None:
+    """``model``'s decoder layers when there are more than three and all are of one kind
+    (:func:`~lowmem.memory.activations.layer_kinds`: the same ``layer_types`` entry, submodules and their plain
+    attributes, parameters and buffers; LoRA adapters and frozen flags included), else ``None``. A forward over such a
+    stack repeats one layer's operations on the same shapes: :func:`layer_scaled_bytes` traces its first
+    :data:`SCALED_FROM` and one more."""
+    from .activations import decoder_layers, layer_kinds
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= SCALED_FROM + 1:
+        return None
+    try:
+        layers = decoder_layers(model, n)
+    except ValueError:
+        return None
+    kinds = layer_kinds(text, layers)
+    return layers if all(k[1:] == kinds[0][1:] for k in kinds) else None
+
+
+@contextlib.contextmanager
+def first_layers(model: nn.Module, layers: nn.ModuleList, m: int):
+    """``model`` running only the first ``m`` of its decoder ``layers`` (the same modules) inside the block."""
+    from .activations import _layers_parent
+
+    parent, attr = _layers_parent(model, layers)
+    setattr(parent, attr, nn.ModuleList(list(layers)[:m]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, layers)
+
+
+def layer_scaled_bytes(model: nn.Module, config: Any, trace: Any) -> int:
+    """``trace()`` (bytes a forward of ``model`` saves or casts: one term per decoder layer, the same for every inner
+    layer, plus terms before and after the layers) for the whole stack, from traces of its first ``m`` and ``m + 1``
+    layers (``m`` = :data:`SCALED_FROM`: the last traced layer and the one before it are inner layers) when the stack is
+    uniform (:func:`uniform_decoder_layers`): ``t(L) = t(m + 1) + (L - m - 1) (t(m + 1) - t(m))``, exact
+    (``tests/test_est12_fast_mixed.py`` compares it with the whole stack's trace); else ``trace()`` of the whole
+    stack. Llama-2-7B's 32 layers: 7 traced instead of 32."""
+    layers = uniform_decoder_layers(model, config)
+    if layers is None:
+        return trace()
+    with first_layers(model, layers, SCALED_FROM):
+        short = trace()
+    with first_layers(model, layers, SCALED_FROM + 1):
+        longer = trace()
+    return longer + (len(layers) - SCALED_FROM - 1) * (longer - short)
+
+
+def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_len: int = 8, scaled: bool = True) -> dict[str, int]:
     """Bytes of the ``dtype`` copies autocast makes of the float32 parameters in one forward pass, by parameter name.
 
     Autocast casts per op, not per module: every floating operand of an op on its lower-precision list (``linear``,
@@ -475,6 +530,9 @@ def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_l
         dtype (`torch.dtype`): The autocast dtype (``torch.bfloat16`` or ``torch.float16``).
         lora (`peft.LoraConfig`, `dict` or `None`, defaults to `None`): LoRA adapters on the model (float32, cast too).
         seq_len (`int`, defaults to `8`): Tokens of the traced forward (which parameters are cast does not depend on it).
+        scaled (`bool`, defaults to `True`): A uniform stack (:func:`uniform_decoder_layers`) traced through its first
+            ``SCALED_FROM + 1`` layers, the later layers' copies those of the last of them, under their names
+            (``False``: every layer).
 
     Returns:
         `dict[str, int]`: parameter name -> bytes of its ``dtype`` copy (the elements cast, times ``dtype``'s size).
@@ -506,21 +564,37 @@ def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_l
     from .activations import traced_experts
 
     model.train()
+    layers = uniform_decoder_layers(model, config) if scaled else None
     try:  # fused experts run their own kernel (traced_experts): grouped_mm casts its input to the weight's dtype (no
         # copy of the weight), the eager loop's F.linear casts each expert's slice
-        with _sizing_mode(model), torch.no_grad(), traced_experts(model), torch.autocast("cpu", dtype=dtype), _RecordCasts():
+        with (_sizing_mode(model), torch.no_grad(), traced_experts(model), torch.autocast("cpu", dtype=dtype), _RecordCasts(),
+              first_layers(model, layers, SCALED_FROM + 1) if layers is not None else contextlib.nullcontext()):
             model(input_ids=torch.zeros(1, seq_len, dtype=torch.long))
     except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
         raise ValueError(f"the autocast copies of model_type={getattr(config, 'model_type', None)!r} cannot be traced on "
                          f"fake tensors ({type(exc).__name__}: {exc}); its mixed-precision memory cannot be estimated") from exc
-    return {n: sum(math.prod(shape) for _, shape in views) * dtype.itemsize for n, views in seen.items()}
+    out = {n: sum(math.prod(shape) for _, shape in views) * dtype.itemsize for n, views in seen.items()}
+    if layers is None:
+        return out
+    # a uniform stack (uniform_decoder_layers): its first SCALED_FROM + 1 layers traced; every later layer casts what
+    # the last traced one did, under its own names (checked: the one before it cast the same, else the whole stack)
+    where = next(n for n, m in model.named_modules() if m is layers) + "."
+    last = SCALED_FROM
+    by_layer = {i: {n[len(where) + len(str(i)) + 1:]: v for n, v in out.items() if n.startswith(f"{where}{i}.")}
+                for i in (last - 1, last)}
+    if by_layer[last - 1] != by_layer[last]:
+        return autocast_cast_bytes(config, dtype, lora, seq_len, scaled=False)
+    for i in range(last + 1, len(layers)):
+        out.update({f"{where}{i}.{n}": v for n, v in by_layer[last].items()})
+    return out
 
 
 def _fake_saved_bytes(config: Any, dtype: torch.dtype, autocast: torch.dtype | None, lcfg: Any, batch_size: int,
-                      seq_len: int) -> int:
+                      seq_len: int, scaled: bool = True) -> int:
     """Bytes of the storages one training forward of the causal LM of ``config`` saves for the backward pass
     (``saved_tensors_hooks``; parameters excluded, each storage once), its parameters ``dtype`` fake CPU tensors,
-    under ``torch.autocast("cpu", autocast)`` unless ``autocast`` is ``None``. Nothing is allocated."""
+    under ``torch.autocast("cpu", autocast)`` unless ``autocast`` is ``None``. Nothing is allocated. A uniform stack
+    (``scaled``): from its first :data:`SCALED_FROM` and one more layers (:func:`layer_scaled_bytes`)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from .activations import traced_experts
@@ -545,20 +619,28 @@ def _fake_saved_bytes(config: Any, dtype: torch.dtype, autocast: torch.dtype | N
         return t
 
     model.train()
-    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    try:
-        with _sizing_mode(model), traced_experts(model):  # fused experts: the model's own kernel
-            ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-                model(input_ids=ids, labels=ids)
-    except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
-        raise ValueError(f"the autocast activations of model_type={getattr(config, 'model_type', None)!r} cannot be traced "
-                         f"on fake tensors ({type(exc).__name__}: {exc}); its mixed-precision memory cannot be estimated") from exc
-    return sum(saved.values())
+
+    def trace() -> int:
+        saved.clear()
+        keep.clear()
+        ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        try:
+            with _sizing_mode(model), traced_experts(model):  # fused experts: the model's own kernel
+                ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+                    model(input_ids=ids, labels=ids)
+        except Exception as exc:  # noqa: BLE001  (what the model's code raised on fake tensors, re-raised with its name)
+            raise ValueError(f"the autocast activations of model_type={getattr(config, 'model_type', None)!r} cannot be "
+                             f"traced on fake tensors ({type(exc).__name__}: {exc}); its mixed-precision memory cannot be "
+                             "estimated") from exc
+        return sum(saved.values())
+
+    # each inner decoder layer saves the same bytes: a uniform stack from its first three and four layers
+    return layer_scaled_bytes(model, config, trace) if scaled else trace()
 
 
 def autocast_extra_saved_bytes(config: Any, dtype: torch.dtype, lora: Any = None, batch_size: int = 1,
-                               seq_len: int = 512) -> int:
+                               seq_len: int = 512, scaled: bool = True) -> int:
     """Bytes that a training forward under ``torch.autocast(dtype)`` of the float32 model saves beyond what the same
     forward of the model in pure ``dtype`` saves: the difference of two traces of the model's own code
     (:func:`_fake_saved_bytes`, fake CPU tensors; CUDA's autocast casts the same matmul operands).
@@ -570,7 +652,9 @@ def autocast_extra_saved_bytes(config: Any, dtype: torch.dtype, lora: Any = None
     float32; the ``dtype`` logits saved next to their float32 copy. Measured on a tiny Llama (h=256, b4 x 64): the
     trace equals the storages a real CPU autocast forward saves, to the byte.
 
-    A forward's saved bytes are affine in the batch: a batch above 2 is extrapolated from traces at 1 and 2.
+    A forward's saved bytes are affine in the batch: a batch above 2 is extrapolated from traces at 1 and 2; and
+    in the number of layers of a uniform stack: it is traced through its first three and four layers
+    (:func:`layer_scaled_bytes`; ``scaled=False``: the whole stack).
 
     Args:
         config (`PretrainedConfig`): The causal LM's config.
@@ -585,8 +669,8 @@ def autocast_extra_saved_bytes(config: Any, dtype: torch.dtype, lora: Any = None
     lcfg = lora_config(lora)
 
     def diff(b: int) -> int:
-        return (_fake_saved_bytes(config, torch.float32, dtype, lcfg, b, seq_len)
-                - _fake_saved_bytes(config, dtype, None, lcfg, b, seq_len))
+        return (_fake_saved_bytes(config, torch.float32, dtype, lcfg, b, seq_len, scaled)
+                - _fake_saved_bytes(config, dtype, None, lcfg, b, seq_len, scaled))
 
     if batch_size <= 2:
         return max(0, diff(batch_size))
