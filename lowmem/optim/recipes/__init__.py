@@ -11,6 +11,7 @@
 * :mod:`.lion` - Lion, Lion with an 8-bit momentum (sign of an interpolated momentum).
 * :mod:`.normuon` - NorMuon (Muon's step with a neuron-wise second moment).
 * :mod:`.sm3` - SM3-II (Adagrad bounded by row / column accumulators).
+* :mod:`.racs` - RACS (SGD scaled by row / column mean squares, norm growth limited).
 
 Importing this package registers every recipe.
 """
@@ -25,5 +26,6 @@ from . import subset_norm  # noqa: F401, E402  (AdamSN, AdamSNSM, SGD with Subsp
 from . import lion  # noqa: F401, E402  (Lion, Lion8bit)
 from . import normuon  # noqa: F401, E402  (NorMuon)
 from . import sm3  # noqa: F401, E402  (SM3)
+from . import racs  # noqa: F401, E402  (RACS)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]
