@@ -26,6 +26,7 @@ from . import subset_norm  # noqa: F401, E402  (AdamSN, AdamSNSM, SGD with Subsp
 from . import lion  # noqa: F401, E402  (Lion, Lion8bit)
 from . import normuon  # noqa: F401, E402  (NorMuon)
 from . import sm3  # noqa: F401, E402  (SM3)
+from . import alice  # noqa: F401, E402  (Alice)
 from . import racs  # noqa: F401, E402  (RACS)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

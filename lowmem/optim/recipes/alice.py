@@ -1,0 +1,317 @@
+"""Alice (Gong et al. 2025, arXiv 2502.07752, Algorithm "Alice": the low-rank extension with tracking,
+switching and compensation) as a chain of engine parts.
+
+* :class:`AliceProjection` - the basis ``U`` of the projected side (the engine's
+  :class:`~lowmem.optim.subspace.SubspaceProjection` geometry, state and project-down / up) with Alice's refresh:
+  the first refresh takes the top-``r`` singular vectors of ``G`` (the eigenvectors of ``G G^T``, as GaLore's
+  SVD), every later one tracks the covariance ``Q~ = beta3 U Q U^T + (1 - beta3) G G^T`` and switches
+  (:func:`~lowmem.optim.functional.alice.switch`: one subspace iteration, the ``l`` leading Ritz vectors, ``r - l``
+  directions drawn from the complement), carrying ``Q`` into the new basis. State: GaLore's ``proj_meta`` and
+  basis, plus ``alice_q`` (``r x r``).
+* Adam's moments of ``sigma = U^T G`` (:class:`~lowmem.optim.moments.AdamMoments`, ``eps`` on the raw
+  ``sqrt(v)``); the paper's update has no bias correction (``bias_correction=False``, the default), which the
+  combine-back divides out of the moment rule's direction (a scalar).
+* :class:`AliceCompensation` - the combine-back: ``Q <- beta3 Q + (1 - beta3) sigma sigma^T``, the residual's
+  channel second moment ``p``, and ``alpha (U d + alpha_c limit(sqrt(d - r) (G - U sigma) Diag(p)^{-1/2}))``,
+  folded into one GEMM per block of rows like Fira's residual. State: ``alice_p`` (one float per channel: a
+  column of ``G`` for a left basis, a row for a right one) and ``alice_phi`` (0-d, the limiter's last norm).
+
+Weight decay is decoupled and applied after the update (the engine's bucketed path for ``eps`` on the raw
+``sqrt(v)``); 1-D parameters and weights whose smaller side is ``<= rank`` take AdamW steps with the same
+moments. FSDP2: refused (the compensation's channel statistics and the tracked covariance are not reduced over
+shards; :func:`lowmem.optim.sharded.projected_refusal`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..._warn import warn_user
+from ..engine import Recipe
+from ..functional import alice as AL
+from ..functional import galore as GL
+from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, positive
+from ..moments import AdamMoments
+from ..registry import register
+from ..subspace import CombineRule, SubspaceProjection, _meta, _usable
+from .subspace import (_nonneg_int, adam_hf_unit_scale, check_projected_state_dtype, check_rank_applies,
+                       subspace_hparams)
+
+
+def _side_key(state: dict[str, Tensor]) -> str:
+    return "proj_left" if "proj_left" in state else "proj_right"
+
+
+class AliceProjection(SubspaceProjection):
+    """A one-sided basis renewed by Alice's tracking and switching (module docstring). Its geometry, state,
+    project-down / up, schedule (``update_proj_gap``, ``refresh_phase``) and moment policy at a refresh are
+    :class:`~lowmem.optim.subspace.SubspaceProjection`'s for ``projection="svd"``.
+
+    Group keys: ``rank``, ``update_proj_gap``, ``proj_type`` (not ``full``), ``refresh_phase``, ``seed``,
+    ``power_iters`` (subspace iterations per switch), ``beta3``, ``switch_fraction``.
+    State: ``proj_meta``, ``proj_left`` or ``proj_right``, ``alice_q`` (``r x r`` float32)."""
+
+    state_keys = SubspaceProjection.state_keys + ("alice_q",)
+
+    @staticmethod
+    def method(group: dict[str, Any]) -> str:
+        return "svd"  # (the geometry and the first refresh's: an exact SVD)
+
+    def init_state(self, state, param, group, matrix=None):
+        super().init_state(state, param, group, matrix)
+        r = group["rank"]
+        state["alice_q"] = torch.zeros((r, r), dtype=torch.float32, device=param.device)
+
+    def refresh(self, g, state, group, checked=False):
+        """The first refresh: the top-``r`` singular vectors of ``G``; later ones: tracking and switching
+        (:func:`~lowmem.optim.functional.alice.switch`) from the basis and ``Q``, which is carried into the
+        new basis (:func:`~lowmem.optim.functional.alice.carry_covariance`). A zero or non-finite gradient, or
+        a failing factorization, keeps the subspace (with a warning), as every data-dependent refresh."""
+        if not checked and not _usable(g):
+            warn_user(f"projection refresh skipped: the gradient of a {tuple(g.shape)} parameter is zero or not"
+                      " finite; keeping the previous subspace")
+            return False
+        seed, _, refreshes = _meta(state)[:3]
+        key = _side_key(state)
+        left = key == "proj_left"
+        g = g.float()
+        try:
+            if refreshes == 0:
+                new = GL.svd_basis(g, group["rank"], "left" if left else "right")[0 if left else 1]
+                state[key].copy_(new)
+            else:
+                a = g if left else g.t()
+                old = state[key] if left else state[key].t()
+                gen = torch.Generator().manual_seed(seed * 7919 + refreshes)
+                leading = AL.leading_count(group["rank"], group["switch_fraction"])
+                new = AL.switch(a, old, state["alice_q"], group["beta3"], leading, group["power_iters"], gen)
+                q = AL.carry_covariance(state["alice_q"], old, new)
+                state["alice_q"].copy_(q)
+                del q
+                state[key].copy_(new if left else new.t())
+        except RuntimeError as err:  # torch.linalg.LinAlgError and friends
+            warn_user(f"projection refresh failed ({err}); keeping the previous subspace")
+            return False
+        state["proj_meta"][2] += 1
+        return True
+
+    def transient_bytes(self, shape, group, state, refresh):
+        """A plain step: the projected gradient. A refresh: the larger of the first one (an exact SVD, GaLore's
+        count) and a switch (:func:`switch_bytes`), beside the old basis's copy and the moments' rotation with
+        ``moment_policy="rotate"``."""
+        if not refresh:
+            return super().transient_bytes(shape, group, state, refresh)
+        m, n = shape
+        with GL.blas_device(self._basis_device(state)):
+            work = GL.svd_refresh_bytes(m, n)
+        left = self._side(shape, group) == "left"
+        d, e = (m, n) if left else (n, m)
+        r = group["rank"]
+        work = max(work, switch_bytes(d, e, r, AL.leading_count(r, group["switch_fraction"]), group["power_iters"]))
+        if group.get("moment_policy") != "rotate":
+            return work
+        snapshot, rotation = self.rotate_bytes(shape, group)
+        return snapshot + max(work, rotation)
+
+    def untraced_refresh_bytes(self, shape, group):
+        """The exact SVD's LAPACK copy and workspace (the first refresh's; GaLore's count), or a switch's LAPACK
+        workspace (QR and ``eigh``), whichever refresh the report's count is."""
+        m, n = shape
+        left = self._side(shape, group) == "left"
+        d, e = (m, n) if left else (n, m)
+        r = group["rank"]
+        svd = GL.svd_refresh_bytes(m, n)
+        sw = switch_bytes(d, e, r, AL.leading_count(r, group["switch_fraction"]), group["power_iters"])
+        if sw > svd:
+            return sw - switch_bytes(d, e, r, AL.leading_count(r, group["switch_fraction"]), group["power_iters"],
+                                     workspace=False)
+        return super().untraced_refresh_bytes(shape, group)
+
+
+def switch_bytes(d: int, e: int, r: int, leading: int, iters: int, workspace: bool = True) -> int:
+    """An upper bound of what a switch allocates (:func:`~lowmem.optim.functional.alice.switch` and
+    :func:`~lowmem.optim.functional.alice.carry_covariance`; ``d`` the projected side, ``e`` the other):
+    the iteration's ``A^T X`` (``e r``), ``Q~ X`` and QR's ``Q`` and ``R`` (``2 d r + r^2``) beside the iterate
+    (``d r``), the Rayleigh quotient's ``A^T X`` and ``r x r`` products, the Ritz vectors (``d r``), the
+    complement's draw and its projections (``3 d c``) and QR, the new basis (``d r``) and the carried ``Q``'s
+    ``r x r`` products; ``workspace``: LAPACK's blocked QR and ``eigh`` workspace (``4 d min(r, 128)`` and
+    ``(1 + 6 r + 2 r^2)`` floats)."""
+    c = min(r - leading, d - r)
+    floats = 3 * d * r + max(e * r + d * r + r * r, e * r + 4 * r * r, 3 * d * max(c, 1) + d * r) + 4 * r * r + d * r
+    if workspace:
+        floats += d * min(r, 128) + 1 + 6 * r + 2 * r * r
+    return 4 * floats
+
+
+class AliceCompensation(CombineRule):
+    """Alice's combine-back: ``alpha (U d / c + alpha_c limit(C))`` with ``C = sqrt(d - r) (G - U sigma)
+    Diag(p)^{-1/2}`` (compensation), ``c`` the bias correction the moment rule folded into ``d`` (divided out
+    with ``bias_correction=False``, the paper's update), and the per-step covariance EMA of the tracking.
+
+    The residual's channel norms come from one pass over the rows (``G - U sigma`` a block at a time: the
+    squared norms ``diag(G^T G) - diag(sigma^T sigma)`` of the paper without its cancellation); ``p`` and the
+    limiter's norm ``||C|| = sqrt(sum_j k_j^2 ||R_j||^2)`` (``k = sqrt(d - r) / sqrt(p)``) follow from them. The
+    direction is folded like Fira's: ``up(a d - b sigma * k) + G * (b k)`` per block of rows, one GEMM
+    (``a = alpha / c``, ``b = alpha alpha_c / limiter``; ``k`` scales columns of ``U sigma`` for a left basis,
+    rows of ``sigma Q`` for a right one, and commutes with the product).
+
+    Group keys: ``scale`` (alpha), ``alpha_c``, ``gamma``, ``comp_beta``, ``beta3``, ``bias_correction``.
+    State: ``alice_p`` (float32, one per channel), ``alice_phi`` (0-d float32, -1 before the first step)."""
+
+    state_keys = ("alice_p", "alice_phi")
+    needs_full_gradient = True
+
+    def init_state(self, state, param, group):
+        left = GL.galore_side(tuple(param.shape[-2:]), group["proj_type"]) == "left"
+        channels = param.shape[-1] if left else param.shape[-2]
+        state["alice_p"] = torch.zeros(channels, dtype=torch.float32, device=param.device)
+        state["alice_phi"] = torch.full((), -1.0, dtype=torch.float32, device=param.device)
+
+    @staticmethod
+    def _subspace_scale(state, group) -> float:
+        a = group["scale"]
+        return a if group["bias_correction"] else a / adam_hf_unit_scale(state, group)
+
+    def prepare(self, g, low, d_low, state, group, projection, bounds):
+        left = "proj_left" in state
+        AL.covariance_ema_(state["alice_q"], low, group["beta3"], left)
+        dim = 0 if left else 1
+        sq = None
+        for a, b in bounds:
+            rows = g[a:b] if g.dtype == torch.float32 else g[a:b].float()
+            res = projection.residual_rows(rows, low, state, group, a, b, -1.0)
+            del rows
+            norms = torch.linalg.vector_norm(res, dim=dim)
+            del res
+            if left:
+                sq = norms.square_() if sq is None else sq.add_(norms.square_())
+            else:
+                sq = norms.square_() if sq is None else torch.cat((sq, norms.square_()))
+            del norms
+        p = AL.residual_moment_(state["alice_p"], sq, group["comp_beta"])
+        m, n = g.shape
+        k = AL.compensation_scale(p, m if left else n, group["rank"])
+        norm = torch.linalg.vector_norm(sq.mul_(k.square()).sqrt_())  # ||C|| (sq is the residual's, consumed)
+        del sq
+        limiter = AL.growth_limiter_(norm, state["alice_phi"], group["gamma"])
+        del norm
+        k.mul_(group["scale"] * group["alpha_c"]).div_(limiter)  # b k
+        kk = k if left else k.unsqueeze(1)
+        mm = torch.mul(low, kk)  # (sigma * b k)
+        mm.mul_(-1.0).add_(d_low, alpha=self._subspace_scale(state, group))
+        return mm, kk
+
+    def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
+        mm, kk = ctx
+        d = projection.up_rows(mm, state, group, start, stop)
+        return d.addcmul_(g_rows, kk if kk.dim() == 1 else kk[start:stop])
+
+    def direction(self, g, low, d_low, state, group, projection):
+        ctx = self.prepare(g, low, d_low, state, group, projection, [(0, g.shape[0])])
+        return self.direction_rows(g.float(), low, d_low, state, group, projection, 0, g.shape[0], ctx)
+
+    # ---- bytes ----
+
+    @staticmethod
+    def _channels(shape, group) -> int:
+        return shape[1] if GL.galore_side(tuple(shape), group["proj_type"]) == "left" else shape[0]
+
+    def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
+        """Per block: its float32 copy (16-bit ``g``), the residual rows (``addmm``), their channel norms; the
+        squared norms accumulated (left: ``n``) or concatenated (right: the running ``m``-vector beside the
+        block's and their concatenation); then ``k``, ``k^2``, the limiter's norm and
+        :func:`~lowmem.optim.functional.alice.growth_limiter_`, and the fold's ``M`` (``L``). Held: ``M`` and
+        ``k``."""
+        m, n = shape
+        left = GL.galore_side(tuple(shape), group["proj_type"]) == "left"
+        ch = 4 * self._channels(shape, group)
+        low = 4 * projection.low_shape(shape, group).numel()
+        peak = 0
+        acc = 0
+        for a, b in bounds:
+            block = 4 * (b - a) * n
+            copy = block if low_precision else 0
+            bn = 4 * (n if left else b - a)
+            peak = max(peak, acc + copy + block, acc + block + bn)
+            if left:
+                acc = ch if acc == 0 else acc
+                peak = max(peak, acc + bn) if acc else peak
+            else:
+                peak = max(peak, acc + bn + acc + bn)
+                acc = acc + bn
+        peak = max(peak, ch + ch + ch)  # sq, k, k^2
+        peak = max(peak, ch + ch + 4 + AL_LIMITER_BYTES)
+        held = ch + low
+        peak = max(peak, held)
+        return peak, held
+
+    def rows_bytes(self, shape, group, state, projection, rows):
+        """A block's ``up_rows(M)`` (the direction rows, ``addcmul_`` in place)."""
+        return projection.up_rows_bytes(shape, group, rows)[0]
+
+    def transient_bytes(self, shape, group, state, projection, rows):
+        """An upper bound of :meth:`prepare` and a block of :meth:`direction_rows`: a residual block, the fold's
+        ``M``, 4 channel vectors and the block's direction."""
+        ch = 4 * self._channels(shape, group)
+        low = 4 * projection.low_shape(shape, group).numel()
+        return 8 * rows * shape[1] + low + 4 * ch
+
+
+#: 0-d tensors of :func:`~lowmem.optim.functional.alice.growth_limiter_` (the flag, ``ones_like`` twice, the
+#: ratio's divisor and ratio, the clamp, the limiter, ``norm / limiter``)
+AL_LIMITER_BYTES = 1 + 4 * 7
+
+
+def _check_alice_group(group: dict[str, Any]) -> None:
+    if group.get("rank") is None:
+        return
+    check_rank_applies(group)
+    if group.get("proj_type") == "full":
+        raise ValueError("alice tracks the covariance of one side of the gradient: proj_type must be one of"
+                         " ['std', 'reverse_std', 'left', 'right'], got 'full'")
+    check_projected_state_dtype({**group, "projection": "svd"})
+
+
+def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
+    shared = [h for h in subspace_hparams("alice", ("alice",), scale=0.3, moment_policy="keep", rank=rank)
+              if h.name not in ("power_iters", "scale")]
+    return (
+        *shared,
+        HParam("scale", 0.3, positive, "a finite float > 0", "alpha: multiplies the whole update (subspace part and"
+               " compensation), the paper's alpha"),
+        HParam("power_iters", 1, _nonneg_int, "an int >= 0", "subspace iterations on the tracked covariance per switch"),
+        HParam("beta3", 0.999, in_unit_interval, "a float with 0 <= beta3 < 1",
+               "decay of the tracked covariance Q (beta3 = 0: Alice-0, the current gradient's alone)"),
+        HParam("switch_fraction", 0.84375, in_unit_interval, "a float with 0 <= switch_fraction < 1",
+               "the part of the rank drawn from the complement at each switch (l = rank - floor(rank *"
+               " switch_fraction) leading eigenvectors kept; 0.84375 = pytorch_optimizer's 40 of 256)"),
+        HParam("alpha_c", 0.4, nonneg, "a finite float >= 0", "compensation strength (0: no compensation)"),
+        HParam("comp_beta", 0.9, in_unit_interval, "a float with 0 <= comp_beta < 1",
+               "decay of the residual's channel second moment p"),
+        HParam("gamma", 1.01, lambda x: positive(x) and x >= 1, "a finite float >= 1",
+               "norm-growth limit of the compensation per step"),
+        HParam("bias_correction", False, is_bool, "True or False",
+               "Adam's bias correction of the subspace moments (the paper's update has none)"),
+    )
+
+
+ALICE = Recipe(
+    name="alice",
+    summary="Alice: Adam in a tracked low-rank eigenbasis of the gradient covariance, switched to the complement"
+            " in part, with a compensation of the rest",
+    reference="Gong et al. 2025, Towards Efficient Optimizer Design for LLM via Structured Fisher Approximation"
+              " with a Low-Rank Extension (arXiv 2502.07752), Algorithm Alice (tracking, switching, compensation)",
+    moment=AdamMoments(eps_placement="hf"),
+    hparams=(LR(0.02), BETAS((0.9, 0.9)), EPS(1e-8), WEIGHT_DECAY(0.0)),
+    group_hparams=alice_group_hparams(),
+    projection=AliceProjection(),
+    combine=AliceCompensation(),
+    decay_after_update=True,
+    validate_group=_check_alice_group,
+)
+
+register(ALICE, batched_targets=True, state_precision="fp32", second_moment="full",
+         example_hparams={"rank": 4, "update_proj_gap": 5, "lr": 1e-2})

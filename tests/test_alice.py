@@ -1,0 +1,261 @@
+"""Alice (Gong et al. 2025, arXiv 2502.07752; ``lowmem.optim.recipes.alice``): the switch's math, the engine
+against the plain loop of the paper (``lowmem.optim.references.alice``) on shapes, ranks and refresh gaps of
+both orientations, refused settings, the exact state, the steady step's traced bytes, the refresh's bound, the
+FSDP2 refusal, and pytorch_optimizer's Alice."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowmem.optim import create_optimizer
+from lowmem.optim.functional import alice as AL
+from lowmem.optim.recipes.alice import ALICE, switch_bytes
+from lowmem.optim.references.alice import alice as reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _grads(shape, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * (0.5 + 0.5 * math.sin(t)) for t in range(1, steps + 1)]
+
+
+# ---- the switch (pure functions) ----
+
+
+def test_switch_keeps_the_leading_ritz_vectors_and_draws_the_rest_from_the_complement():
+    """The new basis is orthonormal; its first l columns are the leading eigenvectors of the tracked covariance
+    ``Q~ = b3 U Q U^T + (1 - b3) A A^T`` within the iterated subspace (formed explicitly here, as the paper
+    writes it), the other r - l are orthogonal to that whole subspace."""
+    torch.manual_seed(0)
+    d, e, r, lead, b3 = 30, 50, 6, 2, 0.9
+    a = torch.randn(d, e)
+    u = torch.linalg.qr(torch.randn(d, r))[0]
+    c = torch.randn(r, r)
+    q = c @ c.t()
+    qt = b3 * u @ q @ u.t() + (1 - b3) * a @ a.t()
+    x = torch.linalg.qr(qt @ u)[0]
+    w, vecs = torch.linalg.eigh(x.t() @ qt @ x)
+    ritz = x @ vecs.flip(1)
+    new = AL.switch(a, u, q, b3, lead, 1, torch.Generator().manual_seed(3))
+    assert new.shape == (d, r)
+    torch.testing.assert_close(new.t() @ new, torch.eye(r), atol=1e-5, rtol=0)
+    # leading columns: the Ritz vectors up to sign
+    torch.testing.assert_close((new[:, :lead] * ritz[:, :lead]).sum(0).abs(), torch.ones(lead), atol=1e-4, rtol=0)
+    # switched columns: outside span(x) (the whole iterated subspace, not only the leading part)
+    assert (x.t() @ new[:, lead:]).abs().max() < 1e-5
+    # Q carried: U_new^T U_old Q U_old^T U_new
+    torch.testing.assert_close(AL.carry_covariance(q, u, new), new.t() @ u @ q @ u.t() @ new, rtol=1e-4, atol=1e-4)
+
+
+def test_switch_fills_a_small_complement_with_the_next_ritz_vectors():
+    """d - r < r - l: the whole complement (d - r directions) and the next Ritz vectors; still orthonormal."""
+    torch.manual_seed(1)
+    d, r, lead = 10, 8, 1  # complement of 2 for 7 switched directions: 5 more Ritz vectors
+    a = torch.randn(d, 20)
+    u = torch.linalg.qr(torch.randn(d, r))[0]
+    new = AL.switch(a, u, torch.zeros(r, r), 0.0, lead, 1, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(new.t() @ new, torch.eye(r), atol=1e-5, rtol=0)
+    _, ritz = AL.subspace_eig(a, u, torch.zeros(r, r), 0.0, 1)
+    torch.testing.assert_close((new[:, :6] * ritz[:, :6]).sum(0).abs(), torch.ones(6), atol=1e-4, rtol=0)
+
+
+def test_limiter_caps_growth_and_skips_a_zero_previous_norm():
+    prev = torch.tensor(-1.0)
+    assert AL.growth_limiter_(torch.tensor(5.0), prev, 1.01).item() == 1.0 and prev.item() == 5.0
+    lim = AL.growth_limiter_(torch.tensor(10.0), prev, 1.01)
+    assert lim.item() == pytest.approx(10.0 / 5.0 / 1.01) and prev.item() == pytest.approx(5.05)
+    zero = torch.tensor(0.0)
+    assert AL.growth_limiter_(torch.tensor(3.0), zero, 1.01).item() == 1.0  # (a zero compensation last step)
+
+
+# ---- the engine against the plain loop of the paper ----
+
+CASES = [  # (shape, rank, gap, extra): wide (left basis) and tall (right basis), each side forced, ranks, gaps
+    ((16, 48), 3, 2, {}),
+    ((48, 16), 5, 3, {}),
+    ((33, 20), 7, 4, {"proj_type": "left", "switch_fraction": 0.5}),
+    ((20, 33), 7, 1, {"proj_type": "right", "power_iters": 2, "beta3": 0.5}),
+    ((12, 40), 9, 3, {"switch_fraction": 0.9, "bias_correction": True, "weight_decay": 0.05}),  # small complement
+    ((40, 12), 2, 5, {"switch_fraction": 0.0, "alpha_c": 0.0}),
+]
+
+
+@pytest.mark.parametrize("path", ["single", "fast"])
+@pytest.mark.parametrize("shape,rank,gap,extra", CASES, ids=[f"{s[0]}x{s[1]}-r{r}-T{t}" for s, r, t, _ in CASES])
+def test_engine_equals_the_paper_loop(shape, rank, gap, extra, path):
+    """10 steps (several switches), the whole step (``chunk_numel=None``, one tensor at a time) and the chunked,
+    multi-tensor step (row blocks of 64 elements): equal to the plain loop to float32 rounding."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape))
+    start = p.detach().clone()
+    grads = _grads(shape, 10, 7)
+    opt = create_optimizer([{"params": [p], "rank": rank, "update_proj_gap": gap, **extra}], "alice", lr=1e-2)
+    if path == "single":
+        opt.chunk_numel = None
+        for g in opt.param_groups:
+            g["foreach"] = False
+    else:
+        opt.chunk_numel = 64
+    got = []
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        got.append(p.detach().clone())
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    want = reference(start.clone(), [g.clone() for g in grads], index=0, **group)
+    for t, (x, y) in enumerate(zip(got, want), 1):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-6, msg=lambda m: f"step {t}: {m}")
+
+
+# ---- settings ----
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("rank", 0, "Invalid rank=0"),
+    ("rank", 48, "rank 48 >= the smaller side of every 2-D parameter"),
+    ("update_proj_gap", 0, "Invalid update_proj_gap=0"),
+    ("beta3", 1.0, "Invalid beta3=1.0: expected a float with 0 <= beta3 < 1"),
+    ("switch_fraction", 1.0, "Invalid switch_fraction=1.0: expected a float with 0 <= switch_fraction < 1"),
+    ("switch_fraction", -0.1, "Invalid switch_fraction=-0.1"),
+    ("comp_beta", 1.5, "Invalid comp_beta=1.5"),
+    ("alpha_c", -1.0, "Invalid alpha_c=-1.0: expected a finite float >= 0"),
+    ("gamma", 0.5, "Invalid gamma=0.5: expected a finite float >= 1"),
+    ("power_iters", -1, "Invalid power_iters=-1"),
+    ("bias_correction", 1, "Invalid bias_correction=1: expected True or False"),
+    ("proj_type", "full", "proj_type must be one of"),
+    ("projection", "svd", "Invalid projection='svd'"),
+    ("betas", (0.9, 1.0), "Invalid betas=(0.9, 1.0)"),
+])
+def test_bad_settings_are_refused_naming_the_field(key, value, fragment):
+    p = torch.nn.Parameter(torch.randn(48, 64))
+    with pytest.raises(ValueError, match=re.escape(fragment).replace(re.escape(": expected"), ".*: expected")):
+        create_optimizer([{"params": [p], "rank": 4, key: value}] if key != "betas" else
+                         [{"params": [p], "rank": 4}], "alice", **({"betas": value} if key == "betas" else {}))
+
+
+def test_a_bad_setting_written_into_the_group_later_is_refused_at_the_step():
+    p = torch.nn.Parameter(torch.randn(24, 40))
+    opt = create_optimizer([{"params": [p], "rank": 4}], "alice")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = p.detach().clone()
+    opt.param_groups[0]["switch_fraction"] = 2.0
+    with pytest.raises(ValueError, match="switch_fraction"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+# ---- state and bytes ----
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_state_is_exact_and_plain_tensors(shape, tmp_path):
+    """The state of an m x n weight at rank r, d the projected side and e the other: the basis ``4 d r``, ``Q``
+    ``4 r^2``, Adam's moments ``8 r e``, ``p`` ``4 e``, ``phi`` 4, ``proj_meta`` 48 and the step 4."""
+    r = 4
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = create_optimizer([{"params": [p], "rank": r}], "alice")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    d, e = min(shape), max(shape)
+    assert opt.state_bytes() == 4 * d * r + 4 * r * r + 8 * r * e + 4 * e + 4 + 48 + 4
+    key = "proj_left" if shape[0] < shape[1] else "proj_right"
+    assert set(opt.state[p]) == {"step", "proj_meta", key, "alice_q", "exp_avg", "exp_avg_sq", "alice_p", "alice_phi"}
+    torch.save(opt.state_dict(), tmp_path / "s.pt")
+    torch.load(tmp_path / "s.pt", weights_only=True)
+
+
+def test_steady_step_allocates_what_it_reports():
+    """A projected weight stepped alone (layerwise mode's step): the traced steady step equals
+    ``projected_alone_bytes(steady=True)`` (tall / wide / square / rank near the side, float32 and bfloat16, whole,
+    default and 4096-element row blocks), and the report of any step (without the SVD's untraced workspace) covers
+    the first refresh (an exact SVD, counted as GaLore's) and a switch."""
+    import test_galoreexact_per_parameter as G
+
+    G.RECIPES.setdefault("alice", {})
+    for shape in sorted(G.SHAPES):
+        for dtype in (torch.float32, torch.bfloat16):
+            for chunk in ("default", 4096, None):
+                peaks, steady, any_step, _ = G._traced_steps("alice", *G.SHAPES[shape], dtype, chunk)
+                assert peaks[1] == steady > 0, (shape, dtype, chunk, peaks, steady)
+                assert any_step == peaks[0] >= peaks[2], (shape, dtype, chunk, peaks, any_step)
+
+
+@pytest.mark.parametrize("d,e,r,fraction,iters", [(128, 200, 16, 0.84375, 1), (200, 128, 16, 0.5, 2),
+                                                  (40, 300, 39, 0.84375, 1), (300, 40, 20, 0.9, 0), (64, 64, 8, 0.0, 3)])
+def test_switch_allocates_within_its_bound(d, e, r, fraction, iters):
+    """A switch (tracking, subspace iteration, Ritz vectors, complement, the carried ``Q``) traced, against
+    :func:`switch_bytes` without LAPACK's workspace: never above, within 3x."""
+    from test_transient_per_parameter import _Traced
+
+    torch.manual_seed(0)
+    a = torch.randn(d, e)
+    u = torch.linalg.qr(torch.randn(d, r))[0]
+    q = torch.eye(r)
+    with _Traced() as t:
+        new = AL.switch(a, u, q, 0.99, AL.leading_count(r, fraction), iters, torch.Generator().manual_seed(0))
+        carried = AL.carry_covariance(q, u, new)
+        del new, carried
+    bound = switch_bytes(d, e, r, AL.leading_count(r, fraction), iters, workspace=False)
+    assert t.peak <= bound <= 3 * t.peak
+
+
+def test_fsdp2_refuses_alice_naming_the_part():
+    """The compensation's channel statistics and the tracked covariance are not reduced over shards: the
+    sharded step's allow-list refuses the combine-back by name (no process group needed to ask)."""
+    from lowmem.optim.sharded import projected_refusal
+
+    p = torch.nn.Parameter(torch.randn(24, 40))
+    opt = create_optimizer([{"params": [p], "rank": 4}], "alice")
+    why = projected_refusal(ALICE, opt.param_groups[0], p)
+    assert why is not None and "AliceCompensation" in why
+
+
+# ---- pytorch_optimizer's Alice ----
+
+
+def _peer_and_ours(shape, r, gap, steps, lr=1e-2, seed=0):
+    """lowmem's alice and pytorch_optimizer's on the same gradients, the peer's settings mapped to lowmem's:
+    its rows projected (``proj_type="left"``), ``leading_basis = rank`` (``switch_fraction=0``: no random draw),
+    its refreshes at the group's steps ``K, 2K, ...`` (``refresh_phase="multiples"``), and its state seeded at the
+    first step with lowmem's first basis (its own is the coordinate axes: the QR of ``Q~ 0``). Returns the largest
+    difference of the weights after each step, over the weights' largest movement."""
+    Alice = pytest.importorskip("pytorch_optimizer").Alice
+    torch.manual_seed(seed)
+    w0 = torch.randn(shape)
+    grads = _grads(shape, steps, seed + 1)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ours = create_optimizer([{"params": [a], "rank": r, "update_proj_gap": gap, "proj_type": "left",
+                              "switch_fraction": 0.0, "refresh_phase": "multiples"}], "alice", lr=lr)
+    peer = Alice([b], lr=lr, rank=r, leading_basis=r, update_interval=gap)
+    out = []
+    for t, g in enumerate(grads, 1):
+        a.grad = g.clone()
+        ours.step()
+        if t == 1:
+            m, n = shape
+            peer.state[b].update(U=ours.state[a]["proj_left"].clone(), Q=torch.zeros(r, r), m=torch.zeros(r, n),
+                                 v=torch.zeros(r, n), p=torch.zeros(n), phi=torch.zeros(1))
+        b.grad = g.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peer.step()
+        out.append(((a.detach() - b.detach()).abs().max() / (a.detach() - w0).abs().max()).item())
+    return out
+
+
+def test_pytorch_optimizer_alice_agrees_until_its_second_switch():
+    """Equal (to float32 rounding) through the first switch (step 4); from the second switch (step 8) on they
+    differ: the peer keeps ``Q``'s entries in the old basis' coordinates after a switch, lowmem carries ``Q``
+    into the new basis (``U_new^T U_old Q U_old^T U_new``)."""
+    diff = _peer_and_ours((24, 40), 4, 4, 10)
+    assert max(diff[:7]) < 1e-4, diff
+    assert diff[7] > 1e-2, diff
