@@ -256,9 +256,11 @@ class Sm3Moments(MomentRule):
     # ---- the multi-tensor step (float32 parameters and state; the engine's foreach buckets) ----
 
     def supports_foreach_for(self, shape, group, state):
-        """Float32 state (``state_dtype`` ``"float32"``, or ``"param"`` of the float32 parameters the engine
-        buckets), not in an FSDP2 group (the column maxima need the shards': the per-parameter step reduces them)."""
-        return group.get("state_dtype", "float32") in ("float32", "param") and not sharded_group(group)
+        """Float32 or bfloat16 state (``state_dtype`` ``"float32"`` / ``"bfloat16"``, or ``"param"`` of the float32
+        parameters the engine buckets), not in an FSDP2 group (the column maxima need the shards': the
+        per-parameter step reduces them). A bfloat16 state is computed in float32 as the per-parameter step
+        computes it (:meth:`_group_direction`), bit for bit."""
+        return group.get("state_dtype", "float32") in ("float32", "bfloat16", "param") and not sharded_group(group)
 
     def steps_pieces_whole(self, shape, group, state):
         """Always: a tensor larger than ``chunk_numel`` is stepped from its first piece with the per-parameter
@@ -330,9 +332,16 @@ class Sm3Moments(MomentRule):
         del g
         if momentum > 0:
             ms = [st["momentum"] for st in states]
-            m = stacked(ms)
-            sm3_momentum_(m, u, momentum)
-            write_back(ms, m)
+            if ms[0].dtype == u.dtype:
+                m = stacked(ms)
+                sm3_momentum_(m, u, momentum)
+                write_back(ms, m)
+            else:  # a bfloat16 momentum: updated in a float32 copy, rounded into the state, the copy the direction
+                # (as _block's m32); the copy is filled tensor by tensor (no bfloat16 stack beside it)
+                m = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+                torch._foreach_copy_(list(m.unbind(0)), ms)
+                sm3_momentum_(m, u, momentum)
+                torch._foreach_copy_(ms, list(m.unbind(0)))
             u.copy_(m)
             del m
         return u
@@ -373,17 +382,23 @@ class Sm3Moments(MomentRule):
     @staticmethod
     def _group_bytes(shape, state, k) -> int:
         """:meth:`_group_direction` of ``k`` float32 tensors of ``shape``, exact: a lone one the per-parameter
-        step's (``nu``, beside one cover's maxima for a tensor of ``p >= 2`` dimensions); a stack holds the
-        stacked gradients and ``nu`` (``8 k n``) beside the stacked accumulators (``4 k (n_1 + ... + n_p)``, a
-        vector's ``4 k n``); then less (one dimension's maxima; with momentum the stacked momentum beside ``nu``
-        once the gradients are freed, ``8 k n``)."""
+        step's (``nu``, beside one cover's maxima for a tensor of ``p >= 2`` dimensions or a bfloat16 momentum's
+        float32 copy); a stack holds the stacked gradients and ``nu`` (``8 k n``) beside the stacked accumulators
+        (``a k (n_1 + ... + n_p)``, a vector's ``a k n``; ``a`` the state's bytes per element: 4, bfloat16 2), then
+        beside one dimension's float32 maxima (``4 k n_i``: above the bfloat16 stack for a wide dimension); with
+        momentum the stacked (or float32 copy of the bfloat16) momentum beside ``nu`` once the gradients are freed,
+        ``8 k n``."""
         n = math.prod(shape)
         dims = len(shape) >= 2 and "acc_0" in state
         if n == 0:  # (empty tensors: nothing stepped)
             return 0
+        acc = state.get("acc_0", state.get("acc"))
+        a = acc.element_size() if isinstance(acc, torch.Tensor) and acc.dtype == torch.bfloat16 else 4
+        m = state.get("momentum")
+        low_m = isinstance(m, torch.Tensor) and m.dtype == torch.bfloat16
         if k == 1:
-            return 4 * n + (4 * max(shape) if dims else 0)
-        first = 8 * k * n + 4 * k * (sum(shape) if dims else n)
+            return 4 * n + max(4 * max(shape) if dims else 0, 4 * n if low_m else 0)
+        first = 8 * k * n + max(a * k * (sum(shape) if dims else n), 4 * k * max(shape) if dims else 0)
         return max(first, 8 * k * n if "momentum" in state else 0)
 
 
