@@ -161,15 +161,17 @@ class _ThreadReduce:
         return R()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("chunk_rows", [None, 1], ids=["one-block", "row-blocks"])
-def test_shards_of_rows_with_sum_reduce_equal_the_whole_tensor(chunk_rows):
+def test_shards_of_rows_with_sum_reduce_equal_the_whole_tensor(chunk_rows, dtype):
     """FSDP2's layout simulated by threads: a (5, 7) matrix's rows as shards [0:3], [3:5] and an empty one, each
     stepped by the rule's chunked step with ``reduce`` (the column sums with the row count, then the norm's square,
     summed over the shards); every shard's rows, its column statistic and kept norm equal the unsharded step's,
-    three steps (two all-reduces per step)."""
+    three steps (two all-reduces per step). Float64 gradients beside float32 statistics: an FSDP2 float64 shard's
+    gradient is not cast by the engine (its samples are rounded into the statistics)."""
     rule, group = RacsMoments(), {"beta": 0.5, "alpha": 0.2, "gamma": 1.1, "eps": 1e-8, "state_dtype": "float32"}
     shape, cuts = torch.Size((5, 7)), [(0, 3), (3, 5), (5, 5)]
-    grads = _grads(shape, 3, 4)
+    grads = _grads(shape, 3, 4, dtype)
 
     def steps(g_rows, state, shard_shape, reduce, t):
         numel = shard_shape.numel()

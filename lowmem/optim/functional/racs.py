@@ -55,9 +55,10 @@ def column_square_sums(g: Tensor) -> Tensor:
 
 
 def racs_ema_(stat: Tensor, sample: Tensor, beta: float) -> Tensor:
-    """``stat <- beta stat + (1 - beta) sample`` in place (the row and column statistics' moving averages).
-    Returns ``stat``."""
-    return stat.lerp_(sample, 1.0 - beta)
+    """``stat <- beta stat + (1 - beta) sample`` in place (the row and column statistics' moving averages; a float64
+    sample of an FSDP2 float64 shard, which the engine does not cast, rounded to a float32 ``stat``). Returns
+    ``stat``."""
+    return stat.lerp_(sample if sample.dtype == stat.dtype else sample.to(stat.dtype), 1.0 - beta)
 
 
 def racs_factors(row: Tensor, col: Tensor, eps: float) -> tuple[Tensor, Tensor]:
