@@ -255,6 +255,10 @@ class Sm3Moments(MomentRule):
 
     # ---- the multi-tensor step (float32 parameters and state; the engine's foreach buckets) ----
 
+    #: the state dtypes :meth:`foreach_step_` takes (the engine's bucket gate, ``LowMemOptimizer._foreach_ok``, is
+    #: to read it; until then it buckets float32 state only: FOUND_SMALLS16 3)
+    foreach_state_dtypes = (torch.float32, torch.bfloat16)
+
     def supports_foreach_for(self, shape, group, state):
         """Float32 or bfloat16 state (``state_dtype`` ``"float32"`` / ``"bfloat16"``, or ``"param"`` of the float32
         parameters the engine buckets), not in an FSDP2 group (the column maxima need the shards': the
