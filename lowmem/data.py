@@ -41,6 +41,8 @@ EXTENSIONS: dict[str, str] = {
 CHECKED_ROWS = 1000  # rows check_template_renders renders in full (beyond them, one row per distinct role sequence)
 ROW_BATCH = 10_000  # rows read into Python at a time by the all-rows checks
 SPLIT_PREFERENCE = {"train": ("train",), "eval": ("validation", "test", "eval")}
+# sharegpt's speaker names, which a conversion from {from, value} turns can leave in ``role``: refused, with the rename
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 # accepted formats per trainer: (format name, required columns, description for messages)
 SFT_FORMATS = (
@@ -712,7 +714,8 @@ def _messages_ok_in_arrow(dataset, column: str, source: str, conversational: boo
     bad_rows = pc.or_(pc.is_null(values), pc.equal(pc.list_value_length(values), 0)).fill_null(True)
     flat = values.flatten()
     roles, contents = flat.field("role"), flat.field("content")
-    bad_items = pc.or_(pc.is_null(roles), pc.equal(pc.utf8_length(roles), 0)).fill_null(True)
+    bad_items = pc.or_(pc.or_(pc.is_null(roles), pc.equal(pc.utf8_length(roles), 0)),
+                       pc.is_in(roles, pa.array(sorted(SHAREGPT_ROLES), roles.type))).fill_null(True)
     no_content = pc.is_null(contents)
     if "tool_calls" in names:
         no_content = pc.and_(no_content, pc.is_null(flat.field("tool_calls")))
@@ -776,6 +779,10 @@ def _message_problem(messages: list[dict[str, Any]]) -> str | None:
     for k, m in enumerate(messages):
         if not isinstance(m["role"], str) or not m["role"]:
             return f"message {k} has role {m['role']!r}; expected a role string (system, user, assistant, ...)"
+        if m["role"] in SHAREGPT_ROLES:
+            return (f"message {k} has role {m['role']!r}, sharegpt's name: the chat template would render it as a role "
+                    "of its own, which the model is never prompted with (and assistant_only_loss / generation know "
+                    "only 'assistant'); write human -> user, gpt -> assistant")
         if m["content"] is None and not m.get("tool_calls"):
             return (f"message {k} (role {m['role']!r}) has no content (None: a message without 'content' where "
                     "others have one); expected a string (the chat template would render it as the text None)")

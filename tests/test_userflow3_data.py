@@ -15,12 +15,15 @@ def _rows(roles):
     return [{"messages": [{"role": r, "content": f"turn {k} of row {i}"} for k, r in enumerate(roles)]} for i in range(5)]
 
 
-@pytest.mark.xfail(strict=True, reason="sharegpt's role names in role/content messages trained as roles of their own")
-@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])  # Arrow's struct column, and Python rows below
+@pytest.mark.parametrize("suffix, parts", [("jsonl", False), ("parquet", False), ("jsonl", True)])
 @pytest.mark.parametrize("roles, bad", [(["human", "gpt"], "human"), (["system", "user", "gpt"], "gpt")])
-def test_sharegpt_role_names_are_refused_with_the_rename(tmp_path, suffix, roles, bad):
+def test_sharegpt_role_names_are_refused_with_the_rename(tmp_path, suffix, parts, roles, bad):
+    """Checked by Arrow compute on a column of {role, content} structs, and in Python where a content of parts
+    (``[{"type": "text", ...}]``) beside string contents gives the column another type."""
     path = tmp_path / f"chat.{suffix}"
     rows = _rows(["user", "assistant"]) + _rows(roles)
+    if parts:
+        rows[0]["messages"][0]["content"] = [{"type": "text", "text": "turn 0 of row 0"}]
     if suffix == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
@@ -29,7 +32,6 @@ def test_sharegpt_role_names_are_refused_with_the_rename(tmp_path, suffix, roles
         load_train_data(str(path), "sft")
 
 
-@pytest.mark.xfail(strict=True, reason="sharegpt's role names in role/content messages trained as roles of their own")
 def test_sharegpt_role_names_in_a_grpo_prompt_are_refused(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": [{"role": "human", "content": f"{i}+1="}], "answer": str(i + 1)}) + "\n"
