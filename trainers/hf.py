@@ -260,6 +260,11 @@ def optimizer_cls_and_kwargs(
     A ``TrainingArguments.optim`` other than the default and other than ``name`` is logged as a warning: the
     Trainer ignores it when ``optimizer_cls_and_kwargs`` is given.
 
+    A plain ``transformers.Trainer`` runs none of :class:`LowMemOptimizerMixin`'s resume checks: an FSDP2 checkpoint
+    saved before lowmem recorded per-shard placements fails there inside torch.distributed.checkpoint ("Missing key
+    in checkpoint state_dict: ...shard_placement"); pass the same pair to :class:`LowMemTrainer` to resume it
+    (docs/training.md, "A plain Trainer").
+
     Raises:
         ValueError: Unknown name or hyperparameter, a layerwise name, or a configuration without a numeric ``lr``.
     """
@@ -1008,4 +1013,9 @@ def layerwise_grad_norm(optimizer: Any) -> torch.Tensor | None:
 
 
 class LowMemTrainer(LowMemOptimizerMixin, Trainer):
-    """``transformers.Trainer`` that builds a lowmem optimizer from :class:`LowMemTrainingArguments`."""
+    """``transformers.Trainer`` that builds a lowmem optimizer from :class:`LowMemTrainingArguments`. Given plain
+    ``TrainingArguments`` (no ``lowmem_optim``) and ``optimizer_cls_and_kwargs`` it is transformers' Trainer plus the
+    mixin's resume checks: e.g. an FSDP2 SHARDED_STATE_DICT checkpoint saved before lowmem recorded per-shard
+    placements, on which the plain Trainer fails inside torch.distributed.checkpoint ("Missing key in checkpoint
+    state_dict: ...shard_placement"), resumes here (:meth:`LowMemOptimizerMixin._load_optimizer_and_scheduler`;
+    tests/test_smalls16_plain_resume.py)."""
