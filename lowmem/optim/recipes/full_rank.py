@@ -172,9 +172,10 @@ class Adafactor(LowMemOptimizer):
             return float(rho)
         p = param_group["params"][0]
         with torch.no_grad():
-            x = p.full_tensor() if hasattr(p, "full_tensor") else p  # (an FSDP2 parameter: the whole one's RMS)
-            scale = float(adafactor_param_scale(x.detach().float(), param_group["eps"][1]))
-        return scale * float(rho)
+            scale = adafactor_param_scale(p.detach().float(), param_group["eps"][1])
+            if hasattr(scale, "full_tensor"):  # (an FSDP2 parameter: its norm reduced over the shards, a replicated 0-d)
+                scale = scale.full_tensor()
+        return float(scale) * float(rho)
 
     def _check_written_lr(self, group: dict[str, Any], where: str) -> dict[str, Any]:
         """An ``lr`` found in a ``relative_step`` group after construction (written later, or loaded by
