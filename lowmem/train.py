@@ -2032,11 +2032,41 @@ def _rows(dataset: Any) -> int | None:
         return None
 
 
+# the config fields that define what a step's loss is (TRL's SFT / DPO / GRPO configs, GVPO's, BNPO's): a resume with
+# another value trains another objective after the checkpoint than before it (the Trainer reads the new config)
+LOSS_FIELDS = (
+    "assistant_only_loss", "completion_only_loss", "dataset_text_field", "max_length", "packing", "packing_strategy",
+    "padding_free", "truncation_mode", "loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type",
+    "use_weighting", "ld_alpha", "num_generations", "max_completion_length", "reward_weights", "temperature", "top_p",
+    "top_k", "epsilon", "epsilon_high", "scale_rewards", "num_iterations", "mask_truncated_completions",
+    "reference_policy", "reward_range",
+)
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as JSON keeps it (enums by their value, tuples as lists); `None` when JSON cannot."""
+    value = getattr(value, "value", value)
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
+
+
 def run_record(args: Any, train_rows: int | None) -> dict[str, Any]:
     """The settings that decide which rows each step after a checkpoint trains on: the sampler's seeds, the rows
-    (after TRL's processing) and the global batch (per device x accumulation x processes)."""
+    (after TRL's processing) and the global batch (per device x accumulation x processes); and under ``loss`` the
+    config's :data:`LOSS_FIELDS` it has (what each step's loss is)."""
     return {"seed": args.seed, "data_seed": args.data_seed, "train_rows": train_rows,
-            "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)}
+            "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size),
+            "loss": {k: _json_value(getattr(args, k)) for k in LOSS_FIELDS if hasattr(args, k)}}
+
+
+def loss_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The :data:`LOSS_FIELDS` whose value differs between the checkpoint's :func:`run_record` and this run's (each a
+    phrase; empty: nothing, or a record written before the loss fields were kept)."""
+    before, after = saved.get("loss") or {}, now.get("loss") or {}
+    return [f"{k}={after[k]!r} (the checkpoint's run: {k}={before[k]!r})" for k in after
+            if k in before and before[k] != after[k]]
 
 
 def data_order_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -2059,13 +2089,19 @@ def _warn_data_order(trainer: Any, ckpt: str) -> None:
     path = Path(ckpt) / RUN_RECORD
     if not path.is_file():
         return
-    changes = data_order_changes(json.loads(path.read_text()), run_record(trainer.args, _rows(trainer.train_dataset)))
-    if changes:
-        from lowmem._warn import warn_user
+    saved, now = json.loads(path.read_text()), run_record(trainer.args, _rows(trainer.train_dataset))
+    changes = data_order_changes(saved, now)
+    from lowmem._warn import warn_user
 
+    if changes:
         warn_user(f"resuming from {ckpt} with " + "; ".join(changes) + ": these apply, but the Trainer skips the "
                   "checkpoint's number of batches in the new data order, so the rows trained after the checkpoint are "
                   "not the ones the interrupted run would have trained on (the result is not the uninterrupted run's)")
+    changes = loss_changes(saved, now)
+    if changes:
+        warn_user(f"resuming from {ckpt} with " + "; ".join(changes) + ": the new value applies from the checkpoint on, "
+                  "so the steps after it train another loss than the steps before it (the result is not the "
+                  "uninterrupted run's); resume with the checkpoint's value to continue that run")
 
 
 def _run_record_writer() -> Any:

@@ -30,7 +30,6 @@ def _warned(tmp_path, cls, before, after):
     return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
-@pytest.mark.xfail(strict=True, reason="a changed loss setting on --resume applied without a word")
 @pytest.mark.parametrize("cls, before, after, says", [
     (LowMemDPOConfig, dict(beta=0.2), dict(beta=0.3), r"beta=0\.3 \(the checkpoint's run: beta=0\.2\)"),
     (LowMemDPOConfig, dict(loss_type=["sigmoid"]), dict(loss_type=["ipo"]), r"loss_type=\['ipo'\].*\['sigmoid'\]"),
