@@ -141,6 +141,18 @@ def test_bad_settings_are_refused_naming_the_field(key, value, fragment):
                          [{"params": [p], "rank": 4}], "alice", **({"betas": value} if key == "betas" else {}))
 
 
+def test_float64_moments_of_a_projected_weight_are_refused():
+    """``state_dtype="param"`` on a float64 weight would make float64 moments meet the float32 basis (GaLore's
+    check, named for alice); the default float32 state trains it."""
+    p = torch.nn.Parameter(torch.randn(24, 40, dtype=torch.float64))
+    with pytest.raises(ValueError, match="state_dtype='param' on float64 parameters projected through alice's basis"):
+        create_optimizer([{"params": [p], "rank": 4}], "alice", state_dtype="param")
+    opt = create_optimizer([{"params": [p], "rank": 4}], "alice")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert p.dtype == torch.float64 and opt.state[p]["exp_avg"].dtype == torch.float32
+
+
 def test_a_bad_setting_written_into_the_group_later_is_refused_at_the_step():
     p = torch.nn.Parameter(torch.randn(24, 40))
     opt = create_optimizer([{"params": [p], "rank": 4}], "alice")

@@ -272,7 +272,10 @@ def _check_alice_group(group: dict[str, Any]) -> None:
     if group.get("proj_type") == "full":
         raise ValueError("alice tracks the covariance of one side of the gradient: proj_type must be one of"
                          " ['std', 'reverse_std', 'left', 'right'], got 'full'")
-    check_projected_state_dtype({**group, "projection": "svd"})
+    try:  # (GaLore's check: the basis and the projected gradient are float32)
+        check_projected_state_dtype({**group, "projection": "svd"})
+    except ValueError as err:
+        raise ValueError(str(err).replace("through a 'svd' basis", "through alice's basis")) from None
 
 
 def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
