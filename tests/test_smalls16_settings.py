@@ -44,8 +44,12 @@ def _weights(m):
 
 def test_adafactor_lr_with_relative_step_is_refused_everywhere_it_is_given():
     m = _model()
-    with pytest.raises(ValueError, match=r"Cannot combine manual `lr` and `relative_step=True`"):
+    with pytest.raises(ValueError, match=r"Cannot combine manual `lr` and `relative_step=True` options \(Adafactor\): "
+                                         r".*give lr=None, or relative_step=False"):
         Adafactor(m.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"Adafactor needs `lr` when `relative_step=False`: give lr \(a float >= 0\), "
+                                         r"or relative_step=True"):
+        Adafactor(m.parameters(), relative_step=False)
     with pytest.raises(ValueError, match=r"Cannot combine manual `lr` and `relative_step=True`"):
         create_optimizer(m, "adafactor", lr=1e-3, relative_step=True)
     from lowmem.trainers.hf import validate_optim_args

@@ -69,11 +69,15 @@ def _eps_pair(x: Any) -> bool:
 
 def _check_adafactor_group(group: dict[str, Any]) -> None:
     if group["lr"] is not None and group["relative_step"]:
-        raise ValueError("Cannot combine manual `lr` and `relative_step=True` options (Adafactor)")
+        raise ValueError("Cannot combine manual `lr` and `relative_step=True` options (Adafactor): relative_step=True "
+                         "computes its own step size and would not use lr; give lr=None, or relative_step=False (and "
+                         "usually scale_parameter=False) for an external learning rate")
     if group["warmup_init"] and not group["relative_step"]:
-        raise ValueError("`warmup_init=True` requires `relative_step=True` (Adafactor)")
+        raise ValueError("`warmup_init=True` requires `relative_step=True` (Adafactor): the warm-up is of the relative "
+                         "step size; give warmup_init=False with an external lr")
     if group["lr"] is None and not group["relative_step"]:
-        raise ValueError("Adafactor needs `lr` when `relative_step=False`")
+        raise ValueError("Adafactor needs `lr` when `relative_step=False`: give lr (a float >= 0), or "
+                         "relative_step=True for the relative step size")
 
 
 ADAFACTOR_HPARAMS = (
