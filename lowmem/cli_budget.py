@@ -217,6 +217,45 @@ def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, s
     return longer + (len(layers) - SCALED_FROM - 1) * (longer - short)
 
 
+def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: int = 512,
+                        gradient_checkpointing: bool = True, trainable: int | None = None) -> dict[str, int] | None:
+    """The activations of one training step of the float32 causal LM of ``config`` with its forward under
+    ``torch.autocast("cpu", dtype)`` and its backward outside it, traced on fake CPU tensors
+    (:func:`~lowmem.memory.activations.traced_activation_bytes` with ``autocast``: the model's own forward, loss and
+    ``loss.backward()``, every storage followed; its first decoder layers, the rest stitched): ``total``, the most
+    activation bytes live at once, and ``backward_peak``, the most activation and float32 gradient bytes live at
+    once. Everything autocast does is in the trace: the ``dtype`` weight copies its cache holds until the forward
+    returns, and each checkpointed layer's again in its recomputation; the float32 residual stream the checkpoints
+    keep; the recomputed layer's float32 norms and its per-linear ``dtype`` copies of the hidden states; the float32
+    gradients. ``None`` when the model's trainable elements are not ``trainable`` (an optimizer that freezes blocks,
+    BAdam: the trace would form gradients the run does not).
+
+    Tiny Llama (h=256, i=688, 2 layers, vocab 128), checkpointed, AdamW, CPU autocast, second step: the traced
+    ``backward_peak`` equals MemTracker's activations and gradients at the step's peak to the byte (1 x 16:
+    6,664,520 B; 1 x 256: 9,974,792 B), where the pure-dtype run's moment plus the autocast extra was 458 KB under
+    at 1 x 256 (total 0.985)."""
+    import torch
+
+    from .memory.activations import traced_activation_bytes
+    from .memory.estimate import build_meta_model, lora_config
+
+    model = build_meta_model(config, torch.float32)
+    lcfg = lora_config(lora)
+    if lcfg is not None:
+        import warnings
+
+        from peft import get_peft_model
+
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, lcfg)
+    if trainable is not None and trainable != sum(p.numel() for p in {id(p): p for p in model.parameters()
+                                                                       if p.requires_grad}.values()):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return traced_activation_bytes(model, text, batch_size, seq_len, gradient_checkpointing, autocast=dtype)
+
+
 def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     """The estimate for mixed precision: float32 master weights, gradients, optimizer state and its transient
     (the fp32 estimate), with the activations of a ``dtype`` run plus what autocast saves beyond them
@@ -224,7 +263,9 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     matmul ops, whatever the module, the float32 normalized values of the float32 residual stream, one ``dtype``
     copy of the hidden states per consuming linear; counted with the activations: the backward frees them).
     With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
-    each layer's checkpointed input in float32 instead of ``dtype``; 4-bit and int8 weights are de-quantized by
+    each layer's checkpointed input in float32 instead of ``dtype`` (``details['autocast_extra_saved']``), and the
+    activations and the gradients at their peak are those of the checkpointed step traced under autocast
+    (:func:`autocast_step_bytes`; not quantized, without ``trainer``, layerwise mode or ``padding_free``); 4-bit and int8 weights are de-quantized by
     bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them. With
     ``trainer="grpo"`` the generation phase is traced under autocast
     (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
@@ -262,6 +303,17 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     low_parts = low.details["activation_parts"]
     early = mixed_gradients_with_activations(master.details["gradients_with_activations"],
                                              low.details["gradients_with_activations"], quantized)
+    stepped = None
+    if (not quantized and master.settings["gradient_checkpointing"] and kwargs.get("trainer") is None
+            and not kwargs.get("padding_free") and not master.settings["layerwise"]):
+        # checkpointed: the autocast step itself, traced (the recomputed layer's float32 norms and hidden-state copies,
+        # which the pure run's moment plus the weight copies and float32 checkpoints missed: 0.985 of the measured peak)
+        stepped = autocast_step_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512), True,
+                                      master.details["trainable_parameters"])
+        if stepped is not None:
+            activations = stepped["total"]
+            if early is not None:
+                early = max(0, min(master.gradients, stepped["backward_peak"] - stepped["total"]))
     forward_end = 0
     if not quantized and not master.settings["gradient_checkpointing"] and kwargs.get("trainer") is None:
         # the forward's end (its loss included), a moment without gradients: the activations are the larger of it and
@@ -291,13 +343,18 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
         f"those of a pure {name} run plus what autocast saves beyond them ({extra / 2**30:.2f} GiB: the {name} copy of "
         f"each weight autocast casts for its matmuls, {copies / 2**30:.2f} GiB, the float32 residual stream's norms, "
         f"a {name} copy of the hidden states per consuming linear)"]
+    if stepped is not None:
+        notes.append(f"activations and the gradients at their peak: the checkpointed step under {name} autocast, traced on "
+                     "fake tensors (details['autocast_step'])")
     if forward_end and activations == forward_end:
         notes.append(f"activations: the forward's end under {name} autocast, its loss included ({forward_end / 2**30:.2f} GiB, "
                      "traced on fake tensors: details['autocast_forward_peak']), above the backward's moments")
     return dataclasses.replace(master, activations=activations, notes=notes,
                                settings={**master.settings, "dtype": f"{name} mixed (fp32 master weights)", "precision": "mixed"},
                                details={**details, "autocast_weight_copies": copies, "autocast_extra_saved": extra,
-                                        "autocast_forward_peak": forward_end})
+                                        "autocast_forward_peak": forward_end,
+                                        "autocast_step": ({k: v for k, v in stepped.items() if isinstance(v, int)}
+                                                          if stepped is not None else None)})
 
 
 def _precision_note(est, other_total: int, precision: str, dtype: str) -> str:

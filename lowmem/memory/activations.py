@@ -785,6 +785,7 @@ def traced_activation_bytes(
     head_parts: dict[str, int] | None = None,
     fused_head: bool = False,
     fused_head_device: str = "cpu",
+    autocast: Any = None,
 ) -> dict[str, int]:
     """Activation bytes of any decoder-only causal LM, from the tensors autograd saves in one forward pass of
     ``model`` on fake CPU tensors (the meta ``model``'s parameters are made fake CPU ones: nothing is allocated, and
@@ -827,6 +828,10 @@ def traced_activation_bytes(
             (:func:`trl_fused_head`) instead of the model's loss; not with ``head_parts``.
         fused_head_device (`str`, defaults to `"cpu"`): The device the fused head runs on: ``"cpu"`` (TRL's torch fold
             of each tile) or ``"cuda"`` (its Triton kernels, which allocate nothing; traced on fake CPU tensors).
+        autocast (`torch.dtype` or `None`, defaults to `None`): The step's forward (its loss included) runs under
+            ``torch.autocast("cpu", autocast)`` and its backward outside it, as the Trainer's mixed precision runs a
+            float32 ``model`` (its ``dtype`` weight copies, float32 residual stream and norms, float32 gradients: all
+            in the trace); only for the traced step (not with ``head_parts``).
 
     Returns:
         `dict[str, int]`: ``layers``, ``other`` (outside the decoder layers: embeddings, final norm, logits,
@@ -839,7 +844,9 @@ def traced_activation_bytes(
     cache = {} if cache is None else cache
     if head_parts is None:
         return _traced_step_bytes(model, config, layers, batch_size, seq_len, gradient_checkpointing, cache,
-                                  fused_head and fused_head_device)
+                                  fused_head and fused_head_device, autocast)
+    if autocast is not None:
+        raise ValueError("autocast traces the step itself: head_parts must be None")
     if fused_head:
         raise ValueError("fused_head=True traces TRL's fused head itself: head_parts must be None")
 
@@ -1027,7 +1034,7 @@ def _layers_parent(model: Any, layers: Any) -> tuple[Any, str]:
 
 
 def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int, checkpointed: bool,
-                       cache: dict, fused_head: str | bool = False) -> dict[str, int]:
+                       cache: dict, fused_head: str | bool = False, autocast: Any = None) -> dict[str, int]:
     """:func:`traced_activation_bytes` with the model's own loss: the step traced as a device runs it (forward, then
     ``loss.backward()`` with the weights' gradients, the model's own checkpointing), every live storage followed
     (:func:`_trace_saved`'s fourth item). ``total`` is the most bytes of activations live at once; ``backward_peak``
@@ -1047,6 +1054,8 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
     def whole_at(b: int) -> tuple[list, int, list, int]:
         # (fused_head: the device TRL's fused head runs on, "cpu" / "cuda"; False: the model's own loss)
         key = (b, seq_len, "step", checkpointed, "fused head", fused_head) if fused_head else (b, seq_len, "step", checkpointed)
+        if autocast is not None:  # (the float32 model's step under autocast: another trace)
+            key = (*key, "autocast", str(autocast))
         if key not in cache:
             m = cache.get("step layers", truncated_layers(kinds))
             while True:
@@ -1055,7 +1064,7 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
                 try:
                     per_layer, other, _, whole = _trace_saved(model, config, sub, b, seq_len, backward=True,
                                                               checkpointed=checkpointed, whole_step=True,
-                                                              fused_head=fused_head)
+                                                              fused_head=fused_head, autocast=autocast)
                 finally:
                     setattr(parent, attr, layers)
                 if m == len(layers) or _stitch_layers(whole["steps"], kinds, m) is not None:
@@ -1118,7 +1127,7 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
 
 def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int,
                  backward: bool = False, checkpointed: bool = False, whole_step: bool = False,
-                 fused_head: str | bool = False) -> tuple:
+                 fused_head: str | bool = False, autocast: Any = None) -> tuple:
     """``(bytes saved by each decoder layer, bytes saved outside them, each layer's backward peak)`` in one meta
     forward of ``model`` (and, with ``backward``, its backward down to the input embeddings).
 
@@ -1139,7 +1148,8 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     and the gradients already formed when an early layer's backward runs (the step's peak for small activations).
     With ``checkpointed`` the first three items are not meaningful (the checkpoints replace the saved tensors). With
     ``fused_head`` (the device it runs on, ``"cpu"`` / ``"cuda"``; ``True``: ``"cpu"``) the loss is TRL's fused LM
-    head's (:func:`trl_fused_head`) instead of the model's own."""
+    head's (:func:`trl_fused_head`) instead of the model's own. With ``autocast`` (a dtype) the forward and its loss
+    run under ``torch.autocast("cpu", autocast)``, the backward outside it (the Trainer's mixed precision)."""
     import contextlib
 
     import torch
@@ -1182,10 +1192,10 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                 hooks.append(layer.register_forward_hook(lambda m, a, o: None if in_backward[0] else mark("mid")))
     was_training = model.training
     model.train()
-    autocast = torch.autocast
+    autocast_cls = torch.autocast
     # peft's LoRA on 3-D expert weights (ParamWrapper) opens torch.autocast(device_type=<the weight's device>,
     # enabled=False); torch refuses device_type "meta" (RuntimeError). On meta it would change nothing: no autocast
-    torch.autocast = lambda device_type, *a, **k: contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *a, **k)
+    torch.autocast = lambda device_type, *a, **k: contextlib.nullcontext() if device_type == "meta" else autocast_cls(device_type, *a, **k)
     live: dict[Any, int] = {}  # every storage the ops return (backward pass), weakly
     alive: dict[Any, int] = {}  # every storage the ops return (forward and backward), weakly
     grads: dict[Any, int] = {}  # the weights' accumulated gradients
@@ -1306,7 +1316,8 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                 else contextlib.nullcontext())
         with mode, traced_experts(model), unpacked_positions(), kbit_linears(model), head, (_Live() if backward else contextlib.nullcontext()):
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                  autocast_cls("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()):
                 loss = model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused_head else {})).loss
             if backward:
                 # the embeddings' output is kept here only (a scaled copy enters the layers, e.g. Gemma's): not one of the
@@ -1330,7 +1341,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
         raise ValueError(f"activations of model_type={getattr(config, 'model_type', None)!r} cannot be traced on fake "
                          f"tensors ({type(exc).__name__}: {exc}); its memory cannot be estimated") from exc
     finally:
-        torch.autocast = autocast
+        torch.autocast = autocast_cls
         for h in hooks:
             h.remove()
         if backward:
