@@ -358,6 +358,47 @@ def check_reward_signature(fn: Callable[..., Any], ref: str, columns: list[str] 
         ) from None
 
 
+def check_bound_keywords(fn: Callable[..., Any], ref: str, bound: dict[str, Any], columns: list[str] | None,
+                         where: str = "dataset") -> None:
+    """Check the keyword arguments a ``{name: ..., <keyword>: <value>}`` entry binds: each must be a parameter the
+    function names (one that only its ``**kwargs`` would take was ignored without a word: ``{name: format, patern:
+    ...}`` rewarded the default format, ``{name: exact_match, weight: 0.5}`` weighed nothing), and none may be named
+    like a keyword of TRL's call or a column of ``columns`` (the bound value replaced TRL's or the column's in every
+    call).
+
+    Raises:
+        ValueError: Naming the function, the keywords, its parameters (and the close ones) or the column.
+    """
+    import difflib
+    import inspect
+
+    if not bound:
+        return
+    trl = [k for k in bound if k in TRL_REWARD_KEYWORDS]
+    if trl:
+        raise ValueError(f"reward function {ref!r} binds {trl}, the name(s) of keywords TRL gives every reward function "
+                         "itself (the prompts, the generated completions and their ids, its objects): the bound value would "
+                         "replace TRL's in every call; remove the keyword(s)")
+    clash = [k for k in bound if k in (columns or [])]
+    if clash:
+        raise ValueError(f"reward function {ref!r} binds {clash}, also the name(s) of {where} column(s): the bound value "
+                         "would replace the column's values in every call; remove the keyword(s), or rename the column(s)")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature (a C function): TRL's call decides
+        return
+    named = sorted(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    for k in bound:
+        if k not in named:
+            close = difflib.get_close_matches(k, named, n=3)
+            raise ValueError(
+                f"reward function {ref!r} binds {k!r}, which it does not name as a parameter (its parameters: {named}): "
+                "the value would go into its **kwargs and be ignored"
+                + (f"; did you mean {close}?" if close else "")
+                + ("; a reward function's weight is reward_weights (one per function)" if k in ("weight", "weights")
+                   else ""))
+
+
 # Dataset columns TRL's GRPOTrainer (1.16, ``_calculate_rewards``) does not pass to reward functions: a prompt-completion
 # dataset's reference ``completion`` (the name is the generated one's; ``completions`` holds those).
 WITHHELD_COLUMNS = ("completion",)
@@ -490,10 +531,12 @@ def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None,
         if not callable(fn):
             raise ValueError(f"reward function {ref!r}: {func!r} is a {type(fn).__name__}, not a function")
     needs = BUILTIN_NEEDS_ONE_OF.get(ref if ref in BUILTIN_REWARDS else "", ())
+    check_bound_keywords(fn, ref, bound, columns)
     for which, cols in (("dataset", columns), ("eval_dataset", eval_columns)):
         if cols is None:
             continue
         try:
+            check_bound_keywords(fn, ref, bound, cols, which)
             check_reward_signature(fn, ref, cols, bound)
         except ValueError as err:
             if which == "dataset":
