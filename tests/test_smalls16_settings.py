@@ -224,3 +224,30 @@ def test_schedulers_and_accelerate_still_step(name, which):
     assert opt.state  # stepped
     if which == "OneCycleLR":
         assert {"initial_lr", "max_lr", "min_lr"} <= set(opt.param_groups[0])
+
+
+@pytest.mark.slow  # (8 s: a Trainer on the tiny model)
+def test_a_plain_trainer_runs_relative_step_adafactor_with_adafactor_schedule(tmp_path):
+    """transformers' documented way to train with Adafactor's own step size: ``optimizers=(Adafactor(...,
+    relative_step=True), AdafactorSchedule(opt))`` on a plain Trainer, which logs the reported step size as the
+    learning rate (lowmem's Trainer integration refuses relative_step: it builds its own scheduler)."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers.optimization import AdafactorSchedule
+
+    from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
+
+    model, tok = build_tiny_model(0)
+    opt = Adafactor(model.parameters(), warmup_init=True)
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                             save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True,
+                             dataloader_pin_memory=False)
+    trainer = Trainer(model=model, args=args, train_dataset=tokenize_sft(sft_dataset(16), tok),
+                      data_collator=default_data_collator, optimizers=(opt, AdafactorSchedule(opt)))
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    # the Trainer logs the scheduler's last lr before its step: AdafactorSchedule's initial 0.0, then the reports
+    # after steps 1 and 2 (warm-up: 1e-6 t times the first parameter's scale)
+    assert lrs[0] == 0.0 and 0 < lrs[1] < lrs[2] < 1e-7, lrs
+    assert lrs[2] / lrs[1] == pytest.approx(2.0, rel=0.05)
+    assert opt.param_groups[0]["lr"] == pytest.approx(
+        opt._get_lr(opt.param_groups[0], opt.state[opt.param_groups[0]["params"][0]]))  # (step 3's report)

@@ -49,7 +49,9 @@ TRAINER_OVERRIDES = {"relative_step": False, "scale_parameter": False}
 # cannot run under it (refused with the arguments, before any model loads).
 TRAINER_REFUSED = {
     "relative_step": (True, "the Trainer drives the step size (learning_rate and its scheduler), so Adafactor's "
-                            "relative step cannot apply under a Trainer; remove it (relative_step=False is set for you)"),
+                            "relative step cannot apply under a Trainer; remove it (relative_step=False is set for you), "
+                            "or give a plain transformers.Trainer optimizers=(lowmem.optim.Adafactor(params, "
+                            "relative_step=True), transformers.optimization.AdafactorSchedule(optimizer))"),
     "warmup_init": (True, "it needs relative_step=True, which cannot apply under a Trainer (the Trainer drives the "
                           "step size: learning_rate and its scheduler); remove it"),
 }
