@@ -178,11 +178,12 @@ def test_a_group_appended_by_hand_with_a_misspelled_setting_is_refused():
 
 def test_other_keys_written_later_are_accepted():
     m = _model()
-    opt = create_optimizer(m, "adamw", lr=1e-2)
+    opt = create_optimizer(m, "fira_adamw", lr=1e-2, rank=2)
     _backward(m)
     g = opt.param_groups[0]
     # timm's schedulers: initial_<field> of the setting they drive; a library's own tag far from every setting
     g["initial_weight_decay"] = 0.01
+    g["lr_scale"] = 0.5  # (timm's schedulers read it; difflib puts it near 'scale' / 'free_lr_scale')
     g["my_tag"] = "decoder"
     g["layer_id"] = 3
     opt.step()

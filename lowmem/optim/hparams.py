@@ -356,6 +356,10 @@ def check_group_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "", 
 #: ``initial_<field>``): a key ``<prefix><setting>`` written later is never read as a misspelled setting.
 SCHEDULER_KEY_PREFIXES = ("initial_", "max_", "min_", "base_", "swa_")
 
+#: Keys other libraries' schedulers read from a group, never read as a misspelled setting when written later (timm's
+#: ``lr_scale``: its schedulers write ``lr`` times it; close to ``scale`` / ``free_lr_scale`` by difflib's ratio).
+SCHEDULER_READ_KEYS = frozenset({"lr_scale"})
+
 
 def misspelled_settings(recipe: Any, keys: Iterable[Any]) -> list[Any]:
     """The keys of ``keys`` that are not valid group keys of ``recipe`` (:func:`valid_group_keys`) and read as a
@@ -370,7 +374,7 @@ def misspelled_settings(recipe: Any, keys: Iterable[Any]) -> list[Any]:
     valid = set(valid_group_keys(recipe))
     out = []
     for k in keys:
-        if k in valid or not isinstance(k, str):
+        if k in valid or not isinstance(k, str) or k in SCHEDULER_READ_KEYS:
             continue
         if k in PEER_NO_OPS or (k in PEER_SPELLINGS and PEER_SPELLINGS[k][0] in settings):
             out.append(k)
