@@ -248,9 +248,11 @@ TRACE_SHAPES = [(64, 24), (24, 48), (48,), (3, 8, 10), ()]
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "param"])
 @pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_step_transient_bytes_equal_the_traced_step(pdtype, state_dtype):
-    """``step_transient_bytes()`` of one parameter equals the largest set of tensors its steps 2-4 hold together
-    (every dispatched output traced, tests/test_muonfix_sweep.py's tracer): 5 shapes x whole / one block / blocks
-    of 2 rows / of 1 row (measured: 180 cases, 0 off; 216 with a (200,) vector and chunks of 7)."""
+    """``step_transient_bytes()`` of one parameter equals the largest set of tensors its steps hold together
+    (every dispatched output traced, tests/test_muonfix_sweep.py's tracer; steps 2-3): 5 shapes x whole / one block /
+    blocks of 2 rows / of 1 row (measured: 180 cases, 0 off; 216 with a (200,) vector and chunks of 7). A float32
+    weight with float32 statistics takes a bucket of its own (the multi-tensor step), the others the per-parameter
+    step."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_muonfix_sweep import _RealLive
 
@@ -265,7 +267,7 @@ def test_step_transient_bytes_equal_the_traced_step(pdtype, state_dtype):
             gen = torch.Generator().manual_seed(1)
             peak = 0
             opt.materialize_state()
-            for step in range(4):
+            for step in range(3):
                 p.grad = torch.randn(shape, generator=gen).to(pdtype)
                 with _RealLive() as tr:
                     opt.step()
@@ -274,3 +276,73 @@ def test_step_transient_bytes_equal_the_traced_step(pdtype, state_dtype):
             if opt.step_transient_bytes() != peak:
                 off.append((shape, chunk, opt.step_transient_bytes(), peak))
     assert not off, off
+
+
+# ---- the multi-tensor step ----------------------------------------------------------------------------------------
+
+BUCKET = [(16, 24)] * 4 + [(24,)] * 3 + [(3, 8, 10)] * 2 + [(), (40, 300), (0, 4)]
+STACKS = [(16, 24)] * 8 + [(24,)] * 3 + [(3, 8, 10)] * 2 + [()]
+
+
+def _bucket_run(foreach, steps=6, chunk=4096, shapes=BUCKET, config=None):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = create_optimizer(ps, "racs", foreach=foreach, **(config or {"lr": 1e-2, "weight_decay": 0.1}))
+    opt.chunk_numel = chunk
+    gen = torch.Generator().manual_seed(5)
+    for t in range(steps):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * (0.01 if t == 2 else 1 + t % 3)  # (t = 2: the limiter acts)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("config", [None, CONFIGS[2]], ids=["decay", "loose"])
+def test_foreach_buckets_equal_the_per_parameter_step_bit_for_bit(config):
+    """Same-shape tensors stacked (4 matrices, 3 vectors, 2 3-D tensors), a 0-d and an empty tensor, a 40 x 300
+    weight above ``chunk_numel`` stepped from its first piece: weights and statistics equal ``foreach=False`` bit
+    for bit over 6 steps, one of which shrinks the gradients 100x (the limiter binds)."""
+    calls = []
+    orig = RacsMoments._group_direction
+
+    def counting(self, grads, states, group, t):
+        calls.append((len(grads), tuple(grads[0].shape)))
+        return orig(self, grads, states, group, t)
+
+    RacsMoments._group_direction = counting
+    try:
+        a, oa = _bucket_run(None, config=config)
+    finally:
+        RacsMoments._group_direction = orig
+    assert (4, (16, 24)) in calls and (3, (24,)) in calls and (2, (3, 8, 10)) in calls  # (stacked)
+    b, ob = _bucket_run(False, config=config)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), tuple(x.shape)
+        assert all(torch.equal(oa.state[x][k], ob.state[y][k]) for k in oa.state[x]), tuple(x.shape)
+
+
+@pytest.mark.parametrize("shapes,chunk", [(BUCKET, 4096), (BUCKET, 600), (BUCKET, None), (STACKS, 4096),
+                                          ([(64, 24), (24,), (24, 48), (48,)], 100000)],
+                         ids=["bucket", "bucket-600", "bucket-whole", "stacks", "mixed"])
+def test_foreach_step_allocates_what_it_reports(shapes, chunk):
+    """``step_transient_bytes()`` with the buckets equals the traced steps 2-4 (a stack of ``k`` tensors ``R x C``:
+    ``max(8 k n + 4 k (R + C), 4 k n + 8 k (R + C), 4 k n + 16 k)``; a lone one ``4 n + 4 (R + C)``; measured: 12
+    bucket layouts and chunks, 0 off)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_muonfix_sweep import _RealLive
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = create_optimizer(ps, "racs")
+    opt.chunk_numel = chunk
+    gen = torch.Generator().manual_seed(1)
+    peak = 0
+    opt.materialize_state()
+    for step in range(4):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with _RealLive() as tr:
+            opt.step()
+        if step > 0:
+            peak = max(peak, tr.peak)
+    assert opt.step_transient_bytes() == peak

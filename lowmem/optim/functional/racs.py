@@ -44,14 +44,16 @@ def matrix_dims(shape) -> tuple[int, int]:
 
 def row_square_means(g: Tensor) -> Tensor:
     """``mean_j G_ij^2`` of each row of the 2-D ``g`` (a new tensor of ``g.shape[0]`` values, the row statistic's
-    sample ``diag(G G^T) / n``), from the rows' norms: no temporary of ``g``'s size."""
-    return torch.linalg.vector_norm(g, dim=1).square_().div_(max(g.shape[1], 1))
+    sample ``diag(G G^T) / n``), from the rows' norms: no temporary of ``g``'s size. A stack ``(k, m, n)``: each
+    matrix's, ``(k, m)``."""
+    return torch.linalg.vector_norm(g, dim=-1).square_().div_(max(g.shape[-1], 1))
 
 
 def column_square_sums(g: Tensor) -> Tensor:
     """``sum_i G_ij^2`` of each column of the 2-D ``g`` (``g.shape[1]`` values): a block of rows' share of the
-    column statistic's sample ``diag(G^T G)``, divided by the whole row count once every block is summed."""
-    return torch.linalg.vector_norm(g, dim=0).square_()
+    column statistic's sample ``diag(G^T G)``, divided by the whole row count once every block is summed. A stack
+    ``(k, m, n)``: each matrix's, ``(k, n)``."""
+    return torch.linalg.vector_norm(g, dim=-2).square_()
 
 
 def racs_ema_(stat: Tensor, sample: Tensor, beta: float) -> Tensor:
@@ -68,12 +70,13 @@ def racs_factors(row: Tensor, col: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 def racs_scale(g: Tensor, row_factor: Tensor, col_factor: Tensor) -> Tensor:
     """``G~ = diag(row_factor) g diag(col_factor)`` of the 2-D ``g`` (a block of rows with its rows' factors): a
-    new tensor of ``g``'s shape."""
-    return (g * row_factor.unsqueeze(1)).mul_(col_factor)
+    new tensor of ``g``'s shape. A stack ``(k, m, n)`` with ``(k, m)`` and ``(k, n)`` factors: each matrix's."""
+    return (g * row_factor.unsqueeze(-1)).mul_(col_factor.unsqueeze(-2))
 
 
 def norm_growth_limit(norm: Tensor, previous: Tensor, gamma: float, eps: float) -> Tensor:
     """The limiter's factor ``eta = gamma / max(||G~|| / (phi_{t-1} + eps), gamma)`` (a 0-d tensor): 1 while the
     update's norm grows by at most ``gamma`` over the previous step's, else the factor that makes it exactly
-    ``gamma phi_{t-1}``. (The first step of a tensor takes ``eta = 1``: the caller's.)"""
+    ``gamma phi_{t-1}``. (The first step of a tensor takes ``eta = 1``: the caller's.) ``norm`` and ``previous`` may
+    be ``(k,)`` vectors, one per stacked matrix: element-wise the same arithmetic."""
     return torch.clamp(norm / (previous + eps), min=gamma).reciprocal_().mul_(gamma)

@@ -24,8 +24,9 @@ import torch
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.racs import (column_square_sums, matrix_dims, norm_growth_limit, racs_ema_, racs_factors,
                                racs_scale, row_square_means)
+from ..functional.adafactor import STACK_NUMEL, group_cap, stack_groups, stacks_large
 from ..hparams import LR, WEIGHT_DECAY, HParam, _is_real, in_unit_interval, positive
-from ..moments import ChunkState, MomentRule, state_dtype
+from ..moments import ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
 
 
@@ -62,7 +63,132 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class RacsMoments(MomentRule):
+class _Foreach:
+    """:class:`RacsMoments`' multi-tensor step (float32 parameters and statistics, the engine's foreach buckets)."""
+
+    def supports_foreach_for(self, shape, group, state):
+        """Float32 statistics (``state_dtype`` ``"float32"``, or ``"param"`` of the float32 parameters the engine
+        buckets), not in an FSDP2 group (the column sums and the norm need the shards': the per-parameter step
+        reduces them)."""
+        return group.get("state_dtype", "float32") in ("float32", "param") and not sharded_group(group)
+
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: a tensor larger than ``chunk_numel`` is stepped from its first piece with the per-parameter
+        chunked step (:func:`~lowmem.optim.moments.step_whole_from_piece_`)."""
+        return True
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """A bucket's step (one step count ``t``: the engine's buckets are per step count): tensors of one shape
+        stacked (:func:`~lowmem.optim.functional.adafactor.stack_groups`, as SM3's and Adafactor's buckets), every
+        line of the step once on each stack (:meth:`_group_direction`: each matrix's statistics, norm and limiter
+        a row of the stack's), the statistics written back, then the decay and the update per tensor
+        (``torch._foreach_*``); equal bit for bit to the per-parameter step. A tensor larger than ``chunk_numel``
+        arrives in flat pieces and is stepped from its first one."""
+        wd = group.get("weight_decay", 0.0)
+        whole = []
+        for p, g, st in zip(params, grads, states):
+            if not isinstance(st, ChunkState):
+                whole.append((p, g, st))
+            elif st.start == 0:
+                step_whole_from_piece_(self, p, g, st, group, t, lr, decay_after=False)
+        if not whole:
+            return
+        ps, gs, ss = (list(x) for x in zip(*whole))
+        for idx in stack_groups(gs, [1] * len(gs)):
+            d = self._group_direction([gs[i] for i in idx], [ss[i] for i in idx], group, t)
+            group_ps = [ps[i] for i in idx]
+            if wd != 0:
+                torch._foreach_mul_(group_ps, 1.0 - lr * wd)
+            torch._foreach_add_(group_ps, [x.view(p.shape) for x, p in zip(d.unbind(0), group_ps)], alpha=-lr)
+            del d
+
+    def _group_direction(self, grads, states, group, t):
+        """Every line of the step (without ``lr``) for ``k`` same-shape float32 tensors stacked along a new first
+        dimension as ``(k, rows, cols)`` (a lone tensor: views, nothing stacked): ``alpha eta G~`` of each, a new
+        ``(k, rows, cols)`` tensor; the statistics and kept norms written back."""
+        k = len(grads)
+        rows, cols = states[0]["row_sq"].shape[0], states[0]["col_sq"].shape[0]
+
+        def stacked(xs, shape):  # (a lone strided tensor of more than 2 dimensions, channels_last: a copy)
+            return xs[0].reshape(1, *shape) if k == 1 else torch.stack(xs).view(k, *shape)
+
+        g = stacked(grads, (rows, cols))
+        if g.numel() == 0:  # (empty tensors: nothing to scale, the statistics keep their values)
+            return torch.zeros_like(g)
+        beta, eps = group["beta"], group["eps"]
+        rs, cs, ns = ([st[key] for st in states] for key in ("row_sq", "col_sq", "update_norm"))
+        row, col = stacked(rs, (rows,)), stacked(cs, (cols,))
+        racs_ema_(row, row_square_means(g), beta)
+        racs_ema_(col, column_square_sums(g).div_(rows), beta)
+        if k > 1:
+            torch._foreach_copy_(rs, list(row.unbind(0)))
+            torch._foreach_copy_(cs, list(col.unbind(0)))
+        rf, cf = racs_factors(row, col, eps)
+        del row, col
+        u = racs_scale(g, rf, cf)
+        del g, rf, cf
+        norm = torch.linalg.vector_norm(u, dim=(1, 2))
+        if t <= 1:
+            scale = norm.new_full((k,), group["alpha"])
+        else:
+            scale = norm_growth_limit(norm, stacked(ns, ()), group["gamma"], eps)
+            norm.mul_(scale)
+            scale.mul_(group["alpha"])
+        torch._foreach_copy_(ns, list(norm.unbind(0)))
+        del norm
+        return u.mul_(scale.view(k, 1, 1))
+
+    def foreach_transient_bytes(self, numel):
+        """Without the states at hand: a bound of :meth:`_group_bytes` per element (a stack of 0-d tensors' ``20 k``;
+        a vector's ``[n, 1]`` statistics as large as its elements, ``12 k n + 8 k``; a matrix's ``12 k n`` at most);
+        0 for no bucket (the engine's default when none is filled)."""
+        return 20 * numel
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """:meth:`foreach_step_` of a bucket whose ``members`` are ``(elements, state)``: its largest group's
+        (:meth:`_group_bytes`; each group's temporaries are freed before the next one's), grouped as on the
+        statistics' device (every same-shape set stacked off the CPU; both groupings on meta tensors: the larger)."""
+        shapes = [(self._dims_of(st, n), n) for n, st in members]
+        devices = {v.device for _, st in members for v in st.values() if isinstance(v, torch.Tensor) and v.dim()}
+        device = next(iter(devices)) if len(devices) == 1 else None
+        larges = (stacks_large(device),) if device is not None and device.type != "meta" else (False, True)
+        out = 0
+        for large in larges:
+            cap = group_cap([n for _, n in shapes], large)
+            groups: dict[tuple, list[int]] = {}
+            for i, (dims, n) in enumerate(shapes):
+                groups.setdefault(dims if large or n < STACK_NUMEL else (i,), []).append(i)
+            for idx in groups.values():
+                dims, n = shapes[idx[0]]
+                per = max(1, cap // max(1, n))
+                for a in range(0, len(idx), per):
+                    out = max(out, self._group_bytes(dims, len(idx[a:a + per])))
+        return out
+
+    @staticmethod
+    def _dims_of(state, n) -> tuple[int, int]:
+        """The ``(rows, cols)`` a tensor is stepped as, from its statistics (``(n, 1)`` before they are made)."""
+        if "row_sq" in state:
+            return state["row_sq"].shape[0], state["col_sq"].shape[0]
+        return n, 1
+
+    @staticmethod
+    def _group_bytes(dims, k) -> int:
+        """:meth:`_group_direction` of ``k`` float32 tensors stepped as ``R x C`` (``n`` elements each), exact. A stack
+        (``k > 1``) holds the stacked gradients (``4 k n``) beside, in turn, the stacked statistics and their factors
+        (``8 k (R + C)``) and ``G~`` with the factors (``4 k n + 4 k (R + C)``); then ``G~`` beside the limiter's
+        vectors (the norms, the stacked kept norms, two of its temporaries: ``16 k``). A lone tensor (views, nothing
+        stacked): the factors beside ``G~`` (``4 n + 4 (R + C)``), then ``G~`` beside the limiter's ``12`` bytes."""
+        rows, cols = dims
+        n = rows * cols
+        if n == 0:  # (empty tensors: nothing stepped)
+            return 0
+        if k == 1:
+            return max(4 * n + 4 * (rows + cols), 4 * n + 12)
+        return max(8 * k * n + 4 * k * (rows + cols), 4 * k * n + 8 * k * (rows + cols), 4 * k * n + 16 * k)
+
+
+class RacsMoments(_Foreach, MomentRule):
     """RACS's row and column statistics and the norm-growth limiter (see the module docstring).
 
     Group keys used: ``beta``, ``alpha``, ``gamma``, ``eps``.
