@@ -86,6 +86,12 @@ RANGES: dict[str, Range] = {
     "top_p": Range(0, 1, lo_open=True), "top_k": NONNEG, "min_p": Range(0, 1), "repetition_penalty": POSITIVE,
     "num_iterations": POSITIVE, "epsilon": NONNEG, "epsilon_high": NONNEG, "steps_per_generation": POSITIVE,
     "generation_batch_size": POSITIVE,
+    # fields whose invalid values failed mid-training (neftune_noise_alpha < 0: uniform_'s range; dataloader_num_workers
+    # < 0) or trained wrongly without a word (label_smoothing_factor >= 1 weighs the NLL term <= 0; the mixing and
+    # quantile fields outside [0, 1]); ranges from transformers' and TRL's docs
+    "neftune_noise_alpha": NONNEG, "label_smoothing_factor": UNIT_OPEN, "dataloader_num_workers": NONNEG, "ld_alpha": Range(0, 1), "ref_model_mixup_alpha": Range(0, 1),
+    "ref_model_sync_steps": POSITIVE, "discopop_tau": POSITIVE, "precompute_ref_batch_size": POSITIVE,
+    "top_entropy_quantile": Range(0, 1), "delta": POSITIVE,
 }
 
 
