@@ -366,7 +366,8 @@ def misspelled_settings(recipe: Any, keys: Iterable[Any]) -> list[Any]:
     misspelling of one of its settings: another package's spelling of it (:data:`PEER_SPELLINGS`,
     :data:`PEER_NO_OPS`), or a close match (``difflib`` ratio >= 0.75: ``betas1`` / ``beta2`` -> ``betas``,
     ``weight_decy`` -> ``weight_decay``, ``rnak`` -> ``rank``) that is not ``<prefix><setting>`` with a
-    :data:`SCHEDULER_KEY_PREFIXES` prefix. Any other unknown key is some library's own bookkeeping (torch.optim
+    :data:`SCHEDULER_KEY_PREFIXES` prefix, ``<anything>_<setting or bookkeeping key>`` (warm-up schedulers'
+    ``warmup_initial_lr`` / ``warmup_max_lr``) or one of :data:`SCHEDULER_READ_KEYS`. Any other unknown key is some library's own bookkeeping (torch.optim
     ignores extra keys; schedulers write some) and is not returned."""
     import difflib
 
@@ -381,6 +382,8 @@ def misspelled_settings(recipe: Any, keys: Iterable[Any]) -> list[Any]:
             continue
         if any(k.startswith(pre) and k[len(pre):] in settings for pre in SCHEDULER_KEY_PREFIXES):
             continue
+        if any(k.endswith("_" + s) for s in (*settings, *GROUP_BOOKKEEPING_KEYS)):  # a scheduler's own copy
+            continue  # (warm-up schedulers' warmup_initial_lr / warmup_max_lr, a library's use_weight_decay)
         if difflib.get_close_matches(k, settings, n=1, cutoff=0.75):
             out.append(k)
     return out
