@@ -7,7 +7,7 @@ switching and compensation) as a chain of engine parts.
   SVD), every later one tracks the covariance ``Q~ = beta3 U Q U^T + (1 - beta3) G G^T`` and switches
   (:func:`~lowmem.optim.functional.alice.switch`: one subspace iteration, the ``l`` leading Ritz vectors, ``r - l``
   directions drawn from the complement), carrying ``Q`` into the new basis. State: GaLore's ``proj_meta`` and
-  basis, plus ``alice_q`` (``r x r``).
+  basis, plus ``proj_cov`` (``r x r``).
 * Adam's moments of ``sigma = U^T G`` (:class:`~lowmem.optim.moments.AdamMoments`, ``eps`` on the raw
   ``sqrt(v)``); the paper's update has no bias correction (``bias_correction=False``, the default), which the
   combine-back divides out of the moment rule's direction (a scalar).
@@ -18,8 +18,8 @@ switching and compensation) as a chain of engine parts.
 
 Weight decay is decoupled and applied after the update (the engine's bucketed path for ``eps`` on the raw
 ``sqrt(v)``); 1-D parameters and weights whose smaller side is ``<= rank`` take AdamW steps with the same
-moments. FSDP2: refused (the compensation's channel statistics and the tracked covariance are not reduced over
-shards; :func:`lowmem.optim.sharded.projected_refusal`).
+moments. FSDP2: :meth:`AliceCompensation.sharded_direction` steps a shard of rows (its reductions there); until
+:mod:`lowmem.optim.sharded` takes it on its allow-list (FOUND_ALICE 4) a sharded parameter is refused.
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ class AliceProjection(SubspaceProjection):
 
     Group keys: ``rank``, ``update_proj_gap``, ``proj_type`` (not ``full``), ``refresh_phase``, ``seed``,
     ``power_iters`` (subspace iterations per switch), ``beta3``, ``switch_fraction``.
-    State: ``proj_meta``, ``proj_left`` or ``proj_right``, ``alice_q`` (``r x r`` float32)."""
+    State: ``proj_meta``, ``proj_left`` or ``proj_right``, ``proj_cov`` (``r x r`` float32)."""
 
-    state_keys = SubspaceProjection.state_keys + ("alice_q",)
+    state_keys = SubspaceProjection.state_keys + ("proj_cov",)
 
     @staticmethod
     def method(group: dict[str, Any]) -> str:
@@ -63,7 +63,7 @@ class AliceProjection(SubspaceProjection):
     def init_state(self, state, param, group, matrix=None):
         super().init_state(state, param, group, matrix)
         r = group["rank"]
-        state["alice_q"] = torch.zeros((r, r), dtype=torch.float32, device=param.device)
+        state["proj_cov"] = torch.zeros((r, r), dtype=torch.float32, device=param.device)
 
     def refresh(self, g, state, group, checked=False):
         """The first refresh: the top-``r`` singular vectors of ``G``; later ones: tracking and switching
@@ -87,9 +87,9 @@ class AliceProjection(SubspaceProjection):
                 old = state[key] if left else state[key].t()
                 gen = torch.Generator().manual_seed(seed * 7919 + refreshes)
                 leading = AL.leading_count(group["rank"], group["switch_fraction"])
-                new = AL.switch(a, old, state["alice_q"], group["beta3"], leading, group["power_iters"], gen)
-                q = AL.carry_covariance(state["alice_q"], old, new)
-                state["alice_q"].copy_(q)
+                new = AL.switch(a, old, state["proj_cov"], group["beta3"], leading, group["power_iters"], gen)
+                q = AL.carry_covariance(state["proj_cov"], old, new)
+                state["proj_cov"].copy_(q)
                 del q
                 state[key].copy_(new if left else new.t())
         except RuntimeError as err:  # torch.linalg.LinAlgError and friends
@@ -170,6 +170,14 @@ class AliceCompensation(CombineRule):
         state["alice_p"] = torch.zeros(channels, dtype=torch.float32, device=param.device)
         state["alice_phi"] = torch.full((), -1.0, dtype=torch.float32, device=param.device)
 
+    def init_state_sharded(self, state, shard, param, group):
+        """FSDP2 (a shard of rows of the ``DTensor`` ``param``): ``p`` of every column for a left basis
+        (replicated), of the shard's rows for a right one; the side from the global shape."""
+        left = GL.galore_side(tuple(param.shape[-2:]), group["proj_type"]) == "left"
+        channels = param.shape[-1] if left else shard.shape[-2]
+        state["alice_p"] = torch.zeros(channels, dtype=torch.float32, device=shard.device)
+        state["alice_phi"] = torch.full((), -1.0, dtype=torch.float32, device=shard.device)
+
     @staticmethod
     def _subspace_scale(state, group) -> float:
         a = group["scale"]
@@ -177,7 +185,7 @@ class AliceCompensation(CombineRule):
 
     def prepare(self, g, low, d_low, state, group, projection, bounds):
         left = "proj_left" in state
-        AL.covariance_ema_(state["alice_q"], low, group["beta3"], left)
+        AL.covariance_ema_(state["proj_cov"], low, group["beta3"], left)
         dim = 0 if left else 1
         sq = None
         for a, b in bounds:
@@ -191,10 +199,19 @@ class AliceCompensation(CombineRule):
             else:
                 sq = norms.square_() if sq is None else torch.cat((sq, norms.square_()))
             del norms
-        p = AL.residual_moment_(state["alice_p"], sq, group["comp_beta"])
         m, n = g.shape
-        k = AL.compensation_scale(p, m if left else n, group["rank"])
-        norm = torch.linalg.vector_norm(sq.mul_(k.square()).sqrt_())  # ||C|| (sq is the residual's, consumed)
+        return self._fold(sq, low, d_low, state, group, m if left else n, left)
+
+    def _fold(self, sq, low, d_low, state, group, side, left, total=None):
+        """From the residual's squared channel norms ``sq`` (consumed): ``p`` (compensation, line 1), ``k``, the
+        limiter of ``||C|| = sqrt(sum_j k_j^2 sq_j)``, and the fold ``(M, b k)`` (``side``: ``d``, the projected
+        side's length; ``total``: sums a shard's part of ``||C||^2`` over the shards, FSDP2's right basis)."""
+        p = AL.residual_moment_(state["alice_p"], sq, group["comp_beta"])
+        k = AL.compensation_scale(p, side, group["rank"])
+        if total is None:
+            norm = torch.linalg.vector_norm(sq.mul_(k.square()).sqrt_())  # ||C|| (sq is the residual's, consumed)
+        else:
+            norm = total(sq.mul_(k.square()).sum().view(1)).sqrt_()[0]
         del sq
         limiter = AL.growth_limiter_(norm, state["alice_phi"], group["gamma"])
         del norm
@@ -203,6 +220,29 @@ class AliceCompensation(CombineRule):
         mm = torch.mul(low, kk)  # (sigma * b k)
         mm.mul_(-1.0).add_(d_low, alpha=self._subspace_scale(state, group))
         return mm, kk
+
+    def sharded_direction(self, g, low, d_low, state, group, sp):
+        """The direction of an FSDP2 shard of rows ``g`` (``sp``: :class:`lowmem.optim.sharded.ShardedProjection`;
+        the bases and ``Q`` whole on every rank). Left basis: ``sigma = P^T G`` is all-reduced (replicated), so is
+        ``Q``'s EMA; the residual's column norms are summed over the shards (``n`` floats), and ``p``, ``k``,
+        ``||C||``, ``M`` are replicated. Right basis: ``sigma = G_s Q^T`` holds the shard's rows, ``sigma^T sigma``
+        is summed over the shards (``r^2`` floats), ``p`` and ``k`` are the shard's rows, ``||C||^2`` is summed
+        (1 float). The shard's rows of the direction: ``up(M) + G_s (b k)``."""
+        left = sp.side == "left"
+        m, n = sp.shape
+        b3 = group["beta3"]
+        if left:
+            AL.covariance_ema_(state["proj_cov"], low, b3, True)
+        else:
+            state["proj_cov"].mul_(b3).add_(sp.reduce.sum_(low.t() @ low), alpha=1.0 - b3)
+        res = sp.up(low, state, group).mul_(-1.0).add_(g)
+        sq = torch.linalg.vector_norm(res, dim=0 if left else 1).square_()
+        del res
+        if left:
+            mm, kk = self._fold(sp.reduce.sum_(sq), low, d_low, state, group, m, True)
+        else:
+            mm, kk = self._fold(sq, low, d_low, state, group, n, False, total=sp.reduce.sum_)
+        return sp.up(mm, state, group).addcmul_(g, kk)
 
     def direction_rows(self, g_rows, low, d_low, state, group, projection, start, stop, ctx):
         mm, kk = ctx
