@@ -218,7 +218,8 @@ def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, s
 
 
 def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: int = 512,
-                        gradient_checkpointing: bool = True, trainable: int | None = None) -> dict[str, int] | None:
+                        gradient_checkpointing: bool = True, trainable: int | None = None,
+                        quantization=None) -> dict[str, int] | None:
     """The activations of one training step of the float32 causal LM of ``config`` with its forward under
     ``torch.autocast("cpu", dtype)`` and its backward outside it, traced on fake CPU tensors
     (:func:`~lowmem.memory.activations.traced_activation_bytes` with ``autocast``: the model's own forward, loss and
@@ -228,7 +229,11 @@ def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: 
     returns, and each checkpointed layer's again in its recomputation; the float32 residual stream the checkpoints
     keep; the recomputed layer's float32 norms and its per-linear ``dtype`` copies of the hidden states; the float32
     gradients. ``None`` when the model's trainable elements are not ``trainable`` (an optimizer that freezes blocks,
-    BAdam: the trace would form gradients the run does not).
+    BAdam: the trace would form gradients the run does not). With ``quantization`` (bitsandbytes' base weights, as
+    :func:`~lowmem.memory.estimate_memory` takes it) the quantized linears run the estimate's stand-ins of
+    bitsandbytes' CPU training path (:func:`~lowmem.memory.activations.kbit_linears`): 8-bit ``MatMul8bitFp``'s
+    de-quantized weight and linear under autocast as bitsandbytes' own, 4-bit ``gemm_4bit`` (a custom operator, on no
+    autocast list) in the compute dtype.
 
     Tiny Llama (h=256, i=688, 2 layers, vocab 128), checkpointed, AdamW, CPU autocast, second step: the traced
     ``backward_peak`` equals MemTracker's activations and gradients at the step's peak to the byte (1 x 16:
@@ -239,7 +244,11 @@ def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: 
     from .memory.activations import traced_activation_bytes
     from .memory.estimate import build_meta_model, lora_config
 
+    from .memory.estimate import QuantSpec, quantized_weight_ids
+
     model = build_meta_model(config, torch.float32)
+    spec = QuantSpec.parse(quantization)
+    names = frozenset(quantized_weight_ids(model).values()) if spec is not None else None
     lcfg = lora_config(lora)
     if lcfg is not None:
         import warnings
@@ -249,6 +258,9 @@ def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: 
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lcfg)
+    if spec is not None:  # (as estimate_memory marks its traced model: activations.kbit_linears)
+        model.lowmem_kbit = ("int8" if spec.is_int8 else "nf4", spec.compute_dtype or torch.float32, names,
+                             spec.blocksize if spec.double_quant and not spec.is_int8 else 0)
     if trainable is not None and trainable != sum(p.numel() for p in {id(p): p for p in model.parameters()
                                                                        if p.requires_grad}.values()):
         return None
@@ -278,8 +290,8 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     import torch
 
     from .memory import estimate_memory
-    from .memory.estimate import (autocast_cast_bytes, autocast_extra_saved_bytes, generation_trace_bytes, parse_dtype,
-                                  resolve_config)
+    from .memory.estimate import (QuantSpec, autocast_cast_bytes, autocast_extra_saved_bytes, generation_trace_bytes,
+                                  parse_dtype, resolve_config)
 
     half = parse_dtype(dtype)
     if half == torch.float32:
@@ -304,12 +316,18 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     early = mixed_gradients_with_activations(master.details["gradients_with_activations"],
                                              low.details["gradients_with_activations"], quantized)
     stepped = None
-    if (not quantized and master.settings["gradient_checkpointing"] and kwargs.get("trainer") is None
-            and not kwargs.get("padding_free") and not master.settings["layerwise"]):
-        # checkpointed: the autocast step itself, traced (the recomputed layer's float32 norms and hidden-state copies,
-        # which the pure run's moment plus the weight copies and float32 checkpoints missed: 0.985 of the measured peak)
-        stepped = autocast_step_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512), True,
-                                      master.details["trainable_parameters"])
+    spec = QuantSpec.parse(kwargs.get("quantization"))
+    ckpt = master.settings["gradient_checkpointing"]
+    if ((ckpt or spec is not None and spec.is_int8) and kwargs.get("trainer") is None and not kwargs.get("padding_free")
+            and not master.settings["layerwise"]):
+        # checkpointed, or an 8-bit base: the autocast step itself, traced. It holds the recomputed layer's float32
+        # norms and hidden-state copies, which the pure run's moment plus the weight copies and float32 checkpoints
+        # missed (0.985 of the measured peak), and a quantized base's float32 residual stream and adapters' copies
+        # (the pure run's moment was 1.06-1.27 of the measured). A 4-bit base without checkpointing keeps the pure
+        # run's: its traced step is 0.99-1.02 of the measured (peft's 4-bit LoRA layer, not the trace's, clones the
+        # base output and casts the adapters' input), where the pure run's is over
+        stepped = autocast_step_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512), ckpt,
+                                      master.details["trainable_parameters"], kwargs.get("quantization"))
         if stepped is not None:
             activations = stepped["total"]
             if early is not None:
@@ -344,8 +362,8 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
         f"each weight autocast casts for its matmuls, {copies / 2**30:.2f} GiB, the float32 residual stream's norms, "
         f"a {name} copy of the hidden states per consuming linear)"]
     if stepped is not None:
-        notes.append(f"activations and the gradients at their peak: the checkpointed step under {name} autocast, traced on "
-                     "fake tensors (details['autocast_step'])")
+        notes.append(f"activations and the gradients at their peak: the {'checkpointed ' if ckpt else ''}step under {name} "
+                     "autocast, traced on fake tensors (details['autocast_step'])")
     if forward_end and activations == forward_end:
         notes.append(f"activations: the forward's end under {name} autocast, its loss included ({forward_end / 2**30:.2f} GiB, "
                      "traced on fake tensors: details['autocast_forward_peak']), above the backward's moments")
