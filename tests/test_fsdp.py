@@ -36,7 +36,7 @@ pytestmark = pytest.mark.distributed
 SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microadam", "adafactor",
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
              "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm",
-             "lomo", "adalomo", "came", "lion", "lion8bit", "normuon", "sm3"]
+             "lomo", "adalomo", "came", "lion", "lion8bit", "normuon", "sm3", "racs"]
 # configurations that must still refuse sharded parameters: tag -> (recipe, hyperparameters over the
 # registry's example, a fragment of the reason). Every registered recipe steps FSDP2 parameters with
 # its defaults (test_every_engine_optimizer_is_supported); these settings need what a shard lacks.
@@ -83,6 +83,7 @@ RUNS = SUPPORTED + list(CONFIGS)
 # (Adafactor's column statistics of a right-side R, a sum over every row: the same on every rank)
 REPLICATED = {"galore_adafactor": ("exp_avg_sq_col",), "adam_mini": ("exp_avg_sq",)}  # (whole-tensor blocks)
 REPLICATED["sm3"] = ("acc_1",)  # (the column accumulators: maxima over every row, the same on every rank)
+REPLICATED["racs"] = ("col_sq", "update_norm")  # (column statistic and kept norm: sums over every shard's rows, the same on every rank)
 REPLICATED |= {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
               for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
                           "apollo_mini_left", "osd_left")}
@@ -147,7 +148,7 @@ class Uneven(nn.Module):
         return self.head(torch.tanh(self.fc1(x))).expand(-1, 256)
 
 
-UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left", "adagrad_sn_flat"]
+UNEVEN = ["adamw", "stable_spam", "microadam", "adafactor_relative", "galore_adamw", "fira_left", "adagrad_sn_flat", "racs"]
 # per-shard state: state_dict() of uneven shards refuses it (MicroAdam's window; Subset-Norm's flat
 # subsets, whose per-shard counts 256 / 254 are not torch.chunk's split of the whole 510)
 UNEVEN_NO_DCP = ["microadam", "adagrad_sn_flat"]
@@ -198,7 +199,7 @@ class Heads(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 # the optimizer's own collectives in one step are counted for these (float32 model)
 COMM = ["adamw", "adafactor", "adafactor_relative", "galore_adamw", "galore_left_rotate", "fira_adamw", "frugal",
-        "osd_adamw", "muon", "sinkgd", "scale_embedding", "lomo", "adalomo", "came"]
+        "osd_adamw", "muon", "sinkgd", "scale_embedding", "lomo", "adalomo", "came", "racs"]
 
 
 def make(seed=0, dtype=torch.float32, net=None):
@@ -728,6 +729,10 @@ def _expected_comm(name):
         # embedding role its column sums once (n)
         "sinkgd": ([1 + 5 * len(mats), 4 * (1 + 5 * sum(ns))], False),
         "scale_embedding": ([1 + len(mats), 4 * (1 + sum(ns))], False),
+        # RACS: per parameter (a vector is an [n, 1] column) its column sums with the row count, then its update's
+        # squared norm: 2 all-reduces of n + 1 and 1 numbers (a vector: 2 and 1)
+        "racs": ([1 + 2 * len(list(model.parameters())),
+                  4 * (1 + sum((p.shape[1] if p.dim() == 2 else 1) + 2 for p in model.parameters()))], False),
     }[name]
     steps = [{"all_reduce": per_step, **(gather if gathers else {})}, {"all_reduce": per_step}]
     if name == "muon":  # every step: the bfloat16 momentum matrix gathered for Newton-Schulz

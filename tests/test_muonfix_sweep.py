@@ -41,7 +41,7 @@ from lowmem.optim.registry import create_optimizer, optimizer_entries
 
 EXACT = {"adafactor", "adagrad_sn", "adalomo", "adam_mini", "adamw", "adamw4bit", "adamw4bit_rank1", "adamw8bit",
          "adamw_sn", "apollo_adamw", "apollo_mini", "badam", "frugal", "frugal8bit", "lion", "lion8bit", "lomo",
-         "muon", "normuon", "osd_adamw", "scale", "sinkgd", "spam", "sm3"}
+         "muon", "normuon", "osd_adamw", "scale", "sinkgd", "spam", "sm3", "racs"}
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
 UNDER: dict[tuple[str, str, str], str] = {  # (name, dtype, path): why and by how much (none since STEPCOUNT)
 }
@@ -135,7 +135,7 @@ def test_step_transient_bytes_against_the_traced_step(name, dtype, foreach, monk
 # gradient's temporaries at 4 B per element (default state: 7,296 B reported, 12,672 traced; "param": 7,296 / 7,872).
 REFUSES_FLOAT64_STATE = {  # recipes whose projection refuses a float64 state by design: the error names the setting
     n: "state_dtype='param' on float64 parameters projected" for n in
-    ("adagrad_snsm", "adamw_snsm", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm")}
+    ("adagrad_snsm", "adamw_snsm", "alice", "fira_adamw", "galore_adamw", "osd_adamw", "sgd_sm")}
 UNDER64: dict[tuple[str, str, str], str] = {  # (name, state, path): known under-counts of float64 parameters
     # (none since the engine counts the stabilized float64 chunk at 8 B and keeps float64 projected parameters off
     # the projected buckets: FOUND_FP64SWEEP 2-3, session 15)

@@ -121,11 +121,13 @@ COSTS_4096 = {
     "muon": 1.5, "scale": 1.5, "sinkgd": 1.5,  # fp32, second_moment 'none': no per-coordinate adaptivity
     "normuon": 1.5,  # (above)
     "sm3": 1.5,  # fp32, factored: one accumulator per row and per column (its optional momentum is not priced)  # fp32, one second moment per row (blockwise, priced as Adam-mini's)
+    "racs": 1.5,  # fp32, factored: one statistic per row and per column, plus the kept update norm
     "lomo": 1.5, "adalomo": 1.5,  # SGD (no state, no second moment); AdaLomo factored like Adafactor
     "badam": 0.0,  # Adam (fp32, full) on the active block
     "galore_adamw": (2.0, 4.0), "galore_adafactor": (2.0, 4.0), "fira_adamw": (2.0, 4.0), "frugal": (2.0, 4.0),
     "osd_adamw": (2.0, 4.0), "galore_adamw8bit": (3.0, 5.0), "fira_adamw8bit": (3.0, 5.0), "frugal8bit": (3.0, 5.0),
     "apollo_adamw": (2.0, 4.0), "apollo_mini": (2.0, 4.0),  # subspace, fp32: priced by the rank searched
+    "alice": (2.0, 4.0),  # subspace, fp32, Adam moments in the subspace: priced by the rank searched
     "adamw_sn": 1.5, "adamw_snsm": (2.0, 4.0), "sgd_sm": (2.0, 4.0),  # Subset-Norm: blockwise like Adam-mini
     "adagrad_sn": 1.5, "adagrad_snsm": (2.0, 4.0),
 }

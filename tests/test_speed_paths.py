@@ -171,8 +171,9 @@ HOST_READS = {
     "spam": (3, 1), "stable_spam": (3, 1),
     "muon": (3, 1), "scale": (3, 1), "sinkgd": (3, 1), "normuon": (3, 1),
     "apollo_adamw": (5, 1), "apollo_mini": (5, 1),  # as Fira: the bias-correction unit scale reads the CPU step
+    "alice": (6, 1),  # as Fira: + proj_meta (a refresh due?) and the CPU step read by the bias-correction unit scale
     "adam_mini": (3, 1),
-    "came": (3, 1), "sm3": (3, 1),
+    "came": (3, 1), "sm3": (3, 1), "racs": (3, 1),
     "lion": (3, 1), "lion8bit": (3, 1),  # as AdamW
     # SNSM: its step scale reads the CPU step; Subspace-Momentum: + whether an SVD refresh is due, as Fira
     "adamw_sn": (3, 1), "adamw_snsm": (6, 1), "sgd_sm": (5, 1),
