@@ -118,3 +118,16 @@ def test_a_tools_column_the_template_ignores_is_refused(user):
 def test_a_tools_column_the_template_renders_passes(user):
     data = _data(user, "tools.jsonl", assistant_only_loss=True, chat_template=str(user / "tools.jinja"))
     assert data.format.extra_columns == ("tools",)
+
+
+@pytest.mark.slow  # a whole run (3 s)
+@pytest.mark.xfail(strict=True, reason="standard rows were trained without the model's chat template, without a word")
+def test_standard_rows_beside_a_chat_template_get_a_note(user, tmp_path, capsys):
+    """prompt / completion strings for a chat model: TRL renders only conversational rows with the chat template, so
+    the run trained on 'what is 1 plus 1? 2.' without the turns the model is prompted with at inference."""
+    from lowmem.cli import main
+
+    assert main(["train", "--model", str(user / "model"), "--dataset", str(user / "pc.jsonl"), "--lr", "1e-3",
+                 "--steps", "1", "--batch-size", "2", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: dataset" in out and "chat template is not applied" in out
