@@ -116,8 +116,6 @@ def test_bfloat16_state_buckets_allocate_what_they_report(monkeypatch, momentum,
     assert t.peak == opt.step_transient_bytes() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="engine._foreach_ok buckets float32 state only (FOUND_SMALLS16 3): remove "
-                   "this mark with that change")
 def test_the_engine_buckets_bfloat16_sm3_state(monkeypatch):
     calls = _counting(monkeypatch)
     _run(None, 0.9, steps=1)

@@ -2274,7 +2274,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             and r.decay_after_update == r.moment.foreach_decays_after
             and p.dtype == torch.float32
             and (grad is None or (grad.dtype == torch.float32 and not grad.is_sparse))
-            and state_dtype(group, p) == torch.float32
+            # float32 state, or the state dtypes the rule's buckets take (Sm3Moments: bfloat16 too)
+            and state_dtype(group, p) in getattr(r.moment, "foreach_state_dtypes", (torch.float32,))
             and not (large and not (p.is_contiguous() and (grad is None or grad.is_contiguous())))
             and not self._is_projected(p, group)
             and not self._matrices(p, group)  # (a batch of matrices: per matrix, _update_matrices)
