@@ -272,3 +272,29 @@ def test_pytorch_optimizer_alice_agrees_until_its_second_switch():
     diff = _peer_and_ours((24, 40), 4, 4, 10)
     assert max(diff[:7]) < 1e-4, diff
     assert diff[7] > 1e-2, diff
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 40), (2, 40, 24)])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_fused_experts_train_as_separate_matrices(shape, foreach):
+    """A batch ``[E, A, B]`` (fused MoE experts) steps each matrix as a 2-D weight: bit for bit the separate
+    matrices' trajectory (switches at steps 3, 5, 7 keeping the leading Ritz vectors: ``switch_fraction=0``, no
+    draw; with draws each matrix draws from its own seed, ``subspace.matrix_seed``)."""
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    batch = torch.nn.Parameter(w.clone())
+    seps = [torch.nn.Parameter(w[e].clone()) for e in range(shape[0])]
+    hp = {"rank": 4, "update_proj_gap": 2, "switch_fraction": 0.0}
+    ob = create_optimizer([{"params": [batch], **hp}], "alice", lr=1e-2, foreach=foreach)
+    os_ = create_optimizer([{"params": [p], **hp} for p in seps], "alice", lr=1e-2, foreach=foreach)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(7):
+        g = torch.randn(shape, generator=gen)
+        batch.grad = g.clone()
+        for e, p in enumerate(seps):
+            p.grad = g[e].clone()
+        ob.step()
+        os_.step()
+    for e, p in enumerate(seps):
+        assert torch.equal(batch.detach()[e], p.detach())
+        assert torch.equal(ob.state[batch]["proj_cov"][e], os_.state[p]["proj_cov"])
