@@ -253,6 +253,11 @@ class AliceCompensation(CombineRule):
         ctx = self.prepare(g, low, d_low, state, group, projection, [(0, g.shape[0])])
         return self.direction_rows(g.float(), low, d_low, state, group, projection, 0, g.shape[0], ctx)
 
+    def foreach_fold_offered(self, members, group, projection):
+        """No bucket fold: the engine's projected multi-tensor step combines each parameter back alone
+        (:meth:`prepare`, :meth:`direction_rows`), and counts it so (``subspace.projected_back_bytes``)."""
+        return False
+
     # ---- bytes ----
 
     @staticmethod
