@@ -1524,6 +1524,27 @@ def prepare_tokenizer(recipe: Any, data: TrainData | None, tokenizer) -> None:
     check_template_renders(tokenizer, data, source=str(recipe.dataset), eval_source=str(recipe.eval_dataset or "eval_split"))
 
 
+def format_notes(data: TrainData, tokenizer, source: str = "dataset") -> list[str]:
+    """What the data's format leaves out, without an error (``lowmem train`` prints each as a ``note:`` line):
+
+    * standard (string) prompt-completion, preference or prompt-only rows beside a tokenizer with a chat template:
+      TRL renders only conversational rows with the template, so the model trains (or generates, GRPO) on the bare
+      strings, not in the turns it is prompted with at inference (plain ``text`` rows are language modeling: no note);
+    * a ``tools`` column in GRPO / GVPO / BNPO data: TRL 1.16's GRPO renders no row's tools into its prompt (only the
+      trainer's ``tools`` callables); the column reaches the reward functions only.
+    """
+    fmt, notes = data.format, []
+    if not fmt.conversational and fmt.name != "text" and getattr(tokenizer, "chat_template", None):
+        notes.append(f"{source} is {fmt.describe()}: strings, so the tokenizer's chat template is not applied to them "
+                     "(TRL renders only conversational rows, lists of {role, content} messages, with it) and the model "
+                     "trains on the bare text, not in the chat turns it is prompted with at inference; write the "
+                     "columns as messages to train in the chat format")
+    if fmt.columns == ("prompt",) and "tools" in fmt.extra_columns:
+        notes.append(f"{source}'s column 'tools' reaches the reward functions only: TRL's GRPO renders no row's tools "
+                     "into its prompt, so the model does not see them")
+    return notes
+
+
 def dpo_eval_rows(data: TrainData, n: int = 64):
     """DPO's evaluation rows for ``metrics.json``: the eval set, else the first ``n`` training pairs."""
     return data.eval if data.eval is not None else data.train.select(range(min(n, len(data.train))))

@@ -2338,6 +2338,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     data = recipe_data(recipe)  # the user's dataset (checked before the model loads), or None: synthetic task
     model, tok, _ = load_policy(recipe)
     prepare_tokenizer(recipe, data, tok)
+    _print_format_notes(data, tok, recipe)
     if data is None:
         # unpadded rows; each batch padded to its own longest row (labels with -100, outside the loss)
         train = tokenize_sft(sft_dataset(recipe.train_size, recipe.seed, "train"), tok, padding=False)
@@ -2377,6 +2378,15 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         **({"data": data.summary(), "train_loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
            if data is not None else {}),
     }
+
+
+def _print_format_notes(data: Any, tokenizer: Any, recipe: TrainRecipe) -> None:
+    """Print :func:`lowmem.data.format_notes` of the recipe's data (process 0)."""
+    from lowmem.data import format_notes
+
+    if data is not None and is_main_process():
+        for notice in format_notes(data, tokenizer, f"dataset {str(recipe.dataset)!r}"):
+            print(f"note: {notice}")
 
 
 def dropped_rows(before: Any, after: Any, columns: tuple[str, ...]) -> list[int] | None:
@@ -2465,6 +2475,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     else:  # TRL loads the policy and the reference by path (model_init_kwargs: dtype): not a second copy here
         model, tok, model_dir = None, *_policy_tokenizer_and_dir(recipe)
     prepare_tokenizer(recipe, data, tok)
+    _print_format_notes(data, tok, recipe)
     if recipe.trainer != "dpo":  # prompt + completion within the model's context (TRL's default is 512 tokens)
         notice = fit_completion_length(recipe, tok, [synthetic] if data is None else [data.train, data.eval])
         if notice is not None and is_main_process():

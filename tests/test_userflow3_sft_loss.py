@@ -121,7 +121,6 @@ def test_a_tools_column_the_template_renders_passes(user):
 
 
 @pytest.mark.slow  # a whole run (3 s)
-@pytest.mark.xfail(strict=True, reason="standard rows were trained without the model's chat template, without a word")
 def test_standard_rows_beside_a_chat_template_get_a_note(user, tmp_path, capsys):
     """prompt / completion strings for a chat model: TRL renders only conversational rows with the chat template, so
     the run trained on 'what is 1 plus 1? 2.' without the turns the model is prompted with at inference."""
@@ -131,3 +130,20 @@ def test_standard_rows_beside_a_chat_template_get_a_note(user, tmp_path, capsys)
                  "--steps", "1", "--batch-size", "2", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "note: dataset" in out and "chat template is not applied" in out
+
+
+def test_format_notes(user, tmp_path):
+    from lowmem.data import format_notes
+
+    tok = transformers.AutoTokenizer.from_pretrained(user / "model")
+    assert "chat template is not applied" in " ".join(format_notes(_data(user, "pc.jsonl"), tok))
+    assert format_notes(_data(user, "text.csv"), tok) == []  # language modeling: no template expected
+    assert format_notes(_data(user, "chat.parquet"), tok) == []
+    tok.chat_template = None
+    assert format_notes(_data(user, "pc.jsonl"), tok) == []  # a base model: strings are what it takes
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1?"}], "answer": str(i + 1),
+                                           "tools": json.dumps(TOOLS)}) + "\n" for i in range(4)))
+    data = recipe_data(load_recipe(None, model=str(user / "model"), dataset=str(prompts), lr=1e-3, trainer="grpo",
+                                   reward_funcs=["exact_match"]))
+    assert any("'tools' reaches the reward functions only" in n for n in format_notes(data, tok))
