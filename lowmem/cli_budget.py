@@ -219,7 +219,7 @@ def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, s
 
 def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: int = 512,
                         gradient_checkpointing: bool = True, trainable: int | None = None,
-                        quantization=None) -> dict[str, int] | None:
+                        quantization=None, fused_head: str | None = None) -> dict[str, int] | None:
     """The activations of one training step of the float32 causal LM of ``config`` with its forward under
     ``torch.autocast("cpu", dtype)`` and its backward outside it, traced on fake CPU tensors
     (:func:`~lowmem.memory.activations.traced_activation_bytes` with ``autocast``: the model's own forward, loss and
@@ -265,6 +265,9 @@ def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: 
                                                                        if p.requires_grad}.values()):
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if fused_head:
+        return traced_activation_bytes(model, text, batch_size, seq_len, gradient_checkpointing, autocast=dtype,
+                                       fused_head=True, fused_head_device=fused_head)
     return traced_activation_bytes(model, text, batch_size, seq_len, gradient_checkpointing, autocast=dtype)
 
 
@@ -276,8 +279,9 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     copy of the hidden states per consuming linear; counted with the activations: the backward frees them).
     With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
     each layer's checkpointed input in float32 instead of ``dtype`` (``details['autocast_extra_saved']``), and the
-    activations and the gradients at their peak are those of the checkpointed step traced under autocast
-    (:func:`autocast_step_bytes`; not quantized, without ``trainer``, layerwise mode or ``padding_free``); 4-bit and int8 weights are de-quantized by
+    activations and the gradients at their peak are those of the step traced under autocast
+    (:func:`autocast_step_bytes`, ``details['autocast_step']``): checkpointed, with an 8-bit base, or ``trainer="sft"``
+    (TRL's fused head), not in layerwise mode or ``padding_free``; 4-bit and int8 weights are de-quantized by
     bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them. With
     ``trainer="grpo"`` the generation phase is traced under autocast
     (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
@@ -318,16 +322,19 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     stepped = None
     spec = QuantSpec.parse(kwargs.get("quantization"))
     ckpt = master.settings["gradient_checkpointing"]
-    if ((ckpt or spec is not None and spec.is_int8) and kwargs.get("trainer") is None and not kwargs.get("padding_free")
-            and not master.settings["layerwise"]):
-        # checkpointed, or an 8-bit base: the autocast step itself, traced. It holds the recomputed layer's float32
-        # norms and hidden-state copies, which the pure run's moment plus the weight copies and float32 checkpoints
-        # missed (0.985 of the measured peak), and a quantized base's float32 residual stream and adapters' copies
-        # (the pure run's moment was 1.06-1.27 of the measured). A 4-bit base without checkpointing keeps the pure
-        # run's: its traced step is 0.99-1.02 of the measured (peft's 4-bit LoRA layer, not the trace's, clones the
-        # base output and casts the adapters' input), where the pure run's is over
+    trainer = kwargs.get("trainer")
+    if ((ckpt or spec is not None and spec.is_int8 or trainer == "sft" and spec is None) and trainer in (None, "sft")
+            and not kwargs.get("padding_free") and not master.settings["layerwise"]):
+        # checkpointed, an 8-bit base or TRL's SFT: the autocast step itself, traced (SFT: with TRL's fused LM head on
+        # the run's device). It holds the recomputed layer's float32 norms and hidden-state copies, which the pure
+        # run's moment plus the weight copies and float32 checkpoints missed (0.985 of the measured peak), a quantized
+        # base's float32 residual stream and adapters' copies (the pure run's moment was 1.06-1.27 of the measured),
+        # and SFT's (0.9805 checkpointed, 0.9963 not). A 4-bit base without checkpointing keeps the pure run's: its
+        # traced step is 0.99-1.02 of the measured (peft's 4-bit LoRA layer, not the trace's, clones the base output
+        # and casts the adapters' input), where the pure run's is over
         stepped = autocast_step_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512), ckpt,
-                                      master.details["trainable_parameters"], kwargs.get("quantization"))
+                                      master.details["trainable_parameters"], kwargs.get("quantization"),
+                                      master.settings["device"] if trainer == "sft" else None)
         if stepped is not None:
             activations = stepped["total"]
             if early is not None:
