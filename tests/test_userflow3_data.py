@@ -45,3 +45,35 @@ def test_the_usual_roles_pass(tmp_path):
     rows = _rows(["system", "user", "assistant", "tool", "assistant"]) + _rows(["developer", "user", "assistant"])
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert load_train_data(str(path), "sft").train.num_rows == 10
+
+
+SYSTEM_TEXT = "You are a calculator."
+
+
+def _system_rows(kind):
+    user, answer = {"role": "user", "content": "what is 1 plus 1?"}, {"role": "assistant", "content": "2."}
+    return {"pc": {"prompt": "what is 1 plus 1?", "completion": " 2."},
+            "messages": {"messages": [user, answer]},
+            "text": {"text": "what is 1 plus 1? 2."},
+            "dpo": {"prompt": [user], "chosen": [answer], "rejected": [{"role": "assistant", "content": "3."}]}}[kind]
+
+
+@pytest.mark.xfail(strict=True, reason="a system column beside TRL's format was never read")
+@pytest.mark.parametrize("kind, trainer, fix", [("pc", "sft", "prepend"), ("messages", "sft", "role"),
+                                                ("text", "sft", "prepend"), ("dpo", "dpo", "role")])
+@pytest.mark.parametrize("column", ["system", "system_prompt"])
+def test_a_system_column_beside_the_format_is_refused(tmp_path, kind, trainer, fix, column):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({column: SYSTEM_TEXT, **_system_rows(kind)}) + "\n" for _ in range(3)))
+    with pytest.raises(ValueError, match=rf"column '{column}' is not read.*{SYSTEM_TEXT}.*{fix}"):
+        load_train_data(str(path), trainer)
+
+
+def test_a_system_column_already_in_the_messages_passes(tmp_path):
+    row = _system_rows("messages")
+    row["messages"] = [{"role": "system", "content": SYSTEM_TEXT}] + row["messages"]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"system": SYSTEM_TEXT, **row}) + "\n" for _ in range(3)))
+    assert load_train_data(str(path), "sft").format.extra_columns == ("system",)
+    path.write_text("".join(json.dumps({"system": "", **_system_rows("pc")}) + "\n" for _ in range(3)))
+    assert load_train_data(str(path), "sft").format.name == "prompt-completion"  # an empty one loses nothing
