@@ -614,6 +614,8 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     extra = tuple(c for c in columns if c not in cols)
     if name == "implicit-prompt preference":
         _check_prompt_column_not_left_out(first, extra, conversational, source)
+    if trainer == "sft":  # DPO's explicit prompt too, once tests/test_newcomer_data.py's metadata example is not 'system'
+        _check_system_column_not_left_out(first, cols, extra, conversational, source, trainer)
     return DatasetFormat(name=name, columns=tuple(cols), conversational=conversational, extra_columns=extra)
 
 
@@ -902,6 +904,38 @@ def _check_prompt_column_not_left_out(first: dict[str, Any], extra: tuple[str, .
         f"{source}: column(s) {unread} are not read: 'chosen' + 'rejected' without 'prompt' is DPO's implicit-prompt "
         f"format, whose prompt is what both start with (row 0: {start}). Name the prompt column 'prompt' (rename "
         f"{unread[0]!r}" + (f" and join {unread[1:]} into it" if len(unread) > 1 else "") + ")")
+
+
+# Columns that hold a system prompt in other tools' formats (LLaMA-Factory's alpaca / sharegpt ``system``, OpenHermes'
+# ``system_prompt``, ...): TRL's SFT and DPO trainers read only their format's columns.
+SYSTEM_COLUMNS = ("system", "system_prompt", "system_message")
+
+
+def _check_system_column_not_left_out(first: dict[str, Any], cols: tuple[str, ...], extra: tuple[str, ...],
+                                      conversational: bool, source: str, trainer: str) -> None:
+    """Refuse a system-prompt column (:data:`SYSTEM_COLUMNS`) beside SFT's format columns whose row-0 text
+    the format's cells do not already hold: TRL reads only ``cols``, so the system prompt never reached the model
+    (the run trained without a word). An empty one, or a copy of a message already in the rows, loses nothing.
+
+    Raises:
+        ValueError: Naming the column, row 0's system text and where to put it.
+    """
+    def texts(value: Any) -> str:
+        return " ".join(_texts(value)) if isinstance(value, (str, list)) else ""
+
+    held = " ".join(texts(first[c]) for c in cols)
+    for c in extra:
+        value = first[c]
+        if c.strip().lower() not in SYSTEM_COLUMNS or not isinstance(value, str) or not value.strip() \
+                or value.strip() in held:
+            continue
+        where = "'prompt'" if "prompt" in cols else f"'{cols[0]}'"
+        fix = (f"put it first in each row's {where} messages as {{'role': 'system', 'content': ...}} (a template "
+               "without a system role folds it or refuses it)" if conversational else
+               f"prepend it to each row's {where} string (or write the rows as messages with a system message)")
+        raise ValueError(f"{source}: column {c!r} is not read: TRL's {trainer.upper()} trainer takes only the columns "
+                         f"{list(cols)}, so the system prompt (row 0: {_short(value)}) would never reach the model; "
+                         f"{fix}, or remove the column")
 
 
 def _format_hint(columns: list[str], trainer: str) -> str:

@@ -58,9 +58,12 @@ def _system_rows(kind):
             "dpo": {"prompt": [user], "chosen": [answer], "rejected": [{"role": "assistant", "content": "3."}]}}[kind]
 
 
-@pytest.mark.xfail(strict=True, reason="a system column beside TRL's format was never read")
-@pytest.mark.parametrize("kind, trainer, fix", [("pc", "sft", "prepend"), ("messages", "sft", "role"),
-                                                ("text", "sft", "prepend"), ("dpo", "dpo", "role")])
+@pytest.mark.parametrize("kind, trainer, fix", [
+    ("pc", "sft", "prepend"), ("messages", "sft", "role"), ("text", "sft", "prepend"),
+    pytest.param("dpo", "dpo", "role", marks=pytest.mark.xfail(strict=True, reason=(
+        "DPO's explicit prompt beside a system column still loses it: tests/test_newcomer_data.py (not USERFLOW3's) "
+        "loads such a row as metadata; FOUND_USERFLOW3 2"))),
+])
 @pytest.mark.parametrize("column", ["system", "system_prompt"])
 def test_a_system_column_beside_the_format_is_refused(tmp_path, kind, trainer, fix, column):
     path = tmp_path / "rows.jsonl"
