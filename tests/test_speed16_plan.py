@@ -168,3 +168,30 @@ def test_fused_bucket_step_equals_the_per_tensor_checked_one(monkeypatch):
         assert torch.equal(a, b)
     for a, b in zip(sa, sb):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cpu_scalars_are_kept_by_value_and_bounded():
+    """``functional.subset_norm.cpu_scalar``: one 0-d tensor per value and dtype, the value ``torch.tensor`` makes;
+    at most ``_CPU_SCALARS_KEPT`` kept (a scheduled ``lr`` makes a new ``1 - lr wd`` every step)."""
+    from lowmem.optim.functional import subset_norm as SN
+
+    a = SN.cpu_scalar(0.9, torch.float32)
+    assert SN.cpu_scalar(0.9, torch.float32) is a and SN.cpu_scalar(0.9, torch.float64) is not a
+    assert torch.equal(a, torch.tensor(0.9, dtype=torch.float32)) and a.dtype == torch.float32 and a.dim() == 0
+    for k in range(3 * SN._CPU_SCALARS_KEPT):
+        SN.cpu_scalar(1.0 - k * 1e-6, torch.float32)
+        assert len(SN._CPU_SCALARS) <= SN._CPU_SCALARS_KEPT
+
+
+def test_cpu_scalars_under_a_dispatch_mode_are_that_modes():
+    """Under a fake tensor mode the scalar is made there, neither taken from nor left in the kept ones."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from lowmem.optim.functional import subset_norm as SN
+
+    kept = SN.cpu_scalar(0.75, torch.float32)
+    with FakeTensorMode():
+        inside = SN.cpu_scalar(0.75, torch.float32)
+        new = SN.cpu_scalar(0.125, torch.float32)
+    assert inside is not kept and isinstance(inside, FakeTensor) and isinstance(new, FakeTensor)
+    assert not isinstance(SN.cpu_scalar(0.125, torch.float32), FakeTensor)
