@@ -1884,7 +1884,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         Called between the non-finite check's kernels and its read (:func:`_all_finite`'s ``prepare``), so
         that after the read the host only writes the counters and launches the buckets' kernels: on a GPU the
-        device idles from that read until the next kernel (issue 15)."""
+        device idles from that read until the next kernel (issue 15).
+
+        Its own host time, about 0.6 us a tensor on the CPU (issue 15, many small tensors): one pass checks every
+        route, one reads the counters and keys the pieces, a piece of the open bucket's group, step, device (one
+        object per device, :meth:`_route`) and class that fits it joining it without a key (the answer
+        :meth:`_bucket_key` would give: the same bucket), any other keyed as the loop keys it
+        (``tests/test_speed16_plan.py``: equal to the plan that keyed every piece)."""
         if self.recipe.stabilizers or not work:
             return None
         steps = []
