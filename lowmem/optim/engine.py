@@ -62,6 +62,7 @@ CPU, 2^24 elsewhere, where smaller chunks make the step launch-bound).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -485,6 +486,30 @@ class _Route:
         self.step = self.step_view = None
 
 
+_TAKES_FUSED_BUCKET: dict[Any, bool] = {}
+
+
+def _takes_fused_bucket(prepare: Callable) -> bool:
+    """Whether a moment rule's ``foreach_prepare`` takes ``fused_bucket`` (AdamW's: a bucket of torch's fused kernel,
+    whose members' layout the engine decided with their cached paths), by its signature, once per function."""
+    func = getattr(prepare, "__func__", prepare)
+    hit = _TAKES_FUSED_BUCKET.get(func)
+    if hit is None:
+        try:
+            hit = "fused_bucket" in inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            hit = False
+        _TAKES_FUSED_BUCKET[func] = hit
+    return hit
+
+
+def _route_key(p: Tensor, grad: Tensor, state: dict) -> tuple:
+    """What a cached path (:class:`_Route`) is valid for besides its tokens and state dict: the dtype, shape, device
+    and contiguity of ``p``, the dtype and contiguity of ``grad``, whether ``state`` has its step counter (the state
+    exists)."""
+    return (p.dtype, p.shape, p.device, p.is_contiguous(), grad.dtype, grad.is_contiguous(), "step" in state)
+
+
 def _frozen(value: Any, keep: list) -> Any:
     """A group setting as a value compared with ``==`` (:meth:`LowMemOptimizer._group_tokens`): lists,
     tuples and dicts as tuples of their frozen items (a list changed in place is seen), a tensor by its
@@ -771,7 +796,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
     #: hands to its own phases
     _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_settings_sigs", "_checked", "_usable",
-                             "_decided"})
+                             "_decided", "_devices"})
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every
@@ -1673,21 +1698,30 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # (key, tensor, gradient, group, reduce, state, route): a sharded (FSDP2 DTensor) parameter is stepped
             # on its local shard, its state keyed by the parameter; ``reduce`` all-reduces per-tensor statistics
             work = []
+            # a cached path (_route's cache hit, inlined: the engine's own time on many small tensors, issue 15)
+            routes = self.__dict__.setdefault("_routes", {})
+            entries = None if tokens is None else self.__dict__["_group_sigs"]
+            states, strided = self.state, torch.strided
             for group in self.param_groups:
+                token = None if entries is None else entries[id(group)].route_token
                 for p in group["params"]:
                     grad = p.grad
                     if grad is None:
                         continue
-                    if grad.layout is not torch.strided:  # before any state is touched
+                    if grad.layout is not strided:  # before any state is touched
                         self._check_dense(grad)
                     if _DTensor is not None and isinstance(p, _DTensor):
                         item = self._work_item(p, group)
                         self._check_dense(item[2])  # (its local gradient)
                         decided.append(group)  # (a sharded parameter has no cached path: compared at every step)
                         work.append((*item, self.state[p], None))
-                    else:
-                        state = self.state[p]
-                        work.append((p, p, grad, group, None, state, self._route(p, grad, group, state, tokens)))
+                        continue
+                    state = states[p]
+                    route = None if token is None else routes.get(id(p))
+                    if (route is None or route.p is not p or route.token is not token or route.state is not state
+                            or route.key != _route_key(p, grad, state)):
+                        route = self._route(p, grad, group, state, tokens)
+                    work.append((p, p, grad, group, None, state, route))
         finally:
             del self.__dict__["_decided"]
         if decided:
@@ -1850,34 +1884,76 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         Called between the non-finite check's kernels and its read (:func:`_all_finite`'s ``prepare``), so
         that after the read the host only writes the counters and launches the buckets' kernels: on a GPU the
-        device idles from that read until the next kernel (issue 15)."""
+        device idles from that read until the next kernel (issue 15).
+
+        Its own host time, about 0.6 us a tensor on the CPU (issue 15, many small tensors): one pass checks every
+        route, one reads the counters and keys the pieces, a piece of the open bucket's group, step, device (one
+        object per device, :meth:`_route`) and class that fits it joining it without a key (the answer
+        :meth:`_bucket_key` would give: the same bucket), any other keyed as the loop keys it
+        (``tests/test_speed16_plan.py``: equal to the plan that keyed every piece)."""
         if self.recipe.stabilizers or not work:
             return None
+        steps = []
         for key, p, grad, group, reduce, state, route in work:
             if (reduce is not None or route is None or route.path != "foreach" or route.token is None
                     or route.step_view is None or route.step is not state.get("step")):
                 return None
-            t = float(route.step_view[0][()]) + 1  # (the next count, read through the view: exact?)
-            if not (abs(t) <= route.step_view[1] and t.is_integer()):
+            view, exact = route.step_view
+            t = float(view[()]) + 1  # (the next count, read through the view: exact?)
+            if not (abs(t) <= exact and t.is_integer()):
                 return None
-        if len({id(w[6].step) for w in work}) != len(work):  # (a counter shared by parameters: advanced once each)
+            steps.append(route.step)
+        if len(set(map(id, steps))) != len(steps):  # (a counter shared by parameters: advanced once each)
             return None
         buckets: dict[tuple, tuple[dict[str, Any], list]] = {}
         sizes: dict[tuple, tuple[int, int]] = {}
         counters = []
-        for key, p, grad, group, reduce, state, route in work:
-            t = route.step.item() + 1
+        chunk_state = self.recipe.moment.chunk_state
+        # the open bucket: its group, step, device (the routes' are interned: _route), class and chunk, its
+        # ``sizes`` entry and members; a piece of the same ones that fits joins it without a key (_bucket_key's
+        # answer for it: the same bucket), any other piece is keyed as by the step's loop
+        o_group = o_t = o_device = o_cls = o_base = o_members = None
+        o_index = o_used = 0
+        f_group = f_t = f_device = f_members = None  # (the open bucket of the fused kernel: uncapped)
+        for (key, p, grad, group, reduce, state, route), step in zip(work, steps):
+            t = step.item() + 1
             counters.append((route.step_view[0], t))
-            pieces, device, chunk, cls = route.pieces, route.device, route.chunk, route.cls
+            device = route.device
             if route.fused:  # (as step's loop: whole, in its group's uncapped bucket of the fused kernel)
-                buckets.setdefault((id(group), t, device, 1, -1), (group, []))[1].append((p, grad, state))
+                if not (f_group is group and f_t == t and f_device is device):
+                    bkey = (id(group), t, device, 1, -1)
+                    bucket = buckets.get(bkey)
+                    if bucket is None:
+                        bucket = buckets[bkey] = (group, [])
+                    f_group, f_t, f_device, f_members = group, t, device, bucket[1]
+                f_members.append((p, grad, state))
                 continue
-            for start, stop in pieces:  # (no stabilizers: lr scale 1)
-                bkey = self._bucket_key(sizes, (id(group), t, device, 1, False, cls), stop - start, chunk)
-                piece = (p, grad, state) if stop - start == p.numel() else (
-                    p.view(-1)[start:stop], grad.view(-1)[start:stop],
-                    self.recipe.moment.chunk_state(state, start, stop, p.shape, group))
-                buckets.setdefault(bkey, (group, []))[1].append(piece)
+            pieces, chunk, cls = route.pieces, route.chunk, route.cls
+            whole = len(pieces) == 1
+            same = o_group is group and o_t == t and o_device is device and (o_cls is cls or o_cls == cls)
+            for start, stop in pieces:
+                n = stop - start
+                piece = (p, grad, state) if whole else (
+                    p.view(-1)[start:stop], grad.view(-1)[start:stop], chunk_state(state, start, stop, p.shape, group))
+                if same and (chunk is None or o_used + n <= chunk):  # (the open bucket's base: it fits)
+                    o_used += n
+                    o_members.append(piece)
+                    continue
+                # (_bucket_key: buckets of ``base`` fill up to ``chunk`` elements, then a new one starts)
+                if o_base is not None:
+                    sizes[o_base] = (o_index, o_used)
+                base = (id(group), t, device, 1, False, cls)  # (no stabilizers: lr scale 1)
+                index, used = sizes.get(base, (0, 0))
+                if chunk is not None and used > 0 and used + n > chunk:
+                    index, used = index + 1, 0
+                bkey = (*base, index)
+                bucket = buckets.get(bkey)
+                if bucket is None:
+                    bucket = buckets[bkey] = (group, [])
+                bucket[1].append(piece)
+                o_group, o_t, o_device, o_cls, o_base, o_index, o_used, o_members = (
+                    group, t, device, cls, base, index, used + n, bucket[1])
+                same = True
         return buckets, counters, self._prepare_buckets(buckets)
 
     def _prepare_buckets(self, buckets: dict[tuple, tuple[dict[str, Any], list]]) -> dict[tuple, Callable[[], None]]:
@@ -1896,10 +1972,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if owner[0] > owner[1]:
             return {}
         rule = {} if self.recipe.lr_rule is constant_lr else {"lr_rule": self.recipe.lr_rule}
+        # (a bucket of the fused kernel, key ``(group, t, device, 1, -1)``: every member admitted by the rule's
+        # fused_whole with its cached path (_fused_whole); told to a preparation that takes ``fused_bucket``)
+        told = _takes_fused_bucket(prepare)
         launches = {}
         for bkey, (group, pieces) in buckets.items():
             ps, gs, ss = (list(x) for x in zip(*pieces))
-            launch = prepare(ps, gs, ss, group, bkey[1], group["lr"], **rule)
+            fused = {"fused_bucket": True} if told and bkey[4] == -1 else {}
+            launch = prepare(ps, gs, ss, group, bkey[1], group["lr"], **rule, **fused)
             if launch is not None:
                 launches[bkey] = launch
         return launches
@@ -2015,7 +2095,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         :meth:`~lowmem.optim.moments.MomentRule.route_settings` covers, which the token keys by that summary.
         A path decided within :meth:`step`'s pass before anything is stepped names its group in ``_decided``:
         its parameters' shapes are compared then (:func:`~lowmem.optim.group_layout.check_resized`)."""
-        key = (p.dtype, p.shape, p.device, p.is_contiguous(), grad.dtype, grad.is_contiguous(), "step" in state)
+        key = _route_key(p, grad, state)
         routes = self.__dict__.setdefault("_routes", {})
         entry = None if tokens is None else self.__dict__["_group_sigs"][id(group)]
         token = None if entry is None else entry.route_token
@@ -2029,7 +2109,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         fused = path == "foreach" and self._fused_whole(p, seen, state, grad)
         cls = self.recipe.moment.foreach_bucket_class(p.shape, seen, state) if path == "foreach" else None
         old = route
-        route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, p.device,
+        device = self.__dict__.setdefault("_devices", {}).setdefault(p.device, p.device)  # (one object per device)
+        route = _Route(p, token, state, key, path, self._foreach_pieces(p) if path == "foreach" else None, device,
                        self._chunk(p.device), fused, cls)
         decided = self.__dict__.get("_decided")
         if decided is not None:  # (step's pass before anything is stepped: the group's shapes are compared)

@@ -539,16 +539,18 @@ class AdamMoments(MomentRule):
         if self.foreach_decays_after and wd != 0:
             torch._foreach_mul_(params, foreach_scalar(params, 1.0 - lr * wd))
 
-    def foreach_prepare(self, params, grads, states, group, t, lr, step_lr=None):
+    def foreach_prepare(self, params, grads, states, group, t, lr, step_lr=None, fused_bucket=False):
         """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read):
         the per-tensor checks and lists now (:func:`~lowmem.optim.functional.adam.adamw_foreach_prepare`), the
-        kernels when the returned function is called; the same operations in the same order."""
+        kernels when the returned function is called; the same operations in the same order. ``fused_bucket``:
+        the engine's bucket of the fused kernel, every member of which :meth:`fused_whole` admitted with its
+        cached path (the layout checks are not repeated per tensor: ``adamw_foreach_prepare``'s ``all_fit``)."""
         beta1, beta2 = group["betas"]
         wd = group.get("weight_decay", 0.0)
         launch = FA.adamw_foreach_prepare(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             t, beta1, beta2, lr, 0.0 if self.foreach_decays_after else wd, group["eps"],
-            eps_placement=self.eps_placement, step_lr=step_lr)
+            eps_placement=self.eps_placement, step_lr=step_lr, all_fit=fused_bucket)
         if not (self.foreach_decays_after and wd != 0):
             return launch
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .subset_norm import cpu_scalar
+
 
 def lion_direction_(m: Tensor, g: Tensor, beta1: float, beta2: float) -> Tensor:
     """Lion's direction ``sign(beta1 m + (1 - beta1) g)`` (Algorithm 2, line 5, and the sign of
@@ -53,14 +55,14 @@ def lion_direction_foreach(ms: list[Tensor], gs: list[Tensor], beta1: float, bet
     kernel). torch's CPU ``_foreach_mul`` with a Python number steps tensor by tensor and wraps the number in
     a new 0-d tensor for each one (~1 us a tensor: 3.5x the kernel's time on 1,024-element tensors); with a
     0-d tensor nothing is wrapped. Elsewhere (CUDA's fused multi-tensor kernels take the number) the
-    reference. The two 0-d tensors (8 B beside the directions) stand for the reference's wrapped numbers (a
-    float64, 8 B, beside the directions made so far): the step's real peak is the same, and no count includes
-    either (neither is made by a dispatched operation). Returns the new directions; the moments are updated in
-    place."""
+    reference. The two 0-d tensors (4 B each, kept from step to step by value: :func:`~lowmem.optim.functional.
+    subset_norm.cpu_scalar`) stand for the reference's wrapped numbers (a float64, 8 B, beside the directions made
+    so far): the step's real peak is the same, and no count includes either (neither is made by a dispatched
+    operation). Returns the new directions; the moments are updated in place."""
     if not ms or ms[0].device.type != "cpu":
         return lion_direction_foreach_reference(ms, gs, beta1, beta2)
-    b1 = torch.tensor(beta1, dtype=ms[0].dtype)
-    b2 = torch.tensor(beta2, dtype=ms[0].dtype)
+    b1 = cpu_scalar(beta1, ms[0].dtype)  # (kept from step to step: made once per value)
+    b2 = cpu_scalar(beta2, ms[0].dtype)
     cs = torch._foreach_mul(ms, b1)
     torch._foreach_add_(cs, gs, alpha=1.0 - beta1)
     torch._foreach_sign_(cs)

@@ -29,6 +29,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def subset_dim(shape: torch.Size | tuple[int, ...]) -> int | None:
@@ -118,7 +119,31 @@ def foreach_scalar(xs: list[Tensor], value: float) -> float | Tensor:
     dtype = xs[0].dtype
     if dtype not in (torch.float32, torch.float64) or any(x.dtype != dtype for x in xs):
         return value
-    return torch.tensor(value, dtype=dtype)
+    return cpu_scalar(value, dtype)
+
+
+# 0-d CPU tensors of the multi-tensor operations' scalars, by (value, dtype): :func:`cpu_scalar`
+_CPU_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+_CPU_SCALARS_KEPT = 64
+
+
+def cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(value, dtype=dtype)`` on the CPU, one kept per value and dtype (at most
+    :data:`_CPU_SCALARS_KEPT`, all dropped when full: a scheduled ``lr`` makes a new value every step): a step's
+    constant scalars (``beta1``, ``beta2``, ``1 - lr wd``) are not made again at every step (~2 us each, issue 15).
+    Only ever read (the scalar operand of a multi-tensor ``mul`` / ``div``); the same value as a new one, so the
+    same bits of every result. Under a dispatch mode (a fake tensor mode, a tracer) a new one, as before: a tensor made
+    there is that mode's."""
+    key = (value, dtype)
+    hit = _CPU_SCALARS.get(key)
+    if hit is None or _get_current_dispatch_mode() is not None:
+        if _get_current_dispatch_mode() is not None:
+            return torch.tensor(value, dtype=dtype)
+        if len(_CPU_SCALARS) >= _CPU_SCALARS_KEPT:
+            _CPU_SCALARS.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            hit = _CPU_SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return hit
 
 
 def ema_foreach_(xs: list[Tensor], updates: list[Tensor], beta: float) -> None:

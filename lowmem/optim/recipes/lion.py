@@ -180,7 +180,8 @@ class LionMoments(MomentRule):
         the same order)."""
         fused = group.get("fused", False) if self.fused_32bit else False
         members = []
-        if fused is True or (fused is None and any(p.is_cuda for p in params)):
+        # (the engine's bucket is on one device, its key's: the first member's tells whether any is on CUDA)
+        if fused is True or (fused is None and params and params[0].is_cuda):
             rest = []
             for p, g, st in zip(params, grads, states):
                 (members if self._fused_here(p, g, st, group) else rest).append((p, g, st))
