@@ -1564,8 +1564,9 @@ def format_notes(data: TrainData, tokenizer, source: str = "dataset") -> list[st
     * standard (string) prompt-completion, preference or prompt-only rows beside a tokenizer with a chat template:
       TRL renders only conversational rows with the template, so the model trains (or generates, GRPO) on the bare
       strings, not in the turns it is prompted with at inference (plain ``text`` rows are language modeling: no note);
-    * a ``tools`` column in GRPO / GVPO / BNPO data: TRL 1.16's GRPO renders no row's tools into its prompt (only the
-      trainer's ``tools`` callables); the column reaches the reward functions only.
+    * a ``tools`` or system-prompt column (:data:`SYSTEM_COLUMNS`) in GRPO / GVPO / BNPO data: TRL 1.16's GRPO renders
+      the ``prompt`` alone (tools only from the trainer's ``tools`` callables); the column reaches the reward functions
+      only.
     """
     fmt, notes = data.format, []
     if not fmt.conversational and fmt.name != "text" and getattr(tokenizer, "chat_template", None):
@@ -1573,9 +1574,11 @@ def format_notes(data: TrainData, tokenizer, source: str = "dataset") -> list[st
                      "(TRL renders only conversational rows, lists of {role, content} messages, with it) and the model "
                      "trains on the bare text, not in the chat turns it is prompted with at inference; write the "
                      "columns as messages to train in the chat format")
-    if fmt.columns == ("prompt",) and "tools" in fmt.extra_columns:
-        notes.append(f"{source}'s column 'tools' reaches the reward functions only: TRL's GRPO renders no row's tools "
-                     "into its prompt, so the model does not see them")
+    unseen = [c for c in fmt.extra_columns if c == "tools" or c.strip().lower() in SYSTEM_COLUMNS]
+    if fmt.columns == ("prompt",) and unseen:
+        notes.append(f"{source}'s column(s) {unseen} reach the reward functions only: TRL's GRPO renders a row's "
+                     "'prompt' alone (no tools, no system column), so the model does not see them; put a system prompt "
+                     "first in the prompt messages")
     return notes
 
 

@@ -143,7 +143,7 @@ def test_format_notes(user, tmp_path):
     assert format_notes(_data(user, "pc.jsonl"), tok) == []  # a base model: strings are what it takes
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1?"}], "answer": str(i + 1),
-                                           "tools": json.dumps(TOOLS)}) + "\n" for i in range(4)))
+                                           "tools": json.dumps(TOOLS), "system": "Be brief."}) + "\n" for i in range(4)))
     data = recipe_data(load_recipe(None, model=str(user / "model"), dataset=str(prompts), lr=1e-3, trainer="grpo",
                                    reward_funcs=["exact_match"]))
-    assert any("'tools' reaches the reward functions only" in n for n in format_notes(data, tok))
+    assert any("['tools', 'system'] reach the reward functions only" in n for n in format_notes(data, tok))
