@@ -1,34 +1,44 @@
 """RACS, Row-And-Column Scaled SGD (Gong, Scetbon, Ma & Meeds 2025, "Towards Efficient Optimizer Design for LLM
-via Structured Fisher Approximation with a Low-Rank Extension", arXiv:2502.07752, Section 4 and its RACS algorithm).
+via Structured Fisher Approximation with a Low-Rank Extension", arXiv:2502.07752, Section 4, Algorithm 1).
 
 RACS approximates the Fisher information of an ``m x n`` weight by a Kronecker product of two positive diagonal
-matrices, ``F ~ S (x) Q``, and keeps only their diagonals as moving averages of the gradient's squared row and
-column statistics, ``m + n`` numbers, plus the previous update's norm for the norm-growth limiter (Fira, Chen et al.
-2024): ``m + n + 1`` per matrix, no first moment. One step, for the gradient ``G`` (``m x n``)::
+matrices, ``F ~ S (x) Q`` (Eq. 15), whose best Frobenius fit solves the fixed point of Eq. 16::
 
-    q_t = beta q_{t-1} + (1 - beta) mean_j G_ij^2           (row statistic,    m values)
-    s_t = beta s_{t-1} + (1 - beta) mean_i G_ij^2           (column statistic, n values)
-    G~  = diag(q_t + eps)^-1/2  G  diag(s_t + eps)^-1/2      (the row-and-column scaled gradient)
-    eta = 1 at a tensor's first step, else gamma / max(||G~|| / (phi_{t-1} + eps), gamma)   (norm-growth limiter)
-    phi_t = eta ||G~||                                       (the limited update's norm, kept)
-    W  <- W - lr alpha eta G~                                (alpha: the update's scale)
+    s = Diag(E[G^T Q G]) / ||Q||_F^2 ,   q = Diag(E[G S G^T]) / ||S||_F^2       (s: n columns, q: m rows)
 
-from ``q_0 = 0``, ``s_0 = 1``. The statistics are means (``diag(G G^T) / n`` and ``diag(G^T G) / m``), start at
-those values and ``eps`` is added inside each square root and to ``phi`` as pytorch_optimizer's ``RACS`` does; the paper's algorithm writes the diagonals without the
-``1 / n``, ``1 / m`` and without ``eps`` (a common factor of the two statistics rescales ``G~`` by a constant,
-which the norm-growth limiter and ``alpha`` then see; ``docs/optimizers.md``'s RACS section has the comparison).
+i.e. ``s_j = sum_i q_i G_ij^2 / sum_i q_i^2`` and ``q_i = sum_j s_j G_ij^2 / sum_j s_j^2``: power iteration on
+``G^2`` (element-wise), whose fixed point is its principal singular pair (``q_i s_j ~ G_ij^2``). As the paper's
+experiments: from ``q = 1``, a one-sample estimate of ``E`` (this step's gradient), ``iterations`` (5) steps. Then
+Algorithm 1, lines 6-11::
+
+    s_t = beta s_{t-1} + (1 - beta) s ;  q_t = beta q_{t-1} + (1 - beta) q          (s_0 = q_0 = 0)
+    G~  = diag(q_t)^-1/2 G diag(s_t)^-1/2
+    eta = gamma / max(||G~|| / phi_{t-1}, gamma) if t > 1 else 1                    (Fira's norm-growth limiter)
+    phi_t = eta ||G~||
+    W  <- W - lr eta alpha G~
+
+``m + n + 1`` numbers per matrix, no first moment. Additions of lowmem's (the paper has none): ``eps`` inside each
+square root (``(q_t + eps)^-1/2``, ``(s_t + eps)^-1/2``) and beside ``phi_{t-1}``, so that a zero row or column (or
+a zero step) gives 0 or a zero step rather than ``0 / 0``; Eq. 16's denominators floored at :data:`FLOOR` (an
+all-zero gradient: ``s = q = 0``).
 
 Each function is one line of the step on tensors; :class:`~lowmem.optim.recipes.racs.RacsMoments` keeps the
-statistics and runs them over a whole tensor, over blocks of its rows (two passes: statistics, then the scaled
-gradient's norm) or over an FSDP2 shard of rows (the column sums and the norm summed over the shards).
+scalings and runs them over a whole tensor, over blocks of its rows (passes over the blocks: each fixed-point
+iteration one, then the scalings' moving averages with the scaled gradient's norm, then the updates) or over an
+FSDP2 shard of rows (the column sums and ``q . q`` of each iteration and the norm summed over the shards).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+#: Eq. 16's denominators ``||Q||_F^2`` and ``||S||_F^2`` are floored here (an all-zero gradient gives ``s = q = 0``
+#: instead of ``0 / 0``); any nonzero float32 sum of squares above it is unaffected.
+FLOOR = 1e-30
 
 
 def matrix_dims(shape) -> tuple[int, int]:
@@ -42,41 +52,72 @@ def matrix_dims(shape) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def row_square_means(g: Tensor) -> Tensor:
-    """``mean_j G_ij^2`` of each row of the 2-D ``g`` (a new tensor of ``g.shape[0]`` values, the row statistic's
-    sample ``diag(G G^T) / n``), from the rows' norms: no temporary of ``g``'s size. A stack ``(k, m, n)``: each
-    matrix's, ``(k, m)``."""
-    return torch.linalg.vector_norm(g, dim=-1).square_().div_(max(g.shape[-1], 1))
+def racs_fixed_point(squares_of: Callable[[int, int], Tensor], bounds: list[tuple[int, int]], rows: int, cols: int,
+                     iterations: int, device, dtype, column_sum: Callable[[Tensor], Tensor] | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 16, ``iterations`` times from ``q = 1``, by passes over blocks of rows (``squares_of(a, b)``: ``G_ij^2``
+    of rows ``a:b``, a ``(b - a, cols)`` tensor). Each pass updates every block's ``q`` from the previous ``s``
+    (``q = G^2 s / s . s``; the first pass keeps ``q = 1``) and adds the block's share of ``G^2^T q`` and ``q . q``;
+    then ``s = G^2^T q / q . q``. ``column_sum`` (an FSDP2 shard of rows): sums those ``cols + 1`` numbers over the
+    shards, once per iteration.
+
+    Returns ``(q, s, ss)``: ``q`` the iterate before the last ``s`` (``rows`` values, a buffer the caller may
+    overwrite), ``s`` (``cols`` values) and ``ss = max(s . s, FLOOR)`` (0-d), from which the last ``q`` of a block
+    is :func:`racs_rows` of its squares."""
+    q = torch.ones(rows, dtype=dtype, device=device)
+    s = ss = None
+    for _ in range(iterations):
+        acc = torch.zeros(cols + 1, dtype=dtype, device=device)
+        for a, b in bounds:
+            sq = squares_of(a, b)
+            if s is not None:
+                racs_rows(sq, s, ss, out=q[a:b])
+            acc[:cols].addmv_(sq.t(), q[a:b])
+            del sq
+        acc[cols:].copy_(q.dot(q) if s is not None else torch.full((), float(rows), dtype=dtype, device=device))
+        if column_sum is not None:
+            acc = column_sum(acc)
+        s = acc[:cols].div_(acc[cols].clamp(min=FLOOR))
+        ss = s.dot(s).clamp_(min=FLOOR)
+        del acc
+    return q, s, ss
 
 
-def column_square_sums(g: Tensor) -> Tensor:
-    """``sum_i G_ij^2`` of each column of the 2-D ``g`` (``g.shape[1]`` values): a block of rows' share of the
-    column statistic's sample ``diag(G^T G)``, divided by the whole row count once every block is summed. A stack
-    ``(k, m, n)``: each matrix's, ``(k, n)``."""
-    return torch.linalg.vector_norm(g, dim=-2).square_()
+def racs_rows(sq: Tensor, s: Tensor, ss: Tensor, out: Tensor | None = None) -> Tensor:
+    """Eq. 16's ``q_i = sum_j s_j G_ij^2 / sum_j s_j^2`` of the rows whose squares are ``sq`` (written to ``out``
+    when given)."""
+    q = torch.mv(sq, s, out=out) if out is not None else torch.mv(sq, s)
+    return q.div_(ss)
 
 
 def racs_ema_(stat: Tensor, sample: Tensor, beta: float) -> Tensor:
-    """``stat <- beta stat + (1 - beta) sample`` in place (the row and column statistics' moving averages; a float64
-    sample of an FSDP2 float64 shard, which the engine does not cast, rounded to a float32 ``stat``). Returns
-    ``stat``."""
+    """``stat <- beta stat + (1 - beta) sample`` in place (Algorithm 1, lines 6-7; a float64 sample of an FSDP2
+    float64 shard, which the engine does not cast, rounded to a float32 ``stat``). Returns ``stat``."""
     return stat.lerp_(sample if sample.dtype == stat.dtype else sample.to(stat.dtype), 1.0 - beta)
 
 
-def racs_factors(row: Tensor, col: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``((q + eps)^-1/2, (s + eps)^-1/2)``: the row and column scalings of ``G~`` (new tensors)."""
-    return row.add(eps).rsqrt_(), col.add(eps).rsqrt_()
+def inv_sqrt(stat: Tensor, eps: float) -> Tensor:
+    """``(stat + eps)^-1/2``: a scaling of line 8 (a new tensor)."""
+    return stat.add(eps).rsqrt_()
 
 
 def racs_scale(g: Tensor, row_factor: Tensor, col_factor: Tensor) -> Tensor:
-    """``G~ = diag(row_factor) g diag(col_factor)`` of the 2-D ``g`` (a block of rows with its rows' factors): a
-    new tensor of ``g``'s shape. A stack ``(k, m, n)`` with ``(k, m)`` and ``(k, n)`` factors: each matrix's."""
+    """Line 8, ``G~ = diag(row_factor) g diag(col_factor)`` of the 2-D ``g`` (a block of rows with its rows'
+    factors): a new tensor of ``g``'s shape."""
     return (g * row_factor.unsqueeze(-1)).mul_(col_factor.unsqueeze(-2))
 
 
+def scaled_square_norm(sq: Tensor, row_factor: Tensor, col_factor: Tensor) -> Tensor:
+    """``||G~||^2`` of a block of rows from its squares, without forming ``G~``: ``sum_i r_i^2 sum_j G_ij^2 c_j^2``
+    (a 0-d tensor; float32 factors of a float64 block, an FSDP2 float64 shard's, read in float64)."""
+    def squared(f):
+        return f.square() if f.dtype == sq.dtype else f.to(sq.dtype).square()
+
+    return torch.mv(sq, squared(col_factor)).dot(squared(row_factor))
+
+
 def norm_growth_limit(norm: Tensor, previous: Tensor, gamma: float, eps: float) -> Tensor:
-    """The limiter's factor ``eta = gamma / max(||G~|| / (phi_{t-1} + eps), gamma)`` (a 0-d tensor): 1 while the
-    update's norm grows by at most ``gamma`` over the previous step's, else the factor that makes it exactly
-    ``gamma phi_{t-1}``. (The first step of a tensor takes ``eta = 1``: the caller's.) ``norm`` and ``previous`` may
-    be ``(k,)`` vectors, one per stacked matrix: element-wise the same arithmetic."""
+    """Line 9's ``eta = gamma / max(||G~|| / (phi_{t-1} + eps), gamma)`` (a 0-d tensor): 1 while the update's norm
+    grows by at most ``gamma`` over the previous step's, else the factor that makes it exactly ``gamma phi_{t-1}``.
+    (The first step of a tensor takes ``eta = 1``: the caller's.)"""
     return torch.clamp(norm / (previous + eps), min=gamma).reciprocal_().mul_(gamma)
