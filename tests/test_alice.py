@@ -298,3 +298,22 @@ def test_fused_experts_train_as_separate_matrices(shape, foreach):
     for e, p in enumerate(seps):
         assert torch.equal(batch.detach()[e], p.detach())
         assert torch.equal(ob.state[batch]["proj_cov"][e], os_.state[p]["proj_cov"])
+
+
+BUCKET_CASES = {"alice": ({}, 8), "alice_near": ({}, 36), "alice_left": ({"proj_type": "reverse_std"}, 8)}
+
+
+@pytest.mark.parametrize("chunk", ["default", 4096], ids=str)
+@pytest.mark.parametrize("shapes", ["mixed", "same6", "tall_wide", "rank_over_side", "near_side8"])
+@pytest.mark.parametrize("case", sorted(BUCKET_CASES))
+def test_multi_tensor_steady_step_allocates_what_it_reports(monkeypatch, case, shapes, chunk):
+    """The whole steady step (float32 weights on the projected multi-tensor path, each combined back alone:
+    ``foreach_fold_offered`` False) traced == ``step_transient_bytes()`` of meta tensors without a refresh
+    (tests/test_folds_buckets.py's harness: mixed, same-shape, tall and wide weights, a rank near the smaller side,
+    a weight trained full-rank beside the bucket; default chunk and 4096-element row blocks)."""
+    import test_folds_buckets as F
+
+    hp, rank = BUCKET_CASES[case]
+    monkeypatch.setitem(F.CASES, case, ("alice", hp, rank))
+    traced, reported, _ = F._step(case, F.SETS[shapes], torch.float32, chunk)
+    assert traced == reported > 0
