@@ -660,7 +660,25 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
             ta[key] = [ta[key]]
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     check_unavailable_fields(recipe.training_args)
+    if recipe.trainer == "sft" and getattr(recipe, "dataset", None) is not None:
+        check_padding_free(recipe.training_args)
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+def check_padding_free(ta: dict[str, Any]) -> None:
+    """SFTConfig's ``padding_free: true`` without ``packing``: TRL (1.16) does not truncate the rows then and refuses any
+    ``max_length`` (its default 1024 included, and the model's context lowmem sets in its place), a ``ValueError``
+    after the model loaded. Refused before; ``max_length: null`` or ``packing: true`` (``packing_strategy: bfd`` is
+    padding-free itself) pass.
+
+    Raises:
+        ConfigError: Naming both fields and the two fixes.
+    """
+    if ta.get("padding_free") is True and not ta.get("packing") and ta.get("max_length", 1024) is not None:
+        raise ConfigError(f"padding_free=true without packing: TRL does not truncate the rows then and refuses any "
+                          f"max_length (here {ta.get('max_length', 1024)}{'' if 'max_length' in ta else ', its default'});"
+                          " set max_length: null (rows as long as they are: each must fit the model's context) or "
+                          "packing: true (its default packing_strategy bfd is padding-free and truncates)")
 
 
 def _liger_available() -> bool:

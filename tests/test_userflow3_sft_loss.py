@@ -149,12 +149,14 @@ def test_format_notes(user, tmp_path):
     assert any("['tools', 'system'] reach the reward functions only" in n for n in format_notes(data, tok))
 
 
-@pytest.mark.xfail(strict=True, reason="TRL's ValueError came after the model loaded")
-def test_padding_free_without_packing_is_refused_before_the_model_loads(user):
+def test_padding_free_without_packing_is_refused_before_the_model_loads(user, tmp_path):
     """TRL 1.16 refuses padding_free without packing unless max_length is null (it does not truncate then), its own
     default 1024 included: `padding_free: true` alone failed after the model loaded."""
     kw = dict(model=str(user / "model"), dataset=str(user / "chat.parquet"), lr=1e-3, padding_free=True)
     with pytest.raises(ConfigError, match=r"padding_free=true without packing.*max_length: null.*packing: true"):
         load_recipe(None, **kw)
     assert load_recipe(None, **kw, packing=True).training_args["packing"]
-    assert load_recipe(None, **kw, max_length=None).training_args["max_length"] is None
+    recipe = tmp_path / "recipe.yaml"  # a keyword override of None means "not given": the file's null is kept
+    recipe.write_text(f"model: {user / 'model'}\ndataset: {user / 'chat.parquet'}\nlr: 1.0e-3\npadding_free: true\n"
+                      "max_length: null\n")
+    assert load_recipe(recipe).training_args["max_length"] is None
