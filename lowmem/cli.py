@@ -184,6 +184,10 @@ def split_field_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
             raise ValueError(f"--{key} is given twice; give it once")
         parsed = [_scalar(v, yaml) for v in values]
         fields[key] = True if not parsed else parsed[0] if len(parsed) == 1 else parsed
+        if fields[key] is None:  # `--max_length null`: the key set to null, not "not given" (load_recipe's None)
+            from .train import NULL
+
+            fields[key] = NULL
     return rest, fields
 
 

@@ -1099,8 +1099,21 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _Null:
+    """An override that sets its key to null (the YAML file's ``key: null``); a plain ``None`` means "not given"."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+#: ``load_recipe(path, max_length=NULL)``: the key set to null, as ``max_length: null`` in the file or
+#: ``--max_length null`` on the command line (a keyword override of ``None`` is skipped: argparse's unset flags).
+NULL = _Null()
+
+
 def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe:
-    """Read a YAML recipe (``yaml.safe_load``; a key given twice in a mapping is an error) and apply ``overrides`` (``None`` values are skipped).
+    """Read a YAML recipe (``yaml.safe_load``; a key given twice in a mapping is an error) and apply ``overrides`` (``None`` values are skipped;
+    :data:`NULL` sets a key to null).
 
     ``overrides`` take the same keys as the YAML file, mapped the same way (``learning_rate=1e-3``
     sets ``lr``; ``max_length=64`` joins ``training_args``), with the same errors (``lr`` and
@@ -1139,7 +1152,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
             raise ConfigError(f"{where}invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{where}a recipe is a YAML mapping of keys {list(RECIPE_KEYS)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = {k: None if v is NULL else v for k, v in overrides.items() if v is not None}
     # the config class (for top-level TRL fields) follows the trainer and dataset in effect: --dataset makes
     # SFT TRL's SFTTrainer, so SFTConfig's fields are valid in the file too
     context = {k: given.get(k, data.get(k)) for k in ("trainer", "dataset")}

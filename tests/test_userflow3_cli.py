@@ -16,7 +16,6 @@ def _recipe(argv):
     return recipe_from_args(args)
 
 
-@pytest.mark.xfail(strict=True, reason="an explicit null flag was dropped as 'not given'")
 def test_an_explicit_null_flag_reaches_the_recipe(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "1+1=2"}\n' * 4)
     common = ["--dataset", str(tmp_path / "rows.jsonl"), "--lr", "1e-3", "--padding_free"]
