@@ -151,7 +151,7 @@ def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, s
     from torch.utils._pytree import tree_leaves
 
     from .memory.activations import traced_experts
-    from .memory.estimate import (SCALED_FROM, _sizing_mode, build_meta_model, first_layers, lora_config, on_fake_device,
+    from .memory.estimate import (SCALED_FROM, _sizing_mode, build_meta_model, first_layers, lora_config, on_fake_cpu,
                                   uniform_decoder_layers)
 
     model = build_meta_model(config, torch.float32)
@@ -164,7 +164,7 @@ def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, s
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lcfg)
-    on_fake_device(model, "cpu")
+    on_fake_cpu(model)
     params = {StorageWeakRef(p.untyped_storage()) for p in [*model.parameters(), *model.buffers()]}
     live: dict = {}
     peak = [0]

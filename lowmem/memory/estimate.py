@@ -110,6 +110,22 @@ def on_fake_device(model: nn.Module, device: str) -> dict[int, nn.Parameter]:
     return new
 
 
+def on_fake_cpu(model: nn.Module) -> dict[int, nn.Parameter]:
+    """:func:`on_fake_device` on ``"cpu"``, and every buffer still on the meta device made a fake CPU tensor of the
+    parameters' mode: the non-persistent buffers ``from_config`` leaves on meta that a forward uses without moving them
+    (Gemma's and Gemma2's ``embed_scale``: ``embeds * self.embed_scale.to(dtype)`` mixed a meta and a fake CPU tensor,
+    and every autocast trace of a Gemma refused it, so ``lowmem budget`` of a Gemma in bf16 stopped with an error),
+    as :func:`~lowmem.memory.activations._trace_saved` does for its traces."""
+    new = on_fake_device(model, "cpu")
+    mode = _sizing_mode(model)
+    for mod in model.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                with mode:
+                    mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    return new
+
+
 def _sizing_mode(model: nn.Module):
     """The fake-tensor mode of ``model``'s parameters (:func:`on_fake_device`): the optimizer's state
     is allocated under it (fake tensors of the same device); a meta model: no mode (meta tensors)."""
@@ -547,7 +563,7 @@ def autocast_cast_bytes(config: Any, dtype: torch.dtype, lora: Any = None, seq_l
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lcfg)
-    on_fake_device(model, "cpu")
+    on_fake_cpu(model)
     names = {id(p): n for n, p in model.named_parameters()}  # a tied weight once, under its first name
     seen: dict[str, set] = {}
 
@@ -606,7 +622,7 @@ def _fake_saved_bytes(config: Any, dtype: torch.dtype, autocast: torch.dtype | N
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lcfg)
-    on_fake_device(model, "cpu")
+    on_fake_cpu(model)
     params = {StorageWeakRef(p.untyped_storage()) for p in [*model.parameters(), *model.buffers()]}
     saved: dict[Any, int] = {}
     keep: list[torch.Tensor] = []  # alive until counted: a freed storage's weak reference could be reused
@@ -1220,7 +1236,7 @@ def generation_trace_bytes(config: Any, autocast: torch.dtype, generation_batch:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             model = get_peft_model(model, lcfg)
-    on_fake_device(model, "cpu")
+    on_fake_cpu(model)
     model.train()  # TRL generates with the policy as it trains (no eval())
     existing = [*model.parameters(), *model.buffers()]
 
