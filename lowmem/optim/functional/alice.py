@@ -132,3 +132,14 @@ def growth_limiter_(norm: Tensor, previous_norm: Tensor, gamma: float) -> Tensor
     limiter = torch.where(first, torch.ones_like(norm), torch.clamp(ratio, min=gamma) / gamma)
     previous_norm.copy_(norm / limiter)
     return limiter
+
+
+def growth_limiter_foreach_(norms: Tensor, previous_norms: list[Tensor], gamma: float) -> Tensor:
+    """:func:`growth_limiter_` of ``B`` compensations at once: ``norms`` ``[B]`` and their 0-d ``previous_norms``
+    (updated in place, one multi-tensor copy). The same quotient, clamp and selection per element as the
+    per-parameter form (a previous norm ``<= 0`` selects 1; its quotient is discarded). Returns the divisors ``[B]``."""
+    previous = torch.stack(previous_norms)
+    first = previous <= 0
+    limiter = torch.where(first, torch.ones_like(norms), torch.clamp(norms / previous, min=gamma) / gamma)
+    torch._foreach_copy_(previous_norms, list((norms / limiter).unbind(0)))
+    return limiter

@@ -24,6 +24,7 @@ moments. FSDP2: :meth:`AliceCompensation.sharded_direction` steps a shard of row
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from ..functional import galore as GL
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, positive
 from ..moments import AdamMoments
 from ..registry import register
-from ..subspace import CombineRule, SubspaceProjection, _meta, _usable
+from ..subspace import CombineRule, SubspaceProjection, _meta, _usable, _Walk
 from .subspace import (_nonneg_int, adam_hf_unit_scale, check_projected_state_dtype, check_rank_applies,
                        subspace_hparams)
 
@@ -253,10 +254,121 @@ class AliceCompensation(CombineRule):
         ctx = self.prepare(g, low, d_low, state, group, projection, [(0, g.shape[0])])
         return self.direction_rows(g.float(), low, d_low, state, group, projection, 0, g.shape[0], ctx)
 
+    def _residual_sq(self, g, low, state, group, projection, bounds, left):
+        """The residual ``G - U sigma``'s squared channel norms (a new float32 vector), a block of rows at a time."""
+        dim = 0 if left else 1
+        sq = None
+        for a, b in bounds:
+            rows = g[a:b] if g.dtype == torch.float32 else g[a:b].float()
+            res = projection.residual_rows(rows, low, state, group, a, b, -1.0)
+            del rows
+            norms = torch.linalg.vector_norm(res, dim=dim)
+            del res
+            if left:
+                sq = norms.square_() if sq is None else sq.add_(norms.square_())
+            else:
+                sq = norms.square_() if sq is None else torch.cat((sq, norms.square_()))
+            del norms
+        return sq
+
+    def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
+        """:meth:`prepare` and :meth:`direction_rows` of a bucket, folded (``CombineRule.foreach_fold``): each
+        parameter's covariance EMA and residual channel norms (one block of rows at a time), then for the whole
+        bucket in multi-tensor operations ``p`` (lerp, floor), ``k``, ``||C||`` (the norms of ``sqrt(k^2 sq)``),
+        the limiters (:func:`~lowmem.optim.functional.alice.growth_limiter_foreach_`); then per parameter
+        ``M = a d_low - sigma (b k)`` in place in its direction, yielding ``(i, M, alpha, alpha b k)``:
+        ``alpha d = alpha up(M) + G (alpha b k)``. The bias correction's unit scale from the bucket's first state
+        (one step count per bucket, as Fira's)."""
+        b3, gamma, r = group["beta3"], group["gamma"], group["rank"]
+        lefts = ["proj_left" in st for st in states]
+        sqs = []
+        for g, low, st, left, bs in zip(gs, lows, states, lefts, bounds):
+            AL.covariance_ema_(st["proj_cov"], low, b3, left)
+            sqs.append(self._residual_sq(g, low, st, group, projection, bs, left))
+        ps = [st["alice_p"] for st in states]
+        torch._foreach_lerp_(ps, sqs, 1.0 - group["comp_beta"])
+        torch._foreach_clamp_min_(ps, AL.P_FLOOR)
+        ks = torch._foreach_rsqrt(ps)
+        sides = [(g.shape[0] if left else g.shape[1]) for g, left in zip(gs, lefts)]
+        torch._foreach_mul_(ks, [math.sqrt(d - r) for d in sides])
+        k2 = torch._foreach_mul(ks, ks)
+        torch._foreach_mul_(sqs, k2)
+        del k2
+        torch._foreach_sqrt_(sqs)
+        norms = torch.stack(torch._foreach_norm(sqs))
+        del sqs
+        limiter = AL.growth_limiter_foreach_(norms, [st["alice_phi"] for st in states], gamma)
+        del norms
+        coef = limiter.reciprocal_().mul_(group["scale"] * group["alpha_c"])  # b (limiter consumed)
+        a = self._subspace_scale(states[0], group)
+
+        def folds():
+            for i, (low, d, k, left) in enumerate(zip(lows, d_lows, ks, lefts)):
+                k.mul_(coef[i])  # b k
+                kk = k if left else k.unsqueeze(1)
+                d.mul_(a).addcmul_(low, kk, value=-1.0)  # M, in place in the direction
+                yield i, d, alpha, kk.mul_(alpha)
+
+        return folds()
+
     def foreach_fold_offered(self, members, group, projection):
-        """No bucket fold: the engine's projected multi-tensor step combines each parameter back alone
-        (:meth:`prepare`, :meth:`direction_rows`), and counts it so (``subspace.projected_back_bytes``)."""
-        return False
+        """Every float32 bucket of a basis (:meth:`foreach_fold`)."""
+        return all(projection.can_add_up_rows(st) for _, _, st, _ in members)
+
+    @staticmethod
+    def _residual_sq_walk(w: _Walk, shape, bounds, left: bool) -> int:
+        """:meth:`_residual_sq` of a float32 gradient walked on ``w``: per block of rows the residual rows
+        (``addmm``) and their channel norms; the first block's norms are the sum (left: ``n``), the others' added
+        in place; a right basis's row norms concatenated (the running vector, the block's and their concatenation).
+        Returns the sum's bytes (alive on ``w``)."""
+        n = shape[1]
+        sq = 0
+        for a, b in bounds:
+            block = w.new(4 * (b - a) * n)
+            nv = w.new(4 * (n if left else b - a))
+            w.free(block)
+            if not sq:
+                sq = nv
+            elif left:
+                w.free(nv)
+            else:
+                cat = w.new(sq + nv)
+                w.free(sq, nv)
+                sq = cat
+        return sq
+
+    def foreach_fold_bytes(self, members, group, projection, device):
+        """The peak of :meth:`foreach_fold` and the engine's in-place ``addmm_`` / ``addcmul_``, beyond the bucket's
+        projected gradients and directions, walked along it: each parameter's residual channel norms beside the
+        earlier parameters' (:meth:`_residual_sq_walk`); ``k`` of the bucket (``S``, 4 bytes per channel) beside the
+        sums and ``k^2`` (``S`` each); the norms (``B`` 0-d tensors, then their stack) beside ``k`` and the sums;
+        :func:`~lowmem.optim.functional.alice.growth_limiter_foreach_` (the previous norms' stack, the first-step
+        mask, ones, the quotient, the clamp, ``/ gamma``, ``where``; then ``norms / limiter``); then ``k`` and the
+        divisors alone (the folds work in place; a one-sided basis's ``addmm_`` allocates nothing)."""
+        if self.foreach_fold_offered(members, group, projection) is not True:
+            return None
+        w = _Walk()
+        sqs = []
+        for shape, _, _, bounds in members:
+            left = GL.galore_side(tuple(shape), group["proj_type"]) == "left"
+            sqs.append(self._residual_sq_walk(w, shape, bounds, left))
+        total, k = sum(sqs), len(members)
+        w.new(total)  # ks
+        w.free(w.new(total))  # k^2
+        zero_d = w.new(4 * k)  # (_foreach_norm's 0-d tensors, then their stack)
+        norms = w.new(4 * k)
+        w.free(zero_d, total)
+        prev, first, ones = w.new(4 * k), w.new(k), w.new(4 * k)
+        q = w.new(4 * k)
+        c = w.new(4 * k)
+        w.free(q)
+        d = w.new(4 * k)
+        w.free(c)
+        w.new(4 * k)  # (the divisors, kept: the folds' coefficients)
+        w.free(ones, d)
+        w.free(w.new(4 * k))  # (norms / limiter, copied into the previous norms)
+        w.free(prev, first, norms)
+        return max(w.peak, max(projection.add_up_rows_bytes(shape, group, shape[0]) for shape, *_ in members))
 
     # ---- bytes ----
 
