@@ -81,24 +81,3 @@ def test_a_system_column_already_in_the_messages_passes(tmp_path):
     path.write_text("".join(json.dumps({"system": "", **_system_rows("pc")}) + "\n" for _ in range(3)))
     assert load_train_data(str(path), "sft").format.name == "prompt-completion"  # an empty one loses nothing
 
-
-def _tool_call_rows():
-    call = {"type": "function", "function": {"name": "calculator", "arguments": '{"a": 4, "b": 18}'}}
-    return [{"messages": [{"role": "user", "content": f"what is {i} plus 18?"},
-                          {"role": "assistant", "content": "", "tool_calls": [call]},
-                          {"role": "tool", "content": str(i + 18)},
-                          {"role": "assistant", "content": f"the answer is {i + 18}."}]} for i in range(4)]
-
-
-@pytest.mark.xfail(strict=True, reason="Arrow's None for the keys a message lacks reached the chat template")
-def test_parquet_messages_keep_only_their_own_keys(tmp_path):
-    """A Parquet (or save_to_disk) column of messages is a list of Arrow structs: every message gets every key of any
-    message, None where it had none (the user turns got tool_calls=None). A template testing a key's presence, as
-    Llama 3.1's does ({%- elif 'tool_calls' in message %} then its length), refused every row with "object of type
-    'NoneType' has no len()" (or rendered the None). JSON Lines keep the keys (datasets' Json feature); Parquet rows
-    now do too (TRL's remove_none_values, which TRL leaves to the user)."""
-    pd.DataFrame(_tool_call_rows()).to_parquet(tmp_path / "tools.parquet")
-    data = load_train_data(str(tmp_path / "tools.parquet"), "sft")
-    first = data.train[0]["messages"]
-    assert first[0] == {"role": "user", "content": "what is 0 plus 18?"}
-    assert first[1]["tool_calls"][0]["function"]["name"] == "calculator" and first[1]["content"] == ""
