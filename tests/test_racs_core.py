@@ -178,6 +178,31 @@ def test_norm_growth_limiter():
         assert opt.state[p]["update_norm"].item() == pytest.approx(norms[-1], rel=1e-5)
 
 
+@pytest.mark.parametrize("zero_at", [1, 4], ids=["first-step", "later-step"])
+def test_an_all_zero_gradient_does_not_stop_the_tensor(zero_at):
+    """An all-zero gradient (LoRA's ``lora_A`` at step 1; an expert no token reached) leaves ``phi = 0``; the next
+    steps take ``eta = 1`` (Algorithm 3's "if phi > 0 else 1"), not ``gamma / (||G~|| / 0) = 0`` for good: the
+    weight moves again by a full step (``lr alpha ||G~||``) and the trajectory equals the reference loop's."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.zeros(6, 9) if t == zero_at else torch.randn(6, 9, generator=gen) for t in range(1, 8)]
+    p = torch.nn.Parameter(torch.randn(6, 9, generator=gen))
+    start = p.detach().clone()
+    opt = create_optimizer([p], "racs")
+    got = []
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        got.append(p.detach().clone())
+    assert torch.equal(got[zero_at - 1], got[zero_at - 2] if zero_at > 1 else start)  # (the zero step moves nothing)
+    assert opt.state[p]["update_norm"].item() > 0
+    moved = (got[zero_at] - got[zero_at - 1]).norm().item()
+    assert moved > 0.5 * 0.02 * 0.05 * (6 * 9) ** 0.5  # (a full step: lr alpha ||G~||, ||G~|| ~ sqrt(m n))
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    want = racs_ref(start.clone(), [g.clone() for g in grads], index=0, **group)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_blocked_step_equals_whole():
     """A (40, 24) weight in blocks of 1, 3 and 40 rows: every step equals the whole step (the norm's square summed
     over the blocks in another order: float32 rounding)."""

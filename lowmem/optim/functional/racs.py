@@ -13,14 +13,14 @@ Algorithm 1, lines 6-11::
 
     s_t = beta s_{t-1} + (1 - beta) s ;  q_t = beta q_{t-1} + (1 - beta) q          (s_0 = q_0 = 0)
     G~  = diag(q_t)^-1/2 G diag(s_t)^-1/2
-    eta = gamma / max(||G~|| / phi_{t-1}, gamma) if t > 1 else 1                    (Fira's norm-growth limiter)
+    eta = gamma / max(||G~|| / phi_{t-1}, gamma) if t > 1 (and phi_{t-1} > 0) else 1   (Fira's norm-growth limiter)
     phi_t = eta ||G~||
     W  <- W - lr eta alpha G~
 
 ``m + n + 1`` numbers per matrix, no first moment. Additions of lowmem's (the paper has none): ``eps`` inside each
-square root (``(q_t + eps)^-1/2``, ``(s_t + eps)^-1/2``) and beside ``phi_{t-1}``, so that a zero row or column (or
-a zero step) gives 0 or a zero step rather than ``0 / 0``; Eq. 16's denominators floored at :data:`FLOOR` (an
-all-zero gradient: ``s = q = 0``).
+square root (``(q_t + eps)^-1/2``, ``(s_t + eps)^-1/2``), so that a zero row or column gives 0 rather than
+``0 / 0``; Eq. 16's denominators floored at :data:`FLOOR` (an all-zero gradient: ``s = q = 0``); ``eta = 1`` while
+``phi_{t-1} = 0`` (after an all-zero gradient), as the paper's Algorithm 3 limiter.
 
 Each function is one line of the step on tensors; :class:`~lowmem.optim.recipes.racs.RacsMoments` keeps the
 scalings and runs them over a whole tensor, over blocks of its rows (passes over the blocks: each fixed-point
@@ -116,8 +116,11 @@ def scaled_square_norm(sq: Tensor, row_factor: Tensor, col_factor: Tensor) -> Te
     return torch.mv(sq, squared(col_factor)).dot(squared(row_factor))
 
 
-def norm_growth_limit(norm: Tensor, previous: Tensor, gamma: float, eps: float) -> Tensor:
-    """Line 9's ``eta = gamma / max(||G~|| / (phi_{t-1} + eps), gamma)`` (a 0-d tensor): 1 while the update's norm
-    grows by at most ``gamma`` over the previous step's, else the factor that makes it exactly ``gamma phi_{t-1}``.
-    (The first step of a tensor takes ``eta = 1``: the caller's.)"""
-    return torch.clamp(norm / (previous + eps), min=gamma).reciprocal_().mul_(gamma)
+def norm_growth_limit(norm: Tensor, previous: Tensor, gamma: float) -> Tensor:
+    """Line 9's ``eta = gamma / max(||G~|| / phi_{t-1}, gamma)`` (a 0-d tensor): 1 while the update's norm grows by at
+    most ``gamma`` over the previous step's, else the factor that makes it exactly ``gamma phi_{t-1}``; 1 while
+    ``phi_{t-1} = 0`` (the previous gradient was all zero: the paper's own limiter of Algorithm 3, line 4, "if
+    phi > 0 else 1"; Algorithm 1's literal ``||G~|| / 0`` would stop the tensor for good). (The first step of a tensor
+    takes ``eta = 1``: the caller's.)"""
+    limited = (norm / previous).clamp_(min=gamma).reciprocal_().mul_(gamma)  # (nan where previous = 0: replaced)
+    return torch.where(previous > 0, limited, torch.ones_like(limited))

@@ -98,7 +98,7 @@ class RacsMoments(MomentRule):
         if t <= 1:
             phi.copy_(norm)
             return None
-        eta = norm_growth_limit(norm, phi, group["gamma"], group["eps"])
+        eta = norm_growth_limit(norm, phi, group["gamma"])
         phi.copy_(norm.mul_(eta))
         return eta
 
@@ -278,7 +278,7 @@ RACS_RECIPE = Recipe(
         HParam("iterations", 5, positive_int, "an int >= 1",
                "fixed-point iterations of Eq. 16 per step, from q = 1 (the paper's 5)"),
         HParam("eps", 1e-30, positive, "a finite float > 0",
-               "added to each scaling inside its square root and to the previous norm (not in the paper)"),
+               "added to each scaling inside its square root (not in the paper)"),
         WEIGHT_DECAY(0.0),
     ),
     validate_group=_check_group,
@@ -293,8 +293,8 @@ class RACS(LowMemOptimizer):
     Each step of a tensor stepped as ``rows x cols`` (a vector as a column, a tensor of more dimensions as
     ``[shape[0], -1]``): ``iterations`` steps of Eq. 16 from ``q = 1`` (``s = G^2^T q / q.q``, ``q = G^2 s / s.s``);
     ``s_t = beta s_{t-1} + (1 - beta) s``, ``q_t`` likewise (both from 0); ``G~ = g / sqrt((q_t,i + eps)(s_t,j +
-    eps))``; ``eta = 1`` at the first step, else ``gamma / max(||G~|| / (phi + eps), gamma)``; ``phi <- eta ||G~||``;
-    ``p <- p (1 - lr wd) - lr eta alpha G~``.
+    eps))``; ``eta = 1`` at the first step, else ``gamma / max(||G~|| / phi, gamma)``; ``phi <- eta ||G~||``;
+    ``p <- p (1 - lr wd) - lr eta alpha G~`` (``eta = 1`` also while ``phi = 0``, after an all-zero gradient).
 
     Args:
         params: Parameters or parameter groups.
@@ -303,7 +303,7 @@ class RACS(LowMemOptimizer):
         alpha (`float`, defaults to `0.05`): The update's scale, > 0 (Table 9; 0.02 at 1.3B).
         gamma (`float`, defaults to `1.01`): Norm-growth limiter, >= 1.
         iterations (`int`, defaults to `5`): Fixed-point iterations of Eq. 16 per step, >= 1.
-        eps (`float`, defaults to `1e-30`): Inside each square root and beside the previous norm, > 0.
+        eps (`float`, defaults to `1e-30`): Inside each square root, > 0.
         weight_decay (`float`, defaults to `0.0`): Decoupled, ``p *= 1 - lr * wd`` before the update.
         state_dtype (`str`, defaults to `"float32"`): Storage of the scalings (`"float32"`, `"bfloat16"`, or
             `"param"`: refused for float16 parameters, whose column scaling carries the gradient's squares).

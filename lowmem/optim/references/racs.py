@@ -1,6 +1,6 @@
 """Plain loop of RACS (Gong, Scetbon, Ma & Meeds 2025, arXiv:2502.07752), written from the paper's Algorithm 1 and
 Eq. 16 in float64 matrix form: ``Q = Diag_v(q)``, ``S = Diag_v(s)``, ``Diag(G^T Q G)``, ``Diag(G S G^T)`` and the
-Frobenius norms multiplied out; ``eps`` as lowmem adds it (inside the square roots, beside ``phi``)."""
+Frobenius norms multiplied out; ``eps`` as lowmem adds it (inside the square roots) and ``eta = 1`` while ``phi = 0``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def racs(p: Tensor, grads: list[Tensor], *, index: int, lr: float, beta: float, 
         s_t = beta s_{t-1} + (1 - beta) Diag(S_t)               (line 6, s_0 = 0)
         q_t = beta q_{t-1} + (1 - beta) Diag(Q_t)               (line 7, q_0 = 0)
         G~  = Diag_v(q_t + eps)^-1/2 G Diag_v(s_t + eps)^-1/2    (line 8)
-        eta = 1 (t = 1) or gamma / max(||G~|| / (phi + eps), gamma)   (line 9)
+        eta = 1 (t = 1 or phi = 0) or gamma / max(||G~|| / phi, gamma)   (line 9)
         phi = eta ||G~||                                        (line 10)
         W  <- W - lr wd W - lr eta alpha G~                      (line 11)
     """
@@ -58,7 +58,7 @@ def racs(p: Tensor, grads: list[Tensor], *, index: int, lr: float, beta: float, 
         q = beta * q + (1 - beta) * q_new
         g_tilde = torch.diag((q + eps) ** -0.5) @ gm @ torch.diag((s + eps) ** -0.5)
         norm = float(torch.linalg.matrix_norm(g_tilde))  # Frobenius
-        eta = 1.0 if t == 1 else gamma / max(norm / (phi + eps), gamma)
+        eta = 1.0 if t == 1 or phi == 0 else gamma / max(norm / phi, gamma)  # (phi = 0: Algorithm 3's "else 1")
         phi = eta * norm
         w = w - lr * weight_decay * w - lr * eta * alpha * g_tilde
         out.append(w.reshape(shape).to(dtype))
