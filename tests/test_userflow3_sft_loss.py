@@ -160,3 +160,28 @@ def test_padding_free_without_packing_is_refused_before_the_model_loads(user, tm
     recipe.write_text(f"model: {user / 'model'}\ndataset: {user / 'chat.parquet'}\nlr: 1.0e-3\npadding_free: true\n"
                       "max_length: null\n")
     assert load_recipe(recipe).training_args["max_length"] is None
+
+
+@pytest.mark.xfail(strict=True, reason="the prompt lengths were rendered without GRPOConfig.chat_template_kwargs")
+def test_grpo_completion_room_renders_prompts_with_chat_template_kwargs(user, tmp_path):
+    """TRL's GRPO renders prompts with ``chat_template_kwargs`` (Qwen3's ``enable_thinking: false`` adds an empty
+    think block to the generation prompt); the room left for ``max_completion_length`` was measured without them, so
+    prompt + completion could overrun the model's context by what they add."""
+    from lowmem.train import fit_completion_length, model_context_length
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"what is {i} plus 1?"}],
+                                           "answer": str(i + 1)}) + "\n" for i in range(4)))
+    template = TEMPLATE.replace("<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}",
+                                "<|start_of_role|>assistant<|end_of_role|>' }}{%- if think is false %}"
+                                "{{ 'the answer is the answer is the answer is ' * 8 }}{%- endif %}{%- endif %}")
+    tok = transformers.AutoTokenizer.from_pretrained(user / "model")
+    tok.chat_template = template
+    recipe = load_recipe(None, model=str(user / "model"), dataset=str(prompts), lr=1e-3, trainer="grpo",
+                         reward_funcs=["exact_match"], num_generations=4, batch_size=4,
+                         chat_template_kwargs={"think": False})
+    data = recipe_data(recipe)
+    fit_completion_length(recipe, tok, [data.train])
+    rendered = [tok.apply_chat_template(p, add_generation_prompt=True, think=False) for p in data.train["prompt"]]
+    longest = max(len(ids if isinstance(ids, list) else ids["input_ids"]) for ids in rendered)
+    assert recipe.training_args["max_completion_length"] == model_context_length(recipe.model)[0] - longest
