@@ -1917,11 +1917,13 @@ def fit_max_length(recipe: TrainRecipe, args: Any) -> str | None:
             f"are truncated to {limit} tokens (set max_length to choose)")
 
 
-def prompt_token_lengths(prompts: list[Any], tokenizer: Any) -> list[int]:
+def prompt_token_lengths(prompts: list[Any], tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Tokens of each GRPO prompt as the policy sees it: a string tokenized as is, a conversational prompt
-    (a list of messages) rendered by the chat template with the generation prompt appended."""
+    (a list of messages) rendered by the chat template with the generation prompt appended and GRPOConfig's
+    ``chat_template_kwargs`` (as TRL renders it: Qwen3's ``enable_thinking: false`` adds an empty think block)."""
     chats = [p for p in prompts if isinstance(p, list)]
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chats]
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {}))
+             for p in chats]
     rendered = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     plain = [p for p in prompts if not isinstance(p, list)]
     plain_ids = iter(tokenizer(plain)["input_ids"] if plain else [])
@@ -1948,7 +1950,10 @@ def fit_completion_length(recipe: TrainRecipe, tokenizer: Any, datasets: list[An
     if context is None:
         return None
     limit, where = context
-    lengths = [n for ds in datasets if ds is not None for n in prompt_token_lengths(list(ds["prompt"]), tokenizer)]
+    kwargs = recipe.training_args.get("chat_template_kwargs") or {}
+    kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs  # GRPOConfig takes a JSON string too
+    lengths = [n for ds in datasets if ds is not None
+               for n in prompt_token_lengths(list(ds["prompt"]), tokenizer, kwargs)]
     if not lengths:
         return None
     longest = max(lengths)

@@ -162,7 +162,6 @@ def test_padding_free_without_packing_is_refused_before_the_model_loads(user, tm
     assert load_recipe(recipe).training_args["max_length"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="the prompt lengths were rendered without GRPOConfig.chat_template_kwargs")
 def test_grpo_completion_room_renders_prompts_with_chat_template_kwargs(user, tmp_path):
     """TRL's GRPO renders prompts with ``chat_template_kwargs`` (Qwen3's ``enable_thinking: false`` adds an empty
     think block to the generation prompt); the room left for ``max_completion_length`` was measured without them, so
