@@ -85,6 +85,8 @@ CASES = [  # (shape, rank, gap, extra): wide (left basis) and tall (right basis)
     ((20, 33), 7, 1, {"proj_type": "right", "power_iters": 2, "beta3": 0.5}),
     ((12, 40), 9, 3, {"switch_fraction": 0.9, "bias_correction": True, "weight_decay": 0.05}),  # small complement
     ((40, 12), 2, 5, {"switch_fraction": 0.0, "alpha_c": 0.0}),
+    ((24, 40), 4, 3, {"betas": (0.8, 0.95), "carry_covariance": True}),  # (p's decay: beta1 = 0.8)
+    ((40, 24), 4, 3, {"refresh_phase": "aligned", "comp_beta": 0.5}),
 ]
 
 
@@ -113,6 +115,22 @@ def test_engine_equals_the_paper_loop(shape, rank, gap, extra, path):
     want = reference(start.clone(), [g.clone() for g in grads], index=0, **group)
     for t, (x, y) in enumerate(zip(got, want), 1):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-6, msg=lambda m: f"step {t}: {m}")
+
+
+def test_the_update_does_not_depend_on_the_gradients_scale():
+    """Algorithm 4 with ``eps = 0`` is invariant to the gradient's scale (Adam's ``m / sqrt(v)``, ``C``'s
+    ``R Diag(p)^{-1/2}``, the limiter's ratio): gradients 1e-6 times smaller give the same trajectory (``p``'s floor
+    is float32's smallest normal number, not a value a small gradient's squared column norms reach)."""
+    runs = []
+    for s in (1.0, 1e-6):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(24, 40))
+        opt = create_optimizer([{"params": [p], "rank": 4, "update_proj_gap": 3}], "alice", lr=1e-2, eps=0.0)
+        for g in _grads((24, 40), 8, 3):
+            p.grad = g * s
+            opt.step()
+        runs.append(p.detach().clone())
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
 
 
 # ---- settings ----
@@ -196,7 +214,8 @@ def test_steady_step_allocates_what_it_reports():
     for shape in sorted(G.SHAPES):
         for dtype in (torch.float32, torch.bfloat16):
             for chunk in ("default", 4096, None):
-                peaks, steady, any_step, _ = G._traced_steps("alice", *G.SHAPES[shape], dtype, chunk)
+                peaks, steady, any_step, _ = G._traced_steps("alice", *G.SHAPES[shape], dtype, chunk,
+                                                             refresh_phase="aligned")  # (refreshes at steps 1, 3)
                 assert peaks[1] == steady > 0, (shape, dtype, chunk, peaks, steady)
                 assert any_step == peaks[0] >= peaks[2], (shape, dtype, chunk, peaks, any_step)
 
@@ -235,19 +254,19 @@ def test_fsdp2_refuses_alice_naming_the_part():
 # ---- pytorch_optimizer's Alice ----
 
 
-def _peer_and_ours(shape, r, gap, steps, lr=1e-2, seed=0):
+def _peer_and_ours(shape, r, gap, steps, lr=1e-2, seed=0, **extra):
     """lowmem's alice and pytorch_optimizer's on the same gradients, the peer's settings mapped to lowmem's:
     its rows projected (``proj_type="left"``), ``leading_basis = rank`` (``switch_fraction=0``: no random draw),
-    its refreshes at the group's steps ``K, 2K, ...`` (``refresh_phase="multiples"``), and its state seeded at the
-    first step with lowmem's first basis (its own is the coordinate axes: the QR of ``Q~ 0``). Returns the largest
-    difference of the weights after each step, over the weights' largest movement."""
+    its refreshes at steps ``1, K, 2K, ...`` (lowmem's default ``refresh_phase="multiples"``, the paper's), and its
+    state seeded at the first step with lowmem's first basis (its own is the coordinate axes: the QR of ``Q~ 0``).
+    Returns the largest difference of the weights after each step, over the weights' largest movement."""
     Alice = pytest.importorskip("pytorch_optimizer").Alice
     torch.manual_seed(seed)
     w0 = torch.randn(shape)
     grads = _grads(shape, steps, seed + 1)
     a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
     ours = create_optimizer([{"params": [a], "rank": r, "update_proj_gap": gap, "proj_type": "left",
-                              "switch_fraction": 0.0, "refresh_phase": "multiples"}], "alice", lr=lr)
+                              "switch_fraction": 0.0, **extra}], "alice", lr=lr)
     peer = Alice([b], lr=lr, rank=r, leading_basis=r, update_interval=gap)
     out = []
     for t, g in enumerate(grads, 1):
@@ -265,13 +284,15 @@ def _peer_and_ours(shape, r, gap, steps, lr=1e-2, seed=0):
     return out
 
 
-def test_pytorch_optimizer_alice_agrees_until_its_second_switch():
-    """Equal (to float32 rounding) through the first switch (step 4); from the second switch (step 8) on they
-    differ: the peer keeps ``Q``'s entries in the old basis' coordinates after a switch, lowmem carries ``Q``
-    into the new basis (``U_new^T U_old Q U_old^T U_new``)."""
-    diff = _peer_and_ours((24, 40), 4, 4, 10)
-    assert max(diff[:7]) < 1e-4, diff
-    assert diff[7] > 1e-2, diff
+def test_pytorch_optimizer_alice_agrees_with_the_paper_defaults():
+    """With the paper's line 12 (``Q``'s entries kept across a switch, the default) lowmem follows pytorch_optimizer's
+    Alice (a transcription of Algorithm 4) through three switches (steps 4, 8, 12) to float32 rounding; with
+    ``carry_covariance=True`` (``Q`` re-expressed in the new basis) they part from the second switch (step 8) on."""
+    paper = _peer_and_ours((24, 40), 4, 4, 14)
+    assert max(paper) < 1e-4, paper
+    carried = _peer_and_ours((24, 40), 4, 4, 10, carry_covariance=True)
+    assert max(carried[:7]) < 1e-4, carried
+    assert carried[7] > 1e-2, carried
 
 
 @pytest.mark.parametrize("shape", [(3, 24, 40), (2, 40, 24)])

@@ -11,9 +11,10 @@ renewed from the tracked covariance (Algorithm "Alice", lines "tracking" and "sw
 * **switching** (:func:`switch`): one step of subspace iteration on ``Q~`` from ``U``, its eigenvectors in that
   subspace (Rayleigh-Ritz, ``eigh`` of an ``r x r`` matrix), the ``l`` leading ones kept, and ``r - l`` directions
   drawn from the complement of the iterated subspace (:func:`complement_directions`);
-* ``Q`` is carried into the new basis (:func:`carry_covariance`), then every step
-  ``Q <- beta3 Q + (1 - beta3) sigma sigma^T`` (:func:`covariance_ema_`);
-* **compensation**: ``p <- beta p + (1 - beta) (diag(G^T G) - diag(sigma^T sigma))`` (:func:`residual_moment_`,
+* every step ``Q <- beta3 Q + (1 - beta3) sigma sigma^T`` (:func:`covariance_ema_`; Algorithm 4 line 12 keeps ``Q``'s
+  entries across a switch; lowmem's ``carry_covariance=True`` first carries ``Q`` into the new basis,
+  :func:`carry_covariance`);
+* **compensation** (Algorithm 3, with ``beta = beta1``): ``p <- beta p + (1 - beta) (diag(G^T G) - diag(sigma^T sigma))`` (:func:`residual_moment_`,
   the residual's squared channel norms), ``C = sqrt(d - r) (G - U sigma) Diag(p)^{-1/2}``
   (:func:`compensation_scale`), limited so that ``||C||`` grows by at most ``gamma`` a step
   (:func:`growth_limiter_`);
@@ -30,9 +31,11 @@ import math
 import torch
 from torch import Tensor
 
-#: floor of the residual's second moment (the denominator of the compensation; the paper's ``p`` is clamped
-#: so that a channel the subspace holds entirely does not divide by zero)
-P_FLOOR = 1e-8
+#: floor of the residual's second moment: float32's smallest normal number, so that ``p^{-1/2}`` stays finite for a
+#: channel whose residual has been exactly zero (its compensation is then 0, the paper's pseudo-inverse); every
+#: ``p >= 1.2e-38`` is the paper's ``Diagv(p)^{-1/2}`` unchanged, so the update does not depend on the gradient's
+#: scale (pytorch_optimizer floors at 1e-8: its compensation shrinks for gradients with column norms below 1e-4)
+P_FLOOR = torch.finfo(torch.float32).tiny
 
 
 def leading_count(rank: int, switch_fraction: float) -> int:

@@ -6,7 +6,9 @@ switching and compensation) as a chain of engine parts.
   the first refresh takes the top-``r`` singular vectors of ``G`` (the eigenvectors of ``G G^T``, as GaLore's
   SVD), every later one tracks the covariance ``Q~ = beta3 U Q U^T + (1 - beta3) G G^T`` and switches
   (:func:`~lowmem.optim.functional.alice.switch`: one subspace iteration, the ``l`` leading Ritz vectors, ``r - l``
-  directions drawn from the complement), carrying ``Q`` into the new basis. State: GaLore's ``proj_meta`` and
+  directions drawn from the complement); ``Q`` keeps its entries (the paper's line 12; ``carry_covariance=True``
+  carries it into the new basis). Refreshes at steps 1, K, 2K, ... (``refresh_phase="multiples"``, Algorithm 4 line 5).
+  State: GaLore's ``proj_meta`` and
   basis, plus ``proj_cov`` (``r x r``).
 * Adam's moments of ``sigma = U^T G`` (:class:`~lowmem.optim.moments.AdamMoments`, ``eps`` on the raw
   ``sqrt(v)``); the paper's update has no bias correction (``bias_correction=False``, the default), which the
@@ -34,7 +36,7 @@ from ..._warn import warn_user
 from ..engine import Recipe
 from ..functional import alice as AL
 from ..functional import galore as GL
-from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, positive
+from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, optional, positive
 from ..moments import AdamMoments
 from ..registry import register
 from ..subspace import CombineRule, SubspaceProjection, _meta, _usable, _Walk
@@ -68,8 +70,9 @@ class AliceProjection(SubspaceProjection):
 
     def refresh(self, g, state, group, checked=False):
         """The first refresh: the top-``r`` singular vectors of ``G``; later ones: tracking and switching
-        (:func:`~lowmem.optim.functional.alice.switch`) from the basis and ``Q``, which is carried into the
-        new basis (:func:`~lowmem.optim.functional.alice.carry_covariance`). A zero or non-finite gradient, or
+        (:func:`~lowmem.optim.functional.alice.switch`) from the basis and ``Q``; with ``carry_covariance`` ``Q`` is
+        carried into the new basis (:func:`~lowmem.optim.functional.alice.carry_covariance`). A zero or non-finite
+        gradient, or
         a failing factorization, keeps the subspace (with a warning), as every data-dependent refresh."""
         if not checked and not _usable(g):
             warn_user(f"projection refresh skipped: the gradient of a {tuple(g.shape)} parameter is zero or not"
@@ -89,9 +92,10 @@ class AliceProjection(SubspaceProjection):
                 gen = torch.Generator().manual_seed(seed * 7919 + refreshes)
                 leading = AL.leading_count(group["rank"], group["switch_fraction"])
                 new = AL.switch(a, old, state["proj_cov"], group["beta3"], leading, group["power_iters"], gen)
-                q = AL.carry_covariance(state["proj_cov"], old, new)
-                state["proj_cov"].copy_(q)
-                del q
+                if group["carry_covariance"]:  # (lowmem's variant; the paper's line 12 keeps Q's entries)
+                    q = AL.carry_covariance(state["proj_cov"], old, new)
+                    state["proj_cov"].copy_(q)
+                    del q
                 state[key].copy_(new if left else new.t())
         except RuntimeError as err:  # torch.linalg.LinAlgError and friends
             warn_user(f"projection refresh failed ({err}); keeping the previous subspace")
@@ -207,7 +211,7 @@ class AliceCompensation(CombineRule):
         """From the residual's squared channel norms ``sq`` (consumed): ``p`` (compensation, line 1), ``k``, the
         limiter of ``||C|| = sqrt(sum_j k_j^2 sq_j)``, and the fold ``(M, b k)`` (``side``: ``d``, the projected
         side's length; ``total``: sums a shard's part of ``||C||^2`` over the shards, FSDP2's right basis)."""
-        p = AL.residual_moment_(state["alice_p"], sq, group["comp_beta"])
+        p = AL.residual_moment_(state["alice_p"], sq, _comp_beta(group))
         k = AL.compensation_scale(p, side, group["rank"])
         if total is None:
             norm = torch.linalg.vector_norm(sq.mul_(k.square()).sqrt_())  # ||C|| (sq is the residual's, consumed)
@@ -286,7 +290,7 @@ class AliceCompensation(CombineRule):
             AL.covariance_ema_(st["proj_cov"], low, b3, left)
             sqs.append(self._residual_sq(g, low, st, group, projection, bs, left))
         ps = [st["alice_p"] for st in states]
-        torch._foreach_lerp_(ps, sqs, 1.0 - group["comp_beta"])
+        torch._foreach_lerp_(ps, sqs, 1.0 - _comp_beta(group))
         torch._foreach_clamp_min_(ps, AL.P_FLOOR)
         ks = torch._foreach_rsqrt(ps)
         sides = [(g.shape[0] if left else g.shape[1]) for g, left in zip(gs, lefts)]
@@ -422,6 +426,12 @@ class AliceCompensation(CombineRule):
 AL_LIMITER_BYTES = 1 + 4 * 7
 
 
+def _comp_beta(group: dict[str, Any]) -> float:
+    """The decay of ``p``: ``comp_beta``, or ``beta1`` when it is ``None`` (Algorithm 4 line 16 passes ``beta1``)."""
+    b = group["comp_beta"]
+    return group["betas"][0] if b is None else b
+
+
 def _check_alice_group(group: dict[str, Any]) -> None:
     if group.get("rank") is None:
         return
@@ -436,7 +446,8 @@ def _check_alice_group(group: dict[str, Any]) -> None:
 
 
 def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
-    shared = [h for h in subspace_hparams("alice", ("alice",), scale=0.3, moment_policy="keep", rank=rank)
+    shared = [h for h in subspace_hparams("alice", ("alice",), scale=0.3, moment_policy="keep", rank=rank,
+                                          refresh_phase="multiples")
               if h.name not in ("power_iters", "scale")]
     return (
         *shared,
@@ -449,8 +460,11 @@ def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
                "the part of the rank drawn from the complement at each switch (l = rank - floor(rank *"
                " switch_fraction) leading eigenvectors kept; 0.84375 = pytorch_optimizer's 40 of 256)"),
         HParam("alpha_c", 0.4, nonneg, "a finite float >= 0", "compensation strength (0: no compensation)"),
-        HParam("comp_beta", 0.9, in_unit_interval, "a float with 0 <= comp_beta < 1",
-               "decay of the residual's channel second moment p"),
+        HParam("comp_beta", None, optional(in_unit_interval), "None or a float with 0 <= comp_beta < 1",
+               "decay of the residual's channel second moment p (None: beta1, the paper's)"),
+        HParam("carry_covariance", False, is_bool, "True or False",
+               "at a switch, carry Q into the new basis (U_new^T U_old Q U_old^T U_new); False: the paper's line 12,"
+               " Q's entries kept as they are"),
         HParam("gamma", 1.01, lambda x: positive(x) and x >= 1, "a finite float >= 1",
                "norm-growth limit of the compensation per step"),
         HParam("bias_correction", False, is_bool, "True or False",

@@ -24,30 +24,35 @@ def _side(shape: tuple[int, int], proj_type: str) -> str:
 def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple[float, float], eps: float,
           weight_decay: float, rank: int | None = None, update_proj_gap: int = 200, scale: float = 0.3,
           proj_type: str = "std", seed: int = 0, power_iters: int = 1, beta3: float = 0.999,
-          switch_fraction: float = 0.84375, alpha_c: float = 0.4, comp_beta: float = 0.9, gamma: float = 1.01,
-          bias_correction: bool = False, refresh_phase: str = "aligned", moment_policy: str = "keep",
-          **_) -> list[Tensor]:
-    """Alice, for one weight (``G`` transposed when the right side is projected, so ``U`` is ``d x r``)::
+          switch_fraction: float = 0.84375, alpha_c: float = 0.4, comp_beta: float | None = None, gamma: float = 1.01,
+          bias_correction: bool = False, carry_covariance: bool = False, refresh_phase: str = "multiples",
+          moment_policy: str = "keep", **_) -> list[Tensor]:
+    """Alice, Algorithm 4 with Algorithms 2, 3 and 10 (``G`` transposed when the right side is projected, so ``U``
+    is ``d x r``)::
 
-        t = 1:            U = top-r eigenvectors of G G^T  (= left singular vectors)
-        every K steps:    Q~ = b3 U Q U^T + (1 - b3) G G^T                          # tracking
+        t = 1:            U = top-r eigenvectors of G G^T  (= singular vectors of G; U_0 = 0 leaves line 7 undefined)
+        t mod K == 0:     Q~ = b3 U Q U^T + (1 - b3) G G^T                          # line 6, tracking
                           X = qr(Q~ U) (power_iters times); (w, E) = eigh(X^T Q~ X); V = X E (descending)
-                          U' = [V[:, :l], r - l directions of the complement of span(V)]   # switching
-                          Q = U'^T U Q U^T U' ;  U = U'
-        sigma = U^T G ;   Q = b3 Q + (1 - b3) sigma sigma^T
+                          U' = [V[:, :l], r - l directions of the complement of span(V)]   # line 7, switching
+                          (carry_covariance: Q = U'^T U Q U^T U') ;  U = U'
+        sigma = U^T G ;   Q = b3 Q + (1 - b3) sigma sigma^T                          # line 12
         m = b1 m + (1 - b1) sigma ;  v = b2 v + (1 - b2) sigma^2
-        p = cb p + (1 - cb) (diag(G^T G) - diag(sigma^T sigma)), floored at 1e-8     # compensation
+        p = cb p + (1 - cb) (diag(G^T G) - diag(sigma^T sigma))   (cb = b1: line 16)  # Algorithm 3
         C = sqrt(d - r) (G - U sigma) Diag(p)^{-1/2} ;  C <- C min(1, gamma ||C_prev|| / ||C||)
         W <- W - lr alpha (U m / (sqrt(v) + eps) + alpha_c C) ;  W <- W (1 - lr wd)
+
+    ``refresh_phase="aligned"``: the switches at ``t = K+1, 2K+1, ...`` instead (GaLore's schedule).
 
     ``l = rank - floor(rank * switch_fraction)``; a complement smaller than ``r - l`` is taken whole and the next
     Ritz vectors fill the rest. ``bias_correction=True`` multiplies ``m / (sqrt(v) + eps)`` by
     ``sqrt(1 - b2^t) / (1 - b1^t)``. A parameter that is not 2-D, or whose smaller side is <= rank, takes Adam
     steps (eps on the raw ``sqrt(v)``, the bias correction in the step size, decay after the update).
     """
-    if refresh_phase != "aligned" or moment_policy != "keep":
-        raise NotImplementedError("the Alice reference covers aligned refreshes and moment_policy='keep'")
+    if refresh_phase not in ("aligned", "multiples") or moment_policy != "keep":
+        raise NotImplementedError("the Alice reference covers aligned / multiples refreshes and moment_policy='keep'")
     b1, b2 = betas
+    cb = b1 if comp_beta is None else comp_beta
+    due = (lambda t: (t - 1) % update_proj_gap == 0) if refresh_phase == "aligned" else (lambda t: t % update_proj_gap == 0)
     projected = rank is not None and p.dim() == 2 and rank < min(p.shape)
     right = projected and _side(tuple(p.shape), proj_type) == "right"
     u = q = m = v = pc = prev = None
@@ -68,7 +73,7 @@ def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple
             u, q = torch.zeros(d, rank), torch.zeros(rank, rank)
             m, v = torch.zeros(rank, a.shape[1]), torch.zeros(rank, a.shape[1])
             pc = torch.zeros(a.shape[1])
-        if (refreshes == 0 or (t - 1) % update_proj_gap == 0) and bool(a.norm() > 0):
+        if (refreshes == 0 or due(t)) and bool(a.norm() > 0):
             if refreshes == 0:
                 # (the SVD of G itself, whose signs the moments kept at a later switch depend on: U, or V for G^T)
                 usv = torch.linalg.svd(g, full_matrices=False)
@@ -89,7 +94,8 @@ def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple
                     z = z - vecs @ (vecs.t() @ z)
                     z = z - vecs @ (vecs.t() @ z)
                     new = torch.cat([new, torch.linalg.qr(z)[0]], dim=1)
-                q = new.t() @ u @ q @ u.t() @ new
+                if carry_covariance:
+                    q = new.t() @ u @ q @ u.t() @ new
                 u = new
             refreshes += 1
         sigma = u.t() @ a
@@ -99,7 +105,7 @@ def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple
         omega = m / (v.sqrt() + eps)
         if bias_correction:
             omega = omega * math.sqrt(1 - b2**t) / (1 - b1**t)
-        pc = torch.clamp(comp_beta * pc + (1 - comp_beta) * ((a * a).sum(0) - (sigma * sigma).sum(0)), min=1e-8)
+        pc = torch.clamp(cb * pc + (1 - cb) * ((a * a).sum(0) - (sigma * sigma).sum(0)), min=torch.finfo(torch.float32).tiny)
         comp = math.sqrt(d - rank) * (a - u @ sigma) / pc.sqrt()
         norm = comp.norm()
         if prev is not None and prev > 0:
@@ -115,10 +121,11 @@ def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple
 _CONFIGS = (
     {"rank": 4, "update_proj_gap": 5},
     {"rank": 3, "update_proj_gap": 2, "weight_decay": 0.1, "lr": 1e-2, "proj_type": "reverse_std", "beta3": 0.9,
-     "switch_fraction": 0.5, "power_iters": 2},
+     "switch_fraction": 0.5, "power_iters": 2, "carry_covariance": True, "refresh_phase": "aligned"},
     {"rank": 8, "update_proj_gap": 3, "proj_type": "left", "bias_correction": True, "alpha_c": 1.0, "gamma": 1.2,
      "switch_fraction": 0.0, "betas": (0.9, 0.999)},
-    {"rank": 20, "update_proj_gap": 4, "proj_type": "right", "switch_fraction": 0.9, "comp_beta": 0.5,
+    {"rank": 20, "update_proj_gap": 4, "proj_type": "right", "switch_fraction": 0.9, "comp_beta": 0.5, "carry_covariance": True,
+     "refresh_phase": "aligned",  # (with multiples the switch at step 8 parts engine and loop: 0.5 of an entry; see docs)
      "scale": 1.0, "power_iters": 0},  # (d - r = 4 < r - l = 18: the whole complement and 14 more Ritz vectors)
     {"rank": None},  # full-rank Adam (a rank >= the smaller side of (24, 40) is an error)
 )
