@@ -323,15 +323,13 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     spec = QuantSpec.parse(kwargs.get("quantization"))
     ckpt = master.settings["gradient_checkpointing"]
     trainer = kwargs.get("trainer")
-    if ((ckpt or spec is not None and spec.is_int8 or trainer == "sft" and spec is None) and trainer in (None, "sft")
-            and not kwargs.get("padding_free") and not master.settings["layerwise"]):
-        # checkpointed, an 8-bit base or TRL's SFT: the autocast step itself, traced (SFT: with TRL's fused LM head on
-        # the run's device). It holds the recomputed layer's float32 norms and hidden-state copies, which the pure
+    if ((ckpt or spec is not None or trainer == "sft") and trainer in (None, "sft") and not kwargs.get("padding_free")
+            and not master.settings["layerwise"]):
+        # checkpointed, a quantized base or TRL's SFT: the autocast step itself, traced (SFT: with TRL's fused LM head
+        # on the run's device). It holds the recomputed layer's float32 norms and hidden-state copies, which the pure
         # run's moment plus the weight copies and float32 checkpoints missed (0.985 of the measured peak), a quantized
         # base's float32 residual stream and adapters' copies (the pure run's moment was 1.06-1.27 of the measured),
-        # and SFT's (0.9805 checkpointed, 0.9963 not). A 4-bit base without checkpointing keeps the pure run's: its
-        # traced step is 0.99-1.02 of the measured (peft's 4-bit LoRA layer, not the trace's, clones the base output
-        # and casts the adapters' input), where the pure run's is over
+        # and SFT's (0.9805 checkpointed, 0.9963 not)
         stepped = autocast_step_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512), ckpt,
                                       master.details["trainable_parameters"], kwargs.get("quantization"),
                                       master.settings["device"] if trainer == "sft" else None)

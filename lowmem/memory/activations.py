@@ -620,6 +620,18 @@ def kbit_linears(model: Any):
                 return out.to(x.dtype)
             mod.forward = forward
             patched.append(mod)
+    if kind == "nf4":
+        # peft wraps a 4-bit layer in its own LoRA layer (``lora.bnb.Linear4bit``, not the ``lora.Linear`` the meta model
+        # has), whose forward clones the base output and, outside CUDA autocast, casts the adapters' input and output:
+        # the wrapper runs that forward
+        from peft.tuners.lora import bnb as peft_bnb
+
+        for name, mod in model.named_modules():
+            base = getattr(mod, "base_layer", None)
+            if (base is not None and base in patched and hasattr(mod, "lora_A")
+                    and hasattr(peft_bnb, "Linear4bit")):
+                mod.forward = peft_bnb.Linear4bit.forward.__get__(mod)
+                patched.append(mod)
     try:
         yield
     finally:
