@@ -11,8 +11,8 @@ Section 4, Eq. 16 and Algorithm 1. The loop below is written here from the paper
         W  <- W - lr eta alpha G~
 
 Unseen settings (shapes m < n and m > n, 3-D, iterations 2 / 7, beta 0 / 0.99, gamma 1 / 2, weight decay, groups of
-different settings, bfloat16 weights, a resumed ``state_dict`` loaded with ``weights_only=True``, a closure) and one
-strict xfail: a tensor whose gradient is all zero at one step stops for good (FOUND_AUDIT3 1).
+different settings, bfloat16 weights, a resumed ``state_dict`` loaded with ``weights_only=True``, a closure), and a
+tensor whose gradient is all zero at one step moves again after it (FOUND_AUDIT3 1: it had stopped for good).
 """
 
 from __future__ import annotations
@@ -176,15 +176,13 @@ def test_closure_is_called_and_its_loss_returned():
     assert not torch.equal(w.detach(), before)
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDIT3 1: an all-zero gradient sets phi = 0, after which line 9's "
-                   "eta = gamma / max(||G~|| / (phi + eps), gamma) is ~1e-30: the tensor stops (LoRA's A at step 1)")
 @pytest.mark.parametrize("zero_at", [1, 4], ids=["first-step", "later-step"])
 def test_a_zero_gradient_does_not_stop_the_tensor(zero_at):
     """A step whose gradient is all zero (LoRA's ``lora_A`` at step 1, its ``lora_B`` being 0; a MoE expert no
     token reached; a zeroed accumulation) leaves ``phi = 0``. Algorithm 1's line 9 then divides by it: ``eta``
-    ~ 0 at every later step (lowmem: ``phi`` grows by ``gamma`` from 1e-30, ~7,000 steps to reach 1; the paper's
-    literal rule: 0 for ever). The paper's own limiter of the Alice compensation (Algorithm 3, line 4: ``eta = 1``
-    while ``phi = 0``) would move it again; this asserts that."""
+    ~ 0 at every later step (the paper's literal rule: 0 for ever; lowmem before 8000797: ``phi`` grew by ``gamma``
+    from 1e-30, ~7,000 steps to reach 1). lowmem takes the paper's own limiter of the Alice compensation
+    (Algorithm 3, line 4: ``eta = 1`` while ``phi = 0``), so the tensor moves again (FOUND_AUDIT3 1, fixed)."""
     gen = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(6, 9, generator=gen))
     opt = create_optimizer([p], "racs", lr=0.02)
