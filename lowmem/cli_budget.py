@@ -278,16 +278,18 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     matmul ops, whatever the module, the float32 normalized values of the float32 residual stream, one ``dtype``
     copy of the hidden states per consuming linear; counted with the activations: the backward frees them).
     With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
-    each layer's checkpointed input in float32 instead of ``dtype`` (``details['autocast_extra_saved']``), and the
-    activations and the gradients at their peak are those of the step traced under autocast
-    (:func:`autocast_step_bytes`, ``details['autocast_step']``): checkpointed, with an 8-bit base, or ``trainer="sft"``
-    (TRL's fused head), not in layerwise mode or ``padding_free``; 4-bit and int8 weights are de-quantized by
-    bitsandbytes, not cast (their backward's copy is in the activations): nothing is added for them. With
+    each layer's checkpointed input in float32 instead of ``dtype`` (``details['autocast_extra_saved']``); 4-bit and
+    int8 weights are de-quantized by bitsandbytes, not cast (their backward's copy is in the activations): nothing is
+    added for them. Checkpointed, with a quantized base or with ``trainer="sft"`` (TRL's fused head), not in layerwise
+    mode or ``padding_free``, the activations and the gradients at their peak are instead those of the step itself
+    traced under autocast (:func:`autocast_step_bytes`, ``details['autocast_step']``; estimate / measured within 1.001
+    of the measured peak on the tiny models of ``tests/test_est12_mixed_*.py``, a 4-bit base without checkpointing
+    1.0004-1.032). With
     ``trainer="grpo"`` the generation phase is traced under autocast
     (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
     and the larger of it and the training phase counts (4-bit models: the pure-dtype formula). The backward's gradient
-    term is the pure-dtype run's (:func:`mixed_gradients_with_activations`); without checkpointing, quantization or a
-    ``trainer`` the forward's end (:func:`autocast_forward_peak_bytes`, no gradient) is a moment too: the activations
+    term is otherwise the pure-dtype run's (:func:`mixed_gradients_with_activations`); without checkpointing,
+    quantization or a ``trainer`` the forward's end (:func:`autocast_forward_peak_bytes`, no gradient) is a moment too: the activations
     are the larger of it and the backward's, the gradients what the backward's moment exceeds them by."""
     import dataclasses
 
