@@ -133,6 +133,26 @@ def test_the_update_does_not_depend_on_the_gradients_scale():
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-5)
 
 
+def test_a_zero_first_gradient_leaves_the_weight_finite_and_refreshes_at_the_next_step():
+    """A weight whose first gradient is exactly 0 (LoRA's ``lora_A``): the refresh is retried at the next step, and
+    ``p`` floored at float32's smallest normal gives a zero compensation (``||C||`` from ``sqrt(sq) k``, not ``sq k^2``,
+    whose ``k^2`` overflowed to inf: 0 * inf = NaN in every later step), whole and folded."""
+    for foreach in (None, False):
+        p = torch.nn.Parameter(torch.randn(16, 40))
+        opt = create_optimizer([{"params": [p], "rank": 4}], "alice", lr=0.02, foreach=foreach)
+        p.grad = torch.zeros(16, 40)
+        with pytest.warns(UserWarning, match="refresh skipped"):
+            opt.step()
+        before = p.detach().clone()
+        for g in _grads((16, 40), 3, 5):
+            p.grad = g
+            opt.step()
+        assert torch.isfinite(p).all()
+        assert float((p.detach() - before).norm()) > 1e-3
+        basis = opt.state[p]["proj_left"]
+        torch.testing.assert_close(basis.t() @ basis, torch.eye(4), atol=1e-5, rtol=0)
+
+
 # ---- settings ----
 
 

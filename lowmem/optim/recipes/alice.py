@@ -213,10 +213,12 @@ class AliceCompensation(CombineRule):
         side's length; ``total``: sums a shard's part of ``||C||^2`` over the shards, FSDP2's right basis)."""
         p = AL.residual_moment_(state["alice_p"], sq, _comp_beta(group))
         k = AL.compensation_scale(p, side, group["rank"])
+        # ||C|| = ||sqrt(sq) k|| (sq is the residual's, consumed; not sq k^2, whose k^2 overflows float32 where p is
+        # floored: a zero residual, e.g. a zero first gradient, made it 0 * inf = NaN)
         if total is None:
-            norm = torch.linalg.vector_norm(sq.mul_(k.square()).sqrt_())  # ||C|| (sq is the residual's, consumed)
+            norm = torch.linalg.vector_norm(sq.sqrt_().mul_(k))
         else:
-            norm = total(sq.mul_(k.square()).sum().view(1)).sqrt_()[0]
+            norm = total(sq.sqrt_().mul_(k).square_().sum().view(1)).sqrt_()[0]
         del sq
         limiter = AL.growth_limiter_(norm, state["alice_phi"], group["gamma"])
         del norm
@@ -278,7 +280,7 @@ class AliceCompensation(CombineRule):
     def foreach_fold(self, gs, lows, d_lows, states, group, projection, alpha, bounds):
         """:meth:`prepare` and :meth:`direction_rows` of a bucket, folded (``CombineRule.foreach_fold``): each
         parameter's covariance EMA and residual channel norms (one block of rows at a time), then for the whole
-        bucket in multi-tensor operations ``p`` (lerp, floor), ``k``, ``||C||`` (the norms of ``sqrt(k^2 sq)``),
+        bucket in multi-tensor operations ``p`` (lerp, floor), ``k``, ``||C||`` (the norms of ``sqrt(sq) k``),
         the limiters (:func:`~lowmem.optim.functional.alice.growth_limiter_foreach_`); then per parameter
         ``M = a d_low - sigma (b k)`` in place in its direction, yielding ``(i, M, alpha, alpha b k)``:
         ``alpha d = alpha up(M) + G (alpha b k)``. The bias correction's unit scale from the bucket's first state
@@ -295,10 +297,8 @@ class AliceCompensation(CombineRule):
         ks = torch._foreach_rsqrt(ps)
         sides = [(g.shape[0] if left else g.shape[1]) for g, left in zip(gs, lefts)]
         torch._foreach_mul_(ks, [math.sqrt(d - r) for d in sides])
-        k2 = torch._foreach_mul(ks, ks)
-        torch._foreach_mul_(sqs, k2)
-        del k2
         torch._foreach_sqrt_(sqs)
+        torch._foreach_mul_(sqs, ks)  # (sqrt(sq) k: its norm is ||C||)
         norms = torch.stack(torch._foreach_norm(sqs))
         del sqs
         limiter = AL.growth_limiter_foreach_(norms, [st["alice_phi"] for st in states], gamma)
@@ -345,7 +345,7 @@ class AliceCompensation(CombineRule):
         """The peak of :meth:`foreach_fold` and the engine's in-place ``addmm_`` / ``addcmul_``, beyond the bucket's
         projected gradients and directions, walked along it: each parameter's residual channel norms beside the
         earlier parameters' (:meth:`_residual_sq_walk`); ``k`` of the bucket (``S``, 4 bytes per channel) beside the
-        sums and ``k^2`` (``S`` each); the norms (``B`` 0-d tensors, then their stack) beside ``k`` and the sums;
+        sums (``S``; ``sqrt(sq) k`` in place); the norms (``B`` 0-d tensors, then their stack) beside ``k`` and the sums;
         :func:`~lowmem.optim.functional.alice.growth_limiter_foreach_` (the previous norms' stack, the first-step
         mask, ones, the quotient, the clamp, ``/ gamma``, ``where``; then ``norms / limiter``); then ``k`` and the
         divisors alone (the folds work in place; a one-sided basis's ``addmm_`` allocates nothing)."""
@@ -358,7 +358,6 @@ class AliceCompensation(CombineRule):
             sqs.append(self._residual_sq_walk(w, shape, bounds, left))
         total, k = sum(sqs), len(members)
         w.new(total)  # ks
-        w.free(w.new(total))  # k^2
         zero_d = w.new(4 * k)  # (_foreach_norm's 0-d tensors, then their stack)
         norms = w.new(4 * k)
         w.free(zero_d, total)
@@ -383,7 +382,7 @@ class AliceCompensation(CombineRule):
     def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
         """Per block: its float32 copy (16-bit ``g``), the residual rows (``addmm``), their channel norms; the
         squared norms accumulated (left: ``n``) or concatenated (right: the running ``m``-vector beside the
-        block's and their concatenation); then ``k``, ``k^2``, the limiter's norm and
+        block's and their concatenation); then ``k`` (``sqrt(sq) k`` in place), the limiter's norm and
         :func:`~lowmem.optim.functional.alice.growth_limiter_`, and the fold's ``M`` (``L``). Held: ``M`` and
         ``k``."""
         m, n = shape
@@ -403,7 +402,7 @@ class AliceCompensation(CombineRule):
             else:
                 peak = max(peak, acc + bn + acc + bn)
                 acc = acc + bn
-        peak = max(peak, ch + ch + ch)  # sq, k, k^2
+        peak = max(peak, ch + ch)  # sq, k (sqrt(sq) k in place)
         peak = max(peak, ch + ch + 4 + AL_LIMITER_BYTES)
         held = ch + low
         peak = max(peak, held)
