@@ -85,3 +85,19 @@ def test_a_stack_of_two_kinds_is_traced_whole():
     llama = _llama()
     assert uniform_decoder_layers(build_meta_model(llama, torch.float32), llama) is not None
     assert uniform_decoder_layers(build_meta_model(_llama(4), torch.float32), _llama(4)) is None  # (4 layers: whole)
+
+
+@pytest.mark.slow  # 3 s: four estimates (two precisions, each way)
+def test_fast_path_gives_the_same_estimate(monkeypatch):
+    """mixed_precision_estimate of a 6-layer Llama: every component, detail and note equal with the truncated traces
+    and with the whole stack traced (uniform_decoder_layers answering None)."""
+    import lowmem.memory.estimate as estimate
+    from lowmem.cli_budget import mixed_precision_estimate
+
+    cfg = _llama()
+    kw = dict(optimizer="adamw", batch_size=1, seq_len=32, device="cpu")
+    fast = mixed_precision_estimate(cfg, "bf16", **kw).to_dict()
+    monkeypatch.setattr(estimate, "uniform_decoder_layers", lambda model, config: None)
+    whole = mixed_precision_estimate(cfg, "bf16", **kw).to_dict()
+    assert fast == whole
+    assert fast["details"]["autocast_forward_peak"] > 0 and fast["details"]["autocast_extra_saved"] > 0
