@@ -21,10 +21,12 @@ from typing import Any, Iterable
 import torch
 
 from ..engine import LowMemOptimizer, Recipe
-from ..functional.racs import (inv_sqrt, matrix_dims, norm_growth_limit, racs_ema_, racs_fixed_point, racs_rows,
-                               racs_scale, scaled_square_norm)
+from ..functional.adafactor import STACK_NUMEL, group_cap, stack_groups, stacks_large
+from ..functional.racs import (inv_sqrt, matrix_dims, norm_growth_limit, racs_ema_, racs_fixed_point,
+                               racs_fixed_point_stacked, racs_rows, racs_scale, scaled_square_norm,
+                               scaled_square_norms_stacked)
 from ..hparams import LR, WEIGHT_DECAY, HParam, _is_real, in_unit_interval, positive, positive_int
-from ..moments import ChunkState, MomentRule, state_dtype
+from ..moments import ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
 
 
@@ -56,7 +58,145 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class RacsMoments(MomentRule):
+class _Foreach:
+    """:class:`RacsMoments`' multi-tensor step (float32 parameters and scalings, the engine's foreach buckets)."""
+
+    def supports_foreach_for(self, shape, group, state):
+        """Float32 scalings (``state_dtype`` ``"float32"``, or ``"param"`` of the float32 parameters the engine
+        buckets), not in an FSDP2 group (the column sums and the norm need the shards': the per-parameter step
+        reduces them)."""
+        return group.get("state_dtype", "float32") in ("float32", "param") and not sharded_group(group)
+
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: a tensor larger than ``chunk_numel`` is stepped from its first piece with the per-parameter
+        chunked step (:func:`~lowmem.optim.moments.step_whole_from_piece_`)."""
+        return True
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """A bucket's step (one step count ``t``: the engine's buckets are per step count): tensors of one shape
+        stacked (:func:`~lowmem.optim.functional.adafactor.stack_groups`, as SM3's and Adafactor's buckets), every
+        line of the step once on each stack (:meth:`_group_direction`: the fixed point by batched matrix-vector
+        products, each matrix's scalings, norm and limiter a row of the stack's), the scalings written back, then
+        the decay and the update per tensor (``torch._foreach_*``). Equal to the per-parameter step up to float32
+        rounding (the batched products add in another order). A tensor larger than ``chunk_numel`` arrives in
+        flat pieces and is stepped from its first one."""
+        wd = group.get("weight_decay", 0.0)
+        whole = []
+        for p, g, st in zip(params, grads, states):
+            if not isinstance(st, ChunkState):
+                whole.append((p, g, st))
+            elif st.start == 0:
+                step_whole_from_piece_(self, p, g, st, group, t, lr, decay_after=False)
+        if not whole:
+            return
+        ps, gs, ss = (list(x) for x in zip(*whole))
+        for idx in stack_groups(gs, [1] * len(gs)):
+            d = self._group_direction([gs[i] for i in idx], [ss[i] for i in idx], group, t)
+            group_ps = [ps[i] for i in idx]
+            if wd != 0:
+                torch._foreach_mul_(group_ps, 1.0 - lr * wd)
+            torch._foreach_add_(group_ps, [x.view(p.shape) for x, p in zip(d.unbind(0), group_ps)], alpha=-lr)
+            del d
+
+    @staticmethod
+    def _group_direction(grads, states, group, t):
+        """Every line of the step (without ``lr``) for ``k`` same-shape float32 tensors stacked as ``(k, rows,
+        cols)`` (a lone tensor: a view, or a strided one's copy): ``eta alpha G~`` of each, a new tensor; the
+        scalings and kept norms written back."""
+        k = len(grads)
+        rows, cols = states[0]["row_scale"].shape[0], states[0]["col_scale"].shape[0]
+
+        def stacked(xs, shape):  # (a lone strided tensor of more than 2 dimensions, channels_last: a copy)
+            return xs[0].reshape(1, *shape) if k == 1 else torch.stack(xs).view(k, *shape)
+
+        g = stacked(grads, (rows, cols))
+        if g.numel() == 0:  # (empty tensors: nothing to scale, the scalings keep their values)
+            return torch.zeros_like(g)
+        beta, eps = group["beta"], group["eps"]
+        rs, cs, ns = ([st[key] for st in states] for key in ("row_scale", "col_scale", "update_norm"))
+        sq = g.square()
+        q, s = racs_fixed_point_stacked(sq, group["iterations"])  # line 5
+        row, col = stacked(rs, (rows,)), stacked(cs, (cols,))
+        racs_ema_(col, s, beta)  # line 6
+        racs_ema_(row, q, beta)  # line 7
+        del q, s
+        if k > 1:
+            torch._foreach_copy_(rs, list(row.unbind(0)))
+            torch._foreach_copy_(cs, list(col.unbind(0)))
+        rf, cf = inv_sqrt(row, eps), inv_sqrt(col, eps)
+        del row, col
+        norm = scaled_square_norms_stacked(sq, rf, cf).sqrt_()
+        del sq
+        u = racs_scale(g, rf, cf)  # line 8
+        del g, rf, cf
+        if t <= 1:
+            scale = norm.new_full((k,), group["alpha"])
+        else:  # lines 9-10, per matrix
+            scale = norm_growth_limit(norm, stacked(ns, ()), group["gamma"])
+            norm.mul_(scale)
+            scale.mul_(group["alpha"])
+        torch._foreach_copy_(ns, list(norm.unbind(0)))
+        del norm
+        return u.mul_(scale.view(k, 1, 1))
+
+    def foreach_transient_bytes(self, numel):
+        """Without the states at hand: a bound of :meth:`_group_bytes` per element (a stack of 0-d tensors' limiter
+        phase, ``25 k`` bytes, is the most per element; a vector's ``[n, 1]`` at most ``24 k n``); 0 for no bucket."""
+        return 25 * numel
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """:meth:`foreach_step_` of a bucket whose ``members`` are ``(elements, state)``: its largest group's
+        (:meth:`_group_bytes`; each group's temporaries are freed before the next one's), grouped as on the
+        scalings' device (every same-shape set stacked off the CPU; both groupings on meta tensors: the larger)."""
+        shapes = [(self._dims_of(st, n), n) for n, st in members]
+        devices = {v.device for _, st in members for v in st.values() if isinstance(v, torch.Tensor) and v.dim()}
+        device = next(iter(devices)) if len(devices) == 1 else None
+        larges = (stacks_large(device),) if device is not None and device.type != "meta" else (False, True)
+        iterations = 5 if group is None else group["iterations"]
+        out = 0
+        for large in larges:
+            cap = group_cap([n for _, n in shapes], large)
+            groups: dict[tuple, list[int]] = {}
+            for i, (dims, n) in enumerate(shapes):
+                groups.setdefault(dims if large or n < STACK_NUMEL else (i,), []).append(i)
+            for idx in groups.values():
+                dims, n = shapes[idx[0]]
+                per = max(1, cap // max(1, n))
+                for a in range(0, len(idx), per):
+                    out = max(out, self._group_bytes(dims, len(idx[a:a + per]), iterations))
+        return out
+
+    @staticmethod
+    def _dims_of(state, n) -> tuple[int, int]:
+        """The ``(rows, cols)`` a tensor is stepped as, from its scalings (``(n, 1)`` before they are made)."""
+        if "row_scale" in state:
+            return state["row_scale"].shape[0], state["col_scale"].shape[0]
+        return n, 1
+
+    @staticmethod
+    def _group_bytes(dims, k, iterations) -> int:
+        """:meth:`_group_direction` of ``k`` float32 tensors stepped as ``R x C`` (``n`` elements each), exact (any
+        ``iterations``): the squares (``4 k n``) and, for a stack (``k > 1``), the stacked gradients (``4 k n``)
+        beside, in turn, the fixed point's ``q``, ``s``, a new ``q`` or ``s`` and a sum per matrix
+        (``4 max(2 k R + k C + k, k R + 2 k C + k)``, never the most: below the norms' phase); the scalings with their
+        stacked averages (``k > 1``) or their factors (``4 k (R + C)`` each); the factors beside the norms' products (``4 k (R + C) + 4 max(k (R + C),
+        2 k R)``). Then ``G~`` beside the gradients' stack, the factors and the norms (``4 k (n + R + C + 1)``), or
+        beside the limiter's vectors and its ``k``-byte mask (``4 k n + 17 k``, and the stacked kept norms)."""
+        rows, cols = dims
+        n = rows * cols
+        if n == 0:  # (empty tensors: nothing stepped)
+            return 0
+        stack = k > 1
+        base = 4 * k * n * (2 if stack else 1)
+        # (the fixed point's phase, 4 max(2 k R + k C + k, k R + 2 k C + k) beside the base, is never above the norms')
+        factors = base + 4 * k * (rows + cols) * (2 if stack else 1)
+        norms = base + 4 * k * (rows + cols) + 4 * max(k * (rows + cols), 2 * k * rows)
+        update = 4 * k * n * (2 if stack else 1) + 4 * k * (rows + cols) + 4 * k
+        limiter = 4 * k * n + 17 * k + (4 * k if stack else 0)
+        return max(factors, norms, update, limiter)
+
+
+class RacsMoments(_Foreach, MomentRule):
     """RACS's scalings and norm-growth limiter (see the module docstring).
 
     Group keys used: ``beta``, ``alpha``, ``gamma``, ``eps``, ``iterations``.
@@ -307,8 +447,9 @@ class RACS(LowMemOptimizer):
         weight_decay (`float`, defaults to `0.0`): Decoupled, ``p *= 1 - lr * wd`` before the update.
         state_dtype (`str`, defaults to `"float32"`): Storage of the scalings (`"float32"`, `"bfloat16"`, or
             `"param"`: refused for float16 parameters, whose column scaling carries the gradient's squares).
-        foreach (`bool` or `None`, defaults to `None`): accepted for the engine's signature; every parameter is
-            stepped on its own.
+        foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters with float32 scalings in
+            multi-tensor buckets (same-shape tensors stacked, the fixed point batched: equal to the per-parameter
+            step up to float32 rounding); `False` forces the per-parameter step.
     """
 
     recipe = RACS_RECIPE
