@@ -92,6 +92,8 @@ RANGES: dict[str, Range] = {
     "neftune_noise_alpha": NONNEG, "label_smoothing_factor": UNIT_OPEN, "dataloader_num_workers": NONNEG, "ld_alpha": Range(0, 1), "ref_model_mixup_alpha": Range(0, 1),
     "ref_model_sync_steps": POSITIVE, "discopop_tau": POSITIVE, "precompute_ref_batch_size": POSITIVE,
     "top_entropy_quantile": Range(0, 1), "delta": POSITIVE,
+    # TRL's int | str field (default 'auto'): 0 failed mid-preparation with a ZeroDivisionError
+    "pad_to_multiple_of": POSITIVE,
 }
 
 

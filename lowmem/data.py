@@ -614,7 +614,7 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
     extra = tuple(c for c in columns if c not in cols)
     if name == "implicit-prompt preference":
         _check_prompt_column_not_left_out(first, extra, conversational, source)
-    if trainer == "sft":  # DPO's explicit prompt too, once tests/test_newcomer_data.py's metadata example is not 'system'
+    if trainer in ("sft", "dpo"):  # (TRL's SFT and DPO trainers read only their format's columns)
         _check_system_column_not_left_out(first, cols, extra, conversational, source, trainer)
     return DatasetFormat(name=name, columns=tuple(cols), conversational=conversational, extra_columns=extra)
 

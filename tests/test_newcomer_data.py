@@ -32,7 +32,7 @@ def test_a_prompt_column_beside_an_implicit_pair_is_refused(row, named):
     ({"question": "2+2?", "chosen": _msgs("2+2?", "4"), "rejected": _msgs("2+2?", "5")}, ("chosen", "rejected")),
     ({"question": "hi", "chosen": "Human: hi Assistant: a", "rejected": "Human: hi Assistant: b"}, ("chosen", "rejected")),
     ({"source": "hh", "chosen": "Human: hi Assistant: a", "rejected": "Human: hi Assistant: b"}, ("chosen", "rejected")),
-    ({"system": "s", "prompt": "2+2?", "chosen": "Four.", "rejected": "Five."}, ("prompt", "chosen", "rejected")),
+    ({"source": "s", "prompt": "2+2?", "chosen": "Four.", "rejected": "Five."}, ("prompt", "chosen", "rejected")),
 ])
 def test_pairs_whose_prompt_is_read_still_load(row, columns):
     """The prompt inside both (a prompt-like column is then a copy), metadata columns, an explicit prompt."""

@@ -60,9 +60,7 @@ def _system_rows(kind):
 
 @pytest.mark.parametrize("kind, trainer, fix", [
     ("pc", "sft", "prepend"), ("messages", "sft", "role"), ("text", "sft", "prepend"),
-    pytest.param("dpo", "dpo", "role", marks=pytest.mark.xfail(strict=True, reason=(
-        "DPO's explicit prompt beside a system column still loses it: tests/test_newcomer_data.py (not USERFLOW3's) "
-        "loads such a row as metadata; FOUND_USERFLOW3 2"))),
+    ("dpo", "dpo", "role"),
 ])
 @pytest.mark.parametrize("column", ["system", "system_prompt"])
 def test_a_system_column_beside_the_format_is_refused(tmp_path, kind, trainer, fix, column):

@@ -23,6 +23,9 @@ CASES = [
     (LowMemDPOConfig, "precompute_ref_batch_size", 0, 8, r"> 0"),
     (LowMemGRPOConfig, "top_entropy_quantile", 1.5, 0.2, r"in \[0, 1\]"),
     (LowMemGRPOConfig, "delta", -1.0, 1.5, r"> 0"),
+    # an int | str field (default 'auto'): checked as its annotation types it (0 was a ZeroDivisionError mid-preparation)
+    (LowMemSFTConfig, "pad_to_multiple_of", 0, 8, r"> 0"),
+    (LowMemDPOConfig, "pad_to_multiple_of", -8, 8, r"> 0"),
 ]
 IDS = [f"{c.__name__}-{f}={bad}" for c, f, bad, *_ in CASES]
 
@@ -41,3 +44,9 @@ def test_an_out_of_range_value_is_refused_when_the_config_is_built(cls, field, b
 @pytest.mark.parametrize("cls, field, bad, good, says", CASES, ids=IDS)
 def test_a_value_in_range_passes(cls, field, bad, good, says):
     assert getattr(_build(cls, **{field: good}), field) == good
+
+
+@pytest.mark.parametrize("cls", [LowMemSFTConfig, LowMemDPOConfig, LowMemGRPOConfig])
+def test_a_string_default_of_a_ranged_field_passes(cls):
+    """TRL's ``pad_to_multiple_of`` defaults to the string ``'auto'``: a range on it must not refuse that."""
+    assert _build(cls, pad_to_multiple_of="auto").pad_to_multiple_of in ("auto", None)  # (TRL resolves it later)

@@ -542,12 +542,16 @@ def check_config_ranges(config: Any) -> None:
     Raises:
         ValueError: (:class:`lowmem.config.ConfigError`) naming ``<Config>.<field>``, the value and the valid range.
     """
-    from lowmem.config import RANGES, ConfigError, check_value
+    from lowmem.config import RANGES, ConfigError, check_value, field_types
 
     ranges = {**RANGES, **getattr(type(config), "FIELD_RANGES", {})}
     ranges = {k: v for k, v in ranges.items() if v is not None}  # None: the class checks the field itself
     where = f"{type(config).__name__}."
     names = {f.name for f in dataclasses.fields(config)}
+    try:  # each field checked as its annotation types it (TRL's pad_to_multiple_of: int | str, default 'auto')
+        types_ = field_types(type(config))
+    except Exception:  # (an annotation typing cannot resolve: every ranged field is a number)
+        types_ = {}
     for name in sorted(names & set(ranges)):
         value = getattr(config, name)
         if value is None or isinstance(value, (list, tuple, dict)):
@@ -555,7 +559,7 @@ def check_config_ranges(config: Any) -> None:
         strategy = getattr(config, name.replace("_steps", "_strategy"), "steps") if name in _STRATEGY_STEPS else "steps"
         if str(getattr(strategy, "value", strategy)) != "steps":  # save_steps=0 beside save_strategy='no': unused
             continue
-        check_value(name, value, float, where=where, ranges=ranges)
+        check_value(name, value, types_.get(name, float), where=where, ranges=ranges)
     weights = getattr(config, "reward_weights", None) if "reward_weights" in names else None
     if weights is not None:
         check_value("reward_weights", list(weights), list[float], where=where)
