@@ -321,8 +321,8 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "adam-mini, bitsandbytes' 8-bit AdamW / Lion / Lion8bit, transformers' Adafactor, torchao 4- and "
                    "8-bit, torch.optim.Muon, pytorch_optimizer's SPAM / StableSPAM / GaLore / Fira / APOLLO / AdaFactor "
                    "/ CAME / NorMuon / Lion / SM3, the CAME authors' came-pytorch); one not installed or unable to run "
-                   "here is listed as skipped with the reason (--task text and --shapes). With --shapes and named "
-                   "optimizers, only the peers of those recipes (the others are listed as left out); none named: "
+                   "here is listed as skipped with the reason (--task text and --shapes). With named optimizers "
+                   "(--task text or --shapes), only the peers of those recipes (the others are listed as left out); none named: "
                    "all. Default: off")
     p.add_argument("--lr-sweep", action="store_true",
                    help="bool: --task text: also train every row at 1/3 and 3 x its recommended lr and report the best "
