@@ -62,6 +62,8 @@ CPU, 2^24 elsewhere, where smaller chunks make the step launch-bound).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -74,7 +76,9 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .group_layout import _MISSING, _Reads, check_group_layouts, check_resized, check_state_fits, record_validated
+from .functional.rounding import stochastic_round_to_bf16_, stream_seed
+from .group_layout import (_MISSING, _Reads, check_group_layouts, check_resized, check_rounding, check_state_fits,
+                           record_validated)
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -627,6 +631,37 @@ def _refuse_complex(p: Tensor, where: str) -> None:
             " forward")
 
 
+#: engine settings (ENGINE_HPARAMS) that the drop-in classes' hand-written constructors do not list: each one takes
+#: them keyword-only all the same (:meth:`LowMemOptimizer.__init_subclass__`), with these defaults
+_ADDED_ENGINE_SETTINGS = {"bf16_stochastic_round": False}
+_UNSET = object()
+
+
+def _takes_added_settings(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` (a subclass's ``__init__``) taking the :data:`_ADDED_ENGINE_SETTINGS` it does not list as
+    keyword-only arguments: a value given is handed to :meth:`LowMemOptimizer.__init__` (through the instance,
+    before ``init`` runs; a value an outer subclass's constructor was given is kept), and the signature shows
+    them. ``init`` itself where it lists them all or takes ``**kwargs``."""
+    sig = inspect.signature(init)
+    added = [k for k in _ADDED_ENGINE_SETTINGS if k not in sig.parameters]
+    if not added or any(q.kind == q.VAR_KEYWORD for q in sig.parameters.values()):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        given = {k: kwargs.pop(k) for k in added if kwargs.get(k, _UNSET) is not _UNSET}
+        if given:
+            pending = self.__dict__.setdefault("_added_settings", {})
+            for k, v in given.items():
+                pending.setdefault(k, v)
+        init(self, *args, **kwargs)
+
+    __init__.__signature__ = sig.replace(parameters=[
+        *sig.parameters.values(),
+        *(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=_ADDED_ENGINE_SETTINGS[k]) for k in added)])
+    return __init__
+
+
 class LowMemOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Recipe`.
 
@@ -699,10 +734,21 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return value
         return DEFAULT_CHUNK_NUMEL if device.type == "cpu" else DEVICE_CHUNK_NUMEL
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's hand-written constructor (the drop-in classes' signatures, tests/test_migration_classes.py)
+        takes the engine settings added after it was written too (:data:`_ADDED_ENGINE_SETTINGS`:
+        ``bf16_stochastic_round``), keyword-only, shown in its signature (:func:`_takes_added_settings`)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _takes_added_settings(init)
+
     def __init__(self, params: Iterable[Any], recipe: Recipe | None = None, **hparams: Any):
         recipe = recipe if recipe is not None else getattr(type(self), "recipe", None)
         if recipe is None:
             raise TypeError("LowMemOptimizer needs a recipe")
+        for k, v in self.__dict__.pop("_added_settings", {}).items():  # (a subclass's constructor took them)
+            hparams.setdefault(k, v)
         self.recipe = recipe
         known = recipe.all_hparams()
         unknown = sorted(set(hparams) - set(known))
@@ -736,6 +782,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 _refuse_complex(p, f"{where}, parameter {i}")
             for h in (*self.recipe.hparams, *ENGINE_HPARAMS):
                 h.validate(group[h.name], where=where)
+            check_rounding(group, where)
             if group.get("rank") is not None:  # a projected group: its other settings get defaults
                 for h in self.recipe.group_hparams:
                     if h.default is not None:
@@ -771,7 +818,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
     #: hands to its own phases
     _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_settings_sigs", "_checked", "_usable",
-                             "_decided"})
+                             "_decided", "_sr_cur", "_sr_index"})
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every
@@ -2498,9 +2545,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
             pc = pflat[start:stop]
             p32 = F.compute_float(pc)
             self._apply(p32, d, lr, lr_scale, wd)
+            del d, view  # (before the write-back: stochastic rounding's bits take the direction's place)
             if p32 is not pc:
-                pc.copy_(p32)
-            del d, view, p32  # (before the next chunk's copies: LowMemOptimizer._param_transient_bytes)
+                self._store(pc, p32, group, state)
+            del p32  # (before the next chunk's copies: LowMemOptimizer._param_transient_bytes)
         r.moment.finish_chunks(state, mctx)
 
     @staticmethod
@@ -2539,10 +2587,59 @@ class LowMemOptimizer(torch.optim.Optimizer):
             pr = p[start:stop]
             p32 = F.compute_float(pr)
             self._apply(p32, d, lr, lr_scale, wd)
+            del d
             if p32 is not pr:
-                pr.copy_(p32)
-            del d, p32  # (the block's float32 copy freed before the next block's are made)
+                self._store(pr, p32, group, state)
+            del p32  # (the block's float32 copy freed before the next block's are made)
         P.post_update(g, state, group, down_of_g, checked)
+
+    def _store(self, dst: Tensor, src: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
+        """Write a step's float32 result ``src`` (a temporary of the step: overwritten) into the parameter (or its
+        chunk, block of rows, shard) ``dst``: stochastically rounded where ``dst`` is bfloat16 and the group has
+        ``bf16_stochastic_round`` (:func:`~lowmem.optim.functional.rounding.stochastic_round_to_bf16_`, its bits
+        from :meth:`_rounding_generator`), else ``copy_`` (round-to-nearest)."""
+        if dst.dtype == torch.bfloat16 and group.get("bf16_stochastic_round"):
+            stochastic_round_to_bf16_(dst, src, self._rounding_generator(state, dst), overwrite_src=True)
+        else:
+            dst.copy_(src)
+
+    def _rounding_generator(self, state: dict[str, Tensor], dst: Tensor) -> torch.Generator | None:
+        """The generator of the random bits that round the parameter whose state is ``state`` at its current step
+        count ``t`` (the write-backs of one parameter's step follow one another: its chunks, row blocks, the
+        matrices of a batch; the generator is kept from one to the next): seeded with
+        :func:`~lowmem.optim.functional.rounding.stream_seed` of the parameter's position in the groups and
+        ``t``, so a run draws the same bits again, and a run resumed from a checkpoint the bits the uninterrupted
+        run drew; no state of its own (``state_bytes()`` unchanged). ``None`` on a meta or fake tensor (the
+        estimator's and the traced step's: nothing is drawn)."""
+        if _no_data(dst):
+            return None
+        step = state["step"]
+        t = step.item()
+        cur = self.__dict__.get("_sr_cur")
+        if cur is not None and cur[0] is step and cur[1] == t and cur[2].device == dst.device:
+            return cur[2]
+        gen = torch.Generator(device=dst.device)
+        gen.manual_seed(stream_seed(self._param_index(step), t))
+        self.__dict__["_sr_cur"] = (step, t, gen)
+        return gen
+
+    def _param_index(self, step: Tensor) -> int:
+        """The position, in the parameter groups' order, of the parameter whose step counter is ``step`` (a batch of
+        matrices' shares one: :data:`MATRIX_SHARED_KEYS`; a sharded parameter's is its state's). A map of the
+        counters, made again when a counter is not in it (a parameter's state made since: its first step, a load)."""
+        index = self.__dict__.get("_sr_index")
+        hit = None if index is None else index.get(id(step))
+        if hit is None or hit[0] is not step:
+            index = self.__dict__["_sr_index"] = {}
+            params = (p for g in self.param_groups for p in g["params"])
+            for i, p in enumerate(params):
+                c = self.state[p].get("step") if p in self.state else None
+                if isinstance(c, Tensor):
+                    index[id(c)] = (c, i)
+            hit = index.get(id(step))
+            if hit is None:
+                raise RuntimeError(f"{self.recipe.name}: stochastic rounding of a parameter this optimizer does not hold")
+        return hit[1]
 
     def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
         """Decoupled weight decay and the step along ``d`` (in place on ``p32``)."""
@@ -2659,8 +2756,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         d = r.moment.direction(g, state, group, t, lr)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, r.moment.weight_decay_for(group, state))
+        del g, d
         if p32 is not p:
-            p.copy_(p32)
+            self._store(p, p32, group, state)
 
     def _down_in_rows(self, p: Tensor, grad: Tensor) -> bool:
         """Whether :meth:`_project_down` projects ``grad`` a block of rows at a time (a low-precision
@@ -2720,8 +2818,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         P.post_update(g, state, group, item.down_of_g, checked)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
+        del d
         if p32 is not p:
-            p.copy_(p32)
+            self._store(p, p32, group, state)
 
     def _sharded_projection(self, key: Tensor, group: dict[str, Any], reduce: ShardReduce | None) -> ShardedProjection:
         from .sharded import _projected_side
@@ -2763,8 +2862,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         d = combine_direction(r.combine, g, low, d, state, group, sp)
         p32 = F.compute_float(p)
         self._apply(p32, d, lr, 1.0, group.get("weight_decay", 0.0))
+        del d
         if p32 is not p:
-            p.copy_(p32)
+            self._store(p, p32, group, state)
         sharded_post_update(g, low, state, group, sp)  # Online Subspace Descent's basis step
 
     def _refresh(self, p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int,
