@@ -76,7 +76,7 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .functional.rounding import stochastic_round_to_bf16_, stream_seed
+from .functional.rounding import stochastic_round_bytes, stochastic_round_to_bf16_, stream_seed
 from .group_layout import (_MISSING, _Reads, check_group_layouts, check_resized, check_rounding, check_state_fits,
                            record_validated)
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
@@ -1370,6 +1370,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         bounds = self._chunk_bounds(p, group, state)
         if bounds is None and self._is_projected(p, group):
             return self._projected_bytes(p, group, state, steady).alone
+        worst = self._steps_bytes(p, group, state, bounds)
+        if p.dtype == torch.bfloat16 and group.get("bf16_stochastic_round"):
+            # the write-back's phase (_store): the parameter (chunk)'s float32 copy and the rounding's random bits
+            # and NaN mask, beside what the chunked rule keeps through its chunks (the direction is freed first)
+            for n in sorted({b - a for a, b in bounds} if bounds is not None else {p.numel()}, reverse=True)[:1]:
+                kept = r.moment.chunk_kept_bytes(n, p.shape, group, state) if bounds is not None else 0
+                worst = max(worst, kept + 4 * n + stochastic_round_bytes(n))
+        return worst
+
+    def _steps_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                     bounds: list[tuple[int, int]] | None) -> int:
+        """:meth:`_step_transient_bytes_of` of an unprojected parameter stepped whole (``bounds`` ``None``) or in
+        the chunks ``bounds``, but the write-back's stochastic rounding."""
+        r = self.recipe
         lowp = p.dtype not in (torch.float32, torch.float64)
         whole = getattr(r.moment, "whole_transient_bytes", None)
         if bounds is None:
