@@ -637,6 +637,15 @@ _ADDED_ENGINE_SETTINGS = {"bf16_stochastic_round": False}
 _UNSET = object()
 
 
+def _mesh_position(p: Tensor) -> int:
+    """This rank's row-major position in ``p``'s device mesh (a DTensor's)."""
+    coord, shape = p.device_mesh.get_coordinate() or (), p.device_mesh.shape
+    pos = 0
+    for c, n in zip(coord, shape):
+        pos = pos * n + c
+    return pos
+
+
 def _takes_added_settings(init: Callable[..., None]) -> Callable[..., None]:
     """``init`` (a subclass's ``__init__``) taking the :data:`_ADDED_ENGINE_SETTINGS` it does not list as
     keyword-only arguments: a value given is handed to :meth:`LowMemOptimizer.__init__` (through the instance,
@@ -2639,8 +2648,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _param_index(self, step: Tensor) -> int:
         """The position, in the parameter groups' order, of the parameter whose step counter is ``step`` (a batch of
-        matrices' shares one: :data:`MATRIX_SHARED_KEYS`; a sharded parameter's is its state's). A map of the
-        counters, made again when a counter is not in it (a parameter's state made since: its first step, a load)."""
+        matrices' shares one: :data:`MATRIX_SHARED_KEYS`; a sharded parameter's is its state's), plus, for an FSDP2
+        parameter, ``2^32`` times its rank's linear position in the mesh (each shard its own bits: a run's rounding
+        then depends on its sharding, as its shards do). A map of the counters, made again when a counter is not in
+        it (a parameter's state made since: its first step, a load)."""
         index = self.__dict__.get("_sr_index")
         hit = None if index is None else index.get(id(step))
         if hit is None or hit[0] is not step:
@@ -2649,7 +2660,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 c = self.state[p].get("step") if p in self.state else None
                 if isinstance(c, Tensor):
-                    index[id(c)] = (c, i)
+                    index[id(c)] = (c, i + (_mesh_position(p) << 32 if is_dtensor(p) else 0))
             hit = index.get(id(step))
             if hit is None:
                 raise RuntimeError(f"{self.recipe.name}: stochastic rounding of a parameter this optimizer does not hold")
