@@ -117,7 +117,8 @@ def _weights(shape, value=4.0, dtype=torch.bfloat16):
     return torch.nn.Parameter(torch.full(shape, value, dtype=dtype))
 
 
-def _drift(name, shape=(64, 512), steps=3, chunk="default", layerwise=False, dtype=torch.bfloat16, lr=1e-4, **kw):
+def _drift(name, shape=(64, 512), steps=3, chunk="default", layerwise=False, dtype=torch.bfloat16, lr=1e-4,
+           with_comp=False, **kw):
     """The mean change of weights of value 0.25 (bfloat16: ulp 2^-9, half of it 9.8e-4) after ``steps`` steps of a
     small ``lr`` with a constant gradient: bfloat16 ones lose it all when rounded to nearest, and keep it on
     average when rounded stochastically (float32 ones keep it)."""
@@ -132,6 +133,8 @@ def _drift(name, shape=(64, 512), steps=3, chunk="default", layerwise=False, dty
         else:
             p.grad = g
             opt.step()
+    if with_comp:  # (Kahan: the weight the compensation stands for)
+        return 0.25 - (p.float() + opt.state[p]["kahan_comp"].float()).mean().item()
     return 0.25 - p.float().mean().item()
 
 
@@ -162,10 +165,11 @@ def test_every_write_back_rounds_stochastically(path):
     assert abs(sr - exact) < 0.15 * exact, (sr, exact)
 
 
-def _train(steps, resume_at=None, seed=0):
+def _train(steps, resume_at=None, seed=0, **kw):
+    kw = kw or {"bf16_stochastic_round": True}
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 8)).to(torch.bfloat16)
-    opt = create_optimizer(list(model.parameters()), "adamw", lr=1e-4, bf16_stochastic_round=True)
+    opt = create_optimizer(list(model.parameters()), "adamw", lr=1e-4, **kw)
     data = torch.Generator().manual_seed(1)
     for i in range(steps):
         if i == resume_at:  # a fresh model and optimizer from the checkpoint, as a resumed run
@@ -175,7 +179,7 @@ def _train(steps, resume_at=None, seed=0):
             ck = torch.load(buf, weights_only=True)
             model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 8)).to(torch.bfloat16)
             model.load_state_dict(ck["model"])
-            opt = create_optimizer(list(model.parameters()), "adamw", lr=1e-4, bf16_stochastic_round=True)
+            opt = create_optimizer(list(model.parameters()), "adamw", lr=1e-4, **kw)
             opt.load_state_dict(ck["opt"])
         x = torch.randn(16, 32, generator=data).to(torch.bfloat16)
         model(x).float().square().mean().backward()
@@ -246,3 +250,58 @@ def test_class_constructors_take_it():
     p = _weights((8, 8))
     assert AdamW([p], bf16_stochastic_round=True).param_groups[0]["bf16_stochastic_round"] is True
     assert GaLoreAdamW([p]).param_groups[0]["bf16_stochastic_round"] is False
+
+
+# ---- kahan_summation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_kahan_compensation_carries_the_lost_updates(path):
+    """On every write-back path: the weights stay put while the updates are below half an ulp (round-to-nearest of
+    the compensated sum), and weight + compensation is float32 weights' within 1% (the compensation's bfloat16
+    precision); a path without the compensation would leave it 0."""
+    kw = dict(PATHS[path])
+    name = kw.pop("name")
+    exact = _drift(name, dtype=torch.float32, **kw)
+    held = _drift(name, kahan_summation=True, with_comp=True, **kw)
+    assert _drift(name, kahan_summation=True, **kw) == 0.0
+    assert abs(held - exact) < 0.01 * exact, (held, exact)
+
+
+def test_kahan_moves_the_weights_once_the_updates_add_up():
+    """20 steps of 1e-4 on weights of 0.25 (half an ulp: 9.8e-4): round-to-nearest never moves them, Kahan moves
+    them by whole ulps (the compensation holds the rest) to within one ulp of float32 weights' 2e-3."""
+    exact = _drift("adamw", steps=20, dtype=torch.float32)
+    assert _drift("adamw", steps=20) == 0.0
+    moved = _drift("adamw", steps=20, kahan_summation=True)
+    assert abs(moved - exact) <= 2.0**-9 and moved > 0, (moved, exact)
+
+
+def test_kahan_state_bytes_resume_and_refusals():
+    p, q = _weights((64, 32)), torch.nn.Parameter(torch.zeros(16))  # a bfloat16 and a float32 parameter
+    opt = create_optimizer([{"params": [p, q]}], "adamw", kahan_summation=True)
+    opt.materialize_state()
+    plain = create_optimizer([{"params": [_weights((64, 32)), torch.nn.Parameter(torch.zeros(16))]}], "adamw")
+    plain.materialize_state()
+    assert opt.state_bytes() - plain.state_bytes() == 2 * 64 * 32  # (the float32 parameter keeps none)
+    assert set(opt.state[q]) == set(plain.state[plain.param_groups[0]["params"][1]])
+    with pytest.raises(ValueError, match="bf16_stochastic_round=True and kahan_summation=True conflict"):
+        create_optimizer([_weights((4, 4))], "adamw", kahan_summation=True, bf16_stochastic_round=True)
+    with pytest.raises(ValueError, match="kahan_summation=True rounds updates into bfloat16 parameters"):
+        create_optimizer([_weights((4, 4), dtype=torch.float32)], "adamw", kahan_summation=True)
+    with pytest.raises(ValueError, match="kahan_summation=True and fused=True conflict"):
+        create_optimizer([_weights((4, 4))], "lion8bit", kahan_summation=True, fused=True)
+    # switched on mid-run: the state's layout changes, refused at the next step
+    r = _weights((8, 8))
+    opt = create_optimizer([r], "adamw")
+    r.grad = torch.ones(8, 8, dtype=torch.bfloat16)
+    opt.step()
+    opt.param_groups[0]["kahan_summation"] = True
+    with pytest.raises(ValueError, match="kahan_summation"):
+        opt.step()
+
+
+def test_kahan_resumed_bit_for_bit():
+    full = _train(6, kahan_summation=True)
+    assert all(torch.equal(a, b) for a, b in zip(full, _train(6, resume_at=3, kahan_summation=True)))
+    assert not all(torch.equal(a, b) for a, b in zip(full, _train(6)))

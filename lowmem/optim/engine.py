@@ -76,7 +76,7 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .functional.rounding import stochastic_round_bytes, stochastic_round_to_bf16_, stream_seed
+from .functional.rounding import kahan_store_, stochastic_round_bytes, stochastic_round_to_bf16_, stream_seed
 from .group_layout import (_MISSING, _Reads, check_group_layouts, check_resized, check_rounding, check_state_fits,
                            record_validated)
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
@@ -633,7 +633,7 @@ def _refuse_complex(p: Tensor, where: str) -> None:
 
 #: engine settings (ENGINE_HPARAMS) that the drop-in classes' hand-written constructors do not list: each one takes
 #: them keyword-only all the same (:meth:`LowMemOptimizer.__init_subclass__`), with these defaults
-_ADDED_ENGINE_SETTINGS = {"bf16_stochastic_round": False}
+_ADDED_ENGINE_SETTINGS = {"bf16_stochastic_round": False, "kahan_summation": False}
 _UNSET = object()
 
 
@@ -1001,6 +1001,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             r.moment.init_state(state, shape, group, p)
         for s in r.stabilizers:
             s.init_state(state, p, group)
+        if group.get("kahan_summation") and p.dtype == torch.bfloat16:  # (the write-back's compensation: _store)
+            state["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
 
     def materialize_state(self) -> None:
         """Allocate the state of every parameter now (normally done lazily at its first step).
@@ -2570,7 +2572,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._apply(p32, d, lr, lr_scale, wd)
             del d, view  # (before the write-back: stochastic rounding's bits take the direction's place)
             if p32 is not pc:
-                self._store(pc, p32, group, state)
+                self._store(pc, p32, group, state, (start, stop))
             del p32  # (before the next chunk's copies: LowMemOptimizer._param_transient_bytes)
         r.moment.finish_chunks(state, mctx)
 
@@ -2612,17 +2614,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._apply(p32, d, lr, lr_scale, wd)
             del d
             if p32 is not pr:
-                self._store(pr, p32, group, state)
+                self._store(pr, p32, group, state, (start * p.shape[1], stop * p.shape[1]))
             del p32  # (the block's float32 copy freed before the next block's are made)
         P.post_update(g, state, group, down_of_g, checked)
 
-    def _store(self, dst: Tensor, src: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> None:
+    def _store(self, dst: Tensor, src: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                span: tuple[int, int] | None = None) -> None:
         """Write a step's float32 result ``src`` (a temporary of the step: overwritten) into the parameter (or its
         chunk, block of rows, shard) ``dst``: stochastically rounded where ``dst`` is bfloat16 and the group has
         ``bf16_stochastic_round`` (:func:`~lowmem.optim.functional.rounding.stochastic_round_to_bf16_`, its bits
-        from :meth:`_rounding_generator`), else ``copy_`` (round-to-nearest)."""
+        from :meth:`_rounding_generator`); with the compensation of ``kahan_summation`` (its flat elements
+        ``span`` of the parameter's, ``None``: all) where the state keeps one
+        (:func:`~lowmem.optim.functional.rounding.kahan_store_`); else ``copy_`` (round-to-nearest)."""
         if dst.dtype == torch.bfloat16 and group.get("bf16_stochastic_round"):
             stochastic_round_to_bf16_(dst, src, self._rounding_generator(state, dst), overwrite_src=True)
+        elif "kahan_comp" in state and dst.dtype == torch.bfloat16:
+            comp = state["kahan_comp"]
+            kahan_store_(dst, src, comp if span is None else comp.view(-1)[span[0] : span[1]].view(dst.shape))
         else:
             dst.copy_(src)
 

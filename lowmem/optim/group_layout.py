@@ -410,34 +410,46 @@ def _validate_group(opt: Any, group: dict[str, Any], where: str) -> frozenset:
 
 
 #: the settings :func:`check_rounding` reads
-ROUNDING_KEYS = frozenset({"bf16_stochastic_round", "fused", "master_weights"})
+ROUNDING_KEYS = frozenset({"bf16_stochastic_round", "kahan_summation", "fused", "master_weights"})
 
 
 def check_rounding(group: dict[str, Any], where: str) -> None:
-    """Refuse ``bf16_stochastic_round=True`` where it cannot apply (a value that cannot apply is an error, never
-    ignored): a group with no bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore it on
-    float32 weights, lowmem says so), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit,
-    lion write a bfloat16 weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step,
-    which rounds stochastically: ``bnb_fused``'s eligibility), or with BAdam's ``master_weights=True`` (its
-    float32 copy of the active block already keeps the small updates; the bfloat16 weight is only a rounded copy
-    of it)."""
-    if not group.get("bf16_stochastic_round"):
+    """Refuse ``bf16_stochastic_round=True`` or ``kahan_summation=True`` where it cannot apply (a value that cannot
+    apply is an error, never ignored): both at once (two ways of keeping the small updates: choose one), a group
+    with no bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore the option on float32 weights,
+    lowmem says so), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a bfloat16
+    weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the option:
+    ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block already
+    keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` on FSDP2
+    (DTensor) parameters (its compensation is not sharded)."""
+    on = [k for k in ("bf16_stochastic_round", "kahan_summation") if group.get(k)]
+    if not on:
         return
+    if len(on) == 2:
+        raise ValueError(
+            f"{where}: bf16_stochastic_round=True and kahan_summation=True conflict: each keeps the updates that"
+            " rounding to bfloat16 drops (stochastic rounding: unbiased, no state; Kahan: a 2 B/param compensation);"
+            " valid: one of them")
+    field = on[0]
     dtypes = sorted({str(local(p).dtype).replace("torch.", "") for p in group["params"]})
     if "bfloat16" not in dtypes:
         raise ValueError(
-            f"{where}: bf16_stochastic_round=True rounds updates into bfloat16 parameters, and this group has none"
-            f" (its parameters: {', '.join(dtypes) or 'none'}); valid: bf16_stochastic_round=False, or bfloat16 weights")
+            f"{where}: {field}=True rounds updates into bfloat16 parameters, and this group has none"
+            f" (its parameters: {', '.join(dtypes) or 'none'}); valid: {field}=False, or bfloat16 weights")
     if group.get("fused") is True:
         raise ValueError(
-            f"{where}: bf16_stochastic_round=True and fused=True conflict: bitsandbytes' fused kernel writes a bfloat16"
-            " weight rounded to nearest; valid: fused=None (bfloat16 weights take the plain step, which rounds"
-            " stochastically) or fused=False, or bf16_stochastic_round=False")
+            f"{where}: {field}=True and fused=True conflict: bitsandbytes' fused kernel writes a bfloat16"
+            f" weight rounded to nearest; valid: fused=None (bfloat16 weights take the plain step, which applies"
+            f" {field}) or fused=False, or {field}=False")
     if group.get("master_weights") is True:
         raise ValueError(
-            f"{where}: bf16_stochastic_round=True and master_weights=True conflict: the float32 master copy of the"
+            f"{where}: {field}=True and master_weights=True conflict: the float32 master copy of the"
             " active block already keeps small updates (the bfloat16 weight is a rounded copy of it); valid:"
-            " master_weights=False (pure-bfloat16 training, stochastically rounded) or bf16_stochastic_round=False")
+            f" master_weights=False (pure-bfloat16 training with {field}) or {field}=False")
+    if field == "kahan_summation" and any(is_dtensor(p) for p in group["params"]):
+        raise NotImplementedError(
+            f"{where}: kahan_summation=True on FSDP2 (DTensor) parameters: the compensation buffer is not sharded"
+            " by lowmem yet; valid there: bf16_stochastic_round=True (each shard rounded stochastically)")
 
 
 def record_validated(opt: Any, group: dict[str, Any], where: str, check: bool = False) -> None:

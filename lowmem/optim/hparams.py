@@ -143,7 +143,13 @@ BF16_STOCHASTIC_ROUND = HParam(
     " with it needs a bfloat16 parameter",
 )
 
-ENGINE_HPARAMS = (STATE_DTYPE, FOREACH, BF16_STOCHASTIC_ROUND)  # accepted by every engine optimizer
+KAHAN_SUMMATION = HParam(
+    "kahan_summation", False, is_bool, "True or False",
+    "keep a bfloat16 compensation buffer per bfloat16 parameter (2 B per element of state) that carries what each"
+    " write-back rounded away (Kahan summation); a group with it needs a bfloat16 parameter",
+)
+
+ENGINE_HPARAMS = (STATE_DTYPE, FOREACH, BF16_STOCHASTIC_ROUND, KAHAN_SUMMATION)  # accepted by every engine optimizer
 
 
 # ---- optimizer arguments from text ----------------------------------------------------------

@@ -80,6 +80,17 @@ def stochastic_round_bytes(n: int, overwrite_src: bool = True) -> int:
     return n + random_int16_bytes(n) + (0 if overwrite_src else 4 * n)
 
 
+def kahan_store_(dst: Tensor, src: Tensor, comp: Tensor) -> None:
+    """``dst <- round(src + comp)``, ``comp <- (src + comp) - dst``: the new weight ``src`` (float32, the step's
+    result from the old ``dst``; a temporary: overwritten) written into bfloat16 ``dst`` with Kahan's compensated
+    summation (Kahan 1965; for bfloat16 weights: Zamirai et al. 2020, Section 4, "Kahan summation"; the ``optimi``
+    package's ``kahan_sum``): ``comp`` (bfloat16, ``dst``'s shape) carries what rounding to nearest dropped, so an
+    update below half an ulp accumulates there until it moves the weight. Allocates nothing."""
+    src.add_(comp)
+    dst.copy_(src)
+    comp.copy_(src.sub_(dst))
+
+
 _MASK64 = (1 << 64) - 1
 
 
