@@ -1,7 +1,6 @@
 """Stochastic rounding of a float32 result into a bfloat16 tensor.
 
-Zamirai, Zhang, Aberger, De Sa 2020, "Revisiting BFloat16 Training" (arXiv:2010.06192), Section 3 and
-Eq. (2): pure-bfloat16 training stores the weights in bfloat16 only, and round-to-nearest drops any update
+Zamirai, Zhang, Aberger, De Sa 2020, "Revisiting BFloat16 Training" (arXiv:2010.06192): pure-bfloat16 training stores the weights in bfloat16 only, and round-to-nearest drops any update
 smaller than half a unit in the last place of the weight (``|w| * 2^-9``); stochastic rounding
 
     ``Q(x) = floor_bf16(x) + ulp(x)`` with probability ``(x - floor_bf16(x)) / ulp(x)``, else ``floor_bf16(x)``
@@ -42,7 +41,7 @@ _UPPER = -65536
 
 def stochastic_round_to_bf16_(dst: Tensor, src: Tensor, generator: torch.Generator | None = None, *,
                               overwrite_src: bool = False) -> Tensor:
-    """``dst <- Q(src)``: ``src`` (float32) stochastically rounded to bfloat16 (Zamirai et al. 2020, Eq. 2;
+    """``dst <- Q(src)``: ``src`` (float32) stochastically rounded to bfloat16 (Zamirai et al. 2020; ``Q`` in
     the module docstring), written into ``dst`` (bfloat16, ``src``'s shape). Returns ``dst``.
 
     The random bits are 16 per element from ``generator`` (``None``: torch's default one of ``src``'s
@@ -83,7 +82,7 @@ def stochastic_round_bytes(n: int, overwrite_src: bool = True) -> int:
 def kahan_store_(dst: Tensor, src: Tensor, comp: Tensor) -> None:
     """``dst <- round(src + comp)``, ``comp <- (src + comp) - dst``: the new weight ``src`` (float32, the step's
     result from the old ``dst``; a temporary: overwritten) written into bfloat16 ``dst`` with Kahan's compensated
-    summation (Kahan 1965; for bfloat16 weights: Zamirai et al. 2020, Section 4, "Kahan summation"; the ``optimi``
+    summation (Kahan 1965; for bfloat16 weight updates: Zamirai et al. 2020, beside stochastic rounding; the ``optimi``
     package's ``kahan_sum``): ``comp`` (bfloat16, ``dst``'s shape) carries what rounding to nearest dropped, so an
     update below half an ulp accumulates there until it moves the weight. Allocates nothing."""
     src.add_(comp)
