@@ -746,7 +746,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass's hand-written constructor (the drop-in classes' signatures, tests/test_migration_classes.py)
         takes the engine settings added after it was written too (:data:`_ADDED_ENGINE_SETTINGS`:
-        ``bf16_stochastic_round``), keyword-only, shown in its signature (:func:`_takes_added_settings`)."""
+        ``bf16_stochastic_round``, ``kahan_summation``), keyword-only, shown in its signature
+        (:func:`_takes_added_settings`)."""
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if init is not None:
