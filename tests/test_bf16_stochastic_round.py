@@ -330,3 +330,23 @@ def test_budget_counts_the_compensation(capsys):
     assert main(["budget", "tiny", "--optim", "adamw", "--dtype", "bf16", "--precision", "mixed",
                  "--optim-args", "kahan_summation=true"]) == 2
     assert "kahan_summation=True rounds updates into bfloat16 parameters" in capsys.readouterr().err
+
+
+def test_budget_search_narrowed_to_bfloat16_full_fine_tuning():
+    """``lowmem budget --budget ... --optim-args kahan_summation=true``: the search's LoRA candidates (float32
+    adapters) are left out, and a dtype or LoRA flag the options cannot apply to is an error naming both."""
+    from types import SimpleNamespace
+
+    from lowmem.cli_budget import _search_narrowing
+
+    args = SimpleNamespace(no_double_quant=False, lora_targets="all-linear", quantization=None, lora_r=None,
+                           layerwise=False, gradient_checkpointing=None, dtype="bf16", optimizer="adamw")
+    for option in ("bf16_stochastic_round", "kahan_summation"):
+        kw = _search_narrowing(args, True, {option: True})
+        assert kw["lora_ranks"] == [] and kw["optim_args"] == {option: True}
+        with pytest.raises(ValueError, match=f"{option}=true applies to bfloat16 weights.*--dtype fp32"):
+            _search_narrowing(SimpleNamespace(**{**vars(args), "dtype": "fp32"}), True, {option: True})
+        with pytest.raises(ValueError, match=f"{option}=true with --lora-r"):
+            _search_narrowing(SimpleNamespace(**{**vars(args), "lora_r": 16}), True, {option: True})
+    assert "lora_ranks" not in _search_narrowing(args, True, {"bf16_stochastic_round": False})
+    assert _search_narrowing(SimpleNamespace(**{**vars(args), "lora_r": 16}), True, {})["lora_ranks"] == [16]
