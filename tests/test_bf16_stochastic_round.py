@@ -350,3 +350,24 @@ def test_budget_search_narrowed_to_bfloat16_full_fine_tuning():
             _search_narrowing(SimpleNamespace(**{**vars(args), "lora_r": 16}), True, {option: True})
     assert "lora_ranks" not in _search_narrowing(args, True, {"bf16_stochastic_round": False})
     assert _search_narrowing(SimpleNamespace(**{**vars(args), "lora_r": 16}), True, {})["lora_ranks"] == [16]
+
+
+def test_streams_follow_the_parameters_positions():
+    """A parameter's stream is seeded by its position in the groups whatever order the states were made in (a
+    parameter without a gradient at the first step; a second group), so two optimizers over the same parameters
+    round alike; after load_state_dict (new state tensors) the positions are found again, and a group added later
+    extends them."""
+    ps = [_weights((8, 8)) for _ in range(5)]
+    opt = create_optimizer([{"params": ps[:3]}, {"params": ps[3:]}], "adamw", lr=1e-4, bf16_stochastic_round=True)
+    for order in ([3, 1], [0, 1, 2, 3, 4]):
+        for i, p in enumerate(ps):
+            p.grad = torch.ones(8, 8, dtype=torch.bfloat16) if i in order else None
+        opt.step()
+    assert [opt._param_index(opt.state[p]["step"]) for p in ps] == [0, 1, 2, 3, 4]
+    opt.load_state_dict(opt.state_dict())
+    assert [opt._param_index(opt.state[p]["step"]) for p in reversed(ps)] == [4, 3, 2, 1, 0]
+    extra = _weights((8, 8))
+    opt.add_param_group({"params": [extra]})  # (a group added after steps: its parameter is position 5)
+    extra.grad = torch.ones(8, 8, dtype=torch.bfloat16)
+    opt.step()
+    assert opt._param_index(opt.state[extra]["step"]) == 5

@@ -828,7 +828,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
     #: hands to its own phases
     _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_settings_sigs", "_checked", "_usable",
-                             "_decided", "_sr_cur", "_sr_index"})
+                             "_decided", "_sr_cur", "_sr_index", "_sr_gens"})
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every
@@ -860,6 +860,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_routes", None)
         self.__dict__.pop("_group_sigs", None)
         self.__dict__.pop("_hold", None)
+        self.__dict__.pop("_sr_index", None)  # (the rounding's parameter positions: _param_index)
 
     def _full_rank_by_rank(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p`` (2-D, or a batch of matrices ``[..., m, n]``) of a projected group trains full-rank
@@ -2650,7 +2651,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         cur = self.__dict__.get("_sr_cur")
         if cur is not None and cur[0] is step and cur[1] == t and cur[2].device == dst.device:
             return cur[2]
-        gen = torch.Generator(device=dst.device)
+        gens = self.__dict__.setdefault("_sr_gens", {})  # (one generator per device, seeded again per parameter)
+        gen = gens.get(dst.device)
+        if gen is None:
+            gen = gens[dst.device] = torch.Generator(device=dst.device)
         gen.manual_seed(stream_seed(self._param_index(step), t))
         self.__dict__["_sr_cur"] = (step, t, gen)
         return gen
@@ -2659,21 +2663,29 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """The position, in the parameter groups' order, of the parameter whose step counter is ``step`` (a batch of
         matrices' shares one: :data:`MATRIX_SHARED_KEYS`; a sharded parameter's is its state's), plus, for an FSDP2
         parameter, ``2^32`` times its rank's linear position in the mesh (each shard its own bits: a run's rounding
-        then depends on its sharding, as its shards do). A map of the counters, made again when a counter is not in
-        it (a parameter's state made since: its first step, a load)."""
+        then depends on its sharding, as its shards do). A map of the counters seen, extended when a counter is not in
+        it (a parameter's state made since: its first step, a load) by looking at the parameters from the one after
+        the last found (one look per parameter on a first step); made anew when the groups change
+        (:meth:`_forget_routes`)."""
         index = self.__dict__.get("_sr_index")
-        hit = None if index is None else index.get(id(step))
-        if hit is None or hit[0] is not step:
-            index = self.__dict__["_sr_index"] = {}
-            params = (p for g in self.param_groups for p in g["params"])
-            for i, p in enumerate(params):
-                c = self.state[p].get("step") if p in self.state else None
-                if isinstance(c, Tensor):
-                    index[id(c)] = (c, i + (_mesh_position(p) << 32 if is_dtensor(p) else 0))
-            hit = index.get(id(step))
-            if hit is None:
-                raise RuntimeError(f"{self.recipe.name}: stochastic rounding of a parameter this optimizer does not hold")
-        return hit[1]
+        if index is None:  # (made again after _forget_routes: groups added or loaded)
+            index = self.__dict__["_sr_index"] = {"params": [p for g in self.param_groups for p in g["params"]], "next": 0}
+        hit = index.get(id(step))
+        if hit is not None and hit[0] is step:
+            return hit[1]
+        # a counter not seen yet: the parameters' states from where the last one was found on (a first step meets
+        # them in order: one look each), noting each counter on the way
+        params = index["params"]
+        for k in range(len(params)):
+            i = (index["next"] + k) % len(params)
+            p = params[i]
+            c = self.state[p].get("step") if p in self.state else None
+            if isinstance(c, Tensor):
+                index[id(c)] = (c, i + (_mesh_position(p) << 32 if is_dtensor(p) else 0))
+                if c is step:
+                    index["next"] = i + 1
+                    return index[id(c)][1]
+        raise RuntimeError(f"{self.recipe.name}: stochastic rounding of a parameter this optimizer does not hold")
 
     def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
         """Decoupled weight decay and the step along ``d`` (in place on ``p32``)."""
