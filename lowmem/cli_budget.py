@@ -429,7 +429,8 @@ def _resolve_seq_len_and_dtype(args: argparse.Namespace) -> list[str]:
 def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_args: dict) -> dict:
     """:func:`~lowmem.memory.search.search_budget`'s arguments for what the user gave beside ``--budget``: each flag
     narrows the search to what it says (``--optimizer``: that optimizer only; ``--optim-args``: those hyperparameters,
-    a ``rank`` the only rank; ``--lora-r``: LoRA candidates of that rank only; ``--quantization``: those base weights;
+    a ``rank`` the only rank, ``bf16_stochastic_round`` / ``kahan_summation`` full fine-tuning of bfloat16 weights
+    only; ``--lora-r``: LoRA candidates of that rank only; ``--quantization``: those base weights;
     ``--layerwise``: layerwise stepping only; ``--(no-)gradient-checkpointing``: that choice only). A flag the search
     cannot apply is an error naming it (no silent ignoring)."""
     if args.no_double_quant:
@@ -459,6 +460,15 @@ def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_arg
             kw["lora_ranks"] = []
     if optim_args:
         kw["optim_args"] = optim_args
+    bf16_only = [k for k in BF16_ONLY_OPTIM_ARGS if optim_args and optim_args.get(k)]
+    if bf16_only:  # (options for bfloat16 weights: full fine-tuning of a bfloat16 model only)
+        if args.dtype != "bf16":
+            raise ValueError(f"--optim-args {bf16_only[0]}=true applies to bfloat16 weights: with --budget give --dtype bf16"
+                             f" (got --dtype {args.dtype})")
+        if args.lora_r or args.quantization:
+            raise ValueError(f"--optim-args {bf16_only[0]}=true with --lora-r / --quantization and --budget: LoRA adapters"
+                             " are float32, nothing to round; drop one of them")
+        kw["lora_ranks"] = []  # (the search's LoRA candidates train float32 adapters)
     if args.lora_r:
         kw.update(lora_ranks=[args.lora_r], full_finetuning=False)
     if args.quantization:
@@ -599,6 +609,11 @@ def measured_table(check: dict) -> str:
     lines.append(f"  {check['verdict']}")
     lines.extend(f"  note: {n}" for n in check["notes"])
     return "\n".join(lines) + "\n"
+
+
+#: optimizer settings that apply to bfloat16 weights only (lowmem.optim.group_layout.check_rounding): left out of the
+#: mixed-precision comparison of a pure-precision estimate
+BF16_ONLY_OPTIM_ARGS = ("bf16_stochastic_round", "kahan_summation")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -774,6 +789,10 @@ def run(args: argparse.Namespace) -> int:
     est = estimate_memory(args.model, **common)
     if args.dtype != "fp32":  # say which precision is assumed, and what the other one totals
         kw = {k: v for k, v in common.items() if k != "dtype"}
+        if args.precision == "pure" and kw.get("optim_args"):
+            # the comparison's float32 master weights: nothing for the bfloat16-only write-back options to round
+            # (with --precision mixed they stay, and the estimate refuses them by name)
+            kw["optim_args"] = {k: v for k, v in kw["optim_args"].items() if k not in BF16_ONLY_OPTIM_ARGS}
         mixed = mixed_precision_estimate(args.model, args.dtype, **kw)
         pure, other = (est, mixed) if args.precision == "pure" else (mixed, est)
         est = pure if args.precision == "pure" else mixed

@@ -168,6 +168,8 @@ def test_a_zero_first_gradient_leaves_the_weight_finite_and_refreshes_at_the_nex
     ("gamma", 0.5, "Invalid gamma=0.5: expected a finite float >= 1"),
     ("power_iters", -1, "Invalid power_iters=-1"),
     ("bias_correction", 1, "Invalid bias_correction=1: expected True or False"),
+    ("carry_covariance", "yes", "Invalid carry_covariance='yes': expected True or False"),
+    ("refresh_phase", "every", "Invalid refresh_phase='every'"),
     ("proj_type", "full", "proj_type must be one of"),
     ("projection", "svd", "Invalid projection='svd'"),
     ("betas", (0.9, 1.0), "Invalid betas=(0.9, 1.0)"),

@@ -163,3 +163,16 @@ def test_4bit_meta_report_takes_the_device_forms(monkeypatch, name):
     cpu = report("cpu")
     monkeypatch.setattr(Q, "launch_bound", lambda device: True)
     assert report("meta") == report("cpu") < cpu
+
+
+@pytest.mark.parametrize("chunk", CHUNKS, ids=str)
+@pytest.mark.parametrize("name", ["came", "adafactor", "adamw8bit", "lion", "lomo"])
+@pytest.mark.parametrize("option", ["bf16_stochastic_round", "kahan_summation"])
+def test_rounding_write_back_counted(option, name, chunk):
+    """``bf16_stochastic_round``: the write-back's random bits (2 B per element) and NaN mask (1 B) beside the
+    parameter chunk's float32 copy, after the direction is freed (LowMemOptimizer._store); CAME in one block keeps
+    its whole direction through the write-back (``chunk_kept_bytes``: 11 B per element traced, 8 before it was
+    counted); the others' rounding fits in the freed direction's place. ``kahan_summation``: its write-back
+    (``rounding.kahan_store_``) allocates nothing (its compensation is state)."""
+    traced, reported = _traced_and_reported(name, torch.bfloat16, (200, 128), chunk, **{option: True})
+    assert traced == reported > 0

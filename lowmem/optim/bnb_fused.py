@@ -141,6 +141,9 @@ def _tensor_reason(p: Tensor, g: Tensor, group: dict[str, Any]) -> str | None:
         return "the parameter or its gradient is not contiguous"
     if p.numel() > MAX_NUMEL:
         return f"{p.numel()} elements (the kernel counts them in an int32)"
+    if p.dtype == torch.bfloat16 and (group.get("bf16_stochastic_round") or group.get("kahan_summation")):
+        return ("bf16_stochastic_round or kahan_summation on a bfloat16 parameter (the kernel writes the weight"
+                " rounded to nearest; the plain step applies the option)")
     if group.get("weight_decay", 0.0) < 0:
         return f"weight_decay={group['weight_decay']} < 0 (the kernel decays only for weight_decay > 0)"
     return None

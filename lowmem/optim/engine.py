@@ -62,6 +62,7 @@ CPU, 2^24 elsewhere, where smaller chunks make the step launch-bound).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections import OrderedDict
@@ -75,7 +76,9 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
-from .group_layout import _MISSING, _Reads, check_group_layouts, check_resized, check_state_fits, record_validated
+from .functional.rounding import kahan_store_, stochastic_round_bytes, stochastic_round_to_bf16_, stream_seed
+from .group_layout import (_MISSING, _Reads, check_group_layouts, check_resized, check_rounding, check_state_fits,
+                           record_validated)
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
 from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
 from .sharded import DTensor as _DTensor
@@ -652,6 +655,46 @@ def _refuse_complex(p: Tensor, where: str) -> None:
             " forward")
 
 
+#: engine settings (ENGINE_HPARAMS) that the drop-in classes' hand-written constructors do not list: each one takes
+#: them keyword-only all the same (:meth:`LowMemOptimizer.__init_subclass__`), with these defaults
+_ADDED_ENGINE_SETTINGS = {"bf16_stochastic_round": False, "kahan_summation": False}
+_UNSET = object()
+
+
+def _mesh_position(p: Tensor) -> int:
+    """This rank's row-major position in ``p``'s device mesh (a DTensor's)."""
+    coord, shape = p.device_mesh.get_coordinate() or (), p.device_mesh.shape
+    pos = 0
+    for c, n in zip(coord, shape):
+        pos = pos * n + c
+    return pos
+
+
+def _takes_added_settings(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` (a subclass's ``__init__``) taking the :data:`_ADDED_ENGINE_SETTINGS` it does not list as
+    keyword-only arguments: a value given is handed to :meth:`LowMemOptimizer.__init__` (through the instance,
+    before ``init`` runs; a value an outer subclass's constructor was given is kept), and the signature shows
+    them. ``init`` itself where it lists them all or takes ``**kwargs``."""
+    sig = inspect.signature(init)
+    added = [k for k in _ADDED_ENGINE_SETTINGS if k not in sig.parameters]
+    if not added or any(q.kind == q.VAR_KEYWORD for q in sig.parameters.values()):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        given = {k: kwargs.pop(k) for k in added if kwargs.get(k, _UNSET) is not _UNSET}
+        if given:
+            pending = self.__dict__.setdefault("_added_settings", {})
+            for k, v in given.items():
+                pending.setdefault(k, v)
+        init(self, *args, **kwargs)
+
+    __init__.__signature__ = sig.replace(parameters=[
+        *sig.parameters.values(),
+        *(inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=_ADDED_ENGINE_SETTINGS[k]) for k in added)])
+    return __init__
+
+
 class LowMemOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Recipe`.
 
@@ -724,10 +767,22 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return value
         return DEFAULT_CHUNK_NUMEL if device.type == "cpu" else DEVICE_CHUNK_NUMEL
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's hand-written constructor (the drop-in classes' signatures, tests/test_migration_classes.py)
+        takes the engine settings added after it was written too (:data:`_ADDED_ENGINE_SETTINGS`:
+        ``bf16_stochastic_round``, ``kahan_summation``), keyword-only, shown in its signature
+        (:func:`_takes_added_settings`)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _takes_added_settings(init)
+
     def __init__(self, params: Iterable[Any], recipe: Recipe | None = None, **hparams: Any):
         recipe = recipe if recipe is not None else getattr(type(self), "recipe", None)
         if recipe is None:
             raise TypeError("LowMemOptimizer needs a recipe")
+        for k, v in self.__dict__.pop("_added_settings", {}).items():  # (a subclass's constructor took them)
+            hparams.setdefault(k, v)
         self.recipe = recipe
         known = recipe.all_hparams()
         unknown = sorted(set(hparams) - set(known))
@@ -761,6 +816,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 _refuse_complex(p, f"{where}, parameter {i}")
             for h in (*self.recipe.hparams, *ENGINE_HPARAMS):
                 h.validate(group[h.name], where=where)
+            check_rounding(group, where)
             if group.get("rank") is not None:  # a projected group: its other settings get defaults
                 for h in self.recipe.group_hparams:
                     if h.default is not None:
@@ -796,7 +852,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
     #: parameters, rebuilt at the next step (:meth:`_forget_routes`' and ``group_layout``'s), and what one step
     #: hands to its own phases
     _NOT_COPIED = frozenset({"_routes", "_group_sigs", "_hold", "_layout_sigs", "_settings_sigs", "_checked", "_usable",
-                             "_decided", "_devices"})
+                             "_decided", "_devices", "_sr_cur", "_sr_index", "_sr_gens"})
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's ``defaults``, ``state`` and ``param_groups``, and every
@@ -828,6 +884,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_routes", None)
         self.__dict__.pop("_group_sigs", None)
         self.__dict__.pop("_hold", None)
+        self.__dict__.pop("_sr_index", None)  # (the rounding's parameter positions: _param_index)
 
     def _full_rank_by_rank(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether ``p`` (2-D, or a batch of matrices ``[..., m, n]``) of a projected group trains full-rank
@@ -970,6 +1027,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             r.moment.init_state(state, shape, group, p)
         for s in r.stabilizers:
             s.init_state(state, p, group)
+        if group.get("kahan_summation") and p.dtype == torch.bfloat16:  # (the write-back's compensation: _store)
+            state["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
 
     def materialize_state(self) -> None:
         """Allocate the state of every parameter now (normally done lazily at its first step).
@@ -1348,6 +1407,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         bounds = self._chunk_bounds(p, group, state)
         if bounds is None and self._is_projected(p, group):
             return self._projected_bytes(p, group, state, steady).alone
+        worst = self._steps_bytes(p, group, state, bounds)
+        if p.dtype == torch.bfloat16 and group.get("bf16_stochastic_round"):
+            # the write-back's phase (_store): the parameter (chunk)'s float32 copy and the rounding's random bits
+            # and NaN mask, beside what the chunked rule keeps through its chunks (the direction is freed first)
+            for n in sorted({b - a for a, b in bounds} if bounds is not None else {p.numel()}, reverse=True)[:1]:
+                kept = r.moment.chunk_kept_bytes(n, p.shape, group, state) if bounds is not None else 0
+                worst = max(worst, kept + 4 * n + stochastic_round_bytes(n))
+        return worst
+
+    def _steps_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                     bounds: list[tuple[int, int]] | None) -> int:
+        """:meth:`_step_transient_bytes_of` of an unprojected parameter stepped whole (``bounds`` ``None``) or in
+        the chunks ``bounds``, but the write-back's stochastic rounding."""
+        r = self.recipe
         lowp = p.dtype not in (torch.float32, torch.float64)
         whole = getattr(r.moment, "whole_transient_bytes", None)
         if bounds is None:
@@ -2580,9 +2653,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
             pc = pflat[start:stop]
             p32 = F.compute_float(pc)
             self._apply(p32, d, lr, lr_scale, wd)
+            del d, view  # (before the write-back: stochastic rounding's bits take the direction's place)
             if p32 is not pc:
-                pc.copy_(p32)
-            del d, view, p32  # (before the next chunk's copies: LowMemOptimizer._param_transient_bytes)
+                self._store(pc, p32, group, state, (start, stop))
+            del p32  # (before the next chunk's copies: LowMemOptimizer._param_transient_bytes)
         r.moment.finish_chunks(state, mctx)
 
     @staticmethod
@@ -2621,10 +2695,78 @@ class LowMemOptimizer(torch.optim.Optimizer):
             pr = p[start:stop]
             p32 = F.compute_float(pr)
             self._apply(p32, d, lr, lr_scale, wd)
+            del d
             if p32 is not pr:
-                pr.copy_(p32)
-            del d, p32  # (the block's float32 copy freed before the next block's are made)
+                self._store(pr, p32, group, state, (start * p.shape[1], stop * p.shape[1]))
+            del p32  # (the block's float32 copy freed before the next block's are made)
         P.post_update(g, state, group, down_of_g, checked)
+
+    def _store(self, dst: Tensor, src: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                span: tuple[int, int] | None = None) -> None:
+        """Write a step's float32 result ``src`` (a temporary of the step: overwritten) into the parameter (or its
+        chunk, block of rows, shard) ``dst``: stochastically rounded where ``dst`` is bfloat16 and the group has
+        ``bf16_stochastic_round`` (:func:`~lowmem.optim.functional.rounding.stochastic_round_to_bf16_`, its bits
+        from :meth:`_rounding_generator`); with the compensation of ``kahan_summation`` (its flat elements
+        ``span`` of the parameter's, ``None``: all) where the state keeps one
+        (:func:`~lowmem.optim.functional.rounding.kahan_store_`); else ``copy_`` (round-to-nearest)."""
+        if dst.dtype == torch.bfloat16 and group.get("bf16_stochastic_round"):
+            stochastic_round_to_bf16_(dst, src, self._rounding_generator(state, dst), overwrite_src=True)
+        elif "kahan_comp" in state and dst.dtype == torch.bfloat16:
+            comp = state["kahan_comp"]
+            kahan_store_(dst, src, comp if span is None else comp.view(-1)[span[0] : span[1]].view(dst.shape))
+        else:
+            dst.copy_(src)
+
+    def _rounding_generator(self, state: dict[str, Tensor], dst: Tensor) -> torch.Generator | None:
+        """The generator of the random bits that round the parameter whose state is ``state`` at its current step
+        count ``t`` (the write-backs of one parameter's step follow one another: its chunks, row blocks, the
+        matrices of a batch; the generator is kept from one to the next): seeded with
+        :func:`~lowmem.optim.functional.rounding.stream_seed` of the parameter's position in the groups and
+        ``t``, so a run draws the same bits again, and a run resumed from a checkpoint the bits the uninterrupted
+        run drew; no state of its own (``state_bytes()`` unchanged). ``None`` on a meta or fake tensor (the
+        estimator's and the traced step's: nothing is drawn)."""
+        if _no_data(dst):
+            return None
+        step = state["step"]
+        t = step.item()
+        cur = self.__dict__.get("_sr_cur")
+        if cur is not None and cur[0] is step and cur[1] == t and cur[2].device == dst.device:
+            return cur[2]
+        gens = self.__dict__.setdefault("_sr_gens", {})  # (one generator per device, seeded again per parameter)
+        gen = gens.get(dst.device)
+        if gen is None:
+            gen = gens[dst.device] = torch.Generator(device=dst.device)
+        gen.manual_seed(stream_seed(self._param_index(step), t))
+        self.__dict__["_sr_cur"] = (step, t, gen)
+        return gen
+
+    def _param_index(self, step: Tensor) -> int:
+        """The position, in the parameter groups' order, of the parameter whose step counter is ``step`` (a batch of
+        matrices' shares one: :data:`MATRIX_SHARED_KEYS`; a sharded parameter's is its state's), plus, for an FSDP2
+        parameter, ``2^32`` times its rank's linear position in the mesh (each shard its own bits: a run's rounding
+        then depends on its sharding, as its shards do). A map of the counters seen, extended when a counter is not in
+        it (a parameter's state made since: its first step, a load) by looking at the parameters from the one after
+        the last found (one look per parameter on a first step); made anew when the groups change
+        (:meth:`_forget_routes`)."""
+        index = self.__dict__.get("_sr_index")
+        if index is None:  # (made again after _forget_routes: groups added or loaded)
+            index = self.__dict__["_sr_index"] = {"params": [p for g in self.param_groups for p in g["params"]], "next": 0}
+        hit = index.get(id(step))
+        if hit is not None and hit[0] is step:
+            return hit[1]
+        # a counter not seen yet: the parameters' states from where the last one was found on (a first step meets
+        # them in order: one look each), noting each counter on the way
+        params = index["params"]
+        for k in range(len(params)):
+            i = (index["next"] + k) % len(params)
+            p = params[i]
+            c = self.state[p].get("step") if p in self.state else None
+            if isinstance(c, Tensor):
+                index[id(c)] = (c, i + (_mesh_position(p) << 32 if is_dtensor(p) else 0))
+                if c is step:
+                    index["next"] = i + 1
+                    return index[id(c)][1]
+        raise RuntimeError(f"{self.recipe.name}: stochastic rounding of a parameter this optimizer does not hold")
 
     def _apply(self, p32: Tensor, d: Tensor, lr: Any, lr_scale: float, wd: float) -> None:
         """Decoupled weight decay and the step along ``d`` (in place on ``p32``)."""
@@ -2741,8 +2883,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         d = r.moment.direction(g, state, group, t, lr)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, r.moment.weight_decay_for(group, state))
+        del g, d
         if p32 is not p:
-            p.copy_(p32)
+            self._store(p, p32, group, state)
 
     def _down_in_rows(self, p: Tensor, grad: Tensor) -> bool:
         """Whether :meth:`_project_down` projects ``grad`` a block of rows at a time (a low-precision
@@ -2802,8 +2945,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         P.post_update(g, state, group, item.down_of_g, checked)
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         self._apply(p32, d, lr, lr_scale, group.get("weight_decay", 0.0))
+        del d
         if p32 is not p:
-            p.copy_(p32)
+            self._store(p, p32, group, state)
 
     def _sharded_projection(self, key: Tensor, group: dict[str, Any], reduce: ShardReduce | None) -> ShardedProjection:
         from .sharded import _projected_side
@@ -2845,8 +2989,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         d = combine_direction(r.combine, g, low, d, state, group, sp)
         p32 = F.compute_float(p)
         self._apply(p32, d, lr, 1.0, group.get("weight_decay", 0.0))
+        del d
         if p32 is not p:
-            p.copy_(p32)
+            self._store(p, p32, group, state)
         sharded_post_update(g, low, state, group, sp)  # Online Subspace Descent's basis step
 
     def _refresh(self, p: Tensor, g: Tensor, state: dict[str, Tensor], group: dict[str, Any], t: int,

@@ -416,6 +416,49 @@ def _validate_group(opt: Any, group: dict[str, Any], where: str) -> frozenset:
     return frozenset(seen.read - {"params", "lr"})
 
 
+#: the settings :func:`check_rounding` reads
+ROUNDING_KEYS = frozenset({"bf16_stochastic_round", "kahan_summation", "fused", "master_weights"})
+
+
+def check_rounding(group: dict[str, Any], where: str) -> None:
+    """Refuse ``bf16_stochastic_round=True`` or ``kahan_summation=True`` where it cannot apply (a value that cannot
+    apply is an error, never ignored): both at once (two ways of keeping the small updates: choose one), a group
+    with no bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore the option on float32 weights,
+    lowmem says so), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a bfloat16
+    weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the option:
+    ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block already
+    keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` on FSDP2
+    (DTensor) parameters (its compensation is not sharded)."""
+    on = [k for k in ("bf16_stochastic_round", "kahan_summation") if group.get(k)]
+    if not on:
+        return
+    if len(on) == 2:
+        raise ValueError(
+            f"{where}: bf16_stochastic_round=True and kahan_summation=True conflict: each keeps the updates that"
+            " rounding to bfloat16 drops (stochastic rounding: unbiased, no state; Kahan: a 2 B/param compensation);"
+            " valid: one of them")
+    field = on[0]
+    dtypes = sorted({str(local(p).dtype).replace("torch.", "") for p in group["params"]})
+    if "bfloat16" not in dtypes:
+        raise ValueError(
+            f"{where}: {field}=True rounds updates into bfloat16 parameters, and this group has none"
+            f" (its parameters: {', '.join(dtypes) or 'none'}); valid: {field}=False, or bfloat16 weights")
+    if group.get("fused") is True:
+        raise ValueError(
+            f"{where}: {field}=True and fused=True conflict: bitsandbytes' fused kernel writes a bfloat16"
+            f" weight rounded to nearest; valid: fused=None (bfloat16 weights take the plain step, which applies"
+            f" {field}) or fused=False, or {field}=False")
+    if group.get("master_weights") is True:
+        raise ValueError(
+            f"{where}: {field}=True and master_weights=True conflict: the float32 master copy of the"
+            " active block already keeps small updates (the bfloat16 weight is a rounded copy of it); valid:"
+            f" master_weights=False (pure-bfloat16 training with {field}) or {field}=False")
+    if field == "kahan_summation" and any(is_dtensor(p) for p in group["params"]):
+        raise NotImplementedError(
+            f"{where}: kahan_summation=True on FSDP2 (DTensor) parameters: the compensation buffer is not sharded"
+            " by lowmem yet; valid there: bf16_stochastic_round=True (each shard rounded stochastically)")
+
+
 def record_validated(opt: Any, group: dict[str, Any], where: str, check: bool = False) -> None:
     """Keep ``group``'s settings as validated (:func:`check_group_settings`): what
     :meth:`LowMemOptimizer.add_param_group` calls once it has validated them; ``check``: validate each first (a
@@ -428,6 +471,7 @@ def record_validated(opt: Any, group: dict[str, Any], where: str, check: bool = 
         for k, v in zip(names, values):
             if v is not _MISSING:
                 specs[k].validate(_numbers(v), where=where)
+        check_rounding(group, where)
     reads = None if opt.recipe.validate_group is None else _validate_group(opt, group, where)
     opt.__dict__.setdefault("_settings_sigs", {})[id(group)] = _Validated(
         group, names, (_MISSING,) * len(names), _copied(values), reads, tuple(group))
@@ -525,6 +569,8 @@ def check_group_settings(opt: Any) -> None:
             continue
         if "lr" in changed:  # (an lr the step would not use: Adafactor's relative_step; _written_lr)
             _written_lr(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'")
+        if not ROUNDING_KEYS.isdisjoint(changed):
+            check_rounding(group, f"parameter group {i} of optimizer '{opt.recipe.name}'")
         reads = entry.reads
         if reads is not None and not reads.isdisjoint(changed):
             reads = _validate_group(opt, group, f"parameter group {i} of optimizer '{opt.recipe.name}'")

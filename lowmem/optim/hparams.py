@@ -136,7 +136,20 @@ FOREACH = HParam(
     " single-tensor reference path",
 )
 
-ENGINE_HPARAMS = (STATE_DTYPE, FOREACH)  # accepted by every engine optimizer
+BF16_STOCHASTIC_ROUND = HParam(
+    "bf16_stochastic_round", False, is_bool, "True or False",
+    "write each step's float32 result into bfloat16 parameters with stochastic rounding (unbiased: updates"
+    " below half a bfloat16 ulp survive on average; Zamirai et al. 2020) instead of round-to-nearest; a group"
+    " with it needs a bfloat16 parameter",
+)
+
+KAHAN_SUMMATION = HParam(
+    "kahan_summation", False, is_bool, "True or False",
+    "keep a bfloat16 compensation buffer per bfloat16 parameter (2 B per element of state) that carries what each"
+    " write-back rounded away (Kahan summation); a group with it needs a bfloat16 parameter",
+)
+
+ENGINE_HPARAMS = (STATE_DTYPE, FOREACH, BF16_STOCHASTIC_ROUND, KAHAN_SUMMATION)  # accepted by every engine optimizer
 
 
 # ---- optimizer arguments from text ----------------------------------------------------------

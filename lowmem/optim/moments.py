@@ -286,6 +286,13 @@ class MomentRule:
         of ``shape`` (the returned direction included; state excluded). Default: 3 float32 tensors."""
         return 12 * numel
 
+    def chunk_kept_bytes(self, numel: int, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> int:
+        """What the chunked step keeps through a chunk's write-back once its direction is freed (what
+        :meth:`prepare_chunks` made for all the chunks): beside the parameter chunk's float32 copy and the random
+        bits of its stochastic rounding (the engine's ``bf16_stochastic_round`` phase). Default 0 (the direction,
+        which the write-back's bits replace, is the larger)."""
+        return 0
+
     def direction_bytes(self, numel: int, shape: torch.Size, group: dict[str, Any], state: dict[str, Tensor]) -> int:
         """What of :meth:`transient_bytes` is still alive when :meth:`direction` has returned (a projected
         parameter's combine-back runs beside it): the float32 direction, ``4 numel``; a rule whose step size

@@ -294,6 +294,13 @@ class CameMoments(MomentRule):
             return self.transient_bytes(numel, shape, group, state)
         return self._row_blocks_bytes(numel, shape, state)
 
+    def chunk_kept_bytes(self, numel, shape, group, state):
+        """A tensor stepped in one block keeps its whole direction (:meth:`prepare_chunks`' ``{"d": ...}``) through
+        the write-back; row blocks keep the confidence's factors ``4 (m + n)``."""
+        if len(shape) != 2 or numel >= math.prod(shape):
+            return 4 * math.prod(shape)  # (float32: only a bfloat16 parameter is rounded stochastically)
+        return 4 * (shape[0] + shape[1])
+
     def _row_blocks_bytes(self, numel, shape, state) -> int:
         """The three passes over row blocks of at most ``numel`` elements (:meth:`chunk_transient_bytes`); a float64
         state is computed in float64 without copies: the same tensors at 8 bytes per element."""
