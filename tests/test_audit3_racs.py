@@ -12,12 +12,15 @@ Section 4, Eq. 16 and Algorithm 1. The loop below is written here from the paper
 
 Unseen settings (shapes m < n and m > n, 3-D, iterations 2 / 7, beta 0 / 0.99, gamma 1 / 2, weight decay, groups of
 different settings, bfloat16 weights, a resumed ``state_dict`` loaded with ``weights_only=True``, a closure), and a
-tensor whose gradient is all zero at one step moves again after it (FOUND_AUDIT3 1: it had stopped for good).
+tensor whose gradient is all zero at one step moves again after it (FOUND_AUDIT3 1: it had stopped for good);
+``state_bytes()`` and ``step_transient_bytes()`` against the state tensors and a traced step on new shapes.
 """
 
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,7 +175,7 @@ def test_closure_is_called_and_its_loss_returned():
 
     before = w.detach().clone()
     loss = opt.step(closure)
-    assert calls and float(loss) == calls[0]
+    assert calls and loss.item() == calls[0]
     assert not torch.equal(w.detach(), before)
 
 
@@ -192,3 +195,39 @@ def test_a_zero_gradient_does_not_stop_the_tensor(zero_at):
         if t == zero_at:
             after_zero = p.detach().clone()
     assert float((p.detach() - after_zero).norm()) > 1e-3
+
+
+# ---- memory on shapes the authors' tests did not use ---------------------------------------------------------
+
+
+def _state_tensor_bytes(opt):
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_racs_bytes_on_new_shapes(pdtype):
+    """racs: ``state_bytes()`` is the bytes of the tensors in ``optimizer.state``, and ``step_transient_bytes()``
+    what a traced steady step holds at most, on 6 shapes (1 x 33, 33 x 1, 5 x 7, 7 x 5, 2 x 3 x 4 x 5, a 17-vector)
+    x whole / 40-element / 7-element chunks x float32 / bfloat16 statistics."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_muonfix_sweep import _RealLive
+
+    off = []
+    for shape in [(1, 33), (33, 1), (5, 7), (7, 5), (2, 3, 4, 5), (17,)]:
+        for state_dtype in ("float32", "bfloat16"):
+            for chunk in (None, 40, 7):
+                torch.manual_seed(0)
+                p = torch.nn.Parameter(torch.randn(shape).to(pdtype))
+                opt = create_optimizer([p], "racs", lr=1e-2, state_dtype=state_dtype)
+                opt.chunk_numel = chunk
+                gen = torch.Generator().manual_seed(1)
+                peak = 0
+                for step in range(3):
+                    p.grad = torch.randn(shape, generator=gen).to(pdtype)
+                    with _RealLive() as tr:
+                        opt.step()
+                    peak = max(peak, tr.peak) if step else 0
+                if opt.state_bytes() != _state_tensor_bytes(opt) or opt.step_transient_bytes() != peak:
+                    off.append((shape, state_dtype, chunk, opt.state_bytes(), _state_tensor_bytes(opt),
+                                opt.step_transient_bytes(), peak))
+    assert not off, off
