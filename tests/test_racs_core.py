@@ -6,12 +6,11 @@ by threads), what a step allocates against its report, and the refused settings.
 from __future__ import annotations
 
 import math
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
+from test_muonfix_sweep import _RealLive  # (the traced step's tracer: every dispatched output)
 
 from lowmem.optim import create_optimizer
 from lowmem.optim.functional.racs import racs_fixed_point, racs_rows
@@ -329,9 +328,6 @@ def test_step_transient_bytes_equal_the_traced_step(pdtype, state_dtype):
     blocks of 2 rows / of 1 row (measured: 180 cases, 0 off; 216 with a (200,) vector and chunks of 7). A float32
     weight with float32 statistics takes a bucket of its own (the multi-tensor step), the others the per-parameter
     step."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_muonfix_sweep import _RealLive
-
     off = []
     for shape in TRACE_SHAPES:
         cols = max(1, math.prod(shape[1:])) if len(shape) > 1 else 1
@@ -404,9 +400,6 @@ def test_foreach_buckets_equal_the_per_parameter_step(config):
 def test_foreach_step_allocates_what_it_reports(shapes, chunk):
     """``step_transient_bytes()`` with the buckets equals the traced steps 2-4 (measured: 12 bucket layouts and
     chunks and single-shape stacks of 1-5 tensors, 0 off; a stack of 0-d tensors peaks in the limiter's phase)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_muonfix_sweep import _RealLive
-
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     opt = create_optimizer(ps, "racs")
