@@ -163,8 +163,8 @@ class AliceCompensation(CombineRule):
     (``a = alpha / c``, ``b = alpha alpha_c / limiter``; ``k`` scales columns of ``U sigma`` for a left basis,
     rows of ``sigma Q`` for a right one, and commutes with the product).
 
-    Group keys: ``scale`` (alpha), ``alpha_c``, ``gamma``, ``comp_beta``, ``beta3``, ``bias_correction``.
-    State: ``alice_p`` (float32, one per channel), ``alice_phi`` (0-d float32, -1 before the first step)."""
+    Group keys: ``scale`` (alpha), ``alpha_c``, ``gamma``, ``comp_beta`` (``None``: ``beta1``), ``beta3``,
+    ``bias_correction``. State: ``alice_p`` (float32, one per channel), ``alice_phi`` (0-d float32, -1 before the first step)."""
 
     state_keys = ("alice_p", "alice_phi")
     needs_full_gradient = True
@@ -191,19 +191,7 @@ class AliceCompensation(CombineRule):
     def prepare(self, g, low, d_low, state, group, projection, bounds):
         left = "proj_left" in state
         AL.covariance_ema_(state["proj_cov"], low, group["beta3"], left)
-        dim = 0 if left else 1
-        sq = None
-        for a, b in bounds:
-            rows = g[a:b] if g.dtype == torch.float32 else g[a:b].float()
-            res = projection.residual_rows(rows, low, state, group, a, b, -1.0)
-            del rows
-            norms = torch.linalg.vector_norm(res, dim=dim)
-            del res
-            if left:
-                sq = norms.square_() if sq is None else sq.add_(norms.square_())
-            else:
-                sq = norms.square_() if sq is None else torch.cat((sq, norms.square_()))
-            del norms
+        sq = self._residual_sq(g, low, state, group, projection, bounds, left)
         m, n = g.shape
         return self._fold(sq, low, d_low, state, group, m if left else n, left)
 
