@@ -41,13 +41,15 @@ def _paper_racs(w0, grads, *, lr, beta=0.9, alpha=0.05, gamma=1.01, iterations=5
         g2 = g * g
         q = torch.ones(m, dtype=torch.float64)
         for _ in range(iterations):
-            s = torch.stack([sum(q[i] * g2[i, j] for i in range(m)) for j in range(n)]) / (q * q).sum()
-            q = torch.stack([sum(s[j] * g2[i, j] for j in range(n)) for i in range(m)]) / (s * s).sum()
+            # (an all-zero G makes s = 0 and the next q 0 / 0: floored as lowmem does, so q = 0 too)
+            s = torch.stack([sum(q[i] * g2[i, j] for i in range(m)) for j in range(n)]) / (q * q).sum().clamp(1e-300)
+            q = torch.stack([sum(s[j] * g2[i, j] for j in range(n)) for i in range(m)]) / (s * s).sum().clamp(1e-300)
         s_t = beta * s_t + (1 - beta) * s
         q_t = beta * q_t + (1 - beta) * q
         g_tilde = g / (q_t.sqrt()[:, None] * s_t.sqrt()[None, :])
         norm = float(g_tilde.norm())
-        eta = 1.0 if t == 1 else gamma / max(norm / phi, gamma)
+        # (phi = 0 after an all-zero gradient: lowmem's eta = 1, the paper's Algorithm 3 rule; Algorithm 1 divides by 0)
+        eta = 1.0 if t == 1 or phi == 0 else gamma / max(norm / phi, gamma)
         phi = eta * norm
         w = w - lr * weight_decay * w - lr * eta * alpha * g_tilde
         if store is not None:
@@ -158,6 +160,27 @@ def test_resume_from_a_weights_only_state_dict_equals_the_uninterrupted_run():
     assert torch.equal(q.detach(), p.detach())
     for key in ("row_scale", "col_scale", "update_norm"):
         assert torch.equal(second.state[q][key], opt.state[p][key]), key
+
+
+def test_a_bucket_of_same_shape_tensors_follows_the_paper_per_tensor():
+    """float32 weights of one shape step together (the multi-tensor buckets, d647b77), one of them given an all-zero
+    gradient at step 2 and another a 1e3 larger one: each follows its own paper loop (float64) to float32 rounding,
+    its own limiter and ``phi`` (a zero ``phi`` in a stack does not reach the others)."""
+    shape, n = (6, 10), 4
+    w0s = [torch.randn(shape, generator=torch.Generator().manual_seed(40 + i)) for i in range(n)]
+    grads = [_grads(shape, 6, 50 + i, dtype=torch.float32) for i in range(n)]
+    grads[1][1] = torch.zeros(shape)
+    grads[2] = [g * 1e3 for g in grads[2]]
+    ps = [torch.nn.Parameter(w.clone()) for w in w0s]
+    opt = create_optimizer(ps, "racs", lr=0.05, gamma=1.1)
+    for t in range(6):
+        for p, g in zip(ps, grads):
+            p.grad = g[t].clone()
+        opt.step()
+    for i, (p, w, g) in enumerate(zip(ps, w0s, grads)):
+        want = _paper_racs(w, g, lr=0.05, gamma=1.1)[0][-1]
+        moved = float((want - w.double()).norm())
+        assert float((p.detach().double() - want).norm()) <= 1e-5 * moved, i
 
 
 def test_closure_is_called_and_its_loss_returned():
