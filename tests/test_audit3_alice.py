@@ -272,6 +272,30 @@ def test_groups_of_different_settings_each_follow_the_paper():
     _movement_close(got_b, _paper_alice(wb, gb, lr=0.02, rank=4, gap=4, **cb), wb, 2e-4)
 
 
+def test_a_bucket_of_weights_follows_the_paper_per_weight():
+    """The multi-tensor fold (d176878): three 12 x 30 weights and a 30 x 12 one in one group, 8 steps with switches
+    at 3 and 6; one weight's gradient all zero at step 2 (its compensation 0, its limiter restarting), another's x 1e3:
+    each follows its own paper loop to 2e-4 of its movement (its own ``p``, ``phi`` and ``Q~``)."""
+    shapes = [(12, 30), (12, 30), (12, 30), (30, 12)]
+    w0s = [torch.randn(s, generator=torch.Generator().manual_seed(60 + i), dtype=torch.float64)
+           for i, s in enumerate(shapes)]
+    grads = [_grads(s, 8, 70 + i) for i, s in enumerate(shapes)]
+    grads[1][1] = torch.zeros(shapes[1], dtype=torch.float64)
+    grads[2] = [g * 1e3 for g in grads[2]]
+    ps = [torch.nn.Parameter(w.float()) for w in w0s]
+    opt = create_optimizer([{"params": ps, "rank": 3, "update_proj_gap": 3, "switch_fraction": 0.0}], "alice",
+                           lr=0.02, eps=1e-30)
+    got = [[] for _ in ps]
+    for t in range(8):
+        for p, g in zip(ps, grads):
+            p.grad = g[t].float()
+        opt.step()
+        for i, p in enumerate(ps):
+            got[i].append(p.detach().double().clone())
+    for i, (w, g) in enumerate(zip(w0s, grads)):
+        _movement_close(got[i], _paper_alice(w, g, lr=0.02, rank=3, gap=3), w, 2e-4)
+
+
 def test_resume_from_a_weights_only_state_dict_across_a_switch_with_draws():
     """The default switch (``l < r``: directions drawn from the complement, seeded from the state), 4 steps, a
     ``state_dict`` through ``torch.load(weights_only=True)`` into a new optimizer, 5 more steps with a switch:
