@@ -261,18 +261,6 @@ def test_switch_allocates_within_its_bound(d, e, r, fraction, iters):
     assert t.peak <= bound <= 3 * t.peak
 
 
-def test_fsdp2_refuses_alice_naming_the_part():
-    """Until lowmem/optim/sharded.py takes AliceCompensation on its allow-list (FOUND_ALICE 4; then delete this
-    test: tests/test_alice_fsdp.py covers the sharded step), the sharded step refuses the combine-back by name (no
-    process group needed to ask)."""
-    from lowmem.optim.sharded import projected_refusal
-
-    p = torch.nn.Parameter(torch.randn(24, 40))
-    opt = create_optimizer([{"params": [p], "rank": 4}], "alice")
-    why = projected_refusal(ALICE, opt.param_groups[0], p)
-    assert why is not None and "AliceCompensation" in why
-
-
 # ---- pytorch_optimizer's Alice ----
 
 

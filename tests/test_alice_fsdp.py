@@ -1,11 +1,7 @@
 """Alice under FSDP2 (two gloo CPU processes, ``tests/test_fsdp.py``'s model and shards): the sharded direction of
 ``AliceCompensation`` (``sharded_direction``: the residual's column norms summed over the shards for a left basis,
 ``sigma^T sigma`` and ``||C||^2`` for a right one) equal to one process, and the state every rank keeps whole (the
-bases, the tracked covariance, a left basis's ``p``) bit-identical across the ranks.
-
-Until FOUND_ALICE 4 is placed in lowmem/optim/sharded.py (the allow-list, the dispatch to
-``AliceCompensation.sharded_direction`` and the refresh's gathered gradient for ``projection="alice"``), the workers
-apply those three lines themselves (:func:`_bridge`); once placed, delete ``_bridge``."""
+bases, the tracked covariance, a left basis's ``p``) bit-identical across the ranks."""
 
 from __future__ import annotations
 
@@ -28,31 +24,6 @@ CONFIGS = {  # tag -> hyperparameters over the registry's example (rank 4, updat
 STEPS = 8
 
 
-def _bridge():
-    """FOUND_ALICE 4's three lines of lowmem/optim/sharded.py, applied in this process."""
-    import lowmem.optim.engine as E
-    import lowmem.optim.sharded as S
-    from lowmem.optim.recipes.alice import AliceCompensation
-
-    refusal, direction, whole = S.projected_refusal, S.combine_direction, S.ShardedProjection.whole_gradient
-
-    def projected_refusal(recipe, group, p):
-        return None if isinstance(recipe.combine, AliceCompensation) else refusal(recipe, group, p)
-
-    def combine_direction(combine, g, low, d_low, state, group, sp):
-        if isinstance(combine, AliceCompensation):
-            return combine.sharded_direction(g, low, d_low, state, group, sp)
-        return direction(combine, g, low, d_low, state, group, sp)
-
-    def whole_gradient(self, g, group):
-        if self.inner.refresh_checks_usable(group):
-            return self.reduce.gather_rows(g, self.shape[0])
-        return whole(self, g, group)
-
-    S.projected_refusal, S.combine_direction, E.combine_direction = projected_refusal, combine_direction, combine_direction
-    S.ShardedProjection.whole_gradient = whole_gradient
-
-
 def _train(model, x, y, hp):
     from lowmem.optim import create_optimizer
     from toy_problem import hparams_for
@@ -72,7 +43,6 @@ def _worker(rank, world, init_file, out_dir):
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    _bridge()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))

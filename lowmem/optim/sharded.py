@@ -1006,6 +1006,7 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
     if side == "columns" and group["moment_policy"] == "rotate":
         return "moment_policy='rotate' of a coordinate subspace scatters the whole matrix"
     combine = recipe.combine
+    from .recipes.alice import AliceCompensation
     from .recipes.apollo import ApolloScaling
     from .recipes.subset_norm import SubsetNormStep
 
@@ -1015,7 +1016,7 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
         if group["subset_norm"] and subset_dim(p.shape) == 0 and _one_row_shard(p):
             return "a one-row shard of a column-normalised weight would read as element-wise statistics"
         combine = combine.inner
-    if not (isinstance(combine, ApolloScaling) or (isinstance(combine, ProjectBack) and isinstance(
+    if not (isinstance(combine, (ApolloScaling, AliceCompensation)) or (isinstance(combine, ProjectBack) and isinstance(
             combine.residual, (DropResidual, StateFreeResidual, FiraResidual)))):
         return (f"its combine-back {type(combine).__name__} reads norms of the whole matrix and is not"
                 " reduced over the shards yet")
@@ -1061,7 +1062,7 @@ class ShardedProjection:
         whole shape (random bases and coordinates read only the shape and the seed)."""
         from .subspace import DATA_DEPENDENT
 
-        if group["projection"] in DATA_DEPENDENT:
+        if group["projection"] in DATA_DEPENDENT or self.inner.refresh_checks_usable(group):  # (alice's refresh)
             return self.reduce.gather_rows(g, self.shape[0])
         return g.new_zeros(()).expand(self.shape)
 
@@ -1110,6 +1111,10 @@ def combine_direction(combine: Any, g: Tensor, low: Tensor, d_low: Tensor, state
 
     from .recipes.subset_norm import SubsetNormStep
 
+    from .recipes.alice import AliceCompensation
+
+    if isinstance(combine, AliceCompensation):  # (its reductions: AliceCompensation.sharded_direction)
+        return combine.sharded_direction(g, low, d_low, state, group, sp)
     if isinstance(combine, ApolloScaling):
         return apollo_direction(combine, g, low, d_low, state, group, sp)
     if isinstance(combine, SubsetNormStep):
