@@ -110,9 +110,9 @@ def test_step_is_scale_invariant():
 def test_differs_from_pytorch_optimizer_racs_as_documented():
     """pytorch_optimizer 4.1.0's ``RACS`` keeps EMAs of the row and the column mean squares each on its own (its
     column one from 1, both without Eq. 16's fixed point), so its ``G~`` is not the paper's: measured on a 24 x 40
-    weight over 12 steps, its displacement's RMS is 0.36x lowmem's (2.0e-4 vs 5.7e-4) and the two
-    differ by 0.66 of lowmem's largest step (both at pytorch_optimizer's lr 1e-3). Asserted: they differ by more than 0.3 of it, and lowmem follows the
-    reference (test_engine_equals_the_algorithm_loop)."""
+    weight over 12 steps, its displacement's RMS is 0.36x lowmem's (2.0e-4 vs 5.7e-4) and the two differ by 0.66 of
+    lowmem's largest step (both at pytorch_optimizer's lr 1e-3). Asserted: they differ by more than 0.3 of it (and
+    lowmem follows the reference: test_engine_equals_the_algorithm_loop)."""
     peer = pytest.importorskip("pytorch_optimizer")
     _, got, _, _ = _run((24, 40), {"lr": 1e-3}, steps=12)
     start, want, _, _ = _run((24, 40), {"lr": 1e-3}, steps=12, cls=peer.RACS)

@@ -179,8 +179,8 @@ class _Foreach:
         ``iterations``): the squares (``4 k n``) and, for a stack (``k > 1``), the stacked gradients (``4 k n``)
         beside, in turn, the fixed point's ``q``, ``s``, a new ``q`` or ``s`` and a sum per matrix
         (``4 max(2 k R + k C + k, k R + 2 k C + k)``, never the most: below the norms' phase); the scalings with their
-        stacked averages (``k > 1``) or their factors (``4 k (R + C)`` each); the factors beside the norms' products (``4 k (R + C) + 4 max(k (R + C),
-        2 k R)``). Then ``G~`` beside the gradients' stack, the factors and the norms (``4 k (n + R + C + 1)``), or
+        stacked averages (``k > 1``) or their factors (``4 k (R + C)`` each); the factors beside the norms'
+        products (``4 k (R + C) + 4 max(k (R + C), 2 k R)``). Then ``G~`` beside the gradients' stack, the factors and the norms (``4 k (n + R + C + 1)``), or
         beside the limiter's vectors and its ``k``-byte mask (``4 k n + 17 k``, and the stacked kept norms)."""
         rows, cols = dims
         n = rows * cols

@@ -1,6 +1,7 @@
 """Plain loop of RACS (Gong, Scetbon, Ma & Meeds 2025, arXiv:2502.07752), written from the paper's Algorithm 1 and
 Eq. 16 in float64 matrix form: ``Q = Diag_v(q)``, ``S = Diag_v(s)``, ``Diag(G^T Q G)``, ``Diag(G S G^T)`` and the
-Frobenius norms multiplied out; ``eps`` as lowmem adds it (inside the square roots) and ``eta = 1`` while ``phi = 0``."""
+Frobenius norms multiplied out; ``eps`` as lowmem adds it (inside the square roots) and ``eta = 1`` while
+``phi = 0``."""
 
 from __future__ import annotations
 
