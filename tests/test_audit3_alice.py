@@ -135,19 +135,25 @@ def _lowmem_extra(cfg):
     return extra
 
 
-def test_the_paper_loop_is_pytorch_optimizers_alice_seeded_with_the_same_first_basis():
+PEER_CONFIGS = [{"b3": 0.9}, {"b1": 0.8, "b2": 0.95, "b3": 0.5, "alpha": 0.5, "alpha_c": 0.7, "gamma": 1.3}]
+
+
+@pytest.mark.parametrize("cfg", PEER_CONFIGS, ids=["b3-0.9", "all-changed"])
+def test_the_paper_loop_and_lowmem_are_pytorch_optimizers_alice_seeded_with_the_same_first_basis(cfg):
     """The loop above against pytorch_optimizer 4.1.0's ``Alice`` (its rows projected, ``leading_basis = rank``;
     its state seeded after one step with the loop's first basis, so that its own first switch from ``U = 0`` is
-    out of play): the same weights to 1e-5 of the movement over 11 steps (its switch casts to
-    float32), switches at 4 and 8 (``Q~`` kept, ``p`` with ``b1``)."""
+    out of play): the same weights to 1e-5 of the movement over 11 steps (its switch casts to float32), switches at
+    4 and 8 (``Q~`` kept, ``p`` with ``b1``); lowmem with the same settings (float32 state) to 2e-4."""
     from pytorch_optimizer import Alice
 
     shape, rank, gap = (10, 24), 3, 4
     grads = _grads(shape, 11, 5)
     w0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    want = _paper_alice(w0, grads, lr=0.02, rank=rank, gap=gap, b3=0.9)
+    want = _paper_alice(w0, grads, lr=0.02, rank=rank, gap=gap, **cfg)
     w = torch.nn.Parameter(w0.clone())
-    peer = Alice([w], lr=0.02, betas=(0.9, 0.9, 0.9), rank=rank, leading_basis=rank, update_interval=gap, eps=0.0)
+    betas = (cfg.get("b1", 0.9), cfg.get("b2", 0.9), cfg.get("b3", 0.999))
+    peer = Alice([w], lr=0.02, betas=betas, rank=rank, leading_basis=rank, update_interval=gap, eps=0.0,
+                 alpha=cfg.get("alpha", 0.3), alpha_c=cfg.get("alpha_c", 0.4), gamma=cfg.get("gamma", 1.01))
     # the peer's step 1 with the loop's basis instead of its switch from U = 0 (same formulas otherwise)
     u1 = torch.linalg.svd(grads[0], full_matrices=False)[0][:, :rank]
     st = peer.state[w]
@@ -160,6 +166,8 @@ def test_the_paper_loop_is_pytorch_optimizers_alice_seeded_with_the_same_first_b
         peer.step()
         got.append(w.detach().clone())
     _movement_close(got, want, w0, 1e-5)  # (the peer's switch runs in float32)
+    ours, _, _ = _lowmem(w0, grads, lr=0.02, rank=rank, gap=gap, **_lowmem_extra(cfg))
+    _movement_close(ours, got, w0, 2e-4)
 
 
 @pytest.mark.parametrize("shape,rank,gap,cfg", SETTINGS, ids=[f"{s[0]}x{s[1]}-r{r}-K{k}" for s, r, k, _ in SETTINGS])
