@@ -80,7 +80,7 @@ from .functional.rounding import kahan_store_, stochastic_round_bytes, stochasti
 from .group_layout import (_MISSING, _Reads, check_group_layouts, check_resized, check_rounding, check_state_fits,
                            record_validated)
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
-from .moments import _DISTRIBUTED, MomentRule, constant_lr, state_dtype
+from .moments import _DISTRIBUTED, MomentRule, constant_lr, counting_gradient, state_dtype
 from .sharded import DTensor as _DTensor
 from .sharded import (ShardedProjection, ShardReduce, check_placements, check_supported, combine_direction,
                       is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
@@ -1150,11 +1150,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         continue
                     # a rule whose sharded step gathers the whole tensor (Muon's Newton-Schulz), next
                     # to the float32 copy of a low-precision shard's gradient
-                    gathered = self.recipe.moment.sharded_transient_bytes(p.shape, key.shape, shards, group, state)
+                    with counting_gradient(p.dtype):
+                        gathered = self.recipe.moment.sharded_transient_bytes(p.shape, key.shape, shards, group, state)
+                        stab = sum(s.transient_bytes(p.numel(), group) for s in self.recipe.stabilizers)
                     if gathered is not None:
                         copy = 4 * p.numel() * (p.dtype not in (torch.float32, torch.float64))
-                        worst = max(worst, open_bytes + gathered + copy
-                                    + sum(s.transient_bytes(p.numel(), group) for s in self.recipe.stabilizers))
+                        worst = max(worst, open_bytes + gathered + copy + stab)
                         continue
                 batch = not sharded and self._matrices_foreach_ok(p, group, state=state)
                 if batch or (not is_dtensor(key) and self._projected_foreach_ok(p, group, state=state)):
@@ -1205,7 +1206,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                             if not p.is_contiguous():  # (outside torch's fused AdamW kernel's layout)
                                 outside[key] = outside.get(key, 0) + stop - start
                         # stabilized pieces: their temporaries, and (below) the bucket's stabilized gradients
-                        worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
+                        with counting_gradient(p.dtype):
+                            worst = max(worst, sum(s.transient_bytes(stop - start, group) for s in self.recipe.stabilizers))
                         if stop - start == p.numel() and self._stabilizes_many(p.device):
                             many.add(key)  # (stabilized together: Stabilizer.transform_many, below)
                     continue
@@ -1380,10 +1382,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """The transient of :meth:`_update` of ``p`` alone (its per-parameter step; ``steady``: without a refresh).
         A batch of matrices (:meth:`_matrices`): one matrix's, its step's temporaries freed before the next one's.
         A float64 gradient cast to float32 (:meth:`_casts_float64_grad`): that copy (4 B per element, held through
-        the step) and the rule's ``float64_param_bytes`` beside the step of a float32 gradient."""
-        cast = (4 * p.numel() + self.recipe.moment.float64_param_bytes(group)
-                if self._casts_float64_grad(p, group) else 0)
-        return cast + self._step_transient_bytes_of(p, group, state, steady)
+        the step) and the rule's ``float64_param_bytes`` beside the step of a float32 gradient. The rules' counts
+        are told the gradient's dtype (:func:`~lowmem.optim.moments.counting_gradient`: ``p``'s, float32 once cast),
+        not left to read it from the group (a float32 parameter beside a float64 one, FOUND_EST12 1)."""
+        casts = self._casts_float64_grad(p, group)
+        cast = 4 * p.numel() + self.recipe.moment.float64_param_bytes(group) if casts else 0
+        with counting_gradient(torch.float32 if casts else p.dtype):
+            return cast + self._step_transient_bytes_of(p, group, state, steady)
 
     def _step_transient_bytes_of(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
                                  steady: bool = False) -> int:
@@ -1470,6 +1475,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return worst
 
     def _projected_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
+        """:meth:`_projected_bytes_of`, its rules told ``p``'s gradient dtype (:func:`~lowmem.optim.moments.counting_gradient`)."""
+        with counting_gradient(p.dtype):
+            return self._projected_bytes_of(p, group, state, steady)
+
+    def _projected_bytes_of(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> _ProjectedBytes:
         """The transient terms of projected ``p``'s step (:class:`_ProjectedBytes`): stepped alone
         (:meth:`_update`), or its phases on the multi-tensor path (:meth:`_low_bucket_bytes`);
         ``steady``: of a step without a refresh (:meth:`_hold_budget`); also when the projection refreshes this

@@ -11,7 +11,9 @@ or Adafactor's relative, parameter-scaled step size.
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -300,6 +302,22 @@ class MomentRule:
         return 4 * numel
 
 
+#: The dtype of the gradient whose step is being counted (:func:`counting_gradient`; ``None``: not told).
+_COUNTED_GRAD_DTYPE: ContextVar[torch.dtype | None] = ContextVar("lowmem_counted_grad_dtype", default=None)
+
+
+@contextmanager
+def counting_gradient(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within it, :func:`grad_element_bytes` reads ``dtype`` as the gradient's (the engine's transient counts of
+    one parameter: ``LowMemOptimizer._param_transient_bytes``, ``_projected_bytes`` and its stabilizers'), in
+    place of the group's scan: a rule's count is handed ``(numel, shape, group, state)``, not the parameter."""
+    token = _COUNTED_GRAD_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _COUNTED_GRAD_DTYPE.reset(token)
+
+
 def grad_element_bytes(group: dict[str, Any], stored: Tensor | None = None) -> int:
     """Bytes per element of the gradient a rule's step computes in, for a count (``transient_bytes``): 8 (float64)
     for a float64 state tensor ``stored`` (``state_dtype="param"`` of a float64 parameter; ``None``: a stateless rule) or in a group holding a float64 parameter
@@ -307,11 +325,17 @@ def grad_element_bytes(group: dict[str, Any], stored: Tensor | None = None) -> i
     dtype, ``buf.to(g.dtype)``, ``o.to(g.dtype)``, are float64), else 4 (float32, the engine's copy of a
     low-precision gradient). The engine hands a rule the parameter's state, not the parameter: a float32 state
     reads the same for a float32 and a float64 parameter, so a float32 parameter in a group with a float64 one is
-    counted at float64 (a bound, never under; exact for groups of one dtype, FOUND_FP64SWEEP 1). Before
-    2026-11-30 Muon counted 4 B per element of a float64 gradient: a float64 200 x 128 weight 153,600 B reported,
-    460,800 traced."""
+    counted at float64 (a bound, never under; exact for groups of one dtype, FOUND_FP64SWEEP 1) unless the engine
+    names the counted parameter's gradient dtype (:func:`counting_gradient`), which it does for every count of one
+    parameter: then 8 for a float64 gradient, else 4 (before 2026-12-01 the scan alone: a float32 48 x 24 weight
+    beside a float64 one in one group, the sweep's tiny model, Muon 12,672 B reported for 11,904 traced, adamw_sn
+    5,184 for 5,000, SinkGD 5,344 for 5,280; now equal, FOUND_EST12 1). Before 2026-11-30 Muon counted 4 B per
+    element of a float64 gradient: a float64 200 x 128 weight 153,600 B reported, 460,800 traced."""
     if stored is not None and stored.dtype == torch.float64:
         return 8
+    told = _COUNTED_GRAD_DTYPE.get()
+    if told is not None:
+        return 8 if told == torch.float64 else 4
     return 8 if any(getattr(p, "dtype", None) == torch.float64 for p in group.get("params", ())) else 4
 
 
