@@ -183,7 +183,7 @@ def test_text_bench_cli_peers_and_skips(tmp_path, monkeypatch):
     """--peers adds the installed peers as peer:NAME rows; a missing one is listed as skipped, never an error."""
     missing = bench_text.PEERS[-1]
     monkeypatch.setattr("lowmem.bench_text.PEERS", (get_peer("transformers_adafactor"),
-                                                    missing.__class__("nope", "no_such_package_xyz", "adamw", missing.build)))
+                                                    missing.__class__("nope", "no_such_package_xyz", "adafactor", missing.build)))
     rc = main(["bench", "adafactor", "--task", "text", "--text-size", "smoke", "--peers", "--repeats", "2",
                "--output-dir", str(tmp_path)])
     assert rc == 0
