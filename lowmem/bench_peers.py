@@ -109,6 +109,9 @@ RECOMMENDED: dict[str, Recommended] = {
     "sm3": Recommended(3e-2, "no value for a small LM in the paper or the authors' code (their README: quadratic lr "
                        "warm-up, no decay: the sums decay the step); lowmem's tiny task (docs/optimizers.md): 3e-2 with "
                        "momentum 0.9 (1.00 x AdamW's eval loss), 1e-2 without (1.02 x)", {"momentum": 0.9}),
+    "racs": Recommended(2e-2, "Gong et al. 2025, Table 9 (LLaMA 60M-1.3B on C4): lr 0.02, beta 0.9, scale alpha 0.05 "
+                        "(0.02 at 1.3B), limiter gamma 1.01, 5 fixed-point iterations: the recipe's defaults; lowmem's "
+                        "text task: 0.924 x AdamW's held-out loss (5e-2 0.908)"),
     "alice": Recommended(2e-2, "Gong et al. 2025 (arXiv 2502.07752) and pytorch_optimizer's Alice defaults: lr 0.02, "
                          "alpha 0.3, alpha_c 0.4, update_interval 200, leading_basis 40 of rank 256 (here hidden/4); "
                          "lowmem's text task: 0.881 x AdamW's held-out loss at 2e-2, 0.858 at 1e-2 (docs/subspace.md)",
@@ -426,6 +429,17 @@ def _po_sm3(model, lr, rank, st):
                eps=st.get("eps", 1e-30))
 
 
+def _po_racs(model, lr, rank, st):
+    """pytorch_optimizer's ``RACS`` at lowmem's ``racs`` settings (its defaults beta 0.9, alpha 0.05, gamma 1.01;
+    no weight decay): a different algorithm under the same name (EMAs of the row and column mean squares, no
+    Eq. 16 fixed point; docs/optimizers.md), benched as the package's RACS."""
+    from pytorch_optimizer import RACS
+
+    from lowmem.optim import build_param_groups
+
+    return RACS(build_param_groups(model, weight_decay=st.get("weight_decay", 0.0)), lr=lr)
+
+
 def _po_alice(model, lr, rank, st):
     """pytorch_optimizer's ``Alice`` as lowmem's ``alice``: the targeted 2-D weights in one group with ``rank``,
     ``update_interval`` (``update_proj_gap``, 200) and ``leading_basis = rank - floor(rank * switch_fraction)``
@@ -487,6 +501,7 @@ PEERS: tuple[Peer, ...] = (
     Peer("po_normuon", "pytorch_optimizer", "normuon", _po_normuon),
     Peer("po_lion", "pytorch_optimizer", "lion", _po_lion),
     Peer("po_sm3", "pytorch_optimizer", "sm3", _po_sm3),
+    Peer("po_racs", "pytorch_optimizer", "racs", _po_racs),
     Peer("po_alice", "pytorch_optimizer", "alice", _po_alice),
     Peer("bnb_lion", "bitsandbytes", "lion", _bnb_lion(32)),
     Peer("bnb_lion8bit", "bitsandbytes", "lion8bit", _bnb_lion(8)),

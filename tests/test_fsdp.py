@@ -83,7 +83,7 @@ RUNS = SUPPORTED + list(CONFIGS)
 # (Adafactor's column statistics of a right-side R, a sum over every row: the same on every rank)
 REPLICATED = {"galore_adafactor": ("exp_avg_sq_col",), "adam_mini": ("exp_avg_sq",)}  # (whole-tensor blocks)
 REPLICATED["sm3"] = ("acc_1",)  # (the column accumulators: maxima over every row, the same on every rank)
-REPLICATED["racs"] = ("col_sq", "update_norm")  # (column statistic and kept norm: sums over every shard's rows, the same on every rank)
+REPLICATED["racs"] = ("col_scale", "update_norm")  # (the column scaling and kept norm: sums over every shard's rows, the same on every rank)
 REPLICATED |= {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
               for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
                           "apollo_mini_left", "osd_left")}
@@ -729,10 +729,10 @@ def _expected_comm(name):
         # embedding role its column sums once (n)
         "sinkgd": ([1 + 5 * len(mats), 4 * (1 + 5 * sum(ns))], False),
         "scale_embedding": ([1 + len(mats), 4 * (1 + sum(ns))], False),
-        # RACS: per parameter (a vector is an [n, 1] column) its column sums with the row count, then its update's
-        # squared norm: 2 all-reduces of n + 1 and 1 numbers (a vector: 2 and 1)
-        "racs": ([1 + 2 * len(list(model.parameters())),
-                  4 * (1 + sum((p.shape[1] if p.dim() == 2 else 1) + 2 for p in model.parameters()))], False),
+        # RACS: per parameter (a vector is an [n, 1] column) each of its 5 fixed-point iterations' column sums with
+        # q . q (n + 1 numbers), then its update's squared norm (1): 6 all-reduces
+        "racs": ([1 + 6 * len(list(model.parameters())),
+                  4 * (1 + sum(5 * ((p.shape[1] if p.dim() == 2 else 1) + 1) + 1 for p in model.parameters()))], False),
     }[name]
     steps = [{"all_reduce": per_step, **(gather if gathers else {})}, {"all_reduce": per_step}]
     if name == "muon":  # every step: the bfloat16 momentum matrix gathered for Newton-Schulz
