@@ -38,7 +38,10 @@ from lowmem.optim import create_optimizer
 def _paper_alice(w0, grads, *, lr, rank, gap, b1=0.9, b2=0.9, b3=0.999, alpha=0.3, alpha_c=0.4, gamma=1.01,
                  carry=False):
     """Algorithm 4 (module docstring), float64, ``l = r``. ``carry=True``: lowmem's variant of line 12 (``Q~``
-    re-expressed in the new basis at a switch), for the check that it is the one difference."""
+    re-expressed in the new basis at a switch), for the check that it is the one difference. The factorizations
+    (the first SVD, the switch's QR and EVD) run in float32, as lowmem's and pytorch_optimizer's do: a basis
+    vector's sign is arbitrary, and the paper's moments and ``Q~`` kept across a switch are read through it, so
+    the loop calls the same LAPACK routines (single precision) whatever machine runs it."""
     tall = w0.shape[0] > w0.shape[1]
     w = (w0.t() if tall else w0).double().clone()
     m_, n_ = w.shape
@@ -49,17 +52,17 @@ def _paper_alice(w0, grads, *, lr, rank, gap, b1=0.9, b2=0.9, b3=0.999, alpha=0.
         g = (g.t() if tall else g).double()
         if t == 1:  # (the signs as lowmem's: U of G's SVD, or V for a tall G stepped as G^T; a kept moment's
             # reading in a later basis depends on them, in the paper as in any implementation)
-            usv = torch.linalg.svd(g.t() if tall else g, full_matrices=False)
-            u = usv[2][:rank].t() if tall else usv[0][:, :rank]
+            usv = torch.linalg.svd((g.t() if tall else g).float(), full_matrices=False)
+            u = (usv[2][:rank].t() if tall else usv[0][:, :rank]).double()
             q = torch.zeros(rank, rank, dtype=torch.float64)
             mom = torch.zeros(rank, n_, dtype=torch.float64)
             var = torch.zeros(rank, n_, dtype=torch.float64)
             p = torch.zeros(n_, dtype=torch.float64)
         elif t % gap == 0:
             qt = b3 * u @ q @ u.t() + (1 - b3) * g @ g.t()
-            x = torch.linalg.qr(qt @ u)[0]
-            vals, vecs = torch.linalg.eigh(x.t() @ qt @ x)
-            new = x @ vecs.flip(1)
+            x = torch.linalg.qr((qt @ u).float())[0].double()
+            vals, vecs = torch.linalg.eigh((x.t() @ qt @ x).float())
+            new = x @ vecs.double().flip(1)
             if carry:
                 q = new.t() @ u @ q @ u.t() @ new
             u = new
@@ -155,7 +158,7 @@ def test_the_paper_loop_and_lowmem_are_pytorch_optimizers_alice_seeded_with_the_
     peer = Alice([w], lr=0.02, betas=betas, rank=rank, leading_basis=rank, update_interval=gap, eps=0.0,
                  alpha=cfg.get("alpha", 0.3), alpha_c=cfg.get("alpha_c", 0.4), gamma=cfg.get("gamma", 1.01))
     # the peer's step 1 with the loop's basis instead of its switch from U = 0 (same formulas otherwise)
-    u1 = torch.linalg.svd(grads[0], full_matrices=False)[0][:, :rank]
+    u1 = torch.linalg.svd(grads[0].float(), full_matrices=False)[0][:, :rank].double()
     st = peer.state[w]
     st.update(U=u1.clone(), Q=torch.zeros(rank, rank, dtype=torch.float64),
               m=torch.zeros(rank, shape[1], dtype=torch.float64), v=torch.zeros(rank, shape[1], dtype=torch.float64),
