@@ -1245,13 +1245,15 @@ def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool,
     moments of a row-sharded projected gradient (``sharded_rows``: ``m_s x r``, float32) are
     ``DTensor`` s sharded on dimension 0 like the parameter (global ``m x r``), so they reshard, and
     so are its row statistics (``reduced_dims`` of the moment rule: Adafactor's ``exp_avg_sq_row``,
-    global ``m``) while its column statistics (the row dimension reduced away) are equal on every
-    rank (plain); other per-shard state (quantized codes) is saved per shard (:func:`state_to_dtensor`)."""
+    global ``m``, and Alice's ``alice_p`` of a right basis, one per row) while its column statistics (the row
+    dimension reduced away) are equal on every rank (plain); other per-shard state (quantized codes) is saved per
+    shard (:func:`state_to_dtensor`)."""
     if key == "sn_exp_avg_sq" and isinstance(v, Tensor):  # SNSM's statistics of G's rows (not of R)
         return state_to_dtensor(v, p, key, "keepdim")
     if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith(("proj_", "pca_")):
         return v
-    reduced = (reduced_dims or {}).get(key)
+    # (alice's p of a right basis: one number per row of the shard, a row statistic of global (m,))
+    reduced = 1 if key == "alice_p" else (reduced_dims or {}).get(key)
     if reduced is not None and reduced % 2 == 0:  # statistics over the rows: the same on every rank
         return v
     start, stop = shard_rows(p)
