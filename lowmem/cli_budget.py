@@ -280,17 +280,19 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
     each layer's checkpointed input in float32 instead of ``dtype`` (``details['autocast_extra_saved']``); 4-bit and
     int8 weights are de-quantized by bitsandbytes, not cast (their backward's copy is in the activations): nothing is
-    added for them. Checkpointed, with a quantized base or with ``trainer="sft"`` (TRL's fused head), not in layerwise
-    mode or ``padding_free``, the activations and the gradients at their peak are instead those of the step itself
-    traced under autocast (:func:`autocast_step_bytes`, ``details['autocast_step']``; estimate / measured within 1.001
-    of the measured peak on the tiny models of ``tests/test_est12_mixed_*.py``, a 4-bit base without checkpointing
-    1.0004-1.032). With
+    added for them. Without a trainer or with ``trainer="sft"`` (TRL's fused head), not in layerwise mode or
+    ``padding_free``, the activations and the gradients at their peak are instead those of the step itself traced
+    under autocast (:func:`autocast_step_bytes`, ``details['autocast_step']``; estimate / measured within 1.001 of the
+    measured peak on the tiny models of ``tests/test_est12_mixed_*.py`` and ``tests/test_mixedfix_total.py``, a 4-bit
+    base without checkpointing 1.0004-1.032; before 2026-12-01 the plain run, no checkpointing, quantization or
+    trainer, took the sum below: 0.9940 on a 3-layer h=512 Llama at 1 x 128, now 1.0000). With
     ``trainer="grpo"`` the generation phase is traced under autocast
     (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
     and the larger of it and the training phase counts (4-bit models: the pure-dtype formula). The backward's gradient
     term is otherwise the pure-dtype run's (:func:`mixed_gradients_with_activations`); without checkpointing,
     quantization or a ``trainer`` the forward's end (:func:`autocast_forward_peak_bytes`, no gradient) is a moment too: the activations
-    are the larger of it and the backward's, the gradients what the backward's moment exceeds them by."""
+    are the larger of it and the backward's, the gradients what the backward's moment exceeds them by (the traced
+    step's forward holds that end: it changes nothing there; it counts where the step is not traced, e.g. BAdam)."""
     import dataclasses
 
     import torch
@@ -325,13 +327,14 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     spec = QuantSpec.parse(kwargs.get("quantization"))
     ckpt = master.settings["gradient_checkpointing"]
     trainer = kwargs.get("trainer")
-    if ((ckpt or spec is not None or trainer == "sft") and trainer in (None, "sft") and not kwargs.get("padding_free")
-            and not master.settings["layerwise"]):
-        # checkpointed, a quantized base or TRL's SFT: the autocast step itself, traced (SFT: with TRL's fused LM head
-        # on the run's device). It holds the recomputed layer's float32 norms and hidden-state copies, which the pure
-        # run's moment plus the weight copies and float32 checkpoints missed (0.985 of the measured peak), a quantized
-        # base's float32 residual stream and adapters' copies (the pure run's moment was 1.06-1.27 of the measured),
-        # and SFT's (0.9805 checkpointed, 0.9963 not)
+    if trainer in (None, "sft") and not kwargs.get("padding_free") and not master.settings["layerwise"]:
+        # no trainer or TRL's SFT: the autocast step itself, traced (SFT: with TRL's fused LM head on the run's
+        # device). It holds the recomputed layer's float32 norms and hidden-state copies, which the pure run's moment
+        # plus the weight copies and float32 checkpoints missed (0.985 of the measured peak), a quantized base's
+        # float32 residual stream and adapters' copies (the pure run's moment was 1.06-1.27 of the measured), SFT's
+        # (0.9805 checkpointed, 0.9963 not), and the plain run's (no checkpointing, quantization or trainer; before
+        # 2026-12-01 the pure run's moment plus the autocast extra and the forward's end: h=512 3-layer Llama 1 x 128
+        # 0.9940 of the measured peak, its activations and gradients 39,477,248 B for 40,417,288 traced and measured)
         stepped = autocast_step_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512), ckpt,
                                       master.details["trainable_parameters"], kwargs.get("quantization"),
                                       master.settings["device"] if trainer == "sft" else None)

@@ -1,6 +1,7 @@
 """MIXEDFIX: `lowmem budget --precision mixed`'s total against measured autocast steps (torch's MemTracker: a
-dispatch-level count, the same on every machine) on a small Llama, and the two moments the mixed estimate combines:
-the backward's (the pure-dtype run's moment plus what autocast saves beyond it) and the forward's end (traced)."""
+dispatch-level count, the same on every machine) on a small Llama, and what the mixed estimate takes for
+the step's activations and gradients at their peak: since 2026-12-01 the autocast step traced (they were the
+backward's moment, the pure-dtype run's plus what autocast saves beyond it, and the forward's end)."""
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ def _config():
 def test_mixed_total_is_the_measured_step_peak(seq_len):
     """1 x 16 (weights dominate; the step's moment): 26,840,664 B for 26,430,876 measured (1.0155) with the float32
     estimate's gradients_with_activations, now 26,383,208 (0.9982). 1 x 256 (the forward's end, no gradient):
-    32,968,024 for 32,717,156 (1.0077), 32,197,464 (0.984) without the forward's end, now 32,723,304 (1.0002)."""
+    32,968,024 for 32,717,156 (1.0077), 32,197,464 (0.984) without the forward's end, then 32,723,304 (1.0002). Since
+    the plain case is the traced autocast step (2026-12-01): 1 x 16 26,431,392 (1.0000), 1 x 256 32,725,352 (1.0003)."""
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import LlamaForCausalLM
 
@@ -70,23 +72,25 @@ def test_autocast_forward_peak_is_a_real_forwards():
 
 
 @pytest.mark.parametrize("seq_len", [16, 256])
-def test_mixed_moments_are_the_backward_and_the_forward_end(seq_len):
-    """Each backward moment of the mixed run is the pure bf16 run's (activations a_m, bf16 gradients g_m) with the
-    autocast extra X, float32 gradients (2 g_m) and the bf16 copies of the formed gradients' weights freed (g_m):
-    (a_m + g_m) + X. The forward's end F (traced) holds no gradient. So the activations are max(a + X, F) and the
-    backward's moment a + X + the pure run's gradients_with_activations (1 x 16: the backward's; 1 x 256: F)."""
-    from lowmem.cli_budget import mixed_gradients_with_activations, mixed_precision_estimate
-    from lowmem.memory import estimate_memory
+def test_plain_mixed_activations_are_the_traced_autocast_step(seq_len):
+    """Without checkpointing, quantization or a trainer the mixed run's activations and the gradients at their peak
+    are the autocast step's, traced (``autocast_step_bytes``: forward and loss under autocast, backward outside, on
+    fake tensors), as for checkpointed and quantized runs; equal to MemTracker's measured activations + gradients at
+    the step's peak (1 x 16: 6,656,200 B; 1 x 256: 12,944,400). Before 2026-12-01 (FOUND_EST12 2) they were the pure
+    bf16 run's moment plus the autocast extra, or the traced forward's end: 5,557,120 and 12,942,352."""
+    from lowmem.cli_budget import autocast_step_bytes, mixed_gradients_with_activations, mixed_precision_estimate
 
     cfg, kw = _config(), dict(optimizer="adamw", batch_size=1, seq_len=seq_len, device="cpu")
     mixed = mixed_precision_estimate(cfg, "bf16", **kw)
-    low = estimate_memory(cfg, dtype="bf16", **kw)
-    early, backward = mixed.details["gradients_with_activations"], low.activations + mixed.details["autocast_extra_saved"]
-    forward_end = mixed.details["autocast_forward_peak"]
-    assert (forward_end > backward) == (seq_len == 256)
-    assert mixed.activations == max(backward, forward_end)
-    assert mixed.activations + early == max(backward + low.details["gradients_with_activations"], forward_end)
+    step = autocast_step_bytes(cfg, torch.bfloat16, None, 1, seq_len, False)
+    assert mixed.details["autocast_step"]["total"] == step["total"]
+    early = mixed.details["gradients_with_activations"]
+    assert mixed.activations == step["total"]
+    assert early == min(mixed.gradients, step["backward_peak"] - step["total"])
+    assert mixed.activations + early == step["backward_peak"]
+    assert mixed.activations >= mixed.details["autocast_forward_peak"]  # (the step's forward holds its end)
     assert mixed.details["activation_parts"]["gradients_at_peak"] == early
+    assert any("step under bfloat16 autocast, traced" in n for n in mixed.notes)
     # gradient accumulation: every gradient with the activations (None) whatever the precision; quantized: the float32's
     assert mixed_gradients_with_activations(None, None, False) is None
     assert mixed_gradients_with_activations(7, 3, True) == 7 and mixed_gradients_with_activations(7, 3, False) == 3
