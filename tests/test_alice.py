@@ -360,3 +360,49 @@ def test_folded_bucket_allocates_what_it_reports(monkeypatch, case, shapes, chun
     for peak, (members, group) in phases.folds:
         assert peak == r.combine.foreach_fold_bytes(members, group, r.projection, torch.device("cpu")) > 0
     assert traced == reported > 0
+
+
+# ---- the switch's draw: on the parameter's device, seeded from the state ----
+
+
+def test_switch_draws_on_the_parameters_device():
+    """A switch draws its complement directions on the basis's device: on meta tensors (the CUDA code path,
+    ``lowmem bench --launches``) the switch steps copy nothing from the host (one host-to-device copy per matrix
+    per switch when the draw was on the CPU generator: 56 on llama-8x128) and launch one ``randn`` per matrix."""
+    from lowmem.bench_launches import LaunchCounter
+
+    ps = [torch.nn.Parameter(torch.zeros(32, 48, device="meta")) for _ in range(3)]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    opt = create_optimizer([{"params": ps, "rank": 4, "update_proj_gap": 2}], "alice")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with LaunchCounter():  # (it answers the host's reads of meta values)
+            opt.step()  # (the first refresh: an SVD, no draw)
+        with LaunchCounter() as c:
+            opt.step()  # step 2: a switch
+    assert c.counts["h2d"] == 0
+    assert c.ops["randn"] == 3
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_a_resumed_run_draws_the_uninterrupted_runs_switches(shape, tmp_path):
+    """The switch's generator is seeded from ``proj_meta`` (the seed and the refresh count): a run saved after
+    step 3 (``torch.save`` / ``weights_only`` load into a new optimizer) goes on through the switches at 4, 6 and 8
+    bit for bit as the uninterrupted run."""
+    grads = _grads(shape, 8, 5)
+
+    def run(save_at=None):
+        p = torch.nn.Parameter(torch.zeros(shape))
+        opt = create_optimizer([{"params": [p], "rank": 4, "update_proj_gap": 2}], "alice")
+        for t, g in enumerate(grads, 1):
+            p.grad = g.clone()
+            opt.step()
+            if t == save_at:
+                torch.save(opt.state_dict(), tmp_path / "s.pt")
+                p = torch.nn.Parameter(p.detach().clone())
+                opt = create_optimizer([{"params": [p], "rank": 4, "update_proj_gap": 2}], "alice")
+                opt.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+        return p.detach()
+
+    assert torch.equal(run(), run(save_at=3))

@@ -72,18 +72,21 @@ def subspace_eig(a: Tensor, basis: Tensor, q: Tensor, beta3: float, iters: int) 
     return vals.flip(0), x @ vecs.flip(1)
 
 
-def complement_directions(vecs: Tensor, count: int, generator: torch.Generator) -> Tensor:
+def complement_directions(vecs: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
     """``count`` orthonormal directions drawn uniformly (Haar) from the orthogonal complement of ``span(vecs)``
-    (``vecs`` orthonormal, ``d x r``, ``count <= d - r``): a Gaussian ``d x count`` draw on the CPU generator,
-    projected off ``vecs`` twice (re-orthogonalisation), then QR."""
-    x = torch.randn(vecs.shape[0], count, generator=generator).to(vecs.device)
+    (``vecs`` orthonormal, ``d x r``, ``count <= d - r``): a Gaussian ``d x count`` draw on ``generator``'s device
+    (the recipe's is the basis's: no host-to-device copy; a generator on another device's draw is copied there;
+    ``None``: torch's default generator of ``vecs``' device, the meta tensors' count), projected off ``vecs`` twice
+    (re-orthogonalisation), then QR."""
+    device = vecs.device if generator is None else generator.device
+    x = torch.randn(vecs.shape[0], count, generator=generator, device=device).to(vecs.device)
     for _ in range(2):
         x.sub_(vecs @ (vecs.t() @ x))
     return torch.linalg.qr(x).Q
 
 
 def switch(a: Tensor, basis: Tensor, q: Tensor, beta3: float, leading: int, iters: int,
-           generator: torch.Generator) -> Tensor:
+           generator: torch.Generator | None) -> Tensor:
     """Switching: the new ``d x r`` basis from the tracked covariance. Its first ``leading`` columns are the
     leading Ritz vectors of :func:`subspace_eig`; the other ``r - l`` are drawn from the complement of the
     iterated subspace (:func:`complement_directions`). When that complement has fewer than ``r - l``

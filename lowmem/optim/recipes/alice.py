@@ -89,7 +89,7 @@ class AliceProjection(SubspaceProjection):
             else:
                 a = g if left else g.t()
                 old = state[key] if left else state[key].t()
-                gen = torch.Generator().manual_seed(seed * 7919 + refreshes)
+                gen = switch_generator(g, seed * 7919 + refreshes)
                 leading = AL.leading_count(group["rank"], group["switch_fraction"])
                 new = AL.switch(a, old, state["proj_cov"], group["beta3"], leading, group["power_iters"], gen)
                 if group["carry_covariance"]:  # (lowmem's variant; the paper's line 12 keeps Q's entries)
@@ -134,6 +134,19 @@ class AliceProjection(SubspaceProjection):
             return sw - switch_bytes(d, e, r, AL.leading_count(r, group["switch_fraction"]), group["power_iters"],
                                      workspace=False)
         return super().untraced_refresh_bytes(shape, group)
+
+
+def switch_generator(g: Tensor, seed: int) -> torch.Generator | None:
+    """The generator of a switch's complement draw: on the gradient's device (a CUDA basis draws there: no
+    host-to-device copy per switch), seeded from the refresh's seed and count (``proj_meta``: a run and a run
+    resumed from its checkpoint draw the same directions on the same kind of device; a CPU and a CUDA run draw
+    different ones, from different generators); ``None`` on a meta or fake tensor (nothing drawn: the estimator's
+    and ``lowmem bench --launches``' counts)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if g.device.type == "meta" or isinstance(g, FakeTensor):
+        return None
+    return torch.Generator(device=g.device).manual_seed(seed)
 
 
 def switch_bytes(d: int, e: int, r: int, leading: int, iters: int, workspace: bool = True) -> int:
