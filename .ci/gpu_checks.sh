@@ -5,7 +5,13 @@
 #                                      # copies bitsandbytes (its Python code and CUDA 13 library only,
 #                                      # about 9 MB) from .venv into build/gpu_site and records the commit
 #   bash .ci/gpu_checks.sh [ARGS]      # THERE (run tool, carry ["build/gpu_site"]): python -m lowmem.bench_gpu
-#                                      # --device cuda --out $OUT ARGS; report.md / report.json / log.txt in $OUT
+#                                      # --device cuda --out $OUT ARGS; in $OUT: results.md (THE file to paste:
+#                                      # the markdown report, then the JSON report), report.md, report.json, log.txt
+#
+# Session 16's run: `bash .ci/gpu_checks.sh --budget 390` (timeout_s=480): env, bf16:llama-7b-layer (bfloat16
+# write-backs: round-to-nearest / stochastic rounding / Kahan, step time and peak), time+memory:llama-350m (adamw
+# first, then racs, alice, sm3, normuon, lion, microadam, ...), memory:llama-7b-layer, equal:cuda-vs-cpu,
+# pytest:cuda (every cuda-marked test file, tests/test_gpu16_*.py among them). docs/benchmarks.md "GPU checklist".
 #
 # Nothing is installed there: the device image's python3 already holds a CUDA torch, transformers, peft,
 # accelerate and pytest, and installing lowmem's pins (torch 2.13 CPU, trl, datasets) is impossible offline
@@ -28,6 +34,9 @@ if [ "${1:-}" = prepare ]; then
     cp -r "$BNB"/../bitsandbytes-*.dist-info "$SITE"/
     { git rev-parse HEAD; git status --porcelain | wc -l | sed 's/$/ files changed or untracked at prepare time/'; } > "$SITE/commit.txt"
     du -sh "$SITE"
+    # the cuda-marked tests must collect here (they skip without a GPU; a file that fails to import would cost device time)
+    "$PY" -m pytest -q -p no:randomly -n 0 -m cuda --co -p no:cacheprovider \
+        $("$PY" -c 'from lowmem.bench_gpu import cuda_test_files; print(" ".join(cuda_test_files()))') | tail -1
     echo "prepared $SITE: now call the run tool (docs/benchmarks.md, GPU checklist)"
     exit 0
 fi
@@ -46,4 +55,5 @@ PY=$(command -v python3)
 "$PY" -m lowmem.bench_gpu --device cuda --out "$OUT" "$@" 2>&1 | tee -a "$OUT/log.txt"
 rc=${PIPESTATUS[0]}
 echo "+ $(date -u) exit $rc" | tee -a "$OUT/log.txt"
+echo "results (one file, markdown + JSON): $OUT/results.md"
 exit "$rc"

@@ -184,3 +184,46 @@ def test_commit_names_the_prepared_tree_when_git_disagrees(tmp_path, monkeypatch
     assert B._commit() == "prepared tree (build/gpu_site/commit.txt); git HEAD base"
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout="tree\n"))
     assert B._commit() == "tree"
+
+
+def test_plan_puts_this_sessions_rows_first_and_the_bf16_check_before_the_timing():
+    """Session 16's plan: the bf16 check (bfloat16 7B layer: round-to-nearest beside stochastic rounding and Kahan)
+    runs alone right after env; adamw, then the optimizers no GPU has run, are timed first; bitsandbytes' paged
+    optimizers are left out unless named; the budgets of the alone phase still fit 0.55 of the total."""
+    names = BG.optimizer_names()
+    assert names[:5] == ["adamw", "racs", "alice", "sm3", "normuon"]
+    assert not any(n.startswith("bnb_paged") for n in names) and "bnb_adamw8bit" in names
+    checks = BG.plan("cuda", smoke=False, budget_s=390)
+    assert [c.name for c in checks] == ["env", "bf16:llama-7b-layer", "time+memory:llama-350m", "memory:llama-7b-layer",
+                                        "equal:cuda-vs-cpu", "pytest:cuda"]
+    bf16 = checks[1]
+    assert bf16.phase == "alone" and bf16.params["dtype"] == "bfloat16" and bf16.params["timing"]
+    assert bf16.params["optimizers"][:3] == ["adamw", "adamw+bf16_stochastic_round", "adamw+kahan_summation"]
+    assert bf16.budget_s + checks[2].budget_s <= 0.55 * 390 - 10
+    only = BG.plan("cuda", smoke=False, only=["lion"], budget_s=390)[1].params["optimizers"]
+    assert only == ["lion", "lion+bf16_stochastic_round"]
+    assert BG.split_row("adamw+kahan_summation") == ("adamw", {"kahan_summation": True})
+    with pytest.raises(ValueError, match="not in"):
+        BG.split_row("adamw+fused")
+
+
+def test_bf16_rows_on_cpu(tmp_path):
+    """The bf16 check's child in this process on bfloat16 32 x 86 weights: each row steps with its setting (the
+    hparams hold it; Kahan's compensation in the state, 2 bytes per weight), and the result file holds the markdown
+    and the JSON of the report."""
+    rows = []
+    BG.child_cells({"module": "layer:32x86", "device": "cpu", "optimizers": ["adamw", "adamw+kahan_summation"],
+                    "timing": True, "rounds": 1, "steps_per_round": 1, "rank": 8, "dtype": "bfloat16",
+                    "work": str(tmp_path)}, deadline=1e18, write=rows.append)
+    info, plain, kahan = rows
+    assert "bfloat16" in info["module"] and plain["status"] == kahan["status"] == "ok", rows
+    assert kahan["hparams"]["kahan_summation"] is True and "kahan_summation" not in plain["hparams"]
+    weights = sum(p.numel() for p in BG.build_module("layer:32x86", "cpu")[0].parameters())
+    assert kahan["state_bytes"] - plain["state_bytes"] == 2 * weights
+    assert kahan["estimate_state"] == kahan["state_bytes"] and kahan["step_time_ratio"] > 0
+    report = {"meta": {"device": "cpu"}, "cuda_code_paths": [],
+              "checks": [{"name": "bf16:32x86", "kind": "cells", "phase": "alone", "budget_s": 1, "status": "ok",
+                          "rows": rows}]}
+    text = BG.results_text(report)
+    assert "| adamw+kahan_summation | ok |" in text
+    assert json.loads(text.split("```json\n")[1].split("\n```")[0]) == json.loads(json.dumps(report, default=str))
