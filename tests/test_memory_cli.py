@@ -158,7 +158,8 @@ def test_budget_says_which_precision_and_offers_both(capsys):
     assert fp32.weights - fp32.details["buffer_bytes"] == 2 * (bf16.weights - bf16.details["buffer_bytes"])
     est = mixed_precision_estimate("llama-60m", "bf16")
     linear = est.details["autocast_weight_copies"] // 2
-    assert 0 < linear < est.details["parameters"] and est.activations == bf16.activations + est.details["autocast_extra_saved"]
+    assert 0 < linear < est.details["parameters"] and est.activations == est.details["autocast_step"]["total"]
+    assert est.activations >= bf16.activations + est.details["autocast_extra_saved"]  # (the former sum: a floor here)
     assert est.details["autocast_extra_saved"] > 2 * linear  # the weight copies and the float32 residual stream's tensors
     assert main(["budget", "llama-60m"]) == 0
     assert "mixed precision with float32 master weights (--precision mixed): total" in capsys.readouterr().out
