@@ -192,8 +192,6 @@ class _Experts(torch.nn.Module):
         self.gate_up_proj = torch.nn.Parameter(torch.randn(e, a, b, generator=torch.Generator().manual_seed(8)))
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDIT3 8: racs steps fused experts [E, A, B] as one [E, A B] matrix "
-                   "(q per expert, s per element): not the paper's per-matrix row / column scaling, state O(A B)")
 def test_fused_experts_are_scaled_per_expert_matrix():
     """Each expert of a fused ``[E, A, B]`` weight is a linear layer, which the paper's RACS scales by its own rows
     and columns (``A + B + 1`` numbers). lowmem (as pytorch_optimizer) steps the tensor as its ``[E, A B]`` view:

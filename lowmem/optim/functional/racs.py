@@ -43,7 +43,8 @@ FLOOR = 1e-30
 
 def matrix_dims(shape) -> tuple[int, int]:
     """The ``(rows, cols)`` a tensor of ``shape`` is stepped as: a matrix as itself; a tensor of more than 2
-    dimensions as its ``[shape[0], -1]`` view; a vector as a column ``[n, 1]`` and a 0-d tensor as ``[1, 1]`` (as
+    dimensions as its ``[shape[0], -1]`` view (a 3-D batch of matrices, fused MoE experts, reaches the rule one
+    matrix at a time: :meth:`~lowmem.optim.recipes.racs.RacsMoments.per_matrix`); a vector as a column ``[n, 1]`` and a 0-d tensor as ``[1, 1]`` (as
     pytorch_optimizer's ``RACS``: the paper defines RACS for matrices only)."""
     if len(shape) == 0:
         return 1, 1

@@ -3,8 +3,9 @@ scaled by moving averages of the two diagonal scalings of a Kronecker-factored F
 norm's growth limited (math: :mod:`lowmem.optim.functional.racs`).
 
 State of a tensor stepped as ``rows x cols`` (:func:`~lowmem.optim.functional.racs.matrix_dims`: a matrix itself,
-a tensor of more dimensions its ``[shape[0], -1]`` view, a vector a column ``[n, 1]``, a 0-d tensor ``[1, 1]``, as
-pytorch_optimizer's ``RACS``; the paper defines RACS for matrices): ``row_scale`` (``q_t``, ``rows`` values) and
+a tensor of 4 or more dimensions, a convolution kernel, its ``[shape[0], -1]`` view, a vector a column ``[n, 1]``, a
+0-d tensor ``[1, 1]``, as pytorch_optimizer's ``RACS``; the paper defines RACS for matrices; a 3-D weight ``[E, A, B]``,
+fused MoE experts, is a batch of ``A x B`` matrices, each with its own state, stacked: :meth:`RacsMoments.per_matrix`): ``row_scale`` (``q_t``, ``rows`` values) and
 ``col_scale`` (``s_t``, ``cols`` values) in the state dtype, both from 0 (line 2), and ``update_norm`` (``phi_t``,
 0-d, float32; float64 with a float64 state). A matrix keeps ``m + n + 1`` numbers, no first moment.
 
@@ -215,6 +216,15 @@ class RacsMoments(_Foreach, MomentRule):
     #: checkpoints of an FSDP2 shard: ``row_scale`` one number per row (sharded like the rows); ``col_scale`` and
     #: ``update_norm`` are equal on every rank (:meth:`replicated_state`)
     reduced_dims = {"row_scale": "rows"}
+
+    def per_matrix(self, shape, group):
+        """A 3-D weight ``[E, A, B]`` (fused MoE experts: transformers 5's ``experts.gate_up_proj [E, 2I, H]``,
+        ``experts.down_proj [E, H, I]``) is a batch of ``E`` linear layers, each scaled by its own rows and columns
+        (Eq. 15-16: ``A + B + 1`` numbers each, stacked ``[E, A]`` / ``[E, B]`` / ``[E]``), stepped by the engine as
+        separate 2-D parameters (:meth:`~lowmem.optim.engine.LowMemOptimizer._matrices`). A tensor of 4 or more
+        dimensions (a convolution kernel ``[out, in, k...]``: one linear map of ``in x k...`` inputs) keeps its
+        ``[shape[0], -1]`` view (:func:`~lowmem.optim.functional.racs.matrix_dims`)."""
+        return len(shape) == 3
 
     def init_state(self, state, shape, group, param):
         dtype, device = state_dtype(group, param), param.device
@@ -430,8 +440,8 @@ class RACS(LowMemOptimizer):
     Table 9 settings as defaults. Every parameter is stepped by RACS (vectors as ``[n, 1]`` columns, as
     pytorch_optimizer); the paper's experiments gave RACS the attention and MLP linear weights and Adam the rest.
 
-    Each step of a tensor stepped as ``rows x cols`` (a vector as a column, a tensor of more dimensions as
-    ``[shape[0], -1]``): ``iterations`` steps of Eq. 16 from ``q = 1`` (``s = G^2^T q / q.q``, ``q = G^2 s / s.s``);
+    Each step of a tensor stepped as ``rows x cols`` (a vector as a column, a tensor of 4 or more dimensions as
+    ``[shape[0], -1]``, each matrix of a 3-D batch ``[E, A, B]``, fused MoE experts, as its own ``A x B``): ``iterations`` steps of Eq. 16 from ``q = 1`` (``s = G^2^T q / q.q``, ``q = G^2 s / s.s``);
     ``s_t = beta s_{t-1} + (1 - beta) s``, ``q_t`` likewise (both from 0); ``G~ = g / sqrt((q_t,i + eps)(s_t,j +
     eps))``; ``eta = 1`` at the first step, else ``gamma / max(||G~|| / phi, gamma)``; ``phi <- eta ||G~||``;
     ``p <- p (1 - lr wd) - lr eta alpha G~`` (``eta = 1`` also while ``phi = 0``, after an all-zero gradient).

@@ -12,7 +12,8 @@ from . import Reference, register_reference
 
 
 def _as_matrix(x: Tensor) -> Tensor:
-    """A matrix itself; more dimensions ``[shape[0], -1]``; a vector a column; a 0-d tensor ``[1, 1]``."""
+    """A matrix itself; 4 or more dimensions ``[shape[0], -1]``; a vector a column; a 0-d tensor ``[1, 1]`` (a 3-D
+    weight is a batch of matrices: :func:`racs`)."""
     if x.dim() == 0:
         return x.reshape(1, 1)
     if x.dim() == 1:
@@ -37,6 +38,18 @@ def _fixed_point(g: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
 
 def racs(p: Tensor, grads: list[Tensor], *, index: int, lr: float, beta: float, alpha: float, gamma: float,
          iterations: int, eps: float, weight_decay: float, **_) -> list[Tensor]:
+    """A 3-D weight ``[E, A, B]`` (fused MoE experts): each ``A x B`` matrix its own run of :func:`_racs_matrix`
+    (its own scalings and norm). Otherwise :func:`_racs_matrix` of the whole tensor."""
+    if p.dim() == 3:
+        runs = [_racs_matrix(p[e], [g[e] for g in grads], lr=lr, beta=beta, alpha=alpha, gamma=gamma,
+                             iterations=iterations, eps=eps, weight_decay=weight_decay) for e in range(p.shape[0])]
+        return [torch.stack([run[t] for run in runs]) for t in range(len(grads))]
+    return _racs_matrix(p, grads, lr=lr, beta=beta, alpha=alpha, gamma=gamma, iterations=iterations, eps=eps,
+                        weight_decay=weight_decay)
+
+
+def _racs_matrix(p: Tensor, grads: list[Tensor], *, lr: float, beta: float, alpha: float, gamma: float,
+                 iterations: int, eps: float, weight_decay: float) -> list[Tensor]:
     """Algorithm 1 (with decoupled weight decay before the update, as lowmem's recipes), every step::
 
         S_t, Q_t from Eq. 16                                    (line 5)
@@ -66,7 +79,7 @@ def racs(p: Tensor, grads: list[Tensor], *, index: int, lr: float, beta: float, 
     return out
 
 
-register_reference("racs", Reference(racs, shapes=((24, 40), (40, 24), (40,), (3, 8, 10), ()), configs=(
+register_reference("racs", Reference(racs, shapes=((24, 40), (40, 24), (40,), (3, 8, 10), (2, 3, 2, 2), ()), configs=(
     {},  # the paper's Table 9 (60M-350M): lr 2e-2, beta 0.9, alpha 0.05, gamma 1.01, 5 iterations; eps 1e-30
     {"lr": 1e-2, "weight_decay": 0.1, "iterations": 1},  # one step of Eq. 16: s the column mean squares
     {"lr": 3e-2, "beta": 0.5, "alpha": 0.2, "gamma": 1.5, "eps": 1e-6},  # a looser limiter; eps visible
