@@ -40,7 +40,7 @@ from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is
 from ..moments import AdamMoments
 from ..registry import register
 from ..subspace import CombineRule, SubspaceProjection, _meta, _usable, _Walk
-from .subspace import (_nonneg_int, adam_hf_unit_scale, check_projected_state_dtype, check_rank_applies,
+from .subspace import (_choice, _nonneg_int, adam_hf_unit_scale, check_projected_state_dtype, check_rank_applies,
                        subspace_hparams)
 
 
@@ -54,14 +54,16 @@ class AliceProjection(SubspaceProjection):
     :class:`~lowmem.optim.subspace.SubspaceProjection`'s for ``projection="svd"``.
 
     Group keys: ``rank``, ``update_proj_gap``, ``proj_type`` (not ``full``), ``refresh_phase``, ``seed``,
-    ``power_iters`` (subspace iterations per switch), ``beta3``, ``switch_fraction``.
+    ``first_basis``, ``power_iters`` (subspace iterations per switch), ``beta3``, ``switch_fraction``.
     State: ``proj_meta``, ``proj_left`` or ``proj_right``, ``proj_cov`` (``r x r`` float32)."""
 
     state_keys = SubspaceProjection.state_keys + ("proj_cov",)
 
     @staticmethod
     def method(group: dict[str, Any]) -> str:
-        return "svd"  # (the geometry and the first refresh's: an exact SVD)
+        """The first refresh's method, whose counts (MKL's kept buffers, LAPACK's workspace) the parent's apply:
+        ``first_basis`` (``"svd"``, the default: an exact SVD; ``"rsvd"``: GaLore's randomized range finder)."""
+        return group.get("first_basis", "svd")
 
     def init_state(self, state, param, group, matrix=None):
         super().init_state(state, param, group, matrix)
@@ -69,7 +71,9 @@ class AliceProjection(SubspaceProjection):
         state["proj_cov"] = torch.zeros((r, r), dtype=torch.float32, device=param.device)
 
     def refresh(self, g, state, group, checked=False):
-        """The first refresh: the top-``r`` singular vectors of ``G``; later ones: tracking and switching
+        """The first refresh: the top-``r`` singular vectors of ``G`` (``first_basis="svd"``; ``"rsvd"``: GaLore's
+        randomized range finder, ``power_iters`` iterations, :func:`~lowmem.optim.functional.galore.range_finder`,
+        their approximation); later ones: tracking and switching
         (:func:`~lowmem.optim.functional.alice.switch`) from the basis and ``Q``; with ``carry_covariance`` ``Q`` is
         carried into the new basis (:func:`~lowmem.optim.functional.alice.carry_covariance`). A zero or non-finite
         gradient, or
@@ -83,7 +87,11 @@ class AliceProjection(SubspaceProjection):
         left = key == "proj_left"
         g = g.float()
         try:
-            if refreshes == 0:
+            if refreshes == 0 and group["first_basis"] == "rsvd":  # (Halko et al. 2011: G's top-r left space)
+                gen = torch.Generator().manual_seed(seed * 7919 + refreshes)  # (range_finder draws on the CPU)
+                new = GL.range_finder(g if left else g.t(), group["rank"], gen, group["power_iters"])
+                state[key].copy_(new if left else new.t())
+            elif refreshes == 0:
                 new = GL.svd_basis(g, group["rank"], "left" if left else "right")[0 if left else 1]
                 state[key].copy_(new)
             else:
@@ -103,15 +111,22 @@ class AliceProjection(SubspaceProjection):
         state["proj_meta"][2] += 1
         return True
 
+    def _first_bytes(self, shape, group, state) -> int:
+        """The first refresh's peak: GaLore's count of an exact SVD (``first_basis="svd"``) or of a ``rsvd`` refresh
+        (:meth:`~lowmem.optim.subspace.SubspaceProjection._rsvd_bytes`, a bound of its range finder), sized for
+        the device the basis is on."""
+        m, n = shape
+        with GL.blas_device(self._basis_device(state)):
+            return GL.svd_refresh_bytes(m, n) if self.method(group) == "svd" else self._rsvd_bytes(shape, group)
+
     def transient_bytes(self, shape, group, state, refresh):
         """A plain step: the projected gradient. A refresh: the larger of the first one (an exact SVD, GaLore's
-        count) and a switch (:func:`switch_bytes`), beside the old basis's copy and the moments' rotation with
-        ``moment_policy="rotate"``."""
+        count; ``first_basis="rsvd"``: GaLore's ``rsvd`` count) and a switch (:func:`switch_bytes`), beside the old
+        basis's copy and the moments' rotation with ``moment_policy="rotate"``."""
         if not refresh:
             return super().transient_bytes(shape, group, state, refresh)
         m, n = shape
-        with GL.blas_device(self._basis_device(state)):
-            work = GL.svd_refresh_bytes(m, n)
+        work = self._first_bytes(shape, group, state)
         left = self._side(shape, group) == "left"
         d, e = (m, n) if left else (n, m)
         r = group["rank"]
@@ -122,13 +137,14 @@ class AliceProjection(SubspaceProjection):
         return snapshot + max(work, rotation)
 
     def untraced_refresh_bytes(self, shape, group):
-        """The exact SVD's LAPACK copy and workspace (the first refresh's; GaLore's count), or a switch's LAPACK
-        workspace (QR and ``eigh``), whichever refresh the report's count is."""
+        """The exact SVD's LAPACK copy and workspace (the first refresh's; GaLore's count; ``first_basis="rsvd"``:
+        GaLore's ``rsvd`` count of what its traced tensors leave out), or a switch's LAPACK workspace (QR and
+        ``eigh``), whichever refresh the report's count is."""
         m, n = shape
         left = self._side(shape, group) == "left"
         d, e = (m, n) if left else (n, m)
         r = group["rank"]
-        svd = GL.svd_refresh_bytes(m, n)
+        svd = self._first_bytes(shape, group, {})
         sw = switch_bytes(d, e, r, AL.leading_count(r, group["switch_fraction"]), group["power_iters"])
         if sw > svd:
             return sw - switch_bytes(d, e, r, AL.leading_count(r, group["switch_fraction"]), group["power_iters"],
@@ -453,7 +469,10 @@ def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
         *shared,
         HParam("scale", 0.3, positive, "a finite float > 0", "alpha: multiplies the whole update (subspace part and"
                " compensation), the paper's alpha"),
-        HParam("power_iters", 1, _nonneg_int, "an int >= 0", "subspace iterations on the tracked covariance per switch"),
+        HParam("power_iters", 1, _nonneg_int, "an int >= 0", "subspace iterations on the tracked covariance per switch"
+               " (and the range finder's with first_basis='rsvd')"),
+        _choice("first_basis", "svd", ("svd", "rsvd"), "the first refresh's top-r basis of G: 'svd' an exact SVD (the"
+                " paper's eigenbasis of G G^T), 'rsvd' GaLore's randomized range finder (bounded memory)"),
         HParam("beta3", 0.999, in_unit_interval, "a float with 0 <= beta3 < 1",
                "decay of the tracked covariance Q (beta3 = 0: Alice-0, the current gradient's alone)"),
         HParam("switch_fraction", 0.84375, in_unit_interval, "a float with 0 <= switch_fraction < 1",
