@@ -2782,6 +2782,8 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         keys = ("lr", "weight_decay", "betas", "eps", "rank", "update_proj_gap")
         if targeted and key == "use_muon":  # the Muon family's group: its own settings, not AdamW's betas / eps
             keys = ("lr", "weight_decay", "momentum", "nesterov", "beta2", "row_eps", "update_scale", "adjust_lr_fn")
+        set_here = [k for k in (recipe.optim_args or {}) if k not in keys and k != "target_modules"]
+        keys = (*keys, *set_here)  # what the user set in optim_args (racs' gamma, sm3's momentum, ...): shown applied
         shown = {k: v for k, v in g.items() if k in keys}
         which = (f"targeted group, {g['num_params']:,} of {sum(h['num_params'] for h in groups):,} parameters"
                  if targeted else "largest group")

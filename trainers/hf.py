@@ -391,6 +391,7 @@ class LowMemArguments:
         ``lowmem_optim``), the optimizer name and its hyperparameters."""
         check_optimizer_fields(self)
         check_config_ranges(self)
+        _check_lowmem_name_in_optim(self)
         given = self.lowmem_optim
         if self.lowmem_optim is not None:
             self._resolve_lowmem_optim()
@@ -494,6 +495,31 @@ class LowMemArguments:
         if embeddings_32bit_kind(self.lowmem_optim) is None:
             raise ValueError(f"{where}=True cannot apply to lowmem_optim={self.lowmem_optim!r}: expected an 8-bit "
                              f"optimizer that keeps a tensor's state 32-bit by group ({_embeddings_32bit_names()})")
+
+
+def _check_lowmem_name_in_optim(args: Any) -> None:
+    """``optim`` naming a lowmem optimizer that transformers does not know (``optim="racs"``, ``"alice"``,
+    ``"sm3_layerwise"``): transformers' own error lists its ``OptimizerNames`` only; this one names ``lowmem_optim``,
+    the field that takes the name (``optim_args`` and ``optim_target_modules`` apply to it as well).
+
+    Raises:
+        ValueError: naming ``optim`` and ``lowmem_optim``.
+    """
+    from transformers.training_args import OptimizerNames
+
+    from lowmem.train import resolve_optim_name
+
+    optim = getattr(args, "optim", None)
+    optim = getattr(optim, "value", optim)  # an OptimizerNames member: its string
+    if not isinstance(optim, str) or optim in {o.value for o in OptimizerNames}:
+        return
+    try:
+        resolve_optim_name(optim)
+    except ValueError:
+        return  # not lowmem's either: transformers' error lists its names
+    raise ValueError(f"{type(args).__name__}.optim={optim!r} is a lowmem optimizer, not one of transformers' "
+                     f"OptimizerNames: set lowmem_optim={optim!r} instead (optim_args and optim_target_modules apply "
+                     "to it as well)")
 
 
 def hf_optim_lowmem_implements(optim: Any) -> str | None:
