@@ -68,7 +68,7 @@ def _grads(shape, steps, seed, dtype=torch.float64):
 CONFIGS = [
     ((7, 3), {"lr": 0.02, "iterations": 2, "beta": 0.0, "gamma": 1.0}),
     ((3, 11), {"lr": 0.05, "iterations": 7, "beta": 0.99, "alpha": 0.5, "gamma": 2.0}),
-    ((2, 3, 4), {"lr": 0.1, "weight_decay": 0.2, "alpha": 0.3}),
+    ((2, 3, 2, 2), {"lr": 0.1, "weight_decay": 0.2, "alpha": 0.3}),
     ((5, 6), {"lr": 0.02}),  # the paper's lr, everything else lowmem's defaults (= the paper's)
 ]
 
