@@ -99,8 +99,6 @@ def test_kahan_weight_plus_compensation_tracks_float32(key):
     assert abs(r - 1.0) < 0.01, r
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDITSR 1: AdamMoments' state_dtype='param'/'bfloat16' takes torch's fused "
-                                       "AdamW kernel, which writes the bfloat16 weight rounded to nearest")
 @pytest.mark.parametrize("option", ["bf16_stochastic_round", "kahan_summation"])
 @pytest.mark.parametrize("state_dtype", ["param", "bfloat16"])
 @pytest.mark.parametrize("name,shape", [("adamw", (96, 80)), ("galore_adamw", (7680,)), ("apollo_adamw", (7680,))],

@@ -244,6 +244,23 @@ def test_fused_kernel_not_chosen_for_rounded_weights():
     assert bnb_fused.ineligible_reason(p, p, {}, {**group, "bf16_stochastic_round": False}) is None
 
 
+@pytest.mark.parametrize("state", ["param", "bfloat16"])
+@pytest.mark.parametrize("option", ["bf16_stochastic_round", "kahan_summation"])
+def test_torch_fused_adamw_not_chosen_for_rounded_weights(option, state):
+    """A bfloat16 weight with bfloat16 moments would take torch's fused AdamW kernel (round-to-nearest,
+    ``AdamMoments.fused_step_``): with either option it takes the plain step, and the per-parameter transient count
+    follows (``fused_step_allocates_nothing`` false): traced and reported as ``foreach=False``'s plain step (whose
+    report is 8 B over the trace, a 0-d scalar, with or without the option); the fused kernel's a 0-d scalar."""
+    from tests.test_transient_per_parameter import _traced_and_reported
+
+    traced, reported = _traced_and_reported("adamw", torch.bfloat16, (200, 128), state_dtype=state, **{option: True})
+    assert (traced, reported) == _traced_and_reported("adamw", torch.bfloat16, (200, 128), state_dtype=state,
+                                                      foreach=False)
+    assert 0 < traced <= reported
+    fused = _traced_and_reported("adamw", torch.bfloat16, (200, 128), state_dtype=state)
+    assert max(fused) <= 8  # (without the option: the fused kernel, allocating a 0-d scalar at most)
+
+
 def test_class_constructors_take_it():
     from lowmem.optim import AdamW, GaLoreAdamW
 

@@ -339,6 +339,13 @@ def grad_element_bytes(group: dict[str, Any], stored: Tensor | None = None) -> i
     return 8 if any(getattr(p, "dtype", None) == torch.float64 for p in group.get("params", ())) else 4
 
 
+def _rounds_its_own_way(p: Tensor, group: dict[str, Any], state: dict[str, Tensor]) -> bool:
+    """Whether the write-back of bfloat16 ``p`` is the engine's own (``_store``: ``bf16_stochastic_round``, or
+    ``kahan_summation``'s compensation): a fused kernel that writes ``p`` rounded to nearest must not step it."""
+    return p.dtype == torch.bfloat16 and bool(
+        group.get("bf16_stochastic_round") or group.get("kahan_summation") or "kahan_comp" in state)
+
+
 def sharded_group(group: dict[str, Any]) -> bool:
     """Whether ``group`` holds an FSDP2 (``DTensor``) parameter. A rule whose multi-tensor step
     computes a statistic of the whole tensor (one the shards would have to all-reduce: Adam-mini's
@@ -516,7 +523,8 @@ class AdamMoments(MomentRule):
         moments contiguous and of its dtype (:func:`~lowmem.optim.functional.adam.fused_indices`' layout;
         the gradient is the engine's to check)."""
         m, v = state.get("exp_avg"), state.get("exp_avg_sq")
-        return (m is not None and v is not None and FA.fused_device(p.device) and not isinstance(group.get("lr"), Tensor)
+        return (m is not None and v is not None and not _rounds_its_own_way(p, group, state)
+                and FA.fused_device(p.device) and not isinstance(group.get("lr"), Tensor)
                 and p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and m.dtype == v.dtype == p.dtype
                 and m.device == p.device)
 
@@ -533,12 +541,15 @@ class AdamMoments(MomentRule):
         :attr:`foreach_decays_after`) where it applies: a device of
         :func:`~lowmem.optim.functional.adam.fused_device` (the CPU too by default), the parameter, its
         gradient and both moments of one dtype (a bf16 parameter with ``state_dtype="param"`` or
-        ``"bfloat16"``; torch's kernel takes no float32 moments of a bf16 parameter) and contiguous, a float
+        ``"bfloat16"``; torch's kernel takes no float32 moments of a bf16 parameter; not where the group has
+        ``bf16_stochastic_round`` or ``kahan_summation``: the kernel rounds to nearest, the engine's write-back
+        ``_store`` applies the option) and contiguous, a float
         ``lr``, and not ``foreach=False`` (the single-tensor reference). The kernel computes in float32
         and rounds the parameter and moments once, as the per-parameter step does; a decay after the
         update of a low-precision parameter would round it twice, so that case stays on the engine's step.
         Allocates nothing (whole tensors: ``chunk_numel`` is not needed). Returns whether it ran."""
-        if group.get("foreach") is False or not FA.fused_device(p.device) or "exp_avg" not in state:
+        if (group.get("foreach") is False or not FA.fused_device(p.device) or "exp_avg" not in state
+                or _rounds_its_own_way(p, group, state)):
             return False
         m, v = state["exp_avg"], state["exp_avg_sq"]
         wd = group.get("weight_decay", 0.0)
