@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -227,3 +228,20 @@ def test_bf16_rows_on_cpu(tmp_path):
     text = BG.results_text(report)
     assert "| adamw+kahan_summation | ok |" in text
     assert json.loads(text.split("```json\n")[1].split("\n```")[0]) == json.loads(json.dumps(report, default=str))
+
+
+def test_pytest_check_runs_the_files_that_import_and_names_the_one_that_does_not(tmp_path):
+    """On the device a cuda test file can fail to import (session 16: tests/test_endrun_memory.py needs datasets, which
+    the image lacks); pytest then stops at collection and runs nothing, unless --continue-on-collection-errors: the
+    other files' tests run and the broken file is one error row naming the missing module."""
+    good, broken = tmp_path / "test_good_cuda.py", tmp_path / "test_broken_cuda.py"
+    good.write_text("import pytest\n\n\n@pytest.mark.cuda\ndef test_runs():\n    pass\n")
+    broken.write_text("import pytest\nimport lowmem_no_such_module  # noqa\n\n\n@pytest.mark.cuda\ndef test_x():\n    pass\n")
+    rows = []
+    with pytest.raises(RuntimeError, match="pytest exited 1"):
+        BG.child_pytest({"files": [str(good), str(broken)], "work": str(tmp_path)}, deadline=time.time() + 120,
+                        write=rows.append)
+    outcomes = {r["optimizer"].split(".")[-1]: (r.get("outcome"), r.get("message", "")) for r in rows if r["status"] != "info"}
+    assert outcomes["test_good_cuda::test_runs"] == ("passed", "")
+    err = next(v for k, v in outcomes.items() if "test_broken_cuda" in k)
+    assert err[0] == "error" and "lowmem_no_such_module" in err[1], outcomes
