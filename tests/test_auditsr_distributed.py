@@ -75,8 +75,6 @@ def test_ddp_replicas_round_identically(ranks):
     assert ranks["ddp_equal"]
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDITSR 2: HSDP's replicate dimension draws per-rank bits "
-                                       "(_mesh_position counts Replicate mesh dimensions)")
 def test_hsdp_replicas_round_identically(ranks):
     assert ranks["hsdp_moved"] > 5e-5  # (the rounding moved the weights: the option applied)
     assert ranks["hsdp_equal"]

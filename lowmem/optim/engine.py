@@ -662,11 +662,14 @@ _UNSET = object()
 
 
 def _mesh_position(p: Tensor) -> int:
-    """This rank's row-major position in ``p``'s device mesh (a DTensor's)."""
+    """This rank's row-major position over the dimensions of ``p``'s device mesh (a DTensor's) that shard it
+    (``Shard`` / ``_StridedShard`` placements): the ranks holding the same shard (HSDP's replicate dimension, a
+    ``Replicate`` or ``Partial`` placement) share a position, so their copies round with the same bits."""
     coord, shape = p.device_mesh.get_coordinate() or (), p.device_mesh.shape
     pos = 0
-    for c, n in zip(coord, shape):
-        pos = pos * n + c
+    for c, n, placement in zip(coord, shape, p.placements):
+        if placement.is_shard() or type(placement).__name__ == "_StridedShard":  # (not is_shard() in torch 2.13)
+            pos = pos * n + c
     return pos
 
 
@@ -2753,8 +2756,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _param_index(self, step: Tensor) -> int:
         """The position, in the parameter groups' order, of the parameter whose step counter is ``step`` (a batch of
         matrices' shares one: :data:`MATRIX_SHARED_KEYS`; a sharded parameter's is its state's), plus, for an FSDP2
-        parameter, ``2^32`` times its rank's linear position in the mesh (each shard its own bits: a run's rounding
-        then depends on its sharding, as its shards do). A map of the counters seen, extended when a counter is not in
+        parameter, ``2^32`` times its rank's position over the mesh dimensions that shard it (:func:`_mesh_position`:
+        each distinct shard its own bits, its replicas the same; a run's rounding then depends on its sharding, as
+        its shards do). A map of the counters seen, extended when a counter is not in
         it (a parameter's state made since: its first step, a load) by looking at the parameters from the one after
         the last found (one look per parameter on a first step); made anew when the groups change
         (:meth:`_forget_routes`)."""
