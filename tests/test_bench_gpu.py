@@ -235,8 +235,9 @@ def test_pytest_check_runs_the_files_that_import_and_names_the_one_that_does_not
     the image lacks); pytest then stops at collection and runs nothing, unless --continue-on-collection-errors: the
     other files' tests run and the broken file is one error row naming the missing module."""
     good, broken = tmp_path / "test_good_cuda.py", tmp_path / "test_broken_cuda.py"
-    good.write_text("import pytest\n\n\n@pytest.mark.cuda\ndef test_runs():\n    pass\n")
-    broken.write_text("import pytest\nimport lowmem_no_such_module  # noqa\n\n\n@pytest.mark.cuda\ndef test_x():\n    pass\n")
+    marker = "@pytest.mark." + "cuda"  # (spelled apart: this file must not look like a cuda test file itself)
+    good.write_text(f"import pytest\n\n\n{marker}\ndef test_runs():\n    pass\n")
+    broken.write_text(f"import pytest\nimport lowmem_no_such_module  # noqa\n\n\n{marker}\ndef test_x():\n    pass\n")
     rows = []
     with pytest.raises(RuntimeError, match="pytest exited 1"):
         BG.child_pytest({"files": [str(good), str(broken)], "work": str(tmp_path)}, deadline=time.time() + 120,
