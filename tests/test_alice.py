@@ -454,3 +454,38 @@ def test_rsvd_first_refresh_is_counted_in_the_step_report():
     svd, rsvd = report("svd"), report("rsvd")
     assert svd >= GL.svd_refresh_bytes(4096, 4096)
     assert max(GL.rsvd_refresh_bytes(4096, 4096, 256, 1), switch_bytes(4096, 4096, 256, 40, 1)) <= rsvd < svd / 5
+
+
+# ---- the Ritz vectors' signs (fix_signs) ----
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_fix_signs_makes_a_switch_independent_of_eighs_sign_choice(monkeypatch, fix):
+    """``eigh`` returns each eigenvector up to its sign. With ``fix_signs`` a switch returns the same basis whatever
+    signs ``eigh`` chose (here: every other column of its eigenvectors negated), each Ritz vector's largest entry in
+    the ``r x r`` rotation positive; with eigh's own signs those columns come back negated."""
+    torch.manual_seed(0)
+    d, e, r = 24, 40, 6
+    a = torch.randn(d, e)
+    u = torch.linalg.qr(torch.randn(d, r))[0]
+    q = torch.diag(torch.linspace(2.0, 1.0, r))
+
+    def run():
+        return AL.switch(a, u, q, 0.9, r, 1, torch.Generator().manual_seed(0), fix_signs=fix)  # (l = r: no draw)
+
+    plain = run()
+    eigh = torch.linalg.eigh
+
+    def flipped(x):
+        w, v = eigh(x)
+        v = v.clone()
+        v[:, ::2] *= -1
+        return torch.return_types.linalg_eigh((w, v))
+
+    monkeypatch.setattr(torch.linalg, "eigh", flipped)
+    other = run()
+    if fix:
+        assert torch.equal(other, plain)
+    else:  # (eigh's columns in ascending order, flipped: the even columns from the end)
+        negated = [j for j in range(r) if (r - 1 - j) % 2 == 0]
+        assert torch.allclose(other[:, negated], -plain[:, negated]) and not torch.allclose(other, plain)

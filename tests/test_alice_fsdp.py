@@ -22,6 +22,9 @@ CONFIGS = {  # tag -> hyperparameters over the registry's example (rank 4, updat
     "left": {"proj_type": "reverse_std"},  # sigma all-reduced
     "left_gap2": {"proj_type": "reverse_std", "update_proj_gap": 2},  # switches at steps 2, 4, 6, 8
     "right_gap2_bc": {"update_proj_gap": 2, "bias_correction": True, "weight_decay": 0.1, "carry_covariance": True},
+    # eigh's own signs part fc1 (256 x 32) of 2 processes from one by 3% of its movement from the switch at 4 (the shards'
+    # sums round otherwise, and eigh flips a Ritz vector the kept first moment reads); with the convention: 2e-8
+    "right_gap2_signs": {"update_proj_gap": 2, "fix_signs": True},
 }
 STEPS = 8
 # the right basis (alice_p one per row), switches at 2, 4, 6, 8 (three after the save); right_gap2_bc's settings: with

@@ -9,8 +9,9 @@ renewed from the tracked covariance (Algorithm "Alice", lines "tracking" and "sw
 * **tracking**: ``Q~ = beta3 U Q U^T + (1 - beta3) G G^T`` (:func:`tracked_times`, :func:`tracked_rayleigh`:
   never formed, only its products with ``d x r`` matrices: ``O(d r (e + r))`` memory instead of ``d^2``);
 * **switching** (:func:`switch`): one step of subspace iteration on ``Q~`` from ``U``, its eigenvectors in that
-  subspace (Rayleigh-Ritz, ``eigh`` of an ``r x r`` matrix), the ``l`` leading ones kept, and ``r - l`` directions
-  drawn from the complement of the iterated subspace (:func:`complement_directions`);
+  subspace (Rayleigh-Ritz, ``eigh`` of an ``r x r`` matrix; optionally signed by :func:`fix_signs_`), the ``l`` leading
+  ones kept, and ``r - l`` directions drawn from the complement of the iterated subspace
+  (:func:`complement_directions`);
 * every step ``Q <- beta3 Q + (1 - beta3) sigma sigma^T`` (:func:`covariance_ema_`; Algorithm 4 line 12 keeps ``Q``'s
   entries across a switch; lowmem's ``carry_covariance=True`` first carries ``Q`` into the new basis,
   :func:`carry_covariance`);
@@ -62,14 +63,30 @@ def tracked_rayleigh(a: Tensor, basis: Tensor, q: Tensor, beta3: float, x: Tenso
     return h.mul_(1.0 - beta3).add_(t.t() @ q @ t, alpha=beta3)
 
 
-def subspace_eig(a: Tensor, basis: Tensor, q: Tensor, beta3: float, iters: int) -> tuple[Tensor, Tensor]:
+def subspace_eig(a: Tensor, basis: Tensor, q: Tensor, beta3: float, iters: int,
+                 fix_signs: bool = False) -> tuple[Tensor, Tensor]:
     """``iters`` steps of subspace iteration on ``Q~`` from ``basis`` (``X <- qr(Q~ X)``), then the Ritz pairs of
-    ``Q~`` in ``span(X)``: eigenvalues in descending order and their ``d x r`` orthonormal eigenvectors."""
+    ``Q~`` in ``span(X)``: eigenvalues in descending order and their ``d x r`` orthonormal eigenvectors (with
+    ``fix_signs`` in :func:`fix_signs_`'s convention, else with ``eigh``'s own signs)."""
     x = basis
     for _ in range(iters):
         x = torch.linalg.qr(tracked_times(a, basis, q, beta3, x)).Q
     vals, vecs = torch.linalg.eigh(tracked_rayleigh(a, basis, q, beta3, x))
-    return vals.flip(0), x @ vecs.flip(1)
+    vecs = vecs.flip(1)
+    return vals.flip(0), x @ (fix_signs_(vecs) if fix_signs else vecs)
+
+
+def fix_signs_(vecs: Tensor) -> Tensor:
+    """``vecs`` (eigenvectors in columns) with each column's largest-magnitude entry made positive, in place.
+    ``eigh`` defines an eigenvector up to its sign, and the sign matters: Adam's first moment ``m`` is kept across a
+    switch (``moment_policy="keep"``, the paper's), so a flipped basis column turns its row of ``m`` against the
+    gradient. Without a convention two correct implementations (or one on two LAPACKs, or FSDP2's shards summing in
+    another order) can part at a switch where rounding flips ``eigh``'s choice: the paper loop and the engine by 0.5
+    of an entry 3 steps after one (a 40 x 24 weight at rank 20), 2 processes and one by 3% of the movement; with it,
+    to float32 rounding. (A column whose two largest entries have equal magnitudes and opposite signs stays
+    ambiguous.)"""
+    top = vecs.gather(0, vecs.abs().argmax(0, keepdim=True))
+    return vecs.mul_(top.sign_())
 
 
 def complement_directions(vecs: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
@@ -86,13 +103,13 @@ def complement_directions(vecs: Tensor, count: int, generator: torch.Generator |
 
 
 def switch(a: Tensor, basis: Tensor, q: Tensor, beta3: float, leading: int, iters: int,
-           generator: torch.Generator | None) -> Tensor:
+           generator: torch.Generator | None, fix_signs: bool = False) -> Tensor:
     """Switching: the new ``d x r`` basis from the tracked covariance. Its first ``leading`` columns are the
     leading Ritz vectors of :func:`subspace_eig`; the other ``r - l`` are drawn from the complement of the
     iterated subspace (:func:`complement_directions`). When that complement has fewer than ``r - l``
     dimensions (``d - r < r - l``), all of them are drawn and the next Ritz vectors fill the rest."""
     rank = basis.shape[1]
-    _, vecs = subspace_eig(a, basis, q, beta3, iters)
+    _, vecs = subspace_eig(a, basis, q, beta3, iters, fix_signs)
     k = rank - leading
     c = min(k, a.shape[0] - rank)
     parts = [vecs[:, : leading + k - c]]

@@ -54,7 +54,8 @@ class AliceProjection(SubspaceProjection):
     :class:`~lowmem.optim.subspace.SubspaceProjection`'s for ``projection="svd"``.
 
     Group keys: ``rank``, ``update_proj_gap``, ``proj_type`` (not ``full``), ``refresh_phase``, ``seed``,
-    ``first_basis``, ``power_iters`` (subspace iterations per switch), ``beta3``, ``switch_fraction``.
+    ``first_basis``, ``power_iters`` (subspace iterations per switch), ``beta3``, ``switch_fraction``,
+    ``fix_signs``.
     State: ``proj_meta``, ``proj_left`` or ``proj_right``, ``proj_cov`` (``r x r`` float32)."""
 
     state_keys = SubspaceProjection.state_keys + ("proj_cov",)
@@ -99,7 +100,8 @@ class AliceProjection(SubspaceProjection):
                 old = state[key] if left else state[key].t()
                 gen = switch_generator(g, seed * 7919 + refreshes)
                 leading = AL.leading_count(group["rank"], group["switch_fraction"])
-                new = AL.switch(a, old, state["proj_cov"], group["beta3"], leading, group["power_iters"], gen)
+                new = AL.switch(a, old, state["proj_cov"], group["beta3"], leading, group["power_iters"], gen,
+                                group["fix_signs"])
                 if group["carry_covariance"]:  # (lowmem's variant; the paper's line 12 keeps Q's entries)
                     q = AL.carry_covariance(state["proj_cov"], old, new)
                     state["proj_cov"].copy_(q)
@@ -172,7 +174,9 @@ def switch_bytes(d: int, e: int, r: int, leading: int, iters: int, workspace: bo
     (``d r``), the Rayleigh quotient's ``A^T X`` and ``r x r`` products, the Ritz vectors (``d r``), the
     complement's draw and its projections (``3 d c``) and QR, the new basis (``d r``) and the carried ``Q``'s
     ``r x r`` products; ``workspace``: LAPACK's blocked QR and ``eigh`` workspace (``4 d min(r, 128)`` and
-    ``(1 + 6 r + 2 r^2)`` floats)."""
+    ``(1 + 6 r + 2 r^2)`` floats). ``fix_signs``' pass over the ``r x r`` rotation (its magnitudes, their
+    maxima's indices and entries) runs below that peak (traced equal with and without it on the five shapes of
+    ``tests/test_alice.py::test_switch_allocates_within_its_bound``)."""
     c = min(r - leading, d - r)
     floats = 3 * d * r + max(e * r + d * r + r * r, e * r + 4 * r * r, 3 * d * max(c, 1) + d * r) + 4 * r * r + d * r
     if workspace:
@@ -484,6 +488,10 @@ def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
         HParam("carry_covariance", False, is_bool, "True or False",
                "at a switch, carry Q into the new basis (U_new^T U_old Q U_old^T U_new); False: the paper's line 12,"
                " Q's entries kept as they are"),
+        HParam("fix_signs", False, is_bool, "True or False",
+               "at a switch, sign each Ritz vector with its largest entry positive (functional.alice.fix_signs_:"
+               " the kept first moment then does not depend on eigh's sign choice, which rounding can flip); False:"
+               " eigh's own signs, as pytorch_optimizer"),
         HParam("gamma", 1.01, lambda x: positive(x) and x >= 1, "a finite float >= 1",
                "norm-growth limit of the compensation per step"),
         HParam("bias_correction", False, is_bool, "True or False",

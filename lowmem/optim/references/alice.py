@@ -2,8 +2,11 @@
 
 Shared with the engine, by design: the seeding convention of the complement's Gaussian draw (the
 generator of refresh ``k`` of the parameter at ``index``: ``(seed * 1_000_003 + index) * 7919 + k``), so that
-the loop draws the same directions. Everything else is plain torch below: the tracked covariance is formed
-as the ``d x d`` matrix of the paper, ``p`` from ``diag(G^T G) - diag(sigma^T sigma)``, ``||C||`` from ``C``.
+the loop draws the same directions, and with ``fix_signs`` the Ritz vectors' sign convention (each column of
+``eigh``'s eigenvectors with its largest entry positive: the paper leaves the sign open, and the kept first moment
+depends on it; :func:`lowmem.optim.functional.alice.fix_signs_`). Everything else is plain torch below: the
+tracked covariance is formed as the ``d x d`` matrix of the paper, ``p`` from ``diag(G^T G) - diag(sigma^T
+sigma)``, ``||C||`` from ``C``.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple
           weight_decay: float, rank: int | None = None, update_proj_gap: int = 200, scale: float = 0.3,
           proj_type: str = "std", seed: int = 0, power_iters: int = 1, beta3: float = 0.999,
           switch_fraction: float = 0.84375, alpha_c: float = 0.4, comp_beta: float | None = None, gamma: float = 1.01,
-          bias_correction: bool = False, carry_covariance: bool = False, refresh_phase: str = "multiples",
+          bias_correction: bool = False, carry_covariance: bool = False, fix_signs: bool = False,
+          refresh_phase: str = "multiples",
           moment_policy: str = "keep", **_) -> list[Tensor]:
     """Alice, Algorithm 4 with Algorithms 2, 3 and 10 (``G`` transposed when the right side is projected, so ``U``
     is ``d x r``)::
 
         t = 1:            U = top-r eigenvectors of G G^T  (= singular vectors of G; U_0 = 0 leaves line 7 undefined)
         t mod K == 0:     Q~ = b3 U Q U^T + (1 - b3) G G^T                          # line 6, tracking
-                          X = qr(Q~ U) (power_iters times); (w, E) = eigh(X^T Q~ X); V = X E (descending)
+                          X = qr(Q~ U) (power_iters times); (w, E) = eigh(X^T Q~ X); V = X E (descending;
+                          fix_signs: each column of E with its largest entry positive)
                           U' = [V[:, :l], r - l directions of the complement of span(V)]   # line 7, switching
                           (carry_covariance: Q = U'^T U Q U^T U') ;  U = U'
         sigma = U^T G ;   Q = b3 Q + (1 - b3) sigma sigma^T                          # line 12
@@ -84,7 +89,10 @@ def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple
                 for _ in range(power_iters):
                     x = torch.linalg.qr(qt @ x)[0]
                 w, e = torch.linalg.eigh(x.t() @ qt @ x)
-                vecs = x @ e.flip(1)
+                e = e.flip(1)
+                if fix_signs:  # (each column's largest entry positive)
+                    e = e * torch.sign(e[e.abs().argmax(0), torch.arange(rank)])
+                vecs = x @ e
                 lead = rank - math.floor(rank * switch_fraction)
                 c = min(rank - lead, d - rank)
                 new = vecs[:, : rank - c]
@@ -125,8 +133,8 @@ _CONFIGS = (
     {"rank": 8, "update_proj_gap": 3, "proj_type": "left", "bias_correction": True, "alpha_c": 1.0, "gamma": 1.2,
      "switch_fraction": 0.0, "betas": (0.9, 0.999)},
     {"rank": 20, "update_proj_gap": 4, "proj_type": "right", "switch_fraction": 0.9, "comp_beta": 0.5, "carry_covariance": True,
-     "refresh_phase": "aligned",  # (with multiples the switch at step 8 parts engine and loop: 0.5 of an entry; see docs)
-     "scale": 1.0, "power_iters": 0},  # (d - r = 4 < r - l = 18: the whole complement and 14 more Ritz vectors)
+     "scale": 1.0, "power_iters": 0, "fix_signs": True},  # (d - r = 4 < r - l = 18: the whole complement and 14 more
+    # Ritz vectors; switches at 4, 8, 12: with eigh's own signs 0.5 of an entry apart from step 8, docs/subspace.md)
     {"rank": None},  # full-rank Adam (a rank >= the smaller side of (24, 40) is an error)
 )
 register_reference("alice", Reference(alice, configs=_CONFIGS))
