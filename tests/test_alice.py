@@ -1,7 +1,8 @@
 """Alice (Gong et al. 2025, arXiv 2502.07752; ``lowmem.optim.recipes.alice``): the switch's math, the engine
 against the plain loop of the paper (``lowmem.optim.references.alice``) on shapes, ranks and refresh gaps of
-both orientations, refused settings, the exact state, the steady step's traced bytes, the refresh's bound, the
-FSDP2 refusal, and pytorch_optimizer's Alice."""
+both orientations, refused settings, the exact state, the steady step's traced bytes, the refresh's bound,
+pytorch_optimizer's Alice, the switch's draw on the parameter's device and its resume, the range finder's first
+basis (``first_basis="rsvd"``) and the Ritz vectors' sign convention (``fix_signs``)."""
 
 from __future__ import annotations
 

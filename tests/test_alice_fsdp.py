@@ -27,9 +27,9 @@ CONFIGS = {  # tag -> hyperparameters over the registry's example (rank 4, updat
     "right_gap2_signs": {"update_proj_gap": 2, "fix_signs": True},
 }
 STEPS = 8
-# the right basis (alice_p one per row), switches at 2, 4, 6, 8 (three after the save); right_gap2_bc's settings: with
-# Q's entries kept (carry_covariance=False) fc1's 2-process run leaves one process's by 3% of its movement after a
-# switch (1.7e-3 of 5.1e-2, with a checkpoint or without; measured, not a checkpoint's defect)
+# the right basis (alice_p one per row), switches at 2, 4, 6, 8 (three after the save); right_gap2_bc's settings (with
+# eigh's own signs and Q's entries kept, fc1 of 2 processes parts from one at a switch, checkpoint or not: see
+# right_gap2_signs)
 RESHARD = CONFIGS["right_gap2_bc"]
 SAVED_AT = 3  # steps before the checkpoint; STEPS - SAVED_AT after it
 

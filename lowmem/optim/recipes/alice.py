@@ -20,8 +20,8 @@ switching and compensation) as a chain of engine parts.
 
 Weight decay is decoupled and applied after the update (the engine's bucketed path for ``eps`` on the raw
 ``sqrt(v)``); 1-D parameters and weights whose smaller side is ``<= rank`` take AdamW steps with the same
-moments. FSDP2: :meth:`AliceCompensation.sharded_direction` steps a shard of rows (its reductions there); until
-:mod:`lowmem.optim.sharded` takes it on its allow-list (FOUND_ALICE 4) a sharded parameter is refused.
+moments. FSDP2: :meth:`AliceCompensation.sharded_direction` steps a shard of rows (its reductions there; a right
+basis's ``alice_p`` is checkpointed as rows of the whole ``(m,)``: it reshards).
 """
 
 from __future__ import annotations
