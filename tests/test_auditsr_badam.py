@@ -27,8 +27,6 @@ def _badam(dtype, switch_every, steps=STEPS, lr=LR, **kw):
     return opt, a
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDITSR 3: BAdam's switch resets the step count, so a re-activated "
-                                       "parameter draws the bits of its earlier activations again")
 def test_badam_reactivated_parameters_draw_new_bits():
     """Each step moves a weight of 0.25 down by 2.5e-4, a quarter of the ulp below (2^-10). With independent bits
     each element's move is Binomial(n, p) ulps (mean and spread ``sqrt(n p (1 - p))``); with the bits of ``t = 1``

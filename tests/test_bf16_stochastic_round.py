@@ -388,3 +388,36 @@ def test_streams_follow_the_parameters_positions():
     extra.grad = torch.ones(8, 8, dtype=torch.bfloat16)
     opt.step()
     assert opt._param_index(opt.state[extra]["step"]) == 5
+
+
+def _badam_run(steps, resume_at=None):
+    """Two bf16 blocks (switch_every=1, freeze_inactive=False), stochastic rounding; resumed through
+    ``torch.save`` / ``torch.load(weights_only=True)`` into a new optimizer after ``resume_at`` steps."""
+    ps = [torch.nn.Parameter(torch.full((16, 16), 0.25, dtype=torch.bfloat16)) for _ in range(2)]
+
+    def make():
+        return create_optimizer(ps, "badam", lr=2.5e-4, master_weights=False, switch_every=1, freeze_inactive=False,
+                                weight_decay=0.0, switch_mode="ascending", bf16_stochastic_round=True)
+
+    opt = make()
+    for i in range(steps):
+        if i == resume_at:
+            buf = io.BytesIO()
+            torch.save(opt.state_dict(), buf)
+            opt = make()
+            opt.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    return opt, [p.detach().clone() for p in ps]
+
+
+def test_badam_rounding_resumed_bit_for_bit_and_counters_forgotten():
+    """BAdam's block period is in the seed (``_rounding_epoch``, FOUND_AUDITSR 3): a run resumed after 7 steps
+    draws the uninterrupted run's bits; the rounding's map of step counters keeps only the live ones (it grew by one
+    entry per parameter per switch: 24 after these 12)."""
+    opt, full = _badam_run(12)
+    _, resumed = _badam_run(12, resume_at=7)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+    counters = [k for k in opt.__dict__.get("_sr_index", {}) if isinstance(k, int)]
+    assert len(counters) <= 2, len(counters)

@@ -2741,17 +2741,22 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if _no_data(dst):
             return None
         step = state["step"]
-        t = step.item()
+        t, epoch = step.item(), self._rounding_epoch()
         cur = self.__dict__.get("_sr_cur")
-        if cur is not None and cur[0] is step and cur[1] == t and cur[2].device == dst.device:
+        if cur is not None and cur[0] is step and cur[1] == (t, epoch) and cur[2].device == dst.device:
             return cur[2]
         gens = self.__dict__.setdefault("_sr_gens", {})  # (one generator per device, seeded again per parameter)
         gen = gens.get(dst.device)
         if gen is None:
             gen = gens[dst.device] = torch.Generator(device=dst.device)
-        gen.manual_seed(stream_seed(self._param_index(step), t))
-        self.__dict__["_sr_cur"] = (step, t, gen)
+        gen.manual_seed(stream_seed(self._param_index(step), t, epoch))
+        self.__dict__["_sr_cur"] = (step, (t, epoch), gen)
         return gen
+
+    def _rounding_epoch(self) -> int:
+        """What tells apart the runs of a parameter's step count when it starts again (``stream_seed``'s
+        ``epoch``): 0 here, where a count never restarts; BAdam's block period (its state freed at each switch)."""
+        return 0
 
     def _param_index(self, step: Tensor) -> int:
         """The position, in the parameter groups' order, of the parameter whose step counter is ``step`` (a batch of

@@ -93,12 +93,15 @@ def kahan_store_(dst: Tensor, src: Tensor, comp: Tensor) -> None:
 _MASK64 = (1 << 64) - 1
 
 
-def stream_seed(index: int, t: float) -> int:
+def stream_seed(index: int, t: float, epoch: int = 0) -> int:
     """The seed of the random bits that round parameter ``index`` (its position in the optimizer's parameter
     groups) at its step ``t``: SplitMix64's finalizer (Steele, Lea, Flood 2014) of the pair, so neighbouring
     parameters and steps get unrelated streams, and a run resumed from a checkpoint draws the bits the
-    uninterrupted run drew (nothing but the parameter's step count is needed). In ``[0, 2^63)``."""
-    z = (int(index) * 0x9E3779B97F4A7C15 + int(t) * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & _MASK64
+    uninterrupted run drew (nothing but the parameter's step count is needed). ``epoch``: a count that tells
+    apart the runs of a step count that starts again (BAdam's block periods: a re-activated block counts from
+    ``t = 1`` again); ``0`` adds nothing. In ``[0, 2^63)``."""
+    z = (int(index) * 0x9E3779B97F4A7C15 + int(t) * 0xD1B54A32D192ED03 + int(epoch) * 0x8CB92BA72F3D8DD7
+         + 0x632BE59BD9B4E019) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1

@@ -273,9 +273,12 @@ class BAdam(LowMemOptimizer):
         self._steps += 1
         if self._steps < self.defaults["switch_every"]:
             return
+        index = self.__dict__.get("_sr_index")  # (the rounding's map of step counters: LowMemOptimizer._param_index)
         for g in self._active_groups():
             for p in g["params"]:
-                self.state.pop(p, None)  # the next visit starts Adam afresh (the authors clear the state too)
+                freed = self.state.pop(p, None)  # the next visit starts Adam afresh (the authors clear the state too)
+                if index is not None and freed and isinstance(freed.get("step"), Tensor):
+                    index.pop(id(freed["step"]), None)  # (forgotten with it: the map does not grow per switch)
         self._period += 1
         self._steps = 0
         self._active = None
@@ -302,6 +305,11 @@ class BAdam(LowMemOptimizer):
         master = state["master"]
         super()._update(master, grad, group, *args, key=key, **kwargs)  # the float32 copy takes the step
         p.copy_(master)
+
+    def _rounding_epoch(self) -> int:
+        """The block period (saved in the ``"badam"`` entry): a re-activated block's step count starts at 1 again,
+        so ``bf16_stochastic_round`` draws new bits per activation (a resumed run the uninterrupted run's)."""
+        return self._period
 
     def _foreach_ok(self, p: Tensor, group: dict[str, Any], *args: Any, **kwargs: Any) -> bool:
         return self._block_of(group) == self.active_block and super()._foreach_ok(p, group, *args, **kwargs)
