@@ -221,6 +221,9 @@ def test_refused_where_it_cannot_apply():
         create_optimizer([_weights((4, 4))], "adamw8bit", bf16_stochastic_round=True, fused=True)
     with pytest.raises(ValueError, match="bf16_stochastic_round=True and master_weights=True conflict"):
         create_optimizer([_weights((4, 4))], "badam", bf16_stochastic_round=True)
+    # FOUND_AUDITSR 4: BAdam's switch would free the compensation (Kahan == round-to-nearest at switch_every=2)
+    with pytest.raises(ValueError, match="kahan_summation=True and BAdam conflict.*bf16_stochastic_round=True"):
+        create_optimizer([_weights((4, 4))], "badam", master_weights=False, kahan_summation=True)
     with pytest.raises(ValueError, match="Invalid bf16_stochastic_round=1"):
         create_optimizer([_weights((4, 4))], "adamw", bf16_stochastic_round=1)
     # a value written into the group later: refused at the next step, nothing stepped

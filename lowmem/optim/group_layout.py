@@ -427,8 +427,9 @@ def check_rounding(group: dict[str, Any], where: str) -> None:
     lowmem says so), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a bfloat16
     weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the option:
     ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block already
-    keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` on FSDP2
-    (DTensor) parameters (its compensation is not sharded)."""
+    keeps the small updates; the bfloat16 weight is only a rounded copy of it), ``kahan_summation`` with BAdam (its
+    switch frees the compensation with the block's state), and ``kahan_summation`` on FSDP2 (DTensor) parameters
+    (its compensation is not sharded)."""
     on = [k for k in ("bf16_stochastic_round", "kahan_summation") if group.get(k)]
     if not on:
         return
@@ -453,6 +454,12 @@ def check_rounding(group: dict[str, Any], where: str) -> None:
             f"{where}: {field}=True and master_weights=True conflict: the float32 master copy of the"
             " active block already keeps small updates (the bfloat16 weight is a rounded copy of it); valid:"
             f" master_weights=False (pure-bfloat16 training with {field}) or {field}=False")
+    if field == "kahan_summation" and "switch_every" in group:  # (a BAdam group: its schedule's keys)
+        raise ValueError(
+            f"{where}: kahan_summation=True and BAdam conflict: BAdam frees a block's state at each switch"
+            " (switch_every), and the compensation with it (what it carried would be lost at every switch), while"
+            " keeping it for every block would cost 2 B per parameter of the whole model beside BAdam's one-block"
+            " state; valid: bf16_stochastic_round=True (no state, new bits per activation), or kahan_summation=False")
     if field == "kahan_summation" and any(is_dtensor(p) for p in group["params"]):
         raise NotImplementedError(
             f"{where}: kahan_summation=True on FSDP2 (DTensor) parameters: the compensation buffer is not sharded"
