@@ -354,13 +354,21 @@ def check_resized(opt: Any, groups: list[dict[str, Any]]) -> None:
     :func:`check_group_layouts` ``(opt, resized=False)`` of this step: what :meth:`LowMemOptimizer.step` calls for
     the groups of the parameters whose cached path (:meth:`LowMemOptimizer._route`, keyed by the parameter's
     shape and dtype among others) was decided again this step, before anything is stepped. A cached path means
-    its parameter's shape and dtype are those it had when the path was decided, when they were compared here."""
+    its parameter's shape and dtype are those it had when the path was decided, when they were compared here.
+    A group with ``bf16_stochastic_round`` / ``kahan_summation`` is checked again (:func:`check_rounding`: its
+    weights may have stopped being bfloat16)."""
     known = opt.__dict__.get("_layout_sigs", {})
     done: set[int] = set()
     for group in groups:
         if id(group) in done:
             continue
         done.add(id(group))
+        if group.get("bf16_stochastic_round") or group.get("kahan_summation"):
+            # a parameter's dtype changed since the settings were checked (``model.to(torch.float32)``): the option
+            # may no longer apply (FOUND_AUDITSR 5; a path is decided again at a dtype change)
+            i = next((i for i, g in enumerate(opt.param_groups) if g is group), None)
+            if i is not None:
+                check_rounding(group, f"parameter group {i} of optimizer '{opt.recipe.name}'")
         entry = known.get(id(group))
         if entry is None or entry.group is not group:  # (not a group of opt.param_groups)
             continue
