@@ -9,12 +9,16 @@ that must return numbers even when part of it fails or runs out of time:
   next one runs;
 * inside a check every optimizer is a **row** of its own: an exception is recorded in the row, and rows
   that the budget leaves no time for are recorded as ``not reached``;
-* rows are appended to a JSON-lines file as they come, and ``report.json`` + ``report.md`` are
-  rewritten every few seconds, so a command killed at its limit still brings back what it measured.
+* rows are appended to a JSON-lines file as they come, and ``report.json`` + ``report.md`` + ``results.md`` (both in
+  one file: the one to paste, :func:`results_text`) are rewritten every few seconds, so a command killed at its limit
+  still brings back what it measured.
 
 The checks (:func:`plan`):
 
 1. ``env``: torch / CUDA / GPU / bitsandbytes versions and whether bitsandbytes' CUDA library loads.
+1b. ``bf16:llama-7b-layer`` (session 16), run alone: the layer below in bfloat16, rows :data:`BF16_ROWS`
+   (``NAME+SETTING``: round-to-nearest beside ``bf16_stochastic_round`` and ``kahan_summation``), step time against
+   ``torch.optim.AdamW(fused=True)`` on the same bfloat16 parameters, and memory as in 3.
 2. ``time+memory:llama-350m`` (issue 15, issue 12), run alone on the GPU: on the GaLore paper's 350M Llama
    (368M parameters, :data:`lowmem.memory.shapes.SHAPES`), each optimizer's step time against
    ``torch.optim.AdamW(fused=True)`` on the same parameters, interleaved rounds, the first step (state
@@ -33,9 +37,11 @@ The checks (:func:`plan`):
    gradients (bitsandbytes' CUDA codec of the 8-bit moments against its CPU one, MicroAdam's
    ``torch.compile``'d functions on CUDA against the plain ones on CPU, ...): the relative difference
    of the total update (:func:`relative_update_difference`).
-5. ``pytest:cuda``: the suite's ``cuda``-marked tests (the files of ``tests/`` that use the marker).
+5. ``pytest:cuda``: the suite's ``cuda``-marked tests (the files of ``tests/`` that use the marker), a file that does
+   not import there (the device image has no ``datasets`` / ``trl``) one error row.
 
-Checks 3-5 share the GPU (memory is per process; they time nothing); check 2 runs alone first.
+Checks 3-5 share the GPU (memory is per process; they time nothing); checks 1b and 2 run alone first, optimizers in
+:data:`PRIORITY` order.
 The report's header lists the CUDA-only code paths of lowmem (:func:`cuda_code_paths`), which no CPU
 run exercises.
 
