@@ -16,10 +16,20 @@ from __future__ import annotations
 
 import random
 
-from datasets import Dataset
+from typing import TYPE_CHECKING
+
 from transformers import PreTrainedTokenizerBase
 
+if TYPE_CHECKING:  # (datasets is imported where a dataset is built: lowmem.kit imports without it, e.g. on the GPU image)
+    from datasets import Dataset
+
 SPLITS = ("train", "eval")
+
+
+def _Dataset() -> type[Dataset]:  # noqa: N802 (the class, imported where a dataset is built)
+    from datasets import Dataset
+
+    return Dataset
 
 
 def _is_eval(a: int, b: int) -> bool:
@@ -44,7 +54,7 @@ def addition_problems(n: int, seed: int = 0, split: str = "train", max_operand: 
 
 def sft_dataset(n: int = 2000, seed: int = 0, split: str = "train", max_operand: int = 49) -> Dataset:
     """Supervised text task: one ``"text"`` column of lines ``"a+b=c"``."""
-    return Dataset.from_dict({"text": [f"{a}+{b}={a + b}" for a, b in addition_problems(n, seed, split, max_operand)]})
+    return _Dataset().from_dict({"text": [f"{a}+{b}={a + b}" for a, b in addition_problems(n, seed, split, max_operand)]})
 
 
 def tokenize_sft(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
@@ -64,7 +74,7 @@ def tokenize_sft(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
     ids = [tokenizer(t).input_ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) for t in dataset["text"]]
     if not padding:
         ids = [seq[:max_length] if max_length else seq for seq in ids]
-        return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids], "labels": ids})
+        return _Dataset().from_dict({"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids], "labels": ids})
     length = max_length or max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -74,7 +84,7 @@ def tokenize_sft(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_lengt
         rows["input_ids"].append(seq + [pad] * fill)
         rows["attention_mask"].append([1] * len(seq) + [0] * fill)
         rows["labels"].append(seq + [-100] * fill)
-    return Dataset.from_dict(rows)
+    return _Dataset().from_dict(rows)
 
 
 def sft_collator(tokenizer: PreTrainedTokenizerBase):
@@ -101,13 +111,13 @@ def preference_dataset(n: int = 512, seed: int = 0, split: str = "train", max_op
         rows["prompt"].append(f"{a}+{b}=")
         rows["chosen"].append(str(s))
         rows["rejected"].append(str(wrong))
-    return Dataset.from_dict(rows)
+    return _Dataset().from_dict(rows)
 
 
 def reward_dataset(n: int = 256, seed: int = 0, split: str = "train", max_operand: int = 49) -> Dataset:
     """GRPO prompts: ``prompt`` ``"a+b="`` and ``answer`` (the sum as a string), passed to :func:`reward_fn`."""
     pairs = addition_problems(n, seed, split, max_operand)
-    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
+    return _Dataset().from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
 
 
 def score(completion: str, answer: str) -> float:
