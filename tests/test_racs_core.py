@@ -365,8 +365,6 @@ def test_step_transient_bytes_equal_the_traced_step(pdtype, state_dtype):
     assert not off, off
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_RACS2 1: engine._param_transient_bytes counts a float64 batch's float32 "
-                                       "gradient copy for the whole batch; the step casts one matrix at a time")
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
 def test_step_transient_bytes_of_a_float64_batch(state_dtype):
     """A float64 ``(3, 8, 10)`` batch with a float32 / bfloat16 state: the count equals the traced step (measured:

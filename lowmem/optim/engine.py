@@ -1389,7 +1389,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         are told the gradient's dtype (:func:`~lowmem.optim.moments.counting_gradient`: ``p``'s, float32 once cast),
         not left to read it from the group (a float32 parameter beside a float64 one, FOUND_EST12 1)."""
         casts = self._casts_float64_grad(p, group)
-        cast = 4 * p.numel() + self.recipe.moment.float64_param_bytes(group) if casts else 0
+        # (a batch of matrices casts one matrix's gradient at a time: _update_matrices steps each as a 2-D parameter)
+        n = p.numel() // max(1, math.prod(p.shape[:-2])) if self._matrices(p, group) else p.numel()
+        cast = 4 * n + self.recipe.moment.float64_param_bytes(group) if casts else 0
         with counting_gradient(torch.float32 if casts else p.dtype):
             return cast + self._step_transient_bytes_of(p, group, state, steady)
 
