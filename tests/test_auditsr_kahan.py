@@ -64,3 +64,17 @@ def test_compensation_survives_a_weights_only_checkpoint_and_is_counted(key):
     bad["state"][0]["kahan_comp"] = bad["state"][0]["kahan_comp"].float()
     with pytest.raises(ValueError, match="kahan_comp"):
         create_optimizer([torch.nn.Parameter(ck["w"].clone())], name, lr=1e-4, kahan_summation=True, **kw).load_state_dict(bad)
+
+
+def test_a_float32_compensation_in_a_checkpoint_is_named_as_such():
+    """A checkpoint whose ``kahan_comp`` was converted to float32: the error says the compensation is always bfloat16
+    (it named state_dtype, which does not choose it: FOUND_AUDITSR 6)."""
+    p = torch.nn.Parameter(torch.full((4, 8), 0.25, dtype=torch.bfloat16))
+    opt = create_optimizer([p], "adamw", lr=1e-4, kahan_summation=True)
+    p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["kahan_comp"] = sd["state"][0]["kahan_comp"].float()
+    fresh = create_optimizer([p], "adamw", lr=1e-4, kahan_summation=True)
+    with pytest.raises(ValueError, match="kahan_summation's compensation is always bfloat16"):
+        fresh.load_state_dict(sd)

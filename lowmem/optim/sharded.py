@@ -837,7 +837,11 @@ def check_loaded_state(saved: dict[str, Any], expected: dict[str, Tensor], where
         v = saved[k]
         if not isinstance(v, Tensor) or v.shape != e.shape or v.dtype != e.dtype:
             hint = ""
-            if isinstance(v, Tensor) and v.shape == e.shape and v.is_floating_point() and e.is_floating_point():
+            if k == "kahan_comp" and isinstance(v, Tensor) and v.shape == e.shape:
+                hint = (" (kahan_summation's compensation is always bfloat16, as the bfloat16 parameter it compensates,"
+                        " whatever state_dtype: the checkpoint's was saved or converted otherwise; cast it with"
+                        " .to(torch.bfloat16) before loading)")
+            elif isinstance(v, Tensor) and v.shape == e.shape and v.is_floating_point() and e.is_floating_point():
                 # a torch.optim checkpoint of low-precision parameters keeps its moments in their dtype
                 hint = (f" (state in another floating dtype: the optimizer's state_dtype chooses it, 'float32' /"
                         f" 'bfloat16' / 'param'; build it with the checkpoint's, e.g. state_dtype='param' for a"
