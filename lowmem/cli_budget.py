@@ -681,7 +681,7 @@ def run(args: argparse.Namespace) -> int:
         common["gradient_accumulation_steps"] = args.gradient_accumulation_steps
 
     if args.budget is not None:
-        from .memory.search import BYTE_FORMS, parse_bytes, search_budget
+        from .memory.search import BF16_ROUNDING_NOTE, BYTE_FORMS, parse_bytes, search_budget
 
         try:
             limit = parse_bytes(args.budget)
@@ -748,6 +748,11 @@ def run(args: argparse.Namespace) -> int:
                           s.get("quantization") or "", "yes" if s["gradient_checkpointing"] else "", "yes" if s["layerwise"] else "",
                           str(s["batch_size"]), fmt_bytes(c.total), "; ".join(c.gives_up) or "nothing")
         Console(width=160).print(table)
+        if any(BF16_ROUNDING_NOTE in c.gives_up for c in found):
+            print(f"note: '{BF16_ROUNDING_NOTE}': full fine-tuning of bfloat16 weights (no float32 master copy) rounds each "
+                  "step's write-back to nearest, losing updates below half a bfloat16 ulp (|w| * 2^-9); with --optimizer "
+                  "NAME, --optim-args bf16_stochastic_round=true (no memory) or kahan_summation=true (2 B/param of state) "
+                  "keeps them (docs/optimizers.md, 'Pure-bfloat16 training'); --dtype fp32 sizes float32 weights")
         for ch in checks:
             print(measured_table(ch), end="")
         for ch in over:

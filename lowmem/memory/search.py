@@ -16,6 +16,7 @@ choice                                   cost  what is given up
 AdamW, full fine-tuning                  0     nothing (the reference)
 8-bit / compressed optimizer states      1     state precision
 Adafactor (factored second moment)       1.5   per-element second moment
+RACS / SM3 (row and column statistics)   1.5   per-element second moment
 Adam-mini (blockwise second moment)      1.5   per-element second moment
 layerwise stepping                       0.5   gradient accumulation and clipping over the model
 gradient checkpointing                   1     ~30% more compute (one extra forward)
@@ -25,6 +26,11 @@ LoRA rank r                              3 + log2(64 / r)/2     full-rank update
 4-bit base weights (QLoRA)               1.5   weight precision (on top of LoRA)
 batch below the requested one            log2(requested / batch) throughput per step
 =======================================  ====  =============================================
+
+A full fine-tuning candidate of bfloat16 weights (``dtype="bf16"``, no float32 master copy) also lists
+:data:`BF16_ROUNDING_NOTE` among what it gives up, unpriced, unless its ``optim_args`` turn on
+``bf16_stochastic_round`` or ``kahan_summation`` (:data:`BF16_ROUNDING_OPTIONS`): each write-back rounds the
+weight to nearest, losing updates below half a bfloat16 ulp (docs/optimizers.md, "Pure-bfloat16 training").
 """
 
 from __future__ import annotations
@@ -113,17 +119,46 @@ def parse_bytes(text: str | int | float) -> int:
 
 
 def default_optimizers() -> list[str]:
-    """Registered optimizers the search tries by default (those present in this installation)."""
+    """Registered optimizers the search tries by default (those present in this installation): a curated list, one
+    per memory class (``--optimizer NAME`` searches any other). ``racs`` is the row-and-column one: Adafactor's state
+    (one value per row and per column) with a step transient of a few rows and columns (Llama-2-7B, per parameter:
+    128 MiB against Adafactor's 1.95 GiB), and the better of racs / sm3 on lowmem's tasks at its default lr
+    (docs/benchmarks.md: tiny 0.997 x AdamW's loss, text 0.924; sm3 1.036 at its default, 0.998 with momentum at
+    4 B/param more)."""
     from ..optim import list_optimizers
 
     names = set(list_optimizers())
-    wanted = ["adamw", "adamw8bit", "adamw4bit", "adafactor", "galore_adamw", "galore_adamw8bit", "bnb_adamw8bit"]
+    wanted = ["adamw", "adamw8bit", "adamw4bit", "adafactor", "racs", "galore_adamw", "galore_adamw8bit", "bnb_adamw8bit"]
     return [n for n in wanted if n in names]
 
 
 #: What a state precision gives up, priced (``OptimizerEntry.state_precision``).
 _PRECISION_COST = {"fp32": (None, ""), "8bit": ("optimizer_8bit", "8-bit states"),
                    "4bit": ("optimizer_4bit", "4-bit states"), "compressed": ("optimizer_8bit", "compressed states")}
+
+
+#: How a ``second_moment="factored"`` optimizer's row / column statistics are named in what it gives up, where they are
+#: not Adafactor's factored second moment (priced the same, from the metadata; only the words differ): RACS fits
+#: two diagonal scalings to ``G^2`` (arXiv:2502.07752 Eq. 16), SM3 bounds Adagrad's sums by per-row / per-column
+#: maxima (cover sets). Keyed by the registered name.
+_FACTORED_WORDS = {"racs": "row/column scaling, not per element", "sm3": "row/column max accumulators, not per element"}
+
+#: ``optim_args`` that keep small updates of bfloat16 weights (lowmem.optim.group_layout.check_rounding)
+BF16_ROUNDING_OPTIONS = ("bf16_stochastic_round", "kahan_summation")
+#: What a full fine-tuning candidate of pure bfloat16 weights gives up without one of :data:`BF16_ROUNDING_OPTIONS`
+BF16_ROUNDING_NOTE = "bf16 weights round off small updates"
+
+
+def bf16_rounding_note(dtype: Any, optim_args: dict[str, Any] | None) -> list[str]:
+    """``[BF16_ROUNDING_NOTE]`` for a full fine-tuning candidate of ``dtype`` bfloat16 whose ``optim_args`` turn on
+    neither of :data:`BF16_ROUNDING_OPTIONS`, else ``[]`` (float32 / float16 weights: the options do not apply)."""
+    from .estimate import parse_dtype
+
+    import torch
+
+    if parse_dtype(dtype) != torch.bfloat16 or any((optim_args or {}).get(k) for k in BF16_ROUNDING_OPTIONS):
+        return []
+    return [BF16_ROUNDING_NOTE]
 
 
 def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tuple[float, list[str]]:
@@ -136,7 +171,8 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
     for a factored (Adafactor) or blockwise (Adam-mini) second moment, and 1.5 for none at all (LOMO's
     SGD, Muon's / SCALE's / SinkGD's normalized updates: no per-coordinate adaptivity, whatever their
     papers report at their own tuned settings); float32 full-rank state with a full second moment
-    (AdamW, SPAM, Stable-SPAM, bitsandbytes' 32-bit paged AdamW) gives up nothing.
+    (AdamW, SPAM, Stable-SPAM, bitsandbytes' 32-bit paged AdamW) gives up nothing. The words of a factored one are
+    Adafactor's ("factored second moment") unless :data:`_FACTORED_WORDS` names its row / column statistics (RACS, SM3).
 
     Raises:
         ValueError: An entry registered without the metadata.
@@ -153,7 +189,8 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
         return cost + precision[0], gives + ([precision[1]] if key else [])
     cost, gives = precision[0], [f"{name}: {precision[1]}"] if key else []
     if entry.second_moment in ("factored", "blockwise"):
-        cost, gives = cost + COSTS["adafactor"], gives + [f"{entry.second_moment} second moment"]
+        words = _FACTORED_WORDS.get(entry.name, "factored second moment") if entry.second_moment == "factored" else "blockwise second moment"
+        cost, gives = cost + COSTS["adafactor"], gives + [words]
     elif entry.second_moment == "none":
         cost, gives = cost + COSTS["no_second_moment"], gives + ["no second moment"]
     return cost, gives
@@ -256,7 +293,8 @@ def search_budget(
                 # it (not layerwise): the candidate keeps the name, which estimate_memory / measure_memory price so
                 shown = name.strip().lower().replace("-", "_").removesuffix("_layerwise") if embeddings_32bit and not lw else entry.name
                 statics.append((dict(optimizer=shown, optim_args={**extra_args, **({"rank": r} if r else {})}, layerwise=lw),
-                                base_cost + (COSTS["layerwise"] if lw else 0), gives + (["layerwise stepping"] if lw else [])))
+                                base_cost + (COSTS["layerwise"] if lw else 0),
+                                gives + (["layerwise stepping"] if lw else []) + bf16_rounding_note(dtype, extra_args)))
     lora_opt = next((get_entry(resolve_optimizer_name(n)[0]).name for n in optimizers
                      if not get_entry(resolve_optimizer_name(n)[0]).subspace), "adamw")
     for lr in lora_ranks if False in layerwise else []:

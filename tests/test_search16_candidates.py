@@ -1,0 +1,81 @@
+"""The budget search's default candidates and their words (SEARCH16, FOUND_INTEG16 1): ``racs`` is tried by default
+(Adafactor's state and price, a step transient of rows and columns), RACS / SM3 say what their row / column statistics
+are (not Adafactor's "factored second moment"), and a full fine-tuning candidate of pure bfloat16 weights says that it
+rounds small updates off unless ``bf16_stochastic_round`` / ``kahan_summation`` is on. Estimates only (meta device):
+exact byte counts, machine-independent."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from lowmem.cli import main
+from lowmem.memory.search import BF16_ROUNDING_NOTE, _optimizer_cost, default_optimizers, search_budget
+from lowmem.optim import get_entry
+
+KW = dict(budget="1TiB", seq_len=32, batch_size=1, device="cpu", checkpointing=(False,), lora_ranks=(8,), quantization=(None,))
+
+
+def _search(**kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return search_budget("tiny", **{**KW, **kw})
+
+
+def test_racs_is_a_default_candidate_priced_as_adafactor_and_smaller_per_parameter():
+    """racs has Adafactor's price (1.5, + 0.5 layerwise) and state class, and a smaller step transient per parameter, so
+    its layerwise row totals less than Adafactor's and ranks above it at the same price (Llama-2-7B: 15.79 vs 17.62 GiB,
+    /tmp/lm/SEARCH16_bench.md)."""
+    assert "racs" in default_optimizers() and "sm3" not in default_optimizers()
+    # bfloat16 weights on CUDA, as the Llama-2-7B search (float32 tiny weights: Adafactor's per-parameter transient is
+    # the smaller one there, 34,072 B vs 35,352 B; the bfloat16 gradient's float32 copies make the difference)
+    found = _search(dtype="bf16", device="cuda", optimizers=["adafactor", "racs"], lora_ranks=())
+    rows = {(c.settings["optimizer"], c.settings["layerwise"]): c for c in found if not c.settings.get("lora")}
+    assert set(rows) == {("adafactor", False), ("adafactor", True), ("racs", False), ("racs", True)}
+    for lw in (False, True):
+        assert rows["racs", lw].cost == rows["adafactor", lw].cost == 1.5 + 0.5 * lw
+        assert rows["racs", lw].components["optimizer_transient"] < rows["adafactor", lw].components["optimizer_transient"]
+        assert rows["racs", lw].total < rows["adafactor", lw].total
+    assert [c.settings["optimizer"] for c in found if c.settings["layerwise"]] == ["racs", "adafactor"]
+
+
+@pytest.mark.parametrize("name, words", [("racs", "row/column scaling, not per element"),
+                                         ("sm3", "row/column max accumulators, not per element"),
+                                         ("adafactor", "factored second moment"), ("came", "factored second moment"),
+                                         ("adam_mini", "blockwise second moment")])
+def test_row_and_column_optimizers_say_what_they_keep(name, words):
+    """The price is the metadata's (1.5 for a factored / blockwise second moment); the words are Adafactor's only for
+    Adafactor-style factored moments (CAME is Adafactor's plus a confidence)."""
+    entry = get_entry(name)
+    assert _optimizer_cost(name, entry, None, 4096) == (1.5, [words])
+
+
+def test_pure_bf16_full_finetuning_rows_note_the_rounding_unless_an_option_keeps_small_updates():
+    found = _search(dtype="bf16", optimizers=["adamw", "racs"])
+    full = [c for c in found if not c.settings.get("lora")]
+    lora = [c for c in found if c.settings.get("lora")]
+    assert len(full) == 4 and lora
+    assert all(BF16_ROUNDING_NOTE in c.gives_up for c in full)
+    assert not any(BF16_ROUNDING_NOTE in c.gives_up for c in lora)  # (adapters are float32)
+    # AdamW, full fine-tuning: the note is unpriced (the reference still costs 0)
+    assert [c.cost for c in full if c.settings["optimizer"] == "adamw" and not c.settings["layerwise"]] == [0.0]
+    for opt in ("bf16_stochastic_round", "kahan_summation"):
+        kept = _search(dtype="bf16", optimizers=["adamw"], lora_ranks=(), optim_args={opt: True})
+        assert kept and not any(BF16_ROUNDING_NOTE in c.gives_up for c in kept), opt
+    for dtype in ("fp32", "fp16"):
+        assert not any(BF16_ROUNDING_NOTE in c.gives_up for c in _search(dtype=dtype, optimizers=["adamw"], lora_ranks=()))
+
+
+def test_budget_cli_explains_the_bf16_note_once_under_the_table(capsys):
+    args = ["budget", "tiny", "--device", "cpu", "--seq-len", "32", "--batch-size", "1", "--budget", "1GiB",
+            "--optimizer", "adamw", "--no-gradient-checkpointing"]
+    assert main([*args, "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: 'bf16 weights") == 1 and "bf16_stochastic_round=true" in out and "kahan_summation=true" in out
+    assert main([*args, "--dtype", "fp32"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert main([*args, "--dtype", "bf16", "--json"]) == 0
+    cands = json.loads(capsys.readouterr().out)["candidates"]
+    assert {BF16_ROUNDING_NOTE in c["gives_up"] for c in cands if not c["settings"].get("lora")} == {True}
