@@ -751,7 +751,7 @@ def run(args: argparse.Namespace) -> int:
         if any(BF16_ROUNDING_NOTE in c.gives_up for c in found):
             print(f"note: '{BF16_ROUNDING_NOTE}': full fine-tuning of bfloat16 weights (no float32 master copy) rounds each "
                   "step's write-back to nearest, losing updates below half a bfloat16 ulp (|w| * 2^-9); with --optimizer "
-                  "NAME, --optim-args bf16_stochastic_round=true (no memory) or kahan_summation=true (2 B/param of state) "
+                  "NAME (an engine optimizer, not bnb_*), --optim-args bf16_stochastic_round=true (no memory) or kahan_summation=true (2 B/param of state) "
                   "keeps them (docs/optimizers.md, 'Pure-bfloat16 training'); --dtype fp32 sizes float32 weights")
         for ch in checks:
             print(measured_table(ch), end="")

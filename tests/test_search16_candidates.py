@@ -79,3 +79,11 @@ def test_budget_cli_explains_the_bf16_note_once_under_the_table(capsys):
     assert main([*args, "--dtype", "bf16", "--json"]) == 0
     cands = json.loads(capsys.readouterr().out)["candidates"]
     assert {BF16_ROUNDING_NOTE in c["gives_up"] for c in cands if not c["settings"].get("lora")} == {True}
+
+
+@pytest.mark.parametrize("args", [{"kahan_summation": True}, {"bf16_stochastic_round": True}, {"foo": 1}])
+def test_a_bitsandbytes_candidate_refuses_options_it_does_not_take(args):
+    """bitsandbytes' optimizers have no rounding option (create_optimizer refuses one): a search that took
+    ``kahan_summation`` for ``bnb_adamw8bit`` would have dropped the bf16 note of rows that round to nearest."""
+    with pytest.raises(ValueError, match=rf"Unknown hyperparameter\(s\) \['{next(iter(args))}'\] for optimizer 'bnb_adamw8bit'"):
+        _search(dtype="bf16", optimizers=["bnb_adamw8bit"], lora_ranks=(), optim_args=args)

@@ -284,6 +284,11 @@ def search_budget(
     for name in optimizers if full_finetuning else []:
         registered, hf_layerwise, embeddings_32bit = resolve_optimizer_name(name)
         entry = get_entry(registered)
+        unknown = sorted(set(extra_args) - set(entry.valid_hparams())) if entry.recipe is None else []
+        if unknown:  # (estimate_memory sizes a bitsandbytes optimizer in closed form, without its constructor's check)
+            raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer {entry.name!r}; valid: {entry.valid_hparams()}"
+                             + (" (bf16_stochastic_round / kahan_summation are engine optimizers' options)"
+                                if set(unknown) & set(BF16_ROUNDING_OPTIONS) else ""))
         for r in ranks if entry.subspace else [None]:
             base_cost, gives = _optimizer_cost(entry.name, entry, r, hidden)
             for lw in layerwise:
