@@ -186,8 +186,6 @@ def test_lowmem_follows_the_paper_until_the_second_switch(shape, rank, gap, cfg)
     _movement_close(got, want, w0, 2e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_AUDIT3 5: a square weight's columns are projected (proj_type='std', "
-                   "GaLore's m >= n rule); the paper's m <= n convention projects its rows")
 def test_a_square_weight_is_projected_on_its_rows_by_default():
     """A 9 x 9 weight with alice's defaults (no ``proj_type``): the paper's loop steps its rows' side."""
     grads = _grads((9, 9), 3, 11)

@@ -39,6 +39,21 @@ from torch import Tensor
 P_FLOOR = torch.finfo(torch.float32).tiny
 
 
+def alice_side(shape: tuple[int, int], proj_type: str) -> str:
+    """Which side Alice projects: ``"left"`` (the basis on the ``m`` rows, ``U`` ``m x r``) or ``"right"``.
+
+    ``std`` projects the smaller side with a square weight's **rows** (the paper's convention, Sec. 2.1: ``W`` is
+    ``m x n`` with ``m <= n`` and ``U`` in ``R^{m x r}``, i.e. ``"left" if m <= n``; GaLore's
+    :func:`~lowmem.optim.functional.galore.galore_side` gives a square weight's columns); ``reverse_std`` the other
+    side (``"right" if m <= n``: a square weight's columns); ``left`` / ``right`` are explicit."""
+    m, n = shape
+    if proj_type == "std":
+        return "left" if m <= n else "right"
+    if proj_type == "reverse_std":
+        return "right" if m <= n else "left"
+    return proj_type
+
+
 def leading_count(rank: int, switch_fraction: float) -> int:
     """``l``, the leading eigenvectors a switch keeps: ``rank - floor(rank * switch_fraction)`` (>= 1 for a
     fraction < 1; the other ``r - l`` directions are drawn from the complement). pytorch_optimizer's default

@@ -1,7 +1,9 @@
 """Alice (Gong et al. 2025, arXiv 2502.07752, Algorithm "Alice": the low-rank extension with tracking,
 switching and compensation) as a chain of engine parts.
 
-* :class:`AliceProjection` - the basis ``U`` of the projected side (the engine's
+* :class:`AliceProjection` - the basis ``U`` of the projected side (:func:`~lowmem.optim.functional.alice.alice_side`:
+  ``proj_type="std"`` the smaller side, a square weight's rows as the paper's ``m <= n``; GaLore's rule gives its
+  columns) (the engine's
   :class:`~lowmem.optim.subspace.SubspaceProjection` geometry, state and project-down / up) with Alice's refresh:
   the first refresh takes the top-``r`` singular vectors of ``G`` (the eigenvectors of ``G G^T``, as GaLore's
   SVD), every later one tracks the covariance ``Q~ = beta3 U Q U^T + (1 - beta3) G G^T`` and switches
@@ -65,6 +67,11 @@ class AliceProjection(SubspaceProjection):
         """The first refresh's method, whose counts (MKL's kept buffers, LAPACK's workspace) the parent's apply:
         ``first_basis`` (``"svd"``, the default: an exact SVD; ``"rsvd"``: GaLore's randomized range finder)."""
         return group.get("first_basis", "svd")
+
+    def _side(self, shape, group) -> str:
+        """Alice's side rule (:func:`~lowmem.optim.functional.alice.alice_side`: ``std`` puts a square weight's
+        basis on its rows, the paper's ``m <= n``), which the engine's geometry, state, bytes and FSDP2 paths read."""
+        return AL.alice_side(tuple(shape), group["proj_type"])
 
     def init_state(self, state, param, group, matrix=None):
         super().init_state(state, param, group, matrix)
@@ -203,7 +210,7 @@ class AliceCompensation(CombineRule):
     needs_full_gradient = True
 
     def init_state(self, state, param, group):
-        left = GL.galore_side(tuple(param.shape[-2:]), group["proj_type"]) == "left"
+        left = AL.alice_side(tuple(param.shape[-2:]), group["proj_type"]) == "left"
         channels = param.shape[-1] if left else param.shape[-2]
         state["alice_p"] = torch.zeros(channels, dtype=torch.float32, device=param.device)
         state["alice_phi"] = torch.full((), -1.0, dtype=torch.float32, device=param.device)
@@ -211,7 +218,7 @@ class AliceCompensation(CombineRule):
     def init_state_sharded(self, state, shard, param, group):
         """FSDP2 (a shard of rows of the ``DTensor`` ``param``): ``p`` of every column for a left basis
         (replicated), of the shard's rows for a right one; the side from the global shape."""
-        left = GL.galore_side(tuple(param.shape[-2:]), group["proj_type"]) == "left"
+        left = AL.alice_side(tuple(param.shape[-2:]), group["proj_type"]) == "left"
         channels = param.shape[-1] if left else shard.shape[-2]
         state["alice_p"] = torch.zeros(channels, dtype=torch.float32, device=shard.device)
         state["alice_phi"] = torch.full((), -1.0, dtype=torch.float32, device=shard.device)
@@ -375,7 +382,7 @@ class AliceCompensation(CombineRule):
         w = _Walk()
         sqs = []
         for shape, _, _, bounds in members:
-            left = GL.galore_side(tuple(shape), group["proj_type"]) == "left"
+            left = AL.alice_side(tuple(shape), group["proj_type"]) == "left"
             sqs.append(self._residual_sq_walk(w, shape, bounds, left))
         total, k = sum(sqs), len(members)
         w.new(total)  # ks
@@ -398,7 +405,7 @@ class AliceCompensation(CombineRule):
 
     @staticmethod
     def _channels(shape, group) -> int:
-        return shape[1] if GL.galore_side(tuple(shape), group["proj_type"]) == "left" else shape[0]
+        return shape[1] if AL.alice_side(tuple(shape), group["proj_type"]) == "left" else shape[0]
 
     def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
         """Per block: its float32 copy (16-bit ``g``), the residual rows (``addmm``), their channel norms; the
@@ -407,7 +414,7 @@ class AliceCompensation(CombineRule):
         :func:`~lowmem.optim.functional.alice.growth_limiter_`, and the fold's ``M`` (``L``). Held: ``M`` and
         ``k``."""
         m, n = shape
-        left = GL.galore_side(tuple(shape), group["proj_type"]) == "left"
+        left = AL.alice_side(tuple(shape), group["proj_type"]) == "left"
         ch = 4 * self._channels(shape, group)
         low = 4 * projection.low_shape(shape, group).numel()
         peak = 0

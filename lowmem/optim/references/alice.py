@@ -20,8 +20,9 @@ from . import Reference, register_reference
 
 
 def _side(shape: tuple[int, int], proj_type: str) -> str:
+    """The paper's side (Sec. 2.1: ``m <= n``, ``U`` in ``R^{m x r}``): ``std`` the rows of a square weight."""
     m, n = shape
-    return {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(proj_type, proj_type)
+    return {"std": "left" if m <= n else "right", "reverse_std": "right" if m <= n else "left"}.get(proj_type, proj_type)
 
 
 def alice(p: Tensor, grads: list[Tensor], *, index: int, lr: float, betas: tuple[float, float], eps: float,
