@@ -207,6 +207,34 @@ def test_a_bad_setting_written_into_the_group_later_is_refused_at_the_step():
     assert torch.equal(p.detach(), before)
 
 
+def test_switch_fraction_gives_the_papers_leading_counts():
+    """docs/subspace.md's table: ``l = r - floor(r * switch_fraction)``; the paper's Table 11 (``l = 40`` at
+    ``r = 128`` and 256, 160 at 512) needs 0.6875 at 128 and 512 and the default 0.84375 at 256, which gives 20 at
+    128 and 80 at 512."""
+    assert [AL.leading_count(r, 0.6875) for r in (128, 512)] == [40, 160]
+    assert [AL.leading_count(r, 0.84375) for r in (128, 256, 512)] == [20, 40, 80]
+
+
+def test_alice0_keeps_q_but_its_value_never_enters_the_update():
+    """Alice-0 (``beta3=0``) keeps ``proj_cov`` (``4 r^2`` bytes, docs/subspace.md "State") whose value does not enter
+    a step: garbage written into it before every step (switches at 2, 4, 6) leaves the weights bit-equal."""
+    shape, r = (12, 30), 3
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(shape, generator=gen) for _ in range(7)]
+    runs = []
+    for garbage in (False, True):
+        p = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(5)))
+        opt = create_optimizer([{"params": [p], "rank": r, "update_proj_gap": 2, "beta3": 0.0}], "alice", lr=1e-2)
+        for g in grads:
+            if garbage and p in opt.state:
+                opt.state[p]["proj_cov"].copy_(torch.randn(r, r, generator=gen) * 100)
+            p.grad = g.clone()
+            opt.step()
+        assert opt.state[p]["proj_cov"].shape == (r, r)
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 # ---- state and bytes ----
 
 
