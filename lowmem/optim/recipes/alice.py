@@ -28,6 +28,7 @@ basis's ``alice_p`` is checkpointed as rows of the whole ``(m,)``: it reshards).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -476,6 +477,10 @@ def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
     shared = [h for h in subspace_hparams("alice", ("alice",), scale=0.3, moment_policy="keep", rank=rank,
                                           refresh_phase="multiples")
               if h.name not in ("power_iters", "scale")]
+    shared = [dataclasses.replace(h, doc=
+                     "which side the basis projects: 'std' the smaller, a square weight's rows (the paper's m <= n;"
+                     " GaLore's std takes its columns), 'reverse_std' the other, 'left' / 'right' explicit"
+                     " (functional.alice.alice_side)") if h.name == "proj_type" else h for h in shared]
     return (
         *shared,
         HParam("scale", 0.3, positive, "a finite float > 0", "alpha: multiplies the whole update (subspace part and"
@@ -488,7 +493,8 @@ def alice_group_hparams(rank: int = 256) -> tuple[HParam, ...]:
                "decay of the tracked covariance Q (beta3 = 0: Alice-0, the current gradient's alone)"),
         HParam("switch_fraction", 0.84375, in_unit_interval, "a float with 0 <= switch_fraction < 1",
                "the part of the rank drawn from the complement at each switch (l = rank - floor(rank *"
-               " switch_fraction) leading eigenvectors kept; 0.84375 = pytorch_optimizer's 40 of 256)"),
+               " switch_fraction) leading eigenvectors kept; 0.84375 = the paper's and pytorch_optimizer's l = 40 of 256;"
+               " the paper's l = 40 at rank 128 and 160 at 512 are 0.6875)"),
         HParam("alpha_c", 0.4, nonneg, "a finite float >= 0", "compensation strength (0: no compensation)"),
         HParam("comp_beta", None, optional(in_unit_interval), "None or a float with 0 <= comp_beta < 1",
                "decay of the residual's channel second moment p (None: beta1, the paper's)"),
