@@ -84,6 +84,7 @@ RUNS = SUPPORTED + list(CONFIGS)
 REPLICATED = {"galore_adafactor": ("exp_avg_sq_col",), "adam_mini": ("exp_avg_sq",)}  # (whole-tensor blocks)
 REPLICATED["sm3"] = ("acc_1",)  # (the column accumulators: maxima over every row, the same on every rank)
 REPLICATED["racs"] = ("col_scale", "update_norm")  # (the column scaling and kept norm: sums over every shard's rows, the same on every rank)
+REPLICATED["alice"] = ("exp_avg", "exp_avg_sq", "alice_p")  # (fc2 square: a left basis since 5f50b8b, its moments and p whole on every rank)
 REPLICATED |= {tag: ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
               for tag in ("galore_left_rotate", "galore_full_random", "fira_left", "galore_adafactor_left", "apollo_left_svd",
                           "apollo_mini_left", "osd_left")}
