@@ -302,7 +302,8 @@ class MemoryMeasurement:
         out = {k: (est[k] / self.measured[k] if self.measured.get(k) else float("nan")) for k in est}
         mkl = self.mkl_gemm_pack_bytes()
         if mkl and self.measured.get("optimizer_transient"):  # what the tracker can see: torch tensors only
-            out["optimizer_transient_tensors"] = (est["optimizer_transient"] - mkl) / self.measured["optimizer_transient"]
+            lapack = int(self.estimate.details.get("optimizer_transient_lapack_svd") or 0)  # (not tensors either)
+            out["optimizer_transient_tensors"] = (est["optimizer_transient"] - mkl - lapack) / self.measured["optimizer_transient"]
         if self.peak_allocated:
             out["total_vs_peak_allocated"] = self.estimate.total / self.peak_allocated
         return out
@@ -321,9 +322,11 @@ class MemoryMeasurement:
 
         text = estimate_table(self.estimate, measured=self.measured)
         mkl = self.mkl_gemm_pack_bytes()
+        lapack = int(self.estimate.details.get("optimizer_transient_lapack_svd") or 0)
         if mkl:
             m = self.measured.get("optimizer_transient", 0)
             rest = self.estimate.optimizer_transient - mkl
+            # (the ratio compares tensors with tensors: the SVD's LAPACK bytes below are not tensors either)
             parts = [name for key, name in (("optimizer_transient_mkl_gemm_pack", "MKL's GEMM packing buffer"),
                                              ("optimizer_transient_mkl_svd", "MKL's SVD buffers"),
                                              ("optimizer_transient_blas_workspace", "the BLAS workspace of bfloat16 products"))
@@ -331,8 +334,8 @@ class MemoryMeasurement:
             what = " and ".join(parts)
             text += (f"measured: live torch tensors; the estimated optimizer_transient includes {what} "
                      f"({fmt_bytes(mkl)}, the library's on CPU, not tensors): without them {fmt_bytes(rest)}"
-                     + (f" (est/meas {rest / m:.3f})" if m else "") + "\n")
-        lapack = int(self.estimate.details.get("optimizer_transient_lapack_svd") or 0)
+                     + (f" (est/meas {(rest - lapack) / m:.3f}" + (" without the LAPACK bytes below" if lapack else "") + ")"
+                        if m else "") + "\n")
         if lapack:  # (real memory on any vendor: not in mkl_gemm_pack_bytes, which names the library's own buffers)
             text += (f"the estimated optimizer_transient also includes the SVD refresh's LAPACK copy of the gradient and "
                      f"workspace ({fmt_bytes(lapack)}, allocated inside the kernel, not tensors the tracker sees)\n")
