@@ -87,3 +87,13 @@ def test_a_bitsandbytes_candidate_refuses_options_it_does_not_take(args):
     ``kahan_summation`` for ``bnb_adamw8bit`` would have dropped the bf16 note of rows that round to nearest."""
     with pytest.raises(ValueError, match=rf"Unknown hyperparameter\(s\) \['{next(iter(args))}'\] for optimizer 'bnb_adamw8bit'"):
         _search(dtype="bf16", optimizers=["bnb_adamw8bit"], lora_ranks=(), optim_args=args)
+
+
+def test_estimate_memory_refuses_unknown_options_of_a_bitsandbytes_optimizer():
+    """estimate_memory sizes a bitsandbytes optimizer in closed form, without its constructor: it refuses the names
+    create_optimizer refuses (it sized a run ``lowmem train`` would refuse; FOUND_SEARCH16 1)."""
+    from lowmem.memory import estimate_memory
+
+    with pytest.raises(ValueError, match=r"Unknown hyperparameter\(s\) \['kahan_summation'\] for optimizer 'bnb_adamw8bit'"):
+        estimate_memory("tiny", "bnb_adamw8bit", {"kahan_summation": True}, dtype="bf16")
+    assert estimate_memory("tiny", "bnb_adamw8bit", {"min_8bit_size": 4096}, dtype="bf16").optimizer_states > 0

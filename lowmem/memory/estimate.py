@@ -976,6 +976,13 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
     if entry.recipe is None:
         from ..optim.recipes.bnb import state_bytes_closed_form
 
+        # (sized in closed form, without the constructor: its check of the names here, create_optimizer's message)
+        unknown = sorted(set(optim_args or {}) - set(entry.valid_hparams()))
+        if unknown:
+            raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer {entry.name!r}; valid: {entry.valid_hparams()}"
+                             + (" (bf16_stochastic_round / kahan_summation are engine optimizers' options)"
+                                if set(unknown) & {"bf16_stochastic_round", "kahan_summation"} else ""))
+
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
         state = state_bytes_closed_form(entry.name, trainable, **(optim_args or {}))
         if embeddings_32bit:  # those weights' state at 32 bits (no 8-bit block of theirs: min_8bit_size above them)
