@@ -315,6 +315,12 @@ PEER_SPELLINGS: dict[str, tuple[str, ...]] = {
 #: whose, why): the error says so rather than pointing at a similarly spelled setting that does change the update.
 PEER_NO_OPS: dict[str, tuple[str, str]] = {
     "scale_front": ("apollo-torch's", "lowmem's APOLLO gives the same update either way: remove it"),
+    # timm's param_groups_layer_decay writes it into groups, only timm's schedulers read it (lr = schedule * lr_scale);
+    # the engine steps with ``lr``, so under any other scheduler it would change nothing: refused when given and when
+    # written later (:func:`check_group_keys`, :func:`check_written_keys`)
+    "lr_scale": ("timm's", "lowmem's step reads only lr, and torch's and transformers' schedulers never apply it: give "
+                 "the group lr * lr_scale as its lr (timm's and torch's schedulers schedule each group's own initial_lr) "
+                 "and remove it"),
 }
 
 
@@ -369,26 +375,22 @@ def check_group_keys(recipe: Any, group: Mapping[str, Any], *, where: str = "", 
 #: ``initial_<field>``): a key ``<prefix><setting>`` written later is never read as a misspelled setting.
 SCHEDULER_KEY_PREFIXES = ("initial_", "max_", "min_", "base_", "swa_")
 
-#: Keys other libraries' schedulers read from a group, never read as a misspelled setting when written later (timm's
-#: ``lr_scale``: its schedulers write ``lr`` times it; close to ``scale`` / ``free_lr_scale`` by difflib's ratio).
-SCHEDULER_READ_KEYS = frozenset({"lr_scale"})
-
-
 def misspelled_settings(recipe: Any, keys: Iterable[Any]) -> list[Any]:
     """The keys of ``keys`` that are not valid group keys of ``recipe`` (:func:`valid_group_keys`) and read as a
     misspelling of one of its settings: another package's spelling of it (:data:`PEER_SPELLINGS`,
     :data:`PEER_NO_OPS`), or a close match (``difflib`` ratio >= 0.75: ``betas1`` / ``beta2`` -> ``betas``,
     ``weight_decy`` -> ``weight_decay``, ``rnak`` -> ``rank``) that is not ``<prefix><setting>`` with a
     :data:`SCHEDULER_KEY_PREFIXES` prefix, ``<anything>_<setting or bookkeeping key>`` (warm-up schedulers'
-    ``warmup_initial_lr`` / ``warmup_max_lr``) or one of :data:`SCHEDULER_READ_KEYS`. Any other unknown key is some library's own bookkeeping (torch.optim
-    ignores extra keys; schedulers write some) and is not returned."""
+    ``warmup_initial_lr`` / ``warmup_max_lr``). Any other unknown key is some library's own bookkeeping (torch.optim
+    ignores extra keys; schedulers write some) and is not returned. timm's ``lr_scale`` is a :data:`PEER_NO_OPS` key,
+    returned as at construction: the engine does not apply it."""
     import difflib
 
     settings = list(recipe.all_hparams())
     valid = set(valid_group_keys(recipe))
     out = []
     for k in keys:
-        if k in valid or not isinstance(k, str) or k in SCHEDULER_READ_KEYS:
+        if k in valid or not isinstance(k, str):
             continue
         if k in PEER_NO_OPS or (k in PEER_SPELLINGS and PEER_SPELLINGS[k][0] in settings):
             out.append(k)
