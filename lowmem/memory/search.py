@@ -137,12 +137,6 @@ _PRECISION_COST = {"fp32": (None, ""), "8bit": ("optimizer_8bit", "8-bit states"
                    "4bit": ("optimizer_4bit", "4-bit states"), "compressed": ("optimizer_8bit", "compressed states")}
 
 
-#: How a ``second_moment="factored"`` optimizer's row / column statistics are named in what it gives up, where they are
-#: not Adafactor's factored second moment (priced the same, from the metadata; only the words differ): RACS fits
-#: two diagonal scalings to ``G^2`` (arXiv:2502.07752 Eq. 16), SM3 bounds Adagrad's sums by per-row / per-column
-#: maxima (cover sets). Keyed by the registered name.
-_FACTORED_WORDS = {"racs": "row/column scaling, not per element", "sm3": "row/column max accumulators, not per element"}
-
 #: ``optim_args`` that keep small updates of bfloat16 weights (lowmem.optim.group_layout.check_rounding)
 BF16_ROUNDING_OPTIONS = ("bf16_stochastic_round", "kahan_summation")
 #: What a full fine-tuning candidate of pure bfloat16 weights gives up without one of :data:`BF16_ROUNDING_OPTIONS`
@@ -172,7 +166,7 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
     SGD, Muon's / SCALE's / SinkGD's normalized updates: no per-coordinate adaptivity, whatever their
     papers report at their own tuned settings); float32 full-rank state with a full second moment
     (AdamW, SPAM, Stable-SPAM, bitsandbytes' 32-bit paged AdamW) gives up nothing. The words of a factored one are
-    Adafactor's ("factored second moment") unless :data:`_FACTORED_WORDS` names its row / column statistics (RACS, SM3).
+    Adafactor's ("factored second moment") unless the entry's ``second_moment_words`` name its statistics (RACS, SM3).
 
     Raises:
         ValueError: An entry registered without the metadata.
@@ -189,10 +183,10 @@ def _optimizer_cost(name: str, entry: Any, rank: int | None, hidden: int) -> tup
         return cost + precision[0], gives + ([precision[1]] if key else [])
     cost, gives = precision[0], [f"{name}: {precision[1]}"] if key else []
     if entry.second_moment in ("factored", "blockwise"):
-        words = _FACTORED_WORDS.get(entry.name, "factored second moment") if entry.second_moment == "factored" else "blockwise second moment"
+        words = entry.second_moment_words or f"{entry.second_moment} second moment"
         cost, gives = cost + COSTS["adafactor"], gives + [words]
     elif entry.second_moment == "none":
-        cost, gives = cost + COSTS["no_second_moment"], gives + ["no second moment"]
+        cost, gives = cost + COSTS["no_second_moment"], gives + [entry.second_moment_words or "no second moment"]
     return cost, gives
 
 

@@ -67,6 +67,11 @@ class OptimizerEntry:
             optimizer gives up from this, never from its name.
         second_moment: ``"full"``, ``"factored"`` (Adafactor's row and column statistics),
             ``"blockwise"`` (one value per block, Adam-mini) or ``"none"`` (:data:`SECOND_MOMENTS`).
+        second_moment_words: How the budget search names what a ``"factored"`` / ``"blockwise"`` / ``"none"``
+            second moment gives up, where the form's own words (``"factored second moment"``, ...) would misname
+            it (RACS: ``"row/column scaling, not per element"``); ``None``: the form's words. Priced from
+            ``second_moment`` alone either way; refused with ``"full"`` (nothing given up to name); unused for a
+            subspace optimizer (named by its rank).
         group_builder: ``group_builder(model, **hparams) -> parameter groups``, or ``None``: how
             :func:`create_optimizer` splits a model for an optimizer whose groups need more than
             the weight-decay rule (Adam-mini's partition into blocks, from parameter names and the
@@ -84,6 +89,7 @@ class OptimizerEntry:
     example_hparams: dict[str, Any] = field(default_factory=dict)
     state_precision: str | None = None
     second_moment: str | None = None
+    second_moment_words: str | None = None
     group_builder: Callable[..., list[dict[str, Any]]] | None = field(default=None, repr=False)
     target_key: str | None = None
     embedding_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -114,6 +120,7 @@ def register(
     example_hparams: dict[str, Any] | None = None,
     state_precision: str | None = None,
     second_moment: str | None = None,
+    second_moment_words: str | None = None,
     group_builder: Callable[..., list[dict[str, Any]]] | None = None,
     target_key: str | None = None,
     embedding_groups: dict[str, dict[str, Any]] | None = None,
@@ -123,7 +130,8 @@ def register(
 
     ``state_precision`` (:data:`STATE_PRECISIONS`) and ``second_moment`` (:data:`SECOND_MOMENTS`)
     describe the state for the memory search; every built-in registration sets them (tested), and
-    the search refuses an optimizer without them. ``target_key`` (default ``"rank"`` for a recipe
+    the search refuses an optimizer without them (``second_moment_words``, optional: the search's words for the
+    latter, :class:`OptimizerEntry`). ``target_key`` (default ``"rank"`` for a recipe
     with a projection) and ``embedding_groups``: see :class:`OptimizerEntry`.
 
     ``group_builder``: see :class:`OptimizerEntry`.
@@ -135,7 +143,11 @@ def register(
                               ("second_moment", second_moment, SECOND_MOMENTS)):
         if value is not None and value not in valid:
             raise ValueError(f"register: {key}={value!r} is not one of {list(valid)}")
-    meta = {"state_precision": state_precision, "second_moment": second_moment}
+    if second_moment_words is not None and (second_moment in (None, "full") or not isinstance(second_moment_words, str)
+                                            or not second_moment_words.strip()):
+        raise ValueError(f"register: second_moment_words={second_moment_words!r} needs a non-empty string and "
+                         f"second_moment one of ['factored', 'blockwise', 'none'], got {second_moment!r}")
+    meta = {"state_precision": state_precision, "second_moment": second_moment, "second_moment_words": second_moment_words}
     if embedding_groups is not None and set(embedding_groups) - {"input", "output"}:
         raise ValueError(f"register: embedding_groups keys must be 'input' / 'output', got {sorted(embedding_groups)}")
     if isinstance(recipe_or_name, Recipe):
