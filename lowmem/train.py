@@ -425,6 +425,8 @@ HF_OPTIM_NAMES: dict[str, str] = {
     "lion_32bit": "lion", "lion_8bit": "lion8bit",  # bnb's Lion(optim_bits=32 / 8): the same state format, tested
     # equal (the 8-bit names with the embeddings' state 32-bit, as transformers' Trainer: HF_EMBEDDINGS_32BIT)
     "paged_lion_32bit": "bnb_paged_lion", "paged_lion_8bit": "bnb_paged_lion8bit",  # no engine recipe pages memory
+    "ademamix": "ademamix", "ademamix_8bit": "ademamix8bit",  # bnb's AdEMAMix(optim_bits=32 / 8): the same state
+    # format and defaults, tested equal; optim_args alpha, beta3, t_alpha, t_beta3, eps are the recipe's own keys
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
 
@@ -433,7 +435,8 @@ HF_LAYERWISE_SUFFIX = "_layerwise"
 # ``nn.Embedding`` weight's state 32-bit (``GlobalOptimManager.register_module_override(module, "weight",
 # {"optim_bits": 32})``). lowmem does the same for them (``LowMemArguments.lowmem_embeddings_32bit``, on by
 # default for these names); lowmem's own names (``lion8bit``, ``bnb_adamw8bit``, ...) quantize the embeddings too.
-HF_EMBEDDINGS_32BIT = frozenset({"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit"})
+HF_EMBEDDINGS_32BIT = frozenset({"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit",
+                                 "ademamix_8bit"})
 
 
 def hf_keeps_embeddings_32bit(name: Any) -> bool:

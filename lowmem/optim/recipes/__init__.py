@@ -12,6 +12,7 @@
 * :mod:`.normuon` - NorMuon (Muon's step with a neuron-wise second moment).
 * :mod:`.sm3` - SM3-II (Adagrad bounded by row / column accumulators).
 * :mod:`.racs` - RACS (SGD scaled by row / column mean squares, norm growth limited).
+* :mod:`.ademamix` - AdEMAMix, AdEMAMix with 8-bit moments (Adam + a slow EMA mixed in).
 
 Importing this package registers every recipe.
 """
@@ -28,5 +29,6 @@ from . import normuon  # noqa: F401, E402  (NorMuon)
 from . import sm3  # noqa: F401, E402  (SM3)
 from . import alice  # noqa: F401, E402  (Alice)
 from . import racs  # noqa: F401, E402  (RACS)
+from . import ademamix  # noqa: F401, E402  (AdEMAMix, AdEMAMix8bit)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]
