@@ -1251,9 +1251,12 @@ def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool,
     so are its row statistics (``reduced_dims`` of the moment rule: Adafactor's ``exp_avg_sq_row``,
     global ``m``, and Alice's ``alice_p`` of a right basis, one per row) while its column statistics (the row
     dimension reduced away) are equal on every rank (plain); other per-shard state (quantized codes) is saved per
-    shard (:func:`state_to_dtensor`)."""
+    shard (:func:`state_to_dtensor`). ``kahan_summation``'s compensation ``kahan_comp`` has the shard's shape,
+    whichever side is projected: the parameter's placements (:func:`state_to_dtensor`)."""
     if key == "sn_exp_avg_sq" and isinstance(v, Tensor):  # SNSM's statistics of G's rows (not of R)
         return state_to_dtensor(v, p, key, "keepdim")
+    if key == "kahan_comp" and isinstance(v, Tensor):  # (the weight's own layout, never replicated: a left side's too)
+        return state_to_dtensor(v, p, key)
     if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith(("proj_", "pca_")):
         return v
     # (alice's p of a right basis: one number per row of the shard, a row statistic of global (m,))
