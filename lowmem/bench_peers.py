@@ -478,6 +478,29 @@ def _bnb_lion(bits: int):
     return build
 
 
+def _bnb_ademamix(bits: int):
+    """bitsandbytes' ``AdEMAMix`` (``optim_bits=32``) / ``AdEMAMix8bit`` as lowmem's ``ademamix`` / ``ademamix8bit``:
+    their shared defaults (betas (0.9, 0.999, 0.9999), alpha 5, no schedulers, eps 1e-8), on lowmem's decay
+    groups with the recommended settings' ``weight_decay`` (else the recipes' and bitsandbytes' default 1e-2); 8-bit: blocks of
+    256 (its only size) and tensors under ``min_8bit_size=4096`` elements in float32 (lowmem's ``min_quant_size``).
+    bitsandbytes 0.50 steps both on the CPU with its CPU kernels (equal to lowmem's: tests/test_ademamix.py)."""
+
+    def build(model, lr, rank, st):
+        import bitsandbytes as bnb
+
+        from lowmem.optim import build_param_groups
+
+        groups = build_param_groups(model, weight_decay=st.get("weight_decay", 1e-2))
+        betas = (*st.get("betas", (0.9, 0.999)), st.get("beta3", 0.9999))
+        kw = dict(lr=lr, betas=betas, alpha=st.get("alpha", 5.0), t_alpha=st.get("t_alpha"),
+                  t_beta3=st.get("t_beta3"))
+        if bits == 8:
+            return bnb.optim.AdEMAMix8bit(groups, min_8bit_size=st.get("min_quant_size", 4096), **kw)
+        return bnb.optim.AdEMAMix(groups, optim_bits=32, **kw)
+
+    return build
+
+
 #: Every peer the benchmarks know, in table order.
 PEERS: tuple[Peer, ...] = (
     Peer("transformers_adafactor", "transformers", "adafactor", _hf_adafactor),
@@ -505,6 +528,8 @@ PEERS: tuple[Peer, ...] = (
     Peer("po_alice", "pytorch_optimizer", "alice", _po_alice),
     Peer("bnb_lion", "bitsandbytes", "lion", _bnb_lion(32)),
     Peer("bnb_lion8bit", "bitsandbytes", "lion8bit", _bnb_lion(8)),
+    Peer("bnb_ademamix", "bitsandbytes", "ademamix", _bnb_ademamix(32)),
+    Peer("bnb_ademamix8bit", "bitsandbytes", "ademamix8bit", _bnb_ademamix(8)),
 )
 
 

@@ -308,3 +308,24 @@ def test_under_training_arguments_equal_what_the_hf_trainer_builds(optim, name, 
         models[who] = model
     for p, q in zip(models["hf"].parameters(), models["lowmem"].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+# ---- the bench peers -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peer, recipe, rows, cols", [("bnb_ademamix", "ademamix", 40, 24),
+                                                      ("bnb_ademamix8bit", "ademamix8bit", 96, 64)])
+@pytest.mark.parametrize("st", [{}, {"weight_decay": 0.1, "t_alpha": 4, "t_beta3": 5}], ids=["defaults", "scheduled"])
+def test_bnb_peers_step_like_the_recipes(peer, recipe, rows, cols, st):
+    """``lowmem bench ... peer:bnb_ademamix[8bit]``: bitsandbytes' classes built by the peer (lowmem's decay groups,
+    the recipes' defaults) step like lowmem's recipe; the 8-bit one on a 96 x 64 weight (6,144 elements: quantized
+    under the default min_quant_size 4096 in both) and small float32 tensors."""
+    pytest.importorskip("bitsandbytes")
+    from test_peers_came_lion import _peer_vs_lowmem
+
+    from lowmem.bench_peers import PEERS
+
+    assert {p.name: (p.module, p.recipe) for p in PEERS}[peer] == ("bitsandbytes", recipe)
+    theirs, ours = _peer_vs_lowmem(peer, recipe, 8, rows=rows, cols=cols, **st)
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
