@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .._warn import warn_user
 from .engine import LowMemOptimizer
 from .functional.norms import float_norm
-from .group_layout import check_group_layouts
+from .group_layout import check_group_layouts, check_group_settings, check_rounding
 from .registry import create_optimizer
 from .sharded import is_dtensor
 
@@ -235,7 +235,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         (hook mode), which we may free or leave to accumulate."""
         self.inner._check_dense(grad)  # before any state is touched
         if not self._handled:  # the step's first parameters: a setting fixing the state's layout changed is refused
-            check_group_layouts(self.inner)  # before any is stepped (lowmem.optim.group_layout)
+            check_group_settings(self.inner)  # before any is stepped (lowmem.optim.group_layout)
+            self._check_rounding()
+            check_group_layouts(self.inner, settings=False)
         group = self._group_of[p]
         k = self._micro.get(p, 0) + 1
         self._micro[p] = k
@@ -255,6 +257,23 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if owned:
                 p.grad = None
         # else: the gradient stays in p.grad and autograd adds the next micro-batch to it
+
+    def _check_rounding(self) -> None:
+        """``bf16_stochastic_round`` / ``kahan_summation`` checked again (:func:`~lowmem.optim.group_layout.check_rounding`,
+        the error :meth:`LowMemOptimizer.step` gives) for a group whose parameters' dtypes changed since they were
+        last checked here (``model.to(torch.float32)`` after construction: the option would no longer apply to
+        anything). Before the ``check_group_layouts`` that compares the state with its parameters, as the plain
+        step checks it first. Its cost at a step: a tuple of the dtypes of each such group's parameters."""
+        seen = self.__dict__.setdefault("_rounding_dtypes", {})
+        for i, group in enumerate(self.inner.param_groups):
+            if not (group.get("bf16_stochastic_round") or group.get("kahan_summation")):
+                continue
+            now = tuple(p.dtype for p in group["params"])
+            kept = seen.get(id(group))
+            if kept is not None and kept[0] is group and kept[1] == now:
+                continue
+            check_rounding(group, f"parameter group {i} of optimizer '{self.inner.recipe.name}'")
+            seen[id(group)] = (group, now)  # (the group kept alive: its id is not reused)
 
     def _new_step(self) -> None:
         self._handled.clear()
