@@ -184,7 +184,6 @@ def test_other_keys_written_later_are_accepted():
     g = opt.param_groups[0]
     # timm's schedulers: initial_<field> of the setting they drive; a library's own tag far from every setting
     g["initial_weight_decay"] = 0.01
-    g["lr_scale"] = 0.5  # (timm's schedulers read it; difflib puts it near 'scale' / 'free_lr_scale')
     g["warmup_initial_lr"] = g["warmup_max_lr"] = 1e-2  # (warm-up schedulers' copies of lr)
     g["my_tag"] = "decoder"
     g["layer_id"] = 3

@@ -471,6 +471,7 @@ class RACS(LowMemOptimizer):
                          weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach)
 
 
-register(RACS_RECIPE, RACS, state_precision="fp32", second_moment="factored", example_hparams={"lr": 2e-2})
+register(RACS_RECIPE, RACS, state_precision="fp32", second_moment="factored",
+         second_moment_words="row/column scaling, not per element", example_hparams={"lr": 2e-2})
 
 __all__ = ["RACS", "RACS_RECIPE", "RacsMoments"]

@@ -459,6 +459,7 @@ class SM3(LowMemOptimizer):
                          state_dtype=state_dtype, foreach=foreach)
 
 
-register(SM3_RECIPE, SM3, state_precision="fp32", second_moment="factored", example_hparams={"lr": 1e-2})
+register(SM3_RECIPE, SM3, state_precision="fp32", second_moment="factored",
+         second_moment_words="row/column max accumulators, not per element", example_hparams={"lr": 1e-2})
 
 __all__ = ["SM3", "SM3_RECIPE", "Sm3Moments"]
