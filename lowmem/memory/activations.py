@@ -802,6 +802,7 @@ def traced_activation_bytes(
     fused_head: bool = False,
     fused_head_device: str = "cpu",
     autocast: Any = None,
+    reference: str | None = None,
 ) -> dict[str, int]:
     """Activation bytes of any decoder-only causal LM, from the tensors autograd saves in one forward pass of
     ``model`` on fake CPU tensors (the meta ``model``'s parameters are made fake CPU ones: nothing is allocated, and
@@ -848,6 +849,12 @@ def traced_activation_bytes(
             ``torch.autocast("cpu", autocast)`` and its backward outside it, as the Trainer's mixed precision runs a
             float32 ``model`` (its ``dtype`` weight copies, float32 residual stream and norms, float32 gradients: all
             in the trace); only for the traced step (not with ``head_parts``).
+        reference (`str` or `None`, defaults to `None`): DPO's reference forward (TRL 1.16's
+            ``DPOTrainer._compute_loss``): after the policy's forward, before its backward, the reference's no-grad
+            forward with TRL's fused head over the same sequences, under the same autocast (:func:`_reference_forward`):
+            ``"copy"`` a separate frozen model (its weights excluded; whole, under autocast its ``dtype`` copies cached
+            to the region's end as the policy's: TRL's reference keeps ``requires_grad``), ``"adapter"`` the policy
+            with its adapters disabled; ``None`` / ``"none"``: no reference forward. Only with ``fused_head``.
 
     Returns:
         `dict[str, int]`: ``layers``, ``other`` (outside the decoder layers: embeddings, final norm, logits,
@@ -860,7 +867,9 @@ def traced_activation_bytes(
     cache = {} if cache is None else cache
     if head_parts is None:
         return _traced_step_bytes(model, config, layers, batch_size, seq_len, gradient_checkpointing, cache,
-                                  fused_head and fused_head_device, autocast)
+                                  fused_head and fused_head_device, autocast, reference_kind(reference, fused_head))
+    if reference not in (None, "none"):
+        raise ValueError("reference traces DPO's reference forward in the step itself: head_parts must be None")
     if autocast is not None:
         raise ValueError("autocast traces the step itself: head_parts must be None")
     if fused_head:
@@ -1049,8 +1058,87 @@ def _layers_parent(model: Any, layers: Any) -> tuple[Any, str]:
     raise ValueError(f"the decoder layers are not a child of any module of {type(model).__name__}")
 
 
+REFERENCES = ("copy", "adapter", "none")
+
+
+def reference_kind(reference: str | None, fused_head: bool | str) -> str | None:
+    """``reference`` as :func:`_trace_saved` takes it: ``None`` for no reference forward (``None`` / ``"none"``),
+    else ``"copy"`` / ``"adapter"``, which TRL 1.16 runs with its fused head only (DPO's ``_compute_loss``).
+
+    Raises:
+        ValueError: ``reference`` is not one of :data:`REFERENCES` / ``None``, or is given without ``fused_head``."""
+    if reference is not None and reference not in REFERENCES:
+        raise ValueError(f"Invalid reference={reference!r}: expected one of {list(REFERENCES)} or None")
+    if reference in (None, "none"):
+        return None
+    if not fused_head:
+        raise ValueError(f"reference={reference!r} is DPO's reference forward, which runs TRL's fused head: "
+                         "fused_head must be True")
+    return reference
+
+
+def _fake_reference(model: Any, params: set) -> Any:
+    """DPO's separate reference model (``reference="copy"``: ``DPOTrainer``'s ``ref_model``, or the policy reloaded)
+    for a trace of ``model``'s step: the causal LM of ``model``'s (base) config in its weights' dtype, every parameter a
+    fake CPU tensor of ``model``'s fake-tensor mode (one per shape and dtype, as :func:`~lowmem.memory.estimate.
+    on_fake_device` makes them; ``requires_grad`` kept: TRL does not freeze it, so autocast caches its ``dtype``
+    copies as the policy's), its buffers too; their storages are added to ``params`` (not counted). A quantized
+    policy's stand-ins (``lowmem_kbit``) are the reference's too (TRL loads it with the same quantization)."""
+    import torch
+    from torch import nn
+
+    from .estimate import _sizing_mode, build_meta_model
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ref = build_meta_model(base.config, base.get_input_embeddings().weight.dtype)
+    mode = _sizing_mode(model)
+    made: dict[tuple, Any] = {}
+    with mode:
+        for mod in ref.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    key = (tuple(p.shape), p.dtype)
+                    if key not in made:
+                        made[key] = torch.empty(p.shape, dtype=p.dtype)
+                    mod._parameters[name] = nn.Parameter(made[key], requires_grad=p.requires_grad)
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.device.type == "meta":
+                    mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    params |= {StorageWeakRef(t.untyped_storage()) for t in [*ref.parameters(), *ref.buffers()]}
+    if getattr(base, "lowmem_kbit", getattr(model, "lowmem_kbit", None)) is not None:
+        ref.lowmem_kbit = getattr(base, "lowmem_kbit", None) or model.lowmem_kbit
+    ref.train(model.training)
+    return ref
+
+
+def _reference_forward(model: Any, reference: str, ids: Any, device: str, ref: Any = None) -> Any:
+    """DPO's reference forward in a trace of ``model``'s step (TRL 1.16 ``DPOTrainer._compute_loss``: after the
+    policy's forward, under ``torch.no_grad()`` and the step's autocast, ``ref(..., labels=..., fused_lm_head=True)``;
+    its per-token log-probabilities returned): ``"copy"`` a separate model (:func:`_fake_reference`, whole),
+    ``"adapter"`` ``model`` itself with its adapters disabled (peft's ``disable_adapter``; a model without adapters:
+    itself). ``ref``: the copy, made before the trace follows the storages (its parameters are no step's). Returns
+    the log-probabilities (alive until the DPO loss is formed)."""
+    import contextlib
+
+    import torch
+
+    if reference == "copy":
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(trl_fused_head(ref, device))
+        ctx.enter_context(kbit_linears(ref))
+        ctx.enter_context(traced_experts(ref))
+    else:
+        ref = model
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        return ref(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+
+
 def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int, checkpointed: bool,
-                       cache: dict, fused_head: str | bool = False, autocast: Any = None) -> dict[str, int]:
+                       cache: dict, fused_head: str | bool = False, autocast: Any = None,
+                       reference: str | None = None) -> dict[str, int]:
     """:func:`traced_activation_bytes` with the model's own loss: the step traced as a device runs it (forward, then
     ``loss.backward()`` with the weights' gradients, the model's own checkpointing), every live storage followed
     (:func:`_trace_saved`'s fourth item). ``total`` is the most bytes of activations live at once; ``backward_peak``
@@ -1072,6 +1160,8 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
         key = (b, seq_len, "step", checkpointed, "fused head", fused_head) if fused_head else (b, seq_len, "step", checkpointed)
         if autocast is not None:  # (the float32 model's step under autocast: another trace)
             key = (*key, "autocast", str(autocast))
+        if reference is not None:  # (DPO's reference forward inside the step: another trace)
+            key = (*key, "reference", reference)
         if key not in cache:
             m = cache.get("step layers", truncated_layers(kinds))
             while True:
@@ -1080,7 +1170,8 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
                 try:
                     per_layer, other, _, whole = _trace_saved(model, config, sub, b, seq_len, backward=True,
                                                               checkpointed=checkpointed, whole_step=True,
-                                                              fused_head=fused_head, autocast=autocast)
+                                                              fused_head=fused_head, autocast=autocast,
+                                                              reference=reference)
                 finally:
                     setattr(parent, attr, layers)
                 if m == len(layers) or _stitch_layers(whole["steps"], kinds, m) is not None:
@@ -1143,7 +1234,7 @@ def _traced_step_bytes(model: Any, config: Any, layers: Any, batch_size: int, se
 
 def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len: int,
                  backward: bool = False, checkpointed: bool = False, whole_step: bool = False,
-                 fused_head: str | bool = False, autocast: Any = None) -> tuple:
+                 fused_head: str | bool = False, autocast: Any = None, reference: str | None = None) -> tuple:
     """``(bytes saved by each decoder layer, bytes saved outside them, each layer's backward peak)`` in one meta
     forward of ``model`` (and, with ``backward``, its backward down to the input embeddings).
 
@@ -1165,7 +1256,10 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     With ``checkpointed`` the first three items are not meaningful (the checkpoints replace the saved tensors). With
     ``fused_head`` (the device it runs on, ``"cpu"`` / ``"cuda"``; ``True``: ``"cpu"``) the loss is TRL's fused LM
     head's (:func:`trl_fused_head`) instead of the model's own. With ``autocast`` (a dtype) the forward and its loss
-    run under ``torch.autocast("cpu", autocast)``, the backward outside it (the Trainer's mixed precision)."""
+    run under ``torch.autocast("cpu", autocast)``, the backward outside it (the Trainer's mixed precision). With
+    ``reference`` (``"copy"`` / ``"adapter"``) DPO's reference forward runs between the forward and the backward
+    (:func:`_reference_forward`), inside the ``mid`` segment (played once: a separate reference is whole, never
+    truncated; the policy's own layers' segment marks are not set again)."""
     import contextlib
 
     import torch
@@ -1203,9 +1297,11 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     if whole_step:  # the step's segments (:func:`_stitch_layers`): before the layers, each layer's forward, ...
         last = len(layers) - 1
         for i, layer in enumerate(layers):
-            hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: None if in_backward[0] else mark(("f", i))))
+            hooks.append(layer.register_forward_pre_hook(
+                lambda m, a, i=i: None if in_backward[0] or in_reference[0] else mark(("f", i))))
             if i == last:
-                hooks.append(layer.register_forward_hook(lambda m, a, o: None if in_backward[0] else mark("mid")))
+                hooks.append(layer.register_forward_hook(
+                    lambda m, a, o: None if in_backward[0] or in_reference[0] else mark("mid")))
     was_training = model.training
     model.train()
     autocast_cls = torch.autocast
@@ -1220,6 +1316,7 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
     by_layer: list[list] = [[] for _ in layers]  # each layer's saved storages
     whole: dict[str, list] = {"steps": []}
     in_backward = [False]
+    in_reference = [False]  # (DPO's reference forward runs: the policy's layers' hooks set no segment)
     tail = [False]  # the embeddings' backward (a tied head's two gradients summed): after the decoder layers'
     not_live: set = set()
 
@@ -1294,6 +1391,22 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
                 whole["steps"].append(("accumulate", act[0], grad_bytes[0], tail[0], segment[0]))
 
     embedded = []
+
+    def settle_embedded() -> None:
+        """The embeddings' output is kept in ``embedded`` only (a scaled copy enters the layers, e.g. Gemma's): not
+        one of the backward's storages; and not held for the whole step (live as long as a layer keeps it)."""
+        if not embedded:
+            return
+        not_live.add(StorageWeakRef(embedded[0].untyped_storage()))
+        if embedded[0].requires_grad:
+            def tail_hook(grad):
+                tail[0] = True
+                if whole_step:
+                    mark("post")
+
+            embedded[0].register_hook(tail_hook)
+        embedded.clear()
+
     if backward:
         def enter(i):
             def hook(grad):
@@ -1320,13 +1433,17 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
 
             hooks.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
             hooks.append(layer.register_forward_hook(on_output))
-        hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, a, o: embedded.append(o)))
+        # (not the reference forward's through the policy itself: kept here, its output would outlive its first layer)
+        hooks.append(model.get_input_embeddings().register_forward_hook(
+            lambda m, a, o: None if in_reference[0] else embedded.append(o)))
         trainable = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
         hooks.extend(p.register_post_accumulate_grad_hook(accumulated) for p in trainable)
         if checkpointed:
             from ..quant import enable_activation_checkpointing
 
             enable_activation_checkpointing(model)
+    # (DPO's separate reference, made before the storages are followed: its parameters are excluded like the policy's)
+    ref_model = _fake_reference(model, params) if reference == "copy" else None
     try:
         head = (trl_fused_head(model, "cpu" if fused_head is True else fused_head) if fused_head
                 else contextlib.nullcontext())
@@ -1335,18 +1452,19 @@ def _trace_saved(model: Any, config: Any, layers: Any, batch_size: int, seq_len:
             with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
                   autocast_cls("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()):
                 loss = model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused_head else {})).loss
+                if reference is not None:
+                    if backward:  # (the trace lets go of the policy's embeddings' output before the reference runs)
+                        settle_embedded()
+                    in_reference[0] = True
+                    try:
+                        ref_out = _reference_forward(model, reference, ids, "cpu" if fused_head is True else fused_head,
+                                                     ref_model)
+                    finally:
+                        in_reference[0] = False
+                    loss = loss + 0 * ref_out.sum()  # (the DPO loss reads both; its log-probs freed with the loss's inputs)
+                    del ref_out
             if backward:
-                # the embeddings' output is kept here only (a scaled copy enters the layers, e.g. Gemma's): not one of the
-                # backward's storages; and not held for the whole step (live as long as a layer keeps it)
-                not_live.add(StorageWeakRef(embedded[0].untyped_storage()))
-                if embedded[0].requires_grad:
-                    def tail_hook(grad):
-                        tail[0] = True
-                        if whole_step:
-                            mark("post")
-
-                    embedded[0].register_hook(tail_hook)
-                embedded.clear()
+                settle_embedded()
                 for key, (i, n) in owner.items():
                     if i >= 0:
                         by_layer[i].append((key, n))

@@ -1,0 +1,112 @@
+"""EST17 (issue 12, residual a): DPO's reference forward inside the traced step (``activations.traced_activation_bytes(
+..., reference=...)``). TRL 1.16's ``DPOTrainer._compute_loss`` runs the reference's no-grad forward with its fused head
+after the policy's forward and before its backward, under the step's autocast: the autocast cache then also holds the
+reference's ``dtype`` weight copies (TRL does not freeze a reference copy), on top of the policy's checkpoints or saved
+tensors. The trace against a real CPU step (every storage the ops return, parameters of both models excluded) is
+exact: tiny Llama h=256, 2 layers, 4 sequences x 33 tokens."""
+
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _real_dpo_step(ckpt: bool, reference: str, seqs: int = 4, seq_len: int = 33) -> tuple:
+    """The most bytes live at once (activations and gradients; parameters and buffers excluded) in a real CPU step as
+    TRL's DPO runs it under ``bf16=True``: the policy's forward, the reference's no-grad forward, the loss, the
+    backward outside autocast."""
+    from test_memory_trl_estimate import LiveStorages, _model
+
+    from lowmem.memory.activations import trl_fused_head
+
+    model, _ = _model()
+    model.float().train()
+    ref = copy.deepcopy(model) if reference == "copy" else None
+    if reference == "adapter":
+        import warnings
+
+        from peft import get_peft_model
+
+        from lowmem.memory.estimate import lora_config
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, lora_config(LORA))
+    if ckpt:
+        from lowmem.quant import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (seqs, seq_len))
+    kept = [*model.parameters(), *model.buffers(), *(ref.parameters() if ref is not None else ()),
+            *(ref.buffers() if ref is not None else ())]
+    with trl_fused_head(model, "cpu"), trl_fused_head(ref if ref is not None else model, "cpu"):
+        mode = LiveStorages(kept)
+        with mode:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+                with torch.no_grad(), (model.disable_adapter() if ref is None else contextlib.nullcontext()):
+                    lp = (ref or model)(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+                loss = loss + 0 * lp.sum()
+                del lp
+            loss.backward()
+            del loss
+    return model.config, mode.peak
+
+
+def _traced(config, ckpt: bool, reference, lora=None, seqs: int = 4, seq_len: int = 33) -> dict:
+    from lowmem.memory.activations import traced_activation_bytes
+    from lowmem.memory.estimate import build_meta_model, lora_config
+
+    model = build_meta_model(config, torch.float32)
+    if lora is not None:
+        import warnings
+
+        from peft import get_peft_model
+
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, lora_config(lora))
+    return traced_activation_bytes(model, config, seqs, seq_len, ckpt, fused_head=True, autocast=torch.bfloat16,
+                                   reference=reference)
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_traced_dpo_step_with_a_reference_copy_is_a_real_ones(ckpt):
+    """A separate reference (``ref_model``): the traced step's most activation and gradient bytes equal the real
+    step's to the byte, and are above the step without the reference forward (its autocast weight copies and working
+    set beside the policy's activations)."""
+    config, peak = _real_dpo_step(ckpt, "copy")
+    traced = _traced(config, ckpt, "copy")
+    assert traced["backward_peak"] == peak
+    assert _traced(config, ckpt, None)["backward_peak"] < peak
+
+
+def test_traced_dpo_step_with_the_adapter_reference_is_a_real_ones():
+    """LoRA, the reference = the policy with its adapters disabled (TRL's default with peft), not checkpointed."""
+    config, peak = _real_dpo_step(False, "adapter")
+    assert _traced(config, False, "adapter", LORA)["backward_peak"] == peak
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(reference="ref"), "reference='ref'"),
+    (dict(reference="copy", fused_head=False), "fused_head must be True"),
+    (dict(reference="copy", head_parts={"logits": 0, "loss_backward": 0}), "head_parts must be None"),
+])
+def test_bad_reference_names_the_field(kw, words):
+    from test_memory_trl_estimate import _model
+
+    from lowmem.memory.activations import traced_activation_bytes
+    from lowmem.memory.estimate import build_meta_model
+
+    model, _ = _model()
+    meta = build_meta_model(model.config, torch.float32)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("[", r"\[")):
+        traced_activation_bytes(meta, model.config, 1, 8, **{"fused_head": True, **kw})
