@@ -1,0 +1,297 @@
+"""Outside-in audit of the "no silent fallback" standard (SILENT, session 17).
+
+Each test states what a user would do, and asserts the standard's answer: an error naming the field and what is
+valid. Every test here is a strict xfail: it fails today for the reason in its ``reason`` (checked by running it
+without the marker), and turns into a pass (then XPASS, a failure, telling the fixer to drop the marker) once the
+defect is fixed. /tmp/lm/FOUND_SILENT.md has the entries (file, line, what happens, what should).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+
+def _recipe(**kw):
+    """``load_recipe`` with warnings ignored: a defect that only warns must read as "no error" here (never as
+    the error the test wants, whatever the warnings filter of the run)."""
+    from lowmem.train import load_recipe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_recipe(None, **kw)
+
+
+def _training_args(recipe):
+    from lowmem.train import build_training_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_training_args(recipe)
+
+
+# ---- lowmem train: recipes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 1: warmup_steps under lr_scheduler 'constant' (lowmem's default) is "
+                                       "dropped by transformers' get_scheduler: no warm-up, no word")
+def test_warmup_steps_with_the_constant_scheduler_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warmup_steps.*constant|constant.*warmup_steps"):
+        _training_args(_recipe(warmup_steps=10, lr_scheduler="constant", output_dir=str(tmp_path)))
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 2: TrainingArguments adam_beta1 / adam_beta2 with an optimizer without "
+                                       "betas (adafactor, lowmem's default) are dropped with a log line only")
+def test_adam_betas_that_cannot_apply_to_the_optimizer_are_refused(tmp_path):
+    from lowmem.trainers import LowMemTrainingArguments
+    from trainers.hf import trainer_hparams
+
+    args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_beta1=0.5, report_to="none")
+    with pytest.raises(ValueError, match="adam_beta1"):
+        trainer_hparams("adafactor", args)
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 3: lr and a different optim_args.lr: a warning, optim_args' lr trains")
+def test_lr_and_a_different_optim_args_lr_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lr.*optim_args|optim_args.*lr"):
+        _recipe(lr=1e-3, optim="adamw", optim_args={"lr": 1e-2}, output_dir=str(tmp_path))
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 4: weight_decay and a different optim_args.weight_decay: accepted "
+                                       "without a word (lr has a warning), optim_args' value trains")
+def test_weight_decay_and_a_different_optim_args_weight_decay_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_decay"):
+        _recipe(weight_decay=0.1, optim="adamw", optim_args={"weight_decay": 0.0}, output_dir=str(tmp_path))
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 5: lr_scheduler_kwargs under the constant scheduler are ignored by "
+                                       "transformers' get_scheduler")
+def test_lr_scheduler_kwargs_with_the_constant_scheduler_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    recipe = _recipe(lr_scheduler="constant", training_args={"lr_scheduler_kwargs": {"num_cycles": 3}},
+                     output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="lr_scheduler_kwargs"):
+        _training_args(recipe)
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 6: an lr_scheduler_kwargs key the scheduler does not take is accepted; "
+                                       "the run fails at the first step with get_cosine_schedule_with_warmup's TypeError")
+def test_unknown_lr_scheduler_kwargs_key_is_refused_with_the_config(tmp_path):
+    from lowmem.config import ConfigError
+
+    recipe = _recipe(lr_scheduler="cosine", training_args={"lr_scheduler_kwargs": {"num_cylces": 3}},
+                     output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="lr_scheduler_kwargs"):
+        _training_args(recipe)
+
+
+def test_unknown_lr_scheduler_kwargs_key_fails_deep_today():
+    """The failure SILENT 6 is about, as the Trainer meets it (a TypeError naming no recipe field)."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(TypeError, match="num_cylces"):
+        get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=10,
+                      scheduler_specific_kwargs={"num_cylces": 3})
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 7: DPO beta=0 is accepted (RANGES gives beta >= 0 to DPO and GRPO "
+                                       "alike): the sigmoid loss is a constant (no gradient), IPO divides by 2*beta")
+def test_dpo_beta_zero_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    recipe = _recipe(trainer="dpo", training_args={"beta": 0.0}, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="beta"):
+        _training_args(recipe)
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 8: save_steps larger than steps is accepted: no checkpoint is ever "
+                                       "written")
+def test_save_steps_beyond_the_run_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match="save_steps"):
+        _training_args(_recipe(steps=10, save_steps=50, output_dir=str(tmp_path)))
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 9: eval_steps larger than steps is accepted: no evaluation runs during "
+                                       "training (eval_history empty)")
+def test_eval_steps_beyond_the_run_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_steps"):
+        _training_args(_recipe(steps=10, eval_steps=50, output_dir=str(tmp_path)))
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 10: warmup_steps >= steps is accepted: the learning rate never reaches "
+                                       "lr")
+def test_warmup_longer_than_the_run_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        _training_args(_recipe(steps=10, warmup_steps=50, lr_scheduler="linear", output_dir=str(tmp_path)))
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 19: train_size (and eval_size) with your own dataset are accepted and "
+                                       "ignored: they size the synthetic task only, the whole dataset trains")
+def test_train_size_with_own_dataset_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join('{"text": "row %d"}\n' % i for i in range(8)))
+    with pytest.raises(ConfigError, match="train_size"):
+        _recipe(dataset=str(data), train_size=4, lr=1e-3, output_dir=str(tmp_path / "out"))
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 20: DPO label_smoothing with loss_type sigmoid (the default) is accepted: "
+                                       "TRL 1.16 reads it only in exo_pair / robust / aot / aot_unpaired, so cDPO trains "
+                                       "as plain DPO")
+def test_dpo_label_smoothing_the_loss_does_not_read_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    recipe = _recipe(trainer="dpo", training_args={"label_smoothing": 0.1}, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        _training_args(recipe)
+
+
+def test_dpo_sigmoid_loss_ignores_label_smoothing_today():
+    """What SILENT 20 is about: TRL's sigmoid branch has no label_smoothing (the robust branch has)."""
+    import inspect
+
+    from trl.trainer import dpo_trainer
+
+    src = inspect.getsource(dpo_trainer)
+    sigmoid = src.split('if loss_type == "sigmoid":', 1)[1].split("elif loss_type", 1)[0]
+    assert "logsigmoid" in sigmoid and "label_smoothing" not in sigmoid
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 21: eval_accumulation_steps=0 is accepted; the first evaluation fails "
+                                       "in the Trainer with ZeroDivisionError (integer modulo by zero)")
+def test_eval_accumulation_steps_zero_is_refused(tmp_path):
+    from lowmem.config import ConfigError
+
+    recipe = _recipe(training_args={"eval_accumulation_steps": 0}, output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="eval_accumulation_steps"):
+        _training_args(recipe)
+
+
+# ---- optimizers ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 11: Adafactor eps1=0 is accepted ('floats >= 0'); a zero gradient "
+                                       "then writes NaN into the parameter")
+@pytest.mark.parametrize("name", ["adafactor", "galore_adafactor"])
+def test_adafactor_eps1_zero_is_refused(name):
+    from lowmem.optim import create_optimizer
+
+    p = nn.Parameter(torch.zeros(8, 8))
+    extra = {"rank": None} if name == "galore_adafactor" else {}  # (a flat list takes the default rank 128 > 8)
+    with pytest.raises(ValueError, match="eps"):
+        create_optimizer([p], name, lr=1e-3, eps=(0.0, 1e-3), **extra)
+
+
+def test_adafactor_eps1_zero_gives_nan_today():
+    """What SILENT 11 is about: the parameter after one step on a zero gradient (skipped once eps1=0 is refused)."""
+    from lowmem.optim import create_optimizer
+
+    p = nn.Parameter(torch.zeros(8, 8))
+    try:
+        opt = create_optimizer([p], "adafactor", lr=1e-3, eps=(0.0, 1e-3))
+    except ValueError:
+        pytest.skip("SILENT 11 is fixed: eps1=0 is refused")
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert not torch.isfinite(p).all()
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 12: a projected group (rank) whose parameters are all 1-D is accepted "
+                                       "and trains full-rank AdamW; a rank >= every 2-D side is a RankError")
+@pytest.mark.parametrize("name", ["galore_adamw", "apollo_adamw", "fira_adamw"])
+def test_rank_on_a_group_of_vectors_only_is_refused(name):
+    from lowmem.optim import create_optimizer
+
+    bias = nn.Parameter(torch.zeros(32))
+    with pytest.raises(ValueError, match="rank"):
+        create_optimizer([{"params": [bias], "rank": 4}], name)
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 13: use_muon=True (use_sinkgd=True) on a group of 1-D parameters only "
+                                       "is accepted and steps AdamW")
+@pytest.mark.parametrize("name,key", [("muon", "use_muon"), ("sinkgd", "use_sinkgd")])
+def test_muon_on_a_group_of_vectors_only_is_refused(name, key):
+    from lowmem.optim import create_optimizer
+
+    bias = nn.Parameter(torch.zeros(32))
+    with pytest.raises(ValueError, match=key):
+        create_optimizer([{"params": [bias], key: True}], name)
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 14: rank=True written into a group (schedulers' and users' way) equals "
+                                       "the old rank 1 by ==, so the written-key check passes it: torch.zeros' bare "
+                                       "TypeError at the first step")
+def test_bool_written_as_rank_is_refused():
+    from lowmem.optim import create_optimizer
+
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.zeros(16))
+    opt = create_optimizer([{"params": [w], "rank": 1}, {"params": [b]}], "apollo_mini", update_proj_gap=5, scale=8.0)
+    opt.param_groups[0]["rank"] = True
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    with pytest.raises(ValueError, match="rank"):
+        opt.step()
+
+
+# ---- lowmem budget ---------------------------------------------------------------------------------------------
+
+
+def _cli(argv, capsys):
+    from lowmem.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(argv)
+    return rc, capsys.readouterr()
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 15: lowmem budget --lora-r 0 (without --budget) estimates a full "
+                                       "fine-tune: `if args.lora_r:` reads 0 as no LoRA")
+def test_budget_lora_rank_zero_is_refused(capsys):
+    rc, out = _cli(["budget", "tiny", "--lora-r", "0", "--json"], capsys)
+    assert rc == 2 and "--lora-r" in out.err
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 16: lowmem budget --lora-r -3 fails with PEFT's message, which names "
+                                       "no flag")
+def test_budget_negative_lora_rank_names_the_flag(capsys):
+    rc, out = _cli(["budget", "tiny", "--lora-r", "-3", "--json"], capsys)
+    assert rc == 2 and "--lora-r" in out.err
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 17: lowmem budget --steps without --measure is accepted and ignored")
+def test_budget_steps_without_measure_is_refused(capsys):
+    rc, out = _cli(["budget", "tiny", "--steps", "5", "--json"], capsys)
+    assert rc == 2 and "--steps" in out.err and "--measure" in out.err
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 18: lowmem budget --top without --budget is accepted and ignored "
+                                       "(--top 0 too)")
+def test_budget_top_without_budget_is_refused(capsys):
+    rc, out = _cli(["budget", "tiny", "--top", "0", "--json"], capsys)
+    assert rc == 2 and "--top" in out.err
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 22: lowmem budget --lora-targets without --lora-r is accepted and "
+                                       "ignored: a full fine-tune is estimated")
+def test_budget_lora_targets_without_lora_rank_is_refused(capsys):
+    rc, out = _cli(["budget", "tiny", "--lora-targets", "q_proj", "--json"], capsys)
+    assert rc == 2 and "--lora-targets" in out.err
