@@ -12,6 +12,13 @@ An entry ``NAME:key=value,...`` is a variant of a registered optimizer with thos
 hyperparameters, measured as its own row (e.g. ``microadam microadam:k_init=0.05,m=2`` compares two
 settings of one optimizer in one run).
 
+``dtype="bfloat16"`` (``--dtype bfloat16``) trains every contender's copy of the model in bfloat16 (pure bfloat16:
+no float32 master copy; ``torch.optim.AdamW``, the baseline, keeps its moments in bfloat16 then), so
+``lowmem bench adamw adamw:bf16_stochastic_round=true adamw:kahan_summation=true --dtype bfloat16`` puts round-to-nearest,
+stochastic rounding and Kahan summation side by side. A row whose settings cannot apply to that dtype (a rounding
+option on float32 weights) is refused before anything is loaded, naming the row and the option
+(:func:`check_dtype_rows`).
+
 It is a benchmark, not a test: numbers depend on the machine. Results go to ``bench.json`` and
 ``bench.md`` in the output directory.
 """
@@ -31,6 +38,36 @@ import torch
 from lowmem.io import write_files_atomic
 
 BASELINE = "torch_adamw"
+
+#: ``--dtype``: the dtypes the tiny task's model trains in
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the engine's settings that round a step's write-back into bfloat16 weights (they apply to bfloat16 weights only)
+ROUNDING = ("bf16_stochastic_round", "kahan_summation")
+
+
+def check_dtype_rows(names: list[str], optim_args: dict[str, dict[str, Any]], dtype: str) -> None:
+    """Refuse, before the model is loaded, a row that cannot train at ``dtype`` (``--dtype``): an unknown dtype,
+    and ``bf16_stochastic_round`` / ``kahan_summation`` (from the row ``NAME:key=value`` or ``--optim-args NAME:...``)
+    on float32 weights, which every engine optimizer refuses at construction (nothing is rounded into bfloat16).
+
+    Raises:
+        ValueError: Naming the row, the option and what to do instead.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "bfloat16":
+        return
+    for label in names:
+        if label.startswith("peer:"):
+            continue
+        name, variant = parse_variant(label)
+        settings = {**optim_args.get(name, {}), **variant}
+        on = [k for k in ROUNDING if settings.get(k)]
+        if on:
+            raise ValueError(
+                f"{label!r}: {on[0]}=True rounds the step's updates into bfloat16 weights, and --dtype {dtype} trains"
+                f" {dtype} weights (nothing to round: the optimizer refuses it); valid: --dtype bfloat16, or the row"
+                f" without {on[0]}")
 
 
 @dataclass
@@ -227,6 +264,7 @@ def run_bench(
     progress: bool = True,
     repeats: int = 5,
     threads: int | None = None,
+    dtype: str = "float32",
 ) -> list[BenchResult]:
     """Run the benchmark; ``torch_adamw`` is always the first row, the baseline.
 
@@ -252,6 +290,8 @@ def run_bench(
         device: ``"cuda"`` or ``"cpu"``; default CUDA when available.
         repeats: Rounds the timed steps are split into (at least 1; ``steps >= warmup + repeats``).
         threads: torch CPU threads during the run (restored after); ``None`` leaves them as they are.
+        dtype: ``"float32"`` or ``"bfloat16"``: the model's weights (every contender's copy, the baseline's too);
+            rows checked first by :func:`check_dtype_rows`.
     """
     import copy
 
@@ -263,6 +303,7 @@ def run_bench(
     rounds = round_slices(steps - warmup, repeats)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     optim_args = optim_args or {}
+    check_dtype_rows(optimizers, optim_args, dtype)
     prev_threads = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
@@ -275,7 +316,7 @@ def run_bench(
         batches, eval_batch = _batches(tokenizer, steps, batch_size, seed)
         move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
         eval_batch = move(eval_batch)
-        model.to(device)
+        model.to(device=device, dtype=DTYPES[dtype])
         model.train()
 
         contenders: list[_Contender] = []
@@ -289,7 +330,10 @@ def run_bench(
                 opt = torch.optim.AdamW(build_param_groups(m), **hp)
             else:
                 hp = {**default_hparams(name, lr, rank), **optim_args.get(name, {}), **variant}
-                opt = create_optimizer(m, name, **hp)
+                try:
+                    opt = create_optimizer(m, name, **hp)
+                except ValueError as err:  # (the row named: several rows may share an optimizer)
+                    raise ValueError(f"{label!r} on {dtype} weights: {err}") from None
             contenders.append(_Contender(label, hp, m, opt, _rng_state(device)))
         del model
 
@@ -443,7 +487,10 @@ def main(args) -> int:
             if missing is not None:  # (named explicitly: an error, not --peers' skipped line)
                 raise ValueError(f"{n!r}: {missing}")
             if not (getattr(args, "shapes", None) or getattr(args, "task", "tiny") == "text"):
-                raise ValueError(f"{n!r}: peer rows need --task text or --shapes")
+                dt = getattr(args, "dtype", "float32") or "float32"
+                raise ValueError(f"{n!r}: peer rows need --task text or --shapes" + (
+                    f", which run float32 weights (--dtype {dt} is the tiny task's): {n!r} cannot run in {dt} here"
+                    if dt != "float32" else ""))
             continue
         name, variant = parse_variant(n)
         if name != BASELINE:
@@ -451,6 +498,17 @@ def main(args) -> int:
             unknown = sorted(set(variant) - set(valid))
             if unknown:
                 raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
+    dtype = getattr(args, "dtype", "float32") or "float32"
+    if dtype != "float32" and (getattr(args, "shapes", None) or getattr(args, "task", "tiny") == "text"
+                               or getattr(args, "launches", False)):
+        peers = [n for n in names if n.startswith("peer:")]
+        raise ValueError(
+            f"--dtype {dtype} trains the tiny task's model in {dtype}; --task text, --shapes and --launches run float32"
+            " weights"
+            + (f", so the peer row(s) {', '.join(repr(n) for n in peers)} cannot run in {dtype} here (peer rows need"
+               " --task text or --shapes)" if peers else "")
+            + "; valid: --dtype float32 there, or the tiny task")
+    check_dtype_rows(names, {}, dtype)  # (a rounding option on float32 weights: every mode; --optim-args: below)
     if getattr(args, "launches", False):
         if args.task != "tiny" or any(n.startswith("peer:") for n in names):
             raise ValueError("--launches counts lowmem's optimizer.step() on meta tensors: it does not combine with "
@@ -492,13 +550,17 @@ def main(args) -> int:
         raise ValueError(f"--lr must be a finite number > 0, got {lr}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    optim_args = _parse_optim_args(args.optim_args)
+    check_dtype_rows(names, optim_args, dtype)  # (before the model is loaded)
     results = run_bench(
         names, steps=steps, model_path=args.model, lr=lr, rank=args.rank, batch_size=batch_size,
-        seed=args.seed, device=args.device, optim_args=_parse_optim_args(args.optim_args), warmup=WARMUP,
-        repeats=repeats, threads=threads,
+        seed=args.seed, device=args.device, optim_args=optim_args, warmup=WARMUP,
+        repeats=repeats, threads=threads, dtype=dtype,
     )
     meta = {
-        "title": f"lowmem bench: {steps} steps, lr {lr}, batch {batch_size}",
+        "title": f"lowmem bench: {steps} steps, lr {lr}, batch {batch_size}" + (
+            f", {dtype} weights" if dtype != "float32" else ""),
+        "dtype": dtype,
         "torch": torch.__version__, "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         "model": args.model or "embedded tiny Llama", "date": time.strftime("%Y-%m-%d"),
         "threads": threads, "repeats": repeats, "warmup": WARMUP,
