@@ -1,0 +1,128 @@
+"""The Python API path of a user with their own Hugging Face script (the USERAPI audit, session 17).
+
+Each test is a defect found by following README.md / docs/training.md from Python (``LowMemTrainer``, a plain
+``transformers.Trainer`` with a lowmem optimizer, ``LayerwiseOptimizer``). Each is a strict xfail that passes once
+the defect is fixed; /tmp/lm/FOUND_USERAPI.md has the file:line and the fix for each ("USERAPI n")."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+K = dict(per_device_train_batch_size=4, report_to=[], use_cpu=True, learning_rate=1e-2, lr_scheduler_type="constant",
+         disable_tqdm=True)
+
+
+@pytest.fixture
+def lm_dataset():
+    from datasets import Dataset
+
+    ids = torch.randint(1, 70, (16, 12), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def _lowmem_trainer(out, ds, callbacks=(), **kw):
+    from lowmem.kit import build_tiny_model
+    from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+
+    model, _ = build_tiny_model(seed=0)
+    args = LowMemTrainingArguments(str(out), **{**K, **kw})
+    return LowMemTrainer(model=model, args=args, train_dataset=ds, callbacks=list(callbacks)), model
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 1: LowMemTrainer resumes a save_only_model checkpoint (no optimizer.pt, "
+                                       "no scheduler.pt) with fresh optimizer state and schedule, without a word")
+def test_resume_from_a_save_only_model_checkpoint_is_refused(tmp_path, lm_dataset):
+    """docs/training.md: `lowmem train` refuses such a checkpoint ("cannot resume ... start a new run from its
+    weights", lowmem.train.weights_only_checkpoint), and "checkpoints resume exactly" for LowMemTrainer. From
+    Python the Trainer skips the missing optimizer.pt: the 8-bit moments start again from zero and the run is not
+    the uninterrupted one (measured: weights 0.037 apart after 2 more steps of adamw8bit)."""
+    t, _ = _lowmem_trainer(tmp_path, lm_dataset, lowmem_optim="adamw8bit", max_steps=2, save_steps=2,
+                           save_only_model=True)
+    t.train()
+    assert not (tmp_path / "checkpoint-2" / "optimizer.pt").exists()
+    t, _ = _lowmem_trainer(tmp_path, lm_dataset, lowmem_optim="adamw8bit", max_steps=4, save_steps=2,
+                           save_only_model=True)
+    with pytest.raises(ValueError, match="save_only_model|optimizer.pt"):
+        t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def _nan_first_forward(model):
+    calls = {"n": 0}
+
+    def hook(mod, inp, out):
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 1 else out
+
+    model.model.layers[1].mlp.register_forward_hook(hook)
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 2: in layerwise mode the logged grad_norm of a step whose gradient "
+                                       "is NaN is 0.0 (the ordinary run logs nan)")
+@pytest.mark.parametrize("layerwise", [True])
+def test_layerwise_logged_grad_norm_of_a_nan_step(tmp_path, lm_dataset, layerwise):
+    """docs/training.md (lowmem_layerwise): "the logged grad_norm is still the step's real global norm ... tested
+    equal to the ordinary run's". With a NaN loss on step 1, the ordinary run logs grad_norm nan; the layerwise
+    run logs 0.0 (trainers/hf.py layerwise_grad_norm returns None when the first hook met the NaN, and the
+    Trainer's own norm over the freed gradients is 0): a user watching grad_norm sees a healthy-looking zero."""
+    t, model = _lowmem_trainer(tmp_path, lm_dataset, lowmem_optim="adamw", lowmem_layerwise=layerwise, max_steps=1,
+                               logging_steps=1, max_grad_norm=1.0, save_strategy="no")
+    _nan_first_forward(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.train()
+    norms = [h["grad_norm"] for h in t.state.log_history if "grad_norm" in h]
+    assert len(norms) == 1 and math.isnan(norms[0]), norms
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 3: a LayerwiseOptimizer stepped by a Trainer with "
+                                       "gradient_accumulation_steps=2 (its accumulation_steps=1) steps every "
+                                       "micro-batch, silently")
+def test_layerwise_optimizer_with_a_mismatched_accumulation_is_refused(tmp_path, lm_dataset):
+    """docs/subspace.md "Layerwise updates": `LayerwiseOptimizer(model, name, accumulation_steps=N)` with `step()`
+    closing each window. Handed to a plain `Trainer(optimizers=(opt, None))` whose gradient_accumulation_steps is
+    2 (a user's existing script), every micro-batch's backward steps the weights: 2x the optimizer steps at 2x
+    the scale, the Trainer's max_grad_norm clipping a no-op (it reads the freed gradients: grad_norm logged 0.0),
+    and no warning (measured: weights 0.060 from LowMemTrainer(lowmem_layerwise=True)'s after 2 steps). The
+    optimizer sees step() after 2 micro-batches with accumulation_steps=1: it can say so."""
+    from transformers import Trainer, TrainingArguments
+
+    from lowmem.kit import build_tiny_model
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    model, _ = build_tiny_model(seed=0)
+    opt = LayerwiseOptimizer(model, "adamw", lr=1e-2)
+    args = TrainingArguments(str(tmp_path), max_steps=1, gradient_accumulation_steps=2, save_strategy="no", **K)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset, optimizers=(opt, None))
+    said = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.train()
+        except (ValueError, RuntimeError) as err:
+            said = "accumulation" in str(err)
+    said = said or any("accumulation" in str(w.message) for w in caught)
+    assert said, "a LayerwiseOptimizer(accumulation_steps=1) stepped every 2 micro-batches said nothing"
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 4: LowMemTrainer.train(resume_from_checkpoint=True) takes a checkpoint "
+                                       "whose optimizer.pt is truncated and fails with torch's zip error, naming no file")
+def test_resume_true_skips_or_names_a_truncated_checkpoint(tmp_path, lm_dataset):
+    """`lowmem train --resume` skips an incomplete checkpoint with a warning naming the file
+    (lowmem.train.checkpoint_problems, docs/training.md `resume_from_checkpoint`); the Python API's
+    `trainer.train(resume_from_checkpoint=True)` (transformers' get_last_checkpoint) takes checkpoint-4 with a
+    half-written optimizer.pt and raises `RuntimeError: PytorchStreamReader failed reading zip archive: failed
+    finding central directory` without saying which file or checkpoint, or that checkpoint-2 is complete."""
+    t, _ = _lowmem_trainer(tmp_path, lm_dataset, lowmem_optim="adamw", max_steps=4, save_steps=2)
+    t.train()
+    opt_file = tmp_path / "checkpoint-4" / "optimizer.pt"
+    data = opt_file.read_bytes()
+    opt_file.write_bytes(data[: len(data) // 2])  # a run killed while the Trainer wrote it
+    t, _ = _lowmem_trainer(tmp_path, lm_dataset, lowmem_optim="adamw", max_steps=6, save_steps=2)
+    try:
+        t.train(resume_from_checkpoint=True)
+    except Exception as err:  # noqa: BLE001
+        assert "checkpoint-4" in str(err) and "optimizer.pt" in str(err), str(err)
