@@ -295,3 +295,77 @@ def test_budget_top_without_budget_is_refused(capsys):
 def test_budget_lora_targets_without_lora_rank_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--lora-targets", "q_proj", "--json"], capsys)
     assert rc == 2 and "--lora-targets" in out.err
+
+
+# ---- bitsandbytes' optimizers, registered by name (lowmem/optim/recipes/bnb.py) ------------------------------
+
+
+def _bnb_params():
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    return [nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.zeros(16))]
+
+
+def _bnb_step(opt, params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 23: bnb_* optimizers take betas=(0.9, 0.99, 0.5): the third value is "
+                                       "dropped without a word (the engine's recipes refuse it)")
+@pytest.mark.parametrize("name", ["bnb_adamw8bit", "bnb_lion8bit"])
+def test_bnb_three_betas_are_refused(name):
+    from lowmem.optim import create_optimizer
+
+    params = _bnb_params()
+    with pytest.raises(ValueError, match="betas"):
+        opt = create_optimizer(params, name, betas=(0.9, 0.99, 0.5))
+        _bnb_step(opt, params)
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 24: the registry lists percentile_clipping / block_wise as valid for the "
+                                       "bnb_* optimizers, whose classes take neither: a bare TypeError from __init__")
+@pytest.mark.parametrize("key,value", [("percentile_clipping", 100), ("block_wise", True)])
+def test_bnb_registered_options_the_class_does_not_take_are_refused_by_name(key, value):
+    from lowmem.optim import create_optimizer
+
+    params = _bnb_params()
+    with pytest.raises(ValueError, match=key):
+        create_optimizer(params, "bnb_adamw8bit", **{key: value})
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 25: bnb_* lr='0.1' (a string) fails with bitsandbytes' bare TypeError "
+                                       "('<=' not supported), naming no field")
+def test_bnb_string_lr_names_the_field():
+    from lowmem.optim import create_optimizer
+
+    params = _bnb_params()
+    with pytest.raises(ValueError, match="lr"):
+        create_optimizer(params, "bnb_adamw8bit", lr="0.1")
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 26: bnb_paged_adamw amsgrad=True is accepted; bitsandbytes' PagedAdamW "
+                                       "never passes it on, so plain AdamW trains")
+def test_bnb_paged_adamw_amsgrad_is_refused():
+    from lowmem.optim import create_optimizer
+
+    params = _bnb_params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="amsgrad"):
+            opt = create_optimizer(params, "bnb_paged_adamw", amsgrad=True)
+            _bnb_step(opt, params)
+
+
+@pytest.mark.xfail(strict=True, reason="SILENT 27: bnb_paged_* on CPU parameters: bitsandbytes warns 'Falling back to "
+                                       "non-paged optimizer behavior' and trains unpaged")
+def test_bnb_paged_on_cpu_is_refused():
+    from lowmem.optim import create_optimizer
+
+    params = _bnb_params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="paged"):
+            opt = create_optimizer(params, "bnb_paged_adamw")
+            _bnb_step(opt, params)
