@@ -432,7 +432,8 @@ def check_rounding(group: dict[str, Any], where: str) -> None:
     """Refuse ``bf16_stochastic_round=True`` or ``kahan_summation=True`` where it cannot apply (a value that cannot
     apply is an error, never ignored): both at once (two ways of keeping the small updates: choose one), a group
     with no bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore the option on float32 weights,
-    lowmem says so), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a bfloat16
+    lowmem says so) or with float16 parameters (rounded into bfloat16 only: a float16 weight's write-back would round
+    to nearest, beside bfloat16 ones too), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a bfloat16
     weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the option:
     ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block already
     keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` with BAdam
@@ -452,10 +453,20 @@ def check_rounding(group: dict[str, Any], where: str) -> None:
             " valid: one of them")
     field = on[0]
     dtypes = sorted({str(local(p).dtype).replace("torch.", "") for p in group["params"]})
+    half = ("; float16 weights are not rounded by it: lowmem rounds into bfloat16 only (train in bfloat16, or keep"
+            " float32 master weights of a float16 model)") if "float16" in dtypes else ""
     if "bfloat16" not in dtypes:
         raise ValueError(
             f"{where}: {field}=True rounds updates into bfloat16 parameters, and this group has none"
-            f" (its parameters: {', '.join(dtypes) or 'none'}); valid: {field}=False, or bfloat16 weights")
+            f" (its parameters: {', '.join(dtypes) or 'none'}){half}; valid: {field}=False, or bfloat16 weights")
+    if half:  # (float16 beside bfloat16: their write-backs would round to nearest, the loss the option is on to avoid)
+        fp16 = [p for p in group["params"] if local(p).dtype == torch.float16]
+        raise ValueError(
+            f"{where}: {field}=True with float16 parameters ({len(fp16)} of the group's {len(group['params'])}, e.g."
+            f" one of shape {tuple(fp16[0].shape)}): lowmem rounds into bfloat16 only, so their write-backs would round"
+            f" to nearest, losing the small updates {field} keeps for the bfloat16 ones; valid: the float16 parameters"
+            f" in a group with {field}=False (float32 master weights keep a float16 model's small updates), or"
+            " bfloat16 weights")
     if group.get("fused") is True:
         raise ValueError(
             f"{where}: {field}=True and fused=True conflict: bitsandbytes' fused kernel writes a bfloat16"
