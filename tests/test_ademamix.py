@@ -228,8 +228,10 @@ def test_defaults_are_bitsandbytes_and_bad_values_name_the_field():
         assert {k: (tuple(g[k]) if k == "betas" else g[k]) for k in want} == want
     assert (AdEMAMix8bit([p]).param_groups[0]["block_size"], AdEMAMix8bit([p]).param_groups[0]["min_quant_size"]) == (256, 4096)
     assert AdEMAMix([p], betas=(0.8, 0.9), beta3=0.99).param_groups[0]["beta3"] == 0.99
-    with pytest.raises(ValueError, match="beta3"):
-        AdEMAMix([p], betas=(0.8, 0.9, 0.99), beta3=0.99)  # given twice
+    g = AdEMAMix([p], betas=(0.8, 0.9, 0.99)).param_groups[0]  # bitsandbytes' triple
+    assert (tuple(g["betas"]), g["beta3"]) == ((0.8, 0.9), 0.99)
+    with pytest.raises(ValueError, match="beta3 given twice"):
+        AdEMAMix([p], betas=(0.8, 0.9, 0.99), beta3=0.95)
     with pytest.raises(ValueError, match="beta3"):
         create_optimizer([p], "ademamix", beta3=1.0)
     with pytest.raises(ValueError, match="alpha"):

@@ -154,10 +154,12 @@ def _check_schedule(group: dict[str, Any]) -> None:
                          "t_beta3=None)")
 
 
+_BETA3_DEFAULT = 0.9999
+
 _ADEMAMIX_HPARAMS = (
     LR(1e-3),
     BETAS((0.9, 0.999)),
-    HParam("beta3", 0.9999, in_unit_interval, "a float with 0 <= beta3 < 1", "decay rate of the slow EMA m2"),
+    HParam("beta3", _BETA3_DEFAULT, in_unit_interval, "a float with 0 <= beta3 < 1", "decay rate of the slow EMA m2"),
     HParam("alpha", 5.0, nonneg, "a finite float >= 0", "weight of the slow EMA m2 in the update"),
     HParam("t_alpha", None, optional(positive_int), "None or an int > 0",
            "steps of alpha's linear warmup from 0 (Section 3); None: alpha from the start"),
@@ -186,23 +188,23 @@ ADEMAMIX8BIT = Recipe(
 )
 
 
-def _split_betas(betas: Any, beta3: float | None) -> tuple[Any, float]:
-    """bitsandbytes' ``betas=(beta1, beta2, beta3)`` as the recipe's ``betas=(beta1, beta2)`` and ``beta3``; a
-    pair keeps ``beta3`` (default 0.9999). A triple and ``beta3`` together is an error."""
+def _split_betas(betas: Any, beta3: float) -> tuple[Any, float]:
+    """bitsandbytes' ``betas=(beta1, beta2, beta3)`` as the recipe's ``betas=(beta1, beta2)`` and ``beta3``; a pair
+    keeps ``beta3``. With a triple, ``beta3`` other than its default (0.9999) and other than the triple's third is an
+    error (given twice, disagreeing)."""
     if isinstance(betas, (tuple, list)) and len(betas) == 3:
-        if beta3 is not None:
-            raise ValueError(f"Invalid betas={tuple(betas)!r} with beta3={beta3!r}: give beta3 once (betas as a "
-                             "triple (beta1, beta2, beta3), or a pair and beta3)")
+        if beta3 != _BETA3_DEFAULT and beta3 != betas[2]:
+            raise ValueError(f"Invalid betas={tuple(betas)!r} with beta3={beta3!r}: beta3 given twice, disagreeing (give "
+                             "betas as a triple (beta1, beta2, beta3), or a pair and beta3)")
         return tuple(betas[:2]), betas[2]
-    return betas, 0.9999 if beta3 is None else beta3
+    return betas, beta3
 
 
 _ARGS_DOC = """
         params: Parameters or parameter groups.
         lr (`float`, defaults to `1e-3`): Learning rate.
         betas (`tuple`, defaults to `(0.9, 0.999)`): ``(beta1, beta2)``, or bitsandbytes' triple ``(beta1, beta2,
-            beta3)`` (stored as ``betas=(beta1, beta2)`` and ``beta3`` in the parameter groups; ``beta3`` not given
-            then); each in [0, 1).
+            beta3)`` (stored as ``betas=(beta1, beta2)`` and ``beta3`` in the parameter groups); each in [0, 1).
         alpha (`float`, defaults to `5.0`): Weight of the slow EMA in the update.
         t_alpha (`int` or `None`, defaults to `None`): ``alpha`` rises linearly from 0 over this many steps.
         t_beta3 (`int` or `None`, defaults to `None`): ``beta3`` rises from ``beta1`` over this many steps (the
@@ -210,8 +212,8 @@ _ARGS_DOC = """
         eps (`float`, defaults to `1e-8`): Added to ``sqrt(nu_hat)``.
         weight_decay (`float`, defaults to `1e-2`): Decoupled weight decay, ``p *= 1 - lr * weight_decay`` before
             the step.
-        beta3 (`float` or `None`, defaults to `None`): The slow EMA's decay (``None``: 0.9999, bitsandbytes' default,
-            or the third of ``betas``)."""
+        beta3 (`float`, defaults to `0.9999`): The slow EMA's decay, in [0, 1) (with a ``betas`` triple: its third;
+            a different ``beta3`` here, other than the default, is an error)."""
 
 
 class AdEMAMix(LowMemOptimizer):
@@ -233,7 +235,7 @@ class AdEMAMix(LowMemOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple = (0.9, 0.999),
                  alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, beta3: float | None = None, state_dtype: str = "float32",
+                 weight_decay: float = 1e-2, *, beta3: float = _BETA3_DEFAULT, state_dtype: str = "float32",
                  foreach: bool | None = None):
         betas, beta3 = _split_betas(betas, beta3)
         super().__init__(params, lr=lr, betas=betas, beta3=beta3, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
@@ -261,7 +263,7 @@ class AdEMAMix8bit(LowMemOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple = (0.9, 0.999),
                  alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, beta3: float | None = None, block_size: int = 256,
+                 weight_decay: float = 1e-2, *, beta3: float = _BETA3_DEFAULT, block_size: int = 256,
                  min_quant_size: int = 4096, state_dtype: str = "float32", foreach: bool | None = None):
         betas, beta3 = _split_betas(betas, beta3)
         super().__init__(params, lr=lr, betas=betas, beta3=beta3, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
