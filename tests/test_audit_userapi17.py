@@ -161,3 +161,52 @@ def test_hf_8bit_name_nan_gradient_does_not_corrupt_the_run(tmp_path, lm_dataset
     warned = any("non-finite" in str(w.message) or "NaN" in str(w.message) for w in caught)
     finite = all(torch.isfinite(p).all() for p in model.parameters())
     assert finite or warned, "the NaN gradient went into the weights without a word"
+
+
+@pytest.fixture(scope="module")
+def peft_tiny(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    from lowmem.kit import build_tiny_model
+
+    model, _ = build_tiny_model(seed=0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    return get_peft_model(model, lora), lora, tmp_path_factory.mktemp("userapi-adapter")
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 6: estimate_memory(<a PeftModel>) ignores its LoRA adapters and sizes "
+                                       "full fine-tuning (optimizer state 46x the real), silently")
+def test_estimate_memory_of_a_peft_model_counts_its_adapters(peft_tiny):
+    """docs/memory.md: `model` may be "a model (its .config)". A user with a peft model in their script calls
+    `estimate_memory(model, "adamw", ...)`: the PeftModel's `.config` is the base model's, so the estimate is
+    full fine-tuning's (optimizer_states 667,220 B for the 14,368 B that lora= gives; gradients of every
+    weight), without a word. Fixed: the adapters (`model.peft_config`) are sized as `lora=` sizes them, or the call
+    is a ValueError saying to pass the base model with `lora=`."""
+    import lowmem
+
+    model, lora, _ = peft_tiny
+    kw = dict(batch_size=2, seq_len=16, dtype="fp32", device="cpu")
+    try:
+        got = lowmem.estimate_memory(model, "adamw", **kw)
+    except ValueError as err:
+        assert "lora" in str(err)
+        return
+    want = lowmem.estimate_memory(model.get_base_model().config, "adamw", lora=lora, **kw)
+    assert got.optimizer_states == want.optimizer_states and got.gradients == want.gradients
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 7: estimate_memory(<a saved LoRA adapter directory>) fails with "
+                                       "transformers' 'Unrecognized model ... model_type', not naming the adapter")
+def test_estimate_memory_of_an_adapter_directory_says_what_it_is(peft_tiny):
+    """A user's `model.save_pretrained(dir)` of a PeftModel writes adapter_config.json (no config.json);
+    `estimate_memory(dir)` ("a local model directory") raises `ValueError: Unrecognized model in DIR. Should have a
+    model_type key in its config.json`. Fixed: the adapter is sized (its base_model_name_or_path and its LoRA
+    settings), or the error names the adapter directory and says to pass the base model with `lora=`."""
+    import lowmem
+
+    model, _, out = peft_tiny
+    model.save_pretrained(out)
+    try:
+        lowmem.estimate_memory(str(out), "adamw", batch_size=2, seq_len=16, dtype="fp32", device="cpu")
+    except ValueError as err:
+        assert "adapter" in str(err) and "lora" in str(err), str(err)
