@@ -94,6 +94,8 @@ RANGES: dict[str, Range] = {
     "top_entropy_quantile": Range(0, 1), "delta": POSITIVE,
     # TRL's int | str field (default 'auto'): 0 failed mid-preparation with a ZeroDivisionError
     "pad_to_multiple_of": POSITIVE,
+    # 0: the first evaluation (before training, after the model loaded) divided by it (`step % 0`, ZeroDivisionError)
+    "eval_accumulation_steps": POSITIVE,
 }
 
 

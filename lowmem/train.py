@@ -115,8 +115,8 @@ class TrainRecipe:
         optim_args (`dict`, `str` or `None`, defaults to `{}`):
             Extra hyperparameters of ``optim``: mapping, JSON object or ``"k=v,k=v"``
             (``--optim-args``); `None` is none (the ``TrainingArguments`` default, as a saved
-            ``training_args.json`` writes it). They win over ``lr`` and ``weight_decay`` (an ``lr`` that differs from
-            ``lr``: a warning naming both).
+            ``training_args.json`` writes it). Their ``lr`` (``weight_decay``) beside a different ``lr`` (a
+            ``weight_decay`` other than 0.0) is an error naming both: give one.
         lr (`float` or `None`, defaults to `None`):
             Learning rate (``--lr``); the Trainer's scheduler drives it. Required with a ``model`` of
             your own (a :class:`ConfigError` otherwise, unless ``optim_args`` sets ``lr``): no value
@@ -262,6 +262,7 @@ class TrainRecipe:
         from lowmem.data import validate_data_fields
 
         validate_data_fields(self)  # dataset, eval_*, chat_template, reward_* (lowmem.data, lowmem.rewards)
+        _check_synthetic_sizes(self)
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"Unknown task {self.task!r}; valid: {list(TASKS)}")
         from transformers import SchedulerType
@@ -334,6 +335,27 @@ class TrainRecipe:
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
 
 
+def _check_synthetic_sizes(recipe: TrainRecipe) -> None:
+    """``train_size`` / ``eval_size`` size the synthetic task only: given with a ``dataset`` (named by the recipe or
+    :func:`load_recipe`'s keywords, which record ``given_keys``; built directly: a value other than the default),
+    they would be dropped.
+
+    Raises:
+        ConfigError: Naming the field and what does apply with a dataset.
+    """
+    if recipe.dataset is None:
+        return
+    given = getattr(recipe, "given_keys", None)
+    fixes = {"train_size": "every row of the dataset trains: subsample the file itself, or drop train_size",
+             "eval_size": "the held-out set is eval_dataset (a file) or eval_split (a fraction of the dataset): use one, "
+                          "or drop eval_size"}
+    for key, fix in fixes.items():
+        default = TrainRecipe.__dataclass_fields__[key].default
+        if (key in given) if given is not None else getattr(recipe, key) != default:
+            raise ConfigError(f"{key}={getattr(recipe, key)!r} sizes the synthetic task, and dataset="
+                              f"{recipe.dataset!r} is given: {fix}")
+
+
 def _held_out_hint(dataset: Any) -> str:
     """``"; <path> also holds held-out data (its 'validation' split) ..."`` when the
     ``dataset`` folder has an eval split (:func:`lowmem.data.held_out_split`), else ``""``."""
@@ -350,14 +372,19 @@ DEMO_LR = 1e-2
 def _resolve_lr(recipe: TrainRecipe) -> None:
     """``lr`` unset: the demo's :data:`DEMO_LR` on the embedded tiny model, ``optim_args``' ``lr``
     when it sets one, else a :class:`ConfigError` for a user's model (no default fits a pretrained
-    model and every optimizer; the demo's would diverge). ``lr`` and a different ``optim_args``' ``lr``
-    together: a warning that the latter trains (``optim_args`` win), since one of the two is dropped."""
+    model and every optimizer; the demo's would diverge). ``lr`` and a different ``optim_args``' ``lr`` together
+    (or a ``weight_decay`` other than 0.0 and a different ``optim_args``' ``weight_decay``): a :class:`ConfigError`
+    naming both, since one of the two would be dropped."""
     given = recipe.optim_args.get("lr") if isinstance(recipe.optim_args, dict) else None
     if recipe.lr is not None and given is not None and float(given) != float(recipe.lr):
-        from lowmem._warn import warn_user
-
-        warn_user(f"lr={recipe.lr:g} and optim_args.lr={float(given):g} both set the learning rate: optim_args' "
-                  f"{float(given):g} trains (optim_args win over lr and weight_decay); give one of them")
+        raise ConfigError(f"lr={recipe.lr:g} and optim_args.lr={float(given):g} both set the learning rate, to different "
+                          "values (one would be dropped); give one of them")
+    given_wd = recipe.optim_args.get("weight_decay") if isinstance(recipe.optim_args, dict) else None
+    if (recipe.weight_decay != 0.0 and given_wd is not None and not isinstance(given_wd, (list, tuple))
+            and float(given_wd) != float(recipe.weight_decay)):
+        # (weight_decay's default 0.0 beside optim_args.weight_decay is no conflict: the recipe never named it)
+        raise ConfigError(f"weight_decay={recipe.weight_decay:g} and optim_args.weight_decay={float(given_wd):g} both set "
+                          "the weight decay, to different values (one would be dropped); give one of them")
     if recipe.lr is not None:
         return
     if isinstance(recipe.optim_args, dict) and recipe.optim_args.get("lr") is not None:
@@ -1173,6 +1200,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     data.update(extra)
     recipe = TrainRecipe.__new__(TrainRecipe)
     recipe.optim_source = source  # known before __post_init__'s checks, whose messages may name it
+    recipe.given_keys = frozenset(data)  # the keys the recipe file and the overrides name (not the defaults)
     try:
         recipe.__init__(**data)
     except ConfigError as err:
@@ -1246,7 +1274,8 @@ EXCLUSIVE_FIELDS: tuple[tuple[str, str], ...] = (("dataset", "task"), ("eval_dat
 def _data_precedence(data: dict[str, Any], extra: dict[str, Any]) -> None:
     """The data fields of a recipe file (``data``) against its overrides (``extra``, CLI flags or keyword
     overrides), in place: an override of one of a pair of :data:`EXCLUSIVE_FIELDS` drops the file's other
-    (both overridden stay for the recipe's check to refuse). ``reward_funcs`` overridden without
+    (both overridden stay for the recipe's check to refuse); a ``dataset`` override on a file without one drops the
+    file's ``train_size`` / ``eval_size`` (the synthetic task's). ``reward_funcs`` overridden without
     ``reward_weights`` while the file has ``reward_weights``: those weights were the file's functions', so
     this is an error asking for the weights of the new functions (keeping them would weigh other functions,
     dropping them would silently change the file's weighting)."""
@@ -1254,6 +1283,12 @@ def _data_precedence(data: dict[str, Any], extra: dict[str, Any]) -> None:
         for mine, other in ((a, b), (b, a)):
             if mine in extra and other not in extra and data.get(other) is not None:
                 data.pop(other)
+    if extra.get("dataset") is not None and data.get("dataset") is None:
+        # --dataset on a recipe written for the synthetic task (configs/dpo.yaml's train_size: 256): the file's sizes
+        # of that task go with it, as the file's half of an exclusive pair does (an override's own is refused)
+        for key in ("train_size", "eval_size"):
+            if key not in extra:
+                data.pop(key, None)
     if "reward_funcs" in extra and "reward_weights" not in extra and data.get("reward_weights") is not None \
             and extra["reward_funcs"] != data.get("reward_funcs"):
         raise ConfigError(f"reward_funcs={extra['reward_funcs']!r} (--reward-funcs) replaces the recipe's "
@@ -1503,10 +1538,107 @@ def build_training_args(recipe: TrainRecipe) -> Any:
                           "true) conflict; give one: dtype: bfloat16 without fp16, or fp16: true with dtype float32 "
                           "(or float16 for a LoRA / QLoRA base)")
     _check_generation_groups(recipe, cls, kwargs)
+    check_schedule(kwargs)
+    if recipe.trainer == "dpo":
+        check_dpo_fields(kwargs)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+
+
+# transformers' get_scheduler builds these without num_warmup_steps (constant: without its kwargs either)
+NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
+_SCHEDULER_OWN_ARGS = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
+
+
+def check_schedule(kwargs: dict[str, Any]) -> None:
+    """The schedule fields of a trainer's config (``kwargs``, before the class is built) that would not apply: a
+    warm-up under a scheduler that has none (``constant``, lowmem's default; transformers' ``get_scheduler`` drops
+    ``num_warmup_steps`` there), ``lr_scheduler_kwargs`` under ``constant`` (dropped too) or a key the scheduler
+    function does not take (a TypeError at the first step otherwise), and, for a run of ``max_steps`` steps, a
+    ``warmup_steps`` that is not below it (the learning rate would never reach ``lr``), or a ``save_steps`` /
+    ``eval_steps`` beyond it (no checkpoint / no evaluation would ever happen).
+
+    Raises:
+        ConfigError: Naming the field, the value and what is valid (and the fix, where there is one).
+    """
+    sched = kwargs.get("lr_scheduler_type", "linear")
+    name = str(getattr(sched, "value", sched))
+    warm = kwargs.get("warmup_steps") or 0
+    ratio = kwargs.get("warmup_ratio") or 0
+    if name in NO_WARMUP_SCHEDULERS and (warm or ratio):
+        field, value = ("warmup_steps", warm) if warm else ("warmup_ratio", ratio)
+        fix = "lr_scheduler: constant_with_warmup" if name == "constant" else "a scheduler with a warm-up (lr_scheduler: " \
+              "constant_with_warmup, linear, cosine, ...)"
+        raise ConfigError(f"{field}={value:g} with lr_scheduler={name!r}: this scheduler has no warm-up (transformers' "
+                          f"get_scheduler drops it), so the run would start at the full lr; use {fix}, or drop {field}")
+    extra = kwargs.get("lr_scheduler_kwargs") or {}
+    if isinstance(extra, str):
+        import json
+
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            raise ConfigError(f"lr_scheduler_kwargs={extra!r}: expected a mapping (or a JSON object)") from None
+    if extra:
+        if name == "constant":
+            raise ConfigError(f"lr_scheduler_kwargs={extra!r} with lr_scheduler='constant': the constant scheduler takes "
+                              "no arguments (transformers drops them); drop lr_scheduler_kwargs, or pick the scheduler "
+                              "that reads them")
+        import inspect
+
+        from transformers import SchedulerType
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+        func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+        params = inspect.signature(func).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            valid = [k for k in params if k not in _SCHEDULER_OWN_ARGS]
+            unknown = sorted(set(extra) - set(valid))
+            if unknown:
+                import difflib
+
+                close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)})
+                raise ConfigError(f"lr_scheduler_kwargs.{unknown[0]}: {func.__name__} (lr_scheduler={name!r}) takes no "
+                                  f"such argument" + (f"; did you mean {close}?" if close else "") + f"; valid: {valid}")
+    steps = kwargs.get("max_steps", -1)
+    if not isinstance(steps, int) or steps <= 0:
+        return  # by epochs: the length is known only with the data
+    if warm >= 1 and warm >= steps and name not in NO_WARMUP_SCHEDULERS:
+        raise ConfigError(f"warmup_steps={warm:g} with steps={steps}: the learning rate would never reach lr; valid: "
+                          f"a whole number below steps (1 .. {steps - 1}), or a fraction of steps below 1")
+    for kind, what in (("save", "no checkpoint would ever be written"), ("eval", "no evaluation would run during training")):
+        n = kwargs.get(f"{kind}_steps")
+        if (_strategy(kwargs.get(f"{kind}_strategy", "no")) == "steps" and isinstance(n, (int, float)) and n >= 1
+                and n > steps):
+            raise ConfigError(f"{kind}_steps={n:g} with steps={steps}: {what}; valid: 1 .. {steps}")
+
+
+# TRL 1.16 dpo_trainer: the loss types whose loss reads label_smoothing (sigmoid, TRL's default, does not any more)
+DPO_LABEL_SMOOTHING_LOSSES = ("exo_pair", "robust", "aot", "aot_unpaired")
+
+
+def check_dpo_fields(kwargs: dict[str, Any]) -> None:
+    """DPO fields that the loss would not apply: ``beta`` 0 (the sigmoid loss is then a constant without gradient,
+    IPO and SPPO divide by it) and a ``label_smoothing`` none of the ``loss_type`` entries reads.
+
+    Raises:
+        ConfigError: Naming the field and what is valid.
+    """
+    beta = kwargs.get("beta")
+    if beta is not None and not isinstance(beta, bool) and beta == 0:
+        raise ConfigError("beta=0 for DPO: beta scales the implicit reward, so the loss would have no gradient (ipo / "
+                          "sppo_hard divide by it); valid: a float > 0 (TRL's default 0.1)")
+    smoothing = kwargs.get("label_smoothing") or 0
+    if smoothing:
+        losses = kwargs.get("loss_type", "sigmoid")
+        losses = [losses] if isinstance(losses, str) else list(losses or ["sigmoid"])
+        losses = [str(getattr(t, "value", t)) for t in losses]
+        if not set(losses) & set(DPO_LABEL_SMOOTHING_LOSSES):
+            raise ConfigError(f"label_smoothing={smoothing:g} with loss_type={losses}: no loss of these reads it (TRL's "
+                              f"sigmoid loss has none); valid: a loss_type among {list(DPO_LABEL_SMOOTHING_LOSSES)} "
+                              "(robust is the conservative, cDPO-style loss), or drop label_smoothing")
 
 
 def _cuda_bf16_supported() -> bool:

@@ -126,14 +126,15 @@ def test_unknown_optim_suggests_each_name_once():
         resolve_optim_name("galore")
 
 
-def test_lr_and_a_different_optim_args_lr_warn_which_trains(own_model_dir):
-    """--lr 1e-3 --optim-args lr=5e-4 trained at 5e-4 without a word (optim_args win, as documented)."""
+def test_lr_and_a_different_optim_args_lr_are_refused(own_model_dir):
+    """--lr 1e-3 --optim-args lr=5e-4 trained at 5e-4 without a word; then with a warning only; now (SILENT 3, the
+    no-silent-fallback standard: a warning is no answer when one of two values is dropped) an error naming both."""
+    from lowmem.config import ConfigError
     from lowmem.train import load_recipe
 
-    with pytest.warns(UserWarning, match=r"lr=0.001 and optim_args.lr=0.0005 both set the learning rate: optim_args' "
-                                         r"0.0005 trains"):
-        recipe = load_recipe(None, model=own_model_dir, optim="adamw", lr=1e-3, optim_args="lr=5e-4")
-    assert recipe.optim_args["lr"] == 5e-4
+    with pytest.raises(ConfigError, match=r"lr=0.001 and optim_args.lr=0.0005 both set the learning rate, to different "
+                                          r"values .*give one of them"):
+        load_recipe(None, model=own_model_dir, optim="adamw", lr=1e-3, optim_args="lr=5e-4")
     import warnings
 
     with warnings.catch_warnings():

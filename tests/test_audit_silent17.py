@@ -36,8 +36,6 @@ def _training_args(recipe):
 # ---- lowmem train: recipes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 1: warmup_steps under lr_scheduler 'constant' (lowmem's default) is "
-                                       "dropped by transformers' get_scheduler: no warm-up, no word")
 def test_warmup_steps_with_the_constant_scheduler_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -56,7 +54,6 @@ def test_adam_betas_that_cannot_apply_to_the_optimizer_are_refused(tmp_path):
         trainer_hparams("adafactor", args)
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 3: lr and a different optim_args.lr: a warning, optim_args' lr trains")
 def test_lr_and_a_different_optim_args_lr_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -64,8 +61,6 @@ def test_lr_and_a_different_optim_args_lr_is_refused(tmp_path):
         _recipe(lr=1e-3, optim="adamw", optim_args={"lr": 1e-2}, output_dir=str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 4: weight_decay and a different optim_args.weight_decay: accepted "
-                                       "without a word (lr has a warning), optim_args' value trains")
 def test_weight_decay_and_a_different_optim_args_weight_decay_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -73,8 +68,6 @@ def test_weight_decay_and_a_different_optim_args_weight_decay_is_refused(tmp_pat
         _recipe(weight_decay=0.1, optim="adamw", optim_args={"weight_decay": 0.0}, output_dir=str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 5: lr_scheduler_kwargs under the constant scheduler are ignored by "
-                                       "transformers' get_scheduler")
 def test_lr_scheduler_kwargs_with_the_constant_scheduler_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -84,8 +77,6 @@ def test_lr_scheduler_kwargs_with_the_constant_scheduler_is_refused(tmp_path):
         _training_args(recipe)
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 6: an lr_scheduler_kwargs key the scheduler does not take is accepted; "
-                                       "the run fails at the first step with get_cosine_schedule_with_warmup's TypeError")
 def test_unknown_lr_scheduler_kwargs_key_is_refused_with_the_config(tmp_path):
     from lowmem.config import ConfigError
 
@@ -105,8 +96,6 @@ def test_unknown_lr_scheduler_kwargs_key_fails_deep_today():
                       scheduler_specific_kwargs={"num_cylces": 3})
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 7: DPO beta=0 is accepted (RANGES gives beta >= 0 to DPO and GRPO "
-                                       "alike): the sigmoid loss is a constant (no gradient), IPO divides by 2*beta")
 def test_dpo_beta_zero_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -115,8 +104,6 @@ def test_dpo_beta_zero_is_refused(tmp_path):
         _training_args(recipe)
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 8: save_steps larger than steps is accepted: no checkpoint is ever "
-                                       "written")
 def test_save_steps_beyond_the_run_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -124,8 +111,6 @@ def test_save_steps_beyond_the_run_is_refused(tmp_path):
         _training_args(_recipe(steps=10, save_steps=50, output_dir=str(tmp_path)))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 9: eval_steps larger than steps is accepted: no evaluation runs during "
-                                       "training (eval_history empty)")
 def test_eval_steps_beyond_the_run_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -133,8 +118,6 @@ def test_eval_steps_beyond_the_run_is_refused(tmp_path):
         _training_args(_recipe(steps=10, eval_steps=50, output_dir=str(tmp_path)))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 10: warmup_steps >= steps is accepted: the learning rate never reaches "
-                                       "lr")
 def test_warmup_longer_than_the_run_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -142,8 +125,6 @@ def test_warmup_longer_than_the_run_is_refused(tmp_path):
         _training_args(_recipe(steps=10, warmup_steps=50, lr_scheduler="linear", output_dir=str(tmp_path)))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 19: train_size (and eval_size) with your own dataset are accepted and "
-                                       "ignored: they size the synthetic task only, the whole dataset trains")
 def test_train_size_with_own_dataset_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -153,9 +134,26 @@ def test_train_size_with_own_dataset_is_refused(tmp_path):
         _recipe(dataset=str(data), train_size=4, lr=1e-3, output_dir=str(tmp_path / "out"))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 20: DPO label_smoothing with loss_type sigmoid (the default) is accepted: "
-                                       "TRL 1.16 reads it only in exo_pair / robust / aot / aot_unpaired, so cDPO trains "
-                                       "as plain DPO")
+def test_dataset_override_drops_the_files_synthetic_sizes(tmp_path):
+    """SILENT 19's precedence: `lowmem train configs/dpo.yaml --dataset x` (the file sizes the synthetic task,
+    train_size: 256) drops the file's train_size / eval_size, as an override drops the file's half of an exclusive
+    pair; the file naming both its dataset and train_size is refused."""
+    from lowmem.config import ConfigError
+    from lowmem.train import load_recipe
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join('{"text": "row %d"}\n' % i for i in range(8)))
+    synthetic = tmp_path / "synthetic.yaml"
+    synthetic.write_text("train_size: 64\neval_size: 8\nlr: 0.001\n")
+    recipe = load_recipe(synthetic, dataset=str(data), output_dir=str(tmp_path / "out"))
+    assert recipe.dataset == str(data)
+    both = tmp_path / "both.yaml"
+    both.write_text(f"dataset: {data}\neval_size: 8\nlr: 0.001\neval_split: 0.25\n")
+    with pytest.raises(ConfigError, match=r"eval_size=8 sizes the synthetic task.*eval_split"):
+        load_recipe(both, output_dir=str(tmp_path / "out"))
+
+
+
 def test_dpo_label_smoothing_the_loss_does_not_read_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
@@ -175,14 +173,13 @@ def test_dpo_sigmoid_loss_ignores_label_smoothing_today():
     assert "logsigmoid" in sigmoid and "label_smoothing" not in sigmoid
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 21: eval_accumulation_steps=0 is accepted; the first evaluation fails "
-                                       "in the Trainer with ZeroDivisionError (integer modulo by zero)")
 def test_eval_accumulation_steps_zero_is_refused(tmp_path):
     from lowmem.config import ConfigError
 
-    recipe = _recipe(training_args={"eval_accumulation_steps": 0}, output_dir=str(tmp_path))
+    # refused with the recipe (lowmem.config.RANGES, as every other training_args range), earlier than the audit's
+    # build_training_args: so the load is inside the raises
     with pytest.raises(ConfigError, match="eval_accumulation_steps"):
-        _training_args(recipe)
+        _training_args(_recipe(training_args={"eval_accumulation_steps": 0}, output_dir=str(tmp_path)))
 
 
 # ---- optimizers ----------------------------------------------------------------------------------------------
