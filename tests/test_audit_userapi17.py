@@ -210,3 +210,32 @@ def test_estimate_memory_of_an_adapter_directory_says_what_it_is(peft_tiny):
         lowmem.estimate_memory(str(out), "adamw", batch_size=2, seq_len=16, dtype="fp32", device="cpu")
     except ValueError as err:
         assert "adapter" in str(err) and "lora" in str(err), str(err)
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 8: estimate_memory(<a local directory whose config.json holds a "
+                                       "bitsandbytes quantization_config>) sizes the weights unquantized, silently")
+def test_estimate_memory_reads_a_prequantized_directorys_quantization_config(tmp_path):
+    """docs/memory.md: a local model directory, "only config.json is read". A pre-quantized checkpoint (a 4-bit
+    model saved with save_pretrained, or a "-bnb-4bit" download) keeps `quantization_config` there, and
+    `from_pretrained(dir)` loads it 4-bit; the estimate ignores it and sizes bf16
+    weights (llama-60m with lora: weights 116,671,744 B, nf4's 144,279,808 B: prepare_model_for_kbit_training's float32
+    embeddings), with no note. Fixed: the directory's quantization_config applies as `quantization=` would, or a
+    note / error names it."""
+    import json
+
+    import lowmem
+    from lowmem.memory.shapes import shape_config
+
+    cfg = shape_config("llama-60m").to_dict()
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                  "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16",
+                                  "bnb_4bit_use_double_quant": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    kw = dict(lora={"r": 8, "target_modules": ["q_proj", "v_proj"]}, batch_size=1, seq_len=64)
+    try:
+        got = lowmem.estimate_memory(str(tmp_path), "adamw", **kw)
+    except ValueError as err:
+        assert "quantization" in str(err)
+        return
+    want = lowmem.estimate_memory(str(tmp_path), "adamw", quantization="nf4", **kw)
+    assert got.weights == want.weights or any("quantization_config" in n for n in got.notes), (got.weights, want.weights)
