@@ -239,3 +239,41 @@ def test_estimate_memory_reads_a_prequantized_directorys_quantization_config(tmp
         return
     want = lowmem.estimate_memory(str(tmp_path), "adamw", quantization="nf4", **kw)
     assert got.weights == want.weights or any("quantization_config" in n for n in got.notes), (got.weights, want.weights)
+
+
+@pytest.mark.xfail(strict=True, reason="USERAPI 9: optimizer_cls_and_kwargs(model, ...) given to TRL's SFTTrainer with "
+                                       "peft_config: the optimizer holds the frozen base weights and no adapter, "
+                                       "nothing trains, no warning")
+def test_optimizer_cls_and_kwargs_with_peft_config_trains_the_adapters(tiny_model_path, tmp_path):
+    """README "Hugging Face Trainer. Pass optimizer_cls_and_kwargs=lowmem.trainers.optimizer_cls_and_kwargs(model,
+    ...)": a TRL user adds it to their `SFTTrainer(model=model, peft_config=LoraConfig(...))`. The groups are built
+    from `model` before TRL wraps it, so the optimizer gets the base weights, which peft then freezes, and none of
+    the adapters: 2 steps leave every adapter weight as it was (0 of 4 trainable tensors in the optimizer), the loss
+    never moves, and nothing says so. Fixed: the adapters train (the groups resolved when the Trainer builds the
+    optimizer), or building an optimizer none of whose parameters requires grad is a ValueError / warning saying to
+    use LowMemSFTTrainer (built after the adapters) or to build the pair from the peft model."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from lowmem.kit import sft_dataset
+    from lowmem.trainers import optimizer_cls_and_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    args = SFTConfig(str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False,
+                     learning_rate=1e-2, save_strategy="no", disable_tqdm=True)
+    lora = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(8), peft_config=lora,
+                                 optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, "adamw", args=args))
+            before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+            trainer.train()
+        except ValueError as err:
+            assert "trainable" in str(err) or "requires_grad" in str(err), str(err)
+            return
+    if any("trainable" in str(w.message) or "requires_grad" in str(w.message) for w in caught):
+        return
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(before[n], after[n]) for n in before), "no adapter weight moved"
