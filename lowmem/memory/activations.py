@@ -575,6 +575,10 @@ def _bnb_linear_functions():
     class Nf4(torch.autograd.Function):
         @staticmethod
         def forward(ctx, a, weight, bias, compute, blocksize):
+            # double quantization: the blocks' float32 scales de-quantized first (``gemm_4bit``'s
+            # ``dequantize_blockwise(...) + absmax_offset``), alive to its end beside the weight
+            scales = (torch.empty(weight.shape.numel() // blocksize, dtype=torch.float32, device=a.device)
+                      if blocksize else None)
             w = torch.empty(weight.shape, dtype=compute, device=a.device)  # ``dequantize_4bit``
             # bitsandbytes' ``gemm_4bit`` is a custom operator, on no autocast list: under autocast it runs in the
             # input's (compute) dtype, no copy of either operand (the linear under autocast made two: tiny Llama nf4
@@ -582,6 +586,7 @@ def _bnb_linear_functions():
             with torch.autocast(a.device.type, enabled=False):
                 out = torch.nn.functional.linear(a, w.to(a.dtype), bias)
             ctx.shape, ctx.compute, ctx.blocksize = weight.shape, compute, blocksize
+            del scales
             return out
 
         @staticmethod
