@@ -340,3 +340,27 @@ def test_bnb_peers_step_like_the_recipes(peer, recipe, rows, cols, st):
     theirs, ours = _peer_vs_lowmem(peer, recipe, 8, rows=rows, cols=cols, **st)
     for a, b in zip(theirs, ours):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow  # two Trainer runs per case, 3-9 s
+@pytest.mark.parametrize("how", ["lowmem", "plain"])
+def test_ademamix_8bit_equals_what_the_hf_trainer_builds_on_the_tiny_llama(how, tmp_path):
+    """``Trainer(optim="ademamix_8bit")`` (bitsandbytes' ``AdEMAMix`` with ``optim_bits=8``, the embedding's state
+    kept 32-bit by transformers) and ``LowMemTrainer(lowmem_optim="ademamix_8bit")`` (or a plain Trainer with
+    ``optimizer_cls_and_kwargs(model, "ademamix_8bit")``) on the tiny Llama, 3 steps with decay, warm-up, clipping and
+    adam_beta2 0.95 (tests/test_auditfix_hf_embeddings.py's runs): the embedding's moments float32 in lowmem, the rest
+    8-bit, every weight equal bit for bit (0.0 measured)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from test_auditfix_hf_embeddings import _run, _tensor_state
+
+    try:
+        hf_model, _ = _run("hf", "ademamix_8bit", tmp_path)
+        lm_model, lm_opt = _run("lowmem", "ademamix_8bit", tmp_path, how=how)
+    finally:
+        bnb.optim.GlobalOptimManager.get_instance().initialize()  # (its overrides are process-wide)
+    emb = lm_model.get_input_embeddings().weight
+    assert all(t.dtype == torch.float32 for t in _tensor_state(lm_opt, emb).values())
+    assert any(t.dtype == torch.uint8 for s in lm_opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    for (n, a), b in zip(hf_model.named_parameters(), lm_model.parameters()):
+        assert torch.equal(a, b), n
