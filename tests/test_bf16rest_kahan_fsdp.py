@@ -3,8 +3,8 @@ element-wise, kept for the local shard (``state["kahan_comp"]`` of the shard's s
 parameter's placements (lowmem.optim.sharded.state_to_dtensor).
 
 The gradients are set by hand, the same global tensor in both runs (the shard's rows of it under FSDP2), so the
-sharded run of an element-wise recipe (AdamW, Lion) must equal the unsharded one bit for bit: the weights, the
-moments and the compensation. A projected 2-D FSDP2 parameter is refused for now (the engine's sharded projected
+sharded run of an element-wise recipe (AdamW, Lion) and of GaLore on a batch of experts (each rank steps its whole
+matrices) must equal the unsharded one bit for bit: the weights, the moments and the compensation. A projected 2-D FSDP2 parameter is refused for now (the engine's sharded projected
 state keeps no compensation: FOUND_BF16REST 1), naming the parameter's shape and the alternatives. The model's shapes give uneven shards (255 rows: 128 / 127) and an empty one (a 1-row weight: rank 1
 holds none). The learning rate is below half a bfloat16 ulp of the weights, so round-to-nearest would leave them
 unchanged: the compensation carries every update (checked: the weights move, as they do not without Kahan).
@@ -13,7 +13,9 @@ unchanged: the compensation carries every update (checked: the weights move, as 
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -25,21 +27,29 @@ from lowmem.optim import create_optimizer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # (one spawn of 2 processes: ~25 s on 2 busy cores)
 
-# tag -> (optimizer, settings): element-wise (AdamW, Lion) and Adafactor (its column sums and RMS all-reduced over the
-# shards in float32: resumed only, the sums' order is not one process's)
-CASES = {"adamw": ("adamw", {}), "lion": ("lion", {}), "adafactor": ("adafactor", {})}
-EXACT = ["adamw", "lion"]  # equal to one process bit for bit
+# tag -> (optimizer, settings): element-wise (AdamW, Lion); GaLore on the experts, a batch of matrices each rank steps
+# whole (its stacked state, compensation included, sharded as the parameter; scale 1: updates of about lr), the 2-D
+# weights full-rank (rank None); Adafactor (its column sums and RMS all-reduced over the shards in float32) and Muon
+# (the momentum gathered; the experts AdamW in an FSDP2 group, Muon in one process: MuonMoments.targets) resumed only
+CASES = {"adamw": ("adamw", {}), "lion": ("lion", {}),
+         "galore_experts": ("galore_adamw", {"groups": lambda m: [
+             {"params": [m.experts], "rank": 4, "update_proj_gap": 2, "scale": 1.0},
+             {"params": [m.fc1.weight, m.fc2.weight, m.head.weight], "rank": None}]}),
+         "adafactor": ("adafactor", {}), "muon": ("muon", {})}
+EXACT = ["adamw", "lion", "galore_experts"]  # equal to one process bit for bit
 LR = 2e-4  # the weights are ~U(0.125, 0.25): their ulp is 2^-10, half of it 4.9e-4 (2.4 steps)
 
 
 class Net(nn.Module):
-    """fc1: 255 x 32 (uneven shards 128 / 127), fc2: 64 x 256 (even), head: 1 x 255 (rank 1's shard empty)."""
+    """fc1: 255 x 32 (uneven shards 128 / 127), fc2: 64 x 256 (even), head: 1 x 255 (rank 1's shard empty), experts:
+    6 x 64 x 32 (3 whole matrices per rank)."""
 
     def __init__(self):
         super().__init__()
         self.fc1 = nn.Linear(32, 255, bias=False)
         self.fc2 = nn.Linear(256, 64, bias=False)
         self.head = nn.Linear(255, 1, bias=False)
+        self.experts = nn.Parameter(torch.empty(6, 64, 32))
 
 
 def make(seed=0):
@@ -59,7 +69,12 @@ def grads(step):
 
 def build(model, tag, kahan=True):
     name, hp = CASES[tag]
-    return create_optimizer(model, name, lr=LR, weight_decay=0.0, kahan_summation=kahan, **hp)
+    hp = dict(hp)
+    groups = hp.pop("groups", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (galore_adamw's warning of the head's rank >= its smaller side: not tested)
+        return create_optimizer(model if groups is None else groups(model), name, lr=LR, weight_decay=0.0,
+                                kahan_summation=kahan, **hp)
 
 
 def train(model, opt, steps, start=0):
@@ -246,7 +261,7 @@ def test_state_bytes_per_rank_are_the_shards(kahan_fsdp_run, tag):
     for rank in report:
         r = rank["bytes"][tag]
         assert r["comp"] == r["local"]
-        assert r["state_bytes"] - r["without"] == sum(2 * a * b for a, b in r["local"].values())
+        assert r["state_bytes"] - r["without"] == sum(2 * math.prod(shape) for shape in r["local"].values())
     assert [rank["bytes"][tag]["local"]["fc1.weight"][0] for rank in report] == [128, 127]
     assert [rank["bytes"][tag]["local"]["head.weight"][0] for rank in report] == [1, 0]
     if tag in EXACT:
