@@ -4,10 +4,12 @@ parameter's placements (lowmem.optim.sharded.state_to_dtensor).
 
 The gradients are set by hand, the same global tensor in both runs (the shard's rows of it under FSDP2), so the
 sharded run of an element-wise recipe (AdamW, Lion) and of GaLore on a batch of experts (each rank steps its whole
-matrices) must equal the unsharded one bit for bit: the weights, the moments and the compensation. A projected 2-D FSDP2 parameter is refused for now (the engine's sharded projected
-state keeps no compensation: FOUND_BF16REST 1), naming the parameter's shape and the alternatives. The model's shapes give uneven shards (255 rows: 128 / 127) and an empty one (a 1-row weight: rank 1
-holds none). The learning rate is below half a bfloat16 ulp of the weights, so round-to-nearest would leave them
-unchanged: the compensation carries every update (checked: the weights move, as they do not without Kahan).
+matrices) must equal the unsharded one bit for bit: the weights, the moments and the compensation. A projected 2-D
+FSDP2 parameter is refused for now (the engine's sharded projected state keeps no compensation: FOUND_BF16REST 1),
+naming the parameter's shape and the alternatives. The model's shapes give uneven shards (255 rows: 128 / 127) and
+an empty one (a 1-row weight: rank 1 holds none). The learning rate is below half a bfloat16 ulp of the weights, so
+round-to-nearest would leave them unchanged: the compensation carries every update (checked: the weights move, as
+they do not without Kahan).
 """
 
 from __future__ import annotations

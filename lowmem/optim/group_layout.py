@@ -430,14 +430,14 @@ ROUNDING_KEYS = frozenset({"bf16_stochastic_round", "kahan_summation", "fused", 
 
 def check_rounding(group: dict[str, Any], where: str) -> None:
     """Refuse ``bf16_stochastic_round=True`` or ``kahan_summation=True`` where it cannot apply (a value that cannot
-    apply is an error, never ignored): both at once (two ways of keeping the small updates: choose one), a group
-    with no bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore the option on float32 weights,
-    lowmem says so) or with float16 parameters (rounded into bfloat16 only: a float16 weight's write-back would round
-    to nearest, beside bfloat16 ones too), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a bfloat16
-    weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the option:
-    ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block already
-    keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` with BAdam
-    (its switch frees the compensation with the block's state). On FSDP2 (DTensor) parameters both apply: the
+    apply is an error, never ignored): both at once (two ways of keeping the small updates: choose one), a group with no
+    bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore the option on float32 weights, lowmem says
+    so) or with float16 parameters (rounded into bfloat16 only: a float16 weight's write-back would round to nearest,
+    beside bfloat16 ones too), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a
+    bfloat16 weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the
+    option: ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block
+    already keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` with
+    BAdam (its switch frees the compensation with the block's state). On FSDP2 (DTensor) parameters both apply: the
     compensation is element-wise, kept for the local shard (the engine's ``_init_state`` of ``local(p)``) and
     checkpointed with the parameter's placements (:func:`~lowmem.optim.sharded.state_to_dtensor`); except
     ``kahan_summation`` on a projected 2-D FSDP2 parameter (``rank`` below its smaller side), which is refused: the
