@@ -387,7 +387,8 @@ def test_memory_estimate_equals_the_measured_step(name):
 def test_bucket_of_a_whole_chunk_equals_the_trace(name):
     """A bucket of 2**18 + 512 values (a 512 x 512 weight and a vector, one bucket): the three decoded moments beside
     the directions and the quotients, then the encodes (past 2**17 values the codec's table pass stops growing); traced
-    equal (2,101,248 B float32, 6,043,648 B 8-bit)."""
+    equal (2,101,248 B float32, 6,043,648 B 8-bit). The 8-bit bucket's peak is the encode beside the directions
+    (Quantized.foreach_direction_bucket_transient_bytes), not the inner direction's 8 B per value."""
     from test_nonfinite_check_bytes import _AllLive
 
     torch.manual_seed(0)
