@@ -959,6 +959,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # exactly when one process would quantize them, Quantized.init_state_sharded)
             r.moment.init_state_sharded(state, self._sharded_projection(key, group, None).low_shape(group),
                                         r.projection.low_shape(key.shape, group), group, p, key=key)
+            if group.get("kahan_summation") and p.dtype == torch.bfloat16:  # (the shard's write-back: _store)
+                state["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
             return
         if (key is None or not is_dtensor(key) or local_batch) and self._matrices(p, group):
             self._init_matrices(p, group, state, key=key if local_batch else None)
