@@ -43,8 +43,6 @@ def test_warmup_steps_with_the_constant_scheduler_is_refused(tmp_path):
         _training_args(_recipe(warmup_steps=10, lr_scheduler="constant", output_dir=str(tmp_path)))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 2: TrainingArguments adam_beta1 / adam_beta2 with an optimizer without "
-                                       "betas (adafactor, lowmem's default) are dropped with a log line only")
 def test_adam_betas_that_cannot_apply_to_the_optimizer_are_refused(tmp_path):
     from lowmem.trainers import LowMemTrainingArguments
     from trainers.hf import trainer_hparams
@@ -52,6 +50,76 @@ def test_adam_betas_that_cannot_apply_to_the_optimizer_are_refused(tmp_path):
     args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_beta1=0.5, report_to="none")
     with pytest.raises(ValueError, match="adam_beta1"):
         trainer_hparams("adafactor", args)
+
+
+def test_adam_betas_left_at_their_default_are_no_error_for_adafactor(tmp_path):
+    """The other half of SILENT 2's rule: TrainingArguments betas at their defaults (untouched in Python; named by a
+    saved training_args.json, which writes every field) are not refused; lowmem train's config giving adam_beta1
+    another value is refused by run before the model loads."""
+    from lowmem.config import ConfigError
+    from lowmem.train import run
+    from lowmem.trainers import LowMemTrainingArguments
+    from trainers.hf import trainer_hparams
+
+    hp = trainer_hparams("adafactor", LowMemTrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert "betas" not in hp and "eps" not in hp
+    saved = _recipe(training_args={"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}, output_dir=str(tmp_path))
+    assert "betas" not in trainer_hparams("adafactor", _training_args(saved), saved.optim_args)
+    with pytest.raises(ConfigError, match=r"adam_beta1=0.5, adam_beta2=0.999 cannot apply to optimizer 'adafactor'.*"
+                                          r"remove adam_beta1, or give its own \['beta1'\]"):
+        run(_recipe(training_args={"adam_beta1": 0.5}, output_dir=str(tmp_path)))
+
+
+# ---- FOUND_SMALLS17 3: TrainingArguments' untouched adam_* defaults leave the optimizer's own ------------------
+
+
+def _first_group(name, hp):
+    from lowmem.optim import create_optimizer
+
+    w = nn.Parameter(torch.randn(16, 32))
+    groups = [{"params": [w], "rank": 2}] if name == "alice" else [w]
+    return create_optimizer(groups, name, **hp).param_groups[0]
+
+
+@pytest.mark.parametrize("name,key,own", [("racs", "eps", 1e-30), ("alice", "betas", (0.9, 0.9))])
+def test_untouched_training_arguments_leave_the_recipe_defaults(tmp_path, name, key, own):
+    from lowmem.trainers import LowMemTrainingArguments
+    from trainers.hf import trainer_hparams
+
+    hp = trainer_hparams(name, LowMemTrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert tuple(_first_group(name, hp)[key]) == tuple(own) if key == "betas" else _first_group(name, hp)[key] == own
+
+
+def test_user_set_training_arguments_win_over_the_recipe_defaults(tmp_path):
+    """Python: a value that differs from the default applies; lowmem train: a field the config names applies even at
+    TrainingArguments' default (adam_epsilon: 1e-8 with racs)."""
+    from lowmem.trainers import LowMemTrainingArguments
+    from trainers.hf import trainer_hparams
+
+    args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_epsilon=1e-6, report_to="none")
+    assert _first_group("racs", trainer_hparams("racs", args))["eps"] == 1e-6
+    args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_beta2=0.95, report_to="none")
+    assert tuple(_first_group("alice", trainer_hparams("alice", args))["betas"]) == (0.9, 0.95)
+    recipe = _recipe(optim="racs", training_args={"adam_epsilon": 1e-8}, output_dir=str(tmp_path))
+    assert trainer_hparams("racs", _training_args(recipe), recipe.optim_args)["eps"] == 1e-8
+    recipe = _recipe(optim="racs", output_dir=str(tmp_path))
+    assert "eps" not in trainer_hparams("racs", _training_args(recipe), recipe.optim_args)
+
+
+def test_an_hf_optim_name_keeps_the_hf_trainers_betas(tmp_path):
+    """Under a Hugging Face optim name (the HF Trainer's meaning) TrainingArguments' betas apply set or not, as the
+    HF Trainer builds bitsandbytes' Lion with them; lowmem's own name keeps lion's (0.9, 0.99)."""
+    from transformers import TrainingArguments
+
+    from trainers.hf import trainer_hparams
+
+    assert trainer_hparams("lion", TrainingArguments("unused", optim="lion_32bit", report_to=[]))["betas"] == (0.9, 0.999)
+    assert "betas" not in trainer_hparams("lion", TrainingArguments("unused", report_to=[]))
+    for optim, betas in (("lion_32bit", (0.9, 0.999)), ("lion", None)):
+        recipe = _recipe(optim=optim, output_dir=str(tmp_path))
+        assert trainer_hparams("lion", _training_args(recipe), recipe.optim_args).get("betas") == betas
+    recipe = _recipe(training_args={"optim": "lion_32bit"}, output_dir=str(tmp_path))
+    assert trainer_hparams("lion", _training_args(recipe), recipe.optim_args)["betas"] == (0.9, 0.999)
 
 
 def test_lr_and_a_different_optim_args_lr_is_refused(tmp_path):
