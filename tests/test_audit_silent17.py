@@ -328,35 +328,26 @@ def _cli(argv, capsys):
     return rc, capsys.readouterr()
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 15: lowmem budget --lora-r 0 (without --budget) estimates a full "
-                                       "fine-tune: `if args.lora_r:` reads 0 as no LoRA")
 def test_budget_lora_rank_zero_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--lora-r", "0", "--json"], capsys)
     assert rc == 2 and "--lora-r" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 16: lowmem budget --lora-r -3 fails with PEFT's message, which names "
-                                       "no flag")
 def test_budget_negative_lora_rank_names_the_flag(capsys):
     rc, out = _cli(["budget", "tiny", "--lora-r", "-3", "--json"], capsys)
     assert rc == 2 and "--lora-r" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 17: lowmem budget --steps without --measure is accepted and ignored")
 def test_budget_steps_without_measure_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--steps", "5", "--json"], capsys)
     assert rc == 2 and "--steps" in out.err and "--measure" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 18: lowmem budget --top without --budget is accepted and ignored "
-                                       "(--top 0 too)")
 def test_budget_top_without_budget_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--top", "0", "--json"], capsys)
     assert rc == 2 and "--top" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 22: lowmem budget --lora-targets without --lora-r is accepted and "
-                                       "ignored: a full fine-tune is estimated")
 def test_budget_lora_targets_without_lora_rank_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--lora-targets", "q_proj", "--json"], capsys)
     assert rc == 2 and "--lora-targets" in out.err
