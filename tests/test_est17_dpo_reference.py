@@ -141,3 +141,37 @@ def test_reference_copy_in_a_truncated_trace_is_the_real_step():
             loss.backward()
             del loss
     assert _traced(cfg, False, "copy", seqs=2, seq_len=16)["backward_peak"] == mode.peak
+
+
+def test_traced_architecture_dpo_estimate_is_the_real_step():
+    """``estimate_memory(trainer="dpo")`` of a traced architecture (Mistral with a sliding window, not the Llama
+    formula), float32, not checkpointed: the step's trace holds the reference copy's forward, so the activations (no
+    gradient at their peak) equal a real CPU step's most live bytes (9,411,172 B, 8 x 40 tokens); before, the Llama
+    formula's no-grad layer was added on top of the trace (9,511,648 B)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from test_memory_trl_estimate import LiveStorages
+
+    from lowmem.memory import estimate_memory
+    from lowmem.memory.activations import trl_fused_head
+
+    cfg = MistralConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=73, sliding_window=16)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(cfg).float().train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, cfg.vocab_size, (8, 40))
+    with trl_fused_head(model, "cpu"), trl_fused_head(ref, "cpu"):
+        mode = LiveStorages([*model.parameters(), *model.buffers(), *ref.parameters(), *ref.buffers()])
+        with mode:
+            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+            with torch.no_grad():
+                lp = ref(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+            loss = loss + 0 * lp.sum()
+            del lp
+            loss.backward()
+            del loss
+    est = estimate_memory(cfg, "adamw", batch_size=4, seq_len=40, dtype="fp32", device="cpu", trainer="dpo",
+                          gradient_checkpointing=False)
+    assert est.settings["reference"] == "copy"
+    assert est.activations + (est.details["gradients_with_activations"] or 0) == mode.peak
