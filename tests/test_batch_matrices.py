@@ -114,14 +114,29 @@ def test_batched_step_equals_the_per_matrix_step(name, shape, precision, monkeyp
 @pytest.mark.parametrize("name", NAMES)
 def test_blocks_of_whole_matrices_within_chunk_numel(name, monkeypatch):
     """``chunk_numel`` of 2 matrices and a bit: 5 matrices in blocks of 2, 2, 1, equal to the per-matrix step, no
-    weight decay; one element less than a matrix: each matrix in blocks of its rows by the per-matrix chunked step (no
-    batched call), the reference itself."""
+    weight decay; the same blocks from the CPU's cache-sized cap (``engine.CPU_BLOCK_NUMEL``) with ``chunk_numel=None``;
+    one element less than a matrix: each matrix in blocks of its rows by the per-matrix chunked step (no batched
+    call), the reference itself."""
+    import lowmem.optim.engine as E
+
     shape = (5, 12, 8)
     seen = _spy(monkeypatch)
     fast = _run(name, shape, None, chunk=2 * 96 + 7)[:2]
     assert seen == [2, 2, 1] * 5, seen
     ref = _run(name, shape, False, chunk=2 * 96 + 7)[:2]
     _assert_equal(name, fast, ref, torch.float32)
+    seen.clear()
+    monkeypatch.setattr(E, "CPU_BLOCK_NUMEL", 2 * 96 + 7)
+    capped = _run(name, shape, None, chunk=None)
+    assert seen == [2, 2, 1] * 5, seen
+    assert all(torch.equal(capped[1][k], fast[1][k]) for k in fast[1])
+    opt, p = capped[2], next(iter(capped[2].state))
+    p.grad = torch.randn(shape)
+    with _RealLive() as tr:
+        opt.step()
+    assert tr.peak == opt.step_transient_bytes()
+    monkeypatch.undo()
+    seen = _spy(monkeypatch)
     seen.clear()
     rows = _run(name, shape, None, chunk=95)[:2]
     assert seen == []
@@ -308,3 +323,33 @@ def test_layerwise_mode_steps_a_batch_as_the_plain_optimizer(monkeypatch):
         assert seen == [4] * 3
         seen.clear()
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_sr"])
+def test_cpu_products_one_matrix_at_a_time(precision, monkeypatch):
+    """On the CPU, the products of a stack of matrices of at least ``functional.racs.CPU_MV_NUMEL`` elements are one
+    ``mv`` per matrix (torch's CPU ``bmm`` by a stack of vectors is a slow path): forced here on ``[5, 12, 8]``
+    (``mv`` called), the batched racs step equals the per-matrix step as the ``bmm`` form does, and
+    ``step_transient_bytes()`` the traced step."""
+    import lowmem.optim.functional.racs as FR
+
+    monkeypatch.setattr(FR, "CPU_MV_NUMEL", 1)
+    calls = []
+    mv = torch.mv
+
+    def counting_mv(*args, **kwargs):
+        calls.append(1)
+        return mv(*args, **kwargs)
+
+    monkeypatch.setattr(FR.torch, "mv", counting_mv)
+    dtype, extra = PRECISIONS[precision]
+    fast = _run("racs", (5, 12, 8), None, dtype, weight_decay=0.1, **extra)
+    assert len(calls) >= 5 * 5 * 2 * 5  # (each of 5 steps: 5 iterations x 2 products x 5 matrices, and the norms')
+    calls.clear()
+    ref = _run("racs", (5, 12, 8), False, dtype, weight_decay=0.1, **extra)
+    _assert_equal("racs", fast[:2], ref[:2], dtype)
+    opt, p = fast[2], next(iter(fast[2].state))
+    p.grad = torch.randn(5, 12, 8).to(dtype)
+    with _RealLive() as tr:
+        opt.step()
+    assert tr.peak == opt.step_transient_bytes()

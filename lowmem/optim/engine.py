@@ -112,6 +112,12 @@ DEFAULT_CHUNK_NUMEL = 2**19
 # 15,015 / 2,155 / 511 / 141 / 36, 8 / 73 / 289 / 1,153 / 6,418 MiB. 2^24 bounds the largest transient (4-bit
 # moments, 32 B per element of a chunk) at 512 MiB: 0.4% of an H200, 2% of a 24 GB card.
 DEVICE_CHUNK_NUMEL = 2**24
+# Elements per block of whole matrices of a batch stepped together on the CPU (LowMemOptimizer._matrix_blocks;
+# at most chunk_numel): blocks that stay in a core's cache, as functional.adafactor.GROUP_NUMEL's stacks. Measured
+# on [16, 512, 256] and [8, 1024, 512], one thread (racs / adamw_sn / adagrad_sn): the whole batch at once was
+# slower than one matrix at a time (0.5-0.7x: every pass of the block's temporaries through memory), blocks of
+# <= 2^18 elements faster (docs: /tmp/lm/BATCHMAT_bench.md). Off the CPU a block is at most chunk_numel.
+CPU_BLOCK_NUMEL = 2**18
 
 
 def default_chunk_numel(device: torch.device | str) -> int:
@@ -2890,7 +2896,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """The blocks of whole matrices ``[start, stop)`` (row-major over the leading dimensions) in which
         :meth:`_update_matrices` steps unprojected batch ``p`` ``[..., A, B]`` (:meth:`_matrices`, its state made)
         with the moment rule's batched step (``batch_direction``, issue 15: one set of kernels per block, not one
-        per matrix): each block at most ``chunk_numel`` elements (all the matrices when it is ``None``). ``None``:
+        per matrix): each block at most ``chunk_numel`` elements (all the matrices when it is ``None``), on the CPU
+        at most :data:`CPU_BLOCK_NUMEL` too (cache-sized; one matrix at least). ``None``:
         the batch is stepped a matrix at a time, the same math on each matrix's views (not a fallback of a
         setting): the per-matrix step is kept for
 
@@ -2923,6 +2930,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if count == 0 or n == 0:
             return []
         k = count if chunk is None else chunk // n
+        if p.device.type == "cpu":  # (cache-sized blocks: CPU_BLOCK_NUMEL)
+            k = max(1, min(k, CPU_BLOCK_NUMEL // n))
         return [(e, min(e + k, count)) for e in range(0, count, k)]
 
     @staticmethod
