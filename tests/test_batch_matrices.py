@@ -161,6 +161,32 @@ def test_per_matrix_step_where_the_batched_one_does_not_apply(name, monkeypatch)
     assert seen == [3]
 
 
+@pytest.mark.parametrize("name", ["adamw_sn", "adagrad_sn"])
+def test_a_state_whose_leading_dimensions_are_not_one_view_takes_the_per_matrix_step(name, monkeypatch):
+    """A ``[2, 3, 8, 4]`` batch whose stacked state entries were replaced by tensors of the same values with their
+    leading dimensions' strides swapped (no ``[6, ...]`` view: a flattened block would be a copy, its update lost):
+    the per-matrix step (no batched call), equal to ``foreach=False`` bit for bit over 3 more steps."""
+    seen = _spy(monkeypatch)
+    out = []
+    for foreach in (None, False):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(2, 3, 8, 4))
+        opt = create_optimizer([_group(name, p)], name, foreach=foreach, weight_decay=0.1)
+        gen = torch.Generator().manual_seed(1)
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        st = opt.state[p]
+        for k in ("exp_avg", "exp_avg_sq"):
+            st[k] = st[k].transpose(0, 1).contiguous().transpose(0, 1)
+        seen.clear()
+        for _ in range(3):
+            p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        assert seen == []
+        out.append((p.detach().clone(), {k: v.clone() for k, v in st.items()}))
+    _assert_equal(name, out[0], out[1], torch.float32)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_kernels_of_a_step_do_not_grow_with_the_matrices(name):
     """On meta tensors (the CUDA code path), whole batch: a steady step of ``[1, 48, 32]``, ``[2, 48, 32]`` and

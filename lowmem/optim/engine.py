@@ -456,6 +456,19 @@ def _stack_like(v: Tensor, lead: torch.Size) -> Tensor:
     return v.new_empty_strided((*lead, *v.shape), (*reversed(strides), *v.stride()))
 
 
+def _lead_flat(v: Tensor, lead: int) -> bool:
+    """Whether the ``lead`` leading dimensions of the stacked state entry ``v`` can be viewed as one: then
+    ``v.flatten(0, lead - 1)`` is a view (not a copy), which the batched step of a batch of matrices updates in place
+    (:meth:`LowMemOptimizer._matrix_blocks`)."""
+    if lead <= 1:
+        return True
+    try:
+        v.view(-1, *v.shape[lead:])
+    except RuntimeError:
+        return False
+    return True
+
+
 def _no_data(t: Tensor) -> bool:
     """Whether ``t`` holds no values (a meta or fake tensor: the estimator's; a fake CUDA tensor's ``copy_`` needs
     a CUDA build)."""
@@ -2908,7 +2921,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
           applies ``lr`` itself,
         * a float64 parameter (the per-matrix step casts its gradient and counts it: FOUND_RACS2 1),
         * a gradient of another dtype than the parameter's (the accounting's assumption), a parameter or
-          gradient that is not contiguous (the blocks are views ``[k, A, B]`` of both),
+          gradient that is not contiguous (the blocks are views ``[k, A, B]`` of both), a stacked state entry
+          whose leading dimensions cannot be viewed as one (:func:`_lead_flat`: its blocks must be views),
         * matrices of more than ``chunk_numel`` elements each: each is stepped in blocks of its rows by the
           chunked step, which bounds the transient by ``chunk_numel`` (issue 15's Qwen3 experts on the CPU's
           ``2**19``).
@@ -2921,7 +2935,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 or p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not p.is_contiguous()
                 or (grad is not None and (grad.dtype != p.dtype or grad.layout != torch.strided
                                           or not grad.is_contiguous()))
-                or not supports(p.shape, group, state)):
+                or not supports(p.shape, group, state)
+                or not all(_lead_flat(v, p.ndim - 2) for k, v in state.items()
+                           if k not in MATRIX_SHARED_KEYS and isinstance(v, Tensor))):
             return None
         count, n = math.prod(p.shape[:-2]), p.shape[-2] * p.shape[-1]
         chunk = self._chunk(p.device)
