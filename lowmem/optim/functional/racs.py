@@ -114,10 +114,16 @@ def racs_fixed_point_stacked(sq: Tensor, iterations: int) -> tuple[Tensor, Tenso
     s = None
     for _ in range(iterations):
         s = stacked_mv(sq.transpose(1, 2), q)  # (k, n): G^2^T q
-        s.div_(q.square().sum(dim=1, keepdim=True).clamp_(min=FLOOR))
+        s.div_(stacked_dot(q).clamp_(min=FLOOR))
         q = stacked_mv(sq, s)  # (k, m): G^2 s
-        q.div_(s.square().sum(dim=1, keepdim=True).clamp_(min=FLOOR))
+        q.div_(stacked_dot(s).clamp_(min=FLOOR))
     return q, s
+
+
+def stacked_dot(x: Tensor) -> Tensor:
+    """``x[i] . x[i]`` of each row of ``x`` (``k x m``): a new ``k x 1`` tensor, one batched product (one kernel, where
+    ``x.square().sum(1)`` is two)."""
+    return torch.bmm(x.unsqueeze(1), x.unsqueeze(2)).view(x.shape[0], 1)
 
 
 def racs_rows(sq: Tensor, s: Tensor, ss: Tensor, out: Tensor | None = None) -> Tensor:
