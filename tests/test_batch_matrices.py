@@ -192,7 +192,7 @@ def test_kernels_of_a_step_do_not_grow_with_the_matrices(name):
     """On meta tensors (the CUDA code path), whole batch: a steady step of ``[1, 48, 32]``, ``[2, 48, 32]`` and
     ``[4, 48, 32]`` dispatch the same kernels (one block each); the per-matrix step (``foreach=False``) the same
     kernels again for each matrix, more than twice the batched step's for 4 matrices. (Qwen3-30B-A3B's experts of one layer, ``[128, 1536, 2048]`` + ``[128, 2048, 768]``, default chunk:
-    racs 20,998 -> 3,048 kernels a step; docs in /tmp/lm/BATCHMAT_bench.md.)"""
+    racs 20,998 -> 2,658 kernels a step; docs/benchmarks.md, "Batches of matrices stepped in blocks".)"""
     from lowmem.bench_launches import count_steps
 
     def kernels(e, foreach):

@@ -49,7 +49,7 @@ the leading dimensions (one state dict, ``step`` / ``moment_start`` shared), eac
 to separate 2-D parameters (docs/subspace.md, "Fused MoE experts"). An unprojected batch whose rule has a
 batched step (``batch_direction``: RACS, Subset-Norm) is stepped in blocks of whole matrices of at most
 ``chunk_numel`` elements, one set of kernels per block on the views ``state[k][e0:e1]``
-(:meth:`LowMemOptimizer._matrix_blocks`, issue 15: racs on one Qwen3-30B-A3B layer's experts 20,998 -> 3,048
+(:meth:`LowMemOptimizer._matrix_blocks`, issue 15: racs on one Qwen3-30B-A3B layer's experts 20,998 -> 2,658
 kernels a step on the CUDA path), equal to the per-matrix step (``foreach=False``) bit for bit for Subset-Norm,
 to float32 rounding for RACS (batched products).
 
@@ -116,7 +116,8 @@ DEVICE_CHUNK_NUMEL = 2**24
 # at most chunk_numel): blocks that stay in a core's cache, as functional.adafactor.GROUP_NUMEL's stacks. Measured
 # on [16, 512, 256] and [8, 1024, 512], one thread (racs / adamw_sn / adagrad_sn): the whole batch at once was
 # slower than one matrix at a time (0.5-0.7x: every pass of the block's temporaries through memory), blocks of
-# <= 2^18 elements faster (docs: /tmp/lm/BATCHMAT_bench.md). Off the CPU a block is at most chunk_numel.
+# <= 2^18 elements faster (docs/benchmarks.md, "Batches of matrices stepped in blocks"). Off the CPU a block is at
+# most chunk_numel.
 CPU_BLOCK_NUMEL = 2**18
 
 
