@@ -33,8 +33,6 @@ def _lowmem_trainer(out, ds, callbacks=(), **kw):
     return LowMemTrainer(model=model, args=args, train_dataset=ds, callbacks=list(callbacks)), model
 
 
-@pytest.mark.xfail(strict=True, reason="USERAPI 1: LowMemTrainer resumes a save_only_model checkpoint (no optimizer.pt, "
-                                       "no scheduler.pt) with fresh optimizer state and schedule, without a word")
 def test_resume_from_a_save_only_model_checkpoint_is_refused(tmp_path, lm_dataset):
     """docs/training.md: `lowmem train` refuses such a checkpoint ("cannot resume ... start a new run from its
     weights", lowmem.train.weights_only_checkpoint), and "checkpoints resume exactly" for LowMemTrainer. From
@@ -108,8 +106,6 @@ def test_layerwise_optimizer_with_a_mismatched_accumulation_is_refused(tmp_path,
     assert said, "a LayerwiseOptimizer(accumulation_steps=1) stepped every 2 micro-batches said nothing"
 
 
-@pytest.mark.xfail(strict=True, reason="USERAPI 4: LowMemTrainer.train(resume_from_checkpoint=True) takes a checkpoint "
-                                       "whose optimizer.pt is truncated and fails with torch's zip error, naming no file")
 def test_resume_true_skips_or_names_a_truncated_checkpoint(tmp_path, lm_dataset):
     """`lowmem train --resume` skips an incomplete checkpoint with a warning naming the file
     (lowmem.train.checkpoint_problems, docs/training.md `resume_from_checkpoint`); the Python API's

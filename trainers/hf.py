@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -711,6 +712,38 @@ def _register_bnb_embedding_overrides(model: nn.Module) -> None:
             manager.register_module_override(module, "weight", {"optim_bits": 32})
 
 
+def check_resumable(checkpoint: str) -> None:
+    """A checkpoint the Trainer is about to resume from can: not one written with ``save_only_model`` (no
+    ``optimizer.pt`` / ``scheduler.pt``: the Trainer skipped them, and the optimizer state and the schedule started
+    again, silently), not one with a damaged file (``optimizer.pt`` half-written by a killed run: torch's zip error
+    named no file). What ``lowmem train`` refuses (:func:`lowmem.train.weights_only_checkpoint`,
+    :func:`lowmem.train.checkpoint_damaged`), for the Python API.
+
+    Raises:
+        ValueError: Naming the checkpoint, its files, and what to do (the latest complete checkpoint beside it).
+    """
+    from lowmem.train import checkpoint_damaged, checkpoint_problems, weights_only_checkpoint
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return  # (the Trainer's own error)
+    if weights_only_checkpoint(path):
+        raise ValueError(f"resume_from_checkpoint={checkpoint!r} holds the weights only (save_only_model=True writes no "
+                         "optimizer.pt, scheduler.pt or RNG state), so it cannot resume a run: the optimizer state and "
+                         "the schedule would start again; start a new run from its weights (from_pretrained) without "
+                         "resume_from_checkpoint")
+    damaged = checkpoint_damaged(path)
+    if damaged:
+        siblings = sorted((d for d in path.parent.glob("checkpoint-*") if d.is_dir() and d != path
+                           and d.name[len("checkpoint-"):].isdigit() and checkpoint_problems(d) is None),
+                          key=lambda d: int(d.name[len("checkpoint-"):]))
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} is not a complete checkpoint ("
+                         + "; ".join(f"{n} {why}" for n, why in damaged.items()) + ": an interrupted save?); "
+                         + (f"the latest complete one is {siblings[-1]}: resume from it (resume_from_checkpoint="
+                            f"{str(siblings[-1])!r}), or move {path.name} aside" if siblings else
+                            "no complete checkpoint is beside it: start from step 0"))
+
+
 class LowMemOptimizerMixin:
     """Builds the optimizer from ``args.lowmem_optim`` / ``args.lowmem_optim_args``.
 
@@ -794,6 +827,8 @@ class LowMemOptimizerMixin:
         loaded again without the records in the target (``sharded.without_placement_record``): it resumes, its
         per-shard state loaded unchecked with ``load_state_dict``'s one warning (docs/distributed.md, "Re-sharded
         parameters")."""
+        if checkpoint is not None:
+            check_resumable(checkpoint)
         name = getattr(self.args, "lowmem_optim", None)
         before = _group_keys(self.optimizer)
         scheduler = getattr(getattr(self, "lr_scheduler", None), "scheduler", getattr(self, "lr_scheduler", None))
