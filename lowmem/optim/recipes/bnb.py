@@ -68,12 +68,40 @@ def check_bnb_hparams(class_name: str, hparams: dict[str, Any]) -> None:
                          "refuse it, PagedAdamW drops it); drop amsgrad (torch.optim.AdamW(amsgrad=True) has AMSGrad)")
 
 
+def skip_nonfinite_steps(opt: torch.optim.Optimizer, label: str) -> torch.optim.Optimizer:
+    """``opt`` (a bitsandbytes optimizer) whose ``step`` is skipped, with a warning, when a gradient holds NaN or Inf,
+    as the engine's optimizers do (bitsandbytes steps it into the weights and moments: every later step NaN, without
+    a word). One host sync per step (the gradients' finiteness, reduced on the device). ``opt.skipped_steps`` counts
+    them, as the engine's ``skipped_steps``."""
+    from ..._warn import warn_user
+
+    step = opt.step
+    opt.skipped_steps = 0
+
+    def guarded_step(closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(gr).all().to(grads[0].device) for gr in grads]).all()):
+            opt.skipped_steps += 1
+            warn_user(f"{label}: non-finite gradient (NaN or Inf); step skipped, optimizer state unchanged "
+                      f"({opt.skipped_steps} skipped so far)")
+            return loss
+        out = step()
+        return loss if closure is not None else out
+
+    opt.step = guarded_step
+    return opt
+
+
 def _factory(class_name: str):
     def build(params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
         check_bnb_hparams(class_name, hparams)
-        return getattr(bnb.optim, class_name)(params, **hparams)
+        return skip_nonfinite_steps(getattr(bnb.optim, class_name)(params, **hparams), f"bnb_{class_name}")
 
     build.__name__ = f"bnb_{class_name}"
     return build
