@@ -58,8 +58,6 @@ def _nan_first_forward(model):
     model.model.layers[1].mlp.register_forward_hook(hook)
 
 
-@pytest.mark.xfail(strict=True, reason="USERAPI 2: in layerwise mode the logged grad_norm of a step whose gradient "
-                                       "is NaN is 0.0 (the ordinary run logs nan)")
 @pytest.mark.parametrize("layerwise", [True])
 def test_layerwise_logged_grad_norm_of_a_nan_step(tmp_path, lm_dataset, layerwise):
     """docs/training.md (lowmem_layerwise): "the logged grad_norm is still the step's real global norm ... tested

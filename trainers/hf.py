@@ -1113,11 +1113,17 @@ def layerwise_grad_norm(optimizer: Any) -> torch.Tensor | None:
     """The global gradient norm of the step a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`
     is in: the square root of the sum of the squared norms of every gradient its hooks stepped since
     the last ``step()`` (pre-clipping; for parameters accumulated in a subspace, the projected
-    gradient's). `None` for another optimizer, or before any gradient arrived."""
+    gradient's); NaN when a gradient of this step was not finite (the ordinary run's norm is NaN / Inf then:
+    the partial sum of the gradients before it, or the Trainer's 0 over the freed gradients, looked healthy).
+    `None` for another optimizer, or before any gradient arrived."""
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    if not isinstance(opt, LayerwiseOptimizer) or opt._sq_norm_sum is None:
+    if not isinstance(opt, LayerwiseOptimizer):
+        return None
+    if getattr(opt, "_nonfinite", False):
+        return torch.tensor(float("nan"))
+    if opt._sq_norm_sum is None:
         return None
     return opt._sq_norm_sum.sqrt()
 
