@@ -414,7 +414,7 @@ class SubspaceProjection(Projection):
             return False  # learned online after the first SVD
         gap = group["update_proj_gap"]
         if "proj_lazy" in state:  # a lazy refresh's own interval (Q-GaLore: lazy_interval)
-            gap = int(state["proj_lazy"][0])
+            gap = state["proj_lazy"].tolist()[0]  # (tolist: 1 us; int(t[0]) made a view, 6 us)
             phase = gap - 1 if group["refresh_phase"] == "multiples" else phase  # (t = gap, 2 gap, ...)
         return (t - 1 - phase) % gap == 0
 

@@ -551,10 +551,10 @@ register_reference("galore_adamw", Reference(galore_adamw, configs=(
     {**SMALL, **ADAM, "proj_type": "full", "moment_policy": "rotate", "eps": 1e-3},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "moment_policy": "rotate", "weight_decay": 0.05},
     {**ADAM, "rank": None, "weight_decay": 0.1},  # full-rank (a rank >= every smaller side is an error)
-    # Q-GaLore's lazy refresh: random gradients' first singular vectors meet at |cos| ~ 0.1-0.2, rsvd's (iterated from
-    # the old basis) near 1, so intervals double at some refreshes (1 -> 2 -> 4 -> 8 in 12 steps)
+    # Q-GaLore's lazy refresh: random gradients' first singular vectors meet at |cos| ~ 0.02-0.5, so intervals double
+    # at some refreshes and not at others (1 -> 4 or 8 in 12 steps: 4 refreshes, not 11)
     {**ADAM, "rank": 4, "update_proj_gap": 1, "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
-    {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "rsvd", "proj_type": "full", "lazy_refresh_threshold": 0.5,
+    {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "rsvd", "proj_type": "full", "lazy_refresh_threshold": 0.1,
      "lazy_refresh_patience": 2},
 )))
 
