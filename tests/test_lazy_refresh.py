@@ -227,3 +227,33 @@ def test_similarity_is_the_first_vectors_absolute_cosine():
     assert basis_similarity((None, q.t()), (None, -q.t())) == pytest.approx(1.0, abs=1e-6)
     mixed = q[:, [0, 1]] @ torch.tensor([[0.6, 0.8], [0.8, -0.6]])  # first column 0.6 q0 + 0.8 q1
     assert basis_similarity((q, None), (mixed, None)) == pytest.approx(0.6, abs=1e-6)
+
+
+_FSDP2 = r"""
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from lowmem.optim import create_optimizer
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)  # (no port to collide)
+m = torch.nn.Linear(24, 40, bias=False)
+fully_shard(m)
+try:
+    create_optimizer([m.weight], "galore_adamw", rank=4, lazy_refresh_threshold=0.4)
+    print("ACCEPTED")
+except ValueError as err:
+    print("REFUSED", err)
+create_optimizer([m.weight], "galore_adamw", rank=4)  # (off: FSDP2 as before)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # (a subprocess with torch.distributed: 5-30 s)
+def test_fsdp2_parameters_are_refused(tmp_path):
+    """An FSDP2-sharded parameter (a DTensor, one gloo process): refused with an error naming the setting, not
+    silently stepped on the plain schedule; off, the same parameter is accepted."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FSDP2, str(tmp_path / "init")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("REFUSED") and "lazy_refresh_threshold is not supported on FSDP2-sharded" in out.stdout
