@@ -147,6 +147,19 @@ def test_state_bytes_and_checkpoint_resume_bit_for_bit():
         assert torch.equal(resumed.state[r][key], opt.state[p][key]) and resumed.state[r][key].device.type == "cpu"
 
 
+@pytest.mark.parametrize("saved,here", [(None, 0.4), (0.4, None)])
+def test_checkpoint_of_the_other_setting_is_an_error(saved, here):
+    """Resuming a run saved without the lazy refresh with it (or the reverse) names the setting (the engine's
+    settings check: the state layouts differ), not a silent plain schedule."""
+    p = torch.nn.Parameter(torch.randn(40, 24))
+    a = create_optimizer([p], "galore_adamw", rank=4, update_proj_gap=2, lazy_refresh_threshold=saved)
+    p.grad = torch.randn(40, 24)
+    a.step()
+    b = create_optimizer([p], "galore_adamw", rank=4, update_proj_gap=2, lazy_refresh_threshold=here)
+    with pytest.raises(ValueError, match=f"lazy_refresh_threshold={saved} \\(this optimizer: {here}\\).*proj_lazy"):
+        b.load_state_dict(a.state_dict())
+
+
 def test_layerwise_step_param_follows_the_lazy_schedule():
     """step_param (layerwise mode's step) refreshes on the same lazy schedule as step()."""
     shape, kw = (40, 24), {"rank": 4, "update_proj_gap": 2, "lazy_refresh_threshold": 0.9, "lazy_refresh_patience": 2,
