@@ -1,5 +1,5 @@
 """Q-GaLore's layer-adaptive lazy refresh (``lazy_refresh_threshold`` / ``lazy_refresh_patience``, Zhang et al. 2024,
-Section 3.3): the engine against the plain reference loop (when refreshes happen, each parameter's interval, the
+Section 3): the engine against the plain reference loop (when refreshes happen, each parameter's interval, the
 weights), checkpoints (``weights_only=True``, resume bit for bit), ``state_bytes()``, the traced refresh step against
 ``step_transient_bytes``' per-parameter report, and the refusals (values out of range, projections whose refresh is
 not an SVD of the gradient, batches of matrices)."""

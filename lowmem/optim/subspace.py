@@ -294,7 +294,7 @@ LAZY_GROWTH = 2
 
 
 def basis_similarity(old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None]) -> float:
-    """``|cos|`` of the first basis vectors of the old and the new subspace (Q-GaLore, Zhang et al. 2024, Section 3.3,
+    """``|cos|`` of the first basis vectors of the old and the new subspace (Q-GaLore, Zhang et al. 2024, Section 3,
     "layer-adaptive lazy update": the cosine similarity of successive projections; the authors' code compares the
     first column of ``P`` / first row of ``Q``, ``F.cosine_similarity(past[0], new[0])``). Both are unit vectors
     (an SVD's / a QR's orthonormal basis), so the cosine is their dot product; taken in absolute value because a
@@ -308,7 +308,7 @@ def basis_similarity(old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor
 
 def lazy_interval(interval: int, window: list[float], similarity: float, threshold: float,
                   patience: int) -> tuple[int, list[float]]:
-    """Q-GaLore's adaptive refresh interval (Section 3.3; the authors' ``GaLoreProjector.project``): the similarity
+    """Q-GaLore's adaptive refresh interval (Section 3; the authors' ``GaLoreProjector.project``): the similarity
     of the refresh just made joins a window of the last ``patience`` ones (the authors' ``queue_size``); when the
     window is full and its mean is ``>= threshold`` (``cos_threshold``), the interval is multiplied by
     :data:`LAZY_GROWTH` (``gamma_proj``). The window is not cleared after that (as the authors'), so a subspace that

@@ -78,7 +78,7 @@ def _unit_interval_open_left(x: Any) -> bool:
 #: is an SVD of the gradient (LAZY_RECIPES; OSD takes the keys only to refuse them by name)
 LAZY_REFRESH_HPARAMS = (
     HParam("lazy_refresh_threshold", None, optional(_unit_interval_open_left), "None or a float in (0, 1]",
-           "Q-GaLore's lazy refresh (Zhang et al. 2024, Section 3.3): when the mean |cos| of the first basis vectors"
+           "Q-GaLore's lazy refresh (Zhang et al. 2024, Section 3): when the mean |cos| of the first basis vectors"
            " of the last lazy_refresh_patience successive refreshes is >= this, the parameter's refresh interval"
            " doubles (projection 'svd' or 'rsvd'; the authors' 0.4); None: off, every update_proj_gap steps"),
     HParam("lazy_refresh_patience", 5, positive_int, "an int >= 1",

@@ -184,7 +184,7 @@ def maybe_refresh(g: Tensor, t: int, sub: dict | None, refreshes: int, group: di
 
 
 def lazy_refresh(old: dict | None, new: dict, group: dict) -> tuple[int, list[float]]:
-    """Q-GaLore's layer-adaptive lazy update (Zhang et al. 2024, Section 3.3, and the authors'
+    """Q-GaLore's layer-adaptive lazy update (Zhang et al. 2024, Section 3, and the authors'
     ``GaLoreProjector.project``): at each refresh after the first, the cosine similarity of the new projection's
     first vector with the old one's (first column of ``P``, else first row of ``Q``; in absolute value here, a
     singular vector's sign being arbitrary) joins a queue of the last ``lazy_refresh_patience``; when the queue
