@@ -285,6 +285,40 @@ def matrix_seed(seed: int, index: int, matrix: int | None = None) -> int:
     return seed * 1_000_003 + index + (matrix or 0) * MATRIX_SEED_STRIDE
 
 
+# ---- Q-GaLore's lazy refresh (opt-in: group["lazy_refresh_threshold"]) --------------------------
+
+#: the projections whose refresh is an SVD of the gradient (exact or randomized): the ones a lazy refresh applies to
+LAZY_METHODS = ("svd", "rsvd")
+#: Q-GaLore's interval growth (the authors' ``gamma_proj=2``): the refresh interval is doubled
+LAZY_GROWTH = 2
+
+
+def basis_similarity(old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None]) -> float:
+    """``|cos|`` of the first basis vectors of the old and the new subspace (Q-GaLore, Zhang et al. 2024, Section 3,
+    "layer-adaptive lazy update": the cosine similarity of successive projections; the authors' code compares the
+    first column of ``P`` / first row of ``Q``, ``F.cosine_similarity(past[0], new[0])``). Both are unit vectors
+    (an SVD's / a QR's orthonormal basis), so the cosine is their dot product; taken in absolute value because a
+    singular vector's sign is arbitrary (``-u`` spans the same subspace; the authors take the signed cosine).
+    ``old`` / ``new``: ``(left, right)`` bases; the left one's first column where there is one, else the right one's
+    first row. Allocates one 0-d float32 tensor; reads it to the host (one device read per refresh)."""
+    (old_left, old_right), (new_left, new_right) = old, new
+    a, b = (old_left[:, 0], new_left[:, 0]) if new_left is not None else (old_right[0], new_right[0])
+    return abs(float(torch.dot(a, b)))
+
+
+def lazy_interval(interval: int, window: list[float], similarity: float, threshold: float,
+                  patience: int) -> tuple[int, list[float]]:
+    """Q-GaLore's adaptive refresh interval (Section 3; the authors' ``GaLoreProjector.project``): the similarity
+    of the refresh just made joins a window of the last ``patience`` ones (the authors' ``queue_size``); when the
+    window is full and its mean is ``>= threshold`` (``cos_threshold``), the interval is multiplied by
+    :data:`LAZY_GROWTH` (``gamma_proj``). The window is not cleared after that (as the authors'), so a subspace that
+    stays aligned doubles its interval at every later refresh. Returns ``(interval, window)``."""
+    window = (window + [similarity])[-patience:]
+    if len(window) == patience and sum(window) / patience >= threshold:
+        interval *= LAZY_GROWTH
+    return interval, window
+
+
 class SubspaceProjection(Projection):
     """Every projection of the subspace recipes; the method is ``group["projection"]``.
 
@@ -304,8 +338,9 @@ class SubspaceProjection(Projection):
     ``index * update_proj_gap // len(group)``, so that a step pays for few refreshes.
     """
 
-    state_keys = ("proj_meta", "proj_left", "proj_right", "proj_index", "pca_exp_avg", "pca_exp_avg_sq")
-    cpu_state_keys = ("proj_meta",)
+    state_keys = ("proj_meta", "proj_left", "proj_right", "proj_index", "pca_exp_avg", "pca_exp_avg_sq", "proj_lazy",
+                  "proj_lazy_cos")
+    cpu_state_keys = ("proj_meta", "proj_lazy", "proj_lazy_cos")
 
     # -- geometry --
 
@@ -348,6 +383,11 @@ class SubspaceProjection(Projection):
         state["proj_meta"] = torch.tensor([seed, phase, 0, 0, m, n], dtype=torch.int64)
         r, dev = group["rank"], param.device
         method = self.method(group)
+        if group.get("lazy_refresh_threshold") is not None and method in LAZY_METHODS:
+            # CPU: the interval (read by refresh_due every step, no device read) and how many similarities the
+            # window holds; the window of the last lazy_refresh_patience similarities (lazy_interval)
+            state["proj_lazy"] = torch.tensor([gap, 0], dtype=torch.int64)
+            state["proj_lazy_cos"] = torch.zeros(group["lazy_refresh_patience"], dtype=torch.float64)
         if method in BASIS_METHODS:
             side = self._side(shape, group)
             if side in ("left", "full"):  # (column-major: the project-down GEMM's faster layout)
@@ -372,7 +412,11 @@ class SubspaceProjection(Projection):
             return True
         if self.method(group) == "online_pca":
             return False  # learned online after the first SVD
-        return (t - 1 - phase) % group["update_proj_gap"] == 0
+        gap = group["update_proj_gap"]
+        if "proj_lazy" in state:  # a lazy refresh's own interval (Q-GaLore: lazy_interval)
+            gap = state["proj_lazy"].tolist()[0]  # (tolist: 1 us; int(t[0]) made a view, 6 us)
+            phase = gap - 1 if group["refresh_phase"] == "multiples" else phase  # (t = gap, 2 gap, ...)
+        return (t - 1 - phase) % gap == 0
 
     def refreshes_again(self, state, group):
         """``online_pca`` refreshes (an SVD) only until its first refresh (:meth:`refresh_due`); other methods on
@@ -400,6 +444,8 @@ class SubspaceProjection(Projection):
         try:
             if method in BASIS_METHODS:
                 new = self._new_basis(g, state, group, method, refreshes, gen)
+                lazy = "proj_lazy" in state and refreshes > 0  # (Q-GaLore: against the subspace it replaces)
+                similarity = basis_similarity(self._basis(state), new) if lazy else None
                 for key, basis in zip(("proj_left", "proj_right"), new):
                     if basis is not None:
                         state[key].copy_(basis)
@@ -414,7 +460,21 @@ class SubspaceProjection(Projection):
         state["proj_meta"][2] += 1
         if method == "online_pca":
             state["proj_meta"][3] = -1  # the SVD step itself takes no PCA step (its gradient is optimal)
+        if method in BASIS_METHODS and lazy:
+            self._lazy_update(state, group, similarity)
         return True
+
+    @staticmethod
+    def _lazy_update(state, group, similarity: float) -> None:
+        """:func:`lazy_interval` on the parameter's CPU state (``proj_lazy``: interval and window length;
+        ``proj_lazy_cos``: the window, oldest first)."""
+        lazy, cos = state["proj_lazy"], state["proj_lazy_cos"]
+        interval, seen = lazy.tolist()
+        interval, window = lazy_interval(interval, cos[:seen].tolist(), similarity, group["lazy_refresh_threshold"],
+                                         cos.numel())
+        lazy[0], lazy[1] = interval, len(window)
+        for i, c in enumerate(window):  # (in place, element by element: no new tensor)
+            cos[i] = c
 
     def _new_basis(self, g, state, group, method, refreshes, gen):
         side, r = self._side(g.shape, group), group["rank"]

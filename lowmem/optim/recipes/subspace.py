@@ -70,6 +70,46 @@ def subspace_hparams(
     )
 
 
+def _unit_interval_open_left(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1
+
+
+#: Q-GaLore's layer-adaptive lazy refresh (lowmem.optim.subspace.lazy_interval), opt-in: the recipes whose refresh
+#: is an SVD of the gradient (LAZY_RECIPES; OSD takes the keys only to refuse them by name)
+LAZY_REFRESH_HPARAMS = (
+    HParam("lazy_refresh_threshold", None, optional(_unit_interval_open_left), "None or a float in (0, 1]",
+           "Q-GaLore's lazy refresh (Zhang et al. 2024, Section 3): when the mean |cos| of the first basis vectors"
+           " of the last lazy_refresh_patience successive refreshes is >= this, the parameter's refresh interval"
+           " doubles (projection 'svd' or 'rsvd'; the authors' 0.4); None: off, every update_proj_gap steps"),
+    HParam("lazy_refresh_patience", 5, positive_int, "an int >= 1",
+           "how many successive refresh similarities the lazy refresh averages (the authors' queue_size, 5)"),
+)
+#: the recipes that take lazy_refresh_threshold (and their 8-bit variants)
+LAZY_RECIPES = ("galore_adamw", "galore_adafactor", "fira_adamw", "frugal")
+
+
+def _check_lazy_refresh(group: dict[str, Any]) -> None:
+    """Refuse a lazy refresh where the refresh is not an SVD of the gradient, or where its path differs (a batch of
+    matrices, FSDP2 shards): not silently every update_proj_gap steps."""
+    if group.get("lazy_refresh_threshold") is None:
+        return
+    from ..sharded import is_dtensor
+    from ..subspace import LAZY_METHODS
+
+    if group.get("projection") not in LAZY_METHODS:
+        raise ValueError(
+            f"lazy_refresh_threshold (Q-GaLore's lazy refresh) compares successive SVD bases of the gradient: it"
+            f" applies to projection in {list(LAZY_METHODS)} of {list(LAZY_RECIPES)} (and their 8-bit variants), got"
+            f" projection={group.get('projection')!r}; valid here: lazy_refresh_threshold=None")
+    params = group.get("params", ())
+    if any(p.ndim > 2 for p in params if p.ndim >= 2 and group["rank"] < min(p.shape[-2:])):
+        raise ValueError("lazy_refresh_threshold is not supported on a batch of matrices [..., A, B] (fused MoE"
+                         " experts share one refresh schedule); valid here: lazy_refresh_threshold=None")
+    if any(is_dtensor(p) for p in params):
+        raise ValueError("lazy_refresh_threshold is not supported on FSDP2-sharded parameters yet (its per-parameter"
+                         " CPU state is not converted for sharded checkpoints); valid here: lazy_refresh_threshold=None")
+
+
 def _shapes_summary(shapes: list[tuple[int, ...]], most: int = 6) -> str:
     """``(64, 64) x4, (32, 64) x2, ...``: the distinct shapes in first-seen order with their counts."""
     counts: dict[tuple[int, ...], int] = {}
@@ -161,6 +201,7 @@ def _check_subspace_settings(group: dict[str, Any]) -> None:
     if group.get("rank") is None:
         return
     check_rank_applies(group)
+    _check_lazy_refresh(group)
     if group.get("proj_type") == "full" and group.get("projection") not in ("svd", "rsvd", "random", "gaussian"):
         raise ValueError(
             f"proj_type='full' (two-sided) needs projection in ['svd', 'rsvd', 'random', 'gaussian'],"
@@ -198,7 +239,7 @@ GALORE_ADAMW = Recipe(
     reference="Zhao et al. 2024, GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection, Algorithm 2",
     moment=AdamMoments(eps_placement="hf"),
     hparams=GALORE_ADAM_HPARAMS,
-    group_hparams=subspace_hparams("svd", SVD_LIKE, scale=0.25, moment_policy="keep"),
+    group_hparams=(*subspace_hparams("svd", SVD_LIKE, scale=0.25, moment_policy="keep"), *LAZY_REFRESH_HPARAMS),
     projection=SubspaceProjection(),
     residual=DropResidual(),
     decay_after_update=True,
@@ -217,7 +258,7 @@ GALORE_ADAFACTOR = Recipe(
     reference="Zhao et al. 2024 (GaLore, Section 4.3) with Shazeer & Stern 2018 (Adafactor)",
     moment=FactoredMoments(),
     hparams=ADAFACTOR_HPARAMS,
-    group_hparams=subspace_hparams("svd", SVD_LIKE, scale=0.25, moment_policy="keep"),
+    group_hparams=(*subspace_hparams("svd", SVD_LIKE, scale=0.25, moment_policy="keep"), *LAZY_REFRESH_HPARAMS),
     projection=SubspaceProjection(),
     lr_rule=adafactor_lr,
     validate_group=_check_galore_adafactor_group,
@@ -231,6 +272,7 @@ FIRA_ADAMW = Recipe(
     hparams=GALORE_ADAM_HPARAMS,
     group_hparams=(
         *subspace_hparams("svd", SVD_LIKE, scale=1.0, moment_policy="keep"),
+        *LAZY_REFRESH_HPARAMS,
         HParam("gamma", 1.01, lambda x: positive(x) and x >= 1, "a finite float >= 1",
                "norm-growth limiter: the residual's norm grows at most by this factor per step"),
     ),
@@ -248,6 +290,7 @@ FRUGAL = Recipe(
     hparams=(LR(1e-3), BETAS(), EPS(1e-8), WEIGHT_DECAY(0.0)),
     group_hparams=(
         *subspace_hparams("svd", (*SVD_LIKE, *COORDINATE_METHODS), scale=1.0, moment_policy="reset"),
+        *LAZY_REFRESH_HPARAMS,
         _choice("free_rule", "signsgd", ("signsgd", "sgd"), "state-free update of the residual"),
         HParam("free_lr_scale", 1.0, nonneg, "a finite float >= 0", "learning rate of the state-free part / lr"),
     ),
@@ -264,6 +307,7 @@ OSD_ADAMW = Recipe(
     hparams=GALORE_ADAM_HPARAMS,
     group_hparams=(
         *subspace_hparams("online_pca", ("online_pca",), scale=1.0, moment_policy="keep"),
+        *LAZY_REFRESH_HPARAMS,
         HParam("proj_lr", 5e-3, nonneg, "a finite float >= 0",
                "step size of the projection's own optimizer, times lr / initial_lr under an LR scheduler (the authors')"),
         _choice("proj_optimizer", "adam", ("adam", "sgd"), "optimizer of the projection (on the PCA loss)"),

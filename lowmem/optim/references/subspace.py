@@ -173,10 +173,32 @@ def maybe_refresh(g: Tensor, t: int, sub: dict | None, refreshes: int, group: di
         raise NotImplementedError("the reference loop covers refresh_phase 'aligned' and 'multiples' only")
     # 'multiples' (timmytonga/sn-sm): refreshes at 1, T, 2T, ... ('aligned': 1, T+1, 2T+1, ...)
     at = t if group["refresh_phase"] == "multiples" else t - 1
-    due = refreshes == 0 or (group["projection"] != "online_pca" and at % group["update_proj_gap"] == 0)
+    gap = sub["lazy"][0] if sub and "lazy" in sub else group["update_proj_gap"]  # (lazy_refresh below)
+    due = refreshes == 0 or (group["projection"] != "online_pca" and at % gap == 0)
     if not due or (group["projection"] in DATA_DEPENDENT and not usable(g)):
         return sub, refreshes, None
-    return draw_subspace(g, group, index, refreshes, sub), refreshes + 1, sub or {}
+    new = draw_subspace(g, group, index, refreshes, sub)
+    if group.get("lazy_refresh_threshold") is not None:
+        new["lazy"] = lazy_refresh(sub, new, group)
+    return new, refreshes + 1, sub or {}
+
+
+def lazy_refresh(old: dict | None, new: dict, group: dict) -> tuple[int, list[float]]:
+    """Q-GaLore's layer-adaptive lazy update (Zhang et al. 2024, Section 3, and the authors'
+    ``GaLoreProjector.project``): at each refresh after the first, the cosine similarity of the new projection's
+    first vector with the old one's (first column of ``P``, else first row of ``Q``; in absolute value here, a
+    singular vector's sign being arbitrary) joins a queue of the last ``lazy_refresh_patience``; when the queue
+    is full and its mean is ``>= lazy_refresh_threshold``, this tensor's refresh interval doubles (the queue is
+    kept). Returns ``(interval, queue)``, carried in the subspace dict."""
+    gap, queue = old["lazy"] if old and "lazy" in old else (group["update_proj_gap"], [])
+    if not old:
+        return gap, queue
+    key, first = ("left", lambda b: b[:, 0]) if new["left"] is not None else ("right", lambda b: b[0])
+    cos = torch.nn.functional.cosine_similarity(first(old[key]), first(new[key]), dim=0)
+    queue = (queue + [abs(float(cos))])[-group["lazy_refresh_patience"]:]
+    if len(queue) == group["lazy_refresh_patience"] and sum(queue) / len(queue) >= group["lazy_refresh_threshold"]:
+        gap *= 2
+    return gap, queue
 
 
 def carry_moments(policy: str, moments: dict[str, Tensor], old: dict, new: dict, shape: torch.Size,
@@ -529,6 +551,11 @@ register_reference("galore_adamw", Reference(galore_adamw, configs=(
     {**SMALL, **ADAM, "proj_type": "full", "moment_policy": "rotate", "eps": 1e-3},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "moment_policy": "rotate", "weight_decay": 0.05},
     {**ADAM, "rank": None, "weight_decay": 0.1},  # full-rank (a rank >= every smaller side is an error)
+    # Q-GaLore's lazy refresh: random gradients' first singular vectors meet at |cos| ~ 0.02-0.5, so intervals double
+    # at some refreshes and not at others (1 -> 4 or 8 in 12 steps: 4 refreshes, not 11)
+    {**ADAM, "rank": 4, "update_proj_gap": 1, "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
+    {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "rsvd", "proj_type": "full", "lazy_refresh_threshold": 0.1,
+     "lazy_refresh_patience": 2},
 )))
 
 register_reference("galore_adafactor", Reference(galore_adafactor, configs=(
@@ -539,6 +566,8 @@ register_reference("galore_adafactor", Reference(galore_adafactor, configs=(
     {"rank": 4, "update_proj_gap": 1, "relative_step": True, "scale_parameter": False, "proj_type": "left",
      "clip_threshold": 0.5, "weight_decay": 0.1},
     {"rank": None, "lr": 1e-2, "beta1": 0.9},  # full-rank (a rank >= every smaller side is an error)
+    {"rank": 4, "update_proj_gap": 1, "lr": 1e-2, "relative_step": False, "scale_parameter": False,
+     "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
 )))
 
 register_reference("fira_adamw", Reference(fira_adamw, configs=(
@@ -549,6 +578,7 @@ register_reference("fira_adamw", Reference(fira_adamw, configs=(
      "power_iters": 1},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "gamma": 1.5},
     {**ADAM, "rank": None},  # full-rank (a rank >= every smaller side is an error)
+    {**ADAM, "rank": 4, "update_proj_gap": 1, "proj_type": "left", "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
 )))
 
 register_reference("frugal", Reference(frugal, configs=(
@@ -560,6 +590,8 @@ register_reference("frugal", Reference(frugal, configs=(
     {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "svd", "proj_type": "left", "moment_policy": "rotate"},
     {**SMALL, **ADAM, "projection": "random", "proj_type": "full", "free_lr_scale": 0.0},
     {**ADAM, "rank": None, "weight_decay": 0.1},  # full-rank: torch's AdamW
+    {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "svd", "proj_type": "reverse_std",
+     "lazy_refresh_threshold": 0.1, "lazy_refresh_patience": 2},
 )))
 
 register_reference("osd_adamw", Reference(osd_adamw, configs=(
@@ -577,6 +609,7 @@ register_reference("galore_adamw8bit", Reference(functools.partial(galore_adamw,
     {**SMALL, **QUANT},
     {**SMALL, **QUANT, **ADAM, "proj_type": "reverse_std", "scale": 0.5, "weight_decay": 0.1, "moment_policy": "reset"},
     {**QUANT, **ADAM, "rank": 4, "update_proj_gap": 1, "projection": "random"},
+    {**QUANT, **ADAM, "rank": 4, "update_proj_gap": 1, "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
 )))
 
 register_reference("fira_adamw8bit", Reference(functools.partial(fira_adamw, quantized=True), configs=(
