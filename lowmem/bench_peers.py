@@ -576,9 +576,11 @@ def peer_status(peer: Peer, device: str = "cpu") -> str | None:
     return None
 
 
-def probe_peer(peer: Peer, device: str = "cpu") -> str | None:
-    """Build the peer on a two-layer toy model and take one step: ``None`` if that works, else the reason
-    it cannot run here (its exception, one line). Catches everything: a peer is an optional extra."""
+def probe_peer(peer: Peer, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str | None:
+    """Build the peer on a two-layer toy model with ``dtype`` weights and take one step: ``None`` if that works,
+    else the reason it cannot run here (its exception, one line, naming the device and a dtype other than
+    float32). A peer "supports" bfloat16 weights (``lowmem bench --task text --dtype bfloat16``) when this probe
+    succeeds on them. Catches everything: a peer is an optional extra."""
     reason = peer_status(peer, device)
     if reason is not None:
         return reason
@@ -587,7 +589,7 @@ def probe_peer(peer: Peer, device: str = "cpu") -> str | None:
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=16)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     try:
         opt = peer.build(model, 1e-3, 8, dict(recommended(peer.recipe).hparams))
         ids = torch.randint(0, 64, (2, 8), device=device)
@@ -595,5 +597,6 @@ def probe_peer(peer: Peer, device: str = "cpu") -> str | None:
         opt.step()
     except Exception as err:  # noqa: BLE001  (an optional package failing here is a skip, not an error)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return f"{peer.module} failed on {device}: {type(err).__name__}: {msg[:200]}"
+        where = device if dtype == torch.float32 else f"{device} with {str(dtype).removeprefix('torch.')} weights"
+        return f"{peer.module} failed on {where}: {type(err).__name__}: {msg[:200]}"
     return None

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from lowmem.bench import (
-    BASELINE, SPREAD_LIMIT, _Contender, _rng_state, _state_bytes, parse_variant, round_slices, step_time_ratios,
+    BASELINE, DTYPES, SPREAD_LIMIT, _Contender, check_dtype_rows, _rng_state, _state_bytes, parse_variant, round_slices, step_time_ratios,
     summarize_ratios, train_interleaved,
 )
 from lowmem.bench_peers import PEERS, Recommended, get_peer, peer_label, peers_for, probe_peer, recommended
@@ -225,15 +225,30 @@ def build_optimizer(entry: Entry, model, rank: int) -> tuple[torch.optim.Optimiz
 
 
 def plan_entries(optimizers: list[str], peers: bool, lr_sweep: bool, lr: float | None = None,
-                 device: str = "cpu", left_out: dict[str, str] | None = None) -> tuple[list[Entry], dict[str, str]]:
+                 device: str = "cpu", left_out: dict[str, str] | None = None,
+                 dtype: str = "float32") -> tuple[list[Entry], dict[str, str]]:
     """The rows to train (baseline first) and the peers skipped with their reasons. ``lr`` replaces
     every recommended lr (one lr for all); a row's own ``lr=`` (``lion:lr=1e-3``) replaces its recommended
     lr and is an error beside ``lr`` or ``lr_sweep`` (both would set the lr that row trains at). ``peers`` adds
     the peers of the named recipes (:func:`~lowmem.bench_peers.peers_for`; every peer when only the baseline or
     ``peer:NAME`` rows are named, as ``--shapes`` does), each probed first; a peer row named too runs once. The
-    others are put into ``left_out`` (``peer:NAME`` -> why), when given."""
+    others are put into ``left_out`` (``peer:NAME`` -> why), when given. With ``dtype`` other than float32 every
+    peer is probed on weights of that dtype (:func:`~lowmem.bench_peers.probe_peer`): one added by ``peers`` that
+    fails is skipped with the reason, one named explicitly is a ValueError naming it.
+
+    Raises:
+        ValueError: A ``peer:NAME`` row named explicitly that fails the probe at ``dtype`` (not float32), or a row
+            setting ``lr`` beside ``lr`` / ``lr_sweep``.
+    """
     names = [BASELINE] + [n for n in optimizers if n != BASELINE]
     skipped: dict[str, str] = {}
+    if dtype != "float32":
+        for label in names:
+            if label.startswith("peer:"):
+                why = probe_peer(get_peer(label), device, DTYPES[dtype])
+                if why is not None:
+                    raise ValueError(f"{label!r} cannot train {dtype} weights: {why}; valid: --dtype float32, or "
+                                     f"the run without {label!r}")
     if peers:
         named = {parse_variant(n)[0] for n in names if not n.startswith("peer:")} - {BASELINE}
         chosen, left = peers_for(named, PEERS)
@@ -242,7 +257,7 @@ def plan_entries(optimizers: list[str], peers: bool, lr_sweep: bool, lr: float |
         for p in chosen:
             if peer_label(p) in names:
                 continue
-            why = probe_peer(p, device)
+            why = probe_peer(p, device, DTYPES[dtype]) if dtype != "float32" else probe_peer(p, device)
             if why is None:
                 names.append(peer_label(p))
             else:
@@ -331,6 +346,7 @@ def run_text_bench(
     threads: int | None = None,
     progress: bool = True,
     root: Path | None = None,
+    dtype: str = "float32",
 ) -> tuple[list[TextResult], dict[str, Any]]:
     """Run the text benchmark; returns the rows (``torch_adamw`` first) and the run's metadata (the split,
     the model size, skipped peers).
@@ -349,11 +365,15 @@ def run_text_bench(
         device: ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
         threads: torch CPU threads during the run (restored after).
         root: Library root to read ``*.py`` files from (default: the standard library).
+        dtype: ``"float32"`` or ``"bfloat16"`` (:data:`lowmem.bench.DTYPES`): the model's weights, every
+            contender's copy (the baseline's too); rows checked first by :func:`lowmem.bench.check_dtype_rows`,
+            peers probed at that dtype (:func:`plan_entries`).
     """
     from transformers import get_cosine_schedule_with_warmup
 
     task = task or TextTask()
     task.validate()
+    check_dtype_rows(optimizers, {}, dtype)  # (an unknown dtype, a rounding option on float32 weights)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     rounds = round_slices(task.steps - task.timing_warmup, repeats)
@@ -366,13 +386,13 @@ def run_text_bench(
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
     try:
-        data = load_text(task, root)
         left_out: dict[str, str] = {}
-        entries, skipped = plan_entries(optimizers, peers, lr_sweep, lr, device, left_out)
+        entries, skipped = plan_entries(optimizers, peers, lr_sweep, lr, device, left_out, dtype)  # (refusals first)
+        data = load_text(task, root)
         evals = eval_batches(data.heldout, task)
         per_seed: list[dict[str, dict[str, Any]]] = []
         for seed in range(seeds):
-            model = build_model(task, seed).to(device)
+            model = build_model(task, seed).to(device=device, dtype=DTYPES[dtype])
             model.train()
             batches = train_batches(data.train, task, seed)
             contenders = []
@@ -400,7 +420,7 @@ def run_text_bench(
         torch.set_num_threads(prev_threads)
     results = aggregate(entries, per_seed)
     meta = {
-        "task": asdict(task), "seeds": seeds, "rank": rank, "repeats": repeats, "device": device,
+        "task": asdict(task), "seeds": seeds, "rank": rank, "repeats": repeats, "device": device, "dtype": dtype,
         "threads": torch.get_num_threads() if threads is None else threads,
         "params": results[0].trainable_params, "train_files": len(data.train_files),
         "heldout_files": len(data.heldout_files), "train_bytes": len(data.train), "heldout_bytes": len(data.heldout),
@@ -463,7 +483,8 @@ def to_markdown(results: list[TextResult], meta: dict[str, Any]) -> str:
                    f"schedule with {t['warmup_steps']} warm-up steps; Python standard library: {meta['train_files']} train "
                    f"files ({meta['train_bytes']:,} bytes) / {meta['heldout_files']} held-out ({meta['heldout_bytes']:,}); "
                    f"held-out loss in nats per byte over {t['eval_sequences']} sequences; {meta['seeds']} seed(s); "
-                   f"subspace rank {meta['rank']}; {meta['threads']} CPU thread(s), device {meta['device']}.")]
+                   f"subspace rank {meta['rank']}; {meta['threads']} CPU thread(s), device {meta['device']}; "
+                   f"{meta.get('dtype', 'float32')} weights.")]
     if meta.get("skipped_peers"):
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items()) + "."]
     if meta.get("left_out_peers"):
@@ -477,6 +498,11 @@ def spread_rows(results: list[TextResult]) -> list[str]:
     return [r.optimizer for r in results if r.sweep_of is None and not r.ratio_spread <= SPREAD_LIMIT]
 
 
+def _dtype_title(meta: dict[str, Any]) -> str:
+    dtype = meta.get("dtype", "float32")
+    return "" if dtype == "float32" else f" --dtype {dtype}"
+
+
 def write_text_results(results: list[TextResult], meta: dict[str, Any], out_dir: str | Path) -> Path:
     import json
 
@@ -484,7 +510,8 @@ def write_text_results(results: list[TextResult], meta: dict[str, Any], out_dir:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "results": [asdict(r) for r in results]}
     write_files_atomic({out / "bench_text.json": json.dumps(payload, indent=2, default=str),
-                        out / "bench_text.md": "### lowmem bench --task text\n\n" + to_markdown(results, meta)})
+                        out / "bench_text.md": f"### lowmem bench --task text{_dtype_title(meta)}\n\n"
+                        + to_markdown(results, meta)})
     return out
 
 
@@ -494,7 +521,7 @@ def print_text_table(results: list[TextResult], meta: dict[str, Any]) -> None:
 
     rows = [r for r in results if r.sweep_of is None]
     sweep = any(r.best_lr is not None for r in rows)
-    table = Table(title="lowmem bench --task text (baseline: torch.optim.AdamW(foreach=True))",
+    table = Table(title=f"lowmem bench --task text{_dtype_title(meta)} (baseline: torch.optim.AdamW(foreach=True))",
                   caption=f"held-out loss in nats per byte, mean (min-max) over {meta['seeds']} seed(s); "
                   f"{meta['params']:,} parameters; {meta['threads']} CPU thread(s)")
     cols = ["optimizer", "lr", "B/param", "step time", "spread", "held-out loss", "vs AdamW"] + (["best lr", "at best"] if sweep else [])
@@ -542,7 +569,8 @@ def main(args, names: list[str], threads: int) -> int:
     task.validate()
     round_slices(task.steps - task.timing_warmup, args.repeats)  # fail before reading anything
     results, meta = run_text_bench(names, task=task, seeds=args.seeds, peers=args.peers, lr_sweep=args.lr_sweep,
-                                   lr=args.lr, rank=args.rank, repeats=args.repeats, device=args.device, threads=threads)
+                                   lr=args.lr, rank=args.rank, repeats=args.repeats, device=args.device, threads=threads,
+                                   dtype=getattr(args, "dtype", None) or "float32")
     meta.update(date=time.strftime("%Y-%m-%d"), text_size=args.text_size)
     out = write_text_results(results, meta, args.output_dir)
     print_text_table(results, meta)

@@ -1,0 +1,76 @@
+"""``lowmem bench --task text --dtype bfloat16``: every contender's copy of the byte-level Llama trains in bfloat16;
+a peer runs there when lowmem.bench_peers.probe_peer succeeds on bfloat16 weights: one named explicitly that fails
+is refused naming itself, one added by --peers is a skipped line saying why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowmem import bench_peers, bench_text
+from lowmem.bench import BASELINE
+from lowmem.bench_peers import Peer, probe_peer
+from lowmem.cli import main
+
+
+def _fp32_only(model, lr, rank, st):
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise TypeError("fp32_only steps float32 weights only")
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+FAKE = Peer("fp32_only", "torch", "adamw", _fp32_only)
+
+
+def test_text_smoke_run_trains_bfloat16_weights(tmp_path):
+    rc = main(["bench", "--task", "text", "--text-size", "smoke", "--dtype", "bfloat16", "--threads", "1",
+               "adamw", "adamw:kahan_summation=true", "--repeats", "1", "--output-dir", str(tmp_path)])
+    payload = json.loads((tmp_path / "bench_text.json").read_text())
+    assert rc == 0 and payload["meta"]["dtype"] == "bfloat16"
+    md = (tmp_path / "bench_text.md").read_text()
+    assert md.startswith("### lowmem bench --task text --dtype bfloat16") and "; bfloat16 weights." in md
+    base, rtn, kahan = payload["results"]
+    assert [base["optimizer"], rtn["optimizer"], kahan["optimizer"]] == [BASELINE, "adamw", "adamw:kahan_summation=true"]
+    n = rtn["trainable_params"]
+    # torch's AdamW keeps bfloat16 moments of bfloat16 weights (2 x 2 B); Kahan's compensation is 2 B a parameter
+    assert 4.0 <= base["bytes_per_param"] < 4.01
+    assert kahan["state_bytes"] - rtn["state_bytes"] == 2 * n
+
+
+def test_probe_names_the_dtype():
+    assert probe_peer(FAKE) is None
+    why = probe_peer(FAKE, dtype=torch.bfloat16)
+    assert why.startswith("torch failed on cpu with bfloat16 weights: TypeError: fp32_only steps float32 weights only")
+
+
+def test_named_peer_failing_in_bfloat16_is_refused_naming_itself(monkeypatch, capsys):
+    monkeypatch.setattr(bench_peers, "PEERS", (*bench_peers.PEERS, FAKE))
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the peer was refused")
+
+    monkeypatch.setattr(bench_text, "build_model", no_model)
+    monkeypatch.setattr(bench_text, "load_text", no_model)  # (refused before the data is read too)
+    assert main(["bench", "--task", "text", "--text-size", "smoke", "--dtype", "bfloat16", "adamw",
+                 "peer:fp32_only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "'peer:fp32_only' cannot train bfloat16 weights" in err and "fp32_only steps float32 weights only" in err
+
+
+def test_peers_flag_skips_a_peer_failing_in_bfloat16_saying_why(monkeypatch):
+    monkeypatch.setattr(bench_text, "PEERS", (FAKE,))
+    monkeypatch.setattr(bench_peers, "PEERS", (FAKE,))
+    rows, skipped = bench_text.plan_entries(["adamw"], peers=True, lr_sweep=False, dtype="bfloat16")
+    assert [r.label for r in rows] == [BASELINE, "adamw"]
+    assert "bfloat16 weights" in skipped["peer:fp32_only"]
+    rows, skipped = bench_text.plan_entries(["adamw"], peers=True, lr_sweep=False)  # float32: it runs
+    assert [r.label for r in rows] == [BASELINE, "adamw", "peer:fp32_only"] and not skipped
+
+
+@pytest.mark.parametrize("extra", [["--shapes", "small-tensors"], ["--launches"]])
+def test_bfloat16_still_refused_for_shapes_and_launches(capsys, extra):
+    assert main(["bench", "adamw", "--dtype", "bfloat16", *extra]) == 2
+    assert "--shapes and --launches run float32 weights" in capsys.readouterr().err
