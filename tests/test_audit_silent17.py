@@ -404,8 +404,6 @@ def test_bnb_paged_adamw_amsgrad_is_refused():
             _bnb_step(opt, params)
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 27: bnb_paged_* on CPU parameters: bitsandbytes warns 'Falling back to "
-                                       "non-paged optimizer behavior' and trains unpaged")
 def test_bnb_paged_on_cpu_is_refused():
     from lowmem.optim import create_optimizer
 
@@ -455,3 +453,15 @@ def test_bnb_nan_gradient_skips_the_step(name):
     assert opt.skipped_steps == 1 and all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
     _bnb_step(opt, params)
     assert all(torch.isfinite(p).all() for p in params) and not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_lowmem_train_refuses_a_paged_optimizer_on_the_cpu_before_the_model_loads(tmp_path):
+    """SILENT 27 for lowmem train: the HF name paged_adamw_8bit on a machine without a GPU is refused with the
+    recipe (before the model loads), naming the unpaged class to use."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: paged optimizers apply")
+    from lowmem.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim='bnb_paged_adamw8bit' is bitsandbytes' paged optimizer.*"
+                                          r"\['bnb_adamw8bit'\]"):
+        _training_args(_recipe(optim="paged_adamw_8bit", output_dir=str(tmp_path)))

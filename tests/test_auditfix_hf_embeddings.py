@@ -116,7 +116,8 @@ def test_lowmem_train_passes_the_setting():
         return build_training_args(load_recipe(None, output_dir="/tmp/lm/unused_auditfix", **kw)).lowmem_embeddings_32bit
 
     assert built(optim="lion_8bit") is True
-    assert built(optim="paged_adamw_8bit") is True
+    if torch.cuda.is_available():  # (on the CPU a paged optimizer is refused with the recipe: SILENT 27)
+        assert built(optim="paged_adamw_8bit") is True
     assert built(optim="lion8bit") is False
     assert built(training_args={"optim": "adamw_8bit"}) is True
 

@@ -106,9 +106,13 @@ def test_bnb_closed_form_equals_real_bitsandbytes_state():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     for name in BNB_OPTIMIZERS:
+        if "paged" in name:  # (refused on CPU parameters, SILENT 27: bitsandbytes fell back to unpaged there)
+            with pytest.raises(ValueError, match="pages its state in CUDA unified memory"):
+                lowmem.create_optimizer(model, name, lr=1e-3)
+            continue
         opt = lowmem.create_optimizer(model, name, lr=1e-3)
         model(torch.randn(4, 96)).sum().backward()
-        with pytest.warns(UserWarning) if "paged" in name and not torch.cuda.is_available() else _nullctx():
+        with _nullctx():
             opt.step()
         seen, real = set(), 0
         for st in opt.state.values():

@@ -96,11 +96,31 @@ def skip_nonfinite_steps(opt: torch.optim.Optimizer, label: str) -> torch.optim.
     return opt
 
 
+def check_paged_device(class_name: str, params: list[Any]) -> None:
+    """A paged class (``PagedAdamW``, ``PagedLion``, ...) needs CUDA parameters: on CPU ones bitsandbytes warns
+    "Falling back to non-paged optimizer behavior" and trains unpaged, which the name says it is not.
+
+    Raises:
+        ValueError: Naming the optimizer and what runs on the CPU instead.
+    """
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    cpu = [tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+    if cpu:
+        unpaged = class_name.replace("Paged", "")
+        raise ValueError(f"bitsandbytes' {class_name} pages its state in CUDA unified memory, and {len(cpu)} parameter(s) "
+                         f"are on the CPU ({cpu[0]}{', ...' if len(cpu) > 1 else ''}), where bitsandbytes would fall "
+                         f"back to unpaged behavior; move the model to CUDA, or use an unpaged optimizer on the CPU "
+                         f"({unpaged}: {[n for n, v in BNB_OPTIMIZERS.items() if v[0] == unpaged] or 'a lowmem recipe'})")
+
+
 def _factory(class_name: str):
     def build(params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
         check_bnb_hparams(class_name, hparams)
+        if class_name.startswith("Paged"):
+            params = list(params)
+            check_paged_device(class_name, params)
         return skip_nonfinite_steps(getattr(bnb.optim, class_name)(params, **hparams), f"bnb_{class_name}")
 
     build.__name__ = f"bnb_{class_name}"
