@@ -27,7 +27,7 @@ from ..moments import AdamMoments
 from ..registry import register
 from ..subspace import (CombineRule, SubspaceProjection, _metas, _Walk, fold_budget, limiter_walk, shape_batches,
                          stacked)
-from .subspace import GALORE_ADAM_HPARAMS, _choice, adam_hf_unit_scale, check_rank_applies, subspace_hparams
+from .subspace import GALORE_ADAM_HPARAMS, LAZY_RECIPES, LAZY_REFRESH_HPARAMS, _choice, adam_hf_unit_scale, check_rank_applies, subspace_hparams
 
 #: Projections APOLLO supports: random Gaussian (the paper's and apollo-torch's ``proj="random"``),
 #: Haar-orthonormal, and GaLore's SVD (apollo-torch's ``proj="svd"``) or its randomized form.
@@ -262,6 +262,11 @@ def _check_apollo_group(group: dict[str, Any]) -> None:
             raise ValueError(f"proj={proj!r} means projection={wanted!r}, but projection={group['projection']!r} was"
                              " given too; give one of them")
         group["projection"] = wanted
+    if group.get("lazy_refresh_threshold") is not None:  # (the keys are APOLLO's only to refuse them by name)
+        raise ValueError(
+            f"lazy_refresh_threshold (Q-GaLore's lazy refresh) is not supported by APOLLO: it lengthens the refresh"
+            f" interval of {list(LAZY_RECIPES)} (and their 8-bit variants), whose bases are SVDs of the gradient;"
+            f" APOLLO's projection is refreshed by its own schedule; valid here: lazy_refresh_threshold=None")
     check_rank_applies(group)
     if group.get("rank") is not None and group.get("proj_type") == "full":
         raise ValueError("APOLLO scales channels of a one-sided projection: proj_type must be one of "
@@ -286,7 +291,7 @@ APOLLO_ADAMW = Recipe(
     reference="Zhu et al. 2024, APOLLO: SGD-like Memory, AdamW-level Performance, Algorithm 1 (apollo-torch 1.0.3)",
     moment=AdamMoments(eps_placement="hf"),
     hparams=GALORE_ADAM_HPARAMS,
-    group_hparams=apollo_hparams(rank=256, scale=1.0, scale_type="channel"),
+    group_hparams=(*apollo_hparams(rank=256, scale=1.0, scale_type="channel"), *LAZY_REFRESH_HPARAMS),
     projection=ApolloProjection(),
     combine=ApolloScaling(unit_scale=adam_hf_unit_scale),
     decay_after_update=True,
@@ -298,7 +303,7 @@ APOLLO_MINI = dataclasses.replace(
     name="apollo_mini",
     summary="APOLLO-Mini: rank-1 random projection, one scaling factor per tensor, scale 128 (SGD-level memory)",
     reference="Zhu et al. 2024, APOLLO, Section 4.2 (APOLLO-Mini; apollo-torch 1.0.3 with rank=1, scale_type='tensor', scale=128)",
-    group_hparams=apollo_hparams(rank=1, scale=128.0, scale_type="tensor"),
+    group_hparams=(*apollo_hparams(rank=1, scale=128.0, scale_type="tensor"), *LAZY_REFRESH_HPARAMS),
 )
 
 
