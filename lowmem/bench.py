@@ -17,8 +17,8 @@ no float32 master copy; ``torch.optim.AdamW``, the baseline, keeps its moments i
 adamw adamw:bf16_stochastic_round=true adamw:kahan_summation=true --dtype bfloat16`` puts round-to-nearest,
 stochastic rounding and Kahan summation side by side. A row whose settings cannot apply to that dtype (a rounding
 option on float32 weights) is refused before anything is loaded, naming the row and the option
-(:func:`check_dtype_rows`). ``--task text`` takes it too (:mod:`lowmem.bench_text`: peer rows probed on weights of
-that dtype first); ``--shapes`` and ``--launches`` refuse it (float32 weights).
+(:func:`check_dtype_rows`). ``--task text`` and ``--shapes`` take it too (:mod:`lowmem.bench_text`,
+:mod:`lowmem.bench_shapes`: peer rows probed on weights of that dtype first); ``--launches`` refuses it.
 
 It is a benchmark, not a test: numbers depend on the machine. Results go to ``bench.json`` and
 ``bench.md`` in the output directory.
@@ -40,7 +40,7 @@ from lowmem.io import write_files_atomic
 
 BASELINE = "torch_adamw"
 
-#: ``--dtype``: the dtypes the model of the tiny task and of ``--task text`` trains in
+#: ``--dtype``: the dtypes of the weights of the tiny task, ``--task text`` and ``--shapes``
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: the engine's settings that round a step's write-back into bfloat16 weights (they apply to bfloat16 weights only)
 ROUNDING = ("bf16_stochastic_round", "kahan_summation")
@@ -490,8 +490,8 @@ def main(args) -> int:
             if not (getattr(args, "shapes", None) or getattr(args, "task", "tiny") == "text"):
                 dt = getattr(args, "dtype", "float32") or "float32"
                 raise ValueError(f"{n!r}: peer rows need --task text or --shapes" + (
-                    f"; {n!r} cannot run in {dt} here (with --dtype {dt}: --task text, which probes it on {dt} "
-                    "weights first; --shapes runs float32)" if dt != "float32" else ""))
+                    f"; {n!r} cannot run in {dt} here (with --dtype {dt}: --task text or --shapes, which probe it on"
+                    f" {dt} weights first)" if dt != "float32" else ""))
             continue
         name, variant = parse_variant(n)
         if name != BASELINE:
@@ -500,14 +500,9 @@ def main(args) -> int:
             if unknown:
                 raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
     dtype = getattr(args, "dtype", "float32") or "float32"
-    if dtype != "float32" and (getattr(args, "shapes", None) or getattr(args, "launches", False)):
-        peers = [n for n in names if n.startswith("peer:")]
-        raise ValueError(
-            f"--dtype {dtype} trains the model of the tiny task and of --task text in {dtype}; --shapes and --launches"
-            " run float32 weights"
-            + (f", so the peer row(s) {', '.join(repr(n) for n in peers)} cannot run in {dtype} there (--task text"
-               f" probes them on {dtype} weights)" if peers else "")
-            + "; valid: --dtype float32 there, or the tiny task / --task text")
+    if dtype != "float32" and getattr(args, "launches", False):
+        raise ValueError(f"--dtype {dtype} sets the weights of the tiny task, --task text and --shapes; --launches "
+                         "counts float32 weights; valid: --dtype float32 with --launches")
     check_dtype_rows(names, {}, dtype)  # (a rounding option on float32 weights: every mode; --optim-args: below)
     if getattr(args, "launches", False):
         if args.task != "tiny" or any(n.startswith("peer:") for n in names):

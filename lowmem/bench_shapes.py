@@ -37,6 +37,10 @@ whole matrices (``batch_direction``). ``qwen3-moe-layer`` (128 experts, 623.1M p
 about 7 copies in a timing run) is counted by ``--launches`` on meta tensors only (:data:`META_ONLY_SETS`: timing it
 is refused, naming the small variant); ``qwen3-moe-layer-small`` is the same layer with 16 experts (94.4M) for CPU
 timing.
+
+``dtype="bfloat16"`` (``--dtype bfloat16``): the set's weights, their gradients and the baseline's state in bfloat16
+(pure bfloat16, as the tiny task's; rows with ``bf16_stochastic_round`` / ``kahan_summation`` time those write-backs);
+peer rows are probed on bfloat16 weights first.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowmem.bench import BASELINE, SPREAD_LIMIT, _state_bytes, parse_variant, summarize_ratios
+from lowmem.bench import BASELINE, DTYPES, SPREAD_LIMIT, _state_bytes, check_dtype_rows, parse_variant, summarize_ratios
 from lowmem.bench_peers import PEERS, get_peer, peer_label, peers_for, probe_peer, recommended
 from lowmem.io import write_files_atomic
 
@@ -347,16 +351,28 @@ def _import_bitsandbytes() -> None:
 
 
 def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: bool = False, rank: int | None = None,
-                     repeats: int = 5, threads: int | None = None, progress: bool = True) -> tuple[list[ShapeResult], dict[str, Any]]:
+                     repeats: int = 5, threads: int | None = None, progress: bool = True,
+                     dtype: str = "float32") -> tuple[list[ShapeResult], dict[str, Any]]:
     """Time each optimizer's step on the shapes of ``shapes`` (see the module docstring); returns the rows
     (``torch_adamw`` first) and the run's metadata (shapes, skipped peers). ``peers`` adds the peers of the
     named recipes (every peer when only the baseline or ``peer:NAME`` rows are named); the others are in
-    ``meta["left_out_peers"]``."""
+    ``meta["left_out_peers"]``. ``dtype`` (``"float32"`` or ``"bfloat16"``, :data:`lowmem.bench.DTYPES`): the
+    weights, their gradients and the baseline's in that dtype (pure bfloat16: no float32 master copy); rows checked
+    by :func:`lowmem.bench.check_dtype_rows`; with bfloat16 every peer is probed on bfloat16 weights first
+    (:func:`~lowmem.bench_peers.probe_peer`): one named explicitly that fails is a ValueError naming it, one added
+    by ``peers`` a skipped line with the reason."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check_dtype_rows(optimizers, {}, dtype)
+    if dtype != "float32":
+        for label in optimizers:
+            why = probe_peer(get_peer(label), "cpu", DTYPES[dtype]) if label.startswith("peer:") else None
+            if why is not None:
+                raise ValueError(f"{label!r} cannot step {dtype} weights: {why}; valid: --dtype float32, or the run "
+                                 f"without {label!r}")
     if shapes in META_ONLY_SETS:
         raise ValueError(f"--shapes {shapes}: {META_ONLY_SETS[shapes]}")
-    module = build_set(shapes)  # an unknown name is a ValueError naming the valid sets
+    module = build_set(shapes).to(DTYPES[dtype])  # an unknown name is a ValueError naming the valid sets
     n_steps = steps_per_round(shapes)
     rank = rank or DEFAULT_RANK
     prev = torch.get_num_threads()
@@ -375,7 +391,7 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
             for p in chosen:
                 if peer_label(p) in labels:
                     continue
-                why = probe_peer(p)
+                why = probe_peer(p) if dtype == "float32" else probe_peer(p, "cpu", DTYPES[dtype])
                 if why is None:
                     labels.append(peer_label(p))
                 else:
@@ -384,7 +400,7 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
         params = [p for p in module.parameters()]
         n_params = sum(p.numel() for p in params)
         g = torch.Generator().manual_seed(1)
-        fixed = [torch.randn(p.shape, generator=g) * 1e-3 for p in params]
+        fixed = [(torch.randn(p.shape, generator=g) * 1e-3).to(p.dtype) for p in params]
         for p in params:
             p.grad = torch.empty_like(p)
 
@@ -451,7 +467,7 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
         ))
     finally:
         torch.set_num_threads(prev)
-    meta = {"shapes": shapes, "description": describe_set(shapes), "params": n_params, "rank": rank,
+    meta = {"shapes": shapes, "dtype": dtype, "description": describe_set(shapes), "params": n_params, "rank": rank,
             "repeats": repeats, "steps_per_round": n_steps, "lr": LR, "skipped_peers": skipped, "left_out_peers": left_out, "torch": torch.__version__,
             "threads": torch.get_num_threads() if threads is None else threads, "wall_s": time.perf_counter() - t_start}
     return results, meta
@@ -495,7 +511,8 @@ def to_markdown(results: list[ShapeResult], meta: dict[str, Any]) -> str:
     per_round = "" if meta["steps_per_round"] == 1 else f" of {meta['steps_per_round']} steps"
     lines += ["", (f"`{meta['shapes']}`: {meta['description']}: {meta['params']:,} parameters; optimizer.step() only, "
                    f"random gradients; {meta['repeats']} interleaved rounds{per_round} (median ratio of CPU times, spread = (max - min) / median); subspace rank {meta['rank']}; "
-                   f"{meta['threads']} CPU thread(s); torch {meta['torch']}; {meta['wall_s']:.0f} s.")]
+                   f"{meta['threads']} CPU thread(s); {meta.get('dtype', 'float32')} weights; torch {meta['torch']}; "
+                   f"{meta['wall_s']:.0f} s.")]
     if meta.get("skipped_peers"):
         lines += ["", "Skipped peers: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped_peers"].items()) + "."]
     if meta.get("left_out_peers"):
@@ -514,13 +531,14 @@ def main(args, names: list[str], threads: int) -> int:
     if args.device == "cuda":
         raise ValueError("--shapes times the CPU step for now; --device cuda is not supported with --shapes")
     results, meta = run_shapes_bench(names, args.shapes, peers=args.peers, rank=args.rank, repeats=args.repeats,
-                                     threads=threads)
+                                     threads=threads, dtype=getattr(args, "dtype", None) or "float32")
     meta["date"] = time.strftime("%Y-%m-%d")
     import json
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = f"### lowmem bench --shapes {args.shapes}\n\n" + to_markdown(results, meta)
+    dt = "" if meta["dtype"] == "float32" else f" --dtype {meta['dtype']}"
+    md = f"### lowmem bench --shapes {args.shapes}{dt}\n\n" + to_markdown(results, meta)
     write_files_atomic({out / "bench_shapes.json": json.dumps({"meta": meta, "results": [asdict(r) for r in results]},
                                                               indent=2, default=str),
                         out / "bench_shapes.md": md})

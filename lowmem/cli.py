@@ -354,11 +354,11 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    help="str, repeatable: tiny task: per-optimizer overrides, e.g. galore_adamw:rank=8,update_proj_gap=50 "
                    "(default: none)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="str: tiny task and --task text: the dtype every contender's copy of the model trains in ('bfloat16': pure "
+                   help="str: tiny task, --task text and --shapes: the dtype of every contender's copy of the weights ('bfloat16': pure "
                    "bfloat16 weights, no float32 master copy; compare e.g. adamw adamw:bf16_stochastic_round=true "
                    "adamw:kahan_summation=true); a row with bf16_stochastic_round or kahan_summation at float32 is "
-                   "refused naming it; with --task text a peer row is probed on bfloat16 weights first (one named that fails "
-                   "is refused naming it; --peers lists it as skipped with the reason); --shapes and --launches run float32 "
+                   "refused naming it; with --task text or --shapes a peer row is probed on bfloat16 weights first (one named "
+                   "that fails is refused naming it; --peers lists it as skipped with the reason); --launches counts float32 "
                    "only. Default: float32")
     p.add_argument("--output-dir", default="runs/bench", help="str: where the json and md results go (default runs/bench)")
     p.add_argument("--repeats", type=int, default=5,

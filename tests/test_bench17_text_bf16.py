@@ -1,6 +1,7 @@
 """``lowmem bench --task text --dtype bfloat16``: every contender's copy of the byte-level Llama trains in bfloat16;
 a peer runs there when lowmem.bench_peers.probe_peer succeeds on bfloat16 weights: one named explicitly that fails
-is refused naming itself, one added by --peers is a skipped line saying why."""
+is refused naming itself, one added by --peers is a skipped line saying why. ``--shapes`` steps its sets' weights in
+bfloat16 the same way; ``--launches`` refuses it."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import json
 import pytest
 import torch
 
-from lowmem import bench_peers, bench_text
+from lowmem import bench_peers, bench_shapes, bench_text
 from lowmem.bench import BASELINE
 from lowmem.bench_peers import Peer, probe_peer
+from lowmem.bench_shapes import run_shapes_bench
 from lowmem.cli import main
 
 
@@ -70,7 +72,30 @@ def test_peers_flag_skips_a_peer_failing_in_bfloat16_saying_why(monkeypatch):
     assert [r.label for r in rows] == [BASELINE, "adamw", "peer:fp32_only"] and not skipped
 
 
-@pytest.mark.parametrize("extra", [["--shapes", "small-tensors"], ["--launches"]])
-def test_bfloat16_still_refused_for_shapes_and_launches(capsys, extra):
-    assert main(["bench", "adamw", "--dtype", "bfloat16", *extra]) == 2
-    assert "--shapes and --launches run float32 weights" in capsys.readouterr().err
+def test_bfloat16_still_refused_for_launches(capsys):
+    assert main(["bench", "adamw", "--dtype", "bfloat16", "--launches"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--launches counts float32 weights" in err
+
+
+def test_shapes_step_bfloat16_weights(monkeypatch):
+    monkeypatch.setattr(bench_shapes, "SMALL_SET_STEPS", 1)
+    rows = ["adamw", "adamw:kahan_summation=true"]
+    results, meta = run_shapes_bench(rows, "small-tensors", repeats=1, threads=1, progress=False, dtype="bfloat16")
+    assert meta["dtype"] == "bfloat16" and "; bfloat16 weights;" in bench_shapes.to_markdown(results, meta)
+    base, rtn, kahan = results
+    assert [r.optimizer for r in results] == [BASELINE, *rows]
+    # torch's AdamW: bfloat16 moments of bfloat16 weights (2 x 2 B); Kahan's compensation 2 B a parameter
+    assert 4.0 <= base.bytes_per_param < 4.01 and kahan.state_bytes - rtn.state_bytes == 2 * rtn.params
+
+
+def test_shapes_refuse_a_named_peer_failing_in_bfloat16(monkeypatch):
+    monkeypatch.setattr(bench_peers, "PEERS", (*bench_peers.PEERS, FAKE))
+
+    def no_build(name):
+        raise AssertionError("the set was built before the peer was refused")
+
+    monkeypatch.setattr(bench_shapes, "build_set", no_build)
+    with pytest.raises(ValueError, match="'peer:fp32_only' cannot step bfloat16 weights: torch failed on cpu with "
+                                         "bfloat16 weights"):
+        run_shapes_bench(["adamw", "peer:fp32_only"], "small-tensors", repeats=1, dtype="bfloat16")
