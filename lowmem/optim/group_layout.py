@@ -70,6 +70,7 @@ that does not step with its ``lr`` (Adafactor's ``relative_step``) checks an ``l
 
 from __future__ import annotations
 
+import operator
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -186,7 +187,7 @@ def _kind(p: Tensor) -> tuple:
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
+    if isinstance(a, Tensor) or isinstance(b, Tensor) or type(a) is not type(b):  # (True == 1, 0.0 == 0: revalidated)
         return False
     try:
         return bool(a == b)
@@ -571,7 +572,8 @@ def check_group_settings(opt: Any) -> None:
             entry = known[id(group)] = entry._replace(keys=keys)
         now = tuple(map(group.get, entry.names, entry.missing))
         try:
-            if now == entry.values:
+            # (== alone takes rank=True for the validated rank 1, seed=0.0 for 0: the types must match too)
+            if now == entry.values and all(map(operator.is_, map(type, now), map(type, entry.values))):
                 continue
         except Exception:  # (a tensor value: compared one by one below)
             pass
