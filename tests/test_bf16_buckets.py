@@ -1,5 +1,5 @@
 """Issue 15 (BF16REST's measure): bfloat16 weights join the engine's multi-tensor buckets (``_step_bf16_bucket``) for
-AdamW, float32 or bfloat16 moments, with the write-back of the per-parameter step (rounding to nearest,
+AdamW and Lion, float32 or bfloat16 moments, with the write-back of the per-parameter step (rounding to nearest,
 ``bf16_stochastic_round`` with each parameter's own stream, ``kahan_summation``'s compensation), so the weights and
 the state are the per-parameter step's (``foreach=False``, the reference) bit for bit: weight decay on and off,
 several steps, a float32 group beside, tensors larger than ``chunk_numel`` in pieces, a resume from a checkpoint.
@@ -30,13 +30,13 @@ def _no_fused_cpu(monkeypatch):
     monkeypatch.setattr(FA, "FUSED_ON_CPU", False)
 
 
-def _build(foreach, moments="float32", rounding="nearest", wd=0.1, chunk=None, mixed=False, shapes=SHAPES):
+def _build(foreach, moments="float32", rounding="nearest", wd=0.1, chunk=None, mixed=False, shapes=SHAPES, name="adamw"):
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in shapes]
     groups = [{"params": ps, **ROUNDING[rounding]}]
     if mixed:  # a float32 group beside (its own buckets, the float32 operations)
         groups.append({"params": [torch.nn.Parameter(torch.randn(11, 3))], "weight_decay": 0.0})
-    opt = create_optimizer(groups, "adamw", lr=1e-2, weight_decay=wd, state_dtype=moments, foreach=foreach)
+    opt = create_optimizer(groups, name, lr=1e-2, weight_decay=wd, state_dtype=moments, foreach=foreach)
     if chunk is not None:
         opt.chunk_numel = chunk
     return opt, [p for g in groups for p in g["params"]]
@@ -66,15 +66,16 @@ def _same(a, pa, b, pb, n=len(SHAPES)):
 CONFIGS = list(itertools.product(["float32", "bfloat16"], list(ROUNDING), [0.0, 0.1]))
 
 
+@pytest.mark.parametrize("name", ["adamw", "lion"])
 @pytest.mark.parametrize("chunk,mixed", [(None, False), (64, True)], ids=["whole", "pieces_mixed"])
 @pytest.mark.parametrize("moments,rounding,wd", CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
-def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk, mixed, monkeypatch):
+def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk, mixed, name, monkeypatch):
     """Three steps of the buckets == three per-parameter steps, weights and state bit for bit; the bfloat16 weights
     are stepped in buckets (_step_bf16_bucket), none alone. ``chunk=64``: the (300,) and (40, 30) weights in pieces
     of 64 across buckets (stochastic rounding: each piece continues its parameter's stream)."""
     import lowmem.optim.engine as E
 
-    ref, pr = _build(False, moments, rounding, wd, chunk, mixed)
+    ref, pr = _build(False, moments, rounding, wd, chunk, mixed, name=name)
     _steps(ref, pr, 3)
     calls = []
     real = E.LowMemOptimizer._step_bf16_bucket
@@ -82,23 +83,24 @@ def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk,
                         lambda self, ps, *a: (calls.append(len(ps)), real(self, ps, *a))[1])
     alone = []
     monkeypatch.setattr(E.LowMemOptimizer, "_update", lambda self, p, *a, **k: alone.append(p.dtype))
-    opt, po = _build(True, moments, rounding, wd, chunk, mixed)
+    opt, po = _build(True, moments, rounding, wd, chunk, mixed, name=name)
     _steps(opt, po, 3)
     assert torch.bfloat16 not in alone and calls  # (a float32 weight with bfloat16 moments: alone, as before)
     _same(ref, pr, opt, po)
 
 
+@pytest.mark.parametrize("name", ["adamw", "lion"])
 @pytest.mark.parametrize("rounding", list(ROUNDING))
-def test_bf16_buckets_resume_from_a_checkpoint(rounding):
+def test_bf16_buckets_resume_from_a_checkpoint(rounding, name):
     """2 steps, state_dict, a new optimizer loads it, 2 more steps == 4 uninterrupted per-parameter steps (the
     stochastic rounding's streams are seeded by position and step count; Kahan's compensation is state)."""
-    ref, pr = _build(False, "bfloat16", rounding, chunk=64)
+    ref, pr = _build(False, "bfloat16", rounding, chunk=64, name=name)
     _steps(ref, pr, 4)
-    first, p1 = _build(True, "bfloat16", rounding, chunk=64)
+    first, p1 = _build(True, "bfloat16", rounding, chunk=64, name=name)
     _steps(first, p1, 2)
     saved = copy.deepcopy(first.state_dict())
     weights = [p.detach().clone() for p in p1]
-    resumed, p2 = _build(True, "bfloat16", rounding, chunk=64)
+    resumed, p2 = _build(True, "bfloat16", rounding, chunk=64, name=name)
     with torch.no_grad():
         for p, w in zip(p2, weights):
             p.copy_(w)
@@ -122,12 +124,13 @@ def test_a_piece_rounded_out_of_its_stream_is_refused():
     opt._piece_generator(ChunkState(opt.state[big], 64, 128), big.view(-1)[64:128])  # (its stream: accepted)
 
 
+@pytest.mark.parametrize("name", ["adamw", "lion"])
 @pytest.mark.parametrize("chunk", [None, 500], ids=["whole", "pieces"])
 @pytest.mark.parametrize("moments,rounding,wd", CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
-def test_bf16_bucket_step_allocates_what_it_reports(moments, rounding, wd, chunk):
+def test_bf16_bucket_step_allocates_what_it_reports(moments, rounding, wd, chunk, name):
     """The traced peak of a steady step (the third) == step_transient_bytes(): the gradients' and parameters'
     float32 copies, the rule's direction phase, the rounding's bits (issue 12's exact counts)."""
-    opt, ps = _build(True, moments, rounding, wd, chunk, mixed=True)
+    opt, ps = _build(True, moments, rounding, wd, chunk, mixed=True, name=name)
     _steps(opt, ps, 2)
     gen = torch.Generator().manual_seed(5)
     for p in ps:

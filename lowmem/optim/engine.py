@@ -2574,6 +2574,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 and type(self)._update is LowMemOptimizer._update
                 and (grad is None or (grad.dtype == torch.bfloat16 and not grad.is_sparse))
                 and state_dtype(group, p) in r.moment.bf16_bucket_state_dtypes
+                and getattr(r.moment, "bf16_bucket_takes", lambda p, group: True)(p, group)  # (Lion's fused kernel)
                 and not r.stabilizers and r.lr_rule is constant_lr and not isinstance(group.get("lr"), Tensor))
 
     # ---- the multi-tensor step of projected parameters ---------------------------------------
