@@ -30,7 +30,8 @@ def _no_fused_cpu(monkeypatch):
     monkeypatch.setattr(FA, "FUSED_ON_CPU", False)
 
 
-def _build(foreach, moments="float32", rounding="nearest", wd=0.1, chunk=None, mixed=False, shapes=SHAPES, name="adamw"):
+def _build(foreach, moments="float32", rounding="nearest", wd=0.1, chunk=None, mixed=False, shapes=SHAPES,
+           name="adamw"):
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s).to(torch.bfloat16)) for s in shapes]
     groups = [{"params": ps, **ROUNDING[rounding]}]

@@ -2197,8 +2197,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             cur = self.__dict__.get("_sr_cur")
             if not (cur is not None and cur[0] is step and cur[1] == (step.item(), self._rounding_epoch())
                     and cur[2].device == dst.device):
-                raise RuntimeError(f"{self.recipe.name}: the piece [{state.start}, {state.stop}) of a bfloat16 parameter"
-                                   " is rounded after another parameter's rounding, not right after its previous piece:"
+                raise RuntimeError(f"{self.recipe.name}: the piece [{state.start}, {state.stop}) of a bfloat16"
+                                   " parameter is rounded after another parameter's rounding, not right after its"
+                                   " previous piece:"
                                    " its random bits would differ from the per-parameter step's")
         else:
             self.__dict__.pop("_sr_cur", None)  # (a parameter's first piece: its stream from its seed)
@@ -2532,9 +2533,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _foreach_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None = None,
                     state: dict[str, Tensor] | None = None) -> bool:
-        """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step
-        that the rule has a multi-tensor form for (decided per parameter,
-        :meth:`~lowmem.optim.moments.MomentRule.supports_foreach_for`, e.g. a hybrid's AdamW parameters
+        """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step (or a
+        bfloat16 one the rule's buckets take: :meth:`_bf16_bucket_ok`) that the rule has a multi-tensor form for
+        (decided per parameter, :meth:`~lowmem.optim.moments.MomentRule.supports_foreach_for`, e.g. a hybrid's
+        AdamW parameters
         and its targets of a supported shape, quantized moments except batched rank-1 ones; ``state``:
         ``p``'s, empty before its first step), where a tensor larger than ``chunk_numel`` must be
         contiguous (it joins the buckets in chunks; a rule whose statistics span blocks steps it whole

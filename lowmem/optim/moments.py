@@ -498,8 +498,9 @@ class AdamMoments(MomentRule):
                               t: float, lr: Any) -> list[Tensor]:
         """:meth:`direction` of a bucket of bfloat16 parameters (pieces), one multi-tensor kernel per operation, the
         same operations in the same order (bit for bit on the CPU): ``g32s`` are the gradients' float32 copies,
-        emptied (freed) once the moments are updated. float32 moments: :func:`~lowmem.optim.functional.adam_moments_foreach_`
-        in place, then :func:`~lowmem.optim.functional.adam_direction_foreach` (new tensors). bfloat16 moments:
+        emptied (freed) once the moments are updated. float32 moments:
+        :func:`~lowmem.optim.functional.adam_moments_foreach_` in place, then
+        :func:`~lowmem.optim.functional.adam_direction_foreach` (new tensors). bfloat16 moments:
         float32 copies of both, updated and stored rounded to nearest (as :meth:`direction`), the direction of the
         unrounded copies divided into the first moment's copy in place
         (:func:`~lowmem.optim.functional.adam.adam_direction_foreach_into_`). Returns the float32 directions;
