@@ -81,11 +81,12 @@ from torch import Tensor
 from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
+from .functional.subset_norm import foreach_scalar
 from .functional.rounding import kahan_store_, stochastic_round_bytes, stochastic_round_to_bf16_, stream_seed
 from .group_layout import (_MISSING, _Reads, check_group_layouts, check_resized, check_rounding, check_state_fits,
                            record_validated)
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
-from .moments import _DISTRIBUTED, MomentRule, constant_lr, counting_gradient, state_dtype
+from .moments import _DISTRIBUTED, ChunkState, MomentRule, constant_lr, counting_gradient, state_dtype
 from .sharded import DTensor as _DTensor
 from .sharded import (ShardedProjection, ShardReduce, check_placements, check_supported, combine_direction,
                       is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
@@ -1149,6 +1150,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         members: dict[tuple, list[tuple[int, dict[str, Tensor]]]] = {}  # (elements, state) of each bucket's pieces
         bucket_groups: dict[tuple, dict[str, Any]] = {}  # each bucket's parameter group (its hyperparameters)
         outside: dict[tuple, int] = {}  # each bucket's elements of non-contiguous parameters
+        low16: dict[tuple, list[tuple[int, dict[str, Tensor]]]] = {}  # (elements, state) of its bfloat16 members
         many: set[tuple] = set()  # buckets whose whole tensors are stabilized together (_stabilizes_many)
         low_bucket: list[_ProjectedBytes] = []  # the open bucket of the projected multi-tensor step
         low_key: tuple | None = None
@@ -1229,8 +1231,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     for start, stop in self._foreach_pieces(p):
                         # (the pieces still fill the buckets as step() fills them, by class)
                         key = self._bucket_key(sizes, (id(group), p.device, cls), stop - start, self._chunk(p.device))
-                        buckets[key] = buckets.get(key, 0) + (0 if whole else stop - start)
                         bucket_groups[key] = group
+                        if p.dtype == torch.bfloat16:  # (stepped apart from its float32 members: _step_bf16_bucket)
+                            buckets.setdefault(key, 0)
+                            low16.setdefault(key, []).append((stop - start, state))
+                            continue
+                        buckets[key] = buckets.get(key, 0) + (0 if whole else stop - start)
                         if not whole:
                             members.setdefault(key, []).append((stop - start, state))
                             if not p.is_contiguous():  # (outside torch's fused AdamW kernel's layout)
@@ -1260,7 +1266,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return kw
 
         foreach = max((max(moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k], **extra(k))
-                           + stab * n,
+                           + stab * n, self._bf16_bucket_bytes(low16.get(k, []), bucket_groups[k]),
                            # a bucket stabilized at once: the stabilizers' transient before the moment step
                            sum(s.transform_many_transient_bytes(n, bucket_groups[k]) for s in self.recipe.stabilizers)
                            if k in many else 0) for k, n in buckets.items()),
@@ -1270,6 +1276,21 @@ class LowMemOptimizer(torch.optim.Optimizer):
         steps = self._fused_step_bytes()
         held = 0 if per_parameter else self._pre_check_bytes()[0]  # (kept through the step: _finite_and_pre_check)
         return kept + steps + max(max(worst, foreach) + steps + held, self._check_bytes() if not per_parameter else 0)
+
+    def _bf16_bucket_bytes(self, members: list[tuple[int, dict[str, Tensor]]], group: dict[str, Any]) -> int:
+        """What :meth:`_step_bf16_bucket` allocates for a bucket's bfloat16 ``members`` (elements, state), after its
+        float32 members' step: the rule's direction phase (``bf16_bucket_transient_bytes``, the gradients' float32
+        copies included), the directions beside the parameters' float32 copies (8 B per element), and with
+        ``bf16_stochastic_round`` the copies beside one member's random bits and NaN mask
+        (:func:`~lowmem.optim.functional.rounding.stochastic_round_bytes`); Kahan's compensation and rounding to
+        nearest allocate nothing more."""
+        if not members:
+            return 0
+        n = sum(k for k, _ in members)
+        worst = max(self.recipe.moment.bf16_bucket_transient_bytes(n, [s for _, s in members]), 8 * n)
+        if group.get("bf16_stochastic_round"):
+            worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
+        return worst
 
     def _fused_step_bytes(self) -> int:
         """4 bytes per device whose parameters the moment rule may step with torch's fused AdamW kernel
@@ -2097,6 +2118,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         launches = {}
         for bkey, (group, pieces) in buckets.items():
             ps, gs, ss = (list(x) for x in zip(*pieces))
+            if bkey[4] != -1 and any(p.dtype == torch.bfloat16 for p in ps):
+                continue  # (bfloat16 members: _step_bucket's _step_bf16_bucket)
             fused = {"fused_bucket": True} if told and bkey[4] == -1 else {}
             launch = prepare(ps, gs, ss, group, bkey[1], group["lr"], **rule, **fused)
             if launch is not None:
@@ -2113,6 +2136,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group, pieces = bucket
         ps, gs, ss = (list(x) for x in zip(*pieces))
         pieces.clear()
+        if key[4] != -1 and any(p.dtype == torch.bfloat16 for p in ps):
+            # bfloat16 members (_bf16_bucket_ok; not the fused kernel's bucket, key[4] -1): float32 ones first
+            low = [i for i, p in enumerate(ps) if p.dtype == torch.bfloat16]
+            lps, lgs, lss = [ps[i] for i in low], [gs[i] for i in low], [ss[i] for i in low]
+            if len(low) < len(ps):
+                rest = sorted(set(range(len(ps))) - set(low))
+                self._step_bucket(key, (group, [(ps[i], gs[i], ss[i]) for i in rest]))
+            del ps, gs, ss, low
+            self._step_bf16_bucket(lps, lgs, lss, group, t)
+            return
         if many:  # whole tensors: the stabilizers' statistics of the bucket at once (issue 15)
             for s in self.recipe.stabilizers:
                 gs = s.transform_many(gs, ss, group, int(t), self.recipe.moment)
@@ -2122,6 +2155,84 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"])
         else:  # (only rules with foreach_step_lr: _foreach_ok)
             self.recipe.moment.foreach_step_(ps, gs, ss, group, t, group["lr"], step_lr=group["lr"] * lr_scale)
+
+    def _step_bf16_bucket(self, ps: list[Tensor], gs: list[Tensor], ss: list[dict[str, Tensor]], group: dict[str, Any],
+                          t: float) -> None:
+        """The multi-tensor step of a bucket of bfloat16 parameters (pieces) (:meth:`_bf16_bucket_ok`): what
+        :meth:`_update_chunked` does to each of them, one multi-tensor kernel per operation and in the same order,
+        so the result is the per-parameter step's bit for bit (``foreach=False``, the reference): the gradients'
+        float32 copies, the rule's direction (``bf16_bucket_direction``, which frees the copies), the parameters'
+        float32 copies, decay and update (:meth:`_apply`'s operations), then the write-back
+        (:meth:`_store_bucket`). Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
+        r = self.recipe
+        lr = group["lr"]
+        g32s = _FA.float32_copies(gs)
+        gs.clear()
+        ds = r.moment.bf16_bucket_direction(g32s, ss, group, t, lr)
+        del g32s
+        p32s = _FA.float32_copies(ps)
+        wds = {r.moment.weight_decay_for(group, s) for s in ss}
+        if len(wds) != 1:  # (one decay per bucket: a rule whose decay differs per parameter steps them alone)
+            raise ValueError(f"{r.name}: a bucket of bfloat16 parameters with several weight decays {sorted(wds)}")
+        wd = wds.pop()
+        decay = (lambda: torch._foreach_mul_(p32s, foreach_scalar(p32s, 1.0 - lr * wd))) if wd != 0 else (lambda: None)
+        if not r.decay_after_update:
+            decay()
+        if r.moment.applies_lr:
+            torch._foreach_sub_(p32s, ds)
+        else:
+            torch._foreach_add_(p32s, ds, alpha=-lr)
+        if r.decay_after_update:
+            decay()
+        del ds  # (freed before the write-back: stochastic rounding's bits take their place)
+        self._store_bucket(ps, p32s, ss, group)
+
+    def _store_bucket(self, ps: list[Tensor], p32s: list[Tensor], ss: list[dict[str, Tensor]],
+                      group: dict[str, Any]) -> None:
+        """:meth:`_store` of a bucket of bfloat16 parameters (pieces: their ``ss`` are
+        :class:`~lowmem.optim.moments.ChunkState` views of flat ``[start, stop)``): stochastically rounded one
+        member at a time, each with the bits of its parameter's stream (:meth:`_piece_generator`: a piece draws
+        where the parameter's previous piece stopped, as :meth:`_update_chunked`'s chunks do); with Kahan's
+        compensation, or rounded to nearest, one multi-tensor operation each for the bucket
+        (:func:`~lowmem.optim.functional.rounding.kahan_store_`'s operations). ``p32s`` are overwritten."""
+        if group.get("bf16_stochastic_round"):
+            for p, p32, s in zip(ps, p32s, ss):
+                stochastic_round_to_bf16_(p, p32, self._piece_generator(s, p), overwrite_src=True)
+            return
+        kahan = ["kahan_comp" in s for s in ss]
+        if any(kahan) and not all(kahan):  # (one group: every member keeps one, or none)
+            raise RuntimeError(f"{self.recipe.name}: a bucket of bfloat16 parameters with and without kahan_comp")
+        if not any(kahan):
+            torch._foreach_copy_(ps, p32s)
+            return
+        comps = [s["kahan_comp"] if not isinstance(s, ChunkState) else s["kahan_comp"].view(-1)[s.start : s.stop]
+                 for s in ss]
+        torch._foreach_add_(p32s, comps)  # (kahan_store_: src + comp, rounded; comp <- what the rounding dropped)
+        torch._foreach_copy_(ps, p32s)
+        torch._foreach_sub_(p32s, ps)
+        torch._foreach_copy_(comps, p32s)
+
+    def _piece_generator(self, state: dict[str, Tensor], dst: Tensor) -> torch.Generator | None:
+        """:meth:`_rounding_generator` of a bucket member: a parameter's first (or only) piece draws from its
+        stream's seed, a later piece (``state`` a :class:`~lowmem.optim.moments.ChunkState` from ``start > 0``)
+        where the previous piece stopped, as :meth:`_update_chunked`'s chunks do. That needs the previous
+        rounding to have been that parameter's previous piece: it is (a tensor larger than ``chunk_numel`` opens a
+        new bucket with each of its pieces, one after another, and buckets are stepped in the order they were
+        opened); anything else is refused, not rounded with other bits."""
+        if _no_data(dst):
+            return None
+        step = state["step"]
+        if isinstance(state, ChunkState) and state.start > 0:
+            cur = self.__dict__.get("_sr_cur")
+            if not (cur is not None and cur[0] is step and cur[1] == (step.item(), self._rounding_epoch())
+                    and cur[2].device == dst.device):
+                raise RuntimeError(f"{self.recipe.name}: the piece [{state.start}, {state.stop}) of a bfloat16"
+                                   " parameter is rounded after another parameter's rounding, not right after its"
+                                   " previous piece:"
+                                   " its random bits would differ from the per-parameter step's")
+        else:
+            self.__dict__.pop("_sr_cur", None)  # (a parameter's first piece: its stream from its seed)
+        return self._rounding_generator(state, dst)
 
     def _stabilizes_many(self, device: torch.device) -> bool:
         """Whether whole tensors on the foreach path are stabilized a bucket at a time
@@ -2451,9 +2562,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _foreach_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None = None,
                     state: dict[str, Tensor] | None = None) -> bool:
-        """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step
-        that the rule has a multi-tensor form for (decided per parameter,
-        :meth:`~lowmem.optim.moments.MomentRule.supports_foreach_for`, e.g. a hybrid's AdamW parameters
+        """Whether ``p`` can take the moment rule's multi-tensor path: a plain full-rank float32 step (or a
+        bfloat16 one the rule's buckets take: :meth:`_bf16_bucket_ok`) that the rule has a multi-tensor form for
+        (decided per parameter, :meth:`~lowmem.optim.moments.MomentRule.supports_foreach_for`, e.g. a hybrid's
+        AdamW parameters
         and its targets of a supported shape, quantized moments except batched rank-1 ones; ``state``:
         ``p``'s, empty before its first step), where a tensor larger than ``chunk_numel`` must be
         contiguous (it joins the buckets in chunks; a rule whose statistics span blocks steps it whole
@@ -2472,14 +2584,29 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # a constant step size, or an lr rule the foreach step evaluates itself (Adafactor's RMS scale)
             and (r.lr_rule is constant_lr or r.lr_rule is r.moment.foreach_lr_rule)
             and r.decay_after_update == r.moment.foreach_decays_after
-            and p.dtype == torch.float32
-            and (grad is None or (grad.dtype == torch.float32 and not grad.is_sparse))
-            # float32 state, or the state dtypes the rule's buckets take (Sm3Moments: bfloat16 too)
-            and state_dtype(group, p) in getattr(r.moment, "foreach_state_dtypes", (torch.float32,))
+            and ((p.dtype == torch.float32
+                  and (grad is None or (grad.dtype == torch.float32 and not grad.is_sparse))
+                  # float32 state, or the state dtypes the rule's buckets take (Sm3Moments: bfloat16 too)
+                  and state_dtype(group, p) in getattr(r.moment, "foreach_state_dtypes", (torch.float32,)))
+                 or self._bf16_bucket_ok(p, group, grad))
             and not (large and not (p.is_contiguous() and (grad is None or grad.is_contiguous())))
             and not self._is_projected(p, group)
             and not self._matrices(p, group)  # (a batch of matrices: per matrix, _update_matrices)
         )
+
+    def _bf16_bucket_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None) -> bool:
+        """Whether bfloat16 ``p`` may join the multi-tensor buckets (:meth:`_step_bf16_bucket`): a rule with a
+        bucket direction of bfloat16 parameters (``bf16_bucket_direction``: AdamW's) and moments of a dtype it
+        takes (``bf16_bucket_state_dtypes``), a bfloat16 dense gradient, no stabilizers, a constant learning-rate
+        rule and a float ``lr`` (the operations of :meth:`_apply` with a number); not in a subclass whose
+        per-parameter step is its own (BAdam's ``_update``: a float32 master copy takes the step)."""
+        r = self.recipe
+        return (p.dtype == torch.bfloat16 and getattr(r.moment, "bf16_bucket_direction", None) is not None
+                and type(self)._update is LowMemOptimizer._update
+                and (grad is None or (grad.dtype == torch.bfloat16 and not grad.is_sparse))
+                and state_dtype(group, p) in r.moment.bf16_bucket_state_dtypes
+                and getattr(r.moment, "bf16_bucket_takes", lambda p, group: True)(p, group)  # (Lion's fused kernel)
+                and not r.stabilizers and r.lr_rule is constant_lr and not isinstance(group.get("lr"), Tensor))
 
     # ---- the multi-tensor step of projected parameters ---------------------------------------
 

@@ -497,6 +497,46 @@ class AdamMoments(MomentRule):
         """The directions and ``sqrt(v)`` (freed once the quotient exists): two float32 tensors."""
         return 8 * numel
 
+    #: bfloat16 parameters join the multi-tensor buckets (the engine's ``_step_bf16_bucket``) with moments of
+    #: these dtypes: :meth:`bf16_bucket_direction` computes in float32 what :meth:`direction` computes
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+
+    def bf16_bucket_direction(self, g32s: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any],
+                              t: float, lr: Any) -> list[Tensor]:
+        """:meth:`direction` of a bucket of bfloat16 parameters (pieces), one multi-tensor kernel per operation, the
+        same operations in the same order (bit for bit on the CPU): ``g32s`` are the gradients' float32 copies,
+        emptied (freed) once the moments are updated. float32 moments:
+        :func:`~lowmem.optim.functional.adam_moments_foreach_` in place, then
+        :func:`~lowmem.optim.functional.adam_direction_foreach` (new tensors). bfloat16 moments:
+        float32 copies of both, updated and stored rounded to nearest (as :meth:`direction`), the direction of the
+        unrounded copies divided into the first moment's copy in place
+        (:func:`~lowmem.optim.functional.adam.adam_direction_foreach_into_`). Returns the float32 directions;
+        allocates :meth:`bf16_bucket_transient_bytes` at most."""
+        beta1, beta2 = group["betas"]
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        dtypes = {m.dtype for m in ms} | {v.dtype for v in vs}
+        if dtypes == {torch.float32}:
+            F.adam_moments_foreach_(ms, vs, g32s, beta1, beta2)
+            g32s.clear()
+            return F.adam_direction_foreach(ms, vs, t, beta1, beta2, group["eps"], self.eps_placement)
+        if dtypes != {torch.bfloat16}:
+            raise ValueError(f"AdamMoments.bf16_bucket_direction: the moments of one bucket are all float32 or all"
+                             f" bfloat16, got {sorted(map(str, dtypes))}")
+        m32s, v32s = FA.float32_copies(ms), FA.float32_copies(vs)
+        F.adam_moments_foreach_(m32s, v32s, g32s, beta1, beta2)
+        g32s.clear()
+        torch._foreach_copy_(ms, m32s)
+        torch._foreach_copy_(vs, v32s)
+        return FA.adam_direction_foreach_into_(m32s, v32s, t, beta1, beta2, group["eps"], self.eps_placement)
+
+    def bf16_bucket_transient_bytes(self, numel: int, states: list[dict[str, Tensor]]) -> int:
+        """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32
+        copies included: float32 moments, ``sqrt(v)`` beside the directions (8 B per element; the copies, 4 B,
+        are freed before); bfloat16 moments, the copies of both beside the gradients' (12 B), then beside
+        ``sqrt(v)``."""
+        low = any(s["exp_avg"].dtype != torch.float32 for s in states if "exp_avg" in s)
+        return (12 if low else 8) * numel
+
     foreach_step_lr = True
 
     #: :meth:`foreach_step_` steps a tensor's pieces element-wise with their buckets, never whole from its
@@ -533,7 +573,10 @@ class AdamMoments(MomentRule):
         return (m is not None and v is not None and not _rounds_its_own_way(p, group, state)
                 and FA.fused_device(p.device) and not isinstance(group.get("lr"), Tensor)
                 and p.is_contiguous() and m.is_contiguous() and v.is_contiguous() and m.dtype == v.dtype == p.dtype
-                and m.device == p.device)
+                and m.device == p.device
+                # (a decay after the update of a low-precision parameter rounds it twice: fused_step_ refuses it)
+                and not (self.foreach_decays_after and group.get("weight_decay", 0.0) != 0
+                         and p.dtype not in FA._FUSED_DTYPES_APART))
 
     def fused_step_allocates_nothing(self, p, group, state) -> bool:
         """Whether :meth:`fused_step_` steps ``p`` (its gradient assumed contiguous and of ``p``'s dtype, as the

@@ -330,3 +330,38 @@ def adam_direction_foreach(ms: list[Tensor], vs: list[Tensor], t: float, beta1: 
     del denom
     torch._foreach_mul_(d, foreach_scalar(d, math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)))
     return d
+
+
+def float32_copies(xs: list[Tensor]) -> list[Tensor]:
+    """float32 copies of ``xs`` (bfloat16 parameters, gradients, moments of a bucket): new tensors of their shapes
+    (``torch.empty_like``: no kernel) filled by one multi-tensor copy (``torch._foreach_copy_``: one launch for the
+    list on a GPU, where ``x.float()`` is one each); the values of ``x.float()``, exactly."""
+    out = [torch.empty_like(x, dtype=torch.float32) for x in xs]
+    if out:
+        torch._foreach_copy_(out, xs)
+    return out
+
+
+def adam_direction_foreach_into_(ms: list[Tensor], vs: list[Tensor], t: float, beta1: float, beta2: float, eps: float,
+                                 eps_placement: str = "torch") -> list[Tensor]:
+    """:func:`adam_direction_foreach` written into ``ms`` (float32 temporaries of the caller, e.g. the float32 copies of
+    bfloat16 moments: overwritten) instead of new tensors; ``vs`` is emptied (its tensors freed, when the caller holds
+    no other reference) once ``sqrt(v)`` is made. The same operations in the same order as :func:`adam_direction` /
+    :func:`adam_direction_hf` (``torch.div(m, denom, out=denom)`` there, ``m /= denom`` here: the same quotients).
+    Returns ``ms``; allocates ``sqrt(v)`` only."""
+    if eps_placement not in ("torch", "hf"):
+        raise ValueError(f"eps_placement must be 'torch' or 'hf', got {eps_placement!r}")
+    denom = torch._foreach_sqrt(vs)
+    vs.clear()
+    if eps_placement == "torch":
+        torch._foreach_div_(denom, foreach_scalar(denom, math.sqrt(1.0 - beta2**t)))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(ms, denom)
+        del denom
+        torch._foreach_div_(ms, foreach_scalar(ms, 1.0 - beta1**t))
+        return ms
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(ms, denom)
+    del denom
+    torch._foreach_mul_(ms, foreach_scalar(ms, math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)))
+    return ms

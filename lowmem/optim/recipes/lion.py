@@ -22,6 +22,7 @@ import torch
 from .. import bnb_fused
 from ..bnb_fused import FUSED
 from ..engine import LowMemOptimizer, Recipe
+from ..functional import adam as FA
 from ..functional import lion as FL
 from ..hparams import BETAS, LR, WEIGHT_DECAY
 from ..moments import ChunkState, MomentRule, state_dtype
@@ -89,6 +90,44 @@ class LionMoments(MomentRule):
         (:func:`~lowmem.optim.functional.lion.lion_direction_foreach`)."""
         beta1, beta2 = group["betas"]
         return FL.lion_direction_foreach([s["exp_avg"] for s in states], gs, beta1, beta2)
+
+    #: bfloat16 parameters join the multi-tensor buckets (the engine's ``_step_bf16_bucket``) with a momentum of
+    #: these dtypes: :meth:`bf16_bucket_direction` computes in float32 what :meth:`direction` computes
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+
+    def bf16_bucket_takes(self, p, group) -> bool:
+        """Whether bfloat16 ``p`` may join the buckets: not where the group's ``fused`` may send it to bitsandbytes'
+        kernel per parameter (:meth:`fused_step_`: ``fused`` not ``False``, and ``None`` on a CUDA device)."""
+        fused = group.get("fused", False)
+        return not self.fused_32bit or fused is False or (fused is None and p.device.type != "cuda")
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of bfloat16 parameters (pieces), one multi-tensor kernel per operation in the
+        same order (:func:`~lowmem.optim.functional.lion.lion_direction_foreach`, bit for bit on the CPU): ``g32s``
+        are the gradients' float32 copies, emptied (freed) once the directions and momenta are made; a bfloat16
+        momentum is updated on a float32 copy and stored rounded to nearest (as :meth:`direction`). Returns the
+        float32 directions; allocates :meth:`bf16_bucket_transient_bytes` at most."""
+        beta1, beta2 = group["betas"]
+        ms = [s["exp_avg"] for s in states]
+        dtypes = {m.dtype for m in ms}
+        if dtypes == {torch.float32}:
+            cs = FL.lion_direction_foreach(ms, g32s, beta1, beta2)
+            g32s.clear()
+            return cs
+        if dtypes != {torch.bfloat16}:
+            raise ValueError(f"LionMoments.bf16_bucket_direction: the momenta of one bucket are all float32 or all"
+                             f" bfloat16, got {sorted(map(str, dtypes))}")
+        m32s = FA.float32_copies(ms)
+        cs = FL.lion_direction_foreach(m32s, g32s, beta1, beta2)
+        g32s.clear()
+        torch._foreach_copy_(ms, m32s)
+        return cs
+
+    def bf16_bucket_transient_bytes(self, numel, states):
+        """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32 copies
+        included: the directions beside them (8 B per element), and a bfloat16 momentum's float32 copy (12 B)."""
+        low = any(s["exp_avg"].dtype != torch.float32 for s in states if "exp_avg" in s)
+        return (12 if low else 8) * numel
 
     def foreach_direction_transient_bytes(self, numel):
         """The directions only (float32)."""
