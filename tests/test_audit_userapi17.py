@@ -241,9 +241,6 @@ def test_estimate_memory_reads_a_prequantized_directorys_quantization_config(tmp
     assert got.weights == want.weights or any("quantization_config" in n for n in got.notes), (got.weights, want.weights)
 
 
-@pytest.mark.xfail(strict=True, reason="USERAPI 9: optimizer_cls_and_kwargs(model, ...) given to TRL's SFTTrainer with "
-                                       "peft_config: the optimizer holds the frozen base weights and no adapter, "
-                                       "nothing trains, no warning")
 def test_optimizer_cls_and_kwargs_with_peft_config_trains_the_adapters(tiny_model_path, tmp_path):
     """README "Hugging Face Trainer. Pass optimizer_cls_and_kwargs=lowmem.trainers.optimizer_cls_and_kwargs(model,
     ...)": a TRL user adds it to their `SFTTrainer(model=model, peft_config=LoraConfig(...))`. The groups are built

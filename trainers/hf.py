@@ -243,7 +243,9 @@ def optimizer_cls_and_kwargs(
 
     ``kwargs["params"]`` holds lowmem's parameter groups for ``model``; the Trainer pops it and
     uses it instead of its own two groups. The Trainer consumes (mutates) ``kwargs``: build one
-    pair per Trainer.
+    pair per Trainer. When the Trainer pops them, the groups are built again if the model's trainable parameters
+    changed since (TRL's ``peft_config`` freezes the base weights and adds adapters after this call):
+    :class:`TrainerOptimizerKwargs`.
 
     Args:
         model (`nn.Module`): The model the Trainer trains (the same object).
@@ -284,9 +286,13 @@ def optimizer_cls_and_kwargs(
                            "ignores when optimizer_cls_and_kwargs is given%s", name, optim,
                            " (layerwise mode: LowMemTrainer with lowmem_layerwise=True)" if optim.endswith("_layerwise") else "")
     resolved = target_modules_hparam(name, args, trainer_hparams(name, args, hparams)) if args is not None else dict(hparams)
-    with _explain_targets(model, resolved, entry.batched_targets):
-        opt = (create_optimizer_embeddings_32bit(model, name, **resolved) if embeddings_32bit
-               else create_optimizer(model, name, **resolved))
+
+    def build() -> torch.optim.Optimizer:
+        with _explain_targets(model, resolved, entry.batched_targets):
+            return (create_optimizer_embeddings_32bit(model, name, **resolved) if embeddings_32bit
+                    else create_optimizer(model, name, **resolved))
+
+    opt = build()
     _require_numeric_lr(opt, entry.name)
     cls = type(opt)
     if entry.recipe is not None:
@@ -296,7 +302,35 @@ def optimizer_cls_and_kwargs(
     else:
         kwargs = {k: v for k, v in resolved.items() if k != "target_modules"}
     kwargs["params"] = opt.param_groups
-    return cls, kwargs
+    return cls, TrainerOptimizerKwargs(kwargs, model, lambda: build().param_groups)
+
+
+class TrainerOptimizerKwargs(dict):
+    """The ``kwargs`` of :func:`optimizer_cls_and_kwargs`: a dict whose ``pop("params")`` (what the Trainer does when it
+    builds the optimizer, after its own wrapping of the model) gives groups of the model's trainable parameters *then*.
+    TRL's trainers with ``peft_config`` wrap the model in LoRA adapters after the pair was built: peft freezes the base
+    weights the groups hold and adds adapters they lack, so the optimizer would step nothing (USERAPI 9: every adapter
+    unchanged, no warning). When the model's set of trainable parameters changed since the pair was built, the groups
+    are built again from the same model, name and hyperparameters (peft injects its layers into that object), with
+    an info line."""
+
+    def __init__(self, kwargs: dict[str, Any], model: nn.Module, rebuild: Any) -> None:
+        super().__init__(kwargs)
+        self._model, self._rebuild = model, rebuild
+        self._trainable = _trainable_ids(model)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key == "params" and key in self and _trainable_ids(self._model) != self._trainable:
+            now = _trainable_ids(self._model)
+            logger.info("optimizer_cls_and_kwargs: the model's trainable parameters changed since the pair was built "
+                        "(%d frozen, %d added: peft adapters?); parameter groups built again from the model",
+                        len(self._trainable - now), len(now - self._trainable))
+            self["params"], self._trainable = self._rebuild(), now
+        return super().pop(key, *default)
+
+
+def _trainable_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def _plain_trainer_name(name: str, strict: bool = True) -> str | None:
