@@ -709,6 +709,17 @@ class LowMemOptimizerMixin:
     ``lowmem_optim`` unset (or args without the field) the trainer behaves exactly as before.
     """
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``, with the checkpoint to resume checked as ``lowmem train`` checks it
+        (:func:`resume_checkpoint`): a ``save_only_model`` checkpoint or an incomplete one (a file missing or
+        truncated) is refused naming it, and `True` takes the latest *complete* ``checkpoint-N`` (incomplete ones
+        skipped with a warning). The Trainer itself resumed a ``save_only_model`` checkpoint with a fresh optimizer and
+        schedule, silently, and failed in ``torch.load`` on a truncated ``optimizer.pt`` naming no file."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False \
+                and not getattr(self, "is_deepspeed_enabled", False):  # (DeepSpeed writes its own layout)
+            resume_from_checkpoint = resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The Trainer's load of a checkpoint's weights, exact on models that transformers loads through a
         weight conversion (MoE models with fused experts: Mixtral, Qwen2-MoE, Qwen3-MoE), which the
@@ -1036,6 +1047,56 @@ def checkpoint_processes(checkpoint: str | None) -> int | None:
         return None
     ranks = [f for f in os.listdir(checkpoint) if re.fullmatch(r"rng_state_\d+\.pth", f)]
     return len(ranks) or None
+
+
+def resume_checkpoint(output_dir: str, value: str | bool) -> str | bool:
+    """The checkpoint ``Trainer.train(resume_from_checkpoint=value)`` should resume, checked as ``lowmem train``
+    checks it (:func:`lowmem.train.checkpoint_problems`, :func:`lowmem.train.weights_only_checkpoint`).
+
+    `True`: the highest-numbered complete ``output_dir/checkpoint-N``; incomplete ones are skipped with a warning
+    naming the file; `True` is returned unchanged when ``output_dir`` has no ``checkpoint-N`` (the Trainer's own
+    error). A path must be a complete checkpoint.
+
+    Raises:
+        ValueError: A ``save_only_model`` checkpoint (no optimizer, scheduler or RNG state: it cannot resume; load its
+            weights and start a new run), an incomplete one (naming the missing or damaged files), or `True` with no
+            complete checkpoint (naming the incomplete ones).
+    """
+    import os
+
+    from lowmem.train import checkpoint_problems, weights_only_checkpoint
+
+    def weights_only(path: str) -> str:
+        return (f"{path} was saved with save_only_model=True: it holds the weights only (no optimizer.pt, scheduler.pt "
+                "or RNG state), so it cannot resume a run (the optimizer state and the schedule would start again from "
+                f"zero); start a new run from its weights instead (from_pretrained({path!r}), without "
+                "resume_from_checkpoint)")
+
+    if value is True:
+        found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[len("checkpoint-"):].isdigit()
+                 and os.path.isdir(os.path.join(output_dir, d))] if os.path.isdir(output_dir) else []
+        skipped = []
+        for d in sorted(found, key=lambda d: int(d[len("checkpoint-"):]), reverse=True):
+            path = os.path.join(output_dir, d)
+            if weights_only_checkpoint(path):
+                raise ValueError(f"resume_from_checkpoint=True: the latest checkpoint, {weights_only(path)}")
+            problems = checkpoint_problems(path)
+            if problems is None:
+                return path
+            skipped.append(f"{path} ({problems})")
+            logger.warning("resume_from_checkpoint=True: skipping incomplete checkpoint %s (%s; an interrupted run?)",
+                           path, problems)
+        if skipped:
+            raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint-N directory in {output_dir} "
+                             f"(incomplete: {'; '.join(skipped)}); give a path, or train without resume_from_checkpoint")
+        return value
+    path = str(value)
+    if os.path.isdir(path) and weights_only_checkpoint(path):
+        raise ValueError(f"resume_from_checkpoint={path!r}: {weights_only(path)}")
+    problems = checkpoint_problems(path) if os.path.isdir(path) else None
+    if problems is not None:
+        raise ValueError(f"resume_from_checkpoint={path!r} is not a complete checkpoint: {problems}")
+    return path
 
 
 class OptimTargetModules:
