@@ -76,9 +76,6 @@ def test_layerwise_logged_grad_norm_of_a_nan_step(tmp_path, lm_dataset, layerwis
     assert len(norms) == 1 and math.isnan(norms[0]), norms
 
 
-@pytest.mark.xfail(strict=True, reason="USERAPI 3: a LayerwiseOptimizer stepped by a Trainer with "
-                                       "gradient_accumulation_steps=2 (its accumulation_steps=1) steps every "
-                                       "micro-batch, silently")
 def test_layerwise_optimizer_with_a_mismatched_accumulation_is_refused(tmp_path, lm_dataset):
     """docs/subspace.md "Layerwise updates": `LayerwiseOptimizer(model, name, accumulation_steps=N)` with `step()`
     closing each window. Handed to a plain `Trainer(optimizers=(opt, None))` whose gradient_accumulation_steps is
