@@ -1130,7 +1130,8 @@ def layerwise_grad_norm(optimizer: Any) -> torch.Tensor | None:
     """The global gradient norm of the step a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`
     is in: the square root of the sum of the squared norms of every gradient its hooks stepped since
     the last ``step()`` (pre-clipping; for parameters accumulated in a subspace, the projected
-    gradient's). `None` for another optimizer, or before any gradient arrived."""
+    gradient's); nan / inf once a gradient of the step was non-finite, as the ordinary run's. `None` for another
+    optimizer, or before any gradient arrived."""
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer

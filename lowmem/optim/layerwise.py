@@ -297,6 +297,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         norm_sq = float_norm(clipped, NORM_BLOCK).float().square()  # (check_bytes)
         if not math.isfinite(norm_sq.item()):  # (one host read, as bool() of a tensor; no temporaries: check_bytes)
             self._nonfinite = True
+            # the step's global norm is this one (nan / inf), as the ordinary run's clip_grad_norm_ gives: the logged
+            # grad_norm (trainers.hf.layerwise_grad_norm) and global_prev's next coefficient read it (USERAPI 2)
+            self._sq_norm_sum = norm_sq
             self.inner.skipped_steps += 1
             warn_user(
                 f"layerwise: non-finite gradient (or one whose squared norm overflows float32) for a"
@@ -345,7 +348,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             on_step()
         if self._sq_norm_sum is not None and self.max_grad_norm is not None:
             total = self._sq_norm_sum.sqrt().cpu()
-            self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            if bool(torch.isfinite(total)):  # a step cut short by a non-finite gradient keeps the previous coefficient
+                self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         self._sq_norm_sum = None
         return loss
 
