@@ -311,3 +311,28 @@ def test_optimizer_cls_and_kwargs_with_peft_config_trains_the_adapters(tiny_mode
         return
     after = dict(trainer.model.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before), "no adapter weight moved"
+
+
+def test_bnb_nonfinite_skip_steps_as_bitsandbytes_and_runs_hooks_once():
+    """USERFIX (USERAPI 5): the checking subclass (lowmem.optim.recipes.bnb.skipping_nonfinite) steps bit for bit as
+    bitsandbytes' own class on finite gradients, and torch's step hooks run once per step also when a plain
+    instance of the class hooked its step first."""
+    import bitsandbytes as bnb
+
+    from lowmem.optim.recipes.bnb import skipping_nonfinite
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(64, 80), torch.nn.Linear(64, 80)
+    b.load_state_dict(a.state_dict())
+    raw = bnb.optim.AdamW8bit(b.parameters(), lr=1e-2, min_8bit_size=16)
+    ours = skipping_nonfinite(bnb.optim.AdamW8bit)(a.parameters(), lr=1e-2, min_8bit_size=16)
+    calls = []
+    ours.register_step_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(4, 64)
+    for _ in range(3):
+        for m, o in ((a, ours), (b, raw)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    assert len(calls) == 3 and getattr(ours, "skipped_steps", 0) == 0 and isinstance(ours, bnb.optim.AdamW8bit)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -68,7 +68,10 @@ def skipping_nonfinite(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Opt
                       f"whose square overflows float32); step skipped, optimizer state unchanged "
                       f"({self.skipped_steps} skipped so far)")
             return loss
-        cls.step(self)
+        # bitsandbytes' own step; unwrapped when torch hooked it (a plain instance of cls was built: Optimizer's
+        # _patch_step_function), as this class's step runs the step hooks already
+        inner = cls.step.__wrapped__ if getattr(cls.step, "hooked", False) else cls.step
+        inner(self)
         return loss
 
     return type(cls.__name__, (cls,), {"step": step, "__qualname__": cls.__qualname__, "__module__": __name__,
