@@ -13,8 +13,8 @@ hyperparameters, measured as its own row (e.g. ``microadam microadam:k_init=0.05
 settings of one optimizer in one run).
 
 ``dtype="bfloat16"`` (``--dtype bfloat16``) trains every contender's copy of the model in bfloat16 (pure bfloat16:
-no float32 master copy; ``torch.optim.AdamW``, the baseline, keeps its moments in bfloat16 then), so
-``lowmem bench adamw adamw:bf16_stochastic_round=true adamw:kahan_summation=true --dtype bfloat16`` puts round-to-nearest,
+no float32 master copy; ``torch.optim.AdamW``, the baseline, keeps its moments in bfloat16 then), so ``lowmem bench
+adamw adamw:bf16_stochastic_round=true adamw:kahan_summation=true --dtype bfloat16`` puts round-to-nearest,
 stochastic rounding and Kahan summation side by side. A row whose settings cannot apply to that dtype (a rounding
 option on float32 weights) is refused before anything is loaded, naming the row and the option
 (:func:`check_dtype_rows`).

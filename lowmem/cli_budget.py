@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "bitsandbytes' default outlier threshold 6.0)")
     p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization (nf4 / fp4 only)")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (all linear layers unless --lora-targets)")
-    p.add_argument("--lora-targets", default="all-linear", help="comma-separated module names, or all-linear")
+    p.add_argument("--lora-targets", default=None, help="with --lora-r: comma-separated module names, or all-linear (default)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="per-layer activation checkpointing (default: off; with --trainer, TRL's default: on)")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="N",
@@ -82,7 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="with --budget: how many configurations to show (>= 1, default 15); with --measure also how many "
                    "of them to measure (default: the top pick only)")
     p.add_argument("--measure", action="store_true", help="also run real steps and report what was live (CPU or CUDA)")
-    p.add_argument("--steps", type=int, default=2, help="with --measure: training steps")
+    p.add_argument("--steps", type=int, default=None, help="with --measure: training steps (default 2)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="the device the run will use; the optimizer's step transient is sized for it (on cpu, MKL's GEMM "
                    "packing buffer of projected steps; on cuda, MicroAdam's compiled path). Default: cuda (estimate, --budget); with --measure "
@@ -438,7 +438,7 @@ def _search_narrowing(args: argparse.Namespace, optimizer_given: bool, optim_arg
     cannot apply is an error naming it (no silent ignoring)."""
     if args.no_double_quant:
         raise ValueError("--no-double-quant is not used with --budget (the search's 4-bit candidates use double quantization)")
-    if args.lora_targets != "all-linear":
+    if args.lora_targets not in (None, "all-linear"):
         raise ValueError(f"--lora-targets {args.lora_targets}: not used with --budget (the search's LoRA candidates target "
                          "all-linear); drop it")
     if optim_args and not optimizer_given:
@@ -649,9 +649,19 @@ def run(args: argparse.Namespace) -> int:
         quant = {"quant_type": args.quantization, "double_quant": not args.no_double_quant}
     elif args.no_double_quant:
         raise ValueError("--no-double-quant needs --quantization nf4 or fp4 (4-bit base weights)")
+    # flags that apply only beside another: given alone they would change nothing (no silent ignoring)
+    if args.lora_r is not None and args.lora_r < 1:  # (0 read as "no LoRA"; -3 reached peft, whose error names no flag)
+        raise ValueError(f"--lora-r {args.lora_r}: expected an integer >= 1")
+    if args.lora_targets is not None and args.lora_r is None:
+        raise ValueError(f"--lora-targets {args.lora_targets} needs --lora-r (the LoRA rank; without it the estimate is a "
+                         "full fine-tune)")
+    if args.steps is not None and not args.measure:
+        raise ValueError(f"--steps {args.steps} needs --measure (the estimate runs no step)")
+    if args.steps is None:
+        args.steps = 2
     lora = None
     if args.lora_r:
-        targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+        targets = "all-linear" if args.lora_targets in (None, "all-linear") else args.lora_targets.split(",")
         lora = {"r": args.lora_r, "lora_alpha": 2 * args.lora_r, "target_modules": targets}
     from .optim.hparams import parse_optim_args
     from .train import resolve_optim_name
@@ -675,6 +685,8 @@ def run(args: argparse.Namespace) -> int:
     common.update({k: v for k, v in trainer_fields.items() if v is not None})
     if args.measure and args.steps < 1:  # (no step measured: a peak of nothing, which "fits" any budget)
         raise ValueError(f"--steps {args.steps}: expected an integer >= 1 (training steps measured)")
+    if args.top is not None and args.budget is None:
+        raise ValueError(f"--top {args.top} needs --budget (it is how many of the search's configurations to show)")
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient-accumulation-steps {args.gradient_accumulation_steps}: expected an integer >= 1")
     if args.gradient_accumulation_steps > 1:  # (--measure runs them too: measure_memory, 909e397)

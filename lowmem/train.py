@@ -295,6 +295,8 @@ class TrainRecipe:
         if hf_keeps_embeddings_32bit(given_optim) or not hasattr(self, "hf_embeddings_32bit"):
             # an HF bitsandbytes 8-bit name (lion_8bit, adamw_8bit, ...): its embeddings' state stays 32-bit
             self.hf_embeddings_32bit = hf_keeps_embeddings_32bit(given_optim)
+        if not hasattr(self, "hf_optim"):  # a Hugging Face optim name that is not lowmem's (lion_32bit): built as the
+            self.hf_optim = bool(_hf_name_only(given_optim))  # HF Trainer does, with TrainingArguments' betas and eps
         self.optim, hf_layerwise = resolve_optim_name(self.optim)
         self.layerwise = self.layerwise or hf_layerwise
         self.optim_args = {**_hf_only_defaults(given_optim), **parse_optim_args(self.optim_args)}
@@ -544,6 +546,16 @@ def _hf_optim_defaults(name: str) -> dict[str, Any]:
     return dict(HF_OPTIM_DEFAULTS.get(base, {}))
 
 
+def _hf_name_only(name: Any) -> bool:
+    """Whether ``name`` is a Hugging Face ``optim`` name (:data:`HF_OPTIM_NAMES`, optionally ``_layerwise``) that is
+    not a lowmem name too (``lion_32bit``, ``adamw_torch``; not ``adafactor`` or ``galore_adamw``)."""
+    from lowmem.optim import list_optimizers
+
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else ""
+    base = key[: -len(HF_LAYERWISE_SUFFIX)] if key.endswith(HF_LAYERWISE_SUFFIX) else key
+    return base in HF_OPTIM_NAMES and base not in list_optimizers()
+
+
 def _hf_only_defaults(name: str) -> dict[str, Any]:
     """:func:`_hf_optim_defaults` of a recipe's ``optim`` when it is an HF name only (``adamw_torch_4bit``); a name
     that is lowmem's too (``apollo_adamw``) keeps lowmem's defaults there (``training_args.optim`` is HF's)."""
@@ -657,6 +669,7 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
         recipe.optim, layerwise = resolve_optim_name(value)
         recipe.layerwise = recipe.layerwise or layerwise
         recipe.hf_embeddings_32bit = hf_keeps_embeddings_32bit(value)
+        recipe.hf_optim = True  # TrainingArguments.optim: the HF Trainer's meaning (its betas / eps apply, set or not)
         hf_defaults = _hf_optim_defaults(value)  # TrainingArguments.optim: the HF Trainer's meaning, its defaults
     if "optim_args" in ta:
         value = check_value("optim_args", ta.pop("optim_args"), dict[str, Any] | str | None, where="training_args.")
@@ -1542,11 +1555,21 @@ def build_training_args(recipe: TrainRecipe) -> Any:
     if recipe.trainer == "dpo":
         check_dpo_fields(kwargs)
     try:
-        return cls(**kwargs)
+        args = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+    from lowmem.trainers.hf import NAMED_FIELDS_ATTR, OPTIONAL_FIELDS
+
+    # the adam_* fields the recipe names apply to the optimizer even at their TrainingArguments defaults
+    # (trainers.hf.user_set_fields); those it does not name leave the optimizer's own defaults
+    setattr(args, NAMED_FIELDS_ATTR, frozenset(OPTIONAL_FIELDS) if getattr(recipe, "hf_optim", False)  # (HF's meaning)
+            else frozenset(k for k in recipe.training_args if k in OPTIONAL_FIELDS))
+    return args
 
 
+# TrainingArguments.save_steps' default: every saved training_args.json writes it (with save_strategy 'steps'), so a
+# saved config of a short run holds it beyond max_steps; that run wrote no checkpoint either, and is not refused
+_TA_SAVE_STEPS = 500
 # transformers' get_scheduler builds these without num_warmup_steps (constant: without its kwargs either)
 NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
 _SCHEDULER_OWN_ARGS = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
@@ -1558,7 +1581,8 @@ def check_schedule(kwargs: dict[str, Any]) -> None:
     ``num_warmup_steps`` there), ``lr_scheduler_kwargs`` under ``constant`` (dropped too) or a key the scheduler
     function does not take (a TypeError at the first step otherwise), and, for a run of ``max_steps`` steps, a
     ``warmup_steps`` that is not below it (the learning rate would never reach ``lr``), or a ``save_steps`` /
-    ``eval_steps`` beyond it (no checkpoint / no evaluation would ever happen).
+    ``eval_steps`` beyond it (no checkpoint / no evaluation would ever happen; ``save_steps`` at the Trainer's
+    default 500, as a saved config writes it, is exempt).
 
     Raises:
         ConfigError: Naming the field, the value and what is valid (and the fix, where there is one).
@@ -1611,7 +1635,7 @@ def check_schedule(kwargs: dict[str, Any]) -> None:
     for kind, what in (("save", "no checkpoint would ever be written"), ("eval", "no evaluation would run during training")):
         n = kwargs.get(f"{kind}_steps")
         if (_strategy(kwargs.get(f"{kind}_strategy", "no")) == "steps" and isinstance(n, (int, float)) and n >= 1
-                and n > steps):
+                and n > steps and not (kind == "save" and n == _TA_SAVE_STEPS)):
             raise ConfigError(f"{kind}_steps={n:g} with steps={steps}: {what}; valid: 1 .. {steps}")
 
 

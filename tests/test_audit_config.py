@@ -262,18 +262,19 @@ def test_plain_trainer_takes_hf_names_and_says_what_replaces_its_optim(tmp_path,
         optimizer_cls_and_kwargs(model, "galore_adamw_layerwise", rank=8)
 
 
-def test_optim_args_winning_over_a_field_the_user_set_is_named(tmp_path, caplog):
-    """optim_args / lowmem_optim_args win over the mapped TrainingArguments fields (documented); a field the user
-    changed from its default and that loses is named, not dropped without a word."""
+def test_optim_args_against_a_field_the_user_set_to_another_value_is_refused(tmp_path, caplog):
+    """optim_args / lowmem_optim_args win over the mapped TrainingArguments fields; a field the user changed from
+    its default to another value than theirs was named in a warning and dropped; now (SILENT 3, no silent fallback)
+    it is an error naming both. The same value, or a field left at its default, is no conflict."""
     from lowmem.trainers import trainer_hparams
 
     args = LowMemTrainingArguments(tmp_path, lowmem_optim="adamw", learning_rate=1e-3, adam_beta1=0.8, **COMMON)
+    with pytest.raises(ValueError, match=r"learning_rate=0.001 and optim_args / lowmem_optim_args' lr=0.5 both set "
+                                         r"optimizer 'adamw''s lr, to different values"):
+        trainer_hparams("adamw", args, "lr=0.5,betas=[0.8,0.999],eps=1e-6")
     with caplog.at_level(logging.WARNING, logger="lowmem.trainers.hf"):
-        hp = trainer_hparams("adamw", args, "lr=0.5,betas=[0.8,0.999],eps=1e-6")
-    assert (hp["lr"], hp["betas"], hp["eps"]) == (0.5, (0.8, 0.999), 1e-6)
-    assert "lr=0.5 from optim_args / lowmem_optim_args wins over TrainingArguments learning_rate=0.001" in caplog.text
-    assert "betas" not in caplog.text  # the same pair: nothing lost
-    assert "adam_epsilon" not in caplog.text  # left at its default: nothing the user set is lost
+        hp = trainer_hparams("adamw", args, "lr=0.001,betas=[0.8,0.999],eps=1e-6")
+    assert (hp["lr"], hp["betas"], hp["eps"]) == (1e-3, (0.8, 0.999), 1e-6) and not caplog.text
 
 
 def test_step_intervals_are_checked_only_under_their_steps_strategy(tmp_path):

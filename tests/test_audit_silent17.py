@@ -43,8 +43,6 @@ def test_warmup_steps_with_the_constant_scheduler_is_refused(tmp_path):
         _training_args(_recipe(warmup_steps=10, lr_scheduler="constant", output_dir=str(tmp_path)))
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 2: TrainingArguments adam_beta1 / adam_beta2 with an optimizer without "
-                                       "betas (adafactor, lowmem's default) are dropped with a log line only")
 def test_adam_betas_that_cannot_apply_to_the_optimizer_are_refused(tmp_path):
     from lowmem.trainers import LowMemTrainingArguments
     from trainers.hf import trainer_hparams
@@ -52,6 +50,76 @@ def test_adam_betas_that_cannot_apply_to_the_optimizer_are_refused(tmp_path):
     args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_beta1=0.5, report_to="none")
     with pytest.raises(ValueError, match="adam_beta1"):
         trainer_hparams("adafactor", args)
+
+
+def test_adam_betas_left_at_their_default_are_no_error_for_adafactor(tmp_path):
+    """The other half of SILENT 2's rule: TrainingArguments betas at their defaults (untouched in Python; named by a
+    saved training_args.json, which writes every field) are not refused; lowmem train's config giving adam_beta1
+    another value is refused by run before the model loads."""
+    from lowmem.config import ConfigError
+    from lowmem.train import run
+    from lowmem.trainers import LowMemTrainingArguments
+    from trainers.hf import trainer_hparams
+
+    hp = trainer_hparams("adafactor", LowMemTrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert "betas" not in hp and "eps" not in hp
+    saved = _recipe(training_args={"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}, output_dir=str(tmp_path))
+    assert "betas" not in trainer_hparams("adafactor", _training_args(saved), saved.optim_args)
+    with pytest.raises(ConfigError, match=r"adam_beta1=0.5, adam_beta2=0.999 cannot apply to optimizer 'adafactor'.*"
+                                          r"remove adam_beta1, or give its own \['beta1'\]"):
+        run(_recipe(training_args={"adam_beta1": 0.5}, output_dir=str(tmp_path)))
+
+
+# ---- FOUND_SMALLS17 3: TrainingArguments' untouched adam_* defaults leave the optimizer's own ------------------
+
+
+def _first_group(name, hp):
+    from lowmem.optim import create_optimizer
+
+    w = nn.Parameter(torch.randn(16, 32))
+    groups = [{"params": [w], "rank": 2}] if name == "alice" else [w]
+    return create_optimizer(groups, name, **hp).param_groups[0]
+
+
+@pytest.mark.parametrize("name,key,own", [("racs", "eps", 1e-30), ("alice", "betas", (0.9, 0.9))])
+def test_untouched_training_arguments_leave_the_recipe_defaults(tmp_path, name, key, own):
+    from lowmem.trainers import LowMemTrainingArguments
+    from trainers.hf import trainer_hparams
+
+    hp = trainer_hparams(name, LowMemTrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert tuple(_first_group(name, hp)[key]) == tuple(own) if key == "betas" else _first_group(name, hp)[key] == own
+
+
+def test_user_set_training_arguments_win_over_the_recipe_defaults(tmp_path):
+    """Python: a value that differs from the default applies; lowmem train: a field the config names applies even at
+    TrainingArguments' default (adam_epsilon: 1e-8 with racs)."""
+    from lowmem.trainers import LowMemTrainingArguments
+    from trainers.hf import trainer_hparams
+
+    args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_epsilon=1e-6, report_to="none")
+    assert _first_group("racs", trainer_hparams("racs", args))["eps"] == 1e-6
+    args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_beta2=0.95, report_to="none")
+    assert tuple(_first_group("alice", trainer_hparams("alice", args))["betas"]) == (0.9, 0.95)
+    recipe = _recipe(optim="racs", training_args={"adam_epsilon": 1e-8}, output_dir=str(tmp_path))
+    assert trainer_hparams("racs", _training_args(recipe), recipe.optim_args)["eps"] == 1e-8
+    recipe = _recipe(optim="racs", output_dir=str(tmp_path))
+    assert "eps" not in trainer_hparams("racs", _training_args(recipe), recipe.optim_args)
+
+
+def test_an_hf_optim_name_keeps_the_hf_trainers_betas(tmp_path):
+    """Under a Hugging Face optim name (the HF Trainer's meaning) TrainingArguments' betas apply set or not, as the
+    HF Trainer builds bitsandbytes' Lion with them; lowmem's own name keeps lion's (0.9, 0.99)."""
+    from transformers import TrainingArguments
+
+    from trainers.hf import trainer_hparams
+
+    assert trainer_hparams("lion", TrainingArguments("unused", optim="lion_32bit", report_to=[]))["betas"] == (0.9, 0.999)
+    assert "betas" not in trainer_hparams("lion", TrainingArguments("unused", report_to=[]))
+    for optim, betas in (("lion_32bit", (0.9, 0.999)), ("lion", None)):
+        recipe = _recipe(optim=optim, output_dir=str(tmp_path))
+        assert trainer_hparams("lion", _training_args(recipe), recipe.optim_args).get("betas") == betas
+    recipe = _recipe(training_args={"optim": "lion_32bit"}, output_dir=str(tmp_path))
+    assert trainer_hparams("lion", _training_args(recipe), recipe.optim_args)["betas"] == (0.9, 0.999)
 
 
 def test_lr_and_a_different_optim_args_lr_is_refused(tmp_path):
@@ -185,8 +253,6 @@ def test_eval_accumulation_steps_zero_is_refused(tmp_path):
 # ---- optimizers ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 11: Adafactor eps1=0 is accepted ('floats >= 0'); a zero gradient "
-                                       "then writes NaN into the parameter")
 @pytest.mark.parametrize("name", ["adafactor", "galore_adafactor"])
 def test_adafactor_eps1_zero_is_refused(name):
     from lowmem.optim import create_optimizer
@@ -260,35 +326,26 @@ def _cli(argv, capsys):
     return rc, capsys.readouterr()
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 15: lowmem budget --lora-r 0 (without --budget) estimates a full "
-                                       "fine-tune: `if args.lora_r:` reads 0 as no LoRA")
 def test_budget_lora_rank_zero_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--lora-r", "0", "--json"], capsys)
     assert rc == 2 and "--lora-r" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 16: lowmem budget --lora-r -3 fails with PEFT's message, which names "
-                                       "no flag")
 def test_budget_negative_lora_rank_names_the_flag(capsys):
     rc, out = _cli(["budget", "tiny", "--lora-r", "-3", "--json"], capsys)
     assert rc == 2 and "--lora-r" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 17: lowmem budget --steps without --measure is accepted and ignored")
 def test_budget_steps_without_measure_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--steps", "5", "--json"], capsys)
     assert rc == 2 and "--steps" in out.err and "--measure" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 18: lowmem budget --top without --budget is accepted and ignored "
-                                       "(--top 0 too)")
 def test_budget_top_without_budget_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--top", "0", "--json"], capsys)
     assert rc == 2 and "--top" in out.err
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 22: lowmem budget --lora-targets without --lora-r is accepted and "
-                                       "ignored: a full fine-tune is estimated")
 def test_budget_lora_targets_without_lora_rank_is_refused(capsys):
     rc, out = _cli(["budget", "tiny", "--lora-targets", "q_proj", "--json"], capsys)
     assert rc == 2 and "--lora-targets" in out.err
@@ -309,8 +366,6 @@ def _bnb_step(opt, params):
     opt.step()
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 23: bnb_* optimizers take betas=(0.9, 0.99, 0.5): the third value is "
-                                       "dropped without a word (the engine's recipes refuse it)")
 @pytest.mark.parametrize("name", ["bnb_adamw8bit", "bnb_lion8bit"])
 def test_bnb_three_betas_are_refused(name):
     from lowmem.optim import create_optimizer
@@ -321,8 +376,6 @@ def test_bnb_three_betas_are_refused(name):
         _bnb_step(opt, params)
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 24: the registry lists percentile_clipping / block_wise as valid for the "
-                                       "bnb_* optimizers, whose classes take neither: a bare TypeError from __init__")
 @pytest.mark.parametrize("key,value", [("percentile_clipping", 100), ("block_wise", True)])
 def test_bnb_registered_options_the_class_does_not_take_are_refused_by_name(key, value):
     from lowmem.optim import create_optimizer
@@ -332,8 +385,6 @@ def test_bnb_registered_options_the_class_does_not_take_are_refused_by_name(key,
         create_optimizer(params, "bnb_adamw8bit", **{key: value})
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 25: bnb_* lr='0.1' (a string) fails with bitsandbytes' bare TypeError "
-                                       "('<=' not supported), naming no field")
 def test_bnb_string_lr_names_the_field():
     from lowmem.optim import create_optimizer
 
@@ -342,8 +393,6 @@ def test_bnb_string_lr_names_the_field():
         create_optimizer(params, "bnb_adamw8bit", lr="0.1")
 
 
-@pytest.mark.xfail(strict=True, reason="SILENT 26: bnb_paged_adamw amsgrad=True is accepted; bitsandbytes' PagedAdamW "
-                                       "never passes it on, so plain AdamW trains")
 def test_bnb_paged_adamw_amsgrad_is_refused():
     from lowmem.optim import create_optimizer
 
@@ -366,3 +415,24 @@ def test_bnb_paged_on_cpu_is_refused():
         with pytest.raises(ValueError, match="paged"):
             opt = create_optimizer(params, "bnb_paged_adamw")
             _bnb_step(opt, params)
+
+
+@pytest.mark.parametrize("name", ["bnb_adamw8bit", "bnb_paged_adamw8bit", "bnb_paged_adamw", "bnb_lion8bit",
+                                  "bnb_paged_lion", "bnb_paged_lion8bit"])
+def test_bnb_registered_names_are_what_the_class_takes_and_applies(name):
+    """SILENT 24's fix, held to bitsandbytes itself: each registered name is a keyword of the class's __init__ (less its
+    plumbing: optim_bits, args, is_paged), and min_8bit_size only where the state is 8-bit."""
+    import inspect
+
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from lowmem.optim import get_entry
+    from lowmem.optim.recipes.bnb import BNB_OPTIMIZERS
+
+    cls, bits, _, _ = BNB_OPTIMIZERS[name]
+    takes = set(inspect.signature(getattr(bnb.optim, cls).__init__).parameters) - {"self", "params", "optim_bits", "args",
+                                                                                    "is_paged"}
+    if bits == 32:
+        takes.discard("min_8bit_size")
+    assert set(get_entry(name).valid_hparams()) == takes

@@ -110,3 +110,68 @@ def test_bad_reference_names_the_field(kw, words):
     meta = build_meta_model(model.config, torch.float32)
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("[", r"\[")):
         traced_activation_bytes(meta, model.config, 1, 8, **{"fused_head": True, **kw})
+
+
+def test_reference_copy_in_a_truncated_trace_is_the_real_step():
+    """A stack of 9 uniform layers is traced through its first 6 and stitched (``activations._stitch_layers``); the
+    reference copy runs whole inside the head's segment, which is played once: its autocast weight copies grow with
+    every layer (a copy cut like the policy's trace would hold 6 layers' copies). The stitched step equals a real CPU
+    autocast step of the 9-layer model and its copy to the byte."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from test_memory_trl_estimate import LiveStorages
+
+    from lowmem.memory.activations import trl_fused_head
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=9, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float().train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    with trl_fused_head(model, "cpu"), trl_fused_head(ref, "cpu"):
+        mode = LiveStorages([*model.parameters(), *model.buffers(), *ref.parameters(), *ref.buffers()])
+        with mode:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+                with torch.no_grad():
+                    lp = ref(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+                loss = loss + 0 * lp.sum()
+                del lp
+            loss.backward()
+            del loss
+    assert _traced(cfg, False, "copy", seqs=2, seq_len=16)["backward_peak"] == mode.peak
+
+
+def test_traced_architecture_dpo_estimate_is_the_real_step():
+    """``estimate_memory(trainer="dpo")`` of a traced architecture (Mistral with a sliding window, not the Llama
+    formula), float32, not checkpointed: the step's trace holds the reference copy's forward, so the activations (no
+    gradient at their peak) equal a real CPU step's most live bytes (9,411,172 B, 8 x 40 tokens); before, the Llama
+    formula's no-grad layer was added on top of the trace (9,511,648 B)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from test_memory_trl_estimate import LiveStorages
+
+    from lowmem.memory import estimate_memory
+    from lowmem.memory.activations import trl_fused_head
+
+    cfg = MistralConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=73, sliding_window=16)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(cfg).float().train()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, cfg.vocab_size, (8, 40))
+    with trl_fused_head(model, "cpu"), trl_fused_head(ref, "cpu"):
+        mode = LiveStorages([*model.parameters(), *model.buffers(), *ref.parameters(), *ref.buffers()])
+        with mode:
+            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+            with torch.no_grad():
+                lp = ref(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+            loss = loss + 0 * lp.sum()
+            del lp
+            loss.backward()
+            del loss
+    est = estimate_memory(cfg, "adamw", batch_size=4, seq_len=40, dtype="fp32", device="cpu", trainer="dpo",
+                          gradient_checkpointing=False)
+    assert est.settings["reference"] == "copy"
+    assert est.activations + (est.details["gradients_with_activations"] or 0) == mode.peak

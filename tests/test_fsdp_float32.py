@@ -64,7 +64,7 @@ class Attn(nn.Module):
 FLOAT32 = {tag: (tag, Net) for tag in (
     "adamw", "spam", "badam", "galore_adamw", "fira_adamw", "frugal", "apollo_adamw", "apollo_mini", "osd_adamw",
     "galore_left_rotate", "muon", "scale", "sinkgd", "scale_embedding", "adam_mini", "adam_mini_blocks",
-    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm", "microadam", "lion", "normuon", "alice")}
+    "adamw_sn", "adagrad_sn", "adamw_snsm", "adagrad_snsm", "sgd_sm", "microadam", "lion", "normuon", "alice", "ademamix")}
 FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini", Wide),
             "adamw_sn_wide": ("adamw_sn", Wide), "adagrad_sn_wide": ("adagrad_sn", Wide),
             "adamw_sn_flat": ("adamw_sn_flat", Net),  # (Subset-Norm's flat subsets, k of the whole size)
@@ -77,7 +77,7 @@ FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini
 # whole tensor's). On the shards they take no bucket (checked) and must still match (stable_spam:
 # 4.3e-6 from one process, 3.1e-7 from the half-batches' mean)
 NO_SHARD_FOREACH = ["adafactor", "galore_adafactor", "stable_spam", "galore_adamw8bit", "fira_adamw8bit", "frugal8bit",
-                    "adalomo", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "came", "lion8bit", "sm3", "racs"]
+                    "adalomo", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "came", "lion8bit", "sm3", "racs", "ademamix8bit"]
 FLOAT32 |= {name: (name, Net) for name in NO_SHARD_FOREACH}
 # uneven and empty shards (fc1's 255 rows split 128 / 127, head's single row leaves rank 1 empty):
 # Adam-mini's registry partition gives head.weight and head.bias whole-tensor blocks (one v on

@@ -410,7 +410,7 @@ def test_foreach_buckets_equal_the_per_parameter_step(config):
     finally:
         RacsMoments._group_direction = staticmethod(orig)
     assert (4, (16, 24)) in calls and (3, (24,)) in calls  # (stacked)
-    assert not [c for c in calls if len(c[1]) == 3]  # (a batch of matrices: the engine steps each matrix alone)
+    assert not [c for c in calls if len(c[1]) == 3]  # (a batch of matrices: stepped by the engine in blocks of whole matrices, outside the buckets)
     b, ob = _bucket_run(False, config=config)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=lambda m: f"{tuple(x.shape)}: {m}")

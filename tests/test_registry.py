@@ -117,6 +117,7 @@ COSTS_4096 = {
     "adam_mini": 1.5,  # blockwise second moment, priced like a factored one
     "came": 1.5,  # fp32, factored like Adafactor (its first moment and instability statistics are not priced)
     "lion": 1.5, "lion8bit": 2.5,  # second_moment 'none' (sign updates), + 1.0 for 8-bit states
+    "ademamix": 0.0, "ademamix8bit": 1.0,  # full second moment: fp32 0.0, 8-bit states +1.0
     "bnb_lion8bit": 2.5, "bnb_paged_lion": 1.5, "bnb_paged_lion8bit": 2.5,
     "muon": 1.5, "scale": 1.5, "sinkgd": 1.5,  # fp32, second_moment 'none': no per-coordinate adaptivity
     "normuon": 1.5,  # (above)

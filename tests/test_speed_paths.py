@@ -175,6 +175,7 @@ HOST_READS = {
     "adam_mini": (3, 1),
     "came": (3, 1), "sm3": (3, 1), "racs": (3, 1),
     "lion": (3, 1), "lion8bit": (3, 1),  # as AdamW
+    "ademamix": (3, 1), "ademamix8bit": (3, 1),  # as AdamW
     # SNSM: its step scale reads the CPU step; Subspace-Momentum: + whether an SVD refresh is due, as Fira
     "adamw_sn": (3, 1), "adamw_snsm": (6, 1), "sgd_sm": (5, 1),
     "adagrad_sn": (3, 1), "adagrad_snsm": (5, 1),  # AdaGrad: no bias correction, no step read

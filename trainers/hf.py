@@ -75,6 +75,39 @@ def hf_optim_defaults(name: str, args: Any) -> dict[str, Any]:
 
 _TA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
 
+# TrainingArguments fields that apply to an optimizer only when the user set them: left at their defaults (Adam's
+# betas (0.9, 0.999) and eps 1e-8) they would replace the defaults of optimizers whose own differ (racs' eps 1e-30,
+# alice's betas (0.9, 0.9)). learning_rate (the scheduler's base) and weight_decay (the Trainer's 0.0) always apply.
+OPTIONAL_FIELDS = ("adam_beta1", "adam_beta2", "adam_epsilon")
+# Attribute lowmem train sets on the config it builds: the OPTIONAL_FIELDS its recipe names (lowmem.train.build_training_args)
+NAMED_FIELDS_ATTR = "_lowmem_named_optimizer_fields"
+
+
+def hf_optim_named(name: str, args: Any) -> bool:
+    """Whether ``args.optim`` (the Hugging Face Trainer's field, so its meaning) names optimizer ``name``
+    (``optim="lion_32bit"`` for ``lion``, ``"apollo_adamw"`` for ``apollo_adamw``; ``adamw_torch``, the default, for
+    ``adamw``): the Hugging Face Trainer builds it with ``TrainingArguments``' betas and eps, set or not, and so does
+    lowmem then. ``lowmem_optim`` (lowmem's meaning) alone keeps the optimizer's own defaults."""
+    optim = getattr(args, "optim", None)
+    optim = getattr(optim, "value", optim)
+    if not isinstance(optim, str):
+        return False
+    from lowmem.train import resolve_optim_name
+
+    try:
+        return resolve_optim_name(optim)[0] == name
+    except ValueError:
+        return False
+
+
+def user_set_fields(args: Any, fields: tuple[str, ...], named: bool = True) -> bool:
+    """Whether the user set any of ``fields`` of ``args``: a value that differs from the default of ``args``' class
+    (the Python API), or (``named``) a field ``lowmem train``'s config names (recorded as :data:`NAMED_FIELDS_ATTR`;
+    a saved ``training_args.json`` names every field, at its default)."""
+    given = getattr(args, NAMED_FIELDS_ATTR, ()) if named else ()
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args))} if dataclasses.is_dataclass(args) else _TA_DEFAULTS
+    return any(f in given or getattr(args, f) != defaults.get(f, _TA_DEFAULTS.get(f)) for f in fields)
+
 
 def check_optimizer_fields(args: Any) -> None:
     """Type- and range-check the ``TrainingArguments`` fields that reach an optimizer
@@ -99,17 +132,20 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
        ``learning_rate -> lr``, ``weight_decay``, ``(adam_beta1, adam_beta2) -> betas``,
        ``adam_epsilon -> eps``, where the optimizer has that hyperparameter. Each field is first
        range-checked (:func:`check_optimizer_fields`: a negative learning rate is an error, never
-       replaced by a default). A field the optimizer has no hyperparameter for (``adam_beta1``
-       with Adafactor) is logged: a warning when its value differs from the ``TrainingArguments``
-       default (the user asked for it), an info line otherwise. A value the optimizer rejects is
-       an error when the user set it, and logged at info level when it is the untouched default
-       (Adafactor's ``eps`` is a pair, so the default ``adam_epsilon`` does not apply).
+       replaced by a default). ``adam_beta1``, ``adam_beta2`` and ``adam_epsilon`` apply only when the user set
+       them (:func:`user_set_fields`: ``lowmem train``'s config names them, or, in Python, their value differs from
+       the config class's default); untouched, the optimizer's own defaults apply (racs' ``eps`` 1e-30, alice's
+       ``betas`` (0.9, 0.9)), except under a Hugging Face ``optim`` name for it (:func:`hf_optim_named`:
+       ``lion_32bit``), which the Hugging Face Trainer builds with ``TrainingArguments``' values. A field set to another value than its default that the optimizer has no
+       hyperparameter for (``adam_beta1=0.5`` with Adafactor) or whose value it rejects (``adam_epsilon=1e-6`` with
+       Adafactor's pair) is an error; a default that cannot apply (a saved config's ``adam_beta1: 0.9`` with
+       Adafactor) is logged at info level.
     2. Optimizers with ``relative_step`` / ``scale_parameter`` (Adafactor) get ``False`` for
        both, as ``transformers.Trainer`` does for ``optim="adafactor"``.
     3. The ``TrainingArguments``' own ``optim_args`` string (the Hugging Face Trainer's
        ``"rank=64,update_proj_gap=200"``, :func:`hf_optim_args`), then ``optim_args`` (dict, JSON or
        ``"k=v,k=v"``; ``lowmem_optim_args``) win over both, the latter over the former; a field of step 1 that
-       the user set to another value (``learning_rate=1e-3`` beside ``lr=0.5``) is named in a warning.
+       the user set to another value (``learning_rate=1e-3`` beside ``lr=0.5``) is an error naming both.
 
     Raises:
         ValueError: Unknown optimizer or hyperparameter (messages list the valid ones), or a
@@ -131,30 +167,37 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
     specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
     hp: dict[str, Any] = {}
     if args is not None:
+        hf_meaning = hf_optim_named(entry.name, args)
         for fields, target in TRAINING_ARGS_MAP:
             values = tuple(getattr(args, f) for f in fields)
             value = values if len(values) > 1 else values[0]
+            user_set = user_set_fields(args, fields)
+            shown = ", ".join(f"{f}={getattr(args, f)!r}" for f in fields)
             if target in explicit:
-                if any(getattr(args, f) != _TA_DEFAULTS.get(f) for f in fields) and explicit[target] != value:
-                    logger.warning("lowmem optimizer '%s': %s=%r from optim_args / lowmem_optim_args wins over TrainingArguments %s",
-                                   entry.name, target, explicit[target], ", ".join(f"{f}={getattr(args, f)!r}" for f in fields))
+                if user_set and explicit[target] != value:
+                    raise ValueError(f"{type(args).__name__} {shown} and optim_args / lowmem_optim_args' {target}="
+                                     f"{explicit[target]!r} both set optimizer '{entry.name}''s {target}, to different "
+                                     f"values (one would be dropped); give one of them")
                 continue
+            if fields[0] in OPTIONAL_FIELDS and not user_set and not hf_meaning:
+                continue  # an untouched adam_* default: the optimizer's own default applies (racs' eps 1e-30, alice's betas)
             if target in valid and (target not in specs or _accepts(specs[target], value)):
                 hp[target] = value
                 continue
-            user_set = any(getattr(args, f) != _TA_DEFAULTS.get(f) for f in fields)
-            shown = ", ".join(f"{f}={getattr(args, f)!r}" for f in fields)
-            if target in valid and user_set:
+            changed = user_set_fields(args, fields, named=False)  # a named default (a saved config's) that cannot apply: no error
+            if target in valid and changed:
                 try:
                     specs[target].validate(value)
                 except ValueError as err:
                     raise ValueError(f"{type(args).__name__} {shown} cannot apply to optimizer '{entry.name}': {err} "
                                      f"remove {', '.join(fields)} or give the optimizer's own '{target}' in lowmem_optim_args") from None
-            reason = "has no hyperparameter" if target not in valid else "does not accept the value of"
-            (logger.warning if user_set else logger.info)(
-                "lowmem optimizer '%s' %s '%s', so TrainingArguments %s is ignored (valid hyperparameters: %s)",
-                entry.name, reason, target, shown, valid,
-            )
+            if changed:
+                own = sorted(k for k in valid if k.startswith("beta")) if target == "betas" else []
+                raise ValueError(f"{type(args).__name__} {shown} cannot apply to optimizer '{entry.name}': it has no "
+                                 f"'{target}' hyperparameter (valid: {valid}); remove {', '.join(f for f in fields if user_set_fields(args, (f,), False))}"
+                                 + (f", or give its own {own} in lowmem_optim_args (optim_args)" if own else ""))
+            logger.info("lowmem optimizer '%s' does not take TrainingArguments %s (its default) as '%s', so it does not "
+                        "apply (valid hyperparameters: %s)", entry.name, shown, target, valid)
         hp.update({k: v for k, v in TRAINER_OVERRIDES.items() if k in valid})
         hp.update({k: v for k, v in hf_optim_defaults(entry.name, args).items() if k in valid})
     hp.update(explicit)

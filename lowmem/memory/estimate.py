@@ -1812,9 +1812,11 @@ def estimate_memory(
                     trace_model[0].lowmem_kbit = ("int8" if spec.is_int8 else "nf4", spec.compute_dtype or param_dtype,
                                                   frozenset(quantized.values()),
                                                   spec.blocksize if spec.double_quant and not spec.is_int8 else 0)
-            if head_parts is not None:  # TRL's fused head itself, in its step (the target device's kernels)
+            if head_parts is not None:  # TRL's fused head itself, in its step (the target device's kernels); DPO: the
+                # reference's no-grad forward in it, between the policy's forward and its backward (EST17)
                 return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, fused_head=True,
-                                               fused_head_device=device)
+                                               fused_head_device=device,
+                                               reference=reference if trainer == "dpo" else None)
             return traced_activation_bytes(trace_model[0], config, b, s, ckpt, cache=trace_cache, head_parts=head_parts)
         return llama_activation_bytes(config, b, s, act_bytes, ckpt, **act_kwargs, head_parts=head_parts)
 
@@ -1885,9 +1887,10 @@ def estimate_memory(
                                           head.weight.element_size() if head is not None else act_bytes,
                                           act_kwargs["trainable_head"])
         parts = saved_parts(seqs, s, ckpt, head_parts)
-        if trainer == "dpo" and reference != "none" and not ckpt:
+        if trainer == "dpo" and reference != "none" and not ckpt and not traced:
             # the reference's no-grad forward runs while the policy's activations are live (before the loss backward)
-            # (the traced step: in place of the backward's tensors at the activations' peak)
+            # (the Llama formula: in place of the backward's tensors at the activations' peak; a traced step traces
+            # it, activations._reference_forward)
             parts["reference_forward"] = max(0, one_layer(seqs, s) - parts.get("loss_backward", parts.get("backward", 0)))
             parts["total"] += parts["reference_forward"]
         if dequantized:

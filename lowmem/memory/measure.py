@@ -373,7 +373,8 @@ class MemoryMeasurement:
                         if m else "") + "\n")
         if lapack:  # (real memory on any vendor: not in mkl_gemm_pack_bytes, which names the library's own buffers)
             text += (f"the estimated optimizer_transient also includes the SVD refresh's LAPACK copy of the gradient and "
-                     f"workspace ({fmt_bytes(lapack)}, allocated inside the kernel, not tensors the tracker sees)\n")
+                     f"workspace, or a randomized refresh's LAPACK and MKL buffers ({fmt_bytes(lapack)}, allocated inside "
+                     "the kernels, not tensors the tracker sees)\n")
         if self.peak_allocated is not None:
             text += f"CUDA max_memory_allocated: {fmt_bytes(self.peak_allocated)} (estimate/peak {self.estimate.total / self.peak_allocated:.3f})\n"
         return text

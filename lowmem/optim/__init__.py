@@ -48,7 +48,8 @@ from .recipes.came import CAME  # noqa: E402
 from .recipes.normuon import NorMuon  # noqa: E402
 from .recipes.sm3 import SM3  # noqa: E402
 from .recipes.racs import RACS  # noqa: E402
+from .recipes.ademamix import AdEMAMix, AdEMAMix8bit  # noqa: E402
 
 __all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent",
             "APOLLOAdamW", "AdamMini", "Muon", "Scale", "SinkGD", "Lion", "Lion8bit", "CAME"]
-__all__ += ["NorMuon", "SM3", "RACS"]
+__all__ += ["NorMuon", "SM3", "RACS", "AdEMAMix", "AdEMAMix8bit"]

@@ -46,7 +46,12 @@ group whose moment rule keeps per-matrix statistics (Subset-Norm), is stepped as
 a 2-D parameter of the group (:meth:`LowMemOptimizer._matrices`): its state is each matrix's stacked along
 the leading dimensions (one state dict, ``step`` / ``moment_start`` shared), each matrix steps on views
 ``p[e]``, ``grad[e]``, ``state[k][e]`` (joining the projected buckets, or one at a time), equal bit for bit
-to separate 2-D parameters (docs/subspace.md, "Fused MoE experts").
+to separate 2-D parameters (docs/subspace.md, "Fused MoE experts"). An unprojected batch whose rule has a
+batched step (``batch_direction``: RACS, Subset-Norm) is stepped in blocks of whole matrices of at most
+``chunk_numel`` elements, one set of kernels per block on the views ``state[k][e0:e1]``
+(:meth:`LowMemOptimizer._matrix_blocks`, issue 15: racs on one Qwen3-30B-A3B layer's experts 20,998 -> 2,658
+kernels a step on the CUDA path), equal to the per-matrix step (``foreach=False``) bit for bit for Subset-Norm,
+to float32 rounding for RACS (batched products).
 
 **Bounded transients.** A full-rank parameter whose chain is element-wise (Adam's moments, quantized
 moments in whole blocks, MicroAdam in whole top-k blocks, SPAM / Stable-SPAM) is stepped in flat
@@ -107,6 +112,13 @@ DEFAULT_CHUNK_NUMEL = 2**19
 # 15,015 / 2,155 / 511 / 141 / 36, 8 / 73 / 289 / 1,153 / 6,418 MiB. 2^24 bounds the largest transient (4-bit
 # moments, 32 B per element of a chunk) at 512 MiB: 0.4% of an H200, 2% of a 24 GB card.
 DEVICE_CHUNK_NUMEL = 2**24
+# Elements per block of whole matrices of a batch stepped together on the CPU (LowMemOptimizer._matrix_blocks;
+# at most chunk_numel): blocks that stay in a core's cache, as functional.adafactor.GROUP_NUMEL's stacks. Measured
+# on [16, 512, 256] and [8, 1024, 512], one thread (racs / adamw_sn / adagrad_sn): the whole batch at once was
+# slower than one matrix at a time (0.5-0.7x: every pass of the block's temporaries through memory), blocks of
+# <= 2^18 elements faster (docs/benchmarks.md, "Batches of matrices stepped in blocks"). Off the CPU a block is at
+# most chunk_numel.
+CPU_BLOCK_NUMEL = 2**18
 
 
 def default_chunk_numel(device: torch.device | str) -> int:
@@ -443,6 +455,19 @@ def _stack_like(v: Tensor, lead: torch.Size) -> Tensor:
         strides.append(acc)
         acc *= d
     return v.new_empty_strided((*lead, *v.shape), (*reversed(strides), *v.stride()))
+
+
+def _lead_flat(v: Tensor, lead: int) -> bool:
+    """Whether the ``lead`` leading dimensions of the stacked state entry ``v`` can be viewed as one: then
+    ``v.flatten(0, lead - 1)`` is a view (not a copy), which the batched step of a batch of matrices updates in place
+    (:meth:`LowMemOptimizer._matrix_blocks`)."""
+    if lead <= 1:
+        return True
+    try:
+        v.view(-1, *v.shape[lead:])
+    except RuntimeError:
+        return False
+    return True
 
 
 def _no_data(t: Tensor) -> bool:
@@ -959,6 +984,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             # exactly when one process would quantize them, Quantized.init_state_sharded)
             r.moment.init_state_sharded(state, self._sharded_projection(key, group, None).low_shape(group),
                                         r.projection.low_shape(key.shape, group), group, p, key=key)
+            if group.get("kahan_summation") and p.dtype == torch.bfloat16:  # (the shard's write-back: _store)
+                state["kahan_comp"] = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
             return
         if (key is None or not is_dtensor(key) or local_batch) and self._matrices(p, group):
             self._init_matrices(p, group, state, key=key if local_batch else None)
@@ -1383,7 +1410,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _param_transient_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], steady: bool = False) -> int:
         """The transient of :meth:`_update` of ``p`` alone (its per-parameter step; ``steady``: without a refresh).
-        A batch of matrices (:meth:`_matrices`): one matrix's, its step's temporaries freed before the next one's.
+        A batch of matrices (:meth:`_matrices`): one matrix's, its step's temporaries freed before the next one's; or
+        its largest block's, stepped by the rule's batched step (:meth:`_matrix_blocks_bytes`).
         A float64 gradient cast to float32 (:meth:`_casts_float64_grad`): that copy (4 B per element, held through
         the step) and the rule's ``float64_param_bytes`` beside the step of a float32 gradient. The rules' counts
         are told the gradient's dtype (:func:`~lowmem.optim.moments.counting_gradient`: ``p``'s, float32 once cast),
@@ -1401,6 +1429,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if self._matrices(p, group):
             if p.numel() == 0:  # (an FSDP2 shard with no matrix: nothing stepped)
                 return 0
+            blocks = self._matrix_blocks(p, group, state)
+            if blocks is not None:  # (blocks of whole matrices stepped together: _update_matrix_blocks)
+                return self._matrix_blocks_bytes(p, group, state, blocks)
             idx = matrix_index(0, p.shape[:-2])
             return self._step_transient_bytes_of(matrix_of(p, idx), group, matrix_state(state, idx), steady)
         r = self.recipe
@@ -2856,10 +2887,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _update_matrices(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
                          projected_grad: Tensor | None = None) -> None:
         """The step of a batch of matrices ``[..., A, B]`` (:meth:`_matrices`) at step ``t`` (its count
-        advanced once): each matrix ``e`` stepped as a 2-D parameter (:meth:`_update_state`) on the views
-        ``p[e]``, ``grad[e]`` and its state's (:func:`matrix_state`), one after another (each one's
-        temporaries freed before the next: :meth:`_param_transient_bytes` counts one matrix). ``projected_grad``:
-        the stacked projected gradients (layerwise accumulation, :meth:`project`)."""
+        advanced once): in blocks of whole matrices by the moment rule's batched step where
+        :meth:`_matrix_blocks` gives them (:meth:`_update_matrix_blocks`), else each matrix ``e`` stepped as a
+        2-D parameter (:meth:`_update_state`) on the views ``p[e]``, ``grad[e]`` and its state's
+        (:func:`matrix_state`), one after another (each one's temporaries freed before the next:
+        :meth:`_param_transient_bytes` counts one matrix). ``projected_grad``: the stacked projected gradients
+        (layerwise accumulation, :meth:`project`)."""
+        blocks = None if projected_grad is not None else self._matrix_blocks(p, group, state, grad)
+        if blocks is not None:
+            self._update_matrix_blocks(p, grad, group, state, t, blocks)
+            return
         lead = p.shape[:-2]
         for e in range(math.prod(lead)):
             idx = matrix_index(e, lead)
@@ -2869,6 +2906,107 @@ class LowMemOptimizer(torch.optim.Optimizer):
                                None if projected_grad is None else matrix_of(projected_grad, idx))
             _write_back(state, idx, sub, views)
             del sub, views
+
+    def _matrix_blocks(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                       grad: Tensor | None = None) -> list[tuple[int, int]] | None:
+        """The blocks of whole matrices ``[start, stop)`` (row-major over the leading dimensions) in which
+        :meth:`_update_matrices` steps unprojected batch ``p`` ``[..., A, B]`` (:meth:`_matrices`, its state made)
+        with the moment rule's batched step (``batch_direction``, issue 15: one set of kernels per block, not one
+        per matrix): each block at most ``chunk_numel`` elements (all the matrices when it is ``None``), on the CPU
+        at most :data:`CPU_BLOCK_NUMEL` too (cache-sized; one matrix at least). ``None``:
+        the batch is stepped a matrix at a time, the same math on each matrix's views (not a fallback of a
+        setting): the per-matrix step is kept for
+
+        * ``foreach=False`` in the group (the reference the batched step is tested against),
+        * a rule without a batched step, or whose state it does not take (``supports_batch_for``: RACS and
+          Subset-Norm take float32 statistics only; bfloat16 ones are computed in float32 per matrix),
+        * a projected batch (its own paths), stabilizers, an lr rule that reads the parameter, a rule that
+          applies ``lr`` itself,
+        * a float64 parameter (the per-matrix step casts its gradient and counts it: FOUND_RACS2 1),
+        * a gradient of another dtype than the parameter's (the accounting's assumption), a parameter or
+          gradient that is not contiguous (the blocks are views ``[k, A, B]`` of both), a stacked state entry
+          whose leading dimensions cannot be viewed as one (:func:`_lead_flat`: its blocks must be views),
+        * matrices of more than ``chunk_numel`` elements each: each is stepped in blocks of its rows by the
+          chunked step, which bounds the transient by ``chunk_numel`` (issue 15's Qwen3 experts on the CPU's
+          ``2**19``).
+
+        ``grad=None`` (the accounting): a dense contiguous gradient of ``p``'s dtype."""
+        r, moment = self.recipe, self.recipe.moment
+        supports = getattr(moment, "supports_batch_for", None)
+        if (supports is None or group.get("foreach") is False or self._is_projected(p, group) or r.stabilizers
+                or r.lr_rule is not constant_lr or moment.applies_lr
+                or p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not p.is_contiguous()
+                or (grad is not None and (grad.dtype != p.dtype or grad.layout != torch.strided
+                                          or not grad.is_contiguous()))
+                or not supports(p.shape, group, state)
+                or not all(_lead_flat(v, p.ndim - 2) for k, v in state.items()
+                           if k not in MATRIX_SHARED_KEYS and isinstance(v, Tensor))):
+            return None
+        count, n = math.prod(p.shape[:-2]), p.shape[-2] * p.shape[-1]
+        chunk = self._chunk(p.device)
+        if chunk is not None and n > chunk:
+            return None
+        if count == 0 or n == 0:
+            return []
+        k = count if chunk is None else chunk // n
+        if p.device.type == "cpu":  # (cache-sized blocks: CPU_BLOCK_NUMEL)
+            k = max(1, min(k, CPU_BLOCK_NUMEL // n))
+        return [(e, min(e + k, count)) for e in range(0, count, k)]
+
+    @staticmethod
+    def _batch_views(p: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        """``p`` and its stacked state entries with the leading dimensions made one, ``[count, ...]`` (views);
+        the shared entries (:data:`MATRIX_SHARED_KEYS`) as they are."""
+        lead = len(p.shape) - 2
+        flat = {k: v if k in MATRIX_SHARED_KEYS or not isinstance(v, Tensor) else v.flatten(0, lead - 1)
+                for k, v in state.items()}
+        return p.detach().flatten(0, lead - 1), flat
+
+    def _update_matrix_blocks(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                              t: float, blocks: list[tuple[int, int]]) -> None:
+        """:meth:`_update_matrices` by blocks of whole matrices (:meth:`_matrix_blocks`): for each block ``[e0,
+        e1)``, its gradients ``[k, A, B]`` (a float32 copy of a low-precision one) and the views ``state[key][e0:e1]``
+        of its stacked state go to the moment rule's ``batch_direction`` (which updates the state in place and
+        returns the block's float32 direction, a new tensor), then decay and the step on the block of ``p`` (its
+        float32 copy, written back by :meth:`_store`: stochastic rounding drawn on from the parameter's stream,
+        Kahan's compensation of the block), as the chunked step does for a chunk. Equal to the per-matrix step
+        (the rules' batched products may add in another order: float32 rounding)."""
+        r = self.recipe
+        p3, st3 = self._batch_views(p, state)
+        g3 = grad.flatten(0, len(p.shape) - 3)
+        lr = r.lr_rule(group, state, p3, t)  # (constant_lr: _matrix_blocks)
+        wd = r.moment.weight_decay_for(group, state)
+        for e0, e1 in blocks:
+            view = {k: v if k in MATRIX_SHARED_KEYS or not isinstance(v, Tensor) else v[e0:e1] for k, v in st3.items()}
+            # (the gradient's float32 copy is freed when the rule returns, before the parameter's is made)
+            d = r.moment.batch_direction(F.compute_float(g3[e0:e1]), view, group, t, lr)
+            pc = p3[e0:e1]
+            p32 = F.compute_float(pc)
+            self._apply(p32, d, lr, 1.0, wd)
+            del d  # (before the write-back: stochastic rounding's bits take the direction's place)
+            if p32 is not pc:
+                self._store(pc, p32, group, view)
+            del p32, view
+
+    def _matrix_blocks_bytes(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor],
+                             blocks: list[tuple[int, int]]) -> int:
+        """What :meth:`_update_matrix_blocks` allocates at most, exact: its largest block's (the first) rule
+        step, ``batch_transient_bytes`` (the rule's temporaries beside the gradient block's float32 copy, then
+        the direction beside the parameter block's copy), and the write-back of a bfloat16 block with
+        ``bf16_stochastic_round`` (the parameter block's float32 copy beside the rounding's random bits and NaN
+        mask; Kahan's compensation allocates nothing)."""
+        if not blocks:
+            return 0
+        k = blocks[0][1] - blocks[0][0]
+        n = k * p.shape[-2] * p.shape[-1]
+        copy = 4 if p.dtype != torch.float32 else 0
+        _, st3 = self._batch_views(p, state)
+        view = {key: v if key in MATRIX_SHARED_KEYS or not isinstance(v, Tensor) else v[:k] for key, v in st3.items()}
+        with counting_gradient(torch.float32):  # (the block's gradient is float32: the parameter's or its copy)
+            worst = self.recipe.moment.batch_transient_bytes(k, p.shape[-2:], group, view, copy)
+        if p.dtype == torch.bfloat16 and group.get("bf16_stochastic_round"):
+            worst = max(worst, 4 * n + stochastic_round_bytes(n))
+        return worst
 
     def _update_state(self, p: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
                       projected_grad: Tensor | None = None, reduce: ShardReduce | None = None) -> None:

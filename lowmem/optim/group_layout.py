@@ -430,19 +430,17 @@ ROUNDING_KEYS = frozenset({"bf16_stochastic_round", "kahan_summation", "fused", 
 
 def check_rounding(group: dict[str, Any], where: str) -> None:
     """Refuse ``bf16_stochastic_round=True`` or ``kahan_summation=True`` where it cannot apply (a value that cannot
-    apply is an error, never ignored): both at once (two ways of keeping the small updates: choose one), a group
-    with no bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore the option on float32 weights,
-    lowmem says so) or with float16 parameters (rounded into bfloat16 only: a float16 weight's write-back would round
-    to nearest, beside bfloat16 ones too), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a bfloat16
-    weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the option:
-    ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block already
-    keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` with BAdam
-    (its switch frees the compensation with the block's state). On FSDP2 (DTensor) parameters both apply: the
+    apply is an error, never ignored): both at once (two ways of keeping the small updates: choose one), a group with no
+    bfloat16 parameter (nothing to round: torchao's low-bit optimizers ignore the option on float32 weights, lowmem says
+    so) or with float16 parameters (rounded into bfloat16 only: a float16 weight's write-back would round to nearest,
+    beside bfloat16 ones too), with ``fused=True`` (bitsandbytes' fused kernels of adamw8bit, lion8bit, lion write a
+    bfloat16 weight rounded to nearest; ``fused=None`` steps bfloat16 weights with the plain step, which applies the
+    option: ``bnb_fused``'s eligibility), with BAdam's ``master_weights=True`` (its float32 copy of the active block
+    already keeps the small updates; the bfloat16 weight is only a rounded copy of it), and ``kahan_summation`` with
+    BAdam (its switch frees the compensation with the block's state). On FSDP2 (DTensor) parameters both apply: the
     compensation is element-wise, kept for the local shard (the engine's ``_init_state`` of ``local(p)``) and
-    checkpointed with the parameter's placements (:func:`~lowmem.optim.sharded.state_to_dtensor`); except
-    ``kahan_summation`` on a projected 2-D FSDP2 parameter (``rank`` below its smaller side), which is refused: the
-    engine's sharded projected state (``LowMemOptimizer._init_state``'s branch for it) keeps no compensation yet, and
-    its write-back would round to nearest (FOUND_BF16REST 1)."""
+    checkpointed with the parameter's placements (:func:`~lowmem.optim.sharded.state_to_dtensor`), projected 2-D
+    FSDP2 parameters included (``LowMemOptimizer._init_state``'s sharded projected branch keeps the shard's)."""
     on = [k for k in ("bf16_stochastic_round", "kahan_summation") if group.get(k)]
     if not on:
         return
@@ -483,16 +481,6 @@ def check_rounding(group: dict[str, Any], where: str) -> None:
             " (switch_every), and the compensation with it (what it carried would be lost at every switch), while"
             " keeping it for every block would cost 2 B per parameter of the whole model beside BAdam's one-block"
             " state; valid: bf16_stochastic_round=True (no state, new bits per activation), or kahan_summation=False")
-    if field == "kahan_summation" and group.get("rank") is not None:
-        cut = [p for p in group["params"] if is_dtensor(p) and p.dtype == torch.bfloat16 and p.ndim == 2
-               and group["rank"] < min(p.shape)]
-        if cut:
-            raise NotImplementedError(
-                f"{where}: kahan_summation=True on a projected FSDP2 (DTensor) parameter (shape {tuple(cut[0].shape)},"
-                f" rank {group['rank']}): the sharded projected step keeps no compensation yet, so its write-back would"
-                " round to nearest; valid: bf16_stochastic_round=True, or kahan_summation=False in this group (its"
-                " full-rank and element-wise FSDP2 parameters take kahan_summation in a group without a rank below"
-                " their smaller side)")
 
 
 def record_validated(opt: Any, group: dict[str, Any], where: str, check: bool = False) -> None:

@@ -260,11 +260,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # else: the gradient stays in p.grad and autograd adds the next micro-batch to it
 
     def _check_rounding(self) -> None:
-        """``bf16_stochastic_round`` / ``kahan_summation`` checked again (:func:`~lowmem.optim.group_layout.check_rounding`,
-        the error :meth:`LowMemOptimizer.step` gives) for a group whose parameters' dtypes changed since they were
-        last checked here (``model.to(torch.float32)`` after construction: the option would no longer apply to
-        anything). Before the ``check_group_layouts`` that compares the state with its parameters, as the plain
-        step checks it first. Its cost at a step: a tuple of the dtypes of each such group's parameters."""
+        """``bf16_stochastic_round`` / ``kahan_summation`` checked again
+        (:func:`~lowmem.optim.group_layout.check_rounding`, the error :meth:`LowMemOptimizer.step` gives) for a group
+        whose parameters' dtypes changed since they were last checked here (``model.to(torch.float32)`` after
+        construction: the option would no longer apply to anything). Before the ``check_group_layouts`` that compares
+        the state with its parameters, as the plain step checks it first. Its cost at a step: a tuple of the dtypes of
+        each such group's parameters."""
         seen = self.__dict__.setdefault("_rounding_dtypes", {})
         for i, group in enumerate(self.inner.param_groups):
             if not (group.get("bf16_stochastic_round") or group.get("kahan_summation")):

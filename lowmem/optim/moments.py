@@ -58,6 +58,13 @@ class MomentRule:
             changes).
         applies_lr: ``True`` if :meth:`direction` already returns an ``lr``-scaled step (Adafactor,
             whose first moment averages lr-scaled updates); the engine then does not scale again.
+
+    Optional hooks the engine looks up by ``getattr`` (``LowMemOptimizer._matrix_blocks``) for an unprojected batch
+    of matrices ``[..., A, B]`` (fused MoE experts), stepped in blocks of whole matrices instead of one matrix at a
+    time: ``supports_batch_for(shape, group, state)``; ``batch_direction(g [k, A, B], state views, group, t, lr)
+    -> [k, A, B]`` (updates the views of the batch's stacked state in place); ``batch_transient_bytes(k, (A, B),
+    group, state views, copy)`` (exact, with the direction beside the parameter block's copy). Without them a batch
+    is stepped per matrix (racs and Subset-Norm have them: tests/test_batch_matrices.py).
     """
 
     state_keys: tuple[str, ...] = ()

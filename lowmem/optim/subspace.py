@@ -553,6 +553,10 @@ class SubspaceProjection(Projection):
             draw = [8 * d * r if method == "gaussian" else 12 * d * r + 4 * r * r + 4 * r + 4 * d * min(r, 128)
                     for d in rows]
             work = draw[0] if len(draw) == 1 else max(draw[0], 4 * m * r + draw[1])  # "full": left kept while right is drawn
+        elif not GL._SVD_WORKSPACE_COUNTED.get():  # rsvd, the tensors only (svd_workspace_left_out: the estimate's
+            # split, its LAPACK and MKL buffers apart; before 2026-12-01 the whole count stayed in the tensors' part:
+            # tiny galore_adamw rank 8 rsvd read 4.17 MiB for 128 KiB measured, lowmem budget --measure)
+            work = self._rsvd_traced_bytes(shape, group)
         else:  # rsvd, sized for the device its basis is on (a CUDA step's does not read the host CPU's vendor)
             with GL.blas_device(self._basis_device(state)):
                 work = self._rsvd_bytes(shape, group)
@@ -644,14 +648,7 @@ class SubspaceProjection(Projection):
         refreshes' traced tensors (:func:`~lowmem.optim.functional.galore.range_finder_traced_bytes`)."""
         m, n = shape
         if self.method(group) == "rsvd":  # all but the tensors its operations return (LAPACK's, MKL's buffers)
-            r, iters = group["rank"], group["power_iters"]
-            side = self._side(shape, group)
-
-            def seen(d, e):  # the range finder (the first refresh) or the subspace iteration (a later one)
-                return max(GL.range_finder_traced_bytes(d, e, r, iters), GL.range_finder_traced_bytes(d, e, r, iters, None))
-
-            visible = {"left": seen(m, n), "right": seen(n, m), "full": max(seen(m, n), 4 * m * r + seen(n, m))}[side]
-            return self._rsvd_bytes(shape, group) - visible
+            return self._rsvd_bytes(shape, group) - self._rsvd_traced_bytes(shape, group)
         if self.method(group) == "random":  # QR's blocked workspace, per side drawn
             side = self._side(shape, group)
             return max(4 * d * min(group["rank"], 128) for d, sides in ((m, ("left", "full")), (n, ("right", "full")))
@@ -684,6 +681,20 @@ class SubspaceProjection(Projection):
         packing; measured over steps 1-3, the combine-back of step 1 included: 53.3 MiB for 64.6 reported
         at 4096 x 11008 rank 256, a right basis whose combine-back packs 11008 columns)."""
         return self.kept_gemm_bytes(shape, group) if self.method(group) == "rsvd" else 0
+
+    def _rsvd_traced_bytes(self, shape, group) -> int:
+        """The tensors of a ``rsvd`` refresh (what its operations return, a dispatch trace's count), the larger of
+        the first (the range finder) and a later one (the subspace iteration) per projected side
+        (:func:`~lowmem.optim.functional.galore.range_finder_traced_bytes`); ``full`` keeps the left basis while the
+        right one is found. :meth:`_rsvd_bytes` is these plus LAPACK's and MKL's buffers."""
+        m, n = shape
+        r, iters = group["rank"], group["power_iters"]
+        side = self._side(shape, group)
+
+        def seen(d, e):  # the range finder (the first refresh) or the subspace iteration (a later one)
+            return max(GL.range_finder_traced_bytes(d, e, r, iters), GL.range_finder_traced_bytes(d, e, r, iters, None))
+
+        return {"left": seen(m, n), "right": seen(n, m), "full": max(seen(m, n), 4 * m * r + seen(n, m))}[side]
 
     def _rsvd_bytes(self, shape, group) -> int:
         """A ``rsvd`` refresh's peak over a run (:func:`~lowmem.optim.functional.galore.rsvd_refresh_bytes`)

@@ -20,8 +20,14 @@ import torch
 
 from ..registry import register
 
-_HPARAMS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "min_8bit_size", "percentile_clipping", "block_wise")
-_LION_HPARAMS = ("lr", "betas", "weight_decay", "min_8bit_size", "percentile_clipping", "block_wise")
+# The keywords the bitsandbytes classes take and apply (bitsandbytes 0.50's signatures; tests/test_audit_silent17.py
+# compares them with inspect.signature): percentile_clipping / block_wise are Optimizer2State's, which these classes
+# do not pass on (listed, they failed with __init__'s bare TypeError); optim_bits / args / is_paged are the classes'
+# own plumbing (the name fixes the bits and the paging). min_8bit_size matters to the 8-bit classes only.
+_HPARAMS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "min_8bit_size")
+_LION_HPARAMS = ("lr", "betas", "weight_decay", "min_8bit_size")
+_HPARAMS_32BIT = ("lr", "betas", "eps", "weight_decay", "amsgrad")
+_LION_HPARAMS_32BIT = ("lr", "betas", "weight_decay")
 
 # name -> (bitsandbytes class name, state bits, paged, states per parameter)
 BNB_OPTIMIZERS = {
@@ -34,10 +40,40 @@ BNB_OPTIMIZERS = {
 }
 
 
+def _checks() -> dict[str, Any]:
+    from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam
+
+    return {"lr": LR(), "betas": BETAS(), "eps": EPS(), "weight_decay": WEIGHT_DECAY(),
+            "min_8bit_size": HParam("min_8bit_size", 4096, lambda x: isinstance(x, int) and not isinstance(x, bool)
+                                    and x >= 0, "an int >= 0", "smallest tensor whose state is 8-bit")}
+
+
+def check_bnb_hparams(class_name: str, hparams: dict[str, Any]) -> None:
+    """``hparams`` of bitsandbytes' ``class_name`` checked with the engine's own entries (bitsandbytes checks
+    ``betas[0]`` / ``betas[1]`` only and compares ``lr`` with ``<=``: a third beta was dropped, ``lr='0.1'`` a bare
+    TypeError), and ``amsgrad=True``, which none of them implements (the 8-bit classes refuse it, ``PagedAdamW``
+    never passes it on: plain AdamW trained).
+
+    Raises:
+        ValueError: Naming the hyperparameter and what is valid.
+    """
+    checks = _checks()
+    for key, value in hparams.items():
+        if key in checks:
+            checks[key].validate(value)
+    amsgrad = hparams.get("amsgrad", False)
+    if not isinstance(amsgrad, bool):
+        raise ValueError(f"Invalid amsgrad={amsgrad!r}: expected False (bitsandbytes' {class_name} has no AMSGrad)")
+    if amsgrad:
+        raise ValueError(f"amsgrad=True: bitsandbytes' {class_name} does not implement AMSGrad (its 8-bit classes "
+                         "refuse it, PagedAdamW drops it); drop amsgrad (torch.optim.AdamW(amsgrad=True) has AMSGrad)")
+
+
 def _factory(class_name: str):
     def build(params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
+        check_bnb_hparams(class_name, hparams)
         return skipping_nonfinite(getattr(bnb.optim, class_name))(params, **hparams)
 
     build.__name__ = f"bnb_{class_name}"
@@ -109,7 +145,7 @@ for _name, (_cls, _bits, _paged, _states) in BNB_OPTIMIZERS.items():
         summary=f"bitsandbytes {_cls} ({_bits}-bit state{'s' if _states > 1 else ''}{', paged' if _paged else ''}), for comparison",
         reference=("Chen et al. 2023, Symbolic Discovery of Optimization Algorithms; " if _lion else "")
         + "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization (bitsandbytes)",
-        hparams=_LION_HPARAMS if _lion else _HPARAMS,
+        hparams=(_LION_HPARAMS if _lion else _HPARAMS) if _bits == 8 else (_LION_HPARAMS_32BIT if _lion else _HPARAMS_32BIT),
         generic_tests=False,
         state_precision="8bit" if _bits == 8 else "fp32",
         second_moment="none" if _lion else "full",

@@ -64,7 +64,10 @@ class AdamW(LowMemOptimizer):
 
 
 def _eps_pair(x: Any) -> bool:
-    return isinstance(x, (tuple, list)) and len(x) == 2 and all(nonneg(e) for e in x)
+    """``(eps1, eps2)`` with ``eps1 > 0`` (it regularizes ``g^2``: at 0 a zero gradient's factored rms is 0/0 and
+    writes NaN into the parameter, a check on the gradient cannot see it) and ``eps2 >= 0`` (a floor: 0 is harmless)."""
+    return (isinstance(x, (tuple, list)) and len(x) == 2 and all(nonneg(e) for e in x)
+            and not isinstance(x[0], bool) and x[0] > 0)
 
 
 def _check_adafactor_group(group: dict[str, Any]) -> None:
@@ -82,7 +85,7 @@ def _check_adafactor_group(group: dict[str, Any]) -> None:
 
 ADAFACTOR_HPARAMS = (
     HParam("lr", None, optional(nonneg), "None or a finite float >= 0", "external learning rate (requires relative_step=False)"),
-    HParam("eps", (1e-30, 1e-3), _eps_pair, "a pair (eps1, eps2) of floats >= 0", "regularizer of g^2, and floor of the parameter scale"),
+    HParam("eps", (1e-30, 1e-3), _eps_pair, "a pair (eps1, eps2) with eps1 > 0 and eps2 >= 0", "regularizer of g^2, and floor of the parameter scale"),
     HParam("clip_threshold", 1.0, lambda x: nonneg(x) and x > 0, "a float > 0", "threshold d of the update RMS clipping"),
     HParam("decay_rate", -0.8, lambda x: nonneg(-x) and x < 0, "a float < 0", "exponent c in beta2_t = 1 - t^c"),
     HParam("beta1", None, optional(in_unit_interval), "None or a float in [0, 1)", "first-moment decay; None keeps no first moment"),

@@ -9,6 +9,9 @@ fused MoE experts, is a batch of ``A x B`` matrices, each with its own state, st
 ``col_scale`` (``s_t``, ``cols`` values) in the state dtype, both from 0 (line 2), and ``update_norm`` (``phi_t``,
 0-d, float32; float64 with a float64 state). A matrix keeps ``m + n + 1`` numbers, no first moment.
 
+A batch of matrices is stepped by the engine in blocks of whole matrices (:meth:`RacsMoments.batch_direction`:
+every line once on the block's ``(k, A, B)`` view and the views of its stacked scalings, updated in place), or one
+matrix at a time (``foreach=False``, bfloat16 scalings, float64 weights, matrices larger than ``chunk_numel``).
 :class:`RacsMoments` steps a tensor whole (its squares made once), or in blocks of whole rows
 (:meth:`RacsMoments.prepare_chunks`: one pass over the blocks per fixed-point iteration, one for the last ``q`` with
 the moving averages and the scaled gradient's norm, then each block's update), or as an FSDP2 shard of rows (each
@@ -140,6 +143,59 @@ class _Foreach:
         del norm
         return u.mul_(scale.view(k, 1, 1))
 
+    # ---- the batched step of a batch of matrices (fused MoE experts [E, A, B]) ----
+
+    def supports_batch_for(self, shape, group, state):
+        """The engine's batched step of a batch of matrices (:meth:`~lowmem.optim.engine.LowMemOptimizer._matrix_blocks`):
+        float32 scalings (the stacks are updated in place, as the per-matrix step's float32 ones; bfloat16 ones
+        are computed in float32 by the per-matrix step)."""
+        row = state.get("row_scale")
+        return row is not None and row.dtype == torch.float32 and state["update_norm"].dtype == torch.float32
+
+    def batch_direction(self, g, state, group, t, lr):
+        """The step of a block of ``k`` matrices of a batch (``g``: their float32 gradients ``[k, A, B]``;
+        ``state``: the views ``[k, A]``, ``[k, B]``, ``[k]`` of the stacked scalings and kept norms, updated in
+        place): ``alpha eta G~`` of each, a new ``[k, A, B]`` tensor (:meth:`_stack_direction`)."""
+        return self._stack_direction(g, state["row_scale"], state["col_scale"], state["update_norm"], group, t)
+
+    @staticmethod
+    def _stack_direction(g, row, col, phi, group, t):
+        """Every line of the step (without ``lr``) for ``k`` float32 matrices ``g`` ``(k, R, C)`` whose row and
+        column scalings ``row`` ``(k, R)``, ``col`` ``(k, C)`` and kept norms ``phi`` ``(k,)`` are written in place:
+        the lines of :meth:`_group_direction` on a stack that needs no stacking and no copying back (a batch's
+        own stacked state). Lines 5-11: Eq. 16's fixed point by batched products
+        (:func:`~lowmem.optim.functional.racs.racs_fixed_point_stacked`), so equal to the per-matrix step up to
+        float32 rounding (its products add in another order)."""
+        k = g.shape[0]
+        if g.numel() == 0:  # (empty matrices: nothing to scale, the scalings keep their values)
+            return torch.zeros_like(g)
+        beta, eps = group["beta"], group["eps"]
+        sq = g.square()
+        q, s = racs_fixed_point_stacked(sq, group["iterations"])  # line 5
+        racs_ema_(col, s, beta)  # line 6
+        racs_ema_(row, q, beta)  # line 7
+        del q, s
+        rf, cf = inv_sqrt(row, eps), inv_sqrt(col, eps)
+        norm = scaled_square_norms_stacked(sq, rf, cf).sqrt_()
+        del sq
+        u = racs_scale(g, rf, cf)  # line 8
+        del rf, cf
+        if t <= 1:  # (the first step: eta = 1, phi_1 = ||G~||)
+            phi.copy_(norm)
+            return u.mul_(group["alpha"])
+        scale = norm_growth_limit(norm, phi, group["gamma"])  # lines 9-10, per matrix
+        phi.copy_(norm.mul_(scale))
+        del norm
+        return u.mul_(scale.mul_(group["alpha"]).view(k, 1, 1))  # line 11 (without lr)
+
+    def batch_transient_bytes(self, k, shape, group, state, copy=0):
+        """:meth:`batch_direction` of ``k`` ``R x C`` matrices beside the engine's float32 copy of a low-precision
+        gradient block (``copy`` bytes per element), then the direction beside the parameter block's copy, exact:
+        :meth:`_group_bytes` of a stack that is the state itself (no stacked gradients, scalings or norms)."""
+        n = k * shape[0] * shape[1]
+        return max(copy * n + self._group_bytes(tuple(shape), k, group["iterations"], stacked=False),
+                   4 * n + copy * n)
+
     def foreach_transient_bytes(self, numel):
         """Without the states at hand: a bound of :meth:`_group_bytes` per element (a stack of 0-d tensors' limiter
         phase, ``25 k`` bytes, is the most per element; a vector's ``[n, 1]`` at most ``24 k n``); 0 for no bucket."""
@@ -175,19 +231,20 @@ class _Foreach:
         return n, 1
 
     @staticmethod
-    def _group_bytes(dims, k, iterations) -> int:
+    def _group_bytes(dims, k, iterations, stacked=None) -> int:
         """:meth:`_group_direction` of ``k`` float32 tensors stepped as ``R x C`` (``n`` elements each), exact (any
         ``iterations``): the squares (``4 k n``) and, for a stack (``k > 1``), the stacked gradients (``4 k n``)
         beside, in turn, the fixed point's ``q``, ``s``, a new ``q`` or ``s`` and a sum per matrix
         (``4 max(2 k R + k C + k, k R + 2 k C + k)``, never the most: below the norms' phase); the scalings with their
         stacked averages (``k > 1``) or their factors (``4 k (R + C)`` each); the factors beside the norms'
         products (``4 k (R + C) + 4 max(k (R + C), 2 k R)``). Then ``G~`` beside the gradients' stack, the factors and the norms (``4 k (n + R + C + 1)``), or
-        beside the limiter's vectors and its ``k``-byte mask (``4 k n + 17 k``, and the stacked kept norms)."""
+        beside the limiter's vectors and its ``k``-byte mask (``4 k n + 17 k``, and the stacked kept norms).
+        ``stacked=False``: a stack that is the state itself (:meth:`_stack_direction`), counted as a lone tensor's."""
         rows, cols = dims
         n = rows * cols
         if n == 0:  # (empty tensors: nothing stepped)
             return 0
-        stack = k > 1
+        stack = k > 1 if stacked is None else stacked
         base = 4 * k * n * (2 if stack else 1)
         # (the fixed point's phase, 4 max(2 k R + k C + k, k R + 2 k C + k) beside the base, is never above the norms')
         factors = base + 4 * k * (rows + cols) * (2 if stack else 1)
@@ -459,7 +516,9 @@ class RACS(LowMemOptimizer):
             `"param"`: refused for float16 parameters, whose column scaling carries the gradient's squares).
         foreach (`bool` or `None`, defaults to `None`): `None` steps float32 parameters with float32 scalings in
             multi-tensor buckets (same-shape tensors stacked, the fixed point batched: equal to the per-parameter
-            step up to float32 rounding); `False` forces the per-parameter step.
+            step up to float32 rounding), and the matrices of a 3-D batch (fused MoE experts) in blocks of whole
+            matrices of at most ``chunk_numel`` elements (the same rounding); `False` forces the per-parameter and
+            per-matrix step.
     """
 
     recipe = RACS_RECIPE

@@ -28,6 +28,10 @@ projected buckets combined back at once where the statistics commute with the pr
 (:meth:`SubsetNormStep.foreach_fold`, :meth:`SubspaceMomentumResidual.foreach_fold`: the state bit for
 bit, the weights to float32 rounding).
 
+A batch of matrices ``[..., A, B]`` (fused MoE experts) of a ``subset_norm`` group: stepped by the engine in blocks
+of whole matrices (:meth:`SubsetNormMoments.batch_direction`; each matrix's rows, or columns, of the longer side),
+equal to the per-matrix step (``foreach=False``) bit for bit (tests/test_batch_matrices.py).
+
 Parameter groups: :func:`~lowmem.optim.create_optimizer` marks the weights of the projection layers
 (``target_modules``, default all but the output head) and the output head (its own group, as the
 authors apply SN to every ``nn.Linear``) with ``subset_norm=True``; the input embedding, norms and
@@ -196,6 +200,55 @@ class SubsetNormMoments(MomentRule):
         (:meth:`~lowmem.optim.engine.LowMemOptimizer._matrices`; ``v`` stacked ``[..., A, 1]`` /
         ``[..., 1, B]``). Flat subsets (``subset_size``) and Adam's element-wise ``v`` need no matrices."""
         return self.adaptive and len(shape) > 2 and bool(group.get("subset_norm")) and group.get("subset_size") is None
+
+    # ---- the batched step of a batch of matrices (fused MoE experts [E, A, B]) ----
+
+    def supports_batch_for(self, shape, group, state):
+        """The engine's batched step of a batch of matrices (:meth:`~lowmem.optim.engine.LowMemOptimizer._matrix_blocks`):
+        each matrix's subset norms stacked ``[..., A, 1]`` (per row) or ``[..., 1, B]`` (per column), float32
+        moments (updated in place; low-precision ones are computed in float32 by the per-matrix step)."""
+        v, m = state.get("exp_avg_sq"), state.get("exp_avg")
+        return (v is not None and v.dtype == torch.float32 and (m is None or m.dtype == torch.float32)
+                and len(shape) > 2 and tuple(v.shape[-2:]) in ((shape[-2], 1), (1, shape[-1])))
+
+    def batch_direction(self, g, state, group, t, lr):
+        """The step of a block of ``k`` matrices (``g``: their float32 gradients ``[k, A, B]``; ``state``: views
+        of the stacked moments, ``exp_avg`` ``[k, A, B]``, ``exp_avg_sq`` ``[k, A, 1]`` or ``[k, 1, B]``, updated
+        in place): a new ``[k, A, B]`` direction, each matrix's as :meth:`direction`'s. Per row: the block is one
+        ``k A x B`` matrix's rows (:meth:`direction` on that view: the same reductions, bit for bit); per column:
+        the sums over each matrix's rows (:func:`~lowmem.optim.functional.subset_norm.subset_sq_norms` over
+        dimension 1)."""
+        k, rows, cols = g.shape
+        v = state["exp_avg_sq"]
+        if v.shape[-1] == 1:
+            flat = {"exp_avg_sq": v.view(k * rows, 1)}
+            if "exp_avg" in state:
+                flat["exp_avg"] = state["exp_avg"].view(k * rows, cols)
+            return self.direction(g.view(k * rows, cols), flat, group, t, lr).view(g.shape)
+        num = self._numerator(g, state, group)
+        sq = SN.subset_sq_norms(g, 1)
+        v32 = _ema_stored_(v, sq, self._beta2(group))
+        del sq
+        denom = SN.sn_denominator(v32, group["eps"])
+        d = num / denom
+        del denom
+        scale = self._scale(t, group)
+        return d if scale == 1.0 else d.mul_(scale)
+
+    def batch_transient_bytes(self, k, shape, group, state, copy=0):
+        """:meth:`batch_direction` of ``k`` ``A x B`` matrices beside the engine's float32 copy of a low-precision
+        gradient block (``copy`` bytes per element), then the direction beside the parameter block's copy, exact:
+        per row, :meth:`chunk_transient_bytes` of the ``k A x B`` rows; per column, ``g^2`` beside its ``k B`` sums, then the
+        ``k B`` denominators beside the direction (both ``c n + 4 n + 4 k B``), then ``4 n + c n``."""
+        rows, cols = shape[0], shape[1]
+        n = k * rows * cols
+        v = state["exp_avg_sq"]
+        if v.shape[-1] == 1:
+            flat = {"exp_avg_sq": v.reshape(k * rows, 1)}
+            if "exp_avg" in state:
+                flat["exp_avg"] = state["exp_avg"].reshape(k * rows, cols)
+            return self.chunk_transient_bytes(n, (k * rows, cols), group, flat, copy)
+        return max(copy * n + 4 * (n + k * cols), 4 * n + copy * n)
 
     # FSDP2 (lowmem.optim.sharded): the partition is chosen from the whole shape (a shard of a square
     # weight is wide), a shard keeps its rows' statistics, and the column sums are all-reduced
