@@ -336,3 +336,19 @@ def test_bnb_nonfinite_skip_steps_as_bitsandbytes_and_runs_hooks_once():
             o.step()
     assert len(calls) == 3 and getattr(ours, "skipped_steps", 0) == 0 and isinstance(ours, bnb.optim.AdamW8bit)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_estimate_memory_of_a_model_instance_notes_its_dtype_and_frozen_parameters():
+    """USERFIX (the note beside USERAPI 6): a model instance is sized from its .config only; a float32 model with
+    frozen embeddings, estimated with the default dtype (bf16), says both in its notes."""
+    import lowmem
+    from lowmem.kit import build_tiny_model
+
+    model, _ = build_tiny_model(seed=0)
+    model.float().get_input_embeddings().weight.requires_grad_(False)
+    est = lowmem.estimate_memory(model, "adamw", batch_size=1, seq_len=8, device="cpu")
+    text = " ".join(est.notes)
+    assert "holds float32" in text and "1 of its" in text and "frozen" in text, est.notes
+    same = lowmem.estimate_memory(build_tiny_model(seed=0)[0].float(), "adamw", batch_size=1, seq_len=8, dtype="fp32",
+                                  device="cpu")
+    assert not any("model.config" in n for n in same.notes), same.notes

@@ -459,6 +459,25 @@ def peft_model_parts(model: Any, lora: Any) -> tuple[Any, Any, list[str]]:
                                          f"(r={cfg.r}, target_modules={cfg.target_modules!r})"]
 
 
+def model_instance_notes(model: Any, param_dtype: torch.dtype, peft: bool = False) -> list[str]:
+    """Notes for a model instance given as ``model``, which is sized from its ``.config`` only: its own floating
+    dtype when it is not ``dtype``, and its frozen parameters (every one is sized as trained; not for a peft model's
+    base, whose adapters are sized as ``lora=``). A float32 model with frozen embeddings was sized in bf16 with every
+    parameter's optimizer state, without a word (the note beside USERAPI 6)."""
+    if not isinstance(model, nn.Module):
+        return []
+    params = list(model.parameters())
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.is_floating_point()})
+    want = str(param_dtype).removeprefix("torch.")
+    notes = [f"sized from model.config in {want} (dtype=); the model given holds {', '.join(dtypes)} parameters"] \
+        if dtypes and dtypes != [want] else []
+    frozen = [p for p in params if not p.requires_grad]
+    if frozen and not peft:
+        notes.append(f"sized from model.config with every parameter trained; the model given has {len(frozen)} of its "
+                     f"{len(params)} parameter tensors frozen ({sum(p.numel() for p in frozen):,} elements)")
+    return notes
+
+
 def config_quantization(config: Any, spec: "QuantSpec | None") -> tuple["QuantSpec | None", list[str]]:
     """The base weights' quantization: ``spec`` (``quantization=``), or the ``quantization_config`` of ``config`` (a
     pre-quantized checkpoint's config.json, a model loaded 4-/8-bit), which ``from_pretrained`` applies: it was
@@ -1555,6 +1574,7 @@ def estimate_memory(
     model, lora, found = peft_model_parts(model, lora)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
+    found += model_instance_notes(model, param_dtype, peft=bool(found))
     spec, quant_notes = config_quantization(config, QuantSpec.parse(quantization))
     found += quant_notes
     lcfg = lora_config(lora)
