@@ -30,6 +30,13 @@ subspace recipes train them full-rank and Muon / SCALE / SinkGD with their AdamW
 :data:`LINEAR_SETS`, which are targeted; :data:`LAYER_STACKS`: several
 small Llama layers with their norms, whose weights are targeted as in a model). Their steps take a few
 milliseconds, so each round times :func:`steps_per_round` steps of each optimizer (20) instead of one.
+
+:data:`MOE_SETS`: one Qwen3-30B-A3B decoder layer (:class:`MoeLayerWeights`, transformers' parameter names): its fused
+experts are batches of matrices (3-D parameters ``[E, A, B]``), which racs / adamw_sn / adagrad_sn step in blocks of
+whole matrices (``batch_direction``). ``qwen3-moe-layer`` (128 experts, 623.1M parameters: 2.5 GB per float32 copy,
+about 7 copies in a timing run) is counted by ``--launches`` on meta tensors only (:data:`META_ONLY_SETS`: timing it
+is refused, naming the small variant); ``qwen3-moe-layer-small`` is the same layer with 16 experts (94.4M) for CPU
+timing.
 """
 
 from __future__ import annotations
@@ -69,6 +76,19 @@ LINEAR_SETS = frozenset({"small-linear"})
 #: ``name -> (layers, hidden)``: that many Llama decoder layers (with their two RMSNorm weights, Llama-2's MLP
 #: ratio: hidden 128 -> MLP 344) under ``layers.i.``; 8 x 128: 1.57M parameters, 8 x 256: 6.29M.
 LAYER_STACKS: dict[str, tuple[int, int]] = {"llama-8x128": (8, 128), "llama-8x256": (8, 256)}
+#: Qwen3-30B-A3B's layer (Hugging Face ``Qwen/Qwen3-30B-A3B`` config.json; transformers' ``Qwen3MoeConfig`` defaults
+#: give the same hidden size, MoE intermediate size, expert count and head counts, but ``head_dim=None``, i.e.
+#: hidden / heads = 64: the checkpoint's 128 is used here, so q_proj has 32 x 128 = 4096 outputs, k/v 4 x 128 = 512)
+QWEN3_MOE = dict(hidden_size=2048, moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4, head_dim=128)
+#: ``name -> number of experts`` of a :class:`MoeLayerWeights` set
+MOE_SETS: dict[str, int] = {"qwen3-moe-layer": 128, "qwen3-moe-layer-small": 16}
+#: ``name -> why``: sets ``--launches`` counts on meta tensors but ``--shapes`` does not time on the CPU
+META_ONLY_SETS: dict[str, str] = {
+    "qwen3-moe-layer": "623,120,640 parameters (2.5 GB per float32 copy; a timing run holds about 7: weights, "
+                       "gradients, the fixed gradients, two optimizers' states) is counted on meta tensors only "
+                       "(--launches --shapes qwen3-moe-layer); time --shapes qwen3-moe-layer-small (the same layer with "
+                       "16 experts, 94.4M parameters)",
+}
 #: optimizer steps per interleaved round for the small sets (a single-layer set times one step per round)
 SMALL_SET_STEPS = 20
 HEAD_DIM = 128
@@ -78,7 +98,7 @@ DEFAULT_RANK = 128
 
 def all_sets() -> list[str]:
     """Every named set: the CLI's ``--shapes`` choices."""
-    return [*SHAPE_SETS, *LAYER_STACKS, *TENSOR_SETS]
+    return [*SHAPE_SETS, *LAYER_STACKS, *TENSOR_SETS, *MOE_SETS]
 
 
 def shape_set(name: str) -> tuple[int, int, bool]:
@@ -109,7 +129,21 @@ def set_shapes(name: str) -> dict[str, tuple[int, ...]]:
         n, h = LAYER_STACKS[name]
         one = _layer_shapes(h, h * 11008 // 4096, True)
         return {f"layers.{i}.{k}": s for i in range(n) for k, s in one.items()}
+    if name in MOE_SETS:
+        return moe_layer_shapes(MOE_SETS[name])
     return layer_shapes(name)
+
+
+def moe_layer_shapes(experts: int) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of one Qwen3-MoE decoder layer (:data:`QWEN3_MOE`) with ``experts`` experts, under
+    transformers' names (``Qwen3MoeDecoderLayer``: fused ``mlp.experts.gate_up_proj [E, 2 I, H]`` and
+    ``mlp.experts.down_proj [E, H, I]``, router ``mlp.gate``, per-head ``q_norm`` / ``k_norm``)."""
+    h, i, d = QWEN3_MOE["hidden_size"], QWEN3_MOE["moe_intermediate_size"], QWEN3_MOE["head_dim"]
+    q, kv = QWEN3_MOE["num_attention_heads"] * d, QWEN3_MOE["num_key_value_heads"] * d
+    return {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+            "mlp.experts.gate_up_proj": (experts, 2 * i, h), "mlp.experts.down_proj": (experts, h, i),
+            "mlp.gate.weight": (experts, h), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
 
 
 def describe_set(name: str) -> str:
@@ -121,6 +155,12 @@ def describe_set(name: str) -> str:
     if name in LAYER_STACKS:
         n, h = LAYER_STACKS[name]
         return f"{n} Llama decoder layers, hidden {h}, MLP {h * 11008 // 4096}, 2 RMSNorm weights each"
+    if name in MOE_SETS:
+        e, c = MOE_SETS[name], QWEN3_MOE
+        return (f"one Qwen3-30B-A3B decoder layer with {e} experts: fused experts [{e}, {2 * c['moe_intermediate_size']},"
+                f" {c['hidden_size']}] + [{e}, {c['hidden_size']}, {c['moe_intermediate_size']}], router {e} x "
+                f"{c['hidden_size']}, attention {c['num_attention_heads']} x {c['head_dim']} query / "
+                f"{c['num_key_value_heads']} x {c['head_dim']} key-value heads, q/k norms, 2 RMSNorm weights")
     h, i, norms = shape_set(name)
     return f"one Llama decoder layer, hidden {h}, MLP {i}" + (", 2 RMSNorm weights" if norms else "")
 
@@ -167,6 +207,39 @@ class LayerWeights(nn.Module):
                     p.normal_(0.0, 0.02, generator=g)
 
 
+class MoeLayerWeights(nn.Module):
+    """One Qwen3-MoE decoder layer's weights (:func:`moe_layer_shapes`, transformers' names) with ``experts``
+    experts; the fused experts are plain 3-D parameters (batches of matrices), the rest ``nn.Linear`` weights and
+    RMSNorm weights. ``config`` gives the head layout (Adam-mini's partition). Matrices N(0, 0.02^2), norm
+    weights ones; nothing is computed with them."""
+
+    def __init__(self, experts: int, seed: int = 0):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        c = QWEN3_MOE
+        h, i, d = c["hidden_size"], c["moe_intermediate_size"], c["head_dim"]
+        q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+        self.config = SimpleNamespace(**c, num_experts=experts)
+        lin = lambda i, o: nn.Linear(i, o, bias=False, device="meta")  # noqa: E731
+        self.self_attn = nn.ModuleDict({"q_proj": lin(h, q), "k_proj": lin(h, kv), "v_proj": lin(h, kv),
+                                        "o_proj": lin(q, h), "q_norm": LlamaRMSNorm(d), "k_norm": LlamaRMSNorm(d)})
+        experts_mod = nn.Module()
+        experts_mod.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * i, h, device="meta"))
+        experts_mod.down_proj = nn.Parameter(torch.empty(experts, h, i, device="meta"))
+        self.mlp = nn.ModuleDict({"experts": experts_mod, "gate": lin(h, experts)})
+        self.input_layernorm = LlamaRMSNorm(h)
+        self.post_attention_layernorm = LlamaRMSNorm(h)
+        self.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+
+
 class TensorSet(nn.Module):
     """Many small tensors of a :data:`TENSOR_SETS` entry as plain parameters ``vecs.i`` (N(0, 1)) and ``mats.i``
     (N(0, 0.02^2); for :data:`LINEAR_SETS` the weights ``mats.i.weight`` of bias-free ``nn.Linear`` layers);
@@ -203,6 +276,8 @@ def build_set(name: str) -> nn.Module:
         return TensorSet(name)
     if name in LAYER_STACKS:
         return LayerStack(name)
+    if name in MOE_SETS:
+        return MoeLayerWeights(MOE_SETS[name])
     return LayerWeights(*shape_set(name))
 
 
@@ -279,6 +354,8 @@ def run_shapes_bench(optimizers: list[str], shapes: str = "hidden-1024", peers: 
     ``meta["left_out_peers"]``."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if shapes in META_ONLY_SETS:
+        raise ValueError(f"--shapes {shapes}: {META_ONLY_SETS[shapes]}")
     module = build_set(shapes)  # an unknown name is a ValueError naming the valid sets
     n_steps = steps_per_round(shapes)
     rank = rank or DEFAULT_RANK

@@ -298,16 +298,20 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "library's *.py files, split by file into train / held-out by a hash of the path, warm-up + cosine "
                    "decay, each optimizer at its recommended lr (table with sources in lowmem/bench_peers.py). Default: tiny")
     p.add_argument("--shapes", choices=["llama-7b-layer", "hidden-1024", "hidden-2048", "llama-8x128", "llama-8x256",
-                                        "small-tensors", "small-batched", "small-linear", "llama-368m"], default=None,
+                                        "small-tensors", "small-batched", "small-linear", "qwen3-moe-layer",
+                                        "qwen3-moe-layer-small", "llama-368m"], default=None,
                    help="str: time optimizer.step() alone (random gradients, no forward/backward) on a set of weights: "
                    "'llama-7b-layer' (one Llama decoder layer: 4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down, 2 "
                    "norms), the linear layers of a hidden-1024 / hidden-2048 layer, 'llama-8x128' / 'llama-8x256' (8 Llama "
                    "layers of hidden 128 / 256 with their norms), or many small tensors for the multi-tensor paths: "
                    "'small-tensors' (64 vectors of 1024 + 32 weights of 64x64), 'small-batched' (32 vectors of 256 + 16 "
                    "weights of 4x64x64), 'small-linear' (64 vectors of 128 + 32 nn.Linear weights of 128x128, projected by "
-                   "the subspace recipes: use --rank 16); ratio to torch.optim.AdamW(foreach=True), medians of --repeats interleaved rounds "
+                   "the subspace recipes: use --rank 16), 'qwen3-moe-layer-small' (one Qwen3-30B-A3B decoder layer with 16 of its "
+                   "128 experts: fused experts [16, 1536, 2048] + [16, 2048, 768], router, attention 4096 / 512 / 512 / "
+                   "4096x2048, q/k norms, 2 norms); ratio to torch.optim.AdamW(foreach=True), medians of --repeats interleaved rounds "
                    "(of 20 steps on the small sets), first step (SVD / projection refresh) reported apart; with --launches "
-                   "also 'llama-368m' (the model of the H200 run, its default). Default: none (train a task)")
+                   "also 'llama-368m' (the model of the H200 run, its default) and 'qwen3-moe-layer' (all 128 experts, 623M "
+                   "parameters: meta tensors only, refused for timing). Default: none (train a task)")
     p.add_argument("--launches", action="store_true",
                    help="bool: count what optimizer.step() dispatches on the CUDA code path, on meta tensors of the "
                    "--shapes set (default llama-368m; no GPU needed, nothing computed): kernels, device syncs, "

@@ -436,3 +436,22 @@ def test_bnb_registered_names_are_what_the_class_takes_and_applies(name):
     if bits == 32:
         takes.discard("min_8bit_size")
     assert set(get_entry(name).valid_hparams()) == takes
+
+
+@pytest.mark.parametrize("name", ["bnb_adamw8bit", "bnb_lion8bit"])
+def test_bnb_nan_gradient_skips_the_step(name):
+    """USERAPI 5 at its root: bitsandbytes stepped a NaN gradient into the weights and moments; the registered bnb_*
+    names skip that step with a warning (skipped_steps counts it), as the engine's optimizers do."""
+    from lowmem.optim import create_optimizer
+
+    params = _bnb_params()
+    opt = create_optimizer(params, name)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[0].grad[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite gradient"):
+        opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    _bnb_step(opt, params)
+    assert all(torch.isfinite(p).all() for p in params) and not all(torch.equal(p, b) for p, b in zip(params, before))

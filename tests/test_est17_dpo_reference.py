@@ -112,6 +112,7 @@ def test_bad_reference_names_the_field(kw, words):
         traced_activation_bytes(meta, model.config, 1, 8, **{"fused_head": True, **kw})
 
 
+@pytest.mark.slow  # 1.6-2.5 s: a 9-layer real step and its trace
 def test_reference_copy_in_a_truncated_trace_is_the_real_step():
     """A stack of 9 uniform layers is traced through its first 6 and stitched (``activations._stitch_layers``); the
     reference copy runs whole inside the head's segment, which is played once: its autocast weight copies grow with
@@ -143,6 +144,7 @@ def test_reference_copy_in_a_truncated_trace_is_the_real_step():
     assert _traced(cfg, False, "copy", seqs=2, seq_len=16)["backward_peak"] == mode.peak
 
 
+@pytest.mark.slow  # 2-3.5 s: a real step and the estimate
 def test_traced_architecture_dpo_estimate_is_the_real_step():
     """``estimate_memory(trainer="dpo")`` of a traced architecture (Mistral with a sliding window, not the Llama
     formula), float32, not checkpointed: the step's trace holds the reference copy's forward, so the activations (no

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -745,6 +746,38 @@ def _register_bnb_embedding_overrides(model: nn.Module) -> None:
             manager.register_module_override(module, "weight", {"optim_bits": 32})
 
 
+def check_resumable(checkpoint: str) -> None:
+    """A checkpoint the Trainer is about to resume from can: not one written with ``save_only_model`` (no
+    ``optimizer.pt`` / ``scheduler.pt``: the Trainer skipped them, and the optimizer state and the schedule started
+    again, silently), not one with a damaged file (``optimizer.pt`` half-written by a killed run: torch's zip error
+    named no file). What ``lowmem train`` refuses (:func:`lowmem.train.weights_only_checkpoint`,
+    :func:`lowmem.train.checkpoint_damaged`), for the Python API.
+
+    Raises:
+        ValueError: Naming the checkpoint, its files, and what to do (the latest complete checkpoint beside it).
+    """
+    from lowmem.train import checkpoint_damaged, checkpoint_problems, weights_only_checkpoint
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return  # (the Trainer's own error)
+    if weights_only_checkpoint(path):
+        raise ValueError(f"resume_from_checkpoint={checkpoint!r} holds the weights only (save_only_model=True writes no "
+                         "optimizer.pt, scheduler.pt or RNG state), so it cannot resume a run: the optimizer state and "
+                         "the schedule would start again; start a new run from its weights (from_pretrained) without "
+                         "resume_from_checkpoint")
+    damaged = checkpoint_damaged(path)
+    if damaged:
+        siblings = sorted((d for d in path.parent.glob("checkpoint-*") if d.is_dir() and d != path
+                           and d.name[len("checkpoint-"):].isdigit() and checkpoint_problems(d) is None),
+                          key=lambda d: int(d.name[len("checkpoint-"):]))
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} is not a complete checkpoint ("
+                         + "; ".join(f"{n} {why}" for n, why in damaged.items()) + ": an interrupted save?); "
+                         + (f"the latest complete one is {siblings[-1]}: resume from it (resume_from_checkpoint="
+                            f"{str(siblings[-1])!r}), or move {path.name} aside" if siblings else
+                            "no complete checkpoint is beside it: start from step 0"))
+
+
 class LowMemOptimizerMixin:
     """Builds the optimizer from ``args.lowmem_optim`` / ``args.lowmem_optim_args``.
 
@@ -839,6 +872,8 @@ class LowMemOptimizerMixin:
         loaded again without the records in the target (``sharded.without_placement_record``): it resumes, its
         per-shard state loaded unchecked with ``load_state_dict``'s one warning (docs/distributed.md, "Re-sharded
         parameters")."""
+        if checkpoint is not None:
+            check_resumable(checkpoint)
         name = getattr(self.args, "lowmem_optim", None)
         before = _group_keys(self.optimizer)
         scheduler = getattr(getattr(self, "lr_scheduler", None), "scheduler", getattr(self, "lr_scheduler", None))
@@ -1094,26 +1129,19 @@ def checkpoint_processes(checkpoint: str | None) -> int | None:
 
 def resume_checkpoint(output_dir: str, value: str | bool) -> str | bool:
     """The checkpoint ``Trainer.train(resume_from_checkpoint=value)`` should resume, checked as ``lowmem train``
-    checks it (:func:`lowmem.train.checkpoint_problems`, :func:`lowmem.train.weights_only_checkpoint`).
+    checks it (:func:`check_resumable`, :func:`lowmem.train.checkpoint_problems`).
 
     `True`: the highest-numbered complete ``output_dir/checkpoint-N``; incomplete ones are skipped with a warning
-    naming the file; `True` is returned unchanged when ``output_dir`` has no ``checkpoint-N`` (the Trainer's own
-    error). A path must be a complete checkpoint.
+    naming the file, as ``lowmem train --resume`` does; `True` is returned unchanged when ``output_dir`` has no
+    ``checkpoint-N`` (the Trainer's own error). A path must be a complete checkpoint.
 
     Raises:
-        ValueError: A ``save_only_model`` checkpoint (no optimizer, scheduler or RNG state: it cannot resume; load its
-            weights and start a new run), an incomplete one (naming the missing or damaged files), or `True` with no
-            complete checkpoint (naming the incomplete ones).
+        ValueError: A ``save_only_model`` checkpoint (also the latest one for `True`: it cannot resume), an incomplete
+            one (naming the missing or damaged files), or `True` with no complete checkpoint (naming the incomplete ones).
     """
     import os
 
     from lowmem.train import checkpoint_problems, weights_only_checkpoint
-
-    def weights_only(path: str) -> str:
-        return (f"{path} was saved with save_only_model=True: it holds the weights only (no optimizer.pt, scheduler.pt "
-                "or RNG state), so it cannot resume a run (the optimizer state and the schedule would start again from "
-                f"zero); start a new run from its weights instead (from_pretrained({path!r}), without "
-                "resume_from_checkpoint)")
 
     if value is True:
         found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[len("checkpoint-"):].isdigit()
@@ -1122,7 +1150,7 @@ def resume_checkpoint(output_dir: str, value: str | bool) -> str | bool:
         for d in sorted(found, key=lambda d: int(d[len("checkpoint-"):]), reverse=True):
             path = os.path.join(output_dir, d)
             if weights_only_checkpoint(path):
-                raise ValueError(f"resume_from_checkpoint=True: the latest checkpoint, {weights_only(path)}")
+                check_resumable(path)  # (raises: the latest checkpoint holds the weights only)
             problems = checkpoint_problems(path)
             if problems is None:
                 return path
@@ -1134,10 +1162,9 @@ def resume_checkpoint(output_dir: str, value: str | bool) -> str | bool:
                              f"(incomplete: {'; '.join(skipped)}); give a path, or train without resume_from_checkpoint")
         return value
     path = str(value)
-    if os.path.isdir(path) and weights_only_checkpoint(path):
-        raise ValueError(f"resume_from_checkpoint={path!r}: {weights_only(path)}")
+    check_resumable(path)
     problems = checkpoint_problems(path) if os.path.isdir(path) else None
-    if problems is not None:
+    if problems is not None:  # (a file missing: check_resumable names the weights-only and damaged cases)
         raise ValueError(f"resume_from_checkpoint={path!r} is not a complete checkpoint: {problems}")
     return path
 
@@ -1173,12 +1200,17 @@ def layerwise_grad_norm(optimizer: Any) -> torch.Tensor | None:
     """The global gradient norm of the step a :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`
     is in: the square root of the sum of the squared norms of every gradient its hooks stepped since
     the last ``step()`` (pre-clipping; for parameters accumulated in a subspace, the projected
-    gradient's); nan / inf once a gradient of the step was non-finite, as the ordinary run's. `None` for another
-    optimizer, or before any gradient arrived."""
+    gradient's); NaN when a gradient of this step was not finite (the ordinary run's norm is NaN / Inf then:
+    the partial sum of the gradients before it, or the Trainer's 0 over the freed gradients, looked healthy).
+    `None` for another optimizer, or before any gradient arrived."""
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    if not isinstance(opt, LayerwiseOptimizer) or opt._sq_norm_sum is None:
+    if not isinstance(opt, LayerwiseOptimizer):
+        return None
+    if getattr(opt, "_nonfinite", False):
+        return torch.tensor(float("nan"))
+    if opt._sq_norm_sum is None:
         return None
     return opt._sq_norm_sum.sqrt()
 

@@ -80,12 +80,15 @@ def op_workspace_bytes(func: Any, args: tuple, kwargs: dict) -> list[int]:
     dtype (``dequantize_4bit``: ``prod(shapeB)`` elements) and, with double quantization (``absmax_8bit``), first the
     blocks' float32 scales (``dequantize_blockwise(...) + absmax_offset``: one float32 per block kept to the end),
     both alive when its ``linear`` allocates the output. Returns those bytes in the order the kernel allocates them
-    (empty for every other operator). Before 2026-12-01 the tracker missed them: a tiny Llama nf4 LoRA step without
+    (empty for every other operator, and off the CPU: bitsandbytes' CUDA ``gemm_4bit`` runs a fused kernel without
+    the copy up to some rows and de-quantizes above, its own heuristic; the allocator's peak measures it there). Before 2026-12-01 the tracker missed them: a tiny Llama nf4 LoRA step without
     checkpointing measured its forward's peak 704,640 B low (the 688 x 256 float32 ``down_proj`` weight and the
     absmax), so the peak read in the backward and the (right) traced estimate read 1.0105 / 1.0317 of it."""
     if getattr(func, "namespace", None) != "bitsandbytes" or func.__name__ != "gemm_4bit.default":
         return []
     a, shape = args[0], args[2]
+    if a.device.type != "cpu":  # (CUDA picks a fused kernel without the copy for few rows: not counted there)
+        return []
     scales = (kwargs.get("absmax_8bit") if "absmax_8bit" in kwargs else (args[7] if len(args) > 7 else None))
     out = [] if scales is None else [4 * scales.numel()]
     n = 1

@@ -12,7 +12,6 @@ bitsandbytes warns and allocates ordinary memory). The engine's own ``lion`` / `
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Iterable
 
@@ -69,49 +68,43 @@ def check_bnb_hparams(class_name: str, hparams: dict[str, Any]) -> None:
                          "refuse it, PagedAdamW drops it); drop amsgrad (torch.optim.AdamW(amsgrad=True) has AMSGrad)")
 
 
+def skip_nonfinite_steps(opt: torch.optim.Optimizer, label: str) -> torch.optim.Optimizer:
+    """``opt`` (a bitsandbytes optimizer) whose ``step`` is skipped, with a warning, when a gradient holds NaN or Inf,
+    as the engine's optimizers do (bitsandbytes steps it into the weights and moments: every later step NaN, without
+    a word). One host sync per step (the gradients' finiteness, reduced on the device). ``opt.skipped_steps`` counts
+    them, as the engine's ``skipped_steps``."""
+    from ..._warn import warn_user
+
+    step = opt.step
+    opt.skipped_steps = 0
+
+    def guarded_step(closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(gr).all().to(grads[0].device) for gr in grads]).all()):
+            opt.skipped_steps += 1
+            warn_user(f"{label}: non-finite gradient (NaN or Inf); step skipped, optimizer state unchanged "
+                      f"({opt.skipped_steps} skipped so far)")
+            return loss
+        out = step()
+        return loss if closure is not None else out
+
+    opt.step = guarded_step
+    return opt
+
+
 def _factory(class_name: str):
     def build(params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
         check_bnb_hparams(class_name, hparams)
-        return skipping_nonfinite(getattr(bnb.optim, class_name))(params, **hparams)
+        return skip_nonfinite_steps(getattr(bnb.optim, class_name)(params, **hparams), f"bnb_{class_name}")
 
     build.__name__ = f"bnb_{class_name}"
     return build
-
-
-@functools.cache
-def skipping_nonfinite(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """``cls`` (a bitsandbytes optimizer) whose ``step`` first checks every gradient, as the engine does
-    (:func:`lowmem.optim.engine._all_finite`: one multi-tensor norm per device, one host read): a NaN or Inf
-    gradient (or a norm whose square overflows float32) skips the step with a warning, weights and state unchanged,
-    and counts it in ``skipped_steps``. bitsandbytes' own step writes a NaN gradient into the weights and both moments
-    (USERAPI 5: ``lowmem_optim="paged_adamw_8bit"`` in LowMemTrainer, one NaN entry -> NaN embeddings). The class
-    keeps bitsandbytes' name and is a subclass of it."""
-    from lowmem._warn import warn_user
-
-    from ..engine import MAX_GRAD_NORM, _all_finite
-
-    def step(self: Any, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:  # (evaluated once, here: the check needs its gradients)
-            with torch.enable_grad():
-                loss = closure()
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not _all_finite(grads):
-            self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
-            warn_user(f"{cls.__name__} (bitsandbytes): non-finite gradient (or a gradient norm >= {MAX_GRAD_NORM:.3g}, "
-                      f"whose square overflows float32); step skipped, optimizer state unchanged "
-                      f"({self.skipped_steps} skipped so far)")
-            return loss
-        # bitsandbytes' own step; unwrapped when torch hooked it (a plain instance of cls was built: Optimizer's
-        # _patch_step_function), as this class's step runs the step hooks already
-        inner = cls.step.__wrapped__ if getattr(cls.step, "hooked", False) else cls.step
-        inner(self)
-        return loss
-
-    return type(cls.__name__, (cls,), {"step": step, "__qualname__": cls.__qualname__, "__module__": __name__,
-                                       "__doc__": cls.__doc__})
 
 
 def state_bytes_closed_form(name: str, params: Iterable[torch.Tensor], min_8bit_size: int = 4096, **_: Any) -> int:
