@@ -287,7 +287,9 @@ def optimizer_cls_and_kwargs(
 
     ``kwargs["params"]`` holds lowmem's parameter groups for ``model``; the Trainer pops it and
     uses it instead of its own two groups. The Trainer consumes (mutates) ``kwargs``: build one
-    pair per Trainer.
+    pair per Trainer. When the Trainer pops them, the groups are built again if the model's trainable parameters
+    changed since (TRL's ``peft_config`` freezes the base weights and adds adapters after this call):
+    :class:`TrainerOptimizerKwargs`.
 
     Args:
         model (`nn.Module`): The model the Trainer trains (the same object).
@@ -328,9 +330,13 @@ def optimizer_cls_and_kwargs(
                            "ignores when optimizer_cls_and_kwargs is given%s", name, optim,
                            " (layerwise mode: LowMemTrainer with lowmem_layerwise=True)" if optim.endswith("_layerwise") else "")
     resolved = target_modules_hparam(name, args, trainer_hparams(name, args, hparams)) if args is not None else dict(hparams)
-    with _explain_targets(model, resolved, entry.batched_targets):
-        opt = (create_optimizer_embeddings_32bit(model, name, **resolved) if embeddings_32bit
-               else create_optimizer(model, name, **resolved))
+
+    def build() -> torch.optim.Optimizer:
+        with _explain_targets(model, resolved, entry.batched_targets):
+            return (create_optimizer_embeddings_32bit(model, name, **resolved) if embeddings_32bit
+                    else create_optimizer(model, name, **resolved))
+
+    opt = build()
     _require_numeric_lr(opt, entry.name)
     cls = type(opt)
     if entry.recipe is not None:
@@ -340,7 +346,35 @@ def optimizer_cls_and_kwargs(
     else:
         kwargs = {k: v for k, v in resolved.items() if k != "target_modules"}
     kwargs["params"] = opt.param_groups
-    return cls, kwargs
+    return cls, TrainerOptimizerKwargs(kwargs, model, lambda: build().param_groups)
+
+
+class TrainerOptimizerKwargs(dict):
+    """The ``kwargs`` of :func:`optimizer_cls_and_kwargs`: a dict whose ``pop("params")`` (what the Trainer does when it
+    builds the optimizer, after its own wrapping of the model) gives groups of the model's trainable parameters *then*.
+    TRL's trainers with ``peft_config`` wrap the model in LoRA adapters after the pair was built: peft freezes the base
+    weights the groups hold and adds adapters they lack, so the optimizer would step nothing (USERAPI 9: every adapter
+    unchanged, no warning). When the model's set of trainable parameters changed since the pair was built, the groups
+    are built again from the same model, name and hyperparameters (peft injects its layers into that object), with
+    an info line."""
+
+    def __init__(self, kwargs: dict[str, Any], model: nn.Module, rebuild: Any) -> None:
+        super().__init__(kwargs)
+        self._model, self._rebuild = model, rebuild
+        self._trainable = _trainable_ids(model)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key == "params" and key in self and _trainable_ids(self._model) != self._trainable:
+            now = _trainable_ids(self._model)
+            logger.info("optimizer_cls_and_kwargs: the model's trainable parameters changed since the pair was built "
+                        "(%d frozen, %d added: peft adapters?); parameter groups built again from the model",
+                        len(self._trainable - now), len(now - self._trainable))
+            self["params"], self._trainable = self._rebuild(), now
+        return super().pop(key, *default)
+
+
+def _trainable_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def _plain_trainer_name(name: str, strict: bool = True) -> str | None:
@@ -751,6 +785,17 @@ class LowMemOptimizerMixin:
     ``lowmem_optim`` unset (or args without the field) the trainer behaves exactly as before.
     """
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``, with the checkpoint to resume checked as ``lowmem train`` checks it
+        (:func:`resume_checkpoint`): a ``save_only_model`` checkpoint or an incomplete one (a file missing or
+        truncated) is refused naming it, and `True` takes the latest *complete* ``checkpoint-N`` (incomplete ones
+        skipped with a warning). The Trainer itself resumed a ``save_only_model`` checkpoint with a fresh optimizer and
+        schedule, silently, and failed in ``torch.load`` on a truncated ``optimizer.pt`` naming no file."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False \
+                and not getattr(self, "is_deepspeed_enabled", False):  # (DeepSpeed writes its own layout)
+            resume_from_checkpoint = resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The Trainer's load of a checkpoint's weights, exact on models that transformers loads through a
         weight conversion (MoE models with fused experts: Mixtral, Qwen2-MoE, Qwen3-MoE), which the
@@ -1080,6 +1125,48 @@ def checkpoint_processes(checkpoint: str | None) -> int | None:
         return None
     ranks = [f for f in os.listdir(checkpoint) if re.fullmatch(r"rng_state_\d+\.pth", f)]
     return len(ranks) or None
+
+
+def resume_checkpoint(output_dir: str, value: str | bool) -> str | bool:
+    """The checkpoint ``Trainer.train(resume_from_checkpoint=value)`` should resume, checked as ``lowmem train``
+    checks it (:func:`check_resumable`, :func:`lowmem.train.checkpoint_problems`).
+
+    `True`: the highest-numbered complete ``output_dir/checkpoint-N``; incomplete ones are skipped with a warning
+    naming the file, as ``lowmem train --resume`` does; `True` is returned unchanged when ``output_dir`` has no
+    ``checkpoint-N`` (the Trainer's own error). A path must be a complete checkpoint.
+
+    Raises:
+        ValueError: A ``save_only_model`` checkpoint (also the latest one for `True`: it cannot resume), an incomplete
+            one (naming the missing or damaged files), or `True` with no complete checkpoint (naming the incomplete ones).
+    """
+    import os
+
+    from lowmem.train import checkpoint_problems, weights_only_checkpoint
+
+    if value is True:
+        found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[len("checkpoint-"):].isdigit()
+                 and os.path.isdir(os.path.join(output_dir, d))] if os.path.isdir(output_dir) else []
+        skipped = []
+        for d in sorted(found, key=lambda d: int(d[len("checkpoint-"):]), reverse=True):
+            path = os.path.join(output_dir, d)
+            if weights_only_checkpoint(path):
+                check_resumable(path)  # (raises: the latest checkpoint holds the weights only)
+            problems = checkpoint_problems(path)
+            if problems is None:
+                return path
+            skipped.append(f"{path} ({problems})")
+            logger.warning("resume_from_checkpoint=True: skipping incomplete checkpoint %s (%s; an interrupted run?)",
+                           path, problems)
+        if skipped:
+            raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint-N directory in {output_dir} "
+                             f"(incomplete: {'; '.join(skipped)}); give a path, or train without resume_from_checkpoint")
+        return value
+    path = str(value)
+    check_resumable(path)
+    problems = checkpoint_problems(path) if os.path.isdir(path) else None
+    if problems is not None:  # (a file missing: check_resumable names the weights-only and damaged cases)
+        raise ValueError(f"resume_from_checkpoint={path!r} is not a complete checkpoint: {problems}")
+    return path
 
 
 class OptimTargetModules:

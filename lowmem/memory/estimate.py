@@ -413,9 +413,106 @@ def resolve_config(model: Any):
         return model.config
     if isinstance(model, (str, os.PathLike)):
         if os.path.isdir(model):
+            adapter = os.path.join(model, "adapter_config.json")
+            if os.path.isfile(adapter) and not os.path.isfile(os.path.join(model, "config.json")):
+                import json
+
+                with open(adapter) as f:
+                    base = json.load(f).get("base_model_name_or_path")
+                raise ValueError(f"model={str(model)!r} is a peft adapter directory (adapter_config.json, no config.json)"
+                                 + (f" of the base model {base!r}" if base else "") + ": pass the base model (its "
+                                 "directory, a named shape or its config) with lora= the adapter's settings, e.g. "
+                                 f"lora=peft.LoraConfig.from_pretrained({str(model)!r})")
             return AutoConfig.from_pretrained(model, local_files_only=True)
         return shape_config(str(model))
     raise ValueError(f"model={model!r}: expected a named shape, a local directory, a transformers config or model")
+
+
+def peft_model_parts(model: Any, lora: Any) -> tuple[Any, Any, list[str]]:
+    """``(model, lora, notes)`` with a peft ``PeftModel`` given as ``model`` split into its base model and its active
+    LoRA adapter's ``LoraConfig`` (sized as ``lora=`` is): its ``.config`` is the base model's, so the adapters were
+    dropped and full fine-tuning sized, silently (USERAPI 6). Anything else is returned unchanged.
+
+    Raises:
+        ValueError: A PeftModel together with ``lora=`` (give one), several active adapters, or an adapter that is not
+            LoRA (naming it and saying to pass the base model with ``lora=``).
+    """
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(model, nn.Module) or not isinstance(peft_config, dict) or not hasattr(model, "get_base_model"):
+        return model, lora, []
+    from peft import LoraConfig
+
+    active = getattr(model, "active_adapters", None) or [getattr(model, "active_adapter", None)]
+    if lora is not None:
+        raise ValueError(f"model is a peft {type(model).__name__} with adapters {sorted(peft_config)} and lora= is given "
+                         "too: give one (the model's active adapter is sized as lora= would be, or pass its base model, "
+                         "model.get_base_model(), with lora=)")
+    if len(active) != 1 or active[0] not in peft_config:
+        raise ValueError(f"model is a peft {type(model).__name__} with active adapters {active!r}: the estimate sizes one "
+                         "LoRA adapter; pass its base model (model.get_base_model()) with lora= the adapter's LoraConfig")
+    cfg = peft_config[active[0]]
+    if not isinstance(cfg, LoraConfig):
+        raise ValueError(f"model is a peft {type(model).__name__} whose adapter {active[0]!r} is a {type(cfg).__name__}: "
+                         "the estimate sizes LoRA adapters only (lora=); pass its base model (model.get_base_model()) "
+                         "with lora= a LoraConfig")
+    return model.get_base_model(), cfg, [f"peft model: its active adapter {active[0]!r} sized as lora= "
+                                         f"(r={cfg.r}, target_modules={cfg.target_modules!r})"]
+
+
+def model_instance_notes(model: Any, param_dtype: torch.dtype, peft: bool = False) -> list[str]:
+    """Notes for a model instance given as ``model``, which is sized from its ``.config`` only: its own floating
+    dtype when it is not ``dtype``, and its frozen parameters (every one is sized as trained; not for a peft model's
+    base, whose adapters are sized as ``lora=``). A float32 model with frozen embeddings was sized in bf16 with every
+    parameter's optimizer state, without a word (the note beside USERAPI 6)."""
+    if not isinstance(model, nn.Module):
+        return []
+    params = list(model.parameters())
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.is_floating_point()})
+    want = str(param_dtype).removeprefix("torch.")
+    notes = [f"sized from model.config in {want} (dtype=); the model given holds {', '.join(dtypes)} parameters"] \
+        if dtypes and dtypes != [want] else []
+    frozen = [p for p in params if not p.requires_grad]
+    if frozen and not peft:
+        notes.append(f"sized from model.config with every parameter trained; the model given has {len(frozen)} of its "
+                     f"{len(params)} parameter tensors frozen ({sum(p.numel() for p in frozen):,} elements)")
+    return notes
+
+
+def config_quantization(config: Any, spec: "QuantSpec | None") -> tuple["QuantSpec | None", list[str]]:
+    """The base weights' quantization: ``spec`` (``quantization=``), or the ``quantization_config`` of ``config`` (a
+    pre-quantized checkpoint's config.json, a model loaded 4-/8-bit), which ``from_pretrained`` applies: it was
+    ignored, and the weights sized unquantized, silently (USERAPI 8). Both given: the quantization types must agree
+    (the stored weights have the config's); ``spec``'s other fields are used, with a note when they differ.
+
+    Raises:
+        ValueError: A ``quantization_config`` that is not bitsandbytes' (naming its ``quant_method``), or one whose type
+            differs from ``quantization=``'s.
+    """
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return spec, []
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
+    method = str(qc.get("quant_method", "bitsandbytes")).lower()
+    if method != "bitsandbytes":
+        raise ValueError(f"the model's config has quantization_config quant_method={method!r}: the estimate sizes "
+                         "bitsandbytes 4-bit / 8-bit base weights only (quantization='nf4' / 'fp4' / 'int8'); estimate "
+                         "from the unquantized model's config with quantization= the nearest bitsandbytes setting")
+    from transformers import BitsAndBytesConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        own = QuantSpec.parse(BitsAndBytesConfig.from_dict({k: v for k, v in qc.items() if k != "quant_method"}))
+    if spec is None:
+        return own, [f"quantization from the model's config quantization_config (bitsandbytes {own.quant_type}, as "
+                     "from_pretrained loads it)"]
+    if spec.quant_type != own.quant_type:
+        raise ValueError(f"quantization={spec.quant_type!r} but the model's config has quantization_config "
+                         f"{own.quant_type!r} (bitsandbytes): the checkpoint's weights are stored as {own.quant_type}; "
+                         "drop quantization= (the config's applies) or give the same type")
+    differ = [f"{k}={getattr(own, k)!r}" for k in ("double_quant", "compute_dtype", "threshold")
+              if getattr(spec, k) != getattr(own, k)]
+    return spec, ([f"quantization= sized; the model's config quantization_config has {', '.join(differ)}"]
+                  if differ else [])
 
 
 def model_label(model: Any) -> str:
@@ -1474,16 +1571,21 @@ def estimate_memory(
         raise ValueError(f"padding_free=True is modelled for the plain loss and trainer='sft' (TRL's SFTConfig), not "
                          f"trainer={trainer!r}: valid trainers with it are [None, 'sft']")
     optimizer, layerwise, embeddings_32bit = resolve_optimizer_name(optimizer, layerwise)
+    model, lora, found = peft_model_parts(model, lora)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
-    spec = QuantSpec.parse(quantization)
+    found += model_instance_notes(model, param_dtype, peft=bool(found))
+    spec, quant_notes = config_quantization(config, QuantSpec.parse(quantization))
+    found += quant_notes
     lcfg = lora_config(lora)
     if spec is not None and lcfg is None:
-        raise ValueError("quantization needs lora: quantized (4-bit, int8) weights are frozen; pass lora={'r': 16, 'target_modules': 'all-linear'}")
+        raise ValueError(("the model's config has a quantization_config (a pre-quantized checkpoint): " if quantization is None
+                          else "") + "quantization needs lora: quantized (4-bit, int8) weights are frozen; pass "
+                         "lora={'r': 16, 'target_modules': 'all-linear'}")
     gradient_checkpointing, reference, generation_batch_size, max_completion_length = check_trainer(
         trainer, reference, generation_batch_size, max_completion_length, gradient_checkpointing, lcfg is not None,
         batch_size, seq_len, gradient_accumulation_steps)
-    notes: list[str] = []
+    notes: list[str] = found
     if embeddings_32bit:
         notes.append(f"optimizer {optimizer} as the Hugging Face 8-bit optim name runs it: the nn.Embedding weights' "
                      "state 32-bit (transformers' Trainer; lowmem_embeddings_32bit)")

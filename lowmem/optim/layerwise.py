@@ -186,6 +186,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # non-finite gradient was seen (then no further parameter is stepped until the next step)
         self._handled: set[Tensor] = set()
         self._nonfinite = False
+        self._steps_without_step_call = 0  # steps the hooks began since the last step() call (_check_window)
         self._ddp = None
         if ddp is not None:
             self.attach_ddp(ddp)
@@ -287,6 +288,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._micro[p] = 0
         if p in self._handled:  # p's next gradient: a new step began (a loop that never calls step())
             self._new_step()
+            self._steps_without_step_call += 1  # (refused at the next step(): _check_window)
         self._handled.add(p)
         if self._nonfinite:  # a non-finite gradient arrived earlier in this step: step nothing more
             return
@@ -296,6 +298,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         norm_sq = float_norm(clipped, NORM_BLOCK).float().square()  # (check_bytes)
         if not math.isfinite(norm_sq.item()):  # (one host read, as bool() of a tensor; no temporaries: check_bytes)
             self._nonfinite = True
+            # the step's global norm is this one (nan / inf), as the ordinary run's clip_grad_norm_ gives: the logged
+            # grad_norm (trainers.hf.layerwise_grad_norm) and global_prev's next coefficient read it (USERAPI 2)
+            self._sq_norm_sum = norm_sq
             self.inner.skipped_steps += 1
             warn_user(
                 f"layerwise: non-finite gradient (or one whose squared norm overflows float32) for a"
@@ -328,6 +333,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_window()
         for p, k in list(self._micro.items()):
             if k > 0:
                 group = self._group_of[p]
@@ -343,9 +349,31 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             on_step()
         if self._sq_norm_sum is not None and self.max_grad_norm is not None:
             total = self._sq_norm_sum.sqrt().cpu()
-            self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            if bool(torch.isfinite(total)):  # a step cut short by a non-finite gradient keeps the previous coefficient
+                self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         self._sq_norm_sum = None
         return loss
+
+    def _check_window(self) -> None:
+        """Refuse a :meth:`step` call after more than one window of backward passes: the hooks stepped the
+        parameters at the end of each window of ``accumulation_steps`` backward passes, so a caller that steps once
+        per ``N > accumulation_steps`` (a ``transformers.Trainer`` with ``gradient_accumulation_steps=N`` given this
+        optimizer through ``optimizers=``) got ``N / accumulation_steps`` optimizer steps per step, each on a
+        partial gradient, silently (USERAPI 3). A loop that never calls ``step()`` is not concerned.
+
+        Raises:
+            ValueError: Naming ``accumulation_steps``, the Trainer's ``gradient_accumulation_steps`` and the fixes.
+        """
+        extra, self._steps_without_step_call = self._steps_without_step_call, 0
+        if extra:
+            n = self.accumulation_steps
+            raise ValueError(
+                f"LayerwiseOptimizer(accumulation_steps={n}) stepped the parameters {extra + 1} times since the last "
+                f"step() call: each window of {n} backward pass(es) steps them from the gradient hooks, and step() "
+                f"came after more (a Trainer with gradient_accumulation_steps > {n}?). Give the optimizer the caller's "
+                "accumulation: LayerwiseOptimizer(..., accumulation_steps=<gradient_accumulation_steps>), or use "
+                "lowmem.trainers.LowMemTrainer with LowMemTrainingArguments(lowmem_optim=..., lowmem_layerwise=True), "
+                "which passes it")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -446,6 +474,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._sq_norm_sum = sq.clone() if sq is not None else None
         self._handled.clear()
         self._nonfinite = False
+        self._steps_without_step_call = 0
 
     def state_bytes(self) -> int:
         return self.inner.state_bytes()
