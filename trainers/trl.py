@@ -87,11 +87,19 @@ def check_choices(config: Any, choices: dict[str, tuple[str, ...]]) -> None:
 @dataclass
 class LowMemDPOConfig(LowMemArguments, DPOConfig):
     __doc__ = ("TRL's ``DPOConfig`` plus lowmem's optimizer selection; ``loss_type`` and ``f_divergence_type`` must be "
-               "among TRL's values (:data:`DPO_CHOICES`).\n" + _FIELDS_DOC)
+               "among TRL's values (:data:`DPO_CHOICES`); ``beta=0`` and a ``label_smoothing`` no ``loss_type`` reads are "
+               "refused as ``lowmem train`` refuses them (:func:`lowmem.train.check_dpo_fields`).\n" + _FIELDS_DOC)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self, DPO_CHOICES)
+        from lowmem.config import ConfigError
+        from lowmem.train import check_dpo_fields
+
+        try:  # as ``lowmem train`` refuses them: beta=0 (no gradient) and a label_smoothing no loss_type reads
+            check_dpo_fields(vars(self))
+        except ConfigError as err:
+            raise ConfigError(f"{type(self).__name__}.{err}") from None
 
 
 @dataclass
