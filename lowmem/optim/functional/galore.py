@@ -466,7 +466,9 @@ def svd_workspace_left_out():
     them: a live-tensor tracker does not see them). The estimator sizes a step with and without them to name that part
     of the transient (``optimizer_transient_lapack_svd``). Qwen2 h=384, 4 layers, vocabulary 8000, galore_adamw
     rank 128, fp32, 1 x 128: 1,196,032 B of the 9,502,728 reported; without it and MKL's named terms 5,898,248 B, the
-    refresh step's traced tensors (5,898,240) and the two 4 B step counts (session 14, ESTFIX)."""
+    refresh step's traced tensors (5,898,240) and the two 4 B step counts (session 14, ESTFIX). A ``rsvd`` refresh
+    within it counts its tensors only too (``subspace.Projection._rsvd_traced_bytes``: what its range finder and
+    subspace iteration return), its LAPACK and MKL buffers then named apart by the same split (since 212e763)."""
     token = _SVD_WORKSPACE_COUNTED.set(False)
     try:
         yield
