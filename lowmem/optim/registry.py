@@ -507,6 +507,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
         if target_modules is not None:
             raise ValueError("target_modules needs a model (nn.Module), not a parameter list")
         params = list(model_or_params)
+        if targeted and params and isinstance(params[0], dict):
+            params = refuse_vector_only_targets(params, entry.target_key)
         if targeted and group_only.get(entry.target_key) is not None:
             fills = target_given or takes_the_default(params, entry.target_key)
             params = _apply_group_defaults(params, group_only, entry.target_key, target_given)
@@ -515,6 +517,36 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
                 opt.target_default = {entry.target_key: group_only[entry.target_key]}
             return opt
     return entry.factory(params, **hparams)
+
+
+MATRIX_TARGET_KEYS = ("rank", "use_muon", "use_sinkgd")
+"""Target keys (:attr:`OptimizerEntry.target_key`) whose rule applies to parameters of 2 or more dimensions only
+(projection, orthogonalization, Sinkhorn normalization): a group setting one on 1-D parameters only would step AdamW."""
+
+
+def refuse_vector_only_targets(groups: list[Any], target_key: str) -> list[Any]:
+    """Refuse a parameter group the caller gave with ``target_key`` set (``rank``, ``use_muon``, ``use_sinkgd``:
+    :data:`MATRIX_TARGET_KEYS`) whose parameters all have fewer than 2 dimensions: nothing in it can be projected
+    or orthogonalized, so it would silently step AdamW (SILENT 12 / 13). Checked on the caller's groups, before
+    :func:`_apply_group_defaults` fills the key in: a flat list of vectors (which takes the default) stays valid.
+    Returns the groups, each group's ``params`` made a list (a generator is read once)."""
+    if target_key not in MATRIX_TARGET_KEYS:
+        return groups
+    out = []
+    for i, g in enumerate(groups):
+        if isinstance(g, dict) and "params" in g:
+            ps = g["params"]
+            g = {**g, "params": [ps] if isinstance(ps, torch.Tensor) else list(ps)}
+            v = g.get(target_key)
+            if v not in (None, False) and g["params"] and all(p.dim() < 2 for p in g["params"]):
+                shapes = [tuple(p.shape) for p in g["params"]]
+                what = "project" if target_key == "rank" else "orthogonalize" if target_key == "use_muon" else "normalize"
+                raise ValueError(
+                    f"parameter group {i}: {target_key}={v!r} on parameters of fewer than 2 dimensions only "
+                    f"{shapes[:4]}{' ...' if len(shapes) > 4 else ''}: nothing to {what}, the group would step AdamW; "
+                    f"drop {target_key} from this group (or give it the matrices)")
+        out.append(g)
+    return out
 
 
 def takes_the_default(params: list[Any], target_key: str) -> bool:
