@@ -219,7 +219,8 @@ def autocast_forward_peak_bytes(config, dtype, lora=None, batch_size: int = 1, s
 
 def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: int = 512,
                         gradient_checkpointing: bool = True, trainable: int | None = None,
-                        quantization=None, fused_head: str | None = None) -> dict[str, int] | None:
+                        quantization=None, fused_head: str | None = None,
+                        reference: str | None = None) -> dict[str, int] | None:
     """The activations of one training step of the float32 causal LM of ``config`` with its forward under
     ``torch.autocast("cpu", dtype)`` and its backward outside it, traced on fake CPU tensors
     (:func:`~lowmem.memory.activations.traced_activation_bytes` with ``autocast``: the model's own forward, loss and
@@ -267,7 +268,7 @@ def autocast_step_bytes(config, dtype, lora=None, batch_size: int = 1, seq_len: 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if fused_head:
         return traced_activation_bytes(model, text, batch_size, seq_len, gradient_checkpointing, autocast=dtype,
-                                       fused_head=True, fused_head_device=fused_head)
+                                       fused_head=True, fused_head_device=fused_head, reference=reference)
     return traced_activation_bytes(model, text, batch_size, seq_len, gradient_checkpointing, autocast=dtype)
 
 
@@ -327,7 +328,9 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     spec = QuantSpec.parse(kwargs.get("quantization"))
     ckpt = master.settings["gradient_checkpointing"]
     trainer = kwargs.get("trainer")
-    if trainer in (None, "sft") and not kwargs.get("padding_free") and not master.settings["layerwise"]:
+    # (GRPO: its training phase; a 4-bit model's generation keeps the pure-dtype formula, so its sum does too)
+    if ((trainer in (None, "sft", "dpo") or trainer == "grpo" and not quantized) and not kwargs.get("padding_free")
+            and not master.settings["layerwise"]):
         # no trainer or TRL's SFT: the autocast step itself, traced (SFT: with TRL's fused LM head on the run's
         # device). It holds the recomputed layer's float32 norms and hidden-state copies, which the pure run's moment
         # plus the weight copies and float32 checkpoints missed (0.985 of the measured peak), a quantized base's
@@ -337,7 +340,8 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
         # 0.9940 of the measured peak, its activations and gradients 39,477,248 B for 40,417,288 traced and measured)
         stepped = autocast_step_bytes(config, half, kwargs.get("lora"), seqs, kwargs.get("seq_len", 512), ckpt,
                                       master.details["trainable_parameters"], kwargs.get("quantization"),
-                                      master.settings["device"] if trainer == "sft" else None)
+                                      master.settings["device"] if trainer is not None else None,
+                                      master.settings.get("reference") if trainer == "dpo" else None)
         if stepped is not None:
             activations = stepped["total"]
             if early is not None:
@@ -362,8 +366,9 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
         gen = generation_trace_bytes(config, half, master.settings["generation_batch_size"], s, s - master.settings["max_completion_length"],
                                      kwargs.get("lora"))
         live_grads = master.gradients if early is None else early
-        activations = max(low_parts["training"] + extra, gen["generation"] - live_grads)
-        details["activation_parts"] = {**details["activation_parts"], **gen, "training": low_parts["training"] + extra}
+        training = stepped["total"] if stepped is not None else low_parts["training"] + extra
+        activations = max(training, gen["generation"] - live_grads)
+        details["activation_parts"] = {**details["activation_parts"], **gen, "training": training}
         master.notes.append(f"generation under {name} autocast traced on fake tensors: the weight cache, float32 keys and "
                             "values (KV cache), float32 residual stream (activation_parts['generation'])")
     notes = [n for n in master.notes] + [
