@@ -724,6 +724,24 @@ def _takes_added_settings(init: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
+def refuse_untrainable(groups: list[dict[str, Any]], where: str) -> None:
+    """Refuse a step of an optimizer none of whose parameters requires grad or has a gradient: it was built on
+    parameters frozen since (peft's ``get_peft_model`` freezes the base weights and adds new adapter weights the
+    optimizer does not hold), and would train nothing, silently, at every step. A parameter with a gradient is
+    stepped whatever its ``requires_grad`` (torch's rule; a step with any gradient is not refused), and one
+    parameter that requires grad is enough (its gradient may be absent this step: a frozen-then-unfrozen layer,
+    BAdam's blocks). Called only for a step that found no gradient at all.
+
+    Raises:
+        ValueError: Naming the count of parameters and the likely cause."""
+    params = [p for g in groups for p in g["params"]]
+    if params and not any(p.requires_grad or p.grad is not None for p in params):
+        raise ValueError(
+            f"{where}: none of its {len(params)} parameter(s) requires grad (and none has a gradient): the step would "
+            "train nothing. Built before peft froze them? Build the optimizer after get_peft_model, or on "
+            "model.parameters() that require grad ([p for p in model.parameters() if p.requires_grad])")
+
+
 class LowMemOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Recipe`.
 
@@ -1866,6 +1884,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             del self.__dict__["_decided"]
         if decided:
             check_resized(self, decided)
+        if not work:  # (no gradient at all: only then are the groups scanned, no cost to an ordinary step)
+            refuse_untrainable(self.param_groups, f"optimizer '{self.recipe.name}'")
         # projected gradients computed before the check, which reads them instead of their gradients
         # (_checked_lows: no state is touched before the check)
         lows = self._checked_lows(work, tokens) if self.skip_nonfinite else {}

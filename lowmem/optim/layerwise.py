@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._warn import warn_user
-from .engine import LowMemOptimizer
+from .engine import LowMemOptimizer, refuse_untrainable
 from .functional.norms import float_norm
 from .group_layout import check_group_layouts, check_group_settings, check_rounding
 from .registry import create_optimizer
@@ -334,6 +334,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_window()
+        if not self._handled and not any(self._micro.values()):  # no gradient arrived in this window (only then)
+            refuse_untrainable(self.inner.param_groups, f"LayerwiseOptimizer({self.inner.recipe.name!r})")
         for p, k in list(self._micro.items()):
             if k > 0:
                 group = self._group_of[p]
