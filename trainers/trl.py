@@ -135,6 +135,18 @@ def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, 
                          "at the default, or train with GRPO (LowMemGRPOConfig) to use GRPO's loss and advantages")
 
 
+def freeze_reference(ref_model: Any) -> None:
+    """``ref_model.requires_grad_(False)`` (TRL 1.16 leaves a reference it is given or loads trainable). No gradient
+    flows into it (TRL runs it under ``torch.no_grad()``), so the loss and the policy's gradients are unchanged; but
+    under ``bf16`` / ``fp16`` autocast over float32 weights a trainable leaf weight's half-precision copy is cached
+    until the autocast region exits, after the loss: the reference's forward left a copy of all its linear weights
+    beside the policy's activations (tiny Llama h=256: 2,899,968 B; Llama-2-7B ~12 GiB). Its train / eval mode is
+    left as TRL keeps it (dropout: TRL's ``disable_dropout``). ``None`` (no reference: PEFT, precomputed, ``beta=0``)
+    is a no-op."""
+    if ref_model is not None:
+        ref_model.requires_grad_(False)
+
+
 def check_reference_reloadable(trainer: str, model: Any, alternatives: str) -> None:
     """Refuse, with what to do instead, a policy TRL cannot reload as its reference model.
 
@@ -277,6 +289,7 @@ class LowMemDPOTrainer(LowMemOptimizerMixin, DPOTrainer):
                                        "precompute_ref_log_probs=True (reference log-probabilities computed once, "
                                        "before training)")
         super().__init__(model, *args, **kwargs)
+        freeze_reference(self.ref_model)
 
 
 class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
@@ -295,6 +308,7 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
         if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
             check_reference_reloadable(self._name, model, self._reference_alternative)
         super().__init__(model, *args, **kwargs)
+        freeze_reference(self.ref_model)  # GVPO's and BNPO's too (subclasses)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         """TRL's, with each Python reward function's output checked (:func:`checked_reward_func`): a function that
