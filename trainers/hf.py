@@ -158,6 +158,7 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
         check_optimizer_fields(args)
     explicit = {**hf_optim_args(args), **parse_optim_args(optim_args)}
     valid = entry.valid_hparams()
+    paired = betas_from_beta_keys(entry, explicit, args)  # (AdEMAMix: transformers' beta1= / beta2= in optim_args)
     unknown = sorted(set(explicit) - set(valid))
     if unknown:
         from lowmem.optim.hparams import unknown_key_hints
@@ -175,7 +176,7 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
             user_set = user_set_fields(args, fields)
             shown = ", ".join(f"{f}={getattr(args, f)!r}" for f in fields)
             if target in explicit:
-                if user_set and explicit[target] != value:
+                if user_set and explicit[target] != value and not (paired and target == "betas"):  # (paired: checked there)
                     raise ValueError(f"{type(args).__name__} {shown} and optim_args / lowmem_optim_args' {target}="
                                      f"{explicit[target]!r} both set optimizer '{entry.name}''s {target}, to different "
                                      f"values (one would be dropped); give one of them")
@@ -203,6 +204,41 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
         hp.update({k: v for k, v in hf_optim_defaults(entry.name, args).items() if k in valid})
     hp.update(explicit)
     return hp
+
+
+def betas_from_beta_keys(entry: Any, explicit: dict[str, Any], args: Any) -> bool:
+    """transformers' Trainer reads ``beta1`` / ``beta2`` from ``optim_args`` for AdEMAMix (``optim="ademamix"``,
+    ``ctx.optim_args.get("beta1", adam_beta1)``): for an optimizer whose recipe takes ``betas`` and ``beta3``
+    (``ademamix``, ``ademamix8bit``), turn them, in place, into ``explicit["betas"]``, the other of the pair from
+    ``TrainingArguments``' ``adam_beta1`` / ``adam_beta2`` where it applies (the user set it, or ``optim`` is the
+    Hugging Face name for this optimizer: :func:`user_set_fields`, :func:`hf_optim_named`), else the recipe's default.
+    Returns whether it did.
+
+    Raises:
+        ValueError: ``beta1`` / ``beta2`` beside ``betas``, or beside a different ``adam_beta1`` / ``adam_beta2`` the
+            user set (one would be dropped)."""
+    keys = [k for k in ("beta1", "beta2") if k in explicit]
+    specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
+    if not keys or not {"betas", "beta3"} <= set(specs):
+        return False
+    if "betas" in explicit:
+        raise ValueError(f"optim_args / lowmem_optim_args give both {keys} and betas={explicit['betas']!r} for optimizer "
+                         f"'{entry.name}' (one would be dropped); give one of them")
+    pair = list(specs["betas"].default)
+    hf_meaning = args is not None and hf_optim_named(entry.name, args)
+    for i, f in enumerate(("adam_beta1", "adam_beta2")):
+        key = f"beta{i + 1}"
+        from_args = args is not None and (hf_meaning or user_set_fields(args, (f,)))
+        if key in explicit:
+            if from_args and user_set_fields(args, (f,)) and explicit[key] != getattr(args, f):
+                raise ValueError(f"{type(args).__name__} {f}={getattr(args, f)!r} and optim_args / lowmem_optim_args' "
+                                 f"{key}={explicit[key]!r} both set optimizer '{entry.name}''s betas[{i}], to different "
+                                 "values (one would be dropped); give one of them")
+            pair[i] = explicit.pop(key)
+        elif from_args:
+            pair[i] = getattr(args, f)
+    explicit["betas"] = tuple(pair)
+    return True
 
 
 def hf_optim_args(args: Any) -> dict[str, Any]:
