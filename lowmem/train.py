@@ -1980,21 +1980,29 @@ def _find_checkpoint(recipe: TrainRecipe, warn: Callable[[str], None] | None) ->
     if value is True:
         out = Path(recipe.output_dir)
         found = [d for d in out.glob("checkpoint-*") if d.is_dir() and d.name[len("checkpoint-"):].isdigit()]
-        skipped, weights_only = [], []
-        for d in sorted(found, key=lambda d: int(d.name[len("checkpoint-"):]), reverse=True):
+        skipped = []
+        newest_first = sorted(found, key=lambda d: int(d.name[len("checkpoint-"):]), reverse=True)
+        for i, d in enumerate(newest_first):
             problems = checkpoint_problems(d)
             if problems is None:
                 return str(d)
             if weights_only_checkpoint(d):
-                weights_only.append(d)
-                continue
+                # the latest checkpoint holds the weights only: resuming an older complete one would drop its
+                # progress silently (LowMemTrainer.train(resume_from_checkpoint=True) refuses it too)
+                older = next((o for o in newest_first[i + 1:] if checkpoint_problems(o) is None), None)
+                raise ConfigError(
+                    f"resume_from_checkpoint=true: the latest checkpoint, {d}, holds the weights only (save_only_model: "
+                    "true writes no optimizer, scheduler or RNG state), so it cannot resume a run; start a new run from "
+                    f"its weights instead (model: {d}, without resume_from_checkpoint)"
+                    + (f", or resume the older complete checkpoint by its path (resume_from_checkpoint: {older}; the "
+                       "steps after it are trained again)" if older is not None else "")
+                )
             skipped.append(d.name)
             if warn is not None:
                 warn(f"skipping incomplete checkpoint {d} ({problems}; an interrupted run?)")
         raise ConfigError(
             f"resume_from_checkpoint=true: no complete checkpoint-N directory in {out}"
             + (f" (incomplete: {skipped})" if skipped else "")
-            + (f"; {[d.name for d in weights_only]} " + SAVE_ONLY_MODEL.format(path=weights_only[0]) if weights_only else "")
             + "; give a path, or drop resume_from_checkpoint to start from step 0"
         )
     p = Path(value)
