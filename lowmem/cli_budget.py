@@ -281,11 +281,12 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
     With ``gradient_checkpointing`` the weight copies (:func:`~lowmem.memory.estimate.autocast_cast_bytes`) plus
     each layer's checkpointed input in float32 instead of ``dtype`` (``details['autocast_extra_saved']``); 4-bit and
     int8 weights are de-quantized by bitsandbytes, not cast (their backward's copy is in the activations): nothing is
-    added for them. Without a trainer or with ``trainer="sft"`` (TRL's fused head), not in layerwise mode or
-    ``padding_free``, the activations and the gradients at their peak are instead those of the step itself traced
+    added for them. Without a trainer or with ``trainer="sft"`` / ``"dpo"`` (TRL's fused head; DPO with its reference
+    forward, ``reference``) or ``"grpo"``'s training phase (not 4-bit), not in layerwise mode or ``padding_free``, the activations and the gradients at their peak are instead those of the step itself traced
     under autocast (:func:`autocast_step_bytes`, ``details['autocast_step']``; estimate / measured within 1.001 of the
     measured peak on the tiny models of ``tests/test_est12_mixed_*.py`` and ``tests/test_mixedfix_total.py``, a 4-bit
-    base without checkpointing 1.0004-1.032; before 2026-12-01 the plain run, no checkpointing, quantization or
+    base without checkpointing 1.0001-1.0006 (its de-quantized weights counted since 2026-12-01); DPO / GRPO under
+    bf16 autocast 1.001-1.003 (tiny Llama, TRL runs; before 2026-12-01 0.91-0.998); before 2026-12-01 the plain run, no checkpointing, quantization or
     trainer, took the sum below: 0.9940 on a 3-layer h=512 Llama at 1 x 128, now 1.0000). With
     ``trainer="grpo"`` the generation phase is traced under autocast
     (:func:`~lowmem.memory.estimate.generation_trace_bytes`: the weight cache, a float32 KV cache and residual stream)
