@@ -1,8 +1,8 @@
 """ESTREF (FOUND_EST17 2): lowmem's DPO / GRPO (GVPO, BNPO) trainers freeze the reference model TRL is given or loads
 (``trainers.trl.freeze_reference``). TRL 1.16 left it trainable; under bf16 autocast over float32 weights autocast then
 cached a bf16 copy of every reference weight until the loss. Freezing changes neither the loss nor the gradients.
-(The estimator's reference, ``activations._fake_reference``, follows with /tmp/lm/ESTREF_fake_reference.patch:
-FOUND_ESTREF 1.)"""
+The estimator's reference (``activations._fake_reference``) is frozen too: a traced DPO step with a reference copy
+equals a real CPU autocast step with a frozen copy to the byte."""
 
 import copy
 import random
@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,3 +73,41 @@ def test_grpo_reference_loaded_by_trl_is_frozen(tmp_path):
                                     reward_funcs=lambda completions, **kw: [1.0] * len(completions))
     assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
     assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_traced_reference_copy_is_a_real_step_with_a_frozen_copy(ckpt):
+    """Tiny Llama h=256, 2 layers, 4 x 33, TRL's step under bf16 autocast with a frozen reference copy: the most
+    activation and gradient bytes live at once equal the trace's ``backward_peak``; not checkpointed the frozen
+    copy's step is lower than the trainable copy's (the cached bf16 weight copies)."""
+    from test_est17_dpo_reference import _traced
+
+    from lowmem.memory.activations import trl_fused_head
+
+    def real(frozen):
+        model, _ = _model()
+        model.float().train()
+        ref = copy.deepcopy(model).requires_grad_(not frozen)
+        if ckpt:
+            from lowmem.quant import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        torch.manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (4, 33))
+        with trl_fused_head(model, "cpu"), trl_fused_head(ref, "cpu"):
+            mode = LiveStorages([*model.parameters(), *model.buffers(), *ref.parameters(), *ref.buffers()])
+            with mode:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+                    with torch.no_grad():
+                        lp = ref(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+                    loss = loss + 0 * lp.sum()
+                    del lp
+                loss.backward()
+                del loss
+        return model.config, mode.peak
+
+    config, peak = real(frozen=True)
+    assert _traced(config, ckpt, "copy")["backward_peak"] == peak
+    if not ckpt:
+        assert peak < real(frozen=False)[1]

@@ -857,8 +857,8 @@ def traced_activation_bytes(
         reference (`str` or `None`, defaults to `None`): DPO's reference forward (TRL 1.16's
             ``DPOTrainer._compute_loss``): after the policy's forward, before its backward, the reference's no-grad
             forward with TRL's fused head over the same sequences, under the same autocast (:func:`_reference_forward`):
-            ``"copy"`` a separate frozen model (its weights excluded; whole, under autocast its ``dtype`` copies cached
-            to the region's end as the policy's: TRL's reference keeps ``requires_grad``), ``"adapter"`` the policy
+            ``"copy"`` a separate model (its weights excluded; whole; frozen, as lowmem's trainers freeze it, so
+            autocast caches none of its ``dtype`` weight copies: the transient ones of a layer at a time), ``"adapter"`` the policy
             with its adapters disabled; ``None`` / ``"none"``: no reference forward. Only with ``fused_head``.
 
     Returns:
@@ -1086,8 +1086,8 @@ def _fake_reference(model: Any, params: set) -> Any:
     """DPO's separate reference model (``reference="copy"``: ``DPOTrainer``'s ``ref_model``, or the policy reloaded)
     for a trace of ``model``'s step: the causal LM of ``model``'s (base) config in its weights' dtype, every parameter a
     fake CPU tensor of ``model``'s fake-tensor mode (one per shape and dtype, as :func:`~lowmem.memory.estimate.
-    on_fake_device` makes them; ``requires_grad`` kept: TRL does not freeze it, so autocast caches its ``dtype``
-    copies as the policy's), its buffers too; their storages are added to ``params`` (not counted). A quantized
+    on_fake_device` makes them; frozen, as lowmem's trainers freeze it (``trainers.trl.freeze_reference``; TRL
+    does not, and autocast then cached its ``dtype`` weight copies as the policy's until the loss)), its buffers too; their storages are added to ``params`` (not counted). A quantized
     policy's stand-ins (``lowmem_kbit``) are the reference's too (TRL loads it with the same quantization)."""
     import torch
     from torch import nn
@@ -1105,7 +1105,7 @@ def _fake_reference(model: Any, params: set) -> Any:
                     key = (tuple(p.shape), p.dtype)
                     if key not in made:
                         made[key] = torch.empty(p.shape, dtype=p.dtype)
-                    mod._parameters[name] = nn.Parameter(made[key], requires_grad=p.requires_grad)
+                    mod._parameters[name] = nn.Parameter(made[key], requires_grad=False)
             for name, b in list(mod._buffers.items()):
                 if b is not None and b.device.type == "meta":
                     mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
