@@ -843,6 +843,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         defaults.update(hparams)
         self.skipped_steps = 0
         super().__init__(params, defaults)
+        self._built = True  # (add_param_group: a group added from now on is the caller's own)
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             # torch.distributed.checkpoint's get/set_optimizer_state_dict "initialise" an optimizer
             # whose state is empty by stepping it once on zero gradients with lr 0: that would count
@@ -853,6 +854,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
     # ---- parameter groups -----------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.__dict__.get("_built") and self.recipe.projection is not None and isinstance(param_group, dict):
+            # a group added after construction with its own rank on 1-D parameters only would step AdamW (SILENT 12;
+            # the construction's groups are checked by create_optimizer, before its default rank fills them in)
+            from .registry import refuse_vector_only_targets
+
+            param_group = refuse_vector_only_targets([param_group], "rank", first=len(self.param_groups))[0]
         # a misspelled key ('rnak') would otherwise be ignored and the group train with defaults
         check_group_keys(self.recipe, param_group, where=f"parameter group {len(self.param_groups)} of optimizer '{self.recipe.name}'")
         super().add_param_group(param_group)

@@ -524,17 +524,18 @@ MATRIX_TARGET_KEYS = ("rank", "use_muon", "use_sinkgd")
 (projection, orthogonalization, Sinkhorn normalization): a group setting one on 1-D parameters only would step AdamW."""
 
 
-def refuse_vector_only_targets(groups: list[Any], target_key: str) -> list[Any]:
+def refuse_vector_only_targets(groups: list[Any], target_key: str, first: int = 0) -> list[Any]:
     """Refuse a parameter group the caller gave with ``target_key`` set (``rank``, ``use_muon``, ``use_sinkgd``:
     :data:`MATRIX_TARGET_KEYS`) whose parameters all have fewer than 2 dimensions: nothing in it can be projected
     or orthogonalized, so it would silently step AdamW (SILENT 12 / 13). Checked on the caller's groups, before
     :func:`_apply_group_defaults` fills the key in: a flat list of vectors (which takes the default) stays valid.
-    Returns the groups, each group's ``params`` made a list (a generator is read once)."""
+    ``first``: the index of the first group in the optimizer (named in the message). Returns the groups, each group's
+    ``params`` made a list (a generator is read once; a set is left to torch's error)."""
     if target_key not in MATRIX_TARGET_KEYS:
         return groups
     out = []
-    for i, g in enumerate(groups):
-        if isinstance(g, dict) and "params" in g:
+    for i, g in enumerate(groups, start=first):
+        if isinstance(g, dict) and "params" in g and not isinstance(g["params"], (set, frozenset)):
             ps = g["params"]
             g = {**g, "params": [ps] if isinstance(ps, torch.Tensor) else list(ps)}
             v = g.get(target_key)
