@@ -467,7 +467,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
 
     Raises:
         ValueError: Unknown name or hyperparameter (the message lists the valid ones), or an
-            invalid value.
+            invalid value; a group given with ``rank`` / ``use_muon`` / ``use_sinkgd`` on parameters of fewer than
+            2 dimensions only (:func:`refuse_vector_only_targets`).
     """
     entry = get_entry(name)
     valid = entry.valid_hparams()
