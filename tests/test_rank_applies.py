@@ -66,11 +66,14 @@ def test_range_is_the_largest_smaller_side_minus_one():
 
 
 def test_groups_where_rank_cannot_mean_anything_else_are_left_alone():
-    """No rank (a full-rank group), or no 2-D parameter (biases, norms: never projected), is no error."""
+    """No rank (a full-rank group), or no 2-D parameter (biases, norms: never projected), is no error for
+    check_rank_applies; a group the caller gives with rank on vectors only is refused by create_optimizer (SILENT 12)."""
     check_rank_applies({"params": _params((6, 4)), "rank": None})
     check_rank_applies({"params": _params((40,)), "rank": 64})  # (a batch (3, 4, 5) is its 4 x 5 matrices: test_experts_subspace)
     check_rank_applies({"params": [], "rank": 64})
-    create_optimizer([{"params": _params((40,)), "rank": 128}], "galore_adamw")
+    with pytest.raises(ValueError, match=r"parameter group 0: rank=128 on parameters of fewer than 2 dimensions only"):
+        create_optimizer([{"params": _params((40,)), "rank": 128}], "galore_adamw")  # (SILENT 12: it stepped AdamW)
+    create_optimizer(_params((40,)), "galore_adamw")  # a flat list of vectors takes the default rank: still valid
 
 
 def test_mixed_group_keeps_the_per_parameter_warning():
