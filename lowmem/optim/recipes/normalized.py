@@ -85,6 +85,11 @@ class DefaultTargetGroups:
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         default = self.target_default
+        if isinstance(param_group, dict) and self.__dict__.get("_built"):  # (SILENT 13: the caller's own key, checked
+            from ..registry import refuse_vector_only_targets  # before the default is merged in)
+
+            for key in {h.name for h in self.recipe.group_hparams} & {"use_muon", "use_sinkgd"}:
+                param_group = refuse_vector_only_targets([param_group], key, first=len(self.param_groups))[0]
         if default is not None and isinstance(param_group, dict) and not set(default) & set(param_group):
             param_group = {**param_group, **default}
         super().add_param_group(param_group)  # type: ignore[misc]
