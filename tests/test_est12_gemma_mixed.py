@@ -45,4 +45,7 @@ def test_lowmem_budget_of_a_gemma2_directory(tmp_path, capsys):
     _config("gemma2").save_pretrained(tmp_path)
     assert main(["budget", str(tmp_path), "--seq-len", "32", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["details"]["total_other_precision"] > out["total"]  # float32 master weights, gradients and state
+    # float32 master weights, gradients and state (the pure-bf16 step's transient is not compared: since BF16BUCKET
+    # the bfloat16 weights' bucket holds float32 copies, 8 B per element up to chunk_numel, the whole tiny model here)
+    pure = out["weights"] + out["gradients"] + out["optimizer_states"] + out["activations"]
+    assert out["details"]["total_other_precision"] > pure
