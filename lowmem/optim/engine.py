@@ -2163,7 +2163,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group, pieces = bucket
         ps, gs, ss = (list(x) for x in zip(*pieces))
         pieces.clear()
-        if key[4] != -1 and any(p.dtype == torch.bfloat16 for p in ps):
+        if key[4] != -1 and torch.bfloat16 in {p.dtype for p in ps}:  # (one comprehension: no per-tensor call)
             # bfloat16 members (_bf16_bucket_ok; not the fused kernel's bucket, key[4] -1): float32 ones first
             low = [i for i, p in enumerate(ps) if p.dtype == torch.bfloat16]
             lps, lgs, lss = [ps[i] for i in low], [gs[i] for i in low], [ss[i] for i in low]
