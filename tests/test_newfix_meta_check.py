@@ -37,6 +37,9 @@ def test_meta_build_refuses_what_the_real_build_refuses(every):
         model = build_tiny_model(seed=0)[0]  # a fresh one: BAdam's build freezes the blocks it does not train
         real = _error(lambda: create_optimizer(model, recipe.optim, lr=1e-3, **recipe.optim_args))
         meta = _error(lambda: check_optimizer_on_meta(recipe, build_training_args(recipe)))
+        if name.startswith("bnb_paged") and real is not None:  # (CPU parameters: lowmem train refuses the recipe
+            assert meta is not None and "paged" in meta and "paged" in real, (name, meta, real)  # first, SILENT 27)
+            continue
         assert meta == real, (name, hp, meta, real)
         refused += real is not None
     assert refused >= 3  # galore / apollo / fira at rank 64 and 128 at least: the comparison saw refusals
