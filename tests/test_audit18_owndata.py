@@ -1,0 +1,102 @@
+"""Outside audit OWNDATA18 (session 18): the user's own data, reward functions and configs.
+
+Each test pins one defect found from the docs (docs/training.md) and is marked ``xfail(strict=True)``: green while the
+defect is there, red (XPASS) once it is fixed, so the fixer removes the marker. /tmp/lm/FOUND_OWNDATA18.md has the
+file:line, what a user sees, what the project's rules ask for and a suggested fix for each.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. two reward functions with the same name: TRL logs them as one metric (the mean of both), metrics.json keeps one
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 1: reward_funcs entries with the same name merge into one "
+                                       "logged metric (rewards/<name>/mean = mean of both) without a word")
+@pytest.mark.parametrize("kind", ["builtin", "files"])
+def test_reward_funcs_with_one_name_are_refused_or_named_apart(tmp_path, kind):
+    """``lowmem train`` of ``reward_funcs: [r1.py:reward, r2.py:reward]`` (one returns 1.0, the other 0.0) logged
+    ``rewards/reward/mean: 0.5`` every step and metrics.json's ``reward_func_histories`` held one entry,
+    ``{'reward': [0.5, 0.5]}``: TRL names each function by ``__name__`` and averages a metric's values per step, so the
+    two rewards were one number and neither could be read. Wanted: an error naming the entries that share a name (or
+    names kept apart, ``reward`` / ``reward_2``)."""
+    from lowmem.rewards import load_reward_funcs
+
+    if kind == "builtin":
+        entries = [{"name": "format", "pattern": r"\d+"}, {"name": "format", "pattern": r"<answer>.*</answer>"}]
+    else:
+        for i, value in ((1, 1.0), (2, 0.0)):
+            (tmp_path / f"r{i}.py").write_text(f"def reward(completions, **kwargs):\n    return [{value}] * len(completions)\n")
+        entries = [f"{tmp_path / 'r1.py'}:reward", f"{tmp_path / 'r2.py'}:reward"]
+    try:
+        funcs = load_reward_funcs(entries, ["prompt", "answer"])
+    except ValueError as err:  # the fix may refuse them: the message names the shared name
+        assert ("format" if kind == "builtin" else "reward") in str(err)
+        return
+    names = [f.__name__ for f in funcs]
+    assert len(set(names)) == len(names), names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. a saved DatasetDict's 'valid' / 'dev' / 'val' split: a folder of files knows these names, load_from_disk does not
+
+
+def _saved_dict(tmp_path, eval_name):
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(10)]
+    path = tmp_path / f"dd_{eval_name}"
+    DatasetDict({"train": Dataset.from_list(rows[:8]), eval_name: Dataset.from_list(rows[8:])}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 2: a saved DatasetDict's 'valid' / 'dev' split is no eval "
+                                       "split (a folder's valid*.jsonl is): eval_dataset refused, dataset's note missing")
+@pytest.mark.parametrize("eval_name", ["valid", "dev"])
+def test_saved_dataset_dict_valid_split_is_an_eval_split(tmp_path, eval_name):
+    """docs/training.md, Files: a folder of files names its eval split ``validation`` / ``valid`` / ``dev`` / ``val``
+    (the Hub's convention; ``lowmem.data._split_files``), but a ``save_to_disk`` folder only ``validation`` / ``test`` /
+    ``eval`` (``SPLIT_PREFERENCE``). So ``eval_dataset: <that folder>`` is an error, and ``dataset: <that folder>``
+    alone trains on ``train`` with no ``note:`` about the held-out split (``held_out_split`` returns None), where the
+    same data as ``train.jsonl`` + ``valid.jsonl`` files gets both right."""
+    from lowmem.data import held_out_split, load_train_data
+
+    path = _saved_dict(tmp_path, eval_name)
+    files = tmp_path / "files"
+    files.mkdir()
+    for split in ("train", eval_name):
+        (files / f"{split}.jsonl").write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    assert held_out_split(files) is not None  # the folder of files: its valid / dev file is held out
+    assert held_out_split(path) is not None
+    data = load_train_data(str(path), "sft", eval_dataset=str(path))
+    assert data.eval.num_rows == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. TrainingArguments' do_train / do_predict: LLaMA-Factory's meaning ignored, without a word
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 3: do_train: false (LLaMA-Factory: evaluate only) / "
+                                       "do_predict: true are accepted and ignored; lowmem train trains anyway")
+@pytest.mark.parametrize("field, value", [("do_train", False), ("do_predict", True)])
+def test_script_only_fields_are_refused(tmp_path, field, value):
+    """``TrainingArguments.do_train`` / ``do_eval`` / ``do_predict`` are "not directly used by Trainer", only by scripts;
+    LLaMA-Factory reads them (``do_train: false`` = no training, ``do_predict: true`` = generate on the eval set). A
+    LLaMA-Factory YAML with ``do_train: false`` given to ``lowmem train`` trained 3 steps and wrote its outputs
+    (checked: tiny model, configs/data/addition_chat.jsonl). The project's rule for other tools' configs: every field
+    applies as there or is an error naming it; this one is neither."""
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, load_recipe
+
+    (tmp_path / "t.jsonl").write_text('{"text": "1+1=2"}\n{"text": "2+2=4"}\n')
+    recipe = {"trainer": "sft", "dataset": "t.jsonl", "lr": 1e-3, "steps": 2, "output_dir": str(tmp_path / "out"),
+              "training_args": {field: value}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=field):
+        build_training_args(load_recipe(path))
