@@ -100,3 +100,29 @@ def test_script_only_fields_are_refused(tmp_path, field, value):
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ConfigError, match=field):
         build_training_args(load_recipe(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. exact_match reduces the dataset's answer column to its last number: fractions / LaTeX / tuples score wrong
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 4: exact_match takes the last number of the answer column "
+                                       "('3/4' -> '4', '\\frac{1}{2}' -> '2'): wrong completions score 1, right 0")
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),   # MATH-500's bare LaTeX answer column: the right answer scored 0
+    ("\\boxed{2}", "\\frac{1}{2}", 0.0),              # ... and a wrong one 1
+    ("The answer is 4", "3/4", 0.0),                 # '3/4' read as its last number, 4
+    ("\\boxed{3/4}", "3/4", 1.0),
+    ("\\boxed{(3, 5)}", "(3, 5)", 1.0),
+    ("\\boxed{2}", "\\sqrt{2}", 0.0),
+])
+def test_exact_match_reads_the_answer_column_whole(completion, answer, expected):
+    """docs/training.md, Rewards: the final-answer rule (``<answer>``, ``\\boxed{}``, ``####``, else the last number)
+    "applies to the column" too (``lowmem.rewards.exact_match_reward`` calls ``extract_final_answer`` on the target).
+    For a column that holds the answer itself (MATH-500's ``answer``: ``\\frac{14}{3}``; any fraction, root, interval
+    or tuple) rule 4 keeps only its last number, so a completion ``\\boxed{2}`` for ``\\frac{1}{2}`` earns 1.0 and the
+    right ``\\boxed{\\frac{1}{2}}`` 0.0: GRPO is rewarded for the wrong answers, silently. Wanted: the column's text whole
+    when it has no ``<answer>`` / ``\\boxed{}`` / ``####`` (the last-number rule is for free-form completions)."""
+    from lowmem.rewards import BUILTIN_REWARDS
+
+    assert BUILTIN_REWARDS["exact_match"](prompts=["q"], completions=[completion], answer=[answer]) == [expected]
