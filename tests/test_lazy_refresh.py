@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowmem.optim import create_optimizer
+from lowmem.optim.references import subset_norm as RSN
 from lowmem.optim.references import subspace as R
 from lowmem.optim.subspace import lazy_interval
 
@@ -47,20 +48,21 @@ def _reference(name, opt, p_init, grads):
     """The reference loop's weights and the steps it refreshed at (its subspace dict changes)."""
     group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
     loop = {"galore_adamw": R.galore_adamw, "fira_adamw": R.fira_adamw, "frugal": R.frugal,
-            "galore_adafactor": R.galore_adafactor}[name]
+            "galore_adafactor": R.galore_adafactor, "adamw_snsm": RSN.subspace_momentum,
+            "adagrad_snsm": RSN.subspace_momentum, "sgd_sm": RSN.subspace_momentum}[name]
     seen = []
     real = R.maybe_refresh
 
-    def spy(g, t, sub, refreshes, group, index):
-        out = real(g, t, sub, refreshes, group, index)
+    def spy(g, t, sub, refreshes, group, index, **kw):
+        out = real(g, t, sub, refreshes, group, index, **kw)
         seen.append(out[1] > refreshes)
         return out
 
-    R.maybe_refresh = spy
+    R.maybe_refresh = RSN.maybe_refresh = spy  # (the Subspace-Momentum loop imported it by name)
     try:
         ws = loop(p_init.clone(), grads, index=0, **group)
     finally:
-        R.maybe_refresh = real
+        R.maybe_refresh = RSN.maybe_refresh = real
     return ws, seen
 
 
@@ -83,6 +85,18 @@ CONFIGS = [
     ("galore_adafactor", (40, 24), {"rank": 4, "update_proj_gap": 2, "lazy_refresh_threshold": 0.8,
                                     "lazy_refresh_patience": 2, "lr": 1e-2, "relative_step": False,
                                     "scale_parameter": False}, 0.3),
+    # Subspace-Momentum (momentum reset at each refresh, the authors' 'multiples' schedule by default)
+    ("adamw_snsm", (40, 24), {"rank": 4, "update_proj_gap": 2, "lazy_refresh_threshold": 0.8,
+                              "lazy_refresh_patience": 2, "lr": 1e-2}, 0.3),
+    ("adamw_snsm", (24, 40), {"rank": 4, "update_proj_gap": 3, "lazy_refresh_threshold": 0.5,
+                              "lazy_refresh_patience": 1, "lr": 1e-2, "proj_type": "full", "refresh_phase": "aligned",
+                              "subset_norm": False}, 0.3),
+    ("adamw_snsm", (40, 24), {"rank": 4, "update_proj_gap": 2, "lazy_refresh_threshold": 0.99,
+                              "lazy_refresh_patience": 3, "lr": 1e-2}, 3.0),
+    ("sgd_sm", (24, 40), {"rank": 4, "update_proj_gap": 3, "lazy_refresh_threshold": 0.5,
+                          "lazy_refresh_patience": 1, "lr": 1e-2, "moment_policy": "rotate"}, 0.3),
+    ("adagrad_snsm", (40, 24), {"rank": 4, "update_proj_gap": 2, "lazy_refresh_threshold": 0.6,
+                                "lazy_refresh_patience": 3, "lr": 1e-2, "projection": "rsvd"}, 0.3),
 ]
 
 
@@ -118,18 +132,19 @@ def test_off_by_default_holds_no_state():
     assert "proj_lazy" not in opt.state[p] and refreshes == [t % 2 == 0 for t in range(12)]
 
 
-def test_state_bytes_and_checkpoint_resume_bit_for_bit():
+@pytest.mark.parametrize("name", ["galore_adamw", "adamw_snsm", "adagrad_snsm", "sgd_sm"])
+def test_state_bytes_and_checkpoint_resume_bit_for_bit(name):
     """state_bytes counts the interval (2 int64) and the queue (patience float64) per projected parameter; a
     checkpoint (weights_only) taken mid-run resumes to the uninterrupted run's weights and lazy state, bit for bit."""
     shape, kw = (40, 24), {"rank": 4, "update_proj_gap": 2, "lazy_refresh_threshold": 0.9, "lazy_refresh_patience": 3,
                            "lr": 1e-2}
     grads = _grads(shape, steps=30)
-    opt, p, p_init, ws, _ = _run("galore_adamw", shape, grads, **kw)
-    plain, pp, _, _, _ = _run("galore_adamw", shape, grads, **{**kw, "lazy_refresh_threshold": None})
+    opt, p, p_init, ws, _ = _run(name, shape, grads, **kw)
+    plain, pp, _, _, _ = _run(name, shape, grads, **{**kw, "lazy_refresh_threshold": None})
     assert opt.state_bytes() - plain.state_bytes() == 16 + 8 * 3
     assert int(opt.state[p]["proj_lazy"][0]) > 2  # (the run lengthened its interval: the resume crosses that)
 
-    half, q, _, _, _ = _run("galore_adamw", shape, grads[:13], p0=p_init, **kw)
+    half, q, _, _, _ = _run(name, shape, grads[:13], p0=p_init, **kw)
     buf = io.BytesIO()
     torch.save({"opt": half.state_dict(), "p": q.detach().clone()}, buf)
     buf.seek(0)
@@ -137,7 +152,7 @@ def test_state_bytes_and_checkpoint_resume_bit_for_bit():
     r = torch.nn.Parameter(ck["p"].clone())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        resumed = create_optimizer([r], "galore_adamw", **kw)
+        resumed = create_optimizer([r], name, **kw)
     resumed.load_state_dict(ck["opt"])
     for g in grads[13:]:
         r.grad = g.clone()
@@ -194,6 +209,8 @@ def test_patience_below_one_is_an_error(value):
     ("galore_adamw", {"projection": "random"}), ("galore_adamw", {"projection": "gaussian"}),
     ("frugal", {"projection": "columns"}), ("frugal", {"projection": "randk"}), ("osd_adamw", {}),
     ("galore_adamw8bit", {"projection": "random", "min_quant_size": 16}),
+    ("adamw_snsm", {"projection": "random"}), ("sgd_sm", {"projection": "columns"}),
+    ("adagrad_snsm", {"projection": "blocks"}),
 ])
 def test_refresh_that_is_not_a_gradient_svd_is_refused(name, kw):
     """Named: the projections and recipes that take it."""
@@ -202,15 +219,17 @@ def test_refresh_that_is_not_a_gradient_svd_is_refused(name, kw):
         create_optimizer([p], name, rank=4, lazy_refresh_threshold=0.4, **kw)
 
 
-def test_batch_of_matrices_is_refused():
+@pytest.mark.parametrize("name", ["galore_adamw", "adamw_snsm", "adagrad_snsm", "sgd_sm"])
+def test_batch_of_matrices_is_refused(name):
     p = torch.nn.Parameter(torch.randn(3, 40, 24))
     with pytest.raises(ValueError, match="lazy_refresh_threshold is not supported on a batch of matrices"):
-        create_optimizer([p], "galore_adamw", rank=4, lazy_refresh_threshold=0.4)
+        create_optimizer([p], name, rank=4, lazy_refresh_threshold=0.4)
 
 
 @pytest.mark.parametrize("name,extra", [
     ("galore_adamw", {}), ("galore_adamw", {"projection": "rsvd"}), ("fira_adamw", {}), ("frugal", {}),
-    ("galore_adafactor", {}), ("galore_adamw", {"proj_type": "full"}),
+    ("galore_adafactor", {}), ("galore_adamw", {"proj_type": "full"}), ("adamw_snsm", {}), ("adagrad_snsm", {}),
+    ("sgd_sm", {}),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_refresh_step_allocates_what_it_reports(name, extra, dtype):
@@ -249,12 +268,13 @@ from lowmem.optim import create_optimizer
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)  # (no port to collide)
 m = torch.nn.Linear(24, 40, bias=False)
 fully_shard(m)
-try:
-    create_optimizer([m.weight], "galore_adamw", rank=4, lazy_refresh_threshold=0.4)
-    print("ACCEPTED")
-except ValueError as err:
-    print("REFUSED", err)
-create_optimizer([m.weight], "galore_adamw", rank=4)  # (off: FSDP2 as before)
+for name in ("galore_adamw", "adamw_snsm", "adagrad_snsm", "sgd_sm"):
+    try:
+        create_optimizer([m.weight], name, rank=4, lazy_refresh_threshold=0.4)
+        print(name, "ACCEPTED")
+    except ValueError as err:
+        print(name, "REFUSED", err)
+    create_optimizer([m.weight], name, rank=4)  # (off: FSDP2 as before)
 dist.destroy_process_group()
 """
 
@@ -269,4 +289,7 @@ def test_fsdp2_parameters_are_refused(tmp_path):
     out = subprocess.run([sys.executable, "-c", _FSDP2, str(tmp_path / "init")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("REFUSED") and "lazy_refresh_threshold is not supported on FSDP2-sharded" in out.stdout
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4, out.stdout
+    for line in lines:  # galore_adamw and the Subspace-Momentum recipes
+        assert " REFUSED " in line and "lazy_refresh_threshold is not supported on FSDP2-sharded" in line, line

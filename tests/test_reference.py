@@ -86,6 +86,7 @@ def test_engine_equals_reference(name, index, path):
             for i, p in enumerate(params):
                 trajectory[i].append(p.detach().clone())
         group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        group["group_size"] = len(opt.param_groups[0]["params"])  # (refresh_phase='staggered' shifts by index / size)
         for i, (start, g) in enumerate(zip(starts, grads)):
             expected = ref.loop(start.clone(), [x.clone() for x in g], index=i, **group)
             assert len(expected) == ref.steps

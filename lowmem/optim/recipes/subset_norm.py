@@ -55,7 +55,7 @@ from ..moments import ChunkState, MomentRule, grad_element_bytes, sharded_group,
 from ..registry import register
 from .. import subspace
 from ..subspace import COORDINATE_METHODS, CombineRule, ProjectBack, StateFreeResidual, SubspaceProjection, _Walk
-from .subspace import SVD_LIKE, _check_subspace_group, _choice, subspace_hparams
+from .subspace import LAZY_REFRESH_HPARAMS, SVD_LIKE, _check_subspace_group, _choice, subspace_hparams
 
 SUBSET_NORM = HParam(
     "subset_norm", True, is_bool, "a bool",
@@ -904,9 +904,12 @@ SM_PROJECTIONS = (*SVD_LIKE, *COORDINATE_METHODS)
 
 def sm_hparams() -> tuple[HParam, ...]:
     """Subspace-Momentum's per-group settings: the shared subspace ones (SVD, rank 128, moments
-    reset at a refresh as the authors do, scale 1) and the complement's rule (FRUGAL's keys)."""
+    reset at a refresh as the authors do, scale 1), Q-GaLore's opt-in lazy refresh (the refresh is an SVD of the
+    gradient: :func:`~lowmem.optim.subspace.lazy_interval`, the same rule and state as GaLore's) and the
+    complement's rule (FRUGAL's keys)."""
     return (
         *subspace_hparams("svd", SM_PROJECTIONS, scale=1.0, moment_policy="reset", refresh_phase="multiples"),
+        *LAZY_REFRESH_HPARAMS,
         _choice("free_rule", "sgd", ("sgd", "signsgd"),
                 "step of the complement G - P P^T G: 'sgd' (Subspace-Momentum) or 'signsgd' (FRUGAL's)"),
         HParam("free_lr_scale", 1.0, nonneg, "a finite float >= 0", "the complement's step / the subspace's (1 in the paper)"),

@@ -3,7 +3,9 @@ paper (Sections 3-4) with the authors' step-size conventions (timmytonga/sn-sm: 
 ``GenericOptim.py``, ``subset_norm.py``, ``subspace_momentum.py``).
 
 The subspace (its side, SVD / random / coordinate draws, the refresh schedule (the authors' ``1, T,
-2T, ...``: ``refresh_phase="multiples"``) with a zero gradient keeping the old subspace, and what the
+2T, ...``: ``refresh_phase="multiples"``; ``aligned`` / ``staggered`` as GaLore's; Q-GaLore's opt-in lazy
+refresh, Zhang et al. 2024, Section 3: ``lazy_refresh_threshold`` doubles a tensor's interval while the first
+vectors of successive SVD bases stay aligned) with a zero gradient keeping the old subspace, and what the
 momentum does at a refresh) comes from
 the plain helpers of :mod:`lowmem.optim.references.subspace`: references, not engine code.
 """
@@ -106,7 +108,9 @@ def subspace_momentum(p: Tensor, grads: list[Tensor], *, index: int, lr: float, 
     """Subspace-Momentum (Section 4), with the Subset-Norm step size when ``eps`` is given (AdamSNSM with
     ``betas``, AdaGrad-SNSM with ``momentum``: running sums, no bias correction)::
 
-        at steps 1, T, 2T, ...: P from the SVD of G (GaLore's side), the momentum reset (moment_policy)
+        at steps 1, T, 2T, ...: P from the SVD of G (GaLore's side), the momentum reset (moment_policy);
+            with lazy_refresh_threshold (Q-GaLore, Zhang et al. 2024, Section 3): T doubles while the mean |cos|
+            of the last lazy_refresh_patience successive first basis vectors is >= the threshold
         m <- b1 m + (1 - b1) P^T G
         u  = P m + (G - P P^T G)                     (sign(G - P P^T G) with free_rule='signsgd')
         AdamSNSM: v_i <- b2 v_i + (1 - b2) ||G_Psi_i||^2 ;  u <- sqrt(1 - b2^t) / (1 - b1^t) u / (sqrt(v) + eps)
@@ -180,6 +184,12 @@ register_reference("adamw_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5, "projection": "columns", "free_rule": "signsgd", "free_lr_scale": 0.5,
      "betas": (0.0, 0.999)},
     {"rank": None},  # full-rank: AdamSN (a rank >= the smaller side of (24, 40) is an error)
+    # Q-GaLore's lazy refresh (the shared rule, lowmem.optim.references.subspace.lazy_refresh): random gradients'
+    # first singular vectors meet at |cos| ~ 0.02-0.5, so intervals double at some refreshes (1 -> 4 or 8 in 12 steps)
+    {"rank": 4, "update_proj_gap": 1, "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
+    {"rank": 4, "update_proj_gap": 1, "projection": "rsvd", "proj_type": "full", "lazy_refresh_threshold": 0.1,
+     "lazy_refresh_patience": 2, "subset_norm": False},
+    {"rank": 4, "update_proj_gap": 4, "refresh_phase": "staggered"},  # shifted by 0, 1, 2 steps
 )))
 register_reference("adagrad_sn", Reference(adagrad_sn, configs=(
     {},
@@ -192,10 +202,13 @@ register_reference("adagrad_snsm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5, "lr": 1e-2},
     {"rank": 3, "update_proj_gap": 4, "momentum": 0.5, "eps": 0.5, "weight_decay": 0.1, "proj_type": "reverse_std"},
     {"rank": None},  # full-rank: AdaGrad-SN
+    {"rank": 4, "update_proj_gap": 1, "lr": 1e-2, "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
 )))
 register_reference("sgd_sm", Reference(subspace_momentum, configs=(
     {"rank": 4, "update_proj_gap": 5},
     {"rank": 3, "update_proj_gap": 4, "momentum": 0.5, "lr": 1e-2, "weight_decay": 0.1, "proj_type": "left",
      "moment_policy": "rotate"},
     {"rank": None, "momentum": 0.0},  # full-rank: plain SGD
+    {"rank": 4, "update_proj_gap": 3, "refresh_phase": "staggered", "lazy_refresh_threshold": 0.05,
+     "lazy_refresh_patience": 1, "proj_type": "reverse_std"},
 )))

@@ -5,8 +5,9 @@ Algorithm 1), FRUGAL (Zmushko et al. 2024, Algorithm 1) and Online Subspace Desc
 2024, Algorithm 1), each a loop over the steps of one tensor, with the choices docs/subspace.md
 documents for lowmem:
 
-* refreshes at steps ``1, T+1, 2T+1, ...`` (``refresh_phase="aligned"``; staggering needs the group's
-  size, which a single-tensor loop does not see, so it is not covered here); a data-dependent
+* refreshes at steps ``1, T+1, 2T+1, ...`` (``refresh_phase="aligned"``; ``"multiples"``: ``1, T, 2T, ...``;
+  ``"staggered"``: parameter ``index`` of ``group_size`` shifted by ``index * T // group_size`` steps, the
+  one schedule that needs the group's size: the suite passes ``group_size``, :func:`schedule_offset`); a data-dependent
   refresh (``svd``, ``rsvd``, ``online_pca``) with a zero or non-finite gradient is skipped and the
   old subspace kept (a first refresh is tried at every step until one succeeds);
 * ``proj_type``: ``std`` projects the smaller side, ``reverse_std`` the larger, ``left`` / ``right``
@@ -164,17 +165,36 @@ def usable(g: Tensor) -> bool:
     return bool(torch.isfinite(g).all()) and bool((g != 0).any())
 
 
+def schedule_offset(group: dict, index: int) -> int:
+    """How far parameter ``index``'s refresh steps are shifted from ``1, T+1, 2T+1, ...``: ``aligned`` 0,
+    ``multiples`` ``T - 1`` (steps ``1, T, 2T, ...``: timmytonga/sn-sm's counter is incremented before its
+    ``step % T == 0`` test), ``staggered`` ``index * T // count`` for the ``index``-th of the group's ``count``
+    parameters (the refreshes of a group spread over the ``T`` steps; the loop is given ``group_size``, which a
+    single tensor does not see). Under a lazy refresh ``multiples`` follows the tensor's own interval (its
+    multiples), the others keep this offset."""
+    phase, gap = group["refresh_phase"], group["update_proj_gap"]
+    if phase == "aligned":
+        return 0
+    if phase == "multiples":
+        return gap - 1
+    if phase == "staggered":
+        if group.get("group_size") is None:
+            raise ValueError("refresh_phase='staggered' needs the group's parameter count: call the loop with"
+                             " group_size=len(group['params'])")
+        return index * gap // group["group_size"]
+    raise ValueError(f"refresh_phase must be one of ['aligned', 'multiples', 'staggered'], got {phase!r}")
+
+
 def maybe_refresh(g: Tensor, t: int, sub: dict | None, refreshes: int, group: dict, index: int):
-    """The refresh schedule: at steps ``1, T+1, ...`` (and every step until a first refresh worked;
-    ``online_pca`` only once); a data-dependent refresh of a zero gradient keeps the old subspace.
+    """The refresh schedule: at the first step, then at the steps ``t`` with ``(t - 1 - offset) % T == 0``
+    (:func:`schedule_offset`: ``1, T+1, ...`` aligned), and every step until a first refresh worked
+    (``online_pca`` only once); a data-dependent refresh of a zero gradient keeps the old subspace.
     Returns ``(subspace, refreshes, changed)``; ``changed`` is the old subspace (``{}`` before the
     first) when a refresh happened, else ``None``."""
-    if group["refresh_phase"] not in ("aligned", "multiples"):
-        raise NotImplementedError("the reference loop covers refresh_phase 'aligned' and 'multiples' only")
-    # 'multiples' (timmytonga/sn-sm): refreshes at 1, T, 2T, ... ('aligned': 1, T+1, 2T+1, ...)
-    at = t if group["refresh_phase"] == "multiples" else t - 1
     gap = sub["lazy"][0] if sub and "lazy" in sub else group["update_proj_gap"]  # (lazy_refresh below)
-    due = refreshes == 0 or (group["projection"] != "online_pca" and at % gap == 0)
+    # 'multiples' under a lazy refresh: the multiples of the tensor's own (doubled) interval
+    offset = gap - 1 if group["refresh_phase"] == "multiples" else schedule_offset(group, index)
+    due = refreshes == 0 or (group["projection"] != "online_pca" and (t - 1 - offset) % gap == 0)
     if not due or (group["projection"] in DATA_DEPENDENT and not usable(g)):
         return sub, refreshes, None
     new = draw_subspace(g, group, index, refreshes, sub)
@@ -556,6 +576,11 @@ register_reference("galore_adamw", Reference(galore_adamw, configs=(
     {**ADAM, "rank": 4, "update_proj_gap": 1, "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
     {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "rsvd", "proj_type": "full", "lazy_refresh_threshold": 0.1,
      "lazy_refresh_patience": 2},
+    # staggered: the three parameters' schedules shifted by 0, 1, 2 steps (refreshes at 1, 5, 9 / 1, 2, 6, 10 /
+    # 1, 3, 7, 11); with a lazy refresh, the shifted schedule of each tensor's own interval
+    {**ADAM, "rank": 4, "update_proj_gap": 4, "refresh_phase": "staggered"},
+    {**ADAM, "rank": 4, "update_proj_gap": 3, "refresh_phase": "staggered", "moment_policy": "rotate",
+     "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
 )))
 
 register_reference("galore_adafactor", Reference(galore_adafactor, configs=(
@@ -568,6 +593,8 @@ register_reference("galore_adafactor", Reference(galore_adafactor, configs=(
     {"rank": None, "lr": 1e-2, "beta1": 0.9},  # full-rank (a rank >= every smaller side is an error)
     {"rank": 4, "update_proj_gap": 1, "lr": 1e-2, "relative_step": False, "scale_parameter": False,
      "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
+    {"rank": 4, "update_proj_gap": 3, "lr": 1e-2, "relative_step": False, "scale_parameter": False,
+     "refresh_phase": "staggered", "moment_policy": "reset"},
 )))
 
 register_reference("fira_adamw", Reference(fira_adamw, configs=(
@@ -579,6 +606,7 @@ register_reference("fira_adamw", Reference(fira_adamw, configs=(
     {**ADAM, "rank": 4, "update_proj_gap": 1, "gamma": 1.5},
     {**ADAM, "rank": None},  # full-rank (a rank >= every smaller side is an error)
     {**ADAM, "rank": 4, "update_proj_gap": 1, "proj_type": "left", "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
+    {**ADAM, "rank": 4, "update_proj_gap": 3, "proj_type": "reverse_std", "refresh_phase": "staggered"},
 )))
 
 register_reference("frugal", Reference(frugal, configs=(
@@ -592,6 +620,7 @@ register_reference("frugal", Reference(frugal, configs=(
     {**ADAM, "rank": None, "weight_decay": 0.1},  # full-rank: torch's AdamW
     {**ADAM, "rank": 4, "update_proj_gap": 1, "projection": "svd", "proj_type": "reverse_std",
      "lazy_refresh_threshold": 0.1, "lazy_refresh_patience": 2},
+    {**ADAM, "rank": 4, "update_proj_gap": 4, "projection": "columns", "refresh_phase": "staggered"},
 )))
 
 register_reference("osd_adamw", Reference(osd_adamw, configs=(
@@ -610,6 +639,7 @@ register_reference("galore_adamw8bit", Reference(functools.partial(galore_adamw,
     {**SMALL, **QUANT, **ADAM, "proj_type": "reverse_std", "scale": 0.5, "weight_decay": 0.1, "moment_policy": "reset"},
     {**QUANT, **ADAM, "rank": 4, "update_proj_gap": 1, "projection": "random"},
     {**QUANT, **ADAM, "rank": 4, "update_proj_gap": 1, "lazy_refresh_threshold": 0.05, "lazy_refresh_patience": 1},
+    {**QUANT, **ADAM, "rank": 4, "update_proj_gap": 3, "refresh_phase": "staggered", "moment_policy": "reset"},
 )))
 
 register_reference("fira_adamw8bit", Reference(functools.partial(fira_adamw, quantized=True), configs=(
