@@ -126,3 +126,53 @@ def test_exact_match_reads_the_answer_column_whole(completion, answer, expected)
     from lowmem.rewards import BUILTIN_REWARDS
 
     assert BUILTIN_REWARDS["exact_match"](prompts=["q"], completions=[completion], answer=[answer]) == [expected]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. a PhiMoE model directory: TRL's SFT loss fails at the first step (AttributeError num_experts), after loading
+
+
+def _tiny_phimoe(path):
+    import torch
+    import transformers
+
+    from lowmem.kit.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    cfg = transformers.PhimoeConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tok),
+                                    max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AttributeError, reason="AUDIT-OWNDATA18 5: SFT on a PhiMoE model dies at step 1 in TRL's MoE aux loss "
+                                       "(AttributeError: 'PhimoeConfig' object has no attribute 'num_experts')")
+def test_sft_on_a_phimoe_model_trains_or_is_refused_before_loading(tmp_path):
+    """A tiny PhiMoE (transformers' ``PhimoeConfig``: ``num_local_experts``, no ``num_experts`` alias, unlike Mixtral's
+    config) saved with save_pretrained, SFT on ``messages`` JSONL: the model loads, then TRL 1.16's
+    ``_fused_forward`` (trl/trainer/utils.py:1679) reads ``text_config.num_experts`` for the router aux loss and the run
+    stops with a traceback at the first step. A plain forward works; OLMoE / Qwen3-MoE / Mixtral (which have the
+    name) train. Wanted: it trains (lowmem gives the config the alias, or turns the aux loss off with a note), or an
+    error before the model loads naming the model type and the fix (``router_aux_loss_coef: 0.0``)."""
+    from lowmem.config import ConfigError
+    from lowmem.train import load_recipe, run
+
+    model = _tiny_phimoe(tmp_path / "phimoe")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1="},
+                                                     {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                            for i in range(8)))
+    recipe = load_recipe(None, trainer="sft", model=model, dataset=str(data), optim="adamw", lr=1e-3, steps=1,
+                         batch_size=4, output_dir=str(tmp_path / "out"), save_model=False)
+    try:
+        out = run(recipe)
+    except (ConfigError, ValueError) as err:
+        assert "router_aux_loss_coef" in str(err) and not isinstance(err, AttributeError)
+        return
+    assert out["steps"] == 1
