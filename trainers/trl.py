@@ -140,11 +140,15 @@ def freeze_reference(ref_model: Any) -> None:
     flows into it (TRL runs it under ``torch.no_grad()``), so the loss and the policy's gradients are unchanged; but
     under ``bf16`` / ``fp16`` autocast over float32 weights a trainable leaf weight's half-precision copy is cached
     until the autocast region exits, after the loss: the reference's forward left a copy of all its linear weights
-    beside the policy's activations (tiny Llama h=256: 2,899,968 B; Llama-2-7B ~12 GiB). Its train / eval mode is
-    left as TRL keeps it (dropout: TRL's ``disable_dropout``). ``None`` (no reference: PEFT, precomputed, ``beta=0``)
-    is a no-op."""
+    beside the policy's activations (tiny Llama h=256: 2,899,968 B; Llama-2-7B ~12 GiB). It is put in eval mode too:
+    a reference given in train mode (``copy.deepcopy`` of a policy, a model built in memory; TRL's own ``from_pretrained``
+    load is already in eval mode) kept its dropout active, so with ``disable_dropout=False`` its log-probabilities,
+    the fixed target of the DPO / GRPO KL term, were random (with TRL's default ``disable_dropout=True`` dropout is
+    off anyway). The Trainer only switches the policy between train and eval. ``None`` (no reference: PEFT,
+    precomputed, ``beta=0``) is a no-op."""
     if ref_model is not None:
         ref_model.requires_grad_(False)
+        ref_model.eval()
 
 
 def check_reference_reloadable(trainer: str, model: Any, alternatives: str) -> None:
