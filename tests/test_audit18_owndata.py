@@ -176,3 +176,35 @@ def test_sft_on_a_phimoe_model_trains_or_is_refused_before_loading(tmp_path):
         assert "router_aux_loss_coef" in str(err) and not isinstance(err, AttributeError)
         return
     assert out["steps"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. GRPO's generation_kwargs overriding GRPOConfig's own fields (max_completion_length, temperature, ...): accepted
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 6: generation_kwargs' max_new_tokens / temperature silently "
+                                       "override GRPOConfig's max_completion_length / temperature (sampling only)")
+@pytest.mark.parametrize("key, value, field", [("max_new_tokens", 100, "max_completion_length"),
+                                               ("temperature", 0.5, "temperature"),
+                                               ("top_p", 0.5, "top_p")])
+def test_grpo_generation_kwargs_that_shadow_config_fields_are_refused(tmp_path, key, value, field):
+    """TRL 1.16's GRPOTrainer (grpo_trainer.py:1155-1173) builds the sampling GenerationConfig from its fields
+    (``max_new_tokens=max_completion_length``, ``temperature``, ``top_p``, ...) and then ``update``s it with
+    ``generation_kwargs``: ``{max_new_tokens: 100}`` beside ``max_completion_length: 4`` generates up to 100 tokens
+    (past lowmem's context check, ``fit_completion_length``, which reads max_completion_length; dr_grpo's loss still
+    divides by 4), and ``{temperature: 0.5}`` samples at 0.5 while the policy's log-probabilities and the loss use the
+    config's 1.0 (``add_fused_lm_head(temperature=self.temperature)``, :1068): the ratio is taken for another distribution
+    than the sampled one. lowmem accepts the pair without a word. Wanted: an error naming
+    ``generation_kwargs.<key>`` and the GRPOConfig field to set instead."""
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, load_recipe
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                                              for i in range(8)))
+    recipe = {"trainer": "grpo", "dataset": "p.jsonl", "reward_funcs": ["exact_match"], "lr": 1e-3, "steps": 2,
+              "batch_size": 4, "output_dir": str(tmp_path / "out"),
+              "training_args": {"num_generations": 4, "max_completion_length": 4, "generation_kwargs": {key: value}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=rf"generation_kwargs.*{key}|{key}.*generation_kwargs"):
+        build_training_args(load_recipe(path))
