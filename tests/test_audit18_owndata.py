@@ -208,3 +208,40 @@ def test_grpo_generation_kwargs_that_shadow_config_fields_are_refused(tmp_path, 
     path.write_text(yaml.safe_dump(recipe))
     with pytest.raises(ConfigError, match=rf"generation_kwargs.*{key}|{key}.*generation_kwargs"):
         build_training_args(load_recipe(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. an assistant tool call (content "" + tool_calls) under a chat template that never prints tool_calls: trained as ""
+
+TINY_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                 "{{ eos_token }}{% endif %}|{% endfor %}{% if add_generation_prompt %}a:{% endif %}")  # the shipped one
+CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 7: tool_calls in messages under a template that ignores them "
+                                       "render as an empty assistant turn; the tools-column check has no tool_calls twin")
+@pytest.mark.parametrize("row", [
+    {"messages": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                  {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3"}]},
+    {"prompt": [{"role": "user", "content": "1+2?"}], "completion": [{"role": "assistant", "content": "",
+                                                                     "tool_calls": [CALL]}]},
+], ids=["messages", "prompt-completion"])
+def test_tool_calls_a_template_drops_are_refused(tmp_path, row):
+    """docs/training.md: an assistant message with empty content is an error "not a tool call", and a ``tools`` column
+    that the template renders the same as without it is an error naming the column (the model would learn the calls
+    without seeing the tools). The twin case passes: rows whose assistant turns are tool calls (``content: ""``,
+    ``tool_calls: [...]``, the OpenAI / TRL tool-calling format) under a template that never prints ``tool_calls``
+    (the shipped tiny template; many base models' templates) render as ``u:1+2?|a:<eos>|``: SFT trains the model to
+    answer with nothing, the prompt-completion row's whole completion is gone, and ``check_template_renders`` says
+    nothing. Wanted: the same check as for ``tools``: rendered with and without ``tool_calls`` equal -> an error naming
+    the row, ``tool_calls`` and the fix (a tool-calling ``chat_template``)."""
+    from lowmem.data import check_template_renders, load_train_data
+    from lowmem.kit.tokenizer import build_tokenizer
+
+    path = tmp_path / "calls.jsonl"
+    path.write_text((json.dumps(row) + "\n") * 3)
+    tok = build_tokenizer()
+    tok.chat_template = TINY_TEMPLATE
+    data = load_train_data(str(path), "sft")
+    with pytest.raises(ValueError, match="tool_calls"):
+        check_template_renders(tok, data, source=str(path), eval_source="eval_split")
