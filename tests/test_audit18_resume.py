@@ -93,3 +93,38 @@ def test_plateau_resume_with_other_lr_refused(tmp_path, tokenizer):
             return
     lr = other.optimizer.param_groups[0]["lr"]
     pytest.fail(f"resumed with learning_rate=0.05 over a checkpoint of 0.01 without an error: the run goes on at lr {lr}")
+
+
+# lowmem train writes lowmem_run.json (what decides the data order and the loss settings, compared on resume) from an
+# on_save callback, after the Trainer's trainer_state.json (lowmem/train.py:2338). A run killed between the two (here:
+# the record's write raises) leaves a checkpoint that --resume takes as complete (lowmem.train.checkpoint_problems:
+# None), and a resume with another seed then trains other rows without the documented UserWarning ("a checkpoint
+# without the record is not compared"). The record should be written before trainer_state.json (or its absence in a
+# lowmem train checkpoint counted as an incomplete save).
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 3: a checkpoint whose lowmem_run.json was never written (run "
+                   "killed after trainer_state.json) resumes as complete, and a seed change is not warned about")
+def test_run_record_missing_after_interrupted_save(tmp_path, monkeypatch):
+    import lowmem.train as lt
+
+    real = lt.write_text_atomic
+
+    def killed(path, *args, **kwargs):
+        if str(path).endswith(lt.RUN_RECORD):
+            raise KeyboardInterrupt("killed while writing the run record")
+        return real(path, *args, **kwargs)
+
+    recipe = dict(train_size=16, eval_size=8, batch_size=4, logging_steps=1, track_memory=False, seed=0,
+                  optim="adamw", lr=1e-2, steps=3, save_steps=2, output_dir=str(tmp_path))
+    monkeypatch.setattr(lt, "write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lt.run(lt.load_recipe(None, **recipe))
+    monkeypatch.setattr(lt, "write_text_atomic", real)
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / lt.RUN_RECORD).exists()
+    if lt.checkpoint_problems(ckpt) is not None:
+        return  # fixed one way: the checkpoint counts as incomplete
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lt.run(lt.load_recipe(None, **{**recipe, "seed": 1, "resume_from_checkpoint": True}))
+    assert [w for w in caught if "seed" in str(w.message)], "resumed with seed=1 over seed=0 without a warning"
