@@ -456,6 +456,10 @@ HF_OPTIM_NAMES: dict[str, str] = {
     "paged_lion_32bit": "bnb_paged_lion", "paged_lion_8bit": "bnb_paged_lion8bit",  # no engine recipe pages memory
     "ademamix": "ademamix", "ademamix_8bit": "ademamix8bit",  # bnb's AdEMAMix(optim_bits=32 / 8): the same state
     # format and defaults, tested equal; optim_args alpha, beta3, t_alpha, t_beta3, eps are the recipe's own keys
+    # torch.optim.SGD / Adagrad / RMSprop (transformers' _get_sgd / _get_adagrad / _get_rmsprop: the learning rate and
+    # the optim_args keys each reads; torch's defaults otherwise): the engine recipes of lowmem/optim/recipes/classic.py,
+    # tested equal to the torch classes (weight_decay > 0 only where the engine's decay is torch's: SGD without momentum)
+    "sgd": "sgd", "adagrad": "adagrad", "rmsprop": "rmsprop",
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
 
@@ -483,6 +487,9 @@ def hf_keeps_embeddings_32bit(name: Any) -> bool:
 HF_OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
     "apollo_adamw": {"rank": 128},
     "adamw_torch_4bit": {"block_size": 256},
+    # transformers builds torch's Adagrad / RMSprop without adam_epsilon (eps from optim_args only, else torch's 1e-10 /
+    # 1e-8): these replace the TrainingArguments' adam_epsilon that would otherwise reach the recipe's eps
+    "adagrad": {"eps": 1e-10}, "rmsprop": {"eps": 1e-8},
 }
 
 # Keys of `trl sft` configs (TRL's ModelConfig / ScriptArguments) and LLaMA-Factory that are no

@@ -42,7 +42,8 @@ from lowmem.optim.registry import create_optimizer, optimizer_entries
 
 EXACT = {"adafactor", "adagrad_sn", "adalomo", "adam_mini", "adamw", "adamw4bit", "adamw4bit_rank1", "adamw8bit",
          "adamw_sn", "apollo_adamw", "apollo_mini", "badam", "frugal", "frugal8bit", "lion", "lion8bit", "lomo",
-         "muon", "normuon", "osd_adamw", "scale", "sinkgd", "spam", "sm3", "racs", "ademamix", "ademamix8bit"}
+         "muon", "normuon", "osd_adamw", "scale", "sinkgd", "spam", "sm3", "racs", "ademamix", "ademamix8bit",
+         "adagrad", "rmsprop"}  # (sgd: a bfloat16 weight's gradient copy counted twice, its direction may be it)
 _ALL = [(d, f) for d in ("fp32", "bf16", "mixed") for f in ("foreach", "per-parameter")]
 UNDER: dict[tuple[str, str, str], str] = {  # (name, dtype, path): why and by how much (none since STEPCOUNT)
 }

@@ -131,6 +131,8 @@ COSTS_4096 = {
     "alice": (2.0, 4.0),  # subspace, fp32, Adam moments in the subspace: priced by the rank searched
     "adamw_sn": 1.5, "adamw_snsm": (2.0, 4.0), "sgd_sm": (2.0, 4.0),  # Subset-Norm: blockwise like Adam-mini
     "adagrad_sn": 1.5, "adagrad_snsm": (2.0, 4.0),
+    "sgd": 1.5,  # fp32, second_moment 'none' (its optional momentum is not priced)
+    "adagrad": 0.0, "rmsprop": 0.0,  # fp32, full second moment (the sum / mean square), as AdamW's
 }
 
 

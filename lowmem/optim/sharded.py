@@ -217,8 +217,10 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     from .recipes.sm3 import Sm3Moments  # rows' accumulators local, the other dimensions' maxima all-reduced (max)
     from .recipes.ademamix import AdEMAMixMoments  # element-wise: three moments of the gradient's shape
     from .recipes.racs import RacsMoments  # rows' statistics local, the column sums with the row count and the norm's square all-reduced (sum)
+    from .recipes.classic import AdagradMoments, MomentumSGDMoments, RMSpropMoments  # element-wise (torch's SGD / Adagrad / RMSprop)
 
-    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments, SGDMoments, CameMoments, LionMoments, Sm3Moments, RacsMoments, AdEMAMixMoments)) and not hybrid:
+    if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments, SGDMoments, CameMoments, LionMoments, Sm3Moments, RacsMoments, AdEMAMixMoments,
+                                   MomentumSGDMoments, AdagradMoments, RMSpropMoments)) and not hybrid:
         return f"its moment rule {type(moment).__name__} uses statistics of the whole tensor (e.g. row/column sums)"
     for s in recipe.stabilizers:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):

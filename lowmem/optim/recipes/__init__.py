@@ -13,6 +13,7 @@
 * :mod:`.sm3` - SM3-II (Adagrad bounded by row / column accumulators).
 * :mod:`.racs` - RACS (SGD scaled by row / column mean squares, norm growth limited).
 * :mod:`.ademamix` - AdEMAMix, AdEMAMix with 8-bit moments (Adam + a slow EMA mixed in).
+* :mod:`.classic` - SGD (momentum, Nesterov), Adagrad, RMSprop (torch.optim's, on the engine).
 
 Importing this package registers every recipe.
 """
@@ -30,5 +31,6 @@ from . import sm3  # noqa: F401, E402  (SM3)
 from . import alice  # noqa: F401, E402  (Alice)
 from . import racs  # noqa: F401, E402  (RACS)
 from . import ademamix  # noqa: F401, E402  (AdEMAMix, AdEMAMix8bit)
+from . import classic  # noqa: F401, E402  (SGD, Adagrad, RMSprop: torch.optim's, as transformers' optim names)
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

@@ -1,0 +1,86 @@
+"""SGD with momentum, Adagrad and RMSprop: the update math of ``torch.optim.SGD`` / ``Adagrad`` / ``RMSprop``.
+
+Each function updates its statistics in place and returns the unitless direction ``d``; the engine applies
+``p <- p - lr d`` (and, for SGD without momentum, the decay: see :mod:`lowmem.optim.recipes.classic`).
+
+* SGD with momentum (Polyak 1964; Sutskever et al. 2013, "On the importance of initialization and momentum in
+  deep learning", Eq. 1-2 for the Nesterov form), as ``torch.optim.SGD`` writes it::
+
+      b_1 = g_1;   b_t = mu b_{t-1} + (1 - dampening) g_t        (the first step takes the gradient undamped)
+      d_t = g_t + mu b_t  (nesterov)   or   d_t = b_t
+
+* Adagrad (Duchi, Hazan, Singer 2011, "Adaptive Subgradient Methods", Eq. 1 / Figure 1's diagonal form) with
+  torch's learning-rate decay and initial accumulator::
+
+      s_t = s_{t-1} + g_t^2  (s_0 = initial_accumulator_value);   d_t = g_t / (sqrt(s_t) + eps) / (1 + (t - 1) lr_decay)
+
+* RMSprop (Tieleman & Hinton 2012, Lecture 6e; the centered form and momentum of Graves 2013, "Generating
+  Sequences With Recurrent Neural Networks", Eq. 38-41)::
+
+      v_t = alpha v_{t-1} + (1 - alpha) g_t^2
+      c_t = alpha c_{t-1} + (1 - alpha) g_t,   v~_t = v_t - c_t^2   (centered; else v~_t = v_t)
+      u_t = g_t / (sqrt(v~_t) + eps);   b_t = mu b_{t-1} + u_t;   d_t = b_t  (momentum > 0)  or  u_t
+
+The operations are torch's single-tensor ones in torch's order (``addcmul_``, ``lerp_``, ``sqrt``, ``add_``), so
+the statistics equal torch's bit for bit on the CPU; the direction is ``g / denom`` where torch folds ``lr`` into
+``addcdiv_`` (the parameter then differs by the rounding of one product).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sgd_momentum_(buf: Tensor, g: Tensor, momentum: float, dampening: float, first: bool) -> None:
+    """The momentum buffer in place: ``b <- g`` on the first step, else ``b <- mu b + (1 - dampening) g``."""
+    if first:
+        buf.copy_(g)
+    else:
+        buf.mul_(momentum).add_(g, alpha=1.0 - dampening)
+
+
+def sgd_direction(g: Tensor, buf: Tensor | None, momentum: float, nesterov: bool) -> Tensor:
+    """SGD's direction: ``g`` without momentum (``buf`` ``None``), ``g + mu b`` (Nesterov, a new tensor), else
+    ``b`` itself (no copy: the caller only reads it)."""
+    if buf is None:
+        return g
+    return g.add(buf, alpha=momentum) if nesterov else buf
+
+
+def adagrad_sum_(s: Tensor, g: Tensor) -> None:
+    """``s <- s + g^2`` in place (Duchi et al. 2011, the diagonal ``G_t``)."""
+    s.addcmul_(g, g, value=1.0)
+
+
+def adagrad_direction(g: Tensor, s: Tensor, eps: float, t: float, lr_decay: float) -> Tensor:
+    """``g / (sqrt(s) + eps)``, divided by ``1 + (t - 1) lr_decay`` (torch's ``clr``) when ``lr_decay`` is set: a new
+    tensor of ``s``'s dtype (one allocation: the denominator's buffer holds the quotient)."""
+    d = s.sqrt().add_(eps)
+    torch.div(g, d, out=d)
+    if lr_decay:
+        d.div_(1.0 + (t - 1) * lr_decay)
+    return d
+
+
+def rmsprop_moments_(v: Tensor, c: Tensor | None, g: Tensor, alpha: float) -> None:
+    """``v <- alpha v + (1 - alpha) g^2`` and, centered, ``c <- alpha c + (1 - alpha) g`` (``lerp_``, as torch)."""
+    v.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
+    if c is not None:
+        c.lerp_(g, 1.0 - alpha)
+
+
+def rmsprop_direction_(g: Tensor, v: Tensor, c: Tensor | None, buf: Tensor | None, momentum: float,
+                       eps: float) -> Tensor:
+    """RMSprop's direction ``g / (sqrt(v - c^2) + eps)`` (``c`` ``None``: ``sqrt(v)``); with a momentum buffer,
+    ``b <- mu b + that`` in place and ``b`` returned (no copy), else the quotient (a new tensor)."""
+    if c is not None:
+        denom = v.addcmul(c, c, value=-1.0).sqrt_()
+    else:
+        denom = v.sqrt()
+    denom.add_(eps)
+    if buf is not None:
+        buf.mul_(momentum).addcdiv_(g, denom)
+        return buf
+    torch.div(g, denom, out=denom)
+    return denom
