@@ -245,3 +245,32 @@ def test_tool_calls_a_template_drops_are_refused(tmp_path, row):
     data = load_train_data(str(path), "sft")
     with pytest.raises(ValueError, match="tool_calls"):
         check_template_renders(tok, data, source=str(path), eval_source="eval_split")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. DPO fields that only another setting reads: accepted and ignored (label_smoothing's check has no siblings)
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 8: discopop_tau without loss_type discopop, ref_model_sync_steps "
+                                       "/ ref_model_mixup_alpha without sync_ref_model, f_alpha_divergence_coef without "
+                                       "alpha_divergence are accepted and never read")
+@pytest.mark.parametrize("field, value", [("discopop_tau", 0.1), ("ref_model_sync_steps", 10),
+                                          ("ref_model_mixup_alpha", 0.9), ("f_alpha_divergence_coef", 0.5)])
+def test_dpo_fields_that_cannot_apply_are_refused(tmp_path, field, value):
+    """``lowmem.train.check_dpo_fields`` refuses ``label_smoothing`` with a ``loss_type`` that never reads it (the
+    project's rule: a value that cannot apply is an error naming the field). Its siblings pass: in TRL 1.16
+    ``discopop_tau`` is read only by ``loss_type: discopop`` (dpo_trainer.py:1487), ``ref_model_sync_steps`` /
+    ``ref_model_mixup_alpha`` only by the SyncRefModelCallback that ``sync_ref_model: true`` adds (callbacks.py:151),
+    ``f_alpha_divergence_coef`` only under ``f_divergence_type: alpha_divergence`` (dpo_trainer.py:1364). A config with
+    ``ref_model_sync_steps: 10`` (the user wants TR-DPO) trains plain DPO against a frozen reference, without a word."""
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, load_recipe
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1),
+                                                          "rejected": str(i + 2)}) + "\n" for i in range(8)))
+    recipe = {"trainer": "dpo", "dataset": "p.jsonl", "lr": 1e-3, "steps": 2, "batch_size": 4,
+              "output_dir": str(tmp_path / "out"), "training_args": {field: value}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=field):
+        build_training_args(load_recipe(path))
