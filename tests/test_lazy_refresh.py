@@ -175,16 +175,17 @@ def test_checkpoint_of_the_other_setting_is_an_error(saved, here):
         b.load_state_dict(a.state_dict())
 
 
-def test_layerwise_step_param_follows_the_lazy_schedule():
+@pytest.mark.parametrize("name", ["galore_adamw", "adamw_snsm"])
+def test_layerwise_step_param_follows_the_lazy_schedule(name):
     """step_param (layerwise mode's step) refreshes on the same lazy schedule as step()."""
     shape, kw = (40, 24), {"rank": 4, "update_proj_gap": 2, "lazy_refresh_threshold": 0.9, "lazy_refresh_patience": 2,
                            "lr": 1e-2}
     grads = _grads(shape, steps=20)
-    opt, p, p_init, ws, _ = _run("galore_adamw", shape, grads, **kw)
+    opt, p, p_init, ws, _ = _run(name, shape, grads, **kw)
     q = torch.nn.Parameter(p_init.clone())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        other = create_optimizer([q], "galore_adamw", **kw)
+        other = create_optimizer([q], name, **kw)
     for g in grads:
         other.step_param(q, g.clone())
     torch.testing.assert_close(q.detach(), ws[-1], rtol=1e-5, atol=1e-6)
