@@ -460,6 +460,27 @@ HF_OPTIM_NAMES: dict[str, str] = {
     # the optim_args keys each reads; torch's defaults otherwise): the engine recipes of lowmem/optim/recipes/classic.py,
     # tested equal to the torch classes (weight_decay > 0 only where the engine's decay is torch's: SGD without momentum)
     "sgd": "sgd", "adagrad": "adagrad", "rmsprop": "rmsprop",
+    # bitsandbytes' RMSprop (optim_bits 32 / 8; no momentum, not centered: refused there) and paged AdEMAMix (CUDA only,
+    # as the other paged entries: lowmem/optim/recipes/bnb.py)
+    "rmsprop_bnb": "bnb_rmsprop", "rmsprop_bnb_32bit": "bnb_rmsprop", "rmsprop_bnb_8bit": "bnb_rmsprop8bit",
+    "paged_ademamix_32bit": "bnb_paged_ademamix", "paged_ademamix_8bit": "bnb_paged_ademamix8bit",
+}
+
+# transformers' ``optim`` names lowmem does not map, and why (resolve_optim_name's error names the field, says why and
+# lists the mapped names): none is a low-memory method, and each needs a package or hardware lowmem does not use
+_NOT_LOW_MEMORY = "not a low-memory method (full-size float32 states of its own, nothing compressed or projected)"
+HF_OPTIM_REFUSED: dict[str, str] = {
+    "stable_adamw": "transformers builds torch-optimi's StableAdamW (AdamW with update clipping), a package lowmem does "
+                    "not use, and lowmem has no StableAdamW recipe yet; adamw (lowmem's, torch's AdamW) is the closest",
+    "grokadamw": f"it needs the grokadamw package, which lowmem does not use, and it is {_NOT_LOW_MEMORY}",
+    **{n: f"it needs the schedulefree package, which lowmem does not use (schedule-free averaging, with its own "
+          f"train / eval modes), and it is {_NOT_LOW_MEMORY}"
+       for n in ("schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd")},
+    "adamw_anyprecision": "it needs the torchdistx package, which lowmem does not use; lowmem's adamw with state_dtype='bfloat16' and "
+                          "kahan_summation=True is the same idea (bfloat16 moments, compensated bfloat16 weights)",
+    "adamw_torch_xla": "it needs an XLA device (TPU), which lowmem does not use; adamw_torch is the same AdamW on CPU / CUDA",
+    "adamw_torch_npu_fused": "it needs an Ascend NPU (torch_npu), which lowmem does not use; adamw_torch is the same AdamW "
+                             "on CPU / CUDA",
 }
 HF_LAYERWISE_SUFFIX = "_layerwise"
 
@@ -469,7 +490,7 @@ HF_LAYERWISE_SUFFIX = "_layerwise"
 # {"optim_bits": 32})``). lowmem does the same for them (``LowMemArguments.lowmem_embeddings_32bit``, on by
 # default for these names); lowmem's own names (``lion8bit``, ``bnb_adamw8bit``, ...) quantize the embeddings too.
 HF_EMBEDDINGS_32BIT = frozenset({"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit",
-                                 "ademamix_8bit"})
+                                 "ademamix_8bit", "rmsprop_bnb_8bit", "paged_ademamix_8bit"})
 
 
 def hf_keeps_embeddings_32bit(name: Any) -> bool:
@@ -490,6 +511,8 @@ HF_OPTIM_DEFAULTS: dict[str, dict[str, Any]] = {
     # transformers builds torch's Adagrad / RMSprop without adam_epsilon (eps from optim_args only, else torch's 1e-10 /
     # 1e-8): these replace the TrainingArguments' adam_epsilon that would otherwise reach the recipe's eps
     "adagrad": {"eps": 1e-10}, "rmsprop": {"eps": 1e-8},
+    # bitsandbytes' RMSprop likewise (optim_args only: _get_bitsandbytes_optimizer's rmsprop branch)
+    **dict.fromkeys(("rmsprop_bnb", "rmsprop_bnb_32bit", "rmsprop_bnb_8bit"), {"eps": 1e-8}),
 }
 
 # Keys of `trl sft` configs (TRL's ModelConfig / ScriptArguments) and LLaMA-Factory that are no
@@ -590,6 +613,10 @@ def resolve_optim_name(name: str) -> tuple[str, bool]:
         return base, layerwise
     if base in HF_OPTIM_NAMES:
         return HF_OPTIM_NAMES[base], layerwise
+    if base in HF_OPTIM_REFUSED:
+        raise ConfigError(f"optim={name!r} is a Hugging Face optimizer name lowmem does not map: "
+                          f"{HF_OPTIM_REFUSED[base]}. Hugging Face names lowmem maps: {sorted(HF_OPTIM_NAMES)} (each also "
+                          f"as <name>_layerwise); lowmem's own: {lowmem_names}")
     import difflib
 
     close = difflib.get_close_matches(base, list(dict.fromkeys([*lowmem_names, *HF_OPTIM_NAMES])), n=3)  # galore_adamw is both

@@ -4,8 +4,9 @@ These are not engine optimizers (no meta-device accounting, no generic suite); t
 sized by :func:`state_bytes_closed_form`, which follows ``bitsandbytes.optim.optimizer.
 Optimizer2State.init_state`` (0.50): two uint8 states plus one float32 absmax per 256-element
 block for tensors of at least ``min_8bit_size`` elements (two float32 states below it), and the
-two shared 256-entry quantization maps; Lion (``Optimizer1State``, Chen et al. 2023) keeps one state
-and one map. Paged variants allocate the same bytes in unified (pageable) memory on CUDA (on the CPU
+two shared 256-entry quantization maps; Lion (``Optimizer1State``, Chen et al. 2023) and RMSprop keep one state
+and one map, AdEMAMix three states and two maps. Transformers' ``rmsprop_bnb*`` and ``paged_ademamix*`` names map here
+(lowmem/train.py ``HF_OPTIM_NAMES``). Paged variants allocate the same bytes in unified (pageable) memory on CUDA (on the CPU
 bitsandbytes warns and allocates ordinary memory). The engine's own ``lion`` / ``lion8bit``
 (:mod:`.lion`) store the same format and are tested equal to bitsandbytes' on the CPU.
 """
@@ -27,6 +28,12 @@ _HPARAMS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "min_8bit_size")
 _LION_HPARAMS = ("lr", "betas", "weight_decay", "min_8bit_size")
 _HPARAMS_32BIT = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 _LION_HPARAMS_32BIT = ("lr", "betas", "weight_decay")
+# RMSprop (Optimizer1State "rmsprop": one state, the mean square): momentum and centered are refused (bitsandbytes
+# 0.50 ignores momentum: the same weights with 0.9 as with 0; centered raises NotImplementedError)
+_RMSPROP_HPARAMS_32BIT = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+# AdEMAMix: betas a pair (TrainingArguments' adam_beta1 / adam_beta2) or bitsandbytes' triple; beta1 / beta2 / beta3 as
+# transformers' optim_args keys (trainer_optimizer._get_bitsandbytes_optimizer)
+_ADEMAMIX_HPARAMS_32BIT = ("lr", "betas", "beta1", "beta2", "beta3", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay")
 
 # name -> (bitsandbytes class name, state bits, paged, states per parameter)
 BNB_OPTIMIZERS = {
@@ -36,15 +43,51 @@ BNB_OPTIMIZERS = {
     "bnb_lion8bit": ("Lion8bit", 8, False, 1),
     "bnb_paged_lion": ("PagedLion", 32, True, 1),
     "bnb_paged_lion8bit": ("PagedLion8bit", 8, True, 1),
+    "bnb_rmsprop": ("RMSprop", 32, False, 1),
+    "bnb_rmsprop8bit": ("RMSprop8bit", 8, False, 1),
+    "bnb_paged_ademamix": ("PagedAdEMAMix", 32, True, 3),  # (CUDA only: paged; AdEMAMix's state buffers have no
+    "bnb_paged_ademamix8bit": ("PagedAdEMAMix8bit", 8, True, 3),  # CPU fallback either, FOUND_ADEMAMIX 9)
 }
 
 
-def _checks() -> dict[str, Any]:
-    from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam
+def _family(class_name: str) -> str:
+    """``"lion"``, ``"rmsprop"``, ``"ademamix"`` or ``"adam"``: which hyperparameters a bitsandbytes class takes."""
+    for family in ("lion", "rmsprop", "ademamix"):
+        if family in class_name.lower():
+            return family
+    return "adam"
 
-    return {"lr": LR(), "betas": BETAS(), "eps": EPS(), "weight_decay": WEIGHT_DECAY(),
-            "min_8bit_size": HParam("min_8bit_size", 4096, lambda x: isinstance(x, int) and not isinstance(x, bool)
-                                    and x >= 0, "an int >= 0", "smallest tensor whose state is 8-bit")}
+
+def _hparams(class_name: str, bits: int) -> tuple[str, ...]:
+    """The keywords lowmem passes on to bitsandbytes' ``class_name`` (``min_8bit_size`` for the 8-bit classes)."""
+    family = _family(class_name)
+    base = {"lion": _LION_HPARAMS_32BIT, "rmsprop": _RMSPROP_HPARAMS_32BIT, "ademamix": _ADEMAMIX_HPARAMS_32BIT,
+            "adam": _HPARAMS_32BIT}[family]
+    return (*base, "min_8bit_size") if bits == 8 else base
+
+
+def _checks(class_name: str = "") -> dict[str, Any]:
+    from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, nonneg, optional, positive_int
+
+    checks = {"lr": LR(), "betas": BETAS(), "eps": EPS(), "weight_decay": WEIGHT_DECAY(),
+              "min_8bit_size": HParam("min_8bit_size", 4096, lambda x: isinstance(x, int) and not isinstance(x, bool)
+                                      and x >= 0, "an int >= 0", "smallest tensor whose state is 8-bit")}
+    family = _family(class_name)
+    if family == "rmsprop":
+        checks |= {"alpha": HParam("alpha", 0.99, lambda x: nonneg(x) and 0 < x <= 1, "a float in (0, 1]",
+                                   "decay of the mean square (bitsandbytes refuses 0)"),
+                   "momentum": HParam("momentum", 0, lambda x: nonneg(x) and x == 0, "0 (bitsandbytes' RMSprop ignores "
+                                      "any other value: use lowmem's rmsprop for momentum)", "momentum"),
+                   "centered": HParam("centered", False, lambda x: x is False, "False (bitsandbytes' RMSprop has no "
+                                      "centered form: use lowmem's rmsprop)", "centered")}
+    elif family == "ademamix":
+        checks |= {"betas": HParam("betas", (0.9, 0.999, 0.9999), lambda x: isinstance(x, (tuple, list))
+                                   and len(x) in (2, 3) and all(in_unit_interval(b) for b in x),
+                                   "2 or 3 floats, each in [0, 1)", "beta1, beta2 (and beta3)"),
+                   **{k: HParam(k, 0.9, in_unit_interval, "a float in [0, 1)", k) for k in ("beta1", "beta2", "beta3")},
+                   "alpha": HParam("alpha", 5.0, nonneg, "a float >= 0", "weight of the slow EMA"),
+                   **{k: HParam(k, None, optional(positive_int), "None or an int >= 1", k) for k in ("t_alpha", "t_beta3")}}
+    return checks
 
 
 def check_bnb_hparams(class_name: str, hparams: dict[str, Any]) -> None:
@@ -56,7 +99,7 @@ def check_bnb_hparams(class_name: str, hparams: dict[str, Any]) -> None:
     Raises:
         ValueError: Naming the hyperparameter and what is valid.
     """
-    checks = _checks()
+    checks = _checks(class_name)
     for key, value in hparams.items():
         if key in checks:
             checks[key].validate(value)
@@ -113,11 +156,29 @@ def check_paged_device(class_name: str, params: list[Any]) -> None:
                          f"({unpaged}: {[n for n, v in BNB_OPTIMIZERS.items() if v[0] == unpaged] or 'a lowmem recipe'})")
 
 
+def _ademamix_betas(hparams: dict[str, Any]) -> dict[str, Any]:
+    """bitsandbytes' AdEMAMix ``betas`` triple from a pair (TrainingArguments' adam_beta1 / adam_beta2) or a triple,
+    with ``beta1`` / ``beta2`` / ``beta3`` winning (transformers' ``optim_args.get("beta3", 0.9999)``)."""
+    out = dict(hparams)
+    betas = list(out.pop("betas", (0.9, 0.999)))
+    if len(betas) == 2:
+        betas.append(0.9999)
+    for i, key in enumerate(("beta1", "beta2", "beta3")):
+        if key in out:
+            betas[i] = out.pop(key)
+    out["betas"] = tuple(betas)
+    return out
+
+
 def _factory(class_name: str):
     def build(params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
         check_bnb_hparams(class_name, hparams)
+        if _family(class_name) == "ademamix":
+            hparams = _ademamix_betas(hparams)
+        if _family(class_name) == "rmsprop":
+            hparams = {k: v for k, v in hparams.items() if k not in ("momentum", "centered")}  # (checked: 0 / False)
         if class_name.startswith("Paged"):
             params = list(params)
             check_paged_device(class_name, params)
@@ -147,19 +208,22 @@ def state_bytes_closed_form(name: str, params: Iterable[torch.Tensor], min_8bit_
             any_8bit = True
         else:
             total += states * 4 * n
-    return total + (states * 256 * 4 if any_8bit else 0)
+    return total + (min(states, 2) * 256 * 4 if any_8bit else 0)  # (AdEMAMix: 3 states, 2 maps)
 
+
+_PAPERS = {"lion": "Chen et al. 2023, Symbolic Discovery of Optimization Algorithms; ",
+           "rmsprop": "Tieleman & Hinton 2012, RMSprop (Lecture 6e); ",
+           "ademamix": "Pagliardini et al. 2024, The AdEMAMix Optimizer; "}
 
 for _name, (_cls, _bits, _paged, _states) in BNB_OPTIMIZERS.items():
-    _lion = _cls.endswith(("Lion", "Lion8bit"))
+    _fam = _family(_cls)
     register(
         _name,
         _factory(_cls),
         summary=f"bitsandbytes {_cls} ({_bits}-bit state{'s' if _states > 1 else ''}{', paged' if _paged else ''}), for comparison",
-        reference=("Chen et al. 2023, Symbolic Discovery of Optimization Algorithms; " if _lion else "")
-        + "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization (bitsandbytes)",
-        hparams=(_LION_HPARAMS if _lion else _HPARAMS) if _bits == 8 else (_LION_HPARAMS_32BIT if _lion else _HPARAMS_32BIT),
+        reference=_PAPERS.get(_fam, "") + "Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization (bitsandbytes)",
+        hparams=_hparams(_cls, _bits),
         generic_tests=False,
         state_precision="8bit" if _bits == 8 else "fp32",
-        second_moment="none" if _lion else "full",
+        second_moment="none" if _fam == "lion" else "full",
     )
