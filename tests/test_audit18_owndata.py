@@ -309,3 +309,32 @@ def test_sft_fields_that_cannot_apply_are_refused(tmp_path, field, value, named)
         loaded = load_recipe(path)
         recipe_data(loaded)  # the data checks (dataset_text_field is checked against the columns there)
         build_training_args(loaded)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. a UTF-8 byte-order mark (Excel's "CSV UTF-8", Windows Notepad): CSV refused with pyarrow's KeyError, text trains on it
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 10: a BOM-prefixed .csv fails with KeyError 'Field \"\\ufeffprompt\" "
+                                       "does not exist in schema'; a BOM-prefixed .txt trains on '\\ufeff' in row 0")
+@pytest.mark.parametrize("suffix, body, first", [
+    (".csv", "prompt,completion\n1+1=,2\n2+2=,4\n", {"prompt": "1+1=", "completion": "2"}),
+    (".txt", "1+1=2\n2+2=4\n", {"text": "1+1=2"}),
+])
+def test_utf8_bom_files_read_as_their_text(tmp_path, suffix, body, first):
+    """JSON / JSON Lines with a byte-order mark read fine (datasets' json builder drops it); CSV and text do not:
+    Excel's "CSV UTF-8 (comma delimited)" always writes one, and the run stops with ``dataset: could not read ... as csv:
+    KeyError: 'Field "\\ufeffprompt" does not exist in schema'`` (the header's first name is ``\\ufeffprompt``), which
+    names neither the BOM nor the fix; a ``.txt`` file's first row becomes ``'\\ufeff1+1=2'`` and trains on the mark (a
+    byte-level tokenizer's EF BB BF tokens) without a word. Wanted: read as ``utf-8-sig`` (the mark dropped), or an error
+    naming the byte-order mark and the fix."""
+    from lowmem.data import load_train_data
+
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    try:
+        data = load_train_data(str(path), "sft")
+    except ValueError as err:  # the other fix: an error that names the mark
+        assert "byte-order mark" in str(err) or "BOM" in str(err), err
+        return
+    assert data.train[0] == first
