@@ -338,3 +338,33 @@ def test_utf8_bom_files_read_as_their_text(tmp_path, suffix, body, first):
         assert "byte-order mark" in str(err) or "BOM" in str(err), err
         return
     assert data.train[0] == first
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. reward_weights all zero: every reward is 0, every advantage 0, GRPO trains nothing without a word
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 11: reward_weights all 0 accepted: the weighted reward is 0 for "
+                                       "every completion, so every advantage and the policy loss are 0")
+@pytest.mark.parametrize("funcs, weights", [(["exact_match", "format"], [0.0, 0.0]), (["exact_match"], [0.0])])
+def test_all_zero_reward_weights_are_refused(tmp_path, funcs, weights):
+    """TRL sums ``reward_weights[i] * reward_i`` into the one reward GRPO's advantages are taken from (group-normalised);
+    with every weight 0 that sum is 0 for every completion, each group's advantages are 0, and the policy gradient is 0
+    (with the default ``beta: 0`` the run changes nothing; the per-function rewards are still logged, so the log looks
+    alive). lowmem checks ``reward_weights`` for length and finiteness only. A weight of 0 beside a non-zero one is
+    fine (a function logged, not trained on); all of them 0 cannot apply. Wanted: an error naming ``reward_weights``."""
+    from lowmem.config import ConfigError
+    from lowmem.data import recipe_data
+    from lowmem.train import build_training_args, load_recipe
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                                              for i in range(8)))
+    recipe = {"trainer": "grpo", "dataset": "p.jsonl", "reward_funcs": funcs, "reward_weights": weights, "lr": 1e-3,
+              "steps": 2, "batch_size": 4, "output_dir": str(tmp_path / "out"),
+              "training_args": {"num_generations": 4, "max_completion_length": 4}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises((ConfigError, ValueError), match="reward_weights"):
+        loaded = load_recipe(path)
+        recipe_data(loaded)
+        build_training_args(loaded)
