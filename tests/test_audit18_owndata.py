@@ -368,3 +368,21 @@ def test_all_zero_reward_weights_are_refused(tmp_path, funcs, weights):
         loaded = load_recipe(path)
         recipe_data(loaded)
         build_training_args(loaded)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 12. exact_match on a row whose answer is missing (JSON null): str(None) = "None" is the target
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 12: exact_match compares with str(None) when a row's answer is "
+                                       "null: 0.0 for every completion, 1.0 for the text 'None'")
+def test_exact_match_on_a_missing_answer_is_not_a_score():
+    """A GRPO file where some rows have no ``answer`` (``null``, or the key left out: datasets fills None) loads
+    (lowmem.data checks ``prompt`` only), and ``exact_match_reward`` scores ``str(None)``: every completion of those
+    rows gets 0.0, silently pulling their group's advantages, and a completion that says ``None`` gets 1.0. TRL's
+    contract has the value for this, ``None`` (no reward for that sample: NaN, left out of the mean). Wanted: ``None``
+    for a row without an answer (or, the other fix, an error at load naming the rows without one)."""
+    from lowmem.rewards import BUILTIN_REWARDS
+
+    out = BUILTIN_REWARDS["exact_match"](prompts=["q", "q", "r"], completions=["None", "7", "19"], answer=[None, None, "19"])
+    assert out == [None, None, 1.0]
