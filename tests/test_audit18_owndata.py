@@ -386,3 +386,30 @@ def test_exact_match_on_a_missing_answer_is_not_a_score():
 
     out = BUILTIN_REWARDS["exact_match"](prompts=["q", "q", "r"], completions=["None", "7", "19"], answer=[None, None, "19"])
     assert out == [None, None, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 13. TRL's accuracy rewards without math_verify: accepted at load, ImportError at the first reward call
+
+
+def _math_verify_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("math_verify") is None
+
+
+@pytest.mark.skipif(not _math_verify_missing(), reason="math_verify is installed: the reward works")
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 13: trl.rewards:accuracy_reward without math_verify loads, then "
+                                       "fails at its first call (after the model loaded and generated)")
+@pytest.mark.parametrize("name", ["accuracy_reward", "reasoning_accuracy_reward"])
+def test_trl_accuracy_reward_without_math_verify_is_refused_at_load(name):
+    """docs/training.md, Rewards: TRL's own rewards are ``trl.rewards:<name>`` (the ``trl grpo`` script's names map
+    there), and "a package it imports that is missing" is an error when the run starts, before the model loads. TRL's
+    ``accuracy_reward`` / ``reasoning_accuracy_reward`` import ``math_verify`` inside the call
+    (trl/rewards/accuracy_rewards.py:65, 281), so ``load_reward_funcs`` accepts them and the run stops at the first
+    reward call, after the model loaded and the first completions were generated. Wanted: the error at load (TRL has
+    ``trl.import_utils.is_math_verify_available``), naming the function and ``pip install math-verify``."""
+    from lowmem.rewards import load_reward_funcs
+
+    with pytest.raises(ValueError, match="math.verify"):
+        load_reward_funcs([f"trl.rewards:{name}"], ["prompt", "solution"])
