@@ -197,3 +197,50 @@ def test_resume_from_older_checkpoint_killed_in_a_later_save(tmp_path, monkeypat
     assert not (mixed and lt.checkpoint_problems(ckpt) is None), (
         "checkpoint-4 holds the resumed run's weights and the first run's optimizer.pt / trainer_state.json, and "
         "passes as complete")
+
+
+# LayerwiseOptimizer with clip_mode="global_prev" clips each step by the coefficient max_grad_norm / ||g_prev||
+# (docs/training.md lowmem_layerwise: "max_grad_norm becomes the global norm of the previous step"). state_dict()
+# saves the coefficient (computed with the checkpoint's max_grad_norm), not the norm, and load_state_dict adopts it
+# (lowmem/optim/layerwise.py:444): resumed with max_grad_norm=1.0 over a run at 1e-3, the first step is scaled by the
+# old run's coefficient (measured 0.0019 here: a step ~500x too small), with 1e-3 over 1.0 the first step is not
+# clipped at all; from the second step on the new value applies. Neither refused nor applied: one step of each.
+@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 6: layerwise global_prev clipping: the first step after a resume "
+                   "with another max_grad_norm uses the checkpoint's clip coefficient")
+def test_layerwise_resume_with_other_max_grad_norm():
+    import copy
+
+    from lowmem.optim.layerwise import LayerwiseOptimizer
+
+    torch.manual_seed(0)
+    model, x, y = make_problem(0)
+    opt = LayerwiseOptimizer(model, "adamw", lr=1e-2, max_grad_norm=1e-3, clip_mode="global_prev")
+    for _ in range(2):
+        loss_fn(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    coef = saved["layerwise"]["clip_coef"]
+    assert float(coef) < 1.0  # the old run clipped
+    norm = 1e-3 / coef - 1e-6  # the previous step's global norm (coef = max_grad_norm / (norm + 1e-6))
+    right = copy.deepcopy(saved)
+    right["layerwise"]["clip_coef"] = torch.clamp(1.0 / (norm + 1e-6), max=1.0)  # what max_grad_norm=1.0 gives
+
+    def first_step(sd):
+        m, _, _ = make_problem(0)
+        m.load_state_dict(weights)
+        o = LayerwiseOptimizer(m, "adamw", lr=1e-2, max_grad_norm=1.0, clip_mode="global_prev")
+        o.load_state_dict(sd)
+        loss_fn(m, x, y).backward()
+        o.step()
+        return [p.detach().clone() for p in m.parameters()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            got = first_step(saved)
+        except ValueError as err:  # fixed the other way: another max_grad_norm inside global_prev refused, named
+            assert "max_grad_norm" in str(err)
+            return
+        want = first_step(right)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(got, want)), "first step used the old coefficient"
