@@ -85,7 +85,7 @@ LAZY_REFRESH_HPARAMS = (
            "how many successive refresh similarities the lazy refresh averages (the authors' queue_size, 5)"),
 )
 #: the recipes that take lazy_refresh_threshold (and their 8-bit variants)
-LAZY_RECIPES = ("galore_adamw", "galore_adafactor", "fira_adamw", "frugal")
+LAZY_RECIPES = ("galore_adamw", "galore_adafactor", "fira_adamw", "frugal", "adamw_snsm", "adagrad_snsm", "sgd_sm")
 
 
 def _check_lazy_refresh(group: dict[str, Any]) -> None:

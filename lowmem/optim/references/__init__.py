@@ -10,8 +10,9 @@ optimizer is covered by adding its entry here; the suite fails for an engine ent
 Interface: ``loop(p, grads, *, index, **group) -> [p_1, ..., p_T]``. ``p`` is the initial parameter
 (the loop may modify it), ``grads`` the gradient of each step, ``index`` the parameter's position in
 its group (seeds of random projections depend on it), ``group`` the optimizer's resolved parameter
-group (every hyperparameter with its default filled in, ``params`` removed). The loop returns the
-parameter after each step.
+group (every hyperparameter with its default filled in, ``params`` removed) and ``group_size``, the
+group's parameter count (``refresh_phase="staggered"`` shifts parameter ``index``'s refresh schedule by
+``index * update_proj_gap // group_size``). The loop returns the parameter after each step.
 """
 
 from __future__ import annotations
