@@ -413,3 +413,30 @@ def test_trl_accuracy_reward_without_math_verify_is_refused_at_load(name):
 
     with pytest.raises(ValueError, match="math.verify"):
         load_reward_funcs([f"trl.rewards:{name}"], ["prompt", "solution"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 14. SFT rows with 'text' and a 'prompt' column but no 'completion': detected as text, TRL takes them as prompt-completion
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 14: SFT file with text + prompt (no completion) passes the data "
+                                       "checks as 'text'; TRL's tokenizer sees 'prompt' and dies with KeyError 'completion'")
+@pytest.mark.parametrize("kind", ["text", "messages"])
+def test_sft_text_rows_with_a_prompt_column_are_refused_or_trained_as_text(tmp_path, kind):
+    """lowmem.data detects ``{"prompt": ..., "text": ...}`` rows as the language-modeling format with ``prompt`` an
+    extra column, and ``lowmem train --trainer sft --dataset pt.jsonl`` goes on; TRL 1.16's SFT ``tokenize_fn``
+    (sft_trainer.py:1322) tests ``"prompt" in example`` first, so after the model loaded the run stops with a traceback,
+    ``KeyError: 'completion'`` (checked). Wanted: an error naming ``prompt`` / the missing ``completion`` (or ``text``
+    rows trained as text, the extra ``prompt`` column removed before TRL sees it)."""
+    from lowmem.data import load_train_data
+
+    path = tmp_path / "pt.jsonl"
+    body = {"text": lambda i: f"{i}+1={i + 1}",  # messages + prompt: detected as messages, the same TRL path
+            "messages": lambda i: [{"role": "user", "content": f"{i}+1="}, {"role": "assistant", "content": str(i + 1)}]}
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", kind: body[kind](i)}) + "\n" for i in range(4)))
+    try:
+        data = load_train_data(str(path), "sft")
+    except ValueError as err:
+        assert "completion" in str(err), err
+        return
+    assert "prompt" not in data.train.column_names, (data.format, data.train.column_names)
