@@ -460,6 +460,9 @@ HF_OPTIM_NAMES: dict[str, str] = {
     # the optim_args keys each reads; torch's defaults otherwise): the engine recipes of lowmem/optim/recipes/classic.py,
     # tested equal to the torch classes (weight_decay > 0 only where the engine's decay is torch's: SGD without momentum)
     "sgd": "sgd", "adagrad": "adagrad", "rmsprop": "rmsprop",
+    # torch-optimi's StableAdamW (transformers' _get_stable_adamw: TrainingArguments' betas, eps, weight decay; optim_args
+    # decouple_lr, max_lr): the engine recipe of lowmem/optim/recipes/stable_adamw.py (Wortsman et al. 2023, Algorithm 2)
+    "stable_adamw": "stable_adamw",
     # bitsandbytes' RMSprop (optim_bits 32 / 8; no momentum, not centered: refused there) and paged AdEMAMix (CUDA only,
     # as the other paged entries: lowmem/optim/recipes/bnb.py)
     "rmsprop_bnb": "bnb_rmsprop", "rmsprop_bnb_32bit": "bnb_rmsprop", "rmsprop_bnb_8bit": "bnb_rmsprop8bit",
@@ -470,8 +473,6 @@ HF_OPTIM_NAMES: dict[str, str] = {
 # lists the mapped names): none is a low-memory method, and each needs a package or hardware lowmem does not use
 _NOT_LOW_MEMORY = "not a low-memory method (full-size float32 states of its own, nothing compressed or projected)"
 HF_OPTIM_REFUSED: dict[str, str] = {
-    "stable_adamw": "transformers builds torch-optimi's StableAdamW (AdamW with update clipping), a package lowmem does "
-                    "not use, and lowmem has no StableAdamW recipe yet; adamw (lowmem's, torch's AdamW) is the closest",
     "grokadamw": f"it needs the grokadamw package, which lowmem does not use, and it is {_NOT_LOW_MEMORY}",
     **{n: f"it needs the schedulefree package, which lowmem does not use (schedule-free averaging, with its own "
           f"train / eval modes), and it is {_NOT_LOW_MEMORY}"

@@ -37,7 +37,7 @@ SUPPORTED = ["adamw", "adamw8bit", "adamw4bit", "spam", "stable_spam", "microada
              "galore_adamw", "galore_adamw8bit", "fira_adamw", "fira_adamw8bit", "frugal", "frugal8bit", "badam",
              "apollo_adamw", "apollo_mini", "osd_adamw", "galore_adafactor", "adamw4bit_rank1", "muon", "scale", "sinkgd", "adam_mini", "adamw_sn", "adagrad_sn", "sgd_sm", "adamw_snsm", "adagrad_snsm",
              "lomo", "adalomo", "came", "lion", "lion8bit", "normuon", "sm3", "racs", "alice", "ademamix", "ademamix8bit",
-             "sgd", "adagrad", "rmsprop"]
+             "sgd", "adagrad", "rmsprop", "stable_adamw"]
 # configurations that must still refuse sharded parameters: tag -> (recipe, hyperparameters over the
 # registry's example, a fragment of the reason). Every registered recipe steps FSDP2 parameters with
 # its defaults (test_every_engine_optimizer_is_supported); these settings need what a shard lacks.

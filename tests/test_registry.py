@@ -133,6 +133,7 @@ COSTS_4096 = {
     "adagrad_sn": 1.5, "adagrad_snsm": (2.0, 4.0),
     "sgd": 1.5,  # fp32, second_moment 'none' (its optional momentum is not priced)
     "adagrad": 0.0, "rmsprop": 0.0,  # fp32, full second moment (the sum / mean square), as AdamW's
+    "stable_adamw": 0.0,  # fp32, full second moment
     "bnb_rmsprop": 0.0, "bnb_rmsprop8bit": 1.0, "bnb_paged_ademamix": 0.0, "bnb_paged_ademamix8bit": 1.0,  # (full)
 }
 

@@ -181,6 +181,7 @@ HOST_READS = {
     "adagrad_sn": (3, 1), "adagrad_snsm": (5, 1),  # AdaGrad: no bias correction, no step read
     "lomo": (3, 1), "adalomo": (3, 1), "badam": (3, 1),  # BAdam's schedule is Python ints: no read
     "sgd": (3, 1), "adagrad": (3, 1), "rmsprop": (3, 1),  # as AdamW (torch's first step / lr_decay read the CPU step)
+    "stable_adamw": (3, 1),  # as AdamW: the clip scales a tensor step size on the device, no read
 }
 
 

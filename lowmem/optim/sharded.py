@@ -218,9 +218,10 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     from .recipes.ademamix import AdEMAMixMoments  # element-wise: three moments of the gradient's shape
     from .recipes.racs import RacsMoments  # rows' statistics local, the column sums with the row count and the norm's square all-reduced (sum)
     from .recipes.classic import AdagradMoments, MomentumSGDMoments, RMSpropMoments  # element-wise (torch's SGD / Adagrad / RMSprop)
+    from .recipes.stable_adamw import StableAdamWMoments  # element-wise; the update's RMS all-reduced (prepare_chunks)
 
     if not isinstance(moment, (AdamMoments, MicroAdamMoments, FactoredMoments, SGDMoments, CameMoments, LionMoments, Sm3Moments, RacsMoments, AdEMAMixMoments,
-                                   MomentumSGDMoments, AdagradMoments, RMSpropMoments)) and not hybrid:
+                                   MomentumSGDMoments, AdagradMoments, RMSpropMoments, StableAdamWMoments)) and not hybrid:
         return f"its moment rule {type(moment).__name__} uses statistics of the whole tensor (e.g. row/column sums)"
     for s in recipe.stabilizers:
         if not isinstance(s, (SPAMStabilizer, StableSPAMStabilizer)):
@@ -231,11 +232,12 @@ def refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
 def sharded_lr_rules() -> tuple[Any, ...]:
     """Learning-rate rules that read the parameter and take ``reduce=`` (a :class:`ShardReduce`),
     reducing what they read over the shards: Adafactor's and AdaLomo's parameter RMS
-    (:func:`sharded_rms`)."""
+    (:func:`sharded_rms`); StableAdamW's clipped step size (a tensor its moment rule scales after the all-reduce)."""
     from .moments import adafactor_lr
     from .recipes.lomo import adalomo_lr
+    from .recipes.stable_adamw import clipped_lr  # (its reduction is the moment rule's: prepare_chunks)
 
-    return (adafactor_lr, adalomo_lr)
+    return (adafactor_lr, adalomo_lr, clipped_lr)
 
 
 def straddling_heads_refusal(p: Tensor, head_dim: int) -> str | None:

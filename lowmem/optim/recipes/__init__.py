@@ -14,6 +14,7 @@
 * :mod:`.racs` - RACS (SGD scaled by row / column mean squares, norm growth limited).
 * :mod:`.ademamix` - AdEMAMix, AdEMAMix with 8-bit moments (Adam + a slow EMA mixed in).
 * :mod:`.classic` - SGD (momentum, Nesterov), Adagrad, RMSprop (torch.optim's, on the engine).
+* :mod:`.stable_adamw` - StableAdamW (AdamW with debiased rates and per-tensor update clipping).
 
 Importing this package registers every recipe.
 """
@@ -32,5 +33,6 @@ from . import alice  # noqa: F401, E402  (Alice)
 from . import racs  # noqa: F401, E402  (RACS)
 from . import ademamix  # noqa: F401, E402  (AdEMAMix, AdEMAMix8bit)
 from . import classic  # noqa: F401, E402  (SGD, Adagrad, RMSprop: torch.optim's, as transformers' optim names)
+from . import stable_adamw  # noqa: F401, E402  (StableAdamW: transformers' optim="stable_adamw")
 
 __all__ = ["ADAFACTOR", "ADAMW", "Adafactor", "AdamW"]

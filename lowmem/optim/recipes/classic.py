@@ -46,6 +46,12 @@ def _copies(state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> int:
     return sum(4 for k in keys if k in state and state[k].dtype not in (torch.float32, torch.float64))
 
 
+def _like(g: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """``g`` in the statistics' compute dtype: a float64 gradient beside float32 statistics is cast here only where the
+    engine did not cast it (an FSDP2 shard's step; elsewhere ``computes_in_state_precision`` casts it once)."""
+    return g if g.dtype == work.dtype else g.to(work.dtype)
+
+
 def _width(state: dict[str, torch.Tensor], key: str) -> int:
     """Bytes per element the rule computes in: 8 for a float64 ``state[key]``, else 4."""
     return 8 if key in state and state[key].dtype == torch.float64 else 4
@@ -110,6 +116,7 @@ class MomentumSGDMoments(_Elementwise):
             return FC.sgd_direction(g, None, 0.0, False)
         mu = group["momentum"]
         works = {"momentum_buffer": _work(state["momentum_buffer"])}
+        g = _like(g, works["momentum_buffer"])
         FC.sgd_momentum_(works["momentum_buffer"], g, mu, group["dampening"], first=t <= 1)
         d = FC.sgd_direction(g, works["momentum_buffer"], mu, group["nesterov"])
         self._store(state, works)
@@ -136,6 +143,7 @@ class AdagradMoments(_Elementwise):
 
     def direction(self, g, state, group, t, lr):
         works = {"sum": _work(state["sum"])}
+        g = _like(g, works["sum"])
         FC.adagrad_sum_(works["sum"], g)
         self._store(state, works)
         return FC.adagrad_direction(g, works["sum"], group["eps"], t, group["lr_decay"])
@@ -167,6 +175,7 @@ class RMSpropMoments(_Elementwise):
 
     def direction(self, g, state, group, t, lr):
         works = {k: _work(state[k]) for k in self.state_keys if k in state}
+        g = _like(g, works["square_avg"])
         FC.rmsprop_moments_(works["square_avg"], works.get("grad_avg"), g, group["alpha"])
         d = FC.rmsprop_direction_(g, works["square_avg"], works.get("grad_avg"), works.get("momentum_buffer"),
                                   group["momentum"], group["eps"])
