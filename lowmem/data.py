@@ -112,12 +112,19 @@ def _csv_string_features(file: Path):
 
     import datasets
 
-    with open(file, newline="", encoding="utf-8") as f:
+    with open(file, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's "CSV UTF-8") is no header text
         header = next(csv.reader(f), [])
     return datasets.Features({name: datasets.Value("string") for name in header}) if header else None
 
 
 def _split_files(folder: Path, files: list[Path], split: str, field_name: str) -> list[Path]:
+def _has_utf8_bom(file: Path) -> bool:
+    """Whether ``file`` starts with the UTF-8 byte-order mark ``EF BB BF`` (Excel's "CSV UTF-8", Windows Notepad):
+    read as ``utf-8-sig`` so the mark is neither a header's first character nor trained on as text."""
+    with open(file, "rb") as f:
+        return f.read(3) == b"\xef\xbb\xbf"
+
+
     """The files of ``folder`` that make up ``split``, by the Hub's file-name conventions
     (``datasets.data_files.get_data_patterns``, file or subfolder names): ``train`` for ``train``;
     ``validation`` / ``valid`` / ``dev`` / ``val``, else ``test`` / ``eval``, for ``eval``. A folder without
@@ -437,6 +444,8 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
             with _quiet_datasets():
                 ds = datasets.load_dataset(builders[0], data_files=[str(f) for f in files], split="train", **kw)
                 if builders[0] == "text":  # one row per line; blank lines are separators, not examples
+            if builders[0] in ("csv", "text") and any(_has_utf8_bom(f) for f in files):
+                kw["encoding"] = "utf-8-sig"  # Excel's "CSV UTF-8", Notepad: the mark dropped, as Python's csv docs advise
                     ds = ds.filter(lambda row: bool(row["text"].strip()))
         except Exception as err:  # the builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
             cause = err.__cause__ or err

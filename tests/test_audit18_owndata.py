@@ -315,8 +315,6 @@ def test_sft_fields_that_cannot_apply_are_refused(tmp_path, field, value, named)
 # 10. a UTF-8 byte-order mark (Excel's "CSV UTF-8", Windows Notepad): CSV refused with pyarrow's KeyError, text trains on it
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 10: a BOM-prefixed .csv fails with KeyError 'Field \"\\ufeffprompt\" "
-                                       "does not exist in schema'; a BOM-prefixed .txt trains on '\\ufeff' in row 0")
 @pytest.mark.parametrize("suffix, body, first", [
     (".csv", "prompt,completion\n1+1=,2\n2+2=,4\n", {"prompt": "1+1=", "completion": "2"}),
     (".txt", "1+1=2\n2+2=4\n", {"text": "1+1=2"}),
