@@ -117,7 +117,6 @@ def _csv_string_features(file: Path):
     return datasets.Features({name: datasets.Value("string") for name in header}) if header else None
 
 
-def _split_files(folder: Path, files: list[Path], split: str, field_name: str) -> list[Path]:
 def _has_utf8_bom(file: Path) -> bool:
     """Whether ``file`` starts with the UTF-8 byte-order mark ``EF BB BF`` (Excel's "CSV UTF-8", Windows Notepad):
     read as ``utf-8-sig`` so the mark is neither a header's first character nor trained on as text."""
@@ -125,6 +124,7 @@ def _has_utf8_bom(file: Path) -> bool:
         return f.read(3) == b"\xef\xbb\xbf"
 
 
+def _split_files(folder: Path, files: list[Path], split: str, field_name: str) -> list[Path]:
     """The files of ``folder`` that make up ``split``, by the Hub's file-name conventions
     (``datasets.data_files.get_data_patterns``, file or subfolder names): ``train`` for ``train``;
     ``validation`` / ``valid`` / ``dev`` / ``val``, else ``test`` / ``eval``, for ``eval``. A folder without
@@ -441,11 +441,11 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
         try:
             # CSV cells stay text (TRL formats are strings; "47" must not become the integer 47, "" not NaN)
             kw = {"features": _csv_string_features(files[0]), "keep_default_na": False} if builders[0] == "csv" else {}
+            if builders[0] in ("csv", "text") and any(_has_utf8_bom(f) for f in files):
+                kw["encoding"] = "utf-8-sig"  # Excel's "CSV UTF-8", Notepad: the mark dropped, as Python's csv docs advise
             with _quiet_datasets():
                 ds = datasets.load_dataset(builders[0], data_files=[str(f) for f in files], split="train", **kw)
                 if builders[0] == "text":  # one row per line; blank lines are separators, not examples
-            if builders[0] in ("csv", "text") and any(_has_utf8_bom(f) for f in files):
-                kw["encoding"] = "utf-8-sig"  # Excel's "CSV UTF-8", Notepad: the mark dropped, as Python's csv docs advise
                     ds = ds.filter(lambda row: bool(row["text"].strip()))
         except Exception as err:  # the builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
             cause = err.__cause__ or err
