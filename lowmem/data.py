@@ -40,7 +40,8 @@ EXTENSIONS: dict[str, str] = {
 }
 CHECKED_ROWS = 1000  # rows check_template_renders renders in full (beyond them, one row per distinct role sequence)
 ROW_BATCH = 10_000  # rows read into Python at a time by the all-rows checks
-SPLIT_PREFERENCE = {"train": ("train",), "eval": ("validation", "test", "eval")}
+# a saved DatasetDict's splits, as a folder of files names them (datasets' SPLIT_KEYWORDS: validation / valid / dev / val)
+SPLIT_PREFERENCE = {"train": ("train",), "eval": ("validation", "valid", "dev", "val", "test", "eval")}
 # sharegpt's speaker names, which a conversion from {from, value} turns can leave in ``role``: refused, with the rename
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
@@ -160,7 +161,8 @@ def _split_files(folder: Path, files: list[Path], split: str, field_name: str) -
 
 def held_out_split(path: Any) -> str | None:
     """The held-out data a ``dataset`` path also holds, which training on it leaves unused, in words:
-    ``"its 'validation' split"`` of a saved ``DatasetDict`` (``validation`` / ``test`` / ``eval``, read
+    ``"its 'validation' split"`` of a saved ``DatasetDict`` (``SPLIT_PREFERENCE["eval"]``: ``validation`` /
+    ``valid`` / ``dev`` / ``val`` / ``test`` / ``eval``, read
     from its ``dataset_dict.json``, nothing loaded), or ``"'validation.jsonl'"``, the first eval file of a
     folder of split-named files; else ``None`` (a file, a list of paths, a folder without split names)."""
     if not isinstance(path, (str, os.PathLike)):
@@ -390,7 +392,8 @@ def load_local_dataset(path: str | os.PathLike, *, split: str = "train", field_n
             or a folder written by ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``: see ``split``).
         split (`str`, defaults to `"train"`):
             Which split of a saved ``DatasetDict`` to use: ``"train"`` takes the ``train`` split,
-            ``"eval"`` the first of ``validation``, ``test``, ``eval``.
+            ``"eval"`` the first of ``validation``, ``valid``, ``dev``, ``val``, ``test``, ``eval`` (the names a
+            folder of files uses for its eval split).
         field_name (`str`, defaults to `"dataset"`):
             The recipe field the path came from, used in error messages.
 

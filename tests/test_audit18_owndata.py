@@ -55,8 +55,6 @@ def _saved_dict(tmp_path, eval_name):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 2: a saved DatasetDict's 'valid' / 'dev' split is no eval "
-                                       "split (a folder's valid*.jsonl is): eval_dataset refused, dataset's note missing")
 @pytest.mark.parametrize("eval_name", ["valid", "dev"])
 def test_saved_dataset_dict_valid_split_is_an_eval_split(tmp_path, eval_name):
     """docs/training.md, Files: a folder of files names its eval split ``validation`` / ``valid`` / ``dev`` / ``val``
