@@ -49,7 +49,9 @@ from .recipes.normuon import NorMuon  # noqa: E402
 from .recipes.sm3 import SM3  # noqa: E402
 from .recipes.racs import RACS  # noqa: E402
 from .recipes.ademamix import AdEMAMix, AdEMAMix8bit  # noqa: E402
+from .recipes.classic import SGD_ as SGD, Adagrad, RMSprop  # noqa: E402
+from .recipes.stable_adamw import StableAdamW  # noqa: E402
 
 __all__ += ["FiraAdamW", "Frugal", "GaLoreAdafactor", "GaLoreAdamW", "OnlineSubspaceDescent",
             "APOLLOAdamW", "AdamMini", "Muon", "Scale", "SinkGD", "Lion", "Lion8bit", "CAME"]
-__all__ += ["NorMuon", "SM3", "RACS", "AdEMAMix", "AdEMAMix8bit"]
+__all__ += ["NorMuon", "SM3", "RACS", "AdEMAMix", "AdEMAMix8bit", "SGD", "Adagrad", "RMSprop", "StableAdamW"]
