@@ -609,6 +609,11 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
                         f"those rows themselves (a JSON array, or JSON Lines: one object per line)")
         raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}" + hint)
     name, cols = match
+    if trainer == "sft" and "prompt" in columns and "completion" not in columns:
+        raise ValueError(f"{source}: column 'prompt' without 'completion' (columns {columns}, trained as {name!r}): "
+                         "TRL's SFT reads any row with a 'prompt' column as prompt-completion data and fails on the "
+                         "missing 'completion' after the model loads; rename 'prompt' (or drop it) to train on "
+                         f"{list(cols)}, or add the 'completion' column")
     first = dataset[0]
     def column_wise(value: Any) -> bool:  # a column's values: a list of non-objects, or pandas' {"0": ..., "1": ...}
         return (isinstance(value, list) and not any(isinstance(v, dict) for v in value)

@@ -415,8 +415,6 @@ def test_trl_accuracy_reward_without_math_verify_is_refused_at_load(name):
 # 14. SFT rows with 'text' and a 'prompt' column but no 'completion': detected as text, TRL takes them as prompt-completion
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 14: SFT file with text + prompt (no completion) passes the data "
-                                       "checks as 'text'; TRL's tokenizer sees 'prompt' and dies with KeyError 'completion'")
 @pytest.mark.parametrize("kind", ["text", "messages"])
 def test_sft_text_rows_with_a_prompt_column_are_refused_or_trained_as_text(tmp_path, kind):
     """lowmem.data detects ``{"prompt": ..., "text": ...}`` rows as the language-modeling format with ``prompt`` an
