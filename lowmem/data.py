@@ -1155,11 +1155,13 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
     prepared the dataset (SFT, DPO) or at the first generation (GRPO), after the model loaded.
 
     A ``tools`` column (SFT, DPO) is passed as TRL passes it (JSON text decoded); a template that renders the first row
-    holding tools the same as without them does not render tools, and TRL dropped them without a word.
+    holding tools the same as without them does not render tools, and TRL dropped them without a word. Likewise for
+    messages' ``tool_calls``: the first row holding some is rendered again without them; the same text means the
+    template drops the calls (an assistant tool call trained as an empty turn).
 
     Raises:
         ValueError: Naming the file, the row (and line, for JSON Lines), the template's message and the roles of
-            that row; a ``tools`` cell that is not JSON, or tools the template does not render.
+            that row; a ``tools`` cell that is not JSON, or tools / ``tool_calls`` the template does not render.
     """
     import jinja2
 
@@ -1171,6 +1173,7 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
     # TRL's SFT and DPO pass a row's ``tools`` column to the template (json.loads of a string); GRPO's reward functions get it
     with_tools = data.format.columns != ("prompt",) and "tools" in data.format.extra_columns
     compare = with_tools  # until one row with tools shows that the template renders them
+    compare_calls = True  # the same for messages' tool_calls (OpenAI / TRL tool-calling rows)
     for rows, where in ((data.train, source), (data.eval, eval_source)):
         if rows is None:
             continue
@@ -1190,6 +1193,19 @@ def check_template_renders(tokenizer, data: TrainData, *, source: str = "dataset
                             "tools (TRL passes the column to the template without a word); set chat_template to one "
                             "that renders `tools` (your model's tool-calling template), or remove the column")
                     compare = compare and not tools
+                    if compare_calls and any(isinstance(m, dict) and m.get("tool_calls") for m in messages):
+                        plain = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+                        if text == tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=open_turn,
+                                                                 tools=tools):
+                            calls = [m for m in messages if isinstance(m, dict) and m.get("tool_calls")]
+                            raise ValueError(
+                                f"{where}: row {_row_where(where, i)} has {calls[0].get('role')!r} messages with "
+                                f"'tool_calls' ({', '.join(_tool_names(calls[0]['tool_calls']))}), but the chat template "
+                                "does not render tool_calls: the row renders the same without them, so the model would "
+                                "learn an empty turn where the call is (TRL passes the messages to the template without "
+                                "a word); set chat_template to one that renders `tool_calls` (your model's "
+                                "tool-calling template), or write the calls into the message content")
+                        compare_calls = False  # this template renders them
                 except jinja2.TemplateError as err:
                     roles = [m.get("role") for m in messages]
                     raise ValueError(f"{where}: the chat template refuses row {_row_where(where, i)} (roles {roles}): "

@@ -216,8 +216,6 @@ TINY_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}{%
 CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 7: tool_calls in messages under a template that ignores them "
-                                       "render as an empty assistant turn; the tools-column check has no tool_calls twin")
 @pytest.mark.parametrize("row", [
     {"messages": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
                   {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3"}]},
