@@ -419,6 +419,8 @@ def moment_step(state: dict[str, Tensor], t: float) -> float:
 # State entries of a batch of matrices (:meth:`LowMemOptimizer._matrices`) shared by all its matrices: the
 # engine's per-parameter counters (one step count; moments reset for every matrix at the same refresh)
 MATRIX_SHARED_KEYS = ("step", "moment_start")
+# the state dict's entry naming the recipe that wrote it (LowMemOptimizer.state_dict / _check_same_optimizer)
+OPTIMIZER_KEY = "lowmem_optimizer"
 
 
 def matrix_index(e: int, lead: torch.Size) -> tuple[int, ...]:
@@ -1643,6 +1645,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         check_state_fits(self)
         sd = super().state_dict()
+        sd[OPTIMIZER_KEY] = self.recipe.name  # (refused by another optimizer's load_state_dict: _check_same_optimizer)
         params = [p for g in self.param_groups for p in g["params"]]
         if not any(is_dtensor(p) for p in params):
             return sd
@@ -1720,6 +1723,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
             raise
         for hook in post.values():
             hook(self)
+
+    def _check_same_optimizer(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose :data:`OPTIMIZER_KEY` (the recipe that wrote it, recorded by :meth:`state_dict`)
+        names another optimizer, before anything changes. The settings' key check alone let through a checkpoint of an
+        optimizer whose settings are a subset of this one's (``adamw`` into ``spam``, ``adalomo`` into ``adafactor``:
+        the settings it lacks were taken as predating it; AUDIT-RESUME18 1). Run after the settings' and the state's
+        checks (whose messages name the settings or entries that differ); :meth:`load_state_dict` restores the groups
+        and state on the error. A checkpoint without the entry (older, or torch's) keeps the settings' key check."""
+        saved = state_dict.get(OPTIMIZER_KEY)
+        if saved is not None and saved != self.recipe.name:
+            raise ValueError(
+                f"optimizer '{self.recipe.name}': the checkpoint was saved by another optimizer ({OPTIMIZER_KEY}:"
+                f" checkpoint {saved!r}, this one {self.recipe.name!r}); resume with optim {saved!r} (or start"
+                " without the checkpoint)")
 
     def _check_group_sizes(self, state_dict: dict[str, Any]) -> None:
         """Refuse a checkpoint with another number of parameter groups, or of parameters in a group, naming the
@@ -1830,6 +1847,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 k: _as_allocated(v.detach(), probe.get(k), "cpu" if k in cpu_keys else device) if isinstance(v, Tensor) else v
                 for k, v in saved.items()
             }
+        self._check_same_optimizer(state_dict)  # (after the settings' and state's checks: they name what differs)
         if unrecorded:
             warn_user(
                 f"{self.recipe.name}: load_state_dict: the per-shard state (quantized codes and scales, MicroAdam's"
