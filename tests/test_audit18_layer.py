@@ -1,0 +1,35 @@
+"""AUDIT-LAYER18: layerwise mode, gradient accumulation and adapters through LowMemTrainer, from a user's side.
+
+Each defect is pinned by an xfail(strict=True) test: green while the defect is there, red (XPASS) once fixed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import default_data_collator
+
+from lowmem.kit import build_tiny_model, sft_dataset, tokenize_sft
+from lowmem.trainers import LowMemTrainer, LowMemTrainingArguments
+
+
+@pytest.fixture(scope="module")
+def data():
+    _, tok = build_tiny_model(0)
+    return tokenize_sft(sft_dataset(8, seed=0), tok)
+
+
+def _args(out, **kw):
+    return LowMemTrainingArguments(
+        str(out), lowmem_optim="adamw", lowmem_layerwise=True, max_steps=1, report_to="none", use_cpu=True,
+        disable_tqdm=True, save_strategy="no", per_device_train_batch_size=4, learning_rate=1e-3, **kw)
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-LAYER18 1: layerwise create_optimizer writes args.max_grad_norm = 0.0 "
+                                       "into the user's TrainingArguments; a second trainer on them clips nothing")
+def test_layerwise_clipping_survives_reusing_the_training_arguments(tmp_path, data):
+    args = _args(tmp_path, max_grad_norm=0.5)
+    first = LowMemTrainer(model=build_tiny_model(0)[0], args=args, train_dataset=data, data_collator=default_data_collator)
+    assert first.create_optimizer().max_grad_norm == 0.5
+    # the same arguments, a second model (a sweep, a second stage, trainer.args passed on): the user asked for 0.5
+    second = LowMemTrainer(model=build_tiny_model(0)[0], args=args, train_dataset=data, data_collator=default_data_collator)
+    assert second.create_optimizer().max_grad_norm == 0.5
