@@ -609,6 +609,13 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
                         f"those rows themselves (a JSON array, or JSON Lines: one object per line)")
         raise ValueError(f"{source}: columns {columns} fit no {trainer} dataset format; accepted: {accepted}" + hint)
     name, cols = match
+    if trainer == "sft" and text_field != "text" and text_field not in cols:
+        raise ValueError(f"{source}: dataset_text_field={text_field!r}, but the rows are {name!r} data (columns "
+                         f"{list(cols)}, which TRL's SFT reads before any text column), so "
+                         + (f"column {text_field!r} would never be trained on" if text_field in columns
+                            else "dataset_text_field would never be read")
+                         + f"; drop dataset_text_field to train on {list(cols)}, or remove those columns to train on "
+                         f"{text_field!r}")
     if trainer == "sft" and "prompt" in columns and "completion" not in columns:
         raise ValueError(f"{source}: column 'prompt' without 'completion' (columns {columns}, trained as {name!r}): "
                          "TRL's SFT reads any row with a 'prompt' column as prompt-completion data and fails on the "

@@ -1596,6 +1596,7 @@ def build_training_args(recipe: TrainRecipe) -> Any:
                           f"where bitsandbytes falls back to unpaged state; use {unpaged or ['a lowmem recipe']} on the "
                           "CPU (adamw_8bit / lion_8bit for the Hugging Face names), or train on a GPU")
     check_schedule(kwargs)
+    check_dependent_fields(cls, kwargs)
     if recipe.trainer == "dpo":
         check_dpo_fields(kwargs)
     try:
@@ -1687,9 +1688,59 @@ def check_schedule(kwargs: dict[str, Any]) -> None:
 DPO_LABEL_SMOOTHING_LOSSES = ("exo_pair", "robust", "aot", "aot_unpaired")
 
 
+def _loss_types(kwargs: dict[str, Any]) -> list[str]:
+    losses = kwargs.get("loss_type", "sigmoid")
+    losses = [losses] if isinstance(losses, str) else list(losses or ["sigmoid"])
+    return [str(getattr(t, "value", t)) for t in losses]
+
+
+def _checkpointing_on(kwargs: dict[str, Any]) -> bool:
+    # transformers 5's name, else its deprecated alias (lowmem's _memory_args always gives one of them)
+    return bool(kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing", True)))
+
+
+# Config fields that only another setting reads (TRL 1.16, transformers 5): (field, the setting that reads it, whether
+# that setting is on in the config's kwargs). A field set away from its default while its setting is off is refused
+# (check_dependent_fields): it would be accepted and never read.
+DEPENDENT_FIELDS: tuple[tuple[str, str, Any], ...] = (
+    ("discopop_tau", "loss_type: discopop (alone or in the list; TRL's DiscoPOP loss)",
+     lambda kw: "discopop" in _loss_types(kw)),
+    ("f_alpha_divergence_coef", "f_divergence_type: alpha_divergence",
+     lambda kw: str(getattr(kw.get("f_divergence_type"), "value", kw.get("f_divergence_type"))) == "alpha_divergence"),
+    ("ref_model_sync_steps", "sync_ref_model: true (TR-DPO's SyncRefModelCallback)", lambda kw: bool(kw.get("sync_ref_model"))),
+    ("ref_model_mixup_alpha", "sync_ref_model: true (TR-DPO's SyncRefModelCallback)", lambda kw: bool(kw.get("sync_ref_model"))),
+    ("packing_strategy", "packing: true", lambda kw: bool(kw.get("packing"))),
+    ("activation_checkpointing_kwargs", "gradient_checkpointing: true (activation_checkpointing)", _checkpointing_on),
+    ("gradient_checkpointing_kwargs", "gradient_checkpointing: true (activation_checkpointing)", _checkpointing_on),
+)
+
+
+def check_dependent_fields(cls: type, kwargs: dict[str, Any]) -> None:
+    """Fields of ``cls`` (the trainer's config class) in ``kwargs`` that only another setting reads
+    (:data:`DEPENDENT_FIELDS`), set away from the class default while that setting is off: TRL / transformers accept
+    them and never read them (``ref_model_sync_steps: 10`` without ``sync_ref_model`` trained plain DPO against the
+    frozen reference, ``packing_strategy: wrapped`` without ``packing`` an unpacked run).
+
+    Raises:
+        ConfigError: Naming the field, its value and the setting that reads it.
+    """
+    fields = getattr(cls, "__dataclass_fields__", {})
+    for name, setting, on in DEPENDENT_FIELDS:
+        if name not in kwargs or name not in fields:
+            continue
+        default = fields[name].default
+        value = kwargs[name]
+        if value == default or value in (None, {}) or on(kwargs):
+            continue
+        raise ConfigError(f"{name}={value!r} is read only with {setting}, which this config does not set, so it would "
+                          f"have no effect; set {setting.split(' (')[0]}, or drop {name}")
+
+
 def check_dpo_fields(kwargs: dict[str, Any]) -> None:
     """DPO fields that the loss would not apply: ``beta`` 0 (the sigmoid loss is then a constant without gradient,
-    IPO and SPPO divide by it) and a ``label_smoothing`` none of the ``loss_type`` entries reads.
+    IPO and SPPO divide by it), a ``label_smoothing`` none of the ``loss_type`` entries reads, and the fields only
+    another setting reads (:func:`check_dependent_fields`: ``discopop_tau``, ``f_alpha_divergence_coef``,
+    ``ref_model_sync_steps``, ``ref_model_mixup_alpha``).
 
     Raises:
         ConfigError: Naming the field and what is valid.
@@ -1698,6 +1749,9 @@ def check_dpo_fields(kwargs: dict[str, Any]) -> None:
     if beta is not None and not isinstance(beta, bool) and beta == 0:
         raise ConfigError("beta=0 for DPO: beta scales the implicit reward, so the loss would have no gradient (ipo / "
                           "sppo_hard divide by it); valid: a float > 0 (TRL's default 0.1)")
+    from trl import DPOConfig
+
+    check_dependent_fields(DPOConfig, kwargs)  # discopop_tau, f_alpha_divergence_coef, ref_model_sync_steps, ...
     smoothing = kwargs.get("label_smoothing") or 0
     if smoothing:
         losses = kwargs.get("loss_type", "sigmoid")
