@@ -135,8 +135,6 @@ def test_run_record_missing_after_interrupted_save(tmp_path, monkeypatch):
 # record accumulation_steps, and a window of 4 with 3 micro-batches seen, loaded with accumulation_steps=2, steps at
 # the next micro-batch on 4 micro-batches' gradients (measured: parameters move at micro-batches 1, 3, 5 instead of a
 # window of 2 or the saved window of 4); 2 -> 4 with 1 seen steps after 3 more (a window of 4 mixing both runs).
-@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 4: a LayerwiseOptimizer window checkpoint loads into another "
-                   "accumulation_steps and steps on a window of mixed length")
 @pytest.mark.parametrize("saved, new, seen", [(4, 2, 3), (2, 4, 1)])
 def test_layerwise_window_into_other_accumulation_steps_refused(saved, new, seen):
     import copy
@@ -203,8 +201,6 @@ def test_resume_from_older_checkpoint_killed_in_a_later_save(tmp_path, monkeypat
 # (lowmem/optim/layerwise.py:444): resumed with max_grad_norm=1.0 over a run at 1e-3, the first step is scaled by the
 # old run's coefficient (measured 0.0019 here: a step ~500x too small), with 1e-3 over 1.0 the first step is not
 # clipped at all; from the second step on the new value applies. Neither refused nor applied: one step of each.
-@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 6: layerwise global_prev clipping: the first step after a resume "
-                   "with another max_grad_norm uses the checkpoint's clip coefficient")
 def test_layerwise_resume_with_other_max_grad_norm():
     import copy
 
@@ -252,8 +248,6 @@ def test_layerwise_resume_with_other_max_grad_norm():
 # micro-batch lost (measured on the toy problem, max |weight - uninterrupted run's| after 7 micro-batches, .grad not
 # restored: galore_adamw 0.0089, microadam 0.0064, apollo_mini 0.098, frugal 0.02, badam 0.02; badam with .grad
 # restored before building the optimizer: 0.038; restored after load_state_dict: 0.0 for all).
-@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 7: a layerwise window checkpoint whose partial .grad is missing "
-                   "steps on a partial window without an error")
 @pytest.mark.parametrize("name, grads_before_build", [("adamw", None), ("badam", True)])
 def test_layerwise_window_without_its_grad(name, grads_before_build):
     from lowmem.optim.layerwise import LayerwiseOptimizer

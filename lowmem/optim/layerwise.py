@@ -22,7 +22,10 @@ Trainer's built-in layerwise GaLore, :class:`LayerwiseOptimizer` supports
   and the subspace accumulators), plain tensors; ``step()`` and ``zero_grad()`` exist so that
   ``transformers.Trainer`` treats it as an ordinary optimizer. A checkpoint taken inside a window
   resumes it exactly together with the weights and the parameters' ``.grad`` (full-rank parameters
-  accumulate there, as with any torch optimizer); loading drops the window the optimizer was in.
+  accumulate there, as with any torch optimizer), restored after ``load_state_dict``: a loaded window whose
+  ``.grad`` is missing is refused at the parameter's next gradient or ``step()``; it records its
+  ``accumulation_steps`` (another value refused inside a window) and the previous step's global norm (``prev_norm``:
+  the clipping coefficient follows the loading ``max_grad_norm``); loading drops the window the optimizer was in.
 * **non-finite gradients**: parameters are stepped as their gradients arrive, so a NaN/Inf cannot
   skip the whole step as :meth:`LowMemOptimizer.step` does: the step ends where it arrives (that
   parameter and every later one are not stepped until the next step; the ones already stepped
@@ -110,6 +113,13 @@ def layerwise_transient_bytes(per_parameter: int, grads: list[tuple[int, torch.d
     return max(phases)
 
 
+def global_prev_coef(max_grad_norm: float, prev_norm: Tensor) -> Tensor:
+    """The ``clip_mode="global_prev"`` scale ``min(1, max_grad_norm / (||g_{k-1}|| + 1e-6))``: gradient-norm clipping
+    (Pascanu et al. 2013, "On the difficulty of training recurrent neural networks", Algorithm 1) with the previous
+    step's global norm ``prev_norm`` in place of the current one (unknown until the backward pass ends)."""
+    return torch.clamp(max_grad_norm / (prev_norm + 1e-6), max=1.0)
+
+
 def _register_hook(p: Tensor, hook: Callable[[Tensor], None]) -> Any:
     """``p.register_post_accumulate_grad_hook(hook)``, also on a parameter frozen for now (BAdam's
     inactive blocks): the hook stays registered when ``requires_grad`` is turned back on."""
@@ -180,7 +190,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._micro: dict[Tensor, int] = {}
         self._low: dict[Tensor, Tensor] = {}
         self._clip_coef = torch.ones(())
+        self._prev_norm: Tensor | None = None  # the previous step's global norm (clip_mode global_prev; saved)
         self._sq_norm_sum: Tensor | None = None
+        # parameters a loaded window left with a partial gradient in .grad: checked at their next gradient / step()
+        self._grad_checks: dict[Tensor, Any] = {}
         self._handles: list[Any] = []
         # the current step: parameters already handled (stepped or skipped), and whether a
         # non-finite gradient was seen (then no further parameter is stepped until the next step)
@@ -334,6 +347,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_window()
+        for p in list(self._grad_checks):  # a loaded window closed without a backward pass: its .grad is the sum
+            self._check_partial_grad(p)
         if not self._handled and not any(self._micro.values()):  # no gradient arrived in this window (only then)
             refuse_untrainable(self.inner.param_groups, f"LayerwiseOptimizer({self.inner.recipe.name!r})")
         for p, k in list(self._micro.items()):
@@ -352,7 +367,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if self._sq_norm_sum is not None and self.max_grad_norm is not None:
             total = self._sq_norm_sum.sqrt().cpu()
             if bool(torch.isfinite(total)):  # a step cut short by a non-finite gradient keeps the previous coefficient
-                self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+                self._prev_norm = total
+                self._clip_coef = global_prev_coef(self.max_grad_norm, total)
         self._sq_norm_sum = None
         return loss
 
@@ -404,12 +420,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._handles.append(_register_hook(p, self._hook))
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's ``state_dict()`` plus ``"layerwise"`` (the clipping coefficient); the hooks
+        """The wrapped optimizer's ``state_dict()`` plus ``"layerwise"`` (the clipping coefficient and the previous
+        step's global norm, ``accumulation_steps``, the window in progress: :meth:`_window_state`); the hooks
         registered with ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` run as in torch's."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.inner.state_dict()
-        sd["layerwise"] = {"clip_coef": self._clip_coef.clone(), **self._window_state()}
+        sd["layerwise"] = {"clip_coef": self._clip_coef.clone(), **self._window_state(),
+                           "accumulation_steps": torch.tensor(self.accumulation_steps, dtype=torch.int64)}
+        if self._prev_norm is not None:  # (the coefficient is recomputed from it with the loading max_grad_norm)
+            sd["layerwise"]["prev_norm"] = self._prev_norm.clone()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -434,6 +454,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if micro is not None and micro.numel() != len(self._params()):  # (before anything loads)
             raise ValueError(f"LayerwiseOptimizer.load_state_dict: the checkpoint's accumulation window counts "
                              f"{micro.numel()} parameters, this optimizer has {len(self._params())}")
+        saved_n = (extra or {}).get("accumulation_steps")
+        in_window = (micro is not None and bool((micro > 0).any())) or bool((extra or {}).get("low"))
+        if saved_n is not None and in_window and int(saved_n) != self.accumulation_steps:
+            raise ValueError(
+                f"LayerwiseOptimizer.load_state_dict: the checkpoint was taken inside an accumulation window of "
+                f"accumulation_steps={int(saved_n)} ({int(micro.max())} micro-batch(es) seen), this optimizer has "
+                f"accumulation_steps={self.accumulation_steps}: the window would close on a mix of both lengths. Load it "
+                f"with accumulation_steps={int(saved_n)}, or save the checkpoint at a window boundary (after step()), "
+                "which loads into any accumulation_steps")
         self.inner.load_state_dict(state_dict)
         # torch's load_state_dict gives the inner optimizer new group dicts (with the saved lr):
         # route parameters and schedulers to those, not to the dicts we held before
@@ -441,7 +470,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._group_of = {p: g for g in self.inner.param_groups for p in g["params"]}
         self.state = self.inner.state
         if extra is not None:
-            self._clip_coef = extra["clip_coef"].clone()
+            prev = extra.get("prev_norm")
+            self._prev_norm = prev.detach().to("cpu", torch.float32, copy=True) if prev is not None else None
+            # this optimizer's max_grad_norm applies from the first step (AUDIT-RESUME18 6: the saved coefficient was
+            # the checkpoint's max_grad_norm's); an older checkpoint without the norm keeps its coefficient
+            if prev is not None and self.max_grad_norm is not None:
+                self._clip_coef = global_prev_coef(self.max_grad_norm, self._prev_norm)
+            else:
+                self._clip_coef = extra["clip_coef"].clone()
         self._load_window(extra or {})
 
     def _params(self) -> list[Tensor]:
@@ -474,9 +510,38 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._low[p] = t.to(device=p.device, copy=True)
         sq = extra.get("sq_norm_sum")
         self._sq_norm_sum = sq.clone() if sq is not None else None
+        for handle in self._grad_checks.values():
+            handle.remove()
+        self._grad_checks = {}
+        for p, k in self._micro.items():  # full-gradient partial sums live in .grad: checked before the next is added
+            if k > 0 and p not in self._low:
+                self._grad_checks[p] = p.register_hook(lambda grad, p=p: self._check_partial_grad(p))
         self._handled.clear()
         self._nonfinite = False
         self._steps_without_step_call = 0
+
+    def _check_partial_grad(self, p: Tensor) -> None:
+        """A parameter a loaded window left mid-window (``micro > 0``, not subspace-accumulated) must have its partial
+        gradient in ``.grad`` when its next gradient arrives (a tensor hook: before autograd adds to ``.grad``) or at
+        :meth:`step`: the state dict does not hold it, and without it the window closed on the micro-batches after the
+        checkpoint alone, silently (AUDIT-RESUME18 7). Checked once per loaded window.
+
+        Raises:
+            ValueError: Naming the parameter (its index in the state dict and shape), the micro-batches the window has
+                seen and the fix (restore ``.grad`` after ``load_state_dict``, or save at a window boundary).
+        """
+        handle = self._grad_checks.pop(p, None)
+        if handle is not None:
+            handle.remove()
+        if p.grad is None and self._micro.get(p, 0) > 0:
+            i = next(i for i, q in enumerate(self._params()) if q is p)
+            raise ValueError(
+                f"LayerwiseOptimizer: parameter {i} of shape {tuple(p.shape)}: the loaded checkpoint was taken inside an"
+                f" accumulation window ({self._micro[p]} of {self.accumulation_steps} micro-batches seen) and the"
+                " window's partial gradient (the parameter's .grad, which the optimizer's state dict does not hold)"
+                " is missing: restore the parameters' .grad after load_state_dict (after building the optimizer:"
+                " BAdam drops the .grad of the blocks it freezes), or save the checkpoint at a window boundary"
+                " (after step())")
 
     def state_bytes(self) -> int:
         return self.inner.state_bytes()
