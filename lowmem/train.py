@@ -738,9 +738,34 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
             ta[key] = [ta[key]]
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     check_unavailable_fields(recipe.training_args)
+    check_script_fields(recipe.training_args)
     if recipe.trainer == "sft" and getattr(recipe, "dataset", None) is not None:
         check_padding_free(recipe.training_args)
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
+
+
+def check_script_fields(ta: dict[str, Any]) -> None:
+    """``TrainingArguments.do_train`` / ``do_predict``: "not directly used by Trainer", only by scripts, and
+    LLaMA-Factory's YAMLs mean them (``do_train: false`` = evaluate or predict only, ``do_predict: true`` = generate on
+    the eval set). ``lowmem train`` always trains and predicts nothing, so ``do_train: false`` and ``do_predict: true``
+    are refused; a whole saved ``training_args.json`` (``TrainingArguments.to_dict()``, more than half of its fields:
+    it writes ``do_train: false`` for every run of a script that never set it) keeps passing ``do_train: false``.
+
+    Raises:
+        ConfigError: Naming the field and what lowmem does instead.
+    """
+    from transformers import TrainingArguments
+
+    if ta.get("do_predict") is True:
+        raise ConfigError("do_predict=true: lowmem train has no prediction step (it trains, then evaluates on "
+                          "eval_dataset / eval_split when eval_steps is set); drop do_predict, and generate with the "
+                          "saved model (transformers' model.generate, or the trl / LLaMA-Factory predict scripts)")
+    if ta.get("do_train") is False:
+        fields = {f for f, v in TrainingArguments.__dataclass_fields__.items() if v.init}
+        if len(fields & set(ta)) <= len(fields) // 2:  # not a whole saved config
+            raise ConfigError("do_train=false: lowmem train always trains (do_train is a script's switch, as in "
+                              "LLaMA-Factory's evaluate-only configs, which the Trainer never reads); drop do_train to "
+                              "train, or evaluate a model with your own script (Trainer.evaluate)")
 
 
 def check_padding_free(ta: dict[str, Any]) -> None:

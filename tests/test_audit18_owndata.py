@@ -79,8 +79,6 @@ def test_saved_dataset_dict_valid_split_is_an_eval_split(tmp_path, eval_name):
 # 3. TrainingArguments' do_train / do_predict: LLaMA-Factory's meaning ignored, without a word
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 3: do_train: false (LLaMA-Factory: evaluate only) / "
-                                       "do_predict: true are accepted and ignored; lowmem train trains anyway")
 @pytest.mark.parametrize("field, value", [("do_train", False), ("do_predict", True)])
 def test_script_only_fields_are_refused(tmp_path, field, value):
     """``TrainingArguments.do_train`` / ``do_eval`` / ``do_predict`` are "not directly used by Trainer", only by scripts;

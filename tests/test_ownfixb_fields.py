@@ -65,3 +65,19 @@ def test_python_api_dpo_config_refuses_them_too():
     with pytest.raises(ConfigError, match=r"LowMemDPOConfig\.ref_model_sync_steps=10 .*sync_ref_model: true"):
         LowMemDPOConfig(**common, ref_model_sync_steps=10)
     assert LowMemDPOConfig(**common, ref_model_sync_steps=10, sync_ref_model=True).ref_model_sync_steps == 10
+
+
+def test_do_train_true_and_a_saved_config_pass(tmp_path):
+    """do_train: true (what lowmem train does) passes; a whole saved TrainingArguments.to_dict() (do_train: false
+    written for every run of a script that never set it) is not refused (check_script_fields); do_train: false alone is."""
+    from transformers import TrainingArguments
+
+    from lowmem.config import ConfigError
+    from lowmem.train import check_script_fields
+
+    assert _build(tmp_path, "sft", {"do_train": True}).do_train is True
+    saved = TrainingArguments(str(tmp_path / "o"), report_to="none", use_cpu=True).to_dict()
+    assert saved["do_train"] is False
+    check_script_fields(saved)
+    with pytest.raises(ConfigError, match="do_train=false"):
+        check_script_fields({"do_train": False, "learning_rate": 1e-3})
