@@ -33,3 +33,20 @@ def test_layerwise_clipping_survives_reusing_the_training_arguments(tmp_path, da
     # the same arguments, a second model (a sweep, a second stage, trainer.args passed on): the user asked for 0.5
     second = LowMemTrainer(model=build_tiny_model(0)[0], args=args, train_dataset=data, data_collator=default_data_collator)
     assert second.create_optimizer().max_grad_norm == 0.5
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-LAYER18 2: lowmem_layerwise=True with a non-engine optimizer (bnb_*) is "
+                                       "accepted by the arguments and refused only at train(), without naming the field")
+def test_layerwise_with_a_bitsandbytes_optimizer_is_refused_by_the_arguments_naming_the_field(tmp_path):
+    # refused, as lowmem_embeddings_32bit=True with lowmem_layerwise is, before any model loads, naming lowmem_layerwise
+    with pytest.raises(ValueError, match="lowmem_layerwise"):
+        LowMemTrainingArguments(str(tmp_path), lowmem_optim="bnb_adamw8bit", lowmem_layerwise=True, report_to="none",
+                                use_cpu=True)
+
+
+def test_layerwise_with_a_bitsandbytes_optimizer_is_refused_at_the_latest_by_create_optimizer(tmp_path):
+    # what holds today (and must keep holding): the run never trains with the hooks silently missing
+    args = LowMemTrainingArguments(str(tmp_path), lowmem_optim="bnb_adamw8bit", report_to="none", use_cpu=True)
+    args.lowmem_layerwise = True
+    with pytest.raises(ValueError, match="engine optimizer"):
+        LowMemTrainer(model=build_tiny_model(0)[0], args=args).create_optimizer()
