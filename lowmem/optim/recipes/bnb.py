@@ -153,7 +153,20 @@ def check_paged_device(class_name: str, params: list[Any]) -> None:
         raise ValueError(f"bitsandbytes' {class_name} pages its state in CUDA unified memory, and {len(cpu)} parameter(s) "
                          f"are on the CPU ({cpu[0]}{', ...' if len(cpu) > 1 else ''}), where bitsandbytes would fall "
                          f"back to unpaged behavior; move the model to CUDA, or use an unpaged optimizer on the CPU "
-                         f"({unpaged}: {[n for n, v in BNB_OPTIMIZERS.items() if v[0] == unpaged] or 'a lowmem recipe'})")
+                         f"({unpaged}: {unpaged_names(class_name)})")
+
+
+# bitsandbytes' unpaged classes that lowmem's engine recipes store in the same format (tested equal): what a paged
+# class without a registered unpaged entry suggests on the CPU
+_UNPAGED_RECIPES = {"AdEMAMix": ["ademamix"], "AdEMAMix8bit": ["ademamix8bit"], "AdEMAMix32bit": ["ademamix"],
+                    "Lion": ["lion"], "AdamW": ["adamw"]}
+
+
+def unpaged_names(class_name: str) -> list[str]:
+    """The lowmem names of the unpaged form of bitsandbytes' paged ``class_name`` (``PagedAdamW8bit`` ->
+    ``['bnb_adamw8bit']``, ``PagedAdEMAMix8bit`` -> ``['ademamix8bit']``, the engine's recipe of the same format)."""
+    unpaged = class_name.replace("Paged", "")
+    return [n for n, v in BNB_OPTIMIZERS.items() if v[0] == unpaged] or _UNPAGED_RECIPES.get(unpaged, ["a lowmem recipe"])
 
 
 def _ademamix_betas(hparams: dict[str, Any]) -> dict[str, Any]:
