@@ -50,3 +50,16 @@ def test_layerwise_with_a_bitsandbytes_optimizer_is_refused_at_the_latest_by_cre
     args.lowmem_layerwise = True
     with pytest.raises(ValueError, match="engine optimizer"):
         LowMemTrainer(model=build_tiny_model(0)[0], args=args).create_optimizer()
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-LAYER18 3: estimate_memory(optimizer='bnb_adamw8bit', layerwise=True) "
+                                       "prices a run LayerwiseOptimizer refuses (largest gradient only), no error")
+def test_layerwise_estimate_of_a_non_engine_optimizer_is_refused():
+    from lowmem.kit import tiny_config
+    from lowmem.memory.estimate import estimate_memory
+
+    # LayerwiseOptimizer(model, "bnb_adamw8bit") and lowmem train refuse this configuration ("needs an engine
+    # optimizer"); the estimate must not give it a total (it counted 32,768 B of gradients for 333,568)
+    with pytest.raises(ValueError, match="layerwise"):
+        estimate_memory(tiny_config(), optimizer="bnb_adamw8bit", layerwise=True, device="cpu", dtype="fp32",
+                        batch_size=1, seq_len=16)
