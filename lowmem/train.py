@@ -1867,7 +1867,21 @@ def checkpoint_missing(path: str | Path) -> list[str]:
     def present(name: str) -> bool:
         return (p / name / ".metadata").is_file() if name.endswith("/") else (p / name).is_file()
 
-    return [names[0] for names in CHECKPOINT_FILES if not any(present(n) for n in names)]
+    missing = [names[0] for names in CHECKPOINT_FILES if not any(present(n) for n in names)]
+    if not missing and not (p / RUN_RECORD).is_file() and RUN_RECORD_CALLBACK in _stateful_callbacks(p):
+        missing.append(RUN_RECORD)  # lowmem train's: killed between trainer_state.json and the record (AUDIT-RESUME18 3)
+    return missing
+
+
+def _stateful_callbacks(path: Path) -> dict[str, Any]:
+    """``trainer_state.json``'s ``stateful_callbacks`` in ``path`` (empty when the file is missing or does not parse:
+    :func:`file_damage` reports that)."""
+    try:
+        data = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    found = data.get("stateful_callbacks") if isinstance(data, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def file_damage(path: str | Path) -> str | None:
@@ -1959,6 +1973,19 @@ def move_earlier_checkpoints(output_dir: str | Path, names: list[str]) -> Path:
     for name in names:
         (out / name).rename(aside / name)
     return aside
+
+
+def later_checkpoints(names: list[str], resumed_from: str | Path) -> list[str]:
+    """The ``checkpoint-M`` among ``names`` (folders of the output directory) after the one a run resumes from
+    (``M > N`` for ``.../checkpoint-N``): the resumed run writes its own there, file by file, so a kill inside one
+    would leave a mix of both runs that :func:`checkpoint_problems` takes as complete; they are moved aside first
+    (:func:`move_earlier_checkpoints`). Empty when ``resumed_from`` is no ``checkpoint-N``."""
+    def step(name: str) -> int | None:
+        tail = name.rsplit("-", 1)[-1] if name.startswith("checkpoint-") else ""
+        return int(tail) if tail.isdigit() else None
+
+    n = step(Path(resumed_from).name)
+    return [] if n is None else [m for m in names if (k := step(m)) is not None and k > n]
 
 
 def interrupted_saves(output_dir: str | Path) -> list[str]:
@@ -2349,6 +2376,9 @@ def _train(trainer: Any, recipe: TrainRecipe) -> Any:
 
 # lowmem train's record of a run in each checkpoint it writes: what decides the order of the training rows
 RUN_RECORD = "lowmem_run.json"
+# the callback writing it: an ExportableState, so trainer_state.json (written before the record) names it, and a
+# checkpoint whose trainer_state.json names it without the record is incomplete (checkpoint_missing)
+RUN_RECORD_CALLBACK = "LowmemRunRecord"
 
 
 def _rows(dataset: Any) -> int | None:
@@ -2432,10 +2462,17 @@ def _warn_data_order(trainer: Any, ckpt: str) -> None:
 
 def _run_record_writer() -> Any:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class RunRecord(TrainerCallback):
+    class LowmemRunRecord(TrainerCallback, ExportableState):
         """Writes :func:`run_record` into each checkpoint, after the Trainer wrote it (process 0), and gives its
-        files the umask's permissions (safetensors writes 0600: :func:`lowmem.io.umask_permissions`)."""
+        files the umask's permissions (safetensors writes 0600: :func:`lowmem.io.umask_permissions`). Its (empty)
+        state in ``trainer_state.json`` marks the checkpoint as lowmem train's, so one a run left without the record
+        (killed after ``trainer_state.json``, the Trainer's last file) counts as incomplete: ``--resume`` skips it
+        with a warning (:func:`checkpoint_missing`) instead of resuming it uncompared."""
+
+        def state(self) -> dict[str, Any]:
+            return {"args": {}, "attributes": {}}
 
         def on_save(self, args, state, control, train_dataloader=None, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -2444,7 +2481,7 @@ def _run_record_writer() -> Any:
                 rows = _rows(getattr(train_dataloader, "dataset", None)) if train_dataloader is not None else None
                 write_text_atomic(folder / RUN_RECORD, json.dumps(run_record(args, rows), indent=2) + "\n")
 
-    return RunRecord()
+    return LowmemRunRecord()
 
 
 def checkpoint_weight_names(checkpoint: str | Path) -> set[str] | None:
@@ -3008,6 +3045,12 @@ def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:
         console.print(f"[yellow]warning[/]: {recipe.output_dir} holds {earlier} from an earlier run; this run starts "
                       f"from step 0 and moved them to {aside} (delete it when not needed; "
                       "resume_from_checkpoint: true / --resume continues the earlier run instead)")
+    later = later_checkpoints(earlier, resumed_from) if resumed_from is not None else []
+    if main and later:  # the resumed run would rewrite them file by file (AUDIT-RESUME18 5)
+        aside = move_earlier_checkpoints(recipe.output_dir, later)
+        console.print(f"[yellow]warning[/]: {recipe.output_dir} holds {later} from an earlier run, after the checkpoint "
+                      f"this run resumes from ({resumed_from}); they were moved to {aside} before this run writes its "
+                      "own (delete it when not needed; move one back to resume from it instead)")
     if main:
         console.print(f"[bold]lowmem train[/]: trainer={recipe.trainer} optim={recipe.optim} "
                       f"({OPTIM_SOURCES[recipe.optim_source]}) {recipe.optim_args or ''} "

@@ -101,8 +101,6 @@ def test_plateau_resume_with_other_lr_refused(tmp_path, tokenizer, schedule):
 # without the record is not compared"). The record should be written before trainer_state.json (or its absence in a
 # lowmem train checkpoint counted as an incomplete save).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 3: a checkpoint whose lowmem_run.json was never written (run "
-                   "killed after trainer_state.json) resumes as complete, and a seed change is not warned about")
 def test_run_record_missing_after_interrupted_save(tmp_path, monkeypatch):
     import lowmem.train as lt
 
@@ -160,8 +158,6 @@ def test_layerwise_window_into_other_accumulation_steps_refused(saved, new, seen
 # torch.save raises), checkpoint-4 holds the resumed run's weights beside the first run's optimizer.pt, scheduler.pt and
 # trainer_state.json, and checkpoint_problems calls it complete (resume_from_checkpoint: true picks it).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 5: a run resumed from an older checkpoint rewrites the later "
-                   "checkpoint-N in place; killed inside it, a mixed checkpoint passes as complete")
 def test_resume_from_older_checkpoint_killed_in_a_later_save(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
