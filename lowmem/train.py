@@ -1002,6 +1002,35 @@ _LORA_SYNONYMS = {"rank": "r", "lora_rank": "r", "lora_r": "r", "alpha": "lora_a
                   "lora_target": "target_modules", "targets": "target_modules", "target": "target_modules"}
 
 
+def _rebuild_aliased_config(base: type, state: dict[str, Any]) -> Any:
+    """Unpickle a config :func:`alias_num_experts` aliased: the model's own class, aliased again."""
+    config = base.__new__(base)
+    config.__dict__.update(state)
+    return alias_num_experts(config)
+
+
+def alias_num_experts(config: Any) -> Any:
+    """Give a Mixture-of-Experts config that names its expert count ``num_local_experts`` only (transformers'
+    ``PhimoeConfig``) the name ``num_experts``, which TRL 1.16's SFT loss reads for the router load-balancing loss
+    (trl/trainer/utils.py ``_fused_forward``: ``text_config.num_experts``; Mixtral's config maps the name, PhiMoE's does
+    not, so SFT on a PhiMoE model stopped at the first step with ``AttributeError: 'PhimoeConfig' object has no
+    attribute 'num_experts'``). The alias is a class-level ``attribute_map`` entry on a subclass of the config's own
+    class (same name, ``model_type`` and ``isinstance``): nothing is added to the instance, so ``config.json`` is saved
+    byte for byte as before; the loss is the model's own (``PhimoeForCausalLM`` calls the same
+    ``load_balancing_loss_func`` with ``num_local_experts``). Configs that have ``num_experts`` are left alone.
+    Returns ``config``."""
+    cls = type(config)
+    if hasattr(config, "num_experts") or not hasattr(config, "num_local_experts"):
+        return config
+    aliased = type(cls.__name__, (cls,), {
+        "attribute_map": {**getattr(cls, "attribute_map", {}), "num_experts": "num_local_experts"},
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__reduce__": lambda self: (_rebuild_aliased_config, (cls, dict(self.__dict__))),
+    })
+    config.__class__ = aliased
+    return config
+
+
 def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
     """The model to train, its tokenizer, and a local directory holding the base model.
 
@@ -2710,6 +2739,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
     else:  # TRL's SFTTrainer: formats, chat template, max_length, packing, completion-only loss (SFTConfig)
         train, evals = data.train, data.eval
         trainer_cls, trainer_kw = LowMemSFTTrainer, {}  # build_training_args picks LowMemSFTConfig
+        alias_num_experts(model.config.get_text_config())  # TRL's SFT router aux loss reads num_experts
     args = build_training_args(recipe)
     try:
         trainer = trainer_cls(

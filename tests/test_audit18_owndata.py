@@ -147,8 +147,6 @@ def _tiny_phimoe(path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="AUDIT-OWNDATA18 5: SFT on a PhiMoE model dies at step 1 in TRL's MoE aux loss "
-                                       "(AttributeError: 'PhimoeConfig' object has no attribute 'num_experts')")
 def test_sft_on_a_phimoe_model_trains_or_is_refused_before_loading(tmp_path):
     """A tiny PhiMoE (transformers' ``PhimoeConfig``: ``num_local_experts``, no ``num_experts`` alias, unlike Mixtral's
     config) saved with save_pretrained, SFT on ``messages`` JSONL: the model loads, then TRL 1.16's
