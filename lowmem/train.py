@@ -1640,14 +1640,14 @@ def build_training_args(recipe: TrainRecipe) -> Any:
                           "true) conflict; give one: dtype: bfloat16 without fp16, or fp16: true with dtype float32 "
                           "(or float16 for a LoRA / QLoRA base)")
     _check_generation_groups(recipe, cls, kwargs)
-    from lowmem.optim.recipes.bnb import BNB_OPTIMIZERS
+    from lowmem.optim.recipes.bnb import BNB_OPTIMIZERS, unpaged_names
 
     if BNB_OPTIMIZERS.get(recipe.optim, (None, 0, False))[2] and (kwargs.get("use_cpu") or not torch.cuda.is_available()):
         # (refused by the optimizer too, after the model loaded: bitsandbytes fell back to unpaged state on the CPU)
-        unpaged = [n for n, v in BNB_OPTIMIZERS.items() if v[0] == BNB_OPTIMIZERS[recipe.optim][0].replace("Paged", "")]
+        unpaged = unpaged_names(BNB_OPTIMIZERS[recipe.optim][0])
         raise ConfigError(f"optim={recipe.optim!r} is bitsandbytes' paged optimizer (state in CUDA unified memory), and "
                           f"this run trains on the CPU ({'use_cpu' if kwargs.get('use_cpu') else 'no GPU is visible'}), "
-                          f"where bitsandbytes falls back to unpaged state; use {unpaged or ['a lowmem recipe']} on the "
+                          f"where bitsandbytes falls back to unpaged state; use {unpaged} on the "
                           "CPU (adamw_8bit / lion_8bit for the Hugging Face names), or train on a GPU")
     check_schedule(kwargs)
     check_dependent_fields(cls, kwargs)

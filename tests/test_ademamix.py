@@ -276,9 +276,8 @@ def test_hf_names_map_and_optim_args_apply():
     emb = model.get_input_embeddings().weight
     assert emb.numel() >= 4096 and opt.state[emb]["exp_avg_slow"].dtype == torch.float32  # kept 32-bit
     assert any(st.get("exp_avg_slow") is not None and st["exp_avg_slow"].dtype == torch.uint8 for st in opt.state.values())
-    for paged in ("paged_ademamix_32bit", "paged_ademamix_8bit"):  # no engine recipe pages memory: refused, listing
-        with pytest.raises(ConfigError, match=r"Hugging Face: \[.*'ademamix_8bit'"):  # the names lowmem maps
-            resolve_optim_name(paged)
+    for paged, entry in (("paged_ademamix_32bit", "bnb_paged_ademamix"), ("paged_ademamix_8bit", "bnb_paged_ademamix8bit")):
+        assert resolve_optim_name(paged) == (entry, False)  # bitsandbytes' paged AdEMAMix, CUDA only (test_newopt18_bnb)
     with pytest.raises(ConfigError, match=r"optim_args.*'gamma'.*valid: \[.*'alpha'.*'beta3'"):
         load_recipe(None, output_dir="/tmp/lm/unused_ademamix", optim="ademamix_8bit", optim_args="gamma=2")
 

@@ -42,6 +42,7 @@ SPECIAL = {
     ("adam_mini", "block"): ("tensor", "row"),  # (Adam-mini's partition; BAdam's 'block' is a block index)
     ("adamw_sn", "betas"): ((0.0, 0.999), (0.9, 0.999)),
     ("adagrad_sn", "momentum"): (0.0, 0.9),
+    ("sgd", "momentum"): (0.0, 0.9), ("rmsprop", "momentum"): (0.0, 0.9), ("rmsprop", "centered"): (False, True),
 }
 
 
@@ -57,7 +58,9 @@ def _cases() -> list[tuple[str, str]]:
             continue
         out += [case for case in SPECIAL if case[0] == name]
         # (microadam keeps its own dtypes: state_dtype fixes nothing there)
-        out += [(name, s) for s in CHANGES if s in known and (name, s) != ("microadam", "state_dtype")]
+        # (sgd at its default momentum 0 keeps no state: state_dtype fixes nothing there either)
+        out += [(name, s) for s in CHANGES if s in known and (name, s) not in (("microadam", "state_dtype"),
+                                                                                ("sgd", "state_dtype"))]
         if "projection" in known and "columns" in known["projection"].valid:  # a basis -> index sets
             out.append((name, "projection"))
     return out

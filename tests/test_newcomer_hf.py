@@ -24,7 +24,7 @@ def test_hf_optim_lowmem_implements_is_named(tmp_path, caplog, optim, lowmem):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {}, {"optim": "adamw_torch"}, {"optim": "sgd"},
+    {}, {"optim": "adamw_torch"}, {"optim": "grokadamw"},
     {"optim": "galore_adamw", "optim_target_modules": ["q_proj"], "lowmem_optim": "galore_adamw"},
 ])
 def test_no_warning_where_lowmem_has_nothing_else_to_offer(tmp_path, caplog, kwargs):
