@@ -1048,6 +1048,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         per-matrix rule), stacked along ``p``'s leading dimensions; :data:`MATRIX_SHARED_KEYS` once. One
         matrix's state is allocated at a time beside the stacks.
 
+        An unprojected batch (a rule's ``per_matrix`` statistics: RACS, Subset-Norm) allocates the first
+        matrix's state only and copies each entry into every matrix of its stack at once (a broadcast copy: one
+        kernel per entry, not two per matrix; issue 15: racs on a Qwen3-MoE layer's experts, 768 fills and 768
+        copies at its first step): a matrix's state is made from its shape, dtype and device alone (the rules'
+        and stabilizers' ``init_state``: zeros, whatever the matrix's values; its number only seeds a
+        projection's draws), so every matrix's is the first one's, bit for bit.
+
         ``key``: the sharded batch (:meth:`_local_matrices`) whose local shard ``p`` is: each matrix numbered by
         its index in the whole batch (:func:`~lowmem.optim.sharded.matrix_offsets`), so its seed, and every
         random draw, is the one-process run's whatever the number of processes. A shard with no matrix
@@ -1071,6 +1078,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     like = _stack_like(v.to("meta"), lead)
                     state[k] = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype,
                                                    device=p.device if v.device.type == "meta" else v.device)
+                return
+            if not self._is_projected(owner, group):  # (the first matrix's state, broadcast into every matrix's)
+                sub = {}
+                self._init_matrix(matrix_of(p, matrix_index(0, lead)), group, sub, matrix=(owner, number(0)))
+                for k, v in sub.items():
+                    if meta and k not in MATRIX_SHARED_KEYS:
+                        v = v.to("meta")
+                    state[k] = v if k in MATRIX_SHARED_KEYS else _stack_like(v, lead)
+                    if k not in MATRIX_SHARED_KEYS and not _no_data(v):
+                        state[k].copy_(v.expand(state[k].shape))
+                del sub
                 return
             for e in range(count):
                 idx = matrix_index(e, lead)
