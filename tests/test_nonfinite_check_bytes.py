@@ -162,3 +162,31 @@ def test_osd_pre_check_read_with_the_check_allocates_what_it_counts(case):
     assert opt._pre_check_bytes()[0] == 4 * sum(d is torch.float32 for d in dtypes)
     assert max(peaks) == opt._check_bytes() == {"float32": 57, "bfloat16": 49, "mixed": 56}[case], (peaks, opt._check_bytes())
     assert opt._check_bytes() <= opt.step_transient_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(OSD_DTYPES))
+def test_a_refresh_read_with_the_check_allocates_what_it_counts(case):
+    """GaLore's refresh steps read their gradients' usability with the check (``_finite_and_pre_check``, which casts
+    each norm to float32 alone); its other steps take ``_all_finite`` (one cast per dtype): ``_check_bytes()`` is the
+    larger, exactly the refresh step's (48 B bfloat16 / 44 mixed / 40 float32 for 4 projected weights and a vector;
+    the other steps 40, the grouped check's)."""
+    dtypes = OSD_DTYPES[case]
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 48).to(d)) for d in dtypes] + [torch.nn.Parameter(torch.randn(48))]
+    opt = create_optimizer([{"params": ps[:4], "rank": 8, "update_proj_gap": 2}, {"params": ps[4:]}], "galore_adamw",
+                           lr=1e-2)
+    orig, peaks = opt._all_finite, []
+
+    def measured(work, lows=None, tokens=None):
+        with _AllLive() as m:
+            ok = orig(work, lows, tokens)
+        peaks.append(m.peak)
+        return ok
+
+    opt._all_finite = measured
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    refresh = {"float32": 40, "bfloat16": 48, "mixed": 44}[case]
+    assert peaks == [refresh, 40, refresh, 40] and opt._check_bytes() == refresh, (peaks, opt._check_bytes())
