@@ -1,8 +1,9 @@
 """The step's non-finite check (``engine._all_finite``) and its byte count (``engine._all_finite_bytes``, part of
 ``step_transient_bytes()``): what it allocates alive together, every dispatched output counted (0-d norms
 too), equals the count for float32 (the norms, then their stack: 8 bytes per tensor), bfloat16 (one multi-tensor
-norm, its stack cast to float32 once) and mixed dtypes (one per dtype, their stacks concatenated); a float16 norm that overflowed is rechecked a bounded piece at a time (no float32 or float64 copy of
-the whole tensor, which ``vector_norm(t, dtype=...)`` makes inside the kernel); the answers are unchanged."""
+norm, its stack cast to float32 once) and mixed dtypes (one per dtype, their stacks concatenated); a float16
+norm that overflowed is rechecked a bounded piece at a time (no float32 or float64 copy of the whole tensor, which
+``vector_norm(t, dtype=...)`` makes inside the kernel); the answers are unchanged."""
 
 from __future__ import annotations
 

@@ -361,7 +361,9 @@ def _all_finite_bytes(tensors: list[tuple[int, torch.dtype, torch.device]]) -> i
         groups.setdefault((device, dtype), []).append(numel)
 
     def partial_sums(device: torch.device, dtype: torch.dtype, numels: list[int]) -> int:
-        return 0 if device.type == "cpu" else (8 if dtype is f64 else 4) * len(numels) * -(-max(numels) // _FOREACH_NORM_CHUNK)
+        if device.type == "cpu":
+            return 0
+        return (8 if dtype is f64 else 4) * len(numels) * -(-max(numels) // _FOREACH_NORM_CHUNK)
 
     if len(groups) == 1 and next(iter(groups)) == (first, f32):
         fast = max(4 * n + partial_sums(first, f32, groups[first, f32]), 8 * n)
@@ -1402,7 +1404,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             copied = [dtype for _, dtype, device in specs if dtype is not f32 or device != first]
             w = 0 if first.type == "cpu" else (4 * (1 + any(d is f64 for _, d, _ in specs)) * len(specs)
                                                * -(-max(m for m, _, _ in specs) // _FOREACH_NORM_CHUNK))
-            alone = max(alone, sum(d.itemsize for d in copied) + max(8 * len(specs), 4 * len(specs) + w + 4 * bool(copied)))
+            n = len(specs)
+            alone = max(alone, sum(d.itemsize for d in copied) + max(8 * n, 4 * n + w + 4 * bool(copied)))
         held, pre = self._pre_check_bytes()
         if not pre:
             return alone
