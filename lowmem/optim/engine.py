@@ -302,6 +302,19 @@ def _norms(tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     return torch.cat(parts), [t for ts in groups.values() for t in ts]
 
 
+def _runs(tensors: list[Tensor], ids: set[int]) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` slices of ``tensors`` where the tensors whose ``id`` is in ``ids`` stand, each run
+    of consecutive ones once (:func:`_norms` of a list led by them: one run per device and dtype)."""
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(tensors):
+        if id(t) in ids:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    return runs
+
+
 # Elements of a tensor whose norm :func:`_norm_below` takes at once (vector_norm(dtype=float32) copies a
 # float16 input to float32 first: 4 B per element, 256 KiB here instead of 4 B per element of the tensor)
 NORM_PIECE = 2**16
@@ -1391,21 +1404,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         float32, never of a float64 parameter, fewer elements) cost no more per tensor; they are held
         within :meth:`_hold_budget`, which this term is part of (held + check <= the bound). With a projection,
         the check may be :meth:`_finite_and_pre_check`'s (a basis step's pre_check, a refresh reading its
-        gradient), whose norms are each cast to float32 alone (the ``N`` 0-d norms in their dtypes, ``C`` bytes
-        of the copied ones', beside their float32 copies and stack: ``C + max(8 N, 4 N + w + 4)``, ``+ 4`` with
-        a copy; ``w`` the multi-tensor kernel's partial sums off the CPU, :func:`_all_finite_bytes`'): the larger
-        of the two."""
+        gradient): the same norms (:func:`_norms`), of the gradients reordered with the due refreshes' first, so
+        its groups of one dtype may come in another order: the largest count over the groups' orders (a group's
+        peak is largest last, beside every other group's float32 stack: the orders with each group last)."""
         if not self.skip_nonfinite:
             return 0
         specs = [(p.numel(), p.dtype, p.device) for group in self.param_groups for p in map(local, group["params"])]
         alone = _all_finite_bytes(specs)
         if self.recipe.projection is not None and specs:
-            f32, f64, first = torch.float32, torch.float64, specs[0][2]
-            copied = [dtype for _, dtype, device in specs if dtype is not f32 or device != first]
-            w = 0 if first.type == "cpu" else (4 * (1 + any(d is f64 for _, d, _ in specs)) * len(specs)
-                                               * -(-max(m for m, _, _ in specs) // _FOREACH_NORM_CHUNK))
-            n = len(specs)
-            alone = max(alone, sum(d.itemsize for d in copied) + max(8 * n, 4 * n + w + 4 * bool(copied)))
+            groups: dict[tuple[torch.dtype, torch.device], list] = {}
+            for spec in specs:
+                groups.setdefault(spec[1:], []).append(spec)
+            for last in groups if len(groups) > 1 else ():
+                alone = max(alone, _all_finite_bytes([x for g, xs in groups.items() if g != last for x in xs]
+                                                     + groups[last]))
         held, pre = self._pre_check_bytes()
         if not pre:
             return alone
@@ -2499,22 +2511,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
         device = pre[0].device if pre is not None else tensors[due[0]].device
         if any(t.device != device for t in tensors):
             return False
-        if due:  # (the refreshes' gradients first: their norms a slice of the stack)
+        if due:  # (the refreshes' gradients first: within each dtype's group of the stack, its first norms)
             first = set(due)
             tensors = [tensors[i] for i in due] + [t for i, t in enumerate(tensors) if i not in first]
-        norms = torch._foreach_norm(tensors)  # (a float32 norm of each, as _all_finite's)
-        stack = torch.stack([n if n.dtype is torch.float32 else n.float() for n in norms])
-        del norms
+            due = tensors[:len(due)]
+        # (_all_finite's norms: one multi-tensor norm per dtype, its stack cast to float32 once, issue 15;
+        # the tensors come back in the stack's order)
+        stack, order = _norms(tensors)
         ok = (stack < MAX_GRAD_NORM).all()  # NaN compares False
-        if due:
-            ok &= all_usable_if_finite(stack[:len(due)])  # (finite, from ok: usable when not zero; 1 byte)
-        del stack
+        for a, b in _runs(order, {id(t) for t in due}):  # (one run per dtype of the due gradients)
+            ok &= all_usable_if_finite(stack[a:b])  # (finite, from ok: usable when not zero; 1 byte)
+        del stack, order
         if pre is not None:
             ok = ok & pre[0]
         if not bool(ok):
             return False
         self._checked = None if pre is None else pre[1]
-        self._usable = {id(t): t for t in tensors[:len(due)]} if due else None
+        self._usable = {id(t): t for t in due} if due else None
         return True
 
     def _refresh_checks(self, work: list[tuple], tensors: list[Tensor], tokens: dict[int, object] | None) -> list[int]:
