@@ -1411,7 +1411,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return 0
         specs = [(p.numel(), p.dtype, p.device) for group in self.param_groups for p in map(local, group["params"])]
         alone = _all_finite_bytes(specs)
-        if self.recipe.projection is not None and specs:
+        if self.recipe.projection is not None and specs and all(d == specs[0][2] for _, _, d in specs):
+            # (several devices: _finite_and_pre_check leaves the check to _all_finite)
             groups: dict[tuple[torch.dtype, torch.device], list] = {}
             for spec in specs:
                 groups.setdefault(spec[1:], []).append(spec)
