@@ -18,7 +18,8 @@ adamw adamw:bf16_stochastic_round=true adamw:kahan_summation=true --dtype bfloat
 stochastic rounding and Kahan summation side by side. A row whose settings cannot apply to that dtype (a rounding
 option on float32 weights) is refused before anything is loaded, naming the row and the option
 (:func:`check_dtype_rows`). ``--task text`` and ``--shapes`` take it too (:mod:`lowmem.bench_text`,
-:mod:`lowmem.bench_shapes`: peer rows probed on weights of that dtype first); ``--launches`` refuses it.
+:mod:`lowmem.bench_shapes`: peer rows probed on weights of that dtype first); ``--launches`` counts the step on
+meta weights of that dtype (:mod:`lowmem.bench_launches`).
 
 It is a benchmark, not a test: numbers depend on the machine. Results go to ``bench.json`` and
 ``bench.md`` in the output directory.
@@ -500,9 +501,6 @@ def main(args) -> int:
             if unknown:
                 raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
     dtype = getattr(args, "dtype", "float32") or "float32"
-    if dtype != "float32" and getattr(args, "launches", False):
-        raise ValueError(f"--dtype {dtype} sets the weights of the tiny task, --task text and --shapes; --launches "
-                         "counts float32 weights; valid: --dtype float32 with --launches")
     check_dtype_rows(names, {}, dtype)  # (a rounding option on float32 weights: every mode; --optim-args: below)
     if getattr(args, "launches", False):
         if args.task != "tiny" or any(n.startswith("peer:") for n in names):

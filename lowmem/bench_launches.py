@@ -19,13 +19,14 @@ dispatches and counts, per step:
 Each recipe (or ``NAME:key=value`` variant) steps a model of the chosen shape set (:data:`LAUNCH_SETS`:
 ``llama-368m``, the model of the H200 run, and every ``lowmem bench --shapes`` set) built on the meta device, with
 zero gradients, under the settings ``lowmem bench --shapes`` uses (recommended hyperparameters, subspace rank
-``--rank``, default 128), twice: with the default chunk (the device's, 2^24 elements) and with
-``chunk_numel=None`` (whole tensors). Without a projection the **steady step** is step :data:`STEADY_STEP`.
+``--rank``, default 128), its weights and gradients in ``--dtype`` (:data:`LAUNCH_DTYPES`: ``float32``, the default,
+or ``bfloat16``: pure bfloat16 weights, the optimizer's state as it makes it for them), twice: with the default chunk
+(the device's, 2^24 elements) and with ``chunk_numel=None`` (whole tensors). Without a projection the **steady step** is step :data:`STEADY_STEP`.
 Recipes with a projection refresh it every :data:`REFRESH_GAP` steps here (``update_proj_gap`` set to it; their
 schedules differ: GaLore refreshes at steps 1, 4, 7, Subspace-Momentum at 3, 6), and step 2 to
 ``2 * REFRESH_GAP + 1`` are counted: the steady step is the most frequent count among them, the **refresh
-step** the one with the most kernels (:func:`steady_and_refresh`). The first step (state allocation, first
-refresh) is never counted. A meta device value read on the host answers ``True`` / ``1``: every gradient counts
+step** the one with the most kernels (:func:`steady_and_refresh`). The **first step** (state allocation, first
+refresh) is counted apart (the ``first kernels`` column), never as a steady or refresh step. A meta device value read on the host answers ``True`` / ``1``: every gradient counts
 as finite.
 
 **Host time** (the ``host ms`` column): the wall time of a steady step on the meta tensors of the default chunk
@@ -79,6 +80,19 @@ LLAMA_368M = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, nu
                   num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
 DEFAULT_SET = "llama-368m"
 DEFAULT_RANK = 128
+#: ``--dtype`` of ``--launches``: the dtype of the meta model's weights and gradients
+LAUNCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def launch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of ``--dtype`` ``dtype`` (:data:`LAUNCH_DTYPES`).
+
+    Raises:
+        ValueError: An unsupported dtype, naming the valid choices.
+    """
+    if dtype not in LAUNCH_DTYPES:
+        raise ValueError(f"--dtype {dtype!r} for --launches: valid: {', '.join(LAUNCH_DTYPES)}")
+    return LAUNCH_DTYPES[dtype]
 
 
 def launch_sets() -> list[str]:
@@ -194,8 +208,9 @@ def host_ms(opt: torch.optim.Optimizer, steps: int = HOST_STEPS) -> tuple[float,
     return statistics.median(total) * 1e3, statistics.median(after) * 1e3
 
 
-def torch_fused_host_ms(shapes: str = DEFAULT_SET, steps: int = HOST_STEPS) -> tuple[float | None, str | None]:
-    """:func:`host_ms` of ``torch.optim.AdamW(fused=True)`` on the meta model of ``shapes`` after
+def torch_fused_host_ms(shapes: str = DEFAULT_SET, steps: int = HOST_STEPS,
+                        dtype: str = "float32") -> tuple[float | None, str | None]:
+    """:func:`host_ms` of ``torch.optim.AdamW(fused=True)`` on the meta model of ``shapes`` (``dtype`` weights) after
     ``STEADY_STEP - 1`` steps: the reference for the host time. torch refuses ``fused=True`` on meta tensors in
     its device check (``torch.optim.adam._device_dtype_check_for_fused``), which is bypassed for it (its fused
     kernel has a meta implementation: step counters on the device, no sync); ``(None, reason)`` where that fails."""
@@ -204,7 +219,7 @@ def torch_fused_host_ms(shapes: str = DEFAULT_SET, steps: int = HOST_STEPS) -> t
     check = getattr(torch_adam, "_device_dtype_check_for_fused", None)
     if check is None:
         return None, "torch.optim.adam has no _device_dtype_check_for_fused to bypass (torch changed)"
-    model = build_meta_model(shapes)
+    model = build_meta_model(shapes, dtype)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     torch_adam._device_dtype_check_for_fused = lambda p, cuda_unsupported=False: None
@@ -230,15 +245,16 @@ def _tensors(args: Any, kwargs: dict) -> list[torch.Tensor]:
     return found
 
 
-def build_meta_model(shapes: str) -> nn.Module:
-    """The model of the shape set ``shapes`` (:func:`launch_sets`) with every parameter on the meta device:
-    ``llama-368m`` a transformers ``LlamaForCausalLM`` (:data:`LLAMA_368M`), the others the modules of
-    :func:`lowmem.bench_shapes.build_set` under the same names, built without allocating."""
+def build_meta_model(shapes: str, dtype: str = "float32") -> nn.Module:
+    """The model of the shape set ``shapes`` (:func:`launch_sets`) with every parameter on the meta device, in
+    ``dtype`` (:func:`launch_dtype`): ``llama-368m`` a transformers ``LlamaForCausalLM`` (:data:`LLAMA_368M`), the
+    others the modules of :func:`lowmem.bench_shapes.build_set` under the same names, built without allocating."""
+    dt = launch_dtype(dtype)
     if shapes == DEFAULT_SET:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         with torch.device("meta"):
-            return LlamaForCausalLM(LlamaConfig(**LLAMA_368M))
+            return LlamaForCausalLM(LlamaConfig(**LLAMA_368M)).to(dt)
     from lowmem import bench_shapes
 
     try:
@@ -247,7 +263,7 @@ def build_meta_model(shapes: str) -> nn.Module:
         raise ValueError(f"unknown shape set {shapes!r} for --launches; valid: {', '.join(launch_sets())}"
                          " (or hidden-N, N >= 8)") from None
     with torch.device("meta"), _no_cpu_init(bench_shapes):
-        return bench_shapes.build_set(shapes)
+        return bench_shapes.build_set(shapes).to(dt)
 
 
 class _no_cpu_init:
@@ -276,8 +292,8 @@ def cuda_path_note(name: str, hparams: dict[str, Any]) -> str | None:
 
 @dataclass
 class LaunchRow:
-    """One optimizer's row: per steady and refresh step, the counts with the default chunk (``default``) and
-    with whole tensors (``whole``); ``transient_*``: ``step_transient_bytes()`` of each; ``skipped``: why it
+    """One optimizer's row: per first, steady and refresh step, the counts with the default chunk (``default``)
+    and with whole tensors (``whole``); ``transient_*``: ``step_transient_bytes()`` of each; ``skipped``: why it
     could not run on meta; ``note``: :func:`cuda_path_note`; ``host_ms`` / ``host_after_sync_ms``: :func:`host_ms` of
     the default chunk's steady step (``None`` with ``host_steps=0``)."""
 
@@ -294,6 +310,8 @@ class LaunchRow:
     note: str | None = None
     host_ms: float | None = None
     host_after_sync_ms: float | None = None
+    first_default: Counts | None = None
+    first_whole: Counts | None = None
 
 
 def _build(label: str, model: nn.Module, rank: int) -> tuple[torch.optim.Optimizer, dict[str, Any], bool]:
@@ -336,9 +354,11 @@ def count_steps(opt: torch.optim.Optimizer, steps: int) -> list[Counts]:
     return out
 
 
-def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK, host_steps: int = HOST_STEPS) -> LaunchRow:
-    """The :class:`LaunchRow` of one optimizer (a registered name or ``NAME:key=value`` variant) on ``shapes``;
-    its host time from ``host_steps`` steps after the counted ones (0: not timed)."""
+def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK, host_steps: int = HOST_STEPS,
+          dtype: str = "float32") -> LaunchRow:
+    """The :class:`LaunchRow` of one optimizer (a registered name or ``NAME:key=value`` variant) on ``shapes``
+    with ``dtype`` weights (:func:`launch_dtype`); its host time from ``host_steps`` steps after the counted ones
+    (0: not timed)."""
     from lowmem.bench import parse_variant
     from lowmem.optim import get_entry
 
@@ -348,7 +368,7 @@ def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK, host_
         return LaunchRow(label, variant, skipped="bitsandbytes' own optimizer: CUDA kernels with no meta-device path")
     row = LaunchRow(label, variant)
     for whole in (False, True):
-        model = build_meta_model(shapes)
+        model = build_meta_model(shapes, dtype)
         for p in model.parameters():
             p.grad = torch.zeros_like(p) if p.requires_grad else None
         try:
@@ -368,33 +388,35 @@ def audit(label: str, shapes: str = DEFAULT_SET, rank: int = DEFAULT_RANK, host_
         row.note = cuda_path_note(name, {**hp, **variant})
         steady, refresh = steady_and_refresh(counts, refreshes)
         if whole:
-            row.steady_whole, row.refresh_whole, row.transient_whole = steady, refresh, transient
+            row.steady_whole, row.refresh_whole, row.transient_whole, row.first_whole = steady, refresh, transient, counts[0]
         else:
             row.steady_default, row.refresh_default, row.transient_default = steady, refresh, transient
+            row.first_default = counts[0]
     return row
 
 
 def run_launches(optimizers: list[str], shapes: str = DEFAULT_SET, rank: int | None = None,
-                 progress: bool = True, host_steps: int = HOST_STEPS) -> tuple[list[LaunchRow], dict[str, Any]]:
-    """:func:`audit` of each optimizer; returns the rows and the run's metadata (with torch's fused AdamW's host
-    time, :func:`torch_fused_host_ms`, when ``host_steps``)."""
+                 progress: bool = True, host_steps: int = HOST_STEPS,
+                 dtype: str = "float32") -> tuple[list[LaunchRow], dict[str, Any]]:
+    """:func:`audit` of each optimizer on ``dtype`` weights; returns the rows and the run's metadata (with torch's
+    fused AdamW's host time on the same weights, :func:`torch_fused_host_ms`, when ``host_steps``)."""
     from lowmem.optim.engine import DEVICE_CHUNK_NUMEL
 
-    build_meta_model(shapes)  # an unknown set: the ValueError naming the valid ones
+    build_meta_model(shapes, dtype)  # an unknown set or dtype: the ValueError naming the valid ones
     rank = DEFAULT_RANK if rank is None else rank
     start, rows = time.perf_counter(), []
     for label in optimizers:
-        rows.append(audit(label, shapes, rank, host_steps))
+        rows.append(audit(label, shapes, rank, host_steps, dtype))
         if progress:
             r = rows[-1]
             print(f"  {label}: " + (f"skipped ({r.skipped})" if r.skipped else
                                     f"{r.steady_default.kernels} kernels / step, {r.steady_whole.kernels} whole"
                                     + ("" if r.host_ms is None else f", host {_host(r)} ms")), flush=True)
-    model = build_meta_model(shapes)
-    meta = {"shapes": shapes, "params": sum(p.numel() for p in model.parameters()), "tensors": len(list(model.parameters())),
+    model = build_meta_model(shapes, dtype)
+    meta = {"shapes": shapes, "dtype": dtype, "params": sum(p.numel() for p in model.parameters()), "tensors": len(list(model.parameters())),
             "rank": rank, "device_chunk": DEVICE_CHUNK_NUMEL, "steady_step": STEADY_STEP, "refresh_gap": REFRESH_GAP,
             "torch": torch.__version__, "host_steps": host_steps}
-    meta["torch_fused_host_ms"], meta["torch_fused_host_error"] = (torch_fused_host_ms(shapes, host_steps) if host_steps
+    meta["torch_fused_host_ms"], meta["torch_fused_host_error"] = (torch_fused_host_ms(shapes, host_steps, dtype) if host_steps
                                                                    else (None, None))
     meta["wall_s"] = time.perf_counter() - start
     return rows, meta
@@ -427,14 +449,16 @@ def _host_note(meta: dict[str, Any]) -> str:
 
 def to_markdown(rows: list[LaunchRow], meta: dict[str, Any]) -> str:
     """The table: per steady and refresh step, kernels with the default chunk and with whole tensors, then the
-    default chunk's syncs / h2d / host reads; the transient of each; skips and notes below it."""
+    default chunk's syncs / h2d / host reads; the transient of each; the host time; the first step's kernels (state
+    allocation); skips and notes below it."""
     lines = ["| optimizer | steady kernels (default / whole) | syncs | h2d | host reads | refresh kernels (default / whole) "
-             "| syncs | h2d | host reads | transient MiB (default / whole) | host ms (step / after sync) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| syncs | h2d | host reads | transient MiB (default / whole) | host ms (step / after sync) "
+             "| first kernels (default / whole) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     for r in rows:
         if r.skipped:
-            lines.append(f"| {r.optimizer} | skipped: {r.skipped} | | | | | | | | | |")
+            lines.append(f"| {r.optimizer} | skipped: {r.skipped} | | | | | | | | | | |")
             continue
         s, rf = _cell(r.steady_default), _cell(r.refresh_default)
         refresh = f"{rf[0]} / {_cell(r.refresh_whole)[0]}" if r.refresh_default is not None else "—"
@@ -443,11 +467,14 @@ def to_markdown(rows: list[LaunchRow], meta: dict[str, Any]) -> str:
         if r.note:
             notes.append(r.note)
         lines.append(f"| {r.optimizer}{mark} | {s[0]} / {_cell(r.steady_whole)[0]} | {s[1]} | {s[2]} | {s[3]} | {refresh} "
-                     f"| {rf[1]} | {rf[2]} | {rf[3]} | {_mib(r.transient_default)} / {_mib(r.transient_whole)} | {_host(r)} |")
-    lines += ["", (f"`{meta['shapes']}`: {meta['params']:,} parameters in {meta['tensors']} tensors on the meta device (the "
+                     f"| {rf[1]} | {rf[2]} | {rf[3]} | {_mib(r.transient_default)} / {_mib(r.transient_whole)} | {_host(r)} "
+                     f"| {_cell(r.first_default)[0]} / {_cell(r.first_whole)[0]} |")
+    lines += ["", (f"`{meta['shapes']}`: {meta['params']:,} parameters in {meta['tensors']} tensors of "
+                   f"{meta.get('dtype', 'float32')} on the meta device (the "
                    f"CUDA code path, nothing computed); default chunk = the device's, {meta['device_chunk']:,} elements; "
                    f"steady step: step {meta['steady_step']}, or with a projection (update_proj_gap {meta['refresh_gap']}) "
-                   f"the most frequent count of steps 2-{2 * meta['refresh_gap'] + 1}, refresh step: their largest; subspace "
+                   f"the most frequent count of steps 2-{2 * meta['refresh_gap'] + 1}, refresh step: their largest; first step: "
+                   f"step 1 (the state allocated, the first refresh); subspace "
                    f"rank {meta['rank']}; syncs / h2d / host reads of the default chunk's step; kernels: device operations "
                    f"other than views and allocations; torch {meta['torch']}; {meta['wall_s']:.0f} s." + _host_note(meta))]
     lines += [f"[{i}] {n}." for i, n in enumerate(notes, 1)]
@@ -461,11 +488,13 @@ def main(args, names: list[str]) -> int:
     from lowmem.io import write_files_atomic
 
     shapes = args.shapes or DEFAULT_SET
-    rows, meta = run_launches(names, shapes, rank=args.rank)
+    dtype = getattr(args, "dtype", None) or "float32"
+    rows, meta = run_launches(names, shapes, rank=args.rank, dtype=dtype)
     meta["date"] = time.strftime("%Y-%m-%d")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = f"### lowmem bench --launches --shapes {shapes}\n\n" + to_markdown(rows, meta)
+    dt = "" if dtype == "float32" else f" --dtype {dtype}"
+    md = f"### lowmem bench --launches --shapes {shapes}{dt}\n\n" + to_markdown(rows, meta)
     write_files_atomic({out / "bench_launches.json": json.dumps({"meta": meta, "results": [asdict(r) for r in rows]},
                                                                 indent=2, default=str),
                         out / "bench_launches.md": md})

@@ -315,10 +315,11 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--launches", action="store_true",
                    help="bool: count what optimizer.step() dispatches on the CUDA code path, on meta tensors of the "
                    "--shapes set (default llama-368m; no GPU needed, nothing computed): kernels, device syncs, "
-                   "host-to-device copies and host reads per steady step and per projection-refresh step, with the "
+                   "host-to-device copies and host reads per steady step and per projection-refresh step (and the first "
+                   "step's kernels: state allocation), with the "
                    "default chunk and with chunk_numel=None side by side, with the host time of a steady step on "
                    "meta and its part after the non-finite check's device read (host ms column; "
-                   "torch.optim.AdamW(fused=True) on the same meta tensors in the footnote) (writes "
+                   "torch.optim.AdamW(fused=True) on the same meta tensors in the footnote), on --dtype weights (writes "
                    "bench_launches.json/.md; lowmem/bench_launches.py). Default: off")
     p.add_argument("--peers", action="store_true",
                    help="bool: add the installed peer packages as rows peer:NAME (galore-torch, fira, apollo-torch, "
@@ -358,8 +359,9 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "bfloat16 weights, no float32 master copy; compare e.g. adamw adamw:bf16_stochastic_round=true "
                    "adamw:kahan_summation=true); a row with bf16_stochastic_round or kahan_summation at float32 is "
                    "refused naming it; with --task text or --shapes a peer row is probed on bfloat16 weights first (one named "
-                   "that fails is refused naming it; --peers lists it as skipped with the reason); --launches counts float32 "
-                   "only. Default: float32")
+                   "that fails is refused naming it; --peers lists it as skipped with the reason); --launches: the meta "
+                   "model's weights and gradients in that dtype (the optimizer's state as it makes it for them). "
+                   "Default: float32")
     p.add_argument("--output-dir", default="runs/bench", help="str: where the json and md results go (default runs/bench)")
     p.add_argument("--repeats", type=int, default=5,
                    help="int: rounds the timed steps (after the warm-up steps) are split into; each gives a step-time "

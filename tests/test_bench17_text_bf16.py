@@ -72,10 +72,13 @@ def test_peers_flag_skips_a_peer_failing_in_bfloat16_saying_why(monkeypatch):
     assert [r.label for r in rows] == [BASELINE, "adamw", "peer:fp32_only"] and not skipped
 
 
-def test_bfloat16_still_refused_for_launches(capsys):
-    assert main(["bench", "adamw", "--dtype", "bfloat16", "--launches"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--launches counts float32 weights" in err
+def test_bfloat16_launches_run_counts_bfloat16_weights(tmp_path, capsys):
+    """``lowmem bench --launches --dtype bfloat16`` runs (no longer refused) and says its dtype in the title."""
+    assert main(["bench", "adamw", "--dtype", "bfloat16", "--launches", "--shapes", "small-tensors",
+                 "--output-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "bench_launches.md").read_text()
+    assert md.startswith("### lowmem bench --launches --shapes small-tensors --dtype bfloat16\n")
+    assert "tensors of bfloat16 on the meta device" in md and "launches" not in capsys.readouterr().err
 
 
 def test_shapes_step_bfloat16_weights(monkeypatch):

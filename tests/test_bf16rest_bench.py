@@ -65,9 +65,12 @@ def test_peer_rows_in_bfloat16_name_the_peer(monkeypatch, capsys, extra):
     assert "'peer:galore_torch'" in err and "cannot run in bfloat16" in err
 
 
-def test_dtype_is_refused_where_it_does_not_apply(capsys):
-    assert main(["bench", "adamw", "--dtype", "bfloat16", "--launches"]) == 2  # (--task text, --shapes take it: BENCH17)
-    assert "--launches counts float32 weights" in capsys.readouterr().err
+def test_dtype_reaches_the_launches_count(tmp_path):
+    """``--dtype bfloat16 --launches`` counts the step on bfloat16 meta weights (it was refused; --task text,
+    --shapes take it too: BENCH17)."""
+    args = ["bench", "adamw", "--dtype", "bfloat16", "--launches", "--shapes", "small-tensors"]
+    assert main([*args, "--output-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "bench_launches.json").read_text())["meta"]["dtype"] == "bfloat16"
 
 
 def test_cli_records_the_dtype(tmp_path):

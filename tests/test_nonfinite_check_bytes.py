@@ -1,8 +1,9 @@
 """The step's non-finite check (``engine._all_finite``) and its byte count (``engine._all_finite_bytes``, part of
 ``step_transient_bytes()``): what it allocates alive together, every dispatched output counted (0-d norms
-too), equals the count for float32 (the norms, then their stack: 8 bytes per tensor), bfloat16 and mixed
-dtypes; a float16 norm that overflowed is rechecked a bounded piece at a time (no float32 or float64 copy of
-the whole tensor, which ``vector_norm(t, dtype=...)`` makes inside the kernel); the answers are unchanged."""
+too), equals the count for float32 (the norms, then their stack: 8 bytes per tensor), bfloat16 (one multi-tensor
+norm, its stack cast to float32 once) and mixed dtypes (one per dtype, their stacks concatenated); a float16
+norm that overflowed is rechecked a bounded piece at a time (no float32 or float64 copy of the whole tensor, which
+``vector_norm(t, dtype=...)`` makes inside the kernel); the answers are unchanged."""
 
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ CASES = {
     "float32": [torch.float32] * 5,
     "bfloat16": [torch.bfloat16] * 5,
     "mixed": [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float64],
+    "interleaved": [torch.bfloat16, torch.float32, torch.bfloat16, torch.float64, torch.float32],
+    "float64_first": [torch.float64] * 4 + [torch.float32],
 }
 
 
@@ -65,11 +68,16 @@ def test_check_allocates_what_it_counts(case):
     ts = [torch.randn(100, 50).to(d) for d in CASES[case]]
     with _AllLive() as m:
         assert E._all_finite(ts)
-    assert m.peak == E._all_finite_bytes(_spec(ts)) if case != "mixed" else m.peak <= E._all_finite_bytes(_spec(ts))
-    assert E._all_finite_bytes(_spec(ts)) == {"float32": 8 * 5, "bfloat16": 2 * 5 + 8 * 5,
-                                              "mixed": 4 * 5000 + 32}[case]  # (mixed: its float16's recheck)
-    if case == "mixed":  # the norms: the copied ones' own (bf16, f16, f64) beside the float32 copies and stack
-        assert m.peak == (2 + 2 + 8) + 8 * 5
+    count = E._all_finite_bytes(_spec(ts))
+    assert m.peak == count if case != "mixed" else m.peak < count
+    # float32: the 0-d norms and their stack; bfloat16: the 0-d norms (2 B) beside their stack, then the stack's
+    # float32 copy beside it (6 B per norm; was 10: each norm cast alone, the copies beside the 0-d norms);
+    # several dtypes: the float32 stacks (4 B per norm) and their concatenation; float64 first: its 0-d norms
+    # beside their stack (16 B per norm) outweigh that
+    assert count == {"float32": 8 * 5, "bfloat16": 6 * 5, "mixed": 4 * 5000 + 32,  # (mixed: its float16's recheck)
+                     "interleaved": 8 * 5, "float64_first": 16 * 4}[case]
+    if case == "mixed":  # the norms: the float32 stacks of each dtype's beside their concatenation
+        assert m.peak == 8 * 5
 
 
 def test_failing_checks_allocate_within_the_count_and_answer_as_before():
@@ -131,9 +139,10 @@ OSD_DTYPES = {  # (no float16: the check's count then holds the failing step's p
 @pytest.mark.parametrize("case", sorted(OSD_DTYPES))
 def test_osd_pre_check_read_with_the_check_allocates_what_it_counts(case):
     """Online Subspace Descent's pre_check is read with the non-finite check (``_finite_and_pre_check``): what
-    that phase allocates (every dispatched output, 0-d ones too) equals ``_check_bytes()``: 57 B float32, 49
+    that phase allocates (every dispatched output, 0-d ones too) equals ``_check_bytes()``: 57 B float32, 44
     bfloat16, 56 mixed for 4 projected parameters and a vector (counted 80 / 12,384 / 12,384 before: 16 B per
-    parameter and a float_norm block the pre_check never allocates); the float32 norms it keeps through the step
+    parameter and a float_norm block the pre_check never allocates; bfloat16 49 while the check cast each norm
+    alone, now the pre_check's own peak is the larger); the float32 norms it keeps through the step
     (4 bytes per float32 projected parameter; none of a bfloat16 one) are in every later phase."""
     dtypes = OSD_DTYPES[case]
     torch.manual_seed(0)
@@ -153,5 +162,32 @@ def test_osd_pre_check_read_with_the_check_allocates_what_it_counts(case):
             p.grad = torch.randn_like(p)
         opt.step()
     assert opt._pre_check_bytes()[0] == 4 * sum(d is torch.float32 for d in dtypes)
-    assert max(peaks) == opt._check_bytes() == {"float32": 57, "bfloat16": 49, "mixed": 56}[case], (peaks, opt._check_bytes())
+    assert max(peaks) == opt._check_bytes() == {"float32": 57, "bfloat16": 44, "mixed": 56}[case], (peaks, opt._check_bytes())
     assert opt._check_bytes() <= opt.step_transient_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(OSD_DTYPES))
+def test_a_refresh_read_with_the_check_allocates_what_it_counts(case):
+    """GaLore's refresh steps read their gradients' usability with the check (``_finite_and_pre_check``), its other
+    steps take ``_all_finite``: both the grouped norms (one cast per dtype, ``engine._norms``), so every step
+    allocates 40 B for 4 projected weights and a vector, and ``_check_bytes()`` is that (was 48 B bfloat16 / 44
+    mixed at the refresh steps while that check cast each norm to float32 alone)."""
+    dtypes = OSD_DTYPES[case]
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 48).to(d)) for d in dtypes] + [torch.nn.Parameter(torch.randn(48))]
+    opt = create_optimizer([{"params": ps[:4], "rank": 8, "update_proj_gap": 2}, {"params": ps[4:]}], "galore_adamw",
+                           lr=1e-2)
+    orig, peaks = opt._all_finite, []
+
+    def measured(work, lows=None, tokens=None):
+        with _AllLive() as m:
+            ok = orig(work, lows, tokens)
+        peaks.append(m.peak)
+        return ok
+
+    opt._all_finite = measured
+    for _ in range(4):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert peaks == [40, 40, 40, 40] and opt._check_bytes() == 40, (peaks, opt._check_bytes())

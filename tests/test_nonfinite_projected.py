@@ -269,7 +269,7 @@ def test_the_float32_fast_check_decides_as_the_grouped_one(monkeypatch):
         fast = E._all_finite(ts)
         assert calls == [len(ts)]  # one multi-tensor norm
         grouped = E._all_finite([*ts, torch.zeros(1, dtype=torch.float64)])  # (a float64 entry: the grouped form)
-        assert calls[1:] == [len(ts) + 1] and fast == grouped  # (one device: one norm, then the float32 check)
+        assert calls[1:] == [len(ts), 1] and fast == grouped  # (one norm per dtype: float32's, then float64's)
     assert [E._all_finite(ts) for ts in cases] == [False, False, False, True, True, False]
 
 

@@ -252,7 +252,7 @@ def _all_finite(tensors: list[Tensor], prepare: Callable[[], Any] | None = None)
     """
     if not tensors:
         return True
-    norms = _norms(tensors)
+    norms, tensors = _norms(tensors)  # (tensors in the norms' order: the zip below pairs each with its own)
     ok = (norms < MAX_GRAD_NORM).all()  # NaN compares False
     if prepare is not None:
         prepare()
@@ -271,23 +271,48 @@ def _narrow(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and torch.finfo(dtype).max < MAX_GRAD_NORM
 
 
-def _norms(tensors: list[Tensor]) -> Tensor:
-    """Every tensor's L2 norm, one multi-tensor norm per device in the tensors' dtypes, stacked in float32
-    on the first tensor's device."""
+def _norms(tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """Every tensor's L2 norm, stacked in float32 on the first tensor's device, and the tensors in the order of
+    the norms (``tensors`` itself when it is theirs).
+
+    One multi-tensor norm per device and dtype (in the order each first appears), in that dtype; its norms
+    stacked, and a stack of another dtype or device cast to float32 on the first device once (issue 15: a
+    bfloat16 model's step cast each of its 219 norms alone, 219 of its 549 kernels); the groups' stacks
+    concatenated when there are several (then the tensors are listed group by group: a failing step's recheck
+    pairs each norm with its tensor). The values are the norms'
+    ``.float().to(first)`` one by one, bit for bit (a stack and a cast copy values)."""
     first, f32 = tensors[0].device, torch.float32
     if all(t.dtype is f32 and t.device == first for t in tensors):
         # the common case, float32 on one device: one multi-tensor norm over the list as it is (no
         # grouping by device: the engine's own time on many small tensors, issue 15)
-        return torch.stack(torch._foreach_norm(tensors))
-    by_device: dict[torch.device, list[Tensor]] = {}
+        return torch.stack(torch._foreach_norm(tensors)), tensors
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    norms = []
-    for device, ts in by_device.items():
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    parts = []
+    for (device, dtype), ts in groups.items():
         ns = torch._foreach_norm(ts)
-        # float32 norms on the first device: what .float().to(first) would give, themselves
-        norms += ns if device == first and all(t.dtype is torch.float32 for t in ts) else [n.float().to(first) for n in ns]
-    return torch.stack(norms)
+        stack = torch.stack(ns)
+        del ns
+        # (float32 norms on the first device are what .float().to(first) would give, themselves)
+        parts.append(stack if dtype is f32 and device == first else stack.float().to(first))
+        del stack
+    if len(parts) == 1:
+        return parts[0], tensors
+    return torch.cat(parts), [t for ts in groups.values() for t in ts]
+
+
+def _runs(tensors: list[Tensor], ids: set[int]) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` slices of ``tensors`` where the tensors whose ``id`` is in ``ids`` stand, each run
+    of consecutive ones once (:func:`_norms` of a list led by them: one run per device and dtype)."""
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(tensors):
+        if id(t) in ids:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    return runs
 
 
 # Elements of a tensor whose norm :func:`_norm_below` takes at once (vector_norm(dtype=float32) copies a
@@ -326,14 +351,16 @@ def _all_finite_bytes(tensors: list[tuple[int, torch.dtype, torch.device]]) -> i
     """The most memory :func:`_all_finite` allocates alive together, for tensors given as ``(numel, dtype,
     device)`` in the order it reads them (a meta-device entry counts as a CUDA one).
 
-    :func:`_norms`: one norm per tensor in its dtype (``e`` bytes); a float32 copy on the first device of
-    each one not already there in float32 (their ``e`` stay alive beside the copies: ``C``, the sum); the
-    stack of the ``N`` float32 norms (``4 N``), then its comparison mask (``N``) and its ``all``: the
-    common case (all float32 on one device) ``max(4 N + w, 8 N)``, otherwise ``C + max(8 N, 4 N + w + 4)``
-    (``+ 4``: a copy's float32 step on its own device before the move; with several devices only the
-    last device's norms stay beside their copies, so ``C`` over all of them is an upper bound). ``w``: on a
-    device other than the CPU, torch's multi-tensor norm kernel's partial sums, ``4 N_d ceil(max numel_d
-    / 65536)`` (8 for float64) for each device's call, the largest. Then, with a float16 (narrow) tensor,
+    :func:`_norms`: the common case (all float32 on one device) the ``N`` 0-d float32 norms (``4 N``) beside
+    the multi-tensor kernel's partial sums (``w``), then beside their stack: ``max(4 N + w, 8 N)``. Otherwise,
+    for each group of ``N_g`` tensors of one device and dtype (``e`` bytes; in the order each first appears),
+    beside the float32 stacks of the groups before it (``H``, 4 bytes per norm): its 0-d norms (``e N_g``) and
+    partial sums (``w_g``), then their stack (``2 e N_g``), then, for a group of another dtype than float32,
+    the stack's float32 copy (``e N_g + 4 N_g``) and, on another device than the first, its move there
+    (``+ 4 N_g``; a float32 group on another device: ``8 N_g``); with several groups their concatenation
+    (``8 N``). Then the stack's comparison mask (``N``) and its ``all`` (1): ``5 N + 1``. ``w``: on a
+    device other than the CPU, torch's multi-tensor norm kernel's partial sums, ``4 N_g ceil(max numel_g
+    / 65536)`` (8 for float64) for each call. Then, with a float16 (narrow) tensor,
     its piecewise recheck (:func:`_norm_below`, one tensor at a time, after the norms are freed): the
     float32 copy of one piece (``4 min(numel, NORM_PIECE)``) and 32 bytes (the accumulator, the piece's
     norm in float32 and float64, their product).
@@ -342,16 +369,28 @@ def _all_finite_bytes(tensors: list[tuple[int, torch.dtype, torch.device]]) -> i
         return 0
     n, (_, _, first) = len(tensors), tensors[0]
     f32, f64 = torch.float32, torch.float64
-    by_device: dict[torch.device, list[tuple[int, torch.dtype]]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for numel, dtype, device in tensors:
-        by_device.setdefault(device, []).append((numel, dtype))
-    w = max(4 * (1 + any(d is f64 for _, d in ts)) * len(ts) * -(-max(m for m, _ in ts) // _FOREACH_NORM_CHUNK)
-            if dev.type != "cpu" else 0 for dev, ts in by_device.items())
-    if all(dtype is f32 and device == first for _, dtype, device in tensors):
-        fast = max(4 * n + w, 8 * n)
+        groups.setdefault((device, dtype), []).append(numel)
+
+    def partial_sums(device: torch.device, dtype: torch.dtype, numels: list[int]) -> int:
+        if device.type == "cpu":
+            return 0
+        return (8 if dtype is f64 else 4) * len(numels) * -(-max(numels) // _FOREACH_NORM_CHUNK)
+
+    if len(groups) == 1 and next(iter(groups)) == (first, f32):
+        fast = max(4 * n + partial_sums(first, f32, groups[first, f32]), 8 * n)
     else:
-        copied = [dtype for _, dtype, device in tensors if dtype is not f32 or device != first]
-        fast = sum(d.itemsize for d in copied) + max(8 * n, 4 * n + w + 4 * bool(copied))
+        held = fast = 0
+        for (device, dtype), numels in groups.items():
+            k, e = len(numels), dtype.itemsize
+            fast = max(fast, held + e * k + partial_sums(device, dtype, numels), held + 2 * e * k)
+            if dtype is not f32:  # (its float32 copy beside the stack, then the copy's move)
+                fast = max(fast, held + e * k + 4 * k + 4 * k * (device != first))
+            elif device != first:
+                fast = max(fast, held + 8 * k)
+            held += 4 * k
+        fast = max(fast, 8 * n if len(groups) > 1 else 0, 5 * n + 1)
     recheck = max((4 * min(numel, NORM_PIECE) + 32 for numel, dtype, _ in tensors if _narrow(dtype)), default=0)
     return max(fast, recheck)
 
@@ -1026,6 +1065,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         per-matrix rule), stacked along ``p``'s leading dimensions; :data:`MATRIX_SHARED_KEYS` once. One
         matrix's state is allocated at a time beside the stacks.
 
+        An unprojected batch (a rule's ``per_matrix`` statistics: RACS, Subset-Norm) allocates the first
+        matrix's state only and copies each entry into every matrix of its stack at once (a broadcast copy: one
+        kernel per entry, not two per matrix; issue 15: racs on a Qwen3-MoE layer's experts, 768 fills and 768
+        copies at its first step): a matrix's state is made from its shape, dtype and device alone (the rules'
+        and stabilizers' ``init_state``: zeros, whatever the matrix's values; its number only seeds a
+        projection's draws), so every matrix's is the first one's, bit for bit.
+
         ``key``: the sharded batch (:meth:`_local_matrices`) whose local shard ``p`` is: each matrix numbered by
         its index in the whole batch (:func:`~lowmem.optim.sharded.matrix_offsets`), so its seed, and every
         random draw, is the one-process run's whatever the number of processes. A shard with no matrix
@@ -1049,6 +1095,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     like = _stack_like(v.to("meta"), lead)
                     state[k] = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype,
                                                    device=p.device if v.device.type == "meta" else v.device)
+                return
+            if not self._is_projected(owner, group):  # (the first matrix's state, broadcast into every matrix's)
+                sub = {}
+                self._init_matrix(matrix_of(p, matrix_index(0, lead)), group, sub, matrix=(owner, number(0)))
+                for k, v in sub.items():
+                    if meta and k not in MATRIX_SHARED_KEYS:
+                        v = v.to("meta")
+                    state[k] = v if k in MATRIX_SHARED_KEYS else _stack_like(v, lead)
+                    if k not in MATRIX_SHARED_KEYS and not _no_data(v):
+                        state[k].copy_(v.expand(state[k].shape))
+                del sub
                 return
             for e in range(count):
                 idx = matrix_index(e, lead)
@@ -1347,11 +1404,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
         phase of the step: every parameter's (local) gradient, assumed in the parameter's dtype; 0 with
         ``skip_nonfinite`` off. The projected gradients it may read instead (:meth:`_checked_lows`:
         float32, never of a float64 parameter, fewer elements) cost no more per tensor; they are held
-        within :meth:`_hold_budget`, which this term is part of (held + check <= the bound)."""
+        within :meth:`_hold_budget`, which this term is part of (held + check <= the bound). With a projection,
+        the check may be :meth:`_finite_and_pre_check`'s (a basis step's pre_check, a refresh reading its
+        gradient): the same norms (:func:`_norms`), of the gradients reordered with the due refreshes' first, so
+        its groups of one dtype may come in another order: the largest count over the groups' orders (a group's
+        peak is largest last, beside every other group's float32 stack: the orders with each group last)."""
         if not self.skip_nonfinite:
             return 0
         specs = [(p.numel(), p.dtype, p.device) for group in self.param_groups for p in map(local, group["params"])]
         alone = _all_finite_bytes(specs)
+        if self.recipe.projection is not None and specs and all(d == specs[0][2] for _, _, d in specs):
+            # (several devices: _finite_and_pre_check leaves the check to _all_finite)
+            groups: dict[tuple[torch.dtype, torch.device], list] = {}
+            for spec in specs:
+                groups.setdefault(spec[1:], []).append(spec)
+            for last in groups if len(groups) > 1 else ():
+                alone = max(alone, _all_finite_bytes([x for g, xs in groups.items() if g != last for x in xs]
+                                                     + groups[last]))
         held, pre = self._pre_check_bytes()
         if not pre:
             return alone
@@ -2461,22 +2530,23 @@ class LowMemOptimizer(torch.optim.Optimizer):
         device = pre[0].device if pre is not None else tensors[due[0]].device
         if any(t.device != device for t in tensors):
             return False
-        if due:  # (the refreshes' gradients first: their norms a slice of the stack)
+        if due:  # (the refreshes' gradients first: within each dtype's group of the stack, its first norms)
             first = set(due)
             tensors = [tensors[i] for i in due] + [t for i, t in enumerate(tensors) if i not in first]
-        norms = torch._foreach_norm(tensors)  # (a float32 norm of each, as _all_finite's)
-        stack = torch.stack([n if n.dtype is torch.float32 else n.float() for n in norms])
-        del norms
+            due = tensors[:len(due)]
+        # (_all_finite's norms: one multi-tensor norm per dtype, its stack cast to float32 once, issue 15;
+        # the tensors come back in the stack's order)
+        stack, order = _norms(tensors)
         ok = (stack < MAX_GRAD_NORM).all()  # NaN compares False
-        if due:
-            ok &= all_usable_if_finite(stack[:len(due)])  # (finite, from ok: usable when not zero; 1 byte)
-        del stack
+        for a, b in _runs(order, {id(t) for t in due}):  # (one run per dtype of the due gradients)
+            ok &= all_usable_if_finite(stack[a:b])  # (finite, from ok: usable when not zero; 1 byte)
+        del stack, order
         if pre is not None:
             ok = ok & pre[0]
         if not bool(ok):
             return False
         self._checked = None if pre is None else pre[1]
-        self._usable = {id(t): t for t in tensors[:len(due)]} if due else None
+        self._usable = {id(t): t for t in due} if due else None
         return True
 
     def _refresh_checks(self, work: list[tuple], tensors: list[Tensor], tokens: dict[int, object] | None) -> list[int]:
