@@ -2883,6 +2883,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
                               callbacks=_memory_callbacks(recipe))
         if data is not None:
             check_dropped_rows(trainer, data, args)
+        alias_num_experts(trainer.model.config.get_text_config())  # TRL's router aux loss reads num_experts
         _eval_on_start(trainer, recipe, True)  # margins before training (see _train)
         out = _train(trainer, recipe)
         before = _first_eval(trainer)
@@ -2898,6 +2899,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
                               train_dataset=synthetic if data is None else data.train,
                               eval_dataset=evals, callbacks=_memory_callbacks(recipe))
+        alias_num_experts(trainer.model.config.get_text_config())  # TRL's router aux loss reads num_experts
         _eval_on_start(trainer, recipe, evals is not None)  # the held-out reward before training (see _train)
         out = _train(trainer, recipe)
         # None: a step in which every reward function returned None for every completion (TRL logs None then)

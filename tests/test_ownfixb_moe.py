@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 import torch
 
 
@@ -50,3 +51,22 @@ def test_the_aux_loss_trl_computes_is_the_models_own():
     text = alias_num_experts(model.config.get_text_config())
     trl_aux = load_balancing_loss_func(out.router_logits, text.num_experts, text.num_experts_per_tok, None)
     assert out.aux_loss is not None and torch.equal(trl_aux, out.aux_loss)
+
+
+@pytest.mark.slow
+def test_dpo_on_a_phimoe_model_trains(tmp_path):
+    """TRL's DPO (and GRPO) add the same fused forward with the router aux loss, on a model TRL loads by path: lowmem
+    aliases the loaded model's config after the trainer is built (lowmem.train._run_trl)."""
+    import json
+
+    from lowmem.train import load_recipe, run
+
+    from tests.test_audit18_owndata import _tiny_phimoe
+
+    model = _tiny_phimoe(tmp_path / "phimoe")
+    data = tmp_path / "pref.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)}) + "\n"
+                            for i in range(8)))
+    recipe = load_recipe(None, trainer="dpo", model=model, dataset=str(data), optim="adamw", lr=1e-3, steps=1,
+                         batch_size=4, output_dir=str(tmp_path / "out"), save_model=False)
+    assert run(recipe)["steps"] == 1
