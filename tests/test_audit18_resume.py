@@ -73,8 +73,6 @@ def _plateau_trainer(out_dir, train_data, lr, kwargs, steps, save_steps=None, sc
 # optimizer.pt), and another patience / factor is replaced by the checkpoint's (ReduceLROnPlateau's state_dict holds
 # them). Measured: group lr 0.01 after the load, patience 10, factor 0.1 (asked: 0.05; patience 0, factor 0.5).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="AUDIT-RESUME18 2: reduce_lr_on_plateau / greedy: a resume with another learning_rate "
-                   "(or patience / factor) silently keeps the checkpoint's")
 @pytest.mark.parametrize("schedule", ["reduce_lr_on_plateau", "greedy"])
 def test_plateau_resume_with_other_lr_refused(tmp_path, tokenizer, schedule):
     from lowmem.kit import sft_dataset, tokenize_sft

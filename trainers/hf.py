@@ -896,6 +896,18 @@ class LowMemOptimizerMixin:
         logger.info("lowmem optimizer %s with %s", name, hp)
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The Trainer's scheduler; under one that is not a ``LambdaLR`` (``reduce_lr_on_plateau``, ``greedy``: no
+        ``base_lrs`` in ``scheduler.pt``) each group's ``initial_lr`` is set to its rate, as torch's ``LRScheduler``
+        sets it, so ``optimizer.pt`` keeps the run's learning rate and a resume compares it
+        (:func:`plateau_mismatch`)."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if getattr(scheduler, "lr_lambdas", None) is None:
+            opt = optimizer if optimizer is not None else self.optimizer
+            for group in getattr(opt, "param_groups", None) or []:
+                group.setdefault("initial_lr", group["lr"])
+        return scheduler
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer's own loading, with errors that name the cause (the original kept as ``__cause__``):
         a checkpoint of another lowmem optimizer (other group hyperparameters, which torch would adopt
@@ -915,6 +927,9 @@ class LowMemOptimizerMixin:
         scheduler = getattr(getattr(self, "lr_scheduler", None), "scheduler", getattr(self, "lr_scheduler", None))
         own_base = list(scheduler.base_lrs) if getattr(scheduler, "lr_lambdas", None) is not None else None
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
+        # another schedule (ReduceLROnPlateau, GreedyLR): this run's rates and settings, compared after the load
+        own_plateau = (None if own_base is not None or scheduler is None or not hasattr(scheduler, "state_dict") else
+                       ([g.get("initial_lr", g["lr"]) for g in inner.param_groups], scheduler.state_dict()))
         own_settings = _group_settings(inner)
         if checkpoint is not None and getattr(self, "is_fsdp_enabled", False) and hasattr(inner, "prepare_load"):
             # BAdam: torch.distributed.checkpoint fills only the entries the optimizer holds when it asks, which
@@ -979,6 +994,18 @@ class LowMemOptimizerMixin:
                     "lr_scheduler_type (lr_scheduler), warmup_steps and "
                     "max_steps (steps) that wrote the checkpoint (a constant schedule may take more steps), or start a "
                     "new run from its weights (model: the checkpoint folder, without resuming)"
+                )
+        saved_sched = Path(checkpoint) / "scheduler.pt" if checkpoint is not None else None
+        if own_plateau is not None and saved_sched.is_file() and not getattr(self, "is_deepspeed_enabled", False):
+            problem = plateau_mismatch(own_plateau[0], [g.get("initial_lr") for g in inner.param_groups],
+                                       own_plateau[1], torch.load(saved_sched, map_location="cpu", weights_only=True))
+            if problem is not None:
+                raise ValueError(
+                    f"resuming from {checkpoint}: {problem}; the Trainer restores the optimizer's rates (optimizer.pt) "
+                    "and the whole scheduler (scheduler.pt), so the run would go on with the checkpoint's values and "
+                    "ignore this run's. Resume with the learning_rate (lr), lr_scheduler_type (lr_scheduler) and "
+                    "lr_scheduler_kwargs that wrote the checkpoint, or start a new run from its weights (model: the "
+                    "checkpoint folder, without resuming)"
                 )
         return out
 
@@ -1066,6 +1093,36 @@ def schedule_mismatch(own_base: list[Any], saved_base: list[Any], lambdas: list[
             return (f"at its step {step} the checkpoint's schedule had lr {lr:g}{group}, this run's schedule "
                     f"(lr_scheduler_type, warmup_steps, max_steps) gives {ours:g} there (the Trainer would run the "
                     f"checkpoint's base rate on this run's schedule, a mix of both)")
+    return None
+
+
+# what configures ReduceLROnPlateau / transformers' GreedyLR (their state_dict holds the whole object): another value on
+# resume is refused (the loaded scheduler.pt would replace this run's); counters and the best metric are the run's state
+PLATEAU_SETTINGS = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lrs", "max_lrs", "eps",
+                    "warmup", "smooth", "window_size", "reset_start_original")
+
+
+def plateau_mismatch(own_lrs: list[Any], saved_lrs: list[Any], own: dict[str, Any], saved: dict[str, Any]) -> str | None:
+    """Why a checkpoint of a schedule that is not a ``LambdaLR`` (``reduce_lr_on_plateau``, ``greedy``) does not
+    continue with this run's configuration, or ``None``. ``own_lrs`` / ``saved_lrs``: each group's ``initial_lr``
+    (this run's learning rate; the checkpoint's, ``None`` for one written before lowmem set it: not compared); the
+    group's current ``lr`` may legitimately be lower (the plateau reduced it), so the base rate is compared. ``own`` /
+    ``saved``: the schedulers' ``state_dict()`` s; :data:`PLATEAU_SETTINGS` compared, and a checkpoint of another
+    scheduler (none of them, or others) named as another ``lr_scheduler_type``."""
+    import math
+
+    for i, (mine, theirs) in enumerate(zip(own_lrs, saved_lrs)):
+        if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) and not math.isclose(mine, theirs, rel_tol=1e-9):
+            group = f" (parameter group {i})" if len(own_lrs) > 1 else ""
+            return (f"this run's learning rate{group} is {mine:g}, the checkpoint's run trained with learning rate "
+                    f"{theirs:g} (the Trainer would go on at the checkpoint's rate and ignore {mine:g})")
+    keys = [k for k in PLATEAU_SETTINGS if k in own]
+    if keys and (not isinstance(saved, dict) or not any(k in saved for k in keys)):
+        return (f"the checkpoint's run used another lr_scheduler_type (its scheduler.pt holds none of this run's "
+                f"schedule settings {keys})")
+    changed = [f"{k}={saved[k]!r} (this run: {own[k]!r})" for k in keys if k in saved and saved[k] != own[k]]
+    if changed:
+        return "the checkpoint's run had lr_scheduler_kwargs " + ", ".join(changed)
     return None
 
 
