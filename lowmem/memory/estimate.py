@@ -157,7 +157,9 @@ def peak_total(components: dict[str, int], layerwise: bool = False, gradients_wi
             freed after each step) fills the gradients as the backward pass frees the activations: the peak is
             the larger of the backward's (activations + the gradients made before its peak: the head's and the
             last layer's) and the step's (every gradient + the transient). ``None``: every gradient is live
-            with the activations (gradient accumulation: the earlier micro-batches' gradients are kept).
+            with the activations (gradient accumulation: the earlier micro-batches' gradients are kept). Layerwise with
+            ``forward_activations``: those live at the loss's moment, where no step runs (with gradient accumulation
+            every kept gradient, ``gradients``; ``None``: none).
         tied_backward (`int`, defaults to `0`): With ``gradients_with_activations``: the two weight-sized tensors
             of a tied embedding's backward, live with every gradient at the end of the backward pass (also in
             ``components["activations"]``, which is at least this). Layerwise with gradient accumulation: what the
@@ -213,11 +215,13 @@ def _peak_of_components(components: dict[str, int], layerwise: bool, gradients_w
         if forward_activations is not None:
             # each parameter steps in its gradient hook and frees its gradient: a gradient (at most the largest) and
             # a step's transient are live with the activations of the moments after the first gradient
-            # (``forward_activations``), not with the loss's moment (the activations' peak, no gradient yet); the
-            # input embedding's step (and a tied embedding's backward) after the activations are freed
+            # (``forward_activations``), not with the loss's moment (the activations' peak, no gradient yet; with
+            # gradient accumulation every kept one, ``gradients_with_activations``, but no step); the input embedding's
+            # step (and a tied embedding's backward) after the activations are freed
             grads = components.get("gradients", 0)
+            early = min(gradients_with_activations or 0, grads)
             with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
-            return rest - grads + max(min(forward_activations, act) + grads + with_act, act + kept,
+            return rest - grads + max(min(forward_activations, act) + grads + with_act, act + early + kept,
                                       grads + max(transient, tied_backward + kept, embedding_backward + kept))
         if transient_with_activations is None:
             return rest + act + transient
@@ -1558,7 +1562,8 @@ def estimate_memory(
     Raises:
         ValueError: Bad argument values (the message names the field and lists the valid ones), quantization
             without LoRA (quantized weights cannot be trained directly), ``reference`` or ``generation_batch_size`` /
-            ``max_completion_length`` with a trainer that has none, ``reference="adapter"`` without ``lora``.
+            ``max_completion_length`` with a trainer that has none, ``reference="adapter"`` without ``lora``,
+            ``layerwise`` without an optimizer or with one that is not an engine optimizer (``bnb_*``: the run refuses it).
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -1571,6 +1576,15 @@ def estimate_memory(
         raise ValueError(f"padding_free=True is modelled for the plain loss and trainer='sft' (TRL's SFTConfig), not "
                          f"trainer={trainer!r}: valid trainers with it are [None, 'sft']")
     optimizer, layerwise, embeddings_32bit = resolve_optimizer_name(optimizer, layerwise)
+    if layerwise:  # a run LayerwiseOptimizer / lowmem train refuse has no estimate
+        from ..optim.layerwise import layerwise_refusal
+
+        if optimizer is None:
+            raise ValueError("layerwise=True (lowmem budget --layerwise) needs an optimizer: the gradient hooks step "
+                             "each parameter with it; pass optimizer=<an engine optimizer> or drop layerwise")
+        refused = layerwise_refusal(optimizer, "layerwise")
+        if refused is not None:
+            raise ValueError(f"{refused} (lowmem budget: --layerwise)")
     model, lora, found = peft_model_parts(model, lora)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
@@ -1681,6 +1695,8 @@ def estimate_memory(
                      "being formed), live with the activations")
     elif layerwise:
         notes.append("layerwise: each gradient is stepped and freed in the backward pass; the largest one is counted")
+    # (the last micro-batch frees each kept gradient as its parameter steps: all of them full-size .grad, none projected)
+    stepped_frees_kept = layerwise_accumulating and not projected
 
     if how == "closed form":
         notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
@@ -1694,7 +1710,9 @@ def estimate_memory(
     notes.append("total = the step's peak: the optimizer transient "
                  + ("and a gradient are live with the activations of the moment that gradient is complete, after the loss's "
                     "moment (layerwise: the activations' peak holds no gradient)" if layerwise and not layerwise_accumulating
-                    else "are live with the activations (layerwise with accumulation: the kept gradients too)" if layerwise else "replaces the activations freed by backward (the larger counts)")
+                    else "are live with the activations of the moment that gradient is complete in the last micro-batch, "
+                    "with every kept gradient but those stepped before it; the loss's moment holds every kept gradient, no "
+                    "step" if layerwise else "replaces the activations freed by backward (the larger counts)")
                  + ("" if layerwise else "; one micro-batch per step: the gradients fill as backward frees the activations"
                     if gradient_accumulation_steps == 1 else f"; {gradient_accumulation_steps} micro-batches per step: every gradient is live with the activations")
                  + "; plus the batch inputs (the step's micro-batches' input_ids, attention_mask and labels, int64, which the "
@@ -1958,7 +1976,11 @@ def estimate_memory(
                 parts["gradients_at_peak"] = max(0, early_grads - over)
             else:
                 parts["gradients_at_peak"] = early_grads if ckpt else max(0, early_grads - logit_sized)
-        if (layerwise and not layerwise_accumulating and (not tied_backward or parts.get("gradient_moments"))
+        if layerwise_accumulating:
+            # LayerwiseOptimizer(accumulation_steps=k): every kept gradient is live at the loss's moment (the
+            # activations' peak, where no step runs: a parameter steps in its hook after its gradient is complete)
+            parts["gradients_at_peak"] = gradients
+        if (layerwise and (not tied_backward or parts.get("gradient_moments") or layerwise_accumulating)
                 and ("gradient_moment" in parts or "rope" in parts)):
             # (a tied head with the Llama formula: what the forward saves, below, as measured. The traced step's
             # moments hold what the measured steps do: the tied head's first contribution, held until the embedding's
@@ -1971,11 +1993,24 @@ def estimate_memory(
             # gradient (the traced step's, or the Llama formula's final norm, layer and first-layer moments)
             extra = parts.get("dequantized_weight", 0) + parts.get("reference_forward", 0) + held
             steps_by_size = sized.get("steps_by_gradient_bytes")
+            # with accumulation, the last micro-batch's steps: every kept gradient is live (peak_total's rest, the
+            # moment's own included: the hook runs after AccumulateGrad added the new one in place and freed it) but
+            # those of the parameters stepped before it (freed), so the activations here are the moment's less those
+            # (a full-rank window; a projected parameter freed its r x n accumulator: none taken off, an upper bound).
+            # Before, the whole step transient on top of the activations' peak: tiny Mixtral bf16 adafactor, 2
+            # micro-batches of 2 x 64, 1.344 of the measured peak (AUDIT-PEAK18 1)
             if parts.get("gradient_moments") and steps_by_size:
                 # the traced step: each gradient's moment (the activations when it is complete) with that gradient and
                 # its own parameter's step (by the gradient's bytes), not the largest step with the most activations
-                live = max(a + g + min(steps_by_size.get(g, with_act), with_act) for a, g in parts["gradient_moments"])
-                parts["forward_activations"] = min(parts["total"], max(0, live - gradients - with_act) + extra)
+                if layerwise_accumulating:
+                    live, freed = 0, 0
+                    for a, g in parts["gradient_moments"]:
+                        live = max(live, a + min(steps_by_size.get(g, with_act), with_act) - freed)
+                        freed += g if stepped_frees_kept else 0
+                    parts["forward_activations"] = min(parts["total"], max(0, live - with_act) + extra)
+                else:
+                    live = max(a + g + min(steps_by_size.get(g, with_act), with_act) for a, g in parts["gradient_moments"])
+                    parts["forward_activations"] = min(parts["total"], max(0, live - gradients - with_act) + extra)
                 parts.pop("forward_saved", None)
                 return finish(parts, b, s)
             if "gradient_moment" in parts:
@@ -1989,7 +2024,14 @@ def estimate_memory(
                 first = parts["head_step_moment"] if not ckpt else (
                     tokens * config.num_hidden_layers * act_bytes * config.hidden_size + parts["rope"] + parts["final_norm"])
                 later = max(moments)
-            parts["forward_activations"] = min(parts["total"], layerwise_live(first, later) + extra)
+            if not layerwise_accumulating:
+                parts["forward_activations"] = min(parts["total"], layerwise_live(first, later) + extra)
+            elif later_step is None:  # (accumulating: the moments' own gradients are kept ones; none taken off)
+                # (a tied head: its contribution, W, held from the head's backward to the embedding's, with them)
+                parts["forward_activations"] = min(parts["total"], max(first, later) + tied_backward // 2 + extra)
+            else:
+                live = max(first + min(head_step, with_act), later + min(later_step, with_act))
+                parts["forward_activations"] = min(parts["total"], max(0, live - with_act) + extra)
             parts.pop("forward_saved", None)
         return finish(parts, b, s)
 
@@ -2021,8 +2063,13 @@ def estimate_memory(
                 # estimate with every kept gradient and the step's transient beside those temporaries was 198,542,640
                 # (1.048)
                 weight = tied_backward // 2
-                parts["forward_activations"] = parts["total"]  # (without the tied moment)
-                parts["total"] = max(parts["total"], 3 * weight)
+                # (without the tied moment; the traced step's: its last micro-batch's step moments, above)
+                parts["forward_activations"] = parts.get("forward_activations", parts["total"])
+                loss_moment = parts["total"]
+                parts["total"] = max(loss_moment, 3 * weight)
+                # the loss's moment (every kept gradient, no step) as the activations' maximum with the gradients that
+                # make it up (a short sequence's activations are the tied moment's 3 W: peak_total counts it apart)
+                parts["gradients_at_peak"] = max(0, min(gradients, loss_moment + gradients - parts["total"]))
                 # what the tied moment adds to every kept gradient (peak_total: gradients + tied_backward)
                 parts["tied_embedding_backward"] = (max(tied_backward, 4 * weight - gradients) if gradient_accumulation_steps == 2
                                                     else 3 * weight)
