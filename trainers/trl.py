@@ -88,7 +88,9 @@ def check_choices(config: Any, choices: dict[str, tuple[str, ...]]) -> None:
 class LowMemDPOConfig(LowMemArguments, DPOConfig):
     __doc__ = ("TRL's ``DPOConfig`` plus lowmem's optimizer selection; ``loss_type`` and ``f_divergence_type`` must be "
                "among TRL's values (:data:`DPO_CHOICES`); ``beta=0`` and a ``label_smoothing`` no ``loss_type`` reads are "
-               "refused as ``lowmem train`` refuses them (:func:`lowmem.train.check_dpo_fields`).\n" + _FIELDS_DOC)
+               "refused as ``lowmem train`` refuses them (:func:`lowmem.train.check_dpo_fields`), and so are fields only "
+               "another setting reads (``discopop_tau``, ``f_alpha_divergence_coef``, ``ref_model_sync_steps``, "
+               "``ref_model_mixup_alpha``, ...) set without it (:func:`lowmem.train.check_dependent_fields`).\n" + _FIELDS_DOC)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,13 +108,21 @@ class LowMemDPOConfig(LowMemArguments, DPOConfig):
 class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
     __doc__ = ("TRL's ``GRPOConfig`` plus lowmem's optimizer selection; ``loss_type``, ``scale_rewards``, "
                "``importance_sampling_level``, ``multi_objective_aggregation`` and ``vllm_mode`` must be among TRL's "
-               "values (:data:`GRPO_CHOICES`).\n" + _FIELDS_DOC)
+               "values (:data:`GRPO_CHOICES`); fields only another setting reads (``ref_model_sync_steps`` without "
+               "``sync_ref_model``, ...) are refused as ``lowmem train`` refuses them "
+               "(:func:`lowmem.train.check_dependent_fields`).\n" + _FIELDS_DOC)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self, GRPO_CHOICES)
+        from lowmem.config import ConfigError
+        from lowmem.train import check_dependent_fields
+
+        try:  # as ``lowmem train`` refuses them: a field that only another setting reads, set without it
+            check_dependent_fields(GRPOConfig, vars(self))
+        except ConfigError as err:
+            raise ConfigError(f"{type(self).__name__}.{err}") from None
         if self.use_vllm:  # else TRL's ImportError when the trainer is built, after the model loaded
-            from lowmem.config import ConfigError
             from lowmem.train import _vllm_available
 
             if not _vllm_available():

@@ -1,0 +1,15 @@
+"""LowMemGRPOConfig refuses a field only another setting reads, as ``lowmem train`` does (FOUND_OWNFIXB 4)."""
+import pytest
+
+from lowmem.config import ConfigError
+from lowmem.trainers.trl import LowMemGRPOConfig
+
+
+def test_ref_model_sync_steps_without_sync_ref_model_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"^LowMemGRPOConfig\.ref_model_sync_steps=10 is read only with sync_ref_model"):
+        LowMemGRPOConfig(str(tmp_path), ref_model_sync_steps=10, use_cpu=True, report_to="none")
+
+
+def test_with_its_setting_or_at_its_default_it_is_accepted(tmp_path):
+    LowMemGRPOConfig(str(tmp_path), ref_model_sync_steps=10, sync_ref_model=True, use_cpu=True, report_to="none")
+    LowMemGRPOConfig(str(tmp_path), use_cpu=True, report_to="none")
