@@ -19,6 +19,7 @@ from lowmem.bench_launches import LaunchCounter
 from lowmem.optim.registry import create_optimizer
 
 SHAPES = [(7, 5), (300,), (40, 30), (3,)]
+NAMES = ["adamw", "lion", "ademamix"]  # (the rules with a bf16_bucket_direction)
 ROUNDING = {"nearest": {}, "sr": {"bf16_stochastic_round": True}, "kahan": {"kahan_summation": True}}
 
 
@@ -67,7 +68,7 @@ def _same(a, pa, b, pb, n=len(SHAPES)):
 CONFIGS = list(itertools.product(["float32", "bfloat16"], list(ROUNDING), [0.0, 0.1]))
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("chunk,mixed", [(None, False), (64, True)], ids=["whole", "pieces_mixed"])
 @pytest.mark.parametrize("moments,rounding,wd", CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
 def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk, mixed, name, monkeypatch):
@@ -90,7 +91,7 @@ def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk,
     _same(ref, pr, opt, po)
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("rounding", list(ROUNDING))
 def test_bf16_buckets_resume_from_a_checkpoint(rounding, name):
     """2 steps, state_dict, a new optimizer loads it, 2 more steps == 4 uninterrupted per-parameter steps (the
@@ -125,7 +126,7 @@ def test_a_piece_rounded_out_of_its_stream_is_refused():
     opt._piece_generator(ChunkState(opt.state[big], 64, 128), big.view(-1)[64:128])  # (its stream: accepted)
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("chunk", [None, 500], ids=["whole", "pieces"])
 @pytest.mark.parametrize("moments,rounding,wd", CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
 def test_bf16_bucket_step_allocates_what_it_reports(moments, rounding, wd, chunk, name):
@@ -141,15 +142,16 @@ def test_bf16_bucket_step_allocates_what_it_reports(moments, rounding, wd, chunk
     assert t.peak == opt.step_transient_bytes() > 0
 
 
-def test_bf16_buckets_launch_counts_on_meta():
-    """The CUDA path counted on meta tensors, 40 bfloat16 weights of AdamW (float32 moments) in one bucket: rounded to
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_buckets_launch_counts_on_meta(name):
+    """The CUDA path counted on meta tensors, 40 bfloat16 weights of each rule (float32 moments) in one bucket: rounded to
     nearest, fewer than 2 kernels per weight (the non-finite check's float32 cast of each bfloat16 gradient is one;
     the bucket's operations are a fixed number), where the per-parameter step launches more than 10 per weight;
     Kahan's compensation 3 multi-tensor operations more; stochastic rounding the rounding's 7 kernels per weight
     (isnan, randint, two adds, and, masked_fill, copy: each weight's own stream) instead of one multi-tensor copy."""
     def count(foreach, rounding):
         ps = [torch.nn.Parameter(torch.empty(64, 32, device="meta", dtype=torch.bfloat16)) for _ in range(40)]
-        opt = create_optimizer([{"params": ps, **ROUNDING[rounding]}], "adamw", lr=1e-3, weight_decay=0.1,
+        opt = create_optimizer([{"params": ps, **ROUNDING[rounding]}], name, lr=1e-3, weight_decay=0.1,
                                foreach=foreach)
         for p in ps:
             p.grad = torch.zeros_like(p)
