@@ -19,7 +19,8 @@ from lowmem.bench_launches import LaunchCounter
 from lowmem.optim.registry import create_optimizer
 
 SHAPES = [(7, 5), (300,), (40, 30), (3,)]
-NAMES = ["adamw", "lion", "ademamix"]  # (the rules with a bf16_bucket_direction)
+NAMES = ["adamw", "lion", "ademamix", "sm3", "sm3_momentum"]  # (the rules with a bf16_bucket_direction)
+KWARGS = {"sm3_momentum": ("sm3", {"momentum": 0.9})}  # (a name of NAMES that is a registered name with settings)
 ROUNDING = {"nearest": {}, "sr": {"bf16_stochastic_round": True}, "kahan": {"kahan_summation": True}}
 
 
@@ -38,7 +39,8 @@ def _build(foreach, moments="float32", rounding="nearest", wd=0.1, chunk=None, m
     groups = [{"params": ps, **ROUNDING[rounding]}]
     if mixed:  # a float32 group beside (its own buckets, the float32 operations)
         groups.append({"params": [torch.nn.Parameter(torch.randn(11, 3))], "weight_decay": 0.0})
-    opt = create_optimizer(groups, name, lr=1e-2, weight_decay=wd, state_dtype=moments, foreach=foreach)
+    name, kw = KWARGS.get(name, (name, {}))
+    opt = create_optimizer(groups, name, lr=1e-2, weight_decay=wd, state_dtype=moments, foreach=foreach, **kw)
     if chunk is not None:
         opt.chunk_numel = chunk
     return opt, [p for g in groups for p in g["params"]]
@@ -74,7 +76,8 @@ CONFIGS = list(itertools.product(["float32", "bfloat16"], list(ROUNDING), [0.0, 
 def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk, mixed, name, monkeypatch):
     """Three steps of the buckets == three per-parameter steps, weights and state bit for bit; the bfloat16 weights
     are stepped in buckets (_step_bf16_bucket), none alone. ``chunk=64``: the (300,) and (40, 30) weights in pieces
-    of 64 across buckets (stochastic rounding: each piece continues its parameter's stream)."""
+    of 64 across buckets (stochastic rounding: each piece continues its parameter's stream), or alone where the rule
+    steps a tensor's pieces whole (SM3: not ``pieces_elementwise``)."""
     import lowmem.optim.engine as E
 
     ref, pr = _build(False, moments, rounding, wd, chunk, mixed, name=name)
@@ -83,11 +86,15 @@ def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk,
     real = E.LowMemOptimizer._step_bf16_bucket
     monkeypatch.setattr(E.LowMemOptimizer, "_step_bf16_bucket",
                         lambda self, ps, *a: (calls.append(len(ps)), real(self, ps, *a))[1])
-    alone = []
-    monkeypatch.setattr(E.LowMemOptimizer, "_update", lambda self, p, *a, **k: alone.append(p.dtype))
+    alone, update = [], E.LowMemOptimizer._update
+    monkeypatch.setattr(E.LowMemOptimizer, "_update",
+                        lambda self, p, *a, **k: (alone.append(p.dtype), update(self, p, *a, **k))[1])
     opt, po = _build(True, moments, rounding, wd, chunk, mixed, name=name)
     _steps(opt, po, 3)
-    assert torch.bfloat16 not in alone and calls  # (a float32 weight with bfloat16 moments: alone, as before)
+    big = [p for p in po[:len(SHAPES)] if chunk is not None and p.numel() > chunk
+           and not getattr(opt.recipe.moment, "pieces_elementwise", False)]
+    # (a float32 weight with bfloat16 moments: alone, as before)
+    assert alone.count(torch.bfloat16) == 3 * len(big) and calls
     _same(ref, pr, opt, po)
 
 
@@ -151,7 +158,8 @@ def test_bf16_buckets_launch_counts_on_meta(name):
     (isnan, randint, two adds, and, masked_fill, copy: each weight's own stream) instead of one multi-tensor copy."""
     def count(foreach, rounding):
         ps = [torch.nn.Parameter(torch.empty(64, 32, device="meta", dtype=torch.bfloat16)) for _ in range(40)]
-        opt = create_optimizer([{"params": ps, **ROUNDING[rounding]}], name, lr=1e-3, weight_decay=0.1,
+        rule, kw = KWARGS.get(name, (name, {}))
+        opt = create_optimizer([{"params": ps, **ROUNDING[rounding]}], rule, lr=1e-3, weight_decay=0.1, **kw,
                                foreach=foreach)
         for p in ps:
             p.grad = torch.zeros_like(p)

@@ -1305,14 +1305,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _bf16_bucket_bytes(self, members: list[tuple[int, dict[str, Tensor]]], group: dict[str, Any]) -> int:
         """What :meth:`_step_bf16_bucket` allocates for a bucket's bfloat16 ``members`` (elements, state), after its
         float32 members' step: the rule's direction phase (``bf16_bucket_transient_bytes``, the gradients' float32
-        copies included), the directions beside the parameters' float32 copies (8 B per element), and with
+        copies included; told the ``members`` too: SM3's stacks are sized per shape), the directions beside the parameters' float32 copies (8 B per element), and with
         ``bf16_stochastic_round`` the copies beside one member's random bits and NaN mask
         (:func:`~lowmem.optim.functional.rounding.stochastic_round_bytes`); Kahan's compensation and rounding to
         nearest allocate nothing more."""
         if not members:
             return 0
         n = sum(k for k, _ in members)
-        worst = max(self.recipe.moment.bf16_bucket_transient_bytes(n, [s for _, s in members]), 8 * n)
+        worst = max(self.recipe.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members), 8 * n)
         if group.get("bf16_stochastic_round"):
             worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
         return worst
@@ -2626,9 +2626,13 @@ class LowMemOptimizer(torch.optim.Optimizer):
         bucket direction of bfloat16 parameters (``bf16_bucket_direction``: AdamW's) and moments of a dtype it
         takes (``bf16_bucket_state_dtypes``), a bfloat16 dense gradient, no stabilizers, a constant learning-rate
         rule and a float ``lr`` (the operations of :meth:`_apply` with a number); not in a subclass whose
-        per-parameter step is its own (BAdam's ``_update``: a float32 master copy takes the step)."""
+        per-parameter step is its own (BAdam's ``_update``: a float32 master copy takes the step); a tensor larger
+        than ``chunk_numel`` only where the rule steps pieces element-wise (``pieces_elementwise``: a rule whose
+        statistics span blocks, SM3's, steps such a bfloat16 tensor alone, as before)."""
         r = self.recipe
+        chunk = self._chunk(p.device)
         return (p.dtype == torch.bfloat16 and getattr(r.moment, "bf16_bucket_direction", None) is not None
+                and (chunk is None or p.numel() <= chunk or getattr(r.moment, "pieces_elementwise", False))
                 and type(self)._update is LowMemOptimizer._update
                 and (grad is None or (grad.dtype == torch.bfloat16 and not grad.is_sparse))
                 and state_dtype(group, p) in r.moment.bf16_bucket_state_dtypes
