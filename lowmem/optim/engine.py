@@ -1311,8 +1311,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
         nearest allocate nothing more."""
         if not members:
             return 0
-        n = sum(k for k, _ in members)
-        worst = max(self.recipe.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members), 8 * n)
+        r, n = self.recipe, sum(k for k, _ in members)
+        rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members)
+        if r.lr_rule is constant_lr:
+            worst = max(rule, 8 * n)
+        else:  # the parameters' copies first, the step sizes (peak, kept) beside them, then the direction phase
+            peak, kept = r.moment.bf16_bucket_lr_bytes(len(members), group)
+            wd = any(r.moment.weight_decay_for(group, s) != 0 for _, s in members)
+            # (a tensor of step sizes: the decay's lr wd and p (lr wd) beside the directions and copies)
+            worst = max(4 * n + peak, 4 * n + kept + rule, 8 * n + kept + ((kept + 4 * n) if kept and wd else 0))
         if group.get("bf16_stochastic_round"):
             worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
         return worst
@@ -2192,17 +2199,32 @@ class LowMemOptimizer(torch.optim.Optimizer):
         float32 copies, decay and update (:meth:`_apply`'s operations), then the write-back
         (:meth:`_store_bucket`). Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
         r = self.recipe
-        lr = group["lr"]
+        lr, p32s = group["lr"], None
+        if r.lr_rule is not constant_lr:  # (the rule's step sizes read the parameters: bf16_bucket_lrs, Adafactor's)
+            p32s = _FA.float32_copies(ps)
+            lr = r.moment.bf16_bucket_lrs(p32s, ss, group, t)
         g32s = _FA.float32_copies(gs)
         gs.clear()
         ds = r.moment.bf16_bucket_direction(g32s, ss, group, t, lr)
         del g32s
-        p32s = _FA.float32_copies(ps)
+        if p32s is None:
+            p32s = _FA.float32_copies(ps)
         wds = {r.moment.weight_decay_for(group, s) for s in ss}
         if len(wds) != 1:  # (one decay per bucket: a rule whose decay differs per parameter steps them alone)
             raise ValueError(f"{r.name}: a bucket of bfloat16 parameters with several weight decays {sorted(wds)}")
         wd = wds.pop()
-        decay = (lambda: torch._foreach_mul_(p32s, foreach_scalar(p32s, 1.0 - lr * wd))) if wd != 0 else (lambda: None)
+        if isinstance(lr, Tensor):  # one step size per parameter: F.decoupled_weight_decay_'s p - p (lr wd)
+            if not r.moment.applies_lr:
+                raise ValueError(f"{r.name}: a bucket of bfloat16 parameters with step sizes of a rule that does not"
+                                 " apply them (applies_lr)")
+
+            def decay() -> None:
+                if wd != 0:
+                    dec = torch._foreach_mul(p32s, list((lr * wd).unbind()))
+                    torch._foreach_sub_(p32s, dec)
+        else:
+            decay = ((lambda: torch._foreach_mul_(p32s, foreach_scalar(p32s, 1.0 - lr * wd))) if wd != 0
+                     else (lambda: None))
         if not r.decay_after_update:
             decay()
         if r.moment.applies_lr:
@@ -2211,7 +2233,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(p32s, ds, alpha=-lr)
         if r.decay_after_update:
             decay()
-        del ds  # (freed before the write-back: stochastic rounding's bits take their place)
+        del ds, decay, lr  # (freed before the write-back: stochastic rounding's bits take their place)
         self._store_bucket(ps, p32s, ss, group)
 
     def _store_bucket(self, ps: list[Tensor], p32s: list[Tensor], ss: list[dict[str, Tensor]],
@@ -2637,7 +2659,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 and (grad is None or (grad.dtype == torch.bfloat16 and not grad.is_sparse))
                 and state_dtype(group, p) in r.moment.bf16_bucket_state_dtypes
                 and getattr(r.moment, "bf16_bucket_takes", lambda p, group: True)(p, group)  # (Lion's fused kernel)
-                and not r.stabilizers and r.lr_rule is constant_lr and not isinstance(group.get("lr"), Tensor))
+                and not r.stabilizers and not isinstance(group.get("lr"), Tensor)
+                # (or the rule's own lr rule that reads the parameters, evaluated on the bucket: bf16_bucket_lrs)
+                and (r.lr_rule is constant_lr or r.lr_rule is getattr(r.moment, "bf16_bucket_lr_rule", None)))
 
     # ---- the multi-tensor step of projected parameters ---------------------------------------
 
