@@ -21,10 +21,14 @@ from lowmem.optim.registry import create_optimizer
 SHAPES = [(7, 5), (300,), (40, 30), (3,)]
 # (the rules with a bf16_bucket_direction; Adafactor's with its own lr rule read from the parameters' copies, and with
 # a constant step size)
-NAMES = ["adamw", "lion", "ademamix", "sm3", "sm3_momentum", "adafactor", "adafactor_const"]
+NAMES = ["adamw", "lion", "ademamix", "sm3", "sm3_momentum", "adafactor", "adafactor_const", "adamw8bit", "adamw4bit",
+         "ademamix8bit", "lion8bit"]
 KWARGS = {"sm3_momentum": ("sm3", {"momentum": 0.9}),  # (a name of NAMES that is a registered name with settings)
           "adafactor": ("adafactor", {"lr": None, "beta1": 0.9}),  # (relative_step, scale_parameter: no lr)
-          "adafactor_const": ("adafactor", {"relative_step": False, "scale_parameter": False})}
+          "adafactor_const": ("adafactor", {"relative_step": False, "scale_parameter": False}),
+          # (the quantized rules: every weight's moments quantized, blocks of 64, a partial last block too)
+          **{n: (n, {"min_quant_size": 1, "block_size": 64})
+             for n in ("adamw8bit", "adamw4bit", "ademamix8bit", "lion8bit")}}
 
 
 def _create(groups, name, **kw):

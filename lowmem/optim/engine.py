@@ -1305,14 +1305,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _bf16_bucket_bytes(self, members: list[tuple[int, dict[str, Tensor]]], group: dict[str, Any]) -> int:
         """What :meth:`_step_bf16_bucket` allocates for a bucket's bfloat16 ``members`` (elements, state), after its
         float32 members' step: the rule's direction phase (``bf16_bucket_transient_bytes``, the gradients' float32
-        copies included; told the ``members`` too: SM3's stacks are sized per shape), the directions beside the parameters' float32 copies (8 B per element), and with
+        copies included; told the ``members`` and ``group`` too: SM3's stacks are sized per shape, the quantized
+        rules' codec calls by the block size), the directions beside the parameters' float32 copies (8 B per element), and with
         ``bf16_stochastic_round`` the copies beside one member's random bits and NaN mask
         (:func:`~lowmem.optim.functional.rounding.stochastic_round_bytes`); Kahan's compensation and rounding to
         nearest allocate nothing more."""
         if not members:
             return 0
         r, n = self.recipe, sum(k for k, _ in members)
-        rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members)
+        rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members, group=group)
         if r.lr_rule is constant_lr:
             worst = max(rule, 8 * n)
         else:  # the parameters' copies first, the step sizes (peak, kept) beside them, then the direction phase

@@ -529,7 +529,7 @@ class AdamMoments(MomentRule):
         torch._foreach_copy_(vs, v32s)
         return FA.adam_direction_foreach_into_(m32s, v32s, t, beta1, beta2, group["eps"], self.eps_placement)
 
-    def bf16_bucket_transient_bytes(self, numel: int, states: list[dict[str, Tensor]], members=None) -> int:
+    def bf16_bucket_transient_bytes(self, numel: int, states: list[dict[str, Tensor]], members=None, group=None) -> int:
         """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32
         copies included: float32 moments, ``sqrt(v)`` beside the directions (8 B per element; the copies, 4 B,
         are freed before); bfloat16 moments, the copies of both beside the gradients' (12 B), then beside
@@ -948,7 +948,7 @@ class FactoredMoments(MomentRule):
         g32s.clear()
         return ds
 
-    def bf16_bucket_transient_bytes(self, numel, states, members=None):
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
         """:meth:`bf16_bucket_direction` of ``members`` (``(elements, state)``, ``numel`` elements): the gradients'
         float32 copies (4 B per element) beside :func:`~lowmem.optim.functional.adafactor_direction_foreach`'s
         groups in order (the directions of the groups done and this one's, one more float32 tensor of it and its

@@ -138,7 +138,7 @@ class AdEMAMixMoments(MomentRule):
                 torch._foreach_copy_(xs, x32s)
         return ds
 
-    def bf16_bucket_transient_bytes(self, numel, states, members=None):
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
         """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32 copies
         included: beside them the directions and ``m1 / c1``'s quotients (then the denominators), 12 B per element;
         bfloat16 moments add their three float32 copies (24 B), as the per-parameter step's chunk of as many."""

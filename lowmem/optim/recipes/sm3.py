@@ -314,7 +314,7 @@ class Sm3Moments(MomentRule):
         g32s.clear()
         return ds
 
-    def bf16_bucket_transient_bytes(self, numel, states, members=None):
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
         """What :meth:`bf16_bucket_direction` allocates at most for the bucket's ``members`` (``(elements, state)``)
         of ``numel`` elements: the gradients' float32 copies and the directions made so far (together 4 B per
         element: a group's copies are freed as its directions are made) beside one group's
