@@ -370,6 +370,38 @@ class CameMoments(MomentRule):
             torch._foreach_add_(group_ps, list(d.unbind(0)), alpha=-lr)
             del d
 
+    # ---- bfloat16 parameters in the multi-tensor buckets (the engine's _step_bf16_bucket) ----
+
+    #: the state dtypes :meth:`bf16_bucket_direction` takes (bfloat16 statistics: the per-parameter step)
+    bf16_bucket_state_dtypes = (torch.float32,)
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of whole bfloat16 parameters: the gradients' float32 copies ``g32s`` grouped
+        as :meth:`foreach_step_` groups float32 gradients (:func:`~lowmem.optim.functional.adafactor.stack_groups`),
+        lines 1-11 once per group (:meth:`_group_direction`, bit for bit the per-parameter step's), each group's
+        copies freed once its directions are made (``g32s`` is emptied); a lone vector's direction (its first moment
+        itself) copied, so that every direction is a new tensor (the engine frees them before the write-back).
+        Returns the float32 directions; allocates :meth:`bf16_bucket_transient_bytes`."""
+        ds: list = [None] * len(g32s)
+        for idx in stack_groups(g32s, [2 if "exp_avg_sq_row" in st else 1 for st in states]):
+            d = self._group_direction([g32s[i] for i in idx], [states[i] for i in idx], group)
+            if len(idx) == 1 and "exp_avg_res_row" not in states[idx[0]]:
+                d = d.clone()  # (a lone vector's first moment)
+            for i, x in zip(idx, d.unbind(0)):
+                ds[i], g32s[i] = x, None
+            del d
+        g32s.clear()
+        return ds
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """What :meth:`bf16_bucket_direction` allocates for the bucket's ``members`` (``(elements, state)``) of
+        ``numel`` elements: the gradients' float32 copies and the directions made so far (together 4 B per element)
+        beside one group's :meth:`_group_bytes` (:meth:`foreach_bucket_transient_bytes`, grouped as the float32
+        buckets; a lone vector's copy of its direction, ``4 n``, within its group's ``4 n + 4``)."""
+        if members is None:  # (the groups' sizes need each member's elements: a state is empty before its first step)
+            raise TypeError("CameMoments.bf16_bucket_transient_bytes needs members=, the bucket's (elements, state)")
+        return 4 * numel + self.foreach_bucket_transient_bytes(numel, members)
+
     @staticmethod
     def _group_direction(grads, states, group):
         """Lines 1-11 (without ``lr``) of a group of same-shape float32 tensors, stacked along a new first
