@@ -911,8 +911,8 @@ class FactoredMoments(MomentRule):
 
     # ---- bfloat16 parameters in the multi-tensor buckets (the engine's _step_bf16_bucket) ----
 
-    #: the statistics' dtypes :meth:`bf16_bucket_direction` takes (bfloat16 statistics: the per-parameter step)
-    bf16_bucket_state_dtypes = (torch.float32,)
+    #: the statistics' dtypes :meth:`bf16_bucket_direction` takes (bfloat16 ones on float32 copies)
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
     # (bf16_bucket_lr_rule: :func:`adafactor_lr`, set with foreach_lr_rule below; the engine buckets bfloat16
     # parameters of a recipe whose lr rule is not constant_lr only when it is this one)
 
@@ -933,19 +933,37 @@ class FactoredMoments(MomentRule):
         return (8 * k, 4 * k) if group["scale_parameter"] else (0, 0)
 
     def bf16_bucket_direction(self, g32s, states, group, t, lr):
-        """:meth:`direction` of a bucket of whole bfloat16 parameters with float32 statistics:
+        """:meth:`direction` of a bucket of whole bfloat16 parameters:
         :func:`~lowmem.optim.functional.adafactor_direction_foreach` of the gradients' float32 copies ``g32s``
         (emptied at the end) with the step sizes ``lr`` (:meth:`bf16_bucket_lrs`' tensor, or a float), a group of
-        same-shape tensors at a time, each direction the per-parameter step's bit for bit. Returns the lr-scaled
-        float32 directions; allocates :meth:`bf16_bucket_transient_bytes`."""
-        second = [(s["exp_avg_sq_row"], s["exp_avg_sq_col"]) if "exp_avg_sq_row" in s else (s["exp_avg_sq"],)
-                  for s in states]
+        same-shape tensors at a time, each direction the per-parameter step's bit for bit; bfloat16 statistics (and
+        first moment) are updated on float32 copies and stored rounded to nearest, the direction the unrounded
+        copies' (as :meth:`_unclipped_update` and :func:`_adafactor_first_moment`). Returns the lr-scaled float32
+        directions; allocates :meth:`bf16_bucket_transient_bytes`."""
         beta1 = group.get("beta1")
-        ds = F.adafactor_direction_foreach(g32s, second, [s["exp_avg"] for s in states] if beta1 is not None else None,
+        # (each statistic's members: a bucket holds factored matrices and vectors)
+        stored = {k: [i for i, s in enumerate(states) if k in s] for k in self.state_keys}
+        dtypes = {states[i][k].dtype for k, idx in stored.items() for i in idx}
+        if dtypes not in ({torch.float32}, {torch.bfloat16}):
+            raise ValueError(f"FactoredMoments.bf16_bucket_direction: the statistics of one bucket are all float32 or all"
+                             f" bfloat16, got {sorted(map(str, dtypes))}")
+        low = dtypes == {torch.bfloat16}
+        work = [dict(s) for s in states]
+        if low:  # (float32 copies of every statistic, in the states' stead)
+            for k, idx in stored.items():
+                for i, x32 in zip(idx, FA.float32_copies([states[i][k] for i in idx])):
+                    work[i][k] = x32
+        second = [(s["exp_avg_sq_row"], s["exp_avg_sq_col"]) if "exp_avg_sq_row" in s else (s["exp_avg_sq"],)
+                  for s in work]
+        ds = F.adafactor_direction_foreach(g32s, second, [s["exp_avg"] for s in work] if beta1 is not None else None,
                                            lr if isinstance(lr, Tensor) else [lr] * len(g32s),
                                            F.adafactor_beta2(t, group["decay_rate"]), group["eps"][0],
                                            group["clip_threshold"], beta1)
         g32s.clear()
+        if low:
+            for k, idx in stored.items():
+                if idx:
+                    torch._foreach_copy_([states[i][k] for i in idx], [work[i][k] for i in idx])
         return ds
 
     def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
@@ -956,6 +974,9 @@ class FactoredMoments(MomentRule):
         not consecutive their stack, ``4 k``: :func:`_bf16_lr_stacks`); at the end every direction."""
         if members is None:  # (the groups need each member's elements: a state is empty before its first step)
             raise TypeError("FactoredMoments.bf16_bucket_transient_bytes needs members=, the bucket's (elements, state)")
+        # (bfloat16 statistics: their float32 copies, alive through the direction)
+        copies = sum(4 * st[k].numel() for _, st in members for k in self.state_keys
+                     if k in st and st[k].dtype == torch.bfloat16)
         layouts = [(_second_moment_layout(st), n) for n, st in members]
         out = 0
         for large in _stacking([st for _, st in members]):
@@ -964,7 +985,7 @@ class FactoredMoments(MomentRule):
                 done += 4 * n
                 worst = max(worst, done + 4 * n + stats + lr_stack)
             out = max(out, worst, done)
-        return 4 * numel + out
+        return 4 * numel + copies + out
 
     # ---- the projected multi-tensor step (GaLore with Adafactor) ----
 
