@@ -22,7 +22,7 @@ SHAPES = [(7, 5), (300,), (40, 30), (3,)]
 # (the rules with a bf16_bucket_direction; Adafactor's with its own lr rule read from the parameters' copies, and with
 # a constant step size)
 NAMES = ["adamw", "lion", "ademamix", "sm3", "sm3_momentum", "adafactor", "adafactor_const", "adamw8bit", "adamw4bit",
-         "ademamix8bit", "lion8bit", "came"]
+         "ademamix8bit", "lion8bit", "came", "adam_mini"]
 KWARGS = {"sm3_momentum": ("sm3", {"momentum": 0.9}),  # (a name of NAMES that is a registered name with settings)
           "adafactor": ("adafactor", {"lr": None, "beta1": 0.9}),  # (relative_step, scale_parameter: no lr)
           "adafactor_const": ("adafactor", {"relative_step": False, "scale_parameter": False}),

@@ -1313,6 +1313,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if not members:
             return 0
         r, n = self.recipe, sum(k for k, _ in members)
+        if getattr(r.moment, "bf16_bucket_steps_copies", False):  # (the copies beside the rule's float32 bucket step)
+            worst = 8 * n + r.moment.foreach_bucket_transient_bytes(n, members, group)
+            if group.get("bf16_stochastic_round"):
+                worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
+            return worst
         rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members, group=group)
         if r.lr_rule is constant_lr:
             worst = max(rule, 8 * n)
@@ -2200,6 +2205,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
         float32 copies, decay and update (:meth:`_apply`'s operations), then the write-back
         (:meth:`_store_bucket`). Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
         r = self.recipe
+        if getattr(r.moment, "bf16_bucket_steps_copies", False):
+            # a rule whose float32 multi-tensor step has no separate direction (Adam-mini's): that step on the
+            # parameters' and gradients' float32 copies (the per-parameter step's operations on them, its decay and
+            # update included), then the write-back
+            p32s, g32s = _FA.float32_copies(ps), _FA.float32_copies(gs)
+            gs.clear()
+            r.moment.foreach_step_(p32s, g32s, ss, group, t, group["lr"])
+            del g32s
+            self._store_bucket(ps, p32s, ss, group)
+            return
         lr, p32s = group["lr"], None
         if r.lr_rule is not constant_lr:  # (the rule's step sizes read the parameters: bf16_bucket_lrs, Adafactor's)
             p32s = _FA.float32_copies(ps)
@@ -2654,7 +2669,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         statistics span blocks, SM3's, steps such a bfloat16 tensor alone, as before)."""
         r = self.recipe
         chunk = self._chunk(p.device)
-        return (p.dtype == torch.bfloat16 and getattr(r.moment, "bf16_bucket_direction", None) is not None
+        return (p.dtype == torch.bfloat16
+                and (getattr(r.moment, "bf16_bucket_direction", None) is not None
+                     or getattr(r.moment, "bf16_bucket_steps_copies", False))  # (Adam-mini's: _step_bf16_bucket)
                 and (chunk is None or p.numel() <= chunk or getattr(r.moment, "pieces_elementwise", False))
                 and type(self)._update is LowMemOptimizer._update
                 and (grad is None or (grad.dtype == torch.bfloat16 and not grad.is_sparse))
