@@ -82,11 +82,15 @@ def _same(a, pa, b, pb, n=len(SHAPES)):
 
 
 CONFIGS = list(itertools.product(["float32", "bfloat16"], list(ROUNDING), [0.0, 0.1]))
+# (the default suite: every configuration of AdamW and Lion, the others' with weight decay 0.1; their weight decay 0
+# ones are slow: LOWMEM_SLOW=1 or -m slow)
+CASES = [pytest.param(*c, name, id="-".join(map(str, (*c, name))),
+                      marks=pytest.mark.slow if name not in ("adamw", "lion") and c[2] == 0.0 else ())
+         for name in NAMES for c in CONFIGS]
 
 
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("chunk,mixed", [(None, False), (64, True)], ids=["whole", "pieces_mixed"])
-@pytest.mark.parametrize("moments,rounding,wd", CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
+@pytest.mark.parametrize("moments,rounding,wd,name", CASES)
 def test_bf16_buckets_equal_the_per_parameter_step(moments, rounding, wd, chunk, mixed, name, monkeypatch):
     """Three steps of the buckets == three per-parameter steps, weights and state bit for bit; the bfloat16 weights
     are stepped in buckets (_step_bf16_bucket), none alone. ``chunk=64``: the (300,) and (40, 30) weights in pieces
@@ -149,9 +153,8 @@ def test_a_piece_rounded_out_of_its_stream_is_refused():
     opt._piece_generator(ChunkState(opt.state[big], 64, 128), big.view(-1)[64:128])  # (its stream: accepted)
 
 
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("chunk", [None, 500], ids=["whole", "pieces"])
-@pytest.mark.parametrize("moments,rounding,wd", CONFIGS, ids=["-".join(map(str, c)) for c in CONFIGS])
+@pytest.mark.parametrize("moments,rounding,wd,name", CASES)
 def test_bf16_bucket_step_allocates_what_it_reports(moments, rounding, wd, chunk, name):
     """The traced peak of a steady step (the third) == step_transient_bytes(): the gradients' and parameters'
     float32 copies, the rule's direction phase, the rounding's bits (issue 12's exact counts)."""
@@ -167,8 +170,8 @@ def test_bf16_bucket_step_allocates_what_it_reports(moments, rounding, wd, chunk
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_buckets_launch_counts_on_meta(name):
-    """The CUDA path counted on meta tensors, 40 bfloat16 weights of each rule (float32 moments) in one bucket: rounded to
-    nearest, fewer than 2 kernels per weight (the non-finite check's float32 cast of each bfloat16 gradient is one;
+    """The CUDA path counted on meta tensors, 40 bfloat16 weights of each rule (float32 moments) in one bucket: rounded
+    to nearest, fewer than 2 kernels per weight (the non-finite check's float32 cast of each bfloat16 gradient is one;
     the bucket's operations are a fixed number; Adafactor's step sizes and its and CAME's stacks of a same-shape group:
     fewer than 3), where the per-parameter step launches more than 10 per weight (AdamW 566 -> 59, Adafactor 1,566 ->
     87, CAME 1,726 -> 98);
@@ -193,8 +196,8 @@ def test_bf16_buckets_launch_counts_on_meta(name):
 
 @pytest.mark.parametrize("name", ["adafactor", "sm3_momentum", "came", "adamw"])
 @pytest.mark.parametrize("rounding", list(ROUNDING))
-@pytest.mark.parametrize("shapes", [[(7, 5), (3,), (6, 4), (7, 5), (3,), (6, 4), (7, 5)], [(5,), (4,), (3,), (2,), (1,)]],
-                         ids=["interleaved", "vectors"])
+@pytest.mark.parametrize("shapes", [[(7, 5), (3,), (6, 4), (7, 5), (3,), (6, 4), (7, 5)],
+                                    [(5,), (4,), (3,), (2,), (1,)]], ids=["interleaved", "vectors"])
 def test_bf16_buckets_of_repeated_shapes(shapes, rounding, name):
     """Weights of repeated shapes, interleaved as a model's layers are (the rules that stack same-shape tensors stack
     each shape's weights together; Adafactor's step sizes of a group are then not consecutive and are stacked too), and

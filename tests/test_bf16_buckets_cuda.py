@@ -25,7 +25,8 @@ ROUNDING = {"nearest": {}, "sr": {"bf16_stochastic_round": True}, "kahan": {"kah
 #: quantized rules with fused=False (fused=None on CUDA sends the weights to bitsandbytes' kernel, on both paths)
 RULES = {"adamw": ("adamw", {}), "lion": ("lion", {}), "ademamix": ("ademamix", {}), "sm3": ("sm3", {"momentum": 0.9}),
          "adafactor": ("adafactor", {"lr": None, "beta1": 0.9}), "came": ("came", {}),
-         **{n: (n, {"min_quant_size": 1, "block_size": 64, **({"fused": False} if n in ("adamw8bit", "lion8bit") else {})})
+         **{n: (n, {"min_quant_size": 1, "block_size": 64,
+                    **({"fused": False} if n in ("adamw8bit", "lion8bit") else {})})
             for n in ("adamw8bit", "adamw4bit", "ademamix8bit", "lion8bit")}}
 
 

@@ -1306,7 +1306,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """What :meth:`_step_bf16_bucket` allocates for a bucket's bfloat16 ``members`` (elements, state), after its
         float32 members' step: the rule's direction phase (``bf16_bucket_transient_bytes``, the gradients' float32
         copies included; told the ``members`` and ``group`` too: SM3's stacks are sized per shape, the quantized
-        rules' codec calls by the block size), the directions beside the parameters' float32 copies (8 B per element), and with
+        rules' codec calls by the block size), the directions beside the parameters' float32 copies (8 B per
+        element), and with
         ``bf16_stochastic_round`` the copies beside one member's random bits and NaN mask
         (:func:`~lowmem.optim.functional.rounding.stochastic_round_bytes`); Kahan's compensation and rounding to
         nearest allocate nothing more."""

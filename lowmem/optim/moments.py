@@ -945,8 +945,8 @@ class FactoredMoments(MomentRule):
         stored = {k: [i for i, s in enumerate(states) if k in s] for k in self.state_keys}
         dtypes = {states[i][k].dtype for k, idx in stored.items() for i in idx}
         if dtypes not in ({torch.float32}, {torch.bfloat16}):
-            raise ValueError(f"FactoredMoments.bf16_bucket_direction: the statistics of one bucket are all float32 or all"
-                             f" bfloat16, got {sorted(map(str, dtypes))}")
+            raise ValueError(f"FactoredMoments.bf16_bucket_direction: the statistics of one bucket are all float32 or"
+                             f" all bfloat16, got {sorted(map(str, dtypes))}")
         low = dtypes == {torch.bfloat16}
         work = [dict(s) for s in states]
         if low:  # (float32 copies of every statistic, in the states' stead)
@@ -973,7 +973,8 @@ class FactoredMoments(MomentRule):
         statistics, :func:`adafactor_groups_bytes`, and where the group's entries of a tensor of step sizes are
         not consecutive their stack, ``4 k``: :func:`_bf16_lr_stacks`); at the end every direction."""
         if members is None:  # (the groups need each member's elements: a state is empty before its first step)
-            raise TypeError("FactoredMoments.bf16_bucket_transient_bytes needs members=, the bucket's (elements, state)")
+            raise TypeError("FactoredMoments.bf16_bucket_transient_bytes needs members=, the bucket's"
+                            " (elements, state)")
         # (bfloat16 statistics: their float32 copies, alive through the direction)
         copies = sum(4 * st[k].numel() for _, st in members for k in self.state_keys
                      if k in st and st[k].dtype == torch.bfloat16)

@@ -608,8 +608,9 @@ class Quantized(MomentRule):
 
     def bf16_bucket_takes(self, p, group) -> bool:
         """Whether bfloat16 ``p`` may join the buckets: not where the group's ``fused`` may send it to bitsandbytes'
-        fused 8-bit kernel (``fused`` not ``False``, and ``None`` on a CUDA device: :func:`~lowmem.optim.bnb_fused.use_fused`
-        decides per parameter and state, which the engine's per-parameter step asks)."""
+        fused 8-bit kernel (``fused`` not ``False``, and ``None`` on a CUDA device:
+        :func:`~lowmem.optim.bnb_fused.use_fused` decides per parameter and state, which the engine's per-parameter
+        step asks)."""
         fused = group.get("fused", False)
         return fused is False or (fused is None and p.device.type != "cuda")
 
