@@ -2204,7 +2204,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         so the result is the per-parameter step's bit for bit (``foreach=False``, the reference): the gradients'
         float32 copies, the rule's direction (``bf16_bucket_direction``, which frees the copies), the parameters'
         float32 copies, decay and update (:meth:`_apply`'s operations), then the write-back
-        (:meth:`_store_bucket`). Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
+        (:meth:`_store_bucket`). A rule with its own lr rule (``bf16_bucket_lrs``) reads its step sizes from the
+        parameters' copies, made first; a rule with ``bf16_bucket_steps_copies`` steps the copies with its float32
+        ``foreach_step_``. Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
         r = self.recipe
         if getattr(r.moment, "bf16_bucket_steps_copies", False):
             # a rule whose float32 multi-tensor step has no separate direction (Adam-mini's): that step on the
@@ -2662,9 +2664,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _bf16_bucket_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None) -> bool:
         """Whether bfloat16 ``p`` may join the multi-tensor buckets (:meth:`_step_bf16_bucket`): a rule with a
-        bucket direction of bfloat16 parameters (``bf16_bucket_direction``: AdamW's) and moments of a dtype it
-        takes (``bf16_bucket_state_dtypes``), a bfloat16 dense gradient, no stabilizers, a constant learning-rate
-        rule and a float ``lr`` (the operations of :meth:`_apply` with a number); not in a subclass whose
+        bucket direction of bfloat16 parameters (``bf16_bucket_direction``: AdamW's; or ``bf16_bucket_steps_copies``:
+        Adam-mini's float32 bucket step on the copies) and moments of a dtype it takes (``bf16_bucket_state_dtypes``),
+        a bfloat16 dense gradient, no stabilizers, a constant learning-rate rule (or the rule's
+        ``bf16_bucket_lr_rule``, evaluated on the bucket by its ``bf16_bucket_lrs``: Adafactor's) and a float ``lr``
+        (the operations of :meth:`_apply` with a number); not in a subclass whose
         per-parameter step is its own (BAdam's ``_update``: a float32 master copy takes the step); a tensor larger
         than ``chunk_numel`` only where the rule steps pieces element-wise (``pieces_elementwise``: a rule whose
         statistics span blocks, SM3's, steps such a bfloat16 tensor alone, as before)."""
