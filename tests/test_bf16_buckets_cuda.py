@@ -21,11 +21,26 @@ SHAPES = [(64, 48), (300,), (1000, 70), (3,)]
 ROUNDING = {"nearest": {}, "sr": {"bf16_stochastic_round": True}, "kahan": {"kahan_summation": True}}
 
 
+#: the rules with a bf16_bucket_direction (BF16RULES), as a name of the test and (registered name, settings); the
+#: quantized rules with fused=False (fused=None on CUDA sends the weights to bitsandbytes' kernel, on both paths)
+RULES = {"adamw": ("adamw", {}), "lion": ("lion", {}), "ademamix": ("ademamix", {}), "sm3": ("sm3", {"momentum": 0.9}),
+         "adafactor": ("adafactor", {"lr": None, "beta1": 0.9}), "came": ("came", {}),
+         **{n: (n, {"min_quant_size": 1, "block_size": 64,
+                    **({"fused": False} if n in ("adamw8bit", "lion8bit") else {})})
+            for n in ("adamw8bit", "adamw4bit", "ademamix8bit", "lion8bit")}}
+
+
 def _run(name, foreach, rounding, moments):
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16)) for s in SHAPES]
-    opt = create_optimizer([{"params": ps, **ROUNDING[rounding]}], name, lr=1e-3, weight_decay=0.1,
-                           state_dtype=moments, foreach=foreach)
+    rule, kw = RULES[name]
+    kw = {"lr": 1e-3, **kw}
+    if kw["lr"] is None:  # (Adafactor's relative step: no lr)
+        del kw["lr"]
+    if name in ("adamw8bit", "adamw4bit", "ademamix8bit", "lion8bit") and moments != "float32":
+        pytest.skip("the quantized rules' unquantized moments are float32")
+    opt = create_optimizer([{"params": ps, **ROUNDING[rounding]}], rule, weight_decay=0.1, state_dtype=moments,
+                           foreach=foreach, **kw)
     opt.chunk_numel = 4096  # (the (1000, 70) weight in pieces: its stream continued piece by piece)
     for _ in range(3):
         for p in ps:
@@ -36,7 +51,7 @@ def _run(name, foreach, rounding, moments):
 
 @pytest.mark.parametrize("moments", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rounding", list(ROUNDING))
-@pytest.mark.parametrize("name", ["adamw", "lion"])
+@pytest.mark.parametrize("name", list(RULES))
 def test_cuda_bf16_buckets_match_the_per_parameter_step(name, rounding, moments):
     got, want = _run(name, True, rounding, moments), _run(name, False, rounding, moments)
     for a, b in zip(got, want):

@@ -1364,14 +1364,28 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _bf16_bucket_bytes(self, members: list[tuple[int, dict[str, Tensor]]], group: dict[str, Any]) -> int:
         """What :meth:`_step_bf16_bucket` allocates for a bucket's bfloat16 ``members`` (elements, state), after its
         float32 members' step: the rule's direction phase (``bf16_bucket_transient_bytes``, the gradients' float32
-        copies included), the directions beside the parameters' float32 copies (8 B per element), and with
+        copies included; told the ``members`` and ``group`` too: SM3's stacks are sized per shape, the quantized
+        rules' codec calls by the block size), the directions beside the parameters' float32 copies (8 B per
+        element), and with
         ``bf16_stochastic_round`` the copies beside one member's random bits and NaN mask
         (:func:`~lowmem.optim.functional.rounding.stochastic_round_bytes`); Kahan's compensation and rounding to
         nearest allocate nothing more."""
         if not members:
             return 0
-        n = sum(k for k, _ in members)
-        worst = max(self.recipe.moment.bf16_bucket_transient_bytes(n, [s for _, s in members]), 8 * n)
+        r, n = self.recipe, sum(k for k, _ in members)
+        if getattr(r.moment, "bf16_bucket_steps_copies", False):  # (the copies beside the rule's float32 bucket step)
+            worst = 8 * n + r.moment.foreach_bucket_transient_bytes(n, members, group)
+            if group.get("bf16_stochastic_round"):
+                worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
+            return worst
+        rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members, group=group)
+        if r.lr_rule is constant_lr:
+            worst = max(rule, 8 * n)
+        else:  # the parameters' copies first, the step sizes (peak, kept) beside them, then the direction phase
+            peak, kept = r.moment.bf16_bucket_lr_bytes(len(members), group)
+            wd = any(r.moment.weight_decay_for(group, s) != 0 for _, s in members)
+            # (a tensor of step sizes: the decay's lr wd and p (lr wd) beside the directions and copies)
+            worst = max(4 * n + peak, 4 * n + kept + rule, 8 * n + kept + ((kept + 4 * n) if kept and wd else 0))
         if group.get("bf16_stochastic_round"):
             worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
         return worst
@@ -2277,19 +2291,46 @@ class LowMemOptimizer(torch.optim.Optimizer):
         so the result is the per-parameter step's bit for bit (``foreach=False``, the reference): the gradients'
         float32 copies, the rule's direction (``bf16_bucket_direction``, which frees the copies), the parameters'
         float32 copies, decay and update (:meth:`_apply`'s operations), then the write-back
-        (:meth:`_store_bucket`). Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
+        (:meth:`_store_bucket`). A rule with its own lr rule (``bf16_bucket_lrs``) reads its step sizes from the
+        parameters' copies, made first; a rule with ``bf16_bucket_steps_copies`` steps the copies with its float32
+        ``foreach_step_``. Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
         r = self.recipe
-        lr = group["lr"]
+        if getattr(r.moment, "bf16_bucket_steps_copies", False):
+            # a rule whose float32 multi-tensor step has no separate direction (Adam-mini's): that step on the
+            # parameters' and gradients' float32 copies (the per-parameter step's operations on them, its decay and
+            # update included), then the write-back
+            p32s, g32s = _FA.float32_copies(ps), _FA.float32_copies(gs)
+            gs.clear()
+            r.moment.foreach_step_(p32s, g32s, ss, group, t, group["lr"])
+            del g32s
+            self._store_bucket(ps, p32s, ss, group)
+            return
+        lr, p32s = group["lr"], None
+        if r.lr_rule is not constant_lr:  # (the rule's step sizes read the parameters: bf16_bucket_lrs, Adafactor's)
+            p32s = _FA.float32_copies(ps)
+            lr = r.moment.bf16_bucket_lrs(p32s, ss, group, t)
         g32s = _FA.float32_copies(gs)
         gs.clear()
         ds = r.moment.bf16_bucket_direction(g32s, ss, group, t, lr)
         del g32s
-        p32s = _FA.float32_copies(ps)
+        if p32s is None:
+            p32s = _FA.float32_copies(ps)
         wds = {r.moment.weight_decay_for(group, s) for s in ss}
         if len(wds) != 1:  # (one decay per bucket: a rule whose decay differs per parameter steps them alone)
             raise ValueError(f"{r.name}: a bucket of bfloat16 parameters with several weight decays {sorted(wds)}")
         wd = wds.pop()
-        decay = (lambda: torch._foreach_mul_(p32s, foreach_scalar(p32s, 1.0 - lr * wd))) if wd != 0 else (lambda: None)
+        if isinstance(lr, Tensor):  # one step size per parameter: F.decoupled_weight_decay_'s p - p (lr wd)
+            if not r.moment.applies_lr:
+                raise ValueError(f"{r.name}: a bucket of bfloat16 parameters with step sizes of a rule that does not"
+                                 " apply them (applies_lr)")
+
+            def decay() -> None:
+                if wd != 0:
+                    dec = torch._foreach_mul(p32s, list((lr * wd).unbind()))
+                    torch._foreach_sub_(p32s, dec)
+        else:
+            decay = ((lambda: torch._foreach_mul_(p32s, foreach_scalar(p32s, 1.0 - lr * wd))) if wd != 0
+                     else (lambda: None))
         if not r.decay_after_update:
             decay()
         if r.moment.applies_lr:
@@ -2298,7 +2339,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(p32s, ds, alpha=-lr)
         if r.decay_after_update:
             decay()
-        del ds  # (freed before the write-back: stochastic rounding's bits take their place)
+        del ds, decay, lr  # (freed before the write-back: stochastic rounding's bits take their place)
         self._store_bucket(ps, p32s, ss, group)
 
     def _store_bucket(self, ps: list[Tensor], p32s: list[Tensor], ss: list[dict[str, Tensor]],
@@ -2711,17 +2752,27 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _bf16_bucket_ok(self, p: Tensor, group: dict[str, Any], grad: Tensor | None) -> bool:
         """Whether bfloat16 ``p`` may join the multi-tensor buckets (:meth:`_step_bf16_bucket`): a rule with a
-        bucket direction of bfloat16 parameters (``bf16_bucket_direction``: AdamW's) and moments of a dtype it
-        takes (``bf16_bucket_state_dtypes``), a bfloat16 dense gradient, no stabilizers, a constant learning-rate
-        rule and a float ``lr`` (the operations of :meth:`_apply` with a number); not in a subclass whose
-        per-parameter step is its own (BAdam's ``_update``: a float32 master copy takes the step)."""
+        bucket direction of bfloat16 parameters (``bf16_bucket_direction``: AdamW's; or ``bf16_bucket_steps_copies``:
+        Adam-mini's float32 bucket step on the copies) and moments of a dtype it takes (``bf16_bucket_state_dtypes``),
+        a bfloat16 dense gradient, no stabilizers, a constant learning-rate rule (or the rule's
+        ``bf16_bucket_lr_rule``, evaluated on the bucket by its ``bf16_bucket_lrs``: Adafactor's) and a float ``lr``
+        (the operations of :meth:`_apply` with a number); not in a subclass whose
+        per-parameter step is its own (BAdam's ``_update``: a float32 master copy takes the step); a tensor larger
+        than ``chunk_numel`` only where the rule steps pieces element-wise (``pieces_elementwise``: a rule whose
+        statistics span blocks, SM3's, steps such a bfloat16 tensor alone, as before)."""
         r = self.recipe
-        return (p.dtype == torch.bfloat16 and getattr(r.moment, "bf16_bucket_direction", None) is not None
+        chunk = self._chunk(p.device)
+        return (p.dtype == torch.bfloat16
+                and (getattr(r.moment, "bf16_bucket_direction", None) is not None
+                     or getattr(r.moment, "bf16_bucket_steps_copies", False))  # (Adam-mini's: _step_bf16_bucket)
+                and (chunk is None or p.numel() <= chunk or getattr(r.moment, "pieces_elementwise", False))
                 and type(self)._update is LowMemOptimizer._update
                 and (grad is None or (grad.dtype == torch.bfloat16 and not grad.is_sparse))
                 and state_dtype(group, p) in r.moment.bf16_bucket_state_dtypes
                 and getattr(r.moment, "bf16_bucket_takes", lambda p, group: True)(p, group)  # (Lion's fused kernel)
-                and not r.stabilizers and r.lr_rule is constant_lr and not isinstance(group.get("lr"), Tensor))
+                and not r.stabilizers and not isinstance(group.get("lr"), Tensor)
+                # (or the rule's own lr rule that reads the parameters, evaluated on the bucket: bf16_bucket_lrs)
+                and (r.lr_rule is constant_lr or r.lr_rule is getattr(r.moment, "bf16_bucket_lr_rule", None)))
 
     # ---- the multi-tensor step of projected parameters ---------------------------------------
 

@@ -529,7 +529,7 @@ class AdamMoments(MomentRule):
         torch._foreach_copy_(vs, v32s)
         return FA.adam_direction_foreach_into_(m32s, v32s, t, beta1, beta2, group["eps"], self.eps_placement)
 
-    def bf16_bucket_transient_bytes(self, numel: int, states: list[dict[str, Tensor]]) -> int:
+    def bf16_bucket_transient_bytes(self, numel: int, states: list[dict[str, Tensor]], members=None, group=None) -> int:
         """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32
         copies included: float32 moments, ``sqrt(v)`` beside the directions (8 B per element; the copies, 4 B,
         are freed before); bfloat16 moments, the copies of both beside the gradients' (12 B), then beside
@@ -909,6 +909,85 @@ class FactoredMoments(MomentRule):
                              F.adafactor_beta2(t, group["decay_rate"]), group["eps"][0], group["clip_threshold"],
                              beta1, group.get("weight_decay", 0.0))
 
+    # ---- bfloat16 parameters in the multi-tensor buckets (the engine's _step_bf16_bucket) ----
+
+    #: the statistics' dtypes :meth:`bf16_bucket_direction` takes (bfloat16 ones on float32 copies)
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+    # (bf16_bucket_lr_rule: :func:`adafactor_lr`, set with foreach_lr_rule below; the engine buckets bfloat16
+    # parameters of a recipe whose lr rule is not constant_lr only when it is this one)
+
+    def bf16_bucket_lrs(self, p32s: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any],
+                        t: float) -> float | Tensor:
+        """The step sizes of a bucket of whole bfloat16 parameters from their float32 copies ``p32s`` (what the
+        per-parameter step's :func:`adafactor_lr` reads, ``p.float()``): Section 8's ``max(eps2, RMS(X_{t-1}))
+        rho_t`` by :func:`~lowmem.optim.functional.adafactor_lr_foreach` (the float32 buckets' form, equal bit for
+        bit), one float32 tensor (entry ``i``: parameter ``i``'s); ``rho_t`` itself, a float, without
+        ``scale_parameter``. Allocates :meth:`bf16_bucket_lr_bytes`."""
+        lrs = F.adafactor_lr_foreach(p32s, *self.foreach_lr_form(group, t), eps2=group["eps"][1])
+        return lrs[0] if isinstance(lrs, list) else lrs
+
+    @staticmethod
+    def bf16_bucket_lr_bytes(k: int, group: dict[str, Any]) -> tuple[int, int]:
+        """``(peak, kept)`` of :meth:`bf16_bucket_lrs` for ``k`` parameters: with ``scale_parameter`` the ``k``
+        0-d norms beside their stack (``8 k``), then the stack (``4 k``); else nothing (a float)."""
+        return (8 * k, 4 * k) if group["scale_parameter"] else (0, 0)
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of whole bfloat16 parameters:
+        :func:`~lowmem.optim.functional.adafactor_direction_foreach` of the gradients' float32 copies ``g32s``
+        (emptied at the end) with the step sizes ``lr`` (:meth:`bf16_bucket_lrs`' tensor, or a float), a group of
+        same-shape tensors at a time, each direction the per-parameter step's bit for bit; bfloat16 statistics (and
+        first moment) are updated on float32 copies and stored rounded to nearest, the direction the unrounded
+        copies' (as :meth:`_unclipped_update` and :func:`_adafactor_first_moment`). Returns the lr-scaled float32
+        directions; allocates :meth:`bf16_bucket_transient_bytes`."""
+        beta1 = group.get("beta1")
+        # (each statistic's members: a bucket holds factored matrices and vectors)
+        stored = {k: [i for i, s in enumerate(states) if k in s] for k in self.state_keys}
+        dtypes = {states[i][k].dtype for k, idx in stored.items() for i in idx}
+        if dtypes not in ({torch.float32}, {torch.bfloat16}):
+            raise ValueError(f"FactoredMoments.bf16_bucket_direction: the statistics of one bucket are all float32 or"
+                             f" all bfloat16, got {sorted(map(str, dtypes))}")
+        low = dtypes == {torch.bfloat16}
+        work = [dict(s) for s in states]
+        if low:  # (float32 copies of every statistic, in the states' stead)
+            for k, idx in stored.items():
+                for i, x32 in zip(idx, FA.float32_copies([states[i][k] for i in idx])):
+                    work[i][k] = x32
+        second = [(s["exp_avg_sq_row"], s["exp_avg_sq_col"]) if "exp_avg_sq_row" in s else (s["exp_avg_sq"],)
+                  for s in work]
+        ds = F.adafactor_direction_foreach(g32s, second, [s["exp_avg"] for s in work] if beta1 is not None else None,
+                                           lr if isinstance(lr, Tensor) else [lr] * len(g32s),
+                                           F.adafactor_beta2(t, group["decay_rate"]), group["eps"][0],
+                                           group["clip_threshold"], beta1)
+        g32s.clear()
+        if low:
+            for k, idx in stored.items():
+                if idx:
+                    torch._foreach_copy_([states[i][k] for i in idx], [work[i][k] for i in idx])
+        return ds
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """:meth:`bf16_bucket_direction` of ``members`` (``(elements, state)``, ``numel`` elements): the gradients'
+        float32 copies (4 B per element) beside :func:`~lowmem.optim.functional.adafactor_direction_foreach`'s
+        groups in order (the directions of the groups done and this one's, one more float32 tensor of it and its
+        statistics, :func:`adafactor_groups_bytes`, and where the group's entries of a tensor of step sizes are
+        not consecutive their stack, ``4 k``: :func:`_bf16_lr_stacks`); at the end every direction."""
+        if members is None:  # (the groups need each member's elements: a state is empty before its first step)
+            raise TypeError("FactoredMoments.bf16_bucket_transient_bytes needs members=, the bucket's"
+                            " (elements, state)")
+        # (bfloat16 statistics: their float32 copies, alive through the direction)
+        copies = sum(4 * st[k].numel() for _, st in members for k in self.state_keys
+                     if k in st and st[k].dtype == torch.bfloat16)
+        layouts = [(_second_moment_layout(st), n) for n, st in members]
+        out = 0
+        for large in _stacking([st for _, st in members]):
+            worst = done = 0
+            for (n, stats), lr_stack in zip(adafactor_groups_bytes(layouts, large), _bf16_lr_stacks(layouts, large)):
+                done += 4 * n
+                worst = max(worst, done + 4 * n + stats + lr_stack)
+            out = max(out, worst, done)
+        return 4 * numel + copies + out
+
     # ---- the projected multi-tensor step (GaLore with Adafactor) ----
 
     foreach_direction_lrs = True
@@ -1056,6 +1135,25 @@ def adafactor_groups_bytes(members: list[tuple[tuple, int]], large: bool = False
     return out
 
 
+def _bf16_lr_stacks(members: list[tuple[tuple, int]], large: bool = False) -> list[int]:
+    """For each group of :func:`adafactor_groups_bytes` (same ``members``, order and grouping): the bytes of the
+    stack :func:`~lowmem.optim.functional.adafactor._group_lr` makes of a tensor of step sizes' entries, ``4 k``
+    where the group's ``k > 1`` tensors are not consecutive members (consecutive ones: a slice, nothing made)."""
+    from .functional.adafactor import STACK_NUMEL, group_cap
+
+    cap = group_cap([n for _, n in members], large)
+    groups: dict[tuple, list[int]] = {}
+    for i, (layout, n) in enumerate(members):
+        groups.setdefault((layout, n) if large or n < STACK_NUMEL else (i,), []).append(i)
+    out = []
+    for idx in groups.values():
+        per = max(1, cap // max(1, members[idx[0]][1]))
+        for a in range(0, len(idx), per):
+            part = idx[a:a + per]
+            out.append(0 if part == list(range(part[0], part[0] + len(part))) else 4 * len(part))
+    return out
+
+
 def _adafactor_first_moment(u: Tensor, state: Any, group: dict[str, Any]) -> Tensor:
     """Adafactor's optional first moment of the scaled update (Shazeer & Stern 2018, Alg. 4 with
     beta1): ``m <- beta1 m + (1 - beta1) u``, returned as a new tensor; ``u`` itself without beta1."""
@@ -1108,3 +1206,4 @@ adafactor_lr.step_bytes = adafactor_lr_bytes  # (read by subspace.projected_alon
 
 # Adafactor's multi-tensor step evaluates its lr rule itself (the parameters' norms in one kernel)
 FactoredMoments.foreach_lr_rule = staticmethod(adafactor_lr)
+FactoredMoments.bf16_bucket_lr_rule = staticmethod(adafactor_lr)  # (and of its bucket of bfloat16 parameters)

@@ -208,6 +208,18 @@ def apply_updates_foreach_(params: list[Tensor], directions: list[Tensor], lr: f
 # ---- the moment-rule wrapper ----------------------------------------------------------------
 
 
+def _table_pass_bytes(numel: int, block_size: int) -> int:
+    """The workspace of :func:`~lowmem.optim.functional.quant.quantize_blockwise_8bit_table` on ``numel`` values that
+    are not whole blocks of ``block_size``: its passes over the whole blocks (:data:`~lowmem.optim.functional.quant.
+    TABLE_PIECE` values at most, ``TABLE_PIECE_BYTES`` each), then the partial last block on its own, padded (the
+    padded copy, 4 B a value, beside the pass's ``TABLE_PIECE_BYTES``). Traced: 35 values in blocks of 64, 768 B;
+    1,200 values, 9,216 B (before 2026-12-01 counted as one pass over the padded blocks: 512 and 9,728 B)."""
+    whole = numel - numel % block_size
+    step = max(Q.TABLE_PIECE // block_size, 1) * block_size
+    tail = (Q.TABLE_PIECE_BYTES + 4) * block_size if numel % block_size else 0
+    return max(Q.TABLE_PIECE_BYTES * min(step, whole), tail)
+
+
 class Quantized(MomentRule):
     """Store some of a moment rule's tensors quantized; the math is the wrapped rule's, in float32.
 
@@ -384,7 +396,7 @@ class Quantized(MomentRule):
                 blocks = st[k + "_absmax"].numel()
                 size = block_size or max((b for b in Q.VALID_BLOCK_SIZES if -(-numel // b) == blocks),
                                          default=max(Q.VALID_BLOCK_SIZES))
-                alone = max(alone, codes_bytes(numel, st, k) + Q.TABLE_PIECE_BYTES * min(Q.TABLE_PIECE, blocks * size))
+                alone = max(alone, codes_bytes(numel, st, k) + _table_pass_bytes(numel, size))
         pending = 0
         for k in self.specs:  # (_decoded_many's order: the specs', one call per moment)
             if k not in batched:
@@ -588,6 +600,40 @@ class Quantized(MomentRule):
         if not ps:
             return
         self._step_rest_(ps, gs, ss, group, t, lr)
+
+    # ---- bfloat16 parameters in the multi-tensor buckets (the engine's ``_step_bf16_bucket``) ----
+
+    #: the dtypes of the moments left unquantized (below ``min_quant_size``) the bucket takes: float32
+    bf16_bucket_state_dtypes = (torch.float32,)
+
+    def bf16_bucket_takes(self, p, group) -> bool:
+        """Whether bfloat16 ``p`` may join the buckets: not where the group's ``fused`` may send it to bitsandbytes'
+        fused 8-bit kernel (``fused`` not ``False``, and ``None`` on a CUDA device:
+        :func:`~lowmem.optim.bnb_fused.use_fused` decides per parameter and state, which the engine's per-parameter
+        step asks)."""
+        fused = group.get("fused", False)
+        return fused is False or (fused is None and p.device.type != "cuda")
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of whole bfloat16 parameters: :meth:`_step_rest_`'s decode
+        (:meth:`_decoded_many`), the inner rule's multi-tensor direction and encode on the gradients' float32 copies
+        ``g32s`` (emptied at the end), the same codes and directions as the per-parameter step's. Returns the float32
+        directions; allocates :meth:`bf16_bucket_transient_bytes`."""
+        views, encode = self._decoded_many(g32s, states, group)
+        ds = self.inner.foreach_direction(g32s, views, group, t, lr)
+        encode()
+        del views, encode
+        g32s.clear()
+        return ds
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """:meth:`bf16_bucket_direction` of ``members`` (``(elements, state)``, ``numel`` elements): the gradients'
+        float32 copies (4 B per element, alive to the end) beside what :meth:`foreach_step_` allocates for them
+        (:meth:`foreach_bucket_transient_bytes` with ``group``: the walk of the codec calls, the inner rule's
+        directions)."""
+        if members is None or group is None:  # (the walk needs each member's state and the group's block size)
+            raise TypeError("Quantized.bf16_bucket_transient_bytes needs members= and group=")
+        return 4 * numel + self.foreach_bucket_transient_bytes(numel, members, group)
 
     def _step_rest_(self, ps, gs, ss, group, t, lr) -> None:
         """:meth:`foreach_step_`'s multi-tensor part: decode, the inner direction, encode, decay and update."""

@@ -439,6 +439,12 @@ class AdamMiniMoments(MomentRule):
         """Always: a tensor in pieces is stepped whole from its first one (:meth:`foreach_step_`)."""
         return True
 
+    #: bfloat16 parameters join the multi-tensor buckets (the engine's ``_step_bf16_bucket``): whole ones (this rule
+    #: is not ``pieces_elementwise``), with float32 moments, stepped by :meth:`foreach_step_` on their and their
+    #: gradients' float32 copies (its decay and update are the per-parameter step's operations), then written back
+    bf16_bucket_steps_copies = True
+    bf16_bucket_state_dtypes = (torch.float32,)
+
     def foreach_step_(self, params, grads, states, group, t, lr) -> None:
         """A bucket's whole step (moments, decay before the update, update): whole tensors by
         :func:`~lowmem.optim.functional.adam_mini.adam_mini_foreach_`; a tensor that arrives in

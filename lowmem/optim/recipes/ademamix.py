@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from ..engine import LowMemOptimizer, Recipe
+from ..functional import adam as FAD
 from ..functional import ademamix as FA
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, nonneg, optional, positive_int
 from ..moments import ChunkState, MomentRule, state_dtype
@@ -109,6 +110,40 @@ class AdEMAMixMoments(MomentRule):
         return FA.ademamix_direction_foreach([s["exp_avg"] for s in states], [s["exp_avg_slow"] for s in states],
                                              [s["exp_avg_sq"] for s in states], gs, t, beta1, beta2, beta3, alpha,
                                              group["eps"])
+
+    #: bfloat16 parameters join the multi-tensor buckets (the engine's ``_step_bf16_bucket``) with moments of these
+    #: dtypes: :meth:`bf16_bucket_direction` computes in float32 what :meth:`direction` computes
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of bfloat16 parameters (pieces), one multi-tensor kernel per operation in the
+        same order (:func:`~lowmem.optim.functional.ademamix.ademamix_direction_foreach`: Algorithm 1's three EMAs and
+        update, bit for bit on the CPU): ``g32s`` are the gradients' float32 copies, emptied (freed) once the
+        directions are made; bfloat16 moments are updated on float32 copies, stored rounded to nearest, and the
+        direction is the unrounded copies' (as :meth:`direction`). Returns the float32 directions; allocates
+        :meth:`bf16_bucket_transient_bytes` at most."""
+        beta1, beta2, beta3, alpha = _step_settings(group, t)
+        keys = self.state_keys
+        moments = [[s[k] for s in states] for k in keys]
+        dtypes = {x.dtype for xs in moments for x in xs}
+        if dtypes not in ({torch.float32}, {torch.bfloat16}):
+            raise ValueError(f"AdEMAMixMoments.bf16_bucket_direction: the moments of one bucket are all float32 or all"
+                             f" bfloat16, got {sorted(map(str, dtypes))}")
+        low = dtypes == {torch.bfloat16}
+        m32s = [FAD.float32_copies(xs) for xs in moments] if low else moments
+        ds = FA.ademamix_direction_foreach(*m32s, g32s, t, beta1, beta2, beta3, alpha, group["eps"])
+        g32s.clear()
+        if low:
+            for xs, x32s in zip(moments, m32s):
+                torch._foreach_copy_(xs, x32s)
+        return ds
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32 copies
+        included: beside them the directions and ``m1 / c1``'s quotients (then the denominators), 12 B per element;
+        bfloat16 moments add their three float32 copies (24 B), as the per-parameter step's chunk of as many."""
+        low = any(s["exp_avg"].dtype != torch.float32 for s in states if "exp_avg" in s)
+        return (24 if low else 12) * numel
 
     def foreach_direction_transient_bytes(self, numel):
         """The directions and the quotients ``m1 / c1`` (then the denominators): two float32 tensors."""

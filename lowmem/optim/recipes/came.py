@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import functional as F
+from ..functional import adam as FA
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.came import came_direction, came_first_moment_, came_instability_
 from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, positive
@@ -369,6 +370,58 @@ class CameMoments(MomentRule):
                 torch._foreach_mul_(group_ps, 1.0 - lr * wd)
             torch._foreach_add_(group_ps, list(d.unbind(0)), alpha=-lr)
             del d
+
+    # ---- bfloat16 parameters in the multi-tensor buckets (the engine's _step_bf16_bucket) ----
+
+    #: the state dtypes :meth:`bf16_bucket_direction` takes (bfloat16 statistics on float32 copies)
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of whole bfloat16 parameters: the gradients' float32 copies ``g32s`` grouped
+        as :meth:`foreach_step_` groups float32 gradients (:func:`~lowmem.optim.functional.adafactor.stack_groups`),
+        lines 1-11 once per group (:meth:`_group_direction`, bit for bit the per-parameter step's), each group's
+        copies freed once its directions are made (``g32s`` is emptied); a lone vector's direction (its first moment
+        itself) copied, so that every direction is a new tensor (the engine frees them before the write-back).
+        bfloat16 statistics are updated on float32 copies and stored rounded to nearest at the end, the directions
+        the unrounded copies' (as :meth:`_whole_direction`). Returns the float32 directions; allocates
+        :meth:`bf16_bucket_transient_bytes`."""
+        stored = {k: [i for i, s in enumerate(states) if k in s] for k in self.state_keys}
+        dtypes = {states[i][k].dtype for k, idx in stored.items() for i in idx}
+        if dtypes not in ({torch.float32}, {torch.bfloat16}):
+            raise ValueError(f"CameMoments.bf16_bucket_direction: the statistics of one bucket are all float32 or all"
+                             f" bfloat16, got {sorted(map(str, dtypes))}")
+        low = dtypes == {torch.bfloat16}
+        work = [dict(s) for s in states] if low else states
+        if low:  # (float32 copies of every statistic, in the states' stead)
+            for k, idx in stored.items():
+                for i, x32 in zip(idx, FA.float32_copies([states[i][k] for i in idx])):
+                    work[i][k] = x32
+        ds: list = [None] * len(g32s)
+        for idx in stack_groups(g32s, [2 if "exp_avg_sq_row" in st else 1 for st in states]):
+            d = self._group_direction([g32s[i] for i in idx], [work[i] for i in idx], group)
+            if len(idx) == 1 and "exp_avg_res_row" not in states[idx[0]]:
+                d = d.clone()  # (a lone vector's first moment)
+            for i, x in zip(idx, d.unbind(0)):
+                ds[i], g32s[i] = x, None
+            del d
+        g32s.clear()
+        if low:
+            for k, idx in stored.items():
+                if idx:
+                    torch._foreach_copy_([states[i][k] for i in idx], [work[i][k] for i in idx])
+        return ds
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """What :meth:`bf16_bucket_direction` allocates for the bucket's ``members`` (``(elements, state)``) of
+        ``numel`` elements: the gradients' float32 copies and the directions made so far (together 4 B per element)
+        beside one group's :meth:`_group_bytes` (:meth:`foreach_bucket_transient_bytes`, grouped as the float32
+        buckets; a lone vector's copy of its direction, ``4 n``, within its group's ``4 n + 4``), and bfloat16
+        statistics' float32 copies (4 B per state element) throughout."""
+        if members is None:  # (the groups' sizes need each member's elements: a state is empty before its first step)
+            raise TypeError("CameMoments.bf16_bucket_transient_bytes needs members=, the bucket's (elements, state)")
+        copies = sum(4 * st[k].numel() for _, st in members for k in self.state_keys
+                     if k in st and st[k].dtype == torch.bfloat16)
+        return 4 * numel + copies + self.foreach_bucket_transient_bytes(numel, members)
 
     @staticmethod
     def _group_direction(grads, states, group):

@@ -123,7 +123,7 @@ class LionMoments(MomentRule):
         torch._foreach_copy_(ms, m32s)
         return cs
 
-    def bf16_bucket_transient_bytes(self, numel, states):
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
         """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32 copies
         included: the directions beside them (8 B per element), and a bfloat16 momentum's float32 copy (12 B)."""
         low = any(s["exp_avg"].dtype != torch.float32 for s in states if "exp_avg" in s)

@@ -295,6 +295,34 @@ class Sm3Moments(MomentRule):
             torch._foreach_add_(group_ps, list(d.unbind(0)), alpha=-lr)
             del d
 
+    #: bfloat16 parameters join the multi-tensor buckets (the engine's ``_step_bf16_bucket``; whole tensors only, as
+    #: this rule is not ``pieces_elementwise``) with a state of these dtypes, computed in float32 as :meth:`direction`
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of whole bfloat16 parameters: the gradients' float32 copies ``g32s`` grouped
+        as :meth:`foreach_step_` groups float32 gradients (:func:`~lowmem.optim.functional.adafactor.stack_groups`),
+        lines 6-8 and the momentum once per group (:meth:`_group_direction`, bit for bit the per-parameter step's),
+        each group's copies freed once its directions are made (``g32s`` is emptied). Returns the float32
+        directions (views of their group's stack); allocates :meth:`bf16_bucket_transient_bytes` at most."""
+        ds: list = [None] * len(g32s)
+        for idx in stack_groups(g32s, [2 if "acc_0" in st else 1 for st in states]):
+            d = self._group_direction([g32s[i] for i in idx], [states[i] for i in idx], group)
+            for i, x in zip(idx, d.unbind(0)):
+                ds[i], g32s[i] = x, None
+            del d
+        g32s.clear()
+        return ds
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """What :meth:`bf16_bucket_direction` allocates at most for the bucket's ``members`` (``(elements, state)``)
+        of ``numel`` elements: the gradients' float32 copies and the directions made so far (together 4 B per
+        element: a group's copies are freed as its directions are made) beside one group's
+        :meth:`_group_bytes` (:meth:`foreach_bucket_transient_bytes`, grouped as the float32 buckets)."""
+        if members is None:  # (the groups' sizes need each member's elements: a state is empty before its first step)
+            raise TypeError("Sm3Moments.bf16_bucket_transient_bytes needs members=, the bucket's (elements, state)")
+        return 4 * numel + self.foreach_bucket_transient_bytes(numel, members)
+
     @staticmethod
     def _group_direction(grads, states, group):
         """Lines 6-8 and the momentum (without ``lr``) of ``k`` same-shape float32 tensors stacked along a new
