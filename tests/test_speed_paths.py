@@ -466,7 +466,7 @@ ADAM_MINI_GROUPS = [
     {"shapes": [(12, 10), (8, 16), (12, 10), (5, 7), (300, 7)], "block": "row", "weight_decay": 0.0},  # (300, 7): pieces cut rows
     {"shapes": [(12, 10), (8, 10), (40, 9)], "block": "head", "head_dim": 4},
     {"shapes": [(12, 10), (9,), (0,), (70,)], "block": "element"},
-    {"shapes": [(6, 4), (6,)], "block": "row", "dtype": torch.bfloat16},  # not float32: stepped alone
+    {"shapes": [(6, 4), (6,)], "block": "row", "dtype": torch.bfloat16},  # bfloat16: the bucket's float32 copies
 ]
 
 
@@ -476,7 +476,7 @@ def test_adam_mini_foreach_equals_the_per_tensor_step(monkeypatch):
     ``chunk_numel`` arrive in pieces (whole blocks cut by the pieces) and are stepped whole,
     chunked. Weights and state equal the ``foreach=False`` step with the same chunks bit for bit,
     and the one-tensor-at-a-time step (a large whole-tensor block's mean from chunk sums: to
-    rtol 1e-6). bf16 parameters stay off the multi-tensor path (float32 only)."""
+    rtol 1e-6). bf16 parameters take the bucket on their float32 copies (BF16RULES)."""
     from lowmem.optim import moments
     from lowmem.optim.functional import adam_mini as AM
 
@@ -484,9 +484,9 @@ def test_adam_mini_foreach_equals_the_per_tensor_step(monkeypatch):
                             [(AM, "adam_mini_foreach_"), (moments, "step_whole_from_piece_")], monkeypatch)
     shapes = [s for g in ADAM_MINI_GROUPS for s in g["shapes"]]
     float32 = [s for g in ADAM_MINI_GROUPS if "dtype" not in g for s in g["shapes"]]
-    small = sum(math.prod(s) for s in float32 if math.prod(s) <= 64)
+    small = sum(math.prod(s) for s in shapes if math.prod(s) <= 64)
     calls = out["foreach"][0]
-    assert sum(calls["adam_mini_foreach_"]) == 4 * small  # every small float32 tensor, every step, no bf16
+    assert sum(calls["adam_mini_foreach_"]) == 4 * small  # every small tensor, every step (bf16: on float32 copies)
     large = [s for s in float32 if math.prod(s) > 64]
     assert len(calls["step_whole_from_piece_"]) == 4 * len(large)  # each large tensor once per step
     assert all(c == {"adam_mini_foreach_": [], "step_whole_from_piece_": []} for c in (out["chunked"][0], out["whole"][0]))
