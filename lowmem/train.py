@@ -1640,6 +1640,12 @@ def build_training_args(recipe: TrainRecipe) -> Any:
                           "true) conflict; give one: dtype: bfloat16 without fp16, or fp16: true with dtype float32 "
                           "(or float16 for a LoRA / QLoRA base)")
     _check_generation_groups(recipe, cls, kwargs)
+    if recipe.layerwise:  # a bnb_* optim: the recipe's keys named (before the paged check: layerwise is the cause)
+        from lowmem.optim.layerwise import layerwise_refusal
+
+        refused = layerwise_refusal(recipe.optim, "layerwise")
+        if refused is not None:
+            raise ConfigError(f"optim={recipe.optim!r} with {refused}")
     from lowmem.optim.recipes.bnb import BNB_OPTIMIZERS, unpaged_names
 
     if BNB_OPTIMIZERS.get(recipe.optim, (None, 0, False))[2] and (kwargs.get("use_cpu") or not torch.cuda.is_available()):

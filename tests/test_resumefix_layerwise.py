@@ -43,3 +43,26 @@ def test_global_prev_coefficient_follows_the_loading_max_grad_norm_and_old_check
     del old["layerwise"]["prev_norm"], old["layerwise"]["accumulation_steps"]
     other.load_state_dict(old)
     assert float(other._clip_coef) == 1.0
+
+
+def test_remove_hooks_drops_a_loaded_windows_grad_check():
+    """A loaded mid-window checkpoint without .grad, then remove_hooks(): the model's next backward is no longer the
+    optimizer's business (no error); without remove_hooks it is refused naming the parameter's .grad."""
+    import pytest
+
+    torch.manual_seed(0)
+    model, x, y = make_problem(0)
+    opt = LayerwiseOptimizer(model, "adamw", accumulation_steps=2, lr=1e-2)
+    loss_fn(model, x, y).backward()
+    sd = opt.state_dict()
+    fresh = copy.deepcopy(model)
+    fresh.zero_grad(set_to_none=True)
+    other = LayerwiseOptimizer(fresh, "adamw", accumulation_steps=2, lr=1e-2)
+    other.load_state_dict(sd)
+    other.remove_hooks()
+    loss_fn(fresh, x, y).backward()
+    again = LayerwiseOptimizer(fresh, "adamw", accumulation_steps=2, lr=1e-2)
+    fresh.zero_grad(set_to_none=True)
+    again.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"\.grad"):
+        loss_fn(fresh, x, y).backward()

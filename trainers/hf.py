@@ -512,6 +512,12 @@ class LowMemArguments:
         self.lowmem_optim_args = parse_optim_args(self.lowmem_optim_args)
         if self.lowmem_layerwise and self.lowmem_optim is None:
             raise ValueError("lowmem_layerwise=True requires lowmem_optim")
+        if self.lowmem_layerwise:  # a bnb_* class: refused here, before any model loads, not at train()
+            from lowmem.optim.layerwise import layerwise_refusal
+
+            refused = layerwise_refusal(self.lowmem_optim, "lowmem_layerwise")
+            if refused is not None:
+                raise ValueError(f"{type(self).__name__}.{refused}")
         self._resolve_embeddings_32bit(given)
         if self.lowmem_optim is None:
             if self.lowmem_optim_args:

@@ -50,7 +50,7 @@ from .._warn import warn_user
 from .engine import LowMemOptimizer, refuse_untrainable
 from .functional.norms import float_norm
 from .group_layout import check_group_layouts, check_group_settings, check_rounding
-from .registry import create_optimizer
+from .registry import create_optimizer, get_entry, list_optimizers
 from .sharded import is_dtensor
 
 
@@ -120,6 +120,23 @@ def global_prev_coef(max_grad_norm: float, prev_norm: Tensor) -> Tensor:
     return torch.clamp(max_grad_norm / (prev_norm + 1e-6), max=1.0)
 
 
+def layerwise_refusal(name: str, field: str = "layerwise") -> str | None:
+    """Why optimizer ``name`` cannot run in layerwise mode, naming ``field`` (the switch as the caller spells it:
+    ``lowmem_layerwise``, a recipe's ``layerwise``) and the optimizers that can, or ``None`` when it can.
+    Layerwise mode steps each parameter from its gradient hook through the engine's per-parameter step
+    (:class:`~lowmem.optim.engine.LowMemOptimizer`); a registered name without a recipe (a bitsandbytes class,
+    ``bnb_*``) is stepped as a whole by its own ``step()`` and has none. Raises the registry's ``ValueError`` for an
+    unknown name."""
+    if get_entry(name).recipe is not None:
+        return None
+    engine = [n for n in list_optimizers() if get_entry(n).recipe is not None]
+    base = name.strip().lower().replace("-", "_").removeprefix("bnb_").removeprefix("paged_")
+    same = f" ({base!r} is the engine's optimizer of the same format)" if base in engine else ""
+    return (f"{field}=True needs an engine optimizer (`lowmem list`): {name!r} is not one, it is a bitsandbytes class "
+            f"stepped as a whole, with no per-parameter step for the gradient hooks; use one of {engine}{same}, or drop "
+            f"{field}")
+
+
 def _register_hook(p: Tensor, hook: Callable[[Tensor], None]) -> Any:
     """``p.register_post_accumulate_grad_hook(hook)``, also on a parameter frozen for now (BAdam's
     inactive blocks): the hook stays registered when ``requires_grad`` is turned back on."""
@@ -166,6 +183,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be None or a finite float > 0, got {max_grad_norm!r}")
         ddp = model_or_params if isinstance(model_or_params, nn.parallel.DistributedDataParallel) else None
         target = ddp.module if ddp is not None else model_or_params
+        refused = layerwise_refusal(name, "layerwise")  # before the inner optimizer is built (bnb: paged on the CPU)
+        if refused is not None:
+            raise ValueError(refused)
         inner = create_optimizer(target, name, **hparams)
         if any(is_dtensor(p) for g in inner.param_groups for p in g["params"]):
             raise NotImplementedError(
@@ -572,10 +592,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         )
 
     def remove_hooks(self) -> None:
-        """Detach from the parameters (the optimizer can no longer step)."""
-        for h in self._handles:
+        """Detach from the parameters (the optimizer can no longer step); a loaded window's pending ``.grad``
+        checks go too."""
+        for h in [*self._handles, *self._grad_checks.values()]:
             h.remove()
-        self._handles = []
+        self._handles, self._grad_checks = [], {}
 
     def __repr__(self) -> str:
         return f"LayerwiseOptimizer({self.inner!r}, accumulation_steps={self.accumulation_steps})"
