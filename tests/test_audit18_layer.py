@@ -35,8 +35,6 @@ def test_layerwise_clipping_survives_reusing_the_training_arguments(tmp_path, da
     assert second.create_optimizer().max_grad_norm == 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-LAYER18 2: lowmem_layerwise=True with a non-engine optimizer (bnb_*) is "
-                                       "accepted by the arguments and refused only at train(), without naming the field")
 def test_layerwise_with_a_bitsandbytes_optimizer_is_refused_by_the_arguments_naming_the_field(tmp_path):
     # refused, as lowmem_embeddings_32bit=True with lowmem_layerwise is, before any model loads, naming lowmem_layerwise
     with pytest.raises(ValueError, match="lowmem_layerwise"):
@@ -52,8 +50,6 @@ def test_layerwise_with_a_bitsandbytes_optimizer_is_refused_at_the_latest_by_cre
         LowMemTrainer(model=build_tiny_model(0)[0], args=args).create_optimizer()
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-LAYER18 3: estimate_memory(optimizer='bnb_adamw8bit', layerwise=True) "
-                                       "prices a run LayerwiseOptimizer refuses (largest gradient only), no error")
 def test_layerwise_estimate_of_a_non_engine_optimizer_is_refused():
     from lowmem.kit import tiny_config
     from lowmem.memory.estimate import estimate_memory
