@@ -1,6 +1,6 @@
 """AUDIT-LAYER18: layerwise mode, gradient accumulation and adapters through LowMemTrainer, from a user's side.
 
-Each defect is pinned by an xfail(strict=True) test: green while the defect is there, red (XPASS) once fixed."""
+Each defect was pinned by an xfail(strict=True) test; all three are fixed (LAYERFIX) and the tests are plain ones."""
 
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ def _args(out, **kw):
         disable_tqdm=True, save_strategy="no", per_device_train_batch_size=4, learning_rate=1e-3, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-LAYER18 1: layerwise create_optimizer writes args.max_grad_norm = 0.0 "
-                                       "into the user's TrainingArguments; a second trainer on them clips nothing")
 def test_layerwise_clipping_survives_reusing_the_training_arguments(tmp_path, data):
     args = _args(tmp_path, max_grad_norm=0.5)
     first = LowMemTrainer(model=build_tiny_model(0)[0], args=args, train_dataset=data, data_collator=default_data_collator)

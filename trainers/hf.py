@@ -889,8 +889,8 @@ class LowMemOptimizerMixin:
                     opt_model, name, accumulation_steps=self.args.gradient_accumulation_steps,
                     max_grad_norm=self.args.max_grad_norm or None, clip_mode="global_prev", **hp,
                 )
-            # gradients are freed in their hooks: the Trainer's clipping would see none
-            self.args.max_grad_norm = 0.0
+            # gradients are freed in their hooks: the Trainer's clipping would see none (skipped by _clip_grad_norm;
+            # the user's arguments keep their max_grad_norm, for a second trainer built on them and training_args.bin)
         else:
             with _explain_targets(opt_model, hp, get_entry(name).batched_targets):
                 if getattr(self.args, "lowmem_embeddings_32bit", False):
@@ -1037,6 +1037,16 @@ class LowMemOptimizerMixin:
         measured = cb.evaluation_step(self.model, self.optimizer) if cb is not None else contextlib.nullcontext()
         with measured, fused_head_tiles(self.model):
             return super().prediction_step(*args, **kwargs)
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """The Trainer's clipping over ``p.grad``; none in layerwise mode (``None``, the norm then comes from
+        :meth:`_get_grad_norm`): the optimizer clips in its gradient hooks (``max_grad_norm``, ``clip_mode="global_prev"``)
+        and frees each gradient there, and ``args.max_grad_norm`` stays the user's value."""
+        from lowmem.optim.layerwise import LayerwiseOptimizer
+
+        if isinstance(getattr(self.optimizer, "optimizer", self.optimizer), LayerwiseOptimizer):
+            return None
+        return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The ``grad_norm`` the Trainer logs (transformers >= 5 calls this before ``optimizer.step()``).
