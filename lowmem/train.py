@@ -2501,7 +2501,8 @@ def _run_record_writer() -> Any:
 
     class LowmemRunRecord(TrainerCallback, ExportableState):
         """Writes :func:`run_record` into each checkpoint, after the Trainer wrote it (process 0), and gives its
-        files the umask's permissions (safetensors writes 0600: :func:`lowmem.io.umask_permissions`). Its (empty)
+        files the umask's permissions (safetensors writes 0600: :func:`lowmem.io.umask_permissions`); where the Trainer
+        writes ``trainer_state.json`` (``args.should_save``: process 0, or each node's with ``save_on_each_node``). Its (empty)
         state in ``trainer_state.json`` marks the checkpoint as lowmem train's, so one a run left without the record
         (killed after ``trainer_state.json``, the Trainer's last file) counts as incomplete: ``--resume`` skips it
         with a warning (:func:`checkpoint_missing`) instead of resuming it uncompared."""
@@ -2511,7 +2512,7 @@ def _run_record_writer() -> Any:
 
         def on_save(self, args, state, control, train_dataloader=None, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
+            if args.should_save and folder.is_dir():  # (every folder with a trainer_state.json naming it gets it)
                 umask_permissions(folder)
                 rows = _rows(getattr(train_dataloader, "dataset", None)) if train_dataloader is not None else None
                 write_text_atomic(folder / RUN_RECORD, json.dumps(run_record(args, rows), indent=2) + "\n")
