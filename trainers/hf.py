@@ -1003,8 +1003,10 @@ class LowMemOptimizerMixin:
                 )
         saved_sched = Path(checkpoint) / "scheduler.pt" if checkpoint is not None else None
         if own_plateau is not None and saved_sched.is_file() and not getattr(self, "is_deepspeed_enabled", False):
-            problem = plateau_mismatch(own_plateau[0], [g.get("initial_lr") for g in inner.param_groups],
-                                       own_plateau[1], torch.load(saved_sched, map_location="cpu", weights_only=True))
+            # (scheduler.pt read only for a schedule of these settings: another scheduler's may not be weights_only-safe)
+            own_sched = own_plateau[1] if any(k in own_plateau[1] for k in PLATEAU_SETTINGS) else {}
+            problem = plateau_mismatch(own_plateau[0], [g.get("initial_lr") for g in inner.param_groups], own_sched,
+                                       torch.load(saved_sched, map_location="cpu", weights_only=True) if own_sched else {})
             if problem is not None:
                 raise ValueError(
                     f"resuming from {checkpoint}: {problem}; the Trainer restores the optimizer's rates (optimizer.pt) "
