@@ -47,7 +47,8 @@ def test_layerwise_with_accumulation_follows_the_ordinary_run(tmp_path, train_da
 
 def test_layerwise_clipping_uses_previous_global_norm_and_disables_trainer_clipping(tmp_path, train_data):
     _, trainer = _train(tmp_path / "clip", train_data, layerwise=True, steps=2, max_grad_norm=0.5)
-    assert trainer.args.max_grad_norm == 0.0
+    assert trainer.args.max_grad_norm == 0.5  # the user's args untouched (AUDIT-LAYER18 1)
+    assert trainer._clip_grad_norm(trainer.model) is None  # the Trainer's own clipping skipped: the hooks clip
     opt = trainer.optimizer.optimizer
     assert opt.max_grad_norm == 0.5 and opt.clip_mode == "global_prev"
 
