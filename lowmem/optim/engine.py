@@ -1813,8 +1813,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
         optimizer whose settings are a subset of this one's (``adamw`` into ``spam``, ``adalomo`` into ``adafactor``:
         the settings it lacks were taken as predating it; AUDIT-RESUME18 1). Run after the settings' and the state's
         checks (whose messages name the settings or entries that differ); :meth:`load_state_dict` restores the groups
-        and state on the error. A checkpoint without the entry (older, or torch's) keeps the settings' key check."""
+        and state on the error. A checkpoint without the entry (older, or torch's) keeps the settings' key check;
+        one of ``torch.optim.RAdam`` (its groups' keys: Adam's state, another update) is refused by name."""
         saved = state_dict.get(OPTIMIZER_KEY)
+        for group in state_dict.get("param_groups", []) if saved is None else []:
+            # torch.optim.RAdam's groups: torch's (differentiable), decoupled_weight_decay without Adam's amsgrad and
+            # NAdam's momentum_decay; its state (step, exp_avg, exp_avg_sq) is Adam's, its rectified step is not
+            if {"differentiable", "decoupled_weight_decay", "betas"} <= set(group) and not {"amsgrad", "momentum_decay"} & set(group):
+                saved = "torch.optim.RAdam"
         if saved is not None and saved != self.recipe.name:
             raise ValueError(
                 f"optimizer '{self.recipe.name}': the checkpoint was saved by another optimizer ({OPTIMIZER_KEY}:"
