@@ -43,6 +43,7 @@ gradient yet): a gradient and a step's transient are added to the activations of
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import warnings
@@ -959,6 +960,7 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
             "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
             "kept_step_count": sized.get("kept_step_count", 0),
+            "transient_first_step": None if layerwise else sized.get("transient_first_step"),
             "svd_mkl": 0 if layerwise else sized.get("svd_mkl", 0),
             "svd_lapack": 0 if layerwise else sized.get("svd_lapack", 0),
             "svd_refresh": bool(sized.get("svd_refresh")),
@@ -1118,6 +1120,12 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
                  # an exact SVD refreshes a projection (GaLore, Fira, ...): counted as LAPACK's gesdd holds it
                  "svd_refresh": any(g.get("projection") in ("svd", "online_pca") and g.get("rank")
                                     for g in opt.param_groups)}
+        # the step that makes the state (a run without materialize_state(): the Trainer's, `lowmem train`'s first
+        # step): torch's fused AdamW kernel's bucket is decided as without state there (the capped buckets; bfloat16
+        # weights with bfloat16 moments: 12 B per element of the largest), LowMemOptimizer.step_transient_bytes
+        first = getattr(opt, "step_transient_bytes", None)
+        sizes["transient_first_step"] = (first(per_parameter=False, first_step=True) + tables
+                                         if "first_step" in inspect.signature(first).parameters else None)
         from ..optim.functional.galore import svd_mkl_left_out
 
         with svd_mkl_left_out():  # MKL's SVD buffers (AMD CPU): in the transient, not torch tensors
@@ -1625,6 +1633,12 @@ def estimate_memory(
     _emit(sizing["messages"], stacklevel=2)
     sized = _pick(sizing, layerwise, max_grad_norm)
     opt_bytes, transient, how = sized["state"], sized["transient"], sized["how"]
+    first_step = sized.get("transient_first_step")
+    if first_step is not None and first_step > transient:  # (bfloat16 weights with bfloat16 moments on the fused kernel)
+        notes.append(f"optimizer step transient: {transient:,} B once the state exists (materialize_state() before the "
+                     f"first step, as measure_memory does); a first step that makes the state (the Trainer's, lowmem "
+                     f"train's) allocates {first_step:,} B (details['optimizer_transient_first_step']: torch's fused "
+                     "AdamW kernel takes bfloat16 weights from their second step)")
 
     params = _unique_params(meta)
     weights = constants = 0
@@ -2097,6 +2111,7 @@ def estimate_memory(
             "optimizer_transient_blas_workspace": sized.get("blas_workspace", 0),
             "optimizer_kept_tables": sized["kept_tables"],
             "optimizer_kept_step_count": sized["kept_step_count"],
+            "optimizer_transient_first_step": sized.get("transient_first_step"),
             "gradients_with_activations": parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),
