@@ -960,6 +960,7 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
             "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
             "kept_step_count": sized.get("kept_step_count", 0),
+            "foreach_scalars": 0 if layerwise else sized.get("foreach_scalars", 0),
             "transient_first_step": None if layerwise else sized.get("transient_first_step"),
             "svd_mkl": 0 if layerwise else sized.get("svd_mkl", 0),
             "svd_lapack": 0 if layerwise else sized.get("svd_lapack", 0),
@@ -1029,6 +1030,31 @@ def _kept_table_bytes(opt: Any) -> int:
         for p in group["params"]:
             by_device.setdefault(p.device, []).append(opt.state[p])
     return sum(cached(states, device) for device, states in by_device.items())
+
+
+def _foreach_scalar_bytes(opt: Any) -> int:
+    """The 0-d CPU tensors Lion's multi-tensor direction reads ``beta1`` and ``beta2`` from
+    (:func:`~lowmem.optim.functional.lion.lion_direction_foreach`: ``subset_norm.cpu_scalar`` of the momenta's dtype,
+    float32 for a bfloat16 momentum's float32 copy), 4 B per value and dtype over the CPU parameters on the multi-tensor
+    path: made by the first step and kept by value (``subset_norm._CPU_SCALARS``), or, under a dispatch mode (the
+    measurement's tracker), made anew by each direction and alive beside its directions. Not dispatched operations'
+    outputs where they are kept, so ``step_transient_bytes()`` leaves them out; added to the step's transient (before
+    2026-12-01 left out: ``measure_memory("tiny", optimizer="lion", dtype="fp32")``'s transient measured 332,296 B for
+    332,288 estimated). 0 for other rules (the per-parameter step, layerwise mode, passes Python numbers)."""
+    from ..optim.recipes.lion import LionMoments
+
+    if not isinstance(getattr(getattr(opt, "recipe", None), "moment", None), LionMoments):
+        return 0
+    keys: set[tuple[float, torch.dtype]] = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            m = state.get("exp_avg")
+            if p.device.type != "cpu" or m is None or not opt._foreach_ok(p, group, state=state):
+                continue
+            dtype = m.dtype if m.dtype in (torch.float32, torch.float64) else torch.float32
+            keys |= {(float(group["betas"][0]), dtype), (float(group["betas"][1]), dtype)}
+    return sum(torch.empty((), dtype=d, device="meta").element_size() for _, d in keys)
 
 
 def _layerwise_parts(opt: Any, tables: int = 0) -> dict[str, Any]:
@@ -1108,11 +1134,13 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         warnings.simplefilter("always")
         opt.materialize_state()
         tables = _kept_table_bytes(opt)  # (the codecs' tables, kept from the first step on: in every phase)
+        scalars = _foreach_scalar_bytes(opt)  # (Lion's 0-d betas on the CPU: the multi-tensor step's)
         sizes = {"state": opt.state_bytes(),
-                 "transient": {False: opt.step_transient_bytes(per_parameter=False) + tables},
+                 "transient": {False: opt.step_transient_bytes(per_parameter=False) + tables + scalars},
                  "layerwise_parts": _layerwise_parts(opt, tables),
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0,
                  "kept_tables": tables,
+                 "foreach_scalars": scalars,
                  # torch's fused AdamW kernel's step count, a float32 0-d tensor per device that the step makes and
                  # functional.adam keeps to the next step (_step_tensor): in the transient (kept and new), and live at
                  # every later moment, the activations' included
@@ -1124,13 +1152,13 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         # step): torch's fused AdamW kernel's bucket is decided as without state there (the capped buckets; bfloat16
         # weights with bfloat16 moments: 12 B per element of the largest), LowMemOptimizer.step_transient_bytes
         first = getattr(opt, "step_transient_bytes", None)
-        sizes["transient_first_step"] = (first(per_parameter=False, first_step=True) + tables
+        sizes["transient_first_step"] = (first(per_parameter=False, first_step=True) + tables + scalars
                                          if "first_step" in inspect.signature(first).parameters else None)
         from ..optim.functional.galore import svd_mkl_left_out
 
         with svd_mkl_left_out():  # MKL's SVD buffers (AMD CPU): in the transient, not torch tensors
             without_mkl = opt.step_transient_bytes(per_parameter=False)
-            sizes["svd_mkl"] = sizes["transient"][False] - without_mkl - tables
+            sizes["svd_mkl"] = sizes["transient"][False] - without_mkl - tables - scalars
             from ..optim.functional.galore import svd_workspace_left_out
 
             with svd_workspace_left_out():  # LAPACK's copy of G and its workspace, inside the SVD kernel: not tensors
@@ -1138,7 +1166,8 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         from ..optim.functional.muon import bf16_workspace_left_out
 
         with bf16_workspace_left_out():  # the bfloat16 products' BLAS workspace (Muon): not torch tensors
-            sizes["blas_workspace"] = sizes["transient"][False] - opt.step_transient_bytes(per_parameter=False) - tables
+            sizes["blas_workspace"] = (sizes["transient"][False] - opt.step_transient_bytes(per_parameter=False) - tables
+                                       - scalars)
         kept = sizes["kept_gemm"] + tables
         sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, kept)
         sizes["transient_after_head"] = _transient_without(model, opt, kept, with_head=False)
@@ -2112,6 +2141,7 @@ def estimate_memory(
             "optimizer_kept_tables": sized["kept_tables"],
             "optimizer_kept_step_count": sized["kept_step_count"],
             "optimizer_transient_first_step": sized.get("transient_first_step"),
+            "optimizer_foreach_scalars": sized.get("foreach_scalars", 0),
             "gradients_with_activations": parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),
