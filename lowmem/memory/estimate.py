@@ -461,22 +461,60 @@ def peft_model_parts(model: Any, lora: Any) -> tuple[Any, Any, list[str]]:
 
 
 def model_instance_notes(model: Any, param_dtype: torch.dtype, peft: bool = False) -> list[str]:
-    """Notes for a model instance given as ``model``, which is sized from its ``.config`` only: its own floating
-    dtype when it is not ``dtype``, and its frozen parameters (every one is sized as trained; not for a peft model's
-    base, whose adapters are sized as ``lora=``). A float32 model with frozen embeddings was sized in bf16 with every
-    parameter's optimizer state, without a word (the note beside USERAPI 6)."""
+    """Notes for a model instance given as ``model``, whose own parameters are sized (:func:`mirror_instance`): its
+    floating dtypes when they are not ``dtype`` (which then sizes the activations only), and its frozen parameters
+    (sized frozen; not for a peft model's base, whose adapters are sized as ``lora=``). Before 2026-12-01 an instance
+    was sized from its ``.config`` only (every parameter in ``dtype=``, trained) and these notes said so."""
     if not isinstance(model, nn.Module):
         return []
     params = list(model.parameters())
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.is_floating_point()})
     want = str(param_dtype).removeprefix("torch.")
-    notes = [f"sized from model.config in {want} (dtype=); the model given holds {', '.join(dtypes)} parameters"] \
-        if dtypes and dtypes != [want] else []
+    notes = [f"the model given holds {', '.join(dtypes)} parameters: sized in their own dtypes ({want}, dtype=, sizes "
+             "the activations)"] if dtypes and dtypes != [want] else []
     frozen = [p for p in params if not p.requires_grad]
     if frozen and not peft:
-        notes.append(f"sized from model.config with every parameter trained; the model given has {len(frozen)} of its "
-                     f"{len(params)} parameter tensors frozen ({sum(p.numel() for p in frozen):,} elements)")
+        notes.append(f"the model given has {len(frozen)} of its {len(params)} parameter tensors frozen "
+                     f"({sum(p.numel() for p in frozen):,} elements): sized frozen (no gradient, no optimizer state)")
     return notes
+
+
+def _instance_name(name: str) -> str:
+    """A parameter's name without peft's wrapping (``base_model.model.`` and a LoRA layer's ``.base_layer``), so that
+    the model built from the config, wrapped by ``get_peft_model`` or not, and the model given name it alike."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def mirror_instance(meta: nn.Module, instance: Any, quantized: dict[int, str], requires_grad: bool) -> list[str]:
+    """Give the parameters of ``meta`` (built from the ``.config`` of the model instance ``instance``, then wrapped by
+    ``get_peft_model`` where LoRA is sized) the instance's own floating dtypes (its buffers' too) and, with ``requires_grad`` (the
+    instance is the model trained as given: a peft model, or no ``lora=`` on top), its frozen / trainable flags,
+    matched by name (:func:`_instance_name`); tied weights stay tied (the config's). A quantized weight (``quantized``:
+    bitsandbytes' packed storage in the instance) keeps the estimator's 4- / 8-bit count. Returns notes: parameters of
+    the instance the built model does not have (sized from the config then). Nothing for a config or a name."""
+    if not isinstance(instance, nn.Module):
+        return []
+    given = {_instance_name(n): p for n, p in instance.named_parameters(remove_duplicate=False)}
+    matched: set[str] = set()
+    for n, p in meta.named_parameters(remove_duplicate=False):
+        q = given.get(_instance_name(n))
+        if q is None:
+            continue
+        matched.add(_instance_name(n))
+        if id(p) not in quantized and q.is_floating_point() and p.dtype != q.dtype:
+            p.data = p.data.to(q.dtype)
+        if requires_grad:
+            p.requires_grad_(q.requires_grad)
+    buffers = {_instance_name(n): b for n, b in instance.named_buffers(remove_duplicate=False)}
+    for n, b in meta.named_buffers(remove_duplicate=False):  # (a model cast with .to(dtype): its rotary tables too)
+        q = buffers.get(_instance_name(n))
+        if q is not None and q.is_floating_point() and b.is_floating_point() and b.dtype != q.dtype:
+            module, _, leaf = n.rpartition(".")
+            meta.get_submodule(module).register_buffer(leaf, b.to(q.dtype), persistent=leaf not in getattr(
+                meta.get_submodule(module), "_non_persistent_buffers_set", set()))
+    missing = sorted(set(given) - matched)
+    return [f"{len(missing)} parameter tensors of the model given are not in the model built from its config (e.g. "
+            f"{missing[0]!r}): sized from the config"] if missing else []
 
 
 def config_quantization(config: Any, spec: "QuantSpec | None") -> tuple["QuantSpec | None", list[str]]:
@@ -493,7 +531,10 @@ def config_quantization(config: Any, spec: "QuantSpec | None") -> tuple["QuantSp
     if qc is None:
         return spec, []
     qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
-    method = str(qc.get("quant_method", "bitsandbytes")).lower()
+    method = qc.get("quant_method", "bitsandbytes")
+    # (a model loaded 4-/8-bit: transformers' BitsAndBytesConfig.to_dict() keeps the QuantizationMethod enum, whose
+    # str() is 'quantizationmethod.bits_and_bytes', refused before 2026-12-01 as not bitsandbytes)
+    method = str(getattr(method, "value", method)).lower().replace("_", "")
     if method != "bitsandbytes":
         raise ValueError(f"the model's config has quantization_config quant_method={method!r}: the estimate sizes "
                          "bitsandbytes 4-bit / 8-bit base weights only (quantization='nf4' / 'fp4' / 'int8'); estimate "
@@ -1608,6 +1649,7 @@ def estimate_memory(
         raise ValueError(f"padding_free=True is modelled for the plain loss and trainer='sft' (TRL's SFTConfig), not "
                          f"trainer={trainer!r}: valid trainers with it are [None, 'sft']")
     optimizer, layerwise, embeddings_32bit = resolve_optimizer_name(optimizer, layerwise)
+    given_model = model
     model, lora, found = peft_model_parts(model, lora)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
@@ -1642,6 +1684,9 @@ def estimate_memory(
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             meta = get_peft_model(meta, lcfg)
+    # a model instance: its own parameters' dtypes and frozen flags (a peft model's, adapters included; lora= on a
+    # plain instance: peft's flags), not those the config would build
+    notes += mirror_instance(meta, given_model, quantized, requires_grad=given_model is not model or lcfg is None)
 
     # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
     cache = _SIZING_CACHE
