@@ -76,3 +76,17 @@ def test_a_loaded_4bit_peft_model_is_sized_from_its_tensors():
     weights, gradients = _count(model)
     constants = sum(t.numel() * t.element_size() for t in quant_state_tensors(model))
     assert (est.weights, est.quant_constants, est.gradients) == (weights, constants, gradients)
+
+
+def test_measure_memory_of_an_instance_estimates_the_instance():
+    """``measure_memory`` of an instance (used as is) estimates that instance: the measured weights, gradients and
+    optimizer state (MemTracker's labels) equal the estimate's (before: the config's float32 model, every parameter
+    trained)."""
+    from lowmem.memory.measure import measure_memory
+
+    model, _ = build_tiny_model(seed=0)
+    model = model.to(torch.bfloat16)  # (runnable: one dtype)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    got = measure_memory(model, optimizer="adamw", steps=1, seq_len=8, dtype="fp32", device="cpu")
+    for c in ("weights", "gradients", "optimizer_states"):
+        assert got.measured[c] == getattr(got.estimate, c), (c, got.measured[c], getattr(got.estimate, c))

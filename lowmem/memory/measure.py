@@ -564,8 +564,10 @@ def measure_memory(
         peak_allocated = int(torch.cuda.max_memory_allocated())
     if layerwise:
         opt.remove_hooks()
+    # a model instance (used as is): its own parameters (dtypes, frozen ones, adapters) are sized, not its config's
+    # model (estimate.mirror_instance; before 2026-12-01 the config's in dtype=, every parameter trained)
     est = estimate_memory(
-        config, optimizer=given_optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
+        model if isinstance(model, nn.Module) and quantization is None else config, optimizer=given_optimizer, optim_args=optim_args, batch_size=batch_size, seq_len=seq_len, dtype=pdtype,
         quantization=quantization, lora=lora, gradient_checkpointing=gradient_checkpointing, layerwise=layerwise,
         device=torch.device(device).type, max_grad_norm=None,  # its LayerwiseOptimizer does not clip
         gradient_accumulation_steps=accumulation, padding_free=padding_free,
