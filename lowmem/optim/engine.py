@@ -1335,8 +1335,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         (its ``foreach_counts_outside``; full-rank, a float ``lr``, a device of
         :func:`~lowmem.optim.functional.adam.fused_device`, not meta): the kernel's step-count tensor
         (:func:`~lowmem.optim.functional.adam._step_tensor`). A bfloat16 parameter counts only where the kernel
-        steps it (:meth:`_fused_whole`: bfloat16 moments; ``first_step``: as without state, never: its first step is
-        the capped buckets' float32 arithmetic, :meth:`_step_bf16_bucket`); before 2026-12-01 every device counted,
+        steps it (:meth:`_fused_whole`: bfloat16 moments, and ``foreach`` not ``False``; ``first_step``: as without
+        state, never: its first step is the capped buckets' float32 arithmetic, :meth:`_step_bf16_bucket`); before 2026-12-01 every device counted,
         8 B over for bfloat16 weights with float32 moments, which the kernel never steps."""
         moment = self.recipe.moment
         # (a wrapper whose multi-tensor step is its inner rule's, e.g. Stable-SPAM's RestartBiasCorrection around
@@ -1349,7 +1349,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         def steps_in_kernel(key: Tensor, group: dict[str, Any]) -> bool:
             p, state = local(key), self.state[key]
-            if p.dtype == torch.bfloat16 and not self._fused_whole(p, group, {} if first_step else state):
+            if p.dtype == torch.bfloat16 and (group.get("foreach") is False
+                                              or not self._fused_whole(p, group, {} if first_step else state)):
                 return False  # (its buckets' float32 arithmetic, _step_bf16_bucket, or its own step: not the kernel)
             return not only or (self._foreach_ok(p, group, state=state)
                                 and moment.foreach_bucket_class(p.shape, group, state) is None)
