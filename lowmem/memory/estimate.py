@@ -1554,7 +1554,8 @@ def estimate_memory(
     Args:
         model (`str`, `PretrainedConfig` or `nn.Module`): A named shape (see
             :func:`~lowmem.memory.shapes.list_shapes`, e.g. ``"llama-2-7b"``), a local model
-            directory (only ``config.json`` is read), a config, or a model (its ``.config``).
+            directory (only ``config.json`` is read), a config, or a model instance (built from its ``.config`` with
+            its own parameters' dtypes and frozen flags: :func:`mirror_instance`; a peft model's adapter as ``lora=``).
         optimizer (`str` or `None`, defaults to `"adamw"`): A registered optimizer name
             (``lowmem.list_optimizers()``), or a Hugging Face ``optim`` name as ``lowmem train`` maps it
             (:func:`resolve_optimizer_name`: ``lion_8bit``, ``adamw_8bit``, ... keep the ``nn.Embedding`` weights'
