@@ -43,6 +43,7 @@ gradient yet): a gradient and a step's transient are added to the activations of
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import warnings
@@ -464,22 +465,60 @@ def peft_model_parts(model: Any, lora: Any) -> tuple[Any, Any, list[str]]:
 
 
 def model_instance_notes(model: Any, param_dtype: torch.dtype, peft: bool = False) -> list[str]:
-    """Notes for a model instance given as ``model``, which is sized from its ``.config`` only: its own floating
-    dtype when it is not ``dtype``, and its frozen parameters (every one is sized as trained; not for a peft model's
-    base, whose adapters are sized as ``lora=``). A float32 model with frozen embeddings was sized in bf16 with every
-    parameter's optimizer state, without a word (the note beside USERAPI 6)."""
+    """Notes for a model instance given as ``model``, whose own parameters are sized (:func:`mirror_instance`): its
+    floating dtypes when they are not ``dtype`` (which then sizes the activations only), and its frozen parameters
+    (sized frozen; not for a peft model's base, whose adapters are sized as ``lora=``). Before 2026-12-01 an instance
+    was sized from its ``.config`` only (every parameter in ``dtype=``, trained) and these notes said so."""
     if not isinstance(model, nn.Module):
         return []
     params = list(model.parameters())
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.is_floating_point()})
     want = str(param_dtype).removeprefix("torch.")
-    notes = [f"sized from model.config in {want} (dtype=); the model given holds {', '.join(dtypes)} parameters"] \
-        if dtypes and dtypes != [want] else []
+    notes = [f"the model given holds {', '.join(dtypes)} parameters: sized in their own dtypes ({want}, dtype=, sizes "
+             "the activations)"] if dtypes and dtypes != [want] else []
     frozen = [p for p in params if not p.requires_grad]
     if frozen and not peft:
-        notes.append(f"sized from model.config with every parameter trained; the model given has {len(frozen)} of its "
-                     f"{len(params)} parameter tensors frozen ({sum(p.numel() for p in frozen):,} elements)")
+        notes.append(f"the model given has {len(frozen)} of its {len(params)} parameter tensors frozen "
+                     f"({sum(p.numel() for p in frozen):,} elements): sized frozen (no gradient, no optimizer state)")
     return notes
+
+
+def _instance_name(name: str) -> str:
+    """A parameter's name without peft's wrapping (``base_model.model.`` and a LoRA layer's ``.base_layer``), so that
+    the model built from the config, wrapped by ``get_peft_model`` or not, and the model given name it alike."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def mirror_instance(meta: nn.Module, instance: Any, quantized: dict[int, str], requires_grad: bool) -> list[str]:
+    """Give the parameters of ``meta`` (built from the ``.config`` of the model instance ``instance``, then wrapped by
+    ``get_peft_model`` where LoRA is sized) the instance's own floating dtypes (its buffers' too) and, with ``requires_grad`` (the
+    instance is the model trained as given: a peft model, or no ``lora=`` on top), its frozen / trainable flags,
+    matched by name (:func:`_instance_name`); tied weights stay tied (the config's). A quantized weight (``quantized``:
+    bitsandbytes' packed storage in the instance) keeps the estimator's 4- / 8-bit count. Returns notes: parameters of
+    the instance the built model does not have (sized from the config then). Nothing for a config or a name."""
+    if not isinstance(instance, nn.Module):
+        return []
+    given = {_instance_name(n): p for n, p in instance.named_parameters(remove_duplicate=False)}
+    matched: set[str] = set()
+    for n, p in meta.named_parameters(remove_duplicate=False):
+        q = given.get(_instance_name(n))
+        if q is None:
+            continue
+        matched.add(_instance_name(n))
+        if id(p) not in quantized and q.is_floating_point() and p.dtype != q.dtype:
+            p.data = p.data.to(q.dtype)
+        if requires_grad:
+            p.requires_grad_(q.requires_grad)
+    buffers = {_instance_name(n): b for n, b in instance.named_buffers(remove_duplicate=False)}
+    for n, b in meta.named_buffers(remove_duplicate=False):  # (a model cast with .to(dtype): its rotary tables too)
+        q = buffers.get(_instance_name(n))
+        if q is not None and q.is_floating_point() and b.is_floating_point() and b.dtype != q.dtype:
+            module, _, leaf = n.rpartition(".")
+            meta.get_submodule(module).register_buffer(leaf, b.to(q.dtype), persistent=leaf not in getattr(
+                meta.get_submodule(module), "_non_persistent_buffers_set", set()))
+    missing = sorted(set(given) - matched)
+    return [f"{len(missing)} parameter tensors of the model given are not in the model built from its config (e.g. "
+            f"{missing[0]!r}): sized from the config"] if missing else []
 
 
 def config_quantization(config: Any, spec: "QuantSpec | None") -> tuple["QuantSpec | None", list[str]]:
@@ -496,7 +535,10 @@ def config_quantization(config: Any, spec: "QuantSpec | None") -> tuple["QuantSp
     if qc is None:
         return spec, []
     qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
-    method = str(qc.get("quant_method", "bitsandbytes")).lower()
+    method = qc.get("quant_method", "bitsandbytes")
+    # (a model loaded 4-/8-bit: transformers' BitsAndBytesConfig.to_dict() keeps the QuantizationMethod enum, whose
+    # str() is 'quantizationmethod.bits_and_bytes', refused before 2026-12-01 as not bitsandbytes)
+    method = str(getattr(method, "value", method)).lower().replace("_", "")
     if method != "bitsandbytes":
         raise ValueError(f"the model's config has quantization_config quant_method={method!r}: the estimate sizes "
                          "bitsandbytes 4-bit / 8-bit base weights only (quantization='nf4' / 'fp4' / 'int8'); estimate "
@@ -963,6 +1005,8 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
             "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
             "kept_step_count": sized.get("kept_step_count", 0),
+            "foreach_scalars": 0 if layerwise else sized.get("foreach_scalars", 0),
+            "transient_first_step": None if layerwise else sized.get("transient_first_step"),
             "svd_mkl": 0 if layerwise else sized.get("svd_mkl", 0),
             "svd_lapack": 0 if layerwise else sized.get("svd_lapack", 0),
             "svd_refresh": bool(sized.get("svd_refresh")),
@@ -1031,6 +1075,31 @@ def _kept_table_bytes(opt: Any) -> int:
         for p in group["params"]:
             by_device.setdefault(p.device, []).append(opt.state[p])
     return sum(cached(states, device) for device, states in by_device.items())
+
+
+def _foreach_scalar_bytes(opt: Any) -> int:
+    """The 0-d CPU tensors Lion's multi-tensor direction reads ``beta1`` and ``beta2`` from
+    (:func:`~lowmem.optim.functional.lion.lion_direction_foreach`: ``subset_norm.cpu_scalar`` of the momenta's dtype,
+    float32 for a bfloat16 momentum's float32 copy), 4 B per value and dtype over the CPU parameters on the multi-tensor
+    path: made by the first step and kept by value (``subset_norm._CPU_SCALARS``), or, under a dispatch mode (the
+    measurement's tracker), made anew by each direction and alive beside its directions. Not dispatched operations'
+    outputs where they are kept, so ``step_transient_bytes()`` leaves them out; added to the step's transient (before
+    2026-12-01 left out: ``measure_memory("tiny", optimizer="lion", dtype="fp32")``'s transient measured 332,296 B for
+    332,288 estimated). 0 for other rules (the per-parameter step, layerwise mode, passes Python numbers)."""
+    from ..optim.recipes.lion import LionMoments
+
+    if not isinstance(getattr(getattr(opt, "recipe", None), "moment", None), LionMoments):
+        return 0
+    keys: set[tuple[float, torch.dtype]] = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            m = state.get("exp_avg")
+            if p.device.type != "cpu" or m is None or not opt._foreach_ok(p, group, state=state):
+                continue
+            dtype = m.dtype if m.dtype in (torch.float32, torch.float64) else torch.float32
+            keys |= {(float(group["betas"][0]), dtype), (float(group["betas"][1]), dtype)}
+    return sum(torch.empty((), dtype=d, device="meta").element_size() for _, d in keys)
 
 
 def _layerwise_parts(opt: Any, tables: int = 0) -> dict[str, Any]:
@@ -1110,11 +1179,13 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         warnings.simplefilter("always")
         opt.materialize_state()
         tables = _kept_table_bytes(opt)  # (the codecs' tables, kept from the first step on: in every phase)
+        scalars = _foreach_scalar_bytes(opt)  # (Lion's 0-d betas on the CPU: the multi-tensor step's)
         sizes = {"state": opt.state_bytes(),
-                 "transient": {False: opt.step_transient_bytes(per_parameter=False) + tables},
+                 "transient": {False: opt.step_transient_bytes(per_parameter=False) + tables + scalars},
                  "layerwise_parts": _layerwise_parts(opt, tables),
                  "how": "exact", "kept_gemm": opt._kept_gemm_bytes() if hasattr(opt, "_kept_gemm_bytes") else 0,
                  "kept_tables": tables,
+                 "foreach_scalars": scalars,
                  # torch's fused AdamW kernel's step count, a float32 0-d tensor per device that the step makes and
                  # functional.adam keeps to the next step (_step_tensor): in the transient (kept and new), and live at
                  # every later moment, the activations' included
@@ -1122,11 +1193,17 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
                  # an exact SVD refreshes a projection (GaLore, Fira, ...): counted as LAPACK's gesdd holds it
                  "svd_refresh": any(g.get("projection") in ("svd", "online_pca") and g.get("rank")
                                     for g in opt.param_groups)}
+        # the step that makes the state (a run without materialize_state(): the Trainer's, `lowmem train`'s first
+        # step): torch's fused AdamW kernel's bucket is decided as without state there (the capped buckets; bfloat16
+        # weights with bfloat16 moments: 12 B per element of the largest), LowMemOptimizer.step_transient_bytes
+        first = getattr(opt, "step_transient_bytes", None)
+        sizes["transient_first_step"] = (first(per_parameter=False, first_step=True) + tables + scalars
+                                         if "first_step" in inspect.signature(first).parameters else None)
         from ..optim.functional.galore import svd_mkl_left_out
 
         with svd_mkl_left_out():  # MKL's SVD buffers (AMD CPU): in the transient, not torch tensors
             without_mkl = opt.step_transient_bytes(per_parameter=False)
-            sizes["svd_mkl"] = sizes["transient"][False] - without_mkl - tables
+            sizes["svd_mkl"] = sizes["transient"][False] - without_mkl - tables - scalars
             from ..optim.functional.galore import svd_workspace_left_out
 
             with svd_workspace_left_out():  # LAPACK's copy of G and its workspace, inside the SVD kernel: not tensors
@@ -1134,7 +1211,8 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
         from ..optim.functional.muon import bf16_workspace_left_out
 
         with bf16_workspace_left_out():  # the bfloat16 products' BLAS workspace (Muon): not torch tensors
-            sizes["blas_workspace"] = sizes["transient"][False] - opt.step_transient_bytes(per_parameter=False) - tables
+            sizes["blas_workspace"] = (sizes["transient"][False] - opt.step_transient_bytes(per_parameter=False) - tables
+                                       - scalars)
         kept = sizes["kept_gemm"] + tables
         sizes["transient_with_activations"] = _transient_before_input_embedding(model, opt, kept)
         sizes["transient_after_head"] = _transient_without(model, opt, kept, with_head=False)
@@ -1480,7 +1558,8 @@ def estimate_memory(
     Args:
         model (`str`, `PretrainedConfig` or `nn.Module`): A named shape (see
             :func:`~lowmem.memory.shapes.list_shapes`, e.g. ``"llama-2-7b"``), a local model
-            directory (only ``config.json`` is read), a config, or a model (its ``.config``).
+            directory (only ``config.json`` is read), a config, or a model instance (built from its ``.config`` with
+            its own parameters' dtypes and frozen flags: :func:`mirror_instance`; a peft model's adapter as ``lora=``).
         optimizer (`str` or `None`, defaults to `"adamw"`): A registered optimizer name
             (``lowmem.list_optimizers()``), or a Hugging Face ``optim`` name as ``lowmem train`` maps it
             (:func:`resolve_optimizer_name`: ``lion_8bit``, ``adamw_8bit``, ... keep the ``nn.Embedding`` weights'
@@ -1585,6 +1664,7 @@ def estimate_memory(
         refused = layerwise_refusal(optimizer, "layerwise")
         if refused is not None:
             raise ValueError(f"{refused} (lowmem budget: --layerwise)")
+    given_model = model
     model, lora, found = peft_model_parts(model, lora)
     config = resolve_config(model)
     param_dtype = parse_dtype(dtype)
@@ -1619,6 +1699,9 @@ def estimate_memory(
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             meta = get_peft_model(meta, lcfg)
+    # a model instance: its own parameters' dtypes and frozen flags (a peft model's, adapters included; lora= on a
+    # plain instance: peft's flags), not those the config would build
+    notes += mirror_instance(meta, given_model, quantized, requires_grad=given_model is not model or lcfg is None)
 
     # the optimizer first: BAdam freezes its inactive blocks (requires_grad=False), which then get no gradient
     cache = _SIZING_CACHE
@@ -1639,6 +1722,12 @@ def estimate_memory(
     _emit(sizing["messages"], stacklevel=2)
     sized = _pick(sizing, layerwise, max_grad_norm)
     opt_bytes, transient, how = sized["state"], sized["transient"], sized["how"]
+    first_step = sized.get("transient_first_step")
+    if first_step is not None and first_step > transient:  # (bfloat16 weights with bfloat16 moments on the fused kernel)
+        notes.append(f"optimizer step transient: {transient:,} B once the state exists (materialize_state() before the "
+                     f"first step, as measure_memory does); a first step that makes the state (the Trainer's, lowmem "
+                     f"train's) allocates {first_step:,} B (details['optimizer_transient_first_step']: torch's fused "
+                     "AdamW kernel takes bfloat16 weights from their second step)")
 
     params = _unique_params(meta)
     weights = constants = 0
@@ -2144,6 +2233,8 @@ def estimate_memory(
             "optimizer_transient_blas_workspace": sized.get("blas_workspace", 0),
             "optimizer_kept_tables": sized["kept_tables"],
             "optimizer_kept_step_count": sized["kept_step_count"],
+            "optimizer_transient_first_step": sized.get("transient_first_step"),
+            "optimizer_foreach_scalars": sized.get("foreach_scalars", 0),
             "gradients_with_activations": parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),

@@ -1169,7 +1169,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if isinstance(v, Tensor)
         )
 
-    def step_transient_bytes(self, per_parameter: bool = False) -> int:
+    def step_transient_bytes(self, per_parameter: bool = False, first_step: bool = False) -> int:
         """Upper bound of the memory one :meth:`step` allocates beyond parameters, gradients and state.
 
         Parameters are stepped one after another and each one's temporaries are freed before the
@@ -1218,15 +1218,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
         Args:
             per_parameter: The largest transient of stepping one parameter alone
                 (:meth:`step_param`, what layerwise mode does): no foreach or projected buckets.
+            first_step: The bound of a step that makes its parameters' state (their first step without
+                :meth:`materialize_state`, as the Trainer's first step): a tensor torch's fused AdamW kernel
+                steps from its second step (:meth:`_fused_whole`, decided with its state) takes the capped
+                buckets there (the route of a parameter with no state), its state initialised inside its bucket: a
+                bfloat16 weight with bfloat16 moments is stepped by :meth:`_step_bf16_bucket` then (12 B per
+                element of its capped bucket, :meth:`_bf16_bucket_bytes`; before 2026-12-01 left out: 19,680 B
+                for 1,640 such elements on the CPU, reported 8), a float32 one by the kernel on its capped
+                bucket (nothing more). The state is counted as materialized (call :meth:`materialize_state`
+                first, or step once); the default (``False``) bounds the steps after the state exists.
 
         On a step without projection refreshes, the non-finite check may hold projected gradients
         (:meth:`_checked_lows`) within the difference between this bound and the same bound without
         the refresh phases (:meth:`_hold_budget`), so the bound covers that step too.
         """
-        return self._transient_bytes(per_parameter)
+        return self._transient_bytes(per_parameter, first_step=first_step)
 
-    def _transient_bytes(self, per_parameter: bool = False, steady: bool = False) -> int:
-        """:meth:`step_transient_bytes`; ``steady``: of a step in which no projection refreshes."""
+    def _transient_bytes(self, per_parameter: bool = False, steady: bool = False, first_step: bool = False) -> int:
+        """:meth:`step_transient_bytes`; ``steady``: of a step in which no projection refreshes; ``first_step``:
+        of the step that makes the state (the fused kernel's uncapped bucket decided as without state)."""
         worst = 0
         kept = self._kept_gemm_bytes()  # MKL's packing buffer, alive in every phase (CPU)
         sizes: dict[tuple, tuple[int, int]] = {}
@@ -1293,8 +1303,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
                         low_bucket.append(item)
                     continue
                 if self._foreach_ok(p, group, state=state):
-                    if not is_dtensor(key) and p.device.type != "meta" and self._fused_whole(p, group, state):
-                        continue  # (its uncapped bucket of torch's fused AdamW kernel allocates nothing)
+                    # (its uncapped bucket of torch's fused AdamW kernel allocates nothing; at the step that makes
+                    # the state, first_step, the route has no state yet: the capped buckets, _route)
+                    if (not is_dtensor(key) and p.device.type != "meta"
+                            and self._fused_whole(p, group, {} if first_step else state)):
+                        continue
                     whole = False
                     if (len(self._foreach_pieces(p)) > 1 and not self.recipe.stabilizers
                             and not getattr(self.recipe.moment, "pieces_elementwise", False)):
@@ -1357,7 +1370,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                       default=moment.foreach_transient_bytes(0))
         # torch's fused AdamW kernel reads the step count from a float32 0-d tensor per device, cached from one
         # step to the next (functional.adam._step_tensor): alive in every phase, and a new one beside it once a step
-        steps = self._fused_step_bytes()
+        steps = self._fused_step_bytes(first_step)
         held = 0 if per_parameter else self._pre_check_bytes()[0]  # (kept through the step: _finite_and_pre_check)
         return kept + steps + max(max(worst, foreach) + steps + held, self._check_bytes() if not per_parameter else 0)
 
@@ -1390,11 +1403,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
             worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
         return worst
 
-    def _fused_step_bytes(self) -> int:
+    def _fused_step_bytes(self, first_step: bool = False) -> int:
         """4 bytes per device whose parameters the moment rule may step with torch's fused AdamW kernel
         (its ``foreach_counts_outside``; full-rank, a float ``lr``, a device of
         :func:`~lowmem.optim.functional.adam.fused_device`, not meta): the kernel's step-count tensor
-        (:func:`~lowmem.optim.functional.adam._step_tensor`)."""
+        (:func:`~lowmem.optim.functional.adam._step_tensor`). A bfloat16 parameter counts only where the kernel
+        steps it (:meth:`_fused_whole`: bfloat16 moments, and ``foreach`` not ``False``; ``first_step``: as without
+        state, never: its first step is the capped buckets' float32 arithmetic, :meth:`_step_bf16_bucket`); before 2026-12-01 every device counted,
+        8 B over for bfloat16 weights with float32 moments, which the kernel never steps."""
         moment = self.recipe.moment
         # (a wrapper whose multi-tensor step is its inner rule's, e.g. Stable-SPAM's RestartBiasCorrection around
         # AdamW: foreach_uses_fused_kernel; before 2026-11-30 its step count was left out, 4 B under)
@@ -1406,6 +1422,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
         def steps_in_kernel(key: Tensor, group: dict[str, Any]) -> bool:
             p, state = local(key), self.state[key]
+            if p.dtype == torch.bfloat16 and (group.get("foreach") is False
+                                              or not self._fused_whole(p, group, {} if first_step else state)):
+                return False  # (its buckets' float32 arithmetic, _step_bf16_bucket, or its own step: not the kernel)
             return not only or (self._foreach_ok(p, group, state=state)
                                 and moment.foreach_bucket_class(p.shape, group, state) is None)
 
