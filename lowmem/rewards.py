@@ -59,13 +59,15 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_final_answer(text: str) -> str:
+def extract_final_answer(text: str, last_number: bool = True) -> str:
     """The final answer in ``text``, by the first rule that applies:
 
     1. the content of the last ``<answer>...</answer>``;
     2. the content of the last ``\\boxed{...}``;
     3. what follows the last ``####`` (GSM8K's convention);
-    4. the last number (``-12``, ``1,234``, ``3.5``);
+    4. the last number (``-12``, ``1,234``, ``3.5``), with ``last_number`` (a free-form completion; an answer
+       column is read with ``last_number=False``: its ``\\frac{1}{2}``, ``3/4`` or ``(3, 5)`` is the answer, not ``2``,
+       ``4`` or ``5``);
     5. the whole text.
 
     The result is stripped of surrounding whitespace, a trailing period and ``$`` signs.
@@ -77,35 +79,58 @@ def extract_final_answer(text: str) -> str:
         found = boxed
     elif "####" in text:
         found = text.rsplit("####", 1)[1]
-    elif numbers := _NUMBER.findall(text):
+    elif last_number and (numbers := _NUMBER.findall(text)):
         found = numbers[-1]
     else:
         found = text
     return found.strip().strip("$").strip().rstrip(".").strip()
 
 
-def answers_equal(predicted: str, target: str) -> bool:
-    """Whether two final answers are equal: numerically when both are numbers (commas ignored,
-    ``"1,000" == "1000.0"``), else as strings after collapsing whitespace (case-sensitive)."""
-    def number(s: str) -> float | None:
-        try:
-            return float(s.replace(",", ""))
-        except ValueError:
-            return None
+_PLAIN = r"-?\d[\d,]*(?:\.\d+)?"
+_FRACTION = re.compile(rf"(-?)\s*\\[dt]?frac\s*\{{\s*({_PLAIN})\s*\}}\s*\{{\s*({_PLAIN})\s*\}}|({_PLAIN})\s*/\s*({_PLAIN})")
 
-    a, b = number(predicted), number(target)
+
+def answer_number(text: str) -> float | None:
+    """The value of an answer that is a number: ``1,000``, ``-3.5``, a fraction ``3/4`` / ``-\\frac{1}{2}`` /
+    ``\\dfrac{3}{4}`` (what math_verify's LaTeX parsing reads as a rational); else ``None``."""
+    s = text.strip()
+    try:
+        return float(s.replace(",", ""))
+    except ValueError:
+        pass
+    m = _FRACTION.fullmatch(s)
+    if m is None:
+        return None
+    sign, num, den = (m[1], m[2], m[3]) if m[2] is not None else ("", m[4], m[5])
+    num, den = float(num.replace(",", "")), float(den.replace(",", ""))
+    if den == 0:
+        return None
+    return (-1.0 if sign else 1.0) * num / den
+
+
+def answers_equal(predicted: str, target: str) -> bool:
+    """Whether two final answers are equal: numerically when both are numbers (:func:`answer_number`: commas
+    ignored, ``"1,000" == "1000.0"``, fractions by value, ``"\\frac{1}{2}" == "1/2" == "0.5"``), else as strings after
+    collapsing whitespace (case-sensitive)."""
+    a, b = answer_number(predicted), answer_number(target)
     if a is not None and b is not None:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
     return " ".join(predicted.split()) == " ".join(target.split())
 
 
-def exact_match_reward(completions: list, answer: list | None = None, solution: list | None = None,
-                       **kwargs: Any) -> list[float]:
-    """1.0 where the completion's final answer equals the row's ``answer`` (else ``solution``) column, else 0.0.
+def _missing(value: Any) -> bool:
+    """A cell without a value: ``None`` (JSON ``null``, a key a row lacks) or a float NaN (pandas' missing value)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
-    Both sides go through :func:`extract_final_answer` (so a GSM8K ``answer`` ending in ``#### 72``
-    matches a completion ending in ``72``) and are compared by :func:`answers_equal`.
-    Conversational completions are scored on their last message.
+
+def exact_match_reward(completions: list, answer: list | None = None, solution: list | None = None,
+                       **kwargs: Any) -> list[float | None]:
+    """1.0 where the completion's final answer equals the row's ``answer`` (else ``solution``) column, else 0.0;
+    ``None`` (TRL: no reward for that completion, left out of the means) where the row has no answer (``null``).
+
+    The completion goes through :func:`extract_final_answer`, the column through it with ``last_number=False`` (a
+    GSM8K ``answer`` ending in ``#### 72`` is ``72``, a MATH ``\\frac{1}{2}`` is itself), and the two are compared by
+    :func:`answers_equal`. Conversational completions are scored on their last message.
 
     Raises:
         ValueError: The dataset has neither an ``answer`` nor a ``solution`` column.
@@ -114,7 +139,8 @@ def exact_match_reward(completions: list, answer: list | None = None, solution: 
     if targets is None:
         columns = sorted(k for k in kwargs if k not in ("completion_ids", "trainer_state", "log_extra", "log_metric"))
         raise ValueError(f"reward 'exact_match' needs a dataset column 'answer' or 'solution'; the dataset has {columns}")
-    return [float(answers_equal(extract_final_answer(completion_text(c)), extract_final_answer(str(t))))
+    return [None if _missing(t) else
+            float(answers_equal(extract_final_answer(completion_text(c)), extract_final_answer(str(t), last_number=False)))
             for c, t in zip(completions, targets)]
 
 

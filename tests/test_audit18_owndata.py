@@ -102,8 +102,6 @@ def test_script_only_fields_are_refused(tmp_path, field, value):
 # 4. exact_match reduces the dataset's answer column to its last number: fractions / LaTeX / tuples score wrong
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 4: exact_match takes the last number of the answer column "
-                                       "('3/4' -> '4', '\\frac{1}{2}' -> '2'): wrong completions score 1, right 0")
 @pytest.mark.parametrize("completion, answer, expected", [
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),   # MATH-500's bare LaTeX answer column: the right answer scored 0
     ("\\boxed{2}", "\\frac{1}{2}", 0.0),              # ... and a wrong one 1
@@ -360,8 +358,6 @@ def test_all_zero_reward_weights_are_refused(tmp_path, funcs, weights):
 # 12. exact_match on a row whose answer is missing (JSON null): str(None) = "None" is the target
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 12: exact_match compares with str(None) when a row's answer is "
-                                       "null: 0.0 for every completion, 1.0 for the text 'None'")
 def test_exact_match_on_a_missing_answer_is_not_a_score():
     """A GRPO file where some rows have no ``answer`` (``null``, or the key left out: datasets fills None) loads
     (lowmem.data checks ``prompt`` only), and ``exact_match_reward`` scores ``str(None)``: every completion of those

@@ -1,0 +1,25 @@
+"""OWNFIXA (session 18): exact_match's answers (fractions by value, a missing answer), reward names kept apart,
+all-zero reward_weights, TRL rewards that need math_verify (FOUND_OWNDATA18 1, 4, 11, 12, 13)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),          # a fraction by value, as math_verify compares rationals
+    ("\\boxed{-\\frac{3}{4}}", "-3/4", 1.0),
+    ("\\boxed{\\dfrac{6}{8}}", "0.75", 1.0),
+    ("\\boxed{-0.75}", "3/4", 0.0),                  # the sign counts
+    ("so it is 1,234.", "Natalia sold ... #### 1234", 1.0),  # GSM8K's #### still read in the column
+])
+def test_exact_match_compares_fractions_by_value(completion, answer, expected):
+    from lowmem.rewards import exact_match_reward
+
+    assert exact_match_reward(completions=[completion], answer=[answer]) == [expected]
+
+
+def test_exact_match_missing_answer_in_solution_column_and_nan():
+    from lowmem.rewards import exact_match_reward
+
+    assert exact_match_reward(completions=["nan", "None", "3"], solution=[float("nan"), None, "3"]) == [None, None, 1.0]
