@@ -132,8 +132,10 @@ def _stack_of_components(components: dict[str, int], layerwise: bool, gradients_
         grads, transient, act = out["gradients"], out["optimizer_transient"], out["activations"]
         with_act = transient if transient_with_activations is None else min(transient_with_activations, transient)
         live = min(forward_activations, act)
+        # the loss's moment: every gradient kept by accumulation is live there (estimate._peak_of_components)
+        early = min(gradients_with_activations or 0, grads)
         moments = [(live + grads + with_act, {"activations": live, "optimizer_transient": with_act}),
-                   (act + kept, {"gradients": 0, "optimizer_transient": kept}),
+                   (act + early + kept, {"gradients": early, "optimizer_transient": kept}),
                    (grads + max(transient, backward + kept),
                     {"activations": backward, "optimizer_transient": kept} if backward + kept > transient
                     else {"activations": 0, "optimizer_transient": transient})]
