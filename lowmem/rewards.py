@@ -239,6 +239,8 @@ def validate_reward_fields(recipe: Any) -> None:
         if isinstance(nested, (list, tuple)) and len(nested) != len(funcs):  # TRL: after the model loaded
             raise ValueError(f"training_args.reward_weights has {len(nested)} entries but reward_funcs has {len(funcs)}; "
                              "expected one weight per reward function")
+        if isinstance(nested, (list, tuple)):
+            check_some_weight("training_args.reward_weights", nested)
     if weights is not None:
         if not isinstance(weights, list) or not weights:
             raise ValueError(f"Invalid reward_weights={recipe.reward_weights!r}: expected a list of numbers")
@@ -258,10 +260,28 @@ def validate_reward_fields(recipe: Any) -> None:
                              "expected one weight per reward function")
         if "reward_weights" in (recipe.training_args or {}):
             raise ValueError("reward_weights is given both as a recipe field and in training_args; keep one")
+        check_some_weight("reward_weights", out)
         if recipe.trainer == "bnpo" and len(set(out)) > 1:
             raise ValueError(f"reward_weights={out}: BNPO averages one advantage per reward function with equal "
                              "weight; expected equal weights (or none)")
         recipe.reward_weights = out
+
+
+def check_some_weight(field: str, weights: Any) -> None:
+    """Refuse ``reward_weights`` that are all 0: TRL's reward is ``sum_i w_i r_i`` (GRPOTrainer._generate_and_score),
+    0 for every completion then, so every group's advantages (and with the default ``beta: 0`` the whole gradient) are
+    0 while ``rewards/<name>/mean`` keeps being logged. A 0 beside a non-zero weight stays valid (logged, not trained on).
+
+    Raises:
+        ValueError: Naming ``field``.
+    """
+    try:
+        zero = len(weights) > 0 and all(not isinstance(w, bool) and float(w) == 0.0 for w in weights)
+    except (TypeError, ValueError):  # a non-number: the type checks name it
+        return
+    if zero:
+        raise ValueError(f"{field}={list(weights)}: all weights are 0, so the weighted reward is 0 for every completion "
+                         "and GRPO has nothing to learn from (every advantage is 0); give at least one non-zero weight")
 
 
 def _import_module(module: str, ref: str) -> Any:

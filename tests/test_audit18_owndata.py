@@ -328,8 +328,6 @@ def test_utf8_bom_files_read_as_their_text(tmp_path, suffix, body, first):
 # 11. reward_weights all zero: every reward is 0, every advantage 0, GRPO trains nothing without a word
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 11: reward_weights all 0 accepted: the weighted reward is 0 for "
-                                       "every completion, so every advantage and the policy loss are 0")
 @pytest.mark.parametrize("funcs, weights", [(["exact_match", "format"], [0.0, 0.0]), (["exact_match"], [0.0])])
 def test_all_zero_reward_weights_are_refused(tmp_path, funcs, weights):
     """TRL sums ``reward_weights[i] * reward_i`` into the one reward GRPO's advantages are taken from (group-normalised);

@@ -23,3 +23,21 @@ def test_exact_match_missing_answer_in_solution_column_and_nan():
     from lowmem.rewards import exact_match_reward
 
     assert exact_match_reward(completions=["nan", "None", "3"], solution=[float("nan"), None, "3"]) == [None, None, 1.0]
+
+
+@pytest.mark.parametrize("spelling", ["recipe", "training_args"])
+def test_all_zero_reward_weights_refused_in_both_spellings_and_a_zero_beside_one_passes(spelling):
+    from types import SimpleNamespace
+
+    from lowmem.rewards import validate_reward_fields
+
+    def recipe(weights):
+        if spelling == "recipe":
+            return SimpleNamespace(trainer="grpo", reward_funcs=["exact_match", "format"], reward_weights=weights,
+                                   training_args={})
+        return SimpleNamespace(trainer="grpo", reward_funcs=["exact_match", "format"], reward_weights=None,
+                               training_args={"reward_weights": weights})
+
+    with pytest.raises(ValueError, match=("training_args." if spelling == "training_args" else "^") + "reward_weights"):
+        validate_reward_fields(recipe([0, 0.0]))
+    validate_reward_fields(recipe([0.0, 0.5]))
