@@ -534,6 +534,30 @@ def _shown(value: Any) -> str:
     return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
 
 
+# TRL's rewards that import a package inside their body (trl 1.16, trl/rewards/accuracy_rewards.py:65, 281): the
+# import name and the pip name. Importing trl.rewards works without it; the first reward call raised ImportError.
+TRL_REWARD_PACKAGES: dict[str, tuple[str, str]] = {
+    "accuracy_reward": ("math_verify", "math-verify"), "reasoning_accuracy_reward": ("math_verify", "math-verify"),
+}
+
+
+def check_reward_packages(fn: Callable[..., Any], ref: str) -> None:
+    """Refuse a ``trl.rewards`` function of :data:`TRL_REWARD_PACKAGES` whose package is not installed, before the
+    model loads (it failed at its first call, after the model loaded and generated).
+
+    Raises:
+        ValueError: Naming the function, the package and the ``pip install`` that fixes it.
+    """
+    import importlib.util
+
+    if not str(getattr(fn, "__module__", "")).startswith("trl.rewards"):
+        return
+    need = TRL_REWARD_PACKAGES.get(getattr(fn, "__name__", ""))
+    if need is not None and importlib.util.find_spec(need[0]) is None:
+        raise ValueError(f"reward function {ref!r} needs the package {need[0]} (TRL imports it when the reward is "
+                         f"called), which is not installed: pip install {need[1]}")
+
+
 def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None,
                    eval_columns: list[str] | None = None) -> Callable[..., list[float]] | str:
     """The reward function of one ``reward_funcs`` entry (see the module docstring), imported now.
@@ -576,6 +600,7 @@ def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None,
         fn, name = getattr(module, func), func
         if not callable(fn):
             raise ValueError(f"reward function {ref!r}: {func!r} is a {type(fn).__name__}, not a function")
+        check_reward_packages(fn, ref)
     needs = BUILTIN_NEEDS_ONE_OF.get(ref if ref in BUILTIN_REWARDS else "", ())
     check_bound_keywords(fn, ref, bound, columns)
     for which, cols in (("dataset", columns), ("eval_dataset", eval_columns)):

@@ -379,8 +379,6 @@ def _math_verify_missing() -> bool:
 
 
 @pytest.mark.skipif(not _math_verify_missing(), reason="math_verify is installed: the reward works")
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 13: trl.rewards:accuracy_reward without math_verify loads, then "
-                                       "fails at its first call (after the model loaded and generated)")
 @pytest.mark.parametrize("name", ["accuracy_reward", "reasoning_accuracy_reward"])
 def test_trl_accuracy_reward_without_math_verify_is_refused_at_load(name):
     """docs/training.md, Rewards: TRL's own rewards are ``trl.rewards:<name>`` (the ``trl grpo`` script's names map

@@ -41,3 +41,17 @@ def test_all_zero_reward_weights_refused_in_both_spellings_and_a_zero_beside_one
     with pytest.raises(ValueError, match=("training_args." if spelling == "training_args" else "^") + "reward_weights"):
         validate_reward_fields(recipe([0, 0.0]))
     validate_reward_fields(recipe([0.0, 0.5]))
+
+
+def test_trl_reward_package_check_names_the_package(monkeypatch):
+    """Installed or not here: find_spec reports math_verify missing, the accuracy reward is refused naming the pip
+    name; think_format_reward (no extra package) passes."""
+    import importlib.util
+
+    from lowmem.rewards import load_reward_funcs
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    with pytest.raises(ValueError, match=r"trl.rewards:accuracy_reward.*pip install math-verify"):
+        load_reward_funcs(["trl.rewards:accuracy_reward"], ["prompt", "solution"])
+    assert len(load_reward_funcs(["trl.rewards:think_format_reward"], ["prompt", "solution"])) == 1
