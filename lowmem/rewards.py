@@ -633,8 +633,64 @@ def load_reward_funcs(entries: list[Any], columns: list[str] | None = None,
                       eval_columns: list[str] | None = None) -> list[Callable[..., list[float]] | str]:
     """:func:`resolve_reward` of every entry, in order (what ``GRPOTrainer(reward_funcs=...)`` takes);
     with ``columns`` (the training dataset's) each function's signature is checked against TRL's call
-    and its outputs when called; with ``eval_columns`` (the eval set's) the signature against its call too."""
-    return [resolve_reward(e, i, columns, eval_columns) for i, e in enumerate(entries)]
+    and its outputs when called; with ``eval_columns`` (the eval set's) the signature against its call too.
+    Functions that share a name get distinct ones (:func:`distinct_reward_names`)."""
+    return distinct_reward_names([resolve_reward(e, i, columns, eval_columns) for i, e in enumerate(entries)])
+
+
+def reward_name(func: Callable[..., Any] | str) -> str:
+    """The name TRL logs a reward under (``rewards/<name>/mean``; trl 1.16 GRPOTrainer.__init__): a reward-model path's
+    last part (``config._name_or_path.split("/")[-1]``), else the function's ``__name__``."""
+    if isinstance(func, str):
+        return func.rstrip("/").split("/")[-1]
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def _renamed(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` under another ``__name__`` (a wrapper: the user's function is not changed); async stays async."""
+    import inspect
+
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+        async def renamed(*args: Any, **kwargs: Any) -> Any:
+            return await fn(*args, **kwargs)
+    else:
+        def renamed(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+    functools.update_wrapper(renamed, fn)
+    renamed.__name__ = renamed.__qualname__ = name
+    return renamed
+
+
+def distinct_reward_names(funcs: list[Callable[..., Any] | str]) -> list[Callable[..., Any] | str]:
+    """``funcs`` with one name each: TRL logs every reward as ``rewards/<name>/mean`` and averages the values logged
+    under one key, so two functions named ``reward`` (``r1.py:reward``, ``r2.py:reward``; two ``{name: format, ...}``)
+    were one metric, the mean of both, and metrics.json's ``reward_func_histories`` one entry. Each function of a
+    shared name becomes ``<name>_<index>`` (its ``reward_funcs`` index: ``format_0``, ``format_1``).
+
+    Raises:
+        ValueError: Two reward-model directories of one folder name (TRL names them, lowmem cannot), or a new name
+            that is another entry's, naming the entries.
+    """
+    names = [reward_name(f) for f in funcs]
+    out = list(funcs)
+    for name in sorted(set(names)):
+        at = [i for i, n in enumerate(names) if n == name]
+        if len(at) < 2:
+            continue
+        models = [i for i in at if isinstance(funcs[i], str)]
+        if len(models) > 1:
+            raise ValueError(f"reward_funcs{models} are reward-model directories with one folder name {name!r}: TRL "
+                             "logs each reward as rewards/<folder name>/mean, so theirs would be one metric; rename a folder")
+        for i in at:
+            if not isinstance(funcs[i], str):
+                out[i] = _renamed(funcs[i], f"{name}_{i}")
+    final = [reward_name(f) for f in out]
+    clash = sorted({n for n in final if final.count(n) > 1})
+    if clash:
+        raise ValueError(f"reward_funcs: the names {clash} are given to several entries "
+                         f"{[i for i, n in enumerate(final) if n in clash]} (a shared name becomes <name>_<index>); "
+                         "rename a function so that each reward has its own name in the logs")
+    return out
 
 
 def reward_histories(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:

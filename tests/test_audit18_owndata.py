@@ -16,8 +16,6 @@ import yaml
 # 1. two reward functions with the same name: TRL logs them as one metric (the mean of both), metrics.json keeps one
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 1: reward_funcs entries with the same name merge into one "
-                                       "logged metric (rewards/<name>/mean = mean of both) without a word")
 @pytest.mark.parametrize("kind", ["builtin", "files"])
 def test_reward_funcs_with_one_name_are_refused_or_named_apart(tmp_path, kind):
     """``lowmem train`` of ``reward_funcs: [r1.py:reward, r2.py:reward]`` (one returns 1.0, the other 0.0) logged

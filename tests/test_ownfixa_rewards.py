@@ -55,3 +55,28 @@ def test_trl_reward_package_check_names_the_package(monkeypatch):
     with pytest.raises(ValueError, match=r"trl.rewards:accuracy_reward.*pip install math-verify"):
         load_reward_funcs(["trl.rewards:accuracy_reward"], ["prompt", "solution"])
     assert len(load_reward_funcs(["trl.rewards:think_format_reward"], ["prompt", "solution"])) == 1
+
+
+def test_shared_reward_names_become_name_index_and_still_score(tmp_path):
+    import asyncio
+    import inspect
+
+    from lowmem.rewards import load_reward_funcs
+
+    (tmp_path / "r.py").write_text("def format(completions, **kwargs):\n    return [0.5] * len(completions)\n"
+                                   "async def areward(completions, **kwargs):\n    return [0.25] * len(completions)\n")
+    funcs = load_reward_funcs([{"name": "format", "pattern": r"\d+"}, "exact_match", f"{tmp_path / 'r.py'}:format",
+                               f"{tmp_path / 'r.py'}:areward", f"{tmp_path / 'r.py'}:areward"], ["prompt", "answer"])
+    assert [f.__name__ for f in funcs] == ["format_0", "exact_match", "format_2", "areward_3", "areward_4"]
+    kw = dict(prompts=["q"], completions=["12"], answer=["12"])
+    assert funcs[0](**kw) == [1.0] and funcs[2](**kw) == [0.5]  # the bound pattern and the file's function kept
+    assert inspect.iscoroutinefunction(funcs[3]) and asyncio.run(funcs[3](**kw)) == [0.25]
+
+
+def test_reward_model_directories_of_one_folder_name_are_refused(tmp_path):
+    from lowmem.rewards import distinct_reward_names
+
+    with pytest.raises(ValueError, match=r"reward_funcs\[0, 1\].*'rm'"):
+        distinct_reward_names([str(tmp_path / "a" / "rm"), str(tmp_path / "b" / "rm")])
+    funcs = distinct_reward_names([str(tmp_path / "a" / "rm"), lambda **k: None])
+    assert funcs[0] == str(tmp_path / "a" / "rm")
