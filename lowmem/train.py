@@ -739,6 +739,8 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     check_unavailable_fields(recipe.training_args)
     check_script_fields(recipe.training_args)
+    if recipe.trainer in ("grpo", "gvpo", "bnpo"):
+        check_generation_kwargs(recipe.training_args)
     if recipe.trainer == "sft" and getattr(recipe, "dataset", None) is not None:
         check_padding_free(recipe.training_args)
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
@@ -766,6 +768,44 @@ def check_script_fields(ta: dict[str, Any]) -> None:
             raise ConfigError("do_train=false: lowmem train always trains (do_train is a script's switch, as in "
                               "LLaMA-Factory's evaluate-only configs, which the Trainer never reads); drop do_train to "
                               "train, or evaluate a model with your own script (Trainer.evaluate)")
+
+
+# generation_kwargs keys that TRL 1.16's GRPOTrainer sets from its own config fields (grpo_trainer.py:1155-1173, then
+# `generation_kwargs.update(args.generation_kwargs)`) or from the tokenizer: -> what to set instead.
+GENERATION_KWARGS_FIELDS: dict[str, str] = {
+    "max_new_tokens": "max_completion_length", "max_length": "max_completion_length",
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "pad_token_id": "the tokenizer's pad token", "bos_token_id": "the tokenizer's bos token",
+    "eos_token_id": "the tokenizer's eos token",
+}
+
+
+def check_generation_kwargs(ta: dict[str, Any]) -> None:
+    """GRPO / GVPO / BNPO ``generation_kwargs`` that override a GRPOConfig field: TRL builds the sampling config from
+    ``max_completion_length``, ``temperature``, ``top_p``, ... and updates it with ``generation_kwargs``, so
+    ``{max_new_tokens: 100}`` generated past ``max_completion_length`` (and lowmem's context check), and
+    ``{temperature: 0.5}`` sampled at 0.5 while the loss's log-probabilities used the config's ``temperature``: the
+    gradient was for another distribution than the sampled one. ``do_sample: false`` made a group's completions equal.
+    Keys TRL does not set (``no_repeat_ngram_size``, ...) pass.
+
+    Raises:
+        ConfigError: Naming ``generation_kwargs.<key>`` and the field to set instead.
+    """
+    gk = ta.get("generation_kwargs")
+    if not isinstance(gk, dict):
+        return
+    for key in gk:
+        if key in GENERATION_KWARGS_FIELDS:
+            target = GENERATION_KWARGS_FIELDS[key]
+            where = target if target.startswith("the ") else f"training_args.{target}"
+            raise ConfigError(f"generation_kwargs.{key}={gk[key]!r} overrides what TRL sets from {where} (the loss "
+                              f"reads {where}, the sampling would use generation_kwargs); set {where} instead and "
+                              f"drop generation_kwargs.{key}")
+    if gk.get("do_sample") is False:
+        raise ConfigError("generation_kwargs.do_sample=false: GRPO samples num_generations completions per prompt and "
+                          "learns from their differences; greedy decoding makes them equal (every advantage 0); drop it "
+                          "(lower training_args.temperature for less varied samples)")
 
 
 def check_padding_free(ta: dict[str, Any]) -> None:

@@ -172,8 +172,6 @@ def test_sft_on_a_phimoe_model_trains_or_is_refused_before_loading(tmp_path):
 # 6. GRPO's generation_kwargs overriding GRPOConfig's own fields (max_completion_length, temperature, ...): accepted
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-OWNDATA18 6: generation_kwargs' max_new_tokens / temperature silently "
-                                       "override GRPOConfig's max_completion_length / temperature (sampling only)")
 @pytest.mark.parametrize("key, value, field", [("max_new_tokens", 100, "max_completion_length"),
                                                ("temperature", 0.5, "temperature"),
                                                ("top_p", 0.5, "top_p")])
