@@ -118,10 +118,17 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
         from lowmem.config import ConfigError
         from lowmem.train import check_dependent_fields
 
-        try:  # as ``lowmem train`` refuses them: a field that only another setting reads, set without it
+        from lowmem.rewards import check_some_weight
+        from lowmem.train import check_generation_kwargs
+
+        try:  # as ``lowmem train`` refuses them: a field that only another setting reads, set without it;
+            # generation_kwargs that override a config field (sampled at one temperature, scored at another)
             check_dependent_fields(GRPOConfig, vars(self))
+            check_generation_kwargs({"generation_kwargs": self.generation_kwargs})
         except ConfigError as err:
             raise ConfigError(f"{type(self).__name__}.{err}") from None
+        if self.reward_weights is not None:  # all 0: every advantage 0, nothing trained
+            check_some_weight(f"{type(self).__name__}.reward_weights", self.reward_weights)
         if self.use_vllm:  # else TRL's ImportError when the trainer is built, after the model loaded
             from lowmem.train import _vllm_available
 
