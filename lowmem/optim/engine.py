@@ -82,7 +82,9 @@ from .._warn import warn_user
 from . import functional as F
 from .functional import adam as _FA
 from .functional.subset_norm import foreach_scalar
-from .functional.rounding import kahan_store_, stochastic_round_bytes, stochastic_round_to_bf16_, stream_seed
+from .functional.rounding import (kahan_store_, padded_numel, stochastic_round_bucket_bytes,
+                                  stochastic_round_bucket_to_bf16_, stochastic_round_bytes, stochastic_round_to_bf16_,
+                                  stream_seed)
 from .group_layout import (_MISSING, _Reads, check_group_layouts, check_resized, check_rounding, check_state_fits,
                            record_validated)
 from .hparams import ENGINE_HPARAMS, HParam, check_group_keys
@@ -1380,28 +1382,27 @@ class LowMemOptimizer(torch.optim.Optimizer):
         copies included; told the ``members`` and ``group`` too: SM3's stacks are sized per shape, the quantized
         rules' codec calls by the block size), the directions beside the parameters' float32 copies (8 B per
         element), and with
-        ``bf16_stochastic_round`` the copies beside one member's random bits and NaN mask
-        (:func:`~lowmem.optim.functional.rounding.stochastic_round_bytes`); Kahan's compensation and rounding to
-        nearest allocate nothing more."""
+        ``bf16_stochastic_round`` the copies (then one flat buffer, each member padded to a multiple of 4 elements:
+        :func:`~lowmem.optim.functional.rounding.padded_numel`) beside the whole bucket's random bits and NaN mask
+        (:func:`~lowmem.optim.functional.rounding.stochastic_round_bucket_bytes`, 3 B per padded element: the bucket
+        is capped at ``chunk_numel`` elements); Kahan's compensation and rounding to nearest allocate nothing more."""
         if not members:
             return 0
         r, n = self.recipe, sum(k for k, _ in members)
+        sr = group.get("bf16_stochastic_round")
+        c = 4 * padded_numel([k for k, _ in members]) if sr else 4 * n  # (the parameters' float32 copies)
+        rounding = c + stochastic_round_bucket_bytes([k for k, _ in members]) if sr else 0
         if getattr(r.moment, "bf16_bucket_steps_copies", False):  # (the copies beside the rule's float32 bucket step)
-            worst = 8 * n + r.moment.foreach_bucket_transient_bytes(n, members, group)
-            if group.get("bf16_stochastic_round"):
-                worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
-            return worst
+            return max(4 * n + c + r.moment.foreach_bucket_transient_bytes(n, members, group), rounding)
         rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members, group=group)
         if r.lr_rule is constant_lr:
-            worst = max(rule, 8 * n)
+            worst = max(rule, 4 * n + c)
         else:  # the parameters' copies first, the step sizes (peak, kept) beside them, then the direction phase
             peak, kept = r.moment.bf16_bucket_lr_bytes(len(members), group)
             wd = any(r.moment.weight_decay_for(group, s) != 0 for _, s in members)
             # (a tensor of step sizes: the decay's lr wd and p (lr wd) beside the directions and copies)
-            worst = max(4 * n + peak, 4 * n + kept + rule, 8 * n + kept + ((kept + 4 * n) if kept and wd else 0))
-        if group.get("bf16_stochastic_round"):
-            worst = max(worst, 4 * n + max(stochastic_round_bytes(k) for k, _ in members))
-        return worst
+            worst = max(c + peak, c + kept + rule, 4 * n + c + kept + ((kept + 4 * n) if kept and wd else 0))
+        return max(worst, rounding)
 
     def _fused_step_bytes(self, first_step: bool = False) -> int:
         """4 bytes per device whose parameters the moment rule may step with torch's fused AdamW kernel
@@ -2319,12 +2320,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
         (:meth:`_store_bucket`). A rule with its own lr rule (``bf16_bucket_lrs``) reads its step sizes from the
         parameters' copies, made first; a rule with ``bf16_bucket_steps_copies`` steps the copies with its float32
         ``foreach_step_``. Allocates :meth:`_bf16_bucket_bytes`; the lists passed are emptied."""
-        r = self.recipe
+        r, sr = self.recipe, bool(group.get("bf16_stochastic_round"))  # (sr: the copies padded, _store_bucket)
         if getattr(r.moment, "bf16_bucket_steps_copies", False):
             # a rule whose float32 multi-tensor step has no separate direction (Adam-mini's): that step on the
             # parameters' and gradients' float32 copies (the per-parameter step's operations on them, its decay and
             # update included), then the write-back
-            p32s, g32s = _FA.float32_copies(ps), _FA.float32_copies(gs)
+            p32s, g32s = _FA.float32_copies(ps, padded=sr), _FA.float32_copies(gs)
             gs.clear()
             r.moment.foreach_step_(p32s, g32s, ss, group, t, group["lr"])
             del g32s
@@ -2332,14 +2333,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return
         lr, p32s = group["lr"], None
         if r.lr_rule is not constant_lr:  # (the rule's step sizes read the parameters: bf16_bucket_lrs, Adafactor's)
-            p32s = _FA.float32_copies(ps)
+            p32s = _FA.float32_copies(ps, padded=sr)
             lr = r.moment.bf16_bucket_lrs(p32s, ss, group, t)
         g32s = _FA.float32_copies(gs)
         gs.clear()
         ds = r.moment.bf16_bucket_direction(g32s, ss, group, t, lr)
         del g32s
         if p32s is None:
-            p32s = _FA.float32_copies(ps)
+            p32s = _FA.float32_copies(ps, padded=sr)
         wds = {r.moment.weight_decay_for(group, s) for s in ss}
         if len(wds) != 1:  # (one decay per bucket: a rule whose decay differs per parameter steps them alone)
             raise ValueError(f"{r.name}: a bucket of bfloat16 parameters with several weight decays {sorted(wds)}")
@@ -2370,14 +2371,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _store_bucket(self, ps: list[Tensor], p32s: list[Tensor], ss: list[dict[str, Tensor]],
                       group: dict[str, Any]) -> None:
         """:meth:`_store` of a bucket of bfloat16 parameters (pieces: their ``ss`` are
-        :class:`~lowmem.optim.moments.ChunkState` views of flat ``[start, stop)``): stochastically rounded one
-        member at a time, each with the bits of its parameter's stream (:meth:`_piece_generator`: a piece draws
-        where the parameter's previous piece stopped, as :meth:`_update_chunked`'s chunks do); with Kahan's
+        :class:`~lowmem.optim.moments.ChunkState` views of flat ``[start, stop)``): stochastically rounded, each
+        member with the bits of its parameter's stream (:meth:`_piece_generator`: a piece draws where the
+        parameter's previous piece stopped, as :meth:`_update_chunked`'s chunks do) drawn into its slice of one
+        buffer, the rest once for the bucket (``p32s`` the padded views of one buffer:
+        :func:`~lowmem.optim.functional.rounding.stochastic_round_bucket_to_bf16_`); with Kahan's
         compensation, or rounded to nearest, one multi-tensor operation each for the bucket
         (:func:`~lowmem.optim.functional.rounding.kahan_store_`'s operations). ``p32s`` are overwritten."""
-        if group.get("bf16_stochastic_round"):
-            for p, p32, s in zip(ps, p32s, ss):
-                stochastic_round_to_bf16_(p, p32, self._piece_generator(s, p), overwrite_src=True)
+        if group.get("bf16_stochastic_round"):  # (p32s: padded views of one buffer, _step_bf16_bucket's)
+            stochastic_round_bucket_to_bf16_(ps, p32s, (self._piece_generator(s, p) for p, s in zip(ps, ss)))
             return
         kahan = ["kahan_comp" in s for s in ss]
         if any(kahan) and not all(kahan):  # (one group: every member keeps one, or none)

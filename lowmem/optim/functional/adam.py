@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from .rounding import padded_numel
 from .subset_norm import foreach_scalar
 
 
@@ -332,11 +333,22 @@ def adam_direction_foreach(ms: list[Tensor], vs: list[Tensor], t: float, beta1: 
     return d
 
 
-def float32_copies(xs: list[Tensor]) -> list[Tensor]:
+def float32_copies(xs: list[Tensor], padded: bool = False) -> list[Tensor]:
     """float32 copies of ``xs`` (bfloat16 parameters, gradients, moments of a bucket): new tensors of their shapes
     (``torch.empty_like``: no kernel) filled by one multi-tensor copy (``torch._foreach_copy_``: one launch for the
-    list on a GPU, where ``x.float()`` is one each); the values of ``x.float()``, exactly."""
-    out = [torch.empty_like(x, dtype=torch.float32) for x in xs]
+    list on a GPU, where ``x.float()`` is one each); the values of ``x.float()``, exactly. ``padded``: the copies are
+    contiguous views of one flat buffer (``xs`` on one device), each starting at a multiple of 4 elements
+    (:func:`~lowmem.optim.functional.rounding.padded_numel` elements in all: 4 bytes each), the layout that
+    :func:`~lowmem.optim.functional.rounding.stochastic_round_bucket_to_bf16_` rounds at once."""
+    if padded and xs:
+        flat = torch.empty(padded_numel([x.numel() for x in xs]), dtype=torch.float32, device=xs[0].device)
+        out, o = [], 0
+        for x in xs:
+            out.append(flat[o : o + x.numel()].view(x.shape))
+            o += 4 * ((x.numel() + 3) // 4)
+        del flat  # (alive while any copy is: their base)
+    else:
+        out = [torch.empty_like(x, dtype=torch.float32) for x in xs]
     if out:
         torch._foreach_copy_(out, xs)
     return out

@@ -17,6 +17,8 @@ a NaN is kept a NaN (a carry could otherwise turn its pattern into an infinity o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -77,6 +79,58 @@ def stochastic_round_bytes(n: int, overwrite_src: bool = True) -> int:
     each) beside the random bits (:func:`random_int16_bytes`), and beside the int32 work tensor (4 bytes each)
     when ``src`` is kept."""
     return n + random_int16_bytes(n) + (0 if overwrite_src else 4 * n)
+
+
+def padded_numel(numels: list[int]) -> int:
+    """The elements of a bucket's flat float32 buffer for :func:`stochastic_round_bucket_to_bf16_`: each member
+    ``k`` elements padded to a multiple of 4 (its :func:`random_int16` bits, ``ceil(k / 4)`` int64 words, then
+    lie over its own elements in one int64 buffer), members one after another."""
+    return 4 * sum((int(k) + 3) // 4 for k in numels)
+
+
+def stochastic_round_bucket_to_bf16_(dsts: list[Tensor], srcs: list[Tensor],
+                                     generators: Iterable[torch.Generator | None]) -> None:
+    """:func:`stochastic_round_to_bf16_` (``overwrite_src=True``) of each pair of ``dsts`` and ``srcs``, bit for
+    bit, in a few launches (issue 15): ``srcs`` are the views of one flat float32 buffer laid out by
+    :func:`padded_numel` (``functional.adam.float32_copies(xs, padded=True)``; overwritten). Each member draws its
+    :func:`random_int16` words from its own generator (taken from ``generators`` one at a time, right before its
+    draw: the engine's generators are seeded again per parameter) into its own slice of one int64 buffer (the
+    same number of words from the same stream: the bits of a fresh tensor), then the NaN mask, the two adds, the
+    ``and`` and the NaN fill run once on the flat buffers and one multi-tensor copy writes ``dsts``: one kernel
+    per member and 6, where :func:`stochastic_round_to_bf16_` is 7 per member. Allocates
+    :func:`stochastic_round_bucket_bytes`."""
+    if not srcs:
+        return
+    flat = srcs[0]._base
+    if (flat is None or flat.dim() != 1 or flat.dtype != torch.float32 or len(dsts) != len(srcs)
+            or flat.numel() != padded_numel([x.numel() for x in srcs])):
+        raise ValueError("stochastic_round_bucket_to_bf16_: srcs must be the views of one flat float32 buffer laid "
+                         "out by padded_numel (float32_copies(xs, padded=True)), one per dst")
+    noise = torch.empty(flat.numel() // 4, dtype=torch.int64, device=flat.device)
+    o = 0
+    for x, d, g in zip(srcs, dsts, generators):
+        if (x._base is not flat or x.storage_offset() != flat.storage_offset() + 4 * o or not x.is_contiguous()
+                or d.dtype != torch.bfloat16 or d.shape != x.shape):
+            raise ValueError("stochastic_round_bucket_to_bf16_: srcs must be the views of one flat float32 buffer "
+                             "laid out by padded_numel, in order, each rounded into a bfloat16 dst of its shape")
+        w = (x.numel() + 3) // 4
+        torch.randint(-(2**63), 2**63 - 1, (w,), dtype=torch.int64, device=flat.device, generator=g,
+                      out=noise[o : o + w])  # (random_int16's draw, into the member's own words)
+        o += w
+    nan = flat.isnan()
+    bits = flat.view(torch.int32).add_(noise.view(torch.int16))
+    del noise
+    bits.add_(32768).bitwise_and_(_UPPER)  # (stochastic_round_to_bf16_'s operations, on every member at once)
+    flat.masked_fill_(nan, float("nan"))
+    del nan
+    torch._foreach_copy_(dsts, srcs)  # (exact: the low 16 bits are zero)
+
+
+def stochastic_round_bucket_bytes(numels: list[int]) -> int:
+    """What :func:`stochastic_round_bucket_to_bf16_` allocates for members of ``numels`` elements: the NaN mask
+    (1 byte) beside the random bits (2 bytes) of every element of the padded flat buffer (:func:`padded_numel`),
+    all members' together."""
+    return 3 * padded_numel(numels)
 
 
 def kahan_store_(dst: Tensor, src: Tensor, comp: Tensor) -> None:
