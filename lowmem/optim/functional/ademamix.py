@@ -78,18 +78,25 @@ def ademamix_direction(m1: Tensor, m2: Tensor, nu: Tensor, t: float, beta1: floa
     return d.div_(denom)
 
 
-def ademamix_direction_foreach(m1s: list[Tensor], m2s: list[Tensor], nus: list[Tensor], gs: list[Tensor], t: float,
-                               beta1: float, beta2: float, beta3: float, alpha: float, eps: float) -> list[Tensor]:
-    """:func:`ademamix_moments_` then :func:`ademamix_direction` of float32 tensors, one multi-tensor kernel per
-    operation (the same operations in the same order, each tensor's: equal bit for bit on the CPU). Returns the
-    new directions; the moments are updated in place. Peak beside the moments: the directions, ``m1 / c1``'s
-    quotients (freed), then the denominators (freed): two float32 tensors of the bucket."""
+def ademamix_moments_foreach_(m1s: list[Tensor], m2s: list[Tensor], nus: list[Tensor], gs: list[Tensor], beta1: float,
+                              beta2: float, beta3: float) -> None:
+    """:func:`ademamix_moments_` of float32 tensors (Algorithm 1's three EMAs), one multi-tensor kernel per operation
+    in the same order; in place, allocates nothing. The first half of :func:`ademamix_direction_foreach`: the last
+    read of ``gs`` (a caller's float32 copies may be freed before :func:`ademamix_direction_from_moments_foreach`)."""
     torch._foreach_mul_(m1s, beta1)
     torch._foreach_add_(m1s, gs, alpha=1.0 - beta1)
     torch._foreach_mul_(m2s, beta3)
     torch._foreach_add_(m2s, gs, alpha=1.0 - beta3)
     torch._foreach_mul_(nus, beta2)
     torch._foreach_addcmul_(nus, gs, gs, value=1.0 - beta2)
+
+
+def ademamix_direction_from_moments_foreach(m1s: list[Tensor], m2s: list[Tensor], nus: list[Tensor], t: float,
+                                            beta1: float, beta2: float, alpha: float, eps: float) -> list[Tensor]:
+    """:func:`ademamix_direction` of float32 tensors whose moments are updated
+    (:func:`ademamix_moments_foreach_`), one multi-tensor kernel per operation in the same order. Returns the new
+    directions; peak: the directions, ``m1 / c1``'s quotients (freed), then the denominators (freed): two float32
+    tensors of the bucket."""
     c1 = 1.0 - beta1**t
     c2 = math.sqrt(1.0 - beta2**t)
     ds = torch._foreach_mul(m2s, alpha)
@@ -101,3 +108,14 @@ def ademamix_direction_foreach(m1s: list[Tensor], m2s: list[Tensor], nus: list[T
     torch._foreach_add_(denoms, eps)
     torch._foreach_div_(ds, denoms)
     return ds
+
+
+def ademamix_direction_foreach(m1s: list[Tensor], m2s: list[Tensor], nus: list[Tensor], gs: list[Tensor], t: float,
+                               beta1: float, beta2: float, beta3: float, alpha: float, eps: float) -> list[Tensor]:
+    """:func:`ademamix_moments_` then :func:`ademamix_direction` of float32 tensors, one multi-tensor kernel per
+    operation (the same operations in the same order, each tensor's: equal bit for bit on the CPU):
+    :func:`ademamix_moments_foreach_` then :func:`ademamix_direction_from_moments_foreach`. Returns the new
+    directions; the moments are updated in place. Peak beside the moments: the directions, ``m1 / c1``'s
+    quotients (freed), then the denominators (freed): two float32 tensors of the bucket."""
+    ademamix_moments_foreach_(m1s, m2s, nus, gs, beta1, beta2, beta3)
+    return ademamix_direction_from_moments_foreach(m1s, m2s, nus, t, beta1, beta2, alpha, eps)

@@ -117,9 +117,10 @@ class AdEMAMixMoments(MomentRule):
 
     def bf16_bucket_direction(self, g32s, states, group, t, lr):
         """:meth:`direction` of a bucket of bfloat16 parameters (pieces), one multi-tensor kernel per operation in the
-        same order (:func:`~lowmem.optim.functional.ademamix.ademamix_direction_foreach`: Algorithm 1's three EMAs and
-        update, bit for bit on the CPU): ``g32s`` are the gradients' float32 copies, emptied (freed) once the
-        directions are made; bfloat16 moments are updated on float32 copies, stored rounded to nearest, and the
+        same order (:func:`~lowmem.optim.functional.ademamix.ademamix_moments_foreach_` then
+        :func:`~lowmem.optim.functional.ademamix.ademamix_direction_from_moments_foreach`: Algorithm 1's three EMAs
+        and update, bit for bit on the CPU): ``g32s`` are the gradients' float32 copies, emptied (freed) once the
+        moments are updated, before the directions are made; bfloat16 moments are updated on float32 copies, stored rounded to nearest, and the
         direction is the unrounded copies' (as :meth:`direction`). Returns the float32 directions; allocates
         :meth:`bf16_bucket_transient_bytes` at most."""
         beta1, beta2, beta3, alpha = _step_settings(group, t)
@@ -131,8 +132,9 @@ class AdEMAMixMoments(MomentRule):
                              f" bfloat16, got {sorted(map(str, dtypes))}")
         low = dtypes == {torch.bfloat16}
         m32s = [FAD.float32_copies(xs) for xs in moments] if low else moments
-        ds = FA.ademamix_direction_foreach(*m32s, g32s, t, beta1, beta2, beta3, alpha, group["eps"])
-        g32s.clear()
+        FA.ademamix_moments_foreach_(*m32s, g32s, beta1, beta2, beta3)
+        g32s.clear()  # (their last read: the directions are made without them)
+        ds = FA.ademamix_direction_from_moments_foreach(*m32s, t, beta1, beta2, alpha, group["eps"])
         if low:
             for xs, x32s in zip(moments, m32s):
                 torch._foreach_copy_(xs, x32s)
@@ -140,10 +142,11 @@ class AdEMAMixMoments(MomentRule):
 
     def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
         """What :meth:`bf16_bucket_direction` allocates at most for ``numel`` elements, the gradients' float32 copies
-        included: beside them the directions and ``m1 / c1``'s quotients (then the denominators), 12 B per element;
-        bfloat16 moments add their three float32 copies (24 B), as the per-parameter step's chunk of as many."""
+        included: they are freed once the moments are updated, so the peak is the directions and ``m1 / c1``'s
+        quotients (then the denominators), 8 B per element (the copies alone before: 4; 12 until 2026-12-01, when the
+        copies lived through the directions); bfloat16 moments add their three float32 copies (20 B)."""
         low = any(s["exp_avg"].dtype != torch.float32 for s in states if "exp_avg" in s)
-        return (24 if low else 12) * numel
+        return (20 if low else 8) * numel
 
     def foreach_direction_transient_bytes(self, numel):
         """The directions and the quotients ``m1 / c1`` (then the denominators): two float32 tensors."""
