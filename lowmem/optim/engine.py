@@ -1221,14 +1221,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
             per_parameter: The largest transient of stepping one parameter alone
                 (:meth:`step_param`, what layerwise mode does): no foreach or projected buckets.
             first_step: The bound of a step that makes its parameters' state (their first step without
-                :meth:`materialize_state`, as the Trainer's first step): a tensor torch's fused AdamW kernel
-                steps from its second step (:meth:`_fused_whole`, decided with its state) takes the capped
-                buckets there (the route of a parameter with no state), its state initialised inside its bucket: a
-                bfloat16 weight with bfloat16 moments is stepped by :meth:`_step_bf16_bucket` then (12 B per
-                element of its capped bucket, :meth:`_bf16_bucket_bytes`; before 2026-12-01 left out: 19,680 B
-                for 1,640 such elements on the CPU, reported 8), a float32 one by the kernel on its capped
-                bucket (nothing more). The state is counted as materialized (call :meth:`materialize_state`
-                first, or step once); the default (``False``) bounds the steps after the state exists.
+                :meth:`materialize_state`, as the Trainer's first step): the fused route is decided there from
+                the state that step makes (:meth:`_fused_whole`, :meth:`_state_to_be`), so a tensor torch's fused
+                AdamW kernel steps later takes it at its first step too and the bound equals the default's
+                (kept for callers that ask, BAdam's block switch and the estimator; from 2026-12-01, EST18, to
+                FIRSTSTEP the route of no state was the capped buckets: a bfloat16 weight with bfloat16 moments
+                took :meth:`_step_bf16_bucket`, 12 B per element of its capped bucket, 19,680 B for 1,640 such
+                elements on the CPU against 8). The state is counted as materialized (call
+                :meth:`materialize_state` first, or step once); the default (``False``) bounds the steps after
+                the state exists.
 
         On a step without projection refreshes, the non-finite check may hold projected gradients
         (:meth:`_checked_lows`) within the difference between this bound and the same bound without
@@ -1238,7 +1239,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _transient_bytes(self, per_parameter: bool = False, steady: bool = False, first_step: bool = False) -> int:
         """:meth:`step_transient_bytes`; ``steady``: of a step in which no projection refreshes; ``first_step``:
-        of the step that makes the state (the fused kernel's uncapped bucket decided as without state)."""
+        of the step that makes the state (the fused kernel's uncapped bucket decided from the state it makes)."""
         worst = 0
         kept = self._kept_gemm_bytes()  # MKL's packing buffer, alive in every phase (CPU)
         sizes: dict[tuple, tuple[int, int]] = {}
@@ -1306,7 +1307,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     continue
                 if self._foreach_ok(p, group, state=state):
                     # (its uncapped bucket of torch's fused AdamW kernel allocates nothing; at the step that makes
-                    # the state, first_step, the route has no state yet: the capped buckets, _route)
+                    # the state, first_step, the route is decided from the state it makes: _fused_whole)
                     if (not is_dtensor(key) and p.device.type != "meta"
                             and self._fused_whole(p, group, {} if first_step else state)):
                         continue
@@ -1409,8 +1410,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         (its ``foreach_counts_outside``; full-rank, a float ``lr``, a device of
         :func:`~lowmem.optim.functional.adam.fused_device`, not meta): the kernel's step-count tensor
         (:func:`~lowmem.optim.functional.adam._step_tensor`). A bfloat16 parameter counts only where the kernel
-        steps it (:meth:`_fused_whole`: bfloat16 moments, and ``foreach`` not ``False``; ``first_step``: as without
-        state, never: its first step is the capped buckets' float32 arithmetic, :meth:`_step_bf16_bucket`); before 2026-12-01 every device counted,
+        steps it (:meth:`_fused_whole`: bfloat16 moments, and ``foreach`` not ``False``; ``first_step``: decided from
+        the state the first step makes, the same); before 2026-12-01 every device counted,
         8 B over for bfloat16 weights with float32 moments, which the kernel never steps."""
         moment = self.recipe.moment
         # (a wrapper whose multi-tensor step is its inner rule's, e.g. Stable-SPAM's RestartBiasCorrection around
@@ -2727,10 +2728,28 @@ class LowMemOptimizer(torch.optim.Optimizer):
         (``None``: assumed). Such a tensor joins, whole, one bucket of its group, step count and device with
         no ``chunk_numel`` cap (the cap bounds the multi-tensor operations' temporaries; the kernel has
         none): one kernel call for the bucket instead of one per ``chunk_numel`` elements. Decided with the
-        route (:meth:`_route`: a parameter with no state yet takes the capped buckets at its first step)."""
+        route (:meth:`_route`). A parameter with no state yet (no ``step``: its first step without
+        :meth:`materialize_state`, the Trainer's) is decided from the state its first step will make
+        (:meth:`_state_to_be`), so that step takes the kernel as the later ones do (before 2026-12-01 it was
+        decided as without moments: a bfloat16 weight with bfloat16 moments took the capped buckets' float32
+        arithmetic at its first step, 12 B per element of the largest bucket, FOUND_EST18 5)."""
         rule = getattr(self.recipe.moment, "fused_whole", None)
-        return (rule is not None and not self.recipe.stabilizers and (grad is None or grad.is_contiguous())
-                and rule(p, group, state))
+        if rule is None or self.recipe.stabilizers or (grad is not None and not grad.is_contiguous()):
+            return False
+        return rule(p, group, state if "step" in state else self._state_to_be(p, group))
+
+    def _state_to_be(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """What a route decision reads of the state :meth:`_init_matrix` will make for ``p`` (unprojected, no
+        stabilizers: the fused kernel's candidates): the moment rule's ``init_state`` run on a meta twin of ``p``
+        (its dtypes and layout, nothing allocated), and the write-back's ``kahan_comp`` where it will be made;
+        each tensor a 0-element stand-in of its dtype on ``p``'s device where it is contiguous (the meta one
+        where not: its device is then not ``p``'s, no fused kernel)."""
+        made: dict[str, Tensor] = {}
+        self.recipe.moment.init_state(made, p.shape, group, torch.empty_like(p, device="meta"))
+        if group.get("kahan_summation") and p.dtype == torch.bfloat16:  # (as _init_matrix)
+            made["kahan_comp"] = torch.empty_like(p, device="meta")
+        return {k: v.new_empty((0,), device=p.device) if isinstance(v, Tensor) and v.is_contiguous() else v
+                for k, v in made.items()}
 
     @staticmethod
     def _bucket_key(sizes: dict[tuple, int], base: tuple, numel: int, chunk: int | None) -> tuple:

@@ -338,31 +338,34 @@ class BAdam(LowMemOptimizer):
                 if not self.state[p]:
                     self._init_state(local(p), group, self.state[p], key=p)
 
-    def step_transient_bytes(self, per_parameter: bool = False) -> int:
+    def step_transient_bytes(self, per_parameter: bool = False, first_step: bool = False) -> int:
         """The largest transient of a step of the active block (:meth:`LowMemOptimizer.step_transient_bytes`), its
         non-finite check over every gradient the step reads (:meth:`_check_bytes`). Right after a switch the new
         block has no state until its first step: its step is counted with the state that step makes, allocated
         for the count and freed again (:meth:`_fresh_block_state`, as :meth:`state_dict` does; on meta tensors
-        torch's fused AdamW kernel, which the first step takes, would not be seen to apply)."""
+        torch's fused AdamW kernel, which the first step takes, would not be seen to apply), as the step that
+        makes the state (the engine's ``first_step=True``, whatever ``first_step`` says: FOUND_EST18 4);
+        ``first_step`` is passed on for a block that has stepped."""
         groups = self.param_groups
-        with self._fresh_block_state():
+        with self._fresh_block_state() as fresh:
             self.param_groups = self._active_groups()
             self._checked_groups = None if self.defaults["freeze_inactive"] else groups
             try:
-                return super().step_transient_bytes(per_parameter)
+                return super().step_transient_bytes(per_parameter, first_step=first_step or fresh)
             finally:
                 self.param_groups, self._checked_groups = groups, None
 
     @contextlib.contextmanager
-    def _fresh_block_state(self) -> Iterator[None]:
+    def _fresh_block_state(self) -> Iterator[bool]:
         """Right at a switch (no step taken on the active block): its state as its first step makes it
-        (:meth:`materialize_state`) for the body, then removed again (an entry that was empty is left empty)."""
+        (:meth:`materialize_state`) for the body, then removed again (an entry that was empty is left empty).
+        Yields whether it made any."""
         fresh = {}  # parameter -> whether it had an (empty) entry
         if self._steps == 0:
             fresh = {p: p in self.state for g in self._active_groups() for p in g["params"] if not self.state.get(p)}
             self.materialize_state()
         try:
-            yield
+            yield bool(fresh)
         finally:
             for p, had_entry in fresh.items():
                 if had_entry:
