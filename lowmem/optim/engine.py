@@ -3032,9 +3032,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 else r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized))
         lr_scale = math.prod(s.lr_scale(state, group, int(t)) for s in r.stabilizers)
         wd = r.moment.weight_decay_for(group, state)  # (the group's weight_decay; 0 for a recipe without it)
+        couple = getattr(r.moment, "coupled_gradient", None)  # (L2 decay g + wd p: MomentRule's optional hooks)
         for start, stop in bounds:
             view = r.moment.chunk_state(state, start, stop, p.shape, group, mctx)
-            d = r.moment.direction(stabilized(start, stop, view), view, group, t, lr)
+            d = r.moment.direction(stabilized(start, stop, view) if couple is None else
+                                   couple(stabilized(start, stop, view), pflat[start:stop], group, state),
+                                   view, group, t, lr)
             pc = pflat[start:stop]
             p32 = F.compute_float(pc)
             self._apply(p32, d, lr, lr_scale, wd)
@@ -3376,6 +3379,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         g = F.compute_float(grad)
         for s in r.stabilizers:
             g = s.transform(g, state, group, int(t), r.moment)
+        couple = getattr(r.moment, "coupled_gradient", None)  # (L2 decay g + wd p, before the copy of p below)
+        if couple is not None:
+            g = couple(g, p, group, state)
         p32 = p if p.dtype in (torch.float32, torch.float64) else p.float()
         lr = r.lr_rule(group, state, p32, t)
         d = r.moment.direction(g, state, group, t, lr)

@@ -1,7 +1,8 @@
 """SGD with momentum, Adagrad and RMSprop: the update math of ``torch.optim.SGD`` / ``Adagrad`` / ``RMSprop``.
 
 Each function updates its statistics in place and returns the unitless direction ``d``; the engine applies
-``p <- p - lr d`` (and, for SGD without momentum, the decay: see :mod:`lowmem.optim.recipes.classic`).
+``p <- p - lr d``; the weight decay is torch's L2 form, :func:`l2_gradient` (``g + wd p``) before the statistics
+(for SGD without momentum the engine's decoupled decay, the same update: see :mod:`lowmem.optim.recipes.classic`).
 
 * SGD with momentum (Polyak 1964; Sutskever et al. 2013, "On the importance of initialization and momentum in
   deep learning", Eq. 1-2 for the Nesterov form), as ``torch.optim.SGD`` writes it::
@@ -30,6 +31,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def l2_gradient(g: Tensor, p: Tensor, weight_decay: float) -> Tensor:
+    """torch's coupled (L2) weight decay, ``g <- g + weight_decay * p`` (the first line of the pseudocode of
+    ``torch.optim.SGD`` / ``Adagrad`` / ``RMSprop``: "if lambda != 0: g_t <- g_t + lambda theta_{t-1}", the gradient
+    of ``f + lambda / 2 |theta|^2``), before the statistics: a new tensor of ``g``'s dtype (``p`` may be bfloat16 or
+    float64 beside a float32 ``g``); ``g`` (possibly ``p.grad``) is not modified."""
+    out = torch.empty_like(g)
+    return torch.add(g, p, alpha=weight_decay, out=out)
 
 
 def sgd_momentum_(buf: Tensor, g: Tensor, momentum: float, dampening: float, first: bool) -> None:

@@ -12,10 +12,11 @@ squares (4 B); RMSprop the mean square (4 B), plus the momentum buffer (``moment
 (``centered=True``), 4 B each.
 
 **Weight decay.** torch's three classes add ``weight_decay * p`` to the gradient (L2, coupled) before their
-statistics. The engine's moment rules see the gradient only and apply decoupled decay (``p <- p (1 - lr wd)``
-before the update). For SGD without momentum the two are the same update (``p - lr (g + wd p)``), so ``sgd`` takes
-``weight_decay`` there; where the statistics would see ``wd p`` (SGD with momentum, Adagrad, RMSprop) a
-``weight_decay > 0`` is refused naming the setting, rather than trained as another optimizer.
+statistics, and so do these rules: the engine hands each chunk's gradient and parameter to the rule's
+``coupled_gradient`` hook before its direction (:func:`lowmem.optim.functional.classic.l2_gradient`, a new
+tensor of the chunk: 4 B per element of transient, 8 for float64 statistics), and decays nothing decoupled
+(``weight_decay_for`` is 0). For SGD without momentum the two forms are the same update (``p - lr (g + wd p) =
+p (1 - lr wd) - lr g``), so ``sgd`` keeps the engine's decoupled decay there (no temporary).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from ..engine import LowMemOptimizer, Recipe
 from ..functional import classic as FC
 from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg
-from ..moments import ChunkState, MomentRule, state_dtype
+from ..moments import _COUNTED_GRAD_DTYPE, ChunkState, MomentRule, state_dtype
 from ..registry import register
 
 
@@ -57,24 +58,40 @@ def _width(state: dict[str, torch.Tensor], key: str) -> int:
     return 8 if key in state and state[key].dtype == torch.float64 else 4
 
 
-def _coupled_decay_refusal(name: str, group: dict[str, Any], why: str) -> None:
-    """``weight_decay > 0`` where torch's L2 decay would feed ``wd p`` into the statistics (see the module)."""
-    wd = group.get("weight_decay", 0.0)
-    if wd:
-        raise ValueError(f"{name}: weight_decay={wd!r} with {why}: torch.optim's {name} adds weight_decay * p to the "
-                         f"gradient before its statistics (L2), which the engine's step cannot see (it decays "
-                         f"decoupled, p *= 1 - lr * wd); set weight_decay=0"
-                         + (", or momentum=0 (then the two are the same update)" if name == "sgd" else
-                            " (or use adamw / lion for a decoupled decay)"))
-
-
 class _Elementwise(MomentRule):
     """Element-wise rules: chunks of any size, state sliced by flat views."""
 
     computes_in_state_precision = True  # (a float64 gradient with a float32 / bf16 state: cast once by the engine)
 
+    #: The state tensor whose dtype the rule computes in (and so the coupled gradient's: 8 B per element when float64).
+    work_key = ""
+
     def chunk_align(self, shape, group, state):
         return 1
+
+    def couples(self, group: dict[str, Any]) -> bool:
+        """Whether the weight decay is torch's L2 form in the gradient (:meth:`coupled_gradient`): a positive
+        ``weight_decay`` (SGD: with momentum, see :class:`MomentumSGDMoments`)."""
+        return bool(group.get("weight_decay", 0.0))
+
+    def coupled_gradient(self, g: torch.Tensor, p: torch.Tensor, group: dict[str, Any],
+                         state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The engine's hook before :meth:`direction` (its chunked and whole steps): ``g + wd p`` of the chunk
+        (:func:`~lowmem.optim.functional.classic.l2_gradient`) where :meth:`couples`, else ``g`` itself."""
+        return FC.l2_gradient(g, p, group["weight_decay"]) if self.couples(group) else g
+
+    def weight_decay_for(self, group, state):
+        """No decoupled decay where the decay is coupled (:meth:`coupled_gradient`); else the group's."""
+        return 0.0 if self.couples(group) else group.get("weight_decay", 0.0)
+
+    def _coupled_bytes(self, numel: int, group: dict[str, Any], state: dict[str, torch.Tensor]) -> int:
+        """The coupled gradient, alive through :meth:`direction` (a new tensor in the statistics' precision); none
+        for a low-precision gradient (the count told so: :func:`~lowmem.optim.moments.counting_gradient`), whose
+        float32 copy the engine counts and frees when the hook returns: the coupled gradient takes its place (its
+        own phase, copy and result, 8 B per element, is within the engine's two copies)."""
+        if not self.couples(group) or _COUNTED_GRAD_DTYPE.get() in (torch.bfloat16, torch.float16):
+            return 0
+        return _width(state, self.work_key) * numel
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         view = ChunkState(state, start, stop)
@@ -96,6 +113,11 @@ class MomentumSGDMoments(_Elementwise):
     buffer ``momentum_buffer`` (Nesterov: ``g + mu b``). Group keys: ``momentum``, ``dampening``, ``nesterov``."""
 
     state_keys = ("momentum_buffer",)
+    work_key = "momentum_buffer"
+
+    def couples(self, group):
+        """Coupled only with momentum: without it ``p - lr (g + wd p)`` is the engine's decoupled step."""
+        return bool(group.get("weight_decay", 0.0)) and group["momentum"] > 0
 
     def init_state(self, state, shape, group, param):
         if group["momentum"] > 0:
@@ -106,7 +128,8 @@ class MomentumSGDMoments(_Elementwise):
         direction is the buffer); a bfloat16 buffer's float32 copy; Nesterov's ``g + mu b``."""
         if "momentum_buffer" not in state:
             return 0
-        return (_copies(state, self.state_keys) + (_width(state, "momentum_buffer") if group["nesterov"] else 0)) * numel
+        return ((_copies(state, self.state_keys) + (_width(state, "momentum_buffer") if group["nesterov"] else 0)) * numel
+                + self._coupled_bytes(numel, group, state))
 
     def direction_bytes(self, numel, shape, group, state):
         return 0 if "momentum_buffer" not in state else _width(state, "momentum_buffer") * numel
@@ -128,6 +151,7 @@ class AdagradMoments(_Elementwise):
     ``initial_accumulator_value``), the direction ``g / (sqrt(sum) + eps) / (1 + (t - 1) lr_decay)``."""
 
     state_keys = ("sum",)
+    work_key = "sum"
     chunk_direction_is_new = True
 
     def init_state(self, state, shape, group, param):
@@ -136,7 +160,7 @@ class AdagradMoments(_Elementwise):
 
     def transient_bytes(self, numel, shape, group, state):
         """The direction (the denominator's buffer), and a bfloat16 sum's float32 copy."""
-        return (_width(state, "sum") + _copies(state, self.state_keys)) * numel
+        return (_width(state, "sum") + _copies(state, self.state_keys)) * numel + self._coupled_bytes(numel, group, state)
 
     def direction_bytes(self, numel, shape, group, state):
         return _width(state, "sum") * numel
@@ -155,6 +179,7 @@ class RMSpropMoments(_Elementwise):
     ``momentum``, ``centered``."""
 
     state_keys = ("square_avg", "grad_avg", "momentum_buffer")
+    work_key = "square_avg"
     chunk_direction_is_new = True  # (the quotient, or the buffer: neither holds the gradient chunk)
 
     def init_state(self, state, shape, group, param):
@@ -168,7 +193,8 @@ class RMSpropMoments(_Elementwise):
     def transient_bytes(self, numel, shape, group, state):
         """The denominator (the direction without momentum; freed once the buffer has it with), and the float32
         copies of bfloat16 state."""
-        return (_width(state, "square_avg") + _copies(state, self.state_keys)) * numel
+        return ((_width(state, "square_avg") + _copies(state, self.state_keys)) * numel
+                + self._coupled_bytes(numel, group, state))
 
     def direction_bytes(self, numel, shape, group, state):
         return _width(state, "square_avg") * numel
@@ -184,20 +210,10 @@ class RMSpropMoments(_Elementwise):
 
 
 def _check_sgd(group: dict[str, Any]) -> None:
-    """torch's rules: Nesterov needs ``momentum > 0`` and ``dampening = 0``; the decay only without momentum."""
+    """torch's rule: Nesterov needs ``momentum > 0`` and ``dampening = 0``."""
     if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(f"sgd: nesterov=True requires momentum > 0 and dampening=0 (torch.optim.SGD's rule), got "
                          f"momentum={group['momentum']!r}, dampening={group['dampening']!r}")
-    if group["momentum"] > 0:
-        _coupled_decay_refusal("sgd", group, f"momentum={group['momentum']!r}")
-
-
-def _check_adagrad(group: dict[str, Any]) -> None:
-    _coupled_decay_refusal("adagrad", group, "adagrad's sum of squares")
-
-
-def _check_rmsprop(group: dict[str, Any]) -> None:
-    _coupled_decay_refusal("rmsprop", group, "rmsprop's mean square")
 
 
 _MOMENTUM = HParam("momentum", 0.0, in_unit_interval, "a float with 0 <= momentum < 1",
@@ -225,7 +241,6 @@ ADAGRAD = Recipe(
              WEIGHT_DECAY(0.0),
              HParam("initial_accumulator_value", 0.0, nonneg, "a float >= 0", "the sum of squares' start"),
              HParam("eps", 1e-10, nonneg, "a float >= 0", "added to sqrt(sum)")),
-    validate_group=_check_adagrad,
 )
 
 RMSPROP = Recipe(
@@ -238,7 +253,6 @@ RMSPROP = Recipe(
              HParam("eps", 1e-8, nonneg, "a float >= 0", "added to the root mean square"),
              WEIGHT_DECAY(0.0), _MOMENTUM,
              HParam("centered", False, is_bool, "True or False", "subtract the squared mean gradient")),
-    validate_group=_check_rmsprop,
 )
 
 
@@ -254,8 +268,8 @@ class SGD_(LowMemOptimizer):  # noqa: N801  (exported as lowmem.optim.SGD; torch
         momentum (`float`, defaults to `0.0`): Momentum factor in [0, 1) (torch also takes >= 1, which diverges);
             > 0 keeps a buffer, 4 B per element.
         dampening (`float`, defaults to `0.0`): Dampening of the momentum's gradient term, in [0, 1].
-        weight_decay (`float`, defaults to `0.0`): ``p -= lr * wd * p`` each step; only with ``momentum=0`` (where
-            it equals torch's L2 decay; with momentum refused, see :mod:`lowmem.optim.recipes.classic`).
+        weight_decay (`float`, defaults to `0.0`): torch's L2 decay, ``g <- g + wd p`` before the momentum buffer
+            (without momentum the same update as ``p -= lr * wd * p``, which the engine applies there).
         nesterov (`bool`, defaults to `False`): Nesterov momentum (needs ``momentum > 0``, ``dampening=0``).
         state_dtype (`str`, defaults to `"float32"`): Storage of the buffer.
         foreach (`bool` or `None`, defaults to `None`): accepted for every engine optimizer (this rule steps one
@@ -280,7 +294,7 @@ class Adagrad(LowMemOptimizer):
     Args:
         params: Parameters or parameter groups.
         lr (`float`, defaults to `1e-2`), lr_decay (`float`, defaults to `0.0`), weight_decay (`float`, defaults
-            to `0.0`: a positive value is refused, see :mod:`lowmem.optim.recipes.classic`),
+            to `0.0`: torch's L2 decay, ``g <- g + wd p`` before the sum),
             initial_accumulator_value (`float`, defaults to `0.0`), eps (`float`, defaults to `1e-10`): torch's.
         state_dtype (`str`, defaults to `"float32"`): Storage of the sum.
         foreach (`bool` or `None`, defaults to `None`): accepted (one tensor, in chunks, at a time).
@@ -305,8 +319,8 @@ class RMSprop(LowMemOptimizer):
     Args:
         params: Parameters or parameter groups.
         lr (`float`, defaults to `1e-2`), alpha (`float`, defaults to `0.99`), eps (`float`, defaults to `1e-8`),
-            weight_decay (`float`, defaults to `0.0`: a positive value is refused, see
-            :mod:`lowmem.optim.recipes.classic`), momentum (`float`, defaults to `0.0`), centered (`bool`, defaults
+            weight_decay (`float`, defaults to `0.0`: torch's L2 decay, ``g <- g + wd p`` before the statistics),
+            momentum (`float`, defaults to `0.0`), centered (`bool`, defaults
             to `False`): torch's.
         state_dtype (`str`, defaults to `"float32"`): Storage of the statistics.
         foreach (`bool` or `None`, defaults to `None`): accepted (one tensor, in chunks, at a time).
