@@ -65,6 +65,13 @@ class MomentRule:
     -> [k, A, B]`` (updates the views of the batch's stacked state in place); ``batch_transient_bytes(k, (A, B),
     group, state views, copy)`` (exact, with the direction beside the parameter block's copy). Without them a batch
     is stepped per matrix (racs and Subset-Norm have them: tests/test_batch_matrices.py).
+
+    ``coupled_gradient(g, p, group, state) -> g'``: a gradient the rule's statistics see in place of ``g`` (torch's
+    L2 decay ``g + wd p``: sgd / adagrad / rmsprop, lowmem/optim/recipes/classic.py), called by the engine's chunked
+    step (``p`` the parameter's chunk) and whole step before :meth:`direction`; a rule with it returns 0 from
+    :meth:`weight_decay_for` where it couples and counts the new tensor in :meth:`transient_bytes`. The foreach
+    buckets, ``step_whole_from_piece_``, the projected paths and the batches of matrices do not call it (no rule with
+    the hook takes them today): a rule that has the hook and one of those paths must be refused there or call it.
     """
 
     state_keys: tuple[str, ...] = ()
