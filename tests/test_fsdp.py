@@ -78,6 +78,10 @@ CONFIGS = {
     # Adam-mini's heads cut by the shard boundaries (summed over the shards): on Net each weight is
     # one head of all its rows (256 over 128-row shards); on Heads and Net4 see _adam_mini_straddle
     "adam_mini_straddle": ("adam_mini", {"groups": lambda model: _adam_mini_straddle(model)}),
+    # torch's coupled (L2) weight decay: the sharded chunk's g + wd p (MomentRule.coupled_gradient, FOUND_L2DECAY 4)
+    "sgd_momentum_wd": ("sgd", {"momentum": 0.9, "weight_decay": 0.1}),
+    "adagrad_wd": ("adagrad", {"weight_decay": 0.1}),
+    "rmsprop_centered_wd": ("rmsprop", {"momentum": 0.5, "centered": True, "weight_decay": 0.1}),
 }
 RUNS = SUPPORTED + list(CONFIGS)
 # state kept whole on every rank besides the bases (moments of an all-reduced projected gradient)
