@@ -1002,8 +1002,12 @@ def _pick(sized: dict[str, Any], layerwise: bool, max_grad_norm: float | None = 
     # layerwise: each parameter's step (as the hook runs it) by its gradient's bytes, for the traced moments
     by_size = ({size: _layerwise_transient({**before, "per_parameter": v}, max_grad_norm) for size, v in before["by_size"].items()}
                if before is not None and "by_size" in before else None)
+    steady = ({size: _layerwise_transient({**before, "per_parameter": v}, max_grad_norm)
+               for size, v in before["steady_by_size"].items()}
+              if before is not None and "steady_by_size" in before else None)
     return {"state": sized["state"], "transient": transient, "how": sized["how"], "kept_gemm": sized["kept_gemm"],
             "kept_tables": sized.get("kept_tables", 0), "steps_by_gradient_bytes": by_size,
+            "steady_steps_by_gradient_bytes": steady,
             "kept_step_count": sized.get("kept_step_count", 0),
             "foreach_scalars": 0 if layerwise else sized.get("foreach_scalars", 0),
             "transient_first_step": None if layerwise else sized.get("transient_first_step"),
@@ -1039,6 +1043,9 @@ def _transient_without(model: nn.Module, opt: Any, kept_gemm: int, with_head: bo
         return None
     worst, found, grads, own = 0, False, [], 0
     by_size: dict[int, int] = {}  # gradient bytes -> the largest step of a parameter with a gradient of that size
+    # (and without a projection refresh: a subspace recipe's last micro-batch with accumulation, whose refresh ran at
+    # the window's first, LayerwiseOptimizer._on_gradient)
+    steady_by_size: dict[int, int] = {}
     for group in opt.param_groups:
         for p in group["params"]:
             if p is weight:
@@ -1051,10 +1058,13 @@ def _transient_without(model: nn.Module, opt: Any, kept_gemm: int, with_head: bo
                 worst = max(worst, step)
                 size = p.numel() * p.element_size()
                 by_size[size] = max(by_size.get(size, 0), step)
+                steady = opt._param_transient_bytes(p, group, opt.state[p], steady=True)
+                steady_by_size[size] = max(steady_by_size.get(size, 0), steady)
                 grads.append((p.numel(), p.dtype, p.is_contiguous()))
     # (with the hook's non-finite check, as LayerwiseOptimizer.step_transient_bytes)
     out = {"per_parameter": kept_gemm + worst, "grads": grads, "kept": kept_gemm, "device_type": weight.device.type,
-           "by_size": {size: kept_gemm + step for size, step in by_size.items()}}
+           "by_size": {size: kept_gemm + step for size, step in by_size.items()},
+           "steady_by_size": {size: kept_gemm + step for size, step in steady_by_size.items()}}
     if not with_head:  # the head's own step (the same hook around it)
         out["head"] = {**out, "per_parameter": kept_gemm + own}
     return out if found else None
@@ -1784,8 +1794,19 @@ def estimate_memory(
                      "being formed), live with the activations")
     elif layerwise:
         notes.append("layerwise: each gradient is stepped and freed in the backward pass; the largest one is counted")
-    # (the last micro-batch frees each kept gradient as its parameter steps: all of them full-size .grad, none projected)
-    stepped_frees_kept = layerwise_accumulating and not projected
+    # the last micro-batch frees each kept gradient (a full-rank .grad, or a projected parameter's r x n accumulator,
+    # popped by its step) as its parameter steps: by the full gradient's bytes (the traced moments' key), the least a
+    # parameter of that size keeps (never more than is freed). The full gradient of a projected parameter is formed
+    # and freed within its own hook: not live at the loss's moment (PEAKGALORE)
+    freed_by_size: dict[int, int] = {}
+    kept_by_size: dict[int, int] = {}  # (the most a parameter of that size keeps: the first micro-batch's, below)
+    forming = 0
+    if layerwise_accumulating:
+        for n, b in full.items():
+            freed_by_size[b] = min(freed_by_size.get(b, b), kept.get(n, b))
+            kept_by_size[b] = max(kept_by_size.get(b, 0), kept.get(n, b))
+        forming = max((full[n] for n in projected), default=0)
+        projected_sizes = {full[n] for n in projected}
 
     if how == "closed form":
         notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
@@ -2068,7 +2089,9 @@ def estimate_memory(
         if layerwise_accumulating:
             # LayerwiseOptimizer(accumulation_steps=k): every kept gradient is live at the loss's moment (the
             # activations' peak, where no step runs: a parameter steps in its hook after its gradient is complete)
-            parts["gradients_at_peak"] = gradients
+            # (a subspace recipe's: its r x n accumulators, not the full gradient a hook forms; before, that one too:
+            # tiny Mixtral bf16 galore_adamw rank 8, 2 x 32, the loss's moment 2,715,964 B for 2,581,824 measured)
+            parts["gradients_at_peak"] = gradients - forming
         if (layerwise and (not tied_backward or parts.get("gradient_moments") or layerwise_accumulating)
                 and ("gradient_moment" in parts or "rope" in parts)):
             # (a tied head with the Llama formula: what the forward saves, below, as measured. The traced step's
@@ -2085,17 +2108,29 @@ def estimate_memory(
             # with accumulation, the last micro-batch's steps: every kept gradient is live (peak_total's rest, the
             # moment's own included: the hook runs after AccumulateGrad added the new one in place and freed it) but
             # those of the parameters stepped before it (freed), so the activations here are the moment's less those
-            # (a full-rank window; a projected parameter freed its r x n accumulator: none taken off, an upper bound).
+            # (a projected parameter's r x n accumulator: freed_by_size).
             # Before, the whole step transient on top of the activations' peak: tiny Mixtral bf16 adafactor, 2
             # micro-batches of 2 x 64, 1.344 of the measured peak (AUDIT-PEAK18 1)
             if parts.get("gradient_moments") and steps_by_size:
                 # the traced step: each gradient's moment (the activations when it is complete) with that gradient and
                 # its own parameter's step (by the gradient's bytes), not the largest step with the most activations
                 if layerwise_accumulating:
-                    live, freed = 0, 0
+                    live, freed, before = 0, 0, 0
+                    # a subspace recipe's projected parameter refreshes its basis at the window's first micro-batch
+                    # (its full gradient, the accumulators and .grad kept before it this micro-batch, the refresh and
+                    # projection: at most its step with a refresh) and steps at the last without one (from the
+                    # accumulator). Before, the refresh's step at the last: tiny Mixtral bf16 galore_adamw rank 8,
+                    # 1 x 8 tokens, the experts' 405,504 B step for 147,456 (tensors 1.112 of the measured peak)
+                    steady = (sized.get("steady_steps_by_gradient_bytes") or steps_by_size) if forming else steps_by_size
                     for a, g in parts["gradient_moments"]:
-                        live = max(live, a + min(steps_by_size.get(g, with_act), with_act) - freed)
-                        freed += g if stepped_frees_kept else 0
+                        # (rest holds every kept gradient and the largest full gradient a projected parameter's hook
+                        # forms: only a projected parameter's own moment has one, its own)
+                        own = g if g in projected_sizes else 0
+                        live = max(live, a + min(steady.get(g, with_act), with_act) - freed - forming + own)
+                        if own:  # (relative to rest's every kept gradient and the one being formed)
+                            live = max(live, a + min(steps_by_size.get(g, with_act), with_act) + before + g - gradients)
+                        freed += freed_by_size.get(g, 0 if forming else g)
+                        before += kept_by_size.get(g, g)
                     parts["forward_activations"] = min(parts["total"], max(0, live - with_act) + extra)
                 else:
                     live = max(a + g + min(steps_by_size.get(g, with_act), with_act) for a, g in parts["gradient_moments"])
