@@ -77,6 +77,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .._warn import warn_user
 from . import functional as F
@@ -2741,15 +2742,19 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _state_to_be(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """What a route decision reads of the state :meth:`_init_matrix` will make for ``p`` (unprojected, no
         stabilizers: the fused kernel's candidates): the moment rule's ``init_state`` run on a meta twin of ``p``
-        (its dtypes and layout, nothing allocated), and the write-back's ``kahan_comp`` where it will be made;
-        each tensor a 0-element stand-in of its dtype on ``p``'s device where it is contiguous (the meta one
-        where not: its device is then not ``p``'s, no fused kernel)."""
+        (its dtypes and layout, nothing allocated; outside any dispatch mode: no work of the step, which a tracer
+        such as ``lowmem bench --launches``' would count as kernels, 2 zero fills per AdamW parameter), and the
+        write-back's ``kahan_comp`` where it will be made; each tensor a 0-element stand-in of its dtype on
+        ``p``'s device where it is contiguous (the meta one where not: its device is then not ``p``'s, no fused
+        kernel)."""
         made: dict[str, Tensor] = {}
-        self.recipe.moment.init_state(made, p.shape, group, torch.empty_like(p, device="meta"))
-        if group.get("kahan_summation") and p.dtype == torch.bfloat16:  # (as _init_matrix)
-            made["kahan_comp"] = torch.empty_like(p, device="meta")
-        return {k: v.new_empty((0,), device=p.device) if isinstance(v, Tensor) and v.is_contiguous() else v
-                for k, v in made.items()}
+        with _disable_current_modes():
+            twin = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="meta")
+            self.recipe.moment.init_state(made, p.shape, group, twin)
+            if group.get("kahan_summation") and p.dtype == torch.bfloat16:  # (as _init_matrix)
+                made["kahan_comp"] = twin
+        return {k: torch.empty((0,), dtype=v.dtype, device=p.device) if isinstance(v, Tensor) and v.is_contiguous()
+                else v for k, v in made.items()}
 
     @staticmethod
     def _bucket_key(sizes: dict[tuple, int], base: tuple, numel: int, chunk: int | None) -> tuple:
