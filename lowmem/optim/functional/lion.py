@@ -57,8 +57,10 @@ def lion_direction_foreach(ms: list[Tensor], gs: list[Tensor], beta1: float, bet
     0-d tensor nothing is wrapped. Elsewhere (CUDA's fused multi-tensor kernels take the number) the
     reference. The two 0-d tensors (4 B each, kept from step to step by value: :func:`~lowmem.optim.functional.
     subset_norm.cpu_scalar`) stand for the reference's wrapped numbers (a float64, 8 B, beside the directions made
-    so far): the step's real peak is the same, and no count includes either (neither is made by a dispatched
-    operation). Returns the new directions; the moments are updated in place."""
+    so far): the step's real peak is the same. Outside a dispatch mode the first step makes them and later steps
+    reuse them; under one (``measure_memory``'s tracker) they are made anew at each call and seen by it, and the
+    estimator counts them (``lowmem.memory.estimate._foreach_scalar_bytes``, its
+    ``details["optimizer_foreach_scalars"]``). Returns the new directions; the moments are updated in place."""
     if not ms or ms[0].device.type != "cpu":
         return lion_direction_foreach_reference(ms, gs, beta1, beta2)
     b1 = cpu_scalar(beta1, ms[0].dtype)  # (kept from step to step: made once per value)

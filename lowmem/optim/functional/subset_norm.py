@@ -112,8 +112,10 @@ def foreach_scalar(xs: list[Tensor], value: float) -> float | Tensor:
     The result is the same bit for bit: the kernel rounds the number to the tensors' float32 / float64 as the
     0-d tensor holds it (half-precision lists keep the number: their kernels compute in float32 and a 0-d
     tensor of their dtype would round it first). CUDA's fused multi-tensor kernels take the number. The 0-d
-    tensor (4 or 8 B) stands for the wrapped numbers and is made by no dispatched operation: no count includes
-    either (as :func:`~lowmem.optim.functional.lion.lion_direction_foreach`'s)."""
+    tensor (4 or 8 B) stands for the wrapped numbers; kept from step to step by value outside a dispatch mode (the
+    first call makes it), under one (``measure_memory``'s tracker) made anew at each call and seen by it: the
+    estimator counts Lion's two (``lowmem.memory.estimate._foreach_scalar_bytes``; see
+    :func:`~lowmem.optim.functional.lion.lion_direction_foreach`)."""
     if not xs or xs[0].device.type != "cpu":
         return value
     dtype = xs[0].dtype
