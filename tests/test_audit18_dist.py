@@ -92,3 +92,34 @@ def test_fsdp_activation_checkpointing_with_gradient_checkpointing_is_refused_be
                                           r"fsdp_activation_checkpointing.*gradient_checkpointing"):
         args = build_training_args(recipe)
         check_optimizer_on_meta(recipe, args)
+
+
+@pytest.mark.xfail(strict=True, reason="AUDIT-DIST18 4: MemoryCallback (track_memory: true, lowmem train's default) "
+                                       "crashes at the first step under FSDP2: live_bytes on DTensor parameters")
+def test_memory_callback_counts_fsdp2_parameters(tmp_path):
+    """``accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 ... lowmem train`` with the
+    default ``track_memory: true`` (measured through the CPU harness tests/lowmem_train_fsdp_cpu.py, adamw and
+    frugal, tiny Llama, 2 processes): after the evaluation on start, ``MemoryCallback.on_step_begin`` ->
+    ``live_bytes`` -> ``t.untyped_storage().data_ptr()`` on a ``DTensor`` parameter: "RuntimeError: Attempted to
+    access the data pointer on an invalid python storage", a traceback on every rank, nothing trained. The same
+    call on CUDA (on_step_begin counts the weights before it looks at the device). The project's own FSDP runs of
+    lowmem train set ``track_memory: false`` (tests/test_trainer_fsdp.py), so none saw it. Expected: the weights
+    component counts each rank's local shards (here one rank: the whole 2 x (8 x 8 + 8) float32 = 576 bytes)."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from lowmem.trainers.memory_callback import MemoryCallback
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        fully_shard(model)
+        cb = MemoryCallback(track_steps=0)
+        cb.on_step_begin(None, None, None, model=model, optimizer=None)
+        assert cb.peak["weights"] == 2 * (8 * 8 + 8) * 4
+    finally:
+        dist.destroy_process_group()
