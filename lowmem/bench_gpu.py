@@ -80,7 +80,8 @@ PRIORITY = ("adamw", "racs", "alice", "sm3", "normuon", "lion", "microadam", "ad
             "came", "galore_adamw", "adamw8bit", "adamw4bit", "fira_adamw", "osd_adamw", "spam", "stable_spam")
 #: left out of the default list (``--only`` still takes them): bitsandbytes' paged optimizers run no lowmem code and
 #: no check reached their rows in session 14; their unpaged twins (``bnb_adamw8bit``, ``bnb_lion8bit``) stay
-SKIP_BY_DEFAULT = ("bnb_paged_adamw", "bnb_paged_adamw8bit", "bnb_paged_lion", "bnb_paged_lion8bit")
+SKIP_BY_DEFAULT = ("bnb_paged_adamw", "bnb_paged_adamw8bit", "bnb_paged_lion", "bnb_paged_lion8bit", "bnb_paged_ademamix",
+                   "bnb_paged_ademamix8bit")
 #: the settings a row's name may add to an optimizer, ``NAME+SETTING`` (each set True): the bfloat16 write-backs
 ROW_FLAGS = ("bf16_stochastic_round", "kahan_summation")
 #: the ``bf16`` check's rows (bfloat16 weights of a Llama-2-7B layer): round-to-nearest first, the rows to compare with

@@ -7,6 +7,8 @@ same order, the weights to float32 rounding (tests/test_foreach_fold.py)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -149,7 +151,10 @@ def test_projected_bucket_splits_by_step_count(monkeypatch):
 def test_projected_bucket_not_taken_without_a_float32_multi_tensor_rule(name, hparams, monkeypatch):
     _, _, calls, _ = _run(name, hparams, None, 160, dtype=torch.bfloat16 if "state_dtype" in hparams else torch.float32,
                           steps=2, monkeypatch=monkeypatch)
-    assert calls == []
+    # no projected gradient in a bucket; the unprojected bf16 vectors may take the rule's bf16 bucket (BF16RULES:
+    # Adafactor's bfloat16 statistics on float32 copies)
+    vectors = {math.prod(s) for s in SHAPES if len(s) == 1}
+    assert all(n in vectors for c in calls for n in c), calls
 
 
 def test_galore_adafactor_takes_the_projected_buckets(monkeypatch):

@@ -43,9 +43,16 @@ def test_resume_is_exact_across_a_projection_refresh(tmp_path, capsys):
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-6, atol=1e-7, msg=k)
 
+    # the later, incomplete checkpoint-6 was moved aside before the resumed run wrote its own (AUDIT-RESUME18 5)
+    assert not (part / "checkpoint-6").exists() or (part / "checkpoint-6" / "optimizer.pt").exists()
+    assert any((d / "checkpoint-6").is_dir() for d in part.glob("earlier-run-*"))
+
     # an explicit path must be complete: Trainer.train would silently start a fresh optimizer
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "full" / "checkpoint-8", again / "checkpoint-6")
+    (again / "checkpoint-6" / "optimizer.pt").unlink()
     with pytest.raises(ConfigError, match=r"missing \['optimizer.pt'\]"):
-        _run(part, **recipe, resume_from_checkpoint=str(part / "checkpoint-6"))
+        _run(again, **recipe, resume_from_checkpoint=str(again / "checkpoint-6"))
 
 
 def test_resume_given_in_training_args_is_honoured(tmp_path):
