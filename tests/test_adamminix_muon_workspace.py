@@ -61,7 +61,8 @@ def test_the_step_without_the_workspace_is_its_traced_tensors(shape, chunk, iter
 def test_the_estimate_names_the_workspace():
     """A tiny Qwen2 whose Muon matrices all have 64 as their smaller side (hidden 64, 4 key / value heads of 16):
     details["optimizer_transient_blas_workspace"] == bf16_gemm_workspace_bytes(64, threads), the estimate's transient
-    less it == the transient sized within the context; layerwise (sized per parameter): 0."""
+    less it == the transient sized within the context; layerwise (sized per parameter): named too, at most the
+    layerwise transient (one parameter's step with it less the same step without it)."""
     from transformers import Qwen2Config
 
     from lowmem.memory.estimate import estimate_memory
@@ -79,4 +80,4 @@ def test_the_estimate_names_the_workspace():
     assert ws == M.bf16_gemm_workspace_bytes(64, torch.get_num_threads()) > 0
     assert e.optimizer_transient - ws == lean.optimizer_transient
     assert lean.details["optimizer_transient_blas_workspace"] == 0
-    assert lw.details["optimizer_transient_blas_workspace"] == 0
+    assert 0 < lw.details["optimizer_transient_blas_workspace"] <= lw.optimizer_transient
