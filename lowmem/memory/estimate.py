@@ -1204,8 +1204,8 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
                  "svd_refresh": any(g.get("projection") in ("svd", "online_pca") and g.get("rank")
                                     for g in opt.param_groups)}
         # the step that makes the state (a run without materialize_state(): the Trainer's, `lowmem train`'s first
-        # step): torch's fused AdamW kernel's bucket is decided as without state there (the capped buckets; bfloat16
-        # weights with bfloat16 moments: 12 B per element of the largest), LowMemOptimizer.step_transient_bytes
+        # step), LowMemOptimizer.step_transient_bytes(first_step=True): equal to the default for AdamW since session
+        # 18 (the fused route decided from the state the step makes), kept for a rule whose first step differs
         first = getattr(opt, "step_transient_bytes", None)
         sizes["transient_first_step"] = (first(per_parameter=False, first_step=True) + tables + scalars
                                          if "first_step" in inspect.signature(first).parameters else None)
@@ -1738,11 +1738,10 @@ def estimate_memory(
     sized = _pick(sizing, layerwise, max_grad_norm)
     opt_bytes, transient, how = sized["state"], sized["transient"], sized["how"]
     first_step = sized.get("transient_first_step")
-    if first_step is not None and first_step > transient:  # (bfloat16 weights with bfloat16 moments on the fused kernel)
+    if first_step is not None and first_step > transient:  # (a rule whose first step allocates more)
         notes.append(f"optimizer step transient: {transient:,} B once the state exists (materialize_state() before the "
                      f"first step, as measure_memory does); a first step that makes the state (the Trainer's, lowmem "
-                     f"train's) allocates {first_step:,} B (details['optimizer_transient_first_step']: torch's fused "
-                     "AdamW kernel takes bfloat16 weights from their second step)")
+                     f"train's) allocates {first_step:,} B (details['optimizer_transient_first_step'])")
 
     params = _unique_params(meta)
     weights = constants = 0
