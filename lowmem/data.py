@@ -621,6 +621,11 @@ def detect_format(dataset, trainer: str, *, source: str = "dataset", text_field:
                          "TRL's SFT reads any row with a 'prompt' column as prompt-completion data and fails on the "
                          "missing 'completion' after the model loads; rename 'prompt' (or drop it) to train on "
                          f"{list(cols)}, or add the 'completion' column")
+    if trainer == "sft" and "completion" in columns and "prompt" not in columns:
+        raise ValueError(f"{source}: column 'completion' without 'prompt' (columns {columns}, trained as {name!r}): "
+                         "TRL's SFT reads a 'completion' only beside a 'prompt' and would train on "
+                         f"{list(cols)} alone, never reading 'completion'; rename the prompt column to 'prompt' "
+                         f"(prompt-completion data), or drop 'completion' to train on {list(cols)}")
     first = dataset[0]
     def column_wise(value: Any) -> bool:  # a column's values: a list of non-objects, or pandas' {"0": ..., "1": ...}
         return (isinstance(value, list) and not any(isinstance(v, dict) for v in value)

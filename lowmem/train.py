@@ -324,6 +324,11 @@ class TrainRecipe:
             # the Trainer refuses it when built, after the model loaded
             raise ConfigError(f"eval_strategy={getattr(strategy, 'value', strategy)!r} needs a held-out set for "
                               f"dataset={self.dataset!r}: set eval_dataset (a file, --eval-dataset) or eval_split (a fraction)")
+        if (self.training_args.get("do_eval") is True and self.dataset is not None and self.trainer != "dpo"
+                and self.eval_dataset is None and self.eval_split is None):  # (a script's switch: nothing to evaluate)
+            raise ConfigError(f"do_eval=true needs a held-out set for dataset={self.dataset!r}, and none is given: set "
+                              "eval_dataset (a file, --eval-dataset) or eval_split (a fraction), with eval_steps to "
+                              "evaluate every that many steps; or drop do_eval" + _held_out_hint(self.dataset))
         if self.quantization is not None:
             from lowmem.quant import bnb_config
 

@@ -832,11 +832,35 @@ class LowMemOptimizerMixin:
         (:func:`resume_checkpoint`): a ``save_only_model`` checkpoint or an incomplete one (a file missing or
         truncated) is refused naming it, and `True` takes the latest *complete* ``checkpoint-N`` (incomplete ones
         skipped with a warning). The Trainer itself resumed a ``save_only_model`` checkpoint with a fresh optimizer and
-        schedule, silently, and failed in ``torch.load`` on a truncated ``optimizer.pt`` naming no file."""
+        schedule, silently, and failed in ``torch.load`` on a truncated ``optimizer.pt`` naming no file. The output
+        directory's ``checkpoint-M`` after the resumed one are moved aside first (:func:`move_later_checkpoints`, the
+        main process only): the Trainer rewrote them in place, file by file."""
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False \
                 and not getattr(self, "is_deepspeed_enabled", False):  # (DeepSpeed writes its own layout)
             resume_from_checkpoint = resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+            if isinstance(resume_from_checkpoint, str) and self.is_world_process_zero():
+                move_later_checkpoints(self.args.output_dir, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+def move_later_checkpoints(output_dir: str, resumed_from: str) -> Path | None:
+    """Move ``output_dir``'s ``checkpoint-M`` folders after the one a run resumes from (``M > N`` for
+    ``.../checkpoint-N``) into ``output_dir/earlier-run-K``, with a warning naming them and that folder, as
+    ``lowmem train`` does (:func:`lowmem.train.later_checkpoints`, :func:`lowmem.train.move_earlier_checkpoints`):
+    the resumed run writes its own ``checkpoint-M`` into them file by file, so one killed inside would leave a mix of
+    both runs that looks complete. Returns that folder, or `None` when there are none."""
+    from lowmem.train import later_checkpoints, move_earlier_checkpoints
+
+    out = Path(output_dir)
+    names = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir()) if out.is_dir() else []
+    later = later_checkpoints(names, resumed_from)
+    if not later:
+        return None
+    aside = move_earlier_checkpoints(out, later)
+    logger.warning("%s holds %s from an earlier run, after the checkpoint this run resumes from (%s); they were moved "
+                   "to %s before this run writes its own (delete it when not needed; move one back to resume from it "
+                   "instead)", output_dir, later, resumed_from, aside)
+    return aside
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The Trainer's load of a checkpoint's weights, exact on models that transformers loads through a
