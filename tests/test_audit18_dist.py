@@ -94,8 +94,6 @@ def test_fsdp_activation_checkpointing_with_gradient_checkpointing_is_refused_be
         check_optimizer_on_meta(recipe, args)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-DIST18 4: MemoryCallback (track_memory: true, lowmem train's default) "
-                                       "crashes at the first step under FSDP2: live_bytes on DTensor parameters")
 def test_memory_callback_counts_fsdp2_parameters(tmp_path):
     """``accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 ... lowmem train`` with the
     default ``track_memory: true`` (measured through the CPU harness tests/lowmem_train_fsdp_cpu.py, adamw and

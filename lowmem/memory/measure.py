@@ -176,9 +176,17 @@ def _ref(name: str) -> Any:
 
 
 def live_bytes(tensors: Any) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once)."""
+    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once).
+
+    A ``DTensor`` (FSDP2's sharded parameters, their gradients and the optimizer state made from them) has no
+    storage of its own (its ``untyped_storage().data_ptr()`` raises "invalid python storage"): its local shard,
+    ``to_local()``, is what this process holds, and that is counted."""
+    from torch.distributed.tensor import DTensor
+
     seen, total = set(), 0
     for t in tensors:
+        if isinstance(t, DTensor):
+            t = t.to_local()
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             st = t.untyped_storage()
             if st.data_ptr() not in seen:
