@@ -1596,8 +1596,10 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def adamw_state_bytes(model: nn.Module) -> int:
     """Exact AdamW state bytes for ``model``'s trainable parameters (float32 moments + step
-    counters), computed by lowmem's AdamW over meta-device copies: nothing is allocated."""
-    metas = [nn.Parameter(torch.empty_like(p, device="meta")) for p in trainable_parameters(model)]
+    counters), computed by lowmem's AdamW over meta-device copies: nothing is allocated. The copies take each
+    parameter's whole shape: an FSDP2 ``DTensor``'s ``shape`` is the global one (``empty_like`` would keep it a
+    ``DTensor``, whose state AdamW sizes by this process's shard), so this is the unsharded state on every rank."""
+    metas = [nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta")) for p in trainable_parameters(model)]
     opt = create_optimizer(metas, "adamw")
     opt.materialize_state()
     return opt.state_bytes()

@@ -123,8 +123,6 @@ def test_memory_callback_counts_fsdp2_parameters(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-DIST18 5: lowmem train's 'AdamW unsharded' comparison under FSDP2 is "
-                                       "adamw_state_bytes of the rank's shards (half), printed as unsharded")
 def test_adamw_state_bytes_of_an_fsdp2_model_is_the_unsharded_state():
     """``lowmem train`` under FSDP2 prints "optimizer state: adamw X bytes on process 0 of 2 (its shards, FSDP2) vs
     AdamW Y bytes unsharded" and metrics.json's ``adamw_state_bytes`` is documented "exact, for the same parameters,
