@@ -1880,14 +1880,30 @@ def check_half_precision(kwargs: dict[str, Any], where: str = "") -> None:
     ``native_amp`` stays false), so the run trained in float32 and said nothing (transformers 5.23, accelerate;
     a forward hook saw float32 outputs). ``bf16`` applies on the CPU (CPU autocast in bfloat16); ``fp16_full_eval``
     casts the model to float16 for evaluation, which the CPU does. ``where`` prefixes the field
-    (``"LowMemSFTConfig."``: the configs of :mod:`lowmem.trainers` check it too).
+    (``"LowMemSFTConfig."``: the configs of :mod:`lowmem.trainers` check it too). accelerate's own fp16
+    (``ACCELERATE_MIXED_PRECISION=fp16``, which TrainingArguments takes when neither ``fp16`` nor ``bf16`` is set) is
+    refused on the CPU the same way.
 
     Raises:
-        ConfigError: Naming ``fp16``, why it cannot apply, and what can (``bf16: true``, ``dtype``).
+        ConfigError: Naming ``fp16`` (or accelerate's ``mixed_precision`` / ``ACCELERATE_MIXED_PRECISION``), why it
+            cannot apply, and what can (``bf16: true``, ``dtype``; accelerate's ``no`` / ``bf16``).
     """
-    if not kwargs.get("fp16"):
-        return
+    import os
+
     device = "use_cpu=true" if kwargs.get("use_cpu") else "no GPU is visible"
+    if not kwargs.get("fp16"):
+        # accelerate's own fp16 (``accelerate launch --mixed_precision fp16``, ``mixed_precision: fp16`` in the
+        # accelerate config) reaches TrainingArguments as ACCELERATE_MIXED_PRECISION, which it takes as its
+        # mixed_precision when neither fp16 nor bf16 is set: the same float32 run on the CPU (final loss equal to the
+        # run without it, FOUND_DIST18 1)
+        if (not kwargs.get("bf16") and os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() == "fp16"
+                and (kwargs.get("use_cpu") or not _accelerator_visible())):
+            raise ConfigError(f"{where}mixed_precision: fp16 from accelerate (ACCELERATE_MIXED_PRECISION=fp16: "
+                              "`accelerate launch --mixed_precision fp16` or mixed_precision: fp16 in the accelerate "
+                              "config) applies on a GPU only, and this run trains on the CPU "
+                              f"({device}): transformers would train in float32 without a word. On the CPU use "
+                              "accelerate's mixed_precision `no` or `bf16` (or bf16: true / dtype: bfloat16 in the recipe)")
+        return
     if kwargs.get("use_cpu") or not _accelerator_visible():
         raise ConfigError(f"{where}fp16=true (float16 mixed precision) applies on a GPU only, and this run trains on the CPU "
                           f"({device}): transformers would train in float32 without a word. Drop fp16, or set bf16: true "

@@ -21,8 +21,6 @@ def clean_launch_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-DIST18 1: accelerate's mixed_precision fp16 on CPU trains float32 "
-                                       "silently; training_args fp16 is refused")
 def test_accelerate_mixed_precision_fp16_on_cpu_is_refused_like_training_args_fp16(tmp_path, clean_launch_env):
     """``accelerate launch --mixed_precision fp16`` (or ``mixed_precision: fp16`` in the user's accelerate config)
     exports ACCELERATE_MIXED_PRECISION=fp16, which TrainingArguments reads as its ``mixed_precision``; on the CPU

@@ -536,7 +536,8 @@ class LowMemArguments:
         from lowmem.train import check_half_precision
 
         # fp16 on the CPU: accelerate sets no autocast there, the run trains in float32 without a word
-        check_half_precision({"fp16": getattr(self, "fp16", False), "use_cpu": getattr(self, "use_cpu", False)},
+        check_half_precision({"fp16": getattr(self, "fp16", False), "bf16": getattr(self, "bf16", False),
+                              "use_cpu": getattr(self, "use_cpu", False)},
                              where=f"{type(self).__name__}.")
         targets = getattr(self, "optim_target_modules", None)
         if self.lowmem_optim is not None and targets is not None and get_entry(self.lowmem_optim).target_key is None:
