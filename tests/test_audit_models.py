@@ -41,6 +41,30 @@ def mixtral_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def phimoe_dir(tmp_path_factory):
+    """A tiny PhiMoE (4 experts, top 2): its config names the experts ``num_local_experts`` only, without the
+    ``num_experts`` alias TRL's router aux loss reads (lowmem.train.alias_num_experts gives it), saved as
+    mixtral_dir."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    from lowmem.kit import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = CHAT
+    cfg = PhimoeConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                       vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = PhimoeForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("phimoe")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"{a}+{a + 3}="}, {"role": "assistant", "content": str(2 * a + 3)}]}
@@ -72,6 +96,48 @@ def test_resume_on_a_moe_model_restores_the_expert_weights(tmp_path, mixtral_dir
     # (the targeted group: 3,072 of the attention's 2-D weights + 12,288 of the experts')
     assert "hyperparameters in effect (targeted group, 15,360 of " in out.getvalue() and "rank=4" in out.getvalue()
     assert not any("gate_up_proj" in k for k in load_file(tmp_path / "full" / "checkpoint-1" / "model.safetensors"))
+    m = _run(output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"), **common)
+    assert m["resumed_from"] == str(tmp_path / "full" / "checkpoint-1") and m["steps"] == 2
+    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert set(full) == set(resumed)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+    a = torch.load(tmp_path / "full" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    for pid, st in a["state"].items():
+        for key, v in st.items():
+            assert torch.equal(v, b["state"][pid][key]), (pid, key)
+
+
+def test_sft_on_a_phimoe_model_saves_and_reloads_its_experts(tmp_path, phimoe_dir, chat_file):
+    """PhiMoE (FOUND_OWNDATA18 5): SFT stopped at the first step (TRL's router aux loss read config.num_experts, which
+    PhimoeConfig lacks; lowmem.train.alias_num_experts gives it). It trains, saves its fused experts in the
+    per-expert layout, and that checkpoint loads back into the fused experts."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    common = dict(model=phimoe_dir, dataset=chat_file, optim="adamw", steps=2, save_steps=1)
+    m = _run(output_dir=str(tmp_path / "full"), **common)
+    losses = m["train_loss_history"]
+    assert m["steps"] == 2 and len(losses) == 2 and all(0 < x < 100 for x in losses), losses  # (finite, trained)
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as f:
+        experts = [k for k in f.keys() if ".experts." in k]
+    assert experts and all("gate_up_proj" not in k for k in experts), experts  # (the checkpoint's per-expert names)
+    # the checkpoint's per-expert layout loads back into the fused experts (lowmem.train.load_converted_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(phimoe_dir)
+    assert load_converted_checkpoint(model, str(tmp_path / "full" / "checkpoint-1")) is True
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "checkpoint-1")).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+@pytest.mark.xfail(strict=True, reason="FOUND_SMALLS18B 1: lowmem train's resume of a MoE model (PhiMoE, Mixtral) with "
+                   "adamw is not exact (step-2 loss 3.9561 vs 3.9624); a tiny Llama's is")
+def test_resume_on_a_phimoe_model_equals_the_uninterrupted_run(tmp_path, phimoe_dir, chat_file):
+    """lowmem train resumed from checkpoint-1 of a tiny PhiMoE: the final weights and optimizer state should equal the
+    uninterrupted run's bit for bit, as a tiny Llama's do."""
+    common = dict(model=phimoe_dir, dataset=chat_file, optim="adamw", steps=2, save_steps=1)
+    _run(output_dir=str(tmp_path / "full"), **common)
     m = _run(output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"), **common)
     assert m["resumed_from"] == str(tmp_path / "full" / "checkpoint-1") and m["steps"] == 2
     full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
