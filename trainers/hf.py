@@ -844,25 +844,6 @@ class LowMemOptimizerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
-def move_later_checkpoints(output_dir: str, resumed_from: str) -> Path | None:
-    """Move ``output_dir``'s ``checkpoint-M`` folders after the one a run resumes from (``M > N`` for
-    ``.../checkpoint-N``) into ``output_dir/earlier-run-K``, with a warning naming them and that folder, as
-    ``lowmem train`` does (:func:`lowmem.train.later_checkpoints`, :func:`lowmem.train.move_earlier_checkpoints`):
-    the resumed run writes its own ``checkpoint-M`` into them file by file, so one killed inside would leave a mix of
-    both runs that looks complete. Returns that folder, or `None` when there are none."""
-    from lowmem.train import later_checkpoints, move_earlier_checkpoints
-
-    out = Path(output_dir)
-    names = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir()) if out.is_dir() else []
-    later = later_checkpoints(names, resumed_from)
-    if not later:
-        return None
-    aside = move_earlier_checkpoints(out, later)
-    logger.warning("%s holds %s from an earlier run, after the checkpoint this run resumes from (%s); they were moved "
-                   "to %s before this run writes its own (delete it when not needed; move one back to resume from it "
-                   "instead)", output_dir, later, resumed_from, aside)
-    return aside
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The Trainer's load of a checkpoint's weights, exact on models that transformers loads through a
         weight conversion (MoE models with fused experts: Mixtral, Qwen2-MoE, Qwen3-MoE), which the
@@ -1261,6 +1242,26 @@ def checkpoint_processes(checkpoint: str | None) -> int | None:
         return None
     ranks = [f for f in os.listdir(checkpoint) if re.fullmatch(r"rng_state_\d+\.pth", f)]
     return len(ranks) or None
+
+
+def move_later_checkpoints(output_dir: str, resumed_from: str) -> Path | None:
+    """Move ``output_dir``'s ``checkpoint-M`` folders after the one a run resumes from (``M > N`` for
+    ``.../checkpoint-N``) into ``output_dir/earlier-run-K``, with a warning naming them and that folder, as
+    ``lowmem train`` does (:func:`lowmem.train.later_checkpoints`, :func:`lowmem.train.move_earlier_checkpoints`):
+    the resumed run writes its own ``checkpoint-M`` into them file by file, so one killed inside would leave a mix of
+    both runs that looks complete. Returns that folder, or `None` when there are none."""
+    from lowmem.train import later_checkpoints, move_earlier_checkpoints
+
+    out = Path(output_dir)
+    names = sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir()) if out.is_dir() else []
+    later = later_checkpoints(names, resumed_from)
+    if not later:
+        return None
+    aside = move_earlier_checkpoints(out, later)
+    logger.warning("%s holds %s from an earlier run, after the checkpoint this run resumes from (%s); they were moved "
+                   "to %s before this run writes its own (delete it when not needed; move one back to resume from it "
+                   "instead)", output_dir, later, resumed_from, aside)
+    return aside
 
 
 def resume_checkpoint(output_dir: str, value: str | bool) -> str | bool:
