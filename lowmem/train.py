@@ -1668,6 +1668,7 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         # which here changes no device
         kwargs["use_cpu"] = True
     check_half_precision(kwargs)
+    check_fsdp_conflicts(recipe, kwargs)
     if kwargs.get("load_best_model_at_end") and _strategy(kwargs.get("eval_strategy", "no")) == "no":
         # the Trainer keeps the last weights and says nothing: no evaluation ever picks a best checkpoint
         raise ConfigError("load_best_model_at_end=true needs evaluations to pick the best checkpoint from, and this run "
@@ -1908,6 +1909,46 @@ def check_half_precision(kwargs: dict[str, Any], where: str = "") -> None:
         raise ConfigError(f"{where}fp16=true (float16 mixed precision) applies on a GPU only, and this run trains on the CPU "
                           f"({device}): transformers would train in float32 without a word. Drop fp16, or set bf16: true "
                           "(bfloat16 autocast, which the CPU runs) or dtype: bfloat16")
+
+
+def check_fsdp_conflicts(recipe: TrainRecipe, kwargs: dict[str, Any]) -> None:
+    """What FSDP refuses, refused before any model loads, in the words the user wrote. FSDP comes from accelerate's
+    environment (``ACCELERATE_USE_FSDP=true``: ``accelerate launch`` with an FSDP configuration) or the training
+    arguments' ``fsdp``. Layerwise mode (``layerwise: true`` / ``lowmem_layerwise``) was refused only by
+    ``LowMemTrainer.create_optimizer``, after every rank loaded the model (its hooks sit on the unsharded parameters,
+    which FSDP2 replaces); FSDP's own activation checkpointing (the accelerate config's
+    ``fsdp_activation_checkpointing``, exported as ``FSDP_ACTIVATION_CHECKPOINTING``, or ``fsdp_config``'s
+    ``activation_checkpointing``) with ``gradient_checkpointing`` by transformers' Trainer ``__init__``, naming
+    ``fsdp_config['activation_checkpointing']`` and ``activation_checkpointing`` (FOUND_DIST18 2, 3).
+
+    Raises:
+        ConfigError: Naming the recipe's key, the FSDP source, and what to drop.
+    """
+    import os
+
+    env_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not env_fsdp and not kwargs.get("fsdp"):
+        return
+    fsdp = ("ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP configuration)" if env_fsdp
+            else f"training_args.fsdp={kwargs['fsdp']!r}")
+    if recipe.layerwise or kwargs.get("lowmem_layerwise"):  # (load_recipe moves training_args' lowmem_layerwise here)
+        raise ConfigError(f"layerwise: true (layerwise mode) does not work under FSDP ({fsdp}): its hooks are registered on the "
+                          "unsharded parameters, which FSDP replaces, so it would train nothing. Drop layerwise, or "
+                          "launch with DDP (accelerate launch --multi_gpu) or one process")
+    fsdp_config = kwargs.get("fsdp_config")
+    config_ac = isinstance(fsdp_config, dict) and bool(fsdp_config.get("activation_checkpointing"))
+    env_ac = env_fsdp and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
+    if not (config_ac or env_ac):
+        return
+    given = [k for k in ("activation_checkpointing", "gradient_checkpointing") if recipe.training_args.get(k)]
+    if not given and not kwargs.get("activation_checkpointing"):
+        return
+    ours = (" and ".join(f"training_args.{k}=true" for k in given) if given
+            else "gradient_checkpointing: true (the recipe)")
+    theirs = ("fsdp_activation_checkpointing: true in the accelerate config (FSDP_ACTIVATION_CHECKPOINTING=true)"
+              if env_ac else "training_args.fsdp_config.activation_checkpointing=true")
+    raise ConfigError(f"{ours} and {theirs} both ask for activation checkpointing; keep one: FSDP's own "
+                      "(fsdp_activation_checkpointing, recommended under FSDP) or the model's (gradient_checkpointing)")
 
 
 def _check_generation_groups(recipe: TrainRecipe, cls: type, kwargs: dict[str, Any]) -> None:

@@ -50,8 +50,6 @@ def test_training_args_fp16_on_cpu_is_refused(tmp_path, clean_launch_env):
         build_training_args(recipe)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-DIST18 2: layerwise: true under an accelerate FSDP configuration is "
-                                       "refused only after the model loaded (create_optimizer), not before")
 def test_layerwise_under_accelerate_fsdp_is_refused_before_the_model_loads(tmp_path, clean_launch_env):
     """``accelerate launch --config_file configs/accelerate/fsdp2.yaml ... lowmem train`` exports
     ACCELERATE_USE_FSDP=true. With ``layerwise: true`` the refusal comes from LowMemTrainer.create_optimizer
@@ -70,8 +68,6 @@ def test_layerwise_under_accelerate_fsdp_is_refused_before_the_model_loads(tmp_p
         check_optimizer_on_meta(recipe, args)  # the last check of lowmem train before the model loads
 
 
-@pytest.mark.xfail(strict=True, reason="AUDIT-DIST18 3: gradient_checkpointing with the accelerate config's "
-                                       "fsdp_activation_checkpointing fails after the model loads, naming neither field")
 def test_fsdp_activation_checkpointing_with_gradient_checkpointing_is_refused_before_load(tmp_path, clean_launch_env):
     """A user's FSDP2 accelerate config with ``fsdp_activation_checkpointing: true`` (exported as
     FSDP_ACTIVATION_CHECKPOINTING=true) and a recipe with ``gradient_checkpointing: true``: transformers' Trainer
