@@ -25,7 +25,7 @@ class _Base:
 def _trainer(output_dir, main=True):
     from types import SimpleNamespace
 
-    from trainers.hf import LowMemOptimizerMixin
+    from lowmem.trainers.hf import LowMemOptimizerMixin
 
     class T(LowMemOptimizerMixin, _Base):
         args = SimpleNamespace(output_dir=str(output_dir))
@@ -38,9 +38,9 @@ def _trainer(output_dir, main=True):
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    import trainers.hf
+    import lowmem.trainers.hf
 
-    monkeypatch.setattr(trainers.hf, "resume_checkpoint", lambda out, value: value)  # (the completeness check: its own tests)
+    monkeypatch.setattr(lowmem.trainers.hf, "resume_checkpoint", lambda out, value: value)  # (the completeness check: its own tests)
     for n in (2, 4, 6, 10):
         (tmp_path / f"checkpoint-{n}").mkdir()
         (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text(json.dumps({"global_step": n}))
@@ -50,7 +50,7 @@ def run_dir(tmp_path, monkeypatch):
 def test_resuming_an_older_checkpoint_moves_the_later_ones_aside(run_dir, caplog):
     """Resuming checkpoint-4 of {2, 4, 6, 10}: 6 and 10 (numeric order, not string order) go to earlier-run-1,
     untouched; the warning names them and the folder; 2 and 4 stay."""
-    with caplog.at_level(logging.WARNING, logger="trainers.hf"):
+    with caplog.at_level(logging.WARNING):
         got = _trainer(run_dir).train(str(run_dir / "checkpoint-4"))
     assert got == str(run_dir / "checkpoint-4")
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
