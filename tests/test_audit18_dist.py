@@ -1,6 +1,7 @@
 """AUDIT-DIST18: multi-process training on the CPU (DDP / FSDP2 through accelerate) from a user's side.
 
-Each test pins one defect and is marked ``xfail(strict=True)``: it turns red (XPASS) when the defect is fixed.
+Each test pinned one defect as ``xfail(strict=True)``; all five are fixed (DISTFIX) and the markers removed, so each
+now guards its fix.
 The checks run in this process on what ``lowmem train`` does before the model loads (``build_training_args``,
 ``check_optimizer_on_meta``) with the environment that ``accelerate launch`` exports for a user's configuration
 (``ACCELERATE_MIXED_PRECISION``, ``ACCELERATE_USE_FSDP``, ``WORLD_SIZE``); what the whole run did was measured with
