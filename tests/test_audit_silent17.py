@@ -45,7 +45,7 @@ def test_warmup_steps_with_the_constant_scheduler_is_refused(tmp_path):
 
 def test_adam_betas_that_cannot_apply_to_the_optimizer_are_refused(tmp_path):
     from lowmem.trainers import LowMemTrainingArguments
-    from trainers.hf import trainer_hparams
+    from lowmem.trainers.hf import trainer_hparams
 
     args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_beta1=0.5, report_to="none")
     with pytest.raises(ValueError, match="adam_beta1"):
@@ -59,7 +59,7 @@ def test_adam_betas_left_at_their_default_are_no_error_for_adafactor(tmp_path):
     from lowmem.config import ConfigError
     from lowmem.train import run
     from lowmem.trainers import LowMemTrainingArguments
-    from trainers.hf import trainer_hparams
+    from lowmem.trainers.hf import trainer_hparams
 
     hp = trainer_hparams("adafactor", LowMemTrainingArguments(output_dir=str(tmp_path), report_to="none"))
     assert "betas" not in hp and "eps" not in hp
@@ -84,7 +84,7 @@ def _first_group(name, hp):
 @pytest.mark.parametrize("name,key,own", [("racs", "eps", 1e-30), ("alice", "betas", (0.9, 0.9))])
 def test_untouched_training_arguments_leave_the_recipe_defaults(tmp_path, name, key, own):
     from lowmem.trainers import LowMemTrainingArguments
-    from trainers.hf import trainer_hparams
+    from lowmem.trainers.hf import trainer_hparams
 
     hp = trainer_hparams(name, LowMemTrainingArguments(output_dir=str(tmp_path), report_to="none"))
     assert tuple(_first_group(name, hp)[key]) == tuple(own) if key == "betas" else _first_group(name, hp)[key] == own
@@ -94,7 +94,7 @@ def test_user_set_training_arguments_win_over_the_recipe_defaults(tmp_path):
     """Python: a value that differs from the default applies; lowmem train: a field the config names applies even at
     TrainingArguments' default (adam_epsilon: 1e-8 with racs)."""
     from lowmem.trainers import LowMemTrainingArguments
-    from trainers.hf import trainer_hparams
+    from lowmem.trainers.hf import trainer_hparams
 
     args = LowMemTrainingArguments(output_dir=str(tmp_path), adam_epsilon=1e-6, report_to="none")
     assert _first_group("racs", trainer_hparams("racs", args))["eps"] == 1e-6
@@ -111,7 +111,7 @@ def test_an_hf_optim_name_keeps_the_hf_trainers_betas(tmp_path):
     HF Trainer builds bitsandbytes' Lion with them; lowmem's own name keeps lion's (0.9, 0.99)."""
     from transformers import TrainingArguments
 
-    from trainers.hf import trainer_hparams
+    from lowmem.trainers.hf import trainer_hparams
 
     assert trainer_hparams("lion", TrainingArguments("unused", optim="lion_32bit", report_to=[]))["betas"] == (0.9, 0.999)
     assert "betas" not in trainer_hparams("lion", TrainingArguments("unused", report_to=[]))

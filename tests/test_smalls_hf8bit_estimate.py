@@ -12,7 +12,7 @@ from lowmem.memory import estimate_memory
 
 def _real_state(name, embeddings_32bit):
     from lowmem.optim import create_optimizer
-    from trainers.hf import create_optimizer_embeddings_32bit
+    from lowmem.trainers.hf import create_optimizer_embeddings_32bit
 
     model = build_tiny_model(seed=0)[0]
     with warnings.catch_warnings():
