@@ -1935,8 +1935,10 @@ def check_fsdp_conflicts(recipe: TrainRecipe, kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"layerwise: true (layerwise mode) does not work under FSDP ({fsdp}): its hooks are registered on the "
                           "unsharded parameters, which FSDP replaces, so it would train nothing. Drop layerwise, or "
                           "launch with DDP (accelerate launch --multi_gpu) or one process")
-    fsdp_config = kwargs.get("fsdp_config")
-    config_ac = isinstance(fsdp_config, dict) and bool(fsdp_config.get("activation_checkpointing"))
+    fsdp_config = kwargs.get("fsdp_config")  # (transformers drops an "fsdp_" prefix from its keys)
+    config_key = next((k for k in ("activation_checkpointing", "fsdp_activation_checkpointing")
+                       if isinstance(fsdp_config, dict) and fsdp_config.get(k)), None)
+    config_ac = config_key is not None
     env_ac = env_fsdp and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
     if not (config_ac or env_ac):
         return
@@ -1946,7 +1948,7 @@ def check_fsdp_conflicts(recipe: TrainRecipe, kwargs: dict[str, Any]) -> None:
     ours = (" and ".join(f"training_args.{k}=true" for k in given) if given
             else "gradient_checkpointing: true (the recipe)")
     theirs = ("fsdp_activation_checkpointing: true in the accelerate config (FSDP_ACTIVATION_CHECKPOINTING=true)"
-              if env_ac else "training_args.fsdp_config.activation_checkpointing=true")
+              if env_ac else f"training_args.fsdp_config.{config_key}=true")
     raise ConfigError(f"{ours} and {theirs} both ask for activation checkpointing; keep one: FSDP's own "
                       "(fsdp_activation_checkpointing, recommended under FSDP) or the model's (gradient_checkpointing)")
 

@@ -73,3 +73,9 @@ def test_fsdp_activation_checkpointing_with_gradient_checkpointing_names_both(tm
     with pytest.raises(ConfigError, match=r"^gradient_checkpointing: true \(the recipe\) and training_args.fsdp_config"
                                           r".activation_checkpointing=true"):
         build_training_args(recipe)
+    recipe = load_recipe(None, optim="adamw", steps=2, output_dir=out, training_args={
+        "fsdp": "full_shard", "fsdp_config": {"version": 2, "fsdp_activation_checkpointing": True},
+        "activation_checkpointing": True})
+    with pytest.raises(ConfigError, match=r"^training_args.activation_checkpointing=true and training_args.fsdp_config"
+                                          r".fsdp_activation_checkpointing=true"):
+        build_training_args(recipe)
