@@ -178,20 +178,42 @@ def _ref(name: str) -> Any:
 def live_bytes(tensors: Any) -> int:
     """Bytes of the distinct storages behind ``tensors`` (shared storages counted once).
 
-    A ``DTensor`` (FSDP2's sharded parameters, their gradients and the optimizer state made from them) has no
-    storage of its own (its ``untyped_storage().data_ptr()`` raises "invalid python storage"): its local shard,
-    ``to_local()``, is what this process holds, and that is counted."""
-    from torch.distributed.tensor import DTensor
+    A tensor subclass that wraps others (``DTensor``: FSDP2's sharded parameters, their gradients and the optimizer
+    state made from them; torchao's quantized optimizer state, ``OptimState4bit`` / ``8bit``) has no storage of its
+    own (``untyped_storage().data_ptr()`` raises "invalid python storage"): the tensors it holds
+    (``__tensor_flatten__``: a ``DTensor``'s local shard, torchao's codes and scales) are what this process holds,
+    and those are counted. A wrapper that does not say what it holds is left out with a warning naming its type."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    seen, total = set(), 0
+    seen, total, left_out = set(), 0, set()
+
+    def storages(t: torch.Tensor) -> Any:
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:  # (a DTensor lists its device mesh there too)
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    yield from storages(inner)
+        else:
+            yield t
+
     for t in tensors:
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        for inner in storages(t):
+            if inner.device.type == "meta":
+                continue
+            try:
+                st = inner.untyped_storage()
+                ptr = st.data_ptr()
+            except RuntimeError:  # a wrapper without __tensor_flatten__
+                left_out.add(type(inner).__name__)
+                continue
+            if ptr not in seen:
+                seen.add(ptr)
                 total += st.nbytes()
+    if left_out:
+        warnings.warn(f"live_bytes: tensors of type {', '.join(sorted(left_out))} hold no storage of their own and do "
+                      "not say what they wrap (no __tensor_flatten__): left out of the count", stacklevel=2)
     return total
 
 
