@@ -21,6 +21,11 @@ and per evaluation
   :class:`~lowmem.trainers.LowMemOptimizerMixin` trainer does). It can exceed ``peak``: 64 eval rows
   against training batches of 8 did by 39% on the tiny Llama (2.53 vs 1.82 MiB; tests/test_endrun_memory.py).
 
+Under FSDP2 every component is this process's: ``live_bytes`` counts a ``DTensor``'s local shard (and the tensors
+any wrapper subclass holds, e.g. torchao's quantized optimizer state), so ``weights``, ``gradients`` and
+``optimizer_states`` are the rank's shards (2 CPU processes, tiny Llama, adamw: ``optimizer_states`` 334,164 bytes on
+process 0, its ``state_bytes()``, of 667,220 unsharded).
+
 ``callback.peak`` keeps each component's maximum over the run; every log line gets
 ``memory/<component>_mib`` entries (also added to ``trainer.state.log_history``).
 """
