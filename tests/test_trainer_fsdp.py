@@ -373,9 +373,10 @@ def test_lowmem_train_under_the_shipped_fsdp2_config(tmp_path):
     assert json.loads((two / "metrics.json").read_text())["processes"] == 2
     assert checkpoint_missing(two / "checkpoint-2") == [] and checkpoint_missing(two / "checkpoint-4") == []
     # sharded, not DDP: process 0 holds 0.62 of one process's GaLore state (measured 80,884 of 131,316 bytes;
-    # the bases are kept whole); the summary reports process 0's share, also for AdamW's
+    # the bases are kept whole); the summary compares process 0's share with the whole AdamW state
     one_m, two_m = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "one", two))
     assert two_m["optimizer_state_bytes"] < 0.65 * one_m["optimizer_state_bytes"], (two_m, one_m)
+    assert two_m["adamw_state_bytes"] == one_m["adamw_state_bytes"], (two_m, one_m)  # (unsharded on every rank)
     one_w, two_w = load_file(tmp_path / "one" / "model.safetensors"), load_file(two / "model.safetensors")
     assert one_w.keys() == two_w.keys()
     for k in one_w:
@@ -445,7 +446,8 @@ def test_lowmem_train_layerwise_under_fsdp2_is_a_user_error(tmp_path):
     proc = accelerate_launch(CONFIG, "lowmem_train_fsdp_cpu.py", "train", str(recipe), "--batch-size", "4",
                              "--output-dir", str(tmp_path / "out"), check=False)
     assert proc.returncode != 0
-    assert proc.stderr.count("lowmem: error: lowmem_layerwise=True does not work under FSDP") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("lowmem: error: layerwise: true (layerwise mode) does not work under FSDP") == 1, \
+        proc.stderr[-3000:]  # (refused before any model loads: lowmem.train.check_fsdp_conflicts)
     assert not (tmp_path / "out" / "checkpoint-2").exists()
 
 
