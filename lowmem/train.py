@@ -1911,6 +1911,60 @@ def check_half_precision(kwargs: dict[str, Any], where: str = "") -> None:
                           "(bfloat16 autocast, which the CPU runs) or dtype: bfloat16")
 
 
+def read_fsdp_config(value: Any) -> dict[str, Any]:
+    """``training_args.fsdp_config`` as transformers reads it (5.x, ``TrainingArguments.__post_init__`` and
+    ``_process_fsdp_args``): ``None`` -> ``{}``; a dict as given; a string starting with ``{`` -> its JSON; any
+    other string -> the JSON of the file at that path. Keys as written (``fsdp_``-prefixed or not).
+
+    Raises:
+        ConfigError: Naming ``training_args.fsdp_config``: unreadable file, invalid JSON, or not a JSON object.
+    """
+    import json
+
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"training_args.fsdp_config={value!r}: expected a dict, a JSON object string or the path of a "
+                          "JSON file")
+    try:
+        if value.startswith("{"):
+            loaded = json.loads(value)
+        else:  # (transformers: a string not starting with '{' is a path)
+            with open(value, encoding="utf-8") as f:
+                loaded = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"training_args.fsdp_config={value!r}: cannot read the JSON file ({e.strerror}); "
+                          "transformers reads a string not starting with '{' as a file path") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"training_args.fsdp_config={value!r}: not valid JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"training_args.fsdp_config={value!r}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def fsdp_activation_checkpointing(value: Any) -> str | None:
+    """The key of ``fsdp_config`` (:func:`read_fsdp_config`) that turns FSDP's activation checkpointing on, as the
+    user wrote it, or ``None``: transformers strips an ``fsdp_`` prefix (the prefixed key wins over the plain one)
+    and reads the value with its own ``str_to_bool(str(value).lower())``.
+
+    Raises:
+        ConfigError: A value transformers cannot read as a truth value, naming the key.
+    """
+    from transformers.training_args import str_to_bool
+
+    config = read_fsdp_config(value)
+    key = next((k for k in ("fsdp_activation_checkpointing", "activation_checkpointing") if k in config), None)
+    if key is None:
+        return None
+    try:
+        on = str_to_bool(str(config[key]).lower())
+    except ValueError:
+        raise ConfigError(f"training_args.fsdp_config.{key}={config[key]!r}: expected true or false") from None
+    return key if on else None
+
+
 def check_fsdp_conflicts(recipe: TrainRecipe, kwargs: dict[str, Any]) -> None:
     """What FSDP refuses, refused before any model loads, in the words the user wrote. FSDP comes from accelerate's
     environment (``ACCELERATE_USE_FSDP=true``: ``accelerate launch`` with an FSDP configuration) or the training
@@ -1918,7 +1972,8 @@ def check_fsdp_conflicts(recipe: TrainRecipe, kwargs: dict[str, Any]) -> None:
     ``LowMemTrainer.create_optimizer``, after every rank loaded the model (its hooks sit on the unsharded parameters,
     which FSDP2 replaces); FSDP's own activation checkpointing (the accelerate config's
     ``fsdp_activation_checkpointing``, exported as ``FSDP_ACTIVATION_CHECKPOINTING``, or ``fsdp_config``'s
-    ``activation_checkpointing``) with ``gradient_checkpointing`` by transformers' Trainer ``__init__``, naming
+    ``activation_checkpointing``: a dict, a JSON string or a JSON file's path, :func:`read_fsdp_config`) with
+    ``gradient_checkpointing`` by transformers' Trainer ``__init__``, naming
     ``fsdp_config['activation_checkpointing']`` and ``activation_checkpointing`` (FOUND_DIST18 2, 3).
 
     Raises:
@@ -1935,9 +1990,9 @@ def check_fsdp_conflicts(recipe: TrainRecipe, kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"layerwise: true (layerwise mode) does not work under FSDP ({fsdp}): its hooks are registered on the "
                           "unsharded parameters, which FSDP replaces, so it would train nothing. Drop layerwise, or "
                           "launch with DDP (accelerate launch --multi_gpu) or one process")
-    fsdp_config = kwargs.get("fsdp_config")  # (transformers drops an "fsdp_" prefix from its keys)
-    config_key = next((k for k in ("activation_checkpointing", "fsdp_activation_checkpointing")
-                       if isinstance(fsdp_config, dict) and fsdp_config.get(k)), None)
+    # (transformers reads fsdp_config only with training_args' fsdp; under accelerate's FSDP its plugin comes from the
+    # environment, FSDP_ACTIVATION_CHECKPOINTING below)
+    config_key = fsdp_activation_checkpointing(kwargs.get("fsdp_config")) if kwargs.get("fsdp") else None
     config_ac = config_key is not None
     env_ac = env_fsdp and os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true"
     if not (config_ac or env_ac):
