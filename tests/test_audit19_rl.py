@@ -89,3 +89,29 @@ def test_grpo_refuses_an_infinite_reward_naming_the_function(tiny_model_path, tm
                                 args=_grpo_args(LowMemGRPOConfig, tmp_path), train_dataset=reward_dataset(16, 0))
     with pytest.raises(ValueError, match="infinite_first"):
         trainer.train()
+
+
+def varied(prompts, completions, **kwargs):
+    return [float(sum(map(ord, c)) % 3) / 2 for c in completions]
+
+
+# AUDRL19 4: GVPOTrainer leaves TRL's GRPO advantages ((R - mean R) / (std R + 1e-4), scale_rewards="group") in
+# trainer._logs["advantages"], the "advantage" column of TRL's completions table (log_completions=True, wandb /
+# trackio tables), though GVPO never uses them (its per-completion weight is beta/(k-1) (R~_i - r~_i), GVPO Eq. 9's
+# gradient). BNPOTrainer replaces the logged advantages with its own; GVPO does not. On-policy at step 1 (r~ = 0) the
+# honest value is the centred reward R~_i; the log shows it divided by the group's std (e.g. 0.8654 for R~ = 0.25).
+@pytest.mark.xfail(strict=True, reason="AUDRL19 4: GVPO logs TRL's GRPO (std-scaled) advantages it never uses")
+def test_gvpo_logs_its_own_per_completion_weights_not_grpo_advantages(tiny_model_path, tmp_path):
+    import torch
+
+    from lowmem.kit import reward_dataset
+    from lowmem.trainers import GVPOConfig, GVPOTrainer
+
+    trainer = GVPOTrainer(model=tiny_model_path, reward_funcs=varied, args=_grpo_args(GVPOConfig, tmp_path),
+                          train_dataset=reward_dataset(16, 0))
+    trainer.train()
+    rewards = torch.tensor(list(trainer._logs["rewards"]["varied"])).view(-1, 4)
+    centred = (rewards - rewards.mean(dim=1, keepdim=True)).flatten()
+    assert centred.abs().sum() > 0  # the step had a reward spread
+    logged = torch.tensor(list(trainer._logs["advantages"]))
+    torch.testing.assert_close(logged, centred, atol=1e-5, rtol=1e-5)
