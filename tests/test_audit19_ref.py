@@ -86,3 +86,37 @@ def test_torch_sgd_momentum_checkpoint_continues_in_lowmem_sgd():
 def test_torch_muon_checkpoint_continues_in_lowmem_muon():
     kw = dict(lr=0.01, weight_decay=0.1)
     assert _resume_from_torch(torch.optim.Muon, LO.Muon, kw, dict(kw, adjust_lr_fn="original"), [(5, 7)]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# AUDREF19 2: "Same signature as torch.optim.AdamW": torch's keywords at their own defaults are a TypeError
+
+
+_TORCH_DEFAULT_FLAGS = {
+    "AdamW": dict(amsgrad=False, maximize=False, capturable=False, differentiable=False, fused=None),
+    "SGD": dict(maximize=False, differentiable=False, fused=None),
+    "Adagrad": dict(maximize=False, differentiable=False, fused=None),
+    "RMSprop": dict(maximize=False, capturable=False, differentiable=False),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="AUDREF19 2: lowmem.optim.AdamW / SGD / Adagrad / RMSprop (documented 'same "
+                                       "signature' / 'drop-in' for torch's) raise TypeError on torch's keywords given "
+                                       "at torch's own defaults (amsgrad=False, maximize=False, fused=None, ...)")
+@pytest.mark.parametrize("name", sorted(_TORCH_DEFAULT_FLAGS))
+def test_torch_keywords_at_their_defaults_are_accepted(name):
+    p = [torch.nn.Parameter(torch.randn(3, 4))]
+    flags = _TORCH_DEFAULT_FLAGS[name]
+    torch_opt = getattr(torch.optim, name)(p, lr=1e-2, **flags)  # torch takes them
+    assert torch_opt is not None
+    mine = getattr(LO, name)(p, lr=1e-2, **flags)
+    p[0].grad = torch.ones(3, 4)
+    mine.step()
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize"])
+def test_torch_keywords_lowmem_cannot_honour_are_refused(flag):
+    """Verified: a non-default torch flag is an error (never run as plain AdamW)."""
+    p = [torch.nn.Parameter(torch.randn(3, 4))]
+    with pytest.raises((TypeError, ValueError), match=flag):
+        LO.AdamW(p, lr=1e-2, **{flag: True})
