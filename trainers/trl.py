@@ -109,7 +109,7 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
     __doc__ = ("TRL's ``GRPOConfig`` plus lowmem's optimizer selection; ``loss_type``, ``scale_rewards``, "
                "``importance_sampling_level``, ``multi_objective_aggregation`` and ``vllm_mode`` must be among TRL's "
                "values (:data:`GRPO_CHOICES`); fields only another setting reads (``ref_model_sync_steps`` without "
-               "``sync_ref_model``, ...) are refused as ``lowmem train`` refuses them "
+               "``sync_ref_model``, ``vllm_*`` without ``use_vllm``, ...) are refused as ``lowmem train`` refuses them "
                "(:func:`lowmem.train.check_dependent_fields`).\n" + _FIELDS_DOC)
 
     def __post_init__(self) -> None:
@@ -129,12 +129,45 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             raise ConfigError(f"{type(self).__name__}.{err}") from None
         if self.reward_weights is not None:  # all 0: every advantage 0, nothing trained
             check_some_weight(f"{type(self).__name__}.reward_weights", self.reward_weights)
+        refuse_vllm_fields_without_use_vllm(self)
         if self.use_vllm:  # else TRL's ImportError when the trainer is built, after the model loaded
             from lowmem.train import _vllm_available
 
             if not _vllm_available():
                 raise ConfigError(f"{type(self).__name__}.use_vllm=True needs the vllm package, which is not installed: "
                                   "pip install 'trl[vllm]' (or use_vllm=False: TRL then generates with transformers)")
+
+
+def changed_vllm_fields(values: dict[str, Any]) -> list[str]:
+    """The ``vllm_*`` fields of ``GRPOConfig`` that ``values`` sets away from TRL's default. Without ``use_vllm`` TRL
+    (1.16) generates with transformers and reads none of them: ``GRPOTrainer`` copies them in its ``__init__`` and
+    reads each only under ``if self.use_vllm`` (building ``VLLMGeneration``, weight syncs, the importance-sampling
+    correction of vLLM's log-probabilities, VESPO's mode check); ``GRPOConfig.__post_init__`` only validates the
+    importance-sampling clips (and copies the deprecated ``vllm_importance_sampling_cap`` into
+    ``vllm_importance_sampling_clip_max``). GVPO and BNPO (lowmem.trainers) read none of them either."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name.startswith("vllm_")}
+    return [k for k in sorted(defaults) if k in values and values[k] != defaults[k]]
+
+
+def refuse_vllm_fields_without_use_vllm(config: Any) -> None:
+    """``LowMemGRPOConfig`` (and GVPO / BNPO's configs) with ``vllm_*`` settings and ``use_vllm`` off: a ConfigError
+    naming each field (:func:`changed_vllm_fields`), as ``lowmem train`` refuses them
+    (:func:`lowmem.train.check_unavailable_fields`).
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) ``<Config>.vllm_x=<value> ...: ... need use_vllm=True``.
+    """
+    from lowmem.config import ConfigError
+
+    if config.use_vllm:
+        return
+    changed = changed_vllm_fields(vars(config))
+    if changed:
+        name = type(config).__name__
+        raise ConfigError(f"{', '.join(f'{name}.{k}={getattr(config, k)!r}' for k in changed)}: vLLM generation settings, "
+                          "which need use_vllm=True: without it TRL generates with transformers and reads none of them; "
+                          "set use_vllm=True (needs the vllm package: pip install 'trl[vllm]') or leave them at TRL's "
+                          "defaults")
 
 
 def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, instead: str) -> None:
