@@ -105,3 +105,67 @@ def test_conv1d_update_is_the_transposed_linear_update(name, kw):
 def test_conv1d_update_transposes_where_the_rule_is_symmetric(name, kw):
     """Regression guard (passes): rules symmetric in rows and columns give the transposed update."""
     torch.testing.assert_close(_update(name, True, kw), _update(name, False, kw), rtol=1e-5, atol=1e-6)
+
+
+# ---- 3 / 4: lowmem train SFT with quantization: the adapters train in bfloat16 (TRL's cast), resume is not exact -----
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{a + 3}="}, {"role": "assistant", "content": str(2 * a + 3)}]}
+            for a in range(16)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _train(**fields):
+    from rich.console import Console
+
+    from lowmem.train import TrainRecipe, run
+
+    base = dict(lr=1e-2, batch_size=4, logging_steps=1, track_memory=False, save_model=True, optim="adamw")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run(TrainRecipe(**{**base, **fields}), console=Console(file=io.StringIO(), width=200))
+
+
+QLORA = dict(quantization="nf4", lora={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+
+
+@pytest.mark.xfail(strict=True, reason="AUDQLORA19 3: lowmem train sft + quantization, dtype float32: TRL's SFTTrainer "
+                                       "silently casts the trainable adapters to bfloat16 (docs/memory.md: float32)")
+def test_qlora_sft_adapters_train_in_the_recipe_dtype(tmp_path, own_model_dir, chat_file):
+    from safetensors.torch import load_file
+
+    _train(model=own_model_dir, dataset=chat_file, steps=1, output_dir=str(tmp_path / "out"), **QLORA)
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert {str(v.dtype) for v in saved.values()} == {"torch.float32"}
+
+
+@pytest.mark.xfail(strict=True, reason="AUDQLORA19 4: lowmem train sft + quantization: resuming is not exact (the "
+                                       "resumed adapters are float32, the uninterrupted run's bfloat16)")
+def test_qlora_sft_resume_equals_the_uninterrupted_run(tmp_path, own_model_dir, chat_file):
+    from safetensors.torch import load_file
+
+    common = dict(model=own_model_dir, dataset=chat_file, steps=2, save_steps=1, **QLORA)
+    _train(output_dir=str(tmp_path / "full"), **common)
+    _train(output_dir=str(tmp_path / "res"), resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"), **common)
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "res" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_lora_sft_resume_equals_the_uninterrupted_run(tmp_path, own_model_dir, chat_file):
+    """Regression guard (passes): the same resume without quantization is exact (modules_to_save too)."""
+    from safetensors.torch import load_file
+
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "modules_to_save": ["lm_head"]}
+    common = dict(model=own_model_dir, dataset=chat_file, steps=2, save_steps=1, lora=lora)
+    _train(output_dir=str(tmp_path / "full"), **common)
+    _train(output_dir=str(tmp_path / "res"), resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"), **common)
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "res" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
