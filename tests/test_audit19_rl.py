@@ -138,3 +138,27 @@ def test_reward_weights_are_numbers_or_refused_by_name(weights, says, tmp_path):
     else:
         with pytest.raises(ValueError, match=says):
             _config(LowMemGRPOConfig, tmp_path, reward_weights=weights)
+
+
+# AUDRL19 6: the same for every ranged number field: check_config_ranges (trainers/hf.py) range-checks check_value's
+# converted copy and drops it, so a number given as a string (a config read from JSON / a web form) passes the check
+# and stays a string. LowMemDPOConfig(beta="0.1") builds, the trainer builds, and the first step fails with "TypeError:
+# only integer tensors of a single element can be converted to an index"; LowMemGRPOConfig(beta="0.04") /
+# temperature="0.7" / max_completion_length="8" the same way; GVPOConfig(beta="0.1") is a bare "TypeError: must be real
+# number, not str" (gvpo.py's math.isfinite), naming no field.
+@pytest.mark.xfail(strict=True, reason="AUDRL19 6: numeric strings pass the range check and stay strings")
+@pytest.mark.parametrize("kind, field, value", [
+    ("dpo", "beta", "0.1"), ("grpo", "beta", "0.04"), ("grpo", "temperature", "0.7"),
+    ("grpo", "max_completion_length", "8"), ("gvpo", "beta", "0.1"),
+])
+def test_a_number_given_as_a_string_is_converted_or_refused_by_name(kind, field, value, tmp_path):
+    from lowmem.trainers import GVPOConfig, LowMemDPOConfig, LowMemGRPOConfig
+
+    cls = {"dpo": LowMemDPOConfig, "grpo": LowMemGRPOConfig, "gvpo": GVPOConfig}[kind]
+    extra = {} if kind == "dpo" else dict(per_device_train_batch_size=8, num_generations=4)
+    try:
+        config = cls(output_dir=str(tmp_path), report_to="none", bf16=False, **extra, **{field: value})
+    except ValueError as err:  # refused naming the field
+        assert field in str(err)
+    else:
+        assert isinstance(getattr(config, field), (int, float)), repr(getattr(config, field))
