@@ -3195,7 +3195,42 @@ def check_optimizer_on_meta(recipe: TrainRecipe, args: Any) -> None:
                 LayerwiseOptimizer(model, name, accumulation_steps=args.gradient_accumulation_steps,
                                    max_grad_norm=args.max_grad_norm or None, clip_mode="global_prev", **hp)
             else:
-                create_optimizer(model, name, **hp)
+                opt = create_optimizer(model, name, **hp)
+                _check_sharded_projection(opt, name, args)
+
+
+def _check_sharded_projection(opt: Any, name: str, args: Any) -> None:
+    """Under FSDP (``ACCELERATE_USE_FSDP=true`` or ``training_args.fsdp``) every 2-D weight is sharded by rows
+    (FSDP2's ``Shard(0)``), and a row or flat coordinate subspace of a projected weight (FRUGAL's ``projection:
+    rows`` / ``randk`` / left ``blocks``; a column subspace with ``moment_policy: rotate``) is refused by the optimizer
+    at the first step (:func:`lowmem.optim.sharded.coordinate_refusal`), after every rank loaded the model and ran
+    the evaluation on start: the same refusal here, from the meta build's groups, before anything loads. A batch of
+    matrices (fused experts, FSDP2 gives each rank whole ones) is stepped exactly and is not concerned.
+
+    Raises:
+        ConfigError: Naming ``optim_args.<key>=<value>``, the FSDP source and the first weight's shape."""
+    import os
+
+    from lowmem.optim.sharded import coordinate_refusal
+
+    env_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not (env_fsdp or getattr(args, "fsdp", None)):
+        return
+    recipe = getattr(opt, "recipe", None)
+    if recipe is None or recipe.projection is None:
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.ndim != 2 or group.get("rank") is None or group["rank"] >= min(p.shape):
+                continue
+            why = coordinate_refusal(recipe, group, p.shape)
+            if why is not None:
+                key = "moment_policy" if "rotate" in why else "projection"
+                fsdp = ("ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP configuration)" if env_fsdp
+                        else "training_args.fsdp")
+                raise ConfigError(f"optim_args.{key}={group[key]!r}: '{name}' under FSDP ({fsdp}) would refuse its "
+                                  f"{tuple(p.shape)} weights at the first step: {why}. Use a column subspace "
+                                  "(projection: columns) or a basis (svd, random), or launch with DDP")
 
 
 def run(recipe: TrainRecipe, console: Any = None) -> dict[str, Any]:

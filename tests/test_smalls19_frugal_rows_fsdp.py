@@ -3,9 +3,10 @@
 Measured on 2 gloo processes (tests/test_fsdp.py's harness, float64, 4 steps, rank 4):
 
 * a 2-D weight (``Net``: fc1 256 x 32, fc2 256 x 256, sharded by rows) is refused at construction, naming the
-  subspace (``selects rows or elements of the whole matrix``); the same through ``lowmem train`` under the CPU
-  FSDP2 harness (tests/lowmem_train_fsdp_cpu.py, tiny Llama, ``optim_args: {rank: 4, projection: rows}``): the
-  NotImplementedError at the first step, on both ranks, nothing trained;
+  subspace (``selects rows or elements of the whole matrix``); through ``lowmem train`` under the CPU FSDP2 harness
+  (tests/lowmem_train_fsdp_cpu.py, tiny Llama, ``optim_args: {rank: 4, projection: rows}``) that refusal came at the
+  first step on both ranks, after the model loaded and the evaluation on start ran (nothing trained); now
+  ``lowmem train`` refuses it before the model loads, from its meta build (the last test);
 * a batched weight (``Batched``: 6 x 64 x 32, FSDP2's ``Shard(0)`` gives each rank 3 whole matrices) trains and
   equals one process's run exactly (0.0 max |weight difference|), projected: each matrix keeps its own
   ``proj_index`` (drawn from its index in the whole batch) and low-rank moments (``rows``: ``[E, 4, 32]``).
@@ -123,3 +124,38 @@ def test_rows_of_experts_sharded_by_the_batch_equal_one_process(fsdp_got, projec
     assert got["exp_avg_local"] == ((3, k, 32) if projection == "rows" else (3, k)), got["exp_avg_local"]
     start = make(0, torch.float64, Batched)[0].w.detach()
     assert (weights["w"] - start).abs().max() > 1e-3  # (it trained)
+
+
+@pytest.mark.parametrize("how", ["accelerate", "training_args"])
+@pytest.mark.parametrize("optim_args, key", [({"rank": 4, "projection": "rows"}, "projection"),
+                                             ({"rank": 4, "projection": "randk"}, "projection"),
+                                             ({"rank": 4, "projection": "columns", "moment_policy": "rotate"},
+                                              "moment_policy")])
+def test_lowmem_train_refuses_a_row_subspace_under_fsdp_before_the_model_loads(tmp_path, monkeypatch, how,
+                                                                              optim_args, key):
+    """Before: the optimizer's NotImplementedError at the first step, after every rank loaded the model and ran the
+    evaluation on start (measured through the CPU FSDP2 harness). Now a ConfigError from the meta build naming the
+    recipe's key; a column subspace (and rows without FSDP) builds."""
+    import lowmem.train
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, check_optimizer_on_meta, load_recipe
+
+    for k in ("ACCELERATE_USE_FSDP", "FSDP_ACTIVATION_CHECKPOINTING", "WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(lowmem.train, "_accelerator_visible", lambda: True)
+
+    def check(args_, **ta):
+        recipe = load_recipe(None, optim="frugal", optim_args=args_, steps=2, output_dir=str(tmp_path / "out"),
+                             **({"training_args": ta} if ta else {}))
+        check_optimizer_on_meta(recipe, build_training_args(recipe))
+
+    check(optim_args)  # (no FSDP)
+    ta = {}
+    if how == "accelerate":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    else:
+        ta = {"fsdp": "full_shard"}
+    with pytest.raises(ConfigError, match=rf"^optim_args\.{key}='{optim_args[key]}': 'frugal' under FSDP .* at the "
+                                          r"first step: .*(selects rows or elements|scatters the whole matrix)"):
+        check(optim_args, **ta)
+    check({"rank": 4, "projection": "columns"}, **ta)

@@ -999,6 +999,21 @@ def low_is_sharded(recipe: Any, group: dict[str, Any], p: Tensor) -> bool:
     return _projected_side(recipe, group, p.shape) in ("right", "columns")
 
 
+def coordinate_refusal(recipe: Any, group: dict[str, Any], shape: torch.Size) -> str | None:
+    """The part of :func:`projected_refusal` that reads only the whole ``shape`` of a projected 2-D parameter (a
+    :class:`~lowmem.optim.subspace.SubspaceProjection`), so it can be asked before the model is sharded or loaded
+    (``lowmem train``'s meta build, :func:`lowmem.train.check_optimizer_on_meta`): a row or flat coordinate subspace
+    (FRUGAL's ``rows``, left ``blocks``, ``randk``) selects rows or elements of the whole matrix; a column subspace
+    with ``moment_policy='rotate'`` scatters the whole matrix. ``None`` otherwise."""
+    side = _projected_side(recipe, group, shape)
+    if side in ("rows", "flat"):
+        return (f"its coordinate subspace '{group['projection']}' selects rows or elements of the whole matrix"
+                " (only column subspaces are shard-local)")
+    if side == "columns" and group["moment_policy"] == "rotate":
+        return "moment_policy='rotate' of a coordinate subspace scatters the whole matrix"
+    return None
+
+
 def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | None:
     """Why the projected 2-D parameter ``p`` (sharded by rows) cannot be stepped, or ``None``."""
     from .moments import AdamMoments, FactoredMoments, constant_lr
@@ -1008,12 +1023,10 @@ def projected_refusal(recipe: Any, group: dict[str, Any], p: Tensor) -> str | No
 
     if not isinstance(recipe.projection, SubspaceProjection):
         return f"its projection {type(recipe.projection).__name__} is not known to work on a shard of rows"
+    why = coordinate_refusal(recipe, group, p.shape)
+    if why is not None:
+        return why
     side = _projected_side(recipe, group, p.shape)
-    if side in ("rows", "flat"):
-        return (f"its coordinate subspace '{group['projection']}' selects rows or elements of the whole matrix"
-                " (only column subspaces are shard-local)")
-    if side == "columns" and group["moment_policy"] == "rotate":
-        return "moment_policy='rotate' of a coordinate subspace scatters the whole matrix"
     combine = recipe.combine
     from .recipes.alice import AliceCompensation
     from .recipes.apollo import ApolloScaling
