@@ -10,7 +10,11 @@ Per optimizer step it records
   three above; on CPU, for the first ``track_steps`` steps, the maximum of live activation and
   temporary tensors tracked by :class:`lowmem.memory.measure.PeakTracker` (a dispatch mode: slow,
   hence only a few steps);
-* ``peak`` - CUDA: ``max_memory_allocated`` of the step; CPU: the tracked peak of live tensors.
+* ``peak`` - CUDA: ``max_memory_allocated`` of the step; CPU: the tracked peak of live tensors;
+* ``ddp_buckets`` - under ``DistributedDataParallel`` (several processes without FSDP) with
+  ``gradient_as_bucket_view=False`` (the Trainer's default): the reducer's gradient buckets, the bytes it reports
+  (:func:`lowmem.memory.measure.ddp_bucket_sizes`; on CPU the tracker labels their storages so, and they are not in
+  ``activations``; on CUDA they are taken out of ``peak - (weights + gradients + optimizer_states)`` with the rest).
 
 and per evaluation
 
@@ -38,10 +42,10 @@ from typing import Any, Iterator
 import torch
 from transformers import TrainerCallback
 
-from lowmem.memory.measure import PeakTracker, live_bytes, quant_state_tensors
+from lowmem.memory.measure import PeakTracker, ddp_bucket_sizes, find_ddp, live_bytes, quant_state_tensors
 
 MIB = 1024**2
-COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "peak", "evaluation")
+COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "ddp_buckets", "peak", "evaluation")
 
 
 class MemoryCallback(TrainerCallback):
@@ -62,6 +66,7 @@ class MemoryCallback(TrainerCallback):
         self._step: dict[str, int] = {}
         self._steps_seen = 0
         self._eval_tracked = False  # the current evaluation's first prediction step was tracked (CPU)
+        self._ddp_buckets = 0  # DDP's gradient buckets (bytes), found at the first step
 
     def _update(self, key: str, value: int) -> None:
         self._step[key] = max(self._step.get(key, 0), int(value))
@@ -77,6 +82,11 @@ class MemoryCallback(TrainerCallback):
             return
         self._step = {}
         self._update("weights", live_bytes([*model.parameters(), *model.buffers(), *quant_state_tensors(model)]))
+        if self._steps_seen == 0:
+            ddp = find_ddp(model)  # (DDP wraps the model before the first step; the buckets' bytes do not change)
+            self._ddp_buckets = sum(ddp_bucket_sizes(ddp)) if ddp is not None and not ddp.gradient_as_bucket_view else 0
+        if self._ddp_buckets:
+            self._update("ddp_buckets", self._ddp_buckets)
         if self._cuda(model):
             torch.cuda.reset_peak_memory_stats()
         elif self._steps_seen < self.track_steps:
@@ -119,12 +129,14 @@ class MemoryCallback(TrainerCallback):
         if self._cuda(model):
             peak = torch.cuda.max_memory_allocated()
             self._update("peak", peak)
-            fixed = sum(self._step.get(k, 0) for k in ("weights", "gradients", "optimizer_states"))
+            fixed = sum(self._step.get(k, 0) for k in ("weights", "gradients", "optimizer_states", "ddp_buckets"))
             self._update("activations", max(0, peak - fixed))
             torch.cuda.reset_peak_memory_stats()  # an evaluation after this step: its own peak (on_evaluate)
         elif self._tracker is not None:
             self._tracker.__exit__(None, None, None)
             self._update("activations", self._tracker.maxima["activations"])
+            if self._tracker.maxima.get("ddp_buckets"):  # (the labelled storages: the reducer's sizes)
+                self._update("ddp_buckets", self._tracker.maxima["ddp_buckets"])
             self._update("peak", self._tracker.peak["total"])
             self._tracker = None
         self.history.append({"step": state.global_step, **self._step})

@@ -23,6 +23,11 @@ so a 70B estimate runs on a laptop. Components:
   hook, ``LayerwiseOptimizer(..., max_grad_norm=max_grad_norm, clip_mode="global_prev")``'s
   ``step_transient_bytes()``: the per-parameter step, no buckets, beside the hook's non-finite check
   and, with the Trainer's default clipping ``max_grad_norm=1.0``, the clipping coefficient).
+* ``ddp_buckets`` - ``ddp=True`` (several processes with ``DistributedDataParallel``, not FSDP): the reducer's gradient
+  buckets, one flat tensor per bucket holding every trainable parameter's gradient in its dtype (``bucket_cap_mb``
+  splits them, it does not change their sum), allocated when DDP wraps the model and live at every moment: with
+  ``gradient_as_bucket_view=False`` (the Trainer's and accelerate's default) a copy beside ``gradients``; with
+  ``True`` the gradients are views of the buckets (0 here, and the gradients live through the forward too).
 
 The optimizer is sized for the device the run will use (``device``, ``"cpu"`` or ``"cuda"``): some
 of its step's memory depends on it (on CPU, MKL keeps the packed copy of a GEMM operand that a
@@ -61,7 +66,8 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
     "fp32": torch.float32, "float32": torch.float32,
 }
-COMPONENTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations", "optimizer_transient")
+COMPONENTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations", "optimizer_transient",
+              "ddp_buckets")
 #: bitsandbytes base-weight types (``quantization``): 4-bit NF4 / FP4 (QLoRA), 8-bit LLM.int8
 QUANT_TYPES = ("nf4", "fp4", "int8")
 #: the dict form's fields by type (:meth:`QuantSpec.parse`)
@@ -367,6 +373,7 @@ class MemoryEstimate:
     activations: int
     quant_constants: int = 0
     optimizer_transient: int = 0
+    ddp_buckets: int = 0
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -1567,6 +1574,8 @@ def estimate_memory(
     max_completion_length: int | None = None,
     max_grad_norm: float | None = 1.0,
     padding_free: bool = False,
+    ddp: bool = False,
+    gradient_as_bucket_view: bool = False,
 ) -> MemoryEstimate:
     """Estimate the memory of one training step, by component, allocating nothing.
 
@@ -1649,6 +1658,14 @@ def estimate_memory(
             on ``(1, batch_size x seq_len)``: the rotary tables (cos and sin, built from the position ids' shape) are
             per token. ``False``: padded batches without position ids, transformers' default ``(1, seq_len)`` ids
             shared by the batch (rotary tables of one sequence). With the plain loss or ``trainer="sft"`` only.
+        ddp (`bool`, defaults to `False`): The run is data parallel with ``DistributedDataParallel`` (more than one
+            process without FSDP: ``accelerate launch --multi_gpu``, ``torchrun``): each process holds the whole model,
+            its state and DDP's gradient buckets, ``ddp_buckets`` (every trainable parameter's gradient bytes). The
+            estimate is per process.
+        gradient_as_bucket_view (`bool`, defaults to `False`): DDP's ``gradient_as_bucket_view`` (accelerate's
+            ``DistributedDataParallelKwargs``; the Trainer's default ``False``). ``True``: the gradients are views of the
+            buckets, so no copy (``ddp_buckets`` 0) but the gradients are never freed: live with the activations as
+            with gradient accumulation. Needs ``ddp=True``; not with ``layerwise``.
 
     Returns:
         `MemoryEstimate`: bytes by component, with ``.total``, ``.table()`` and ``.to_dict()``.
@@ -1664,12 +1681,21 @@ def estimate_memory(
             raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1")
     device = check_device(device)
     max_grad_norm = check_max_grad_norm(max_grad_norm)
+    for name, value in (("ddp", ddp), ("gradient_as_bucket_view", gradient_as_bucket_view)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}={value!r}: expected True or False")
+    if gradient_as_bucket_view and not ddp:
+        raise ValueError("gradient_as_bucket_view=True is DDP's setting: it needs ddp=True (several processes with "
+                         "DistributedDataParallel)")
     if not isinstance(padding_free, bool):
         raise ValueError(f"Invalid padding_free={padding_free!r}: expected True or False (TRL's SFTConfig.padding_free)")
     if padding_free and trainer not in (None, "sft"):
         raise ValueError(f"padding_free=True is modelled for the plain loss and trainer='sft' (TRL's SFTConfig), not "
                          f"trainer={trainer!r}: valid trainers with it are [None, 'sft']")
     optimizer, layerwise, embeddings_32bit = resolve_optimizer_name(optimizer, layerwise)
+    if layerwise and gradient_as_bucket_view:
+        raise ValueError("gradient_as_bucket_view=True with layerwise=True is not estimated: layerwise stepping frees each "
+                         "gradient in its hook, DDP's bucket views keep every one; drop one of them")
     if layerwise:  # a run LayerwiseOptimizer / lowmem train refuse has no estimate
         from ..optim.layerwise import layerwise_refusal
 
@@ -1798,6 +1824,14 @@ def estimate_memory(
                      "being formed), live with the activations")
     elif layerwise:
         notes.append("layerwise: each gradient is stepped and freed in the backward pass; the largest one is counted")
+    # DDP's reducer: one flat bucket tensor per (dtype, bucket_cap_mb) group of trainable parameters, made when DDP wraps
+    # the model (torch.distributed's Reducer::initialize_buckets, rebuilt once at the second iteration's forward after
+    # freeing the first): every trainable gradient's bytes, live at every moment of the step
+    ddp_buckets = sum(grad_sizes) if ddp and not gradient_as_bucket_view else 0
+    if ddp:
+        notes.append(f"DDP (per process): gradient buckets {ddp_buckets:,} B beside the gradients" if not gradient_as_bucket_view
+                     else "DDP with gradient_as_bucket_view: the gradients are the buckets' views, live at every moment "
+                          "(with the activations too)")
     # the last micro-batch frees each kept gradient (a full-rank .grad, or a projected parameter's r x n accumulator,
     # popped by its step) as its parameter steps: by the full gradient's bytes (the traced moments' key), the least a
     # parameter of that size keeps (never more than is freed). The full gradient of a projected parameter is formed
@@ -2260,7 +2294,7 @@ def estimate_memory(
     n_trainable = sum(p.numel() for _, p in trainable)
     return MemoryEstimate(
         weights=weights, gradients=gradients, optimizer_states=opt_bytes, activations=parts["total"], quant_constants=constants,
-        optimizer_transient=transient,
+        optimizer_transient=transient, ddp_buckets=ddp_buckets,
         details={
             "parameters": n_params, "trainable_parameters": n_trainable, "quantized_parameters": n_quantized,
             "buffer_bytes": buffer_bytes,
@@ -2274,7 +2308,7 @@ def estimate_memory(
             "optimizer_kept_step_count": sized["kept_step_count"],
             "optimizer_transient_first_step": sized.get("transient_first_step"),
             "optimizer_foreach_scalars": sized.get("foreach_scalars", 0),
-            "gradients_with_activations": parts.get("gradients_at_peak"),
+            "gradients_with_activations": None if gradient_as_bucket_view else parts.get("gradients_at_peak"),
             "optimizer_transient_with_activations": sized.get("transient_with_activations"),
             "forward_activations": parts.get("forward_activations"),
             "reference_weights": reference_weights,
@@ -2290,6 +2324,7 @@ def estimate_memory(
             gradient_accumulation_steps=gradient_accumulation_steps,
             trainer=trainer, reference=reference, generation_batch_size=generation_batch_size,
             max_completion_length=max_completion_length, max_grad_norm=max_grad_norm, padding_free=padding_free,
+            **({"ddp": True, "gradient_as_bucket_view": gradient_as_bucket_view} if ddp else {}),
         ),
         activation_model=activation_model,
     )

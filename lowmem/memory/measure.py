@@ -10,7 +10,8 @@ are registered as external tensors and reported as ``quant_constants``.
 Mapping to :data:`~lowmem.memory.estimate.COMPONENTS`: parameters and buffers -> ``weights``;
 gradients -> ``gradients``; optimizer states -> ``optimizer_states``; activations and temporaries
 (gradients of activations, scratch) -> ``activations``; other registered tensors ->
-``quant_constants``.
+``quant_constants``; a ``DistributedDataParallel`` model's gradient buckets -> ``ddp_buckets``
+(:func:`find_ddp`; without this label torch's tracker filed them under activations).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .estimate import COMPONENTS, MemoryEstimate, estimate_memory, parse_dtype, 
 
 _CATEGORY = {
     "Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Optstate": "optimizer_states",
-    "Activation": "activations", "Temp": "activations", "Other": "quant_constants",
+    "Activation": "activations", "Temp": "activations", "Other": "quant_constants", "DDP buckets": "ddp_buckets",
 }
 
 
@@ -97,8 +98,78 @@ def op_workspace_bytes(func: Any, args: tuple, kwargs: dict) -> list[int]:
     return out + [n * a.element_size()]
 
 
+def find_ddp(model: nn.Module) -> Any:
+    """The ``torch.nn.parallel.DistributedDataParallel`` that wraps ``model`` (``model`` itself if it is one), or
+    ``None``: without a process group of more than one process, or when nothing wraps it. A ``Trainer``'s callbacks get
+    the unwrapped model (``trainer.model``); accelerate's DDP wrapper holds it as ``.module``, found among the objects
+    that refer to it."""
+    import gc
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    # the wrapper's _modules dict refers to the model; the wrapper (or its __dict__, which the wrapper refers to) to it
+    for ref in gc.get_referrers(model):
+        if isinstance(ref, dict) and ref.get("module") is model:
+            for owner in gc.get_referrers(ref):
+                for wrapper in [owner, *(gc.get_referrers(owner) if isinstance(owner, dict) else [])]:
+                    if isinstance(wrapper, DistributedDataParallel) and wrapper.module is model:
+                        return wrapper
+    return None
+
+
+def ddp_bucket_sizes(ddp: Any) -> list[int]:
+    """Bytes of each gradient bucket of ``ddp`` (a ``DistributedDataParallel``), as its reducer reports them
+    (``_get_ddp_logging_data()["bucket_sizes"]``): the trainable parameters' gradients by dtype, in buckets of
+    ``bucket_cap_mb`` (the first 1 MiB), allocated when DDP wraps the model and rebuilt once (in the order the
+    gradients became ready) at the second iteration's forward."""
+    sizes = str(ddp._get_ddp_logging_data().get("bucket_sizes", "") or "")
+    return [int(x) for x in sizes.split(",") if x.strip()]
+
+
+def _ddp_ref_type() -> Any:
+    """The tracker's label of DDP's gradient buckets: a reference type of its own beside torch's
+    (``_MemRefType`` cannot be extended), so that snapshots and maxima hold the buckets as a row of their own."""
+    global _DDP_REF
+    if _DDP_REF is None:
+        from torch.distributed._tools.mem_tracker import _RefType
+
+        class _DdpRefType(_RefType):
+            DDP = "DDP buckets"
+
+        _DDP_REF = _DdpRefType.DDP
+    return _DDP_REF
+
+
+_DDP_REF: Any = None
+
+
+class _ReducerProxy:
+    """``ddp.reducer`` during a tracked region: every call goes to the reducer; ``_rebuild_buckets`` (DDP's forward of
+    the second iteration, which frees the buckets and allocates them again in the gradients' ready order) runs with the
+    tracker's DDP flag set, so the new buckets are labelled ``ddp_buckets`` where they are allocated."""
+
+    def __init__(self, reducer: Any, tracker: Any) -> None:
+        self._reducer, self._tracker = reducer, tracker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reducer, name)
+
+    def _rebuild_buckets(self) -> Any:
+        self._tracker._in_ddp_rebuild = True
+        try:
+            return self._reducer._rebuild_buckets()
+        finally:
+            self._tracker._in_ddp_rebuild = False
+
+
 def _tracker_class():
     from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     class Tracker(MemTracker):
         """``MemTracker`` that also keeps each category's own maximum, and skips gradient hooks on
@@ -107,8 +178,34 @@ def _tracker_class():
         def __init__(self) -> None:
             super().__init__()
             self.max_by_type: dict[torch.device, dict[str, int]] = {}
+            self._ddp_sizes: set[int] = set()  # bytes of the DDP buckets (set by PeakTracker under DDP)
+            self._in_ddp_rebuild = False
+            self._op_input_storages: set[int] = set()
+
+        def _track(self, reftype: Any, t: torch.Tensor) -> None:
+            # DDP's gradient buckets: allocated when DDP wraps the model (before the region; gradient_as_bucket_view
+            # False: the reducer copies each gradient into its bucket through an as_strided view, the first the tracker
+            # sees of the bucket's storage: a view of an operator's input it has not seen, of a bucket's size) or by the
+            # reducer's rebuild (_ReducerProxy). torch's tracker labelled them activations / temporaries.
+            if self._ddp_sizes and not is_traceable_wrapper_subclass(t):
+                st = t.untyped_storage()
+                if st not in self._WINFO and (self._in_ddp_rebuild or (
+                        st.nbytes() in self._ddp_sizes and st.data_ptr() in self._op_input_storages)):
+                    reftype = _ddp_ref_type()
+            super()._track(reftype, t)
+
+        def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: Any = None, old_reftype: Any = None) -> None:
+            if self._ddp_sizes:  # the buckets' row in every device snapshot (torch's are keyed by its own types)
+                snap = self._curr_mem_snap.setdefault(winfo.device, dict.fromkeys(self._ref_class, 0))
+                snap.setdefault(_ddp_ref_type(), 0)
+            super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if self._ddp_sizes:
+                from torch.utils._pytree import tree_leaves
+
+                self._op_input_storages = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs or {}))
+                                           if isinstance(a, torch.Tensor) and not is_traceable_wrapper_subclass(a)}
             # an operator's own workspace (op_workspace_bytes: bitsandbytes' gemm_4bit's de-quantized weight), tracked
             # as storages of its device alive while it runs (uninitialized: no page is touched), freed after it
             sizes = op_workspace_bytes(func, args, kwargs or {})
@@ -237,6 +334,11 @@ class PeakTracker:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, device: str | torch.device | None = None):
         self.tracker = _tracker_class()()
+        self.ddp = find_ddp(model)
+        if self.ddp is not None:
+            model = self.ddp.module
+            if not self.ddp.gradient_as_bucket_view:  # (views: the buckets are the gradients, labelled so)
+                self.tracker._ddp_sizes = set(ddp_bucket_sizes(self.ddp))
         self.model, self.optimizer = model, optimizer
         self.tracker.track_external(model, *([optimizer] if optimizer is not None else []), *quant_state_tensors(model))
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -267,13 +369,26 @@ class PeakTracker:
 
         mod_tracker.register_multi_grad_hook = register
         self._wrap_layerwise_steps()
+        self._wrap_ddp_reducer()
         try:
             self.tracker.__enter__()
         except BaseException:
             mod_tracker.register_multi_grad_hook = self._register
             self._unwrap_layerwise_steps()
+            self._unwrap_ddp_reducer()
             raise
         return self
+
+    def _wrap_ddp_reducer(self) -> None:
+        self._reducer = None
+        if self.tracker._ddp_sizes:
+            self._reducer = self.ddp.reducer
+            self.ddp.reducer = _ReducerProxy(self._reducer, self.tracker)
+
+    def _unwrap_ddp_reducer(self) -> None:
+        if getattr(self, "_reducer", None) is not None:
+            self.ddp.reducer = self._reducer
+            self._reducer = None
 
     def _wrap_layerwise_steps(self) -> None:
         """Layerwise mode (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer`) steps each parameter in its gradient
@@ -325,6 +440,7 @@ class PeakTracker:
         finally:
             self._mod_tracker_module.register_multi_grad_hook = self._register
             self._unwrap_layerwise_steps()
+            self._unwrap_ddp_reducer()
             self._remove_hooks()
         self.peak = snapshot_components(self._for_device(self.tracker.get_tracker_snapshot("peak")))
         best = self._for_device(self.tracker.max_by_type)
@@ -336,6 +452,7 @@ class PeakTracker:
             "gradients": best.get("Gradient", 0),
             "optimizer_states": live_bytes(state),
             "activations": best.get("activations", 0),
+            "ddp_buckets": best.get("DDP buckets", 0),
             "optimizer_step": best.get("Optstate", 0),
         }
         # what the step allocated beyond the state it keeps (the tracker labels every tensor

@@ -84,7 +84,7 @@ def estimate_table(est: Any, measured: dict[str, int] | None = None) -> str:
     rows = {**est.components(), **({"batch inputs": est.details["batch_input_bytes"]} if est.details.get("batch_input_bytes")
                                    else {}), "total": est.total}
     for name, value in rows.items():
-        if name == "quant_constants" and not value and not (measured or {}).get(name):
+        if name in ("quant_constants", "ddp_buckets") and not value and not (measured or {}).get(name):
             continue
         cells = [name, fmt_bytes(value)]
         if measured is not None:
