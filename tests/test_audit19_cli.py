@@ -68,3 +68,15 @@ def test_flag_aliases_given_twice_are_refused(tmp_path, capsys):
     rc = _main(["train", "--lr", "1e-3", "--learning_rate", "2e-3", "--steps", "1", "--output-dir", str(tmp_path)])
     assert rc == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(strict=True, reason="AUDCLI19 5: examples/pure_bf16.py --seeds 0 prints an empty table with exit 0 "
+                   "(and --steps 0 dies in max() of an empty sequence): no check names the argument")
+def test_pure_bf16_example_refuses_zero_seeds():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "pure_bf16.py"
+    out = subprocess.run([sys.executable, str(script), "--seeds", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--seeds" in out.stderr, (out.returncode, out.stdout[-300:], out.stderr[-300:])
