@@ -80,3 +80,22 @@ def test_pure_bf16_example_refuses_zero_seeds():
     script = Path(__file__).resolve().parent.parent / "examples" / "pure_bf16.py"
     out = subprocess.run([sys.executable, str(script), "--seeds", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--seeds" in out.stderr, (out.returncode, out.stdout[-300:], out.stderr[-300:])
+
+
+@pytest.mark.xfail(strict=True, reason="AUDCLI19 6: an output_dir that is an existing file is found only after the "
+                   "model loads, as a bare '[Errno 17] File exists' naming no field")
+def test_output_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import lowmem.train as train
+    from lowmem.config import ConfigError
+
+    class Loaded(Exception):
+        pass
+
+    def load_policy(*args, **kwargs):
+        raise Loaded("the model started loading")
+
+    monkeypatch.setattr(train, "load_policy", load_policy)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(ConfigError, match="output_dir"):
+        train.run(train.load_recipe(None, steps=1, output_dir=str(afile)))
