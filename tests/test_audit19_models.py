@@ -2,7 +2,11 @@
 (peft LoRA, modules_to_save), QLoRA / bitsandbytes on the CPU, saving, merging, reloading, the estimator.
 
 Each ``xfail(strict=True)`` test asserts the correct behaviour of one defect recorded in
-/tmp/lm/FOUND_AUDQLORA19.md (numbered as there); it fails today and passes once fixed (then drop its marker)."""
+/tmp/lm/FOUND_AUDQLORA19.md (numbered as there); it fails today and passes once fixed (then drop its marker). The passing tests guard behaviour verified correct;
+mutation-checked (in memory): the head exclusion of subspace_target_names off -> the plain-model head test red;
+muon_lr_ratio reading shape[-2] only -> the symmetric Conv1D test red; estimate.config_quantization accepting any spec
+-> test_estimate_refuses_the_same_mismatch red; quant.keep_4bit_trainable_on_cpu a no-op -> the QLoRA pre-quantized
+gradient test red; cli.recipe_from_args exiting early -> test_dash_spelling_of_batch_size_runs red."""
 
 import io
 import json
