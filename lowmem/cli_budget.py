@@ -344,7 +344,10 @@ def mixed_precision_estimate(model, dtype: str = "bf16", **kwargs):
                                       master.settings["device"] if trainer is not None else None,
                                       master.settings.get("reference") if trainer == "dpo" else None)
         if stepped is not None:
-            activations = stepped["total"]
+            # the trace's own token ids (traced_activation_bytes makes them: seqs x seq_len int64, live through the step)
+            # are the batch's input_ids, which the estimate counts with the batch (details['batch_input_bytes']): not
+            # twice (EST19: TRL's DPO 4 pairs x 66 tokens, bf16, checkpointed, second step, the batch tracked: 4,224 B over)
+            activations = stepped["total"] - 8 * seqs * kwargs.get("seq_len", 512)
             if early is not None:
                 early = max(0, min(master.gradients, stepped["backward_peak"] - stepped["total"]))
     forward_end = 0

@@ -1033,6 +1033,11 @@ class LowMemOptimizerMixin:
         opt = getattr(self.optimizer, "optimizer", self.optimizer)
         if isinstance(opt, LayerwiseOptimizer) and opt._ddp is None and isinstance(model, nn.parallel.DistributedDataParallel):
             opt.attach_ddp(model)
+        from lowmem.trainers.memory_callback import MemoryCallback
+
+        cb = next((c for c in self.callback_handler.callbacks if isinstance(c, MemoryCallback)), None)
+        if cb is not None:  # a tracked step counts the batch, which the Trainer fetched before on_step_begin
+            cb.training_inputs(args[0] if args else kwargs.get("inputs"))
         with fused_head_tiles(self.model):
             return super().training_step(model, *args, **kwargs)
 

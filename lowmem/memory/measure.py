@@ -379,6 +379,17 @@ class PeakTracker:
             raise
         return self
 
+    def track_inputs(self, tensors: Any) -> None:
+        """Label the tensors of a batch made before the region (the Trainer fetches a step's micro-batches before
+        ``on_step_begin``) as activations: torch's tracker sees a storage only as an operator's output, so a batch's
+        ``input_ids`` / ``attention_mask`` / ``completion_mask`` that no operator returns were live and uncounted (the
+        estimate's ``batch_input_bytes`` holds them). Storages it already follows keep their label."""
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(tensors):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage() not in self.tracker._WINFO:
+                self.tracker._update_and_maybe_create_winfos(t, _ref("Activation"))
+
     def _wrap_ddp_reducer(self) -> None:
         self._reducer = None
         if self.tracker._ddp_sizes:
