@@ -13,9 +13,11 @@ the input's dtype, forward and backward; in ``eval()`` mode and on CUDA it runs 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any
 
@@ -135,6 +137,26 @@ def attach_lora(model: nn.Module, config: Any) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return get_peft_model(model, lora_config(config))
+
+
+@contextlib.contextmanager
+def trainable_dtypes_kept(model: nn.Module | None) -> Iterator[None]:
+    """Keep the dtype of every trainable parameter of ``model`` across the block (a TRL trainer's ``__init__``).
+
+    TRL 1.x's ``SFTTrainer``, ``DPOTrainer`` and ``GRPOTrainer`` cast every trainable parameter of a quantized model
+    (``is_loaded_in_4bit`` / ``is_loaded_in_8bit``) but DoRA's magnitude to bfloat16 in place, whatever the run's
+    dtype (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16"). lowmem
+    keeps the adapters in the dtype :func:`load_quantized_model` gave them (float32: peft's
+    ``autocast_adapter_dtype``, as without quantization), the dtype lowmem's estimate, its docs and a resumed run
+    (the Trainer reloads the adapters in float32) assume: each parameter whose dtype changed gets its original tensor
+    back (bit for bit: no bfloat16 rounding of the initial adapters; same ``Parameter`` object, matched by identity).
+    ``None`` (TRL loads the model): nothing to keep.
+    """
+    kept = [(p, p.data) for p in model.parameters() if p.requires_grad] if model is not None else []
+    yield
+    for p, data in kept:
+        if p.dtype != data.dtype:
+            p.data = data
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

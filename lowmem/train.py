@@ -2892,6 +2892,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
 
     from lowmem.data import prepare_tokenizer, recipe_data
     from lowmem.kit import sft_collator, sft_dataset, tokenize_sft
+    from lowmem.quant import trainable_dtypes_kept
     from lowmem.trainers import LowMemSFTTrainer, LowMemTrainer
 
     set_seed(recipe.seed)
@@ -2910,10 +2911,11 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         alias_num_experts(model.config.get_text_config())  # TRL's SFT router aux loss reads num_experts
     args = build_training_args(recipe)
     try:
-        trainer = trainer_cls(
-            model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
-            callbacks=_memory_callbacks(recipe), **trainer_kw,
-        )
+        with trainable_dtypes_kept(model):  # TRL casts a quantized model's adapters to bfloat16 (lowmem.quant)
+            trainer = trainer_cls(
+                model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
+                callbacks=_memory_callbacks(recipe), **trainer_kw,
+            )
     except ValueError as err:
         if getattr(args, "assistant_only_loss", False) and "chat template" in str(err):
             # TRL's words name neither the field nor the template's source
@@ -3020,6 +3022,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
 
     from lowmem.data import dpo_eval_rows, prepare_tokenizer, recipe_data
     from lowmem.kit import preference_dataset, reward_dataset, reward_fn
+    from lowmem.quant import trainable_dtypes_kept
     from lowmem.rewards import load_reward_funcs, reward_histories
 
     set_seed(recipe.seed)
@@ -3047,8 +3050,9 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     if recipe.trainer == "dpo":
         train, evals = ((preference_dataset(recipe.train_size, recipe.seed), preference_dataset(64, recipe.seed))
                         if data is None else (data.train, dpo_eval_rows(data)))
-        trainer = trainer_cls(model=policy_arg, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
-                              callbacks=_memory_callbacks(recipe))
+        with trainable_dtypes_kept(model):  # TRL casts a quantized model's adapters to bfloat16 (lowmem.quant)
+            trainer = trainer_cls(model=policy_arg, args=args, train_dataset=train, eval_dataset=evals,
+                                  processing_class=tok, callbacks=_memory_callbacks(recipe))
         if data is not None:
             check_dropped_rows(trainer, data, args)
         alias_num_experts(trainer.model.config.get_text_config())  # TRL's router aux loss reads num_experts
@@ -3064,9 +3068,10 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
         }
     else:
         evals = rl_eval_prompts(recipe, data)
-        trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
-                              train_dataset=synthetic if data is None else data.train,
-                              eval_dataset=evals, callbacks=_memory_callbacks(recipe))
+        with trainable_dtypes_kept(model):  # TRL casts a quantized model's adapters to bfloat16 (lowmem.quant)
+            trainer = trainer_cls(model=policy_arg, reward_funcs=reward_funcs, args=args, processing_class=tok,
+                                  train_dataset=synthetic if data is None else data.train,
+                                  eval_dataset=evals, callbacks=_memory_callbacks(recipe))
         alias_num_experts(trainer.model.config.get_text_config())  # TRL's router aux loss reads num_experts
         _eval_on_start(trainer, recipe, evals is not None)  # the held-out reward before training (see _train)
         out = _train(trainer, recipe)

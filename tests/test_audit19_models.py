@@ -30,8 +30,6 @@ def _names(model, opt, key):
 
 # ---- 1: modules_to_save=["lm_head"]: the head is orthogonalised / projected as a hidden matrix ----------------------
 
-@pytest.mark.xfail(strict=True, reason="AUDQLORA19 1: peft modules_to_save=['lm_head']: the head's trainable copy "
-                                       "is put in Muon's / NorMuon's / SinkGD's / GaLore's targeted group")
 @pytest.mark.parametrize("name, key, kw", [("muon", "use_muon", {}), ("normuon", "use_muon", {}),
                                            ("sinkgd", "use_sinkgd", {}), ("galore_adamw", "rank", {"rank": 2})])
 def test_modules_to_save_head_is_not_a_hidden_matrix(name, key, kw):
@@ -136,8 +134,6 @@ def _train(**fields):
 QLORA = dict(quantization="nf4", lora={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
 
 
-@pytest.mark.xfail(strict=True, reason="AUDQLORA19 3: lowmem train sft + quantization, dtype float32: TRL's SFTTrainer "
-                                       "silently casts the trainable adapters to bfloat16 (docs/memory.md: float32)")
 def test_qlora_sft_adapters_train_in_the_recipe_dtype(tmp_path, own_model_dir, chat_file):
     from safetensors.torch import load_file
 
@@ -146,8 +142,6 @@ def test_qlora_sft_adapters_train_in_the_recipe_dtype(tmp_path, own_model_dir, c
     assert {str(v.dtype) for v in saved.values()} == {"torch.float32"}
 
 
-@pytest.mark.xfail(strict=True, reason="AUDQLORA19 4: lowmem train sft + quantization: resuming is not exact (the "
-                                       "resumed adapters are float32, the uninterrupted run's bfloat16)")
 def test_qlora_sft_resume_equals_the_uninterrupted_run(tmp_path, own_model_dir, chat_file):
     from safetensors.torch import load_file
 

@@ -261,18 +261,45 @@ def is_projection_layer(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
+def embedding_param_ids(model: nn.Module) -> set[int]:
+    """``id`` of every parameter that belongs to the input embedding or the output head of ``model``
+    (``get_input_embeddings()`` / ``get_output_embeddings()``): the module's ``weight`` (a tied head is
+    the embedding's weight) and every parameter inside the module. peft wraps a module named in
+    ``modules_to_save`` (``ModulesToSaveWrapper``: ``original_module`` frozen, the trainable copy in
+    ``modules_to_save.<adapter>``, a different ``nn.Linear`` whose weight the wrapper's ``weight``
+    returns) and a LoRA-targeted head (``lora.Linear``: ``base_layer``, ``lora_A`` / ``lora_B``); every
+    one of these is the head's and none is a hidden matrix (Jordan et al., Muon: embedding and head
+    use AdamW; GaLore projects the hidden layers only)."""
+    out: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            mod = fn() if callable(fn) else None
+        except NotImplementedError:  # transformers' default for a model without one
+            mod = None
+        if not isinstance(mod, nn.Module):
+            continue
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            out.add(id(w))
+        out.update(id(p) for p in mod.parameters())
+    return out
+
+
 def subspace_target_names(model: nn.Module, target_modules: str | Iterable[str] | Callable[[str], bool] | None = None) -> list[str]:
     """Names of the 2-D weights to project.
 
     Default: the weights of every projection layer (:func:`is_projection_layer`: ``nn.Linear`` and
-    transformers' ``Conv1D``) except the output head (and embeddings, which are not projection
-    layers). ``target_modules`` selects modules by peft's rules instead (or a predicate on the
-    module name).
+    transformers' ``Conv1D``) except the output head and the input embedding, with everything inside
+    them (:func:`embedding_param_ids`: peft's ``modules_to_save`` copy of ``lm_head``, LoRA factors on
+    the head, a weight tied to either); embeddings are not projection layers anyway. ``target_modules``
+    selects modules by peft's rules instead (or a predicate on the module name); it never selects the
+    head.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = embedding_param_ids(model)
     names = []
     for mod_name, mod in model.named_modules():
-        if not is_projection_layer(mod) or mod is head or mod.weight is None or not mod.weight.requires_grad:
+        if not is_projection_layer(mod) or mod.weight is None or not mod.weight.requires_grad or id(mod.weight) in skip:
             continue
         if target_modules is not None and not _matches(mod_name, target_modules):
             continue
@@ -289,10 +316,7 @@ def batched_target_names(model: nn.Module, target_modules: str | Iterable[str] |
     a Mamba layer's depthwise ``conv1d``) are not batches of matrices and are excluded too: their
     ``[out, in, k...]`` is one linear map of ``in x k...`` inputs (Keller Jordan's Muon flattens it)."""
     skip = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.modules.conv._ConvNd)}
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        mod = getattr(model, getter)() if hasattr(model, getter) else None
-        if getattr(mod, "weight", None) is not None:
-            skip.add(id(mod.weight))
+    skip |= embedding_param_ids(model)
     names = []
     for name, p in model.named_parameters():
         if p.dim() <= 2 or not p.requires_grad or id(p) in skip:
