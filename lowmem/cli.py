@@ -146,12 +146,56 @@ def _scalar(value: str, yaml: Any) -> Any:
         return value
 
 
+def _field_types_of(key: str) -> list[Any]:
+    """The types recipe key ``key`` can have: its :class:`~lowmem.train.TrainRecipe` field's (``learning_rate`` is
+    ``lr``'s), else its field's in the config class of any trainer (:func:`lowmem.train.config_class`); ``[]`` for
+    a key of neither (``load_recipe`` refuses it)."""
+    from .config import field_types
+    from .train import AVAILABLE_TRAINERS, RECIPE_ALIASES, TrainRecipe, config_class
+
+    recipe = field_types(TrainRecipe)
+    name = RECIPE_ALIASES.get(key, key)
+    if name in recipe:
+        return [recipe[name]]
+    classes = [config_class("sft")] + [config_class(t, True) for t in AVAILABLE_TRAINERS]
+    return [field_types(c)[key] for c in dict.fromkeys(classes) if key in field_types(c)]
+
+
+def _as_field(key: str, text: str, value: Any) -> Any:
+    """A field flag's value ``value`` (``text`` as YAML reads it) as its field takes it, the way HfArgumentParser
+    (``trl sft``) reads the flag by the field's type: YAML 1.1 reads ``no`` / ``off`` / ``yes`` as booleans, ``2024-01-01``
+    as a date and ``123`` as a number, and a field of strings (``--save_strategy no``, ``--run_name 2024-01-01``)
+    keeps the text as typed when none of its types takes that reading; a boolean field still reads ``--packing yes``
+    as true. A date is never a field's value: its text is kept. Other values are returned as read (an invalid one
+    is then refused by :func:`lowmem.train.load_recipe`, naming the field)."""
+    import datetime
+
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return text
+    if not isinstance(value, (bool, int, float)):
+        return value
+    from .config import ConfigError, check_value
+
+    def takes(v: Any, tp: Any) -> bool:
+        try:
+            check_value(key, v, tp, ranges={})
+        except ConfigError:
+            return False
+        return True
+
+    types_ = _field_types_of(key)
+    if any(takes(value, tp) for tp in types_):
+        return value
+    return text if any(takes(text, tp) for tp in types_) else value
+
+
 def split_field_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, Any]]:
     """``lowmem train``'s flags that are no option of its parser, as recipe keys: ``--num_train_epochs 1``
     (or ``--num-train-epochs=1``) -> ``{"num_train_epochs": 1}``, the way ``trl sft`` takes every config field
     as a flag. A flag followed by nothing (or by another flag, or the ``*.yaml`` recipe) is ``true``
     (``--packing``); several values make a list (``--optim_target_modules q_proj v_proj``); each value is read
-    as a YAML scalar (``1`` -> 1, ``true`` -> True). :func:`lowmem.train.load_recipe` then maps and checks
+    as a YAML scalar (``1`` -> 1, ``true`` -> True), kept as typed where the field takes text and not that
+    reading (``--save_strategy no``: :func:`_as_field`). :func:`lowmem.train.load_recipe` then maps and checks
     them as top-level recipe keys: an unknown one is an error with its close matches and lowmem's spelling of
     ``trl sft``'s model arguments (``--lora_r 8`` -> ``lora: {r: ...}``). Before, such a flag was argparse's
     "unrecognized arguments", and the value after it was taken for the recipe.
@@ -183,7 +227,7 @@ def split_field_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
         if key in fields:
             raise ValueError(f"--{key} is given twice; give it once")
         parsed = [_scalar(v, yaml) for v in values]
-        fields[key] = True if not parsed else parsed[0] if len(parsed) == 1 else parsed
+        fields[key] = True if not parsed else _as_field(key, values[0], parsed[0]) if len(parsed) == 1 else parsed
         if fields[key] is None:  # `--max_length null`: the key set to null, not "not given" (load_recipe's None)
             from .train import NULL
 

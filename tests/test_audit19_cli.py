@@ -49,8 +49,6 @@ def _recipe(argv: list[str]):
     return recipe_from_args(args)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDCLI19 3: `--save_strategy no` (trl sft / HF spelling) is read as YAML "
-                   "false and refused: 'save_strategy=False: expected one of ['no', ...]'")
 @pytest.mark.parametrize("flag", ["--save_strategy", "--eval_strategy", "--logging_strategy"])
 def test_strategy_no_flag_as_trl_spells_it(flag):
     from lowmem.train import build_training_args

@@ -1,0 +1,28 @@
+"""FIXCLI19 (session 19): regression tests of the command-line fixes of AUDCLI19 / AUDQLORA19 7 / SMALLS19 1, beside
+the audit's own reproducers in tests/test_audit19_cli.py and tests/test_audit19_models.py."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _fields(*argv: str) -> dict:
+    from lowmem.cli import build_parser, split_field_flags
+
+    return split_field_flags(["train", *argv], build_parser())[1]
+
+
+# ---- AUDCLI19 3: a field flag's value read by the field's type (HfArgumentParser's way) ----------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (("--save_strategy", "no"), {"save_strategy": "no"}),  # YAML 1.1 reads no as false; the field takes text
+    (("--run_name", "2024-01-01"), {"run_name": "2024-01-01"}),  # a date: never a field's value
+    (("--run_name", "true"), {"run_name": "true"}),  # a str field keeps the text as typed, as HfArgumentParser does
+    (("--run_name", "123"), {"run_name": "123"}),
+    (("--packing", "yes"), {"packing": True}),  # a bool field still reads yes / off as YAML does
+    (("--bf16", "off"), {"bf16": False}),
+    (("--num_train_epochs", "1"), {"num_train_epochs": 1}),
+    (("--scale_rewards", "no"), {"scale_rewards": False}),  # str | bool (TRL converts False -> "none"): the bool stays
+])
+def test_field_flag_value_read_by_the_field_type(argv, expected):
+    assert _fields(*argv) == expected
