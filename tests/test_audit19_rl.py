@@ -123,7 +123,6 @@ def test_gvpo_logs_its_own_per_completion_weights_not_grpo_advantages(tiny_model
 # (grpo_trainer.py: torch.tensor(args.reward_weights)), naming no field. A scalar reward_weights=1.0 is a bare
 # "TypeError: 'float' object is not iterable" from list(weights). [inf] / [nan] are refused as "expected a list (items:
 # a number)", which they are; the docs promise "finite reward_weights".
-@pytest.mark.xfail(strict=True, reason="AUDRL19 5: reward_weights strings kept, a scalar crashes, inf's message is wrong")
 @pytest.mark.parametrize("weights, says", [(["1", "1"], None), (1.0, "reward_weights"), ([float("inf")], "finite")])
 def test_reward_weights_are_numbers_or_refused_by_name(weights, says, tmp_path):
     from lowmem.trainers import LowMemGRPOConfig
@@ -146,7 +145,6 @@ def test_reward_weights_are_numbers_or_refused_by_name(weights, says, tmp_path):
 # only integer tensors of a single element can be converted to an index"; LowMemGRPOConfig(beta="0.04") /
 # temperature="0.7" / max_completion_length="8" the same way; GVPOConfig(beta="0.1") is a bare "TypeError: must be real
 # number, not str" (gvpo.py's math.isfinite), naming no field.
-@pytest.mark.xfail(strict=True, reason="AUDRL19 6: numeric strings pass the range check and stay strings")
 @pytest.mark.parametrize("kind, field, value", [
     ("dpo", "beta", "0.1"), ("grpo", "beta", "0.04"), ("grpo", "temperature", "0.7"),
     ("grpo", "max_completion_length", "8"), ("gvpo", "beta", "0.1"),

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -682,34 +683,45 @@ def check_config_ranges(config: Any) -> None:
     :data:`lowmem.config.RANGES` (or in the class's ``FIELD_RANGES``), as ``lowmem train`` checks a recipe:
     TRL does not check them itself (a negative ``beta`` trains towards the rejected answers / away from the
     reference, ``temperature <= 0`` or ``max_completion_length=0`` fail at generation, after the model loaded).
-    ``reward_weights`` must be finite numbers, and a field whose metadata lists its ``choices`` (SFT's
+    ``reward_weights`` must be a list of finite numbers, and a field whose metadata lists its ``choices`` (SFT's
     ``loss_type`` and ``packing_strategy``, ``truncation_mode``, ...) one of them. ``None`` (an unset optional
-    field) is not checked.
+    field) is not checked. A number given as a string (``beta="0.1"``, ``reward_weights=["1", "1"]``: a config read
+    from JSON) is converted and the config keeps the number, as ``lowmem train`` converts a YAML recipe; a string
+    that is no number is refused naming the field.
 
     Raises:
         ValueError: (:class:`lowmem.config.ConfigError`) naming ``<Config>.<field>``, the value and the valid range.
     """
     from lowmem.config import RANGES, ConfigError, check_value, field_types
 
-    ranges = {**RANGES, **getattr(type(config), "FIELD_RANGES", {})}
-    ranges = {k: v for k, v in ranges.items() if v is not None}  # None: the class checks the field itself
+    ranged = {**RANGES, **getattr(type(config), "FIELD_RANGES", {})}
+    ranges = {k: v for k, v in ranged.items() if v is not None}  # None: the class checks the range itself (the type here)
     where = f"{type(config).__name__}."
     names = {f.name for f in dataclasses.fields(config)}
     try:  # each field checked as its annotation types it (TRL's pad_to_multiple_of: int | str, default 'auto')
         types_ = field_types(type(config))
     except Exception:  # (an annotation typing cannot resolve: every ranged field is a number)
         types_ = {}
-    for name in sorted(names & set(ranges)):
+    for name in sorted(names & set(ranged)):
         value = getattr(config, name)
         if value is None or isinstance(value, (list, tuple, dict)):
             continue
         strategy = getattr(config, name.replace("_steps", "_strategy"), "steps") if name in _STRATEGY_STEPS else "steps"
         if str(getattr(strategy, "value", strategy)) != "steps":  # save_steps=0 beside save_strategy='no': unused
             continue
-        check_value(name, value, types_.get(name, float), where=where, ranges=ranges)
+        # the converted value is kept: a number given as a string ("0.1", a config read from JSON) is the number, as
+        # `lowmem train` converts YAML; before, the string passed this check and failed at the first step
+        setattr(config, name, check_value(name, value, types_.get(name, float), where=where, ranges=ranges))
     weights = getattr(config, "reward_weights", None) if "reward_weights" in names else None
     if weights is not None:
-        check_value("reward_weights", list(weights), list[float], where=where)
+        if not isinstance(weights, (list, tuple)):  # before: "'float' object is not iterable" from list(weights)
+            raise ConfigError(f"{where}reward_weights={weights!r}: expected a list of numbers, one per reward function")
+        infinite = [w for w in weights if not isinstance(w, bool) and _as_float(w) is not None
+                    and not math.isfinite(_as_float(w))]
+        if infinite:
+            raise ConfigError(f"{where}reward_weights={list(weights)!r}: expected finite numbers, one per reward "
+                              f"function; got {infinite}")
+        config.reward_weights = check_value("reward_weights", list(weights), list[float], where=where)
     for f in dataclasses.fields(config):  # TRL's fields that declare their values (SFT's packing_strategy, truncation_mode, ...)
         choices = f.metadata.get("choices") if f.metadata else None
         value = getattr(config, f.name, None)
@@ -719,6 +731,14 @@ def check_config_ranges(config: Any) -> None:
         if bad:
             raise ConfigError(f"{where}{f.name}={value!r}: expected {'items ' if isinstance(value, (list, tuple)) else ''}"
                               f"one of {list(choices)}")
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float (a number or a numeric string), else `None`."""
+    try:
+        return float(value) if isinstance(value, (int, float, str)) else None
+    except ValueError:
+        return None
 
 
 @dataclass
