@@ -29,7 +29,10 @@ def _free_port() -> int:
 
 
 def _tracked_steps(rank: int, world: int, port: int, view: bool, out: str) -> None:
-    """Two steps under MemoryCallback (its hooks in the Trainer's order); rank 0 writes ``callback.peak``."""
+    """Two steps under MemoryCallback (its hooks in the Trainer's order); rank 0 writes ``callback.peak``. Under DDP a
+    communication hook is registered inside the first tracked step, as layerwise mode's ``attach_ddp`` does at its first
+    training step (``register_comm_hook`` hands ``ddp.reducer`` to C++: the tracker's stand-in for it lives only
+    inside DDP's ``_pre_forward``)."""
     import torch.distributed as dist
 
     from lowmem import create_optimizer
@@ -49,6 +52,10 @@ def _tracked_steps(rank: int, world: int, port: int, view: bool, out: str) -> No
             state = SimpleNamespace(global_step=step)
             ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=gen)
             cb.on_step_begin(None, state, None, model=model, optimizer=opt)
+            if world > 1 and step == 0:  # (as layerwise mode's first training step: the reducer passed to C++)
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+                wrapped.register_comm_hook(None, allreduce_hook)
             wrapped(input_ids=ids, labels=ids).loss.backward()
             cb.on_pre_optimizer_step(None, state, None, model=model)
             opt.step()

@@ -149,7 +149,7 @@ _DDP_REF: Any = None
 
 
 class _ReducerProxy:
-    """``ddp.reducer`` during a tracked region: every call goes to the reducer; ``_rebuild_buckets`` (DDP's forward of
+    """``ddp.reducer`` during DDP's ``_pre_forward`` in a tracked region: every call goes to the reducer; ``_rebuild_buckets`` (DDP's forward of
     the second iteration, which frees the buckets and allocates them again in the gradients' ready order) runs with the
     tracker's DDP flag set, so the new buckets are labelled ``ddp_buckets`` where they are allocated."""
 
@@ -391,15 +391,29 @@ class PeakTracker:
                 self.tracker._update_and_maybe_create_winfos(t, _ref("Activation"))
 
     def _wrap_ddp_reducer(self) -> None:
-        self._reducer = None
-        if self.tracker._ddp_sizes:
-            self._reducer = self.ddp.reducer
-            self.ddp.reducer = _ReducerProxy(self._reducer, self.tracker)
+        """DDP's ``_pre_forward`` (where the reducer rebuilds its buckets) runs with ``ddp.reducer`` a
+        :class:`_ReducerProxy`; only there: elsewhere the reducer is passed to C++ (``register_comm_hook``, which
+        layerwise mode calls at its first training step, inside a tracked step) and must be the reducer itself."""
+        self._ddp_wrapped = False
+        if not self.tracker._ddp_sizes:
+            return
+        ddp, tracker, pre_forward = self.ddp, self.tracker, self.ddp._pre_forward
+
+        def tracked_pre_forward(*args: Any, **kwargs: Any) -> Any:
+            reducer = ddp.reducer
+            ddp.reducer = _ReducerProxy(reducer, tracker)
+            try:
+                return pre_forward(*args, **kwargs)
+            finally:
+                ddp.reducer = reducer
+
+        ddp._pre_forward = tracked_pre_forward
+        self._ddp_wrapped = True
 
     def _unwrap_ddp_reducer(self) -> None:
-        if getattr(self, "_reducer", None) is not None:
-            self.ddp.reducer = self._reducer
-            self._reducer = None
+        if getattr(self, "_ddp_wrapped", False):
+            del self.ddp._pre_forward  # (the class's method again)
+            self._ddp_wrapped = False
 
     def _wrap_layerwise_steps(self) -> None:
         """Layerwise mode (:class:`~lowmem.optim.layerwise.LayerwiseOptimizer`) steps each parameter in its gradient
