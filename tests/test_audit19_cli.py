@@ -99,8 +99,6 @@ def test_output_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path, m
         train.run(train.load_recipe(None, steps=1, output_dir=str(afile)))
 
 
-@pytest.mark.xfail(strict=True, reason="AUDCLI19 7: a YAML recipe's optim_args pair written in exponent notation "
-                   "(adafactor eps: [1e-30, 1e-3], its own default) is refused: PyYAML strings are converted only as scalars")
 def test_optim_args_pair_in_exponent_notation_is_read_as_numbers(tmp_path):
     from lowmem.train import load_recipe
 

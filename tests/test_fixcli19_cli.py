@@ -26,3 +26,15 @@ def _fields(*argv: str) -> dict:
 ])
 def test_field_flag_value_read_by_the_field_type(argv, expected):
     assert _fields(*argv) == expected
+
+
+# ---- AUDCLI19 7: numbers written as strings inside a list / tuple optim_args value ----------------------------------
+
+def test_optim_args_pair_items_are_converted_like_scalars():
+    from lowmem.trainers.hf import validate_optim_args
+
+    out = validate_optim_args("adamw", {"betas": ["0.9", "1e-3"], "eps": "1e-8"})
+    assert tuple(out["betas"]) == (0.9, 1e-3) and all(isinstance(b, float) for b in out["betas"]) and out["eps"] == 1e-8
+    assert tuple(validate_optim_args("adafactor", {"eps": ("1e-30", "1e-3")})["eps"]) == (1e-30, 1e-3)
+    with pytest.raises(ValueError, match="optim_args.betas"):  # a wrong pair is still refused, naming the key
+        validate_optim_args("adamw", {"betas": ["0.9", "abc"]})

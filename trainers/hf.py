@@ -271,7 +271,8 @@ def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, A
     """``optim_args`` of optimizer ``name`` parsed (:func:`parse_optim_args`) and checked before any
     model loads: unknown names are an error listing the valid ones, and each value goes through the
     optimizer's own hyperparameter spec (a string that reads as a number, as PyYAML leaves ``3e-4``,
-    is converted first). Returns the checked mapping (numbers converted).
+    is converted first; so is each such item of a list / tuple, ``eps: [1e-30, 1e-3]``). Returns the checked
+    mapping (numbers converted).
 
     Raises:
         ValueError: Naming ``optim_args.<key>``, the value and what is valid.
@@ -284,11 +285,11 @@ def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, A
     for key, value in explicit.items():
         if key not in specs:
             continue
-        if isinstance(value, str):
-            try:
-                value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
-            except ValueError:
-                pass  # a string hyperparameter (proj_type='std'): the spec decides
+        # a pair as YAML writes it (eps: [1e-30, 1e-3]: PyYAML's strings) is converted item by item, as a scalar is
+        if isinstance(value, (list, tuple)):
+            value = type(value)(_numeric_string(v) for v in value)
+        else:
+            value = _numeric_string(value)
         try:
             specs[key].validate(value)
         except ValueError as err:
@@ -297,6 +298,17 @@ def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, A
             raise ValueError(f"optim_args.{key}={explicit[key]!r} for optimizer '{entry.name}': {TRAINER_REFUSED[key][1]}")
         out[key] = value
     return out
+
+
+def _numeric_string(value: Any) -> Any:
+    """``value`` as a number when it is a string that reads as one (PyYAML's ``1e-3``: YAML 1.1 needs a dot), else
+    as given (a string hyperparameter such as ``proj_type='std'``: the spec decides)."""
+    if isinstance(value, str):
+        try:
+            return int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _accepts(spec: Any, value: Any) -> bool:
