@@ -62,6 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="the Trainer's gradient clipping (default 1.0, its default; 0: none). Layerwise mode clips in its "
                    "gradient hooks (clip_mode=global_prev), which adds the coefficient to the step transient. Estimate only: "
                    "--measure runs without clipping")
+    p.add_argument("--ddp", action="store_true",
+                   help="several processes with DistributedDataParallel (accelerate launch --multi_gpu, torchrun; not "
+                   "FSDP): the estimate per process counts DDP's gradient buckets (ddp_buckets, every trainable "
+                   "gradient's bytes). Estimate only")
     p.add_argument("--trainer", default=None, choices=["sft", "dpo", "grpo"],
                    help="lowmem's TRL trainer (GVPO / BNPO: grpo): TRL's fused LM head instead of logits; dpo: --batch-size "
                    "pairs, chosen and rejected in one forward, and the reference model; grpo: --batch-size completions of "
@@ -692,6 +696,9 @@ def run(args: argparse.Namespace) -> int:
     trainer_fields = dict(trainer=args.trainer, reference=args.reference, generation_batch_size=args.generation_batch_size,
                           max_completion_length=args.max_completion_length)
     common.update({k: v for k, v in trainer_fields.items() if v is not None})
+    if args.ddp and (args.measure or args.budget is not None):
+        raise ValueError("--ddp is estimate only: --measure runs one process and --budget searches without DDP's "
+                         "buckets; drop --ddp or run the estimate alone")
     if args.measure and args.steps < 1:  # (no step measured: a peak of nothing, which "fits" any budget)
         raise ValueError(f"--steps {args.steps}: expected an integer >= 1 (training steps measured)")
     if args.top is not None and args.budget is None:
@@ -815,6 +822,8 @@ def run(args: argparse.Namespace) -> int:
 
     common["device"] = args.device or "cuda"
     common["max_grad_norm"] = args.max_grad_norm
+    if args.ddp:
+        common["ddp"] = True
     est = estimate_memory(args.model, **common)
     if args.dtype != "fp32":  # say which precision is assumed, and what the other one totals
         kw = {k: v for k, v in common.items() if k != "dtype"}

@@ -128,3 +128,24 @@ def test_ddp_settings_are_checked():
         _estimate(ddp=1)
     with pytest.raises(ValueError, match="gradient_as_bucket_view=True with layerwise=True is not estimated"):
         _estimate(ddp=True, gradient_as_bucket_view=True, layerwise=True)
+
+
+def test_budget_cli_ddp_counts_the_buckets(tmp_path, capsys):
+    """``lowmem budget --ddp`` (estimate only): the buckets (the gradients' bytes: in bf16 those of the precision the
+    estimate assumes) in the JSON and the table; refused with ``--measure`` or ``--budget`` by name."""
+    from lowmem.cli import main
+
+    build_tiny_model(0)[0].config.save_pretrained(tmp_path)
+    argv = ["budget", str(tmp_path), "--device", "cpu", "--batch-size", str(BATCH), "--seq-len", str(SEQ),
+            "--optimizer", "adamw"]
+    for dtype in ("fp32", "bf16"):
+        assert main([*argv, "--dtype", dtype, "--ddp", "--json"]) == 0
+        got = __import__("json").loads(capsys.readouterr().out)
+        assert got["ddp_buckets"] == got["gradients"] == (333_568 if dtype == "fp32" else got["gradients"]) > 0, got
+    assert main([*argv, "--dtype", "fp32", "--ddp"]) == 0
+    assert "ddp_buckets" in capsys.readouterr().out
+    assert main([*argv, "--dtype", "fp32"]) == 0
+    assert "ddp_buckets" not in capsys.readouterr().out
+    for extra in (["--measure"], ["--budget", "1GiB"]):
+        assert main([*argv, "--ddp", *extra]) == 2
+        assert "--ddp is estimate only" in capsys.readouterr().err
