@@ -35,6 +35,8 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
         "config field is a flag as in `trl sft` (--num_train_epochs 1, --gradient_accumulation_steps 4, "
         "--max_length 512, --packing): checked as the recipe's top-level key.",
     )
+    p.register("action", None, _StoreOnce)  # a flag's spellings given with two values: an error (_StoreOnce)
+    p.register("action", "store", _StoreOnce)
     p.add_argument("recipe", nargs="?", help="YAML recipe (keys: see docs/training.md)")
     p.add_argument("--config", dest="config", metavar="RECIPE",
                    help="the YAML recipe, as `trl sft --config x.yaml` spells it (the same as the positional RECIPE)")
@@ -50,12 +52,13 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "--model-name-or-path", "--model_name_or_path", dest="model", help="local directory of an HF causal LM (never downloaded)")
     p.add_argument("--seed", type=int, help="seed of data, init and trainer")
     p.add_argument("--batch-size", "--per-device-train-batch-size", "--per_device_train_batch_size", dest="batch_size",
-                   type=int, help="per-device train batch size")
+                   type=int, help="per-device train batch size (also --batch_size, the recipe key's spelling)")
     p.add_argument("--save-steps", "--save_steps", dest="save_steps", type=int, help="write a resumable checkpoint every N steps")
     p.add_argument("--eval-steps", "--eval_steps", dest="eval_steps", type=int, help="evaluate every N steps (eval loss in the log and metrics.json)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                    help="continue from a checkpoint: the latest complete one in OUTPUT_DIR, or PATH "
-                        "(put --resume after RECIPE, or write --resume=PATH)")
+                        "(put --resume after RECIPE, or write --resume=PATH; also --resume_from_checkpoint, the "
+                        "TrainingArguments spelling)")
     p.add_argument("--dataset", action="append", metavar="PATH",
                    help="local training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder of them, or a "
                    "save_to_disk folder, in a TRL format (see docs/training.md); repeat to concatenate several; "
@@ -74,6 +77,31 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reward-weights", "--reward_weights", dest="reward_weights", action="extend", nargs="+",
                    metavar="W", help="one weight per --reward-funcs entry (the recipe's reward_weights; default 1 each)")
     p.set_defaults(handler=run_train)
+
+
+class FlagConflict(ValueError):
+    """Two spellings of one ``lowmem train`` flag (``--lr`` and ``--learning_rate``), or one spelling given twice,
+    with different values: a user's error (exit 2), as a recipe naming ``lr`` and ``learning_rate`` is."""
+
+
+class _StoreOnce(argparse._StoreAction):
+    """argparse's ``store`` that refuses a second value for its ``dest`` that differs from the first
+    (:class:`FlagConflict`, naming the flag's spellings); the same value again is accepted. Before, the last one won
+    without a word (``--steps 5 --max_steps 6`` ran 6 steps)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, self.default)
+        if option_string is not None and current is not self.default and current != values:
+            raise FlagConflict(f"{option_string} {values!r} after {current!r}: {' / '.join(self.option_strings)} set "
+                               f"the same value ({self.dest}); give one")
+        super().__call__(parser, namespace, values, option_string)
+
+
+# spellings of lowmem train's flags that split_field_flags rewrites (as options of the parser, argparse would call
+# their abbreviations ambiguous: `--batch` matching --batch-size and --batch_size)
+FLAG_SPELLINGS = {"--batch_size": "--batch-size", "--resume_from_checkpoint": "--resume",
+                  "--resume-from-checkpoint": "--resume"}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -126,15 +154,21 @@ def recipe_from_args(args: argparse.Namespace):
         if recipe_path is None and values and str(values[-1]).strip().endswith((".yaml", ".yml")):
             recipe_path, values = values[-1], values[:-1]
             rewards, weights = (values, weights) if name == "reward_funcs" else (rewards, values)
-    recipe = load_recipe(
-        recipe_path, trainer=args.trainer, save_steps=args.save_steps, eval_steps=args.eval_steps, resume_from_checkpoint=resume,
+    flags = dict(
+        trainer=args.trainer, save_steps=args.save_steps, eval_steps=args.eval_steps, resume_from_checkpoint=resume,
         optim=args.optim, optim_args=args.optim_args, steps=args.steps, lr=args.lr,
         output_dir=args.output_dir, model=args.model, seed=args.seed, batch_size=args.batch_size,
         dataset=_one_or_list(args.dataset), eval_dataset=_one_or_list(args.eval_dataset),
         chat_template=args.chat_template, reward_funcs=rewards or None, reward_weights=weights or None,
-        **getattr(args, "fields", {}),
     )
-    return recipe
+    fields = dict(getattr(args, "fields", {}))
+    for key in sorted(set(fields) & set(flags)):  # a field flag spelling a dedicated flag's key: one value
+        if flags[key] is not None:
+            from .config import ConfigError
+
+            raise ConfigError(f"--{key} is given twice (as --{key} and as its flag's other spelling); give it once")
+        flags[key] = fields.pop(key)
+    return load_recipe(recipe_path, **flags, **fields)
 
 
 def _scalar(value: str, yaml: Any) -> Any:
@@ -213,6 +247,9 @@ def split_field_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple
     while i < len(argv):
         arg = argv[i]
         name = arg.split("=", 1)[0]
+        if name in FLAG_SPELLINGS:  # `--batch_size 4`: the parser's --batch-size (before, a field flag: a TypeError)
+            arg = FLAG_SPELLINGS[name] + arg[len(name):]
+            name = FLAG_SPELLINGS[name]
         if not arg.startswith("--") or arg == "--" or any(k.startswith(name) for k in known):  # (argparse's prefixes)
             rest.append(arg)
             i += 1
@@ -477,7 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             report_error(err)
             return 2
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except FlagConflict as err:
+        report_error(err)
+        return 2
     if fields:
         args.fields = fields
     if not os.environ.get("LOWMEM_DEBUG"):

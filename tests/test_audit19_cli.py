@@ -58,8 +58,6 @@ def test_strategy_no_flag_as_trl_spells_it(flag):
     assert str(getattr(getattr(args, flag[2:]), "value", getattr(args, flag[2:]))) == "no"
 
 
-@pytest.mark.xfail(strict=True, reason="AUDCLI19 4: two spellings of one lowmem train flag with different values "
-                   "(--lr 1e-3 --learning_rate 2e-3, --steps 5 --max_steps 6): the last wins silently")
 def test_flag_aliases_given_twice_are_refused(tmp_path, capsys):
     # a field flag given twice is refused (`--max_length 8 --max_length=9`, lowmem/cli.py split_field_flags) and a
     # recipe naming lr and learning_rate is refused; the parser's own aliases keep the last value without a word

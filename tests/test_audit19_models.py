@@ -267,8 +267,6 @@ def test_qlora_on_a_prequantized_dir_trains_with_an_evaluation(tmp_path, nf4_dir
 
 # ---- 7: lowmem train --batch_size / --resume_from_checkpoint: a TypeError traceback ------------------------------
 
-@pytest.mark.xfail(strict=True, reason="AUDQLORA19 7: lowmem train --batch_size 4 / --resume_from_checkpoint PATH: "
-                                       "TypeError 'load_recipe() got multiple values for keyword argument'")
 @pytest.mark.parametrize("flags", [["--batch_size", "4"], ["--resume_from_checkpoint", "out/checkpoint-1"]])
 def test_underscore_spellings_of_recipe_flags(flags):
     """README: any TrainingArguments / TRL config field is a flag too; docs/training.md: each flag also takes its

@@ -38,3 +38,35 @@ def test_optim_args_pair_items_are_converted_like_scalars():
     assert tuple(validate_optim_args("adafactor", {"eps": ("1e-30", "1e-3")})["eps"]) == (1e-30, 1e-3)
     with pytest.raises(ValueError, match="optim_args.betas"):  # a wrong pair is still refused, naming the key
         validate_optim_args("adamw", {"betas": ["0.9", "abc"]})
+
+
+# ---- AUDCLI19 4 / AUDQLORA19 7: the spellings of one flag -----------------------------------------------------------
+
+@pytest.mark.parametrize("argv, named", [
+    (["--steps", "5", "--max_steps", "6"], "--max_steps"),
+    (["--output_dir", "a", "--output-dir", "b"], "--output-dir"),
+    (["--batch-size", "4", "--batch_size", "8"], "--batch-size"),
+    (["--lr", "1e-3", "--lr", "2e-3"], "--lr"),  # one spelling twice with two values, as a field flag twice is refused
+])
+def test_two_values_for_one_flag_are_refused(argv, named, capsys):
+    from lowmem.cli import main
+
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowmem: error: ") and named in err and "give one" in err
+
+
+@pytest.mark.parametrize("argv, key, value", [
+    (["--lr", "1e-3", "--learning_rate", "0.001"], "lr", 1e-3),  # the same value twice: accepted
+    (["--batch_size", "4"], "batch_size", 4),
+    (["--resume_from_checkpoint", "out/checkpoint-1"], "resume_from_checkpoint", "out/checkpoint-1"),
+])
+def test_underscore_spellings_reach_the_recipe(argv, key, value):
+    from lowmem.cli import build_parser, recipe_from_args, split_field_flags
+
+    parser = build_parser()
+    rest, fields = split_field_flags(["train", "--steps", "1", *argv], parser)
+    args = parser.parse_args(rest)
+    args.fields = fields
+    recipe = recipe_from_args(args)
+    assert getattr(recipe, key) == value or str(getattr(recipe, key)).endswith(str(value))
