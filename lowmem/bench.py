@@ -472,7 +472,29 @@ def bench_threads(requested: int | None) -> int:
     return env_threads() or 1
 
 
-TINY_DEFAULTS = {"steps": 100, "lr": 3e-3, "batch_size": 16}
+TINY_DEFAULTS = {"steps": 100, "lr": 3e-3, "batch_size": 16, "seed": 0}
+
+# flags of the tiny task alone (the other modes read none of them): (attribute, flag, what the other modes take)
+TINY_ONLY = (("optim_args", "--optim-args", "rows NAME:key=value (e.g. galore_adamw:rank=4) or --rank"),
+             ("model", "--model", "their own model or weight set"),
+             ("seed", "--seed", "--seeds N with --task text (seeds 0..N-1); --shapes / --launches: no seed"))
+
+
+def check_tiny_only_flags(args: Any) -> None:
+    """Refuse ``--optim-args``, ``--model`` and ``--seed`` with ``--launches``, ``--shapes`` or ``--task text``,
+    naming the flag and the mode: those modes never read them (before, GaLore benched at its default rank under
+    ``--optim-args galore_adamw:rank=4`` and a nonexistent ``--model`` was ignored).
+
+    Raises:
+        ValueError: ``"--optim-args applies to the tiny task only, not --shapes ..."``.
+    """
+    mode = ("--launches" if getattr(args, "launches", False) else f"--shapes {args.shapes}" if getattr(args, "shapes", None)
+            else "--task text" if getattr(args, "task", "tiny") == "text" else None)
+    if mode is None:
+        return
+    for attr, flag, instead in TINY_ONLY:
+        if getattr(args, attr, None) not in (None, []):
+            raise ValueError(f"{flag} applies to the tiny task only, not {mode}, which does not read it; there: {instead}")
 
 
 def main(args) -> int:
@@ -502,6 +524,7 @@ def main(args) -> int:
                 raise ValueError(f"{n!r}: unknown hyperparameter(s) {unknown} for {name!r}; valid: {', '.join(valid)}")
     dtype = getattr(args, "dtype", "float32") or "float32"
     check_dtype_rows(names, {}, dtype)  # (a rounding option on float32 weights: every mode; --optim-args: below)
+    check_tiny_only_flags(args)
     if getattr(args, "launches", False):
         if args.task != "tiny" or any(n.startswith("peer:") for n in names):
             raise ValueError("--launches counts lowmem's optimizer.step() on meta tensors: it does not combine with "
@@ -544,10 +567,16 @@ def main(args) -> int:
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     optim_args = _parse_optim_args(args.optim_args)
+    benched = list(dict.fromkeys(parse_variant(n)[0] for n in names))
+    unbenched = [n for n in optim_args if n not in benched]
+    if unbenched:  # (a typo, or a name left off the list: its overrides would apply to nothing)
+        raise ValueError(f"--optim-args names {unbenched}, which are not benched; benched: {benched} (add the name to "
+                         "the optimizers, or fix the name)")
     check_dtype_rows(names, optim_args, dtype)  # (before the model is loaded)
+    seed = args.seed if getattr(args, "seed", None) is not None else TINY_DEFAULTS["seed"]
     results = run_bench(
         names, steps=steps, model_path=args.model, lr=lr, rank=args.rank, batch_size=batch_size,
-        seed=args.seed, device=args.device, optim_args=optim_args, warmup=WARMUP,
+        seed=seed, device=args.device, optim_args=optim_args, warmup=WARMUP,
         repeats=repeats, threads=threads, dtype=dtype,
     )
     meta = {

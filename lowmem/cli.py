@@ -422,7 +422,7 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    "8 x 128 bytes, 'smoke' = a one-layer model on 200 kB for a seconds-long check. Default: small")
     p.add_argument("--steps", type=int, default=None,
                    help="int: training steps per optimizer (default: 100 on the tiny task, the --text-size's on text)")
-    p.add_argument("--model", default=None, help="str: tiny task: local causal-LM directory (default: the embedded tiny Llama)")
+    p.add_argument("--model", default=None, help="str: tiny task only: local causal-LM directory (default: the embedded tiny Llama)")
     p.add_argument("--lr", type=float, default=None,
                    help="float: one learning rate for every optimizer (default: 3e-3 on the tiny task; on text each "
                    "optimizer's recommended lr)")
@@ -430,11 +430,12 @@ def add_bench(subparsers: argparse._SubParsersAction) -> None:
                    help="int: rank of subspace recipes and peers (default: hidden size / 4; --shapes: 128)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="int: sequences per step (default: 16 on the tiny task, the --text-size's on text)")
-    p.add_argument("--seed", type=int, default=0, help="int: tiny task: seed of the model and data (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="int: tiny task only (--task text: --seeds): seed of the model and data (default 0)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="str: where to train and time (default: cuda when available, else cpu)")
     p.add_argument("--optim-args", action="append", default=[], metavar="NAME:k=v,...",
-                   help="str, repeatable: tiny task: per-optimizer overrides, e.g. galore_adamw:rank=8,update_proj_gap=50 "
-                   "(default: none)")
+                   help="str, repeatable: tiny task only (other modes: NAME:k=v rows): per-optimizer overrides of a "
+                   "benched NAME, e.g. galore_adamw:rank=8,update_proj_gap=50 (default: none)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="str: tiny task, --task text and --shapes: the dtype of every contender's copy of the weights ('bfloat16': pure "
                    "bfloat16 weights, no float32 master copy; compare e.g. adamw adamw:bf16_stochastic_round=true "

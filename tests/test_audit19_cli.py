@@ -15,8 +15,6 @@ def _main(argv: list[str]) -> int:
     return main(argv)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDCLI19 1: lowmem bench --launches/--shapes/--task text silently drops "
-                   "--optim-args (and --model, --seed): the row runs at the default rank")
 def test_bench_optim_args_applied_or_refused_outside_tiny_task(tmp_path):
     # the user asks GaLore at rank 4 on the small-linear set (128x128 weights): the run must use rank 4 or refuse
     # --optim-args by name; today it benches (skips) GaLore at its default rank 128 and exits 0
@@ -29,8 +27,6 @@ def test_bench_optim_args_applied_or_refused_outside_tiny_task(tmp_path):
         assert rc == 2
 
 
-@pytest.mark.xfail(strict=True, reason="AUDCLI19 2: lowmem bench --optim-args NAME:... for a NAME that is not "
-                   "benched (a typo) is silently ignored")
 def test_bench_optim_args_for_an_unbenched_name_is_refused(tmp_path, capsys):
     # `galore_adam` (typo of galore_adamw) names no benched row: the override would be dropped without a word
     rc = _main(["bench", "adamw", "--optim-args", "galore_adam:rank=4", "--steps", "10", "--output-dir", str(tmp_path)])

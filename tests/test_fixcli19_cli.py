@@ -70,3 +70,25 @@ def test_underscore_spellings_reach_the_recipe(argv, key, value):
     args.fields = fields
     recipe = recipe_from_args(args)
     assert getattr(recipe, key) == value or str(getattr(recipe, key)).endswith(str(value))
+
+
+# ---- AUDCLI19 1 / 2: lowmem bench's tiny-task flags elsewhere, --optim-args for a name not benched -------------------
+
+@pytest.mark.parametrize("mode", [["--launches", "--shapes", "small-linear"], ["--shapes", "small-tensors"],
+                                  ["--task", "text"]])
+@pytest.mark.parametrize("flag", [["--optim-args", "adamw:eps=1e-6"], ["--model", "/nonexistent"], ["--seed", "0"]])
+def test_bench_tiny_only_flags_refused_in_other_modes(mode, flag, tmp_path, capsys):
+    from lowmem.cli import main
+
+    assert main(["bench", "adamw", *mode, *flag, "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]} applies to the tiny task only, not {mode[0]}" in err
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_bench_optim_args_of_an_unbenched_name_names_the_benched(tmp_path, capsys):
+    from lowmem.cli import main
+
+    assert main(["bench", "adamw", "lion:lr=1e-4", "--optim-args", "galore_adamw:rank=4", "--steps", "10",
+                 "--output-dir", str(tmp_path)]) == 2
+    assert "['galore_adamw'], which are not benched; benched: ['adamw', 'lion']" in capsys.readouterr().err
