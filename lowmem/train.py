@@ -277,6 +277,12 @@ class TrainRecipe:
                               + f"valid: {schedulers}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"Invalid dtype {self.dtype!r}; valid: ['float32', 'bfloat16', 'float16']")
+        if isinstance(self.output_dir, str):  # a file there (or above) was found after the model loaded, as [Errno 17]
+            out_dir = Path(self.output_dir).expanduser()
+            blocker = next((d for d in (out_dir, *out_dir.parents) if d.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                raise ConfigError(f"output_dir={self.output_dir!r}: {str(blocker)!r} is a file, not a folder; set "
+                                  "output_dir to a folder (an existing one or a new path)")
         if self.model is not None:
             check_model_dir(self.model)
             if self.save_model and Path(self.output_dir).expanduser().resolve() == Path(self.model).expanduser().resolve():

@@ -74,8 +74,6 @@ def test_pure_bf16_example_refuses_zero_seeds():
     assert out.returncode != 0 and "--seeds" in out.stderr, (out.returncode, out.stdout[-300:], out.stderr[-300:])
 
 
-@pytest.mark.xfail(strict=True, reason="AUDCLI19 6: an output_dir that is an existing file is found only after the "
-                   "model loads, as a bare '[Errno 17] File exists' naming no field")
 def test_output_dir_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     import lowmem.train as train
     from lowmem.config import ConfigError

@@ -92,3 +92,17 @@ def test_bench_optim_args_of_an_unbenched_name_names_the_benched(tmp_path, capsy
     assert main(["bench", "adamw", "lion:lr=1e-4", "--optim-args", "galore_adamw:rank=4", "--steps", "10",
                  "--output-dir", str(tmp_path)]) == 2
     assert "['galore_adamw'], which are not benched; benched: ['adamw', 'lion']" in capsys.readouterr().err
+
+
+# ---- AUDCLI19 6: an output_dir that is (or lies under) a file ------------------------------------------------------
+
+@pytest.mark.parametrize("sub", ["", "sub/deeper"])
+def test_output_dir_under_a_file_is_refused_naming_the_field(tmp_path, sub):
+    from lowmem.config import ConfigError
+    from lowmem.train import load_recipe
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=r"output_dir=.*afile.* is a file, not a folder"):
+        load_recipe(None, steps=1, output_dir=str(afile / sub) if sub else str(afile))
+    assert load_recipe(None, steps=1, output_dir=str(tmp_path / "new" / "run")).output_dir.endswith("run")
