@@ -19,6 +19,7 @@ compute in bfloat16, the baseline is torch's AdamW on the same weights):
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
@@ -53,17 +54,53 @@ def run(name: str, lr: float, steps: int, seed: int, dtype: torch.dtype, option:
         return first, _eval_loss(model, evals)
 
 
+def _at_least_1(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _lrs(text: str) -> list[float]:
+    """An argparse type: comma-separated learning rates, each a finite number > 0."""
+    out = []
+    for item in text.split(","):
+        try:
+            lr = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {item!r}") from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise argparse.ArgumentTypeError(f"each learning rate must be a finite number > 0, got {item!r}")
+        out.append(lr)
+    return out
+
+
+def _optims(text: str) -> list[str]:
+    """An argparse type: comma-separated registered optimizer names (``lowmem list``)."""
+    from lowmem.optim import list_optimizers
+
+    names, valid = text.split(","), list_optimizers()
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {unknown}; valid: {', '.join(valid)}")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--optim", default="adamw", help="comma-separated optimizer names (default adamw)")
-    ap.add_argument("--lr", default="1e-4", help="comma-separated learning rates (default 1e-4)")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--optim", type=_optims, default="adamw", help="comma-separated optimizer names (default adamw)")
+    ap.add_argument("--lr", type=_lrs, default="1e-4", help="comma-separated learning rates (default 1e-4)")
+    ap.add_argument("--steps", type=_at_least_1, default=60, help="optimizer steps, >= 1 (default 60)")
+    ap.add_argument("--seeds", type=_at_least_1, default=1, help="seeds 0..N-1, N >= 1 (default 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     summary: dict[tuple, dict[str, list[float]]] = {}
-    for name in args.optim.split(","):
-        for lr in (float(x) for x in args.lr.split(",")):
+    for name in args.optim:
+        for lr in args.lr:
             for seed in range(args.seeds):
                 row = {"optim": name, "lr": lr, "seed": seed}
                 for mode, (dtype, option) in MODES.items():

@@ -62,8 +62,6 @@ def test_flag_aliases_given_twice_are_refused(tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="AUDCLI19 5: examples/pure_bf16.py --seeds 0 prints an empty table with exit 0 "
-                   "(and --steps 0 dies in max() of an empty sequence): no check names the argument")
 def test_pure_bf16_example_refuses_zero_seeds():
     import subprocess
     import sys

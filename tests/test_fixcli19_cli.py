@@ -106,3 +106,17 @@ def test_output_dir_under_a_file_is_refused_naming_the_field(tmp_path, sub):
     with pytest.raises(ConfigError, match=r"output_dir=.*afile.* is a file, not a folder"):
         load_recipe(None, steps=1, output_dir=str(afile / sub) if sub else str(afile))
     assert load_recipe(None, steps=1, output_dir=str(tmp_path / "new" / "run")).output_dir.endswith("run")
+
+
+# ---- AUDCLI19 5: examples/pure_bf16.py's arguments checked by argparse types -----------------------------------------
+
+@pytest.mark.parametrize("argv, named", [(["--steps", "0"], "--steps"), (["--lr", "abc"], "--lr"),
+                                         (["--lr", "1e-4,-1"], "--lr"), (["--optim", "adamw,,lion"], "--optim")])
+def test_pure_bf16_example_names_a_bad_argument(argv, named):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "pure_bf16.py"
+    out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"argument {named}:" in out.stderr and "Traceback" not in out.stderr, out.stderr[-300:]
