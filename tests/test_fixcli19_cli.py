@@ -120,3 +120,28 @@ def test_pure_bf16_example_names_a_bad_argument(argv, named):
     script = Path(__file__).resolve().parent.parent / "examples" / "pure_bf16.py"
     out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and f"argument {named}:" in out.stderr and "Traceback" not in out.stderr, out.stderr[-300:]
+
+
+# ---- SMALLS19 1: a launch's error line is never lost when a process other than 0 exits first ------------------------
+
+@pytest.mark.parametrize("rank, world, printed", [("0", "2", "lowmem: error: "), ("1", "2", "lowmem: error: [rank 1] "),
+                                                  ("1", None, None)])
+def test_other_ranks_print_their_error_after_a_wait(tmp_path, capsys, monkeypatch, rank, world, printed):
+    import time
+
+    import lowmem.cli as cli
+
+    waited = []
+    monkeypatch.setattr(time, "sleep", waited.append)
+    monkeypatch.setenv("RANK", rank)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: adamw\nlr: abc\n")
+    assert cli.main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("" if printed is None else f"{printed}{bad}: lr='abc': expected a number >= 0, or null\n")
+    # process 0 prints at once; another waits (process 0, failing too, prints and the launcher ends the others)
+    assert waited == ([cli.OTHER_RANK_ERROR_WAIT_S] if rank != "0" and world else [])
