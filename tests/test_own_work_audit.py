@@ -93,7 +93,7 @@ def test_grpo_batch_of_partial_groups_names_batch_size(tmp_path, capsys, extra, 
     prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1=", "answer": "2"}])
     recipe = tmp_path / "g.yaml"
     recipe.write_text("trainer: grpo\nreward_funcs: [exact_match]\n" + ("num_generations: 4\n" if extra else ""))
-    argv = ["train", str(recipe), "--dataset", str(prompts), "--batch-size", "4", "--output-dir", str(tmp_path / "o"), *extra]
+    argv = ["train", str(recipe), "--dataset", str(prompts), *(extra or ["--batch-size", "4"]), "--output-dir", str(tmp_path / "o")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert re.search("lowmem: error: " + message, err), err
