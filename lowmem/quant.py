@@ -14,6 +14,7 @@ the input's dtype, forward and backward; in ``eval()`` mode and on CUDA it runs 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
@@ -112,6 +113,7 @@ def load_quantized_model(
     if compute_dtype is not None and QuantSpec.parse(quantization).is_int8:
         raise ValueError(f"compute_dtype={compute_dtype!r} does not apply to quantization 'int8' (its matmuls run in the "
                          "input's dtype): leave it unset, or use nf4 / fp4")
+    check_stored_quantization(path, quantization)  # a checkpoint stored quantized keeps its type
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=bnb_config(quantization, double_quant, compute_dtype or dtype), dtype=parse_dtype(dtype),
@@ -127,6 +129,54 @@ def load_quantized_model(
         log_int8_cast_once()
     cfg = lora_config(lora if lora is not None else dict(DEFAULT_LORA))
     return attach_lora(model, cfg)
+
+
+def stored_quantization(path: str | os.PathLike) -> QuantSpec | None:
+    """The bitsandbytes quantization a checkpoint's weights are stored in: ``config.json``'s ``quantization_config``
+    (a '...-bnb-4bit' checkpoint, a model saved 4-/8-bit), which ``from_pretrained`` applies whatever
+    ``quantization_config`` it is given; ``None`` when the config has none (or there is no config.json). Read from the
+    file, before anything loads.
+
+    Raises:
+        ValueError: A ``quantization_config`` that is not bitsandbytes' (naming its ``quant_method``): lowmem loads and
+            trains bitsandbytes bases only.
+    """
+    file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "bitsandbytes")).lower().replace("_", "")
+    if method != "bitsandbytes":
+        raise ValueError(f"the checkpoint {str(path)!r} is stored quantized with quant_method={method!r} (config.json "
+                         "quantization_config): lowmem trains bitsandbytes bases only (quantization: nf4 / fp4 / int8); "
+                         "start from the unquantized checkpoint")
+    from transformers import BitsAndBytesConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return QuantSpec.parse(BitsAndBytesConfig.from_dict({k: v for k, v in qc.items() if k != "quant_method"}))
+
+
+def check_stored_quantization(path: str | os.PathLike, quantization: Any) -> QuantSpec | None:
+    """``quantization`` against the checkpoint's stored one (:func:`stored_quantization`); returns the stored one.
+
+    transformers loads a checkpoint stored quantized in its own quantization and ignores another one asked for (a
+    UserWarning only): ``quantization='int8'`` over weights stored nf4 trained on nf4 layers, recorded as int8.
+
+    Raises:
+        ValueError: The types differ (nf4 / fp4 / int8), naming both; what :func:`stored_quantization` raises.
+    """
+    stored = stored_quantization(path)
+    spec = QuantSpec.parse(quantization)
+    if stored is not None and spec is not None and spec.quant_type != stored.quant_type:
+        raise ValueError(f"quantization={spec.quant_type!r} but the checkpoint {str(path)!r} is stored "
+                         f"{stored.quant_type!r} (config.json quantization_config, bitsandbytes): transformers would "
+                         f"load its {stored.quant_type} weights and ignore {spec.quant_type!r}; set quantization: "
+                         f"{stored.quant_type}, or quantize the unquantized checkpoint with {spec.quant_type}")
+    return stored
 
 
 def attach_lora(model: nn.Module, config: Any) -> nn.Module:

@@ -343,9 +343,49 @@ class TrainRecipe:
             bnb_config(self.quantization)
         if self.lora is not None:
             lora_config(self.lora)
+        if self.model is not None:
+            _check_stored_quantization(self)
 
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(TrainRecipe))
+
+
+def _check_stored_quantization(recipe: TrainRecipe) -> None:
+    """A model directory stored quantized (config.json's bitsandbytes ``quantization_config``, a '...-bnb-4bit'
+    checkpoint; :func:`lowmem.quant.stored_quantization`), read before the model loads. transformers applies the stored
+    quantization whatever lowmem asks, so: ``quantization`` of another type is an error naming both; ``lora`` without
+    ``quantization`` takes the stored one (``recipe.quantization`` set to it, ``recipe.quantization_source = "model"``,
+    a note at loading), so the base gets k-bit preparation and the CPU packing guard as with ``quantization:`` (before,
+    LoRA went on the loaded 4-bit layers without them: wrong adapter gradients after an evaluation on CPUs with
+    AVX512-BF16, a bitsandbytes crash on a small Qwen2), as the estimate takes it; neither ``lora`` nor
+    ``quantization`` (a full fine-tune of quantized weights) and ``merge_adapters`` (no full-precision weights to
+    merge into) are errors naming the field.
+
+    Raises:
+        ConfigError: Naming the field, the stored quantization and what applies.
+    """
+    from lowmem.quant import check_stored_quantization
+
+    try:
+        stored = check_stored_quantization(recipe.model, recipe.quantization)
+    except ValueError as err:
+        raise ConfigError(f"model={recipe.model!r}: {err}") from None
+    if stored is None:
+        return
+    what = f"stored {stored.quant_type} (its config.json has a bitsandbytes quantization_config)"
+    if recipe.quantization is None and recipe.lora is None:
+        raise ConfigError(f"model={recipe.model!r} is {what}: a full fine-tune cannot train quantized weights; set lora "
+                          f"(adapters on the quantized base) or quantization: {stored.quant_type} (lowmem's default "
+                          "adapters), or start from the unquantized checkpoint")
+    if recipe.merge_adapters:
+        raise ConfigError(f"merge_adapters=true but model={recipe.model!r} is {what}: it holds no full-precision weights "
+                          f"to merge the adapters into (transformers cannot save LoRA merged into {stored.quant_type} "
+                          "layers); drop merge_adapters and merge the saved adapter into the unquantized checkpoint "
+                          "(PeftModel.from_pretrained(base, OUTPUT_DIR).merge_and_unload())")
+    if recipe.quantization is None:
+        recipe.quantization = ({"quant_type": "int8", "threshold": stored.threshold} if stored.is_int8 else
+                               {"quant_type": stored.quant_type, "double_quant": stored.double_quant})
+        recipe.quantization_source = "model"
 
 
 def _check_synthetic_sizes(recipe: TrainRecipe) -> None:
@@ -1101,6 +1141,9 @@ def load_policy(recipe: TrainRecipe) -> tuple[nn.Module, Any, str | None]:
 
             if model_dir is None:  # bitsandbytes quantizes while loading: the embedded model needs a path
                 model_dir = save_embedded_model(model, tok, recipe.output_dir)
+            if getattr(recipe, "quantization_source", None) == "model" and is_main_process():
+                print(f"note: model {recipe.model!r} is stored quantized: quantization {recipe.quantization} from its "
+                      "config.json (k-bit preparation and LoRA, as with quantization:)")
             model = load_quantized_model(
                 model_dir, quantization=recipe.quantization, lora=lora_config(recipe.lora) if recipe.lora else None,
                 dtype=recipe.dtype, gradient_checkpointing=recipe.gradient_checkpointing,

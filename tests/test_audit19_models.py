@@ -191,8 +191,6 @@ def nf4_dir(tmp_path_factory, own_model_dir):
     return str(path)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDQLORA19 5: quantization: int8 on a checkpoint stored nf4 loads nf4 silently "
-                                       "(transformers keeps the config's); estimate_memory refuses the same mismatch")
 def test_quantization_that_contradicts_the_checkpoint_is_refused(nf4_dir):
     from lowmem.quant import load_quantized_model, quantized_modules
 
@@ -236,8 +234,6 @@ def _lora_grads(nf4_dir, evaluate_first, quantization=None):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.xfail(strict=True, reason="AUDQLORA19 6: lora without quantization on a pre-quantized dir skips "
-                                       "keep_4bit_trainable_on_cpu: after an eval forward the adapters' gradients change")
 def test_lora_on_a_prequantized_dir_gets_the_same_gradients_after_an_evaluation(nf4_dir):
     """lowmem.quant.keep_4bit_trainable_on_cpu's docstring: an eval-mode forward on a CPU with AVX512-BF16 repacks
     the 4-bit weights and the gradient through them is lost afterwards. load_quantized_model guards against it;
@@ -332,8 +328,6 @@ def test_quantization_that_quantizes_nothing_is_an_error(falcon_dir, quant):
 
 # ---- 9: merge_adapters on a checkpoint stored 4-bit: NotImplementedError after training ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="AUDQLORA19 9: merge_adapters: true on a pre-quantized (nf4) checkpoint trains, "
-                                       "then merged.save_pretrained raises NotImplementedError; no metrics.json")
 def test_merge_adapters_on_a_prequantized_dir(tmp_path, nf4_dir, chat_file):
     from lowmem.config import ConfigError
 
