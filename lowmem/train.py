@@ -1869,6 +1869,15 @@ DEPENDENT_FIELDS: tuple[tuple[str, str, Any], ...] = (
     ("packing_strategy", "packing: true", lambda kw: bool(kw.get("packing"))),
     ("activation_checkpointing_kwargs", "gradient_checkpointing: true (activation_checkpointing)", _checkpointing_on),
     ("gradient_checkpointing_kwargs", "gradient_checkpointing: true (activation_checkpointing)", _checkpointing_on),
+    # GRPO (TRL 1.16 grpo_trainer._compute_loss: the SAPO / VESPO branches of `loss_type`; the adaptive entropy
+    # controller runs only `if self.use_adaptive_entropy`)
+    *((name, "loss_type: sapo (SAPO's soft gate)", lambda kw: "sapo" in _loss_types(kw))
+      for name in ("sapo_temperature_pos", "sapo_temperature_neg")),
+    *((name, "loss_type: vespo (VESPO's gamma weights)", lambda kw: "vespo" in _loss_types(kw))
+      for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")),
+    *((name, "use_adaptive_entropy: true (the adaptive entropy-bonus controller)",
+       lambda kw: bool(kw.get("use_adaptive_entropy")))
+      for name in ("entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta")),
 )
 
 
@@ -1882,8 +1891,9 @@ def check_dependent_fields(cls: type, kwargs: dict[str, Any]) -> None:
         ConfigError: Naming the field, its value and the setting that reads it.
     """
     fields = getattr(cls, "__dataclass_fields__", {})
+    refused = getattr(cls, "UNUSED_FIELDS", ())  # a class that refuses the field whatever the setting (GVPO) says so
     for name, setting, on in DEPENDENT_FIELDS:
-        if name not in kwargs or name not in fields:
+        if name not in kwargs or name not in fields or name in refused:
             continue
         default = fields[name].default
         value = kwargs[name]

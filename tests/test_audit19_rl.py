@@ -24,7 +24,6 @@ def _config(cls, tmp_path, **kw):
 # are accepted away from their defaults without that setting and silently never read; lowmem refuses the same kind of
 # field elsewhere (ref_model_sync_steps without sync_ref_model: lowmem.train.DEPENDENT_FIELDS). GVPO, which refuses
 # use_adaptive_entropy and entropy_coef, accepts the adaptive controller's other fields.
-@pytest.mark.xfail(strict=True, reason="AUDRL19 1: GRPO fields read only under another setting are accepted and ignored")
 @pytest.mark.parametrize("kind, field, value", [
     ("grpo", "sapo_temperature_neg", 2.0),
     ("grpo", "vespo_k_pos", 3.0),
@@ -39,6 +38,25 @@ def test_fields_read_only_under_another_setting_are_refused(kind, field, value, 
     with pytest.raises(ValueError, match=field):
         _config(cls, tmp_path, **{field: value})
 
+
+
+@pytest.mark.parametrize("fields, named, setting", [
+    ({"sapo_temperature_pos": 2.0}, "sapo_temperature_pos", "loss_type: sapo"),
+    ({"vespo_lambda_neg": 1.0, "loss_type": "dapo"}, "vespo_lambda_neg", "loss_type: vespo"),
+    ({"entropy_coef_max": 0.5}, "entropy_coef_max", "use_adaptive_entropy: true"),
+])
+def test_lowmem_train_refuses_the_same_fields(fields, named, setting):
+    """`lowmem train` checks a GRPO recipe with the same table (lowmem.train.DEPENDENT_FIELDS); with the setting on
+    the field is accepted."""
+    from trl import GRPOConfig
+
+    from lowmem.config import ConfigError
+    from lowmem.train import check_dependent_fields
+
+    with pytest.raises(ConfigError, match=rf"{named}=.*{setting}"):
+        check_dependent_fields(GRPOConfig, fields)
+    on = {"loss_type": setting.split(": ")[1]} if setting.startswith("loss_type") else {"use_adaptive_entropy": True}
+    check_dependent_fields(GRPOConfig, {**fields, **on})
 
 def _grpo_args(cls, tmp_path, **kw):
     fields = dict(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8, num_generations=4,

@@ -33,6 +33,7 @@ GVPO_UNUSED_FIELDS = (
     "multi_objective_aggregation", "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy",
     "off_policy_mask_threshold", "use_bias_correction_kl", "sapo_temperature_neg", "sapo_temperature_pos",
     "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+    "entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
 )
 
 
@@ -107,8 +108,8 @@ class GVPOConfig(LowMemGRPOConfig):
     ``num_generations`` and ``num_generations_eval`` must be at least 2 (the loss divides by ``G - 1``).
     GRPO's loss and advantage fields (:data:`GVPO_UNUSED_FIELDS`: ``loss_type``, ``epsilon``,
     ``epsilon_high``, ``delta``, ``importance_sampling_level``, ``scale_rewards``,
-    ``multi_objective_aggregation``, ``top_entropy_quantile``, the entropy-bonus, off-policy-mask,
-    SAPO and VESPO fields) do not apply: a value other than TRL's default raises ``ValueError``.
+    ``multi_objective_aggregation``, ``top_entropy_quantile``, the entropy-bonus (and its adaptive
+    controller's), off-policy-mask, SAPO and VESPO fields) do not apply: a value other than TRL's default raises ``ValueError``.
     """
 
     beta: float = field(
@@ -120,6 +121,8 @@ class GVPOConfig(LowMemGRPOConfig):
         metadata={"help": "pi_ref: 'sampling' (the generating policy, no reference model) or 'model' (the initial model)."},
     )
 
+    #: refused by GVPO whatever the setting that reads them in GRPO (lowmem.train.check_dependent_fields skips them)
+    UNUSED_FIELDS = GVPO_UNUSED_FIELDS
     FIELD_RANGES = {"beta": None}  # checked below: GVPO's beta scales the implicit reward, > 0 (lowmem.config.RANGES: >= 0)
 
     def __post_init__(self) -> None:

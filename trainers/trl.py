@@ -109,7 +109,9 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
     __doc__ = ("TRL's ``GRPOConfig`` plus lowmem's optimizer selection; ``loss_type``, ``scale_rewards``, "
                "``importance_sampling_level``, ``multi_objective_aggregation`` and ``vllm_mode`` must be among TRL's "
                "values (:data:`GRPO_CHOICES`); fields only another setting reads (``ref_model_sync_steps`` without "
-               "``sync_ref_model``, ``vllm_*`` without ``use_vllm``, ...) are refused as ``lowmem train`` refuses them "
+               "``sync_ref_model``, ``vllm_*`` without ``use_vllm``, ``sapo_*`` / ``vespo_*`` without that "
+               "``loss_type``, ``entropy_target`` / ``entropy_coef_min`` / ``_max`` / ``_delta`` without "
+               "``use_adaptive_entropy``, ...) are refused as ``lowmem train`` refuses them "
                "(:func:`lowmem.train.check_dependent_fields`).\n" + _FIELDS_DOC)
 
     def __post_init__(self) -> None:
@@ -123,7 +125,7 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
 
         try:  # as ``lowmem train`` refuses them: a field that only another setting reads, set without it;
             # generation_kwargs that override a config field (sampled at one temperature, scored at another)
-            check_dependent_fields(GRPOConfig, vars(self))
+            check_dependent_fields(type(self), vars(self))
             check_generation_kwargs({"generation_kwargs": self.generation_kwargs})
         except ConfigError as err:
             raise ConfigError(f"{type(self).__name__}.{err}") from None
