@@ -264,7 +264,6 @@ def test_two_reward_functions_of_one_name_log_separately(tiny_model_path, tmp_pa
 # refuses it before any model loads (lowmem/rewards.py "reward_weights has N entries but reward_funcs has M"), and
 # LowMemGRPOTrainer already checks the reward functions' signatures before the load. Here the load is replaced by a
 # sentinel error: the mismatch should be reported first.
-@pytest.mark.xfail(strict=True, reason="AUDRL19 9: reward_weights count mismatch reported only after the model loads")
 def test_reward_weights_count_mismatch_is_refused_before_the_model_loads(tiny_model_path, tmp_path, monkeypatch):
     import trl.trainer.grpo_trainer as grpo_module
 

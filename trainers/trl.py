@@ -290,6 +290,23 @@ def check_reward_signatures(reward_funcs: Any, train_dataset: Any) -> None:
             check_reward_signature(fn, getattr(fn, "__name__", f"reward_funcs[{i}]"), columns)
 
 
+def check_reward_weights_count(config: Any, reward_funcs: Any) -> None:
+    """Refuse, before any model loads, ``reward_weights`` whose count is not the number of reward functions, as
+    ``lowmem train`` refuses it (:func:`lowmem.rewards.validate_reward_fields`). TRL 1.16 checks it in
+    ``GRPOTrainer.__init__`` after loading the policy (and any reward model): minutes of loading lost on a typo.
+
+    Raises:
+        ValueError: ``<Config>.reward_weights has N entries but reward_funcs has M``.
+    """
+    weights = getattr(config, "reward_weights", None)
+    if weights is None:
+        return
+    funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if len(weights) != len(funcs):
+        raise ValueError(f"{type(config).__name__}.reward_weights has {len(weights)} entries ({list(weights)}) but "
+                         f"reward_funcs has {len(funcs)}; expected one weight per reward function")
+
+
 def check_kept_columns(config: Any, *datasets: Any) -> None:
     """Refuse ``remove_unused_columns=True`` (the HF Trainer's default, which TRL's ``GRPOConfig`` turns off) on a
     GRPO dataset with columns besides ``prompt``: the Trainer then drops them before TRL calls the reward functions,
@@ -359,6 +376,7 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
     def __init__(self, model: Any, *args: Any, **kwargs: Any) -> None:
         bound = _bound(GRPOTrainer, model, args, kwargs)
         config = bound.get("args")
+        check_reward_weights_count(config, bound.get("reward_funcs"))
         check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"))
         check_kept_columns(config, bound.get("train_dataset"), bound.get("eval_dataset"))
         if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
