@@ -79,7 +79,9 @@ def load_quantized_model(
     """Load a local causal LM in 4 or 8 bits and make it trainable with LoRA.
 
     Steps: ``from_pretrained(path, quantization_config=BitsAndBytesConfig(...))`` (every linear
-    layer but the output head becomes ``bnb.nn.Linear4bit``, or with ``"int8"`` ``bnb.nn.Linear8bitLt``), then
+    layer but the output head becomes ``bnb.nn.Linear4bit``, or with ``"int8"`` ``bnb.nn.Linear8bitLt``: transformers
+    takes layers of type ``nn.Linear`` exactly; a model none of whose layers is quantized, e.g. Falcon's
+    ``FalconLinear``, is a ValueError: :func:`check_some_layer_quantized`), then
     ``peft.prepare_model_for_kbit_training`` (freezes everything, upcasts the remaining fp16/bf16
     parameters to float32, enables input gradients and optionally gradient checkpointing), then
     ``peft.get_peft_model`` with the LoRA config. Train the result with any lowmem optimizer:
@@ -119,6 +121,7 @@ def load_quantized_model(
         path, quantization_config=bnb_config(quantization, double_quant, compute_dtype or dtype), dtype=parse_dtype(dtype),
         device_map={"": device}, local_files_only=True, trust_remote_code=trust_remote_code,
     )
+    check_some_layer_quantized(model, quantization)
     # checkpointing is enabled here rather than by peft, which calls transformers' deprecated
     # `gradient_checkpointing_enable` (a FutureWarning on every load); with use_reentrant=False peft adds nothing else
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -129,6 +132,35 @@ def load_quantized_model(
         log_int8_cast_once()
     cfg = lora_config(lora if lora is not None else dict(DEFAULT_LORA))
     return attach_lora(model, cfg)
+
+
+def check_some_layer_quantized(model: nn.Module, quantization: Any) -> int:
+    """How many layers ``from_pretrained`` quantized; none is an error, before k-bit preparation and training.
+
+    transformers' bitsandbytes integration replaces only layers whose type is exactly ``torch.nn.Linear`` (or GPT-2's
+    ``Conv1D``) (``replace_with_bnb_linear``: ``type(module) is nn.Linear``), and offers no setting to take a subclass.
+    A model whose linear layers are subclasses (Falcon's ``FalconLinear``: ``query_key_value``, ``dense``,
+    ``dense_h_to_4h``, ``dense_4h_to_h``) loads with no layer quantized and, before this check, trained LoRA on the
+    full-precision base, recorded as quantized, without a word.
+
+    Raises:
+        ValueError: No layer is quantized, naming the model type, the quantization and the classes of its linear
+            layers.
+    """
+    n = len(quantized_modules(model))
+    if n:
+        return n
+    spec = QuantSpec.parse(quantization)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    subclasses = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear})
+    found = (f"this model's linear layers are {', '.join(subclasses)} (subclasses of nn.Linear)" if subclasses else
+             "this model has no nn.Linear layer transformers quantizes (the output head stays full precision)")
+    raise ValueError(
+        f"quantization={spec.quant_type!r} quantized no layer of this {model_type!r} model ({type(model).__name__}): "
+        f"transformers' bitsandbytes loading replaces only layers of type torch.nn.Linear exactly, and {found}; "
+        "LoRA would train on the full-precision base. Drop quantization (lora alone trains adapters on the "
+        "full-precision model), or use a model whose layers are nn.Linear")
 
 
 def stored_quantization(path: str | os.PathLike) -> QuantSpec | None:
