@@ -186,7 +186,6 @@ def test_a_number_given_as_a_string_is_converted_or_refused_by_name(kind, field,
 # invalid for input of size 8", naming no field. GVPOConfig's docstring and docs/post_training.md say the eval batch
 # must be a multiple "when evaluating" and that GVPOConfig / GVPOTrainer raise a ValueError saying so; they check only
 # when eval_strategy != "no" (gvpo.py GVPOTrainer.__init__; TRL's GRPOConfig the same).
-@pytest.mark.xfail(strict=True, reason="AUDRL19 7: evaluate() with eval batch not a multiple of the group: opaque RuntimeError")
 @pytest.mark.parametrize("kind", ["grpo", "gvpo", "bnpo"])
 def test_evaluate_with_an_eval_batch_that_splits_groups_is_refused_by_name(kind, tiny_model_path, tmp_path):
     from lowmem.kit import reward_dataset, reward_fn

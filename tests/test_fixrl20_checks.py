@@ -53,3 +53,52 @@ def test_reward_weights_count_is_checked_before_the_model_loads(kind, weights, f
     else:
         with pytest.raises(ValueError, match=f"{config_cls.__name__}.{says}"):
             trainer_cls(model=tiny_model_path, reward_funcs=reward_funcs, args=args, train_dataset=reward_dataset(16, 0))
+
+
+# AUDRL19 7: an eval batch that splits groups, refused by name (with what fits) when the config is built with evaluation
+# on, when the trainer is built with an eval_dataset, and when evaluate() starts (the test_audit19_rl case); GVPO needs
+# whole groups per process, GRPO / BNPO in the global batch (TRL's rule).
+@pytest.mark.parametrize("kind", ["grpo", "gvpo", "bnpo"])
+def test_eval_batch_splitting_groups_is_refused_when_the_config_is_built(kind, tmp_path):
+    config_cls, _ = _classes(kind)
+    with pytest.raises(ValueError, match=rf"{config_cls.__name__}.per_device_eval_batch_size=8 does not hold whole "
+                                         r"groups of num_generations_eval=3 \(unset: num_generations\).* multiple of 3 "
+                                         r"\(6 or 9\) or num_generations_eval to a divisor of 8 \(\[2, 4, 8\]\)"):
+        _args(config_cls, tmp_path, per_device_train_batch_size=6, num_generations=3, eval_strategy="steps", eval_steps=1)
+    with pytest.raises(ValueError, match=r"num_generations_eval=5[^(]*: .* multiple of 5 \(5 or 10\)"):
+        _args(config_cls, tmp_path, num_generations_eval=5, eval_strategy="steps", eval_steps=1)
+    _args(config_cls, tmp_path, num_generations_eval=2, eval_strategy="steps", eval_steps=1)  # 8 holds groups of 2
+
+
+@pytest.mark.parametrize("kind", ["grpo", "gvpo", "bnpo"])
+def test_eval_batch_splitting_groups_is_refused_when_the_trainer_gets_an_eval_dataset(kind, tiny_model_path, tmp_path,
+                                                                                   no_model_load):
+    from lowmem.kit import reward_dataset, reward_fn
+
+    config_cls, trainer_cls = _classes(kind)
+    args = _args(config_cls, tmp_path, per_device_train_batch_size=6, num_generations=3)  # eval_strategy "no"
+    with pytest.raises(ValueError, match="per_device_eval_batch_size=8 does not hold whole groups"):
+        trainer_cls(model=tiny_model_path, reward_funcs=reward_fn, args=args, train_dataset=reward_dataset(12, 0),
+                    eval_dataset=reward_dataset(4, 0, "eval"))
+    with pytest.raises(RuntimeError, match="policy model was loaded"):  # without an eval_dataset: nothing to check yet
+        trainer_cls(model=tiny_model_path, reward_funcs=reward_fn, args=args, train_dataset=reward_dataset(12, 0))
+
+
+def test_gvpo_needs_whole_groups_per_process_grpo_in_the_global_batch(monkeypatch, tmp_path):
+    """2 processes x 3 = 6 completions hold groups of 6 globally (TRL's GRPO rule) but not in each process (GVPO)."""
+    from lowmem.trainers import GVPOConfig, LowMemGRPOConfig
+    from lowmem.trainers.trl import check_eval_groups
+
+    config = _args(LowMemGRPOConfig, tmp_path, per_device_train_batch_size=6, num_generations=6)
+    config.per_device_eval_batch_size = 3
+    check_eval_groups(config, 2)
+    with pytest.raises(ValueError, match=r"=3 does not hold whole groups of num_generations_eval=6 .* multiple of 6 \(6\)"):
+        check_eval_groups(config, 1)
+    config.num_generations_eval = 4  # 3 x 2 = 6 completions: a per-device multiple of 4 / gcd(4, 2) = 2 fits
+    with pytest.raises(ValueError, match=r"global eval batch \(3 x 2 process\(es\)\); .* multiple of 2 \(2 or 4\) or "
+                                         r"num_generations_eval to a divisor of 6 \(\[2, 3, 6\]\)"):
+        check_eval_groups(config, 2)
+    gvpo = _args(GVPOConfig, tmp_path, per_device_train_batch_size=6, num_generations=6)
+    gvpo.per_device_eval_batch_size = 3
+    with pytest.raises(ValueError, match="GVPOConfig.per_device_eval_batch_size=3 .* per process"):
+        check_eval_groups(gvpo, 2)

@@ -103,7 +103,8 @@ class GVPOConfig(LowMemGRPOConfig):
             TRL's ``sync_ref_model`` needs ``"model"``.
 
     Batching: each micro-batch must hold whole groups, so ``per_device_train_batch_size`` (and
-    ``per_device_eval_batch_size`` when evaluating) must be a multiple of ``num_generations``
+    ``per_device_eval_batch_size``: checked when the config is built with ``eval_strategy`` on, when the trainer is
+    built with an ``eval_dataset``, and when ``evaluate()`` starts) must be a multiple of ``num_generations``
     (``num_generations_eval``); the trainer shuffles whole groups instead of single completions.
     ``num_generations`` and ``num_generations_eval`` must be at least 2 (the loss divides by ``G - 1``).
     GRPO's loss and advantage fields (:data:`GVPO_UNUSED_FIELDS`: ``loss_type``, ``epsilon``,
@@ -121,6 +122,8 @@ class GVPOConfig(LowMemGRPOConfig):
         metadata={"help": "pi_ref: 'sampling' (the generating policy, no reference model) or 'model' (the initial model)."},
     )
 
+    #: every process's eval batch holds whole groups (trainers.trl.check_eval_groups)
+    EVAL_GROUPS_PER_PROCESS = True
     #: refused by GVPO whatever the setting that reads them in GRPO (lowmem.train.check_dependent_fields skips them)
     UNUSED_FIELDS = GVPO_UNUSED_FIELDS
     FIELD_RANGES = {"beta": None}  # checked below: GVPO's beta scales the implicit reward, > 0 (lowmem.config.RANGES: >= 0)
@@ -191,11 +194,6 @@ class GVPOTrainer(LowMemGRPOTrainer):
         finally:
             args.beta = beta
         self.gvpo_beta = beta
-        if args.eval_strategy != "no" and args.per_device_eval_batch_size % self.num_generations_eval:
-            raise ValueError(
-                f"GVPO needs whole groups in every evaluation batch: per_device_eval_batch_size "
-                f"({args.per_device_eval_batch_size}) must be a multiple of num_generations_eval ({self.num_generations_eval})"
-            )
         self._gvpo_rewards_per_func: torch.Tensor | None = None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

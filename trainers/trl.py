@@ -114,7 +114,14 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
                "``use_adaptive_entropy``, ...) are refused as ``lowmem train`` refuses them "
                "(:func:`lowmem.train.check_dependent_fields`).\n" + _FIELDS_DOC)
 
+    #: whether every process's eval batch must hold whole groups (GVPO's loss), else only the global one (TRL's GRPO)
+    EVAL_GROUPS_PER_PROCESS = False
+
     def __post_init__(self) -> None:
+        if self.eval_strategy != "no":  # before TRL's check, which names no field ("The global eval batch size ...")
+            from lowmem.train import launched_processes
+
+            check_eval_groups(self, launched_processes())
         super().__post_init__()
         check_choices(self, GRPO_CHOICES)
         from lowmem.config import ConfigError
@@ -138,6 +145,44 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             if not _vllm_available():
                 raise ConfigError(f"{type(self).__name__}.use_vllm=True needs the vllm package, which is not installed: "
                                   "pip install 'trl[vllm]' (or use_vllm=False: TRL then generates with transformers)")
+
+
+def check_eval_groups(config: Any, processes: int) -> None:
+    """Refuse an eval batch that splits a prompt's group of ``num_generations_eval`` completions (unset:
+    ``num_generations``): TRL's GRPO evaluates whole groups of the global eval batch
+    (``per_device_eval_batch_size`` x ``processes``), GVPO (``EVAL_GROUPS_PER_PROCESS``) of every process's. Before,
+    ``trainer.evaluate()`` with ``eval_strategy="no"`` (TRL checks only with evaluation during training) failed after
+    generating with ``RuntimeError: shape '[-1, 3]' is invalid for input of size 8``, naming no field; with evaluation
+    on, TRL's message named none either. Values that are not integers are left to the range checks.
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) naming both fields and the values that fit.
+    """
+    from math import gcd
+
+    from lowmem.config import ConfigError
+
+    batch, given = config.per_device_eval_batch_size, config.num_generations_eval
+    groups = given if given is not None else config.num_generations
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (batch, groups, processes)):
+        return
+    per_process = getattr(config, "EVAL_GROUPS_PER_PROCESS", False)
+    processes = 1 if per_process else processes
+    if (batch * processes) % groups == 0:
+        return
+    step = groups // gcd(groups, processes)  # per_device_eval_batch_size must be a multiple of this
+    fits = sorted({m for m in (batch // step * step, -(-batch // step) * step) if m > 0})
+    total = batch * processes
+    divisors = [d for d in range(2, total + 1) if total % d == 0]
+    name = type(config).__name__
+    where = (f"per process ({name.replace('Config', '')}'s loss compares the completions of a group within a process)"
+             if per_process else f"of the global eval batch ({batch} x {processes} process(es))" if processes > 1 else "")
+    raise ConfigError(
+        f"{name}.per_device_eval_batch_size={batch} does not hold whole groups of num_generations_eval={groups}"
+        f"{'' if given is not None else ' (unset: num_generations)'}: evaluation generates {groups} completions per "
+        f"prompt and scores each group together{' ' + where if where else ''}; set per_device_eval_batch_size to a "
+        f"multiple of {step} ({' or '.join(map(str, fits))}) or num_generations_eval to a divisor of {total}"
+        + (f" ({divisors})" if divisors else "") + " (before: a RuntimeError after the first evaluation's generation)")
 
 
 def changed_vllm_fields(values: dict[str, Any]) -> list[str]:
@@ -379,10 +424,18 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
         check_reward_weights_count(config, bound.get("reward_funcs"))
         check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"))
         check_kept_columns(config, bound.get("train_dataset"), bound.get("eval_dataset"))
+        if config is not None and bound.get("eval_dataset") is not None:  # evaluate() after training, too
+            check_eval_groups(config, config.world_size)
         if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
             check_reference_reloadable(self._name, model, self._reference_alternative)
         super().__init__(model, *args, **kwargs)
         freeze_reference(self.ref_model)  # GVPO's and BNPO's too (subclasses)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
+        """TRL's, after checking that the eval batch holds whole groups (:func:`check_eval_groups`), before anything
+        is generated."""
+        check_eval_groups(self.args, self.args.world_size)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         """TRL's, with each Python reward function's output checked (:func:`checked_reward_func`): a function that
