@@ -74,15 +74,11 @@ def test_torch_adagrad_and_rmsprop_checkpoints_continue_in_lowmem():
     assert _resume_from_torch(torch.optim.RMSprop, LO.RMSprop, kw, kw, shapes) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="AUDREF19 1: a torch.optim.SGD(momentum>0) checkpoint (momentum_buffer, no "
-                                       "'step') is refused by the drop-in lowmem.optim.SGD as 'saved by another optimizer'")
 def test_torch_sgd_momentum_checkpoint_continues_in_lowmem_sgd():
     kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
     assert _resume_from_torch(torch.optim.SGD, LO.SGD, kw, kw, [(5, 7), (7,)]) < 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="AUDREF19 1: a torch.optim.Muon checkpoint (momentum_buffer, no 'step') is "
-                                       "refused by lowmem.optim.Muon, documented equal to torch.optim.Muon")
 def test_torch_muon_checkpoint_continues_in_lowmem_muon():
     kw = dict(lr=0.01, weight_decay=0.1)
     assert _resume_from_torch(torch.optim.Muon, LO.Muon, kw, dict(kw, adjust_lr_fn="original"), [(5, 7)]) < 1e-5

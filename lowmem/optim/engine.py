@@ -94,7 +94,7 @@ from .sharded import DTensor as _DTensor
 from .sharded import (ShardedProjection, ShardReduce, check_placements, check_supported, combine_direction,
                       is_dtensor, local, low_is_sharded, projected_state_to_dtensor, shard_reduce, shard_rows,
                       sharded_post_update, state_from_dtensor, state_to_dtensor)
-from .sharded import check_loaded_state, check_same_settings, state_layout
+from .sharded import check_loaded_state, check_same_settings, from_torch_muon_group, state_layout, torch_stepless_state
 from .sharded import global_matrix, matrices_refusal, matrices_state_to_dtensor, matrix_offsets
 from .stabilizers import Stabilizer
 from .subspace import (CombineRule, DropResidual, ProjectBack, Projection, ResidualRule, all_usable_if_finite,
@@ -1906,6 +1906,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         own = set(self.recipe.all_hparams())
         for i, (mine, group) in enumerate(zip(before, self.param_groups)):
+            from_torch_muon_group(self.recipe.name, group, mine)  # (torch.optim.Muon's names: eps, adjust_lr_fn=None)
             # torch replaced the group's settings with the checkpoint's; one of this recipe's settings the
             # checkpoint lacks (it predates the setting, e.g. adamw8bit's fused) keeps the constructor's value
             for k in own & set(mine) - set(group):
@@ -1944,12 +1945,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 elif pieces:
                     unrecorded += 1
                 saved = {k: state_from_dtensor(v, p, probe[k].shape, k) if k in probe else v for k, v in saved.items()}
+                saved = torch_stepless_state(saved, probe, self.recipe.name)  # (torch.optim.SGD / Muon: no 'step')
                 check_loaded_state(saved, probe, where)
             elif saved:  # (an empty state, e.g. BAdam's inactive blocks, is allocated at p's next step)
                 probe = self._probe_state(p, group_of[p])
                 if "moment_start" in probe and "moment_start" not in saved and "step" in saved:
                     # saved before moment_start existed: its moments count from step 1 until their next reset
                     saved = {**saved, "moment_start": torch.zeros((), dtype=torch.float32)}
+                saved = torch_stepless_state(saved, probe, self.recipe.name)  # (torch.optim.SGD / Muon: no 'step')
                 check_loaded_state(saved, probe, where)
             else:
                 probe = {}

@@ -821,6 +821,45 @@ def load_optimizer_dcp(model: Any, optimizer: Any, checkpoint_id: Any = None, *,
     set_optimizer_state_dict(model, optimizer, osd, options=options)
 
 
+#: Recipes whose torch.optim counterpart keeps no step count (``torch.optim.SGD(momentum > 0)`` and
+#: ``torch.optim.Muon``: ``momentum_buffer`` alone in a parameter's state) and whose update reads the count only as
+#: "the first step or a later one" (SGD's undamped first buffer ``b_1 = g_1``; Muon's target step reads no count),
+#: with the state entries such a checkpoint holds (:func:`torch_stepless_state`; AUDREF19 1).
+TORCH_STEPLESS_STATE = {"sgd": frozenset({"momentum_buffer"}), "muon": frozenset({"momentum_buffer"})}
+
+
+def torch_stepless_state(saved: dict[str, Any], expected: dict[str, Tensor], recipe: str) -> dict[str, Any]:
+    """A parameter's loaded state ``saved`` of a torch.optim checkpoint that keeps no step count, completed with
+    the ``'step'`` this optimizer keeps (``expected``: what it allocates, :func:`check_loaded_state`'s), for the
+    recipes of :data:`TORCH_STEPLESS_STATE` when ``saved`` holds exactly their torch state (every other state is
+    returned as it is, and a missing ``'step'`` stays refused: Adam's bias correction needs the true count).
+
+    The number of steps torch took is not in its checkpoint: the count is set to 1, the least a momentum buffer
+    implies (torch makes it at the first step), so the next step is a later one (``b <- mu b + (1 - dampening)
+    g``, as torch's); these recipes' updates read nothing else of it. The count in this optimizer's state then
+    counts from that load (1 + the steps since), not from the start of torch's run. A new dict: ``saved`` is
+    the caller's checkpoint."""
+    own = TORCH_STEPLESS_STATE.get(recipe)
+    if own is None or "step" in saved or "step" not in expected or set(saved) != own or set(expected) != own | {"step"}:
+        return saved
+    return {**saved, "step": torch.ones((), dtype=expected["step"].dtype)}
+
+
+def from_torch_muon_group(recipe: str, group: dict[str, Any], mine: dict[str, Any]) -> None:
+    """A ``torch.optim.Muon`` checkpoint's parameter group (torch's ``load_state_dict`` made it the group's settings)
+    under lowmem Muon's names, in place (AUDREF19 1): torch's ``eps`` is the Newton-Schulz floor, lowmem's
+    ``ns_eps`` (lowmem's ``eps`` is its AdamW parameters' and keeps the constructor's value, ``mine``), and torch's
+    ``adjust_lr_fn=None`` is ``'original'``. Recognised by torch's keys (``ns_steps``, ``eps``, ``adjust_lr_fn``)
+    without lowmem Muon's own (``ns_eps``, ``betas``, ``adamw_lr_ratio``); any other group is left as it is."""
+    if recipe != "muon" or not {"ns_steps", "eps", "adjust_lr_fn"} <= set(group) or {"ns_eps", "betas", "adamw_lr_ratio"} & set(group):
+        return
+    group["ns_eps"] = group.pop("eps")
+    if "eps" in mine:
+        group["eps"] = mine["eps"]
+    if group["adjust_lr_fn"] is None:
+        group["adjust_lr_fn"] = "original"
+
+
 def check_loaded_state(saved: dict[str, Any], expected: dict[str, Tensor], where: str) -> None:
     """A sharded parameter's loaded state, after :func:`state_from_dtensor`, against ``expected``
     (what the optimizer allocates for the shard, with the loaded settings: tensors, or shapes on the
