@@ -75,7 +75,6 @@ def correct(prompts, completions, answer, **kwargs):
 # training steps; here after step 1) with "correct() missing 1 required positional argument: 'answer'". `lowmem train`
 # checks the eval_dataset's columns too, before the model loads (lowmem/rewards.py, the ("eval_dataset", eval_columns)
 # loop), so the two entry points disagree.
-@pytest.mark.xfail(strict=True, reason="AUDRL19 2: reward keywords not checked against eval_dataset's columns (Python API)")
 @pytest.mark.parametrize("kind", ["grpo", "gvpo"])
 def test_a_reward_function_needing_a_column_the_eval_dataset_lacks_is_refused_when_built(kind, tiny_model_path, tmp_path):
     from datasets import Dataset

@@ -102,3 +102,44 @@ def test_gvpo_needs_whole_groups_per_process_grpo_in_the_global_batch(monkeypatc
     gvpo.per_device_eval_batch_size = 3
     with pytest.raises(ValueError, match="GVPOConfig.per_device_eval_batch_size=3 .* per process"):
         check_eval_groups(gvpo, 2)
+
+
+def correct(prompts, completions, answer, **kwargs):
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+# AUDRL19 2: a reward function's keywords are checked against eval_dataset's columns too (each set of a dict, naming
+# its key), before the model loads, and against an eval_dataset given to evaluate(), before generating.
+def test_eval_datasets_columns_are_checked_before_the_model_loads(tiny_model_path, tmp_path, no_model_load):
+    from datasets import Dataset
+
+    from lowmem.kit import reward_dataset
+    from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer
+
+    args = _args(LowMemGRPOConfig, tmp_path)
+    bare = Dataset.from_dict({"prompt": ["1+1=", "2+2="]})
+    with pytest.raises(ValueError, match=r"^eval_dataset\['held'\] \(columns \['prompt'\]\): reward function 'correct'"):
+        LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=[correct], args=args, train_dataset=reward_dataset(16, 0),
+                          eval_dataset={"same": reward_dataset(4, 0, "eval"), "held": bare})
+    with pytest.raises(RuntimeError, match="policy model was loaded"):  # an eval set with the column passes
+        LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=[correct], args=args, train_dataset=reward_dataset(16, 0),
+                          eval_dataset=reward_dataset(4, 0, "eval"))
+
+
+def test_an_eval_dataset_given_to_evaluate_is_checked_before_generating(tiny_model_path, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    from lowmem.kit import reward_dataset
+    from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer
+
+    trainer = LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=correct, args=_args(LowMemGRPOConfig, tmp_path),
+                                train_dataset=reward_dataset(16, 0))
+
+    def generated(*args, **kwargs):
+        raise RuntimeError("generated")
+
+    monkeypatch.setattr(trainer, "_generate_and_score_completions", generated)
+    with pytest.raises(ValueError, match=r"^eval_dataset \(columns \['prompt'\]\): reward function 'correct'"):
+        trainer.evaluate(eval_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2="]}))
+    with pytest.raises(RuntimeError, match="generated"):  # with the column: on to generation
+        trainer.evaluate(eval_dataset=reward_dataset(4, 0, "eval"))

@@ -311,28 +311,41 @@ def check_preference_columns(dataset: Any, split: str) -> None:
                      f"{accepted}{hint}")
 
 
-def check_reward_signatures(reward_funcs: Any, train_dataset: Any) -> None:
+def check_reward_signatures(reward_funcs: Any, train_dataset: Any, eval_dataset: Any = None) -> None:
     """Check, before the model loads, that each reward function (a Python callable, not a reward model) takes
-    the keywords TRL's GRPO calls it with for ``train_dataset``'s columns
+    the keywords TRL's GRPO calls it with for ``train_dataset``'s columns, and for ``eval_dataset``'s (a dataset or
+    a dict of them; TRL scores the eval prompts with the same functions)
     (:func:`lowmem.rewards.check_reward_signature`, what ``lowmem train`` checks): TRL 1.16 called it only
     after the first generation, failing with ``TypeError: ... got an unexpected keyword argument
     'completion_ids'`` (a function without ``**kwargs``) or ``missing ... argument 'answer'`` (a column
-    the dataset lacks). Nothing is checked when the columns are unknown.
+    the dataset lacks; an eval set's at the first evaluation, after training steps). Nothing is checked for a
+    dataset whose columns are unknown.
 
     Raises:
-        ValueError: Naming the function, what does not fit and the keywords it is called with.
+        ValueError: Naming the function, what does not fit and the keywords it is called with; for an eval set
+            prefixed ``eval_dataset (columns [...]): `` (``eval_dataset['name'] ...`` in a dict), as ``lowmem train``
+            words it.
     """
     from torch import nn
 
     from lowmem.rewards import check_reward_signature
 
-    columns = dataset_columns(train_dataset)
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if columns is None:
-        return
-    for i, fn in enumerate(funcs):
-        if callable(fn) and not isinstance(fn, nn.Module):
-            check_reward_signature(fn, getattr(fn, "__name__", f"reward_funcs[{i}]"), columns)
+    evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+    sets = [(None, train_dataset)] + [("eval_dataset" if key is None else f"eval_dataset[{key!r}]", data)
+                                      for key, data in evals if data is not None]
+    for split, dataset in sets:
+        columns = dataset_columns(dataset)
+        if columns is None:
+            continue
+        for i, fn in enumerate(funcs):
+            if callable(fn) and not isinstance(fn, nn.Module):
+                try:
+                    check_reward_signature(fn, getattr(fn, "__name__", f"reward_funcs[{i}]"), columns)
+                except ValueError as err:
+                    if split is None:
+                        raise
+                    raise ValueError(f"{split} (columns {columns}): {err}") from None
 
 
 def check_reward_weights_count(config: Any, reward_funcs: Any) -> None:
@@ -422,7 +435,7 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
         bound = _bound(GRPOTrainer, model, args, kwargs)
         config = bound.get("args")
         check_reward_weights_count(config, bound.get("reward_funcs"))
-        check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"))
+        check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"), bound.get("eval_dataset"))
         check_kept_columns(config, bound.get("train_dataset"), bound.get("eval_dataset"))
         if config is not None and bound.get("eval_dataset") is not None:  # evaluate() after training, too
             check_eval_groups(config, config.world_size)
@@ -430,11 +443,17 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
             check_reference_reloadable(self._name, model, self._reference_alternative)
         super().__init__(model, *args, **kwargs)
         freeze_reference(self.ref_model)  # GVPO's and BNPO's too (subclasses)
+        # the user's functions as given (TRL appends an environment's get_reward, called with its own keywords)
+        given = bound.get("reward_funcs")
+        self._given_reward_funcs = list(given) if isinstance(given, (list, tuple)) else [] if given is None else [given]
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
-        """TRL's, after checking that the eval batch holds whole groups (:func:`check_eval_groups`), before anything
-        is generated."""
+        """TRL's, after checking, before anything is generated, that the eval batch holds whole groups
+        (:func:`check_eval_groups`) and the reward functions take the columns of an ``eval_dataset`` given here
+        (:func:`check_reward_signatures`)."""
         check_eval_groups(self.args, self.args.world_size)
+        if eval_dataset is not None and not isinstance(eval_dataset, str):  # one given here: its columns too
+            check_reward_signatures(self._given_reward_funcs, None, eval_dataset)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
