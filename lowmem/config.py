@@ -211,6 +211,26 @@ def _coerce(value: Any, tp: Any, convert: bool) -> Any:
     return value  # a type this checker does not model: the consumer validates it
 
 
+# the words YAML 1.1 (PyYAML's safe_load) reads as booleans, by the boolean they become
+_YAML_BOOLEAN_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _yaml_boolean_hint(value: bool, tp: Any) -> str:
+    """Why a boolean may stand where ``tp`` takes text: YAML 1.1 reads an unquoted ``no`` / ``off`` as false and ``yes``
+    / ``on`` as true (``save_strategy: no`` arrives as ``False``). The first such word ``tp`` takes is named, to be
+    written in quotes; a type that takes none gets the rule alone. ``""`` for a type without text values."""
+    for word in _YAML_BOOLEAN_WORDS[value]:
+        try:
+            _coerce(word, tp, convert=False)
+        except _Reject:
+            continue
+        said = " / ".join(_YAML_BOOLEAN_WORDS[value][:2])
+        return f" (YAML reads an unquoted {said} as {str(value).lower()}: write '{word}' in quotes)"
+    if "one of" in _type_name(tp) or "string" in _type_name(tp):
+        return " (YAML reads an unquoted yes / no / on / off as a boolean: write a word meant as text in quotes)"
+    return ""
+
+
 def check_value(name: str, value: Any, tp: Any, *, where: str = "", ranges: dict[str, Range] | None = None) -> Any:
     """``value`` checked against type ``tp`` and the range of ``name`` (:data:`RANGES`), converted
     where the rules of this module allow.
@@ -233,6 +253,8 @@ def check_value(name: str, value: Any, tp: Any, *, where: str = "", ranges: dict
             hint = ""
             if isinstance(value, str) and _type_name(tp).startswith("a boolean"):
                 hint = " (strings such as 'yes'/'no' are not booleans: write true or false without quotes)"
+            elif isinstance(value, bool):
+                hint = _yaml_boolean_hint(value, tp)
             raise ConfigError(f"{where}{name}={value!r}: expected {expected}{hint}") from None
     if rng is not None and isinstance(out, (int, float)) and not isinstance(out, bool) and not rng.contains(out):
         raise ConfigError(f"{where}{name}={value!r}: expected {expected}")
