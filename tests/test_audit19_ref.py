@@ -154,9 +154,6 @@ def test_hf_stable_adamw_name_compensates_bf16_weights_as_torch_optimi(tmp_path)
 # AUDREF19 4: HF optim_args booleans "1" (transformers' _get_sgd / _get_rmsprop read "true", "1", "yes") refused
 
 
-@pytest.mark.xfail(strict=True, reason="AUDREF19 4: optim_args 'centered=1' / 'nesterov=1' (True for transformers' "
-                                       "_get_rmsprop / _get_sgd) reach the recipe as int 1 and are refused, while "
-                                       "'yes' is taken as True")
 @pytest.mark.parametrize("optim, optim_args, key", [("rmsprop", "centered=1", "centered"),
                                                    ("sgd", "momentum=0.9,nesterov=1", "nesterov")])
 def test_hf_optim_args_boolean_one_is_true_as_in_transformers(tmp_path, optim, optim_args, key):

@@ -31,6 +31,7 @@ from transformers import Trainer, TrainingArguments
 
 from lowmem.optim import LowMemOptimizer, create_optimizer, get_entry
 from lowmem.optim.hparams import parse_optim_args  # noqa: F401 - the one k=v reader, re-exported
+from lowmem.optim.hparams import text_booleans
 from lowmem.optim.sharded import PLACEMENT_KEY, only_placement_missing, without_placement_record
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
     if args is not None:
         check_optimizer_fields(args)
     explicit = {**hf_optim_args(args), **parse_optim_args(optim_args)}
+    specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
+    explicit = text_booleans(specs, explicit)  # ("nesterov=1": transformers' "true" / "1" / "yes")
     valid = entry.valid_hparams()
     paired = betas_from_beta_keys(entry, explicit, args)  # (AdEMAMix: transformers' beta1= / beta2= in optim_args)
     unknown = sorted(set(explicit) - set(valid))
@@ -167,7 +170,6 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
         hints = unknown_key_hints(unknown, list(valid))
         raise ValueError(f"Unknown hyperparameter(s) {unknown} for optimizer '{entry.name}'"
                          + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; valid: {valid}")
-    specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
     hp: dict[str, Any] = {}
     if args is not None:
         hf_meaning = hf_optim_named(entry.name, args)
@@ -277,10 +279,10 @@ def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, A
     Raises:
         ValueError: Naming ``optim_args.<key>``, the value and what is valid.
     """
-    explicit = parse_optim_args(optim_args)
-    trainer_hparams(name, None, explicit)  # unknown keys -> error listing the valid ones
     entry = get_entry(name)
     specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
+    explicit = text_booleans(specs, parse_optim_args(optim_args))  # ("centered=1": True, as transformers reads it)
+    trainer_hparams(name, None, explicit)  # unknown keys -> error listing the valid ones
     out = dict(explicit)
     for key, value in explicit.items():
         if key not in specs:

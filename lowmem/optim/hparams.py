@@ -271,6 +271,33 @@ def parse_optim_args(value: Mapping[str, Any] | str | None) -> dict[str, Any]:
     return {k: _tuples(v) for k, v in value.items()}
 
 
+def _takes(spec: HParam, value: Any) -> bool:
+    try:
+        return bool(spec.check(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def is_boolean_option(spec: HParam) -> bool:
+    """Whether ``spec`` is a boolean option: it takes ``True`` and ``False`` and refuses the int ``1``
+    (``centered``, ``nesterov``, ``decouple_lr``, ``foreach``; not a number such as ``momentum``)."""
+    return _takes(spec, True) and _takes(spec, False) and not _takes(spec, 1)
+
+
+def text_booleans(specs: Mapping[str, HParam], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (optimizer arguments read by :func:`parse_optim_args`) with the int ``1`` / ``0`` of a boolean option
+    (:func:`is_boolean_option` of its spec in ``specs``) as ``True`` / ``False``: transformers' Trainer reads an
+    ``optim_args`` boolean as true when it is ``"true"``, ``"1"`` or ``"yes"`` (``trainer_optimizer._get_sgd`` /
+    ``_get_rmsprop``: ``nesterov=1``, ``centered=1``), and the reader gives ``1`` for ``"1"`` (AUDREF19 4). Every other
+    value is left as it is (``2``, ``0.5`` stay, and are refused by the spec naming the option)."""
+    out = dict(values)
+    for k, v in values.items():
+        spec = specs.get(k)
+        if spec is not None and type(v) is int and v in (0, 1) and is_boolean_option(spec):
+            out[k] = bool(v)
+    return out
+
+
 # ---- parameter-group keys -------------------------------------------------------------------
 
 #: Keys of a parameter group that are not hyperparameters: torch's own (``params``, and
