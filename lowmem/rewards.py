@@ -684,13 +684,26 @@ def distinct_reward_names(funcs: list[Callable[..., Any] | str]) -> list[Callabl
         for i in at:
             if not isinstance(funcs[i], str):
                 out[i] = _renamed(funcs[i], f"{name}_{i}")
-    final = [reward_name(f) for f in out]
+    distinct_names([reward_name(f) for f in out])  # a new name that is another entry's: refused
+    return out
+
+
+def distinct_names(names: list[str]) -> list[str]:
+    """The names TRL logs rewards under (``rewards/<name>/mean``), one per reward function: a name shared by several
+    functions becomes ``<name>_<index>`` (the function's ``reward_funcs`` index), as :func:`distinct_reward_names`
+    renames them for ``lowmem train``; the Python API's trainers (``trainers.trl.LowMemGRPOTrainer``) rename their
+    logged names with it.
+
+    Raises:
+        ValueError: A new name that is another entry's (``["a", "a", "a_1"]``), naming the entries.
+    """
+    final = [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     clash = sorted({n for n in final if final.count(n) > 1})
     if clash:
         raise ValueError(f"reward_funcs: the names {clash} are given to several entries "
                          f"{[i for i, n in enumerate(final) if n in clash]} (a shared name becomes <name>_<index>); "
                          "rename a function so that each reward has its own name in the logs")
-    return out
+    return final
 
 
 def reward_histories(log_history: list[dict[str, Any]]) -> dict[str, list[float]]:

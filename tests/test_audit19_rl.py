@@ -244,7 +244,6 @@ def _constant_reward(value):
 # exists, and TRL's completions table (_logs["rewards"]["reward"]) gets 2N values for N completions. `lowmem train`
 # renames them <name>_<index> (lowmem.rewards.distinct_reward_names; docs/post_training.md: "before, one metric held
 # the mean of both"); LowMemGRPOTrainer / GVPOTrainer / BNPOTrainer do not.
-@pytest.mark.xfail(strict=True, reason="AUDRL19 8: reward functions sharing a name share one metric (Python API)")
 def test_two_reward_functions_of_one_name_log_separately(tiny_model_path, tmp_path):
     from lowmem.kit import reward_dataset
     from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer

@@ -143,3 +143,40 @@ def test_an_eval_dataset_given_to_evaluate_is_checked_before_generating(tiny_mod
         trainer.evaluate(eval_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2="]}))
     with pytest.raises(RuntimeError, match="generated"):  # with the column: on to generation
         trainer.evaluate(eval_dataset=reward_dataset(4, 0, "eval"))
+
+
+# AUDRL19 8: reward functions of one logged name each get a metric <name>_<index> (the test_audit19_rl case trains a
+# step); the names are worked out as TRL does (functools.partial unwrapped, a callable instance's class name), and a new
+# name that is another function's is refused before the model loads.
+def test_reward_functions_of_one_name_get_distinct_logged_names(tiny_model_path, tmp_path):
+    import functools
+
+    from lowmem.kit import reward_dataset, reward_fn
+    from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer
+
+    class Scorer:
+        def __call__(self, prompts, completions, **kwargs):
+            return [0.0] * len(completions)
+
+    funcs = [lambda prompts, completions, **kw: [0.0] * len(completions),
+             lambda prompts, completions, **kw: [1.0] * len(completions),
+             functools.partial(reward_fn), reward_fn, Scorer(), correct]
+    trainer = LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=funcs, args=_args(LowMemGRPOConfig, tmp_path),
+                                train_dataset=reward_dataset(16, 0))
+    assert trainer.reward_func_names == ["<lambda>_0", "<lambda>_1", "reward_fn_2", "reward_fn_3", "Scorer", "correct"]
+
+
+def test_a_renamed_reward_that_is_another_functions_name_is_refused_before_the_model_loads(tiny_model_path, tmp_path,
+                                                                                            no_model_load):
+    from lowmem.kit import reward_dataset
+    from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer
+
+    def make(name):
+        def reward(prompts, completions, **kwargs):
+            return [0.0] * len(completions)
+        reward.__name__ = name
+        return reward
+
+    with pytest.raises(ValueError, match=r"the names \['a_1'\] are given to several entries \[1, 2\]"):
+        LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=[make("a"), make("a"), make("a_1")],
+                          args=_args(LowMemGRPOConfig, tmp_path), train_dataset=reward_dataset(16, 0))

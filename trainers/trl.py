@@ -25,6 +25,8 @@ from typing import Any
 
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
+from lowmem.rewards import distinct_names
+
 from .hf import LowMemArguments, LowMemOptimizerMixin
 
 _FIELDS_DOC = """
@@ -365,6 +367,24 @@ def check_reward_weights_count(config: Any, reward_funcs: Any) -> None:
                          f"reward_funcs has {len(funcs)}; expected one weight per reward function")
 
 
+def logged_reward_names(reward_funcs: Any) -> list[str]:
+    """The names TRL 1.16's ``GRPOTrainer.__init__`` logs ``reward_funcs`` under (``rewards/<name>/mean``), worked
+    out before it loads anything: a reward model's path or ``config._name_or_path``, last part; a callable's
+    ``__name__`` (through ``functools.partial``), else its class name (trl.trainer.utils.get_callable_name)."""
+    from trl.trainer.utils import get_callable_name
+
+    funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    names = []
+    for fn in funcs:
+        if isinstance(fn, str):
+            names.append(fn.split("/")[-1])
+        elif hasattr(fn, "config") and hasattr(fn, "parameters"):  # a reward model instance (nn.Module)
+            names.append(str(getattr(fn.config, "_name_or_path", "") or "").split("/")[-1])
+        else:
+            names.append(get_callable_name(fn))
+    return names
+
+
 def check_kept_columns(config: Any, *datasets: Any) -> None:
     """Refuse ``remove_unused_columns=True`` (the HF Trainer's default, which TRL's ``GRPOConfig`` turns off) on a
     GRPO dataset with columns besides ``prompt``: the Trainer then drops them before TRL calls the reward functions,
@@ -435,6 +455,9 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
         bound = _bound(GRPOTrainer, model, args, kwargs)
         config = bound.get("args")
         check_reward_weights_count(config, bound.get("reward_funcs"))
+        given = bound.get("reward_funcs")
+        distinct_names(logged_reward_names(given))  # a clash of the new names refused before the load
+        given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
         check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"), bound.get("eval_dataset"))
         check_kept_columns(config, bound.get("train_dataset"), bound.get("eval_dataset"))
         if config is not None and bound.get("eval_dataset") is not None:  # evaluate() after training, too
@@ -443,9 +466,11 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
             check_reference_reloadable(self._name, model, self._reference_alternative)
         super().__init__(model, *args, **kwargs)
         freeze_reference(self.ref_model)  # GVPO's and BNPO's too (subclasses)
+        # reward functions of one name (a factory's inner function, two lambdas) each get their own metric, as in
+        # lowmem train: TRL logged one rewards/<name>/mean, the mean of both, and 2N values per N completions
+        self.reward_func_names[:len(given)] = distinct_names(self.reward_func_names[:len(given)])
         # the user's functions as given (TRL appends an environment's get_reward, called with its own keywords)
-        given = bound.get("reward_funcs")
-        self._given_reward_funcs = list(given) if isinstance(given, (list, tuple)) else [] if given is None else [given]
+        self._given_reward_funcs = given
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
         """TRL's, after checking, before anything is generated, that the eval batch holds whole groups
