@@ -96,9 +96,6 @@ _TORCH_DEFAULT_FLAGS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="AUDREF19 2: lowmem.optim.AdamW / SGD / Adagrad / RMSprop (documented 'same "
-                                       "signature' / 'drop-in' for torch's) raise TypeError on torch's keywords given "
-                                       "at torch's own defaults (amsgrad=False, maximize=False, fused=None, ...)")
 @pytest.mark.parametrize("name", sorted(_TORCH_DEFAULT_FLAGS))
 def test_torch_keywords_at_their_defaults_are_accepted(name):
     p = [torch.nn.Parameter(torch.randn(3, 4))]

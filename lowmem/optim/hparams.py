@@ -152,6 +152,39 @@ KAHAN_SUMMATION = HParam(
 ENGINE_HPARAMS = (STATE_DTYPE, FOREACH, BF16_STOCHASTIC_ROUND, KAHAN_SUMMATION)  # accepted by every engine optimizer
 
 
+# ---- torch.optim's flags on the drop-in classes ---------------------------------------------
+
+#: torch.optim's flags that its AdamW / SGD / Adagrad / RMSprop take and lowmem's drop-in classes of the same names
+#: accept (AUDREF19 2: ``AdamW(params, amsgrad=False)`` was a TypeError): the values each honours (torch's default
+#: first) and why another is refused (:func:`check_torch_flags`). ``foreach`` is every engine optimizer's own setting.
+TORCH_FLAGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "amsgrad": ((False,), "amsgrad=True divides by the running maximum of sqrt(v_t) (Reddi et al. 2018), a state"
+                          " lowmem's Adam does not keep"),
+    "maximize": ((False,), "lowmem's optimizers minimize; to ascend an objective, step on its negation"),
+    "capturable": ((False,), "the step is not CUDA-graph capturable: its step count lives on the CPU and a"
+                             " non-finite step is skipped after a read on the host"),
+    "differentiable": ((False,), "the step runs under torch.no_grad: autograd does not see through the update"),
+    "fused": ((None, False), "lowmem has no fused kernel for this optimizer (the engine's chunked step; foreach"
+                             " chooses its multi-tensor path)"),
+}
+
+
+def check_torch_flags(optimizer: str, **flags: Any) -> None:
+    """torch.optim's flags given to a lowmem drop-in class (``AdamW(params, amsgrad=False, fused=None)``): each at a
+    value of :data:`TORCH_FLAGS` (torch's default, or ``fused=False``) is accepted and changes nothing, since that
+    is the update lowmem runs; any other value is refused rather than ignored.
+
+    Raises:
+        ValueError: Naming the class, the flag and its value, why, and the values supported.
+    """
+    for k, v in flags.items():
+        ok, why = TORCH_FLAGS[k]
+        if not any(v is o for o in ok):
+            supported = " or ".join(f"{k}={o!r}" for o in ok)
+            raise ValueError(f"{optimizer}: {k}={v!r} is not implemented: {why}; supported: {supported} (torch's"
+                             f" default {k}={ok[0]!r})")
+
+
 # ---- optimizer arguments from text ----------------------------------------------------------
 
 _FLOAT_NO_DOT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")

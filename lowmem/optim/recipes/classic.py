@@ -27,7 +27,7 @@ import torch
 
 from ..engine import LowMemOptimizer, Recipe
 from ..functional import classic as FC
-from ..hparams import LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg
+from ..hparams import LR, WEIGHT_DECAY, HParam, check_torch_flags, in_unit_interval, is_bool, nonneg
 from ..moments import _COUNTED_GRAD_DTYPE, ChunkState, MomentRule, state_dtype
 from ..registry import register
 
@@ -274,13 +274,17 @@ class SGD_(LowMemOptimizer):  # noqa: N801  (exported as lowmem.optim.SGD; torch
         state_dtype (`str`, defaults to `"float32"`): Storage of the buffer.
         foreach (`bool` or `None`, defaults to `None`): accepted for every engine optimizer (this rule steps one
             tensor, in chunks, at a time).
+        maximize, differentiable, fused: ``torch.optim.SGD``'s, accepted at its defaults (``fused=False`` too);
+            another value is refused (:data:`~lowmem.optim.hparams.TORCH_FLAGS`).
     """
 
     recipe = SGD
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, state_dtype: str = "float32",
-                 foreach: bool | None = None):
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 state_dtype: str = "float32"):
+        check_torch_flags("SGD", maximize=maximize, differentiable=differentiable, fused=fused)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, state_dtype=state_dtype, foreach=foreach)
 
@@ -297,14 +301,19 @@ class Adagrad(LowMemOptimizer):
             to `0.0`: torch's L2 decay, ``g <- g + wd p`` before the sum),
             initial_accumulator_value (`float`, defaults to `0.0`), eps (`float`, defaults to `1e-10`): torch's.
         state_dtype (`str`, defaults to `"float32"`): Storage of the sum.
-        foreach (`bool` or `None`, defaults to `None`): accepted (one tensor, in chunks, at a time).
+        foreach (`bool` or `None`, defaults to `None`): accepted (one tensor, in chunks, at a time); positional
+            after ``eps`` as torch's.
+        maximize, differentiable, fused: ``torch.optim.Adagrad``'s, accepted at its defaults (``fused=False`` too);
+            another value is refused (:data:`~lowmem.optim.hparams.TORCH_FLAGS`).
     """
 
     recipe = ADAGRAD
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, *, state_dtype: str = "float32",
-                 foreach: bool | None = None):
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10, foreach: bool | None = None, *,
+                 maximize: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 state_dtype: str = "float32"):
+        check_torch_flags("Adagrad", maximize=maximize, differentiable=differentiable, fused=fused)
         super().__init__(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps, state_dtype=state_dtype,
                          foreach=foreach)
@@ -324,13 +333,17 @@ class RMSprop(LowMemOptimizer):
             to `False`): torch's.
         state_dtype (`str`, defaults to `"float32"`): Storage of the statistics.
         foreach (`bool` or `None`, defaults to `None`): accepted (one tensor, in chunks, at a time).
+        capturable, maximize, differentiable: ``torch.optim.RMSprop``'s (in its positions, ``foreach`` between),
+            accepted at its defaults; another value is refused (:data:`~lowmem.optim.hparams.TORCH_FLAGS`).
     """
 
     recipe = RMSPROP
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 state_dtype: str = "float32", foreach: bool | None = None):
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, capturable: bool = False,
+                 foreach: bool | None = None, maximize: bool = False, differentiable: bool = False, *,
+                 state_dtype: str = "float32"):
+        check_torch_flags("RMSprop", capturable=capturable, maximize=maximize, differentiable=differentiable)
         super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                          centered=centered, state_dtype=state_dtype, foreach=foreach)
 

@@ -13,6 +13,7 @@ import torch
 
 from ..engine import LowMemOptimizer, Recipe
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, is_bool, nonneg, optional, in_unit_interval
+from ..hparams import check_torch_flags
 from ..functional.adafactor import adafactor_param_scale, adafactor_relative_lr
 from ..moments import AdamMoments, FactoredMoments, adafactor_lr
 from ..registry import register
@@ -43,6 +44,8 @@ class AdamW(LowMemOptimizer):
             ``"bfloat16"`` or ``"param"``.
         foreach (`bool` or `None`, defaults to `None`): Multi-tensor path for float32 parameters with
             float32 state (``None``: automatically); ``False`` forces the single-tensor reference.
+        amsgrad, maximize, capturable, differentiable, fused: ``torch.optim.AdamW``'s, accepted at its defaults
+            (``fused=False`` too); another value is refused (:data:`~lowmem.optim.hparams.TORCH_FLAGS`).
     """
 
     recipe = ADAMW
@@ -54,10 +57,17 @@ class AdamW(LowMemOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
-        state_dtype: str = "float32",
+        maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        state_dtype: str = "float32",
     ):
+        check_torch_flags("AdamW", amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                          differentiable=differentiable, fused=fused)
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach
         )
