@@ -303,7 +303,6 @@ def test_gvpo_one_micro_batch_of_16_equals_four_of_4(tiny_model_path, tmp_path):
 # prompt num_generations times itself) fails at the first step, after loading and generating, with "RuntimeError: Sizes
 # of tensors must match except in dimension 1. Expected size 8 but got size 16"; {"return_dict_in_generate": True} with
 # "TypeError: tuple indices must be integers or slices, not tuple". Neither names the key.
-@pytest.mark.xfail(strict=True, reason="AUDRL19 10: generation_kwargs that break TRL's batches are accepted")
 @pytest.mark.parametrize("key, value", [("num_return_sequences", 2), ("return_dict_in_generate", True)])
 def test_generation_kwargs_that_break_the_batch_are_refused_by_name(key, value, tmp_path):
     from lowmem.trainers import LowMemGRPOConfig

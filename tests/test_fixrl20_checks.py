@@ -180,3 +180,27 @@ def test_a_renamed_reward_that_is_another_functions_name_is_refused_before_the_m
     with pytest.raises(ValueError, match=r"the names \['a_1'\] are given to several entries \[1, 2\]"):
         LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=[make("a"), make("a"), make("a_1")],
                           args=_args(LowMemGRPOConfig, tmp_path), train_dataset=reward_dataset(16, 0))
+
+
+# AUDRL19 10: generation_kwargs that break TRL's generated batches, refused by name when the config is built (GVPO and
+# BNPO's configs too); harmless values of the same keys and keys TRL does not mind pass.
+@pytest.mark.parametrize("kind, key, value, says", [
+    ("grpo", "num_return_sequences", 4, "set num_generations instead"),
+    ("gvpo", "return_dict_in_generate", True, "a dict output fails"),
+    ("bnpo", "output_scores", True, "reads only the generated token ids"),
+    ("grpo", "output_hidden_states", True, "reads only the generated token ids"),
+    ("grpo", "stop_strings", ["\n"], "could not locate a tokenizer"),
+])
+def test_generation_kwargs_that_break_the_batch_are_refused(kind, key, value, says, tmp_path):
+    config_cls, _ = _classes(kind)
+    import re
+
+    with pytest.raises(ValueError, match=rf"^{config_cls.__name__}.generation_kwargs.{key}={re.escape(repr(value))}: .*{says}"):
+        _args(config_cls, tmp_path, generation_kwargs={key: value})
+
+
+def test_harmless_generation_kwargs_pass(tmp_path):
+    from lowmem.trainers import LowMemGRPOConfig
+
+    _args(LowMemGRPOConfig, tmp_path, generation_kwargs={"num_return_sequences": 1, "return_dict_in_generate": False,
+                                                         "output_scores": False, "no_repeat_ngram_size": 2})

@@ -138,6 +138,7 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             check_generation_kwargs({"generation_kwargs": self.generation_kwargs})
         except ConfigError as err:
             raise ConfigError(f"{type(self).__name__}.{err}") from None
+        check_batch_generation_kwargs(self)
         if self.reward_weights is not None:  # all 0: every advantage 0, nothing trained
             check_some_weight(f"{type(self).__name__}.reward_weights", self.reward_weights)
         refuse_vllm_fields_without_use_vllm(self)
@@ -147,6 +148,44 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             if not _vllm_available():
                 raise ConfigError(f"{type(self).__name__}.use_vllm=True needs the vllm package, which is not installed: "
                                   "pip install 'trl[vllm]' (or use_vllm=False: TRL then generates with transformers)")
+
+
+_IDS_ONLY = ("TRL reads only the generated token ids (its log-probabilities come from its own forward pass): without "
+             "return_dict_in_generate transformers ignores it, with it the output is no tensor of ids")
+#: ``generation_kwargs`` keys that break what TRL 1.16's transformers generation (``GRPOTrainer._generate_single_turn``)
+#: expects back from ``model.generate``: one tensor of prompt + completion ids, one row per prompt row. Each: a test of
+#: a value that breaks it, and why.
+BATCH_GENERATION_KWARGS: dict[str, tuple[Any, str]] = {
+    "num_return_sequences": (lambda v: v != 1, "TRL already repeats each prompt num_generations times and reads one "
+                             "completion per row: more sequences per row multiply the rows (at the first step: "
+                             "'RuntimeError: Sizes of tensors must match ... Expected size 8 but got size 16'); set "
+                             "num_generations instead"),
+    "return_dict_in_generate": (bool, "TRL slices the tensor of ids generate() returns; a dict output fails at the "
+                                "first step ('TypeError: tuple indices must be integers or slices, not tuple')"),
+    "output_scores": (bool, _IDS_ONLY), "output_logits": (bool, _IDS_ONLY), "output_attentions": (bool, _IDS_ONLY),
+    "output_hidden_states": (bool, _IDS_ONLY),
+    "stop_strings": (lambda v: v is not None, "transformers needs the tokenizer passed to generate() for stop strings, "
+                     "which TRL does not pass: the first generation fails ('... we could not locate a tokenizer')"),
+}
+
+
+def check_batch_generation_kwargs(config: Any) -> None:
+    """Refuse ``generation_kwargs`` (:data:`BATCH_GENERATION_KWARGS`) that break the batches TRL's GRPO generates:
+    accepted before, they failed at the first step, after the model loaded and generated, naming no key. Under
+    ``use_vllm`` the keys go to vLLM's sampling parameters instead and are not checked here.
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) ``<Config>.generation_kwargs.<key>=<value>: <why>``.
+    """
+    from lowmem.config import ConfigError
+
+    kwargs = getattr(config, "generation_kwargs", None)
+    if not isinstance(kwargs, dict) or getattr(config, "use_vllm", False):
+        return
+    for key, (breaks, why) in BATCH_GENERATION_KWARGS.items():
+        if key in kwargs and breaks(kwargs[key]):
+            raise ConfigError(f"{type(config).__name__}.generation_kwargs.{key}={kwargs[key]!r}: {why}; drop "
+                              f"generation_kwargs.{key}")
 
 
 def check_eval_groups(config: Any, processes: int) -> None:
