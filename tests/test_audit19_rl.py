@@ -97,7 +97,6 @@ def infinite_first(prompts, completions, **kwargs):
 # become inf / NaN, nan_to_num turns the group's advantages (every advantage with scale_rewards="batch") into 0, and the
 # step trains nothing on them (grad_norm 0.0; the only trace is reward: inf in the log). GVPOTrainer refuses the same
 # reward naming the function ("GVPO needs finite rewards"), BNPO refuses it as outside reward_range.
-@pytest.mark.xfail(strict=True, reason="AUDRL19 3: GRPO silently zeroes the advantages of a group with an infinite reward")
 def test_grpo_refuses_an_infinite_reward_naming_the_function(tiny_model_path, tmp_path):
     from lowmem.kit import reward_dataset
     from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer

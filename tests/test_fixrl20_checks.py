@@ -204,3 +204,36 @@ def test_harmless_generation_kwargs_pass(tmp_path):
 
     _args(LowMemGRPOConfig, tmp_path, generation_kwargs={"num_return_sequences": 1, "return_dict_in_generate": False,
                                                          "output_scores": False, "no_repeat_ngram_size": 2})
+
+
+def infinite_first(prompts, completions, **kwargs):
+    return [float("inf")] + [float(i % 2) for i in range(1, len(completions))]
+
+
+# AUDRL19 3: an infinite reward is an error naming the function and the value in GRPO (the test_audit19_rl case), GVPO
+# and BNPO alike (LowMemGRPOTrainer._calculate_rewards; before, GRPO zeroed the group's advantages without a word).
+@pytest.mark.parametrize("kind", ["gvpo", "bnpo"])
+def test_gvpo_and_bnpo_refuse_an_infinite_reward_naming_the_function(kind, tiny_model_path, tmp_path):
+    from lowmem.kit import reward_dataset, reward_fn
+
+    config_cls, trainer_cls = _classes(kind)
+    trainer = trainer_cls(model=tiny_model_path, reward_funcs=[reward_fn, infinite_first],
+                          args=_args(config_cls, tmp_path), train_dataset=reward_dataset(16, 0))
+    with pytest.raises(ValueError, match=rf"reward function 'infinite_first' \(reward_funcs\[1\]\) returned inf for "
+                                         rf"completion 0 .*: {kind.upper()} needs finite rewards"):
+        trainer.train()
+
+
+def test_check_finite_rewards():
+    import math
+
+    import torch
+
+    from lowmem.trainers.trl import check_finite_rewards
+
+    check_finite_rewards(torch.tensor([[1.0, math.nan], [0.0, 2.0]]), ["a", "b"])  # NaN (a None) passes
+    with pytest.raises(ValueError, match=r"'b' \(reward_funcs\[1\]\) returned -inf for completion 1 .*\(1 infinite"):
+        check_finite_rewards(torch.tensor([[1.0, 0.0], [0.0, -math.inf]]), ["a", "b"])
+    big = torch.tensor([[1e39]], dtype=torch.float64).float()  # beyond float32: TRL's tensor holds inf
+    with pytest.raises(ValueError, match=r"returned inf .*GRPO needs finite rewards \(a number beyond float32"):
+        check_finite_rewards(big, ["a"])

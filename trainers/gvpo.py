@@ -206,14 +206,7 @@ class GVPOTrainer(LowMemGRPOTrainer):
         group_size = self.num_generations if self.model.training else self.num_generations_eval
         per_func = self._gvpo_rewards_per_func
         self._gvpo_rewards_per_func = None
-        infinite = torch.isinf(per_func)
-        if infinite.any():  # the loss would be NaN (inf - inf): the step's gradients with it
-            row, col = infinite.nonzero()[0].tolist()
-            raise ValueError(
-                f"reward function {self.reward_func_names[col]!r} (reward_funcs[{col}]) returned "
-                f"{per_func[row, col].item()} for completion {row}: GVPO needs finite rewards (return None for a "
-                "completion a function does not score)"
-            )
+        # an infinite reward (the loss would be NaN) was refused in LowMemGRPOTrainer._calculate_rewards
         rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
         unscorable = torch.isnan(per_func).all(dim=1)
         if unscorable.any():  # no reward at all: give it its group's mean reward (a zero centred reward)

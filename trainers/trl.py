@@ -522,13 +522,39 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         """TRL's, with each Python reward function's output checked (:func:`checked_reward_func`): a function that
-        returns ``None``, a number, strings or the wrong count, or raises, is a ``ValueError`` naming it."""
+        returns ``None``, a number, strings or the wrong count, or raises, is a ``ValueError`` naming it; and an
+        infinite reward (a function's or a reward model's, in the gathered batch) too (:func:`check_finite_rewards`)."""
         funcs = self.reward_funcs
         self.reward_funcs = [checked_reward_func(f, name) for f, name in zip(funcs, self.reward_func_names)]
         try:
-            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         finally:
             self.reward_funcs = funcs
+        check_finite_rewards(rewards_per_func, self.reward_func_names, self._name)
+        return rewards_per_func
+
+
+def check_finite_rewards(rewards_per_func: Any, names: list[str], method: str = "GRPO") -> None:
+    """Refuse an infinite reward in ``rewards_per_func`` (``(completions, functions)``, TRL's float32 rewards of the
+    gathered generation batch; NaN is a ``None``, left out of TRL's means, and passes). In GRPO an infinite reward makes
+    its group's mean and std inf / NaN, and TRL's ``nan_to_num`` turns the group's advantages (every advantage with
+    ``scale_rewards="batch"``) into 0: the step trained nothing on them, the only trace ``reward: inf`` in the log.
+    GVPO's loss would be NaN; BNPO's reward is outside any ``reward_range``.
+
+    Raises:
+        ValueError: Naming the function (its ``reward_funcs`` index), the value and the completion.
+    """
+    import torch
+
+    infinite = torch.isinf(rewards_per_func)
+    if not infinite.any():
+        return
+    row, col = infinite.nonzero()[0].tolist()
+    raise ValueError(
+        f"reward function {names[col]!r} (reward_funcs[{col}]) returned {rewards_per_func[row, col].item()} for "
+        f"completion {row} of the generation batch ({int(infinite.sum())} infinite reward(s) in it): {method} needs "
+        "finite rewards (a number beyond float32's range, |x| > 3.4e38, is infinite too); return None for a completion "
+        "a function does not score")
 
 
 def checked_reward_func(fn: Any, name: str) -> Any:
