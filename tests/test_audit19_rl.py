@@ -116,7 +116,6 @@ def varied(prompts, completions, **kwargs):
 # trackio tables), though GVPO never uses them (its per-completion weight is beta/(k-1) (R~_i - r~_i), GVPO Eq. 9's
 # gradient). BNPOTrainer replaces the logged advantages with its own; GVPO does not. On-policy at step 1 (r~ = 0) the
 # honest value is the centred reward R~_i; the log shows it divided by the group's std (e.g. 0.8654 for R~ = 0.25).
-@pytest.mark.xfail(strict=True, reason="AUDRL19 4: GVPO logs TRL's GRPO (std-scaled) advantages it never uses")
 def test_gvpo_logs_its_own_per_completion_weights_not_grpo_advantages(tiny_model_path, tmp_path):
     import torch
 

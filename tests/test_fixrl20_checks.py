@@ -237,3 +237,27 @@ def test_check_finite_rewards():
     big = torch.tensor([[1e39]], dtype=torch.float64).float()  # beyond float32: TRL's tensor holds inf
     with pytest.raises(ValueError, match=r"returned inf .*GRPO needs finite rewards \(a number beyond float32"):
         check_finite_rewards(big, ["a"])
+
+
+def varied(prompts, completions, **kwargs):
+    return [float(sum(map(ord, c)) % 3) / 2 for c in completions]
+
+
+# AUDRL19 4: GVPO logs its centred rewards R_i - mean R as the completions' advantages (the test_audit19_rl case: one
+# step); over two steps of two micro-batches each the log holds the last generation batch's, one value per completion.
+def test_gvpo_logs_centred_rewards_one_per_completion(tiny_model_path, tmp_path):
+    import torch
+
+    from lowmem.kit import reward_dataset
+    from lowmem.trainers import GVPOConfig, GVPOTrainer
+    from lowmem.trainers.gvpo import gvpo_centred_rewards
+
+    torch.testing.assert_close(gvpo_centred_rewards(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2),
+                               torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    args = _args(GVPOConfig, tmp_path, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer = GVPOTrainer(model=tiny_model_path, reward_funcs=varied, args=args, train_dataset=reward_dataset(32, 0))
+    trainer.train()
+    rewards = torch.tensor(list(trainer._logs["rewards"]["varied"]))
+    logged = torch.tensor(list(trainer._logs["advantages"]))
+    assert len(rewards) == len(logged) == 8 and logged.abs().sum() > 0  # a reward spread: TRL's would differ
+    torch.testing.assert_close(logged, gvpo_centred_rewards(rewards, 4))

@@ -84,6 +84,13 @@ def gvpo_loss(
     return group_losses.mean()
 
 
+def gvpo_centred_rewards(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``R~_i = R_i - mean_j R_j`` over each contiguous group of ``group_size`` (GVPO, Eq. 9's centred reward, the
+    target the centred implicit reward is regressed onto); ``(N,)`` in, ``(N,)`` out."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
+
+
 @dataclass
 class GVPOConfig(LowMemGRPOConfig):
     """Configuration of :class:`GVPOTrainer`: TRL's ``GRPOConfig`` with lowmem's optimizer fields
@@ -177,7 +184,9 @@ class GVPOTrainer(LowMemGRPOTrainer):
     replaces the loss (plus, on a Mixture-of-Experts model, TRL's router load-balancing loss times
     ``router_aux_loss_coef``, as TRL's GRPO adds it). Works with lowmem optimizers, ``peft_config``, gradient accumulation,
     evaluation and checkpoints like :class:`~lowmem.trainers.LowMemGRPOTrainer`. Logs
-    ``gvpo/implicit_reward_std`` (spread of ``r_i`` within groups).
+    ``gvpo/implicit_reward_std`` (spread of ``r_i`` within groups); the completions' logged advantages (TRL's
+    completions table, ``_logs["advantages"]``) are the centred rewards ``R_i - mean R``
+    (:func:`gvpo_centred_rewards`), not TRL's std-scaled GRPO advantages, which GVPO does not use.
     """
 
     _name = "GVPO"
@@ -213,6 +222,14 @@ class GVPOTrainer(LowMemGRPOTrainer):
             masked = torch.where(unscorable, torch.nan, rewards).view(-1, group_size)
             group_mean = torch.nan_to_num(torch.nanmean(masked, dim=1)).repeat_interleave(group_size)
             rewards = torch.where(unscorable, group_mean, rewards)
+        # TRL logged its GRPO advantages ((R - mean R) / (std R + 1e-4)) for this batch (the completions table's
+        # "advantage" column), which GVPO never uses: log the centred reward R_i - mean R instead, GVPO's regression
+        # target (its per-completion weight beta / (G - 1) * (R~_i - r~_i) with r~ = 0, as at an on-policy step)
+        centred = gvpo_centred_rewards(rewards, group_size)
+        logged = self._logs["advantages"]
+        for _ in range(min(len(centred), len(logged))):
+            logged.pop()
+        logged.extend(centred.tolist())
         start = self.accelerator.process_index * len(inputs)
         if start % group_size or len(inputs) % group_size:
             raise ValueError(
