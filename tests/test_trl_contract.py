@@ -35,8 +35,9 @@ CALLED = {
     ),
 }
 
-#: Attributes GRPOTrainer.__init__ sets that GVPO/BNPO read or write.
-ATTRIBUTES = ["_buffered_inputs", "_step", "_metrics", "_logs"]
+#: Attributes GRPOTrainer.__init__ sets that GVPO/BNPO read or write (reward_func_names: LowMemGRPOTrainer renames
+#: functions of one name in it, the metric names TRL logs under).
+ATTRIBUTES = ["_buffered_inputs", "_step", "_metrics", "_logs", "reward_func_names"]
 
 #: trl.trainer.utils functions GVPO's _prepare_inputs uses, as GRPOTrainer's does.
 UTILS = ["split_pixel_values_by_grid", "split_tensor_dict", "unsplit_pixel_values_by_grid"]
