@@ -138,9 +138,6 @@ def _stable_adamw_under_hf_name(tmp_path, steps=20, lr=1e-3):
     return model.weight.detach().float()
 
 
-@pytest.mark.xfail(strict=True, reason="AUDREF19 3: optim='stable_adamw' (transformers hands torch-optimi "
-                                       "kahan_sum=None: Kahan summation on for bf16 weights) runs lowmem's stable_adamw "
-                                       "without kahan_summation: 20 updates of 1e-3 on bf16 weights at 1.0 are all lost")
 def test_hf_stable_adamw_name_compensates_bf16_weights_as_torch_optimi(tmp_path):
     w = _stable_adamw_under_hf_name(tmp_path)
     # torch-optimi (kahan_sum=None -> on for bfloat16 parameters): the weights follow the float64 sum, 1 - 20 * 1e-3

@@ -160,7 +160,7 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
         check_optimizer_fields(args)
     explicit = {**hf_optim_args(args), **parse_optim_args(optim_args)}
     specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
-    explicit = text_booleans(specs, explicit)  # ("nesterov=1": transformers' "true" / "1" / "yes")
+    explicit = torch_optimi_kahan_sum(entry, text_booleans(specs, explicit))  # ("nesterov=1": "true" / "1" / "yes")
     valid = entry.valid_hparams()
     paired = betas_from_beta_keys(entry, explicit, args)  # (AdEMAMix: transformers' beta1= / beta2= in optim_args)
     unknown = sorted(set(explicit) - set(valid))
@@ -207,6 +207,34 @@ def trainer_hparams(name: str, args: TrainingArguments | None = None, optim_args
         hp.update({k: v for k, v in hf_optim_defaults(entry.name, args).items() if k in valid})
     hp.update(explicit)
     return hp
+
+
+def torch_optimi_kahan_sum(entry: Any, explicit: dict[str, Any]) -> dict[str, Any]:
+    """torch-optimi's ``kahan_sum`` in the ``optim_args`` of ``stable_adamw`` (transformers' ``optim="stable_adamw"``
+    hands it to torch-optimi's ``StableAdamW``: ``None``, its default, and ``True`` compensate the low-precision
+    weights, ``False`` none) as lowmem's setting (AUDREF19 3): ``None`` / ``True`` leave ``kahan_summation`` unset,
+    which is that default of lowmem's ``StableAdamW`` (on for the groups holding bfloat16 weights:
+    :func:`lowmem.optim.hparams.kahan_sum_groups`), ``False`` (or ``0``) is ``kahan_summation=False``. A new dict;
+    ``explicit`` itself for any other optimizer (where ``kahan_sum`` stays an unknown name).
+
+    Raises:
+        ValueError: Another value, or ``kahan_sum`` beside ``kahan_summation`` (one would be dropped).
+    """
+    if "kahan_sum" not in explicit or entry.recipe is None or entry.recipe.name != "stable_adamw":
+        return explicit
+    out = dict(explicit)
+    value = out.pop("kahan_sum")
+    if type(value) is int and value in (0, 1):
+        value = bool(value)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"optim_args kahan_sum={value!r} for optimizer '{entry.name}': expected None, true or false "
+                         "(torch-optimi's kahan_sum: None and true compensate the bfloat16 weights, false none)")
+    if "kahan_summation" in out:
+        raise ValueError(f"optim_args give both kahan_sum={value!r} (torch-optimi's name) and kahan_summation="
+                         f"{out['kahan_summation']!r} for optimizer '{entry.name}' (one would be dropped); give one of them")
+    if value is False:
+        out["kahan_summation"] = False
+    return out
 
 
 def betas_from_beta_keys(entry: Any, explicit: dict[str, Any], args: Any) -> bool:
@@ -281,7 +309,7 @@ def validate_optim_args(name: str, optim_args: dict | str | None) -> dict[str, A
     """
     entry = get_entry(name)
     specs = entry.recipe.all_hparams() if entry.recipe is not None else {}
-    explicit = text_booleans(specs, parse_optim_args(optim_args))  # ("centered=1": True, as transformers reads it)
+    explicit = torch_optimi_kahan_sum(entry, text_booleans(specs, parse_optim_args(optim_args)))  # ("centered=1": True)
     trainer_hparams(name, None, explicit)  # unknown keys -> error listing the valid ones
     out = dict(explicit)
     for key, value in explicit.items():

@@ -185,6 +185,46 @@ def check_torch_flags(optimizer: str, **flags: Any) -> None:
                              f" default {k}={ok[0]!r})")
 
 
+def kahan_sum_groups(params: Any, where: str, stochastic_round: bool = False) -> tuple[list[Any], list[int]]:
+    """``params`` (parameters, ``(name, parameter)`` pairs or parameter groups, as a constructor takes them) as
+    parameter groups whose ``kahan_summation`` is torch-optimi's ``kahan_sum=None``: on for a group holding bfloat16
+    parameters, off for the others (its ``StableAdamW`` compensates the low-precision parameters when ``kahan_sum`` is
+    ``None``; transformers' ``optim="stable_adamw"`` gives it ``None``: AUDREF19 3). A group with its own
+    ``kahan_summation``, or with ``bf16_stochastic_round`` (the group's, else ``stochastic_round``: the other way of
+    keeping small updates), is left as it is. Returns the groups and the indices of those it decided (the load
+    follows them: :func:`lowmem.optim.sharded.kahan_default_load_hook`).
+
+    A group holding float16 parameters stays off, with a warning: torch-optimi compensates them, lowmem's
+    compensation is bfloat16's only (their write-backs round to nearest, as in every lowmem optimizer);
+    ``kahan_summation=False`` says so and silences it.
+    """
+    import torch
+
+    from lowmem._warn import warn_user
+
+    items = [params] if isinstance(params, torch.Tensor) else list(params)
+    if not items:
+        return items, []  # (the constructor's own error: an empty parameter list)
+    groups = [dict(g) for g in items] if isinstance(items[0], Mapping) else [{"params": items}]
+    decided = []
+    for i, g in enumerate(groups):
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        g["params"] = ps
+        if "kahan_summation" in g or g.get("bf16_stochastic_round", stochastic_round):
+            continue
+        tensors = [q[1] if isinstance(q, tuple) else q for q in ps]
+        half = sum(1 for q in tensors if q.dtype == torch.float16)
+        if half:
+            warn_user(f"{where}: torch-optimi's default kahan_sum=None compensates low-precision weights, and lowmem's"
+                      f" compensation is for bfloat16 weights only: the {half} float16 parameter(s) of parameter group"
+                      f" {i} are written back rounded to nearest (the group has no Kahan compensation); give"
+                      " kahan_summation=False to say so, or train bfloat16 weights")
+        g["kahan_summation"] = not half and any(q.dtype == torch.bfloat16 for q in tensors)
+        decided.append(i)
+    return groups, decided
+
+
 # ---- optimizer arguments from text ----------------------------------------------------------
 
 _FLOAT_NO_DOT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")

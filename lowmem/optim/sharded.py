@@ -860,6 +860,49 @@ def from_torch_muon_group(recipe: str, group: dict[str, Any], mine: dict[str, An
         group["adjust_lr_fn"] = "original"
 
 
+def kahan_default_load_hook(decided: list[int]) -> Any:
+    """A ``load_state_dict`` pre-hook for the parameter groups whose ``kahan_summation`` the constructor decided from
+    the parameters' dtype (``decided``: :func:`lowmem.optim.hparams.kahan_sum_groups`, torch-optimi's
+    ``kahan_sum=None``), so that a checkpoint of the same run on parameters of another dtype loads with the state a
+    fresh optimizer of these dtypes holds (tests/test_auditopt_robustness.py): a bfloat16 parameter whose saved state
+    has no compensation (a float32 run's) starts one at zero (``kahan_comp``: what later write-backs round away), and
+    a saved compensation of a parameter that is not bfloat16 now is dropped, with one warning (it holds less than
+    half a bfloat16 ulp per element, what the bfloat16 weights had lost). The group takes its decided setting, not the
+    checkpoint's. Groups of FSDP2 (DTensor) parameters, other group counts and settings given by the user are left
+    to the load's own checks."""
+
+    def hook(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(opt.param_groups):
+            return None
+        groups, state, dropped = [dict(g) for g in saved_groups], dict(state_dict.get("state", {})), 0
+        for i in decided:
+            mine, saved = opt.param_groups[i], groups[i]
+            want = bool(mine.get("kahan_summation"))
+            if (len(saved["params"]) != len(mine["params"]) or any(is_dtensor(p) for p in mine["params"])
+                    or "kahan_summation" not in saved or saved["kahan_summation"] is want):
+                continue
+            saved["kahan_summation"] = want
+            for pid, p in zip(saved["params"], mine["params"]):
+                st = state.get(pid)
+                if not st:
+                    continue
+                if want and p.dtype == torch.bfloat16 and "kahan_comp" not in st:
+                    state[pid] = {**st, "kahan_comp": torch.zeros(p.shape, dtype=torch.bfloat16)}
+                elif not want and "kahan_comp" in st:
+                    state[pid] = {k: v for k, v in st.items() if k != "kahan_comp"}
+                    dropped += 1
+        if dropped:
+            from lowmem._warn import warn_user
+
+            warn_user(f"{opt.recipe.name}: load_state_dict: the checkpoint's Kahan compensation (kahan_comp) of {dropped}"
+                      " parameter(s) that are not bfloat16 now is dropped (it holds less than half a bfloat16 ulp per"
+                      " element, what the saved bfloat16 weights had lost)")
+        return {**state_dict, "param_groups": groups, "state": state}
+
+    return hook
+
+
 def check_loaded_state(saved: dict[str, Any], expected: dict[str, Tensor], where: str) -> None:
     """A sharded parameter's loaded state, after :func:`state_from_dtensor`, against ``expected``
     (what the optimizer allocates for the shard, with the loaded settings: tensors, or shapes on the

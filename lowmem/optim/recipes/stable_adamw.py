@@ -11,8 +11,9 @@ by ``1 / max(1, RMS)`` before the engine decays and steps with it: the clipped s
 without a host read (torch-optimi reads the RMS of every tensor). State: ``exp_avg`` and ``exp_avg_sq`` (8 B per
 element, float32). On FSDP2 shards the RMS's sum is all-reduced over the shards (one 0-d all-reduce per tensor).
 
-Not here from torch-optimi: ``kahan_sum`` (the engine's ``kahan_summation`` is the same compensation for bfloat16
-weights), ``triton`` / ``gradient_release`` (layerwise mode: ``stable_adamw_layerwise``).
+torch-optimi's ``kahan_sum`` is the engine's ``kahan_summation`` (the same compensation, for bfloat16 weights), with
+its default: not given, on for the groups of bfloat16 weights (:class:`StableAdamW`). Not here from torch-optimi:
+``triton`` / ``gradient_release`` (layerwise mode: ``stable_adamw_layerwise``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 
 from ..engine import LowMemOptimizer, Recipe
 from ..functional import stable_adamw as FS
-from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, is_bool, optional, positive
+from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, is_bool, kahan_sum_groups, optional, positive
 from ..moments import ChunkState, MomentRule, state_dtype
 from ..registry import register
+from ..sharded import kahan_default_load_hook
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +172,9 @@ class StableAdamW(LowMemOptimizer):
         decouple_lr (`bool`, defaults to `False`): Fully decoupled decay, ``(eta / max_lr) * weight_decay``.
         max_lr (`float` or `None`, defaults to `None`): The schedule's largest lr (needed with ``decouple_lr``).
         state_dtype (`str`, defaults to `"float32"`), foreach (`bool` or `None`): the engine's.
+        kahan_summation (`bool`): the engine's; not given, torch-optimi's ``kahan_sum=None``: on for the groups
+            holding bfloat16 parameters (:func:`~lowmem.optim.hparams.kahan_sum_groups`; not beside
+            ``bf16_stochastic_round=True``). bf16_stochastic_round (`bool`, defaults to `False`): the engine's.
     """
 
     recipe = STABLE_ADAMW
@@ -177,8 +182,13 @@ class StableAdamW(LowMemOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
                  eps: float = 1e-6, weight_decay: float = 1e-2, decouple_lr: bool = False, max_lr: float | None = None,
                  *, state_dtype: str = "float32", foreach: bool | None = None):
+        given, decided = self.__dict__.get("_added_settings", {}), []  # (the engine settings given: __init_subclass__)
+        if "kahan_summation" not in given:  # torch-optimi's default (kahan_sum=None): on for bfloat16 weights
+            params, decided = kahan_sum_groups(params, "optimizer 'stable_adamw'", bool(given.get("bf16_stochastic_round")))
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple_lr=decouple_lr,
                          max_lr=max_lr, state_dtype=state_dtype, foreach=foreach)
+        if decided:
+            self.register_load_state_dict_pre_hook(kahan_default_load_hook(decided))
 
 
 register(STABLE_ADAMW, StableAdamW, state_precision="fp32", second_moment="full", example_hparams={"lr": 1e-2})
