@@ -1712,7 +1712,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # combine-back phase by phase (subspace.projected_back_bytes); a rule that does not say (foreach_fold_offered
         # None, the base classes' default) keeps the per-phase sum above, a bound
         folds = (p.dtype == torch.float32 and r.lr_rule is constant_lr and not r.moment.applies_lr
-                 and not r.moment.foreach_direction_lrs and not r.stabilizers)
+                 and not r.moment.foreach_direction_lrs and not r.stabilizers and not isinstance(group["lr"], Tensor))
         fold = r.combine.fold_bytes(p.shape, group, state, P) if folds else None
         # (whether the rule folds its bucket: False, each parameter combined back alone; None, not known)
         bounds = self._row_bounds(p.shape, chunk) if chunk is not None else [(0, p.shape[0])]

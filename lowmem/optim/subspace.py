@@ -2018,7 +2018,9 @@ def projected_back_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dict
     if bounds is None:
         # the whole direction, then beside it (it replaced the moment rule's; the step size stays) the post_update
         return max(r.combine.whole_bytes(p.shape, group, state, P), 4 * m * n - low + post)
-    if r.combine.add_in_place_scale(state, group, P) is not None and p.dtype == torch.float32 and lr_peak == 0:
+    # (the engine's _combine_rows: not with a tensor learning rate, which addmm_'s alpha cannot take)
+    if (r.combine.add_in_place_scale(state, group, P) is not None and p.dtype == torch.float32 and lr_peak == 0
+            and not isinstance(group["lr"], torch.Tensor)):
         return max(P.add_up_rows_bytes(p.shape, group, m), post)
     peak, ctx = r.combine.prepare_bytes(p.shape, group, state, P, bounds, in_rows)
     phases = [peak]

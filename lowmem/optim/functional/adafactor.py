@@ -252,7 +252,10 @@ def adafactor_foreach_(params: list[Tensor], grads: list[Tensor], second: list[t
                              [exp_avgs[i] for i in idx] if beta1 is not None else None, lr, beta2, eps1,
                              clip_threshold, beta1)
         if weight_decay != 0:  # X <- X - alpha wd X (decoupled, before the update)
-            if isinstance(decay_lr, Tensor):
+            if isinstance(decay_lr, Tensor) and decay_lr.device == ps[0].device:
+                # X - X (alpha wd) in place: decoupled_weight_decay_'s addcmul_ of each, the same bits, nothing allocated
+                torch._foreach_addcmul_(ps, ps, list((decay_lr * weight_decay).view(-1).unbind()), value=-1.0)
+            elif isinstance(decay_lr, Tensor):
                 decay = torch._foreach_mul(ps, list((decay_lr * weight_decay).view(-1).unbind()))
                 torch._foreach_sub_(ps, decay)
                 del decay

@@ -59,22 +59,47 @@ def adam_direction_hf(m: Tensor, v: Tensor, t: float, beta1: float, beta2: float
 # ---- decoupled weight decay and the parameter step (Algorithm 2, line 12) ---------------------
 
 
+def _in_place_lr(lr: Tensor, *tensors: Tensor) -> bool:
+    """Whether a tensor ``lr`` can enter ``addcmul_`` with ``tensors``: a 0-d tensor on their device (a ternary
+    operation takes no CPU scalar beside tensors of another device)."""
+    return lr.dim() == 0 and all(t.device == lr.device for t in tensors)
+
+
 def decoupled_weight_decay_(p: Tensor, lr: float | Tensor, weight_decay: float) -> None:
-    """``theta <- theta - lr * lambda * theta``, in place, before (or after) the gradient step."""
+    """``theta <- theta - lr * lambda * theta``, in place, before (or after) the gradient step.
+
+    A 0-d tensor ``lr`` (a scheduler's, StableAdamW's clipped one, Adafactor's relative step):
+    ``p.addcmul_(p, lr lambda, value=-1)``, ``p - p (lr lambda)`` with nothing of ``p``'s size allocated (before,
+    the temporary ``p * (lr lambda)``, which no transient count held; ``p * (1 - lr lambda)`` would round the
+    factor's small term away in float32); a 0-d one on the CPU beside ``p`` on another device is read as its
+    number (its value is in host memory: no device sync). A tensor of several step sizes through the temporary."""
     if weight_decay == 0:
         return
-    if isinstance(lr, Tensor):
-        p.sub_(p * (lr * weight_decay))
-    else:
+    if not isinstance(lr, Tensor):
         p.mul_(1.0 - lr * weight_decay)
+    elif _in_place_lr(lr, p):
+        p.addcmul_(p, lr * weight_decay, value=-1.0)
+    elif lr.dim() == 0 and lr.device.type == "cpu":
+        p.add_(p, alpha=-(lr.item() * weight_decay))
+    else:
+        p.sub_(p * (lr * weight_decay))
 
 
 def apply_update_(p: Tensor, direction: Tensor, lr: float | Tensor) -> None:
-    """``theta <- theta - lr * direction`` in place (``lr`` may be a 0-d tensor)."""
-    if isinstance(lr, Tensor):
-        p.sub_(direction * lr)
-    else:
+    """``theta <- theta - lr * direction`` in place.
+
+    A 0-d tensor ``lr``: ``addcmul_`` (one fused multiply-add where the kernel contracts it, as ``add_`` with a
+    number), nothing of the direction's size allocated (before, the temporary ``direction * lr``, which no transient
+    count held); a 0-d one on the CPU beside tensors of another device is read as its number (its value is in host
+    memory: no device sync). A tensor of several step sizes (per row) through that temporary."""
+    if not isinstance(lr, Tensor):
         p.add_(direction, alpha=-lr)
+    elif _in_place_lr(lr, p, direction):
+        p.addcmul_(direction, lr, value=-1.0)
+    elif lr.dim() == 0 and lr.device.type == "cpu":
+        p.add_(direction, alpha=-lr.item())
+    else:
+        p.sub_(direction * lr)
 
 
 # ---- torch's fused AdamW kernel (the one behind torch.optim.AdamW(fused=True)) ------------------
