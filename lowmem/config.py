@@ -213,12 +213,17 @@ def _coerce(value: Any, tp: Any, convert: bool) -> Any:
 
 # the words YAML 1.1 (PyYAML's safe_load) reads as booleans, by the boolean they become
 _YAML_BOOLEAN_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+# text fields whose "off" is another word than 'no' (TrainingArguments.report_to: 'none')
+_YAML_FALSE_MEANS = {"report_to": "none"}
 
 
-def _yaml_boolean_hint(value: bool, tp: Any) -> str:
+def _yaml_boolean_hint(value: bool, tp: Any, name: str = "") -> str:
     """Why a boolean may stand where ``tp`` takes text: YAML 1.1 reads an unquoted ``no`` / ``off`` as false and ``yes``
     / ``on`` as true (``save_strategy: no`` arrives as ``False``). The first such word ``tp`` takes is named, to be
-    written in quotes; a type that takes none gets the rule alone. ``""`` for a type without text values."""
+    written in quotes (``report_to``: its ``none``, :data:`_YAML_FALSE_MEANS`); a type that takes none gets the rule
+    alone. ``""`` for a type without text values."""
+    if not value and name in _YAML_FALSE_MEANS:
+        return f" (YAML reads an unquoted no / off as false: write {_YAML_FALSE_MEANS[name]})"
     for word in _YAML_BOOLEAN_WORDS[value]:
         try:
             _coerce(word, tp, convert=False)
@@ -254,7 +259,7 @@ def check_value(name: str, value: Any, tp: Any, *, where: str = "", ranges: dict
             if isinstance(value, str) and _type_name(tp).startswith("a boolean"):
                 hint = " (strings such as 'yes'/'no' are not booleans: write true or false without quotes)"
             elif isinstance(value, bool):
-                hint = _yaml_boolean_hint(value, tp)
+                hint = _yaml_boolean_hint(value, tp, name)
             raise ConfigError(f"{where}{name}={value!r}: expected {expected}{hint}") from None
     if rng is not None and isinstance(out, (int, float)) and not isinstance(out, bool) and not rng.contains(out):
         raise ConfigError(f"{where}{name}={value!r}: expected {expected}")

@@ -22,7 +22,8 @@ def _train(tmp_path, capsys, body: str) -> tuple[int, str]:
     ("training_args:\n  eval_strategy: off", "training_args.eval_strategy=False",
      "unquoted no / off as false: write 'no' in quotes"),
     ("logging_strategy: no", "training_args.logging_strategy=False", "unquoted no / off as false: write 'no' in quotes"),
-    ("report_to: no", "report_to=False", "unquoted no / off as false: write 'no' in quotes"),
+    ("report_to: no", "report_to=False", "unquoted no / off as false: write none)"),
+    ("training_args:\n  report_to: off", "training_args.report_to=False", "unquoted no / off as false: write none)"),
     ("training_args:\n  save_strategy: yes", "training_args.save_strategy=True",
      "YAML reads an unquoted yes / no / on / off as a boolean: write a word meant as text in quotes"),
 ])
