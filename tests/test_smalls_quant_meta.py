@@ -37,6 +37,7 @@ def test_load_quantized_model_uses_the_exported_default(monkeypatch):
     monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda m, **k: m)
     monkeypatch.setattr(lowmem.quant, "bnb_config", lambda *a, **k: None)
     monkeypatch.setattr(lowmem.quant, "keep_4bit_trainable_on_cpu", lambda m: None)
+    monkeypatch.setattr(lowmem.quant, "check_some_layer_quantized", lambda m, q: 1)  # (the stand-in model has no layers)
     lowmem.quant.load_quantized_model(".", gradient_checkpointing=False, device="cpu")
     assert seen[0].r == 3 and seen[0].target_modules == {"q_proj"}
 
