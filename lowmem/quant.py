@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memory.estimate import QuantSpec, lora_config, parse_dtype
+from .memory.estimate import QuantSpec, lora_config, nothing_quantized_error, parse_dtype
 
 #: The adapters of a quantized model loaded without ``lora`` (:func:`load_quantized_model`); read-only: ``dict(DEFAULT_LORA)``
 #: for a copy. lowmem.train.check_optimizer_on_meta attaches the same ones on the meta device.
@@ -138,7 +138,8 @@ def check_some_layer_quantized(model: nn.Module, quantization: Any) -> int:
     """How many layers ``from_pretrained`` quantized; none is an error, before k-bit preparation and training.
 
     transformers' bitsandbytes integration replaces only layers whose type is exactly ``torch.nn.Linear`` (or GPT-2's
-    ``Conv1D``) (``replace_with_bnb_linear``: ``type(module) is nn.Linear``), and offers no setting to take a subclass.
+    ``Conv1D``) (``replace_with_bnb_linear``: ``type(module) is nn.Linear``; ``lowmem.memory.estimate.bnb_quantizes``,
+    the estimator's rule too), and offers no setting to take a subclass.
     A model whose linear layers are subclasses (Falcon's ``FalconLinear``: ``query_key_value``, ``dense``,
     ``dense_h_to_4h``, ``dense_4h_to_h``) loads with no layer quantized and, before this check, trained LoRA on the
     full-precision base, recorded as quantized, without a word.
@@ -150,17 +151,7 @@ def check_some_layer_quantized(model: nn.Module, quantization: Any) -> int:
     n = len(quantized_modules(model))
     if n:
         return n
-    spec = QuantSpec.parse(quantization)
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None) or type(model).__name__
-    subclasses = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear) and type(m) is not nn.Linear})
-    found = (f"this model's linear layers are {', '.join(subclasses)} (subclasses of nn.Linear)" if subclasses else
-             "this model has no nn.Linear layer transformers quantizes (the output head stays full precision)")
-    raise ValueError(
-        f"quantization={spec.quant_type!r} quantized no layer of this {model_type!r} model ({type(model).__name__}): "
-        f"transformers' bitsandbytes loading replaces only layers of type torch.nn.Linear exactly, and {found}; "
-        "LoRA would train on the full-precision base. Drop quantization (lora alone trains adapters on the "
-        "full-precision model), or use a model whose layers are nn.Linear")
+    raise nothing_quantized_error(model, quantization)  # (the estimator's message: one rule, estimate.bnb_quantizes)
 
 
 def stored_quantization(path: str | os.PathLike) -> QuantSpec | None:

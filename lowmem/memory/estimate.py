@@ -844,18 +844,95 @@ def autocast_extra_saved_bytes(config: Any, dtype: torch.dtype, lora: Any = None
     return max(0, one + (batch_size - 1) * (two - one))
 
 
-def quantized_weight_ids(model: nn.Module) -> dict[int, str]:
-    """The linear weights bitsandbytes would quantize, by ``id``: every ``nn.Linear`` except the
-    modules ``transformers`` keeps in full precision (``get_keys_to_not_convert``: the output
-    head, tied weights, the last module)."""
+def bnb_quantizes(module: nn.Module) -> bool:
+    """Whether transformers' bitsandbytes loading replaces ``module`` by a quantized layer (``Linear4bit`` /
+    ``Linear8bitLt``), its name aside: a layer of type ``torch.nn.Linear`` exactly or GPT-2's ``Conv1D`` (whose weight
+    it transposes first), the test of ``transformers.integrations.bitsandbytes.replace_with_bnb_linear``
+    (``isinstance(module, Conv1D) or type(module) is nn.Linear``; transformers exposes no predicate of its own). A
+    subclass of ``nn.Linear`` (Falcon's ``FalconLinear``) stays in full precision. The one rule of the estimator
+    (:func:`quantized_weight_ids`) and of the loader's check (``lowmem.quant.check_some_layer_quantized``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D) or type(module) is nn.Linear
+
+
+def bnb_output_rows(module: nn.Module) -> int:
+    """The output rows of the quantized layer bitsandbytes makes of ``module`` (:func:`bnb_quantizes`): an
+    ``nn.Linear``'s ``out_features``, a ``Conv1D``'s weight ``(in, out)`` transposed: its columns. int8 keeps one
+    float32 scale per row (:meth:`QuantSpec.weight_bytes`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
+
+
+def _bnb_input_features(module: nn.Module) -> int:
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features
+
+
+def modules_not_converted(model: nn.Module) -> list[str]:
+    """The module names transformers' bitsandbytes quantizers keep in full precision, as their
+    ``_process_model_before_weight_loading`` gathers them for ``replace_with_bnb_linear`` (no
+    ``llm_int8_skip_modules``: lowmem's ``bnb_config`` sets none): ``get_keys_to_not_convert`` (the output head, tied
+    weights, the last module) and the model class's ``_keep_in_fp32_modules``."""
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    keep = set(get_keys_to_not_convert(model))
-    return {
-        id(mod.weight): name
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep)
-    }
+    return sorted({*get_keys_to_not_convert(model), *(getattr(model, "_keep_in_fp32_modules", None) or ())})
+
+
+def _converts(name: str, keep: list[str]) -> bool:
+    """transformers' name test (``quantizers_utils.should_convert_module``, where this transformers has it)."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # (older transformers: a key equal to the name, a prefix or a suffix of it)
+        return not any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep)
+    return should_convert_module(name, keep)
+
+
+def quantized_weight_ids(model: nn.Module) -> dict[int, str]:
+    """The weights bitsandbytes would quantize, by ``id``: every layer transformers replaces (:func:`bnb_quantizes`:
+    ``nn.Linear`` exactly, GPT-2's ``Conv1D``) except the modules it keeps in full precision
+    (:func:`modules_not_converted`: the output head, tied weights, the last module, ``_keep_in_fp32_modules``).
+    Empty when transformers would quantize nothing (:func:`check_some_layer_quantizable`)."""
+    keep = modules_not_converted(model)
+    return {id(mod.weight): name for name, mod in model.named_modules() if bnb_quantizes(mod) and _converts(name, keep)}
+
+
+def nothing_quantized_error(model: nn.Module, quantization: Any, loaded: bool = True) -> ValueError:
+    """The error of a quantization that quantizes no layer of ``model``, naming the model type, the quantization
+    and the classes of its linear layers: the loader's (``lowmem.quant.check_some_layer_quantized``, ``loaded``) and
+    the estimator's (:func:`check_some_layer_quantizable`, before anything loads)."""
+    spec = QuantSpec.parse(quantization)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    subclasses = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear) and not bnb_quantizes(m)})
+    found = (f"this model's linear layers are {', '.join(subclasses)} (subclasses of nn.Linear)" if subclasses else
+             "this model has no nn.Linear layer transformers quantizes (the output head stays full precision)")
+    return ValueError(
+        f"quantization={spec.quant_type!r} {'quantized' if loaded else 'would quantize'} no layer of this {model_type!r} "
+        f"model ({type(model).__name__}): transformers' bitsandbytes loading replaces only layers of type torch.nn.Linear "
+        f"exactly (and GPT-2's Conv1D), and {found}; LoRA would train on the full-precision base. Drop quantization "
+        "(lora alone trains adapters on the full-precision model), or use a model whose layers are nn.Linear")
+
+
+def check_some_layer_quantizable(model: nn.Module, quantization: Any) -> dict[int, str]:
+    """:func:`quantized_weight_ids` of ``model`` (built from the config, not loaded), refusing none as the loader does.
+
+    Raises:
+        ValueError: transformers would quantize no layer (Falcon's ``FalconLinear`` layers): :func:`nothing_quantized_error`.
+    """
+    quantized = quantized_weight_ids(model)
+    if not quantized:
+        raise nothing_quantized_error(model, quantization, loaded=False)
+    return quantized
+
+
+def quantizes_something(model: Any) -> bool:
+    """Whether bitsandbytes loading would quantize any layer of ``model`` (a name, path, config or instance, as
+    :func:`estimate_memory` takes it): the budget search offers no quantized candidate of a model it would not."""
+    meta = build_meta_model(resolve_config(model), torch.float32)
+    return bool(quantized_weight_ids(meta))
 
 
 #: linears fed the same input tensor (one attention's q/k/v, one MLP's gate/up): bitsandbytes' 8-bit layers hold it once
@@ -903,7 +980,7 @@ def _int8_input_groups(model: nn.Module, quantized: dict[int, str], act_bytes: i
     (:func:`int8_held_input_bytes`)."""
     groups: dict[tuple[str, str], list] = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or id(mod.weight) not in quantized:
+        if not bnb_quantizes(mod) or id(mod.weight) not in quantized:
             continue
         path = name.removesuffix(".base_layer")
         parent, _, leaf = path.rpartition(".")
@@ -912,7 +989,7 @@ def _int8_input_groups(model: nn.Module, quantized: dict[int, str], act_bytes: i
         adapter = adapters["default"] if adapters is not None and "default" in adapters else None
         saved = adapter is not None and adapter.weight.element_size() == act_bytes and not lora_dropout
         group = groups.setdefault((parent, INT8_SHARED_INPUTS.get(leaf, leaf)), [0, False])
-        group[0] = max(group[0], mod.in_features)
+        group[0] = max(group[0], _bnb_input_features(mod))
         group[1] = group[1] or saved
     return groups
 
@@ -1674,7 +1751,9 @@ def estimate_memory(
         ValueError: Bad argument values (the message names the field and lists the valid ones), quantization
             without LoRA (quantized weights cannot be trained directly), ``reference`` or ``generation_batch_size`` /
             ``max_completion_length`` with a trainer that has none, ``reference="adapter"`` without ``lora``,
-            ``layerwise`` without an optimizer or with one that is not an engine optimizer (``bnb_*``: the run refuses it).
+            ``layerwise`` without an optimizer or with one that is not an engine optimizer (``bnb_*``: the run refuses it),
+            a quantization that would quantize no layer of the model (:func:`check_some_layer_quantizable`: Falcon's
+            ``FalconLinear`` layers; the loader refuses it too).
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -1726,7 +1805,8 @@ def estimate_memory(
                      "state 32-bit (transformers' Trainer; lowmem_embeddings_32bit)")
 
     meta = build_meta_model(config, param_dtype)
-    quantized = quantized_weight_ids(meta) if spec is not None else {}
+    quantized = check_some_layer_quantizable(meta, spec) if spec is not None else {}
+    rows = {name: bnb_output_rows(meta.get_submodule(name)) for name in quantized.values()}
     if spec is not None:  # prepare_model_for_kbit_training: the rest is upcast to float32
         for p in meta.parameters():
             if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
@@ -1775,7 +1855,7 @@ def estimate_memory(
     for _, p in params:
         n_params += p.numel()
         if id(p) in quantized:
-            packed, const = spec.weight_bytes(p.numel(), p.shape[0])
+            packed, const = spec.weight_bytes(p.numel(), rows[quantized[id(p)]])
             weights += packed
             constants += const
             n_quantized += p.numel()
@@ -1921,8 +2001,8 @@ def estimate_memory(
         # the 8-bit layers (bitsandbytes MatMul8bitFp on the CPU, forward and backward; MatMul8bitLt's backward on
         # CUDA) de-quantize the weight in the input's dtype (int8 -> act dtype, times SCB / 127: a float32 scale per
         # row); the largest such weight and its scales are transient. And they hold their inputs (int8_held_input_bytes)
-        numel, rows = max(((p.numel(), p.shape[0]) for _, p in params if id(p) in quantized), default=(0, 0))
-        dequantized = numel * act_bytes + 4 * rows
+        numel, out_rows = max(((p.numel(), rows[quantized[id(p)]]) for _, p in params if id(p) in quantized), default=(0, 0))
+        dequantized = numel * act_bytes + 4 * out_rows
         int8_held = int8_held_input_bytes(meta, quantized, act_bytes, float(lcfg.lora_dropout or 0.0))
         if not traced:  # the Llama formula's backward moments: the inputs kept past their adapter's backward
             from .activations import decoder_layers

@@ -252,7 +252,7 @@ def search_budget(
             integer >= 1; nothing to search (e.g. only layerwise stepping with bitsandbytes optimizers).
     """
     from ..optim import get_entry
-    from .estimate import resolve_optimizer_name
+    from .estimate import quantizes_something, resolve_optimizer_name
 
     limit = parse_bytes(budget)
     if limit <= 0:
@@ -266,6 +266,11 @@ def search_budget(
     max_grad_norm = check_max_grad_norm(max_grad_norm)
     config = resolve_config(model)
     hidden = config.hidden_size
+    quantization = list(quantization)
+    if any(quantization) and not all(quantization) and not quantizes_something(config):
+        # bitsandbytes would quantize no layer (Falcon's FalconLinear): no quantized candidate. Asked for alone
+        # (lowmem budget --quantization), estimate_memory refuses it, naming the model type and the quantization
+        quantization = [q for q in quantization if not q]
     optimizers = list(optimizers) if optimizers is not None else default_optimizers()
     ranks = list(ranks) if ranks is not None else [hidden // 4, hidden // 8, hidden // 16]
     if "rank" in optim_args:
