@@ -790,8 +790,10 @@ def _lift_training_args(recipe: TrainRecipe) -> None:
     recipe.training_args = {k: check_value(k, v, types_[k], where="training_args.") for k, v in ta.items()}
     check_unavailable_fields(recipe.training_args)
     check_script_fields(recipe.training_args)
-    if recipe.trainer in ("grpo", "gvpo", "bnpo"):
+    if recipe.trainer in ("grpo", "gvpo", "bnpo"):  # the trainer configs' checks, naming the recipe's keys
         check_generation_kwargs(recipe.training_args)
+        check_batch_generation_kwargs(recipe.training_args)
+        check_training_args_reward_weights(recipe)
     if recipe.trainer == "sft" and getattr(recipe, "dataset", None) is not None:
         check_padding_free(recipe.training_args)
     get_entry(recipe.optim).valid_hparams()  # registered (resolve_optim_name checked it)
@@ -857,6 +859,55 @@ def check_generation_kwargs(ta: dict[str, Any]) -> None:
         raise ConfigError("generation_kwargs.do_sample=false: GRPO samples num_generations completions per prompt and "
                           "learns from their differences; greedy decoding makes them equal (every advantage 0); drop it "
                           "(lower training_args.temperature for less varied samples)")
+
+
+def check_batch_generation_kwargs(ta: dict[str, Any]) -> None:
+    """GRPO / GVPO / BNPO ``generation_kwargs`` that break the batch TRL's generation returns
+    (``lowmem.trainers.trl.BATCH_GENERATION_KWARGS``: ``num_return_sequences`` > 1, ``return_dict_in_generate``,
+    ``output_scores``, ``stop_strings``, ...), refused as the trainer config refuses them, naming the recipe's key
+    (before: ``LowMemGRPOConfig: LowMemGRPOConfig.generation_kwargs.<key>``). Under ``use_vllm`` they go to vLLM and pass.
+
+    Raises:
+        ConfigError: ``generation_kwargs.<key>=<value>: <why>; drop generation_kwargs.<key>``.
+    """
+    from lowmem.trainers.trl import BATCH_GENERATION_KWARGS
+
+    gk = ta.get("generation_kwargs")
+    if isinstance(gk, str):  # (a JSON string, as TrainingArguments takes one)
+        try:
+            gk = json.loads(gk)
+        except ValueError:
+            return
+    if not isinstance(gk, dict) or ta.get("use_vllm"):
+        return
+    for key, (breaks, why) in BATCH_GENERATION_KWARGS.items():
+        if key in gk and breaks(gk[key]):
+            raise ConfigError(f"generation_kwargs.{key}={gk[key]!r}: {why}; drop generation_kwargs.{key}")
+
+
+def check_training_args_reward_weights(recipe: Any) -> None:
+    """``training_args.reward_weights`` without ``reward_funcs``: the synthetic task's reward (``lowmem.kit.reward_fn``)
+    is one function, so it takes one weight, not 0 (:func:`lowmem.rewards.check_some_weight`). With ``reward_funcs``,
+    :func:`lowmem.rewards.validate_reward_fields` checks them. Before, the trainer refused a count after the run started
+    (``LowMemGRPOConfig.reward_weights has 2 entries ... but reward_funcs has 1``) and a 0 as
+    ``LowMemGRPOConfig.reward_weights=[0.0]``; now both name the recipe's key, before any model loads.
+
+    Raises:
+        ValueError: Naming ``training_args.reward_weights``.
+    """
+    from lowmem.rewards import check_some_weight
+
+    weights = recipe.training_args.get("reward_weights")
+    if recipe.reward_funcs is not None or not isinstance(weights, (list, tuple)):
+        return
+    if len(weights) != 1:
+        raise ConfigError(f"training_args.reward_weights has {len(weights)} entries ({list(weights)}) but reward_funcs is "
+                          "unset: the synthetic task has one reward function (lowmem.kit.reward_fn); expected one weight "
+                          "per reward function (set reward_funcs for more)")
+    try:
+        check_some_weight("training_args.reward_weights", weights)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_padding_free(ta: dict[str, Any]) -> None:
