@@ -418,14 +418,33 @@ def optimizer_cls_and_kwargs(
     opt = build()
     _require_numeric_lr(opt, entry.name)
     cls = type(opt)
+    decided = dtype_decided_settings(cls, resolved)
     if entry.recipe is not None:
-        kwargs = dict(opt.defaults)
+        kwargs = {k: v for k, v in opt.defaults.items() if k not in decided}
         if cls is LowMemOptimizer:  # registered without a class of its own
             kwargs["recipe"] = entry.recipe
     else:
         kwargs = {k: v for k, v in resolved.items() if k != "target_modules"}
-    kwargs["params"] = opt.param_groups
-    return cls, TrainerOptimizerKwargs(kwargs, model, lambda: build().param_groups)
+
+    def groups(built: torch.optim.Optimizer) -> list[dict[str, Any]]:
+        return [{k: v for k, v in g.items() if k not in decided} for g in built.param_groups]
+
+    kwargs["params"] = groups(opt)
+    return cls, TrainerOptimizerKwargs(kwargs, model, lambda: groups(build()))
+
+
+def dtype_decided_settings(cls: type, given: dict[str, Any]) -> tuple[str, ...]:
+    """The settings ``cls``'s constructor decides per parameter group from the weights' dtype when they are not
+    given (``given``: the hyperparameters the optimizer was built with), which :func:`optimizer_cls_and_kwargs` leaves
+    out of the ``(cls, kwargs)`` pair (the class's defaults and every group's) so that the Trainer's construction
+    decides them again, as lowmem's own: StableAdamW's ``kahan_summation`` (torch-optimi's ``kahan_sum=None``: on for
+    the groups of bfloat16 weights, with the load pre-hook that lets a checkpoint of the same run on weights of another
+    dtype load; commit b5cae1f). Before (SMALLS20B 3), the pair passed ``kahan_summation`` as given: the Trainer's
+    StableAdamW had the decided values but no hook, and a resume onto weights of another dtype was refused
+    ("the checkpoint was saved with other settings kahan_summation=False (this optimizer: True)")."""
+    from lowmem.optim.recipes.stable_adamw import StableAdamW
+
+    return ("kahan_summation",) if issubclass(cls, StableAdamW) and "kahan_summation" not in given else ()
 
 
 class TrainerOptimizerKwargs(dict):
