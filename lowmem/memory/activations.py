@@ -615,13 +615,18 @@ def kbit_linears(model: Any):
     kind, compute, names, blocksize = spec
     int8, nf4 = _bnb_linear_functions()
     patched = []
+    from .estimate import bnb_quantizes
+    from transformers.pytorch_utils import Conv1D
+
     for name, mod in model.named_modules():  # (the names without peft's wrapping: its model, base layers)
-        if name.removeprefix("base_model.model.").removesuffix(".base_layer") in names and isinstance(mod, torch.nn.Linear):
+        if name.removeprefix("base_model.model.").removesuffix(".base_layer") in names and bnb_quantizes(mod):
             def forward(x, mod=mod):
+                # (GPT-2's Conv1D: bitsandbytes holds its (in, out) weight transposed, an (out, in) linear's)
+                weight = mod.weight.t() if isinstance(mod, Conv1D) else mod.weight
                 if kind == "int8":
-                    return int8.apply(x, mod.weight, mod.bias)
+                    return int8.apply(x, weight, mod.bias)
                 bias = None if mod.bias is None else mod.bias.to(compute)
-                out = nf4.apply(x.to(compute), mod.weight, bias, compute, blocksize)
+                out = nf4.apply(x.to(compute), weight, bias, compute, blocksize)
                 return out.to(x.dtype)
             mod.forward = forward
             patched.append(mod)
