@@ -100,8 +100,8 @@ def rmsprop_direction_(g: Tensor, v: Tensor, c: Tensor | None, buf: Tensor | Non
 #
 # Each is the single-tensor function above on a list of float32 tensors, one multi-tensor operation per operation in
 # the same order (torch's CPU multi-tensor operations step tensor by tensor with the same kernels: equal bit for bit;
-# tests/test_foreach_classic.py). The multiplications by a Python number take it as a 0-d tensor on the CPU
-# (:func:`~lowmem.optim.functional.subset_norm.foreach_scalar`: the same bits, no number wrapped per tensor).
+# tests/test_foreach_classic.py). The multiplications by a Python number outside the step's peak take it as a 0-d tensor
+# on the CPU (:func:`~lowmem.optim.functional.subset_norm.foreach_scalar`: the same bits, no number wrapped per tensor).
 
 
 def _scalar(xs: list[Tensor], value: float):
@@ -127,7 +127,9 @@ def sgd_momentum_foreach_(bufs: list[Tensor], gs: list[Tensor], momentum: float,
     if first:
         torch._foreach_copy_(bufs, gs)
     else:
-        torch._foreach_mul_(bufs, _scalar(bufs, momentum))
+        # (a Python number: a 0-d tensor here would be alive at the step's peak, beside the coupled gradients, where
+        # the memory estimate does not count one; lowmem.memory.estimate._foreach_scalar_bytes counts Lion's)
+        torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, gs, alpha=1.0 - dampening)
 
 
@@ -189,7 +191,7 @@ def rmsprop_direction_foreach_(gs: list[Tensor], vs: list[Tensor], cs: list[Tens
         denoms = torch._foreach_sqrt(vs)
     torch._foreach_add_(denoms, eps)
     if bufs is not None:
-        torch._foreach_mul_(bufs, _scalar(bufs, momentum))
+        torch._foreach_mul_(bufs, momentum)  # (a Python number: beside the denominators, see sgd_momentum_foreach_)
         torch._foreach_addcdiv_(bufs, gs, denoms)
         return list(bufs)
     return _quotients(gs, denoms, into_grads)
