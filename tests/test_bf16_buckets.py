@@ -22,9 +22,7 @@ SHAPES = [(7, 5), (300,), (40, 30), (3,)]
 # (the rules with a bf16_bucket_direction; Adafactor's with its own lr rule read from the parameters' copies, and with
 # a constant step size)
 NAMES = ["adamw", "lion", "ademamix", "sm3", "sm3_momentum", "adafactor", "adafactor_const", "adamw8bit", "adamw4bit",
-         "ademamix8bit", "lion8bit", "came", "adam_mini", "sgd_nesterov", "adagrad", "rmsprop_centered"]
-# (stable_adamw's bfloat16 buckets, bf16_bucket_steps_copies as Adam-mini's: tests/test_foreach_classic.py, where its
-# weights larger than chunk_numel, stepped alone, are checked against the per-parameter count's 0-d bound)
+         "ademamix8bit", "lion8bit", "came", "adam_mini", "sgd_nesterov", "adagrad", "rmsprop_centered", "stable_adamw"]
 KWARGS = {"sm3_momentum": ("sm3", {"momentum": 0.9}),  # (a name of NAMES that is a registered name with settings)
           # (torch's classic optimizers: weight decay is their coupled L2 decay, CLASSICFE; tests/test_foreach_classic.py)
           "sgd_nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),

@@ -101,19 +101,41 @@ class StableAdamWMoments(MomentRule):
         wd = group.get("weight_decay", 0.0)
         return wd / group["max_lr"] if wd and group.get("decouple_lr") else wd
 
-    def transient_bytes(self, numel, shape, group, state):
-        """The larger of two phases, plus three 0-d tensors (the step size and the RMS sums, 8 B each at most):
-        the RMS pass (``g^2`` and ``v_t``, beside the float32 copies of bfloat16 moments, which the whole-tensor step
-        holds through it), and the update with a tensor step size (the direction beside the engine's decay
-        temporary ``p * (lr wd)``, of the parameter's compute width: ``functional.adam.decoupled_weight_decay_``)."""
+    def _widths(self, group, state) -> tuple[int, int, int]:
+        """``(width, copies, param)`` per element: the moments' compute width (8 for float64 moments, else 4), the
+        float32 copies of bfloat16 moments (8, else 0), and the decay temporary's width, the parameter's: a float64
+        parameter's gradient is cast to float32 for a float32 / bfloat16 state (the engine counts the cast and tells
+        the count float32), so a group holding a float64 parameter is counted at 8 (a bound for its float32
+        parameters, never under)."""
         m = state.get("exp_avg")
         width = 8 if m is not None and m.dtype == torch.float64 else 4
         copies = 8 if m is not None and m.dtype not in (torch.float32, torch.float64) else 0
-        # the decay temporary's width: the parameter's. A float64 parameter's gradient is cast to float32 for a float32
-        # / bfloat16 state (the engine counts the cast and tells the count float32), so a group holding a float64
-        # parameter is counted at 8 (a bound for its float32 parameters, never under)
         param = 8 if width == 8 or any(getattr(q, "dtype", None) == torch.float64 for q in group.get("params", ())) else 4
-        return max(2 * width + copies, width + param) * numel + 24
+        return width, copies, param
+
+    def _update_phase(self, n, group, state) -> int:
+        """The decay and update after :meth:`direction` (the direction alive): with a decay, its temporary ``p (lr
+        wd)`` of the parameter's width beside the 0-d step size and ``lr wd`` (8 B each); without, ``d lr`` of the
+        direction's width beside the step size."""
+        width, _, param = self._widths(group, state)
+        if self.weight_decay_for(group, state):
+            return (width + param) * n + 16
+        return 2 * width * n + 8
+
+    def transient_bytes(self, numel, shape, group, state):
+        """The whole-tensor step, exact: the RMS (``g^2`` and ``v_t``, beside the float32 copies of bfloat16 moments
+        and the 0-d step size and sum), then the moments and direction (freed copies), then the update
+        (:meth:`_update_phase`)."""
+        width, copies, _ = self._widths(group, state)
+        return max((2 * width + copies) * numel + 8 + width, self._update_phase(numel, group, state))
+
+    def chunk_transient_bytes(self, numel, shape, group, state):
+        """The chunked step with chunks of at most ``numel`` elements, exact: the prepare pass (a chunk's ``g^2`` and
+        ``v_t`` beside the 0-d step size, total and chunk sum), a chunk's direction (the float32 copies of bfloat16
+        moments and ``sqrt(v) + eps``), the update (:meth:`_update_phase`)."""
+        width, copies, _ = self._widths(group, state)
+        return max(2 * width * numel + 8 + 2 * width, (copies + width) * numel + 8,
+                   self._update_phase(numel, group, state))
 
     def direction_bytes(self, numel, shape, group, state):
         m = state.get("exp_avg")
