@@ -150,12 +150,22 @@ class _Elementwise(MomentRule):
         directions (:meth:`_bucket_direction`), then the engine's decoupled decay (SGD without momentum) and
         ``p -= lr d`` (:func:`~lowmem.optim.quantized.apply_updates_foreach_`). Allocates
         :meth:`foreach_bucket_transient_bytes`."""
-        coupled = self.couples(group)
-        gs = FC.l2_gradient_foreach(grads, params, group["weight_decay"]) if coupled else list(grads)
+        self.foreach_prepare(params, grads, states, group, t, lr)()
+
+    def foreach_prepare(self, params, grads, states, group, t, lr):
+        """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read): the
+        lists of the state now, the kernels when the returned function is called (the same operations in the same
+        order)."""
         works = [{k: s[k] for k in self.state_keys if k in s} for s in states]
-        ds = self._bucket_direction(gs, works, group, t, owned=coupled)
-        del gs, works
-        apply_updates_foreach_(params, ds, lr, self.weight_decay_for(group, {}), decay_after=False)
+
+        def launch() -> None:
+            coupled = self.couples(group)
+            gs = FC.l2_gradient_foreach(grads, params, group["weight_decay"]) if coupled else list(grads)
+            ds = self._bucket_direction(gs, works, group, t, owned=coupled)
+            del gs
+            apply_updates_foreach_(params, ds, lr, self.weight_decay_for(group, {}), decay_after=False)
+
+        return launch
 
     def bf16_bucket_couple_(self, g32s: list[torch.Tensor], ps: list[torch.Tensor], group: dict[str, Any]) -> None:
         """The engine's hook in ``_step_bf16_bucket`` before :meth:`bf16_bucket_direction`: torch's L2 decay into the

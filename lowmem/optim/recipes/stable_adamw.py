@@ -184,37 +184,48 @@ class StableAdamWMoments(MomentRule):
         rule computes the sizes itself). A tensor in pieces (larger than ``chunk_numel``) is stepped whole from its
         first piece. bfloat16 moments (a bucket of bfloat16 parameters' copies, :attr:`bf16_bucket_steps_copies`)
         are updated on float32 copies and stored rounded to nearest. Allocates :meth:`foreach_bucket_transient_bytes`."""
+        self.foreach_prepare(params, grads, states, group, t, lr, lr_rule=lr_rule)()
+
+    def foreach_prepare(self, params, grads, states, group, t, lr, lr_rule=None):
+        """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read): the
+        members' split (pieces, whole tensors), the lists and element counts now; the kernels when the returned
+        function is called (the same operations in the same order)."""
         if lr_rule is not None and lr_rule is not clipped_lr:
             raise ValueError(f"{type(self).__name__}.foreach_step_: no multi-tensor form of the lr rule {lr_rule!r}")
-        wd = self.weight_decay_for(group, {})
-        whole = []
+        firsts, whole = [], []
         for p, g, s in zip(params, grads, states):
             if not isinstance(s, ChunkState):
                 whole.append((p, g, s))
             elif s.start == 0:  # (the other pieces: stepped with the first)
-                step_whole_from_piece_(self, p, g, s, group, t, clipped_lr(group, s.extra["parent"], p, t),
-                                       decay_after=False)
-        if not whole:
-            return
-        ps, gs, ss = (list(x) for x in zip(*whole))
+                firsts.append((p, g, s))
+        ps, gs, ss = (list(x) for x in zip(*whole)) if whole else ([], [], [])
         del whole
-        beta1_hat, beta2_hat = self._rates(group, t)
         ms, vs = [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss]
         low = {m.dtype for m in ms} | {v.dtype for v in vs}
-        if low not in ({torch.float32}, {torch.bfloat16}):
+        if low not in (set(), {torch.float32}, {torch.bfloat16}):
             raise ValueError(f"{type(self).__name__}.foreach_step_: the moments of one bucket are all float32 or all"
                              f" bfloat16, got {sorted(map(str, low))}")
         low = low == {torch.bfloat16}
-        m32s, v32s = (FA.float32_copies(ms), FA.float32_copies(vs)) if low else (ms, vs)
-        lrs = FS.clip_lrs(FS.update_rms_sums_foreach(gs, v32s, beta2_hat, group["eps"]), [p.numel() for p in ps],
-                          group["lr"])
-        FS.stable_adamw_moments_foreach_(m32s, v32s, gs, beta1_hat, beta2_hat)
-        ds = FS.stable_adamw_direction_foreach(m32s, v32s, group["eps"])
-        if low:
-            torch._foreach_copy_(ms, m32s)
-            torch._foreach_copy_(vs, v32s)
-        del m32s, v32s
-        FS.step_foreach_(ps, ds, lrs, wd)
+        numels = [p.numel() for p in ps]
+
+        def launch() -> None:
+            for p, g, s in firsts:
+                step_whole_from_piece_(self, p, g, s, group, t, clipped_lr(group, s.extra["parent"], p, t),
+                                       decay_after=False)
+            if not ps:
+                return
+            beta1_hat, beta2_hat = self._rates(group, t)
+            m32s, v32s = (FA.float32_copies(ms), FA.float32_copies(vs)) if low else (ms, vs)
+            lrs = FS.clip_lrs(FS.update_rms_sums_foreach(gs, v32s, beta2_hat, group["eps"]), numels, group["lr"])
+            FS.stable_adamw_moments_foreach_(m32s, v32s, gs, beta1_hat, beta2_hat)
+            ds = FS.stable_adamw_direction_foreach(m32s, v32s, group["eps"])
+            if low:
+                torch._foreach_copy_(ms, m32s)
+                torch._foreach_copy_(vs, v32s)
+            del m32s, v32s
+            FS.step_foreach_(ps, ds, lrs, self.weight_decay_for(group, {}))
+
+        return launch
 
     def foreach_bucket_transient_bytes(self, numel, members, group=None):
         """What :meth:`foreach_step_` allocates for a bucket of ``numel`` elements of whole tensors (a tensor in
