@@ -78,8 +78,10 @@ FLOAT32 |= {"adam_mini_attn": ("adam_mini", Attn), "adam_mini_wide": ("adam_mini
 # 4.3e-6 from one process, 3.1e-7 from the half-batches' mean)
 NO_SHARD_FOREACH = ["adafactor", "galore_adafactor", "stable_spam", "galore_adamw8bit", "fira_adamw8bit", "frugal8bit",
                     "adalomo", "adamw8bit", "adamw4bit", "adamw4bit_rank1", "came", "lion8bit", "sm3", "racs", "ademamix8bit",
-                    "sgd", "adagrad", "rmsprop", "stable_adamw"]  # (torch's SGD / Adagrad / RMSprop, StableAdamW: no foreach path)
+                    "stable_adamw"]  # (StableAdamW: the update's RMS over every shard, its buckets refuse FSDP2 groups)
 FLOAT32 |= {name: (name, Net) for name in NO_SHARD_FOREACH}
+# torch's SGD / Adagrad / RMSprop (lowmem/optim/recipes/classic.py): element-wise, their shards take the buckets
+FLOAT32 |= {name: (name, Net) for name in ("sgd", "adagrad", "rmsprop")}
 # uneven and empty shards (fc1's 255 rows split 128 / 127, head's single row leaves rank 1 empty):
 # Adam-mini's registry partition gives head.weight and head.bias whole-tensor blocks (one v on
 # every rank, the empty shard's too)

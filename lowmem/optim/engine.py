@@ -1398,7 +1398,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return max(4 * n + c + r.moment.foreach_bucket_transient_bytes(n, members, group), rounding)
         rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members, group=group)
         if r.lr_rule is constant_lr:
-            worst = max(rule, 4 * n + c)
+            # (the directions kept beside the parameters' copies: 4 B per element, or the rule's count where a
+            # direction may be its state itself, bf16_bucket_direction_bytes: SGD's and RMSprop's float32 buffers)
+            kept_d = getattr(r.moment, "bf16_bucket_direction_bytes", None)
+            worst = max(rule, (4 * n if kept_d is None else kept_d(n, [s for _, s in members], group)) + c)
         else:  # the parameters' copies first, the step sizes (peak, kept) beside them, then the direction phase
             peak, kept = r.moment.bf16_bucket_lr_bytes(len(members), group)
             wd = any(r.moment.weight_decay_for(group, s) != 0 for _, s in members)
@@ -2342,6 +2345,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             lr = r.moment.bf16_bucket_lrs(p32s, ss, group, t)
         g32s = _FA.float32_copies(gs)
         gs.clear()
+        couple = getattr(r.moment, "bf16_bucket_couple_", None)  # (torch's L2 decay into the copies: classic.py's rules)
+        if couple is not None:
+            couple(g32s, ps, group)
         ds = r.moment.bf16_bucket_direction(g32s, ss, group, t, lr)
         del g32s
         if p32s is None:

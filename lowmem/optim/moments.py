@@ -70,8 +70,11 @@ class MomentRule:
     L2 decay ``g + wd p``: sgd / adagrad / rmsprop, lowmem/optim/recipes/classic.py), called by the engine's chunked
     step (``p`` the parameter's chunk) and whole step before :meth:`direction`; a rule with it returns 0 from
     :meth:`weight_decay_for` where it couples and counts the new tensor in :meth:`transient_bytes`. The foreach
-    buckets, ``step_whole_from_piece_``, the projected paths and the batches of matrices do not call it (no rule with
-    the hook takes them today): a rule that has the hook and one of those paths must be refused there or call it.
+    buckets do not call it: the classic rules' ``foreach_step_`` couples its bucket itself, and the engine's bucket of
+    bfloat16 parameters calls the rule's ``bf16_bucket_couple_(g32s, ps, group)`` (the decay into the gradients'
+    float32 copies, in place) before ``bf16_bucket_direction``. ``step_whole_from_piece_``, the projected paths and
+    the batches of matrices do not call it (no rule with the hook takes them today): a rule that has the hook and
+    one of those paths must be refused there or call it.
     """
 
     state_keys: tuple[str, ...] = ()
@@ -400,7 +403,7 @@ def step_whole_from_piece_(rule: MomentRule, p_piece: Tensor, g_piece: Tensor, v
     size = max(align, (view.stop - view.start) // align * align)
     bounds = [(a, min(a + size, numel)) for a in range(0, numel, size)]
     ctx = rule.prepare_chunks(state, shape, group, t, lr, bounds, lambda start, stop, _: gflat[start:stop])
-    wd = group.get("weight_decay", 0.0)
+    wd = rule.weight_decay_for(group, state)  # (the engine's: StableAdamW's decouple_lr divides it by max_lr)
     for start, stop in bounds:
         d = rule.direction(gflat[start:stop], rule.chunk_state(state, start, stop, shape, group, ctx), group, t, lr)
         pc = pflat[start:stop]

@@ -94,3 +94,104 @@ def rmsprop_direction_(g: Tensor, v: Tensor, c: Tensor | None, buf: Tensor | Non
         return buf
     torch.div(g, denom, out=denom)
     return denom
+
+
+# ---- the multi-tensor forms (the engine's foreach buckets: lowmem.optim.recipes.classic) ----------------------------
+#
+# Each is the single-tensor function above on a list of float32 tensors, one multi-tensor operation per operation in
+# the same order (torch's CPU multi-tensor operations step tensor by tensor with the same kernels: equal bit for bit;
+# tests/test_foreach_classic.py). The multiplications by a Python number outside the step's peak take it as a 0-d tensor
+# on the CPU (:func:`~lowmem.optim.functional.subset_norm.foreach_scalar`: the same bits, no number wrapped per tensor).
+
+
+def _scalar(xs: list[Tensor], value: float):
+    from .subset_norm import foreach_scalar
+
+    return foreach_scalar(xs, value)
+
+
+def l2_gradient_foreach(gs: list[Tensor], ps: list[Tensor], weight_decay: float) -> list[Tensor]:
+    """:func:`l2_gradient` of each pair: new tensors ``g + weight_decay * p`` (the gradients are not modified)."""
+    return torch._foreach_add(gs, ps, alpha=weight_decay)
+
+
+def l2_gradient_foreach_(gs: list[Tensor], ps: list[Tensor], weight_decay: float) -> None:
+    """:func:`l2_gradient` into ``gs`` in place (float32 copies the caller owns: a bucket's of bfloat16 gradients;
+    ``ps`` may be bfloat16): ``g <- g + weight_decay * p``, the same values."""
+    torch._foreach_add_(gs, ps, alpha=weight_decay)
+
+
+def sgd_momentum_foreach_(bufs: list[Tensor], gs: list[Tensor], momentum: float, dampening: float,
+                          first: bool) -> None:
+    """:func:`sgd_momentum_` of each buffer in place."""
+    if first:
+        torch._foreach_copy_(bufs, gs)
+    else:
+        # (a Python number: a 0-d tensor here would be alive at the step's peak, beside the coupled gradients, where
+        # the memory estimate does not count one; lowmem.memory.estimate._foreach_scalar_bytes counts Lion's)
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, gs, alpha=1.0 - dampening)
+
+
+def sgd_direction_foreach(gs: list[Tensor], bufs: list[Tensor] | None, momentum: float,
+                          nesterov: bool) -> list[Tensor]:
+    """:func:`sgd_direction` of each: the gradients (no momentum), ``g + mu b`` (Nesterov: new tensors) or the
+    buffers themselves."""
+    if bufs is None:
+        return list(gs)
+    return torch._foreach_add(gs, bufs, alpha=momentum) if nesterov else list(bufs)
+
+
+def adagrad_sum_foreach_(ss: list[Tensor], gs: list[Tensor]) -> None:
+    """:func:`adagrad_sum_` of each sum in place."""
+    torch._foreach_addcmul_(ss, gs, gs, value=1.0)
+
+
+def _quotients(gs: list[Tensor], denoms: list[Tensor], into_grads: bool) -> list[Tensor]:
+    """``g / denom`` of each pair (``torch.div``: the single-tensor forms' ``torch.div(g, d, out=d)``, the same
+    values): into ``gs`` in place where the caller owns them (``into_grads``: the denominators are then dropped),
+    else new tensors."""
+    if into_grads:
+        torch._foreach_div_(gs, denoms)
+        return list(gs)
+    return torch._foreach_div(gs, denoms)
+
+
+def adagrad_direction_foreach(gs: list[Tensor], ss: list[Tensor], eps: float, t: float, lr_decay: float,
+                              into_grads: bool = False) -> list[Tensor]:
+    """:func:`adagrad_direction` of each: ``g / (sqrt(s) + eps)`` (``/ (1 + (t - 1) lr_decay)``). The quotient is a
+    new tensor beside the denominators (two tensors of the list at most), or ``gs`` itself (``into_grads``: copies
+    the caller owns, overwritten; one tensor of the list)."""
+    denoms = torch._foreach_sqrt(ss)
+    torch._foreach_add_(denoms, eps)
+    ds = _quotients(gs, denoms, into_grads)
+    del denoms
+    if lr_decay:
+        torch._foreach_div_(ds, _scalar(ds, 1.0 + (t - 1) * lr_decay))
+    return ds
+
+
+def rmsprop_moments_foreach_(vs: list[Tensor], cs: list[Tensor] | None, gs: list[Tensor], alpha: float) -> None:
+    """:func:`rmsprop_moments_` of each in place."""
+    torch._foreach_mul_(vs, _scalar(vs, alpha))
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - alpha)
+    if cs is not None:
+        torch._foreach_lerp_(cs, gs, 1.0 - alpha)
+
+
+def rmsprop_direction_foreach_(gs: list[Tensor], vs: list[Tensor], cs: list[Tensor] | None,
+                               bufs: list[Tensor] | None, momentum: float, eps: float,
+                               into_grads: bool = False) -> list[Tensor]:
+    """:func:`rmsprop_direction_` of each: with momentum buffers ``b <- mu b + g / denom`` in place and the buffers
+    returned, else the quotients (new tensors beside the denominators, or ``gs`` itself with ``into_grads``)."""
+    if cs is not None:
+        denoms = torch._foreach_addcmul(vs, cs, cs, value=-1.0)
+        torch._foreach_sqrt_(denoms)
+    else:
+        denoms = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denoms, eps)
+    if bufs is not None:
+        torch._foreach_mul_(bufs, momentum)  # (a Python number: beside the denominators, see sgd_momentum_foreach_)
+        torch._foreach_addcdiv_(bufs, gs, denoms)
+        return list(bufs)
+    return _quotients(gs, denoms, into_grads)

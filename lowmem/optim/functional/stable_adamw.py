@@ -54,3 +54,64 @@ def stable_adamw_direction(m: Tensor, v: Tensor, eps: float) -> Tensor:
     d = v.sqrt().add_(eps)
     torch.div(m, d, out=d)
     return d
+
+
+# ---- the multi-tensor forms (the engine's foreach buckets: lowmem.optim.recipes.stable_adamw) -----------------------
+#
+# The single-tensor functions above on lists of float32 tensors, one multi-tensor operation per operation in the same
+# order (equal bit for bit on the CPU, tests/test_foreach_classic.py); the RMS stays per tensor: each tensor's sum is its
+# own ``.sum()`` (the single-tensor reduction), the clip factors one small tensor for the bucket.
+
+
+def update_rms_sums_foreach(gs: list[Tensor], vs: list[Tensor], beta2_hat: float, eps: float) -> list[Tensor]:
+    """:func:`update_rms_sum` of each pair (float32 ``vs``, not written): the 0-d sums. Allocates two tensors of the
+    list (``g^2`` and ``v_t``), then the sums."""
+    g2s = torch._foreach_mul(gs, gs)
+    vts = torch._foreach_mul(vs, beta2_hat)
+    torch._foreach_add_(vts, g2s, alpha=1.0 - beta2_hat)
+    torch._foreach_clamp_min_(vts, eps * eps)
+    torch._foreach_div_(g2s, vts)
+    del vts
+    return [x.sum() for x in g2s]
+
+
+def clip_lrs(sums: list[Tensor], numels: list[int], lr: float) -> Tensor:
+    """The clipped step sizes ``lr / max(1, RMS_i)`` of a bucket (:func:`clip_scale_` of each sum, in place, then
+    ``lr`` times it in float64, as the single-tensor step's 0-d float64 ``lr`` multiplied in place): a float64 tensor,
+    one entry per tensor (no host read)."""
+    torch._foreach_div_(sums, [max(n, 1) for n in numels])
+    torch._foreach_sqrt_(sums)
+    torch._foreach_clamp_min_(sums, 1.0)
+    torch._foreach_reciprocal_(sums)
+    scales = torch.stack(sums)
+    sums.clear()
+    lrs = scales.double()
+    del scales
+    return lrs.mul_(lr)
+
+
+def stable_adamw_moments_foreach_(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], beta1_hat: float,
+                                  beta2_hat: float) -> None:
+    """:func:`stable_adamw_moments_` of each in place."""
+    torch._foreach_lerp_(ms, gs, 1.0 - beta1_hat)
+    torch._foreach_mul_(vs, beta2_hat)
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2_hat)
+
+
+def stable_adamw_direction_foreach(ms: list[Tensor], vs: list[Tensor], eps: float) -> list[Tensor]:
+    """:func:`stable_adamw_direction` of each: new tensors, beside the denominators until they are made."""
+    denoms = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denoms, eps)
+    return torch._foreach_div(ms, denoms)
+
+
+def step_foreach_(ps: list[Tensor], ds: list[Tensor], lrs: Tensor, weight_decay: float) -> None:
+    """The engine's decay and update of each tensor with its step size ``lrs[i]`` (a float64 0-d view), in the
+    tensor-lr forms of :func:`~lowmem.optim.functional.adam.decoupled_weight_decay_` and ``apply_update_``:
+    ``p <- p - p (lr_i wd)``, then ``p <- p - d lr_i``, each one ``addcmul_`` per tensor (nothing of a tensor's size
+    allocated; bit for bit the per-tensor step)."""
+    if weight_decay != 0:
+        coefs = lrs * weight_decay
+        torch._foreach_addcmul_(ps, ps, list(coefs.unbind()), value=-1.0)
+        del coefs
+    torch._foreach_addcmul_(ps, ds, list(lrs.unbind()), value=-1.0)

@@ -17,6 +17,14 @@ statistics, and so do these rules: the engine hands each chunk's gradient and pa
 tensor of the chunk: 4 B per element of transient, 8 for float64 statistics), and decays nothing decoupled
 (``weight_decay_for`` is 0). For SGD without momentum the two forms are the same update (``p - lr (g + wd p) =
 p (1 - lr wd) - lr g``), so ``sgd`` keeps the engine's decoupled decay there (no temporary).
+
+**Multi-tensor buckets** (issue 15; ``foreach`` not ``False``): float32 weights with float32 state are stepped a bucket
+at a time by the rule's ``foreach_step_`` (the coupled gradients, statistics and directions as one multi-tensor
+operation each: :mod:`lowmem.optim.functional.classic`'s ``*_foreach`` forms), bfloat16 weights with float32 or
+bfloat16 state by the engine's ``_step_bf16_bucket`` (the coupled decay into the gradients' float32 copies,
+``bf16_bucket_couple_``); bit for bit the per-tensor step (``foreach=False``; tests/test_foreach_classic.py). A bucket's
+transient (``foreach_bucket_transient_bytes``): Adagrad's and RMSprop's quotient beside its denominator, 8 B per element
+(the per-tensor step divides into the denominator: 4), SGD's coupled gradient and Nesterov's sum, 4 B each.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ from typing import Any, Iterable
 import torch
 
 from ..engine import LowMemOptimizer, Recipe
+from ..functional import adam as FA
 from ..functional import classic as FC
 from ..hparams import LR, WEIGHT_DECAY, HParam, check_torch_flags, in_unit_interval, is_bool, nonneg
 from ..moments import _COUNTED_GRAD_DTYPE, ChunkState, MomentRule, state_dtype
+from ..quantized import apply_updates_foreach_
 from ..registry import register
 
 
@@ -107,6 +117,90 @@ class _Elementwise(MomentRule):
             if w is not state[k]:
                 state[k].copy_(w)
 
+    # ---- the multi-tensor buckets (the engine's foreach path; issue 15) ----
+    #
+    # float32 parameters with float32 state: :meth:`foreach_step_` (the coupled gradients, the statistics, the
+    # directions, the engine's decay and update, one multi-tensor operation each); bfloat16 parameters (pieces) with
+    # float32 or bfloat16 state: the engine's ``_step_bf16_bucket``, whose gradients' float32 copies take the coupled
+    # decay in place (:meth:`bf16_bucket_couple_`) before :meth:`bf16_bucket_direction`. The same operations in the same
+    # order as the per-tensor step (``foreach=False``): equal bit for bit on the CPU (tests/test_foreach_classic.py).
+
+    supports_foreach = True
+    pieces_elementwise = True  # (element-wise: a tensor in pieces is stepped piece by piece with its buckets)
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+
+    def _bucket_direction(self, gs: list[torch.Tensor], works: list[dict[str, torch.Tensor]], group: dict[str, Any],
+                          t: float, owned: bool) -> list[torch.Tensor]:
+        """:meth:`direction` of a bucket: float32 gradients ``gs`` (coupled already), the float32 state ``works``
+        (the state itself, or float32 copies of bfloat16 state, updated in place); ``owned``: ``gs`` are the
+        caller's own tensors (a quotient may overwrite them)."""
+        raise NotImplementedError
+
+    def _present(self, states: list[dict[str, torch.Tensor]], key: str) -> bool:
+        """Whether every member's state holds ``key`` (or none does: a bucket is one layout)."""
+        has = [key in s for s in states]
+        if any(has) and not all(has):
+            raise ValueError(f"{type(self).__name__}: a bucket whose members' states differ in {key!r} (a parameter"
+                             " whose state was made under other settings); step it with foreach=False")
+        return bool(has) and has[0]
+
+    def foreach_step_(self, params, grads, states, group, t, lr) -> None:
+        """The whole step of float32 tensors (pieces) with float32 state: torch's L2 decay (new tensors ``g + wd p``,
+        :func:`~lowmem.optim.functional.classic.l2_gradient_foreach`) where :meth:`couples`, the statistics and
+        directions (:meth:`_bucket_direction`), then the engine's decoupled decay (SGD without momentum) and
+        ``p -= lr d`` (:func:`~lowmem.optim.quantized.apply_updates_foreach_`). Allocates
+        :meth:`foreach_bucket_transient_bytes`."""
+        self.foreach_prepare(params, grads, states, group, t, lr)()
+
+    def foreach_prepare(self, params, grads, states, group, t, lr):
+        """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read): the
+        lists of the state now, the kernels when the returned function is called (the same operations in the same
+        order)."""
+        works = [{k: s[k] for k in self.state_keys if k in s} for s in states]
+
+        def launch() -> None:
+            coupled = self.couples(group)
+            gs = FC.l2_gradient_foreach(grads, params, group["weight_decay"]) if coupled else list(grads)
+            ds = self._bucket_direction(gs, works, group, t, owned=coupled)
+            del gs
+            apply_updates_foreach_(params, ds, lr, self.weight_decay_for(group, {}), decay_after=False)
+
+        return launch
+
+    def bf16_bucket_couple_(self, g32s: list[torch.Tensor], ps: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """The engine's hook in ``_step_bf16_bucket`` before :meth:`bf16_bucket_direction`: torch's L2 decay into the
+        gradients' float32 copies ``g32s`` in place where :meth:`couples` (``g + wd p`` of the bfloat16 ``ps``: the
+        values of :meth:`coupled_gradient`'s new tensor, nothing allocated)."""
+        if self.couples(group):
+            FC.l2_gradient_foreach_(g32s, ps, group["weight_decay"])
+
+    def bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """:meth:`direction` of a bucket of bfloat16 parameters (pieces): ``g32s`` the gradients' float32 copies
+        (coupled already: :meth:`bf16_bucket_couple_`), emptied here; bfloat16 state updated on float32 copies and
+        stored rounded to nearest (as :meth:`_store`), the directions the unrounded copies'. Returns the float32
+        directions (a quotient in the gradients' copies); allocates :meth:`bf16_bucket_transient_bytes`."""
+        keys = [k for k in self.state_keys if self._present(states, k)]
+        dtypes = {states[i][k].dtype for k in keys for i in range(len(states))}
+        if dtypes not in (set(), {torch.float32}, {torch.bfloat16}):
+            raise ValueError(f"{type(self).__name__}.bf16_bucket_direction: the state of one bucket is all float32 or"
+                             f" all bfloat16, got {sorted(map(str, dtypes))}")
+        works = [{} for _ in states]
+        for k in keys:
+            xs = [s[k] for s in states]
+            for w, x in zip(works, FA.float32_copies(xs) if dtypes == {torch.bfloat16} else xs):
+                w[k] = x
+        ds = self._bucket_direction(list(g32s), works, group, t, owned=True)
+        g32s.clear()
+        if dtypes == {torch.bfloat16}:
+            for k in keys:
+                torch._foreach_copy_([s[k] for s in states], [w[k] for w in works])
+        return ds
+
+    def _low_copies(self, numel: int, states) -> int:
+        """The float32 copies of bfloat16 state in a bucket of ``numel`` elements: 4 B per element per key."""
+        keys = {k for s in states for k in self.state_keys if k in s and s[k].dtype == torch.bfloat16}
+        return 4 * numel * len(keys)
+
 
 class MomentumSGDMoments(_Elementwise):
     """``torch.optim.SGD``'s step: the direction is the gradient (``momentum = 0``, no state), or the momentum
@@ -145,6 +239,33 @@ class MomentumSGDMoments(_Elementwise):
         self._store(state, works)
         return d
 
+    def _bucket_direction(self, gs, works, group, t, owned):
+        if not self._present(works, "momentum_buffer"):
+            return FC.sgd_direction_foreach(gs, None, 0.0, False)
+        mu, bufs = group["momentum"], [w["momentum_buffer"] for w in works]
+        FC.sgd_momentum_foreach_(bufs, gs, mu, group["dampening"], first=t <= 1)
+        return FC.sgd_direction_foreach(gs, bufs, mu, group["nesterov"])
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """The coupled gradients (with momentum and decay) beside Nesterov's ``g + mu b``; nothing else (the
+        direction is the gradient or the buffer)."""
+        if group is None or group["momentum"] <= 0:
+            return 0
+        return 4 * numel * (int(self.couples(group)) + int(bool(group["nesterov"])))
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """The gradients' float32 copies, a bfloat16 buffer's float32 copy and Nesterov's ``g + mu b``."""
+        if group is None or group["momentum"] <= 0:
+            return 4 * numel
+        return 4 * numel * (1 + int(bool(group["nesterov"]))) + self._low_copies(numel, states)
+
+    def bf16_bucket_direction_bytes(self, numel, states, group=None):
+        """The directions kept beside the parameters' copies: the gradients' copies (no momentum), Nesterov's sums,
+        a bfloat16 buffer's float32 copy; nothing for a float32 buffer (the direction is the buffer)."""
+        if group is None or group["momentum"] <= 0 or group["nesterov"]:
+            return 4 * numel
+        return self._low_copies(numel, states)
+
 
 class AdagradMoments(_Elementwise):
     """``torch.optim.Adagrad``'s step: the sum of squared gradients ``sum`` (starting at
@@ -171,6 +292,23 @@ class AdagradMoments(_Elementwise):
         FC.adagrad_sum_(works["sum"], g)
         self._store(state, works)
         return FC.adagrad_direction(g, works["sum"], group["eps"], t, group["lr_decay"])
+
+    def _bucket_direction(self, gs, works, group, t, owned):
+        ss = [w["sum"] for w in works]
+        FC.adagrad_sum_foreach_(ss, gs)
+        return FC.adagrad_direction_foreach(gs, ss, group["eps"], t, group["lr_decay"], into_grads=owned)
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """The denominators beside the quotients (new), or beside the coupled gradients that take the quotients."""
+        return 8 * numel
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """The gradients' float32 copies (they take the quotients), the denominators, a bfloat16 sum's copy."""
+        return 8 * numel + self._low_copies(numel, states)
+
+    def bf16_bucket_direction_bytes(self, numel, states, group=None):
+        """The quotients, in the gradients' copies."""
+        return 4 * numel
 
 
 class RMSpropMoments(_Elementwise):
@@ -207,6 +345,31 @@ class RMSpropMoments(_Elementwise):
                                   group["momentum"], group["eps"])
         self._store(state, works)
         return d
+
+    def _bucket_direction(self, gs, works, group, t, owned):
+        vs = [w["square_avg"] for w in works]
+        cs = [w["grad_avg"] for w in works] if self._present(works, "grad_avg") else None
+        bufs = [w["momentum_buffer"] for w in works] if self._present(works, "momentum_buffer") else None
+        FC.rmsprop_moments_foreach_(vs, cs, gs, group["alpha"])
+        return FC.rmsprop_direction_foreach_(gs, vs, cs, bufs, group["momentum"], group["eps"], into_grads=owned)
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """The denominators beside the coupled gradients (with momentum the buffers take the step), or beside the
+        quotients (new, or in the coupled gradients)."""
+        if group is not None and group["momentum"] > 0:
+            return 4 * numel * (1 + int(self.couples(group)))
+        return 8 * numel
+
+    def bf16_bucket_transient_bytes(self, numel, states, members=None, group=None):
+        """The gradients' float32 copies, the denominators and the float32 copies of bfloat16 state."""
+        return 8 * numel + self._low_copies(numel, states)
+
+    def bf16_bucket_direction_bytes(self, numel, states, group=None):
+        """The quotients (in the gradients' copies), or the buffers: their float32 copies (bfloat16), else nothing."""
+        if group is not None and group["momentum"] > 0:
+            return 4 * numel if any(s["momentum_buffer"].dtype == torch.bfloat16 for s in states
+                                    if "momentum_buffer" in s) else 0
+        return 4 * numel
 
 
 def _check_sgd(group: dict[str, Any]) -> None:
@@ -272,8 +435,8 @@ class SGD_(LowMemOptimizer):  # noqa: N801  (exported as lowmem.optim.SGD; torch
             (without momentum the same update as ``p -= lr * wd * p``, which the engine applies there).
         nesterov (`bool`, defaults to `False`): Nesterov momentum (needs ``momentum > 0``, ``dampening=0``).
         state_dtype (`str`, defaults to `"float32"`): Storage of the buffer.
-        foreach (`bool` or `None`, defaults to `None`): accepted for every engine optimizer (this rule steps one
-            tensor, in chunks, at a time).
+        foreach (`bool` or `None`, defaults to `None`): the multi-tensor buckets (float32 and bfloat16 parameters;
+            equal bit for bit); ``False`` steps one tensor, in chunks, at a time (the reference).
         maximize, differentiable, fused: ``torch.optim.SGD``'s, accepted at its defaults (``fused=False`` too);
             another value is refused (:data:`~lowmem.optim.hparams.TORCH_FLAGS`).
     """
@@ -301,8 +464,8 @@ class Adagrad(LowMemOptimizer):
             to `0.0`: torch's L2 decay, ``g <- g + wd p`` before the sum),
             initial_accumulator_value (`float`, defaults to `0.0`), eps (`float`, defaults to `1e-10`): torch's.
         state_dtype (`str`, defaults to `"float32"`): Storage of the sum.
-        foreach (`bool` or `None`, defaults to `None`): accepted (one tensor, in chunks, at a time); positional
-            after ``eps`` as torch's.
+        foreach (`bool` or `None`, defaults to `None`): the multi-tensor buckets (equal bit for bit); ``False``: one
+            tensor, in chunks, at a time; positional after ``eps`` as torch's.
         maximize, differentiable, fused: ``torch.optim.Adagrad``'s, accepted at its defaults (``fused=False`` too);
             another value is refused (:data:`~lowmem.optim.hparams.TORCH_FLAGS`).
     """
@@ -332,7 +495,8 @@ class RMSprop(LowMemOptimizer):
             momentum (`float`, defaults to `0.0`), centered (`bool`, defaults
             to `False`): torch's.
         state_dtype (`str`, defaults to `"float32"`): Storage of the statistics.
-        foreach (`bool` or `None`, defaults to `None`): accepted (one tensor, in chunks, at a time).
+        foreach (`bool` or `None`, defaults to `None`): the multi-tensor buckets (equal bit for bit); ``False``: one
+            tensor, in chunks, at a time.
         capturable, maximize, differentiable: ``torch.optim.RMSprop``'s (in its positions, ``foreach`` between),
             accepted at its defaults; another value is refused (:data:`~lowmem.optim.hparams.TORCH_FLAGS`).
     """

@@ -11,6 +11,15 @@ by ``1 / max(1, RMS)`` before the engine decays and steps with it: the clipped s
 without a host read (torch-optimi reads the RMS of every tensor). State: ``exp_avg`` and ``exp_avg_sq`` (8 B per
 element, float32). On FSDP2 shards the RMS's sum is all-reduced over the shards (one 0-d all-reduce per tensor).
 
+Multi-tensor buckets (issue 15; ``foreach`` not ``False``, not on FSDP2 shards): float32 weights, and bfloat16 ones as
+float32 copies (``bf16_bucket_steps_copies``), are stepped a bucket at a time (:meth:`StableAdamWMoments.foreach_step_`):
+each tensor's RMS sum is its own ``.sum()`` of ``g^2 / max(v_t, eps^2)`` with ``v_t`` aside (the per-tensor prepare
+pass's values), the clip factors and step sizes one float64 tensor for the bucket, the moments and directions one
+multi-tensor operation each, the decay and update with each tensor's step size; a tensor larger than ``chunk_numel``
+is stepped whole from its first piece (the per-tensor chunked step). Bit for bit ``foreach=False``
+(tests/test_foreach_classic.py); the whole-tensor step computes its RMS as a one-chunk prepare pass (since 2026-12-02;
+before, from ``v_t`` in place: within float32 rounding).
+
 torch-optimi's ``kahan_sum`` is the engine's ``kahan_summation`` (the same compensation, for bfloat16 weights), with
 its default: not given, on for the groups of bfloat16 weights (:class:`StableAdamW`). Not here from torch-optimi:
 ``triton`` / ``gradient_release`` (layerwise mode: ``stable_adamw_layerwise``).
@@ -25,8 +34,9 @@ import torch
 
 from ..engine import LowMemOptimizer, Recipe
 from ..functional import stable_adamw as FS
+from ..functional import adam as FA
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, is_bool, kahan_sum_groups, optional, positive
-from ..moments import ChunkState, MomentRule, state_dtype
+from ..moments import ChunkState, MomentRule, sharded_group, state_dtype, step_whole_from_piece_
 from ..registry import register
 from ..sharded import kahan_default_load_hook
 
@@ -57,7 +67,8 @@ class StableAdamWMoments(MomentRule):
         return 1
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
-        view = ChunkState(state, start, stop, {"clipped": True} if ctx is not None else None)
+        # (``parent`` / ``shape``: a bucket's piece is stepped whole from it, step_whole_from_piece_)
+        view = ChunkState(state, start, stop, {"parent": state, "shape": shape, **({"clipped": True} if ctx is not None else {})})
         for k in self.state_keys:
             if k in state:
                 view[k] = state[k].view(-1)[start:stop]
@@ -92,19 +103,35 @@ class StableAdamWMoments(MomentRule):
         wd = group.get("weight_decay", 0.0)
         return wd / group["max_lr"] if wd and group.get("decouple_lr") else wd
 
-    def transient_bytes(self, numel, shape, group, state):
-        """The larger of two phases, plus three 0-d tensors (the step size and the RMS sums, 8 B each at most):
-        the RMS pass (``g^2`` and ``v_t``, beside the float32 copies of bfloat16 moments, which the whole-tensor step
-        holds through it), and the update with a tensor step size (the direction beside the engine's decay
-        temporary ``p * (lr wd)``, of the parameter's compute width: ``functional.adam.decoupled_weight_decay_``)."""
+    def _widths(self, group, state) -> tuple[int, int]:
+        """``(width, copies)`` per element: the moments' compute width (8 for float64 moments, else 4) and the
+        float32 copies of bfloat16 moments (8, else 0)."""
         m = state.get("exp_avg")
         width = 8 if m is not None and m.dtype == torch.float64 else 4
         copies = 8 if m is not None and m.dtype not in (torch.float32, torch.float64) else 0
-        # the decay temporary's width: the parameter's. A float64 parameter's gradient is cast to float32 for a float32
-        # / bfloat16 state (the engine counts the cast and tells the count float32), so a group holding a float64
-        # parameter is counted at 8 (a bound for its float32 parameters, never under)
-        param = 8 if width == 8 or any(getattr(q, "dtype", None) == torch.float64 for q in group.get("params", ())) else 4
-        return max(2 * width + copies, width + param) * numel + 24
+        return width, copies
+
+    def _update_phase(self, n, group, state) -> int:
+        """The decay and update after :meth:`direction` (the direction alive), both in place (``addcmul_`` with the
+        0-d step size: :func:`~lowmem.optim.functional.adam.decoupled_weight_decay_`, ``apply_update_``): the
+        direction beside the step size and, with a decay, ``lr wd`` (8 B each)."""
+        width, _ = self._widths(group, state)
+        return width * n + (16 if self.weight_decay_for(group, state) else 8)
+
+    def transient_bytes(self, numel, shape, group, state):
+        """The whole-tensor step, exact: the RMS (``g^2`` and ``v_t``, beside the float32 copies of bfloat16 moments
+        and the 0-d step size and sum), then the moments and direction (freed copies), then the update
+        (:meth:`_update_phase`)."""
+        width, copies = self._widths(group, state)
+        return max((2 * width + copies) * numel + 8 + width, self._update_phase(numel, group, state))
+
+    def chunk_transient_bytes(self, numel, shape, group, state):
+        """The chunked step with chunks of at most ``numel`` elements, exact: the prepare pass (a chunk's ``g^2`` and
+        ``v_t`` beside the 0-d step size, total and chunk sum), a chunk's direction (the float32 copies of bfloat16
+        moments and ``sqrt(v) + eps``), the update (:meth:`_update_phase`)."""
+        width, copies = self._widths(group, state)
+        return max(2 * width * numel + 8 + 2 * width, (copies + width) * numel + 8,
+                   self._update_phase(numel, group, state))
 
     def direction_bytes(self, numel, shape, group, state):
         m = state.get("exp_avg")
@@ -114,16 +141,103 @@ class StableAdamWMoments(MomentRule):
         beta1_hat, beta2_hat = self._rates(group, t)
         m, v = _work(state["exp_avg"]), _work(state["exp_avg_sq"])
         g = _like(g, m)
-        FS.stable_adamw_moments_(m, v, g, beta1_hat, beta2_hat)
         if not getattr(state, "extra", {}).get("clipped"):  # the whole tensor (no prepare pass): the RMS of v_t
-            g2 = g * g
-            lr.mul_(FS.clip_scale_(g2.div_(v.clamp_min(group["eps"] ** 2)).sum(), g.numel()))
-            del g2
+            # (the prepare pass's one-chunk sum, v_t aside before the moments: the same bits as the chunked step and
+            # the multi-tensor buckets, foreach_step_; before 2026-12-02 v_t's in place, within float32 rounding)
+            lr.mul_(FS.clip_scale_(FS.update_rms_sum(g, v, beta2_hat, group["eps"]), g.numel()))
+        FS.stable_adamw_moments_(m, v, g, beta1_hat, beta2_hat)
         d = FS.stable_adamw_direction(m, v, group["eps"])
         if m is not state["exp_avg"]:
             state["exp_avg"].copy_(m)
             state["exp_avg_sq"].copy_(v)
         return d
+
+
+    # ---- the multi-tensor buckets (the engine's foreach path; issue 15) ----
+
+    supports_foreach = True
+    #: bfloat16 parameters join the buckets as float32 copies stepped by :meth:`foreach_step_` (the engine's
+    #: ``_step_bf16_bucket``, then its write-back), with float32 or bfloat16 moments
+    bf16_bucket_steps_copies = True
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+
+    def supports_foreach_for(self, shape, group, state):
+        """Not in an FSDP2 (sharded) group: the RMS of a shard is summed over every shard (:meth:`prepare_chunks`'s
+        all-reduce), which the per-parameter step does."""
+        return not sharded_group(group)
+
+    def steps_pieces_whole(self, shape, group, state):
+        """Always: the RMS spans the tensor, so a tensor in pieces is stepped from its first one in chunks of the
+        piece's size (:func:`~lowmem.optim.moments.step_whole_from_piece_`: the per-tensor chunked step)."""
+        return True
+
+    def foreach_step_(self, params, grads, states, group, t, lr, lr_rule=None) -> None:
+        """A bucket's whole step: each tensor's RMS sum from ``v_t`` aside (:func:`~lowmem.optim.functional.
+        stable_adamw.update_rms_sums_foreach`: each its own ``.sum()``, as the per-tensor prepare pass), the clipped
+        step sizes (:func:`~lowmem.optim.functional.stable_adamw.clip_lrs`, a float64 tensor), the moments and
+        directions, then the decay and update with each tensor's step size (:func:`~lowmem.optim.functional.
+        stable_adamw.step_foreach_`). ``lr_rule``: :func:`clipped_lr` (the recipe's, :attr:`foreach_lr_rule`; the
+        rule computes the sizes itself). A tensor in pieces (larger than ``chunk_numel``) is stepped whole from its
+        first piece. bfloat16 moments (a bucket of bfloat16 parameters' copies, :attr:`bf16_bucket_steps_copies`)
+        are updated on float32 copies and stored rounded to nearest. Allocates :meth:`foreach_bucket_transient_bytes`."""
+        self.foreach_prepare(params, grads, states, group, t, lr, lr_rule=lr_rule)()
+
+    def foreach_prepare(self, params, grads, states, group, t, lr, lr_rule=None):
+        """:meth:`foreach_step_` prepared ahead (the engine's ``_prepare_buckets``, before the step's device read): the
+        members' split (pieces, whole tensors), the lists and element counts now; the kernels when the returned
+        function is called (the same operations in the same order)."""
+        if lr_rule is not None and lr_rule is not clipped_lr:
+            raise ValueError(f"{type(self).__name__}.foreach_step_: no multi-tensor form of the lr rule {lr_rule!r}")
+        firsts, whole = [], []
+        for p, g, s in zip(params, grads, states):
+            if not isinstance(s, ChunkState):
+                whole.append((p, g, s))
+            elif s.start == 0:  # (the other pieces: stepped with the first)
+                firsts.append((p, g, s))
+        ps, gs, ss = (list(x) for x in zip(*whole)) if whole else ([], [], [])
+        del whole
+        ms, vs = [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss]
+        low = {m.dtype for m in ms} | {v.dtype for v in vs}
+        if low not in (set(), {torch.float32}, {torch.bfloat16}):
+            raise ValueError(f"{type(self).__name__}.foreach_step_: the moments of one bucket are all float32 or all"
+                             f" bfloat16, got {sorted(map(str, low))}")
+        low = low == {torch.bfloat16}
+        numels = [p.numel() for p in ps]
+
+        def launch() -> None:
+            for p, g, s in firsts:
+                step_whole_from_piece_(self, p, g, s, group, t, clipped_lr(group, s.extra["parent"], p, t),
+                                       decay_after=False)
+            if not ps:
+                return
+            beta1_hat, beta2_hat = self._rates(group, t)
+            m32s, v32s = (FA.float32_copies(ms), FA.float32_copies(vs)) if low else (ms, vs)
+            lrs = FS.clip_lrs(FS.update_rms_sums_foreach(gs, v32s, beta2_hat, group["eps"]), numels, group["lr"])
+            FS.stable_adamw_moments_foreach_(m32s, v32s, gs, beta1_hat, beta2_hat)
+            ds = FS.stable_adamw_direction_foreach(m32s, v32s, group["eps"])
+            if low:
+                torch._foreach_copy_(ms, m32s)
+                torch._foreach_copy_(vs, v32s)
+            del m32s, v32s
+            FS.step_foreach_(ps, ds, lrs, self.weight_decay_for(group, {}))
+
+        return launch
+
+    def foreach_bucket_transient_bytes(self, numel, members, group=None):
+        """What :meth:`foreach_step_` allocates for a bucket of ``numel`` elements of whole tensors (a tensor in
+        pieces is stepped alone from its first piece, its per-parameter transient counted by the engine), exact:
+        ``g^2`` and ``v_t`` (8 B per element), then the directions beside their denominators (8 B) and the float64
+        step sizes (8 B per tensor), with the float32 copies of bfloat16 moments (8 B per element) through both
+        phases; then, the copies freed, the directions (4 B per element) and the step sizes beside the decay's
+        coefficients (16 B per tensor): the decay and the update are in place (``addcmul_``). (The clip factors'
+        phase, 12 B per tensor beside the copies, is less.)"""
+        whole = [(n, st) for n, st in members if not isinstance(st, ChunkState)]
+        k = len(whole)
+        n = sum(n for n, _ in whole) if members else numel
+        low = any(st["exp_avg"].dtype == torch.bfloat16 for _, st in whole if "exp_avg" in st)
+        wd = group is not None and self.weight_decay_for(group, {}) != 0
+        return max((16 if low else 8) * n + 8 * k, 4 * n + (16 if wd else 8) * k)
+
 
 
 def clipped_lr(group: dict[str, Any], state: dict[str, torch.Tensor], p32: torch.Tensor, t: float,
@@ -133,6 +247,12 @@ def clipped_lr(group: dict[str, Any], state: dict[str, torch.Tensor], p32: torch
     it (``eta_t`` of Algorithm 2, lines 9-10: the decay and the update take the clipped size; no host read).
     ``reduce`` (an FSDP2 shard's, :mod:`lowmem.optim.sharded`): unused, the rule reduces the RMS itself."""
     return torch.full((), float(group["lr"]), dtype=torch.float64, device=p32.device)
+
+
+# the multi-tensor buckets evaluate the lr rule themselves (the clip factors of a bucket at once); bfloat16 parameters'
+# copies take the same step (bf16_bucket_steps_copies)
+StableAdamWMoments.foreach_lr_rule = staticmethod(clipped_lr)
+StableAdamWMoments.bf16_bucket_lr_rule = staticmethod(clipped_lr)
 
 
 def _check(group: dict[str, Any]) -> None:
