@@ -190,3 +190,20 @@ def test_a_bucket_of_targets_with_mixed_buffer_dtypes_is_refused():
               {"momentum_buffer": torch.zeros(2, dtype=torch.bfloat16)}]
     with pytest.raises(ValueError, match="momentum_buffer of dtypes"):
         HybridMoments._low_buffers(states, {})
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon", "sinkgd", "scale"])
+def test_bf16_matrix_buckets_read_the_host_as_the_float32_step(name, monkeypatch):
+    """The host reads of a step of bfloat16 weights in the buckets (a 64 x 48 target and a 48-vector, after two steps)
+    are the float32 step's pinned ones (tests/test_speed_paths.py HOST_READS: the engine's one finite check, the CPU
+    step counter): the bucket adds no ``.item()``."""
+    from test_speed_paths import HOST_READS, _count_host_reads
+
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: real(*a, **k).to(torch.bfloat16))
+    monkeypatch.setattr(torch, "randn_like", lambda x, **k: real(x.shape, **k).to(x.dtype))
+    calls, bucket = [], E.LowMemOptimizer._step_bf16_bucket
+    monkeypatch.setattr(E.LowMemOptimizer, "_step_bf16_bucket",
+                        lambda self, ps, *a: (calls.append(len(ps)), bucket(self, ps, *a))[1])
+    reads, device_reads, sites = _count_host_reads(name)
+    assert calls and (reads, device_reads) == HOST_READS[name], sites
