@@ -518,7 +518,14 @@ class MuonMoments(HybridMoments):
         (:meth:`_bf16_stack_bytes`); plus the products' workspace, as the float32 bucket's."""
         low, nesterov = self._low_buffers(states, group), bool(group["nesterov"])
         body = max((6 + 4 * low + 4 * nesterov) * numel, self._bf16_stack_bytes(numel, shape))
-        return body + bf16_gemm_workspace_bytes(math.isqrt(numel), torch.get_num_threads())
+        # (the workspace sized for the step's device, as the per-parameter step's: per CPU thread on the CPU, once
+        # elsewhere, and not by the host CPU's vendor for a CUDA step; the buffers' device, else the group's)
+        bufs = [s["momentum_buffer"] for s in states if "momentum_buffer" in s]
+        params = (group or {}).get("params") or []
+        device = bufs[0].device.type if bufs else local(params[0]).device.type if params else "cpu"
+        threads = torch.get_num_threads() if device == "cpu" else 1
+        with blas_device(device):
+            return body + bf16_gemm_workspace_bytes(math.isqrt(numel), threads)
 
     def _bf16_stack_bytes(self, numel: int, shape: torch.Size) -> int:
         """The iteration and Muon's float32 steps beside the stack (``6 numel``: the float32 bucket's bound)."""
