@@ -120,7 +120,7 @@ def test_muon_foreach_off_stays_per_parameter_and_bf16_stacks_on_copies(monkeypa
     calls, stacked = [], []
     monkeypatch.setattr(normalized, "muon_foreach_", lambda *a, **k: calls.append(1))
     iterate = normalized.muon_foreach_iterate
-    monkeypatch.setattr(normalized, "muon_foreach_iterate", lambda g, *a: (stacked.append(len(g)), iterate(g, *a))[1])
+    monkeypatch.setattr(normalized, "muon_foreach_iterate", lambda g, *a, **k: (stacked.append(len(g)), iterate(g, *a, **k))[1])
     _run("muon", False, 1024, MUON_CONFIGS["defaults"], steps=1)
     assert stacked == []
     _assert_equal("muon", None, MUON_CONFIGS["defaults"], 1024, dtype=torch.bfloat16)

@@ -288,19 +288,24 @@ def _newton_schulz_slices_step(x: Tensor, a: float, b: float, c: float) -> Tenso
 
 
 def muon_foreach_iterate(grads: list[Tensor], bufs: list[Tensor], shape: tuple[int, int], momentum: float,
-                         nesterov: bool) -> Tensor:
+                         nesterov: bool, overwrite_grads: bool = False) -> Tensor:
     """The momentum step of ``k`` matrices of one ``shape`` and the bfloat16 stack to orthogonalise (``k`` x
     :func:`ns_shape`), one multi-tensor kernel per operation::
 
         B <- lerp(B, g, 1 - mu) ;  U = lerp(g, B, mu) (Nesterov) or B ;  X = U in bfloat16   (:func:`muon_momentum_`)
 
     ``bufs`` float32 (a bfloat16 buffer's float32 copies: the caller writes them back). Allocates the stack
-    (``2 k m n``) beside the Nesterov matrices (``4 k m n``, freed on return)."""
+    (``2 k m n``) beside the Nesterov matrices (``4 k m n``, freed on return); ``overwrite_grads`` (the gradients are
+    the caller's float32 copies, read no more): the Nesterov matrices are computed into them in place (the same
+    ``lerp``), nothing beside the stack."""
     m = shape[0]
     torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
     x = torch.empty((len(grads), *ns_shape(shape)), dtype=torch.bfloat16, device=grads[0].device)
     xs = [ns_rows(xi, shape, 0, m) for xi in x.unbind(0)]  # views in the matrices' own layout
-    if nesterov:
+    if nesterov and overwrite_grads:
+        torch._foreach_lerp_(grads, bufs, momentum)
+        torch._foreach_copy_(xs, grads)
+    elif nesterov:
         us = torch._foreach_lerp(grads, bufs, momentum)
         torch._foreach_copy_(xs, us)  # the bfloat16 cast, element-wise as U.to(bfloat16)
         del us
