@@ -207,3 +207,31 @@ def test_bf16_matrix_buckets_read_the_host_as_the_float32_step(name, monkeypatch
                         lambda self, ps, *a: (calls.append(len(ps)), bucket(self, ps, *a))[1])
     reads, device_reads, sites = _count_host_reads(name)
     assert calls and (reads, device_reads) == HOST_READS[name], sites
+
+
+BATCHED = [(3, 16, 24), (16, 24), (3, 16, 24), (2, 40, 24), (40,), (2, 40, 24)]
+
+
+@pytest.mark.parametrize("rule,state,rounding", CASES)
+def test_bf16_matrix_buckets_of_batched_matrices(rule, state, rounding, monkeypatch):
+    """Batches of matrices ``[E, A, B]`` (fused MoE experts; a tall one too) join the buckets, their matrices stacked as
+    2-D weights as in the float32 buckets: three steps bit for bit the per-parameter step's (which steps each matrix
+    as a 2-D weight of its own), none stepped alone, and the traced peak of the third == step_transient_bytes()."""
+    ref, pr = _build(rule, False, state, rounding, shapes=BATCHED)
+    _steps(ref, pr, 3)
+    alone, update = [], E.LowMemOptimizer._update
+    monkeypatch.setattr(E.LowMemOptimizer, "_update",
+                        lambda self, p, *a, **k: (alone.append(tuple(p.shape)), update(self, p, *a, **k))[1])
+    opt, po = _build(rule, True, state, rounding, shapes=BATCHED)
+    _steps(opt, po, 2)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(2):  # (_steps' third gradients)
+        [torch.randn(p.shape, generator=gen) for p in po]
+    for p in po:
+        p.grad = (torch.randn(p.shape, generator=gen) * 3).to(p.dtype)
+    with bf16_workspace_left_out():
+        with _AllLive() as t:
+            opt.step()
+        assert t.peak == opt.step_transient_bytes() > 0
+    assert alone == []
+    _same(ref, pr, opt, po)

@@ -301,11 +301,13 @@ class HybridMoments(MomentRule):
     def bf16_bucket_takes(self, p: Tensor, group: dict[str, Any]) -> bool:
         """A bfloat16 AdamW parameter joins the buckets (any shape; in pieces too, element-wise:
         :meth:`bf16_bucket_pieces_elementwise`); a bfloat16 target where the target rule has a bucket direction
-        (:meth:`target_bf16_bucket_direction`) and it is a 2-D weight no larger than a bucket (a batch of matrices
-        and a weight in pieces: the per-parameter step, as before)."""
+        (:meth:`target_bf16_bucket_direction`) and it is a 2-D weight or a contiguous batch of matrices ``[E, A, B]``
+        (fused MoE experts: its matrices stacked as 2-D weights, as in the float32 buckets) no larger than a bucket (a
+        weight in pieces and one of more dimensions: the per-parameter step, as before)."""
         if not self.targets(p.shape, group):
             return True
-        return p.dim() == 2 and type(self).target_bf16_bucket_direction is not HybridMoments.target_bf16_bucket_direction
+        return ((p.dim() == 2 or (p.dim() == 3 and p.is_contiguous()))
+                and type(self).target_bf16_bucket_direction is not HybridMoments.target_bf16_bucket_direction)
 
     def bf16_bucket_pieces_elementwise(self, shape: torch.Size, group: dict[str, Any]) -> bool:
         """Whether a bfloat16 parameter larger than ``chunk_numel`` joins the buckets in pieces: the AdamW ones
@@ -329,16 +331,29 @@ class HybridMoments(MomentRule):
             torch._foreach_mul_(ds, lr * self._adam_ratio(group))
             return ds
         shapes = {tuple(g.shape) for g in g32s}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-            raise ValueError(f"{type(self).__name__}.bf16_bucket_direction: a bucket of targets holds 2-D weights of"
-                             f" one shape, got {sorted(shapes)}")
+        if len(shapes) != 1 or len(next(iter(shapes))) not in (2, 3):
+            raise ValueError(f"{type(self).__name__}.bf16_bucket_direction: a bucket of targets holds 2-D weights"
+                             f" (or batches [E, A, B]) of one shape, got {sorted(shapes)}")
         return self.target_bf16_bucket_direction(g32s, states, group, t, lr)
 
     def target_bf16_bucket_direction(self, g32s: list[Tensor], states: list[dict[str, Tensor]],
                                      group: dict[str, Any], t: float, lr: Any) -> list[Tensor]:
-        """The float32 directions of ``k`` bfloat16 targets of one 2-D shape (``g32s`` their gradients' float32
-        copies, emptied once read): :meth:`direction`'s, with ``lr`` applied. Default: none (each stepped alone)."""
+        """The float32 directions of ``k`` bfloat16 targets of one shape (2-D, or batches ``[E, A, B]``; ``g32s`` their
+        gradients' float32 copies, emptied once read): :meth:`direction`'s, with ``lr`` applied. Default: none (each
+        stepped alone)."""
         raise NotImplementedError(f"{type(self).__name__} has no bucket direction of bfloat16 targets")
+
+    @staticmethod
+    def _members_of(d: Tensor, shape: tuple[int, ...], transposed: bool = False) -> list[Tensor]:
+        """The directions of a bucket's members of ``shape`` (``[A, B]`` or ``[E, A, B]``) from the stack ``d`` of their
+        matrices, in order (``E`` per member): views; ``transposed``: the stack holds each matrix's transpose (Muon's
+        iterate of a tall matrix, :func:`~lowmem.optim.functional.muon.ns_shape`)."""
+        per = math.prod(shape[:-2])
+        out = []
+        for i in range(d.size(0) // max(per, 1)):
+            blk = d[i * per : (i + 1) * per]
+            out.append((blk.mT if transposed else blk).view(shape))
+        return out
 
     def bf16_bucket_transient_bytes(self, numel: int, states: list[dict[str, Tensor]], members=None, group=None,
                                     bucket_class=_NO_CLASS) -> int:
@@ -495,21 +510,25 @@ class MuonMoments(HybridMoments):
         ``O.to(float32) * lr * ratio`` (:meth:`_bf16_stack_direction`); views of one float32 stack in the weights'
         layout. Allocates :meth:`target_bf16_bucket_transient_bytes`."""
         shape = tuple(g32s[0].shape)
-        bufs = [s["momentum_buffer"] for s in states]
+        mat = shape[-2:]  # (a batch [E, A, B]: its matrices stacked as 2-D weights)
+        gs = [x for g in g32s for x in matrices(g)]
+        g32s.clear()
+        bufs = [x for s in states for x in matrices(s["momentum_buffer"])]
         low = self._low_buffers(states, group)
         b32s = float32_copies(bufs) if low else bufs
-        stack = [muon_foreach_iterate(g32s, b32s, shape, group["momentum"], group["nesterov"], overwrite_grads=True)]
-        g32s.clear()
+        stack = [muon_foreach_iterate(gs, b32s, mat, group["momentum"], group["nesterov"], overwrite_grads=True)]
+        del gs
         if low:
             torch._foreach_copy_(bufs, b32s)
         del b32s, bufs
         d = self._bf16_stack_direction(stack, states, shape, group, lr)
-        return [ns_rows(di, shape, 0, shape[0]) for di in d.unbind(0)]
+        return self._members_of(d, shape, transposed=mat[0] > mat[1])
 
-    def _bf16_stack_direction(self, stack: list[Tensor], states, shape: tuple[int, int], group, lr) -> Tensor:
-        """Muon's float32 steps of a stack of iterates (:func:`~lowmem.optim.functional.muon.muon_foreach_direction`)."""
+    def _bf16_stack_direction(self, stack: list[Tensor], states, shape: tuple[int, ...], group, lr) -> Tensor:
+        """Muon's float32 steps of a stack of iterates (:func:`~lowmem.optim.functional.muon.muon_foreach_direction`;
+        the ratio of a matrix's ``A x B``)."""
         return muon_foreach_direction(stack, group["ns_coefficients"], group["ns_steps"], group["ns_eps"],
-                                      lr * muon_lr_ratio(shape, group["adjust_lr_fn"]))
+                                      lr * muon_lr_ratio(shape[-2:], group["adjust_lr_fn"]))
 
     def target_bf16_bucket_transient_bytes(self, numel, shape, states, group):
         """:meth:`target_bf16_bucket_direction`: the momentum phase, the gradients' float32 copies (``4 numel``,
@@ -1001,9 +1020,12 @@ class SinkGDMoments(HybridMoments):
         """The float32 steps ``lr scale r_i G_ij c_j`` of ``k`` bfloat16 SinkGD weights of one shape
         (:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_direction` of their gradients' float32 copies, freed
         after): the float32 bucket's operations. Allocates :meth:`target_bf16_bucket_transient_bytes`."""
-        d = sinkgd_foreach_direction(g32s, group["sinkhorn_iters"], lr * group["scale"])
+        shape = tuple(g32s[0].shape)
+        gs = [x for g in g32s for x in matrices(g)]  # (a batch [E, A, B]: its matrices, each as a 2-D weight)
+        d = sinkgd_foreach_direction(gs, group["sinkhorn_iters"], lr * group["scale"])
         g32s.clear()
-        return list(d.unbind(0))
+        del gs
+        return self._members_of(d, shape)
 
     def target_bf16_bucket_transient_bytes(self, numel, shape, states, group):
         """The gradients' float32 copies (``4 numel``) beside the float32 bucket's step
@@ -1400,21 +1422,25 @@ class ScaleMoments(HybridMoments):
         copies; ``"head"`` of the buffers after their EMA (float32 copies of bfloat16 buffers, written back rounded,
         the step from the unrounded copies: the per-parameter step's ``buf.to(float32)``), the gradients' copies
         freed before the stack. Allocates :meth:`target_bf16_bucket_transient_bytes`."""
+        shape = tuple(g32s[0].shape)
+        gs = [x for g in g32s for x in matrices(g)]  # (a batch [E, A, B]: its matrices, each as a 2-D weight)
         if group["scale_role"] == "head":
-            bufs = [s["momentum_buffer"] for s in states]
+            bufs = [x for s in states for x in matrices(s["momentum_buffer"])]
             low = self._low_buffers(states, group)
             ms = float32_copies(bufs) if low else bufs
-            torch._foreach_lerp_(ms, g32s, 1.0 - group["momentum"])  # last_layer_momentum_
+            torch._foreach_lerp_(ms, gs, 1.0 - group["momentum"])  # last_layer_momentum_
             g32s.clear()
+            del gs
             if low:
                 torch._foreach_copy_(bufs, ms)
             del bufs
         else:
-            ms = g32s
+            ms = gs
+            del gs
         d = scale_rows_direction(ms, lr)
         g32s.clear()
         del ms
-        return list(d.unbind(0))
+        return self._members_of(d, shape)
 
     def target_bf16_bucket_transient_bytes(self, numel, shape, states, group):
         """The stack and its rows' RMS (:meth:`target_foreach_bucket_transient_bytes`) beside the rows it is

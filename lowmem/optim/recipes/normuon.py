@@ -226,7 +226,9 @@ class NorMuonMoments(MuonMoments):
     def _bf16_stack_direction(self, stack, states, shape, group, lr):
         """NorMuon's float32 steps ``c_i O_i`` of a stack of iterates (:func:`normuon_foreach_direction`; the second
         moments float32 or bfloat16, stored rounded)."""
-        return normuon_foreach_direction(stack, [s[V_KEY] for s in states], shape, group, lr)
+        per = math.prod(shape[:-2])  # (a batch [E, A, B]: each matrix's vector, as the float32 bucket's)
+        vs = [_vector_index(s[V_KEY], e) for s in states for e in range(per)]
+        return normuon_foreach_direction(stack, vs, tuple(shape[-2:]), group, lr)
 
     def _bf16_stack_bytes(self, numel, shape):
         """The iteration, the rows' norms, the factors and the float32 steps (:func:`normuon_foreach_bytes` without
