@@ -1,7 +1,7 @@
 """Issue 15 (MATRIXBF16): the matrix-normalizing hybrids (Muon, NorMuon, SinkGD, SCALE) step bfloat16 weights in the
 engine's multi-tensor buckets (``_step_bf16_bucket``): their AdamW parameters (``HybridMoments.bf16_bucket_direction``:
-AdamW's bucket direction times ``lr * adamw_lr_ratio``; a tensor larger than ``chunk_numel`` in pieces) and their 2-D
-targets, stacked by shape (``target_bf16_bucket_direction``: the float32 buckets' functional steps,
+AdamW's bucket direction times ``lr * adamw_lr_ratio``; a tensor larger than ``chunk_numel`` in pieces) and their
+targets (2-D, and batches of matrices ``[E, A, B]``), stacked by shape (``target_bf16_bucket_direction``: the float32 buckets' functional steps,
 ``muon_foreach_iterate`` / ``muon_foreach_direction``, ``normuon_foreach_direction``, ``sinkgd_foreach_direction``,
 ``scale_rows_direction``, on the gradients' float32 copies; bfloat16 buffers through float32 copies written back
 rounded). The weights and every state tensor equal the per-parameter step's (``foreach=False``) bit for bit: float32
