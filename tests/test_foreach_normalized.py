@@ -3,7 +3,7 @@ and orthogonalised by a batched Newton-Schulz iteration (functional.muon.muon_fo
 scalings of a stack, SCALE's row normalisation of a stack; each equal, bit for bit on the CPU, to the
 per-parameter step (``foreach=False``) with the same ``chunk_numel``. A weight larger than
 ``chunk_numel`` reaches the buckets in pieces and takes the per-parameter (lean, row-block) step from
-its first piece; vectors take AdamW's bucket, a bfloat16 model the per-parameter path."""
+its first piece; vectors take AdamW's bucket; a bfloat16 model its bfloat16 buckets (tests/test_bf16_buckets_matrix.py)."""
 
 from __future__ import annotations
 
@@ -111,16 +111,20 @@ def test_muon_foreach_equals_the_per_parameter_step(config, chunk_numel, monkeyp
         assert (4, (16, 16)) in per_step and (48, 40) not in [s for _, s in per_step]
 
 
-def test_muon_foreach_off_stays_per_parameter_and_bf16_never_stacks(monkeypatch):
-    """foreach=False and a bfloat16 model (the engine buckets float32 only) never call the stacked
-    step; the bfloat16 model's result is the same with foreach on and off."""
+def test_muon_foreach_off_stays_per_parameter_and_bf16_stacks_on_copies(monkeypatch):
+    """foreach=False never calls the stacked step; a bfloat16 model takes the bfloat16 buckets (MATRIXBF16: the
+    stack of its weights' gradients' float32 copies, ``muon_foreach_iterate``, not the float32 ``muon_foreach_``), and
+    its result is the same with foreach on and off (bit for bit: tests/test_bf16_buckets_matrix.py)."""
     from lowmem.optim.recipes import normalized
 
-    calls = []
+    calls, stacked = [], []
     monkeypatch.setattr(normalized, "muon_foreach_", lambda *a, **k: calls.append(1))
+    iterate = normalized.muon_foreach_iterate
+    monkeypatch.setattr(normalized, "muon_foreach_iterate", lambda g, *a, **k: (stacked.append(len(g)), iterate(g, *a, **k))[1])
     _run("muon", False, 1024, MUON_CONFIGS["defaults"], steps=1)
+    assert stacked == []
     _assert_equal("muon", None, MUON_CONFIGS["defaults"], 1024, dtype=torch.bfloat16)
-    assert calls == []
+    assert calls == [] and max(stacked) == 4  # (the four 16 x 16 weights of a step stacked)
 
 
 def test_muon_bucket_transient_is_reported():

@@ -1367,7 +1367,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return kw
 
         foreach = max((max(moment.foreach_bucket_transient_bytes(n, members.get(k, []), bucket_groups[k], **extra(k))
-                           + stab * n, self._bf16_bucket_bytes(low16.get(k, []), bucket_groups[k]),
+                           + stab * n, self._bf16_bucket_bytes(low16.get(k, []), bucket_groups[k], k[2]),
                            # a bucket stabilized at once: the stabilizers' transient before the moment step
                            sum(s.transform_many_transient_bytes(n, bucket_groups[k]) for s in self.recipe.stabilizers)
                            if k in many else 0) for k, n in buckets.items()),
@@ -1378,7 +1378,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         held = 0 if per_parameter else self._pre_check_bytes()[0]  # (kept through the step: _finite_and_pre_check)
         return kept + steps + max(max(worst, foreach) + steps + held, self._check_bytes() if not per_parameter else 0)
 
-    def _bf16_bucket_bytes(self, members: list[tuple[int, dict[str, Tensor]]], group: dict[str, Any]) -> int:
+    def _bf16_bucket_bytes(self, members: list[tuple[int, dict[str, Tensor]]], group: dict[str, Any],
+                           bucket_class: Any = None) -> int:
         """What :meth:`_step_bf16_bucket` allocates for a bucket's bfloat16 ``members`` (elements, state), after its
         float32 members' step: the rule's direction phase (``bf16_bucket_transient_bytes``, the gradients' float32
         copies included; told the ``members`` and ``group`` too: SM3's stacks are sized per shape, the quantized
@@ -1387,7 +1388,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ``bf16_stochastic_round`` the copies (then one flat buffer, each member padded to a multiple of 4 elements:
         :func:`~lowmem.optim.functional.rounding.padded_numel`) beside the whole bucket's random bits and NaN mask
         (:func:`~lowmem.optim.functional.rounding.stochastic_round_bucket_bytes`, 3 B per padded element: the bucket
-        is capped at ``chunk_numel`` elements); Kahan's compensation and rounding to nearest allocate nothing more."""
+        is capped at ``chunk_numel`` elements); Kahan's compensation and rounding to nearest allocate nothing more.
+        ``bucket_class``: the bucket's (:meth:`~lowmem.optim.moments.MomentRule.foreach_bucket_class`), told to a rule
+        with ``bf16_bucket_counts_class`` (the hybrids': an AdamW bucket or targets of one shape)."""
         if not members:
             return 0
         r, n = self.recipe, sum(k for k, _ in members)
@@ -1396,7 +1399,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         rounding = c + stochastic_round_bucket_bytes([k for k, _ in members]) if sr else 0
         if getattr(r.moment, "bf16_bucket_steps_copies", False):  # (the copies beside the rule's float32 bucket step)
             return max(4 * n + c + r.moment.foreach_bucket_transient_bytes(n, members, group), rounding)
-        rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members, group=group)
+        told = {"bucket_class": bucket_class} if getattr(r.moment, "bf16_bucket_counts_class", False) else {}
+        rule = r.moment.bf16_bucket_transient_bytes(n, [s for _, s in members], members=members, group=group, **told)
         if r.lr_rule is constant_lr:
             # (the directions kept beside the parameters' copies: 4 B per element, or the rule's count where a
             # direction may be its state itself, bf16_bucket_direction_bytes: SGD's and RMSprop's float32 buffers)
@@ -2818,14 +2822,17 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ``bf16_bucket_lr_rule``, evaluated on the bucket by its ``bf16_bucket_lrs``: Adafactor's) and a float ``lr``
         (the operations of :meth:`_apply` with a number); not in a subclass whose
         per-parameter step is its own (BAdam's ``_update``: a float32 master copy takes the step); a tensor larger
-        than ``chunk_numel`` only where the rule steps pieces element-wise (``pieces_elementwise``: a rule whose
-        statistics span blocks, SM3's, steps such a bfloat16 tensor alone, as before)."""
+        than ``chunk_numel`` only where the rule steps pieces element-wise (``pieces_elementwise``, or
+        ``bf16_bucket_pieces_elementwise(shape, group)``: the hybrids' AdamW parameters; a rule whose statistics span
+        blocks, SM3's, or a hybrid's target steps such a bfloat16 tensor alone, as before)."""
         r = self.recipe
         chunk = self._chunk(p.device)
         return (p.dtype == torch.bfloat16
                 and (getattr(r.moment, "bf16_bucket_direction", None) is not None
                      or getattr(r.moment, "bf16_bucket_steps_copies", False))  # (Adam-mini's: _step_bf16_bucket)
-                and (chunk is None or p.numel() <= chunk or getattr(r.moment, "pieces_elementwise", False))
+                and (chunk is None or p.numel() <= chunk or getattr(r.moment, "pieces_elementwise", False)
+                     # (a rule whose pieces are element-wise for some parameters: the hybrids' AdamW ones)
+                     or getattr(r.moment, "bf16_bucket_pieces_elementwise", lambda shape, group: False)(p.shape, group))
                 and type(self)._update is LowMemOptimizer._update
                 and (grad is None or (grad.dtype == torch.bfloat16 and not grad.is_sparse))
                 and state_dtype(group, p) in r.moment.bf16_bucket_state_dtypes

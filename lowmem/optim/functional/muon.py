@@ -287,36 +287,60 @@ def _newton_schulz_slices_step(x: Tensor, a: float, b: float, c: float) -> Tenso
     return nxt
 
 
+def muon_foreach_iterate(grads: list[Tensor], bufs: list[Tensor], shape: tuple[int, int], momentum: float,
+                         nesterov: bool, overwrite_grads: bool = False) -> Tensor:
+    """The momentum step of ``k`` matrices of one ``shape`` and the bfloat16 stack to orthogonalise (``k`` x
+    :func:`ns_shape`), one multi-tensor kernel per operation::
+
+        B <- lerp(B, g, 1 - mu) ;  U = lerp(g, B, mu) (Nesterov) or B ;  X = U in bfloat16   (:func:`muon_momentum_`)
+
+    ``bufs`` float32 (a bfloat16 buffer's float32 copies: the caller writes them back). Allocates the stack
+    (``2 k m n``) beside the Nesterov matrices (``4 k m n``, freed on return); ``overwrite_grads`` (the gradients are
+    the caller's float32 copies, read no more): the Nesterov matrices are computed into them in place (the same
+    ``lerp``), nothing beside the stack."""
+    m = shape[0]
+    torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
+    x = torch.empty((len(grads), *ns_shape(shape)), dtype=torch.bfloat16, device=grads[0].device)
+    xs = [ns_rows(xi, shape, 0, m) for xi in x.unbind(0)]  # views in the matrices' own layout
+    if nesterov and overwrite_grads:
+        torch._foreach_lerp_(grads, bufs, momentum)
+        torch._foreach_copy_(xs, grads)
+    elif nesterov:
+        us = torch._foreach_lerp(grads, bufs, momentum)
+        torch._foreach_copy_(xs, us)  # the bfloat16 cast, element-wise as U.to(bfloat16)
+        del us
+    else:
+        torch._foreach_copy_(xs, bufs)
+    return x
+
+
+def muon_foreach_direction(stack: list[Tensor], coefficients: tuple[float, float, float], steps: int, eps: float,
+                           scale: float) -> Tensor:
+    """The float32 step ``scale * O`` of a stack of iterates (``[X]``, :func:`muon_foreach_iterate`'s, handed over:
+    the list is emptied) after :func:`newton_schulz_batched`: a new ``k`` x :func:`ns_shape` float32 stack (row
+    ``ns_rows(d_i, shape, 0, m)`` of matrix ``i``), the per-matrix step's ``O.to(float32) * scale``."""
+    x = newton_schulz_batched(stack, coefficients, steps, eps)  # (the stack handed over: freed after its first iteration)
+    d = x.to(torch.float32)
+    del x
+    return d.mul_(scale)
+
+
 def muon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], shape: tuple[int, int],
                   momentum: float, nesterov: bool, coefficients: tuple[float, float, float], steps: int, eps: float,
                   lr: float, weight_decay: float, scale: float) -> None:
     """Muon's whole step for ``k`` float32 matrices of one ``shape`` (parameters, gradients, momentum
     buffers), one multi-tensor or batched kernel per operation::
 
-        B <- lerp(B, g, 1 - mu) ;  U = lerp(g, B, mu) (Nesterov) or B     (:func:`muon_momentum_`)
-        O = newton_schulz_batched(stack of U in bfloat16)                 (:func:`newton_schulz_batched`)
+        B <- lerp(B, g, 1 - mu) ;  U = lerp(g, B, mu) (Nesterov) or B     (:func:`muon_foreach_iterate`)
+        O = newton_schulz_batched(stack of U in bfloat16)                 (:func:`muon_foreach_direction`)
         p <- p (1 - lr wd) ;  p <- p - scale O                           (``scale = lr * ratio``)
 
     The operations of the per-matrix step (momentum, the bfloat16 cast, the iteration, the float32
     step ``O.to(float32) * scale``, decay, subtraction) in the same order: equal to it bit for bit on
     the CPU. Transient: :func:`muon_foreach_transient_bytes` of the ``k m n`` elements."""
     m = shape[0]
-    torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
-    x = torch.empty((len(params), *ns_shape(shape)), dtype=torch.bfloat16, device=params[0].device)
-    xs = [ns_rows(xi, shape, 0, m) for xi in x.unbind(0)]  # views in the matrices' own layout
-    if nesterov:
-        us = torch._foreach_lerp(grads, bufs, momentum)
-        torch._foreach_copy_(xs, us)  # the bfloat16 cast, element-wise as U.to(bfloat16)
-        del us
-    else:
-        torch._foreach_copy_(xs, bufs)
-    del xs
-    stack = [x]
-    del x
-    x = newton_schulz_batched(stack, coefficients, steps, eps)  # (the stack handed over: freed after its first iteration)
-    d = x.to(torch.float32)
-    del x
-    d.mul_(scale)
+    stack = [muon_foreach_iterate(grads, bufs, shape, momentum, nesterov)]
+    d = muon_foreach_direction(stack, coefficients, steps, eps, scale)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_sub_(params, [ns_rows(di, shape, 0, m) for di in d.unbind(0)])

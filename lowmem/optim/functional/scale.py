@@ -83,6 +83,15 @@ def last_layer_momentum_(buf: Tensor, g: Tensor, beta: float) -> Tensor:
     return buf.lerp_(g, 1.0 - beta)
 
 
+def scale_rows_direction(ms: list[Tensor], lr: float) -> Tensor:
+    """``lr C(M)`` of ``k`` float32 ``[out, in]`` matrices of one shape (:func:`scale_rows_foreach_`'s step before the
+    decay and the subtraction): a new ``k x out x in`` float32 stack, its rows' RMS (``4 k out`` bytes) alive
+    beside it until it returns."""
+    x = torch.stack(ms)
+    rms = torch.linalg.vector_norm(x, dim=2, keepdim=True).div_(math.sqrt(x.size(2))).clamp_(min=RMS_FLOOR)
+    return x.div_(rms).mul_(lr)
+
+
 def scale_rows_foreach_(params: list[Tensor], ms: list[Tensor], lr: float, weight_decay: float) -> None:
     """SCALE's step of ``k`` float32 ``[out, in]`` matrices of one shape whose rows are normalised
     (``"hidden"``: ``ms`` the gradients; ``"head"``: the momentum buffers after their EMA)::
@@ -92,9 +101,7 @@ def scale_rows_foreach_(params: list[Tensor], ms: list[Tensor], lr: float, weigh
     with :func:`column_normalize`'s operations on the stack (row norms over the last dimension): equal to
     the per-matrix step bit for bit on the CPU. Transient: the stack (float32, ``4 k m n``) and the
     row RMS."""
-    x = torch.stack(ms)
-    rms = torch.linalg.vector_norm(x, dim=2, keepdim=True).div_(math.sqrt(x.size(2))).clamp_(min=RMS_FLOOR)
-    x.div_(rms).mul_(lr)
+    x = scale_rows_direction(ms, lr)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_sub_(params, list(x.unbind(0)))

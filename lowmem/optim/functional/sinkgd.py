@@ -242,15 +242,21 @@ def sinkgd_foreach_(params: list[Tensor], grads: list[Tensor], iters: int, lr: f
     :func:`sinkhorn_scalings_stacked`) up to float32 rounding. Transient (:func:`sinkgd_foreach_bytes`): the
     stack of squares (float32, ``4 k m n``) next to the scalings' work, freed before the stack of steps (the
     same size) next to ``r`` and ``c``."""
+    d = sinkgd_foreach_direction(grads, iters, step, batched)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params, list(d.unbind(0)))
+
+
+def sinkgd_foreach_direction(grads: list[Tensor], iters: int, step: float, batched: bool | None = None) -> Tensor:
+    """The float32 steps ``step r_i G_ij c_j`` of ``k`` float32 matrices of one shape (:func:`sinkgd_foreach_`'s, before
+    the decay and the subtraction): a new ``k x m x n`` stack; allocates :func:`sinkgd_foreach_bytes`."""
     sq = torch.stack(grads)
     sq.square_()
     r, c = sinkhorn_scalings_stacked(sq, iters, batched)
     del sq
     d = torch.stack(grads)
-    d.mul_(r[:, :, None]).mul_(c[:, None, :]).mul_(step)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_sub_(params, list(d.unbind(0)))
+    return d.mul_(r[:, :, None]).mul_(c[:, None, :]).mul_(step)
 
 
 def sinkgd_foreach_bytes(k: int, m: int, n: int, iters: int, batched: bool) -> int:

@@ -40,13 +40,16 @@ from ..._warn import warn_user
 from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.galore import blas_device
+from ..functional.adam import float32_copies
 from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, matrices, matrix_index, muon_foreach_,
+                              bf16_gemm_workspace_bytes, muon_foreach_direction, muon_foreach_iterate,
                               muon_foreach_transient_bytes, muon_lr_ratio, muon_momentum_, muon_whole_step_bytes, newton_schulz,
                               newton_schulz_,
                               newton_schulz_transient_bytes, ns_column_block_numel, ns_rows, ns_shape, row_block_spans)
 from ..functional.scale import (add_squares_, column_normalize, column_rms, column_rms_bytes, flat_chunks_bytes,
-                                last_layer_momentum_, normalize_flat, rms_from_squares_, scale_rows_foreach_)
-from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn,
+                                last_layer_momentum_, normalize_flat, rms_from_squares_, scale_rows_direction,
+                                scale_rows_foreach_)
+from ..functional.sinkgd import (sinkgd_foreach_, sinkgd_foreach_bytes, sinkgd_foreach_direction, sinkhorn_scalings, sinkhorn_scalings_bytes, sr_sinkhorn,
                                  sr_sinkhorn_bytes)
 from ..hparams import BETAS, EPS, LR, WEIGHT_DECAY, HParam, in_unit_interval, is_bool, nonneg, one_of, positive, positive_int
 from ..moments import (AdamMoments, ChunkState, MomentRule, grad_element_bytes, sharded_group, state_dtype,
@@ -287,6 +290,105 @@ class HybridMoments(MomentRule):
             self.target_foreach_step_([params[i] for i in rest], [grads[i] for i in rest], [states[i] for i in rest],
                                       group, t, lr)
 
+    # ---- bfloat16 parameters in the multi-tensor buckets (the engine's _step_bf16_bucket; issue 15) ----
+
+    #: the state dtypes :meth:`bf16_bucket_direction` takes: the AdamW moments' and the targets' buffers, float32 or
+    #: bfloat16 (computed in float32 copies and stored rounded, as the per-parameter step)
+    bf16_bucket_state_dtypes = (torch.float32, torch.bfloat16)
+    #: the engine tells :meth:`bf16_bucket_transient_bytes` each bucket's class (AdamW's or the targets' of a shape)
+    bf16_bucket_counts_class = True
+
+    def bf16_bucket_takes(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """A bfloat16 AdamW parameter joins the buckets (any shape; in pieces too, element-wise:
+        :meth:`bf16_bucket_pieces_elementwise`); a bfloat16 target where the target rule has a bucket direction
+        (:meth:`target_bf16_bucket_direction`) and it is a 2-D weight or a contiguous batch of matrices ``[E, A, B]``
+        (fused MoE experts: its matrices stacked as 2-D weights, as in the float32 buckets) no larger than a bucket (a
+        weight in pieces and one of more dimensions: the per-parameter step, as before)."""
+        if not self.targets(p.shape, group):
+            return True
+        return ((p.dim() == 2 or (p.dim() == 3 and p.is_contiguous()))
+                and type(self).target_bf16_bucket_direction is not HybridMoments.target_bf16_bucket_direction)
+
+    def bf16_bucket_pieces_elementwise(self, shape: torch.Size, group: dict[str, Any]) -> bool:
+        """Whether a bfloat16 parameter larger than ``chunk_numel`` joins the buckets in pieces: the AdamW ones
+        (element-wise: an embedding, a head), not the targets (stepped whole: alone)."""
+        return not self.targets(shape, group)
+
+    def bf16_bucket_direction(self, g32s: list[Tensor], states: list[dict[str, Tensor]], group: dict[str, Any],
+                              t: float, lr: Any) -> list[Tensor]:
+        """The float32 directions of a bucket of bfloat16 parameters (their gradients' float32 copies ``g32s``,
+        emptied), the per-parameter step's (:meth:`direction`) bit for bit on the CPU; the engine then decays and
+        steps the parameters' float32 copies and writes them back. A bucket holds one class
+        (:meth:`foreach_bucket_class`): AdamW parameters, :meth:`~lowmem.optim.moments.AdamMoments.bf16_bucket_direction`
+        times ``lr * adamw_lr_ratio`` (:meth:`direction`'s scaling); targets of one shape,
+        :meth:`target_bf16_bucket_direction`. Allocates :meth:`bf16_bucket_transient_bytes`."""
+        adam = {self._is_adam(s) for s in states}
+        if len(adam) != 1:
+            raise ValueError(f"{type(self).__name__}.bf16_bucket_direction: a bucket holds AdamW parameters or targets,"
+                             " not both")
+        if adam.pop():
+            ds = self.adam.bf16_bucket_direction(g32s, states, group, t, lr)
+            torch._foreach_mul_(ds, lr * self._adam_ratio(group))
+            return ds
+        shapes = {tuple(g.shape) for g in g32s}
+        if len(shapes) != 1 or len(next(iter(shapes))) not in (2, 3):
+            raise ValueError(f"{type(self).__name__}.bf16_bucket_direction: a bucket of targets holds 2-D weights"
+                             f" (or batches [E, A, B]) of one shape, got {sorted(shapes)}")
+        return self.target_bf16_bucket_direction(g32s, states, group, t, lr)
+
+    def target_bf16_bucket_direction(self, g32s: list[Tensor], states: list[dict[str, Tensor]],
+                                     group: dict[str, Any], t: float, lr: Any) -> list[Tensor]:
+        """The float32 directions of ``k`` bfloat16 targets of one shape (2-D, or batches ``[E, A, B]``; ``g32s`` their
+        gradients' float32 copies, emptied once read): :meth:`direction`'s, with ``lr`` applied. Default: none (each
+        stepped alone)."""
+        raise NotImplementedError(f"{type(self).__name__} has no bucket direction of bfloat16 targets")
+
+    @staticmethod
+    def _members_of(d: Tensor, shape: tuple[int, ...], transposed: bool = False) -> list[Tensor]:
+        """The directions of a bucket's members of ``shape`` (``[A, B]`` or ``[E, A, B]``) from the stack ``d`` of their
+        matrices, in order (``E`` per member): views; ``transposed``: the stack holds each matrix's transpose (Muon's
+        iterate of a tall matrix, :func:`~lowmem.optim.functional.muon.ns_shape`)."""
+        per = math.prod(shape[:-2])
+        out = []
+        for i in range(d.size(0) // max(per, 1)):
+            blk = d[i * per : (i + 1) * per]
+            out.append((blk.mT if transposed else blk).view(shape))
+        return out
+
+    def bf16_bucket_transient_bytes(self, numel: int, states: list[dict[str, Tensor]], members=None, group=None,
+                                    bucket_class=_NO_CLASS) -> int:
+        """What :meth:`bf16_bucket_direction` allocates for a bucket of ``numel`` elements, the gradients' float32
+        copies included: an AdamW bucket (``bucket_class`` ``None``) AdamW's
+        (:meth:`~lowmem.optim.moments.AdamMoments.bf16_bucket_transient_bytes`: its scaling is in place); a bucket
+        of targets (``("target", shape)``) :meth:`target_bf16_bucket_transient_bytes`. The engine tells the class
+        (``foreach_counts_class``); without it the states say it (an AdamW state has ``exp_avg``)."""
+        if bucket_class is _NO_CLASS:
+            if states and all(self._is_adam(s) for s in states):
+                bucket_class = None
+            else:
+                raise TypeError(f"{type(self).__name__}.bf16_bucket_transient_bytes needs bucket_class= for a bucket"
+                                " of targets")
+        if bucket_class is None:
+            return self.adam.bf16_bucket_transient_bytes(numel, states)
+        return self.target_bf16_bucket_transient_bytes(numel, torch.Size(bucket_class[1]), states, group)
+
+    def target_bf16_bucket_transient_bytes(self, numel: int, shape: torch.Size, states: list[dict[str, Tensor]],
+                                           group: dict[str, Any]) -> int:
+        """What :meth:`target_bf16_bucket_direction` allocates for ``numel / prod(shape)`` targets of ``shape``."""
+        raise NotImplementedError(f"{type(self).__name__} has no bucket direction of bfloat16 targets")
+
+    @staticmethod
+    def _low_buffers(states: list[dict[str, Tensor]], group: dict[str, Any], key: str = "momentum_buffer") -> bool:
+        """Whether the targets' ``key`` buffers are stored in bfloat16 (their state's, or before the first step the
+        group's ``state_dtype``); one dtype for a bucket, else an error."""
+        dtypes = {s[key].dtype for s in states if key in s}
+        if not dtypes:
+            return group is not None and group.get("state_dtype", "float32") == "bfloat16"
+        if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
+            raise ValueError(f"a bucket of bfloat16 targets with {key} of dtypes {sorted(map(str, dtypes))}:"
+                             " all float32 or all bfloat16")
+        return dtypes == {torch.bfloat16}
+
     def chunk_align(self, shape, group, state):
         return 1 if self._is_adam(state) else self.target_chunk_align(shape, group, state)  # AdamW: element-wise
 
@@ -399,6 +501,56 @@ class MuonMoments(HybridMoments):
         """:func:`~lowmem.optim.functional.muon.muon_foreach_transient_bytes` of the bucket, with the
         workspace of every CPU thread (the device is not known here: an upper bound elsewhere)."""
         return muon_foreach_transient_bytes(numel, threads=torch.get_num_threads())
+
+    def target_bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """The float32 steps of ``k`` bfloat16 Muon weights of one shape: the momentum on the buffers (their float32
+        copies when stored in bfloat16, written back rounded, ``U`` from the unrounded copies: the per-parameter
+        step's ``rows.to(float32)``) and the bfloat16 stack of ``U``
+        (:func:`~lowmem.optim.functional.muon.muon_foreach_iterate`), then the batched iteration and
+        ``O.to(float32) * lr * ratio`` (:meth:`_bf16_stack_direction`); views of one float32 stack in the weights'
+        layout. Allocates :meth:`target_bf16_bucket_transient_bytes`."""
+        shape = tuple(g32s[0].shape)
+        mat = shape[-2:]  # (a batch [E, A, B]: its matrices stacked as 2-D weights)
+        gs = [x for g in g32s for x in matrices(g)]
+        g32s.clear()
+        bufs = [x for s in states for x in matrices(s["momentum_buffer"])]
+        low = self._low_buffers(states, group)
+        b32s = float32_copies(bufs) if low else bufs
+        stack = [muon_foreach_iterate(gs, b32s, mat, group["momentum"], group["nesterov"], overwrite_grads=True)]
+        del gs
+        if low:
+            torch._foreach_copy_(bufs, b32s)
+        del b32s, bufs
+        d = self._bf16_stack_direction(stack, states, shape, group, lr)
+        return self._members_of(d, shape, transposed=mat[0] > mat[1])
+
+    def _bf16_stack_direction(self, stack: list[Tensor], states, shape: tuple[int, ...], group, lr) -> Tensor:
+        """Muon's float32 steps of a stack of iterates (:func:`~lowmem.optim.functional.muon.muon_foreach_direction`;
+        the ratio of a matrix's ``A x B``)."""
+        return muon_foreach_direction(stack, group["ns_coefficients"], group["ns_steps"], group["ns_eps"],
+                                      lr * muon_lr_ratio(shape[-2:], group["adjust_lr_fn"]))
+
+    def target_bf16_bucket_transient_bytes(self, numel, shape, states, group):
+        """:meth:`target_bf16_bucket_direction`: the momentum phase, the gradients' float32 copies (``4 numel``,
+        overwritten by the Nesterov matrices) beside the buffers' copies (``4 numel``, stored in bfloat16) and the
+        bfloat16 stack (``2 numel``); then the iteration and the float32 steps beside the stack
+        (:meth:`_bf16_stack_bytes`); plus the products' workspace, as the float32 bucket's. (Before 2026-12-02 the
+        Nesterov matrices were new tensors beside the copies: 4 B per element more, llama-368m's Muon step at the
+        default chunk 163 MiB instead of 128.)"""
+        low = self._low_buffers(states, group)
+        body = max((6 + 4 * low) * numel, self._bf16_stack_bytes(numel, shape))
+        # (the workspace sized for the step's device, as the per-parameter step's: per CPU thread on the CPU, once
+        # elsewhere, and not by the host CPU's vendor for a CUDA step; the buffers' device, else the group's)
+        bufs = [s["momentum_buffer"] for s in states if "momentum_buffer" in s]
+        params = (group or {}).get("params") or []
+        device = bufs[0].device.type if bufs else local(params[0]).device.type if params else "cpu"
+        threads = torch.get_num_threads() if device == "cpu" else 1
+        with blas_device(device):
+            return body + bf16_gemm_workspace_bytes(math.isqrt(numel), threads)
+
+    def _bf16_stack_bytes(self, numel: int, shape: torch.Size) -> int:
+        """The iteration and Muon's float32 steps beside the stack (``6 numel``: the float32 bucket's bound)."""
+        return 6 * numel
 
     # FSDP2 (lowmem.optim.sharded): a Muon weight's local shard of rows is stepped whole and
     # prepare_chunks gathers the whole momentum matrix for the Newton-Schulz iteration
@@ -864,6 +1016,22 @@ class SinkGDMoments(HybridMoments):
         off_cpu = bool(params) and local(params[0]).device.type != "cpu"
         return sinkgd_foreach_bytes(numel // max(m * n, 1), m, n, group["sinkhorn_iters"], off_cpu)
 
+    def target_bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """The float32 steps ``lr scale r_i G_ij c_j`` of ``k`` bfloat16 SinkGD weights of one shape
+        (:func:`~lowmem.optim.functional.sinkgd.sinkgd_foreach_direction` of their gradients' float32 copies, freed
+        after): the float32 bucket's operations. Allocates :meth:`target_bf16_bucket_transient_bytes`."""
+        shape = tuple(g32s[0].shape)
+        gs = [x for g in g32s for x in matrices(g)]  # (a batch [E, A, B]: its matrices, each as a 2-D weight)
+        d = sinkgd_foreach_direction(gs, group["sinkhorn_iters"], lr * group["scale"])
+        g32s.clear()
+        del gs
+        return self._members_of(d, shape)
+
+    def target_bf16_bucket_transient_bytes(self, numel, shape, states, group):
+        """The gradients' float32 copies (``4 numel``) beside the float32 bucket's step
+        (:meth:`target_foreach_bucket_transient_bytes`: the squares and the scalings, then the steps)."""
+        return 4 * numel + self.target_foreach_bucket_transient_bytes(numel, shape, group)
+
     # FSDP2 (lowmem.optim.sharded): a shard of rows; the columns' squared norms are summed over the
     # shards in every Sinkhorn iteration (one all-reduce of n numbers), the row count is the whole one
     sharded_stats = True
@@ -1247,6 +1415,40 @@ class ScaleMoments(HybridMoments):
                 torch._foreach_lerp_(bufs, ms, 1.0 - group["momentum"])  # last_layer_momentum_
                 ms = bufs
             scale_rows_foreach_([m for i in idx for m in matrices(params[i])], ms, lr, group.get("weight_decay", 0.0))
+
+    def target_bf16_bucket_direction(self, g32s, states, group, t, lr):
+        """The float32 steps ``lr C(M)`` of ``k`` bfloat16 row-normalised matrices of one shape
+        (:func:`~lowmem.optim.functional.scale.scale_rows_direction`): ``"hidden"`` of the gradients' float32
+        copies; ``"head"`` of the buffers after their EMA (float32 copies of bfloat16 buffers, written back rounded,
+        the step from the unrounded copies: the per-parameter step's ``buf.to(float32)``), the gradients' copies
+        freed before the stack. Allocates :meth:`target_bf16_bucket_transient_bytes`."""
+        shape = tuple(g32s[0].shape)
+        gs = [x for g in g32s for x in matrices(g)]  # (a batch [E, A, B]: its matrices, each as a 2-D weight)
+        if group["scale_role"] == "head":
+            bufs = [x for s in states for x in matrices(s["momentum_buffer"])]
+            low = self._low_buffers(states, group)
+            ms = float32_copies(bufs) if low else bufs
+            torch._foreach_lerp_(ms, gs, 1.0 - group["momentum"])  # last_layer_momentum_
+            g32s.clear()
+            del gs
+            if low:
+                torch._foreach_copy_(bufs, ms)
+            del bufs
+        else:
+            ms = gs
+            del gs
+        d = scale_rows_direction(ms, lr)
+        g32s.clear()
+        del ms
+        return self._members_of(d, shape)
+
+    def target_bf16_bucket_transient_bytes(self, numel, shape, states, group):
+        """The stack and its rows' RMS (:meth:`target_foreach_bucket_transient_bytes`) beside the rows it is
+        stacked from when they are copies: the gradients' (``"hidden"``) or the bfloat16 buffers' (``"head"``,
+        ``4 numel``; the gradients' copies, freed before, were beside them in the EMA)."""
+        head = group["scale_role"] == "head"
+        copies = 4 * numel if not head or self._low_buffers(states, group) else 0
+        return max(copies + self.target_foreach_bucket_transient_bytes(numel, shape, group), 4 * numel + copies)
 
     def target_foreach_transient_bytes(self, numel):
         """:func:`~lowmem.optim.functional.scale.scale_rows_foreach_`: the float32 stack and its row RMS

@@ -26,7 +26,8 @@ from torch import Tensor
 from ..._warn import warn_user
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.galore import blas_device
-from ..functional.muon import (bf16_gemm_workspace_bytes, matrices, matrix_index, muon_momentum_, newton_schulz,
+from ..functional.muon import (bf16_gemm_workspace_bytes, matrices, matrix_index, muon_foreach_iterate,
+                               muon_momentum_, newton_schulz,
                                newton_schulz_batched, newton_schulz_transient_bytes, ns_column_block_numel, ns_rows,
                                ns_shape, row_block_spans)
 from ..functional.normuon import (UPDATE_SCALES, neuron_factors_bytes, neuron_row_factors, neuron_second_moment_,
@@ -222,6 +223,18 @@ class NorMuonMoments(MuonMoments):
             vs = [_vector_index(states[i][V_KEY], e) for i in idx for e in range(math.prod(shape[:-2]))]
             normuon_foreach_(ps, gs, bs, vs, tuple(shape[-2:]), group, lr)
 
+    def _bf16_stack_direction(self, stack, states, shape, group, lr):
+        """NorMuon's float32 steps ``c_i O_i`` of a stack of iterates (:func:`normuon_foreach_direction`; the second
+        moments float32 or bfloat16, stored rounded)."""
+        per = math.prod(shape[:-2])  # (a batch [E, A, B]: each matrix's vector, as the float32 bucket's)
+        vs = [_vector_index(s[V_KEY], e) for s in states for e in range(per)]
+        return normuon_foreach_direction(stack, vs, tuple(shape[-2:]), group, lr)
+
+    def _bf16_stack_bytes(self, numel, shape):
+        """The iteration, the rows' norms, the factors and the float32 steps (:func:`normuon_foreach_bytes` without
+        the workspace, which :meth:`target_bf16_bucket_transient_bytes` adds)."""
+        return normuon_foreach_bytes(numel, tuple(shape[-2:]), threads=0)
+
     # ---- transients ----
 
     def _normalization_bytes(self, shape, block_rows: int | None, state, group) -> tuple[int, int]:
@@ -321,18 +334,21 @@ def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tenso
     (:meth:`NorMuonMoments.prepare_chunks`, a whole matrix as one block of rows). Transient:
     :func:`normuon_foreach_bytes`."""
     m = shape[0]
-    torch._foreach_lerp_(bufs, grads, 1.0 - group["momentum"])
-    x = torch.empty((len(params), *ns_shape(shape)), dtype=torch.bfloat16, device=params[0].device)
-    xs = [ns_rows(xi, shape, 0, m) for xi in x.unbind(0)]
-    if group["nesterov"]:
-        us = torch._foreach_lerp(grads, bufs, group["momentum"])
-        torch._foreach_copy_(xs, us)
-        del us
-    else:
-        torch._foreach_copy_(xs, bufs)
-    del xs
-    stack = [x]
-    del x
+    stack = [muon_foreach_iterate(grads, bufs, shape, group["momentum"], group["nesterov"])]
+    d = normuon_foreach_direction(stack, vs, shape, group, lr)
+    weight_decay = group.get("weight_decay", 0.0)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m) for di in d.unbind(0)])
+
+
+def normuon_foreach_direction(stack: list[Tensor], vs: list[Tensor], shape: tuple[int, int], group: dict[str, Any],
+                              lr) -> Tensor:
+    """The float32 steps ``c_i O_i`` of a stack of iterates (``[X]``, :func:`~lowmem.optim.functional.muon.
+    muon_foreach_iterate`'s, handed over): :func:`~lowmem.optim.functional.muon.newton_schulz_batched`, the rows'
+    norms of the stack, lines 3-5 on the ``k x m`` stack of ``v`` (copied from and back to the state's vectors
+    ``vs``, float32 or bfloat16: stored rounded, the factors from the float32 stack, as the per-matrix step's
+    ``_factors``). A new ``k`` x ``ns_shape`` float32 stack."""
     x = newton_schulz_batched(stack, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
     tall = shape[0] > shape[1]
     norms = row_norms(x.mT if tall else x, torch.float32)  # k x m: the rows of each matrix (columns of a tall one's x)
@@ -344,11 +360,7 @@ def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tenso
     d = x.to(torch.float32)
     del x
     d.mul_(factors[:, None, :] if tall else factors[:, :, None])
-    del factors
-    weight_decay = group.get("weight_decay", 0.0)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m) for di in d.unbind(0)])
+    return d
 
 
 def normuon_foreach_bytes(numel: int, shape: tuple[int, int], threads: int = 1) -> int:
