@@ -1432,6 +1432,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     given = {k: None if v is NULL else v for k, v in overrides.items() if v is not None}
     # the config class (for top-level TRL fields) follows the trainer and dataset in effect: --dataset makes
     # SFT TRL's SFTTrainer, so SFTConfig's fields are valid in the file too
+    written = frozenset(k for k in (*data, *given) if isinstance(k, str))  # top-level keys as written (recipe_key)
     context = {k: given.get(k, data.get(k)) for k in ("trainer", "dataset")}
     source = optim_source(data if where else {}, given)  # configs/default.yaml's optim is lowmem's default
     data = _recipe_keys(data, where, base=Path(path).resolve().parent if path is not None else None, **context)
@@ -1448,6 +1449,7 @@ def load_recipe(path: str | Path | None = None, **overrides: Any) -> TrainRecipe
     recipe = TrainRecipe.__new__(TrainRecipe)
     recipe.optim_source = source  # known before __post_init__'s checks, whose messages may name it
     recipe.given_keys = frozenset(data)  # the keys the recipe file and the overrides name (not the defaults)
+    recipe.written_keys = written
     try:
         recipe.__init__(**data)
     except ConfigError as err:
@@ -1807,8 +1809,13 @@ def build_training_args(recipe: TrainRecipe) -> Any:
     check_dependent_fields(cls, kwargs)
     if recipe.trainer == "dpo":
         check_dpo_fields(kwargs)
+    from lowmem.trainers.trl import ConfigFieldError
+
+    key = recipe_key(recipe)
     try:
         args = cls(**kwargs)
+    except ConfigFieldError as err:  # the config's own check, its fields named as the recipe writes them
+        raise ConfigError(err.named(key)) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
     from lowmem.trainers.hf import NAMED_FIELDS_ATTR, OPTIONAL_FIELDS
@@ -1818,6 +1825,28 @@ def build_training_args(recipe: TrainRecipe) -> Any:
     setattr(args, NAMED_FIELDS_ATTR, frozenset(OPTIONAL_FIELDS) if getattr(recipe, "hf_optim", False)  # (HF's meaning)
             else frozenset(k for k in recipe.training_args if k in OPTIONAL_FIELDS))
     return args
+
+
+def recipe_key(recipe: TrainRecipe) -> Callable[[str], str]:
+    """How ``lowmem train``'s errors name a trainer-config field (``lowmem.trainers.trl.ConfigFieldError.named``):
+    as the recipe wrote it: its own key where lowmem sets the field from one (``batch_size`` for
+    ``per_device_train_batch_size``; ``per_device_eval_batch_size``, unset, is GRPO's ``batch_size`` too), ``training_args.
+    <field>`` where ``training_args`` holds it, the bare field name when written at the top level (or left at the
+    config's default)."""
+    written = getattr(recipe, "written_keys", frozenset())
+    ta = recipe.training_args
+
+    def key(field: str) -> str:
+        alias = RECIPE_ALIASES.get(field)
+        if alias is not None:  # per_device_train_batch_size -> batch_size, ...
+            return alias
+        if field == "per_device_eval_batch_size" and field not in ta and recipe.trainer in ("grpo", "gvpo", "bnpo"):
+            return "batch_size"  # (build_training_args sets the eval batch from it)
+        if field in ta and field not in written:
+            return f"training_args.{field}"
+        return field
+
+    return key
 
 
 # TrainingArguments.save_steps' default: every saved training_args.json writes it (with save_strategy 'steps'), so a

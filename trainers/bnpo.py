@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .trl import LowMemGRPOConfig, LowMemGRPOTrainer, refuse_unused_grpo_fields
+from .trl import ConfigFieldError, FieldKey, LowMemGRPOConfig, LowMemGRPOTrainer, bare_key, config_key, \
+    refuse_unused_grpo_fields
 
 MAX_WEIGHT = 1e6  # w(p) = min(1 / BetaPDF(p), MAX_WEIGHT)
 _RANGE_TOLERANCE = 1e-6
@@ -70,7 +71,9 @@ def beta_weight(p: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return torch.exp(-dist.log_prob(p)).clamp(max=MAX_WEIGHT)
 
 
-def _ranges(reward_range: Any, num_funcs: int) -> list[tuple[float, float]]:
+def _ranges(reward_range: Any, num_funcs: int, key: FieldKey = bare_key) -> list[tuple[float, float]]:
+    """``reward_range`` as one ``(low, high)`` per reward function (``num_funcs``), checked; its errors name the field
+    with ``key`` (:class:`~lowmem.trainers.trl.ConfigFieldError`: ``lowmem train`` names the recipe's key)."""
     if isinstance(reward_range, Sequence) and len(reward_range) == 2 and all(isinstance(x, (int, float)) for x in reward_range):
         ranges = [tuple(map(float, reward_range))] * num_funcs
     elif isinstance(reward_range, Sequence) and len(reward_range) == num_funcs and all(
@@ -78,12 +81,12 @@ def _ranges(reward_range: Any, num_funcs: int) -> list[tuple[float, float]]:
     ):
         ranges = [tuple(map(float, r)) for r in reward_range]
     else:
-        raise ValueError(
-            f"reward_range must be a pair (low, high) or one pair per reward function ({num_funcs}); got {reward_range!r}"
-        )
+        raise ConfigFieldError(lambda k: (f"{k('reward_range')} must be a pair (low, high) or one pair per reward "
+                                          f"function ({num_funcs}); got {reward_range!r}"), key)
     for low, high in ranges:
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"invalid reward_range {(low, high)!r}: expected finite low < high")
+            raise ConfigFieldError(lambda k: f"invalid {k('reward_range')} {(low, high)!r}: expected finite low < high",
+                                   key)
     return ranges
 
 
@@ -184,8 +187,9 @@ class BNPOConfig(LowMemGRPOConfig):
 
     def __post_init__(self) -> None:
         if self.num_generations is not None and self.num_generations < 2:  # TRL's own check does not name the field
-            raise ValueError(f"BNPO needs num_generations >= 2 completions per prompt (p, the baseline, is their mean "
-                             f"reward: one completion would have A = R - p = 0); got num_generations={self.num_generations}")
+            raise ConfigFieldError(lambda key: (
+                "BNPO needs num_generations >= 2 completions per prompt (p, the baseline, is their mean reward: one "
+                f"completion would have A = R - p = 0); got {key('num_generations')}={self.num_generations}"), bare_key)
         super().__post_init__()
         refuse_unused_grpo_fields(self, ("scale_rewards", "multi_objective_aggregation"), "BNPO",
                                   "its advantages are the Beta-normalized ones (BNPO Eq. 9), one per reward function "
@@ -195,32 +199,34 @@ class BNPOConfig(LowMemGRPOConfig):
         value = self.reward_range
         if not (_is_pair(value) or (isinstance(value, list) and value and all(_is_pair(r) for r in value))):
             # before: a string ('0,1') was read as a list of 3 "pairs" ("one pair per reward function (3)")
-            raise ValueError(f"BNPOConfig.reward_range={value!r}: expected a pair [low, high] of numbers, or a list of such "
-                             "pairs, one per reward function")
+            raise ConfigFieldError(lambda key: f"{key('reward_range')}={value!r}: expected a pair [low, high] of numbers, "
+                                   "or a list of such pairs, one per reward function", config_key(self))
         _ranges(value, 1 if _is_pair(value) else len(value))
         if self.reward_weights is not None:  # also in BNPOTrainer
-            check_reward_weights(self.reward_weights)
+            check_reward_weights(self.reward_weights, config_key(self))
 
 
-def check_reward_weights(weights: Sequence[float]) -> None:
+def check_reward_weights(weights: Sequence[float], key: FieldKey = config_key("BNPOConfig")) -> None:
     """Refuse ``reward_weights`` that BNPO would ignore: unequal ones (the advantage decomposition is a plain mean over
     reward functions), and equal ones that are not ``> 0``. BNPO maps each function's rewards to ``[0, 1]`` with
     ``reward_range``, so a common weight changes nothing; a negative one (meant to minimize a cost) would silently be
     maximized, and ``0`` (meant to switch rewards off) would still train.
 
     Raises:
-        ValueError: ``BNPOConfig.reward_weights=[...]``, what BNPO does with them and the fix.
+        ConfigFieldError: ``BNPOConfig.reward_weights=[...]`` (``key``'s naming), what BNPO does with them and the fix.
     """
     values = [float(w) for w in weights]
     if len(set(values)) > 1:
-        raise ValueError(f"BNPOConfig.reward_weights={values}: BNPO averages one advantage per reward function with equal "
-                         f"weight; got reward_weights={values} (the authors' advantage decomposition is a plain mean); give equal weights "
-                         "or leave reward_weights unset")
+        raise ConfigFieldError(lambda k: (
+            f"{k('reward_weights')}={values}: BNPO averages one advantage per reward function with equal weight; got "
+            f"reward_weights={values} (the authors' advantage decomposition is a plain mean); give equal weights or "
+            "leave reward_weights unset"), key)
     if values and not (math.isfinite(values[0]) and values[0] > 0):
-        raise ValueError(f"BNPOConfig.reward_weights={values}: BNPO rescales each function's rewards to [0, 1] with "
-                         "reward_range and does not use the weights' common value, so a weight <= 0 would be ignored (a "
-                         "negative one would maximize what it was meant to minimize); leave reward_weights unset, and to "
-                         "minimize a function return its negation (with reward_range [-high, -low])")
+        raise ConfigFieldError(lambda k: (
+            f"{k('reward_weights')}={values}: BNPO rescales each function's rewards to [0, 1] with reward_range and does "
+            "not use the weights' common value, so a weight <= 0 would be ignored (a negative one would maximize what "
+            "it was meant to minimize); leave reward_weights unset, and to minimize a function return its negation "
+            "(with reward_range [-high, -low])"), key)
 
 
 def _is_pair(value: Any) -> bool:

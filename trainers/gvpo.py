@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .trl import LowMemGRPOConfig, LowMemGRPOTrainer, refuse_unused_grpo_fields
+from .trl import ConfigFieldError, LowMemGRPOConfig, LowMemGRPOTrainer, bare_key, refuse_unused_grpo_fields
 
 REFERENCE_POLICIES = ("sampling", "model")
 #: GRPOConfig fields of GRPO's clipped loss and its advantages, which GVPO's loss replaces: a value other than
@@ -136,27 +136,32 @@ class GVPOConfig(LowMemGRPOConfig):
     FIELD_RANGES = {"beta": None}  # checked below: GVPO's beta scales the implicit reward, > 0 (lowmem.config.RANGES: >= 0)
 
     def __post_init__(self) -> None:
+        # each a ConfigFieldError (trainers.trl): lowmem train prints it with the recipe's keys (batch_size, ...)
         for name in ("num_generations", "num_generations_eval"):  # before TRL's check, which does not name the field
             value = getattr(self, name)
             if value is not None and value < 2:
-                raise ValueError(f"GVPO needs {name} >= 2 completions per prompt (its loss compares the completions "
-                                 f"of a prompt and divides by G - 1); got {name}={value}")
+                raise ConfigFieldError(lambda key, name=name, value=value: (
+                    f"GVPO needs {name} >= 2 completions per prompt (its loss compares the completions of a prompt "
+                    f"and divides by G - 1); got {key(name)}={value}"), bare_key)
         super().__post_init__()
         refuse_unused_grpo_fields(self, GVPO_UNUSED_FIELDS, "GVPO",
                                   "its loss is the regression of GVPO Eq. 9 on the weighted reward sum, scaled by beta")
         if self.reference_policy not in REFERENCE_POLICIES:
-            raise ValueError(f"Unknown reference_policy {self.reference_policy!r}; valid: {list(REFERENCE_POLICIES)}")
+            raise ConfigFieldError(lambda key: f"Unknown {key('reference_policy')} {self.reference_policy!r}; valid: "
+                                   f"{list(REFERENCE_POLICIES)}", bare_key)
         if self.sync_ref_model and self.reference_policy == "sampling":  # TRL would blame beta=0.0, which GVPO sets
-            raise ValueError("sync_ref_model=True needs reference_policy='model': with reference_policy='sampling' "
-                             "pi_ref is the policy that sampled the completions and there is no reference model to "
-                             "synchronize")
+            raise ConfigFieldError(lambda key: (
+                f"{key('sync_ref_model')}=True needs {key('reference_policy')}='model': with reference_policy="
+                "'sampling' pi_ref is the policy that sampled the completions and there is no reference model to "
+                "synchronize"), bare_key)
         if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"GVPO needs beta > 0 (the implicit-reward scale); got beta={self.beta!r}")
+            raise ConfigFieldError(lambda key: f"GVPO needs beta > 0 (the implicit-reward scale); got "
+                                   f"{key('beta')}={self.beta!r}", bare_key)
         if self.per_device_train_batch_size % self.num_generations:
-            raise ValueError(
-                f"GVPO needs whole groups in every micro-batch: per_device_train_batch_size "
-                f"({self.per_device_train_batch_size}) must be a multiple of num_generations ({self.num_generations})"
-            )
+            raise ConfigFieldError(lambda key: (
+                f"GVPO needs whole groups in every micro-batch: {key('per_device_train_batch_size')} "
+                f"({self.per_device_train_batch_size}) must be a multiple of {key('num_generations')} "
+                f"({self.num_generations})"), bare_key)
 
 
 def _shuffle_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:

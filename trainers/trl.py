@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
+from lowmem.config import ConfigError
 from lowmem.rewards import distinct_names
 
 from .hf import LowMemArguments, LowMemOptimizerMixin
@@ -51,6 +52,55 @@ class LowMemSFTConfig(LowMemArguments, SFTConfig):
     __doc__ = "TRL's ``SFTConfig`` plus lowmem's optimizer selection.\n" + _FIELDS_DOC
 
 
+#: how a check's message names a config field: ``key("beta")`` -> ``"GVPOConfig.beta"`` (the config's own name),
+#: ``"beta"`` / ``"training_args.beta"`` (``lowmem train``: the recipe's key, :func:`lowmem.train.recipe_key`)
+FieldKey = Callable[[str], str]
+
+
+def bare_key(field: str) -> str:
+    """A field named as it is (the checks whose config message never carried the class name)."""
+    return field
+
+
+def config_key(config: Any) -> FieldKey:
+    """Fields named ``<Config>.<field>``, as the config class's own errors name them."""
+    name = config if isinstance(config, str) else type(config).__name__
+    return lambda field: f"{name}.{field}"
+
+
+class ConfigFieldError(ConfigError):
+    """A trainer config's check failed, its message a function ``say(key)`` of how each field it names is written
+    (:data:`FieldKey`). Raised by the config with its own naming (``str(err)``: ``LowMemGRPOConfig.loss_type=...``);
+    ``lowmem train``, which builds the config from a recipe before any model loads, prints :meth:`named` with the
+    recipe's keys (``loss_type=...``, ``batch_size=...``) instead of ``LowMemGRPOConfig: LowMemGRPOConfig.<field>``:
+    one check, two namings, no copy of its logic."""
+
+    def __init__(self, say: Callable[[FieldKey], str], key: FieldKey) -> None:
+        self.say = say
+        super().__init__(say(key))
+
+    def named(self, key: FieldKey) -> str:
+        """The message with each field named by ``key``."""
+        return self.say(key)
+
+
+def field_error(check: Callable[..., Any], field: str, key: FieldKey, *args: Any) -> None:
+    """Run ``check(key(field), *args)`` (a check that takes the field's name as its first argument and raises
+    ``ValueError``, e.g. :func:`lowmem.rewards.check_some_weight`) and raise its error as a :class:`ConfigFieldError`,
+    so ``lowmem train`` can name the recipe's key with the same check."""
+    def say(k: FieldKey) -> str:
+        try:
+            check(k(field), *args)
+        except ValueError as err:
+            return str(err)
+        raise AssertionError(f"{check.__name__} passed with the other naming")  # pragma: no cover
+
+    try:
+        check(key(field), *args)
+    except ValueError:
+        raise ConfigFieldError(say, key) from None
+
+
 # TRL 1.16's string fields whose values its docs list but its configs do not check: a value outside (a typo) failed
 # only at the first training step, after the model loaded (and for GRPO after the first generation), with "Unknown loss
 # type" / "Invalid value for scale_rewards" / "Unknown importance sampling level" / "Unknown f_divergence_type".
@@ -73,17 +123,16 @@ def check_choices(config: Any, choices: dict[str, tuple[str, ...]]) -> None:
     field, DPO's ``loss_type``, item by item) when the config is built.
 
     Raises:
-        ValueError: (:class:`lowmem.config.ConfigError`) ``<Config>.<field>=<value>: expected one of [...]``.
+        ConfigFieldError: ``<Config>.<field>=<value>: expected one of [...]`` (``lowmem train``: ``<field>=...``).
     """
-    from lowmem.config import ConfigError
-
     for name, valid in choices.items():
         value = getattr(config, name, None)
         items = value if isinstance(value, (list, tuple)) else [value]
         bad = [v for v in items if v is not None and v not in valid]
         if bad:
-            raise ConfigError(f"{type(config).__name__}.{name}={value!r}: expected {'items ' if value is not items[0] else ''}"
-                              f"one of {list(valid)}")
+            raise ConfigFieldError(lambda key, name=name, value=value, items=items, valid=valid: (
+                f"{key(name)}={value!r}: expected {'items ' if value is not items[0] else ''}one of {list(valid)}"),
+                config_key(config))
 
 
 @dataclass
@@ -140,7 +189,7 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             raise ConfigError(f"{type(self).__name__}.{err}") from None
         check_batch_generation_kwargs(self)
         if self.reward_weights is not None:  # all 0: every advantage 0, nothing trained
-            check_some_weight(f"{type(self).__name__}.reward_weights", self.reward_weights)
+            field_error(check_some_weight, "reward_weights", config_key(self), self.reward_weights)
         refuse_vllm_fields_without_use_vllm(self)
         if self.use_vllm:  # else TRL's ImportError when the trainer is built, after the model loaded
             from lowmem.train import _vllm_available
@@ -197,11 +246,9 @@ def check_eval_groups(config: Any, processes: int) -> None:
     on, TRL's message named none either. Values that are not integers are left to the range checks.
 
     Raises:
-        ValueError: (:class:`lowmem.config.ConfigError`) naming both fields and the values that fit.
+        ConfigFieldError: Naming both fields and the values that fit.
     """
     from math import gcd
-
-    from lowmem.config import ConfigError
 
     batch, given = config.per_device_eval_batch_size, config.num_generations_eval
     groups = given if given is not None else config.num_generations
@@ -218,12 +265,13 @@ def check_eval_groups(config: Any, processes: int) -> None:
     name = type(config).__name__
     where = (f"per process ({name.replace('Config', '')}'s loss compares the completions of a group within a process)"
              if per_process else f"of the global eval batch ({batch} x {processes} process(es))" if processes > 1 else "")
-    raise ConfigError(
-        f"{name}.per_device_eval_batch_size={batch} does not hold whole groups of num_generations_eval={groups}"
+    raise ConfigFieldError(lambda key: (
+        f"{key('per_device_eval_batch_size')}={batch} does not hold whole groups of num_generations_eval={groups}"
         f"{'' if given is not None else ' (unset: num_generations)'}: evaluation generates {groups} completions per "
         f"prompt and scores each group together{' ' + where if where else ''}; set per_device_eval_batch_size to a "
         f"multiple of {step} ({' or '.join(map(str, fits))}) or num_generations_eval to a divisor of {total}"
-        + (f" ({divisors})" if divisors else "") + " (before: a RuntimeError after the first evaluation's generation)")
+        + (f" ({divisors})" if divisors else "") + " (before: a RuntimeError after the first evaluation's generation)"),
+        config_key(name))
 
 
 def changed_vllm_fields(values: dict[str, Any]) -> list[str]:
@@ -263,14 +311,16 @@ def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, 
     away from TRL's default: a value that would be silently ignored (no silent fallback).
 
     Raises:
-        ValueError: Naming each such field, its value and TRL's default, and what ``method`` does ``instead``.
+        ConfigFieldError: Naming each such field, its value and TRL's default, and what ``method`` does ``instead``.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
     changed = [n for n in names if getattr(config, n) != defaults[n]]
     if changed:
-        given = ", ".join(f"{n}={getattr(config, n)!r} (TRL's default {defaults[n]!r})" for n in changed)
-        raise ValueError(f"{method} does not use {given}: {instead}. Leave {'it' if len(changed) == 1 else 'them'} "
-                         "at the default, or train with GRPO (LowMemGRPOConfig) to use GRPO's loss and advantages")
+        raise ConfigFieldError(lambda key: (
+            f"{method} does not use "
+            + ", ".join(f"{key(n)}={getattr(config, n)!r} (TRL's default {defaults[n]!r})" for n in changed)
+            + f": {instead}. Leave {'it' if len(changed) == 1 else 'them'} at the default, or train with GRPO "
+            "(LowMemGRPOConfig) to use GRPO's loss and advantages"), bare_key)
 
 
 def freeze_reference(ref_model: Any) -> None:
