@@ -1809,7 +1809,7 @@ def build_training_args(recipe: TrainRecipe) -> Any:
     check_dependent_fields(cls, kwargs)
     if recipe.trainer == "dpo":
         check_dpo_fields(kwargs)
-    from lowmem.trainers.trl import ConfigFieldError
+    from lowmem.trainers.trl import ConfigFieldError, check_eval_groups
 
     key = recipe_key(recipe)
     try:
@@ -1818,6 +1818,17 @@ def build_training_args(recipe: TrainRecipe) -> Any:
         raise ConfigError(err.named(key)) from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{cls.__name__}: {err}") from None
+    try:  # checks the trainer makes when built, after the model loaded (lowmem train: TRL loads it by path)
+        if (recipe.trainer in ("grpo", "gvpo", "bnpo") and args.eval_strategy == "no"
+                and (getattr(recipe, "eval_dataset", None) is not None or getattr(recipe, "eval_split", None))):
+            check_eval_groups(args, launched_processes())  # evaluate() before and after training (rl_eval_prompts)
+        if recipe.trainer == "bnpo":  # one reward_range pair per reward function (the synthetic task: one)
+            from lowmem.trainers.bnpo import _ranges
+
+            funcs = recipe.reward_funcs
+            _ranges(args.reward_range, len(funcs) if isinstance(funcs, (list, tuple)) else 1)
+    except ConfigFieldError as err:
+        raise ConfigError(err.named(key)) from None
     from lowmem.trainers.hf import NAMED_FIELDS_ATTR, OPTIONAL_FIELDS
 
     # the adam_* fields the recipe names apply to the optimizer even at their TrainingArguments defaults
@@ -3173,6 +3184,16 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
     eval_columns = data.eval.column_names if data is not None and data.eval is not None and columns is not None else None
     reward_funcs = load_reward_funcs(recipe.reward_funcs, columns, eval_columns) if recipe.reward_funcs is not None \
         else reward_fn
+    if data is not None and recipe.trainer != "dpo":  # the trainer's check, made after TRL loaded the model: here before
+        from types import SimpleNamespace
+
+        from lowmem.trainers.trl import ConfigFieldError, check_kept_columns
+
+        try:  # (GRPOConfig's default is False)
+            check_kept_columns(SimpleNamespace(remove_unused_columns=recipe.training_args.get("remove_unused_columns")),
+                               data.train, data.eval)
+        except ConfigFieldError as err:
+            raise ConfigError(err.named(recipe_key(recipe))) from None
     if recipe.quantization is not None or recipe.lora is not None:
         model, tok, model_dir = load_policy(recipe)
     else:  # TRL loads the policy and the reference by path (model_init_kwargs: dtype): not a second copy here

@@ -1,8 +1,10 @@
 """NAMES20: through ``lowmem train`` (a YAML recipe), the post-training configs' own checks (trainers/trl.py,
 gvpo.py, bnpo.py) name the recipe's key as the user wrote it, with the valid range / choices, and refuse before any
 model loads. Before: ``LowMemGRPOConfig: LowMemGRPOConfig.loss_type='grpoo': ...``, ``GVPOConfig: GVPO needs beta >
-0 ...``, ``BNPOConfig: BNPOConfig.reward_weights=[1.0, 2.0]: ...``. One check each (``trainers.trl.ConfigFieldError``:
-the config's naming and the recipe's, ``lowmem.train.recipe_key``)."""
+0 ...``, ``BNPOConfig: BNPOConfig.reward_weights=[1.0, 2.0]: ...``; and three checks the trainer makes when it is built
+(the eval batch of a recipe with eval data but no eval_steps, BNPO's reward_range count, remove_unused_columns) came
+after the model had loaded. One check each (``trainers.trl.ConfigFieldError``: the config's naming and the recipe's,
+``lowmem.train.recipe_key``)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,10 @@ CASES = [
      r"multiple of 3 \(6 or 9\) or num_generations_eval to a divisor of 8 \(\[2, 4, 8\]\)"),
     ("gvpo-eval-batch", "gvpo", {"eval_steps": 1}, {"num_generations_eval": 3}, False,
      r"batch_size=8 does not hold whole groups of num_generations_eval=3: .* per process \(GVPO's loss"),
+    # the same check, made by the trainer (after the model loaded) when eval data is given without eval_steps
+    ("eval-batch-eval_split", "grpo", {**DATA, "eval_split": 0.25}, {"num_generations_eval": 3}, True,
+     r"batch_size=8 does not hold whole groups of num_generations_eval=3: "),
+    # trainers.trl.check_choices (GRPO_CHOICES / DPO_CHOICES)
     ("grpo-loss_type", "grpo", {}, {"loss_type": "grpoo"}, False,
      r"training_args\.loss_type='grpoo': expected one of \['grpo', 'dr_grpo', 'dapo'"),
     ("grpo-loss_type-top", "grpo", {"loss_type": "grpoo"}, {}, False, r"loss_type='grpoo': expected one of \['grpo'"),
@@ -94,6 +100,14 @@ CASES = [
      r"training_args\.reward_weights=\[-1\.0\]: BNPO rescales .* a weight <= 0 would be ignored"),
     ("bnpo-reward_range-order", "bnpo", {}, {"reward_range": [1.0, 0.0]}, False,
      r"invalid training_args\.reward_range \(1\.0, 0\.0\): expected finite low < high"),
+    ("bnpo-reward_range-count", "bnpo", TWO_FUNCS, {"reward_range": [[0, 1], [0, 1], [0, 1]]}, False,
+     r"training_args\.reward_range must be a pair \(low, high\) or one pair per reward function \(2\)"),
+    ("bnpo-reward_range-count-top", "bnpo", {**DATA, "reward_range": [[0, 1], [0, 1]]}, {}, True,
+     r"reward_range must be a pair \(low, high\) or one pair per reward function \(1\)"),
+    # LowMemGRPOTrainer's check_kept_columns
+    ("remove_unused_columns", "grpo", {**DATA, "remove_unused_columns": True}, {}, True,
+     r"remove_unused_columns=True would drop the dataset's columns \['answer'\] .*set remove_unused_columns=False"),
+    # checks lowmem train made itself already (DEPENDENT_FIELDS, vllm_* without use_vllm, DPO's): still named so
     ("dependent-field", "grpo", {}, {"ref_model_sync_steps": 10}, False,
      r"ref_model_sync_steps=10 is read only with sync_ref_model: true"),
     ("vllm-field", "grpo", {}, {"vllm_gpu_memory_utilization": 0.5}, False,
@@ -116,7 +130,8 @@ def test_config_checks_name_the_recipe_key_before_the_model_loads(tmp_path, caps
     ("grpo", {"eval_steps": 1}, {"per_device_eval_batch_size": 4}, False),
     ("gvpo", {"reference_policy": "model", "sync_ref_model": True}, {}, False),
     ("bnpo", TWO_FUNCS, {"reward_weights": [2.0, 2.0], "reward_range": [[0, 1], [-1, 1]]}, False),
-], ids=["eval-batch", "gvpo-sync", "bnpo-ranges-weights"])
+    ("grpo", {**DATA, "eval_split": 0.25, "remove_unused_columns": False}, {}, True),
+], ids=["eval-batch", "gvpo-sync", "bnpo-ranges-weights", "data-eval_split"])
 def test_valid_values_reach_the_model_load(tmp_path, capsys, trainer, top, training_args, data):
     code, line = _train(tmp_path, capsys, trainer, top, training_args, data)
     assert code == "model loaded", line

@@ -481,16 +481,17 @@ def check_kept_columns(config: Any, *datasets: Any) -> None:
     generated) or, taking ``**kwargs``, silently lose them.
 
     Raises:
-        ValueError: Naming the columns and the fix (``remove_unused_columns=False``).
+        ConfigFieldError: Naming the columns and the fix (``remove_unused_columns=False``).
     """
     if config is None or not getattr(config, "remove_unused_columns", False):
         return
     for dataset in datasets:
         extra = [c for c in (dataset_columns(dataset) or []) if c != "prompt"]
         if extra:
-            raise ValueError(f"{type(config).__name__}.remove_unused_columns=True would drop the dataset's columns {extra} "
-                             "before TRL passes them to the reward functions as keyword arguments; set "
-                             "remove_unused_columns=False (GRPOConfig's default)")
+            raise ConfigFieldError(lambda key: (
+                f"{key('remove_unused_columns')}=True would drop the dataset's columns {extra} before TRL passes them "
+                "to the reward functions as keyword arguments; set remove_unused_columns=False (GRPOConfig's default)"),
+                config_key(config))
 
 
 def _bound(trainer_cls: type, model: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
