@@ -59,6 +59,9 @@ CASES = [
     # the same check, made by the trainer (after the model loaded) when eval data is given without eval_steps
     ("eval-batch-eval_split", "grpo", {**DATA, "eval_split": 0.25}, {"num_generations_eval": 3}, True,
      r"batch_size=8 does not hold whole groups of num_generations_eval=3: "),
+    # LowMemGRPOConfig's num_generations (TRL's own check named no field: 'GRPO requires at least 2 generations ...')
+    ("grpo-num_generations", "grpo", {}, {"num_generations": 1}, False,
+     r"GRPO needs num_generations >= 2 completions per prompt .*; got training_args\.num_generations=1"),
     # trainers.trl.check_choices (GRPO_CHOICES / DPO_CHOICES)
     ("grpo-loss_type", "grpo", {}, {"loss_type": "grpoo"}, False,
      r"training_args\.loss_type='grpoo': expected one of \['grpo', 'dr_grpo', 'dapo'"),

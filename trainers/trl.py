@@ -173,6 +173,11 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             from lowmem.train import launched_processes
 
             check_eval_groups(self, launched_processes())
+        groups = self.num_generations
+        if isinstance(groups, int) and not isinstance(groups, bool) and groups < 2:  # TRL's check names no field
+            raise ConfigFieldError(lambda key: (
+                "GRPO needs num_generations >= 2 completions per prompt (a completion's advantage is its reward minus "
+                f"its group's mean: one completion has none); got {key('num_generations')}={groups}"), bare_key)
         super().__post_init__()
         check_choices(self, GRPO_CHOICES)
         from lowmem.config import ConfigError
