@@ -2163,9 +2163,21 @@ def _check_generation_groups(recipe: TrainRecipe, cls: type, kwargs: dict[str, A
     processes x ``steps_per_generation`` (TRL's ``generation_batch_size``), which must hold whole groups.
     TRL refuses it in its own terms ("generation_batch_size (4) must be divisible by num_generations (8)")
     when the user set neither; this names the recipe's ``batch_size`` and ``num_generations`` (TRL's
-    default 8 when not set) and what to change. Nothing when ``generation_batch_size`` is given (TRL's
-    message then names the user's own field)."""
-    if recipe.trainer not in ("grpo", "gvpo", "bnpo") or kwargs.get("generation_batch_size") is not None:
+    default 8 when not set) and what to change. A given ``generation_batch_size`` must hold whole training
+    batches (``batch_size`` x processes): TRL's "generation_batch_size (12) must be divisible by the global batch size
+    (8)" named no recipe key; its other checks of it name the user's own fields."""
+    if recipe.trainer not in ("grpo", "gvpo", "bnpo"):
+        return
+    given_batch = kwargs.get("generation_batch_size")
+    if given_batch is not None:
+        per_step = recipe.batch_size * launched_processes()
+        if (isinstance(given_batch, int) and not isinstance(given_batch, bool) and given_batch > 0 and per_step > 0
+                and kwargs.get("steps_per_generation") is None and given_batch % per_step):
+            fits = sorted({m for m in (given_batch // per_step * per_step, -(-given_batch // per_step) * per_step) if m})
+            raise ConfigError(f"generation_batch_size={given_batch} is not a multiple of batch_size x processes ("
+                              f"{recipe.batch_size} x {launched_processes()} = {per_step}): TRL trains each generation "
+                              f"batch in whole training batches; set generation_batch_size to a multiple of {per_step} "
+                              f"({' or '.join(map(str, fits))}), or steps_per_generation instead")
         return
     groups = kwargs.get("num_generations", getattr(cls, "num_generations", None))
     steps = kwargs.get("steps_per_generation") or kwargs.get("gradient_accumulation_steps", 1)

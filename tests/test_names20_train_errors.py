@@ -62,6 +62,9 @@ CASES = [
     # LowMemGRPOConfig's num_generations (TRL's own check named no field: 'GRPO requires at least 2 generations ...')
     ("grpo-num_generations", "grpo", {}, {"num_generations": 1}, False,
      r"GRPO needs num_generations >= 2 completions per prompt .*; got training_args\.num_generations=1"),
+    # TRL's 'generation_batch_size (12) must be divisible by the global batch size (8)' (lowmem.train._check_generation_groups)
+    ("generation_batch_size", "grpo", {}, {"generation_batch_size": 12}, False,
+     r"generation_batch_size=12 is not a multiple of batch_size x processes \(8 x 1 = 8\): .*a multiple of 8 \(8 or 16\)"),
     # trainers.trl.check_choices (GRPO_CHOICES / DPO_CHOICES)
     ("grpo-loss_type", "grpo", {}, {"loss_type": "grpoo"}, False,
      r"training_args\.loss_type='grpoo': expected one of \['grpo', 'dr_grpo', 'dapo'"),
@@ -131,10 +134,11 @@ def test_config_checks_name_the_recipe_key_before_the_model_loads(tmp_path, caps
 
 @pytest.mark.parametrize("trainer, top, training_args, data", [
     ("grpo", {"eval_steps": 1}, {"per_device_eval_batch_size": 4}, False),
+    ("gvpo", {"generation_batch_size": 16}, {}, False),
     ("gvpo", {"reference_policy": "model", "sync_ref_model": True}, {}, False),
     ("bnpo", TWO_FUNCS, {"reward_weights": [2.0, 2.0], "reward_range": [[0, 1], [-1, 1]]}, False),
     ("grpo", {**DATA, "eval_split": 0.25, "remove_unused_columns": False}, {}, True),
-], ids=["eval-batch", "gvpo-sync", "bnpo-ranges-weights", "data-eval_split"])
+], ids=["eval-batch", "generation_batch_size", "gvpo-sync", "bnpo-ranges-weights", "data-eval_split"])
 def test_valid_values_reach_the_model_load(tmp_path, capsys, trainer, top, training_args, data):
     code, line = _train(tmp_path, capsys, trainer, top, training_args, data)
     assert code == "model loaded", line
