@@ -90,7 +90,8 @@ CASES = [
     ("gvpo-sync_ref_model", "gvpo", {}, {"sync_ref_model": True}, False,
      r"training_args\.sync_ref_model=True needs reference_policy='model'"),
     ("gvpo-unused-epsilon", "gvpo", {}, {"epsilon": 0.3}, False,
-     r"GVPO does not use training_args\.epsilon=0\.3 \(TRL's default 0\.2\): .* Leave it at the default"),
+     r"GVPO does not use training_args\.epsilon=0\.3 \(TRL's default 0\.2\): .* Leave it at the default, or train "
+     r"with GRPO \(LowMemGRPOConfig; lowmem train: trainer: grpo\)"),
     ("gvpo-micro-batch", "gvpo", {"batch_size": 6}, {"steps_per_generation": 2}, False,
      r"GVPO needs whole groups in every micro-batch: batch_size \(6\) must be a multiple of "
      r"training_args\.num_generations \(4\)"),

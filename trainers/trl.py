@@ -325,7 +325,7 @@ def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, 
             f"{method} does not use "
             + ", ".join(f"{key(n)}={getattr(config, n)!r} (TRL's default {defaults[n]!r})" for n in changed)
             + f": {instead}. Leave {'it' if len(changed) == 1 else 'them'} at the default, or train with GRPO "
-            "(LowMemGRPOConfig) to use GRPO's loss and advantages"), bare_key)
+            "(LowMemGRPOConfig; lowmem train: trainer: grpo) to use GRPO's loss and advantages"), bare_key)
 
 
 def freeze_reference(ref_model: Any) -> None:
