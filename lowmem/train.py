@@ -870,7 +870,9 @@ def check_batch_generation_kwargs(ta: dict[str, Any]) -> None:
     Raises:
         ConfigError: ``generation_kwargs.<key>=<value>: <why>; drop generation_kwargs.<key>``.
     """
-    from lowmem.trainers.trl import BATCH_GENERATION_KWARGS
+    from types import SimpleNamespace
+
+    from lowmem.trainers.trl import ConfigFieldError, check_batch_generation_kwargs as check  # the config's check
 
     gk = ta.get("generation_kwargs")
     if isinstance(gk, str):  # (a JSON string, as TrainingArguments takes one)
@@ -878,11 +880,10 @@ def check_batch_generation_kwargs(ta: dict[str, Any]) -> None:
             gk = json.loads(gk)
         except ValueError:
             return
-    if not isinstance(gk, dict) or ta.get("use_vllm"):
-        return
-    for key, (breaks, why) in BATCH_GENERATION_KWARGS.items():
-        if key in gk and breaks(gk[key]):
-            raise ConfigError(f"generation_kwargs.{key}={gk[key]!r}: {why}; drop generation_kwargs.{key}")
+    try:
+        check(SimpleNamespace(generation_kwargs=gk, use_vllm=ta.get("use_vllm")))
+    except ConfigFieldError as err:
+        raise ConfigError(err.named(lambda field: field)) from None
 
 
 def check_training_args_reward_weights(recipe: Any) -> None:

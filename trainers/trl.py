@@ -229,7 +229,7 @@ def check_batch_generation_kwargs(config: Any) -> None:
     ``use_vllm`` the keys go to vLLM's sampling parameters instead and are not checked here.
 
     Raises:
-        ValueError: (:class:`lowmem.config.ConfigError`) ``<Config>.generation_kwargs.<key>=<value>: <why>``.
+        ConfigFieldError: ``<Config>.generation_kwargs.<key>=<value>: <why>`` (``lowmem train``: ``generation_kwargs.<key>``).
     """
     from lowmem.config import ConfigError
 
@@ -238,8 +238,8 @@ def check_batch_generation_kwargs(config: Any) -> None:
         return
     for key, (breaks, why) in BATCH_GENERATION_KWARGS.items():
         if key in kwargs and breaks(kwargs[key]):
-            raise ConfigError(f"{type(config).__name__}.generation_kwargs.{key}={kwargs[key]!r}: {why}; drop "
-                              f"generation_kwargs.{key}")
+            raise ConfigFieldError(lambda k, key=key, why=why: (
+                f"{k('generation_kwargs')}.{key}={kwargs[key]!r}: {why}; drop generation_kwargs.{key}"), config_key(config))
 
 
 def check_eval_groups(config: Any, processes: int) -> None:
