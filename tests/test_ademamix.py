@@ -246,7 +246,7 @@ def test_defaults_are_bitsandbytes_and_bad_values_name_the_field():
 # ---- the Hugging Face names --------------------------------------------------------------------------------------
 
 
-def test_hf_names_map_and_optim_args_apply():
+def test_hf_names_map_and_optim_args_apply(tmp_path):
     """A config written for the HF Trainer, ``optim: ademamix_8bit`` with ``optim_args: "alpha=8,beta3=0.999"``
     (transformers' keys for AdEMAMix), builds lowmem's ``ademamix8bit`` with those values and the embeddings' state
     kept 32-bit (as the Trainer does for bitsandbytes' 8-bit classes); an unknown key is an error naming the valid
@@ -256,7 +256,7 @@ def test_hf_names_map_and_optim_args_apply():
 
     assert resolve_optim_name("ademamix_8bit") == ("ademamix8bit", False)
     assert resolve_optim_name("ademamix") == ("ademamix", False)
-    recipe = load_recipe(None, output_dir="/tmp/lm/unused_ademamix", optim="ademamix_8bit",
+    recipe = load_recipe(None, output_dir=str(tmp_path / "out"), optim="ademamix_8bit",
                          optim_args="alpha=8,beta3=0.999,t_alpha=100")
     assert recipe.optim_args == {"alpha": 8, "beta3": 0.999, "t_alpha": 100}
     args = build_training_args(recipe)
@@ -279,7 +279,7 @@ def test_hf_names_map_and_optim_args_apply():
     for paged, entry in (("paged_ademamix_32bit", "bnb_paged_ademamix"), ("paged_ademamix_8bit", "bnb_paged_ademamix8bit")):
         assert resolve_optim_name(paged) == (entry, False)  # bitsandbytes' paged AdEMAMix, CUDA only (test_newopt18_bnb)
     with pytest.raises(ConfigError, match=r"optim_args.*'gamma'.*valid: \[.*'alpha'.*'beta3'"):
-        load_recipe(None, output_dir="/tmp/lm/unused_ademamix", optim="ademamix_8bit", optim_args="gamma=2")
+        load_recipe(None, output_dir=str(tmp_path / "out"), optim="ademamix_8bit", optim_args="gamma=2")
 
 
 @pytest.mark.parametrize("optim, name", [("ademamix", "ademamix"), ("ademamix_8bit", "ademamix8bit")])

@@ -107,13 +107,13 @@ def test_an_optimizer_without_8bit_state_is_refused():
         create_optimizer_embeddings_32bit(TinyLM(), "adamw")
 
 
-def test_lowmem_train_passes_the_setting():
+def test_lowmem_train_passes_the_setting(tmp_path):
     """``lowmem train --optim lion_8bit`` (or ``training_args: {optim: adamw_8bit}``) builds its arguments with
     ``lowmem_embeddings_32bit=True``; ``--optim lion8bit`` without."""
     from lowmem.train import build_training_args, load_recipe
 
     def built(**kw):
-        return build_training_args(load_recipe(None, output_dir="/tmp/lm/unused_auditfix", **kw)).lowmem_embeddings_32bit
+        return build_training_args(load_recipe(None, output_dir=str(tmp_path / "out"), **kw)).lowmem_embeddings_32bit
 
     assert built(optim="lion_8bit") is True
     if torch.cuda.is_available():  # (on the CPU a paged optimizer is refused with the recipe: SILENT 27)

@@ -32,10 +32,6 @@ def _defaults(name: str) -> dict:
 #: the docs/benchmarks.md sections that README's "how the loss column was measured" names as the cells' runs
 LOSS_RUNS = ("README's optimizer table", "Tiny task, CPU, interleaved with spread", "Muon, SCALE, SinkGD on the tiny task",
              "LOMO, AdaLomo and BAdam on the tiny task", "Lion and Lion8bit on the tiny task", "CAME on the tiny task")
-#: cells not yet in those sections: APOLLO-Mini's 1.006 (its run, 09898f7 on an Intel Xeon, is named there without
-#: the number) and NorMuon's 0.948 (README row of 16cdf6a; the run: `lowmem bench --steps 200 --threads 1`, AMD EPYC,
-#: ae549f0, run_id 94c04d00feba). Their lines are in /tmp/lm/DOCTRUTH2_bench.md (session 15); once placed, drop them.
-PENDING: set[str] = set()  # (both placed in session 15: the APOLLO and normuon bullets)
 
 
 def _sections(text: str, titles: tuple[str, ...]) -> str:
@@ -60,7 +56,7 @@ def test_readme_loss_cells_are_recorded_in_benchmarks():
         cells.append(line.strip("|").split("|")[-1].strip())
     ratios = [r for cell in cells for r in re.findall(r"(?<![\w.=])\d\.\d{3}(?![\w.])", cell)]
     assert len(ratios) >= 30  # 36 on 2026-11-30
-    missing = sorted({r for r in ratios if r not in runs} - PENDING)
+    missing = sorted({r for r in ratios if r not in runs})
     assert not missing, f"README loss cells recorded in none of the runs docs/benchmarks.md names: {missing}"
     for cell in cells:  # "at lr 3e-4": the variant of the cell is the recorded run's
         for lr in re.findall(r"at lr (\d[\d.e-]*)", cell):

@@ -86,8 +86,6 @@ def test_transform_many_kernels_do_not_grow_with_the_tensors():
     assert _kernels(2) - _kernels(2, sizes=((64, 48),)) <= 12
 
 
-needs_engine = pytest.mark.skipif(not hasattr(LowMemOptimizer, "_stabilizes_many"),
-                                  reason="the engine's side is /tmp/lm/SPAM_engine.patch (not applied)")
 PSHAPES = [(12, 10), (12, 10), (8, 16), (10,), (7,), (30, 10)]
 
 
@@ -109,7 +107,6 @@ def _run(many, chunk_numel, hp, steps=9):
     return ps, opt, calls
 
 
-@needs_engine
 @pytest.mark.parametrize("hp", [{"lr": 1e-2, "reset_interval": 4}, {"lr": 1e-2, "reset_interval": 3, "t_max": 6,
                                                                      "stats_step": "since_reset"}])
 @pytest.mark.parametrize("chunk_numel", [None, 128])
@@ -128,7 +125,6 @@ def test_engine_many_equals_the_per_parameter_step(hp, chunk_numel):
             torch.testing.assert_close(got_opt.state[b][k], v, rtol=1e-5, atol=1e-7)
 
 
-@needs_engine
 def test_engine_counts_the_stacks(monkeypatch):
     """step_transient_bytes with the buckets stabilized at once counts transform_many's 9 bytes per
     element of the largest bucket."""
