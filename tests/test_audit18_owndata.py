@@ -1,8 +1,8 @@
 """Outside audit OWNDATA18 (session 18): the user's own data, reward functions and configs.
 
-Each test pins one defect found from the docs (docs/training.md) and is marked ``xfail(strict=True)``: green while the
-defect is there, red (XPASS) once it is fixed, so the fixer removes the marker. /tmp/lm/FOUND_OWNDATA18.md has the
-file:line, what a user sees, what the project's rules ask for and a suggested fix for each.
+Each test pins one defect found from the docs (docs/training.md): a user's own data, reward functions or config fields
+that were dropped, misread or refused only after the model loaded. The defects are fixed (each fixing commit names its
+finding id, ``AUDIT-OWNDATA18 n``); the tests, once strict xfails, now guard the fixed behaviour.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """AUDIT-RESUME18: an outside audit of checkpoints and resume across the registered optimizers.
 
-Each test here pins a defect found by the audit and is ``xfail(strict=True)``: green while the defect stands, red
-(XPASS) once it is fixed, so the fixer removes the marker. See /tmp/lm/FOUND_RESUME18.md for the items."""
+Each test here pins a defect found by the audit (a checkpoint resumed into another optimizer, schedule or accumulation
+setting without an error, an interrupted save leaving no run record, ...). The defects are fixed (each fixing commit
+names its finding id, ``AUDIT-RESUME18 n``); the tests, once strict xfails, now guard the fixed behaviour."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Outside audit AUDCLI19 (session 19): the command line, the recipes in configs/, the examples and the docs' claims,
-run as a new user would. Each strict xfail reproduces one defect recorded in /tmp/lm/FOUND_AUDCLI19.md and asserts
-the correct behaviour (it passes, and its marker must go, once the defect is fixed)."""
+run as a new user would. Each test reproduces one defect the audit found (a flag or value ignored or misread, an
+error only after the model loaded) and asserts the correct behaviour. The defects are fixed (each fixing commit names
+its finding id, ``AUDCLI19 n``); the tests, once strict xfails, now guard the fixed behaviour."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Outside audit AUDQLORA19 (session 19): users' own model directories of other architectures, adapters
 (peft LoRA, modules_to_save), QLoRA / bitsandbytes on the CPU, saving, merging, reloading, the estimator.
 
-Each ``xfail(strict=True)`` test asserts the correct behaviour of one defect recorded in
-/tmp/lm/FOUND_AUDQLORA19.md (numbered as there); it fails today and passes once fixed (then drop its marker). The passing tests guard behaviour verified correct;
+Some tests assert the correct behaviour of a defect the audit found (a head or Conv1D weight treated as a hidden
+matrix, a QLoRA / LoRA run that trained or resumed wrong, a quantization spec contradicting the checkpoint accepted);
+those defects are fixed (each fixing commit names its finding id, ``AUDQLORA19 n``) and the tests, once strict
+xfails, now guard them. The other tests guard behaviour verified correct;
 mutation-checked (in memory): the head exclusion of subspace_target_names off -> the plain-model head test red;
 muon_lr_ratio reading shape[-2] only -> the symmetric Conv1D test red; estimate.config_quantization accepting any spec
 -> test_estimate_refuses_the_same_mismatch red; quant.keep_4bit_trainable_on_cpu a no-op -> the QLoRA pre-quantized

@@ -6,8 +6,9 @@ written here from the papers / the authors' code (not imported from lowmem). Set
 do not pick: non-default betas / eps / decay, lr changed every step, tall / wide / 1 x N / 3-D / 0-d parameters,
 missing gradients, groups of their own settings.
 
-Defects are strict xfails named ``AUDREF19 n`` (/tmp/lm/FOUND_AUDREF19.md); the plain tests are behaviour verified
-correct here and kept as regression tests.
+The defects found are the tests under the ``# AUDREF19 n`` comments; they are fixed (each fixing commit names its
+finding id) and those tests, once strict xfails, now guard them. The other tests are behaviour verified correct here
+and kept as regression tests.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """AUDRL19: outside audit of lowmem's post-training (DPO, GRPO, GVPO, BNPO) against the papers and TRL 1.16.
 
-Each ``xfail(strict=True)`` test asserts the correct behaviour of a defect recorded in /tmp/lm/FOUND_AUDRL19.md
-(``AUDRL19 <n>``); the plain tests are behaviour verified correct, kept as regression tests.
+The tests under a ``# AUDRL19 <n>`` comment assert the correct behaviour of a defect the audit found (the comment
+says what it was); the defects are fixed (each fixing commit names its finding id) and those tests, once strict
+xfails, now guard them. The other tests are behaviour verified correct, kept as regression tests.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Each optimizer is checked against a float64 loop written here from the paper (not from lowmem's references/):
 SM3-II, Anil et al. 2019, Algorithm 2 with the tensor covers of Section 4 (and the authors' TF code's momentum,
 ``beta2`` and ``weight_decay_rate``); NorMuon, Li et al. 2025, Algorithm 1 (lines 1 and 3-6; line 2's
-Newton-Schulz is Muon's bfloat16 iteration, taken from lowmem so that the rest is compared exactly). Defects are
-strict xfails named ``AUDIT2 n`` (/tmp/lm/FOUND_AUDIT2.md) until fixed."""
+Newton-Schulz is Muon's bfloat16 iteration, taken from lowmem so that the rest is compared exactly). The defects
+found are named ``AUDIT2 n`` in the tests' docstrings; they are fixed (each fixing commit names its finding id) and
+those tests, once strict xfails, now guard them."""
 
 from __future__ import annotations
 

@@ -320,7 +320,7 @@ def test_batched_weights_note_says_what_the_recipe_can_do():
 def test_target_modules_that_select_nothing_say_why(mixtral_dir, name, targets, says):
     """target_modules='q_proj' said 'matched no projection layer; its projection layers are named [..., 'q_proj',
     ...]' (a string is peft's / the Trainer's full-name regex), and target_modules naming the fused experts did
-    not say GaLore cannot project 3-D weights (/tmp/lm/FOUND_registry.md items 2-3)."""
+    not say GaLore cannot project 3-D weights (FOUND_registry items 2-3; fixed in d69b770)."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from lowmem.optim import create_optimizer

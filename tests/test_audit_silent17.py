@@ -1,9 +1,9 @@
 """Outside-in audit of the "no silent fallback" standard (SILENT, session 17).
 
 Each test states what a user would do, and asserts the standard's answer: an error naming the field and what is
-valid. Every test here is a strict xfail: it fails today for the reason in its ``reason`` (checked by running it
-without the marker), and turns into a pass (then XPASS, a failure, telling the fixer to drop the marker) once the
-defect is fixed. /tmp/lm/FOUND_SILENT.md has the entries (file, line, what happens, what should).
+valid. Each test was a strict xfail for a silent fallback the audit found (a setting ignored or replaced without an
+error); the defects are fixed (each fixing commit names its finding id, ``SILENT n`` / ``FOUND_SILENT n``) and the
+tests now guard them.
 """
 
 from __future__ import annotations

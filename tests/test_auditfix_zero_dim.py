@@ -3,8 +3,8 @@ held in a one-element tensor does, for the element-wise recipes whose ``chunk_st
 (``moments.AdamMoments``: adamw, adamw8bit's small tensors, ...; ``LionMoments``: tests/test_auditnew_lion_came.py).
 The engine passes the gradient flattened (``grad.view(-1)[start:stop]``, shape ``[1]``) and the un-viewed 0-d moment
 fails: ``output with shape [] doesn't match the broadcast shape [1]`` on every path but float32 multi-tensor.
-Fix (moments.py ``AdamMoments.chunk_state``, drop ``dim() > 0``): /tmp/lm/FOUND_AUDITFIX.md item 1b; verified in a
-scratch tree (every case below equal to the one-element run bit for bit)."""
+Fixed in moments.py ``AdamMoments.chunk_state`` (a 0-d moment is viewed too; the commit names ``FOUND_AUDITFIX``
+item 1b): every case below equals the one-element run bit for bit."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ float16 / float64 parameters, decay and no-decay groups, LambdaLR, closures, ``z
 parameter without a gradient, ``add_param_group``, weights-only checkpoints and deep copies mid-run, the peers on
 those shapes, the HF Trainer end to end, ``lowmem train`` resume, the memory claims and bad input.
 
-Defects found are strict xfails named ``FOUND_AUDITNEW n`` (/tmp/lm/FOUND_AUDITNEW.md).
+The defects found are named ``FOUND_AUDITNEW n`` in the tests; they are fixed (each fixing commit names its finding
+id) and those tests, once strict xfails, now guard them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Outside-in audit of ``lowmem budget --budget`` (BUDGETAUDIT, session 13): a larger budget never gives less, each
 candidate is the largest batch its settings fit (by the search's own estimate), the JSON is the table, the units a user
-types, and the errors a user meets (the ``xfail(strict=True)`` ones are defects in /tmp/lm/FOUND_BUDGETAUDIT.md).
+types, and the errors a user meets (the tests that were strict xfails pinned defects the audit found; they are fixed,
+each fixing commit naming its finding id, ``FOUND_BUDGETAUDIT n``, and the tests now guard them).
 
 A tiny Llama (h=64, 2 layers, vocab 512) built from a transformers config and written with ``save_pretrained``: the
 search reads a local directory. Estimates only (meta device): exact byte counts, machine-independent.

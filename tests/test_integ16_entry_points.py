@@ -1,7 +1,7 @@
 """The newest engine recipes (``sm3``, ``normuon``, ``racs``, ``alice``; ``lion`` and ``came`` as controls) through a
 user's entry points: ``lowmem train``'s summary of the optimizer settings in effect, and the HF Trainer's
 ``LowMemTrainingArguments``. (Resume, layerwise mode, bfloat16, DPO / GRPO, the plain Trainer and DDP were run for
-each by hand and matched: /tmp/lm/INTEG16_bench.md; the tests here pin what went wrong.)"""
+each by hand in session 16 (INTEG16) and matched; the tests here pin what went wrong.)"""
 
 from __future__ import annotations
 

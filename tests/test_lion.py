@@ -287,7 +287,7 @@ def test_under_training_arguments_equal_what_the_hf_trainer_builds(optim, name, 
     """The Hugging Face Trainer's ``optim="lion_32bit"`` / ``"lion_8bit"`` builds bitsandbytes' ``Lion`` with
     ``optim_bits`` 32 / 8 and ``betas=(adam_beta1, adam_beta2)`` (transformers' ``_get_bitsandbytes_optimizer``);
     lowmem's ``lion`` / ``lion8bit`` under the same ``TrainingArguments`` (lr, betas, weight decay on the Trainer's
-    decay groups) steps the same weights (the names' mapping: /tmp/lm/FOUND_LION.md, lowmem/train.py)."""
+    decay groups) steps the same weights (the names' mapping: lowmem/train.py, placed as FOUND_LION 1-7)."""
     pytest.importorskip("bitsandbytes")
     from transformers import Trainer, TrainingArguments
 

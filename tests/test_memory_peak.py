@@ -75,7 +75,7 @@ def test_tracking_a_layerwise_step_prints_no_torch_warning():
     """lowmem train tracks memory by default; in layerwise mode (each gradient freed in its own hook,
     before the tracker's hook reads it) torch's MemTracker warned 'Expected a tensor or a traceable
     wrapper-subclass of tensor, but got NoneType' to every user, and a backward hook of a module of None
-    (LoRA on MoE) 'Module is None. Skipping PRE_BW hook.' (AUDITMODELS' /tmp/lm/FOUND_memory.md)."""
+    (LoRA on MoE) 'Module is None. Skipping PRE_BW hook.' (found by AUDITMODELS; fixed in a7c9d65)."""
     import torch
 
     from lowmem.memory.measure import PeakTracker

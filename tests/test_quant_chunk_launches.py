@@ -4,7 +4,7 @@ A tensor larger than the chunk (a Llama's embedding and output head) is stepped 
 decoded, updated and encoded on its own (issue 12's bound). Per chunk the two moments' new codes and scales
 are written back by one ``torch._foreach_copy_`` (8-bit: bitsandbytes' quantizer returns new tensors), and a
 4-bit code's byte is packed from the search's int32 indices straight into ``uint8`` (no conversion first).
-Both are checked on meta tensors (the non-CPU path, counted as /tmp/lm/tools/metacount.py does) and for
+Both are checked on meta tensors (the non-CPU path; ``_Ops`` records each aten op dispatched) and for
 the same bits on the CPU with the device's forms forced.
 """
 

@@ -1,8 +1,8 @@
 """The quantized and MicroAdam steps on a non-CPU device (issue 15): no host-to-device copies, no host
 syncs, fewer kernels per bucket, and the same bits as the forms they replace.
 
-The non-CPU code path runs on meta tensors under a dispatch mode that counts what a GPU would launch
-(as /tmp/lm/tools/metacount.py). The replaced forms (a code map and its 256 x 2 lookup table copied to
+The non-CPU code path runs on meta tensors under a dispatch mode (``_Launches``) that counts what a GPU
+would launch. The replaced forms (a code map and its 256 x 2 lookup table copied to
 the device at every call, ``pack_4bit`` by shift and or, ``abs().amax()``, MicroAdam's offsets built by
 ``repeat_interleave`` and its age weights from a 0-dim tensor) are kept here as ``_old_*`` and every
 new form is compared with them bit for bit: function by function on edge values, and whole steps

@@ -27,7 +27,7 @@ def _search(**kw):
 def test_racs_is_a_default_candidate_priced_as_adafactor_and_smaller_per_parameter():
     """racs has Adafactor's price (1.5, + 0.5 layerwise) and state class, and a smaller step transient per parameter, so
     its layerwise row totals less than Adafactor's and ranks above it at the same price (Llama-2-7B: 15.79 vs 17.62 GiB,
-    /tmp/lm/SEARCH16_bench.md)."""
+    measured by SEARCH16 in session 16, docs/memory.md)."""
     assert "racs" in default_optimizers() and "sm3" not in default_optimizers()
     # bfloat16 weights on CUDA, as the Llama-2-7B search (float32 tiny weights: Adafactor's per-parameter transient is
     # the smaller one there, 34,072 B vs 35,352 B; the bfloat16 gradient's float32 copies make the difference)
