@@ -11,7 +11,8 @@
 # Session 16's run: `bash .ci/gpu_checks.sh --budget 390` (timeout_s=480): env, bf16:llama-7b-layer (bfloat16
 # write-backs: round-to-nearest / stochastic rounding / Kahan, step time and peak), time+memory:llama-350m (adamw
 # first, then racs, alice, sm3, normuon, lion, microadam, ...), memory:llama-7b-layer, equal:cuda-vs-cpu,
-# pytest:cuda (every cuda-marked test file, tests/test_gpu16_*.py among them). docs/benchmarks.md "GPU checklist".
+# pytest:cuda (every cuda-marked test file: lowmem.bench_gpu.cuda_test_files(), tests/test_gpu16_*.py and session 20's
+# tests/test_buckets20_cuda.py among them). docs/benchmarks.md "GPU checklist".
 #
 # Nothing is installed there: the device image's python3 already holds a CUDA torch, transformers, peft,
 # accelerate and pytest, and installing lowmem's pins (torch 2.13 CPU, trl, datasets) is impossible offline
