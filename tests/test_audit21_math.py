@@ -353,8 +353,6 @@ def test_adamw4bit_is_torchao_adamw4bit(monkeypatch, shape, wd):
     torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDMATH21 2: docs/compressed.md says adamw4bit is not torchao's AdamW4bit "
-                                       "(a different 4-bit map for v; no peer); their codes are equal bit for bit")
 def test_compressed_doc_does_not_deny_the_torchao_peer():
     """docs/compressed.md ("Against the packages") says "``adamw4bit`` is not torchao's ``AdamW4bit`` (a different 4-bit
     map for ``v``; no peer claims lowmem's)". torchao 0.18 (installed) quantizes ``v`` on the same zero-free linear

@@ -1,12 +1,12 @@
 """AUDQLORA19 2 (FIXMODELS19): transformers' Conv1D (GPT-2 family) stores its weight transposed, ``[in, out]``. The
-rules that read a weight's rows as its output neurons (:data:`lowmem.optim.registry.ROW_COLUMN_RULES`: NorMuon's
-per-neuron second moment, SCALE's per-output-unit normalization, Muon's ``adjust_lr_fn='original'`` ratio) are refused
-on such weights by ``create_optimizer(model, ...)`` (and so by the Trainer integration, layerwise mode and ``lowmem
-train``), naming the layers; every other rule gives the transposed update of the equivalent nn.Linear (measured here,
-3 steps of one 8 -> 24 layer), racs and sinkgd nearly (their finite iterations start from one side).
+rules that read a weight's rows as its output neurons (:data:`lowmem.optim.registry.LAYOUT_AWARE`: NorMuon's
+per-neuron second moment, SCALE's per-output-unit normalization, Muon's ``adjust_lr_fn='original'`` ratio) were
+refused on such weights from FIXMODELS19 to LEFT21 1; since then ``create_optimizer(model, ...)`` (and so the Trainer
+integration, layerwise mode and ``lowmem train``) puts them in a group with ``weight_layout='in_out'`` that those rules
+read (tests/test_conv1d_layout21.py). Every other rule gives the transposed update of the equivalent nn.Linear
+(measured here, 3 steps of one 8 -> 24 layer), racs and sinkgd nearly (their finite iterations start from one side).
 
-Mutations: ``refuse_transposed_layouts`` a no-op -> the refusal tests red; ROW_COLUMN_RULES['muon'] applying whatever
-adjust_lr_fn -> test_muon_default_ratio_runs_on_conv1d red."""
+Mutations: see tests/test_conv1d_layout21.py and the LEFT21 1 commit."""
 
 import warnings
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lowmem
-from lowmem.optim.registry import ROW_COLUMN_RULES, conv1d_weights
+from lowmem.optim.registry import LAYOUT_AWARE as LAYOUT_AWARE_NAMES, conv1d_weights
 
 
 class _OneLayer(nn.Module):
@@ -61,29 +61,30 @@ def _gpt2():
     return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2))
 
 
-REFUSED = [("normuon", {}), ("scale", {}), ("muon", {"adjust_lr_fn": "original"})]
+LAYOUT_AWARE = [("normuon", {}), ("scale", {}), ("muon", {"adjust_lr_fn": "original"})]
 
 
-@pytest.mark.parametrize("name, kw", REFUSED)
-def test_row_rules_refuse_conv1d_weights(name, kw):
-    with pytest.raises(ValueError, match=r"Conv1D.*fc \[8, 24\]") as err:
-        _update(name, True, kw)
-    assert f"'{name}'" in str(err.value)
-    _update(name, False, kw)  # the nn.Linear twin steps
+@pytest.mark.parametrize("name, kw", LAYOUT_AWARE)
+def test_layout_aware_rules_give_the_transposed_update(name, kw):
+    """Refused on Conv1D weights until LEFT21 1; now their group's weight_layout='in_out' makes them read the columns
+    as the output side (tests/test_conv1d_layout21.py: bit for bit, scale's float32 to rounding)."""
+    a, b = _update(name, True, kw), _update(name, False, kw)
+    assert (a - b).abs().max() <= 1e-6 * max(1.0, b.abs().max())
+    assert set(LAYOUT_AWARE_NAMES) == {n for n, _ in LAYOUT_AWARE}
 
 
-@pytest.mark.parametrize("name, kw", REFUSED)
-def test_gpt2_refused_naming_its_layers(name, kw):
-    with pytest.raises(ValueError, match=r"GPT2LMHeadModel stores 4 targeted weight\(s\) transposed.*"
-                                         r"transformer\.h\.0\.attn\.c_attn \[16, 48\]"):
-        lowmem.create_optimizer(_gpt2(), name, lr=1e-3, **kw)
+@pytest.mark.parametrize("name, kw", LAYOUT_AWARE)
+def test_gpt2_conv1d_weights_get_their_own_group(name, kw):
+    opt = lowmem.create_optimizer(_gpt2(), name, lr=1e-3, **kw)
+    groups = [g for g in opt.param_groups if g.get("weight_layout") == "in_out"]
+    assert len(groups) == 1 and len(groups[0]["params"]) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
 
 
-def test_layerwise_refuses_too():
+def test_layerwise_takes_the_layout_too():
     from lowmem.optim.layerwise import LayerwiseOptimizer
 
-    with pytest.raises(ValueError, match="Conv1D"):
-        LayerwiseOptimizer(_gpt2(), "normuon", lr=1e-3)
+    opt = LayerwiseOptimizer(_gpt2(), "normuon", lr=1e-3)
+    assert any(g.get("weight_layout") == "in_out" for g in opt.inner.param_groups)
 
 
 def test_muon_default_ratio_runs_on_conv1d():
@@ -119,27 +120,15 @@ def test_nearly_symmetric_rules(name, bound):
     assert 0 < rel < bound
 
 
-def test_every_refused_rule_is_asymmetric(monkeypatch):
-    """The table's rules do differ on the transposed layout (not refused for nothing): the check bypassed, measured
-    normuon 0.029 of 0.19, scale 0.19 of 0.57, muon original 0.099 of 0.29."""
-    import lowmem.optim.registry as reg
-
-    monkeypatch.setattr(reg, "refuse_transposed_layouts", lambda *a, **k: None)
-    for name, kw in REFUSED:
-        a, b = _update(name, True, kw), _update(name, False, kw)
-        assert float((a - b).abs().max() / b.abs().max()) > 0.1, name
-    assert set(ROW_COLUMN_RULES) == {n for n, _ in REFUSED}
-
-
-def test_lowmem_train_refuses_before_the_model_loads(tmp_path, monkeypatch):
-    """lowmem train on a GPT-2 directory with optim normuon: a ConfigError naming the layers, no weights loaded."""
+def test_lowmem_train_trains_gpt2_with_normuon(tmp_path):
+    """lowmem train on a GPT-2 directory with optim normuon (refused before the model loaded until LEFT21 1): two
+    steps, the 4 Conv1D weights in the in_out group."""
     import io
     import json
 
     import transformers
     from rich.console import Console
 
-    from lowmem.config import ConfigError
     from lowmem.kit import build_tokenizer
     from lowmem.train import TrainRecipe, run
 
@@ -152,12 +141,10 @@ def test_lowmem_train_refuses_before_the_model_loads(tmp_path, monkeypatch):
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"{a}+1={a + 1}"}) + "\n" for a in range(8)))
 
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded before the refusal")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
-    with warnings.catch_warnings(), pytest.raises(ConfigError, match=r"'normuon'.*c_attn \[16, 48\]"):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run(TrainRecipe(model=str(tmp_path / "m"), dataset=str(tmp_path / "d.jsonl"), steps=1, lr=1e-3, batch_size=4,
-                        optim="normuon", output_dir=str(tmp_path / "o"), track_memory=False, save_model=False),
-            console=Console(file=io.StringIO()))
+        result = run(TrainRecipe(model=str(tmp_path / "m"), dataset=str(tmp_path / "d.jsonl"), steps=2, lr=1e-3,
+                                 batch_size=4, optim="normuon", output_dir=str(tmp_path / "o"), track_memory=False,
+                                 save_model=False), console=Console(file=io.StringIO()))
+    assert result["steps"] == 2
+    assert [g["num_tensors"] for g in result["effective_hparams"] if g.get("weight_layout") == "in_out"] == [4]

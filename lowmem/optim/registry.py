@@ -254,7 +254,7 @@ def is_projection_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a 2-D projection layer whose weight a subspace optimizer can project:
     ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2-family models; its weight is stored
     transposed, ``[in, out]``: a projection handles it like any matrix, and the rules that read rows as
-    output neurons refuse it, :data:`ROW_COLUMN_RULES`). Conv1D is recognised by its class, without
+    output neurons read its columns, :data:`LAYOUT_AWARE`). Conv1D is recognised by its class, without
     importing transformers."""
     if isinstance(module, nn.Linear):
         return True
@@ -493,9 +493,11 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     Raises:
         ValueError: Unknown name or hyperparameter (the message lists the valid ones), or an
             invalid value; a group given with ``rank`` / ``use_muon`` / ``use_sinkgd`` on parameters of fewer than
-            2 dimensions only (:func:`refuse_vector_only_targets`); a model whose transformers ``Conv1D`` weights
-            (``[in, out]``) a rule reading rows as output neurons would target (:func:`refuse_transposed_layouts`:
-            normuon, scale, muon with ``adjust_lr_fn='original'``; a parameter list cannot be checked).
+            2 dimensions only (:func:`refuse_vector_only_targets`).
+
+    A model's transformers ``Conv1D`` weights (``[in, out]``) targeted by muon, normuon or scale go to a group of
+    their own with ``weight_layout="in_out"`` (:data:`LAYOUT_AWARE`); a parameter list given directly says the
+    layout by its groups' ``weight_layout`` (default ``"out_in"``, nn.Linear's).
     """
     entry = get_entry(name)
     valid = entry.valid_hparams()
@@ -515,6 +517,12 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
         group_names = {h.name: h for h in entry.recipe.group_hparams}
         given = {k for k in group_names if k in hparams}
         group_only = {h.name: hparams.pop(h.name, h.default) for h in group_names.values()}
+        if "weight_layout" in group_only and "weight_layout" not in given:  # (LAYOUT_AWARE: only where it is given,
+            del group_only["weight_layout"]  # so a group without it, nn.Linear's default, is the one saved before)
+        if "weight_layout" in given and isinstance(model_or_params, nn.Module):
+            raise ValueError(f"weight_layout is set per layer by create_optimizer(model, '{entry.name}'): "
+                             "transformers' Conv1D weights 'in_out', the others 'out_in'; pass parameter groups to "
+                             "set it yourself")
         for k, v in group_only.items():
             # a default of None is "not set"; a None the caller gives is a value like any other: a setting
             # whose valid values exclude it (fira's gamma, proj_type, update_proj_gap, ...) is an error naming
@@ -531,9 +539,9 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
             subspace_hparams=group_only, embedding_groups=entry.embedding_groups,
             batched_targets=entry.batched_targets,
         )
-        opt = entry.factory(params, **hparams)
-        refuse_transposed_layouts(model_or_params, entry.name, opt.param_groups)
-        return opt
+        if entry.name in LAYOUT_AWARE:  # (Conv1D weights [in, out]: a group of their own, weight_layout="in_out")
+            params = split_transposed_layouts(model_or_params, params, entry.target_key)
+        return entry.factory(params, **hparams)
     else:
         if target_modules is not None:
             raise ValueError("target_modules needs a model (nn.Module), not a parameter list")
@@ -550,22 +558,14 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **hp
     return entry.factory(params, **hparams)
 
 
-ROW_COLUMN_RULES: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
-    "normuon": (lambda g: bool(g.get("use_muon")),
-                "keeps one second moment per row of W in R^{m x n}, m output neurons (Li et al. 2025, Algorithm 1)"),
-    "scale": (lambda g: g.get("scale_role") == "hidden",
-              "normalizes each output unit's weights, the rows of W in R^{out x in} (Glentis et al. 2025)"),
-    "muon": (lambda g: bool(g.get("use_muon")) and g.get("adjust_lr_fn") == "original",
-             "with adjust_lr_fn='original' scales the step by sqrt(max(1, rows / cols)) = sqrt(max(1, out / in)) "
-             "(Jordan et al. 2024)"),
-}
-"""The rules that read a 2-D weight's rows as its output neurons (``[out, in]``, nn.Linear's layout), by optimizer
-name: ``(applies(group), what the rule does)``. Measured on one 8 -> 24 layer stored as nn.Linear and as transformers'
-``Conv1D`` (``[in, out]``), 3 steps (tests/test_fixmodels19_conv1d.py): their updates are not each other's transpose
-(normuon 0.029 of a 0.19 step, scale 0.19 of 0.57, muon original 0.099 of 0.29); every other rule's are, to float
-rounding (muon's default ratio, GaLore, APOLLO, Fira, Adafactor, CAME, Adam-mini, ...), or nearly (racs 0.0044 of 0.26:
-the fixed point of Eq. 16 is symmetric, its 5 iterations start from the rows; sinkgd 2.9e-5 of 0.028: Sinkhorn's
-alternating normalizations end on the columns)."""
+LAYOUT_AWARE = ("muon", "normuon", "scale")
+"""The optimizers whose rule depends on which side of a 2-D weight is its output (Muon's ``adjust_lr_fn='original'``
+ratio ``sqrt(max(1, out / in))``, NorMuon's per-output-neuron second moment, Li et al. 2025 Algorithm 1, SCALE's
+per-output-unit normalization, Glentis et al. 2025): :func:`create_optimizer` (model) puts the targeted transformers
+``Conv1D`` weights (``[in, out]``) in a group of their own with ``weight_layout="in_out"``
+(:func:`split_transposed_layouts`), which the rules read, so that such a layer steps as its nn.Linear twin
+``[out, in]`` would, transposed (tests/test_conv1d_layout21.py; until 2026-12-02 they were refused on such weights,
+AUDQLORA19 2). Every other rule is symmetric in rows and columns, or nearly (tests/test_fixmodels19_conv1d.py)."""
 
 
 def conv1d_weights(model: nn.Module) -> dict[int, tuple[str, tuple[int, ...]]]:
@@ -575,23 +575,22 @@ def conv1d_weights(model: nn.Module) -> dict[int, tuple[str, tuple[int, ...]]]:
             if not isinstance(mod, nn.Linear) and is_projection_layer(mod) and isinstance(mod.weight, torch.Tensor)}
 
 
-def refuse_transposed_layouts(model: nn.Module, name: str, groups: list[dict[str, Any]]) -> None:
-    """Refuse optimizer ``name`` (:data:`ROW_COLUMN_RULES`) where its row / column rule would read a ``Conv1D`` weight
-    (``[in, out]``) as ``[out, in]``: per input feature instead of per output neuron (AUDQLORA19 2). A ValueError names
-    the layers, the rule and what runs instead; nothing is refused when no such weight is in a group the rule applies to.
-    """
-    rule = ROW_COLUMN_RULES.get(get_entry(name).name)
-    conv = conv1d_weights(model) if rule is not None else {}
-    hit = [conv[id(p)] for g in groups if rule is not None and rule[0](g) for p in g["params"] if id(p) in conv]
-    if not hit:
-        return
-    shown = ", ".join(f"{n} {list(s)}" for n, s in hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
-    fix = ("adjust_lr_fn='match_rms_adamw' (the default, symmetric in rows and columns)" if name == "muon" else
-           "an optimizer symmetric in rows and columns (muon, galore_adamw, apollo_adamw, adamw, ...), or target_modules "
-           "leaving these layers out (they then step AdamW)")
-    raise ValueError(
-        f"optimizer '{name}' {rule[1]}, and {type(model).__name__} stores {len(hit)} targeted weight(s) transposed, "
-        f"[in, out] (transformers' Conv1D): {shown}; the rule would read their rows as input features. Use {fix}")
+def split_transposed_layouts(model: nn.Module, groups: list[dict[str, Any]], target_key: str) -> list[dict[str, Any]]:
+    """``groups`` with the ``Conv1D`` weights (:func:`conv1d_weights`, 2-D) of every group that sets ``target_key``
+    moved to a copy of that group with ``weight_layout="in_out"`` (placed right after it; a group left empty is
+    dropped). :data:`LAYOUT_AWARE`."""
+    conv = conv1d_weights(model)
+    out: list[dict[str, Any]] = []
+    for g in groups:
+        moved = [p for p in g["params"] if id(p) in conv and p.dim() == 2] if g.get(target_key) else []
+        if not moved:
+            out.append(g)
+            continue
+        kept = [p for p in g["params"] if not any(p is q for q in moved)]
+        if kept:
+            out.append({**g, "params": kept})
+        out.append({**g, "params": moved, "weight_layout": "in_out"})
+    return out
 
 
 MATRIX_TARGET_KEYS = ("rank", "use_muon", "use_sinkgd")

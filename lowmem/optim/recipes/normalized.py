@@ -101,6 +101,41 @@ class DefaultTargetGroups:
 _NO_CLASS = object()  # (HybridMoments.foreach_bucket_transient_bytes not told its bucket's class)
 
 
+#: ``weight_layout`` of a targeted group: how its 2-D weights are stored. ``"out_in"`` (the default): ``[out, in]``,
+#: nn.Linear's layout, rows are output neurons; ``"in_out"``: ``[in, out]``, transformers' ``Conv1D`` (GPT-2 family).
+#: :func:`~lowmem.optim.create_optimizer` (model) puts the ``Conv1D`` weights of muon, normuon and scale in a group of
+#: their own with ``"in_out"``; the rules that depend on which side is the output (Muon's ``adjust_lr_fn="original"``
+#: ratio ``sqrt(max(1, out / in))``, NorMuon's per-output-neuron second moment, SCALE's per-output-unit normalization)
+#: read it, so such a weight steps as the transposed nn.Linear weight would (tests/test_conv1d_layout21.py).
+WEIGHT_LAYOUTS = ("out_in", "in_out")
+
+
+def in_out(group: dict[str, Any], shape: Any = None) -> bool:
+    """Whether ``group``'s weights are stored ``[in, out]`` (``weight_layout="in_out"``). A value other than
+    :data:`WEIGHT_LAYOUTS` is refused, and so is ``"in_out"`` on a target of other than 2 dimensions (``shape``: a
+    ``Conv1D`` weight is a matrix; a batch of matrices ``[E, A, B]`` is read as ``E`` matrices ``[out, in]``)."""
+    v = group.get("weight_layout", "out_in")
+    if v not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {list(WEIGHT_LAYOUTS)}, got {v!r}")
+    if v == "in_out" and shape is not None and len(shape) != 2:
+        raise ValueError(f"weight_layout='in_out' applies to 2-D weights (transformers' Conv1D, [in, out]); a parameter"
+                         f" of shape {list(shape)} is in the group")
+    return v == "in_out"
+
+
+def semantic_shape(shape: Any, group: dict[str, Any]) -> tuple[int, int]:
+    """The ``(out, in)`` of a 2-D weight of stored ``shape`` in ``group`` (:func:`in_out`: swapped for ``[in, out]``)."""
+    a, b = shape[-2], shape[-1]
+    return (b, a) if in_out(group) else (a, b)
+
+
+def layout_lr_ratio(shape: Any, group: dict[str, Any]) -> float:
+    """Muon's shape-based step factor (:func:`~lowmem.optim.functional.muon.muon_lr_ratio`) of the ``(out, in)`` a
+    weight of stored ``shape`` has in ``group`` (:func:`semantic_shape`): ``"original"``'s ``sqrt(max(1, out / in))``
+    by the output side, not by the stored rows."""
+    return muon_lr_ratio(semantic_shape(shape, group), group["adjust_lr_fn"])
+
+
 class HybridMoments(MomentRule):
     """Base class: a normalized rule for the targeted parameters of a group, AdamW for the rest.
 
@@ -457,6 +492,7 @@ class MuonMoments(HybridMoments):
         return len(shape) == 2 or (len(shape) > 2 and not sharded_group(group))
 
     def target_init_state(self, state, shape, group, param):
+        in_out(group, shape)  # (a weight_layout other than 2-D 'in_out' / 'out_in' refused before any state)
         state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
     def target_chunk_align(self, shape, group, state):
@@ -495,7 +531,7 @@ class MuonMoments(HybridMoments):
             mat = shape[-2:]
             muon_foreach_(ps, gs, bs, mat, group["momentum"], group["nesterov"], group["ns_coefficients"],
                           group["ns_steps"], group["ns_eps"], lr, group.get("weight_decay", 0.0),
-                          lr * muon_lr_ratio(mat, group["adjust_lr_fn"]))
+                          lr * layout_lr_ratio(mat, group))
 
     def target_foreach_transient_bytes(self, numel):
         """:func:`~lowmem.optim.functional.muon.muon_foreach_transient_bytes` of the bucket, with the
@@ -528,7 +564,7 @@ class MuonMoments(HybridMoments):
         """Muon's float32 steps of a stack of iterates (:func:`~lowmem.optim.functional.muon.muon_foreach_direction`;
         the ratio of a matrix's ``A x B``)."""
         return muon_foreach_direction(stack, group["ns_coefficients"], group["ns_steps"], group["ns_eps"],
-                                      lr * muon_lr_ratio(shape[-2:], group["adjust_lr_fn"]))
+                                      lr * layout_lr_ratio(shape[-2:], group))
 
     def target_bf16_bucket_transient_bytes(self, numel, shape, states, group):
         """:meth:`target_bf16_bucket_direction`: the momentum phase, the gradients' float32 copies (``4 numel``,
@@ -585,7 +621,7 @@ class MuonMoments(HybridMoments):
             buf.copy_(buf32)
         whole = reduce.gather_rows(u.to(torch.bfloat16), reduce.shape[0])
         o = newton_schulz(whole, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])[reduce.rows[0] : reduce.rows[1]]
-        return o.to(g.dtype).mul_(lr * muon_lr_ratio(reduce.shape, group["adjust_lr_fn"]))
+        return o.to(g.dtype).mul_(lr * layout_lr_ratio(reduce.shape, group))
 
     def _lean_prepare(self, state, shape, group, lr, bounds, stabilized, buf: Tensor | None = None) -> dict[str, Any]:
         m, n = shape
@@ -603,7 +639,7 @@ class MuonMoments(HybridMoments):
             del u, rows32, g
         block = ns_column_block_numel(buf.device, max((b - a for a, b in bounds), default=0))
         newton_schulz_(x, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], column_block_numel=block)
-        return {"x": x, "shape": shape, "scale": lr * muon_lr_ratio(shape, group["adjust_lr_fn"])}
+        return {"x": x, "shape": shape, "scale": lr * layout_lr_ratio(shape, group)}
 
     def _batched_prepare(self, state, shape, group, lr, bounds, stabilized) -> dict[str, Any]:
         """A batch of matrices ``[..., A, B]`` stepped in blocks of whole rows of its ``[-1, B]`` view:
@@ -612,7 +648,7 @@ class MuonMoments(HybridMoments):
         size = max((b - a for a, b in bounds), default=0)
         return {"batch": tuple(shape[-2:]), "state": state, "group": group, "lr": lr, "stabilized": stabilized,
                 "size": size, "index": None, "x": None,
-                "scale": lr * muon_lr_ratio(shape[-2:], group["adjust_lr_fn"])}
+                "scale": lr * layout_lr_ratio(shape[-2:], group)}
 
     def _matrix_iterate(self, ctx: dict[str, Any], e: int) -> Tensor:
         """The orthogonalised momentum of matrix ``e`` of a batch (bfloat16, in :func:`ns_shape`): the lean
@@ -674,7 +710,7 @@ class MuonMoments(HybridMoments):
             buf.copy_(buf32)
         o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
         del u, buf32
-        return o.to(g.dtype).mul_(lr * muon_lr_ratio(g.shape, group["adjust_lr_fn"]))
+        return o.to(g.dtype).mul_(lr * layout_lr_ratio(g.shape, group))
 
     def target_transient_bytes(self, numel, shape, group, state):
         """A target's step of blocks of ``numel`` elements: the lean step (:meth:`_lean_bytes`); a weight of one chunk
@@ -812,6 +848,9 @@ MUON_HPARAMS = (
     HParam("adamw_lr_ratio", 1.0, nonneg, "a finite float >= 0",
            "AdamW parameters step and decay with lr * adamw_lr_ratio (MuonWithAuxAdam's Adam-group lr / lr)"),
 )
+WEIGHT_LAYOUT = HParam("weight_layout", "out_in", one_of(*WEIGHT_LAYOUTS), f"one of {list(WEIGHT_LAYOUTS)}",
+                       "how the group's 2-D weights are stored: 'out_in' (nn.Linear's [out, in]) or 'in_out' (transformers'"
+                       " Conv1D, GPT-2: the output side is the columns); create_optimizer(model) sets it per layer")
 USE_MUON = HParam("use_muon", True, is_bool, "a bool",
                   "the group's 2-D parameters take Muon, and those of more dimensions per matrix over the last two (fused"
                   " MoE experts; the 1-D ones in it take AdamW, and so do groups without the key"
@@ -824,7 +863,7 @@ MUON = Recipe(
               " Liu et al. 2025, Muon is Scalable for LLM Training (weight decay, the match_rms_adamw update scale)",
     moment=MuonMoments(eps_placement="torch"),
     hparams=MUON_HPARAMS,
-    group_hparams=(USE_MUON,),
+    group_hparams=(USE_MUON, WEIGHT_LAYOUT),
 )
 
 
@@ -1199,6 +1238,14 @@ class SinkGD(DefaultTargetGroups, LowMemOptimizer):
 SCALE_ROLES = ("hidden", "head", "embedding")
 
 
+def by_columns(group: dict[str, Any]) -> bool:
+    """Whether SCALE normalizes the columns of the group's matrices (its output units are the columns): the input
+    embedding ``[vocab, d]`` (``scale_role="embedding"``) and a hidden weight stored ``[in, out]``
+    (``weight_layout="in_out"``, transformers' ``Conv1D``: :func:`in_out`), which so gets the step its nn.Linear twin
+    ``[out, in]`` gets, transposed (the same RMS, reduced over the blocks of rows: equal to float rounding)."""
+    return group["scale_role"] == "embedding" or (group["scale_role"] == "hidden" and in_out(group))
+
+
 class ScaleMoments(HybridMoments):
     """SCALE: by the group's ``scale_role``, parameters with 2 or more dimensions are column-normalised
     (``"hidden"``: each row of ``[out, in]``, no state; ``"head"``: the same after the momentum
@@ -1228,6 +1275,9 @@ class ScaleMoments(HybridMoments):
         return group.get("scale_role") is not None and len(shape) >= 2
 
     def target_init_state(self, state, shape, group, param):
+        if in_out(group, shape) and group["scale_role"] != "hidden":
+            raise ValueError(f"scale: weight_layout='in_out' (transformers' Conv1D, [in, out]) applies to"
+                             f" scale_role='hidden' weights, got scale_role={group['scale_role']!r}")
         if group["scale_role"] == "head":
             state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
@@ -1253,7 +1303,7 @@ class ScaleMoments(HybridMoments):
             return g.view(-1, state.extra["cols"]).div(rms).view(-1).mul_(lr)
         if isinstance(state, ChunkState):  # a block of whole rows, flat: each row normalised on its own
             return column_normalize(g.view(-1, state.extra["cols"]), dim=1).view(-1).mul_(lr)
-        return column_normalize(g, dim=0 if role == "embedding" else 1).mul_(lr)
+        return column_normalize(g, dim=0 if by_columns(group) else 1).mul_(lr)
 
     # FSDP2 (lowmem.optim.sharded): row-normalised matrices are row-local; the embedding's columns
     # are normalised by their RMS over every shard's rows (column_normalize's column_sq)
@@ -1273,7 +1323,7 @@ class ScaleMoments(HybridMoments):
             return None
         if len(shape) > 3:
             return self._flat_prepare(state, shape, group, bounds, stabilized, reduce)
-        if group["scale_role"] != "embedding":
+        if not by_columns(group):
             return None
         if len(shape) == 3:  # (FSDP2 refuses a shard of a batch: lowmem.optim.sharded.refusal)
             return self._batched_column_rms(state, shape, bounds, stabilized)
@@ -1334,7 +1384,7 @@ class ScaleMoments(HybridMoments):
         (FSDP2 shards of rows), the columns' sums all-reduced and the RMS over the whole row count (rows are the
         shard's own). Returns the context of :meth:`chunk_state`."""
         rows, cols = shape[0], math.prod(shape[1:])
-        dim = 0 if group["scale_role"] == "embedding" else 1
+        dim = 0 if by_columns(group) else 1
         head = group["scale_role"] == "head"
         acc = None
         for a, b in bounds:
@@ -1397,7 +1447,7 @@ class ScaleMoments(HybridMoments):
         """Row-normalised matrices (``"hidden"``, ``"head"``; 2-D or batches ``[E, A, B]``, at least
         :attr:`foreach_min_cols` columns) take the foreach buckets, except in FSDP2 groups; the embedding
         (columns) and tensors of more than 3 dimensions are stepped alone."""
-        return (self.targets(shape, group) and len(shape) in (2, 3) and group["scale_role"] != "embedding"
+        return (self.targets(shape, group) and len(shape) in (2, 3) and not by_columns(group)
                 and shape[-1] >= self.foreach_min_cols and not sharded_group(group))
 
     def target_foreach_step_(self, params, grads, states, group, t, lr) -> None:
@@ -1472,7 +1522,7 @@ class ScaleMoments(HybridMoments):
         the most of its chunks' first pass and steps (:func:`~lowmem.optim.functional.scale.flat_chunks_bytes`).
         Stepped whole (``chunk_numel=None``), the engine asks :meth:`target_whole_transient_bytes` instead."""
         w, low = self._widths(group, state)
-        embedding = group["scale_role"] == "embedding"
+        embedding = by_columns(group)
         if len(shape) > 3:  # (the summed squares float32; the chunks' squares and steps in the gradient's dtype)
             rows, cols = shape[0], math.prod(shape[1:])
             stats = 4 * (cols if embedding else rows)
@@ -1510,7 +1560,7 @@ class ScaleMoments(HybridMoments):
             rows, cols = shape[0] * shape[1], shape[0] * shape[2]
         else:
             rows, cols = shape[0], numel // max(shape[0], 1)
-        return w * numel * low + w * numel + w * (cols if group["scale_role"] == "embedding" else rows)
+        return w * numel * low + w * numel + w * (cols if by_columns(group) else rows)
 
 
 SCALE_HPARAMS = (
@@ -1534,7 +1584,7 @@ SCALE = Recipe(
               " the SCALE update; the authors' code (OptimAI-Lab/Minimalist_LLM_Pretraining) for the normalisation",
     moment=ScaleMoments(eps_placement="hf"),
     hparams=SCALE_HPARAMS,
-    group_hparams=(SCALE_ROLE,),
+    group_hparams=(SCALE_ROLE, WEIGHT_LAYOUT),
 )
 
 

@@ -35,7 +35,8 @@ from ..functional.normuon import (UPDATE_SCALES, neuron_factors_bytes, neuron_ro
 from ..hparams import HParam, in_unit_interval, one_of, positive
 from ..moments import ChunkState, grad_element_bytes, state_dtype
 from ..registry import register, takes_the_default
-from .normalized import MUON_HPARAMS, USE_MUON, DefaultTargetGroups, MuonMoments, flat_as_targeted
+from .normalized import (MUON_HPARAMS, USE_MUON, WEIGHT_LAYOUT, DefaultTargetGroups, MuonMoments, flat_as_targeted, in_out,
+                         semantic_shape)
 
 V_KEY = "second_momentum_buffer"
 
@@ -83,7 +84,9 @@ class NorMuonMoments(MuonMoments):
 
     def target_init_state(self, state, shape, group, param):
         super().target_init_state(state, shape, group, param)
-        state[V_KEY] = torch.zeros(shape[:-1], dtype=state_dtype(group, param), device=param.device)
+        # one number per output neuron: per row of [out, in], per column of a Conv1D weight [in, out] (in_out)
+        rows = shape[-1:] if in_out(group, shape) else shape[:-1]
+        state[V_KEY] = torch.zeros(rows, dtype=state_dtype(group, param), device=param.device)
 
     # ---- the lean (chunked) step ----
 
@@ -95,6 +98,10 @@ class NorMuonMoments(MuonMoments):
         if self._is_adam(state):
             return None
         if reduce is not None:
+            if in_out(group):
+                raise ValueError("normuon: an FSDP2 shard of a weight stored [in, out] (weight_layout='in_out', "
+                                 "transformers' Conv1D) is not supported: its per-output-neuron second moment reads "
+                                 "columns across the shards; train it unsharded or leave it out of target_modules")
             return self._sharded_step(state, shape, group, lr, stabilized, reduce)
         seen: dict[str, torch.dtype] = {}
 
@@ -112,6 +119,7 @@ class NorMuonMoments(MuonMoments):
         ctx = self._lean_prepare(state, shape, muon_group, lr, bounds, recorded)
         ctx["factors"] = self._matrix_factors(ctx["x"], tuple(shape), state[V_KEY], group, lr, bounds,
                                               seen.get("dtype", torch.float32))
+        ctx["in_out"] = in_out(group)
         return ctx
 
     def _sharded_step(self, state, shape, group, lr, stabilized, reduce) -> Tensor:
@@ -139,8 +147,18 @@ class NorMuonMoments(MuonMoments):
     @staticmethod
     def _matrix_factors(x: Tensor, shape: tuple[int, int], v: Tensor, group, lr, bounds, dtype) -> Tensor:
         """The per-row factors of one matrix from its iterate ``x`` (:func:`ns_shape`), its rows' norms taken a block
-        of ``bounds`` at a time (flat element ranges of whole rows)."""
+        of ``bounds`` at a time (flat element ranges of whole rows). A weight stored ``[in, out]`` (``in_out``):
+        the factors of its output neurons, its columns, whose norms are taken in blocks of as many columns as a
+        block of ``bounds`` holds ``in``-element vectors (each column's norm from a contiguous copy of it, as an
+        nn.Linear twin's row: the same bits)."""
         m, n = shape
+        if in_out(group):
+            step = max(1, max((b - a for a, b in bounds), default=m) // m)
+            norms = torch.empty(n, dtype=dtype, device=x.device)
+            o = ns_rows(x, shape, 0, m)  # [m, n]: a view of the iterate in the weight's layout
+            for c in range(0, n, step):
+                norms[c : c + step] = row_norms(o[:, c : c + step].mT, dtype)
+            return _factors(v.view(1, n), norms.view(1, n), (n, m), group, lr).view(n)
         norms = torch.empty(m, dtype=dtype, device=x.device)
         for a, b in bounds:
             norms[a // n : b // n] = row_norms(ns_rows(x, shape, a // n, b // n), dtype)
@@ -187,7 +205,8 @@ class NorMuonMoments(MuonMoments):
             if "batch" in ctx:
                 return self._batched_rows(g, ctx, r0, r1)
             o = ns_rows(ctx["x"], ctx["shape"], r0, r1)
-            return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(ctx["factors"][r0:r1, None]).view(-1)
+            f = ctx["factors"][None, :] if ctx.get("in_out") else ctx["factors"][r0:r1, None]  # (columns: in_out)
+            return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(f).view(-1)
         if g.dim() > 2:  # a batch of matrices stepped whole: one matrix after the other
             out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
             buf, v = state["momentum_buffer"], state[V_KEY]
@@ -207,6 +226,10 @@ class NorMuonMoments(MuonMoments):
         o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
         del u, buf32
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        if in_out(group):  # [in, out]: the output neurons are the columns
+            n = g.shape[1]
+            factors = _factors(v.view(1, n), row_norms(o.mT, dtype).view(1, n), (n, g.shape[0]), group, lr).view(n)
+            return o.to(g.dtype).mul_(factors[None, :])
         m = g.shape[0]
         factors = _factors(v.view(1, m), row_norms(o, dtype).view(1, m), tuple(g.shape), group, lr).view(m)
         return o.to(g.dtype).mul_(factors[:, None])
@@ -244,6 +267,10 @@ class NorMuonMoments(MuonMoments):
         factors' computation beside the norms (with ``v``'s copy when stored in another dtype). ``kept``: the
         factors, through the step."""
         m, n = shape
+        if in_out(group):  # [in, out]: the norms of the out columns, in blocks of as many columns (_matrix_factors)
+            block = None if block_rows is None else block_rows * n
+            m, n = n, m
+            block_rows = None if block is None else max(1, min(m, block // n))
         isz = _itemsize(state, group)
         copy_v = isz * m if state[V_KEY].dtype.itemsize != isz else 0
         factors = isz * m + copy_v + neuron_factors_bytes(1, m, isz)
@@ -334,7 +361,7 @@ def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tenso
     (:meth:`NorMuonMoments.prepare_chunks`, a whole matrix as one block of rows). Transient:
     :func:`normuon_foreach_bytes`."""
     m = shape[0]
-    stack = [muon_foreach_iterate(grads, bufs, shape, group["momentum"], group["nesterov"])]
+    stack = [muon_foreach_iterate(grads, bufs, shape, group["momentum"], group["nesterov"])]  # (the stored layout)
     d = normuon_foreach_direction(stack, vs, shape, group, lr)
     weight_decay = group.get("weight_decay", 0.0)
     if weight_decay != 0:
@@ -350,11 +377,13 @@ def normuon_foreach_direction(stack: list[Tensor], vs: list[Tensor], shape: tupl
     ``vs``, float32 or bfloat16: stored rounded, the factors from the float32 stack, as the per-matrix step's
     ``_factors``). A new ``k`` x ``ns_shape`` float32 stack."""
     x = newton_schulz_batched(stack, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
-    tall = shape[0] > shape[1]
-    norms = row_norms(x.mT if tall else x, torch.float32)  # k x m: the rows of each matrix (columns of a tall one's x)
+    # the output neurons are the rows of each matrix (the columns of a tall one's x), or for a weight stored
+    # [in, out] (in_out: transformers' Conv1D) its columns (the rows of a tall one's x)
+    tall = (shape[0] > shape[1]) != in_out(group)
+    norms = row_norms(x.mT if tall else x, torch.float32)  # k x out
     v = torch.empty(norms.shape, dtype=torch.float32, device=norms.device)
     torch._foreach_copy_(list(v.unbind(0)), vs)
-    factors = _factors(v, norms, shape, group, lr)
+    factors = _factors(v, norms, semantic_shape(shape, group), group, lr)
     torch._foreach_copy_(vs, list(v.unbind(0)))
     del norms, v
     d = x.to(torch.float32)
@@ -397,7 +426,7 @@ NORMUON = Recipe(
     reference="Li et al. 2025, NorMuon: Making Muon more efficient and scalable (arXiv 2510.05491), Algorithm 1",
     moment=NorMuonMoments(eps_placement="torch"),
     hparams=NORMUON_HPARAMS,
-    group_hparams=(USE_MUON,),
+    group_hparams=(USE_MUON, WEIGHT_LAYOUT),
 )
 
 
