@@ -81,6 +81,9 @@ class NorMuonMoments(MuonMoments):
     ``c_i O_i`` instead of ``lr * ratio * O_i`` (:meth:`target_direction`, :meth:`_batched_rows`)."""
 
     target_keys = ("momentum_buffer", V_KEY)
+    # FSDP2: ``v`` of a matrix sharded by rows holds the shard's rows (one number each): saved as the rows of the whole
+    # ``(m,)``, sharded like the parameter's rows (it reshards, uneven shards too), as Adafactor's row statistics
+    reduced_dims = {V_KEY: -1}
 
     def target_init_state(self, state, shape, group, param):
         super().target_init_state(state, shape, group, param)
