@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # (one spawn of 2 proc
 # tag -> (optimizer, settings): element-wise (AdamW, Lion); GaLore on the experts, a batch of matrices each rank steps
 # whole (its stacked state, compensation included, sharded as the parameter; scale 1: updates of about lr), the 2-D
 # weights full-rank (rank None); Adafactor (its column sums and RMS all-reduced over the shards in float32) and Muon
-# (the momentum gathered; the experts AdamW in an FSDP2 group, Muon in one process: MuonMoments.targets) resumed only
+# (the momentum gathered; the experts each rank's whole matrices one by one: MuonMoments.per_matrix) resumed only
 CASES = {"adamw": ("adamw", {}), "lion": ("lion", {}),
          "galore_experts": ("galore_adamw", {"groups": lambda m: [
              {"params": [m.experts], "rank": 4, "update_proj_gap": 2, "scale": 1.0},

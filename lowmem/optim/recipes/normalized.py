@@ -486,10 +486,15 @@ class MuonMoments(HybridMoments):
 
     def targets(self, shape, group):
         """The 2-D parameters of a ``use_muon`` group, and those of more dimensions (batches of matrices over
-        the last two) except in FSDP2 groups (a shard of a batch is not stepped by Muon: AdamW there)."""
-        if not group.get("use_muon"):
-            return False
-        return len(shape) == 2 or (len(shape) > 2 and not sharded_group(group))
+        the last two; in FSDP2 groups stepped by the engine one matrix at a time: :meth:`per_matrix`)."""
+        return bool(group.get("use_muon")) and len(shape) >= 2
+
+    def per_matrix(self, shape, group):
+        """A batch of matrices ``[..., A, B]`` of an FSDP2 group (fused MoE experts): stepped by the engine as
+        separate ``A x B`` parameters, each rank its shard's whole matrices (FSDP2's ``Shard(0)``; no communication:
+        :meth:`~lowmem.optim.engine.LowMemOptimizer._local_matrices`), their state stacked, equal to one process's
+        batched step (each matrix's Newton-Schulz on its own). Unsharded groups step the batch themselves."""
+        return len(shape) > 2 and self.targets(shape, group) and sharded_group(group)
 
     def target_init_state(self, state, shape, group, param):
         in_out(group, shape)  # (a weight_layout other than 2-D 'in_out' / 'out_in' refused before any state)
@@ -965,10 +970,13 @@ class SinkGDMoments(HybridMoments):
 
     def targets(self, shape, group):
         """The 2-D parameters of a ``use_sinkgd`` group, and those of more dimensions (batches of matrices over
-        the last two) except in FSDP2 groups (AdamW there)."""
-        if not group.get("use_sinkgd"):
-            return False
-        return len(shape) == 2 or (len(shape) > 2 and not sharded_group(group))
+        the last two; in FSDP2 groups stepped by the engine one matrix at a time: :meth:`per_matrix`)."""
+        return bool(group.get("use_sinkgd")) and len(shape) >= 2
+
+    def per_matrix(self, shape, group):
+        """A batch of matrices of an FSDP2 group: each rank steps its shard's whole matrices as separate 2-D
+        parameters (as :meth:`MuonMoments.per_matrix`), equal to one process's per-matrix SR-Sinkhorn."""
+        return len(shape) > 2 and self.targets(shape, group) and sharded_group(group)
 
     def target_direction(self, g, state, group, t, lr):
         if isinstance(state, ChunkState) and state.extra.get("sinkgd") is not None:
@@ -1274,6 +1282,13 @@ class ScaleMoments(HybridMoments):
     def targets(self, shape, group):
         return group.get("scale_role") is not None and len(shape) >= 2
 
+    def per_matrix(self, shape, group):
+        """A batch of matrices ``[E, A, B]`` of an FSDP2 group: each rank steps its shard's whole matrices as
+        separate 2-D parameters (as :meth:`MuonMoments.per_matrix`), equal to one process's batched step (rows, or
+        the embedding role's columns, of each matrix). A tensor of more dimensions (``[rows, cols]`` flat) is not a
+        batch of matrices here: refused on shards (:func:`~lowmem.optim.sharded.refusal`)."""
+        return len(shape) == 3 and self.targets(shape, group) and sharded_group(group)
+
     def target_init_state(self, state, shape, group, param):
         if in_out(group, shape) and group["scale_role"] != "hidden":
             raise ValueError(f"scale: weight_layout='in_out' (transformers' Conv1D, [in, out]) applies to"
@@ -1325,7 +1340,7 @@ class ScaleMoments(HybridMoments):
             return self._flat_prepare(state, shape, group, bounds, stabilized, reduce)
         if not by_columns(group):
             return None
-        if len(shape) == 3:  # (FSDP2 refuses a shard of a batch: lowmem.optim.sharded.refusal)
+        if len(shape) == 3:  # (FSDP2: the engine steps a shard's matrices one by one, per_matrix)
             return self._batched_column_rms(state, shape, bounds, stabilized)
         n = shape[1]
         blocks = (stabilized(a, b, ChunkState(state, a, b)).view(-1, n) for a, b in bounds)
