@@ -236,11 +236,8 @@ def validate_reward_fields(recipe: Any) -> None:
             raise ValueError(f"reward_funcs is for trainer grpo, gvpo or bnpo; trainer is {recipe.trainer!r}")
         recipe.reward_funcs = funcs
         nested = (recipe.training_args or {}).get("reward_weights") if isinstance(recipe.training_args, dict) else None
-        if isinstance(nested, (list, tuple)) and len(nested) != len(funcs):  # TRL: after the model loaded
-            raise ValueError(f"training_args.reward_weights has {len(nested)} entries but reward_funcs has {len(funcs)}; "
-                             "expected one weight per reward function")
-        if isinstance(nested, (list, tuple)):
-            check_some_weight("training_args.reward_weights", nested)
+        if isinstance(nested, (list, tuple)):  # (TRL: after the model loaded)
+            check_reward_weights(nested, len(funcs), prefix="training_args.")
     if weights is not None:
         if not isinstance(weights, list) or not weights:
             raise ValueError(f"Invalid reward_weights={recipe.reward_weights!r}: expected a list of numbers")
@@ -255,16 +252,35 @@ def validate_reward_fields(recipe: Any) -> None:
             out.append(value)
         if funcs is None:
             raise ValueError("reward_weights needs reward_funcs (one weight per reward function)")
-        if len(out) != len(funcs):
-            raise ValueError(f"reward_weights has {len(out)} entries but reward_funcs has {len(funcs)}; "
-                             "expected one weight per reward function")
+        check_reward_weights(out, len(funcs))
         if "reward_weights" in (recipe.training_args or {}):
             raise ValueError("reward_weights is given both as a recipe field and in training_args; keep one")
-        check_some_weight("reward_weights", out)
         if recipe.trainer == "bnpo" and len(set(out)) > 1:
             raise ValueError(f"reward_weights={out}: BNPO averages one advantage per reward function with equal "
                              "weight; expected equal weights (or none)")
         recipe.reward_weights = out
+
+
+def check_reward_weights(weights: Any, funcs: int | None, prefix: str = "") -> None:
+    """The rule of ``reward_weights`` against the reward functions, one for every route: ``lowmem train``'s recipe
+    (``prefix="training_args."`` for ``training_args.reward_weights``, ``""`` for the recipe's own field) and the
+    Python API (``prefix="LowMemGRPOConfig."``, GVPO / BNPO's: :func:`lowmem.trainers.trl.check_reward_weights_count`).
+    ``funcs``: the number of reward functions, ``None`` when ``reward_funcs`` is unset (``lowmem train``'s synthetic
+    task, one function: :func:`lowmem.kit.reward_fn`). One weight per function (TRL 1.16 checks the count in
+    ``GRPOTrainer.__init__``, after the policy and any reward model loaded), and not all 0
+    (:func:`check_some_weight`).
+
+    Raises:
+        ValueError: ``<prefix>reward_weights has N entries ([...]) but reward_funcs has M; ...``, or
+            ``<prefix>reward_weights=[0.0, ...]: all weights are 0 ...``.
+    """
+    field = f"{prefix}reward_weights"
+    if len(weights) != (1 if funcs is None else funcs):
+        have = ("reward_funcs is unset: the synthetic task has one reward function (lowmem.kit.reward_fn)"
+                if funcs is None else f"reward_funcs has {funcs}")
+        raise ValueError(f"{field} has {len(weights)} entries ({list(weights)}) but {have}; expected one weight per "
+                         "reward function" + (" (set reward_funcs for more)" if funcs is None else ""))
+    check_some_weight(field, weights)
 
 
 def check_some_weight(field: str, weights: Any) -> None:

@@ -896,17 +896,13 @@ def check_training_args_reward_weights(recipe: Any) -> None:
     Raises:
         ValueError: Naming ``training_args.reward_weights``.
     """
-    from lowmem.rewards import check_some_weight
+    from lowmem.rewards import check_reward_weights
 
     weights = recipe.training_args.get("reward_weights")
     if recipe.reward_funcs is not None or not isinstance(weights, (list, tuple)):
         return
-    if len(weights) != 1:
-        raise ConfigError(f"training_args.reward_weights has {len(weights)} entries ({list(weights)}) but reward_funcs is "
-                          "unset: the synthetic task has one reward function (lowmem.kit.reward_fn); expected one weight "
-                          "per reward function (set reward_funcs for more)")
-    try:
-        check_some_weight("training_args.reward_weights", weights)
+    try:  # (the Python API's rule too: lowmem.trainers.trl.check_reward_weights_count)
+        check_reward_weights(weights, None, prefix="training_args.")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -967,16 +963,10 @@ def check_unavailable_fields(ta: dict[str, Any]) -> None:
         if not _vllm_available():
             raise ConfigError("use_vllm=true needs the vllm package, which is not installed: pip install 'trl[vllm]' "
                               "(or drop use_vllm: TRL then generates with transformers)")
-    vllm_fields = sorted(k for k in ta if k.startswith("vllm_"))
-    if vllm_fields and not ta.get("use_vllm"):  # TRL generates with transformers and reads none of them
-        from trl import GRPOConfig
+    if any(k.startswith("vllm_") for k in ta) and not ta.get("use_vllm"):  # TRL reads none of them then
+        from lowmem.trainers.trl import refuse_vllm_fields_without_use_vllm  # (the Python configs' rule too)
 
-        defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
-        changed = [k for k in vllm_fields if k in defaults and ta[k] != defaults[k]]
-        if changed:
-            raise ConfigError(f"{', '.join(f'{k}={ta[k]!r}' for k in changed)}: vLLM generation settings, and use_vllm is "
-                              "not set: TRL generates with transformers and ignores them; set use_vllm: true (needs the "
-                              "vllm package: pip install 'trl[vllm]') or drop them")
+        refuse_vllm_fields_without_use_vllm(ta, prefix="training_args.")
     if ta.get("activation_offloading") and not _accelerator_visible():
         raise ConfigError("activation_offloading=true moves activations from a GPU to the CPU, and no GPU is visible; "
                           "drop it (gradient_checkpointing: true saves activation memory on any device)")

@@ -244,7 +244,7 @@ def test_recipe_data_fields_are_validated(tmp_path):
         (dict(trainer="grpo", reward_funcs=[{"pattern": "x"}]), r"a mapping entry needs 'name'"),
         (dict(trainer="grpo", reward_funcs=[{"name": "format", "pattern": "("}]), r"reward_funcs\[0\] pattern '\('"),
         (dict(trainer="grpo", reward_funcs=["exact_match"], reward_weights=[1, 2]),
-         "reward_weights has 2 entries but reward_funcs has 1"),
+         r"reward_weights has 2 entries \(\[1.0, 2.0\]\) but reward_funcs has 1"),
         (dict(trainer="grpo", reward_funcs=["exact_match"], reward_weights=["x"]), r"reward_weights(\[0\]='x'|=\['x'\])"),
         (dict(trainer="grpo", reward_funcs=["exact_match"], reward_weights=[float("nan")]), r"reward_weights(\[0\]|=\[nan\])"),
         (dict(trainer="grpo", reward_weights=[1.0]), "reward_weights needs reward_funcs"),

@@ -118,7 +118,7 @@ CASES = [
     ("dependent-field", "grpo", {}, {"ref_model_sync_steps": 10}, False,
      r"ref_model_sync_steps=10 is read only with sync_ref_model: true"),
     ("vllm-field", "grpo", {}, {"vllm_gpu_memory_utilization": 0.5}, False,
-     r"vllm_gpu_memory_utilization=0\.5: vLLM generation settings, and use_vllm is not set"),
+     r"training_args\.vllm_gpu_memory_utilization=0\.5: vLLM generation settings, which need training_args\.use_vllm=true"),
     ("dpo-beta-0", "dpo", {"beta": 0.0}, {}, False, r"beta=0 for DPO: .*valid: a float > 0"),
 ]
 

@@ -303,5 +303,5 @@ def test_nested_reward_weights_count_is_checked_with_the_recipe(tmp_path):
     path.write_text("trainer: grpo\ndataset: p.jsonl\nreward_funcs: [format, exact_match]\n"
                     "training_args: {reward_weights: [1.0, 0.5]}\n")
     assert load_recipe(path).training_args["reward_weights"] == [1.0, 0.5]
-    with pytest.raises(ValueError, match=r"training_args.reward_weights has 2 entries but reward_funcs has 1"):
+    with pytest.raises(ValueError, match=r"training_args.reward_weights has 2 entries \(\[1.0, 0.5\]\) but reward_funcs has 1"):
         load_recipe(path, reward_funcs=["format"])

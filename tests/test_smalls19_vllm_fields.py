@@ -50,7 +50,7 @@ def test_python_configs_refuse_a_vllm_field_without_use_vllm(tmp_path, field):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # (vllm_importance_sampling_cap: deprecated)
             with pytest.raises(ConfigError, match=rf"^(.*, )?{cls.__name__}\.{field}={re.escape(repr(VALUES[field]))}(, .*)?: vLLM "
-                                                  r"generation settings, which need use_vllm=True"):
+                                                  rf"generation settings, which need {cls.__name__}\.use_vllm=True"):
                 cls(output_dir=str(tmp_path), **COMMON, **{field: VALUES[field]})
 
 
@@ -77,7 +77,7 @@ def test_lowmem_train_refuses_a_vllm_field_without_use_vllm(tmp_path, field):
 
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    with pytest.raises(ConfigError, match=rf"^{field}={re.escape(repr(VALUES[field]))}: vLLM generation settings, and use_vllm is "
-                                          r"not set"):
+    with pytest.raises(ConfigError, match=rf"^training_args\.{field}={re.escape(repr(VALUES[field]))}: vLLM generation settings, "
+                                          r"which need training_args\.use_vllm=true"):
         load_recipe(None, trainer="grpo", output_dir=str(tmp_path / "out"), dataset=str(data), batch_size=4,
                     reward_funcs=["exact_match"], num_generations=4, **{field: VALUES[field]})

@@ -106,7 +106,7 @@ def test_reward_funcs_flags(layout):
     (["--trainer", "grpo", "--dataset", "data/train.jsonl", "--reward-funcs", "format", "--reward-weights", "x"],
      r"reward_weights=\['x'\]: expected a list \(items: a number\)"),
     (["--trainer", "grpo", "--dataset", "data/train.jsonl", "--reward-funcs", "format", "--reward-weights", "1", "2"],
-     "reward_weights has 2 entries but reward_funcs has 1"),
+     r"reward_weights has 2 entries \(\[1.0, 2.0\]\) but reward_funcs has 1"),
     (["--trainer", "grpo", "--dataset", "data/train.jsonl"], "needs reward_funcs \\(in the recipe, or --reward-funcs\\)"),
 ])
 def test_bad_flag_values_are_the_recipe_fields_errors(layout, capsys, argv, message):

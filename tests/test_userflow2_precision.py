@@ -126,7 +126,7 @@ def test_vllm_settings_without_use_vllm_are_an_error(tmp_path):
     """A TRL GRPO example's vllm_mode: server / vllm_gpu_memory_utilization with use_vllm dropped (vllm not installed
     here): TRL generated with transformers and ignored them, without a word. TRL's defaults (a saved GRPOConfig
     holds every vllm_ field) pass."""
-    with pytest.raises(ConfigError, match=r"^vllm_gpu_memory_utilization=0.5, vllm_mode='server': vLLM generation "
-                                          r"settings, and use_vllm is not set"):
+    with pytest.raises(ConfigError, match=r"^training_args.vllm_gpu_memory_utilization=0.5, training_args.vllm_mode="
+                                          r"'server': vLLM generation settings, which need training_args.use_vllm=true"):
         _recipe(tmp_path, "grpo", vllm_mode="server", vllm_gpu_memory_utilization=0.5, vllm_server_port=8000)
     assert _recipe(tmp_path, "grpo", vllm_mode="colocate", vllm_server_port=8000).training_args["vllm_mode"] == "colocate"

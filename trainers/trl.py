@@ -290,25 +290,31 @@ def changed_vllm_fields(values: dict[str, Any]) -> list[str]:
     return [k for k in sorted(defaults) if k in values and values[k] != defaults[k]]
 
 
-def refuse_vllm_fields_without_use_vllm(config: Any) -> None:
-    """``LowMemGRPOConfig`` (and GVPO / BNPO's configs) with ``vllm_*`` settings and ``use_vllm`` off: a ConfigError
-    naming each field (:func:`changed_vllm_fields`), as ``lowmem train`` refuses them
-    (:func:`lowmem.train.check_unavailable_fields`).
+def refuse_vllm_fields_without_use_vllm(values: Any, prefix: str | None = None) -> None:
+    """``vllm_*`` settings away from TRL's default (:func:`changed_vllm_fields`) with ``use_vllm`` off: a ConfigError
+    naming each field. The one rule of both routes: ``lowmem train``'s recipe (``values`` its ``training_args`` dict,
+    ``prefix="training_args."``, :func:`lowmem.train.check_unavailable_fields`) and the Python API's configs
+    (``values`` a ``LowMemGRPOConfig`` / GVPO / BNPO config, named ``<Config>.`` by default). A YAML recipe's ``true``,
+    Python's ``True``.
 
     Raises:
-        ValueError: (:class:`lowmem.config.ConfigError`) ``<Config>.vllm_x=<value> ...: ... need use_vllm=True``.
+        ValueError: (:class:`lowmem.config.ConfigError`) ``<prefix>vllm_x=<value> ...: vLLM generation settings, which
+            need <prefix>use_vllm=True ...``.
     """
     from lowmem.config import ConfigError
 
-    if config.use_vllm:
+    mapping = values if isinstance(values, dict) else vars(values)
+    if prefix is None:
+        prefix = f"{type(values).__name__}."
+    if mapping.get("use_vllm"):
         return
-    changed = changed_vllm_fields(vars(config))
+    changed = changed_vllm_fields(mapping)
     if changed:
-        name = type(config).__name__
-        raise ConfigError(f"{', '.join(f'{name}.{k}={getattr(config, k)!r}' for k in changed)}: vLLM generation settings, "
-                          "which need use_vllm=True: without it TRL generates with transformers and reads none of them; "
-                          "set use_vllm=True (needs the vllm package: pip install 'trl[vllm]') or leave them at TRL's "
-                          "defaults")
+        true = "true" if prefix == "training_args." else "True"
+        raise ConfigError(f"{', '.join(f'{prefix}{k}={mapping[k]!r}' for k in changed)}: vLLM generation settings, which "
+                          f"need {prefix}use_vllm={true}: without it TRL generates with transformers and reads none of "
+                          f"them; set {prefix}use_vllm={true} (needs the vllm package: pip install 'trl[vllm]') or leave "
+                          "them at TRL's defaults")
 
 
 def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, instead: str) -> None:
@@ -449,16 +455,18 @@ def check_reward_weights_count(config: Any, reward_funcs: Any) -> None:
     ``lowmem train`` refuses it (:func:`lowmem.rewards.validate_reward_fields`). TRL 1.16 checks it in
     ``GRPOTrainer.__init__`` after loading the policy (and any reward model): minutes of loading lost on a typo.
 
+    The rule is :func:`lowmem.rewards.check_reward_weights`, the one ``lowmem train`` runs (named ``<Config>.`` here).
+
     Raises:
-        ValueError: ``<Config>.reward_weights has N entries but reward_funcs has M``.
+        ValueError: ``<Config>.reward_weights has N entries ([...]) but reward_funcs has M``, or all 0.
     """
+    from lowmem.rewards import check_reward_weights
+
     weights = getattr(config, "reward_weights", None)
     if weights is None:
         return
     funcs = [] if reward_funcs is None else reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if len(weights) != len(funcs):
-        raise ValueError(f"{type(config).__name__}.reward_weights has {len(weights)} entries ({list(weights)}) but "
-                         f"reward_funcs has {len(funcs)}; expected one weight per reward function")
+    check_reward_weights(weights, len(funcs), prefix=f"{type(config).__name__}.")
 
 
 def logged_reward_names(reward_funcs: Any) -> list[str]:
