@@ -20,7 +20,14 @@ def _run(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+# the default suite runs the own-data and Python API examples (30-50 s each on 2 cores); the YAML recipe, HF Trainer,
+# pure-bf16 and FSDP2 ones run in the slow set (their routes are tested in the default suite: test_train_run.py,
+# test_trainer_hf.py, test_bf16_stochastic_round.py / test_bf16rest_*.py, test_fsdp.py)
+DEFAULT_EXAMPLES = ["own_data.py", "python_api.py"]
+
+
+@pytest.mark.parametrize("script", [s if s.name in DEFAULT_EXAMPLES else pytest.param(s, marks=pytest.mark.slow)
+                                    for s in EXAMPLES], ids=lambda p: p.name)
 def test_example_runs(script, tmp_path):
     proc = _run(script, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Every engine optimizer through a TRL trainer (the same mixin the HF Trainer path uses, tested over
-the whole registry in test_trainer_hf.py): one SFT run of 2 steps per optimizer, the optimizer is
+the whole registry in test_trainer_hf.py): one SFT run of 2 steps per optimizer (a few in the default suite, all of
+them in the slow set: DEFAULT below), the optimizer is
 the registered recipe over exactly the trainable parameters, and parameters move. GRPO runs with the
 optimizers that change how parameters are grouped or frozen (Muon's targets, Adam-mini's blocks,
 BAdam's active block)."""
@@ -8,9 +9,15 @@ import pytest
 import torch
 
 from lowmem.optim import optimizer_entries
+from suite_helpers import slow_beyond
 from trl_helpers import inner_optimizer, make_trainer, trainable
 
 ENGINE = [e.name for e in optimizer_entries() if e.recipe is not None]
+# the default suite: one optimizer of each way the trainer builds groups (plain, subspace targets, quantized state,
+# fused-in-backward LOMO, Adam-mini's blocks, Muon's targets, BAdam's active block); the slow set runs all of them
+# (in the default suite, test_trainer_hf.py's test_cls_and_kwargs_rebuilds_create_optimizer builds every entry as the
+# Trainer does, and test_optim_generic.py steps every one)
+DEFAULT = ["adamw", "galore_adamw", "adamw8bit", "microadam", "adalomo", "adam_mini", "muon", "badam", "scale"]
 LR = {"lomo": 0.1, "sgd_sm": 0.1, "adagrad_sn": 0.1, "adagrad_snsm": 0.1}
 
 
@@ -36,7 +43,7 @@ def _rank_args(name: str) -> dict:
     return {"lowmem_optim_args": {"rank": 16}} if rank is not None and rank >= 64 else {}
 
 
-@pytest.mark.parametrize("name", ENGINE)
+@pytest.mark.parametrize("name", slow_beyond(ENGINE, DEFAULT))
 def test_sft_with_every_engine_optimizer(name, tiny_model_path, tmp_path):
     _check(make_trainer("sft", tiny_model_path, str(tmp_path), 2, optim=name, lr=LR.get(name, 1e-2), **_rank_args(name)), name)
 
