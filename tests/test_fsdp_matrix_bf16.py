@@ -28,6 +28,10 @@ numbers in docs/distributed.md, "The matrix rules on bfloat16 shards"):
   updates do not read the weights but through the decay, which shrinks a difference); the state bit for bit;
 - resume: bit for bit for every case (the stream of the stochastic rounding is seeded by the step count); the
   2-process Kahan checkpoints load into one process and continue to the 2-process run.
+
+The same spawn runs transformers' Conv1D weights (GPT-2's layers, stored ``[in, out]``; FSDP2 shards their input
+side) with the rules that read ``weight_layout="in_out"`` (``CONV_CASES``, float32 and bfloat16 weights, 17 and 45
+input rows: uneven shards), ``create_optimizer(model)`` on the sharded model: :func:`_compare_conv`.
 """
 
 from __future__ import annotations
@@ -96,17 +100,20 @@ def build(model, tag):
         return create_optimizer(groups(model, rule), rule, lr=LR, **OPTIONS[opt])
 
 
-def grads(step):
-    """The global gradients of step ``step`` (bfloat16, by parameter name)."""
+def grads(step, net=None):
+    """The global gradients of step ``step`` (the weights' dtype, by parameter name; ``net``: a model of the run's
+    class, default :class:`Net`)."""
     g = torch.Generator().manual_seed(1000 + step)
-    return {n: torch.randn(p.shape, generator=g).to(torch.bfloat16) for n, p in Net().named_parameters()}
+    net = Net().to(torch.bfloat16) if net is None else net
+    return {n: torch.randn(p.shape, generator=g).to(p.dtype) for n, p in net.named_parameters()}
 
 
 def train(model, opt, steps, start=0):
     from lowmem.optim.sharded import is_dtensor, shard_rows
 
+    net = ConvNet().to(CONV_CASES[model.tag][1]) if getattr(model, "tag", None) in CONV_CASES else None
     for step in range(start, start + steps):
-        whole = grads(step)
+        whole = grads(step, net)
         for n, p in model.named_parameters():
             if is_dtensor(p):
                 from torch.distributed.tensor import DTensor
@@ -117,6 +124,54 @@ def train(model, opt, steps, start=0):
             else:
                 p.grad = whole[n]
         opt.step()
+
+
+# ---- transformers' Conv1D weights ([in, out]: weight_layout="in_out") ----
+# create_optimizer(model) puts them in a group of their own with weight_layout="in_out" (registry.LAYOUT_AWARE) and
+# the rules read it: Muon's ratio sqrt(max(1, out / in)) (adjust_lr_fn="original"), SCALE's hidden role normalising
+# the columns. FSDP2 shards dimension 0, the input side: Muon gathers the whole matrix (the ratio of the whole
+# (out, in)); SCALE sums the columns' squares over the shards.
+CONV_CASES = {"conv-muon-float32": ("muon", torch.float32, {"adjust_lr_fn": "original"}),
+              "conv-muon-bfloat16": ("muon", torch.bfloat16, {"adjust_lr_fn": "original"}),
+              "conv-scale-float32": ("scale", torch.float32, {}),
+              "conv-scale-bfloat16": ("scale", torch.bfloat16, {"kahan_summation": True})}
+
+
+class ConvNet(nn.Module):
+    """GPT-2's layers (transformers' Conv1D, weight [in, out], a bias): odd 17 -> 40 (shards of 9 / 8 input rows;
+    out > in, so Muon's 'original' ratio is sqrt(40 / 17), 1 if read from the stored [17, 40]), tall 45 -> 8
+    (23 / 22)."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.odd = Conv1D(40, 17)
+        self.tall = Conv1D(8, 45)
+
+
+def make_conv(tag, seed=0):
+    torch.manual_seed(seed)
+    model = ConvNet()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 0.5)
+    model = model.to(CONV_CASES[tag][1])
+    model.tag = tag
+    return model
+
+
+def build_conv(model, tag):
+    rule, _, kw = CONV_CASES[tag]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_optimizer(model, rule, lr=LR, **kw)
+
+
+def in_out_names(model, opt):
+    """The parameters of ``opt``'s ``weight_layout="in_out"`` groups, by name."""
+    names = {p: n for n, p in model.named_parameters()}
+    return sorted(names[p] for g in opt.param_groups if g.get("weight_layout") == "in_out" for p in g["params"])
 
 
 def full(model, opt):
@@ -168,6 +223,34 @@ def _worker(rank, world, init_file, out_dir):
             report.setdefault("transient", {})[tag] = opt.step_transient_bytes()  # (the rank's matrices' steps)
             model = sharded(seed=1)  # other weights: the checkpoint must set them
             opt = build(model, tag)
+            sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(sd, checkpoint_id=ckpt)
+            set_model_state_dict(model, sd["model"])
+            set_optimizer_state_dict(model, opt, sd["optim"])
+            train(model, opt, STEPS - 2, start=2)
+            again = full(model, opt)
+            report["resumed"][tag] = {k: torch.equal(again[k], v) for k, v in straight.items()}
+        for tag in CONV_CASES:  # (the same run with the Conv1D model, create_optimizer(model) on the sharded model)
+            def sharded_conv(seed=0, tag=tag):
+                model = make_conv(tag, seed)
+                for m in (model.odd, model.tall):
+                    fully_shard(m, mesh=mesh)
+                return fully_shard(model, mesh=mesh)
+
+            model = sharded_conv()
+            opt = build_conv(model, tag)
+            report.setdefault("in_out", {})[tag] = in_out_names(model, opt)
+            train(model, opt, 2)
+            ckpt = os.path.join(out_dir, f"dcp_{tag}")
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=ckpt)
+            train(model, opt, STEPS - 2, start=2)
+            straight = full(model, opt)
+            if rank == 0:
+                torch.save(straight, os.path.join(out_dir, f"{tag}.pt"))
+            report["local"][tag] = {n: list(p.to_local().shape) for n, p in model.named_parameters()}
+            model = sharded_conv(seed=1)
+            opt = build_conv(model, tag)
             sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(sd, checkpoint_id=ckpt)
             set_model_state_dict(model, sd["model"])
@@ -321,3 +404,79 @@ def test_two_shard_checkpoint_loads_into_one_process(matrix_fsdp_run, tag):
     sharded = torch.load(out / f"{tag}.pt", weights_only=True)
     _compare(tag, sharded, full(model, opt), dict(make().named_parameters()))
 
+
+
+def single_conv(tag, steps=STEPS):
+    model = make_conv(tag)
+    opt = build_conv(model, tag)
+    train(model, opt, steps)
+    return full(model, opt)
+
+
+def _compare_conv(tag, sharded, ref):
+    """The Conv1D run on 2 processes (``sharded``) against one process's (``ref``), full tensors by name. Muon: every
+    weight and state entry bit for bit (the whole matrix gathered, its ratio of the whole (out, in)). SCALE sums the
+    columns' squares over the shards (another order than one process's column reduction): float32 weights within
+    rtol 1e-6 (measured 1.7e-7 / 2.3e-7: 1-2 float32 ulps); bfloat16 weights within one ulp in
+    at most 0.1% of the elements and the Kahan compensation within the file's bound (measured: both 0.0). The AdamW
+    biases' float32 exp_avg_sq: rtol 1e-6 (measured 1.9e-7 in 3 elements, the unsharded foreach bucket against the
+    shard's per-parameter step). The rest bit for bit. A layout read wrongly moves the steps by 3-19% (LEFT21 1)."""
+    rule, dtype, _ = CONV_CASES[tag]
+    w0 = dict(make_conv(tag).named_parameters())
+    assert sorted(sharded) == sorted(ref)
+    for k, b in ref.items():
+        a = sharded[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        d = (a.double() - b.double()).abs()
+        summed = rule != "muon" and (k in w0 or k.endswith(".second_momentum_buffer"))
+        if (summed and b.dtype == torch.float32) or k.endswith(".exp_avg_sq") and b.dtype == torch.float32:
+            assert torch.allclose(a, b, rtol=1e-6, atol=0), (k, (d / b.double().abs()).max().item())
+        elif summed and k in w0:  # bfloat16 weights
+            size = torch.maximum(a.float().abs(), b.float().abs())
+            assert (d <= ulp(size).double()).all(), (k, d.max().item())
+            assert (d > 0).sum() <= max(2, d.numel() // 1000), (k, int((d > 0).sum()))
+        elif rule != "muon" and k.endswith(".kahan_comp"):
+            name = k[: -len(".kahan_comp")]
+            held = (sharded[name].double() + a.double() - ref[name].double() - b.double()).abs()
+            size = torch.maximum(sharded[name].double().abs(), ref[name].double().abs())
+            moved = (ref[name].double() + b.double() - w0[name].double()).abs()
+            assert (held <= ulp(size.float()).double() / 16 + 2.0 ** -22 * size + 4e-6 * moved).all(), \
+                (k, held.max().item())
+        else:
+            assert torch.equal(a, b), (k, d.max().item())
+
+
+@pytest.mark.parametrize("tag", list(CONV_CASES))
+def test_conv1d_two_shards_equal_one_process(matrix_fsdp_run, tag):
+    """GPT-2's Conv1D weights ([in, out]; 17 and 45 input rows: shards of 9 / 8 and 23 / 22) on 2 processes against
+    one process, float32 and bfloat16 weights (:func:`_compare_conv`); create_optimizer(model) on the sharded model put
+    both weights in a weight_layout="in_out" group (FSDP2 makes each layer an FSDPConv1D subclass)."""
+    out, report = matrix_fsdp_run
+    sharded = torch.load(out / f"{tag}.pt", weights_only=True)
+    _compare_conv(tag, sharded, single_conv(tag))
+    for r, rows in zip(report, ({"odd.weight": [9, 40], "tall.weight": [23, 8]},
+                                {"odd.weight": [8, 40], "tall.weight": [22, 8]})):
+        assert r["in_out"][tag] == ["odd.weight", "tall.weight"], r["in_out"][tag]
+        assert r["local"][tag] == {**rows, "odd.bias": [20], "tall.bias": [4]}, r["local"][tag]
+
+
+@pytest.mark.parametrize("tag", list(CONV_CASES))
+def test_conv1d_checkpoint_resumes_and_loads_into_one_process(matrix_fsdp_run, tag):
+    """The Conv1D runs' DCP checkpoint after 2 steps: loaded into another sharded model and optimizer, 2 more steps
+    equal the uninterrupted run bit for bit on both ranks; loaded into one process, 2 more steps equal the 2-process
+    run as above."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    out, report = matrix_fsdp_run
+    for rank in report:
+        assert rank["resumed"][tag] and all(rank["resumed"][tag].values()), rank["resumed"][tag]
+    model = make_conv(tag, seed=1)
+    opt = build_conv(model, tag)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=out / f"dcp_{tag}")
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    train(model, opt, STEPS - 2, start=2)
+    _compare_conv(tag, torch.load(out / f"{tag}.pt", weights_only=True), full(model, opt))

@@ -255,11 +255,11 @@ def is_projection_layer(module: nn.Module) -> bool:
     ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2-family models; its weight is stored
     transposed, ``[in, out]``: a projection handles it like any matrix, and the rules that read rows as
     output neurons read its columns, :data:`LAYOUT_AWARE`). Conv1D is recognised by its class, without
-    importing transformers."""
+    importing transformers, among the classes the module's class derives from (FSDP2's ``fully_shard`` of the layer
+    itself makes it an ``FSDPConv1D`` subclass)."""
     if isinstance(module, nn.Linear):
         return True
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__)
 
 
 def embedding_param_ids(model: nn.Module) -> set[int]:
