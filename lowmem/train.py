@@ -1851,9 +1851,6 @@ def recipe_key(recipe: TrainRecipe) -> Callable[[str], str]:
     return key
 
 
-# TrainingArguments.save_steps' default: every saved training_args.json writes it (with save_strategy 'steps'), so a
-# saved config of a short run holds it beyond max_steps; that run wrote no checkpoint either, and is not refused
-_TA_SAVE_STEPS = 500
 # transformers' get_scheduler builds these without num_warmup_steps (constant: without its kwargs either)
 NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
 _SCHEDULER_OWN_ARGS = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
@@ -1864,9 +1861,9 @@ def check_schedule(kwargs: dict[str, Any]) -> None:
     warm-up under a scheduler that has none (``constant``, lowmem's default; transformers' ``get_scheduler`` drops
     ``num_warmup_steps`` there), ``lr_scheduler_kwargs`` under ``constant`` (dropped too) or a key the scheduler
     function does not take (a TypeError at the first step otherwise), and, for a run of ``max_steps`` steps, a
-    ``warmup_steps`` that is not below it (the learning rate would never reach ``lr``), or a ``save_steps`` /
-    ``eval_steps`` beyond it (no checkpoint / no evaluation would ever happen; ``save_steps`` at the Trainer's
-    default 500, as a saved config writes it, is exempt).
+    ``warmup_steps`` that is not below it (the learning rate would never reach ``lr``), or an ``eval_delay`` beyond it
+    (no evaluation would run during training). A ``save_steps`` / ``eval_steps`` beyond it is valid: the Trainer saves
+    / evaluates at the last step under the ``steps`` strategies.
 
     Raises:
         ConfigError: Naming the field, the value and what is valid (and the fix, where there is one).
@@ -1916,11 +1913,14 @@ def check_schedule(kwargs: dict[str, Any]) -> None:
     if warm >= 1 and warm >= steps and name not in NO_WARMUP_SCHEDULERS:
         raise ConfigError(f"warmup_steps={warm:g} with steps={steps}: the learning rate would never reach lr; valid: "
                           f"a whole number below steps (1 .. {steps - 1}), or a fraction of steps below 1")
-    for kind, what in (("save", "no checkpoint would ever be written"), ("eval", "no evaluation would run during training")):
-        n = kwargs.get(f"{kind}_steps")
-        if (_strategy(kwargs.get(f"{kind}_strategy", "no")) == "steps" and isinstance(n, (int, float)) and n >= 1
-                and n > steps and not (kind == "save" and n == _TA_SAVE_STEPS)):
-            raise ConfigError(f"{kind}_steps={n:g} with steps={steps}: {what}; valid: 1 .. {steps}")
+    # A save_steps / eval_steps beyond max_steps is valid: transformers' DefaultFlowCallback saves and evaluates at the
+    # last step under the 'steps' strategies whatever the interval (so it acts as one equal to max_steps). The
+    # evaluation there is skipped only while the step is below eval_delay: a delay beyond the run evaluates never.
+    delay = kwargs.get("eval_delay") or 0
+    if (_strategy(kwargs.get("eval_strategy", "no")) == "steps" and isinstance(delay, (int, float))
+            and delay > steps):
+        raise ConfigError(f"eval_delay={delay:g} with steps={steps}: transformers evaluates only from step eval_delay "
+                          f"on, so no evaluation would run during training; valid: 0 .. {steps}")
 
 
 # TRL 1.16 dpo_trainer: the loss types whose loss reads label_smoothing (sigmoid, TRL's default, does not any more)

@@ -294,8 +294,6 @@ def test_grpo_clipping_fields_the_loss_never_reads_are_refused(tmp_path, fields,
         build_training_args(recipe)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 10: save_steps > steps is refused as 'no checkpoint would ever be "
-                                        "written', but transformers saves a checkpoint at the last step (save_strategy steps)")
 def test_save_steps_beyond_steps_writes_the_final_checkpoint(tiny_model_path, tmp_path, capsys):
     """docs/training.md (``save_steps``): "Valid: 1 .. steps (a larger one would write no checkpoint: an error; except
     the Trainer's default 500 ...)", and ``lowmem.train.check_schedule`` says ``save_steps=10 with steps=2: no checkpoint
@@ -315,6 +313,20 @@ def test_save_steps_beyond_steps_writes_the_final_checkpoint(tiny_model_path, tm
         assert (out / "checkpoint-2").is_dir()
     else:
         assert "no checkpoint would ever be written" not in err, err
+
+
+def test_eval_steps_beyond_steps_evaluates_at_the_last_step(tiny_model_path, tmp_path):
+    """AUDOWN21 10's twin: ``eval_steps`` beyond ``steps`` was refused ("no evaluation would run during training").
+    transformers' DefaultFlowCallback evaluates at the last step under ``eval_strategy: steps`` when that step was not
+    already an evaluation step (measured: ``--steps 3 --eval_steps 10`` evaluated at steps 0 and 3 and wrote
+    checkpoint-3 with ``--save_steps 10``, the same eval losses as ``--eval_steps 3 --save_steps 3``)."""
+    data = _jsonl(tmp_path / "t.jsonl", [{"text": f"{a}+{a}={2 * a}"} for a in range(16)])
+    out = tmp_path / "out"
+    argv = ["train", "--model", tiny_model_path, "--dataset", str(data), "--eval_split", "0.25", "--lr", "1e-3",
+            "--steps", "2", "--batch-size", "4", "--eval_steps", "10", "--optim", "adamw", "--output-dir", str(out)]
+    assert main(argv) == 0
+    history = json.loads((out / "metrics.json").read_text())["eval_history"]
+    assert [h["step"] for h in history] == [0, 2], history
 
 
 @pytest.mark.xfail(strict=True, reason="AUDOWN21 11: num_generations_eval: 0 is accepted and TRL silently evaluates "
