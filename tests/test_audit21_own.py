@@ -100,8 +100,6 @@ def test_grpo_max_completion_length_null_is_refused_or_resolved(tiny_model_path,
     assert "max_completion_length" in captured.err, captured.err
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 3: num_generations: null is refused with Python's 'unsupported operand "
-                                        "type(s) for %', naming neither the field nor its range")
 def test_grpo_num_generations_null_names_the_field(tiny_model_path, tmp_path, capsys):
     """``num_generations: null`` (``--num_generations null``; GRPOConfig types it ``int | None``) stops with
     ``lowmem: error: LowMemGRPOConfig: unsupported operand type(s) for %: 'int' and 'NoneType'``: GRPOConfig's

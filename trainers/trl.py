@@ -174,6 +174,11 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
 
             check_eval_groups(self, launched_processes())
         groups = self.num_generations
+        if groups is None:  # GRPOConfig types it `int | None`, then takes the batch modulo it: a TypeError naming no field
+            raise ConfigFieldError(lambda key: (
+                f"{key('num_generations')}=None: expected an integer >= 2 (the completions sampled per prompt; TRL's "
+                "default 8); null has no meaning in TRL's GRPO (its GRPOConfig takes the generation batch modulo it and "
+                "fails with a TypeError)"), config_key(self))
         if isinstance(groups, int) and not isinstance(groups, bool) and groups < 2:  # TRL's check names no field
             raise ConfigFieldError(lambda key: (
                 "GRPO needs num_generations >= 2 completions per prompt (a completion's advantage is its reward minus "
