@@ -128,11 +128,15 @@ def train(model, opt, steps, start=0):
 
 # ---- transformers' Conv1D weights ([in, out]: weight_layout="in_out") ----
 # create_optimizer(model) puts them in a group of their own with weight_layout="in_out" (registry.LAYOUT_AWARE) and
-# the rules read it: Muon's ratio sqrt(max(1, out / in)) (adjust_lr_fn="original"), SCALE's hidden role normalising
-# the columns. FSDP2 shards dimension 0, the input side: Muon gathers the whole matrix (the ratio of the whole
-# (out, in)); SCALE sums the columns' squares over the shards.
+# the rules read it: Muon's ratio sqrt(max(1, out / in)) (adjust_lr_fn="original"), NorMuon's second moment per output
+# column (update_scale="preserve_norm" reads (out, in) too), SCALE's hidden role normalising the columns. FSDP2 shards
+# dimension 0, the input side: Muon gathers the whole matrix (the ratio of the whole (out, in)); SCALE sums the
+# columns' squares over the shards; NorMuon sums the columns' squared norms over the shards and keeps the whole (out,)
+# v on every rank (saved once, replicated).
 CONV_CASES = {"conv-muon-float32": ("muon", torch.float32, {"adjust_lr_fn": "original"}),
               "conv-muon-bfloat16": ("muon", torch.bfloat16, {"adjust_lr_fn": "original"}),
+              "conv-normuon-float32": ("normuon", torch.float32, {"update_scale": "preserve_norm"}),
+              "conv-normuon-bfloat16": ("normuon", torch.bfloat16, {"kahan_summation": True}),
               "conv-scale-float32": ("scale", torch.float32, {}),
               "conv-scale-bfloat16": ("scale", torch.bfloat16, {"kahan_summation": True})}
 
@@ -415,9 +419,9 @@ def single_conv(tag, steps=STEPS):
 
 def _compare_conv(tag, sharded, ref):
     """The Conv1D run on 2 processes (``sharded``) against one process's (``ref``), full tensors by name. Muon: every
-    weight and state entry bit for bit (the whole matrix gathered, its ratio of the whole (out, in)). SCALE sums the
-    columns' squares over the shards (another order than one process's column reduction): float32 weights within
-    rtol 1e-6 (measured 1.7e-7 / 2.3e-7: 1-2 float32 ulps); bfloat16 weights within one ulp in
+    weight and state entry bit for bit (the whole matrix gathered, its ratio of the whole (out, in)). NorMuon and SCALE
+    sum the columns' squares over the shards (another order than one process's column reduction): float32 weights
+    and NorMuon's v within rtol 1e-6 (measured 2.3e-7 / 2.4e-7: 1-2 float32 ulps); bfloat16 weights within one ulp in
     at most 0.1% of the elements and the Kahan compensation within the file's bound (measured: both 0.0). The AdamW
     biases' float32 exp_avg_sq: rtol 1e-6 (measured 1.9e-7 in 3 elements, the unsharded foreach bucket against the
     shard's per-parameter step). The rest bit for bit. A layout read wrongly moves the steps by 3-19% (LEFT21 1)."""
@@ -450,7 +454,8 @@ def _compare_conv(tag, sharded, ref):
 def test_conv1d_two_shards_equal_one_process(matrix_fsdp_run, tag):
     """GPT-2's Conv1D weights ([in, out]; 17 and 45 input rows: shards of 9 / 8 and 23 / 22) on 2 processes against
     one process, float32 and bfloat16 weights (:func:`_compare_conv`); create_optimizer(model) on the sharded model put
-    both weights in a weight_layout="in_out" group (FSDP2 makes each layer an FSDPConv1D subclass)."""
+    both weights in a weight_layout="in_out" group (FSDP2 makes each layer an FSDPConv1D subclass); NorMuon's v is the
+    whole (out,) on every rank."""
     out, report = matrix_fsdp_run
     sharded = torch.load(out / f"{tag}.pt", weights_only=True)
     _compare_conv(tag, sharded, single_conv(tag))
@@ -458,13 +463,15 @@ def test_conv1d_two_shards_equal_one_process(matrix_fsdp_run, tag):
                                 {"odd.weight": [8, 40], "tall.weight": [22, 8]})):
         assert r["in_out"][tag] == ["odd.weight", "tall.weight"], r["in_out"][tag]
         assert r["local"][tag] == {**rows, "odd.bias": [20], "tall.bias": [4]}, r["local"][tag]
+    if CONV_CASES[tag][0] == "normuon":
+        assert sharded["odd.weight.second_momentum_buffer"].shape == (40,)
 
 
 @pytest.mark.parametrize("tag", list(CONV_CASES))
 def test_conv1d_checkpoint_resumes_and_loads_into_one_process(matrix_fsdp_run, tag):
     """The Conv1D runs' DCP checkpoint after 2 steps: loaded into another sharded model and optimizer, 2 more steps
-    equal the uninterrupted run bit for bit on both ranks; loaded into one process, 2 more steps equal the 2-process
-    run as above."""
+    equal the uninterrupted run bit for bit on both ranks; loaded into one process (NorMuon's v saved once,
+    replicated; the momentum sharded as the weight), 2 more steps equal the 2-process run as above."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)

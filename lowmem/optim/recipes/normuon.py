@@ -85,6 +85,12 @@ class NorMuonMoments(MuonMoments):
     # ``(m,)``, sharded like the parameter's rows (it reshards, uneven shards too), as Adafactor's row statistics
     reduced_dims = {V_KEY: -1}
 
+    def replicated_state(self, key, group):
+        """FSDP2: ``v`` of a weight stored ``[in, out]`` (``in_out``, transformers' ``Conv1D``) holds one number per
+        output column, every column on every rank (the shards are of input rows; the columns' norms all-reduced:
+        :meth:`_sharded_step`): equal on every rank, saved once (loads onto any number of processes)."""
+        return key == V_KEY and in_out(group)
+
     def target_init_state(self, state, shape, group, param):
         super().target_init_state(state, shape, group, param)
         # one number per output neuron: per row of [out, in], per column of a Conv1D weight [in, out] (in_out)
@@ -101,10 +107,6 @@ class NorMuonMoments(MuonMoments):
         if self._is_adam(state):
             return None
         if reduce is not None:
-            if in_out(group):
-                raise ValueError("normuon: an FSDP2 shard of a weight stored [in, out] (weight_layout='in_out', "
-                                 "transformers' Conv1D) is not supported: its per-output-neuron second moment reads "
-                                 "columns across the shards; train it unsharded or leave it out of target_modules")
             return self._sharded_step(state, shape, group, lr, stabilized, reduce)
         seen: dict[str, torch.dtype] = {}
 
@@ -128,7 +130,9 @@ class NorMuonMoments(MuonMoments):
     def _sharded_step(self, state, shape, group, lr, stabilized, reduce) -> Tensor:
         """An FSDP2 shard of rows: Muon's (the momentum on the shard, the whole ``U`` gathered in bfloat16, the
         unsharded iteration on every rank, this shard's rows of the iterate), then lines 3-5 on the shard's rows
-        (its ``v``), ``||O^||_F`` and ``||O||_F`` summed over the shards. Returns the shard's step ``c_i O_i``."""
+        (its ``v``), ``||O^||_F`` and ``||O||_F`` summed over the shards. A weight stored ``[in, out]`` (``in_out``,
+        transformers' ``Conv1D``; FSDP2 shards its input rows): the output columns' squared norms summed over the
+        shards, ``v`` the whole ``(out,)`` on every rank (:meth:`replicated_state`). Returns the shard's step."""
         numel = math.prod(shape)
         g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
         buf = state["momentum_buffer"]
@@ -142,6 +146,15 @@ class NorMuonMoments(MuonMoments):
         o = o[reduce.rows[0] : reduce.rows[1]]
         del whole
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        if in_out(group):
+            # [in, out] sharded by input rows: every rank holds every output column's rows of its shard, so each
+            # column's squared norm is summed over the shards (one all-reduce of `out` numbers) and v, the norms and
+            # the factors are the whole (out,) on every rank (lines 3-5 unsharded: the two norms need no reduce)
+            out = o.shape[1]
+            norms = reduce.sum_(o.to(dtype).square_().sum(dim=0)).sqrt_()
+            factors = _factors(state[V_KEY].view(1, out), norms.view(1, out), (out, reduce.shape[0]), group,
+                               lr).view(out)
+            return o.to(g.dtype).mul_(factors[None, :])
         v, rows = state[V_KEY], o.shape[0]  # (rows may be 0: an empty trailing shard)
         factors = _factors(v.view(1, rows), row_norms(o, dtype).view(1, rows), tuple(reduce.shape), group, lr,
                            reduce).view(rows)
@@ -351,7 +364,8 @@ class NorMuonMoments(MuonMoments):
             return None
         rows, n = shape
         isz = _itemsize(state, group)
-        return muon + isz * (rows * n + 5 * rows + 4)
+        vec = n if in_out(group) else rows  # (in_out: the whole (out,) vectors on every rank)
+        return muon + isz * (rows * n + 5 * vec + 4)
 
 
 def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs: list[Tensor],
