@@ -86,6 +86,9 @@ RANGES: dict[str, Range] = {
     "top_p": Range(0, 1, lo_open=True), "top_k": NONNEG, "min_p": Range(0, 1), "repetition_penalty": POSITIVE,
     "num_iterations": POSITIVE, "epsilon": NONNEG, "epsilon_high": NONNEG, "steps_per_generation": POSITIVE,
     "generation_batch_size": POSITIVE,
+    # GRPO's num_generations_eval (None: num_generations); TRL reads it as `num_generations_eval or num_generations`, so
+    # 0 silently became num_generations; 1 is valid in TRL's evaluation (advantages without a std)
+    "num_generations_eval": Range(1),
     # fields whose invalid values failed mid-training (neftune_noise_alpha < 0: uniform_'s range; dataloader_num_workers
     # < 0) or trained wrongly without a word (label_smoothing_factor >= 1 weighs the NLL term <= 0; the mixing and
     # quantile fields outside [0, 1]); ranges from transformers' and TRL's docs

@@ -327,8 +327,6 @@ def test_eval_steps_beyond_steps_evaluates_at_the_last_step(tiny_model_path, tmp
     assert [h["step"] for h in history] == [0, 2], history
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 11: num_generations_eval: 0 is accepted and TRL silently evaluates "
-                                        "with num_generations instead ('args.num_generations_eval or self.num_generations')")
 def test_grpo_num_generations_eval_zero_is_refused(tmp_path):
     """GRPOConfig's ``num_generations_eval`` (``int | None``: None = ``num_generations``) is not in
     ``lowmem.config.RANGES``: 0 passes the recipe check and the eval-group check, and TRL 1.16 reads it as
@@ -339,8 +337,13 @@ def test_grpo_num_generations_eval_zero_is_refused(tmp_path):
     from lowmem.train import build_training_args, load_recipe
 
     data = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(8)])
-    recipe = load_recipe(None, trainer="grpo", dataset=str(data), eval_dataset=str(data), lr=1e-3, steps=2,
-                         batch_size=4, num_generations=4, num_generations_eval=0, reward_funcs=["exact_match"],
-                         output_dir=str(tmp_path / "out"))
-    with pytest.raises(ConfigError, match="num_generations_eval"):
-        build_training_args(recipe)
+    with pytest.raises(ConfigError, match=r"num_generations_eval=0: expected an integer >= 1, or null"):
+        # (refused while the recipe is read: lowmem.config.RANGES)
+        build_training_args(load_recipe(None, trainer="grpo", dataset=str(data), eval_dataset=str(data), lr=1e-3, steps=2,
+                                        batch_size=4, num_generations=4, num_generations_eval=0,
+                                        reward_funcs=["exact_match"], output_dir=str(tmp_path / "out")))
+    from lowmem.trainers import LowMemGRPOConfig  # the Python API's config: the same table
+
+    with pytest.raises(ConfigError, match=r"^LowMemGRPOConfig\.num_generations_eval=0: expected an integer >= 1"):
+        LowMemGRPOConfig(output_dir=str(tmp_path / "out"), num_generations=4, num_generations_eval=0,
+                         per_device_train_batch_size=4, bf16=False, report_to="none")
