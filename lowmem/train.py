@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1856,11 +1857,141 @@ NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau", "greedy")
 _SCHEDULER_OWN_ARGS = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
 
 
-def check_schedule(kwargs: dict[str, Any]) -> None:
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# (test(value, lr), the valid range in words; "{lr}" is the run's learning rate)
+_Rule = tuple[Callable[[Any, float], bool], str]
+_CYCLES: _Rule = (lambda v, lr: _real(v) and v > 0, "a number > 0 (the cosine waves over the decay; 0.5, the default, "
+                                                     "is one half wave down to the minimum)")
+_RATE: _Rule = (lambda v, lr: _real(v) and 0 <= v <= 1, "a number in [0, 1] (a fraction of lr)")
+_COUNT: _Rule = (lambda v, lr: _whole(v) and v >= 0, "an integer >= 0")
+_NONNEG: _Rule = (lambda v, lr: _real(v) and v >= 0, "a number >= 0")
+_FACTOR: _Rule = (lambda v, lr: _real(v) and 0 < v < 1, "a number in (0, 1) (torch: 'Factor should be < 1.0')")
+_LR_BOUND: _Rule = (lambda v, lr: (_real(v) and v >= 0) or (isinstance(v, (list, tuple)) and len(v) > 0
+                                                            and all(_real(x) and x >= 0 for x in v)),
+                    "a number >= 0, or a list of them (one per parameter group)")
+_MIN_LR: _Rule = (lambda v, lr: v is None or (_real(v) and 0 <= v <= lr), "a number in [0, lr] ([0, {lr}]), or null")
+_MIN_LR_RATE: _Rule = (lambda v, lr: v is None or _RATE[0](v, lr), "a number in [0, 1] (min_lr / lr), or null")
+
+
+def _choice(*names: str) -> _Rule:
+    return (lambda v, lr: v in names, f"one of {list(names)}")
+
+
+_PLATEAU_COMMON: dict[str, _Rule] = {
+    "mode": _choice("min", "max"), "factor": _FACTOR, "patience": _COUNT, "threshold": _NONNEG,
+    "threshold_mode": _choice("rel", "abs"), "cooldown": _COUNT, "min_lr": _LR_BOUND, "eps": _NONNEG,
+}
+# transformers 5's get_scheduler: the arguments each scheduler reads from lr_scheduler_kwargs, and the values for which
+# it computes the schedule its name promises (lowmem.train.check_scheduler_kwargs). Outside them transformers either
+# fails after the model loaded (num_cycles: null, a TypeError at the first step; lr_end >= lr, a ValueError), or runs a
+# different schedule without a word (min_lr_rate -1: lr 0 for the second half of the run; 2: up to twice lr; a
+# negative lr_end, power, min_lr_ratio or warmup_lr_rate: a negative learning rate; num_cycles 0: a constant lr).
+SCHEDULER_KWARG_RANGES: dict[str, dict[str, _Rule]] = {
+    "cosine": {"num_cycles": _CYCLES},
+    "cosine_with_restarts": {"num_cycles": (_CYCLES[0], "a number > 0 (the hard restarts; transformers' default 1)")},
+    "polynomial": {"lr_end": (lambda v, lr: _real(v) and 0 <= v < lr, "a number >= 0 and below lr ({lr})"),
+                   "power": (lambda v, lr: _real(v) and v > 0, "a number > 0 (1: linear decay)")},
+    "inverse_sqrt": {"timescale": (lambda v, lr: v is None or (_real(v) and v > 0),
+                                   "a number > 0, or null (num_warmup_steps, else 10000)")},
+    "cosine_with_min_lr": {"num_cycles": _CYCLES, "min_lr": _MIN_LR, "min_lr_rate": _MIN_LR_RATE},
+    "cosine_warmup_with_min_lr": {"num_cycles": _CYCLES, "min_lr": _MIN_LR, "min_lr_rate": _MIN_LR_RATE,
+                                  "warmup_lr_rate": (lambda v, lr: v is None or _RATE[0](v, lr),
+                                                     "a number in [0, 1] (the first warm-up step's fraction of lr), or null")},
+    "warmup_stable_decay": {"num_decay_steps": _COUNT, "num_stable_steps": (lambda v, lr: v is None or _COUNT[0](v, lr),
+                                                                            "an integer >= 0, or null (steps - warm-up - decay)"),
+                            "warmup_type": _choice("linear", "cosine", "1-sqrt"),
+                            "decay_type": _choice("linear", "cosine", "1-sqrt"), "min_lr_ratio": _RATE,
+                            "num_cycles": _CYCLES},
+    "reduce_lr_on_plateau": _PLATEAU_COMMON,
+    "greedy": {**_PLATEAU_COMMON, "warmup": _COUNT, "max_lr": _LR_BOUND, "verbose": _choice(True, False),
+               "smooth": _choice(True, False), "window_size": (lambda v, lr: _whole(v) and v >= 1, "an integer >= 1"),
+               "reset_start": _COUNT},
+}
+
+
+def _scheduler_params(name: str) -> list[str]:
+    """The arguments transformers' scheduler ``name`` takes from ``lr_scheduler_kwargs`` (for the schedulers built
+    from ``**kwargs``, ``reduce_lr_on_plateau`` and ``greedy``, those of the class they build)."""
+    import inspect
+
+    from transformers import SchedulerType
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    params = inspect.signature(func).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        if name == "reduce_lr_on_plateau":
+            from torch.optim.lr_scheduler import ReduceLROnPlateau as built
+        else:
+            from transformers.optimization import GreedyLR as built
+        params = inspect.signature(built.__init__).parameters
+    return [k for k, p in params.items() if k not in (*_SCHEDULER_OWN_ARGS, "self")
+            and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+
+
+def check_scheduler_kwargs(name: str, extra: Any, lr: float, prefix: str = "") -> None:
+    """``lr_scheduler_kwargs`` (``extra``) for transformers' scheduler ``name`` at learning rate ``lr``, as
+    ``get_scheduler`` passes them: ``constant`` takes none (transformers drops them), a key the scheduler does not take
+    is a TypeError at the first step, a required one missing (``warmup_stable_decay``'s ``num_decay_steps``;
+    ``cosine_with_min_lr``'s one of ``min_lr`` / ``min_lr_rate``) a TypeError / ValueError after the model loaded, and a
+    value outside :data:`SCHEDULER_KWARG_RANGES` a failure or a different schedule. Fields are named
+    ``<prefix>lr_scheduler_kwargs.<key>`` (``lowmem train``: ``training_args.``; the Python API: ``<Config>.``).
+
+    Raises:
+        ConfigError: Naming the key, its value and the valid range (or the valid keys).
+    """
+    field = f"{prefix}lr_scheduler_kwargs"
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            raise ConfigError(f"{field}={extra!r}: expected a mapping (or a JSON object)") from None
+    extra = extra or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{field}={extra!r}: expected a mapping of the scheduler's arguments")
+    if extra and name == "constant":
+        raise ConfigError(f"{field}={extra!r} with lr_scheduler='constant': the constant scheduler takes "
+                          "no arguments (transformers drops them); drop lr_scheduler_kwargs, or pick the scheduler "
+                          "that reads them")
+    if name == "constant":
+        return
+    valid = _scheduler_params(name)
+    unknown = sorted(set(extra) - set(valid))
+    if unknown:
+        import difflib
+
+        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)})
+        raise ConfigError(f"{field}.{unknown[0]}: lr_scheduler={name!r} takes no such argument"
+                          + (f"; did you mean {close}?" if close else "") + f"; valid: {valid}")
+    for key, (ok, words) in SCHEDULER_KWARG_RANGES.get(name, {}).items():
+        if key in extra and not ok(extra[key], lr):
+            raise ConfigError(f"{field}.{key}={extra[key]!r} with lr_scheduler={name!r}: expected "
+                              f"{words.replace('{lr}', f'{lr:g}')}")
+    if name == "warmup_stable_decay" and "num_decay_steps" not in extra:
+        raise ConfigError(f"{field}.num_decay_steps is required by lr_scheduler='warmup_stable_decay' (transformers' "
+                          "get_wsd_schedule has no default: a TypeError at the first step): an integer >= 0, the steps "
+                          "of the decay phase")
+    if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        given = [k for k in ("min_lr", "min_lr_rate") if extra.get(k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"{field} with lr_scheduler={name!r} needs exactly one of min_lr (in [0, lr]) and "
+                              f"min_lr_rate (in [0, 1]); {'both are' if given else 'neither is'} set (transformers "
+                              "refuses it with a ValueError when the scheduler is built, after the model loaded)")
+
+
+def check_schedule(kwargs: dict[str, Any], prefix: str = "training_args.") -> None:
     """The schedule fields of a trainer's config (``kwargs``, before the class is built) that would not apply: a
     warm-up under a scheduler that has none (``constant``, lowmem's default; transformers' ``get_scheduler`` drops
     ``num_warmup_steps`` there), ``lr_scheduler_kwargs`` under ``constant`` (dropped too) or a key the scheduler
-    function does not take (a TypeError at the first step otherwise), and, for a run of ``max_steps`` steps, a
+    function does not take (a TypeError at the first step otherwise) or a value out of its range
+    (:func:`check_scheduler_kwargs`, its fields named with ``prefix``), and, for a run of ``max_steps`` steps, a
     ``warmup_steps`` that is not below it (the learning rate would never reach ``lr``), or an ``eval_delay`` beyond it
     (no evaluation would run during training). A ``save_steps`` / ``eval_steps`` beyond it is valid: the Trainer saves
     / evaluates at the last step under the ``steps`` strategies.
@@ -1878,35 +2009,7 @@ def check_schedule(kwargs: dict[str, Any]) -> None:
               "constant_with_warmup, linear, cosine, ...)"
         raise ConfigError(f"{field}={value:g} with lr_scheduler={name!r}: this scheduler has no warm-up (transformers' "
                           f"get_scheduler drops it), so the run would start at the full lr; use {fix}, or drop {field}")
-    extra = kwargs.get("lr_scheduler_kwargs") or {}
-    if isinstance(extra, str):
-        import json
-
-        try:
-            extra = json.loads(extra)
-        except ValueError:
-            raise ConfigError(f"lr_scheduler_kwargs={extra!r}: expected a mapping (or a JSON object)") from None
-    if extra:
-        if name == "constant":
-            raise ConfigError(f"lr_scheduler_kwargs={extra!r} with lr_scheduler='constant': the constant scheduler takes "
-                              "no arguments (transformers drops them); drop lr_scheduler_kwargs, or pick the scheduler "
-                              "that reads them")
-        import inspect
-
-        from transformers import SchedulerType
-        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
-
-        func = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
-        params = inspect.signature(func).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            valid = [k for k in params if k not in _SCHEDULER_OWN_ARGS]
-            unknown = sorted(set(extra) - set(valid))
-            if unknown:
-                import difflib
-
-                close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)})
-                raise ConfigError(f"lr_scheduler_kwargs.{unknown[0]}: {func.__name__} (lr_scheduler={name!r}) takes no "
-                                  f"such argument" + (f"; did you mean {close}?" if close else "") + f"; valid: {valid}")
+    check_scheduler_kwargs(name, kwargs.get("lr_scheduler_kwargs"), kwargs.get("learning_rate", 5e-5), prefix)
     steps = kwargs.get("max_steps", -1)
     if not isinstance(steps, int) or steps <= 0:
         return  # by epochs: the length is known only with the data

@@ -115,8 +115,6 @@ def test_grpo_num_generations_null_names_the_field(tiny_model_path, tmp_path, ca
     assert "num_generations" in err and "unsupported operand" not in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 4: lr_scheduler_kwargs values are not checked: min_lr_rate -1 / 2, "
-                                        "min_lr < 0, num_cycles null pass (lr 0 for half the run, lr above lr, TypeError)")
 @pytest.mark.parametrize("scheduler, kwargs", [
     ("cosine_with_min_lr", {"min_lr_rate": -1.0}),  # lr clamped to 0 for the second half: nothing trains, silently
     ("cosine_with_min_lr", {"min_lr_rate": 2.0}),  # the "minimum" is twice lr: the rate climbs to 2 x lr
@@ -142,6 +140,81 @@ def test_lr_scheduler_kwargs_values_are_range_checked(tmp_path, scheduler, kwarg
                          lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs)
     with pytest.raises(ConfigError, match=f"lr_scheduler_kwargs.*{next(iter(kwargs))}"):
         build_training_args(recipe)
+
+
+@pytest.mark.parametrize("scheduler, kwargs, says", [
+    ("cosine_with_min_lr", {"min_lr_rate": -1.0}, r"training_args\.lr_scheduler_kwargs\.min_lr_rate=-1\.0 .*\[0, 1\]"),
+    ("cosine_with_min_lr", {"min_lr": 2e-3}, r"min_lr=0\.002 .*\[0, lr\] \(\[0, 0\.001\]\)"),
+    ("cosine_with_min_lr", {}, r"exactly one of min_lr .* neither"),
+    ("cosine_with_min_lr", {"min_lr": 1e-4, "min_lr_rate": 0.1}, r"exactly one of min_lr .* both"),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1, "warmup_lr_rate": -0.5}, r"warmup_lr_rate=-0\.5 .*\[0, 1\]"),
+    ("cosine", {"num_cycles": 0}, r"num_cycles=0 .*> 0"),
+    ("cosine", {"num_cycles": "half"}, r"num_cycles='half' .*> 0"),
+    ("cosine_with_restarts", {"num_cycles": -1}, r"num_cycles=-1 .*> 0"),
+    ("polynomial", {"lr_end": 1e-3}, r"lr_end=0\.001 .*below lr \(0\.001\)"),
+    ("polynomial", {"lr_end": -1e-4}, r"lr_end=-0\.0001"),
+    ("polynomial", {"power": 0.0}, r"power=0\.0 .*> 0"),
+    ("inverse_sqrt", {"timescale": 0}, r"timescale=0 .*> 0, or null"),
+    ("warmup_stable_decay", {"num_stable_steps": 2}, r"num_decay_steps is required"),
+    ("warmup_stable_decay", {"num_decay_steps": 2, "decay_type": "exp"}, r"decay_type='exp' .*'1-sqrt'"),
+    ("warmup_stable_decay", {"num_decay_steps": 2, "min_lr_ratio": 1.5}, r"min_lr_ratio=1\.5 .*\[0, 1\]"),
+    ("reduce_lr_on_plateau", {"factor": 1.5}, r"factor=1\.5 .*\(0, 1\)"),
+    ("reduce_lr_on_plateau", {"patience": -1}, r"patience=-1 .*integer >= 0"),
+    ("reduce_lr_on_plateau", {"patiense": 3}, r"lr_scheduler_kwargs\.patiense: .*did you mean \['patience'\]"),
+    ("greedy", {"window_size": 0}, r"window_size=0 .*integer >= 1"),
+    ("greedy", {"mode": "lowest"}, r"mode='lowest' .*\['min', 'max'\]"),
+])
+def test_lr_scheduler_kwargs_ranges_of_every_scheduler(tmp_path, scheduler, kwargs, says):
+    """AUDOWN21 4, each scheduler as transformers 5's get_scheduler builds it: cosine_with_min_lr needs exactly one of
+    min_lr / min_lr_rate (a ValueError once the scheduler is built, after the model loaded), polynomial's lr_end must
+    be below lr (a ValueError there too; negative: a negative lr at the end), warmup_stable_decay has no default
+    num_decay_steps (a TypeError at the first step), torch's ReduceLROnPlateau and transformers' GreedyLR (built from
+    **kwargs, so their keys went unchecked) take the arguments of their classes. Named from ``lowmem train`` as
+    ``training_args.lr_scheduler_kwargs.<key>``, with the valid range."""
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, load_recipe
+
+    data = _jsonl(tmp_path / "pc.jsonl", [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(4)])
+    recipe = load_recipe(None, dataset=str(data), lr=1e-3, steps=10, optim="adamw", output_dir=str(tmp_path / "out"),
+                         lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs)
+    with pytest.raises(ConfigError, match=says):
+        build_training_args(recipe)
+
+
+@pytest.mark.parametrize("scheduler, kwargs", [
+    ("cosine_with_min_lr", {"min_lr_rate": 0.0}), ("cosine_with_min_lr", {"min_lr_rate": 1.0}),
+    ("cosine_with_min_lr", {"min_lr": 1e-3}), ("cosine_warmup_with_min_lr", {"min_lr": 1e-4, "warmup_lr_rate": 0.1}),
+    ("cosine", {"num_cycles": 1.5}), ("cosine_with_restarts", {"num_cycles": 3}),
+    ("polynomial", {"lr_end": 0.0, "power": 2.0}), ("inverse_sqrt", {"timescale": None}),
+    ("warmup_stable_decay", {"num_decay_steps": 4, "warmup_type": "1-sqrt", "min_lr_ratio": 0.1}),
+    ("reduce_lr_on_plateau", {"factor": 0.5, "patience": 0, "min_lr": 1e-6}), ("greedy", {"factor": 0.9, "max_lr": 0.01}),
+])
+def test_lr_scheduler_kwargs_in_range_build_the_schedule(tmp_path, scheduler, kwargs):
+    """The boundaries of each range are accepted, and transformers builds the scheduler from them."""
+    from transformers import get_scheduler
+
+    from lowmem.train import build_training_args, load_recipe
+
+    data = _jsonl(tmp_path / "pc.jsonl", [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(4)])
+    evaluated = {"eval_split": 0.5, "eval_steps": 5} if scheduler in ("reduce_lr_on_plateau", "greedy") else {}
+    recipe = load_recipe(None, dataset=str(data), lr=1e-3, steps=10, optim="adamw", output_dir=str(tmp_path / "out"),
+                         lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs, **evaluated)
+    args = build_training_args(recipe)
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    get_scheduler(scheduler, opt, num_warmup_steps=0, num_training_steps=10, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+
+def test_lr_scheduler_kwargs_python_api_names_the_config(tmp_path):
+    """The Python API configs run the same check (lowmem.train.check_scheduler_kwargs), naming ``<Config>.``."""
+    from lowmem.trainers import LowMemTrainingArguments
+    from lowmem.trainers.trl import LowMemSFTConfig
+
+    for cls in (LowMemTrainingArguments, LowMemSFTConfig):
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.lr_scheduler_kwargs\.min_lr_rate=2\.0 .*\[0, 1\]"):
+            cls(output_dir=str(tmp_path), lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 2.0},
+                use_cpu=True, report_to="none")
 
 
 @pytest.mark.xfail(strict=True, reason="AUDOWN21 5: GRPO with fewer prompts than one generation batch needs trains 0 "

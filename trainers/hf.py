@@ -595,7 +595,13 @@ class LowMemArguments:
                     self.lowmem_optim_args = checked
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
-        from lowmem.train import check_half_precision
+        from lowmem.train import check_half_precision, check_scheduler_kwargs
+
+        # lr_scheduler_kwargs' keys and values, as lowmem train checks them (a wrong one failed at the first step, or
+        # ran another schedule: min_lr_rate -1 held the lr at 0 for half the run)
+        sched = getattr(self, "lr_scheduler_type", "linear")
+        check_scheduler_kwargs(str(getattr(sched, "value", sched)), getattr(self, "lr_scheduler_kwargs", None),
+                               self.learning_rate, prefix=f"{type(self).__name__}.")
 
         # fp16 on the CPU: accelerate sets no autocast there, the run trains in float32 without a word
         check_half_precision({"fp16": getattr(self, "fp16", False), "bf16": getattr(self, "bf16", False),
