@@ -73,8 +73,6 @@ def test_max_length_null_beyond_the_model_context_is_one_line(gpt2_dir, tmp_path
     assert "max_length" in err and "16" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 2: GRPO max_completion_length: null is accepted; TRL then generates "
-                                        "transformers' default 20 tokens, and dr_grpo's loss fails with a TypeError")
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
 def test_grpo_max_completion_length_null_is_refused_or_resolved(tiny_model_path, tmp_path, capsys, loss_type):
     """``--max_completion_length null`` (the docs' way to null a field; GRPOConfig types it ``int | None``) passed the
@@ -98,6 +96,26 @@ def test_grpo_max_completion_length_null_is_refused_or_resolved(tiny_model_path,
         return
     assert code == 2, code
     assert "max_completion_length" in captured.err, captured.err
+
+
+def test_max_completion_length_null_rule_is_one_for_both_routes(tmp_path):
+    """AUDOWN21 2, the Python API and the vLLM case: ``LowMemGRPOConfig`` refuses ``max_completion_length=None`` by
+    the function ``lowmem train`` runs (``trainers.trl.check_completion_length``), naming ``<Config>.<field>``; under
+    ``use_vllm`` (vLLM's ``max_tokens=None``: up to the context, which TRL uses) it passes, except with dr_grpo,
+    whose loss divides by it."""
+    from lowmem.config import ConfigError
+    from lowmem.trainers import LowMemGRPOConfig
+    from lowmem.trainers.trl import check_completion_length, config_key
+
+    for loss in ("dapo", "dr_grpo"):
+        with pytest.raises(ConfigError, match=r"^LowMemGRPOConfig\.max_completion_length=None: expected an integer > 0"):
+            LowMemGRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, bf16=False,
+                             report_to="none", max_completion_length=None, loss_type=loss)
+    key = config_key("LowMemGRPOConfig")
+    check_completion_length({"max_completion_length": None, "use_vllm": True, "loss_type": "dapo"}, key)
+    check_completion_length({"max_completion_length": 8, "loss_type": "dr_grpo"}, key)
+    with pytest.raises(ConfigError, match="dr_grpo"):
+        check_completion_length({"max_completion_length": None, "use_vllm": True, "loss_type": "dr_grpo"}, key)
 
 
 def test_grpo_num_generations_null_names_the_field(tiny_model_path, tmp_path, capsys):

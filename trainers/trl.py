@@ -183,6 +183,7 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             raise ConfigFieldError(lambda key: (
                 "GRPO needs num_generations >= 2 completions per prompt (a completion's advantage is its reward minus "
                 f"its group's mean: one completion has none); got {key('num_generations')}={groups}"), bare_key)
+        check_completion_length(vars(self), config_key(self))
         super().__post_init__()
         check_choices(self, GRPO_CHOICES)
         from lowmem.config import ConfigError
@@ -207,6 +208,31 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
             if not _vllm_available():
                 raise ConfigError(f"{type(self).__name__}.use_vllm=True needs the vllm package, which is not installed: "
                                   "pip install 'trl[vllm]' (or use_vllm=False: TRL then generates with transformers)")
+
+
+def check_completion_length(values: dict[str, Any], key: FieldKey) -> None:
+    """Refuse ``max_completion_length=None`` (GRPOConfig types it ``int | None``; the range check skips ``None``) where
+    TRL 1.16 has no length for it: generating with transformers, TRL passes ``max_new_tokens=None`` to ``generate``,
+    which then stops at transformers' default ``GenerationConfig.max_length`` (20: every completion 20 tokens,
+    measured), a default silently replacing the value; ``loss_type='dr_grpo'`` divides by it (``TypeError`` at the
+    first step, after the model loaded and generated). Under ``use_vllm`` without dr_grpo, ``None`` is vLLM's
+    ``max_tokens=None`` (up to the model's context) and passes. One rule for the Python API's configs (``key``:
+    ``<Config>.<field>``) and ``lowmem train`` (the recipe's key, through :class:`ConfigFieldError`).
+
+    Raises:
+        ConfigFieldError: ``<key>=None: expected an integer > 0 ...``.
+    """
+    if values.get("max_completion_length", 512) is not None:
+        return
+    loss = values.get("loss_type", "dapo")
+    loss = str(getattr(loss, "value", loss))
+    if values.get("use_vllm") and loss != "dr_grpo":
+        return
+    why = ("loss_type='dr_grpo' divides its loss by it (a TypeError at the first step)" if loss == "dr_grpo" else
+           "generating with transformers, TRL passes max_new_tokens=None and generate() stops at transformers' default "
+           "max_length of 20 tokens, a length nobody chose (under use_vllm, null is vLLM's 'up to the context')")
+    raise ConfigFieldError(lambda k: f"{k('max_completion_length')}=None: expected an integer > 0 (the most tokens a "
+                           f"completion may have; TRL's default 512): {why}", key)
 
 
 _IDS_ONLY = ("TRL reads only the generated token ids (its log-probabilities come from its own forward pass): without "
