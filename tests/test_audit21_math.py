@@ -9,8 +9,8 @@ with lowmem's functions, so a mistake in lowmem cannot hide in the check.
   ``muon_update``): 2-D weights and ``[E, A, B]`` batches (covered here for the first time against Keller Jordan's
   own batched iteration, not only torch.optim.Muon); and a 4-D convolution kernel given in a ``use_muon`` group,
   which Keller Jordan's code views as ``[out, in * kh * kw]`` (``if update.ndim == 4: update =
-  update.view(len(update), -1)``) while lowmem steps it as ``out * in`` separate ``kh x kw`` matrices
-  (AUDMATH21 1, strict xfail).
+  update.view(len(update), -1)``), which lowmem stepped as ``out * in`` separate ``kh x kw`` matrices
+  (AUDMATH21 1, fixed: now the one matrix, as his).
 * AdEMAMix against the authors' PyTorch code (apple/ml-ademamix ``pytorch/ademamix.py`` at e732715): its
   ``linear_warmup_scheduler`` / ``linear_hl_warmup_scheduler`` and whole step with both warmups (the other
   tests compare with bitsandbytes and pytorch_optimizer only).
@@ -108,18 +108,17 @@ def test_muon_follows_keller_jordan_on_matrices_and_batches(shape):
     assert (ours - ref).abs().max().item() <= 0.01 * moved
 
 
-@pytest.mark.xfail(strict=True, reason="AUDMATH21 1: a 4-D conv kernel in a use_muon group is orthogonalised per "
-                                       "kh x kw matrix, Keller Jordan's Muon views it as [out, in*kh*kw]")
 def test_muon_steps_a_conv_kernel_as_keller_jordan_does():
     """A convolution kernel ``[out, in, kh, kw]`` in a ``use_muon`` group (``Muon(model.parameters())`` on a CNN: a
     flat list is one targeted group, docs/optimizers.md): Keller Jordan's ``muon_update`` views the Nesterov matrix
     as ``[out, in kh kw]`` before the iteration (muon.py: ``if update.ndim == 4: update = update.view(len(update),
     -1)``; his docstring: "Hidden convolutional weights can be trained using Muon by viewing them as 2D and then
-    collapsing their last 3 dimensions"). lowmem orthogonalises each of the ``out * in`` ``kh x kw`` kernels on its
+    collapsing their last 3 dimensions"). lowmem orthogonalised each of the ``out * in`` ``kh x kw`` kernels on its
     own (``functional.muon.matrices``), which its own registry calls wrong for a conv kernel
     (``registry.batched_target_names``: "one linear map of in x k... inputs (Keller Jordan's Muon flattens it)").
     Measured on ``[8, 4, 3, 3]``, 3 steps, lr 0.02: max |difference| 0.047 for a 0.019 movement (2.6x the movement:
-    the steps are unrelated matrices)."""
+    the steps are unrelated matrices). Fixed (AUDMATH21 1): the kernel steps as its matrix ``[out, in kh kw]``; the
+    ratio agrees with Keller Jordan's here (a square kernel with ``out <= in kh kw``: 1 both ways)."""
     w, grads = _case((8, 4, 3, 3))
     lr = 0.02
     ref = _kj_run(w, grads, lr, 0.0)

@@ -337,7 +337,8 @@ def test_sm3_bfloat16_sums_fall_behind_as_the_docs_say():
 
 def test_normuon_flat_parameter_list_is_one_use_muon_group_as_the_docs_say():
     """docs/optimizers.md's normuon section: NorMuon(model.parameters()) steps every parameter of two or more
-    dimensions with NorMuon (embedding and head included; a conv kernel as a batch of kh x kw matrices), vectors
+    dimensions with NorMuon (embedding and head included; a conv kernel as its [out, in*kh*kw] matrix, one second
+    moment per output channel: AUDMATH21 1), vectors
     with AdamW; create_optimizer(model, 'normuon') keeps the embedding and the head on AdamW."""
     emb, conv, lin = torch.nn.Embedding(10, 6), torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(6, 4)
     params = [*emb.parameters(), *conv.parameters(), *lin.parameters()]
@@ -346,7 +347,7 @@ def test_normuon_flat_parameter_list_is_one_use_muon_group_as_the_docs_say():
         p.grad = torch.randn_like(p)
     opt.step()
     assert opt.state[emb.weight]["second_momentum_buffer"].shape == (10,)
-    assert opt.state[conv.weight]["second_momentum_buffer"].shape == (8, 3, 3)
+    assert opt.state[conv.weight]["second_momentum_buffer"].shape == (8,)
     assert "exp_avg" in opt.state[conv.bias] and "exp_avg" in opt.state[lin.bias]
 
 

@@ -22,6 +22,9 @@ from lowmem.optim.functional.scale import column_normalize
 from lowmem.optim.functional.sinkgd import sr_sinkhorn
 
 HP = {"sinkgd": dict(lr=1e-2, scale=0.5, sinkhorn_iters=3), "scale": dict(lr=1e-2)}
+# (SinkGD refuses tensors of 4 or more dimensions since AUDMATH21 1: its 4-D layouts are left out)
+CASES = [(name, *lay) for name in sorted(HP) for lay in LAYOUTS if not (name == "sinkgd" and len(lay[1]) >= 4)]
+CASE_IDS = [f"{c[0]}-{c[1]}" for c in CASES]
 
 
 def _twins(name, shape, lay, foreach, chunk, steps=3):
@@ -46,8 +49,7 @@ def _twins(name, shape, lay, foreach, chunk, steps=3):
 
 
 @pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("layout,shape,lay", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-@pytest.mark.parametrize("name", sorted(HP))
+@pytest.mark.parametrize("name,layout,shape,lay", CASES, ids=CASE_IDS)
 def test_whole_step_of_a_non_contiguous_weight_is_its_contiguous_twins(name, layout, shape, lay, foreach):
     odd, plain = _twins(name, shape, lay, foreach, None)
     for p, q in zip(odd, plain):
@@ -55,8 +57,7 @@ def test_whole_step_of_a_non_contiguous_weight_is_its_contiguous_twins(name, lay
 
 
 @pytest.mark.parametrize("foreach,chunk", [(True, "default"), (False, "default"), (False, 60)])
-@pytest.mark.parametrize("layout,shape,lay", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-@pytest.mark.parametrize("name", sorted(HP))
+@pytest.mark.parametrize("name,layout,shape,lay", CASES, ids=CASE_IDS)
 def test_chunked_twin_differs_by_float32_rounding_only(name, layout, shape, lay, foreach, chunk):
     odd, plain = _twins(name, shape, lay, foreach, chunk)
     for p, q in zip(odd, plain):

@@ -105,16 +105,20 @@ def test_a_channels_last_sinkgd_weights_step_allocates_what_it_reports(foreach, 
     """SinkGD shares matrix_index: its whole step of a channels_last batch copied the whole gradient for each matrix
     (traced 92,160 bytes for 50,336 reported on two [4, 3, 24, 40] weights). Its values: bit for bit its contiguous
     twin's when stepped whole (``chunk_numel=None``, since 9978fb7), within 2.4e-7 with a chunk (the twin takes the
-    chunked form): tests/test_muonfix_layouts.py."""
+    chunked form): tests/test_muonfix_layouts.py. Since AUDMATH21 1 SinkGD refuses a tensor of 4 dimensions (a conv
+    kernel: no reference reading), so the batch here is a non-contiguous 3-D one ([12, 12, 20] with its last two
+    dimensions transposed in memory), and the channels_last kernel is refused."""
     gen = torch.Generator().manual_seed(2)
-    ps = [nn.Parameter(_channels_last(torch.randn(4, 3, 12, 20, generator=gen))) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"shape \[4, 3, 12, 20\] in a use_sinkgd group"):
+        create_optimizer([nn.Parameter(_channels_last(torch.randn(4, 3, 12, 20)))], "sinkgd")
+    ps = [nn.Parameter(_last_two_transposed(torch.randn(12, 12, 20, generator=gen))) for _ in range(2)]
     opt = create_optimizer(ps, "sinkgd", lr=1e-2, scale=0.5, sinkhorn_iters=3, foreach=foreach)
     if chunk != "default":
         opt.chunk_numel = chunk
     opt.skip_nonfinite = False
     for _ in range(2):
         for p in ps:
-            p.grad = _channels_last(torch.randn(p.shape, generator=gen))
+            p.grad = _last_two_transposed(torch.randn(p.shape, generator=gen))
         with _AllLive() as t:
             opt.step()
     assert t.peak == opt.step_transient_bytes()

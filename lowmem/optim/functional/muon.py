@@ -301,7 +301,9 @@ def muon_foreach_iterate(grads: list[Tensor], bufs: list[Tensor], shape: tuple[i
     m = shape[0]
     torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
     x = torch.empty((len(grads), *ns_shape(shape)), dtype=torch.bfloat16, device=grads[0].device)
-    xs = [ns_rows(xi, shape, 0, m) for xi in x.unbind(0)]  # views in the matrices' own layout
+    # views in the matrices' own layout (a conv kernel [out, in, kh, kw]: its [out, in kh kw] rows split back into the
+    # kernel's shape, so its gradient is read in whatever layout it has: muon_matrices)
+    xs = [ns_rows(xi, shape, 0, m).view(g.shape) for xi, g in zip(x.unbind(0), grads)]
     if nesterov and overwrite_grads:
         torch._foreach_lerp_(grads, bufs, momentum)
         torch._foreach_copy_(xs, grads)
@@ -329,7 +331,8 @@ def muon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
                   momentum: float, nesterov: bool, coefficients: tuple[float, float, float], steps: int, eps: float,
                   lr: float, weight_decay: float, scale: float) -> None:
     """Muon's whole step for ``k`` float32 matrices of one ``shape`` (parameters, gradients, momentum
-    buffers), one multi-tensor or batched kernel per operation::
+    buffers; or ``k`` conv kernels whose :func:`muon_matrix_shape` is ``shape``: :func:`muon_matrices`), one
+    multi-tensor or batched kernel per operation::
 
         B <- lerp(B, g, 1 - mu) ;  U = lerp(g, B, mu) (Nesterov) or B     (:func:`muon_foreach_iterate`)
         O = newton_schulz_batched(stack of U in bfloat16)                 (:func:`muon_foreach_direction`)
@@ -343,7 +346,7 @@ def muon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
     d = muon_foreach_direction(stack, coefficients, steps, eps, scale)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m) for di in d.unbind(0)])
+    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m).view(p.shape) for di, p in zip(d.unbind(0), params)])
 
 
 def muon_foreach_transient_bytes(numel: int, threads: int = 1) -> int:
@@ -372,10 +375,31 @@ def muon_lr_ratio(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> flo
     raise ValueError(f"adjust_lr_fn must be one of {list(ADJUST_LR_FNS)}, got {adjust_lr_fn!r}")
 
 
-# ---- batches of matrices (fused MoE experts [E, A, B]) -----------------------------------------
+# ---- batches of matrices (fused MoE experts [E, A, B]) and conv kernels [out, in, kh, kw] -------------
 # Muon's update is defined per matrix (Jordan et al. 2024; Liu et al. 2025 orthogonalise each weight
-# matrix on its own): a tensor of more than two dimensions is the batch of the matrices over its last
-# two, each stepped exactly as a 2-D weight of its own.
+# matrix on its own): a 3-D tensor is the batch of the matrices over its last two, each stepped exactly as
+# a 2-D weight of its own. A 4-D tensor is a convolution kernel, one linear map of in x kh x kw inputs:
+# Keller Jordan's muon.py (muon_update, 00ba60d: ``if update.ndim == 4: update = update.view(len(update),
+# -1)``; its docstring: "viewing them as 2D and then collapsing their last 3 dimensions") orthogonalises it as
+# the one matrix [out, in kh kw]. More dimensions: refused (MuonMoments' group check, no reference reading).
+
+
+def muon_matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """The shape Muon steps a tensor of ``shape`` as: a 4-D conv kernel ``[out, in, kh, kw]`` as the matrix
+    ``(out, in kh kw)`` (Keller Jordan's rule, above; its step size from these rows and columns, e.g.
+    ``sqrt(max(1, out / (in kh kw)))``: his code reads ``kh / kw`` of the 4-D tensor instead, the same 1 for a square
+    kernel with ``out <= in kh kw``); a 2-D weight and a batch ``[E, A, B]`` as they are."""
+    if len(shape) == 4:
+        return (shape[0], shape[1] * shape[2] * shape[3])
+    return tuple(shape)
+
+
+def muon_matrices(x: Tensor) -> list[Tensor]:
+    """The tensors Muon's multi-tensor step stacks as its matrices: :func:`matrices` of a 2-D weight or a batch
+    ``[E, A, B]``; a conv kernel ``[out, in, kh, kw]`` whole (``[x]``: one matrix of :func:`muon_matrix_shape`,
+    whose rows :func:`muon_foreach_iterate` and :func:`muon_foreach_` view in the kernel's shape, so a
+    channels_last kernel is read in its own layout, never copied)."""
+    return [x] if x.dim() == 4 else matrices(x)
 
 
 def matrices(x: Tensor) -> list[Tensor]:

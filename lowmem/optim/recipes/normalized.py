@@ -41,7 +41,8 @@ from .. import functional as F
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.galore import blas_device
 from ..functional.adam import float32_copies
-from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, matrices, matrix_index, muon_foreach_,
+from ..functional.muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, matrices, matrix_index, muon_foreach_, muon_matrices,
+                              muon_matrix_shape,
                               bf16_gemm_workspace_bytes, muon_foreach_direction, muon_foreach_iterate,
                               muon_foreach_transient_bytes, muon_lr_ratio, muon_momentum_, muon_whole_step_bytes, newton_schulz,
                               newton_schulz_,
@@ -447,11 +448,14 @@ class MuonMoments(HybridMoments):
     """Muon on the 2-D parameters of groups with ``use_muon=True``; AdamW (torch's eps placement)
     on the others. State: ``momentum_buffer`` (one tensor of the weight's shape) for Muon.
 
-    A parameter of more than two dimensions in such a group (a fused MoE expert weight ``[E, A, B]``)
+    A 3-D parameter in such a group (a fused MoE expert weight ``[E, A, B]``)
     is a batch of matrices over its last two dimensions: each ``A x B`` matrix gets exactly the step of a
     2-D parameter of its own (its slice of the momentum, its own Newton-Schulz iteration, the ratio of
     ``adjust_lr_fn`` from ``A x B``), as ``E`` separate parameters would (Liu et al. 2025 apply Muon per
-    matrix). Chunked: blocks of whole rows of the ``[-1, B]`` view, each matrix's iterate computed when its
+    matrix). A 4-D parameter is a convolution kernel ``[out, in, kh, kw]``, stepped in every path as the one
+    matrix ``[out, in kh kw]`` (:func:`~lowmem.optim.functional.muon.muon_matrix_shape`, Keller Jordan's rule; its
+    ratio from those rows and columns; its momentum buffer keeps the kernel's shape); 5 or more dimensions are
+    refused (:func:`check_muon_group`). Chunked: blocks of whole rows of the ``[-1, B]`` view, each matrix's iterate computed when its
     first row is reached (:meth:`_batched_rows`), one matrix's iterate alive at a time; whole: one matrix
     after the other; foreach buckets: the matrices stacked with the 2-D ones of their shape.
 
@@ -490,23 +494,26 @@ class MuonMoments(HybridMoments):
         return bool(group.get("use_muon")) and len(shape) >= 2
 
     def per_matrix(self, shape, group):
-        """A batch of matrices ``[..., A, B]`` of an FSDP2 group (fused MoE experts): stepped by the engine as
+        """A batch of matrices ``[E, A, B]`` of an FSDP2 group (fused MoE experts): stepped by the engine as
         separate ``A x B`` parameters, each rank its shard's whole matrices (FSDP2's ``Shard(0)``; no communication:
         :meth:`~lowmem.optim.engine.LowMemOptimizer._local_matrices`), their state stacked, equal to one process's
-        batched step (each matrix's Newton-Schulz on its own). Unsharded groups step the batch themselves."""
-        return len(shape) > 2 and self.targets(shape, group) and sharded_group(group)
+        batched step (each matrix's Newton-Schulz on its own). Unsharded groups step the batch themselves. Not a
+        conv kernel (one matrix ``[out, in kh kw]``: a shard of it is refused, ``sharded.refusal``)."""
+        return len(shape) == 3 and self.targets(shape, group) and sharded_group(group)
 
     def target_init_state(self, state, shape, group, param):
         in_out(group, shape)  # (a weight_layout other than 2-D 'in_out' / 'out_in' refused before any state)
         state["momentum_buffer"] = torch.zeros(shape, dtype=state_dtype(group, param), device=param.device)
 
     def target_chunk_align(self, shape, group, state):
-        return shape[-1]  # blocks of whole rows (the iteration itself runs on the whole matrix in prepare_chunks)
+        # blocks of whole rows (the iteration itself runs on the whole matrix in prepare_chunks); a conv kernel's rows
+        # are those of its matrix [out, in kh kw] (muon_matrix_shape)
+        return muon_matrix_shape(shape)[-1]
 
     def chunk_state(self, state, start, stop, shape, group, ctx=None):
         if self._is_adam(state) or not isinstance(ctx, dict):  # AdamW, or an FSDP2 shard's step (a tensor)
             return super().chunk_state(state, start, stop, shape, group, ctx)
-        n = shape[-1]
+        n = muon_matrix_shape(shape)[-1]
         return ChunkState(state, start, stop, {"muon": ctx, "rows": (start // n, stop // n)})
 
     def target_chunk_state(self, state, start, stop, shape, group):
@@ -529,11 +536,12 @@ class MuonMoments(HybridMoments):
         which runs :meth:`prepare_chunks`), as with ``foreach=False``. Equal to the per-parameter step
         bit for bit on the CPU (tests/test_foreach_normalized.py)."""
         for shape, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
-            # a batch of matrices [..., A, B] (fused experts): its A x B matrices, each stepped as a 2-D weight
-            ps = [m for i in idx for m in matrices(params[i])]
-            gs = [m for i in idx for m in matrices(grads[i])]
-            bs = [m for i in idx for m in matrices(states[i]["momentum_buffer"])]
-            mat = shape[-2:]
+            # a batch of matrices [E, A, B] (fused experts): its A x B matrices, each stepped as a 2-D weight; a conv
+            # kernel: whole, one matrix [out, in kh kw] (muon_matrices)
+            ps = [m for i in idx for m in muon_matrices(params[i])]
+            gs = [m for i in idx for m in muon_matrices(grads[i])]
+            bs = [m for i in idx for m in muon_matrices(states[i]["momentum_buffer"])]
+            mat = muon_matrix_shape(shape)[-2:]
             muon_foreach_(ps, gs, bs, mat, group["momentum"], group["nesterov"], group["ns_coefficients"],
                           group["ns_steps"], group["ns_eps"], lr, group.get("weight_decay", 0.0),
                           lr * layout_lr_ratio(mat, group))
@@ -614,10 +622,10 @@ class MuonMoments(HybridMoments):
         if self._is_adam(state):
             return None
         numel = math.prod(shape)
-        if reduce is None and len(shape) > 2:
+        if reduce is None and len(shape) == 3:
             return self._batched_prepare(state, shape, group, lr, bounds, stabilized)
-        if reduce is None:
-            return self._lean_prepare(state, shape, group, lr, bounds, stabilized)
+        if reduce is None:  # (a conv kernel: its matrix [out, in kh kw], muon_matrix_shape)
+            return self._lean_prepare(state, muon_matrix_shape(shape), group, lr, bounds, stabilized)
         g = stabilized(0, numel, ChunkState(state, 0, numel)).view(shape)
         buf = state["momentum_buffer"]
         buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
@@ -630,7 +638,8 @@ class MuonMoments(HybridMoments):
 
     def _lean_prepare(self, state, shape, group, lr, bounds, stabilized, buf: Tensor | None = None) -> dict[str, Any]:
         m, n = shape
-        buf = state["momentum_buffer"] if buf is None else buf  # (one matrix of a batch: _matrix_iterate)
+        # (one matrix of a batch: _matrix_iterate; a conv kernel's buffer as its matrix [out, in kh kw], a view)
+        buf = state["momentum_buffer"].view(m, n) if buf is None else buf
         x = torch.empty(ns_shape(shape), dtype=torch.bfloat16, device=buf.device)
         for a, b in bounds:
             r0, r1 = a // n, b // n
@@ -698,7 +707,7 @@ class MuonMoments(HybridMoments):
                 return self._batched_rows(g, ctx, r0, r1)
             o = ns_rows(ctx["x"], ctx["shape"], r0, r1)
             return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(ctx["scale"]).view(-1)
-        if g.dim() > 2:  # a batch of matrices stepped whole: one matrix after the other
+        if g.dim() == 3:  # a batch of matrices stepped whole: one matrix after the other
             out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
             buf = state["momentum_buffer"]
             for e in range(math.prod(g.shape[:-2])):
@@ -708,20 +717,24 @@ class MuonMoments(HybridMoments):
         return self._whole_matrix(g, state["momentum_buffer"], group, lr)
 
     def _whole_matrix(self, g: Tensor, buf: Tensor, group, lr) -> Tensor:
-        """The whole-tensor step of one matrix (the reference: :func:`~lowmem.optim.functional.muon.newton_schulz`)."""
+        """The whole-tensor step of one matrix (the reference: :func:`~lowmem.optim.functional.muon.newton_schulz`); a
+        conv kernel as its matrix ``[out, in kh kw]`` (the momentum on the kernel, ``U`` in the buffer's layout viewed
+        as the matrix, the step viewed back)."""
         buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
         u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
         if buf32 is not buf:
             buf.copy_(buf32)
-        o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+        mat = muon_matrix_shape(g.shape)
+        o = newton_schulz(u.reshape(mat), group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
         del u, buf32
-        return o.to(g.dtype).mul_(lr * layout_lr_ratio(g.shape, group))
+        return o.to(g.dtype).mul_(lr * layout_lr_ratio(mat, group)).view(g.shape)
 
     def target_transient_bytes(self, numel, shape, group, state):
         """A target's step of blocks of ``numel`` elements: the lean step (:meth:`_lean_bytes`); a weight of one chunk
         (``numel`` its size) may be stepped either way (an FSDP2 shard's gathered step, :meth:`sharded_transient_bytes`,
         runs the whole-tensor form): the larger of the lean and :meth:`_whole_matrix_bytes` is reported. The engine's
         chunked step asks :meth:`transient_bytes`, the lean step alone."""
+        shape = torch.Size(muon_matrix_shape(shape))  # (a conv kernel: its matrix)
         lean = self._lean_bytes(numel, shape, group, state)
         if len(shape) > 2 or numel < math.prod(shape):
             return lean
@@ -742,6 +755,7 @@ class MuonMoments(HybridMoments):
         iteration's too: 16,384 B over for a bfloat16 8 x 4096 weight in rows of 4096; and the engine's step of a
         weight of one chunk was reported at the larger of the lean and the whole step: a float32 64 x 96 weight,
         Nesterov, 65,536 B for 36,864 traced.)"""
+        shape = torch.Size(muon_matrix_shape(shape))  # (a conv kernel: its matrix [out, in kh kw])
         if len(shape) > 2:
             return self._batched_transient_bytes(numel, shape, group, state, copy)
         total = math.prod(shape)
@@ -777,7 +791,7 @@ class MuonMoments(HybridMoments):
         w, low = MuonMoments._widths(group, buf)
         threads = torch.get_num_threads() if buf.device.type == "cpu" else 1
         with blas_device(buf.device.type):
-            return muon_whole_step_bytes(tuple(shape), group["nesterov"], low, threads, width=w)
+            return muon_whole_step_bytes(muon_matrix_shape(shape), group["nesterov"], low, threads, width=w)
 
     def _batched_transient_bytes(self, numel, shape, group, state, copy: int = 0) -> int:
         """A batch of matrices ``[..., A, B]``. Chunked (blocks of ``numel`` elements, whole rows): one
@@ -807,10 +821,10 @@ class MuonMoments(HybridMoments):
         """Stepped whole (``chunk_numel=None``): a 2-D weight's :meth:`target_transient_bytes` of all of it (either
         form); a batch of matrices its float32 step beside one matrix's whole-tensor step (a bound, as a 2-D
         weight's)."""
-        if len(shape) > 2:
+        if len(shape) == 3:
             return (self._widths(group, state["momentum_buffer"])[0] * math.prod(shape)  # (the step: g's dtype)
                     + self._whole_matrix_bytes(shape[-2:], group, state))
-        return self._whole_matrix_bytes(shape, group, state)
+        return self._whole_matrix_bytes(shape, group, state)  # (a conv kernel: its matrix's, muon_matrix_shape)
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
         """FSDP2 (:meth:`prepare_chunks` with ``reduce``): the momentum step on the shard, then the
@@ -857,9 +871,29 @@ WEIGHT_LAYOUT = HParam("weight_layout", "out_in", one_of(*WEIGHT_LAYOUTS), f"one
                        "how the group's 2-D weights are stored: 'out_in' (nn.Linear's [out, in]) or 'in_out' (transformers'"
                        " Conv1D, GPT-2: the output side is the columns); create_optimizer(model) sets it per layer")
 USE_MUON = HParam("use_muon", True, is_bool, "a bool",
-                  "the group's 2-D parameters take Muon, and those of more dimensions per matrix over the last two (fused"
-                  " MoE experts; the 1-D ones in it take AdamW, and so do groups without the key"
+                  "the group's 2-D parameters take Muon, 3-D ones per matrix over the last two (fused MoE experts),"
+                  " 4-D conv kernels [out, in, kh, kw] as one [out, in*kh*kw] matrix (normuon refuses them; 5-D and more"
+                  " are refused); the 1-D ones in it take AdamW, and so do groups without the key"
                   " when another group has it; when none has it, every group takes the default)")
+
+
+def check_muon_group(group: dict[str, Any]) -> None:
+    """A ``use_muon`` group's parameters of 5 or more dimensions are refused, naming each's index and shape: Muon
+    steps 2-D weights, batches of matrices ``[E, A, B]`` (each matrix on its own) and 4-D conv kernels ``[out, in,
+    kh, kw]`` (the one matrix ``[out, in kh kw]``, Keller Jordan's muon.py); for more dimensions (a Conv3d kernel)
+    no reference says which matrices they are (Keller Jordan's code flattens only ``ndim == 4`` and would batch the
+    last two dimensions of a 5-D tensor; his docstring's reason, the kernel as one linear map, would flatten it)."""
+    if not group.get("use_muon"):
+        return
+    for i, p in enumerate(group["params"]):
+        if p.dim() >= 5:
+            raise ValueError(
+                f"parameter {i} of shape {list(p.shape)} in a use_muon group: Muon takes 2-D weights [out, in], batches"
+                " of matrices [E, A, B] (each matrix on its own) and 4-D convolution kernels [out, in, kh, kw] (one"
+                " [out, in*kh*kw] matrix, Keller Jordan's muon.py); a tensor of 5 or more dimensions has no reference"
+                " reading (its trailing matrices, or one [out, rest] matrix): reshape it, or put it in a group with"
+                " use_muon=False (AdamW)")
+
 
 MUON = Recipe(
     name="muon",
@@ -869,6 +903,7 @@ MUON = Recipe(
     moment=MuonMoments(eps_placement="torch"),
     hparams=MUON_HPARAMS,
     group_hparams=(USE_MUON, WEIGHT_LAYOUT),
+    validate_group=check_muon_group,
 )
 
 
@@ -1190,8 +1225,26 @@ SINKGD_HPARAMS = (
     EPS(1e-8),
 )
 USE_SINKGD = HParam("use_sinkgd", True, is_bool, "a bool",
-                    "the group's 2-D parameters take SinkGD (the others in it take AdamW, and so do groups without the key"
+                    "the group's 2-D parameters take SinkGD, 3-D ones per matrix over the last two (fused MoE experts;"
+                    " 4-D and more are refused; the 1-D ones in it take AdamW, and so do groups without the key"
                     " when another group has it; when none has it, every group takes the default)")
+
+def check_sinkgd_group(group: dict[str, Any]) -> None:
+    """A ``use_sinkgd`` group's parameters of 4 or more dimensions are refused, naming each's index and shape: SinkGD
+    (Scetbon et al. 2025) normalises the rows and columns of a 2-D weight's gradient and lowmem a 3-D batch ``[E, A, B]``
+    (fused MoE experts) per matrix; for a convolution kernel ``[out, in, kh, kw]`` neither the paper (LLMs' linear
+    layers) nor any code of its authors says which matrix it is (its ``out x in`` kernels of ``kh x kw``, which lowmem
+    stepped until AUDMATH21 1, or the ``[out, in kh kw]`` map Muon's convention and SCALE's and RACS's code read)."""
+    if not group.get("use_sinkgd"):
+        return
+    for i, p in enumerate(group["params"]):
+        if p.dim() >= 4:
+            raise ValueError(
+                f"parameter {i} of shape {list(p.shape)} in a use_sinkgd group: SinkGD takes 2-D weights [out, in] and"
+                " batches of matrices [E, A, B] (each matrix on its own); a tensor of 4 or more dimensions (a"
+                " convolution kernel) has no reference reading (its trailing kh x kw matrices, or one [out, in*kh*kw]"
+                " matrix): reshape it, or put it in a group with use_sinkgd=False (AdamW)")
+
 
 SINKGD = Recipe(
     name="sinkgd",
@@ -1201,6 +1254,7 @@ SINKGD = Recipe(
     moment=SinkGDMoments(eps_placement="torch"),
     hparams=SINKGD_HPARAMS,
     group_hparams=(USE_SINKGD,),
+    validate_group=check_sinkgd_group,
 )
 
 

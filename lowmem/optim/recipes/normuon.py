@@ -26,7 +26,8 @@ from torch import Tensor
 from ..._warn import warn_user
 from ..engine import LowMemOptimizer, Recipe
 from ..functional.galore import blas_device
-from ..functional.muon import (bf16_gemm_workspace_bytes, matrices, matrix_index, muon_foreach_iterate,
+from ..functional.muon import (bf16_gemm_workspace_bytes, matrix_index, muon_foreach_iterate, muon_matrices,
+                               muon_matrix_shape,
                                muon_momentum_, newton_schulz,
                                newton_schulz_batched, newton_schulz_transient_bytes, ns_column_block_numel, ns_rows,
                                ns_shape, row_block_spans)
@@ -35,8 +36,8 @@ from ..functional.normuon import (UPDATE_SCALES, neuron_factors_bytes, neuron_ro
 from ..hparams import HParam, in_unit_interval, one_of, positive
 from ..moments import ChunkState, grad_element_bytes, state_dtype
 from ..registry import register, takes_the_default
-from .normalized import (MUON_HPARAMS, USE_MUON, WEIGHT_LAYOUT, DefaultTargetGroups, MuonMoments, flat_as_targeted, in_out,
-                         semantic_shape)
+from .normalized import (MUON_HPARAMS, USE_MUON, WEIGHT_LAYOUT, DefaultTargetGroups, MuonMoments, check_muon_group,
+                         flat_as_targeted, in_out, semantic_shape)
 
 V_KEY = "second_momentum_buffer"
 
@@ -93,8 +94,9 @@ class NorMuonMoments(MuonMoments):
 
     def target_init_state(self, state, shape, group, param):
         super().target_init_state(state, shape, group, param)
-        # one number per output neuron: per row of [out, in], per column of a Conv1D weight [in, out] (in_out)
-        rows = shape[-1:] if in_out(group, shape) else shape[:-1]
+        # one number per output neuron: per row of [out, in], per column of a Conv1D weight [in, out] (in_out), per
+        # output channel of a conv kernel [out, in, kh, kw] (a row of its matrix [out, in kh kw]: muon_matrix_shape)
+        rows = shape[-1:] if in_out(group, shape) else muon_matrix_shape(shape)[:-1]
         state[V_KEY] = torch.zeros(rows, dtype=state_dtype(group, param), device=param.device)
 
     # ---- the lean (chunked) step ----
@@ -117,10 +119,11 @@ class NorMuonMoments(MuonMoments):
 
         # (Muon's context reads its ratio; NorMuon's step size is the factors')
         muon_group = {**group, "adjust_lr_fn": "original"}
-        if len(shape) > 2:
+        if len(shape) == 3:
             ctx = self._batched_prepare(state, shape, muon_group, lr, bounds, recorded)
             ctx["seen"], ctx["factor_index"] = seen, None
             return ctx
+        shape = muon_matrix_shape(shape)  # (a conv kernel: its matrix [out, in kh kw])
         ctx = self._lean_prepare(state, shape, muon_group, lr, bounds, recorded)
         ctx["factors"] = self._matrix_factors(ctx["x"], tuple(shape), state[V_KEY], group, lr, bounds,
                                               seen.get("dtype", torch.float32))
@@ -223,7 +226,7 @@ class NorMuonMoments(MuonMoments):
             o = ns_rows(ctx["x"], ctx["shape"], r0, r1)
             f = ctx["factors"][None, :] if ctx.get("in_out") else ctx["factors"][r0:r1, None]  # (columns: in_out)
             return o.to(g.dtype, memory_format=torch.contiguous_format).mul_(f).view(-1)
-        if g.dim() > 2:  # a batch of matrices stepped whole: one matrix after the other
+        if g.dim() == 3:  # a batch of matrices stepped whole: one matrix after the other
             out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
             buf, v = state["momentum_buffer"], state[V_KEY]
             for e in range(math.prod(g.shape[:-2])):
@@ -234,11 +237,20 @@ class NorMuonMoments(MuonMoments):
 
     def _whole_normuon(self, g: Tensor, buf: Tensor, v: Tensor, group, lr) -> Tensor:
         """The whole-tensor step of one matrix: Muon's momentum and :func:`newton_schulz` (the reference iteration),
-        then lines 3-5 and the step ``c_i O_i``."""
+        then lines 3-5 and the step ``c_i O_i``; a conv kernel as its matrix ``[out, in kh kw]`` (the step viewed back
+        in the kernel's shape)."""
         buf32 = buf if buf.dtype == g.dtype else buf.to(g.dtype)
         u = muon_momentum_(buf32, g, group["momentum"], group["nesterov"])
         if buf32 is not buf:
             buf.copy_(buf32)
+        if g.dim() == 4:
+            shape = g.shape
+            mat = muon_matrix_shape(shape)
+            o = newton_schulz(u.reshape(mat), group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
+            del u, buf32
+            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+            factors = _factors(v.view(1, mat[0]), row_norms(o, dtype).view(1, mat[0]), mat, group, lr).view(mat[0])
+            return o.to(g.dtype).mul_(factors[:, None]).view(shape)
         o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
         del u, buf32
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
@@ -256,11 +268,13 @@ class NorMuonMoments(MuonMoments):
         """The targets of a bucket, those of one shape stacked (:func:`normuon_foreach_`); a weight in pieces
         stepped whole from its first one (Muon's :meth:`_whole_by_shape`)."""
         for shape, idx in self._whole_by_shape(params, grads, states, group, t, lr).items():
-            ps = [mat for i in idx for mat in matrices(params[i])]
-            gs = [mat for i in idx for mat in matrices(grads[i])]
-            bs = [mat for i in idx for mat in matrices(states[i]["momentum_buffer"])]
-            vs = [_vector_index(states[i][V_KEY], e) for i in idx for e in range(math.prod(shape[:-2]))]
-            normuon_foreach_(ps, gs, bs, vs, tuple(shape[-2:]), group, lr)
+            # (a batch [E, A, B]: its matrices; a conv kernel whole, its matrix [out, in kh kw]: muon_matrices)
+            ps = [mat for i in idx for mat in muon_matrices(params[i])]
+            gs = [mat for i in idx for mat in muon_matrices(grads[i])]
+            bs = [mat for i in idx for mat in muon_matrices(states[i]["momentum_buffer"])]
+            per = shape[0] if len(shape) == 3 else 1
+            vs = [_vector_index(states[i][V_KEY], e) for i in idx for e in range(per)]
+            normuon_foreach_(ps, gs, bs, vs, muon_matrix_shape(shape)[-2:], group, lr)
 
     def _bf16_stack_direction(self, stack, states, shape, group, lr):
         """NorMuon's float32 steps ``c_i O_i`` of a stack of iterates (:func:`normuon_foreach_direction`; the second
@@ -297,6 +311,7 @@ class NorMuonMoments(MuonMoments):
         """Muon's lean step (:meth:`MuonMoments._lean_bytes`) with the normalization's phase beside the bfloat16
         iterate (``2 m n``) and its factors kept through the blocks' steps (a block's float32 step and gradient
         copy, ``numel (4 + copy)``). A batch of matrices: :meth:`_batched_transient_bytes`."""
+        shape = torch.Size(muon_matrix_shape(shape))  # (a conv kernel: its matrix [out, in kh kw])
         if len(shape) > 2:
             return self._batched_transient_bytes(numel, shape, group, state, copy)
         muon = super()._lean_bytes(numel, shape, group, state, copy)
@@ -336,6 +351,7 @@ class NorMuonMoments(MuonMoments):
         """The whole step of one matrix (:meth:`_whole_normuon`): Muon's (the traced tensors and the products'
         workspace), or the normalization beside the last iterate (``2 m n``), or the step ``c_i O_i`` (``isz m n``)
         beside the iterate and the factors: the largest."""
+        shape = muon_matrix_shape(shape)  # (a conv kernel: its matrix)
         m, n = shape
         isz = _itemsize(state, group)
         muon = MuonMoments._whole_matrix_bytes(shape, group, state)
@@ -343,7 +359,7 @@ class NorMuonMoments(MuonMoments):
         return max(muon, 2 * m * n + during, 2 * m * n + kept + isz * m * n)
 
     def target_whole_transient_bytes(self, shape, group, state):
-        if len(shape) > 2:  # (the batch's step in the gradient's dtype, one matrix's step beside it)
+        if len(shape) == 3:  # (the batch's step in the gradient's dtype, one matrix's step beside it)
             return _itemsize(state, group) * math.prod(shape) + self._whole_matrix_bytes(shape[-2:], group, state)
         return self._whole_matrix_bytes(shape, group, state)
 
@@ -353,7 +369,7 @@ class NorMuonMoments(MuonMoments):
         return normuon_foreach_bytes(numel, (max(1, numel), 1), threads=torch.get_num_threads())
 
     def target_foreach_bucket_transient_bytes(self, numel, shape, group):
-        return normuon_foreach_bytes(numel, tuple(shape[-2:]), threads=torch.get_num_threads())
+        return normuon_foreach_bytes(numel, muon_matrix_shape(shape)[-2:], threads=torch.get_num_threads())
 
     def sharded_transient_bytes(self, shape, whole_shape, shards, group, state):
         """FSDP2 (:meth:`_sharded_step`): Muon's bound of the gathered step (the whole matrix's unchunked step and
@@ -383,7 +399,7 @@ def normuon_foreach_(params: list[Tensor], grads: list[Tensor], bufs: list[Tenso
     weight_decay = group.get("weight_decay", 0.0)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m) for di in d.unbind(0)])
+    torch._foreach_sub_(params, [ns_rows(di, shape, 0, m).view(p.shape) for di, p in zip(d.unbind(0), params)])
 
 
 def normuon_foreach_direction(stack: list[Tensor], vs: list[Tensor], shape: tuple[int, int], group: dict[str, Any],
@@ -444,6 +460,7 @@ NORMUON = Recipe(
     moment=NorMuonMoments(eps_placement="torch"),
     hparams=NORMUON_HPARAMS,
     group_hparams=(USE_MUON, WEIGHT_LAYOUT),
+    validate_group=check_muon_group,  # (5 or more dimensions refused; a 4-D conv kernel as [out, in kh kw])
 )
 
 

@@ -55,8 +55,10 @@ def _orthogonalize(u: Tensor, coefficients, steps: int, eps: float) -> Tensor:
 def muon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay: float, momentum: float,
          nesterov: bool, ns_coefficients, ns_steps: int, ns_eps: float, adjust_lr_fn: str, betas, eps: float,
          adamw_lr_ratio: float, use_muon: bool = False, **_) -> list[Tensor]:
-    """Muon (Jordan et al. 2024; torch.optim.Muon's form) on a 2-D parameter of a ``use_muon`` group (a
-    parameter of more dimensions: on each matrix over its last two, as a parameter of its own)::
+    """Muon (Jordan et al. 2024; torch.optim.Muon's form) on a 2-D parameter of a ``use_muon`` group (a 3-D
+    parameter: on each matrix over its last two, as a parameter of its own; a 4-D convolution kernel ``[out, in, kh,
+    kw]``: as the one matrix ``[out, in kh kw]``, Keller Jordan's muon.py ``muon_update``, ``update.view(len(update),
+    -1)``, ``s`` from that matrix's rows and columns)::
 
         B <- mu B + (1 - mu) g ;  U = g + mu (B - g) if nesterov else B
         O = NewtonSchulz5(U) (bfloat16) ;  p <- p (1 - lr wd) ;  p <- p - lr s(A, B) O
@@ -69,7 +71,13 @@ def muon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay:
     if not (use_muon and p.dim() >= 2):
         adam_lr = lr * adamw_lr_ratio
         return _adamw(p, grads, adam_lr, betas[0], betas[1], eps, adam_lr * weight_decay)
-    if p.dim() > 2:
+    if p.dim() == 4:  # a conv kernel: one linear map of in kh kw inputs, its matrix [out, in kh kw] (Keller Jordan)
+        kw = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+              "ns_coefficients": ns_coefficients, "ns_steps": ns_steps, "ns_eps": ns_eps, "adjust_lr_fn": adjust_lr_fn,
+              "betas": betas, "eps": eps, "adamw_lr_ratio": adamw_lr_ratio, "use_muon": True}
+        mat = p.reshape(p.shape[0], -1)
+        return [q.reshape(p.shape) for q in muon(mat, [g.reshape(mat.shape) for g in grads], index=index, **kw)]
+    if p.dim() == 3:
         # a batch of matrices over the last two dimensions (fused MoE experts [E, A, B]): Muon's update is
         # per matrix, so each A x B matrix is a parameter of its own (its momentum, its iteration, s(A, B))
         kw = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
@@ -97,7 +105,8 @@ register_reference("muon", Reference(muon, configs=(
     {"lr": 2e-2},
     {"lr": 2e-2, "adjust_lr_fn": "original", "weight_decay": 0.0, "momentum": 0.9},
     {"lr": 1e-2, "nesterov": False, "ns_steps": 3, "weight_decay": 0.05, "betas": (0.8, 0.99), "adamw_lr_ratio": 0.5},
-), shapes=(*DEFAULT_SHAPES, (3, 7, 10), (4, 5, 3)), rtol=1e-5, atol=1e-6))  # + batches of matrices: fused MoE experts
+), shapes=(*DEFAULT_SHAPES, (3, 7, 10), (4, 5, 3), (6, 2, 3, 3), (20, 1, 2, 3)), rtol=1e-5, atol=1e-6))
+# (+ batches of matrices, fused MoE experts; conv kernels, a wide [6, 18] and a tall [20, 6] matrix)
 
 
 # ---- SinkGD ----------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from .normalized import _adamw, _orthogonalize
 def normuon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_decay: float, momentum: float,
             nesterov: bool, ns_coefficients, ns_steps: int, ns_eps: float, beta2: float, row_eps: float,
             update_scale: str, betas, eps: float, adamw_lr_ratio: float, use_muon: bool = False, **_) -> list[Tensor]:
-    """NorMuon on a 2-D parameter of a ``use_muon`` group (more dimensions: each matrix over the last two as a
-    parameter of its own)::
+    """NorMuon on a 2-D parameter of a ``use_muon`` group (3 dimensions: each matrix over the last two as a
+    parameter of its own; a 4-D convolution kernel ``[out, in, kh, kw]``: its matrix ``[out, in kh kw]``, as Muon's
+    reference and Keller Jordan's muon.py, one ``v`` per output channel, the paper's neuron-wise rule)::
 
         M <- b1 M + (1 - b1) g ;  U = g + b1 (M - g) if nesterov else M       (Algorithm 1 uses M)
         O = NS5(U) ;  v <- b2 v + (1 - b2) mean_cols(O * O) ;  O^ = O / (sqrt(V) + eps)
@@ -30,7 +31,14 @@ def normuon(p: Tensor, grads: list[Tensor], *, index: int, lr: float, weight_dec
     if not (use_muon and p.dim() >= 2):
         adam_lr = lr * adamw_lr_ratio
         return _adamw(p, grads, adam_lr, betas[0], betas[1], eps, adam_lr * weight_decay)
-    if p.dim() > 2:
+    if p.dim() == 4:
+        kw = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+              "ns_coefficients": ns_coefficients, "ns_steps": ns_steps, "ns_eps": ns_eps, "beta2": beta2,
+              "row_eps": row_eps, "update_scale": update_scale, "betas": betas, "eps": eps,
+              "adamw_lr_ratio": adamw_lr_ratio, "use_muon": True}
+        mat = p.reshape(p.shape[0], -1)
+        return [q.reshape(p.shape) for q in normuon(mat, [g.reshape(mat.shape) for g in grads], index=index, **kw)]
+    if p.dim() == 3:
         kw = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
               "ns_coefficients": ns_coefficients, "ns_steps": ns_steps, "ns_eps": ns_eps, "beta2": beta2,
               "row_eps": row_eps, "update_scale": update_scale, "betas": betas, "eps": eps,
@@ -62,4 +70,4 @@ register_reference("normuon", Reference(normuon, configs=(
     {"lr": 2e-2, "update_scale": "preserve_norm", "weight_decay": 0.0, "momentum": 0.9, "beta2": 0.9},
     {"lr": 1e-2, "nesterov": False, "ns_steps": 3, "weight_decay": 0.05, "betas": (0.8, 0.99), "adamw_lr_ratio": 0.5,
      "beta2": 0.99, "row_eps": 1e-6},
-), shapes=(*DEFAULT_SHAPES, (3, 7, 10), (4, 5, 3))))  # + batches of matrices
+), shapes=(*DEFAULT_SHAPES, (3, 7, 10), (4, 5, 3), (6, 2, 3, 3))))  # + batches of matrices, a conv kernel
