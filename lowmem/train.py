@@ -1800,7 +1800,7 @@ def build_training_args(recipe: TrainRecipe) -> Any:
     check_schedule(kwargs)
     check_dependent_fields(cls, kwargs)
     if recipe.trainer == "dpo":
-        check_dpo_fields(kwargs)
+        check_dpo_fields(kwargs, recipe_key(recipe))
     from lowmem.trainers.trl import ConfigFieldError, check_eval_groups
 
     key = recipe_key(recipe)
@@ -2088,15 +2088,49 @@ def check_dependent_fields(cls: type, kwargs: dict[str, Any]) -> None:
                           f"have no effect; set {setting.split(' (')[0]}, or drop {name}")
 
 
-def check_dpo_fields(kwargs: dict[str, Any]) -> None:
+def check_dpo_losses(kwargs: dict[str, Any], key: Callable[[str], str] = lambda field: field) -> None:
+    """DPO's ``loss_type`` list and its ``loss_weights`` as TRL 1.16's DPOTrainer combines them: the loss is
+    ``sum(weight_i x loss_i)`` over the ``loss_type`` entries (``loss_weights`` null or empty: 1.0 each), so an empty
+    ``loss_type`` leaves the loss the float 0.0 (``AttributeError: 'float' object has no attribute 'repeat'`` at the
+    first step), a negative weight trains that loss backwards (sigmoid at -1: towards the rejected answers) and
+    weights that are all 0 train nothing. ``key`` names the fields (``lowmem train``: the recipe's keys).
+
+    Raises:
+        ConfigError: Naming the field, its value and what is valid.
+    """
+    if "loss_type" in kwargs:
+        losses = kwargs["loss_type"]
+        if losses is None or (not isinstance(losses, str) and len(list(losses)) == 0):
+            raise ConfigError(f"{key('loss_type')}={losses!r}: expected a loss type or a non-empty list of them (TRL "
+                              "sums weight x loss over the list; with none the loss is no tensor: an AttributeError at "
+                              "the first step); TRL's default ['sigmoid']")
+    weights = kwargs.get("loss_weights")
+    if weights is None:
+        return
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+        raise ConfigError(f"{key('loss_weights')}={weights!r}: expected a list of numbers >= 0, one per loss_type entry")
+    weights = list(weights)
+    bad = [w for w in weights if not _real(w) or w < 0]
+    if bad:
+        raise ConfigError(f"{key('loss_weights')}={weights!r}: expected numbers >= 0, one per loss_type entry (TRL's "
+                          f"loss is sum(weight x loss): a negative weight trains that loss backwards, DPO's sigmoid "
+                          f"towards the rejected answers); {bad[0]!r} is not")
+    if weights and not any(weights):
+        raise ConfigError(f"{key('loss_weights')}={weights!r}: every weight is 0, so the loss (sum of weight x loss) would "
+                          "be 0 and nothing would train; give at least one weight > 0 (null: 1.0 for each loss_type)")
+
+
+def check_dpo_fields(kwargs: dict[str, Any], key: Callable[[str], str] = lambda field: field) -> None:
     """DPO fields that the loss would not apply: ``beta`` 0 (the sigmoid loss is then a constant without gradient,
-    IPO and SPPO divide by it), a ``label_smoothing`` none of the ``loss_type`` entries reads, and the fields only
-    another setting reads (:func:`check_dependent_fields`: ``discopop_tau``, ``f_alpha_divergence_coef``,
-    ``ref_model_sync_steps``, ``ref_model_mixup_alpha``).
+    IPO and SPPO divide by it), an empty ``loss_type`` or ``loss_weights`` negative or all 0
+    (:func:`check_dpo_losses`, its fields named by ``key``), a ``label_smoothing`` none of the ``loss_type`` entries
+    reads, and the fields only another setting reads (:func:`check_dependent_fields`: ``discopop_tau``,
+    ``f_alpha_divergence_coef``, ``ref_model_sync_steps``, ``ref_model_mixup_alpha``).
 
     Raises:
         ConfigError: Naming the field and what is valid.
     """
+    check_dpo_losses(kwargs, key)
     beta = kwargs.get("beta")
     if beta is not None and not isinstance(beta, bool) and beta == 0:
         raise ConfigError("beta=0 for DPO: beta scales the implicit reward, so the loss would have no gradient (ipo / "

@@ -327,8 +327,6 @@ def test_reward_model_directory_that_is_no_one_label_classifier_is_refused(tiny_
     assert "reward_funcs[0]" in err and ("num_labels" in err or "ForSequenceClassification" in err), err
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 8: DPO loss_weights / loss_type are not range-checked: a negative weight "
-                                        "trains towards the rejected answers, all-zero weights train nothing, [] crashes")
 @pytest.mark.parametrize("fields", [
     {"loss_type": ["sigmoid"], "loss_weights": [-1.0]},  # margin 0 -> -0.0118 in 2 steps, eval_loss -0.69
     {"loss_type": ["sigmoid", "sft"], "loss_weights": [0.0, 0.0]},  # loss 0: margin 0 -> 0, nothing trained
@@ -352,6 +350,31 @@ def test_dpo_loss_weights_and_loss_types_are_checked(tmp_path, fields):
                          output_dir=str(tmp_path / "out"), **fields)
     with pytest.raises(ConfigError, match="loss_weights" if "loss_weights" in fields else "loss_type"):
         build_training_args(recipe)
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"loss_type": ["sigmoid"], "loss_weights": [-1.0]}, r"LowMemDPOConfig\.loss_weights=\[-1\.0\]: expected numbers >= 0"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.0, 0.0]}, r"LowMemDPOConfig\.loss_weights=.*every weight is 0"),
+    ({"loss_type": []}, r"LowMemDPOConfig\.loss_type=\[\]: expected a loss type or a non-empty list"),
+])
+def test_dpo_loss_weights_python_api_and_training_args_naming(tmp_path, fields, says):
+    """AUDOWN21 8 through the Python API (LowMemDPOConfig runs the same lowmem.train.check_dpo_losses) and through a
+    recipe's training_args (named ``training_args.<field>``); weights >= 0 with one > 0 (MPO-style [1.0, 0.0]) pass."""
+    from lowmem.config import ConfigError
+    from lowmem.train import build_training_args, load_recipe
+    from lowmem.trainers.trl import LowMemDPOConfig
+
+    with pytest.raises(ValueError, match=says):
+        LowMemDPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **fields)
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)}
+                                         for a in range(4)])
+    recipe = load_recipe(None, trainer="dpo", dataset=str(data), lr=1e-3, steps=2, optim="adamw",
+                         output_dir=str(tmp_path / "out"), training_args=fields)
+    with pytest.raises(ConfigError, match=says.replace("LowMemDPOConfig", "training_args")):
+        build_training_args(recipe)
+    ok = load_recipe(None, trainer="dpo", dataset=str(data), lr=1e-3, steps=2, optim="adamw",
+                     output_dir=str(tmp_path / "out"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0])
+    assert build_training_args(ok).loss_weights == [1.0, 0.0]
 
 
 @pytest.mark.xfail(strict=True, reason="AUDOWN21 9: GRPO clipping fields the loss_type never reads (delta with cispo / "
