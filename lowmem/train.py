@@ -960,10 +960,10 @@ def check_unavailable_fields(ta: dict[str, Any]) -> None:
         if not _liger_available():
             raise ConfigError("use_liger_kernel=true needs the liger-kernel package, which is not installed: "
                               "pip install liger-kernel (or drop use_liger_kernel)")
-    if ta.get("use_vllm"):
-        if not _vllm_available():
-            raise ConfigError("use_vllm=true needs the vllm package, which is not installed: pip install 'trl[vllm]' "
-                              "(or drop use_vllm: TRL then generates with transformers)")
+    if ta.get("use_vllm"):  # (the Python configs' rule too: one implementation, naming training_args.use_vllm here)
+        from lowmem.trainers.trl import refuse_use_vllm_without_vllm
+
+        refuse_use_vllm_without_vllm(ta, prefix="training_args.")
     if any(k.startswith("vllm_") for k in ta) and not ta.get("use_vllm"):  # TRL reads none of them then
         from lowmem.trainers.trl import refuse_vllm_fields_without_use_vllm  # (the Python configs' rule too)
 

@@ -25,7 +25,7 @@ def _recipe(tmp_path, trainer="sft", **training_args):
     ("sft", {"chat_template_path": "chat.jinja"}, r"chat_template_path='chat.jinja': write chat_template"),
     ("sft", {"activation_offloading": True}, r"activation_offloading=true .* no GPU is visible"),
     ("sft", {"use_liger_kernel": True}, r"use_liger_kernel=true needs the liger-kernel package"),
-    ("grpo", {"use_vllm": True}, r"use_vllm=true needs the vllm package"),
+    ("grpo", {"use_vllm": True}, r"training_args\.use_vllm=true needs the vllm package"),
 ])
 def test_fields_that_cannot_apply_are_errors_naming_them(trainer, fields, message, tmp_path, monkeypatch):
     """Before: push_to_hub / log_completions_hub_repo called the Hub when the Trainer was built ("Cannot reach

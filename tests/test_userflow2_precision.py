@@ -61,7 +61,7 @@ def test_bf16_full_eval_on_the_cpu_gets_use_cpu(tmp_path, monkeypatch):
 @pytest.mark.parametrize("trainer", ["grpo", "gvpo", "bnpo"])
 def test_use_vllm_without_vllm_names_the_field_and_the_install(tmp_path, trainer):
     """The real check (nothing patched): vllm is not installed in this environment."""
-    with pytest.raises(ConfigError, match=r"^use_vllm=true needs the vllm package, which is not installed: "
+    with pytest.raises(ConfigError, match=r"^training_args\.use_vllm=true needs the vllm package, which is not installed: "
                                           r"pip install 'trl\[vllm\]'"):
         load_recipe(None, trainer=trainer, output_dir=str(tmp_path / "out"), dataset=_data(tmp_path), batch_size=4,
                     reward_funcs=["exact_match"], num_generations=4, use_vllm=True, vllm_mode="colocate")

@@ -202,12 +202,7 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
         if self.reward_weights is not None:  # all 0: every advantage 0, nothing trained
             field_error(check_some_weight, "reward_weights", config_key(self), self.reward_weights)
         refuse_vllm_fields_without_use_vllm(self)
-        if self.use_vllm:  # else TRL's ImportError when the trainer is built, after the model loaded
-            from lowmem.train import _vllm_available
-
-            if not _vllm_available():
-                raise ConfigError(f"{type(self).__name__}.use_vllm=True needs the vllm package, which is not installed: "
-                                  "pip install 'trl[vllm]' (or use_vllm=False: TRL then generates with transformers)")
+        refuse_use_vllm_without_vllm(self)  # (else TRL's ImportError when the trainer is built, after the model loaded)
 
 
 def check_completion_length(values: dict[str, Any], key: FieldKey) -> None:
@@ -346,6 +341,32 @@ def refuse_vllm_fields_without_use_vllm(values: Any, prefix: str | None = None) 
                           f"need {prefix}use_vllm={true}: without it TRL generates with transformers and reads none of "
                           f"them; set {prefix}use_vllm={true} (needs the vllm package: pip install 'trl[vllm]') or leave "
                           "them at TRL's defaults")
+
+
+def refuse_use_vllm_without_vllm(values: Any, prefix: str | None = None) -> None:
+    """``use_vllm`` on while the vllm package is not installed (:func:`lowmem.train._vllm_available`, TRL's
+    ``is_vllm_available``): a ConfigError naming the field, before any model loads (TRL raised an ``ImportError`` when
+    the trainer was built). The one rule of both routes, as :func:`refuse_vllm_fields_without_use_vllm`: ``lowmem
+    train``'s recipe (``values`` its ``training_args`` dict, ``prefix="training_args."``,
+    :func:`lowmem.train.check_unavailable_fields`) and the Python API's configs (``values`` a ``LowMemGRPOConfig`` /
+    GVPO / BNPO config, named ``<Config>.`` by default). A YAML recipe's ``true`` / ``false``, Python's ``True`` /
+    ``False``.
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) ``<prefix>use_vllm=True needs the vllm package, which is not
+            installed: pip install 'trl[vllm]' (or <prefix>use_vllm=False: ...)``.
+    """
+    import lowmem.train
+    from lowmem.config import ConfigError
+
+    mapping = values if isinstance(values, dict) else vars(values)
+    if not mapping.get("use_vllm") or lowmem.train._vllm_available():
+        return
+    if prefix is None:
+        prefix = f"{type(values).__name__}."
+    true, false = ("true", "false") if prefix == "training_args." else ("True", "False")
+    raise ConfigError(f"{prefix}use_vllm={true} needs the vllm package, which is not installed: pip install 'trl[vllm]' "
+                      f"(or {prefix}use_vllm={false}: TRL then generates with transformers)")
 
 
 def refuse_unused_grpo_fields(config: Any, names: tuple[str, ...], method: str, instead: str) -> None:
