@@ -2720,6 +2720,49 @@ def fit_max_length(recipe: TrainRecipe, args: Any) -> str | None:
             f"are truncated to {limit} tokens (set max_length to choose)")
 
 
+def processed_row_lengths(dataset: Any) -> list[int] | None:
+    """Tokens per row of a dataset TRL prepared: SFT's ``input_ids``; DPO's ``prompt_ids`` plus the longer of
+    ``chosen_ids`` / ``rejected_ids`` (TRL 1.16's collator concatenates them); `None` for other columns."""
+    columns = getattr(dataset, "column_names", None) or []
+    if "input_ids" in columns:
+        return [len(ids) for ids in dataset["input_ids"]]
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
+        return [len(p) + max(len(c), len(r))
+                for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+    return None
+
+
+def check_untruncated_rows(trainer: Any, recipe: TrainRecipe, args: Any) -> None:
+    """``max_length: null`` (TRL: no truncation) beside a model with a context (:func:`model_context_length`): every
+    row TRL prepared must fit it. Before, a longer row reached the model: a learned position table (GPT-2's
+    ``n_positions``) failed mid-training with ``IndexError: index out of range in self`` (a 100-line traceback), a
+    rotary model trained on positions it never saw. Checked once TRL tokenized the rows (their length is TRL's
+    tokenization: chat template, EOS), before the first evaluation and training step; ``packing`` (TRL's own checks) is
+    left alone. An int ``max_length`` is :func:`fit_max_length`'s.
+
+    Raises:
+        ConfigError: Naming ``max_length``, the rows, the longest row's tokens and the model's context.
+    """
+    if getattr(args, "max_length", 0) is not None or getattr(args, "packing", False):
+        return
+    context = model_context_length(recipe.model)
+    if context is None:
+        return
+    limit, where = context
+    evals = trainer.eval_dataset
+    named = [(f"eval_dataset[{k!r}]", d) for k, d in evals.items()] if isinstance(evals, dict) else [("eval_dataset", evals)]
+    for name, dataset in [("dataset", trainer.train_dataset), *named]:
+        lengths = processed_row_lengths(dataset) if dataset is not None else None
+        long = [i for i, n in enumerate(lengths or []) if n > limit]
+        if long:
+            shown = long[:5] + (["..."] if len(long) > 5 else [])
+            raise ConfigError(
+                f"{recipe_key(recipe)('max_length')}=None (no truncation): {len(long)} of {len(lengths)} rows of {name} "
+                f"(rows {shown}, 0-based; the longest {max(lengths)} tokens) are longer than the model's context "
+                f"({where}): they would fail inside the model (a learned position table: IndexError) or run on "
+                f"positions it never saw; set max_length <= {limit} (longer rows truncated) or shorten those rows")
+
+
 def prompt_token_lengths(prompts: list[Any], tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Tokens of each GRPO prompt as the policy sees it: a string tokenized as is, a conversational prompt
     (a list of messages) rendered by the chat template with the generation prompt appended and GRPOConfig's
@@ -3216,6 +3259,7 @@ def _run_sft(recipe: TrainRecipe) -> dict[str, Any]:
         raise
     if data is not None:
         check_dropped_rows(trainer, data, args)
+        check_untruncated_rows(trainer, recipe, args)
     _eval_on_start(trainer, recipe, evals is not None)  # initial eval loss (see _train)
     out = _train(trainer, recipe)
     initial = _first_eval(trainer).get("eval_loss")
@@ -3355,6 +3399,7 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
                                   processing_class=tok, callbacks=_memory_callbacks(recipe))
         if data is not None:
             check_dropped_rows(trainer, data, args)
+            check_untruncated_rows(trainer, recipe, args)
         alias_num_experts(trainer.model.config.get_text_config())  # TRL's router aux loss reads num_experts
         _eval_on_start(trainer, recipe, True)  # margins before training (see _train)
         out = _train(trainer, recipe)

@@ -43,8 +43,6 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 1: max_length: null (no truncation) on a model with a 16-position "
-                                        "table and longer rows crashes mid-training with IndexError")
 @pytest.mark.parametrize("trainer", ["sft", "dpo"])
 def test_max_length_null_beyond_the_model_context_is_one_line(gpt2_dir, tmp_path, capsys, trainer):
     """docs/training.md: ``--max_length null`` sets the key to null (TRL: no truncation), and "max_length must fit
