@@ -1798,7 +1798,7 @@ def build_training_args(recipe: TrainRecipe) -> Any:
                           f"where bitsandbytes falls back to unpaged state; use {unpaged} on the "
                           "CPU (adamw_8bit / lion_8bit for the Hugging Face names), or train on a GPU")
     check_schedule(kwargs)
-    check_dependent_fields(cls, kwargs)
+    check_dependent_fields(cls, kwargs, recipe_key(recipe))  # the field named as the recipe writes it
     if recipe.trainer == "dpo":
         check_dpo_fields(kwargs, recipe_key(recipe))
     from lowmem.trainers.trl import ConfigFieldError, check_eval_groups
@@ -2036,6 +2036,15 @@ def _loss_types(kwargs: dict[str, Any]) -> list[str]:
     return [str(getattr(t, "value", t)) for t in losses]
 
 
+# TRL 1.16's GRPO loss types whose loss is the clipped surrogate (grpo_trainer._compute_loss): epsilon, epsilon_high, delta
+GRPO_CLIP_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def _grpo_loss(kwargs: dict[str, Any]) -> str:
+    loss = kwargs.get("loss_type", "dapo")  # GRPOConfig's default (BNPO's too)
+    return str(getattr(loss, "value", loss))
+
+
 def _checkpointing_on(kwargs: dict[str, Any]) -> bool:
     # transformers 5's name, else its deprecated alias (lowmem's _memory_args always gives one of them)
     return bool(kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing", True)))
@@ -2060,13 +2069,23 @@ DEPENDENT_FIELDS: tuple[tuple[str, str, Any], ...] = (
       for name in ("sapo_temperature_pos", "sapo_temperature_neg")),
     *((name, "loss_type: vespo (VESPO's gamma weights)", lambda kw: "vespo" in _loss_types(kw))
       for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")),
+    # TRL 1.16 grpo_trainer._compute_loss reads the clipping fields only in the clipped-surrogate branch (grpo, bnpo,
+    # dr_grpo, dapo, luspo); cispo reads epsilon_high as its eps_max (epsilon when epsilon_high is unset:
+    # `self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon`); sapo / vespo none
+    ("delta", f"loss_type: {' / '.join(GRPO_CLIP_LOSSES)} (the clipped surrogate; INTELLECT-2's two-sided clip)",
+     lambda kw: _grpo_loss(kw) in GRPO_CLIP_LOSSES),
+    ("epsilon", f"loss_type: {' / '.join(GRPO_CLIP_LOSSES)} (the clip's lower bound), or cispo without epsilon_high "
+     "(TRL's cispo then takes epsilon as its eps_max)",
+     lambda kw: _grpo_loss(kw) in GRPO_CLIP_LOSSES or (_grpo_loss(kw) == "cispo" and kw.get("epsilon_high") is None)),
+    ("epsilon_high", f"loss_type: {' / '.join(GRPO_CLIP_LOSSES)} / cispo (the clip's upper bound; cispo's eps_max)",
+     lambda kw: _grpo_loss(kw) in (*GRPO_CLIP_LOSSES, "cispo")),
     *((name, "use_adaptive_entropy: true (the adaptive entropy-bonus controller)",
        lambda kw: bool(kw.get("use_adaptive_entropy")))
       for name in ("entropy_target", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta")),
 )
 
 
-def check_dependent_fields(cls: type, kwargs: dict[str, Any]) -> None:
+def check_dependent_fields(cls: type, kwargs: dict[str, Any], key: Callable[[str], str] = str) -> None:
     """Fields of ``cls`` (the trainer's config class) in ``kwargs`` that only another setting reads
     (:data:`DEPENDENT_FIELDS`), set away from the class default while that setting is off: TRL / transformers accept
     them and never read them (``ref_model_sync_steps: 10`` without ``sync_ref_model`` trained plain DPO against the
@@ -2084,8 +2103,8 @@ def check_dependent_fields(cls: type, kwargs: dict[str, Any]) -> None:
         value = kwargs[name]
         if value == default or value in (None, {}) or on(kwargs):
             continue
-        raise ConfigError(f"{name}={value!r} is read only with {setting}, which this config does not set, so it would "
-                          f"have no effect; set {setting.split(' (')[0]}, or drop {name}")
+        raise ConfigError(f"{key(name)}={value!r} is read only with {setting}, which this config does not set, so it "
+                          f"would have no effect; set {setting.split(' (')[0]}, or drop {key(name)}")
 
 
 def check_dpo_losses(kwargs: dict[str, Any], key: Callable[[str], str] = lambda field: field) -> None:
@@ -2895,7 +2914,7 @@ def _train(trainer: Any, recipe: TrainRecipe) -> Any:
     """``trainer.train`` from the recipe's checkpoint. The evaluation before training runs inside it
     (``eval_on_start``, set by the caller): a ``trainer.evaluate()`` before ``train()`` makes
     transformers (5.x) skip the DDP wrapping under several processes, which then train apart."""
-    check_eval_batches(trainer)
+    check_eval_batches(trainer, recipe_key(recipe))
     _load_converted_checkpoints(trainer)
     ckpt = resolve_checkpoint(recipe)
     if ckpt is not None and is_main_process():
@@ -3104,27 +3123,44 @@ def _load_converted_checkpoints(trainer: Any) -> None:
     trainer._load_from_checkpoint = lambda path, model=None: load_trainer_checkpoint(trainer, own_load, path, model)
 
 
-def check_eval_batches(trainer: Any) -> None:
-    """With ``dataloader_drop_last: true`` an eval set of fewer rows (after TRL's packing) than one eval
-    batch (``per_device_eval_batch_size`` x processes; lowmem's default 64 for SFT and DPO) gives no
-    batch at all: the evaluation returns no loss, and the run failed after training with
-    ``KeyError: 'eval_loss'`` before saving the model. Checked once the trainer holds its processed
-    eval set, before training (GRPO/GVPO/BNPO batch completions of repeated prompts: not checked).
+def check_eval_batches(trainer: Any, key: Callable[[str], str] = lambda field: field) -> None:
+    """With ``dataloader_drop_last: true`` a training set of fewer rows (after TRL's processing and packing) than one
+    batch (``per_device_train_batch_size`` x processes) gives no batch at all: transformers stopped "at step 0" and the
+    run exited 0 with the model saved untouched. An eval set of fewer rows than one eval batch
+    (``per_device_eval_batch_size`` x processes; lowmem's default 64 for SFT and DPO) gives no eval batch: the
+    evaluation returns no loss, and the run failed after training with ``KeyError: 'eval_loss'`` before saving the
+    model. Checked once the trainer holds its processed sets, before training (GRPO/GVPO/BNPO batch completions of
+    repeated prompts: not checked here). ``key`` names the fields (``lowmem train``: the recipe's keys).
 
     Raises:
         ConfigError: Naming both fields, the row count and the fixes.
     """
-    args, evals = trainer.args, getattr(trainer, "eval_dataset", None)
-    if evals is None or not args.dataloader_drop_last or hasattr(args, "num_generations") or isinstance(evals, dict):
+    args = trainer.args
+    if not args.dataloader_drop_last or hasattr(args, "num_generations"):
         return
-    per_batch = args.per_device_eval_batch_size * max(1, args.world_size)
-    packed = getattr(args, "packing", False) and getattr(args, "eval_packing", None) is not False  # TRL's rule
+    procs = max(1, args.world_size)
+    packed = getattr(args, "packing", False)
+    train = getattr(trainer, "train_dataset", None)
+    if train is not None and hasattr(train, "__len__") and len(train) < args.per_device_train_batch_size * procs:
+        batch = args.per_device_train_batch_size
+        raise ConfigError(f"{key('dataloader_drop_last')}=true drops every training batch: the training set has "
+                          f"{len(train)} rows" + (" after packing" if packed else "")
+                          + f" and one batch is {batch * procs} ({key('per_device_train_batch_size')}={batch}"
+                          + (f" x {procs} processes" if procs > 1 else "")
+                          + "), so the run would train 0 steps: set "
+                          f"{key('per_device_train_batch_size')} <= {len(train) // procs}, or dataloader_drop_last: false")
+    evals = getattr(trainer, "eval_dataset", None)
+    if evals is None or isinstance(evals, dict):
+        return
+    per_batch = args.per_device_eval_batch_size * procs
+    packed = packed and getattr(args, "eval_packing", None) is not False  # TRL's rule
     if len(evals) < per_batch:
-        raise ConfigError(f"dataloader_drop_last=true drops every eval batch: the eval set has {len(evals)} rows"
+        raise ConfigError(f"{key('dataloader_drop_last')}=true drops every eval batch: the eval set has {len(evals)} rows"
                           + (" after packing" if packed else "")
-                          + f" and one eval batch is {per_batch} (per_device_eval_batch_size={args.per_device_eval_batch_size}"
+                          + f" and one eval batch is {per_batch} ({key('per_device_eval_batch_size')}="
+                          f"{args.per_device_eval_batch_size}"
                           + (f" x {args.world_size} processes" if args.world_size > 1 else "")
-                          + f"): set per_device_eval_batch_size <= {len(evals) // max(1, args.world_size)}, "
+                          + f"): set {key('per_device_eval_batch_size')} <= {len(evals) // procs}, "
                           "or dataloader_drop_last: false")
 
 

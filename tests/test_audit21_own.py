@@ -258,8 +258,6 @@ def test_grpo_dataset_smaller_than_one_generation_batch_is_refused(tiny_model_pa
     assert "num_generations" in err and "prompt" in err and "dataloader does not have a length" not in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 6: dataloader_drop_last: true with fewer training rows than one batch "
-                                        "trains 0 steps and exits 0 (checked for the eval set only)")
 def test_drop_last_training_set_smaller_than_one_batch_is_refused(tiny_model_path, tmp_path, capsys):
     """docs/training.md, Errors: "a config's dataloader_drop_last: true with an SFT / DPO eval set (after packing) smaller
     than one eval batch ... (every eval batch would be dropped; checked once the model is loaded, before training)". The
@@ -273,6 +271,20 @@ def test_drop_last_training_set_smaller_than_one_batch_is_refused(tiny_model_pat
     err = capsys.readouterr().err
     assert code == 2, code
     assert "dataloader_drop_last" in err, err
+    assert ("dataloader_drop_last=true drops every training batch: the training set has 4 rows and one "
+            "batch is 8 (batch_size=8), so the run would train 0 steps: set batch_size <= 4") in err, err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_drop_last_training_set_of_one_batch_trains(tiny_model_path, tmp_path, capsys):
+    """The boundary: as many rows as one batch keep that batch (the run trains its steps)."""
+    data = _jsonl(tmp_path / "pc.jsonl", [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(4)])
+    out = tmp_path / "out"
+    argv = ["train", "--model", tiny_model_path, "--dataset", str(data), "--lr", "1e-3", "--steps", "2", "--batch-size",
+            "4", "--dataloader_drop_last", "--optim", "adamw", "--output-dir", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2 if (out / "trainer_state.json").exists() \
+        else json.loads((out / "metrics.json").read_text())["steps"] == 2
 
 
 @pytest.fixture(scope="module")
