@@ -2089,7 +2089,8 @@ def check_dependent_fields(cls: type, kwargs: dict[str, Any], key: Callable[[str
     """Fields of ``cls`` (the trainer's config class) in ``kwargs`` that only another setting reads
     (:data:`DEPENDENT_FIELDS`), set away from the class default while that setting is off: TRL / transformers accept
     them and never read them (``ref_model_sync_steps: 10`` without ``sync_ref_model`` trained plain DPO against the
-    frozen reference, ``packing_strategy: wrapped`` without ``packing`` an unpacked run).
+    frozen reference, ``packing_strategy: wrapped`` without ``packing`` an unpacked run). ``key`` names a field
+    (``lowmem train``: :func:`recipe_key`, ``training_args.<field>`` where the recipe wrote it there).
 
     Raises:
         ConfigError: Naming the field, its value and the setting that reads it.

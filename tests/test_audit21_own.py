@@ -387,15 +387,15 @@ def test_dpo_loss_weights_python_api_and_training_args_naming(tmp_path, fields, 
     assert build_training_args(ok).loss_weights == [1.0, 0.0]
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 9: GRPO clipping fields the loss_type never reads (delta with cispo / "
-                                        "sapo / vespo, epsilon / epsilon_high with sapo / vespo, epsilon with cispo) pass")
 @pytest.mark.parametrize("fields, field", [
     ({"loss_type": "sapo", "delta": 1.5}, "delta"),
     ({"loss_type": "cispo", "delta": 1.5}, "delta"),
     ({"loss_type": "vespo", "delta": 1.5}, "delta"),
     ({"loss_type": "sapo", "epsilon_high": 0.28}, "epsilon_high"),
     ({"loss_type": "vespo", "epsilon": 0.3}, "epsilon"),
-    ({"loss_type": "cispo", "epsilon": 0.3}, "epsilon"),
+    # cispo reads epsilon as its eps_max while epsilon_high is unset (TRL 1.16: `args.epsilon_high if args.epsilon_high is
+    # not None else args.epsilon`), so only beside epsilon_high is it unread (the audit's case without it is accepted below)
+    ({"loss_type": "cispo", "epsilon": 0.3, "epsilon_high": 5.0}, "epsilon"),
 ])
 def test_grpo_clipping_fields_the_loss_never_reads_are_refused(tmp_path, fields, field):
     """docs/training.md, Strict configuration: "fields that only another setting reads, set away from their default
@@ -412,8 +412,39 @@ def test_grpo_clipping_fields_the_loss_never_reads_are_refused(tmp_path, fields,
     data = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(8)])
     recipe = load_recipe(None, trainer="grpo", dataset=str(data), lr=1e-3, steps=2, batch_size=4, num_generations=4,
                          reward_funcs=["exact_match"], output_dir=str(tmp_path / "out"), **fields)
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ConfigError, match=rf"^{field}=.* is read only with loss_type: "):  # (a top-level recipe key)
         build_training_args(recipe)
+
+
+@pytest.mark.parametrize("fields", [
+    {"loss_type": "cispo", "epsilon": 0.3},  # TRL's cispo: eps_max = epsilon while epsilon_high is unset
+    {"loss_type": "cispo", "epsilon_high": 5.0},  # ScaleRL's eps_max
+    {"delta": 1.5, "epsilon_high": 0.28},  # TRL's default loss_type dapo reads both
+    {"loss_type": "luspo", "importance_sampling_level": "sequence", "epsilon": 0.3},
+])
+def test_grpo_clipping_fields_the_loss_reads_pass(tmp_path, fields):
+    """AUDOWN21 9, the other side: the clipping fields stay accepted where TRL 1.16's loss reads them, in
+    ``lowmem train`` and in the Python API's config (the same table, lowmem.train.DEPENDENT_FIELDS)."""
+    from lowmem.train import build_training_args, load_recipe
+    from lowmem.trainers import LowMemGRPOConfig
+
+    data = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(8)])
+    build_training_args(load_recipe(None, trainer="grpo", dataset=str(data), lr=1e-3, steps=2, batch_size=4,
+                                    num_generations=4, reward_funcs=["exact_match"], output_dir=str(tmp_path / "out"),
+                                    **fields))
+    LowMemGRPOConfig(output_dir=str(tmp_path / "out"), num_generations=4, per_device_train_batch_size=4, bf16=False,
+                     report_to="none", **fields)
+
+
+def test_grpo_clipping_field_refusal_is_the_python_apis_too(tmp_path):
+    """AUDOWN21 9 through the Python API: ``LowMemGRPOConfig`` runs the same table and names ``<Config>.<field>``."""
+    from lowmem.config import ConfigError
+    from lowmem.trainers import BNPOConfig, LowMemGRPOConfig
+
+    for cls in (LowMemGRPOConfig, BNPOConfig):
+        with pytest.raises(ConfigError, match=rf"^{cls.__name__}\.delta=1\.5 is read only with loss_type: grpo / "):
+            cls(output_dir=str(tmp_path / "out"), num_generations=4, per_device_train_batch_size=4, bf16=False,
+                report_to="none", loss_type="sapo", delta=1.5)
 
 
 def test_save_steps_beyond_steps_writes_the_final_checkpoint(tiny_model_path, tmp_path, capsys):

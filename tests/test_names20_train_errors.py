@@ -116,7 +116,7 @@ CASES = [
      r"remove_unused_columns=True would drop the dataset's columns \['answer'\] .*set remove_unused_columns=False"),
     # checks lowmem train made itself already (DEPENDENT_FIELDS, vllm_* without use_vllm, DPO's): still named so
     ("dependent-field", "grpo", {}, {"ref_model_sync_steps": 10}, False,
-     r"ref_model_sync_steps=10 is read only with sync_ref_model: true"),
+     r"training_args\.ref_model_sync_steps=10 is read only with sync_ref_model: true"),  # (recipe key since AUDOWN21 9)
     ("vllm-field", "grpo", {}, {"vllm_gpu_memory_utilization": 0.5}, False,
      r"training_args\.vllm_gpu_memory_utilization=0\.5: vLLM generation settings, which need training_args\.use_vllm=true"),
     ("dpo-beta-0", "dpo", {"beta": 0.0}, {}, False, r"beta=0 for DPO: .*valid: a float > 0"),

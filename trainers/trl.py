@@ -161,7 +161,8 @@ class LowMemGRPOConfig(LowMemArguments, GRPOConfig):
                "``importance_sampling_level``, ``multi_objective_aggregation`` and ``vllm_mode`` must be among TRL's "
                "values (:data:`GRPO_CHOICES`); fields only another setting reads (``ref_model_sync_steps`` without "
                "``sync_ref_model``, ``vllm_*`` without ``use_vllm``, ``sapo_*`` / ``vespo_*`` without that "
-               "``loss_type``, ``entropy_target`` / ``entropy_coef_min`` / ``_max`` / ``_delta`` without "
+               "``loss_type``, ``delta`` / ``epsilon`` / ``epsilon_high`` under a ``loss_type`` that never reads them, "
+               "``entropy_target`` / ``entropy_coef_min`` / ``_max`` / ``_delta`` without "
                "``use_adaptive_entropy``, ...) are refused as ``lowmem train`` refuses them "
                "(:func:`lowmem.train.check_dependent_fields`).\n" + _FIELDS_DOC)
 
