@@ -574,6 +574,45 @@ def check_reward_packages(fn: Callable[..., Any], ref: str) -> None:
                          f"called), which is not installed: pip install {need[1]}")
 
 
+def check_reward_model_dir(folder: str | Path, name: str) -> None:
+    """A local reward-model directory as TRL 1.16's GRPOTrainer loads it:
+    ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)``. Read from its ``config.json`` only
+    (transformers' ``AutoConfig``; no weights loaded): its ``architectures`` must name a ``*ForSequenceClassification``
+    class and its ``num_labels`` be 1. A causal LM (``LlamaForCausalLM``, any chat / policy model) loaded so gets a
+    newly, randomly initialised score head (transformers' load report: ``score.weight | MISSING``), and GRPO trained
+    on random rewards; a classifier of 2 labels failed after the policy loaded (``RuntimeError: You set
+    ignore_mismatched_sizes to False``). ``name`` is the entry's name in the error (``reward_funcs[0]``).
+
+    Raises:
+        ValueError: Naming ``name``, the folder, its architectures / num_labels and what is expected.
+    """
+    folder = Path(folder)
+    expected = ("expected a reward model saved with save_pretrained: a *ForSequenceClassification checkpoint with "
+                "num_labels: 1 (one score per prompt + completion; TRL loads it as AutoModelForSequenceClassification "
+                "with num_labels=1)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{name}={str(folder)!r}: the directory has no config.json; {expected}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{name}={str(folder)!r}: its config.json cannot be read by transformers' AutoConfig "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); {expected}") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    labels = config.num_labels
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        what = ("a causal language model: its score head would be newly initialised at random, and GRPO would "
+                "train on random rewards" if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+                else "no sequence classifier (TRL would load it with a newly, randomly initialised score head)")
+        raise ValueError(f"{name}={str(folder)!r}: config.json has architectures {archs or None} (num_labels {labels}): "
+                         f"{what}; {expected}")
+    if labels != 1:
+        raise ValueError(f"{name}={str(folder)!r}: config.json has architectures {archs} with num_labels {labels}: its "
+                         f"score head has {labels} outputs and TRL loads it with num_labels=1 (a size-mismatch "
+                         f"RuntimeError after the policy loaded); {expected}")
+
+
 def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None,
                    eval_columns: list[str] | None = None) -> Callable[..., list[float]] | str:
     """The reward function of one ``reward_funcs`` entry (see the module docstring), imported now.
@@ -599,9 +638,7 @@ def resolve_reward(entry: Any, index: int = 0, columns: list[str] | None = None,
         if not folder.is_dir():
             raise FileNotFoundError(f"reward_funcs[{index}]: reward-model directory {ref!r} does not exist (a function "
                                     "is named 'path/to/file.py:function')")
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"reward_funcs[{index}]={ref!r}: the directory has no config.json; expected a reward model "
-                             "saved with save_pretrained (AutoModelForSequenceClassification, num_labels=1)")
+        check_reward_model_dir(folder, f"reward_funcs[{index}]")
         return str(folder)
     if ref in BUILTIN_REWARDS:
         fn, name = BUILTIN_REWARDS[ref], ref

@@ -308,9 +308,6 @@ def two_label_classifier(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 7: a reward-model directory is checked for config.json only: a causal LM "
-                                        "trains on a randomly initialised score head (exit 0), a 2-label classifier "
-                                        "is a RuntimeError traceback after the policy loaded")
 @pytest.mark.parametrize("which", ["causal_lm", "two_labels"])
 def test_reward_model_directory_that_is_no_one_label_classifier_is_refused(tiny_model_path, two_label_classifier,
                                                                            tmp_path, capsys, which):
@@ -335,6 +332,39 @@ def test_reward_model_directory_that_is_no_one_label_classifier_is_refused(tiny_
     err = capsys.readouterr().err
     assert code == 2, code
     assert "reward_funcs[0]" in err and ("num_labels" in err or "ForSequenceClassification" in err), err
+    said = ("architectures ['LlamaForCausalLM'] (num_labels 2): a causal language model" if which == "causal_lm"
+            else "architectures ['LlamaForSequenceClassification'] with num_labels 2")
+    assert said in err and "num_labels: 1" in err and "Loading weights" not in err, err  # before the policy loads
+
+
+def test_reward_model_directory_python_api_and_one_label_passes(tiny_model_path, two_label_classifier, tmp_path):
+    """AUDOWN21 7 through the Python API (LowMemGRPOTrainer runs the same lowmem.rewards.check_reward_model_dir on a
+    folder entry, before TRL loads it), and a one-label classifier passes the check."""
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from lowmem.kit import build_tokenizer
+    from lowmem.rewards import check_reward_model_dir
+    from lowmem.trainers.trl import LowMemGRPOConfig, LowMemGRPOTrainer
+
+    config = LowMemGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                              max_completion_length=4, max_steps=1, use_cpu=True, report_to="none", beta=0.0)
+    data = Dataset.from_list([{"prompt": f"{a}+1="} for a in range(4)])
+    for folder, said in ((tiny_model_path, "causal language model"), (two_label_classifier, "num_labels 2")):
+        with pytest.raises(ValueError, match=rf"reward_funcs\[1\]=.*{said}"):
+            LowMemGRPOTrainer(tiny_model_path, reward_funcs=[lambda completions, **k: [0.0] * len(completions), folder],
+                              args=config, train_dataset=data)
+    tok = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        one = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1))
+    one.save_pretrained(tmp_path / "rm1")
+    check_reward_model_dir(tmp_path / "rm1", "reward_funcs[0]")  # passes
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ValueError, match=r"reward_funcs\[0\]=.*no config.json"):
+        check_reward_model_dir(tmp_path / "bare", "reward_funcs[0]")
 
 
 @pytest.mark.parametrize("fields", [

@@ -615,6 +615,13 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
         distinct_names(logged_reward_names(given))  # a clash of the new names refused before the load
         given = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
         check_reward_signatures(bound.get("reward_funcs"), bound.get("train_dataset"), bound.get("eval_dataset"))
+        import os
+
+        from lowmem.rewards import check_reward_model_dir
+
+        for i, func in enumerate(given):  # a local reward-model folder: as lowmem train checks it, before TRL loads it
+            if isinstance(func, (str, os.PathLike)) and os.path.isdir(func):
+                check_reward_model_dir(func, f"reward_funcs[{i}]")
         check_kept_columns(config, bound.get("train_dataset"), bound.get("eval_dataset"))
         if config is not None and bound.get("eval_dataset") is not None:  # evaluate() after training, too
             check_eval_groups(config, config.world_size)
