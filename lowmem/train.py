@@ -3415,6 +3415,13 @@ def _run_trl(recipe: TrainRecipe) -> dict[str, Any]:
                                data.train, data.eval)
         except ConfigFieldError as err:
             raise ConfigError(err.named(recipe_key(recipe))) from None
+    if recipe.trainer != "dpo":  # one generation batch of distinct prompts, else TRL's sampler yields none: 0 steps
+        from lowmem.trainers.trl import ConfigFieldError, check_generation_batch_prompts
+
+        try:
+            check_generation_batch_prompts(build_training_args(recipe), synthetic if data is None else data.train)
+        except ConfigFieldError as err:
+            raise ConfigError(err.named(recipe_key(recipe))) from None
     if recipe.quantization is not None or recipe.lora is not None:
         model, tok, model_dir = load_policy(recipe)
     else:  # TRL loads the policy and the reference by path (model_init_kwargs: dtype): not a second copy here

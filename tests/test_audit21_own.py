@@ -233,8 +233,6 @@ def test_lr_scheduler_kwargs_python_api_names_the_config(tmp_path):
                 use_cpu=True, report_to="none")
 
 
-@pytest.mark.xfail(strict=True, reason="AUDOWN21 5: GRPO with fewer prompts than one generation batch needs trains 0 "
-                                        "steps and exits 0 (by steps), or says 'dataloader does not have a length' (epochs)")
 @pytest.mark.parametrize("length", [["--steps", "2"], ["--num_train_epochs", "2"]])
 def test_grpo_dataset_smaller_than_one_generation_batch_is_refused(tiny_model_path, tmp_path, capsys, length):
     """TRL's GRPO samples ``generation_batch_size / num_generations`` distinct prompts per generation batch
@@ -285,6 +283,36 @@ def test_drop_last_training_set_of_one_batch_trains(tiny_model_path, tmp_path, c
     assert main(argv) == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2 if (out / "trainer_state.json").exists() \
         else json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_grpo_generation_batch_prompts_python_api_and_boundary(tiny_model_path, tmp_path):
+    """AUDOWN21 5 through the Python API (``LowMemGRPOTrainer`` runs ``trainers.trl.check_generation_batch_prompts``,
+    the function ``lowmem train`` runs, before TRL loads the model: naming ``<Config>.<field>``), and the boundary:
+    exactly one generation batch of prompts passes."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from lowmem.config import ConfigError
+    from lowmem.trainers import LowMemGRPOConfig, LowMemGRPOTrainer
+    from lowmem.trainers.trl import check_generation_batch_prompts
+
+    args = LowMemGRPOConfig(output_dir=str(tmp_path / "out"), num_generations=2, per_device_train_batch_size=4,
+                            gradient_accumulation_steps=2, bf16=False, report_to="none")  # 8 completions: 4 prompts
+
+    def reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ConfigError, match=r"^the training set has 3 prompts, .* 4 distinct prompts .*"
+                                          r"LowMemGRPOConfig\.per_device_train_batch_size=4 .*LowMemGRPOConfig\."
+                                          r"num_generations=2"):
+        LowMemGRPOTrainer(model=tiny_model_path, reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+3="]}))
+    config = SimpleNamespace(generation_batch_size=8, num_generations=2, per_device_train_batch_size=4,
+                             steps_per_generation=2, world_size=1)
+    check_generation_batch_prompts(config, ["p"] * 4)  # one whole generation batch: trains
+    with pytest.raises(ConfigError, match="has 3 prompts"):
+        check_generation_batch_prompts(config, ["p"] * 3)
 
 
 @pytest.fixture(scope="module")

@@ -560,6 +560,43 @@ def check_kept_columns(config: Any, *datasets: Any) -> None:
                 config_key(config))
 
 
+def check_generation_batch_prompts(config: Any, dataset: Any, key: FieldKey | None = None) -> None:
+    """Refuse a training set with fewer prompts than one generation batch samples. TRL 1.16's GRPO (GVPO and BNPO
+    too) draws ``generation_batch_size / num_generations`` distinct prompts per generation batch
+    (``generation_batch_size``: ``per_device_train_batch_size`` x processes x ``steps_per_generation``, which defaults
+    to ``gradient_accumulation_steps``), and its ``RepeatSampler`` drops an incomplete one: with fewer prompts no batch
+    is left, and transformers "stopping training at step 0" ended the run with exit status 0, 0 steps and the model
+    saved untouched (by epochs: "args.max_steps must be set to a positive value if dataloader does not have a length").
+    One rule for ``lowmem train`` (the recipe's keys, through :class:`ConfigFieldError`) and the Python API's trainers
+    (``<Config>.<field>``). A dataset without a length (an ``IterableDataset``) or ``config`` values that are not
+    integers (the range checks report those) pass.
+
+    Raises:
+        ConfigFieldError: Naming the prompt count, what one generation batch needs and the fields that set it.
+    """
+    if config is None or dataset is None:
+        return
+    try:
+        rows = len(dataset)
+    except TypeError:
+        return
+    batch, groups = getattr(config, "generation_batch_size", None), getattr(config, "num_generations", None)
+    per_device, steps = config.per_device_train_batch_size, getattr(config, "steps_per_generation", None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (batch, groups)):
+        return
+    need = batch // groups
+    if rows >= need:
+        return
+    processes = getattr(config, "world_size", 1)
+    raise ConfigFieldError(lambda k: (
+        f"the training set has {rows} prompt{'s' if rows != 1 else ''}, fewer than one generation batch samples: "
+        f"{need} distinct prompts (generation_batch_size {batch} = {k('per_device_train_batch_size')}={per_device} x "
+        f"{processes} process(es) x steps_per_generation {steps} (default: gradient_accumulation_steps), divided by "
+        f"{k('num_generations')}={groups} completions per prompt); TRL's sampler drops an incomplete generation batch, "
+        f"so the run would train 0 steps; give at least {need} prompts, or lower {k('per_device_train_batch_size')} / "
+        "gradient_accumulation_steps (steps_per_generation)"), key or config_key(config))
+
+
 def _bound(trainer_cls: type, model: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return inspect.signature(trainer_cls.__init__).bind(None, model, *args, **kwargs).arguments
 
@@ -623,6 +660,7 @@ class LowMemGRPOTrainer(LowMemOptimizerMixin, GRPOTrainer):
             if isinstance(func, (str, os.PathLike)) and os.path.isdir(func):
                 check_reward_model_dir(func, f"reward_funcs[{i}]")
         check_kept_columns(config, bound.get("train_dataset"), bound.get("eval_dataset"))
+        check_generation_batch_prompts(config, bound.get("train_dataset"))  # else 0 steps, exit 0
         if config is not None and bound.get("eval_dataset") is not None:  # evaluate() after training, too
             check_eval_groups(config, config.world_size)
         if config is not None and config.beta != 0.0 and bound.get("peft_config") is None:
