@@ -64,7 +64,7 @@ CHUNKS = ["default", 4096, None]
 @pytest.mark.parametrize("name", ["adafactor", "adamw8bit", "adamw4bit", "adamw4bit_rank1"])
 def test_per_parameter_step_allocates_what_it_reports(name, dtype, chunk):
     """(200, 128): one chunk by default, 32 rows / 16 blocks at 4096, whole. Adafactor's bfloat16 weight is stepped
-    whole at any chunk (its step size reads the whole parameter). adamw4bit_rank1 reported 3 B per element over
+    in chunks too since FIXMEM21 (its step size's RMS from a first pass over the chunks). adamw4bit_rank1 reported 3 B per element over
     (716,800 B for 640,512 chunked, 640,000 whole): the rank-1 second moment's encode counted beside both decoded
     moments; now each moment's encode beside the decoded moments left, and the kept column maxima chunked."""
     traced, reported = _traced_and_reported(name, dtype, (200, 128), chunk)

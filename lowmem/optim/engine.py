@@ -402,6 +402,31 @@ def _all_finite_bytes(tensors: list[tuple[int, torch.dtype, torch.device]]) -> i
 _EXACT_INTEGERS = {torch.float32: 2**24, torch.float64: 2**53}
 
 
+def chunked_rms(p: Tensor, bounds: list[tuple[int, int]], reduce: ShardReduce | None = None) -> Tensor:
+    """``RMS(p) = sqrt(sum(p^2) / numel)`` of a low-precision parameter as a float32 0-d tensor, from its flat chunks
+    ``bounds`` (each chunk's float32 copy, its norm squared added up; the copy freed before the next one's is made:
+    :func:`chunked_rms_bytes`), so no float32 copy of the whole parameter is made (AUDMEM21 1). Equal to
+    ``rms(p.float())`` up to float32 rounding (the sum of the chunks' squares in another order). ``reduce`` (an FSDP2
+    parameter's local shard): the sum of squares and the element count summed over the shards (one all-reduce of
+    2 numbers, as :func:`~lowmem.optim.sharded.sharded_rms`)."""
+    flat = p.view(-1)
+    sq = torch.zeros((), dtype=torch.float32, device=p.device)
+    for start, stop in bounds:
+        x = flat[start:stop].float()
+        sq.add_(torch.linalg.vector_norm(x).square_())
+        del x
+    if reduce is not None:
+        sums = reduce.sum_(torch.stack([sq, torch.tensor(float(p.numel()), dtype=torch.float32, device=p.device)]))
+        return (sums[0] / sums[1]).sqrt_()
+    return sq.sqrt_().div_(math.sqrt(max(p.numel(), 1)))
+
+
+def chunked_rms_bytes(bounds: list[tuple[int, int]]) -> int:
+    """What :func:`chunked_rms` allocates at most (unsharded): the sum (4 bytes) beside the largest chunk's float32
+    copy (4 bytes per element) and its norm (4 bytes)."""
+    return 8 + 4 * max((b - a for a, b in bounds), default=0)
+
+
 def _advance_step(step: Tensor) -> float:
     """Advance a parameter's step counter (a 0-d CPU tensor) by one and return its new value,
     the values of ``step += 1; step.item()`` without turning the Python ``1`` into a tensor for the
@@ -1609,6 +1634,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if bounds is None and self._is_projected(p, group):
             return self._projected_bytes(p, group, state, steady).alone
         worst = self._steps_bytes(p, group, state, bounds)
+        if bounds is not None and self._rms_in_chunks(p, group):  # (the first pass, before anything else: _chunked_lr)
+            worst = max(worst, chunked_rms_bytes(bounds))
         if p.dtype == torch.bfloat16 and group.get("bf16_stochastic_round"):
             # the write-back's phase (_store): the parameter (chunk)'s float32 copy and the rounding's random bits
             # and NaN mask, beside what the chunked rule keeps through its chunks (the direction is freed first)
@@ -3016,8 +3043,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return None
         if not all(s.chunkable for s in r.stabilizers):
             return None
-        if r.lr_rule is not constant_lr and p.dtype != torch.float32:
-            return None  # the rule reads the whole parameter in float32 (Adafactor's RMS scale)
+        if r.lr_rule is not constant_lr and p.dtype != torch.float32 and not (
+                p.dtype in (torch.bfloat16, torch.float16) and getattr(r.lr_rule, "takes_p_rms", False)):
+            # a rule that reads the whole parameter in float32 and cannot take its RMS from the chunks
+            # (:meth:`_chunked_lr`: Adafactor's and AdaLomo's RMS scale can, AUDMEM21 1)
+            return None
         if not p.is_contiguous() or (grad is not None and not grad.is_contiguous()):
             return None
         align = r.moment.chunk_align(p.shape, group, state)
@@ -3046,8 +3076,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # a sharded parameter (FSDP2): a learning-rate rule that reads the parameter (Adafactor's RMS
         # scale) and a moment rule with whole-tensor statistics (sharded_stats: Adafactor's columns)
         # get the all-reduces over the shards (lowmem.optim.sharded.refusal admits only such parts)
-        lr = (r.lr_rule(group, state, p, t) if reduce is None or r.lr_rule is constant_lr
-              else r.lr_rule(group, state, p, t, reduce=reduce))
+        lr = self._chunked_lr(p, group, state, t, bounds, reduce)
         mctx = (r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized, reduce=reduce)
                 if reduce is not None and r.moment.sharded_stats
                 else r.moment.prepare_chunks(state, p.shape, group, t, lr, bounds, stabilized))
@@ -3067,6 +3096,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 self._store(pc, p32, group, state, (start, stop))
             del p32  # (before the next chunk's copies: LowMemOptimizer._param_transient_bytes)
         r.moment.finish_chunks(state, mctx)
+
+    def _chunked_lr(self, p: Tensor, group: dict[str, Any], state: dict[str, Tensor], t: float,
+                    bounds: list[tuple[int, int]], reduce: ShardReduce | None = None) -> Any:
+        """The step size of :meth:`_update_chunked`. A low-precision (bfloat16 / float16) parameter whose lr rule reads
+        its RMS (``takes_p_rms`` and ``reads_param(group)``: Adafactor's parameter scale, AdaLomo's): the RMS from a
+        first pass over the chunks ``bounds`` (:func:`chunked_rms`: a float32 copy of one chunk at a time, not of the
+        whole parameter; AUDMEM21 1), given to the rule as ``p_rms``. Else the rule on the parameter itself
+        (``reduce``: a sharded parameter's all-reduces)."""
+        r = self.recipe
+        if self._rms_in_chunks(p, group):
+            return r.lr_rule(group, state, p, t, p_rms=chunked_rms(p, bounds, reduce))
+        return (r.lr_rule(group, state, p, t) if reduce is None or r.lr_rule is constant_lr
+                else r.lr_rule(group, state, p, t, reduce=reduce))
+
+    def _rms_in_chunks(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether :meth:`_chunked_lr` computes ``p``'s RMS in a first pass over its chunks (:func:`chunked_rms`)."""
+        r = self.recipe
+        return (r.lr_rule is not constant_lr and p.dtype in (torch.bfloat16, torch.float16)
+                and getattr(r.lr_rule, "takes_p_rms", False) and bool(r.lr_rule.reads_param(group)))
 
     @staticmethod
     def _row_bounds(shape: torch.Size, chunk: int) -> list[tuple[int, int]]:
@@ -3378,6 +3426,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         # (a fused step decays in the rule's own order, foreach_decays_after: only where the recipe's agrees)
         if (projected_grad is None and reduce is None and not r.stabilizers and not self._is_projected(p, group)
                 and r.decay_after_update == r.moment.foreach_decays_after
+                and type(r.moment).fused_step_ is not MomentRule.fused_step_  # (the default: never; no lr evaluated)
                 and r.moment.fused_step_(p, grad, group, state, t, r.lr_rule(group, state, p, t), self._chunk(p.device))):
             return  # (a fused kernel stepped p and its state: adamw8bit's fused, Quantized.fused_step_)
         if projected_grad is None and reduce is None and self._casts_float64_grad(p, group):

@@ -677,6 +677,9 @@ class FactoredMoments(MomentRule):
 
     applies_lr = True
     computes_in_state_precision = True  # (a float64 gradient with a float32 / bf16 state: cast once by the engine)
+    # (a chunk's direction is a new tensor, the gradient chunk only read: a low-precision gradient chunk's float32
+    # copy is freed before the parameter chunk's is made; the engine's count of a bfloat16 / float16 weight's chunks)
+    chunk_direction_is_new = True
     state_keys = ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
     restarts_on_reset = True
     # FSDP2 (lowmem.optim.sharded): prepare_chunks takes ``reduce`` (all-reduces over the shards of
@@ -1187,18 +1190,22 @@ def constant_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t:
 
 
 def adafactor_lr(group: dict[str, Any], state: dict[str, Tensor], p32: Tensor, t: float,
-                 reduce: Any = None) -> float | Tensor:
+                 reduce: Any = None, p_rms: Tensor | None = None) -> float | Tensor:
     """Adafactor's step size ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` (Section 8).
 
     ``rho_t`` is the relative step size when ``relative_step`` is set, else ``group["lr"]``; the
     parameter scale applies when ``scale_parameter`` is set. Returns a 0-d tensor in that case, so
     no host synchronisation is needed. ``reduce`` (an FSDP2 parameter's local shard,
     :class:`~lowmem.optim.sharded.ShardReduce`): the parameter's RMS over every shard (its sum of
-    squares and element count summed: one all-reduce of 2 numbers).
+    squares and element count summed: one all-reduce of 2 numbers). ``p_rms``: the parameter's RMS computed by
+    the caller (the engine's chunked step of a bfloat16 / float16 parameter, ``engine.chunked_rms``: no float32
+    copy of the whole parameter); ``p32`` is then not read.
     """
     rho = F.adafactor_relative_lr(t, group["warmup_init"]) if group["relative_step"] else group["lr"]
     if not group["scale_parameter"]:
         return rho
+    if p_rms is not None:
+        return p_rms.clamp(min=group["eps"][1]) * rho
     if reduce is None:
         return F.adafactor_param_scale(p32, group["eps"][1]) * rho
     x = p32 if p32.dtype in (torch.float32, torch.float64) else p32.float()
@@ -1213,6 +1220,10 @@ def adafactor_lr_bytes(group: dict[str, Any]) -> int:
 
 
 adafactor_lr.step_bytes = adafactor_lr_bytes  # (read by subspace.projected_alone_bytes)
+# the engine's chunked step of a low-precision parameter gives the RMS from its chunks (engine.chunked_rms) where
+# the rule reads it (scale_parameter)
+adafactor_lr.takes_p_rms = True
+adafactor_lr.reads_param = lambda group: bool(group["scale_parameter"])
 
 # Adafactor's multi-tensor step evaluates its lr rule itself (the parameters' norms in one kernel)
 FactoredMoments.foreach_lr_rule = staticmethod(adafactor_lr)

@@ -73,17 +73,24 @@ LOMO = Recipe(
 
 
 def adalomo_lr(group: dict[str, Any], state: dict[str, torch.Tensor], p32: torch.Tensor, t: float,
-               reduce: Any = None) -> torch.Tensor:
+               reduce: Any = None, p_rms: torch.Tensor | None = None) -> torch.Tensor:
     """AdaLomo's step size ``lr * max(eps2, RMS(theta_{t-1}))`` (:func:`~lowmem.optim.functional.lomo.adalomo_step_size`).
 
     ``reduce`` (an FSDP2 parameter's local shard, :class:`~lowmem.optim.sharded.ShardReduce`): the
-    RMS of the whole parameter (:func:`~lowmem.optim.sharded.sharded_rms`: one all-reduce of 2 numbers)."""
+    RMS of the whole parameter (:func:`~lowmem.optim.sharded.sharded_rms`: one all-reduce of 2 numbers). ``p_rms``:
+    the RMS computed by the caller (the engine's chunked step of a bfloat16 / float16 parameter,
+    ``engine.chunked_rms``: no float32 copy of the whole parameter); ``p32`` is then not read."""
+    if p_rms is not None:
+        return adalomo_step_size(group["lr"], None, group["eps"][1], p_rms=p_rms)
     if reduce is None:
         return adalomo_step_size(group["lr"], p32, group["eps"][1])
     from ..sharded import sharded_rms
 
     return adalomo_step_size(group["lr"], None, group["eps"][1], p_rms=sharded_rms(p32, reduce))
 
+
+adalomo_lr.takes_p_rms = True  # (engine._chunked_lr: the RMS from a low-precision parameter's chunks)
+adalomo_lr.reads_param = lambda group: True
 
 _ADAFACTOR = {h.name: h for h in ADAFACTOR_HPARAMS}
 
