@@ -1125,6 +1125,11 @@ class LowMemOptimizerMixin:
         cb = next((c for c in self.callback_handler.callbacks if isinstance(c, MemoryCallback)), None)
         if cb is not None:  # a tracked step counts the batch, which the Trainer fetched before on_step_begin
             cb.training_inputs(args[0] if args else kwargs.get("inputs"))
+        if not getattr(self, "_lowmem_saves_checked", False) and getattr(opt, "state", None):
+            self._lowmem_saves_checked = True
+            from lowmem.optim.sharded import check_state_saves
+
+            check_state_saves(opt, self.model, self.args.save_strategy)
         with fused_head_tiles(self.model):
             return super().training_step(model, *args, **kwargs)
 

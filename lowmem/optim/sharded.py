@@ -1370,3 +1370,50 @@ def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool,
         return DTensor.from_local(v, mesh, placements, run_check=False, shape=shape,
                                   stride=torch.empty(shape, device="meta").stride())
     return state_to_dtensor(v, p, key)
+
+
+def check_state_saves(opt: Any, model: Any, save_strategy: Any) -> None:
+    """Under FSDP2, a checkpoint's optimizer state (``optimizer.state_dict()``, which accelerate's
+    ``get_optimizer_state_dict`` calls for ``FULL_STATE_DICT`` and ``SHARDED_STATE_DICT`` alike) refuses per-shard
+    state (8-bit / 4-bit codes, MicroAdam's window, Subset-Norm's flat subsets) of a parameter whose dimension 0 does
+    not divide by the processes (:func:`lowmem.optim.sharded.state_to_dtensor`). The Trainer met that refusal at the
+    first checkpoint, ``save_steps`` steps into the run, as a traceback on every rank (AUDDIST21 1; e.g. ``lowmem
+    train``'s tiny Llama, vocabulary 73, with ``adamw8bit`` on 2 processes). Called by ``LowMemTrainer.training_step``
+    once the optimizer holds state (after the first step, or after a resume's load) when the run saves checkpoints
+    (``save_strategy`` not ``"no"``): the same ``state_dict()``, its refusal re-raised naming the parameters and what
+    to do.
+
+    Raises:
+        ValueError: (:class:`lowmem.config.ConfigError`) naming the parameters, the number of processes,
+            ``save_strategy`` and the ways out."""
+    from lowmem.config import ConfigError
+
+    from .engine import LowMemOptimizer
+
+    strategy = getattr(save_strategy, "value", save_strategy)  # (transformers' SaveStrategy, or its string)
+    if strategy == "no" or not isinstance(opt, LowMemOptimizer):
+        return
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if not any(is_dtensor(p) for p in params):
+        return
+    try:
+        opt.state_dict()
+    except NotImplementedError as err:
+        names = {id(p): n for n, p in model.named_parameters()}
+        uneven = []
+        for p in params:
+            if not (is_dtensor(p) and opt.state.get(p)):
+                continue
+            for i, pl in enumerate(p.placements):
+                if pl.is_shard() and p.shape[pl.dim] % p.device_mesh.size(i) != 0:
+                    uneven.append(f"{names.get(id(p), '?')} {tuple(p.shape)} (dimension {pl.dim} over "
+                                  f"{p.device_mesh.size(i)} shards)")
+                    break
+        raise ConfigError(
+            f"the optimizer's state could not be saved in a checkpoint (save_strategy={strategy!r}): {err}. Parameters "
+            f"whose shards are uneven: {', '.join(uneven) or 'none found'}. Pad that dimension to a multiple of the "
+            "number of processes (a vocabulary: model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8 * "
+            "processes)), run on a number of processes that divides it, use an optimizer whose state reshards "
+            "(adamw, galore_adamw, adafactor, ...: docs/distributed.md, Checkpoints), or save no checkpoints "
+            "(save_strategy: no); refused after the first step, before the first checkpoint"
+        ) from None
