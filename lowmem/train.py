@@ -316,6 +316,8 @@ class TrainRecipe:
         _resolve_lr(self)
         from lowmem.optim.recipes.lomo import FUSED_BACKWARD
 
+        if self.optim in FUSED_BACKWARD:
+            refuse_fused_backward_under_fsdp(self.optim, self.training_args)
         if self.optim in FUSED_BACKWARD and not self.layerwise:
             raise ConfigError(f"optim={self.optim!r} fuses its update into the backward pass (LOMO / AdaLomo): set "
                               f"layerwise: true (or optim: {self.optim}_layerwise); without it every gradient is kept")
@@ -2261,6 +2263,29 @@ def fsdp_activation_checkpointing(value: Any) -> str | None:
     except ValueError:
         raise ConfigError(f"training_args.fsdp_config.{key}={config[key]!r}: expected true or false") from None
     return key if on else None
+
+
+def refuse_fused_backward_under_fsdp(optim: str, training_args: dict[str, Any]) -> None:
+    """``optim: lomo`` / ``adalomo`` under FSDP (``ACCELERATE_USE_FSDP=true`` or ``training_args.fsdp``): ``lowmem
+    train`` runs them in layerwise mode only, which FSDP refuses, so the two refusals sent the user back and forth
+    (without ``layerwise``: "set layerwise: true"; with it: "Drop layerwise"; AUDDIST21 2). One message instead.
+
+    Raises:
+        ConfigError: Naming ``optim``, the FSDP source and what works."""
+    import os
+
+    env_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not env_fsdp and not training_args.get("fsdp"):
+        return
+    fsdp = ("ACCELERATE_USE_FSDP=true (accelerate launch with an FSDP configuration)" if env_fsdp
+            else f"training_args.fsdp={training_args['fsdp']!r}")
+    raise ConfigError(
+        f"optim={optim!r} does not run under FSDP ({fsdp}) in lowmem train: lowmem train runs LOMO / AdaLomo in "
+        "layerwise mode only (the update fused into the backward pass; layerwise: true), and layerwise mode does not "
+        "work under FSDP (its hooks sit on the unsharded parameters, which FSDP replaces). Launch with DDP "
+        "(accelerate launch --multi_gpu) or one process, choose another optimizer (e.g. adafactor), or from Python "
+        f"use LowMemTrainer with lowmem_optim={optim!r} without lowmem_layerwise (a plain optimizer that keeps every "
+        "gradient; supported under FSDP2, docs/distributed.md)")
 
 
 def check_fsdp_conflicts(recipe: TrainRecipe, kwargs: dict[str, Any]) -> None:

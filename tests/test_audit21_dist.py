@@ -110,3 +110,30 @@ def test_lowmem_train_fsdp2_adamw8bit_uneven_vocabulary_is_one_line_after_the_fi
     assert "NotImplementedError" not in text, text[-4000:]
     assert not (tmp_path / "out" / "checkpoint-2").exists()
 
+
+@pytest.mark.parametrize("text,how", [("optim: lomo\n", "environment"), ("optim: adalomo\nlayerwise: true\n", "environment"),
+                                      ("optim: lomo_layerwise\n", "training_args")])
+def test_lomo_under_fsdp_is_one_refusal_not_two_that_contradict(tmp_path, monkeypatch, text, how):
+    """AUDDIST21 2: `optim: lomo` under FSDP said "set layerwise: true"; with it, "Drop layerwise": `lowmem train` runs
+    LOMO / AdaLomo in layerwise mode only, which FSDP refuses. Now one message naming optim, the FSDP source and what
+    works (DDP, one process, another optimizer, the Python API's plain LOMO)."""
+    from lowmem.config import ConfigError
+    from lowmem.train import load_recipe
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    (tmp_path / "ok.yaml").write_text(text + ("layerwise: true\n" if text == "optim: lomo\n" else "") + "steps: 2\n")
+    load_recipe(tmp_path / "ok.yaml", output_dir=str(tmp_path / "out"))  # without FSDP: accepted
+    if how == "environment":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        source = "ACCELERATE_USE_FSDP=true"
+    else:
+        text += "training_args:\n  fsdp: full_shard\n"
+        source = "training_args.fsdp='full_shard'"
+    (tmp_path / "r.yaml").write_text(text + "steps: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"))
+    msg = str(err.value)
+    name = text.split()[1].replace("_layerwise", "")
+    assert f"optim={name!r} does not run under FSDP ({source}" in msg, msg
+    assert "set layerwise: true" not in msg and "accelerate launch --multi_gpu" in msg
+    assert f"lowmem_optim={name!r} without lowmem_layerwise" in msg
