@@ -2586,13 +2586,17 @@ def _check_adapters_match(ckpt: str, recipe: TrainRecipe) -> None:
     p = Path(ckpt)
     adapter = any((p / n).is_file() for n in ADAPTER_FILES)
     whole = any((p / n).exists() for n in CHECKPOINT_FILES[1] if n not in ADAPTER_FILES)
+    sharded = sharded_checkpoint_holds_adapters(p)
+    if sharded is not None:  # FSDP's SHARDED_STATE_DICT: no adapter file, the model's keys say (AUDDIST21 3)
+        adapter, whole = sharded, not sharded
     adapters_train = recipe.lora is not None or recipe.quantization is not None
     if adapters_train and not adapter:
         raise ConfigError(f"checkpoint {ckpt!r} holds the whole model (a full fine-tune), but this run trains LoRA "
                           "adapters (lora / quantization is set): resume without lora and quantization, or train the "
                           "adapters into another output_dir (or without --resume)")
     if not adapters_train and adapter and not whole:
-        raise ConfigError(f"checkpoint {ckpt!r} holds LoRA adapters ({next(n for n in ADAPTER_FILES if (p / n).is_file())}), "
+        held = next((n for n in ADAPTER_FILES if (p / n).is_file()), "pytorch_model_fsdp_0/, the adapters' entries")
+        raise ConfigError(f"checkpoint {ckpt!r} holds LoRA adapters ({held}), "
                           "but this run trains the whole model: resume with the lora (and quantization) that wrote it")
     if adapters_train and adapter and (p / "adapter_config.json").is_file():
         from lowmem.quant import DEFAULT_LORA
@@ -2604,6 +2608,24 @@ def _check_adapters_match(ckpt: str, recipe: TrainRecipe) -> None:
                               + "; ".join(changed) + ". peft would load the adapter weights and apply this run's "
                               "settings to them (another lora_alpha scales every adapter's output by the ratio); "
                               "resume with the lora that wrote the checkpoint")
+
+
+def sharded_checkpoint_holds_adapters(ckpt: str | Path) -> bool | None:
+    """Whether a checkpoint's FSDP ``SHARDED_STATE_DICT`` model (``pytorch_model_fsdp_0/``, torch.distributed.checkpoint)
+    holds LoRA adapters: accelerate saves a peft model's state dict there, the adapters' entries only
+    (``...q_proj.lora_A.weight``), and no ``adapter_model.safetensors`` beside it, so :func:`_check_adapters_match`
+    took a LoRA run's checkpoint for a whole model and refused to resume it (AUDDIST21 3). `None` when there is no
+    such directory (or its metadata cannot be read: :func:`checkpoint_missing` reports that)."""
+    d = Path(ckpt) / "pytorch_model_fsdp_0"
+    if not (d / ".metadata").is_file():
+        return None
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        keys = dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata
+    except Exception:  # (a damaged checkpoint: refused as incomplete elsewhere)
+        return None
+    return any(".lora_" in k for k in keys)
 
 
 # LoraConfig fields that fix what trained adapter weights compute: their shapes and their scaling
