@@ -51,10 +51,17 @@ def test_search_fits_and_ranks():
     assert best.settings["optimizer"] == "adamw" and best.cost == 0 and best.settings["batch_size"] == 4
 
 
-def test_budget_search_cli(capsys):
-    assert main(["budget", "llama-2-7b", "--budget", "24GiB", "--top", "3", "--json"]) == 0
+def test_budget_search_cli(capsys, tmp_path):
+    """The search's JSON, and its chart written atomically: 0644, no temporary files left (one search serves both:
+    a Llama-2-7B search is ~10 s on 2 cores)."""
+    import stat
+
+    png = tmp_path / "search.png"
+    assert main(["budget", "llama-2-7b", "--budget", "24GiB", "--top", "3", "--json", "--png", str(png)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert 0 < len(data["candidates"]) <= 3
+    assert png.read_bytes()[:4] == b"\x89PNG" and stat.S_IMODE(png.stat().st_mode) == 0o644
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["search.png"]
     assert main(["budget", "llama-60m", "--budget", "1MiB"]) == 1  # nothing fits
 
 
@@ -115,16 +122,6 @@ def test_chart_labels_units_and_stacks():
     at_peak = {"weights": 10, "gradients": 10, "optimizer_states": 30, "activations": 1, "total": 51}
     stack = measured_stack(at_peak, {"optimizer_states": 20, "total": 51})
     assert stack["optimizer_states"] == 20 and stack["optimizer_transient"] == 10 and sum(stack.values()) == 51
-
-
-def test_budget_chart_is_written_atomically_and_readable(tmp_path):
-    """One chart per mode, 0644, no temporary files left; the search chart shows the first six candidates."""
-    import stat
-
-    png = tmp_path / "search.png"
-    assert main(["budget", "llama-2-7b", "--budget", "24GiB", "--top", "3", "--png", str(png)]) == 0
-    assert png.read_bytes()[:4] == b"\x89PNG" and stat.S_IMODE(png.stat().st_mode) == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.png"]
 
 
 def test_parse_bytes_is_accelerates_reader_plus_the_forms_lowmem_accepted():
