@@ -215,16 +215,13 @@ _BNB_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="AUDMEM21 2: bitsandbytes' 8-bit CPU step allocates 20-24 B per element of a "
-                   "parameter inside its kernel, counted by neither estimate_memory nor the tracker of --measure: "
-                   "lowmem budget --device cpu --budget 45MiB --measure picks bnb_adamw8bit and says it fits "
-                   "(44.67 MiB tracked) while the step needs ~57 MiB above weights + state")
 def test_bnb_adamw8bit_cpu_step_transient_is_estimated():
     """The GPT-2 shape below (vocabulary 4000, n_embd 128) in bf16 on the CPU: its largest parameter, the 4000 x 128
     embedding, stepped by bnb_adamw8bit in a fresh process grows the peak RSS by ~12 MB (24 B per element;
     2048 x 2048: 96.0 MiB bf16, 79.9 MiB float32; 4096 x 4096 bf16: 383.8 MiB); estimate_memory(device="cpu")
     counts 0 B of optimizer_transient. Fixed when the estimate counts at least 90% of it (or the CPU search stops
-    offering bnb_* candidates and this estimate refuses them)."""
+    offering bnb_* candidates and this estimate refuses them). Fixed (FIXMEM21): recipes.bnb.CPU_STEP_BYTES, 24 B per
+    element of the largest bf16 parameter: 12,288,000 B estimated."""
     from lowmem.memory.estimate import estimate_memory
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -1044,8 +1044,9 @@ def optimizer_sizes(model: nn.Module, optimizer: str | None, optim_args: dict[st
     size both themselves (``materialize_state()``, ``state_bytes()``, ``step_transient_bytes()``;
     ``layerwise``: that of one parameter stepped alone, ``step_transient_bytes(per_parameter=True)``,
     no multi-tensor buckets): ``how="exact"``. bitsandbytes optimizers have no meta-device support:
-    their state comes from a closed form and their transient is not counted (``how="closed form"``;
-    their CUDA kernels update the state in place). ``max_grad_norm`` (`float` or `None`, defaults to `None`, as
+    their state comes from a closed form (``how="closed form"``) and their transient is, on the CPU, the largest
+    parameter's kernel work at the measured bytes per element (:data:`~lowmem.optim.recipes.bnb.CPU_STEP_BYTES`,
+    AUDMEM21 2), elsewhere 0 (their CUDA kernels update the state in place). ``max_grad_norm`` (`float` or `None`, defaults to `None`, as
     :class:`~lowmem.optim.layerwise.LayerwiseOptimizer`'s): layerwise mode's gradient clipping
     (``clip_mode="global_prev"``); ``None`` or 0: none.
 
@@ -1238,7 +1239,7 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
 
     entry = get_entry(optimizer)
     if entry.recipe is None:
-        from ..optim.recipes.bnb import state_bytes_closed_form
+        from ..optim.recipes.bnb import state_bytes_closed_form, step_transient_closed_form
 
         # (sized in closed form, without the constructor: its check of the names here, create_optimizer's message)
         unknown = sorted(set(optim_args or {}) - set(entry.valid_hparams()))
@@ -1249,6 +1250,8 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
 
         trainable = [p for _, p in _unique_params(model) if p.requires_grad]
         state = state_bytes_closed_form(entry.name, trainable, **(optim_args or {}))
+        # (bitsandbytes' CPU kernels' float32 work of the largest parameter, measured per element: AUDMEM21 2; 0 on CUDA)
+        transient = step_transient_closed_form(entry.name, trainable, **(optim_args or {}))
         if embeddings_32bit:  # those weights' state at 32 bits (no 8-bit block of theirs: min_8bit_size above them)
             from ..optim.registry import embedding_weights
 
@@ -1257,7 +1260,9 @@ def _size_optimizer(model: nn.Module, optimizer: str | None, optim_args: dict[st
             full = [p for p in trainable if id(p) in embeds]
             state = (state_bytes_closed_form(entry.name, kept, **(optim_args or {}))
                      + state_bytes_closed_form(entry.name, full, min_8bit_size=1 + max((p.numel() for p in full), default=0)))
-        return {"state": state, "transient": {False: 0, True: 0},
+            transient = max(step_transient_closed_form(entry.name, kept, **(optim_args or {})),  # (their 32-bit kernel)
+                            step_transient_closed_form(entry.name, full, min_8bit_size=1 + max((p.numel() for p in full), default=0)))
+        return {"state": state, "transient": {False: transient, True: transient},
                 "how": "closed form", "kept_gemm": 0, "kept_tables": 0, "frozen": (), "messages": []}
     before = [(n, p) for n, p in _unique_params(model) if p.requires_grad]
     with warnings.catch_warnings(record=True) as created:  # (the engine's "rank >= smaller side": kept below)
@@ -1927,7 +1932,10 @@ def estimate_memory(
         projected_sizes = {full[n] for n in projected}
 
     if how == "closed form":
-        notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient is not counted")
+        notes.append(f"{optimizer}: bitsandbytes state sized by closed form (no meta-device support); its step transient "
+                     + ("is its CPU kernels' float32 work, measured bytes per element of the largest parameter "
+                        "(recipes.bnb.CPU_STEP_BYTES: 20-24 for the 8-bit AdamW / Lion path)" if str(device).startswith("cpu")
+                        else "is 0 off the CPU (bitsandbytes' CUDA kernels update in place)"))
     notes.append(f"optimizer state and step transient sized for device={device!r}")
     if str(device).startswith("cuda") and sized.get("svd_refresh"):
         # the SVD's count is LAPACK's gesdd (its copy of G and workspace, functional.galore.svd_refresh_bytes); on CUDA

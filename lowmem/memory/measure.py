@@ -497,6 +497,15 @@ class MemoryMeasurement:
         device: ``"cpu"`` or ``"cuda"``.
         peak_allocated: CUDA only: ``torch.cuda.max_memory_allocated()`` over the steps.
         losses: The training losses of the steps (of each micro-batch, with gradient accumulation).
+        rss_peak: CPU on Linux only (else ``None``): the process's peak resident memory over the last step, as bytes
+            of the run: the live tensors at its start (weights, buffers, optimizer state) plus the growth of the peak
+            RSS above the RSS there (``/proc/self/status`` ``VmHWM`` after ``clear_refs``; the last step, as the
+            first's one-time costs, lazy imports and initialization, are not the run's steady peak). It sees what
+            the tracker cannot: memory allocated inside a library's kernel (bitsandbytes' CPU optimizer step, a
+            custom op whose temporaries are not dispatched tensors, AUDMEM21 2), MKL's / LAPACK's buffers, the
+            allocator's and Python's own. With glibc's dynamic mmap threshold the heap's fragmentation is in it too
+            (a 45 MiB pick: 67.9 MiB for 44.8 live); ``lowmem budget --measure`` fixes the threshold first
+            (:func:`fix_mmap_threshold`: 45.05 MiB for 44.79).
     """
 
     measured: dict[str, int]
@@ -505,6 +514,7 @@ class MemoryMeasurement:
     device: str
     peak_allocated: int | None = None
     losses: list[float] = field(default_factory=list)
+    rss_peak: int | None = None
 
     def ratios(self) -> dict[str, float]:
         """estimate / measured per component (``nan`` where nothing was measured)."""
@@ -552,11 +562,14 @@ class MemoryMeasurement:
                      "the kernels, not tensors the tracker sees)\n")
         if self.peak_allocated is not None:
             text += f"CUDA max_memory_allocated: {fmt_bytes(self.peak_allocated)} (estimate/peak {self.estimate.total / self.peak_allocated:.3f})\n"
+        if self.rss_peak is not None:
+            text += (f"process peak RSS over the last step (tensors at its start + RSS growth): {fmt_bytes(self.rss_peak)} "
+                     f"(estimate/RSS {self.estimate.total / self.rss_peak:.3f}; includes non-tensor memory)\n")
         return text
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "measured": self.measured, "at_peak": self.at_peak, "estimate": self.estimate.to_dict(), "peak_allocated": self.peak_allocated,
-                "ratios": self.ratios(), "losses": self.losses}
+                "ratios": self.ratios(), "losses": self.losses, "rss_peak": self.rss_peak}
 
 
 def _has_weights(path: str | os.PathLike) -> bool:
@@ -745,9 +758,12 @@ def measure_memory(
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    rss = _RssProbe(m, opt) if device == "cpu" else None  # (the process's peak RSS over the steps: MemoryMeasurement.rss_peak)
     tracker = PeakTracker(m, opt, device=device)
     with tracker:
         for step in range(1, steps + 1):
+            if rss is not None and step == steps:  # (the last step: the state exists, one-time costs are behind)
+                rss.start()
             for _ in range(accumulation):
                 ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=gen).to(device)
                 if padding_free:  # one row, position ids per sequence (TRL's DataCollatorForLanguageModeling)
@@ -765,6 +781,7 @@ def measure_memory(
             tracker.next_step()
             if progress is not None:
                 progress(step, steps)
+    rss_peak = rss.peak() if rss is not None else None
     peak_allocated = None
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -775,4 +792,66 @@ def measure_memory(
 
     est.settings["model"] = model_label(model)
     measured = {**tracker.maxima, "total": tracker.peak["total"]}
-    return MemoryMeasurement(measured=measured, at_peak=tracker.peak, estimate=est, device=device, peak_allocated=peak_allocated, losses=losses)
+    return MemoryMeasurement(measured=measured, at_peak=tracker.peak, estimate=est, device=device, peak_allocated=peak_allocated,
+                             losses=losses, rss_peak=rss_peak)
+
+
+#: the mmap threshold :func:`fix_mmap_threshold` sets (bytes; as ``MALLOC_MMAP_THRESHOLD_=65536``, the "live" setting
+#: of the fresh-process step measurements, lowmem.optim.step_memory)
+MMAP_THRESHOLD = 65536
+
+
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for the rest of this process (``mallopt(M_MMAP_THRESHOLD,
+    ...)``; a fixed threshold also turns off glibc's dynamic one): blocks above it are mapped and unmapped, so the
+    process's RSS follows the live memory instead of the heap's high-water mark. ``lowmem budget --measure`` calls it
+    before measuring (a process that exits after); :func:`measure_memory` itself does not change the caller's
+    allocator. Returns whether it was set (``False`` off glibc)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD))  # (M_MMAP_THRESHOLD = -3)
+    except (OSError, AttributeError):
+        return False
+
+
+class _RssProbe:
+    """The process's peak RSS over :func:`measure_memory`'s last step on the CPU (Linux: ``/proc/self/status``; else
+    :meth:`peak` is ``None``): :meth:`start` (before that step) takes the live tensors
+    then (the model's parameters and buffers, the optimizer's state: what the estimate's total holds before the step's
+    phases), frees what glibc can (``gc.collect``, ``malloc_trim(0)``), resets the peak (``clear_refs``) and reads the
+    RSS; :meth:`peak` is those tensors plus ``VmHWM`` above that RSS."""
+
+    def __init__(self, model: nn.Module, optimizer: Any) -> None:
+        self.model, self.optimizer, self.base = model, optimizer, None
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        inner = getattr(self.optimizer, "inner", self.optimizer)
+        return [v for st in getattr(inner, "state", {}).values() if isinstance(st, dict) for v in st.values()
+                if isinstance(v, torch.Tensor)]
+
+    def start(self) -> None:
+        import gc
+
+        from ..optim.step_memory import _reset_peak, _status_kib
+
+        try:
+            self.tensors = live_bytes([*self.model.parameters(), *self.model.buffers(), *self._state_tensors()])
+            gc.collect()
+            try:
+                import ctypes
+
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            _reset_peak()
+            self.base = _status_kib("VmRSS")
+        except (OSError, RuntimeError):  # (no /proc/self/status or clear_refs: not Linux)
+            self.base = None
+
+    def peak(self) -> int | None:
+        from ..optim.step_memory import _status_kib
+
+        if self.base is None:
+            return None
+        return self.tensors + max(0, _status_kib("VmHWM") - self.base) * 1024

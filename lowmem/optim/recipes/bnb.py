@@ -224,6 +224,43 @@ def state_bytes_closed_form(name: str, params: Iterable[torch.Tensor], min_8bit_
     return total + (min(states, 2) * 256 * 4 if any_8bit else 0)  # (AdEMAMix: 3 states, 2 maps)
 
 
+#: bitsandbytes' CPU optimizer kernels (``bitsandbytes/backends/cpu/ops.py``, 0.50: torch operations inside one custom
+#: op, ``bitsandbytes::optimizer_update_8bit_blockwise`` / ``optimizer_update_32bit``, so a live-tensor tracker sees none
+#: of them) make float32 work tensors of the whole parameter: the dequantized states, the gradient's scaled copy, the
+#: update and its temporaries, and a low-precision parameter's float32 copy. Bytes per element of the parameter
+#: stepped, ``(family, 8-bit blockwise path) -> (float32 parameter, bfloat16 / float16 parameter)``, measured
+#: (FIXMEM21, 2026-12-02) as a fresh process's peak RSS growth over steps 2-3 of one 2048 x 2048 weight (glibc's mmap
+#: threshold fixed at 64 KiB, warm-up first, ``OMP_NUM_THREADS=1``): AdamW8bit 19.97 / 23.97 (float16 23.94; 1024 x
+#: 1024 19.81 / 23.87), Lion8bit 19.98 / 23.98, RMSprop8bit 11.98 / 15.94, RMSprop (32-bit) 11.95 / 15.99, the
+#: 32-bit path of the 8-bit classes (a tensor under ``min_8bit_size``) AdamW 11.98 / 15.95, Lion 11.95 / 15.96. The
+#: paged classes are refused on the CPU; AdEMAMix (paged only) has no CPU entry. On CUDA the kernels update in place:
+#: nothing counted there (no measurement says otherwise).
+CPU_STEP_BYTES = {("adam", True): (20, 24), ("lion", True): (20, 24), ("rmsprop", True): (12, 16),
+                  ("adam", False): (12, 16), ("lion", False): (12, 16), ("rmsprop", False): (12, 16)}
+
+
+def step_transient_closed_form(name: str, params: Iterable[torch.Tensor], min_8bit_size: int = 4096, **_: Any) -> int:
+    """The step transient of bitsandbytes optimizer ``name`` on ``params`` (meta or fake tensors of the run's device):
+    on the CPU the largest parameter's kernel work (:data:`CPU_STEP_BYTES` per element: the kernel steps one
+    parameter at a time and frees its work before the next), on any other device 0 (in-place CUDA kernels).
+    AdEMAMix on the CPU: ``ValueError`` (paged only: bitsandbytes has no CPU kernel for its state, FOUND_ADEMAMIX 9)."""
+    if name not in BNB_OPTIMIZERS:
+        raise ValueError(f"Unknown bitsandbytes optimizer {name!r}; valid: {sorted(BNB_OPTIMIZERS)}")
+    cls, bits, _, _ = BNB_OPTIMIZERS[name]
+    family = _family(cls)
+    worst = 0
+    for p in params:
+        if p.device.type != "cpu":
+            continue
+        if family == "ademamix":
+            raise ValueError(f"{name}: bitsandbytes' AdEMAMix is paged (CUDA only); its CPU step is not sized: "
+                             "estimate it with device='cuda', or use the engine's 'ademamix' / 'ademamix8bit' on the CPU")
+        eight = bits == 8 and p.numel() >= min_8bit_size
+        per = CPU_STEP_BYTES[(family, eight)][p.dtype not in (torch.float32, torch.float64)]
+        worst = max(worst, per * p.numel())
+    return worst
+
+
 _PAPERS = {"lion": "Chen et al. 2023, Symbolic Discovery of Optimization Algorithms; ",
            "rmsprop": "Tieleman & Hinton 2012, RMSprop (Lecture 6e); ",
            "ademamix": "Pagliardini et al. 2024, The AdEMAMix Optimizer; "}
