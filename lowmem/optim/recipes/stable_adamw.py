@@ -249,6 +249,11 @@ def clipped_lr(group: dict[str, Any], state: dict[str, torch.Tensor], p32: torch
     return torch.full((), float(group["lr"]), dtype=torch.float64, device=p32.device)
 
 
+# the engine's chunked step of a low-precision parameter may evaluate it per chunk: it reads no parameter (FIXMEM21;
+# engine._chunk_bounds, _chunked_lr)
+clipped_lr.takes_p_rms = True
+clipped_lr.reads_param = lambda group: False
+
 # the multi-tensor buckets evaluate the lr rule themselves (the clip factors of a bucket at once); bfloat16 parameters'
 # copies take the same step (bf16_bucket_steps_copies)
 StableAdamWMoments.foreach_lr_rule = staticmethod(clipped_lr)
