@@ -1357,12 +1357,18 @@ def projected_state_to_dtensor(v: Any, p: Tensor, key: str, sharded_rows: bool,
         return state_to_dtensor(v, p, key, "keepdim")
     if key == "kahan_comp" and isinstance(v, Tensor):  # (the weight's own layout, never replicated: a left side's too)
         return state_to_dtensor(v, p, key)
-    if not isinstance(v, Tensor) or v.dim() == 0 or not sharded_rows or key.startswith(("proj_", "pca_")):
+    # Plain (replicated) entries are given contiguous: a full state dict loaded with ``broadcast_from_rank0`` (accelerate's
+    # FULL_STATE_DICT) broadcasts rank 0's tensor into a contiguous buffer on the other ranks, and a basis stored
+    # transposed (an SVD's factor) arrived there in the wrong element order (AUDDIST21 4: every rank but 0 resumed with
+    # another basis; measured 4.3e-3 on LoRA adapters after 2 resumed steps). (No copy when already contiguous.)
+    if not isinstance(v, Tensor) or v.dim() == 0:
         return v
+    if not sharded_rows or key.startswith(("proj_", "pca_")):
+        return v.contiguous()
     # (alice's p of a right basis: one number per row of the shard, a row statistic of global (m,))
     reduced = 1 if key == "alice_p" else (reduced_dims or {}).get(key)
     if reduced is not None and reduced % 2 == 0:  # statistics over the rows: the same on every rank
-        return v
+        return v.contiguous()
     start, stop = shard_rows(p)
     if v.dim() in (1, 2) and v.shape[0] == stop - start and (v.dim() == 2 or reduced is not None):
         mesh, placements = p.device_mesh, tuple(p.placements)
