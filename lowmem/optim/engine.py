@@ -1723,7 +1723,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if chunk is not None and not r.stabilizers:
             # low-precision gradients go down and come back a block of rows at a time; only a refresh
             # converts the whole gradient
-            refresh_copy, copies = copies, 4 * rows * p.shape[1] * lowp
+            refresh_copy, copies = copies * P.refresh_reads_gradient(group), 4 * rows * p.shape[1] * lowp
         else:
             refresh_copy = 0
         combine = r.combine.transient_bytes(p.shape, group, state, P, rows)
@@ -3473,14 +3473,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
         the stabilizers, the refresh when due, the projected gradient and the learning rate; the
         moment rule's direction of ``low`` and :meth:`_combine_back` finish it. A low-precision
         gradient is projected a block of rows at a time (no full-size float32 copy of it; a refresh
-        still converts it whole: the exact SVD needs it whole anyway). ``low``: the projected
+        that reads the gradient's values still converts it whole: the exact SVD needs it whole anyway; a random
+        basis or a choice of coordinates does not, :meth:`~lowmem.optim.subspace.Projection.refresh_reads_gradient`). ``low``: the projected
         gradient already computed by :meth:`_checked_lows` (no refresh due: the same product)."""
         r, P = self.recipe, self.recipe.projection
         checked = self._usable is not None and self._usable.get(id(grad)) is grad  # (_finite_and_pre_check)
         if projected_grad is None and self._down_in_rows(p, grad):
             if low is None:
-                if P.refresh_due(state, group, int(t)):
-                    self._refresh(p, grad.float(), state, group, int(t), checked)
+                if P.refresh_due(state, group, int(t)):  # (a random basis reads no values: no whole copy, FIXAPOLLO21)
+                    self._refresh(p, grad.float() if P.refresh_reads_gradient(group) else grad, state, group, int(t),
+                                  checked)
                 low = P.down_rows(grad, state, group, self._row_bounds(p.shape, self._chunk(p.device)))
             lr = r.lr_rule(group, state, p if r.lr_rule is constant_lr else p.float(), t)
             return _Projected(p, grad, low, state, group, t, lr, p, True, None)

@@ -96,6 +96,12 @@ class Projection:
         non-finite check, :func:`all_usable_if_finite`), so the refresh reads no device value of its own for it."""
         raise NotImplementedError
 
+    def refresh_reads_gradient(self, group: dict[str, Any]) -> bool:
+        """Whether :meth:`refresh` reads the gradient's values (not only its shape and device). ``False`` lets the
+        engine's chunked step of a low-precision gradient refresh without a float32 copy of the whole gradient
+        (FIXAPOLLO21: APOLLO's random bases). Default: reads."""
+        return True
+
     def refresh_checks_usable(self, group: dict[str, Any]) -> bool:
         """Whether :meth:`refresh` reads whether its gradient is usable (finite and not all zero,
         :func:`usable_flags`) before using it: then the engine checks the gradients of a step's due refreshes
@@ -431,6 +437,11 @@ class SubspaceProjection(Projection):
     def refresh_checks_usable(self, group):
         return self.method(group) in DATA_DEPENDENT
 
+    def refresh_reads_gradient(self, group):
+        """Only a data-dependent basis (``svd``, ``rsvd``, ``online_pca``) reads the gradient's values; a random one
+        (``random`` / ``gaussian``) and a choice of coordinates read its shape and device (:meth:`_new_basis`)."""
+        return self.method(group) in DATA_DEPENDENT
+
     def refresh(self, g, state, group, checked=False):
         method = self.method(group)
         if method in DATA_DEPENDENT and not checked and not _usable(g):
@@ -478,7 +489,8 @@ class SubspaceProjection(Projection):
 
     def _new_basis(self, g, state, group, method, refreshes, gen):
         side, r = self._side(g.shape, group), group["rank"]
-        g = g.float()
+        if method in DATA_DEPENDENT:  # (a random basis reads g's shape and device only: refresh_reads_gradient)
+            g = g.float()
         if method in ("svd", "online_pca"):
             return GL.svd_basis(g, r, side)
         if method in ("random", "gaussian"):
@@ -1945,7 +1957,7 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
     Phases (``G`` = ``4 m n``, ``L`` = the projected gradient's ``4 r n`` or ``4 m r``):
 
     * a low-precision gradient, chunked (projected a block of rows at a time): a refresh beside the
-      gradient's whole float32 copy; :meth:`Projection.down_rows_bytes`; a step-size rule that reads the
+      gradient's whole float32 copy (only a refresh that reads it, :meth:`Projection.refresh_reads_gradient`); :meth:`Projection.down_rows_bytes`; a step-size rule that reads the
       parameter (Adafactor's) beside its float32 copy, ``L + G + step_bytes``;
     * otherwise: the refresh, then the projection (:meth:`Projection.down_bytes`) beside the float32 copy of
       a low-precision gradient (and, for the rest of the step, of the parameter unless it is combined back
@@ -1982,7 +1994,9 @@ def projected_alone_bytes(opt: Any, p: Tensor, group: dict[str, Any], state: dic
     phases = []
     if in_rows:
         held = 0
-        phases += [whole + refresh if not steady else 0, P.down_rows_bytes(p.shape, group, bounds),
+        # (the refresh beside the gradient's whole float32 copy, if it reads the gradient: Projection.refresh_reads_gradient)
+        reads = whole * P.refresh_reads_gradient(group)
+        phases += [reads + refresh if not steady else 0, P.down_rows_bytes(p.shape, group, bounds),
                    0 if constant else low + whole + lr_peak]
     else:  # (a float64 gradient too: the subspace math is float32; the parameter stays float64)
         g32 = whole * (lowp or p.dtype == torch.float64)
