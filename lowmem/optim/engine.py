@@ -1800,9 +1800,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 else:
                     # (reduced_dims: Adafactor's row / column statistics keep the parameter's sharding;
                     # whole-tensor statistics, equal on every rank, stay plain: saved once)
+                    # (replicated entries go out contiguous, as projected_state_to_dtensor's: a FULL_STATE_DICT load
+                    # broadcasts rank 0's tensor into a contiguous buffer on the others: AUDDIST21 4; no copy when
+                    # already so)
                     dims, moment = self.recipe.moment.reduced_dims, self.recipe.moment
-                    saved = {k: v if moment.replicated_state(k, group) else state_to_dtensor(v, p, k, dims.get(k))
-                             for k, v in state.items()}
+                    saved = {k: (v.contiguous() if isinstance(v, Tensor) else v) if moment.replicated_state(k, group)
+                             else state_to_dtensor(v, p, k, dims.get(k)) for k, v in state.items()}
                 # per-shard state (one piece per shard) does not reshard: the placements it was saved under
                 sd["state"][pid] = record_placement(saved, state, p)
         return sd
