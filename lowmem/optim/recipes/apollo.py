@@ -229,7 +229,8 @@ class ApolloScaling(CombineRule):
 
     def prepare_bytes(self, shape, group, state, projection, bounds, low_precision=False):
         """Exact (traced, the per-parameter step): ``d_low / c`` beside the scaling's norms (channel-wise: the
-        two norm vectors and their denominator, ``L + 12 C``; tensor-wise: four 0-d tensors), then beside the
+        two norm vectors and their denominator, ``L + 12 C``; tensor-wise: three 0-d tensors, ``C = 1``: the gradient's
+        norm is freed once ``+ eps`` is made, before the quotient), then beside the
         scaling (``4 C``) the limiter's norm pass (its 0-d sum, a block's ``G * s`` and its norm) and
         :func:`~lowmem.optim.functional.fira.growth_limiter_` (:data:`~lowmem.optim.functional.fira.LIMITER_BYTES`).
         Held: the scaling and the limiter's 0-d divisor."""
@@ -238,7 +239,7 @@ class ApolloScaling(CombineRule):
         w = _direction_bytes(state)
         low = w * projection.low_shape(shape, group).numel()
         # (the direction's channel norms (w), the gradient's and their denominator (float32), the quotient (w))
-        peak = low + ((2 * w + 4) * channels if channels > 1 else 8 + 2 * w)
+        peak = low + (2 * w + 4) * channels
         held = w * channels
         if group["gamma"] is None:
             return peak, held
