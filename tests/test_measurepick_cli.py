@@ -112,7 +112,9 @@ def test_the_table_says_what_the_json_says(llama_dir, capsys):
         for k in (*COMPONENTS, "total"):
             row = next(line.split() for line in block.splitlines() if line.strip().startswith(k + " "))
             assert (" ".join(row[1:3]), " ".join(row[3:5])) == (fmt_bytes(m["estimate"][k]), fmt_bytes(m["measured"][k])), row
-        assert m["verdict"] in block
+        # the tracker's verdict; the process's RSS (FIXMEM21's "but the process's peak RSS ..." clause) is read afresh
+        # in each of the two runs, near a 3 MiB budget on one side or the other of it (failed CI once at 0808652)
+        assert m["verdict"].split("; but the process's peak RSS")[0] in block
 
 
 def test_a_quantized_pick_the_device_cannot_build_is_said_not_passed(llama_dir, capsys, monkeypatch):
